@@ -1,0 +1,3 @@
+from courier_api.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One package per resource: ``routes.py`` (thin views) and ``schemas.py``."""

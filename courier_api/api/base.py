@@ -1,0 +1,61 @@
+"""The ``Api`` and ``Blueprint`` of this project: our error body, auth in the docs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import marshmallow as ma
+from flask import jsonify
+from flask.typing import ResponseReturnValue
+from flask_smorest import Api, Blueprint
+from werkzeug.exceptions import HTTPException
+
+from courier_api.auth import require_auth
+from courier_api.errors import http_exception_body
+from models import Role
+
+
+class ErrorSchema(ma.Schema):
+    code = ma.fields.String(
+        required=True, metadata={"description": "Stable machine code, e.g. token_expired"}
+    )
+    status = ma.fields.Integer(required=True, metadata={"description": "HTTP status"})
+    message = ma.fields.String(required=True, metadata={"description": "Human explanation"})
+    errors = ma.fields.Dict(
+        metadata={"description": "Per-field messages, keyed by location then field"}
+    )
+
+
+class CourierApi(Api):
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException) -> ResponseReturnValue:
+        body, headers = http_exception_body(error)
+        return jsonify(body), body["status"], headers
+
+
+class ApiBlueprint(Blueprint):
+    def auth(self, *roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Require a valid access token (and one of ``roles`` when given); document 401/403."""
+
+        def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+            view = require_auth(*roles)(view)
+            view = self.alt_response(401, response="UNAUTHORIZED")(view)
+            return self.alt_response(403, response="FORBIDDEN")(view)
+
+        return decorator
+
+    def public(self, view: Callable[..., Any]) -> Callable[..., Any]:
+        """Mark a view as needing no token (overrides the API's default security)."""
+        return self.doc(security=[])(view)
+
+
+class PageArgs(ma.Schema):
+    """Keyset pagination: pass the last id you saw as ``after``."""
+
+    limit = ma.fields.Integer(
+        load_default=100,
+        validate=ma.validate.Range(min=1, max=500),
+        metadata={"description": "Items per page (1-500)"},
+    )

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.devices.schemas import (
+    DeviceCreate,
+    DeviceListArgs,
+    DeviceOut,
+    DevicePage,
+    DeviceUpdate,
+)
+from courier_api.api.pagination import keyset_page
+from courier_api.auth import current_principal, ensure_station_access
+from courier_api.extensions import db
+from models import Device, Role
+from sync import directory
+from sync.errors import InvalidInput
+
+blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
+MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
+
+
+@blp.route("")
+class Devices(MethodView):
+    @blp.auth(*MANAGERS, Role.AUDITOR)
+    @blp.arguments(DeviceListArgs, location="query")
+    @blp.response(200, DevicePage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List devices
+
+        Managers see the devices of their own station whatever `station_id` says.
+        """
+        principal = current_principal()
+        station_id = args.get("station_id")
+        if not principal.can_access_station(None):
+            station_id = principal.station_id
+        devices = directory.list_devices(
+            session=db.session,
+            station_id=station_id,
+            status=args.get("status"),
+            after_id=args["after"],
+            limit=args["limit"],
+        )
+        return keyset_page(devices, args["limit"], key=lambda d: d.id)
+
+    @blp.auth(*MANAGERS)
+    @blp.arguments(DeviceCreate)
+    @blp.response(201, DeviceOut)
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any]) -> Device:
+        """Register a PDA at a station (admin, or a manager for their own station)"""
+        station_id = body.get("station_id", current_principal().station_id)
+        if station_id is None:
+            raise InvalidInput(
+                "station_id is required", code="station_required", field="station_id"
+            )
+        ensure_station_access(station_id)
+        station = directory.get_station(session=db.session, station_id=station_id)
+        device = directory.register_device(
+            session=db.session, device_id=body["device_id"], station=station
+        )
+        db.session.commit()
+        return device
+
+
+@blp.route("/<string:device_id>")
+class DeviceById(MethodView):
+    @blp.auth(*MANAGERS, Role.AUDITOR)
+    @blp.response(200, DeviceOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, device_id: str) -> Device:
+        """Get a device"""
+        device = directory.get_device(session=db.session, device_id=device_id)
+        ensure_station_access(device.station_id)
+        return device
+
+    @blp.auth(*MANAGERS)
+    @blp.arguments(DeviceUpdate)
+    @blp.response(200, DeviceOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def patch(self, body: dict[str, Any], device_id: str) -> Device:
+        """Retire a device, report it lost, or reactivate it
+
+        Tokens issued for a retired or lost device stop working at once.
+        """
+        device = directory.get_device(session=db.session, device_id=device_id)
+        ensure_station_access(device.station_id)
+        directory.set_device_status(session=db.session, device=device, status=body["status"])
+        db.session.commit()
+        return device

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from flask.views import MethodView
+from sqlalchemy.exc import SQLAlchemyError
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.extensions import db
+from models.migrate import current_revisions, head_revisions
+
+blp = ApiBlueprint("health", __name__, description="Liveness and readiness probes")
+
+
+class Liveness(ma.Schema):
+    status = ma.fields.String(required=True, metadata={"example": "ok"})
+
+
+class Readiness(ma.Schema):
+    status = ma.fields.String(required=True, metadata={"enum": ["ready", "not_ready"]})
+    database = ma.fields.String(required=True)
+    migrations = ma.fields.Dict(required=True)
+
+
+@blp.route("/healthz")
+class Healthz(MethodView):
+    @blp.public
+    @blp.response(200, Liveness)
+    def get(self) -> dict[str, Any]:
+        """The process is up (no dependency is checked)"""
+        return {"status": "ok"}
+
+
+@blp.route("/readyz")
+class Readyz(MethodView):
+    @blp.public
+    @blp.response(200, Readiness)
+    @blp.alt_response(503, schema=Readiness, description="Not ready: see database/migrations")
+    def get(self) -> tuple[dict[str, Any], int]:
+        """The database answers and its schema is at the migrations' head"""
+        head = sorted(head_revisions())
+        try:
+            with db.engine.connect() as connection:
+                current = sorted(current_revisions(connection))
+        except SQLAlchemyError as exc:
+            body = {
+                "status": "not_ready",
+                "database": f"unreachable: {type(exc).__name__}",
+                "migrations": {"current": [], "head": head},
+            }
+            return body, 503
+        ready = current == head
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "database": "ok",
+            "migrations": {"current": current, "head": head},
+        }
+        return body, 200 if ready else 503

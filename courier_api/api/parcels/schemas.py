@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import marshmallow as ma
+
+from models import ServiceClass
+from sync.parcels import ParcelDraft
+
+
+@dataclass(frozen=True)
+class RejectedItem:
+    """An intake item whose shape is wrong; it is reported, its siblings go on."""
+
+    raw: Any
+    messages: Any
+
+
+class ParcelIn(ma.Schema):
+    tracking_no = ma.fields.String(
+        required=True,
+        validate=ma.validate.Length(min=1, max=40),
+        metadata={"description": "UPU S10 (e.g. RR473124829GB) or a domestic format"},
+    )
+    service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
+    recipient_name = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=200))
+    recipient_phone = ma.fields.String(
+        allow_none=True,
+        validate=ma.validate.Length(max=40),
+        metadata={"description": "Normalised to E.164; without '+' read in DEFAULT_PHONE_REGION"},
+    )
+    address = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=2000))
+    lat = ma.fields.Float(allow_none=True, validate=ma.validate.Range(min=-90, max=90))
+    lon = ma.fields.Float(allow_none=True, validate=ma.validate.Range(min=-180, max=180))
+    station = ma.fields.String(
+        allow_none=True,
+        metadata={"description": "Station code; defaults to the caller's own station"},
+    )
+
+    @ma.post_load
+    def to_draft(self, data: dict[str, Any], **_: Any) -> ParcelDraft:
+        return ParcelDraft(**data)
+
+
+class PerItemNested(ma.fields.Nested):
+    """Loads each list item on its own: a bad item becomes a ``RejectedItem``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._deserialize(value, attr, data, **kwargs)
+        except ma.ValidationError as exc:
+            return RejectedItem(raw=value, messages=exc.messages)
+
+
+class ParcelIntakeRequest(ma.Schema):
+    parcels = ma.fields.List(
+        PerItemNested(ParcelIn),
+        required=True,
+        validate=ma.validate.Length(min=1),
+        metadata={"description": "Up to MAX_PARCELS_PER_INTAKE items (default 5,000)"},
+    )
+
+
+class ItemError(ma.Schema):
+    code = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
+    errors = ma.fields.Dict()
+
+
+class IntakeItemResult(ma.Schema):
+    index = ma.fields.Integer(required=True, metadata={"description": "Position in the request"})
+    tracking_no = ma.fields.String(allow_none=True, required=True)
+    status = ma.fields.String(
+        required=True, metadata={"enum": ["created", "updated", "unchanged", "rejected"]}
+    )
+    error = ma.fields.Nested(ItemError)
+
+
+class IntakeCounts(ma.Schema):
+    created = ma.fields.Integer(required=True)
+    updated = ma.fields.Integer(required=True)
+    unchanged = ma.fields.Integer(required=True)
+    rejected = ma.fields.Integer(required=True)
+
+
+class ParcelIntakeResponse(ma.Schema):
+    results = ma.fields.List(ma.fields.Nested(IntakeItemResult), required=True)
+    counts = ma.fields.Nested(IntakeCounts, required=True)
+
+
+class ParcelOut(ma.Schema):
+    tracking_no = ma.fields.String(required=True)
+    service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
+    station_id = ma.fields.Integer(required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "Masked except for auditors"}
+    )
+    address = ma.fields.String(required=True)
+    lat = ma.fields.Float(allow_none=True, required=True)
+    lon = ma.fields.Float(allow_none=True, required=True)
+    created_at = ma.fields.AwareDateTime(required=True)
+    updated_at = ma.fields.AwareDateTime(required=True)

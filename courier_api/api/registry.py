@@ -1,0 +1,10 @@
+"""Every blueprint of the API, in the order they appear in the docs."""
+
+from courier_api.api.auth.routes import blp as auth_blp
+from courier_api.api.devices.routes import blp as devices_blp
+from courier_api.api.health.routes import blp as health_blp
+from courier_api.api.parcels.routes import blp as parcels_blp
+from courier_api.api.stations.routes import blp as stations_blp
+from courier_api.api.users.routes import blp as users_blp
+
+BLUEPRINTS = (health_blp, auth_blp, stations_blp, users_blp, devices_blp, parcels_blp)

@@ -1,0 +1,173 @@
+"""Bearer tokens (PyJWT, HS256) and the one role/station check every blueprint uses.
+
+Access tokens carry ``sub`` (user id), ``role``, ``station`` (station id or
+null), ``device`` (couriers), ``iat``, ``exp``, ``jti`` and ``typ``. What a
+token was issued for is re-checked on every request, so retiring a device or
+disabling an account takes effect at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+
+import jwt
+from flask import current_app, g, request
+
+from models import Device, Role, User
+from sync.accounts import load_token_subject
+from sync.errors import AuthenticationFailed, PermissionDenied
+
+ALGORITHM = "HS256"
+ACCESS = "access"
+REFRESH = "refresh"
+REQUIRED_CLAIMS = ["sub", "role", "iat", "exp", "jti", "typ"]
+# Roles that read across stations; what they may write is decided by each view's roles.
+ROLE_VALUES = frozenset(role.value for role in Role)
+CROSS_STATION_ROLES = frozenset({Role.ADMIN, Role.AUDITOR, Role.INTEGRATION})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as established from a verified token."""
+
+    user_id: int
+    username: str
+    role: Role
+    station_id: int | None
+    device_id: str | None
+
+    def can_access_station(self, station_id: int | None) -> bool:
+        return self.role in CROSS_STATION_ROLES or (
+            station_id is not None and station_id == self.station_id
+        )
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    refresh_expires_in: int
+
+
+def issue_tokens(user: User, device: Device | None) -> TokenPair:
+    config = current_app.config
+    access_ttl = config["JWT_ACCESS_TTL_SECONDS"]
+    refresh_ttl = config["JWT_REFRESH_TTL_SECONDS"]
+    return TokenPair(
+        access_token=_encode(user, device, ACCESS, access_ttl),
+        refresh_token=_encode(user, device, REFRESH, refresh_ttl),
+        expires_in=access_ttl,
+        refresh_expires_in=refresh_ttl,
+    )
+
+
+def _encode(user: User, device: Device | None, token_type: str, ttl: int) -> str:
+    now = dt.datetime.now(dt.UTC)
+    claims = {
+        "sub": str(user.id),
+        "role": user.role.value,
+        "station": user.station_id,
+        "device": device.id if device else None,
+        "iat": now,
+        "exp": now + dt.timedelta(seconds=ttl),
+        "jti": uuid.uuid4().hex,
+        "typ": token_type,
+    }
+    return jwt.encode(claims, current_app.config["JWT_SECRET"], algorithm=ALGORITHM)
+
+
+def decode_token(token: str, *, expected_type: str) -> dict[str, Any]:
+    """Verify signature, algorithm, expiry and type; raise ``AuthenticationFailed`` otherwise."""
+    try:
+        claims = jwt.decode(
+            token,
+            current_app.config["JWT_SECRET"],
+            algorithms=[ALGORITHM],
+            options={"require": REQUIRED_CLAIMS},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthenticationFailed(
+            "the token has expired; refresh it or sign in again", code="token_expired"
+        ) from None
+    except jwt.PyJWTError as exc:
+        raise AuthenticationFailed(f"the token is invalid: {exc}", code="token_invalid") from None
+    if claims["typ"] != expected_type:
+        raise AuthenticationFailed(
+            f"a {claims['typ']} token cannot be used here; send the {expected_type} token",
+            code="wrong_token_type",
+        )
+    if not str(claims["sub"]).isdigit() or claims["role"] not in ROLE_VALUES:
+        raise AuthenticationFailed("the token's claims are malformed", code="token_invalid")
+    return claims
+
+
+def principal_from_claims(claims: dict[str, Any]) -> tuple[Principal, User, Device | None]:
+    """Load and re-check the user (and device) a verified token names."""
+    from courier_api.extensions import db
+
+    user, device = load_token_subject(
+        session=db.session, user_id=int(claims["sub"]), device_id=claims.get("device")
+    )
+    principal = Principal(
+        user_id=user.id,
+        username=user.username,
+        role=user.role,
+        station_id=user.station_id,
+        device_id=device.id if device else None,
+    )
+    return principal, user, device
+
+
+def bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    if not header:
+        raise AuthenticationFailed(
+            "send an access token: 'Authorization: Bearer <token>'", code="token_missing"
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed(
+            "the Authorization header must be 'Bearer <token>'", code="token_invalid"
+        )
+    return token.strip()
+
+
+def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Authenticate the request; allow only ``roles`` when some are given."""
+    allowed = frozenset(roles)
+
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            claims = decode_token(bearer_token(), expected_type=ACCESS)
+            principal, _, _ = principal_from_claims(claims)
+            if allowed and principal.role not in allowed:
+                raise PermissionDenied(
+                    f"a {principal.role.value} may not do this", code="role_forbidden"
+                )
+            g.principal = principal
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def current_principal() -> Principal:
+    principal: Principal | None = g.get("principal")
+    if principal is None:
+        raise RuntimeError("current_principal() outside a view decorated with require_auth")
+    return principal
+
+
+def ensure_station_access(station_id: int | None) -> None:
+    """Managers and couriers see only their own station; cross-station roles see all."""
+    principal = current_principal()
+    if not principal.can_access_station(station_id):
+        raise PermissionDenied("this belongs to another station", code="station_forbidden")

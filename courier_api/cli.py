@@ -1,0 +1,249 @@
+"""The ``courier-api`` command: a Flask CLI group over ``create_app()``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, FlaskGroup, with_appcontext
+
+from courier_api.extensions import db
+from models import DeviceStatus, Role
+from models import migrate as migrations
+from sync import directory
+from sync.errors import DomainError
+
+
+def main() -> None:
+    cli = FlaskGroup(create_app=_create_app, help="Courier field API.")
+    cli.main(prog_name="courier-api")
+
+
+def _create_app() -> Flask:
+    from courier_api.app import create_app
+    from courier_api.config import ConfigError
+
+    try:
+        return create_app()
+    except ConfigError as error:
+        raise click.ClickException(f"configuration: {error}") from None
+
+
+def register_commands(app: Flask) -> None:
+    app.cli.add_command(db_cli)
+    for command in (
+        create_station,
+        create_user,
+        register_device,
+        retire_device,
+        serve,
+        seed_demo,
+        import_parcels,
+    ):
+        app.cli.add_command(command)
+
+
+def fail_on_domain_error(error: DomainError) -> click.ClickException:
+    return click.ClickException(error.message)
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+db_cli = AppGroup("db", help="Database migrations.")
+
+
+@db_cli.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate the database to the latest schema (or REVISION)."""
+    migrations.upgrade(db.engine, revision)
+    click.echo(f"database at {_safe_url()} is at {revision}")
+
+
+@db_cli.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION (e.g. base)."""
+    migrations.downgrade(db.engine, revision)
+    click.echo(f"database at {_safe_url()} is at {revision}")
+
+
+@db_cli.command("current")
+def db_current() -> None:
+    """Show the database's revision and the code's head."""
+    with db.engine.connect() as connection:
+        current = sorted(migrations.current_revisions(connection))
+    head = sorted(migrations.head_revisions())
+    click.echo(f"current: {', '.join(current) or '(empty database)'}")
+    click.echo(f"head:    {', '.join(head)}")
+
+
+@db_cli.command("revision")
+@click.option("-m", "--message", required=True)
+def db_revision(message: str) -> None:
+    """Autogenerate a migration from the models (developers)."""
+    migrations.autogenerate_revision(db.engine, message)
+
+
+def _safe_url() -> str:
+    return db.engine.url.render_as_string(hide_password=True)
+
+
+# -- directory --------------------------------------------------------------------------------
+
+
+@click.command("create-station")
+@click.argument("code")
+@click.option("--name", required=True)
+@click.option("--timezone", default="UTC", show_default=True, help="IANA zone")
+@with_appcontext
+def create_station(code: str, name: str, timezone: str) -> None:
+    """Create a station with CODE."""
+    try:
+        station = directory.create_station(
+            session=db.session, code=code, name=name, timezone=timezone
+        )
+    except DomainError as error:
+        raise fail_on_domain_error(error) from None
+    db.session.commit()
+    click.echo(f"station {station.code} created (id {station.id})")
+
+
+@click.command("create-user")
+@click.argument("username")
+@click.option("--role", required=True, type=click.Choice([r.value for r in Role]))
+@click.option("--station", "station_code", help="Station code (couriers and managers)")
+@click.option("--full-name", default="")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input")
+@with_appcontext
+def create_user(
+    username: str, role: str, station_code: str | None, full_name: str, password_stdin: bool
+) -> None:
+    """Create a user USERNAME; the password is read from stdin or asked for."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        station = (
+            directory.get_station_by_code(session=db.session, code=station_code)
+            if station_code
+            else None
+        )
+        user = directory.create_user(
+            session=db.session,
+            username=username,
+            role=Role(role),
+            station=station,
+            password=password,
+            full_name=full_name,
+            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
+        )
+    except DomainError as error:
+        raise fail_on_domain_error(error) from None
+    db.session.commit()
+    click.echo(f"user {user.username} created ({user.role.value}, id {user.id})")
+
+
+@click.command("register-device")
+@click.argument("device_id")
+@click.option("--station", "station_code", required=True, help="Station code")
+@with_appcontext
+def register_device(device_id: str, station_code: str) -> None:
+    """Register the PDA DEVICE_ID at a station."""
+    try:
+        station = directory.get_station_by_code(session=db.session, code=station_code)
+        device = directory.register_device(
+            session=db.session, device_id=device_id, station=station
+        )
+    except DomainError as error:
+        raise fail_on_domain_error(error) from None
+    db.session.commit()
+    click.echo(f"device {device.id} registered at {station.code}")
+
+
+@click.command("retire-device")
+@click.argument("device_id")
+@click.option("--lost", is_flag=True, help="Report it lost rather than retired")
+@with_appcontext
+def retire_device(device_id: str, lost: bool) -> None:
+    """Retire DEVICE_ID (or report it lost); its tokens stop working at once."""
+    status = DeviceStatus.LOST if lost else DeviceStatus.RETIRED
+    try:
+        device = directory.get_device(session=db.session, device_id=device_id)
+    except DomainError as error:
+        raise fail_on_domain_error(error) from None
+    directory.set_device_status(session=db.session, device=device, status=status)
+    db.session.commit()
+    click.echo(f"device {device.id} is now {status.value}")
+
+
+# -- serving and data -------------------------------------------------------------------------
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@with_appcontext
+def serve(host: str, port: int, workers: int) -> None:
+    """Serve the API with gunicorn."""
+    from courier_api.serve import serve as run_gunicorn
+
+    click.echo(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
+    run_gunicorn(
+        current_app._get_current_object(),
+        host=host,
+        port=port,  # type: ignore[attr-defined]
+        workers=workers,
+    )
+
+
+@click.command("seed-demo")
+@click.option("--if-empty", is_flag=True, help="Do nothing when any station exists")
+@with_appcontext
+def seed_demo(if_empty: bool) -> None:
+    """Load a demo station with users, devices and parcels; print the logins."""
+    from courier_api.demo import DEMO_LOGINS, database_is_empty, seed
+
+    if if_empty and not database_is_empty(db.session):
+        click.echo("demo data not loaded: the database already has stations")
+    else:
+        summary = seed(db.session, password_hash_method=current_app.config["PASSWORD_HASH_METHOD"])
+        db.session.commit()
+        click.echo(summary)
+    click.echo("demo logins (username / password [device]):")
+    for login in DEMO_LOGINS:
+        click.echo(f"  {login}")
+
+
+@click.command("import-parcels")
+@click.argument("csv_file", type=click.File("r", encoding="utf-8-sig"))
+@click.option("--station", "station_code", help="Station code for rows without one")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 5000))
+@with_appcontext
+def import_parcels(
+    csv_file: click.utils.LazyFile, station_code: str | None, batch_size: int
+) -> None:
+    """Take in parcels from a CSV file (header row: tracking_no, service_class,
+    recipient_name, recipient_phone, address, lat, lon, station).
+
+    Each batch is committed on its own; rejected rows are listed with their line
+    number, and the command exits with status 1 if any row was rejected.
+    """
+    from courier_api.importer import import_csv
+
+    try:
+        outcome = import_csv(
+            csv_file,
+            session=db.session,
+            default_station=station_code,
+            batch_size=batch_size,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    except DomainError as error:
+        raise fail_on_domain_error(error) from None
+    click.echo(outcome.summary())
+    if outcome.rejected:
+        sys.exit(1)

@@ -1,0 +1,90 @@
+"""Configuration from environment variables (the table in README.md lists them)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENTS = ("development", "production", "testing")
+MIN_JWT_SECRET_BYTES = 32
+
+
+class ConfigError(RuntimeError):
+    """The service cannot start with this configuration; the message says why."""
+
+
+def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, Any]:
+    """Build the Flask config from ``environ``; fail early and clearly on bad values."""
+    env = environ.get("APP_ENV", "development")
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {env!r}")
+    return {
+        "APP_ENV": env,
+        "DATABASE_URL": environ.get("DATABASE_URL") or f"sqlite:///{instance_path / 'courier.db'}",
+        "JWT_SECRET": environ.get("JWT_SECRET", ""),
+        "JWT_ACCESS_TTL_SECONDS": _int(environ, "JWT_ACCESS_TTL_SECONDS", 3600),
+        "JWT_REFRESH_TTL_SECONDS": _int(environ, "JWT_REFRESH_TTL_SECONDS", 14 * 24 * 3600),
+        "BLOB_DIR": environ.get("BLOB_DIR") or str(instance_path / "blobs"),
+        "MAX_CONTENT_LENGTH": _int(environ, "MAX_REQUEST_BYTES", 16 * 1024 * 1024),
+        "MAX_EVENTS_PER_PUSH": _int(environ, "MAX_EVENTS_PER_PUSH", 5000),
+        "MAX_PARCELS_PER_INTAKE": _int(environ, "MAX_PARCELS_PER_INTAKE", 5000),
+        "DOMESTIC_TRACKING_PATTERNS": _list(
+            environ, "DOMESTIC_TRACKING_PATTERNS", DEFAULT_DOMESTIC_PATTERNS
+        ),
+        "DEFAULT_PHONE_REGION": environ.get("DEFAULT_PHONE_REGION", "CN").upper() or None,
+        "PASSWORD_HASH_METHOD": environ.get("PASSWORD_HASH_METHOD", "scrypt"),
+        "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),
+    }
+
+
+def ensure_jwt_secret(config: dict[str, Any], instance_path: Path) -> None:
+    """Production needs ``JWT_SECRET``; development keeps a generated one under ``instance/``."""
+    secret = config["JWT_SECRET"]
+    if secret:
+        if config["APP_ENV"] == "production" and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(f"JWT_SECRET must have at least {MIN_JWT_SECRET_BYTES} bytes")
+        return
+    if config["APP_ENV"] == "production":
+        raise ConfigError("JWT_SECRET is required when APP_ENV=production")
+    config["JWT_SECRET"] = _development_secret(instance_path / "jwt-secret")
+
+
+def _development_secret(path: Path) -> str:
+    """Read the development secret, creating it once (safe when workers race)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(48))
+    log.warning("JWT_SECRET is not set: created a development secret in %s", path)
+    return path.read_text().strip()
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _list(environ: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    return tuple(item.strip() for item in raw.split(",") if item.strip())

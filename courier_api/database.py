@@ -1,0 +1,67 @@
+"""One engine and one sessionmaker per app; one session per request, closed on teardown.
+
+The extension object is created unbound (``courier_api.extensions.db``); its
+state lives in ``app.extensions`` so that several apps (tests) never share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app, g
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.engine import make_engine
+
+EXTENSION_KEY = "courier_api.database"
+
+
+@dataclass
+class _State:
+    engine: Engine
+    sessionmaker: sessionmaker[Session]
+
+
+class Database:
+    def init_app(self, app: Flask) -> None:
+        engine = make_engine(app.config["DATABASE_URL"])
+        app.extensions[EXTENSION_KEY] = _State(
+            engine=engine, sessionmaker=sessionmaker(bind=engine, expire_on_commit=False)
+        )
+        app.teardown_appcontext(self._close_session)
+
+    @staticmethod
+    def _state(app: Flask | None = None) -> _State:
+        state: _State = (app or current_app).extensions[EXTENSION_KEY]
+        return state
+
+    @property
+    def engine(self) -> Engine:
+        return self._state().engine
+
+    def engine_of(self, app: Flask) -> Engine:
+        return self._state(app).engine
+
+    @property
+    def session(self) -> Session:
+        """The session of the current request (or CLI command), opened on first use."""
+        if "db_session" not in g:
+            g.db_session = self._state().sessionmaker()
+        session: Session = g.db_session
+        return session
+
+    def bind_to_connection(self, app: Flask, connection: Connection) -> None:
+        """Tests: run every session of ``app`` inside ``connection``'s outer transaction.
+
+        Sessions commit to savepoints, so the test's final rollback undoes everything.
+        """
+        self._state(app).sessionmaker = sessionmaker(
+            bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
+
+    @staticmethod
+    def _close_session(_exc: BaseException | None) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            session.close()

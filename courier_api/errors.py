@@ -1,0 +1,136 @@
+"""One JSON error body for everything the API answers with an error.
+
+``{"code": "token_expired", "status": 401, "message": "...", "errors": {...}}``:
+``code`` is stable and meant for machines, ``message`` for people, and
+``errors`` names the fields at fault. Domain errors (``sync.errors``) map to
+their HTTP status here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from flask import Flask, current_app, jsonify
+from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import IntegrityError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from sync.errors import (
+    AuthenticationFailed,
+    Conflict,
+    DomainError,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    InvalidInput: 422,
+    NotFound: 404,
+    Conflict: 409,
+    PermissionDenied: 403,
+    AuthenticationFailed: 401,
+    LimitExceeded: 413,
+}
+
+
+def error_body(
+    status: int, *, code: str | None = None, message: str | None = None, errors: Any = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "code": code
+        or DEFAULT_CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_")),
+        "status": status,
+        "message": message or HTTPStatus(status).description or HTTPStatus(status).phrase,
+    }
+    if errors:
+        body["errors"] = errors
+    return body
+
+
+def http_exception_body(error: HTTPException) -> tuple[dict[str, Any], dict[str, str]]:
+    """Body and headers for a werkzeug or webargs ``HTTPException``."""
+    status = error.code or 500
+    data = getattr(error, "data", None) or {}
+    headers = dict(data.get("headers") or {})
+    errors = data.get("errors") or data.get("messages")
+    message = data.get("message")
+    if status == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        message = message or f"request body is larger than the limit of {limit} bytes"
+    elif status == 405:
+        headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
+        message = message or "this method is not allowed here; see the Allow header"
+    elif status == 422 and errors:
+        message = message or "the request did not validate; see errors"
+    elif status == 400 and not message:
+        message = error.description
+    elif status >= 500:
+        message = message or "internal error; it has been logged"
+    elif not message and error.description and status != 404:
+        message = error.description
+    if status == 404 and not message:
+        message = "no such resource"
+    return error_body(status, code=data.get("code"), message=message, errors=errors), headers
+
+
+def domain_status(error: DomainError) -> int:
+    for cls in type(error).__mro__:
+        if cls in DOMAIN_STATUS:
+            return DOMAIN_STATUS[cls]
+    return 400
+
+
+def handle_domain_error(error: DomainError) -> ResponseReturnValue:
+    status = domain_status(error)
+    errors = {error.field: [error.message]} if error.field else None
+    return jsonify(
+        error_body(status, code=error.code, message=error.message, errors=errors)
+    ), status
+
+
+def handle_integrity_error(error: IntegrityError) -> ResponseReturnValue:
+    from courier_api.extensions import db
+
+    db.session.rollback()
+    log.warning("integrity error answered with 409: %s", error.orig)
+    body = error_body(409, message="the change conflicts with data already stored")
+    return jsonify(body), 409
+
+
+def handle_database_unavailable(error: OperationalError) -> ResponseReturnValue:
+    from courier_api.extensions import db
+
+    db.session.rollback()
+    log.error("database unavailable: %s", error.orig)
+    body = error_body(
+        503, code="database_unavailable", message="the database is unavailable; retry later"
+    )
+    return jsonify(body), 503, {"Retry-After": "5"}
+
+
+def register_errorhandlers(app: Flask) -> None:
+    """HTTP exceptions go through ``CourierApi.handle_http_exception``; these add the rest."""
+    app.register_error_handler(DomainError, handle_domain_error)
+    app.register_error_handler(IntegrityError, handle_integrity_error)
+    app.register_error_handler(OperationalError, handle_database_unavailable)

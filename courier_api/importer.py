@@ -1,0 +1,113 @@
+"""``courier-api import-parcels``: a CSV file through the same intake as the API."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from sqlalchemy.orm import Session
+
+from courier_api.api.parcels.intake import take_in
+from courier_api.api.parcels.schemas import ParcelIn, PerItemNested, RejectedItem
+from sync import directory
+from sync.errors import InvalidInput
+from sync.parcels import IntakeScope, ParcelDraft
+
+REQUIRED_COLUMNS = ("tracking_no", "service_class", "recipient_name", "address")
+OPTIONAL_COLUMNS = ("recipient_phone", "lat", "lon", "station")
+
+
+@dataclass
+class ImportOutcome:
+    rows: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected(self) -> int:
+        return self.counts["rejected"]
+
+    def summary(self) -> str:
+        parts = ", ".join(
+            f"{self.counts[s]} {s}" for s in ("created", "updated", "unchanged", "rejected")
+        )
+        return f"parcels: {self.rows} rows read, {parts}"
+
+
+def import_csv(
+    handle: IO[str],
+    *,
+    session: Session,
+    default_station: str | None,
+    batch_size: int,
+    progress: Callable[[str], None],
+) -> ImportOutcome:
+    reader = csv.DictReader(handle)
+    _check_header(reader.fieldnames)
+    station_id = (
+        directory.get_station_by_code(session=session, code=default_station).id
+        if default_station
+        else None
+    )
+    scope = IntakeScope(default_station_id=station_id, allowed_station_ids=None)
+    outcome = ImportOutcome()
+    batch: list[ParcelDraft | RejectedItem] = []
+    line_numbers: list[int] = []
+    loader = PerItemNested(ParcelIn)
+
+    def flush() -> None:
+        rows = take_in(session=session, items=batch, scope=scope)
+        session.commit()
+        for row in rows:
+            outcome.counts[row["status"]] += 1
+            if row["status"] == "rejected":
+                line = line_numbers[row["index"]]
+                progress(f"line {line}: {row['tracking_no'] or '?'}: {_describe(row['error'])}")
+        outcome.rows += len(batch)
+        progress(outcome.summary())
+        batch.clear()
+        line_numbers.clear()
+
+    for record in reader:
+        cleaned = {
+            key: value.strip()
+            for key, value in record.items()
+            if key is not None and value is not None and value.strip() != ""
+        }
+        batch.append(loader.deserialize(cleaned))
+        line_numbers.append(reader.line_num)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    return outcome
+
+
+def _check_header(fieldnames: Any) -> None:
+    columns = [name.strip() for name in fieldnames or []]
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    unknown = [name for name in columns if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"missing columns: {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unknown columns: {', '.join(unknown)}")
+        raise InvalidInput(
+            "CSV header: "
+            + "; ".join(problems)
+            + f" (expected {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})",
+            code="invalid_csv_header",
+        )
+
+
+def _describe(error: dict[str, Any]) -> str:
+    details = error.get("errors")
+    if not details:
+        return str(error["message"])
+    return "; ".join(
+        f"{name}: {' '.join(map(str, msgs)) if isinstance(msgs, list) else msgs}"
+        for name, msgs in details.items()
+    )

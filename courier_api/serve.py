@@ -1,0 +1,43 @@
+"""``courier-api serve``: gunicorn in-process, with the app built once before forking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+
+class GunicornServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
+        self.application = app
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return self.application
+
+
+def serve(app: Flask, *, host: str, port: int, workers: int, timeout: int = 60) -> None:
+    GunicornServer(
+        app,
+        {
+            "bind": f"{host}:{port}",
+            "workers": workers,
+            "timeout": timeout,
+            "accesslog": "-",
+            "post_fork": lambda _server, _worker: _forget_parent_connections(app),
+            "preload_app": True,
+        },
+    ).run()
+
+
+def _forget_parent_connections(app: Flask) -> None:
+    """Each worker opens its own database connections, never the master's."""
+    from courier_api.extensions import db
+
+    db.engine_of(app).dispose(close=False)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import ForeignKey, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, int_pk, str_enum, timestamp, utcnow
+from models.enums import ServiceClass
+from models.station import Station
+
+
+class Parcel(Base):
+    """An item on the last mile, known by its tracking number."""
+
+    __tablename__ = "parcel"
+
+    id: Mapped[int_pk]
+    tracking_no: Mapped[str] = mapped_column(String(40), unique=True)
+    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"), index=True)
+    service_class: Mapped[ServiceClass] = mapped_column(str_enum(ServiceClass, "service_class"))
+    recipient_name: Mapped[str] = mapped_column(String(200))
+    # E.164 ("+8613812345678"), normalised on intake; masked for everyone but auditors.
+    recipient_phone: Mapped[str | None] = mapped_column(String(20))
+    address: Mapped[str] = mapped_column(Text)
+    lat: Mapped[float | None]
+    lon: Mapped[float | None]
+    created_at: Mapped[timestamp]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    station: Mapped[Station] = relationship(lazy="raise")
+
+    def __repr__(self) -> str:
+        return f"<Parcel {self.tracking_no}>"

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, int_pk, str_enum, timestamp
+from models.enums import Role
+from models.station import Station
+
+
+class User(Base):
+    """A person or system that signs in: courier, manager, auditor, admin, integration."""
+
+    __tablename__ = "app_user"
+
+    id: Mapped[int_pk]
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    full_name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[Role] = mapped_column(str_enum(Role, "user_role"))
+    station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"), index=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[timestamp]
+
+    station: Mapped[Station | None] = relationship(lazy="raise")
+
+    def __repr__(self) -> str:
+        return f"<User {self.username} {self.role}>"

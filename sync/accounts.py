@@ -1,0 +1,109 @@
+"""Sign-in rules: passwords, the device a courier signs in with, and token subjects.
+
+The token format itself (JWT) belongs to the web edge; what makes a sign-in or
+a token acceptable is decided here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from models import Device, DeviceStatus, Role, User, utcnow
+from sync.errors import AuthenticationFailed, InvalidInput, PermissionDenied
+
+PASSWORD_MIN_LENGTH = 8
+DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
+# Checked against when the username is unknown, so both failures cost the same time.
+_DUMMY_HASH = generate_password_hash("not-a-password", method="pbkdf2:sha256:1000")
+
+
+def hash_password(password: str, *, method: str = DEFAULT_PASSWORD_HASH_METHOD) -> str:
+    if len(password) < PASSWORD_MIN_LENGTH:
+        raise InvalidInput(
+            f"password must have at least {PASSWORD_MIN_LENGTH} characters",
+            code="weak_password",
+            field="password",
+        )
+    return generate_password_hash(password, method=method)
+
+
+@dataclass(frozen=True)
+class SignIn:
+    user: User
+    device: Device | None
+
+
+def authenticate(
+    *, session: Session, username: str, password: str, device_id: str | None
+) -> SignIn:
+    """Check a username and password, and for couriers the device they sign in with."""
+    user = session.scalar(select(User).where(User.username == username.strip().lower()))
+    if user is None:
+        check_password_hash(_DUMMY_HASH, password)
+        raise AuthenticationFailed("wrong username or password", code="invalid_credentials")
+    if not check_password_hash(user.password_hash, password):
+        raise AuthenticationFailed("wrong username or password", code="invalid_credentials")
+    if not user.active:
+        raise AuthenticationFailed("this account is disabled", code="account_disabled")
+    device = _device_for_sign_in(session=session, user=user, device_id=device_id)
+    if device is not None:
+        device.last_seen_at = utcnow()
+    return SignIn(user=user, device=device)
+
+
+def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) -> Device | None:
+    if user.role != Role.COURIER:
+        if device_id:
+            raise InvalidInput(
+                "only couriers sign in with a device",
+                code="device_not_expected",
+                field="device_id",
+            )
+        return None
+    if not device_id:
+        raise InvalidInput(
+            "couriers sign in with the id of their device",
+            code="device_required",
+            field="device_id",
+        )
+    device = session.get(Device, device_id)
+    if device is None or device.station_id != user.station_id:
+        raise PermissionDenied(
+            f"device {device_id} is not registered at your station", code="device_not_allowed"
+        )
+    if device.status != DeviceStatus.ACTIVE:
+        raise PermissionDenied(
+            f"device {device_id} is {device.status.value} and cannot be used",
+            code="device_not_active",
+        )
+    return device
+
+
+def load_token_subject(
+    *, session: Session, user_id: int, device_id: str | None
+) -> tuple[User, Device | None]:
+    """Re-check on every request what a token was issued for.
+
+    A token outlives the facts it was issued on: a disabled account, a device
+    reported lost or retired, must stop working at once, not at expiry.
+    """
+    user = session.get(User, user_id)
+    if user is None or not user.active:
+        raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
+    if user.role != Role.COURIER:
+        return user, None
+    device = session.get(Device, device_id) if device_id else None
+    if device is None or device.station_id != user.station_id:
+        raise AuthenticationFailed(
+            "this token's device is not registered at the courier's station", code="token_revoked"
+        )
+    if device.status != DeviceStatus.ACTIVE:
+        raise AuthenticationFailed(
+            f"device {device.id} is {device.status.value}; its tokens no longer work",
+            code="device_not_active",
+        )
+    return user, device

@@ -1,0 +1,245 @@
+"""Stations, users and devices: who works where, with which PDA."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Device, DeviceStatus, Role, Station, User, utcnow
+from sync.accounts import DEFAULT_PASSWORD_HASH_METHOD, hash_password
+from sync.errors import Conflict, InvalidInput, NotFound
+
+STATION_CODE = re.compile(r"[A-Z0-9][A-Z0-9_-]{1,31}")
+USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
+MAX_PAGE_SIZE = 500
+
+
+# -- stations ---------------------------------------------------------------------------------
+
+
+def create_station(*, session: Session, code: str, name: str, timezone: str = "UTC") -> Station:
+    code = code.strip().upper()
+    if not STATION_CODE.fullmatch(code):
+        raise InvalidInput(
+            "station code is 2-32 characters: A-Z, 0-9, '_' or '-'",
+            code="invalid_station_code",
+            field="code",
+        )
+    if session.scalar(select(Station.id).where(Station.code == code)) is not None:
+        raise Conflict(f"station {code} already exists", code="station_exists", field="code")
+    station = Station(code=code, name=_required_text(name, "name"), timezone=_zone(timezone))
+    session.add(station)
+    session.flush()
+    return station
+
+
+def update_station(
+    *, session: Session, station: Station, name: str | None = None, timezone: str | None = None
+) -> Station:
+    if name is not None:
+        station.name = _required_text(name, "name")
+    if timezone is not None:
+        station.timezone = _zone(timezone)
+    session.flush()
+    return station
+
+
+def get_station(*, session: Session, station_id: int) -> Station:
+    station = session.get(Station, station_id)
+    if station is None:
+        raise NotFound(f"no station with id {station_id}", code="station_not_found")
+    return station
+
+
+def get_station_by_code(*, session: Session, code: str, field: str = "station") -> Station:
+    station = session.scalar(select(Station).where(Station.code == code.strip().upper()))
+    if station is None:
+        raise NotFound(f"no station with code {code!r}", code="station_not_found", field=field)
+    return station
+
+
+def list_stations(
+    *, session: Session, station_id: int | None = None, after_id: int = 0, limit: int = 100
+) -> Sequence[Station]:
+    query = select(Station).where(Station.id > after_id).order_by(Station.id).limit(_page(limit))
+    if station_id is not None:
+        query = query.where(Station.id == station_id)
+    return session.scalars(query).all()
+
+
+# -- users ------------------------------------------------------------------------------------
+
+
+def create_user(
+    *,
+    session: Session,
+    username: str,
+    role: Role,
+    station: Station | None,
+    password: str,
+    full_name: str = "",
+    password_hash_method: str = DEFAULT_PASSWORD_HASH_METHOD,
+) -> User:
+    username = username.strip().lower()
+    if not USERNAME.fullmatch(username):
+        raise InvalidInput(
+            "username is 2-64 characters: a-z, 0-9, '.', '_' or '-'",
+            code="invalid_username",
+            field="username",
+        )
+    _check_role_station(role, station)
+    if session.scalar(select(User.id).where(User.username == username)) is not None:
+        raise Conflict(f"user {username} already exists", code="user_exists", field="username")
+    user = User(
+        username=username,
+        role=role,
+        station_id=station.id if station else None,
+        password_hash=hash_password(password, method=password_hash_method),
+        full_name=full_name.strip(),
+    )
+    session.add(user)
+    session.flush()
+    return user
+
+
+def update_user(
+    *,
+    session: Session,
+    user: User,
+    full_name: str | None = None,
+    active: bool | None = None,
+    password: str | None = None,
+    password_hash_method: str = DEFAULT_PASSWORD_HASH_METHOD,
+) -> User:
+    if full_name is not None:
+        user.full_name = full_name.strip()
+    if active is not None:
+        user.active = active
+    if password is not None:
+        user.password_hash = hash_password(password, method=password_hash_method)
+    session.flush()
+    return user
+
+
+def get_user(*, session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user with id {user_id}", code="user_not_found")
+    return user
+
+
+def list_users(
+    *,
+    session: Session,
+    station_id: int | None = None,
+    role: Role | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> Sequence[User]:
+    query = select(User).where(User.id > after_id).order_by(User.id).limit(_page(limit))
+    if station_id is not None:
+        query = query.where(User.station_id == station_id)
+    if role is not None:
+        query = query.where(User.role == role)
+    return session.scalars(query).all()
+
+
+def _check_role_station(role: Role, station: Station | None) -> None:
+    if role.needs_station and station is None:
+        raise InvalidInput(
+            f"a {role.value} belongs to a station", code="station_required", field="station"
+        )
+    if not role.needs_station and station is not None:
+        raise InvalidInput(
+            f"a {role.value} works across stations and has none",
+            code="station_not_expected",
+            field="station",
+        )
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
+def register_device(*, session: Session, device_id: str, station: Station) -> Device:
+    device_id = device_id.strip()
+    if not DEVICE_ID.fullmatch(device_id):
+        raise InvalidInput(
+            "device id is 3-64 characters: letters, digits, '.', '_' or '-'",
+            code="invalid_device_id",
+            field="device_id",
+        )
+    if session.get(Device, device_id) is not None:
+        raise Conflict(
+            f"device {device_id} is already registered", code="device_exists", field="device_id"
+        )
+    device = Device(id=device_id, station_id=station.id, status=DeviceStatus.ACTIVE)
+    session.add(device)
+    session.flush()
+    return device
+
+
+def get_device(*, session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}", code="device_not_found")
+    return device
+
+
+def set_device_status(*, session: Session, device: Device, status: DeviceStatus) -> Device:
+    """Retire a device, report it lost, or bring a found one back.
+
+    Its tokens stop working at once (they are checked against the status on
+    every request).
+    """
+    if device.status != status:
+        device.status = status
+        device.status_changed_at = utcnow()
+        session.flush()
+    return device
+
+
+def list_devices(
+    *,
+    session: Session,
+    station_id: int | None = None,
+    status: DeviceStatus | None = None,
+    after_id: str = "",
+    limit: int = 100,
+) -> Sequence[Device]:
+    query = select(Device).where(Device.id > after_id).order_by(Device.id).limit(_page(limit))
+    if station_id is not None:
+        query = query.where(Device.station_id == station_id)
+    if status is not None:
+        query = query.where(Device.status == status)
+    return session.scalars(query).all()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _required_text(value: str, field: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidInput(f"{field} must not be empty", code="empty_value", field=field)
+    return value
+
+
+def _zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidInput(
+            f"{name!r} is not an IANA time zone (e.g. Asia/Shanghai)",
+            code="invalid_timezone",
+            field="timezone",
+        ) from exc
+    return name
+
+
+def _page(limit: int) -> int:
+    return max(1, min(limit, MAX_PAGE_SIZE))

@@ -1,0 +1,46 @@
+"""Domain errors. The web edge maps each class to one HTTP status, in one place."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base class: a stable machine ``code``, a human message, and the field at fault."""
+
+    code = "domain_error"
+
+    def __init__(self, message: str, *, code: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.field = field
+
+
+class InvalidInput(DomainError):
+    """Well-formed request, but a value breaks a domain rule."""
+
+    code = "invalid_input"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """The request contradicts what is stored (a duplicate name, a state that forbids it)."""
+
+    code = "conflict"
+
+
+class PermissionDenied(DomainError):
+    code = "forbidden"
+
+
+class AuthenticationFailed(DomainError):
+    code = "unauthorized"
+
+
+class LimitExceeded(DomainError):
+    """More items than one request may carry."""
+
+    code = "payload_too_large"

@@ -1,0 +1,265 @@
+import base64
+import datetime as dt
+import json
+
+import jwt
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
+
+from models import DeviceStatus
+from tests import factories
+from tests.conftest import TEST_JWT_SECRET, Auth, World
+
+TOKEN_URL = "/api/v1/auth/token"
+PROTECTED_URL = "/api/v1/stations"
+
+
+def sign_in(client: FlaskClient, **body):
+    return client.post(TOKEN_URL, json={"password": factories.PASSWORD, **body})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def error_code(response) -> str:
+    return response.get_json()["code"]
+
+
+def test_manager_token_carries_the_documented_claims(client: FlaskClient, world: World) -> None:
+    response = sign_in(client, username="manager1")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["token_type"] == "Bearer"
+    claims = jwt.decode(body["access_token"], TEST_JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == str(world.manager.id)
+    assert claims["role"] == "station_manager"
+    assert claims["station"] == world.station.id
+    assert claims["device"] is None
+    assert claims["typ"] == "access"
+    assert claims["exp"] - claims["iat"] == body["expires_in"]
+    assert len(claims["jti"]) == 32
+    assert client.get(PROTECTED_URL, headers=bearer(body["access_token"])).status_code == 200
+
+
+def test_courier_signs_in_with_an_active_device_of_their_station(
+    client: FlaskClient, world: World
+) -> None:
+    response = sign_in(client, username="courier1", device_id="PDA-0001")
+    assert response.status_code == 200
+    body = response.get_json()
+    claims = jwt.decode(body["access_token"], TEST_JWT_SECRET, algorithms=["HS256"])
+    assert claims["device"] == "PDA-0001"
+    assert body["device_id"] == "PDA-0001"
+
+
+def test_usernames_are_case_insensitive(client: FlaskClient, world: World) -> None:
+    assert sign_in(client, username="  Manager1 ").status_code == 200
+
+
+def test_courier_without_device_is_told_to_send_one(client: FlaskClient, world: World) -> None:
+    response = sign_in(client, username="courier1")
+    assert response.status_code == 422
+    assert error_code(response) == "device_required"
+    assert "device_id" in response.get_json()["errors"]
+
+
+def test_courier_cannot_use_a_device_of_another_station(client: FlaskClient, world: World) -> None:
+    response = sign_in(client, username="courier1", device_id="PDA-0002")
+    assert response.status_code == 403
+    assert error_code(response) == "device_not_allowed"
+
+
+def test_courier_cannot_use_an_unknown_device(client: FlaskClient, world: World) -> None:
+    response = sign_in(client, username="courier1", device_id="PDA-9999")
+    assert response.status_code == 403
+    assert error_code(response) == "device_not_allowed"
+
+
+@pytest.mark.parametrize("status", [DeviceStatus.RETIRED, DeviceStatus.LOST])
+def test_retired_or_lost_device_gets_no_token(
+    client: FlaskClient, world: World, session: Session, status: DeviceStatus
+) -> None:
+    factories.device(session, "PDA-OLD", world.station, status=status)
+    session.commit()
+    response = sign_in(client, username="courier1", device_id="PDA-OLD")
+    assert response.status_code == 403
+    assert error_code(response) == "device_not_active"
+    assert status.value in response.get_json()["message"]
+
+
+def test_non_courier_with_device_is_refused(client: FlaskClient, world: World) -> None:
+    response = sign_in(client, username="manager1", device_id="PDA-0001")
+    assert response.status_code == 422
+    assert error_code(response) == "device_not_expected"
+
+
+@pytest.mark.parametrize("username", ["manager1", "nobody"])
+def test_wrong_password_or_unknown_user_look_the_same(
+    client: FlaskClient, world: World, username: str
+) -> None:
+    response = client.post(TOKEN_URL, json={"username": username, "password": "wrong-password"})
+    assert response.status_code == 401
+    assert error_code(response) == "invalid_credentials"
+    assert response.get_json()["message"] == "wrong username or password"
+
+
+def test_disabled_account_cannot_sign_in(
+    client: FlaskClient, world: World, session: Session
+) -> None:
+    factories.user(session, "gone", "station_manager", world.station, active=False)
+    session.commit()
+    response = sign_in(client, username="gone")
+    assert response.status_code == 401
+    assert error_code(response) == "account_disabled"
+
+
+def test_missing_fields_are_named(client: FlaskClient, world: World) -> None:
+    response = client.post(TOKEN_URL, json={"username": "manager1"})
+    assert response.status_code == 422
+    assert "password" in response.get_json()["errors"]["json"]
+
+
+def test_retiring_a_device_revokes_its_tokens_at_once(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    tokens = auth.tokens("courier1", "PDA-0001")
+    assert client.get(PROTECTED_URL, headers=bearer(tokens["access_token"])).status_code == 200
+    manager = auth.headers("manager1")
+    retired = client.patch("/api/v1/devices/PDA-0001", json={"status": "retired"}, headers=manager)
+    assert retired.status_code == 200
+    response = client.get(PROTECTED_URL, headers=bearer(tokens["access_token"]))
+    assert response.status_code == 401
+    assert error_code(response) == "device_not_active"
+    refreshed = client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+    )
+    assert refreshed.status_code == 401
+    assert error_code(refreshed) == "device_not_active"
+
+
+def test_disabling_an_account_revokes_its_tokens(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    manager_token = auth.headers("manager1")
+    admin = auth.headers("admin")
+    response = client.patch(
+        f"/api/v1/users/{world.manager.id}", json={"active": False}, headers=admin
+    )
+    assert response.status_code == 200
+    refused = client.get(PROTECTED_URL, headers=manager_token)
+    assert refused.status_code == 401
+    assert error_code(refused) == "token_revoked"
+
+
+def test_refresh_issues_a_new_pair(client: FlaskClient, world: World, auth: Auth) -> None:
+    tokens = auth.tokens("courier1", "PDA-0001")
+    response = client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["access_token"] != tokens["access_token"]
+    assert body["device_id"] == "PDA-0001"
+    assert client.get(PROTECTED_URL, headers=bearer(body["access_token"])).status_code == 200
+
+
+def test_refresh_token_is_not_an_access_token(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    tokens = auth.tokens("manager1")
+    response = client.get(PROTECTED_URL, headers=bearer(tokens["refresh_token"]))
+    assert response.status_code == 401
+    assert error_code(response) == "wrong_token_type"
+    response = client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["access_token"]})
+    assert response.status_code == 401
+    assert error_code(response) == "wrong_token_type"
+
+
+def _claims_for(world: World, **changes) -> dict:
+    now = dt.datetime.now(dt.UTC)
+    claims = {
+        "sub": str(world.manager.id),
+        "role": "station_manager",
+        "station": world.station.id,
+        "device": None,
+        "iat": now,
+        "exp": now + dt.timedelta(minutes=5),
+        "jti": "a" * 32,
+        "typ": "access",
+    }
+    claims.update(changes)
+    return claims
+
+
+def test_expired_token(client: FlaskClient, world: World) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    token = jwt.encode(
+        _claims_for(world, iat=past, exp=past + dt.timedelta(hours=1)),
+        TEST_JWT_SECRET,
+        algorithm="HS256",
+    )
+    response = client.get(PROTECTED_URL, headers=bearer(token))
+    assert response.status_code == 401
+    assert error_code(response) == "token_expired"
+
+
+def test_token_signed_with_another_key(client: FlaskClient, world: World) -> None:
+    token = jwt.encode(_claims_for(world), "another-key-" + "y" * 40, algorithm="HS256")
+    response = client.get(PROTECTED_URL, headers=bearer(token))
+    assert response.status_code == 401
+    assert error_code(response) == "token_invalid"
+
+
+def test_tampered_token(client: FlaskClient, world: World, auth: Auth) -> None:
+    token = auth.tokens("manager1")["access_token"]
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["role"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    response = client.get(PROTECTED_URL, headers=bearer(f"{header}.{forged}.{signature}"))
+    assert response.status_code == 401
+    assert error_code(response) == "token_invalid"
+
+
+def test_alg_none_token(client: FlaskClient, world: World) -> None:
+    token = jwt.encode(_claims_for(world, role="admin"), None, algorithm="none")
+    response = client.get(PROTECTED_URL, headers=bearer(token))
+    assert response.status_code == 401
+    assert error_code(response) == "token_invalid"
+
+
+def test_token_missing_a_required_claim(client: FlaskClient, world: World) -> None:
+    claims = _claims_for(world)
+    del claims["jti"]
+    token = jwt.encode(claims, TEST_JWT_SECRET, algorithm="HS256")
+    response = client.get(PROTECTED_URL, headers=bearer(token))
+    assert response.status_code == 401
+    assert error_code(response) == "token_invalid"
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (None, "token_missing"),
+        ("Basic abc", "token_invalid"),
+        ("Bearer ", "token_invalid"),
+        ("Bearer not-a-jwt", "token_invalid"),
+    ],
+)
+def test_malformed_authorization_header(client: FlaskClient, world: World, header, code) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = client.get(PROTECTED_URL, headers=headers)
+    assert response.status_code == 401
+    assert error_code(response) == code
+
+
+def test_role_outside_the_allowed_ones_gets_403(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    response = client.post(
+        "/api/v1/stations",
+        json={"code": "X1", "name": "X"},
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    assert response.status_code == 403
+    assert error_code(response) == "role_forbidden"

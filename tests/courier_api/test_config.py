@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from courier_api.config import ConfigError, ensure_jwt_secret, load_config
+
+
+def test_defaults_put_the_database_and_blobs_under_instance(tmp_path: Path) -> None:
+    config = load_config({}, tmp_path)
+    assert config["DATABASE_URL"] == f"sqlite:///{tmp_path / 'courier.db'}"
+    assert config["BLOB_DIR"] == str(tmp_path / "blobs")
+    assert config["MAX_CONTENT_LENGTH"] == 16 * 1024 * 1024
+    assert config["MAX_EVENTS_PER_PUSH"] == 5000
+
+
+def test_production_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    config = load_config({"APP_ENV": "production"}, tmp_path)
+    with pytest.raises(ConfigError, match="JWT_SECRET is required"):
+        ensure_jwt_secret(config, tmp_path)
+    short = load_config({"APP_ENV": "production", "JWT_SECRET": "short"}, tmp_path)
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        ensure_jwt_secret(short, tmp_path)
+
+
+def test_development_creates_a_secret_once_and_keeps_it(tmp_path: Path) -> None:
+    first = load_config({}, tmp_path)
+    ensure_jwt_secret(first, tmp_path)
+    second = load_config({}, tmp_path)
+    ensure_jwt_secret(second, tmp_path)
+    assert first["JWT_SECRET"] == second["JWT_SECRET"]
+    assert len(first["JWT_SECRET"]) >= 48
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"APP_ENV": "staging"}, "APP_ENV must be one of"),
+        ({"JWT_ACCESS_TTL_SECONDS": "soon"}, "JWT_ACCESS_TTL_SECONDS must be an integer"),
+        ({"MAX_REQUEST_BYTES": "-1"}, "MAX_REQUEST_BYTES must be positive"),
+    ],
+)
+def test_bad_values_fail_early_and_say_which(tmp_path: Path, environ: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ, tmp_path)
+
+
+def test_domestic_patterns_come_from_a_comma_list(tmp_path: Path) -> None:
+    config = load_config({"DOMESTIC_TRACKING_PATTERNS": r"SF\d{12}, YT\d{13}"}, tmp_path)
+    assert config["DOMESTIC_TRACKING_PATTERNS"] == (r"SF\d{12}", r"YT\d{13}")

@@ -1,0 +1,211 @@
+"""Admin endpoints for stations, users and devices, and who may use them."""
+
+from flask.testing import FlaskClient
+
+from tests.conftest import Auth, World
+
+
+def test_admin_creates_and_renames_a_station(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    admin = auth.headers("admin")
+    created = client.post(
+        "/api/v1/stations",
+        json={"code": "sh-pd-02", "name": "Pudong 2", "timezone": "Asia/Shanghai"},
+        headers=admin,
+    )
+    assert created.status_code == 201
+    station = created.get_json()
+    assert station["code"] == "SH-PD-02"
+    renamed = client.patch(
+        f"/api/v1/stations/{station['id']}", json={"name": "Pudong Two"}, headers=admin
+    )
+    assert renamed.status_code == 200
+    assert renamed.get_json()["name"] == "Pudong Two"
+
+
+def test_station_input_is_checked(client: FlaskClient, world: World, auth: Auth) -> None:
+    admin = auth.headers("admin")
+    bad_zone = client.post(
+        "/api/v1/stations",
+        json={"code": "X2", "name": "X", "timezone": "Mars/Olympus"},
+        headers=admin,
+    )
+    assert bad_zone.status_code == 422
+    assert bad_zone.get_json()["code"] == "invalid_timezone"
+    bad_code = client.post("/api/v1/stations", json={"code": "a b", "name": "X"}, headers=admin)
+    assert bad_code.status_code == 422
+    assert bad_code.get_json()["code"] == "invalid_station_code"
+
+
+def test_managers_see_only_their_own_station(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    listed = client.get("/api/v1/stations", headers=auth.headers("manager1")).get_json()
+    assert [s["code"] for s in listed["items"]] == ["ST1"]
+    everything = client.get("/api/v1/stations", headers=auth.headers("auditor1")).get_json()
+    assert {"ST1", "ST2"} <= {s["code"] for s in everything["items"]}
+
+
+def test_station_list_pages_by_keyset(client: FlaskClient, world: World, auth: Auth) -> None:
+    admin = auth.headers("admin")
+    first = client.get("/api/v1/stations?limit=1", headers=admin).get_json()
+    assert len(first["items"]) == 1 and first["next_after"] == first["items"][0]["id"]
+    second = client.get(
+        f"/api/v1/stations?limit=1&after={first['next_after']}", headers=admin
+    ).get_json()
+    assert second["items"][0]["id"] > first["items"][0]["id"]
+    rest = client.get(
+        f"/api/v1/stations?limit=500&after={second['next_after']}", headers=admin
+    ).get_json()
+    assert rest["next_after"] is None
+
+
+def test_admin_creates_users_with_station_rules(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    admin = auth.headers("admin")
+    courier = client.post(
+        "/api/v1/users",
+        json={
+            "username": "courier9",
+            "role": "courier",
+            "station_id": world.station.id,
+            "password": "long-enough-pass",
+        },
+        headers=admin,
+    )
+    assert courier.status_code == 201
+    body = courier.get_json()
+    assert body["role"] == "courier" and "password" not in body and "password_hash" not in body
+    stationless = client.post(
+        "/api/v1/users",
+        json={"username": "courier10", "role": "courier", "password": "long-enough-pass"},
+        headers=admin,
+    )
+    assert stationless.status_code == 422
+    assert stationless.get_json()["code"] == "station_required"
+    auditor_at_station = client.post(
+        "/api/v1/users",
+        json={
+            "username": "aud2",
+            "role": "auditor",
+            "station_id": world.station.id,
+            "password": "long-enough-pass",
+        },
+        headers=admin,
+    )
+    assert auditor_at_station.get_json()["code"] == "station_not_expected"
+    duplicate = client.post(
+        "/api/v1/users",
+        json={
+            "username": "courier9",
+            "role": "courier",
+            "station_id": world.station.id,
+            "password": "long-enough-pass",
+        },
+        headers=admin,
+    )
+    assert duplicate.status_code == 409
+    assert duplicate.get_json()["code"] == "user_exists"
+
+
+def test_new_user_can_sign_in(client: FlaskClient, world: World, auth: Auth) -> None:
+    client.post(
+        "/api/v1/users",
+        json={
+            "username": "mgr3",
+            "role": "station_manager",
+            "station_id": world.station.id,
+            "password": "long-enough-pass",
+        },
+        headers=auth.headers("admin"),
+    )
+    response = client.post(
+        "/api/v1/auth/token", json={"username": "mgr3", "password": "long-enough-pass"}
+    )
+    assert response.status_code == 200
+
+
+def test_manager_lists_own_station_users_only(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    response = client.get(
+        f"/api/v1/users?station_id={world.other_station.id}", headers=auth.headers("manager1")
+    )
+    usernames = {u["username"] for u in response.get_json()["items"]}
+    assert usernames == {"manager1", "courier1"}
+    other = client.get(f"/api/v1/users/{world.other_manager.id}", headers=auth.headers("manager1"))
+    assert other.status_code == 403
+
+
+def test_couriers_cannot_list_users(client: FlaskClient, world: World, auth: Auth) -> None:
+    response = client.get("/api/v1/users", headers=auth.headers("courier1", "PDA-0001"))
+    assert response.status_code == 403
+
+
+def test_manager_registers_and_retires_a_device(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    manager = auth.headers("manager1")
+    created = client.post("/api/v1/devices", json={"device_id": "PDA-0100"}, headers=manager)
+    assert created.status_code == 201
+    assert created.get_json()["station_id"] == world.station.id
+    lost = client.patch("/api/v1/devices/PDA-0100", json={"status": "lost"}, headers=manager)
+    assert lost.get_json()["status"] == "lost"
+    assert lost.get_json()["status_changed_at"] is not None
+    listed = client.get("/api/v1/devices?status=lost", headers=manager).get_json()
+    assert [d["id"] for d in listed["items"]] == ["PDA-0100"]
+
+
+def test_manager_cannot_touch_another_stations_devices(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    manager = auth.headers("manager1")
+    elsewhere = client.post(
+        "/api/v1/devices",
+        json={"device_id": "PDA-0200", "station_id": world.other_station.id},
+        headers=manager,
+    )
+    assert elsewhere.status_code == 403
+    retire = client.patch("/api/v1/devices/PDA-0002", json={"status": "retired"}, headers=manager)
+    assert retire.status_code == 403
+
+
+def test_device_errors(client: FlaskClient, world: World, auth: Auth) -> None:
+    admin = auth.headers("admin")
+    assert (
+        client.post(
+            "/api/v1/devices",
+            json={"device_id": "PDA-0001", "station_id": world.station.id},
+            headers=admin,
+        ).status_code
+        == 409
+    )
+    no_station = client.post("/api/v1/devices", json={"device_id": "PDA-0300"}, headers=admin)
+    assert no_station.status_code == 422
+    assert no_station.get_json()["code"] == "station_required"
+    bad_id = client.post(
+        "/api/v1/devices", json={"device_id": "a/b", "station_id": world.station.id}, headers=admin
+    )
+    assert bad_id.get_json()["code"] == "invalid_device_id"
+    assert client.get("/api/v1/devices/NOPE", headers=admin).status_code == 404
+    bad_status = client.patch("/api/v1/devices/PDA-0001", json={"status": "broken"}, headers=admin)
+    assert bad_status.status_code == 422
+
+
+def test_auditor_reads_but_never_writes(client: FlaskClient, world: World, auth: Auth) -> None:
+    auditor = auth.headers("auditor1")
+    assert client.get("/api/v1/devices/PDA-0002", headers=auditor).status_code == 200
+    assert (
+        client.patch(
+            "/api/v1/devices/PDA-0002", json={"status": "retired"}, headers=auditor
+        ).status_code
+        == 403
+    )
+    assert (
+        client.post(
+            "/api/v1/stations", json={"code": "Z9", "name": "Z"}, headers=auditor
+        ).status_code
+        == 403
+    )

@@ -1,0 +1,96 @@
+"""Every error under /api has one JSON body: code, status, message (and errors per field)."""
+
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from tests.conftest import Auth, World, make_test_app
+
+
+def assert_error_shape(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status
+    assert response.mimetype == "application/json", response.data[:200]
+    body = response.get_json()
+    assert set(body) <= {"code", "status", "message", "errors"}
+    assert body["status"] == status
+    assert isinstance(body["code"], str) and body["code"]
+    assert isinstance(body["message"], str) and body["message"]
+    if code:
+        assert body["code"] == code
+    return body
+
+
+def test_400_malformed_json(client: FlaskClient, world: World) -> None:
+    response = client.post("/api/v1/auth/token", data="{not json", content_type="application/json")
+    assert_error_shape(response, 400, "bad_request")
+
+
+def test_401_without_token(client: FlaskClient) -> None:
+    assert_error_shape(client.get("/api/v1/users"), 401, "token_missing")
+
+
+def test_403_for_another_station(client: FlaskClient, world: World, auth: Auth) -> None:
+    response = client.get(
+        f"/api/v1/stations/{world.other_station.id}", headers=auth.headers("manager1")
+    )
+    assert_error_shape(response, 403, "station_forbidden")
+
+
+def test_404_unknown_path_and_unknown_resource(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    assert_error_shape(client.get("/api/v1/nothing-here"), 404, "not_found")
+    response = client.get("/api/v1/stations/999999", headers=auth.headers("admin"))
+    assert_error_shape(response, 404, "station_not_found")
+
+
+def test_405_names_the_allowed_methods(client: FlaskClient) -> None:
+    response = client.delete("/api/v1/auth/token")
+    assert_error_shape(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_409_duplicate(client: FlaskClient, world: World, auth: Auth) -> None:
+    response = client.post(
+        "/api/v1/stations", json={"code": "ST1", "name": "Again"}, headers=auth.headers("admin")
+    )
+    body = assert_error_shape(response, 409, "station_exists")
+    assert "code" in body["errors"]
+
+
+def test_413_body_over_the_limit(database_url: str, tmp_path: Path) -> None:
+    app = make_test_app(database_url, tmp_path, MAX_CONTENT_LENGTH=1024)
+    response = app.test_client().post(
+        "/api/v1/auth/token", data="x" * 4096, content_type="application/json"
+    )
+    body = assert_error_shape(response, 413, "payload_too_large")
+    assert "1024" in body["message"]
+
+
+def test_422_names_the_field(client: FlaskClient, world: World, auth: Auth) -> None:
+    response = client.post("/api/v1/stations", json={"code": "X1"}, headers=auth.headers("admin"))
+    body = assert_error_shape(response, 422, "validation_error")
+    assert "name" in body["errors"]["json"]
+
+
+def test_422_unknown_query_argument_value(client: FlaskClient, world: World, auth: Auth) -> None:
+    response = client.get("/api/v1/users?limit=0", headers=auth.headers("admin"))
+    body = assert_error_shape(response, 422, "validation_error")
+    assert "limit" in body["errors"]["query"]
+
+
+@pytest.fixture
+def failing_client(database_url: str, tmp_path: Path) -> FlaskClient:
+    app = make_test_app(database_url, tmp_path, PROPAGATE_EXCEPTIONS=False)
+
+    @app.route("/api/v1/_boom")
+    def boom():
+        raise RuntimeError("a bug with a secret in it")
+
+    return app.test_client()
+
+
+def test_500_is_json_and_hides_the_details(failing_client: FlaskClient) -> None:
+    body = assert_error_shape(failing_client.get("/api/v1/_boom"), 500, "internal_error")
+    assert "secret" not in body["message"]

@@ -1,0 +1,27 @@
+from flask.testing import FlaskClient
+
+
+def test_healthz_answers_without_a_token(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_reports_database_and_migration_head(client: FlaskClient) -> None:
+    response = client.get("/readyz")
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["status"] == "ready"
+    assert body["migrations"]["current"] == body["migrations"]["head"]
+    assert body["migrations"]["head"]
+
+
+def test_readyz_is_503_on_an_unmigrated_database(tmp_path) -> None:
+    from tests.conftest import make_test_app
+
+    app = make_test_app(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path)
+    response = app.test_client().get("/readyz")
+    body = response.get_json()
+    assert response.status_code == 503
+    assert body["status"] == "not_ready"
+    assert body["migrations"]["current"] == []

@@ -1,0 +1,183 @@
+from pathlib import Path
+
+from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
+
+from tests import factories
+from tests.conftest import Auth, World, make_test_app
+
+URL = "/api/v1/parcels"
+
+
+def item(tracking_no: str, **changes) -> dict:
+    data = {
+        "tracking_no": tracking_no,
+        "service_class": "express",
+        "recipient_name": "Li Lei",
+        "recipient_phone": "138 1234 5678",
+        "address": "1 Century Ave, Pudong",
+        "lat": 31.23,
+        "lon": 121.54,
+    }
+    data.update(changes)
+    return data
+
+
+def test_intake_reports_each_item_at_its_index(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    response = client.post(
+        URL,
+        headers=auth.headers("manager1"),
+        json={
+            "parcels": [
+                item("RR473124829GB"),
+                item("RB123456786US"),  # wrong check digit
+                item("RB123456785XX"),  # unknown country
+                item("JA123456785GB"),  # reserved service indicator
+                item("EE471108151FR", service_class="teleport"),
+                item("SF1300000000001", recipient_phone="12"),
+                item("RB123456785GB", lat=None, lon=121.5),
+                "not an object",
+            ]
+        },
+    )
+    assert response.status_code == 200
+    body = response.get_json()
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(8))
+    assert results[0]["status"] == "created"
+    codes = [r.get("error", {}).get("code") for r in results]
+    assert codes[1:] == [
+        "invalid_check_digit",
+        "unknown_country_code",
+        "reserved_service_indicator",
+        "validation_error",
+        "invalid_phone",
+        "incomplete_location",
+        "validation_error",
+    ]
+    assert "service_class" in results[4]["error"]["errors"]
+    assert "tracking_no" in results[1]["error"]["errors"]
+    assert results[4]["tracking_no"] == "EE471108151FR"
+    assert body["counts"] == {"created": 1, "updated": 0, "unchanged": 0, "rejected": 7}
+    assert client.get(f"{URL}/RR473124829GB", headers=auth.headers("manager1")).status_code == 200
+
+
+def test_resending_is_unchanged_and_changes_are_updates(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    manager = auth.headers("manager1")
+    first = client.post(URL, headers=manager, json={"parcels": [item("RR473124829GB")]})
+    assert first.get_json()["counts"]["created"] == 1
+    again = client.post(
+        URL,
+        headers=manager,
+        json={
+            "parcels": [item("rr 473124829 gb"), item("RR473124829GB", address="2 Century Ave")]
+        },
+    )
+    statuses = [r["status"] for r in again.get_json()["results"]]
+    assert statuses == ["unchanged", "updated"]
+    parcel = client.get(f"{URL}/RR473124829GB", headers=manager).get_json()
+    assert parcel["address"] == "2 Century Ave"
+
+
+def test_manager_cannot_take_in_for_another_station(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    foreign = factories.parcel(session, world.other_station)
+    session.commit()
+    response = client.post(
+        URL,
+        headers=auth.headers("manager1"),
+        json={
+            "parcels": [
+                item("RR473124829GB", station="ST2"),
+                item(foreign.tracking_no),
+            ]
+        },
+    )
+    codes = [r["error"]["code"] for r in response.get_json()["results"]]
+    assert codes == ["station_forbidden", "parcel_at_other_station"]
+
+
+def test_integration_names_the_station(client: FlaskClient, world: World, auth: Auth) -> None:
+    integration = auth.headers("app1")
+    response = client.post(
+        URL,
+        headers=integration,
+        json={
+            "parcels": [
+                item("RR473124829GB", station="ST2"),
+                item("EE471108151FR"),
+                item("RB123456785GB", station="NOPE"),
+            ]
+        },
+    )
+    results = response.get_json()["results"]
+    assert results[0]["status"] == "created"
+    assert results[1]["error"]["code"] == "station_required"
+    assert results[2]["error"]["code"] == "station_not_found"
+
+
+def test_too_many_items_is_413_with_the_limit(
+    database_url: str, tmp_path: Path, connection, world: World
+) -> None:
+    from courier_api.extensions import db
+    from tests.conftest import Auth
+
+    app = make_test_app(database_url, tmp_path, MAX_PARCELS_PER_INTAKE=2)
+    db.bind_to_connection(app, connection)
+    client = app.test_client()
+    response = client.post(
+        URL,
+        headers=Auth(client).headers("admin"),
+        json={"parcels": [item(factories.s10(), station="ST1") for _ in range(3)]},
+    )
+    assert response.status_code == 413
+    body = response.get_json()
+    assert body["code"] == "payload_too_large"
+    assert "limit is 2" in body["message"]
+
+
+def test_empty_or_missing_list_is_422(client: FlaskClient, world: World, auth: Auth) -> None:
+    manager = auth.headers("manager1")
+    assert client.post(URL, headers=manager, json={"parcels": []}).status_code == 422
+    assert client.post(URL, headers=manager, json={}).status_code == 422
+
+
+def test_couriers_and_auditors_cannot_take_in(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    body = {"parcels": [item("RR473124829GB")]}
+    assert client.post(URL, json=body, headers=auth.headers("auditor1")).status_code == 403
+    assert (
+        client.post(URL, json=body, headers=auth.headers("courier1", "PDA-0001")).status_code
+        == 403
+    )
+
+
+def test_phone_is_masked_except_for_auditors(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    parcel = factories.parcel(session, world.station, phone="+8613812345678")
+    session.commit()
+    path = f"{URL}/{parcel.tracking_no}"
+    for username, device in (("manager1", None), ("courier1", "PDA-0001"), ("admin", None)):
+        shown = client.get(path, headers=auth.headers(username, device)).get_json()
+        assert shown["recipient_phone"] == "+86*******5678", username
+    audited = client.get(path, headers=auth.headers("auditor1")).get_json()
+    assert audited["recipient_phone"] == "+8613812345678"
+
+
+def test_parcel_lookup_errors(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    foreign = factories.parcel(session, world.other_station)
+    session.commit()
+    manager = auth.headers("manager1")
+    missing = client.get(f"{URL}/RR000000000GB", headers=manager)
+    assert missing.status_code == 404
+    assert missing.get_json()["code"] == "parcel_not_found"
+    assert client.get(f"{URL}/{foreign.tracking_no}", headers=manager).status_code == 403

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, redirect
 from swagger_ui_bundle import swagger_ui_path
 
 from courier_api.config import ensure_jwt_secret, load_config
@@ -56,6 +56,8 @@ def register_blueprints(app: Flask) -> None:
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)
     app.register_blueprint(docs_assets)
+    # A person opening the printed URL in a browser lands on the API docs.
+    app.add_url_rule("/", "index", lambda: redirect("/docs"))
 
 
 def register_errorhandlers(app: Flask) -> None:

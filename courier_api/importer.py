@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
-from courier_api.api.parcels.intake import take_in
+from courier_api.api.parcels.intake import take_in_and_commit
 from courier_api.api.parcels.schemas import ParcelIn, PerItemNested, RejectedItem
 from sync import directory
 from sync.errors import InvalidInput
@@ -58,8 +58,7 @@ def import_csv(
     loader = PerItemNested(ParcelIn)
 
     def flush() -> None:
-        rows = take_in(session=session, items=batch, scope=scope)
-        session.commit()
+        rows = take_in_and_commit(session=session, items=batch, scope=scope)
         for row in rows:
             outcome.counts[row["status"]] += 1
             if row["status"] == "rejected":

@@ -7,6 +7,7 @@ a token acceptable is decided here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,8 +18,13 @@ from sync.errors import AuthenticationFailed, InvalidInput, PermissionDenied
 
 PASSWORD_MIN_LENGTH = 8
 DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
-# Checked against when the username is unknown, so both failures cost the same time.
-_DUMMY_HASH = generate_password_hash("not-a-password", method="pbkdf2:sha256:1000")
+
+
+@cache
+def _dummy_hash(method: str) -> str:
+    """Checked against when the username is unknown, so that a wrong username costs
+    the same time as a wrong password and does not reveal which accounts exist."""
+    return generate_password_hash("not-the-password", method=method)
 
 
 def hash_password(password: str, *, method: str = DEFAULT_PASSWORD_HASH_METHOD) -> str:
@@ -38,12 +44,17 @@ class SignIn:
 
 
 def authenticate(
-    *, session: Session, username: str, password: str, device_id: str | None
+    *,
+    session: Session,
+    username: str,
+    password: str,
+    device_id: str | None,
+    password_hash_method: str = DEFAULT_PASSWORD_HASH_METHOD,
 ) -> SignIn:
     """Check a username and password, and for couriers the device they sign in with."""
     user = session.scalar(select(User).where(User.username == username.strip().lower()))
     if user is None:
-        check_password_hash(_DUMMY_HASH, password)
+        check_password_hash(_dummy_hash(password_hash_method), password)
         raise AuthenticationFailed("wrong username or password", code="invalid_credentials")
     if not check_password_hash(user.password_hash, password):
         raise AuthenticationFailed("wrong username or password", code="invalid_credentials")

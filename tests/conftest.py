@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from courier_api import create_app
 from courier_api.extensions import db
-from models import migrate
+from models import Base, migrate
 from models.engine import make_engine
 from tests import factories
 
@@ -50,7 +50,9 @@ def reset_database(engine: Engine) -> None:
 
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
+    # Deferred: the outer per-test transaction must not hold SQLite's write lock
+    # before the test writes, or the app's own engine (e.g. /readyz) would wait on it.
+    engine = make_engine(database_url, sqlite_begin="DEFERRED")
     reset_database(engine)
     migrate.upgrade(engine)
     yield engine
@@ -92,6 +94,20 @@ def app(database_url: str, connection: Connection, tmp_path: Path) -> Iterator[F
     db.bind_to_connection(app, connection)
     yield app
     db.engine_of(app).dispose()
+
+
+@pytest.fixture
+def committed_app(database_url: str, engine: Engine, tmp_path: Path) -> Iterator[Flask]:
+    """An app whose requests really commit, for tests of concurrent requests.
+
+    Every table is emptied afterwards so the rolled-back tests never see its rows.
+    """
+    app = make_test_app(database_url, tmp_path)
+    yield app
+    db.engine_of(app).dispose()
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
 
 
 @pytest.fixture

@@ -25,3 +25,9 @@ def test_readyz_is_503_on_an_unmigrated_database(tmp_path) -> None:
     assert response.status_code == 503
     assert body["status"] == "not_ready"
     assert body["migrations"]["current"] == []
+
+
+def test_root_sends_a_browser_to_the_docs(client: FlaskClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response.headers["Location"].endswith("/docs")

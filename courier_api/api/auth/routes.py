@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from flask.views import MethodView
 
 from courier_api.api.auth.schemas import RefreshRequest, TokenRequest, TokenResponse
@@ -47,6 +48,7 @@ class Token(MethodView):
             username=body["username"],
             password=body["password"],
             device_id=body.get("device_id"),
+            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
         )
         response = _token_response(sign_in.user, sign_in.device)
         db.session.commit()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flask import current_app
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from courier_api.api.parcels.schemas import RejectedItem
@@ -29,17 +30,35 @@ def intake_rules() -> IntakeRules:
     )
 
 
+def take_in_and_commit(
+    *, session: Session, items: Sequence[ParcelDraft | RejectedItem], scope: IntakeScope
+) -> list[dict[str, Any]]:
+    """``take_in`` and commit; retried once when a concurrent intake created the same parcel.
+
+    Two callers sending the same new tracking number race on its unique index:
+    the loser rolls back and runs again, now finding the parcel (``unchanged`` or
+    ``updated``) instead of failing its whole batch with a conflict.
+    """
+    for attempt in (1, 2):
+        try:
+            rows = take_in(session=session, items=items, scope=scope)
+            session.commit()
+            return rows
+        except IntegrityError:
+            session.rollback()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def take_in(
     *,
     session: Session,
     items: Sequence[ParcelDraft | RejectedItem],
     scope: IntakeScope,
-    index_offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the drafts through the domain rules; report shape errors in the same list."""
-    drafts = [
-        (i + index_offset, item) for i, item in enumerate(items) if isinstance(item, ParcelDraft)
-    ]
+    drafts = [(i, item) for i, item in enumerate(items) if isinstance(item, ParcelDraft)]
     by_index: dict[int, dict[str, Any]] = {
         result.index: result_row(result)
         for result in intake_parcels(
@@ -48,7 +67,7 @@ def take_in(
     }
     for i, item in enumerate(items):
         if isinstance(item, RejectedItem):
-            by_index[i + index_offset] = shape_error_row(i + index_offset, item)
+            by_index[i] = shape_error_row(i, item)
     return [by_index[i] for i in sorted(by_index)]
 
 

@@ -6,7 +6,7 @@ from flask import current_app
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
-from courier_api.api.parcels.intake import count_statuses, take_in
+from courier_api.api.parcels.intake import count_statuses, take_in_and_commit
 from courier_api.api.parcels.schemas import ParcelIntakeRequest, ParcelIntakeResponse, ParcelOut
 from courier_api.auth import current_principal, ensure_station_access
 from courier_api.extensions import db
@@ -46,8 +46,7 @@ class Parcels(MethodView):
             default_station_id=principal.station_id,
             allowed_station_ids=None if principal.can_access_station(None) else own_station,
         )
-        rows = take_in(session=db.session, items=items, scope=scope)
-        db.session.commit()
+        rows = take_in_and_commit(session=db.session, items=items, scope=scope)
         return {"results": rows, "counts": count_statuses(rows)}
 
 

@@ -29,9 +29,16 @@ def numbers(start: int, count: int) -> list[str]:
 
 
 def item(tracking_no: str) -> dict:
-    return {"tracking_no": tracking_no, "service_class": "parcel", "recipient_name": "Li Lei",
-            "recipient_phone": "13812345678", "address": "1 Century Ave", "lat": 31.2,
-            "lon": 121.5, "station": "BENCH"}
+    return {
+        "tracking_no": tracking_no,
+        "service_class": "parcel",
+        "recipient_name": "Li Lei",
+        "recipient_phone": "13812345678",
+        "address": "1 Century Ave",
+        "lat": 31.2,
+        "lon": 121.5,
+        "station": "BENCH",
+    }
 
 
 def main() -> None:
@@ -42,8 +49,15 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp())
     url = args.database_url or f"sqlite:///{scratch / 'bench.db'}"
-    app = create_app({"APP_ENV": "testing", "DATABASE_URL": url, "JWT_SECRET": "b" * 40,
-                      "INSTANCE_PATH": str(scratch), "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"})
+    app = create_app(
+        {
+            "APP_ENV": "testing",
+            "DATABASE_URL": url,
+            "JWT_SECRET": "b" * 40,
+            "INSTANCE_PATH": str(scratch),
+            "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
+        }
+    )
     engine = db.engine_of(app)
     if engine.dialect.name == "postgresql":
         with engine.begin() as connection:
@@ -54,13 +68,19 @@ def main() -> None:
         station = Station(code="BENCH", name="Bench", timezone="UTC")
         db.session.add(station)
         db.session.flush()
-        db.session.add(User(username="bench", role=Role.ADMIN, password_hash=hash_password(
-            "bench-password", method="pbkdf2:sha256:1000")))
+        db.session.add(
+            User(
+                username="bench",
+                role=Role.ADMIN,
+                password_hash=hash_password("bench-password", method="pbkdf2:sha256:1000"),
+            )
+        )
         db.session.commit()
         station_id = station.id
     client = app.test_client()
-    token = client.post("/api/v1/auth/token", json={"username": "bench",
-                                                    "password": "bench-password"}).get_json()
+    token = client.post(
+        "/api/v1/auth/token", json={"username": "bench", "password": "bench-password"}
+    ).get_json()
     headers = {"Authorization": f"Bearer {token['access_token']}"}
 
     api_new, api_again, raw = [], [], []
@@ -76,10 +96,19 @@ def main() -> None:
         api_again.append(time.perf_counter() - started)
         assert response.get_json()["counts"]["unchanged"] == args.items
 
-        rows = [{"tracking_no": n.replace("GB", "FR"), "station_id": station_id,
-                 "service_class": ServiceClass.PARCEL, "recipient_name": "Li Lei",
-                 "recipient_phone": "+8613812345678", "address": "1 Century Ave",
-                 "lat": 31.2, "lon": 121.5} for n in batch]
+        rows = [
+            {
+                "tracking_no": n.replace("GB", "FR"),
+                "station_id": station_id,
+                "service_class": ServiceClass.PARCEL,
+                "recipient_name": "Li Lei",
+                "recipient_phone": "+8613812345678",
+                "address": "1 Century Ave",
+                "lat": 31.2,
+                "lon": 121.5,
+            }
+            for n in batch
+        ]
         started = time.perf_counter()
         with engine.begin() as connection:
             connection.execute(insert(Parcel), rows)
@@ -88,8 +117,10 @@ def main() -> None:
     def rate(seconds: list[float]) -> float:
         return args.items / statistics.median(seconds)
 
-    print(f"backend: {engine.dialect.name}; {args.items} items per call; "
-          f"median of {args.rounds} rounds")
+    print(
+        f"backend: {engine.dialect.name}; {args.items} items per call; "
+        f"median of {args.rounds} rounds"
+    )
     print(f"  API intake, new parcels:      {rate(api_new):9.0f} parcels/s")
     print(f"  API intake, re-sent unchanged: {rate(api_again):9.0f} parcels/s")
     print(f"  raw Core insert, same rows:    {rate(raw):9.0f} rows/s")

@@ -41,10 +41,17 @@ class Principal:
     station_id: int | None
     device_id: str | None
 
+    @property
+    def is_cross_station(self) -> bool:
+        return self.role in CROSS_STATION_ROLES
+
     def can_access_station(self, station_id: int | None) -> bool:
-        return self.role in CROSS_STATION_ROLES or (
-            station_id is not None and station_id == self.station_id
-        )
+        return self.is_cross_station or (station_id is not None and station_id == self.station_id)
+
+    def station_filter(self, requested: int | None) -> int | None:
+        """The station a listing is limited to: a station-bound caller's own, whatever
+        they asked for; for cross-station roles, what they asked (``None``: all)."""
+        return requested if self.is_cross_station else self.station_id
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -44,8 +47,17 @@ def register_commands(app: Flask) -> None:
         app.cli.add_command(command)
 
 
-def fail_on_domain_error(error: DomainError) -> click.ClickException:
-    return click.ClickException(error.message)
+def domain_errors_as_messages(command: Callable[..., None]) -> Callable[..., None]:
+    """A domain error ends a command with its message (exit status 1), not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except DomainError as error:
+            raise click.ClickException(error.message) from None
+
+    return wrapper
 
 
 # -- db ---------------------------------------------------------------------------------------
@@ -98,14 +110,10 @@ def _safe_url() -> str:
 @click.option("--name", required=True)
 @click.option("--timezone", default="UTC", show_default=True, help="IANA zone")
 @with_appcontext
+@domain_errors_as_messages
 def create_station(code: str, name: str, timezone: str) -> None:
     """Create a station with CODE."""
-    try:
-        station = directory.create_station(
-            session=db.session, code=code, name=name, timezone=timezone
-        )
-    except DomainError as error:
-        raise fail_on_domain_error(error) from None
+    station = directory.create_station(session=db.session, code=code, name=name, timezone=timezone)
     db.session.commit()
     click.echo(f"station {station.code} created (id {station.id})")
 
@@ -117,6 +125,7 @@ def create_station(code: str, name: str, timezone: str) -> None:
 @click.option("--full-name", default="")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input")
 @with_appcontext
+@domain_errors_as_messages
 def create_user(
     username: str, role: str, station_code: str | None, full_name: str, password_stdin: bool
 ) -> None:
@@ -125,23 +134,20 @@ def create_user(
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = click.prompt("password", hide_input=True, confirmation_prompt=True)
-    try:
-        station = (
-            directory.get_station_by_code(session=db.session, code=station_code)
-            if station_code
-            else None
-        )
-        user = directory.create_user(
-            session=db.session,
-            username=username,
-            role=Role(role),
-            station=station,
-            password=password,
-            full_name=full_name,
-            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
-        )
-    except DomainError as error:
-        raise fail_on_domain_error(error) from None
+    station = (
+        directory.get_station_by_code(session=db.session, code=station_code)
+        if station_code
+        else None
+    )
+    user = directory.create_user(
+        session=db.session,
+        username=username,
+        role=Role(role),
+        station=station,
+        password=password,
+        full_name=full_name,
+        password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
+    )
     db.session.commit()
     click.echo(f"user {user.username} created ({user.role.value}, id {user.id})")
 
@@ -150,15 +156,11 @@ def create_user(
 @click.argument("device_id")
 @click.option("--station", "station_code", required=True, help="Station code")
 @with_appcontext
+@domain_errors_as_messages
 def register_device(device_id: str, station_code: str) -> None:
     """Register the PDA DEVICE_ID at a station."""
-    try:
-        station = directory.get_station_by_code(session=db.session, code=station_code)
-        device = directory.register_device(
-            session=db.session, device_id=device_id, station=station
-        )
-    except DomainError as error:
-        raise fail_on_domain_error(error) from None
+    station = directory.get_station_by_code(session=db.session, code=station_code)
+    device = directory.register_device(session=db.session, device_id=device_id, station=station)
     db.session.commit()
     click.echo(f"device {device.id} registered at {station.code}")
 
@@ -167,13 +169,11 @@ def register_device(device_id: str, station_code: str) -> None:
 @click.argument("device_id")
 @click.option("--lost", is_flag=True, help="Report it lost rather than retired")
 @with_appcontext
+@domain_errors_as_messages
 def retire_device(device_id: str, lost: bool) -> None:
     """Retire DEVICE_ID (or report it lost); its tokens stop working at once."""
     status = DeviceStatus.LOST if lost else DeviceStatus.RETIRED
-    try:
-        device = directory.get_device(session=db.session, device_id=device_id)
-    except DomainError as error:
-        raise fail_on_domain_error(error) from None
+    device = directory.get_device(session=db.session, device_id=device_id)
     directory.set_device_status(session=db.session, device=device, status=status)
     db.session.commit()
     click.echo(f"device {device.id} is now {status.value}")
@@ -223,6 +223,7 @@ def seed_demo(if_empty: bool) -> None:
 @click.option("--station", "station_code", help="Station code for rows without one")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 5000))
 @with_appcontext
+@domain_errors_as_messages
 def import_parcels(
     csv_file: click.utils.LazyFile, station_code: str | None, batch_size: int
 ) -> None:
@@ -234,16 +235,13 @@ def import_parcels(
     """
     from courier_api.importer import import_csv
 
-    try:
-        outcome = import_csv(
-            csv_file,
-            session=db.session,
-            default_station=station_code,
-            batch_size=batch_size,
-            progress=lambda line: click.echo(line, err=True),
-        )
-    except DomainError as error:
-        raise fail_on_domain_error(error) from None
+    outcome = import_csv(
+        csv_file,
+        session=db.session,
+        default_station=station_code,
+        batch_size=batch_size,
+        progress=lambda line: click.echo(line, err=True),
+    )
     click.echo(outcome.summary())
     if outcome.rejected:
         sys.exit(1)

@@ -33,10 +33,7 @@ class Devices(MethodView):
 
         Managers see the devices of their own station whatever `station_id` says.
         """
-        principal = current_principal()
-        station_id = args.get("station_id")
-        if not principal.can_access_station(None):
-            station_id = principal.station_id
+        station_id = current_principal().station_filter(args.get("station_id"))
         devices = directory.list_devices(
             session=db.session,
             station_id=station_id,

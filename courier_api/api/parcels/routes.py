@@ -41,10 +41,11 @@ class Parcels(MethodView):
                 f"{len(items)} parcels in one call; the limit is {limit}", field="parcels"
             )
         principal = current_principal()
-        own_station = frozenset({principal.station_id}) if principal.station_id else None
         scope = IntakeScope(
             default_station_id=principal.station_id,
-            allowed_station_ids=None if principal.can_access_station(None) else own_station,
+            allowed_station_ids=None
+            if principal.is_cross_station
+            else frozenset({principal.station_id}),
         )
         rows = take_in_and_commit(session=db.session, items=items, scope=scope)
         return {"results": rows, "counts": count_statuses(rows)}

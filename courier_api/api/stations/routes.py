@@ -32,10 +32,11 @@ class Stations(MethodView):
         Couriers and managers see their own station; admins, auditors and
         integrations see all.
         """
-        principal = current_principal()
-        own = None if principal.can_access_station(None) else principal.station_id
         stations = directory.list_stations(
-            session=db.session, station_id=own, after_id=args["after"], limit=args["limit"]
+            session=db.session,
+            station_id=current_principal().station_filter(None),
+            after_id=args["after"],
+            limit=args["limit"],
         )
         return keyset_page(stations, args["limit"], key=lambda s: s.id)
 

@@ -27,10 +27,7 @@ class Users(MethodView):
 
         Managers see the users of their own station whatever `station_id` says.
         """
-        principal = current_principal()
-        station_id = args.get("station_id")
-        if not principal.can_access_station(None):
-            station_id = principal.station_id
+        station_id = current_principal().station_filter(args.get("station_id"))
         users = directory.list_users(
             session=db.session,
             station_id=station_id,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, FlaskGroup, with_appcontext
+from flask.cli import AppGroup, FlaskGroup, ScriptInfo, pass_script_info, with_appcontext
 
 from courier_api.extensions import db
 from models import DeviceStatus, Role
@@ -20,6 +20,9 @@ from sync.errors import DomainError
 
 def main() -> None:
     cli = FlaskGroup(create_app=_create_app, help="Courier field API.")
+    # On the group itself, not app.cli: Flask pushes an app context around every
+    # app.cli command, and a server must not run inside one (see serve()).
+    cli.add_command(serve)
     cli.main(prog_name="courier-api")
 
 
@@ -40,7 +43,6 @@ def register_commands(app: Flask) -> None:
         create_user,
         register_device,
         retire_device,
-        serve,
         seed_demo,
         import_parcels,
     ):
@@ -186,18 +188,19 @@ def retire_device(device_id: str, lost: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
-@with_appcontext
-def serve(host: str, port: int, workers: int) -> None:
-    """Serve the API with gunicorn."""
+@pass_script_info
+def serve(info: ScriptInfo, host: str, port: int, workers: int) -> None:
+    """Serve the API with gunicorn.
+
+    Not an ``app.cli`` command: Flask pushes a new app context (and so a new
+    database session) for a request only when none is active, and the context
+    Flask's CLI pushes around its commands would be shared by every request.
+    """
     from courier_api.serve import serve as run_gunicorn
 
+    app = info.load_app()
     click.echo(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
-    run_gunicorn(
-        current_app._get_current_object(),
-        host=host,
-        port=port,  # type: ignore[attr-defined]
-        workers=workers,
-    )
+    run_gunicorn(app, host=host, port=port, workers=workers)
 
 
 @click.command("seed-demo")

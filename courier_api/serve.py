@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+from flask import Flask, has_app_context
 from gunicorn.app.base import BaseApplication
 
 
@@ -37,7 +37,14 @@ def serve(app: Flask, *, host: str, port: int, workers: int, timeout: int = 60) 
 
 
 def _forget_parent_connections(app: Flask) -> None:
-    """Each worker opens its own database connections, never the master's."""
+    """Each worker opens its own database connections, never the master's.
+
+    A worker must start with no app context: requests would share its ``g`` and
+    database session (holding SQLite's write lock, or a failed PostgreSQL
+    transaction) instead of getting one each.
+    """
     from courier_api.extensions import db
 
+    if has_app_context():
+        raise RuntimeError("gunicorn worker started inside a Flask app context")
     db.engine_of(app).dispose(close=False)

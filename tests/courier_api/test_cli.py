@@ -1,8 +1,10 @@
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -151,7 +153,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_runs_gunicorn_and_answers_healthz(tmp_path: Path) -> None:
+def _call(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else None)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_served_app_isolates_requests_and_revokes_a_retired_device(tmp_path: Path) -> None:
+    """Through gunicorn, as deployed: sessions must not outlive their request.
+
+    Authenticated reads on both workers, then readiness, then the CLI retiring the
+    device while the server runs, then the device's token is refused. A session
+    shared across requests holds SQLite's write lock and fails this test.
+    """
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
@@ -164,26 +184,54 @@ def test_serve_runs_gunicorn_and_answers_healthz(tmp_path: Path) -> None:
         [*cli, "db", "upgrade"], env=env, check=True, capture_output=True, text=True
     )
     assert "created a development secret" in upgrade.stderr
+    subprocess.run([*cli, "seed-demo"], env=env, check=True, capture_output=True)
     port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    server_log = log_path.open("w")
     server = subprocess.Popen(
-        [*cli, "serve", "--port", str(port), "--workers", "1"],
+        [*cli, "serve", "--port", str(port), "--workers", "2"],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=server_log,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         deadline = time.monotonic() + 20
-        body = None
-        while time.monotonic() < deadline and body is None:
+        while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    body = r.read().decode()
+                if _call(f"{base}/healthz")[0] == 200:
+                    break
             except OSError:
                 time.sleep(0.2)
-        assert body is not None and '"ready"' in body
+        status, tokens = _call(
+            f"{base}/api/v1/auth/token",
+            {
+                "username": "courier1",
+                "password": PASSWORDS[Role.COURIER],
+                "device_id": ACTIVE_DEVICES[0],
+            },
+        )
+        assert status == 200, tokens
+        token = tokens["access_token"]
+        for _ in range(6):
+            assert _call(f"{base}/api/v1/stations", token=token)[0] == 200
+        assert _call(f"{base}/api/v1/stations/424242", token=token)[0] in (403, 404)
+        assert _call(f"{base}/readyz")[0] == 200
+        retire = subprocess.run(
+            [*cli, "retire-device", ACTIVE_DEVICES[0]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert retire.returncode == 0, retire.stderr
+        refused = [_call(f"{base}/api/v1/stations", token=token) for _ in range(4)]
+        assert {status for status, _ in refused} == {401}
+        assert {body["code"] for _, body in refused} == {"device_not_active"}
     finally:
         server.terminate()
-        output = server.communicate(timeout=20)[0]
+        server.wait(timeout=20)
+        server_log.close()
+    output = log_path.read_text()
     assert f"serving on http://127.0.0.1:{port}/" in output
     assert (tmp_path / "instance" / "jwt-secret").stat().st_mode & 0o777 == 0o600

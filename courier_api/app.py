@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, Flask, redirect
 from swagger_ui_bundle import swagger_ui_path
 
+from courier_api.api.fields import IdConverter, id_converter_schema
 from courier_api.config import ensure_jwt_secret, load_config
 
 API_TITLE = "Courier field API"
@@ -43,7 +44,9 @@ def register_extensions(app: Flask) -> None:
     from courier_api.extensions import api, db
 
     db.init_app(app)
+    app.url_map.converters["id"] = IdConverter
     api.init_app(app)
+    api.register_converter(IdConverter, id_converter_schema)
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     )

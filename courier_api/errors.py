@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Flask, current_app, jsonify
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from sync.errors import (
@@ -118,6 +118,19 @@ def handle_integrity_error(error: IntegrityError) -> ResponseReturnValue:
     return jsonify(body), 409
 
 
+def handle_data_error(error: DataError) -> ResponseReturnValue:
+    """A value the database cannot store. Input validation should have said so first:
+    this is the safety net that keeps it a 422 (and logged) rather than a 500."""
+    from courier_api.extensions import db
+
+    db.session.rollback()
+    log.warning("database refused a value, answered with 422: %s", error.orig)
+    body = error_body(
+        422, code="invalid_value", message="a value is out of range or cannot be stored"
+    )
+    return jsonify(body), 422
+
+
 def handle_database_unavailable(error: OperationalError) -> ResponseReturnValue:
     from courier_api.extensions import db
 
@@ -133,4 +146,5 @@ def register_errorhandlers(app: Flask) -> None:
     """HTTP exceptions go through ``CourierApi.handle_http_exception``; these add the rest."""
     app.register_error_handler(DomainError, handle_domain_error)
     app.register_error_handler(IntegrityError, handle_integrity_error)
+    app.register_error_handler(DataError, handle_data_error)
     app.register_error_handler(OperationalError, handle_database_unavailable)

@@ -1,25 +1,27 @@
 import marshmallow as ma
 
+from courier_api.api.fields import Text
+
 
 class TokenRequest(ma.Schema):
-    username = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=64))
-    password = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=256))
-    device_id = ma.fields.String(
+    username = Text(required=True, validate=ma.validate.Length(min=1, max=64))
+    password = Text(required=True, validate=ma.validate.Length(min=1, max=256))
+    device_id = Text(
         validate=ma.validate.Length(min=1, max=64),
         metadata={"description": "Required for couriers: the PDA they sign in with"},
     )
 
 
 class RefreshRequest(ma.Schema):
-    refresh_token = ma.fields.String(required=True)
+    refresh_token = Text(required=True)
 
 
 class TokenResponse(ma.Schema):
-    access_token = ma.fields.String(required=True)
-    refresh_token = ma.fields.String(required=True)
-    token_type = ma.fields.String(required=True, metadata={"example": "Bearer"})
+    access_token = Text(required=True)
+    refresh_token = Text(required=True)
+    token_type = Text(required=True, metadata={"example": "Bearer"})
     expires_in = ma.fields.Integer(required=True, metadata={"description": "Seconds"})
     refresh_expires_in = ma.fields.Integer(required=True, metadata={"description": "Seconds"})
-    role = ma.fields.String(required=True)
+    role = Text(required=True)
     station_id = ma.fields.Integer(allow_none=True)
-    device_id = ma.fields.String(allow_none=True)
+    device_id = Text(allow_none=True)

@@ -1,11 +1,12 @@
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
+from courier_api.api.fields import Id, Text
 from models import DeviceStatus
 
 
 class DeviceOut(ma.Schema):
-    id = ma.fields.String(required=True)
+    id = Text(required=True)
     station_id = ma.fields.Integer(required=True)
     status = ma.fields.Enum(DeviceStatus, by_value=True, required=True)
     last_seen_at = ma.fields.AwareDateTime(allow_none=True, required=True)
@@ -14,10 +15,8 @@ class DeviceOut(ma.Schema):
 
 
 class DeviceCreate(ma.Schema):
-    device_id = ma.fields.String(required=True, metadata={"example": "PDA-0042"})
-    station_id = ma.fields.Integer(
-        metadata={"description": "Defaults to the manager's own station"}
-    )
+    device_id = Text(required=True, metadata={"example": "PDA-0042"})
+    station_id = Id(metadata={"description": "Defaults to the manager's own station"})
 
 
 class DeviceUpdate(ma.Schema):
@@ -25,11 +24,11 @@ class DeviceUpdate(ma.Schema):
 
 
 class DeviceListArgs(PageArgs):
-    station_id = ma.fields.Integer()
+    station_id = Id()
     status = ma.fields.Enum(DeviceStatus, by_value=True)
-    after = ma.fields.String(load_default="", metadata={"description": "Last device id seen"})
+    after = Text(load_default="", metadata={"description": "Last device id seen"})
 
 
 class DevicePage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(DeviceOut), required=True)
-    next_after = ma.fields.String(allow_none=True, required=True)
+    next_after = Text(allow_none=True, required=True)

@@ -5,6 +5,7 @@ from typing import Any
 
 import marshmallow as ma
 
+from courier_api.api.fields import Text
 from models import ServiceClass
 from sync.parcels import ParcelDraft
 
@@ -18,22 +19,22 @@ class RejectedItem:
 
 
 class ParcelIn(ma.Schema):
-    tracking_no = ma.fields.String(
+    tracking_no = Text(
         required=True,
         validate=ma.validate.Length(min=1, max=40),
         metadata={"description": "UPU S10 (e.g. RR473124829GB) or a domestic format"},
     )
     service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
-    recipient_name = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=200))
-    recipient_phone = ma.fields.String(
+    recipient_name = Text(required=True, validate=ma.validate.Length(min=1, max=200))
+    recipient_phone = Text(
         allow_none=True,
         validate=ma.validate.Length(max=40),
         metadata={"description": "Normalised to E.164; without '+' read in DEFAULT_PHONE_REGION"},
     )
-    address = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=2000))
+    address = Text(required=True, validate=ma.validate.Length(min=1, max=2000))
     lat = ma.fields.Float(allow_none=True, validate=ma.validate.Range(min=-90, max=90))
     lon = ma.fields.Float(allow_none=True, validate=ma.validate.Range(min=-180, max=180))
-    station = ma.fields.String(
+    station = Text(
         allow_none=True,
         metadata={"description": "Station code; defaults to the caller's own station"},
     )
@@ -63,15 +64,15 @@ class ParcelIntakeRequest(ma.Schema):
 
 
 class ItemError(ma.Schema):
-    code = ma.fields.String(required=True)
-    message = ma.fields.String(required=True)
+    code = Text(required=True)
+    message = Text(required=True)
     errors = ma.fields.Dict()
 
 
 class IntakeItemResult(ma.Schema):
     index = ma.fields.Integer(required=True, metadata={"description": "Position in the request"})
-    tracking_no = ma.fields.String(allow_none=True, required=True)
-    status = ma.fields.String(
+    tracking_no = Text(allow_none=True, required=True)
+    status = Text(
         required=True, metadata={"enum": ["created", "updated", "unchanged", "rejected"]}
     )
     error = ma.fields.Nested(ItemError)
@@ -90,14 +91,14 @@ class ParcelIntakeResponse(ma.Schema):
 
 
 class ParcelOut(ma.Schema):
-    tracking_no = ma.fields.String(required=True)
+    tracking_no = Text(required=True)
     service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
     station_id = ma.fields.Integer(required=True)
-    recipient_name = ma.fields.String(required=True)
-    recipient_phone = ma.fields.String(
+    recipient_name = Text(required=True)
+    recipient_phone = Text(
         allow_none=True, required=True, metadata={"description": "Masked except for auditors"}
     )
-    address = ma.fields.String(required=True)
+    address = Text(required=True)
     lat = ma.fields.Float(allow_none=True, required=True)
     lon = ma.fields.Float(allow_none=True, required=True)
     created_at = ma.fields.AwareDateTime(required=True)

@@ -51,7 +51,7 @@ class Stations(MethodView):
         return station
 
 
-@blp.route("/<int:station_id>")
+@blp.route("/<id:station_id>")
 class StationById(MethodView):
     @blp.auth()
     @blp.response(200, StationOut)

@@ -1,29 +1,30 @@
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Text
 
 
 class StationOut(ma.Schema):
     id = ma.fields.Integer(required=True)
-    code = ma.fields.String(required=True)
-    name = ma.fields.String(required=True)
-    timezone = ma.fields.String(required=True)
+    code = Text(required=True)
+    name = Text(required=True)
+    timezone = Text(required=True)
     created_at = ma.fields.AwareDateTime(required=True)
 
 
 class StationCreate(ma.Schema):
-    code = ma.fields.String(required=True, metadata={"example": "SH-PD-01"})
-    name = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=200))
-    timezone = ma.fields.String(load_default="UTC", metadata={"example": "Asia/Shanghai"})
+    code = Text(required=True, metadata={"example": "SH-PD-01"})
+    name = Text(required=True, validate=ma.validate.Length(min=1, max=200))
+    timezone = Text(load_default="UTC", metadata={"example": "Asia/Shanghai"})
 
 
 class StationUpdate(ma.Schema):
-    name = ma.fields.String(validate=ma.validate.Length(min=1, max=200))
-    timezone = ma.fields.String()
+    name = Text(validate=ma.validate.Length(min=1, max=200))
+    timezone = Text()
 
 
 class StationListArgs(PageArgs):
-    after = ma.fields.Integer(load_default=0, metadata={"description": "Last station id seen"})
+    after = After()
 
 
 class StationPage(ma.Schema):

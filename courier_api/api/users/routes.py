@@ -63,7 +63,7 @@ class Users(MethodView):
         return user
 
 
-@blp.route("/<int:user_id>")
+@blp.route("/<id:user_id>")
 class UserById(MethodView):
     @blp.auth(*READERS)
     @blp.response(200, UserOut)

@@ -1,0 +1,52 @@
+"""Input fields that refuse, with a clear 422, values the database would refuse with a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from werkzeug.routing import IntegerConverter, Map
+
+# Our integer keys are 32-bit; larger numbers overflow SQLite's and PostgreSQL's integers.
+MAX_ID = 2**31 - 1
+
+
+class Text(ma.fields.String):
+    """A string without NUL characters: PostgreSQL cannot store them and no field needs one."""
+
+    default_error_messages = {"nul": "must not contain NUL characters"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text: str = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise self.make_error("nul")
+        return text
+
+
+class Id(ma.fields.Integer):
+    """A row id: a positive 32-bit integer."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("validate", ma.validate.Range(min=1, max=MAX_ID))
+        super().__init__(**kwargs)
+
+
+class After(ma.fields.Integer):
+    """Keyset cursor over integer ids: the last id seen, 0 for the first page."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("load_default", 0)
+        kwargs.setdefault("validate", ma.validate.Range(min=0, max=MAX_ID))
+        kwargs.setdefault("metadata", {"description": "Last id of the previous page"})
+        super().__init__(**kwargs)
+
+
+class IdConverter(IntegerConverter):
+    """``<id:name>`` in routes: out-of-range numbers are a 404, never a database error."""
+
+    def __init__(self, map: Map) -> None:
+        super().__init__(map, min=1, max=MAX_ID)
+
+
+def id_converter_schema(_converter: IdConverter) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 1, "maximum": MAX_ID}

@@ -18,6 +18,7 @@ from sync.parcels import IntakeScope, ParcelDraft
 
 REQUIRED_COLUMNS = ("tracking_no", "service_class", "recipient_name", "address")
 OPTIONAL_COLUMNS = ("recipient_phone", "lat", "lon", "station")
+EXTRA_FIELDS = "\x00extra"  # DictReader's key for fields beyond the header
 
 
 @dataclass
@@ -44,7 +45,9 @@ def import_csv(
     batch_size: int,
     progress: Callable[[str], None],
 ) -> ImportOutcome:
-    reader = csv.DictReader(handle)
+    reader = csv.DictReader(handle, restkey=EXTRA_FIELDS, skipinitialspace=True)
+    if reader.fieldnames is not None:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
     _check_header(reader.fieldnames)
     station_id = (
         directory.get_station_by_code(session=session, code=default_station).id
@@ -70,18 +73,35 @@ def import_csv(
         line_numbers.clear()
 
     for record in reader:
-        cleaned = {
-            key: value.strip()
-            for key, value in record.items()
-            if key is not None and value is not None and value.strip() != ""
-        }
-        batch.append(loader.deserialize(cleaned))
+        batch.append(_load_row(record, loader))
         line_numbers.append(reader.line_num)
         if len(batch) >= batch_size:
             flush()
     if batch:
         flush()
     return outcome
+
+
+def _load_row(record: dict[str, Any], loader: PerItemNested) -> ParcelDraft | RejectedItem:
+    """One CSV row as an intake item; a row with more fields than the header is
+    refused whole (an unquoted comma in an address would otherwise cut it short)."""
+    extra = record.pop(EXTRA_FIELDS, None)
+    if extra:
+        return RejectedItem(
+            raw=record,
+            messages={
+                "_row": [
+                    f"{len(extra)} more field(s) than the header; quote values that contain commas"
+                ]
+            },
+        )
+    cleaned = {
+        key: value.strip()
+        for key, value in record.items()
+        if value is not None and value.strip() != ""
+    }
+    loaded: ParcelDraft | RejectedItem = loader.deserialize(cleaned)
+    return loaded
 
 
 def _check_header(fieldnames: Any) -> None:

@@ -10,6 +10,7 @@ beginning with J, K, S, T or W are reserved by the UPU and never issued.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ import pycountry
 
 from sync.errors import InvalidInput
 
-S10_SHAPE = re.compile(r"^([A-Z]{2})(\d{8})(\d)([A-Z]{2})$")
+# re.ASCII: without it \d also matches Arabic-Indic and other Unicode digits.
+S10_SHAPE = re.compile(r"^([A-Z]{2})(\d{8})(\d)([A-Z]{2})$", re.ASCII)
 S10_WEIGHTS = (8, 6, 4, 2, 3, 5, 9, 7)
 RESERVED_SERVICE_INDICATOR_LETTERS = frozenset("JKSTW")
 DEFAULT_DOMESTIC_PATTERNS = (r"[A-Z]{0,4}\d{10,20}",)
@@ -34,8 +36,12 @@ def s10_check_digit(serial: str) -> int:
 
 
 def normalize(tracking_no: str) -> str:
-    """Upper case, without the spaces and dashes people type or print on labels."""
-    return re.sub(r"[\s-]", "", tracking_no).upper()
+    """Upper case, without the spaces and dashes people type or print on labels.
+
+    NFKC first, so full-width characters from East Asian input methods
+    (``ＲＲ４７３…``) become the ASCII number they stand for.
+    """
+    return re.sub(r"[\s-]", "", unicodedata.normalize("NFKC", tracking_no)).upper()
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class TrackingNumberPolicy:
         compiled = []
         for pattern in patterns:
             try:
-                compiled.append(re.compile(pattern))
+                compiled.append(re.compile(pattern, re.ASCII))
             except re.error as exc:
                 raise ValueError(f"invalid domestic tracking pattern {pattern!r}: {exc}") from exc
         return cls(tuple(compiled))

@@ -235,3 +235,22 @@ def test_served_app_isolates_requests_and_revokes_a_retired_device(tmp_path: Pat
     output = log_path.read_text()
     assert f"serving on http://127.0.0.1:{port}/" in output
     assert (tmp_path / "instance" / "jwt-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_import_parcels_refuses_rows_longer_than_the_header(
+    runner: FlaskCliRunner, world: World, session: Session, tmp_path: Path
+) -> None:
+    """An unquoted comma in an address must not silently cut the address short."""
+    csv_file = tmp_path / "commas.csv"
+    csv_file.write_text(
+        "tracking_no, service_class, recipient_name, address\n"
+        "EE471108151FR, parcel, Li Lei, 12 Century Ave, Pudong\n"
+        'RR473124829GB, parcel, Li Lei, "12 Century Ave, Pudong"\n'
+    )
+    result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
+    assert result.exit_code == 1, result.output
+    assert "line 2: EE471108151FR: _row: 1 more field(s) than the header" in result.output
+    assert "1 created" in result.output and "1 rejected" in result.output
+    stored = session.scalar(select(Parcel).where(Parcel.tracking_no == "RR473124829GB"))
+    assert stored is not None and stored.address == "12 Century Ave, Pudong"
+    assert session.scalar(select(Parcel).where(Parcel.tracking_no == "EE471108151FR")) is None

@@ -77,3 +77,14 @@ def test_domestic_patterns_are_configurable() -> None:
 def test_a_broken_pattern_is_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="invalid domestic tracking pattern"):
         TrackingNumberPolicy.from_patterns(["(unclosed"])
+
+
+def test_full_width_input_becomes_the_ascii_number() -> None:
+    assert policy.validate("ＲＲ４７３１２４８２９ＧＢ") == "RR473124829GB"
+    assert policy.validate("ＳＦ１３０００００００００１") == "SF130000000001"
+
+
+@pytest.mark.parametrize("number", ["RR٤٧٣١٢٤٨٢٩GB", "SF١٣٠٠٠٠٠٠٠٠٠٠١"])
+def test_non_ascii_digits_are_not_digits_of_a_tracking_number(number: str) -> None:
+    with pytest.raises(InvalidInput):
+        policy.validate(number)

@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
-PG_TEST_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
 .PHONY: install run test test-sqlite test-postgres lint openapi clean
 
@@ -22,14 +21,16 @@ run: install
 	$(BIN)/courier-api seed-demo --if-empty
 	$(BIN)/courier-api serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-# SQLite always; PostgreSQL when TEST_DATABASE_URL is set or 127.0.0.1:5432 answers.
+# SQLite always; then PostgreSQL: TEST_DATABASE_URL when set (and then it must work),
+# else the database courier_api_test on 127.0.0.1:5432, created if missing, when it answers.
 test: install
 	@$(MAKE) --no-print-directory test-sqlite
-	@if [ -n "$${TEST_DATABASE_URL:-}" ] || $(BIN)/python -c \
-	    "import socket; socket.create_connection(('127.0.0.1', 5432), 1).close()" 2>/dev/null; then \
+	@if [ -n "$${TEST_DATABASE_URL:-}" ]; then \
 	  $(MAKE) --no-print-directory test-postgres; \
+	elif url="$$($(BIN)/python -m tests.pg_database)"; then \
+	  TEST_DATABASE_URL="$$url" $(MAKE) --no-print-directory test-postgres; \
 	else \
-	  echo "== PostgreSQL pass skipped: TEST_DATABASE_URL is unset and 127.0.0.1:5432 does not answer =="; \
+	  echo "== PostgreSQL pass skipped (set TEST_DATABASE_URL to run it) =="; \
 	fi
 
 test-sqlite: install
@@ -37,8 +38,9 @@ test-sqlite: install
 	env -u TEST_DATABASE_URL $(BIN)/pytest $(PYTEST_ARGS)
 
 test-postgres: install
-	@echo "== tests on PostgreSQL: $${TEST_DATABASE_URL:-$(PG_TEST_URL)} =="
-	TEST_DATABASE_URL="$${TEST_DATABASE_URL:-$(PG_TEST_URL)}" $(BIN)/pytest $(PYTEST_ARGS)
+	@test -n "$${TEST_DATABASE_URL:-}" || { echo "set TEST_DATABASE_URL" >&2; exit 2; }
+	@echo "== tests on PostgreSQL: $${TEST_DATABASE_URL} =="
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

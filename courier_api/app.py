@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, redirect
 from swagger_ui_bundle import swagger_ui_path
 
 from courier_api.api.fields import IdConverter, id_converter_schema
-from courier_api.config import ensure_jwt_secret, load_config
+from courier_api.config import ensure_jwt_secret, load_config, validate_config
 
 API_TITLE = "Courier field API"
 
@@ -28,6 +28,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.instance_path = str(instance_path)
     app.config.update(load_config(os.environ, instance_path))
     app.config.update(overrides or {})
+    validate_config(app.config)
     app.config["TESTING"] = app.config["APP_ENV"] == "testing" or app.config.get("TESTING", False)
     ensure_jwt_secret(app.config, instance_path)
     app.config.update(_openapi_settings())

@@ -81,7 +81,9 @@ def _encode(user: User, device: Device | None, token_type: str, ttl: int) -> str
         "role": user.role.value,
         "station": user.station_id,
         "device": device.id if device else None,
-        "iat": now,
+        # Fractional seconds: a token issued just after a password change must not
+        # look older than the change (see load_token_subject).
+        "iat": now.timestamp(),
         "exp": now + dt.timedelta(seconds=ttl),
         "jti": uuid.uuid4().hex,
         "typ": token_type,
@@ -119,7 +121,10 @@ def principal_from_claims(claims: dict[str, Any]) -> tuple[Principal, User, Devi
     from courier_api.extensions import db
 
     user, device = load_token_subject(
-        session=db.session, user_id=int(claims["sub"]), device_id=claims.get("device")
+        session=db.session,
+        user_id=int(claims["sub"]),
+        device_id=claims.get("device"),
+        issued_at=float(claims["iat"]),
     )
     principal = Principal(
         user_id=user.id,

@@ -9,12 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sync.tracking import DEFAULT_DOMESTIC_PATTERNS
+import phonenumbers
+
+from sync.accounts import check_password_hash_method
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 
 log = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("development", "production", "testing")
 MIN_JWT_SECRET_BYTES = 32
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(RuntimeError):
@@ -36,13 +40,39 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "MAX_CONTENT_LENGTH": _int(environ, "MAX_REQUEST_BYTES", 16 * 1024 * 1024),
         "MAX_EVENTS_PER_PUSH": _int(environ, "MAX_EVENTS_PER_PUSH", 5000),
         "MAX_PARCELS_PER_INTAKE": _int(environ, "MAX_PARCELS_PER_INTAKE", 5000),
-        "DOMESTIC_TRACKING_PATTERNS": _list(
-            environ, "DOMESTIC_TRACKING_PATTERNS", DEFAULT_DOMESTIC_PATTERNS
-        ),
+        # Whitespace-separated: a tracking number never contains spaces once normalized,
+        # while commas are common in regular expressions (\d{10,20}).
+        "DOMESTIC_TRACKING_PATTERNS": tuple(environ["DOMESTIC_TRACKING_PATTERNS"].split())
+        if "DOMESTIC_TRACKING_PATTERNS" in environ
+        else DEFAULT_DOMESTIC_PATTERNS,
         "DEFAULT_PHONE_REGION": environ.get("DEFAULT_PHONE_REGION", "CN").upper() or None,
         "PASSWORD_HASH_METHOD": environ.get("PASSWORD_HASH_METHOD", "scrypt"),
         "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),
     }
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """Check the values that parse but would fail later, on the first request that uses them."""
+    try:
+        TrackingNumberPolicy.from_patterns(config["DOMESTIC_TRACKING_PATTERNS"])
+    except ValueError as exc:
+        raise ConfigError(f"DOMESTIC_TRACKING_PATTERNS: {exc}") from None
+    region = config["DEFAULT_PHONE_REGION"]
+    if region is not None and region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ConfigError(
+            "DEFAULT_PHONE_REGION must be a region code such as CN or GB (or empty), "
+            f"got {region!r}"
+        )
+    if config["LOG_LEVEL"] not in LOG_LEVELS:
+        raise ConfigError(
+            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {config['LOG_LEVEL']!r}"
+        )
+    try:
+        check_password_hash_method(config["PASSWORD_HASH_METHOD"])
+    except ValueError as exc:
+        raise ConfigError(
+            f"PASSWORD_HASH_METHOD {config['PASSWORD_HASH_METHOD']!r}: {exc}"
+        ) from None
 
 
 def ensure_jwt_secret(config: dict[str, Any], instance_path: Path) -> None:
@@ -81,10 +111,3 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     return value
-
-
-def _list(environ: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = environ.get(name)
-    if raw is None:
-        return default
-    return tuple(item.strip() for item in raw.split(",") if item.strip())

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -21,6 +23,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[timestamp]
+    # Tokens issued before this moment are refused: a password change ends every session.
+    credentials_changed_at: Mapped[dt.datetime | None]
 
     station: Mapped[Station | None] = relationship(lazy="raise")
 

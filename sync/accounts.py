@@ -27,6 +27,17 @@ def _dummy_hash(method: str) -> str:
     return generate_password_hash("not-the-password", method=method)
 
 
+def check_password_hash_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one werkzeug can hash with.
+
+    Hashes the dummy password once, which the first unknown-user sign-in needs anyway.
+    """
+    try:
+        _dummy_hash(method)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a usable password hash method ({exc})") from None
+
+
 def hash_password(password: str, *, method: str = DEFAULT_PASSWORD_HASH_METHOD) -> str:
     if len(password) < PASSWORD_MIN_LENGTH:
         raise InvalidInput(
@@ -95,16 +106,23 @@ def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) 
 
 
 def load_token_subject(
-    *, session: Session, user_id: int, device_id: str | None
+    *, session: Session, user_id: int, device_id: str | None, issued_at: float
 ) -> tuple[User, Device | None]:
     """Re-check on every request what a token was issued for.
 
-    A token outlives the facts it was issued on: a disabled account, a device
-    reported lost or retired, must stop working at once, not at expiry.
+    A token outlives the facts it was issued on: a disabled account, a changed
+    password, a device reported lost or retired, must stop it at once, not at expiry.
+    ``issued_at`` is the token's ``iat`` (seconds since the epoch).
     """
     user = session.get(User, user_id)
     if user is None or not user.active:
         raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
+    changed = user.credentials_changed_at
+    if changed is not None and issued_at < changed.timestamp():
+        raise AuthenticationFailed(
+            "the password was changed after this token was issued; sign in again",
+            code="token_revoked",
+        )
     if user.role != Role.COURIER:
         return user, None
     device = session.get(Device, device_id) if device_id else None

@@ -122,6 +122,7 @@ def update_user(
         user.active = active
     if password is not None:
         user.password_hash = hash_password(password, method=password_hash_method)
+        user.credentials_changed_at = utcnow()
     session.flush()
     return user
 

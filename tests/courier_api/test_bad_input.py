@@ -19,34 +19,43 @@ def test_huge_ids_in_paths_are_404(client: FlaskClient, world: World, auth: Auth
 
 @pytest.mark.parametrize(
     "path",
-    [f"/api/v1/stations?after={HUGE}", f"/api/v1/users?station_id={HUGE}",
-     f"/api/v1/devices?station_id={HUGE}", "/api/v1/users?station_id=-1"],
+    [
+        f"/api/v1/stations?after={HUGE}",
+        f"/api/v1/users?station_id={HUGE}",
+        f"/api/v1/devices?station_id={HUGE}",
+        "/api/v1/users?station_id=-1",
+    ],
 )
-def test_out_of_range_query_numbers_are_422(client: FlaskClient, world: World, auth: Auth,
-                                            path: str) -> None:
+def test_out_of_range_query_numbers_are_422(
+    client: FlaskClient, world: World, auth: Auth, path: str
+) -> None:
     response = client.get(path, headers=auth.headers("admin"))
     assert response.status_code == 422
     assert response.get_json()["errors"]["query"]
 
 
-def test_out_of_range_body_numbers_are_422(client: FlaskClient, world: World,
-                                           auth: Auth) -> None:
-    response = client.post("/api/v1/devices", json={"device_id": "PDA-X1", "station_id": HUGE},
-                           headers=auth.headers("admin"))
+def test_out_of_range_body_numbers_are_422(client: FlaskClient, world: World, auth: Auth) -> None:
+    response = client.post(
+        "/api/v1/devices",
+        json={"device_id": "PDA-X1", "station_id": HUGE},
+        headers=auth.headers("admin"),
+    )
     assert response.status_code == 422
     assert "station_id" in response.get_json()["errors"]["json"]
 
 
 def test_nul_characters_are_refused_by_name(client: FlaskClient, world: World) -> None:
-    response = client.post("/api/v1/auth/token",
-                           json={"username": "manager1\x00", "password": "whatever-123"})
+    response = client.post(
+        "/api/v1/auth/token", json={"username": "manager1\x00", "password": "whatever-123"}
+    )
     assert response.status_code == 422
     assert response.get_json()["errors"]["json"]["username"] == ["must not contain NUL characters"]
 
 
 @pytest.mark.parametrize("path", ["/api/v1/devices/PDA%00X", "/api/v1/parcels/RR%0012"])
-def test_nul_characters_in_paths_never_give_500(client: FlaskClient, world: World, auth: Auth,
-                                                path: str) -> None:
+def test_nul_characters_in_paths_never_give_500(
+    client: FlaskClient, world: World, auth: Auth, path: str
+) -> None:
     response = client.get(path, headers=auth.headers("admin"))
     assert response.status_code in (404, 422)
     assert response.get_json()["status"] == response.status_code
@@ -54,13 +63,30 @@ def test_nul_characters_in_paths_never_give_500(client: FlaskClient, world: Worl
     assert client.get("/api/v1/stations", headers=auth.headers("admin")).status_code == 200
 
 
-def test_a_nul_in_one_intake_item_rejects_only_that_item(client: FlaskClient, world: World,
-                                                         auth: Auth) -> None:
+def test_a_nul_in_one_intake_item_rejects_only_that_item(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
     good, bad = factories.s10(), factories.s10()
-    response = client.post("/api/v1/parcels", headers=auth.headers("manager1"), json={"parcels": [
-        {"tracking_no": good, "service_class": "parcel", "recipient_name": "A", "address": "B"},
-        {"tracking_no": bad, "service_class": "parcel", "recipient_name": "A\x00", "address": "B"},
-    ]})
+    response = client.post(
+        "/api/v1/parcels",
+        headers=auth.headers("manager1"),
+        json={
+            "parcels": [
+                {
+                    "tracking_no": good,
+                    "service_class": "parcel",
+                    "recipient_name": "A",
+                    "address": "B",
+                },
+                {
+                    "tracking_no": bad,
+                    "service_class": "parcel",
+                    "recipient_name": "A\x00",
+                    "address": "B",
+                },
+            ]
+        },
+    )
     assert response.status_code == 200
     results = response.get_json()["results"]
     assert [r["status"] for r in results] == ["created", "rejected"]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from courier_api.config import ConfigError, ensure_jwt_secret, load_config
+from courier_api.config import ConfigError, ensure_jwt_secret, load_config, validate_config
 
 
 def test_defaults_put_the_database_and_blobs_under_instance(tmp_path: Path) -> None:
@@ -44,6 +44,49 @@ def test_bad_values_fail_early_and_say_which(tmp_path: Path, environ: dict, mess
         load_config(environ, tmp_path)
 
 
-def test_domestic_patterns_come_from_a_comma_list(tmp_path: Path) -> None:
-    config = load_config({"DOMESTIC_TRACKING_PATTERNS": r"SF\d{12}, YT\d{13}"}, tmp_path)
-    assert config["DOMESTIC_TRACKING_PATTERNS"] == (r"SF\d{12}", r"YT\d{13}")
+def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
+    """Commas belong to regular expressions: the README's default has two."""
+    config = load_config(
+        {"DOMESTIC_TRACKING_PATTERNS": r"[A-Z]{0,4}\d{10,20}  YT\d{13}"}, tmp_path
+    )
+    assert config["DOMESTIC_TRACKING_PATTERNS"] == (r"[A-Z]{0,4}\d{10,20}", r"YT\d{13}")
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"DOMESTIC_TRACKING_PATTERNS": "SF(\\d"}, "DOMESTIC_TRACKING_PATTERNS: invalid"),
+        ({"DEFAULT_PHONE_REGION": "XX"}, "DEFAULT_PHONE_REGION must be a region code"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
+        ({"PASSWORD_HASH_METHOD": "md5"}, "PASSWORD_HASH_METHOD 'md5': not a usable"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_at_start(
+    tmp_path: Path, environ: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(load_config(environ, tmp_path))
+
+
+def test_empty_phone_region_means_numbers_need_a_plus(tmp_path: Path) -> None:
+    config = load_config({"DEFAULT_PHONE_REGION": ""}, tmp_path)
+    assert config["DEFAULT_PHONE_REGION"] is None
+    validate_config(config)
+
+
+def test_the_cli_reports_a_bad_value_in_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "INSTANCE_PATH": str(tmp_path), "DEFAULT_PHONE_REGION": "XX"}
+    result = subprocess.run(
+        [sys.executable, "-m", "courier_api", "db", "current"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "Error: configuration: DEFAULT_PHONE_REGION" in result.stderr
+    assert "Traceback" not in result.stderr

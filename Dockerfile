@@ -20,6 +20,8 @@ RUN useradd --system --create-home --uid 10001 courier \
 COPY --from=build /opt/venv /opt/venv
 USER courier
 WORKDIR /home/courier
+# The default SQLite database, proof images and generated files live here.
+VOLUME ["/var/lib/courier-api"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"

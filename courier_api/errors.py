@@ -68,30 +68,33 @@ def error_body(
     return body
 
 
+DEFAULT_MESSAGES = {
+    404: "no such resource",
+    405: "this method is not allowed here; see the Allow header",
+    422: "the request did not validate; see errors",
+}
+INTERNAL_ERROR_MESSAGE = "internal error; it has been logged"
+
+
 def http_exception_body(error: HTTPException) -> tuple[dict[str, Any], dict[str, str]]:
     """Body and headers for a werkzeug or webargs ``HTTPException``."""
     status = error.code or 500
     data = getattr(error, "data", None) or {}
     headers = dict(data.get("headers") or {})
+    if status == 405:
+        headers.update((k, v) for k, v in error.get_headers() if k == "Allow")
+    message = data.get("message") or _default_message(status, error)
     errors = data.get("errors") or data.get("messages")
-    message = data.get("message")
+    return error_body(status, code=data.get("code"), message=message, errors=errors), headers
+
+
+def _default_message(status: int, error: HTTPException) -> str:
+    if status >= 500:
+        return INTERNAL_ERROR_MESSAGE  # never the exception's own text
     if status == 413:
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        message = message or f"request body is larger than the limit of {limit} bytes"
-    elif status == 405:
-        headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
-        message = message or "this method is not allowed here; see the Allow header"
-    elif status == 422 and errors:
-        message = message or "the request did not validate; see errors"
-    elif status == 400 and not message:
-        message = error.description
-    elif status >= 500:
-        message = message or "internal error; it has been logged"
-    elif not message and error.description and status != 404:
-        message = error.description
-    if status == 404 and not message:
-        message = "no such resource"
-    return error_body(status, code=data.get("code"), message=message, errors=errors), headers
+        return f"request body is larger than the limit of {limit} bytes"
+    return DEFAULT_MESSAGES.get(status) or error.description or HTTPStatus(status).phrase
 
 
 def domain_status(error: DomainError) -> int:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import marshmallow as ma
-from flask import jsonify
+from flask import Request, jsonify
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api, Blueprint
+from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import HTTPException
 
 from courier_api.auth import require_auth
@@ -35,7 +37,26 @@ class CourierApi(Api):
         return jsonify(body), body["status"], headers
 
 
+class JsonParser(FlaskParser):
+    """webargs' parser, with every malformed JSON body a 400, never a 500.
+
+    webargs catches decode errors only; Python's JSON module also raises
+    ``ValueError`` for integer literals beyond its digit limit and
+    ``RecursionError`` for deeply nested documents.
+    """
+
+    def _raw_load_json(self, req: Request) -> Any:
+        try:
+            return super()._raw_load_json(req)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise
+        except (ValueError, RecursionError) as exc:
+            return self._handle_invalid_json_error(exc, req)  # type: ignore[arg-type]
+
+
 class ApiBlueprint(Blueprint):
+    ARGUMENTS_PARSER = JsonParser()
+
     def auth(self, *roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Require a valid access token (and one of ``roles`` when given); document 401/403."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import marshmallow as ma
@@ -11,15 +12,22 @@ from werkzeug.routing import IntegerConverter, Map
 MAX_ID = 2**31 - 1
 
 
-class Text(ma.fields.String):
-    """A string without NUL characters: PostgreSQL cannot store them and no field needs one."""
+# NUL: PostgreSQL cannot store it. Lone surrogates (JSON allows "\ud800"): no
+# database driver can encode them. No field of ours needs either.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
-    default_error_messages = {"nul": "must not contain NUL characters"}
+
+class Text(ma.fields.String):
+    """A string the database can store: no NUL character, no lone surrogate."""
+
+    default_error_messages = {
+        "unstorable": "must not contain NUL characters or unpaired surrogates"
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text: str = super()._deserialize(value, attr, data, **kwargs)
-        if "\x00" in text:
-            raise self.make_error("nul")
+        if _UNSTORABLE.search(text):
+            raise self.make_error("unstorable")
         return text
 
 

@@ -1,5 +1,7 @@
 """Values the database cannot store are refused with a 4xx, on SQLite and on PostgreSQL."""
 
+import json
+
 import pytest
 from flask.testing import FlaskClient
 
@@ -44,12 +46,30 @@ def test_out_of_range_body_numbers_are_422(client: FlaskClient, world: World, au
     assert "station_id" in response.get_json()["errors"]["json"]
 
 
-def test_nul_characters_are_refused_by_name(client: FlaskClient, world: World) -> None:
-    response = client.post(
-        "/api/v1/auth/token", json={"username": "manager1\x00", "password": "whatever-123"}
-    )
+@pytest.mark.parametrize("username", ["manager1\x00", "man\ud800ager1"])
+def test_unstorable_characters_are_refused_by_name(
+    client: FlaskClient, world: World, username: str
+) -> None:
+    body = '{"username": %s, "password": "whatever-123"}' % json.dumps(username)
+    response = client.post("/api/v1/auth/token", data=body, content_type="application/json")
     assert response.status_code == 422
-    assert response.get_json()["errors"]["json"]["username"] == ["must not contain NUL characters"]
+    assert response.get_json()["errors"]["json"]["username"] == [
+        "must not contain NUL characters or unpaired surrogates"
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"username": "a", "password": "b", "device_id": %s}' % ("9" * 5000),
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=["integer-beyond-digit-limit", "deep-nesting"],
+)
+def test_json_python_cannot_parse_is_400(client: FlaskClient, body: str) -> None:
+    response = client.post("/api/v1/auth/token", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["code"] == "bad_request"
 
 
 @pytest.mark.parametrize("path", ["/api/v1/devices/PDA%00X", "/api/v1/parcels/RR%0012"])
@@ -63,8 +83,9 @@ def test_nul_characters_in_paths_never_give_500(
     assert client.get("/api/v1/stations", headers=auth.headers("admin")).status_code == 200
 
 
-def test_a_nul_in_one_intake_item_rejects_only_that_item(
-    client: FlaskClient, world: World, auth: Auth
+@pytest.mark.parametrize("bad_name", ["A\x00", "A\udfff"])
+def test_an_unstorable_string_in_one_intake_item_rejects_only_that_item(
+    client: FlaskClient, world: World, auth: Auth, bad_name: str
 ) -> None:
     good, bad = factories.s10(), factories.s10()
     response = client.post(
@@ -81,7 +102,7 @@ def test_a_nul_in_one_intake_item_rejects_only_that_item(
                 {
                     "tracking_no": bad,
                     "service_class": "parcel",
-                    "recipient_name": "A\x00",
+                    "recipient_name": bad_name,
                     "address": "B",
                 },
             ]

@@ -1,7 +1,8 @@
 """Bearer tokens (PyJWT, HS256) and the one role/station check every blueprint uses.
 
 Access tokens carry ``sub`` (user id), ``role``, ``station`` (station id or
-null), ``device`` (couriers), ``iat``, ``exp``, ``jti`` and ``typ``. What a
+null), ``device`` (couriers), ``iat``, ``exp``, ``jti``, ``typ`` and ``ver``
+(the account's credentials version). What a
 token was issued for is re-checked on every request, so retiring a device or
 disabling an account takes effect at once.
 """
@@ -25,7 +26,7 @@ from sync.errors import AuthenticationFailed, PermissionDenied
 ALGORITHM = "HS256"
 ACCESS = "access"
 REFRESH = "refresh"
-REQUIRED_CLAIMS = ["sub", "role", "iat", "exp", "jti", "typ"]
+REQUIRED_CLAIMS = ["sub", "role", "iat", "exp", "jti", "typ", "ver"]
 # Roles that read across stations; what they may write is decided by each view's roles.
 ROLE_VALUES = frozenset(role.value for role in Role)
 CROSS_STATION_ROLES = frozenset({Role.ADMIN, Role.AUDITOR, Role.INTEGRATION})
@@ -81,12 +82,11 @@ def _encode(user: User, device: Device | None, token_type: str, ttl: int) -> str
         "role": user.role.value,
         "station": user.station_id,
         "device": device.id if device else None,
-        # Fractional seconds: a token issued just after a password change must not
-        # look older than the change (see load_token_subject).
-        "iat": now.timestamp(),
+        "iat": now,
         "exp": now + dt.timedelta(seconds=ttl),
         "jti": uuid.uuid4().hex,
         "typ": token_type,
+        "ver": user.credentials_version,
     }
     return jwt.encode(claims, current_app.config["JWT_SECRET"], algorithm=ALGORITHM)
 
@@ -111,7 +111,11 @@ def decode_token(token: str, *, expected_type: str) -> dict[str, Any]:
             f"a {claims['typ']} token cannot be used here; send the {expected_type} token",
             code="wrong_token_type",
         )
-    if not str(claims["sub"]).isdigit() or claims["role"] not in ROLE_VALUES:
+    if (
+        not str(claims["sub"]).isdigit()
+        or claims["role"] not in ROLE_VALUES
+        or not isinstance(claims["ver"], int)
+    ):
         raise AuthenticationFailed("the token's claims are malformed", code="token_invalid")
     return claims
 
@@ -124,7 +128,7 @@ def principal_from_claims(claims: dict[str, Any]) -> tuple[Principal, User, Devi
         session=db.session,
         user_id=int(claims["sub"]),
         device_id=claims.get("device"),
-        issued_at=float(claims["iat"]),
+        credentials_version=claims["ver"],
     )
     principal = Principal(
         user_id=user.id,

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import datetime as dt
-
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -23,8 +21,9 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[timestamp]
-    # Tokens issued before this moment are refused: a password change ends every session.
-    credentials_changed_at: Mapped[dt.datetime | None]
+    # Carried in every token as "ver"; a password change increments it, so tokens
+    # issued before the change are refused whatever the clocks say.
+    credentials_version: Mapped[int] = mapped_column(default=0, server_default="0")
 
     station: Mapped[Station | None] = relationship(lazy="raise")
 

@@ -106,19 +106,18 @@ def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) 
 
 
 def load_token_subject(
-    *, session: Session, user_id: int, device_id: str | None, issued_at: float
+    *, session: Session, user_id: int, device_id: str | None, credentials_version: int
 ) -> tuple[User, Device | None]:
     """Re-check on every request what a token was issued for.
 
     A token outlives the facts it was issued on: a disabled account, a changed
     password, a device reported lost or retired, must stop it at once, not at expiry.
-    ``issued_at`` is the token's ``iat`` (seconds since the epoch).
+    ``credentials_version`` is the account's version the token was issued with.
     """
     user = session.get(User, user_id)
     if user is None or not user.active:
         raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
-    changed = user.credentials_changed_at
-    if changed is not None and issued_at < changed.timestamp():
+    if credentials_version != user.credentials_version:
         raise AuthenticationFailed(
             "the password was changed after this token was issued; sign in again",
             code="token_revoked",

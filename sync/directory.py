@@ -122,7 +122,8 @@ def update_user(
         user.active = active
     if password is not None:
         user.password_hash = hash_password(password, method=password_hash_method)
-        user.credentials_changed_at = utcnow()
+        # Incremented in SQL, so two concurrent changes both count.
+        user.credentials_version = User.credentials_version + 1
     session.flush()
     return user
 

@@ -38,7 +38,8 @@ def test_manager_token_carries_the_documented_claims(client: FlaskClient, world:
     assert claims["station"] == world.station.id
     assert claims["device"] is None
     assert claims["typ"] == "access"
-    assert abs(claims["exp"] - claims["iat"] - body["expires_in"]) < 1
+    assert claims["exp"] - claims["iat"] == body["expires_in"]
+    assert claims["ver"] == 0
     assert len(claims["jti"]) == 32
     assert client.get(PROTECTED_URL, headers=bearer(body["access_token"])).status_code == 200
 
@@ -186,6 +187,7 @@ def _claims_for(world: World, **changes) -> dict:
         "exp": now + dt.timedelta(minutes=5),
         "jti": "a" * 32,
         "typ": "access",
+        "ver": 0,
     }
     claims.update(changes)
     return claims

@@ -50,7 +50,7 @@ def test_out_of_range_body_numbers_are_422(client: FlaskClient, world: World, au
 def test_unstorable_characters_are_refused_by_name(
     client: FlaskClient, world: World, username: str
 ) -> None:
-    body = '{"username": %s, "password": "whatever-123"}' % json.dumps(username)
+    body = json.dumps({"username": username, "password": "whatever-123"})
     response = client.post("/api/v1/auth/token", data=body, content_type="application/json")
     assert response.status_code == 422
     assert response.get_json()["errors"]["json"]["username"] == [
@@ -61,7 +61,7 @@ def test_unstorable_characters_are_refused_by_name(
 @pytest.mark.parametrize(
     "body",
     [
-        '{"username": "a", "password": "b", "device_id": %s}' % ("9" * 5000),
+        '{"username": "a", "password": "b", "device_id": ' + "9" * 5000 + "}",
         "[" * 100_000 + "]" * 100_000,
     ],
     ids=["integer-beyond-digit-limit", "deep-nesting"],

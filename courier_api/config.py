@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("development", "production", "testing")
 MIN_JWT_SECRET_BYTES = 32
+_QUANTIFIER = re.compile(r"\{\d*,\d*\}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -53,10 +55,17 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Check the values that parse but would fail later, on the first request that uses them."""
+    patterns = config["DOMESTIC_TRACKING_PATTERNS"]
     try:
-        TrackingNumberPolicy.from_patterns(config["DOMESTIC_TRACKING_PATTERNS"])
+        TrackingNumberPolicy.from_patterns(patterns)
     except ValueError as exc:
         raise ConfigError(f"DOMESTIC_TRACKING_PATTERNS: {exc}") from None
+    for pattern in patterns:
+        if "," in _QUANTIFIER.sub("", pattern):
+            raise ConfigError(
+                f"DOMESTIC_TRACKING_PATTERNS: {pattern!r} has a comma outside a {{m,n}} "
+                "quantifier; separate patterns with spaces (tracking numbers have no commas)"
+            )
     region = config["DEFAULT_PHONE_REGION"]
     if region is not None and region not in phonenumbers.SUPPORTED_REGIONS:
         raise ConfigError(

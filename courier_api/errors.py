@@ -127,7 +127,7 @@ def handle_data_error(error: DataError) -> ResponseReturnValue:
     from courier_api.extensions import db
 
     db.session.rollback()
-    log.warning("database refused a value, answered with 422: %s", error.orig)
+    log.warning("database refused a value, answered with 422", exc_info=error)
     body = error_body(
         422, code="invalid_value", message="a value is out of range or cannot be stored"
     )

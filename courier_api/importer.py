@@ -45,7 +45,36 @@ def import_csv(
     batch_size: int,
     progress: Callable[[str], None],
 ) -> ImportOutcome:
+    """Take in the rows of ``handle`` in committed batches of ``batch_size``."""
+    outcome = ImportOutcome()
     reader = csv.DictReader(handle, restkey=EXTRA_FIELDS, skipinitialspace=True)
+    try:
+        _import_rows(
+            reader,
+            outcome,
+            session=session,
+            default_station=default_station,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"the file is not UTF-8 text (after line {reader.line_num}; {outcome.rows} rows "
+            "were taken in before it): save it as UTF-8, e.g. Excel's 'CSV UTF-8'",
+            code="invalid_csv_encoding",
+        ) from None
+    return outcome
+
+
+def _import_rows(
+    reader: csv.DictReader[str],
+    outcome: ImportOutcome,
+    *,
+    session: Session,
+    default_station: str | None,
+    batch_size: int,
+    progress: Callable[[str], None],
+) -> None:
     if reader.fieldnames is not None:
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
     _check_header(reader.fieldnames)
@@ -55,7 +84,6 @@ def import_csv(
         else None
     )
     scope = IntakeScope(default_station_id=station_id, allowed_station_ids=None)
-    outcome = ImportOutcome()
     batch: list[ParcelDraft | RejectedItem] = []
     line_numbers: list[int] = []
     loader = PerItemNested(ParcelIn)
@@ -79,13 +107,12 @@ def import_csv(
             flush()
     if batch:
         flush()
-    return outcome
 
 
 def _load_row(record: dict[str, Any], loader: PerItemNested) -> ParcelDraft | RejectedItem:
-    """One CSV row as an intake item; a row with more fields than the header is
-    refused whole (an unquoted comma in an address would otherwise cut it short)."""
-    extra = record.pop(EXTRA_FIELDS, None)
+    """One CSV row as an intake item; a row with more non-empty fields than the header
+    is refused whole (an unquoted comma in an address would otherwise cut it short)."""
+    extra = [value for value in record.pop(EXTRA_FIELDS, None) or [] if value.strip()]
     if extra:
         return RejectedItem(
             raw=record,

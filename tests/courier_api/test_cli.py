@@ -254,3 +254,29 @@ def test_import_parcels_refuses_rows_longer_than_the_header(
     stored = session.scalar(select(Parcel).where(Parcel.tracking_no == "RR473124829GB"))
     assert stored is not None and stored.address == "12 Century Ave, Pudong"
     assert session.scalar(select(Parcel).where(Parcel.tracking_no == "EE471108151FR")) is None
+
+
+def test_import_parcels_ignores_trailing_empty_fields(
+    runner: FlaskCliRunner, world: World, tmp_path: Path
+) -> None:
+    csv_file = tmp_path / "trailing.csv"
+    csv_file.write_text(
+        "tracking_no,service_class,recipient_name,address\nRR473124829GB,parcel,Li,1 Ave,,\n"
+    )
+    result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
+    assert result.exit_code == 0, result.output
+    assert "1 created" in result.output
+
+
+def test_import_parcels_explains_a_file_that_is_not_utf8(
+    runner: FlaskCliRunner, world: World, tmp_path: Path
+) -> None:
+    csv_file = tmp_path / "gbk.csv"
+    csv_file.write_bytes(
+        "tracking_no,service_class,recipient_name,address\n"
+        "RR473124829GB,parcel,李雷,浦东世纪大道1号\n".encode("gbk")
+    )
+    result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
+    assert result.exit_code == 1
+    assert "the file is not UTF-8 text" in result.output
+    assert "Traceback" not in result.output

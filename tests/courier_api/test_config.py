@@ -59,6 +59,7 @@ def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
         ({"DOMESTIC_TRACKING_PATTERNS": "SF(\\d"}, "DOMESTIC_TRACKING_PATTERNS: invalid"),
         ({"DEFAULT_PHONE_REGION": "XX"}, "DEFAULT_PHONE_REGION must be a region code"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
+        ({"DOMESTIC_TRACKING_PATTERNS": r"SF\d{12},YT\d{13}"}, "comma outside"),
         ({"PASSWORD_HASH_METHOD": "md5"}, "PASSWORD_HASH_METHOD 'md5': not a usable"),
     ],
 )

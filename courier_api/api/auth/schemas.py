@@ -17,11 +17,11 @@ class RefreshRequest(ma.Schema):
 
 
 class TokenResponse(ma.Schema):
-    access_token = Text(required=True)
-    refresh_token = Text(required=True)
-    token_type = Text(required=True, metadata={"example": "Bearer"})
+    access_token = ma.fields.String(required=True)
+    refresh_token = ma.fields.String(required=True)
+    token_type = ma.fields.String(required=True, metadata={"example": "Bearer"})
     expires_in = ma.fields.Integer(required=True, metadata={"description": "Seconds"})
     refresh_expires_in = ma.fields.Integer(required=True, metadata={"description": "Seconds"})
-    role = Text(required=True)
+    role = ma.fields.String(required=True)
     station_id = ma.fields.Integer(allow_none=True)
-    device_id = Text(allow_none=True)
+    device_id = ma.fields.String(allow_none=True)

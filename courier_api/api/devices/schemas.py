@@ -6,7 +6,7 @@ from models import DeviceStatus
 
 
 class DeviceOut(ma.Schema):
-    id = Text(required=True)
+    id = ma.fields.String(required=True)
     station_id = ma.fields.Integer(required=True)
     status = ma.fields.Enum(DeviceStatus, by_value=True, required=True)
     last_seen_at = ma.fields.AwareDateTime(allow_none=True, required=True)
@@ -31,4 +31,4 @@ class DeviceListArgs(PageArgs):
 
 class DevicePage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(DeviceOut), required=True)
-    next_after = Text(allow_none=True, required=True)
+    next_after = ma.fields.String(allow_none=True, required=True)

@@ -39,16 +39,19 @@ def take_in_and_commit(
     the loser rolls back and runs again, now finding the parcel (``unchanged`` or
     ``updated``) instead of failing its whole batch with a conflict.
     """
-    for attempt in (1, 2):
-        try:
-            rows = take_in(session=session, items=items, scope=scope)
-            session.commit()
-            return rows
-        except IntegrityError:
-            session.rollback()
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return _take_in_committed(session=session, items=items, scope=scope)
+    except IntegrityError:
+        session.rollback()
+    return _take_in_committed(session=session, items=items, scope=scope)  # a real conflict raises
+
+
+def _take_in_committed(
+    *, session: Session, items: Sequence[ParcelDraft | RejectedItem], scope: IntakeScope
+) -> list[dict[str, Any]]:
+    rows = take_in(session=session, items=items, scope=scope)
+    session.commit()
+    return rows
 
 
 def take_in(

@@ -64,15 +64,15 @@ class ParcelIntakeRequest(ma.Schema):
 
 
 class ItemError(ma.Schema):
-    code = Text(required=True)
-    message = Text(required=True)
+    code = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
     errors = ma.fields.Dict()
 
 
 class IntakeItemResult(ma.Schema):
     index = ma.fields.Integer(required=True, metadata={"description": "Position in the request"})
-    tracking_no = Text(allow_none=True, required=True)
-    status = Text(
+    tracking_no = ma.fields.String(allow_none=True, required=True)
+    status = ma.fields.String(
         required=True, metadata={"enum": ["created", "updated", "unchanged", "rejected"]}
     )
     error = ma.fields.Nested(ItemError)
@@ -91,14 +91,14 @@ class ParcelIntakeResponse(ma.Schema):
 
 
 class ParcelOut(ma.Schema):
-    tracking_no = Text(required=True)
+    tracking_no = ma.fields.String(required=True)
     service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
     station_id = ma.fields.Integer(required=True)
-    recipient_name = Text(required=True)
-    recipient_phone = Text(
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(
         allow_none=True, required=True, metadata={"description": "Masked except for auditors"}
     )
-    address = Text(required=True)
+    address = ma.fields.String(required=True)
     lat = ma.fields.Float(allow_none=True, required=True)
     lon = ma.fields.Float(allow_none=True, required=True)
     created_at = ma.fields.AwareDateTime(required=True)

@@ -6,9 +6,9 @@ from courier_api.api.fields import After, Text
 
 class StationOut(ma.Schema):
     id = ma.fields.Integer(required=True)
-    code = Text(required=True)
-    name = Text(required=True)
-    timezone = Text(required=True)
+    code = ma.fields.String(required=True)
+    name = ma.fields.String(required=True)
+    timezone = ma.fields.String(required=True)
     created_at = ma.fields.AwareDateTime(required=True)
 
 

@@ -7,8 +7,8 @@ from models import Role
 
 class UserOut(ma.Schema):
     id = ma.fields.Integer(required=True)
-    username = Text(required=True)
-    full_name = Text(required=True)
+    username = ma.fields.String(required=True)
+    full_name = ma.fields.String(required=True)
     role = ma.fields.Enum(Role, by_value=True, required=True)
     station_id = ma.fields.Integer(allow_none=True, required=True)
     active = ma.fields.Boolean(required=True)

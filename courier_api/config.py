@@ -42,6 +42,9 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "MAX_CONTENT_LENGTH": _int(environ, "MAX_REQUEST_BYTES", 16 * 1024 * 1024),
         "MAX_EVENTS_PER_PUSH": _int(environ, "MAX_EVENTS_PER_PUSH", 5000),
         "MAX_PARCELS_PER_INTAKE": _int(environ, "MAX_PARCELS_PER_INTAKE", 5000),
+        "MAX_BLOB_BYTES": _int(environ, "MAX_BLOB_BYTES", 8 * 1024 * 1024),
+        "CLOCK_SKEW_FLAG_SECONDS": _int(environ, "CLOCK_SKEW_FLAG_SECONDS", 120),
+        "MAX_EVENT_AGE_DAYS": _int(environ, "MAX_EVENT_AGE_DAYS", 30),
         # Whitespace-separated: a tracking number never contains spaces once normalized,
         # while commas are common in regular expressions (\d{10,20}).
         "DOMESTIC_TRACKING_PATTERNS": tuple(environ["DOMESTIC_TRACKING_PATTERNS"].split())

@@ -20,7 +20,9 @@ from werkzeug.exceptions import HTTPException
 from sync.errors import (
     AuthenticationFailed,
     Conflict,
+    CursorReset,
     DomainError,
+    InvalidCursor,
     InvalidInput,
     LimitExceeded,
     NotFound,
@@ -45,6 +47,8 @@ DEFAULT_CODES = {
 }
 
 DOMAIN_STATUS: dict[type[DomainError], int] = {
+    InvalidCursor: 400,
+    CursorReset: 410,
     InvalidInput: 422,
     NotFound: 404,
     Conflict: 409,

@@ -1,20 +1,45 @@
 """Typed SQLAlchemy 2.0 models and their Alembic migrations."""
 
 from models.base import Base, UTCDateTime, utcnow
+from models.blob import Blob
 from models.device import Device
-from models.enums import DeviceStatus, Role, ServiceClass
+from models.enums import (
+    DeviceStatus,
+    EventType,
+    FeedKind,
+    FlagSeverity,
+    FlagStatus,
+    ParcelStatus,
+    Role,
+    ServiceClass,
+)
+from models.feed import FeedChange
+from models.flag import Flag
 from models.parcel import Parcel
 from models.station import Station
+from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
 from models.user import User
 
 __all__ = [
     "Base",
+    "Blob",
     "Device",
     "DeviceStatus",
+    "DeviceSyncState",
+    "EventType",
+    "FeedChange",
+    "FeedKind",
+    "Flag",
+    "FlagSeverity",
+    "FlagStatus",
     "Parcel",
+    "ParcelStatus",
+    "QuarantinedEvent",
     "Role",
+    "ScanEvent",
     "ServiceClass",
     "Station",
+    "SyncBatch",
     "User",
     "UTCDateTime",
     "utcnow",

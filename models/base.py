@@ -6,7 +6,8 @@ import datetime as dt
 import enum
 from typing import Annotated, Any
 
-from sqlalchemy import DateTime, Enum, Integer, MetaData, String, TypeDecorator
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, Integer, MetaData, String, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
@@ -56,6 +57,13 @@ def utcnow() -> dt.datetime:
 
 
 int_pk = Annotated[int, mapped_column(Integer, primary_key=True)]
+# Event-sized tables: 64-bit on PostgreSQL; SQLite's INTEGER PRIMARY KEY is 64-bit already
+# and must be spelled INTEGER to be the rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+big_pk = Annotated[int, mapped_column(BigId, primary_key=True)]
+# JSON documents: jsonb on PostgreSQL (compact, indexable), JSON text on SQLite.
+Document = JSON().with_variant(JSONB(), "postgresql")
+sha256_hex = Annotated[str, mapped_column(String(64))]
 timestamp = Annotated[dt.datetime, mapped_column(UTCDateTime(), default=utcnow)]
 str64 = Annotated[str, mapped_column(String(64))]
 str200 = Annotated[str, mapped_column(String(200))]

@@ -29,3 +29,53 @@ class ServiceClass(enum.StrEnum):
     PARCEL = "parcel"
     REGISTERED = "registered"
     ORDINARY = "ordinary"
+
+
+class EventType(enum.StrEnum):
+    """What a scan event says happened (DESIGN.md, "Scan event")."""
+
+    CHECKED_OUT = "checked_out"
+    OUT_FOR_DELIVERY = "out_for_delivery"
+    DELIVERY_ATTEMPT_FAILED = "delivery_attempt_failed"
+    DELIVERED = "delivered"
+    DELIVERED_TO_LOCKER = "delivered_to_locker"
+    DELIVERED_TO_PICKUP_POINT = "delivered_to_pickup_point"
+    RETURNED_TO_STATION = "returned_to_station"
+    COLLECTED_FROM_LOCKER = "collected_from_locker"
+    EXCEPTION = "exception"
+    CONSENT_CAPTURED = "consent_captured"
+    CORRECTION = "correction"
+
+
+class ParcelStatus(enum.StrEnum):
+    """Where a parcel stands, as projected from its events."""
+
+    CHECKED_OUT = "checked_out"
+    OUT_FOR_DELIVERY = "out_for_delivery"
+    ATTEMPT_FAILED = "attempt_failed"
+    DELIVERED = "delivered"
+    IN_LOCKER = "in_locker"
+    AT_PICKUP_POINT = "at_pickup_point"
+    COLLECTED = "collected"
+    RETURNED = "returned"
+    EXCEPTION = "exception"
+
+
+class FlagSeverity(enum.StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class FlagStatus(enum.StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+    CLOSED = "closed"  # its cause disappeared; closed by the system with the reason
+
+
+class FeedKind(enum.StrEnum):
+    """Entries of a device's pull feed."""
+
+    PARCEL = "parcel"
+    PARCEL_REMOVED = "parcel_removed"

@@ -6,7 +6,7 @@ from sqlalchemy import ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, int_pk, str_enum, timestamp, utcnow
-from models.enums import ServiceClass
+from models.enums import ParcelStatus, ServiceClass
 from models.station import Station
 
 
@@ -25,6 +25,11 @@ class Parcel(Base):
     address: Mapped[str] = mapped_column(Text)
     lat: Mapped[float | None]
     lon: Mapped[float | None]
+    # The courier the parcel is assigned to: set at intake, then by check-out events.
+    courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"), index=True)
+    # Projected from the scan events (sync.projection); never set by hand.
+    status: Mapped[ParcelStatus | None] = mapped_column(str_enum(ParcelStatus, "parcel_status"))
+    status_at: Mapped[dt.datetime | None]
     created_at: Mapped[timestamp]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -44,3 +44,15 @@ class LimitExceeded(DomainError):
     """More items than one request may carry."""
 
     code = "payload_too_large"
+
+
+class InvalidCursor(DomainError):
+    """A pull cursor that this server never handed out in that form."""
+
+    code = "cursor_malformed"
+
+
+class CursorReset(DomainError):
+    """The cursor is unknown here (another database, or expired): pull again from scratch."""
+
+    code = "cursor_reset"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from itertools import count
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -77,3 +80,39 @@ def parcel(
     session.add(obj)
     session.flush()
     return obj
+
+
+def event(
+    seq: int,
+    tracking_no: str,
+    type: str = "checked_out",
+    occurred_at: dt.datetime | None = None,
+    client_event_id: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One scan event as a PDA sends it (device clock)."""
+    when = occurred_at or dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC) + dt.timedelta(
+        minutes=seq
+    )
+    return {
+        "client_event_id": client_event_id or str(uuid.uuid4()),
+        "seq": seq,
+        "type": type,
+        "tracking_no": tracking_no,
+        "occurred_at": when.isoformat(),
+        **fields,
+    }
+
+
+def push_body(
+    device_id: str,
+    events: list[dict[str, Any]],
+    batch_id: str | None = None,
+    sent_at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "batch_id": batch_id or str(uuid.uuid4()),
+        "sent_at": (sent_at or dt.datetime.now(dt.UTC)).isoformat(),
+        "events": events,
+    }

@@ -1,10 +1,23 @@
 """Every blueprint of the API, in the order they appear in the docs."""
 
 from courier_api.api.auth.routes import blp as auth_blp
+from courier_api.api.blobs.routes import blp as blobs_blp
 from courier_api.api.devices.routes import blp as devices_blp
 from courier_api.api.health.routes import blp as health_blp
 from courier_api.api.parcels.routes import blp as parcels_blp
+from courier_api.api.quarantine.routes import blp as quarantine_blp
 from courier_api.api.stations.routes import blp as stations_blp
+from courier_api.api.sync.routes import blp as sync_blp
 from courier_api.api.users.routes import blp as users_blp
 
-BLUEPRINTS = (health_blp, auth_blp, stations_blp, users_blp, devices_blp, parcels_blp)
+BLUEPRINTS = (
+    health_blp,
+    auth_blp,
+    stations_blp,
+    users_blp,
+    devices_blp,
+    parcels_blp,
+    sync_blp,
+    blobs_blp,
+    quarantine_blp,
+)

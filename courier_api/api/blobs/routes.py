@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from flask import Response, current_app, request
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.blobs.schemas import BlobOut
+from courier_api.auth import Principal, current_principal
+from courier_api.extensions import db
+from models import Blob, Role
+from sync.blobs import FileBlobStore, get_blob, store_blob
+from sync.errors import NotFound
+
+blp = ApiBlueprint("blobs", __name__, url_prefix="/api/v1/blobs", description="Proof images")
+
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        media_type: {"schema": {"type": "string", "format": "binary"}}
+        for media_type in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+    },
+}
+
+
+def blob_store() -> FileBlobStore:
+    return FileBlobStore(current_app.config["BLOB_DIR"])
+
+
+@blp.route("/<string:sha256>")
+class BlobBySha256(MethodView):
+    @blp.auth(Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.INTEGRATION)
+    @blp.doc(requestBody=IMAGE_BODY)
+    @blp.response(200, BlobOut, description="Already stored (nothing changed)")
+    @blp.alt_response(201, schema=BlobOut, description="Stored")
+    @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
+    @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    def put(self, sha256: str) -> tuple[Blob, int]:
+        """Upload a proof image
+
+        The body is the image itself: PNG, JPEG or WebP, at most MAX_BLOB_BYTES
+        (default 8 MiB). The URL names its sha256 (lowercase hex); the bytes must
+        hash to it and decode as an image. Uploading the same image again is
+        safe. Events may name an image before it is uploaded.
+        """
+        principal = current_principal()
+        blob, created = store_blob(
+            session=db.session,
+            store=blob_store(),
+            digest=sha256,
+            data=request.get_data(cache=False),
+            max_bytes=current_app.config["MAX_BLOB_BYTES"],
+            station_id=principal.station_id,
+            uploaded_by=principal.user_id,
+        )
+        db.session.commit()
+        return blob, 201 if created else 200
+
+    @blp.auth(Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
+    @blp.response(
+        200,
+        description="The image bytes",
+        content_type="image/*",
+    )
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, sha256: str) -> Response:
+        """Download a proof image
+
+        Auditors and admins read every image; managers those uploaded at their
+        station; couriers their own uploads.
+        """
+        blob = get_blob(session=db.session, digest=sha256)
+        if not _may_read(current_principal(), blob):
+            raise NotFound(f"no blob {sha256}", code="blob_not_found")
+        response = Response(blob_store().read(blob.sha256), mimetype=blob.media_type)
+        response.headers["ETag"] = f'"{blob.sha256}"'
+        response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def _may_read(principal: Principal, blob: Blob) -> bool:
+    if principal.role in (Role.ADMIN, Role.AUDITOR):
+        return True
+    if principal.role == Role.STATION_MANAGER:
+        return blob.station_id is not None and blob.station_id == principal.station_id
+    return blob.uploaded_by == principal.user_id

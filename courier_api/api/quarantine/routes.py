@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.pagination import keyset_page
+from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
+from courier_api.auth import current_principal
+from courier_api.extensions import db
+from models import Role
+from sync.quarantine import list_quarantined
+
+blp = ApiBlueprint(
+    "quarantine", __name__, url_prefix="/api/v1/quarantine", description="Rejected events"
+)
+
+
+@blp.route("")
+class Quarantine(MethodView):
+    @blp.auth(Role.STATION_MANAGER, Role.ADMIN)
+    @blp.arguments(QuarantineArgs, location="query")
+    @blp.response(200, QuarantinePage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List rejected events
+
+        Events PDAs sent that could not be accepted, newest first, each with its
+        raw payload, the error code and message, and the batch it came in.
+        Managers see their own station whatever `station_id` says.
+        """
+        rows = list_quarantined(
+            session=db.session,
+            station_id=current_principal().station_filter(args.get("station_id")),
+            device_id=args.get("device_id"),
+            before_id=args["after"] or None,
+            limit=args["limit"],
+        )
+        items = [
+            {
+                **{c: getattr(row, c) for c in QUARANTINE_COLUMNS},
+                "batch_id": str(batch_id),
+            }
+            for row, batch_id in rows
+        ]
+        return keyset_page(items, args["limit"], key=lambda item: item["id"])
+
+
+QUARANTINE_COLUMNS = (
+    "id",
+    "station_id",
+    "device_id",
+    "position",
+    "client_event_id",
+    "seq",
+    "event_type",
+    "tracking_no",
+    "error_code",
+    "message",
+    "field",
+    "payload",
+    "received_at",
+)

@@ -1,0 +1,34 @@
+import marshmallow as ma
+
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Id, Text
+
+
+class QuarantineArgs(PageArgs):
+    station_id = Id(metadata={"description": "Admins only; managers see their own station"})
+    device_id = Text()
+    after = After()
+
+
+class QuarantinedEventOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(required=True)
+    device_id = ma.fields.String(required=True)
+    batch_id = ma.fields.String(required=True)
+    position = ma.fields.Integer(required=True, metadata={"description": "Index in the batch"})
+    client_event_id = ma.fields.String(allow_none=True, required=True)
+    seq = ma.fields.Integer(allow_none=True, required=True)
+    event_type = ma.fields.String(allow_none=True, required=True)
+    tracking_no = ma.fields.String(allow_none=True, required=True)
+    error_code = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
+    field = ma.fields.String(allow_none=True, required=True)
+    payload = ma.fields.String(
+        required=True, metadata={"description": "The event as received, as JSON text"}
+    )
+    received_at = ma.fields.AwareDateTime(required=True)
+
+
+class QuarantinePage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(QuarantinedEventOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from flask import current_app
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
+from courier_api.auth import current_principal
+from courier_api.extensions import db
+from models import Role
+from sync import feed
+from sync.errors import LimitExceeded, PermissionDenied
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.phones import mask_phone
+from sync.tracking import TrackingNumberPolicy
+
+blp = ApiBlueprint("sync", __name__, url_prefix="/api/v1/sync", description="PDA sync")
+
+
+def ingest_rules() -> IngestRules:
+    config = current_app.config
+    return IngestRules(
+        events=EventRules(
+            tracking=TrackingNumberPolicy.from_patterns(config["DOMESTIC_TRACKING_PATTERNS"]),
+            max_age=dt.timedelta(days=config["MAX_EVENT_AGE_DAYS"]),
+        ),
+        clock_skew_bound=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
+    )
+
+
+@blp.route("/push")
+class Push(MethodView):
+    @blp.auth(Role.COURIER)
+    @blp.arguments(PushRequest)
+    @blp.response(200, PushReceipt)
+    @blp.alt_response(409, response="CONFLICT")
+    @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Push a batch of scan events
+
+        Send what the PDA recorded, in batches of any size up to the limit, in any
+        order, as often as needed. Each event gets a result at its index:
+        `applied`, `duplicate` (already held), or `rejected` with a code (kept in
+        quarantine for the station; re-sending it gets the same answer). Re-sending
+        a batch with the same `batch_id` returns the same receipt and changes
+        nothing; the same `batch_id` with other events is a 409 `batch_id_reused`.
+
+        The receipt is sent only after the batch is committed. Delete events from
+        the PDA only up to `acked_through_seq`; `missing_seqs` lists gaps the server
+        is still waiting for. A 503 means nothing was stored: keep everything and
+        retry. `clock_offset_ms` is the PDA clock minus the server clock; event
+        times are corrected by it.
+        """
+        principal = current_principal()
+        if body["device_id"] != principal.device_id:
+            raise PermissionDenied(
+                f"this token belongs to device {principal.device_id}; "
+                "push only for the device you signed in with",
+                code="device_mismatch",
+                field="device_id",
+            )
+        limit = current_app.config["MAX_EVENTS_PER_PUSH"]
+        if len(body["events"]) > limit:
+            raise LimitExceeded(
+                f"{len(body['events'])} events in one push; the limit is {limit}",
+                field="events",
+            )
+        assert principal.station_id is not None  # couriers always belong to a station
+        receipt = ingest(
+            session=db.session,
+            batch=PushBatch(
+                device_id=body["device_id"],
+                batch_id=body["batch_id"],
+                sent_at=body["sent_at"],
+                events=body["events"],
+            ),
+            pusher=Pusher(
+                device_id=body["device_id"],
+                station_id=principal.station_id,
+                courier_id=principal.user_id,
+            ),
+            rules=ingest_rules(),
+        )
+        db.session.commit()
+        return receipt
+
+
+@blp.route("/pull")
+class Pull(MethodView):
+    @blp.auth(Role.COURIER)
+    @blp.arguments(PullArgs, location="query")
+    @blp.response(200, PullPage)
+    @blp.alt_response(400, response="BAD_REQUEST")
+    @blp.alt_response(410, response="GONE")
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Pull changes for this PDA
+
+        Parcels assigned to the signed-in courier, and their updates, after
+        `cursor`, oldest first. `parcel_removed` entries are tombstones (the
+        parcel was reassigned away). Keep `next_cursor` and send it back; a page
+        with `has_more` false is the end for now. A 410 with code `cursor_reset`
+        means the cursor is not known here: drop the local parcel list and pull
+        again without a cursor (unsent events stay on the PDA and are pushed as
+        usual). A malformed cursor is a 400.
+        """
+        principal = current_principal()
+        assert principal.station_id is not None
+        page = feed.read_page(
+            session=db.session,
+            station_id=principal.station_id,
+            courier_id=principal.user_id,
+            cursor=feed.Cursor.parse(args.get("cursor")),
+            limit=args["limit"],
+        )
+        return {
+            "changes": [
+                {
+                    "kind": change.kind,
+                    "tracking_no": change.tracking_no,
+                    "parcel": _pda_parcel(parcel) if parcel is not None else None,
+                }
+                for change, parcel in page.changes
+            ],
+            "next_cursor": str(page.next_cursor),
+            "has_more": page.has_more,
+        }
+
+
+def _pda_parcel(parcel: Any) -> dict[str, Any]:
+    return {
+        "tracking_no": parcel.tracking_no,
+        "service_class": parcel.service_class,
+        "recipient_name": parcel.recipient_name,
+        "recipient_phone": mask_phone(parcel.recipient_phone),
+        "address": parcel.address,
+        "lat": parcel.lat,
+        "lon": parcel.lon,
+        "status": parcel.status,
+        "status_at": parcel.status_at,
+    }

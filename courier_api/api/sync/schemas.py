@@ -1,0 +1,197 @@
+"""PDA sync contract v1. Events are documented here and validated by ``sync.events``.
+
+Each event is judged on its own by the engine (a bad one is quarantined, its
+siblings go on), so the request schema checks only the envelope and passes
+the events through as received.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+
+from courier_api.api.fields import Text
+from models import EventType, FeedKind, ParcelStatus, ServiceClass
+from sync.events import (
+    CONSENT_CHANNELS,
+    CONSENT_METHODS,
+    EXCEPTION_REASONS,
+    FAILED_ATTEMPT_ACTIONS,
+    FAILED_ATTEMPT_REASONS,
+    EventRejected,
+    parse_time,
+)
+
+
+class DeviceTime(ma.fields.String):
+    """An ISO 8601 time with an offset, on the device's clock."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        try:
+            return parse_time(value, field=attr or "time")
+        except EventRejected as error:
+            raise ma.ValidationError(error.message) from None
+
+
+class Location(ma.Schema):
+    lat = ma.fields.Float(required=True, metadata={"minimum": -90, "maximum": 90})
+    lon = ma.fields.Float(required=True, metadata={"minimum": -180, "maximum": 180})
+    accuracy_m = ma.fields.Float(metadata={"minimum": 0})
+
+
+class ProofOfDelivery(ma.Schema):
+    recipient_name = ma.fields.String()
+    relation = ma.fields.String(metadata={"example": "neighbour"})
+    signature_sha256 = ma.fields.String(metadata={"description": "PUT the image to /blobs"})
+    photo_sha256 = ma.fields.String()
+    pickup_code = ma.fields.String(metadata={"description": "Lockers and pickup points"})
+
+
+class CapturedConsent(ma.Schema):
+    method = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_METHODS)})
+    point_id = ma.fields.String()
+    channel = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_CHANNELS)})
+    evidence = ma.fields.String()
+
+
+class ScanEventIn(ma.Schema):
+    client_event_id = ma.fields.UUID(required=True)
+    seq = ma.fields.Integer(
+        required=True,
+        metadata={"minimum": 1, "description": "Per device, from 1, without gaps on the PDA"},
+    )
+    type = ma.fields.Enum(EventType, by_value=True, required=True)
+    tracking_no = ma.fields.String(required=True)
+    occurred_at = ma.fields.String(
+        required=True,
+        metadata={"format": "date-time", "description": "Device clock, with an offset"},
+    )
+    location = ma.fields.Nested(Location)
+    shift_id = ma.fields.Integer()
+    reason = ma.fields.String(
+        metadata={
+            "description": "delivery_attempt_failed: "
+            + ", ".join(sorted(FAILED_ATTEMPT_REASONS))
+            + "; exception: "
+            + ", ".join(sorted(EXCEPTION_REASONS))
+            + "; correction: free text"
+        }
+    )
+    action = ma.fields.String(
+        metadata={
+            "description": "delivery_attempt_failed: " + ", ".join(sorted(FAILED_ATTEMPT_ACTIONS))
+        }
+    )
+    locker_id = ma.fields.String(metadata={"description": "delivered_to_locker"})
+    compartment = ma.fields.String(metadata={"description": "delivered_to_locker"})
+    point_id = ma.fields.String(metadata={"description": "delivered_to_pickup_point"})
+    pod = ma.fields.Nested(ProofOfDelivery, metadata={"description": "delivered*"})
+    consent = ma.fields.Nested(CapturedConsent, metadata={"description": "consent_captured"})
+    voids_client_event_id = ma.fields.UUID(
+        metadata={"description": "correction: an earlier event of this device"}
+    )
+
+
+class RawEvents(ma.fields.List):
+    """A list documented as ``ScanEventIn`` items, passed to the engine as received."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        return value
+
+
+class PushRequest(ma.Schema):
+    device_id = Text(required=True, validate=ma.validate.Length(min=1, max=64))
+    batch_id = ma.fields.UUID(
+        required=True, metadata={"description": "New for each batch; re-send it unchanged"}
+    )
+    sent_at = DeviceTime(
+        required=True,
+        metadata={
+            "format": "date-time",
+            "description": "Device clock at sending, refreshed on every attempt",
+        },
+    )
+    events = RawEvents(
+        ma.fields.Nested(ScanEventIn),
+        required=True,
+        metadata={"description": "Up to MAX_EVENTS_PER_PUSH events (default 5,000)"},
+    )
+
+
+class EventError(ma.Schema):
+    code = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
+    field = ma.fields.String()
+
+
+class EventResult(ma.Schema):
+    index = ma.fields.Integer(required=True)
+    client_event_id = ma.fields.String(allow_none=True, required=True)
+    status = ma.fields.String(
+        required=True, metadata={"enum": ["applied", "duplicate", "rejected"]}
+    )
+    error = ma.fields.Nested(EventError)
+
+
+class RaisedFlag(ma.Schema):
+    flag_id = ma.fields.Integer(required=True)
+    kind = ma.fields.String(required=True)
+    subject_type = ma.fields.String(required=True)
+    subject_key = ma.fields.String(required=True)
+
+
+class PushReceipt(ma.Schema):
+    batch_id = ma.fields.String(required=True)
+    server_time = ma.fields.String(required=True, metadata={"format": "date-time"})
+    clock_offset_ms = ma.fields.Integer(
+        required=True, metadata={"description": "Device clock minus server clock"}
+    )
+    results = ma.fields.List(ma.fields.Nested(EventResult), required=True)
+    acked_through_seq = ma.fields.Integer(
+        required=True,
+        metadata={"description": "Every event up to this seq is held: prune up to it"},
+    )
+    missing_seqs = ma.fields.List(
+        ma.fields.Integer(), required=True, metadata={"description": "The first 100 gaps"}
+    )
+    missing_seq_count = ma.fields.Integer(required=True)
+    flags_raised = ma.fields.List(ma.fields.Nested(RaisedFlag), required=True)
+
+
+class PullArgs(ma.Schema):
+    cursor = ma.fields.String(
+        metadata={"description": "next_cursor of the previous page; omit to start over"}
+    )
+    limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(min=1, max=500))
+
+
+class PdaParcel(ma.Schema):
+    tracking_no = ma.fields.String(required=True)
+    service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(allow_none=True, required=True)
+    address = ma.fields.String(required=True)
+    lat = ma.fields.Float(allow_none=True, required=True)
+    lon = ma.fields.Float(allow_none=True, required=True)
+    status = ma.fields.Enum(ParcelStatus, by_value=True, allow_none=True, required=True)
+    status_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+
+
+class FeedChangeOut(ma.Schema):
+    kind = ma.fields.Enum(
+        FeedKind,
+        by_value=True,
+        required=True,
+        metadata={"description": "parcel_removed is a tombstone: drop it from the PDA"},
+    )
+    tracking_no = ma.fields.String(required=True)
+    parcel = ma.fields.Nested(PdaParcel, allow_none=True, required=True)
+
+
+class PullPage(ma.Schema):
+    changes = ma.fields.List(ma.fields.Nested(FeedChangeOut), required=True)
+    next_cursor = ma.fields.String(required=True)
+    has_more = ma.fields.Boolean(required=True)

@@ -1,0 +1,129 @@
+"""What PDAs upload: batches, the scan events they carry, and what was refused.
+
+Scan events are append-only: nothing here is ever updated or deleted. What an
+event means for its parcel (its status, whether a correction voided it) is
+computed from the events by ``sync.projection``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, BigId, Document, big_pk, sha256_hex, str_enum, timestamp
+from models.enums import EventType
+
+
+class SyncBatch(Base):
+    """One push from a PDA, with the receipt it was answered with.
+
+    The receipt is stored so that re-sending the batch returns it byte for byte
+    and changes nothing (DESIGN.md rule 2).
+    """
+
+    __tablename__ = "sync_batch"
+    __table_args__ = (
+        UniqueConstraint("device_id", "batch_id", name="uq_sync_batch_device_batch"),
+    )
+
+    id: Mapped[big_pk]
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
+    batch_id: Mapped[uuid.UUID] = mapped_column(Uuid())
+    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"), index=True)
+    courier_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    sent_at: Mapped[dt.datetime]
+    received_at: Mapped[timestamp]
+    clock_offset_ms: Mapped[int] = mapped_column(BigId)
+    event_count: Mapped[int]
+    # sha256 of the canonical request: the same batch id with other content is refused.
+    request_hash: Mapped[sha256_hex]
+    receipt: Mapped[dict[str, Any]] = mapped_column(Document)
+
+
+class ScanEvent(Base):
+    """An immutable fact from the field, with the device's time and the corrected time."""
+
+    __tablename__ = "scan_event"
+    __table_args__ = (
+        UniqueConstraint("device_id", "client_event_id", name="uq_scan_event_device_event"),
+        UniqueConstraint("device_id", "seq", name="uq_scan_event_device_id_seq"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
+        Index("ix_scan_event_tracking_no", "tracking_no"),
+    )
+
+    id: Mapped[big_pk]
+    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
+    courier_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    batch_pk: Mapped[int] = mapped_column(BigId, ForeignKey("sync_batch.id"), index=True)
+    client_event_id: Mapped[uuid.UUID] = mapped_column(Uuid())
+    seq: Mapped[int]
+    type: Mapped[EventType] = mapped_column(str_enum(EventType, "event_type"))
+    tracking_no: Mapped[str] = mapped_column(String(40))
+    occurred_at_device: Mapped[dt.datetime]  # as the PDA's clock said
+    occurred_at: Mapped[dt.datetime]  # corrected by the device's estimated clock offset
+    received_at: Mapped[timestamp]
+    lat: Mapped[float | None]
+    lon: Mapped[float | None]
+    accuracy_m: Mapped[float | None]
+    shift_id: Mapped[int | None]
+    voids_client_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
+    details: Mapped[dict[str, Any]] = mapped_column(Document)  # the type-specific fields
+    # sha256 of the event's canonical content: a re-sent id with other content is refused.
+    content_hash: Mapped[sha256_hex]
+
+    def __repr__(self) -> str:
+        return f"<ScanEvent {self.device_id}#{self.seq} {self.type} {self.tracking_no}>"
+
+
+class QuarantinedEvent(Base):
+    """An event that was refused, kept with its raw payload and the reason (rule 1).
+
+    A re-sent rejected event is recognised by its payload hash and answered with
+    the same rejection, so a bad event is final and never blocks a device's queue.
+    """
+
+    __tablename__ = "quarantined_event"
+    __table_args__ = (
+        UniqueConstraint("device_id", "payload_hash", name="uq_quarantined_event_device_payload"),
+        Index("ix_quarantined_event_device_seq", "device_id", "seq"),
+    )
+
+    id: Mapped[big_pk]
+    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
+    batch_pk: Mapped[int] = mapped_column(BigId, ForeignKey("sync_batch.id"))
+    position: Mapped[int]  # index in the batch's events
+    client_event_id: Mapped[str | None] = mapped_column(String(64))
+    seq: Mapped[int | None]
+    event_type: Mapped[str | None] = mapped_column(String(40))
+    tracking_no: Mapped[str | None] = mapped_column(String(40))
+    error_code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    field: Mapped[str | None] = mapped_column(String(64))
+    # The event exactly as received, as ASCII JSON (NULs and lone surrogates escaped).
+    payload: Mapped[str] = mapped_column(Text)
+    payload_hash: Mapped[sha256_hex]
+    received_at: Mapped[timestamp]
+
+
+class DeviceSyncState(Base):
+    """Per device: which sequence numbers the server holds, and the clock estimate.
+
+    Its row is updated under the device's lock, so acknowledgements never race.
+    """
+
+    __tablename__ = "device_sync_state"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), primary_key=True)
+    acked_through_seq: Mapped[int] = mapped_column(BigId, default=0)
+    max_seq: Mapped[int] = mapped_column(BigId, default=0)
+    # Gaps below max_seq as [[first, last], ...], ascending.
+    missing_ranges: Mapped[list[list[int]]] = mapped_column(Document, default=list)
+    clock_offset_ms: Mapped[int | None] = mapped_column(BigId)
+    clock_measured_at: Mapped[dt.datetime | None]
+    last_push_at: Mapped[dt.datetime | None]

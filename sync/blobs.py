@@ -1,0 +1,173 @@
+"""Proof images: verified, content-addressed, stored behind a small interface.
+
+The bytes go to a ``BlobStore`` (files under ``BLOB_DIR`` today; an object store
+can implement the same three methods). The ``blob`` table records what was
+verified and who uploaded it. Uploading the same image again changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import Blob
+from sync.errors import InvalidInput, LimitExceeded, NotFound
+from sync.events import SHA256_HEX
+
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo; larger is a decompression bomb, not a proof
+
+
+class BlobStore(Protocol):
+    def exists(self, digest: str) -> bool: ...
+
+    def put(self, digest: str, data: bytes) -> None: ...
+
+    def read(self, digest: str) -> bytes: ...
+
+
+class FileBlobStore:
+    """``root/ab/cd/abcd...``: written to a temporary file, synced, then renamed,
+    so a crash never leaves a half-written image under its digest."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def put(self, digest: str, data: bytes) -> None:
+        target = self.path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def read(self, digest: str) -> bytes:
+        return self.path(digest).read_bytes()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    media_type: str
+    width: int
+    height: int
+
+
+def check_digest(digest: str) -> str:
+    if not SHA256_HEX.fullmatch(digest):
+        raise InvalidInput(
+            "the blob name must be a lowercase hex sha256 digest",
+            code="invalid_digest",
+            field="sha256",
+        )
+    return digest
+
+
+def inspect_image(data: bytes) -> ImageInfo:
+    """Accept PNG, JPEG and WebP files that decode; refuse anything else."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                media_type = MEDIA_TYPES.get(image.format or "")
+                width, height = image.size
+                if media_type is None:
+                    raise InvalidInput(
+                        f"a {image.format} image is not accepted; send PNG, JPEG or WebP",
+                        code="unsupported_image_type",
+                    )
+                if width * height > MAX_PIXELS:
+                    raise InvalidInput(
+                        f"the image has {width}x{height} pixels; the limit is {MAX_PIXELS:,}",
+                        code="image_too_large",
+                    )
+                image.load()  # decode it all: a truncated or corrupt file fails here
+    except InvalidInput:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ):
+        raise InvalidInput(
+            "the bytes are not a readable PNG, JPEG or WebP image", code="not_an_image"
+        ) from None
+    return ImageInfo(media_type, width, height)
+
+
+def store_blob(
+    *,
+    session: Session,
+    store: BlobStore,
+    digest: str,
+    data: bytes,
+    max_bytes: int,
+    station_id: int | None,
+    uploaded_by: int | None,
+) -> tuple[Blob, bool]:
+    """Verify and store an image; ``(blob, created)``. Idempotent."""
+    check_digest(digest)
+    if len(data) > max_bytes:
+        raise LimitExceeded(
+            f"the image has {len(data):,} bytes; the limit is {max_bytes:,}", field="body"
+        )
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise InvalidInput(
+            f"the bytes hash to {actual}, not to the digest in the URL",
+            code="digest_mismatch",
+            field="sha256",
+        )
+    existing = session.get(Blob, digest)
+    if existing is not None:
+        if not store.exists(digest):  # the file was lost; these bytes are verified
+            store.put(digest, data)
+        return existing, False
+    info = inspect_image(data)
+    store.put(digest, data)  # before the row: a row never points at missing bytes
+    blob = Blob(
+        sha256=digest,
+        media_type=info.media_type,
+        size_bytes=len(data),
+        width=info.width,
+        height=info.height,
+        station_id=station_id,
+        uploaded_by=uploaded_by,
+    )
+    try:
+        with session.begin_nested():
+            session.add(blob)
+    except IntegrityError:  # the same image, uploaded concurrently
+        return get_blob(session=session, digest=digest), False
+    return blob, True
+
+
+def get_blob(*, session: Session, digest: str) -> Blob:
+    blob = session.get(Blob, check_digest(digest))
+    if blob is None:
+        raise NotFound(f"no blob {digest}", code="blob_not_found")
+    return blob

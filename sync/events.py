@@ -1,0 +1,425 @@
+"""Validation of one scan event from a PDA, on its own (PDA sync contract v1).
+
+An event is a JSON object. Each is judged alone: a bad one is rejected with a
+stable code and the field at fault, and its siblings go on. Validation is pure
+(no database), so the same payload gets the same answer every time it is sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import EventType
+from sync.errors import DomainError
+from sync.tracking import TrackingNumberPolicy
+
+MAX_SEQ = 2**31 - 1
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+FAILED_ATTEMPT_REASONS = frozenset(
+    {
+        "recipient_absent",
+        "address_not_found",
+        "address_inaccessible",
+        "refused",
+        "business_closed",
+        "recipient_moved",
+        "other",
+    }
+)
+FAILED_ATTEMPT_ACTIONS = frozenset(
+    {"notice_left", "retry_planned", "moved_to_pickup_point", "return_to_sender"}
+)
+EXCEPTION_REASONS = frozenset({"damaged", "lost", "other"})
+CONSENT_METHODS = frozenset({"locker", "pickup_point", "any"})
+CONSENT_CHANNELS = frozenset({"phone_call", "in_person", "sms", "app"})
+DELIVERY_TYPES = frozenset(
+    {EventType.DELIVERED, EventType.DELIVERED_TO_LOCKER, EventType.DELIVERED_TO_PICKUP_POINT}
+)
+COMMON_FIELDS = frozenset(
+    {"client_event_id", "seq", "type", "tracking_no", "occurred_at", "location", "shift_id"}
+)
+
+
+class EventRejected(DomainError):
+    """The event is malformed; it goes to quarantine with this code and field."""
+
+    code = "invalid_event"
+
+
+@dataclass(frozen=True)
+class EventRules:
+    tracking: TrackingNumberPolicy
+    # An event's device time must lie in [sent_at - max_age, sent_at + future_tolerance],
+    # both on the device's own clock, so a skewed clock does not matter here.
+    max_age: dt.timedelta = dt.timedelta(days=30)
+    future_tolerance: dt.timedelta = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Location:
+    lat: float
+    lon: float
+    accuracy_m: float | None = None
+
+
+@dataclass(frozen=True)
+class ValidEvent:
+    """An event that passed validation, normalized (tracking number, UTC time)."""
+
+    client_event_id: uuid.UUID
+    seq: int
+    type: EventType
+    tracking_no: str
+    occurred_at_device: dt.datetime
+    location: Location | None
+    shift_id: int | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def voids_client_event_id(self) -> uuid.UUID | None:
+        raw = self.details.get("voids_client_event_id")
+        return uuid.UUID(raw) if raw else None
+
+    def canonical(self) -> dict[str, Any]:
+        """The event's content in one spelling: what "the same content" compares."""
+        return {
+            "client_event_id": str(self.client_event_id),
+            "seq": self.seq,
+            "type": self.type.value,
+            "tracking_no": self.tracking_no,
+            "occurred_at": self.occurred_at_device.isoformat(timespec="microseconds"),
+            "location": None
+            if self.location is None
+            else [self.location.lat, self.location.lon, self.location.accuracy_m],
+            "shift_id": self.shift_id,
+            "details": self.details,
+        }
+
+    @property
+    def content_hash(self) -> str:
+        return sha256_json(self.canonical())
+
+
+def sha256_json(value: Any) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, no spaces, ASCII)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def parse_time(raw: Any, *, field: str) -> dt.datetime:
+    """An ISO 8601 time with an offset, as an aware UTC datetime."""
+    if not isinstance(raw, str) or len(raw) > 64:
+        raise EventRejected(
+            "must be an ISO 8601 time with an offset", code="invalid_time", field=field
+        )
+    try:
+        value = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise EventRejected(
+            f"{raw!r} is not an ISO 8601 time", code="invalid_time", field=field
+        ) from None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise EventRejected(
+            "the time needs an offset (e.g. +08:00 or Z): without one it is ambiguous",
+            code="time_without_offset",
+            field=field,
+        )
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise EventRejected(
+            f"{raw!r} is out of range", code="time_out_of_range", field=field
+        ) from None
+
+
+def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> ValidEvent:
+    """Check one raw event against the contract; raise ``EventRejected`` otherwise."""
+    if not isinstance(raw, Mapping):
+        raise EventRejected("an event must be a JSON object", code="not_an_object")
+    event_type = _event_type(raw.get("type"))
+    spec = _TYPE_FIELDS[event_type]
+    unknown = sorted(set(raw) - COMMON_FIELDS - set(spec))
+    if unknown:
+        raise EventRejected(
+            f"unknown field {unknown[0]!r} for a {event_type.value} event",
+            code="unknown_field",
+            field=str(unknown[0])[:64],
+        )
+    client_event_id = _uuid(raw.get("client_event_id"), "client_event_id")
+    seq = _seq(raw.get("seq"))
+    try:
+        tracking_no = rules.tracking.validate(_text(raw.get("tracking_no"), "tracking_no", 40))
+    except EventRejected:
+        raise
+    except DomainError as error:
+        raise EventRejected(error.message, code=error.code, field="tracking_no") from None
+    occurred_at = parse_time(raw.get("occurred_at"), field="occurred_at")
+    if not sent_at - rules.max_age <= occurred_at <= sent_at + rules.future_tolerance:
+        raise EventRejected(
+            "occurred_at must lie between "
+            f"{rules.max_age.days} days before and "
+            f"{int(rules.future_tolerance.total_seconds())} s after the push's sent_at "
+            "(both on the device clock)",
+            code="occurred_at_out_of_range",
+            field="occurred_at",
+        )
+    details = {
+        name: parse(raw.get(name), name)
+        for name, (required, parse) in spec.items()
+        if required or raw.get(name) is not None
+    }
+    if event_type == EventType.CORRECTION and details["voids_client_event_id"] == str(
+        client_event_id
+    ):
+        raise EventRejected(
+            "a correction cannot void itself",
+            code="correction_voids_itself",
+            field="voids_client_event_id",
+        )
+    return ValidEvent(
+        client_event_id=client_event_id,
+        seq=seq,
+        type=event_type,
+        tracking_no=tracking_no,
+        occurred_at_device=occurred_at,
+        location=_location(raw.get("location")),
+        shift_id=_optional_id(raw.get("shift_id"), "shift_id"),
+        details=details,
+    )
+
+
+# -- field parsers --------------------------------------------------------------------------
+
+
+def _event_type(raw: Any) -> EventType:
+    if raw is None:
+        raise EventRejected("type is required", code="missing_field", field="type")
+    try:
+        return EventType(raw)
+    except ValueError:
+        known = ", ".join(t.value for t in EventType)
+        shown = repr(raw)[:60]
+        raise EventRejected(
+            f"unknown event type {shown}; one of: {known}", code="unknown_event_type", field="type"
+        ) from None
+
+
+def _uuid(raw: Any, name: str) -> uuid.UUID:
+    if isinstance(raw, str) and len(raw) <= 64:
+        try:
+            return uuid.UUID(raw)
+        except ValueError:
+            pass
+    raise EventRejected(f"{name} must be a UUID", code="invalid_uuid", field=name)
+
+
+def _uuid_text(raw: Any, name: str) -> str:
+    return str(_uuid(raw, name))
+
+
+def _seq(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_SEQ:
+        raise EventRejected(
+            f"seq must be an integer from 1 to {MAX_SEQ}", code="invalid_seq", field="seq"
+        )
+    return raw
+
+
+def _optional_id(raw: Any, name: str) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_SEQ:
+        raise EventRejected(f"{name} must be a positive integer", code="invalid_id", field=name)
+    return raw
+
+
+def _text(raw: Any, name: str, max_length: int) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise EventRejected(f"{name} must be a non-empty string", code="missing_text", field=name)
+    if len(raw) > max_length:
+        raise EventRejected(
+            f"{name} is longer than {max_length} characters", code="text_too_long", field=name
+        )
+    if _UNSTORABLE.search(raw):
+        raise EventRejected(
+            f"{name} contains a NUL character or an unpaired surrogate",
+            code="unstorable_text",
+            field=name,
+        )
+    return raw.strip()
+
+
+def _text_parser(max_length: int) -> Callable[[Any, str], str]:
+    return lambda raw, name: _text(raw, name, max_length)
+
+
+def _choice(choices: frozenset[str]) -> Callable[[Any, str], str]:
+    def parse(raw: Any, name: str) -> str:
+        if not isinstance(raw, str) or raw not in choices:
+            raise EventRejected(
+                f"{name} must be one of: {', '.join(sorted(choices))}",
+                code="invalid_choice",
+                field=name,
+            )
+        return raw
+
+    return parse
+
+
+def _number(raw: Any, name: str, low: float, high: float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise EventRejected(f"{name} must be a number", code="invalid_number", field=name)
+    value = float(raw)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise EventRejected(
+            f"{name} must be a number from {low:g} to {high:g}",
+            code="invalid_number",
+            field=name,
+        )
+    return value
+
+
+def _location(raw: Any) -> Location | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise EventRejected(
+            "location must be an object {lat, lon, accuracy_m}",
+            code="invalid_location",
+            field="location",
+        )
+    unknown = sorted(set(raw) - {"lat", "lon", "accuracy_m"})
+    if unknown:
+        raise EventRejected(
+            f"unknown field {str(unknown[0])[:40]!r} in location",
+            code="unknown_field",
+            field="location",
+        )
+    accuracy = raw.get("accuracy_m")
+    return Location(
+        lat=_number(raw.get("lat"), "location.lat", -90, 90),
+        lon=_number(raw.get("lon"), "location.lon", -180, 180),
+        accuracy_m=None if accuracy is None else _number(accuracy, "location.accuracy_m", 0, 1e6),
+    )
+
+
+def _object(
+    fields: dict[str, tuple[bool, Callable[[Any, str], Any]]],
+) -> Callable[[Any, str], dict[str, Any]]:
+    """A nested object with known fields, each (required, parser)."""
+
+    def parse(raw: Any, name: str) -> dict[str, Any]:
+        if not isinstance(raw, Mapping):
+            raise EventRejected(f"{name} must be an object", code="invalid_object", field=name)
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise EventRejected(
+                f"unknown field {str(unknown[0])[:40]!r} in {name}",
+                code="unknown_field",
+                field=name,
+            )
+        parsed = {}
+        for key, (required, parse_field) in fields.items():
+            value = raw.get(key)
+            if value is None:
+                if required:
+                    raise EventRejected(
+                        f"{name}.{key} is required", code="missing_field", field=f"{name}.{key}"
+                    )
+                continue
+            parsed[key] = parse_field(value, f"{name}.{key}")
+        return parsed
+
+    return parse
+
+
+def _sha256(raw: Any, name: str) -> str:
+    if not isinstance(raw, str) or not SHA256_HEX.fullmatch(raw):
+        raise EventRejected(
+            f"{name} must be a lowercase hex sha256 digest", code="invalid_digest", field=name
+        )
+    return raw
+
+
+def _required(parse: Callable[[Any, str], Any]) -> tuple[bool, Callable[[Any, str], Any]]:
+    def parse_required(raw: Any, name: str) -> Any:
+        if raw is None:
+            raise EventRejected(f"{name} is required", code="missing_field", field=name)
+        return parse(raw, name)
+
+    return True, parse_required
+
+
+def _optional(parse: Callable[[Any, str], Any]) -> tuple[bool, Callable[[Any, str], Any]]:
+    return False, parse
+
+
+POD = _object(
+    {
+        "recipient_name": (False, _text_parser(200)),
+        "relation": (False, _text_parser(64)),
+        "signature_sha256": (False, _sha256),
+        "photo_sha256": (False, _sha256),
+        "pickup_code": (False, _text_parser(32)),
+    }
+)
+CONSENT = _object(
+    {
+        "method": (True, _choice(CONSENT_METHODS)),
+        "point_id": (False, _text_parser(64)),
+        "channel": (True, _choice(CONSENT_CHANNELS)),
+        "evidence": (False, _text_parser(500)),
+    }
+)
+
+# Type-specific fields: name -> (required, parser). Parsed values go to ``details``.
+_TYPE_FIELDS: dict[EventType, dict[str, tuple[bool, Callable[[Any, str], Any]]]] = {
+    EventType.CHECKED_OUT: {},
+    EventType.OUT_FOR_DELIVERY: {},
+    EventType.DELIVERY_ATTEMPT_FAILED: {
+        "reason": _required(_choice(FAILED_ATTEMPT_REASONS)),
+        "action": _required(_choice(FAILED_ATTEMPT_ACTIONS)),
+    },
+    EventType.DELIVERED: {"pod": _optional(POD)},
+    EventType.DELIVERED_TO_LOCKER: {
+        "locker_id": _required(_text_parser(64)),
+        "compartment": _required(_text_parser(32)),
+        "pod": _optional(POD),
+    },
+    EventType.DELIVERED_TO_PICKUP_POINT: {
+        "point_id": _required(_text_parser(64)),
+        "pod": _optional(POD),
+    },
+    EventType.RETURNED_TO_STATION: {},
+    EventType.COLLECTED_FROM_LOCKER: {
+        "locker_id": _optional(_text_parser(64)),
+        "compartment": _optional(_text_parser(32)),
+    },
+    EventType.EXCEPTION: {"reason": _required(_choice(EXCEPTION_REASONS))},
+    EventType.CONSENT_CAPTURED: {"consent": _required(CONSENT)},
+    EventType.CORRECTION: {
+        "voids_client_event_id": _required(_uuid_text),
+        "reason": _required(_text_parser(500)),
+    },
+}
+
+
+def type_fields(event_type: EventType) -> frozenset[str]:
+    """The type-specific fields an event of ``event_type`` may carry."""
+    return frozenset(_TYPE_FIELDS[event_type])
+
+
+def referenced_blobs(details: Mapping[str, Any]) -> list[str]:
+    """The proof images an event's POD points at (they may arrive after the event)."""
+    pod = details.get("pod") or {}
+    return [pod[key] for key in ("signature_sha256", "photo_sha256") if key in pod]

@@ -1,0 +1,100 @@
+"""Flags: discrepancies and violations, one per kind and subject (DESIGN.md "Flag").
+
+Raising a flag that exists merges the new evidence into it instead of adding a
+second one, so re-running a check or re-sending a batch never duplicates flags.
+A flag whose cause went away is closed with the reason, never deleted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import Flag, FlagSeverity, FlagStatus
+
+ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
+
+
+@dataclass(frozen=True)
+class FlagSubject:
+    type: str  # parcel | device | event
+    key: str
+
+
+@dataclass(frozen=True)
+class RaisedFlag:
+    flag: Flag
+    new: bool  # created, or reopened after the system had closed it
+
+
+def raise_flag(
+    *,
+    session: Session,
+    kind: str,
+    severity: FlagSeverity,
+    subject: FlagSubject,
+    station_id: int | None,
+    evidence: dict[str, Any],
+) -> RaisedFlag:
+    """Create the flag, or merge ``evidence`` into the one that exists."""
+    flag = _locked(session, kind, subject)
+    if flag is None:
+        flag = Flag(
+            kind=kind,
+            severity=severity,
+            subject_type=subject.type,
+            subject_key=subject.key,
+            station_id=station_id,
+            evidence=_merged({}, evidence),
+        )
+        try:
+            with session.begin_nested():
+                session.add(flag)
+        except IntegrityError:  # raised by a concurrent transaction a moment ago
+            flag = _locked(session, kind, subject)
+            assert flag is not None
+        else:
+            return RaisedFlag(flag, new=True)
+    merged = _merged(flag.evidence, evidence)
+    if merged != flag.evidence:
+        flag.evidence = merged
+    if flag.status == FlagStatus.CLOSED:
+        flag.status = FlagStatus.OPEN
+        flag.closed_reason = None
+        return RaisedFlag(flag, new=True)
+    return RaisedFlag(flag, new=False)
+
+
+def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:
+    """Close an open flag because its cause disappeared; ``reason`` says why."""
+    flag = _locked(session, kind, subject)
+    if flag is None or flag.status not in ACTIVE_STATUSES:
+        return flag
+    flag.status = FlagStatus.CLOSED
+    flag.closed_reason = reason
+    return flag
+
+
+def _locked(session: Session, kind: str, subject: FlagSubject) -> Flag | None:
+    return session.scalar(
+        select(Flag)
+        .where(
+            Flag.kind == kind,
+            Flag.subject_type == subject.type,
+            Flag.subject_key == subject.key,
+        )
+        .with_for_update()
+    )
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Later evidence wins per key; lists of event ids accumulate."""
+    merged = {**old, **new}
+    for key in ("event_ids", "batch_ids"):
+        if key in old or key in new:
+            merged[key] = sorted(set(old.get(key, [])) | set(new.get(key, [])), key=str)
+    return merged

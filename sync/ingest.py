@@ -1,0 +1,609 @@
+"""The offline-batch engine: one push from a PDA in, one receipt out.
+
+``ingest`` runs inside the caller's transaction and never commits: the caller
+commits and only then sends the receipt, so nothing is acknowledged that is
+not stored (DESIGN.md, PDA sync contract). What it guarantees:
+
+* **Nothing lost.** Every event gets a result at its index. Valid events are
+  stored; malformed ones go to quarantine with their raw payload, code and
+  message. One bad event never blocks its siblings.
+* **Exactly once.** A batch id seen before returns its stored receipt and
+  changes nothing. ``(device, client_event_id)`` is unique forever; the same
+  id with other content is rejected as ``conflicting_duplicate`` and flagged.
+* **One device at a time.** The device's row is locked (``FOR UPDATE`` on
+  PostgreSQL; SQLite transactions are serial), so pushes of one device are
+  serialized while other devices go on.
+* **Savepoints.** The new events of a batch are inserted inside a savepoint;
+  if the database refuses any of them, that savepoint is rolled back and each
+  event is inserted again inside its own savepoint, so the poison event is
+  rejected (``unstorable``) with no partial rows and its siblings are stored.
+  The common case costs one statement instead of one savepoint per event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session
+
+from models import (
+    Device,
+    DeviceSyncState,
+    FlagSeverity,
+    Parcel,
+    QuarantinedEvent,
+    ScanEvent,
+    SyncBatch,
+    utcnow,
+)
+from sync import feed
+from sync.acks import SeqTracker
+from sync.errors import Conflict
+from sync.events import (
+    MAX_SEQ,
+    EventRejected,
+    EventRules,
+    ValidEvent,
+    sha256_json,
+    validate_event,
+)
+from sync.flags import FlagSubject, raise_flag
+from sync.projection import EventFact, project
+
+log = logging.getLogger(__name__)
+
+_IN_CHUNK = 900  # below SQLite's and PostgreSQL's bound-parameter limits
+
+
+@dataclass(frozen=True)
+class IngestRules:
+    events: EventRules
+    clock_skew_bound: dt.timedelta = dt.timedelta(minutes=2)
+    missing_seqs_limit: int = 100
+
+
+@dataclass(frozen=True)
+class PushBatch:
+    device_id: str
+    batch_id: uuid.UUID
+    sent_at: dt.datetime  # the device's clock when it sent the push
+    events: Sequence[Any]  # raw JSON values, validated one by one here
+
+
+@dataclass(frozen=True)
+class Pusher:
+    """The courier and device a push comes from (already authenticated)."""
+
+    device_id: str
+    station_id: int
+    courier_id: int
+
+
+@dataclass
+class _Result:
+    index: int
+    client_event_id: str | None
+    status: str  # applied | duplicate | rejected
+    error: EventRejected | None = None
+    seq: int | None = None  # a sequence number the server now holds an answer for
+
+
+@dataclass
+class _Rejection:
+    index: int
+    raw: Any
+    error: EventRejected
+    payload_hash: str = ""
+
+
+def request_hash(batch: PushBatch) -> str:
+    """What "the same batch" means: device, batch id and events. Not ``sent_at``,
+    which a PDA refreshes on each attempt so the clock estimate stays honest."""
+    return sha256_json(
+        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": batch.events}
+    )
+
+
+def ingest(
+    *,
+    session: Session,
+    batch: PushBatch,
+    pusher: Pusher,
+    rules: IngestRules,
+    received_at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Apply one push and return its receipt (stored with the batch)."""
+    received_at = received_at or utcnow()
+    _lock_device(session, pusher.device_id)
+    digest = request_hash(batch)
+    stored = session.scalar(
+        select(SyncBatch).where(
+            SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
+        )
+    )
+    if stored is not None:
+        if stored.request_hash != digest:
+            raise Conflict(
+                f"batch {batch.batch_id} was already received with other events; "
+                "a new batch needs a new batch_id",
+                code="batch_id_reused",
+                field="batch_id",
+            )
+        return stored.receipt
+    return _BatchIngest(session, batch, pusher, rules, received_at, digest).run()
+
+
+class _BatchIngest:
+    def __init__(
+        self,
+        session: Session,
+        batch: PushBatch,
+        pusher: Pusher,
+        rules: IngestRules,
+        received_at: dt.datetime,
+        digest: str,
+    ) -> None:
+        self.session = session
+        self.batch = batch
+        self.pusher = pusher
+        self.rules = rules
+        self.received_at = received_at
+        self.offset = batch.sent_at - received_at
+        self.offset_ms = round(self.offset.total_seconds() * 1000)
+        self.row = SyncBatch(
+            device_id=pusher.device_id,
+            batch_id=batch.batch_id,
+            station_id=pusher.station_id,
+            courier_id=pusher.courier_id,
+            sent_at=batch.sent_at,
+            received_at=received_at,
+            clock_offset_ms=self.offset_ms,
+            event_count=len(batch.events),
+            request_hash=digest,
+            receipt={},
+        )
+        self.results: dict[int, _Result] = {}
+        self.rejections: list[_Rejection] = []
+        self.raised: list[dict[str, Any]] = []
+
+    def run(self) -> dict[str, Any]:
+        self.session.add(self.row)
+        self.session.flush()
+        candidates = self._validate()
+        new_events = self._deduplicate(candidates)
+        stored = self._insert(new_events)
+        self._quarantine()
+        tracker = self._update_device_state()
+        self._project({event.tracking_no for _, event in stored})
+        receipt = self._receipt(tracker)
+        self.row.receipt = receipt
+        self.session.flush()
+        return receipt
+
+    # -- classification ---------------------------------------------------------------------
+
+    def _validate(self) -> list[tuple[int, ValidEvent]]:
+        valid = []
+        for index, raw in enumerate(self.batch.events):
+            try:
+                event = validate_event(raw, sent_at=self.batch.sent_at, rules=self.rules.events)
+            except EventRejected as error:
+                self._reject(index, raw, error)
+            else:
+                valid.append((index, event))
+        return valid
+
+    def _deduplicate(self, valid: list[tuple[int, ValidEvent]]) -> list[tuple[int, ValidEvent]]:
+        """Drop events already held; reject re-used ids with other content, and re-used seqs."""
+        ids = [event.client_event_id for _, event in valid]
+        held_by_id = {
+            row.client_event_id: row
+            for chunk in _chunks(ids)
+            for row in self.session.execute(
+                select(ScanEvent.client_event_id, ScanEvent.content_hash, ScanEvent.id).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                )
+            )
+        }
+        seqs = [event.seq for _, event in valid]
+        held_by_seq = {
+            row.seq: row.client_event_id
+            for chunk in _chunks(seqs)
+            for row in self.session.execute(
+                select(ScanEvent.seq, ScanEvent.client_event_id).where(
+                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
+                )
+            )
+        }
+        in_batch: dict[uuid.UUID, tuple[str, int]] = {}
+        fresh = []
+        for index, event in valid:
+            content_hash = event.content_hash
+            held = held_by_id.get(event.client_event_id)
+            earlier = in_batch.get(event.client_event_id)
+            known_hash = held.content_hash if held else earlier[0] if earlier else None
+            if known_hash is not None:
+                if known_hash == content_hash:
+                    self._answer(index, event, "duplicate")
+                else:
+                    self._conflicting_duplicate(index, event, held.id if held else None)
+                continue
+            seq_owner = held_by_seq.get(event.seq)
+            if seq_owner is not None and seq_owner != event.client_event_id:
+                self._seq_conflict(index, event, seq_owner)
+                continue
+            in_batch[event.client_event_id] = (content_hash, index)
+            held_by_seq[event.seq] = event.client_event_id
+            fresh.append((index, event))
+        return fresh
+
+    def _answer(self, index: int, event: ValidEvent, status: str) -> None:
+        self.results[index] = _Result(index, str(event.client_event_id), status, seq=event.seq)
+
+    def _reject(self, index: int, raw: Any, error: EventRejected) -> None:
+        self.rejections.append(_Rejection(index, raw, error))
+
+    def _conflicting_duplicate(self, index: int, event: ValidEvent, held_id: int | None) -> None:
+        error = EventRejected(
+            f"event {event.client_event_id} was already received with other content; "
+            "the first version stands",
+            code="conflicting_duplicate",
+            field="client_event_id",
+        )
+        self._reject(index, self.batch.events[index], error)
+        self._flag(
+            "conflicting_duplicate",
+            FlagSeverity.WARNING,
+            FlagSubject("event", f"{self.pusher.device_id}/{event.client_event_id}"),
+            {"event_ids": [held_id] if held_id else [], "batch_ids": [str(self.batch.batch_id)]},
+        )
+
+    def _seq_conflict(self, index: int, event: ValidEvent, owner: uuid.UUID) -> None:
+        error = EventRejected(
+            f"seq {event.seq} already belongs to event {owner} of this device",
+            code="seq_conflict",
+            field="seq",
+        )
+        self._reject(index, self.batch.events[index], error)
+        self._flag(
+            "seq_conflict",
+            FlagSeverity.WARNING,
+            FlagSubject("event", f"{self.pusher.device_id}#{event.seq}"),
+            {"client_event_ids": sorted({str(owner), str(event.client_event_id)})},
+        )
+
+    # -- storing ----------------------------------------------------------------------------
+
+    def _insert(self, fresh: list[tuple[int, ValidEvent]]) -> list[tuple[int, ValidEvent]]:
+        rows = [self._row(event) for _, event in fresh]
+        if not rows:
+            return []
+        try:
+            with self.session.begin_nested():
+                self.session.execute(insert(ScanEvent), rows)
+        except (IntegrityError, DataError):
+            log.warning(
+                "batch %s: the database refused an event; retrying one by one", self.batch.batch_id
+            )
+            return self._insert_one_by_one(fresh, rows)
+        for index, event in fresh:
+            self._answer(index, event, "applied")
+        return fresh
+
+    def _insert_one_by_one(
+        self, fresh: list[tuple[int, ValidEvent]], rows: list[dict[str, Any]]
+    ) -> list[tuple[int, ValidEvent]]:
+        stored = []
+        for (index, event), row in zip(fresh, rows, strict=True):
+            try:
+                with self.session.begin_nested():
+                    self.session.execute(insert(ScanEvent), [row])
+            except (IntegrityError, DataError) as exc:
+                log.warning("event %s refused by the database: %s", event.client_event_id, exc)
+                self._reject(
+                    index,
+                    self.batch.events[index],
+                    EventRejected(
+                        "the database refused this event; it is kept in quarantine",
+                        code="unstorable",
+                    ),
+                )
+            else:
+                self._answer(index, event, "applied")
+                stored.append((index, event))
+        return stored
+
+    def _row(self, event: ValidEvent) -> dict[str, Any]:
+        location = event.location
+        return {
+            "station_id": self.pusher.station_id,
+            "device_id": self.pusher.device_id,
+            "courier_id": self.pusher.courier_id,
+            "batch_pk": self.row.id,
+            "client_event_id": event.client_event_id,
+            "seq": event.seq,
+            "type": event.type,
+            "tracking_no": event.tracking_no,
+            "occurred_at_device": event.occurred_at_device,
+            "occurred_at": event.occurred_at_device - self.offset,
+            "received_at": self.received_at,
+            "lat": location.lat if location else None,
+            "lon": location.lon if location else None,
+            "accuracy_m": location.accuracy_m if location else None,
+            "shift_id": event.shift_id,
+            "voids_client_event_id": event.voids_client_event_id,
+            "details": event.details,
+            "content_hash": event.content_hash,
+        }
+
+    def _quarantine(self) -> None:
+        """Keep every rejected event; one re-sent is answered as it was the first time."""
+        if not self.rejections:
+            return
+        for rejection in self.rejections:
+            rejection.payload_hash = sha256_json(rejection.raw)
+        hashes = [r.payload_hash for r in self.rejections]
+        kept = {
+            row.payload_hash: row
+            for chunk in _chunks(hashes)
+            for row in self.session.scalars(
+                select(QuarantinedEvent).where(
+                    QuarantinedEvent.device_id == self.pusher.device_id,
+                    QuarantinedEvent.payload_hash.in_(chunk),
+                )
+            )
+        }
+        rows = []
+        for rejection in self.rejections:
+            previous = kept.get(rejection.payload_hash)
+            if previous is not None:
+                rejection.error = EventRejected(
+                    previous.message, code=previous.error_code, field=previous.field
+                )
+            else:
+                row = self._quarantine_row(rejection)
+                kept[rejection.payload_hash] = row
+                rows.append(row)
+            raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
+            self.results[rejection.index] = _Result(
+                rejection.index,
+                _storable(raw.get("client_event_id"), 64),
+                "rejected",
+                rejection.error,
+                seq=_valid_seq(raw.get("seq")),
+            )
+        self.session.add_all(rows)
+        self.session.flush()
+
+    def _quarantine_row(self, rejection: _Rejection) -> QuarantinedEvent:
+        raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
+        return QuarantinedEvent(
+            station_id=self.pusher.station_id,
+            device_id=self.pusher.device_id,
+            batch_pk=self.row.id,
+            position=rejection.index,
+            client_event_id=_storable(raw.get("client_event_id"), 64),
+            seq=_valid_seq(raw.get("seq")),
+            event_type=_storable(raw.get("type"), 40),
+            tracking_no=_storable(raw.get("tracking_no"), 40),
+            error_code=rejection.error.code,
+            message=rejection.error.message,
+            field=_storable(rejection.error.field, 64),
+            payload=_ascii_json(rejection.raw),
+            payload_hash=rejection.payload_hash,
+            received_at=self.received_at,
+        )
+
+    # -- device state: acknowledgements and clock -------------------------------------------
+
+    def _update_device_state(self) -> SeqTracker:
+        state = self.session.get(DeviceSyncState, self.pusher.device_id)
+        if state is None:
+            state = DeviceSyncState(device_id=self.pusher.device_id, missing_ranges=[])
+            self.session.add(state)
+        tracker = SeqTracker(state.max_seq or 0, [list(r) for r in state.missing_ranges or []])
+        tracker.add_all(r.seq for r in self.results.values() if r.seq is not None)
+        state.max_seq = tracker.max_seq
+        state.missing_ranges = tracker.missing
+        state.acked_through_seq = tracker.acked_through
+        state.clock_offset_ms = self.offset_ms
+        state.clock_measured_at = self.received_at
+        state.last_push_at = self.received_at
+        device = self.session.get(Device, self.pusher.device_id)
+        if device is not None:
+            device.last_seen_at = self.received_at
+        if abs(self.offset) > self.rules.clock_skew_bound:
+            self._flag(
+                "clock_skew",
+                FlagSeverity.WARNING,
+                FlagSubject("device", self.pusher.device_id),
+                {
+                    "clock_offset_ms": self.offset_ms,
+                    "bound_ms": round(self.rules.clock_skew_bound.total_seconds() * 1000),
+                    "measured_at": self.received_at.isoformat(),
+                    "batch_ids": [str(self.batch.batch_id)],
+                },
+            )
+        return tracker
+
+    # -- projection ------------------------------------------------------------------------
+
+    def _project(self, tracking_nos: set[str]) -> None:
+        outcome = reproject(session=self.session, tracking_nos=tracking_nos)
+        for tracking_no, event_ids in sorted(outcome.unknown.items()):
+            self._flag(
+                "unknown_parcel",
+                FlagSeverity.WARNING,
+                FlagSubject("parcel", tracking_no),
+                {"event_ids": event_ids, "device_id": self.pusher.device_id},
+            )
+
+    def _flag(
+        self, kind: str, severity: FlagSeverity, subject: FlagSubject, evidence: dict[str, Any]
+    ) -> None:
+        raised = raise_flag(
+            session=self.session,
+            kind=kind,
+            severity=severity,
+            subject=subject,
+            station_id=self.pusher.station_id,
+            evidence=evidence,
+        )
+        if raised.new:
+            self.session.flush()
+            self.raised.append(
+                {
+                    "flag_id": raised.flag.id,
+                    "kind": kind,
+                    "subject_type": subject.type,
+                    "subject_key": subject.key,
+                }
+            )
+
+    # -- receipt ---------------------------------------------------------------------------
+
+    def _receipt(self, tracker: SeqTracker) -> dict[str, Any]:
+        results = []
+        for index in range(len(self.batch.events)):
+            result = self.results[index]
+            item: dict[str, Any] = {
+                "index": index,
+                "client_event_id": result.client_event_id,
+                "status": result.status,
+            }
+            if result.error is not None:
+                item["error"] = {"code": result.error.code, "message": result.error.message}
+                if result.error.field:
+                    item["error"]["field"] = result.error.field
+            results.append(item)
+        return {
+            "batch_id": str(self.batch.batch_id),
+            "server_time": self.received_at.isoformat(),
+            "clock_offset_ms": self.offset_ms,
+            "results": results,
+            "acked_through_seq": tracker.acked_through,
+            "missing_seqs": tracker.missing_seqs(self.rules.missing_seqs_limit),
+            "missing_seq_count": tracker.missing_count,
+            "flags_raised": self.raised,
+        }
+
+
+@dataclass
+class ReprojectOutcome:
+    changed: list[str] = field(default_factory=list)  # tracking numbers whose status moved
+    unknown: dict[str, list[int]] = field(default_factory=dict)  # no such parcel: event ids
+
+
+def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutcome:
+    """Recompute the status (and holder) of these parcels from all their events.
+
+    The parcels are locked first, in a fixed order, so that two pushes touching
+    one parcel cannot each compute from a history missing the other's events.
+    """
+    wanted = sorted(set(tracking_nos))
+    outcome = ReprojectOutcome()
+    if not wanted:
+        return outcome
+    parcels = {
+        parcel.tracking_no: parcel
+        for chunk in _chunks(wanted)
+        for parcel in session.scalars(
+            select(Parcel)
+            .where(Parcel.tracking_no.in_(chunk))
+            .order_by(Parcel.tracking_no)
+            .with_for_update()
+        )
+    }
+    facts: dict[str, list[EventFact]] = {tracking_no: [] for tracking_no in wanted}
+    for chunk in _chunks(wanted):
+        for row in session.execute(
+            select(
+                ScanEvent.id,
+                ScanEvent.tracking_no,
+                ScanEvent.device_id,
+                ScanEvent.seq,
+                ScanEvent.type,
+                ScanEvent.occurred_at,
+                ScanEvent.client_event_id,
+                ScanEvent.courier_id,
+                ScanEvent.voids_client_event_id,
+            ).where(ScanEvent.tracking_no.in_(chunk))
+        ):
+            facts[row.tracking_no].append(
+                EventFact(
+                    event_id=row.id,
+                    device_id=row.device_id,
+                    seq=row.seq,
+                    type=row.type,
+                    occurred_at=row.occurred_at,
+                    client_event_id=row.client_event_id,
+                    courier_id=row.courier_id,
+                    voids_client_event_id=row.voids_client_event_id,
+                )
+            )
+    entries: list[feed.FeedEntry] = []
+    for tracking_no in wanted:
+        parcel = parcels.get(tracking_no)
+        if parcel is None:
+            if facts[tracking_no]:
+                outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
+            continue
+        projection = project(facts[tracking_no])
+        holder = projection.holder_courier_id or parcel.courier_id
+        if holder != parcel.courier_id:
+            entries.extend(
+                feed.entries_for_reassignment(
+                    station_id=parcel.station_id,
+                    tracking_no=tracking_no,
+                    old_courier=parcel.courier_id,
+                    new_courier=holder,
+                )
+            )
+            parcel.courier_id = holder
+        if (parcel.status, parcel.status_at) != (projection.status, projection.status_at):
+            parcel.status = projection.status
+            parcel.status_at = projection.status_at
+            outcome.changed.append(tracking_no)
+            if holder is not None:
+                entries.append(
+                    feed.FeedEntry(parcel.station_id, holder, feed.FeedKind.PARCEL, tracking_no)
+                )
+    feed.record(session, entries)
+    return outcome
+
+
+def _lock_device(session: Session, device_id: str) -> None:
+    session.execute(select(Device.id).where(Device.id == device_id).with_for_update())
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), _IN_CHUNK):
+        yield items[start : start + _IN_CHUNK]
+
+
+def _storable(value: Any, max_length: int) -> str | None:
+    """A raw value kept in a quarantine column only when it is a short, storable string."""
+    if not isinstance(value, str) or len(value) > max_length:
+        return None
+    if any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in value):
+        return None
+    return value
+
+
+def _valid_seq(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
+        return None
+    return value
+
+
+def _ascii_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, sort_keys=True)

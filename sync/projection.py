@@ -1,0 +1,127 @@
+"""A parcel's status as a projection of its scan events (pure functions).
+
+Arrival order never matters: the projection sorts the events itself.
+
+* Within one device, sequence numbers are the causal order (DESIGN.md rule 6):
+  a device's events are never reordered among themselves, whatever their clock
+  says. Across devices, events are ordered by corrected occurrence time. Both
+  hold at once by giving each event the latest corrected time seen so far on
+  its device, in sequence order, and sorting by that, then device, then seq.
+* A ``correction`` voids an earlier event (lower seq) of the same device. The
+  voided event stays in the timeline, marked, and no longer counts. A
+  correction of a correction has no effect: amendments are not undone by
+  further amendments, they are corrected by new events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from models import EventType, ParcelStatus
+
+STATUS_OF_EVENT: dict[EventType, ParcelStatus] = {
+    EventType.CHECKED_OUT: ParcelStatus.CHECKED_OUT,
+    EventType.OUT_FOR_DELIVERY: ParcelStatus.OUT_FOR_DELIVERY,
+    EventType.DELIVERY_ATTEMPT_FAILED: ParcelStatus.ATTEMPT_FAILED,
+    EventType.DELIVERED: ParcelStatus.DELIVERED,
+    EventType.DELIVERED_TO_LOCKER: ParcelStatus.IN_LOCKER,
+    EventType.DELIVERED_TO_PICKUP_POINT: ParcelStatus.AT_PICKUP_POINT,
+    EventType.RETURNED_TO_STATION: ParcelStatus.RETURNED,
+    EventType.COLLECTED_FROM_LOCKER: ParcelStatus.COLLECTED,
+    EventType.EXCEPTION: ParcelStatus.EXCEPTION,
+}
+
+# UPU EMSEVT v4 event codes, where one of ours has an equivalent.
+EMSEVT_CODE: dict[EventType, str] = {
+    EventType.OUT_FOR_DELIVERY: "EDG",  # out for delivery
+    EventType.DELIVERY_ATTEMPT_FAILED: "EMH",  # unsuccessful (attempted) delivery
+    EventType.DELIVERED: "EMI",  # final delivery
+    EventType.DELIVERED_TO_LOCKER: "EDH",  # at a collection point
+    EventType.DELIVERED_TO_PICKUP_POINT: "EDH",
+    EventType.COLLECTED_FROM_LOCKER: "EMI",  # the recipient took it from the locker
+}
+
+
+@dataclass(frozen=True)
+class EventFact:
+    """What the projection needs to know of a stored event."""
+
+    event_id: int
+    device_id: str
+    seq: int
+    type: EventType
+    occurred_at: dt.datetime  # corrected
+    client_event_id: uuid.UUID
+    courier_id: int
+    voids_client_event_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Projection:
+    status: ParcelStatus | None
+    status_at: dt.datetime | None
+    status_event_id: int | None
+    holder_courier_id: int | None  # the courier of the check-out that counts last
+    order: tuple[int, ...]  # event ids, in projection order
+    voided_by: dict[int, int]  # voided event id -> id of the correction that voided it
+
+
+def voided_by(facts: Iterable[EventFact]) -> dict[int, int]:
+    """Which events a correction voids: ``{voided event id: correction event id}``."""
+    facts = list(facts)
+    by_key = {(f.device_id, f.client_event_id): f for f in facts}
+    voids: dict[int, EventFact] = {}
+    for correction in facts:
+        if correction.type != EventType.CORRECTION or correction.voids_client_event_id is None:
+            continue
+        target = by_key.get((correction.device_id, correction.voids_client_event_id))
+        if target is None or target.type == EventType.CORRECTION:
+            continue
+        if target.seq >= correction.seq:
+            continue  # only an earlier event can be corrected
+        current = voids.get(target.event_id)
+        if current is None or correction.seq < current.seq:
+            voids[target.event_id] = correction
+    return {target: correction.event_id for target, correction in voids.items()}
+
+
+def ordered(facts: Iterable[EventFact]) -> list[EventFact]:
+    """Projection order: seq order within a device, corrected time across devices."""
+    by_device: dict[str, list[EventFact]] = defaultdict(list)
+    for fact in facts:
+        by_device[fact.device_id].append(fact)
+    keyed: list[tuple[dt.datetime, str, int, EventFact]] = []
+    for device_id, events in by_device.items():
+        events.sort(key=lambda f: f.seq)
+        latest: dt.datetime | None = None
+        for fact in events:
+            latest = fact.occurred_at if latest is None else max(latest, fact.occurred_at)
+            keyed.append((latest, device_id, fact.seq, fact))
+    keyed.sort(key=lambda item: item[:3])
+    return [item[3] for item in keyed]
+
+
+def project(facts: Sequence[EventFact]) -> Projection:
+    """The parcel's status from its events (and the corrections that target them)."""
+    voids = voided_by(facts)
+    status_event: EventFact | None = None
+    holder: int | None = None
+    in_order = ordered(facts)
+    for fact in in_order:
+        if fact.event_id in voids or fact.type not in STATUS_OF_EVENT:
+            continue
+        status_event = fact
+        if fact.type == EventType.CHECKED_OUT:
+            holder = fact.courier_id
+    return Projection(
+        status=STATUS_OF_EVENT[status_event.type] if status_event else None,
+        status_at=status_event.occurred_at if status_event else None,
+        status_event_id=status_event.event_id if status_event else None,
+        holder_courier_id=holder,
+        order=tuple(f.event_id for f in in_order),
+        voided_by=voids,
+    )

@@ -17,7 +17,7 @@ from sync.errors import InvalidInput
 from sync.parcels import IntakeScope, ParcelDraft
 
 REQUIRED_COLUMNS = ("tracking_no", "service_class", "recipient_name", "address")
-OPTIONAL_COLUMNS = ("recipient_phone", "lat", "lon", "station")
+OPTIONAL_COLUMNS = ("recipient_phone", "lat", "lon", "station", "courier")
 EXTRA_FIELDS = "\x00extra"  # DictReader's key for fields beyond the header
 
 

@@ -7,6 +7,7 @@ A flag whose cause went away is closed with the reason, never deleted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,32 @@ def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str
     flag.status = FlagStatus.CLOSED
     flag.closed_reason = reason
     return flag
+
+
+def close_flags(
+    *, session: Session, kind: str, subjects: Sequence[FlagSubject], reason: str
+) -> list[Flag]:
+    """``close_flag`` for many subjects of one kind, in one query per chunk."""
+    closed = []
+    by_type: dict[str, list[str]] = {}
+    for subject in subjects:
+        by_type.setdefault(subject.type, []).append(subject.key)
+    for subject_type, keys in by_type.items():
+        for start in range(0, len(keys), 900):
+            for flag in session.scalars(
+                select(Flag)
+                .where(
+                    Flag.kind == kind,
+                    Flag.subject_type == subject_type,
+                    Flag.subject_key.in_(keys[start : start + 900]),
+                    Flag.status.in_(ACTIVE_STATUSES),
+                )
+                .with_for_update()
+            ):
+                flag.status = FlagStatus.CLOSED
+                flag.closed_reason = reason
+                closed.append(flag)
+    return closed
 
 
 def _locked(session: Session, kind: str, subject: FlagSubject) -> Flag | None:

@@ -525,30 +525,9 @@ def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutc
     }
     facts: dict[str, list[EventFact]] = {tracking_no: [] for tracking_no in wanted}
     for chunk in _chunks(wanted):
-        for row in session.execute(
-            select(
-                ScanEvent.id,
-                ScanEvent.tracking_no,
-                ScanEvent.device_id,
-                ScanEvent.seq,
-                ScanEvent.type,
-                ScanEvent.occurred_at,
-                ScanEvent.client_event_id,
-                ScanEvent.courier_id,
-                ScanEvent.voids_client_event_id,
-            ).where(ScanEvent.tracking_no.in_(chunk))
-        ):
+        for row in session.execute(select(*FACT_COLUMNS).where(ScanEvent.tracking_no.in_(chunk))):
             facts[row.tracking_no].append(
-                EventFact(
-                    event_id=row.id,
-                    device_id=row.device_id,
-                    seq=row.seq,
-                    type=row.type,
-                    occurred_at=row.occurred_at,
-                    client_event_id=row.client_event_id,
-                    courier_id=row.courier_id,
-                    voids_client_event_id=row.voids_client_event_id,
-                )
+                EventFact(**{name: getattr(row, name) for name in EventFact.__dataclass_fields__})
             )
     entries: list[feed.FeedEntry] = []
     for tracking_no in wanted:
@@ -579,6 +558,19 @@ def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutc
                 )
     feed.record(session, entries)
     return outcome
+
+
+FACT_COLUMNS = (
+    ScanEvent.id.label("event_id"),
+    ScanEvent.tracking_no,
+    ScanEvent.device_id,
+    ScanEvent.seq,
+    ScanEvent.type,
+    ScanEvent.occurred_at,
+    ScanEvent.client_event_id,
+    ScanEvent.courier_id,
+    ScanEvent.voids_client_event_id,
+)
 
 
 def _lock_device(session: Session, device_id: str) -> None:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Parcel, ServiceClass, Station
+from models import FeedKind, Parcel, Role, ScanEvent, ServiceClass, Station, SyncBatch, User
+from sync import feed
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
+from sync.flags import FlagSubject, close_flags
+from sync.ingest import reproject
 from sync.phones import normalize_phone
+from sync.projection import EMSEVT_CODE, fact_of, ordered, voided_by
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.
@@ -37,6 +42,7 @@ class ParcelDraft:
     lat: float | None = None
     lon: float | None = None
     station: str | None = None  # station code; defaults to the caller's station
+    courier: str | None = None  # username of the courier it is assigned to (optional)
 
 
 @dataclass(frozen=True)
@@ -76,19 +82,42 @@ def intake_parcels(
     changed and reported ``unchanged`` otherwise, so re-sending a file is safe.
     """
     stations = _stations_by_code(session, (d.station for _, d in drafts if d.station))
+    couriers = _couriers_by_username(session, (d.courier for _, d in drafts if d.courier))
     existing = _parcels_by_tracking_no(session, (normalize(d.tracking_no) for _, d in drafts))
     results = []
+    entries: list[feed.FeedEntry] = []
     for index, draft in drafts:
         try:
-            values = _validated_values(draft, rules=rules, scope=scope, stations=stations)
-            result = _apply(session, index, values, existing, scope)
+            values = _validated_values(
+                draft, rules=rules, scope=scope, stations=stations, couriers=couriers
+            )
+            result, result_entries = _apply(session, index, values, existing, scope)
         except DomainError as error:
             result = IntakeResult(
                 index, normalize(draft.tracking_no), IntakeStatus.REJECTED, error
             )
+            result_entries = []
         results.append(result)
+        entries.extend(result_entries)
     session.flush()
+    feed.record(session, entries)
+    created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
+    _project_early_events(session, created)
     return results
+
+
+def _project_early_events(session: Session, tracking_nos: list[str]) -> None:
+    """Events may arrive before their parcel is taken in: project them now, and close
+    the ``unknown_parcel`` flags they raised."""
+    if not tracking_nos:
+        return
+    reproject(session=session, tracking_nos=tracking_nos)
+    close_flags(
+        session=session,
+        kind="unknown_parcel",
+        subjects=[FlagSubject("parcel", tracking_no) for tracking_no in tracking_nos],
+        reason="the parcel was taken in after its first events",
+    )
 
 
 def get_parcel(*, session: Session, tracking_no: str) -> Parcel:
@@ -104,6 +133,7 @@ def _validated_values(
     rules: IntakeRules,
     scope: IntakeScope,
     stations: dict[str, Station],
+    couriers: dict[str, User],
 ) -> dict[str, object]:
     tracking_no = rules.tracking.validate(draft.tracking_no)
     if (draft.lat is None) != (draft.lon is None):
@@ -123,7 +153,7 @@ def _validated_values(
     for name in ("recipient_name", "address"):
         if not getattr(draft, name).strip():
             raise InvalidInput(f"{name} must not be empty", code="empty_value", field=name)
-    return {
+    values: dict[str, object] = {
         "tracking_no": tracking_no,
         "station_id": station_id,
         "service_class": draft.service_class,
@@ -133,6 +163,24 @@ def _validated_values(
         "lat": draft.lat,
         "lon": draft.lon,
     }
+    if draft.courier is not None:
+        values["courier_id"] = _courier_id(draft.courier, station_id, couriers)
+    return values
+
+
+def _courier_id(username: str, station_id: int, couriers: dict[str, User]) -> int:
+    courier = couriers.get(username.strip().lower())
+    if courier is None or courier.role != Role.COURIER or not courier.active:
+        raise InvalidInput(
+            f"no active courier {username!r}", code="courier_not_found", field="courier"
+        )
+    if courier.station_id != station_id:
+        raise InvalidInput(
+            f"courier {username!r} works at another station",
+            code="courier_at_other_station",
+            field="courier",
+        )
+    return courier.id
 
 
 def _station_id(code: str | None, stations: dict[str, Station], scope: IntakeScope) -> int:
@@ -162,14 +210,15 @@ def _apply(
     values: dict[str, object],
     existing: dict[str, Parcel],
     scope: IntakeScope,
-) -> IntakeResult:
+) -> tuple[IntakeResult, list[feed.FeedEntry]]:
     tracking_no = str(values["tracking_no"])
     parcel = existing.get(tracking_no)
     if parcel is None:
         parcel = Parcel(**values)
         session.add(parcel)
         existing[tracking_no] = parcel
-        return IntakeResult(index, tracking_no, IntakeStatus.CREATED, parcel=parcel)
+        entries = _assignment_entries(parcel, old_station=None, old_courier=None)
+        return IntakeResult(index, tracking_no, IntakeStatus.CREATED, parcel=parcel), entries
     if (
         scope.allowed_station_ids is not None
         and parcel.station_id not in scope.allowed_station_ids
@@ -181,10 +230,35 @@ def _apply(
         )
     changed = {k: v for k, v in values.items() if getattr(parcel, k) != v}
     if not changed:
-        return IntakeResult(index, tracking_no, IntakeStatus.UNCHANGED, parcel=parcel)
+        return IntakeResult(index, tracking_no, IntakeStatus.UNCHANGED, parcel=parcel), []
+    old_station, old_courier = parcel.station_id, parcel.courier_id
+    if "station_id" in changed and "courier_id" not in changed:
+        changed["courier_id"] = None  # a courier of the old station no longer has it
     for key, value in changed.items():
         setattr(parcel, key, value)
-    return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel)
+    entries = _assignment_entries(parcel, old_station=old_station, old_courier=old_courier)
+    return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel), entries
+
+
+def _assignment_entries(
+    parcel: Parcel, *, old_station: int | None, old_courier: int | None
+) -> list[feed.FeedEntry]:
+    """Tell the courier who has the parcel now, and the one who no longer has it."""
+    entries = []
+    if old_courier is not None and (
+        old_courier != parcel.courier_id or old_station != parcel.station_id
+    ):
+        assert old_station is not None
+        entries.append(
+            feed.FeedEntry(old_station, old_courier, FeedKind.PARCEL_REMOVED, parcel.tracking_no)
+        )
+    if parcel.courier_id is not None:
+        entries.append(
+            feed.FeedEntry(
+                parcel.station_id, parcel.courier_id, FeedKind.PARCEL, parcel.tracking_no
+            )
+        )
+    return entries
 
 
 def _stations_by_code(session: Session, codes: Iterable[str]) -> dict[str, Station]:
@@ -193,6 +267,15 @@ def _stations_by_code(session: Session, codes: Iterable[str]) -> dict[str, Stati
     for chunk in _chunks(wanted):
         for station in session.scalars(select(Station).where(Station.code.in_(chunk))):
             found[station.code] = station
+    return found
+
+
+def _couriers_by_username(session: Session, names: Iterable[str]) -> dict[str, User]:
+    wanted = sorted({name.strip().lower() for name in names})
+    found: dict[str, User] = {}
+    for chunk in _chunks(wanted):
+        for user in session.scalars(select(User).where(User.username.in_(chunk))):
+            found[user.username] = user
     return found
 
 
@@ -208,3 +291,33 @@ def _parcels_by_tracking_no(session: Session, numbers: Iterable[str]) -> dict[st
 def _chunks(items: list[str]) -> Iterable[list[str]]:
     for start in range(0, len(items), _IN_CHUNK):
         yield items[start : start + _IN_CHUNK]
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    event: ScanEvent
+    batch_id: uuid.UUID
+    emsevt: str | None
+    voided_by: int | None  # id of the correction that voided this event
+
+
+def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry]:
+    """The parcel's events in projection order, each with its source batch and whether a
+    correction voided it (voided events stay visible, marked)."""
+    rows = session.execute(
+        select(ScanEvent, SyncBatch.batch_id)
+        .join(SyncBatch, SyncBatch.id == ScanEvent.batch_pk)
+        .where(ScanEvent.tracking_no == tracking_no)
+    ).all()
+    events = {event.id: (event, batch_id) for event, batch_id in rows}
+    facts = [fact_of(event) for event, _ in rows]
+    voids = voided_by(facts)
+    return [
+        TimelineEntry(
+            event=events[fact.event_id][0],
+            batch_id=events[fact.event_id][1],
+            emsevt=EMSEVT_CODE.get(fact.type),
+            voided_by=voids.get(fact.event_id),
+        )
+        for fact in ordered(facts)
+    ]

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from models import EventType, ParcelStatus
+from models import EventType, ParcelStatus, ScanEvent
 
 STATUS_OF_EVENT: dict[EventType, ParcelStatus] = {
     EventType.CHECKED_OUT: ParcelStatus.CHECKED_OUT,
@@ -58,6 +58,19 @@ class EventFact:
     client_event_id: uuid.UUID
     courier_id: int
     voids_client_event_id: uuid.UUID | None = None
+
+
+def fact_of(event: ScanEvent) -> EventFact:
+    return EventFact(
+        event_id=event.id,
+        device_id=event.device_id,
+        seq=event.seq,
+        type=event.type,
+        occurred_at=event.occurred_at,
+        client_event_id=event.client_event_id,
+        courier_id=event.courier_id,
+        voids_client_event_id=event.voids_client_event_id,
+    )
 
 
 @dataclass(frozen=True)

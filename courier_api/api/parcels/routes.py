@@ -7,12 +7,12 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.parcels.intake import count_statuses, take_in_and_commit
-from courier_api.api.parcels.schemas import ParcelIntakeRequest, ParcelIntakeResponse, ParcelOut
+from courier_api.api.parcels.schemas import ParcelDetail, ParcelIntakeRequest, ParcelIntakeResponse
 from courier_api.auth import current_principal, ensure_station_access
 from courier_api.extensions import db
 from models import Parcel, Role
 from sync.errors import LimitExceeded
-from sync.parcels import IntakeScope, get_parcel
+from sync.parcels import IntakeScope, TimelineEntry, get_parcel, parcel_timeline
 from sync.phones import mask_phone
 
 blp = ApiBlueprint("parcels", __name__, url_prefix="/api/v1/parcels", description="Parcels")
@@ -54,16 +54,23 @@ class Parcels(MethodView):
 @blp.route("/<string:tracking_no>")
 class ParcelByTrackingNo(MethodView):
     @blp.auth()
-    @blp.response(200, ParcelOut)
+    @blp.response(200, ParcelDetail)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, tracking_no: str) -> dict[str, Any]:
-        """Get a parcel
+        """Get a parcel and its timeline
 
-        The recipient's phone number is masked for everyone but auditors.
+        The status is projected from the scan events, whatever order they
+        arrived in. The timeline lists every event with the device's time, the
+        corrected time and the time it was received, the batch it came in, and
+        its UPU EMSEVT code where one applies. An event voided by a correction
+        stays in the timeline, marked `voided`, and no longer counts. The
+        recipient's phone number is masked for everyone but auditors.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_station_access(parcel.station_id)
-        return parcel_view(parcel, unmasked=current_principal().role == Role.AUDITOR)
+        view = parcel_view(parcel, unmasked=current_principal().role == Role.AUDITOR)
+        timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
+        return {**view, "timeline": [timeline_view(entry) for entry in timeline]}
 
 
 def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
@@ -78,6 +85,32 @@ def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
         "address": parcel.address,
         "lat": parcel.lat,
         "lon": parcel.lon,
+        "courier_id": parcel.courier_id,
+        "status": parcel.status,
+        "status_at": parcel.status_at,
         "created_at": parcel.created_at,
         "updated_at": parcel.updated_at,
+    }
+
+
+def timeline_view(entry: TimelineEntry) -> dict[str, Any]:
+    event = entry.event
+    return {
+        "event_id": event.id,
+        "client_event_id": event.client_event_id,
+        "device_id": event.device_id,
+        "courier_id": event.courier_id,
+        "seq": event.seq,
+        "type": event.type,
+        "emsevt": entry.emsevt,
+        "occurred_at_device": event.occurred_at_device,
+        "occurred_at": event.occurred_at,
+        "received_at": event.received_at,
+        "batch_id": entry.batch_id,
+        "location": None
+        if event.lat is None
+        else {"lat": event.lat, "lon": event.lon, "accuracy_m": event.accuracy_m},
+        "details": event.details,
+        "voided": entry.voided_by is not None,
+        "voided_by_event_id": entry.voided_by,
     }

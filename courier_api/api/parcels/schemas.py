@@ -6,7 +6,7 @@ from typing import Any
 import marshmallow as ma
 
 from courier_api.api.fields import Text
-from models import ServiceClass
+from models import EventType, ParcelStatus, ServiceClass
 from sync.parcels import ParcelDraft
 
 
@@ -37,6 +37,10 @@ class ParcelIn(ma.Schema):
     station = Text(
         allow_none=True,
         metadata={"description": "Station code; defaults to the caller's own station"},
+    )
+    courier = Text(
+        allow_none=True,
+        metadata={"description": "Username of the courier it is assigned to; their PDA pulls it"},
     )
 
     @ma.post_load
@@ -103,3 +107,54 @@ class ParcelOut(ma.Schema):
     lon = ma.fields.Float(allow_none=True, required=True)
     created_at = ma.fields.AwareDateTime(required=True)
     updated_at = ma.fields.AwareDateTime(required=True)
+    courier_id = ma.fields.Integer(
+        allow_none=True, required=True, metadata={"description": "The assigned courier"}
+    )
+    status = ma.fields.Enum(
+        ParcelStatus,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={"description": "Projected from the events; null before the first one"},
+    )
+    status_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+
+
+class EventLocation(ma.Schema):
+    lat = ma.fields.Float(required=True)
+    lon = ma.fields.Float(required=True)
+    accuracy_m = ma.fields.Float(allow_none=True, required=True)
+
+
+class TimelineEvent(ma.Schema):
+    event_id = ma.fields.Integer(required=True)
+    client_event_id = ma.fields.UUID(required=True)
+    device_id = ma.fields.String(required=True)
+    courier_id = ma.fields.Integer(required=True)
+    seq = ma.fields.Integer(required=True)
+    type = ma.fields.Enum(EventType, by_value=True, required=True)
+    emsevt = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "UPU EMSEVT code where one applies (EDG, EMH, EMI, EDH)"},
+    )
+    occurred_at_device = ma.fields.AwareDateTime(
+        required=True, metadata={"description": "As the PDA's clock said"}
+    )
+    occurred_at = ma.fields.AwareDateTime(
+        required=True, metadata={"description": "Corrected by the device's clock offset"}
+    )
+    received_at = ma.fields.AwareDateTime(required=True)
+    batch_id = ma.fields.UUID(required=True, metadata={"description": "The push it came in"})
+    location = ma.fields.Nested(EventLocation, allow_none=True, required=True)
+    details = ma.fields.Dict(required=True, metadata={"description": "Type-specific fields"})
+    voided = ma.fields.Boolean(required=True)
+    voided_by_event_id = ma.fields.Integer(allow_none=True, required=True)
+
+
+class ParcelDetail(ParcelOut):
+    timeline = ma.fields.List(
+        ma.fields.Nested(TimelineEvent),
+        required=True,
+        metadata={"description": "Seq order within a device, corrected time across devices"},
+    )

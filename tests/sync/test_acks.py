@@ -1,0 +1,45 @@
+"""Acknowledgements: the highest contiguous seq, and the gaps, whatever the arrival order."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sync.acks import SeqTracker
+
+
+def model(seqs: list[int]) -> tuple[int, list[int]]:
+    held = set(seqs)
+    acked = 0
+    while acked + 1 in held:
+        acked += 1
+    missing = [s for s in range(1, max(held, default=0) + 1) if s not in held]
+    return acked, missing
+
+
+@given(st.lists(st.integers(min_value=1, max_value=60), max_size=80))
+def test_tracker_agrees_with_the_set_of_held_seqs(seqs: list[int]) -> None:
+    tracker = SeqTracker()
+    tracker.add_all(seqs)
+    acked, missing = model(seqs)
+    assert tracker.acked_through == acked
+    assert tracker.missing_seqs(1000) == missing
+    assert tracker.missing_count == len(missing)
+    assert tracker.missing_seqs(3) == missing[:3]
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=50), st.randoms())
+def test_order_and_repetition_do_not_matter(seqs: list[int], random) -> None:
+    shuffled = seqs * 2
+    random.shuffle(shuffled)
+    a, b = SeqTracker(), SeqTracker()
+    a.add_all(seqs)
+    b.add_all(shuffled)
+    assert (a.max_seq, a.missing) == (b.max_seq, b.missing)
+
+
+def test_a_huge_gap_costs_one_range_not_one_entry_per_seq() -> None:
+    tracker = SeqTracker()
+    tracker.add_all([1, 2, 2_000_000_000])
+    assert tracker.missing == [[3, 1_999_999_999]]
+    assert tracker.acked_through == 2
+    assert tracker.missing_count == 1_999_999_997
+    assert tracker.missing_seqs(3) == [3, 4, 5]

@@ -1,0 +1,163 @@
+"""Each event is judged on its own, and the answer names a stable code and the field."""
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+
+from models import EventType
+from sync.events import EventRejected, EventRules, validate_event
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+
+SENT_AT = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+RULES = EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+TRACKING_NO = "RR473124829GB"
+
+
+def event(**overrides: Any) -> dict[str, Any]:
+    base = factories.event(1, TRACKING_NO, occurred_at=SENT_AT - dt.timedelta(hours=1))
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def rejection(raw: Any) -> tuple[str, str | None]:
+    with pytest.raises(EventRejected) as info:
+        validate_event(raw, sent_at=SENT_AT, rules=RULES)
+    return info.value.code, info.value.field
+
+
+def test_a_valid_event_is_normalized() -> None:
+    raw = event(
+        tracking_no=" rr473124829gb ",
+        occurred_at="2026-11-23T18:30:00+08:00",
+        location={"lat": 31.2, "lon": 121.5, "accuracy_m": 8},
+    )
+    valid = validate_event(raw, sent_at=SENT_AT, rules=RULES)
+    assert valid.tracking_no == TRACKING_NO
+    assert valid.occurred_at_device == dt.datetime(2026, 11, 23, 10, 30, tzinfo=dt.UTC)
+    assert valid.location is not None and valid.location.accuracy_m == 8.0
+    assert valid.type == EventType.CHECKED_OUT
+
+
+def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
+    cid = str(uuid.uuid4())
+    a = validate_event(
+        event(client_event_id=cid, occurred_at="2026-11-23T18:30:00+08:00"),
+        sent_at=SENT_AT,
+        rules=RULES,
+    )
+    b = validate_event(
+        event(client_event_id=cid, occurred_at="2026-11-23T10:30:00Z"),
+        sent_at=SENT_AT,
+        rules=RULES,
+    )
+    c = validate_event(
+        event(client_event_id=cid, occurred_at="2026-11-23T10:31:00Z"),
+        sent_at=SENT_AT,
+        rules=RULES,
+    )
+    assert a.content_hash == b.content_hash != c.content_hash
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "field"),
+    [
+        ([1, 2], "not_an_object", None),
+        (event(type=None), "missing_field", "type"),
+        (event(type="teleported"), "unknown_event_type", "type"),
+        (event(client_event_id="not-a-uuid"), "invalid_uuid", "client_event_id"),
+        (event(client_event_id=12), "invalid_uuid", "client_event_id"),
+        (event(seq=0), "invalid_seq", "seq"),
+        (event(seq=-5), "invalid_seq", "seq"),
+        (event(seq=2**31), "invalid_seq", "seq"),
+        (event(seq=True), "invalid_seq", "seq"),
+        (event(seq="3"), "invalid_seq", "seq"),
+        (event(tracking_no="RR473124828GB"), "invalid_check_digit", "tracking_no"),
+        (event(tracking_no=""), "missing_text", "tracking_no"),
+        (event(tracking_no="x" * 41), "text_too_long", "tracking_no"),
+        (event(occurred_at="yesterday"), "invalid_time", "occurred_at"),
+        (event(occurred_at="2026-11-23T10:00:00"), "time_without_offset", "occurred_at"),
+        (event(occurred_at="0001-01-01T00:00:00+01:00"), "time_out_of_range", "occurred_at"),
+        (
+            event(occurred_at="9999-12-31T23:59:59+00:00"),
+            "occurred_at_out_of_range",
+            "occurred_at",
+        ),
+        (event(occurred_at="2026-09-01T00:00:00Z"), "occurred_at_out_of_range", "occurred_at"),
+        (event(location={"lat": 95, "lon": 0}), "invalid_number", "location.lat"),
+        (event(location={"lat": float("nan"), "lon": 0}), "invalid_number", "location.lat"),
+        (event(location={"lat": 1, "lon": 2, "alt": 3}), "unknown_field", "location"),
+        (event(location="here"), "invalid_location", "location"),
+        (event(shift_id=-1), "invalid_id", "shift_id"),
+        (event(colour="red"), "unknown_field", "colour"),
+        (event(type="delivery_attempt_failed", action="notice_left"), "missing_field", "reason"),
+        (
+            event(type="delivery_attempt_failed", reason="bored", action="notice_left"),
+            "invalid_choice",
+            "reason",
+        ),
+        (event(type="delivered_to_locker", locker_id="L1"), "missing_field", "compartment"),
+        (event(type="delivered_to_pickup_point"), "missing_field", "point_id"),
+        (
+            event(type="delivered", pod={"signature_sha256": "ABC"}),
+            "invalid_digest",
+            "pod.signature_sha256",
+        ),
+        (event(type="delivered", pod={"mood": "happy"}), "unknown_field", "pod"),
+        (
+            event(type="delivered", pod={"recipient_name": "a\x00b"}),
+            "unstorable_text",
+            "pod.recipient_name",
+        ),
+        (event(type="exception", reason="sad"), "invalid_choice", "reason"),
+        (
+            event(type="consent_captured", consent={"method": "locker"}),
+            "missing_field",
+            "consent.channel",
+        ),
+        (
+            event(type="consent_captured", consent={"method": "drone", "channel": "sms"}),
+            "invalid_choice",
+            "consent.method",
+        ),
+        (event(type="correction", reason="mis-tap"), "missing_field", "voids_client_event_id"),
+        (
+            event(type="correction", voids_client_event_id=str(uuid.uuid4())),
+            "missing_field",
+            "reason",
+        ),
+        (event(type="checked_out", locker_id="L1"), "unknown_field", "locker_id"),
+    ],
+)
+def test_rejections_name_a_code_and_the_field(raw: Any, code: str, field: str | None) -> None:
+    assert rejection(raw) == (code, field)
+
+
+def test_a_correction_cannot_void_itself() -> None:
+    cid = str(uuid.uuid4())
+    raw = event(type="correction", client_event_id=cid, voids_client_event_id=cid, reason="x")
+    assert rejection(raw) == ("correction_voids_itself", "voids_client_event_id")
+
+
+def test_the_time_window_is_on_the_device_clock_so_skew_does_not_matter() -> None:
+    skewed_sent_at = SENT_AT + dt.timedelta(days=400)  # a PDA clock a year off
+    raw = event(occurred_at=(skewed_sent_at - dt.timedelta(minutes=3)).isoformat())
+    assert validate_event(raw, sent_at=skewed_sent_at, rules=RULES).seq == 1
+
+
+@pytest.mark.parametrize("event_type", list(EventType))
+def test_every_event_type_has_a_valid_form(event_type: EventType) -> None:
+    extra: dict[str, Any] = {
+        EventType.DELIVERY_ATTEMPT_FAILED: {"reason": "recipient_absent", "action": "notice_left"},
+        EventType.DELIVERED: {"pod": {"recipient_name": "Li", "relation": "self"}},
+        EventType.DELIVERED_TO_LOCKER: {"locker_id": "L-7", "compartment": "12"},
+        EventType.DELIVERED_TO_PICKUP_POINT: {"point_id": "PP-3"},
+        EventType.EXCEPTION: {"reason": "damaged"},
+        EventType.CONSENT_CAPTURED: {"consent": {"method": "any", "channel": "in_person"}},
+        EventType.CORRECTION: {"voids_client_event_id": str(uuid.uuid4()), "reason": "mis-tap"},
+    }.get(event_type, {})
+    valid = validate_event(event(type=event_type.value, **extra), sent_at=SENT_AT, rules=RULES)
+    assert valid.type == event_type
+    assert set(valid.details) == set(extra)

@@ -1,0 +1,343 @@
+"""The engine over a database session, without Flask: results, exactly-once, acks, clock."""
+
+import dataclasses
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models import (
+    DeviceSyncState,
+    FeedChange,
+    FeedKind,
+    Flag,
+    FlagStatus,
+    Parcel,
+    ParcelStatus,
+    QuarantinedEvent,
+    ScanEvent,
+)
+from sync import ingest as ingest_module
+from sync.errors import Conflict
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels, parcel_timeline
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+from tests.conftest import World
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+POLICY = TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS)
+RULES = IngestRules(events=EventRules(tracking=POLICY))
+
+
+def at(minutes: float) -> dt.datetime:
+    return NOW - dt.timedelta(hours=3) + dt.timedelta(minutes=minutes)
+
+
+class Pda:
+    """A PDA of the test world: numbers its events and pushes them through the engine."""
+
+    def __init__(self, session: Session, world: World, skew: dt.timedelta = dt.timedelta()):
+        self.session = session
+        self.pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+        self.skew = skew
+
+    def event(self, seq: int, tracking_no: str, type: str = "checked_out", **kw: Any) -> dict:
+        kw.setdefault("occurred_at", at(seq) + self.skew)
+        return factories.event(seq, tracking_no, type, **kw)
+
+    def push(self, events: list[Any], batch_id: uuid.UUID | None = None) -> dict[str, Any]:
+        receipt = ingest(
+            session=self.session,
+            batch=PushBatch(
+                device_id=self.pusher.device_id,
+                batch_id=batch_id or uuid.uuid4(),
+                sent_at=NOW + self.skew,
+                events=events,
+            ),
+            pusher=self.pusher,
+            rules=RULES,
+            received_at=NOW,
+        )
+        self.session.commit()
+        return receipt
+
+
+def statuses(receipt: dict[str, Any]) -> list[str]:
+    return [r["status"] for r in receipt["results"]]
+
+
+def count(session: Session, model: Any) -> int:
+    return session.scalar(select(func.count()).select_from(model))
+
+
+@pytest.fixture
+def pda(session: Session, world: World) -> Pda:
+    return Pda(session, world)
+
+
+@pytest.fixture
+def parcel(session: Session, world: World) -> Parcel:
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    return parcel
+
+
+def test_each_event_gets_its_own_result_and_a_bad_one_blocks_nothing(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    bad = pda.event(2, parcel.tracking_no, "delivered_to_locker")  # no locker_id
+    receipt = pda.push(
+        [pda.event(1, parcel.tracking_no), bad, pda.event(3, parcel.tracking_no, "delivered")]
+    )
+    assert statuses(receipt) == ["applied", "rejected", "applied"]
+    assert receipt["results"][1]["error"]["code"] == "missing_field"
+    assert receipt["results"][1]["client_event_id"] == bad["client_event_id"]
+    assert count(session, ScanEvent) == 2
+    kept = session.scalars(select(QuarantinedEvent)).one()
+    assert kept.error_code == "missing_field" and kept.field == "locker_id"
+    assert kept.client_event_id == bad["client_event_id"] and kept.seq == 2
+    assert bad["client_event_id"] in kept.payload
+    # A rejected event is final: the PDA may drop it, so its seq counts as held.
+    assert receipt["acked_through_seq"] == 3
+    assert session.get(Parcel, parcel.id).status == ParcelStatus.DELIVERED
+
+
+def test_resending_a_batch_returns_the_same_receipt_and_changes_nothing(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    events = [pda.event(1, parcel.tracking_no), pda.event(2, parcel.tracking_no, "bogus")]
+    batch_id = uuid.uuid4()
+    first = pda.push(events, batch_id)
+    rows = (
+        count(session, ScanEvent),
+        count(session, QuarantinedEvent),
+        count(session, FeedChange),
+    )
+    assert pda.push(events, batch_id) == first
+    assert (
+        count(session, ScanEvent),
+        count(session, QuarantinedEvent),
+        count(session, FeedChange),
+    ) == rows
+
+
+def test_a_batch_id_reused_for_other_events_is_refused(pda: Pda, parcel: Parcel) -> None:
+    batch_id = uuid.uuid4()
+    pda.push([pda.event(1, parcel.tracking_no)], batch_id)
+    with pytest.raises(Conflict) as info:
+        pda.push([pda.event(2, parcel.tracking_no)], batch_id)
+    assert info.value.code == "batch_id_reused"
+
+
+def test_an_event_resent_in_another_batch_is_a_duplicate(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    event = pda.event(1, parcel.tracking_no)
+    pda.push([event])
+    receipt = pda.push([event, event])
+    assert statuses(receipt) == ["duplicate", "duplicate"]
+    assert count(session, ScanEvent) == 1
+
+
+def test_the_same_id_with_other_content_is_rejected_and_flagged_never_overwritten(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    original = pda.event(1, parcel.tracking_no)
+    pda.push([original])
+    altered = {**original, "occurred_at": at(50).isoformat()}
+    receipt = pda.push([altered])
+    assert statuses(receipt) == ["rejected"]
+    assert receipt["results"][0]["error"]["code"] == "conflicting_duplicate"
+    stored = session.scalars(select(ScanEvent)).one()
+    assert stored.occurred_at_device == at(1)
+    flag = session.scalars(select(Flag).where(Flag.kind == "conflicting_duplicate")).one()
+    assert flag.subject_key == f"{pda.pusher.device_id}/{original['client_event_id']}"
+    assert receipt["flags_raised"][0]["flag_id"] == flag.id
+    # Sending the conflicting copy again: same answer, one quarantine row, one flag.
+    again = pda.push([altered])
+    assert again["results"][0]["error"]["code"] == "conflicting_duplicate"
+    assert again["flags_raised"] == []
+    assert count(session, QuarantinedEvent) == 1
+
+
+def test_two_events_claiming_one_seq_keep_the_first(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    pda.push([pda.event(1, parcel.tracking_no)])
+    receipt = pda.push([pda.event(1, parcel.tracking_no, "delivered")])
+    assert receipt["results"][0]["error"]["code"] == "seq_conflict"
+    assert session.scalar(select(Flag.kind)) == "seq_conflict"
+
+
+def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    bad = pda.event(1, parcel.tracking_no, "exception", reason="melted")
+    first = pda.push([bad])
+    second = pda.push([bad])
+    assert first["results"] == second["results"]
+    assert count(session, QuarantinedEvent) == 1
+
+
+def test_gaps_are_reported_until_the_missing_events_arrive(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    tn = parcel.tracking_no
+    receipt = pda.push(
+        [pda.event(1, tn), pda.event(2, tn, "out_for_delivery"), pda.event(5, tn, "delivered")]
+    )
+    assert receipt["acked_through_seq"] == 2
+    assert receipt["missing_seqs"] == [3, 4]
+    assert receipt["missing_seq_count"] == 2
+    receipt = pda.push([pda.event(4, tn, "exception", reason="damaged")])
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [3])
+    receipt = pda.push([pda.event(3, tn, "out_for_delivery")])
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (5, [])
+    state = session.get(DeviceSyncState, pda.pusher.device_id)
+    assert (state.acked_through_seq, state.max_seq, state.missing_ranges) == (5, 5, [])
+
+
+def test_missing_seqs_are_capped_with_a_count(pda: Pda, parcel: Parcel) -> None:
+    receipt = pda.push([pda.event(1000, parcel.tracking_no)])
+    assert receipt["missing_seqs"] == list(range(1, 101))
+    assert receipt["missing_seq_count"] == 999
+
+
+def test_a_skewed_clock_is_measured_corrected_and_flagged(
+    session: Session, world: World, parcel: Parcel
+) -> None:
+    pda = Pda(session, world, skew=dt.timedelta(minutes=4))
+    receipt = pda.push([pda.event(1, parcel.tracking_no)])
+    assert receipt["clock_offset_ms"] == 240_000
+    stored = session.scalars(select(ScanEvent)).one()
+    assert stored.occurred_at_device == at(1) + dt.timedelta(minutes=4)
+    assert stored.occurred_at == at(1)
+    assert stored.received_at == NOW
+    flag = session.scalars(select(Flag)).one()
+    assert (flag.kind, flag.subject_type, flag.subject_key) == ("clock_skew", "device", "PDA-0001")
+    assert flag.evidence["clock_offset_ms"] == 240_000
+    assert session.get(DeviceSyncState, "PDA-0001").clock_offset_ms == 240_000
+
+
+def test_a_small_offset_raises_no_flag(session: Session, world: World, parcel: Parcel) -> None:
+    pda = Pda(session, world, skew=dt.timedelta(seconds=90))
+    assert pda.push([pda.event(1, parcel.tracking_no)])["flags_raised"] == []
+    assert count(session, Flag) == 0
+
+
+def test_a_late_event_is_placed_by_seq_and_the_status_recomputed(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    tn = parcel.tracking_no
+    pda.push([pda.event(3, tn, "delivered")])
+    pda.push([pda.event(1, tn), pda.event(2, tn, "out_for_delivery")])
+    assert session.get(Parcel, parcel.id).status == ParcelStatus.DELIVERED
+    timeline = parcel_timeline(session=session, tracking_no=tn)
+    assert [entry.event.seq for entry in timeline] == [1, 2, 3]
+    assert [entry.emsevt for entry in timeline] == [None, "EDG", "EMI"]
+
+
+def test_a_correction_voids_the_event_which_stays_visible(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    tn = parcel.tracking_no
+    delivered = pda.event(2, tn, "delivered")
+    pda.push([pda.event(1, tn), delivered])
+    pda.push(
+        [
+            pda.event(
+                3,
+                tn,
+                "correction",
+                voids_client_event_id=delivered["client_event_id"],
+                reason="scanned the wrong parcel",
+            )
+        ]
+    )
+    assert session.get(Parcel, parcel.id).status == ParcelStatus.CHECKED_OUT
+    timeline = parcel_timeline(session=session, tracking_no=tn)
+    assert [(e.event.seq, e.voided_by is not None) for e in timeline] == [
+        (1, False),
+        (2, True),
+        (3, False),
+    ]
+    assert count(session, ScanEvent) == 3  # append-only: nothing deleted or rewritten
+
+
+def test_events_for_an_unknown_parcel_are_kept_flagged_and_projected_at_intake(
+    session: Session, world: World, pda: Pda
+) -> None:
+    tn = factories.s10()
+    receipt = pda.push([pda.event(1, tn), pda.event(2, tn, "delivered")])
+    assert statuses(receipt) == ["applied", "applied"]
+    flag = session.scalars(select(Flag)).one()
+    assert (flag.kind, flag.subject_key, flag.status) == ("unknown_parcel", tn, FlagStatus.OPEN)
+    assert len(flag.evidence["event_ids"]) == 2
+
+    intake_parcels(
+        session=session,
+        drafts=[(0, ParcelDraft(tn, "express", "R", "1 Road"))],
+        rules=IntakeRules(tracking=POLICY, phone_region="CN"),
+        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
+    )
+    session.commit()
+    parcel = session.scalars(select(Parcel).where(Parcel.tracking_no == tn)).one()
+    assert parcel.status == ParcelStatus.DELIVERED
+    assert parcel.courier_id == world.courier.id
+    assert flag.status == FlagStatus.CLOSED and "taken in" in flag.closed_reason
+
+
+def test_a_poison_event_leaves_no_partial_rows_and_its_siblings_are_stored(
+    session: Session, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses one event (seq 0 breaks a CHECK constraint that validation
+    would normally catch first): only that event is rejected."""
+    poison_id = str(uuid.uuid4())
+    validate = ingest_module.validate_event
+
+    def validate_but_let_poison_through(raw: Any, **kwargs: Any) -> Any:
+        valid = validate(raw, **kwargs)
+        if raw["client_event_id"] == poison_id:
+            return dataclasses.replace(valid, seq=0)
+        return valid
+
+    monkeypatch.setattr(ingest_module, "validate_event", validate_but_let_poison_through)
+    tn = parcel.tracking_no
+    receipt = pda.push(
+        [
+            pda.event(1, tn),
+            pda.event(2, tn, "out_for_delivery", client_event_id=poison_id),
+            pda.event(3, tn, "delivered"),
+        ]
+    )
+    assert statuses(receipt) == ["applied", "rejected", "applied"]
+    assert receipt["results"][1]["error"]["code"] == "unstorable"
+    assert sorted(session.scalars(select(ScanEvent.seq))) == [1, 3]
+    assert session.scalar(select(QuarantinedEvent.client_event_id)) == poison_id
+
+
+def test_check_out_assigns_the_parcel_and_a_second_check_out_reassigns_it(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn)])
+    other_courier = factories.user(session, "courier2", "courier", world.station)
+    other_device = factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    other = Pda(session, world)
+    other.pusher = Pusher(other_device.id, world.station.id, other_courier.id)
+    other.push([other.event(1, tn, occurred_at=at(30))])
+    assert session.get(Parcel, parcel.id).courier_id == other_courier.id
+    feed = session.execute(
+        select(FeedChange.courier_id, FeedChange.kind).order_by(FeedChange.id)
+    ).all()
+    assert feed == [
+        (world.courier.id, FeedKind.PARCEL),
+        (world.courier.id, FeedKind.PARCEL_REMOVED),
+        (other_courier.id, FeedKind.PARCEL),
+    ]

@@ -32,6 +32,9 @@ def serve(app: Flask, *, host: str, port: int, workers: int, timeout: int = 60) 
             "accesslog": "-",
             "post_fork": lambda _server, _worker: _forget_parent_connections(app),
             "preload_app": True,
+            # gunicorn 27's control socket lives at one path per user: a second server
+            # (or a restart after a crash) would take it from the first. We do not use it.
+            "control_socket_disable": True,
         },
     ).run()
 

@@ -25,7 +25,9 @@ class Parcel(Base):
     address: Mapped[str] = mapped_column(Text)
     lat: Mapped[float | None]
     lon: Mapped[float | None]
-    # The courier the parcel is assigned to: set at intake, then by check-out events.
+    # The courier planned at intake (optional), and the one who has the parcel now: the
+    # courier of the check-out that counts last, or the planned one before any check-out.
+    planned_courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"), index=True)
     # Projected from the scan events (sync.projection); never set by hand.
     status: Mapped[ParcelStatus | None] = mapped_column(str_enum(ParcelStatus, "parcel_status"))

@@ -537,7 +537,7 @@ def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutc
                 outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
             continue
         projection = project(facts[tracking_no])
-        holder = projection.holder_courier_id or parcel.courier_id
+        holder = projection.holder_courier_id or parcel.planned_courier_id
         if holder != parcel.courier_id:
             entries.extend(
                 feed.entries_for_reassignment(

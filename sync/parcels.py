@@ -86,32 +86,36 @@ def intake_parcels(
     existing = _parcels_by_tracking_no(session, (normalize(d.tracking_no) for _, d in drafts))
     results = []
     entries: list[feed.FeedEntry] = []
+    reassess: list[str] = []
     for index, draft in drafts:
         try:
             values = _validated_values(
                 draft, rules=rules, scope=scope, stations=stations, couriers=couriers
             )
-            result, result_entries = _apply(session, index, values, existing, scope)
+            result, result_entries, again = _apply(session, index, values, existing, scope)
         except DomainError as error:
             result = IntakeResult(
                 index, normalize(draft.tracking_no), IntakeStatus.REJECTED, error
             )
-            result_entries = []
+            result_entries, again = [], False
         results.append(result)
         entries.extend(result_entries)
+        if again:
+            reassess.append(result.tracking_no)
     session.flush()
     feed.record(session, entries)
+    # New parcels may have events already (events can arrive first), and a new planned
+    # courier changes who has the parcel unless a check-out decided it.
+    reproject(session=session, tracking_nos=reassess)
     created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
-    _project_early_events(session, created)
+    _close_unknown_parcel_flags(session, created)
     return results
 
 
-def _project_early_events(session: Session, tracking_nos: list[str]) -> None:
-    """Events may arrive before their parcel is taken in: project them now, and close
-    the ``unknown_parcel`` flags they raised."""
+def _close_unknown_parcel_flags(session: Session, tracking_nos: list[str]) -> None:
+    """Events for these parcels may have arrived first and raised ``unknown_parcel``."""
     if not tracking_nos:
         return
-    reproject(session=session, tracking_nos=tracking_nos)
     close_flags(
         session=session,
         kind="unknown_parcel",
@@ -164,7 +168,7 @@ def _validated_values(
         "lon": draft.lon,
     }
     if draft.courier is not None:
-        values["courier_id"] = _courier_id(draft.courier, station_id, couriers)
+        values["planned_courier_id"] = _courier_id(draft.courier, station_id, couriers)
     return values
 
 
@@ -210,15 +214,19 @@ def _apply(
     values: dict[str, object],
     existing: dict[str, Parcel],
     scope: IntakeScope,
-) -> tuple[IntakeResult, list[feed.FeedEntry]]:
+) -> tuple[IntakeResult, list[feed.FeedEntry], bool]:
+    """Create or update one parcel: ``(result, feed entries, whether to re-project it)``.
+
+    Who has the parcel (``courier_id``) is left to ``reproject``: the courier of the
+    check-out that counts last, or the planned courier before any check-out.
+    """
     tracking_no = str(values["tracking_no"])
     parcel = existing.get(tracking_no)
     if parcel is None:
         parcel = Parcel(**values)
         session.add(parcel)
         existing[tracking_no] = parcel
-        entries = _assignment_entries(parcel, old_station=None, old_courier=None)
-        return IntakeResult(index, tracking_no, IntakeStatus.CREATED, parcel=parcel), entries
+        return IntakeResult(index, tracking_no, IntakeStatus.CREATED, parcel=parcel), [], True
     if (
         scope.allowed_station_ids is not None
         and parcel.station_id not in scope.allowed_station_ids
@@ -230,35 +238,25 @@ def _apply(
         )
     changed = {k: v for k, v in values.items() if getattr(parcel, k) != v}
     if not changed:
-        return IntakeResult(index, tracking_no, IntakeStatus.UNCHANGED, parcel=parcel), []
+        return IntakeResult(index, tracking_no, IntakeStatus.UNCHANGED, parcel=parcel), [], False
+    if "station_id" in changed and "planned_courier_id" not in changed:
+        changed["planned_courier_id"] = None  # planned at the old station
     old_station, old_courier = parcel.station_id, parcel.courier_id
-    if "station_id" in changed and "courier_id" not in changed:
-        changed["courier_id"] = None  # a courier of the old station no longer has it
     for key, value in changed.items():
         setattr(parcel, key, value)
-    entries = _assignment_entries(parcel, old_station=old_station, old_courier=old_courier)
-    return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel), entries
-
-
-def _assignment_entries(
-    parcel: Parcel, *, old_station: int | None, old_courier: int | None
-) -> list[feed.FeedEntry]:
-    """Tell the courier who has the parcel now, and the one who no longer has it."""
     entries = []
-    if old_courier is not None and (
-        old_courier != parcel.courier_id or old_station != parcel.station_id
-    ):
-        assert old_station is not None
-        entries.append(
-            feed.FeedEntry(old_station, old_courier, FeedKind.PARCEL_REMOVED, parcel.tracking_no)
-        )
-    if parcel.courier_id is not None:
-        entries.append(
-            feed.FeedEntry(
-                parcel.station_id, parcel.courier_id, FeedKind.PARCEL, parcel.tracking_no
+    if "station_id" in changed:
+        if old_courier is not None:
+            entries.append(
+                feed.FeedEntry(old_station, old_courier, FeedKind.PARCEL_REMOVED, tracking_no)
             )
+        parcel.courier_id = None
+    elif parcel.courier_id is not None:
+        entries.append(
+            feed.FeedEntry(parcel.station_id, parcel.courier_id, FeedKind.PARCEL, tracking_no)
         )
-    return entries
+    reassess = "planned_courier_id" in changed or "station_id" in changed
+    return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel), entries, reassess
 
 
 def _stations_by_code(session: Session, codes: Iterable[str]) -> dict[str, Station]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
+from hypothesis import settings
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,14 @@ from courier_api.extensions import db
 from models import Base, migrate
 from models.engine import make_engine
 from tests import factories
+
+# Hypothesis profiles: CI runs at least 300 examples per property; `slow` digs deeper.
+settings.register_profile("dev", max_examples=100)
+settings.register_profile("ci", max_examples=300)
+settings.register_profile("slow", max_examples=3000)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 FAST_PASSWORD_HASH = "pbkdf2:sha256:1000"  # tests only: production uses scrypt
 TEST_JWT_SECRET = "test-secret-" + "x" * 40

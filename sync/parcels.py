@@ -107,6 +107,17 @@ def intake_parcels(
     # New parcels may have events already (events can arrive first), and a new planned
     # courier changes who has the parcel unless a check-out decided it.
     reproject(session=session, tracking_nos=reassess)
+    # Whoever has an updated parcel now hears about its new data.
+    feed.record(
+        session,
+        (
+            feed.FeedEntry(
+                r.parcel.station_id, r.parcel.courier_id, FeedKind.PARCEL, r.tracking_no
+            )
+            for r in results
+            if r.status == IntakeStatus.UPDATED and r.parcel and r.parcel.courier_id is not None
+        ),
+    )
     created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
     _close_unknown_parcel_flags(session, created)
     return results
@@ -245,16 +256,11 @@ def _apply(
     for key, value in changed.items():
         setattr(parcel, key, value)
     entries = []
-    if "station_id" in changed:
-        if old_courier is not None:
-            entries.append(
-                feed.FeedEntry(old_station, old_courier, FeedKind.PARCEL_REMOVED, tracking_no)
-            )
-        parcel.courier_id = None
-    elif parcel.courier_id is not None:
+    if "station_id" in changed and old_courier is not None:
         entries.append(
-            feed.FeedEntry(parcel.station_id, parcel.courier_id, FeedKind.PARCEL, tracking_no)
+            feed.FeedEntry(old_station, old_courier, FeedKind.PARCEL_REMOVED, tracking_no)
         )
+        parcel.courier_id = None
     reassess = "planned_courier_id" in changed or "station_id" in changed
     return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel), entries, reassess
 

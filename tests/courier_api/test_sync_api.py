@@ -1,0 +1,402 @@
+"""POST /sync/push, GET /sync/pull, GET /quarantine and the parcel timeline, over HTTP."""
+
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from courier_api.extensions import db
+from models import Parcel, ScanEvent
+from tests import factories
+from tests.conftest import Auth, World, make_test_app
+
+PUSH = "/api/v1/sync/push"
+PULL = "/api/v1/sync/pull"
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def ev(seq: int, tracking_no: str, type: str = "checked_out", **kw: Any) -> dict[str, Any]:
+    kw.setdefault("occurred_at", now() - dt.timedelta(minutes=60 - seq))
+    return factories.event(seq, tracking_no, type, **kw)
+
+
+@pytest.fixture
+def courier(auth: Auth, world: World) -> dict[str, str]:
+    return auth.headers("courier1", "PDA-0001")
+
+
+@pytest.fixture
+def parcel(session: Session, world: World) -> Parcel:
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    return parcel
+
+
+def push(client: FlaskClient, headers: dict[str, str], events: list[Any], **kw: Any) -> Any:
+    return client.post(PUSH, json=factories.push_body("PDA-0001", events, **kw), headers=headers)
+
+
+def test_push_applies_events_and_answers_the_contract(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    events = [ev(1, parcel.tracking_no), ev(2, parcel.tracking_no, "out_for_delivery")]
+    response = push(client, courier, events)
+    assert response.status_code == 200
+    receipt = response.get_json()
+    assert set(receipt) == {
+        "batch_id",
+        "server_time",
+        "clock_offset_ms",
+        "results",
+        "acked_through_seq",
+        "missing_seqs",
+        "missing_seq_count",
+        "flags_raised",
+    }
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    assert [r["client_event_id"] for r in receipt["results"]] == [
+        e["client_event_id"] for e in events
+    ]
+    assert receipt["acked_through_seq"] == 2 and receipt["missing_seqs"] == []
+    assert abs(receipt["clock_offset_ms"]) < 60_000
+
+
+def test_replaying_a_batch_returns_the_identical_receipt(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    body = factories.push_body("PDA-0001", [ev(1, parcel.tracking_no)])
+    first = client.post(PUSH, json=body, headers=courier)
+    body["sent_at"] = now().isoformat()  # a retry refreshes sent_at: still the same batch
+    second = client.post(PUSH, json=body, headers=courier)
+    assert second.status_code == 200
+    assert second.get_data() == first.get_data()
+    assert len(session.scalars(select(ScanEvent)).all()) == 1
+
+
+def test_a_batch_id_reused_with_other_events_is_409(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    batch_id = str(uuid.uuid4())
+    push(client, courier, [ev(1, parcel.tracking_no)], batch_id=batch_id)
+    response = push(client, courier, [ev(2, parcel.tracking_no)], batch_id=batch_id)
+    assert response.status_code == 409
+    assert response.get_json()["code"] == "batch_id_reused"
+
+
+def test_a_duplicate_and_a_conflicting_duplicate(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    event = ev(1, parcel.tracking_no)
+    push(client, courier, [event])
+    altered = {**event, "type": "delivered"}
+    receipt = push(client, courier, [event, altered]).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["duplicate", "rejected"]
+    assert receipt["results"][1]["error"]["code"] == "conflicting_duplicate"
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["conflicting_duplicate"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda e: e.update(type="bogus"), "unknown_event_type"),
+        (lambda e: e.update(seq=-1), "invalid_seq"),
+        (lambda e: e.update(seq=10**30), "invalid_seq"),
+        (lambda e: e.update(occurred_at="9999-12-31T23:59:59Z"), "occurred_at_out_of_range"),
+        (lambda e: e.update(occurred_at="0001-01-01T00:00:00+05:00"), "time_out_of_range"),
+        (lambda e: e.update(tracking_no="RR473124829XX"), "unknown_country_code"),
+        (lambda e: e.update(location={"lat": "north", "lon": 1}), "invalid_number"),
+        (lambda e: e.update(client_event_id=None), "invalid_uuid"),
+        (lambda e: e.update(extra="field"), "unknown_field"),
+    ],
+)
+def test_each_rejection_code_reaches_the_pda_and_the_quarantine(
+    client: FlaskClient,
+    auth: Auth,
+    courier: dict[str, str],
+    parcel: Parcel,
+    mutate: Any,
+    code: str,
+) -> None:
+    bad = ev(2, parcel.tracking_no)
+    mutate(bad)
+    receipt = push(client, courier, [ev(1, parcel.tracking_no), bad]).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected"]
+    assert receipt["results"][1]["error"]["code"] == code
+    listed = client.get("/api/v1/quarantine", headers=auth.headers("manager1")).get_json()
+    assert [item["error_code"] for item in listed["items"]] == [code]
+    assert listed["items"][0]["batch_id"] == receipt["batch_id"]
+
+
+def test_malformed_json_values_in_events_are_quarantined_not_500(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    body = factories.push_body("PDA-0001", [])
+    envelope = json.dumps({**body, "events": "EVENTS"})
+    events = (
+        '[null, 7, "x", [], {"seq": NaN, "lat": Infinity}, '
+        '{"type": "checked_out", "tracking_no": "\\u0000"}]'
+    )
+    raw = envelope.replace('"EVENTS"', events)
+    response = client.post(PUSH, data=raw, content_type="application/json", headers=courier)
+    assert response.status_code == 200
+    results = response.get_json()["results"]
+    assert [r["status"] for r in results] == ["rejected"] * 6
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (
+            {"device_id": "PDA-0001", "batch_id": "x", "sent_at": "2026-11-23T10:00:00Z"},
+            "batch_id",
+        ),
+        ({"device_id": "PDA-0001", "batch_id": str(uuid.uuid4()), "sent_at": "noon"}, "sent_at"),
+        (
+            {
+                "device_id": "PDA-0001",
+                "batch_id": str(uuid.uuid4()),
+                "sent_at": "2026-11-23T10:00",
+            },
+            "sent_at",
+        ),
+    ],
+)
+def test_a_bad_envelope_is_422_naming_the_field(
+    client: FlaskClient, courier: dict[str, str], body: dict[str, Any], field: str
+) -> None:
+    response = client.post(PUSH, json={**body, "events": []}, headers=courier)
+    assert response.status_code == 422
+    assert field in response.get_json()["errors"]["json"]
+
+
+def test_events_must_be_a_list(client: FlaskClient, courier: dict[str, str]) -> None:
+    body = factories.push_body("PDA-0001", [])
+    body["events"] = {"seq": 1}
+    response = client.post(PUSH, json=body, headers=courier)
+    assert response.status_code == 422
+    assert "events" in response.get_json()["errors"]["json"]
+
+
+def test_more_events_than_the_limit_is_413_with_the_limit(
+    database_url: str, connection: Any, tmp_path: Any, world: World
+) -> None:
+    app = make_test_app(database_url, tmp_path, MAX_EVENTS_PER_PUSH=3)
+    db.bind_to_connection(app, connection)
+    client = app.test_client()
+    headers = Auth(client).headers("courier1", "PDA-0001")
+    tn = factories.s10()
+    response = push(client, headers, [ev(i, tn) for i in range(1, 5)])
+    assert response.status_code == 413
+    assert "limit is 3" in response.get_json()["message"]
+    db.engine_of(app).dispose()
+
+
+def test_a_body_over_the_size_limit_is_413(
+    database_url: str, connection: Any, tmp_path: Any, world: World
+) -> None:
+    app = make_test_app(database_url, tmp_path, MAX_CONTENT_LENGTH=2000)
+    db.bind_to_connection(app, connection)
+    client = app.test_client()
+    headers = Auth(client).headers("courier1", "PDA-0001")
+    tn = factories.s10()
+    response = push(client, headers, [ev(i, tn) for i in range(1, 40)])
+    assert response.status_code == 413
+    assert "2000 bytes" in response.get_json()["message"]
+    db.engine_of(app).dispose()
+
+
+def test_a_courier_pushes_only_for_the_device_of_their_token(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    body = factories.push_body("PDA-0002", [ev(1, parcel.tracking_no)])
+    response = client.post(PUSH, json=body, headers=courier)
+    assert response.status_code == 403
+    assert response.get_json()["code"] == "device_mismatch"
+
+
+@pytest.mark.parametrize("username", ["manager1", "admin", "auditor1", "app1"])
+def test_only_couriers_push_and_pull(
+    client: FlaskClient, auth: Auth, world: World, username: str
+) -> None:
+    headers = auth.headers(username)
+    assert (
+        client.post(PUSH, json=factories.push_body("PDA-0001", []), headers=headers).status_code
+        == 403
+    )
+    assert client.get(PULL, headers=headers).status_code == 403
+
+
+def test_push_without_a_token_is_401(client: FlaskClient) -> None:
+    assert client.post(PUSH, json=factories.push_body("PDA-0001", [])).status_code == 401
+
+
+def test_gaps_and_acks(client: FlaskClient, courier: dict[str, str], parcel: Parcel) -> None:
+    tn = parcel.tracking_no
+    receipt = push(client, courier, [ev(1, tn), ev(4, tn, "delivered")]).get_json()
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (1, [2, 3])
+    receipt = push(
+        client, courier, [ev(3, tn, "out_for_delivery"), ev(2, tn, "out_for_delivery")]
+    ).get_json()
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (4, [])
+
+
+def test_clock_skew_is_reported_and_flagged(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    skew = dt.timedelta(minutes=4)
+    event = ev(1, parcel.tracking_no, occurred_at=now() - dt.timedelta(minutes=10) + skew)
+    receipt = push(client, courier, [event], sent_at=now() + skew).get_json()
+    assert 235_000 < receipt["clock_offset_ms"] < 245_000
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["clock_skew"]
+    timeline = client.get(f"/api/v1/parcels/{parcel.tracking_no}", headers=courier).get_json()
+    entry = timeline["timeline"][0]
+    shown = dt.datetime.fromisoformat(entry["occurred_at_device"]) - dt.datetime.fromisoformat(
+        entry["occurred_at"]
+    )
+    assert abs(shown - skew) < dt.timedelta(seconds=5)
+
+
+def test_the_timeline_shows_three_times_the_batch_emsevt_and_voided_events(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    tn = parcel.tracking_no
+    delivered = ev(3, tn, "delivered_to_locker", locker_id="L-1", compartment="4")
+    first = push(client, courier, [ev(1, tn), ev(2, tn, "out_for_delivery"), delivered]).get_json()
+    correction = ev(
+        4,
+        tn,
+        "correction",
+        voids_client_event_id=delivered["client_event_id"],
+        reason="wrong locker",
+    )
+    push(client, courier, [correction])
+    body = client.get(f"/api/v1/parcels/{tn}", headers=auth.headers("manager1")).get_json()
+    assert body["status"] == "out_for_delivery"
+    timeline = body["timeline"]
+    assert [e["seq"] for e in timeline] == [1, 2, 3, 4]
+    assert [e["emsevt"] for e in timeline] == [None, "EDG", "EDH", None]
+    assert [e["voided"] for e in timeline] == [False, False, True, False]
+    assert timeline[2]["voided_by_event_id"] == timeline[3]["event_id"]
+    assert timeline[2]["details"] == {"locker_id": "L-1", "compartment": "4"}
+    assert timeline[0]["batch_id"] == first["batch_id"]
+    assert {"occurred_at_device", "occurred_at", "received_at"} <= set(timeline[0])
+
+
+def test_pull_pages_through_assignments_and_tombstones(committed_app: Flask) -> None:
+    """Real commits: on PostgreSQL a reader sees only committed transactions' changes."""
+    with committed_app.app_context():
+        session = db.session
+        station = factories.station(session, code="PULL")
+        factories.user(session, "pull-manager", "station_manager", station)
+        factories.user(session, "pull-courier", "courier", station)
+        factories.user(session, "pull-courier2", "courier", station)
+        factories.device(session, "PDA-PULL", station)
+        session.commit()
+    client = committed_app.test_client()
+    auth = Auth(client)
+    numbers = [factories.s10() for _ in range(5)]
+    items = [
+        {
+            "tracking_no": n,
+            "service_class": "parcel",
+            "recipient_name": "R",
+            "address": "A",
+            "recipient_phone": "+8613812345678",
+            "courier": "pull-courier",
+        }
+        for n in numbers
+    ]
+    manager = auth.headers("pull-manager")
+    assert (
+        client.post("/api/v1/parcels", json={"parcels": items}, headers=manager).status_code == 200
+    )
+    courier = auth.headers("pull-courier", "PDA-PULL")
+    seen: list[tuple[str, str]] = []
+    cursor = None
+    for _ in range(10):
+        query = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get(PULL, query_string=query, headers=courier).get_json()
+        seen += [(c["kind"], c["tracking_no"]) for c in page["changes"]]
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            break
+    assert seen == [("parcel", n) for n in numbers]
+    assert page["changes"][-1]["parcel"]["recipient_phone"] == "+86*******5678"
+
+    moved = {"parcels": [{**items[0], "courier": "pull-courier2"}]}
+    assert client.post("/api/v1/parcels", json=moved, headers=manager).status_code == 200
+    page = client.get(PULL, query_string={"cursor": cursor}, headers=courier).get_json()
+    assert [(c["kind"], c["tracking_no"], c["parcel"]) for c in page["changes"]] == [
+        ("parcel_removed", numbers[0], None)
+    ]
+    again = client.get(PULL, query_string={"cursor": page["next_cursor"]}, headers=courier)
+    assert again.get_json()["changes"] == []
+    assert again.get_json()["next_cursor"] == page["next_cursor"]
+
+
+@pytest.mark.parametrize("cursor", ["abc", "1", "1.2.3", "-1.5", "1." + "9" * 30])
+def test_a_malformed_cursor_is_400(
+    client: FlaskClient, courier: dict[str, str], cursor: str
+) -> None:
+    response = client.get(PULL, query_string={"cursor": cursor}, headers=courier)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == "cursor_malformed"
+
+
+def test_an_unknown_cursor_asks_for_a_reset(client: FlaskClient, courier: dict[str, str]) -> None:
+    response = client.get(PULL, query_string={"cursor": "0.999999"}, headers=courier)
+    assert response.status_code == 410
+    assert response.get_json()["code"] == "cursor_reset"
+    assert client.get(PULL, headers=courier).status_code == 200
+
+
+def test_the_quarantine_is_per_station_for_managers(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    push(client, courier, [{"garbage": True}])
+    assert (
+        len(client.get("/api/v1/quarantine", headers=auth.headers("manager1")).get_json()["items"])
+        == 1
+    )
+    other = client.get(
+        "/api/v1/quarantine",
+        query_string={"station_id": parcel.station_id},
+        headers=auth.headers("manager2"),
+    ).get_json()
+    assert other["items"] == []
+    assert (
+        len(client.get("/api/v1/quarantine", headers=auth.headers("admin")).get_json()["items"])
+        == 1
+    )
+    for username in ("auditor1", "app1"):
+        assert client.get("/api/v1/quarantine", headers=auth.headers(username)).status_code == 403
+    assert client.get("/api/v1/quarantine", headers=courier).status_code == 403
+
+
+def test_quarantine_pages_newest_first(
+    client: FlaskClient, auth: Auth, courier: dict[str, str]
+) -> None:
+    push(client, courier, [{"n": i} for i in range(5)])
+    manager = auth.headers("manager1")
+    first = client.get("/api/v1/quarantine", query_string={"limit": 3}, headers=manager).get_json()
+    rest = client.get(
+        "/api/v1/quarantine",
+        query_string={"limit": 3, "after": first["next_after"]},
+        headers=manager,
+    ).get_json()
+    positions = [i["position"] for i in first["items"] + rest["items"]]
+    assert positions == [4, 3, 2, 1, 0]
+    assert rest["next_after"] is None
+
+
+def test_the_app_fixture_is_not_shared(app: Flask) -> None:
+    assert app.config["MAX_EVENTS_PER_PUSH"] == 5000

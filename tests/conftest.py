@@ -189,6 +189,14 @@ def auth(client: FlaskClient) -> Auth:
     return Auth(client)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``postgres_only`` tests need PostgreSQL's concurrency; the PostgreSQL pass runs them."""
+    if item.get_closest_marker("postgres_only") and not os.environ.get(
+        "TEST_DATABASE_URL", ""
+    ).startswith("postgresql"):
+        pytest.skip("needs PostgreSQL (runs in the PostgreSQL pass of make test)")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Leave a record of this pass (CI checks that the PostgreSQL pass really ran)."""
     if hasattr(session.config, "workerinput"):

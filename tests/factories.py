@@ -90,10 +90,9 @@ def event(
     client_event_id: str | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
-    """One scan event as a PDA sends it (device clock)."""
-    when = occurred_at or dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC) + dt.timedelta(
-        minutes=seq
-    )
+    """One scan event as a PDA sends it (device clock); by default a few hours ago, a
+    second apart per seq, so that it lies before a push sent now."""
+    when = occurred_at or dt.datetime.now(dt.UTC) - dt.timedelta(hours=3, seconds=-seq)
     return {
         "client_event_id": client_event_id or str(uuid.uuid4()),
         "seq": seq,

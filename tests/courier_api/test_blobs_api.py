@@ -1,0 +1,140 @@
+"""PUT/GET /blobs/<sha256>: verified digests, real images only, idempotent, access by role."""
+
+import hashlib
+import io
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+
+from courier_api.extensions import db
+from sync.blobs import FileBlobStore
+from tests.conftest import Auth, World, make_test_app
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (8, 6)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put(client: FlaskClient, headers: dict[str, str], data: bytes, name: str | None = None) -> Any:
+    return client.put(
+        f"/api/v1/blobs/{name or digest(data)}",
+        data=data,
+        content_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+@pytest.fixture
+def courier(auth: Auth, world: World) -> dict[str, str]:
+    return auth.headers("courier1", "PDA-0001")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+)
+def test_an_image_is_stored_once_under_its_digest(
+    app: Flask, client: FlaskClient, courier: dict[str, str], fmt: str, media_type: str
+) -> None:
+    data = image_bytes(fmt)
+    first = put(client, courier, data)
+    assert first.status_code == 201
+    assert first.get_json() | {"uploaded_at": None} == {
+        "sha256": digest(data),
+        "media_type": media_type,
+        "size_bytes": len(data),
+        "width": 8,
+        "height": 6,
+        "uploaded_at": None,
+    }
+    again = put(client, courier, data)
+    assert again.status_code == 200
+    assert again.get_json() == first.get_json()
+    assert FileBlobStore(app.config["BLOB_DIR"]).read(digest(data)) == data
+
+
+def test_bytes_that_do_not_match_the_digest_are_refused(
+    client: FlaskClient, courier: dict[str, str]
+) -> None:
+    response = put(client, courier, image_bytes(), name=digest(b"something else"))
+    assert response.status_code == 422
+    assert response.get_json()["code"] == "digest_mismatch"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not an image at all", image_bytes()[:40], image_bytes("GIF"), b""],
+    ids=["text", "truncated-png", "gif", "empty"],
+)
+def test_anything_but_a_whole_png_jpeg_or_webp_is_refused(
+    client: FlaskClient, courier: dict[str, str], data: bytes
+) -> None:
+    response = put(client, courier, data)
+    assert response.status_code == 422
+    assert response.get_json()["code"] in {"not_an_image", "unsupported_image_type"}
+
+
+@pytest.mark.parametrize("name", ["abc", "A" * 64, "g" * 64])
+def test_a_name_that_is_not_a_sha256_is_422(
+    client: FlaskClient, courier: dict[str, str], name: str
+) -> None:
+    response = put(client, courier, image_bytes(), name=name)
+    assert response.status_code == 422
+    assert response.get_json()["code"] == "invalid_digest"
+
+
+def test_an_image_over_the_blob_limit_is_413_with_the_limit(
+    database_url: str, connection: Any, tmp_path: Any, world: World
+) -> None:
+    app = make_test_app(database_url, tmp_path, MAX_BLOB_BYTES=100)
+    db.bind_to_connection(app, connection)
+    client = app.test_client()
+    response = put(
+        client, Auth(client).headers("courier1", "PDA-0001"), image_bytes(size=(64, 64))
+    )
+    assert response.status_code == 413
+    assert "limit is 100" in response.get_json()["message"]
+    db.engine_of(app).dispose()
+
+
+def test_who_may_read_an_image(client: FlaskClient, auth: Auth, courier: dict[str, str]) -> None:
+    data = image_bytes()
+    put(client, courier, data)
+    url = f"/api/v1/blobs/{digest(data)}"
+    for username in ("admin", "auditor1", "manager1"):
+        response = client.get(url, headers=auth.headers(username))
+        assert response.status_code == 200, username
+        assert response.data == data and response.mimetype == "image/png"
+    assert client.get(url, headers=courier).status_code == 200  # the uploader
+    assert client.get(url, headers=auth.headers("manager2")).status_code == 404
+    assert client.get(url, headers=auth.headers("app1")).status_code == 403
+    assert client.get(url).status_code == 401
+
+
+def test_an_unknown_image_is_404(client: FlaskClient, auth: Auth, world: World) -> None:
+    response = client.get(f"/api/v1/blobs/{'0' * 64}", headers=auth.headers("auditor1"))
+    assert response.status_code == 404
+    assert response.get_json()["code"] == "blob_not_found"
+
+
+def test_auditors_cannot_upload(client: FlaskClient, auth: Auth, world: World) -> None:
+    assert put(client, auth.headers("auditor1"), image_bytes()).status_code == 403
+
+
+def test_a_lost_file_is_restored_by_uploading_again(
+    app: Flask, client: FlaskClient, courier: dict[str, str]
+) -> None:
+    data = image_bytes()
+    put(client, courier, data)
+    store = FileBlobStore(app.config["BLOB_DIR"])
+    store.path(digest(data)).unlink()
+    assert put(client, courier, data).status_code == 200
+    assert store.read(digest(data)) == data

@@ -1,0 +1,274 @@
+"""Faults around a push, with real commits: nothing acknowledged that is not stored,
+nothing stored twice, and a pull that never skips a change written concurrently."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from courier_api.extensions import db
+from models import FeedChange, FeedKind, QuarantinedEvent, ScanEvent, SyncBatch
+from sync import feed, ingest
+from tests import factories
+from tests.conftest import Auth
+
+PUSH = "/api/v1/sync/push"
+PULL = "/api/v1/sync/pull"
+
+
+class Station:
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        with app.app_context():
+            session = db.session
+            station = factories.station(session, code="FAULT")
+            self.courier_id = factories.user(session, "f-courier", "courier", station).id
+            factories.user(session, "f-manager", "station_manager", station)
+            factories.device(session, "PDA-F1", station)
+            self.station_id = station.id
+            self.parcels = [factories.parcel(session, station).tracking_no for _ in range(6)]
+            session.commit()
+        self.client = app.test_client()
+        self.headers = Auth(self.client).headers("f-courier", "PDA-F1")
+
+    def body(self, events: list[dict[str, Any]], batch_id: str | None = None) -> dict[str, Any]:
+        return factories.push_body("PDA-F1", events, batch_id=batch_id)
+
+    def push(self, body: dict[str, Any]) -> Any:
+        return self.client.post(PUSH, json=body, headers=self.headers)
+
+    def count(self, model: Any) -> int:
+        with self.app.app_context():
+            return db.session.scalar(select(func.count()).select_from(model))
+
+
+@pytest.fixture
+def station(committed_app: Flask) -> Iterator[Station]:
+    yield Station(committed_app)
+
+
+def events(station: Station, seqs: range) -> list[dict[str, Any]]:
+    return [factories.event(seq, station.parcels[seq % 6]) for seq in seqs]
+
+
+def test_a_failure_after_commit_loses_the_response_not_the_events(
+    committed_app: Flask,
+) -> None:
+    lose_response = threading.Event()
+
+    @committed_app.after_request
+    def crash_after_commit(response: Any) -> Any:
+        if lose_response.is_set():
+            raise ConnectionError("the network dropped the response")
+        return response
+
+    station = Station(committed_app)
+    batch = station.body(events(station, range(1, 6)))
+    lose_response.set()
+    with pytest.raises(ConnectionError):
+        station.push(batch)
+    lose_response.clear()
+    assert station.count(ScanEvent) == 5  # committed before the response was lost
+
+    replay = station.push(batch).get_json()  # the PDA retries the same batch
+    assert [r["status"] for r in replay["results"]] == ["applied"] * 5
+    rebuilt = station.push(station.body(batch["events"])).get_json()  # or rebuilds it
+    assert [r["status"] for r in rebuilt["results"]] == ["duplicate"] * 5
+    assert station.count(ScanEvent) == 5
+    assert rebuilt["acked_through_seq"] == 5
+
+
+def test_a_failure_before_commit_stores_and_acknowledges_nothing(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = station.body(events(station, range(1, 4)) + [{"broken": True}])
+
+    def crash(self: Any, tracker: Any) -> None:
+        raise RuntimeError("the worker died while writing the receipt")
+
+    monkeypatch.setattr(ingest._BatchIngest, "_receipt", crash)
+    with pytest.raises(RuntimeError):
+        station.push(batch)
+    assert [station.count(m) for m in (ScanEvent, QuarantinedEvent, SyncBatch, FeedChange)] == [
+        0,
+        0,
+        0,
+        0,
+    ]
+    monkeypatch.undo()
+    receipt = station.push(batch).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3 + ["rejected"]
+    assert station.count(ScanEvent) == 3
+
+
+def test_database_down_mid_push_is_503_with_nothing_acknowledged(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the push's own connection is really terminated; SQLite, an embedded
+    file, cannot go away like that, so there the driver's error is raised instead."""
+    batch = station.body(events(station, range(1, 4)))
+    insert = ingest._BatchIngest._insert
+
+    def database_goes_away(self: Any, fresh: Any) -> Any:
+        insert(self, fresh)
+        if self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", database_goes_away)
+    response = station.push(batch)
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "database_unavailable"
+    assert response.headers["Retry-After"]
+    assert "results" not in response.get_json()
+    monkeypatch.undo()
+    assert station.count(ScanEvent) == 0
+    receipt = station.push(batch).get_json()  # the PDA kept everything and retries
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+
+
+def test_a_paginated_pull_while_another_thread_pushes_sees_every_change(
+    committed_app: Flask,
+) -> None:
+    with committed_app.app_context():
+        session = db.session
+        station = factories.station(session, code="PAGE")
+        factories.user(session, "p-courier", "courier", station)
+        factories.device(session, "PDA-P1", station)
+        parcels = [factories.parcel(session, station).tracking_no for _ in range(120)]
+        session.commit()
+    writer_client = committed_app.test_client()
+    headers = Auth(writer_client).headers("p-courier", "PDA-P1")
+    done = threading.Event()
+    failures: list[Any] = []
+
+    def write() -> None:
+        try:
+            for start in range(0, 120, 8):
+                items = [factories.event(seq + 1, parcels[seq]) for seq in range(start, start + 8)]
+                body = factories.push_body("PDA-P1", items)
+                response = writer_client.post(PUSH, json=body, headers=headers)
+                if response.status_code != 200:
+                    failures.append(response.get_json())
+        finally:
+            done.set()
+
+    reader = committed_app.test_client()
+    seen: list[str] = []
+    cursor = ""
+    writer = threading.Thread(target=write)
+    writer.start()
+    while True:
+        finished = done.is_set()
+        page = reader.get(PULL, query_string={"cursor": cursor, "limit": 7}, headers=headers)
+        body = page.get_json()
+        seen += [change["tracking_no"] for change in body["changes"]]
+        cursor = body["next_cursor"]
+        if finished and not body["has_more"]:
+            break
+    writer.join()
+    assert failures == []
+    assert sorted(seen) == sorted(parcels)  # every change once, none skipped
+
+
+@pytest.mark.postgres_only
+def test_a_change_that_commits_late_with_a_lower_id_is_not_skipped(station: Station) -> None:
+    """Transaction A writes a feed entry first (lower id) and commits last. A reader that
+    paged past B's entry meanwhile would never see A's: the horizon prevents it."""
+    engine = db.engine_of(station.app)
+    with Session(engine) as late:
+        feed.record(
+            late,
+            [feed.FeedEntry(station.station_id, station.courier_id, FeedKind.PARCEL, "LATE-1")],
+        )
+        late.flush()
+        station.push(station.body([factories.event(1, station.parcels[0])]))  # B commits
+        first = station.client.get(PULL, headers=station.headers).get_json()
+        assert first["changes"] == []  # B's entry waits until A is decided
+        late.commit()
+    second = station.client.get(
+        PULL, query_string={"cursor": first["next_cursor"]}, headers=station.headers
+    ).get_json()
+    assert [c["tracking_no"] for c in second["changes"]] == ["LATE-1", station.parcels[0]]
+
+
+def _race(app: Flask, bodies: list[dict[str, Any]], headers: dict[str, str]) -> list[Any]:
+    barrier = threading.Barrier(len(bodies))
+    responses: list[Any] = [None] * len(bodies)
+
+    def send(index: int) -> None:
+        client = app.test_client()
+        barrier.wait()
+        responses[index] = client.post(PUSH, json=bodies[index], headers=headers)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return responses
+
+
+def test_the_same_batch_from_eight_threads_is_applied_once(station: Station) -> None:
+    batch = station.body(events(station, range(1, 101)))
+    responses = _race(station.app, [batch] * 8, station.headers)
+    assert [r.status_code for r in responses] == [200] * 8
+    bodies = {r.get_data() for r in responses}
+    assert len(bodies) == 1  # eight identical receipts
+    receipt = responses[0].get_json()
+    assert {r["status"] for r in receipt["results"]} == {"applied"}
+    assert station.count(ScanEvent) == 100
+    assert station.count(SyncBatch) == 1
+
+
+def test_two_batches_of_one_device_pushed_at_once_both_apply(station: Station) -> None:
+    first = station.body(events(station, range(1, 151)))
+    second = station.body(events(station, range(151, 301)))
+    responses = _race(station.app, [first, second], station.headers)
+    assert [r.status_code for r in responses] == [200, 200]
+    for response in responses:
+        assert {r["status"] for r in response.get_json()["results"]} == {"applied"}
+    assert station.count(ScanEvent) == 300
+    final = station.push(station.body([])).get_json()
+    assert (final["acked_through_seq"], final["missing_seqs"]) == (300, [])
+
+
+def test_batches_of_different_devices_do_not_wait_for_each_other_and_all_apply(
+    committed_app: Flask,
+) -> None:
+    with committed_app.app_context():
+        session = db.session
+        station = factories.station(session, code="MANY")
+        for n in range(4):
+            factories.user(session, f"m-courier{n}", "courier", station)
+            factories.device(session, f"PDA-M{n}", station)
+        shared = factories.parcel(session, station).tracking_no
+        session.commit()
+    client = committed_app.test_client()
+    auth = Auth(client)
+    headers = [auth.headers(f"m-courier{n}", f"PDA-M{n}") for n in range(4)]
+    barrier = threading.Barrier(4)
+    responses: list[Any] = [None] * 4
+
+    def send(n: int) -> None:
+        items = [factories.event(seq, shared, "out_for_delivery") for seq in range(1, 51)]
+        body = factories.push_body(f"PDA-M{n}", items, batch_id=str(uuid.uuid4()))
+        barrier.wait()
+        responses[n] = committed_app.test_client().post(PUSH, json=body, headers=headers[n])
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [r.status_code for r in responses] == [200] * 4
+    with committed_app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(ScanEvent)) == 200

@@ -65,7 +65,6 @@ from models import (
     Device,
     Parcel,
     Role,
-    ScanEvent,
     ServiceClass,
     Station,
     SyncBatch,
@@ -75,6 +74,7 @@ from models import (
 )
 from sync.accounts import hash_password
 from sync.events import EventRejected, EventRules, ValidEvent, validate_event
+from sync.ingest import INSERT_EVENTS
 from sync.tracking import s10_check_digit
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/courier_bench"
@@ -382,7 +382,7 @@ class Bench:
     def raw_insert(self, rows: list[dict[str, Any]]) -> float:
         started = time.perf_counter()
         with self.engine.begin() as connection:
-            connection.execute(insert(ScanEvent), rows)
+            connection.execute(INSERT_EVENTS, rows)
         return time.perf_counter() - started
 
     def api_and_raw(self, api_pda: Pda, raw_pda: Pda) -> tuple[float, float, float]:

@@ -15,6 +15,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from models import EventType
@@ -105,7 +106,7 @@ class ValidEvent:
             "details": self.details,
         }
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         return sha256_json(self.canonical())
 

@@ -24,6 +24,7 @@ from sync.errors import CursorReset, InvalidCursor
 
 _CURSOR = re.compile(r"(\d{1,19})\.(\d{1,19})")
 MAX_PAGE = 500
+INSERT_CHANGES = insert(FeedChange.__table__)
 
 
 @dataclass(frozen=True, order=True)
@@ -78,7 +79,7 @@ def record(session: Session, entries: Iterable[FeedEntry]) -> None:
     if not rows:
         return
     txid = _current_txid(session)
-    session.execute(insert(FeedChange), [{**row, "txid": txid} for row in rows])
+    session.execute(INSERT_CHANGES, [{**row, "txid": txid} for row in rows])
 
 
 def read_page(

@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -38,13 +38,11 @@ from models import (
     Device,
     DeviceSyncState,
     FlagSeverity,
-    Parcel,
     QuarantinedEvent,
     ScanEvent,
     SyncBatch,
     utcnow,
 )
-from sync import feed
 from sync.acks import SeqTracker
 from sync.errors import Conflict
 from sync.events import (
@@ -56,11 +54,13 @@ from sync.events import (
     validate_event,
 )
 from sync.flags import FlagSubject, raise_flag
-from sync.projection import EventFact, project
+from sync.status import reproject
 
 log = logging.getLogger(__name__)
 
 _IN_CHUNK = 900  # below SQLite's and PostgreSQL's bound-parameter limits
+# A Core insert: events are written in bulk, never loaded back as ORM objects here.
+INSERT_EVENTS = insert(ScanEvent.__table__)
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,7 @@ class _BatchIngest:
 
     def run(self) -> dict[str, Any]:
         self.session.add(self.row)
+        self.state = self._device_state()
         self.session.flush()
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
@@ -202,28 +203,16 @@ class _BatchIngest:
         return valid
 
     def _deduplicate(self, valid: list[tuple[int, ValidEvent]]) -> list[tuple[int, ValidEvent]]:
-        """Drop events already held; reject re-used ids with other content, and re-used seqs."""
-        ids = [event.client_event_id for _, event in valid]
-        held_by_id = {
-            row.client_event_id: row
-            for chunk in _chunks(ids)
-            for row in self.session.execute(
-                select(ScanEvent.client_event_id, ScanEvent.content_hash, ScanEvent.id).where(
-                    ScanEvent.device_id == self.pusher.device_id,
-                    ScanEvent.client_event_id.in_(chunk),
-                )
-            )
-        }
-        seqs = [event.seq for _, event in valid]
-        held_by_seq = {
-            row.seq: row.client_event_id
-            for chunk in _chunks(seqs)
-            for row in self.session.execute(
-                select(ScanEvent.seq, ScanEvent.client_event_id).where(
-                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
-                )
-            )
-        }
+        """Drop events already held; reject re-used ids with other content, and re-used seqs.
+
+        Every stored event of the device has a seq up to ``max_seq``, so only events at
+        or below it are looked up: a PDA sending what is new (the usual push) costs no
+        query. An event above it that re-uses a stored id (a PDA bug) is caught by the
+        unique index on insert and answered in ``_insert_one_by_one``.
+        """
+        old = [event for _, event in valid if event.seq <= self.state.max_seq]
+        held_by_id = self._held_by_id([event.client_event_id for event in old])
+        held_by_seq = self._held_by_seq([event.seq for event in old])
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh = []
         for index, event in valid:
@@ -245,6 +234,29 @@ class _BatchIngest:
             held_by_seq[event.seq] = event.client_event_id
             fresh.append((index, event))
         return fresh
+
+    def _held_by_id(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        return {
+            row.client_event_id: row
+            for chunk in _chunks(ids)
+            for row in self.session.execute(
+                select(ScanEvent.client_event_id, ScanEvent.content_hash, ScanEvent.id).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                )
+            )
+        }
+
+    def _held_by_seq(self, seqs: Sequence[int]) -> dict[int, uuid.UUID]:
+        return {
+            row.seq: row.client_event_id
+            for chunk in _chunks(seqs)
+            for row in self.session.execute(
+                select(ScanEvent.seq, ScanEvent.client_event_id).where(
+                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
+                )
+            )
+        }
 
     def _answer(self, index: int, event: ValidEvent, status: str) -> None:
         self.results[index] = _Result(index, str(event.client_event_id), status, seq=event.seq)
@@ -289,7 +301,7 @@ class _BatchIngest:
             return []
         try:
             with self.session.begin_nested():
-                self.session.execute(insert(ScanEvent), rows)
+                self.session.execute(INSERT_EVENTS, rows)
         except (IntegrityError, DataError):
             log.warning(
                 "batch %s: the database refused an event; retrying one by one", self.batch.batch_id
@@ -306,21 +318,35 @@ class _BatchIngest:
         for (index, event), row in zip(fresh, rows, strict=True):
             try:
                 with self.session.begin_nested():
-                    self.session.execute(insert(ScanEvent), [row])
+                    self.session.execute(INSERT_EVENTS, [row])
             except (IntegrityError, DataError) as exc:
-                log.warning("event %s refused by the database: %s", event.client_event_id, exc)
-                self._reject(
-                    index,
-                    self.batch.events[index],
-                    EventRejected(
-                        "the database refused this event; it is kept in quarantine",
-                        code="unstorable",
-                    ),
-                )
+                self._refused(index, event, exc)
             else:
                 self._answer(index, event, "applied")
                 stored.append((index, event))
         return stored
+
+    def _refused(self, index: int, event: ValidEvent, exc: Exception) -> None:
+        """Why the database refused an event: a stored id or seq, or a value it cannot hold."""
+        held = self._held_by_id([event.client_event_id]).get(event.client_event_id)
+        if held is not None:
+            if held.content_hash == event.content_hash:
+                self._answer(index, event, "duplicate")
+            else:
+                self._conflicting_duplicate(index, event, held.id)
+            return
+        owner = self._held_by_seq([event.seq]).get(event.seq)
+        if owner is not None:
+            self._seq_conflict(index, event, owner)
+            return
+        log.warning("event %s refused by the database: %s", event.client_event_id, exc)
+        self._reject(
+            index,
+            self.batch.events[index],
+            EventRejected(
+                "the database refused this event; it is kept in quarantine", code="unstorable"
+            ),
+        )
 
     def _row(self, event: ValidEvent) -> dict[str, Any]:
         location = event.location
@@ -405,11 +431,17 @@ class _BatchIngest:
 
     # -- device state: acknowledgements and clock -------------------------------------------
 
-    def _update_device_state(self) -> SeqTracker:
+    def _device_state(self) -> DeviceSyncState:
         state = self.session.get(DeviceSyncState, self.pusher.device_id)
         if state is None:
-            state = DeviceSyncState(device_id=self.pusher.device_id, missing_ranges=[])
+            state = DeviceSyncState(
+                device_id=self.pusher.device_id, max_seq=0, acked_through_seq=0, missing_ranges=[]
+            )
             self.session.add(state)
+        return state
+
+    def _update_device_state(self) -> SeqTracker:
+        state = self.state
         tracker = SeqTracker(state.max_seq or 0, [list(r) for r in state.missing_ranges or []])
         tracker.add_all(r.seq for r in self.results.values() if r.seq is not None)
         state.max_seq = tracker.max_seq
@@ -495,82 +527,6 @@ class _BatchIngest:
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,
         }
-
-
-@dataclass
-class ReprojectOutcome:
-    changed: list[str] = field(default_factory=list)  # tracking numbers whose status moved
-    unknown: dict[str, list[int]] = field(default_factory=dict)  # no such parcel: event ids
-
-
-def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutcome:
-    """Recompute the status (and holder) of these parcels from all their events.
-
-    The parcels are locked first, in a fixed order, so that two pushes touching
-    one parcel cannot each compute from a history missing the other's events.
-    """
-    wanted = sorted(set(tracking_nos))
-    outcome = ReprojectOutcome()
-    if not wanted:
-        return outcome
-    parcels = {
-        parcel.tracking_no: parcel
-        for chunk in _chunks(wanted)
-        for parcel in session.scalars(
-            select(Parcel)
-            .where(Parcel.tracking_no.in_(chunk))
-            .order_by(Parcel.tracking_no)
-            .with_for_update()
-        )
-    }
-    facts: dict[str, list[EventFact]] = {tracking_no: [] for tracking_no in wanted}
-    for chunk in _chunks(wanted):
-        for row in session.execute(select(*FACT_COLUMNS).where(ScanEvent.tracking_no.in_(chunk))):
-            facts[row.tracking_no].append(
-                EventFact(**{name: getattr(row, name) for name in EventFact.__dataclass_fields__})
-            )
-    entries: list[feed.FeedEntry] = []
-    for tracking_no in wanted:
-        parcel = parcels.get(tracking_no)
-        if parcel is None:
-            if facts[tracking_no]:
-                outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
-            continue
-        projection = project(facts[tracking_no])
-        holder = projection.holder_courier_id or parcel.planned_courier_id
-        if holder != parcel.courier_id:
-            entries.extend(
-                feed.entries_for_reassignment(
-                    station_id=parcel.station_id,
-                    tracking_no=tracking_no,
-                    old_courier=parcel.courier_id,
-                    new_courier=holder,
-                )
-            )
-            parcel.courier_id = holder
-        if (parcel.status, parcel.status_at) != (projection.status, projection.status_at):
-            parcel.status = projection.status
-            parcel.status_at = projection.status_at
-            outcome.changed.append(tracking_no)
-            if holder is not None:
-                entries.append(
-                    feed.FeedEntry(parcel.station_id, holder, feed.FeedKind.PARCEL, tracking_no)
-                )
-    feed.record(session, entries)
-    return outcome
-
-
-FACT_COLUMNS = (
-    ScanEvent.id.label("event_id"),
-    ScanEvent.tracking_no,
-    ScanEvent.device_id,
-    ScanEvent.seq,
-    ScanEvent.type,
-    ScanEvent.occurred_at,
-    ScanEvent.client_event_id,
-    ScanEvent.courier_id,
-    ScanEvent.voids_client_event_id,
-)
 
 
 def _lock_device(session: Session, device_id: str) -> None:

@@ -14,9 +14,9 @@ from models import FeedKind, Parcel, Role, ScanEvent, ServiceClass, Station, Syn
 from sync import feed
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from sync.flags import FlagSubject, close_flags
-from sync.ingest import reproject
 from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, fact_of, ordered, voided_by
+from sync.status import reproject
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import pycountry
 
@@ -66,6 +67,10 @@ class TrackingNumberPolicy:
 
     def validate(self, raw: str, *, field: str = "tracking_no") -> str:
         """Return the normalized number or raise ``InvalidInput`` saying what is wrong."""
+        valid = _valid_number(self, raw)  # a push names each parcel about three times
+        return valid if valid is not None else self._validate(raw, field)
+
+    def _validate(self, raw: str, field: str) -> str:
         tracking_no = normalize(raw)
         if not tracking_no:
             raise InvalidInput("tracking number is empty", code="invalid_tracking_no", field=field)
@@ -104,3 +109,13 @@ def _validate_s10(tracking_no: str, match: re.Match[str], field: str) -> None:
             code="unknown_country_code",
             field=field,
         )
+
+
+@lru_cache(maxsize=8192)
+def _valid_number(policy: TrackingNumberPolicy, raw: str) -> str | None:
+    """The normalized number when ``raw`` is valid under ``policy``, else None (the
+    caller validates again to raise the error with its field: errors are not cached)."""
+    try:
+        return policy._validate(raw, "tracking_no")
+    except InvalidInput:
+        return None

@@ -341,3 +341,21 @@ def test_check_out_assigns_the_parcel_and_a_second_check_out_reassigns_it(
         (world.courier.id, FeedKind.PARCEL_REMOVED),
         (other_courier.id, FeedKind.PARCEL),
     ]
+
+
+def test_a_stored_id_sent_again_with_a_new_seq_is_a_conflicting_duplicate(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Above the device's highest seq nothing is looked up in advance: the unique index
+    refuses the re-used id, and only that event is answered, as a conflicting duplicate."""
+    tn = parcel.tracking_no
+    original = pda.event(1, tn)
+    pda.push([original])
+    reused = pda.event(7, tn, "delivered", client_event_id=original["client_event_id"])
+    receipt = pda.push(
+        [pda.event(2, tn, "out_for_delivery"), reused, pda.event(3, tn, "delivered")]
+    )
+    assert statuses(receipt) == ["applied", "rejected", "applied"]
+    assert receipt["results"][1]["error"]["code"] == "conflicting_duplicate"
+    assert sorted(session.scalars(select(ScanEvent.seq))) == [1, 2, 3]
+    assert session.scalar(select(Flag.kind)) == "conflicting_duplicate"

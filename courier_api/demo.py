@@ -7,8 +7,8 @@ import random
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import DeviceStatus, Parcel, Role, ServiceClass, Station
-from sync import directory
+from models import DeviceStatus, FeedKind, Parcel, Role, ServiceClass, Station
+from sync import directory, feed
 from sync.tracking import s10_check_digit
 
 STATION_CODE = "DEMO"
@@ -49,8 +49,9 @@ def seed(session: Session, *, password_hash_method: str, parcels: int = 40) -> s
     station = directory.create_station(
         session=session, code=STATION_CODE, name="Demo Station Pudong", timezone="Asia/Shanghai"
     )
+    couriers = []
     for username, role, full_name in USERS:
-        directory.create_user(
+        user = directory.create_user(
             session=session,
             username=username,
             role=role,
@@ -59,11 +60,14 @@ def seed(session: Session, *, password_hash_method: str, parcels: int = 40) -> s
             full_name=full_name,
             password_hash_method=password_hash_method,
         )
+        if role == Role.COURIER:
+            couriers.append(user.id)
     for device_id in (*ACTIVE_DEVICES, RETIRED_DEVICE):
         device = directory.register_device(session=session, device_id=device_id, station=station)
     directory.set_device_status(session=session, device=device, status=DeviceStatus.RETIRED)
     rng = random.Random(7)
     classes = list(ServiceClass)
+    assignments = []
     for n in range(parcels):
         serial = f"{10000000 + rng.randrange(89999999):08d}"
         tracking_no = (
@@ -79,10 +83,17 @@ def seed(session: Session, *, password_hash_method: str, parcels: int = 40) -> s
                 address=f"{rng.randrange(1, 999)} {rng.choice(STREETS)}, Pudong, Shanghai",
                 lat=31.22 + rng.random() / 50,
                 lon=121.54 + rng.random() / 50,
+                # Planned for the couriers in turn: their PDAs pull them.
+                planned_courier_id=couriers[n % len(couriers)],
+                courier_id=couriers[n % len(couriers)],
             )
         )
+        assignments.append(
+            feed.FeedEntry(station.id, couriers[n % len(couriers)], FeedKind.PARCEL, tracking_no)
+        )
     session.flush()
+    feed.record(session, assignments)
     return (
         f"demo station {STATION_CODE} loaded: {len(USERS)} users, "
-        f"{len(ACTIVE_DEVICES) + 1} devices, {parcels} parcels"
+        f"{len(ACTIVE_DEVICES) + 1} devices, {parcels} parcels planned for the couriers"
     )

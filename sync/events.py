@@ -111,10 +111,12 @@ class ValidEvent:
         return sha256_json(self.canonical())
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def sha256_json(value: Any) -> str:
     """sha256 of ``value`` as canonical JSON (sorted keys, no spaces, ASCII)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON.encode(value).encode("ascii")).hexdigest()
 
 
 def parse_time(raw: Any, *, field: str) -> dt.datetime:

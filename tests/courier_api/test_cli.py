@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -280,3 +281,20 @@ def test_import_parcels_explains_a_file_that_is_not_utf8(
     assert result.exit_code == 1
     assert "the file is not UTF-8 text" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_demo_couriers_pull_their_planned_parcels(committed_app: Flask) -> None:
+    result = committed_app.test_cli_runner().invoke(args=["seed-demo"])
+    assert result.exit_code == 0, result.output
+    client = committed_app.test_client()
+    token = client.post(
+        "/api/v1/auth/token",
+        json={
+            "username": "courier1",
+            "password": PASSWORDS[Role.COURIER],
+            "device_id": ACTIVE_DEVICES[0],
+        },
+    ).get_json()["access_token"]
+    page = client.get("/api/v1/sync/pull", headers={"Authorization": f"Bearer {token}"}).get_json()
+    assert len(page["changes"]) == 20
+    assert {change["kind"] for change in page["changes"]} == {"parcel"}

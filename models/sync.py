@@ -53,6 +53,8 @@ class ScanEvent(Base):
         UniqueConstraint("device_id", "seq", name="uq_scan_event_device_id_seq"),
         CheckConstraint("seq >= 1", name="seq_positive"),
         Index("ix_scan_event_tracking_no", "tracking_no"),
+        # Corrections of a device's events, wherever they were filed.
+        Index("ix_scan_event_voids", "device_id", "voids_client_event_id"),
     )
 
     id: Mapped[big_pk]
@@ -91,10 +93,12 @@ class QuarantinedEvent(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "payload_hash", name="uq_quarantined_event_device_payload"),
         Index("ix_quarantined_event_device_seq", "device_id", "seq"),
+        # The station's list, newest first.
+        Index("ix_quarantined_event_station_newest", "station_id", "id"),
     )
 
     id: Mapped[big_pk]
-    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"), index=True)
+    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"))
     device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
     batch_pk: Mapped[int] = mapped_column(BigId, ForeignKey("sync_batch.id"))
     position: Mapped[int]  # index in the batch's events

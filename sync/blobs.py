@@ -11,7 +11,6 @@ import hashlib
 import io
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +23,8 @@ from models import Blob
 from sync.errors import InvalidInput, LimitExceeded, NotFound
 from sync.events import SHA256_HEX
 
-MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# MPO is how Pillow names the multi-picture JPEGs many phone cameras write.
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo; larger is a decompression bomb, not a proof
 
 
@@ -87,22 +87,20 @@ def check_digest(digest: str) -> str:
 def inspect_image(data: bytes) -> ImageInfo:
     """Accept PNG, JPEG and WebP files that decode; refuse anything else."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                media_type = MEDIA_TYPES.get(image.format or "")
-                width, height = image.size
-                if media_type is None:
-                    raise InvalidInput(
-                        f"a {image.format} image is not accepted; send PNG, JPEG or WebP",
-                        code="unsupported_image_type",
-                    )
-                if width * height > MAX_PIXELS:
-                    raise InvalidInput(
-                        f"the image has {width}x{height} pixels; the limit is {MAX_PIXELS:,}",
-                        code="image_too_large",
-                    )
-                image.load()  # decode it all: a truncated or corrupt file fails here
+        with Image.open(io.BytesIO(data)) as image:
+            media_type = MEDIA_TYPES.get(image.format or "")
+            width, height = image.size
+            if media_type is None:
+                raise InvalidInput(
+                    f"a {image.format} image is not accepted; send PNG, JPEG or WebP",
+                    code="unsupported_image_type",
+                )
+            if width * height > MAX_PIXELS:  # checked before decoding a pixel
+                raise InvalidInput(
+                    f"the image has {width}x{height} pixels; the limit is {MAX_PIXELS:,}",
+                    code="image_too_large",
+                )
+            image.load()  # decode it all: a truncated or corrupt file fails here
     except InvalidInput:
         raise
     except (

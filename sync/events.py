@@ -60,8 +60,10 @@ class EventRejected(DomainError):
 @dataclass(frozen=True)
 class EventRules:
     tracking: TrackingNumberPolicy
-    # An event's device time must lie in [sent_at - max_age, sent_at + future_tolerance],
-    # both on the device's own clock, so a skewed clock does not matter here.
+    # An event's device time must lie within max_age of the push's sent_at, both on the
+    # device's own clock, so a skewed clock does not matter here. An event later than
+    # sent_at (beyond future_tolerance) is kept: the clock was set back in between, and
+    # the engine flags it (``clock_jump``).
     max_age: dt.timedelta = dt.timedelta(days=30)
     future_tolerance: dt.timedelta = dt.timedelta(minutes=5)
 
@@ -167,11 +169,9 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
     except DomainError as error:
         raise EventRejected(error.message, code=error.code, field="tracking_no") from None
     occurred_at = parse_time(raw.get("occurred_at"), field="occurred_at")
-    if not sent_at - rules.max_age <= occurred_at <= sent_at + rules.future_tolerance:
+    if not shifted(sent_at, -rules.max_age) <= occurred_at <= shifted(sent_at, rules.max_age):
         raise EventRejected(
-            "occurred_at must lie between "
-            f"{rules.max_age.days} days before and "
-            f"{int(rules.future_tolerance.total_seconds())} s after the push's sent_at "
+            f"occurred_at must lie within {rules.max_age.days} days of the push's sent_at "
             "(both on the device clock)",
             code="occurred_at_out_of_range",
             field="occurred_at",
@@ -199,6 +199,16 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
         shift_id=_optional_id(raw.get("shift_id"), "shift_id"),
         details=details,
     )
+
+
+def shifted(moment: dt.datetime, delta: dt.timedelta) -> dt.datetime:
+    """``moment + delta``, saturating at the ends of the calendar (a PDA whose clock
+    says year 1 must get an answer, not an overflow)."""
+    try:
+        return moment + delta
+    except OverflowError:
+        extreme = dt.datetime.max if delta > dt.timedelta(0) else dt.datetime.min
+        return extreme.replace(tzinfo=dt.UTC)
 
 
 # -- field parsers --------------------------------------------------------------------------
@@ -282,7 +292,10 @@ def _choice(choices: frozenset[str]) -> Callable[[Any, str], str]:
 def _number(raw: Any, name: str, low: float, high: float) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise EventRejected(f"{name} must be a number", code="invalid_number", field=name)
-    value = float(raw)
+    try:
+        value = float(raw)
+    except OverflowError:  # an integer with hundreds of digits
+        value = math.inf
     if not math.isfinite(value) or not low <= value <= high:
         raise EventRejected(
             f"{name} must be a number from {low:g} to {high:g}",

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from models import FeedChange, FeedKind, Parcel
 from sync.errors import CursorReset, InvalidCursor
 
-_CURSOR = re.compile(r"(\d{1,19})\.(\d{1,19})")
+_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+_INT64_MAX = 2**63 - 1
 MAX_PAGE = 500
 INSERT_CHANGES = insert(FeedChange.__table__)
 
@@ -40,7 +41,7 @@ class Cursor:
         if raw is None or raw == "":
             return START
         match = _CURSOR.fullmatch(raw)
-        if match is None:
+        if match is None or max(int(match[1]), int(match[2])) > _INT64_MAX:
             raise InvalidCursor(
                 "the cursor is malformed; send back a next_cursor exactly as received",
                 field="cursor",
@@ -86,15 +87,13 @@ def read_page(
     *, session: Session, station_id: int, courier_id: int, cursor: Cursor, limit: int
 ) -> FeedPage:
     """Entries for ``courier_id`` at ``station_id`` after ``cursor``, in feed order."""
-    if cursor != START:
-        newest = session.scalar(select(func.max(FeedChange.id)))
-        if newest is None or cursor.id > newest:
-            raise CursorReset(
-                "this cursor is not known here; pull again without a cursor "
-                "(your unsent events stay on the PDA and are pushed as usual)",
-                field="cursor",
-            )
     horizon = _visible_horizon(session)
+    if cursor != START and not _could_have_been_issued(session, cursor, horizon):
+        raise CursorReset(
+            "this cursor is not known here; pull again without a cursor "
+            "(your unsent events stay on the PDA and are pushed as usual)",
+            field="cursor",
+        )
     query = (
         select(FeedChange, Parcel)
         .outerjoin(
@@ -115,6 +114,18 @@ def read_page(
     page = rows[:limit]
     next_cursor = Cursor(page[-1][0].txid, page[-1][0].id) if page else cursor
     return FeedPage(changes=page, next_cursor=next_cursor, has_more=len(rows) > limit)
+
+
+def _could_have_been_issued(session: Session, cursor: Cursor, horizon: int | None) -> bool:
+    """A cursor this database handed out points at an entry it holds, of a transaction
+    below the horizon then, and so below it now (the horizon only moves up). One from
+    another database (a restored backup, another cluster) usually fails these checks."""
+    newest = session.scalar(select(func.max(FeedChange.id)))
+    if newest is None or cursor.id > newest:
+        return False
+    if horizon is None:
+        return cursor.txid == 0
+    return cursor.txid < horizon
 
 
 def _current_txid(session: Session) -> int:

@@ -118,10 +118,18 @@ def _locked(session: Session, kind: str, subject: FlagSubject) -> Flag | None:
     )
 
 
+MAX_EVIDENCE_IDS = 200  # a flag's row stays small however often its cause recurs
+
+
 def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Later evidence wins per key; lists of event ids accumulate."""
+    """Later evidence wins per key; lists of event and batch ids accumulate (the first
+    ``MAX_EVIDENCE_IDS`` are kept: they are what an investigation starts from)."""
     merged = {**old, **new}
     for key in ("event_ids", "batch_ids"):
         if key in old or key in new:
-            merged[key] = sorted(set(old.get(key, [])) | set(new.get(key, [])), key=str)
+            ids = sorted(
+                set(old.get(key, [])) | set(new.get(key, [])),
+                key=lambda v: (isinstance(v, str), v),
+            )
+            merged[key] = ids[:MAX_EVIDENCE_IDS]
     return merged

@@ -22,6 +22,7 @@ not stored (DESIGN.md, PDA sync contract). What it guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,10 +54,11 @@ from sync.events import (
     EventRules,
     ValidEvent,
     sha256_json,
+    shifted,
     validate_event,
 )
 from sync.flags import FlagSubject, raise_flag
-from sync.status import reproject
+from sync.status import reproject, targets_of_corrections
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +175,9 @@ class _BatchIngest:
             receipt={},
         )
         self.results: dict[int, _Result] = {}
+        # (index, index of the first copy) for an event sent twice in this batch: the
+        # copy shares the first one's fate, also if the database refuses it.
+        self.copies: list[tuple[int, int]] = []
         self.rejections: list[_Rejection] = []
         self.raised: list[dict[str, Any]] = []
 
@@ -181,9 +188,15 @@ class _BatchIngest:
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
         stored = self._insert(new_events)
+        self._check_clock_jumps(stored)
         self._quarantine()
+        self._settle_copies()
         tracker = self._update_device_state()
-        self._project({event.tracking_no for _, event in stored})
+        touched = {event.tracking_no for _, event in stored}
+        voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
+        if voided:  # a correction may be filed under another tracking number than its target
+            touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
+        self._project(touched)
         receipt = self._receipt(tracker)
         self.row.receipt = receipt
         self.session.flush()
@@ -223,6 +236,8 @@ class _BatchIngest:
             if known_hash is not None:
                 if known_hash == content_hash:
                     self._answer(index, event, "duplicate")
+                    if earlier is not None:
+                        self.copies.append((index, earlier[1]))
                 else:
                     self._conflicting_duplicate(index, event, held.id if held else None)
                 continue
@@ -311,6 +326,23 @@ class _BatchIngest:
             self._answer(index, event, "applied")
         return fresh
 
+    def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """Events dated after the push was sent: the PDA's clock went back in between."""
+        limit = shifted(self.batch.sent_at, self.rules.events.future_tolerance)
+        ahead = [event for _, event in stored if event.occurred_at_device > limit]
+        if ahead:
+            self._flag(
+                "clock_jump",
+                FlagSeverity.WARNING,
+                FlagSubject("device", self.pusher.device_id),
+                {
+                    "client_event_ids": sorted(str(e.client_event_id) for e in ahead)[:20],
+                    "events_ahead": len(ahead),
+                    "sent_at": self.batch.sent_at.isoformat(),
+                    "last_batch_id": str(self.batch.batch_id),
+                },
+            )
+
     def _insert_one_by_one(
         self, fresh: list[tuple[int, ValidEvent]], rows: list[dict[str, Any]]
     ) -> list[tuple[int, ValidEvent]]:
@@ -360,7 +392,9 @@ class _BatchIngest:
             "type": event.type,
             "tracking_no": event.tracking_no,
             "occurred_at_device": event.occurred_at_device,
-            "occurred_at": event.occurred_at_device - self.offset,
+            # An event the device dated after the push was sent (its clock was set back
+            # since) cannot have happened after it reached us.
+            "occurred_at": min(event.occurred_at_device - self.offset, self.received_at),
             "received_at": self.received_at,
             "lat": location.lat if location else None,
             "lon": location.lon if location else None,
@@ -410,6 +444,11 @@ class _BatchIngest:
         self.session.add_all(rows)
         self.session.flush()
 
+    def _settle_copies(self) -> None:
+        for index, first in self.copies:
+            if self.results[first].status == "rejected":
+                self.results[index] = dataclasses.replace(self.results[first], index=index)
+
     def _quarantine_row(self, rejection: _Rejection) -> QuarantinedEvent:
         raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
         return QuarantinedEvent(
@@ -432,12 +471,8 @@ class _BatchIngest:
     # -- device state: acknowledgements and clock -------------------------------------------
 
     def _device_state(self) -> DeviceSyncState:
-        state = self.session.get(DeviceSyncState, self.pusher.device_id)
-        if state is None:
-            state = DeviceSyncState(
-                device_id=self.pusher.device_id, max_seq=0, acked_through_seq=0, missing_ranges=[]
-            )
-            self.session.add(state)
+        state = self.session.get(DeviceSyncState, self.pusher.device_id, populate_existing=True)
+        assert state is not None  # created by _lock_device
         return state
 
     def _update_device_state(self) -> SeqTracker:
@@ -462,7 +497,7 @@ class _BatchIngest:
                     "clock_offset_ms": self.offset_ms,
                     "bound_ms": round(self.rules.clock_skew_bound.total_seconds() * 1000),
                     "measured_at": self.received_at.isoformat(),
-                    "batch_ids": [str(self.batch.batch_id)],
+                    "last_batch_id": str(self.batch.batch_id),
                 },
             )
         return tracker
@@ -471,6 +506,14 @@ class _BatchIngest:
 
     def _project(self, tracking_nos: set[str]) -> None:
         outcome = reproject(session=self.session, tracking_nos=tracking_nos)
+        for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
+            self._flag(
+                "wrong_station",
+                FlagSeverity.WARNING,
+                FlagSubject("parcel", tracking_no),
+                {"event_ids": event_ids},
+                station_id=station_id,  # the parcel's station: its manager must see it
+            )
         for tracking_no, event_ids in sorted(outcome.unknown.items()):
             self._flag(
                 "unknown_parcel",
@@ -480,14 +523,19 @@ class _BatchIngest:
             )
 
     def _flag(
-        self, kind: str, severity: FlagSeverity, subject: FlagSubject, evidence: dict[str, Any]
+        self,
+        kind: str,
+        severity: FlagSeverity,
+        subject: FlagSubject,
+        evidence: dict[str, Any],
+        station_id: int | None = None,
     ) -> None:
         raised = raise_flag(
             session=self.session,
             kind=kind,
             severity=severity,
             subject=subject,
-            station_id=self.pusher.station_id,
+            station_id=station_id or self.pusher.station_id,
             evidence=evidence,
         )
         if raised.new:
@@ -530,7 +578,23 @@ class _BatchIngest:
 
 
 def _lock_device(session: Session, device_id: str) -> None:
-    session.execute(select(Device.id).where(Device.id == device_id).with_for_update())
+    """Serialize this device's pushes on its sync-state row (created on first use).
+
+    Not the ``device`` row: sign-in and device management update that one, and must
+    not wait for a push of 5,000 events.
+    """
+    dialect = session.get_bind().dialect.name
+    upsert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    session.execute(
+        upsert(DeviceSyncState)
+        .values(device_id=device_id, acked_through_seq=0, max_seq=0, missing_ranges=[])
+        .on_conflict_do_nothing(index_elements=["device_id"])
+    )
+    session.execute(
+        select(DeviceSyncState.device_id)
+        .where(DeviceSyncState.device_id == device_id)
+        .with_for_update()
+    )
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:

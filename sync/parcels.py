@@ -15,8 +15,8 @@ from sync import feed
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from sync.flags import FlagSubject, close_flags
 from sync.phones import normalize_phone
-from sync.projection import EMSEVT_CODE, fact_of, ordered, voided_by
-from sync.status import reproject
+from sync.projection import EMSEVT_CODE, ordered, voided_by
+from sync.status import load_facts, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.
@@ -81,6 +81,7 @@ def intake_parcels(
     line up with the request. A parcel already known is updated when its data
     changed and reported ``unchanged`` otherwise, so re-sending a file is safe.
     """
+    lock_parcels(session, (normalize(d.tracking_no) for _, d in drafts))
     stations = _stations_by_code(session, (d.station for _, d in drafts if d.station))
     couriers = _couriers_by_username(session, (d.courier for _, d in drafts if d.courier))
     existing = _parcels_by_tracking_no(session, (normalize(d.tracking_no) for _, d in drafts))
@@ -307,14 +308,15 @@ class TimelineEntry:
 
 def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry]:
     """The parcel's events in projection order, each with its source batch and whether a
-    correction voided it (voided events stay visible, marked)."""
+    correction voided it (voided events stay visible, marked). A correction filed under
+    another tracking number shows in the timeline of the parcel whose event it voids."""
+    facts = load_facts(session, [tracking_no])[tracking_no]
     rows = session.execute(
         select(ScanEvent, SyncBatch.batch_id)
         .join(SyncBatch, SyncBatch.id == ScanEvent.batch_pk)
-        .where(ScanEvent.tracking_no == tracking_no)
+        .where(ScanEvent.id.in_([fact.event_id for fact in facts]))
     ).all()
     events = {event.id: (event, batch_id) for event, batch_id in rows}
-    facts = [fact_of(event) for event, _ in rows]
     voids = voided_by(facts)
     return [
         TimelineEntry(

@@ -58,6 +58,7 @@ class EventFact:
     client_event_id: uuid.UUID
     courier_id: int
     voids_client_event_id: uuid.UUID | None = None
+    station_id: int | None = None  # the station of the device that recorded it
 
 
 def fact_of(event: ScanEvent) -> EventFact:
@@ -70,6 +71,7 @@ def fact_of(event: ScanEvent) -> EventFact:
         client_event_id=event.client_event_id,
         courier_id=event.courier_id,
         voids_client_event_id=event.voids_client_event_id,
+        station_id=event.station_id,
     )
 
 
@@ -118,8 +120,13 @@ def ordered(facts: Iterable[EventFact]) -> list[EventFact]:
     return [item[3] for item in keyed]
 
 
-def project(facts: Sequence[EventFact]) -> Projection:
-    """The parcel's status from its events (and the corrections that target them)."""
+def project(facts: Sequence[EventFact], *, station_id: int | None = None) -> Projection:
+    """The parcel's status from its events (and the corrections that target them).
+
+    Only a check-out at the parcel's own ``station_id`` makes its courier the holder: a
+    courier of another station scanning the parcel records what happened (it counts
+    for the status, and is flagged) but does not take the parcel over.
+    """
     voids = voided_by(facts)
     status_event: EventFact | None = None
     holder: int | None = None
@@ -128,7 +135,7 @@ def project(facts: Sequence[EventFact]) -> Projection:
         if fact.event_id in voids or fact.type not in STATUS_OF_EVENT:
             continue
         status_event = fact
-        if fact.type == EventType.CHECKED_OUT:
+        if fact.type == EventType.CHECKED_OUT and station_id in (None, fact.station_id):
             holder = fact.courier_id
     return Projection(
         status=STATUS_OF_EVENT[status_event.type] if status_event else None,

@@ -47,11 +47,36 @@ class JsonParser(FlaskParser):
 
     def _raw_load_json(self, req: Request) -> Any:
         try:
-            return super()._raw_load_json(req)
+            document = super()._raw_load_json(req)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise
         except (ValueError, RecursionError) as exc:
             return self._handle_invalid_json_error(exc, req)  # type: ignore[arg-type]
+        if _depth_exceeds(document, MAX_JSON_DEPTH):
+            error = ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            return self._handle_invalid_json_error(error, req)  # type: ignore[arg-type]
+        return document
+
+
+# No document of ours nests deeper than a few levels; far deeper ones would make
+# Python's JSON encoder (hashing, storing a rejected event) hit its recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def _depth_exceeds(document: Any, limit: int) -> bool:
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 class ApiBlueprint(Blueprint):

@@ -343,7 +343,9 @@ def test_pull_pages_through_assignments_and_tombstones(committed_app: Flask) -> 
     assert again.get_json()["next_cursor"] == page["next_cursor"]
 
 
-@pytest.mark.parametrize("cursor", ["abc", "1", "1.2.3", "-1.5", "1." + "9" * 30])
+@pytest.mark.parametrize(
+    "cursor", ["abc", "1", "1.2.3", "-1.5", "1." + "9" * 30, "9" * 19 + ".1", "١.١"]
+)
 def test_a_malformed_cursor_is_400(
     client: FlaskClient, courier: dict[str, str], cursor: str
 ) -> None:
@@ -352,8 +354,14 @@ def test_a_malformed_cursor_is_400(
     assert response.get_json()["code"] == "cursor_malformed"
 
 
-def test_an_unknown_cursor_asks_for_a_reset(client: FlaskClient, courier: dict[str, str]) -> None:
-    response = client.get(PULL, query_string={"cursor": "0.999999"}, headers=courier)
+@pytest.mark.parametrize("cursor", ["0.999999", "9223372036854775807.1"])
+def test_an_unknown_cursor_asks_for_a_reset(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, cursor: str
+) -> None:
+    """Beyond the newest entry, or from a transaction this database could not have
+    handed out (another cluster, a restored backup)."""
+    push(client, courier, [ev(1, parcel.tracking_no)])  # at least one feed entry exists
+    response = client.get(PULL, query_string={"cursor": cursor}, headers=courier)
     assert response.status_code == 410
     assert response.get_json()["code"] == "cursor_reset"
     assert client.get(PULL, headers=courier).status_code == 200
@@ -400,3 +408,47 @@ def test_quarantine_pages_newest_first(
 
 def test_the_app_fixture_is_not_shared(app: Flask) -> None:
     assert app.config["MAX_EVENTS_PER_PUSH"] == 5000
+
+
+@pytest.mark.parametrize("sent_at", ["0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59+00:00"])
+def test_a_pda_clock_at_the_end_of_the_calendar_gets_answers_not_a_500(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, sent_at: str
+) -> None:
+    body = factories.push_body("PDA-0001", [ev(1, parcel.tracking_no)])
+    body["sent_at"] = sent_at
+    response = client.post(PUSH, json=body, headers=courier)
+    assert response.status_code == 200
+    result = response.get_json()["results"][0]
+    assert result["error"]["code"] == "occurred_at_out_of_range"
+
+
+def test_json_nested_too_deep_is_400(client: FlaskClient, courier: dict[str, str]) -> None:
+    body = factories.push_body("PDA-0001", [])
+    nested = "[" * 40 + "]" * 40
+    raw = json.dumps({**body, "events": "NESTED"}).replace('"NESTED"', f"[{nested}]")
+    response = client.post(PUSH, data=raw, content_type="application/json", headers=courier)
+    assert response.status_code == 400
+    just_deep_enough = "[" * 20 + "]" * 20
+    raw = json.dumps({**body, "events": "NESTED"}).replace('"NESTED"', f"[{just_deep_enough}]")
+    response = client.post(PUSH, data=raw, content_type="application/json", headers=courier)
+    assert response.status_code == 200
+    assert response.get_json()["results"][0]["error"]["code"] == "not_an_object"
+
+
+def test_pickup_codes_are_hidden_from_couriers(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    drop = ev(
+        1,
+        parcel.tracking_no,
+        "delivered_to_locker",
+        locker_id="L-9",
+        compartment="3",
+        pod={"pickup_code": "482913"},
+    )
+    push(client, courier, [drop])
+    url = f"/api/v1/parcels/{parcel.tracking_no}"
+    as_courier = client.get(url, headers=courier).get_json()["timeline"][0]["details"]
+    as_manager = client.get(url, headers=auth.headers("manager1")).get_json()["timeline"][0]
+    assert as_courier["pod"]["pickup_code"] == "****"
+    assert as_manager["details"]["pod"]["pickup_code"] == "482913"

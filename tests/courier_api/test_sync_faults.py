@@ -15,8 +15,21 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import FeedChange, FeedKind, QuarantinedEvent, ScanEvent, SyncBatch
+from models import (
+    DeviceSyncState,
+    FeedChange,
+    FeedKind,
+    Flag,
+    Parcel,
+    ParcelStatus,
+    QuarantinedEvent,
+    ScanEvent,
+    ServiceClass,
+    SyncBatch,
+)
 from sync import feed, ingest
+from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 from tests.conftest import Auth
 
@@ -241,15 +254,54 @@ def test_two_batches_of_one_device_pushed_at_once_both_apply(station: Station) -
     assert (final["acked_through_seq"], final["missing_seqs"]) == (300, [])
 
 
-def test_batches_of_different_devices_do_not_wait_for_each_other_and_all_apply(
-    committed_app: Flask,
-) -> None:
+@pytest.mark.postgres_only
+def test_a_push_waits_only_for_its_own_device(committed_app: Flask) -> None:
+    """The lock is per device: with device A's lock held elsewhere, B's push goes
+    through at once while A's waits."""
+    with committed_app.app_context():
+        session = db.session
+        station = factories.station(session, code="LOCK")
+        for name in ("a", "b"):
+            factories.user(session, f"lock-{name}", "courier", station)
+            factories.device(session, f"PDA-LOCK-{name.upper()}", station)
+        parcels = [factories.parcel(session, station).tracking_no for _ in range(2)]
+        session.commit()
+    client = committed_app.test_client()
+    auth = Auth(client)
+    headers = {n: auth.headers(f"lock-{n}", f"PDA-LOCK-{n.upper()}") for n in ("a", "b")}
+
+    def push(name: str, seq: int, parcel: str) -> Any:
+        body = factories.push_body(f"PDA-LOCK-{name.upper()}", [factories.event(seq, parcel)])
+        return committed_app.test_client().post(PUSH, json=body, headers=headers[name])
+
+    assert push("a", 1, parcels[0]).status_code == 200  # device A has its sync state row
+    results: dict[str, Any] = {}
+    with Session(db.engine_of(committed_app)) as other:
+        other.execute(
+            select(DeviceSyncState)
+            .where(DeviceSyncState.device_id == "PDA-LOCK-A")
+            .with_for_update()
+        )
+        waiting = threading.Thread(target=lambda: results.update(a=push("a", 2, parcels[0])))
+        waiting.start()
+        assert push("b", 1, parcels[1]).status_code == 200  # not held up by A's lock
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive()  # A's second push waits for its device's lock
+        other.rollback()
+    waiting.join(timeout=30)
+    assert results["a"].status_code == 200
+
+
+def test_batches_of_different_devices_pushed_at_once_all_apply(committed_app: Flask) -> None:
     with committed_app.app_context():
         session = db.session
         station = factories.station(session, code="MANY")
         for n in range(4):
             factories.user(session, f"m-courier{n}", "courier", station)
             factories.device(session, f"PDA-M{n}", station)
+        parcels = [
+            [factories.parcel(session, station).tracking_no for _ in range(10)] for _ in range(4)
+        ]
         shared = factories.parcel(session, station).tracking_no
         session.commit()
     client = committed_app.test_client()
@@ -259,7 +311,8 @@ def test_batches_of_different_devices_do_not_wait_for_each_other_and_all_apply(
     responses: list[Any] = [None] * 4
 
     def send(n: int) -> None:
-        items = [factories.event(seq, shared, "out_for_delivery") for seq in range(1, 51)]
+        items = [factories.event(seq, parcels[n][seq % 10]) for seq in range(1, 51)]
+        items.append(factories.event(51, shared, "out_for_delivery"))  # and one in common
         body = factories.push_body(f"PDA-M{n}", items, batch_id=str(uuid.uuid4()))
         barrier.wait()
         responses[n] = committed_app.test_client().post(PUSH, json=body, headers=headers[n])
@@ -271,4 +324,44 @@ def test_batches_of_different_devices_do_not_wait_for_each_other_and_all_apply(
         thread.join(timeout=120)
     assert [r.status_code for r in responses] == [200] * 4
     with committed_app.app_context():
-        assert db.session.scalar(select(func.count()).select_from(ScanEvent)) == 200
+        assert db.session.scalar(select(func.count()).select_from(ScanEvent)) == 204
+        status = db.session.scalar(select(Parcel.status).where(Parcel.tracking_no == shared))
+        assert status == ParcelStatus.OUT_FOR_DELIVERY
+
+
+@pytest.mark.postgres_only
+def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
+    station: Station,
+) -> None:
+    """Intake creates parcel Z and has not committed; a push of Z's events arrives. The
+    push waits for the intake (a lock on the tracking number, which a row lock cannot
+    give before the row exists), then projects Z: no status is lost, no flag stays."""
+    tracking_no = factories.s10()
+    engine = db.engine_of(station.app)
+    responses: list[Any] = []
+    with Session(engine) as intake:
+        intake_parcels(
+            session=intake,
+            drafts=[(0, ParcelDraft(tracking_no, ServiceClass.PARCEL, "R", "1 Road"))],
+            rules=IntakeRules(
+                tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS),
+                phone_region="CN",
+            ),
+            scope=IntakeScope(default_station_id=station.station_id, allowed_station_ids=None),
+        )
+        body = station.body(
+            [factories.event(1, tracking_no), factories.event(2, tracking_no, "delivered")]
+        )
+        pusher = threading.Thread(target=lambda: responses.append(station.push(body)))
+        pusher.start()
+        pusher.join(timeout=1.0)
+        assert pusher.is_alive()  # waiting for the intake's lock on the tracking number
+        intake.commit()
+    pusher.join(timeout=30)
+    assert responses[0].status_code == 200
+    with station.app.app_context():
+        parcel = db.session.scalars(select(Parcel).where(Parcel.tracking_no == tracking_no)).one()
+        assert parcel.status == ParcelStatus.DELIVERED
+        assert parcel.courier_id == station.courier_id
+        flags = db.session.scalars(select(Flag).where(Flag.subject_key == tracking_no)).all()
+        assert flags == []

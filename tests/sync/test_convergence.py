@@ -25,6 +25,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -39,17 +40,19 @@ from models import (
     Parcel,
     QuarantinedEvent,
     ScanEvent,
+    ServiceClass,
 )
 from sync import feed
 from sync.events import EventRules
+from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
-RULES = IngestRules(
-    events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
-)
+POLICY = TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS)
+RULES = IngestRules(events=EventRules(tracking=POLICY))
 KNOWN = [factories.s10() for _ in range(3)]  # taken in before the day starts
 UNKNOWN = factories.s10()  # never taken in: its events are kept and flagged
 STATUS_TYPES = [
@@ -86,7 +89,8 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
         elif kind == "correction" and events:
             target = draw(st.sampled_from(events))
             event_type = EventType.CORRECTION
-            tracking_no = target["tracking_no"]
+            # Usually filed under its target's number; sometimes under another one.
+            tracking_no = draw(st.sampled_from([target["tracking_no"]] * 3 + KNOWN))
             extra = {"voids_client_event_id": target["client_event_id"], "reason": "mis-tap"}
         elif kind == "malformed":
             extra = {"colour": "red"}  # an unknown field: quarantined
@@ -127,6 +131,7 @@ class World:
             factories.parcel(self.session, station, tracking_no=tracking_no)
         self.session.commit()
         self.pusher = Pusher(device.id, station.id, courier.id)
+        self.station_id = station.id
 
     def push(
         self, events: list[dict[str, Any]], batch_id: uuid.UUID, skew: dt.timedelta
@@ -158,12 +163,13 @@ class World:
             ),
             "quarantine": sorted(session.scalars(select(QuarantinedEvent.payload_hash))),
             "acks": (state.acked_through_seq, state.max_seq, state.missing_ranges),
-            # The clock_skew flag depends on the clocks of all the pushes, not on the
-            # stream; it is checked against the model separately.
+            # Active flags: a flag whose cause went away is closed, and whether it was
+            # ever raised depends on arrival order. The clock_skew flag depends on the
+            # clocks of all the pushes, not on the stream; it is checked separately.
             "flags": sorted(
                 session.execute(
                     select(Flag.kind, Flag.subject_key, Flag.status).where(
-                        Flag.kind != "clock_skew"
+                        Flag.kind != "clock_skew", Flag.status.in_(ACTIVE_STATUSES)
                     )
                 )
             ),
@@ -173,6 +179,15 @@ class World:
         if courier_id is None:
             return None
         return "the PDA's courier" if courier_id == self.pusher.courier_id else str(courier_id)
+
+    def take_in_the_unknown_parcel(self) -> None:
+        intake_parcels(
+            session=self.session,
+            drafts=[(0, ParcelDraft(UNKNOWN, ServiceClass.PARCEL, "R", "2 Road"))],
+            rules=IntakeRules(tracking=POLICY, phone_region="CN"),
+            scope=IntakeScope(default_station_id=self.station_id, allowed_station_ids=None),
+        )
+        self.session.commit()
 
     def close(self) -> None:
         self.session.close()
@@ -189,6 +204,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.stream: list[dict[str, Any]] = []
         self.skew = self.day_skew = dt.timedelta(0)
         self.clock_was_changed = False
+        self.taken_in = False
         self.skewed_push = False  # did any committed push carry an offset beyond the bound?
         self.acknowledged: set[str] = set()
         self.sent: list[tuple[uuid.UUID, list[dict[str, Any]], dict[str, Any]]] = []
@@ -238,6 +254,13 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.world.push(self._batch(data), uuid.uuid4(), self.skew)
         self.world.session.rollback()
         assert self._stored_ids() == before
+
+    @precondition(lambda self: not self.taken_in)
+    @rule()
+    def the_unknown_parcel_is_taken_in(self) -> None:
+        """Intake of a parcel some of whose events may already be stored."""
+        self.world.take_in_the_unknown_parcel()
+        self.taken_in = True
 
     @rule(skew=st.sampled_from(SKEWS))
     def clock_changes(self, skew: dt.timedelta) -> None:
@@ -297,8 +320,10 @@ class PdaAgainstServer(RuleBasedStateMachine):
         )
         assert bool(skew_flagged) == self.skewed_push
         open_flags = {kind for kind, _, status in reached["flags"] if status == FlagStatus.OPEN}
-        if any(e["tracking_no"] == UNKNOWN and "colour" not in e for e in self.stream):
-            assert "unknown_parcel" in open_flags
+        unknown_events = any(
+            e["tracking_no"] == UNKNOWN and "colour" not in e for e in self.stream
+        )
+        assert ("unknown_parcel" in open_flags) == (unknown_events and not self.taken_in)
         return reached
 
     def _one_in_order_push(self) -> dict[str, Any]:
@@ -306,6 +331,8 @@ class PdaAgainstServer(RuleBasedStateMachine):
         try:
             reference.push(list(self.stream), uuid.uuid4(), self.day_skew)
             reference.session.commit()
+            if self.taken_in:
+                reference.take_in_the_unknown_parcel()
             return reference.final_state()
         finally:
             reference.close()

@@ -88,6 +88,7 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
         (event(occurred_at="2026-09-01T00:00:00Z"), "occurred_at_out_of_range", "occurred_at"),
         (event(location={"lat": 95, "lon": 0}), "invalid_number", "location.lat"),
         (event(location={"lat": float("nan"), "lon": 0}), "invalid_number", "location.lat"),
+        (event(location={"lat": 10**400, "lon": 0}), "invalid_number", "location.lat"),
         (event(location={"lat": 1, "lon": 2, "alt": 3}), "unknown_field", "location"),
         (event(location="here"), "invalid_location", "location"),
         (event(shift_id=-1), "invalid_id", "shift_id"),
@@ -139,6 +140,18 @@ def test_a_correction_cannot_void_itself() -> None:
     cid = str(uuid.uuid4())
     raw = event(type="correction", client_event_id=cid, voids_client_event_id=cid, reason="x")
     assert rejection(raw) == ("correction_voids_itself", "voids_client_event_id")
+
+
+def test_an_event_dated_after_sent_at_is_valid_the_engine_flags_the_clock_jump() -> None:
+    raw = event(occurred_at=(SENT_AT + dt.timedelta(hours=2)).isoformat())
+    assert validate_event(raw, sent_at=SENT_AT, rules=RULES).seq == 1
+
+
+@pytest.mark.parametrize("sent_at", ["0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59+00:00"])
+def test_a_clock_at_the_end_of_the_calendar_gets_an_answer_not_an_overflow(sent_at: str) -> None:
+    with pytest.raises(EventRejected) as info:
+        validate_event(event(), sent_at=dt.datetime.fromisoformat(sent_at), rules=RULES)
+    assert info.value.code == "occurred_at_out_of_range"
 
 
 def test_the_time_window_is_on_the_device_clock_so_skew_does_not_matter() -> None:

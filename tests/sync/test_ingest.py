@@ -359,3 +359,78 @@ def test_a_stored_id_sent_again_with_a_new_seq_is_a_conflicting_duplicate(
     assert receipt["results"][1]["error"]["code"] == "conflicting_duplicate"
     assert sorted(session.scalars(select(ScanEvent.seq))) == [1, 2, 3]
     assert session.scalar(select(Flag.kind)) == "conflicting_duplicate"
+
+
+@pytest.mark.parametrize("correction_first", [False, True])
+def test_a_correction_filed_under_another_number_voids_its_target_in_either_order(
+    session: Session, world: World, pda: Pda, correction_first: bool
+) -> None:
+    target_parcel = factories.parcel(session, world.station)
+    other_parcel = factories.parcel(session, world.station)
+    session.commit()
+    delivered = pda.event(2, target_parcel.tracking_no, "delivered")
+    correction = pda.event(
+        3,
+        other_parcel.tracking_no,  # the courier scanned the wrong label for the correction
+        "correction",
+        voids_client_event_id=delivered["client_event_id"],
+        reason="not delivered after all",
+    )
+    batches = [[pda.event(1, target_parcel.tracking_no), delivered], [correction]]
+    for batch in reversed(batches) if correction_first else batches:
+        pda.push(batch)
+    assert session.get(Parcel, target_parcel.id).status == ParcelStatus.CHECKED_OUT
+    timeline = parcel_timeline(session=session, tracking_no=target_parcel.tracking_no)
+    assert [(e.event.seq, e.voided_by is not None) for e in timeline] == [
+        (1, False),
+        (2, True),
+        (3, False),
+    ]
+
+
+def test_an_event_dated_after_its_push_was_sent_is_kept_flagged_and_not_in_the_future(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """The PDA's clock was set back between recording and sending (an NTP step on
+    reconnect): the event is real, so it is kept, and the jump is flagged."""
+    ahead = pda.event(1, parcel.tracking_no, occurred_at=NOW + dt.timedelta(minutes=20))
+    receipt = pda.push([ahead])
+    assert statuses(receipt) == ["applied"]
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["clock_jump"]
+    stored = session.scalars(select(ScanEvent)).one()
+    assert stored.occurred_at_device == NOW + dt.timedelta(minutes=20)
+    assert stored.occurred_at == NOW  # never later than its arrival
+
+
+def test_a_copy_sent_twice_in_one_batch_shares_the_fate_of_the_first(
+    session: Session, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    poison = pda.event(1, parcel.tracking_no)
+    validate = ingest_module.validate_event
+
+    def refuse_it_in_the_database(raw: Any, **kwargs: Any) -> Any:
+        valid = validate(raw, **kwargs)
+        if raw["client_event_id"] == poison["client_event_id"]:
+            return dataclasses.replace(valid, seq=0)
+        return valid
+
+    monkeypatch.setattr(ingest_module, "validate_event", refuse_it_in_the_database)
+    receipt = pda.push([poison, poison])
+    assert statuses(receipt) == ["rejected", "rejected"]
+    assert {r["error"]["code"] for r in receipt["results"]} == {"unstorable"}
+    assert [r["index"] for r in receipt["results"]] == [0, 1]
+
+
+def test_a_courier_of_another_station_scanning_a_parcel_is_flagged_and_takes_nothing_over(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    pda.push([pda.event(1, parcel.tracking_no)])
+    stranger = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    other = Pda(session, world)
+    other.pusher = Pusher(world.other_device.id, world.other_station.id, stranger.id)
+    receipt = other.push([other.event(1, parcel.tracking_no, occurred_at=at(20))])
+    assert statuses(receipt) == ["applied"]  # what happened is recorded
+    assert session.get(Parcel, parcel.id).courier_id == world.courier.id  # not taken over
+    flag = session.scalars(select(Flag).where(Flag.kind == "wrong_station")).one()
+    assert (flag.subject_key, flag.station_id) == (parcel.tracking_no, world.station.id)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 from flask import Response, current_app, request
 from flask.views import MethodView
 
@@ -11,6 +13,7 @@ from models import Blob, Role
 from sync.blobs import FileBlobStore, get_blob, store_blob
 from sync.errors import NotFound
 
+log = logging.getLogger(__name__)
 blp = ApiBlueprint("blobs", __name__, url_prefix="/api/v1/blobs", description="Proof images")
 
 IMAGE_BODY = {
@@ -71,7 +74,15 @@ class BlobBySha256(MethodView):
         blob = get_blob(session=db.session, digest=sha256)
         if not _may_read(current_principal(), blob):
             raise NotFound(f"no blob {sha256}", code="blob_not_found")
-        response = Response(blob_store().read(blob.sha256), mimetype=blob.media_type)
+        try:
+            data = blob_store().read(blob.sha256)
+        except FileNotFoundError:
+            log.error("blob %s is recorded but its file is missing from the store", sha256)
+            raise NotFound(
+                f"the bytes of blob {sha256} are missing; upload the image again",
+                code="blob_bytes_missing",
+            ) from None
+        response = Response(data, mimetype=blob.media_type)
         response.headers["ETag"] = f'"{blob.sha256}"'
         response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
         response.headers["X-Content-Type-Options"] = "nosniff"

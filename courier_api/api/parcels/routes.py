@@ -64,13 +64,17 @@ class ParcelByTrackingNo(MethodView):
         corrected time and the time it was received, the batch it came in, and
         its UPU EMSEVT code where one applies. An event voided by a correction
         stays in the timeline, marked `voided`, and no longer counts. The
-        recipient's phone number is masked for everyone but auditors.
+        recipient's phone number is masked for everyone but auditors; locker
+        pickup codes are hidden from couriers.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_station_access(parcel.station_id)
-        view = parcel_view(parcel, unmasked=current_principal().role == Role.AUDITOR)
+        role = current_principal().role
+        view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
         timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
-        return {**view, "timeline": [timeline_view(entry) for entry in timeline]}
+        # A locker's pickup code opens the compartment: other couriers have no use for it.
+        hide_codes = role == Role.COURIER
+        return {**view, "timeline": [timeline_view(e, hide_codes) for e in timeline]}
 
 
 def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
@@ -93,8 +97,14 @@ def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
     }
 
 
-def timeline_view(entry: TimelineEntry) -> dict[str, Any]:
+HIDDEN = "****"
+
+
+def timeline_view(entry: TimelineEntry, hide_pickup_code: bool) -> dict[str, Any]:
     event = entry.event
+    details = event.details
+    if hide_pickup_code and "pickup_code" in details.get("pod", {}):
+        details = {**details, "pod": {**details["pod"], "pickup_code": HIDDEN}}
     return {
         "event_id": event.id,
         "client_event_id": event.client_event_id,
@@ -110,7 +120,7 @@ def timeline_view(entry: TimelineEntry) -> dict[str, Any]:
         "location": None
         if event.lat is None
         else {"lat": event.lat, "lon": event.lon, "accuracy_m": event.accuracy_m},
-        "details": event.details,
+        "details": details,
         "voided": entry.voided_by is not None,
         "voided_by_event_id": entry.voided_by,
     }

@@ -3,14 +3,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, current_app, g, jsonify
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
 from courier_api.auth import current_principal
 from courier_api.extensions import db
-from models import Role
+from models import Role, utcnow
 from sync import feed
 from sync.errors import LimitExceeded, PermissionDenied
 from sync.events import EventRules
@@ -19,6 +19,13 @@ from sync.phones import mask_phone
 from sync.tracking import TrackingNumberPolicy
 
 blp = ApiBlueprint("sync", __name__, url_prefix="/api/v1/sync", description="PDA sync")
+
+
+@blp.before_request
+def note_arrival() -> None:
+    """The clock offset is measured against the moment the push arrived, before its
+    body was read: a slow upload must not look like a PDA clock running slow."""
+    g.received_at = utcnow()
 
 
 def ingest_rules() -> IngestRules:
@@ -52,9 +59,9 @@ class Push(MethodView):
 
         The receipt is sent only after the batch is committed. Delete events from
         the PDA only up to `acked_through_seq`; `missing_seqs` lists gaps the server
-        is still waiting for. A 503 means nothing was stored: keep everything and
-        retry. `clock_offset_ms` is the PDA clock minus the server clock; event
-        times are corrected by it.
+        is still waiting for. On a 503 or no answer at all, keep everything and
+        send the same batch again: a replay is always safe. `clock_offset_ms` is
+        the PDA clock minus the server clock; event times are corrected by it.
         """
         principal = current_principal()
         if body["device_id"] != principal.device_id:
@@ -85,6 +92,7 @@ class Push(MethodView):
                 courier_id=principal.user_id,
             ),
             rules=ingest_rules(),
+            received_at=g.received_at,
         )
         db.session.commit()
         # The stored receipt as it is: a replay answers the same bytes, and a

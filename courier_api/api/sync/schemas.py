@@ -37,7 +37,7 @@ class DeviceTime(ma.fields.String):
 class Location(ma.Schema):
     lat = ma.fields.Float(required=True, metadata={"minimum": -90, "maximum": 90})
     lon = ma.fields.Float(required=True, metadata={"minimum": -180, "maximum": 180})
-    accuracy_m = ma.fields.Float(metadata={"minimum": 0})
+    accuracy_m = ma.fields.Float(metadata={"minimum": 0, "maximum": 1_000_000})
 
 
 class ProofOfDelivery(ma.Schema):
@@ -59,13 +59,20 @@ class ScanEventIn(ma.Schema):
     client_event_id = ma.fields.UUID(required=True)
     seq = ma.fields.Integer(
         required=True,
-        metadata={"minimum": 1, "description": "Per device, from 1, without gaps on the PDA"},
+        metadata={
+            "minimum": 1,
+            "maximum": 2**31 - 1,
+            "description": "Per device, from 1, without gaps on the PDA",
+        },
     )
     type = ma.fields.Enum(EventType, by_value=True, required=True)
-    tracking_no = ma.fields.String(required=True)
+    tracking_no = ma.fields.String(required=True, metadata={"maxLength": 40})
     occurred_at = ma.fields.String(
         required=True,
-        metadata={"format": "date-time", "description": "Device clock, with an offset"},
+        metadata={
+            "format": "date-time",
+            "description": "Device clock, with an offset; within MAX_EVENT_AGE_DAYS of sent_at",
+        },
     )
     location = ma.fields.Nested(Location)
     shift_id = ma.fields.Integer()
@@ -155,7 +162,9 @@ class PushReceipt(ma.Schema):
         metadata={"description": "Every event up to this seq is held: prune up to it"},
     )
     missing_seqs = ma.fields.List(
-        ma.fields.Integer(), required=True, metadata={"description": "The first 100 gaps"}
+        ma.fields.Integer(),
+        required=True,
+        metadata={"description": "The first 100 missing sequence numbers, ascending"},
     )
     missing_seq_count = ma.fields.Integer(required=True)
     flags_raised = ma.fields.List(ma.fields.Nested(RaisedFlag), required=True)

@@ -220,7 +220,7 @@ def upgrade() -> None:
             "ix_quarantined_event_device_seq", ["device_id", "seq"], unique=False
         )
         batch_op.create_index(
-            batch_op.f("ix_quarantined_event_station_id"), ["station_id"], unique=False
+            "ix_quarantined_event_station_newest", ["station_id", "id"], unique=False
         )
 
     op.create_table(
@@ -291,6 +291,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_scan_event_batch_pk"), ["batch_pk"], unique=False)
         batch_op.create_index(batch_op.f("ix_scan_event_station_id"), ["station_id"], unique=False)
         batch_op.create_index("ix_scan_event_tracking_no", ["tracking_no"], unique=False)
+        batch_op.create_index(
+            "ix_scan_event_voids", ["device_id", "voids_client_event_id"], unique=False
+        )
 
     with op.batch_alter_table("parcel", schema=None) as batch_op:
         batch_op.add_column(sa.Column("planned_courier_id", sa.Integer(), nullable=True))
@@ -346,13 +349,14 @@ def downgrade() -> None:
         batch_op.drop_column("planned_courier_id")
 
     with op.batch_alter_table("scan_event", schema=None) as batch_op:
+        batch_op.drop_index("ix_scan_event_voids")
         batch_op.drop_index("ix_scan_event_tracking_no")
         batch_op.drop_index(batch_op.f("ix_scan_event_station_id"))
         batch_op.drop_index(batch_op.f("ix_scan_event_batch_pk"))
 
     op.drop_table("scan_event")
     with op.batch_alter_table("quarantined_event", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_quarantined_event_station_id"))
+        batch_op.drop_index("ix_quarantined_event_station_newest")
         batch_op.drop_index("ix_quarantined_event_device_seq")
 
     op.drop_table("quarantined_event")

@@ -1,7 +1,7 @@
 """Typed SQLAlchemy 2.0 models and their Alembic migrations."""
 
 from models.base import Base, UTCDateTime, utcnow
-from models.blob import Blob
+from models.blob import Blob, BlobUpload
 from models.device import Device
 from models.enums import (
     DeviceStatus,
@@ -23,6 +23,7 @@ from models.user import User
 __all__ = [
     "Base",
     "Blob",
+    "BlobUpload",
     "Device",
     "DeviceStatus",
     "DeviceSyncState",

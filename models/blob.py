@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, timestamp
+from models.base import Base, int_pk, timestamp
 
 
 class Blob(Base):
@@ -16,6 +16,24 @@ class Blob(Base):
     size_bytes: Mapped[int]
     width: Mapped[int]
     height: Mapped[int]
-    station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"), index=True)
-    uploaded_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    uploaded_at: Mapped[timestamp]  # first upload
+
+
+class BlobUpload(Base):
+    """Who uploaded an image, from which station: it decides who may read it back.
+
+    The same bytes uploaded by two couriers (of one station or two) are stored once
+    and recorded twice, so each of them, and each station's managers, can read them.
+    """
+
+    __tablename__ = "blob_upload"
+    __table_args__ = (
+        UniqueConstraint("sha256", "uploaded_by", name="uq_blob_upload_sha256_user"),
+        Index("ix_blob_upload_sha256_station", "sha256", "station_id"),
+    )
+
+    id: Mapped[int_pk]
+    sha256: Mapped[str] = mapped_column(ForeignKey("blob.sha256"))
+    station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"))
+    uploaded_by: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
     uploaded_at: Mapped[timestamp]

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Blob
+from models import Blob, BlobUpload
 from sync.errors import InvalidInput, LimitExceeded, NotFound
 from sync.events import SHA256_HEX
 
@@ -125,9 +126,10 @@ def store_blob(
     data: bytes,
     max_bytes: int,
     station_id: int | None,
-    uploaded_by: int | None,
+    uploaded_by: int,
 ) -> tuple[Blob, bool]:
-    """Verify and store an image; ``(blob, created)``. Idempotent."""
+    """Verify and store an image; ``(blob, created)``. Idempotent; each uploader is
+    recorded once (``BlobUpload``), which is what lets them read it back."""
     check_digest(digest)
     if len(data) > max_bytes:
         raise LimitExceeded(
@@ -140,6 +142,12 @@ def store_blob(
             code="digest_mismatch",
             field="sha256",
         )
+    blob, created = _stored(session, store, digest, data)
+    _record_upload(session, digest, station_id, uploaded_by)
+    return blob, created
+
+
+def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:
     existing = session.get(Blob, digest)
     if existing is not None:
         if not store.exists(digest):  # the file was lost; these bytes are verified
@@ -153,8 +161,6 @@ def store_blob(
         size_bytes=len(data),
         width=info.width,
         height=info.height,
-        station_id=station_id,
-        uploaded_by=uploaded_by,
     )
     try:
         with session.begin_nested():
@@ -162,6 +168,34 @@ def store_blob(
     except IntegrityError:  # the same image, uploaded concurrently
         return get_blob(session=session, digest=digest), False
     return blob, True
+
+
+def _record_upload(session: Session, digest: str, station_id: int | None, user_id: int) -> None:
+    known = session.scalar(
+        select(BlobUpload.id).where(BlobUpload.sha256 == digest, BlobUpload.uploaded_by == user_id)
+    )
+    if known is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(BlobUpload(sha256=digest, station_id=station_id, uploaded_by=user_id))
+    except IntegrityError:  # the same user, uploading it twice at once
+        pass
+
+
+def may_read_blob(
+    *, session: Session, digest: str, user_id: int, station_id: int | None, everything: bool
+) -> bool:
+    """Cross-station readers (``everything``) read every image; others those uploaded
+    by themselves or, for ``station_id`` (managers), at their station."""
+    if everything:
+        return True
+    query = select(BlobUpload.id).where(BlobUpload.sha256 == digest)
+    if station_id is not None:
+        query = query.where(BlobUpload.station_id == station_id)
+    else:
+        query = query.where(BlobUpload.uploaded_by == user_id)
+    return session.scalar(query.limit(1)) is not None
 
 
 def get_blob(*, session: Session, digest: str) -> Blob:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from courier_api.extensions import db
 from sync.blobs import FileBlobStore
+from tests import factories
 from tests.conftest import Auth, World, make_test_app
 
 
@@ -138,3 +139,17 @@ def test_a_lost_file_is_restored_by_uploading_again(
     store.path(digest(data)).unlink()
     assert put(client, courier, data).status_code == 200
     assert store.read(digest(data)) == data
+
+
+def test_the_same_image_uploaded_at_two_stations_is_readable_at_both(
+    client: FlaskClient, auth: Auth, session: Any, world: World, courier: dict[str, str]
+) -> None:
+    factories.user(session, "courier7", "courier", world.other_station)
+    session.commit()
+    elsewhere = auth.headers("courier7", "PDA-0002")
+    data = image_bytes()
+    assert put(client, courier, data).status_code == 201
+    assert put(client, elsewhere, data).status_code == 200  # stored once
+    url = f"/api/v1/blobs/{digest(data)}"
+    for headers in (courier, elsewhere, auth.headers("manager1"), auth.headers("manager2")):
+        assert client.get(url, headers=headers).status_code == 200

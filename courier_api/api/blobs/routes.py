@@ -7,10 +7,10 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.schemas import BlobOut
-from courier_api.auth import Principal, current_principal
+from courier_api.auth import current_principal
 from courier_api.extensions import db
 from models import Blob, Role
-from sync.blobs import FileBlobStore, get_blob, store_blob
+from sync.blobs import FileBlobStore, get_blob, may_read_blob, store_blob
 from sync.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,17 @@ class BlobBySha256(MethodView):
         """Download a proof image
 
         Auditors and admins read every image; managers those uploaded at their
-        station; couriers their own uploads.
+        station; couriers and integrations those they uploaded themselves.
         """
         blob = get_blob(session=db.session, digest=sha256)
-        if not _may_read(current_principal(), blob):
+        principal = current_principal()
+        if not may_read_blob(
+            session=db.session,
+            digest=blob.sha256,
+            user_id=principal.user_id,
+            station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
+            everything=principal.role in (Role.ADMIN, Role.AUDITOR),
+        ):
             raise NotFound(f"no blob {sha256}", code="blob_not_found")
         try:
             data = blob_store().read(blob.sha256)
@@ -87,11 +94,3 @@ class BlobBySha256(MethodView):
         response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
-
-
-def _may_read(principal: Principal, blob: Blob) -> bool:
-    if principal.role in (Role.ADMIN, Role.AUDITOR):
-        return True
-    if principal.role == Role.STATION_MANAGER:
-        return blob.station_id is not None and blob.station_id == principal.station_id
-    return blob.uploaded_by == principal.user_id

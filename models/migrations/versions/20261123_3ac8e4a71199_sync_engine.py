@@ -77,19 +77,32 @@ def upgrade() -> None:
         sa.Column("size_bytes", sa.Integer(), nullable=False),
         sa.Column("width", sa.Integer(), nullable=False),
         sa.Column("height", sa.Integer(), nullable=False),
-        sa.Column("station_id", sa.Integer(), nullable=True),
-        sa.Column("uploaded_by", sa.Integer(), nullable=True),
         sa.Column("uploaded_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["station_id"], ["station.id"], name=op.f("fk_blob_station_id_station")
-        ),
-        sa.ForeignKeyConstraint(
-            ["uploaded_by"], ["app_user.id"], name=op.f("fk_blob_uploaded_by_app_user")
-        ),
         sa.PrimaryKeyConstraint("sha256", name=op.f("pk_blob")),
     )
-    with op.batch_alter_table("blob", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_blob_station_id"), ["station_id"], unique=False)
+    op.create_table(
+        "blob_upload",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("station_id", sa.Integer(), nullable=True),
+        sa.Column("uploaded_by", sa.Integer(), nullable=False),
+        sa.Column("uploaded_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["sha256"], ["blob.sha256"], name=op.f("fk_blob_upload_sha256_blob")
+        ),
+        sa.ForeignKeyConstraint(
+            ["station_id"], ["station.id"], name=op.f("fk_blob_upload_station_id_station")
+        ),
+        sa.ForeignKeyConstraint(
+            ["uploaded_by"], ["app_user.id"], name=op.f("fk_blob_upload_uploaded_by_app_user")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_blob_upload")),
+        sa.UniqueConstraint("sha256", "uploaded_by", name="uq_blob_upload_sha256_user"),
+    )
+    with op.batch_alter_table("blob_upload", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_blob_upload_sha256_station", ["sha256", "station_id"], unique=False
+        )
 
     op.create_table(
         "device_sync_state",
@@ -369,9 +382,10 @@ def downgrade() -> None:
 
     op.drop_table("feed_change")
     op.drop_table("device_sync_state")
-    with op.batch_alter_table("blob", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_blob_station_id"))
+    with op.batch_alter_table("blob_upload", schema=None) as batch_op:
+        batch_op.drop_index("ix_blob_upload_sha256_station")
 
+    op.drop_table("blob_upload")
     op.drop_table("blob")
     with op.batch_alter_table("flag", schema=None) as batch_op:
         batch_op.drop_index("ix_flag_station_status")

@@ -11,7 +11,16 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import (
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigId, Document, big_pk, sha256_hex, str_enum, timestamp
@@ -53,8 +62,15 @@ class ScanEvent(Base):
         UniqueConstraint("device_id", "seq", name="uq_scan_event_device_id_seq"),
         CheckConstraint("seq >= 1", name="seq_positive"),
         Index("ix_scan_event_tracking_no", "tracking_no"),
-        # Corrections of a device's events, wherever they were filed.
-        Index("ix_scan_event_voids", "device_id", "voids_client_event_id"),
+        # Corrections of a device's events, wherever they were filed. Partial: only
+        # corrections are in it, so "has this device sent any?" is one probe.
+        Index(
+            "ix_scan_event_voids",
+            "device_id",
+            "voids_client_event_id",
+            postgresql_where=text("voids_client_event_id IS NOT NULL"),
+            sqlite_where=text("voids_client_event_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[big_pk]

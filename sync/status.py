@@ -187,6 +187,8 @@ def _corrections_from_elsewhere(
                 parcel_of[(fact.device_id, fact.client_event_id)] = tracking_no
                 by_device[fact.device_id].append(fact.client_event_id)
     for device_id, ids in by_device.items():
+        if not _has_corrections(session, device_id):
+            continue  # the usual case: one index probe instead of a look-up per event
         for chunk in _chunks(ids):
             for row in session.execute(
                 select(*FACT_COLUMNS).where(
@@ -198,6 +200,17 @@ def _corrections_from_elsewhere(
                 target = parcel_of[(device_id, correction.voids_client_event_id)]
                 if row[0] != target:  # filed under the target's own number: loaded already
                     yield target, correction
+
+
+def _has_corrections(session: Session, device_id: str) -> bool:
+    return (
+        session.scalar(
+            select(ScanEvent.id)
+            .where(ScanEvent.device_id == device_id, ScanEvent.voids_client_event_id.is_not(None))
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def targets_of_corrections(

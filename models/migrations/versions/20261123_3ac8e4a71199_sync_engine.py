@@ -305,7 +305,11 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_scan_event_station_id"), ["station_id"], unique=False)
         batch_op.create_index("ix_scan_event_tracking_no", ["tracking_no"], unique=False)
         batch_op.create_index(
-            "ix_scan_event_voids", ["device_id", "voids_client_event_id"], unique=False
+            "ix_scan_event_voids",
+            ["device_id", "voids_client_event_id"],
+            unique=False,
+            postgresql_where=sa.text("voids_client_event_id IS NOT NULL"),
+            sqlite_where=sa.text("voids_client_event_id IS NOT NULL"),
         )
 
     with op.batch_alter_table("parcel", schema=None) as batch_op:

@@ -39,6 +39,7 @@ import argparse
 import cProfile
 import datetime as dt
 import hashlib
+import json
 import math
 import pstats
 import random
@@ -351,10 +352,17 @@ class Bench:
     # -- the timed calls ---------------------------------------------------------------------
 
     def push(self, pda: Pda, body: dict[str, Any]) -> tuple[float, float]:
-        """Wall and CPU seconds of one push, after checking its receipt."""
+        """Wall and CPU seconds of one push, after checking its receipt.
+
+        The body is encoded before the clock starts: that is the PDA's work, not the
+        server's.
+        """
+        data = json.dumps(body)
         cpu_started = time.process_time()
         started = time.perf_counter()
-        response = self.client.post("/api/v1/sync/push", json=body, headers=pda.headers)
+        response = self.client.post(
+            "/api/v1/sync/push", data=data, content_type="application/json", headers=pda.headers
+        )
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         if response.status_code != 200:

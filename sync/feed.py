@@ -8,6 +8,10 @@ only entries of transactions older than the oldest one still running
 (``pg_snapshot_xmin``): every transaction that could still commit sorts after
 everything returned. SQLite has one writer at a time and commits in id order;
 its entries all carry txid 0.
+
+The price: a transaction left open anywhere on the PostgreSQL server holds the
+horizon back, and pulls see nothing newer until it ends. Production servers
+should set ``idle_in_transaction_session_timeout``.
 """
 
 from __future__ import annotations
@@ -16,40 +20,65 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, text, tuple_
+from sqlalchemy import func, insert, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from models import FeedChange, FeedKind, Parcel
+from models import FeedChange, FeedKind, Parcel, ParcelStatus
 from sync.errors import CursorReset, InvalidCursor
 
-_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+_CURSOR = re.compile(r"(s\.)?([0-9]{1,19})\.([0-9]{1,19})(?:\.([0-9]{1,19}))?")
 _INT64_MAX = 2**63 - 1
 MAX_PAGE = 500
 INSERT_CHANGES = insert(FeedChange.__table__)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Cursor:
+    """A position in the feed, ``txid.id``; or, while a fresh PDA is being sent the
+    parcels it holds, ``s.txid.id.parcel``: the feed position the snapshot started at,
+    and the last parcel id sent."""
+
     txid: int
     id: int
+    snapshot_after: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.txid}.{self.id}"
+        if self.snapshot_after is None:
+            return f"{self.txid}.{self.id}"
+        return f"s.{self.txid}.{self.id}.{self.snapshot_after}"
+
+    @property
+    def position(self) -> Cursor:
+        return Cursor(self.txid, self.id)
 
     @classmethod
-    def parse(cls, raw: str | None) -> Cursor:
+    def parse(cls, raw: str | None) -> Cursor | None:
+        """The cursor, or None for "from scratch"."""
         if raw is None or raw == "":
-            return START
+            return None
         match = _CURSOR.fullmatch(raw)
-        if match is None or max(int(match[1]), int(match[2])) > _INT64_MAX:
+        snapshot = match is not None and match[1] is not None
+        if (
+            match is None
+            or snapshot != (match[4] is not None)
+            or max(int(n) for n in match.groups()[1:] if n is not None) > _INT64_MAX
+        ):
             raise InvalidCursor(
                 "the cursor is malformed; send back a next_cursor exactly as received",
                 field="cursor",
             )
-        return cls(int(match[1]), int(match[2]))
+        return cls(int(match[2]), int(match[3]), int(match[4]) if snapshot else None)
 
 
 START = Cursor(0, 0)
+# Parcels a PDA starting from scratch is sent: the ones still to be dealt with.
+DONE = (
+    ParcelStatus.DELIVERED,
+    ParcelStatus.IN_LOCKER,
+    ParcelStatus.AT_PICKUP_POINT,
+    ParcelStatus.COLLECTED,
+    ParcelStatus.RETURNED,
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +90,15 @@ class FeedEntry:
 
 
 @dataclass(frozen=True)
+class FeedItem:
+    kind: FeedKind
+    tracking_no: str
+    parcel: Parcel | None  # as it is now; None for a tombstone
+
+
+@dataclass(frozen=True)
 class FeedPage:
-    changes: list[tuple[FeedChange, Parcel | None]]
+    changes: list[FeedItem]
     next_cursor: Cursor
     has_more: bool
 
@@ -84,16 +120,29 @@ def record(session: Session, entries: Iterable[FeedEntry]) -> None:
 
 
 def read_page(
-    *, session: Session, station_id: int, courier_id: int, cursor: Cursor, limit: int
+    *, session: Session, station_id: int, courier_id: int, cursor: Cursor | None, limit: int
 ) -> FeedPage:
-    """Entries for ``courier_id`` at ``station_id`` after ``cursor``, in feed order."""
+    """What ``courier_id`` at ``station_id`` should hear after ``cursor``.
+
+    Without a cursor (a new PDA, or one told to reset) the feed is not replayed from
+    its beginning: the PDA is first sent the parcels it holds now, still to be dealt
+    with (a snapshot, paged by parcel id), then the feed from where the snapshot
+    began. Every change committed before that point shows in the snapshot; every
+    later one comes from the feed (some twice, which a PDA applies idempotently).
+    """
     horizon = _visible_horizon(session)
-    if cursor != START and not _could_have_been_issued(session, cursor, horizon):
+    if cursor is None:
+        cursor = Cursor(*_head(session, station_id, courier_id, horizon), snapshot_after=0)
+    elif cursor.position != START and not _could_have_been_issued(
+        session, cursor.position, horizon
+    ):
         raise CursorReset(
             "this cursor is not known here; pull again without a cursor "
             "(your unsent events stay on the PDA and are pushed as usual)",
             field="cursor",
         )
+    if cursor.snapshot_after is not None:
+        return _snapshot_page(session, station_id, courier_id, cursor, limit)
     query = (
         select(FeedChange, Parcel)
         .outerjoin(
@@ -110,10 +159,53 @@ def read_page(
     )
     if horizon is not None:
         query = query.where(FeedChange.txid < horizon)
-    rows = [(change, parcel) for change, parcel in session.execute(query)]
+    rows = session.execute(query).all()
     page = rows[:limit]
-    next_cursor = Cursor(page[-1][0].txid, page[-1][0].id) if page else cursor
-    return FeedPage(changes=page, next_cursor=next_cursor, has_more=len(rows) > limit)
+    return FeedPage(
+        changes=[FeedItem(change.kind, change.tracking_no, parcel) for change, parcel in page],
+        next_cursor=Cursor(page[-1][0].txid, page[-1][0].id) if page else cursor,
+        has_more=len(rows) > limit,
+    )
+
+
+def _head(
+    session: Session, station_id: int, courier_id: int, horizon: int | None
+) -> tuple[int, int]:
+    """The courier's newest feed entry that is final (below the horizon)."""
+    query = (
+        select(FeedChange.txid, FeedChange.id)
+        .where(FeedChange.station_id == station_id, FeedChange.courier_id == courier_id)
+        .order_by(FeedChange.txid.desc(), FeedChange.id.desc())
+        .limit(1)
+    )
+    if horizon is not None:
+        query = query.where(FeedChange.txid < horizon)
+    row = session.execute(query).first()
+    return (row.txid, row.id) if row else (START.txid, START.id)
+
+
+def _snapshot_page(
+    session: Session, station_id: int, courier_id: int, cursor: Cursor, limit: int
+) -> FeedPage:
+    assert cursor.snapshot_after is not None
+    parcels = session.scalars(
+        select(Parcel)
+        .where(
+            Parcel.station_id == station_id,
+            Parcel.courier_id == courier_id,
+            Parcel.id > cursor.snapshot_after,
+            or_(Parcel.status.is_(None), Parcel.status.not_in(DONE)),
+        )
+        .order_by(Parcel.id)
+        .limit(limit + 1)
+    ).all()
+    page = parcels[:limit]
+    changes = [FeedItem(FeedKind.PARCEL, parcel.tracking_no, parcel) for parcel in page]
+    if len(parcels) > limit:
+        next_cursor = Cursor(cursor.txid, cursor.id, snapshot_after=page[-1].id)
+    else:
+        next_cursor = cursor.position  # the snapshot is complete: on with the feed
+    return FeedPage(changes=changes, next_cursor=next_cursor, has_more=True)
 
 
 def _could_have_been_issued(session: Session, cursor: Cursor, horizon: int | None) -> bool:

@@ -320,17 +320,17 @@ def test_pull_pages_through_assignments_and_tombstones(committed_app: Flask) -> 
         client.post("/api/v1/parcels", json={"parcels": items}, headers=manager).status_code == 200
     )
     courier = auth.headers("pull-courier", "PDA-PULL")
-    seen: list[tuple[str, str]] = []
+    changes: list[dict[str, Any]] = []
     cursor = None
-    for _ in range(10):
+    for _ in range(10):  # a fresh PDA: the parcels it holds, then the feed since
         query = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         page = client.get(PULL, query_string=query, headers=courier).get_json()
-        seen += [(c["kind"], c["tracking_no"]) for c in page["changes"]]
+        changes += page["changes"]
         cursor = page["next_cursor"]
         if not page["has_more"]:
             break
-    assert seen == [("parcel", n) for n in numbers]
-    assert page["changes"][-1]["parcel"]["recipient_phone"] == "+86*******5678"
+    assert [(c["kind"], c["tracking_no"]) for c in changes] == [("parcel", n) for n in numbers]
+    assert {c["parcel"]["recipient_phone"] for c in changes} == {"+86*******5678"}
 
     moved = {"parcels": [{**items[0], "courier": "pull-courier2"}]}
     assert client.post("/api/v1/parcels", json=moved, headers=manager).status_code == 200
@@ -344,7 +344,8 @@ def test_pull_pages_through_assignments_and_tombstones(committed_app: Flask) -> 
 
 
 @pytest.mark.parametrize(
-    "cursor", ["abc", "1", "1.2.3", "-1.5", "1." + "9" * 30, "9" * 19 + ".1", "١.١"]
+    "cursor",
+    ["abc", "1", "1.2.3", "-1.5", "1." + "9" * 30, "9" * 19 + ".1", "١.١", "s.1.2", "1.2.3"],
 )
 def test_a_malformed_cursor_is_400(
     client: FlaskClient, courier: dict[str, str], cursor: str
@@ -452,3 +453,37 @@ def test_pickup_codes_are_hidden_from_couriers(
     as_manager = client.get(url, headers=auth.headers("manager1")).get_json()["timeline"][0]
     assert as_courier["pod"]["pickup_code"] == "****"
     assert as_manager["details"]["pod"]["pickup_code"] == "482913"
+
+
+def test_a_fresh_pda_gets_the_parcels_it_holds_not_the_whole_history(
+    client: FlaskClient, courier: dict[str, str], session: Session, world: World
+) -> None:
+    """After a reset the feed is not replayed from its first day: the PDA gets the
+    parcels it still has to deal with."""
+    done, open_ = (
+        factories.parcel(session, world.station),
+        factories.parcel(session, world.station),
+    )
+    session.commit()
+    push(client, courier, [ev(1, done.tracking_no), ev(2, open_.tracking_no)])
+    push(client, courier, [ev(3, done.tracking_no, "delivered")])
+    first = client.get(PULL, headers=courier).get_json()
+    assert [c["tracking_no"] for c in first["changes"]] == [open_.tracking_no]
+    # On to the feed (test_pull_pages_through_assignments_and_tombstones follows it).
+    assert first["has_more"] and first["next_cursor"].count(".") == 1
+
+
+def test_a_snapshot_cursor_pages_by_parcel(
+    client: FlaskClient, courier: dict[str, str], session: Session, world: World
+) -> None:
+    parcels = [factories.parcel(session, world.station) for _ in range(3)]
+    session.commit()
+    push(client, courier, [ev(i + 1, p.tracking_no) for i, p in enumerate(parcels)])
+    page = client.get(PULL, query_string={"limit": 2}, headers=courier).get_json()
+    assert page["next_cursor"].startswith("s.") and len(page["changes"]) == 2
+    rest = client.get(
+        PULL, query_string={"limit": 2, "cursor": page["next_cursor"]}, headers=courier
+    ).get_json()
+    assert [c["tracking_no"] for c in page["changes"] + rest["changes"]] == [
+        p.tracking_no for p in parcels
+    ]

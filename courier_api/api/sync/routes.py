@@ -110,13 +110,15 @@ class Pull(MethodView):
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pull changes for this PDA
 
-        Parcels assigned to the signed-in courier, and their updates, after
-        `cursor`, oldest first. `parcel_removed` entries are tombstones (the
-        parcel was reassigned away). Keep `next_cursor` and send it back; a page
-        with `has_more` false is the end for now. A 410 with code `cursor_reset`
-        means the cursor is not known here: drop the local parcel list and pull
-        again without a cursor (unsent events stay on the PDA and are pushed as
-        usual). A malformed cursor is a 400.
+        Without a cursor, the parcels the signed-in courier holds and still has
+        to deal with; then, with the `next_cursor` of each page, what changed
+        since: parcels assigned to them and their updates, oldest first, and
+        `parcel_removed` tombstones (reassigned away). A parcel may come twice;
+        apply entries in order. Pull until `has_more` is false, and keep the last
+        `next_cursor` for next time. A 410 with code `cursor_reset` means the
+        cursor is not known here: drop the local parcel list and pull again
+        without a cursor (unsent events stay on the PDA and are pushed as usual).
+        A malformed cursor is a 400.
         """
         principal = current_principal()
         assert principal.station_id is not None
@@ -130,11 +132,11 @@ class Pull(MethodView):
         return {
             "changes": [
                 {
-                    "kind": change.kind,
-                    "tracking_no": change.tracking_no,
-                    "parcel": _pda_parcel(parcel) if parcel is not None else None,
+                    "kind": item.kind,
+                    "tracking_no": item.tracking_no,
+                    "parcel": _pda_parcel(item.parcel) if item.parcel is not None else None,
                 }
-                for change, parcel in page.changes
+                for item in page.changes
             ],
             "next_cursor": str(page.next_cursor),
             "has_more": page.has_more,

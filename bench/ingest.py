@@ -74,8 +74,8 @@ from models import (
     utcnow,
 )
 from sync.accounts import hash_password
-from sync.events import EventRejected, EventRules, ValidEvent, validate_event
-from sync.ingest import INSERT_EVENTS
+from sync.events import EventRejected, EventRules, validate_event
+from sync.ingest import INSERT_EVENTS, Pusher, event_row
 from sync.tracking import s10_check_digit
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/courier_bench"
@@ -201,39 +201,6 @@ def push_body(pda: Pda, events: list[dict[str, Any]], sent_at: dt.datetime) -> d
     }
 
 
-def scan_event_row(
-    event: ValidEvent,
-    *,
-    pda: Pda,
-    station_id: int,
-    batch_pk: int,
-    offset: dt.timedelta,
-    received_at: dt.datetime,
-) -> dict[str, Any]:
-    """The row ``sync.ingest`` stores for ``event`` (``_BatchIngest._row``)."""
-    location = event.location
-    return {
-        "station_id": station_id,
-        "device_id": pda.device_id,
-        "courier_id": pda.courier_id,
-        "batch_pk": batch_pk,
-        "client_event_id": event.client_event_id,
-        "seq": event.seq,
-        "type": event.type,
-        "tracking_no": event.tracking_no,
-        "occurred_at_device": event.occurred_at_device,
-        "occurred_at": event.occurred_at_device - offset,
-        "received_at": received_at,
-        "lat": location.lat if location else None,
-        "lon": location.lon if location else None,
-        "accuracy_m": location.accuracy_m if location else None,
-        "shift_id": event.shift_id,
-        "voids_client_event_id": event.voids_client_event_id,
-        "details": event.details,
-        "content_hash": event.content_hash,
-    }
-
-
 def median_rate(count: int, seconds: list[float]) -> float:
     return count / statistics.median(seconds)
 
@@ -338,10 +305,9 @@ class Bench:
         except EventRejected as error:
             raise BenchFailure(f"a generated event is invalid: {error.code}: {error}") from None
         return [
-            scan_event_row(
+            event_row(
                 event,
-                pda=pda,
-                station_id=self.station_id,
+                pusher=Pusher(pda.device_id, self.station_id, pda.courier_id),
                 batch_pk=batch_pk,
                 offset=offset,
                 received_at=received_at,

@@ -108,6 +108,40 @@ class _Rejection:
     payload_hash: str = ""
 
 
+def event_row(
+    event: ValidEvent,
+    *,
+    pusher: Pusher,
+    batch_pk: int,
+    offset: dt.timedelta,
+    received_at: dt.datetime,
+) -> dict[str, Any]:
+    """The ``scan_event`` row stored for a valid event of a push."""
+    location = event.location
+    return {
+        "station_id": pusher.station_id,
+        "device_id": pusher.device_id,
+        "courier_id": pusher.courier_id,
+        "batch_pk": batch_pk,
+        "client_event_id": event.client_event_id,
+        "seq": event.seq,
+        "type": event.type,
+        "tracking_no": event.tracking_no,
+        "occurred_at_device": event.occurred_at_device,
+        # An event the device dated after the push was sent (its clock was set back
+        # since) cannot have happened after it reached us.
+        "occurred_at": min(event.occurred_at_device - offset, received_at),
+        "received_at": received_at,
+        "lat": location.lat if location else None,
+        "lon": location.lon if location else None,
+        "accuracy_m": location.accuracy_m if location else None,
+        "shift_id": event.shift_id,
+        "voids_client_event_id": event.voids_client_event_id,
+        "details": event.details,
+        "content_hash": event.content_hash,
+    }
+
+
 def request_hash(batch: PushBatch) -> str:
     """What "the same batch" means: device, batch id and events. Not ``sent_at``,
     which a PDA refreshes on each attempt so the clock estimate stays honest."""
@@ -381,29 +415,13 @@ class _BatchIngest:
         )
 
     def _row(self, event: ValidEvent) -> dict[str, Any]:
-        location = event.location
-        return {
-            "station_id": self.pusher.station_id,
-            "device_id": self.pusher.device_id,
-            "courier_id": self.pusher.courier_id,
-            "batch_pk": self.row.id,
-            "client_event_id": event.client_event_id,
-            "seq": event.seq,
-            "type": event.type,
-            "tracking_no": event.tracking_no,
-            "occurred_at_device": event.occurred_at_device,
-            # An event the device dated after the push was sent (its clock was set back
-            # since) cannot have happened after it reached us.
-            "occurred_at": min(event.occurred_at_device - self.offset, self.received_at),
-            "received_at": self.received_at,
-            "lat": location.lat if location else None,
-            "lon": location.lon if location else None,
-            "accuracy_m": location.accuracy_m if location else None,
-            "shift_id": event.shift_id,
-            "voids_client_event_id": event.voids_client_event_id,
-            "details": event.details,
-            "content_hash": event.content_hash,
-        }
+        return event_row(
+            event,
+            pusher=self.pusher,
+            batch_pk=self.row.id,
+            offset=self.offset,
+            received_at=self.received_at,
+        )
 
     def _quarantine(self) -> None:
         """Keep every rejected event; one re-sent is answered as it was the first time."""

@@ -6,9 +6,10 @@ import enum
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from models import FeedKind, Parcel, Role, ScanEvent, ServiceClass, Station, SyncBatch, User
 from sync import feed
@@ -267,29 +268,26 @@ def _apply(
 
 
 def _stations_by_code(session: Session, codes: Iterable[str]) -> dict[str, Station]:
-    wanted = sorted({code.strip().upper() for code in codes})
-    found: dict[str, Station] = {}
-    for chunk in _chunks(wanted):
-        for station in session.scalars(select(Station).where(Station.code.in_(chunk))):
-            found[station.code] = station
-    return found
+    return _by_key(session, Station.code, {code.strip().upper() for code in codes})
 
 
 def _couriers_by_username(session: Session, names: Iterable[str]) -> dict[str, User]:
-    wanted = sorted({name.strip().lower() for name in names})
-    found: dict[str, User] = {}
-    for chunk in _chunks(wanted):
-        for user in session.scalars(select(User).where(User.username.in_(chunk))):
-            found[user.username] = user
-    return found
+    return _by_key(session, User.username, {name.strip().lower() for name in names})
 
 
 def _parcels_by_tracking_no(session: Session, numbers: Iterable[str]) -> dict[str, Parcel]:
-    wanted = sorted(set(numbers))
-    found: dict[str, Parcel] = {}
-    for chunk in _chunks(wanted):
-        for parcel in session.scalars(select(Parcel).where(Parcel.tracking_no.in_(chunk))):
-            found[parcel.tracking_no] = parcel
+    return _by_key(session, Parcel.tracking_no, set(numbers))
+
+
+def _by_key(
+    session: Session, column: InstrumentedAttribute[str], keys: set[str]
+) -> dict[str, Any]:
+    """Rows whose ``column`` is one of ``keys``, by that value, in chunks of IN lists."""
+    model = column.class_
+    found: dict[str, Any] = {}
+    for chunk in _chunks(sorted(keys)):
+        for row in session.scalars(select(model).where(column.in_(chunk))):
+            found[getattr(row, column.key)] = row
     return found
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,24 @@ def app(database_url: str, connection: Connection, tmp_path: Path) -> Iterator[F
     db.bind_to_connection(app, connection)
     yield app
     db.engine_of(app).dispose()
+
+
+@pytest.fixture
+def app_with(
+    database_url: str, connection: Connection, tmp_path: Path
+) -> Iterator[Callable[..., Flask]]:
+    """Apps with configuration overrides, inside the test's transaction like ``app``."""
+    made: list[Flask] = []
+
+    def make(**overrides: Any) -> Flask:
+        app = make_test_app(database_url, tmp_path, **overrides)
+        db.bind_to_connection(app, connection)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        db.engine_of(app).dispose()
 
 
 @pytest.fixture

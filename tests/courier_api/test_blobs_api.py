@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -9,10 +10,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 
-from courier_api.extensions import db
 from sync.blobs import FileBlobStore
 from tests import factories
-from tests.conftest import Auth, World, make_test_app
+from tests.conftest import Auth, World
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (8, 6)) -> bytes:
@@ -93,17 +93,14 @@ def test_a_name_that_is_not_a_sha256_is_422(
 
 
 def test_an_image_over_the_blob_limit_is_413_with_the_limit(
-    database_url: str, connection: Any, tmp_path: Any, world: World
+    app_with: Callable[..., Flask], world: World
 ) -> None:
-    app = make_test_app(database_url, tmp_path, MAX_BLOB_BYTES=100)
-    db.bind_to_connection(app, connection)
-    client = app.test_client()
+    client = app_with(MAX_BLOB_BYTES=100).test_client()
     response = put(
         client, Auth(client).headers("courier1", "PDA-0001"), image_bytes(size=(64, 64))
     )
     assert response.status_code == 413
     assert "limit is 100" in response.get_json()["message"]
-    db.engine_of(app).dispose()
 
 
 def test_who_may_read_an_image(client: FlaskClient, auth: Auth, courier: dict[str, str]) -> None:

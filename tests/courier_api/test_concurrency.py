@@ -1,8 +1,5 @@
 """Requests that race each other, with real commits (on SQLite and on PostgreSQL)."""
 
-import threading
-from typing import Any
-
 from flask import Flask
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -11,24 +8,7 @@ from courier_api.extensions import db
 from models import Parcel
 from tests import factories
 from tests.conftest import Auth
-
-
-def _race(app: Flask, requests: list[dict[str, Any]], headers: dict[str, str]) -> list[Any]:
-    """Send the bodies to POST /api/v1/parcels from one thread each, released together."""
-    barrier = threading.Barrier(len(requests))
-    responses: list[Any] = [None] * len(requests)
-
-    def send(index: int) -> None:
-        client = app.test_client()
-        barrier.wait()
-        responses[index] = client.post("/api/v1/parcels", json=requests[index], headers=headers)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return responses
+from tests.threads import race
 
 
 def test_concurrent_intakes_of_the_same_parcels_both_succeed(committed_app: Flask) -> None:
@@ -53,7 +33,7 @@ def test_concurrent_intakes_of_the_same_parcels_both_succeed(committed_app: Flas
         ]
     }
 
-    responses = _race(committed_app, [body] * 4, headers)
+    responses = race(committed_app, "/api/v1/parcels", [body] * 4, headers)
 
     assert [r.status_code for r in responses] == [200] * 4, [r.get_json() for r in responses]
     created = sum(r.get_json()["counts"]["created"] for r in responses)

@@ -1,10 +1,11 @@
-from pathlib import Path
+from collections.abc import Callable
 
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
 from tests import factories
-from tests.conftest import Auth, World, make_test_app
+from tests.conftest import Auth, World
 
 URL = "/api/v1/parcels"
 
@@ -122,14 +123,9 @@ def test_integration_names_the_station(client: FlaskClient, world: World, auth: 
 
 
 def test_too_many_items_is_413_with_the_limit(
-    database_url: str, tmp_path: Path, connection, world: World
+    app_with: Callable[..., Flask], world: World
 ) -> None:
-    from courier_api.extensions import db
-    from tests.conftest import Auth
-
-    app = make_test_app(database_url, tmp_path, MAX_PARCELS_PER_INTAKE=2)
-    db.bind_to_connection(app, connection)
-    client = app.test_client()
+    client = app_with(MAX_PARCELS_PER_INTAKE=2).test_client()
     response = client.post(
         URL,
         headers=Auth(client).headers("admin"),

@@ -3,6 +3,7 @@
 import datetime as dt
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from courier_api.extensions import db
 from models import Parcel, ScanEvent
 from tests import factories
-from tests.conftest import Auth, World, make_test_app
+from tests.conftest import Auth, World
 
 PUSH = "/api/v1/sync/push"
 PULL = "/api/v1/sync/pull"
@@ -187,31 +188,23 @@ def test_events_must_be_a_list(client: FlaskClient, courier: dict[str, str]) -> 
 
 
 def test_more_events_than_the_limit_is_413_with_the_limit(
-    database_url: str, connection: Any, tmp_path: Any, world: World
+    app_with: Callable[..., Flask], world: World
 ) -> None:
-    app = make_test_app(database_url, tmp_path, MAX_EVENTS_PER_PUSH=3)
-    db.bind_to_connection(app, connection)
-    client = app.test_client()
+    client = app_with(MAX_EVENTS_PER_PUSH=3).test_client()
     headers = Auth(client).headers("courier1", "PDA-0001")
     tn = factories.s10()
     response = push(client, headers, [ev(i, tn) for i in range(1, 5)])
     assert response.status_code == 413
     assert "limit is 3" in response.get_json()["message"]
-    db.engine_of(app).dispose()
 
 
-def test_a_body_over_the_size_limit_is_413(
-    database_url: str, connection: Any, tmp_path: Any, world: World
-) -> None:
-    app = make_test_app(database_url, tmp_path, MAX_CONTENT_LENGTH=2000)
-    db.bind_to_connection(app, connection)
-    client = app.test_client()
+def test_a_body_over_the_size_limit_is_413(app_with: Callable[..., Flask], world: World) -> None:
+    client = app_with(MAX_CONTENT_LENGTH=2000).test_client()
     headers = Auth(client).headers("courier1", "PDA-0001")
     tn = factories.s10()
     response = push(client, headers, [ev(i, tn) for i in range(1, 40)])
     assert response.status_code == 413
     assert "2000 bytes" in response.get_json()["message"]
-    db.engine_of(app).dispose()
 
 
 def test_a_courier_pushes_only_for_the_device_of_their_token(

@@ -32,6 +32,7 @@ from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 from tests.conftest import Auth
+from tests.threads import race
 
 PUSH = "/api/v1/sync/push"
 PULL = "/api/v1/sync/pull"
@@ -215,26 +216,9 @@ def test_a_change_that_commits_late_with_a_lower_id_is_not_skipped(station: Stat
     assert [c["tracking_no"] for c in second["changes"]] == ["LATE-1", station.parcels[0]]
 
 
-def _race(app: Flask, bodies: list[dict[str, Any]], headers: dict[str, str]) -> list[Any]:
-    barrier = threading.Barrier(len(bodies))
-    responses: list[Any] = [None] * len(bodies)
-
-    def send(index: int) -> None:
-        client = app.test_client()
-        barrier.wait()
-        responses[index] = client.post(PUSH, json=bodies[index], headers=headers)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return responses
-
-
 def test_the_same_batch_from_eight_threads_is_applied_once(station: Station) -> None:
     batch = station.body(events(station, range(1, 101)))
-    responses = _race(station.app, [batch] * 8, station.headers)
+    responses = race(station.app, PUSH, [batch] * 8, station.headers)
     assert [r.status_code for r in responses] == [200] * 8
     bodies = {r.get_data() for r in responses}
     assert len(bodies) == 1  # eight identical receipts
@@ -247,7 +231,7 @@ def test_the_same_batch_from_eight_threads_is_applied_once(station: Station) -> 
 def test_two_batches_of_one_device_pushed_at_once_both_apply(station: Station) -> None:
     first = station.body(events(station, range(1, 151)))
     second = station.body(events(station, range(151, 301)))
-    responses = _race(station.app, [first, second], station.headers)
+    responses = race(station.app, PUSH, [first, second], station.headers)
     assert [r.status_code for r in responses] == [200, 200]
     for response in responses:
         assert {r["status"] for r in response.get_json()["results"]} == {"applied"}

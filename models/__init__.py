@@ -1,9 +1,14 @@
 """Typed SQLAlchemy 2.0 models and their Alembic migrations."""
 
+from models.audit import AuditEntry
 from models.base import Base, UTCDateTime, utcnow
 from models.blob import Blob, BlobUpload
+from models.consent import Consent
 from models.device import Device
 from models.enums import (
+    ConsentChannel,
+    ConsentMethod,
+    ConsentScope,
     DeviceStatus,
     EventType,
     FeedKind,
@@ -14,16 +19,21 @@ from models.enums import (
     ServiceClass,
 )
 from models.feed import FeedChange
-from models.flag import Flag
+from models.flag import Flag, FlagChange
 from models.parcel import Parcel
 from models.station import Station
 from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
 from models.user import User
 
 __all__ = [
+    "AuditEntry",
     "Base",
     "Blob",
     "BlobUpload",
+    "Consent",
+    "ConsentChannel",
+    "ConsentMethod",
+    "ConsentScope",
     "Device",
     "DeviceStatus",
     "DeviceSyncState",
@@ -31,6 +41,7 @@ __all__ = [
     "FeedChange",
     "FeedKind",
     "Flag",
+    "FlagChange",
     "FlagSeverity",
     "FlagStatus",
     "Parcel",

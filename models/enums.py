@@ -79,3 +79,22 @@ class FeedKind(enum.StrEnum):
 
     PARCEL = "parcel"
     PARCEL_REMOVED = "parcel_removed"
+    CONSENT = "consent"  # granted, revoked or expired: the PDA replaces its copy
+
+
+class ConsentMethod(enum.StrEnum):
+    LOCKER = "locker"
+    PICKUP_POINT = "pickup_point"
+    ANY = "any"
+
+
+class ConsentChannel(enum.StrEnum):
+    SMS = "sms"
+    APP = "app"
+    PHONE_CALL = "phone_call"
+    IN_PERSON = "in_person"
+
+
+class ConsentScope(enum.StrEnum):
+    PARCEL = "parcel"  # this one parcel
+    STANDING = "standing"  # every parcel for this recipient phone and address

@@ -29,9 +29,25 @@ class Flag(Base):
     status: Mapped[FlagStatus] = mapped_column(
         str_enum(FlagStatus, "flag_status"), default=FlagStatus.OPEN
     )
+    # The courier concerned, when there is one (for the station's queue and filters).
+    courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     raised_at: Mapped[timestamp]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     closed_reason: Mapped[str | None] = mapped_column(Text)
 
     def __repr__(self) -> str:
         return f"<Flag {self.kind} {self.subject_type}:{self.subject_key} {self.status}>"
+
+
+class FlagChange(Base):
+    """Every change of a flag's status, by whom (None: the system) and why."""
+
+    __tablename__ = "flag_change"
+
+    id: Mapped[int_pk]
+    flag_id: Mapped[int] = mapped_column(ForeignKey("flag.id"), index=True)
+    at: Mapped[timestamp]
+    by_user_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    from_status: Mapped[FlagStatus | None] = mapped_column(str_enum(FlagStatus, "from_status"))
+    to_status: Mapped[FlagStatus] = mapped_column(str_enum(FlagStatus, "to_status"))
+    note: Mapped[str | None] = mapped_column(Text)

@@ -58,11 +58,15 @@ def upgrade() -> None:
             ),
             nullable=False,
         ),
+        sa.Column("courier_id", sa.Integer(), nullable=True),
         sa.Column("raised_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("closed_reason", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["station_id"], ["station.id"], name=op.f("fk_flag_station_id_station")
+        ),
+        sa.ForeignKeyConstraint(
+            ["courier_id"], ["app_user.id"], name=op.f("fk_flag_courier_id_app_user")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_flag")),
         sa.UniqueConstraint("kind", "subject_type", "subject_key", name="uq_flag_kind_subject"),
@@ -139,6 +143,7 @@ def upgrade() -> None:
             sa.Enum(
                 "parcel",
                 "parcel_removed",
+                "consent",
                 name="feed_kind",
                 native_enum=False,
                 create_constraint=True,

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, Document, big_pk, sha256_hex, timestamp
+
+
+class AuditEntry(Base):
+    """One line of the append-only, hash-chained audit log (DESIGN.md "Audit log").
+
+    ``entry_hash`` covers this entry's content and ``prev_hash``, the hash of the
+    entry before it, so a row changed or removed afterwards breaks the chain at a
+    place ``courier-api audit verify`` names.
+    """
+
+    __tablename__ = "audit_entry"
+
+    id: Mapped[big_pk]
+    at: Mapped[timestamp]
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    action: Mapped[str] = mapped_column(String(64))  # proof_read, blob_read, flag_resolved...
+    subject_type: Mapped[str] = mapped_column(String(32))
+    subject_key: Mapped[str] = mapped_column(String(160))
+    details: Mapped[dict[str, Any]] = mapped_column(Document)
+    prev_hash: Mapped[sha256_hex]
+    entry_hash: Mapped[sha256_hex] = mapped_column(unique=True)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, BigId, int_pk, str_enum, timestamp
+from models.enums import ConsentChannel, ConsentMethod, ConsentScope
+
+
+class Consent(Base):
+    """A recipient's agreement to unattended delivery (DESIGN.md "Consent", rule 4).
+
+    For one parcel, or standing for a recipient's phone and address. It comes from a
+    recipient-facing channel (the API) or is captured on a PDA (a ``consent_captured``
+    event, linked by ``event_id``). Revoking keeps the row: what was agreed when is
+    evidence.
+    """
+
+    __tablename__ = "consent"
+    __table_args__ = (
+        Index("ix_consent_tracking_no", "tracking_no"),
+        Index("ix_consent_recipient", "recipient_phone", "address_key"),
+        Index("ix_consent_station_id", "station_id", "id"),
+    )
+
+    id: Mapped[int_pk]
+    scope: Mapped[ConsentScope] = mapped_column(str_enum(ConsentScope, "consent_scope"))
+    station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"))
+    tracking_no: Mapped[str | None] = mapped_column(String(40))
+    recipient_phone: Mapped[str | None] = mapped_column(String(20))  # E.164
+    address: Mapped[str | None] = mapped_column(Text)
+    # The address as compared: case, spaces and punctuation folded.
+    address_key: Mapped[str | None] = mapped_column(String(400))
+    method: Mapped[ConsentMethod] = mapped_column(str_enum(ConsentMethod, "consent_method"))
+    point_id: Mapped[str | None] = mapped_column(String(64))  # a specific locker or point
+    channel: Mapped[ConsentChannel] = mapped_column(str_enum(ConsentChannel, "consent_channel"))
+    granted_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+    revoked_reason: Mapped[str | None] = mapped_column(Text)
+    evidence: Mapped[str | None] = mapped_column(Text)
+    event_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("scan_event.id"), unique=True
+    )  # captured on a PDA
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    created_at: Mapped[timestamp]
+
+    def __repr__(self) -> str:
+        return f"<Consent {self.id} {self.scope} {self.method}>"

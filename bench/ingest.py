@@ -63,6 +63,7 @@ from courier_api import create_app
 from courier_api.api.sync.routes import ingest_rules
 from courier_api.extensions import db
 from models import (
+    Blob,
     Device,
     Parcel,
     Role,
@@ -170,9 +171,9 @@ def pda_events(
                 "seq": seq,
                 "tracking_no": tracking_no,
                 "occurred_at": occurred_at.isoformat(),
-                "location": {
-                    "lat": round(31.2 + rng.uniform(-0.05, 0.05), 6),
-                    "lon": round(121.5 + rng.uniform(-0.05, 0.05), 6),
+                "location": {  # near the parcel's geocoded address (31.2, 121.5)
+                    "lat": round(31.2 + rng.uniform(-0.001, 0.001), 6),
+                    "lon": round(121.5 + rng.uniform(-0.001, 0.001), 6),
                     "accuracy_m": rng.choice([4.0, 8.0, 15.0]),
                 },
                 **fields,
@@ -181,14 +182,19 @@ def pda_events(
     return events
 
 
+# Proof images the benchmark registers as uploaded, so that deliveries are clean
+# (no pod_blob_missing): a push must raise no flag.
+PROOF_IMAGES = [hashlib.sha256(f"proof-{n}".encode()).hexdigest() for n in range(16)]
+
+
 def proof_of_delivery(rng: random.Random) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "recipient_name": rng.choice(["Li Lei", "Han Meimei", "Wang Fang"]),
         "relation": rng.choice(["self", "family", "neighbour"]),
-        "signature_sha256": hashlib.sha256(rng.randbytes(16)).hexdigest(),
+        "signature_sha256": rng.choice(PROOF_IMAGES),
     }
     if rng.random() < 0.5:
-        pod["photo_sha256"] = hashlib.sha256(rng.randbytes(16)).hexdigest()
+        pod["photo_sha256"] = rng.choice(PROOF_IMAGES)
     return pod
 
 
@@ -220,6 +226,10 @@ class Bench:
             self.rules: EventRules = ingest_rules().events
             station = Station(code="BENCH", name="Bench", timezone="Asia/Shanghai")
             db.session.add(station)
+            db.session.add_all(
+                Blob(sha256=d, media_type="image/png", size_bytes=100, width=10, height=10)
+                for d in PROOF_IMAGES
+            )
             db.session.commit()
             self.station_id = station.id
 

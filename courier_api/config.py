@@ -12,7 +12,9 @@ from typing import Any
 
 import phonenumbers
 
+from models import ServiceClass
 from sync.accounts import check_password_hash_method
+from sync.rules import Policy
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "MAX_BLOB_BYTES": _int(environ, "MAX_BLOB_BYTES", 8 * 1024 * 1024),
         "CLOCK_SKEW_FLAG_SECONDS": _int(environ, "CLOCK_SKEW_FLAG_SECONDS", 120),
         "MAX_EVENT_AGE_DAYS": _int(environ, "MAX_EVENT_AGE_DAYS", 30),
+        # Service classes, whitespace-separated.
+        "CONSENT_REQUIRED_CLASSES": _classes(environ, "CONSENT_REQUIRED_CLASSES", "express"),
+        "SIGNATURE_REQUIRED_CLASSES": _classes(environ, "SIGNATURE_REQUIRED_CLASSES", "express"),
+        "FAR_FROM_ADDRESS_METRES": _int(environ, "FAR_FROM_ADDRESS_METRES", 300),
         # Whitespace-separated: a tracking number never contains spaces once normalized,
         # while commas are common in regular expressions (\d{10,20}).
         "DOMESTIC_TRACKING_PATTERNS": tuple(environ["DOMESTIC_TRACKING_PATTERNS"].split())
@@ -110,6 +116,26 @@ def _development_secret(path: Path) -> str:
         handle.write(secrets.token_urlsafe(48))
     log.warning("JWT_SECRET is not set: created a development secret in %s", path)
     return path.read_text().strip()
+
+
+def _classes(environ: Mapping[str, str], name: str, default: str) -> frozenset[ServiceClass]:
+    raw = environ.get(name, default)
+    try:
+        return frozenset(ServiceClass(word) for word in raw.split())
+    except ValueError:
+        choices = ", ".join(c.value for c in ServiceClass)
+        raise ConfigError(
+            f"{name} lists service classes separated by spaces ({choices}), got {raw!r}"
+        ) from None
+
+
+def policy_of(config: Mapping[str, Any]) -> Policy:
+    """The rules' policy (``sync.rules.Policy``) from the configuration."""
+    return Policy(
+        consent_required=config["CONSENT_REQUIRED_CLASSES"],
+        signature_required=config["SIGNATURE_REQUIRED_CLASSES"],
+        far_from_address_m=float(config["FAR_FROM_ADDRESS_METRES"]),
+    )
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:

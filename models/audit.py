@@ -25,5 +25,6 @@ class AuditEntry(Base):
     subject_type: Mapped[str] = mapped_column(String(32))
     subject_key: Mapped[str] = mapped_column(String(160))
     details: Mapped[dict[str, Any]] = mapped_column(Document)
-    prev_hash: Mapped[sha256_hex]
+    # Unique: two entries chained onto one predecessor (a fork) cannot both be stored.
+    prev_hash: Mapped[sha256_hex] = mapped_column(unique=True)
     entry_hash: Mapped[sha256_hex] = mapped_column(unique=True)

@@ -41,9 +41,10 @@ class Consent(Base):
     revoked_at: Mapped[dt.datetime | None]
     revoked_reason: Mapped[str | None] = mapped_column(Text)
     evidence: Mapped[str | None] = mapped_column(Text)
-    event_id: Mapped[int | None] = mapped_column(
-        BigId, ForeignKey("scan_event.id"), unique=True
-    )  # captured on a PDA
+    # Captured on a PDA: its event, and that device's seq (its causal order, rule 6).
+    event_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("scan_event.id"), unique=True)
+    device_id: Mapped[str | None] = mapped_column(ForeignKey("device.id"))
+    seq: Mapped[int | None]
     created_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     created_at: Mapped[timestamp]
 

@@ -21,7 +21,7 @@ class Parcel(Base):
     service_class: Mapped[ServiceClass] = mapped_column(str_enum(ServiceClass, "service_class"))
     recipient_name: Mapped[str] = mapped_column(String(200))
     # E.164 ("+8613812345678"), normalised on intake; masked for everyone but auditors.
-    recipient_phone: Mapped[str | None] = mapped_column(String(20))
+    recipient_phone: Mapped[str | None] = mapped_column(String(20), index=True)
     address: Mapped[str] = mapped_column(Text)
     lat: Mapped[float | None]
     lon: Mapped[float | None]

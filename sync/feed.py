@@ -147,7 +147,8 @@ def read_page(
         select(FeedChange, Parcel)
         .outerjoin(
             Parcel,
-            (Parcel.tracking_no == FeedChange.tracking_no) & (FeedChange.kind == FeedKind.PARCEL),
+            (Parcel.tracking_no == FeedChange.tracking_no)
+            & (FeedChange.kind != FeedKind.PARCEL_REMOVED),
         )
         .where(
             FeedChange.station_id == station_id,

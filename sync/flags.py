@@ -3,10 +3,20 @@
 Raising a flag that exists merges the new evidence into it instead of adding a
 second one, so re-running a check or re-sending a batch never duplicates flags.
 A flag whose cause went away is closed with the reason, never deleted.
+
+Every status change is recorded as a ``FlagChange``: by the system (``by_user_id``
+None) when a flag is raised, raised again after it was closed, or closed; by a
+person when a manager acknowledges or resolves it. Resolutions also go to the
+audit log. A flag's life::
+
+    (raised) -> open -> acknowledged -> resolved
+                open ----------------> resolved
+         open, acknowledged -> closed (cause gone) -> open (raised again)
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +25,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagSeverity, FlagStatus
+from models import Flag, FlagChange, FlagSeverity, FlagStatus
+from sync import audit
+from sync.errors import Conflict, InvalidInput, NotFound
 
 ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
+MAX_PAGE_SIZE = 500
+MAX_NOTE_LENGTH = 2000
 
 
 @dataclass(frozen=True)
@@ -40,8 +54,13 @@ def raise_flag(
     subject: FlagSubject,
     station_id: int | None,
     evidence: dict[str, Any],
+    courier_id: int | None = None,
 ) -> RaisedFlag:
-    """Create the flag, or merge ``evidence`` into the one that exists."""
+    """Create the flag, or merge ``evidence`` into the one that exists.
+
+    ``courier_id``, when given, names the courier concerned; like evidence, the
+    latest one given wins. A resolved flag stays resolved (its evidence still grows).
+    """
     flag = _locked(session, kind, subject)
     if flag is None:
         flag = Flag(
@@ -50,7 +69,9 @@ def raise_flag(
             subject_type=subject.type,
             subject_key=subject.key,
             station_id=station_id,
+            courier_id=courier_id,
             evidence=_merged({}, evidence),
+            status=FlagStatus.OPEN,
         )
         try:
             with session.begin_nested():
@@ -59,15 +80,50 @@ def raise_flag(
             flag = _locked(session, kind, subject)
             assert flag is not None
         else:
+            _record(session, flag, None, FlagStatus.OPEN)
             return RaisedFlag(flag, new=True)
     merged = _merged(flag.evidence, evidence)
     if merged != flag.evidence:
         flag.evidence = merged
+    if courier_id is not None and courier_id != flag.courier_id:
+        flag.courier_id = courier_id
     if flag.status == FlagStatus.CLOSED:
+        _record(session, flag, FlagStatus.CLOSED, FlagStatus.OPEN, note="raised again")
         flag.status = FlagStatus.OPEN
         flag.closed_reason = None
         return RaisedFlag(flag, new=True)
     return RaisedFlag(flag, new=False)
+
+
+def raise_new_flags(*, session: Session, flags: Sequence[Flag]) -> list[Flag]:
+    """Create flags known not to exist yet, in one batch (a push can raise hundreds).
+
+    If another transaction created one of them meanwhile, the batch is undone and
+    each is raised on its own instead.
+    """
+    if not flags:
+        return []
+    for flag in flags:
+        flag.status = FlagStatus.OPEN
+    try:
+        with session.begin_nested():
+            session.add_all(flags)
+    except IntegrityError:
+        return [
+            raise_flag(
+                session=session,
+                kind=flag.kind,
+                severity=flag.severity,
+                subject=FlagSubject(flag.subject_type, flag.subject_key),
+                station_id=flag.station_id,
+                evidence=flag.evidence,
+                courier_id=flag.courier_id,
+            ).flag
+            for flag in flags
+        ]
+    for flag in flags:
+        _record(session, flag, None, FlagStatus.OPEN)
+    return list(flags)
 
 
 def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:
@@ -75,8 +131,7 @@ def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str
     flag = _locked(session, kind, subject)
     if flag is None or flag.status not in ACTIVE_STATUSES:
         return flag
-    flag.status = FlagStatus.CLOSED
-    flag.closed_reason = reason
+    _close(session, flag, reason)
     return flag
 
 
@@ -100,10 +155,183 @@ def close_flags(
                 )
                 .with_for_update()
             ):
-                flag.status = FlagStatus.CLOSED
-                flag.closed_reason = reason
+                _close(session, flag, reason)
                 closed.append(flag)
     return closed
+
+
+def _close(session: Session, flag: Flag, reason: str) -> None:
+    _record(session, flag, flag.status, FlagStatus.CLOSED, note=reason)
+    flag.status = FlagStatus.CLOSED
+    flag.closed_reason = reason
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def list_flags(
+    *,
+    session: Session,
+    station_id: int | None = None,
+    kind: str | None = None,
+    severity: FlagSeverity | None = None,
+    status: FlagStatus | None = None,
+    courier_id: int | None = None,
+    raised_from: dt.datetime | None = None,
+    raised_to: dt.datetime | None = None,
+    after_id: int | None = None,
+    limit: int = 100,
+) -> Sequence[Flag]:
+    """Flags matching every filter given, newest first (by id, the order they were first
+    raised: a flag raised again keeps its place).
+
+    ``after_id`` is the last id of the previous page (the next page holds smaller ids);
+    ``raised_from`` is inclusive and ``raised_to`` exclusive.
+    """
+    if raised_from is not None and raised_to is not None and raised_to <= raised_from:
+        raise InvalidInput(
+            "raised_to must be later than raised_from", code="invalid_range", field="raised_to"
+        )
+    query = select(Flag).order_by(Flag.id.desc()).limit(min(limit, MAX_PAGE_SIZE))
+    if station_id is not None:
+        query = query.where(Flag.station_id == station_id)
+    if kind is not None:
+        query = query.where(Flag.kind == kind)
+    if severity is not None:
+        query = query.where(Flag.severity == severity)
+    if status is not None:
+        query = query.where(Flag.status == status)
+    if courier_id is not None:
+        query = query.where(Flag.courier_id == courier_id)
+    if raised_from is not None:
+        query = query.where(Flag.raised_at >= raised_from)
+    if raised_to is not None:
+        query = query.where(Flag.raised_at < raised_to)
+    if after_id:
+        query = query.where(Flag.id < after_id)
+    return session.scalars(query).all()
+
+
+def get_flag(*, session: Session, flag_id: int) -> Flag:
+    flag = session.get(Flag, flag_id)
+    if flag is None:
+        raise NotFound(f"no flag with id {flag_id}", code="flag_not_found")
+    return flag
+
+
+def flag_changes(*, session: Session, flag: Flag) -> Sequence[FlagChange]:
+    """The flag's history, oldest first."""
+    return session.scalars(
+        select(FlagChange).where(FlagChange.flag_id == flag.id).order_by(FlagChange.id)
+    ).all()
+
+
+# -- managers' decisions ----------------------------------------------------------------------
+
+
+def acknowledge_flag(
+    *, session: Session, flag: Flag, user_id: int, note: str | None = None
+) -> Flag:
+    """A manager has seen the flag and is on it: open -> acknowledged."""
+    text = _note(note)
+    flag = _lock(session, flag)
+    if flag.status != FlagStatus.OPEN:
+        raise _status_conflict(flag, "acknowledged", "only an open flag can be acknowledged")
+    _record(session, flag, flag.status, FlagStatus.ACKNOWLEDGED, by=user_id, note=text)
+    flag.status = FlagStatus.ACKNOWLEDGED
+    session.flush()
+    return flag
+
+
+def resolve_flag(*, session: Session, flag: Flag, user_id: int, note: str) -> Flag:
+    """A manager settles the flag, saying how: open or acknowledged -> resolved.
+
+    The resolution is also written to the audit log (action ``flag_resolved``).
+    """
+    text = _note(note)
+    if text is None:
+        raise InvalidInput(
+            "say how the flag was resolved in a note", code="note_required", field="note"
+        )
+    flag = _lock(session, flag)
+    if flag.status not in ACTIVE_STATUSES:
+        raise _status_conflict(
+            flag, "resolved", "only an open or acknowledged flag can be resolved"
+        )
+    previous = flag.status
+    _record(session, flag, previous, FlagStatus.RESOLVED, by=user_id, note=text)
+    flag.status = FlagStatus.RESOLVED
+    session.flush()
+    audit.append(
+        session=session,
+        actor_id=user_id,
+        action="flag_resolved",
+        subject_type="flag",
+        subject_key=str(flag.id),
+        details={
+            "kind": flag.kind,
+            "subject_type": flag.subject_type,
+            "subject_key": flag.subject_key,
+            "station_id": flag.station_id,
+            "from_status": previous.value,
+            "note": text,
+        },
+    )
+    return flag
+
+
+def _lock(session: Session, flag: Flag) -> Flag:
+    """The flag's row, locked and re-read: two managers acting at once take turns."""
+    locked = session.scalar(
+        select(Flag)
+        .where(Flag.id == flag.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    assert locked is not None
+    return locked
+
+
+def _status_conflict(flag: Flag, wanted: str, rule: str) -> Conflict:
+    why = {
+        FlagStatus.CLOSED: f"it was closed by the system ({flag.closed_reason})",
+        FlagStatus.RESOLVED: "it is already resolved",
+        FlagStatus.ACKNOWLEDGED: "it is already acknowledged",
+    }.get(flag.status, f"it is {flag.status.value}")
+    return Conflict(
+        f"flag {flag.id} cannot be {wanted}: {why}; {rule}", code="flag_status_conflict"
+    )
+
+
+def _note(note: str | None) -> str | None:
+    text = (note or "").strip()
+    if len(text) > MAX_NOTE_LENGTH:
+        raise InvalidInput(
+            f"the note is longer than {MAX_NOTE_LENGTH} characters",
+            code="note_too_long",
+            field="note",
+        )
+    return text or None
+
+
+def _record(
+    session: Session,
+    flag: Flag,
+    from_status: FlagStatus | None,
+    to_status: FlagStatus,
+    *,
+    by: int | None = None,
+    note: str | None = None,
+) -> None:
+    session.add(
+        FlagChange(
+            flag_id=flag.id,
+            by_user_id=by,
+            from_status=from_status,
+            to_status=to_status,
+            note=note,
+        )
+    )
 
 
 def _locked(session: Session, kind: str, subject: FlagSubject) -> Flag | None:

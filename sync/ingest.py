@@ -28,7 +28,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -40,12 +40,14 @@ from sqlalchemy.orm import Session
 from models import (
     Device,
     DeviceSyncState,
+    EventType,
     FlagSeverity,
     QuarantinedEvent,
     ScanEvent,
     SyncBatch,
     utcnow,
 )
+from sync import consents
 from sync.acks import SeqTracker
 from sync.errors import Conflict
 from sync.events import (
@@ -58,6 +60,7 @@ from sync.events import (
     validate_event,
 )
 from sync.flags import FlagSubject, raise_flag
+from sync.rules import Policy
 from sync.status import reproject, targets_of_corrections
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class IngestRules:
     events: EventRules
     clock_skew_bound: dt.timedelta = dt.timedelta(minutes=2)
     missing_seqs_limit: int = 100
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,8 @@ class _BatchIngest:
         new_events = self._deduplicate(candidates)
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
+        self._capture_consents(stored)
+        self._check_time_inversions(stored)
         self._quarantine()
         self._settle_copies()
         tracker = self._update_device_state()
@@ -359,6 +365,61 @@ class _BatchIngest:
         for index, event in fresh:
             self._answer(index, event, "applied")
         return fresh
+
+    def _check_time_inversions(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """Rule 6: a device's sequence numbers are its causal order. An event dated
+        earlier than the event before it on the same device (a consent "captured"
+        before the drop it followed) is flagged, whichever of the two arrived last."""
+        if not stored:
+            return
+        new = {event.seq: event for _, event in stored}
+        wanted = {seq + step for seq in new for step in (-1, 1)} - set(new)
+        known: dict[int, tuple[dt.datetime, str]] = {
+            seq: (event.occurred_at_device, event.tracking_no) for seq, event in new.items()
+        }
+        for chunk in _chunks(sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
+            for seq, device_time, tracking_no in self.session.execute(
+                select(ScanEvent.seq, ScanEvent.occurred_at_device, ScanEvent.tracking_no).where(
+                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
+                )
+            ):
+                known[seq] = (device_time, tracking_no)
+        pairs = {(seq - 1, seq) for seq in new} | {(seq, seq + 1) for seq in new}
+        for before, after in sorted(pairs):
+            if before in known and after in known and known[after][0] < known[before][0]:
+                self._flag(
+                    "time_inversion",
+                    FlagSeverity.WARNING,
+                    FlagSubject("parcel", known[after][1]),
+                    {
+                        "device_id": self.pusher.device_id,
+                        "seqs": [before, after],
+                        "device_times": [
+                            known[before][0].isoformat(),
+                            known[after][0].isoformat(),
+                        ],
+                    },
+                )
+
+    def _capture_consents(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """A consent captured on the PDA becomes a consent like any other, linked to its
+        event and ordered by the device's seq (rule 6)."""
+        captured = [e for _, e in stored if e.type == EventType.CONSENT_CAPTURED]
+        if not captured:
+            return
+        ids = {
+            client_event_id: event_id
+            for client_event_id, event_id in self.session.execute(
+                select(ScanEvent.client_event_id, ScanEvent.id).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_([e.client_event_id for e in captured]),
+                )
+            )
+        }
+        consents.capture(
+            self.session,
+            ({**self._row(e), "id": ids[e.client_event_id]} for e in captured),
+        )
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent: the PDA's clock went back in between."""
@@ -523,7 +584,19 @@ class _BatchIngest:
     # -- projection ------------------------------------------------------------------------
 
     def _project(self, tracking_nos: set[str]) -> None:
-        outcome = reproject(session=self.session, tracking_nos=tracking_nos)
+        outcome = reproject(
+            session=self.session, tracking_nos=tracking_nos, policy=self.rules.policy
+        )
+        self.session.flush()
+        self.raised.extend(
+            {
+                "flag_id": flag.id,
+                "kind": flag.kind,
+                "subject_type": flag.subject_type,
+                "subject_key": flag.subject_key,
+            }
+            for flag in outcome.raised
+        )
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(
                 "wrong_station",

@@ -17,7 +17,8 @@ from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from sync.flags import FlagSubject, close_flags
 from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, ordered, voided_by
-from sync.status import load_facts, lock_parcels, reproject
+from sync.rules import Policy
+from sync.status import load_events, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.
@@ -50,6 +51,7 @@ class ParcelDraft:
 class IntakeRules:
     tracking: TrackingNumberPolicy
     phone_region: str | None
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def intake_parcels(
     feed.record(session, entries)
     # New parcels may have events already (events can arrive first), and a new planned
     # courier changes who has the parcel unless a check-out decided it.
-    reproject(session=session, tracking_nos=reassess)
+    reproject(session=session, tracking_nos=reassess, policy=rules.policy)
     # Whoever has an updated parcel now hears about its new data.
     feed.record(
         session,
@@ -308,7 +310,7 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
     """The parcel's events in projection order, each with its source batch and whether a
     correction voided it (voided events stay visible, marked). A correction filed under
     another tracking number shows in the timeline of the parcel whose event it voids."""
-    facts = load_facts(session, [tracking_no])[tracking_no]
+    facts = [event.fact for event in load_events(session, [tracking_no])[tracking_no]]
     rows = session.execute(
         select(ScanEvent, SyncBatch.batch_id)
         .join(SyncBatch, SyncBatch.id == ScanEvent.batch_pk)

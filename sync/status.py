@@ -16,9 +16,15 @@ from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from models import EventType, FeedKind, Parcel, ScanEvent, utcnow
+from models import Blob, EventType, FeedKind, Flag, FlagStatus, Parcel, ScanEvent, utcnow
 from sync import feed
+from sync.consents import consents_for, covered_parcels
+from sync.events import referenced_blobs
+from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
 from sync.projection import EventFact, project
+from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
+
+DEFAULT_POLICY = Policy()
 
 _IN_CHUNK = 900  # below SQLite's and PostgreSQL's bound-parameter limits
 
@@ -34,7 +40,12 @@ FACT_COLUMNS = (
     ScanEvent.courier_id,
     ScanEvent.voids_client_event_id,
     ScanEvent.station_id,
+    # then what the rules read beyond the projection
+    ScanEvent.details,
+    ScanEvent.lat,
+    ScanEvent.lon,
 )
+_FACT_FIELDS = len(EventFact.__dataclass_fields__)
 PARCEL_COLUMNS = (
     Parcel.id,
     Parcel.tracking_no,
@@ -43,6 +54,11 @@ PARCEL_COLUMNS = (
     Parcel.planned_courier_id,
     Parcel.status,
     Parcel.status_at,
+    Parcel.service_class,
+    Parcel.lat,
+    Parcel.lon,
+    Parcel.recipient_phone,
+    Parcel.address,
 )
 _parcels = Parcel.__table__
 UPDATE_PROJECTED = (
@@ -63,6 +79,7 @@ class ReprojectOutcome:
     unknown: dict[str, list[int]] = field(default_factory=dict)  # no such parcel: event ids
     # Parcels with events recorded at another station: {tracking no: (its station, ids)}
     foreign: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    raised: list[Flag] = field(default_factory=list)  # rule flags raised or reopened
 
 
 def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
@@ -91,7 +108,9 @@ LOCK_TRACKING_NUMBERS = text(
 )
 
 
-def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutcome:
+def reproject(
+    *, session: Session, tracking_nos: Iterable[str], policy: Policy = DEFAULT_POLICY
+) -> ReprojectOutcome:
     """Recompute the status (and holder) of these parcels from all their events.
 
     The tracking numbers are locked first (``lock_parcels``), so that two
@@ -114,9 +133,12 @@ def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutc
             .with_for_update()
         )
     }
-    facts = load_facts(session, wanted)
+    events = load_events(session, wanted)
+    facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
+    judged = _judge(session, parcels, events, policy)
     entries: list[feed.FeedEntry] = []
     updates: list[dict[str, Any]] = []
+    holders: dict[str, int | None] = {}
     now = utcnow()
     for tracking_no in wanted:
         parcel = parcels.get(tracking_no)
@@ -125,6 +147,7 @@ def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutc
                 outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
             continue
         projection = project(facts[tracking_no], station_id=parcel.station_id)
+        holders[tracking_no] = projection.holder_courier_id or parcel.planned_courier_id
         foreign = [f.event_id for f in facts[tracking_no] if f.station_id != parcel.station_id]
         if foreign:
             outcome.foreign[tracking_no] = (parcel.station_id, sorted(foreign))
@@ -161,28 +184,138 @@ def reproject(*, session: Session, tracking_nos: Iterable[str]) -> ReprojectOutc
         session.execute(UPDATE_PROJECTED, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
+    outcome.raised = apply_rule_flags(session, parcels, judged, holders)
     return outcome
 
 
-def load_facts(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[EventFact]]:
+def _judge(
+    session: Session,
+    parcels: dict[str, Any],
+    events: dict[str, list[EventDetail]],
+    policy: Policy,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The rule flags each parcel should have now (``sync.rules.evaluate``)."""
+    consents = consents_for(session, parcels.values())
+    referenced = {
+        digest
+        for parcel_events in events.values()
+        for event in parcel_events
+        for digest in referenced_blobs(event.details)
+    }
+    stored = frozenset(
+        digest
+        for chunk in _chunks(sorted(referenced))
+        for digest in session.scalars(select(Blob.sha256).where(Blob.sha256.in_(chunk)))
+    )
+    return {
+        tn: evaluate(
+            ParcelFacts(parcel.service_class, parcel.lat, parcel.lon),
+            events[tn],
+            consents.get(tn, []),
+            policy,
+            stored,
+        )
+        for tn, parcel in parcels.items()
+    }
+
+
+def apply_rule_flags(
+    session: Session,
+    parcels: dict[str, Any],
+    judged: dict[str, dict[str, dict[str, Any]]],
+    holders: dict[str, int | None],
+) -> list[Flag]:
+    """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
+
+    Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
+    resolved stays resolved while its cause persists; a closed one reopens if the
+    cause comes back.
+    """
+    existing = {
+        (flag.subject_key, flag.kind): flag
+        for chunk in _chunks(sorted(parcels))
+        for flag in session.scalars(
+            select(Flag).where(
+                Flag.subject_type == "parcel",
+                Flag.kind.in_(RULE_KINDS),
+                Flag.subject_key.in_(chunk),
+            )
+        )
+    }
+    gone: dict[str, list[FlagSubject]] = defaultdict(list)
+    raised: list[Flag] = []
+    new: list[Flag] = []
+    for tn, parcel in parcels.items():
+        wanted = judged.get(tn, {})
+        for kind, evidence in wanted.items():
+            flag = existing.get((tn, kind))
+            if flag is None:
+                new.append(
+                    Flag(
+                        kind=kind,
+                        severity=SEVERITY[kind],
+                        subject_type="parcel",
+                        subject_key=tn,
+                        station_id=parcel.station_id,
+                        courier_id=holders.get(tn),
+                        evidence=evidence,
+                    )
+                )
+            elif flag.status != FlagStatus.CLOSED:
+                if flag.evidence != evidence:
+                    flag.evidence = evidence
+            else:
+                raised.append(
+                    raise_flag(
+                        session=session,
+                        kind=kind,
+                        severity=SEVERITY[kind],
+                        subject=FlagSubject("parcel", tn),
+                        station_id=parcel.station_id,
+                        evidence=evidence,
+                        courier_id=holders.get(tn),
+                    ).flag
+                )
+        for kind in RULE_KINDS:
+            flag = existing.get((tn, kind))
+            if kind not in wanted and flag is not None and flag.status in ACTIVE_STATUSES:
+                gone[kind].append(FlagSubject("parcel", tn))
+    raised.extend(raise_new_flags(session=session, flags=new))
+    for kind, subjects in gone.items():
+        close_flags(
+            session=session,
+            kind=kind,
+            subjects=subjects,
+            reason="re-judged with the parcel's events and consents as they are now: "
+            "the rule holds",
+        )
+    return raised
+
+
+def load_events(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[EventDetail]]:
     """Each parcel's events, plus corrections sent under another tracking number that
     void one of them (a correction voids its target wherever it was filed)."""
-    facts: dict[str, list[EventFact]] = {tracking_no: [] for tracking_no in tracking_nos}
+    events: dict[str, list[EventDetail]] = {tracking_no: [] for tracking_no in tracking_nos}
     for chunk in _chunks(tracking_nos):
         for row in session.execute(select(*FACT_COLUMNS).where(ScanEvent.tracking_no.in_(chunk))):
-            facts[row[0]].append(EventFact(*row[1:]))
-    for tracking_no, correction in _corrections_from_elsewhere(session, facts):
-        facts[tracking_no].append(correction)
-    return facts
+            events[row[0]].append(_detail(row))
+    for tracking_no, correction in _corrections_from_elsewhere(session, events):
+        events[tracking_no].append(correction)
+    return events
+
+
+def _detail(row: Any) -> EventDetail:
+    details, lat, lon = row[1 + _FACT_FIELDS :]
+    return EventDetail(EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon)
 
 
 def _corrections_from_elsewhere(
-    session: Session, facts: dict[str, list[EventFact]]
-) -> Iterable[tuple[str, EventFact]]:
+    session: Session, events_by_parcel: dict[str, list[EventDetail]]
+) -> Iterable[tuple[str, EventDetail]]:
     parcel_of: dict[tuple[str, uuid.UUID], str] = {}
     by_device: dict[str, list[uuid.UUID]] = defaultdict(list)
-    for tracking_no, events in facts.items():
-        for fact in events:
+    for tracking_no, events in events_by_parcel.items():
+        for fact in (event.fact for event in events):
             if fact.type != EventType.CORRECTION:
                 parcel_of[(fact.device_id, fact.client_event_id)] = tracking_no
                 by_device[fact.device_id].append(fact.client_event_id)
@@ -196,8 +329,8 @@ def _corrections_from_elsewhere(
                     ScanEvent.voids_client_event_id.in_(chunk),
                 )
             ):
-                correction = EventFact(*row[1:])
-                target = parcel_of[(device_id, correction.voids_client_event_id)]
+                correction = _detail(row)
+                target = parcel_of[(device_id, correction.fact.voids_client_event_id)]
                 if row[0] != target:  # filed under the target's own number: loaded already
                     yield target, correction
 
@@ -243,3 +376,23 @@ def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), _IN_CHUNK):
         yield items[start : start + _IN_CHUNK]
+
+
+def rejudge_for_consent(*, session: Session, consent: Any, policy: Policy) -> list[str]:
+    """After a consent is granted or revoked: re-judge the parcels it covers, and tell
+    the couriers holding them (a ``consent`` entry in their pull feed)."""
+    tracking_nos = covered_parcels(session, consent)
+    reproject(session=session, tracking_nos=tracking_nos, policy=policy)
+    holders = session.execute(
+        select(Parcel.station_id, Parcel.courier_id, Parcel.tracking_no).where(
+            Parcel.tracking_no.in_(tracking_nos), Parcel.courier_id.is_not(None)
+        )
+    ).all()
+    feed.record(
+        session,
+        (
+            feed.FeedEntry(station, courier, FeedKind.CONSENT, tn)
+            for station, courier, tn in holders
+        ),
+    )
+    return tracking_nos

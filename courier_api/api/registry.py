@@ -2,7 +2,9 @@
 
 from courier_api.api.auth.routes import blp as auth_blp
 from courier_api.api.blobs.routes import blp as blobs_blp
+from courier_api.api.consents.routes import blp as consents_blp
 from courier_api.api.devices.routes import blp as devices_blp
+from courier_api.api.flags.routes import blp as flags_blp
 from courier_api.api.health.routes import blp as health_blp
 from courier_api.api.parcels.routes import blp as parcels_blp
 from courier_api.api.quarantine.routes import blp as quarantine_blp
@@ -19,5 +21,7 @@ BLUEPRINTS = (
     parcels_blp,
     sync_blp,
     blobs_blp,
+    consents_blp,
     quarantine_blp,
+    flags_blp,
 )

@@ -336,7 +336,10 @@ def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
             scope=IntakeScope(default_station_id=station.station_id, allowed_station_ids=None),
         )
         body = station.body(
-            [factories.event(1, tracking_no), factories.event(2, tracking_no, "delivered")]
+            [
+                factories.event(1, tracking_no),
+                factories.event(2, tracking_no, "delivered", pod={"recipient_name": "R"}),
+            ]
         )
         pusher = threading.Thread(target=lambda: responses.append(station.push(body)))
         pusher.start()

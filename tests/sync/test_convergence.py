@@ -3,7 +3,9 @@ in transit or retried, the server ends in the state one in-order push gives.
 
 A hypothesis state machine plays a PDA against the engine: pushes of arbitrary
 subsets in arbitrary order, responses lost after commit, retries of the same
-batch, pushes that fail before commit, clock changes and pulls. After every
+batch, pushes that fail before commit, clock changes and pulls, with proofs of
+delivery and consents (captured on the PDA, or granted through the API at any
+point) in the mix, so the rule flags they decide must converge too. After every
 step, each event the server acknowledged is stored exactly once. At the end the
 PDA delivers everything still unacknowledged, and the final state (statuses,
 holders, acks, flags, quarantine) is compared with a fresh database that got
@@ -42,11 +44,14 @@ from models import (
     ScanEvent,
     ServiceClass,
 )
+from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import feed
+from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
+from sync.status import rejudge_for_consent
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 
@@ -65,6 +70,13 @@ EXTRA_FIELDS: dict[EventType, dict[str, Any]] = {
     EventType.EXCEPTION: {"reason": "damaged"},
     EventType.CONSENT_CAPTURED: {"consent": {"method": "locker", "channel": "sms"}},
 }
+DELIVERIES = (
+    EventType.DELIVERED,
+    EventType.DELIVERED_TO_LOCKER,
+    EventType.DELIVERED_TO_PICKUP_POINT,
+)
+# Proofs of delivery: none, a pickup code, a signature never uploaded (pod_blob_missing).
+PODS = [{}, {"pickup_code": "1234"}, {"signature_sha256": "5" * 64}]
 # Clock offsets the PDA may have at send time; 4 minutes is beyond the 2-minute flag bound.
 SKEWS = [
     dt.timedelta(0),
@@ -94,6 +106,8 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             extra = {"voids_client_event_id": target["client_event_id"], "reason": "mis-tap"}
         elif kind == "malformed":
             extra = {"colour": "red"}  # an unknown field: quarantined
+        if event_type in DELIVERIES:
+            extra["pod"] = draw(st.sampled_from(PODS))
         occurred = NOW - dt.timedelta(hours=3) + dt.timedelta(minutes=draw(st.integers(0, 120)))
         events.append(
             factories.event(
@@ -180,6 +194,25 @@ class World:
             return None
         return "the PDA's courier" if courier_id == self.pusher.courier_id else str(courier_id)
 
+    def recipient_consents(self) -> None:
+        """The recipient of the first parcel agrees to locker delivery, through the app,
+        two hours before the end of the day (as granted, whenever it arrives)."""
+        consent = grant(
+            session=self.session,
+            draft=ConsentDraft(
+                scope=ConsentScope.PARCEL,
+                method=ConsentMethod.LOCKER,
+                channel=ConsentChannel.APP,
+                granted_at=NOW - dt.timedelta(hours=2),
+                tracking_no=KNOWN[0],
+            ),
+            rules=ConsentRules(tracking=POLICY, phone_region="CN"),
+            created_by=None,
+            now=NOW,
+        )
+        rejudge_for_consent(session=self.session, consent=consent, policy=RULES.policy)
+        self.session.commit()
+
     def take_in_the_unknown_parcel(self) -> None:
         intake_parcels(
             session=self.session,
@@ -205,6 +238,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.skew = self.day_skew = dt.timedelta(0)
         self.clock_was_changed = False
         self.taken_in = False
+        self.consented = False
         self.skewed_push = False  # did any committed push carry an offset beyond the bound?
         self.acknowledged: set[str] = set()
         self.sent: list[tuple[uuid.UUID, list[dict[str, Any]], dict[str, Any]]] = []
@@ -254,6 +288,12 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.world.push(self._batch(data), uuid.uuid4(), self.skew)
         self.world.session.rollback()
         assert self._stored_ids() == before
+
+    @precondition(lambda self: not self.consented)
+    @rule()
+    def the_recipient_consents(self) -> None:
+        self.world.recipient_consents()
+        self.consented = True
 
     @precondition(lambda self: not self.taken_in)
     @rule()
@@ -333,6 +373,8 @@ class PdaAgainstServer(RuleBasedStateMachine):
             reference.session.commit()
             if self.taken_in:
                 reference.take_in_the_unknown_parcel()
+            if self.consented:
+                reference.recipient_consents()
             return reference.final_state()
         finally:
             reference.close()

@@ -10,6 +10,7 @@ from courier_api.api.blobs.schemas import BlobOut
 from courier_api.auth import current_principal
 from courier_api.extensions import db
 from models import Blob, Role
+from sync import audit
 from sync.blobs import FileBlobStore, get_blob, may_read_blob, store_blob
 from sync.errors import NotFound
 
@@ -69,7 +70,8 @@ class BlobBySha256(MethodView):
         """Download a proof image
 
         Auditors and admins read every image; managers those uploaded at their
-        station; couriers and integrations those they uploaded themselves.
+        station; couriers and integrations those they uploaded themselves. Every
+        read by an auditor is recorded in the audit log.
         """
         blob = get_blob(session=db.session, digest=sha256)
         principal = current_principal()
@@ -89,6 +91,17 @@ class BlobBySha256(MethodView):
                 f"the bytes of blob {sha256} are missing; upload the image again",
                 code="blob_bytes_missing",
             ) from None
+        if principal.role == Role.AUDITOR:
+            # DESIGN.md rule 7: the image goes out only once its read is on record.
+            audit.append(
+                session=db.session,
+                actor_id=principal.user_id,
+                action="blob_read",
+                subject_type="blob",
+                subject_key=blob.sha256,
+                details={"media_type": blob.media_type, "size_bytes": blob.size_bytes},
+            )
+            db.session.commit()
         response = Response(data, mimetype=blob.media_type)
         response.headers["ETag"] = f'"{blob.sha256}"'
         response.headers["Cache-Control"] = "private, max-age=31536000, immutable"

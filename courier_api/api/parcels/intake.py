@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from courier_api.api.parcels.schemas import RejectedItem
+from courier_api.config import policy_of
 from sync.parcels import (
     IntakeResult,
     IntakeRules,
@@ -27,6 +28,7 @@ def intake_rules() -> IntakeRules:
     return IntakeRules(
         tracking=TrackingNumberPolicy.from_patterns(config["DOMESTIC_TRACKING_PATTERNS"]),
         phone_region=config["DEFAULT_PHONE_REGION"],
+        policy=policy_of(config),
     )
 
 

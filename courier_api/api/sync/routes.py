@@ -9,9 +9,11 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
 from courier_api.auth import current_principal
+from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Role, utcnow
 from sync import feed
+from sync.consents import in_force
 from sync.errors import LimitExceeded, PermissionDenied
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -36,6 +38,7 @@ def ingest_rules() -> IngestRules:
             max_age=dt.timedelta(days=config["MAX_EVENT_AGE_DAYS"]),
         ),
         clock_skew_bound=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
+        policy=policy_of(config),
     )
 
 
@@ -129,12 +132,16 @@ class Pull(MethodView):
             cursor=feed.Cursor.parse(args.get("cursor")),
             limit=args["limit"],
         )
+        parcels = [item.parcel for item in page.changes if item.parcel is not None]
+        consents = in_force(db.session, parcels, utcnow())
         return {
             "changes": [
                 {
                     "kind": item.kind,
                     "tracking_no": item.tracking_no,
-                    "parcel": _pda_parcel(item.parcel) if item.parcel is not None else None,
+                    "parcel": _pda_parcel(item.parcel, consents.get(item.tracking_no, []))
+                    if item.parcel is not None
+                    else None,
                 }
                 for item in page.changes
             ],
@@ -143,7 +150,7 @@ class Pull(MethodView):
         }
 
 
-def _pda_parcel(parcel: Any) -> dict[str, Any]:
+def _pda_parcel(parcel: Any, consents: list[Any]) -> dict[str, Any]:
     return {
         "tracking_no": parcel.tracking_no,
         "service_class": parcel.service_class,
@@ -154,4 +161,8 @@ def _pda_parcel(parcel: Any) -> dict[str, Any]:
         "lon": parcel.lon,
         "status": parcel.status,
         "status_at": parcel.status_at,
+        "consents": [
+            {"method": c.method, "point_id": c.point_id, "expires_at": c.expires_at}
+            for c in consents
+        ],
     }

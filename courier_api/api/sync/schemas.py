@@ -12,7 +12,7 @@ from typing import Any
 import marshmallow as ma
 
 from courier_api.api.fields import Text
-from models import EventType, FeedKind, ParcelStatus, ServiceClass
+from models import ConsentMethod, EventType, FeedKind, ParcelStatus, ServiceClass
 from sync.events import (
     CONSENT_CHANNELS,
     CONSENT_METHODS,
@@ -177,6 +177,12 @@ class PullArgs(ma.Schema):
     limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(min=1, max=500))
 
 
+class PdaConsent(ma.Schema):
+    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+
+
 class PdaParcel(ma.Schema):
     tracking_no = ma.fields.String(required=True)
     service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
@@ -187,6 +193,11 @@ class PdaParcel(ma.Schema):
     lon = ma.fields.Float(allow_none=True, required=True)
     status = ma.fields.Enum(ParcelStatus, by_value=True, allow_none=True, required=True)
     status_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    consents = ma.fields.List(
+        ma.fields.Nested(PdaConsent),
+        required=True,
+        metadata={"description": "Consents in force now for unattended delivery"},
+    )
 
 
 class FeedChangeOut(ma.Schema):
@@ -194,7 +205,10 @@ class FeedChangeOut(ma.Schema):
         FeedKind,
         by_value=True,
         required=True,
-        metadata={"description": "parcel_removed is a tombstone: drop it from the PDA"},
+        metadata={
+            "description": "parcel_removed is a tombstone: drop it from the PDA; consent: "
+            "its consents changed"
+        },
     )
     tracking_no = ma.fields.String(required=True)
     parcel = ma.fields.Nested(PdaParcel, allow_none=True, required=True)

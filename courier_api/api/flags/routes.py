@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.flags.schemas import (
+    AcknowledgeIn,
+    FlagDetailOut,
+    FlagListArgs,
+    FlagOut,
+    FlagPage,
+    ResolveIn,
+)
+from courier_api.api.pagination import keyset_page
+from courier_api.auth import current_principal, ensure_station_access
+from courier_api.extensions import db
+from models import Flag, Role
+from sync import flags
+
+blp = ApiBlueprint(
+    "flags", __name__, url_prefix="/api/v1/flags", description="Discrepancies and violations"
+)
+READERS = (Role.ADMIN, Role.STATION_MANAGER, Role.AUDITOR)
+DECIDERS = (Role.ADMIN, Role.STATION_MANAGER)
+
+
+@blp.route("")
+class Flags(MethodView):
+    @blp.auth(*READERS)
+    @blp.arguments(FlagListArgs, location="query")
+    @blp.response(200, FlagPage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List flags
+
+        Flags matching every filter given, newest first (in the order they were
+        first raised). `raised_from` is inclusive, `raised_to` exclusive; both
+        need an offset (e.g. `Z`). Managers see their own station whatever
+        `station_id` says; admins and auditors see every station.
+        """
+        items = flags.list_flags(
+            session=db.session,
+            station_id=current_principal().station_filter(args.get("station_id")),
+            kind=args.get("kind"),
+            severity=args.get("severity"),
+            status=args.get("status"),
+            courier_id=args.get("courier_id"),
+            raised_from=args.get("raised_from"),
+            raised_to=args.get("raised_to"),
+            after_id=args["after"],
+            limit=args["limit"],
+        )
+        return keyset_page(items, args["limit"], key=lambda flag: flag.id)
+
+
+@blp.route("/<id:flag_id>")
+class FlagById(MethodView):
+    @blp.auth(*READERS)
+    @blp.response(200, FlagDetailOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, flag_id: int) -> dict[str, Any]:
+        """Get a flag with its history
+
+        `changes` lists every status change, oldest first: who made it (`null`
+        for the system, e.g. when the flag was raised or its cause went away)
+        and their note.
+        """
+        flag = flags.get_flag(session=db.session, flag_id=flag_id)
+        ensure_station_access(flag.station_id)
+        return _with_history(flag)
+
+
+@blp.route("/<id:flag_id>/acknowledge")
+class AcknowledgeFlag(MethodView):
+    @blp.auth(*DECIDERS)
+    @blp.arguments(AcknowledgeIn)
+    @blp.response(200, FlagDetailOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any], flag_id: int) -> dict[str, Any]:
+        """Acknowledge a flag
+
+        Says that a manager of the flag's station has seen it and is dealing with
+        it; the optional `note` goes into its history. Only an open flag can be
+        acknowledged (409 `flag_status_conflict` otherwise).
+        """
+        flag = flags.get_flag(session=db.session, flag_id=flag_id)
+        ensure_station_access(flag.station_id)
+        flag = flags.acknowledge_flag(
+            session=db.session, flag=flag, user_id=current_principal().user_id, note=body["note"]
+        )
+        db.session.commit()
+        return _with_history(flag)
+
+
+@blp.route("/<id:flag_id>/resolve")
+class ResolveFlag(MethodView):
+    @blp.auth(*DECIDERS)
+    @blp.arguments(ResolveIn)
+    @blp.response(200, FlagDetailOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any], flag_id: int) -> dict[str, Any]:
+        """Resolve a flag
+
+        A manager of the flag's station (or an admin) settles an open or
+        acknowledged flag; the `note` saying how is required. The resolution is
+        recorded in the flag's history and in the audit log. A flag that is
+        already resolved, or that the system closed because its cause went away,
+        cannot be resolved (409 `flag_status_conflict`).
+        """
+        flag = flags.get_flag(session=db.session, flag_id=flag_id)
+        ensure_station_access(flag.station_id)
+        flag = flags.resolve_flag(
+            session=db.session, flag=flag, user_id=current_principal().user_id, note=body["note"]
+        )
+        db.session.commit()
+        return _with_history(flag)
+
+
+def _with_history(flag: Flag) -> dict[str, Any]:
+    return {name: getattr(flag, name) for name in FlagOut().fields} | {
+        "changes": flags.flag_changes(session=db.session, flag=flag)
+    }

@@ -1,0 +1,104 @@
+import datetime as dt
+from typing import Any
+
+import marshmallow as ma
+
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Id, Text
+from models import FlagSeverity, FlagStatus
+from sync.flags import MAX_NOTE_LENGTH
+
+
+class UtcTime(ma.fields.AwareDateTime):
+    """An ISO 8601 time with an offset, given back in UTC; times that UTC cannot hold
+    (year 1 east of Greenwich) are a 422, not an overflow."""
+
+    default_error_messages = {"out_of_range": "the time is out of range"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        moment: dt.datetime = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(dt.UTC)
+        except OverflowError:
+            raise self.make_error("out_of_range") from None
+
+
+class FlagListArgs(PageArgs):
+    station_id = Id(
+        metadata={"description": "Admins and auditors; managers see their own station"}
+    )
+    kind = Text(validate=ma.validate.Length(min=1, max=64), metadata={"example": "clock_skew"})
+    severity = ma.fields.Enum(FlagSeverity, by_value=True)
+    status = ma.fields.Enum(FlagStatus, by_value=True)
+    courier_id = Id(metadata={"description": "The courier concerned"})
+    raised_from = UtcTime(metadata={"description": "Raised at or after this time"})
+    raised_to = UtcTime(metadata={"description": "Raised before this time"})
+    after = After()
+
+
+class FlagOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(allow_none=True, required=True)
+    kind = ma.fields.String(required=True, metadata={"example": "unknown_parcel"})
+    severity = ma.fields.Enum(FlagSeverity, by_value=True, required=True)
+    subject_type = ma.fields.String(
+        required=True, metadata={"description": "parcel, device or event"}
+    )
+    subject_key = ma.fields.String(
+        required=True, metadata={"description": "Tracking number, device id or event id"}
+    )
+    evidence = ma.fields.Dict(
+        required=True, metadata={"description": "What the check found, e.g. event_ids"}
+    )
+    status = ma.fields.Enum(FlagStatus, by_value=True, required=True)
+    courier_id = ma.fields.Integer(allow_none=True, required=True)
+    raised_at = ma.fields.AwareDateTime(required=True)
+    updated_at = ma.fields.AwareDateTime(required=True)
+    closed_reason = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Why the system closed it (its cause went away)"},
+    )
+
+
+class FlagChangeOut(ma.Schema):
+    at = ma.fields.AwareDateTime(required=True)
+    by_user_id = ma.fields.Integer(
+        allow_none=True, required=True, metadata={"description": "null: the system"}
+    )
+    from_status = ma.fields.Enum(
+        FlagStatus,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={"description": "null when the flag was raised"},
+    )
+    to_status = ma.fields.Enum(FlagStatus, by_value=True, required=True)
+    note = ma.fields.String(allow_none=True, required=True)
+
+
+class FlagDetailOut(FlagOut):
+    changes = ma.fields.List(
+        ma.fields.Nested(FlagChangeOut),
+        required=True,
+        metadata={"description": "Every status change, oldest first"},
+    )
+
+
+class FlagPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(FlagOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
+
+
+class AcknowledgeIn(ma.Schema):
+    note = Text(
+        load_default=None, allow_none=True, validate=ma.validate.Length(max=MAX_NOTE_LENGTH)
+    )
+
+
+class ResolveIn(ma.Schema):
+    note = Text(
+        required=True,
+        validate=ma.validate.Length(min=1, max=MAX_NOTE_LENGTH),
+        metadata={"description": "How the flag was resolved", "example": "parcel found"},
+    )

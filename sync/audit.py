@@ -1,0 +1,218 @@
+"""The append-only, hash-chained audit log (DESIGN.md "Audit log").
+
+Each entry's ``entry_hash`` is the sha256 of a canonical JSON document holding its
+content and ``prev_hash``, the hash of the entry before it (64 zeros for the
+first). Changing a row breaks its own hash; removing one breaks the next entry's
+link; ``verify`` walks the log in id order and names the first entry where either
+happens. Removing the newest entries leaves no broken link: compare the head that
+``verify`` reports with one recorded earlier to catch that.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from models import AuditEntry, utcnow
+
+GENESIS_HASH = "0" * 64
+# Key of the PostgreSQL advisory lock that serializes appends (any fixed 64-bit number
+# that no other lock of this database uses; this one spells "audit" in ASCII).
+APPEND_LOCK_KEY = 0x6175646974
+VERIFY_CHUNK = 1000  # rows fetched at a time while verifying
+PROGRESS_EVERY = 10_000
+
+
+def entry_hash(
+    *,
+    prev_hash: str,
+    at: dt.datetime,
+    actor_id: int | None,
+    action: str,
+    subject_type: str,
+    subject_key: str,
+    details: dict[str, Any],
+) -> str:
+    """The hash an entry with this content, chained after ``prev_hash``, must carry."""
+    document = [
+        prev_hash,
+        _iso(at),
+        actor_id,
+        action,
+        subject_type,
+        subject_key,
+        details,
+    ]
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def append(
+    *,
+    session: Session,
+    actor_id: int | None,
+    action: str,
+    subject_type: str,
+    subject_key: str,
+    details: dict[str, Any],
+) -> AuditEntry:
+    """Add an entry after the newest one, in the caller's transaction.
+
+    Appends are serialized so that two of them never chain off the same entry: on
+    PostgreSQL by a transaction-scoped advisory lock taken before the newest entry
+    is read (held until the caller commits), on SQLite by its single writer. The
+    unique index on ``entry_hash`` is the backstop.
+    """
+    details = _plain(details)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPEND_LOCK_KEY})
+    prev_hash = session.scalar(
+        select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1)
+    )
+    entry = AuditEntry(
+        at=utcnow(),
+        actor_id=actor_id,
+        action=action,
+        subject_type=subject_type,
+        subject_key=subject_key,
+        details=details,
+        prev_hash=prev_hash or GENESIS_HASH,
+    )
+    entry.entry_hash = entry_hash(
+        prev_hash=entry.prev_hash,
+        at=entry.at,
+        actor_id=actor_id,
+        action=action,
+        subject_type=subject_type,
+        subject_key=subject_key,
+        details=details,
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    checked: int  # entries read
+    broken_id: int | None = None  # the first entry that breaks the chain
+    problem: str | None = None  # "altered" or "link_broken"
+    message: str | None = None
+    head_id: int | None = None  # the newest entry verified, and its hash
+    head_hash: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_id is None
+
+
+def verify(
+    *,
+    session: Session,
+    progress: Callable[[int], None] | None = None,
+    progress_every: int = PROGRESS_EVERY,
+    chunk_size: int = VERIFY_CHUNK,
+) -> VerifyResult:
+    """Recompute every entry's hash and link, in id order; stop at the first break.
+
+    Rows are streamed ``chunk_size`` at a time, so a long log is never held in
+    memory. ``progress`` is called with the count checked every ``progress_every``.
+    """
+    rows = session.execute(
+        select(
+            AuditEntry.id,
+            AuditEntry.at,
+            AuditEntry.actor_id,
+            AuditEntry.action,
+            AuditEntry.subject_type,
+            AuditEntry.subject_key,
+            AuditEntry.details,
+            AuditEntry.prev_hash,
+            AuditEntry.entry_hash,
+        )
+        .order_by(AuditEntry.id)
+        .execution_options(yield_per=chunk_size)
+    )
+    expected_prev, prev_id, checked = GENESIS_HASH, None, 0
+    try:
+        for row in rows:
+            checked += 1
+            if row.prev_hash != expected_prev:
+                where = f"entry {prev_id}" if prev_id is not None else "the start of the log"
+                return VerifyResult(
+                    checked=checked,
+                    broken_id=row.id,
+                    problem="link_broken",
+                    message=(
+                        f"entry {row.id}: its prev_hash does not match the hash of "
+                        f"{where}: an entry before it was removed, or {where} was "
+                        "altered and re-hashed"
+                    ),
+                    head_id=prev_id,
+                    head_hash=expected_prev if prev_id is not None else None,
+                )
+            recomputed = entry_hash(
+                prev_hash=row.prev_hash,
+                at=row.at,
+                actor_id=row.actor_id,
+                action=row.action,
+                subject_type=row.subject_type,
+                subject_key=row.subject_key,
+                details=row.details,
+            )
+            if recomputed != row.entry_hash:
+                return VerifyResult(
+                    checked=checked,
+                    broken_id=row.id,
+                    problem="altered",
+                    message=(
+                        f"entry {row.id}: its content does not match its hash: "
+                        "the entry was altered"
+                    ),
+                    head_id=prev_id,
+                    head_hash=expected_prev if prev_id is not None else None,
+                )
+            expected_prev, prev_id = row.entry_hash, row.id
+            if progress is not None and checked % progress_every == 0:
+                progress(checked)
+    finally:
+        rows.close()
+    return VerifyResult(
+        checked=checked,
+        head_id=prev_id,
+        head_hash=expected_prev if prev_id is not None else None,
+    )
+
+
+def _iso(at: dt.datetime) -> str:
+    """One spelling per instant, whatever the backend gives back (always microseconds)."""
+    if at.tzinfo is None:
+        raise ValueError("audit timestamps must be timezone-aware")
+    return at.astimezone(dt.UTC).isoformat(timespec="microseconds")
+
+
+def _plain(details: dict[str, Any]) -> dict[str, Any]:
+    """``details`` as the database will give it back, so its hash can be recomputed.
+
+    JSON-encoding turns tuples into lists and keys into strings; floats are refused
+    because PostgreSQL's jsonb may give a number back in another spelling (1e+20
+    comes back as 100000000000000000000) and the hash would no longer match.
+    """
+    plain: dict[str, Any] = json.loads(json.dumps(details, allow_nan=False))
+    stack: list[Any] = [plain]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, float):
+            raise ValueError("audit details must not hold floats; store them as strings")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return plain

@@ -1,0 +1,286 @@
+"""Recipients' consent to unattended delivery: granted, revoked, and which ones apply.
+
+A consent is for one parcel, or standing for a recipient's phone number and
+address (then it covers every parcel to that phone at that address, at one
+station or, without a station, at all). Consents come from recipient-facing
+channels through the API, or are captured on a PDA as ``consent_captured``
+events. Granting or revoking one re-judges the parcels it covers, so a flag it
+makes unnecessary closes (and one it no longer prevents opens) at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from models import (
+    Consent,
+    ConsentChannel,
+    ConsentMethod,
+    ConsentScope,
+    EventType,
+    Parcel,
+    utcnow,
+)
+from sync.errors import InvalidInput, NotFound
+from sync.phones import normalize_phone
+from sync.rules import ConsentFact
+from sync.tracking import TrackingNumberPolicy
+
+_NOT_WORD = re.compile(r"[\W_]+")
+# A consent granted "in the future" is a clock error of the channel, not a promise.
+FUTURE_TOLERANCE = dt.timedelta(minutes=5)
+_IN_CHUNK = 900
+
+
+def address_key(address: str) -> str:
+    """An address as compared: NFKC, case-folded, punctuation and spacing folded."""
+    folded = unicodedata.normalize("NFKC", address).casefold()
+    return _NOT_WORD.sub(" ", folded).strip()[:400]
+
+
+@dataclass(frozen=True)
+class ConsentDraft:
+    scope: ConsentScope
+    method: ConsentMethod
+    channel: ConsentChannel
+    granted_at: dt.datetime
+    tracking_no: str | None = None
+    recipient_phone: str | None = None
+    address: str | None = None
+    point_id: str | None = None
+    expires_at: dt.datetime | None = None
+    evidence: str | None = None
+    station_id: int | None = None  # standing consents: limited to one station, or None
+
+
+@dataclass(frozen=True)
+class ConsentRules:
+    tracking: TrackingNumberPolicy
+    phone_region: str | None
+
+
+def grant(
+    *,
+    session: Session,
+    draft: ConsentDraft,
+    rules: ConsentRules,
+    created_by: int | None,
+    now: dt.datetime | None = None,
+) -> Consent:
+    """Record a consent from a recipient-facing channel (validated here)."""
+    now = now or utcnow()
+    if draft.granted_at > now + FUTURE_TOLERANCE:
+        raise InvalidInput(
+            "granted_at is in the future", code="granted_in_future", field="granted_at"
+        )
+    if draft.expires_at is not None and draft.expires_at <= draft.granted_at:
+        raise InvalidInput(
+            "expires_at must be after granted_at",
+            code="expires_before_granted",
+            field="expires_at",
+        )
+    if draft.method == ConsentMethod.ANY and draft.point_id:
+        raise InvalidInput(
+            "a specific point needs method locker or pickup_point",
+            code="point_without_method",
+            field="point_id",
+        )
+    values: dict[str, Any] = {}
+    if draft.scope == ConsentScope.PARCEL:
+        if not draft.tracking_no:
+            raise InvalidInput(
+                "a parcel consent names its tracking number",
+                code="tracking_no_required",
+                field="tracking_no",
+            )
+        tracking_no = rules.tracking.validate(draft.tracking_no)
+        parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == tracking_no))
+        if parcel is None:
+            raise NotFound(f"no parcel {tracking_no}", code="parcel_not_found")
+        values = {"tracking_no": tracking_no, "station_id": parcel.station_id}
+    else:
+        if not draft.recipient_phone or not draft.address or not draft.address.strip():
+            raise InvalidInput(
+                "a standing consent names the recipient's phone and address",
+                code="recipient_required",
+                field="recipient_phone" if not draft.recipient_phone else "address",
+            )
+        values = {
+            "recipient_phone": normalize_phone(
+                draft.recipient_phone, default_region=rules.phone_region, field="recipient_phone"
+            ),
+            "address": draft.address.strip(),
+            "address_key": address_key(draft.address),
+            "station_id": draft.station_id,
+        }
+    consent = Consent(
+        scope=draft.scope,
+        method=draft.method,
+        point_id=draft.point_id,
+        channel=draft.channel,
+        granted_at=draft.granted_at,
+        expires_at=draft.expires_at,
+        evidence=draft.evidence,
+        created_by=created_by,
+        **values,
+    )
+    session.add(consent)
+    session.flush()
+    return consent
+
+
+def revoke(*, session: Session, consent: Consent, reason: str | None) -> Consent:
+    if consent.revoked_at is None:
+        consent.revoked_at = utcnow()
+        consent.revoked_reason = reason
+        session.flush()
+    return consent
+
+
+def get(*, session: Session, consent_id: int) -> Consent:
+    consent = session.get(Consent, consent_id)
+    if consent is None:
+        raise NotFound(f"no consent {consent_id}", code="consent_not_found")
+    return consent
+
+
+def list_consents(
+    *,
+    session: Session,
+    station_id: int | None,
+    tracking_no: str | None = None,
+    recipient_phone: str | None = None,
+    active_at: dt.datetime | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> Sequence[Consent]:
+    """Oldest first from ``after_id``. ``station_id`` also returns standing consents that
+    hold at every station."""
+    query = select(Consent).where(Consent.id > after_id).order_by(Consent.id).limit(limit)
+    if station_id is not None:
+        query = query.where(or_(Consent.station_id == station_id, Consent.station_id.is_(None)))
+    if tracking_no:
+        query = query.where(Consent.tracking_no == tracking_no)
+    if recipient_phone:
+        query = query.where(Consent.recipient_phone == recipient_phone)
+    if active_at is not None:
+        query = query.where(
+            Consent.granted_at <= active_at,
+            or_(Consent.revoked_at.is_(None), Consent.revoked_at > active_at),
+            or_(Consent.expires_at.is_(None), Consent.expires_at > active_at),
+        )
+    return session.scalars(query).all()
+
+
+def covered_parcels(session: Session, consent: Consent) -> list[str]:
+    """Tracking numbers of the parcels this consent applies to."""
+    if consent.scope == ConsentScope.PARCEL:
+        return [consent.tracking_no] if consent.tracking_no else []
+    query = select(Parcel.tracking_no, Parcel.address).where(
+        Parcel.recipient_phone == consent.recipient_phone
+    )
+    if consent.station_id is not None:
+        query = query.where(Parcel.station_id == consent.station_id)
+    return [
+        tn for tn, address in session.execute(query) if address_key(address) == consent.address_key
+    ]
+
+
+def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[ConsentFact]]:
+    """The consents that could apply to each parcel (rows with tracking_no, station_id,
+    recipient_phone, address): its own, and standing ones for its recipient."""
+    parcels = list(parcels)
+    found: dict[str, list[ConsentFact]] = defaultdict(list)
+    numbers = [p.tracking_no for p in parcels]
+    for start in range(0, len(numbers), _IN_CHUNK):
+        for consent in session.scalars(
+            select(Consent).where(Consent.tracking_no.in_(numbers[start : start + _IN_CHUNK]))
+        ):
+            found[consent.tracking_no].append(_fact(consent))
+    recipients = {
+        (p.recipient_phone, address_key(p.address)): p for p in parcels if p.recipient_phone
+    }
+    by_recipient: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for p in parcels:
+        if p.recipient_phone:
+            by_recipient[(p.recipient_phone, address_key(p.address))].append(p)
+    keys = list(recipients)
+    for start in range(0, len(keys), _IN_CHUNK // 2):
+        for consent in session.scalars(
+            select(Consent).where(
+                Consent.scope == ConsentScope.STANDING,
+                tuple_(Consent.recipient_phone, Consent.address_key).in_(
+                    keys[start : start + _IN_CHUNK // 2]
+                ),
+            )
+        ):
+            for parcel in by_recipient[(consent.recipient_phone, consent.address_key)]:
+                if consent.station_id in (None, parcel.station_id):
+                    found[parcel.tracking_no].append(_fact(consent))
+    return found
+
+
+def _fact(consent: Consent) -> ConsentFact:
+    return ConsentFact(
+        id=consent.id,
+        method=consent.method,
+        point_id=consent.point_id,
+        granted_at=consent.granted_at,
+        expires_at=consent.expires_at,
+        revoked_at=consent.revoked_at,
+        device_id=consent.device_id,
+        seq=consent.seq,
+    )
+
+
+def capture(session: Session, events: Iterable[dict[str, Any]]) -> list[Consent]:
+    """Consents captured on PDAs: one per stored ``consent_captured`` event (row dicts
+    as ``sync.ingest.event_row`` builds them, with their ``id``)."""
+    captured = []
+    for row in events:
+        if row["type"] != EventType.CONSENT_CAPTURED:
+            continue
+        details = row["details"]["consent"]
+        consent = Consent(
+            scope=ConsentScope.PARCEL,
+            station_id=row["station_id"],
+            tracking_no=row["tracking_no"],
+            method=ConsentMethod(details["method"]),
+            point_id=details.get("point_id"),
+            channel=ConsentChannel(details["channel"]),
+            granted_at=row["occurred_at"],
+            evidence=details.get("evidence"),
+            event_id=row["id"],
+            device_id=row["device_id"],
+            seq=row["seq"],
+            created_by=row["courier_id"],
+        )
+        session.add(consent)
+        captured.append(consent)
+    session.flush()
+    return captured
+
+
+def in_force(
+    session: Session, parcels: Iterable[Any], at: dt.datetime
+) -> dict[str, list[ConsentFact]]:
+    """The consents that authorize unattended delivery of each parcel at ``at``."""
+    return {
+        tracking_no: [
+            c
+            for c in facts
+            if c.granted_at <= at
+            and (c.revoked_at is None or c.revoked_at > at)
+            and (c.expires_at is None or c.expires_at > at)
+        ]
+        for tracking_no, facts in consents_for(session, parcels).items()
+    }

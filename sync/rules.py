@@ -1,0 +1,240 @@
+"""The rules a parcel's history is judged by (DESIGN.md rules 4 and 5), as pure functions.
+
+``evaluate`` takes a parcel's events (projection order, voids resolved), the
+consents that could apply and the station's policy, and returns the flags the
+parcel should have now, each with its evidence. The caller raises those and
+closes the parcel's other rule flags with the reason, so re-evaluating is
+idempotent and a late event or consent can make a flag go away as well as
+appear.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import ConsentMethod, EventType, FlagSeverity, ServiceClass
+from sync.projection import EventFact, ordered, voided_by
+
+DROPS = {
+    EventType.DELIVERED_TO_LOCKER: ConsentMethod.LOCKER,
+    EventType.DELIVERED_TO_PICKUP_POINT: ConsentMethod.PICKUP_POINT,
+}
+DELIVERIES = frozenset({EventType.DELIVERED, *DROPS})
+FINAL_OUTCOMES = frozenset({*DELIVERIES, EventType.RETURNED_TO_STATION})
+
+SEVERITY = {
+    "unauthorized_locker_drop": FlagSeverity.CRITICAL,
+    "consent_after_drop": FlagSeverity.WARNING,
+    "delivered_without_pod": FlagSeverity.CRITICAL,
+    "far_from_address": FlagSeverity.WARNING,
+    "conflicting_final_outcome": FlagSeverity.CRITICAL,
+    "pod_blob_missing": FlagSeverity.WARNING,
+    "delivered_not_checked_out": FlagSeverity.WARNING,
+    "correction_review": FlagSeverity.INFO,
+}
+RULE_KINDS = tuple(SEVERITY)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which classes need consent for unattended delivery, and a signature in person."""
+
+    consent_required: frozenset[ServiceClass] = frozenset({ServiceClass.EXPRESS})
+    signature_required: frozenset[ServiceClass] = frozenset({ServiceClass.EXPRESS})
+    far_from_address_m: float = 300.0
+
+
+@dataclass(frozen=True)
+class EventDetail:
+    """A stored event with what the rules read beyond the projection's facts."""
+
+    fact: EventFact
+    details: Mapping[str, Any] = field(default_factory=dict)
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True)
+class ConsentFact:
+    id: int
+    method: ConsentMethod
+    point_id: str | None
+    granted_at: dt.datetime  # corrected clock
+    expires_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+    # Captured on a PDA: its event, whose seq orders it against that device's drops.
+    device_id: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class ParcelFacts:
+    service_class: ServiceClass
+    lat: float | None = None
+    lon: float | None = None
+
+
+def evaluate(
+    parcel: ParcelFacts,
+    events: Sequence[EventDetail],
+    consents: Sequence[ConsentFact],
+    policy: Policy,
+    stored_blobs: frozenset[str] = frozenset(),
+) -> dict[str, dict[str, Any]]:
+    """``{flag kind: evidence}`` for every rule the parcel breaks now."""
+    by_id = {e.fact.event_id: e for e in events}
+    voids = voided_by(e.fact for e in events)
+    history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]
+    counting = [e for e in history if e.fact.event_id not in voids]
+    flags: dict[str, dict[str, Any]] = {}
+    _drops(parcel, counting, consents, policy, flags)
+    _proofs(parcel, counting, policy, stored_blobs, flags)
+    _outcomes(counting, flags)
+    _corrections(history, voids, by_id, flags)
+    return flags
+
+
+def _drops(
+    parcel: ParcelFacts,
+    counting: Sequence[EventDetail],
+    consents: Sequence[ConsentFact],
+    policy: Policy,
+    flags: dict[str, dict[str, Any]],
+) -> None:
+    """Rule 4: an unattended drop of a class that needs consent needs consent before it."""
+    if parcel.service_class not in policy.consent_required:
+        return
+    unauthorized, late = [], []
+    for drop in (e for e in counting if e.fact.type in DROPS):
+        matching = [c for c in consents if _covers(c, drop)]
+        if any(_before(c, drop) and _in_force(c, drop.fact.occurred_at) for c in matching):
+            continue
+        after = [c.id for c in matching if not _before(c, drop)]
+        (late if after else unauthorized).append((drop.fact.event_id, after))
+    if unauthorized:
+        flags["unauthorized_locker_drop"] = {
+            "event_ids": [event_id for event_id, _ in unauthorized],
+            "consent_ids": sorted(c.id for c in consents),
+        }
+    if late:
+        flags["consent_after_drop"] = {
+            "event_ids": [event_id for event_id, _ in late],
+            "consent_ids": sorted({cid for _, ids in late for cid in ids}),
+        }
+
+
+def _covers(consent: ConsentFact, drop: EventDetail) -> bool:
+    """The consent's method, and its point when it names one, fit this drop."""
+    method = DROPS[drop.fact.type]
+    if consent.method not in (ConsentMethod.ANY, method):
+        return False
+    point = drop.details.get("locker_id") or drop.details.get("point_id")
+    return consent.point_id is None or consent.point_id == point
+
+
+def _before(consent: ConsentFact, drop: EventDetail) -> bool:
+    """Granted before the drop. A consent captured on the drop's own PDA is ordered by
+    sequence number, not by time: a higher seq stamped earlier is a backdated consent."""
+    if consent.device_id == drop.fact.device_id and consent.seq is not None:
+        return consent.seq < drop.fact.seq
+    return consent.granted_at <= drop.fact.occurred_at
+
+
+def _in_force(consent: ConsentFact, at: dt.datetime) -> bool:
+    revoked = consent.revoked_at is not None and consent.revoked_at <= at
+    expired = consent.expires_at is not None and consent.expires_at <= at
+    return not revoked and not expired
+
+
+def _proofs(
+    parcel: ParcelFacts,
+    counting: Sequence[EventDetail],
+    policy: Policy,
+    stored_blobs: frozenset[str],
+    flags: dict[str, dict[str, Any]],
+) -> None:
+    without_pod, far, missing_blobs = [], [], []
+    for delivery in (e for e in counting if e.fact.type in DELIVERIES):
+        pod = delivery.details.get("pod") or {}
+        needs_signature = (
+            delivery.fact.type == EventType.DELIVERED
+            and parcel.service_class in policy.signature_required
+        )
+        if not pod or (needs_signature and "signature_sha256" not in pod):
+            without_pod.append(delivery.fact.event_id)
+        for key in ("signature_sha256", "photo_sha256"):
+            if key in pod and pod[key] not in stored_blobs:
+                missing_blobs.append(pod[key])
+        metres = _distance_m(parcel, delivery)
+        if metres is not None and metres > policy.far_from_address_m:
+            far.append({"event_id": delivery.fact.event_id, "metres": round(metres)})
+    if without_pod:
+        flags["delivered_without_pod"] = {"event_ids": without_pod}
+    if far:
+        flags["far_from_address"] = {
+            "event_ids": [f["event_id"] for f in far],
+            "distances_m": far,
+            "limit_m": policy.far_from_address_m,
+        }
+    if missing_blobs:
+        flags["pod_blob_missing"] = {"blobs": sorted(set(missing_blobs))}
+
+
+def _outcomes(counting: Sequence[EventDetail], flags: dict[str, dict[str, Any]]) -> None:
+    """Two final outcomes with no new check-out between them, or a delivery that no
+    check-out preceded."""
+    conflicting: list[int] = []
+    not_checked_out: list[int] = []
+    last_outcome: EventDetail | None = None
+    checked_out = False
+    for event in counting:
+        kind = event.fact.type
+        if kind == EventType.CHECKED_OUT:
+            checked_out, last_outcome = True, None
+        elif kind in FINAL_OUTCOMES:
+            if last_outcome is not None:
+                conflicting += [last_outcome.fact.event_id, event.fact.event_id]
+            if kind in DELIVERIES and not checked_out:
+                not_checked_out.append(event.fact.event_id)
+            last_outcome = event
+    if conflicting:
+        flags["conflicting_final_outcome"] = {"event_ids": sorted(set(conflicting))}
+    if not_checked_out:
+        flags["delivered_not_checked_out"] = {"event_ids": not_checked_out}
+
+
+def _corrections(
+    history: Sequence[EventDetail],
+    voids: Mapping[int, int],
+    by_id: Mapping[int, EventDetail],
+    flags: dict[str, dict[str, Any]],
+) -> None:
+    """A final outcome amended by a correction waits for a manager's acknowledgement."""
+    reviewed = [
+        {"voided_event_id": voided, "correction_event_id": correction}
+        for voided, correction in sorted(voids.items())
+        if voided in by_id and by_id[voided].fact.type in FINAL_OUTCOMES
+    ]
+    if reviewed:
+        flags["correction_review"] = {
+            "event_ids": sorted({v for r in reviewed for v in r.values()}),
+            "corrections": reviewed,
+        }
+
+
+def _distance_m(parcel: ParcelFacts, event: EventDetail) -> float | None:
+    if None in (parcel.lat, parcel.lon, event.lat, event.lon):
+        return None
+    return haversine_m(parcel.lat, parcel.lon, event.lat, event.lon)  # type: ignore[arg-type]
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in metres (mean Earth radius)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * 6_371_008.8 * math.asin(math.sqrt(a))

@@ -1,0 +1,149 @@
+"""The audit log from outside: auditors' blob reads land in it; `audit verify` checks it."""
+
+import datetime as dt
+import hashlib
+import io
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient, FlaskCliRunner
+from PIL import Image
+from sqlalchemy import insert, select, text
+from sqlalchemy.orm import Session
+
+from models import AuditEntry
+from sync import audit
+from tests.conftest import Auth, World
+
+
+def append(session: Session, n: int) -> list[AuditEntry]:
+    entries = [
+        audit.append(
+            session=session,
+            actor_id=None,
+            action="proof_read",
+            subject_type="parcel",
+            subject_key=f"RR{i:09d}GB",
+            details={"i": i},
+        )
+        for i in range(n)
+    ]
+    session.commit()
+    return entries
+
+
+def test_an_intact_log_exits_0_and_names_its_head(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    entries = append(session, 3)
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"audit log intact: 3 entries; head: entry {entries[-1].id} {entries[-1].entry_hash}"
+    )
+
+
+def test_an_empty_log_exits_0(runner: FlaskCliRunner, session: Session) -> None:
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert "empty" in result.output
+
+
+def test_an_altered_entry_exits_1_naming_it(runner: FlaskCliRunner, session: Session) -> None:
+    entries = append(session, 4)
+    session.execute(
+        text("UPDATE audit_entry SET subject_key = 'RR999999999GB' WHERE id = :id"),
+        {"id": entries[1].id},
+    )
+    session.commit()
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 1
+    assert f"BROKEN: entry {entries[1].id}:" in result.stdout
+    assert "altered" in result.stdout
+
+
+def test_a_deleted_entry_exits_1_naming_the_entry_after_it(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    entries = append(session, 4)
+    session.execute(text("DELETE FROM audit_entry WHERE id = :id"), {"id": entries[2].id})
+    session.commit()
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 1
+    assert f"BROKEN: entry {entries[3].id}:" in result.stdout
+    assert f"hash of entry {entries[1].id}" in result.stdout and "removed" in result.stdout
+
+
+def test_progress_every_10000_entries(runner: FlaskCliRunner, session: Session) -> None:
+    """A long log, chained here in bulk (appending one by one would take a while)."""
+    rows: list[dict[str, Any]] = []
+    prev, start = audit.GENESIS_HASH, dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    for i in range(10_001):
+        row = {
+            "at": start + dt.timedelta(seconds=i),
+            "actor_id": None,
+            "action": "blob_read",
+            "subject_type": "blob",
+            "subject_key": f"{i:064x}",
+            "details": {"i": i},
+            "prev_hash": prev,
+        }
+        row["entry_hash"] = prev = audit.entry_hash(**row)
+        rows.append(row)
+    session.execute(insert(AuditEntry), rows)
+    session.commit()
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "checked 10,000 entries\n"
+    assert result.stdout.startswith("audit log intact: 10,001 entries;")
+
+
+# -- auditors' reads of proof images ----------------------------------------------------------
+
+
+@pytest.fixture
+def image(client: FlaskClient, auth: Auth, world: World) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (0, 90, 200)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    response = client.put(
+        f"/api/v1/blobs/{digest}",
+        data=data,
+        content_type="image/png",
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    assert response.status_code == 201
+    return digest
+
+
+def test_every_auditor_read_of_an_image_is_logged(
+    client: FlaskClient, auth: Auth, session: Session, world: World, image: str
+) -> None:
+    for _ in range(2):
+        response = client.get(f"/api/v1/blobs/{image}", headers=auth.headers("auditor1"))
+        assert response.status_code == 200
+    entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+    assert [(e.action, e.actor_id, e.subject_type, e.subject_key) for e in entries] == [
+        ("blob_read", world.auditor.id, "blob", image)
+    ] * 2
+    assert entries[0].details == {"media_type": "image/png", "size_bytes": len(response.data)}
+    assert audit.verify(session=session).ok
+
+
+@pytest.mark.parametrize("username", ["admin", "manager1", "courier1"])
+def test_reads_by_others_are_not_logged(
+    client: FlaskClient, auth: Auth, session: Session, image: str, username: str
+) -> None:
+    device = "PDA-0001" if username == "courier1" else None
+    response = client.get(f"/api/v1/blobs/{image}", headers=auth.headers(username, device))
+    assert response.status_code == 200
+    assert session.scalars(select(AuditEntry)).all() == []
+
+
+def test_a_refused_auditor_read_is_not_logged(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    response = client.get(f"/api/v1/blobs/{'ab' * 32}", headers=auth.headers("auditor1"))
+    assert response.status_code == 404
+    assert session.scalars(select(AuditEntry)).all() == []

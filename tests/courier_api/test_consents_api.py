@@ -1,0 +1,310 @@
+"""Consents over HTTP, and what they do to the flags of the parcels they cover."""
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from courier_api.extensions import db
+from models import Consent, Flag, FlagStatus, Parcel
+from tests import factories
+from tests.conftest import Auth, World
+
+URL = "/api/v1/consents"
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture
+def parcel(session: Session, world: World) -> Parcel:
+    parcel = factories.parcel(session, world.station)  # express, +8613812345678
+    session.commit()
+    return parcel
+
+
+@pytest.fixture
+def app1(auth: Auth, world: World) -> dict[str, str]:
+    return auth.headers("app1")
+
+
+def grant(client: FlaskClient, headers: dict[str, str], **body: Any) -> Any:
+    body.setdefault("method", "locker")
+    body.setdefault("channel", "app")
+    body.setdefault("granted_at", (now() - dt.timedelta(hours=1)).isoformat())
+    return client.post(URL, json=body, headers=headers)
+
+
+def push_drop(
+    client: FlaskClient, auth: Auth, tracking_no: str, at: dt.datetime, skew: dt.timedelta
+) -> dict[str, Any]:
+    """The courier checks the parcel out and leaves it in locker L-1, on a PDA whose
+    clock is ``skew`` off."""
+    events = [
+        factories.event(1, tracking_no, occurred_at=at - dt.timedelta(hours=1) + skew),
+        factories.event(
+            2,
+            tracking_no,
+            "delivered_to_locker",
+            occurred_at=at + skew,
+            locker_id="L-1",
+            compartment="7",
+            pod={"pickup_code": "4821"},
+        ),
+    ]
+    body = factories.push_body("PDA-0001", events, sent_at=now() + skew)
+    response = client.post(
+        "/api/v1/sync/push", json=body, headers=auth.headers("courier1", "PDA-0001")
+    )
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def flag_status(session: Session, kind: str, tracking_no: str) -> FlagStatus | None:
+    session.expire_all()
+    return session.scalar(
+        select(Flag.status).where(Flag.kind == kind, Flag.subject_key == tracking_no)
+    )
+
+
+def test_a_parcel_consent_is_recorded_and_phones_are_masked(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    response = grant(client, app1, tracking_no=parcel.tracking_no, point_id="L-1")
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    assert (body["scope"], body["tracking_no"], body["method"], body["point_id"]) == (
+        "parcel",
+        parcel.tracking_no,
+        "locker",
+        "L-1",
+    )
+    assert body["station_id"] == parcel.station_id and body["revoked_at"] is None
+
+
+def test_a_standing_consent_normalizes_the_phone_and_matches_the_address_loosely(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    response = grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone="138 1234 5678",
+        address="1  CENTURY ave.",
+        method="any",
+    )
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["recipient_phone"] == "+86*******5678"
+    auditor = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"][0]
+    assert auditor["recipient_phone"] == "+8613812345678"
+    at = now() - dt.timedelta(minutes=30)
+    receipt = push_drop(client, auth, parcel.tracking_no, at, dt.timedelta(0))
+    assert receipt["flags_raised"] == []  # the standing consent covers the drop
+
+
+@pytest.mark.parametrize(
+    ("consent_minutes", "flagged"),
+    [(-2, None), (2, "consent_after_drop")],
+    ids=["granted-before", "granted-after"],
+)
+def test_a_pda_clock_five_minutes_fast_is_corrected_before_judging(
+    client: FlaskClient,
+    auth: Auth,
+    app1: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    consent_minutes: int,
+    flagged: str | None,
+) -> None:
+    """The drop happened at T (server clock); the PDA stamped it T+5. A consent granted
+    at T-2 authorizes it once the clock is corrected; one at T+2 does not."""
+    drop_at = now() - dt.timedelta(minutes=20)
+    at = (drop_at + dt.timedelta(minutes=consent_minutes)).isoformat()
+    assert grant(client, app1, tracking_no=parcel.tracking_no, granted_at=at).status_code == 201
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, dt.timedelta(minutes=5))
+    kinds = {f["kind"] for f in receipt["flags_raised"]} - {"clock_skew"}
+    assert kinds == ({flagged} if flagged else set())
+
+
+def test_a_consent_arriving_later_but_granted_before_closes_the_flag(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    drop_at = now() - dt.timedelta(minutes=20)
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, dt.timedelta(0))
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    earlier = (drop_at - dt.timedelta(minutes=10)).isoformat()
+    grant(client, app1, tracking_no=parcel.tracking_no, granted_at=earlier, channel="phone_call")
+    assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) == (
+        FlagStatus.CLOSED
+    )
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    assert "rule holds" in flag.closed_reason
+
+
+def test_revoking_after_the_drop_keeps_the_drop_authorized_but_revoked_before_does_not(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    consent = grant(client, app1, tracking_no=parcel.tracking_no).get_json()
+    push_drop(client, auth, parcel.tracking_no, now() - dt.timedelta(minutes=20), dt.timedelta(0))
+    revoke = client.post(f"{URL}/{consent['id']}/revoke", json={"reason": "moved"}, headers=app1)
+    assert revoke.status_code == 200 and revoke.get_json()["revoked_reason"] == "moved"
+    assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) is None
+    again = client.post(f"{URL}/{consent['id']}/revoke", json={}, headers=app1)
+    assert again.get_json()["revoked_at"] == revoke.get_json()["revoked_at"]
+
+
+def test_a_consent_for_another_locker_leaves_the_drop_unauthorized(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    grant(client, app1, tracking_no=parcel.tracking_no, point_id="L-9")
+    receipt = push_drop(
+        client, auth, parcel.tracking_no, now() - dt.timedelta(minutes=5), dt.timedelta(0)
+    )
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+
+
+def test_consent_captured_on_the_pda_before_the_drop_authorizes_it(
+    client: FlaskClient, auth: Auth, parcel: Parcel, session: Session
+) -> None:
+    at = now() - dt.timedelta(minutes=30)
+    tn = parcel.tracking_no
+    events = [
+        factories.event(1, tn, occurred_at=at),
+        factories.event(
+            2,
+            tn,
+            "consent_captured",
+            occurred_at=at + dt.timedelta(minutes=1),
+            consent={"method": "locker", "channel": "in_person"},
+        ),
+        factories.event(
+            3,
+            tn,
+            "delivered_to_locker",
+            occurred_at=at + dt.timedelta(minutes=2),
+            locker_id="L-1",
+            compartment="2",
+            pod={"pickup_code": "4821"},
+        ),
+    ]
+    body = factories.push_body("PDA-0001", events)
+    receipt = client.post(
+        "/api/v1/sync/push", json=body, headers=auth.headers("courier1", "PDA-0001")
+    ).get_json()
+    assert receipt["flags_raised"] == []
+    captured = session.scalars(select(Consent)).one()
+    assert (captured.device_id, captured.seq, captured.channel) == ("PDA-0001", 2, "in_person")
+    assert captured.event_id is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({}, 422, "tracking_no_required"),
+        ({"tracking_no": "RR473124829GB"}, 404, "parcel_not_found"),
+        ({"scope": "standing", "address": "1 Road"}, 422, "recipient_required"),
+        ({"scope": "standing", "recipient_phone": "13812345678"}, 422, "recipient_required"),
+        ({"scope": "standing", "recipient_phone": "12", "address": "A"}, 422, None),
+        ({"method": "any", "point_id": "L-1", "tracking_no": "T"}, 422, "point_without_method"),
+        ({"station": "ST1", "tracking_no": "T"}, 422, "station_not_expected"),
+        ({"method": "drone"}, 422, "validation_error"),
+    ],
+)
+def test_bad_consents_are_refused_naming_the_field(
+    client: FlaskClient, app1: dict[str, str], body: dict[str, Any], status: int, code: str | None
+) -> None:
+    response = grant(client, app1, **body)
+    assert response.status_code == status, response.get_json()
+    if code:
+        assert response.get_json()["code"] == code
+
+
+def test_times_must_make_sense(client: FlaskClient, app1: dict[str, str], parcel: Parcel) -> None:
+    future = (now() + dt.timedelta(hours=1)).isoformat()
+    response = grant(client, app1, tracking_no=parcel.tracking_no, granted_at=future)
+    assert response.get_json()["code"] == "granted_in_future"
+    response = grant(
+        client,
+        app1,
+        tracking_no=parcel.tracking_no,
+        expires_at=(now() - dt.timedelta(hours=2)).isoformat(),
+    )
+    assert response.get_json()["code"] == "expires_before_granted"
+
+
+@pytest.mark.parametrize(
+    ("username", "device", "post", "read"),
+    [
+        ("app1", None, 201, 200),
+        ("admin", None, 201, 200),
+        ("auditor1", None, 403, 200),
+        ("manager1", None, 403, 200),
+        ("courier1", "PDA-0001", 403, 403),
+    ],
+)
+def test_who_may_grant_and_read(
+    client: FlaskClient,
+    auth: Auth,
+    parcel: Parcel,
+    username: str,
+    device: str | None,
+    post: int,
+    read: int,
+) -> None:
+    headers = auth.headers(username, device)
+    assert grant(client, headers, tracking_no=parcel.tracking_no).status_code == post
+    assert client.get(URL, headers=headers).status_code == read
+
+
+def test_managers_see_their_station_and_standing_consents_for_all(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    own = grant(client, app1, tracking_no=parcel.tracking_no).get_json()
+    everywhere = grant(
+        client, app1, scope="standing", recipient_phone="13900000000", address="9 Rd"
+    ).get_json()
+    elsewhere = grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone="13900000001",
+        address="8 Rd",
+        station="ST2",
+    ).get_json()
+    seen = client.get(URL, headers=auth.headers("manager1")).get_json()["items"]
+    assert [c["id"] for c in seen] == [own["id"], everywhere["id"]]
+    forbidden = client.get(f"{URL}/{elsewhere['id']}", headers=auth.headers("manager1"))
+    assert forbidden.status_code == 403
+    active = client.get(
+        URL, query_string={"active": "true", "tracking_no": parcel.tracking_no}, headers=app1
+    ).get_json()["items"]
+    assert [c["id"] for c in active] == [own["id"]]
+
+
+def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask) -> None:
+    with committed_app.app_context():
+        session = db.session
+        station = factories.station(session, code="CONS")
+        factories.user(session, "c-courier", "courier", station)
+        factories.user(session, "c-app", "integration")
+        factories.device(session, "PDA-C1", station)
+        tracking_no = factories.parcel(session, station).tracking_no
+        session.commit()
+    client = committed_app.test_client()
+    auth = Auth(client)
+    courier = auth.headers("c-courier", "PDA-C1")
+    body = factories.push_body("PDA-C1", [factories.event(1, tracking_no)])
+    assert client.post("/api/v1/sync/push", json=body, headers=courier).status_code == 200
+    cursor = client.get("/api/v1/sync/pull", headers=courier).get_json()["next_cursor"]
+    grant(client, auth.headers("c-app"), tracking_no=tracking_no, point_id="L-4")
+    page = client.get("/api/v1/sync/pull", query_string={"cursor": cursor}, headers=courier)
+    changes = page.get_json()["changes"]
+    assert [(c["kind"], c["tracking_no"]) for c in changes] == [("consent", tracking_no)]
+    assert changes[0]["parcel"]["consents"] == [
+        {"method": "locker", "point_id": "L-4", "expires_at": None}
+    ]

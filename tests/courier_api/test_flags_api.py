@@ -1,0 +1,389 @@
+"""GET /flags, GET /flags/<id>, POST /flags/<id>/acknowledge and /resolve, and who may."""
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from courier_api.extensions import db
+from models import AuditEntry, Flag, FlagSeverity
+from sync import audit
+from sync.flags import FlagSubject, close_flag, raise_flag
+from tests import factories
+from tests.conftest import Auth, World
+from tests.threads import race
+
+FLAGS = "/api/v1/flags"
+
+
+def make_flag(
+    session: Session,
+    station_id: int | None,
+    key: str,
+    kind: str = "unknown_parcel",
+    severity: FlagSeverity = FlagSeverity.WARNING,
+    courier_id: int | None = None,
+) -> Flag:
+    raised = raise_flag(
+        session=session,
+        kind=kind,
+        severity=severity,
+        subject=FlagSubject("parcel", key),
+        station_id=station_id,
+        evidence={"event_ids": [1, 2]},
+        courier_id=courier_id,
+    )
+    session.commit()
+    return raised.flag
+
+
+@dataclass
+class Flags:
+    here: Flag  # ST1, open, courier1's
+    skew: Flag  # ST1, critical clock_skew
+    there: Flag  # ST2
+
+
+@pytest.fixture
+def flags(session: Session, world: World) -> Flags:
+    here = make_flag(session, world.station.id, "RR1", courier_id=world.courier.id)
+    skew = make_flag(
+        session, world.station.id, "RR2", kind="clock_skew", severity=FlagSeverity.CRITICAL
+    )
+    there = make_flag(session, world.other_station.id, "RR3")
+    return Flags(here=here, skew=skew, there=there)
+
+
+def listed(client: FlaskClient, headers: dict[str, str], query: str = "") -> list[int]:
+    response = client.get(f"{FLAGS}?{query}", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return [item["id"] for item in response.get_json()["items"]]
+
+
+# -- listing ----------------------------------------------------------------------------------
+
+
+def test_managers_list_their_own_station_whatever_station_id_says(
+    client: FlaskClient, auth: Auth, world: World, flags: Flags
+) -> None:
+    manager = auth.headers("manager1")
+    own = [flags.skew.id, flags.here.id]
+    assert listed(client, manager) == own
+    assert listed(client, manager, f"station_id={world.other_station.id}") == own
+    assert listed(client, auth.headers("manager2")) == [flags.there.id]
+
+
+@pytest.mark.parametrize("username", ["admin", "auditor1"])
+def test_admins_and_auditors_list_every_station(
+    client: FlaskClient, auth: Auth, world: World, flags: Flags, username: str
+) -> None:
+    headers = auth.headers(username)
+    assert listed(client, headers) == [flags.there.id, flags.skew.id, flags.here.id]
+    assert listed(client, headers, f"station_id={world.other_station.id}") == [flags.there.id]
+
+
+def test_a_listed_flag_carries_its_fields(
+    client: FlaskClient, auth: Auth, world: World, flags: Flags
+) -> None:
+    item = client.get(FLAGS, headers=auth.headers("admin")).get_json()["items"][-1]
+    assert item | {"raised_at": None, "updated_at": None} == {
+        "id": flags.here.id,
+        "station_id": world.station.id,
+        "kind": "unknown_parcel",
+        "severity": "warning",
+        "subject_type": "parcel",
+        "subject_key": "RR1",
+        "evidence": {"event_ids": [1, 2]},
+        "status": "open",
+        "courier_id": world.courier.id,
+        "raised_at": None,
+        "updated_at": None,
+        "closed_reason": None,
+    }
+
+
+def test_list_filters(
+    client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
+) -> None:
+    day = dt.datetime(2026, 11, 20, 8, tzinfo=dt.UTC)
+    flags.here.raised_at = day - dt.timedelta(days=1)
+    flags.skew.raised_at = day
+    flags.there.raised_at = day + dt.timedelta(days=1)
+    session.commit()
+    admin = auth.headers("admin")
+    assert listed(client, admin, "kind=clock_skew") == [flags.skew.id]
+    assert listed(client, admin, "severity=critical") == [flags.skew.id]
+    assert listed(client, admin, f"courier_id={world.courier.id}") == [flags.here.id]
+    assert listed(client, admin, "status=resolved") == []
+    # 16:00:01+08:00 is 08:00:01Z; raised_from is inclusive, raised_to exclusive.
+    assert listed(client, admin, "raised_to=2026-11-20T16:00:01%2B08:00") == [
+        flags.skew.id,
+        flags.here.id,
+    ]
+    assert listed(client, admin, "raised_from=2026-11-20T08:00Z&raised_to=2026-11-21T08:00Z") == [
+        flags.skew.id
+    ]
+    assert listed(client, admin, "raised_from=2026-11-20T08:00:01Z") == [flags.there.id]
+
+
+def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags) -> None:
+    admin = auth.headers("admin")
+    first = client.get(f"{FLAGS}?limit=2", headers=admin).get_json()
+    assert [i["id"] for i in first["items"]] == [flags.there.id, flags.skew.id]
+    assert first["next_after"] == flags.skew.id
+    rest = client.get(f"{FLAGS}?limit=2&after={first['next_after']}", headers=admin).get_json()
+    assert [i["id"] for i in rest["items"]] == [flags.here.id]
+    assert rest["next_after"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("severity=loud", "severity"),
+        ("status=gone", "status"),
+        ("raised_from=2026-11-20T08:00:00", "raised_from"),  # no offset: ambiguous
+        ("raised_from=0001-01-01T00:00:00%2B01:00", "raised_from"),  # before year 1 in UTC
+        ("after=-1", "after"),
+        ("courier_id=99999999999", "courier_id"),
+        ("limit=501", "limit"),
+    ],
+)
+def test_bad_list_arguments_are_422_naming_the_field(
+    client: FlaskClient, auth: Auth, world: World, query: str, field: str
+) -> None:
+    response = client.get(f"{FLAGS}?{query}", headers=auth.headers("admin"))
+    assert response.status_code == 422
+    assert field in response.get_json()["errors"]["query"]
+
+
+def test_an_empty_time_range_is_422(client: FlaskClient, auth: Auth, world: World) -> None:
+    response = client.get(
+        f"{FLAGS}?raised_from=2026-11-20T08:00:00Z&raised_to=2026-11-20T08:00:00Z",
+        headers=auth.headers("admin"),
+    )
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["code"] == "invalid_range" and "raised_to" in body["errors"]
+
+
+# -- one flag ---------------------------------------------------------------------------------
+
+
+def test_a_flag_comes_with_its_history(
+    client: FlaskClient, auth: Auth, session: Session, flags: Flags
+) -> None:
+    close_flag(
+        session=session, kind="unknown_parcel", subject=FlagSubject("parcel", "RR1"), reason="in"
+    )
+    session.commit()
+    body = client.get(f"{FLAGS}/{flags.here.id}", headers=auth.headers("auditor1")).get_json()
+    assert body["status"] == "closed" and body["closed_reason"] == "in"
+    assert [
+        (c["from_status"], c["to_status"], c["by_user_id"], c["note"]) for c in body["changes"]
+    ] == [(None, "open", None, None), ("open", "closed", None, "in")]
+
+
+@pytest.mark.parametrize("path", ["", "/acknowledge", "/resolve"])
+def test_an_unknown_flag_is_404(client: FlaskClient, auth: Auth, world: World, path: str) -> None:
+    method = client.get if not path else client.post
+    response = method(f"{FLAGS}/424242{path}", headers=auth.headers("admin"), json={"note": "x"})
+    assert response.status_code == 404
+    assert response.get_json()["code"] == "flag_not_found"
+    huge = method(f"{FLAGS}/99999999999{path}", headers=auth.headers("admin"), json={})
+    assert huge.status_code == 404
+
+
+# -- acknowledge and resolve ------------------------------------------------------------------
+
+
+def test_a_manager_acknowledges_then_resolves(
+    client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
+) -> None:
+    manager = auth.headers("manager1")
+    acknowledged = client.post(
+        f"{FLAGS}/{flags.here.id}/acknowledge", json={"note": "looking"}, headers=manager
+    )
+    assert acknowledged.status_code == 200, acknowledged.get_json()
+    assert acknowledged.get_json()["status"] == "acknowledged"
+    resolved = client.post(
+        f"{FLAGS}/{flags.here.id}/resolve", json={"note": "parcel found"}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    body = resolved.get_json()
+    assert body["status"] == "resolved"
+    assert [(c["to_status"], c["by_user_id"], c["note"]) for c in body["changes"]] == [
+        ("open", None, None),
+        ("acknowledged", world.manager.id, "looking"),
+        ("resolved", world.manager.id, "parcel found"),
+    ]
+    entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.actor_id, entry.subject_key) == (
+        "flag_resolved",
+        world.manager.id,
+        str(flags.here.id),
+    )
+    assert entry.details["note"] == "parcel found"
+
+
+@pytest.mark.parametrize("body", [None, {}, {"note": None}])
+def test_acknowledging_needs_no_note(
+    client: FlaskClient, auth: Auth, flags: Flags, body: Any
+) -> None:
+    response = client.post(
+        f"{FLAGS}/{flags.here.id}/acknowledge", json=body, headers=auth.headers("manager1")
+    )
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["changes"][-1]["note"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({}, "validation_error"),
+        ({"note": ""}, "validation_error"),
+        ({"note": "  "}, "note_required"),
+    ],
+)
+def test_resolving_needs_a_note(
+    client: FlaskClient, auth: Auth, flags: Flags, body: dict[str, Any], code: str
+) -> None:
+    response = client.post(
+        f"{FLAGS}/{flags.here.id}/resolve", json=body, headers=auth.headers("manager1")
+    )
+    assert response.status_code == 422
+    assert response.get_json()["code"] == code
+    assert "note" in str(response.get_json()["errors"])
+
+
+def test_a_note_over_2000_characters_is_422(client: FlaskClient, auth: Auth, flags: Flags) -> None:
+    response = client.post(
+        f"{FLAGS}/{flags.here.id}/resolve",
+        json={"note": "x" * 2001},
+        headers=auth.headers("admin"),
+    )
+    assert response.status_code == 422
+    assert "note" in response.get_json()["errors"]["json"]
+
+
+@pytest.mark.parametrize(
+    ("before", "action"),
+    [
+        ("acknowledge", "acknowledge"),
+        ("resolve", "acknowledge"),
+        ("resolve", "resolve"),
+        ("close", "acknowledge"),
+        ("close", "resolve"),
+    ],
+)
+def test_a_decision_the_status_forbids_is_409(
+    client: FlaskClient, auth: Auth, session: Session, flags: Flags, before: str, action: str
+) -> None:
+    manager = auth.headers("manager1")
+    url = f"{FLAGS}/{flags.here.id}"
+    if before == "close":
+        close_flag(
+            session=session,
+            kind="unknown_parcel",
+            subject=FlagSubject("parcel", "RR1"),
+            reason="taken in",
+        )
+        session.commit()
+    else:
+        assert (
+            client.post(f"{url}/{before}", json={"note": "x"}, headers=manager).status_code == 200
+        )
+    response = client.post(f"{url}/{action}", json={"note": "again"}, headers=manager)
+    assert response.status_code == 409
+    assert response.get_json()["code"] == "flag_status_conflict"
+
+
+def test_a_flag_of_no_station_is_for_admins(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    orphan = make_flag(session, None, "RR9")
+    url = f"{FLAGS}/{orphan.id}/resolve"
+    assert (
+        client.post(url, json={"note": "x"}, headers=auth.headers("manager1")).status_code == 403
+    )
+    assert client.post(url, json={"note": "x"}, headers=auth.headers("admin")).status_code == 200
+
+
+# -- who may do what --------------------------------------------------------------------------
+
+ENDPOINTS = ("list", "get", "acknowledge", "resolve")
+# Expected status per role and endpoint, for a flag of ST1 (the station of manager1).
+MATRIX: dict[str, tuple[int, int, int, int]] = {
+    "admin": (200, 200, 200, 200),
+    "manager_own_station": (200, 200, 200, 200),
+    "manager_other_station": (200, 403, 403, 403),
+    "courier": (403, 403, 403, 403),
+    "auditor": (200, 200, 403, 403),
+    "integration": (403, 403, 403, 403),
+    "anonymous": (401, 401, 401, 401),
+}
+LOGINS: dict[str, tuple[str, str | None] | None] = {
+    "admin": ("admin", None),
+    "manager_own_station": ("manager1", None),
+    "manager_other_station": ("manager2", None),
+    "courier": ("courier1", "PDA-0001"),
+    "auditor": ("auditor1", None),
+    "integration": ("app1", None),
+    "anonymous": None,
+}
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("role", MATRIX)
+def test_authorization_matrix(
+    client: FlaskClient, auth: Auth, flags: Flags, role: str, endpoint: str
+) -> None:
+    login = LOGINS[role]
+    headers = auth.headers(*login) if login else {}
+    url = f"{FLAGS}/{flags.here.id}"
+    if endpoint == "list":
+        response = client.get(FLAGS, headers=headers)
+    elif endpoint == "get":
+        response = client.get(url, headers=headers)
+    else:
+        response = client.post(f"{url}/{endpoint}", json={"note": "seen"}, headers=headers)
+    expected = MATRIX[role][ENDPOINTS.index(endpoint)]
+    assert response.status_code == expected, response.get_json()
+    if expected == 403:
+        assert response.get_json()["code"] in {"role_forbidden", "station_forbidden"}
+
+
+def test_a_refused_decision_changes_nothing(
+    client: FlaskClient, auth: Auth, session: Session, flags: Flags
+) -> None:
+    for username in ("auditor1", "manager2"):
+        client.post(
+            f"{FLAGS}/{flags.here.id}/resolve", json={"note": "x"}, headers=auth.headers(username)
+        )
+    session.expire_all()
+    assert session.get(Flag, flags.here.id).status == "open"
+    assert session.scalars(select(AuditEntry)).all() == []
+
+
+def test_simultaneous_resolutions_resolve_once(committed_app: Flask) -> None:
+    """Real commits from several threads: the flag's row lock lets one win, the others 409."""
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="RACE")
+        factories.user(session, "racer", "station_manager", station)
+        flag_id = make_flag(session, station.id, "RR7").id
+    headers = Auth(committed_app.test_client()).headers("racer")
+
+    responses = race(
+        committed_app, f"{FLAGS}/{flag_id}/resolve", [{"note": f"n{i}"} for i in range(4)], headers
+    )
+
+    assert sorted(r.status_code for r in responses) == [200, 409, 409, 409]
+    with committed_app.app_context():
+        entries = db.session.scalars(select(AuditEntry)).all()
+        assert [e.subject_key for e in entries] == [str(flag_id)]
+        assert audit.verify(session=db.session).ok

@@ -1,0 +1,316 @@
+"""Flags: their history of changes, listing, and managers' acknowledge and resolve."""
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import AuditEntry, Flag, FlagChange, FlagSeverity, FlagStatus, Station, User
+from sync import audit
+from sync.errors import Conflict, InvalidInput, NotFound
+from sync.flags import (
+    FlagSubject,
+    acknowledge_flag,
+    close_flag,
+    close_flags,
+    flag_changes,
+    get_flag,
+    list_flags,
+    raise_flag,
+    resolve_flag,
+)
+from tests import factories
+
+
+@dataclass
+class Setup:
+    station: Station
+    other_station: Station
+    manager: User
+    courier: User
+    other_courier: User
+
+
+@pytest.fixture
+def setup(session: Session) -> Setup:
+    station = factories.station(session, "ST1")
+    other = factories.station(session, "ST2")
+    return Setup(
+        station=station,
+        other_station=other,
+        manager=factories.user(session, "manager1", "station_manager", station),
+        courier=factories.user(session, "courier1", "courier", station),
+        other_courier=factories.user(session, "courier2", "courier", station),
+    )
+
+
+def flag(
+    session: Session,
+    station: Station,
+    key: str = "RR473124829GB",
+    kind: str = "unknown_parcel",
+    severity: FlagSeverity = FlagSeverity.WARNING,
+    **kw: Any,
+) -> Flag:
+    raised = raise_flag(
+        session=session,
+        kind=kind,
+        severity=severity,
+        subject=FlagSubject("parcel", key),
+        station_id=station.id,
+        evidence={"event_ids": [1]},
+        **kw,
+    )
+    session.flush()
+    return raised.flag
+
+
+def history(session: Session, f: Flag) -> list[tuple[Any, ...]]:
+    return [
+        (c.from_status, c.to_status, c.by_user_id, c.note)
+        for c in flag_changes(session=session, flag=f)
+    ]
+
+
+# -- raising and closing record their changes --------------------------------------------------
+
+
+def test_raising_records_the_flag_opening_once(session: Session, setup: Setup) -> None:
+    f = flag(session, setup.station, courier_id=setup.courier.id)
+    assert f.courier_id == setup.courier.id and f.status == FlagStatus.OPEN
+    again = raise_flag(
+        session=session,
+        kind="unknown_parcel",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("parcel", f.subject_key),
+        station_id=setup.station.id,
+        evidence={"event_ids": [2]},
+    )
+    assert again.flag is f and not again.new
+    assert f.evidence["event_ids"] == [1, 2]
+    assert f.courier_id == setup.courier.id  # not given: kept
+    assert history(session, f) == [(None, FlagStatus.OPEN, None, None)]
+
+
+def test_the_latest_courier_given_is_stored(session: Session, setup: Setup) -> None:
+    f = flag(session, setup.station)
+    assert f.courier_id is None
+    flag(session, setup.station, courier_id=setup.other_courier.id)
+    assert f.courier_id == setup.other_courier.id
+
+
+def test_closing_and_raising_again_are_recorded_with_the_reason(
+    session: Session, setup: Setup
+) -> None:
+    f = flag(session, setup.station)
+    subject = FlagSubject("parcel", f.subject_key)
+    close_flag(session=session, kind=f.kind, subject=subject, reason="taken in")
+    assert close_flag(session=session, kind=f.kind, subject=subject, reason="twice") is f
+    assert flag(session, setup.station) is f and f.status == FlagStatus.OPEN
+    session.flush()
+    assert history(session, f) == [
+        (None, FlagStatus.OPEN, None, None),
+        (FlagStatus.OPEN, FlagStatus.CLOSED, None, "taken in"),
+        (FlagStatus.CLOSED, FlagStatus.OPEN, None, "raised again"),
+    ]
+
+
+def test_close_flags_records_each_flag_it_closes(session: Session, setup: Setup) -> None:
+    a, b = flag(session, setup.station, "A1"), flag(session, setup.station, "B2")
+    acknowledge_flag(session=session, flag=b, user_id=setup.manager.id, note=None)
+    c = flag(session, setup.station, "C3")
+    closed = close_flags(
+        session=session,
+        kind="unknown_parcel",
+        subjects=[FlagSubject("parcel", k) for k in ("A1", "B2", "ZZ")],
+        reason="taken in",
+    )
+    assert {x.id for x in closed} == {a.id, b.id}
+    session.flush()
+    assert history(session, a)[-1] == (FlagStatus.OPEN, FlagStatus.CLOSED, None, "taken in")
+    assert history(session, b)[-1] == (
+        FlagStatus.ACKNOWLEDGED,
+        FlagStatus.CLOSED,
+        None,
+        "taken in",
+    )
+    assert len(history(session, c)) == 1 and c.status == FlagStatus.OPEN
+
+
+# -- acknowledge and resolve ------------------------------------------------------------------
+
+
+def test_acknowledge_then_resolve(session: Session, setup: Setup) -> None:
+    f = flag(session, setup.station)
+    acknowledge_flag(session=session, flag=f, user_id=setup.manager.id, note=" on it ")
+    assert f.status == FlagStatus.ACKNOWLEDGED
+    resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="parcel found")
+    assert f.status == FlagStatus.RESOLVED
+    assert history(session, f)[1:] == [
+        (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED, setup.manager.id, "on it"),
+        (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED, setup.manager.id, "parcel found"),
+    ]
+
+
+def test_resolving_writes_the_audit_log(session: Session, setup: Setup) -> None:
+    f = flag(session, setup.station)
+    resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="parcel found")
+    entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.actor_id, entry.subject_type, entry.subject_key) == (
+        "flag_resolved",
+        setup.manager.id,
+        "flag",
+        str(f.id),
+    )
+    assert entry.details == {
+        "kind": "unknown_parcel",
+        "subject_type": "parcel",
+        "subject_key": f.subject_key,
+        "station_id": setup.station.id,
+        "from_status": "open",
+        "note": "parcel found",
+    }
+    session.commit()
+    assert audit.verify(session=session).ok
+
+
+@pytest.mark.parametrize("note", ["", "   ", None])
+def test_resolving_needs_a_note(session: Session, setup: Setup, note: Any) -> None:
+    f = flag(session, setup.station)
+    with pytest.raises(InvalidInput) as raised:
+        resolve_flag(session=session, flag=f, user_id=setup.manager.id, note=note)
+    assert (raised.value.code, raised.value.field) == ("note_required", "note")
+    assert f.status == FlagStatus.OPEN
+
+
+def test_a_note_too_long_is_refused(session: Session, setup: Setup) -> None:
+    f = flag(session, setup.station)
+    with pytest.raises(InvalidInput) as raised:
+        acknowledge_flag(session=session, flag=f, user_id=setup.manager.id, note="x" * 2001)
+    assert raised.value.code == "note_too_long"
+
+
+def _closed(session: Session, setup: Setup) -> Flag:
+    f = flag(session, setup.station)
+    close_flag(
+        session=session, kind=f.kind, subject=FlagSubject("parcel", f.subject_key), reason="gone"
+    )
+    return f
+
+
+def _acknowledged(session: Session, setup: Setup) -> Flag:
+    f = flag(session, setup.station)
+    acknowledge_flag(session=session, flag=f, user_id=setup.manager.id, note=None)
+    return f
+
+
+def _resolved(session: Session, setup: Setup) -> Flag:
+    f = flag(session, setup.station)
+    resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="done")
+    return f
+
+
+@pytest.mark.parametrize(
+    ("make", "action"),
+    [
+        (_acknowledged, "acknowledge"),
+        (_resolved, "acknowledge"),
+        (_closed, "acknowledge"),
+        (_resolved, "resolve"),
+        (_closed, "resolve"),
+    ],
+)
+def test_invalid_transitions_are_a_conflict_and_change_nothing(
+    session: Session, setup: Setup, make: Any, action: str
+) -> None:
+    f = make(session, setup)
+    status, changes = f.status, len(history(session, f))
+    audit_entries = len(session.scalars(select(AuditEntry)).all())
+    decide = acknowledge_flag if action == "acknowledge" else resolve_flag
+    with pytest.raises(Conflict) as raised:
+        decide(session=session, flag=f, user_id=setup.manager.id, note="again")
+    assert raised.value.code == "flag_status_conflict"
+    assert f.status == status
+    assert len(history(session, f)) == changes
+    assert len(session.scalars(select(AuditEntry)).all()) == audit_entries
+
+
+def test_a_conflict_says_why(session: Session, setup: Setup) -> None:
+    f = _closed(session, setup)
+    with pytest.raises(Conflict, match="closed by the system \\(gone\\)"):
+        resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="x")
+
+
+def test_a_resolved_flag_raised_again_stays_resolved(session: Session, setup: Setup) -> None:
+    f = _resolved(session, setup)
+    raised = raise_flag(
+        session=session,
+        kind=f.kind,
+        severity=f.severity,
+        subject=FlagSubject("parcel", f.subject_key),
+        station_id=setup.station.id,
+        evidence={"event_ids": [9]},
+    )
+    assert not raised.new and f.status == FlagStatus.RESOLVED
+    assert f.evidence["event_ids"] == [1, 9]
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def test_get_flag(session: Session, setup: Setup) -> None:
+    f = flag(session, setup.station)
+    assert get_flag(session=session, flag_id=f.id) is f
+    with pytest.raises(NotFound) as raised:
+        get_flag(session=session, flag_id=f.id + 1000)
+    assert raised.value.code == "flag_not_found"
+
+
+def test_list_flags_filters(session: Session, setup: Setup) -> None:
+    base = dt.datetime(2026, 11, 20, 8, tzinfo=dt.UTC)
+    a = flag(session, setup.station, "A", courier_id=setup.courier.id)
+    b = flag(session, setup.station, "B", kind="clock_skew", severity=FlagSeverity.CRITICAL)
+    c = flag(session, setup.other_station, "C", courier_id=setup.other_courier.id)
+    d = _resolved(session, setup)
+    for i, f in enumerate((a, b, c, d)):
+        f.raised_at = base + dt.timedelta(days=i)
+    session.flush()
+
+    def ids(**filters: Any) -> list[int]:
+        return [f.id for f in list_flags(session=session, **filters)]
+
+    assert ids() == [d.id, c.id, b.id, a.id]  # newest first
+    assert ids(station_id=setup.station.id) == [d.id, b.id, a.id]
+    assert ids(kind="clock_skew") == [b.id]
+    assert ids(severity=FlagSeverity.CRITICAL) == [b.id]
+    assert ids(status=FlagStatus.RESOLVED) == [d.id]
+    assert ids(courier_id=setup.other_courier.id) == [c.id]
+    assert ids(raised_from=base + dt.timedelta(days=1)) == [d.id, c.id, b.id]
+    assert ids(raised_to=base + dt.timedelta(days=1)) == [a.id]
+    assert ids(raised_from=base + dt.timedelta(days=1), raised_to=base + dt.timedelta(days=2)) == [
+        b.id
+    ]
+    assert ids(station_id=setup.station.id, status=FlagStatus.OPEN, kind="unknown_parcel") == [
+        a.id
+    ]
+    with pytest.raises(InvalidInput) as raised:
+        ids(raised_from=base, raised_to=base)
+    assert raised.value.field == "raised_to"
+
+
+def test_list_flags_pages_by_keyset(session: Session, setup: Setup) -> None:
+    made = [flag(session, setup.station, f"K{i}") for i in range(5)]
+    first = list_flags(session=session, limit=2)
+    second = list_flags(session=session, limit=2, after_id=first[-1].id)
+    third = list_flags(session=session, limit=2, after_id=second[-1].id)
+    assert [f.id for f in [*first, *second, *third]] == [f.id for f in reversed(made)]
+
+
+def test_flag_changes_are_not_shared_between_flags(session: Session, setup: Setup) -> None:
+    a, b = flag(session, setup.station, "A"), flag(session, setup.station, "B")
+    acknowledge_flag(session=session, flag=a, user_id=setup.manager.id, note=None)
+    assert len(history(session, a)) == 2 and len(history(session, b)) == 1
+    assert session.scalars(select(FlagChange)).all()  # stored, not only pending

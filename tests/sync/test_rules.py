@@ -1,0 +1,217 @@
+"""Each rule of rules 4 and 5, with its clean twin (pure: no database)."""
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+
+from models import ConsentMethod, EventType, ServiceClass
+from sync.projection import EventFact
+from sync.rules import ConsentFact, EventDetail, ParcelFacts, Policy, evaluate
+
+T = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
+EXPRESS = ParcelFacts(ServiceClass.EXPRESS, lat=31.2304, lon=121.4737)
+POLICY = Policy()
+_ids = iter(range(1, 10**9))
+
+
+def ev(
+    seq: int,
+    type: EventType,
+    minutes: float = 0,
+    device: str = "PDA-1",
+    voids: EventDetail | None = None,
+    lat: float | None = None,
+    lon: float | None = None,
+    **details: Any,
+) -> EventDetail:
+    return EventDetail(
+        EventFact(
+            event_id=next(_ids),
+            device_id=device,
+            seq=seq,
+            type=type,
+            occurred_at=T + dt.timedelta(minutes=minutes),
+            client_event_id=uuid.uuid4(),
+            courier_id=1,
+            voids_client_event_id=voids.fact.client_event_id if voids else None,
+        ),
+        details,
+        lat,
+        lon,
+    )
+
+
+def consent(
+    minutes: float,
+    method: ConsentMethod = ConsentMethod.LOCKER,
+    point_id: str | None = None,
+    **kw: Any,
+) -> ConsentFact:
+    return ConsentFact(
+        id=next(_ids),
+        method=method,
+        point_id=point_id,
+        granted_at=T + dt.timedelta(minutes=minutes),
+        **kw,
+    )
+
+
+POD = {"pod": {"photo_sha256": "a" * 64}}
+
+
+def locker_day(drop_minutes: float = 30, locker: str = "L-1", **pod: Any) -> list[EventDetail]:
+    return [
+        ev(1, EventType.CHECKED_OUT, 0),
+        ev(2, EventType.OUT_FOR_DELIVERY, 5),
+        ev(
+            3,
+            EventType.DELIVERED_TO_LOCKER,
+            drop_minutes,
+            locker_id=locker,
+            compartment="4",
+            **pod,
+        ),
+    ]
+
+
+def kinds(events: list[EventDetail], consents: list[ConsentFact] = (), **kw: Any) -> set[str]:
+    blobs = frozenset({"a" * 64, "b" * 64})
+    return set(evaluate(kw.pop("parcel", EXPRESS), events, list(consents), POLICY, blobs))
+
+
+def test_a_drop_with_consent_granted_before_it_is_clean() -> None:
+    assert kinds(locker_day(**POD), [consent(28)]) == set()
+
+
+def test_a_drop_without_consent_is_unauthorized() -> None:
+    assert kinds(locker_day(**POD)) == {"unauthorized_locker_drop"}
+
+
+def test_consent_granted_after_the_drop_is_flagged_not_silence() -> None:
+    assert kinds(locker_day(**POD), [consent(32)]) == {"consent_after_drop"}
+
+
+def test_a_class_that_needs_no_consent_is_clean_without_one() -> None:
+    parcel = ParcelFacts(ServiceClass.PARCEL)
+    assert kinds(locker_day(**POD), parcel=parcel) == set()
+
+
+@pytest.mark.parametrize(("revoked", "flagged"), [(25, {"unauthorized_locker_drop"}), (35, set())])
+def test_revoked_consent_counts_only_until_revoked(revoked: float, flagged: set[str]) -> None:
+    revoked_at = T + dt.timedelta(minutes=revoked)
+    assert kinds(locker_day(**POD), [consent(10, revoked_at=revoked_at)]) == flagged
+
+
+@pytest.mark.parametrize(("expires", "flagged"), [(20, {"unauthorized_locker_drop"}), (40, set())])
+def test_expired_consent_does_not_authorize(expires: float, flagged: set[str]) -> None:
+    expires_at = T + dt.timedelta(minutes=expires)
+    assert kinds(locker_day(**POD), [consent(10, expires_at=expires_at)]) == flagged
+
+
+@pytest.mark.parametrize(
+    ("point", "flagged"), [("L-2", {"unauthorized_locker_drop"}), ("L-1", set())]
+)
+def test_consent_for_a_specific_point_covers_only_that_point(
+    point: str, flagged: set[str]
+) -> None:
+    assert kinds(locker_day(**POD), [consent(10, point_id=point)]) == flagged
+
+
+@pytest.mark.parametrize(
+    ("method", "flagged"),
+    [
+        (ConsentMethod.PICKUP_POINT, {"unauthorized_locker_drop"}),
+        (ConsentMethod.LOCKER, set()),
+        (ConsentMethod.ANY, set()),
+    ],
+)
+def test_the_consent_method_must_fit_the_drop(method: ConsentMethod, flagged: set[str]) -> None:
+    assert kinds(locker_day(**POD), [consent(10, method=method)]) == flagged
+
+
+def test_a_consent_captured_after_the_drop_but_stamped_earlier_does_not_authorize_it() -> None:
+    """Rule 6: on the drop's own PDA, seq decides. The consent at seq 4 followed the drop
+    at seq 3, whatever time it claims."""
+    backdated = consent(10, device_id="PDA-1", seq=4)
+    assert kinds(locker_day(**POD), [backdated]) == {"consent_after_drop"}
+    honest = consent(10, device_id="PDA-1", seq=2)
+    assert kinds(locker_day(**POD), [honest]) == set()
+
+
+@pytest.mark.parametrize(
+    ("pod", "flagged"),
+    [
+        ({}, {"delivered_without_pod"}),
+        ({"pod": {"photo_sha256": "a" * 64}}, {"delivered_without_pod"}),  # no signature
+        ({"pod": {"signature_sha256": "b" * 64}}, set()),
+    ],
+)
+def test_express_in_person_needs_a_signature(pod: dict[str, Any], flagged: set[str]) -> None:
+    events = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.DELIVERED, 30, **pod)]
+    assert kinds(events) == flagged
+
+
+def test_a_parcel_class_delivered_in_person_needs_a_pod_but_no_signature() -> None:
+    parcel = ParcelFacts(ServiceClass.PARCEL)
+    events = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.DELIVERED, 30, **POD)]
+    assert kinds(events, parcel=parcel) == set()
+    bare = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.DELIVERED, 30)]
+    assert kinds(bare, parcel=parcel) == {"delivered_without_pod"}
+
+
+def test_a_pod_image_not_uploaded_is_flagged_until_it_is() -> None:
+    events = [
+        ev(1, EventType.CHECKED_OUT),
+        ev(2, EventType.DELIVERED, 30, pod={"signature_sha256": "c" * 64}),
+    ]
+    assert kinds(events) == {"pod_blob_missing"}
+    stored = frozenset({"c" * 64})
+    assert set(evaluate(EXPRESS, events, [], POLICY, stored)) == set()
+
+
+@pytest.mark.parametrize(("lat", "flagged"), [(31.2404, {"far_from_address"}), (31.2310, set())])
+def test_a_delivery_far_from_the_geocoded_address(lat: float, flagged: set[str]) -> None:
+    delivery = ev(
+        2, EventType.DELIVERED, 30, lat=lat, lon=121.4737, pod={"signature_sha256": "b" * 64}
+    )
+    assert kinds([ev(1, EventType.CHECKED_OUT), delivery]) == flagged  # ~1.1 km vs ~70 m
+
+
+def test_delivered_and_returned_conflict_unless_checked_out_again_between() -> None:
+    signed = {"pod": {"signature_sha256": "b" * 64}}
+    conflict = [
+        ev(1, EventType.CHECKED_OUT),
+        ev(2, EventType.DELIVERED, 30, **signed),
+        ev(3, EventType.RETURNED_TO_STATION, 60),
+    ]
+    assert kinds(conflict) == {"conflicting_final_outcome"}
+    next_day = [
+        ev(1, EventType.CHECKED_OUT),
+        ev(2, EventType.RETURNED_TO_STATION, 60),
+        ev(3, EventType.CHECKED_OUT, 600),
+        ev(4, EventType.DELIVERED, 630, **signed),
+    ]
+    assert kinds(next_day) == set()
+
+
+def test_a_delivery_without_a_check_out_is_flagged() -> None:
+    events = [ev(1, EventType.DELIVERED, 30, pod={"signature_sha256": "b" * 64})]
+    assert kinds(events) == {"delivered_not_checked_out"}
+
+
+def test_a_corrected_final_outcome_needs_review_and_counts_no_more() -> None:
+    drop = ev(3, EventType.DELIVERED_TO_LOCKER, 30, locker_id="L-1", compartment="4", **POD)
+    correction = ev(4, EventType.CORRECTION, 31, voids=drop)
+    events = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.OUT_FOR_DELIVERY, 5), drop, correction]
+    assert kinds(events) == {"correction_review"}  # the voided drop is not judged
+    day = locker_day(**POD)
+    not_a_final_outcome = ev(4, EventType.CORRECTION, 32, voids=day[1])
+    assert kinds([*day, not_a_final_outcome], [consent(1)]) == set()
+
+
+def test_evidence_names_the_events() -> None:
+    day = locker_day(**POD)
+    flags = evaluate(EXPRESS, day, [], POLICY, frozenset({"a" * 64}))
+    assert flags["unauthorized_locker_drop"]["event_ids"] == [day[2].fact.event_id]

@@ -2,7 +2,7 @@
 
 from models.audit import AuditEntry
 from models.base import Base, UTCDateTime, utcnow
-from models.blob import Blob, BlobUpload
+from models.blob import Blob, BlobUpload, ProofImage
 from models.consent import Consent
 from models.device import Device
 from models.enums import (
@@ -46,6 +46,7 @@ __all__ = [
     "FlagStatus",
     "Parcel",
     "ParcelStatus",
+    "ProofImage",
     "QuarantinedEvent",
     "Role",
     "ScanEvent",

@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, int_pk, timestamp
+from models.base import Base, BigId, int_pk, timestamp
 
 
 class Blob(Base):
@@ -37,3 +37,19 @@ class BlobUpload(Base):
     station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"))
     uploaded_by: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
     uploaded_at: Mapped[timestamp]
+
+
+class ProofImage(Base):
+    """A proof image named by a delivery's POD: lets an upload find the parcels waiting
+    for it (their ``pod_blob_missing`` flag closes), and a proof find its images."""
+
+    __tablename__ = "proof_image"
+    __table_args__ = (
+        UniqueConstraint("event_id", "sha256", name="uq_proof_image_event_sha256"),
+        Index("ix_proof_image_sha256", "sha256"),
+    )
+
+    id: Mapped[int_pk]
+    event_id: Mapped[int] = mapped_column(BigId, ForeignKey("scan_event.id"))
+    sha256: Mapped[str] = mapped_column(String(64))  # the blob may arrive later
+    tracking_no: Mapped[str] = mapped_column(String(40))

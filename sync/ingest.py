@@ -42,6 +42,7 @@ from models import (
     DeviceSyncState,
     EventType,
     FlagSeverity,
+    ProofImage,
     QuarantinedEvent,
     ScanEvent,
     SyncBatch,
@@ -55,6 +56,7 @@ from sync.events import (
     EventRejected,
     EventRules,
     ValidEvent,
+    referenced_blobs,
     sha256_json,
     shifted,
     validate_event,
@@ -228,6 +230,7 @@ class _BatchIngest:
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
         self._capture_consents(stored)
+        self._link_proof_images(stored)
         self._check_time_inversions(stored)
         self._quarantine()
         self._settle_copies()
@@ -401,21 +404,46 @@ class _BatchIngest:
                     },
                 )
 
+    def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
+        """Row ids of events just stored (the bulk insert does not return them)."""
+        ids = [e.client_event_id for e in events]
+        return {
+            client_event_id: event_id
+            for chunk in _chunks(ids)
+            for client_event_id, event_id in self.session.execute(
+                select(ScanEvent.client_event_id, ScanEvent.id).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                )
+            )
+        }
+
+    def _link_proof_images(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """Record the images each delivery's POD names, uploaded or not yet."""
+        with_images = [e for _, e in stored if referenced_blobs(e.details)]
+        if not with_images:
+            return
+        ids = self._event_ids(with_images)
+        self.session.execute(
+            insert(ProofImage),
+            [
+                {
+                    "event_id": ids[e.client_event_id],
+                    "sha256": digest,
+                    "tracking_no": e.tracking_no,
+                }
+                for e in with_images
+                for digest in dict.fromkeys(referenced_blobs(e.details))
+            ],
+        )
+
     def _capture_consents(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """A consent captured on the PDA becomes a consent like any other, linked to its
         event and ordered by the device's seq (rule 6)."""
         captured = [e for _, e in stored if e.type == EventType.CONSENT_CAPTURED]
         if not captured:
             return
-        ids = {
-            client_event_id: event_id
-            for client_event_id, event_id in self.session.execute(
-                select(ScanEvent.client_event_id, ScanEvent.id).where(
-                    ScanEvent.device_id == self.pusher.device_id,
-                    ScanEvent.client_event_id.in_([e.client_event_id for e in captured]),
-                )
-            )
-        }
+        ids = self._event_ids(captured)
         consents.capture(
             self.session,
             ({**self._row(e), "id": ids[e.client_event_id]} for e in captured),

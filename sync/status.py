@@ -16,7 +16,17 @@ from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from models import Blob, EventType, FeedKind, Flag, FlagStatus, Parcel, ScanEvent, utcnow
+from models import (
+    Blob,
+    EventType,
+    FeedKind,
+    Flag,
+    FlagStatus,
+    Parcel,
+    ProofImage,
+    ScanEvent,
+    utcnow,
+)
 from sync import feed
 from sync.consents import consents_for, covered_parcels
 from sync.events import referenced_blobs
@@ -395,4 +405,14 @@ def rejudge_for_consent(*, session: Session, consent: Any, policy: Policy) -> li
             for station, courier, tn in holders
         ),
     )
+    return tracking_nos
+
+
+def rejudge_after_upload(*, session: Session, digest: str, policy: Policy) -> list[str]:
+    """A proof image arrived: the parcels whose deliveries name it are judged again (their
+    ``pod_blob_missing`` flag closes)."""
+    tracking_nos = sorted(
+        set(session.scalars(select(ProofImage.tracking_no).where(ProofImage.sha256 == digest)))
+    )
+    reproject(session=session, tracking_nos=tracking_nos, policy=policy)
     return tracking_nos

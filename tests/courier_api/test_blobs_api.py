@@ -1,5 +1,6 @@
 """PUT/GET /blobs/<sha256>: verified digests, real images only, idempotent, access by role."""
 
+import datetime as dt
 import hashlib
 import io
 from collections.abc import Callable
@@ -9,7 +10,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
+from sqlalchemy import select
 
+from models import Flag, FlagStatus
 from sync.blobs import FileBlobStore
 from tests import factories
 from tests.conftest import Auth, World
@@ -150,3 +153,30 @@ def test_the_same_image_uploaded_at_two_stations_is_readable_at_both(
     url = f"/api/v1/blobs/{digest(data)}"
     for headers in (courier, elsewhere, auth.headers("manager1"), auth.headers("manager2")):
         assert client.get(url, headers=headers).status_code == 200
+
+
+def test_uploading_a_proof_image_closes_the_flag_of_the_parcel_waiting_for_it(
+    client: FlaskClient, session: Any, world: World, courier: dict[str, str]
+) -> None:
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    data = image_bytes()
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    events = [
+        factories.event(1, parcel.tracking_no, occurred_at=when),
+        factories.event(
+            2,
+            parcel.tracking_no,
+            "delivered",
+            occurred_at=when + dt.timedelta(minutes=5),
+            pod={"signature_sha256": digest(data)},
+        ),
+    ]
+    receipt = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+    ).get_json()
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["pod_blob_missing"]
+    assert put(client, courier, data).status_code == 201
+    flag = session.scalars(select(Flag).where(Flag.kind == "pod_blob_missing")).one()
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED

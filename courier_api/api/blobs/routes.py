@@ -8,11 +8,13 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.schemas import BlobOut
 from courier_api.auth import current_principal
+from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Blob, Role
 from sync import audit
 from sync.blobs import FileBlobStore, get_blob, may_read_blob, store_blob
 from sync.errors import NotFound
+from sync.status import rejudge_after_upload
 
 log = logging.getLogger(__name__)
 blp = ApiBlueprint("blobs", __name__, url_prefix="/api/v1/blobs", description="Proof images")
@@ -56,6 +58,10 @@ class BlobBySha256(MethodView):
             station_id=principal.station_id,
             uploaded_by=principal.user_id,
         )
+        if created:
+            rejudge_after_upload(
+                session=db.session, digest=blob.sha256, policy=policy_of(current_app.config)
+            )
         db.session.commit()
         return blob, 201 if created else 200
 

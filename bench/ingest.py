@@ -83,7 +83,7 @@ DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/courier_ben
 PASSWORD = "bench-password"
 PASSWORD_HASH_METHOD = "pbkdf2:sha256:1000"
 PDA_CLOCK = dt.timezone(dt.timedelta(hours=8))  # the PDAs' local time, as sent
-EVENT_SPACING = dt.timedelta(seconds=9)  # between a PDA's consecutive scans
+EVENT_SPACING = dt.timedelta(seconds=2)  # between a PDA's consecutive scans
 EVENTS_PER_PARCEL = 3  # checked_out, out_for_delivery, delivered or attempt failed
 DELIVERED_SHARE = 0.85  # the rest are failed attempts
 HISTORY_DEVICES = 10  # the history is spread over this many PDAs
@@ -104,11 +104,21 @@ class Pda:
     courier_id: int
     headers: dict[str, str]
     last_seq: int = 0
+    # Device time of its next scan: a PDA's scans move forward in time with its seqs
+    # (an earlier time at a higher seq is flagged time_inversion).
+    next_at: dt.datetime | None = None
 
     def next_seqs(self, count: int) -> range:
         first = self.last_seq + 1
         self.last_seq += count
         return range(first, first + count)
+
+    def next_times(self, count: int, sent_at: dt.datetime) -> list[dt.datetime]:
+        if self.next_at is None:
+            self.next_at = sent_at - dt.timedelta(days=1)  # the day's first scan
+        times = [self.next_at + EVENT_SPACING * n for n in range(count)]
+        self.next_at += EVENT_SPACING * count
+        return times
 
 
 @dataclass(frozen=True)
@@ -159,12 +169,11 @@ def pda_events(
     if len(steps) < count:
         raise ValueError(f"{len(parcels)} parcels cannot carry {count} events")
     steps = steps[:count]
-    first_at = sent_at - EVENT_SPACING * count - dt.timedelta(minutes=1)
     events = []
-    for position, ((tracking_no, fields), seq) in enumerate(
-        zip(steps, pda.next_seqs(count), strict=True)
+    for (tracking_no, fields), seq, at in zip(
+        steps, pda.next_seqs(count), pda.next_times(count, sent_at), strict=True
     ):
-        occurred_at = (first_at + EVENT_SPACING * position).astimezone(PDA_CLOCK)
+        occurred_at = at.astimezone(PDA_CLOCK)
         events.append(
             {
                 "client_event_id": str(uuid.uuid4()),

@@ -33,6 +33,7 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
+from sync.sql import among
 from sync.tracking import TrackingNumberPolicy
 
 _NOT_WORD = re.compile(r"[\W_]+")
@@ -203,9 +204,13 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
     numbers = [p.tracking_no for p in parcels]
     for start in range(0, len(numbers), _IN_CHUNK):
         for consent in session.scalars(
-            select(Consent).where(Consent.tracking_no.in_(numbers[start : start + _IN_CHUNK]))
+            select(Consent).where(
+                among(session, Consent.tracking_no, numbers[start : start + _IN_CHUNK])
+            )
         ):
             found[consent.tracking_no].append(_fact(consent))
+    if not _any_standing(session):
+        return found
     recipients = {
         (p.recipient_phone, address_key(p.address)): p for p in parcels if p.recipient_phone
     }
@@ -227,6 +232,12 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
                 if consent.station_id in (None, parcel.station_id):
                     found[parcel.tracking_no].append(_fact(consent))
     return found
+
+
+def _any_standing(session: Session) -> bool:
+    """One index probe: most stations never record a standing consent."""
+    query = select(Consent.id).where(Consent.recipient_phone.is_not(None)).limit(1)
+    return session.scalar(query) is not None
 
 
 def _fact(consent: Consent) -> ConsentFact:

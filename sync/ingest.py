@@ -63,6 +63,7 @@ from sync.events import (
 )
 from sync.flags import FlagSubject, raise_flag
 from sync.rules import Policy
+from sync.sql import among
 from sync.status import reproject, targets_of_corrections
 
 log = logging.getLogger(__name__)
@@ -413,7 +414,7 @@ class _BatchIngest:
             for client_event_id, event_id in self.session.execute(
                 select(ScanEvent.client_event_id, ScanEvent.id).where(
                     ScanEvent.device_id == self.pusher.device_id,
-                    ScanEvent.client_event_id.in_(chunk),
+                    among(self.session, ScanEvent.client_event_id, chunk),
                 )
             )
         }

@@ -86,6 +86,8 @@ def evaluate(
     stored_blobs: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
     """``{flag kind: evidence}`` for every rule the parcel breaks now."""
+    if not any(e.fact.type in FINAL_OUTCOMES for e in events):
+        return {}  # every rule judges a delivery, a drop or a return
     by_id = {e.fact.event_id: e for e in events}
     voids = voided_by(e.fact for e in events)
     history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]

@@ -33,6 +33,7 @@ from sync.events import referenced_blobs
 from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
 from sync.projection import EventFact, project
 from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
+from sync.sql import among
 
 DEFAULT_POLICY = Policy()
 
@@ -138,7 +139,7 @@ def reproject(
         for chunk in _chunks(wanted)
         for row in session.execute(
             select(*PARCEL_COLUMNS)
-            .where(Parcel.tracking_no.in_(chunk))
+            .where(among(session, Parcel.tracking_no, chunk))
             .order_by(Parcel.tracking_no)
             .with_for_update()
         )
@@ -215,7 +216,9 @@ def _judge(
     stored = frozenset(
         digest
         for chunk in _chunks(sorted(referenced))
-        for digest in session.scalars(select(Blob.sha256).where(Blob.sha256.in_(chunk)))
+        for digest in session.scalars(
+            select(Blob.sha256).where(among(session, Blob.sha256, chunk))
+        )
     )
     return {
         tn: evaluate(
@@ -248,7 +251,7 @@ def apply_rule_flags(
             select(Flag).where(
                 Flag.subject_type == "parcel",
                 Flag.kind.in_(RULE_KINDS),
-                Flag.subject_key.in_(chunk),
+                among(session, Flag.subject_key, chunk),
             )
         )
     }
@@ -307,7 +310,9 @@ def load_events(session: Session, tracking_nos: Sequence[str]) -> dict[str, list
     void one of them (a correction voids its target wherever it was filed)."""
     events: dict[str, list[EventDetail]] = {tracking_no: [] for tracking_no in tracking_nos}
     for chunk in _chunks(tracking_nos):
-        for row in session.execute(select(*FACT_COLUMNS).where(ScanEvent.tracking_no.in_(chunk))):
+        for row in session.execute(
+            select(*FACT_COLUMNS).where(among(session, ScanEvent.tracking_no, chunk))
+        ):
             events[row[0]].append(_detail(row))
     for tracking_no, correction in _corrections_from_elsewhere(session, events):
         events[tracking_no].append(correction)

@@ -112,10 +112,12 @@ def _drops(
         return
     unauthorized, late = [], []
     for drop in (e for e in counting if e.fact.type in DROPS):
-        matching = [c for c in consents if _covers(c, drop)]
-        if any(_before(c, drop) and _in_force(c, drop.fact.occurred_at) for c in matching):
+        matching = [c for c in consents if covers(c, drop)]
+        if any(
+            granted_before(c, drop) and in_force_at(c, drop.fact.occurred_at) for c in matching
+        ):
             continue
-        after = [c.id for c in matching if not _before(c, drop)]
+        after = [c.id for c in matching if not granted_before(c, drop)]
         (late if after else unauthorized).append((drop.fact.event_id, after))
     if unauthorized:
         flags["unauthorized_locker_drop"] = {
@@ -129,7 +131,7 @@ def _drops(
         }
 
 
-def _covers(consent: ConsentFact, drop: EventDetail) -> bool:
+def covers(consent: ConsentFact, drop: EventDetail) -> bool:
     """The consent's method, and its point when it names one, fit this drop."""
     method = DROPS[drop.fact.type]
     if consent.method not in (ConsentMethod.ANY, method):
@@ -138,7 +140,7 @@ def _covers(consent: ConsentFact, drop: EventDetail) -> bool:
     return consent.point_id is None or consent.point_id == point
 
 
-def _before(consent: ConsentFact, drop: EventDetail) -> bool:
+def granted_before(consent: ConsentFact, drop: EventDetail) -> bool:
     """Granted before the drop. A consent captured on the drop's own PDA is ordered by
     sequence number, not by time: a higher seq stamped earlier is a backdated consent."""
     if consent.device_id == drop.fact.device_id and consent.seq is not None:
@@ -146,7 +148,7 @@ def _before(consent: ConsentFact, drop: EventDetail) -> bool:
     return consent.granted_at <= drop.fact.occurred_at
 
 
-def _in_force(consent: ConsentFact, at: dt.datetime) -> bool:
+def in_force_at(consent: ConsentFact, at: dt.datetime) -> bool:
     revoked = consent.revoked_at is not None and consent.revoked_at <= at
     expired = consent.expires_at is not None and consent.expires_at <= at
     return not revoked and not expired

@@ -7,6 +7,7 @@ from courier_api.api.devices.routes import blp as devices_blp
 from courier_api.api.flags.routes import blp as flags_blp
 from courier_api.api.health.routes import blp as health_blp
 from courier_api.api.parcels.routes import blp as parcels_blp
+from courier_api.api.proofs.routes import blp as proofs_blp
 from courier_api.api.quarantine.routes import blp as quarantine_blp
 from courier_api.api.stations.routes import blp as stations_blp
 from courier_api.api.sync.routes import blp as sync_blp
@@ -22,6 +23,7 @@ BLUEPRINTS = (
     sync_blp,
     blobs_blp,
     consents_blp,
+    proofs_blp,
     quarantine_blp,
     flags_blp,
 )

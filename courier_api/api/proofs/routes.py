@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, stream_with_context
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.pagination import keyset_page
+from courier_api.api.parcels.routes import timeline_view
+from courier_api.api.proofs.schemas import ProofArgs, ProofDetailOut, ProofListArgs, ProofPage
+from courier_api.auth import Principal, current_principal, ensure_station_access
+from courier_api.extensions import db
+from models import Role
+from sync import audit
+from sync.phones import mask_phone
+from sync.proofs import METHODS, Proof, ProofFilter, get_proof, iter_proofs, list_proofs
+
+blp = ApiBlueprint(
+    "proofs", __name__, url_prefix="/api/v1/proofs", description="Proofs of delivery"
+)
+READERS = (Role.AUDITOR, Role.ADMIN, Role.STATION_MANAGER)
+METHOD_OF = {event_type: name for name, event_type in METHODS.items()}
+CSV_COLUMNS = (
+    "event_id",
+    "tracking_no",
+    "station_id",
+    "courier_id",
+    "device_id",
+    "method",
+    "occurred_at",
+    "occurred_at_device",
+    "received_at",
+    "recipient_name",
+    "recipient_phone",
+    "address",
+    "pod_recipient_name",
+    "pod_relation",
+    "signature_sha256",
+    "photo_sha256",
+    "pickup_code",
+    "lat",
+    "lon",
+    "distance_m",
+)
+
+
+def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
+    return ProofFilter(
+        station_id=principal.station_filter(args.get("station_id")),
+        tracking_no=args.get("tracking_no"),
+        courier_id=args.get("courier_id"),
+        occurred_from=args.get("occurred_from"),
+        occurred_to=args.get("occurred_to"),
+        flag_kind=args.get("flag_kind"),
+        method=args.get("method"),
+    )
+
+
+def _view(proof: Proof, *, auditor: bool) -> dict[str, Any]:
+    event, parcel = proof.event, proof.parcel
+    return {
+        "event_id": event.id,
+        "tracking_no": event.tracking_no,
+        "station_id": parcel.station_id,
+        "courier_id": event.courier_id,
+        "device_id": event.device_id,
+        "method": METHOD_OF[event.type],
+        "occurred_at": event.occurred_at,
+        "occurred_at_device": event.occurred_at_device,
+        "received_at": event.received_at,
+        "recipient_name": parcel.recipient_name,
+        "recipient_phone": parcel.recipient_phone
+        if auditor
+        else mask_phone(parcel.recipient_phone),
+        "address": parcel.address,
+        "pod": event.details.get("pod", {}),
+        "lat": event.lat,
+        "lon": event.lon,
+        "distance_m": None if proof.distance_m is None else round(proof.distance_m, 1),
+    }
+
+
+def _log_read(principal: Principal, action: str, key: str, details: dict[str, Any]) -> None:
+    """Rule 7: every auditor read of a proof is on record before the data goes out."""
+    if principal.role != Role.AUDITOR:
+        return
+    audit.append(
+        session=db.session,
+        actor_id=principal.user_id,
+        action=action,
+        subject_type="proof",
+        subject_key=key,
+        details=details,
+    )
+    db.session.commit()
+
+
+@blp.route("")
+class Proofs(MethodView):
+    @blp.auth(*READERS)
+    @blp.arguments(ProofListArgs, location="query")
+    @blp.response(200, ProofPage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Search proofs of delivery
+
+        Deliveries in person, to a locker or to a pickup point, oldest first,
+        filtered by station, tracking number, courier, corrected time
+        (`occurred_from` inclusive, `occurred_to` exclusive), the kind of flag
+        their parcel has, and method. Auditors read across stations (each search
+        is audit-logged); managers their own station. Recipient phone numbers
+        are masked except for auditors.
+        """
+        principal = current_principal()
+        proofs = list_proofs(
+            session=db.session,
+            filters=_filters(args, principal),
+            after_id=args["after"],
+            limit=args["limit"],
+        )
+        _log_read(
+            principal, "proofs_searched", "search", {"event_ids": [p.event.id for p in proofs]}
+        )
+        auditor = principal.role == Role.AUDITOR
+        items = [_view(p, auditor=auditor) for p in proofs]
+        return keyset_page(items, args["limit"], key=lambda item: item["event_id"])
+
+
+@blp.route("/export.csv")
+class ProofExport(MethodView):
+    @blp.auth(*READERS)
+    @blp.arguments(ProofArgs, location="query")
+    @blp.response(200, description="CSV, one proof per line", content_type="text/csv")
+    def get(self, args: dict[str, Any]) -> Response:
+        """Export proofs of delivery as CSV
+
+        The same filters as the search, every matching proof, streamed as it is
+        read. The export is audit-logged for auditors, with its filters.
+        """
+        principal = current_principal()
+        filters = _filters(args, principal)
+        _log_read(
+            principal,
+            "proofs_exported",
+            "export",
+            {k: str(v) for k, v in vars(filters).items() if v is not None},
+        )
+        auditor = principal.role == Role.AUDITOR
+
+        def rows() -> Iterator[str]:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(CSV_COLUMNS)
+            for proof in iter_proofs(session=db.session, filters=filters):
+                view = _view(proof, auditor=auditor)
+                pod = view.pop("pod")
+                writer.writerow(
+                    [
+                        *(view[c] for c in CSV_COLUMNS[:12]),
+                        pod.get("recipient_name"),
+                        pod.get("relation"),
+                        pod.get("signature_sha256"),
+                        pod.get("photo_sha256"),
+                        pod.get("pickup_code"),
+                        view["lat"],
+                        view["lon"],
+                        view["distance_m"],
+                    ]
+                )
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+            yield buffer.getvalue()
+
+        response = Response(stream_with_context(rows()), mimetype="text/csv")
+        response.headers["Content-Disposition"] = 'attachment; filename="proofs.csv"'
+        return response
+
+
+@blp.route("/<id:event_id>")
+class ProofById(MethodView):
+    @blp.auth(*READERS)
+    @blp.response(200, ProofDetailOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, event_id: int) -> dict[str, Any]:
+        """Get a proof of delivery with its evidence
+
+        The delivery, its POD and distance from the address, the parcel's whole
+        event chain (device, corrected and receive times), whether a correction
+        voided it, for a locker or pickup-point drop the consent that authorized
+        it (null: none did), and the parcel's flags. Audit-logged for auditors.
+        """
+        principal = current_principal()
+        detail = get_proof(session=db.session, event_id=event_id)
+        ensure_station_access(detail.proof.parcel.station_id)
+        _log_read(
+            principal, "proof_read", str(event_id), {"tracking_no": detail.proof.event.tracking_no}
+        )
+        consent = detail.authorizing_consent
+        return {
+            **_view(detail.proof, auditor=principal.role == Role.AUDITOR),
+            "voided": detail.voided,
+            "authorizing_consent": None
+            if consent is None
+            else {name: getattr(consent, name) for name in CONSENT_FIELDS},
+            "timeline": [timeline_view(e, False) for e in detail.timeline],
+            "flags": [{name: getattr(f, name) for name in FLAG_FIELDS} for f in detail.flags],
+        }
+
+
+CONSENT_FIELDS = (
+    "id",
+    "scope",
+    "method",
+    "point_id",
+    "channel",
+    "granted_at",
+    "expires_at",
+    "revoked_at",
+    "evidence",
+    "event_id",
+)
+FLAG_FIELDS = ("id", "kind", "severity", "status", "evidence", "closed_reason")

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import marshmallow as ma
+
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Id, Text
+from courier_api.api.parcels.schemas import TimelineEvent
+from sync.proofs import METHODS
+
+
+class ProofArgs(ma.Schema):
+    station_id = Id(metadata={"description": "Managers see their own station"})
+    tracking_no = Text()
+    courier_id = Id()
+    occurred_from = ma.fields.AwareDateTime(metadata={"description": "Corrected time, inclusive"})
+    occurred_to = ma.fields.AwareDateTime(metadata={"description": "Corrected time, exclusive"})
+    flag_kind = Text(metadata={"description": "Only parcels with a flag of this kind"})
+    method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
+
+
+class ProofListArgs(ProofArgs, PageArgs):
+    after = After(metadata={"description": "Last event id of the previous page"})
+
+
+class ProofOut(ma.Schema):
+    event_id = ma.fields.Integer(required=True)
+    tracking_no = ma.fields.String(required=True)
+    station_id = ma.fields.Integer(required=True)
+    courier_id = ma.fields.Integer(required=True)
+    device_id = ma.fields.String(required=True)
+    method = ma.fields.String(required=True, metadata={"enum": list(METHODS)})
+    occurred_at = ma.fields.AwareDateTime(required=True, metadata={"description": "Corrected"})
+    occurred_at_device = ma.fields.AwareDateTime(required=True)
+    received_at = ma.fields.AwareDateTime(required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "Masked except for auditors"}
+    )
+    address = ma.fields.String(required=True)
+    pod = ma.fields.Dict(
+        required=True, metadata={"description": "Signature and photo (blob sha256), name, ..."}
+    )
+    lat = ma.fields.Float(allow_none=True, required=True)
+    lon = ma.fields.Float(allow_none=True, required=True)
+    distance_m = ma.fields.Float(
+        allow_none=True,
+        required=True,
+        metadata={"description": "From the parcel's geocoded address, when both are known"},
+    )
+
+
+class ProofPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(ProofOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
+
+
+class ConsentRef(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    scope = ma.fields.String(required=True)
+    method = ma.fields.String(required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    channel = ma.fields.String(required=True)
+    granted_at = ma.fields.AwareDateTime(required=True)
+    expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    evidence = ma.fields.String(allow_none=True, required=True)
+    event_id = ma.fields.Integer(allow_none=True, required=True)
+
+
+class FlagRef(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    kind = ma.fields.String(required=True)
+    severity = ma.fields.String(required=True)
+    status = ma.fields.String(required=True)
+    evidence = ma.fields.Dict(required=True)
+    closed_reason = ma.fields.String(allow_none=True, required=True)
+
+
+class ProofDetailOut(ProofOut):
+    voided = ma.fields.Boolean(
+        required=True, metadata={"description": "A correction voided this delivery"}
+    )
+    authorizing_consent = ma.fields.Nested(
+        ConsentRef,
+        allow_none=True,
+        required=True,
+        metadata={"description": "Drops only: the consent in force before it; null: none"},
+    )
+    timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)
+    flags = ma.fields.List(ma.fields.Nested(FlagRef), required=True)

@@ -1,0 +1,172 @@
+"""Proofs of delivery, as an auditor settling a complaint reads them.
+
+A proof is a delivery event (in person, to a locker, to a pickup point) with
+its POD, the parcel's whole event chain, the consent that authorized an
+unattended drop (or that none did) and the parcel's flags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, exists, select
+from sqlalchemy.orm import Session
+
+from models import Consent, EventType, Flag, Parcel, ScanEvent
+from sync.consents import consents_for
+from sync.errors import InvalidInput, NotFound
+from sync.parcels import TimelineEntry, parcel_timeline
+from sync.projection import voided_by
+from sync.rules import DROPS, covers, granted_before, haversine_m, in_force_at
+from sync.status import load_events
+
+DELIVERY_TYPES = (
+    EventType.DELIVERED,
+    EventType.DELIVERED_TO_LOCKER,
+    EventType.DELIVERED_TO_PICKUP_POINT,
+)
+METHODS = {
+    "in_person": EventType.DELIVERED,
+    "locker": EventType.DELIVERED_TO_LOCKER,
+    "pickup_point": EventType.DELIVERED_TO_PICKUP_POINT,
+}
+MAX_PAGE_SIZE = 500
+
+
+@dataclass(frozen=True)
+class ProofFilter:
+    station_id: int | None = None
+    tracking_no: str | None = None
+    courier_id: int | None = None
+    occurred_from: dt.datetime | None = None
+    occurred_to: dt.datetime | None = None
+    flag_kind: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class Proof:
+    event: ScanEvent
+    parcel: Parcel
+    distance_m: float | None
+
+
+@dataclass(frozen=True)
+class ProofDetail:
+    proof: Proof
+    timeline: list[TimelineEntry]
+    authorizing_consent: Consent | None  # for a drop: the consent in force before it
+    voided: bool
+    flags: list[Flag]
+
+
+def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
+    if filters.method is not None and filters.method not in METHODS:
+        raise InvalidInput(
+            f"method is one of {', '.join(METHODS)}", code="invalid_method", field="method"
+        )
+    if (
+        filters.occurred_from
+        and filters.occurred_to
+        and filters.occurred_from >= filters.occurred_to
+    ):
+        raise InvalidInput(
+            "occurred_from must be before occurred_to", code="invalid_range", field="occurred_to"
+        )
+    types = [METHODS[filters.method]] if filters.method else list(DELIVERY_TYPES)
+    query = (
+        select(ScanEvent, Parcel)
+        .join(Parcel, Parcel.tracking_no == ScanEvent.tracking_no)
+        .where(ScanEvent.type.in_(types))
+    )
+    if filters.station_id is not None:
+        query = query.where(Parcel.station_id == filters.station_id)
+    if filters.tracking_no:
+        query = query.where(ScanEvent.tracking_no == filters.tracking_no)
+    if filters.courier_id is not None:
+        query = query.where(ScanEvent.courier_id == filters.courier_id)
+    if filters.occurred_from is not None:
+        query = query.where(ScanEvent.occurred_at >= filters.occurred_from)
+    if filters.occurred_to is not None:
+        query = query.where(ScanEvent.occurred_at < filters.occurred_to)
+    if filters.flag_kind:
+        query = query.where(
+            exists().where(
+                Flag.subject_type == "parcel",
+                Flag.subject_key == ScanEvent.tracking_no,
+                Flag.kind == filters.flag_kind,
+            )
+        )
+    return query
+
+
+def list_proofs(
+    *, session: Session, filters: ProofFilter, after_id: int = 0, limit: int = 100
+) -> list[Proof]:
+    """Oldest event first, from ``after_id``."""
+    query = (
+        _query(filters)
+        .where(ScanEvent.id > after_id)
+        .order_by(ScanEvent.id)
+        .limit(min(limit, MAX_PAGE_SIZE))
+    )
+    return [_proof(event, parcel) for event, parcel in session.execute(query)]
+
+
+def iter_proofs(*, session: Session, filters: ProofFilter, batch: int = 500) -> Iterator[Proof]:
+    """Every proof matching ``filters``, read in keyset batches (for a CSV export)."""
+    after = 0
+    while True:
+        page = list_proofs(session=session, filters=filters, after_id=after, limit=batch)
+        yield from page
+        if len(page) < batch:
+            return
+        after = page[-1].event.id
+
+
+def get_proof(*, session: Session, event_id: int) -> ProofDetail:
+    row = session.execute(_query(ProofFilter()).where(ScanEvent.id == event_id)).first()
+    if row is None:
+        raise NotFound(f"no proof of delivery with event id {event_id}", code="proof_not_found")
+    proof = _proof(*row)
+    parcel = proof.parcel
+    events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]
+    voids = voided_by(e.fact for e in events)
+    flags = session.scalars(
+        select(Flag)
+        .where(Flag.subject_type == "parcel", Flag.subject_key == parcel.tracking_no)
+        .order_by(Flag.id)
+    ).all()
+    return ProofDetail(
+        proof=proof,
+        timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),
+        authorizing_consent=_authorizing(session, proof, events),
+        voided=proof.event.id in voids,
+        flags=list(flags),
+    )
+
+
+def _authorizing(session: Session, proof: Proof, events: Sequence[Any]) -> Consent | None:
+    """For a locker or pickup-point drop: the first consent that authorized it."""
+    if proof.event.type not in DROPS:
+        return None
+    drop = next(e for e in events if e.fact.event_id == proof.event.id)
+    facts = consents_for(session, [proof.parcel]).get(proof.parcel.tracking_no, [])
+    for fact in sorted(facts, key=lambda c: c.granted_at):
+        if (
+            covers(fact, drop)
+            and granted_before(fact, drop)
+            and in_force_at(fact, drop.fact.occurred_at)
+        ):
+            return session.get(Consent, fact.id)
+    return None
+
+
+def _proof(event: ScanEvent, parcel: Parcel) -> Proof:
+    distance = None
+    if None not in (event.lat, event.lon, parcel.lat, parcel.lon):
+        distance = haversine_m(parcel.lat, parcel.lon, event.lat, event.lon)  # type: ignore[arg-type]
+    return Proof(event=event, parcel=parcel, distance_m=distance)

@@ -1,0 +1,210 @@
+"""The auditor's proofs: search, detail with the evidence, CSV export, and the audit log."""
+
+import csv
+import datetime as dt
+import io
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import AuditEntry
+from tests import factories
+from tests.conftest import Auth, World
+
+URL = "/api/v1/proofs"
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture
+def day(client: FlaskClient, auth: Auth, session: Session, world: World) -> dict[str, Any]:
+    """Two parcels of ST1: one signed for in person near its address, one left in a
+    locker with a consent granted before; one parcel of ST2 delivered by its courier."""
+    signed = factories.parcel(session, world.station)
+    signed.lat, signed.lon = 31.2304, 121.4737
+    dropped = factories.parcel(session, world.station)
+    elsewhere = factories.parcel(session, world.other_station)
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    at = now() - dt.timedelta(hours=2)
+    consent = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": dropped.tracking_no,
+            "method": "locker",
+            "channel": "sms",
+            "granted_at": (at - dt.timedelta(minutes=5)).isoformat(),
+        },
+        headers=auth.headers("app1"),
+    ).get_json()
+    events = [
+        factories.event(1, signed.tracking_no, occurred_at=at),
+        factories.event(2, dropped.tracking_no, occurred_at=at),
+        factories.event(
+            3,
+            signed.tracking_no,
+            "delivered",
+            occurred_at=at + dt.timedelta(minutes=10),
+            location={"lat": 31.2310, "lon": 121.4737},
+            pod={"recipient_name": "Li", "relation": "self", "signature_sha256": "b" * 64},
+        ),
+        factories.event(
+            4,
+            dropped.tracking_no,
+            "delivered_to_locker",
+            occurred_at=at + dt.timedelta(minutes=20),
+            locker_id="L-1",
+            compartment="5",
+            pod={"pickup_code": "9981"},
+        ),
+    ]
+    headers = auth.headers("courier1", "PDA-0001")
+    client.post("/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers)
+    other = [
+        factories.event(1, elsewhere.tracking_no, occurred_at=at),
+        factories.event(
+            2, elsewhere.tracking_no, "delivered", occurred_at=at, pod={"recipient_name": "Z"}
+        ),
+    ]
+    client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0002", other),
+        headers=auth.headers("courier2", "PDA-0002"),
+    )
+    return {"signed": signed, "dropped": dropped, "elsewhere": elsewhere, "consent": consent}
+
+
+def numbers(body: dict[str, Any]) -> list[str]:
+    return [item["tracking_no"] for item in body["items"]]
+
+
+def test_auditors_search_across_stations_and_managers_their_own(
+    client: FlaskClient, auth: Auth, day: dict[str, Any]
+) -> None:
+    auditor = client.get(URL, headers=auth.headers("auditor1")).get_json()
+    assert numbers(auditor) == [
+        day["signed"].tracking_no,
+        day["dropped"].tracking_no,
+        day["elsewhere"].tracking_no,
+    ]
+    assert auditor["items"][0]["recipient_phone"] == "+8613812345678"
+    manager = client.get(
+        URL,
+        query_string={"station_id": day["elsewhere"].station_id},
+        headers=auth.headers("manager1"),
+    ).get_json()
+    assert numbers(manager) == [day["signed"].tracking_no, day["dropped"].tracking_no]
+    assert manager["items"][0]["recipient_phone"] == "+86*******5678"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"method": "locker"}, ["dropped"]),
+        ({"method": "in_person"}, ["signed", "elsewhere"]),
+        ({"flag_kind": "delivered_without_pod"}, ["elsewhere"]),  # express, no signature
+        ({"flag_kind": "pod_blob_missing"}, ["signed"]),
+    ],
+)
+def test_filters(
+    client: FlaskClient,
+    auth: Auth,
+    day: dict[str, Any],
+    query: dict[str, str],
+    expected: list[str],
+) -> None:
+    body = client.get(URL, query_string=query, headers=auth.headers("auditor1")).get_json()
+    assert numbers(body) == [day[name].tracking_no for name in expected]
+
+
+def test_a_proof_shows_the_chain_the_authorizing_consent_and_the_distance(
+    client: FlaskClient, auth: Auth, day: dict[str, Any]
+) -> None:
+    auditor = auth.headers("auditor1")
+    items = client.get(URL, headers=auditor).get_json()["items"]
+    drop = client.get(f"{URL}/{items[1]['event_id']}", headers=auditor).get_json()
+    assert drop["authorizing_consent"]["id"] == day["consent"]["id"]
+    assert [e["type"] for e in drop["timeline"]] == ["checked_out", "delivered_to_locker"]
+    assert drop["voided"] is False and drop["pod"] == {"pickup_code": "9981"}
+    signed = client.get(f"{URL}/{items[0]['event_id']}", headers=auditor).get_json()
+    assert signed["authorizing_consent"] is None
+    assert 60 < signed["distance_m"] < 75
+    assert [f["kind"] for f in signed["flags"]] == ["pod_blob_missing"]
+
+
+def test_every_auditor_read_is_audit_logged(
+    client: FlaskClient, auth: Auth, day: dict[str, Any], session: Session
+) -> None:
+    auditor = auth.headers("auditor1")
+    event_id = client.get(URL, headers=auditor).get_json()["items"][0]["event_id"]
+    client.get(f"{URL}/{event_id}", headers=auditor)
+    client.get(f"{URL}/export.csv", headers=auditor).get_data()
+    client.get(URL, headers=auth.headers("manager1"))  # managers' reads are not
+    actions = session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)).all()
+    assert actions == ["proofs_searched", "proof_read", "proofs_exported"]
+
+
+def test_the_csv_export_streams_the_filtered_proofs(
+    client: FlaskClient, auth: Auth, day: dict[str, Any]
+) -> None:
+    response = client.get(
+        f"{URL}/export.csv", query_string={"method": "in_person"}, headers=auth.headers("manager1")
+    )
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert [r["tracking_no"] for r in rows] == [day["signed"].tracking_no]
+    assert rows[0]["signature_sha256"] == "b" * 64
+    assert rows[0]["recipient_phone"] == "+86*******5678"
+
+
+def test_another_stations_proof_is_forbidden_to_a_manager(
+    client: FlaskClient, auth: Auth, day: dict[str, Any]
+) -> None:
+    items = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"]
+    response = client.get(f"{URL}/{items[2]['event_id']}", headers=auth.headers("manager1"))
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("username", "device", "status"),
+    [
+        ("auditor1", None, 200),
+        ("admin", None, 200),
+        ("manager1", None, 200),
+        ("courier1", "PDA-0001", 403),
+        ("app1", None, 403),
+    ],
+)
+def test_who_may_read_proofs(
+    client: FlaskClient, auth: Auth, world: World, username: str, device: str | None, status: int
+) -> None:
+    headers = auth.headers(username, device)
+    for url in (URL, f"{URL}/export.csv"):
+        assert client.get(url, headers=headers).status_code == status
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ({"method": "drone"}, "validation_error"),
+        (
+            {"occurred_from": "2026-11-23T10:00:00Z", "occurred_to": "2026-11-23T09:00:00Z"},
+            "invalid_range",
+        ),
+    ],
+)
+def test_bad_filters_are_422(
+    client: FlaskClient, auth: Auth, world: World, query: dict[str, str], code: str
+) -> None:
+    response = client.get(URL, query_string=query, headers=auth.headers("auditor1"))
+    assert response.status_code == 422 and response.get_json()["code"] == code
+
+
+def test_an_unknown_proof_is_404(client: FlaskClient, auth: Auth, world: World) -> None:
+    response = client.get(f"{URL}/999999", headers=auth.headers("auditor1"))
+    assert response.status_code == 404 and response.get_json()["code"] == "proof_not_found"

@@ -467,3 +467,30 @@ def test_a_consent_captured_after_the_drop_but_stamped_before_is_a_time_inversio
     assert {"time_inversion", "consent_after_drop"} <= kinds
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert inversion.evidence["seqs"] == [2, 3]
+
+
+def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """The clean twin: recorded after the drop, dated after it: consent_after_drop (it
+    came too late) but nothing backdated."""
+    tn = parcel.tracking_no
+    drop = pda.event(
+        2,
+        tn,
+        "delivered_to_locker",
+        occurred_at=at(60),
+        locker_id="L-1",
+        compartment="1",
+        pod={"pickup_code": "1111"},
+    )
+    late = pda.event(
+        3,
+        tn,
+        "consent_captured",
+        occurred_at=at(70),
+        consent={"method": "locker", "channel": "in_person"},
+    )
+    pda.push([pda.event(1, tn, occurred_at=at(10)), drop, late])
+    kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
+    assert kinds == {"consent_after_drop"}

@@ -199,6 +199,8 @@ def test_delivered_and_returned_conflict_unless_checked_out_again_between() -> N
 def test_a_delivery_without_a_check_out_is_flagged() -> None:
     events = [ev(1, EventType.DELIVERED, 30, pod={"signature_sha256": "b" * 64})]
     assert kinds(events) == {"delivered_not_checked_out"}
+    checked_out = [ev(1, EventType.CHECKED_OUT), *events]
+    assert kinds(checked_out) == set()
 
 
 def test_a_corrected_final_outcome_needs_review_and_counts_no_more() -> None:

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from courier_api.config import ConfigError, ensure_jwt_secret, load_config, validate_config
+from courier_api.config import (
+    ConfigError,
+    ensure_jwt_secret,
+    load_config,
+    policy_of,
+    validate_config,
+)
+from models import ServiceClass
 
 
 def test_defaults_put_the_database_and_blobs_under_instance(tmp_path: Path) -> None:
@@ -91,3 +98,20 @@ def test_the_cli_reports_a_bad_value_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Error: configuration: DEFAULT_PHONE_REGION" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_rules_policy_comes_from_the_configuration(tmp_path: Path) -> None:
+    config = load_config(
+        {
+            "CONSENT_REQUIRED_CLASSES": "express registered",
+            "SIGNATURE_REQUIRED_CLASSES": "",
+            "FAR_FROM_ADDRESS_METRES": "150",
+        },
+        tmp_path,
+    )
+    policy = policy_of(config)
+    assert policy.consent_required == {ServiceClass.EXPRESS, ServiceClass.REGISTERED}
+    assert policy.signature_required == frozenset()
+    assert policy.far_from_address_m == 150.0
+    with pytest.raises(ConfigError, match="CONSENT_REQUIRED_CLASSES"):
+        load_config({"CONSENT_REQUIRED_CLASSES": "express,parcel"}, tmp_path)

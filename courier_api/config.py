@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -51,6 +52,7 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "CONSENT_REQUIRED_CLASSES": _classes(environ, "CONSENT_REQUIRED_CLASSES", "express"),
         "SIGNATURE_REQUIRED_CLASSES": _classes(environ, "SIGNATURE_REQUIRED_CLASSES", "express"),
         "FAR_FROM_ADDRESS_METRES": _int(environ, "FAR_FROM_ADDRESS_METRES", 300),
+        "CONSENT_RECORDING_GRACE_MINUTES": _int(environ, "CONSENT_RECORDING_GRACE_MINUTES", 60),
         # Whitespace-separated: a tracking number never contains spaces once normalized,
         # while commas are common in regular expressions (\d{10,20}).
         "DOMESTIC_TRACKING_PATTERNS": tuple(environ["DOMESTIC_TRACKING_PATTERNS"].split())
@@ -135,6 +137,7 @@ def policy_of(config: Mapping[str, Any]) -> Policy:
         consent_required=config["CONSENT_REQUIRED_CLASSES"],
         signature_required=config["SIGNATURE_REQUIRED_CLASSES"],
         far_from_address_m=float(config["FAR_FROM_ADDRESS_METRES"]),
+        consent_recording_grace=dt.timedelta(minutes=config["CONSENT_RECORDING_GRACE_MINUTES"]),
     )
 
 

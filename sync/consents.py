@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, or_, select, tuple_
+from sqlalchemy.orm import Session, aliased
 
 from models import (
     Consent,
@@ -28,6 +28,7 @@ from models import (
     ConsentScope,
     EventType,
     Parcel,
+    ScanEvent,
     utcnow,
 )
 from sync.errors import InvalidInput, NotFound
@@ -210,7 +211,7 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
         ):
             found[consent.tracking_no].append(_fact(consent))
     if not _any_standing(session):
-        return found
+        return _without_voided(session, found)
     recipients = {
         (p.recipient_phone, address_key(p.address)): p for p in parcels if p.recipient_phone
     }
@@ -231,7 +232,35 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
             for parcel in by_recipient[(consent.recipient_phone, consent.address_key)]:
                 if consent.station_id in (None, parcel.station_id):
                     found[parcel.tracking_no].append(_fact(consent))
-    return found
+    return _without_voided(session, found)
+
+
+def _without_voided(
+    session: Session, found: dict[str, list[ConsentFact]]
+) -> dict[str, list[ConsentFact]]:
+    """Drop consents captured by an event a correction voided: a mis-tapped consent was
+    never given (the correction re-judges the parcel, whatever order they arrive in)."""
+    captured = [c.id for facts in found.values() for c in facts if c.device_id is not None]
+    if not captured:
+        return found
+    event = aliased(ScanEvent)
+    voided: set[int] = set()
+    for start in range(0, len(captured), _IN_CHUNK):
+        voided |= set(
+            session.scalars(
+                select(Consent.id)
+                .join(event, event.id == Consent.event_id)
+                .where(
+                    Consent.id.in_(captured[start : start + _IN_CHUNK]),
+                    exists().where(
+                        ScanEvent.device_id == event.device_id,
+                        ScanEvent.voids_client_event_id == event.client_event_id,
+                        ScanEvent.seq > event.seq,
+                    ),
+                )
+            )
+        )
+    return {tn: [c for c in facts if c.id not in voided] for tn, facts in found.items()}
 
 
 def _any_standing(session: Session) -> bool:
@@ -250,6 +279,7 @@ def _fact(consent: Consent) -> ConsentFact:
         revoked_at=consent.revoked_at,
         device_id=consent.device_id,
         seq=consent.seq,
+        recorded_at=consent.created_at,
     )
 
 

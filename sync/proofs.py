@@ -20,7 +20,14 @@ from sync.consents import consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_by
-from sync.rules import DROPS, covers, granted_before, haversine_m, in_force_at
+from sync.rules import (
+    DROPS,
+    Policy,
+    covers,
+    granted_before,
+    haversine_m,
+    in_force_at,
+)
 from sync.status import load_events
 
 DELIVERY_TYPES = (
@@ -127,7 +134,7 @@ def iter_proofs(*, session: Session, filters: ProofFilter, batch: int = 500) -> 
         after = page[-1].event.id
 
 
-def get_proof(*, session: Session, event_id: int) -> ProofDetail:
+def get_proof(*, session: Session, event_id: int, policy: Policy) -> ProofDetail:
     row = session.execute(_query(ProofFilter()).where(ScanEvent.id == event_id)).first()
     if row is None:
         raise NotFound(f"no proof of delivery with event id {event_id}", code="proof_not_found")
@@ -143,13 +150,15 @@ def get_proof(*, session: Session, event_id: int) -> ProofDetail:
     return ProofDetail(
         proof=proof,
         timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),
-        authorizing_consent=_authorizing(session, proof, events),
+        authorizing_consent=_authorizing(session, proof, events, policy),
         voided=proof.event.id in voids,
         flags=list(flags),
     )
 
 
-def _authorizing(session: Session, proof: Proof, events: Sequence[Any]) -> Consent | None:
+def _authorizing(
+    session: Session, proof: Proof, events: Sequence[Any], policy: Policy
+) -> Consent | None:
     """For a locker or pickup-point drop: the first consent that authorized it."""
     if proof.event.type not in DROPS:
         return None
@@ -158,7 +167,7 @@ def _authorizing(session: Session, proof: Proof, events: Sequence[Any]) -> Conse
     for fact in sorted(facts, key=lambda c: c.granted_at):
         if (
             covers(fact, drop)
-            and granted_before(fact, drop)
+            and granted_before(fact, drop, policy)
             and in_force_at(fact, drop.fact.occurred_at)
         ):
             return session.get(Consent, fact.id)

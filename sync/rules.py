@@ -46,6 +46,10 @@ class Policy:
     consent_required: frozenset[ServiceClass] = frozenset({ServiceClass.EXPRESS})
     signature_required: frozenset[ServiceClass] = frozenset({ServiceClass.EXPRESS})
     far_from_address_m: float = 300.0
+    # A consent from a recipient channel says when it was granted; it counts for a drop
+    # only if it was also recorded by then, give or take this (an SMS gateway's lag),
+    # so that a consent posted after a drop cannot be dated before it.
+    consent_recording_grace: dt.timedelta = dt.timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class ConsentFact:
     # Captured on a PDA: its event, whose seq orders it against that device's drops.
     device_id: str | None = None
     seq: int | None = None
+    recorded_at: dt.datetime | None = None  # when the server stored it
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,10 @@ def _drops(
     unauthorized, late = [], []
     for drop in (e for e in counting if e.fact.type in DROPS):
         matching = [c for c in consents if covers(c, drop)]
-        if any(
-            granted_before(c, drop) and in_force_at(c, drop.fact.occurred_at) for c in matching
-        ):
+        at = drop.fact.occurred_at
+        if any(granted_before(c, drop, policy) and in_force_at(c, at) for c in matching):
             continue
-        after = [c.id for c in matching if not granted_before(c, drop)]
+        after = [c.id for c in matching if not granted_before(c, drop, policy)]
         (late if after else unauthorized).append((drop.fact.event_id, after))
     if unauthorized:
         flags["unauthorized_locker_drop"] = {
@@ -140,12 +144,21 @@ def covers(consent: ConsentFact, drop: EventDetail) -> bool:
     return consent.point_id is None or consent.point_id == point
 
 
-def granted_before(consent: ConsentFact, drop: EventDetail) -> bool:
+def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> bool:
     """Granted before the drop. A consent captured on the drop's own PDA is ordered by
-    sequence number, not by time: a higher seq stamped earlier is a backdated consent."""
+    sequence number, not by time: a higher seq stamped earlier is a backdated consent.
+    One from a recipient channel must also have been recorded by the drop (with the
+    policy's grace): its ``granted_at`` is the sender's word."""
     if consent.device_id == drop.fact.device_id and consent.seq is not None:
         return consent.seq < drop.fact.seq
-    return consent.granted_at <= drop.fact.occurred_at
+    at = drop.fact.occurred_at
+    if consent.granted_at > at:
+        return False
+    return (
+        consent.device_id is not None
+        or consent.recorded_at is None
+        or consent.recorded_at <= at + policy.consent_recording_grace
+    )
 
 
 def in_force_at(consent: ConsentFact, at: dt.datetime) -> bool:
@@ -189,20 +202,21 @@ def _proofs(
 
 
 def _outcomes(counting: Sequence[EventDetail], flags: dict[str, dict[str, Any]]) -> None:
-    """Two final outcomes with no new check-out between them, or a delivery that no
-    check-out preceded."""
+    """Two final outcomes with no new check-out between them, or a delivery by a courier
+    the parcel was not checked out to (rule 1's example)."""
     conflicting: list[int] = []
     not_checked_out: list[int] = []
     last_outcome: EventDetail | None = None
-    checked_out = False
+    checked_out_by: set[int] = set()  # couriers the parcel was checked out to
     for event in counting:
         kind = event.fact.type
         if kind == EventType.CHECKED_OUT:
-            checked_out, last_outcome = True, None
+            checked_out_by.add(event.fact.courier_id)
+            last_outcome = None
         elif kind in FINAL_OUTCOMES:
             if last_outcome is not None:
                 conflicting += [last_outcome.fact.event_id, event.fact.event_id]
-            if kind in DELIVERIES and not checked_out:
+            if kind in DELIVERIES and event.fact.courier_id not in checked_out_by:
                 not_checked_out.append(event.fact.event_id)
             last_outcome = event
     if conflicting:

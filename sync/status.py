@@ -278,17 +278,17 @@ def apply_rule_flags(
                 if flag.evidence != evidence:
                     flag.evidence = evidence
             else:
-                raised.append(
-                    raise_flag(
-                        session=session,
-                        kind=kind,
-                        severity=SEVERITY[kind],
-                        subject=FlagSubject("parcel", tn),
-                        station_id=parcel.station_id,
-                        evidence=evidence,
-                        courier_id=holders.get(tn),
-                    ).flag
-                )
+                reopened = raise_flag(
+                    session=session,
+                    kind=kind,
+                    severity=SEVERITY[kind],
+                    subject=FlagSubject("parcel", tn),
+                    station_id=parcel.station_id,
+                    evidence=evidence,
+                    courier_id=holders.get(tn),
+                ).flag
+                reopened.evidence = evidence  # what the rule finds now, not merged history
+                raised.append(reopened)
         for kind in RULE_KINDS:
             flag = existing.get((tn, kind))
             if kind not in wanted and flag is not None and flag.status in ACTIVE_STATUSES:

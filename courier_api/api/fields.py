@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
@@ -58,3 +59,17 @@ class IdConverter(IntegerConverter):
 
 def id_converter_schema(_converter: IdConverter) -> dict[str, Any]:
     return {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+
+
+class UtcTime(ma.fields.AwareDateTime):
+    """An ISO 8601 time with an offset, given back in UTC; times that UTC cannot hold
+    (year 1 east of Greenwich) are a 422, not an overflow."""
+
+    default_error_messages = {"out_of_range": "the time is out of range"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        moment: dt.datetime = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(dt.UTC)
+        except OverflowError:
+            raise self.make_error("out_of_range") from None

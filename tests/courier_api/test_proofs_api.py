@@ -31,7 +31,7 @@ def day(client: FlaskClient, auth: Auth, session: Session, world: World) -> dict
     elsewhere = factories.parcel(session, world.other_station)
     factories.user(session, "courier2", "courier", world.other_station)
     session.commit()
-    at = now() - dt.timedelta(hours=2)
+    at = now() - dt.timedelta(minutes=40)  # the consent is recorded within the grace
     consent = client.post(
         "/api/v1/consents",
         json={
@@ -208,3 +208,15 @@ def test_bad_filters_are_422(
 def test_an_unknown_proof_is_404(client: FlaskClient, auth: Auth, world: World) -> None:
     response = client.get(f"{URL}/999999", headers=auth.headers("auditor1"))
     assert response.status_code == 404 and response.get_json()["code"] == "proof_not_found"
+
+
+def test_an_auditor_reading_a_parcel_is_audit_logged(
+    client: FlaskClient, auth: Auth, day: dict[str, Any], session: Session
+) -> None:
+    tracking_no = day["signed"].tracking_no
+    assert (
+        client.get(f"/api/v1/parcels/{tracking_no}", headers=auth.headers("auditor1")).status_code
+        == 200
+    )
+    entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "parcel_read")).one()
+    assert entry.subject_key == tracking_no

@@ -494,3 +494,34 @@ def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversio
     pda.push([pda.event(1, tn, occurred_at=at(10)), drop, late])
     kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
     assert kinds == {"consent_after_drop"}
+
+
+def test_a_consent_captured_then_voided_by_a_correction_authorizes_nothing(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    tn = parcel.tracking_no
+    captured = pda.event(
+        2, tn, "consent_captured", occurred_at=at(20), consent={"method": "any", "channel": "sms"}
+    )
+    drop = pda.event(
+        4,
+        tn,
+        "delivered_to_locker",
+        occurred_at=at(40),
+        locker_id="L-1",
+        compartment="1",
+        pod={"pickup_code": "1"},
+    )
+    correction = pda.event(
+        3,
+        tn,
+        "correction",
+        occurred_at=at(30),
+        voids_client_event_id=captured["client_event_id"],
+        reason="the recipient said no",
+    )
+    pda.push([pda.event(1, tn, occurred_at=at(10)), captured, drop])
+    assert "unauthorized_locker_drop" not in set(session.scalars(select(Flag.kind)))
+    pda.push([correction])
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    assert flag.status == FlagStatus.OPEN

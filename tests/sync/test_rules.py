@@ -1,5 +1,6 @@
 """Each rule of rules 4 and 5, with its clean twin (pure: no database)."""
 
+import dataclasses
 import datetime as dt
 import uuid
 from typing import Any
@@ -217,3 +218,21 @@ def test_evidence_names_the_events() -> None:
     day = locker_day(**POD)
     flags = evaluate(EXPRESS, day, [], POLICY, frozenset({"a" * 64}))
     assert flags["unauthorized_locker_drop"]["event_ids"] == [day[2].fact.event_id]
+
+
+def test_a_consent_posted_long_after_the_drop_cannot_be_dated_before_it() -> None:
+    """granted_at is the channel's word: recorded more than the grace after the drop,
+    the consent counts as after it."""
+    recorded_late = T + dt.timedelta(hours=3)
+    assert kinds(locker_day(**POD), [consent(10, recorded_at=recorded_late)]) == {
+        "consent_after_drop"
+    }
+    recorded_soon = T + dt.timedelta(minutes=50)
+    assert kinds(locker_day(**POD), [consent(10, recorded_at=recorded_soon)]) == set()
+
+
+def test_a_delivery_by_a_courier_it_was_not_checked_out_to_is_flagged() -> None:
+    checked_out = ev(1, EventType.CHECKED_OUT)
+    other = ev(2, EventType.DELIVERED, 30, device="PDA-2", pod={"signature_sha256": "b" * 64})
+    other = EventDetail(dataclasses.replace(other.fact, courier_id=2), other.details)
+    assert kinds([checked_out, other]) == {"delivered_not_checked_out"}

@@ -5,7 +5,7 @@ from typing import Any
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
-from courier_api.api.fields import After, Id, Text
+from courier_api.api.fields import After, Id, Text, UtcTime
 from models import ConsentChannel, ConsentMethod, ConsentScope
 from sync.phones import mask_phone
 
@@ -35,10 +35,8 @@ class ConsentIn(ma.Schema):
         metadata={"description": "A specific locker or pickup point; default any of the method"},
     )
     channel = ma.fields.Enum(ConsentChannel, by_value=True, required=True)
-    granted_at = ma.fields.AwareDateTime(
-        required=True, metadata={"description": "When the recipient agreed"}
-    )
-    expires_at = ma.fields.AwareDateTime(allow_none=True)
+    granted_at = UtcTime(required=True, metadata={"description": "When the recipient agreed"})
+    expires_at = UtcTime(allow_none=True)
     evidence = Text(
         validate=ma.validate.Length(max=500),
         metadata={"description": "A reference to the recording, message or form"},

@@ -1,26 +1,9 @@
-import datetime as dt
-from typing import Any
-
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
-from courier_api.api.fields import After, Id, Text
+from courier_api.api.fields import After, Id, Text, UtcTime
 from models import FlagSeverity, FlagStatus
 from sync.flags import MAX_NOTE_LENGTH
-
-
-class UtcTime(ma.fields.AwareDateTime):
-    """An ISO 8601 time with an offset, given back in UTC; times that UTC cannot hold
-    (year 1 east of Greenwich) are a 422, not an overflow."""
-
-    default_error_messages = {"out_of_range": "the time is out of range"}
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        moment: dt.datetime = super()._deserialize(value, attr, data, **kwargs)
-        try:
-            return moment.astimezone(dt.UTC)
-        except OverflowError:
-            raise self.make_error("out_of_range") from None
 
 
 class FlagListArgs(PageArgs):

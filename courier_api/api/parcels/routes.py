@@ -11,6 +11,7 @@ from courier_api.api.parcels.schemas import ParcelDetail, ParcelIntakeRequest, P
 from courier_api.auth import current_principal, ensure_station_access
 from courier_api.extensions import db
 from models import Parcel, Role
+from sync import audit
 from sync.errors import LimitExceeded
 from sync.parcels import IntakeScope, TimelineEntry, get_parcel, parcel_timeline
 from sync.phones import mask_phone
@@ -69,7 +70,18 @@ class ParcelByTrackingNo(MethodView):
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_station_access(parcel.station_id)
-        role = current_principal().role
+        principal = current_principal()
+        role = principal.role
+        if role == Role.AUDITOR:  # rule 7: its proofs and the unmasked phone go out logged
+            audit.append(
+                session=db.session,
+                actor_id=principal.user_id,
+                action="parcel_read",
+                subject_type="parcel",
+                subject_key=parcel.tracking_no,
+                details={},
+            )
+            db.session.commit()
         view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
         timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
         # A locker's pickup code opens the compartment: other couriers have no use for it.

@@ -5,7 +5,7 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, stream_with_context
+from flask import Response, current_app, stream_with_context
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
@@ -13,6 +13,7 @@ from courier_api.api.pagination import keyset_page
 from courier_api.api.parcels.routes import timeline_view
 from courier_api.api.proofs.schemas import ProofArgs, ProofDetailOut, ProofListArgs, ProofPage
 from courier_api.auth import Principal, current_principal, ensure_station_access
+from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Role
 from sync import audit
@@ -194,7 +195,9 @@ class ProofById(MethodView):
         it (null: none did), and the parcel's flags. Audit-logged for auditors.
         """
         principal = current_principal()
-        detail = get_proof(session=db.session, event_id=event_id)
+        detail = get_proof(
+            session=db.session, event_id=event_id, policy=policy_of(current_app.config)
+        )
         ensure_station_access(detail.proof.parcel.station_id)
         _log_read(
             principal, "proof_read", str(event_id), {"tracking_no": detail.proof.event.tracking_no}

@@ -3,7 +3,7 @@ from __future__ import annotations
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
-from courier_api.api.fields import After, Id, Text
+from courier_api.api.fields import After, Id, Text, UtcTime
 from courier_api.api.parcels.schemas import TimelineEvent
 from sync.proofs import METHODS
 
@@ -12,8 +12,8 @@ class ProofArgs(ma.Schema):
     station_id = Id(metadata={"description": "Managers see their own station"})
     tracking_no = Text()
     courier_id = Id()
-    occurred_from = ma.fields.AwareDateTime(metadata={"description": "Corrected time, inclusive"})
-    occurred_to = ma.fields.AwareDateTime(metadata={"description": "Corrected time, exclusive"})
+    occurred_from = UtcTime(metadata={"description": "Corrected time, inclusive"})
+    occurred_to = UtcTime(metadata={"description": "Corrected time, exclusive"})
     flag_kind = Text(metadata={"description": "Only parcels with a flag of this kind"})
     method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
 

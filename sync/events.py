@@ -181,6 +181,13 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
         for name, (required, parse) in spec.items()
         if required or raw.get(name) is not None
     }
+    consent = details.get("consent")
+    if consent is not None and consent["method"] == "any" and "point_id" in consent:
+        raise EventRejected(
+            "a specific point needs method locker or pickup_point",
+            code="point_without_method",
+            field="consent.point_id",
+        )
     if event_type == EventType.CORRECTION and details["voids_client_event_id"] == str(
         client_event_id
     ):

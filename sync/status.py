@@ -398,11 +398,15 @@ def rejudge_for_consent(*, session: Session, consent: Any, policy: Policy) -> li
     the couriers holding them (a ``consent`` entry in their pull feed)."""
     tracking_nos = covered_parcels(session, consent)
     reproject(session=session, tracking_nos=tracking_nos, policy=policy)
-    holders = session.execute(
-        select(Parcel.station_id, Parcel.courier_id, Parcel.tracking_no).where(
-            Parcel.tracking_no.in_(tracking_nos), Parcel.courier_id.is_not(None)
+    holders = [
+        row
+        for chunk in _chunks(sorted(tracking_nos))
+        for row in session.execute(
+            select(Parcel.station_id, Parcel.courier_id, Parcel.tracking_no).where(
+                among(session, Parcel.tracking_no, chunk), Parcel.courier_id.is_not(None)
+            )
         )
-    ).all()
+    ]
     feed.record(
         session,
         (

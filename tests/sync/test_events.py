@@ -125,6 +125,14 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
         ),
         (event(type="correction", reason="mis-tap"), "missing_field", "voids_client_event_id"),
         (
+            event(
+                type="consent_captured",
+                consent={"method": "any", "point_id": "L-1", "channel": "sms"},
+            ),
+            "point_without_method",
+            "consent.point_id",
+        ),
+        (
             event(type="correction", voids_client_event_id=str(uuid.uuid4())),
             "missing_field",
             "reason",

@@ -126,6 +126,15 @@ def raise_new_flags(*, session: Session, flags: Sequence[Flag]) -> list[Flag]:
     return list(flags)
 
 
+def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
+    """Open a resolved or closed flag again: its cause is back with new evidence."""
+    if flag.status in (FlagStatus.RESOLVED, FlagStatus.CLOSED):
+        _record(session, flag, flag.status, FlagStatus.OPEN, note=note)
+        flag.status = FlagStatus.OPEN
+        flag.closed_reason = None
+    return flag
+
+
 def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:
     """Close an open flag because its cause disappeared; ``reason`` says why."""
     flag = _locked(session, kind, subject)
@@ -353,7 +362,7 @@ def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Later evidence wins per key; lists of event and batch ids accumulate (the first
     ``MAX_EVIDENCE_IDS`` are kept: they are what an investigation starts from)."""
     merged = {**old, **new}
-    for key in ("event_ids", "batch_ids"):
+    for key in ("event_ids", "batch_ids", "seqs"):
         if key in old or key in new:
             ids = sorted(
                 set(old.get(key, [])) | set(new.get(key, [])),

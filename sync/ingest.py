@@ -389,21 +389,17 @@ class _BatchIngest:
             ):
                 known[seq] = (device_time, tracking_no)
         pairs = {(seq - 1, seq) for seq in new} | {(seq, seq + 1) for seq in new}
+        inverted: dict[str, set[int]] = {}
         for before, after in sorted(pairs):
             if before in known and after in known and known[after][0] < known[before][0]:
-                self._flag(
-                    "time_inversion",
-                    FlagSeverity.WARNING,
-                    FlagSubject("parcel", known[after][1]),
-                    {
-                        "device_id": self.pusher.device_id,
-                        "seqs": [before, after],
-                        "device_times": [
-                            known[before][0].isoformat(),
-                            known[after][0].isoformat(),
-                        ],
-                    },
-                )
+                inverted.setdefault(known[after][1], set()).update((before, after))
+        for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
+            self._flag(
+                "time_inversion",
+                FlagSeverity.WARNING,
+                FlagSubject("parcel", tracking_no),
+                {"device_id": self.pusher.device_id, "seqs": sorted(seqs)},
+            )
 
     def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
         """Row ids of events just stored (the bulk insert does not return them)."""

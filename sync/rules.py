@@ -116,8 +116,10 @@ def _drops(
     if parcel.service_class not in policy.consent_required:
         return
     unauthorized, late = [], []
+    considered: set[int] = set()  # consents for this method and point that did not do
     for drop in (e for e in counting if e.fact.type in DROPS):
         matching = [c for c in consents if covers(c, drop)]
+        considered.update(c.id for c in matching)
         at = drop.fact.occurred_at
         if any(granted_before(c, drop, policy) and in_force_at(c, at) for c in matching):
             continue
@@ -126,7 +128,7 @@ def _drops(
     if unauthorized:
         flags["unauthorized_locker_drop"] = {
             "event_ids": [event_id for event_id, _ in unauthorized],
-            "consent_ids": sorted(c.id for c in consents),
+            "consent_ids": sorted(considered),
         }
     if late:
         flags["consent_after_drop"] = {

@@ -30,7 +30,14 @@ from models import (
 from sync import feed
 from sync.consents import consents_for, covered_parcels
 from sync.events import referenced_blobs
-from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
+from sync.flags import (
+    ACTIVE_STATUSES,
+    FlagSubject,
+    close_flags,
+    raise_flag,
+    raise_new_flags,
+    reopen_flag,
+)
 from sync.projection import EventFact, project
 from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
 from sync.sql import among
@@ -274,6 +281,11 @@ def apply_rule_flags(
                         evidence=evidence,
                     )
                 )
+            elif flag.status == FlagStatus.RESOLVED and _new_events(flag.evidence, evidence):
+                # Resolved for the events a manager saw; new ones must be seen too.
+                reopen_flag(session=session, flag=flag, note="the rule fails again on new events")
+                flag.evidence = evidence
+                raised.append(flag)
             elif flag.status != FlagStatus.CLOSED:
                 if flag.evidence != evidence:
                     flag.evidence = evidence
@@ -374,6 +386,10 @@ def targets_of_corrections(
             )
         )
     }
+
+
+def _new_events(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return not set(new.get("event_ids", [])) <= set(old.get("event_ids", []))
 
 
 def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None:

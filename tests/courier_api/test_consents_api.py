@@ -308,3 +308,36 @@ def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask)
     assert changes[0]["parcel"]["consents"] == [
         {"method": "locker", "point_id": "L-4", "expires_at": None}
     ]
+
+
+def test_a_resolved_flag_reopens_when_the_rule_fails_again_on_new_events(
+    client: FlaskClient, auth: Auth, parcel: Parcel, session: Session
+) -> None:
+    drop_at = now() - dt.timedelta(hours=2)
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, dt.timedelta(0))
+    flag_id = receipt["flags_raised"][0]["flag_id"]
+    resolved = client.post(
+        f"/api/v1/flags/{flag_id}/resolve",
+        json={"note": "recipient confirmed by phone"},
+        headers=auth.headers("manager1"),
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    again = [
+        factories.event(3, parcel.tracking_no, occurred_at=drop_at + dt.timedelta(minutes=30)),
+        factories.event(
+            4,
+            parcel.tracking_no,
+            "delivered_to_locker",
+            occurred_at=drop_at + dt.timedelta(minutes=40),
+            locker_id="L-2",
+            compartment="1",
+            pod={"pickup_code": "1"},
+        ),
+    ]
+    receipt = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", again),
+        headers=auth.headers("courier1", "PDA-0001"),
+    ).get_json()
+    assert flag_id in [f["flag_id"] for f in receipt["flags_raised"]]
+    assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) == FlagStatus.OPEN

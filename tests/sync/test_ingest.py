@@ -467,6 +467,7 @@ def test_a_consent_captured_after_the_drop_but_stamped_before_is_a_time_inversio
     assert {"time_inversion", "consent_after_drop"} <= kinds
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert inversion.evidence["seqs"] == [2, 3]
+    assert inversion.evidence["device_id"] == "PDA-0001"
 
 
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(

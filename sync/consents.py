@@ -34,13 +34,12 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
-from sync.sql import among
+from sync.sql import IN_CHUNK, among, chunks
 from sync.tracking import TrackingNumberPolicy
 
 _NOT_WORD = re.compile(r"[\W_]+")
 # A consent granted "in the future" is a clock error of the channel, not a promise.
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
-_IN_CHUNK = 900
 
 
 def address_key(address: str) -> str:
@@ -203,11 +202,9 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
     parcels = list(parcels)
     found: dict[str, list[ConsentFact]] = defaultdict(list)
     numbers = [p.tracking_no for p in parcels]
-    for start in range(0, len(numbers), _IN_CHUNK):
+    for chunk in chunks(numbers):
         for consent in session.scalars(
-            select(Consent).where(
-                among(session, Consent.tracking_no, numbers[start : start + _IN_CHUNK])
-            )
+            select(Consent).where(among(session, Consent.tracking_no, chunk))
         ):
             found[consent.tracking_no].append(_fact(consent))
     if not _any_standing(session):
@@ -220,13 +217,11 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
         if p.recipient_phone:
             by_recipient[(p.recipient_phone, address_key(p.address))].append(p)
     keys = list(recipients)
-    for start in range(0, len(keys), _IN_CHUNK // 2):
+    for chunk in chunks(keys, IN_CHUNK // 2):  # two parameters a key
         for consent in session.scalars(
             select(Consent).where(
                 Consent.scope == ConsentScope.STANDING,
-                tuple_(Consent.recipient_phone, Consent.address_key).in_(
-                    keys[start : start + _IN_CHUNK // 2]
-                ),
+                tuple_(Consent.recipient_phone, Consent.address_key).in_(chunk),
             )
         ):
             for parcel in by_recipient[(consent.recipient_phone, consent.address_key)]:
@@ -245,13 +240,13 @@ def _without_voided(
         return found
     event = aliased(ScanEvent)
     voided: set[int] = set()
-    for start in range(0, len(captured), _IN_CHUNK):
+    for chunk in chunks(captured):
         voided |= set(
             session.scalars(
                 select(Consent.id)
                 .join(event, event.id == Consent.event_id)
                 .where(
-                    Consent.id.in_(captured[start : start + _IN_CHUNK]),
+                    Consent.id.in_(chunk),
                     exists().where(
                         ScanEvent.device_id == event.device_id,
                         ScanEvent.voids_client_event_id == event.client_event_id,

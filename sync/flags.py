@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from models import Flag, FlagChange, FlagSeverity, FlagStatus
 from sync import audit
 from sync.errors import Conflict, InvalidInput, NotFound
+from sync.sql import chunks
 
 ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
 MAX_PAGE_SIZE = 500
@@ -153,13 +154,13 @@ def close_flags(
     for subject in subjects:
         by_type.setdefault(subject.type, []).append(subject.key)
     for subject_type, keys in by_type.items():
-        for start in range(0, len(keys), 900):
+        for chunk in chunks(keys):
             for flag in session.scalars(
                 select(Flag)
                 .where(
                     Flag.kind == kind,
                     Flag.subject_type == subject_type,
-                    Flag.subject_key.in_(keys[start : start + 900]),
+                    Flag.subject_key.in_(chunk),
                     Flag.status.in_(ACTIVE_STATUSES),
                 )
                 .with_for_update()

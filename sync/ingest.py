@@ -27,7 +27,7 @@ import datetime as dt
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,12 +63,11 @@ from sync.events import (
 )
 from sync.flags import FlagSubject, raise_flag
 from sync.rules import Policy
-from sync.sql import among
+from sync.sql import among, chunks
 from sync.status import reproject, targets_of_corrections
 
 log = logging.getLogger(__name__)
 
-_IN_CHUNK = 900  # below SQLite's and PostgreSQL's bound-parameter limits
 # A Core insert: events are written in bulk, never loaded back as ORM objects here.
 INSERT_EVENTS = insert(ScanEvent.__table__)
 
@@ -297,7 +296,7 @@ class _BatchIngest:
     def _held_by_id(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
         return {
             row.client_event_id: row
-            for chunk in _chunks(ids)
+            for chunk in chunks(ids)
             for row in self.session.execute(
                 select(ScanEvent.client_event_id, ScanEvent.content_hash, ScanEvent.id).where(
                     ScanEvent.device_id == self.pusher.device_id,
@@ -309,7 +308,7 @@ class _BatchIngest:
     def _held_by_seq(self, seqs: Sequence[int]) -> dict[int, uuid.UUID]:
         return {
             row.seq: row.client_event_id
-            for chunk in _chunks(seqs)
+            for chunk in chunks(seqs)
             for row in self.session.execute(
                 select(ScanEvent.seq, ScanEvent.client_event_id).where(
                     ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
@@ -381,7 +380,7 @@ class _BatchIngest:
         known: dict[int, tuple[dt.datetime, str]] = {
             seq: (event.occurred_at_device, event.tracking_no) for seq, event in new.items()
         }
-        for chunk in _chunks(sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
+        for chunk in chunks(sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
             for seq, device_time, tracking_no in self.session.execute(
                 select(ScanEvent.seq, ScanEvent.occurred_at_device, ScanEvent.tracking_no).where(
                     ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
@@ -406,7 +405,7 @@ class _BatchIngest:
         ids = [e.client_event_id for e in events]
         return {
             client_event_id: event_id
-            for chunk in _chunks(ids)
+            for chunk in chunks(ids)
             for client_event_id, event_id in self.session.execute(
                 select(ScanEvent.client_event_id, ScanEvent.id).where(
                     ScanEvent.device_id == self.pusher.device_id,
@@ -518,7 +517,7 @@ class _BatchIngest:
         hashes = [r.payload_hash for r in self.rejections]
         kept = {
             row.payload_hash: row
-            for chunk in _chunks(hashes)
+            for chunk in chunks(hashes)
             for row in self.session.scalars(
                 select(QuarantinedEvent).where(
                     QuarantinedEvent.device_id == self.pusher.device_id,
@@ -711,11 +710,6 @@ def _lock_device(session: Session, device_id: str) -> None:
         .where(DeviceSyncState.device_id == device_id)
         .with_for_update()
     )
-
-
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
 
 
 def _storable(value: Any, max_length: int) -> str | None:

@@ -18,11 +18,11 @@ from sync.flags import FlagSubject, close_flags
 from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, ordered, voided_by
 from sync.rules import Policy
+from sync.sql import chunks
 from sync.status import load_events, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.
-_IN_CHUNK = 900
 
 
 class IntakeStatus(enum.StrEnum):
@@ -287,15 +287,10 @@ def _by_key(
     """Rows whose ``column`` is one of ``keys``, by that value, in chunks of IN lists."""
     model = column.class_
     found: dict[str, Any] = {}
-    for chunk in _chunks(sorted(keys)):
+    for chunk in chunks(sorted(keys)):
         for row in session.scalars(select(model).where(column.in_(chunk))):
             found[getattr(row, column.key)] = row
     return found
-
-
-def _chunks(items: list[str]) -> Iterable[list[str]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, any_, literal
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -22,3 +22,14 @@ def among(
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(literal(list(values), ARRAY(column.type)))
     return column.in_(values)
+
+
+T = TypeVar("T")
+# Keys per IN list: well below SQLite's and PostgreSQL's bound-parameter limits.
+IN_CHUNK = 900
+
+
+def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
+    """``items`` in slices of ``size``, for look-ups by many keys."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

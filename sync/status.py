@@ -40,11 +40,10 @@ from sync.flags import (
 )
 from sync.projection import EventFact, project
 from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
-from sync.sql import among
+from sync.sql import among, chunks
 
 DEFAULT_POLICY = Policy()
 
-_IN_CHUNK = 900  # below SQLite's and PostgreSQL's bound-parameter limits
 
 # The tracking number, then EventFact's fields in its order.
 FACT_COLUMNS = (
@@ -113,7 +112,7 @@ def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
     numbers = sorted(set(tracking_nos))
     if not numbers or session.get_bind().dialect.name != "postgresql":
         return
-    for chunk in _chunks(numbers):
+    for chunk in chunks(numbers):
         session.execute(LOCK_TRACKING_NUMBERS, {"space": LOCK_SPACE, "numbers": list(chunk)})
 
 
@@ -143,7 +142,7 @@ def reproject(
     lock_parcels(session, wanted)
     parcels = {
         row.tracking_no: row
-        for chunk in _chunks(wanted)
+        for chunk in chunks(wanted)
         for row in session.execute(
             select(*PARCEL_COLUMNS)
             .where(among(session, Parcel.tracking_no, chunk))
@@ -222,7 +221,7 @@ def _judge(
     }
     stored = frozenset(
         digest
-        for chunk in _chunks(sorted(referenced))
+        for chunk in chunks(sorted(referenced))
         for digest in session.scalars(
             select(Blob.sha256).where(among(session, Blob.sha256, chunk))
         )
@@ -253,7 +252,7 @@ def apply_rule_flags(
     """
     existing = {
         (flag.subject_key, flag.kind): flag
-        for chunk in _chunks(sorted(parcels))
+        for chunk in chunks(sorted(parcels))
         for flag in session.scalars(
             select(Flag).where(
                 Flag.subject_type == "parcel",
@@ -321,7 +320,7 @@ def load_events(session: Session, tracking_nos: Sequence[str]) -> dict[str, list
     """Each parcel's events, plus corrections sent under another tracking number that
     void one of them (a correction voids its target wherever it was filed)."""
     events: dict[str, list[EventDetail]] = {tracking_no: [] for tracking_no in tracking_nos}
-    for chunk in _chunks(tracking_nos):
+    for chunk in chunks(tracking_nos):
         for row in session.execute(
             select(*FACT_COLUMNS).where(among(session, ScanEvent.tracking_no, chunk))
         ):
@@ -349,7 +348,7 @@ def _corrections_from_elsewhere(
     for device_id, ids in by_device.items():
         if not _has_corrections(session, device_id):
             continue  # the usual case: one index probe instead of a look-up per event
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             for row in session.execute(
                 select(*FACT_COLUMNS).where(
                     ScanEvent.device_id == device_id,
@@ -379,7 +378,7 @@ def targets_of_corrections(
     """Tracking numbers of this device's events that these corrections void."""
     return {
         tracking_no
-        for chunk in _chunks(voided_ids)
+        for chunk in chunks(voided_ids)
         for tracking_no in session.scalars(
             select(ScanEvent.tracking_no).where(
                 ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk)
@@ -404,11 +403,6 @@ def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None
         set_committed_value(parcel, "updated_at", values["new_updated_at"])
 
 
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
-
-
 def rejudge_for_consent(*, session: Session, consent: Any, policy: Policy) -> list[str]:
     """After a consent is granted or revoked: re-judge the parcels it covers, and tell
     the couriers holding them (a ``consent`` entry in their pull feed)."""
@@ -416,7 +410,7 @@ def rejudge_for_consent(*, session: Session, consent: Any, policy: Policy) -> li
     reproject(session=session, tracking_nos=tracking_nos, policy=policy)
     holders = [
         row
-        for chunk in _chunks(sorted(tracking_nos))
+        for chunk in chunks(sorted(tracking_nos))
         for row in session.execute(
             select(Parcel.station_id, Parcel.courier_id, Parcel.tracking_no).where(
                 among(session, Parcel.tracking_no, chunk), Parcel.courier_id.is_not(None)

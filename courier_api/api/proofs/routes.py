@@ -11,7 +11,14 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.pagination import keyset_page
 from courier_api.api.parcels.routes import timeline_view
-from courier_api.api.proofs.schemas import ProofArgs, ProofDetailOut, ProofListArgs, ProofPage
+from courier_api.api.proofs.schemas import (
+    ConsentRef,
+    FlagRef,
+    ProofArgs,
+    ProofDetailOut,
+    ProofListArgs,
+    ProofPage,
+)
 from courier_api.auth import Principal, current_principal, ensure_station_access
 from courier_api.config import policy_of
 from courier_api.extensions import db
@@ -208,22 +215,9 @@ class ProofById(MethodView):
             "voided": detail.voided,
             "authorizing_consent": None
             if consent is None
-            else {name: getattr(consent, name) for name in CONSENT_FIELDS},
+            else {name: getattr(consent, name) for name in ConsentRef._declared_fields},
             "timeline": [timeline_view(e, False) for e in detail.timeline],
-            "flags": [{name: getattr(f, name) for name in FLAG_FIELDS} for f in detail.flags],
+            "flags": [
+                {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags
+            ],
         }
-
-
-CONSENT_FIELDS = (
-    "id",
-    "scope",
-    "method",
-    "point_id",
-    "channel",
-    "granted_at",
-    "expires_at",
-    "revoked_at",
-    "evidence",
-    "event_id",
-)
-FLAG_FIELDS = ("id", "kind", "severity", "status", "evidence", "closed_reason")

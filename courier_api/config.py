@@ -16,6 +16,7 @@ import phonenumbers
 from models import ServiceClass
 from sync.accounts import check_password_hash_method
 from sync.rules import Policy
+from sync.shifts import ShiftRules
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,17 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         else DEFAULT_DOMESTIC_PATTERNS,
         "DEFAULT_PHONE_REGION": environ.get("DEFAULT_PHONE_REGION", "CN").upper() or None,
         "PASSWORD_HASH_METHOD": environ.get("PASSWORD_HASH_METHOD", "scrypt"),
+        # Shifts, sweeps and reports (issue 5).
+        "SHIFT_PLANNED_HOURS": _int(environ, "SHIFT_PLANNED_HOURS", 10),
+        "SHIFT_CLOSE_GRACE_MINUTES": _int(environ, "SHIFT_CLOSE_GRACE_MINUTES", 30),
+        "STALE_DEVICE_MINUTES": _int(environ, "STALE_DEVICE_MINUTES", 45),
+        "BLOB_MISSING_GRACE_MINUTES": _int(environ, "BLOB_MISSING_GRACE_MINUTES", 60),
+        "PROOF_RETENTION_DAYS": _int(environ, "PROOF_RETENTION_DAYS", 365),
+        "DELIVERY_DEADLINE_HOURS": _deadlines(
+            environ, "DELIVERY_DEADLINE_HOURS", "express=24 registered=48 parcel=72 ordinary=96"
+        ),
+        "SCHEDULER_LEASE_SECONDS": _int(environ, "SCHEDULER_LEASE_SECONDS", 60),
+        "SCHEDULER_IN_WEB": _flag(environ, "SCHEDULER_IN_WEB", False),
         "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),
     }
 
@@ -129,6 +141,46 @@ def _classes(environ: Mapping[str, str], name: str, default: str) -> frozenset[S
         raise ConfigError(
             f"{name} lists service classes separated by spaces ({choices}), got {raw!r}"
         ) from None
+
+
+def _deadlines(environ: Mapping[str, str], name: str, default: str) -> dict[ServiceClass, int]:
+    """``express=24 parcel=72 ...``: hours from intake to delivery, per service class.
+
+    Every class needs one: the on-time rate is measured against it.
+    """
+    raw = environ.get(name) or default
+    hours: dict[ServiceClass, int] = {}
+    for item in raw.split():
+        key, _, value = item.partition("=")
+        try:
+            service_class = ServiceClass(key)
+            hours[service_class] = int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{name} lists class=hours pairs separated by spaces "
+                f"(e.g. {default!r}), got {raw!r}"
+            ) from None
+        if hours[service_class] <= 0:
+            raise ConfigError(f"{name}: hours must be positive, got {item!r}")
+    missing = [c.value for c in ServiceClass if c not in hours]
+    if missing:
+        raise ConfigError(f"{name} gives no deadline for {', '.join(missing)}")
+    return hours
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def shift_rules_of(config: Mapping[str, Any]) -> ShiftRules:
+    return ShiftRules(planned_length=dt.timedelta(hours=config["SHIFT_PLANNED_HOURS"]))
 
 
 def policy_of(config: Mapping[str, Any]) -> Policy:

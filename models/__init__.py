@@ -15,12 +15,17 @@ from models.enums import (
     FlagSeverity,
     FlagStatus,
     ParcelStatus,
+    ReportKind,
     Role,
     ServiceClass,
+    ShiftStatus,
 )
 from models.feed import FeedChange
 from models.flag import Flag, FlagChange
 from models.parcel import Parcel
+from models.report import StationReport
+from models.scheduling import JobRun, SchedulerLease
+from models.shift import Shift
 from models.station import Station
 from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
 from models.user import User
@@ -44,14 +49,20 @@ __all__ = [
     "FlagChange",
     "FlagSeverity",
     "FlagStatus",
+    "JobRun",
     "Parcel",
     "ParcelStatus",
     "ProofImage",
     "QuarantinedEvent",
+    "ReportKind",
     "Role",
     "ScanEvent",
+    "SchedulerLease",
     "ServiceClass",
+    "Shift",
+    "ShiftStatus",
     "Station",
+    "StationReport",
     "SyncBatch",
     "User",
     "UTCDateTime",

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -10,6 +12,8 @@ class Blob(Base):
     """A proof image, stored content-addressed; the bytes live in the blob store."""
 
     __tablename__ = "blob"
+    # The retention purge walks images by age.
+    __table_args__ = (Index("ix_blob_uploaded_at", "uploaded_at"),)
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     media_type: Mapped[str] = mapped_column(String(32))
@@ -17,6 +21,9 @@ class Blob(Base):
     width: Mapped[int]
     height: Mapped[int]
     uploaded_at: Mapped[timestamp]  # first upload
+    # The bytes were deleted by the retention purge; the row stays as the record that
+    # the image existed (its proof was complete) and when it was purged.
+    purged_at: Mapped[dt.datetime | None]
 
 
 class BlobUpload(Base):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import ForeignKey, Index, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigId, int_pk, str_enum, timestamp
@@ -23,6 +23,13 @@ class Consent(Base):
         Index("ix_consent_tracking_no", "tracking_no"),
         Index("ix_consent_recipient", "recipient_phone", "address_key"),
         Index("ix_consent_station_id", "station_id", "id"),
+        # The expiry sweep: consents that lapsed and have not been announced yet.
+        Index(
+            "ix_consent_unannounced_expiry",
+            "expires_at",
+            postgresql_where=text("expiry_announced_at IS NULL AND expires_at IS NOT NULL"),
+            sqlite_where=text("expiry_announced_at IS NULL AND expires_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int_pk]
@@ -47,6 +54,8 @@ class Consent(Base):
     seq: Mapped[int | None]
     created_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     created_at: Mapped[timestamp]
+    # When the expiry sweep told the PDAs holding covered parcels that it lapsed.
+    expiry_announced_at: Mapped[dt.datetime | None]
 
     def __repr__(self) -> str:
         return f"<Consent {self.id} {self.scope} {self.method}>"

@@ -98,3 +98,17 @@ class ConsentChannel(enum.StrEnum):
 class ConsentScope(enum.StrEnum):
     PARCEL = "parcel"  # this one parcel
     STANDING = "standing"  # every parcel for this recipient phone and address
+
+
+class ShiftStatus(enum.StrEnum):
+    """Where a shift is in its life; its balance is computed, never stored."""
+
+    OPEN = "open"  # the courier is out: events are still being recorded
+    CLOSED = "closed"  # handed over (归班交接), waiting for a manager's sign-off
+    SIGNED_OFF = "signed_off"  # a manager signed the handover off
+
+
+class ReportKind(enum.StrEnum):
+    DAILY = "daily"  # 日监控
+    WEEKLY = "weekly"  # 周分析
+    MONTHLY = "monthly"  # 月通报

@@ -23,7 +23,7 @@ class Flag(Base):
     station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"))
     kind: Mapped[str] = mapped_column(String(64))
     severity: Mapped[FlagSeverity] = mapped_column(str_enum(FlagSeverity, "flag_severity"))
-    subject_type: Mapped[str] = mapped_column(String(16))  # parcel | device | event
+    subject_type: Mapped[str] = mapped_column(String(16))  # parcel | device | event | shift
     subject_key: Mapped[str] = mapped_column(String(160))
     evidence: Mapped[dict[str, Any]] = mapped_column(Document)
     status: Mapped[FlagStatus] = mapped_column(
@@ -31,6 +31,8 @@ class Flag(Base):
     )
     # The courier concerned, when there is one (for the station's queue and filters).
     courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    # The shift concerned, for a shift's own flags (handover discrepancies, sign-off).
+    shift_id: Mapped[int | None] = mapped_column(ForeignKey("shift.id"), index=True)
     raised_at: Mapped[timestamp]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     closed_reason: Mapped[str | None] = mapped_column(Text)

@@ -88,7 +88,10 @@ class ScanEvent(Base):
     lat: Mapped[float | None]
     lon: Mapped[float | None]
     accuracy_m: Mapped[float | None]
-    shift_id: Mapped[int | None]
+    # The shift the event is filed under: the one the PDA named, if it is this device's,
+    # else the one the device had open when the event happened (sync.shifts).
+    shift_id: Mapped[int | None] = mapped_column(ForeignKey("shift.id"), index=True)
+    claimed_shift_id: Mapped[int | None]  # the shift id the PDA sent, as sent
     voids_client_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
     details: Mapped[dict[str, Any]] = mapped_column(Document)  # the type-specific fields
     # sha256 of the event's canonical content: a re-sent id with other content is refused.

@@ -56,6 +56,7 @@ def raise_flag(
     station_id: int | None,
     evidence: dict[str, Any],
     courier_id: int | None = None,
+    shift_id: int | None = None,
 ) -> RaisedFlag:
     """Create the flag, or merge ``evidence`` into the one that exists.
 
@@ -71,6 +72,7 @@ def raise_flag(
             subject_key=subject.key,
             station_id=station_id,
             courier_id=courier_id,
+            shift_id=shift_id,
             evidence=_merged({}, evidence),
             status=FlagStatus.OPEN,
         )
@@ -119,6 +121,7 @@ def raise_new_flags(*, session: Session, flags: Sequence[Flag]) -> list[Flag]:
                 station_id=flag.station_id,
                 evidence=flag.evidence,
                 courier_id=flag.courier_id,
+                shift_id=flag.shift_id,
             ).flag
             for flag in flags
         ]

@@ -27,7 +27,7 @@ import datetime as dt
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,15 +41,19 @@ from models import (
     Device,
     DeviceSyncState,
     EventType,
+    Flag,
     FlagSeverity,
+    FlagStatus,
     ProofImage,
     QuarantinedEvent,
     ScanEvent,
+    ShiftStatus,
     SyncBatch,
     utcnow,
 )
 from sync import consents
 from sync.acks import SeqTracker
+from sync.balances import refresh_handover_flags
 from sync.errors import Conflict
 from sync.events import (
     MAX_SEQ,
@@ -63,6 +67,13 @@ from sync.events import (
 )
 from sync.flags import FlagSubject, raise_flag
 from sync.rules import Policy
+from sync.shifts import (
+    LATE_EVENT,
+    ShiftFiler,
+    ShiftRules,
+    reopen_for_late_events,
+    shifts_by_id,
+)
 from sync.sql import among, chunks
 from sync.status import reproject, targets_of_corrections
 
@@ -78,6 +89,7 @@ class IngestRules:
     clock_skew_bound: dt.timedelta = dt.timedelta(minutes=2)
     missing_seqs_limit: int = 100
     policy: Policy = field(default_factory=Policy)
+    shifts: ShiftRules = field(default_factory=ShiftRules)
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,8 @@ def event_row(
     offset: dt.timedelta,
     received_at: dt.datetime,
 ) -> dict[str, Any]:
-    """The ``scan_event`` row stored for a valid event of a push."""
+    """The ``scan_event`` row stored for a valid event of a push (the shift it is
+    filed under is decided by the caller: ``sync.shifts.ShiftFiler``)."""
     location = event.location
     return {
         "station_id": pusher.station_id,
@@ -141,7 +154,8 @@ def event_row(
         "lat": location.lat if location else None,
         "lon": location.lon if location else None,
         "accuracy_m": location.accuracy_m if location else None,
-        "shift_id": event.shift_id,
+        "shift_id": None,
+        "claimed_shift_id": event.shift_id,
         "voids_client_event_id": event.voids_client_event_id,
         "details": event.details,
         "content_hash": event.content_hash,
@@ -224,6 +238,8 @@ class _BatchIngest:
     def run(self) -> dict[str, Any]:
         self.session.add(self.row)
         self.state = self._device_state()
+        self.filer = ShiftFiler(self.session, self.pusher.device_id, self.rules.shifts)
+        self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.session.flush()
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
@@ -240,6 +256,7 @@ class _BatchIngest:
         if voided:  # a correction may be filed under another tracking number than its target
             touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
         self._project(touched)
+        self._settle_shifts(stored, voided)
         receipt = self._receipt(tracker)
         self.row.receipt = receipt
         self.session.flush()
@@ -500,13 +517,17 @@ class _BatchIngest:
         )
 
     def _row(self, event: ValidEvent) -> dict[str, Any]:
-        return event_row(
+        row = event_row(
             event,
             pusher=self.pusher,
             batch_pk=self.row.id,
             offset=self.offset,
             received_at=self.received_at,
         )
+        row["shift_id"] = self.filed[event.client_event_id] = self.filer.file(
+            seq=event.seq, claimed=event.shift_id, occurred_at=row["occurred_at"]
+        )
+        return row
 
     def _quarantine(self) -> None:
         """Keep every rejected event; one re-sent is answered as it was the first time."""
@@ -605,13 +626,73 @@ class _BatchIngest:
             )
         return tracker
 
-    # -- projection ------------------------------------------------------------------------
+    # -- shifts ----------------------------------------------------------------------------
 
-    def _project(self, tracking_nos: set[str]) -> None:
-        outcome = reproject(
-            session=self.session, tracking_nos=tracking_nos, policy=self.rules.policy
-        )
+    def _settle_shifts(
+        self, stored: list[tuple[int, ValidEvent]], voided: list[uuid.UUID]
+    ) -> None:
+        """The shifts these events change: a signed-off one reopens (the events came after
+        its sign-off), and a closed one's handover flags are judged again."""
+        if self.filer.wrong_claims:
+            claims = self.filer.wrong_claims
+            self._flag(
+                "wrong_shift",
+                FlagSeverity.WARNING,
+                FlagSubject("device", self.pusher.device_id),
+                {
+                    "seqs": sorted(claims),
+                    "claimed_shift_ids": sorted(set(claims.values())),
+                    "last_batch_id": str(self.batch.batch_id),
+                },
+            )
+        by_shift: dict[int, list[ValidEvent]] = {}
+        for _, event in stored:
+            shift_id = self.filed.get(event.client_event_id)
+            if shift_id is not None:
+                by_shift.setdefault(shift_id, []).append(event)
+        voided_shifts = {
+            shift_id
+            for chunk in chunks(voided)
+            for shift_id in self.session.scalars(
+                select(ScanEvent.shift_id).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                    ScanEvent.shift_id.is_not(None),
+                )
+            )
+        }
+        if not by_shift and not voided_shifts:
+            return
+        shifts = shifts_by_id(self.session, {*by_shift, *voided_shifts})
+        late = [s for s in shifts.values() if s.status == ShiftStatus.SIGNED_OFF]
+        if late:
+            arrived = {s.id: by_shift.get(s.id, []) for s in late}
+            ids = self._event_ids([e for events in arrived.values() for e in events])
+            reopen_for_late_events(
+                session=self.session,
+                late={
+                    shift_id: [ids[e.client_event_id] for e in events]
+                    for shift_id, events in arrived.items()
+                },
+                now=self.received_at,
+            )
+        raised = refresh_handover_flags(session=self.session, shifts=list(shifts.values()))
         self.session.flush()
+        self._report_raised(raised)
+        if late:
+            self._report_raised(
+                flag
+                for flag in self.session.scalars(
+                    select(Flag).where(
+                        Flag.kind == LATE_EVENT,
+                        Flag.shift_id.in_([s.id for s in late]),
+                        Flag.status == FlagStatus.OPEN,
+                    )
+                )
+            )
+
+    def _report_raised(self, flags: Iterable[Flag]) -> None:
+        known = {item["flag_id"] for item in self.raised}
         self.raised.extend(
             {
                 "flag_id": flag.id,
@@ -619,8 +700,18 @@ class _BatchIngest:
                 "subject_type": flag.subject_type,
                 "subject_key": flag.subject_key,
             }
-            for flag in outcome.raised
+            for flag in flags
+            if flag.id not in known
         )
+
+    # -- projection ------------------------------------------------------------------------
+
+    def _project(self, tracking_nos: set[str]) -> None:
+        outcome = reproject(
+            session=self.session, tracking_nos=tracking_nos, policy=self.rules.policy
+        )
+        self.session.flush()
+        self._report_raised(outcome.raised)
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(
                 "wrong_station",

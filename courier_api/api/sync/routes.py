@@ -9,7 +9,7 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
 from courier_api.auth import current_principal
-from courier_api.config import policy_of
+from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
 from models import Role, utcnow
 from sync import feed
@@ -39,6 +39,7 @@ def ingest_rules() -> IngestRules:
         ),
         clock_skew_bound=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
         policy=policy_of(config),
+        shifts=shift_rules_of(config),
     )
 
 

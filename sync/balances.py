@@ -1,0 +1,308 @@
+"""Shift balances from the database, for one shift or a station's whole day.
+
+The rules are in ``sync.handover`` (pure); this module gathers their inputs
+for many shifts at once in a fixed number of queries, whatever the number of
+shifts and parcels (the station board at 19:00 reads 40 shifts or 200 the
+same way): the shifts' events, corrections voiding them from elsewhere, the
+rule flags of their parcels, their own flags and their devices' sequence gaps.
+
+It also keeps each closed shift's own flags (``missing_at_handover``,
+``not_on_manifest``) equal to what its events say, whenever they change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    DeviceSyncState,
+    Flag,
+    FlagSeverity,
+    FlagStatus,
+    ScanEvent,
+    Shift,
+    ShiftStatus,
+    User,
+)
+from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
+from sync.handover import (
+    BALANCE_RULE_KINDS,
+    HANDOVER_KINDS,
+    MISSING,
+    Balance,
+    FlagRef,
+    ParcelTrail,
+    ShiftEvent,
+    ShiftSeqs,
+    compute_balance,
+    handover_flags_wanted,
+    parcel_trails,
+)
+from sync.projection import EventFact
+from sync.sql import among, chunks
+
+HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
+EVENT_COLUMNS = (
+    ScanEvent.shift_id,
+    ScanEvent.tracking_no,
+    ScanEvent.id,
+    ScanEvent.device_id,
+    ScanEvent.seq,
+    ScanEvent.type,
+    ScanEvent.occurred_at,
+    ScanEvent.client_event_id,
+    ScanEvent.courier_id,
+    ScanEvent.voids_client_event_id,
+    ScanEvent.station_id,
+)
+
+
+@dataclass
+class ShiftFacts:
+    """Everything the balance of one shift is computed from."""
+
+    shift: Shift
+    events: list[ShiftEvent]
+    rule_flags: dict[str, list[FlagRef]]
+    handover_flags: dict[tuple[str, str], FlagRef]
+    seqs: ShiftSeqs
+    handover_evidence: dict[int, dict[str, Any]]  # flag id -> its evidence as stored
+
+    def trails(self) -> dict[str, ParcelTrail]:
+        return parcel_trails(self.events)
+
+
+def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
+    """The balance inputs of ``shifts``, in five queries (per 900 shifts)."""
+    if not shifts:
+        return {}
+    ids = sorted({shift.id for shift in shifts})
+    devices = sorted({shift.device_id for shift in shifts})
+    events: dict[int, list[ShiftEvent]] = defaultdict(list)
+    lowest: dict[int, int] = {}
+    owner: dict[tuple[str, Any], int] = {}  # (device, client event id) -> its shift
+    device_of = {shift.id: shift.device_id for shift in shifts}
+    for chunk in chunks(ids):
+        for row in session.execute(
+            select(*EVENT_COLUMNS).where(among(session, ScanEvent.shift_id, chunk))
+        ):
+            shift_id, tracking_no, *fact = row
+            event = ShiftEvent(tracking_no, EventFact(*fact))
+            events[shift_id].append(event)
+            owner[(event.fact.device_id, event.fact.client_event_id)] = shift_id
+            if event.fact.device_id == device_of[shift_id]:
+                lowest[shift_id] = min(lowest.get(shift_id, event.fact.seq), event.fact.seq)
+    for correction in _corrections(session, devices, set(ids)):
+        target = owner.get((correction.fact.device_id, correction.fact.voids_client_event_id))
+        if target is not None:
+            events[target].append(correction)
+    rule_flags = _rule_flags(session, ids)
+    handover, handover_evidence = _handover_flags(session, ids)
+    states = {
+        state.device_id: state
+        for chunk in chunks(devices)
+        for state in session.scalars(
+            select(DeviceSyncState).where(DeviceSyncState.device_id.in_(chunk))
+        )
+    }
+    facts = {}
+    for shift in shifts:
+        state = states.get(shift.device_id)
+        tracking_nos = {event.tracking_no for event in events[shift.id]}
+        facts[shift.id] = ShiftFacts(
+            shift=shift,
+            events=events[shift.id],
+            rule_flags={tn: rule_flags[tn] for tn in tracking_nos if tn in rule_flags},
+            handover_flags=handover[shift.id],
+            handover_evidence=handover_evidence,
+            seqs=ShiftSeqs(
+                status=shift.status,
+                first_seq=shift.first_seq,
+                last_seq=shift.last_seq,
+                seq_at_close=shift.seq_at_close,
+                device_max_seq=state.max_seq if state else 0,
+                device_missing=state.missing_ranges if state else [],
+                lowest_event_seq=lowest.get(shift.id),
+            ),
+        )
+    return facts
+
+
+def _corrections(
+    session: Session, devices: Sequence[str], shift_ids: set[int]
+) -> Iterable[ShiftEvent]:
+    """Corrections by these devices filed outside these shifts (they may void an event
+    in one). Read through the partial index of corrections: a device sends few."""
+    for chunk in chunks(devices):
+        for row in session.execute(
+            select(*EVENT_COLUMNS).where(
+                ScanEvent.device_id.in_(chunk), ScanEvent.voids_client_event_id.is_not(None)
+            )
+        ):
+            shift_id, tracking_no, *fact = row
+            if shift_id not in shift_ids:
+                yield ShiftEvent(tracking_no, EventFact(*fact))
+
+
+def _rule_flags(session: Session, shift_ids: Sequence[int]) -> dict[str, list[FlagRef]]:
+    """Rule flags still standing (not closed) of every parcel with events in the shifts."""
+    found: dict[str, list[FlagRef]] = defaultdict(list)
+    for chunk in chunks(shift_ids):
+        parcels = (
+            select(ScanEvent.tracking_no)
+            .where(among(session, ScanEvent.shift_id, chunk))
+            .scalar_subquery()
+        )
+        for flag_id, kind, status, key, evidence in session.execute(
+            select(Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence).where(
+                Flag.subject_type == "parcel",
+                Flag.kind.in_(sorted(BALANCE_RULE_KINDS)),
+                Flag.status != FlagStatus.CLOSED,
+                Flag.subject_key.in_(parcels),
+            )
+        ):
+            if all(ref.id != flag_id for ref in found[key]):
+                found[key].append(_ref(flag_id, kind, status, evidence))
+    return found
+
+
+def _handover_flags(
+    session: Session, shift_ids: Sequence[int]
+) -> tuple[dict[int, dict[tuple[str, str], FlagRef]], dict[int, dict[str, Any]]]:
+    found: dict[int, dict[tuple[str, str], FlagRef]] = defaultdict(dict)
+    evidences: dict[int, dict[str, Any]] = {}
+    for chunk in chunks(shift_ids):
+        for flag_id, kind, status, key, evidence, shift_id in session.execute(
+            select(
+                Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence, Flag.shift_id
+            ).where(among(session, Flag.shift_id, chunk), Flag.kind.in_(HANDOVER_KINDS))
+        ):
+            tracking_no = key.partition(":")[2]
+            found[shift_id][(kind, tracking_no)] = _ref(flag_id, kind, status, evidence)
+            evidences[flag_id] = evidence
+    return found, evidences
+
+
+def _ref(flag_id: int, kind: str, status: FlagStatus, evidence: dict[str, Any]) -> FlagRef:
+    return FlagRef(flag_id, kind, status, frozenset(evidence.get("event_ids") or ()))
+
+
+def balances(session: Session, shifts: Sequence[Shift]) -> dict[int, Balance]:
+    return {
+        shift_id: compute_balance(
+            shift_id=shift_id,
+            trails=facts.trails(),
+            rule_flags=facts.rule_flags,
+            handover_flags=facts.handover_flags,
+            seqs=facts.seqs,
+        )
+        for shift_id, facts in gather(session, shifts).items()
+    }
+
+
+def shift_balance(*, session: Session, shift: Shift) -> Balance:
+    return balances(session, [shift])[shift.id]
+
+
+# -- the station board ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardRow:
+    shift: Shift
+    courier: User
+    balance: Balance
+
+
+def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:
+    """Every shift of the station's day with its courier and balance, oldest first.
+
+    Six queries whatever the number of shifts: the shifts with their couriers, then
+    ``gather``'s five.
+    """
+    rows = session.execute(
+        select(Shift, User)
+        .join(User, User.id == Shift.courier_id)
+        .where(Shift.station_id == station_id, Shift.work_date == work_date)
+        .order_by(Shift.opened_at, Shift.id)
+    ).all()
+    computed = balances(session, [shift for shift, _ in rows])
+    return [BoardRow(shift, courier, computed[shift.id]) for shift, courier in rows]
+
+
+# -- the shift's own flags --------------------------------------------------------------------
+
+
+def subject_of(shift_id: int, tracking_no: str) -> FlagSubject:
+    return FlagSubject("shift", f"{shift_id}:{tracking_no}")
+
+
+def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list[Flag]:
+    """Raise the handover flags each closed shift's events call for; close the rest.
+
+    Called when a shift closes and whenever events land for a closed one (a late
+    batch: the parcel thought missing was returned after all). Like the parcel rule
+    flags, a flag whose cause went away is closed with the reason, and one a manager
+    resolved stays resolved.
+    """
+    judged = [shift for shift in shifts if shift.status != ShiftStatus.OPEN]
+    if not judged:
+        return []
+    new: list[Flag] = []
+    raised: list[Flag] = []
+    gone: dict[str, list[FlagSubject]] = defaultdict(list)
+    for shift_id, facts in gather(session, judged).items():
+        shift = facts.shift
+        wanted = handover_flags_wanted(facts.trails(), facts.rule_flags, shift_status=shift.status)
+        for (kind, tracking_no), found in wanted.items():
+            evidence = {**found, "tracking_no": tracking_no}
+            existing = facts.handover_flags.get((kind, tracking_no))
+            if existing is None:
+                new.append(
+                    Flag(
+                        kind=kind,
+                        severity=HANDOVER_SEVERITY[kind],
+                        subject_type="shift",
+                        subject_key=subject_of(shift_id, tracking_no).key,
+                        station_id=shift.station_id,
+                        courier_id=shift.courier_id,
+                        shift_id=shift_id,
+                        evidence=evidence,
+                    )
+                )
+            elif existing.status == FlagStatus.CLOSED:
+                reopened = raise_flag(
+                    session=session,
+                    kind=kind,
+                    severity=HANDOVER_SEVERITY[kind],
+                    subject=subject_of(shift_id, tracking_no),
+                    station_id=shift.station_id,
+                    evidence=evidence,
+                    shift_id=shift_id,
+                ).flag
+                reopened.evidence = evidence  # what the events say now, not merged history
+                raised.append(reopened)
+            elif facts.handover_evidence.get(existing.id) != evidence:
+                flag = session.get(Flag, existing.id)
+                if flag is not None:
+                    flag.evidence = evidence  # what the shift's events say now
+        for (kind, tracking_no), ref in facts.handover_flags.items():
+            if (kind, tracking_no) not in wanted and ref.status in ACTIVE_STATUSES:
+                gone[kind].append(subject_of(shift_id, tracking_no))
+    raised.extend(raise_new_flags(session=session, flags=new))
+    for kind, subjects in gone.items():
+        close_flags(
+            session=session,
+            kind=kind,
+            subjects=subjects,
+            reason="judged again with the shift's events as they are now: the parcel is "
+            "accounted for",
+        )
+    return raised

@@ -1,0 +1,386 @@
+"""A shift's handover balance (DESIGN.md rule 5), as pure functions.
+
+At the end of a shift (归班交接) every parcel the courier checked out must be
+accounted for::
+
+    checked out = delivered with POD + unattended with consent + returned + missing
+
+and the numbers must close (平衡合拢). The balance is computed from the events
+filed under the shift and the rule flags that judged them; nothing in it is
+typed in. Each parcel of the shift gets one outcome:
+
+* ``delivered`` — handed over in person, with a proof of delivery;
+* ``delivered_without_pod`` — handed over with no (or an incomplete) proof;
+* ``unattended`` — left in a locker or at a pickup point, authorized;
+* ``unattended_without_consent`` — left there without a consent that came first;
+* ``returned`` — back at the station;
+* ``missing`` — checked out and no final outcome since.
+
+The balance is *balanced* when nothing is missing and no discrepancy stands;
+*provisional* while sequence numbers the shift may own are still on the PDA
+(whatever the rest says: the events that would settle it have not arrived);
+*unbalanced* otherwise. A discrepancy is a fact about the shift's events, so a
+manager resolving its flag does not make the balance close; it lets them sign
+the handover off knowingly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import EventType, FlagStatus, ShiftStatus
+from sync.projection import EventFact, ordered, voided_by
+from sync.rules import DELIVERIES, DROPS, FINAL_OUTCOMES
+
+# Flags of the shift itself, one per shift and parcel.
+MISSING = "missing_at_handover"
+NOT_ON_MANIFEST = "not_on_manifest"
+HANDOVER_KINDS = (MISSING, NOT_ON_MANIFEST)
+# Parcel rule flags (sync.rules) that unbalance the shifts whose events they name.
+POD_KINDS = frozenset({"delivered_without_pod"})
+CONSENT_KINDS = frozenset({"unauthorized_locker_drop", "consent_after_drop"})
+OUTCOME_KINDS = frozenset({"conflicting_final_outcome", "delivered_not_checked_out"})
+BALANCE_RULE_KINDS = POD_KINDS | CONSENT_KINDS | OUTCOME_KINDS
+
+# A parcel the shift never checked out, with no final outcome in it either, is listed
+# as "no_outcome" (it is counted nowhere).
+OUTCOMES = (
+    "delivered",
+    "delivered_without_pod",
+    "unattended",
+    "unattended_without_consent",
+    "returned",
+    "missing",
+)
+MISSING_SEQS_SHOWN = 100
+
+
+class BalanceStatus:
+    BALANCED = "balanced"
+    UNBALANCED = "unbalanced"
+    PROVISIONAL = "provisional"
+
+
+@dataclass(frozen=True)
+class ShiftEvent:
+    """An event filed under a shift (or a correction voiding one)."""
+
+    tracking_no: str
+    fact: EventFact
+
+
+@dataclass(frozen=True)
+class FlagRef:
+    """A flag as the balance cites it."""
+
+    id: int
+    kind: str
+    status: FlagStatus
+    event_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class ParcelTrail:
+    """What the shift's own events say of one parcel, before any flag is consulted."""
+
+    tracking_no: str
+    on_manifest: bool  # checked out in this shift
+    checkout_event_ids: tuple[int, ...]
+    final_event: EventFact | None  # the final outcome after the last check-out, if any
+    final_event_ids: tuple[int, ...]  # every counting final outcome in the shift
+    event_ids: tuple[int, ...]  # every counting event of the parcel in the shift
+    last_type: EventType | None  # what the parcel's last counting event in the shift was
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    kind: str
+    tracking_no: str
+    flag_id: int | None
+    flag_status: FlagStatus | None
+    event_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ParcelOutcome:
+    tracking_no: str
+    outcome: str  # one of OUTCOMES
+    on_manifest: bool
+    outcome_event_id: int | None
+    event_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShiftSeqs:
+    """What the balance needs to know to tell whether events are still on the PDA."""
+
+    status: ShiftStatus
+    first_seq: int | None  # declared at opening
+    last_seq: int | None  # declared at closing
+    seq_at_close: int | None
+    device_max_seq: int
+    device_missing: Sequence[Sequence[int]]  # gaps below device_max_seq, [first, last]
+    lowest_event_seq: int | None = None  # the lowest seq of the shift's own events
+
+
+@dataclass(frozen=True)
+class Balance:
+    shift_id: int
+    status: str
+    checked_out: int
+    delivered: int
+    delivered_without_pod: int
+    unattended: int
+    unattended_without_consent: int
+    returned: int
+    missing: int
+    not_checked_out: int  # outcomes recorded for parcels this shift never checked out
+    missing_seqs: list[int]
+    missing_seq_count: int
+    parcels: list[ParcelOutcome] = field(default_factory=list)
+    discrepancies: list[Discrepancy] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Status and counts, as the station board shows them."""
+        return {
+            "status": self.status,
+            **{name: getattr(self, name) for name in COUNT_FIELDS},
+            "missing_seq_count": self.missing_seq_count,
+            "discrepancy_count": len(self.discrepancies),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a manager signing off saw: the summary, the gaps and the discrepancies."""
+        return {
+            **self.summary(),
+            "missing_seqs": self.missing_seqs,
+            "discrepancies": [
+                {"kind": d.kind, "tracking_no": d.tracking_no, "flag_id": d.flag_id}
+                for d in self.discrepancies
+            ],
+        }
+
+
+COUNT_FIELDS = (
+    "checked_out",
+    "delivered",
+    "delivered_without_pod",
+    "unattended",
+    "unattended_without_consent",
+    "returned",
+    "missing",
+    "not_checked_out",
+)
+
+
+def parcel_trails(events: Iterable[ShiftEvent]) -> dict[str, ParcelTrail]:
+    """Each parcel's story in this shift: its events in projection order, voids applied.
+
+    ``events`` are the shift's events plus any correction (from anywhere) that voids
+    one of them.
+    """
+    events = list(events)
+    voids = voided_by(e.fact for e in events)
+    by_parcel: dict[str, list[EventFact]] = defaultdict(list)
+    for event in events:
+        if event.fact.type != EventType.CORRECTION:
+            by_parcel[event.tracking_no].append(event.fact)
+    trails = {}
+    for tracking_no, facts in by_parcel.items():
+        counting = [f for f in ordered(facts) if f.event_id not in voids]
+        if not counting:
+            continue
+        checkouts = [i for i, f in enumerate(counting) if f.type == EventType.CHECKED_OUT]
+        finals = [i for i, f in enumerate(counting) if f.type in FINAL_OUTCOMES]
+        after = checkouts[-1] if checkouts else -1
+        final = counting[finals[-1]] if finals and finals[-1] > after else None
+        trails[tracking_no] = ParcelTrail(
+            tracking_no=tracking_no,
+            on_manifest=bool(checkouts),
+            checkout_event_ids=tuple(counting[i].event_id for i in checkouts),
+            final_event=final,
+            final_event_ids=tuple(counting[i].event_id for i in finals),
+            event_ids=tuple(f.event_id for f in counting),
+            last_type=counting[-1].type,
+        )
+    return trails
+
+
+def handover_flags_wanted(
+    trails: Mapping[str, ParcelTrail],
+    rule_flags: Mapping[str, Sequence[FlagRef]],
+    *,
+    shift_status: ShiftStatus,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(kind, tracking no): evidence}``: the shift's own discrepancies now.
+
+    None while the shift is open: a parcel is missing only once the courier is back.
+    An outcome for a parcel this shift never checked out is ``not_on_manifest``
+    unless the parcel's ``delivered_not_checked_out`` flag already names it.
+    """
+    if shift_status == ShiftStatus.OPEN:
+        return {}
+    wanted: dict[tuple[str, str], dict[str, Any]] = {}
+    for tracking_no, trail in trails.items():
+        if trail.on_manifest and trail.final_event is None:
+            wanted[(MISSING, tracking_no)] = {
+                "event_ids": list(trail.event_ids),
+                "checked_out_event_ids": list(trail.checkout_event_ids),
+                "last_event_type": trail.last_type.value,
+            }
+        elif not trail.on_manifest and trail.final_event is not None:
+            finals = set(trail.final_event_ids)
+            covered = any(
+                flag.kind == "delivered_not_checked_out" and flag.event_ids & finals
+                for flag in rule_flags.get(tracking_no, ())
+            )
+            if not covered:
+                wanted[(NOT_ON_MANIFEST, tracking_no)] = {
+                    "event_ids": list(trail.final_event_ids),
+                    "outcome": trail.final_event.type.value,
+                }
+    return wanted
+
+
+def compute_balance(
+    *,
+    shift_id: int,
+    trails: Mapping[str, ParcelTrail],
+    rule_flags: Mapping[str, Sequence[FlagRef]],
+    handover_flags: Mapping[tuple[str, str], FlagRef],
+    seqs: ShiftSeqs,
+) -> Balance:
+    """The balance of one shift from its parcels' trails and the flags that judge them.
+
+    ``rule_flags``: each parcel's rule flags that are not closed (their cause
+    stands); ``handover_flags``: the shift's own flags by (kind, tracking number).
+    A discrepancy is listed from the facts, with its flag when it has one (a flag is
+    raised in the transaction that causes it; a read never writes).
+    """
+    outcomes: list[ParcelOutcome] = []
+    discrepancies: list[Discrepancy] = []
+    counts = dict.fromkeys(COUNT_FIELDS, 0)
+    wanted = handover_flags_wanted(trails, rule_flags, shift_status=seqs.status)
+    for tracking_no in sorted(trails):
+        trail = trails[tracking_no]
+        shift_events = set(trail.event_ids)
+        cited = [
+            f
+            for f in rule_flags.get(tracking_no, ())
+            if f.kind in BALANCE_RULE_KINDS and f.event_ids & shift_events
+        ]
+        outcome = _outcome(trail, cited)
+        if trail.on_manifest:
+            counts["checked_out"] += 1
+            counts[outcome] += 1
+        elif trail.final_event is not None:
+            counts["not_checked_out"] += 1
+        outcomes.append(
+            ParcelOutcome(
+                tracking_no=tracking_no,
+                outcome=outcome,
+                on_manifest=trail.on_manifest,
+                outcome_event_id=trail.final_event.event_id if trail.final_event else None,
+                event_ids=trail.event_ids,
+            )
+        )
+        for flag in cited:
+            discrepancies.append(
+                Discrepancy(
+                    flag.kind,
+                    tracking_no,
+                    flag.id,
+                    flag.status,
+                    tuple(sorted(flag.event_ids & shift_events)),
+                )
+            )
+        for kind in HANDOVER_KINDS:
+            if (kind, tracking_no) in wanted:
+                flag = handover_flags.get((kind, tracking_no))
+                discrepancies.append(
+                    Discrepancy(
+                        kind,
+                        tracking_no,
+                        flag.id if flag else None,
+                        flag.status if flag else None,
+                        tuple(wanted[(kind, tracking_no)]["event_ids"]),
+                    )
+                )
+    missing_seqs, missing_count = shift_missing_seqs(seqs)
+    if missing_count:
+        status = BalanceStatus.PROVISIONAL
+    elif counts["missing"] or discrepancies:
+        status = BalanceStatus.UNBALANCED
+    else:
+        status = BalanceStatus.BALANCED
+    return Balance(
+        shift_id=shift_id,
+        status=status,
+        **counts,
+        missing_seqs=missing_seqs,
+        missing_seq_count=missing_count,
+        parcels=outcomes,
+        discrepancies=discrepancies,
+    )
+
+
+def _outcome(trail: ParcelTrail, cited: Sequence[FlagRef]) -> str:
+    final = trail.final_event
+    if final is None:
+        return "missing" if trail.on_manifest else "no_outcome"
+    flagged = {f.kind for f in cited if final.event_id in f.event_ids}
+    if final.type == EventType.RETURNED_TO_STATION:
+        return "returned"
+    if final.type in DROPS:
+        return "unattended_without_consent" if flagged & CONSENT_KINDS else "unattended"
+    assert final.type in DELIVERIES
+    return "delivered_without_pod" if flagged & POD_KINDS else "delivered"
+
+
+def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
+    """The sequence numbers the server lacks that may hold events of this shift.
+
+    The shift owns the seqs from the first it declared (else the lowest it holds)
+    to the last it declared at closing (else the device's highest when it closed;
+    while open, everything since). Missing are the device's gaps below its highest
+    seq, plus a declared last seq beyond it (a final batch that never came).
+    """
+    low = seqs.first_seq if seqs.first_seq is not None else seqs.lowest_event_seq
+    if low is None:
+        return [], 0
+    if seqs.last_seq is not None:
+        high = seqs.last_seq
+    elif seqs.status != ShiftStatus.OPEN and seqs.seq_at_close is not None:
+        high = seqs.seq_at_close
+    else:
+        high = seqs.device_max_seq
+    ranges = [(first, last) for first, last in seqs.device_missing]
+    if high > seqs.device_max_seq:
+        ranges.append((seqs.device_max_seq + 1, high))
+    shown: list[int] = []
+    count = 0
+    for first, last in ranges:
+        first, last = max(first, low), min(last, high)
+        if first > last:
+            continue
+        count += last - first + 1
+        room = MISSING_SEQS_SHOWN - len(shown)
+        shown.extend(range(first, min(last, first + room - 1) + 1))
+    return shown, count
+
+
+def sign_off_blocked(balance: Balance) -> str | None:
+    """Why a sign-off must be forced, or None."""
+    if balance.status == BalanceStatus.PROVISIONAL:
+        shown = ", ".join(str(s) for s in balance.missing_seqs[:20])
+        more = balance.missing_seq_count - min(20, len(balance.missing_seqs))
+        if more > 0:
+            shown += f" and {more} more"
+        return (
+            f"the balance is provisional: the PDA has not sent seq {shown}; "
+            "wait for them, or force the sign-off with a reason"
+        )
+    return None

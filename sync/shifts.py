@@ -1,0 +1,427 @@
+"""Shifts: opened at the station, closed at the return, signed off by a manager.
+
+A shift is a courier's session on one PDA (DESIGN.md "Shift"). Its manifest
+and balance are computed from the scan events filed under it; this module
+keeps its life: opening, closing, sign-off, and reopening when an event lands
+after the sign-off (``late_event_after_signoff``).
+
+Which shift an event belongs to (``ShiftFiler``): the one the PDA named, when it
+is a shift of that PDA; otherwise the shift the PDA had open when the event
+happened, on the corrected clock. A PDA naming a shift that is not its own is
+flagged (``wrong_shift``) and its event is filed by time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import (
+    Device,
+    DeviceSyncState,
+    FlagSeverity,
+    Shift,
+    ShiftStatus,
+    Station,
+    utcnow,
+)
+from sync import audit
+from sync.errors import Conflict, InvalidInput, NotFound
+from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
+from sync.sql import chunks
+
+MAX_PAGE_SIZE = 500
+MAX_NOTE_LENGTH = 2000
+MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
+LATE_EVENT = "late_event_after_signoff"
+NOT_CLOSED = "shift_not_closed"
+
+
+@dataclass(frozen=True)
+class ShiftRules:
+    planned_length: dt.timedelta = dt.timedelta(hours=10)
+    # Corrected PDA clocks are estimates: an event stamped this much before its shift
+    # opened (a check-out right after opening) still belongs to it.
+    filing_grace: dt.timedelta = dt.timedelta(minutes=5)
+
+
+# -- life of a shift ---------------------------------------------------------------------------
+
+
+def open_shift(
+    *,
+    session: Session,
+    device: Device,
+    courier_id: int,
+    rules: ShiftRules,
+    planned_end_at: dt.datetime | None = None,
+    first_seq: int | None = None,
+    now: dt.datetime | None = None,
+) -> Shift:
+    """Open a shift for ``device`` and its courier. One open shift per PDA."""
+    now = now or utcnow()
+    planned_end_at = planned_end_at or now + rules.planned_length
+    if not now < planned_end_at <= now + MAX_SHIFT_LENGTH:
+        raise InvalidInput(
+            "planned_end_at must be after now and at most 24 hours from now",
+            code="invalid_planned_end",
+            field="planned_end_at",
+        )
+    current = open_shift_of(session=session, device_id=device.id)
+    if current is not None:
+        raise _already_open(current)
+    if first_seq is not None:
+        held = session.scalar(
+            select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == device.id)
+        )
+        if held is not None and first_seq <= held:
+            raise Conflict(
+                f"first_seq {first_seq} is already used: the server holds events of this "
+                f"PDA up to seq {held}; declare the seq the shift's first event will carry",
+                code="first_seq_used",
+                field="first_seq",
+            )
+    station = session.get(Station, device.station_id)
+    assert station is not None
+    shift = Shift(
+        station_id=device.station_id,
+        courier_id=courier_id,
+        device_id=device.id,
+        status=ShiftStatus.OPEN,
+        work_date=local_date(now, station.timezone),
+        opened_at=now,
+        planned_end_at=planned_end_at,
+        first_seq=first_seq,
+    )
+    try:
+        with session.begin_nested():
+            session.add(shift)
+    except IntegrityError:  # opened by a concurrent request a moment ago
+        current = open_shift_of(session=session, device_id=device.id)
+        if current is None:
+            raise
+        raise _already_open(current) from None
+    return shift
+
+
+def _already_open(current: Shift) -> Conflict:
+    return Conflict(
+        f"this PDA already has shift {current.id} open; close it first",
+        code="shift_already_open",
+    )
+
+
+def close_shift(
+    *,
+    session: Session,
+    shift: Shift,
+    closed_by: int,
+    last_seq: int | None = None,
+    now: dt.datetime | None = None,
+) -> Shift:
+    """Close the shift: the courier is back and hands over (归班交接).
+
+    Closing again is answered with the shift as it is (a PDA retrying a close whose
+    answer it lost), unless it declares another ``last_seq``. The shift's handover
+    discrepancies are judged now: what was checked out and has no outcome is missing.
+    """
+    from sync.balances import refresh_handover_flags
+
+    now = now or utcnow()
+    shift = lock_shift(session, shift.id)
+    if shift.status != ShiftStatus.OPEN:
+        if last_seq is None or last_seq == shift.last_seq:
+            return shift
+        raise Conflict(
+            f"shift {shift.id} was closed with last_seq {shift.last_seq}; "
+            "it cannot be closed again with another",
+            code="shift_already_closed",
+            field="last_seq",
+        )
+    if last_seq is not None and shift.first_seq is not None and last_seq < shift.first_seq - 1:
+        raise InvalidInput(
+            f"last_seq {last_seq} is before the shift's first_seq {shift.first_seq}",
+            code="invalid_last_seq",
+            field="last_seq",
+        )
+    state = session.get(DeviceSyncState, shift.device_id)
+    shift.status = ShiftStatus.CLOSED
+    shift.closed_at = now
+    shift.closed_by = closed_by
+    shift.last_seq = last_seq
+    shift.seq_at_close = state.max_seq if state is not None else 0
+    session.flush()
+    close_flag(
+        session=session,
+        kind=NOT_CLOSED,
+        subject=FlagSubject("shift", str(shift.id)),
+        reason=f"the shift was closed at {now.isoformat(timespec='seconds')}",
+    )
+    refresh_handover_flags(session=session, shifts=[shift])
+    return shift
+
+
+def sign_off(
+    *,
+    session: Session,
+    shift: Shift,
+    user_id: int,
+    note: str,
+    force_reason: str | None = None,
+    now: dt.datetime | None = None,
+) -> Shift:
+    """A manager signs the handover off, with the balance as it stands.
+
+    Refused while the shift is open, and while its balance is provisional (events
+    are still on the PDA) unless forced with a reason. The sign-off, with the
+    balance the manager saw, goes to the audit log.
+    """
+    from sync.balances import shift_balance
+    from sync.handover import sign_off_blocked
+
+    now = now or utcnow()
+    note_text = _text(note, "note", required=True)
+    reason = _text(force_reason, "force_reason", required=False)
+    shift = lock_shift(session, shift.id)
+    if shift.status == ShiftStatus.OPEN:
+        raise Conflict(
+            f"shift {shift.id} is still open; it is signed off after it is closed",
+            code="shift_open",
+        )
+    if shift.status == ShiftStatus.SIGNED_OFF:
+        raise Conflict(f"shift {shift.id} is already signed off", code="already_signed_off")
+    balance = shift_balance(session=session, shift=shift)
+    blocked = sign_off_blocked(balance)
+    if blocked and reason is None:
+        raise Conflict(blocked, code="balance_provisional")
+    shift.status = ShiftStatus.SIGNED_OFF
+    shift.signed_off_at = now
+    shift.signed_off_by = user_id
+    shift.signoff_note = note_text
+    shift.signoff_forced_reason = reason if blocked else None
+    shift.signoff_balance = balance.snapshot()
+    session.flush()
+    audit.append(
+        session=session,
+        actor_id=user_id,
+        action="shift_signed_off",
+        subject_type="shift",
+        subject_key=str(shift.id),
+        details={
+            "station_id": shift.station_id,
+            "courier_id": shift.courier_id,
+            "device_id": shift.device_id,
+            "note": note_text,
+            "forced_reason": shift.signoff_forced_reason,
+            "balance": shift.signoff_balance,
+        },
+    )
+    return shift
+
+
+def reopen_for_late_events(
+    *, session: Session, late: dict[int, list[int]], now: dt.datetime
+) -> list[Shift]:
+    """Events landed for signed-off shifts (``{shift id: event ids}``): each reopens.
+
+    The shift goes back to closed, waiting for a new sign-off; a
+    ``late_event_after_signoff`` flag names the events, and the audit log records it.
+    """
+    reopened = []
+    for shift_id in sorted(late):
+        shift = lock_shift(session, shift_id)
+        if shift.status != ShiftStatus.SIGNED_OFF:
+            continue
+        event_ids = sorted(late[shift_id])
+        evidence = {
+            "event_ids": event_ids,
+            "signed_off_at": shift.signed_off_at.isoformat() if shift.signed_off_at else None,
+            "signed_off_by": shift.signed_off_by,
+        }
+        shift.status = ShiftStatus.CLOSED
+        shift.reopened_count += 1
+        shift.reopened_at = now
+        raised = raise_flag(
+            session=session,
+            kind=LATE_EVENT,
+            severity=FlagSeverity.WARNING,
+            subject=FlagSubject("shift", str(shift.id)),
+            station_id=shift.station_id,
+            evidence=evidence,
+            courier_id=shift.courier_id,
+            shift_id=shift.id,
+        )
+        if not raised.new:
+            reopen_flag(
+                session=session, flag=raised.flag, note="events landed after another sign-off"
+            )
+        audit.append(
+            session=session,
+            actor_id=None,
+            action="shift_reopened",
+            subject_type="shift",
+            subject_key=str(shift.id),
+            details={"station_id": shift.station_id, "reason": LATE_EVENT, **evidence},
+        )
+        reopened.append(shift)
+    session.flush()
+    return reopened
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def get_shift(*, session: Session, shift_id: int) -> Shift:
+    shift = session.get(Shift, shift_id)
+    if shift is None:
+        raise NotFound(f"no shift with id {shift_id}", code="shift_not_found")
+    return shift
+
+
+def lock_shift(session: Session, shift_id: int) -> Shift:
+    """The shift's row, locked and re-read: a close, a sign-off and a late push take turns."""
+    shift = session.scalar(
+        select(Shift)
+        .where(Shift.id == shift_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if shift is None:
+        raise NotFound(f"no shift with id {shift_id}", code="shift_not_found")
+    return shift
+
+
+def open_shift_of(*, session: Session, device_id: str) -> Shift | None:
+    return session.scalar(
+        select(Shift).where(Shift.device_id == device_id, Shift.status == ShiftStatus.OPEN)
+    )
+
+
+def list_shifts(
+    *,
+    session: Session,
+    station_id: int | None = None,
+    work_date: dt.date | None = None,
+    status: ShiftStatus | None = None,
+    courier_id: int | None = None,
+    device_id: str | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> Sequence[Shift]:
+    """Shifts matching every filter given, oldest first, by keyset on id."""
+    query = select(Shift).where(Shift.id > after_id).order_by(Shift.id)
+    if station_id is not None:
+        query = query.where(Shift.station_id == station_id)
+    if work_date is not None:
+        query = query.where(Shift.work_date == work_date)
+    if status is not None:
+        query = query.where(Shift.status == status)
+    if courier_id is not None:
+        query = query.where(Shift.courier_id == courier_id)
+    if device_id is not None:
+        query = query.where(Shift.device_id == device_id)
+    return session.scalars(query.limit(min(limit, MAX_PAGE_SIZE))).all()
+
+
+def shifts_of_day(*, session: Session, station_id: int, work_date: dt.date) -> Sequence[Shift]:
+    return session.scalars(
+        select(Shift)
+        .where(Shift.station_id == station_id, Shift.work_date == work_date)
+        .order_by(Shift.opened_at, Shift.id)
+    ).all()
+
+
+def local_date(moment: dt.datetime, timezone: str) -> dt.date:
+    """The calendar date at ``moment`` in a station's time zone."""
+    return moment.astimezone(ZoneInfo(timezone)).date()
+
+
+def day_bounds(day: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetime]:
+    """``[start, end)`` of a station's local calendar day, in UTC."""
+    zone = ZoneInfo(timezone)
+    start = dt.datetime.combine(day, dt.time(), tzinfo=zone)
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=zone)
+    return start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+
+
+# -- filing events under shifts ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Window:
+    shift_id: int
+    opened_at: dt.datetime
+    closed_at: dt.datetime | None
+
+
+class ShiftFiler:
+    """Decides the shift each event of one device's push is filed under.
+
+    Loads the device's shifts once (a PDA has a few a day). Rules, in order:
+
+    1. the shift the PDA named, when it is one of this device's;
+    2. the shift open on the device when the event happened (corrected clock);
+    3. one opened a little after the event (``filing_grace``: clocks are estimates),
+       unless the event falls inside the shift before it;
+    4. after a shift closed and before the next opened: the shift before (a
+       late scan of the day's work);
+    5. before the device's first shift: none.
+    """
+
+    def __init__(self, session: Session, device_id: str, rules: ShiftRules) -> None:
+        shifts = session.execute(
+            select(Shift.id, Shift.opened_at, Shift.closed_at)
+            .where(Shift.device_id == device_id)
+            .order_by(Shift.opened_at, Shift.id)
+        ).all()
+        self.windows = [_Window(*row) for row in shifts]
+        self.own = {w.shift_id for w in self.windows}
+        self.starts = [w.opened_at for w in self.windows]
+        self.grace = rules.filing_grace
+        self.wrong_claims: dict[int, int] = {}  # seq -> a shift id not of this device
+
+    def file(self, *, seq: int, claimed: int | None, occurred_at: dt.datetime) -> int | None:
+        if claimed is not None:
+            if claimed in self.own:
+                return claimed
+            self.wrong_claims[seq] = claimed
+        index = bisect.bisect_right(self.starts, occurred_at + self.grace) - 1
+        if index < 0:
+            return None
+        window = self.windows[index]
+        if window.opened_at > occurred_at and index > 0:
+            before = self.windows[index - 1]
+            if before.closed_at is None or occurred_at <= before.closed_at:
+                return before.shift_id
+        return window.shift_id
+
+
+def shifts_by_id(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
+    wanted = sorted(set(ids))
+    return {
+        shift.id: shift
+        for chunk in chunks(wanted)
+        for shift in session.scalars(select(Shift).where(Shift.id.in_(chunk)))
+    }
+
+
+def _text(value: str | None, field: str, *, required: bool) -> str | None:
+    text = (value or "").strip()
+    if not text:
+        if required:
+            raise InvalidInput(f"{field} is required", code=f"{field}_required", field=field)
+        return None
+    if len(text) > MAX_NOTE_LENGTH:
+        raise InvalidInput(
+            f"{field} is longer than {MAX_NOTE_LENGTH} characters",
+            code=f"{field}_too_long",
+            field=field,
+        )
+    return text

@@ -1,0 +1,470 @@
+"""Shifts and their handover balance through the engine, without Flask (rule 5)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
+from sync import shifts
+from sync.balances import shift_balance
+from sync.errors import Conflict, InvalidInput
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.shifts import ShiftRules
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+from tests.conftest import World
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+OPENED = NOW - dt.timedelta(hours=4)
+RULES = IngestRules(
+    events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+)
+POD = {"recipient_name": "Wang", "signature_sha256": "a" * 64}
+
+
+def at(minutes: float) -> dt.datetime:
+    """Minutes into the shift (it opened four hours before NOW)."""
+    return OPENED + dt.timedelta(minutes=minutes)
+
+
+class Pda:
+    """The test world's PDA: opens a shift, numbers its events, pushes them."""
+
+    def __init__(self, session: Session, world: World) -> None:
+        self.session = session
+        self.world = world
+        self.device = world.device
+        self.pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+        self.seq = 0
+
+    def open(self, *, first_seq: int | None = None, now: dt.datetime = OPENED) -> Shift:
+        shift = shifts.open_shift(
+            session=self.session,
+            device=self.device,
+            courier_id=self.world.courier.id,
+            rules=ShiftRules(),
+            first_seq=first_seq,
+            now=now,
+        )
+        self.session.commit()
+        return shift
+
+    def event(self, tracking_no: str, type: str = "checked_out", **fields: Any) -> dict:
+        self.seq += 1
+        fields.setdefault("occurred_at", at(self.seq))
+        if type == "delivered":
+            fields.setdefault("pod", POD)
+        return factories.event(self.seq, tracking_no, type, **fields)
+
+    def push(self, events: list[dict], *, received_at: dt.datetime = NOW) -> dict[str, Any]:
+        receipt = ingest(
+            session=self.session,
+            batch=PushBatch(self.device.id, uuid.uuid4(), received_at, events),
+            pusher=self.pusher,
+            rules=RULES,
+            received_at=received_at,
+        )
+        self.session.commit()
+        return receipt
+
+    def close(self, shift: Shift, *, last_seq: int | None = None) -> Shift:
+        shift = shifts.close_shift(
+            session=self.session,
+            shift=shift,
+            closed_by=self.world.courier.id,
+            last_seq=last_seq,
+            now=NOW,
+        )
+        self.session.commit()
+        return shift
+
+
+@pytest.fixture
+def pda(session: Session, world: World) -> Pda:
+    return Pda(session, world)
+
+
+def parcels(session: Session, world: World, n: int, **kw: Any) -> list[str]:
+    numbers = [factories.parcel(session, world.station, **kw).tracking_no for _ in range(n)]
+    session.commit()
+    return numbers
+
+
+def handover_flags(session: Session, shift: Shift) -> dict[tuple[str, str], FlagStatus]:
+    return {
+        (flag.kind, flag.subject_key.partition(":")[2]): flag.status
+        for flag in session.scalars(select(Flag).where(Flag.shift_id == shift.id))
+    }
+
+
+def test_a_clean_shift_balances(session: Session, world: World, pda: Pda) -> None:
+    a, b, c, d = parcels(session, world, 4)
+    shift = pda.open()
+    pda.push([pda.event(tn) for tn in (a, b, c, d)])
+    consent = {"method": "locker", "channel": "sms"}
+    pda.push(
+        [
+            pda.event(a, "delivered"),
+            pda.event(b, "consent_captured", consent=consent),
+            pda.event(b, "delivered_to_locker", locker_id="L1", compartment="3", pod=POD),
+            pda.event(
+                c, "delivery_attempt_failed", reason="recipient_absent", action="retry_planned"
+            ),
+            pda.event(c, "returned_to_station"),
+            pda.event(d, "delivered", pod={"recipient_name": "Li", "signature_sha256": "b" * 64}),
+        ]
+    )
+    shift = pda.close(shift, last_seq=pda.seq)
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "balanced", balance.discrepancies
+    assert (balance.checked_out, balance.delivered, balance.unattended, balance.returned) == (
+        4,
+        2,
+        1,
+        1,
+    )
+    assert balance.missing == 0 and balance.discrepancies == []
+    assert {p.tracking_no: p.outcome for p in balance.parcels} == {
+        a: "delivered",
+        b: "unattended",
+        c: "returned",
+        d: "delivered",
+    }
+    assert handover_flags(session, shift) == {}
+
+
+def test_events_are_filed_under_the_shift_open_when_they_happened(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a, occurred_at=OPENED - dt.timedelta(hours=1))])  # before any shift
+    first = pda.open()
+    pda.push([pda.event(a, "returned_to_station")])
+    first = pda.close(first)
+    second = pda.open(now=NOW + dt.timedelta(minutes=3))
+    # After the first closed, a little before the second opened (clocks are estimates).
+    late = pda.event(a, occurred_at=NOW + dt.timedelta(minutes=1))
+    inside_first = pda.event(a, "exception", reason="damaged", occurred_at=at(100))
+    named = pda.event(
+        a, "out_for_delivery", shift_id=first.id, occurred_at=NOW + dt.timedelta(minutes=4)
+    )
+    pda.push([late, inside_first, named], received_at=NOW + dt.timedelta(minutes=5))
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: None, 2: first.id, 3: second.id, 4: first.id, 5: first.id}
+
+
+def test_a_shift_named_by_the_pda_that_is_not_its_own_is_flagged_and_filed_by_time(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    receipt = pda.push([pda.event(a, shift_id=999_999)])
+    stored = session.scalars(select(ScanEvent)).one()
+    assert (stored.shift_id, stored.claimed_shift_id) == (shift.id, 999_999)
+    flag = session.scalars(select(Flag).where(Flag.kind == "wrong_shift")).one()
+    assert flag.evidence["claimed_shift_ids"] == [999_999]
+    assert flag.id in {f["flag_id"] for f in receipt["flags_raised"]}
+
+
+def test_a_parcel_without_outcome_is_missing_at_handover(
+    session: Session, world: World, pda: Pda
+) -> None:
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    open_balance = shift_balance(session=session, shift=shift)
+    # While the courier is out the parcel is not yet "missing at handover": no flag.
+    assert open_balance.missing == 1 and handover_flags(session, shift) == {}
+    pda.push(
+        [pda.event(b, "delivery_attempt_failed", reason="refused", action="return_to_sender")]
+    )
+    shift = pda.close(shift, last_seq=pda.seq)
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "unbalanced"
+    assert (balance.checked_out, balance.delivered, balance.missing) == (2, 1, 1)
+    [discrepancy] = balance.discrepancies
+    assert (discrepancy.kind, discrepancy.tracking_no) == ("missing_at_handover", b)
+    flag = session.get(Flag, discrepancy.flag_id)
+    assert flag.kind == "missing_at_handover" and flag.shift_id == shift.id
+    assert flag.evidence["last_event_type"] == "delivery_attempt_failed"
+    assert flag.courier_id == world.courier.id
+
+
+def test_a_sequence_gap_makes_it_provisional_until_the_late_batch_lands(
+    session: Session, world: World, pda: Pda
+) -> None:
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    events = [
+        pda.event(a),
+        pda.event(b),
+        pda.event(a, "delivered"),
+        pda.event(b, "returned_to_station"),
+    ]
+    pda.push(events[:2])
+    shift = pda.close(shift, last_seq=4)  # seqs 3 and 4 are still on the PDA
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "provisional"
+    assert (balance.missing_seqs, balance.missing_seq_count) == ([3, 4], 2)
+    # Both parcels look missing meanwhile, and are flagged so.
+    assert set(handover_flags(session, shift).values()) == {FlagStatus.OPEN}
+    pda.push(events[2:], received_at=NOW + dt.timedelta(minutes=30))
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "balanced"
+    assert (balance.delivered, balance.returned, balance.missing_seqs) == (1, 1, [])
+    assert set(handover_flags(session, shift).values()) == {FlagStatus.CLOSED}
+
+
+def test_a_final_batch_that_never_came_is_a_gap_beyond_the_highest_seq(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a)])
+    shift = pda.close(shift, last_seq=3)
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.missing_seqs) == ("provisional", [2, 3])
+
+
+def test_a_gap_of_an_earlier_shift_does_not_hold_a_later_one(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.seq = 1  # seq 1 never arrives
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = pda.close(first, last_seq=3)
+    second = pda.open(first_seq=4, now=NOW + dt.timedelta(minutes=1))
+    pda.push(
+        [
+            pda.event(a, occurred_at=NOW + dt.timedelta(minutes=2)),
+            pda.event(a, "returned_to_station", occurred_at=NOW + dt.timedelta(minutes=3)),
+        ],
+        received_at=NOW + dt.timedelta(minutes=4),
+    )
+    assert shift_balance(session=session, shift=first).missing_seqs == [1]
+    second_balance = shift_balance(session=session, shift=second)
+    assert (second_balance.status, second_balance.missing_seqs) == ("balanced", [])
+
+
+def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
+    session: Session, world: World, pda: Pda
+) -> None:
+    a, stray = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "delivered"), pda.event(stray, "delivered")])
+    shift = pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "unbalanced"
+    assert (balance.checked_out, balance.delivered, balance.not_checked_out) == (1, 1, 1)
+    kinds = {(d.kind, d.tracking_no) for d in balance.discrepancies}
+    # The parcel's own rule flag names the delivery; no second flag for the same fact.
+    assert kinds == {("delivered_not_checked_out", stray)}
+    assert all(d.flag_id is not None for d in balance.discrepancies)
+
+
+def test_a_return_of_a_parcel_this_shift_never_took_is_not_on_the_manifest(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a, "returned_to_station")])
+    shift = pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert [(d.kind, d.tracking_no) for d in balance.discrepancies] == [("not_on_manifest", a)]
+    assert handover_flags(session, shift) == {("not_on_manifest", a): FlagStatus.OPEN}
+
+
+def test_rule_flags_unbalance_the_shift_that_holds_their_events(
+    session: Session, world: World, pda: Pda
+) -> None:
+    express, twice = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push(
+        [
+            pda.event(express),
+            pda.event(twice),
+            # express, no consent, no proof: unauthorized drop and no POD
+            pda.event(express, "delivered_to_locker", locker_id="L1", compartment="2"),
+            pda.event(twice, "delivered"),
+            pda.event(twice, "returned_to_station"),
+        ]
+    )
+    shift = pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "unbalanced"
+    assert balance.unattended_without_consent == 1
+    assert {(d.kind, d.tracking_no) for d in balance.discrepancies} == {
+        ("unauthorized_locker_drop", express),
+        ("delivered_without_pod", express),
+        ("conflicting_final_outcome", twice),
+    }
+    # Counted by its last outcome: checked out = sum of the outcomes.
+    outcomes = (
+        balance.delivered
+        + balance.delivered_without_pod
+        + balance.unattended
+        + balance.unattended_without_consent
+        + balance.returned
+        + balance.missing
+    )
+    assert outcomes == balance.checked_out == 2
+
+
+def test_a_parcel_class_without_consent_rules_left_in_a_locker_is_unattended(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.ORDINARY)
+    shift = pda.open()
+    pda.push(
+        [
+            pda.event(a),
+            pda.event(
+                a, "delivered_to_locker", locker_id="L", compartment="1", pod={"pickup_code": "55"}
+            ),
+        ]
+    )
+    balance = shift_balance(session=session, shift=pda.close(shift))
+    assert (balance.status, balance.unattended) == ("balanced", 1)
+
+
+def test_a_corrected_return_makes_the_parcel_missing_again(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    checked_out = pda.event(a)
+    returned = pda.event(a, "returned_to_station")
+    pda.push([checked_out, returned])
+    shift = pda.close(shift)
+    assert shift_balance(session=session, shift=shift).status == "balanced"
+    second = pda.open(now=NOW + dt.timedelta(minutes=1))
+    # A correction filed in the next shift voids the return of the first.
+    pda.push(
+        [
+            pda.event(
+                a,
+                "correction",
+                voids_client_event_id=returned["client_event_id"],
+                reason="mis-tap",
+                occurred_at=NOW + dt.timedelta(minutes=2),
+            )
+        ],
+        received_at=NOW + dt.timedelta(minutes=3),
+    )
+    assert (
+        session.scalars(select(ScanEvent.shift_id).where(ScanEvent.type == "correction")).one()
+        == second.id
+    )
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.missing) == ("unbalanced", 1)
+    assert handover_flags(session, shift) == {("missing_at_handover", a): FlagStatus.OPEN}
+
+
+def test_one_open_shift_per_device(session: Session, world: World, pda: Pda) -> None:
+    first = pda.open()
+    with pytest.raises(Conflict) as info:
+        pda.open()
+    assert info.value.code == "shift_already_open" and str(first.id) in info.value.message
+
+
+def test_first_seq_must_be_new(session: Session, world: World, pda: Pda) -> None:
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    with pytest.raises(Conflict) as info:
+        pda.open(first_seq=2)
+    assert info.value.code == "first_seq_used"
+
+
+def test_closing_twice_is_idempotent_but_not_with_another_last_seq(
+    session: Session, world: World, pda: Pda
+) -> None:
+    shift = pda.open()
+    closed = pda.close(shift, last_seq=5)
+    assert pda.close(shift, last_seq=5).closed_at == closed.closed_at
+    assert pda.close(shift).status == ShiftStatus.CLOSED
+    with pytest.raises(Conflict) as info:
+        pda.close(shift, last_seq=6)
+    assert info.value.code == "shift_already_closed"
+
+
+def sign_off(session: Session, world: World, shift: Shift, **kw: Any) -> Shift:
+    kw.setdefault("note", "all accounted for")
+    signed = shifts.sign_off(session=session, shift=shift, user_id=world.manager.id, now=NOW, **kw)
+    session.commit()
+    return signed
+
+
+def test_sign_off_is_refused_while_open_and_while_provisional_unless_forced(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a)])
+    with pytest.raises(Conflict) as info:
+        sign_off(session, world, shift)
+    assert info.value.code == "shift_open"
+    shift = pda.close(shift, last_seq=3)
+    with pytest.raises(Conflict) as info:
+        sign_off(session, world, shift)
+    assert info.value.code == "balance_provisional" and "2, 3" in info.value.message
+    with pytest.raises(InvalidInput):
+        sign_off(session, world, shift, note="  ")
+    signed = sign_off(session, world, shift, force_reason="PDA broken; its last batch is lost")
+    assert signed.status == ShiftStatus.SIGNED_OFF
+    assert signed.signoff_forced_reason == "PDA broken; its last batch is lost"
+    assert signed.signoff_balance["status"] == "provisional"
+    assert signed.signoff_balance["missing_seqs"] == [2, 3]
+    entry = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "shift_signed_off")
+    ).one()
+    assert entry.subject_key == str(shift.id) and entry.actor_id == world.manager.id
+    assert entry.details["balance"]["missing"] == 1
+    with pytest.raises(Conflict) as info:
+        sign_off(session, world, shift)
+    assert info.value.code == "already_signed_off"
+
+
+def test_an_event_after_sign_off_reopens_the_shift_with_a_flag(
+    session: Session, world: World, pda: Pda
+) -> None:
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    shift = pda.close(shift)
+    sign_off(session, world, shift, note="b is missing; searching")
+    receipt = pda.push(
+        [pda.event(b, "returned_to_station", shift_id=shift.id)],
+        received_at=NOW + dt.timedelta(hours=1),
+    )
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.CLOSED and shift.reopened_count == 1
+    flag = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert flag.shift_id == shift.id and flag.status == FlagStatus.OPEN
+    late_event = session.scalars(select(ScanEvent.id).where(ScanEvent.seq == pda.seq)).one()
+    assert flag.evidence["event_ids"] == [late_event]
+    assert flag.id in {f["flag_id"] for f in receipt["flags_raised"]}
+    assert shift_balance(session=session, shift=shift).status == "balanced"
+    actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
+    assert actions == ["shift_signed_off", "shift_reopened"]
+    # Signed off again, then another late event: the resolved flag opens again.
+    flags_resolved = session.get(Flag, flag.id)
+    from sync.flags import resolve_flag
+
+    resolve_flag(session=session, flag=flags_resolved, user_id=world.manager.id, note="seen")
+    session.commit()
+    sign_off(session, world, shift, note="found")
+    pda.push(
+        [pda.event(b, "exception", reason="damaged", shift_id=shift.id)],
+        received_at=NOW + dt.timedelta(hours=2),
+    )
+    session.refresh(shift)
+    assert shift.reopened_count == 2
+    assert session.get(Flag, flag.id).status == FlagStatus.OPEN

@@ -240,6 +240,23 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
 # -- the shift's own flags --------------------------------------------------------------------
 
 
+def refresh_for_parcels(*, session: Session, tracking_nos: Sequence[str]) -> list[Flag]:
+    """Judge again the closed shifts that hold events of these parcels.
+
+    Called wherever parcels are re-judged (``sync.status.reproject``): a late event,
+    an intake, a consent or an upload can change what a closed shift's handover
+    shows. Open shifts have no handover flags yet, so a usual push costs one query.
+    """
+    closed: dict[int, Shift] = {}
+    for chunk in chunks(sorted(set(tracking_nos))):
+        holding = select(ScanEvent.shift_id).where(among(session, ScanEvent.tracking_no, chunk))
+        for shift in session.scalars(
+            select(Shift).where(Shift.id.in_(holding), Shift.status != ShiftStatus.OPEN)
+        ):
+            closed[shift.id] = shift
+    return refresh_handover_flags(session=session, shifts=list(closed.values()))
+
+
 def subject_of(shift_id: int, tracking_no: str) -> FlagSubject:
     return FlagSubject("shift", f"{shift_id}:{tracking_no}")
 

@@ -43,7 +43,6 @@ from models import (
     EventType,
     Flag,
     FlagSeverity,
-    FlagStatus,
     ProofImage,
     QuarantinedEvent,
     ScanEvent,
@@ -53,7 +52,6 @@ from models import (
 )
 from sync import consents
 from sync.acks import SeqTracker
-from sync.balances import refresh_handover_flags
 from sync.errors import Conflict
 from sync.events import (
     MAX_SEQ,
@@ -68,7 +66,6 @@ from sync.events import (
 from sync.flags import FlagSubject, raise_flag
 from sync.rules import Policy
 from sync.shifts import (
-    LATE_EVENT,
     ShiftFiler,
     ShiftRules,
     reopen_for_late_events,
@@ -631,8 +628,9 @@ class _BatchIngest:
     def _settle_shifts(
         self, stored: list[tuple[int, ValidEvent]], voided: list[uuid.UUID]
     ) -> None:
-        """The shifts these events change: a signed-off one reopens (the events came after
-        its sign-off), and a closed one's handover flags are judged again."""
+        """A PDA naming a shift that is not its own is flagged; a signed-off shift that
+        gets events (or loses one to a correction) reopens. (The handover flags of closed
+        shifts were judged again with the parcels, in ``_project``.)"""
         if self.filer.wrong_claims:
             claims = self.filer.wrong_claims
             self._flag(
@@ -645,51 +643,40 @@ class _BatchIngest:
                     "last_batch_id": str(self.batch.batch_id),
                 },
             )
+        # The shifts these events land in, and those whose events they void.
         by_shift: dict[int, list[ValidEvent]] = {}
         for _, event in stored:
             shift_id = self.filed.get(event.client_event_id)
             if shift_id is not None:
                 by_shift.setdefault(shift_id, []).append(event)
-        voided_shifts = {
-            shift_id
-            for chunk in chunks(voided)
-            for shift_id in self.session.scalars(
-                select(ScanEvent.shift_id).where(
+        corrections = {e.voids_client_event_id: e for _, e in stored if e.voids_client_event_id}
+        for chunk in chunks(voided):
+            for shift_id, target in self.session.execute(
+                select(ScanEvent.shift_id, ScanEvent.client_event_id).where(
                     ScanEvent.device_id == self.pusher.device_id,
                     ScanEvent.client_event_id.in_(chunk),
                     ScanEvent.shift_id.is_not(None),
                 )
-            )
-        }
-        if not by_shift and not voided_shifts:
+            ):
+                by_shift.setdefault(shift_id, []).append(corrections[target])
+        if not by_shift:
             return
-        shifts = shifts_by_id(self.session, {*by_shift, *voided_shifts})
-        late = [s for s in shifts.values() if s.status == ShiftStatus.SIGNED_OFF]
-        if late:
-            arrived = {s.id: by_shift.get(s.id, []) for s in late}
-            ids = self._event_ids([e for events in arrived.values() for e in events])
-            reopen_for_late_events(
+        signed_off = [
+            shift.id
+            for shift in shifts_by_id(self.session, by_shift).values()
+            if shift.status == ShiftStatus.SIGNED_OFF
+        ]
+        if signed_off:
+            ids = self._event_ids([e for shift_id in signed_off for e in by_shift[shift_id]])
+            flags = reopen_for_late_events(
                 session=self.session,
                 late={
-                    shift_id: [ids[e.client_event_id] for e in events]
-                    for shift_id, events in arrived.items()
+                    shift_id: sorted({ids[e.client_event_id] for e in by_shift[shift_id]})
+                    for shift_id in signed_off
                 },
                 now=self.received_at,
             )
-        raised = refresh_handover_flags(session=self.session, shifts=list(shifts.values()))
-        self.session.flush()
-        self._report_raised(raised)
-        if late:
-            self._report_raised(
-                flag
-                for flag in self.session.scalars(
-                    select(Flag).where(
-                        Flag.kind == LATE_EVENT,
-                        Flag.shift_id.in_([s.id for s in late]),
-                        Flag.status == FlagStatus.OPEN,
-                    )
-                )
-            )
+            self._report_raised(flags)
 
     def _report_raised(self, flags: Iterable[Flag]) -> None:
         known = {item["flag_id"] for item in self.raised}

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from models import (
     Device,
     DeviceSyncState,
+    Flag,
     FlagSeverity,
     Shift,
     ShiftStatus,
@@ -228,13 +229,15 @@ def sign_off(
 
 def reopen_for_late_events(
     *, session: Session, late: dict[int, list[int]], now: dt.datetime
-) -> list[Shift]:
+) -> list[Flag]:
     """Events landed for signed-off shifts (``{shift id: event ids}``): each reopens.
 
     The shift goes back to closed, waiting for a new sign-off; a
-    ``late_event_after_signoff`` flag names the events, and the audit log records it.
+    ``late_event_after_signoff`` flag names the events (opened again if a manager
+    had resolved it after an earlier reopening), and the audit log records it.
+    Returns the flags raised.
     """
-    reopened = []
+    flags = []
     for shift_id in sorted(late):
         shift = lock_shift(session, shift_id)
         if shift.status != ShiftStatus.SIGNED_OFF:
@@ -262,6 +265,7 @@ def reopen_for_late_events(
             reopen_flag(
                 session=session, flag=raised.flag, note="events landed after another sign-off"
             )
+        flags.append(raised.flag)
         audit.append(
             session=session,
             actor_id=None,
@@ -270,9 +274,8 @@ def reopen_for_late_events(
             subject_key=str(shift.id),
             details={"station_id": shift.station_id, "reason": LATE_EVENT, **evidence},
         )
-        reopened.append(shift)
     session.flush()
-    return reopened
+    return flags
 
 
 # -- reading -----------------------------------------------------------------------------------

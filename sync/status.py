@@ -28,6 +28,7 @@ from models import (
     utcnow,
 )
 from sync import feed
+from sync.balances import refresh_for_parcels
 from sync.consents import consents_for, covered_parcels
 from sync.events import referenced_blobs
 from sync.flags import (
@@ -202,6 +203,8 @@ def reproject(
         _refresh_loaded(session, updates)
     feed.record(session, entries)
     outcome.raised = apply_rule_flags(session, parcels, judged, holders)
+    # Closed shifts holding these parcels' events: what their handover shows may change.
+    outcome.raised += refresh_for_parcels(session=session, tracking_nos=sorted(parcels))
     return outcome
 
 

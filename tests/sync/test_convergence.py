@@ -5,13 +5,17 @@ A hypothesis state machine plays a PDA against the engine: pushes of arbitrary
 subsets in arbitrary order, responses lost after commit, retries of the same
 batch, pushes that fail before commit, clock changes and pulls, with proofs of
 delivery and consents (captured on the PDA, or granted through the API at any
-point) in the mix, so the rule flags they decide must converge too. After every
-step, each event the server acknowledged is stored exactly once. At the end the
-PDA delivers everything still unacknowledged, and the final state (statuses,
-holders, acks, flags, quarantine) is compared with a fresh database that got
-the whole stream in one in-order push from a PDA with the same clock. (When the
-test changes the PDA's clock mid-day, events recorded before are corrected by the
-offset of the push that carries them, so only their corrected times may differ.)
+point) in the mix, so the rule flags they decide must converge too. The PDA
+works in a shift opened before the day, which the courier may close at any
+point (the rest of the stream then lands in a closed shift), so the shift's
+handover balance and flags must converge as well. After every step, each event
+the server acknowledged is stored exactly once. At the end the PDA delivers
+everything still unacknowledged, and the final state (statuses, holders, acks,
+flags, quarantine, the shift's balance) is compared with a fresh database that
+got the whole stream in one in-order push from a PDA with the same clock, then
+closed the shift if the PDA did. (When the test changes the PDA's clock mid-day,
+events recorded before are corrected by the offset of the push that carries
+them, so only their corrected times may differ.)
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ from models import (
 )
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import feed
+from sync.balances import shift_balance
 from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
+from sync.shifts import ShiftRules, close_shift, open_shift
 from sync.status import rejudge_for_consent
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
@@ -146,6 +152,22 @@ class World:
         self.session.commit()
         self.pusher = Pusher(device.id, station.id, courier.id)
         self.station_id = station.id
+        # Opened before the day (events are 1 to 3 hours before NOW), closed at NOW.
+        self.shift = open_shift(
+            session=self.session,
+            device=device,
+            courier_id=courier.id,
+            rules=ShiftRules(),
+            now=NOW - dt.timedelta(hours=4),
+        )
+        self.session.commit()
+
+    def close_the_shift(self, last_seq: int) -> None:
+        close_shift(
+            session=self.session, shift=self.shift, closed_by=self.pusher.courier_id,
+            last_seq=last_seq, now=NOW,
+        )  # fmt: skip
+        self.session.commit()
 
     def push(
         self, events: list[dict[str, Any]], batch_id: uuid.UUID, skew: dt.timedelta
@@ -161,7 +183,14 @@ class World:
     def final_state(self) -> dict[str, Any]:
         session = self.session
         state = session.get(DeviceSyncState, self.pusher.device_id)
+        balance = shift_balance(session=session, shift=self.shift)
         return {
+            "balance": (
+                balance.summary(),
+                balance.missing_seqs,
+                sorted((p.tracking_no, p.outcome, p.on_manifest) for p in balance.parcels),
+                sorted((d.kind, d.tracking_no, d.flag_status) for d in balance.discrepancies),
+            ),
             # Ids differ between databases (PostgreSQL sequences survive rollbacks): a parcel
             # held by this world's courier says so by name.
             "parcels": sorted(
@@ -181,13 +210,19 @@ class World:
             # ever raised depends on arrival order. The clock_skew flag depends on the
             # clocks of all the pushes, not on the stream; it is checked separately.
             "flags": sorted(
-                session.execute(
+                (kind, self._subject(key), status)
+                for kind, key, status in session.execute(
                     select(Flag.kind, Flag.subject_key, Flag.status).where(
                         Flag.kind != "clock_skew", Flag.status.in_(ACTIVE_STATUSES)
                     )
                 )
             ),
         }
+
+    def _subject(self, key: str) -> str:
+        """A shift's flags name it by id, which differs between databases."""
+        shift, sep, tracking_no = key.partition(":")
+        return f"the shift:{tracking_no}" if sep and shift == str(self.shift.id) else key
 
     def _courier_name(self, courier_id: int | None) -> str | None:
         if courier_id is None:
@@ -239,6 +274,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.clock_was_changed = False
         self.taken_in = False
         self.consented = False
+        self.closed = False
         self.skewed_push = False  # did any committed push carry an offset beyond the bound?
         self.acknowledged: set[str] = set()
         self.sent: list[tuple[uuid.UUID, list[dict[str, Any]], dict[str, Any]]] = []
@@ -294,6 +330,14 @@ class PdaAgainstServer(RuleBasedStateMachine):
     def the_recipient_consents(self) -> None:
         self.world.recipient_consents()
         self.consented = True
+
+    @precondition(lambda self: not self.closed and bool(self.stream))
+    @rule()
+    def the_courier_closes_the_shift(self) -> None:
+        """Back at the station, possibly before the PDA has sent everything: the events
+        still to come land in a closed shift."""
+        self.world.close_the_shift(last_seq=len(self.stream))
+        self.closed = True
 
     @precondition(lambda self: not self.taken_in)
     @rule()
@@ -375,6 +419,8 @@ class PdaAgainstServer(RuleBasedStateMachine):
                 reference.take_in_the_unknown_parcel()
             if self.consented:
                 reference.recipient_consents()
+            if self.closed:
+                reference.close_the_shift(last_seq=len(self.stream))
             return reference.final_state()
         finally:
             reference.close()

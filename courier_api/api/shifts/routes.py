@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from flask.views import MethodView
+
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.pagination import keyset_page
+from courier_api.api.shifts.schemas import (
+    BalanceOut,
+    BoardArgs,
+    BoardOut,
+    CloseShiftIn,
+    OpenShiftIn,
+    ShiftListArgs,
+    ShiftOut,
+    ShiftPage,
+    SignOffIn,
+)
+from courier_api.auth import current_principal, ensure_station_access
+from courier_api.config import shift_rules_of
+from courier_api.extensions import db
+from models import Device, Role, Shift, utcnow
+from sync import directory, shifts
+from sync.balances import shift_balance, station_board
+from sync.errors import PermissionDenied
+from sync.handover import COUNT_FIELDS, BalanceStatus
+
+blp = ApiBlueprint(
+    "shifts", __name__, url_prefix="/api/v1", description="Shifts, handover balance, sign-off"
+)
+READERS = (Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
+MANAGERS = (Role.STATION_MANAGER, Role.ADMIN)
+
+
+@blp.route("/shifts")
+class Shifts(MethodView):
+    @blp.auth(Role.COURIER)
+    @blp.arguments(OpenShiftIn)
+    @blp.response(201, ShiftOut)
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any]) -> Shift:
+        """Open a shift
+
+        For the PDA the courier signed in with, at the station, before the day's
+        check-outs. One shift may be open per PDA (409 `shift_already_open`).
+        Scan events are filed under the shift the PDA names in `shift_id`, or
+        else under the shift the PDA had open when they happened. Declaring
+        `first_seq` (and `last_seq` when closing) lets the server tell which
+        missing sequence numbers hold this shift's events; a `first_seq` the
+        server already holds events at is a 409 `first_seq_used`.
+        """
+        principal = current_principal()
+        device = db.session.get(Device, principal.device_id)
+        assert device is not None  # the token's device was checked when it was verified
+        shift = shifts.open_shift(
+            session=db.session,
+            device=device,
+            courier_id=principal.user_id,
+            rules=shift_rules_of(current_app.config),
+            planned_end_at=body["planned_end_at"],
+            first_seq=body["first_seq"],
+            now=utcnow(),
+        )
+        db.session.commit()
+        return shift
+
+    @blp.auth(*READERS)
+    @blp.arguments(ShiftListArgs, location="query")
+    @blp.response(200, ShiftPage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List shifts
+
+        Oldest first, filtered by station, local date, status, courier or PDA.
+        Couriers see their own shifts, managers their station's, admins and
+        auditors every station's.
+        """
+        principal = current_principal()
+        items = shifts.list_shifts(
+            session=db.session,
+            station_id=principal.station_filter(args.get("station_id")),
+            work_date=args.get("date"),
+            status=args.get("status"),
+            courier_id=principal.user_id
+            if principal.role == Role.COURIER
+            else args.get("courier_id"),
+            device_id=args.get("device_id"),
+            after_id=args["after"],
+            limit=args["limit"],
+        )
+        return keyset_page(items, args["limit"], key=lambda shift: shift.id)
+
+
+@blp.route("/shifts/<id:shift_id>")
+class ShiftById(MethodView):
+    @blp.auth(*READERS)
+    @blp.response(200, ShiftOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, shift_id: int) -> Shift:
+        """Get a shift"""
+        return _readable(shift_id)
+
+
+@blp.route("/shifts/<id:shift_id>/close")
+class CloseShift(MethodView):
+    @blp.auth(Role.COURIER, *MANAGERS)
+    @blp.arguments(CloseShiftIn)
+    @blp.response(200, ShiftOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any], shift_id: int) -> Shift:
+        """Close a shift (归班交接)
+
+        The courier is back at the station and hands over: from now on a parcel
+        checked out in this shift with no final outcome is missing, and flagged
+        `missing_at_handover`. Closed by the shift's own PDA, or by a manager of
+        the station (a PDA that died). Closing a closed shift again answers the
+        shift as it is (a retry), unless it names another `last_seq` (409
+        `shift_already_closed`).
+        """
+        principal = current_principal()
+        shift = shifts.get_shift(session=db.session, shift_id=shift_id)
+        if principal.role == Role.COURIER:
+            if shift.device_id != principal.device_id or shift.courier_id != principal.user_id:
+                raise PermissionDenied(
+                    "a shift is closed from the PDA it was opened on, or by a manager",
+                    code="not_your_shift",
+                )
+        else:
+            ensure_station_access(shift.station_id)
+        shift = shifts.close_shift(
+            session=db.session,
+            shift=shift,
+            closed_by=principal.user_id,
+            last_seq=body["last_seq"],
+            now=utcnow(),
+        )
+        db.session.commit()
+        return shift
+
+
+@blp.route("/shifts/<id:shift_id>/balance")
+class ShiftBalance(MethodView):
+    @blp.auth(*READERS)
+    @blp.response(200, BalanceOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, shift_id: int) -> dict[str, Any]:
+        """Get a shift's handover balance
+
+        Computed from the events filed under the shift, never typed in:
+        `checked_out = delivered + delivered_without_pod + unattended +
+        unattended_without_consent + returned + missing`, each parcel's
+        outcome, and the discrepancies with their flags and the events that are
+        their evidence. `status` is `provisional` while sequence numbers the
+        shift may own are still on the PDA (`missing_seqs` names them),
+        `unbalanced` while anything is missing or a discrepancy stands (a flag
+        resolved by a manager still stands: it is a fact about the events), and
+        `balanced` otherwise. While the shift is open, `missing` counts the
+        parcels still out.
+        """
+        shift = _readable(shift_id)
+        balance = shift_balance(session=db.session, shift=shift)
+        return {**balance.summary(), **vars(balance), "shift_status": shift.status}
+
+
+@blp.route("/shifts/<id:shift_id>/signoff")
+class SignOff(MethodView):
+    @blp.auth(*MANAGERS)
+    @blp.arguments(SignOffIn)
+    @blp.response(200, ShiftOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any], shift_id: int) -> Shift:
+        """Sign a shift's handover off
+
+        A manager of the station (or an admin) signs off a closed shift with a
+        note; the balance as it stands is kept with the sign-off and written to
+        the audit log. Refused while the shift is open (409 `shift_open`), and
+        while its balance is provisional (409 `balance_provisional`, naming the
+        missing seqs) unless `force_reason` says why it cannot wait. An event
+        that lands after the sign-off reopens the shift (it goes back to
+        `closed`) and raises `late_event_after_signoff`.
+        """
+        shift = shifts.get_shift(session=db.session, shift_id=shift_id)
+        ensure_station_access(shift.station_id)
+        shift = shifts.sign_off(
+            session=db.session,
+            shift=shift,
+            user_id=current_principal().user_id,
+            note=body["note"],
+            force_reason=body["force_reason"],
+            now=utcnow(),
+        )
+        db.session.commit()
+        return shift
+
+
+@blp.route("/stations/<id:station_id>/handover")
+class StationHandover(MethodView):
+    @blp.auth(Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
+    @blp.arguments(BoardArgs, location="query")
+    @blp.response(200, BoardOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, args: dict[str, Any], station_id: int) -> dict[str, Any]:
+        """The station's handover board for a day
+
+        Every shift that opened on the station's local `date` (default: today
+        there), oldest first, with its courier, its state and its balance
+        counts, and the day's totals. Read in the same few queries however many
+        shifts the station runs.
+        """
+        ensure_station_access(station_id)
+        station = directory.get_station(session=db.session, station_id=station_id)
+        day = args["date"] or shifts.local_date(utcnow(), station.timezone)
+        rows = station_board(session=db.session, station_id=station_id, work_date=day)
+        totals: dict[str, int] = dict.fromkeys(
+            (*COUNT_FIELDS, "missing_seq_count", "discrepancy_count"), 0
+        )
+        tally = {
+            "shifts": len(rows),
+            **dict.fromkeys(
+                (BalanceStatus.BALANCED, BalanceStatus.UNBALANCED, BalanceStatus.PROVISIONAL),
+                0,
+            ),
+            "open": 0,
+            "signed_off": 0,
+        }
+        board = []
+        for row in rows:
+            summary = row.balance.summary()
+            for name in totals:
+                totals[name] += summary[name]
+            tally[summary["status"]] += 1
+            if row.shift.status.value in tally:
+                tally[row.shift.status.value] += 1
+            board.append(
+                {
+                    "shift_id": row.shift.id,
+                    "courier": row.courier,
+                    "device_id": row.shift.device_id,
+                    "shift_status": row.shift.status,
+                    "opened_at": row.shift.opened_at,
+                    "planned_end_at": row.shift.planned_end_at,
+                    "closed_at": row.shift.closed_at,
+                    "signed_off_at": row.shift.signed_off_at,
+                    "balance": summary,
+                }
+            )
+        return {
+            "station_id": station_id,
+            "date": day,
+            "shifts": board,
+            "totals": {**totals, **tally},
+        }
+
+
+def _readable(shift_id: int) -> Shift:
+    """The shift, if the caller may read it: couriers their own, others their stations'."""
+    principal = current_principal()
+    shift = shifts.get_shift(session=db.session, shift_id=shift_id)
+    if principal.role == Role.COURIER:
+        if shift.courier_id != principal.user_id:
+            raise PermissionDenied("this is another courier's shift", code="not_your_shift")
+    else:
+        ensure_station_access(shift.station_id)
+    return shift

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import marshmallow as ma
+
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
+from models import FlagStatus, ShiftStatus
+from sync.handover import OUTCOMES
+from sync.shifts import MAX_NOTE_LENGTH
+
+BALANCE_STATUSES = ("balanced", "unbalanced", "provisional")
+Seq = ma.fields.Integer
+
+
+class OpenShiftIn(ma.Schema):
+    planned_end_at = UtcTime(
+        load_default=None,
+        metadata={"description": "When the shift should end; default: SHIFT_PLANNED_HOURS on"},
+    )
+    first_seq = Seq(
+        load_default=None,
+        validate=ma.validate.Range(min=1, max=MAX_ID),
+        metadata={
+            "description": "The seq the PDA's first event of this shift will carry. Optional, "
+            "recommended: it lets the server tell which missing seqs belong to the shift"
+        },
+    )
+
+
+class CloseShiftIn(ma.Schema):
+    last_seq = Seq(
+        load_default=None,
+        validate=ma.validate.Range(min=0, max=MAX_ID),
+        metadata={
+            "description": "The seq of the PDA's last event of this shift. Optional, "
+            "recommended: events up to it still on the PDA keep the balance provisional"
+        },
+    )
+
+
+class SignOffIn(ma.Schema):
+    note = Text(
+        required=True,
+        validate=ma.validate.Length(min=1, max=MAX_NOTE_LENGTH),
+        metadata={"example": "all parcels accounted for"},
+    )
+    force_reason = Text(
+        load_default=None,
+        validate=ma.validate.Length(max=MAX_NOTE_LENGTH),
+        metadata={
+            "description": "Sign off a provisional balance anyway (events are still on "
+            "the PDA), saying why"
+        },
+    )
+
+
+class ShiftListArgs(PageArgs):
+    station_id = Id(metadata={"description": "Admins and auditors; managers see their own"})
+    date = ma.fields.Date(metadata={"description": "The station's local date the shift opened"})
+    status = ma.fields.Enum(ShiftStatus, by_value=True)
+    courier_id = Id(metadata={"description": "Couriers see their own shifts only"})
+    device_id = Text(validate=ma.validate.Length(max=64))
+    after = After()
+
+
+class ShiftOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(required=True)
+    courier_id = ma.fields.Integer(required=True)
+    device_id = ma.fields.String(required=True)
+    status = ma.fields.Enum(
+        ShiftStatus,
+        by_value=True,
+        required=True,
+        metadata={"description": "open, closed (handed over, awaiting sign-off), signed_off"},
+    )
+    work_date = ma.fields.Date(
+        required=True, metadata={"description": "The station's local date the shift opened"}
+    )
+    opened_at = ma.fields.AwareDateTime(required=True)
+    planned_end_at = ma.fields.AwareDateTime(required=True)
+    first_seq = ma.fields.Integer(allow_none=True, required=True)
+    last_seq = ma.fields.Integer(allow_none=True, required=True)
+    closed_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    closed_by = ma.fields.Integer(allow_none=True, required=True)
+    signed_off_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    signed_off_by = ma.fields.Integer(allow_none=True, required=True)
+    signoff_note = ma.fields.String(allow_none=True, required=True)
+    signoff_forced_reason = ma.fields.String(allow_none=True, required=True)
+    reopened_count = ma.fields.Integer(
+        required=True, metadata={"description": "Times an event after a sign-off reopened it"}
+    )
+    reopened_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+
+
+class ShiftPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(ShiftOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
+
+
+def _count(description: str) -> ma.fields.Integer:
+    return ma.fields.Integer(required=True, metadata={"description": description})
+
+
+class BalanceCounts(ma.Schema):
+    status = ma.fields.String(
+        required=True,
+        validate=ma.validate.OneOf(BALANCE_STATUSES),
+        metadata={
+            "description": "balanced; unbalanced (something missing, or a discrepancy); "
+            "provisional (seqs the shift may own are still on the PDA)"
+        },
+    )
+    checked_out = _count("Parcels checked out in this shift (its manifest)")
+    delivered = _count("Handed over in person with a proof of delivery")
+    delivered_without_pod = _count("Handed over in person without a (complete) proof")
+    unattended = _count("Left in a locker or at a pickup point, authorized")
+    unattended_without_consent = _count("Left unattended without a consent that came first")
+    returned = _count("Returned to the station")
+    missing = _count("Checked out, no final outcome (while open: still out)")
+    not_checked_out = _count("Outcomes recorded for parcels this shift never checked out")
+    missing_seq_count = _count("Sequence numbers still on the PDA that may belong here")
+    discrepancy_count = _count("Discrepancies, each with its flag")
+
+
+class DiscrepancyOut(ma.Schema):
+    kind = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "missing_at_handover, not_on_manifest, delivered_without_pod, "
+            "unauthorized_locker_drop, consent_after_drop, conflicting_final_outcome, "
+            "delivered_not_checked_out"
+        },
+    )
+    tracking_no = ma.fields.String(required=True)
+    flag_id = ma.fields.Integer(allow_none=True, required=True)
+    flag_status = ma.fields.Enum(FlagStatus, by_value=True, allow_none=True, required=True)
+    event_ids = ma.fields.List(
+        ma.fields.Integer(), required=True, metadata={"description": "The evidence: events"}
+    )
+
+
+class ParcelOutcomeOut(ma.Schema):
+    tracking_no = ma.fields.String(required=True)
+    outcome = ma.fields.String(
+        required=True,
+        validate=ma.validate.OneOf((*OUTCOMES, "no_outcome")),
+        metadata={"description": f"One of {', '.join(OUTCOMES)}; no_outcome off the manifest"},
+    )
+    on_manifest = ma.fields.Boolean(required=True)
+    outcome_event_id = ma.fields.Integer(allow_none=True, required=True)
+    event_ids = ma.fields.List(ma.fields.Integer(), required=True)
+
+
+class BalanceOut(BalanceCounts):
+    shift_id = ma.fields.Integer(required=True)
+    shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)
+    missing_seqs = ma.fields.List(
+        ma.fields.Integer(), required=True, metadata={"description": "The first 100"}
+    )
+    parcels = ma.fields.List(ma.fields.Nested(ParcelOutcomeOut), required=True)
+    discrepancies = ma.fields.List(ma.fields.Nested(DiscrepancyOut), required=True)
+
+
+class BoardArgs(ma.Schema):
+    date = ma.fields.Date(
+        load_default=None,
+        metadata={"description": "The station's local date; default: today there"},
+    )
+
+
+class BoardCourierOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    username = ma.fields.String(required=True)
+    full_name = ma.fields.String(required=True)
+
+
+class BoardShiftOut(ma.Schema):
+    shift_id = ma.fields.Integer(required=True)
+    courier = ma.fields.Nested(BoardCourierOut, required=True)
+    device_id = ma.fields.String(required=True)
+    shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)
+    opened_at = ma.fields.AwareDateTime(required=True)
+    planned_end_at = ma.fields.AwareDateTime(required=True)
+    closed_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    signed_off_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    balance = ma.fields.Nested(BalanceCounts, required=True)
+
+
+class BoardTotalsOut(BalanceCounts):
+    class Meta:
+        exclude = ("status",)
+
+    shifts = _count("Shifts of the day")
+    balanced = _count("Shifts whose balance closes")
+    unbalanced = _count("Shifts with something missing or a discrepancy")
+    provisional = _count("Shifts still waiting for events on the PDA")
+    open = _count("Shifts still open")
+    signed_off = _count("Shifts signed off")
+
+
+class BoardOut(ma.Schema):
+    station_id = ma.fields.Integer(required=True)
+    date = ma.fields.Date(required=True)
+    shifts = ma.fields.List(ma.fields.Nested(BoardShiftOut), required=True)
+    totals = ma.fields.Nested(BoardTotalsOut, required=True)

@@ -1,0 +1,443 @@
+"""Shifts over HTTP: open, push, close, balance, board, sign-off; the issue's scenarios."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
+
+from tests import factories
+from tests.conftest import Auth, World
+
+SHIFTS = "/api/v1/shifts"
+PUSH = "/api/v1/sync/push"
+POD = {"recipient_name": "Wang", "signature_sha256": "c" * 64}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Courier:
+    """A courier's PDA over HTTP: numbers its events as it records them."""
+
+    def __init__(self, client: FlaskClient, auth: Auth, username: str, device_id: str) -> None:
+        self.client = client
+        self.device_id = device_id
+        self.headers = auth.headers(username, device_id)
+        self.seq = 0
+
+    def open(self, **body: Any) -> dict[str, Any]:
+        response = self.client.post(SHIFTS, json=body, headers=self.headers)
+        assert response.status_code == 201, response.get_json()
+        return response.get_json()
+
+    def event(self, tracking_no: str, type: str = "checked_out", **fields: Any) -> dict:
+        self.seq += 1
+        fields.setdefault("occurred_at", now())
+        if type == "delivered":
+            fields.setdefault("pod", POD)
+        return factories.event(self.seq, tracking_no, type, **fields)
+
+    def push(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        response = self.client.post(
+            PUSH, json=factories.push_body(self.device_id, events), headers=self.headers
+        )
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def close(self, shift_id: int, **body: Any) -> Any:
+        return self.client.post(f"{SHIFTS}/{shift_id}/close", json=body, headers=self.headers)
+
+
+@pytest.fixture
+def pda(client: FlaskClient, auth: Auth, world: World) -> Courier:
+    return Courier(client, auth, "courier1", "PDA-0001")
+
+
+@pytest.fixture
+def manager(auth: Auth, world: World) -> dict[str, str]:
+    return auth.headers("manager1")
+
+
+def parcels(session: Session, world: World, n: int) -> list[str]:
+    numbers = [factories.parcel(session, world.station).tracking_no for _ in range(n)]
+    session.commit()
+    return numbers
+
+
+def balance(client: FlaskClient, shift_id: int, headers: dict[str, str]) -> dict[str, Any]:
+    response = client.get(f"{SHIFTS}/{shift_id}/balance", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def sign_off(client: FlaskClient, shift_id: int, headers: dict[str, str], **body: Any) -> Any:
+    body.setdefault("note", "checked at the counter")
+    return client.post(f"{SHIFTS}/{shift_id}/signoff", json=body, headers=headers)
+
+
+def test_a_clean_shift_balances_and_is_signed_off(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    a, b, c = parcels(session, world, 3)
+    shift = pda.open(first_seq=1)
+    assert shift["status"] == "open" and shift["device_id"] == "PDA-0001"
+    pda.push([pda.event(a), pda.event(b), pda.event(c)])
+    pda.push(
+        [
+            pda.event(a, "delivered"),
+            pda.event(b, "consent_captured", consent={"method": "any", "channel": "phone_call"}),
+            pda.event(b, "delivered_to_pickup_point", point_id="PP-9", pod={"pickup_code": "77"}),
+            pda.event(c, "returned_to_station"),
+        ]
+    )
+    response = pda.close(shift["id"], last_seq=pda.seq)
+    assert response.status_code == 200 and response.get_json()["status"] == "closed"
+    found = balance(client, shift["id"], manager)
+    assert found["status"] == "balanced" and found["shift_status"] == "closed"
+    assert {k: found[k] for k in ("checked_out", "delivered", "unattended", "returned")} == {
+        "checked_out": 3,
+        "delivered": 1,
+        "unattended": 1,
+        "returned": 1,
+    }
+    assert found["missing"] == 0 and found["discrepancies"] == [] and found["missing_seqs"] == []
+    assert {p["tracking_no"]: p["outcome"] for p in found["parcels"]} == {
+        a: "delivered",
+        b: "unattended",
+        c: "returned",
+    }
+    # The courier reads their own shift's balance too.
+    assert balance(client, shift["id"], pda.headers)["status"] == "balanced"
+    signed = sign_off(client, shift["id"], manager)
+    assert signed.status_code == 200, signed.get_json()
+    assert signed.get_json()["status"] == "signed_off"
+    assert signed.get_json()["signoff_note"] == "checked at the counter"
+
+
+def test_a_missing_parcel_unbalances_the_shift_with_its_flag(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    pda.close(shift["id"])
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["missing"], found["delivered"]) == ("unbalanced", 1, 1)
+    [discrepancy] = found["discrepancies"]
+    assert discrepancy["kind"] == "missing_at_handover" and discrepancy["tracking_no"] == b
+    assert discrepancy["flag_status"] == "open"
+    flag = client.get(f"/api/v1/flags/{discrepancy['flag_id']}", headers=manager).get_json()
+    assert flag["kind"] == "missing_at_handover" and flag["evidence"]["tracking_no"] == b
+    assert flag["evidence"]["event_ids"] == discrepancy["event_ids"]
+    # The manager resolves the flag: the balance still says what happened.
+    resolved = client.post(
+        f"/api/v1/flags/{flag['id']}/resolve", json={"note": "left at the depot"}, headers=manager
+    )
+    assert resolved.status_code == 200
+    found = balance(client, shift["id"], manager)
+    assert found["status"] == "unbalanced"
+    assert found["discrepancies"][0]["flag_status"] == "resolved"
+    assert sign_off(client, shift["id"], manager).status_code == 200
+
+
+def test_a_sequence_gap_is_provisional_until_the_late_batch_lands(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    events = [pda.event(a), pda.event(b), pda.event(a, "delivered"), pda.event(b, "delivered")]
+    pda.push([events[0], events[1], events[3]])  # seq 3 is still on the PDA
+    pda.close(shift["id"], last_seq=4)
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["missing_seqs"], found["missing_seq_count"]) == (
+        "provisional",
+        [3],
+        1,
+    )
+    refused = sign_off(client, shift["id"], manager)
+    assert refused.status_code == 409
+    assert refused.get_json()["code"] == "balance_provisional"
+    assert "3" in refused.get_json()["message"]
+    pda.push([events[2]])
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["delivered"], found["missing_seqs"]) == ("balanced", 2, [])
+    assert sign_off(client, shift["id"], manager).status_code == 200
+
+
+def test_a_provisional_balance_may_be_signed_off_when_forced_with_a_reason(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a)])
+    pda.close(shift["id"], last_seq=5)
+    forced = sign_off(client, shift["id"], manager, force_reason="PDA lost in the river")
+    assert forced.status_code == 200
+    assert forced.get_json()["signoff_forced_reason"] == "PDA lost in the river"
+
+
+def test_a_late_event_after_sign_off_reopens_the_shift(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    pda.close(shift["id"])
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    receipt = pda.push([pda.event(b, "returned_to_station", shift_id=shift["id"])])
+    kinds = {flag["kind"] for flag in receipt["flags_raised"]}
+    assert "late_event_after_signoff" in kinds
+    reopened = client.get(f"{SHIFTS}/{shift['id']}", headers=manager).get_json()
+    assert (reopened["status"], reopened["reopened_count"]) == ("closed", 1)
+    assert balance(client, shift["id"], manager)["status"] == "balanced"
+    again = sign_off(client, shift["id"], manager, note="b came back")
+    assert again.status_code == 200 and again.get_json()["status"] == "signed_off"
+
+
+def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    a, stray = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "delivered"), pda.event(stray, "delivered")])
+    pda.close(shift["id"])
+    found = balance(client, shift["id"], manager)
+    assert found["status"] == "unbalanced"
+    assert (found["checked_out"], found["not_checked_out"]) == (1, 1)
+    [discrepancy] = found["discrepancies"]
+    assert (discrepancy["kind"], discrepancy["tracking_no"]) == (
+        "delivered_not_checked_out",
+        stray,
+    )
+    outcome = next(p for p in found["parcels"] if p["tracking_no"] == stray)
+    assert outcome == {
+        "tracking_no": stray,
+        "outcome": "delivered",
+        "on_manifest": False,
+        "outcome_event_id": discrepancy["event_ids"][0],
+        "event_ids": discrepancy["event_ids"],
+    }
+
+
+def test_the_station_board_lists_the_days_shifts_with_their_balance(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    courier2 = factories.user(session, "courier2", "courier", world.station)
+    factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    other = Courier(client, auth, "courier2", "PDA-0003")
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "delivered")])
+    pda.close(first["id"])
+    second = other.open()
+    other.push([other.event(b)])
+    response = client.get(f"/api/v1/stations/{world.station.id}/handover", headers=manager)
+    assert response.status_code == 200, response.get_json()
+    board = response.get_json()
+    assert [row["shift_id"] for row in board["shifts"]] == [first["id"], second["id"]]
+    rows = {row["shift_id"]: row for row in board["shifts"]}
+    assert rows[first["id"]]["balance"]["status"] == "balanced"
+    assert rows[first["id"]]["courier"]["username"] == "courier1"
+    assert rows[second["id"]]["shift_status"] == "open"
+    assert rows[second["id"]]["courier"]["id"] == courier2.id
+    assert rows[second["id"]]["balance"]["missing"] == 1  # still out
+    totals = board["totals"]
+    assert (totals["shifts"], totals["checked_out"], totals["delivered"], totals["open"]) == (
+        2,
+        2,
+        1,
+        1,
+    )
+    assert (totals["balanced"], totals["unbalanced"]) == (1, 1)
+    assert board["date"] == first["work_date"]
+    # Another day is empty; the date is the station's local date.
+    yesterday = dt.date.fromisoformat(board["date"]) - dt.timedelta(days=1)
+    empty = client.get(
+        f"/api/v1/stations/{world.station.id}/handover?date={yesterday}", headers=manager
+    ).get_json()
+    assert empty["shifts"] == [] and empty["totals"]["shifts"] == 0
+
+
+def test_shift_lists_are_scoped_to_the_caller(
+    client: FlaskClient, session: Session, world: World, pda: Courier, auth: Auth
+) -> None:
+    shift = pda.open()
+    own = client.get(SHIFTS, headers=pda.headers).get_json()
+    assert [s["id"] for s in own["items"]] == [shift["id"]]
+    other_manager = client.get(SHIFTS, headers=auth.headers("manager2")).get_json()
+    assert other_manager["items"] == []
+    by_status = client.get(f"{SHIFTS}?status=closed", headers=auth.headers("admin")).get_json()
+    assert by_status["items"] == []
+    by_date = client.get(
+        f"{SHIFTS}?date={shift['work_date']}", headers=auth.headers("auditor1")
+    ).get_json()
+    assert [s["id"] for s in by_date["items"]] == [shift["id"]]
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_one_open_shift_per_pda(client: FlaskClient, pda: Courier) -> None:
+    pda.open()
+    again = client.post(SHIFTS, json={}, headers=pda.headers)
+    assert again.status_code == 409 and again.get_json()["code"] == "shift_already_open"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"first_seq": 0}, "first_seq"),
+        ({"first_seq": "one"}, "first_seq"),
+        ({"planned_end_at": "2020-01-01T00:00:00Z"}, None),
+        ({"planned_end_at": "tomorrow"}, "planned_end_at"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_open_requests_are_422_naming_the_field(
+    client: FlaskClient, pda: Courier, body: dict[str, Any], field: str | None
+) -> None:
+    response = client.post(SHIFTS, json=body, headers=pda.headers)
+    assert response.status_code == 422, response.get_json()
+    if field:
+        assert field in str(response.get_json()["errors"])
+    else:
+        assert response.get_json()["code"] == "invalid_planned_end"
+
+
+def test_first_seq_already_used_is_a_conflict(
+    client: FlaskClient, session: Session, world: World, pda: Courier
+) -> None:
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    response = client.post(SHIFTS, json={"first_seq": 2}, headers=pda.headers)
+    assert response.status_code == 409 and response.get_json()["code"] == "first_seq_used"
+
+
+def test_closing_is_idempotent_but_a_new_last_seq_conflicts(
+    client: FlaskClient, pda: Courier
+) -> None:
+    shift = pda.open()
+    first = pda.close(shift["id"], last_seq=3)
+    again = pda.close(shift["id"], last_seq=3)
+    assert again.status_code == 200 and again.get_json() == first.get_json()
+    other = pda.close(shift["id"], last_seq=4)
+    assert other.status_code == 409 and other.get_json()["code"] == "shift_already_closed"
+
+
+def test_sign_off_needs_a_closed_shift_and_a_note(
+    client: FlaskClient, pda: Courier, manager: dict[str, str]
+) -> None:
+    shift = pda.open()
+    response = sign_off(client, shift["id"], manager)
+    assert response.status_code == 409 and response.get_json()["code"] == "shift_open"
+    pda.close(shift["id"])
+    no_note = client.post(f"{SHIFTS}/{shift['id']}/signoff", json={}, headers=manager)
+    assert no_note.status_code == 422 and "note" in str(no_note.get_json()["errors"])
+    blank = sign_off(client, shift["id"], manager, note="   ")
+    assert blank.status_code == 422
+    assert sign_off(client, shift["id"], manager).status_code == 200
+    twice = sign_off(client, shift["id"], manager)
+    assert twice.status_code == 409 and twice.get_json()["code"] == "already_signed_off"
+
+
+def test_unknown_shift_and_station_are_404_and_a_bad_date_422(
+    client: FlaskClient, world: World, manager: dict[str, str]
+) -> None:
+    assert client.get(f"{SHIFTS}/999999/balance", headers=manager).status_code == 404
+    assert client.get(f"{SHIFTS}/999999", headers=manager).get_json()["code"] == "shift_not_found"
+    admin_board = client.get("/api/v1/stations/999999/handover", headers=manager)
+    assert admin_board.status_code == 403  # a manager's own station only, whatever exists
+    bad = client.get(f"/api/v1/stations/{world.station.id}/handover?date=29/11", headers=manager)
+    assert bad.status_code == 422 and "date" in str(bad.get_json()["errors"])
+
+
+def test_an_admin_gets_404_for_a_station_that_does_not_exist(
+    client: FlaskClient, auth: Auth, world: World
+) -> None:
+    response = client.get("/api/v1/stations/999999/handover", headers=auth.headers("admin"))
+    assert response.status_code == 404 and response.get_json()["code"] == "station_not_found"
+
+
+# -- who may do what ------------------------------------------------------------------------
+
+CALLERS = {
+    "none": None,
+    "admin": ("admin", None),
+    "auditor": ("auditor1", None),
+    "integration": ("app1", None),
+    "manager_own": ("manager1", None),
+    "manager_other": ("manager2", None),
+    "courier_own": ("courier1", "PDA-0001"),
+    "courier_other": ("courier9", "PDA-0009"),  # same station, not the shift's courier
+}
+# Each endpoint against a closed shift of courier1 at station ST1 (sign-off: 200 once).
+EXPECTED: dict[str, dict[str, int]] = {
+    "GET /shifts/<id>": dict(
+        none=401, admin=200, auditor=200, integration=403, manager_own=200,
+        manager_other=403, courier_own=200, courier_other=403,
+    ),
+    "GET /shifts/<id>/balance": dict(
+        none=401, admin=200, auditor=200, integration=403, manager_own=200,
+        manager_other=403, courier_own=200, courier_other=403,
+    ),
+    "POST /shifts/<id>/close": dict(
+        none=401, admin=200, auditor=403, integration=403, manager_own=200,
+        manager_other=403, courier_own=200, courier_other=403,
+    ),
+    "POST /shifts/<id>/signoff": dict(
+        none=401, admin=200, auditor=403, integration=403, manager_own=200,
+        manager_other=403, courier_own=403, courier_other=403,
+    ),
+    "GET /stations/<id>/handover": dict(
+        none=401, admin=200, auditor=200, integration=403, manager_own=200,
+        manager_other=403, courier_own=403, courier_other=403,
+    ),
+    "GET /shifts": dict(
+        none=401, admin=200, auditor=200, integration=403, manager_own=200,
+        manager_other=200, courier_own=200, courier_other=200,
+    ),
+    "POST /shifts": dict(
+        none=401, admin=403, auditor=403, integration=403, manager_own=403,
+        manager_other=403, courier_own=409, courier_other=201,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("endpoint", sorted(EXPECTED))
+@pytest.mark.parametrize("caller", sorted(CALLERS))
+def test_access(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    pda: Courier,
+    endpoint: str,
+    caller: str,
+) -> None:
+    factories.user(session, "courier9", "courier", world.station)
+    factories.device(session, "PDA-0009", world.station)
+    session.commit()
+    shift = pda.open()
+    pda.close(shift["id"])
+    pda.open()  # courier1's PDA has an open shift again: opening another is a 409
+    who = CALLERS[caller]
+    headers = auth.headers(*who) if who else {}
+    method, path = endpoint.split(" ")
+    url = "/api/v1" + path.replace("/shifts/<id>", f"/shifts/{shift['id']}").replace(
+        "/stations/<id>", f"/stations/{world.station.id}"
+    )
+    body = {"note": "ok"} if path.endswith("signoff") else {}
+    response = client.open(url, method=method, json=body if method == "POST" else None,
+                           headers=headers)  # fmt: skip
+    assert response.status_code == EXPECTED[endpoint][caller], response.get_json()

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from itertools import count
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceStatus, Parcel, Role, ServiceClass, Station, User
+from models import (
+    Device,
+    DeviceStatus,
+    DeviceSyncState,
+    Flag,
+    Parcel,
+    Role,
+    ScanEvent,
+    ServiceClass,
+    Shift,
+    Station,
+    SyncBatch,
+    User,
+)
 from sync.accounts import hash_password
 from sync.tracking import s10_check_digit
 
@@ -115,3 +130,125 @@ def push_body(
         "sent_at": (sent_at or dt.datetime.now(dt.UTC)).isoformat(),
         "events": events,
     }
+
+
+def station_day(
+    session: Session, code: str, *, shifts: int, parcels_per_shift: int, day: dt.date
+) -> int:
+    """A station's closed day written straight into the tables (Core inserts, no engine):
+    ``shifts`` couriers with a PDA each, ``parcels_per_shift`` parcels each checked out
+    and delivered with a proof, but one in 50 that ends in an exception and is missing
+    at handover, with its flag. For tests and benchmarks of reads over many shifts."""
+    opened = dt.datetime.combine(day, dt.time(1, 0), tzinfo=dt.UTC)  # 09:00 in Shanghai
+    station_id = session.execute(
+        insert(Station).values(code=code, name=code, timezone="Asia/Shanghai")
+        .returning(Station.id)
+    ).scalar_one()  # fmt: skip
+    for n in range(shifts):
+        _closed_shift(session, station_id, f"{code}-{n:03d}", day, opened, parcels_per_shift)
+    return station_id
+
+
+def _closed_shift(
+    session: Session, station_id: int, name: str, day: dt.date, opened: dt.datetime, parcels: int
+) -> None:
+    courier_id = session.execute(
+        insert(User)
+        .values(username=name.lower(), role="courier", station_id=station_id, password_hash="x")
+        .returning(User.id)
+    ).scalar_one()
+    session.execute(insert(Device).values(id=name, station_id=station_id))
+    seqs = 2 * parcels
+    session.execute(
+        insert(DeviceSyncState).values(
+            device_id=name, acked_through_seq=seqs, max_seq=seqs, missing_ranges=[]
+        )
+    )
+    shift_id = session.execute(
+        insert(Shift)
+        .values(
+            station_id=station_id,
+            courier_id=courier_id,
+            device_id=name,
+            status="closed",
+            work_date=day,
+            opened_at=opened,
+            planned_end_at=opened + dt.timedelta(hours=10),
+            closed_at=opened + dt.timedelta(hours=9),
+            seq_at_close=seqs,
+        )
+        .returning(Shift.id)
+    ).scalar_one()
+    batch_pk = session.execute(
+        insert(SyncBatch)
+        .values(
+            device_id=name,
+            batch_id=uuid.uuid4(),
+            station_id=station_id,
+            courier_id=courier_id,
+            sent_at=opened,
+            received_at=opened,
+            clock_offset_ms=0,
+            event_count=seqs,
+            request_hash="0" * 64,
+            receipt={},
+        )
+        .returning(SyncBatch.id)
+    ).scalar_one()
+    numbers = [s10() for _ in range(parcels)]
+    session.execute(
+        insert(Parcel),
+        [
+            {
+                "tracking_no": tn,
+                "station_id": station_id,
+                "service_class": "parcel",
+                "recipient_name": "R",
+                "address": "A",
+            }
+            for tn in numbers
+        ],
+    )
+    events: list[dict[str, Any]] = []
+    for i, tn in enumerate(numbers):
+        for step, kind in enumerate(("checked_out", "delivered")):
+            if kind == "delivered" and i % 50 == 0:
+                kind = "exception"  # a few are missing at handover
+            seq = 2 * i + step + 1
+            events.append(
+                {
+                    "station_id": station_id,
+                    "device_id": name,
+                    "courier_id": courier_id,
+                    "batch_pk": batch_pk,
+                    "client_event_id": uuid.uuid4(),
+                    "seq": seq,
+                    "type": kind,
+                    "tracking_no": tn,
+                    "occurred_at_device": opened + dt.timedelta(minutes=seq),
+                    "occurred_at": opened + dt.timedelta(minutes=seq),
+                    "received_at": opened + dt.timedelta(hours=9),
+                    "shift_id": shift_id,
+                    "details": {"pod": {"pickup_code": "1"}} if kind == "delivered" else {},
+                    "content_hash": hashlib.sha256(f"{name}{seq}".encode()).hexdigest(),
+                }
+            )
+    session.execute(insert(ScanEvent), events)
+    # The missing parcels' flags, as closing the shift would have raised them.
+    session.execute(
+        insert(Flag),
+        [
+            {
+                "station_id": station_id,
+                "kind": "missing_at_handover",
+                "severity": "critical",
+                "subject_type": "shift",
+                "subject_key": f"{shift_id}:{tn}",
+                "evidence": {"event_ids": []},
+                "status": "open",
+                "shift_id": shift_id,
+            }
+            for i, tn in enumerate(numbers)
+            if i % 50 == 0
+        ],
+    )

@@ -111,6 +111,8 @@ def test_a_clean_shift_balances_and_is_signed_off(
         b: "unattended",
         c: "returned",
     }
+    timeline = client.get(f"/api/v1/parcels/{a}", headers=manager).get_json()["timeline"]
+    assert [entry["shift_id"] for entry in timeline] == [shift["id"], shift["id"]]
     # The courier reads their own shift's balance too.
     assert balance(client, shift["id"], pda.headers)["status"] == "balanced"
     signed = sign_off(client, shift["id"], manager)

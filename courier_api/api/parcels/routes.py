@@ -129,6 +129,7 @@ def timeline_view(entry: TimelineEntry, hide_pickup_code: bool) -> dict[str, Any
         "occurred_at": event.occurred_at,
         "received_at": event.received_at,
         "batch_id": entry.batch_id,
+        "shift_id": event.shift_id,
         "location": None
         if event.lat is None
         else {"lat": event.lat, "lon": event.lon, "accuracy_m": event.accuracy_m},

@@ -146,6 +146,11 @@ class TimelineEvent(ma.Schema):
     )
     received_at = ma.fields.AwareDateTime(required=True)
     batch_id = ma.fields.UUID(required=True, metadata={"description": "The push it came in"})
+    shift_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={"description": "The shift it is filed under (none before the PDA's first)"},
+    )
     location = ma.fields.Nested(EventLocation, allow_none=True, required=True)
     details = ma.fields.Dict(required=True, metadata={"description": "Type-specific fields"})
     voided = ma.fields.Boolean(required=True)

@@ -17,6 +17,9 @@ class Flag(Base):
     __table_args__ = (
         UniqueConstraint("kind", "subject_type", "subject_key", name="uq_flag_kind_subject"),
         Index("ix_flag_station_status", "station_id", "status"),
+        # The station's queue, newest first; and the flags raised in a report's period.
+        Index("ix_flag_station_id", "station_id", "id"),
+        Index("ix_flag_station_raised", "station_id", "raised_at"),
     )
 
     id: Mapped[int_pk]

@@ -99,9 +99,18 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             owner[(event.fact.device_id, event.fact.client_event_id)] = shift_id
             if event.fact.device_id == device_of[shift_id]:
                 lowest[shift_id] = min(lowest.get(shift_id, event.fact.seq), event.fact.seq)
-    for correction in _corrections(session, devices, set(ids)):
+    # A correction voids its target wherever it was filed: in another of these shifts
+    # (already loaded) or outside them (read here).
+    in_shifts = [
+        (shift_id, event)
+        for shift_id, shift_events in events.items()
+        for event in shift_events
+        if event.fact.voids_client_event_id is not None
+    ]
+    outside = ((None, c) for c in _corrections(session, devices, set(ids)))
+    for filed_in, correction in [*in_shifts, *outside]:
         target = owner.get((correction.fact.device_id, correction.fact.voids_client_event_id))
-        if target is not None:
+        if target is not None and target != filed_in:
             events[target].append(correction)
     rule_flags = _rule_flags(session, ids)
     handover, handover_evidence = _handover_flags(session, ids)

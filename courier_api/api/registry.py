@@ -9,6 +9,7 @@ from courier_api.api.health.routes import blp as health_blp
 from courier_api.api.parcels.routes import blp as parcels_blp
 from courier_api.api.proofs.routes import blp as proofs_blp
 from courier_api.api.quarantine.routes import blp as quarantine_blp
+from courier_api.api.reports.routes import blp as reports_blp
 from courier_api.api.shifts.routes import blp as shifts_blp
 from courier_api.api.stations.routes import blp as stations_blp
 from courier_api.api.sync.routes import blp as sync_blp
@@ -28,4 +29,5 @@ BLUEPRINTS = (
     quarantine_blp,
     flags_blp,
     shifts_blp,
+    reports_blp,
 )

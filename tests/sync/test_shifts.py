@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
 from sync import shifts
-from sync.balances import shift_balance
+from sync.balances import balances, shift_balance
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -365,6 +365,15 @@ def test_a_corrected_return_makes_the_parcel_missing_again(
     )
     balance = shift_balance(session=session, shift=shift)
     assert (balance.status, balance.missing) == ("unbalanced", 1)
+    assert handover_flags(session, shift) == {("missing_at_handover", a): FlagStatus.OPEN}
+    # Read together with the shift that holds the correction, the answer is the same,
+    # and judging both again (a later scan of the parcel) keeps the flag open.
+    second = pda.close(second)
+    assert balances(session, [shift, second])[shift.id].missing == 1
+    pda.push(
+        [pda.event(a, "exception", reason="lost", shift_id=second.id)],
+        received_at=NOW + dt.timedelta(minutes=4),
+    )
     assert handover_flags(session, shift) == {("missing_at_handover", a): FlagStatus.OPEN}
 
 

@@ -177,6 +177,8 @@ def upgrade() -> None:
     with op.batch_alter_table("flag", schema=None) as batch_op:
         batch_op.add_column(sa.Column("shift_id", sa.Integer(), nullable=True))
         batch_op.create_index(batch_op.f("ix_flag_shift_id"), ["shift_id"], unique=False)
+        batch_op.create_index("ix_flag_station_id", ["station_id", "id"], unique=False)
+        batch_op.create_index("ix_flag_station_raised", ["station_id", "raised_at"], unique=False)
         batch_op.create_foreign_key(
             batch_op.f("fk_flag_shift_id_shift"), "shift", ["shift_id"], ["id"]
         )
@@ -208,6 +210,8 @@ def downgrade() -> None:
 
     with op.batch_alter_table("flag", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_flag_shift_id_shift"), type_="foreignkey")
+        batch_op.drop_index("ix_flag_station_raised")
+        batch_op.drop_index("ix_flag_station_id")
         batch_op.drop_index(batch_op.f("ix_flag_shift_id"))
         batch_op.drop_column("shift_id")
 

@@ -1,0 +1,292 @@
+"""Station reports over HTTP: live daily, weekly and monthly reports, issued ones, access."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
+
+from models import ServiceClass, StationReport, utcnow
+from sync import reports
+from sync.shifts import local_date
+from tests.conftest import Auth, World
+from tests.sync.test_reports import DAY, DEADLINES, UNSIGNED, Pda, local, parcel
+
+
+def url(station_id: int, kind: str = "") -> str:
+    return f"/api/v1/stations/{station_id}/reports" + (f"/{kind}" if kind else "")
+
+
+@pytest.fixture
+def day(session: Session, world: World) -> None:
+    """DAY at ST1: courier1 checks out two parcels, delivers one (31 minutes), loses one."""
+    world.courier.full_name = "Zhang Wei"
+    pda = Pda(session, world, world.courier, world.device)
+    t = local(DAY, 9)
+    delivered, lost = (parcel(session, world, t, ServiceClass.ORDINARY) for _ in range(2))
+    shift = pda.open(t)
+    pda.push(
+        [
+            pda.event(delivered, "checked_out", t),
+            pda.event(lost, "checked_out", t),
+            pda.event(delivered, "delivered", t + dt.timedelta(minutes=31), pod=UNSIGNED),
+        ],
+        t + dt.timedelta(hours=1),
+    )
+    pda.close(shift, t + dt.timedelta(hours=2))
+
+
+def get(client: FlaskClient, path: str, headers: dict[str, str], **query: Any) -> Any:
+    return client.get(path, query_string=query, headers=headers)
+
+
+def table(response: Any) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+
+
+# -- live reports -----------------------------------------------------------------------------
+
+
+def test_daily_report_json(client: FlaskClient, auth: Auth, world: World, day: None) -> None:
+    response = get(
+        client, url(world.station.id, "daily"), auth.headers("manager1"), date="2026-11-23"
+    )
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert (body["station_code"], body["kind"], body["period"], body["complete"]) == (
+        "ST1",
+        "daily",
+        "2026-11-23",
+        True,
+    )
+    totals = body["totals"]
+    assert (totals["checked_out"], totals["delivered"], totals["missing"]) == (2, 1, 1)
+    assert totals["information_loss_rate"] == 0.5
+    assert totals["avg_checkout_to_delivery_minutes"] == 31.0
+    assert totals["on_time"]["ordinary"] == {"measured": 1, "on_time": 1, "rate": 1.0}
+    assert body["delivery_deadline_hours"] == {
+        "express": 24,
+        "parcel": 72,
+        "registered": 48,
+        "ordinary": 96,
+    }
+    assert [(c["username"], c["full_name"]) for c in body["couriers"]] == [
+        ("courier1", "Zhang Wei")
+    ]
+    assert body["change"]["checked_out"] == 2 and body["previous"]["period"] == "2026-11-22"
+    assert dt.datetime.fromisoformat(body["generated_at"]) <= utcnow()
+
+
+def test_daily_report_csv(client: FlaskClient, auth: Auth, world: World, day: None) -> None:
+    response = get(
+        client,
+        url(world.station.id, "daily"),
+        auth.headers("manager1"),
+        date="2026-11-23",
+        format="csv",
+    )
+    assert response.status_code == 200
+    assert response.mimetype == "text/csv"
+    assert (
+        response.headers["Content-Disposition"]
+        == 'attachment; filename="ST1-daily-2026-11-23.csv"'
+    )
+    rows = table(response)
+    assert [row["scope"] for row in rows] == ["total", "day", "courier", "previous", "change"]
+    assert rows[0]["checked_out"] == "2" and rows[0]["information_loss_rate"] == "0.5"
+    assert rows[2]["courier_username"] == "courier1"
+
+
+def test_weekly_report_json_and_csv(
+    client: FlaskClient, auth: Auth, world: World, day: None
+) -> None:
+    headers = auth.headers("manager1")
+    body = get(client, url(world.station.id, "weekly"), headers, week="2026-W48").get_json()
+    assert (body["period"], body["period_start"], body["period_end"]) == (
+        "2026-W48",
+        "2026-11-23",
+        "2026-11-29",
+    )
+    assert [d["checked_out"] for d in body["days"]] == [2, 0, 0, 0, 0, 0, 0]
+    assert body["previous"]["period"] == "2026-W47"
+    response = get(client, url(world.station.id, "weekly"), headers, week="2026-W48", format="csv")
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    assert 'filename="ST1-weekly-2026-W48.csv"' in response.headers["Content-Disposition"]
+    scopes = [row["scope"] for row in table(response)]
+    assert scopes == ["total", *["day"] * 7, "courier", "previous", "change"]
+
+
+def test_monthly_report_json_and_csv(
+    client: FlaskClient, auth: Auth, world: World, day: None
+) -> None:
+    headers = auth.headers("admin")
+    body = get(client, url(world.station.id, "monthly"), headers, month="2026-11").get_json()
+    assert (body["period"], len(body["days"]), body["totals"]["checked_out"]) == (
+        "2026-11",
+        30,
+        2,
+    )
+    assert body["previous"]["period"] == "2026-10"
+    response = get(
+        client, url(world.station.id, "monthly"), headers, month="2026-11", format="csv"
+    )
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    assert 'filename="ST1-monthly-2026-11.csv"' in response.headers["Content-Disposition"]
+    assert len(table(response)) == 1 + 30 + 1 + 2
+
+
+def test_default_periods_are_the_last_finished_ones(
+    client: FlaskClient, auth: Auth, world: World
+) -> None:
+    headers = auth.headers("auditor1")
+    before = local_date(utcnow(), world.station.timezone)
+    body = get(client, url(world.station.id, "daily"), headers).get_json()
+    after = local_date(utcnow(), world.station.timezone)
+    yesterdays = {(d - dt.timedelta(days=1)).isoformat() for d in (before, after)}
+    assert body["period"] in yesterdays and body["complete"] is True
+    weekly = get(client, url(world.station.id, "weekly"), headers).get_json()
+    assert weekly["period"] in {
+        reports.last_finished(reports.ReportKind.WEEKLY, d).label for d in (before, after)
+    }
+    monthly = get(client, url(world.station.id, "monthly"), headers).get_json()
+    assert monthly["period"] in {
+        reports.last_finished(reports.ReportKind.MONTHLY, d).label for d in (before, after)
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "query", "field"),
+    [
+        ("daily", {"date": "2026-11-31"}, "date"),
+        ("daily", {"date": "yesterday"}, "date"),
+        ("weekly", {"week": "2026-48"}, "week"),
+        ("weekly", {"week": "2025-W53"}, "week"),
+        ("monthly", {"month": "2026-13"}, "month"),
+        ("monthly", {"month": "2026-11-01"}, "month"),
+        ("daily", {"format": "xlsx"}, "format"),
+        ("weekly", {"week": "9999-W52"}, "week"),  # ends in year 10000
+    ],
+)
+def test_malformed_periods_are_422_naming_the_field(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    kind: str,
+    query: dict[str, str],
+    field: str,
+) -> None:
+    response = get(client, url(world.station.id, kind), auth.headers("manager1"), **query)
+    assert response.status_code == 422
+    errors = response.get_json()["errors"]
+    assert field in errors.get("query", errors)
+
+
+def test_a_future_period_is_422(client: FlaskClient, auth: Auth, world: World) -> None:
+    headers = auth.headers("manager1")
+    future = local_date(utcnow(), world.station.timezone) + dt.timedelta(days=2)
+    response = get(client, url(world.station.id, "daily"), headers, date=future.isoformat())
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["code"] == "period_in_future" and "date" in body["errors"]
+    year, week, _ = (future + dt.timedelta(days=7)).isocalendar()
+    response = get(client, url(world.station.id, "weekly"), headers, week=f"{year}-W{week:02d}")
+    assert response.status_code == 422 and "week" in response.get_json()["errors"]
+    today = get(client, url(world.station.id, "daily"), headers, date=future - dt.timedelta(2))
+    assert today.status_code == 200 and today.get_json()["complete"] is False
+    far = get(client, url(world.station.id, "monthly"), headers, month="9999-12")
+    assert far.status_code == 422 and far.get_json()["code"] == "period_in_future"
+
+
+# -- access -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["daily", "weekly", "monthly", ""])
+def test_who_may_read_a_station_s_reports(
+    client: FlaskClient, auth: Auth, world: World, kind: str
+) -> None:
+    path = url(world.station.id, kind)
+    assert get(client, path, auth.headers("manager1")).status_code == 200
+    assert get(client, path, auth.headers("auditor1")).status_code == 200
+    assert get(client, path, auth.headers("admin")).status_code == 200
+    other = get(client, path, auth.headers("manager2"))
+    assert (other.status_code, other.get_json()["code"]) == (403, "station_forbidden")
+    courier = get(client, path, auth.headers("courier1", "PDA-0001"))
+    assert (courier.status_code, courier.get_json()["code"]) == (403, "role_forbidden")
+    assert get(client, path, auth.headers("app1")).status_code == 403
+    assert client.get(path).status_code == 401
+    unknown = get(client, url(999_999, kind), auth.headers("auditor1"))
+    assert (unknown.status_code, unknown.get_json()["code"]) == (404, "station_not_found")
+    # A manager asking for a station that is not theirs learns nothing of it.
+    assert get(client, url(999_999, kind), auth.headers("manager1")).status_code == 403
+
+
+# -- issued reports ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def issued(session: Session, world: World, day: None) -> dict[str, Any]:
+    for station in (world.station, world.other_station):
+        station.created_at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    result = reports.issue_due_reports(
+        session=session, now=local(dt.date(2026, 11, 25), 10), deadlines=DEADLINES
+    )
+    session.commit()
+    return result
+
+
+def test_issued_reports_are_listed_newest_first_and_paged(
+    client: FlaskClient, auth: Auth, world: World, issued: dict[str, Any]
+) -> None:
+    headers = auth.headers("manager1")
+    mine = [i for i in issued["issued"] if i["station_id"] == world.station.id]
+    body = get(client, url(world.station.id), headers).get_json()
+    assert [item["id"] for item in body["items"]] == [i["id"] for i in reversed(mine)]
+    assert body["next_after"] is None
+    newest = body["items"][0]
+    assert (newest["kind"], newest["period"], newest["period_start"], newest["period_end"]) == (
+        "daily",
+        "2026-11-24",
+        "2026-11-24",
+        "2026-11-24",
+    )
+    weekly = get(client, url(world.station.id), headers, kind="weekly").get_json()["items"]
+    assert [(w["period"], w["period_start"], w["period_end"]) for w in weekly] == [
+        ("2026-W47", "2026-11-16", "2026-11-22")
+    ]
+    first = get(client, url(world.station.id), headers, limit=2).get_json()
+    assert len(first["items"]) == 2 and first["next_after"] == first["items"][1]["id"]
+    rest = get(client, url(world.station.id), headers, after=first["next_after"]).get_json()
+    assert [i["id"] for i in first["items"] + rest["items"]] == [i["id"] for i in reversed(mine)]
+
+
+def test_an_issued_report_is_served_as_stored(
+    client: FlaskClient, auth: Auth, world: World, session: Session, issued: dict[str, Any]
+) -> None:
+    [item] = [
+        i
+        for i in issued["issued"]
+        if i["station_id"] == world.station.id and i["period"] == "2026-11-23"
+    ]
+    path = f"/api/v1/reports/{item['id']}"
+    body = get(client, path, auth.headers("manager1")).get_json()
+    assert (body["period"], body["totals"]["checked_out"], body["totals"]["missing"]) == (
+        "2026-11-23",
+        2,
+        1,
+    )
+    assert body["generated_at"] == "2026-11-25T02:00:00+00:00"
+    assert body == session.get(StationReport, item["id"]).body  # nothing lost on the way
+    response = get(client, path, auth.headers("auditor1"), format="csv")
+    assert response.mimetype == "text/csv"
+    assert 'filename="ST1-daily-2026-11-23.csv"' in response.headers["Content-Disposition"]
+    assert table(response)[0]["checked_out"] == "2"
+    other = get(client, path, auth.headers("manager2"))
+    assert (other.status_code, other.get_json()["code"]) == (403, "station_forbidden")
+    assert get(client, path, auth.headers("courier1", "PDA-0001")).status_code == 403
+    missing = get(client, "/api/v1/reports/999999", auth.headers("auditor1"))
+    assert (missing.status_code, missing.get_json()["code"]) == (404, "report_not_found")

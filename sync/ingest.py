@@ -68,6 +68,7 @@ from sync.rules import Policy
 from sync.shifts import (
     ShiftFiler,
     ShiftRules,
+    lock_shifts,
     reopen_for_late_events,
     shifts_by_id,
 )
@@ -252,8 +253,9 @@ class _BatchIngest:
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
             touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
+        shifts = self._lock_shifts(stored, voided)
         self._project(touched)
-        self._settle_shifts(stored, voided)
+        self._settle_shifts(shifts)
         receipt = self._receipt(tracker)
         self.row.receipt = receipt
         self.session.flush()
@@ -625,25 +627,18 @@ class _BatchIngest:
 
     # -- shifts ----------------------------------------------------------------------------
 
-    def _settle_shifts(
+    def _lock_shifts(
         self, stored: list[tuple[int, ValidEvent]], voided: list[uuid.UUID]
-    ) -> None:
-        """A PDA naming a shift that is not its own is flagged; a signed-off shift that
-        gets events (or loses one to a correction) reopens. (The handover flags of closed
-        shifts were judged again with the parcels, in ``_project``.)"""
-        if self.filer.wrong_claims:
-            claims = self.filer.wrong_claims
-            self._flag(
-                "wrong_shift",
-                FlagSeverity.WARNING,
-                FlagSubject("device", self.pusher.device_id),
-                {
-                    "seqs": sorted(claims),
-                    "claimed_shift_ids": sorted(set(claims.values())),
-                    "last_batch_id": str(self.batch.batch_id),
-                },
-            )
-        # The shifts these events land in, and those whose events they void.
+    ) -> dict[int, list[ValidEvent]]:
+        """Lock the shifts these events change, before their parcels are judged again.
+
+        ``{shift id: the new events that change it}``: the shifts the events are filed
+        under, and those whose events the corrections among them void. A close or a
+        sign-off of one of them waits for this push, or this push for it, so each
+        sees the other's events or status, never neither (on PostgreSQL; SQLite's
+        writers take turns anyway). The events' foreign key to their shift would make
+        the insert wait too, but not a correction filed under another shift.
+        """
         by_shift: dict[int, list[ValidEvent]] = {}
         for _, event in stored:
             shift_id = self.filed.get(event.client_event_id)
@@ -659,8 +654,25 @@ class _BatchIngest:
                 )
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
-        if not by_shift:
-            return
+        lock_shifts(self.session, by_shift)
+        return by_shift
+
+    def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:
+        """A PDA naming a shift that is not its own is flagged; a signed-off shift that
+        gets events (or loses one to a correction) reopens. (The handover flags of closed
+        shifts were judged again with the parcels, in ``_project``.)"""
+        if self.filer.wrong_claims:
+            claims = self.filer.wrong_claims
+            self._flag(
+                "wrong_shift",
+                FlagSeverity.WARNING,
+                FlagSubject("device", self.pusher.device_id),
+                {
+                    "seqs": sorted(claims),
+                    "claimed_shift_ids": sorted(set(claims.values())),
+                    "last_batch_id": str(self.batch.batch_id),
+                },
+            )
         signed_off = [
             shift.id
             for shift in shifts_by_id(self.session, by_shift).values()

@@ -203,8 +203,8 @@ def reproject(
         _refresh_loaded(session, updates)
     feed.record(session, entries)
     outcome.raised = apply_rule_flags(session, parcels, judged, holders)
-    # Closed shifts holding these parcels' events: what their handover shows may change.
-    outcome.raised += refresh_for_parcels(session=session, tracking_nos=sorted(parcels))
+    # Closed shifts holding these parcels' events (taken in or not): their handover may change.
+    outcome.raised += refresh_for_parcels(session=session, tracking_nos=wanted)
     return outcome
 
 

@@ -46,6 +46,7 @@ def register_commands(app: Flask) -> None:
         retire_device,
         seed_demo,
         import_parcels,
+        scheduler,
     ):
         app.cli.add_command(command)
 
@@ -278,3 +279,54 @@ def import_parcels(
     click.echo(outcome.summary())
     if outcome.rejected:
         sys.exit(1)
+
+
+# -- scheduled jobs ---------------------------------------------------------------------------
+
+
+@click.command("scheduler")
+@click.option("--once", is_flag=True, help="Run every job once now, then exit")
+@click.option("--job", "job_name", metavar="NAME", help="With --once: run only this job")
+@with_appcontext
+def scheduler(once: bool, job_name: str | None) -> None:
+    """Run the scheduled jobs (sweeps, consent expiry, retention purge) until stopped.
+
+    Only the process holding the database lease runs jobs; another scheduler stands
+    by and takes over when the lease expires. SIGTERM or Ctrl-C lets the running job
+    finish, then releases the lease. With --once, every job (or --job NAME) runs
+    now, due or not, if the lease can be had; one line per job; exit status 1 if
+    any job failed.
+    """
+    from courier_api.scheduler import JOB_SPECS, job_scheduler_for, run_until_stopped
+    from sync.scheduling import held_elsewhere
+
+    if job_name is not None and job_name not in JOB_SPECS:
+        raise click.BadParameter(
+            f"no job {job_name!r}; jobs: {', '.join(JOB_SPECS)}", param_hint="--job"
+        )
+    if job_name is not None and not once:
+        raise click.UsageError("--job runs one job once: use it with --once")
+    runner = job_scheduler_for(current_app, [job_name] if job_name else None)
+    if once:
+        claim = runner.claim()
+        if not claim.held:
+            click.echo(f"nothing run: {held_elsewhere(claim.lease)}")
+            return
+        try:
+            results = runner.run_all(force=True)
+        finally:
+            runner.release()
+        for result in results:
+            click.echo(result.summary())
+        if any(result.outcome != "ok" for result in results):
+            sys.exit(1)
+        return
+    click.echo(
+        f"scheduler {runner.holder}: {len(runner.jobs)} jobs ({', '.join(runner.jobs)}); "
+        f"lease of {runner.lease_seconds} s, renewed every {runner.renew_every_seconds} s"
+    )
+    claim = runner.claim()
+    if not claim.held:
+        click.echo(f"standing by: {held_elsewhere(claim.lease)}; taking over when it expires")
+    run_until_stopped(runner)
+    click.echo(f"scheduler {runner.holder} stopped; lease released")

@@ -43,6 +43,10 @@ class Database:
     def engine_of(self, app: Flask) -> Engine:
         return self._state(app).engine
 
+    def sessionmaker_of(self, app: Flask) -> sessionmaker[Session]:
+        """Sessions outside requests (the scheduler: one session per transaction)."""
+        return self._state(app).sessionmaker
+
     @property
     def session(self) -> Session:
         """The session of the current request (or CLI command), opened on first use."""

@@ -1,4 +1,9 @@
-"""``courier-api serve``: gunicorn in-process, with the app built once before forking."""
+"""``courier-api serve``: gunicorn in-process, with the app built once before forking.
+
+With ``SCHEDULER_IN_WEB``, each worker starts a background scheduler after the
+fork (never the master, never ``create_app``); the database lease lets one of
+them run the jobs at a time.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,29 @@ def serve(app: Flask, *, host: str, port: int, workers: int, timeout: int = 60) 
             "workers": workers,
             "timeout": timeout,
             "accesslog": "-",
-            "post_fork": lambda _server, _worker: _forget_parent_connections(app),
+            "post_fork": lambda _server, _worker: _start_worker(app),
+            "worker_exit": lambda _server, _worker: _stop_worker(app),
             "preload_app": True,
             # gunicorn 27's control socket lives at one path per user: a second server
             # (or a restart after a crash) would take it from the first. We do not use it.
             "control_socket_disable": True,
         },
     ).run()
+
+
+def _start_worker(app: Flask) -> None:
+    _forget_parent_connections(app)
+    if app.config["SCHEDULER_IN_WEB"]:
+        from courier_api.scheduler import start_in_web_worker
+
+        start_in_web_worker(app)
+
+
+def _stop_worker(app: Flask) -> None:
+    if app.config["SCHEDULER_IN_WEB"]:
+        from courier_api.scheduler import stop_in_web_worker
+
+        stop_in_web_worker()
 
 
 def _forget_parent_connections(app: Flask) -> None:

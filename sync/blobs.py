@@ -1,8 +1,11 @@
 """Proof images: verified, content-addressed, stored behind a small interface.
 
 The bytes go to a ``BlobStore`` (files under ``BLOB_DIR`` today; an object store
-can implement the same three methods). The ``blob`` table records what was
+can implement the same methods). The ``blob`` table records what was
 verified and who uploaded it. Uploading the same image again changes nothing.
+The retention purge (``sync.sweeps``) deletes old images' bytes and keeps their
+rows, marked ``purged_at``: such an image is gone for good, and re-uploading it
+does not bring the bytes back.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import Blob, BlobUpload
-from sync.errors import InvalidInput, LimitExceeded, NotFound
+from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound
 from sync.events import SHA256_HEX
 
 # MPO is how Pillow names the multi-picture JPEGs many phone cameras write.
@@ -35,6 +38,8 @@ class BlobStore(Protocol):
     def put(self, digest: str, data: bytes) -> None: ...
 
     def read(self, digest: str) -> bytes: ...
+
+    def delete(self, digest: str) -> bool: ...
 
 
 class FileBlobStore:
@@ -66,6 +71,14 @@ class FileBlobStore:
 
     def read(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
+
+    def delete(self, digest: str) -> bool:
+        """Remove the image's bytes; False if there were none (deleting is idempotent)."""
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,8 @@ def store_blob(
 def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:
     existing = session.get(Blob, digest)
     if existing is not None:
-        if not store.exists(digest):  # the file was lost; these bytes are verified
+        if existing.purged_at is None and not store.exists(digest):
+            # The file was lost; these bytes are verified. (A purged image stays purged.)
             store.put(digest, data)
         return existing, False
     info = inspect_image(data)
@@ -202,4 +216,15 @@ def get_blob(*, session: Session, digest: str) -> Blob:
     blob = session.get(Blob, check_digest(digest))
     if blob is None:
         raise NotFound(f"no blob {digest}", code="blob_not_found")
+    return blob
+
+
+def ensure_not_purged(blob: Blob) -> Blob:
+    """Refuse to serve an image the retention purge deleted, saying when."""
+    if blob.purged_at is not None:
+        raise Gone(
+            f"blob {blob.sha256} was purged on {blob.purged_at.isoformat(timespec='seconds')} "
+            "under the proof-image retention policy; its bytes no longer exist",
+            code="blob_purged",
+        )
     return blob

@@ -46,6 +46,12 @@ class LimitExceeded(DomainError):
     code = "payload_too_large"
 
 
+class Gone(DomainError):
+    """It existed and was removed on purpose (a proof image past its retention)."""
+
+    code = "gone"
+
+
 class InvalidCursor(DomainError):
     """A pull cursor that this server never handed out in that form."""
 

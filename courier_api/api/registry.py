@@ -6,6 +6,7 @@ from courier_api.api.consents.routes import blp as consents_blp
 from courier_api.api.devices.routes import blp as devices_blp
 from courier_api.api.flags.routes import blp as flags_blp
 from courier_api.api.health.routes import blp as health_blp
+from courier_api.api.jobs.routes import blp as jobs_blp
 from courier_api.api.parcels.routes import blp as parcels_blp
 from courier_api.api.proofs.routes import blp as proofs_blp
 from courier_api.api.quarantine.routes import blp as quarantine_blp
@@ -30,4 +31,5 @@ BLUEPRINTS = (
     flags_blp,
     shifts_blp,
     reports_blp,
+    jobs_blp,
 )

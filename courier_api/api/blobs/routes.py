@@ -12,7 +12,7 @@ from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Blob, Role
 from sync import audit
-from sync.blobs import FileBlobStore, get_blob, may_read_blob, store_blob
+from sync.blobs import FileBlobStore, ensure_not_purged, get_blob, may_read_blob, store_blob
 from sync.errors import NotFound
 from sync.status import rejudge_after_upload
 
@@ -72,12 +72,15 @@ class BlobBySha256(MethodView):
         content_type="image/*",
     )
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(410, response="GONE")
     def get(self, sha256: str) -> Response:
         """Download a proof image
 
         Auditors and admins read every image; managers those uploaded at their
         station; couriers and integrations those they uploaded themselves. Every
-        read by an auditor is recorded in the audit log.
+        read by an auditor is recorded in the audit log. An image older than the
+        retention period (PROOF_RETENTION_DAYS) has been purged: 410 `blob_purged`,
+        saying when.
         """
         blob = get_blob(session=db.session, digest=sha256)
         principal = current_principal()
@@ -89,6 +92,7 @@ class BlobBySha256(MethodView):
             everything=principal.role in (Role.ADMIN, Role.AUDITOR),
         ):
             raise NotFound(f"no blob {sha256}", code="blob_not_found")
+        ensure_not_purged(blob)
         try:
             data = blob_store().read(blob.sha256)
         except FileNotFoundError:

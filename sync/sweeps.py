@@ -1,0 +1,466 @@
+"""The scheduled sweeps (DESIGN.md "Scheduled work"): checks that raise and close flags,
+consent expiry, and the retention purge of proof images.
+
+Each sweep is ``(*, session, now, settings) -> dict``: it looks at the data as of
+``now``, changes what must change, and returns what it did (counts, flag ids) for
+the run's record. Running one again at the same ``now`` changes nothing. Each
+reads through an index and works in batches, so its cost follows the rows that
+are due, not the size of the tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Row, Select, and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
+
+from models import (
+    Blob,
+    Consent,
+    DeviceSyncState,
+    Flag,
+    FlagSeverity,
+    FlagStatus,
+    ProofImage,
+    ScanEvent,
+    Shift,
+    ShiftStatus,
+)
+from sync import audit, scheduling
+from sync.blobs import BlobStore
+from sync.flags import (
+    ACTIVE_STATUSES,
+    FlagSubject,
+    close_flag,
+    close_flags,
+    raise_flag,
+    reopen_flag,
+)
+from sync.rules import Policy
+from sync.shifts import NOT_CLOSED
+from sync.status import rejudge_for_consent
+
+SHIFT_NOT_CLOSED = NOT_CLOSED
+STALE_DEVICE = "stale_device"
+BLOB_MISSING_AT_HANDOVER = "blob_missing_at_handover"
+PROOF_RETENTION_PURGE = "proof_retention_purge"  # the job's name: it reads its last run
+PURGE_ACTION = "proof_images_purged"
+CONSENT_BATCH = 100  # re-judging a standing consent's parcels is the heavy part
+PURGE_BATCH = 200  # digests listed in one audit entry
+MAX_IDS_IN_DETAIL = 100  # a run's record stays small however much it did
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What the sweeps need from the configuration (built at the edge)."""
+
+    shift_close_grace: dt.timedelta = dt.timedelta(minutes=30)
+    stale_device_after: dt.timedelta = dt.timedelta(minutes=45)
+    blob_missing_grace: dt.timedelta = dt.timedelta(minutes=60)
+    # Handovers older than this are no longer checked for missing images: by then a
+    # missing image is a manager's matter (the flag, if any, stays as it is).
+    blob_missing_lookback: dt.timedelta = dt.timedelta(days=14)
+    proof_retention: dt.timedelta = dt.timedelta(days=365)
+    policy: Policy = field(default_factory=Policy)
+    blob_store: BlobStore | None = None
+    batch_size: int = 500
+
+
+# -- shifts and devices -----------------------------------------------------------------------
+
+
+def shift_not_closed(
+    *, session: Session, now: dt.datetime, settings: SweepSettings
+) -> dict[str, Any]:
+    """Open shifts past their planned end plus the grace: flag ``shift_not_closed``.
+
+    Closing the shift closes the flag (``sync.shifts.close_shift``).
+    """
+    overdue = select(Shift).where(
+        Shift.status == ShiftStatus.OPEN,
+        Shift.planned_end_at < now - settings.shift_close_grace,
+    )
+    count, raised = 0, []
+    for shifts in _batches(session, overdue, Shift.id, settings.batch_size):
+        for shift in shifts:
+            count += 1
+            result = raise_flag(
+                session=session,
+                kind=SHIFT_NOT_CLOSED,
+                severity=FlagSeverity.WARNING,
+                subject=FlagSubject("shift", str(shift.id)),
+                station_id=shift.station_id,
+                evidence={
+                    "opened_at": shift.opened_at.isoformat(),
+                    "planned_end_at": shift.planned_end_at.isoformat(),
+                    "device_id": shift.device_id,
+                },
+                courier_id=shift.courier_id,
+                shift_id=shift.id,
+            )
+            if result.new:
+                raised.append(result.flag.id)
+    session.flush()
+    return {"overdue_shifts": count, "flags_raised": _capped(raised)}
+
+
+def stale_device(*, session: Session, now: dt.datetime, settings: SweepSettings) -> dict[str, Any]:
+    """Devices with an open shift that have not pushed for ``stale_device_after``: flag
+    ``stale_device`` (subject: the device). The flags of devices heard from since, or
+    with no open shift any more, are closed with the reason.
+
+    Silence is counted from the device's last push, or from the shift's opening when
+    that is later (opening a shift is done online, at the station).
+    """
+    silent_before = now - settings.stale_device_after
+    open_shifts = (
+        select(
+            Shift.id,
+            Shift.device_id,
+            Shift.station_id,
+            Shift.courier_id,
+            Shift.opened_at,
+            DeviceSyncState.last_push_at,
+        )
+        .outerjoin(DeviceSyncState, DeviceSyncState.device_id == Shift.device_id)
+        .where(Shift.status == ShiftStatus.OPEN)
+    )
+    stale: list[str] = []
+    heard: dict[str, str] = {}  # device -> why it is not stale
+    raised: list[int] = []
+    open_count = 0
+    for rows in _row_batches(session, open_shifts, Shift.id, settings.batch_size):
+        for row in rows:
+            open_count += 1
+            pushed = row.last_push_at is not None and row.last_push_at >= row.opened_at
+            heard_at = row.last_push_at if pushed else row.opened_at
+            if heard_at >= silent_before:
+                heard[row.device_id] = (
+                    f"the device pushed at {heard_at.isoformat(timespec='seconds')}"
+                    if pushed
+                    else f"shift {row.id} opened at {heard_at.isoformat(timespec='seconds')}"
+                )
+                continue
+            stale.append(row.device_id)
+            flag, newly_open = _raise_stale(session, row, now, heard_at)
+            if newly_open:
+                raised.append(flag.id)
+    closed = []
+    quiet = set(stale)
+    for flag in session.scalars(
+        select(Flag).where(Flag.kind == STALE_DEVICE, Flag.status.in_(ACTIVE_STATUSES))
+    ).all():
+        if flag.subject_key in quiet:
+            continue
+        reason = heard.get(flag.subject_key, "the device has no open shift any more")
+        close_flag(session=session, kind=STALE_DEVICE, subject=_device(flag), reason=reason)
+        closed.append(flag.id)
+    session.flush()
+    return {
+        "open_shifts": open_count,
+        "stale_devices": _capped(sorted(stale)),
+        "flags_raised": _capped(raised),
+        "flags_closed": _capped(closed),
+    }
+
+
+def _raise_stale(
+    session: Session, row: Row[Any], now: dt.datetime, heard_at: dt.datetime
+) -> tuple[Flag, bool]:
+    """Raise (or update) the device's flag; and whether it is newly open."""
+    subject = FlagSubject("device", row.device_id)
+    earlier_shift = session.scalar(
+        select(Flag.shift_id).where(
+            Flag.kind == STALE_DEVICE,
+            Flag.subject_type == subject.type,
+            Flag.subject_key == subject.key,
+        )
+    )
+    result = raise_flag(
+        session=session,
+        kind=STALE_DEVICE,
+        severity=FlagSeverity.WARNING,
+        subject=subject,
+        station_id=row.station_id,
+        evidence={
+            "last_push_at": row.last_push_at.isoformat() if row.last_push_at else None,
+            "shift_id": row.id,
+            "silent_minutes": int((now - heard_at).total_seconds() // 60),
+        },
+        courier_id=row.courier_id,
+        shift_id=row.id,
+    )
+    flag = result.flag
+    if flag.shift_id != row.id:
+        flag.shift_id = row.id
+    # One flag per device: a manager's resolution of its silence in an earlier shift
+    # does not cover this one.
+    if flag.status == FlagStatus.RESOLVED and earlier_shift not in (None, row.id):
+        reopen_flag(session=session, flag=flag, note=f"silent again, in shift {row.id}")
+        return flag, True
+    return flag, result.new
+
+
+def _device(flag: Flag) -> FlagSubject:
+    return FlagSubject(flag.subject_type, flag.subject_key)
+
+
+# -- proof images at handover -----------------------------------------------------------------
+
+
+def blob_missing_at_handover(
+    *, session: Session, now: dt.datetime, settings: SweepSettings
+) -> dict[str, Any]:
+    """Shifts closed more than ``blob_missing_grace`` ago whose deliveries name proof
+    images the server still lacks: flag ``blob_missing_at_handover`` (subject: the
+    shift), listing the images and events; the flag closes once every image arrived.
+
+    Deliveries voided by a correction do not count. Shifts are found by their
+    planned end (indexed) within ``blob_missing_lookback``.
+    """
+    handed_over = select(Shift.id, Shift.station_id, Shift.courier_id).where(
+        Shift.status.in_((ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)),
+        Shift.planned_end_at >= now - settings.blob_missing_lookback,
+        Shift.closed_at <= now - settings.blob_missing_grace,
+    )
+    checked, raised, closed, missing_count = 0, [], [], 0
+    for shifts in _row_batches(session, handed_over, Shift.id, settings.batch_size):
+        checked += len(shifts)
+        missing = _missing_images(session, [s.id for s in shifts])
+        complete = []
+        for shift in shifts:
+            if shift.id not in missing:
+                complete.append(FlagSubject("shift", str(shift.id)))
+                continue
+            digests, event_ids = missing[shift.id]
+            missing_count += len(digests)
+            evidence = {"blobs": sorted(digests), "event_ids": sorted(event_ids)}
+            result = raise_flag(
+                session=session,
+                kind=BLOB_MISSING_AT_HANDOVER,
+                severity=FlagSeverity.WARNING,
+                subject=FlagSubject("shift", str(shift.id)),
+                station_id=shift.station_id,
+                evidence=evidence,
+                courier_id=shift.courier_id,
+                shift_id=shift.id,
+            )
+            if result.flag.evidence != evidence:  # what is missing now, not what ever was
+                result.flag.evidence = evidence
+            if result.new:
+                raised.append(result.flag.id)
+        closed += [
+            flag.id
+            for flag in close_flags(
+                session=session,
+                kind=BLOB_MISSING_AT_HANDOVER,
+                subjects=complete,
+                reason="every proof image named by the shift's deliveries has arrived",
+            )
+        ]
+    session.flush()
+    return {
+        "shifts_checked": checked,
+        "missing_blobs": missing_count,
+        "flags_raised": _capped(raised),
+        "flags_closed": _capped(closed),
+    }
+
+
+def _missing_images(
+    session: Session, shift_ids: Sequence[int]
+) -> dict[int, tuple[set[str], set[int]]]:
+    """``{shift id: (missing digests, event ids naming them)}`` for these shifts."""
+    correction = aliased(ScanEvent)
+    voided = exists().where(
+        correction.device_id == ScanEvent.device_id,
+        correction.voids_client_event_id == ScanEvent.client_event_id,
+        correction.seq > ScanEvent.seq,
+    )
+    missing: dict[int, tuple[set[str], set[int]]] = defaultdict(lambda: (set(), set()))
+    for shift_id, event_id, digest in session.execute(
+        select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256)
+        .join(ScanEvent, ScanEvent.id == ProofImage.event_id)
+        .outerjoin(Blob, Blob.sha256 == ProofImage.sha256)
+        .where(ScanEvent.shift_id.in_(shift_ids), Blob.sha256.is_(None), ~voided)
+    ):
+        missing[shift_id][0].add(digest)
+        missing[shift_id][1].add(event_id)
+    return dict(missing)
+
+
+# -- consents ---------------------------------------------------------------------------------
+
+
+def consent_expiry(
+    *, session: Session, now: dt.datetime, settings: SweepSettings
+) -> dict[str, Any]:
+    """Consents that expired and were not announced yet: the parcels they cover are
+    judged again and the couriers holding them get a ``consent`` entry in their pull
+    feed (PDAs drop the lapsed consent); then the consent is marked announced.
+
+    A consent revoked before it expired was announced by its revocation. Committed
+    batch by batch.
+    """
+    announced: list[int] = []
+    rejudged = 0
+    lapsed = (
+        select(Consent)
+        .where(
+            Consent.expiry_announced_at.is_(None),
+            Consent.expires_at.is_not(None),
+            Consent.expires_at <= now,
+        )
+        .order_by(Consent.expires_at, Consent.id)
+        .limit(CONSENT_BATCH)
+    )
+    while batch := session.scalars(lapsed).all():
+        for consent in batch:
+            assert consent.expires_at is not None
+            if consent.revoked_at is None or consent.revoked_at > consent.expires_at:
+                rejudged += len(
+                    rejudge_for_consent(session=session, consent=consent, policy=settings.policy)
+                )
+            consent.expiry_announced_at = now
+            announced.append(consent.id)
+        session.commit()
+    return {
+        "announced": len(announced),
+        "parcels_rejudged": rejudged,
+        "consent_ids": _capped(announced),
+    }
+
+
+# -- retention --------------------------------------------------------------------------------
+
+
+def proof_retention_purge(
+    *, session: Session, now: dt.datetime, settings: SweepSettings
+) -> dict[str, Any]:
+    """Delete the bytes of proof images uploaded more than ``proof_retention`` ago.
+
+    Batch by batch, oldest first: the rows are marked ``purged_at`` (they stay, as
+    the record that the image existed) and one audit entry lists the batch's
+    digests; that is committed, and only then are the bytes deleted. A crash in
+    between leaves files of purged images behind: every run deletes the files of
+    the purged images it passes, and it starts where the last successful run
+    ended (``through``, kept in that run's record), so it passes exactly the images
+    of runs that did not finish. Purging walks images in upload order, so the
+    purged ones always come first.
+    """
+    store = settings.blob_store
+    if store is None:
+        raise ValueError("the retention purge needs a blob store")
+    cutoff = now - settings.proof_retention
+    position = _purged_through(session)
+    purged, files_deleted, leftovers, entries = 0, 0, 0, []
+    while True:
+        query = (
+            select(Blob.sha256, Blob.uploaded_at, Blob.purged_at)
+            .where(Blob.uploaded_at < cutoff)
+            .order_by(Blob.uploaded_at, Blob.sha256)
+            .limit(PURGE_BATCH)
+        )
+        if position is not None:
+            query = query.where(
+                or_(
+                    Blob.uploaded_at > position[0],
+                    and_(Blob.uploaded_at == position[0], Blob.sha256 > position[1]),
+                )
+            )
+        rows = session.execute(query).all()
+        if not rows:
+            break
+        due = [row.sha256 for row in rows if row.purged_at is None]
+        if due:
+            session.execute(
+                update(Blob)
+                .where(Blob.sha256.in_(due), Blob.purged_at.is_(None))
+                .values(purged_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            entry = audit.append(
+                session=session,
+                actor_id=None,
+                action=PURGE_ACTION,
+                subject_type="blob",
+                subject_key=due[0],
+                details={
+                    "count": len(due),
+                    "digests": due,
+                    "cutoff": cutoff.isoformat(),
+                    "retention_days": settings.proof_retention.days,
+                },
+            )
+            session.commit()  # the purge is on record before any byte goes
+            purged += len(due)
+            entries.append(entry.id)
+        files_deleted += sum(store.delete(digest) for digest in due)
+        leftovers += sum(store.delete(row.sha256) for row in rows if row.purged_at is not None)
+        position = (rows[-1].uploaded_at, rows[-1].sha256)
+        if len(rows) < PURGE_BATCH:
+            break
+    return {
+        "cutoff": cutoff.isoformat(),
+        "purged": purged,
+        "files_deleted": files_deleted,
+        "leftover_files_deleted": leftovers,
+        "audit_entries": _capped(entries),
+        "through": None
+        if position is None
+        else {"uploaded_at": position[0].isoformat(), "sha256": position[1]},
+    }
+
+
+def _purged_through(session: Session) -> tuple[dt.datetime, str] | None:
+    """Where the last successful purge ended: every image up to it is purged, bytes gone."""
+    last = scheduling.latest_run(session, job=PROOF_RETENTION_PURGE, outcome=scheduling.OK)
+    through = (last.detail or {}).get("through") if last is not None else None
+    try:
+        return dt.datetime.fromisoformat(through["uploaded_at"]), str(through["sha256"])
+    except (TypeError, KeyError, ValueError):
+        return None  # no such run (or not one of ours): walk from the oldest image
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _batches(session: Session, query: Select[Any], key: Any, size: int) -> Iterator[Sequence[Any]]:
+    """The entities ``query`` selects, ``size`` at a time, by keyset on ``key``."""
+    after = None
+    while True:
+        page = query.order_by(key).limit(size)
+        if after is not None:
+            page = page.where(key > after)
+        items = session.scalars(page).all()
+        if items:
+            yield items
+        if len(items) < size:
+            return
+        after = getattr(items[-1], key.key)
+
+
+def _row_batches(
+    session: Session, query: Select[Any], key: Any, size: int
+) -> Iterator[Sequence[Row[Any]]]:
+    """The rows ``query`` selects (its first column is ``key``), ``size`` at a time."""
+    after = None
+    while True:
+        page = query.order_by(key).limit(size)
+        if after is not None:
+            page = page.where(key > after)
+        rows = session.execute(page).all()
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
+        after = rows[-1][0]
+
+
+def _capped(ids: list[Any]) -> list[Any]:
+    return ids[:MAX_IDS_IN_DETAIL]

@@ -1,0 +1,305 @@
+"""The scheduler's lease and run records, with controlled time (``sync.scheduling``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import Connection, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from courier_api.extensions import db
+from courier_api.scheduler import jobs_of
+from models import JobRun, SchedulerLease, Station
+from sync import scheduling
+from sync.scheduling import Job, claim_lease, give_up_lease, run_job, run_jobs
+
+T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.UTC)
+LEASE = 60
+A, B = "host-a:101:aaaa", "host-b:202:bbbb"
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def sessions(connection: Connection) -> sessionmaker[Session]:
+    """Sessions in the test's transaction, each committing to a savepoint."""
+    return sessionmaker(
+        bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+
+
+def counting_job(name: str = "count", interval: int = 300) -> Job:
+    def run(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        return {"now": now.isoformat(), "stations": session.scalar(select(func.count(Station.id)))}
+
+    return Job(name, f"{name} things", dt.timedelta(seconds=interval), run)
+
+
+def runs(sessions: sessionmaker[Session], job: str | None = None) -> list[JobRun]:
+    with sessions() as session:
+        query = select(JobRun).order_by(JobRun.id)
+        if job is not None:
+            query = query.where(JobRun.job == job)
+        return list(session.scalars(query))
+
+
+def run(sessions: sessionmaker[Session], job: Job, holder: str, now: dt.datetime, **kw: Any):
+    return run_job(sessions=sessions, job=job, holder=holder, now=now, lease_seconds=LEASE, **kw)
+
+
+# -- the lease ---------------------------------------------------------------------------------
+
+
+def test_the_lease_is_taken_renewed_refused_and_taken_over_after_it_expires(
+    sessions: sessionmaker[Session],
+) -> None:
+    first = claim_lease(sessions, holder=A, now=T0, seconds=LEASE)
+    assert first.held and first.lease == scheduling.Lease(A, T0, at(60))
+
+    refused = claim_lease(sessions, holder=B, now=at(10), seconds=LEASE)
+    assert not refused.held
+    assert refused.lease == scheduling.Lease(A, T0, at(60))  # who, until when
+
+    renewed = claim_lease(sessions, holder=A, now=at(30), seconds=LEASE)
+    assert renewed.held and renewed.taken_over_from is None
+    assert renewed.lease == scheduling.Lease(A, T0, at(90))  # acquired_at kept
+
+    assert not claim_lease(sessions, holder=B, now=at(89), seconds=LEASE).held
+    taken = claim_lease(sessions, holder=B, now=at(90), seconds=LEASE)
+    assert taken.held and taken.taken_over_from == A
+    assert taken.lease == scheduling.Lease(B, at(90), at(150))
+
+    late = claim_lease(sessions, holder=A, now=at(100), seconds=LEASE)
+    assert not late.held and late.lease.holder == B
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(SchedulerLease)) == 1
+        assert scheduling.current_lease(session, now=at(149)).holder == B
+        assert scheduling.current_lease(session, now=at(150)) is None  # expired
+
+
+def test_releasing_the_lease_lets_another_process_take_it_at_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    assert claim_lease(sessions, holder=A, now=T0, seconds=LEASE).held
+    assert not give_up_lease(sessions, holder=B)  # not B's to give up
+    assert not claim_lease(sessions, holder=B, now=at(1), seconds=LEASE).held
+    assert give_up_lease(sessions, holder=A)
+    claim = claim_lease(sessions, holder=B, now=at(2), seconds=LEASE)
+    assert claim.held and claim.taken_over_from is None
+    with sessions() as session:
+        assert scheduling.current_lease(session, now=at(2)).holder == B
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+def test_a_run_is_recorded_with_what_the_job_did(sessions: sessionmaker[Session]) -> None:
+    result = run(sessions, counting_job(), A, T0)
+
+    assert result.outcome == "ok" and result.run_id is not None
+    assert result.detail == {"now": T0.isoformat(), "stations": 0}
+    [stored] = runs(sessions)
+    assert (stored.id, stored.job, stored.holder, stored.outcome) == (
+        result.run_id,
+        "count",
+        A,
+        "ok",
+    )
+    assert stored.started_at == T0
+    assert stored.duration_ms is not None and stored.duration_ms >= 0
+    assert stored.finished_at == T0 + dt.timedelta(milliseconds=stored.duration_ms)
+    assert stored.detail == result.detail and stored.error is None
+    assert "count: ok in" in result.summary()
+
+
+def test_a_job_runs_only_in_the_process_holding_the_lease(
+    sessions: sessionmaker[Session],
+) -> None:
+    job = counting_job()
+    assert run(sessions, job, A, T0).outcome == "ok"
+
+    other = run(sessions, job, B, at(30), force=True)  # A's lease runs until at(60)
+
+    assert other.outcome == "standby" and not other.ran
+    assert other.lease is not None and other.lease.holder == A
+    assert "held by host-a:101:aaaa until 2026-11-23T08:01:00+00:00" in other.summary()
+    assert [r.holder for r in runs(sessions)] == [A]
+
+
+def test_a_job_is_due_again_after_its_interval_whoever_ran_it(
+    sessions: sessionmaker[Session],
+) -> None:
+    job = counting_job(interval=300)
+    assert run(sessions, job, A, T0).outcome == "ok"
+    assert run(sessions, job, A, at(60)).outcome == "not_due"
+    assert run(sessions, job, A, at(60), force=True).outcome == "ok"  # --once
+    # A timer firing a little early still counts as the next turn.
+    assert run(sessions, job, A, at(60 + 280)).outcome == "ok"
+    # A dies; B takes over when its lease expires, and does not re-run what A just ran.
+    assert run(sessions, job, B, at(60 + 280 + 61)).outcome == "not_due"
+    assert run(sessions, job, B, at(60 + 280 + 300)).outcome == "ok"
+    assert [(r.holder, r.started_at) for r in runs(sessions)] == [
+        (A, T0),
+        (A, at(60)),
+        (A, at(340)),
+        (B, at(640)),
+    ]
+
+
+def test_a_failing_job_is_recorded_as_failed_and_its_writes_are_rolled_back(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    def breaks(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        session.add(Station(code="HALF", name="half-done", timezone="UTC"))
+        session.flush()
+        raise ValueError("the sweep broke half-way")
+
+    failing = Job("breaks", "breaks", dt.timedelta(minutes=5), breaks)
+
+    results = run_jobs(
+        sessions=sessions,
+        jobs=[failing, counting_job()],
+        holder=A,
+        now=T0,
+        lease_seconds=LEASE,
+    )
+
+    assert [(r.job, r.outcome) for r in results] == [("breaks", "failed"), ("count", "ok")]
+    assert results[0].error == "ValueError: the sweep broke half-way"
+    assert results[1].detail["stations"] == 0  # the half-done write is gone
+    failed = runs(sessions, "breaks")[0]
+    assert failed.outcome == "failed" and failed.error == "ValueError: the sweep broke half-way"
+    assert failed.finished_at is not None and failed.duration_ms is not None
+    assert failed.detail == {}
+    with sessions() as session:
+        assert session.scalar(select(Station).where(Station.code == "HALF")) is None
+    assert "job breaks (run" in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_run_left_running_by_a_process_that_lost_the_lease_is_marked_abandoned(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:  # A started a run, then died
+        scheduling.acquire_lease(session, holder=A, now=T0, seconds=LEASE)
+        session.add(JobRun(job="count", holder=A, started_at=T0, outcome="running", detail={}))
+
+    assert run(sessions, counting_job(), B, at(30)).outcome == "standby"
+    result = run(sessions, counting_job(), B, at(400))
+
+    assert result.outcome == "ok"
+    dead, new = runs(sessions)
+    assert (dead.outcome, dead.finished_at) == ("failed", at(400))
+    assert dead.error.startswith(f"abandoned: {A} stopped holding the scheduler lease")
+    assert (new.holder, new.outcome) == (B, "ok")
+
+
+def test_a_run_whose_end_was_never_recorded_is_marked_abandoned_by_the_next(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:  # A's run ended while the database was unreachable
+        scheduling.acquire_lease(session, holder=A, now=T0, seconds=LEASE)
+        session.add(JobRun(job="count", holder=A, started_at=T0, outcome="running", detail={}))
+
+    result = run(sessions, counting_job(), A, at(30), force=True)
+
+    assert result.outcome == "ok"
+    lost, new = runs(sessions)
+    assert (lost.outcome, lost.finished_at) == ("failed", at(30))
+    assert lost.error.startswith("abandoned: the end of this run was never recorded")
+    assert new.outcome == "ok"
+
+
+def test_two_schedulers_one_after_the_other_run_each_job_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    jobs = [counting_job("one"), counting_job("two", 60), counting_job("three", 86400)]
+    first = run_jobs(sessions=sessions, jobs=jobs, holder=A, now=T0, lease_seconds=LEASE)
+    second = run_jobs(sessions=sessions, jobs=jobs, holder=B, now=T0, lease_seconds=LEASE)
+
+    assert [r.outcome for r in first] == ["ok", "ok", "ok"]
+    assert [r.outcome for r in second] == ["standby"] * 3
+    assert {r.lease.holder for r in second if r.lease} == {A}
+    assert Counter(r.job for r in runs(sessions)) == {"one": 1, "two": 1, "three": 1}
+
+
+# -- real concurrency ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def committed_sessions(committed_app: Flask) -> Iterator[sessionmaker[Session]]:
+    yield sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+
+
+@pytest.mark.postgres_only
+def test_two_schedulers_started_at_once_run_each_job_once(
+    committed_app: Flask, committed_sessions: sessionmaker[Session]
+) -> None:
+    """Both processes ask to run every due job at the same moment, with the real jobs
+    on committed data: the lease lets one run each job, the other stands by."""
+    jobs = jobs_of(committed_app.config)
+    holders = [A, B]
+    results: dict[str, list[scheduling.RunResult]] = {}
+    barrier = threading.Barrier(len(holders))
+
+    def scheduler(holder: str, now: dt.datetime) -> None:
+        barrier.wait()
+        results[holder] = run_jobs(
+            sessions=committed_sessions, jobs=jobs, holder=holder, now=now, lease_seconds=LEASE
+        )
+
+    threads = [threading.Thread(target=scheduler, args=(holder, T0)) for holder in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    outcomes = {holder: [r.outcome for r in results[holder]] for holder in holders}
+    assert sorted(outcomes.values()) == [["ok"] * len(jobs), ["standby"] * len(jobs)], outcomes
+    winner = next(h for h in holders if outcomes[h][0] == "ok")
+    stored = runs(committed_sessions)
+    assert Counter(r.job for r in stored) == {job.name: 1 for job in jobs}
+    assert {r.holder for r in stored} == {winner}
+
+    # A minute later the lease has expired: both try again at once, and since every
+    # job ran a minute ago, neither runs anything; one of them holds the lease now.
+    barrier.reset()
+    threads = [threading.Thread(target=scheduler, args=(holder, at(61))) for holder in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    later = [r.outcome for holder in holders for r in results[holder]]
+    assert "ok" not in later and "failed" not in later
+    assert len(runs(committed_sessions)) == len(jobs)
+
+
+@pytest.mark.postgres_only
+def test_two_processes_claiming_an_absent_lease_at_once_get_one_holder(
+    committed_sessions: sessionmaker[Session],
+) -> None:
+    holders = [f"host:{n}:race" for n in range(6)]
+    barrier = threading.Barrier(len(holders))
+    claims: dict[str, bool] = {}
+
+    def claim(holder: str) -> None:
+        barrier.wait()
+        claims[holder] = claim_lease(committed_sessions, holder=holder, now=T0, seconds=LEASE).held
+
+    threads = [threading.Thread(target=claim, args=(holder,)) for holder in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(claims.values()) == [False] * 5 + [True]
+    with committed_sessions() as session:
+        lease = scheduling.current_lease(session, now=T0)
+    assert lease is not None and claims[lease.holder]

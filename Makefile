@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
+THREADS ?= 8
 # The demo runs the scheduled jobs inside the web workers (a lease picks one of them).
 SCHEDULER_IN_WEB ?= true
 
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: install
 	$(BIN)/courier-api db upgrade
 	$(BIN)/courier-api seed-demo --if-empty
-	SCHEDULER_IN_WEB=$(SCHEDULER_IN_WEB) $(BIN)/courier-api serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	SCHEDULER_IN_WEB=$(SCHEDULER_IN_WEB) $(BIN)/courier-api serve --host $(HOST) --port $(PORT) --workers $(WORKERS) --threads $(THREADS)
 
 # SQLite always; then PostgreSQL: TEST_DATABASE_URL when set (and then it must work),
 # else the database courier_api_test on 127.0.0.1:5432, created if missing, when it answers.

@@ -47,6 +47,7 @@ def register_commands(app: Flask) -> None:
         seed_demo,
         import_parcels,
         scheduler,
+        deliver,
     ):
         app.cli.add_command(command)
 
@@ -219,8 +220,15 @@ def retire_device(device_id: str, lost: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--threads",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Threads per worker (a long pull holds one)",
+)
 @pass_script_info
-def serve(info: ScriptInfo, host: str, port: int, workers: int) -> None:
+def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) -> None:
     """Serve the API with gunicorn.
 
     Not an ``app.cli`` command: Flask pushes a new app context (and so a new
@@ -231,7 +239,7 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int) -> None:
 
     app = info.load_app()
     click.echo(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
-    run_gunicorn(app, host=host, port=port, workers=workers)
+    run_gunicorn(app, host=host, port=port, workers=workers, threads=threads)
 
 
 @click.command("seed-demo")
@@ -330,3 +338,49 @@ def scheduler(once: bool, job_name: str | None) -> None:
         click.echo(f"standing by: {held_elsewhere(claim.lease)}; taking over when it expires")
     run_until_stopped(runner)
     click.echo(f"scheduler {runner.holder} stopped; lease released")
+
+
+# -- webhook delivery -------------------------------------------------------------------------
+
+
+@click.command("deliver")
+@click.option("--once", is_flag=True, help="Deliver what is due now, print the counts, exit")
+@with_appcontext
+def deliver(once: bool) -> None:
+    """Post webhook messages to their subscriptions until stopped.
+
+    Delivers what is due, then looks again every WEBHOOK_POLL_SECONDS when nothing
+    was; one log line per attempt. Failed attempts are retried with backoff; several
+    deliverers (and web workers with SCHEDULER_IN_WEB) share the work safely.
+    SIGTERM or Ctrl-C lets the attempt in progress finish, then stops. With --once,
+    each delivery due now is attempted once and the counts are printed (exit status
+    0 even when attempts failed: they will be retried).
+    """
+    import signal
+    from types import FrameType
+
+    from courier_api.scheduler import delivery_loop_for
+    from sync.webhooks import summary
+
+    loop = delivery_loop_for(current_app)
+    try:
+        if once:
+            click.echo(summary(loop.drain()))
+            return
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            loop.stop_event.set()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        click.echo(
+            f"deliverer {loop.worker_id}: delivering webhooks, looking for due ones every "
+            f"{loop.settings.poll_seconds:g} s"
+        )
+        try:
+            loop.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        click.echo(f"deliverer {loop.worker_id} stopped")
+    finally:
+        loop.close()

@@ -62,16 +62,28 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "DEFAULT_PHONE_REGION": environ.get("DEFAULT_PHONE_REGION", "CN").upper() or None,
         "PASSWORD_HASH_METHOD": environ.get("PASSWORD_HASH_METHOD", "scrypt"),
         # Shifts, sweeps and reports (issue 5).
-        "SHIFT_PLANNED_HOURS": _int(environ, "SHIFT_PLANNED_HOURS", 10),
+        "SHIFT_PLANNED_HOURS": _int(environ, "SHIFT_PLANNED_HOURS", 10, maximum=24),
         "SHIFT_CLOSE_GRACE_MINUTES": _int(environ, "SHIFT_CLOSE_GRACE_MINUTES", 30),
         "STALE_DEVICE_MINUTES": _int(environ, "STALE_DEVICE_MINUTES", 45),
         "BLOB_MISSING_GRACE_MINUTES": _int(environ, "BLOB_MISSING_GRACE_MINUTES", 60),
-        "PROOF_RETENTION_DAYS": _int(environ, "PROOF_RETENTION_DAYS", 365),
+        "PROOF_RETENTION_DAYS": _int(environ, "PROOF_RETENTION_DAYS", 365, maximum=36500),
         "DELIVERY_DEADLINE_HOURS": _deadlines(
             environ, "DELIVERY_DEADLINE_HOURS", "express=24 registered=48 parcel=72 ordinary=96"
         ),
         "SCHEDULER_LEASE_SECONDS": _int(environ, "SCHEDULER_LEASE_SECONDS", 60),
         "SCHEDULER_IN_WEB": _flag(environ, "SCHEDULER_IN_WEB", False),
+        # Consent requests, long pulls and webhooks (issue 6).
+        "CONSENT_REQUEST_TTL_MINUTES": _int(
+            environ, "CONSENT_REQUEST_TTL_MINUTES", 30, maximum=24 * 60
+        ),
+        "MAX_PULL_WAIT_SECONDS": _int(environ, "MAX_PULL_WAIT_SECONDS", 25, maximum=300),
+        "WEBHOOK_MAX_ATTEMPTS": _int(environ, "WEBHOOK_MAX_ATTEMPTS", 8),
+        "WEBHOOK_BACKOFF_SECONDS": _int(environ, "WEBHOOK_BACKOFF_SECONDS", 5),
+        "WEBHOOK_BACKOFF_MAX_SECONDS": _int(environ, "WEBHOOK_BACKOFF_MAX_SECONDS", 3600),
+        "WEBHOOK_TIMEOUT_SECONDS": _int(environ, "WEBHOOK_TIMEOUT_SECONDS", 10),
+        "WEBHOOK_MAX_RESPONSE_BYTES": _int(environ, "WEBHOOK_MAX_RESPONSE_BYTES", 65536),
+        "WEBHOOK_DISABLE_AFTER_FAILURES": _int(environ, "WEBHOOK_DISABLE_AFTER_FAILURES", 20),
+        "WEBHOOK_POLL_SECONDS": _int(environ, "WEBHOOK_POLL_SECONDS", 1),
         "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),
     }
 
@@ -193,7 +205,9 @@ def policy_of(config: Mapping[str, Any]) -> Policy:
     )
 
 
-def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+def _int(
+    environ: Mapping[str, str], name: str, default: int, *, maximum: int | None = None
+) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
         return default
@@ -203,4 +217,6 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value

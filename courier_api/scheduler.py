@@ -55,6 +55,7 @@ from sync.scheduling import (
     run_job,
     run_jobs,
 )
+from sync.webhooks import DeliveryLoop, DeliverySettings, HttpxSender
 
 log = logging.getLogger(__name__)
 
@@ -383,23 +384,50 @@ def run_until_stopped(runner: JobScheduler) -> None:
         runner.release()
 
 
+# -- webhook delivery -------------------------------------------------------------------------
+
+
+def delivery_loop_for(app: Flask) -> DeliveryLoop:
+    """The webhook delivery loop of ``courier-api deliver`` and of web workers: several
+    may run at once, in any processes; their claims keep them off each other's work."""
+    # One line per attempt is ours (``sync.webhooks``); httpx's own line per request
+    # would repeat it.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings = DeliverySettings.from_config(app.config)
+    return DeliveryLoop(
+        sessions=db.sessionmaker_of(app),
+        settings=settings,
+        sender=HttpxSender(settings),
+        worker_id=holder_id(),
+    )
+
+
 # -- inside web workers (SCHEDULER_IN_WEB) ----------------------------------------------------
 
 _worker: tuple[JobScheduler, BaseScheduler] | None = None
+_deliverer: DeliveryLoop | None = None
 
 
 def start_in_web_worker(app: Flask) -> None:
-    """Called after gunicorn forks a worker: every worker schedules, the lease picks one."""
-    global _worker
+    """Called after gunicorn forks a worker: every worker schedules, the lease picks one;
+    every worker also delivers webhooks (claims share the deliveries out)."""
+    global _worker, _deliverer
     runner = job_scheduler_for(app)
     scheduler = runner.install(new_scheduler(BackgroundScheduler))
     scheduler.start()
     _worker = (runner, scheduler)
     log.info("scheduler %s started in this web worker", runner.holder)
+    _deliverer = delivery_loop_for(app)
+    _deliverer.start_thread()
+    log.info("webhook deliverer %s is running in this web worker", _deliverer.worker_id)
 
 
 def stop_in_web_worker() -> None:
-    global _worker
+    global _worker, _deliverer
+    if _deliverer is not None:
+        deliverer, _deliverer = _deliverer, None
+        deliverer.stop()
+        deliverer.close()
     if _worker is None:
         return
     runner, scheduler = _worker

@@ -27,12 +27,18 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
         return self.application
 
 
-def serve(app: Flask, *, host: str, port: int, workers: int, timeout: int = 60) -> None:
+def serve(
+    app: Flask, *, host: str, port: int, workers: int, threads: int = 8, timeout: int = 60
+) -> None:
+    """gunicorn with ``workers`` processes of ``threads`` threads each: a PDA waiting on a
+    long pull (``GET /sync/pull?wait=``) holds a thread, not a whole process."""
     GunicornServer(
         app,
         {
             "bind": f"{host}:{port}",
             "workers": workers,
+            "worker_class": "gthread",
+            "threads": threads,
             "timeout": timeout,
             "accesslog": "-",
             "post_fork": lambda _server, _worker: _start_worker(app),

@@ -8,7 +8,9 @@ from models.device import Device
 from models.enums import (
     ConsentChannel,
     ConsentMethod,
+    ConsentRequestStatus,
     ConsentScope,
+    DeliveryStatus,
     DeviceStatus,
     EventType,
     FeedKind,
@@ -22,6 +24,12 @@ from models.enums import (
 )
 from models.feed import FeedChange
 from models.flag import Flag, FlagChange
+from models.integrations import (
+    ConsentRequest,
+    OutboxMessage,
+    WebhookDelivery,
+    WebhookSubscription,
+)
 from models.parcel import Parcel
 from models.report import StationReport
 from models.scheduling import JobRun, SchedulerLease
@@ -38,7 +46,10 @@ __all__ = [
     "Consent",
     "ConsentChannel",
     "ConsentMethod",
+    "ConsentRequest",
+    "ConsentRequestStatus",
     "ConsentScope",
+    "DeliveryStatus",
     "Device",
     "DeviceStatus",
     "DeviceSyncState",
@@ -51,6 +62,7 @@ __all__ = [
     "FlagStatus",
     "JobRun",
     "Parcel",
+    "OutboxMessage",
     "ParcelStatus",
     "ProofImage",
     "QuarantinedEvent",
@@ -66,5 +78,7 @@ __all__ = [
     "SyncBatch",
     "User",
     "UTCDateTime",
+    "WebhookDelivery",
+    "WebhookSubscription",
     "utcnow",
 ]

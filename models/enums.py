@@ -44,6 +44,7 @@ class EventType(enum.StrEnum):
     COLLECTED_FROM_LOCKER = "collected_from_locker"
     EXCEPTION = "exception"
     CONSENT_CAPTURED = "consent_captured"
+    CONSENT_REQUESTED = "consent_requested"  # asked at the door; answered by the recipient
     CORRECTION = "correction"
 
 
@@ -80,6 +81,7 @@ class FeedKind(enum.StrEnum):
     PARCEL = "parcel"
     PARCEL_REMOVED = "parcel_removed"
     CONSENT = "consent"  # granted, revoked or expired: the PDA replaces its copy
+    CONSENT_REQUEST = "consent_request"  # a request the courier made was answered
 
 
 class ConsentMethod(enum.StrEnum):
@@ -112,3 +114,20 @@ class ReportKind(enum.StrEnum):
     DAILY = "daily"  # 日监控
     WEEKLY = "weekly"  # 周分析
     MONTHLY = "monthly"  # 月通报
+
+
+class ConsentRequestStatus(enum.StrEnum):
+    """Where a request for a recipient's consent stands (asked at the door)."""
+
+    PENDING = "pending"  # sent to the recipient's channel, no answer yet
+    GRANTED = "granted"
+    REFUSED = "refused"
+    UNSENT = "unsent"  # nobody to ask: the parcel is not taken in, or has no phone
+
+
+class DeliveryStatus(enum.StrEnum):
+    """A webhook message's delivery to one subscription."""
+
+    PENDING = "pending"  # waiting for its first or next attempt
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    DEAD = "dead"  # attempts exhausted; parked with the last error, replayable

@@ -53,8 +53,8 @@ class Shift(Base):
     # its last one (at closing). They bound the sequence numbers a gap may hide.
     first_seq: Mapped[int | None] = mapped_column(BigId)
     last_seq: Mapped[int | None] = mapped_column(BigId)
-    # The device's highest seq the server held when the shift closed (when the PDA
-    # declared no last_seq, gaps up to it may still hold events of this shift).
+    # The device's highest seq the server held when the shift closed: a record of what
+    # had arrived by the handover.
     seq_at_close: Mapped[int | None] = mapped_column(BigId)
     closed_at: Mapped[dt.datetime | None]
     closed_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))

@@ -1,8 +1,10 @@
 """What PDAs upload: batches, the scan events they carry, and what was refused.
 
-Scan events are append-only: nothing here is ever updated or deleted. What an
-event means for its parcel (its status, whether a correction voided it) is
-computed from the events by ``sync.projection``.
+Scan events are append-only: nothing here is ever deleted, and nothing the PDA
+sent is ever changed. What an event means for its parcel (its status, whether a
+correction voided it) is computed from the events by ``sync.projection``. The one
+column the server may set later is ``shift_id``, the filing: an event that arrived
+before the shift it belongs to was opened is filed under it when it opens.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -80,7 +80,7 @@ class ShiftFacts:
 
 
 def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
-    """The balance inputs of ``shifts``, in five queries (per 900 shifts)."""
+    """The balance inputs of ``shifts``, in five to seven queries (per 900 shifts)."""
     if not shifts:
         return {}
     ids = sorted({shift.id for shift in shifts})
@@ -107,7 +107,14 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
         for event in shift_events
         if event.fact.voids_client_event_id is not None
     ]
-    outside = ((None, c) for c in _corrections(session, devices, set(ids)))
+    # A correction comes after its target on the device: only seqs above the lowest
+    # event of these shifts, per device, are worth reading.
+    lowest_by_device: dict[str, int] = {}
+    for events_of_shift in events.values():
+        for event in events_of_shift:
+            device, seq = event.fact.device_id, event.fact.seq
+            lowest_by_device[device] = min(lowest_by_device.get(device, seq), seq)
+    outside = ((None, c) for c in _corrections(session, lowest_by_device, set(ids)))
     for filed_in, correction in [*in_shifts, *outside]:
         target = owner.get((correction.fact.device_id, correction.fact.voids_client_event_id))
         if target is not None and target != filed_in:
@@ -121,6 +128,7 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             select(DeviceSyncState).where(DeviceSyncState.device_id.in_(chunk))
         )
     }
+    next_starts = _next_shift_starts(session, shifts, lowest)
     facts = {}
     for shift in shifts:
         state = states.get(shift.device_id)
@@ -135,24 +143,70 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
                 status=shift.status,
                 first_seq=shift.first_seq,
                 last_seq=shift.last_seq,
-                seq_at_close=shift.seq_at_close,
                 device_max_seq=state.max_seq if state else 0,
                 device_missing=state.missing_ranges if state else [],
                 lowest_event_seq=lowest.get(shift.id),
+                next_shift_seq=next_starts.get(shift.id),
             ),
         )
     return facts
 
 
-def _corrections(
-    session: Session, devices: Sequence[str], shift_ids: set[int]
-) -> Iterable[ShiftEvent]:
-    """Corrections by these devices filed outside these shifts (they may void an event
-    in one). Read through the partial index of corrections: a device sends few."""
+def _next_shift_starts(
+    session: Session, shifts: Sequence[Shift], lowest: dict[int, int]
+) -> dict[int, int]:
+    """``{shift id: the seq where its device's next shift starts}``, for closed shifts
+    that declared no last_seq (two queries, whatever the number of shifts)."""
+    undeclared = [s for s in shifts if s.status != ShiftStatus.OPEN and s.last_seq is None]
+    if not undeclared:
+        return {}
+    devices = sorted({s.device_id for s in undeclared})
+    timeline: dict[str, list[tuple[Any, int, int | None]]] = defaultdict(list)
     for chunk in chunks(devices):
+        for shift_id, device_id, opened_at, first_seq in session.execute(
+            select(Shift.id, Shift.device_id, Shift.opened_at, Shift.first_seq)
+            .where(Shift.device_id.in_(chunk))
+            .order_by(Shift.opened_at, Shift.id)
+        ):
+            timeline[device_id].append((opened_at, shift_id, first_seq))
+    following: dict[int, tuple[int, int | None]] = {}  # shift -> (next shift, its first_seq)
+    for shift in undeclared:
+        later = [
+            t for t in timeline[shift.device_id] if (t[0], t[1]) > (shift.opened_at, shift.id)
+        ]
+        if later:
+            following[shift.id] = (later[0][1], later[0][2])
+    unknown = sorted(
+        {nxt for nxt, first in following.values() if first is None and nxt not in lowest}
+    )
+    starts = dict(lowest)
+    for chunk in chunks(unknown):
+        starts.update(
+            session.execute(
+                select(ScanEvent.shift_id, func.min(ScanEvent.seq))
+                .where(ScanEvent.shift_id.in_(chunk))
+                .group_by(ScanEvent.shift_id)
+            ).all()
+        )
+    return {
+        shift_id: first if first is not None else starts[nxt]
+        for shift_id, (nxt, first) in following.items()
+        if first is not None or nxt in starts
+    }
+
+
+def _corrections(
+    session: Session, lowest: dict[str, int], shift_ids: set[int]
+) -> Iterable[ShiftEvent]:
+    """Corrections filed outside these shifts by their devices (they may void an event
+    in one), from each device's lowest seq among the shifts' events on: a correction
+    follows its target. Read through the partial index of corrections."""
+    devices = sorted(lowest)
+    for chunk in chunks(devices, 200):
         for row in session.execute(
             select(*EVENT_COLUMNS).where(
-                ScanEvent.device_id.in_(chunk), ScanEvent.voids_client_event_id.is_not(None)
+                ScanEvent.voids_client_event_id.is_not(None),
+                or_(*((ScanEvent.device_id == d) & (ScanEvent.seq > lowest[d]) for d in chunk)),
             )
         ):
             shift_id, tracking_no, *fact = row
@@ -233,8 +287,8 @@ class BoardRow:
 def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:
     """Every shift of the station's day with its courier and balance, oldest first.
 
-    Six queries whatever the number of shifts: the shifts with their couriers, then
-    ``gather``'s five.
+    At most eight queries whatever the number of shifts: the shifts with their
+    couriers, then ``gather``'s.
     """
     rows = session.execute(
         select(Shift, User)
@@ -250,12 +304,9 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
 
 
 def refresh_for_parcels(*, session: Session, tracking_nos: Sequence[str]) -> list[Flag]:
-    """Judge again the closed shifts that hold events of these parcels.
-
-    Called wherever parcels are re-judged (``sync.status.reproject``): a late event,
-    an intake, a consent or an upload can change what a closed shift's handover
-    shows. Open shifts have no handover flags yet, so a usual push costs one query.
-    """
+    """Judge again the closed shifts that hold events of these parcels: called when
+    the parcels are taken in (their events may have arrived first, and their rule
+    flags were just judged). Open shifts have no handover flags yet."""
     closed: dict[int, Shift] = {}
     for chunk in chunks(sorted(set(tracking_nos))):
         holding = select(ScanEvent.shift_id).where(among(session, ScanEvent.tracking_no, chunk))

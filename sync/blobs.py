@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Blob, BlobUpload
+from models import Blob, BlobUpload, utcnow
 from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound
 from sync.events import SHA256_HEX
 
@@ -163,9 +163,15 @@ def store_blob(
 def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:
     existing = session.get(Blob, digest)
     if existing is not None:
-        if existing.purged_at is None and not store.exists(digest):
-            # The file was lost; these bytes are verified. (A purged image stays purged.)
+        if existing.purged_at is not None:
+            # Purged, and uploaded again (a new proof names the same image): the
+            # verified bytes are kept again, and its retention starts over.
             store.put(digest, data)
+            existing.purged_at = None
+            existing.uploaded_at = utcnow()
+            session.flush()
+        elif not store.exists(digest):
+            store.put(digest, data)  # the file was lost; these bytes are verified
         return existing, False
     info = inspect_image(data)
     store.put(digest, data)  # before the row: a row never points at missing bytes

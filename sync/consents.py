@@ -132,6 +132,7 @@ def grant(
         expires_at=draft.expires_at,
         evidence=draft.evidence,
         created_by=created_by,
+        created_at=now,  # when it was recorded: the rules compare it with drops
         **values,
     )
     session.add(consent)

@@ -43,6 +43,7 @@ FAILED_ATTEMPT_ACTIONS = frozenset(
 EXCEPTION_REASONS = frozenset({"damaged", "lost", "other"})
 CONSENT_METHODS = frozenset({"locker", "pickup_point", "any"})
 CONSENT_CHANNELS = frozenset({"phone_call", "in_person", "sms", "app"})
+REQUEST_CHANNELS = frozenset({"sms", "app", "phone_call"})  # how the recipient is asked
 DELIVERY_TYPES = frozenset(
     {EventType.DELIVERED, EventType.DELIVERED_TO_LOCKER, EventType.DELIVERED_TO_PICKUP_POINT}
 )
@@ -181,13 +182,14 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
         for name, (required, parse) in spec.items()
         if required or raw.get(name) is not None
     }
-    consent = details.get("consent")
-    if consent is not None and consent["method"] == "any" and "point_id" in consent:
-        raise EventRejected(
-            "a specific point needs method locker or pickup_point",
-            code="point_without_method",
-            field="consent.point_id",
-        )
+    for name in ("consent", "request"):
+        asked = details.get(name)
+        if asked is not None and asked["method"] == "any" and "point_id" in asked:
+            raise EventRejected(
+                "a specific point needs method locker or pickup_point",
+                code="point_without_method",
+                field=f"{name}.point_id",
+            )
     if event_type == EventType.CORRECTION and details["voids_client_event_id"] == str(
         client_event_id
     ):
@@ -404,6 +406,15 @@ CONSENT = _object(
         "evidence": (False, _text_parser(500)),
     }
 )
+# A consent asked for at the door: sent to the recipient, answered through the API.
+CONSENT_REQUEST = _object(
+    {
+        "method": (True, _choice(CONSENT_METHODS)),
+        "point_id": (False, _text_parser(64)),
+        "channel": (False, _choice(REQUEST_CHANNELS)),
+        "expires_at": (False, lambda raw, name: parse_time(raw, field=name).isoformat()),
+    }
+)
 
 # Type-specific fields: name -> (required, parser). Parsed values go to ``details``.
 _TYPE_FIELDS: dict[EventType, dict[str, tuple[bool, Callable[[Any, str], Any]]]] = {
@@ -430,6 +441,7 @@ _TYPE_FIELDS: dict[EventType, dict[str, tuple[bool, Callable[[Any, str], Any]]]]
     },
     EventType.EXCEPTION: {"reason": _required(_choice(EXCEPTION_REASONS))},
     EventType.CONSENT_CAPTURED: {"consent": _required(CONSENT)},
+    EventType.CONSENT_REQUESTED: {"request": _required(CONSENT_REQUEST)},
     EventType.CORRECTION: {
         "voids_client_event_id": _required(_uuid_text),
         "reason": _required(_text_parser(500)),

@@ -25,8 +25,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagChange, FlagSeverity, FlagStatus
-from sync import audit
+from models import Flag, FlagChange, FlagSeverity, FlagStatus, utcnow
+from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.sql import chunks
 
@@ -344,6 +344,40 @@ def _record(
             to_status=to_status,
             note=note,
         )
+    )
+    if to_status in (FlagStatus.OPEN, FlagStatus.RESOLVED):
+        _announce(session, flag, to_status, by=by, note=note)
+
+
+def _announce(
+    session: Session, flag: Flag, status: FlagStatus, *, by: int | None, note: str | None
+) -> None:
+    """``flag.raised`` (raised, or raised again) or ``flag.resolved``, through the outbox."""
+    raised = status == FlagStatus.OPEN
+    topic = "flag.raised" if raised else "flag.resolved"
+    if not outbox.wanted(session, topic, flag.station_id):
+        return
+    data: dict[str, Any] = {
+        "flag_id": flag.id,
+        "kind": flag.kind,
+        "severity": flag.severity,
+        "status": status,
+        "subject_type": flag.subject_type,
+        "subject_key": flag.subject_key,
+        "station_id": flag.station_id,
+        "shift_id": flag.shift_id,
+        "courier_id": flag.courier_id,
+    }
+    if raised:
+        data |= {"evidence": flag.evidence, "raised_at": flag.raised_at or utcnow()}
+    else:
+        data |= {"note": note, "resolved_by": by}
+    outbox.announce(
+        session=session,
+        topic=topic,
+        ordering_key=outbox.subject_key(flag.subject_type, flag.subject_key),
+        station_id=flag.station_id,
+        data=data,
     )
 
 

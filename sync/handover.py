@@ -120,10 +120,12 @@ class ShiftSeqs:
     status: ShiftStatus
     first_seq: int | None  # declared at opening
     last_seq: int | None  # declared at closing
-    seq_at_close: int | None
     device_max_seq: int
     device_missing: Sequence[Sequence[int]]  # gaps below device_max_seq, [first, last]
     lowest_event_seq: int | None = None  # the lowest seq of the shift's own events
+    # Where the device's next shift starts (its first_seq, else its lowest event's):
+    # what a closed shift that declared no last_seq may own ends before it.
+    next_shift_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -344,17 +346,19 @@ def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
     """The sequence numbers the server lacks that may hold events of this shift.
 
     The shift owns the seqs from the first it declared (else the lowest it holds)
-    to the last it declared at closing (else the device's highest when it closed;
-    while open, everything since). Missing are the device's gaps below its highest
-    seq, plus a declared last seq beyond it (a final batch that never came).
+    to the last it declared at closing; a shift that declared none owns everything
+    up to where the device's next shift starts (or, with no next shift, the device's
+    highest seq): a gap there may hold its last events, and says so until they
+    come. Missing are the device's gaps below its highest seq, plus a declared last
+    seq beyond it (a final batch that never came).
     """
     low = seqs.first_seq if seqs.first_seq is not None else seqs.lowest_event_seq
     if low is None:
         return [], 0
     if seqs.last_seq is not None:
         high = seqs.last_seq
-    elif seqs.status != ShiftStatus.OPEN and seqs.seq_at_close is not None:
-        high = seqs.seq_at_close
+    elif seqs.status != ShiftStatus.OPEN and seqs.next_shift_seq is not None:
+        high = seqs.next_shift_seq - 1
     else:
         high = seqs.device_max_seq
     ranges = [(first, last) for first, last in seqs.device_missing]

@@ -43,6 +43,7 @@ from models import (
     EventType,
     Flag,
     FlagSeverity,
+    Parcel,
     ProofImage,
     QuarantinedEvent,
     ScanEvent,
@@ -50,8 +51,10 @@ from models import (
     SyncBatch,
     utcnow,
 )
-from sync import consents
+from sync import consents, outbox
 from sync.acks import SeqTracker
+from sync.balances import refresh_handover_flags
+from sync.consent_requests import requests_from_events
 from sync.errors import Conflict
 from sync.events import (
     MAX_SEQ,
@@ -76,6 +79,10 @@ from sync.sql import among, chunks
 from sync.status import reproject, targets_of_corrections
 
 log = logging.getLogger(__name__)
+DROP_TOPICS = {
+    EventType.DELIVERED_TO_LOCKER: "parcel.in_locker",
+    EventType.DELIVERED_TO_PICKUP_POINT: "parcel.at_pickup_point",
+}
 
 # A Core insert: events are written in bulk, never loaded back as ORM objects here.
 INSERT_EVENTS = insert(ScanEvent.__table__)
@@ -88,6 +95,7 @@ class IngestRules:
     missing_seqs_limit: int = 100
     policy: Policy = field(default_factory=Policy)
     shifts: ShiftRules = field(default_factory=ShiftRules)
+    consent_request_ttl: dt.timedelta = dt.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -236,7 +244,9 @@ class _BatchIngest:
     def run(self) -> dict[str, Any]:
         self.session.add(self.row)
         self.state = self._device_state()
-        self.filer = ShiftFiler(self.session, self.pusher.device_id, self.rules.shifts)
+        self.filer = ShiftFiler(
+            self.session, self.pusher.device_id, self.pusher.courier_id, self.rules.shifts
+        )
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.session.flush()
         candidates = self._validate()
@@ -244,6 +254,7 @@ class _BatchIngest:
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
         self._capture_consents(stored)
+        self._request_consents(stored)
         self._link_proof_images(stored)
         self._check_time_inversions(stored)
         self._quarantine()
@@ -256,6 +267,8 @@ class _BatchIngest:
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         self._settle_shifts(shifts)
+        self._judge_handovers(shifts)
+        self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.row.receipt = receipt
         self.session.flush()
@@ -461,6 +474,62 @@ class _BatchIngest:
             ({**self._row(e), "id": ids[e.client_event_id]} for e in captured),
         )
 
+    def _request_consents(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """Consent asked for at the door: each request is recorded and announced to the
+        recipient's channel (``sync.consent_requests``)."""
+        asked = [e for _, e in stored if e.type == EventType.CONSENT_REQUESTED]
+        if not asked:
+            return
+        ids = self._event_ids(asked)
+        requests_from_events(
+            session=self.session,
+            events=({**self._row(e), "id": ids[e.client_event_id]} for e in asked),
+            ttl=self.rules.consent_request_ttl,
+            now=self.received_at,
+        )
+
+    def _announce_drops(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """Tell recipients where their parcel was left, and its pickup code (outbox)."""
+        drops = [e for _, e in stored if e.type in DROP_TOPICS]
+        if not drops or not any(
+            outbox.wanted(self.session, topic) for topic in set(DROP_TOPICS.values())
+        ):
+            return
+        ids = self._event_ids(drops)
+        parcels = {
+            parcel.tracking_no: parcel
+            for chunk in chunks(sorted({e.tracking_no for e in drops}))
+            for parcel in self.session.scalars(
+                select(Parcel).where(among(self.session, Parcel.tracking_no, chunk))
+            )
+        }
+        for event in drops:
+            parcel = parcels.get(event.tracking_no)
+            if parcel is None:
+                continue  # not taken in: no recipient to tell
+            details = event.details
+            data = {
+                "tracking_no": parcel.tracking_no,
+                "station_id": parcel.station_id,
+                "recipient_name": parcel.recipient_name,
+                "recipient_phone": parcel.recipient_phone,
+                "pickup_code": (details.get("pod") or {}).get("pickup_code"),
+                "occurred_at": self._row(event)["occurred_at"],
+                "event_id": ids[event.client_event_id],
+            }
+            if event.type == EventType.DELIVERED_TO_LOCKER:
+                data |= {"locker_id": details["locker_id"], "compartment": details["compartment"]}
+            else:
+                data |= {"point_id": details["point_id"]}
+            outbox.announce(
+                session=self.session,
+                topic=DROP_TOPICS[event.type],
+                ordering_key=outbox.parcel_key(parcel.tracking_no),
+                station_id=parcel.station_id,
+                data=data,
+                now=self.received_at,
+            )
+
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent: the PDA's clock went back in between."""
         limit = shifted(self.batch.sent_at, self.rules.events.future_tolerance)
@@ -637,7 +706,8 @@ class _BatchIngest:
         sign-off of one of them waits for this push, or this push for it, so each
         sees the other's events or status, never neither (on PostgreSQL; SQLite's
         writers take turns anyway). The events' foreign key to their shift would make
-        the insert wait too, but not a correction filed under another shift.
+        the insert wait too, but not a correction filed under another shift. These
+        are the only shifts whose handover the push can change.
         """
         by_shift: dict[int, list[ValidEvent]] = {}
         for _, event in stored:
@@ -689,6 +759,18 @@ class _BatchIngest:
                 now=self.received_at,
             )
             self._report_raised(flags)
+
+    def _judge_handovers(self, by_shift: dict[int, list[ValidEvent]]) -> None:
+        """Closed shifts that got events (a late batch) or lost one to a correction: their
+        handover flags are judged again (the parcel thought missing was returned)."""
+        if not by_shift:
+            return
+        closed = [
+            shift
+            for shift in shifts_by_id(self.session, by_shift).values()
+            if shift.status != ShiftStatus.OPEN
+        ]
+        self._report_raised(refresh_handover_flags(session=self.session, shifts=closed))
 
     def _report_raised(self, flags: Iterable[Flag]) -> None:
         known = {item["flag_id"] for item in self.raised}

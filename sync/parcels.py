@@ -13,6 +13,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from models import FeedKind, Parcel, Role, ScanEvent, ServiceClass, Station, SyncBatch, User
 from sync import feed
+from sync.balances import refresh_for_parcels
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from sync.flags import FlagSubject, close_flags
 from sync.phones import normalize_phone
@@ -124,6 +125,9 @@ def intake_parcels(
     )
     created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
     _close_unknown_parcel_flags(session, created)
+    # Closed shifts with events of parcels unknown until now: their rule flags were just
+    # judged, so what the handover shows for them may change.
+    refresh_for_parcels(session=session, tracking_nos=created)
     return results
 
 

@@ -60,15 +60,17 @@ from models import (
     ReportKind,
     ServiceClass,
     Shift,
+    ShiftStatus,
     Station,
     StationReport,
     User,
     utcnow,
 )
+from sync import outbox
 from sync.balances import ShiftFacts, gather
 from sync.directory import get_station
 from sync.errors import InvalidInput, NotFound
-from sync.handover import COUNT_FIELDS, compute_balance
+from sync.handover import COUNT_FIELDS, BalanceStatus, compute_balance
 from sync.shifts import day_bounds, local_date
 from sync.sql import among, chunks
 
@@ -76,6 +78,8 @@ DELIVERY_OUTCOMES = frozenset(
     {"delivered", "delivered_without_pod", "unattended", "unattended_without_consent"}
 )
 RATE_DIGITS = 4
+# How long an issuer waits for a period's open or provisional shifts to settle.
+SETTLE_TIME = dt.timedelta(hours=24)
 # Periods before this are refused: nothing was recorded then, and date arithmetic
 # near year 1 overflows.
 EARLIEST = dt.date(2000, 1, 1)
@@ -185,6 +189,8 @@ class Tally:
     """What a report row is computed from; tallies of days and couriers add up."""
 
     shifts: int = 0
+    shifts_open: int = 0  # the courier is still out: what is out counts as missing
+    shifts_provisional: int = 0  # events still on a PDA: the figures may change
     counts: Counter[str] = field(default_factory=Counter)  # COUNT_FIELDS
     flags: Counter[str] = field(default_factory=Counter)  # by kind
     delivery_seconds: float = 0.0  # check-out to outcome, summed over the deliveries
@@ -194,6 +200,8 @@ class Tally:
 
     def add(self, other: Tally) -> None:
         self.shifts += other.shifts
+        self.shifts_open += other.shifts_open
+        self.shifts_provisional += other.shifts_provisional
         self.counts.update(other.counts)
         self.flags.update(other.flags)
         self.delivery_seconds += other.delivery_seconds
@@ -208,6 +216,8 @@ class Tally:
         measured = sum(self.measured.values())
         return {
             "shifts": self.shifts,
+            "shifts_open": self.shifts_open,
+            "shifts_provisional": self.shifts_provisional,
             **counts,
             "information_loss_rate": _rate(counts["missing"], counts["checked_out"]),
             "pod_completeness": _rate(counts["delivered"], in_person),
@@ -367,6 +377,8 @@ def _shift_into(tally: Tally, facts: ShiftFacts) -> Iterator[tuple[str, dt.datet
     )
     for name in COUNT_FIELDS:
         tally.counts[name] += getattr(balance, name)
+    tally.shifts_open += facts.shift.status == ShiftStatus.OPEN
+    tally.shifts_provisional += balance.status == BalanceStatus.PROVISIONAL
     occurred = {event.fact.event_id: event.fact.occurred_at for event in facts.events}
     for parcel in balance.parcels:
         if not parcel.on_manifest or parcel.outcome not in DELIVERY_OUTCOMES:
@@ -644,7 +656,10 @@ def issue_due_reports(
     ``lookback_days`` days (and after the station was created), oldest first. A
     period with a stored report is skipped, so a second run issues nothing; two
     issuers racing each insert in a savepoint and the loser skips on the unique
-    constraint. Today (unfinished) is never issued. The caller commits.
+    constraint. Today (unfinished) is never issued, nor a period with a shift still
+    open or provisional (its figures would still move) until ``SETTLE_TIME`` after
+    the period ended: then it is issued as it stands, saying how many were. The
+    caller commits.
 
     Returns ``{"issued": [{"id", "station_id", "kind", "period"}], "counts": {kind:
     n}, "skipped": n}`` (``skipped``: lost to a concurrent issuer).
@@ -664,6 +679,10 @@ def issue_due_reports(
             if (period.kind, period.start) in have:
                 continue
             body = build_report(days=days, period=period, now=now, today=today)
+            unsettled = body["totals"]["shifts_open"] + body["totals"]["shifts_provisional"]
+            ended = day_bounds(period.end, station.timezone)[1]
+            if unsettled and now < ended + SETTLE_TIME:
+                continue  # a later run issues it, once its shifts have settled
             stored = StationReport(
                 station_id=station.id,
                 kind=period.kind,
@@ -685,6 +704,21 @@ def issue_due_reports(
                     "kind": period.kind.value,
                     "period": period.label,
                 }
+            )
+            outbox.announce(
+                session=session,
+                topic="report.ready",
+                ordering_key=f"reports:{station.id}",
+                station_id=station.id,
+                data={
+                    "report_id": stored.id,
+                    "station_id": station.id,
+                    "kind": period.kind,
+                    "period": period.label,
+                    "period_start": period.start,
+                    "url": f"/api/v1/reports/{stored.id}",
+                },
+                now=now,
             )
     counts = Counter(item["kind"] for item in issued)
     return {

@@ -13,13 +13,12 @@ flagged (``wrong_shift``) and its event is filed by time.
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,12 +27,13 @@ from models import (
     DeviceSyncState,
     Flag,
     FlagSeverity,
+    ScanEvent,
     Shift,
     ShiftStatus,
     Station,
     utcnow,
 )
-from sync import audit
+from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
 from sync.sql import chunks
@@ -109,6 +109,19 @@ def open_shift(
         if current is None:
             raise
         raise _already_open(current) from None
+    # Events this courier's PDA recorded just before opening, pushed before it opened,
+    # are filed under it now, as they would have been had they arrived after.
+    session.execute(
+        update(ScanEvent)
+        .where(
+            ScanEvent.device_id == device.id,
+            ScanEvent.courier_id == courier_id,
+            ScanEvent.shift_id.is_(None),
+            ScanEvent.occurred_at >= now - rules.filing_grace,
+        )
+        .values(shift_id=shift.id)
+        .execution_options(synchronize_session=False)
+    )
     return shift
 
 
@@ -152,6 +165,19 @@ def close_shift(
             code="invalid_last_seq",
             field="last_seq",
         )
+    if last_seq is not None:
+        held = session.scalar(
+            select(func.max(ScanEvent.seq)).where(
+                ScanEvent.shift_id == shift.id, ScanEvent.device_id == shift.device_id
+            )
+        )
+        if held is not None and last_seq < held:
+            raise InvalidInput(
+                f"last_seq {last_seq} is before seq {held}, an event of this shift the "
+                "server already holds",
+                code="invalid_last_seq",
+                field="last_seq",
+            )
     state = session.get(DeviceSyncState, shift.device_id)
     shift.status = ShiftStatus.CLOSED
     shift.closed_at = now
@@ -166,7 +192,35 @@ def close_shift(
         reason=f"the shift was closed at {now.isoformat(timespec='seconds')}",
     )
     refresh_handover_flags(session=session, shifts=[shift])
+    _announce_if_unbalanced(session, shift)
     return shift
+
+
+def _announce_if_unbalanced(session: Session, shift: Shift) -> None:
+    """``shift.unbalanced`` through the outbox: the station hears at once."""
+    from sync.balances import shift_balance
+    from sync.handover import BalanceStatus
+
+    if not outbox.wanted(session, "shift.unbalanced", shift.station_id):
+        return
+    balance = shift_balance(session=session, shift=shift)
+    if balance.status == BalanceStatus.BALANCED:
+        return
+    outbox.announce(
+        session=session,
+        topic="shift.unbalanced",
+        ordering_key=f"shift:{shift.id}",
+        station_id=shift.station_id,
+        data={
+            "shift_id": shift.id,
+            "station_id": shift.station_id,
+            "courier_id": shift.courier_id,
+            "device_id": shift.device_id,
+            "work_date": shift.work_date,
+            "closed_at": shift.closed_at,
+            "balance": balance.snapshot(),
+        },
+    )
 
 
 def sign_off(
@@ -365,45 +419,50 @@ class _Window:
 
 
 class ShiftFiler:
-    """Decides the shift each event of one device's push is filed under.
+    """Decides the shift each event of one courier's push is filed under.
 
-    Loads the device's shifts once (a PDA has a few a day). Rules, in order:
+    Only the shifts this courier worked on this PDA count: another courier signed in
+    on the same PDA never files events into them. Rules, in order:
 
-    1. the shift the PDA named, when it is one of this device's;
-    2. the shift open on the device when the event happened (corrected clock);
-    3. one opened a little after the event (``filing_grace``: clocks are estimates),
-       unless the event falls inside the shift before it;
-    4. after a shift closed and before the next opened: the shift before (a
-       late scan of the day's work);
-    5. before the device's first shift: none.
+    1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
+    2. the shift open when the event happened (corrected clock);
+    3. one opened a little after it (``filing_grace``: clocks are estimates);
+    4. one closed a little before it (the last scans at the counter);
+    5. otherwise none: events between shifts, or before the first, belong to none.
+
+    An event filed under none because its shift opened only after it arrived is
+    filed under that shift when it opens (``open_shift``), so the filing does not
+    depend on when the event was pushed.
     """
 
-    def __init__(self, session: Session, device_id: str, rules: ShiftRules) -> None:
+    def __init__(
+        self, session: Session, device_id: str, courier_id: int, rules: ShiftRules
+    ) -> None:
         shifts = session.execute(
             select(Shift.id, Shift.opened_at, Shift.closed_at)
-            .where(Shift.device_id == device_id)
+            .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
             .order_by(Shift.opened_at, Shift.id)
         ).all()
         self.windows = [_Window(*row) for row in shifts]
         self.own = {w.shift_id for w in self.windows}
-        self.starts = [w.opened_at for w in self.windows]
         self.grace = rules.filing_grace
-        self.wrong_claims: dict[int, int] = {}  # seq -> a shift id not of this device
+        self.wrong_claims: dict[int, int] = {}  # seq -> a shift id not of this courier's
 
     def file(self, *, seq: int, claimed: int | None, occurred_at: dt.datetime) -> int | None:
         if claimed is not None:
             if claimed in self.own:
                 return claimed
             self.wrong_claims[seq] = claimed
-        index = bisect.bisect_right(self.starts, occurred_at + self.grace) - 1
-        if index < 0:
-            return None
-        window = self.windows[index]
-        if window.opened_at > occurred_at and index > 0:
-            before = self.windows[index - 1]
-            if before.closed_at is None or occurred_at <= before.closed_at:
-                return before.shift_id
-        return window.shift_id
+        near: list[tuple[dt.timedelta, int]] = []
+        for window in reversed(self.windows):
+            closed = window.closed_at
+            if window.opened_at <= occurred_at and (closed is None or occurred_at <= closed):
+                return window.shift_id
+            if window.opened_at - self.grace <= occurred_at < window.opened_at:
+                near.append((window.opened_at - occurred_at, window.shift_id))
+            elif closed is not None and closed < occurred_at <= closed + self.grace:
+                near.append((occurred_at - closed, window.shift_id))
+        return min(near)[1] if near else None
 
 
 def shifts_by_id(session: Session, ids: Iterable[int]) -> dict[int, Shift]:

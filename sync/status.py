@@ -28,7 +28,6 @@ from models import (
     utcnow,
 )
 from sync import feed
-from sync.balances import refresh_for_parcels
 from sync.consents import consents_for, covered_parcels
 from sync.events import referenced_blobs
 from sync.flags import (
@@ -203,8 +202,6 @@ def reproject(
         _refresh_loaded(session, updates)
     feed.record(session, entries)
     outcome.raised = apply_rule_flags(session, parcels, judged, holders)
-    # Closed shifts holding these parcels' events (taken in or not): their handover may change.
-    outcome.raised += refresh_for_parcels(session=session, tracking_nos=wanted)
     return outcome
 
 

@@ -42,7 +42,7 @@ from sync.flags import (
     reopen_flag,
 )
 from sync.rules import Policy
-from sync.shifts import NOT_CLOSED
+from sync.shifts import NOT_CLOSED, lock_shift
 from sync.status import rejudge_for_consent
 
 SHIFT_NOT_CLOSED = NOT_CLOSED
@@ -79,7 +79,10 @@ def shift_not_closed(
 ) -> dict[str, Any]:
     """Open shifts past their planned end plus the grace: flag ``shift_not_closed``.
 
-    Closing the shift closes the flag (``sync.shifts.close_shift``).
+    Closing the shift closes the flag (``sync.shifts.close_shift``). Each shift is
+    locked and read again before it is flagged, so a close that commits meanwhile
+    is seen (else the flag would be raised for a closed shift, and stay); and the
+    flags of shifts that are no longer open are closed, whatever closed them.
     """
     overdue = select(Shift).where(
         Shift.status == ShiftStatus.OPEN,
@@ -87,7 +90,10 @@ def shift_not_closed(
     )
     count, raised = 0, []
     for shifts in _batches(session, overdue, Shift.id, settings.batch_size):
-        for shift in shifts:
+        for candidate in shifts:
+            shift = lock_shift(session, candidate.id)
+            if shift.status != ShiftStatus.OPEN:
+                continue
             count += 1
             result = raise_flag(
                 session=session,
@@ -106,7 +112,26 @@ def shift_not_closed(
             if result.new:
                 raised.append(result.flag.id)
     session.flush()
-    return {"overdue_shifts": count, "flags_raised": _capped(raised)}
+    stale = session.scalars(
+        select(Flag.subject_key)
+        .join(Shift, Shift.id == Flag.shift_id)
+        .where(
+            Flag.kind == SHIFT_NOT_CLOSED,
+            Flag.status.in_(ACTIVE_STATUSES),
+            Shift.status != ShiftStatus.OPEN,
+        )
+    ).all()
+    closed = close_flags(
+        session=session,
+        kind=SHIFT_NOT_CLOSED,
+        subjects=[FlagSubject("shift", key) for key in stale],
+        reason="the shift is no longer open",
+    )
+    return {
+        "overdue_shifts": count,
+        "flags_raised": _capped(raised),
+        "flags_closed": _capped([flag.id for flag in closed]),
+    }
 
 
 def stale_device(*, session: Session, now: dt.datetime, settings: SweepSettings) -> dict[str, Any]:

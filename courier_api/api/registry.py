@@ -15,6 +15,7 @@ from courier_api.api.shifts.routes import blp as shifts_blp
 from courier_api.api.stations.routes import blp as stations_blp
 from courier_api.api.sync.routes import blp as sync_blp
 from courier_api.api.users.routes import blp as users_blp
+from courier_api.api.webhooks.routes import blp as webhooks_blp
 
 BLUEPRINTS = (
     health_blp,
@@ -32,4 +33,5 @@ BLUEPRINTS = (
     shifts_blp,
     reports_blp,
     jobs_blp,
+    webhooks_blp,
 )

@@ -25,7 +25,7 @@ def png() -> bytes:
     return buffer.getvalue()
 
 
-def test_a_purged_image_answers_410_saying_when_and_an_upload_does_not_restore_it(
+def test_a_purged_image_answers_410_saying_when_until_it_is_uploaded_again(
     app: Flask, client: FlaskClient, auth: Auth, world: World, session: Session
 ) -> None:
     data = png()
@@ -51,17 +51,22 @@ def test_a_purged_image_answers_410_saying_when_and_an_upload_does_not_restore_i
     assert purged_at.isoformat(timespec="seconds") in body["message"]
     assert "retention" in body["message"]
 
-    again = client.put(url, data=data, content_type="image/png", headers=courier)
-    assert again.status_code == 200  # a PDA's retry is answered, but the bytes stay gone
-    assert not store.exists(digest)
-    assert client.get(url, headers=courier).status_code == 410
-
     auditor = client.get(url, headers=auth.headers("auditor1"))
     assert auditor.status_code == 410
     reads = session.scalars(select(AuditEntry).where(AuditEntry.action == "blob_read")).all()
     assert reads == []  # nothing was read
     session.expire_all()
     assert session.get(Blob, digest).purged_at == purged_at
+
+    # A new proof names the same image and its PDA uploads it: it is kept again, and
+    # its retention starts over.
+    again = client.put(url, data=data, content_type="image/png", headers=courier)
+    assert again.status_code == 200
+    assert store.exists(digest)
+    assert client.get(url, headers=courier).status_code == 200
+    session.expire_all()
+    restored = session.get(Blob, digest)
+    assert restored.purged_at is None and restored.uploaded_at > purged_at - dt.timedelta(days=366)
 
 
 def test_an_image_never_uploaded_is_still_404(

@@ -44,6 +44,11 @@ def test_development_creates_a_secret_once_and_keeps_it(tmp_path: Path) -> None:
         ({"APP_ENV": "staging"}, "APP_ENV must be one of"),
         ({"JWT_ACCESS_TTL_SECONDS": "soon"}, "JWT_ACCESS_TTL_SECONDS must be an integer"),
         ({"MAX_REQUEST_BYTES": "-1"}, "MAX_REQUEST_BYTES must be positive"),
+        ({"SHIFT_PLANNED_HOURS": "30"}, "SHIFT_PLANNED_HOURS must be at most 24"),
+        ({"PROOF_RETENTION_DAYS": "99999999"}, "PROOF_RETENTION_DAYS must be at most 36500"),
+        ({"SCHEDULER_IN_WEB": "maybe"}, "SCHEDULER_IN_WEB must be true or false"),
+        ({"DELIVERY_DEADLINE_HOURS": "express=24"}, "gives no deadline for parcel, registered"),
+        ({"DELIVERY_DEADLINE_HOURS": "express=soon"}, "class=hours pairs"),
     ],
 )
 def test_bad_values_fail_early_and_say_which(tmp_path: Path, environ: dict, message: str) -> None:

@@ -4,18 +4,18 @@ in transit or retried, the server ends in the state one in-order push gives.
 A hypothesis state machine plays a PDA against the engine: pushes of arbitrary
 subsets in arbitrary order, responses lost after commit, retries of the same
 batch, pushes that fail before commit, clock changes and pulls, with proofs of
-delivery and consents (captured on the PDA, or granted through the API at any
-point) in the mix, so the rule flags they decide must converge too. The PDA
-works in a shift opened before the day, which the courier may close at any
-point (the rest of the stream then lands in a closed shift), so the shift's
-handover balance and flags must converge as well. After every step, each event
-the server acknowledged is stored exactly once. At the end the PDA delivers
-everything still unacknowledged, and the final state (statuses, holders, acks,
-flags, quarantine, the shift's balance) is compared with a fresh database that
-got the whole stream in one in-order push from a PDA with the same clock, then
-closed the shift if the PDA did. (When the test changes the PDA's clock mid-day,
-events recorded before are corrected by the offset of the push that carries
-them, so only their corrected times may differ.)
+delivery, consents (captured on the PDA, or granted through the API at any
+point) and consent requests in the mix, so the rule flags they decide must
+converge too. The PDA works in a shift opened before the day, which the courier
+may close at any point (the rest of the stream then lands in a closed shift),
+so the shift's handover balance and flags must converge as well. After every
+step, each event the server acknowledged is stored exactly once. At the end the
+PDA delivers everything still unacknowledged, and the final state (statuses,
+holders, acks, flags, quarantine, the shift's balance) is compared with a fresh
+database that got the whole stream in one in-order push from a PDA with the
+same clock, then closed the shift if the PDA did. (When the test changes the
+PDA's clock mid-day, events recorded before are corrected by the offset of the
+push that carries them, so only their corrected times may differ.)
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ RULES = IngestRules(events=EventRules(tracking=POLICY))
 KNOWN = [factories.s10() for _ in range(3)]  # taken in before the day starts
 UNKNOWN = factories.s10()  # never taken in: its events are kept and flagged
 STATUS_TYPES = [
-    t for t in EventType if t not in (EventType.CORRECTION, EventType.CONSENT_CAPTURED)
+    t
+    for t in EventType
+    if t not in (EventType.CORRECTION, EventType.CONSENT_CAPTURED, EventType.CONSENT_REQUESTED)
 ]
 EXTRA_FIELDS: dict[EventType, dict[str, Any]] = {
     EventType.DELIVERY_ATTEMPT_FAILED: {"reason": "recipient_absent", "action": "notice_left"},
@@ -75,6 +77,7 @@ EXTRA_FIELDS: dict[EventType, dict[str, Any]] = {
     EventType.DELIVERED_TO_PICKUP_POINT: {"point_id": "PP-1"},
     EventType.EXCEPTION: {"reason": "damaged"},
     EventType.CONSENT_CAPTURED: {"consent": {"method": "locker", "channel": "sms"}},
+    EventType.CONSENT_REQUESTED: {"request": {"method": "locker"}},
 }
 DELIVERIES = (
     EventType.DELIVERED,
@@ -97,12 +100,16 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     """A device's whole day: seq 1..n, some events malformed, some corrections."""
     events: list[dict[str, Any]] = []
     for seq in range(1, draw(st.integers(1, 10)) + 1):
-        kind = draw(st.sampled_from(["status"] * 6 + ["consent", "correction", "malformed"]))
+        kind = draw(
+            st.sampled_from(["status"] * 6 + ["consent", "request", "correction", "malformed"])
+        )
         tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN]))
         event_type = draw(st.sampled_from(STATUS_TYPES))
         extra = dict(EXTRA_FIELDS.get(event_type, {}))
-        if kind == "consent":
-            event_type = EventType.CONSENT_CAPTURED
+        if kind in ("consent", "request"):
+            event_type = (
+                EventType.CONSENT_CAPTURED if kind == "consent" else EventType.CONSENT_REQUESTED
+            )
             extra = dict(EXTRA_FIELDS[event_type])
         elif kind == "correction" and events:
             target = draw(st.sampled_from(events))

@@ -124,6 +124,22 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
             "consent.method",
         ),
         (event(type="correction", reason="mis-tap"), "missing_field", "voids_client_event_id"),
+        (event(type="consent_requested"), "missing_field", "request"),
+        (
+            event(type="consent_requested", request={"method": "any", "point_id": "L-1"}),
+            "point_without_method",
+            "request.point_id",
+        ),
+        (
+            event(type="consent_requested", request={"method": "locker", "channel": "fax"}),
+            "invalid_choice",
+            "request.channel",
+        ),
+        (
+            event(type="consent_requested", request={"method": "locker", "expires_at": "soon"}),
+            "invalid_time",
+            "request.expires_at",
+        ),
         (
             event(
                 type="consent_captured",
@@ -177,6 +193,7 @@ def test_every_event_type_has_a_valid_form(event_type: EventType) -> None:
         EventType.DELIVERED_TO_PICKUP_POINT: {"point_id": "PP-3"},
         EventType.EXCEPTION: {"reason": "damaged"},
         EventType.CONSENT_CAPTURED: {"consent": {"method": "any", "channel": "in_person"}},
+        EventType.CONSENT_REQUESTED: {"request": {"method": "locker", "point_id": "L-7"}},
         EventType.CORRECTION: {"voids_client_event_id": str(uuid.uuid4()), "reason": "mis-tap"},
     }.get(event_type, {})
     valid = validate_event(event(type=event_type.value, **extra), sent_at=SENT_AT, rules=RULES)

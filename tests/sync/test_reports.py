@@ -783,3 +783,51 @@ def test_csv_has_a_header_and_one_row_per_scope(
         ("courier2b", "Li Na"),
     ]
     assert reports.csv_filename(body) == "ST1-daily-2026-11-23.csv"
+
+
+def test_a_day_with_a_shift_still_open_is_issued_once_it_settles_or_a_day_later(
+    session: Session, world: World, stations_of_old: None, pda_a: Pda
+) -> None:
+    day = dt.date(2026, 12, 3)
+    shift = pda_a.open(local(day, 8))
+    tn = parcel(session, world, local(day, 7))
+    pda_a.push([pda_a.event(tn, "checked_out", local(day, 8, 5))], local(day, 8, 10))
+
+    def issued_daily(now: dt.datetime) -> list[str]:
+        reports.issue_due_reports(session=session, now=now, deadlines=DEADLINES, lookback_days=1)
+        session.commit()
+        return [
+            p for sid, kind, p in stored(session) if sid == world.station.id and kind == "daily"
+        ]
+
+    next_morning = local(day + dt.timedelta(days=1), 0, 10)
+    assert "2026-12-03" not in issued_daily(next_morning)  # the courier is still out
+    pda_a.close(shift, local(day + dt.timedelta(days=1), 0, 20))
+    assert "2026-12-03" in issued_daily(local(day + dt.timedelta(days=1), 0, 30))
+    report = session.scalars(
+        select(StationReport).where(
+            StationReport.station_id == world.station.id, StationReport.period == "2026-12-03"
+        )
+    ).one()
+    assert (report.body["totals"]["shifts_open"], report.body["totals"]["missing"]) == (0, 1)
+
+
+def test_a_day_whose_shift_never_closes_is_issued_a_day_after_it_ended(
+    session: Session, world: World, stations_of_old: None, pda_a: Pda
+) -> None:
+    day = dt.date(2026, 12, 3)
+    pda_a.open(local(day, 8))
+    later = local(day + dt.timedelta(days=1), 23)
+    reports.issue_due_reports(session=session, now=later, deadlines=DEADLINES, lookback_days=2)
+    assert not [p for sid, _, p in stored(session) if (sid, p) == (world.station.id, "2026-12-03")]
+    much_later = local(day + dt.timedelta(days=2), 0, 5)
+    reports.issue_due_reports(
+        session=session, now=much_later, deadlines=DEADLINES, lookback_days=2
+    )
+    session.commit()
+    report = session.scalars(
+        select(StationReport).where(
+            StationReport.station_id == world.station.id, StationReport.period == "2026-12-03"
+        )
+    ).one()
+    assert report.body["totals"]["shifts_open"] == 1

@@ -147,17 +147,74 @@ def test_events_are_filed_under_the_shift_open_when_they_happened(
     pda.push([pda.event(a, occurred_at=OPENED - dt.timedelta(hours=1))])  # before any shift
     first = pda.open()
     pda.push([pda.event(a, "returned_to_station")])
-    first = pda.close(first)
-    second = pda.open(now=NOW + dt.timedelta(minutes=3))
-    # After the first closed, a little before the second opened (clocks are estimates).
-    late = pda.event(a, occurred_at=NOW + dt.timedelta(minutes=1))
+    first = pda.close(first)  # at NOW
+    second = pda.open(now=NOW + dt.timedelta(minutes=5))
+    after_close = pda.event(a, "out_for_delivery", occurred_at=NOW + dt.timedelta(minutes=1))
+    before_open = pda.event(a, occurred_at=NOW + dt.timedelta(minutes=4))
     inside_first = pda.event(a, "exception", reason="damaged", occurred_at=at(100))
     named = pda.event(
-        a, "out_for_delivery", shift_id=first.id, occurred_at=NOW + dt.timedelta(minutes=4)
+        a, "out_for_delivery", shift_id=first.id, occurred_at=NOW + dt.timedelta(minutes=6)
     )
-    pda.push([late, inside_first, named], received_at=NOW + dt.timedelta(minutes=5))
+    pda.push(
+        [after_close, before_open, inside_first, named], received_at=NOW + dt.timedelta(minutes=7)
+    )
     filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
-    assert filed == {1: None, 2: first.id, 3: second.id, 4: first.id, 5: first.id}
+    assert filed == {
+        1: None,  # before the PDA's first shift
+        2: first.id,
+        3: first.id,  # a minute after its close: the last scans at the counter
+        4: second.id,  # a minute before the next opened: clocks are estimates
+        5: first.id,
+        6: first.id,  # named by the PDA
+    }
+
+
+def test_an_event_long_after_a_close_belongs_to_no_shift_and_reopens_nothing(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    shift = pda.close(shift)
+    sign_off(session, world, shift)
+    receipt = pda.push(
+        [pda.event(a, occurred_at=NOW + dt.timedelta(hours=15))],
+        received_at=NOW + dt.timedelta(hours=15, minutes=1),
+    )
+    late = session.scalars(select(ScanEvent).where(ScanEvent.seq == 3)).one()
+    assert late.shift_id is None
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.SIGNED_OFF
+    assert "late_event_after_signoff" not in {f["kind"] for f in receipt["flags_raised"]}
+
+
+def test_an_event_pushed_before_its_shift_opened_is_filed_under_it_when_it_opens(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    early = pda.event(a, occurred_at=OPENED - dt.timedelta(minutes=2))
+    pda.push([early], received_at=OPENED - dt.timedelta(minutes=1))
+    assert session.scalars(select(ScanEvent.shift_id)).one() is None
+    shift = pda.open()
+    assert session.scalars(select(ScanEvent.shift_id)).one() == shift.id
+    assert shift_balance(session=session, shift=shift).checked_out == 1
+
+
+def test_another_courier_on_the_same_pda_never_files_into_its_shift(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    other = factories.user(session, "courier2", "courier", world.station)
+    session.commit()
+    intruder = Pda(session, world)
+    intruder.pusher = Pusher(world.device.id, world.station.id, other.id)
+    receipt = intruder.push([intruder.event(a), intruder.event(a, "delivered", shift_id=shift.id)])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    assert set(session.scalars(select(ScanEvent.shift_id))) == {None}
+    assert shift_balance(session=session, shift=shift).checked_out == 0
+    flag = session.scalars(select(Flag).where(Flag.kind == "wrong_shift")).one()
+    assert flag.evidence["claimed_shift_ids"] == [shift.id]
 
 
 def test_a_shift_named_by_the_pda_that_is_not_its_own_is_flagged_and_filed_by_time(
@@ -252,6 +309,31 @@ def test_a_gap_of_an_earlier_shift_does_not_hold_a_later_one(
     assert shift_balance(session=session, shift=first).missing_seqs == [1]
     second_balance = shift_balance(session=session, shift=second)
     assert (second_balance.status, second_balance.missing_seqs) == ("balanced", [])
+
+
+def test_a_gap_between_an_undeclared_close_and_the_next_shift_belongs_to_the_first(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """No last_seq at the close and no first_seq at the next opening: the seqs missing
+    between them may be the first shift's last events, so it stays provisional."""
+    a, b, c = parcels(session, world, 3)
+    first = pda.open()
+    events = [pda.event(a), pda.event(b), pda.event(a, "delivered"), pda.event(b, "delivered")]
+    pda.push(events[:2])
+    first = pda.close(first)  # seqs 3 and 4 are still on the PDA
+    second = pda.open(now=NOW + dt.timedelta(minutes=10))
+    pda.push(
+        [pda.event(c, occurred_at=NOW + dt.timedelta(minutes=11))],
+        received_at=NOW + dt.timedelta(minutes=12),
+    )
+    balance = shift_balance(session=session, shift=first)
+    assert (balance.status, balance.missing_seqs) == ("provisional", [3, 4])
+    assert shift_balance(session=session, shift=second).missing_seqs == []
+    with pytest.raises(Conflict):
+        sign_off(session, world, first)
+    pda.push(events[2:], received_at=NOW + dt.timedelta(minutes=20))
+    balance = shift_balance(session=session, shift=first)
+    assert balance.status == "balanced", balance.discrepancies
 
 
 def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
@@ -390,6 +472,18 @@ def test_first_seq_must_be_new(session: Session, world: World, pda: Pda) -> None
     with pytest.raises(Conflict) as info:
         pda.open(first_seq=2)
     assert info.value.code == "first_seq_used"
+
+
+def test_a_last_seq_below_the_shifts_own_events_is_refused(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    with pytest.raises(InvalidInput) as info:
+        pda.close(shift, last_seq=1)
+    assert (info.value.code, info.value.field) == ("invalid_last_seq", "last_seq")
+    assert pda.close(shift, last_seq=2).status == ShiftStatus.CLOSED
 
 
 def test_closing_twice_is_idempotent_but_not_with_another_last_seq(

@@ -137,13 +137,13 @@ def test_a_shift_left_open_past_its_planned_end_is_flagged_once(
     shift = pda.open(planned_end_at=planned_end)
 
     early = sweep(session, sweeps.shift_not_closed, planned_end + minutes(29))
-    assert early == {"overdue_shifts": 0, "flags_raised": []}
+    assert early == {"overdue_shifts": 0, "flags_raised": [], "flags_closed": []}
     assert flags_of(session, "shift_not_closed") == []
 
     raised = sweep(session, sweeps.shift_not_closed, planned_end + minutes(31))
 
     [flag] = flags_of(session, "shift_not_closed")
-    assert raised == {"overdue_shifts": 1, "flags_raised": [flag.id]}
+    assert raised == {"overdue_shifts": 1, "flags_raised": [flag.id], "flags_closed": []}
     assert (flag.subject_type, flag.subject_key, flag.shift_id) == (
         "shift",
         str(shift.id),
@@ -160,7 +160,7 @@ def test_a_shift_left_open_past_its_planned_end_is_flagged_once(
 
     again = sweep(session, sweeps.shift_not_closed, planned_end + minutes(45))
 
-    assert again == {"overdue_shifts": 1, "flags_raised": []}
+    assert again == {"overdue_shifts": 1, "flags_raised": [], "flags_closed": []}
     assert [f.id for f in flags_of(session, "shift_not_closed")] == [flag.id]
     assert changes(session) == history
 
@@ -635,3 +635,72 @@ def test_a_purge_interrupted_after_its_commit_is_finished_by_the_next_run(
     quiet = run(NOW + dt.timedelta(days=2))
     assert quiet.outcome == "ok" and quiet.detail["leftover_files_deleted"] == 0
     assert quiet.detail["through"] == finished.detail["through"]
+
+
+def test_a_shift_not_closed_flag_of_a_shift_closed_some_other_way_is_closed(
+    session: Session, world: World
+) -> None:
+    """The safety net: whatever closed the shift, the next sweep closes its flag."""
+    shift = shifts.open_shift(
+        session=session,
+        device=world.device,
+        courier_id=world.courier.id,
+        rules=ShiftRules(),
+        now=OPENED,
+    )
+    session.commit()
+    late = shift.planned_end_at + minutes(31)
+    sweeps.shift_not_closed(session=session, now=late, settings=SETTINGS)
+    shift.status = shifts.ShiftStatus.CLOSED  # e.g. a close that raced the sweep
+    session.commit()
+    result = sweeps.shift_not_closed(session=session, now=late + minutes(5), settings=SETTINGS)
+    session.commit()
+    [flag] = flags_of(session, "shift_not_closed")
+    assert result["flags_closed"] == [flag.id]
+    assert (flag.status, flag.closed_reason) == (FlagStatus.CLOSED, "the shift is no longer open")
+
+
+@pytest.mark.postgres_only
+def test_the_sweep_waits_for_a_close_in_progress_and_flags_nothing(committed_app: Any) -> None:
+    """A close holds the shift's lock while the sweep looks at it: the sweep must see it
+    closed once the close commits, not flag it from a stale read."""
+    import threading
+    import time
+
+    from courier_api.extensions import db
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        station = factories.station(setup, code="RACE")
+        courier = factories.user(setup, "racer", "courier", station)
+        device = factories.device(setup, "PDA-RACE", station)
+        shift = shifts.open_shift(
+            session=setup, device=device, courier_id=courier.id, rules=ShiftRules(), now=OPENED
+        )
+        setup.commit()
+        shift_id, courier_id = shift.id, courier.id
+    late = shift.planned_end_at + minutes(31)
+    locked = threading.Event()
+
+    def close() -> None:
+        with sessions() as closing:
+            shifts.close_shift(
+                session=closing,
+                shift=closing.get(Shift, shift_id),
+                closed_by=courier_id,
+                now=late,
+            )
+            locked.set()
+            time.sleep(0.5)  # the sweep runs meanwhile
+            closing.commit()
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    locked.wait(timeout=10)
+    with sessions() as sweeping:
+        result = sweeps.shift_not_closed(session=sweeping, now=late, settings=SETTINGS)
+        sweeping.commit()
+    closer.join(timeout=30)
+    assert result["overdue_shifts"] == 0
+    with sessions() as check:
+        assert check.scalars(select(Flag).where(Flag.kind == "shift_not_closed")).all() == []

@@ -1,26 +1,33 @@
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from flask import current_app
+from flask import current_app, jsonify
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.consents.schemas import (
+    AnsweredConsentOut,
     ConsentIn,
     ConsentListArgs,
     ConsentOut,
     ConsentPage,
+    ConsentRequestIn,
+    ConsentRequestListArgs,
+    ConsentRequestOut,
+    ConsentRequestPage,
     RevokeIn,
     consent_view,
+    request_view,
 )
 from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal, ensure_station_access
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import ConsentScope, Role, utcnow
-from sync import consents, directory
-from sync.errors import InvalidInput
+from models import ConsentRequestStatus, ConsentScope, Role, utcnow
+from sync import consent_requests, consents, directory
+from sync.errors import DomainError, InvalidInput, PermissionDenied
 from sync.phones import normalize_phone
 from sync.status import rejudge_for_consent
 from sync.tracking import TrackingNumberPolicy
@@ -48,10 +55,14 @@ def _view(consent: Any) -> dict[str, Any]:
 class Consents(MethodView):
     @blp.auth(*WRITERS)
     @blp.arguments(ConsentIn)
-    @blp.response(201, ConsentOut)
+    @blp.response(201, AnsweredConsentOut)
+    @blp.alt_response(
+        200, schema=ConsentRequestOut, description="A refusal, recorded: the request"
+    )
     @blp.alt_response(404, response="NOT_FOUND")
-    def post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Record a recipient's consent
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any]) -> Any:
+        """Record a recipient's consent, or answer a courier's request for one
 
         From a recipient-facing channel (app, SMS gateway, call centre). For one
         parcel (`scope` parcel, `tracking_no`) or standing for a recipient
@@ -61,7 +72,25 @@ class Consents(MethodView):
         point. The parcels it covers are judged again at once: a flag it makes
         unnecessary is closed, and the couriers holding them hear of it in
         their pull feed.
+
+        **Answering a request** (`consent.requested` webhook): send its
+        `request_id` with the `channel` (and optionally `granted_at`, default
+        now, `expires_at`, `evidence`); the parcel, method and point are the
+        request's unless given; the answer (201) carries the request too.
+        `granted: false` records a refusal (with an optional `reason`) and
+        answers 200 with the request. The courier's PDA hears the answer in its
+        pull feed (`consent_request`). The same answer sent again changes
+        nothing and answers the same; the other answer is a 409
+        `consent_request_answered`; one after the request lapsed a 409
+        `consent_request_expired`.
         """
+        if body.get("request_id") is not None:
+            return _answer_request(body)
+        body.pop("granted", None)
+        body.pop("reason", None)
+        for name in ("method", "granted_at"):
+            if body.get(name) is None:
+                raise InvalidInput(f"{name} is required", code="missing_field", field=name)
         station_code = body.pop("station", None)
         if station_code and body["scope"] != ConsentScope.STANDING:
             raise InvalidInput(
@@ -84,7 +113,7 @@ class Consents(MethodView):
             session=db.session, consent=consent, policy=policy_of(current_app.config)
         )
         db.session.commit()
-        return _view(consent)
+        return {**_view(consent), "request": None}, 201
 
     @blp.auth(*READERS)
     @blp.arguments(ConsentListArgs, location="query")
@@ -148,3 +177,137 @@ class RevokeConsent(MethodView):
             )
             db.session.commit()
         return _view(consent)
+
+
+def _answer_request(body: dict[str, Any]) -> Any:
+    """``POST /consents`` with a ``request_id``: the recipient's answer to a request."""
+    for name in ("scope", "recipient_phone", "address", "station"):
+        if name in body and not (name == "scope" and body[name] == ConsentScope.PARCEL):
+            raise InvalidInput(
+                f"{name} does not go with request_id: an answer is for the request's parcel",
+                code="field_not_expected",
+                field=name,
+            )
+    request = consent_requests.get_request(session=db.session, request_id=body["request_id"])
+    if body.get("tracking_no") and body["tracking_no"].strip() != request.tracking_no:
+        raise InvalidInput(
+            f"request {request.id} is for parcel {request.tracking_no}",
+            code="tracking_no_mismatch",
+            field="tracking_no",
+        )
+    now = utcnow()
+    request, consent, new = consent_requests.answer_request(
+        session=db.session,
+        request=request,
+        answer=consent_requests.Answer(
+            granted=body["granted"],
+            channel=body["channel"],
+            granted_at=body.get("granted_at"),
+            expires_at=body.get("expires_at"),
+            method=body.get("method") if body.get("method") != request.method else None,
+            point_id=body.get("point_id"),
+            evidence=body.get("evidence"),
+            reason=body.get("reason"),
+        ),
+        rules=consent_rules(),
+        answered_by=current_principal().user_id,
+        now=now,
+    )
+    if consent is not None and new:
+        rejudge_for_consent(
+            session=db.session, consent=consent, policy=policy_of(current_app.config)
+        )
+    db.session.commit()
+    if consent is None:
+        return jsonify(ConsentRequestOut().dump(request_view(request, now))), 200
+    return {**_view(consent), "request": request_view(request, now)}, 201
+
+
+@blp.route("/requests")
+class ConsentRequests(MethodView):
+    @blp.auth(Role.COURIER)
+    @blp.arguments(ConsentRequestIn)
+    @blp.response(201, ConsentRequestOut)
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Ask a recipient for consent (online)
+
+        The courier at the door, with the PDA online: the request is sent to the
+        recipient's channel (`consent.requested` webhook) and lapses at
+        `expires_at`. The answer comes back in the PDA's pull feed (long-poll
+        `GET /sync/pull?wait=`). Offline, the PDA sends a `consent_requested`
+        event instead. A parcel the station has not taken in, or whose recipient
+        has no phone, gives a request with status `unsent`.
+        """
+        principal = current_principal()
+        assert principal.station_id is not None
+        now = utcnow()
+        policy = TrackingNumberPolicy.from_patterns(
+            current_app.config["DOMESTIC_TRACKING_PATTERNS"]
+        )
+        tracking_no = _validated_tracking_no(policy, body["tracking_no"])
+        request = consent_requests.request_consent(
+            session=db.session,
+            draft=consent_requests.RequestDraft(
+                tracking_no=tracking_no,
+                method=body["method"],
+                point_id=body.get("point_id"),
+                channel=body.get("channel"),
+                expires_at=body.get("expires_at"),
+            ),
+            asker=consent_requests.Asker(
+                principal.user_id, principal.station_id, principal.device_id
+            ),
+            ttl=dt.timedelta(minutes=current_app.config["CONSENT_REQUEST_TTL_MINUTES"]),
+            requested_at=now,
+            now=now,
+        )
+        db.session.commit()
+        return request_view(request, now)
+
+    @blp.auth(Role.COURIER, *READERS)
+    @blp.arguments(ConsentRequestListArgs, location="query")
+    @blp.response(200, ConsentRequestPage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List consent requests
+
+        Oldest first. Couriers see their own requests; managers their station's;
+        admins, auditors and integrations every station's.
+        """
+        principal = current_principal()
+        now = utcnow()
+        items = consent_requests.list_requests(
+            session=db.session,
+            station_id=principal.station_filter(args.get("station_id")),
+            courier_id=principal.user_id if principal.role == Role.COURIER else None,
+            tracking_no=args.get("tracking_no"),
+            status=ConsentRequestStatus(args["status"]) if args.get("status") else None,
+            after_id=args["after"],
+            limit=args["limit"],
+        )
+        return keyset_page(
+            [request_view(r, now) for r in items], args["limit"], key=lambda r: r["id"]
+        )
+
+
+@blp.route("/requests/<id:request_id>")
+class ConsentRequestById(MethodView):
+    @blp.auth(Role.COURIER, *READERS)
+    @blp.response(200, ConsentRequestOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, request_id: int) -> dict[str, Any]:
+        """Get a consent request"""
+        principal = current_principal()
+        request = consent_requests.get_request(session=db.session, request_id=request_id)
+        if principal.role == Role.COURIER:
+            if request.courier_id != principal.user_id:
+                raise PermissionDenied("another courier's request", code="not_your_request")
+        else:
+            ensure_station_access(request.station_id)
+        return request_view(request, utcnow())
+
+
+def _validated_tracking_no(policy: TrackingNumberPolicy, raw: str) -> str:
+    try:
+        return policy.validate(raw)
+    except DomainError as error:
+        raise InvalidInput(error.message, code=error.code, field="tracking_no") from None

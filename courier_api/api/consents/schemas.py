@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import marshmallow as ma
@@ -7,6 +8,7 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import ConsentChannel, ConsentMethod, ConsentScope
+from sync.consent_requests import effective_status
 from sync.phones import mask_phone
 
 
@@ -29,18 +31,105 @@ class ConsentIn(ma.Schema):
     station = Text(
         metadata={"description": "standing: limit it to one station (code); default all"}
     )
-    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    method = ma.fields.Enum(
+        ConsentMethod,
+        by_value=True,
+        metadata={"description": "Required, except when answering a request"},
+    )
     point_id = Text(
         validate=ma.validate.Length(max=64),
         metadata={"description": "A specific locker or pickup point; default any of the method"},
     )
     channel = ma.fields.Enum(ConsentChannel, by_value=True, required=True)
-    granted_at = UtcTime(required=True, metadata={"description": "When the recipient agreed"})
+    granted_at = UtcTime(
+        metadata={
+            "description": "When the recipient agreed. Required, except when answering a "
+            "request (default: now)"
+        }
+    )
     expires_at = UtcTime(allow_none=True)
     evidence = Text(
         validate=ma.validate.Length(max=500),
         metadata={"description": "A reference to the recording, message or form"},
     )
+    request_id = Id(
+        metadata={
+            "description": "Answer a courier's consent request (consent.requested): the "
+            "parcel, method and point are the request's unless given"
+        }
+    )
+    granted = ma.fields.Boolean(
+        load_default=True,
+        metadata={"description": "With request_id: false records the recipient's refusal"},
+    )
+    reason = Text(
+        validate=ma.validate.Length(max=500),
+        metadata={"description": "A refusal's reason, as the recipient gave it"},
+    )
+
+
+REQUEST_CHANNELS = (ConsentChannel.SMS, ConsentChannel.APP, ConsentChannel.PHONE_CALL)
+
+
+class ConsentRequestIn(ma.Schema):
+    tracking_no = Text(required=True, validate=ma.validate.Length(min=1, max=40))
+    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    point_id = Text(
+        validate=ma.validate.Length(max=64),
+        metadata={"description": "The locker or pickup point the courier proposes"},
+    )
+    channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        validate=ma.validate.OneOf(
+            [ConsentChannel.SMS, ConsentChannel.APP, ConsentChannel.PHONE_CALL]
+        ),
+        metadata={"description": "How to ask: sms, app or phone_call (the channel decides)"},
+    )
+    expires_at = UtcTime(
+        metadata={"description": "Default: CONSENT_REQUEST_TTL_MINUTES from now; at most 24 h"}
+    )
+
+
+class ConsentRequestOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(required=True)
+    tracking_no = ma.fields.String(required=True)
+    courier_id = ma.fields.Integer(required=True)
+    device_id = ma.fields.String(allow_none=True, required=True)
+    event_id = ma.fields.Integer(
+        allow_none=True, required=True, metadata={"description": "Asked on a PDA: its event"}
+    )
+    client_event_id = ma.fields.UUID(allow_none=True, required=True)
+    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    channel = ma.fields.Enum(ConsentChannel, by_value=True, allow_none=True, required=True)
+    requested_at = ma.fields.AwareDateTime(required=True)
+    expires_at = ma.fields.AwareDateTime(required=True)
+    status = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "pending, granted, refused, expired (pending past its expiry), "
+            "or unsent (nobody to ask: parcel not taken in, or no phone)"
+        },
+    )
+    status_reason = ma.fields.String(allow_none=True, required=True)
+    answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    consent_id = ma.fields.Integer(allow_none=True, required=True)
+
+
+class ConsentRequestListArgs(PageArgs):
+    station_id = Id(metadata={"description": "Managers see their own station"})
+    tracking_no = Text(validate=ma.validate.Length(max=40))
+    status = ma.fields.String(
+        validate=ma.validate.OneOf(["pending", "granted", "refused", "unsent"])
+    )
+    after = After()
+
+
+class ConsentRequestPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(ConsentRequestOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
 
 
 class RevokeIn(ma.Schema):
@@ -87,4 +176,19 @@ def consent_view(consent: Any, *, unmasked: bool) -> dict[str, Any]:
     view = {name: getattr(consent, name) for name in ConsentOut._declared_fields}
     if not unmasked:
         view["recipient_phone"] = mask_phone(consent.recipient_phone)
+    return view
+
+
+class AnsweredConsentOut(ConsentOut):
+    request = ma.fields.Nested(
+        ConsentRequestOut,
+        allow_none=True,
+        required=True,
+        metadata={"description": "The request this consent answers, if any"},
+    )
+
+
+def request_view(request: Any, now: dt.datetime) -> dict[str, Any]:
+    view = {name: getattr(request, name) for name in ConsentRequestOut._declared_fields}
+    view["status"] = effective_status(request, now)
     return view

@@ -104,6 +104,12 @@ class MetricsOut(ma.Schema):
     """The metrics of a period, a day or a courier (or their change)."""
 
     shifts = _count("Shifts opened on the day(s) (the station's local date)")
+    shifts_open = _count(
+        "Of those, still open when the report was made: their parcels still out count as missing"
+    )
+    shifts_provisional = _count(
+        "Of those, provisional: events still on a PDA may change the figures"
+    )
     checked_out = _count("Parcels on the shifts' manifests (checked out)")
     delivered = _count("Handed over in person, with a proof of delivery")
     delivered_without_pod = _count("Handed over in person with no or an incomplete proof")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from flask import Response, current_app, g, jsonify
@@ -13,6 +14,7 @@ from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
 from models import Role, utcnow
 from sync import feed
+from sync.consent_requests import effective_status, latest_for
 from sync.consents import in_force
 from sync.errors import LimitExceeded, PermissionDenied
 from sync.events import EventRules
@@ -21,6 +23,7 @@ from sync.phones import mask_phone
 from sync.tracking import TrackingNumberPolicy
 
 blp = ApiBlueprint("sync", __name__, url_prefix="/api/v1/sync", description="PDA sync")
+PULL_POLL_SECONDS = 0.5  # how often a long pull looks for news
 
 
 @blp.before_request
@@ -40,6 +43,7 @@ def ingest_rules() -> IngestRules:
         clock_skew_bound=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
         policy=policy_of(config),
         shifts=shift_rules_of(config),
+        consent_request_ttl=dt.timedelta(minutes=config["CONSENT_REQUEST_TTL_MINUTES"]),
     )
 
 
@@ -123,24 +127,51 @@ class Pull(MethodView):
         cursor is not known here: drop the local parcel list and pull again
         without a cursor (unsent events stay on the PDA and are pushed as usual).
         A malformed cursor is a 400.
+
+        **Long poll**: with `wait=N`, when nothing is new the answer waits up to N
+        seconds (at most `MAX_PULL_WAIT_SECONDS`) for a change, e.g. the answer
+        to a consent request (a `consent_request` entry; each parcel lists this
+        courier's latest `consent_requests` and the `consents` in force). An
+        empty page after the wait means nothing happened: pull again.
         """
         principal = current_principal()
         assert principal.station_id is not None
-        page = feed.read_page(
-            session=db.session,
-            station_id=principal.station_id,
-            courier_id=principal.user_id,
-            cursor=feed.Cursor.parse(args.get("cursor")),
-            limit=args["limit"],
-        )
+        cursor = feed.Cursor.parse(args.get("cursor"))
+        wait = min(args["wait"], current_app.config["MAX_PULL_WAIT_SECONDS"])
+        deadline = time.monotonic() + wait
+        while True:
+            page = feed.read_page(
+                session=db.session,
+                station_id=principal.station_id,
+                courier_id=principal.user_id,
+                cursor=cursor,
+                limit=args["limit"],
+            )
+            if page.changes or page.has_more or time.monotonic() >= deadline:
+                break
+            # Nothing new: end the transaction (a fresh snapshot next time; SQLite's
+            # lock released), then look again.
+            db.session.rollback()
+            time.sleep(min(PULL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        now = utcnow()
         parcels = [item.parcel for item in page.changes if item.parcel is not None]
-        consents = in_force(db.session, parcels, utcnow())
+        consents = in_force(db.session, parcels, now)
+        requests = latest_for(
+            db.session,
+            courier_id=principal.user_id,
+            tracking_nos=[parcel.tracking_no for parcel in parcels],
+        )
         return {
             "changes": [
                 {
                     "kind": item.kind,
                     "tracking_no": item.tracking_no,
-                    "parcel": _pda_parcel(item.parcel, consents.get(item.tracking_no, []))
+                    "parcel": _pda_parcel(
+                        item.parcel,
+                        consents.get(item.tracking_no, []),
+                        requests.get(item.tracking_no, []),
+                        now,
+                    )
                     if item.parcel is not None
                     else None,
                 }
@@ -151,7 +182,9 @@ class Pull(MethodView):
         }
 
 
-def _pda_parcel(parcel: Any, consents: list[Any]) -> dict[str, Any]:
+def _pda_parcel(
+    parcel: Any, consents: list[Any], requests: list[Any], now: dt.datetime
+) -> dict[str, Any]:
     return {
         "tracking_no": parcel.tracking_no,
         "service_class": parcel.service_class,
@@ -165,5 +198,17 @@ def _pda_parcel(parcel: Any, consents: list[Any]) -> dict[str, Any]:
         "consents": [
             {"method": c.method, "point_id": c.point_id, "expires_at": c.expires_at}
             for c in consents
+        ],
+        "consent_requests": [
+            {
+                "id": r.id,
+                "client_event_id": r.client_event_id,
+                "status": effective_status(r, now),
+                "method": r.method,
+                "point_id": r.point_id,
+                "expires_at": r.expires_at,
+                "answered_at": r.answered_at,
+            }
+            for r in requests
         ],
     }

@@ -175,12 +175,37 @@ class PullArgs(ma.Schema):
         metadata={"description": "next_cursor of the previous page; omit to start over"}
     )
     limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(min=1, max=500))
+    wait = ma.fields.Integer(
+        load_default=0,
+        validate=ma.validate.Range(min=0, max=3600),
+        metadata={
+            "description": "Long poll: when nothing is new, wait up to this many seconds "
+            "(at most MAX_PULL_WAIT_SECONDS, 25 by default) for a change before answering"
+        },
+    )
 
 
 class PdaConsent(ma.Schema):
     method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
     point_id = ma.fields.String(allow_none=True, required=True)
     expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+
+
+class PdaConsentRequest(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    client_event_id = ma.fields.UUID(
+        allow_none=True,
+        required=True,
+        metadata={"description": "The consent_requested event it came from, if any"},
+    )
+    status = ma.fields.String(
+        required=True,
+        metadata={"description": "pending, granted, refused, expired or unsent"},
+    )
+    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    expires_at = ma.fields.AwareDateTime(required=True)
+    answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
 
 
 class PdaParcel(ma.Schema):
@@ -198,6 +223,11 @@ class PdaParcel(ma.Schema):
         required=True,
         metadata={"description": "Consents in force now for unattended delivery"},
     )
+    consent_requests = ma.fields.List(
+        ma.fields.Nested(PdaConsentRequest),
+        required=True,
+        metadata={"description": "This courier's latest requests for the parcel, newest first"},
+    )
 
 
 class FeedChangeOut(ma.Schema):
@@ -207,7 +237,7 @@ class FeedChangeOut(ma.Schema):
         required=True,
         metadata={
             "description": "parcel_removed is a tombstone: drop it from the PDA; consent: "
-            "its consents changed"
+            "its consents changed; consent_request: a request this courier made was answered"
         },
     )
     tracking_no = ma.fields.String(required=True)

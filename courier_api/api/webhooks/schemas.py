@@ -1,0 +1,366 @@
+import marshmallow as ma
+
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Id, Text, UtcTime
+from models import ConsentChannel, ConsentMethod, DeliveryStatus, FlagSeverity, ReportKind
+from sync.outbox import TOPICS
+from sync.webhooks import MAX_DESCRIPTION_LENGTH, MAX_URL_LENGTH
+
+# Delivery ids are 64-bit (a delivery per message per subscription).
+MAX_BIG_ID = 2**63 - 1
+TOPIC_LIST = ", ".join(TOPICS)
+
+
+def _topic(**kwargs: object) -> Text:
+    return Text(
+        validate=ma.validate.OneOf(list(TOPICS)),
+        metadata={"description": f"One of {TOPIC_LIST}", "example": "parcel.in_locker"},
+        **kwargs,
+    )
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+
+class SubscriptionIn(ma.Schema):
+    url = Text(
+        required=True,
+        validate=ma.validate.Length(min=1, max=MAX_URL_LENGTH),
+        metadata={
+            "description": "Where to post: https (http only to loopback hosts outside "
+            "production); no user name or password, no fragment; redirects are not followed",
+            "example": "https://hooks.example.com/courier",
+        },
+    )
+    topics = ma.fields.List(
+        _topic(required=True),
+        required=True,
+        validate=ma.validate.Length(min=1, max=len(TOPICS)),
+        metadata={"description": "The topics to receive (GET /webhooks/topics lists them)"},
+    )
+    station_id = Id(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "Only this station's messages; null: every station's"},
+    )
+    description = Text(
+        load_default="",
+        validate=ma.validate.Length(max=MAX_DESCRIPTION_LENGTH),
+        metadata={"example": "SMS gateway: consent requests and locker notices"},
+    )
+
+
+class SubscriptionPatch(ma.Schema):
+    url = Text(validate=ma.validate.Length(min=1, max=MAX_URL_LENGTH))
+    topics = ma.fields.List(
+        _topic(required=True), validate=ma.validate.Length(min=1, max=len(TOPICS))
+    )
+    station_id = Id(allow_none=True, metadata={"description": "null: every station's messages"})
+    description = Text(validate=ma.validate.Length(max=MAX_DESCRIPTION_LENGTH))
+    active = ma.fields.Boolean(
+        metadata={
+            "description": "false pauses deliveries (they wait); true resumes them, and "
+            "enables a subscription the worker disabled again"
+        }
+    )
+
+
+class SubscriptionOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    url = ma.fields.String(required=True)
+    topics = ma.fields.List(ma.fields.String(), required=True)
+    station_id = ma.fields.Integer(allow_none=True, required=True)
+    description = ma.fields.String(required=True)
+    active = ma.fields.Boolean(
+        required=True, metadata={"description": "Set by admins: false pauses deliveries"}
+    )
+    disabled_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "When the worker disabled it after too many failures in a row "
+            "(its deliveries wait); PATCH active: true enables it again"
+        },
+    )
+    disabled_reason = ma.fields.String(allow_none=True, required=True)
+    consecutive_failures = ma.fields.Integer(
+        required=True, metadata={"description": "Failed attempts since the last success"}
+    )
+    created_at = ma.fields.AwareDateTime(required=True)
+    created_by = ma.fields.Integer(allow_none=True, required=True)
+
+
+class SubscriptionCreatedOut(SubscriptionOut):
+    secret = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "Signs every delivery (X-Courier-Signature). Shown in this "
+            "answer only: store it now, it is never given out again"
+        },
+    )
+
+
+class SubscriptionListArgs(PageArgs):
+    after = After()
+
+
+class SubscriptionPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(SubscriptionOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
+
+
+class TopicOut(ma.Schema):
+    name = ma.fields.String(required=True, metadata={"example": "parcel.in_locker"})
+    description = ma.fields.String(required=True)
+
+
+class TopicList(ma.Schema):
+    topics = ma.fields.List(ma.fields.Nested(TopicOut), required=True)
+
+
+# -- deliveries -------------------------------------------------------------------------------
+
+
+class DeliveryListArgs(PageArgs):
+    status = ma.fields.Enum(DeliveryStatus, by_value=True)
+    subscription_id = Id()
+    topic = _topic()
+    after = ma.fields.Integer(
+        load_default=0,
+        validate=ma.validate.Range(min=0, max=MAX_BIG_ID),
+        metadata={"description": "Last id of the previous page"},
+    )
+
+
+class DeliveryOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    delivery_id = ma.fields.UUID(
+        required=True,
+        metadata={"description": "Sent as X-Courier-Delivery on every attempt and replay"},
+    )
+    message_id = ma.fields.UUID(
+        required=True, metadata={"description": "The envelope's id (the same for every receiver)"}
+    )
+    subscription_id = ma.fields.Integer(required=True)
+    topic = ma.fields.String(required=True)
+    ordering_key = ma.fields.String(
+        required=True,
+        metadata={"description": "Messages of one key reach a receiver in order (a parcel)"},
+    )
+    status = ma.fields.Enum(DeliveryStatus, by_value=True, required=True)
+    attempts = ma.fields.Integer(required=True)
+    next_attempt_at = ma.fields.AwareDateTime(
+        required=True, metadata={"description": "When a pending delivery is tried next"}
+    )
+    last_attempt_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    last_status_code = ma.fields.Integer(allow_none=True, required=True)
+    last_error = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Why the last attempt failed: the status and the start of "
+            "the answer, or the network error"
+        },
+    )
+    delivered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    created_at = ma.fields.AwareDateTime(required=True)
+
+
+class DeliveryPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(DeliveryOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
+
+
+class PurgeIn(ma.Schema):
+    status = ma.fields.Enum(
+        DeliveryStatus,
+        by_value=True,
+        required=True,
+        validate=ma.validate.OneOf([DeliveryStatus.DELIVERED, DeliveryStatus.DEAD]),
+        metadata={"description": "delivered or dead"},
+    )
+    before = UtcTime(
+        required=True, metadata={"description": "Purge deliveries created before this time"}
+    )
+
+
+class PurgeOut(ma.Schema):
+    deliveries = ma.fields.Integer(required=True, metadata={"description": "Deliveries deleted"})
+    messages = ma.fields.Integer(
+        required=True, metadata={"description": "Messages deleted: no delivery needed them"}
+    )
+
+
+# -- what receivers get (documented in the callbacks of POST /webhooks/subscriptions) ---------
+
+
+def _time(description: str | None = None, **kwargs: object) -> ma.fields.AwareDateTime:
+    metadata = {"description": description} if description else {}
+    return ma.fields.AwareDateTime(required=True, metadata=metadata, **kwargs)
+
+
+class WebhookConsentRequested(ma.Schema):
+    """`consent.requested`: ask the recipient; answer with POST /consents and `request_id`."""
+
+    request_id = ma.fields.Integer(required=True)
+    tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})
+    station_id = ma.fields.Integer(required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "E.164, in full: the channel must reach the recipient",
+            "example": "+8613812345678",
+        },
+    )
+    address = ma.fields.String(required=True)
+    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={"description": "How to ask; null: the channel's default"},
+    )
+    requested_at = _time()
+    expires_at = _time("An answer after this time is refused")
+
+
+class WebhookParcelInLocker(ma.Schema):
+    """`parcel.in_locker`: tell the recipient where to collect the parcel."""
+
+    tracking_no = ma.fields.String(required=True)
+    station_id = ma.fields.Integer(required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(allow_none=True, required=True)
+    locker_id = ma.fields.String(required=True)
+    compartment = ma.fields.String(required=True)
+    pickup_code = ma.fields.String(allow_none=True, required=True)
+    occurred_at = _time()
+    event_id = ma.fields.Integer(required=True)
+
+
+class WebhookParcelAtPickupPoint(ma.Schema):
+    """`parcel.at_pickup_point`: tell the recipient where to collect the parcel."""
+
+    tracking_no = ma.fields.String(required=True)
+    station_id = ma.fields.Integer(required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(allow_none=True, required=True)
+    point_id = ma.fields.String(required=True)
+    pickup_code = ma.fields.String(allow_none=True, required=True)
+    occurred_at = _time()
+    event_id = ma.fields.Integer(required=True)
+
+
+class _WebhookFlag(ma.Schema):
+    flag_id = ma.fields.Integer(required=True)
+    kind = ma.fields.String(required=True, metadata={"example": "unauthorized_locker_drop"})
+    severity = ma.fields.Enum(FlagSeverity, by_value=True, required=True)
+    status = ma.fields.String(required=True)
+    subject_type = ma.fields.String(required=True, metadata={"example": "parcel"})
+    subject_key = ma.fields.String(required=True)
+    station_id = ma.fields.Integer(allow_none=True, required=True)
+    shift_id = ma.fields.Integer(allow_none=True, required=True)
+    courier_id = ma.fields.Integer(allow_none=True, required=True)
+
+
+class WebhookFlagRaised(_WebhookFlag):
+    """`flag.raised`: a flag was raised, or raised again after it was closed."""
+
+    evidence = ma.fields.Dict(required=True)
+    raised_at = _time()
+
+
+class WebhookFlagResolved(_WebhookFlag):
+    """`flag.resolved`: a manager resolved the flag."""
+
+    note = ma.fields.String(allow_none=True, required=True)
+    resolved_by = ma.fields.Integer(
+        allow_none=True, required=True, metadata={"description": "The user's id"}
+    )
+
+
+class WebhookDiscrepancy(ma.Schema):
+    kind = ma.fields.String(required=True)
+    tracking_no = ma.fields.String(required=True)
+    flag_id = ma.fields.Integer(allow_none=True, required=True)
+
+
+class WebhookBalance(ma.Schema):
+    status = ma.fields.String(required=True, metadata={"example": "unbalanced"})
+    checked_out = ma.fields.Integer(required=True)
+    delivered = ma.fields.Integer(required=True)
+    delivered_without_pod = ma.fields.Integer(required=True)
+    unattended = ma.fields.Integer(required=True)
+    unattended_without_consent = ma.fields.Integer(required=True)
+    returned = ma.fields.Integer(required=True)
+    missing = ma.fields.Integer(required=True)
+    not_checked_out = ma.fields.Integer(required=True)
+    missing_seq_count = ma.fields.Integer(required=True)
+    discrepancy_count = ma.fields.Integer(required=True)
+    missing_seqs = ma.fields.List(ma.fields.Integer(), required=True)
+    discrepancies = ma.fields.List(ma.fields.Nested(WebhookDiscrepancy), required=True)
+
+
+class WebhookShiftUnbalanced(ma.Schema):
+    """`shift.unbalanced`: a shift closed without its handover balancing."""
+
+    shift_id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(required=True)
+    courier_id = ma.fields.Integer(required=True)
+    device_id = ma.fields.String(required=True)
+    work_date = ma.fields.Date(required=True)
+    closed_at = _time()
+    balance = ma.fields.Nested(WebhookBalance, required=True)
+
+
+class WebhookReportReady(ma.Schema):
+    """`report.ready`: a station report was issued; fetch it at `url` with a token."""
+
+    report_id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(required=True)
+    kind = ma.fields.Enum(ReportKind, by_value=True, required=True)
+    period = ma.fields.String(required=True, metadata={"example": "2026-W48"})
+    period_start = ma.fields.Date(required=True)
+    url = ma.fields.String(required=True)
+
+
+# Each topic's data, in the order of sync.outbox.TOPICS.
+TOPIC_DATA: dict[str, type[ma.Schema]] = {
+    "consent.requested": WebhookConsentRequested,
+    "parcel.in_locker": WebhookParcelInLocker,
+    "parcel.at_pickup_point": WebhookParcelAtPickupPoint,
+    "flag.raised": WebhookFlagRaised,
+    "flag.resolved": WebhookFlagResolved,
+    "shift.unbalanced": WebhookShiftUnbalanced,
+    "report.ready": WebhookReportReady,
+}
+
+
+class WebhookEnvelope(ma.Schema):
+    """The body of every webhook request: compact UTF-8 JSON, signed as sent."""
+
+    id = ma.fields.UUID(
+        required=True,
+        metadata={"description": "The message: the same for every subscription receiving it"},
+    )
+    topic = ma.fields.String(
+        required=True,
+        validate=ma.validate.OneOf(list(TOPICS)),
+        metadata={"example": "flag.raised"},
+    )
+    created_at = _time("When the change it announces was committed")
+    station_id = ma.fields.Integer(allow_none=True, required=True)
+    data = ma.fields.Dict(
+        required=True, metadata={"description": "The topic's data (one of the Webhook* schemas)"}
+    )
+
+
+class DeliveryDetailOut(DeliveryOut):
+    message = ma.fields.Nested(
+        WebhookEnvelope,
+        required=True,
+        metadata={"description": "The envelope the receiver gets (its body, before encoding)"},
+    )

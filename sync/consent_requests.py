@@ -1,0 +1,364 @@
+"""Consent asked for at the door, answered by the recipient (issue 6).
+
+The recipient is absent; the courier's PDA asks for their consent to a locker
+or pickup-point delivery (a ``consent_requested`` event, or online). The request
+goes to the recipient's channel through the outbox (``consent.requested``). The
+channel answers through ``POST /consents`` with the request's id: a grant
+creates the consent like any other (and the rules judge the parcel again), a
+refusal is recorded. Either way the answer reaches the courier's PDA through
+its pull feed (a ``consent_request`` entry), which it may long-poll.
+
+A request for a parcel the station has not taken in, or whose recipient has no
+phone number, cannot be sent: it is kept as ``unsent`` with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    Consent,
+    ConsentChannel,
+    ConsentMethod,
+    ConsentRequest,
+    ConsentRequestStatus,
+    ConsentScope,
+    EventType,
+    FeedKind,
+    Parcel,
+    utcnow,
+)
+from sync import consents, feed, outbox
+from sync.errors import Conflict, InvalidInput, NotFound
+from sync.sql import among, chunks
+
+MAX_PAGE_SIZE = 500
+MAX_TTL = dt.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class RequestDraft:
+    tracking_no: str
+    method: ConsentMethod
+    point_id: str | None = None
+    channel: ConsentChannel | None = None
+    expires_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Asker:
+    """The courier (and PDA) asking, at their station."""
+
+    courier_id: int
+    station_id: int
+    device_id: str | None = None
+
+
+def request_consent(
+    *,
+    session: Session,
+    draft: RequestDraft,
+    asker: Asker,
+    ttl: dt.timedelta,
+    requested_at: dt.datetime,
+    now: dt.datetime,
+    event_id: int | None = None,
+    client_event_id: uuid.UUID | None = None,
+) -> ConsentRequest:
+    """Record a request and announce it to the recipient's channel.
+
+    ``requested_at`` is when the courier asked (corrected clock); the request lapses
+    at ``expires_at`` (default ``ttl`` later, at most 24 hours). One made offline may
+    arrive already lapsed: it is kept, and not sent.
+    """
+    if draft.method == ConsentMethod.ANY and draft.point_id:
+        raise InvalidInput(
+            "a specific point needs method locker or pickup_point",
+            code="point_without_method",
+            field="point_id",
+        )
+    expires_at = draft.expires_at or requested_at + ttl
+    if not requested_at < expires_at <= requested_at + MAX_TTL:
+        raise InvalidInput(
+            "expires_at must be after the request and at most 24 hours later",
+            code="invalid_expiry",
+            field="expires_at",
+        )
+    parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == draft.tracking_no))
+    request = ConsentRequest(
+        station_id=parcel.station_id if parcel else asker.station_id,
+        tracking_no=draft.tracking_no,
+        courier_id=asker.courier_id,
+        device_id=asker.device_id,
+        event_id=event_id,
+        client_event_id=client_event_id,
+        method=draft.method,
+        point_id=draft.point_id,
+        channel=draft.channel,
+        requested_at=requested_at,
+        expires_at=expires_at,
+        status=ConsentRequestStatus.PENDING,
+        created_at=now,
+    )
+    if parcel is None:
+        request.status = ConsentRequestStatus.UNSENT
+        request.status_reason = "the parcel is not taken in at any station: nobody to ask"
+    elif not parcel.recipient_phone:
+        request.status = ConsentRequestStatus.UNSENT
+        request.status_reason = "the parcel's recipient has no phone number"
+    session.add(request)
+    session.flush()
+    if parcel is not None and request.status == ConsentRequestStatus.PENDING:
+        if expires_at <= now:
+            request.status_reason = "lapsed before it reached the server: not sent"
+        else:
+            outbox.announce(
+                session=session,
+                topic="consent.requested",
+                ordering_key=outbox.parcel_key(parcel.tracking_no),
+                station_id=parcel.station_id,
+                data={
+                    "request_id": request.id,
+                    "tracking_no": parcel.tracking_no,
+                    "station_id": parcel.station_id,
+                    "recipient_name": parcel.recipient_name,
+                    "recipient_phone": parcel.recipient_phone,
+                    "address": parcel.address,
+                    "method": request.method,
+                    "point_id": request.point_id,
+                    "channel": request.channel,
+                    "requested_at": request.requested_at,
+                    "expires_at": request.expires_at,
+                },
+                now=now,
+            )
+    return request
+
+
+def requests_from_events(
+    *, session: Session, events: Iterable[dict[str, Any]], ttl: dt.timedelta, now: dt.datetime
+) -> list[ConsentRequest]:
+    """Requests made on PDAs: one per stored ``consent_requested`` event (row dicts as
+    ``sync.ingest.event_row`` builds them, with their ``id``). The request's own
+    ``expires_at``, on the PDA's clock, is corrected by the same offset as the event."""
+    made = []
+    for row in events:
+        if row["type"] != EventType.CONSENT_REQUESTED:
+            continue
+        asked = row["details"]["request"]
+        offset = row["occurred_at_device"] - row["occurred_at"]
+        expires_at = (
+            dt.datetime.fromisoformat(asked["expires_at"]) - offset
+            if "expires_at" in asked
+            else None
+        )
+        draft = RequestDraft(
+            tracking_no=row["tracking_no"],
+            method=ConsentMethod(asked["method"]),
+            point_id=asked.get("point_id"),
+            channel=ConsentChannel(asked["channel"]) if "channel" in asked else None,
+            expires_at=expires_at,
+        )
+        asker = Asker(row["courier_id"], row["station_id"], row["device_id"])
+        try:
+            made.append(
+                request_consent(
+                    session=session,
+                    draft=draft,
+                    asker=asker,
+                    ttl=ttl,
+                    requested_at=row["occurred_at"],
+                    now=now,
+                    event_id=row["id"],
+                    client_event_id=row["client_event_id"],
+                )
+            )
+        except InvalidInput:
+            # An expiry the PDA set before the request or a day on: the event stays
+            # stored (nothing from the field is lost); the request lapses after the TTL.
+            made.append(
+                request_consent(
+                    session=session,
+                    draft=RequestDraft(draft.tracking_no, draft.method, draft.point_id),
+                    asker=asker,
+                    ttl=ttl,
+                    requested_at=row["occurred_at"],
+                    now=now,
+                    event_id=row["id"],
+                    client_event_id=row["client_event_id"],
+                )
+            )
+    return made
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The recipient's answer, as the channel reports it."""
+
+    granted: bool
+    channel: ConsentChannel
+    granted_at: dt.datetime | None = None  # default: when the answer arrives
+    expires_at: dt.datetime | None = None
+    method: ConsentMethod | None = None  # default: what was asked
+    point_id: str | None = None
+    evidence: str | None = None
+    reason: str | None = None  # a refusal's
+
+
+def answer_request(
+    *,
+    session: Session,
+    request: ConsentRequest,
+    answer: Answer,
+    rules: consents.ConsentRules,
+    answered_by: int | None,
+    now: dt.datetime | None = None,
+) -> tuple[ConsentRequest, Consent | None, bool]:
+    """Record the recipient's answer: ``(request, consent or None, new)``.
+
+    The same answer sent again (a channel retrying) changes nothing and gives back
+    what the first one made; the other answer, one to a request that lapsed, or one
+    to a request that was never sent is a conflict. A grant creates a parcel consent
+    (the caller judges the parcel again); either answer tells the courier's PDA.
+    """
+    now = now or utcnow()
+    request = _locked(session, request.id)
+    if request.status in (ConsentRequestStatus.GRANTED, ConsentRequestStatus.REFUSED):
+        if (request.status == ConsentRequestStatus.GRANTED) == answer.granted:
+            consent = session.get(Consent, request.consent_id) if request.consent_id else None
+            return request, consent, False
+        raise Conflict(
+            f"consent request {request.id} was already answered: {request.status.value}",
+            code="consent_request_answered",
+            field="request_id",
+        )
+    if request.status == ConsentRequestStatus.UNSENT:
+        raise Conflict(
+            f"consent request {request.id} was never sent ({request.status_reason})",
+            code="consent_request_unsent",
+            field="request_id",
+        )
+    if now >= request.expires_at:
+        raise Conflict(
+            f"consent request {request.id} lapsed at {request.expires_at.isoformat()}; "
+            "the courier has to ask again",
+            code="consent_request_expired",
+            field="request_id",
+        )
+    consent = None
+    if answer.granted:
+        method = answer.method or request.method
+        consent = consents.grant(
+            session=session,
+            draft=consents.ConsentDraft(
+                scope=ConsentScope.PARCEL,
+                method=method,
+                channel=answer.channel,
+                granted_at=answer.granted_at or now,
+                tracking_no=request.tracking_no,
+                point_id=answer.point_id if answer.method else request.point_id,
+                expires_at=answer.expires_at,
+                evidence=answer.evidence or f"answer to consent request {request.id}",
+            ),
+            rules=rules,
+            created_by=answered_by,
+            now=now,
+        )
+        request.status = ConsentRequestStatus.GRANTED
+        request.consent_id = consent.id
+    else:
+        request.status = ConsentRequestStatus.REFUSED
+        request.status_reason = answer.reason
+    request.answered_at = now
+    request.answered_by = answered_by
+    feed.record(
+        session,
+        [
+            feed.FeedEntry(
+                request.station_id,
+                request.courier_id,
+                FeedKind.CONSENT_REQUEST,
+                request.tracking_no,
+            )
+        ],
+    )
+    session.flush()
+    return request, consent, True
+
+
+def get_request(*, session: Session, request_id: int) -> ConsentRequest:
+    request = session.get(ConsentRequest, request_id)
+    if request is None:
+        raise NotFound(f"no consent request {request_id}", code="consent_request_not_found")
+    return request
+
+
+def _locked(session: Session, request_id: int) -> ConsentRequest:
+    """The request's row, locked and re-read: two answers at once take turns."""
+    request = session.scalar(
+        select(ConsentRequest)
+        .where(ConsentRequest.id == request_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if request is None:
+        raise NotFound(f"no consent request {request_id}", code="consent_request_not_found")
+    return request
+
+
+def list_requests(
+    *,
+    session: Session,
+    station_id: int | None = None,
+    courier_id: int | None = None,
+    tracking_no: str | None = None,
+    status: ConsentRequestStatus | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> Sequence[ConsentRequest]:
+    """Oldest first from ``after_id``."""
+    query = select(ConsentRequest).where(ConsentRequest.id > after_id)
+    if station_id is not None:
+        query = query.where(ConsentRequest.station_id == station_id)
+    if courier_id is not None:
+        query = query.where(ConsentRequest.courier_id == courier_id)
+    if tracking_no is not None:
+        query = query.where(ConsentRequest.tracking_no == tracking_no)
+    if status is not None:
+        query = query.where(ConsentRequest.status == status)
+    return session.scalars(
+        query.order_by(ConsentRequest.id).limit(min(limit, MAX_PAGE_SIZE))
+    ).all()
+
+
+def latest_for(
+    session: Session, *, courier_id: int, tracking_nos: Sequence[str], per_parcel: int = 5
+) -> dict[str, list[ConsentRequest]]:
+    """Each parcel's latest requests by this courier, newest first (for the pull feed)."""
+    found: dict[str, list[ConsentRequest]] = {tn: [] for tn in tracking_nos}
+    for chunk in chunks(sorted(set(tracking_nos))):
+        for request in session.scalars(
+            select(ConsentRequest)
+            .where(
+                ConsentRequest.courier_id == courier_id,
+                among(session, ConsentRequest.tracking_no, chunk),
+            )
+            .order_by(ConsentRequest.id.desc())
+        ):
+            if len(found[request.tracking_no]) < per_parcel:
+                found[request.tracking_no].append(request)
+    return found
+
+
+def effective_status(request: ConsentRequest, now: dt.datetime) -> str:
+    """The status as a PDA should read it: a pending request past its expiry lapsed."""
+    if request.status == ConsentRequestStatus.PENDING and now >= request.expires_at:
+        return "expired"
+    return request.status.value

@@ -1,0 +1,144 @@
+"""The transactional outbox: announcements written with the change that causes them.
+
+``announce`` adds a message, and one delivery per subscription that wants it,
+to the caller's transaction: if the change is rolled back, so is its
+announcement, and once it is committed the delivery worker
+(``sync.webhooks``) will send it, however long the receiver is down or the
+worker was stopped. A message no subscription wants is not written.
+
+Messages that concern a parcel carry its tracking number as their ordering key
+(a flag about it, its locker notice, a consent request for it); each
+subscription gets the messages of one key in the order they were written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import OutboxMessage, WebhookDelivery, WebhookSubscription, utcnow
+
+# Every topic a subscription may ask for, with what its message says.
+TOPICS: dict[str, str] = {
+    "consent.requested": "A courier asks a recipient to agree to unattended delivery",
+    "parcel.in_locker": "A parcel was left in a locker: where, and the pickup code",
+    "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
+    "flag.raised": "A discrepancy or violation was flagged (or flagged again)",
+    "flag.resolved": "A manager resolved a flag, with a note",
+    "shift.unbalanced": "A shift closed without its handover balancing",
+    "report.ready": "A station's daily, weekly or monthly report was issued",
+}
+_CACHE_KEY = "outbox.subscriptions"
+
+
+def announce(
+    *,
+    session: Session,
+    topic: str,
+    ordering_key: str,
+    station_id: int | None,
+    data: Mapping[str, Any],
+    now: dt.datetime | None = None,
+) -> OutboxMessage | None:
+    """Write ``data`` for every subscription to ``topic`` (at this station, or all),
+    in the caller's transaction. None when no subscription wants it."""
+    if topic not in TOPICS:
+        raise ValueError(f"unknown topic {topic!r}")
+    wanted = [
+        sub_id
+        for sub_id, topics, sub_station in _subscriptions(session)
+        if topic in topics and sub_station in (None, station_id)
+    ]
+    if not wanted:
+        return None
+    now = now or utcnow()
+    message = OutboxMessage(
+        id=uuid.uuid4(),
+        topic=topic,
+        station_id=station_id,
+        ordering_key=ordering_key[:160],
+        payload=plain(data),
+        created_at=now,
+    )
+    session.add(message)
+    session.add_all(
+        WebhookDelivery(
+            message_id=message.id,
+            subscription_id=sub_id,
+            delivery_id=uuid.uuid4(),
+            topic=topic,
+            ordering_key=message.ordering_key,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        for sub_id in wanted
+    )
+    return message
+
+
+def wanted(session: Session, topic: str, station_id: int | None = None) -> bool:
+    """Whether any subscription wants ``topic`` (at this station, when given): lets a
+    caller skip building a message nobody would receive."""
+    return any(
+        topic in topics and (station_id is None or sub_station in (None, station_id))
+        for _, topics, sub_station in _subscriptions(session)
+    )
+
+
+def _subscriptions(session: Session) -> list[tuple[int, list[str], int | None]]:
+    """The active subscriptions, read once per transaction (a push may announce hundreds
+    of flags)."""
+    transaction = session.get_transaction()
+    cached = session.info.get(_CACHE_KEY)
+    if cached is not None and cached[0] is transaction:
+        return cached[1]
+    rows = [
+        (row.id, list(row.topics), row.station_id)
+        for row in session.execute(
+            select(
+                WebhookSubscription.id, WebhookSubscription.topics, WebhookSubscription.station_id
+            ).where(WebhookSubscription.active.is_(True))
+        )
+    ]
+    session.info[_CACHE_KEY] = (transaction, rows)
+    return rows
+
+
+def forget_subscriptions(session: Session) -> None:
+    """Subscriptions changed in this transaction: read them again on the next announce."""
+    session.info.pop(_CACHE_KEY, None)
+
+
+def parcel_key(tracking_no: str) -> str:
+    return tracking_no
+
+
+def subject_key(subject_type: str, subject_key: str) -> str:
+    """The ordering key of a message about a flag's subject: the parcel's tracking
+    number when it concerns one (a parcel, or a parcel in a shift), else the subject."""
+    if subject_type == "parcel":
+        return subject_key
+    if subject_type == "shift" and ":" in subject_key:
+        return subject_key.partition(":")[2]
+    return f"{subject_type}:{subject_key}"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: times in ISO 8601, enums as their values."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value

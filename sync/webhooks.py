@@ -1,0 +1,1155 @@
+"""Webhook delivery: subscriptions, signatures, the delivery worker and its admin tools.
+
+``sync.outbox.announce`` writes a message, and one pending ``WebhookDelivery`` per
+subscription that wants it, in the transaction of the change it announces. The
+worker here (``deliver_due``) posts them:
+
+* **Claiming.** A short committed transaction marks the due deliveries as held by
+  this worker (``claimed_by``, ``claimed_until``); on PostgreSQL the candidates are
+  read ``FOR UPDATE SKIP LOCKED``, and the claim itself only takes rows still
+  unclaimed, so two workers never hold one delivery. The request is sent outside any
+  transaction, and its outcome recorded in a new one. A worker that dies in between
+  leaves its claim to expire (a claim lasts longer than its sends can take): the
+  delivery is then sent again, with the same ``X-Courier-Delivery`` id. Delivery is
+  at least once; receivers de-duplicate on that id.
+* **Order per key.** A delivery is not claimed while an earlier (lower id) delivery
+  of the same subscription and ordering key (a parcel's tracking number) is still
+  pending, so each receiver gets one parcel's messages in the order they were
+  written. A *dead* delivery does not hold back the ones after it: the receiver was
+  told nothing for hours, and newer news of the parcel is worth more than strict
+  order. Replaying it makes it pending again, ahead of any still-pending later one.
+* **Retries.** A failed attempt (not 2xx, 3xx included: redirects are never followed;
+  a timeout; a refused connection) is retried after an exponential backoff with
+  "equal jitter", up to ``max_attempts``; then the delivery is *dead*, with the last
+  error, until an admin replays it.
+* **Disabling.** Every failed attempt counts against the subscription, every success
+  resets the count; after ``disable_after_failures`` failures in a row the
+  subscription is disabled (its deliveries wait) and flagged
+  ``webhook_subscription_disabled``. Re-enabling it (``active: true``) resumes them.
+
+Requests are signed (``sign``/``verify``): ``X-Courier-Signature: t=<unix
+seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``. Secrets are never logged and
+never given back after the subscription is created.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import secrets
+import socket
+import threading
+import time
+import typing
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from models import (
+    DeliveryStatus,
+    FlagSeverity,
+    OutboxMessage,
+    Station,
+    WebhookDelivery,
+    WebhookSubscription,
+    utcnow,
+)
+from sync import audit
+from sync.errors import Conflict, InvalidInput, NotFound
+from sync.flags import FlagSubject, close_flag, raise_flag
+from sync.outbox import TOPICS, forget_subscriptions
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTION_DISABLED = "webhook_subscription_disabled"  # the flag's kind
+SIGNATURE_HEADER = "X-Courier-Signature"
+DELIVERY_HEADER = "X-Courier-Delivery"
+MAX_URL_LENGTH = 2000
+MAX_DESCRIPTION_LENGTH = 200
+MAX_ERROR_BODY = 500  # characters of a failed answer's body kept in last_error
+MAX_ERROR_LENGTH = 1000
+MAX_PAGE_SIZE = 500
+# Deliveries claimed at a time: each claim lasts as long as its sends may take, so a
+# worker that dies leaves at most this many deliveries waiting for the claim to expire.
+CLAIM_BATCH = 10
+SETTLED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEAD)
+
+DELIVERY = WebhookDelivery.__table__
+SUBSCRIPTION = WebhookSubscription.__table__
+
+
+def _version() -> str:
+    try:
+        return metadata.version("courier-api")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+USER_AGENT = f"courier-field-api/{_version()}"
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """The ``WEBHOOK_*`` configuration, and whether URLs follow production rules."""
+
+    max_attempts: int = 8
+    backoff_seconds: float = 5
+    backoff_max_seconds: float = 3600
+    timeout_seconds: float = 10
+    max_response_bytes: int = 65536
+    disable_after_failures: int = 20
+    poll_seconds: float = 1
+    production: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DeliverySettings:
+        return cls(
+            max_attempts=config["WEBHOOK_MAX_ATTEMPTS"],
+            backoff_seconds=config["WEBHOOK_BACKOFF_SECONDS"],
+            backoff_max_seconds=config["WEBHOOK_BACKOFF_MAX_SECONDS"],
+            timeout_seconds=config["WEBHOOK_TIMEOUT_SECONDS"],
+            max_response_bytes=config["WEBHOOK_MAX_RESPONSE_BYTES"],
+            disable_after_failures=config["WEBHOOK_DISABLE_AFTER_FAILURES"],
+            poll_seconds=config["WEBHOOK_POLL_SECONDS"],
+            production=config["APP_ENV"] == "production",
+        )
+
+    @property
+    def attempt_bound_seconds(self) -> float:
+        """The longest one attempt takes: connecting, sending and waiting for the answer
+        each within the timeout, and reading its body stopped at the deadline."""
+        return 3 * self.timeout_seconds + 1
+
+    def claim_seconds(self, count: int) -> float:
+        """How long a claim of ``count`` deliveries lasts: longer than sending them all
+        one after the other may take, so only a worker that died loses its claim."""
+        return count * self.attempt_bound_seconds + self.timeout_seconds
+
+
+# -- URLs -------------------------------------------------------------------------------------
+
+
+def check_url(url: str, *, production: bool) -> str:
+    """``url`` if a subscription may post to it, else ``InvalidInput`` (field ``url``).
+
+    An absolute http(s) URL with a host, no user name or password, no fragment, at
+    most 2000 characters. In production only ``https``, and never to an address
+    literal that is not public (loopback, private, link-local, reserved). Elsewhere
+    ``http`` too, but only to loopback hosts (localhost, 127.0.0.0/8, ::1): a receiver
+    on the developer's machine or in a test.
+    """
+
+    def refuse(why: str) -> typing.NoReturn:
+        raise InvalidInput(f"webhook URL refused: {why}", code="webhook_url_refused", field="url")
+
+    if len(url) > MAX_URL_LENGTH:
+        refuse(f"longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        refuse("it contains whitespace or control characters")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.netloc:
+        refuse("it must be an absolute http:// or https:// URL")
+    if "@" in parts.netloc:
+        refuse("it must not carry a user name or password (authenticate with the signature)")
+    if parts.fragment or "#" in url:
+        refuse("it must not have a fragment (#...)")
+    host = parts.hostname
+    if not host:
+        refuse("it has no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        refuse("its port is not a number from 0 to 65535")
+    loopback = is_loopback_host(host)
+    if production:
+        if scheme != "https":
+            refuse("production receivers must use https")
+        literal = _ip_literal(host)
+        if loopback or (literal is not None and not is_public_address(literal)):
+            refuse(f"{host} is not a public address")
+    elif scheme == "http" and not loopback:
+        refuse("http is allowed only to loopback hosts (localhost, 127.0.0.0/8, ::1); use https")
+    return url
+
+
+def is_loopback_host(host: str) -> bool:
+    literal = _ip_literal(host)
+    return host.lower() == "localhost" if literal is None else literal.is_loopback
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Not loopback, private, link-local, shared, reserved, unspecified or multicast."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def url_host(url: str) -> str:
+    """The host of ``url`` alone: what logs and flags name (a URL may carry a token)."""
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+# -- signatures -------------------------------------------------------------------------------
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``X-Courier-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds)."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def verify(
+    secret: str, header: str, body: bytes, *, now: float | dt.datetime, tolerance: int = 300
+) -> bool:
+    """Whether ``header`` signs ``body`` with ``secret``, at most ``tolerance`` seconds
+    from ``now`` (unix seconds or an aware time): what a receiver checks.
+
+    The timestamp is signed with the body, so a captured request cannot be replayed
+    later with a fresh timestamp. Comparison is constant-time.
+    """
+    timestamp: int | None = None
+    candidates: list[str] = []
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t" and value.isdigit():
+            timestamp = int(value)
+        elif key == "v1":
+            candidates.append(value)
+    if timestamp is None or not candidates:
+        return False
+    moment = now.timestamp() if isinstance(now, dt.datetime) else float(now)
+    if abs(moment - timestamp) > tolerance:
+        return False
+    expected = sign(secret, timestamp, body).partition(",v1=")[2]
+    return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+KEEP: Any = object()  # update_subscription: leave this field as it is
+
+
+def create_subscription(
+    *,
+    session: Session,
+    url: str,
+    topics: Iterable[str],
+    production: bool,
+    station_id: int | None = None,
+    description: str = "",
+    created_by: int | None = None,
+) -> WebhookSubscription:
+    """A new active subscription with a fresh secret (its only appearance is on the
+    returned object: answer it once, never log it)."""
+    subscription = WebhookSubscription(
+        url=check_url(url.strip(), production=production),
+        topics=_topics(topics),
+        station_id=_station(session, station_id),
+        secret=secrets.token_urlsafe(32),
+        description=_description(description),
+        active=True,
+        created_by=created_by,
+        consecutive_failures=0,
+    )
+    session.add(subscription)
+    session.flush()
+    forget_subscriptions(session)
+    audit.append(
+        session=session,
+        actor_id=created_by,
+        action="webhook_subscription_created",
+        subject_type="webhook_subscription",
+        subject_key=str(subscription.id),
+        details={
+            "host": url_host(subscription.url),
+            "topics": subscription.topics,
+            "station_id": subscription.station_id,
+        },
+    )
+    return subscription
+
+
+def get_subscription(*, session: Session, subscription_id: int) -> WebhookSubscription:
+    subscription = session.get(WebhookSubscription, subscription_id)
+    if subscription is None:
+        raise NotFound(
+            f"no webhook subscription with id {subscription_id}", code="subscription_not_found"
+        )
+    return subscription
+
+
+def list_subscriptions(
+    *, session: Session, after_id: int = 0, limit: int = 100
+) -> Sequence[WebhookSubscription]:
+    """Subscriptions in the order they were created; ``after_id``: the last id seen."""
+    return session.scalars(
+        select(WebhookSubscription)
+        .where(WebhookSubscription.id > after_id)
+        .order_by(WebhookSubscription.id)
+        .limit(min(limit, MAX_PAGE_SIZE))
+    ).all()
+
+
+def update_subscription(
+    *,
+    session: Session,
+    subscription: WebhookSubscription,
+    production: bool,
+    now: dt.datetime,
+    actor_id: int | None = None,
+    url: str | None = None,
+    topics: Iterable[str] | None = None,
+    station_id: int | None = KEEP,
+    description: str | None = None,
+    active: bool | None = None,
+) -> WebhookSubscription:
+    """Change what is given (``station_id=None``: every station).
+
+    ``active: true`` on a subscription the worker disabled enables it again: its
+    failure count starts over, its flag is closed, and its waiting deliveries are due
+    at once (not after the backoff they had reached).
+    """
+    changed: dict[str, Any] = {}
+    if url is not None:
+        subscription.url = check_url(url.strip(), production=production)
+        changed["host"] = url_host(subscription.url)
+    if topics is not None:
+        subscription.topics = _topics(topics)
+        changed["topics"] = subscription.topics
+    if station_id is not KEEP:
+        subscription.station_id = _station(session, station_id)
+        changed["station_id"] = subscription.station_id
+    if description is not None:
+        subscription.description = _description(description)
+        changed["description"] = subscription.description
+    if active is not None:
+        if active and subscription.disabled_at is not None:
+            _enable_again(session, subscription, now)
+            changed["enabled_again"] = True
+        subscription.active = active
+        changed["active"] = active
+    session.flush()
+    forget_subscriptions(session)
+    if changed:
+        audit.append(
+            session=session,
+            actor_id=actor_id,
+            action="webhook_subscription_updated",
+            subject_type="webhook_subscription",
+            subject_key=str(subscription.id),
+            details=changed,
+        )
+    return subscription
+
+
+def _enable_again(session: Session, subscription: WebhookSubscription, now: dt.datetime) -> None:
+    subscription.disabled_at = None
+    subscription.disabled_reason = None
+    subscription.consecutive_failures = 0
+    close_flag(
+        session=session,
+        kind=SUBSCRIPTION_DISABLED,
+        subject=FlagSubject("subscription", str(subscription.id)),
+        reason="the subscription was enabled again",
+    )
+    session.execute(
+        update(DELIVERY)
+        .where(
+            DELIVERY.c.subscription_id == subscription.id,
+            DELIVERY.c.status == DeliveryStatus.PENDING.value,
+            DELIVERY.c.next_attempt_at > now,
+        )
+        .values(next_attempt_at=now)
+    )
+
+
+def _topics(topics: Iterable[str]) -> list[str]:
+    wanted = list(dict.fromkeys(topics))
+    unknown = [topic for topic in wanted if topic not in TOPICS]
+    if unknown:
+        raise InvalidInput(
+            f"unknown topic {', '.join(map(repr, unknown))}; topics: {', '.join(TOPICS)}",
+            code="unknown_topic",
+            field="topics",
+        )
+    if not wanted:
+        raise InvalidInput("name at least one topic", code="topics_required", field="topics")
+    return wanted
+
+
+def _station(session: Session, station_id: int | None) -> int | None:
+    if station_id is not None and session.get(Station, station_id) is None:
+        raise InvalidInput(
+            f"no station with id {station_id}", code="station_not_found", field="station_id"
+        )
+    return station_id
+
+
+def _description(description: str) -> str:
+    text = description.strip()
+    if len(text) > MAX_DESCRIPTION_LENGTH:
+        raise InvalidInput(
+            f"the description is longer than {MAX_DESCRIPTION_LENGTH} characters",
+            code="description_too_long",
+            field="description",
+        )
+    return text
+
+
+# -- sending ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """How one attempt went: the answer's status and the start of its body, or the error
+    that kept it from getting one."""
+
+    status_code: int | None = None
+    body: str = ""  # the first bytes of the answer (at most max_response_bytes), decoded
+    error: str | None = None
+    bytes_read: int = 0
+    truncated: bool = False  # the answer was longer than max_response_bytes
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.error is None and self.status_code is not None and 200 <= self.status_code < 300
+        )
+
+    def describe(self) -> str:
+        """The error as stored in ``last_error``: short, and never the request."""
+        if self.error is not None:
+            return self.error[:MAX_ERROR_LENGTH]
+        text = f"HTTP {self.status_code}"
+        if self.status_code is not None and 300 <= self.status_code < 400:
+            text += " (redirects are not followed)"
+        excerpt = self.body[:MAX_ERROR_BODY].strip()
+        return f"{text}: {excerpt}" if excerpt else text
+
+
+class Sender(Protocol):
+    """Posts one signed request; never raises for what the receiver or the network did."""
+
+    def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult: ...
+
+    def close(self) -> None: ...
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """Resolves the host itself and connects to the address it checked.
+
+    In production it refuses a host with any address that is not public (loopback,
+    private, link-local, reserved...): a subscription must not make the server post
+    into its own network. Connecting to the checked address, rather than letting the
+    socket resolve the name again, leaves no room for a DNS answer that changes in
+    between. TLS still verifies the certificate against the host name.
+    """
+
+    def __init__(self, *, public_only: bool) -> None:
+        self.public_only = public_only
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        if self.public_only:
+            refused = [a for a in addresses if not is_public_address(ipaddress.ip_address(a))]
+            if refused:
+                raise httpcore.ConnectError(
+                    f"refused: {host} resolves to {', '.join(refused)}, not a public address"
+                )
+        error: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return super().connect_tcp(
+                    address, port, timeout, local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error
+
+
+class HttpxSender:
+    """Sends with httpx: no redirects, no proxies from the environment, per-phase
+    timeouts plus a deadline on reading the answer, which is read up to
+    ``max_response_bytes`` and no further (``Accept-Encoding: identity``: no
+    decompression bomb either)."""
+
+    def __init__(self, settings: DeliverySettings) -> None:
+        self.settings = settings
+        transport = httpx.HTTPTransport(trust_env=False, retries=0)
+        # httpx takes no network backend of its own: give its connection pool one that
+        # vets addresses (httpx is pinned < 0.29; the SSRF test fails if this breaks).
+        transport._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            network_backend=_GuardedBackend(public_only=settings.production),
+        )
+        self._client = httpx.Client(
+            transport=transport,
+            follow_redirects=False,
+            timeout=httpx.Timeout(settings.timeout_seconds),
+            trust_env=False,
+        )
+
+    def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+        try:  # again: the configuration may have changed since the subscription was made
+            check_url(url, production=self.settings.production)
+        except InvalidInput as exc:
+            return SendResult(error=exc.message)
+        deadline = time.monotonic() + self.settings.timeout_seconds
+        limit = self.settings.max_response_bytes
+        try:
+            with self._client.stream(
+                "POST", url, content=body, headers={**headers, "Accept-Encoding": "identity"}
+            ) as response:
+                received = bytearray()
+                truncated = False
+                try:
+                    for chunk in response.iter_raw():
+                        received += chunk[: limit + 1 - len(received)]
+                        if len(received) > limit:  # one byte more than allowed: cut here
+                            truncated = True
+                            del received[limit:]
+                            break
+                        if time.monotonic() > deadline:
+                            break
+                except httpx.HTTPError:
+                    pass  # the status is in; a body cut short changes nothing
+                return SendResult(
+                    status_code=response.status_code,
+                    body=bytes(received).decode("utf-8", errors="replace"),
+                    bytes_read=len(received),
+                    truncated=truncated,
+                )
+        except httpx.TimeoutException as exc:
+            return SendResult(
+                error=f"timed out after {self.settings.timeout_seconds:g} s "
+                f"({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
+            )
+        except httpx.HTTPError as exc:
+            return SendResult(error=f"{type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpxSender:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery this worker holds, with everything needed to send it."""
+
+    id: int
+    delivery_id: uuid.UUID
+    subscription_id: int
+    topic: str
+    ordering_key: str
+    attempts: int  # before this attempt
+    url: str
+    secret: str = field(repr=False)
+    envelope: dict[str, Any] = field(repr=False)
+
+
+def envelope_of(message: OutboxMessage) -> dict[str, Any]:
+    """The JSON document a receiver gets for ``message``."""
+    return {
+        "id": str(message.id),
+        "topic": message.topic,
+        "created_at": message.created_at.isoformat(),
+        "station_id": message.station_id,
+        "data": message.payload,
+    }
+
+
+def encode_body(envelope: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON: exactly the bytes that are signed and sent."""
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def request_headers(claimed: ClaimedDelivery, body: bytes, at: dt.datetime) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "X-Courier-Topic": claimed.topic,
+        DELIVERY_HEADER: str(claimed.delivery_id),
+        "X-Courier-Attempt": str(claimed.attempts + 1),
+        SIGNATURE_HEADER: sign(claimed.secret, int(at.timestamp()), body),
+    }
+
+
+def backoff_delay(
+    failures: int, *, base: float, maximum: float, rng: random.Random
+) -> dt.timedelta:
+    """The wait after the ``failures``-th failed attempt: d/2 plus a random share of d/2,
+    where d = min(maximum, base * 2**(failures-1)). The jitter spreads the retries of
+    many deliveries that failed together (a receiver back up after an outage)."""
+    ceiling = min(maximum, base * 2 ** min(max(failures - 1, 0), 62))
+    return dt.timedelta(seconds=ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+def claim_due(
+    *,
+    sessions: sessionmaker[Session],
+    due_at: dt.datetime,
+    now: dt.datetime,
+    settings: DeliverySettings,
+    worker_id: str,
+    limit: int = CLAIM_BATCH,
+) -> list[ClaimedDelivery]:
+    """Claim up to ``limit`` deliveries due at ``due_at`` whose claim (if any) has expired
+    by ``now``, of active subscriptions, that wait for no earlier delivery of their key,
+    in one committed transaction; oldest first."""
+    earlier = aliased(WebhookDelivery)
+    waits = exists().where(
+        earlier.subscription_id == WebhookDelivery.subscription_id,
+        earlier.ordering_key == WebhookDelivery.ordering_key,
+        earlier.status == DeliveryStatus.PENDING,
+        earlier.id < WebhookDelivery.id,
+    )
+    unclaimed = or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until <= now)
+    with sessions.begin() as session:
+        candidates = session.scalars(
+            select(WebhookDelivery.id)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(
+                WebhookDelivery.status == DeliveryStatus.PENDING,
+                WebhookDelivery.next_attempt_at <= due_at,
+                unclaimed,
+                WebhookSubscription.active.is_(True),
+                WebhookSubscription.disabled_at.is_(None),
+                ~waits,
+            )
+            .order_by(WebhookDelivery.id)
+            .limit(limit)
+            .with_for_update(of=WebhookDelivery, skip_locked=True)
+        ).all()
+        if not candidates:
+            return []
+        until = now + dt.timedelta(seconds=settings.claim_seconds(len(candidates)))
+        claimed = session.scalars(
+            update(DELIVERY)
+            .where(
+                DELIVERY.c.id.in_(candidates),
+                DELIVERY.c.status == DeliveryStatus.PENDING.value,
+                or_(DELIVERY.c.claimed_until.is_(None), DELIVERY.c.claimed_until <= now),
+            )
+            .values(claimed_until=until, claimed_by=worker_id)
+            .returning(DELIVERY.c.id)
+        ).all()
+        if not claimed:
+            return []
+        rows = session.execute(
+            select(
+                WebhookDelivery, OutboxMessage, WebhookSubscription.url, WebhookSubscription.secret
+            )
+            .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(WebhookDelivery.id.in_(claimed))
+            .order_by(WebhookDelivery.id)
+        ).all()
+        return [
+            ClaimedDelivery(
+                id=delivery.id,
+                delivery_id=delivery.delivery_id,
+                subscription_id=delivery.subscription_id,
+                topic=delivery.topic,
+                ordering_key=delivery.ordering_key,
+                attempts=delivery.attempts,
+                url=url,
+                secret=secret,
+                envelope=envelope_of(message),
+            )
+            for delivery, message, url, secret in rows
+        ]
+
+
+def release_claims(*, sessions: sessionmaker[Session], ids: Sequence[int], worker_id: str) -> None:
+    """Give back claims that will not be sent (the worker is stopping)."""
+    if not ids:
+        return
+    with sessions.begin() as session:
+        session.execute(
+            update(DELIVERY)
+            .where(DELIVERY.c.id.in_(ids), DELIVERY.c.claimed_by == worker_id)
+            .values(claimed_until=None, claimed_by=None)
+        )
+
+
+# Outcomes of recording an attempt.
+DELIVERED, RETRY, DEAD, STALE = "delivered", "retry", "dead", "stale"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    outcome: str  # delivered | retry | dead | stale (nothing recorded: see record_attempt)
+    attempts: int = 0
+    next_attempt_at: dt.datetime | None = None
+    disabled_subscription: bool = False
+
+
+def record_attempt(
+    *,
+    sessions: sessionmaker[Session],
+    claimed: ClaimedDelivery,
+    result: SendResult,
+    at: dt.datetime,
+    settings: DeliverySettings,
+    worker_id: str,
+    rng: random.Random,
+) -> Recorded:
+    """Store how an attempt went, in a transaction of its own.
+
+    Nothing is stored (``stale``) when the delivery is no longer pending (an admin
+    replayed or purged it meanwhile), or when this worker's claim expired and another
+    worker took the delivery over and this attempt failed: the other worker's attempt
+    is the one that counts. A success is always stored: the receiver has it.
+    """
+    with sessions.begin() as session:
+        delivery = session.get(
+            WebhookDelivery, claimed.id, with_for_update=True, populate_existing=True
+        )
+        if delivery is None or delivery.status != DeliveryStatus.PENDING:
+            return Recorded(STALE)
+        ours = delivery.claimed_by == worker_id
+        if not ours and not result.ok:
+            return Recorded(STALE)
+        delivery.attempts += 1
+        delivery.last_attempt_at = at
+        delivery.last_status_code = result.status_code
+        if ours:
+            delivery.claimed_until = None
+            delivery.claimed_by = None
+        if result.ok:
+            delivery.status = DeliveryStatus.DELIVERED
+            delivery.delivered_at = at
+            delivery.last_error = None
+            session.execute(
+                update(SUBSCRIPTION)
+                .where(SUBSCRIPTION.c.id == claimed.subscription_id)
+                .values(consecutive_failures=0)
+            )
+            return Recorded(DELIVERED, delivery.attempts)
+        error = result.describe()
+        delivery.last_error = error
+        if delivery.attempts >= settings.max_attempts:
+            delivery.status = DeliveryStatus.DEAD
+            outcome = DEAD
+        else:
+            delivery.next_attempt_at = at + backoff_delay(
+                delivery.attempts,
+                base=settings.backoff_seconds,
+                maximum=settings.backoff_max_seconds,
+                rng=rng,
+            )
+            outcome = RETRY
+        disabled = _count_failure(session, claimed, error, at, settings)
+        return Recorded(outcome, delivery.attempts, delivery.next_attempt_at, disabled)
+
+
+def _count_failure(
+    session: Session,
+    claimed: ClaimedDelivery,
+    error: str,
+    at: dt.datetime,
+    settings: DeliverySettings,
+) -> bool:
+    """One more failure in a row for the subscription; disable and flag it at the limit.
+    True when this failure disabled it."""
+    failures, disabled_at = session.execute(
+        update(SUBSCRIPTION)
+        .where(SUBSCRIPTION.c.id == claimed.subscription_id)
+        .values(consecutive_failures=SUBSCRIPTION.c.consecutive_failures + 1)
+        .returning(SUBSCRIPTION.c.consecutive_failures, SUBSCRIPTION.c.disabled_at)
+    ).one()
+    if failures < settings.disable_after_failures or disabled_at is not None:
+        return False
+    subscription = session.get(WebhookSubscription, claimed.subscription_id)
+    assert subscription is not None
+    subscription.disabled_at = at
+    subscription.disabled_reason = f"{failures} delivery attempts failed in a row; last: {error}"
+    raise_flag(
+        session=session,
+        kind=SUBSCRIPTION_DISABLED,
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("subscription", str(subscription.id)),
+        station_id=subscription.station_id,
+        evidence={
+            "host": url_host(subscription.url),
+            "last_error": error,
+            "consecutive_failures": failures,
+        },
+    )
+    return True
+
+
+def _scrubbed(result: SendResult, *secret_texts: str) -> SendResult:
+    """``result`` without the secret or the signature in what it quotes: a receiver that
+    echoes the request must not make us store or log them."""
+    hidden = [part for text in secret_texts for part in (text, text.partition(",v1=")[2])]
+
+    def scrub(value: str) -> str:
+        for part in filter(None, hidden):
+            value = value.replace(part, "[redacted]")
+        return value
+
+    return replace(
+        result,
+        body=scrub(result.body),
+        error=None if result.error is None else scrub(result.error),
+    )
+
+
+def deliver_due(
+    *,
+    sessions: sessionmaker[Session],
+    now: dt.datetime,
+    settings: DeliverySettings,
+    sender: Sender,
+    worker_id: str,
+    limit: int = 100,
+    rng: random.Random | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Send up to ``limit`` deliveries due at ``now``, each once, and record how it went.
+
+    Claims are taken ``CLAIM_BATCH`` at a time; after one delivery of a key is
+    delivered, the next of that key may go in the same call. What fails is due again
+    only after its backoff, so never twice in one call. Attempts are stamped ``now``
+    plus the time this call has taken. ``rng``: the jitter's random numbers (tests pass
+    a seeded one). ``stop``: once set, the claims not yet sent are given back and the
+    call returns.
+
+    Returns the counts: ``claimed``, ``delivered``, ``failed`` (to be retried),
+    ``dead``, ``stale`` (see ``record_attempt``), and ``disabled``: the ids of the
+    subscriptions this call disabled.
+    """
+    rng = rng or random.Random()
+    started = time.monotonic()
+
+    def clock() -> dt.datetime:
+        return now + dt.timedelta(seconds=time.monotonic() - started)
+
+    stats: dict[str, Any] = {
+        "claimed": 0,
+        "delivered": 0,
+        "failed": 0,
+        "dead": 0,
+        "stale": 0,
+        "disabled": [],
+    }
+    while stats["claimed"] < limit and not (stop and stop.is_set()):
+        batch = claim_due(
+            sessions=sessions,
+            due_at=now,
+            now=clock(),
+            settings=settings,
+            worker_id=worker_id,
+            limit=min(CLAIM_BATCH, limit - stats["claimed"]),
+        )
+        if not batch:
+            break
+        stats["claimed"] += len(batch)
+        for index, claimed in enumerate(batch):
+            if stop is not None and stop.is_set():
+                release_claims(
+                    sessions=sessions, ids=[c.id for c in batch[index:]], worker_id=worker_id
+                )
+                break
+            at = clock()
+            body = encode_body(claimed.envelope)
+            headers = request_headers(claimed, body, at)
+            try:
+                result = sender.send(url=claimed.url, body=body, headers=headers)
+            except Exception as exc:  # a bug in a sender must not stop the others
+                log.exception("webhook sender failed on delivery %s", claimed.delivery_id)
+                result = SendResult(error=f"{type(exc).__name__}: {exc}")
+            result = _scrubbed(result, claimed.secret, headers[SIGNATURE_HEADER])
+            recorded = record_attempt(
+                sessions=sessions,
+                claimed=claimed,
+                result=result,
+                at=clock(),
+                settings=settings,
+                worker_id=worker_id,
+                rng=rng,
+            )
+            _log_attempt(claimed, result, recorded)
+            stats[{RETRY: "failed"}.get(recorded.outcome, recorded.outcome)] += 1
+            if recorded.disabled_subscription:
+                stats["disabled"].append(claimed.subscription_id)
+    return stats
+
+
+def _log_attempt(claimed: ClaimedDelivery, result: SendResult, recorded: Recorded) -> None:
+    """One line per attempt: never the secret, the signature or the whole URL."""
+    what = (
+        f"webhook delivery {claimed.delivery_id} ({claimed.topic}, key {claimed.ordering_key}) "
+        f"to subscription {claimed.subscription_id} at {url_host(claimed.url)}, "
+        f"attempt {claimed.attempts + 1}"
+    )
+    error = result.describe()
+    if recorded.outcome == DELIVERED:
+        log.info("%s: delivered (HTTP %s)", what, result.status_code)
+    elif recorded.outcome == RETRY:
+        assert recorded.next_attempt_at is not None
+        log.warning(
+            "%s: failed, retrying at %s: %s",
+            what,
+            recorded.next_attempt_at.isoformat(timespec="seconds"),
+            error,
+        )
+    elif recorded.outcome == DEAD:
+        log.error("%s: failed, no attempts left (dead): %s", what, error)
+    else:
+        log.info("%s: outcome not recorded (the delivery changed meanwhile)", what)
+    if recorded.disabled_subscription:
+        log.error(
+            "webhook subscription %s disabled after failing too often in a row",
+            claimed.subscription_id,
+        )
+
+
+def summary(stats: Mapping[str, Any]) -> str:
+    """One line for the CLI."""
+    line = (
+        f"delivered {stats['delivered']}, failed {stats['failed']} (to be retried), "
+        f"dead {stats['dead']}"
+    )
+    if stats.get("stale"):
+        line += f", not recorded {stats['stale']}"
+    if stats.get("disabled"):
+        line += f"; disabled subscriptions: {', '.join(map(str, stats['disabled']))}"
+    return line
+
+
+class DeliveryLoop:
+    """Delivers what is due, again and again, until stopped: ``courier-api deliver``
+    runs one in the foreground; with SCHEDULER_IN_WEB each web worker runs one on a
+    thread. Several loops, in any processes, share the work through their claims."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        settings: DeliverySettings,
+        sender: Sender,
+        worker_id: str,
+        clock: Callable[[], dt.datetime] = utcnow,
+        limit: int = 100,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.sender = sender
+        self.worker_id = worker_id
+        self.clock = clock
+        self.limit = limit
+        self.stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self, now: dt.datetime | None = None) -> dict[str, Any]:
+        return deliver_due(
+            sessions=self.sessions,
+            now=now or self.clock(),
+            settings=self.settings,
+            sender=self.sender,
+            worker_id=self.worker_id,
+            limit=self.limit,
+            stop=self.stop_event,
+        )
+
+    def drain(self) -> dict[str, Any]:
+        """Send everything due now, each delivery once (``deliver --once``)."""
+        now = self.clock()
+        total: dict[str, Any] = {}
+        while not self.stop_event.is_set():
+            stats = self.run_once(now)
+            for key, value in stats.items():
+                total[key] = total.get(key, type(value)()) + value
+            if stats["claimed"] < self.limit:
+                break
+        return total
+
+    def run(self) -> None:
+        """Until ``stop()``: deliver, and wait ``poll_seconds`` whenever nothing was due."""
+        while not self.stop_event.is_set():
+            try:
+                claimed = self.run_once()["claimed"]
+            except Exception:  # the database is down: keep trying, the log says why
+                log.exception("webhook deliverer %s could not deliver", self.worker_id)
+                claimed = 0
+            if not claimed:
+                self.stop_event.wait(self.settings.poll_seconds)
+
+    def start_thread(self) -> threading.Thread:
+        self._thread = threading.Thread(
+            target=self.run, name=f"webhook-deliverer-{self.worker_id}", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop after the attempt in progress; give back the claims not yet sent."""
+        self.stop_event.set()
+        if wait and self._thread is not None:
+            self._thread.join(timeout=self.settings.attempt_bound_seconds + 5)
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+# -- admins: deliveries -----------------------------------------------------------------------
+
+
+def list_deliveries(
+    *,
+    session: Session,
+    status: DeliveryStatus | None = None,
+    subscription_id: int | None = None,
+    topic: str | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> Sequence[WebhookDelivery]:
+    """Deliveries matching every filter given, newest first; ``after_id``: the last id of
+    the previous page (the next page holds smaller ids)."""
+    query = (
+        select(WebhookDelivery)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(min(limit, MAX_PAGE_SIZE))
+    )
+    if status is not None:
+        query = query.where(WebhookDelivery.status == status)
+    if subscription_id is not None:
+        query = query.where(WebhookDelivery.subscription_id == subscription_id)
+    if topic is not None:
+        query = query.where(WebhookDelivery.topic == topic)
+    if after_id:
+        query = query.where(WebhookDelivery.id < after_id)
+    return session.scalars(query).all()
+
+
+def get_delivery(*, session: Session, delivery_id: int) -> WebhookDelivery:
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        raise NotFound(f"no webhook delivery with id {delivery_id}", code="delivery_not_found")
+    return delivery
+
+
+def message_of(*, session: Session, delivery: WebhookDelivery) -> OutboxMessage:
+    message = session.get(OutboxMessage, delivery.message_id)
+    assert message is not None  # a foreign key
+    return message
+
+
+def replay_delivery(
+    *, session: Session, delivery: WebhookDelivery, now: dt.datetime, actor_id: int | None = None
+) -> WebhookDelivery:
+    """Send a dead or delivered delivery again, from its first attempt, with the same
+    ``X-Courier-Delivery`` id (a receiver that has it already can tell)."""
+    locked = session.get(
+        WebhookDelivery, delivery.id, with_for_update=True, populate_existing=True
+    )
+    assert locked is not None
+    delivery = locked
+    if delivery.status not in SETTLED:
+        raise Conflict(
+            f"delivery {delivery.id} is still pending: it will be attempted again without "
+            "a replay",
+            code="delivery_pending",
+        )
+    previous = delivery.status
+    delivery.status = DeliveryStatus.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = now
+    delivery.delivered_at = None
+    delivery.claimed_until = None
+    delivery.claimed_by = None
+    session.flush()
+    audit.append(
+        session=session,
+        actor_id=actor_id,
+        action="webhook_delivery_replayed",
+        subject_type="webhook_delivery",
+        subject_key=str(delivery.id),
+        details={
+            "delivery_id": str(delivery.delivery_id),
+            "subscription_id": delivery.subscription_id,
+            "topic": delivery.topic,
+            "from_status": previous.value,
+        },
+    )
+    return delivery
+
+
+def purge_deliveries(
+    *,
+    session: Session,
+    status: DeliveryStatus,
+    before: dt.datetime,
+    actor_id: int | None = None,
+) -> dict[str, int]:
+    """Delete the ``delivered`` (or ``dead``) deliveries created before ``before``, then
+    the messages created before it that no delivery needs any more."""
+    if status not in SETTLED:
+        raise InvalidInput(
+            "only delivered or dead deliveries can be purged",
+            code="invalid_status",
+            field="status",
+        )
+    deliveries = session.execute(
+        delete(DELIVERY).where(DELIVERY.c.status == status.value, DELIVERY.c.created_at < before)
+    ).rowcount
+    messages_table = OutboxMessage.__table__
+    orphan = ~exists().where(DELIVERY.c.message_id == messages_table.c.id)
+    messages = session.execute(
+        delete(messages_table).where(messages_table.c.created_at < before, orphan)
+    ).rowcount
+    counts = {"deliveries": int(deliveries or 0), "messages": int(messages or 0)}
+    audit.append(
+        session=session,
+        actor_id=actor_id,
+        action="webhook_deliveries_purged",
+        subject_type="webhook_delivery",
+        subject_key=status.value,
+        details={"status": status.value, "before": before.isoformat(), **counts},
+    )
+    return counts

@@ -1,0 +1,384 @@
+"""Consent requests and the announcements the outbox carries, without Flask."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    ConsentRequest,
+    ConsentRequestStatus,
+    FeedChange,
+    FeedKind,
+    Flag,
+    OutboxMessage,
+    ServiceClass,
+    WebhookDelivery,
+    WebhookSubscription,
+)
+from models.enums import ConsentChannel, ConsentMethod, FlagSeverity
+from sync import consent_requests, flags, shifts
+from sync.consents import ConsentRules
+from sync.errors import Conflict
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.outbox import TOPICS
+from sync.reports import issue_due_reports
+from sync.shifts import ShiftRules
+from sync.status import rejudge_for_consent
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+from tests.conftest import World
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+POLICY = TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS)
+RULES = IngestRules(events=EventRules(tracking=POLICY))
+CONSENT_RULES = ConsentRules(tracking=POLICY, phone_region="CN")
+
+
+def subscribe(session: Session, *topics: str, station_id: int | None = None) -> int:
+    subscription = WebhookSubscription(
+        url="http://127.0.0.1:9/hook",
+        topics=list(topics or TOPICS),
+        station_id=station_id,
+        secret="s" * 43,
+    )
+    session.add(subscription)
+    session.commit()
+    return subscription.id
+
+
+def messages(session: Session, topic: str) -> list[OutboxMessage]:
+    return list(
+        session.scalars(
+            select(OutboxMessage).where(OutboxMessage.topic == topic).order_by(OutboxMessage.id)
+        )
+    )
+
+
+class Pda:
+    def __init__(self, session: Session, world: World, skew: dt.timedelta = dt.timedelta()):
+        self.session = session
+        self.pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+        self.skew = skew
+        self.seq = 0
+
+    def event(self, tracking_no: str, type: str, minutes: float, **fields: Any) -> dict:
+        self.seq += 1
+        at = NOW - dt.timedelta(hours=1) + dt.timedelta(minutes=minutes) + self.skew
+        return factories.event(self.seq, tracking_no, type, occurred_at=at, **fields)
+
+    def push(self, events: list[dict], received_at: dt.datetime = NOW) -> dict[str, Any]:
+        receipt = ingest(
+            session=self.session,
+            batch=PushBatch(self.pusher.device_id, uuid.uuid4(), received_at + self.skew, events),
+            pusher=self.pusher,
+            rules=RULES,
+            received_at=received_at,
+        )
+        self.session.commit()
+        return receipt
+
+
+@pytest.fixture
+def pda(session: Session, world: World) -> Pda:
+    return Pda(session, world)
+
+
+@pytest.fixture
+def parcel(session: Session, world: World) -> str:
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    return tracking_no
+
+
+def request_of(session: Session) -> ConsentRequest:
+    return session.scalars(select(ConsentRequest)).one()
+
+
+def test_a_request_from_the_pda_is_recorded_and_announced_with_the_recipients_phone(
+    session: Session, world: World, parcel: str
+) -> None:
+    subscribe(session, "consent.requested")
+    pda = Pda(session, world, skew=dt.timedelta(minutes=7))  # a PDA 7 minutes fast
+    asked_at = NOW - dt.timedelta(minutes=10)
+    event = pda.event(parcel, "checked_out", 0)
+    request_event = pda.event(
+        parcel,
+        "consent_requested",
+        50,
+        request={
+            "method": "locker",
+            "point_id": "L-9",
+            "channel": "sms",
+            "expires_at": (asked_at + pda.skew + dt.timedelta(minutes=20)).isoformat(),
+        },
+    )
+    receipt = pda.push([event, request_event])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    request = request_of(session)
+    assert request.status == ConsentRequestStatus.PENDING
+    assert (request.method, request.point_id, request.channel) == (
+        ConsentMethod.LOCKER,
+        "L-9",
+        ConsentChannel.SMS,
+    )
+    assert request.requested_at == asked_at  # corrected clock
+    assert request.expires_at == asked_at + dt.timedelta(minutes=20)
+    assert request.client_event_id == uuid.UUID(request_event["client_event_id"])
+    [message] = messages(session, "consent.requested")
+    assert message.ordering_key == parcel
+    assert message.payload["request_id"] == request.id
+    assert message.payload["recipient_phone"] == "+8613812345678"
+    assert message.payload["expires_at"] == request.expires_at.isoformat()
+    assert session.scalars(select(WebhookDelivery.topic)).all() == ["consent.requested"]
+
+
+def test_a_request_defaults_to_the_ttl_and_nothing_is_written_without_subscribers(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    pda.push([pda.event(parcel, "consent_requested", 5, request={"method": "any"})])
+    request = request_of(session)
+    assert request.expires_at - request.requested_at == RULES.consent_request_ttl
+    assert session.scalars(select(OutboxMessage)).all() == []
+
+
+def test_a_request_for_a_parcel_not_taken_in_is_kept_unsent(
+    session: Session, world: World, pda: Pda
+) -> None:
+    subscribe(session)
+    pda.push([pda.event(factories.s10(), "consent_requested", 5, request={"method": "any"})])
+    request = request_of(session)
+    assert request.status == ConsentRequestStatus.UNSENT
+    assert "not taken in" in request.status_reason
+    assert messages(session, "consent.requested") == []
+
+
+def test_a_request_that_lapsed_before_it_arrived_is_kept_and_not_sent(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    subscribe(session)
+    event = pda.event(parcel, "consent_requested", 5, request={"method": "locker"})
+    pda.push([event], received_at=NOW + dt.timedelta(hours=2))  # offline far too long
+    request = request_of(session)
+    assert request.status == ConsentRequestStatus.PENDING
+    assert consent_requests.effective_status(request, NOW + dt.timedelta(hours=2)) == "expired"
+    assert messages(session, "consent.requested") == []
+
+
+def answer(
+    session: Session,
+    request: ConsentRequest,
+    granted: bool = True,
+    now: dt.datetime = NOW,
+    **kw: Any,
+) -> tuple[ConsentRequest, Any, bool]:
+    result = consent_requests.answer_request(
+        session=session,
+        request=request,
+        answer=consent_requests.Answer(granted=granted, channel=ConsentChannel.SMS, **kw),
+        rules=CONSENT_RULES,
+        answered_by=None,
+        now=now,
+    )
+    if result[1] is not None and result[2]:
+        rejudge_for_consent(session=session, consent=result[1], policy=RULES.policy)
+    session.commit()
+    return result
+
+
+def test_a_grant_makes_the_drop_that_follows_authorized_and_tells_the_courier(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    pda.push(
+        [
+            pda.event(parcel, "checked_out", 0),
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+        ]
+    )
+    request, consent, new = answer(session, request_of(session))
+    assert new and request.status == ConsentRequestStatus.GRANTED
+    assert (consent.tracking_no, consent.method, consent.granted_at) == (
+        parcel,
+        ConsentMethod.LOCKER,
+        NOW,
+    )
+    assert request.consent_id == consent.id and request.answered_at == NOW
+    entries = session.scalars(
+        select(FeedChange.kind).where(FeedChange.courier_id == world.courier.id)
+    ).all()
+    assert FeedKind.CONSENT_REQUEST in entries and FeedKind.CONSENT in entries
+    drop = pda.event(parcel, "delivered_to_locker", 65, locker_id="L-1", compartment="4")
+    drop["pod"] = {"pickup_code": "8812"}
+    pda.push([drop], received_at=NOW + dt.timedelta(minutes=6))
+    kinds = set(session.scalars(select(Flag.kind)))
+    assert not kinds & {"unauthorized_locker_drop", "consent_after_drop"}, kinds
+    # The same grant again changes nothing; a refusal now is a conflict.
+    again, same, new_again = answer(session, request)
+    assert (same.id, new_again) == (consent.id, False)
+    with pytest.raises(Conflict) as info:
+        answer(session, request, granted=False)
+    assert info.value.code == "consent_request_answered"
+
+
+def test_a_drop_before_the_grant_is_still_flagged(session: Session, pda: Pda, parcel: str) -> None:
+    pda.push(
+        [
+            pda.event(parcel, "checked_out", 0),
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "delivered_to_locker", 55, locker_id="L-1", compartment="4"),
+        ]
+    )
+    answer(session, request_of(session))  # at NOW, after the drop (NOW - 5 min)
+    assert "consent_after_drop" in set(session.scalars(select(Flag.kind)))
+
+
+def test_a_refusal_is_recorded_and_a_late_or_unsent_answer_is_refused(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
+    request = request_of(session)
+    refused, consent, new = answer(session, request, granted=False, reason="not home all week")
+    assert (refused.status, consent, new) == (ConsentRequestStatus.REFUSED, None, True)
+    assert refused.status_reason == "not home all week"
+    pda.push([pda.event(parcel, "consent_requested", 55, request={"method": "any"})])
+    late = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
+    with pytest.raises(Conflict) as info:
+        answer(session, late, now=NOW + dt.timedelta(hours=1))
+    assert info.value.code == "consent_request_expired"
+    pda.push([pda.event(factories.s10(), "consent_requested", 56, request={"method": "any"})])
+    unsent = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
+    with pytest.raises(Conflict) as info:
+        answer(session, unsent)
+    assert info.value.code == "consent_request_unsent"
+
+
+def test_a_drop_announces_where_the_parcel_is_with_its_pickup_code(
+    session: Session, world: World, pda: Pda
+) -> None:
+    subscribe(session, "parcel.in_locker", "parcel.at_pickup_point")
+    ordinary = factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY)
+    other = factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY)
+    session.commit()
+    receipt = pda.push(
+        [
+            pda.event(ordinary.tracking_no, "checked_out", 0),
+            pda.event(
+                ordinary.tracking_no,
+                "delivered_to_locker",
+                10,
+                locker_id="L-2",
+                compartment="11",
+                pod={"pickup_code": "4711"},
+            ),
+            pda.event(other.tracking_no, "delivered_to_pickup_point", 12, point_id="PP-5"),
+        ]
+    )
+    [locker] = messages(session, "parcel.in_locker")
+    assert locker.payload["tracking_no"] == ordinary.tracking_no
+    assert (locker.payload["locker_id"], locker.payload["compartment"]) == ("L-2", "11")
+    assert locker.payload["pickup_code"] == "4711"
+    assert locker.payload["recipient_phone"] == "+8613812345678"
+    [point] = messages(session, "parcel.at_pickup_point")
+    assert (point.payload["point_id"], point.payload["pickup_code"]) == ("PP-5", None)
+    assert receipt["results"][1]["status"] == "applied"
+
+
+def test_flags_raised_and_resolved_are_announced_in_order_per_parcel(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    subscribe(session, "flag.raised", "flag.resolved")
+    pda.push(
+        [
+            pda.event(parcel, "checked_out", 0),
+            pda.event(parcel, "delivered_to_locker", 10, locker_id="L", compartment="1"),
+        ]
+    )
+    raised = messages(session, "flag.raised")
+    assert {m.payload["kind"] for m in raised} >= {"unauthorized_locker_drop"}
+    assert {m.ordering_key for m in raised} == {parcel}
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    flags.resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="called her")
+    session.commit()
+    [resolved] = messages(session, "flag.resolved")
+    assert (resolved.payload["flag_id"], resolved.payload["note"]) == (flag.id, "called her")
+    assert resolved.payload["resolved_by"] == world.manager.id
+    deliveries = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    assert deliveries[-1].topic == "flag.resolved"  # written after what it resolves
+
+
+def test_announcements_follow_their_subscriptions_topics_and_stations(
+    session: Session, world: World
+) -> None:
+    own = subscribe(session, "flag.raised", station_id=world.station.id)
+    other = subscribe(session, "flag.raised", station_id=world.other_station.id)
+    everywhere = subscribe(session, "flag.raised")
+    subscribe(session, "report.ready")
+    flags.raise_flag(
+        session=session,
+        kind="stale_device",
+        severity=FlagSeverity.WARNING,
+        subject=flags.FlagSubject("device", world.device.id),
+        station_id=world.station.id,
+        evidence={},
+    )
+    session.commit()
+    [message] = messages(session, "flag.raised")
+    assert message.ordering_key == f"device:{world.device.id}"
+    receivers = set(session.scalars(select(WebhookDelivery.subscription_id)))
+    assert receivers == {own, everywhere} and other not in receivers
+
+
+def test_a_change_rolled_back_announces_nothing(session: Session, pda: Pda, parcel: str) -> None:
+    subscribe(session)
+    ingest(
+        session=session,
+        batch=PushBatch(
+            pda.pusher.device_id,
+            uuid.uuid4(),
+            NOW,
+            [pda.event(parcel, "delivered_to_locker", 5, locker_id="L", compartment="1")],
+        ),
+        pusher=pda.pusher,
+        rules=RULES,
+        received_at=NOW,
+    )
+    assert session.scalars(select(OutboxMessage)).all() != []
+    session.rollback()
+    assert session.scalars(select(OutboxMessage)).all() == []
+    assert session.scalars(select(WebhookDelivery)).all() == []
+
+
+def test_an_unbalanced_close_and_an_issued_report_are_announced(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    subscribe(session, "shift.unbalanced", "report.ready")
+    shift = shifts.open_shift(
+        session=session,
+        device=world.device,
+        courier_id=world.courier.id,
+        rules=ShiftRules(),
+        now=NOW - dt.timedelta(hours=2),
+    )
+    session.commit()
+    pda.push([pda.event(parcel, "checked_out", 0)])
+    shifts.close_shift(session=session, shift=shift, closed_by=world.courier.id, now=NOW)
+    session.commit()
+    [unbalanced] = messages(session, "shift.unbalanced")
+    assert unbalanced.payload["shift_id"] == shift.id
+    assert unbalanced.payload["balance"]["missing"] == 1
+    assert unbalanced.payload["balance"]["discrepancies"][0]["kind"] == "missing_at_handover"
+    world.station.created_at = NOW - dt.timedelta(days=2)
+    session.commit()
+    issued = issue_due_reports(
+        session=session, now=NOW + dt.timedelta(days=1), deadlines={c: 24 for c in ServiceClass}
+    )
+    session.commit()
+    ready = messages(session, "report.ready")
+    assert {m.payload["report_id"] for m in ready} == {r["id"] for r in issued["issued"]}
+    assert all(m.payload["url"] == f"/api/v1/reports/{m.payload['report_id']}" for m in ready)

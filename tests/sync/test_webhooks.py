@@ -1,0 +1,872 @@
+"""Webhook delivery against a real HTTP receiver on loopback, with controlled time.
+
+``now`` is passed in: a retry is made due by calling the worker later, never by
+sleeping. The receiver (``tests.webhook_receiver``) is a real ``ThreadingHTTPServer``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import Connection, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from courier_api.extensions import db
+from models import (
+    DeliveryStatus,
+    Flag,
+    FlagStatus,
+    OutboxMessage,
+    Station,
+    WebhookDelivery,
+    WebhookSubscription,
+)
+from sync import outbox, webhooks
+from sync.errors import Conflict, InvalidInput
+from sync.webhooks import DeliverySettings, HttpxSender, SendResult
+from tests.conftest import World
+from tests.webhook_receiver import Answer, Receiver, closed_port_url
+
+T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+SETTINGS = DeliverySettings(
+    max_attempts=8,
+    backoff_seconds=5,
+    backoff_max_seconds=3600,
+    timeout_seconds=2,
+    max_response_bytes=4096,
+    disable_after_failures=20,
+)
+LATER = dt.timedelta(hours=2)  # longer than any backoff: every retry is due again
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def sessions(connection: Connection) -> sessionmaker[Session]:
+    """Sessions in the test's transaction, each committing to a savepoint."""
+    return sessionmaker(
+        bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def sender() -> Iterator[HttpxSender]:
+    with HttpxSender(SETTINGS) as sender:
+        yield sender
+
+
+def subscribe(
+    sessions: sessionmaker[Session],
+    url: str,
+    topics: tuple[str, ...] = ("parcel.in_locker",),
+    station_id: int | None = None,
+) -> WebhookSubscription:
+    with sessions.begin() as session:
+        return webhooks.create_subscription(
+            session=session, url=url, topics=topics, station_id=station_id, production=False
+        )
+
+
+def announce(
+    sessions: sessionmaker[Session],
+    key: str = "RR473124829GB",
+    *,
+    topic: str = "parcel.in_locker",
+    station_id: int | None = None,
+    now: dt.datetime = T0,
+    **data: Any,
+) -> OutboxMessage | None:
+    """A committed change that announced ``topic`` about parcel ``key``."""
+    with sessions.begin() as session:
+        return outbox.announce(
+            session=session,
+            topic=topic,
+            ordering_key=key,
+            station_id=station_id,
+            data={"tracking_no": key, "locker_id": "L-7", "compartment": "B12", **data},
+            now=now,
+        )
+
+
+def deliver(
+    sessions: sessionmaker[Session],
+    sender: webhooks.Sender,
+    now: dt.datetime,
+    *,
+    settings: DeliverySettings = SETTINGS,
+    worker: str = "worker-a",
+) -> dict[str, Any]:
+    return webhooks.deliver_due(
+        sessions=sessions,
+        now=now,
+        settings=settings,
+        sender=sender,
+        worker_id=worker,
+        rng=random.Random(7),
+    )
+
+
+def stored(sessions: sessionmaker[Session]) -> list[WebhookDelivery]:
+    with sessions() as session:
+        return list(session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)))
+
+
+def subscription(sessions: sessionmaker[Session], id: int) -> WebhookSubscription:
+    with sessions() as session:
+        found = session.get(WebhookSubscription, id)
+        assert found is not None
+        return found
+
+
+def message_ids(bodies: list[bytes]) -> list[str]:
+    return [json.loads(body)["id"] for body in bodies]
+
+
+# -- what is sent -----------------------------------------------------------------------------
+
+
+def test_the_request_is_signed_and_the_signature_fails_when_body_or_secret_change(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    sub = subscribe(sessions, receiver.url)
+    message = announce(sessions, station_id=world.station.id, pickup_code="4711")
+    assert message is not None
+
+    assert deliver(sessions, sender, T0)["delivered"] == 1
+
+    [request] = receiver.requests
+    [delivery] = stored(sessions)
+    headers = request.headers
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("courier-field-api/")
+    assert headers["x-courier-topic"] == "parcel.in_locker"
+    assert headers["x-courier-delivery"] == str(delivery.delivery_id)
+    assert headers["x-courier-attempt"] == "1"
+    envelope = json.loads(request.body)
+    assert envelope == {
+        "id": str(message.id),
+        "topic": "parcel.in_locker",
+        "created_at": T0.isoformat(),
+        "station_id": world.station.id,
+        "data": {
+            "tracking_no": "RR473124829GB",
+            "locker_id": "L-7",
+            "compartment": "B12",
+            "pickup_code": "4711",
+        },
+    }
+    assert request.body == json.dumps(envelope, separators=(",", ":")).encode()  # compact
+
+    signature = headers["x-courier-signature"]
+    assert signature.startswith(f"t={int(T0.timestamp())},v1=")
+    assert webhooks.verify(sub.secret, signature, request.body, now=T0)
+    assert webhooks.verify(sub.secret, signature, request.body, now=T0.timestamp() + 299)
+    assert not webhooks.verify(sub.secret, signature, request.body + b" ", now=T0)
+    tampered = request.body.replace(b"4711", b"4712")
+    assert not webhooks.verify(sub.secret, signature, tampered, now=T0)
+    assert not webhooks.verify(sub.secret + "x", signature, request.body, now=T0)
+    assert not webhooks.verify(sub.secret, signature, request.body, now=at(301))  # stale
+    assert not webhooks.verify(sub.secret, signature, request.body, now=at(-301))
+    assert not webhooks.verify(sub.secret, "v1=" + "0" * 64, request.body, now=T0)
+    assert not webhooks.verify(sub.secret, "garbage", request.body, now=T0)
+
+
+def test_sign_is_hmac_sha256_over_timestamp_dot_body() -> None:
+    import hashlib
+    import hmac
+
+    body = b'{"a":1}'
+    expected = hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert webhooks.sign("s3cret", 1700000000, body) == f"t=1700000000,v1={expected}"
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+def test_a_receiver_failing_twice_then_answering_gets_the_message_once_with_one_id(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    sub = subscribe(sessions, receiver.url)
+    announce(sessions)
+    receiver.answer(Answer(500, b"database down"), Answer(503, b"busy"))
+
+    first = deliver(sessions, sender, T0)
+    assert (first["failed"], first["delivered"]) == (1, 0)
+    [delivery] = stored(sessions)
+    assert delivery.status == DeliveryStatus.PENDING and delivery.attempts == 1
+    assert delivery.last_status_code == 500
+    assert delivery.last_error == "HTTP 500: database down"
+    assert delivery.next_attempt_at > T0 and delivery.claimed_by is None
+
+    assert deliver(sessions, sender, T0)["claimed"] == 0  # not due before its backoff
+    assert deliver(sessions, sender, delivery.next_attempt_at)["failed"] == 1
+    third = stored(sessions)[0]
+    assert third.last_error == "HTTP 503: busy"
+    assert deliver(sessions, sender, third.next_attempt_at)["delivered"] == 1
+
+    assert [r.status for r in receiver.requests] == [500, 503, 200]
+    assert {r.delivery_id for r in receiver.requests} == {str(delivery.delivery_id)}
+    assert [r.headers["x-courier-attempt"] for r in receiver.requests] == ["1", "2", "3"]
+    assert len({r.body for r in receiver.requests}) == 1  # the same bytes every time
+    assert list(receiver.messages) == [str(delivery.delivery_id)]
+    [done] = stored(sessions)
+    assert done.status == DeliveryStatus.DELIVERED
+    assert (done.attempts, done.last_status_code, done.last_error) == (3, 200, None)
+    assert done.delivered_at == done.last_attempt_at
+    assert subscription(sessions, sub.id).consecutive_failures == 0  # reset by the success
+    assert deliver(sessions, sender, T0 + LATER)["claimed"] == 0  # nothing left to send
+
+
+def test_a_receiver_down_for_good_leaves_the_message_dead_with_its_error(
+    sessions: sessionmaker[Session], sender: HttpxSender
+) -> None:
+    subscribe(sessions, closed_port_url())
+    announce(sessions)
+    now = T0
+    for attempt in range(1, SETTINGS.max_attempts + 1):
+        stats = deliver(sessions, sender, now)
+        [delivery] = stored(sessions)
+        assert delivery.attempts == attempt
+        if attempt < SETTINGS.max_attempts:
+            assert stats["failed"] == 1 and delivery.status == DeliveryStatus.PENDING
+            now = delivery.next_attempt_at
+    assert stats["dead"] == 1
+    assert delivery.status == DeliveryStatus.DEAD
+    assert delivery.last_status_code is None and delivery.delivered_at is None
+    assert delivery.last_error is not None and delivery.last_error.startswith("ConnectError")
+    assert deliver(sessions, sender, now + LATER)["claimed"] == 0  # parked, not retried
+
+
+def test_a_redirect_is_a_failure_and_is_not_followed(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    subscribe(sessions, receiver.url)
+    announce(sessions)
+    receiver.answer(Answer(302, b"", headers={"Location": receiver.url + "/elsewhere"}))
+
+    assert deliver(sessions, sender, T0)["failed"] == 1
+
+    assert [r.path for r in receiver.requests] == ["/hook"]  # never /hook/elsewhere
+    [delivery] = stored(sessions)
+    assert delivery.status == DeliveryStatus.PENDING and delivery.last_status_code == 302
+    assert delivery.last_error == "HTTP 302 (redirects are not followed)"
+
+
+def test_a_huge_answer_is_read_up_to_the_limit_only(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    huge = b"x" * 2_000_000
+    receiver.answer(Answer(200, huge))
+    result = sender.send(url=receiver.url, body=b"{}", headers={})
+    assert result.ok and result.truncated
+    assert result.bytes_read == SETTINGS.max_response_bytes == len(result.body)
+
+    receiver.answer(Answer(200, b"y" * SETTINGS.max_response_bytes))  # exactly the limit
+    exact = sender.send(url=receiver.url, body=b"{}", headers={})
+    assert exact.bytes_read == SETTINGS.max_response_bytes and not exact.truncated
+
+    subscribe(sessions, receiver.url)
+    announce(sessions)
+    receiver.answer(Answer(500, huge))
+    assert deliver(sessions, sender, T0)["failed"] == 1
+    [delivery] = stored(sessions)
+    assert delivery.last_error == "HTTP 500: " + "x" * 500  # the first 500 characters
+
+
+def test_a_receiver_slower_than_the_timeout_is_a_failed_attempt(receiver: Receiver) -> None:
+    receiver.answer(Answer(200, delay=10))
+    with HttpxSender(replace(SETTINGS, timeout_seconds=1)) as sender:
+        started = time.monotonic()
+        result = sender.send(url=receiver.url, body=b"{}", headers={})
+        elapsed = time.monotonic() - started
+    assert not result.ok and result.status_code is None
+    assert result.error is not None and result.error.startswith("timed out after 1 s")
+    assert elapsed < 3
+
+
+def test_a_sender_that_raises_counts_as_a_failed_attempt(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    class Broken:
+        def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+            raise RuntimeError("bug in the sender")
+
+        def close(self) -> None:
+            pass
+
+    subscribe(sessions, receiver.url)
+    announce(sessions)
+    assert deliver(sessions, Broken(), T0)["failed"] == 1
+    assert stored(sessions)[0].last_error == "RuntimeError: bug in the sender"
+
+
+def test_backoff_grows_exponentially_is_capped_and_jittered_within_bounds() -> None:
+    rng = random.Random(1)
+    for failures in range(1, 16):
+        ceiling = min(60.0, 5 * 2 ** (failures - 1))
+        delays = [
+            webhooks.backoff_delay(failures, base=5, maximum=60, rng=rng).total_seconds()
+            for _ in range(200)
+        ]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), failures
+        assert len(set(delays)) > 150  # jittered, not a fixed step
+        assert max(delays) > ceiling * 0.9 and min(delays) < ceiling * 0.6
+    assert webhooks.backoff_delay(1000, base=5, maximum=60, rng=rng) <= dt.timedelta(seconds=60)
+    seeded = [webhooks.backoff_delay(3, base=5, maximum=60, rng=random.Random(9)) for _ in "ab"]
+    assert seeded[0] == seeded[1]  # a seeded generator makes it deterministic
+
+
+def test_stored_retries_wait_longer_after_each_failure_within_the_jitter(
+    sessions: sessionmaker[Session], sender: HttpxSender
+) -> None:
+    subscribe(sessions, closed_port_url())
+    announce(sessions)
+    now = T0
+    waits = []
+    for failures in range(1, 6):
+        deliver(sessions, sender, now)
+        [delivery] = stored(sessions)
+        assert delivery.last_attempt_at is not None
+        wait = (delivery.next_attempt_at - delivery.last_attempt_at).total_seconds()
+        ceiling = SETTINGS.backoff_seconds * 2 ** (failures - 1)
+        assert ceiling / 2 <= wait <= ceiling, (failures, wait)
+        waits.append(wait)
+        now = delivery.next_attempt_at
+    assert waits[-1] > waits[0] * 4
+
+
+# -- order ------------------------------------------------------------------------------------
+
+
+def test_messages_of_one_parcel_arrive_in_order_while_other_parcels_go_ahead(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    subscribe(sessions, receiver.url)
+    first = announce(sessions, "RR000000001GB", compartment="A1")
+    second = announce(sessions, "RR000000001GB", compartment="A2")
+    other = announce(sessions, "RR000000002GB", compartment="C3")
+    assert first and second and other
+    receiver.answer(Answer(500, b"try later"))  # the first message fails once
+
+    stats = deliver(sessions, sender, T0)
+
+    assert (stats["failed"], stats["delivered"]) == (1, 1)
+    assert message_ids([r.body for r in receiver.requests]) == [str(first.id), str(other.id)]
+    # The second message of the parcel waits for the first, even when it is due.
+    assert deliver(sessions, sender, at(1))["claimed"] == 0
+    pending = [d for d in stored(sessions) if d.status == DeliveryStatus.PENDING]
+    assert [d.message_id for d in pending] == [first.id, second.id]
+
+    retry = deliver(sessions, sender, T0 + LATER)
+
+    assert retry["delivered"] == 2
+    sent = message_ids([r.body for r in receiver.requests])
+    assert sent == [str(first.id), str(other.id), str(first.id), str(second.id)]
+    acknowledged = message_ids(list(receiver.messages.values()))
+    assert acknowledged == [str(other.id), str(first.id), str(second.id)]
+    assert {d.status for d in stored(sessions)} == {DeliveryStatus.DELIVERED}
+
+
+def test_a_dead_message_does_not_hold_back_the_next_one_of_its_parcel(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    subscribe(sessions, receiver.url)
+    first = announce(sessions, "RR000000001GB")
+    second = announce(sessions, "RR000000001GB")
+    assert first and second
+    receiver.answer(Answer(500))
+
+    stats = deliver(sessions, sender, T0, settings=replace(SETTINGS, max_attempts=1))
+
+    assert (stats["dead"], stats["delivered"]) == (1, 1)
+    assert [d.status for d in stored(sessions)] == [DeliveryStatus.DEAD, DeliveryStatus.DELIVERED]
+    assert list(receiver.messages.values()) and message_ids(list(receiver.messages.values())) == [
+        str(second.id)
+    ]
+
+
+def test_each_subscription_has_its_own_order(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    """A receiver that fails holds back its own messages of the parcel, not another's."""
+    with Receiver() as healthy:
+        subscribe(sessions, receiver.url)
+        subscribe(sessions, healthy.url)
+        announce(sessions, "RR000000001GB")
+        announce(sessions, "RR000000001GB")
+        receiver.answer(Answer(500))
+
+        deliver(sessions, sender, T0)
+
+        assert len(healthy.messages) == 2 and len(receiver.messages) == 0
+
+
+# -- subscriptions that keep failing ----------------------------------------------------------
+
+
+def test_a_subscription_failing_too_often_in_a_row_is_disabled_flagged_and_enabled_again(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    settings = replace(SETTINGS, disable_after_failures=3)
+    sub = subscribe(sessions, closed_port_url(), station_id=world.station.id)
+    for n in range(3):
+        announce(sessions, f"RR00000000{n}GB", station_id=world.station.id)
+
+    stats = deliver(sessions, sender, T0, settings=settings)
+
+    assert stats["failed"] == 3 and stats["disabled"] == [sub.id]
+    disabled = subscription(sessions, sub.id)
+    assert disabled.disabled_at is not None and disabled.active
+    assert disabled.consecutive_failures == 3
+    assert disabled.disabled_reason is not None
+    assert disabled.disabled_reason.startswith("3 delivery attempts failed in a row")
+    with sessions() as session:
+        [flag] = session.scalars(select(Flag).where(Flag.kind == webhooks.SUBSCRIPTION_DISABLED))
+    assert (flag.subject_type, flag.subject_key) == ("subscription", str(sub.id))
+    assert flag.station_id == world.station.id and flag.severity == "warning"
+    assert flag.evidence["host"] == "127.0.0.1"
+    assert flag.evidence["consecutive_failures"] == 3
+    assert flag.evidence["last_error"].startswith("ConnectError")
+    assert sub.secret not in json.dumps(flag.evidence)
+    # Disabled: its deliveries wait, however due.
+    announce(sessions, "RR000000009GB", station_id=world.station.id)
+    assert deliver(sessions, sender, T0 + LATER, settings=settings)["claimed"] == 0
+
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=session.get(WebhookSubscription, sub.id),
+            production=False,
+            now=at(60),
+            url=receiver.url,
+            active=True,
+        )
+    enabled = subscription(sessions, sub.id)
+    assert enabled.disabled_at is None and enabled.disabled_reason is None
+    assert enabled.consecutive_failures == 0
+    with sessions() as session:
+        assert session.get(Flag, flag.id).status == FlagStatus.CLOSED
+    assert all(d.next_attempt_at <= at(60) for d in stored(sessions))  # due at once
+
+    assert deliver(sessions, sender, at(60), settings=settings)["delivered"] == 4
+    assert len(receiver.messages) == 4
+
+
+def test_an_inactive_subscription_gets_no_new_messages_and_sends_none(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    sub = subscribe(sessions, receiver.url)
+    announce(sessions, "RR000000001GB")
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=session.get(WebhookSubscription, sub.id),
+            production=False,
+            now=T0,
+            active=False,
+        )
+    assert announce(sessions, "RR000000002GB") is None  # nobody wants it now
+    assert deliver(sessions, sender, T0)["claimed"] == 0
+    assert receiver.requests == []
+
+
+# -- who gets what ----------------------------------------------------------------------------
+
+
+def test_announce_respects_the_station_and_topic_filters(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    here = subscribe(sessions, receiver.url + "/here", station_id=world.station.id)
+    everywhere = subscribe(sessions, receiver.url + "/all", topics=("parcel.in_locker",))
+    flags_only = subscribe(sessions, receiver.url + "/flags", topics=("flag.raised",))
+
+    announce(sessions, "RR000000001GB", station_id=world.station.id)
+    announce(sessions, "RR000000002GB", station_id=world.other_station.id)
+
+    by_subscription = Counter(d.subscription_id for d in stored(sessions))
+    assert by_subscription == {here.id: 1, everywhere.id: 2}
+    assert flags_only.id not in by_subscription
+    deliver(sessions, sender, T0)
+    paths = Counter(r.path for r in receiver.requests)
+    assert paths == {"/hook/here": 1, "/hook/all": 2}
+    here_body = json.loads(next(r.body for r in receiver.requests if r.path == "/hook/here"))
+    assert here_body["station_id"] == world.station.id
+
+
+def test_a_subscription_made_in_the_same_transaction_gets_the_next_announcement(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    with sessions.begin() as session:
+        assert not outbox.announce(
+            session=session, topic="flag.raised", ordering_key="k", station_id=None, data={}
+        )
+        webhooks.create_subscription(
+            session=session, url=receiver.url, topics=["flag.raised"], production=False
+        )
+        assert outbox.announce(
+            session=session, topic="flag.raised", ordering_key="k", station_id=None, data={}
+        )
+
+
+@pytest.mark.parametrize(
+    ("url", "production", "refused"),
+    [
+        ("https://hooks.example.com/courier", True, None),
+        ("https://hooks.example.com:8443/c?token=abc", True, None),
+        ("http://hooks.example.com/courier", True, "must use https"),
+        ("http://127.0.0.1:9000/hook", True, "must use https"),
+        ("https://127.0.0.1/hook", True, "not a public address"),
+        ("https://10.1.2.3/hook", True, "not a public address"),
+        ("https://169.254.169.254/latest", True, "not a public address"),
+        ("https://localhost/hook", True, "not a public address"),
+        ("http://127.0.0.1:9000/hook", False, None),
+        ("http://127.8.9.10/hook", False, None),
+        ("http://localhost:9000/hook", False, None),
+        ("http://[::1]:9000/hook", False, None),
+        ("https://hooks.example.com/courier", False, None),
+        ("http://hooks.example.com/courier", False, "only to loopback"),
+        ("http://10.1.2.3/hook", False, "only to loopback"),
+        ("https://user:pw@hooks.example.com/", True, "user name or password"),
+        ("http://user@localhost/", False, "user name or password"),
+        ("https://hooks.example.com/#frag", True, "fragment"),
+        ("ftp://hooks.example.com/", False, "absolute http"),
+        ("/relative/path", False, "absolute http"),
+        ("https:///no-host", False, "absolute http"),
+        ("https://hooks.example.com:99999/", True, "port"),
+        ("https://hooks.example.com/a b", True, "whitespace"),
+        ("https://hooks.example.com/" + "a" * 2000, True, "longer than 2000"),
+    ],
+)
+def test_url_rules(url: str, production: bool, refused: str | None) -> None:
+    if refused is None:
+        assert webhooks.check_url(url, production=production) == url
+        return
+    with pytest.raises(InvalidInput) as caught:
+        webhooks.check_url(url, production=production)
+    assert refused in caught.value.message
+    assert caught.value.field == "url" and caught.value.code == "webhook_url_refused"
+
+
+def test_creation_refuses_bad_topics_stations_and_urls(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"topics": ["parcel.in_locker", "parcel.lost"]}, "topics"),
+        ({"topics": []}, "topics"),
+        ({"station_id": 999999}, "station_id"),
+        ({"url": "http://hooks.example.com/"}, "url"),
+        ({"description": "x" * 201}, "description"),
+    ]
+    for change, field in cases:
+        args: dict[str, Any] = {
+            "url": "https://hooks.example.com/c",
+            "topics": ["parcel.in_locker"],
+            "production": False,
+        } | change
+        with sessions.begin() as session, pytest.raises(InvalidInput) as caught:
+            webhooks.create_subscription(session=session, **args)
+        assert caught.value.field == field, change
+    with sessions() as session:
+        assert session.scalars(select(WebhookSubscription)).all() == []
+    with sessions.begin() as session:
+        made = webhooks.create_subscription(
+            session=session,
+            url=" https://hooks.example.com/c ",
+            topics=["flag.raised", "flag.raised", "report.ready"],
+            station_id=world.station.id,
+            production=True,
+        )
+    assert made.url == "https://hooks.example.com/c"
+    assert made.topics == ["flag.raised", "report.ready"]
+    assert len(made.secret) >= 43  # token_urlsafe(32)
+
+
+# -- the sender's own checks (the configuration may change after creation) --------------------
+
+
+def test_in_production_hosts_resolving_to_private_addresses_are_refused(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example.test":  # an attacker's name for our own network
+            return real("127.0.0.1", port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with HttpxSender(replace(SETTINGS, production=True)) as sender:
+        result = sender.send(
+            url=f"https://hooks.example.test:{receiver.port}/hook", body=b"{}", headers={}
+        )
+        plain = sender.send(url=receiver.url, body=b"{}", headers={})
+    assert not result.ok and result.error is not None
+    assert "refused: hooks.example.test resolves to 127.0.0.1, not a public address" in (
+        result.error
+    )
+    assert plain.error is not None and "production receivers must use https" in plain.error
+    assert receiver.requests == []
+
+
+def test_public_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ipaddress
+
+    for text in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"):
+        assert webhooks.is_public_address(ipaddress.ip_address(text))
+    for text in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+    ):
+        assert not webhooks.is_public_address(ipaddress.ip_address(text)), text
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_the_secret_and_signatures_never_reach_the_log_or_the_stored_error(
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    sender: HttpxSender,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)  # httpx's and httpcore's own lines too
+    sub = subscribe(sessions, receiver.url)
+    announce(sessions, "RR000000001GB")
+    announce(sessions, "RR000000002GB")
+    # The first answer echoes the signature back, as a careless receiver might.
+    receiver.answer(Answer(401, echo_header="X-Courier-Signature"))
+
+    stats = deliver(sessions, sender, T0)
+
+    assert (stats["failed"], stats["delivered"]) == (1, 1)
+    signatures = [r.headers["x-courier-signature"] for r in receiver.requests]
+    assert len(signatures) == 2
+    hexes = [signature.partition(",v1=")[2] for signature in signatures]
+    assert "attempt 1: delivered (HTTP 200)" in caplog.text
+    assert "attempt 1: failed, retrying at" in caplog.text
+    failed = stored(sessions)[0]
+    assert failed.last_error == "HTTP 401: [redacted]"
+    for text in (sub.secret, *signatures, *hexes):
+        assert text not in caplog.text
+        assert text not in (failed.last_error or "")
+    assert sub.secret not in repr(sub)
+
+
+# -- crashes: the outbox delivers what was committed ------------------------------------------
+
+
+class Crash(BaseException):
+    """The worker's process dies (like SIGKILL): nothing after it runs."""
+
+
+class CrashingSender:
+    """Dies while sending: before the request leaves, or after the receiver got it."""
+
+    def __init__(self, through: HttpxSender | None = None) -> None:
+        self.through = through
+
+    def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+        if self.through is not None:
+            self.through.send(url=url, body=body, headers=headers)
+        raise Crash
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("receiver_got_it", [False, True])
+def test_a_crash_between_the_change_and_delivery_still_delivers_afterwards(
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    sender: HttpxSender,
+    receiver_got_it: bool,
+) -> None:
+    subscribe(sessions, receiver.url)
+    announce(sessions)  # the change and its announcement are committed together
+    [delivery] = stored(sessions)
+
+    with pytest.raises(Crash):
+        deliver(sessions, CrashingSender(sender if receiver_got_it else None), T0, worker="a")
+
+    [held] = stored(sessions)
+    assert held.status == DeliveryStatus.PENDING and held.attempts == 0
+    assert held.claimed_by == "a" and held.claimed_until is not None
+    assert held.claimed_until >= T0 + dt.timedelta(seconds=SETTINGS.claim_seconds(1))
+    # Another worker leaves it alone while the claim lasts...
+    assert deliver(sessions, sender, at(5), worker="b")["claimed"] == 0
+    # ...and sends it once the claim has expired: the same delivery, the same id.
+    later = held.claimed_until + dt.timedelta(seconds=1)
+    assert deliver(sessions, sender, later, worker="b")["delivered"] == 1
+
+    expected = [str(delivery.delivery_id)] * (2 if receiver_got_it else 1)
+    assert receiver.delivery_ids() == expected
+    assert list(receiver.messages) == [str(delivery.delivery_id)]  # de-duplicated: once
+    [done] = stored(sessions)
+    assert done.status == DeliveryStatus.DELIVERED and done.attempts == 1
+    assert done.claimed_by is None
+
+
+def test_a_stopping_worker_gives_back_the_claims_it_did_not_send(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    subscribe(sessions, receiver.url)
+    for n in range(3):
+        announce(sessions, f"RR00000000{n}GB")
+    stop = threading.Event()
+
+    class StopAfterOne:
+        def __init__(self) -> None:
+            self.inner = HttpxSender(SETTINGS)
+
+        def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+            stop.set()  # SIGTERM arrives during the first send
+            return self.inner.send(url=url, body=body, headers=headers)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    stopper = StopAfterOne()
+    try:
+        webhooks.deliver_due(
+            sessions=sessions,
+            now=T0,
+            settings=SETTINGS,
+            sender=stopper,
+            worker_id="a",
+            stop=stop,
+        )
+    finally:
+        stopper.close()
+
+    assert len(receiver.requests) == 1
+    rows = stored(sessions)
+    assert [d.status for d in rows] == [DeliveryStatus.DELIVERED] + [DeliveryStatus.PENDING] * 2
+    assert all(d.claimed_by is None and d.claimed_until is None for d in rows)
+
+
+def test_admin_replay_and_purge(sessions: sessionmaker[Session], receiver: Receiver) -> None:
+    subscribe(sessions, receiver.url)
+    kept = announce(sessions, "RR000000001GB", now=at(10))
+    old = announce(sessions, "RR000000002GB")
+    assert kept and old
+    with HttpxSender(SETTINGS) as sender:
+        deliver(sessions, sender, at(10))
+    delivered = stored(sessions)
+    with sessions.begin() as session:
+        again = webhooks.replay_delivery(
+            session=session, delivery=session.get(WebhookDelivery, delivered[1].id), now=at(20)
+        )
+        assert again.status == DeliveryStatus.PENDING and again.attempts == 0
+        with pytest.raises(Conflict):
+            webhooks.replay_delivery(session=session, delivery=again, now=at(20))
+    with sessions.begin() as session:
+        counts = webhooks.purge_deliveries(
+            session=session, status=DeliveryStatus.DELIVERED, before=at(5)
+        )
+    assert counts == {"deliveries": 0, "messages": 0}  # the old one is pending again
+    with HttpxSender(SETTINGS) as sender:
+        deliver(sessions, sender, at(30))
+    with sessions.begin() as session:
+        counts = webhooks.purge_deliveries(
+            session=session, status=DeliveryStatus.DELIVERED, before=at(5)
+        )
+    assert counts == {"deliveries": 1, "messages": 1}
+    with sessions() as session:
+        assert [m.id for m in session.scalars(select(OutboxMessage))] == [kept.id]
+    assert [d.message_id for d in stored(sessions)] == [kept.id]
+
+
+# -- real concurrency -------------------------------------------------------------------------
+
+
+@pytest.mark.postgres_only
+def test_two_workers_at_once_never_send_one_delivery_twice(
+    committed_app: Flask, receiver: Receiver
+) -> None:
+    """Committed data, two threads with their own connections, released together: the
+    claims (FOR UPDATE SKIP LOCKED) share the deliveries out; each is sent once, and
+    each parcel's messages still arrive in order."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions.begin() as session:
+        station = Station(code="WH1", name="Webhooks", timezone="UTC")
+        session.add(station)
+        session.flush()
+        station_id = station.id
+    subscribe(sessions, receiver.url)
+    written: dict[str, list[str]] = {}
+    for n in range(60):
+        key = f"RR{n % 12:09d}GB"
+        message = announce(sessions, key, station_id=station_id, now=T0, seq=n)
+        assert message is not None
+        written.setdefault(key, []).append(str(message.id))
+    barrier = threading.Barrier(2)
+    results: dict[str, list[dict[str, Any]]] = {}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        try:
+            with HttpxSender(SETTINGS) as sender:
+                barrier.wait()
+                rounds = results.setdefault(name, [])
+                while True:
+                    stats = webhooks.deliver_due(
+                        sessions=sessions, now=T0, settings=SETTINGS, sender=sender, worker_id=name
+                    )
+                    rounds.append(stats)
+                    if stats["claimed"] == 0:
+                        break
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert not errors
+    ids = receiver.delivery_ids()
+    assert len(ids) == 60 and len(set(ids)) == 60  # every delivery sent, none twice
+    delivered_by = {name: sum(s["delivered"] for s in rounds) for name, rounds in results.items()}
+    assert sum(delivered_by.values()) == 60
+    assert all(count > 0 for count in delivered_by.values()), delivered_by  # both worked
+    sent: dict[str, list[str]] = {}
+    for request in receiver.requests:
+        body = json.loads(request.body)
+        sent.setdefault(body["data"]["tracking_no"], []).append(body["id"])
+    assert sent == written
+    with sessions() as session:
+        statuses = session.scalars(select(WebhookDelivery.status)).all()
+    assert set(statuses) == {DeliveryStatus.DELIVERED}

@@ -13,7 +13,8 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     APP_ENV=production \
-    INSTANCE_PATH=/var/lib/courier-api
+    INSTANCE_PATH=/var/lib/courier-api \
+    SCHEDULER_IN_WEB=true
 RUN useradd --system --create-home --uid 10001 courier \
  && mkdir -p /var/lib/courier-api \
  && chown courier /var/lib/courier-api

@@ -45,6 +45,7 @@ def register_commands(app: Flask) -> None:
         register_device,
         retire_device,
         seed_demo,
+        simulate,
         import_parcels,
         scheduler,
         deliver,
@@ -246,18 +247,95 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
 @click.option("--if-empty", is_flag=True, help="Do nothing when any station exists")
 @with_appcontext
 def seed_demo(if_empty: bool) -> None:
-    """Load a demo station with users, devices and parcels; print the logins."""
+    """Load a demo station and play a simulated day at it; print the logins."""
     from courier_api.demo import DEMO_LOGINS, database_is_empty, seed
 
     if if_empty and not database_is_empty(db.session):
         click.echo("demo data not loaded: the database already has stations")
     else:
-        summary = seed(db.session, password_hash_method=current_app.config["PASSWORD_HASH_METHOD"])
+        summary = seed(
+            current_app._get_current_object(),  # type: ignore[attr-defined]
+            db.session,
+            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
+            progress=lambda line: click.echo(f"  {line}", err=True),
+        )
         db.session.commit()
         click.echo(summary)
     click.echo("demo logins (username / password [device]):")
     for login in DEMO_LOGINS:
         click.echo(f"  {login}")
+
+
+@click.command("simulate")
+@click.option("--couriers", default=6, show_default=True, type=click.IntRange(1, 500))
+@click.option("--parcels", default=120, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--station", "station_code", default="SIM", show_default=True)
+@click.option("--url", help="A running server's base URL; default: in this process")
+@click.option("--admin-user", required=True, help="An admin account to set the station up")
+@click.option("--admin-password-stdin", is_flag=True, help="Read its password from stdin")
+@with_appcontext
+def simulate(
+    couriers: int,
+    parcels: int,
+    seed: int,
+    station_code: str,
+    url: str | None,
+    admin_user: str,
+    admin_password_stdin: bool,
+) -> None:
+    """Play a whole station day through the API, as the PDAs would.
+
+    Creates station STATION with a manager, a channel account, COURIERS couriers
+    and their PDAs (passwords: simulated-day-1), takes PARCELS parcels in, and
+    plays the day: shifts opened, check-outs, deliveries with signatures and
+    photos, failed attempts, locker and pickup-point drops with and without
+    consent, consents before and after drops, consent asked at the door and
+    granted while the courier waits, hours offline, a batch sent twice, a PDA
+    with its clock fast, one that never sends its last batch, parcels that go
+    missing. Prints a line per courier, then what the station should now show.
+    """
+    import json
+
+    from courier_api.simulation import (
+        InProcess,
+        Names,
+        OverHttp,
+        Simulation,
+        SimulationError,
+        plan_day,
+    )
+
+    if admin_password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt(f"password of {admin_user}", hide_input=True)
+    prefix = station_code.lower()
+    names = Names(
+        station_code=station_code.upper(),
+        station_name=f"Simulated station {station_code.upper()}",
+        manager=f"{prefix}-manager",
+        integration=f"{prefix}-gateway",
+        courier_prefix=f"{prefix}-courier",
+        device_prefix=f"PDA-{station_code.upper()}-",
+    )
+    try:
+        plan = plan_day(couriers=couriers, parcels=parcels, seed=seed, names=names)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    transport = OverHttp(url) if url else InProcess(current_app._get_current_object())  # type: ignore[attr-defined]
+    try:
+        result = Simulation(
+            transport,
+            plan,
+            admin=(admin_user, password),
+            progress=lambda line: click.echo(line, err=True),
+        ).run()
+    except SimulationError as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        transport.close()
+    click.echo(json.dumps(result.expected.as_dict(), indent=2))
 
 
 @click.command("import-parcels")

@@ -77,6 +77,7 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
             environ, "CONSENT_REQUEST_TTL_MINUTES", 30, maximum=24 * 60
         ),
         "MAX_PULL_WAIT_SECONDS": _int(environ, "MAX_PULL_WAIT_SECONDS", 25, maximum=300),
+        "MAX_PULL_WAITERS": _int(environ, "MAX_PULL_WAITERS", 4),
         "WEBHOOK_MAX_ATTEMPTS": _int(environ, "WEBHOOK_MAX_ATTEMPTS", 8),
         "WEBHOOK_BACKOFF_SECONDS": _int(environ, "WEBHOOK_BACKOFF_SECONDS", 5),
         "WEBHOOK_BACKOFF_MAX_SECONDS": _int(environ, "WEBHOOK_BACKOFF_MAX_SECONDS", 3600),
@@ -84,6 +85,7 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "WEBHOOK_MAX_RESPONSE_BYTES": _int(environ, "WEBHOOK_MAX_RESPONSE_BYTES", 65536),
         "WEBHOOK_DISABLE_AFTER_FAILURES": _int(environ, "WEBHOOK_DISABLE_AFTER_FAILURES", 20),
         "WEBHOOK_POLL_SECONDS": _int(environ, "WEBHOOK_POLL_SECONDS", 1),
+        "WEBHOOK_RETENTION_DAYS": _int(environ, "WEBHOOK_RETENTION_DAYS", 30, maximum=36500),
         "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),
     }
 

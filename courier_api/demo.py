@@ -1,15 +1,24 @@
-"""Demo data for ``make run``: one station, its people, PDAs and a day's parcels."""
+"""Demo data for ``make run``: one station and one simulated day at it.
+
+The admin and the auditor are created here; everything else (the station, its
+manager, the recipients' channel, six couriers with their PDAs, the day's
+parcels and everything the PDAs did with them) is played through the real API
+by the simulation (``courier_api.simulation``), seeded, so every ``make run``
+shows the same day: shifts balanced and signed off, unbalanced ones with their
+flags, a provisional one, proofs with their images.
+"""
 
 from __future__ import annotations
 
-import random
+from collections.abc import Callable
 
+from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import DeviceStatus, FeedKind, Parcel, Role, ServiceClass, Station
-from sync import directory, feed
-from sync.tracking import s10_check_digit
+from courier_api.simulation import InProcess, Names, Simulation, plan_day
+from models import DeviceStatus, Role, Station
+from sync import directory
 
 STATION_CODE = "DEMO"
 PASSWORDS = {
@@ -19,81 +28,78 @@ PASSWORDS = {
     Role.AUDITOR: "auditor-demo-pass",
     Role.INTEGRATION: "integration-demo-pass",
 }
-USERS = (
-    ("admin", Role.ADMIN, "Demo Admin"),
-    ("manager", Role.STATION_MANAGER, "Wang Fang"),
-    ("courier1", Role.COURIER, "Li Wei"),
-    ("courier2", Role.COURIER, "Zhang Min"),
-    ("auditor", Role.AUDITOR, "Chen Jing"),
-    ("integration", Role.INTEGRATION, "Recipient app"),
+COURIERS = 6
+PARCELS = 120
+SEED = 2026
+NAMES = Names(
+    station_code=STATION_CODE,
+    station_name="Demo Station Pudong",
+    timezone="Asia/Shanghai",
+    manager="manager",
+    integration="integration",
+    courier_prefix="courier",
+    device_prefix="PDA-DEMO-",
+    manager_password=PASSWORDS[Role.STATION_MANAGER],
+    courier_password=PASSWORDS[Role.COURIER],
+    integration_password=PASSWORDS[Role.INTEGRATION],
 )
-ACTIVE_DEVICES = ("PDA-DEMO-01", "PDA-DEMO-02")
+ACTIVE_DEVICES = tuple(f"{NAMES.device_prefix}{n:02d}" for n in range(1, COURIERS + 1))
 RETIRED_DEVICE = "PDA-DEMO-OLD"
-DEMO_LOGINS = tuple(
-    f"{name} / {PASSWORDS[role]}"
-    + (
-        f"  [device {ACTIVE_DEVICES[0] if name == 'courier1' else ACTIVE_DEVICES[1]}]"
-        if role == Role.COURIER
-        else ""
-    )
-    for name, role, _ in USERS
-) + (f"(device {RETIRED_DEVICE} is retired: signing in with it is refused)",)
-STREETS = ("Century Ave", "Zhangyang Rd", "Pudong Ave", "Dongfang Rd", "Yanggao Rd")
+DEMO_LOGINS = (
+    f"admin / {PASSWORDS[Role.ADMIN]}  (everything, every station)",
+    f"manager / {PASSWORDS[Role.STATION_MANAGER]}  (station {STATION_CODE})",
+    f"auditor / {PASSWORDS[Role.AUDITOR]}  (reads every station; phones unmasked)",
+    f"integration / {PASSWORDS[Role.INTEGRATION]}  (the recipients' channel)",
+    *(
+        f"courier{n} / {PASSWORDS[Role.COURIER]}  [device {ACTIVE_DEVICES[n - 1]}]"
+        for n in range(1, COURIERS + 1)
+    ),
+    f"(device {RETIRED_DEVICE} is retired: signing in with it is refused)",
+)
 
 
 def database_is_empty(session: Session) -> bool:
     return session.scalar(select(Station.id).limit(1)) is None
 
 
-def seed(session: Session, *, password_hash_method: str, parcels: int = 40) -> str:
-    station = directory.create_station(
-        session=session, code=STATION_CODE, name="Demo Station Pudong", timezone="Asia/Shanghai"
-    )
-    couriers = []
-    for username, role, full_name in USERS:
-        user = directory.create_user(
+def seed(
+    app: Flask,
+    session: Session,
+    *,
+    password_hash_method: str,
+    progress: Callable[[str], None] = lambda line: None,
+    couriers: int = COURIERS,
+    parcels: int = PARCELS,
+) -> str:
+    """Create the demo's admin and auditor, play the demo day, retire an old PDA."""
+    for username, role, full_name in (
+        ("admin", Role.ADMIN, "Demo Admin"),
+        ("auditor", Role.AUDITOR, "Chen Jing"),
+    ):
+        directory.create_user(
             session=session,
             username=username,
             role=role,
-            station=station if role.needs_station else None,
+            station=None,
             password=PASSWORDS[role],
             full_name=full_name,
             password_hash_method=password_hash_method,
         )
-        if role == Role.COURIER:
-            couriers.append(user.id)
-    for device_id in (*ACTIVE_DEVICES, RETIRED_DEVICE):
-        device = directory.register_device(session=session, device_id=device_id, station=station)
+    session.commit()  # the simulation signs in as the admin, from other sessions
+    plan = plan_day(couriers=couriers, parcels=parcels, seed=SEED, names=NAMES)
+    transport = InProcess(app)
+    try:
+        result = Simulation(
+            transport, plan, admin=("admin", PASSWORDS[Role.ADMIN]), progress=progress
+        ).run()
+    finally:
+        transport.close()
+    station = directory.get_station_by_code(session=session, code=STATION_CODE)
+    device = directory.register_device(session=session, device_id=RETIRED_DEVICE, station=station)
     directory.set_device_status(session=session, device=device, status=DeviceStatus.RETIRED)
-    rng = random.Random(7)
-    classes = list(ServiceClass)
-    assignments = []
-    for n in range(parcels):
-        serial = f"{10000000 + rng.randrange(89999999):08d}"
-        tracking_no = (
-            f"EE{serial}{s10_check_digit(serial)}CN" if n % 3 == 0 else f"SF{1300000000000 + n}"
-        )
-        session.add(
-            Parcel(
-                tracking_no=tracking_no,
-                station_id=station.id,
-                service_class=classes[n % len(classes)],
-                recipient_name=f"Recipient {n + 1}",
-                recipient_phone=f"+86138{rng.randrange(10**8):08d}",
-                address=f"{rng.randrange(1, 999)} {rng.choice(STREETS)}, Pudong, Shanghai",
-                lat=31.22 + rng.random() / 50,
-                lon=121.54 + rng.random() / 50,
-                # Planned for the couriers in turn: their PDAs pull them.
-                planned_courier_id=couriers[n % len(couriers)],
-                courier_id=couriers[n % len(couriers)],
-            )
-        )
-        assignments.append(
-            feed.FeedEntry(station.id, couriers[n % len(couriers)], FeedKind.PARCEL, tracking_no)
-        )
-    session.flush()
-    feed.record(session, assignments)
+    board = result.expected.as_dict()["board"]
     return (
-        f"demo station {STATION_CODE} loaded: {len(USERS)} users, "
-        f"{len(ACTIVE_DEVICES) + 1} devices, {parcels} parcels planned for the couriers"
+        f"demo station {STATION_CODE} loaded: a simulated day of {couriers} couriers and "
+        f"{parcels} parcels (seed {SEED}): {board['balanced']} shifts balanced, "
+        f"{board['unbalanced']} unbalanced, {board['provisional']} provisional"
     )

@@ -38,8 +38,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import utcnow
-from sync import reports, sweeps
+from models import DeliveryStatus, utcnow
+from sync import reports, sweeps, webhooks
 from sync.blobs import FileBlobStore
 from sync.scheduling import (
     FAILED,
@@ -159,6 +159,24 @@ def _consent_expiry(config: Mapping[str, Any]) -> JobFunction:
 )
 def _proof_retention_purge(config: Mapping[str, Any]) -> JobFunction:
     return partial(sweeps.proof_retention_purge, settings=sweep_settings_of(config))
+
+
+@register_job(
+    "webhook_retention",
+    interval_seconds=24 * HOUR,
+    description="Deletes webhook deliveries delivered more than WEBHOOK_RETENTION_DAYS ago "
+    "and the messages no delivery needs any more (they hold recipients' phones and "
+    "pickup codes); dead ones stay until an admin replays or purges them.",
+)
+def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
+    days = dt.timedelta(days=config["WEBHOOK_RETENTION_DAYS"])
+
+    def purge(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        return webhooks.purge_deliveries(
+            session=session, status=DeliveryStatus.DELIVERED, before=now - days
+        )
+
+    return purge
 
 
 @register_job(

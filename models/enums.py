@@ -123,6 +123,7 @@ class ConsentRequestStatus(enum.StrEnum):
     GRANTED = "granted"
     REFUSED = "refused"
     UNSENT = "unsent"  # nobody to ask: the parcel is not taken in, or has no phone
+    CANCELLED = "cancelled"  # the PDA voided the request (a correction): no answer counts
 
 
 class DeliveryStatus(enum.StrEnum):

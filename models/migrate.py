@@ -6,6 +6,8 @@ package migrates the same way as a checkout (``courier-api db upgrade``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from alembic import command
@@ -27,13 +29,42 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database behind ``engine`` up to ``revision``."""
-    with engine.begin() as connection:
+    with migrating(engine) as connection:
         command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    with engine.begin() as connection:
+    with migrating(engine) as connection:
         command.downgrade(alembic_config(connection), revision)
+
+
+@contextmanager
+def migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in one transaction for the migrations to run in.
+
+    SQLite alters a table by copying it (Alembic's batch mode), and dropping the old
+    copy fails while other tables' rows refer to it: its foreign keys are switched
+    off for the migration (``PRAGMA foreign_keys`` is ignored inside a transaction,
+    so before it begins), checked with ``PRAGMA foreign_key_check`` before the
+    commit, and switched on again, as SQLite's own documentation of ``ALTER TABLE``
+    prescribes.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            yield connection
+        return
+    with engine.connect() as connection:
+        raw = connection.connection.driver_connection
+        assert raw is not None
+        raw.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with connection.begin():
+                yield connection
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"the migration broke foreign keys: {broken[:5]}")
+        finally:
+            raw.execute("PRAGMA foreign_keys = ON")
 
 
 @cache

@@ -8,8 +8,10 @@ creates the consent like any other (and the rules judge the parcel again), a
 refusal is recorded. Either way the answer reaches the courier's PDA through
 its pull feed (a ``consent_request`` entry), which it may long-poll.
 
-A request for a parcel the station has not taken in, or whose recipient has no
-phone number, cannot be sent: it is kept as ``unsent`` with the reason.
+A request for a parcel the station has not taken in, of another station, or
+whose recipient has no phone number, cannot be sent: it is kept as ``unsent``
+with the reason. A correction voiding the request's event cancels it: the
+recipient's answer no longer counts (one already given stands: it was theirs).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from models import (
     EventType,
     FeedKind,
     Parcel,
+    ScanEvent,
     utcnow,
 )
 from sync import consents, feed, outbox
-from sync.errors import Conflict, InvalidInput, NotFound
+from sync.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from sync.sql import among, chunks
 
 MAX_PAGE_SIZE = 500
@@ -71,12 +74,16 @@ def request_consent(
     now: dt.datetime,
     event_id: int | None = None,
     client_event_id: uuid.UUID | None = None,
+    voided: bool = False,
+    online: bool = False,
 ) -> ConsentRequest:
     """Record a request and announce it to the recipient's channel.
 
     ``requested_at`` is when the courier asked (corrected clock); the request lapses
     at ``expires_at`` (default ``ttl`` later, at most 24 hours). One made offline may
-    arrive already lapsed: it is kept, and not sent.
+    arrive already lapsed: it is kept, and not sent. ``online``: asked through the
+    API, where a parcel of another station is refused (from a PDA's event it is kept,
+    unsent: nothing from the field is lost).
     """
     if draft.method == ConsentMethod.ANY and draft.point_id:
         raise InvalidInput(
@@ -92,6 +99,12 @@ def request_consent(
             field="expires_at",
         )
     parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == draft.tracking_no))
+    if online and parcel is not None and parcel.station_id != asker.station_id:
+        raise PermissionDenied(
+            f"parcel {draft.tracking_no} belongs to another station",
+            code="parcel_at_other_station",
+            field="tracking_no",
+        )
     request = ConsentRequest(
         station_id=parcel.station_id if parcel else asker.station_id,
         tracking_no=draft.tracking_no,
@@ -107,9 +120,15 @@ def request_consent(
         status=ConsentRequestStatus.PENDING,
         created_at=now,
     )
-    if parcel is None:
+    if voided:
+        request.status = ConsentRequestStatus.CANCELLED
+        request.status_reason = "voided by a correction from the PDA"
+    elif parcel is None:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = "the parcel is not taken in at any station: nobody to ask"
+    elif parcel.station_id != asker.station_id:
+        request.status = ConsentRequestStatus.UNSENT
+        request.status_reason = "the parcel belongs to another station"
     elif not parcel.recipient_phone:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = "the parcel's recipient has no phone number"
@@ -148,10 +167,10 @@ def requests_from_events(
     """Requests made on PDAs: one per stored ``consent_requested`` event (row dicts as
     ``sync.ingest.event_row`` builds them, with their ``id``). The request's own
     ``expires_at``, on the PDA's clock, is corrected by the same offset as the event."""
+    rows = [row for row in events if row["type"] == EventType.CONSENT_REQUESTED]
+    voided = _voided(session, rows)
     made = []
-    for row in events:
-        if row["type"] != EventType.CONSENT_REQUESTED:
-            continue
+    for row in rows:
         asked = row["details"]["request"]
         offset = row["occurred_at_device"] - row["occurred_at"]
         expires_at = (
@@ -178,6 +197,7 @@ def requests_from_events(
                     now=now,
                     event_id=row["id"],
                     client_event_id=row["client_event_id"],
+                    voided=(row["device_id"], row["client_event_id"]) in voided,
                 )
             )
         except InvalidInput:
@@ -193,9 +213,51 @@ def requests_from_events(
                     now=now,
                     event_id=row["id"],
                     client_event_id=row["client_event_id"],
+                    voided=(row["device_id"], row["client_event_id"]) in voided,
                 )
             )
     return made
+
+
+def _voided(session: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, uuid.UUID]]:
+    """The request events among ``rows`` that a stored correction voids (in this push,
+    or one that arrived before them)."""
+    by_device: dict[str, list[uuid.UUID]] = {}
+    for row in rows:
+        by_device.setdefault(row["device_id"], []).append(row["client_event_id"])
+    return {
+        (device_id, target)
+        for device_id, ids in by_device.items()
+        for chunk in chunks(ids)
+        for target in session.scalars(
+            select(ScanEvent.voids_client_event_id).where(
+                ScanEvent.device_id == device_id,
+                ScanEvent.voids_client_event_id.in_(chunk),
+            )
+        )
+    }
+
+
+def cancel_voided(
+    *, session: Session, device_id: str, voided: Sequence[uuid.UUID], now: dt.datetime
+) -> list[ConsentRequest]:
+    """Pending requests whose events these corrections void are cancelled."""
+    cancelled = []
+    for chunk in chunks(voided):
+        for request in session.scalars(
+            select(ConsentRequest)
+            .where(
+                ConsentRequest.device_id == device_id,
+                ConsentRequest.client_event_id.in_(chunk),
+                ConsentRequest.status == ConsentRequestStatus.PENDING,
+            )
+            .with_for_update()
+        ):
+            request.status = ConsentRequestStatus.CANCELLED
+            request.status_reason = "voided by a correction from the PDA"
+            request.answered_at = now
+            cancelled.append(request)
+    return cancelled
 
 
 @dataclass(frozen=True)
@@ -239,10 +301,11 @@ def answer_request(
             code="consent_request_answered",
             field="request_id",
         )
-    if request.status == ConsentRequestStatus.UNSENT:
+    if request.status in (ConsentRequestStatus.UNSENT, ConsentRequestStatus.CANCELLED):
         raise Conflict(
-            f"consent request {request.id} was never sent ({request.status_reason})",
-            code="consent_request_unsent",
+            f"consent request {request.id} is {request.status.value} "
+            f"({request.status_reason}): no answer counts",
+            code=f"consent_request_{request.status.value}",
             field="request_id",
         )
     if now >= request.expires_at:
@@ -252,9 +315,18 @@ def answer_request(
             code="consent_request_expired",
             field="request_id",
         )
+    if answer.granted_at is not None and answer.granted_at < request.requested_at:
+        raise InvalidInput(
+            "granted_at is before the request was made: an answer cannot precede its question",
+            code="granted_before_request",
+            field="granted_at",
+        )
     consent = None
     if answer.granted:
+        # What the recipient agreed to: the request's method and point, unless the
+        # answer names others (a point named alone keeps the method asked).
         method = answer.method or request.method
+        named = answer.method is not None or answer.point_id is not None
         consent = consents.grant(
             session=session,
             draft=consents.ConsentDraft(
@@ -263,7 +335,7 @@ def answer_request(
                 channel=answer.channel,
                 granted_at=answer.granted_at or now,
                 tracking_no=request.tracking_no,
-                point_id=answer.point_id if answer.method else request.point_id,
+                point_id=answer.point_id if named else request.point_id,
                 expires_at=answer.expires_at,
                 evidence=answer.evidence or f"answer to consent request {request.id}",
             ),

@@ -54,7 +54,7 @@ from models import (
 from sync import consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import refresh_handover_flags
-from sync.consent_requests import requests_from_events
+from sync.consent_requests import cancel_voided, requests_from_events
 from sync.errors import Conflict
 from sync.events import (
     MAX_SEQ,
@@ -264,6 +264,13 @@ class _BatchIngest:
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
             touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
+        if voided:
+            cancel_voided(
+                session=self.session,
+                device_id=self.pusher.device_id,
+                voided=voided,
+                now=self.received_at,
+            )
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         self._settle_shifts(shifts)

@@ -79,13 +79,15 @@ def open_shift(
     if current is not None:
         raise _already_open(current)
     if first_seq is not None:
-        held = session.scalar(
-            select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == device.id)
+        filed = session.scalar(
+            select(func.max(ScanEvent.seq)).where(
+                ScanEvent.device_id == device.id, ScanEvent.shift_id.is_not(None)
+            )
         )
-        if held is not None and first_seq <= held:
+        if filed is not None and first_seq <= filed:
             raise Conflict(
-                f"first_seq {first_seq} is already used: the server holds events of this "
-                f"PDA up to seq {held}; declare the seq the shift's first event will carry",
+                f"first_seq {first_seq} is already used: this PDA's seq {filed} belongs "
+                "to an earlier shift; declare the seq the shift's first event carries",
                 code="first_seq_used",
                 field="first_seq",
             )
@@ -109,15 +111,21 @@ def open_shift(
         if current is None:
             raise
         raise _already_open(current) from None
-    # Events this courier's PDA recorded just before opening, pushed before it opened,
-    # are filed under it now, as they would have been had they arrived after.
+    # Events of this courier's PDA that belong here but were pushed before it opened
+    # (from its first_seq on, or recorded just before the opening) are filed under it
+    # now, as they would have been had they arrived after.
+    belongs = (
+        ScanEvent.seq >= first_seq
+        if first_seq is not None
+        else ScanEvent.occurred_at >= now - rules.filing_grace
+    )
     session.execute(
         update(ScanEvent)
         .where(
             ScanEvent.device_id == device.id,
             ScanEvent.courier_id == courier_id,
             ScanEvent.shift_id.is_(None),
-            ScanEvent.occurred_at >= now - rules.filing_grace,
+            belongs,
         )
         .values(shift_id=shift.id)
         .execution_options(synchronize_session=False)
@@ -416,6 +424,14 @@ class _Window:
     shift_id: int
     opened_at: dt.datetime
     closed_at: dt.datetime | None
+    first_seq: int | None
+    last_seq: int | None
+
+    def may_hold(self, seq: int) -> bool:
+        """Whether the seqs the PDA declared leave room for ``seq`` in this shift."""
+        return (self.first_seq is None or seq >= self.first_seq) and (
+            self.last_seq is None or seq <= self.last_seq
+        )
 
 
 class ShiftFiler:
@@ -425,21 +441,25 @@ class ShiftFiler:
     on the same PDA never files events into them. Rules, in order:
 
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
-    2. the shift open when the event happened (corrected clock);
-    3. one opened a little after it (``filing_grace``: clocks are estimates);
-    4. one closed a little before it (the last scans at the counter);
+    2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
+       at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
+       clocks say;
+    3. the shift open when the event happened (corrected clock);
+    4. one opened a little after it, or closed a little before it (``filing_grace``:
+       corrected clocks are estimates, off by the push's latency), unless the
+       shift's declared seqs say the event is not its;
     5. otherwise none: events between shifts, or before the first, belong to none.
 
     An event filed under none because its shift opened only after it arrived is
-    filed under that shift when it opens (``open_shift``), so the filing does not
-    depend on when the event was pushed.
+    filed under that shift when it opens (``open_shift``). PDAs that declare their
+    seqs get a filing that does not depend on when anything was pushed.
     """
 
     def __init__(
         self, session: Session, device_id: str, courier_id: int, rules: ShiftRules
     ) -> None:
         shifts = session.execute(
-            select(Shift.id, Shift.opened_at, Shift.closed_at)
+            select(Shift.id, Shift.opened_at, Shift.closed_at, Shift.first_seq, Shift.last_seq)
             .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
             .order_by(Shift.opened_at, Shift.id)
         ).all()
@@ -453,9 +473,18 @@ class ShiftFiler:
             if claimed in self.own:
                 return claimed
             self.wrong_claims[seq] = claimed
+        for window in reversed(self.windows):
+            if (
+                window.first_seq is not None
+                and window.first_seq <= seq
+                and (window.last_seq is None or seq <= window.last_seq)
+            ):
+                return window.shift_id
         near: list[tuple[dt.timedelta, int]] = []
         for window in reversed(self.windows):
             closed = window.closed_at
+            if not window.may_hold(seq):
+                continue
             if window.opened_at <= occurred_at and (closed is None or occurred_at <= closed):
                 return window.shift_id
             if window.opened_at - self.grace <= occurred_at < window.opened_at:

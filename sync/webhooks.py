@@ -34,6 +34,7 @@ never given back after the subscription is created.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import hashlib
 import hmac
@@ -41,6 +42,7 @@ import ipaddress
 import json
 import logging
 import random
+import re
 import secrets
 import socket
 import threading
@@ -85,6 +87,7 @@ MAX_PAGE_SIZE = 500
 # Deliveries claimed at a time: each claim lasts as long as its sends may take, so a
 # worker that dies leaves at most this many deliveries waiting for the claim to expire.
 CLAIM_BATCH = 10
+PER_SUBSCRIPTION = 3  # claimed at a time for one subscription
 SETTLED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEAD)
 
 DELIVERY = WebhookDelivery.__table__
@@ -232,19 +235,19 @@ def verify(
     later with a fresh timestamp. Comparison is constant-time.
     """
     timestamp: int | None = None
-    candidates: list[str] = []
+    candidates: list[bytes] = []
     for item in header.split(","):
         key, _, value = item.strip().partition("=")
-        if key == "t" and value.isdigit():
+        if key == "t" and value.isascii() and value.isdigit():
             timestamp = int(value)
         elif key == "v1":
-            candidates.append(value)
+            candidates.append(value.encode("utf-8", errors="replace"))
     if timestamp is None or not candidates:
         return False
     moment = now.timestamp() if isinstance(now, dt.datetime) else float(now)
     if abs(moment - timestamp) > tolerance:
         return False
-    expected = sign(secret, timestamp, body).partition(",v1=")[2]
+    expected = sign(secret, timestamp, body).partition(",v1=")[2].encode()
     return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
 
 
@@ -471,6 +474,18 @@ class _GuardedBackend(httpcore.SyncBackend):
 
     def __init__(self, *, public_only: bool) -> None:
         self.public_only = public_only
+        # The attempt in progress must end by then (time.monotonic()): resolving,
+        # connecting, sending and every read of the answer are bounded by it, so a
+        # receiver dripping its answer a byte at a time cannot hold a worker.
+        self.deadline: float | None = None
+
+    def remaining(self, timeout: float | None) -> float | None:
+        if self.deadline is None:
+            return timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the attempt's time is up")
+        return left if timeout is None else min(timeout, left)
 
     def connect_tcp(
         self,
@@ -480,8 +495,11 @@ class _GuardedBackend(httpcore.SyncBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
+        lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
         try:
-            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            found = lookup.result(timeout=self.remaining(timeout))
+        except concurrent.futures.TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} took too long") from None
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
@@ -494,12 +512,54 @@ class _GuardedBackend(httpcore.SyncBackend):
         error: Exception = httpcore.ConnectError(f"no address for {host}")
         for address in addresses:
             try:
-                return super().connect_tcp(
-                    address, port, timeout, local_address, socket_options=socket_options
+                stream = super().connect_tcp(
+                    address,
+                    port,
+                    self.remaining(timeout),
+                    local_address,
+                    socket_options=socket_options,
                 )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
+            else:
+                return _BoundedStream(stream, self)
         raise error
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    """A connection whose every read and write ends by its attempt's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, backend: _GuardedBackend) -> None:
+        self._stream = stream
+        self._backend = backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._backend.remaining(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._backend.remaining(timeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        upgraded = self._stream.start_tls(
+            ssl_context, server_hostname, self._backend.remaining(timeout)
+        )
+        return _BoundedStream(upgraded, self._backend)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+# Name resolution has no timeout of its own: it runs here, and an attempt waits for it
+# only until its deadline (a lookup left hanging finishes on its own, harmlessly).
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
 
 
 class HttpxSender:
@@ -513,9 +573,10 @@ class HttpxSender:
         transport = httpx.HTTPTransport(trust_env=False, retries=0)
         # httpx takes no network backend of its own: give its connection pool one that
         # vets addresses (httpx is pinned < 0.29; the SSRF test fails if this breaks).
+        self._backend = _GuardedBackend(public_only=settings.production)
         transport._pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False),
-            network_backend=_GuardedBackend(public_only=settings.production),
+            network_backend=self._backend,
         )
         self._client = httpx.Client(
             transport=transport,
@@ -530,6 +591,7 @@ class HttpxSender:
         except InvalidInput as exc:
             return SendResult(error=exc.message)
         deadline = time.monotonic() + self.settings.timeout_seconds
+        self._backend.deadline = time.monotonic() + self.settings.attempt_bound_seconds
         limit = self.settings.max_response_bytes
         try:
             with self._client.stream(
@@ -561,6 +623,8 @@ class HttpxSender:
             )
         except httpx.HTTPError as exc:
             return SendResult(error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._backend.deadline = None
 
     def close(self) -> None:
         self._client.close()
@@ -590,10 +654,13 @@ class ClaimedDelivery:
     envelope: dict[str, Any] = field(repr=False)
 
 
-def envelope_of(message: OutboxMessage) -> dict[str, Any]:
-    """The JSON document a receiver gets for ``message``."""
+def envelope_of(message: OutboxMessage, delivery_id: uuid.UUID) -> dict[str, Any]:
+    """The JSON document a receiver gets for ``message`` in this delivery. The delivery
+    id is in it, signed, as well as in ``X-Courier-Delivery``: a receiver de-duplicating
+    on it cannot be fooled by a captured request re-sent with another header."""
     return {
         "id": str(message.id),
+        "delivery_id": str(delivery_id),
         "topic": message.topic,
         "created_at": message.created_at.isoformat(),
         "station_id": message.station_id,
@@ -648,21 +715,56 @@ def claim_due(
     )
     unclaimed = or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until <= now)
     with sessions.begin() as session:
-        candidates = session.scalars(
-            select(WebhookDelivery.id)
-            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
-            .where(
-                WebhookDelivery.status == DeliveryStatus.PENDING,
-                WebhookDelivery.next_attempt_at <= due_at,
-                unclaimed,
-                WebhookSubscription.active.is_(True),
-                WebhookSubscription.disabled_at.is_(None),
-                ~waits,
+        candidates: list[int] = []
+        passed_over: set[int] = set()  # held by another worker's claim in progress
+        while True:  # each round passes over rows other workers hold: it ends
+            query = (
+                select(WebhookDelivery.id, WebhookDelivery.subscription_id)
+                .join(
+                    WebhookSubscription,
+                    WebhookSubscription.id == WebhookDelivery.subscription_id,
+                )
+                .where(
+                    WebhookDelivery.status == DeliveryStatus.PENDING,
+                    WebhookDelivery.next_attempt_at <= due_at,
+                    unclaimed,
+                    WebhookSubscription.active.is_(True),
+                    WebhookSubscription.disabled_at.is_(None),
+                    ~waits,
+                )
+                .order_by(WebhookDelivery.id)
+                .limit(limit * 4)
             )
-            .order_by(WebhookDelivery.id)
-            .limit(limit)
-            .with_for_update(of=WebhookDelivery, skip_locked=True)
-        ).all()
+            if passed_over:
+                query = query.where(WebhookDelivery.id.not_in(passed_over))
+            # A few per subscription at a time: one slow or failing receiver must not
+            # keep the others' messages (a recipient waiting at the door) behind it.
+            taken: dict[int, int] = {}
+            picked = []
+            for delivery_id, subscription_id in session.execute(query):
+                if taken.get(subscription_id, 0) < PER_SUBSCRIPTION and len(picked) < limit:
+                    taken[subscription_id] = taken.get(subscription_id, 0) + 1
+                    picked.append(delivery_id)
+            if not picked:
+                break
+            # Lock what no other worker is claiming this instant (PostgreSQL skips rows
+            # locked by another claim); look further when they were all taken.
+            candidates = list(
+                session.scalars(
+                    select(WebhookDelivery.id)
+                    .where(
+                        WebhookDelivery.id.in_(picked),
+                        # Read again under the lock: claimed a moment ago is not free.
+                        WebhookDelivery.status == DeliveryStatus.PENDING,
+                        unclaimed,
+                    )
+                    .order_by(WebhookDelivery.id)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if candidates:
+                break
+            passed_over.update(picked)
         if not candidates:
             return []
         until = now + dt.timedelta(seconds=settings.claim_seconds(len(candidates)))
@@ -697,7 +799,7 @@ def claim_due(
                 attempts=delivery.attempts,
                 url=url,
                 secret=secret,
-                envelope=envelope_of(message),
+                envelope=envelope_of(message, delivery.delivery_id),
             )
             for delivery, message, url, secret in rows
         ]
@@ -822,6 +924,9 @@ def _count_failure(
     return True
 
 
+_PHONE_LIKE = re.compile(r"\+?\d[\d -]{6,}\d")
+
+
 def _scrubbed(result: SendResult, *secret_texts: str) -> SendResult:
     """``result`` without the secret or the signature in what it quotes: a receiver that
     echoes the request must not make us store or log them."""
@@ -830,7 +935,9 @@ def _scrubbed(result: SendResult, *secret_texts: str) -> SendResult:
     def scrub(value: str) -> str:
         for part in filter(None, hidden):
             value = value.replace(part, "[redacted]")
-        return value
+        # Nor a phone number quoted back (a receiver's 400 often repeats the request):
+        # errors reach logs, flags and managers, who see phones masked.
+        return _PHONE_LIKE.sub(lambda m: "*" * (len(m[0]) - 4) + m[0][-4:], value)
 
     return replace(
         result,
@@ -1031,7 +1138,9 @@ class DeliveryLoop:
         """Stop after the attempt in progress; give back the claims not yet sent."""
         self.stop_event.set()
         if wait and self._thread is not None:
-            self._thread.join(timeout=self.settings.attempt_bound_seconds + 5)
+            # Within gunicorn's 30-second graceful shutdown; an attempt still running
+            # then is cut short, and its claim expires and is sent again.
+            self._thread.join(timeout=min(self.settings.attempt_bound_seconds + 5, 25))
 
     def close(self) -> None:
         self.sender.close()

@@ -276,3 +276,53 @@ def test_a_long_pull_waits_for_the_answer_and_an_idle_one_times_out(
     assert answered["response"].status_code == 201
     assert 0.5 <= waited < 10, waited
     assert "consent_request" in [change["kind"] for change in page["changes"]]
+
+
+def test_a_courier_may_not_ask_about_another_stations_parcel_nor_answer(
+    client: FlaskClient, session: Session, world: World, courier: dict[str, str], parcel: str
+) -> None:
+    foreign = factories.parcel(session, world.other_station).tracking_no
+    session.commit()
+    refused = ask(client, courier, foreign)
+    assert refused.status_code == 403
+    assert refused.get_json()["code"] == "parcel_at_other_station"
+    request = ask(client, courier, parcel).get_json()
+    answer = client.post(
+        CONSENTS, json={"request_id": request["id"], "channel": "sms"}, headers=courier
+    )
+    assert answer.status_code == 403
+
+
+def test_a_long_pull_waits_no_longer_than_the_configured_bound(
+    app_with: Any, world: World
+) -> None:
+    app = app_with(MAX_PULL_WAIT_SECONDS=1)
+    client = app.test_client()
+    courier = Auth(client).headers("courier1", "PDA-0001")
+    cursor = _drain(client, courier)
+    started = time.monotonic()
+    page = client.get(f"{PULL}?cursor={cursor}&wait=3600", headers=courier)
+    assert page.status_code == 200 and page.get_json()["changes"] == []
+    assert time.monotonic() - started < 3
+
+
+def test_when_every_waiting_place_is_taken_a_long_pull_answers_at_once(
+    app: Flask, client: FlaskClient, courier: dict[str, str]
+) -> None:
+    from courier_api.api.sync.routes import _waiting_room
+
+    cursor = _drain(client, courier)
+    with app.app_context():
+        room = _waiting_room()
+        for _ in range(app.config["MAX_PULL_WAITERS"]):
+            assert room.acquire(blocking=False)  # PDAs already waiting at doors
+        try:
+            started = time.monotonic()
+            page = client.get(f"{PULL}?cursor={cursor}&wait=5", headers=courier)
+            assert page.status_code == 200 and time.monotonic() - started < 1
+        finally:
+            for _ in range(app.config["MAX_PULL_WAITERS"]):
+                room.release()
+    started = time.monotonic()
+    client.get(f"{PULL}?cursor={cursor}&wait=1", headers=courier)
+    assert time.monotonic() - started >= 0.9  # with a place free, it waits

@@ -38,6 +38,7 @@ EXPECTED_INTERVALS = {
     "blob_missing_at_handover": 900,
     "consent_expiry": 300,
     "proof_retention_purge": 86400,
+    "webhook_retention": 86400,
     "station_reports": 1800,
 }
 

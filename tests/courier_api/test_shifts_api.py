@@ -321,7 +321,9 @@ def test_first_seq_already_used_is_a_conflict(
     client: FlaskClient, session: Session, world: World, pda: Courier
 ) -> None:
     (a,) = parcels(session, world, 1)
+    earlier = pda.open()
     pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    assert pda.close(earlier["id"]).status_code == 200
     response = client.post(SHIFTS, json={"first_seq": 2}, headers=pda.headers)
     assert response.status_code == 409 and response.get_json()["code"] == "first_seq_used"
 

@@ -264,7 +264,13 @@ def settled(app: Flask, client: FlaskClient, auth: Auth, world: World, session: 
     third still pending (another subscription's topic is flag.raised only)."""
     sub = create(client, auth)
     create(client, auth, topics=["flag.raised"])
-    announce(session, "RR000000001GB", station_id=world.station.id, compartment="A1")
+    announce(
+        session,
+        "RR000000001GB",
+        station_id=world.station.id,
+        compartment="A1",
+        recipient_phone="+8613812345678",
+    )
     announce(session, "RR000000002GB", station_id=world.station.id)
     deliver(app, AnswerWith(200, 500))
     announce(session, "RR000000003GB")
@@ -324,7 +330,12 @@ def test_a_delivery_shows_the_message_its_receiver_gets(
     assert body["message_id"] == str(message.id)
     assert body["message"]["id"] == str(message.id)
     assert body["message"]["topic"] == "parcel.in_locker"
-    assert body["message"]["data"] == {"tracking_no": "RR000000001GB", "compartment": "A1"}
+    assert body["message"]["data"] == {
+        "tracking_no": "RR000000001GB",
+        "compartment": "A1",
+        "recipient_phone": "+86*******5678",  # masked: only auditors see phones
+    }
+    assert message.payload["recipient_phone"] == "+8613812345678"  # the receiver's copy
     assert body["ordering_key"] == "RR000000001GB"
 
 

@@ -382,3 +382,70 @@ def test_an_unbalanced_close_and_an_issued_report_are_announced(
     ready = messages(session, "report.ready")
     assert {m.payload["report_id"] for m in ready} == {r["id"] for r in issued["issued"]}
     assert all(m.payload["url"] == f"/api/v1/reports/{m.payload['report_id']}" for m in ready)
+
+
+def test_a_correction_voiding_the_request_cancels_it_whenever_it_arrives(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    subscribe(session, "consent.requested")
+    asked = pda.event(parcel, "consent_requested", 50, request={"method": "locker"})
+    pda.push([asked])
+    voided = pda.event(
+        parcel, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="mis-tap"
+    )
+    pda.push([voided])
+    request = request_of(session)
+    assert request.status == ConsentRequestStatus.CANCELLED
+    with pytest.raises(Conflict) as info:
+        answer(session, request)
+    assert info.value.code == "consent_request_cancelled"
+    # In one push, or the correction first: the request is never sent at all.
+    again = pda.event(parcel, "consent_requested", 52, request={"method": "any"})
+    fix = pda.event(
+        parcel, "correction", 53, voids_client_event_id=again["client_event_id"], reason="oops"
+    )
+    pda.push([fix])
+    pda.push([again])
+    latest = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
+    assert latest.status == ConsentRequestStatus.CANCELLED
+    assert len(messages(session, "consent.requested")) == 1  # only the first was sent
+
+
+def test_a_request_for_another_stations_parcel_is_kept_unsent(
+    session: Session, world: World, pda: Pda
+) -> None:
+    subscribe(session)
+    foreign = factories.parcel(session, world.other_station).tracking_no
+    session.commit()
+    pda.push([pda.event(foreign, "consent_requested", 5, request={"method": "any"})])
+    request = request_of(session)
+    assert (request.status, request.status_reason) == (
+        ConsentRequestStatus.UNSENT,
+        "the parcel belongs to another station",
+    )
+    assert messages(session, "consent.requested") == []
+
+
+def test_an_answer_naming_another_point_is_a_consent_for_that_point(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    pda.push(
+        [
+            pda.event(
+                parcel, "consent_requested", 50, request={"method": "locker", "point_id": "L-77"}
+            )
+        ]
+    )
+    _, consent, _ = answer(session, request_of(session), point_id="L-80")
+    assert (consent.method, consent.point_id) == (ConsentMethod.LOCKER, "L-80")
+
+
+def test_an_answer_dated_before_the_request_is_refused(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    from sync.errors import InvalidInput
+
+    pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
+    with pytest.raises(InvalidInput) as info:
+        answer(session, request_of(session), granted_at=NOW - dt.timedelta(days=400))
+    assert info.value.code == "granted_before_request"

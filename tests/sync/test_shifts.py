@@ -149,7 +149,7 @@ def test_events_are_filed_under_the_shift_open_when_they_happened(
     pda.push([pda.event(a, "returned_to_station")])
     first = pda.close(first)  # at NOW
     second = pda.open(now=NOW + dt.timedelta(minutes=5))
-    after_close = pda.event(a, "out_for_delivery", occurred_at=NOW + dt.timedelta(minutes=1))
+    after_close = pda.event(a, "out_for_delivery", occurred_at=NOW - dt.timedelta(minutes=1))
     before_open = pda.event(a, occurred_at=NOW + dt.timedelta(minutes=4))
     inside_first = pda.event(a, "exception", reason="damaged", occurred_at=at(100))
     named = pda.event(
@@ -162,11 +162,46 @@ def test_events_are_filed_under_the_shift_open_when_they_happened(
     assert filed == {
         1: None,  # before the PDA's first shift
         2: first.id,
-        3: first.id,  # a minute after its close: the last scans at the counter
+        3: first.id,  # a minute before its close
         4: second.id,  # a minute before the next opened: clocks are estimates
         5: first.id,
         6: first.id,  # named by the PDA
     }
+
+
+def test_with_declared_seqs_an_event_between_shifts_is_filed_the_same_whenever_pushed(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A scan a minute before the next shift opens, after the first one closed with its
+    last_seq: pushed before the opening it belongs to none until the opening files it;
+    pushed after, straight to the new shift. (The seqs are the PDA's causal order.)"""
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first, last_seq=2)  # at NOW
+    early = pda.event(a, occurred_at=NOW + dt.timedelta(minutes=1))
+    pda.push([early], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() is None
+    second = pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=5))
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
+        second.id
+    )
+
+
+def test_without_declared_seqs_a_scan_just_after_the_close_belongs_to_the_shift(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Corrected clocks are estimates: the return scanned as the shift closed may be
+    dated a moment after the close by the push's latency."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a)])
+    shift = pda.close(shift)  # at NOW
+    pda.push(
+        [pda.event(a, "returned_to_station", occurred_at=NOW + dt.timedelta(seconds=2))],
+        received_at=NOW + dt.timedelta(seconds=3),
+    )
+    assert shift_balance(session=session, shift=shift).status == "balanced"
 
 
 def test_an_event_long_after_a_close_belongs_to_no_shift_and_reopens_nothing(
@@ -466,12 +501,27 @@ def test_one_open_shift_per_device(session: Session, world: World, pda: Pda) -> 
     assert info.value.code == "shift_already_open" and str(first.id) in info.value.message
 
 
-def test_first_seq_must_be_new(session: Session, world: World, pda: Pda) -> None:
+def test_first_seq_must_not_reach_into_an_earlier_shift(
+    session: Session, world: World, pda: Pda
+) -> None:
     (a,) = parcels(session, world, 1)
+    first = pda.open()
     pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first)
     with pytest.raises(Conflict) as info:
-        pda.open(first_seq=2)
+        pda.open(first_seq=2, now=NOW + dt.timedelta(minutes=1))
     assert info.value.code == "first_seq_used"
+    assert pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1)).first_seq == 3
+
+
+def test_events_sent_before_the_shift_from_its_first_seq_on_are_filed_under_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Check-outs scanned before the PDA could reach the server to open its shift."""
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a, occurred_at=OPENED - dt.timedelta(minutes=40))])
+    shift = pda.open(first_seq=1)
+    assert shift_balance(session=session, shift=shift).checked_out == 1
 
 
 def test_a_last_seq_below_the_shifts_own_events_is_refused(

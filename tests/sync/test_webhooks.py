@@ -165,6 +165,7 @@ def test_the_request_is_signed_and_the_signature_fails_when_body_or_secret_chang
     envelope = json.loads(request.body)
     assert envelope == {
         "id": str(message.id),
+        "delivery_id": str(delivery.delivery_id),  # signed, as the header is not
         "topic": "parcel.in_locker",
         "created_at": T0.isoformat(),
         "station_id": world.station.id,
@@ -684,6 +685,26 @@ def test_the_secret_and_signatures_never_reach_the_log_or_the_stored_error(
     assert sub.secret not in repr(sub)
 
 
+def test_a_phone_number_echoed_by_the_receiver_is_masked_in_the_stored_error(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    subscribe(sessions, receiver.url)
+    announce(sessions, recipient_phone="+8613812345678")
+    receiver.answer(Answer(422, b'{"error": "bad request for +8613812345678"}'))
+    deliver(sessions, sender, T0)
+    [failed] = stored(sessions)
+    assert "+8613812345678" not in (failed.last_error or "")
+    assert failed.last_error is not None and failed.last_error.endswith('**5678"}')
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["t=\u00b2,v1=aa", "t=1,v1=\u00e9", "v1=", "t=,v1=", "garbage", "", "t=99999999999999999999"],
+)
+def test_verify_says_no_to_crafted_headers_without_raising(header: str) -> None:
+    assert webhooks.verify("secret", header, b"{}", now=T0) is False
+
+
 # -- crashes: the outbox delivers what was committed ------------------------------------------
 
 
@@ -825,6 +846,10 @@ def test_two_workers_at_once_never_send_one_delivery_twice(
         session.flush()
         station_id = station.id
     subscribe(sessions, receiver.url)
+    # Each answer takes a moment, as a real receiver's does: the work lasts long enough
+    # for both workers to be at it (else one may finish everything before the other
+    # has started, and prove nothing about sharing).
+    receiver.default = Answer(delay=0.02)
     written: dict[str, list[str]] = {}
     for n in range(60):
         key = f"RR{n % 12:09d}GB"
@@ -870,3 +895,80 @@ def test_two_workers_at_once_never_send_one_delivery_twice(
     with sessions() as session:
         statuses = session.scalars(select(WebhookDelivery.status)).all()
     assert set(statuses) == {DeliveryStatus.DELIVERED}
+
+
+def test_a_receiver_dripping_its_answer_cannot_hold_an_attempt_past_its_bound() -> None:
+    """Each header line comes just before the read timeout would fire: without a
+    deadline on the whole attempt, the send would last as long as the drip."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\n")
+            for n in range(40):
+                if stop.wait(0.8):
+                    return
+                try:
+                    connection.sendall(f"X-Drip-{n}: x\r\n".encode())
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    settings = replace(SETTINGS, timeout_seconds=1)
+    try:
+        with HttpxSender(settings) as sender:
+            started = time.monotonic()
+            result = sender.send(url=f"http://127.0.0.1:{port}/hook", body=b"{}", headers={})
+            took = time.monotonic() - started
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+    assert not result.ok and result.error is not None
+    assert took <= settings.attempt_bound_seconds + 0.5, took
+
+
+def test_one_busy_subscription_does_not_keep_another_waiting(
+    sessions: sessionmaker[Session],
+) -> None:
+    busy = subscribe(sessions, "http://127.0.0.1:9/busy")
+    for n in range(8):
+        announce(sessions, f"RR{n}")  # eight parcels, each a key of its own
+    other = subscribe(sessions, "http://127.0.0.1:9/other", topics=("flag.raised",))
+    announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
+    claimed = webhooks.claim_due(
+        sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w", limit=4
+    )
+    by_subscription = [c.subscription_id for c in claimed]
+    assert by_subscription.count(busy.id) == webhooks.PER_SUBSCRIPTION
+    assert other.id in by_subscription
+
+
+def test_the_retention_job_purges_what_was_delivered_long_ago_and_keeps_the_dead(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    from courier_api.scheduler import JOB_SPECS
+
+    subscribe(sessions, receiver.url)
+    announce(sessions, "RR-OLD")
+    announce(sessions, "RR-DEAD")
+    receiver.answer(Answer(200), Answer(500))
+    deliver(sessions, sender, T0, settings=replace(SETTINGS, max_attempts=1))
+    assert [d.status for d in stored(sessions)] == [DeliveryStatus.DELIVERED, DeliveryStatus.DEAD]
+    purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
+    with sessions.begin() as session:
+        assert purge(session=session, now=T0 + dt.timedelta(days=29))["deliveries"] == 0
+    with sessions.begin() as session:
+        assert purge(session=session, now=T0 + dt.timedelta(days=31))["deliveries"] == 1
+    assert [d.status for d in stored(sessions)] == [DeliveryStatus.DEAD]

@@ -204,7 +204,7 @@ def _answer_request(body: dict[str, Any]) -> Any:
             channel=body["channel"],
             granted_at=body.get("granted_at"),
             expires_at=body.get("expires_at"),
-            method=body.get("method") if body.get("method") != request.method else None,
+            method=body.get("method"),
             point_id=body.get("point_id"),
             evidence=body.get("evidence"),
             reason=body.get("reason"),
@@ -235,8 +235,9 @@ class ConsentRequests(MethodView):
         recipient's channel (`consent.requested` webhook) and lapses at
         `expires_at`. The answer comes back in the PDA's pull feed (long-poll
         `GET /sync/pull?wait=`). Offline, the PDA sends a `consent_requested`
-        event instead. A parcel the station has not taken in, or whose recipient
-        has no phone, gives a request with status `unsent`.
+        event instead. A parcel of another station is refused (403
+        `parcel_at_other_station`); one the station has not taken in, or whose
+        recipient has no phone, gives a request with status `unsent`.
         """
         principal = current_principal()
         assert principal.station_id is not None
@@ -260,6 +261,7 @@ class ConsentRequests(MethodView):
             ttl=dt.timedelta(minutes=current_app.config["CONSENT_REQUEST_TTL_MINUTES"]),
             requested_at=now,
             now=now,
+            online=True,
         )
         db.session.commit()
         return request_view(request, now)

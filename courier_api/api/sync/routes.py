@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from typing import Any
 
@@ -132,27 +133,20 @@ class Pull(MethodView):
         seconds (at most `MAX_PULL_WAIT_SECONDS`) for a change, e.g. the answer
         to a consent request (a `consent_request` entry; each parcel lists this
         courier's latest `consent_requests` and the `consents` in force). An
-        empty page after the wait means nothing happened: pull again.
+        empty page after the wait means nothing happened: pull again. At most
+        `MAX_PULL_WAITERS` pulls wait at a time in each server process; beyond
+        that a pull is answered at once (pull again shortly).
         """
         principal = current_principal()
         assert principal.station_id is not None
         cursor = feed.Cursor.parse(args.get("cursor"))
         wait = min(args["wait"], current_app.config["MAX_PULL_WAIT_SECONDS"])
-        deadline = time.monotonic() + wait
-        while True:
-            page = feed.read_page(
-                session=db.session,
-                station_id=principal.station_id,
-                courier_id=principal.user_id,
-                cursor=cursor,
-                limit=args["limit"],
-            )
-            if page.changes or page.has_more or time.monotonic() >= deadline:
-                break
-            # Nothing new: end the transaction (a fresh snapshot next time; SQLite's
-            # lock released), then look again.
-            db.session.rollback()
-            time.sleep(min(PULL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        waiting = wait > 0 and _waiting_room().acquire(blocking=False)
+        try:
+            page = _read_feed(principal, cursor, args["limit"], wait if waiting else 0)
+        finally:
+            if waiting:
+                _waiting_room().release()
         now = utcnow()
         parcels = [item.parcel for item in page.changes if item.parcel is not None]
         consents = in_force(db.session, parcels, now)
@@ -180,6 +174,37 @@ class Pull(MethodView):
             "next_cursor": str(page.next_cursor),
             "has_more": page.has_more,
         }
+
+
+def _read_feed(
+    principal: Any, cursor: feed.Cursor | None, limit: int, wait: float
+) -> feed.FeedPage:
+    """A page of the feed; when it is empty, look again until ``wait`` seconds passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        page = feed.read_page(
+            session=db.session,
+            station_id=principal.station_id,
+            courier_id=principal.user_id,
+            cursor=cursor,
+            limit=limit,
+        )
+        if page.changes or page.has_more or time.monotonic() >= deadline:
+            return page
+        # Nothing new: end the transaction (a fresh snapshot next time; SQLite's lock
+        # released), then look again.
+        db.session.rollback()
+        time.sleep(min(PULL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def _waiting_room() -> threading.BoundedSemaphore:
+    """This process's places for long pulls: a waiting PDA holds a server thread, and
+    pushes and sign-ins must always find one."""
+    room: threading.BoundedSemaphore = current_app.extensions.setdefault(
+        "courier_api.pull_waiters",
+        threading.BoundedSemaphore(current_app.config["MAX_PULL_WAITERS"]),
+    )
+    return room
 
 
 def _pda_parcel(

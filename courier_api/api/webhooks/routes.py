@@ -29,6 +29,7 @@ from courier_api.extensions import db
 from models import Role, WebhookDelivery, WebhookSubscription, utcnow
 from sync import webhooks
 from sync.outbox import TOPICS
+from sync.phones import mask_phone
 
 blp = ApiBlueprint(
     "webhooks",
@@ -215,8 +216,10 @@ class SubscriptionById(MethodView):
         """Change a webhook subscription
 
         Change its `url`, `topics`, `station_id` (null: every station) or
-        `description`; `active: false` pauses its deliveries (they wait), `active:
-        true` resumes them. On a subscription disabled after too many failures,
+        `description`. `active: false` stops it: the deliveries it has wait, and
+        nothing new is written for it until `active: true` (messages announced in
+        between are not kept for it). On a subscription disabled after too many
+        failures, nothing is lost meanwhile (its messages wait);
         `active: true` enables it again: its failure count starts over, its flag is
         closed and its waiting messages are sent at once. Pending messages go to the
         new `url`. Admins only.
@@ -357,6 +360,18 @@ def _with_message(delivery: WebhookDelivery) -> dict[str, Any]:
             "topic": message.topic,
             "created_at": message.created_at,
             "station_id": message.station_id,
-            "data": message.payload,
+            # Recipients' phones are masked for everyone but auditors (DESIGN.md rule 7).
+            "data": _masked(message.payload),
         }
     }
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: mask_phone(item) if key == "recipient_phone" else _masked(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value

@@ -346,6 +346,13 @@ class WebhookEnvelope(ma.Schema):
         required=True,
         metadata={"description": "The message: the same for every subscription receiving it"},
     )
+    delivery_id = ma.fields.UUID(
+        required=True,
+        metadata={
+            "description": "This delivery: the same on every attempt and replay, and equal "
+            "to X-Courier-Delivery. Signed with the body: de-duplicate on it"
+        },
+    )
     topic = ma.fields.String(
         required=True,
         validate=ma.validate.OneOf(list(TOPICS)),

@@ -201,6 +201,7 @@ def upgrade() -> None:
                 "granted",
                 "refused",
                 "unsent",
+                "cancelled",
                 name="consent_request_status",
                 native_enum=False,
                 create_constraint=True,

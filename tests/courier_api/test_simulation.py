@@ -1,0 +1,111 @@
+"""A simulated station day, played through the API, ends exactly where its plan says.
+
+The plan knows what it meant to happen to every parcel; the server knows only the
+requests it received. For several seeds, each shift's balance (status and every
+count), the board's tally and the flags standing at the station must be what the
+plan expects.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from courier_api.extensions import db
+from courier_api.simulation import InProcess, Simulation, SimulationError, plan_day
+from courier_api.simulation.plan import Fate, Trait
+from tests import factories
+from tests.conftest import Auth
+
+ADMIN = ("sim-admin", factories.PASSWORD)
+
+
+def _admin(app: Flask) -> None:
+    with app.app_context():
+        factories.user(db.session, ADMIN[0], "admin")
+        db.session.commit()
+
+
+def shown(client: FlaskClient, auth: Auth, station_id: int) -> dict[str, Any]:
+    """What the API shows the station's manager and an auditor now."""
+    admin = auth.headers(ADMIN[0])
+    board = client.get(f"/api/v1/stations/{station_id}/handover", headers=admin).get_json()
+    shifts = {}
+    for row in board["shifts"]:
+        balance = row["balance"]
+        shifts[row["courier"]["username"]] = {
+            "status": balance["status"],
+            "shift_status": row["shift_status"],
+            **{
+                name: balance[name]
+                for name in (
+                    "checked_out",
+                    "delivered",
+                    "delivered_without_pod",
+                    "unattended",
+                    "unattended_without_consent",
+                    "returned",
+                    "missing",
+                    "missing_seq_count",
+                    "discrepancy_count",
+                )
+            },
+        }
+    standing: Counter[str] = Counter()
+    for status in ("open", "acknowledged"):
+        after = 0
+        while True:
+            page = client.get(
+                f"/api/v1/flags?station_id={station_id}&status={status}&limit=500&after={after}",
+                headers=admin,
+            ).get_json()
+            standing.update(flag["kind"] for flag in page["items"])
+            if page["next_after"] is None:
+                break
+            after = page["next_after"]
+    totals = board["totals"]
+    return {
+        "shifts": shifts,
+        "board": {k: totals[k] for k in ("shifts", "balanced", "unbalanced", "provisional")},
+        "flags": dict(sorted(standing.items())),
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_station_shows_what_the_simulated_day_planned(committed_app: Flask, seed: int) -> None:
+    _admin(committed_app)
+    plan = plan_day(couriers=6, parcels=66, seed=seed)
+    lines: list[str] = []
+    result = Simulation(InProcess(committed_app), plan, admin=ADMIN, progress=lines.append).run()
+    client = committed_app.test_client()
+    expected = result.expected.as_dict()
+    actual = shown(client, Auth(client), result.station_id)
+    assert actual["shifts"] == expected["shifts"]
+    assert actual["board"] == expected["board"]
+    assert actual["flags"] == expected["flags"]
+    # The day had every kind of PDA and every fate the plan can draw.
+    traits = {t for courier in plan.couriers for t in courier.traits}
+    assert traits == set(Trait)
+    assert len(lines) == 2 + len(plan.couriers)  # a progress line per courier
+    assert expected["board"]["provisional"] == 1  # the PDA whose last batch never came
+
+
+def test_the_plan_is_the_same_for_the_same_seed_and_covers_every_fate() -> None:
+    first = plan_day(couriers=6, parcels=200, seed=11)
+    assert first == plan_day(couriers=6, parcels=200, seed=11)
+    assert first != plan_day(couriers=6, parcels=200, seed=12)
+    assert {p.fate for p in first.parcels} == set(Fate)
+
+
+def test_a_station_that_exists_already_is_refused_with_a_clear_error(
+    committed_app: Flask,
+) -> None:
+    _admin(committed_app)
+    plan = plan_day(couriers=1, parcels=2, seed=5)
+    Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
+    with pytest.raises(SimulationError, match="409"):
+        Simulation(InProcess(committed_app), plan, admin=ADMIN).run()

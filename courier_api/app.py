@@ -60,6 +60,10 @@ def register_blueprints(app: Flask) -> None:
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)
     app.register_blueprint(docs_assets)
+    # The pages for station managers and auditors (/web/...): not part of the OpenAPI.
+    from courier_api.web import init_app as register_pages
+
+    register_pages(app)
     # A person opening the printed URL in a browser lands on the API docs.
     app.add_url_rule("/", "index", lambda: redirect("/docs"))
 

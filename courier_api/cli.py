@@ -239,7 +239,8 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
     from courier_api.serve import serve as run_gunicorn
 
     app = info.load_app()
-    click.echo(f"serving on http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
+    base = f"http://{host}:{port}"
+    click.echo(f"serving on {base}/  (pages: {base}/web/login, API docs: {base}/docs)")
     run_gunicorn(app, host=host, port=port, workers=workers, threads=threads)
 
 

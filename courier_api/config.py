@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -40,6 +42,8 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "APP_ENV": env,
         "DATABASE_URL": environ.get("DATABASE_URL") or f"sqlite:///{instance_path / 'courier.db'}",
         "JWT_SECRET": environ.get("JWT_SECRET", ""),
+        # Signs the web pages' session cookie; empty: derived from JWT_SECRET.
+        "SECRET_KEY": environ.get("SECRET_KEY", ""),
         "JWT_ACCESS_TTL_SECONDS": _int(environ, "JWT_ACCESS_TTL_SECONDS", 3600),
         "JWT_REFRESH_TTL_SECONDS": _int(environ, "JWT_REFRESH_TTL_SECONDS", 14 * 24 * 3600),
         "BLOB_DIR": environ.get("BLOB_DIR") or str(instance_path / "blobs"),
@@ -131,6 +135,24 @@ def ensure_jwt_secret(config: dict[str, Any], instance_path: Path) -> None:
     if config["APP_ENV"] == "production":
         raise ConfigError("JWT_SECRET is required when APP_ENV=production")
     config["JWT_SECRET"] = _development_secret(instance_path / "jwt-secret")
+
+
+def ensure_secret_key(config: dict[str, Any]) -> None:
+    """The key that signs the pages' session cookies (Flask's ``SECRET_KEY``).
+
+    Unset, it is derived from ``JWT_SECRET`` (call after ``ensure_jwt_secret``) with
+    HMAC under a label of its own, so no new variable is required and a session
+    cookie's key never equals the tokens' key. Rotating ``JWT_SECRET`` ends every
+    page session too.
+    """
+    key = config.get("SECRET_KEY") or ""
+    if key:
+        if config["APP_ENV"] == "production" and len(key.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(f"SECRET_KEY must have at least {MIN_JWT_SECRET_BYTES} bytes")
+        return
+    config["SECRET_KEY"] = hmac.new(
+        config["JWT_SECRET"].encode(), b"courier-api web session cookie", hashlib.sha256
+    ).hexdigest()
 
 
 def _development_secret(path: Path) -> str:

@@ -34,9 +34,11 @@ from models import (
 from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
 from sync.handover import (
     BALANCE_RULE_KINDS,
+    COUNT_FIELDS,
     HANDOVER_KINDS,
     MISSING,
     Balance,
+    BalanceStatus,
     FlagRef,
     ParcelTrail,
     ShiftEvent,
@@ -47,21 +49,11 @@ from sync.handover import (
 )
 from sync.projection import EventFact
 from sync.sql import among, chunks
+from sync.status import FACT_COLUMNS
 
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
-EVENT_COLUMNS = (
-    ScanEvent.shift_id,
-    ScanEvent.tracking_no,
-    ScanEvent.id,
-    ScanEvent.device_id,
-    ScanEvent.seq,
-    ScanEvent.type,
-    ScanEvent.occurred_at,
-    ScanEvent.client_event_id,
-    ScanEvent.courier_id,
-    ScanEvent.voids_client_event_id,
-    ScanEvent.station_id,
-)
+# The shift, then the tracking number and EventFact's fields, as the projection reads them.
+EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact.__dataclass_fields__)])
 
 
 @dataclass
@@ -298,6 +290,31 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
     ).all()
     computed = balances(session, [shift for shift, _ in rows])
     return [BoardRow(shift, courier, computed[shift.id]) for shift, courier in rows]
+
+
+def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
+    """The day's counts summed over the board, and how many shifts are in each state."""
+    totals = dict.fromkeys((*COUNT_FIELDS, "missing_seq_count", "discrepancy_count"), 0)
+    tally = dict.fromkeys(
+        (
+            "shifts",
+            BalanceStatus.BALANCED,
+            BalanceStatus.UNBALANCED,
+            BalanceStatus.PROVISIONAL,
+            "open",
+            "closed",
+            "signed_off",
+        ),
+        0,
+    )
+    for row in rows:
+        summary = row.balance.summary()
+        for name in totals:
+            totals[name] += summary[name]
+        tally["shifts"] += 1
+        tally[summary["status"]] += 1
+        tally[row.shift.status.value] += 1
+    return {**totals, **tally}
 
 
 # -- the shift's own flags --------------------------------------------------------------------

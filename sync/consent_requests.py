@@ -178,44 +178,31 @@ def requests_from_events(
             if "expires_at" in asked
             else None
         )
-        draft = RequestDraft(
-            tracking_no=row["tracking_no"],
-            method=ConsentMethod(asked["method"]),
-            point_id=asked.get("point_id"),
-            channel=ConsentChannel(asked["channel"]) if "channel" in asked else None,
-            expires_at=expires_at,
-        )
-        asker = Asker(row["courier_id"], row["station_id"], row["device_id"])
-        try:
-            made.append(
-                request_consent(
-                    session=session,
-                    draft=draft,
-                    asker=asker,
-                    ttl=ttl,
-                    requested_at=row["occurred_at"],
-                    now=now,
-                    event_id=row["id"],
-                    client_event_id=row["client_event_id"],
-                    voided=(row["device_id"], row["client_event_id"]) in voided,
-                )
-            )
-        except InvalidInput:
+        if expires_at is not None and not (
+            row["occurred_at"] < expires_at <= row["occurred_at"] + MAX_TTL
+        ):
             # An expiry the PDA set before the request or a day on: the event stays
             # stored (nothing from the field is lost); the request lapses after the TTL.
-            made.append(
-                request_consent(
-                    session=session,
-                    draft=RequestDraft(draft.tracking_no, draft.method, draft.point_id),
-                    asker=asker,
-                    ttl=ttl,
-                    requested_at=row["occurred_at"],
-                    now=now,
-                    event_id=row["id"],
-                    client_event_id=row["client_event_id"],
-                    voided=(row["device_id"], row["client_event_id"]) in voided,
-                )
+            expires_at = None
+        made.append(
+            request_consent(
+                session=session,
+                draft=RequestDraft(
+                    tracking_no=row["tracking_no"],
+                    method=ConsentMethod(asked["method"]),
+                    point_id=asked.get("point_id"),
+                    channel=ConsentChannel(asked["channel"]) if "channel" in asked else None,
+                    expires_at=expires_at,
+                ),
+                asker=Asker(row["courier_id"], row["station_id"], row["device_id"]),
+                ttl=ttl,
+                requested_at=row["occurred_at"],
+                now=now,
+                event_id=row["id"],
+                client_event_id=row["client_event_id"],
+                voided=(row["device_id"], row["client_event_id"]) in voided,
             )
+        )
     return made
 
 

@@ -392,63 +392,6 @@ def _shift_into(tally: Tally, facts: ShiftFacts) -> Iterator[tuple[str, dt.datet
         yield parcel.tracking_no, delivered_at
 
 
-def daily_report(
-    *,
-    session: Session,
-    station_id: int,
-    day: dt.date,
-    deadlines: OnTimeDeadlines,
-    now: dt.datetime | None = None,
-) -> dict[str, Any]:
-    """The 日监控 of one local day of the station, computed now."""
-    return report(
-        session=session,
-        station_id=station_id,
-        kind=ReportKind.DAILY,
-        start=day,
-        deadlines=deadlines,
-        now=now,
-    )
-
-
-def weekly_report(
-    *,
-    session: Session,
-    station_id: int,
-    week_start: dt.date,
-    deadlines: OnTimeDeadlines,
-    now: dt.datetime | None = None,
-) -> dict[str, Any]:
-    """The 周分析 of the ISO week starting on Monday ``week_start``, computed now."""
-    return report(
-        session=session,
-        station_id=station_id,
-        kind=ReportKind.WEEKLY,
-        start=week_start,
-        deadlines=deadlines,
-        now=now,
-    )
-
-
-def monthly_report(
-    *,
-    session: Session,
-    station_id: int,
-    month_start: dt.date,
-    deadlines: OnTimeDeadlines,
-    now: dt.datetime | None = None,
-) -> dict[str, Any]:
-    """The 月通报 of the month starting on ``month_start`` (the 1st), computed now."""
-    return report(
-        session=session,
-        station_id=station_id,
-        kind=ReportKind.MONTHLY,
-        start=month_start,
-        deadlines=deadlines,
-        now=now,
-    )
-
-
 def report(
     *,
     session: Session,

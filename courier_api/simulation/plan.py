@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models import ServiceClass
+from sync.handover import COUNT_FIELDS
 from sync.tracking import s10_check_digit
 
 
@@ -69,7 +70,7 @@ SIMPLE_FATES = (Fate.DELIVERED, Fate.LOCKER, Fate.RETURNED, Fate.LOCKER_WITHOUT_
 LOST_PARCELS = 2  # how many parcels' final events the lost last batch holds
 TRAITS_IN_ORDER = (Trait.RETRIES, Trait.SKEWED_CLOCK, Trait.OFFLINE, Trait.LOSES_LAST_BATCH)
 STREETS = ("Century Ave", "Zhangyang Rd", "Pudong Ave", "Dongfang Rd", "Yanggao Rd")
-NAMES = ("Li Wei", "Zhang Min", "Wang Fang", "Chen Jing", "Liu Yang", "Huang Lei", "Zhao Xin")
+NAMES = ("Li Wei", "Zhang Min", "Liu Yang", "Huang Lei", "Zhao Xin", "Sun Hao", "Zhou Ting")
 OUTCOME_OF_FATE = {
     Fate.DELIVERED: "delivered",
     Fate.DELIVERED_WITHOUT_POD: "delivered_without_pod",
@@ -208,15 +209,9 @@ def _parcel(rng: random.Random, serial: str, fate: Fate, lost: bool) -> ParcelPl
 
 # -- what the station should show ----------------------------------------------------------
 
-COUNTS = (
-    "checked_out",
-    "delivered",
-    "delivered_without_pod",
-    "unattended",
-    "unattended_without_consent",
-    "returned",
-    "missing",
-)
+# The balance's counts of a shift's own parcels (the simulated PDAs never deliver a
+# parcel they did not check out).
+COUNTS = tuple(name for name in COUNT_FIELDS if name != "not_checked_out")
 
 
 @dataclass

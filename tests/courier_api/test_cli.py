@@ -14,7 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
+from courier_api.extensions import db
 from models import Device, DeviceStatus, Parcel, Role, User
+from tests import factories
 from tests.conftest import World, make_test_app
 
 
@@ -314,3 +316,31 @@ def test_the_demo_is_a_simulated_day_with_something_on_every_page(committed_app:
     }
     proofs = client.get("/api/v1/proofs", headers=headers).get_json()["items"]
     assert proofs
+
+
+def test_simulate_plays_a_day_and_prints_what_the_station_should_show(
+    committed_app: Flask,
+) -> None:
+    with committed_app.app_context():
+        factories.user(db.session, "sim-root", "admin")
+        db.session.commit()
+    runner = committed_app.test_cli_runner()
+    args = ["simulate", "--couriers", "4", "--parcels", "16", "--seed", "9", "--station", "cli"]
+    result = runner.invoke(
+        args=[*args, "--admin-user", "sim-root", "--admin-password-stdin"],
+        input=factories.PASSWORD + "\n",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["station"] == "CLI" and summary["parcels"] == 16
+    assert summary["board"]["shifts"] == 4 and summary["board"]["provisional"] == 1
+    assert "courier 4/4 cli-courier4 (loses_last_batch)" in result.stderr
+    again = runner.invoke(
+        args=[*args, "--admin-user", "sim-root", "--admin-password-stdin"],
+        input=factories.PASSWORD + "\n",
+    )
+    assert again.exit_code == 1 and "409" in again.output  # the station exists already
+    bad = runner.invoke(
+        args=["simulate", "--couriers", "5", "--parcels", "2", "--admin-user", "x"], input="p\n"
+    )
+    assert bad.exit_code == 2 and "a parcel per courier" in bad.output

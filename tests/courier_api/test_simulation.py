@@ -8,7 +8,9 @@ plan expects.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from flask.testing import FlaskClient
 
 from courier_api.extensions import db
 from courier_api.simulation import InProcess, Simulation, SimulationError, plan_day
-from courier_api.simulation.plan import Fate, Trait
+from courier_api.simulation.plan import COUNTS, Fate, Trait
 from tests import factories
 from tests.conftest import Auth
 
@@ -41,18 +43,7 @@ def shown(client: FlaskClient, auth: Auth, station_id: int) -> dict[str, Any]:
             "status": balance["status"],
             "shift_status": row["shift_status"],
             **{
-                name: balance[name]
-                for name in (
-                    "checked_out",
-                    "delivered",
-                    "delivered_without_pod",
-                    "unattended",
-                    "unattended_without_consent",
-                    "returned",
-                    "missing",
-                    "missing_seq_count",
-                    "discrepancy_count",
-                )
+                name: balance[name] for name in (*COUNTS, "missing_seq_count", "discrepancy_count")
             },
         }
     standing: Counter[str] = Counter()
@@ -109,3 +100,68 @@ def test_a_station_that_exists_already_is_refused_with_a_clear_error(
     Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
     with pytest.raises(SimulationError, match="409"):
         Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
+
+
+class BoardTable(HTMLParser):
+    """The rows of the board page: ``{shift id: (status class, [cell texts])}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, tuple[str, list[str]]] = {}
+        self._row: int | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "tr" and (attributes.get("id") or "").startswith("shift-"):
+            self._row = int(str(attributes["id"]).removeprefix("shift-"))
+            self.rows[self._row] = (str(attributes.get("class", "")).removeprefix("row-"), [])
+        elif tag == "td" and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._row is not None and self._cell is not None:
+            self.rows[self._row][1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "tr":
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_board_page_shows_what_the_simulated_day_planned(
+    committed_app: Flask, seed: int
+) -> None:
+    _admin(committed_app)
+    plan = plan_day(couriers=6, parcels=48, seed=seed)
+    result = Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
+    client = committed_app.test_client()
+    form = client.get("/web/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert token
+    signed_in = client.post(
+        "/web/login",
+        data={"csrf_token": token.group(1), "username": ADMIN[0], "password": ADMIN[1]},
+    )
+    assert signed_in.status_code == 302
+    page = client.get(f"/web/board?station={result.station_id}")
+    assert page.status_code == 200
+    table = BoardTable()
+    table.feed(page.get_data(as_text=True))
+    expected = result.expected.shifts
+    courier_of = {shift_id: name for name, shift_id in result.shift_ids.items()}
+    assert set(table.rows) == set(courier_of)
+    columns = (*COUNTS, "missing_seq_count", "discrepancy_count")
+    for shift_id, (status, cells) in table.rows.items():
+        shift = expected[courier_of[shift_id]]
+        assert status == shift.status
+        assert shift.shift_status.replace("_", " ") in cells[2]
+        shown = dict(zip(columns, (int(cell) for cell in cells[4:]), strict=True))
+        assert shown == {
+            **shift.counts,
+            "missing_seq_count": shift.missing_seq_count,
+            "discrepancy_count": shift.discrepancy_count,
+        }

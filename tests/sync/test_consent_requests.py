@@ -449,3 +449,20 @@ def test_an_answer_dated_before_the_request_is_refused(
     with pytest.raises(InvalidInput) as info:
         answer(session, request_of(session), granted_at=NOW - dt.timedelta(days=400))
     assert info.value.code == "granted_before_request"
+
+
+def test_a_request_whose_expiry_the_pda_set_before_it_lapses_after_the_ttl_instead(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    asked_at = NOW - dt.timedelta(hours=1) + dt.timedelta(minutes=50)
+    event = pda.event(
+        parcel,
+        "consent_requested",
+        50,
+        request={"method": "locker", "channel": "app", "expires_at": "2020-01-01T00:00:00Z"},
+    )
+    receipt = pda.push([event])
+    assert receipt["results"][0]["status"] == "applied"
+    request = request_of(session)
+    assert request.expires_at == asked_at + RULES.consent_request_ttl
+    assert request.channel == ConsentChannel.APP

@@ -19,6 +19,7 @@ from models import (
     Device,
     Flag,
     FlagSeverity,
+    ReportKind,
     ServiceClass,
     Shift,
     Station,
@@ -155,8 +156,13 @@ def manual_flag(session: Session, world: World, key: str, at: dt.datetime) -> No
 
 def daily(session: Session, world: World, day: dt.date = DAY, **kw: Any) -> dict[str, Any]:
     kw.setdefault("now", local(DAY + dt.timedelta(days=10), 9))
-    return reports.daily_report(
-        session=session, station_id=world.station.id, day=day, deadlines=DEADLINES, **kw
+    return reports.report(
+        session=session,
+        station_id=world.station.id,
+        kind=ReportKind.DAILY,
+        start=day,
+        deadlines=DEADLINES,
+        **kw,
     )
 
 
@@ -437,10 +443,11 @@ def test_weekly_has_days_couriers_and_the_change_over_the_previous_week(
     run(pda_b, DAY + dt.timedelta(days=2), delivered=1, missing=1)  # Wednesday
     move_flags_to(session, local(DAY + dt.timedelta(days=6), 12))  # Sunday
 
-    body = reports.weekly_report(
+    body = reports.report(
         session=session,
         station_id=world.station.id,
-        week_start=DAY,
+        kind=ReportKind.WEEKLY,
+        start=DAY,
         deadlines=DEADLINES,
         now=local(DAY + dt.timedelta(days=8), 9),
     )
@@ -503,10 +510,11 @@ def test_monthly_report_covers_the_calendar_month(
         shift = pda_a.open(t)
         pda_a.push([pda_a.event(tn, "checked_out", t + dt.timedelta(minutes=1))], t)
         pda_a.close(shift, t + dt.timedelta(hours=1))
-    body = reports.monthly_report(
+    body = reports.report(
         session=session,
         station_id=world.station.id,
-        month_start=dt.date(2026, 11, 1),
+        kind=ReportKind.MONTHLY,
+        start=dt.date(2026, 11, 1),
         deadlines=DEADLINES,
         now=local(dt.date(2026, 12, 1), 8),
     )
@@ -548,10 +556,11 @@ def test_on_time_rate_against_each_class_deadline(
     assert totals["on_time_rate"] == 0.5  # 2 of the 4 measured
     # Other deadlines, other verdicts.
     generous = {c: 1000 for c in ServiceClass}
-    totals = reports.daily_report(
+    totals = reports.report(
         session=session,
         station_id=world.station.id,
-        day=DAY,
+        kind=ReportKind.DAILY,
+        start=DAY,
         deadlines=generous,
         now=local(DAY, 20),
     )["totals"]
@@ -568,10 +577,11 @@ def test_periods_that_have_not_begun_or_are_misaligned_are_refused(
     today = daily(session, world, DAY, now=now)
     assert today["complete"] is False
     with pytest.raises(InvalidInput) as info:
-        reports.weekly_report(
+        reports.report(
             session=session,
             station_id=world.station.id,
-            week_start=DAY + dt.timedelta(days=1),
+            kind=ReportKind.WEEKLY,
+            start=DAY + dt.timedelta(days=1),
             deadlines=DEADLINES,
             now=now,
         )

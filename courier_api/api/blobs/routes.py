@@ -7,7 +7,7 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.schemas import BlobOut
-from courier_api.auth import current_principal
+from courier_api.auth import Principal, current_principal
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Blob, Role
@@ -82,38 +82,46 @@ class BlobBySha256(MethodView):
         retention period (PROOF_RETENTION_DAYS) has been purged: 410 `blob_purged`,
         saying when.
         """
-        blob = get_blob(session=db.session, digest=sha256)
-        principal = current_principal()
-        if not may_read_blob(
+        return image_response(sha256, current_principal())
+
+
+def image_response(sha256: str, principal: Principal) -> Response:
+    """A proof image for ``principal``, as the API and the pages serve it.
+
+    Read only when they may (``may_read_blob``: not found otherwise, so an image
+    of another station does not even show it exists), refused once purged, and,
+    for an auditor, on record in the audit log before it goes out (DESIGN.md rule 7).
+    """
+    blob = get_blob(session=db.session, digest=sha256)
+    if not may_read_blob(
+        session=db.session,
+        digest=blob.sha256,
+        user_id=principal.user_id,
+        station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
+        everything=principal.role in (Role.ADMIN, Role.AUDITOR),
+    ):
+        raise NotFound(f"no blob {sha256}", code="blob_not_found")
+    ensure_not_purged(blob)
+    try:
+        data = blob_store().read(blob.sha256)
+    except FileNotFoundError:
+        log.error("blob %s is recorded but its file is missing from the store", sha256)
+        raise NotFound(
+            f"the bytes of blob {sha256} are missing; upload the image again",
+            code="blob_bytes_missing",
+        ) from None
+    if principal.role == Role.AUDITOR:
+        audit.append(
             session=db.session,
-            digest=blob.sha256,
-            user_id=principal.user_id,
-            station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
-            everything=principal.role in (Role.ADMIN, Role.AUDITOR),
-        ):
-            raise NotFound(f"no blob {sha256}", code="blob_not_found")
-        ensure_not_purged(blob)
-        try:
-            data = blob_store().read(blob.sha256)
-        except FileNotFoundError:
-            log.error("blob %s is recorded but its file is missing from the store", sha256)
-            raise NotFound(
-                f"the bytes of blob {sha256} are missing; upload the image again",
-                code="blob_bytes_missing",
-            ) from None
-        if principal.role == Role.AUDITOR:
-            # DESIGN.md rule 7: the image goes out only once its read is on record.
-            audit.append(
-                session=db.session,
-                actor_id=principal.user_id,
-                action="blob_read",
-                subject_type="blob",
-                subject_key=blob.sha256,
-                details={"media_type": blob.media_type, "size_bytes": blob.size_bytes},
-            )
-            db.session.commit()
-        response = Response(data, mimetype=blob.media_type)
-        response.headers["ETag"] = f'"{blob.sha256}"'
-        response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+            actor_id=principal.user_id,
+            action="blob_read",
+            subject_type="blob",
+            subject_key=blob.sha256,
+            details={"media_type": blob.media_type, "size_bytes": blob.size_bytes},
+        )
+        db.session.commit()
+    response = Response(data, mimetype=blob.media_type)
+    response.headers["ETag"] = f'"{blob.sha256}"'
+    response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

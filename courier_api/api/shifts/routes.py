@@ -23,9 +23,8 @@ from courier_api.config import shift_rules_of
 from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
 from sync import directory, shifts
-from sync.balances import shift_balance, station_board
+from sync.balances import board_totals, shift_balance, station_board
 from sync.errors import PermissionDenied
-from sync.handover import COUNT_FIELDS, BalanceStatus
 
 blp = ApiBlueprint(
     "shifts", __name__, url_prefix="/api/v1", description="Shifts, handover balance, sign-off"
@@ -214,27 +213,10 @@ class StationHandover(MethodView):
         station = directory.get_station(session=db.session, station_id=station_id)
         day = args["date"] or shifts.local_date(utcnow(), station.timezone)
         rows = station_board(session=db.session, station_id=station_id, work_date=day)
-        totals: dict[str, int] = dict.fromkeys(
-            (*COUNT_FIELDS, "missing_seq_count", "discrepancy_count"), 0
-        )
-        tally = {
-            "shifts": len(rows),
-            **dict.fromkeys(
-                (BalanceStatus.BALANCED, BalanceStatus.UNBALANCED, BalanceStatus.PROVISIONAL),
-                0,
-            ),
-            "open": 0,
-            "signed_off": 0,
-        }
-        board = []
-        for row in rows:
-            summary = row.balance.summary()
-            for name in totals:
-                totals[name] += summary[name]
-            tally[summary["status"]] += 1
-            if row.shift.status.value in tally:
-                tally[row.shift.status.value] += 1
-            board.append(
+        return {
+            "station_id": station_id,
+            "date": day,
+            "shifts": [
                 {
                     "shift_id": row.shift.id,
                     "courier": row.courier,
@@ -244,14 +226,11 @@ class StationHandover(MethodView):
                     "planned_end_at": row.shift.planned_end_at,
                     "closed_at": row.shift.closed_at,
                     "signed_off_at": row.shift.signed_off_at,
-                    "balance": summary,
+                    "balance": row.balance.summary(),
                 }
-            )
-        return {
-            "station_id": station_id,
-            "date": day,
-            "shifts": board,
-            "totals": {**totals, **tally},
+                for row in rows
+            ],
+            "totals": board_totals(rows),
         }
 
 

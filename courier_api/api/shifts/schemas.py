@@ -196,6 +196,7 @@ class BoardTotalsOut(BalanceCounts):
     unbalanced = _count("Shifts with something missing or a discrepancy")
     provisional = _count("Shifts still waiting for events on the PDA")
     open = _count("Shifts still open")
+    closed = _count("Shifts handed over, waiting for a sign-off")
     signed_off = _count("Shifts signed off")
 
 

@@ -1,0 +1,81 @@
+"""What the pages' GET filters and POST forms accept.
+
+HTML forms send every field, empty ones as ``""``: empty means "not given". The
+filters are those of the API (``/api/v1/flags``, ``/api/v1/proofs``), except that
+dates are local days of the station (a date picker), not instants with an offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import marshmallow as ma
+
+from courier_api.api.fields import After, Id, Text
+from models import FlagSeverity, FlagStatus
+from sync.errors import InvalidInput
+from sync.flags import MAX_NOTE_LENGTH
+from sync.proofs import METHODS
+
+
+class _Form(ma.Schema):
+    class Meta:
+        unknown = ma.EXCLUDE
+
+
+class DayArgs(_Form):
+    station = Id()
+    date = ma.fields.Date()
+
+
+class FlagFilter(_Form):
+    station = Id()
+    kind = Text(validate=ma.validate.Length(max=64))
+    severity = ma.fields.Enum(FlagSeverity, by_value=True)
+    status = ma.fields.Enum(FlagStatus, by_value=True)
+    courier_id = Id()
+    raised_from = ma.fields.Date()  # the station's local day, inclusive
+    raised_to = ma.fields.Date()  # inclusive too: the form says "from ... to ..."
+    after = After()
+
+
+class ProofFilter(_Form):
+    station = Id()
+    tracking_no = Text(validate=ma.validate.Length(max=40))
+    courier_id = Id()
+    occurred_from = ma.fields.Date()
+    occurred_to = ma.fields.Date()
+    flag_kind = Text(validate=ma.validate.Length(max=64))
+    method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
+    after = After()
+
+
+class NoteForm(_Form):
+    note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
+
+
+class SignOffForm(_Form):
+    note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
+    force_reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
+
+
+class LoginForm(_Form):
+    username = Text(load_default="", validate=ma.validate.Length(max=64))
+    password = ma.fields.String(load_default="", validate=ma.validate.Length(max=1024))
+
+
+def parse(schema: ma.Schema, source: Mapping[str, str]) -> dict[str, Any]:
+    """The fields of ``source`` that are filled in, validated by ``schema``."""
+    filled = {key: value.strip() for key, value in source.items() if value.strip()}
+    if "password" in source:
+        filled["password"] = source["password"]  # spaces may be part of a password
+    try:
+        loaded: dict[str, Any] = schema.load(filled)
+    except ma.ValidationError as exc:
+        messages = exc.normalized_messages()
+        field = sorted(messages)[0]
+        problem = messages[field]
+        text = problem[0] if isinstance(problem, list) else str(problem)
+        raise InvalidInput(f"{field}: {text}", code="invalid_form", field=field) from None
+    return loaded

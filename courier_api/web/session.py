@@ -1,0 +1,177 @@
+"""Signing in to the pages: a signed session cookie, re-checked on every page, and CSRF.
+
+The session is Flask's signed cookie (``SECRET_KEY``; HttpOnly, SameSite=Lax, Secure
+in production). It holds the user id, the account's credentials version (the
+``ver`` of tokens) and a per-session CSRF secret. Every page loads the account
+again through ``sync.accounts.load_token_subject``, as every API request does with
+its token: a disabled account or a changed password ends the session at once.
+
+Every POST form carries the session's CSRF secret in a hidden field; a POST
+without it, or with another value, is refused (400) before anything else runs.
+SameSite=Lax already keeps the cookie off cross-site POSTs; the token also covers
+browsers that ignore it and same-site attackers (another app on the same host).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import flash, g, redirect, request, session, url_for
+from werkzeug.exceptions import BadRequest
+
+from courier_api.auth import Principal
+from courier_api.extensions import db
+from models import Role, User
+from sync.accounts import load_token_subject
+from sync.errors import AuthenticationFailed, PermissionDenied
+
+USER_KEY = "user_id"
+VERSION_KEY = "credentials_version"
+CSRF_KEY = "csrf"
+CSRF_FIELD = "csrf_token"
+# Who may use the pages; couriers use their PDA, integrations the API.
+PAGE_ROLES = frozenset({Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR})
+# Who may act on what the pages show (resolve flags, sign shifts off).
+DECIDERS = frozenset({Role.STATION_MANAGER, Role.ADMIN})
+
+
+class CsrfRefused(BadRequest):
+    description = (
+        "This form was refused: its security token is missing or out of date (the "
+        "session may have ended in the meantime). Go back, reload the page and send "
+        "it again."
+    )
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking at a page."""
+
+    user: User
+    principal: Principal
+
+    @property
+    def role(self) -> Role:
+        return self.principal.role
+
+    @property
+    def may_decide(self) -> bool:
+        return self.role in DECIDERS
+
+    @property
+    def is_auditor(self) -> bool:
+        return self.role == Role.AUDITOR
+
+
+def csrf_token() -> str:
+    """The session's CSRF secret, created on first use (the login page's form too)."""
+    token: str | None = session.get(CSRF_KEY)
+    if not token:
+        token = secrets.token_urlsafe(32)
+        session[CSRF_KEY] = token
+    return token
+
+
+def check_csrf() -> None:
+    expected = session.get(CSRF_KEY) or ""
+    sent = request.form.get(CSRF_FIELD, "")
+    if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
+        raise CsrfRefused()
+
+
+def sign_in(user: User) -> None:
+    """A new session for ``user``: nothing from the anonymous one survives (fixation)."""
+    session.clear()
+    session.permanent = True
+    session[USER_KEY] = user.id
+    session[VERSION_KEY] = user.credentials_version
+    session[CSRF_KEY] = secrets.token_urlsafe(32)
+
+
+def sign_out() -> None:
+    session.clear()
+
+
+def current_viewer() -> Viewer:
+    viewer: Viewer | None = g.get("viewer")
+    if viewer is None:
+        raise RuntimeError("current_viewer() outside a view decorated with page()")
+    return viewer
+
+
+def _load_viewer() -> Viewer | None:
+    """The signed-in account, checked again now; None (and the session ended) if it no
+    longer may use the pages."""
+    user_id, version = session.get(USER_KEY), session.get(VERSION_KEY)
+    if not isinstance(user_id, int) or not isinstance(version, int):
+        return None
+    try:
+        user, _ = load_token_subject(
+            session=db.session, user_id=user_id, device_id=None, credentials_version=version
+        )
+    except AuthenticationFailed:
+        sign_out()
+        flash(
+            "You were signed out: the account was disabled or its password changed "
+            "since you signed in.",
+            "error",
+        )
+        return None
+    if user.role not in PAGE_ROLES:
+        sign_out()
+        flash("You were signed out: your account may no longer use these pages.", "error")
+        return None
+    principal = Principal(
+        user_id=user.id,
+        username=user.username,
+        role=user.role,
+        station_id=user.station_id,
+        device_id=None,
+    )
+    return Viewer(user=user, principal=principal)
+
+
+def page(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Require a signed-in viewer (and one of ``roles`` when given).
+
+    Not signed in: to the login page, coming back here afterwards (GET). A role that
+    may not do this: 403. ``ensure_station_access`` works in these views as in the
+    API's: the viewer is ``g.principal`` too.
+    """
+    allowed = frozenset(roles) or PAGE_ROLES
+
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            viewer = _load_viewer()
+            if viewer is None:
+                target = request.full_path.rstrip("?") if request.method == "GET" else None
+                return redirect(url_for("web.login", next=target))
+            g.viewer = viewer
+            g.principal = viewer.principal
+            if viewer.role not in allowed:
+                raise PermissionDenied(
+                    f"{viewer.role.value.replace('_', ' ')}s may not do this",
+                    code="role_forbidden",
+                )
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def safe_next(target: str | None) -> str | None:
+    """``target`` if it is a page of ours (no open redirect), else None."""
+    if not target or "\\" in target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/web/"):
+        return None
+    return target

@@ -1,0 +1,632 @@
+"""The pages' routes. Thin: parse the form, check access, call ``sync``, render.
+
+Access is the API's: managers see their own station (another station's board,
+shift or flag is a 403 page), admins and auditors every station; auditors only
+read (no forms are shown to them, and their POSTs are refused with 403). Auditors'
+reads of proofs and proof images are written to the audit log before the page or
+the image goes out, as the API does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    stream_with_context,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from courier_api.api.blobs.routes import blob_store, image_response
+from courier_api.api.proofs.routes import csv_rows
+from courier_api.auth import current_principal, ensure_station_access
+from courier_api.config import policy_of
+from courier_api.errors import domain_status
+from courier_api.extensions import db
+from courier_api.web import charts
+from courier_api.web.forms import (
+    DayArgs,
+    FlagFilter,
+    LoginForm,
+    NoteForm,
+    ProofFilter,
+    SignOffForm,
+    parse,
+)
+from courier_api.web.session import (
+    DECIDERS,
+    PAGE_ROLES,
+    USER_KEY,
+    check_csrf,
+    csrf_token,
+    current_viewer,
+    page,
+    safe_next,
+    sign_in,
+    sign_out,
+)
+from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
+from sync import audit, directory, flags, shifts
+from sync.accounts import authenticate
+from sync.balances import board_totals, station_board
+from sync.errors import (
+    AuthenticationFailed,
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+)
+from sync.handover import OUTCOMES
+from sync.pages import (
+    BlobReader,
+    daily_monitoring,
+    flag_page,
+    image_states,
+    local_range,
+    pod_digests,
+    proof_rows,
+    shift_page,
+    users_by_id,
+)
+from sync.phones import mask_phone
+from sync.proofs import DELIVERY_TYPES, METHODS, get_proof, list_proofs
+from sync.proofs import ProofFilter as ProofQuery
+
+bp = Blueprint(
+    "web",
+    __name__,
+    url_prefix="/web",
+    static_folder="../static",
+    static_url_path="/static",
+)
+
+PAGE_SIZE = 50
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "frame-ancestors 'none'; form-action 'self'"
+)
+COURIER_REFUSED = (
+    "Couriers sign in on their PDA. These pages are for station managers, auditors and admins."
+)
+OTHER_ROLE_REFUSED = (
+    "This account is for systems that use the API. These pages are for station managers, "
+    "auditors and admins."
+)
+OUTCOME_LABELS = {
+    "delivered": "Delivered in person, with proof",
+    "delivered_without_pod": "Delivered in person, without proof",
+    "unattended": "Left in a locker or at a pickup point, authorized",
+    "unattended_without_consent": "Left in a locker or at a pickup point, without consent",
+    "returned": "Returned to the station",
+    "missing": "Missing: checked out, no outcome",
+    "no_outcome": "Not checked out in this shift, no outcome",
+}
+
+
+# -- every request ----------------------------------------------------------------------------
+
+
+@bp.before_request
+def refuse_forged_posts() -> None:
+    if request.method == "POST":
+        check_csrf()
+
+
+@bp.after_request
+def security_headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    if response.mimetype in ("text/html", "text/csv"):
+        # Pages hold recipients' data: not kept by the browser after signing out.
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.context_processor
+def page_context() -> dict[str, Any]:
+    viewer = g.get("viewer")
+    return {
+        "viewer": viewer,
+        "csrf_token": csrf_token,
+        "shown_phone": lambda e164: e164 if viewer and viewer.is_auditor else mask_phone(e164),
+        "outcome_labels": OUTCOME_LABELS,
+    }
+
+
+@bp.app_template_filter("local")
+def local_time(moment: dt.datetime | None, timezone: str = "UTC") -> str:
+    """A stored (UTC) time on the station's wall clock."""
+    if moment is None:
+        return ""
+    return moment.astimezone(ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@bp.app_template_filter("clock_gap")
+def clock_gap(device: dt.datetime, corrected: dt.datetime) -> str:
+    """How far the PDA's clock was from the corrected time: ``+2m05s``, or ``in step``."""
+    seconds = round((device - corrected).total_seconds())
+    if seconds == 0:
+        return "in step"
+    sign = "+" if seconds > 0 else "-"
+    minutes, rest = divmod(abs(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    text = f"{hours}h{minutes:02d}m{rest:02d}s" if hours else f"{minutes}m{rest:02d}s"
+    return sign + text
+
+
+@bp.errorhandler(DomainError)
+def domain_error_page(error: DomainError) -> ResponseReturnValue:
+    if isinstance(error, AuthenticationFailed):
+        sign_out()
+        flash(error.message, "error")
+        return redirect(url_for("web.login"))
+    status = domain_status(error)
+    return render_template("web/error.html", status=status, message=error.message), status
+
+
+@bp.errorhandler(HTTPException)
+def http_error_page(error: HTTPException) -> ResponseReturnValue:
+    status = error.code or 500
+    message = error.description if status < 500 else "Something went wrong; it has been logged."
+    return render_template("web/error.html", status=status, message=message), status
+
+
+# -- signing in -------------------------------------------------------------------------------
+
+
+@bp.get("/")
+def home() -> ResponseReturnValue:
+    return redirect(url_for("web.board"))
+
+
+@bp.get("/login")
+def login() -> ResponseReturnValue:
+    target = safe_next(request.args.get("next"))
+    if session.get(USER_KEY) is not None:
+        return redirect(target or url_for("web.board"))
+    return render_template("web/login.html", next=target)
+
+
+@bp.post("/login")
+def login_submit() -> ResponseReturnValue:
+    form = parse(LoginForm(), request.form)
+    target = safe_next(request.form.get("next"))
+
+    def refused(message: str, status: int) -> ResponseReturnValue:
+        page = render_template(
+            "web/login.html", next=target, error=message, username=form["username"]
+        )
+        return page, status
+
+    try:
+        signed_in = authenticate(
+            session=db.session,
+            username=form["username"],
+            password=form["password"],
+            device_id=None,
+            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
+        )
+    except AuthenticationFailed as exc:
+        return refused(exc.message[:1].upper() + exc.message[1:] + ".", 401)
+    except InvalidInput as exc:
+        if exc.code == "device_required":  # the password was right: it is a courier
+            return refused(COURIER_REFUSED, 403)
+        raise
+    if signed_in.user.role not in PAGE_ROLES:
+        return refused(OTHER_ROLE_REFUSED, 403)
+    sign_in(signed_in.user)
+    return redirect(target or url_for("web.board"))
+
+
+@bp.post("/logout")
+def logout() -> ResponseReturnValue:
+    sign_out()
+    flash("You are signed out.", "ok")
+    return redirect(url_for("web.login"))
+
+
+# -- the station board ------------------------------------------------------------------------
+
+
+@bp.get("/board")
+@page()
+def board() -> ResponseReturnValue:
+    args = parse(DayArgs(), request.args)
+    station = _chosen_station(args.get("station"))
+    day = args.get("date") or shifts.local_date(utcnow(), station.timezone)
+    rows = station_board(session=db.session, station_id=station.id, work_date=day)
+    return render_template(
+        "web/board.html",
+        station=station,
+        stations=_stations_to_pick(),
+        day=day,
+        rows=rows,
+        totals=board_totals(rows),
+    )
+
+
+# -- a shift ----------------------------------------------------------------------------------
+
+
+@bp.get("/shifts/<id:shift_id>")
+@page()
+def shift(shift_id: int) -> ResponseReturnValue:
+    found = shifts.get_shift(session=db.session, shift_id=shift_id)
+    ensure_station_access(found.station_id)
+    view = shift_page(
+        session=db.session,
+        shift=found,
+        policy=policy_of(current_app.config),
+        reader=_blob_reader(),
+        store=blob_store(),
+    )
+    proofs_shown = sorted(
+        e.event.id for d in view.discrepancies for e in d.events if e.event.type in DELIVERY_TYPES
+    )
+    if proofs_shown:
+        _audit_proof_read("proofs_searched", f"shift:{found.id}", {"event_ids": proofs_shown})
+    return render_template("web/shift.html", view=view, tz=view.station.timezone)
+
+
+@bp.post("/shifts/<id:shift_id>/signoff")
+@page(*DECIDERS)
+def sign_off(shift_id: int) -> ResponseReturnValue:
+    form = parse(SignOffForm(), request.form)
+    found = shifts.get_shift(session=db.session, shift_id=shift_id)
+    ensure_station_access(found.station_id)
+    try:
+        shifts.sign_off(
+            session=db.session,
+            shift=found,
+            user_id=current_principal().user_id,
+            note=form["note"],
+            force_reason=form["force_reason"],
+            now=utcnow(),
+        )
+    except (Conflict, InvalidInput) as exc:
+        db.session.rollback()
+        flash(f"Not signed off: {exc.message}", "error")
+    else:
+        db.session.commit()
+        flash(f"Shift {shift_id} is signed off.", "ok")
+    return redirect(url_for("web.shift", shift_id=shift_id))
+
+
+# -- flags ------------------------------------------------------------------------------------
+
+
+@bp.get("/flags")
+@page()
+def flag_queue() -> ResponseReturnValue:
+    args = parse(FlagFilter(), request.args)
+    station = _filtered_station(args.get("station"))
+    raised_from, raised_to = local_range(
+        args.get("raised_from"), args.get("raised_to"), station.timezone if station else "UTC"
+    )
+    items = flags.list_flags(
+        session=db.session,
+        station_id=station.id if station else None,
+        kind=args.get("kind"),
+        severity=args.get("severity"),
+        status=args.get("status"),
+        courier_id=args.get("courier_id"),
+        raised_from=raised_from,
+        raised_to=raised_to,
+        after_id=args["after"],
+        limit=PAGE_SIZE,
+    )
+    filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
+    next_page = (
+        url_for("web.flag_queue", **filled, after=items[-1].id)
+        if len(items) == PAGE_SIZE
+        else None
+    )
+    return render_template(
+        "web/flags.html",
+        items=items,
+        args=filled,
+        station=station,
+        stations=_stations_to_pick(),
+        couriers=_couriers(station),
+        users=users_by_id(db.session, [f.courier_id for f in items]),
+        severities=list(FlagSeverity),
+        statuses=list(FlagStatus),
+        next_page=next_page,
+        here=request.full_path.rstrip("?"),
+        tz=station.timezone if station else "UTC",
+    )
+
+
+@bp.get("/flags/<id:flag_id>")
+@page()
+def flag(flag_id: int) -> ResponseReturnValue:
+    found = flags.get_flag(session=db.session, flag_id=flag_id)
+    ensure_station_access(found.station_id)
+    view = flag_page(session=db.session, flag=found)
+    station = (
+        directory.get_station(session=db.session, station_id=found.station_id)
+        if found.station_id
+        else None
+    )
+    return render_template(
+        "web/flag.html",
+        view=view,
+        here=request.path,
+        tz=station.timezone if station else "UTC",
+    )
+
+
+@bp.post("/flags/<id:flag_id>/acknowledge")
+@page(*DECIDERS)
+def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
+    form = parse(NoteForm(), request.form)
+    found = flags.get_flag(session=db.session, flag_id=flag_id)
+    ensure_station_access(found.station_id)
+    try:
+        flags.acknowledge_flag(
+            session=db.session, flag=found, user_id=current_principal().user_id, note=form["note"]
+        )
+    except (Conflict, InvalidInput) as exc:
+        db.session.rollback()
+        flash(f"Not acknowledged: {exc.message}", "error")
+    else:
+        db.session.commit()
+        flash(f"Flag {flag_id} is acknowledged.", "ok")
+    return redirect(safe_next(request.form.get("next")) or url_for("web.flag", flag_id=flag_id))
+
+
+@bp.post("/flags/<id:flag_id>/resolve")
+@page(*DECIDERS)
+def resolve_flag(flag_id: int) -> ResponseReturnValue:
+    form = parse(NoteForm(), request.form)
+    found = flags.get_flag(session=db.session, flag_id=flag_id)
+    ensure_station_access(found.station_id)
+    try:
+        flags.resolve_flag(
+            session=db.session,
+            flag=found,
+            user_id=current_principal().user_id,
+            note=form["note"] or "",
+        )
+    except (Conflict, InvalidInput) as exc:
+        db.session.rollback()
+        flash(f"Not resolved: {exc.message}", "error")
+    else:
+        db.session.commit()
+        flash(f"Flag {flag_id} is resolved.", "ok")
+    return redirect(safe_next(request.form.get("next")) or url_for("web.flag", flag_id=flag_id))
+
+
+# -- proofs -----------------------------------------------------------------------------------
+
+
+@bp.get("/proofs")
+@page()
+def proofs() -> ResponseReturnValue:
+    args = parse(ProofFilter(), request.args)
+    query, station = _proof_query(args)
+    found = list_proofs(session=db.session, filters=query, after_id=args["after"], limit=PAGE_SIZE)
+    _audit_proof_read("proofs_searched", "search", {"event_ids": [p.event.id for p in found]})
+    filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
+    return render_template(
+        "web/proofs.html",
+        rows=proof_rows(
+            session=db.session,
+            proofs=found,
+            policy=policy_of(current_app.config),
+            reader=_blob_reader(),
+            store=blob_store(),
+        ),
+        users=users_by_id(db.session, [p.event.courier_id for p in found]),
+        couriers=_couriers(station),
+        args=filled,
+        station=station,
+        stations=_stations_to_pick(),
+        methods=list(METHODS),
+        export_url=url_for("web.export_proofs", **filled),
+        next_page=url_for("web.proofs", **filled, after=found[-1].event.id)
+        if len(found) == PAGE_SIZE
+        else None,
+        tz=station.timezone if station else "UTC",
+    )
+
+
+@bp.get("/proofs/export.csv")
+@page()
+def export_proofs() -> ResponseReturnValue:
+    """Every proof matching the page's filters, as the API's export writes them."""
+    query, _ = _proof_query(parse(ProofFilter(), request.args))
+    _audit_proof_read(
+        "proofs_exported",
+        "export",
+        {k: str(v) for k, v in vars(query).items() if v is not None},
+    )
+    auditor = current_viewer().is_auditor
+    response = Response(stream_with_context(csv_rows(query, auditor=auditor)), mimetype="text/csv")
+    response.headers["Content-Disposition"] = 'attachment; filename="proofs.csv"'
+    return response
+
+
+@bp.get("/proofs/<id:event_id>")
+@page()
+def proof(event_id: int) -> ResponseReturnValue:
+    detail = get_proof(session=db.session, event_id=event_id, policy=policy_of(current_app.config))
+    ensure_station_access(detail.proof.parcel.station_id)
+    _audit_proof_read("proof_read", str(event_id), {"tracking_no": detail.proof.event.tracking_no})
+    pod = detail.proof.event.details.get("pod")
+    states = image_states(
+        session=db.session,
+        digests=[d for _, d in pod_digests(pod)],
+        reader=_blob_reader(),
+        store=blob_store(),
+    )
+    station = directory.get_station(session=db.session, station_id=detail.proof.parcel.station_id)
+    return render_template(
+        "web/proof.html",
+        detail=detail,
+        images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
+        consent_required=detail.proof.parcel.service_class
+        in policy_of(current_app.config).consent_required,
+        tz=station.timezone,
+    )
+
+
+@bp.get("/images/<string:sha256>")
+@page()
+def image(sha256: str) -> ResponseReturnValue:
+    """A proof image, as ``GET /api/v1/blobs/<sha256>`` serves it, for a signed-in page."""
+    return image_response(sha256, current_principal())
+
+
+# -- the daily report -------------------------------------------------------------------------
+
+
+@bp.get("/reports/daily")
+@page()
+def daily_report() -> ResponseReturnValue:
+    args = parse(DayArgs(), request.args)
+    station = _chosen_station(args.get("station"))
+    monitoring = daily_monitoring(
+        session=db.session,
+        station_id=station.id,
+        day=args.get("date"),
+        deadlines=current_app.config["DELIVERY_DEADLINE_HOURS"],
+        now=utcnow(),
+    )
+    body = monitoring.report
+    couriers = [
+        (
+            c["full_name"] or c["username"],
+            {
+                **charts.outcome_values(c),
+                "discrepancies": monitoring.discrepancies.get(c["courier_id"], 0),
+            },
+        )
+        for c in body["couriers"]
+    ]
+    week = [(d["date"], charts.outcome_values(d)) for d in monitoring.week]
+    return render_template(
+        "web/report.html",
+        station=station,
+        stations=_stations_to_pick(),
+        report=body,
+        day=dt.date.fromisoformat(body["period_start"]),
+        couriers=couriers,
+        week=monitoring.week,
+        courier_chart=charts.courier_chart(couriers),
+        week_chart=charts.week_chart(week),
+        outcomes=OUTCOMES,
+    )
+
+
+@bp.get("/<path:unknown>")
+def no_such_page(unknown: str) -> ResponseReturnValue:
+    """Any other address under /web: a 404 page, not the API's JSON (and a 405 page for
+    a GET of a form's target, such as /web/logout)."""
+    try:
+        current_app.url_map.bind_to_environ(request.environ).match(method="POST")
+    except HTTPException:
+        raise NotFound(f"there is no page /web/{unknown}", code="page_not_found") from None
+    raise MethodNotAllowed(valid_methods=["POST"])
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _chosen_station(requested: int | None) -> Station:
+    """The station a board or report shows: a manager's own (another is a 403); for
+    admins and auditors the one asked for, else the first."""
+    principal = current_principal()
+    if requested is None:
+        if principal.station_id is not None:
+            requested = principal.station_id
+        else:
+            first = directory.list_stations(session=db.session, limit=1)
+            if not first:
+                raise NotFound("there is no station yet", code="station_not_found")
+            requested = first[0].id
+    ensure_station_access(requested)
+    return directory.get_station(session=db.session, station_id=requested)
+
+
+def _filtered_station(requested: int | None) -> Station | None:
+    """The station a list is limited to: a manager's own; for the others the one asked
+    for, or None for every station."""
+    principal = current_principal()
+    if requested is None and principal.is_cross_station:
+        return None
+    return _chosen_station(requested)
+
+
+def _couriers(station: Station | None) -> list[User]:
+    """The couriers a filter offers: the station's (none when every station is shown)."""
+    if station is None:
+        return []
+    return list(
+        directory.list_users(
+            session=db.session, station_id=station.id, role=Role.COURIER, limit=500
+        )
+    )
+
+
+def _stations_to_pick() -> list[Station]:
+    if not current_principal().is_cross_station:
+        return []
+    return list(directory.list_stations(session=db.session, limit=500))
+
+
+def _blob_reader() -> BlobReader:
+    principal = current_principal()
+    return BlobReader(
+        user_id=principal.user_id,
+        station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
+        everything=principal.role in (Role.ADMIN, Role.AUDITOR),
+    )
+
+
+def _proof_query(args: dict[str, Any]) -> tuple[ProofQuery, Station | None]:
+    station = _filtered_station(args.get("station"))
+    occurred_from, occurred_to = local_range(
+        args.get("occurred_from"),
+        args.get("occurred_to"),
+        station.timezone if station else "UTC",
+    )
+    query = ProofQuery(
+        station_id=station.id if station else None,
+        tracking_no=args.get("tracking_no"),
+        courier_id=args.get("courier_id"),
+        occurred_from=occurred_from,
+        occurred_to=occurred_to,
+        flag_kind=args.get("flag_kind"),
+        method=args.get("method"),
+    )
+    return query, station
+
+
+def _audit_proof_read(action: str, key: str, details: dict[str, Any]) -> None:
+    """Rule 7: an auditor's read of proofs is on record before the page goes out."""
+    principal = current_principal()
+    if principal.role != Role.AUDITOR:
+        return
+    audit.append(
+        session=db.session,
+        actor_id=principal.user_id,
+        action=action,
+        subject_type="proof",
+        subject_key=key,
+        details=details,
+    )
+    db.session.commit()

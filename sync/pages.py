@@ -1,0 +1,470 @@
+"""What the station pages show, gathered in a bounded number of queries.
+
+The pages (``courier_api/web``) read the same services as the API. This module
+gathers what a page shows at once and the API answers in separate calls: a
+shift with the evidence of each discrepancy (its events on both clocks, the
+consent a drop had or lacked, the proof images), the consent behind each drop
+of a page of proofs, whether each proof image can be shown to the reader, and a
+day's monitoring report with the six days before it. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    Blob,
+    Consent,
+    Flag,
+    FlagChange,
+    Parcel,
+    ReportKind,
+    ScanEvent,
+    Shift,
+    Station,
+    User,
+)
+from sync.balances import shift_balance, station_board
+from sync.blobs import BlobStore, may_read_blob
+from sync.consents import consents_for
+from sync.directory import get_station
+from sync.flags import flag_changes
+from sync.handover import (
+    OUTCOMES,
+    Balance,
+    Discrepancy,
+    ParcelOutcome,
+    sign_off_blocked,
+)
+from sync.projection import voided_by
+from sync.proofs import Proof
+from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
+from sync.rules import DROPS, Policy, covers, granted_before, in_force_at
+from sync.shifts import day_bounds
+from sync.sql import among, chunks
+from sync.status import load_events
+
+WEEK_DAYS = 7
+# Kinds whose evidence is about consent: their pages list every consent on record.
+CONSENT_KINDS = frozenset({"unauthorized_locker_drop", "consent_after_drop"})
+POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
+
+
+# -- who reads, and what they may see ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlobReader:
+    """Who is looking at proof images, in the terms of ``sync.blobs.may_read_blob``."""
+
+    user_id: int
+    station_id: int | None  # managers: images uploaded at their station
+    everything: bool  # admins and auditors read every image
+
+
+class ImageState(enum.StrEnum):
+    AVAILABLE = "available"
+    NOT_UPLOADED = "not_uploaded"  # the PDA has not sent it yet
+    PURGED = "purged"  # deleted by the retention purge; the record stays
+    NOT_READABLE = "not_readable"  # uploaded at another station than the reader's
+    BYTES_MISSING = "bytes_missing"  # recorded, but the file is gone from the store
+
+
+@dataclass(frozen=True)
+class ProofImageRef:
+    role: str  # signature | photo
+    sha256: str
+    state: ImageState
+
+
+def pod_digests(pod: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """``[(role, sha256)]`` of the images a POD names."""
+    pod = pod or {}
+    return [(role, pod[key]) for role, key in POD_IMAGES if isinstance(pod.get(key), str)]
+
+
+def image_states(
+    *, session: Session, digests: Iterable[str], reader: BlobReader, store: BlobStore
+) -> dict[str, ImageState]:
+    """Whether each image can be shown to ``reader``, so that a page never shows a
+    broken image: one query for the blobs, and one per image for a station's reader."""
+    wanted = sorted(set(digests))
+    blobs: dict[str, Blob] = {}
+    for chunk in chunks(wanted):
+        blobs.update(
+            (b.sha256, b) for b in session.scalars(select(Blob).where(Blob.sha256.in_(chunk)))
+        )
+    states = {}
+    for digest in wanted:
+        blob = blobs.get(digest)
+        if blob is None:
+            states[digest] = ImageState.NOT_UPLOADED
+        elif blob.purged_at is not None:
+            states[digest] = ImageState.PURGED
+        elif not may_read_blob(
+            session=session,
+            digest=digest,
+            user_id=reader.user_id,
+            station_id=reader.station_id,
+            everything=reader.everything,
+        ):
+            states[digest] = ImageState.NOT_READABLE
+        elif not store.exists(digest):
+            states[digest] = ImageState.BYTES_MISSING
+        else:
+            states[digest] = ImageState.AVAILABLE
+    return states
+
+
+def _images(
+    pod: Mapping[str, Any] | None, states: Mapping[str, ImageState]
+) -> list[ProofImageRef]:
+    return [ProofImageRef(role, digest, states[digest]) for role, digest in pod_digests(pod)]
+
+
+# -- the consent behind a drop ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DropConsent:
+    """For a locker or pickup-point drop: the consent that authorized it, if any."""
+
+    required: bool  # the parcel's class may be left unattended only with consent
+    consent: Consent | None  # the first consent in force before the drop (rule 4)
+
+
+def drop_consents(
+    *, session: Session, drops: Sequence[tuple[int, Parcel]], policy: Policy
+) -> dict[int, DropConsent]:
+    """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in four to six
+    queries however many drops. The same test as a proof's ``authorizing_consent``
+    (``sync.proofs``): covering the drop, granted before it, in force then."""
+    if not drops:
+        return {}
+    parcels = list({p.tracking_no: p for _, p in drops}.values())
+    events = load_events(session, [p.tracking_no for p in parcels])
+    facts = consents_for(session, parcels)
+    chosen: dict[int, int | None] = {}
+    for event_id, parcel in drops:
+        drop = next((e for e in events[parcel.tracking_no] if e.fact.event_id == event_id), None)
+        if drop is None or drop.fact.type not in DROPS:
+            continue
+        chosen[event_id] = next(
+            (
+                fact.id
+                for fact in sorted(facts.get(parcel.tracking_no, []), key=lambda c: c.granted_at)
+                if covers(fact, drop)
+                and granted_before(fact, drop, policy)
+                and in_force_at(fact, drop.fact.occurred_at)
+            ),
+            None,
+        )
+    consents = _consents(session, [cid for cid in chosen.values() if cid is not None])
+    parcel_of = dict(drops)
+    return {
+        event_id: DropConsent(
+            required=parcel_of[event_id].service_class in policy.consent_required,
+            consent=consents.get(consent_id) if consent_id is not None else None,
+        )
+        for event_id, consent_id in chosen.items()
+    }
+
+
+def _consents(session: Session, ids: Iterable[int]) -> dict[int, Consent]:
+    wanted = sorted(set(ids))
+    return {
+        c.id: c
+        for chunk in chunks(wanted)
+        for c in session.scalars(select(Consent).where(Consent.id.in_(chunk)))
+    }
+
+
+# -- the station board ------------------------------------------------------------------------
+
+
+# -- a shift and its evidence -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvidenceEvent:
+    event: ScanEvent
+    voided_by: int | None  # the correction's event id
+    images: list[ProofImageRef]
+
+
+@dataclass(frozen=True)
+class DiscrepancyEvidence:
+    discrepancy: Discrepancy
+    flag: Flag | None
+    parcel: Parcel | None  # None: a tracking number never taken in
+    events: list[EvidenceEvent]  # the flag's events in this shift, in device order
+    drops: dict[int, DropConsent]  # by event id, for the drops among ``events``
+    consents_on_record: list[Consent]  # consent kinds: every consent that could cover it
+
+
+@dataclass(frozen=True)
+class ShiftPage:
+    shift: Shift
+    station: Station
+    users: dict[int, User]  # courier, and who closed and signed it off
+    balance: Balance
+    outcomes: list[tuple[str, list[ParcelOutcome]]]  # by outcome, in the balance's order
+    outcome_events: dict[int, ScanEvent]  # each parcel's outcome event
+    parcels: dict[str, Parcel]
+    discrepancies: list[DiscrepancyEvidence]
+    sign_off_blocked: str | None  # why a sign-off must be forced, or None
+
+
+def shift_page(
+    *, session: Session, shift: Shift, policy: Policy, reader: BlobReader, store: BlobStore
+) -> ShiftPage:
+    """The shift, its balance by outcome and each discrepancy with its evidence.
+
+    About a dozen queries whatever the number of parcels (plus one per proof image of
+    the discrepancies for a station's reader, see ``image_states``).
+    """
+    station = get_station(session=session, station_id=shift.station_id)
+    balance = shift_balance(session=session, shift=shift)
+    users = users_by_id(session, [shift.courier_id, shift.closed_by, shift.signed_off_by])
+    numbers = sorted({p.tracking_no for p in balance.parcels})
+    parcels = _parcels(session, numbers)
+    outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
+    evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
+    events = _events(session, [*outcome_ids, *evidence_ids])
+    flags = {
+        f.id: f
+        for f in session.scalars(
+            select(Flag).where(
+                Flag.id.in_(sorted({d.flag_id for d in balance.discrepancies if d.flag_id}))
+            )
+        )
+    }
+    troubled = sorted({d.tracking_no for d in balance.discrepancies})
+    facts = load_events(session, troubled) if troubled else {}
+    voids = voided_by(e.fact for found in facts.values() for e in found)
+    drops = [
+        (event_id, parcels[events[event_id].tracking_no])
+        for event_id in sorted(evidence_ids)
+        if event_id in events
+        and events[event_id].type in DROPS
+        and events[event_id].tracking_no in parcels
+    ]
+    consents = drop_consents(session=session, drops=drops, policy=policy)
+    on_record = _consents_on_record(
+        session,
+        [
+            parcels[d.tracking_no]
+            for d in balance.discrepancies
+            if d.kind in CONSENT_KINDS and d.tracking_no in parcels
+        ],
+    )
+    states = image_states(
+        session=session,
+        digests=[
+            digest
+            for event_id in evidence_ids
+            if event_id in events
+            for _, digest in pod_digests(events[event_id].details.get("pod"))
+        ],
+        reader=reader,
+        store=store,
+    )
+    discrepancies = []
+    for d in balance.discrepancies:
+        shown = sorted(
+            (events[i] for i in d.event_ids if i in events), key=lambda e: (e.device_id, e.seq)
+        )
+        discrepancies.append(
+            DiscrepancyEvidence(
+                discrepancy=d,
+                flag=flags.get(d.flag_id) if d.flag_id else None,
+                parcel=parcels.get(d.tracking_no),
+                events=[
+                    EvidenceEvent(e, voids.get(e.id), _images(e.details.get("pod"), states))
+                    for e in shown
+                ],
+                drops={e.id: consents[e.id] for e in shown if e.id in consents},
+                consents_on_record=on_record.get(d.tracking_no, [])
+                if d.kind in CONSENT_KINDS
+                else [],
+            )
+        )
+    grouped: dict[str, list[ParcelOutcome]] = defaultdict(list)
+    for parcel in balance.parcels:
+        grouped[parcel.outcome].append(parcel)
+    order = [*OUTCOMES, *sorted(set(grouped) - set(OUTCOMES))]
+    return ShiftPage(
+        shift=shift,
+        station=station,
+        users=users,
+        balance=balance,
+        outcomes=[(outcome, grouped[outcome]) for outcome in order if grouped.get(outcome)],
+        outcome_events={i: events[i] for i in outcome_ids if i in events},
+        parcels=parcels,
+        discrepancies=discrepancies,
+        sign_off_blocked=sign_off_blocked(balance),
+    )
+
+
+def _parcels(session: Session, numbers: Sequence[str]) -> dict[str, Parcel]:
+    return {
+        p.tracking_no: p
+        for chunk in chunks(numbers)
+        for p in session.scalars(select(Parcel).where(among(session, Parcel.tracking_no, chunk)))
+    }
+
+
+def _events(session: Session, ids: Iterable[int]) -> dict[int, ScanEvent]:
+    wanted = sorted(set(ids))
+    return {
+        e.id: e
+        for chunk in chunks(wanted)
+        for e in session.scalars(select(ScanEvent).where(among(session, ScanEvent.id, chunk)))
+    }
+
+
+def _consents_on_record(session: Session, parcels: Sequence[Parcel]) -> dict[str, list[Consent]]:
+    """Every consent that could cover each parcel, oldest grant first."""
+    if not parcels:
+        return {}
+    facts = consents_for(session, parcels)
+    rows = _consents(session, [f.id for found in facts.values() for f in found])
+    return {
+        tracking_no: sorted(
+            (rows[f.id] for f in found if f.id in rows), key=lambda c: (c.granted_at, c.id)
+        )
+        for tracking_no, found in facts.items()
+    }
+
+
+def users_by_id(session: Session, ids: Iterable[int | None]) -> dict[int, User]:
+    wanted = sorted({i for i in ids if i is not None})
+    return {
+        u.id: u
+        for chunk in chunks(wanted)
+        for u in session.scalars(select(User).where(User.id.in_(chunk)))
+    }
+
+
+# -- a flag -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlagPage:
+    flag: Flag
+    changes: Sequence[FlagChange]
+    events: list[ScanEvent]  # the evidence's events, in device order
+    users: dict[int, User]  # the courier and whoever changed the flag
+
+
+def flag_page(*, session: Session, flag: Flag) -> FlagPage:
+    changes = flag_changes(session=session, flag=flag)
+    ids = [i for i in flag.evidence.get("event_ids") or () if isinstance(i, int)]
+    events = sorted(_events(session, ids).values(), key=lambda e: (e.device_id, e.seq))
+    users = users_by_id(session, [flag.courier_id, *(c.by_user_id for c in changes)])
+    return FlagPage(flag=flag, changes=changes, events=events, users=users)
+
+
+# -- proofs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProofRow:
+    proof: Proof
+    images: list[ProofImageRef]
+    drop: DropConsent | None  # locker and pickup-point drops only
+
+
+def proof_rows(
+    *,
+    session: Session,
+    proofs: Sequence[Proof],
+    policy: Policy,
+    reader: BlobReader,
+    store: BlobStore,
+) -> list[ProofRow]:
+    """A page of proofs with their images' states and each drop's consent."""
+    consents = drop_consents(
+        session=session,
+        drops=[(p.event.id, p.parcel) for p in proofs if p.event.type in DROPS],
+        policy=policy,
+    )
+    states = image_states(
+        session=session,
+        digests=[d for p in proofs for _, d in pod_digests(p.event.details.get("pod"))],
+        reader=reader,
+        store=store,
+    )
+    return [
+        ProofRow(
+            proof=p,
+            images=_images(p.event.details.get("pod"), states),
+            drop=consents.get(p.event.id),
+        )
+        for p in proofs
+    ]
+
+
+def local_range(
+    first: dt.date | None, last: dt.date | None, timezone: str
+) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """``[start of first, end of last)`` of a station's local days, in UTC (either open)."""
+    start = day_bounds(first, timezone)[0] if first else None
+    end = day_bounds(last, timezone)[1] if last else None
+    return start, end
+
+
+# -- the daily monitoring report --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DailyMonitoring:
+    report: dict[str, Any]  # sync.reports' daily report, as the API answers it
+    week: list[dict[str, Any]]  # the day and the six before it: {"date", **metrics}
+    discrepancies: dict[int, int]  # by courier: discrepancies of their shifts that day
+
+
+def daily_monitoring(
+    *,
+    session: Session,
+    station_id: int,
+    day: dt.date | None,
+    deadlines: OnTimeDeadlines,
+    now: dt.datetime,
+) -> DailyMonitoring:
+    """The daily report of ``day`` (default: the station's yesterday), the six days
+    before it for a chart, and each courier's discrepancy count from the day's board.
+
+    Bounded: nine days' tallies (the day, its previous day, the week) and one board.
+    """
+    body = report(
+        session=session,
+        station_id=station_id,
+        kind=ReportKind.DAILY,
+        start=day,
+        deadlines=deadlines,
+        now=now,
+    )
+    shown = dt.date.fromisoformat(body["period_start"])
+    station = get_station(session=session, station_id=station_id)
+    days = [
+        shown - dt.timedelta(days=n)
+        for n in reversed(range(WEEK_DAYS))
+        if shown - dt.timedelta(days=n) >= EARLIEST
+    ]
+    week = [
+        {"date": t.day.isoformat(), **t.total().metrics()}
+        for t in StationDays(session, station, deadlines).of(days)
+    ]
+    discrepancies: dict[int, int] = defaultdict(int)
+    for row in station_board(session=session, station_id=station_id, work_date=shown):
+        discrepancies[row.shift.courier_id] += len(row.balance.discrepancies)
+    return DailyMonitoring(report=body, week=week, discrepancies=dict(discrepancies))

@@ -1,0 +1,633 @@
+"""The station pages through Flask's test client: sign-in, access, CSRF, what each page
+shows, the images route, audit logging and the CSV export (the browser tests in
+``tests/browser`` drive the same pages in Chromium)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.test import TestResponse
+
+from courier_api.extensions import api
+from models import AuditEntry, Blob, Flag, FlagStatus, Role, ShiftStatus
+from sync.pages import drop_consents
+from sync.proofs import get_proof
+from sync.rules import Policy
+from sync.shifts import day_bounds
+from tests import factories
+from tests.browser import station_day
+from tests.browser.station_day import StationDay
+from tests.conftest import Auth
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+class Pages:
+    """A browser's worth of cookies on the pages, signing in through the form."""
+
+    def __init__(self, client: FlaskClient) -> None:
+        self.client = client
+
+    def login(self, username: str, password: str = factories.PASSWORD, **extra: str) -> Any:
+        form = self.client.get("/web/login").get_data(as_text=True)
+        token = CSRF.search(form)
+        assert token, form
+        return self.client.post(
+            "/web/login",
+            data={"csrf_token": token.group(1), "username": username, "password": password}
+            | extra,
+        )
+
+    def token(self) -> str:
+        with self.client.session_transaction() as session:
+            return str(session["csrf"])
+
+    def post(self, path: str, **form: str) -> TestResponse:
+        return self.client.post(path, data={"csrf_token": self.token(), **form})
+
+    def get(self, path: str, status: int = 200) -> str:
+        response = self.client.get(path)
+        assert response.status_code == status, (path, response.status_code, response.location)
+        return response.get_data(as_text=True)
+
+    def forms_posting_to(self, html: str) -> list[str]:
+        return re.findall(r'<form method="post" action="([^"]+)"', html)
+
+
+@pytest.fixture
+def day(session: Session, app: Flask) -> StationDay:
+    return station_day.build(session, app.config["BLOB_DIR"], history_days=0)
+
+
+def signed_in(app: Flask, username: str) -> Pages:
+    pages = Pages(app.test_client())
+    response = pages.login(username)
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return pages
+
+
+def audit_actions(session: Session) -> list[tuple[str, str, int | None]]:
+    return [
+        (e.action, e.subject_key, e.actor_id)
+        for e in session.scalars(select(AuditEntry).order_by(AuditEntry.id))
+    ]
+
+
+# -- signing in -------------------------------------------------------------------------------
+
+
+def test_a_manager_signs_in_and_gets_a_hardened_session_cookie(
+    app: Flask, day: StationDay
+) -> None:
+    pages = Pages(app.test_client())
+    login = pages.get("/web/login")
+    assert 'href="/docs"' in login and 'name="csrf_token"' in login
+    response = pages.login("manager")
+    assert response.status_code == 302 and response.location == "/web/board"
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if "courier_session=" in c)
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "Secure" not in cookie  # only when APP_ENV=production
+    board = pages.get("/web/board")
+    assert "Wang Fang · station manager" in board
+
+
+def test_the_session_cookie_is_secure_in_production(app_with: Any) -> None:
+    production = app_with(APP_ENV="production", SECRET_KEY="")
+    assert production.config["SESSION_COOKIE_SECURE"] is True
+    assert len(production.config["SECRET_KEY"]) == 64  # derived from JWT_SECRET by HMAC
+    assert production.config["SECRET_KEY"] != production.config["JWT_SECRET"]
+
+
+def test_signing_in_returns_to_the_page_asked_for_and_never_off_site(
+    app: Flask, day: StationDay
+) -> None:
+    pages = Pages(app.test_client())
+    response = pages.client.get(f"/web/shifts/{day.unbalanced.id}")
+    assert response.status_code == 302
+    assert response.location == f"/web/login?next=/web/shifts/{day.unbalanced.id}"
+    response = pages.login("manager", next=f"/web/shifts/{day.unbalanced.id}")
+    assert response.location == f"/web/shifts/{day.unbalanced.id}"
+    for target in ("https://evil.example/web/board", "//evil.example/web/board", "/docs"):
+        other = Pages(app.test_client())
+        assert other.login("manager", next=target).location == "/web/board"
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "status", "message"),
+    [
+        ("manager", "wrong-password", 401, "Wrong username or password."),
+        ("nobody", factories.PASSWORD, 401, "Wrong username or password."),
+        ("liwei", factories.PASSWORD, 403, "Couriers sign in on their PDA."),
+        (
+            "recipient-app",
+            factories.PASSWORD,
+            403,
+            "This account is for systems that use the API.",
+        ),
+    ],
+)
+def test_who_may_not_sign_in_is_told_why(
+    app: Flask, day: StationDay, username: str, password: str, status: int, message: str
+) -> None:
+    pages = Pages(app.test_client())
+    response = pages.login(username, password)
+    assert response.status_code == status
+    assert message in response.get_data(as_text=True)
+    assert pages.client.get("/web/board").status_code == 302  # not signed in
+
+
+def test_logout_is_a_post_and_ends_the_session(app: Flask, day: StationDay) -> None:
+    pages = signed_in(app, "manager")
+    assert pages.client.get("/web/logout").status_code == 405
+    response = pages.post("/web/logout")
+    assert response.status_code == 302 and response.location == "/web/login"
+    assert "You are signed out." in pages.get("/web/login")
+    assert pages.client.get("/web/board").status_code == 302
+
+
+@pytest.mark.parametrize("change", ["password", "disabled", "role"])
+def test_the_session_ends_when_the_account_changes(
+    app: Flask, session: Session, day: StationDay, change: str
+) -> None:
+    pages = signed_in(app, "manager")
+    pages.get("/web/board")
+    if change == "password":
+        day.manager.credentials_version += 1  # what a password change does
+    elif change == "disabled":
+        day.manager.active = False
+    else:
+        day.manager.role = Role.COURIER
+    session.commit()
+    response = pages.client.get("/web/board")
+    assert response.status_code == 302 and response.location.startswith("/web/login")
+    assert "You were signed out" in pages.get("/web/login")
+    assert pages.client.get("/web/board").status_code == 302  # the session is gone
+
+
+# -- CSRF -------------------------------------------------------------------------------------
+
+
+def test_a_post_without_the_session_csrf_token_is_refused(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    anonymous = Pages(app.test_client())
+    response = anonymous.client.post(
+        "/web/login", data={"username": "manager", "password": factories.PASSWORD}
+    )
+    assert response.status_code == 400
+    assert "security token is missing or out of date" in response.get_data(as_text=True)
+
+    pages = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    path = f"/web/flags/{flag.id}/resolve"
+    for data in ({"note": "x"}, {"note": "x", "csrf_token": "forged"}):
+        response = pages.client.post(path, data=data)
+        assert response.status_code == 400
+        assert "text/html" in response.content_type
+    other = signed_in(app, "manager")  # another session's token does not do either
+    response = pages.client.post(path, data={"note": "x", "csrf_token": other.token()})
+    assert response.status_code == 400
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+
+
+# -- access -----------------------------------------------------------------------------------
+
+
+def test_a_manager_of_another_station_is_refused_with_a_403_page(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager.mhg")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    for path in (
+        f"/web/board?station={day.station.id}",
+        f"/web/shifts/{day.unbalanced.id}",
+        f"/web/flags/{flag.id}",
+        f"/web/flags?station={day.station.id}",
+        f"/web/proofs/{day.drop_event_id}",
+        f"/web/reports/daily?station={day.station.id}&date={day.day}",
+    ):
+        html = pages.get(path, status=403)
+        assert "this belongs to another station" in html, path
+    assert pages.post(f"/web/flags/{flag.id}/resolve", note="not mine").status_code == 403
+    assert pages.client.get(f"/web/images/{day.uploaded[0]}").status_code == 404
+    # Their own station's pages work, without a station picker.
+    board = pages.get(f"/web/board?date={day.day}")
+    assert "MHG" in board and "Zhao Lei" in board and 'name="station"' not in board
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+
+
+def test_an_auditor_reads_every_station_but_gets_no_forms_and_may_not_post(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "auditor")
+    board = pages.get(f"/web/board?station={day.station.id}&date={day.day}")
+    assert 'name="station"' in board and "MHG · Minhang Gumei" in board
+    flag = day.flag(session, "unauthorized_locker_drop")
+    for path in (
+        f"/web/board?date={day.day}",
+        f"/web/shifts/{day.provisional.id}",
+        f"/web/flags?station={day.station.id}",
+        f"/web/flags/{flag.id}",
+        f"/web/proofs?station={day.station.id}",
+    ):
+        assert pages.forms_posting_to(pages.get(path)) == ["/web/logout"], path
+    assert pages.post(f"/web/flags/{flag.id}/resolve", note="auditor").status_code == 403
+    assert pages.post(f"/web/flags/{flag.id}/acknowledge").status_code == 403
+    response = pages.post(f"/web/shifts/{day.balanced.id}/signoff", note="auditor")
+    assert response.status_code == 403
+    assert "auditors may not do this" in response.get_data(as_text=True)
+    session.refresh(flag)
+    session.refresh(day.balanced)
+    assert flag.status == FlagStatus.OPEN
+    assert day.balanced.status == ShiftStatus.CLOSED
+
+
+def test_a_manager_sees_masked_phone_numbers_and_an_auditor_the_whole_number(
+    app: Flask, day: StationDay
+) -> None:
+    path = f"/web/proofs/{day.drop_event_id}"
+    manager = signed_in(app, "manager").get(path)
+    assert "+86*******5678" in manager and "+8613812345678" not in manager
+    auditor = signed_in(app, "auditor").get(path)
+    assert "+8613812345678" in auditor
+
+
+# -- the pages --------------------------------------------------------------------------------
+
+
+def test_the_board_lists_each_shift_with_its_balance_and_the_days_totals(
+    app: Flask, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager")
+    html = pages.get(f"/web/board?date={day.day}")
+    rows = re.findall(r'<tr class="row-(\w+)" id="shift-(\d+)">', html)
+    assert rows == [
+        ("balanced", str(day.balanced.id)),
+        ("unbalanced", str(day.unbalanced.id)),
+        ("provisional", str(day.provisional.id)),
+        ("unbalanced", str(day.open.id)),
+    ]
+    for courier in ("Li Wei", "Zhang Min", "Wang Qiang", "Chen Lu"):
+        assert courier in html
+    assert "1 balanced</span>" in html and "2 unbalanced</span>" in html
+    assert f'href="/web/shifts/{day.unbalanced.id}"' in html
+    totals = re.search(r"<tfoot>(.*?)</tfoot>", html, re.S)
+    assert totals is not None
+    numbers = re.findall(r'<td class="num">(\d+)</td>', totals.group(1))
+    # checked out, delivered, no POD, unattended, no consent, returned, missing, seqs, discr.
+    assert numbers == ["16", "7", "0", "2", "1", "2", "4", "1", "3"]
+    empty = pages.get(f"/web/board?date={day.day - dt.timedelta(days=1)}")
+    assert "No shift opened at PDG" in empty
+
+
+def test_the_unbalanced_shift_shows_each_discrepancy_with_its_evidence(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager")
+    html = pages.get(f"/web/shifts/{day.unbalanced.id}")
+    drop_flag = day.flag(session, "unauthorized_locker_drop")
+    missing_flag = day.flag(
+        session, "missing_at_handover", subject_key=f"{day.unbalanced.id}:{day.missing_parcel}"
+    )
+    assert "Discrepancies (2)" in html
+    assert f'href="/web/flags/{drop_flag.id}"' in html
+    assert f'href="/web/flags/{missing_flag.id}"' in html
+    assert "No consent before this drop" in html
+    assert "No consent on record for this parcel or its recipient." in html
+    assert "HIVE-PDG-03, compartment A07" in html
+    assert "+4m00s" in html  # the PDA's clock ran four minutes fast
+    assert re.search(r"31\.\d{5}, 121\.\d{5} ±\d+ m", html)
+    proof = get_proof(session=session, event_id=day.drop_event_id, policy=Policy())
+    photo = proof.proof.event.details["pod"]["photo_sha256"]
+    assert f'src="/web/images/{photo}"' in html
+    assert 'class="badge flag-open">open</span>' in html
+    assert "Missing: checked out, no outcome: 1" in html and day.missing_parcel in html
+    assert pages.forms_posting_to(html) == [
+        "/web/logout",
+        f"/web/shifts/{day.unbalanced.id}/signoff",
+    ]
+    assert "force_reason" not in html  # not provisional: no reason asked for
+
+
+def test_the_provisional_shift_names_the_missing_sequence_numbers(
+    app: Flask, day: StationDay
+) -> None:
+    html = signed_in(app, "manager").get(f"/web/shifts/{day.provisional.id}")
+    assert "Provisional: 1 sequence number not received" in html
+    assert '<span class="seqs">4</span>' in html
+    assert 'name="force_reason"' in html
+    assert "the PDA has not sent seq 4" in html
+
+
+def test_the_open_shift_cannot_be_signed_off_yet(app: Flask, day: StationDay) -> None:
+    html = signed_in(app, "manager").get(f"/web/shifts/{day.open.id}")
+    assert "The shift is still open" in html
+    assert f"/web/shifts/{day.open.id}/signoff" not in html
+
+
+def test_the_flag_queue_filters_and_pages(app: Flask, session: Session, day: StationDay) -> None:
+    pages = signed_in(app, "manager")
+    html = pages.get("/web/flags")
+    shown = set(re.findall(r'<tr id="flag-(\d+)"', html))
+    station_flags = {
+        str(f.id) for f in session.scalars(select(Flag).where(Flag.station_id == day.station.id))
+    }
+    assert shown == station_flags
+    other = session.scalars(select(Flag).where(Flag.station_id == day.other_station.id)).all()
+    assert other and not {str(f.id) for f in other} & shown
+    critical = pages.get("/web/flags?severity=critical&kind=missing_at_handover")
+    assert len(re.findall(r'<tr id="flag-', critical)) == 2
+    assert '<option value="critical" selected>' in critical
+    courier = day.couriers["zhangmin"]
+    theirs = pages.get(f"/web/flags?courier_id={courier.id}")
+    ids = set(re.findall(r'<tr id="flag-(\d+)"', theirs))
+    assert ids == {
+        str(f.id) for f in session.scalars(select(Flag).where(Flag.courier_id == courier.id))
+    }
+    today = dt.date.today()
+    assert len(re.findall(r'<tr id="flag-', pages.get(f"/web/flags?raised_to={day.day}"))) == 0
+    recent = pages.get(f"/web/flags?raised_from={day.day}&raised_to={today}")
+    assert set(re.findall(r'<tr id="flag-(\d+)"', recent)) == station_flags
+    assert "No flag matches." in pages.get("/web/flags?status=closed")
+    assert "severity" in pages.get("/web/flags?severity=bogus", status=422)
+
+
+def test_the_flag_queue_pages_by_keyset(
+    app: Flask, session: Session, day: StationDay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("courier_api.web.views.PAGE_SIZE", 2)
+    pages = signed_in(app, "manager")
+    first = pages.get("/web/flags?status=open")
+    link = re.search(r'<a href="([^"]+)" rel="next">', first)
+    assert link is not None
+    second = pages.get(link.group(1).replace("&amp;", "&"))
+    assert "status=open" in link.group(1)
+    one = re.findall(r'<tr id="flag-(\d+)"', first)
+    two = re.findall(r'<tr id="flag-(\d+)"', second)
+    assert len(one) == 2 and two and int(two[0]) < int(one[-1])
+
+
+def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    back = "/web/flags?kind=unauthorized_locker_drop"
+    response = pages.post(f"/web/flags/{flag.id}/acknowledge", note="on it", next=back)
+    assert response.status_code == 302 and response.location == back
+    response = pages.post(f"/web/flags/{flag.id}/resolve", note="", next=back)
+    assert response.location == back
+    assert "Not resolved: say how the flag was resolved in a note" in pages.get(back)
+    session.refresh(flag)
+    assert flag.status == FlagStatus.ACKNOWLEDGED
+    response = pages.post(
+        f"/web/flags/{flag.id}/resolve", note="recipient agreed by phone", next="//evil.example"
+    )
+    assert response.location == f"/web/flags/{flag.id}"
+    detail = pages.get(response.location)
+    assert f"Flag {flag.id} is resolved." in detail
+    assert "recipient agreed by phone" in detail and "on it" in detail
+    session.refresh(flag)
+    assert flag.status == FlagStatus.RESOLVED
+    assert ("flag_resolved", str(flag.id), day.manager.id) in audit_actions(session)
+    again = pages.post(f"/web/flags/{flag.id}/resolve", note="twice")
+    assert again.status_code == 302
+    assert "it is already resolved" in pages.get(again.location)
+
+
+def test_a_manager_signs_off_and_a_provisional_balance_needs_a_reason(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.provisional.id}"
+    response = pages.post(f"{path}/signoff", note="checked what came")
+    assert response.location == path
+    assert "Not signed off: the balance is provisional" in pages.get(path)
+    session.refresh(day.provisional)
+    assert day.provisional.status == ShiftStatus.CLOSED
+    pages.post(f"{path}/signoff", note="checked what came", force_reason="PDA broken")
+    html = pages.get(path)
+    assert f"Shift {day.provisional.id} is signed off." in html
+    assert "(forced: PDA broken)" in html and f"{path}/signoff" not in html
+    session.refresh(day.provisional)
+    assert day.provisional.status == ShiftStatus.SIGNED_OFF
+    assert day.provisional.signoff_forced_reason == "PDA broken"
+    assert ("shift_signed_off", str(day.provisional.id), day.manager.id) in audit_actions(session)
+    response = pages.post(f"/web/shifts/{day.balanced.id}/signoff", note="")
+    assert "Not signed off: note is required" in pages.get(response.location)
+
+
+def test_the_proof_search_shows_the_consent_behind_each_drop(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "auditor")
+    html = pages.get(f"/web/proofs?station={day.station.id}&method=locker")
+    rows = re.findall(r'<tr id="proof-(\d+)">', html)
+    assert sorted(rows) == sorted([str(day.authorized_drop_event_id), str(day.drop_event_id)])
+    authorized = html.split(f'id="proof-{day.authorized_drop_event_id}"')[1].split("</tr>")[0]
+    assert "Authorized by consent #" in authorized and "in person" in authorized
+    dropped = html.split(f'id="proof-{day.drop_event_id}"')[1].split("</tr>")[0]
+    assert "No consent before this drop" in dropped
+    pickup = pages.get(f"/web/proofs?station={day.station.id}&method=pickup_point")
+    assert "No consent (not required for this class)" in pickup
+    assert "photo: not uploaded yet" in pages.get(f"/web/proofs?station={day.station.id}")
+    assert 'href="/web/proofs/export.csv?station=' in html and "method=locker" in html
+
+
+def test_each_drop_gets_the_consent_the_api_names(session: Session, day: StationDay) -> None:
+    proofs = [
+        get_proof(session=session, event_id=event_id, policy=Policy())
+        for event_id in (day.authorized_drop_event_id, day.drop_event_id)
+    ]
+    found = drop_consents(
+        session=session,
+        drops=[(p.proof.event.id, p.proof.parcel) for p in proofs],
+        policy=Policy(),
+    )
+    assert found[day.authorized_drop_event_id].consent is not None
+    for proof in proofs:
+        consent = found[proof.proof.event.id].consent
+        api_consent = proof.authorizing_consent
+        assert (consent.id if consent else None) == (api_consent.id if api_consent else None)
+
+
+def test_the_daily_report_draws_two_charts_with_tables_beside_them(
+    app: Flask, session: Session
+) -> None:
+    history = station_day.build(session, app.config["BLOB_DIR"], history_days=3)
+    html = signed_in(app, "manager").get(f"/web/reports/daily?date={history.day}")
+    assert html.count("<svg ") == 2
+    assert 'role="img" aria-labelledby="chart-couriers-title chart-couriers-desc"' in html
+    couriers = html.split('id="chart-couriers"')[1].split("</figure>")[0]
+    assert couriers.count('<rect class="bar') == 4 * 5  # four couriers, five series
+    assert "<title>Zhang Min: Discrepancies 2</title>" in couriers
+    week = html.split('id="chart-week"')[1].split("</figure>")[0]
+    assert f"<title>{history.day}: Missing 4</title>" in week
+    first = history.day - dt.timedelta(days=6)
+    assert f">{first}</a></th>" in html and f">{history.day}</a></th>" in html
+    assert "Outcomes per courier (the chart's numbers)" in html
+
+
+def test_a_future_day_has_no_report(app: Flask, day: StationDay) -> None:
+    tomorrow = dt.date.today() + dt.timedelta(days=3)
+    html = signed_in(app, "manager").get(f"/web/reports/daily?date={tomorrow}", status=422)
+    assert "cannot be computed before the period begins" in html
+
+
+def test_no_page_needs_javascript(app: Flask, session: Session, day: StationDay) -> None:
+    pages = signed_in(app, "admin")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    anonymous = Pages(app.test_client())
+    for path in (
+        f"/web/board?date={day.day}",
+        f"/web/shifts/{day.unbalanced.id}",
+        "/web/flags",
+        f"/web/flags/{flag.id}",
+        "/web/proofs",
+        f"/web/proofs/{day.drop_event_id}",
+        f"/web/reports/daily?date={day.day}",
+        "/web/login",
+    ):
+        html = anonymous.get(path) if path == "/web/login" else pages.get(path)
+        assert "<script" not in html, path
+        assert not re.search(r"<[^>]+\s(style|on[a-z]+)=", html), path  # blocked by the CSP
+        assert '<link rel="icon" href="data:,">' in html
+
+
+def test_unknown_things_and_bad_filters_get_html_pages(app: Flask, day: StationDay) -> None:
+    pages = signed_in(app, "manager")
+    assert "no shift with id 999999" in pages.get("/web/shifts/999999", status=404)
+    assert "Not found" in pages.get("/web/flags/999999", status=404)
+    assert "there is no page /web/nowhere/at/all" in pages.get("/web/nowhere/at/all", status=404)
+    assert app.test_client().get("/web/nowhere").content_type.startswith("text/html")
+    assert "courier_id" in pages.get("/web/proofs?courier_id=abc", status=422)
+    assert "occurred_from must be before" in pages.get(
+        f"/web/proofs?occurred_from={day.day}&occurred_to={day.day - dt.timedelta(days=2)}",
+        status=422,
+    )
+
+
+# -- images, audit, CSV -----------------------------------------------------------------------
+
+
+def test_proof_images_are_served_to_who_may_read_them(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    digest = day.uploaded[0]
+    manager = signed_in(app, "manager")
+    response = manager.client.get(f"/web/images/{digest}")
+    assert response.status_code == 200 and response.content_type == "image/png"
+    assert response.data.startswith(b"\x89PNG")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert manager.client.get(f"/web/images/{day.not_uploaded}").status_code == 404
+    assert manager.client.get("/web/images/not-a-digest").status_code == 422
+    assert Pages(app.test_client()).client.get(f"/web/images/{digest}").status_code == 302
+    blob = session.get(Blob, digest)
+    assert blob is not None
+    blob.purged_at = dt.datetime.now(dt.UTC)
+    session.commit()
+    assert manager.client.get(f"/web/images/{digest}").status_code == 410
+    html = manager.get(f"/web/shifts/{day.balanced.id}")
+    assert f"/web/images/{digest}" not in html
+
+
+def test_auditor_reads_are_audit_logged_and_managers_are_not(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    before = len(audit_actions(session))
+    manager = signed_in(app, "manager")
+    manager.get(f"/web/proofs/{day.drop_event_id}")
+    manager.get(f"/web/shifts/{day.unbalanced.id}")
+    manager.client.get(f"/web/images/{day.uploaded[0]}")
+    assert len(audit_actions(session)) == before
+    auditor = signed_in(app, "auditor")
+    auditor.get(f"/web/proofs?station={day.station.id}&method=locker")
+    auditor.get(f"/web/proofs/{day.drop_event_id}")
+    auditor.get(f"/web/shifts/{day.unbalanced.id}")
+    auditor.client.get(f"/web/images/{day.uploaded[0]}")
+    auditor.client.get(f"/web/proofs/export.csv?station={day.station.id}").close()
+    logged = audit_actions(session)[before:]
+    assert logged == [
+        ("proofs_searched", "search", day.auditor.id),
+        ("proof_read", str(day.drop_event_id), day.auditor.id),
+        ("proofs_searched", f"shift:{day.unbalanced.id}", day.auditor.id),
+        ("blob_read", day.uploaded[0], day.auditor.id),
+        ("proofs_exported", "export", day.auditor.id),
+    ]
+    search = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proofs_searched").order_by(AuditEntry.id)
+    ).first()
+    assert search is not None
+    assert sorted(search.details["event_ids"]) == sorted(
+        [day.authorized_drop_event_id, day.drop_event_id]
+    )
+
+
+@pytest.mark.parametrize("username", ["auditor", "manager"])
+def test_the_csv_export_is_the_apis_for_the_same_filter(
+    app: Flask, client: FlaskClient, auth: Auth, day: StationDay, username: str
+) -> None:
+    pages = signed_in(app, username)
+    start, end = day_bounds(day.day, station_day.TIMEZONE)
+    web = pages.client.get(
+        f"/web/proofs/export.csv?station={day.station.id}&method=in_person"
+        f"&occurred_from={day.day}&occurred_to={day.day}"
+    )
+    assert web.status_code == 200
+    assert web.headers["Content-Disposition"] == 'attachment; filename="proofs.csv"'
+    assert web.content_type.startswith("text/csv")
+    web_text = web.get_data(as_text=True)  # read a stream before the next request
+    api_csv = client.get(
+        "/api/v1/proofs/export.csv",
+        query_string={
+            "station_id": day.station.id,
+            "method": "in_person",
+            "occurred_from": start.isoformat(),
+            "occurred_to": end.isoformat(),
+        },
+        headers=auth.headers(username),
+    )
+    assert web_text == api_csv.get_data(as_text=True)
+    assert web_text.count("\n") == 1 + 7
+    everything = pages.client.get("/web/proofs/export.csv").get_data(as_text=True)
+    api_all = client.get("/api/v1/proofs/export.csv", headers=auth.headers(username))
+    assert everything == api_all.get_data(as_text=True)
+    assert everything.count("\n") > web_text.count("\n")
+
+
+def test_pages_send_security_headers(app: Flask, day: StationDay) -> None:
+    pages = Pages(app.test_client())
+    login = pages.client.get("/web/login")
+    for name, value in PAGE_HEADERS.items():
+        assert login.headers[name] == value
+    assert login.headers["Cache-Control"] == "no-store"
+    pages.login("manager")
+    for path in (f"/web/board?date={day.day}", f"/web/images/{day.uploaded[0]}"):
+        response = pages.client.get(path)
+        for name, value in PAGE_HEADERS.items():
+            assert response.headers[name] == value, (path, name)
+    css = pages.client.get("/web/static/web.css")
+    assert css.status_code == 200 and css.content_type.startswith("text/css")
+    css.close()
+
+
+def test_the_pages_are_not_in_the_openapi_document(app: Flask) -> None:
+    with app.app_context():
+        paths = api.spec.to_dict()["paths"]
+    assert paths and not [p for p in paths if p.startswith("/web")]
+    assert app.test_client().get("/").location == "/docs"

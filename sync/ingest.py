@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import logging
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,7 @@ from sync.events import (
     validate_event,
 )
 from sync.flags import FlagSubject, raise_flag
-from sync.rules import Policy
+from sync.rules import EventDetail, Policy
 from sync.shifts import (
     ShiftFiler,
     ShiftRules,
@@ -76,7 +77,7 @@ from sync.shifts import (
     shifts_by_id,
 )
 from sync.sql import among, chunks
-from sync.status import reproject, targets_of_corrections
+from sync.status import reproject, stored_detail, targets_of_corrections
 
 log = logging.getLogger(__name__)
 DROP_TOPICS = {
@@ -248,6 +249,8 @@ class _BatchIngest:
             self.session, self.pusher.device_id, self.pusher.courier_id, self.rules.shifts
         )
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
+        self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
+        self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
         self.session.flush()
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
@@ -401,8 +404,9 @@ class _BatchIngest:
                 "batch %s: the database refused an event; retrying one by one", self.batch.batch_id
             )
             return self._insert_one_by_one(fresh, rows)
-        for index, event in fresh:
+        for (index, event), row in zip(fresh, rows, strict=True):
             self._answer(index, event, "applied")
+            self.rows[event.client_event_id] = row
         return fresh
 
     def _check_time_inversions(self, stored: list[tuple[int, ValidEvent]]) -> None:
@@ -436,19 +440,25 @@ class _BatchIngest:
                 {"device_id": self.pusher.device_id, "seqs": sorted(seqs)},
             )
 
-    def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
-        """Row ids of events just stored (the bulk insert does not return them)."""
-        ids = [e.client_event_id for e in events]
-        return {
-            client_event_id: event_id
-            for chunk in chunks(ids)
-            for client_event_id, event_id in self.session.execute(
-                select(ScanEvent.client_event_id, ScanEvent.id).where(
-                    ScanEvent.device_id == self.pusher.device_id,
-                    among(self.session, ScanEvent.client_event_id, chunk),
-                )
+    def _stored_ids(self) -> dict[int, int]:
+        """Row ids of the events this push stored, by seq (the bulk insert does not return
+        them): looked up once, by the device's seqs (integers, cheaper to read than ids)."""
+        missing = sorted({row["seq"] for row in self.rows.values()} - self.ids_by_seq.keys())
+        for chunk in chunks(missing):
+            self.ids_by_seq.update(
+                self.session.execute(
+                    select(ScanEvent.seq, ScanEvent.id).where(
+                        ScanEvent.device_id == self.pusher.device_id,
+                        among(self.session, ScanEvent.seq, chunk),
+                    )
+                ).all()
             )
-        }
+        return self.ids_by_seq
+
+    def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
+        """Row ids of these events, stored by this push."""
+        ids = self._stored_ids()
+        return {event.client_event_id: ids[event.seq] for event in events}
 
     def _link_proof_images(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Record the images each delivery's POD names, uploaded or not yet."""
@@ -478,7 +488,7 @@ class _BatchIngest:
         ids = self._event_ids(captured)
         consents.capture(
             self.session,
-            ({**self._row(e), "id": ids[e.client_event_id]} for e in captured),
+            ({**self.rows[e.client_event_id], "id": ids[e.client_event_id]} for e in captured),
         )
 
     def _request_consents(self, stored: list[tuple[int, ValidEvent]]) -> None:
@@ -490,7 +500,7 @@ class _BatchIngest:
         ids = self._event_ids(asked)
         requests_from_events(
             session=self.session,
-            events=({**self._row(e), "id": ids[e.client_event_id]} for e in asked),
+            events=({**self.rows[e.client_event_id], "id": ids[e.client_event_id]} for e in asked),
             ttl=self.rules.consent_request_ttl,
             now=self.received_at,
         )
@@ -521,7 +531,7 @@ class _BatchIngest:
                 "recipient_name": parcel.recipient_name,
                 "recipient_phone": parcel.recipient_phone,
                 "pickup_code": (details.get("pod") or {}).get("pickup_code"),
-                "occurred_at": self._row(event)["occurred_at"],
+                "occurred_at": self.rows[event.client_event_id]["occurred_at"],
                 "event_id": ids[event.client_event_id],
             }
             if event.type == EventType.DELIVERED_TO_LOCKER:
@@ -566,6 +576,7 @@ class _BatchIngest:
                 self._refused(index, event, exc)
             else:
                 self._answer(index, event, "applied")
+                self.rows[event.client_event_id] = row
                 stored.append((index, event))
         return stored
 
@@ -795,8 +806,16 @@ class _BatchIngest:
     # -- projection ------------------------------------------------------------------------
 
     def _project(self, tracking_nos: set[str]) -> None:
+        # The events just stored are handed over as they are, not read back.
+        ids = self._stored_ids()
+        stored: dict[str, list[EventDetail]] = defaultdict(list)
+        for row in self.rows.values():
+            stored[row["tracking_no"]].append(stored_detail(row, ids[row["seq"]]))
         outcome = reproject(
-            session=self.session, tracking_nos=tracking_nos, policy=self.rules.policy
+            session=self.session,
+            tracking_nos=tracking_nos,
+            policy=self.rules.policy,
+            stored=stored,
         )
         self.session.flush()
         self._report_raised(outcome.raised)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, any_, literal
+from sqlalchemy import ColumnElement, all_, any_, literal
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -22,6 +22,15 @@ def among(
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(literal(list(values), ARRAY(column.type)))
     return column.in_(values)
+
+
+def not_among(
+    session: Session, column: InstrumentedAttribute[Any], values: Sequence[Any]
+) -> ColumnElement[bool]:
+    """``column NOT IN (values)``; on PostgreSQL ``column <> ALL(:array)`` (see ``among``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column != all_(literal(list(values), ARRAY(column.type)))
+    return column.not_in(values)
 
 
 T = TypeVar("T")

@@ -6,9 +6,10 @@ in the same transaction, so the stored status is never behind its events.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from sync.flags import (
 )
 from sync.projection import EventFact, project
 from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
-from sync.sql import among, chunks
+from sync.sql import among, chunks, not_among
 
 DEFAULT_POLICY = Policy()
 
@@ -126,14 +127,20 @@ LOCK_TRACKING_NUMBERS = text(
 
 
 def reproject(
-    *, session: Session, tracking_nos: Iterable[str], policy: Policy = DEFAULT_POLICY
+    *,
+    session: Session,
+    tracking_nos: Iterable[str],
+    policy: Policy = DEFAULT_POLICY,
+    stored: Mapping[str, Sequence[EventDetail]] | None = None,
 ) -> ReprojectOutcome:
     """Recompute the status (and holder) of these parcels from all their events.
 
     The tracking numbers are locked first (``lock_parcels``), so that two
     transactions touching one parcel never each compute from a history missing
     the other's events. Rows are read and written with Core statements (one query
-    per chunk, one executemany): a push touches hundreds of parcels.
+    per chunk, one executemany): a push touches hundreds of parcels. ``stored``:
+    events of these parcels the caller has just stored (``stored_detail``), which
+    are then not read back.
     """
     wanted = sorted(set(tracking_nos))
     outcome = ReprojectOutcome()
@@ -150,7 +157,7 @@ def reproject(
             .with_for_update()
         )
     }
-    events = load_events(session, wanted)
+    events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
     judged = _judge(session, parcels, events, policy)
     entries: list[feed.FeedEntry] = []
@@ -316,18 +323,46 @@ def apply_rule_flags(
     return raised
 
 
-def load_events(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[EventDetail]]:
+def load_events(
+    session: Session,
+    tracking_nos: Sequence[str],
+    stored: Mapping[str, Sequence[EventDetail]] | None = None,
+) -> dict[str, list[EventDetail]]:
     """Each parcel's events, plus corrections sent under another tracking number that
-    void one of them (a correction voids its target wherever it was filed)."""
-    events: dict[str, list[EventDetail]] = {tracking_no: [] for tracking_no in tracking_nos}
+    void one of them (a correction voids its target wherever it was filed). Events in
+    ``stored`` (by tracking number, with their row ids) are taken as given."""
+    stored = stored or {}
+    events: dict[str, list[EventDetail]] = {tn: list(stored.get(tn, ())) for tn in tracking_nos}
     for chunk in chunks(tracking_nos):
-        for row in session.execute(
-            select(*FACT_COLUMNS).where(among(session, ScanEvent.tracking_no, chunk))
-        ):
+        query = select(*FACT_COLUMNS).where(among(session, ScanEvent.tracking_no, chunk))
+        given = [event.fact.event_id for tn in chunk for event in stored.get(tn, ())]
+        if given:
+            query = query.where(not_among(session, ScanEvent.id, given))
+        for row in session.execute(query):
             events[row[0]].append(_detail(row))
     for tracking_no, correction in _corrections_from_elsewhere(session, events):
         events[tracking_no].append(correction)
     return events
+
+
+def stored_detail(row: Mapping[str, Any], event_id: int) -> EventDetail:
+    """What ``load_events`` would read back of a ``scan_event`` row just inserted."""
+    return EventDetail(
+        EventFact(
+            event_id=event_id,
+            device_id=row["device_id"],
+            seq=row["seq"],
+            type=row["type"],
+            occurred_at=row["occurred_at"].astimezone(dt.UTC),
+            client_event_id=row["client_event_id"],
+            courier_id=row["courier_id"],
+            voids_client_event_id=row["voids_client_event_id"],
+            station_id=row["station_id"],
+        ),
+        row["details"],
+        row["lat"],
+        row["lon"],
+    )
 
 
 def _detail(row: Any) -> EventDetail:

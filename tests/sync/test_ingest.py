@@ -526,3 +526,44 @@ def test_a_consent_captured_then_voided_by_a_correction_authorizes_nothing(
     pda.push([correction])
     flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
     assert flag.status == FlagStatus.OPEN
+
+
+def test_the_events_a_push_hands_to_the_projection_are_what_the_database_holds(
+    session: Session, world: World, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push projects the events it just stored from memory, not read back: they must
+    equal what a later read of the database gives (times in UTC, ids, details)."""
+    from sync.status import load_events
+
+    handed: dict[str, Any] = {}
+    real_reproject = ingest_module.reproject
+
+    def spy(**kwargs: Any) -> Any:
+        handed.update(kwargs["stored"])
+        return real_reproject(**kwargs)
+
+    monkeypatch.setattr(ingest_module, "reproject", spy)
+    pda = Pda(session, world, skew=dt.timedelta(minutes=7))  # a PDA clock running fast
+    beijing = dt.timezone(dt.timedelta(hours=8))
+    tn = parcel.tracking_no
+    first = pda.event(1, tn, location={"lat": 31.2304161, "lon": 121.4737012, "accuracy_m": 8.5})
+    first["occurred_at"] = (at(1) + pda.skew).astimezone(beijing).isoformat()
+    pda.push(
+        [
+            first,
+            pda.event(2, tn, "out_for_delivery"),
+            pda.event(
+                3,
+                tn,
+                "correction",
+                voids_client_event_id=first["client_event_id"],
+                reason="scanned the wrong parcel",
+            ),
+        ]
+    )
+    read_back = load_events(session, [tn])[tn]
+    assert len(handed[tn]) == 3
+    assert sorted(handed[tn], key=lambda e: e.fact.seq) == sorted(
+        read_back, key=lambda e: e.fact.seq
+    )
+    assert all(e.fact.occurred_at.utcoffset() == dt.timedelta(0) for e in handed[tn])

@@ -8,6 +8,8 @@ WORKERS ?= 2
 THREADS ?= 8
 # The demo runs the scheduled jobs inside the web workers (a lease picks one of them).
 SCHEDULER_IN_WEB ?= true
+# Logs for people on a terminal; the service's default is one JSON object a line.
+LOG_FORMAT ?= text
 
 .PHONY: install run test test-sqlite test-postgres lint openapi clean
 
@@ -19,6 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
+run: export LOG_FORMAT := $(LOG_FORMAT)
 run: install
 	$(BIN)/courier-api db upgrade
 	$(BIN)/courier-api seed-demo --if-empty

@@ -62,6 +62,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from courier_api import create_app
 from courier_api.api.sync.routes import ingest_rules
 from courier_api.extensions import db
+from courier_api.serve import freeze_startup_objects
 from models import (
     Blob,
     Device,
@@ -474,6 +475,7 @@ def run_backend(url: str, args: argparse.Namespace) -> tuple[str, Timings]:
                 )
             if args.history:
                 history.load_history(args.history, label)
+            freeze_startup_objects()  # as ``courier-api serve`` does before its workers start
             print(
                 f"{label}: {args.batches} pushes on each database, in alternation",
                 file=sys.stderr,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, redirect
 from swagger_ui_bundle import swagger_ui_path
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+from courier_api import logs, metrics
 from courier_api.api.fields import IdConverter, id_converter_schema
+from courier_api.bodies import CourierRequest
 from courier_api.config import ensure_jwt_secret, load_config, validate_config
 
 API_TITLE = "Courier field API"
@@ -24,15 +26,21 @@ API_VERSION = "1.0.0"
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """Build the app from the environment, then ``overrides`` (tests use them)."""
     app = Flask(__name__, instance_relative_config=True)
-    instance_path = Path(os.environ.get("INSTANCE_PATH") or app.instance_path)
+    app.request_class = CourierRequest  # chunked bodies held to MAX_REQUEST_BYTES too
+    instance_path = default_instance_path(app)
     app.instance_path = str(instance_path)
     app.config.update(load_config(os.environ, instance_path))
     app.config.update(overrides or {})
     validate_config(app.config)
+    logs.configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     app.config["TESTING"] = app.config["APP_ENV"] == "testing" or app.config.get("TESTING", False)
     ensure_jwt_secret(app.config, instance_path)
     app.config.update(_openapi_settings())
-    _configure_logging(app.config["LOG_LEVEL"])
+    if app.config["TRUSTED_PROXY_HOPS"]:
+        # The client's address (rate limits, logs) from X-Forwarded-For, as written by
+        # that many proxies of ours; never trusted otherwise (anyone can send it).
+        hops = app.config["TRUSTED_PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
 
     register_extensions(app)
     register_blueprints(app)
@@ -41,9 +49,19 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+def default_instance_path(app: Flask | None = None) -> Path:
+    """``INSTANCE_PATH``, else Flask's instance folder of this package."""
+    configured = os.environ.get("INSTANCE_PATH")
+    if configured:
+        return Path(configured)
+    return Path((app or Flask(__name__, instance_relative_config=True)).instance_path)
+
+
 def register_extensions(app: Flask) -> None:
     from courier_api.extensions import api, db
 
+    logs.init_app(app)  # request ids, one access line per request
+    metrics.init_app(app)  # /metrics
     db.init_app(app)
     app.url_map.converters["id"] = IdConverter
     api.init_app(app)
@@ -98,9 +116,3 @@ def _openapi_settings() -> dict[str, Any]:
             },
         },
     }
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Alembic announces each of its plugins at INFO; that is noise for operators.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

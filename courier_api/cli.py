@@ -236,8 +236,17 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
     database session) for a request only when none is active, and the context
     Flask's CLI pushes around its commands would be shared by every request.
     """
+    import os
+
+    from courier_api.app import default_instance_path
+    from courier_api.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
     from courier_api.serve import serve as run_gunicorn
 
+    # /metrics adds up every worker's values, written to this directory (emptied now);
+    # it must be set before the app, and so prometheus_client, is loaded.
+    prepare_multiprocess_dir(
+        os.environ.get(MULTIPROC_ENV) or str(default_instance_path() / "metrics")
+    )
     app = info.load_app()
     base = f"http://{host}:{port}"
     click.echo(f"serving on {base}/  (pages: {base}/web/login, API docs: {base}/docs)")

@@ -19,6 +19,7 @@ from models import ServiceClass
 from sync.accounts import check_password_hash_method
 from sync.rules import Policy
 from sync.shifts import ShiftRules
+from sync.sign_in_limits import Limit, SignInLimits
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ ENVIRONMENTS = ("development", "production", "testing")
 MIN_JWT_SECRET_BYTES = 32
 _QUANTIFIER = re.compile(r"\{\d*,\d*\}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+MIN_METRICS_TOKEN_BYTES = 32
 
 
 class ConfigError(RuntimeError):
@@ -91,6 +94,15 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "WEBHOOK_POLL_SECONDS": _int(environ, "WEBHOOK_POLL_SECONDS", 1),
         "WEBHOOK_RETENTION_DAYS": _int(environ, "WEBHOOK_RETENTION_DAYS", 30, maximum=36500),
         "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),
+        # Abuse and operations (issue 8).
+        "LOG_FORMAT": environ.get("LOG_FORMAT", "json").strip().lower() or "json",
+        "SIGN_IN_FAILURES_PER_USERNAME": _limit(
+            environ, "SIGN_IN_FAILURES_PER_USERNAME", "10/900"
+        ),
+        "SIGN_IN_ATTEMPTS_PER_ADDRESS": _limit(environ, "SIGN_IN_ATTEMPTS_PER_ADDRESS", "300/60"),
+        "SIGN_IN_FAILURES_PER_ADDRESS": _limit(environ, "SIGN_IN_FAILURES_PER_ADDRESS", "100/900"),
+        "TRUSTED_PROXY_HOPS": _count(environ, "TRUSTED_PROXY_HOPS", 0, maximum=10),
+        "METRICS_TOKEN": environ.get("METRICS_TOKEN", ""),
     }
 
 
@@ -116,6 +128,16 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if config["LOG_LEVEL"] not in LOG_LEVELS:
         raise ConfigError(
             f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {config['LOG_LEVEL']!r}"
+        )
+    if config["LOG_FORMAT"] not in LOG_FORMATS:
+        raise ConfigError(
+            f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {config['LOG_FORMAT']!r}"
+        )
+    token = config["METRICS_TOKEN"]
+    if token and (len(token.encode()) < MIN_METRICS_TOKEN_BYTES or token != token.strip()):
+        raise ConfigError(
+            f"METRICS_TOKEN must have at least {MIN_METRICS_TOKEN_BYTES} bytes and no "
+            "surrounding spaces (or be empty: only admins' tokens may read /metrics)"
         )
     try:
         check_password_hash_method(config["PASSWORD_HASH_METHOD"])
@@ -213,6 +235,31 @@ def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _limit(environ: Mapping[str, str], name: str, default: str) -> Limit | None:
+    try:
+        return Limit.parse(environ.get(name) or default)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _count(environ: Mapping[str, str], name: str, default: int, *, maximum: int) -> int:
+    """A whole number from 0 to ``maximum``."""
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) > maximum:
+        raise ConfigError(f"{name} must be a whole number from 0 to {maximum}, got {raw!r}")
+    return int(raw)
+
+
+def sign_in_limits_of(config: Mapping[str, Any]) -> SignInLimits:
+    return SignInLimits(
+        failures_per_username=config["SIGN_IN_FAILURES_PER_USERNAME"],
+        attempts_per_address=config["SIGN_IN_ATTEMPTS_PER_ADDRESS"],
+        failures_per_address=config["SIGN_IN_FAILURES_PER_ADDRESS"],
+    )
 
 
 def shift_rules_of(config: Mapping[str, Any]) -> ShiftRules:

@@ -12,7 +12,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, current_app, has_request_context, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
@@ -28,6 +28,8 @@ from sync.errors import (
     LimitExceeded,
     NotFound,
     PermissionDenied,
+    RateLimited,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     PermissionDenied: 403,
     AuthenticationFailed: 401,
     LimitExceeded: 413,
+    RateLimited: 429,
+    Unavailable: 503,
 }
 
 
@@ -99,7 +103,11 @@ def _default_message(status: int, error: HTTPException) -> str:
     if status >= 500:
         return INTERNAL_ERROR_MESSAGE  # never the exception's own text
     if status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        limit = (
+            request.max_content_length
+            if has_request_context()
+            else current_app.config.get("MAX_CONTENT_LENGTH")
+        )
         return f"request body is larger than the limit of {limit} bytes"
     return DEFAULT_MESSAGES.get(status) or error.description or HTTPStatus(status).phrase
 
@@ -114,9 +122,15 @@ def domain_status(error: DomainError) -> int:
 def handle_domain_error(error: DomainError) -> ResponseReturnValue:
     status = domain_status(error)
     errors = {error.field: [error.message]} if error.field else None
-    return jsonify(
-        error_body(status, code=error.code, message=error.message, errors=errors)
-    ), status
+    headers = {}
+    if isinstance(error, Unavailable):
+        # Operators must hear of a full or unwritable store; the client only that it may retry.
+        log.error("%s: %s", error.code, error.__cause__ or error.message)
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    body = error_body(status, code=error.code, message=error.message, errors=errors)
+    return jsonify(body), status, headers
 
 
 def handle_integrity_error(error: IntegrityError) -> ResponseReturnValue:

@@ -36,6 +36,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
 
+from courier_api import metrics
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import DeliveryStatus, utcnow
@@ -341,6 +342,7 @@ class JobScheduler:
             log.info("scheduler %s stands by: %s", self.holder, held_elsewhere(claim.lease))
 
     def _log(self, result: RunResult) -> None:
+        metrics.job_run(result.job, result.outcome)
         if result.outcome == STANDBY:
             if result.lease is not None:
                 self._note(False, LeaseClaim(False, result.lease))

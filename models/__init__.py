@@ -33,6 +33,7 @@ from models.integrations import (
 from models.parcel import Parcel
 from models.report import StationReport
 from models.scheduling import JobRun, SchedulerLease
+from models.security import SignInAttempt
 from models.shift import Shift
 from models.station import Station
 from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
@@ -73,6 +74,7 @@ __all__ = [
     "ServiceClass",
     "Shift",
     "ShiftStatus",
+    "SignInAttempt",
     "Station",
     "StationReport",
     "SyncBatch",

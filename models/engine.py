@@ -20,6 +20,9 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
     store; PostgreSQL is the concurrent one.
     """
     parsed = make_url(url)
+    # SQL parameters hold passwords' hashes, webhook secrets and recipients' phones:
+    # never in logs (echo) nor in the text of database errors.
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         if sqlite_begin not in ("DEFERRED", "IMMEDIATE"):
             raise ValueError(f"sqlite_begin must be DEFERRED or IMMEDIATE, not {sqlite_begin!r}")

@@ -20,6 +20,9 @@ class Flag(Base):
         # The station's queue, newest first; and the flags raised in a report's period.
         Index("ix_flag_station_id", "station_id", "id"),
         Index("ix_flag_station_raised", "station_id", "raised_at"),
+        # A subject's flags of every kind (a parcel's, for its proof and its shift's
+        # balance): the unique constraint leads with the kind, so it cannot serve them.
+        Index("ix_flag_subject", "subject_type", "subject_key"),
     )
 
     id: Mapped[int_pk]

@@ -28,6 +28,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 from models.base import Base, BigId, Document, big_pk, sha256_hex, str_enum, timestamp
 from models.enums import EventType
 
+# The event types of a proof of delivery (``sync.proofs.DELIVERY_TYPES``).
+DELIVERY_PREDICATE = "type IN ('delivered', 'delivered_to_locker', 'delivered_to_pickup_point')"
+
 
 class SyncBatch(Base):
     """One push from a PDA, with the receipt it was answered with.
@@ -72,6 +75,13 @@ class ScanEvent(Base):
             "voids_client_event_id",
             postgresql_where=text("voids_client_event_id IS NOT NULL"),
             sqlite_where=text("voids_client_event_id IS NOT NULL"),
+        ),
+        # The auditors' proof search by time: deliveries only (a third of the events).
+        Index(
+            "ix_scan_event_delivery_time",
+            "occurred_at",
+            postgresql_where=text(DELIVERY_PREDICATE),
+            sqlite_where=text(DELIVERY_PREDICATE),
         ),
     )
 

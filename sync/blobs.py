@@ -10,6 +10,7 @@ does not bring the bytes back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -24,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import Blob, BlobUpload, utcnow
-from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound
+from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
 from sync.events import SHA256_HEX
 
 # MPO is how Pillow names the multi-picture JPEGs many phone cameras write.
@@ -42,9 +43,27 @@ class BlobStore(Protocol):
     def delete(self, digest: str) -> bool: ...
 
 
+RETRY_STORE_AFTER_SECONDS = 60
+
+
+def store_unavailable(action: str) -> Unavailable:
+    """The store failed (full, unwritable, gone): the caller keeps its data and retries."""
+    return Unavailable(
+        f"the proof image store cannot {action} now; nothing was stored: "
+        "send the same request again later",
+        code="blob_store_unavailable",
+        retry_after=RETRY_STORE_AFTER_SECONDS,
+    )
+
+
 class FileBlobStore:
     """``root/ab/cd/abcd...``: written to a temporary file, synced, then renamed,
-    so a crash never leaves a half-written image under its digest."""
+    so a crash never leaves a half-written image under its digest.
+
+    A failing disk (full, read-only, not a directory, no permission) raises
+    ``Unavailable`` with the ``OSError`` as its cause; an image that is not there
+    is ``FileNotFoundError`` from ``read``.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -53,24 +72,38 @@ class FileBlobStore:
         return self.root / digest[:2] / digest[2:4] / digest
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        try:
+            return self.path(digest).is_file()
+        except OSError as exc:
+            raise store_unavailable("be read") from exc
 
     def put(self, digest: str, data: bytes) -> None:
         target = self.path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        except OSError as exc:
+            raise store_unavailable("be written") from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                Path(temporary).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise store_unavailable("be written") from exc
             raise
 
     def read(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise store_unavailable("be read") from exc
 
     def delete(self, digest: str) -> bool:
         """Remove the image's bytes; False if there were none (deleting is idempotent)."""

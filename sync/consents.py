@@ -260,8 +260,18 @@ def _without_voided(
 
 
 def _any_standing(session: Session) -> bool:
-    """One index probe: most stations never record a standing consent."""
-    query = select(Consent.id).where(Consent.recipient_phone.is_not(None)).limit(1)
+    """One index probe: most stations never record a standing consent.
+
+    Ordered by the indexed column so that the probe goes through the index
+    (``ix_consent_recipient``): without an order PostgreSQL may scan the table for
+    the first match, reading every parcel consent when there is no standing one.
+    """
+    query = (
+        select(Consent.recipient_phone)
+        .where(Consent.recipient_phone.is_not(None))
+        .order_by(Consent.recipient_phone)
+        .limit(1)
+    )
     return session.scalar(query) is not None
 
 

@@ -62,3 +62,24 @@ class CursorReset(DomainError):
     """The cursor is unknown here (another database, or expired): pull again from scratch."""
 
     code = "cursor_reset"
+
+
+class RateLimited(DomainError):
+    """Too many attempts: try again after ``retry_after`` seconds."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after))
+
+
+class Unavailable(DomainError):
+    """A store the request needs cannot be used now (a full or unwritable disk): nothing
+    was stored, and the same request may be sent again after ``retry_after`` seconds."""
+
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 30, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after))

@@ -159,7 +159,7 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
         raise EventRejected(
             f"unknown field {unknown[0]!r} for a {event_type.value} event",
             code="unknown_field",
-            field=str(unknown[0])[:64],
+            field=storable_name(str(unknown[0]))[:64],
         )
     client_event_id = _uuid(raw.get("client_event_id"), "client_event_id")
     seq = _seq(raw.get("seq"))
@@ -208,6 +208,12 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
         shift_id=_optional_id(raw.get("shift_id"), "shift_id"),
         details=details,
     )
+
+
+def storable_name(name: str) -> str:
+    """A field name from the PDA as the receipt and the quarantine can hold it: NULs
+    and lone surrogates (which PostgreSQL's jsonb refuses) written as ``\\uXXXX``."""
+    return _UNSTORABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", name)
 
 
 def shifted(moment: dt.datetime, delta: dt.timedelta) -> dt.datetime:

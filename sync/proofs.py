@@ -70,7 +70,9 @@ class ProofDetail:
     flags: list[Flag]
 
 
-def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
+def check_filters(filters: ProofFilter) -> None:
+    """Raise ``InvalidInput`` for filters no search can take (before any is run: an
+    export streams its answer and cannot turn into an error once it has begun)."""
     if filters.method is not None and filters.method not in METHODS:
         raise InvalidInput(
             f"method is one of {', '.join(METHODS)}", code="invalid_method", field="method"
@@ -83,6 +85,10 @@ def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
         raise InvalidInput(
             "occurred_from must be before occurred_to", code="invalid_range", field="occurred_to"
         )
+
+
+def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
+    check_filters(filters)
     types = [METHODS[filters.method]] if filters.method else list(DELIVERY_TYPES)
     query = (
         select(ScanEvent, Parcel)

@@ -95,6 +95,8 @@ SCALAR_METRICS = (
     "on_time_rate",
     "flags_total",
 )
+# ``change`` has every metric of a period: the scalars and how many shifts were unsettled.
+CHANGE_METRICS = (*SCALAR_METRICS, "shifts_open", "shifts_provisional")
 OnTimeDeadlines = Mapping[ServiceClass, int]  # hours from intake to delivery, per class
 
 
@@ -254,7 +256,7 @@ def change(current: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str,
 
     kinds = sorted({*current["flags_by_kind"], *previous["flags_by_kind"]})
     return {
-        **{name: minus(current[name], previous[name]) for name in SCALAR_METRICS},
+        **{name: minus(current[name], previous[name]) for name in CHANGE_METRICS},
         "on_time": {
             c: {k: minus(v, previous["on_time"][c][k]) for k, v in row.items()}
             for c, row in current["on_time"].items()

@@ -29,6 +29,20 @@ class ErrorSchema(ma.Schema):
     )
 
 
+# ``alt_response(429, **RATE_LIMITED)``: a refusal by a rate limit, and when to try again.
+RATE_LIMITED: dict[str, Any] = {
+    "schema": ErrorSchema,
+    "description": "Too many attempts: wait the seconds in Retry-After, then try again",
+    "headers": {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+
 class CourierApi(Api):
     ERROR_SCHEMA = ErrorSchema
 
@@ -81,6 +95,19 @@ def _depth_exceeds(document: Any, limit: int) -> bool:
 
 class ApiBlueprint(Blueprint):
     ARGUMENTS_PARSER = JsonParser()
+
+    def arguments(
+        self, schema: Any, *, location: str = "json", **kwargs: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """flask-smorest's, also documenting the 400 of a JSON body that does not parse."""
+        decorator = super().arguments(schema, location=location, **kwargs)
+        if location != "json":
+            return decorator
+
+        def documented(view: Callable[..., Any]) -> Callable[..., Any]:
+            return self.alt_response(400, response="BAD_REQUEST")(decorator(view))
+
+        return documented
 
     def auth(self, *roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Require a valid access token (and one of ``roles`` when given); document 401/403."""

@@ -15,6 +15,7 @@ from flask import Flask
 class Answer:
     status: int
     body: Any  # the decoded JSON, or None
+    retry_after: int | None = None  # seconds, from a 429's or 503's Retry-After
 
     def ok(self, *expected: int) -> Any:
         """The body, when the status is one of ``expected`` (default 200 and 201)."""
@@ -72,7 +73,11 @@ class InProcess:
                 content_type=content_type,
                 headers=headers,
             )
-            return Answer(response.status_code, response.get_json(silent=True))
+            return Answer(
+                response.status_code,
+                response.get_json(silent=True),
+                _seconds(response.headers.get("Retry-After")),
+            )
 
         return self.thread.submit(call).result()
 
@@ -111,7 +116,11 @@ class OverHttp:
             body = response.json()
         except ValueError:
             body = None
-        return Answer(response.status_code, body)
+        return Answer(response.status_code, body, _seconds(response.headers.get("Retry-After")))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _seconds(header: str | None) -> int | None:
+    return int(header) if header and header.isdigit() else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,9 +227,13 @@ class Simulation:
         body: dict[str, Any] = {"username": username, "password": password}
         if device_id:
             body["device_id"] = device_id
-        return str(
-            self.api.request("POST", "/api/v1/auth/token", json_body=body).ok()["access_token"]
-        )
+        while True:
+            answer = self.api.request("POST", "/api/v1/auth/token", json_body=body)
+            if answer.status != 429 or answer.retry_after is None:
+                return str(answer.ok()["access_token"])
+            # A whole station signing in from one address may meet the per-address
+            # limit (SIGN_IN_ATTEMPTS_PER_ADDRESS): wait as told, like a PDA would.
+            time.sleep(answer.retry_after)
 
 
 class Pda:

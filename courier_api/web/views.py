@@ -35,6 +35,7 @@ from courier_api.auth import current_principal, ensure_station_access
 from courier_api.config import policy_of
 from courier_api.errors import domain_status
 from courier_api.extensions import db
+from courier_api.sign_in import sign_in_with_password
 from courier_api.web import charts
 from courier_api.web.forms import (
     DayArgs,
@@ -59,7 +60,6 @@ from courier_api.web.session import (
 )
 from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
 from sync import audit, directory, flags, shifts
-from sync.accounts import authenticate
 from sync.balances import board_totals, station_board
 from sync.errors import (
     AuthenticationFailed,
@@ -67,6 +67,7 @@ from sync.errors import (
     DomainError,
     InvalidInput,
     NotFound,
+    RateLimited,
 )
 from sync.handover import OUTCOMES
 from sync.pages import (
@@ -205,20 +206,19 @@ def login_submit() -> ResponseReturnValue:
     form = parse(LoginForm(), request.form)
     target = safe_next(request.form.get("next"))
 
-    def refused(message: str, status: int) -> ResponseReturnValue:
+    def refused(
+        message: str, status: int, headers: dict[str, str] | None = None
+    ) -> ResponseReturnValue:
         page = render_template(
             "web/login.html", next=target, error=message, username=form["username"]
         )
-        return page, status
+        return page, status, headers or {}
 
     try:
-        signed_in = authenticate(
-            session=db.session,
-            username=form["username"],
-            password=form["password"],
-            device_id=None,
-            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
-        )
+        signed_in = sign_in_with_password(form["username"], form["password"], None)
+    except RateLimited as exc:
+        message = exc.message[:1].upper() + exc.message[1:] + "."
+        return refused(message, 429, {"Retry-After": str(exc.retry_after)})
     except AuthenticationFailed as exc:
         return refused(exc.message[:1].upper() + exc.message[1:] + ".", 401)
     except InvalidInput as exc:
@@ -449,13 +449,13 @@ def proofs() -> ResponseReturnValue:
 def export_proofs() -> ResponseReturnValue:
     """Every proof matching the page's filters, as the API's export writes them."""
     query, _ = _proof_query(parse(ProofFilter(), request.args))
+    rows = csv_rows(query, auditor=current_viewer().is_auditor)  # checks the filters first
     _audit_proof_read(
         "proofs_exported",
         "export",
         {k: str(v) for k, v in vars(query).items() if v is not None},
     )
-    auditor = current_viewer().is_auditor
-    response = Response(stream_with_context(csv_rows(query, auditor=auditor)), mimetype="text/csv")
+    response = Response(stream_with_context(rows), mimetype="text/csv")
     response.headers["Content-Disposition"] = 'attachment; filename="proofs.csv"'
     return response
 

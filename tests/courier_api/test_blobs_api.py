@@ -93,6 +93,8 @@ def test_a_name_that_is_not_a_sha256_is_422(
     response = put(client, courier, image_bytes(), name=name)
     assert response.status_code == 422
     assert response.get_json()["code"] == "invalid_digest"
+    read = client.get(f"/api/v1/blobs/{name}", headers=courier)  # a 422 documented too
+    assert read.status_code == 422 and read.get_json()["code"] == "invalid_digest"
 
 
 def test_an_image_over_the_blob_limit_is_413_with_the_limit(

@@ -205,6 +205,18 @@ def test_bad_filters_are_422(
     assert response.status_code == 422 and response.get_json()["code"] == code
 
 
+def test_an_export_with_an_empty_range_is_422_before_anything_is_streamed_or_logged(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """Found by the OpenAPI conformance test: the export checked its filters only once
+    it had begun streaming, so the error came after a 200 (and a logged export)."""
+    query = {"occurred_from": "2000-01-01T00:00:00Z", "occurred_to": "2000-01-01T00:00:00Z"}
+    auditor = auth.headers("auditor1")
+    response = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
+    assert response.status_code == 422 and response.get_json()["code"] == "invalid_range"
+    assert session.scalars(select(AuditEntry.action)).all() == []
+
+
 def test_an_unknown_proof_is_404(client: FlaskClient, auth: Auth, world: World) -> None:
     response = client.get(f"{URL}/999999", headers=auth.headers("auditor1"))
     assert response.status_code == 404 and response.get_json()["code"] == "proof_not_found"

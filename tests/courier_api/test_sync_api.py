@@ -153,6 +153,28 @@ def test_malformed_json_values_in_events_are_quarantined_not_500(
     assert [r["status"] for r in results] == ["rejected"] * 6
 
 
+def test_an_unknown_field_named_with_a_nul_is_quarantined_and_its_siblings_applied(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, auth: Auth
+) -> None:
+    """Found by test_sync_fuzz: on PostgreSQL the field name went raw into the receipt
+    (jsonb refuses NULs and lone surrogates) and the whole push was a 422."""
+    first, second = ev(2, parcel.tracking_no), ev(3, parcel.tracking_no)
+    first["a\x00b"], second["x\ud800"] = 1, 2
+    events = [ev(1, parcel.tracking_no), first, second]
+    response = client.post(
+        PUSH,
+        data=json.dumps(factories.push_body("PDA-0001", events)),
+        content_type="application/json",
+        headers=courier,
+    )
+    assert response.status_code == 200, response.get_json()
+    results = response.get_json()["results"]
+    assert [r["status"] for r in results] == ["applied", "rejected", "rejected"]
+    assert [r["error"]["field"] for r in results[1:]] == ["a\\u0000b", "x\\ud800"]
+    listed = client.get("/api/v1/quarantine", headers=auth.headers("manager1")).get_json()
+    assert sorted(item["field"] for item in listed["items"]) == ["a\\u0000b", "x\\ud800"]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -610,6 +610,18 @@ def test_the_csv_export_is_the_apis_for_the_same_filter(
     assert everything.count("\n") > web_text.count("\n")
 
 
+def test_an_export_with_its_days_the_wrong_way_round_is_an_error_page(
+    app: Flask, day: StationDay
+) -> None:
+    """Its filters are checked before the download starts, not halfway through it."""
+    pages = signed_in(app, "manager")
+    response = pages.client.get(
+        "/web/proofs/export.csv?occurred_from=2026-11-20&occurred_to=2026-11-10"
+    )
+    assert response.status_code == 422 and response.mimetype == "text/html"
+    assert "occurred_from must be before occurred_to" in response.get_data(as_text=True)
+
+
 def test_pages_send_security_headers(app: Flask, day: StationDay) -> None:
     pages = Pages(app.test_client())
     login = pages.client.get("/web/login")

@@ -329,6 +329,8 @@ def test_a_delivery_shows_the_message_its_receiver_gets(
     assert body["status"] == "delivered" and body["delivered_at"] is not None
     assert body["message_id"] == str(message.id)
     assert body["message"]["id"] == str(message.id)
+    # The envelope as sent names its delivery (it was missing: found by the conformance test).
+    assert body["message"]["delivery_id"] == body["delivery_id"] == str(rows[0].delivery_id)
     assert body["message"]["topic"] == "parcel.in_locker"
     assert body["message"]["data"] == {
         "tracking_no": "RR000000001GB",

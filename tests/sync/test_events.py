@@ -154,6 +154,9 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
             "reason",
         ),
         (event(type="checked_out", locker_id="L1"), "unknown_field", "locker_id"),
+        # Named as PostgreSQL's jsonb can store it (a raw NUL refused the whole push).
+        (event(**{"a\x00b": 1}), "unknown_field", "a\\u0000b"),
+        (event(**{"x\ud800": 1}), "unknown_field", "x\\ud800"),
     ],
 )
 def test_rejections_name_a_code_and_the_field(raw: Any, code: str, field: str | None) -> None:

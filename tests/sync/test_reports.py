@@ -493,6 +493,9 @@ def test_weekly_has_days_couriers_and_the_change_over_the_previous_week(
     assert body["previous"]["period"] == "2026-W47"
     assert body["previous"]["totals"]["checked_out"] == 2
     change = body["change"]
+    # Every metric of the totals, the open and provisional shifts too (they were missing).
+    assert set(change) == set(body["totals"])
+    assert (change["shifts_open"], change["shifts_provisional"]) == (0, 0)
     assert (change["shifts"], change["checked_out"], change["delivered"]) == (2, 6, 5)
     assert change["missing"] == 1
     assert change["information_loss_rate"] == 0.25 - 0.5

@@ -2,15 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
 from flask.views import MethodView
 
 from courier_api.api.auth.schemas import RefreshRequest, TokenRequest, TokenResponse
-from courier_api.api.base import ApiBlueprint
+from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.auth import REFRESH, decode_token, issue_tokens, principal_from_claims
 from courier_api.extensions import db
+from courier_api.sign_in import sign_in_with_password
 from models import Device, User
-from sync.accounts import authenticate
 
 blp = ApiBlueprint("auth", __name__, url_prefix="/api/v1/auth", description="Sign in and refresh")
 
@@ -36,20 +35,20 @@ class Token(MethodView):
     @blp.response(200, TokenResponse)
     @blp.alt_response(401, response="UNAUTHORIZED")
     @blp.alt_response(403, response="FORBIDDEN")
+    @blp.alt_response(429, **RATE_LIMITED)
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """Sign in
 
         Couriers also send `device_id`: a token is issued only for an active
         device registered at the courier's own station, and stops working when
         that device is retired or reported lost.
+
+        Rate limited (429 `too_many_sign_in_attempts`, with `Retry-After` in
+        seconds): after too many failed sign-ins for a username, every attempt
+        for it is refused, the right password too, until the oldest failure is
+        old enough; and per client address, all attempts and failed ones.
         """
-        sign_in = authenticate(
-            session=db.session,
-            username=body["username"],
-            password=body["password"],
-            device_id=body.get("device_id"),
-            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
-        )
+        sign_in = sign_in_with_password(body["username"], body["password"], body.get("device_id"))
         response = _token_response(sign_in.user, sign_in.device)
         db.session.commit()
         return response

@@ -32,7 +32,16 @@ def blob_store() -> FileBlobStore:
     return FileBlobStore(current_app.config["BLOB_DIR"])
 
 
-@blp.route("/<string:sha256>")
+SHA256_PARAMETER = {
+    "in": "path",
+    "name": "sha256",
+    "required": True,
+    "description": "The image's sha256, lowercase hex (anything else is a 422 `invalid_digest`)",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+}
+
+
+@blp.route("/<string:sha256>", parameters=[SHA256_PARAMETER])
 class BlobBySha256(MethodView):
     @blp.auth(Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.INTEGRATION)
     @blp.doc(requestBody=IMAGE_BODY)
@@ -40,6 +49,7 @@ class BlobBySha256(MethodView):
     @blp.alt_response(201, schema=BlobOut, description="Stored")
     @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
     @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     def put(self, sha256: str) -> tuple[Blob, int]:
         """Upload a proof image
 
@@ -47,6 +57,12 @@ class BlobBySha256(MethodView):
         (default 8 MiB). The URL names its sha256 (lowercase hex); the bytes must
         hash to it and decode as an image. Uploading the same image again is
         safe. Events may name an image before it is uploaded.
+
+        A 503 `blob_store_unavailable` (with `Retry-After`) means the server cannot
+        store images right now: nothing was stored; keep the image and upload it
+        again later. The events that name it are kept meanwhile, and the image is
+        reported missing (`pod_blob_missing`, `blob_missing_at_handover`) until it
+        arrives.
         """
         principal = current_principal()
         blob, created = store_blob(
@@ -73,11 +89,13 @@ class BlobBySha256(MethodView):
     )
     @blp.alt_response(404, response="NOT_FOUND")
     @blp.alt_response(410, response="GONE")
+    @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     def get(self, sha256: str) -> Response:
         """Download a proof image
 
         Auditors and admins read every image; managers those uploaded at their
-        station; couriers and integrations those they uploaded themselves. Every
+        station; couriers those they uploaded themselves. Every
         read by an auditor is recorded in the audit log. An image older than the
         retention period (PROOF_RETENTION_DAYS) has been purged: 410 `blob_purged`,
         saying when.

@@ -47,6 +47,7 @@ class Devices(MethodView):
     @blp.arguments(DeviceCreate)
     @blp.response(201, DeviceOut)
     @blp.alt_response(409, response="CONFLICT")
+    @blp.alt_response(404, response="NOT_FOUND")
     def post(self, body: dict[str, Any]) -> Device:
         """Register a PDA at a station (admin, or a manager for their own station)"""
         station_id = body.get("station_id", current_principal().station_id)

@@ -25,7 +25,15 @@ from courier_api.extensions import db
 from models import Role
 from sync import audit
 from sync.phones import mask_phone
-from sync.proofs import METHODS, Proof, ProofFilter, get_proof, iter_proofs, list_proofs
+from sync.proofs import (
+    METHODS,
+    Proof,
+    ProofFilter,
+    check_filters,
+    get_proof,
+    iter_proofs,
+    list_proofs,
+)
 
 blp = ApiBlueprint(
     "proofs", __name__, url_prefix="/api/v1/proofs", description="Proofs of delivery"
@@ -150,13 +158,13 @@ class ProofExport(MethodView):
         """
         principal = current_principal()
         filters = _filters(args, principal)
+        rows = csv_rows(filters, auditor=principal.role == Role.AUDITOR)
         _log_read(
             principal,
             "proofs_exported",
             "export",
             {k: str(v) for k, v in vars(filters).items() if v is not None},
         )
-        rows = csv_rows(filters, auditor=principal.role == Role.AUDITOR)
         response = Response(stream_with_context(rows), mimetype="text/csv")
         response.headers["Content-Disposition"] = 'attachment; filename="proofs.csv"'
         return response
@@ -197,9 +205,15 @@ class ProofById(MethodView):
         }
 
 
-def csv_rows(filters: Any, *, auditor: bool) -> Iterator[str]:
+def csv_rows(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     """The export's CSV, a line at a time as the proofs are read (the API's and the
-    pages' export are this one)."""
+    pages' export are this one). The filters are checked now, before the first line:
+    once a streamed answer has begun it can no longer become an error."""
+    check_filters(filters)
+    return _csv_lines(filters, auditor=auditor)
+
+
+def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Response, current_app, g, jsonify
 from flask.views import MethodView
 
+from courier_api import metrics
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
 from courier_api.auth import current_principal
@@ -104,6 +105,9 @@ class Push(MethodView):
             received_at=g.received_at,
         )
         db.session.commit()
+        # A replay is answered with the stored receipt, stamped with its first arrival.
+        replayed = receipt.get("server_time") != g.received_at.isoformat()
+        metrics.count_push(receipt, replayed=replayed)
         # The stored receipt as it is: a replay answers the same bytes, and a
         # 1,000-event receipt is not walked through the schema again.
         return jsonify(receipt)

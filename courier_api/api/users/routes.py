@@ -41,6 +41,7 @@ class Users(MethodView):
     @blp.arguments(UserCreate)
     @blp.response(201, UserOut)
     @blp.alt_response(409, response="CONFLICT")
+    @blp.alt_response(404, response="NOT_FOUND")
     def post(self, body: dict[str, Any]) -> User:
         """Create a user (admin)
 

@@ -357,6 +357,7 @@ def _with_message(delivery: WebhookDelivery) -> dict[str, Any]:
     return {name: getattr(delivery, name) for name in DeliveryOut().fields} | {
         "message": {
             "id": message.id,
+            "delivery_id": delivery.delivery_id,
             "topic": message.topic,
             "created_at": message.created_at,
             "station_id": message.station_id,

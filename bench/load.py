@@ -1,0 +1,659 @@
+"""Load test of the real server: many PDAs at once, over HTTP, next to the framework's ceiling.
+
+    .venv/bin/python bench/load.py [--pdas 20] [--duration 30] [--workers 2] [--threads 8]
+                                   [--readers 2] [--database-url URL] [--seed 1]
+
+Starts ``courier-api serve`` (gunicorn, ``--workers`` processes of ``--threads``
+threads) on loopback, on a fresh SQLite file (default) or on ``--database-url``
+(PostgreSQL: its schema ``public`` is dropped and recreated, so name a database the
+script may wipe, e.g. ``courier_bench``). Prepares a station as an operator would:
+migrations, the station and an admin with the CLI; then through the API a manager,
+an auditor, one courier and one PDA per simulated PDA, proof images (real PNGs),
+and the parcels each PDA will scan (taken in with ``POST /api/v1/parcels``).
+
+Then ``--pdas`` simulated PDAs (asyncio + httpx, one connection each) sign in, open
+a shift and, for ``--duration`` seconds, push batches of ``--batch-size`` events
+(a lifecycle per parcel, as ``bench/ingest.py`` builds them: checked out, out for
+delivery, delivered with a proof or a failed attempt) and pull their feed after each
+push; ``--readers`` more clients read as a manager (the station board, a shift's
+balance) and as an auditor (proof searches). Every push must be answered 200 with
+every event ``applied``. A progress line is printed every ``--progress`` seconds.
+
+Then the same PDAs push as online PDAs do, each scan as it happens (one event per
+push, the parcel's lifecycle in order), for ``--scan-duration`` seconds. Afterwards
+the same concurrency (``--pdas`` + ``--readers`` clients) calls ``GET /healthz`` for
+``--trivial-duration`` seconds: what the server answers when a request does no
+work, the ceiling of gunicorn + Flask here. The report gives, per kind of request,
+the throughput and the latency percentiles, and the ratios:
+
+* scan-push throughput / trivial throughput, in requests per second (target >= 0.4):
+  what a push of one scan costs next to a request that does nothing;
+* p99 / p50 of the ``--batch-size`` push under the mixed load (target < 10): how much
+  worse the slow pushes are;
+* for scale, the batch pushes' requests and events per second next to the trivial
+  requests per second.
+
+Both are printed with "met" or "not met"; the exit status is 1 only when something
+failed (an error answer, a rejected event, the server's log showing a traceback).
+The client runs on the same machine and takes CPU from the server: on a small
+machine, compare figures taken with the same options only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from ingest import (  # bench/ingest.py: the same PDA lifecycles
+    EVENTS_PER_PARCEL,
+    PDA_CLOCK,
+    PROOF_IMAGES,
+    Pda,
+    pda_events,
+    push_body,
+    tracking_numbers,
+)
+from PIL import Image
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.live_server
+from tests.live_server import Server, free_port, run_cli  # noqa: E402
+
+STATION = "LOAD"
+ADMIN = ("load-admin", "load-admin-password")
+MANAGER = ("load-manager", "load-manager-password")
+AUDITOR = ("load-auditor", "load-auditor-password")
+COURIER_PASSWORD = "load-courier-password"
+INTAKE_CHUNK = 5000
+PROOF_IMAGE_COUNT = 16
+TARGET_PUSH_RATIO = 0.4
+TARGET_TAIL_RATIO = 10.0
+REQUEST_TIMEOUT_SECONDS = 60.0
+
+
+class LoadFailure(Exception):
+    """The server did not behave as the load test needs; the run exits 1."""
+
+
+@dataclass
+class Tally:
+    """Latencies (seconds) and answers per kind of request."""
+
+    started: float = field(default_factory=time.perf_counter)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    statuses: dict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
+    events: int = 0
+    failures: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+    def record(self, kind: str, seconds: float, status: int) -> None:
+        self.latencies[kind].append(seconds)
+        self.statuses[kind][status] += 1
+
+    def requests(self) -> int:
+        return sum(len(values) for values in self.latencies.values())
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def proof_images(count: int) -> list[bytes]:
+    """Small, distinct, real PNG images (the server decodes what it is sent)."""
+    images = []
+    for n in range(count):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 24), (n * 13 % 256, 80, 160)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+# -- the server and its data -----------------------------------------------------------------
+
+
+def prepare_database(url: str | None, workdir: Path) -> str:
+    if url is None:
+        return f"sqlite:///{workdir / 'load.db'}"
+    if make_url(url).get_backend_name() != "postgresql":
+        raise SystemExit("--database-url must be a PostgreSQL URL (the default is SQLite)")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return url
+
+
+def server_env(database_url: str, workdir: Path) -> dict[str, str]:
+    (workdir / "run").mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "JWT_SECRET": secrets.token_urlsafe(48),
+        "BLOB_DIR": str(workdir / "blobs"),
+        "INSTANCE_PATH": str(workdir / "instance"),
+        # Accounts are made for the run: a quick hash keeps the set-up short. Signing in
+        # is not what is measured.
+        "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
+        "SCHEDULER_IN_WEB": "false",
+        # Every simulated PDA signs in from 127.0.0.1 at the same moment.
+        "SIGN_IN_ATTEMPTS_PER_ADDRESS": "100000/60",
+        "XDG_RUNTIME_DIR": str(workdir / "run"),
+    }
+
+
+class Api:
+    """Blocking calls for the set-up (httpx, one connection)."""
+
+    def __init__(self, base: str) -> None:
+        self.client = httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def call(
+        self, method: str, path: str, token: str | None = None, expect: int = 200, **kw: Any
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = self.client.request(method, path, headers=headers, **kw)
+        if response.status_code != expect:
+            raise LoadFailure(f"{method} {path}: {response.status_code} {response.text[:300]}")
+        return response.json() if response.content else None
+
+    def sign_in(self, username: str, password: str, device_id: str | None = None) -> str:
+        body = {"username": username, "password": password}
+        if device_id:
+            body["device_id"] = device_id
+        return str(self.call("POST", "/api/v1/auth/token", json=body)["access_token"])
+
+
+@dataclass
+class PdaState:
+    """One simulated PDA across the phases: its account, sequence numbers and parcels."""
+
+    username: str
+    device_id: str
+    parcels: list[str]  # of its own, scanned in order
+    pda: Pda
+    next_parcel: int = 0
+    token: str | None = None
+
+
+@dataclass
+class Setup:
+    station_id: int
+    manager: str
+    auditor: str
+    pdas: list[PdaState]
+
+
+def prepare(api: Api, args: argparse.Namespace, rng: random.Random) -> Setup:
+    admin = api.sign_in(*ADMIN)
+    station_id = next(
+        s["id"]
+        for s in api.call("GET", "/api/v1/stations", admin)["items"]
+        if s["code"] == STATION
+    )
+    for (username, password), role in ((MANAGER, "station_manager"), (AUDITOR, "auditor")):
+        body = {"username": username, "password": password, "role": role}
+        if role == "station_manager":
+            body["station_id"] = station_id
+        api.call("POST", "/api/v1/users", admin, expect=201, json=body)
+    manager = api.sign_in(*MANAGER)
+    # Parcels for more pushes than the server can take (--max-push-rate), three times each
+    # PDA's share: the PDAs are not served equally.
+    parcels_per_push = math.ceil(args.batch_size / EVENTS_PER_PARCEL)
+    pushes = math.ceil(args.duration * args.max_push_rate * 3 / args.pdas)
+    scans = math.ceil(args.scan_duration * args.max_scan_rate * 3 / args.pdas)
+    per_pda = parcels_per_push * max(5, pushes) + math.ceil(scans / EVENTS_PER_PARCEL)
+    numbers = tracking_numbers(10_000_000, per_pda * args.pdas)
+    print(
+        f"set-up: {args.pdas} couriers and PDAs, {len(numbers):,} parcels taken in "
+        f"through POST /api/v1/parcels ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    pdas = []
+    for n in range(args.pdas):
+        username, device_id = f"load-courier{n:03d}", f"PDA-LOAD-{n:03d}"
+        api.call(
+            "POST",
+            "/api/v1/users",
+            admin,
+            expect=201,
+            json={
+                "username": username,
+                "password": COURIER_PASSWORD,
+                "role": "courier",
+                "station_id": station_id,
+            },
+        )
+        api.call(
+            "POST",
+            "/api/v1/devices",
+            manager,
+            expect=201,
+            json={"device_id": device_id, "station_id": station_id},
+        )
+        parcels = numbers[n * per_pda : (n + 1) * per_pda]
+        pdas.append(PdaState(username, device_id, parcels, Pda(device_id, 0, {})))
+    for start in range(0, len(numbers), INTAKE_CHUNK):
+        items = [
+            {
+                "tracking_no": number,
+                "service_class": "parcel",
+                "recipient_name": "Li Lei",
+                "recipient_phone": f"+86138{rng.randrange(10**8):08d}",
+                "address": f"{rng.randrange(1, 999)} Century Ave",
+                "lat": 31.2,
+                "lon": 121.5,
+            }
+            for number in numbers[start : start + INTAKE_CHUNK]
+        ]
+        api.call("POST", "/api/v1/parcels", manager, json={"parcels": items})
+    # The proofs name real images, uploaded first: deliveries are clean (no flag).
+    courier = api.sign_in(pdas[0].username, COURIER_PASSWORD, pdas[0].device_id)
+    images = proof_images(PROOF_IMAGE_COUNT)
+    for data in images:
+        digest = hashlib.sha256(data).hexdigest()
+        api.client.put(
+            f"/api/v1/blobs/{digest}",
+            content=data,
+            headers={"Authorization": f"Bearer {courier}", "Content-Type": "image/png"},
+        ).raise_for_status()
+    PROOF_IMAGES[:] = [hashlib.sha256(data).hexdigest() for data in images]
+    return Setup(station_id, manager, api.sign_in(*AUDITOR), pdas)
+
+
+# -- the simulated clients -------------------------------------------------------------------
+
+
+async def timed(
+    client: httpx.AsyncClient, tally: Tally, kind: str, method: str, url: str, **kw: Any
+) -> httpx.Response:
+    started = time.perf_counter()
+    response = await client.request(method, url, **kw)
+    tally.record(kind, time.perf_counter() - started, response.status_code)
+    if response.status_code >= 400:
+        tally.failures.append(
+            f"{kind} {method} {url}: {response.status_code} {response.text[:200]}"
+        )
+    return response
+
+
+async def sign_in(client: httpx.AsyncClient, state: PdaState) -> None:
+    """Authorize the PDA's client; the first time, sign in and open its shift."""
+    if state.token is None:
+        signed_in = await client.post(
+            "/api/v1/auth/token",
+            json={
+                "username": state.username,
+                "password": COURIER_PASSWORD,
+                "device_id": state.device_id,
+            },
+        )
+        signed_in.raise_for_status()
+        state.token = signed_in.json()["access_token"]
+        client.headers["Authorization"] = f"Bearer {state.token}"
+        opened = await client.post("/api/v1/shifts", json={"first_seq": 1})
+        opened.raise_for_status()
+    client.headers["Authorization"] = f"Bearer {state.token}"
+
+
+async def push(
+    client: httpx.AsyncClient, tally: Tally, kind: str, state: PdaState, body: dict[str, Any]
+) -> None:
+    content = json.dumps(body).encode()  # the PDA's work, before the clock starts
+    response = await timed(
+        client,
+        tally,
+        kind,
+        "POST",
+        "/api/v1/sync/push",
+        content=content,
+        headers={"Content-Type": "application/json"},
+    )
+    if response.status_code == 200:
+        results = response.json()["results"]
+        applied = sum(1 for r in results if r["status"] == "applied")
+        tally.events += applied
+        if applied != len(body["events"]):
+            tally.failures.append(f"{state.device_id}: {len(results) - applied} not applied")
+
+
+async def simulated_pda(
+    base: str,
+    state: PdaState,
+    args: argparse.Namespace,
+    tally: Tally,
+    deadline: float,
+    rng: random.Random,
+) -> None:
+    """A PDA back in coverage: batches of ``--batch-size`` events, a pull after each."""
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
+        await sign_in(client, state)
+        per_push = math.ceil(args.batch_size / EVENTS_PER_PARCEL)
+        cursor: str | None = None
+        while time.perf_counter() < deadline:
+            batch = state.parcels[state.next_parcel : state.next_parcel + per_push]
+            if len(batch) < per_push:
+                tally.notices.append(f"{state.device_id} ran out of parcels")
+                return
+            state.next_parcel += per_push
+            sent_at = dt.datetime.now(PDA_CLOCK)
+            events = pda_events(state.pda, batch, args.batch_size, sent_at, rng)
+            await push(client, tally, "push", state, push_body(state.pda, events, sent_at))
+            while time.perf_counter() < deadline:  # the changes since its last pull
+                query = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+                page = await timed(client, tally, "pull", "GET", "/api/v1/sync/pull", params=query)
+                if page.status_code != 200:
+                    break
+                cursor = page.json()["next_cursor"]
+                if not page.json()["has_more"]:
+                    break
+            if args.think:
+                await asyncio.sleep(args.think)
+
+
+async def online_pda(
+    base: str,
+    state: PdaState,
+    tally: Tally,
+    deadline: float,
+    rng: random.Random,
+) -> None:
+    """A PDA in coverage: each scan pushed as it happens, one event per push."""
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
+        await sign_in(client, state)
+        while time.perf_counter() < deadline:
+            if state.next_parcel >= len(state.parcels):
+                tally.notices.append(f"{state.device_id} ran out of parcels")
+                return
+            parcel = state.parcels[state.next_parcel]
+            state.next_parcel += 1
+            sent_at = dt.datetime.now(PDA_CLOCK)
+            for event in pda_events(state.pda, [parcel], EVENTS_PER_PARCEL, sent_at, rng):
+                if time.perf_counter() >= deadline:
+                    return  # the rest of the parcel's lifecycle is never sent: fine here
+                await push(client, tally, "scan", state, push_body(state.pda, [event], sent_at))
+
+
+async def reader(
+    base: str, setup: Setup, args: argparse.Namespace, tally: Tally, deadline: float, n: int
+) -> None:
+    """A station manager watching the board and the shifts, then an auditor's searches."""
+    manager = {"Authorization": f"Bearer {setup.manager}"}
+    auditor = {"Authorization": f"Bearer {setup.auditor}"}
+    since = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).isoformat()
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
+        shifts: list[int] = []
+        turn = n
+        while time.perf_counter() < deadline:
+            turn += 1
+            if turn % 2:
+                board = await timed(
+                    client,
+                    tally,
+                    "balance",
+                    "GET",
+                    f"/api/v1/stations/{setup.station_id}/handover",
+                    headers=manager,
+                )
+                if board.status_code == 200 and not shifts:
+                    shifts = [row["shift_id"] for row in board.json()["shifts"]]
+                if shifts:
+                    await timed(
+                        client,
+                        tally,
+                        "balance",
+                        "GET",
+                        f"/api/v1/shifts/{shifts[turn % len(shifts)]}/balance",
+                        headers=manager,
+                    )
+            else:
+                params = {"station_id": setup.station_id, "limit": 100}
+                if turn % 4 == 0:
+                    params["occurred_from"] = since
+                await timed(
+                    client,
+                    tally,
+                    "proofs",
+                    "GET",
+                    "/api/v1/proofs",
+                    params=params,
+                    headers=auditor,
+                )
+
+
+async def trivial_client(base: str, tally: Tally, deadline: float) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
+        while time.perf_counter() < deadline:
+            await timed(client, tally, "healthz", "GET", "/healthz")
+
+
+async def progress(tally: Tally, deadline: float, every: float, label: str) -> None:
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(min(every, max(0.0, deadline - time.perf_counter())))
+        elapsed = time.perf_counter() - tally.started
+        pushes = len(tally.latencies.get("push", [])) + len(tally.latencies.get("scan", []))
+        print(
+            f"{label} {elapsed:5.0f} s: {tally.requests():,} requests "
+            f"({tally.requests() / elapsed:,.1f}/s), {pushes:,} pushes, "
+            f"{tally.events:,} events ({tally.events / elapsed:,.0f}/s), "
+            f"{len(tally.failures)} failures",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def run_load(base: str, setup: Setup, args: argparse.Namespace) -> tuple[Tally, float]:
+    tally = Tally()
+    deadline = time.perf_counter() + args.duration
+    rng = random.Random(args.seed)
+    tasks = [
+        simulated_pda(base, state, args, tally, deadline, random.Random(rng.random()))
+        for state in setup.pdas
+    ]
+    tasks += [reader(base, setup, args, tally, deadline, n) for n in range(args.readers)]
+    tasks.append(progress(tally, deadline, args.progress, "load"))
+    await asyncio.gather(*tasks)
+    return tally, time.perf_counter() - tally.started
+
+
+async def run_scans(base: str, setup: Setup, args: argparse.Namespace) -> tuple[Tally, float]:
+    tally = Tally()
+    deadline = time.perf_counter() + args.scan_duration
+    rng = random.Random(args.seed + 1)
+    tasks = [
+        online_pda(base, state, tally, deadline, random.Random(rng.random()))
+        for state in setup.pdas
+    ]
+    tasks.append(progress(tally, deadline, args.progress, "scans"))
+    await asyncio.gather(*tasks)
+    return tally, time.perf_counter() - tally.started
+
+
+async def run_trivial(base: str, clients: int, args: argparse.Namespace) -> tuple[Tally, float]:
+    tally = Tally()
+    deadline = time.perf_counter() + args.trivial_duration
+    tasks = [trivial_client(base, tally, deadline) for _ in range(clients)]
+    tasks.append(progress(tally, deadline, args.progress, "healthz"))
+    await asyncio.gather(*tasks)
+    return tally, time.perf_counter() - tally.started
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def report(
+    load: Tally,
+    load_seconds: float,
+    scans: Tally,
+    scan_seconds: float,
+    trivial: Tally,
+    trivial_seconds: float,
+) -> bool:
+    print(
+        f"\n{'kind':<9}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}"
+    )
+    for tally, seconds in (
+        (load, load_seconds),
+        (scans, scan_seconds),
+        (trivial, trivial_seconds),
+    ):
+        for kind, values in sorted(tally.latencies.items()):
+            errors = sum(n for status, n in tally.statuses[kind].items() if status >= 400)
+            print(
+                f"{kind:<9}{len(values):>10,}{len(values) / seconds:>9.1f}"
+                f"{percentile(values, 0.50) * 1000:>9.0f}{percentile(values, 0.95) * 1000:>9.0f}"
+                f"{percentile(values, 0.99) * 1000:>9.0f}{errors:>8}"
+            )
+    pushes = load.latencies.get("push", [])
+    scan_pushes = scans.latencies.get("scan", [])
+    healthz = trivial.latencies.get("healthz", [])
+    print(
+        f"\nmixed load: {load.requests() / load_seconds:,.1f} requests/s, "
+        f"{load.events / load_seconds:,.0f} events/s applied ({load_seconds:.0f} s); "
+        f"scans: {scans.events / scan_seconds:,.0f} events/s applied ({scan_seconds:.0f} s)"
+    )
+    if not pushes or not scan_pushes or not healthz:
+        print("no push, no scan push or no healthz answered: no ratios")
+        return False
+    trivial_rate = len(healthz) / trivial_seconds
+    scan_rate = len(scan_pushes) / scan_seconds
+    ratio = scan_rate / trivial_rate
+    tail = percentile(pushes, 0.99) / percentile(pushes, 0.50)
+    print(
+        f"scan-push throughput / trivial throughput: {scan_rate:,.1f} / {trivial_rate:,.1f} "
+        f"requests/s = {ratio:.2f} (target >= {TARGET_PUSH_RATIO}): "
+        f"{'met' if ratio >= TARGET_PUSH_RATIO else 'not met'}"
+    )
+    print(
+        f"push p99 / p50 under the mixed load: {percentile(pushes, 0.99) * 1000:,.0f} / "
+        f"{statistics.median(pushes) * 1000:,.0f} ms = {tail:.2f} "
+        f"(target < {TARGET_TAIL_RATIO:g}): {'met' if tail < TARGET_TAIL_RATIO else 'not met'}"
+    )
+    push_rate = len(pushes) / load_seconds
+    print(
+        f"batch pushes / trivial: {push_rate / trivial_rate:.3f} in requests/s, "
+        f"{load.events / load_seconds / trivial_rate:.2f} in events/s per trivial request/s"
+    )
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pdas", type=int, default=20, help="simulated PDAs pushing at once")
+    parser.add_argument("--readers", type=int, default=2, help="manager and auditor clients")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of mixed load")
+    parser.add_argument(
+        "--trivial-duration",
+        type=float,
+        default=None,
+        help="seconds of /healthz (default: --duration, at most 15)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker")
+    parser.add_argument("--batch-size", type=int, default=200, help="events per push")
+    parser.add_argument("--think", type=float, default=0.0, help="seconds between a PDA's pushes")
+    parser.add_argument(
+        "--scan-duration", type=float, default=15.0, help="seconds of one-scan pushes"
+    )
+    parser.add_argument(
+        "--max-scan-rate",
+        type=float,
+        default=400.0,
+        help="one-scan pushes/s of all PDAs together the parcels taken in last for",
+    )
+    parser.add_argument(
+        "--max-push-rate",
+        type=float,
+        default=20.0,
+        help="pushes/s of all PDAs together the parcels taken in last for (each PDA gets "
+        "three times its share)",
+    )
+    parser.add_argument("--progress", type=float, default=5.0, help="seconds between lines")
+    parser.add_argument("--database-url", help="PostgreSQL (public schema wiped); default SQLite")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and log")
+    args = parser.parse_args()
+    if args.trivial_duration is None:
+        args.trivial_duration = min(args.duration, 15.0)
+    workdir = Path(tempfile.mkdtemp(prefix="courier-load-"))
+    database_url = prepare_database(args.database_url, workdir)
+    env = server_env(database_url, workdir)
+    backend = make_url(database_url).get_backend_name()
+    print(
+        f"load: {backend}, {args.workers} workers x {args.threads} threads, {args.pdas} PDAs "
+        f"+ {args.readers} readers, {args.duration:g} s; work directory {workdir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    run_cli(env, "db", "upgrade")
+    run_cli(env, "create-station", STATION, "--name", "Load test", "--timezone", "Asia/Shanghai")
+    run_cli(
+        env, "create-user", ADMIN[0], "--role", "admin", "--password-stdin", stdin=ADMIN[1] + "\n"
+    )
+    server = Server(env, free_port(), workdir, workers=args.workers, threads=args.threads)
+    base = f"http://127.0.0.1:{server.port}"
+    ok = True
+    try:
+        server.start()
+        api = Api(base)
+        try:
+            setup = prepare(api, args, random.Random(args.seed))
+        finally:
+            api.close()
+        load, load_seconds = asyncio.run(run_load(base, setup, args))
+        scans, scan_seconds = asyncio.run(run_scans(base, setup, args))
+        trivial, trivial_seconds = asyncio.run(run_trivial(base, args.pdas + args.readers, args))
+    except LoadFailure as failure:
+        print(f"load test failed: {failure}", file=sys.stderr)
+        return 1
+    finally:
+        server.kill()
+    ok = report(load, load_seconds, scans, scan_seconds, trivial, trivial_seconds) and ok
+    problems = server.unexpected_log_lines()
+    for failure in (load.failures + scans.failures + trivial.failures)[:10]:
+        print(f"failure: {failure}", file=sys.stderr)
+    if load.notices or scans.notices:
+        print(
+            f"{len(load.notices + scans.notices)} PDAs ran out of parcels before the end (the "
+            f"others went on; raise --max-push-rate or --max-scan-rate): "
+            f"{', '.join((load.notices + scans.notices)[:3])}",
+            file=sys.stderr,
+        )
+    if problems:
+        print(f"the server logged {len(problems)} errors, first: {problems[0][:300]}")
+    failed = bool(load.failures or scans.failures or trivial.failures or problems or not ok)
+    if not args.keep and not failed:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"work directory and server log kept: {workdir}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Logs: one JSON object a line (or text for people), a request id, nothing secret.
+
+* ``configure_logging`` puts one handler on the root logger, for every process of
+  the service: ``create_app`` (hence ``serve``'s gunicorn workers, the CLI and the
+  scheduler) calls it, and gunicorn's own logger is routed through it
+  (``GunicornLogger``). ``LOG_FORMAT=json`` (the default) writes each record as one
+  JSON object: ``timestamp``, ``level``, ``logger``, ``message``, ``pid``, and in a
+  request ``request_id`` and who is calling; ``text`` writes a line for people.
+* ``init_app`` gives every request an id: the caller's ``X-Request-Id`` when it is
+  sane (1-128 characters of ``A-Z a-z 0-9 . _ : -``), else a new one. It is sent back
+  in ``X-Request-Id`` on every response, errors included, and one access line is
+  logged per request (``courier_api.access``): method, path, url rule, status,
+  duration, and the user, role, station and device when known.
+* ``Redactor``, a filter on that handler, rewrites every record before it is
+  written, whichever logger it comes from: bearer tokens and JWT-looking strings,
+  values of ``password``/``secret``/``token``-like keys, password hashes, webhook
+  signatures, long random-looking strings, and phone numbers (all but their last
+  3 digits). It is defense in depth: the code logs none of these on purpose, and
+  SQL parameters are never logged (``models.engine``: ``hide_parameters``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import IO, Any
+
+from flask import Flask, Response, g, has_request_context, request
+
+from courier_api import metrics
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+ACCESS_LOGGER = "courier_api.access"
+# Probes and scrapes that succeed are logged at DEBUG: they come every few seconds.
+QUIET_RULES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Record attributes written as JSON fields when present (set by ``RequestContext`` or
+# passed as ``extra``).
+FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "rule",
+    "status",
+    "duration_ms",
+    "client",
+    "user_id",
+    "role",
+    "station_id",
+    "device_id",
+)
+_HANDLER_MARK = "_courier_api_handler"
+
+
+# -- the request id and the access line -------------------------------------------------------
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+
+
+def request_id() -> str | None:
+    """The current request's id (None outside a request)."""
+    if not has_request_context():
+        return None
+    value: str | None = g.get("request_id")
+    return value
+
+
+def _start_request() -> None:
+    g.request_started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+
+def _finish_request(response: Response) -> Response:
+    if g.get("request_id") is None:  # a before_request of ours never ran
+        _start_request()
+    response.headers[REQUEST_ID_HEADER] = g.request_id
+    duration = time.perf_counter() - g.request_started
+    rule = request.url_rule.rule if request.url_rule is not None else None
+    metrics.observe_request(request.method, rule, response.status_code, duration)
+    quiet = rule in QUIET_RULES and response.status_code < 400
+    logging.getLogger(ACCESS_LOGGER).log(
+        logging.DEBUG if quiet else logging.INFO,
+        "%s %s %s %.1f ms",
+        request.method,
+        request.path,
+        response.status_code,
+        duration * 1000,
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "rule": rule,
+            "status": response.status_code,
+            "duration_ms": round(duration * 1000, 1),
+            "client": request.remote_addr,
+        },
+    )
+    return response
+
+
+class RequestContext(logging.Filter):
+    """Adds the request id, and who is calling when known, to records made in a request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not has_request_context():
+            return True
+        if getattr(record, "request_id", None) is None:
+            record.request_id = g.get("request_id")
+        principal = g.get("principal")
+        if principal is not None and getattr(record, "user_id", None) is None:
+            record.user_id = principal.user_id
+            record.role = principal.role.value
+            record.station_id = principal.station_id
+            record.device_id = principal.device_id
+        return True
+
+
+# -- redaction --------------------------------------------------------------------------------
+
+_KEYWORDS = r"password|passwd|pwd|secret|token|api[_-]?key|authorization|signature|cookie"
+_REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
+    # JSON Web Tokens (three base64url parts, the first a JSON object: "eyJ").
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[jwt]"),
+    # Authorization header values.
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 [redacted]"),
+    # key: value and key=value, quoted or not, for secret-sounding keys.
+    (
+        re.compile(
+            rf"(?i)(\b[\w-]*(?:{_KEYWORDS})[\w-]*[\"']?\s*[:=]\s*)"
+            r"(\"[^\"]*\"|'[^']*'|[^\s,;&\"'}\])]+)"
+        ),
+        r"\1[redacted]",
+    ),
+    # werkzeug password hashes.
+    (re.compile(r"\b(?:pbkdf2|scrypt)(?::[\w]+)*\$[^\s$]+\$[0-9a-fA-F]+"), "[password hash]"),
+    # Webhook signatures (X-Courier-Signature: t=...,v1=<hex>).
+    (re.compile(r"\bv1=[0-9a-fA-F]{16,}"), "v1=[redacted]"),
+]
+# Random-looking strings (generated secrets): 32+ characters of base64url mixing upper
+# and lower case and digits. Hex digests and UUIDs (lower case only) stay readable.
+_RANDOM = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])")
+# Phone numbers: international (+ then 8 to 15 digits, spaces, dots, dashes or
+# parentheses between), and Chinese mobile numbers written without the country code
+# (11 digits from 13, maybe grouped 3-4-4).
+_PHONE = re.compile(
+    r"(?<![A-Za-z0-9_+])\+\d(?:[ ().-]{0,2}\d){7,14}(?![0-9])"
+    r"|(?<![A-Za-z0-9_.+-])1[3-9][0-9](?:[ -]?[0-9]){8}(?![A-Za-z0-9_.-])"
+)
+
+
+def _mixed(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if any(c.isupper() for c in text) and any(c.islower() for c in text):
+        if any(c.isdigit() for c in text):
+            return "[redacted]"
+    return text
+
+
+def _phone(match: re.Match[str]) -> str:
+    digits = [c for c in match.group(0) if c.isdigit()]
+    prefix = "+" if match.group(0).startswith("+") else ""
+    return prefix + "*" * (len(digits) - 3) + "".join(digits[-3:])
+
+
+def redact(text: str) -> str:
+    """``text`` without what must never be written to a log."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    text = _RANDOM.sub(_mixed, text)
+    return _PHONE.sub(_phone, text)
+
+
+class Redactor(logging.Filter):
+    """Rewrites a record's message, exception and stack text with ``redact``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep what there is
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for name in ("path", "client"):
+            value = getattr(record, name, None)
+            if isinstance(value, str):
+                setattr(record, name, redact(value))
+        return True
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                document[name] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            document["exc_info"] = record.exc_text
+        if record.stack_info:
+            document["stack_info"] = record.stack_info
+        return json.dumps(document, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-30 03:09:28,123 INFO name [request id]: message`` for people."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
+class _StandardError(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (as ``logging.lastResort``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass
+
+
+def make_handler(log_format: str, stream: IO[str] | None = None) -> logging.Handler:
+    """A handler writing ``log_format`` (json or text), with the request context and
+    the redaction applied to every record it writes."""
+    handler: logging.Handler = (
+        _StandardError() if stream is None else logging.StreamHandler(stream)
+    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RequestContext())
+    handler.addFilter(Redactor())
+    setattr(handler, _HANDLER_MARK, True)
+    return handler
+
+
+def configure_logging(
+    level: str, log_format: str = "json", *, stream: IO[str] | None = None, force: bool = False
+) -> None:
+    """Put this service's handler on the root logger (replacing an earlier one of ours).
+
+    Leaves a logging set up by someone else alone (pytest's, an embedding program's),
+    like ``logging.basicConfig``, unless ``force``.
+    """
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]
+    if not force and len(ours) < len(root.handlers):
+        return
+    for handler in ours:
+        root.removeHandler(handler)
+    root.addHandler(make_handler(log_format, stream))
+    root.setLevel(level)
+    # Alembic announces each of its plugins at INFO; that is noise for operators.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+# -- gunicorn ---------------------------------------------------------------------------------
+
+
+def gunicorn_logger_class() -> type:
+    """gunicorn's logger, writing through the root logger (so in this service's format,
+    redacted) instead of handlers of its own. Its access log is not used: the app logs
+    one access line per request with more in it."""
+    from gunicorn import glogging
+
+    class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+        def setup(self, cfg: Any) -> None:
+            super().setup(cfg)
+            for logger in (self.error_log, self.access_log):
+                for handler in list(logger.handlers):
+                    logger.removeHandler(handler)
+                logger.propagate = True
+
+    return GunicornLogger

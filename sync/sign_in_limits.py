@@ -1,0 +1,258 @@
+"""Rate limits on signing in, shared by every worker and replica through the database.
+
+Three rules, each "at most N in any window of S seconds" (a sliding window over
+the stored attempts):
+
+* **failed sign-ins per username** — what stops guessing one account's password.
+  Once reached, *every* attempt for that username is refused, the right password
+  too, until the oldest failure leaves the window: a guesser learns nothing from
+  a 429. Unknown usernames are counted the same way, so the limit says nothing
+  about which accounts exist.
+* **attempts per client address** (all of them) — caps what one machine costs the
+  server (each attempt hashes a password on purpose slowly);
+* **failed sign-ins per client address** — slows password spraying (one password
+  tried against many usernames), which the per-username rule cannot see.
+
+The per-address limits are deliberately loose: a station's PDAs usually share
+one NAT address and all sign in at shift start.
+
+An attempt is taken in two steps: ``admit`` (before the password is checked)
+counts what the window holds and stores the attempt as ``pending``, or refuses it;
+``settle`` records how it ended. A pending attempt counts as a failure for its
+username, so concurrent guesses cannot slip past the limit; on PostgreSQL the
+keys are locked (advisory locks) while counting, SQLite writes one at a time.
+Attempts older than the longest window are deleted as new ones arrive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.orm import Session
+
+from models import SignInAttempt
+from sync.errors import RateLimited
+
+PENDING = "pending"
+OK = "ok"
+FAILED = "failed"
+LIMITED = "limited"
+PURGE_BATCH = 500  # old rows deleted per attempt at most (amortized: each row once)
+CODE = "too_many_sign_in_attempts"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """At most ``count`` in any ``window``."""
+
+    count: int
+    window: dt.timedelta
+
+    @classmethod
+    def parse(cls, value: str) -> Limit | None:
+        """``"10/900"``: 10 per 900 seconds; ``"off"``: no limit. ``ValueError`` otherwise."""
+        value = value.strip().lower()
+        if value in ("off", "none"):
+            return None
+        count, slash, seconds = value.partition("/")
+        if not slash or not count.isdigit() or not seconds.isdigit():
+            raise ValueError(f"expected COUNT/SECONDS (e.g. 10/900) or off, got {value!r}")
+        if int(count) < 1 or int(seconds) < 1:
+            raise ValueError(f"count and seconds must be positive, got {value!r}")
+        return cls(int(count), dt.timedelta(seconds=int(seconds)))
+
+    def __str__(self) -> str:
+        return f"{self.count}/{int(self.window.total_seconds())}"
+
+
+@dataclass(frozen=True)
+class SignInLimits:
+    failures_per_username: Limit | None = Limit(10, dt.timedelta(minutes=15))
+    attempts_per_address: Limit | None = Limit(300, dt.timedelta(minutes=1))
+    failures_per_address: Limit | None = Limit(100, dt.timedelta(minutes=15))
+
+    @property
+    def active(self) -> bool:
+        return any(self._all())
+
+    @property
+    def longest_window(self) -> dt.timedelta:
+        return max((limit.window for limit in self._all() if limit), default=dt.timedelta(0))
+
+    def _all(self) -> tuple[Limit | None, ...]:
+        return (self.failures_per_username, self.attempts_per_address, self.failures_per_address)
+
+
+@dataclass(frozen=True)
+class AttemptKeys:
+    """The username and the client address of an attempt, as keyed hashes."""
+
+    username: str
+    address: str
+
+    @classmethod
+    def of(cls, *, secret: bytes, username: str, address: str | None) -> AttemptKeys:
+        return cls(
+            username=_keyed(secret, "username", normalize_username(username)),
+            address=_keyed(secret, "address", address_scope(address)),
+        )
+
+
+def normalize_username(username: str) -> str:
+    """As ``sync.accounts.authenticate`` looks it up."""
+    return username.strip().lower()
+
+
+def address_scope(address: str | None) -> str:
+    """What one client is: an IPv4 address, or the /64 network of an IPv6 address (one
+    subscriber usually gets a whole /64, and could otherwise change address per try)."""
+    if not address:
+        return "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:100]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
+
+
+def _keyed(secret: bytes, scope: str, value: str) -> str:
+    return hmac.new(secret, f"{scope}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An attempt let through (``attempt_id``), or the refusal to raise once committed."""
+
+    attempt_id: int | None
+    refusal: RateLimited | None = None
+
+
+def admit(
+    *, session: Session, keys: AttemptKeys, limits: SignInLimits, now: dt.datetime
+) -> Admission:
+    """Count the windows and store the attempt (pending), or refuse it.
+
+    Runs in the caller's transaction; the caller commits, then raises the refusal if
+    there is one. A refused attempt is stored too (``limited``: it counts towards the
+    address's attempts) unless the address's attempt limit refused it, so that an
+    address can never store more than that many rows per window.
+    """
+    _lock_keys(session, keys)
+    _purge(session, now - limits.longest_window)
+    address = SignInAttempt.address_key == keys.address
+    username = SignInAttempt.username_key == keys.username
+    failed = SignInAttempt.outcome == FAILED
+    failed_or_pending = SignInAttempt.outcome.in_((FAILED, PENDING))
+    refusal = _check(
+        session,
+        limits.attempts_per_address,
+        (address,),
+        now,
+        "too many sign-in attempts from this address",
+    )
+    if refusal is not None:
+        return Admission(None, refusal)
+    refusal = _check(
+        session,
+        limits.failures_per_username,
+        (username, failed_or_pending),
+        now,
+        "too many failed sign-ins for this username",
+    ) or _check(
+        session,
+        limits.failures_per_address,
+        (address, failed),
+        now,
+        "too many failed sign-ins from this address",
+    )
+    row = SignInAttempt(
+        at=now,
+        username_key=keys.username,
+        address_key=keys.address,
+        outcome=LIMITED if refusal else PENDING,
+    )
+    session.add(row)
+    session.flush()
+    return Admission(None if refusal else row.id, refusal)
+
+
+def settle(*, session: Session, attempt_id: int, password_was_right: bool) -> None:
+    """Record how an admitted attempt ended (in the caller's transaction)."""
+    session.execute(
+        update(SignInAttempt)
+        .where(SignInAttempt.id == attempt_id)
+        .values(outcome=OK if password_was_right else FAILED)
+    )
+
+
+def _check(
+    session: Session, limit: Limit | None, where: tuple, now: dt.datetime, what: str
+) -> RateLimited | None:
+    """A refusal when the window already holds ``limit.count`` matching attempts."""
+    if limit is None:
+        return None
+    window = (*where, SignInAttempt.at > now - limit.window)
+    held = session.scalar(select(func.count()).select_from(SignInAttempt).where(*window))
+    if held is None or held < limit.count:
+        return None
+    # The window drops below the limit when its (held - count + 1)-th oldest attempt
+    # leaves it.
+    leaving = session.scalar(
+        select(SignInAttempt.at)
+        .where(*window)
+        .order_by(SignInAttempt.at, SignInAttempt.id)
+        .offset(held - limit.count)
+        .limit(1)
+    )
+    wait = (leaving + limit.window - now).total_seconds() if leaving else 1.0
+    retry_after = max(1, math.ceil(wait))
+    return RateLimited(
+        f"{what} (at most {limit.count} in {_span(limit.window)}); "
+        f"try again in {retry_after} seconds",
+        retry_after=retry_after,
+        code=CODE,
+    )
+
+
+def _span(window: dt.timedelta) -> str:
+    seconds = int(window.total_seconds())
+    if seconds % 60 == 0:
+        minutes = seconds // 60
+        return "1 minute" if minutes == 1 else f"{minutes} minutes"
+    return f"{seconds} seconds"
+
+
+def _lock_keys(session: Session, keys: AttemptKeys) -> None:
+    """PostgreSQL: one attempt at a time per username and per address (transaction-scoped
+    advisory locks, taken in a fixed order so two attempts never wait on each other)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite: the transaction already holds the database's write lock
+    for key in sorted({_lock_id(keys.username), _lock_id(keys.address)}):
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(bytes.fromhex(key[:16]), "big", signed=True)
+
+
+def _purge(session: Session, before: dt.datetime) -> None:
+    """Delete attempts no window counts any more (a batch at a time; rows another
+    transaction is deleting are skipped rather than waited for)."""
+    old = (
+        select(SignInAttempt.id)
+        .where(SignInAttempt.at <= before)
+        .order_by(SignInAttempt.at)
+        .limit(PURGE_BATCH)
+        .with_for_update(skip_locked=True)
+    )
+    session.execute(delete(SignInAttempt).where(SignInAttempt.id.in_(old.scalar_subquery())))

@@ -1,0 +1,472 @@
+"""Who may call what: every endpoint of the URL map, as every kind of caller, declared once.
+
+``MATRIX`` has a row per endpoint (rule and method, from ``app.url_map``; HEAD and
+OPTIONS left out) and a cell per caller: the status it must get. A test fails when
+an endpoint of the URL map has no row, or a row names no endpoint, so a new route
+cannot ship without saying who may call it.
+
+The callers:
+
+* seven identities: ``admin``, ``auditor``, ``integration``, the station manager of
+  the subject's station (``manager_own``) and of another (``manager_other``), and a
+  courier with their PDA at the subject's station (``courier_own``; the shift, the
+  image upload and the consent request are theirs) and at another
+  (``courier_other``);
+* bad credentials, on behalf of the admin unless said: ``no_token``, ``expired``
+  (well signed, past ``exp``), ``tampered`` (a character of the signature changed),
+  ``alg_none`` (``{"alg": "none"}``, no signature), ``refresh_token`` (a refresh
+  token sent as an access token), ``forged_role`` (a courier's token whose payload
+  says ``admin``, signature kept) and ``cookie_only`` (the admin's page session
+  cookie, no token).
+
+Every subject is real and belongs to station PDG (``tests.subjects``), so "own" and
+"other" are about stations. Requests are valid for their caller
+(``tests.subjects.REQUESTS``: a push from the caller's own PDA, a new parcel, a
+note, ...): a 2xx or a 4xx is about who asks, not about the body. Each cell runs in
+a savepoint that is rolled back, so every caller meets the same subjects (a flag
+not yet resolved, a consent not yet revoked).
+
+Batches judged item by item say how their item fared: ``"200 created"``,
+``"200 rejected"`` (a manager's parcel for another station), ``"200 applied"`` (a
+courier of another station scanning a PDG parcel: stored and flagged
+``wrong_station``, DESIGN.md rule 1).
+
+Defaults: a bearer endpoint answers 401 to every bad credential; a public one
+(``public``) answers everyone alike. The pages (``/web/...``) authenticate by the
+session cookie, not by tokens: admins, auditors and managers sign in through the
+login form and call with their cookie; integrations and couriers cannot sign in
+(the login form refuses them, 403) and the bad credentials carry no session, so
+they call as visitors without a session: a GET is sent to the login page (302), a
+POST is refused for its missing CSRF token (400) before anything else runs.
+``cookie_only`` *is* the admin's session there. Validation never runs before
+authorization here, except in that CSRF check, which is the point of it.
+
+A 200 on a list says little on its own: ``test_lists_hold_only_...`` checks that
+what a station-bound caller lists is their station's (a courier's: their own),
+whatever ``station_id`` they ask for.
+
+``GET /readyz`` is checked in a test of its own with tokens made without the
+database: on SQLite it reads through a connection of its own, which the subjects'
+uncommitted writes would lock out (it would answer its documented 503, slowly).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Connection, select
+from sqlalchemy.orm import Session
+
+from courier_api.web.session import CSRF_KEY
+from models import User
+from tests import factories, subjects
+from tests.subjects import Subjects
+
+IDENTITIES: dict[str, subjects.Caller] = {
+    "admin": subjects.ADMIN,
+    "auditor": subjects.AUDITOR,
+    "integration": subjects.INTEGRATION,
+    "manager_own": subjects.MANAGER,
+    "manager_other": subjects.OTHER_MANAGER,
+    "courier_own": subjects.COURIER,
+    "courier_other": subjects.OTHER_COURIER,
+}
+BAD = ("no_token", "expired", "tampered", "alg_none", "refresh_token", "forged_role")
+CALLERS = (*IDENTITIES, *BAD, "cookie_only")
+PAGE_USERS = ("admin", "auditor", "manager_own", "manager_other")  # may sign in to pages
+SESSION_COOKIE = "courier_session"
+PARAMETER = re.compile(r"<(?:[^<>]*:)?(\w+)>")  # <converter(args):name> in a Flask rule
+
+
+def _braced(match: re.Match[str]) -> str:
+    return "{" + match.group(1) + "}"
+
+
+Row = dict[str, int | str]
+
+
+def api(a: Any, u: Any, i: Any, m: Any, m2: Any, c: Any, c2: Any) -> Row:
+    """A bearer endpoint: admin, auditor, integration, manager_own, manager_other,
+    courier_own, courier_other; every bad credential gets 401."""
+    cells = dict(zip(IDENTITIES, (a, u, i, m, m2, c, c2), strict=True))
+    return cells | dict.fromkeys((*BAD, "cookie_only"), 401)
+
+
+def public(status: int) -> Row:
+    return dict.fromkeys(CALLERS, status)
+
+
+def page(a: Any, u: Any, m: Any, m2: Any, *, visitor: int, **others: Any) -> Row:
+    """A page: admin, auditor, manager_own, manager_other with their session; everyone
+    else (integration, couriers, bad credentials) is a ``visitor`` without one, unless
+    ``others`` says otherwise; ``cookie_only`` is the admin's session."""
+    cells: Row = dict.fromkeys(CALLERS, visitor)
+    cells |= {"admin": a, "auditor": u, "manager_own": m, "manager_other": m2}
+    return cells | {"cookie_only": a} | others
+
+
+GET_PAGE = {"visitor": 302}  # to the login page
+POST_FORM = {"visitor": 400}  # no session, no CSRF token
+
+# fmt: off
+MATRIX: dict[str, Row] = {
+    # -- public ------------------------------------------------------------------------------
+    "GET /":                                                  public(302),  # to /docs
+    "GET /healthz":                                           public(200),
+    "GET /readyz":                                            public(200),  # test_readyz_...
+    "GET /openapi.json":                                      public(200),
+    "GET /docs":                                              public(200),
+    "GET /docs/assets/{filename}":                            public(200),
+    "GET /static/{filename}":                                 public(200),
+    "POST /api/v1/auth/token":                                public(200),  # admin's password
+    "POST /api/v1/auth/refresh":                              public(200),  # admin's refresh token
+    # -- operations: the scraper's METRICS_TOKEN or an admin's token -------------------------
+    "GET /metrics":                                           api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    # -- the API: api(admin, auditor, integration, manager_own, manager_other, courier_own,
+    #                courier_other) ----------------------------------------------------------
+    "GET /api/v1/stations":                                   api(200, 200, 200, 200, 200, 200, 200),  # noqa: E501
+    "POST /api/v1/stations":                                  api(201, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/stations/{station_id}":                      api(200, 200, 200, 200, 403, 200, 403),  # noqa: E501
+    "PATCH /api/v1/stations/{station_id}":                    api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/users":                                      api(200, 200, 403, 200, 200, 403, 403),  # noqa: E501
+    "POST /api/v1/users":                                     api(201, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/users/{user_id}":                            api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "PATCH /api/v1/users/{user_id}":                          api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/devices":                                    api(200, 200, 403, 200, 200, 403, 403),  # noqa: E501
+    "POST /api/v1/devices":                                   api(201, 403, 403, 201, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/devices/{device_id}":                        api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "PATCH /api/v1/devices/{device_id}":                      api(200, 403, 403, 200, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/parcels":                                   api("200 created", 403, "200 created", "200 created", "200 rejected", 403, 403),  # noqa: E501
+    "GET /api/v1/parcels/{tracking_no}":                      api(200, 200, 200, 200, 403, 200, 403),  # noqa: E501
+    "POST /api/v1/sync/push":                                 api(403, 403, 403, 403, 403, "200 applied", "200 applied"),  # noqa: E501
+    "GET /api/v1/sync/pull":                                  api(403, 403, 403, 403, 403, 200, 200),  # noqa: E501
+    "GET /api/v1/blobs/{sha256}":                             api(200, 200, 403, 200, 404, 200, 404),  # noqa: E501
+    "PUT /api/v1/blobs/{sha256}":                             api(201, 403, 201, 201, 201, 201, 201),  # noqa: E501
+    "GET /api/v1/consents":                                   api(200, 200, 200, 200, 200, 403, 403),  # noqa: E501
+    "POST /api/v1/consents":                                  api(201, 403, 201, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/consents/{consent_id}":                      api(200, 200, 200, 200, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/consents/{consent_id}/revoke":              api(200, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/consents/requests":                          api(200, 200, 200, 200, 200, 200, 200),  # noqa: E501
+    "POST /api/v1/consents/requests":                         api(403, 403, 403, 403, 403, 201, 403),  # noqa: E501
+    "GET /api/v1/consents/requests/{request_id}":             api(200, 200, 200, 200, 403, 200, 403),  # noqa: E501
+    "GET /api/v1/proofs":                                     api(200, 200, 403, 200, 200, 403, 403),  # noqa: E501
+    "GET /api/v1/proofs/export.csv":                          api(200, 200, 403, 200, 200, 403, 403),  # noqa: E501
+    "GET /api/v1/proofs/{event_id}":                          api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/quarantine":                                 api(200, 403, 403, 200, 200, 403, 403),  # noqa: E501
+    "GET /api/v1/flags":                                      api(200, 200, 403, 200, 200, 403, 403),  # noqa: E501
+    "GET /api/v1/flags/{flag_id}":                            api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/flags/{flag_id}/acknowledge":               api(200, 403, 403, 200, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/flags/{flag_id}/resolve":                   api(200, 403, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/shifts":                                     api(200, 200, 403, 200, 200, 200, 200),  # noqa: E501
+    "POST /api/v1/shifts":                                    api(403, 403, 403, 403, 403, 201, 201),  # noqa: E501
+    "GET /api/v1/shifts/{shift_id}":                          api(200, 200, 403, 200, 403, 200, 403),  # noqa: E501
+    "POST /api/v1/shifts/{shift_id}/close":                   api(200, 403, 403, 200, 403, 200, 403),  # noqa: E501
+    "GET /api/v1/shifts/{shift_id}/balance":                  api(200, 200, 403, 200, 403, 200, 403),  # noqa: E501
+    "POST /api/v1/shifts/{shift_id}/signoff":                 api(200, 403, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/stations/{station_id}/handover":             api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/stations/{station_id}/reports/daily":        api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/stations/{station_id}/reports/weekly":       api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/stations/{station_id}/reports/monthly":      api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/stations/{station_id}/reports":              api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/reports/{report_id}":                        api(200, 200, 403, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/jobs":                                       api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/jobs/runs":                                  api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/webhooks/topics":                            api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/webhooks/subscriptions":                     api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/webhooks/subscriptions":                    api(201, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/webhooks/subscriptions/{subscription_id}":   api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "PATCH /api/v1/webhooks/subscriptions/{subscription_id}": api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/webhooks/deliveries":                        api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/webhooks/deliveries/{delivery_id}":          api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/webhooks/deliveries/{delivery_id}/replay":  api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/webhooks/deliveries/purge":                 api(200, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    # -- the pages: page(admin, auditor, manager_own, manager_other, visitor=...) ------------
+    "GET /web/":                                              public(302),  # to the board
+    "GET /web/login":                                         page(302, 302, 302, 302, visitor=200),  # noqa: E501
+    "POST /web/login":                                        page(302, 302, 302, 302, visitor=401, integration=403, courier_own=403, courier_other=403, cookie_only=401),  # noqa: E501
+    "POST /web/logout":                                       page(302, 302, 302, 302, **POST_FORM),  # noqa: E501
+    "GET /web/board":                                         page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 403, **GET_PAGE),
+    "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
+    "GET /web/flags":                                         page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/flags/{flag_id}":                               page(200, 200, 200, 403, **GET_PAGE),
+    "POST /web/flags/{flag_id}/acknowledge":                  page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
+    "POST /web/flags/{flag_id}/resolve":                      page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
+    "GET /web/proofs":                                        page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/proofs/export.csv":                             page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/proofs/{event_id}":                             page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/images/{sha256}":                               page(200, 200, 200, 404, **GET_PAGE),
+    "GET /web/reports/daily":                                 page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/static/{filename}":                             public(200),
+    "GET /web/{unknown}":                                     public(404),  # a 404 page for any other  # noqa: E501
+}
+# fmt: on
+ITEMIZED = {"POST /api/v1/parcels", "POST /api/v1/sync/push"}  # "200 <first item's status>"
+
+
+def page_request(s: Subjects, path: str) -> tuple[str, dict[str, str] | None]:
+    """The URL (at PDG: its station, shift, flag, ...) and, for a POST, the form."""
+    params = subjects.path_parameters(s) | {
+        "filename": "swagger-ui.css" if path.startswith("/docs") else "web.css",
+        "unknown": "no-such-page",
+    }
+    url = path.format(**params)
+    if url in {"/web/board", "/web/flags", "/web/proofs", "/web/proofs/export.csv"}:
+        url += f"?station={s.station_id}"
+    if url == "/web/reports/daily":
+        url += f"?station={s.station_id}"
+    forms = {
+        "signoff": {"note": "all good"},
+        "acknowledge": {},
+        "resolve": {"note": "found it"},
+        "logout": {},
+    }
+    return url, forms.get(url.rsplit("/", 1)[-1])
+
+
+# -- credentials ------------------------------------------------------------------------------
+
+
+def _b64(data: dict[str, Any]) -> str:
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _payload(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+def bad_tokens(admin: dict[str, Any], courier: dict[str, Any], secret: str) -> dict[str, str]:
+    """Bad credentials made from real tokens (``admin``/``courier``: sign-in answers)."""
+    access = admin["access_token"]
+    claims = _payload(access)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    expired = jwt.encode(
+        claims | {"iat": past, "exp": past + dt.timedelta(hours=1)}, secret, algorithm="HS256"
+    )
+    head, body, signature = access.split(".")
+    middle = len(signature) // 2
+    swapped = "A" if signature[middle] != "A" else "B"
+    tampered = f"{head}.{body}.{signature[:middle]}{swapped}{signature[middle + 1 :]}"
+    alg_none = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
+    c_head, c_body, c_signature = courier["access_token"].split(".")
+    forged = _payload(courier["access_token"]) | {"role": "admin", "station": None, "device": None}
+    return {
+        "expired": expired,
+        "tampered": tampered,
+        "alg_none": alg_none,
+        "refresh_token": admin["refresh_token"],
+        "forged_role": f"{c_head}.{_b64(forged)}.{c_signature}",
+    }
+
+
+@dataclass
+class Credentials:
+    tokens: dict[str, str]  # caller -> bearer token
+    sessions: dict[str, tuple[str, str]]  # caller -> (session cookie, its CSRF token)
+
+
+def sign_in_everyone(app: Flask, client: FlaskClient) -> Credentials:
+    answers = {}
+    for caller, (username, device) in IDENTITIES.items():
+        body = {"username": username, "password": factories.PASSWORD}
+        if device:
+            body["device_id"] = device
+        answer = client.post("/api/v1/auth/token", json=body)
+        assert answer.status_code == 200, (caller, answer.get_json())
+        answers[caller] = answer.get_json()
+    tokens = {caller: answer["access_token"] for caller, answer in answers.items()}
+    tokens |= bad_tokens(answers["admin"], answers["courier_own"], app.config["JWT_SECRET"])
+    sessions = {}
+    for caller in PAGE_USERS:
+        browser = app.test_client()
+        browser.get("/web/login")
+        with browser.session_transaction() as session:
+            csrf = session[CSRF_KEY]
+        form = {"csrf_token": csrf, "username": IDENTITIES[caller][0]}
+        answer = browser.post("/web/login", data=form | {"password": factories.PASSWORD})
+        assert answer.status_code == 302, (caller, answer.get_data(as_text=True))
+        cookie = browser.get_cookie(SESSION_COOKIE)
+        assert cookie is not None
+        with browser.session_transaction() as session:
+            sessions[caller] = (cookie.value, session[CSRF_KEY])
+    sessions["cookie_only"] = sessions["admin"]
+    return Credentials(tokens, sessions)
+
+
+# -- calling ----------------------------------------------------------------------------------
+
+
+def endpoints(app: Flask) -> Iterator[str]:
+    """``METHOD /path/{name}`` of every rule and method of the URL map (the OpenAPI
+    spelling: converters left out)."""
+    for rule in app.url_map.iter_rules():
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            yield f"{method} {PARAMETER.sub(_braced, rule.rule)}"
+
+
+def call(app: Flask, s: Subjects, credentials: Credentials, endpoint: str, caller: str) -> Any:
+    method, path = endpoint.split(" ", 1)
+    client = app.test_client()
+    headers = {}
+    if caller in credentials.tokens:
+        headers["Authorization"] = f"Bearer {credentials.tokens[caller]}"
+    session = credentials.sessions.get(caller)
+    if session is not None and (caller == "cookie_only" or path.startswith("/web")):
+        client.set_cookie(SESSION_COOKIE, session[0])
+    if endpoint in subjects.REQUESTS:
+        request = subjects.REQUESTS[endpoint](s, IDENTITIES.get(caller, subjects.ADMIN))
+        content = {"json": request.json} if request.data is None else {"data": request.data}
+        if request.content_type:
+            headers["Content-Type"] = request.content_type
+        response = client.open(
+            path.format(**request.path),
+            method=method,
+            headers=headers,
+            query_string=request.query,
+            **content,
+        )
+        if endpoint in ITEMIZED and response.status_code == 200:
+            return f"200 {response.get_json()['results'][0]['status']}"
+        return response.status_code
+    if endpoint == "POST /web/login":
+        return _sign_in_form(client, credentials, caller)
+    url, form = page_request(s, path)
+    if session is not None and path.startswith("/web") and form is not None:
+        form = form | {"csrf_token": session[1]}
+    response = client.open(url, method=method, headers=headers, data=form)
+    response.close()
+    return response.status_code
+
+
+def _sign_in_form(client: FlaskClient, credentials: Credentials, caller: str) -> int:
+    """The login form with its CSRF token: each identity with its own password, the bad
+    credentials as the admin with a wrong one."""
+    session = credentials.sessions.get(caller)  # its cookie is set already
+    if session is not None:
+        csrf = session[1]
+    else:
+        client.get("/web/login")
+        with client.session_transaction() as cookie_session:
+            csrf = cookie_session[CSRF_KEY]
+    if caller in IDENTITIES:
+        form = {"username": IDENTITIES[caller][0], "password": factories.PASSWORD}
+    else:
+        form = {"username": subjects.ADMIN[0], "password": "wrong-password"}
+    return client.post("/web/login", data=form | {"csrf_token": csrf}).status_code
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_every_endpoint_of_the_url_map_has_a_row_and_every_row_an_endpoint(app: Flask) -> None:
+    routed = set(endpoints(app))
+    assert sorted(routed - set(MATRIX)) == [], "endpoints with no row in MATRIX"
+    assert sorted(set(MATRIX) - routed) == [], "rows of MATRIX for no endpoint"
+    assert all(set(row) == set(CALLERS) for row in MATRIX.values())
+
+
+def test_every_caller_gets_what_the_matrix_says(
+    app: Flask, client: FlaskClient, session: Session, connection: Connection
+) -> None:
+    s = subjects.build(session, app, client)
+    credentials = sign_in_everyone(app, client)
+    wrong = []
+    for endpoint, row in MATRIX.items():
+        if endpoint == "GET /readyz":
+            continue
+        for caller, expected in row.items():
+            savepoint = connection.begin_nested()
+            try:
+                got = call(app, s, credentials, endpoint, caller)
+            finally:
+                savepoint.rollback()
+            if got != expected:
+                wrong.append(f"{endpoint} as {caller}: expected {expected}, got {got}")
+    assert not wrong, "cells that differ from MATRIX:\n" + "\n".join(wrong)
+
+
+def test_readyz_answers_everyone_alike(app: Flask) -> None:
+    secret = app.config["JWT_SECRET"]
+    now = dt.datetime.now(dt.UTC)
+    claims = {"sub": "1", "role": "admin", "station": None, "device": None, "iat": now}
+    claims |= {"exp": now + dt.timedelta(hours=1), "jti": "x", "typ": "access", "ver": 0}
+    token = jwt.encode(claims, secret, algorithm="HS256")
+    refresh = jwt.encode(claims | {"typ": "refresh"}, secret, algorithm="HS256")
+    pair = {"access_token": token, "refresh_token": refresh}
+    tokens = bad_tokens(pair, pair, secret)
+    client = app.test_client()
+    for caller in CALLERS:
+        bearer = tokens.get(caller, token if caller in IDENTITIES else None)
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        got = client.get("/readyz", headers=headers).status_code
+        assert got == MATRIX["GET /readyz"][caller], caller
+
+
+# A 200 on a list is only as good as what the list holds: a station-bound caller must see
+# their own station's items, whatever station_id they ask for (and a courier their own).
+LISTS = (
+    "GET /api/v1/users",
+    "GET /api/v1/devices",
+    "GET /api/v1/consents",
+    "GET /api/v1/consents/requests",
+    "GET /api/v1/proofs",
+    "GET /api/v1/proofs/export.csv",
+    "GET /api/v1/quarantine",
+    "GET /api/v1/flags",
+    "GET /api/v1/shifts",
+)
+COURIERS_OWN = {"GET /api/v1/consents/requests", "GET /api/v1/shifts"}
+STANDING = {"GET /api/v1/consents"}  # standing consents (no station) hold everywhere
+
+
+def items(response: Any) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    if response.mimetype == "text/csv":
+        return list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    found: list[dict[str, Any]] = response.get_json()["items"]
+    return found
+
+
+def test_lists_hold_only_what_a_station_bound_caller_may_see(
+    app: Flask, client: FlaskClient, session: Session
+) -> None:
+    s = subjects.build(session, app, client)
+    credentials = sign_in_everyone(app, client)
+    pdg, mhg = s.day.station.id, s.day.other_station.id
+    home = {"manager_own": pdg, "courier_own": pdg, "manager_other": mhg, "courier_other": mhg}
+    user_ids = {
+        caller: session.scalars(select(User.id).where(User.username == username)).one()
+        for caller, (username, _) in IDENTITIES.items()
+    }
+
+    def get(endpoint: str, caller: str, station_id: int) -> list[dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {credentials.tokens[caller]}"}
+        query = {"station_id": station_id, "limit": 500}
+        if endpoint.endswith(".csv"):
+            del query["limit"]
+        return items(client.get(endpoint.split(" ")[1], query_string=query, headers=headers))
+
+    for endpoint in LISTS:
+        assert get(endpoint, "admin", pdg), f"{endpoint}: nothing at PDG to leak, test nothing"
+        for caller, station in home.items():
+            if MATRIX[endpoint][caller] != 200:
+                continue
+            other = pdg if station == mhg else mhg
+            for item in get(endpoint, caller, other):
+                standing = endpoint in STANDING and item["station_id"] in ("", None)
+                assert standing or int(item["station_id"]) == station, (endpoint, caller, item)
+                if caller.startswith("courier") and endpoint in COURIERS_OWN:
+                    assert int(item["courier_id"]) == user_ids[caller], (endpoint, caller, item)

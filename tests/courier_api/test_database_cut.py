@@ -1,0 +1,270 @@
+"""PostgreSQL connections cut in the middle of a load of pushes, with the real server.
+
+``courier-api serve`` (gunicorn, 2 workers) runs as a subprocess on a PostgreSQL
+database created for the test, and reaches it through a loopback TCP proxy
+(``tests.live_server.TcpProxy``). ``PDAS`` PDAs push batches of ``BATCH_SIZE``
+events back to back, each retrying a batch with the same ``batch_id`` and body until
+it gets a 200, as the sync contract says. Meanwhile the proxy severs every database
+connection ``CUTS`` times, in the middle of the pushes, and refuses new ones for
+``CUT_SECONDS`` each time (what a database restart or a network failure does).
+
+What must hold:
+
+* every answer is a 200 or a 503 ``database_unavailable`` with ``Retry-After`` and
+  the error body: never a 500, never a dropped connection, never an answer slower
+  than ``REPLY_BOUND_SECONDS``; each cut is seen as 503s;
+* the server recovers by itself once the database is back (its pool throws the dead
+  connections away), within ``RECOVERY_BOUND_SECONDS``;
+* at the end the database holds every event exactly once, one batch row per batch,
+  nothing quarantined, each PDA acknowledged through its last seq;
+* the server logged no traceback, and no error but the expected "database
+  unavailable" lines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests import factories
+from tests.live_server import (
+    Ledger,
+    Server,
+    TcpProxy,
+    free_port,
+    postgresql_database,
+    postgresql_test_url,
+    prepare_station,
+    request,
+    server_env,
+    sign_in,
+)
+
+pytestmark = pytest.mark.postgres_only
+
+PDAS = 2
+BATCHES = 16  # per PDA: more than the cuts leave time for, however fast the pushes
+BATCH_SIZE = 200
+CUTS = 3
+CUT_SECONDS = 1.5
+STATION = "CUT"
+PASSWORD = "cut-courier-password-1"
+REPLY_BOUND_SECONDS = 10.0  # no request may hang longer, cut or not
+RECOVERY_BOUND_SECONDS = 10.0  # from the database's return to a PDA's next 200
+DEADLINE_SECONDS = 60.0  # all pushes and cuts: a guard against hangs
+RETRY_PAUSE_SECONDS = 0.05
+
+
+@dataclass
+class Attempt:
+    device: str
+    batch: int
+    started: float
+    seconds: float
+    status: int  # 0: the connection failed
+    payload: Any
+    headers: dict[str, str]
+
+
+@dataclass
+class Cut:
+    started: float
+    severed: int
+    ended: float = 0.0
+
+
+@dataclass
+class Load:
+    """What the PDAs did, shared with the thread that cuts the connections."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    attempts: list[Attempt] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def answered_since(self, moment: float) -> set[str]:
+        """The PDAs that got a 200 for a push sent after ``moment``."""
+        with self.lock:
+            return {a.device for a in self.attempts if a.started > moment and a.status == 200}
+
+
+def _device(n: int) -> str:
+    return f"PDA-CUT-{n:02d}"
+
+
+def _batches(device: str) -> list[dict[str, Any]]:
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    bodies = []
+    for number in range(BATCHES):
+        events = [
+            factories.event(seq, factories.s10(), occurred_at=start + dt.timedelta(seconds=seq))
+            for seq in range(number * BATCH_SIZE + 1, (number + 1) * BATCH_SIZE + 1)
+        ]
+        bodies.append(factories.push_body(device, events))
+    return bodies
+
+
+def _pda(port: int, token: str, device: str, bodies: list[dict[str, Any]], load: Load) -> None:
+    """Push each batch until it is acknowledged, retrying it unchanged."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    try:
+        for number, body in enumerate(bodies):
+            data = json.dumps(body).encode()
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                try:
+                    reply = request(port, "POST", "/api/v1/sync/push", data, token)
+                    status, payload, headers = reply.status, reply.payload, reply.headers
+                except (OSError, http.client.HTTPException) as exc:
+                    status, payload, headers = 0, type(exc).__name__, {}
+                seconds = time.monotonic() - started
+                with load.lock:
+                    load.attempts.append(
+                        Attempt(device, number, started, seconds, status, payload, headers)
+                    )
+                if status == 200:
+                    break
+                time.sleep(RETRY_PAUSE_SECONDS)
+        with load.lock:
+            load.done.add(device)
+    except BaseException as exc:
+        load.errors.append(exc)
+
+
+def _cutter(proxy: TcpProxy, load: Load, cuts: list[Cut], rng: random.Random) -> None:
+    """Cut the database's connections ``CUTS`` times while the PDAs push."""
+    try:
+        for _ in range(CUTS):
+            since = time.monotonic()
+            # Every PDA is pushing again (the previous cut is over for all of them).
+            while load.answered_since(since) != {_device(n) for n in range(PDAS)}:
+                if load.done or load.errors:
+                    return
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.05, 0.3))  # somewhere inside a push
+            cut = Cut(time.monotonic(), proxy.cut())
+            cuts.append(cut)
+            time.sleep(CUT_SECONDS)
+            proxy.restore()
+            cut.ended = time.monotonic()
+    except BaseException as exc:
+        load.errors.append(exc)
+
+
+@pytest.fixture
+def cut_database() -> Any:
+    base = postgresql_test_url()
+    assert base is not None
+    with postgresql_database(base, "cut") as url:
+        yield url
+
+
+def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
+    tmp_path: Path, cut_database: str
+) -> None:
+    direct = make_url(cut_database)
+    couriers = [(f"cut-courier{n}", PASSWORD, _device(n)) for n in range(PDAS)]
+    prepare_station(server_env(tmp_path, cut_database), STATION, couriers)
+    pushed = {device: _batches(device) for _, _, device in couriers}
+
+    seed = random.randrange(2**32)
+    load = Load()
+    cuts: list[Cut] = []
+    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
+        proxied = direct.set(host="127.0.0.1", port=proxy.port)
+        env = server_env(tmp_path, proxied.render_as_string(hide_password=False))
+        server = Server(env, free_port(), tmp_path)
+        started = time.monotonic()
+        try:
+            server.start()
+            tokens = {courier[2]: sign_in(server.port, *courier) for courier in couriers}
+            pdas = [
+                threading.Thread(
+                    target=_pda,
+                    args=(server.port, tokens[device], device, pushed[device], load),
+                    daemon=True,
+                )
+                for device in pushed
+            ]
+            cutter = threading.Thread(
+                target=_cutter, args=(proxy, load, cuts, random.Random(seed)), daemon=True
+            )
+            for thread in [*pdas, cutter]:
+                thread.start()
+            for thread in [*pdas, cutter]:
+                thread.join(timeout=DEADLINE_SECONDS + REPLY_BOUND_SECONDS)
+                assert not thread.is_alive(), f"{thread.name} still running\n{server.log_tail()}"
+        finally:
+            proxy.restore()
+            server.kill()
+        elapsed = time.monotonic() - started
+        connections = proxy.connections
+    # Requests whose connection was severed while in use (mid-transaction), not at connect.
+    in_use = [
+        line
+        for path in server.log_paths
+        for line in path.read_text(errors="replace").splitlines()
+        if "database unavailable" in line and "connection failed:" not in line
+    ]
+
+    if load.errors:
+        raise load.errors[0]
+    attempts = load.attempts
+    statuses = Counter(a.status for a in attempts)
+    # From the database's return to the first acknowledged push.
+    recoveries = [
+        min(
+            (
+                a.started + a.seconds - cut.ended
+                for a in attempts
+                if a.status == 200 and a.started + a.seconds > cut.ended
+            ),
+            default=float("inf"),
+        )
+        for cut in cuts
+    ]
+    per_cut = [
+        sum(1 for a in attempts if a.status == 503 and cut.started <= a.started <= cut.ended)
+        for cut in cuts
+    ]
+    context = (
+        f"seed {seed}; {len(cuts)} cuts severing {[c.severed for c in cuts]} connections "
+        f"(of {connections}); answers {dict(statuses)}; 503s per cut {per_cut}; "
+        f"slowest answer {max(a.seconds for a in attempts):.2f} s; "
+        f"recovery {[round(r, 2) for r in recoveries]} s; {len(in_use)} requests cut while "
+        f"using their connection; {len(pushed) * BATCHES * BATCH_SIZE} events; {elapsed:.1f} s"
+    )
+    print(f"database cut test: {context}")  # shown with -s or -rP
+
+    assert load.done == set(pushed), context
+    assert len(cuts) == CUTS and all(cut.severed > 0 for cut in cuts), context
+    # Only 200s and 503s, each 503 with the error body and Retry-After; never a hang.
+    assert set(statuses) <= {200, 503}, context
+    for attempt in attempts:
+        assert attempt.seconds < REPLY_BOUND_SECONDS, (attempt, context)
+        if attempt.status == 503:
+            assert attempt.payload["code"] == "database_unavailable", (attempt, context)
+            assert attempt.payload["status"] == 503 and attempt.payload["message"], attempt
+            assert int(attempt.headers["Retry-After"]) > 0, (attempt, context)
+    # Each cut was seen by the PDAs, and the server came back by itself after each.
+    assert all(count > 0 for count in per_cut), context
+    assert in_use, context  # cut in the middle of requests, not only between them
+    assert max(recoveries) < RECOVERY_BOUND_SECONDS, context
+    assert server.unexpected_log_lines(expected=("database unavailable",)) == [], context
+
+    ledger = Ledger(cut_database)
+    try:
+        ledger.assert_exactly_once(pushed, context)
+    finally:
+        ledger.close()

@@ -1,0 +1,307 @@
+"""Structured logs: one JSON object a line, a request id on every response, no secrets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from courier_api.config import ConfigError, load_config, validate_config
+from courier_api.logs import REQUEST_ID_HEADER, configure_logging, redact
+from courier_api.scheduler import delivery_loop_for
+from models import User, utcnow
+from sync import consents, outbox
+from tests import factories
+from tests.conftest import TEST_JWT_SECRET, Auth, World
+from tests.webhook_receiver import Answer, Receiver
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Everything logged, as the service writes it: the root logger at DEBUG and the
+    SQL echo on, through the service's own handler (format, context and redaction).
+    Requested first, so the engine's connections are made with the echo on."""
+    root = logging.getLogger()
+    engine_logger = logging.getLogger("sqlalchemy.engine")
+    levels = (root.level, engine_logger.level)
+    stream = io.StringIO()
+    configure_logging("DEBUG", "json", stream=stream, force=True)
+    engine_logger.setLevel(logging.INFO)
+    yield stream
+    for handler in [h for h in root.handlers if getattr(h, "_courier_api_handler", False)]:
+        root.removeHandler(handler)
+    root.setLevel(levels[0])
+    engine_logger.setLevel(levels[1])
+
+
+def records(stream: io.StringIO) -> list[dict[str, Any]]:
+    lines = stream.getvalue().splitlines()
+    assert lines, "nothing was logged"
+    return [json.loads(line) for line in lines]  # every line is one JSON object
+
+
+def access_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [r for r in records(stream) if r["logger"] == "courier_api.access"]
+
+
+# -- format and request ids -------------------------------------------------------------------
+
+
+def test_each_line_is_a_json_object_and_each_response_names_its_request(
+    log_output: io.StringIO, client: FlaskClient, world: World, auth: Auth
+) -> None:
+    headers = auth.headers("courier1", "PDA-0001")
+    sane = client.get(
+        "/api/v1/parcels/RR473124829GB", headers={**headers, REQUEST_ID_HEADER: "pda-7:42"}
+    )
+    assert sane.headers[REQUEST_ID_HEADER] == "pda-7:42"
+    # Insane ids (too long, spaces, quotes, markup) are replaced by a fresh one.
+    for bad in ("x" * 129, "a b", 'a"b', "<script>", "é", ""):
+        response = client.get("/healthz", headers={REQUEST_ID_HEADER: bad} if bad else {})
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers[REQUEST_ID_HEADER]), bad
+    # Errors too: 404, 405, 401, 422.
+    for response in (
+        client.get("/no/such/page"),
+        client.delete("/api/v1/stations"),
+        client.get("/api/v1/stations", headers={"Authorization": "Bearer nope"}),
+        client.post("/api/v1/stations", json={}, headers=auth.headers("admin")),
+    ):
+        assert response.status_code >= 400 and response.headers[REQUEST_ID_HEADER]
+
+    line = next(r for r in access_lines(log_output) if r.get("request_id") == "pda-7:42")
+    assert line["level"] == "INFO"
+    assert line["method"] == "GET" and line["path"] == "/api/v1/parcels/RR473124829GB"
+    assert line["rule"] == "/api/v1/parcels/<string:tracking_no>"
+    assert line["status"] == 404 and isinstance(line["duration_ms"], float)
+    assert line["user_id"] == world.courier.id and line["role"] == "courier"
+    assert line["station_id"] == world.station.id and line["device_id"] == "PDA-0001"
+    assert dt.datetime.fromisoformat(line["timestamp"]).tzinfo is not None
+    assert {"message", "logger", "pid"} <= set(line)
+    unmatched = next(r for r in access_lines(log_output) if r["path"] == "/no/such/page")
+    assert "rule" not in unmatched and unmatched["status"] == 404
+    # Lines logged inside a request carry its id.
+    lookup = [r for r in records(log_output) if "FROM parcel" in r["message"]]
+    assert lookup and all(r.get("request_id") == "pda-7:42" for r in lookup)
+
+
+def test_the_500_page_and_its_log_line_share_the_request_id(
+    log_output: io.StringIO, app_with: Callable[..., Flask], world: World
+) -> None:
+    app = app_with(PROPAGATE_EXCEPTIONS=False)
+
+    @app.route("/api/v1/_boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    response = app.test_client().get("/api/v1/_boom", headers={REQUEST_ID_HEADER: "req-500"})
+    assert response.status_code == 500 and response.headers[REQUEST_ID_HEADER] == "req-500"
+    error = next(r for r in records(log_output) if r["level"] == "ERROR")
+    assert error["request_id"] == "req-500"
+    assert "RuntimeError: a bug" in error["exc_info"]
+
+
+def test_text_format_for_people(app: Flask) -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    configure_logging("INFO", "text", stream=stream, force=True)
+    try:
+        app.test_client().get("/healthz/nothing", headers={REQUEST_ID_HEADER: "r-1"})
+    finally:
+        for handler in [h for h in root.handlers if getattr(h, "_courier_api_handler", False)]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO courier_api\.access \[r-1\]: "
+        r"GET /healthz/nothing 404 \d+\.\d ms",
+        line,
+    ), line
+
+
+def test_log_format_is_checked_at_start_up(tmp_path: Any) -> None:
+    assert load_config({}, tmp_path)["LOG_FORMAT"] == "json"
+    assert load_config({"LOG_FORMAT": "TEXT"}, tmp_path)["LOG_FORMAT"] == "text"
+    with pytest.raises(ConfigError, match="LOG_FORMAT"):
+        validate_config(load_config({"LOG_FORMAT": "xml"}, tmp_path))
+
+
+# -- redaction --------------------------------------------------------------------------------
+
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxIiwicm9sZSI6ImFkbWluIn0."
+    "c2lnbmF0dXJlLW9mLXRoZS10b2tlbi1oZXJlLTAxMjM0NTY3"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden", "kept"),
+    [
+        (f"Authorization: Bearer {JWT}", [JWT, "c2lnbmF0dXJl"], ["Authorization"]),
+        ("Bearer Zm9vYmFyYmF6cXV4MTIzNDU2", ["Zm9vYmFyYmF6cXV4MTIzNDU2"], ["Bearer"]),
+        ('{"password": "hunter2-long", "username": "ana"}', ["hunter2-long"], ['"ana"']),
+        ("password='s3cret pass' next", ["s3cret"], ["next"]),
+        ("client_secret=abc123&x=1", ["abc123"], ["x=1"]),
+        ("refresh_token: abc.def.ghi", ["abc.def.ghi"], []),
+        ("X-Courier-Signature: t=1764470000,v1=" + "ab" * 32, ["ab" * 32], []),
+        (
+            "hash pbkdf2:sha256:1000$salt1234$" + "0f" * 32,
+            ["salt1234", "0f" * 32],
+            ["hash"],
+        ),
+        (
+            "secret Wq3xK9_pL2mN8vB4cX7zA1sD5fG6hJ0kQeRtYuIoP",
+            ["Wq3xK9_pL2mN8vB4cX7zA1sD5fG6hJ0"],
+            [],
+        ),
+        ("call +86 138 1234 5678 now", ["138 1234", "1234 5678"], ["678 now"]),
+        ("to +8613812345678.", ["+8613812345678", "381234"], ["+**********678."]),
+        ("phone 13812345678 and +44 7911 123456", ["13812345678", "7911 123"], ["456"]),
+        ("手机139-8765-4321。", ["8765"], ["手机********321。"]),
+        ("tel=(+1) 415-555-0100", [], []),  # no fixed format can catch everything
+    ],
+)
+def test_redaction(text: str, hidden: list[str], kept: list[str]) -> None:
+    clean = redact(text)
+    for secret in hidden:
+        assert secret not in clean, clean
+    for part in kept:
+        assert part in clean, clean
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-30T08:00:00+08:00 batch 9f1c0c7e-7f43-4c55-9d55-2d7f1b0e6a3b",
+        "blob " + "ab12" * 16,  # a sha256 digest stays readable
+        "parcel RR473124829GB SF1234567890123 seq 13 of 1764470000123",
+        "the token has expired; refresh it or sign in again",
+        "wrong username or password",
+        "POST /api/v1/auth/token 401 12.5 ms",
+    ],
+)
+def test_what_is_not_secret_stays_readable(text: str) -> None:
+    assert redact(text) == text
+
+
+def test_no_password_token_secret_or_phone_reaches_the_log(
+    log_output: io.StringIO,
+    app_with: Callable[..., Flask],
+    session: Session,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sign-ins (right and wrong), a refresh, an intake and a consent with phones, a
+    webhook subscription and deliveries (one answered with its own signature echoed
+    back), and a 500 whose error names a phone: the log holds none of it."""
+    app = app_with(PROPAGATE_EXCEPTIONS=False)
+    client = app.test_client()
+    auth = Auth(client)
+    seen: list[str] = [factories.PASSWORD, TEST_JWT_SECRET]
+
+    def tokens(username: str, device: str | None = None) -> dict[str, str]:
+        pair = auth.tokens(username, device)
+        seen.extend([pair["access_token"], pair["refresh_token"]])
+        return {"Authorization": f"Bearer {pair['access_token']}"}
+
+    admin, manager, app1 = tokens("admin"), tokens("manager1"), tokens("app1")
+    courier_pair = auth.tokens("courier1", "PDA-0001")
+    seen.extend([courier_pair["access_token"], courier_pair["refresh_token"]])
+    wrong = "Wrong-Password-1234"
+    seen.append(wrong)
+    for username in ("manager1", "nobody"):
+        response = client.post(
+            "/api/v1/auth/token", json={"username": username, "password": wrong}
+        )
+        assert response.status_code == 401
+    refreshed = client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": courier_pair["refresh_token"]}
+    ).get_json()
+    seen.extend([refreshed["access_token"], refreshed["refresh_token"]])
+    seen.append(session.scalar(select(User.password_hash).where(User.username == "admin")))
+
+    phones = {"138 1234 5678": "+8613812345678", "+44 7911 123456": "+447911123456"}
+    parcels = [
+        {
+            "tracking_no": factories.s10(),
+            "service_class": "express",
+            "recipient_name": "Li Lei",
+            "recipient_phone": written,
+            "address": "1 Century Ave",
+        }
+        for written in phones
+    ]
+    intake = client.post("/api/v1/parcels", json={"parcels": parcels}, headers=manager)
+    assert intake.status_code == 200, intake.get_json()
+    assert intake.get_json()["counts"]["created"] == 2, intake.get_json()
+    consent = {
+        "scope": "standing",
+        "recipient_phone": "139 8765 4321",
+        "address": "1 Century Ave",
+        "method": "any",
+        "channel": "sms",
+        "granted_at": utcnow().isoformat(),
+    }
+    assert client.post("/api/v1/consents", json=consent, headers=app1).status_code == 201
+    phones["139 8765 4321"] = "+8613987654321"
+
+    with Receiver() as receiver:
+        subscription = client.post(
+            "/api/v1/webhooks/subscriptions",
+            json={"url": receiver.url, "topics": ["flag.raised"]},
+            headers=admin,
+        ).get_json()
+        seen.append(subscription["secret"])
+        for key in ("RR000000001GB", "RR000000002GB"):
+            outbox.announce(
+                session=session,
+                topic="flag.raised",
+                ordering_key=key,
+                station_id=None,
+                data={"subject_key": key, "recipient_phone": "+8613812345678"},
+            )
+        session.commit()
+        receiver.answer(Answer(500, echo_header="X-Courier-Signature"))
+        loop = delivery_loop_for(app)
+        try:
+            counts = loop.drain()
+        finally:
+            loop.close()
+        assert len(receiver.requests) == 2, counts
+        seen.extend(
+            r.headers["x-courier-signature"].partition("v1=")[2] for r in receiver.requests
+        )
+
+    def fail(**kwargs: Any) -> None:
+        raise RuntimeError(f"could not store the consent of {kwargs['draft'].recipient_phone}")
+
+    monkeypatch.setattr(consents, "grant", fail)
+    broken = client.post("/api/v1/consents", json=consent, headers=app1)
+    assert broken.status_code == 500
+
+    output = log_output.getvalue()
+    lines = records(log_output)
+    # Not vacuous: the sign-ins, the SQL, the deliveries and the 500 were all logged.
+    assert any(r["message"].startswith("POST /api/v1/auth/token 401") for r in lines)
+    assert any(r["message"].startswith("POST /api/v1/auth/refresh 200") for r in lines)
+    assert any("INSERT INTO parcel" in r["message"] for r in lines)
+    assert any("INSERT INTO webhook_subscription" in r["message"] for r in lines)
+    assert sum("delivery" in r["message"] and r["logger"] == "sync.webhooks" for r in lines) >= 2
+    failure = next(r for r in lines if r["level"] == "ERROR" and "exc_info" in r)
+    assert "could not store the consent of ********321" in failure["exc_info"]
+    assert all(secret and len(secret) >= 8 for secret in seen)
+    for secret in seen:
+        assert secret not in output, secret[:12]
+    for written, e164 in phones.items():
+        for form in (written, e164, e164.lstrip("+"), e164[3:]):
+            assert form not in output, form

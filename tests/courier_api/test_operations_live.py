@@ -1,0 +1,172 @@
+"""``courier-api serve`` with two gunicorn workers: /metrics adds up every worker (also
+one that died), logs are JSON lines with their process, and a chunked body over
+MAX_REQUEST_BYTES is refused with 413 by the real server.
+
+The server runs on a SQLite file of its own in both passes of ``make test``: what is
+tested here is gunicorn's processes, not the database.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.live_server import Reply, Server, free_port, request, run_cli, server_env
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "killpg"), reason="needs POSIX process groups (gunicorn)"
+)
+
+METRICS_TOKEN = "live-scraper-token-" + "m" * 32
+ADMIN_PASSWORD = "live-admin-password-1"
+BODY_LIMIT = 65536
+REQUESTS_PER_ROUND = 20
+
+
+def value(text: str, sample: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return 0.0
+
+
+def scrape(port: int, token: str) -> str:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    assert response.status == 200, text
+    return text
+
+
+def post_chunked(port: int, path: str, chunks: list[bytes]) -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        for chunk in chunks:
+            connection.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        connection.send(b"0\r\n\r\n")
+        response = connection.getresponse()
+        raw = response.read()
+    finally:
+        connection.close()
+    return Reply(response.status, json.loads(raw), dict(response.getheaders()))
+
+
+def log_records(server: Server) -> list[dict[str, object]]:
+    lines = []
+    for path in server.log_paths:
+        for line in path.read_text().splitlines():
+            if line.startswith("serving on "):  # the command's own word to the operator
+                continue
+            lines.append(json.loads(line))  # everything else is one JSON object a line
+    return lines
+
+
+def worker_pids(server: Server) -> set[int]:
+    return {
+        int(str(r["message"]).rsplit(" ", 1)[-1])
+        for r in log_records(server)
+        if str(r["message"]).startswith("Booting worker with pid")
+    }
+
+
+def wait_for_workers(server: Server, booted: int) -> None:
+    deadline = time.monotonic() + 20
+    while len(worker_pids(server)) < booted:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
+
+
+def test_two_workers_add_up_in_metrics_and_log_json(tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"left by an earlier run")
+    env = server_env(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'ops.db'}",
+        METRICS_TOKEN=METRICS_TOKEN,
+        LOG_FORMAT="json",
+        MAX_REQUEST_BYTES=str(BODY_LIMIT),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
+    run_cli(env, "db", "upgrade")
+    run_cli(
+        env, "create-user", "admin", "--role", "admin", "--password-stdin",
+        stdin=ADMIN_PASSWORD + "\n",
+    )  # fmt: skip
+    server = Server(env, free_port(), tmp_path, workers=2, threads=4)
+    server.start()
+    try:
+        assert not (metrics_dir / "counter_999999.db").exists()  # emptied at start
+        port = server.port
+        before = scrape(port, METRICS_TOKEN)
+        count = "courier_http_request_duration_seconds_count"
+        labels = {"method": "GET", "rule": "/api/v1/stations", "status": "401"}
+        for _ in range(REQUESTS_PER_ROUND):
+            assert request(port, "GET", "/api/v1/stations").status == 401
+        wait_for_workers(server, 2)
+        served = {r["pid"] for r in log_records(server) if r.get("path") == "/api/v1/stations"}
+        # End a worker that served some of them: gunicorn starts another; what the dead
+        # one counted stays in the sum.
+        victim = sorted(served)[0]
+        os.kill(victim, signal.SIGTERM)
+        wait_for_workers(server, 3)
+        for _ in range(REQUESTS_PER_ROUND):
+            assert request(port, "GET", "/api/v1/stations").status == 401
+        signed_in = request(
+            port,
+            "POST",
+            "/api/v1/auth/token",
+            json.dumps({"username": "admin", "password": ADMIN_PASSWORD}).encode(),
+        )
+        assert signed_in.status == 200, signed_in.payload
+
+        after = scrape(port, signed_in.payload["access_token"])  # an admin may read it too
+        assert value(after, count, **labels) - value(before, count, **labels) == (
+            2 * REQUESTS_PER_ROUND
+        )
+        assert value(after, "courier_sign_ins_total", outcome="ok") == 1
+        processes = {r["pid"] for r in log_records(server) if r.get("path") == "/api/v1/stations"}
+        assert len(processes) >= 2 and victim in processes  # several processes added up
+
+        # A chunked body (no Content-Length) over MAX_REQUEST_BYTES: 413, not cut short.
+        chunk = b" " * 8192
+        too_large = post_chunked(port, "/api/v1/auth/token", [chunk] * (BODY_LIMIT // 8192 + 2))
+        assert too_large.status == 413, too_large.payload
+        assert too_large.payload["code"] == "payload_too_large"
+        assert too_large.headers["X-Request-Id"]
+        deep = post_chunked(port, "/api/v1/auth/token", [b"[" * 20000, b"]" * 20000])
+        assert deep.status == 400 and deep.payload["code"] == "bad_request"
+        fits = post_chunked(
+            port,
+            "/api/v1/auth/token",
+            [b'{"username": "admin", ', f'"password": "{ADMIN_PASSWORD}"}}'.encode()],
+        )
+        assert fits.status == 200, fits.payload
+    finally:
+        server.kill()
+
+    records = log_records(server)
+    booting = [r for r in records if str(r["message"]).startswith("Booting worker")]
+    assert booting and all(r["logger"] == "gunicorn.error" for r in booting)
+    access = [r for r in records if r["logger"] == "courier_api.access"]
+    assert access and all(
+        {"request_id", "method", "status", "duration_ms"} <= set(r) for r in access
+    )
+    assert ADMIN_PASSWORD not in "".join(path.read_text() for path in server.log_paths)
+    assert server.unexpected_log_lines() == []

@@ -1,0 +1,171 @@
+"""Sign-in rate limits (sync.sign_in_limits): the windows, on the database, with a clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models import SignInAttempt
+from sync.sign_in_limits import (
+    LIMITED,
+    AttemptKeys,
+    Limit,
+    SignInLimits,
+    address_scope,
+    admit,
+    settle,
+)
+
+T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+SECRET = b"test-secret"
+MINUTE = dt.timedelta(minutes=1)
+
+
+def keys(username: str = "courier1", address: str = "203.0.113.7") -> AttemptKeys:
+    return AttemptKeys.of(secret=SECRET, username=username, address=address)
+
+
+def attempt(
+    session: Session,
+    limits: SignInLimits,
+    at: dt.datetime,
+    *,
+    right: bool,
+    username: str = "courier1",
+    address: str = "203.0.113.7",
+) -> int | None:
+    """One attempt: the Retry-After of its refusal, or None when it was let through."""
+    admission = admit(session=session, keys=keys(username, address), limits=limits, now=at)
+    if admission.refusal is not None:
+        return admission.refusal.retry_after
+    assert admission.attempt_id is not None
+    settle(session=session, attempt_id=admission.attempt_id, password_was_right=right)
+    return None
+
+
+def user_only(count: int = 3, minutes: int = 15) -> SignInLimits:
+    return SignInLimits(
+        failures_per_username=Limit(count, dt.timedelta(minutes=minutes)),
+        attempts_per_address=None,
+        failures_per_address=None,
+    )
+
+
+def test_limit_syntax() -> None:
+    assert Limit.parse("10/900") == Limit(10, dt.timedelta(seconds=900))
+    assert Limit.parse(" OFF ") is None
+    assert str(Limit(5, dt.timedelta(minutes=1))) == "5/60"
+    for bad in ("10", "10/", "/60", "0/60", "10/0", "-1/60", "ten/60", "10/60s"):
+        with pytest.raises(ValueError):
+            Limit.parse(bad)
+
+
+def test_addresses_are_grouped_as_one_client() -> None:
+    assert address_scope("203.0.113.7") == "203.0.113.7"
+    # An IPv6 subscriber gets a whole /64: it is one client, whatever address it picks.
+    assert address_scope("2001:db8:1:2:aaaa::1") == address_scope("2001:db8:1:2:ffff::9")
+    assert address_scope("2001:db8:1:2::1") != address_scope("2001:db8:1:3::1")
+    assert address_scope("::ffff:203.0.113.7") == "203.0.113.7"
+    assert address_scope(None) == "unknown"
+    # Keys are keyed hashes: neither the username nor the address is stored.
+    assert "courier1" not in keys().username and "203.0.113" not in keys().address
+    assert keys("Courier1 ").username == keys("courier1").username
+
+
+def test_failures_per_username_refuse_exactly_at_the_limit(session: Session) -> None:
+    limits = user_only(count=3)
+    for i in range(3):
+        assert attempt(session, limits, T0 + i * MINUTE, right=False) is None
+    # The 4th attempt is refused, the right password too, until the first failure
+    # (T0) is 15 minutes old: at T0 + 3 min that is 12 minutes away.
+    assert attempt(session, limits, T0 + 3 * MINUTE, right=True) == 12 * 60
+    assert attempt(session, limits, T0 + 14 * MINUTE + dt.timedelta(seconds=59.5), right=True) == 1
+    # Refused attempts are not failures: they do not push the window on.
+    assert attempt(session, limits, T0 + 15 * MINUTE, right=True) is None
+    # One failure left the window, and the success took no place: one more failure
+    # fills it again (T0+1, T0+2, T0+15); the next waits for T0+1 to leave it.
+    assert attempt(session, limits, T0 + 15 * MINUTE, right=False) is None
+    assert attempt(session, limits, T0 + 15 * MINUTE, right=True) == 60
+
+
+def test_successes_do_not_count_as_failures(session: Session) -> None:
+    limits = user_only(count=2)
+    for i in range(10):
+        assert attempt(session, limits, T0 + i * dt.timedelta(seconds=1), right=True) is None
+    assert attempt(session, limits, T0 + MINUTE, right=False) is None
+    assert attempt(session, limits, T0 + MINUTE, right=True) is None
+
+
+def test_a_pending_attempt_counts_as_a_failure(session: Session) -> None:
+    """Concurrent guesses: while a password is being checked, its attempt already holds a
+    place, so the limit cannot be passed by sending many at once."""
+    limits = user_only(count=2)
+    first = admit(session=session, keys=keys(), limits=limits, now=T0)
+    second = admit(session=session, keys=keys(), limits=limits, now=T0)
+    third = admit(session=session, keys=keys(), limits=limits, now=T0)
+    assert first.refusal is None and second.refusal is None
+    assert third.refusal is not None and third.refusal.retry_after == 15 * 60
+
+
+def test_usernames_are_limited_independently(session: Session) -> None:
+    limits = user_only(count=2)
+    for _ in range(2):
+        attempt(session, limits, T0, right=False, username="courier1")
+    assert attempt(session, limits, T0, right=True, username="courier1") is not None
+    assert attempt(session, limits, T0, right=True, username="courier2") is None
+    # From another address too: the limit is the username's, wherever the guesses come from.
+    assert attempt(session, limits, T0, right=True, address="198.51.100.1") is not None
+
+
+def test_attempts_per_address_count_everything_and_spare_other_addresses(
+    session: Session,
+) -> None:
+    limits = SignInLimits(
+        failures_per_username=None,
+        attempts_per_address=Limit(5, MINUTE),
+        failures_per_address=None,
+    )
+    for i in range(5):  # five PDAs behind one NAT address, all signing in fine
+        assert attempt(session, limits, T0, right=True, username=f"c{i}") is None
+    assert attempt(session, limits, T0 + dt.timedelta(seconds=20), right=True) == 40
+    # An address refused by its attempt limit stores nothing: its rows stay bounded.
+    stored = session.scalar(
+        select(func.count()).where(SignInAttempt.address_key == keys().address)
+    )
+    assert stored == 5
+    assert attempt(session, limits, T0, right=True, address="198.51.100.1") is None
+    assert attempt(session, limits, T0 + MINUTE, right=True) is None
+
+
+def test_failures_per_address_slow_spraying_across_usernames(session: Session) -> None:
+    limits = SignInLimits(
+        failures_per_username=Limit(3, dt.timedelta(minutes=15)),
+        attempts_per_address=None,
+        failures_per_address=Limit(4, dt.timedelta(minutes=15)),
+    )
+    for i in range(4):  # one password tried against four accounts
+        assert attempt(session, limits, T0, right=False, username=f"user{i}") is None
+    assert attempt(session, limits, T0, right=False, username="user9") == 15 * 60
+    # Refused attempts are stored as such, and are not failures.
+    outcomes = session.scalars(select(SignInAttempt.outcome).order_by(SignInAttempt.id)).all()
+    assert outcomes[-1] == LIMITED
+    # Another address is not concerned.
+    assert attempt(session, limits, T0, right=True, address="198.51.100.1") is None
+
+
+def test_old_attempts_are_purged_as_new_ones_arrive(session: Session) -> None:
+    limits = user_only(count=100, minutes=15)
+    for i in range(5):
+        attempt(session, limits, T0 + i * MINUTE, right=False, username=f"old{i}")
+    attempt(session, limits, T0 + 30 * MINUTE, right=True, username="new")
+    assert session.scalar(select(func.count()).select_from(SignInAttempt)) == 1
+
+
+def test_no_limits_means_nothing_stored(session: Session) -> None:
+    limits = SignInLimits(None, None, None)
+    assert not limits.active
+    admission = admit(session=session, keys=keys(), limits=limits, now=T0)
+    assert admission.refusal is None

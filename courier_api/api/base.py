@@ -72,9 +72,12 @@ class JsonParser(FlaskParser):
         return document
 
 
-# No document of ours nests deeper than a few levels; far deeper ones would make
-# Python's JSON encoder (hashing, storing a rejected event) hit its recursion limit.
-MAX_JSON_DEPTH = 32
+# No document of ours nests deeper than a few levels, but a push's events are judged
+# one by one: an event nested far too deep is quarantined like any bad event, and must
+# not make its whole batch a 400 that the PDA would send again forever. Only beyond
+# this depth is the whole body refused: deeper ones would bring Python's JSON encoder
+# (hashing and storing the rejected event) near its recursion limit.
+MAX_JSON_DEPTH = 128
 
 
 def _depth_exceeds(document: Any, limit: int) -> bool:

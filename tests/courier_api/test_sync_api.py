@@ -438,17 +438,29 @@ def test_a_pda_clock_at_the_end_of_the_calendar_gets_answers_not_a_500(
     assert result["error"]["code"] == "occurred_at_out_of_range"
 
 
-def test_json_nested_too_deep_is_400(client: FlaskClient, courier: dict[str, str]) -> None:
-    body = factories.push_body("PDA-0001", [])
-    nested = "[" * 40 + "]" * 40
-    raw = json.dumps({**body, "events": "NESTED"}).replace('"NESTED"', f"[{nested}]")
-    response = client.post(PUSH, data=raw, content_type="application/json", headers=courier)
-    assert response.status_code == 400
-    just_deep_enough = "[" * 20 + "]" * 20
-    raw = json.dumps({**body, "events": "NESTED"}).replace('"NESTED"', f"[{just_deep_enough}]")
+def test_an_event_nested_deep_is_quarantined_and_only_an_absurd_body_is_400(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A bad event never blocks its batch (rule 1), however deep it nests; only a body
+    past the parser's depth limit is refused whole."""
+    sibling = ev(2, parcel.tracking_no)
+    deep_pod = ev(1, parcel.tracking_no, "delivered", pod="POD")
+    body = factories.push_body("PDA-0001", [deep_pod, sibling])
+    nested = "{}"
+    for _ in range(100):
+        nested = '{"a": ' + nested + "}"
+    raw = json.dumps(body).replace('"POD"', nested)
     response = client.post(PUSH, data=raw, content_type="application/json", headers=courier)
     assert response.status_code == 200
-    assert response.get_json()["results"][0]["error"]["code"] == "not_an_object"
+    results = response.get_json()["results"]
+    assert results[0]["status"] == "rejected" and results[1]["status"] == "applied"
+    listed = client.get("/api/v1/quarantine", headers=auth.headers("manager1")).get_json()
+    assert [item["seq"] for item in listed["items"]] == [1]
+    too_deep = "[" * 200 + "]" * 200
+    raw = json.dumps({**body, "events": "NESTED"}).replace('"NESTED"', too_deep)
+    response = client.post(PUSH, data=raw, content_type="application/json", headers=courier)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == "bad_request"
 
 
 def test_pickup_codes_are_hidden_from_couriers(

@@ -454,7 +454,7 @@ def test_a_push_malformed_as_a_whole_is_a_clear_4xx_that_stores_nothing(
         text = encode(envelope)
         body = text[: len(text) * share // 1000]
     elif how == "too_deep":
-        depth = data.draw(st.integers(40, 100_000))
+        depth = data.draw(st.integers(130, 100_000))
         envelope["events"].append("DEEP")
         body = encode(envelope).replace('"DEEP"', "[" * depth + "]" * depth)
     elif how == "junk_envelope":

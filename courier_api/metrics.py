@@ -110,7 +110,12 @@ def init_app(app: Flask) -> None:
 # -- what is counted --------------------------------------------------------------------------
 
 
+# A method label from anywhere else would be a series made up by the client.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def observe_request(method: str, rule: str | None, status: int, seconds: float) -> None:
+    method = method if method in METHODS else "other"
     _metrics().requests.labels(method, rule or UNMATCHED, str(status)).observe(seconds)
 
 
@@ -155,6 +160,7 @@ def _watch_flags() -> None:
         event.listen(Session, "after_flush", _note_flags)
         event.listen(Session, "after_commit", _count_flags)
         event.listen(Session, "after_soft_rollback", _drop_flags)
+        event.listen(Session, "after_transaction_end", _forget_flags)
         _watching = True
 
 
@@ -197,6 +203,13 @@ def _drop_flags(session: Session, previous: SessionTransaction) -> None:
         return False
 
     session.info[_PENDING] = [item for item in pending if not inside(item[0])]
+
+
+def _forget_flags(session: Session, transaction: SessionTransaction) -> None:
+    """The outermost transaction ended: what it did not commit is never counted (a
+    session closed without a rollback fires no ``after_soft_rollback``)."""
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
 
 
 # -- reading them -----------------------------------------------------------------------------
@@ -244,12 +257,18 @@ def _authorize() -> None:
 # -- gunicorn ---------------------------------------------------------------------------------
 
 
+# The files prometheus_client writes per process, e.g. counter_1234.db, gauge_livesum_1234.db.
+_VALUE_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
+
+
 def prepare_multiprocess_dir(path: str) -> None:
     """Before the app is built: make ``path`` the directory of every worker's values,
-    emptied of an earlier run's."""
+    emptied of an earlier run's. Only prometheus_client's own files are removed: the
+    directory may be shared with something else by mistake (the instance folder with
+    the SQLite database)."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):
-        if name.endswith(".db"):
+        if _VALUE_FILE.fullmatch(name):
             os.remove(os.path.join(path, name))
     os.environ[MULTIPROC_ENV] = path
 

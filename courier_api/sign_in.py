@@ -28,9 +28,11 @@ def client_address() -> str | None:
 def sign_in_with_password(username: str, password: str, device_id: str | None) -> SignIn:
     """``sync.accounts.authenticate``, counted against the rate limits.
 
-    Commits the attempt (and a failure) on its own; on success, the caller's commit
-    records it with whatever else the sign-in changed. Raises ``RateLimited`` (from
-    ``sync.errors``) when a limit refuses the attempt, before the password is checked.
+    Commits the attempt and its outcome on its own, success included (with whatever
+    else the sign-in changed): a caller that answers without committing, like a page
+    refusing the role, must not leave the attempt pending, which counts as a failure.
+    Raises ``RateLimited`` (from ``sync.errors``) when a limit refuses the attempt,
+    before the password is checked.
     """
     config = current_app.config
     limits = sign_in_limits_of(config)
@@ -69,5 +71,6 @@ def sign_in_with_password(username: str, password: str, device_id: str | None) -
         raise
     if attempt_id is not None:
         sign_in_limits.settle(session=db.session, attempt_id=attempt_id, password_was_right=True)
+    db.session.commit()
     metrics.sign_in("ok")
     return signed_in

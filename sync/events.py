@@ -114,6 +114,43 @@ class ValidEvent:
         return sha256_json(self.canonical())
 
 
+# How deep one event may nest: ours go three levels (the event, its proof of delivery,
+# a list in it). A deeper one is quarantined on its own (``too_deep``), stored cut to
+# this depth: its siblings are applied, and no JSON encoder nears its recursion limit.
+MAX_EVENT_DEPTH = 16
+CUT = "(nested deeper than the limit: cut)"
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects or arrays more than ``limit`` levels (walked without
+    recursion: it may be as deep as a JSON parser allows)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def within_depth(raw: Any, limit: int = MAX_EVENT_DEPTH) -> Any:
+    """``raw`` with what nests deeper than ``limit`` levels replaced by ``CUT``: what is
+    stored and hashed of a raw event too deep to keep whole."""
+    if not isinstance(raw, dict | list):
+        return raw
+    if limit <= 0:
+        return CUT
+    if isinstance(raw, dict):
+        return {key: within_depth(value, limit - 1) for key, value in raw.items()}
+    return [within_depth(value, limit - 1) for value in raw]
+
+
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 

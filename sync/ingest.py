@@ -58,14 +58,17 @@ from sync.balances import refresh_handover_flags
 from sync.consent_requests import cancel_voided, requests_from_events
 from sync.errors import Conflict
 from sync.events import (
+    MAX_EVENT_DEPTH,
     MAX_SEQ,
     EventRejected,
     EventRules,
     ValidEvent,
+    nested_deeper_than,
     referenced_blobs,
     sha256_json,
     shifted,
     validate_event,
+    within_depth,
 )
 from sync.flags import FlagSubject, raise_flag
 from sync.rules import EventDetail, Policy
@@ -80,6 +83,11 @@ from sync.sql import among, chunks
 from sync.status import reproject, stored_detail, targets_of_corrections
 
 log = logging.getLogger(__name__)
+TOO_DEEP = EventRejected(
+    f"the event nests deeper than {MAX_EVENT_DEPTH} levels; it is kept in quarantine, cut "
+    "to that depth",
+    code="too_deep",
+)
 DROP_TOPICS = {
     EventType.DELIVERED_TO_LOCKER: "parcel.in_locker",
     EventType.DELIVERED_TO_PICKUP_POINT: "parcel.at_pickup_point",
@@ -187,6 +195,12 @@ def ingest(
 ) -> dict[str, Any]:
     """Apply one push and return its receipt (stored with the batch)."""
     received_at = received_at or utcnow()
+    too_deep = frozenset(
+        index for index, raw in enumerate(batch.events) if nested_deeper_than(raw, MAX_EVENT_DEPTH)
+    )
+    if too_deep:  # judged, hashed and stored cut to the limit: see MAX_EVENT_DEPTH
+        events = [within_depth(e) if i in too_deep else e for i, e in enumerate(batch.events)]
+        batch = dataclasses.replace(batch, events=events)
     _lock_device(session, pusher.device_id)
     digest = request_hash(batch)
     stored = session.scalar(
@@ -203,7 +217,7 @@ def ingest(
                 field="batch_id",
             )
         return stored.receipt
-    return _BatchIngest(session, batch, pusher, rules, received_at, digest).run()
+    return _BatchIngest(session, batch, pusher, rules, received_at, digest, too_deep).run()
 
 
 class _BatchIngest:
@@ -215,8 +229,10 @@ class _BatchIngest:
         rules: IngestRules,
         received_at: dt.datetime,
         digest: str,
+        too_deep: frozenset[int] = frozenset(),
     ) -> None:
         self.session = session
+        self.too_deep = too_deep  # indexes of events nested deeper than MAX_EVENT_DEPTH
         self.batch = batch
         self.pusher = pusher
         self.rules = rules
@@ -289,6 +305,9 @@ class _BatchIngest:
     def _validate(self) -> list[tuple[int, ValidEvent]]:
         valid = []
         for index, raw in enumerate(self.batch.events):
+            if index in self.too_deep:
+                self._reject(index, raw, TOO_DEEP)
+                continue
             try:
                 event = validate_event(raw, sent_at=self.batch.sent_at, rules=self.rules.events)
             except EventRejected as error:

@@ -151,7 +151,6 @@ def admit(
     _purge(session, now - limits.longest_window)
     address = SignInAttempt.address_key == keys.address
     username = SignInAttempt.username_key == keys.username
-    failed = SignInAttempt.outcome == FAILED
     failed_or_pending = SignInAttempt.outcome.in_((FAILED, PENDING))
     refusal = _check(
         session,
@@ -171,7 +170,7 @@ def admit(
     ) or _check(
         session,
         limits.failures_per_address,
-        (address, failed),
+        (address, failed_or_pending),  # in flight counts: concurrent guesses cannot overshoot
         now,
         "too many failed sign-ins from this address",
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import marshmallow as ma
-from flask import Request, jsonify
+from flask import Request, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api, Blueprint
 from webargs.flaskparser import FlaskParser
@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from courier_api.auth import require_auth
 from courier_api.errors import http_exception_body
 from models import Role
+from sync.events import nested_deeper_than
 
 
 class ErrorSchema(ma.Schema):
@@ -66,34 +67,24 @@ class JsonParser(FlaskParser):
             raise
         except (ValueError, RecursionError) as exc:
             return self._handle_invalid_json_error(exc, req)  # type: ignore[arg-type]
-        if _depth_exceeds(document, MAX_JSON_DEPTH):
+        if not _depth_judged_per_item(req) and nested_deeper_than(document, MAX_JSON_DEPTH):
             error = ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
             return self._handle_invalid_json_error(error, req)  # type: ignore[arg-type]
         return document
 
 
-# No document of ours nests deeper than a few levels, but a push's events are judged
-# one by one: an event nested far too deep is quarantined like any bad event, and must
-# not make its whole batch a 400 that the PDA would send again forever. Only beyond
-# this depth is the whole body refused: deeper ones would bring Python's JSON encoder
-# (hashing and storing the rejected event) near its recursion limit.
-MAX_JSON_DEPTH = 128
+# No document of ours nests deeper than a few levels; far deeper ones would make
+# Python's JSON encoder (hashing, storing a rejected item) hit its recursion limit.
+MAX_JSON_DEPTH = 32
 
 
-def _depth_exceeds(document: Any, limit: int) -> bool:
-    stack = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
+def _depth_judged_per_item(req: Request) -> bool:
+    """Views whose items are judged one by one (``JSON_DEPTH_PER_ITEM``: the sync push)
+    check depth per item: one item nested too deep must not make its whole batch a
+    400 that a PDA would send again forever. Past what the JSON parser itself can
+    read (a ``RecursionError``, near Python's recursion limit), the body is a 400."""
+    view = current_app.view_functions.get(req.endpoint or "")
+    return bool(getattr(getattr(view, "view_class", None), "JSON_DEPTH_PER_ITEM", False))
 
 
 class ApiBlueprint(Blueprint):

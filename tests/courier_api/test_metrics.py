@@ -232,3 +232,45 @@ def test_the_command_line_imports_prometheus_client_only_with_the_app() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_flags_of_a_session_closed_without_commit_are_never_counted(
+    metered: Flask, session: Session, world: World
+) -> None:
+    metrics = Metrics(metered.test_client())
+    raise_flag(
+        session=session,
+        kind="metrics_test_closed",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("device", "abandoned"),
+        station_id=world.station.id,
+        evidence={},
+    )
+    session.flush()
+    session.close()  # no rollback event: the work is simply abandoned
+    session.commit()  # a later, empty transaction of the same session
+    assert metrics.moved("courier_flags_raised_total", kind="metrics_test_closed") == 0
+
+
+def test_a_method_made_up_by_the_client_makes_no_series_of_its_own(metered: Flask) -> None:
+    client = metered.test_client()
+    metrics = Metrics(client)
+    for n in range(3):
+        assert client.open("/healthz", method=f"X{n}ZZ").status_code == 405
+    after = scrape(client, SCRAPER_TOKEN)
+    assert "X0ZZ" not in after
+    count = "courier_http_request_duration_seconds_count"
+    assert metrics.moved(count, method="other", status="405") == 3
+
+
+def test_preparing_the_metrics_directory_removes_only_prometheus_files(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from courier_api.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    monkeypatch.setenv(MULTIPROC_ENV, "")  # restored after the test
+    names = ["counter_123.db", "histogram_9.db", "gauge_livesum_77.db", "courier.db", "a.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    prepare_multiprocess_dir(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "courier.db"]

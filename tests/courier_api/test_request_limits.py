@@ -96,7 +96,7 @@ def test_a_request_body_under_max_request_bytes_but_over_max_blob_bytes_is_413(
     assert "the limit is 1,024" in response.get_json()["message"]
 
 
-@pytest.mark.parametrize("depth", [129, 1_000, 200_000])
+@pytest.mark.parametrize("depth", [33, 1_000, 200_000])
 def test_json_nested_absurdly_deep_is_a_400_not_a_500(
     client: FlaskClient, world: World, auth: Auth, depth: int
 ) -> None:
@@ -104,11 +104,10 @@ def test_json_nested_absurdly_deep_is_a_400_not_a_500(
     admin = auth.headers("admin")
     nested = "[" * depth + "]" * depth
     raw = json.dumps({**push_body(1), "events": "NESTED"}).replace('"NESTED"', nested)
-    for path, headers in (
-        ("/api/v1/sync/push", courier),
-        ("/api/v1/consents", admin),
-        ("/api/v1/parcels", admin),
-    ):
+    # A push judges depth per event (tests/courier_api/test_sync_api.py): only a body its
+    # parser cannot read is a 400 there.
+    pushed = [("/api/v1/sync/push", courier)] if depth > 100_000 else []
+    for path, headers in [*pushed, ("/api/v1/consents", admin), ("/api/v1/parcels", admin)]:
         response = client.post(path, data=raw, headers=headers, content_type="application/json")
         assert response.status_code == 400, (path, response.get_json())
         assert response.get_json()["code"] == "bad_request"

@@ -174,6 +174,20 @@ def test_the_sign_in_page_is_limited_like_the_api(
     assert pages.login("manager1").status_code == 302
 
 
+def test_signing_in_on_the_page_again_and_again_is_never_a_failure(
+    app_with: Callable[..., Flask], world: World, clock: Clock
+) -> None:
+    """A sign-in that succeeds is recorded as a success, also where the page answers
+    without a commit of its own (a role the pages refuse)."""
+    app = limited_app(app_with, SIGN_IN_FAILURES_PER_USERNAME="2/900")
+    for _ in range(5):
+        assert Pages(app.test_client()).login("manager1").status_code == 302
+        # The integration's password is right, but the pages are not for it.
+        assert Pages(app.test_client()).login("app1").status_code == 403
+    assert sign_in(app.test_client(), "manager1").status_code == 200
+    assert sign_in(app.test_client(), "app1").status_code == 200
+
+
 def test_default_limits_let_a_station_sign_in_at_shift_start(
     app: Flask, world: World, clock: Clock
 ) -> None:

@@ -110,6 +110,20 @@ def test_a_pending_attempt_counts_as_a_failure(session: Session) -> None:
     assert third.refusal is not None and third.refusal.retry_after == 15 * 60
 
 
+def test_pending_attempts_count_against_the_address_too(session: Session) -> None:
+    """Guesses at many usernames sent at once from one address cannot overshoot its
+    failure limit while their passwords are being checked."""
+    limits = SignInLimits(
+        failures_per_username=None,
+        attempts_per_address=None,
+        failures_per_address=Limit(2, dt.timedelta(minutes=15)),
+    )
+    admitted = [
+        admit(session=session, keys=keys(f"user{i}"), limits=limits, now=T0) for i in range(3)
+    ]
+    assert [a.refusal is None for a in admitted] == [True, True, False]
+
+
 def test_usernames_are_limited_independently(session: Session) -> None:
     limits = user_only(count=2)
     for _ in range(2):

@@ -51,6 +51,8 @@ def ingest_rules() -> IngestRules:
 
 @blp.route("/push")
 class Push(MethodView):
+    JSON_DEPTH_PER_ITEM = True  # an event nested too deep is quarantined, not the batch
+
     @blp.auth(Role.COURIER)
     @blp.arguments(PushRequest)
     @blp.response(200, PushReceipt)

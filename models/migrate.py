@@ -40,7 +40,8 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 @contextmanager
 def migrating(engine: Engine) -> Iterator[Connection]:
-    """A connection in one transaction for the migrations to run in.
+    """A connection for the migrations to run on: on PostgreSQL, one transaction per
+    migration; on SQLite, one transaction for them all.
 
     SQLite alters a table by copying it (Alembic's batch mode), and dropping the old
     copy fails while other tables' rows refer to it: its foreign keys are switched
@@ -50,7 +51,9 @@ def migrating(engine: Engine) -> Iterator[Connection]:
     prescribes.
     """
     if engine.dialect.name != "sqlite":
-        with engine.begin() as connection:
+        # Not in a transaction: Alembic begins one per migration (``env.py``), which a
+        # migration may leave for an autocommit block (CREATE INDEX CONCURRENTLY).
+        with engine.connect() as connection:
             yield connection
         return
     with engine.connect() as connection:

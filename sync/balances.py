@@ -48,7 +48,7 @@ from sync.handover import (
     parcel_trails,
 )
 from sync.projection import EventFact
-from sync.sql import among, chunks
+from sync.sql import among, among_at_once, chunks
 from sync.status import FACT_COLUMNS
 
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
@@ -81,6 +81,7 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
     lowest: dict[int, int] = {}
     owner: dict[tuple[str, Any], int] = {}  # (device, client event id) -> its shift
     device_of = {shift.id: shift.device_id for shift in shifts}
+    tracking_nos: set[str] = set()
     for chunk in chunks(ids):
         for row in session.execute(
             select(*EVENT_COLUMNS).where(among(session, ScanEvent.shift_id, chunk))
@@ -88,6 +89,7 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             shift_id, tracking_no, *fact = row
             event = ShiftEvent(tracking_no, EventFact(*fact))
             events[shift_id].append(event)
+            tracking_nos.add(tracking_no)
             owner[(event.fact.device_id, event.fact.client_event_id)] = shift_id
             if event.fact.device_id == device_of[shift_id]:
                 lowest[shift_id] = min(lowest.get(shift_id, event.fact.seq), event.fact.seq)
@@ -111,7 +113,7 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
         target = owner.get((correction.fact.device_id, correction.fact.voids_client_event_id))
         if target is not None and target != filed_in:
             events[target].append(correction)
-    rule_flags = _rule_flags(session, ids)
+    rule_flags = _rule_flags(session, sorted(tracking_nos))
     handover, handover_evidence = _handover_flags(session, ids)
     states = {
         state.device_id: state
@@ -206,25 +208,25 @@ def _corrections(
                 yield ShiftEvent(tracking_no, EventFact(*fact))
 
 
-def _rule_flags(session: Session, shift_ids: Sequence[int]) -> dict[str, list[FlagRef]]:
-    """Rule flags still standing (not closed) of every parcel with events in the shifts."""
+def _rule_flags(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[FlagRef]]:
+    """Rule flags still standing (not closed) of these parcels (those with events in the
+    shifts), in one statement however many parcels. The parcels are named as values
+    (one array parameter), so reading their flags costs a probe of ``ix_flag_subject``
+    per parcel, whatever the size of the flag table. (Named by a subquery on the
+    shifts' events, their number is a guess to PostgreSQL's planner, which then reads
+    the whole flag table: a Seq Scan, or a merge join along all of the index.)"""
     found: dict[str, list[FlagRef]] = defaultdict(list)
-    for chunk in chunks(shift_ids):
-        parcels = (
-            select(ScanEvent.tracking_no)
-            .where(among(session, ScanEvent.shift_id, chunk))
-            .scalar_subquery()
+    if not tracking_nos:
+        return found
+    for flag_id, kind, status, key, evidence in session.execute(
+        select(Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence).where(
+            Flag.subject_type == "parcel",
+            among_at_once(session, Flag.subject_key, tracking_nos),
+            Flag.kind.in_(sorted(BALANCE_RULE_KINDS)),
+            Flag.status != FlagStatus.CLOSED,
         )
-        for flag_id, kind, status, key, evidence in session.execute(
-            select(Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence).where(
-                Flag.subject_type == "parcel",
-                Flag.kind.in_(sorted(BALANCE_RULE_KINDS)),
-                Flag.status != FlagStatus.CLOSED,
-                Flag.subject_key.in_(parcels),
-            )
-        ):
-            if all(ref.id != flag_id for ref in found[key]):
-                found[key].append(_ref(flag_id, kind, status, evidence))
+    ):
+        found[key].append(_ref(flag_id, kind, status, evidence))
     return found
 
 

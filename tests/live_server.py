@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import http.client
 import json
@@ -43,6 +44,7 @@ from sqlalchemy.engine import make_url
 
 from models import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
 from models.engine import make_engine
+from tests import factories
 from tests.conftest import FAST_PASSWORD_HASH, TEST_JWT_SECRET
 
 START_DEADLINE_SECONDS = 20.0  # for one start of the server
@@ -217,6 +219,20 @@ def prepare_station(
             stdin=password + "\n",
         )
         run_cli(env, "register-device", device, "--station", station)
+
+
+def push_bodies(device: str, batches: int, size: int) -> list[dict[str, Any]]:
+    """``batches`` push bodies of ``size`` check-outs each from ``device``: seqs 1 up,
+    new parcels, a second apart three hours ago."""
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    bodies = []
+    for number in range(batches):
+        events = [
+            factories.event(seq, factories.s10(), occurred_at=start + dt.timedelta(seconds=seq))
+            for seq in range(number * size + 1, (number + 1) * size + 1)
+        ]
+        bodies.append(factories.push_body(device, events))
+    return bodies
 
 
 # -- the server -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from sync.webhooks import DeliverySettings, SendResult
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
+from tests.conftest import Auth
 
 # Who signs in as what: (username, PDA) of the station day's people.
 ADMIN = ("admin", None)
@@ -39,6 +40,9 @@ INTEGRATION = ("recipient-app", None)
 MANAGER = ("manager", None)  # of PDG
 OTHER_MANAGER = ("manager.mhg", None)
 COURIER = ("zhangmin", "PDA-PDG-02")  # of PDG: the unbalanced shift is hers
+# Her colleague at PDG, on his own PDA: the balanced shift and its images are his, so
+# what he may do to hers (close it, read it, push into it, read her images) is tested.
+COLLEAGUE = ("liwei", "PDA-PDG-01")
 OTHER_COURIER = ("zhaolei", "PDA-MHG-05")
 DEADLINES = {"express": 24, "registered": 48, "parcel": 72, "ordinary": 96}
 
@@ -83,18 +87,9 @@ def build(session: Session, app: Flask, client: FlaskClient) -> Subjects:
     day.station.created_at = utcnow() - dt.timedelta(days=10)
     session.commit()
 
-    def headers(username: str, device: str | None = None) -> dict[str, str]:
-        body = {"username": username, "password": factories.PASSWORD}
-        if device:
-            body["device_id"] = device
-        answer = client.post("/api/v1/auth/token", json=body)
-        assert answer.status_code == 200, answer.get_json()
-        return {"Authorization": f"Bearer {answer.get_json()['access_token']}"}
-
-    admin, courier = headers(*ADMIN), headers(*COURIER)
-    refresh_token = client.post(
-        "/api/v1/auth/token", json={"username": ADMIN[0], "password": factories.PASSWORD}
-    ).get_json()["refresh_token"]
+    auth = Auth(client)
+    admin, courier = auth.headers(*ADMIN), auth.headers(*COURIER)
+    refresh_token = auth.tokens(*ADMIN)["refresh_token"]
     consent = client.post(
         "/api/v1/consents",
         json={
@@ -103,7 +98,7 @@ def build(session: Session, app: Flask, client: FlaskClient) -> Subjects:
             "channel": "app",
             "granted_at": (utcnow() - dt.timedelta(hours=1)).isoformat(),
         },
-        headers=headers(*INTEGRATION),
+        headers=auth.headers(*INTEGRATION),
     )
     assert consent.status_code == 201, consent.get_json()
     request = client.post(
@@ -225,9 +220,11 @@ def _same(path: Callable[[Subjects], Mapping[str, Any]] = lambda s: {}, **kw: An
 
 
 def _push(s: Subjects, caller: Caller) -> Request:
-    """One well-formed event, from the caller's own PDA (couriers) or COURIER's."""
+    """One well-formed event, from the caller's own PDA (couriers) or COURIER's, naming
+    the subject's shift (COURIER's): a colleague's event is stored, not filed under it."""
     device = caller[1] or COURIER[1]
-    event = factories.event(1000, s.parcel, "out_for_delivery")
+    shift_id = path_parameters(s)["shift_id"]
+    event = factories.event(1000, s.parcel, "out_for_delivery", shift_id=shift_id)
     return Request({}, json=factories.push_body(device, [event]))
 
 

@@ -26,6 +26,10 @@ context.configure(
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
     render_item=render_item,
+    # One transaction per migration, so that one may step out of it into an autocommit
+    # block (PostgreSQL's CREATE INDEX CONCURRENTLY). On SQLite models.migrate holds
+    # all of them in one transaction of its own, which this does not change.
+    transaction_per_migration=True,
 )
 with context.begin_transaction():
     context.run_migrations()

@@ -41,7 +41,6 @@ from typing import Any
 
 import pytest
 
-from tests import factories
 from tests.live_server import (
     START_DEADLINE_SECONDS,
     Ledger,
@@ -49,6 +48,7 @@ from tests.live_server import (
     call,
     free_port,
     prepare_station,
+    push_bodies,
     server_database,
     server_env,
     sign_in,
@@ -145,18 +145,6 @@ def _killer(
             progress.condition.notify_all()
 
 
-def _batches() -> list[dict[str, Any]]:
-    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
-    bodies = []
-    for number in range(BATCHES):
-        events = [
-            factories.event(seq, factories.s10(), occurred_at=start + dt.timedelta(seconds=seq))
-            for seq in range(number * BATCH_SIZE + 1, (number + 1) * BATCH_SIZE + 1)
-        ]
-        bodies.append(factories.push_body(DEVICE, events))
-    return bodies
-
-
 @pytest.fixture
 def crash_database(tmp_path: Path) -> Any:
     with server_database(tmp_path, "crash") as url:
@@ -168,7 +156,7 @@ def test_pushes_survive_sigkill_of_the_server_without_losing_or_doubling_events(
 ) -> None:
     env = server_env(tmp_path, crash_database)
     prepare_station(env, STATION, [(USERNAME, PASSWORD, DEVICE)])
-    bodies = _batches()
+    bodies = push_bodies(DEVICE, BATCHES, BATCH_SIZE)
     total = BATCHES * BATCH_SIZE
 
     seed = random.randrange(2**32)

@@ -23,7 +23,6 @@ What must hold:
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
 import random
@@ -37,7 +36,6 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests import factories
 from tests.live_server import (
     Ledger,
     Server,
@@ -46,6 +44,7 @@ from tests.live_server import (
     postgresql_database,
     postgresql_test_url,
     prepare_station,
+    push_bodies,
     request,
     server_env,
     sign_in,
@@ -101,18 +100,6 @@ class Load:
 
 def _device(n: int) -> str:
     return f"PDA-CUT-{n:02d}"
-
-
-def _batches(device: str) -> list[dict[str, Any]]:
-    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
-    bodies = []
-    for number in range(BATCHES):
-        events = [
-            factories.event(seq, factories.s10(), occurred_at=start + dt.timedelta(seconds=seq))
-            for seq in range(number * BATCH_SIZE + 1, (number + 1) * BATCH_SIZE + 1)
-        ]
-        bodies.append(factories.push_body(device, events))
-    return bodies
 
 
 def _pda(port: int, token: str, device: str, bodies: list[dict[str, Any]], load: Load) -> None:
@@ -176,7 +163,7 @@ def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
     direct = make_url(cut_database)
     couriers = [(f"cut-courier{n}", PASSWORD, _device(n)) for n in range(PDAS)]
     prepare_station(server_env(tmp_path, cut_database), STATION, couriers)
-    pushed = {device: _batches(device) for _, _, device in couriers}
+    pushed = {device: push_bodies(device, BATCHES, BATCH_SIZE) for _, _, device in couriers}
 
     seed = random.randrange(2**32)
     load = Load()

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from courier_api.config import ConfigError, validate_config
@@ -22,6 +21,7 @@ from models import FlagSeverity
 from sync.flags import FlagSubject, raise_flag
 from tests import factories
 from tests.conftest import Auth, World
+from tests.prometheus import value
 
 SCRAPER_TOKEN = "scraper-" + "s" * 40
 
@@ -31,15 +31,6 @@ def scrape(client: FlaskClient, token: str) -> str:
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.content_type.startswith("text/plain")
     return response.get_data(as_text=True)
-
-
-def value(text: str, sample: str, **labels: str) -> float:
-    """The sample's value (0 when it has not appeared yet)."""
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == sample and all(found.labels.get(k) == v for k, v in labels.items()):
-                return float(found.value)
-    return 0.0
 
 
 class Metrics:

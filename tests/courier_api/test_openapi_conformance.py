@@ -68,7 +68,8 @@ from schemathesis.specs.openapi import checks as openapi_checks
 from schemathesis.specs.openapi.checks import negative_data_rejection
 from sqlalchemy.orm import Session
 
-from tests import factories, subjects
+from tests import subjects
+from tests.conftest import Auth
 from tests.subjects import Subjects
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
@@ -154,16 +155,6 @@ def built(session: Session, app: Flask, client: FlaskClient) -> Subjects:
     return subjects.build(session, app, client)
 
 
-def sign_in(client: FlaskClient, caller: subjects.Caller) -> dict[str, str]:
-    username, device = caller
-    body = {"username": username, "password": factories.PASSWORD}
-    if device:
-        body["device_id"] = device
-    answer = client.post("/api/v1/auth/token", json=body)
-    assert answer.status_code == 200, answer.get_json()
-    return {"Authorization": f"Bearer {answer.get_json()['access_token']}"}
-
-
 def fuzzer(
     app: Flask, strategy: Any, headers: dict[str, dict[str, str]], checks: list[Callable[..., Any]]
 ) -> Callable[[], None]:
@@ -217,7 +208,7 @@ def test_the_app_answers_as_documented(
     else:
         built: Subjects = request.getfixturevalue("built")
         real = subjects.path_parameters(built)
-        headers = {role: sign_in(client, caller) for role, caller in CALLERS.items()}
+        headers = {role: Auth(client).headers(*caller) for role, caller in CALLERS.items()}
         known_good(app, operation, built, headers)
     for mode, strategy in strategies(operation, real):
         checks = CHECKS

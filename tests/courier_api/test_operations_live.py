@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.live_server import Reply, Server, free_port, request, run_cli, server_env
+from tests.prometheus import value
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "killpg"), reason="needs POSIX process groups (gunicorn)"
@@ -28,14 +28,6 @@ METRICS_TOKEN = "live-scraper-token-" + "m" * 32
 ADMIN_PASSWORD = "live-admin-password-1"
 BODY_LIMIT = 65536
 REQUESTS_PER_ROUND = 20
-
-
-def value(text: str, sample: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == sample and all(found.labels.get(k) == v for k, v in labels.items()):
-                return float(found.value)
-    return 0.0
 
 
 def scrape(port: int, token: str) -> str:

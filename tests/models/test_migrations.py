@@ -1,10 +1,19 @@
 """The migrated schema is exactly what the models declare, on every backend."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from models import Base, migrate
+from models.engine import make_engine
+from tests.live_server import postgresql_database, postgresql_test_url
 
 
 def test_migrated_schema_matches_the_models(engine: Engine) -> None:
@@ -21,27 +30,107 @@ def test_database_is_at_the_single_head(engine: Engine) -> None:
     assert current == set(migrate.head_revisions())
 
 
-def test_downgrade_to_base_and_back(tmp_path) -> None:
-    """Every migration can be undone and redone (on a scratch SQLite file)."""
-    from models.engine import make_engine
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Engine]:
+    """An empty database of its own: a SQLite file, or in the PostgreSQL pass a
+    PostgreSQL database (``tests.live_server.postgresql_database``)."""
+    base = postgresql_test_url()
+    if base is None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'scratch.db'}")
+        yield engine
+        engine.dispose()
+        return
+    with postgresql_database(base, "migrations") as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
-    scratch = make_engine(f"sqlite:///{tmp_path / 'scratch.db'}")
+
+def test_downgrade_to_base_and_back(scratch: Engine) -> None:
+    """Every migration can be undone and redone (on a scratch database)."""
     migrate.upgrade(scratch)
     assert {"station", "app_user", "device", "parcel"} <= set(inspect(scratch).get_table_names())
     migrate.downgrade(scratch, "base")
     assert set(inspect(scratch).get_table_names()) == {"alembic_version"}
     migrate.upgrade(scratch)
     assert "parcel" in inspect(scratch).get_table_names()
-    scratch.dispose()
+    with scratch.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+HOT_INDEXES = "32c6e05e447b"  # indexes for hot queries, built CONCURRENTLY on PostgreSQL
+
+
+@pytest.mark.postgres_only
+def test_hot_query_indexes_are_built_and_dropped_concurrently(scratch: Engine) -> None:
+    """A plain CREATE INDEX would hold pushes back (a SHARE lock on scan_event) while it
+    builds. A concurrent build that failed half-way (here: a unique index over
+    duplicates) leaves an INVALID index of the same name: the upgrade rebuilds it."""
+    migrate.upgrade(scratch, f"{HOT_INDEXES}-1")
+    with scratch.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO flag (kind, severity, subject_type, subject_key, evidence, status, "
+                "raised_at, updated_at) VALUES (:kind, 'info', 'parcel', :key, '{}', 'open', "
+                "now(), now())"
+            ),
+            [{"kind": "a", "key": "RR1"}, {"kind": "b", "key": "RR1"}],
+        )
+    with scratch.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        with pytest.raises(IntegrityError):
+            connection.execute(
+                text("CREATE UNIQUE INDEX CONCURRENTLY ix_flag_subject ON flag (subject_key)")
+            )
+    assert _index_valid(scratch, "ix_flag_subject") is False
+
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, HOT_INDEXES)
+    created = [s for s in upgrading if s.startswith("CREATE INDEX")]
+    assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True] * 2, created
+    assert _index_valid(scratch, "ix_flag_subject") is True
+    assert _index_valid(scratch, "ix_scan_event_delivery_time") is True
+    with scratch.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, f"{HOT_INDEXES}-1")
+    dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
+    assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True] * 2, dropped
+    assert _index_valid(scratch, "ix_flag_subject") is None
+
+
+def _index_valid(engine: Engine, name: str) -> bool | None:
+    """Whether PostgreSQL's index ``name`` is valid (None: there is none)."""
+    with engine.connect() as connection:
+        valid: bool | None = connection.scalar(
+            text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+            {"name": name},
+        )
+    return valid
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every SQL statement sent through ``engine`` meanwhile, white space folded."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_an_upgrade_that_copies_a_table_keeps_rows_that_refer_to_it(tmp_path) -> None:
     """SQLite alters scan_event by copying it while consents and proof images refer to
     its rows: the migration must neither fail nor lose or break a reference."""
-    from sqlalchemy import text
-
-    from models.engine import make_engine
-
     scratch = make_engine(f"sqlite:///{tmp_path / 'data.db'}")
     migrate.upgrade(scratch, "3edf26907bd1")  # before the event types widened
     statements = [

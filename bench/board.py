@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/board.py [--database-url URL] [--small 10] [--large 200]
                                     [--parcels 150] [--rounds 5]
+                                    [--show-statements]
 
 Two stations' closed days are written straight into the tables (10 and 200
 shifts of 150 parcels by default: every parcel checked out and delivered with a
@@ -49,6 +50,9 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=200)
     parser.add_argument("--parcels", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--show-statements", action="store_true", help="print the small board's statements"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{tmp}/board.db"
@@ -59,6 +63,7 @@ def main() -> int:
                 "JWT_SECRET": "bench-secret-" + "x" * 40,
                 "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
                 "BLOB_DIR": f"{tmp}/blobs",
+                "LOG_LEVEL": "WARNING",  # no access line per board read
             }
         )
         with app.app_context():
@@ -122,6 +127,13 @@ def main() -> int:
                 f"  {size:>4} shifts x {args.parcels} parcels: {median * 1000:8.0f} ms per board, "
                 f"{median * 1000 / size:6.1f} ms per shift, {counts[size]} SQL statements"
             )
+        if args.show_statements:
+            statements.clear()
+            client.get(
+                f"/api/v1/stations/{stations[args.small]}/handover?date={DAY}", headers=headers
+            )
+            for n, statement in enumerate(statements, 1):
+                print(f"  {n:>2}. {' '.join(statement.split())[:100]}")
         small, large = (statistics.median(timings[s][1:]) for s in (args.small, args.large))
         print(f"  time ratio large / small: {large / small:.1f} (shifts ratio "
               f"{args.large / args.small:.0f}); statements equal: "

@@ -20,6 +20,7 @@ import jwt
 from flask import current_app, g, request
 
 from models import Device, Role, User
+from sync import audit
 from sync.accounts import load_token_subject
 from sync.errors import AuthenticationFailed, PermissionDenied
 
@@ -187,3 +188,29 @@ def ensure_station_access(station_id: int | None) -> None:
     principal = current_principal()
     if not principal.can_access_station(station_id):
         raise PermissionDenied("this belongs to another station", code="station_forbidden")
+
+
+def record_auditor_read(
+    action: str,
+    subject_type: str,
+    subject_key: str,
+    details: dict[str, Any] | None = None,
+    principal: Principal | None = None,
+) -> None:
+    """DESIGN.md rule 7: an auditor's read of proofs, images or unmasked parcels is on
+    record, committed, before the data goes out; other roles' reads are not recorded."""
+    principal = principal or current_principal()
+    if principal.role != Role.AUDITOR:
+        return
+    # Imported here: courier_api.extensions imports the API base, which imports this module.
+    from courier_api.extensions import db
+
+    audit.append(
+        session=db.session,
+        actor_id=principal.user_id,
+        action=action,
+        subject_type=subject_type,
+        subject_key=subject_key,
+        details=details or {},
+    )
+    db.session.commit()

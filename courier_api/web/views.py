@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import current_principal, ensure_station_access, record_auditor_read
 from courier_api.config import policy_of
 from courier_api.errors import domain_status
 from courier_api.extensions import db
@@ -59,7 +59,7 @@ from courier_api.web.session import (
     sign_out,
 )
 from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
-from sync import audit, directory, flags, shifts
+from sync import directory, flags, shifts
 from sync.balances import board_totals, station_board
 from sync.errors import (
     AuthenticationFailed,
@@ -277,7 +277,9 @@ def shift(shift_id: int) -> ResponseReturnValue:
         e.event.id for d in view.discrepancies for e in d.events if e.event.type in DELIVERY_TYPES
     )
     if proofs_shown:
-        _audit_proof_read("proofs_searched", f"shift:{found.id}", {"event_ids": proofs_shown})
+        record_auditor_read(
+            "proofs_searched", "proof", f"shift:{found.id}", {"event_ids": proofs_shown}
+        )
     return render_template("web/shift.html", view=view, tz=view.station.timezone)
 
 
@@ -419,7 +421,9 @@ def proofs() -> ResponseReturnValue:
     args = parse(ProofFilter(), request.args)
     query, station = _proof_query(args)
     found = list_proofs(session=db.session, filters=query, after_id=args["after"], limit=PAGE_SIZE)
-    _audit_proof_read("proofs_searched", "search", {"event_ids": [p.event.id for p in found]})
+    record_auditor_read(
+        "proofs_searched", "proof", "search", {"event_ids": [p.event.id for p in found]}
+    )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
     return render_template(
         "web/proofs.html",
@@ -450,8 +454,9 @@ def export_proofs() -> ResponseReturnValue:
     """Every proof matching the page's filters, as the API's export writes them."""
     query, _ = _proof_query(parse(ProofFilter(), request.args))
     rows = csv_rows(query, auditor=current_viewer().is_auditor)  # checks the filters first
-    _audit_proof_read(
+    record_auditor_read(
         "proofs_exported",
+        "proof",
         "export",
         {k: str(v) for k, v in vars(query).items() if v is not None},
     )
@@ -465,7 +470,9 @@ def export_proofs() -> ResponseReturnValue:
 def proof(event_id: int) -> ResponseReturnValue:
     detail = get_proof(session=db.session, event_id=event_id, policy=policy_of(current_app.config))
     ensure_station_access(detail.proof.parcel.station_id)
-    _audit_proof_read("proof_read", str(event_id), {"tracking_no": detail.proof.event.tracking_no})
+    record_auditor_read(
+        "proof_read", "proof", str(event_id), {"tracking_no": detail.proof.event.tracking_no}
+    )
     pod = detail.proof.event.details.get("pod")
     states = image_states(
         session=db.session,
@@ -614,19 +621,3 @@ def _proof_query(args: dict[str, Any]) -> tuple[ProofQuery, Station | None]:
         method=args.get("method"),
     )
     return query, station
-
-
-def _audit_proof_read(action: str, key: str, details: dict[str, Any]) -> None:
-    """Rule 7: an auditor's read of proofs is on record before the page goes out."""
-    principal = current_principal()
-    if principal.role != Role.AUDITOR:
-        return
-    audit.append(
-        session=db.session,
-        actor_id=principal.user_id,
-        action=action,
-        subject_type="proof",
-        subject_key=key,
-        details=details,
-    )
-    db.session.commit()

@@ -7,11 +7,10 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.schemas import BlobOut
-from courier_api.auth import Principal, current_principal
+from courier_api.auth import Principal, current_principal, record_auditor_read
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Blob, Role
-from sync import audit
 from sync.blobs import FileBlobStore, ensure_not_purged, get_blob, may_read_blob, store_blob
 from sync.errors import NotFound
 from sync.status import rejudge_after_upload
@@ -128,16 +127,13 @@ def image_response(sha256: str, principal: Principal) -> Response:
             f"the bytes of blob {sha256} are missing; upload the image again",
             code="blob_bytes_missing",
         ) from None
-    if principal.role == Role.AUDITOR:
-        audit.append(
-            session=db.session,
-            actor_id=principal.user_id,
-            action="blob_read",
-            subject_type="blob",
-            subject_key=blob.sha256,
-            details={"media_type": blob.media_type, "size_bytes": blob.size_bytes},
-        )
-        db.session.commit()
+    record_auditor_read(
+        "blob_read",
+        "blob",
+        blob.sha256,
+        {"media_type": blob.media_type, "size_bytes": blob.size_bytes},
+        principal,
+    )
     response = Response(data, mimetype=blob.media_type)
     response.headers["ETag"] = f'"{blob.sha256}"'
     response.headers["Cache-Control"] = "private, max-age=31536000, immutable"

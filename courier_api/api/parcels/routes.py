@@ -8,10 +8,9 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.parcels.intake import count_statuses, take_in_and_commit
 from courier_api.api.parcels.schemas import ParcelDetail, ParcelIntakeRequest, ParcelIntakeResponse
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import current_principal, ensure_station_access, record_auditor_read
 from courier_api.extensions import db
 from models import Parcel, Role
-from sync import audit
 from sync.errors import LimitExceeded
 from sync.parcels import IntakeScope, TimelineEntry, get_parcel, parcel_timeline
 from sync.phones import mask_phone
@@ -72,16 +71,8 @@ class ParcelByTrackingNo(MethodView):
         ensure_station_access(parcel.station_id)
         principal = current_principal()
         role = principal.role
-        if role == Role.AUDITOR:  # rule 7: its proofs and the unmasked phone go out logged
-            audit.append(
-                session=db.session,
-                actor_id=principal.user_id,
-                action="parcel_read",
-                subject_type="parcel",
-                subject_key=parcel.tracking_no,
-                details={},
-            )
-            db.session.commit()
+        # Rule 7: its proofs and the unmasked phone go out logged.
+        record_auditor_read("parcel_read", "parcel", parcel.tracking_no, principal=principal)
         view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
         timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
         # A locker's pickup code opens the compartment: other couriers have no use for it.

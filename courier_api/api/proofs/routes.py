@@ -19,11 +19,15 @@ from courier_api.api.proofs.schemas import (
     ProofListArgs,
     ProofPage,
 )
-from courier_api.auth import Principal, current_principal, ensure_station_access
+from courier_api.auth import (
+    Principal,
+    current_principal,
+    ensure_station_access,
+    record_auditor_read,
+)
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Role
-from sync import audit
 from sync.phones import mask_phone
 from sync.proofs import (
     METHODS,
@@ -100,21 +104,6 @@ def _view(proof: Proof, *, auditor: bool) -> dict[str, Any]:
     }
 
 
-def _log_read(principal: Principal, action: str, key: str, details: dict[str, Any]) -> None:
-    """Rule 7: every auditor read of a proof is on record before the data goes out."""
-    if principal.role != Role.AUDITOR:
-        return
-    audit.append(
-        session=db.session,
-        actor_id=principal.user_id,
-        action=action,
-        subject_type="proof",
-        subject_key=key,
-        details=details,
-    )
-    db.session.commit()
-
-
 @blp.route("")
 class Proofs(MethodView):
     @blp.auth(*READERS)
@@ -137,8 +126,8 @@ class Proofs(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
-        _log_read(
-            principal, "proofs_searched", "search", {"event_ids": [p.event.id for p in proofs]}
+        record_auditor_read(
+            "proofs_searched", "proof", "search", {"event_ids": [p.event.id for p in proofs]}
         )
         auditor = principal.role == Role.AUDITOR
         items = [_view(p, auditor=auditor) for p in proofs]
@@ -159,9 +148,9 @@ class ProofExport(MethodView):
         principal = current_principal()
         filters = _filters(args, principal)
         rows = csv_rows(filters, auditor=principal.role == Role.AUDITOR)
-        _log_read(
-            principal,
+        record_auditor_read(
             "proofs_exported",
+            "proof",
             "export",
             {k: str(v) for k, v in vars(filters).items() if v is not None},
         )
@@ -188,8 +177,8 @@ class ProofById(MethodView):
             session=db.session, event_id=event_id, policy=policy_of(current_app.config)
         )
         ensure_station_access(detail.proof.parcel.station_id)
-        _log_read(
-            principal, "proof_read", str(event_id), {"tracking_no": detail.proof.event.tracking_no}
+        record_auditor_read(
+            "proof_read", "proof", str(event_id), {"tracking_no": detail.proof.event.tracking_no}
         )
         consent = detail.authorizing_consent
         return {

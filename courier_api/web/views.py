@@ -10,6 +10,7 @@ the image goes out, as the API does.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -289,22 +290,32 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
     form = parse(SignOffForm(), request.form)
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_station_access(found.station_id)
-    try:
-        shifts.sign_off(
+    _decide(
+        lambda: shifts.sign_off(
             session=db.session,
             shift=found,
             user_id=current_principal().user_id,
             note=form["note"],
             force_reason=form["force_reason"],
             now=utcnow(),
-        )
+        ),
+        done=f"Shift {shift_id} is signed off.",
+        refused="Not signed off",
+    )
+    return redirect(url_for("web.shift", shift_id=shift_id))
+
+
+def _decide(action: Callable[[], object], *, done: str, refused: str) -> None:
+    """Run a manager's decision: committed and told as ``done``, or, refused by the
+    rules (a conflict, an invalid note), rolled back and told why."""
+    try:
+        action()
     except (Conflict, InvalidInput) as exc:
         db.session.rollback()
-        flash(f"Not signed off: {exc.message}", "error")
+        flash(f"{refused}: {exc.message}", "error")
     else:
         db.session.commit()
-        flash(f"Shift {shift_id} is signed off.", "ok")
-    return redirect(url_for("web.shift", shift_id=shift_id))
+        flash(done, "ok")
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -377,16 +388,13 @@ def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
     form = parse(NoteForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_station_access(found.station_id)
-    try:
-        flags.acknowledge_flag(
+    _decide(
+        lambda: flags.acknowledge_flag(
             session=db.session, flag=found, user_id=current_principal().user_id, note=form["note"]
-        )
-    except (Conflict, InvalidInput) as exc:
-        db.session.rollback()
-        flash(f"Not acknowledged: {exc.message}", "error")
-    else:
-        db.session.commit()
-        flash(f"Flag {flag_id} is acknowledged.", "ok")
+        ),
+        done=f"Flag {flag_id} is acknowledged.",
+        refused="Not acknowledged",
+    )
     return redirect(safe_next(request.form.get("next")) or url_for("web.flag", flag_id=flag_id))
 
 
@@ -396,19 +404,16 @@ def resolve_flag(flag_id: int) -> ResponseReturnValue:
     form = parse(NoteForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_station_access(found.station_id)
-    try:
-        flags.resolve_flag(
+    _decide(
+        lambda: flags.resolve_flag(
             session=db.session,
             flag=found,
             user_id=current_principal().user_id,
             note=form["note"] or "",
-        )
-    except (Conflict, InvalidInput) as exc:
-        db.session.rollback()
-        flash(f"Not resolved: {exc.message}", "error")
-    else:
-        db.session.commit()
-        flash(f"Flag {flag_id} is resolved.", "ok")
+        ),
+        done=f"Flag {flag_id} is resolved.",
+        refused="Not resolved",
+    )
     return redirect(safe_next(request.form.get("next")) or url_for("web.flag", flag_id=flag_id))
 
 

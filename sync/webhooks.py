@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
@@ -718,8 +718,15 @@ def claim_due(
         candidates: list[int] = []
         passed_over: set[int] = set()  # held by another worker's claim in progress
         while True:  # each round passes over rows other workers hold: it ends
-            query = (
-                select(WebhookDelivery.id, WebhookDelivery.subscription_id)
+            due = (
+                select(
+                    WebhookDelivery.id,
+                    func.row_number()
+                    .over(
+                        partition_by=WebhookDelivery.subscription_id, order_by=WebhookDelivery.id
+                    )
+                    .label("turn"),
+                )
                 .join(
                     WebhookSubscription,
                     WebhookSubscription.id == WebhookDelivery.subscription_id,
@@ -732,19 +739,21 @@ def claim_due(
                     WebhookSubscription.disabled_at.is_(None),
                     ~waits,
                 )
-                .order_by(WebhookDelivery.id)
-                .limit(limit * 4)
             )
             if passed_over:
-                query = query.where(WebhookDelivery.id.not_in(passed_over))
-            # A few per subscription at a time: one slow or failing receiver must not
-            # keep the others' messages (a recipient waiting at the door) behind it.
-            taken: dict[int, int] = {}
-            picked = []
-            for delivery_id, subscription_id in session.execute(query):
-                if taken.get(subscription_id, 0) < PER_SUBSCRIPTION and len(picked) < limit:
-                    taken[subscription_id] = taken.get(subscription_id, 0) + 1
-                    picked.append(delivery_id)
+                due = due.where(WebhookDelivery.id.not_in(passed_over))
+            # A few per subscription at a time (``turn``, counted in the database over
+            # every due row): one slow or failing receiver, however many messages it has
+            # waiting, must not keep the others' (a recipient at the door) behind it.
+            ranked = due.subquery()
+            picked = list(
+                session.scalars(
+                    select(ranked.c.id)
+                    .where(ranked.c.turn <= PER_SUBSCRIPTION)
+                    .order_by(ranked.c.id)
+                    .limit(limit)
+                )
+            )
             if not picked:
                 break
             # Lock what no other worker is claiming this instant (PostgreSQL skips rows

@@ -955,6 +955,25 @@ def test_one_busy_subscription_does_not_keep_another_waiting(
     assert other.id in by_subscription
 
 
+def test_a_busy_subscription_with_more_waiting_than_a_claim_reads_keeps_nobody_waiting(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The cap per subscription is counted over every due message, not over the first
+    few the claim happens to read: 60 older messages of one receiver (more than four
+    claims' worth) leave room for another's."""
+    busy = subscribe(sessions, "http://127.0.0.1:9/busy")
+    for n in range(60):
+        announce(sessions, f"RR{n}")
+    other = subscribe(sessions, "http://127.0.0.1:9/other", topics=("flag.raised",))
+    announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
+    claimed = webhooks.claim_due(
+        sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w", limit=4
+    )
+    by_subscription = [c.subscription_id for c in claimed]
+    assert by_subscription.count(busy.id) == webhooks.PER_SUBSCRIPTION
+    assert other.id in by_subscription
+
+
 def test_the_retention_job_purges_what_was_delivered_long_ago_and_keeps_the_dead(
     sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
 ) -> None:

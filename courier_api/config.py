@@ -101,7 +101,7 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         ),
         "SIGN_IN_ATTEMPTS_PER_ADDRESS": _limit(environ, "SIGN_IN_ATTEMPTS_PER_ADDRESS", "300/60"),
         "SIGN_IN_FAILURES_PER_ADDRESS": _limit(environ, "SIGN_IN_FAILURES_PER_ADDRESS", "100/900"),
-        "TRUSTED_PROXY_HOPS": _count(environ, "TRUSTED_PROXY_HOPS", 0, maximum=10),
+        "TRUSTED_PROXY_HOPS": _int(environ, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
         "METRICS_TOKEN": environ.get("METRICS_TOKEN", ""),
     }
 
@@ -244,16 +244,6 @@ def _limit(environ: Mapping[str, str], name: str, default: str) -> Limit | None:
         raise ConfigError(f"{name}: {exc}") from None
 
 
-def _count(environ: Mapping[str, str], name: str, default: int, *, maximum: int) -> int:
-    """A whole number from 0 to ``maximum``."""
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.strip().isdigit() or int(raw) > maximum:
-        raise ConfigError(f"{name} must be a whole number from 0 to {maximum}, got {raw!r}")
-    return int(raw)
-
-
 def sign_in_limits_of(config: Mapping[str, Any]) -> SignInLimits:
     return SignInLimits(
         failures_per_username=config["SIGN_IN_FAILURES_PER_USERNAME"],
@@ -277,7 +267,12 @@ def policy_of(config: Mapping[str, Any]) -> Policy:
 
 
 def _int(
-    environ: Mapping[str, str], name: str, default: int, *, maximum: int | None = None
+    environ: Mapping[str, str],
+    name: str,
+    default: int,
+    *,
+    minimum: int = 1,
+    maximum: int | None = None,
 ) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -286,8 +281,9 @@ def _int(
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+    if value < minimum:
+        least = "positive" if minimum == 1 else f"at least {minimum}"
+        raise ConfigError(f"{name} must be {least}, got {value}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value

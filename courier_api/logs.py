@@ -65,14 +65,6 @@ def init_app(app: Flask) -> None:
     app.after_request(_finish_request)
 
 
-def request_id() -> str | None:
-    """The current request's id (None outside a request)."""
-    if not has_request_context():
-        return None
-    value: str | None = g.get("request_id")
-    return value
-
-
 def _start_request() -> None:
     g.request_started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")

@@ -283,7 +283,6 @@ class _BatchIngest:
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
             touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
-        if voided:
             cancel_voided(
                 session=self.session,
                 device_id=self.pusher.device_id,

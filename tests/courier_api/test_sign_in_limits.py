@@ -223,6 +223,8 @@ def test_limit_settings_are_checked_at_start_up(tmp_path: Any) -> None:
         ("SIGN_IN_ATTEMPTS_PER_ADDRESS", "0/60"),
         ("TRUSTED_PROXY_HOPS", "-1"),
         ("TRUSTED_PROXY_HOPS", "many"),
+        ("TRUSTED_PROXY_HOPS", "²"),  # a digit to str.isdigit, not to int()
+        ("TRUSTED_PROXY_HOPS", "11"),
     ):
         with pytest.raises(ConfigError, match=name):
             load_config({name: value}, tmp_path)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 from models import Blob, BlobUpload, utcnow
 from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
 from sync.events import SHA256_HEX
+from sync.sql import chunks
 
 # MPO is how Pillow names the multi-picture JPEGs many phone cameras write.
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
@@ -241,14 +243,37 @@ def may_read_blob(
 ) -> bool:
     """Cross-station readers (``everything``) read every image; others those uploaded
     by themselves or, for ``station_id`` (managers), at their station."""
+    return digest in readable_blobs(
+        session=session,
+        digests=[digest],
+        user_id=user_id,
+        station_id=station_id,
+        everything=everything,
+    )
+
+
+def readable_blobs(
+    *,
+    session: Session,
+    digests: Iterable[str],
+    user_id: int,
+    station_id: int | None,
+    everything: bool,
+) -> set[str]:
+    """Which of ``digests`` the reader may read (``may_read_blob``), in one query per
+    ``chunks`` of them."""
+    wanted = sorted(set(digests))
     if everything:
-        return True
-    query = select(BlobUpload.id).where(BlobUpload.sha256 == digest)
-    if station_id is not None:
-        query = query.where(BlobUpload.station_id == station_id)
-    else:
-        query = query.where(BlobUpload.uploaded_by == user_id)
-    return session.scalar(query.limit(1)) is not None
+        return set(wanted)
+    readable: set[str] = set()
+    for chunk in chunks(wanted):
+        query = select(BlobUpload.sha256).where(BlobUpload.sha256.in_(chunk)).distinct()
+        if station_id is not None:
+            query = query.where(BlobUpload.station_id == station_id)
+        else:
+            query = query.where(BlobUpload.uploaded_by == user_id)
+        readable.update(session.scalars(query))
+    return readable
 
 
 def get_blob(*, session: Session, digest: str) -> Blob:

@@ -228,14 +228,18 @@ def _voided(session: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, 
 def cancel_voided(
     *, session: Session, device_id: str, voided: Sequence[uuid.UUID], now: dt.datetime
 ) -> list[ConsentRequest]:
-    """Pending requests whose events these corrections void are cancelled."""
+    """Pending requests whose events these corrections void are cancelled. (Found by
+    their events' row ids, through the indexes of both tables: a request from a PDA
+    names its event both ways.)"""
     cancelled = []
     for chunk in chunks(voided):
+        events = select(ScanEvent.id).where(
+            ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk)
+        )
         for request in session.scalars(
             select(ConsentRequest)
             .where(
-                ConsentRequest.device_id == device_id,
-                ConsentRequest.client_event_id.in_(chunk),
+                ConsentRequest.event_id.in_(events),
                 ConsentRequest.status == ConsentRequestStatus.PENDING,
             )
             .with_for_update()

@@ -33,7 +33,7 @@ from models import (
     User,
 )
 from sync.balances import shift_balance, station_board
-from sync.blobs import BlobStore, may_read_blob
+from sync.blobs import BlobStore, readable_blobs
 from sync.consents import consents_for
 from sync.directory import get_station
 from sync.flags import flag_changes
@@ -95,13 +95,20 @@ def image_states(
     *, session: Session, digests: Iterable[str], reader: BlobReader, store: BlobStore
 ) -> dict[str, ImageState]:
     """Whether each image can be shown to ``reader``, so that a page never shows a
-    broken image: one query for the blobs, and one per image for a station's reader."""
+    broken image: one query for the blobs and one for who may read them."""
     wanted = sorted(set(digests))
     blobs: dict[str, Blob] = {}
     for chunk in chunks(wanted):
         blobs.update(
             (b.sha256, b) for b in session.scalars(select(Blob).where(Blob.sha256.in_(chunk)))
         )
+    readable = readable_blobs(
+        session=session,
+        digests=blobs,
+        user_id=reader.user_id,
+        station_id=reader.station_id,
+        everything=reader.everything,
+    )
     states = {}
     for digest in wanted:
         blob = blobs.get(digest)
@@ -109,13 +116,7 @@ def image_states(
             states[digest] = ImageState.NOT_UPLOADED
         elif blob.purged_at is not None:
             states[digest] = ImageState.PURGED
-        elif not may_read_blob(
-            session=session,
-            digest=digest,
-            user_id=reader.user_id,
-            station_id=reader.station_id,
-            everything=reader.everything,
-        ):
+        elif digest not in readable:
             states[digest] = ImageState.NOT_READABLE
         elif not store.exists(digest):
             states[digest] = ImageState.BYTES_MISSING

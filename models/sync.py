@@ -29,7 +29,14 @@ from models.base import Base, BigId, Document, big_pk, sha256_hex, str_enum, tim
 from models.enums import EventType
 
 # The event types of a proof of delivery (``sync.proofs.DELIVERY_TYPES``).
-DELIVERY_PREDICATE = "type IN ('delivered', 'delivered_to_locker', 'delivered_to_pickup_point')"
+# The events that deliver a parcel (and carry its proof): the auditors' proof search
+# reads them by time through a partial index of just these.
+DELIVERY_TYPES = (
+    EventType.DELIVERED,
+    EventType.DELIVERED_TO_LOCKER,
+    EventType.DELIVERED_TO_PICKUP_POINT,
+)
+DELIVERY_PREDICATE = "type IN ({})".format(", ".join(f"'{t.value}'" for t in DELIVERY_TYPES))
 
 
 class SyncBatch(Base):

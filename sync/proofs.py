@@ -16,6 +16,7 @@ from sqlalchemy import Select, exists, select
 from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, Parcel, ScanEvent
+from models.sync import DELIVERY_TYPES
 from sync.consents import consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.parcels import TimelineEntry, parcel_timeline
@@ -30,11 +31,6 @@ from sync.rules import (
 )
 from sync.status import load_events
 
-DELIVERY_TYPES = (
-    EventType.DELIVERED,
-    EventType.DELIVERED_TO_LOCKER,
-    EventType.DELIVERED_TO_PICKUP_POINT,
-)
 METHODS = {
     "in_person": EventType.DELIVERED,
     "locker": EventType.DELIVERED_TO_LOCKER,

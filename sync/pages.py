@@ -47,7 +47,7 @@ from sync.handover import (
 from sync.projection import voided_by
 from sync.proofs import Proof
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
-from sync.rules import DROPS, Policy, covers, granted_before, in_force_at
+from sync.rules import DROPS, EventDetail, Policy, covers, granted_before, in_force_at
 from sync.shifts import day_bounds
 from sync.sql import among, chunks
 from sync.status import load_events
@@ -143,15 +143,22 @@ class DropConsent:
 
 
 def drop_consents(
-    *, session: Session, drops: Sequence[tuple[int, Parcel]], policy: Policy
+    *,
+    session: Session,
+    drops: Sequence[tuple[int, Parcel]],
+    policy: Policy,
+    loaded: Mapping[str, list[EventDetail]] | None = None,
 ) -> dict[int, DropConsent]:
     """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in four to six
-    queries however many drops. The same test as a proof's ``authorizing_consent``
-    (``sync.proofs``): covering the drop, granted before it, in force then."""
+    queries however many drops (parcels whose events are ``loaded`` already are not
+    read again). The same test as a proof's ``authorizing_consent`` (``sync.proofs``):
+    covering the drop, granted before it, in force then."""
     if not drops:
         return {}
     parcels = list({p.tracking_no: p for _, p in drops}.values())
-    events = load_events(session, [p.tracking_no for p in parcels])
+    loaded = loaded or {}
+    unread = [p.tracking_no for p in parcels if p.tracking_no not in loaded]
+    events = {**loaded, **(load_events(session, unread) if unread else {})}
     facts = consents_for(session, parcels)
     chosen: dict[int, int | None] = {}
     for event_id, parcel in drops:
@@ -258,7 +265,7 @@ def shift_page(
         and events[event_id].type in DROPS
         and events[event_id].tracking_no in parcels
     ]
-    consents = drop_consents(session=session, drops=drops, policy=policy)
+    consents = drop_consents(session=session, drops=drops, policy=policy, loaded=facts)
     on_record = _consents_on_record(
         session,
         [
@@ -444,8 +451,11 @@ def daily_monitoring(
     """The daily report of ``day`` (default: the station's yesterday), the six days
     before it for a chart, and each courier's discrepancy count from the day's board.
 
-    Bounded: nine days' tallies (the day, its previous day, the week) and one board.
+    Bounded: seven days' tallies, each computed once (the day and its previous day are
+    in the week), and one board.
     """
+    station = get_station(session=session, station_id=station_id)
+    tallies = StationDays(session, station, deadlines)
     body = report(
         session=session,
         station_id=station_id,
@@ -453,18 +463,15 @@ def daily_monitoring(
         start=day,
         deadlines=deadlines,
         now=now,
+        days=tallies,
     )
     shown = dt.date.fromisoformat(body["period_start"])
-    station = get_station(session=session, station_id=station_id)
     days = [
         shown - dt.timedelta(days=n)
         for n in reversed(range(WEEK_DAYS))
         if shown - dt.timedelta(days=n) >= EARLIEST
     ]
-    week = [
-        {"date": t.day.isoformat(), **t.total().metrics()}
-        for t in StationDays(session, station, deadlines).of(days)
-    ]
+    week = [{"date": t.day.isoformat(), **t.total().metrics()} for t in tallies.of(days)]
     discrepancies: dict[int, int] = defaultdict(int)
     for row in station_board(session=session, station_id=station_id, work_date=shown):
         discrepancies[row.shift.courier_id] += len(row.balance.discrepancies)

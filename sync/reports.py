@@ -402,8 +402,11 @@ def report(
     start: dt.date | None,
     deadlines: OnTimeDeadlines,
     now: dt.datetime | None = None,
+    days: StationDays | None = None,
 ) -> dict[str, Any]:
-    """A report of ``kind`` for the period starting on ``start``, computed now.
+    """A report of ``kind`` for the period starting on ``start``, computed now (from
+    ``days``' tallies when given: a caller reading more of the station's days shares
+    them).
 
     ``start`` None: the last finished period in the station's calendar (yesterday,
     last week, last month). A period that has begun but not ended is reported as it
@@ -430,7 +433,7 @@ def report(
                 field=PERIOD_FIELD[kind],
             )
     return build_report(
-        days=StationDays(session, station, deadlines), period=period, now=now, today=today
+        days=days or StationDays(session, station, deadlines), period=period, now=now, today=today
     )
 
 

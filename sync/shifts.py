@@ -474,11 +474,7 @@ class ShiftFiler:
                 return claimed
             self.wrong_claims[seq] = claimed
         for window in reversed(self.windows):
-            if (
-                window.first_seq is not None
-                and window.first_seq <= seq
-                and (window.last_seq is None or seq <= window.last_seq)
-            ):
+            if window.first_seq is not None and window.may_hold(seq):  # it declared seqs
                 return window.shift_id
         near: list[tuple[dt.timedelta, int]] = []
         for window in reversed(self.windows):

@@ -43,6 +43,17 @@ class Principal:
     station_id: int | None
     device_id: str | None
 
+    @classmethod
+    def of(cls, user: User, device: Device | None = None) -> Principal:
+        """The principal of a checked user (with the device of a courier's token)."""
+        return cls(
+            user_id=user.id,
+            username=user.username,
+            role=user.role,
+            station_id=user.station_id,
+            device_id=device.id if device else None,
+        )
+
     @property
     def is_cross_station(self) -> bool:
         return self.role in CROSS_STATION_ROLES
@@ -131,14 +142,7 @@ def principal_from_claims(claims: dict[str, Any]) -> tuple[Principal, User, Devi
         device_id=claims.get("device"),
         credentials_version=claims["ver"],
     )
-    principal = Principal(
-        user_id=user.id,
-        username=user.username,
-        role=user.role,
-        station_id=user.station_id,
-        device_id=device.id if device else None,
-    )
-    return principal, user, device
+    return Principal.of(user, device), user, device
 
 
 def bearer_token() -> str:

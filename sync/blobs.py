@@ -238,6 +238,15 @@ def _record_upload(session: Session, digest: str, station_id: int | None, user_i
         pass
 
 
+@dataclass(frozen=True)
+class BlobReader:
+    """Who is looking at proof images, in the terms of ``may_read_blob``."""
+
+    user_id: int
+    station_id: int | None  # managers: images uploaded at their station
+    everything: bool  # admins and auditors read every image
+
+
 def may_read_blob(
     *, session: Session, digest: str, user_id: int, station_id: int | None, everything: bool
 ) -> bool:

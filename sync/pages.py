@@ -33,7 +33,7 @@ from models import (
     User,
 )
 from sync.balances import shift_balance, station_board
-from sync.blobs import BlobStore, readable_blobs
+from sync.blobs import BlobReader, BlobStore, readable_blobs
 from sync.consents import consents_for
 from sync.directory import get_station
 from sync.flags import flag_changes
@@ -59,15 +59,6 @@ POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
 
 
 # -- who reads, and what they may see ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlobReader:
-    """Who is looking at proof images, in the terms of ``sync.blobs.may_read_blob``."""
-
-    user_id: int
-    station_id: int | None  # managers: images uploaded at their station
-    everything: bool  # admins and auditors read every image
 
 
 class ImageState(enum.StrEnum):

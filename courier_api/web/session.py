@@ -127,14 +127,7 @@ def _load_viewer() -> Viewer | None:
         sign_out()
         flash("You were signed out: your account may no longer use these pages.", "error")
         return None
-    principal = Principal(
-        user_id=user.id,
-        username=user.username,
-        role=user.role,
-        station_id=user.station_id,
-        device_id=None,
-    )
-    return Viewer(user=user, principal=principal)
+    return Viewer(user=user, principal=Principal.of(user))
 
 
 def page(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

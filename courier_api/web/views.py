@@ -30,7 +30,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from courier_api.api.blobs.routes import blob_store, image_response
+from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
 from courier_api.auth import current_principal, ensure_station_access, record_auditor_read
 from courier_api.config import policy_of
@@ -72,7 +72,6 @@ from sync.errors import (
 )
 from sync.handover import OUTCOMES
 from sync.pages import (
-    BlobReader,
     daily_monitoring,
     flag_page,
     image_states,
@@ -271,7 +270,7 @@ def shift(shift_id: int) -> ResponseReturnValue:
         session=db.session,
         shift=found,
         policy=policy_of(current_app.config),
-        reader=_blob_reader(),
+        reader=blob_reader(current_principal()),
         store=blob_store(),
     )
     proofs_shown = sorted(
@@ -436,7 +435,7 @@ def proofs() -> ResponseReturnValue:
             session=db.session,
             proofs=found,
             policy=policy_of(current_app.config),
-            reader=_blob_reader(),
+            reader=blob_reader(current_principal()),
             store=blob_store(),
         ),
         users=users_by_id(db.session, [p.event.courier_id for p in found]),
@@ -482,7 +481,7 @@ def proof(event_id: int) -> ResponseReturnValue:
     states = image_states(
         session=db.session,
         digests=[d for _, d in pod_digests(pod)],
-        reader=_blob_reader(),
+        reader=blob_reader(current_principal()),
         store=blob_store(),
     )
     station = directory.get_station(session=db.session, station_id=detail.proof.parcel.station_id)
@@ -598,15 +597,6 @@ def _stations_to_pick() -> list[Station]:
     if not current_principal().is_cross_station:
         return []
     return list(directory.list_stations(session=db.session, limit=500))
-
-
-def _blob_reader() -> BlobReader:
-    principal = current_principal()
-    return BlobReader(
-        user_id=principal.user_id,
-        station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
-        everything=principal.role in (Role.ADMIN, Role.AUDITOR),
-    )
 
 
 def _proof_query(args: dict[str, Any]) -> tuple[ProofQuery, Station | None]:

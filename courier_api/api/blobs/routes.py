@@ -11,7 +11,14 @@ from courier_api.auth import Principal, current_principal, record_auditor_read
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Blob, Role
-from sync.blobs import FileBlobStore, ensure_not_purged, get_blob, may_read_blob, store_blob
+from sync.blobs import (
+    BlobReader,
+    FileBlobStore,
+    ensure_not_purged,
+    get_blob,
+    may_read_blob,
+    store_blob,
+)
 from sync.errors import NotFound
 from sync.status import rejudge_after_upload
 
@@ -102,6 +109,16 @@ class BlobBySha256(MethodView):
         return image_response(sha256, current_principal())
 
 
+def blob_reader(principal: Principal) -> BlobReader:
+    """Which images ``principal`` reads: admins and auditors all, managers their
+    station's, everyone else what they uploaded."""
+    return BlobReader(
+        user_id=principal.user_id,
+        station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
+        everything=principal.role in (Role.ADMIN, Role.AUDITOR),
+    )
+
+
 def image_response(sha256: str, principal: Principal) -> Response:
     """A proof image for ``principal``, as the API and the pages serve it.
 
@@ -110,12 +127,13 @@ def image_response(sha256: str, principal: Principal) -> Response:
     for an auditor, on record in the audit log before it goes out (DESIGN.md rule 7).
     """
     blob = get_blob(session=db.session, digest=sha256)
+    reader = blob_reader(principal)
     if not may_read_blob(
         session=db.session,
         digest=blob.sha256,
-        user_id=principal.user_id,
-        station_id=principal.station_id if principal.role == Role.STATION_MANAGER else None,
-        everything=principal.role in (Role.ADMIN, Role.AUDITOR),
+        user_id=reader.user_id,
+        station_id=reader.station_id,
+        everything=reader.everything,
     ):
         raise NotFound(f"no blob {sha256}", code="blob_not_found")
     ensure_not_purged(blob)

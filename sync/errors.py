@@ -64,22 +64,26 @@ class CursorReset(DomainError):
     code = "cursor_reset"
 
 
-class RateLimited(DomainError):
-    """Too many attempts: try again after ``retry_after`` seconds."""
-
-    code = "too_many_requests"
+class RetryLater(DomainError):
+    """Refused for now: the same request may be sent again after ``retry_after``
+    seconds (at least one; answered as the ``Retry-After`` header)."""
 
     def __init__(self, message: str, *, retry_after: int, code: str | None = None):
         super().__init__(message, code=code)
         self.retry_after = max(1, int(retry_after))
 
 
-class Unavailable(DomainError):
+class RateLimited(RetryLater):
+    """Too many attempts: try again after ``retry_after`` seconds."""
+
+    code = "too_many_requests"
+
+
+class Unavailable(RetryLater):
     """A store the request needs cannot be used now (a full or unwritable disk): nothing
     was stored, and the same request may be sent again after ``retry_after`` seconds."""
 
     code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after: int = 30, code: str | None = None):
-        super().__init__(message, code=code)
-        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, retry_after=retry_after, code=code)

@@ -186,9 +186,6 @@ def _consents(session: Session, ids: Iterable[int]) -> dict[int, Consent]:
     }
 
 
-# -- the station board ------------------------------------------------------------------------
-
-
 # -- a shift and its evidence -----------------------------------------------------------------
 
 

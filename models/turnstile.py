@@ -1,0 +1,118 @@
+"""One writer at a time on a SQLite file, handed on the moment the last one commits.
+
+SQLite lets one transaction write at a time; the others wait in its busy handler,
+which sleeps between tries, longer and longer (1, 2, 5, 10 ... up to 100 ms). Under
+a steady stream of short pushes the lock is free most of the time a waiter sleeps:
+the processor idles, and a waiter that has slept long loses to one that just
+arrived, so a few requests wait seconds (they end as 503 after the busy timeout).
+
+The turnstile queues the writers before SQLite sees them: within a process on a
+lock (a waiter wakes when it is released), across processes on an exclusive
+``flock`` of a file next to the database (one waiter per process tries it, every
+millisecond). A transaction takes its turn before ``BEGIN IMMEDIATE`` and gives it
+back when the connection commits or rolls back (``TurnstileConnection``), so
+SQLite's own lock is always free when asked for. Waiting longer than the busy
+timeout raises the error SQLite would have raised ("database is locked": a 503).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+POLL_SECONDS = 0.001  # how often the one waiter of a process tries the file lock
+
+
+class Turnstile:
+    """The turn to write on one SQLite file, for the threads and processes using it."""
+
+    def __init__(self, database: Path, timeout: float) -> None:
+        self.path = database.with_name(database.name + ".writer")
+        self.timeout = timeout
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._fd = -1
+
+    def _this_process(self) -> None:
+        """A forked worker gets a lock and a file description of its own: ``flock``
+        locks belong to the open file description, which a fork shares."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def enter(self) -> None:
+        self._this_process()
+        deadline = time.monotonic() + self.timeout
+        if not self._lock.acquire(timeout=self.timeout):
+            raise _locked()
+        try:
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise _locked() from None
+                    time.sleep(POLL_SECONDS)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def leave(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._lock.release()
+
+
+class TurnstileConnection(sqlite3.Connection):
+    """A sqlite3 connection that gives its turn back when its transaction ends."""
+
+    turnstile: Turnstile | None = None
+    holds_turn: bool = False
+
+    def take_turn(self) -> None:
+        if self.turnstile is not None and not self.holds_turn:
+            self.turnstile.enter()
+            self.holds_turn = True
+
+    def give_turn(self) -> None:
+        if self.holds_turn:
+            self.holds_turn = False
+            assert self.turnstile is not None
+            self.turnstile.leave()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.give_turn()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.give_turn()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.give_turn()
+
+
+def _locked() -> OperationalError:
+    """What SQLite's busy handler raises after its timeout, as SQLAlchemy wraps it."""
+    return OperationalError(
+        "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+    )
+
+
+def connect_args(existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**(existing or {}), "factory": TurnstileConnection}

@@ -1,0 +1,157 @@
+"""SQLite writers take turns before SQLite sees them, across threads and processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from models.engine import make_engine
+from models.turnstile import Turnstile, TurnstileConnection
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "turns.db"
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE note (n INTEGER)"))
+    engine.dispose()
+    return path
+
+
+def _engine(database: Path) -> Engine:
+    return make_engine(f"sqlite:///{database}")
+
+
+def test_file_databases_queue_their_writers_and_memory_ones_do_not(database: Path) -> None:
+    engine = _engine(database)
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert isinstance(raw, TurnstileConnection) and raw.turnstile is not None
+        assert not raw.holds_turn
+        connection.execute(text("INSERT INTO note VALUES (1)"))
+        assert raw.holds_turn
+        connection.commit()
+        assert not raw.holds_turn
+        connection.execute(text("SELECT 1"))
+        connection.rollback()
+        assert not raw.holds_turn
+    deferred = make_engine(f"sqlite:///{database}", sqlite_begin="DEFERRED")
+    with deferred.connect() as connection:
+        assert getattr(connection.connection.dbapi_connection, "turnstile", None) is None
+    memory = make_engine("sqlite://")
+    with memory.connect() as connection:
+        assert getattr(connection.connection.dbapi_connection, "turnstile", None) is None
+
+
+def test_a_second_writer_waits_for_the_first_to_commit_and_then_sees_its_row(
+    database: Path,
+) -> None:
+    engine = _engine(database)
+    order: list[str] = []
+    second_done = threading.Event()
+
+    def second_writer() -> None:
+        with engine.begin() as connection:
+            order.append("second began")
+            count = connection.execute(text("SELECT count(*) FROM note")).scalar_one()
+            connection.execute(text("INSERT INTO note VALUES (:n)"), {"n": count + 1})
+        second_done.set()
+
+    with engine.connect() as first:
+        first.execute(text("INSERT INTO note VALUES (1)"))
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        time.sleep(0.3)
+        assert order == []  # still waiting for its turn
+        order.append("first committed")
+        first.commit()
+    assert second_done.wait(5)
+    thread.join()
+    assert order == ["first committed", "second began"]
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT n FROM note ORDER BY n")).scalars().all()
+    assert rows == [1, 2]
+
+
+def test_a_rolled_back_or_closed_connection_gives_its_turn_back(database: Path) -> None:
+    engine = _engine(database)
+    turnstile = Turnstile(database, timeout=0.2)
+    with engine.connect() as connection:
+        connection.execute(text("INSERT INTO note VALUES (1)"))
+        connection.rollback()
+    turnstile.enter()  # free again
+    turnstile.leave()
+    raw = engine.raw_connection()
+    raw.execute("BEGIN IMMEDIATE")  # a driver-level transaction takes no turn
+    raw.close()
+    connection = engine.connect()
+    connection.execute(text("INSERT INTO note VALUES (2)"))
+    connection.invalidate()  # the DBAPI connection is closed mid-transaction
+    turnstile.enter()
+    turnstile.leave()
+
+
+def _hold_turn(database: str, held: multiprocessing.Event, release: multiprocessing.Event) -> None:
+    engine = make_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO note VALUES (7)"))
+        held.set()
+        release.wait(10)
+
+
+def test_another_process_holding_the_turn_makes_a_writer_wait_then_time_out(
+    database: Path,
+) -> None:
+    context = multiprocessing.get_context("fork")  # the child inherits a used turnstile
+    turnstile = Turnstile(database, timeout=0.3)
+    turnstile.enter()
+    turnstile.leave()
+    held, release = context.Event(), context.Event()
+    child = context.Process(target=_hold_turn, args=(str(database), held, release))
+    child.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="database is locked"):
+            turnstile.enter()
+        assert time.monotonic() - started >= 0.3
+        release.set()
+        child.join(10)
+        turnstile.enter()  # handed on once the child committed
+        turnstile.leave()
+    finally:
+        release.set()
+        child.join(10)
+    assert child.exitcode == 0
+
+
+def test_threads_of_one_process_take_turns_one_at_a_time(database: Path) -> None:
+    turnstile = Turnstile(database, timeout=5)
+    inside, most_inside = 0, 0
+    guard = threading.Lock()
+
+    def write() -> None:
+        nonlocal inside, most_inside
+        for _ in range(20):
+            turnstile.enter()
+            with guard:
+                inside += 1
+                most_inside = max(most_inside, inside)
+            time.sleep(0.001)
+            with guard:
+                inside -= 1
+            turnstile.leave()
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert most_inside == 1 and inside == 0

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,23 @@ class Turnstile:
     def __init__(self, database: Path, timeout: float) -> None:
         self.path = database.with_name(database.name + ".writer")
         self.timeout = timeout
-        self._pid = -1
+        self._pid = -1  # the process _lock and _fd were made for
         self._lock = threading.Lock()
         self._fd = -1
+        self._setup = threading.Lock()
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_parent(this))
 
     def _this_process(self) -> None:
         """A forked worker gets a lock and a file description of its own: ``flock``
         locks belong to the open file description, which a fork shares."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._lock = threading.Lock()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._pid == os.getpid():
+            return
+        with self._setup:  # the first writers of a process may arrive together
+            if self._pid != os.getpid():
+                self._lock = threading.Lock()
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._pid = os.getpid()
 
     def enter(self) -> None:
         self._this_process()
@@ -69,6 +76,14 @@ class Turnstile:
     def leave(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._lock.release()
+
+
+def _forget_parent(turnstile: weakref.ref[Turnstile]) -> None:
+    """In a forked child: a setup lock of its own (the parent's may have been held by
+    a thread that does not exist here); the rest is remade at first use."""
+    found = turnstile()
+    if found is not None:
+        found._setup = threading.Lock()
 
 
 class TurnstileConnection(sqlite3.Connection):

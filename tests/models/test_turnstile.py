@@ -155,3 +155,31 @@ def test_threads_of_one_process_take_turns_one_at_a_time(database: Path) -> None
     for thread in threads:
         thread.join(30)
     assert most_inside == 1 and inside == 0
+
+
+def _race_to_enter(turnstile: Turnstile, writers: int) -> list[BaseException]:
+    barrier = threading.Barrier(writers)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        barrier.wait()
+        try:
+            turnstile.enter()
+            turnstile.leave()
+        except BaseException as error:  # noqa: BLE001 - reported to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=write) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return errors
+
+
+def test_the_first_writers_of_a_process_arriving_together_all_get_their_turn(
+    database: Path,
+) -> None:
+    """Set-up per process happens once, even when its first writers race for it."""
+    for _ in range(20):
+        assert _race_to_enter(Turnstile(database, timeout=5), writers=6) == []

@@ -105,6 +105,18 @@ def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) 
     return device
 
 
+def _user_and_device(
+    session: Session, user_id: int, device_id: str | None
+) -> tuple[User | None, Device | None]:
+    """One query for both: every request a PDA makes starts here."""
+    if not device_id:
+        return session.get(User, user_id), None
+    found = session.execute(
+        select(User, Device).outerjoin(Device, Device.id == device_id).where(User.id == user_id)
+    ).one_or_none()
+    return (found[0], found[1]) if found is not None else (None, None)
+
+
 def load_token_subject(
     *, session: Session, user_id: int, device_id: str | None, credentials_version: int
 ) -> tuple[User, Device | None]:
@@ -114,7 +126,7 @@ def load_token_subject(
     password, a device reported lost or retired, must stop it at once, not at expiry.
     ``credentials_version`` is the account's version the token was issued with.
     """
-    user = session.get(User, user_id)
+    user, device = _user_and_device(session, user_id, device_id)
     if user is None or not user.active:
         raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
     if credentials_version != user.credentials_version:
@@ -124,7 +136,6 @@ def load_token_subject(
         )
     if user.role != Role.COURIER:
         return user, None
-    device = session.get(Device, device_id) if device_id else None
     if device is None or device.station_id != user.station_id:
         raise AuthenticationFailed(
             "this token's device is not registered at the courier's station", code="token_revoked"

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, IntegrityError
@@ -77,7 +77,6 @@ from sync.shifts import (
     ShiftRules,
     lock_shifts,
     reopen_for_late_events,
-    shifts_by_id,
 )
 from sync.sql import among, chunks
 from sync.status import reproject, stored_detail, targets_of_corrections
@@ -93,8 +92,11 @@ DROP_TOPICS = {
     EventType.DELIVERED_TO_PICKUP_POINT: "parcel.at_pickup_point",
 }
 
+LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
 # A Core insert: events are written in bulk, never loaded back as ORM objects here.
 INSERT_EVENTS = insert(ScanEvent.__table__)
+INSERT_ONE_EVENT = INSERT_EVENTS.returning(ScanEvent.__table__.c.id)
+INSERT_PROOF_IMAGES = insert(ProofImage.__table__)
 
 
 @dataclass(frozen=True)
@@ -201,14 +203,15 @@ def ingest(
     if too_deep:  # judged, hashed and stored cut to the limit: see MAX_EVENT_DEPTH
         events = [within_depth(e) if i in too_deep else e for i, e in enumerate(batch.events)]
         batch = dataclasses.replace(batch, events=events)
-    _lock_device(session, pusher.device_id)
+    state = _lock_device(session, pusher.device_id)
     digest = request_hash(batch)
-    stored = session.scalar(
-        select(SyncBatch).where(
-            SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
-        )
-    )
-    if stored is not None:
+    batch_pk = _new_batch(session, batch, pusher, received_at, digest)
+    if batch_pk is None:
+        stored = session.execute(
+            select(SyncBatch.request_hash, SyncBatch.receipt).where(
+                SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
+            )
+        ).one()
         if stored.request_hash != digest:
             raise Conflict(
                 f"batch {batch.batch_id} was already received with other events; "
@@ -216,8 +219,45 @@ def ingest(
                 code="batch_id_reused",
                 field="batch_id",
             )
-        return stored.receipt
-    return _BatchIngest(session, batch, pusher, rules, received_at, digest, too_deep).run()
+        receipt: dict[str, Any] = stored.receipt
+        return receipt
+    return _BatchIngest(
+        session, batch, pusher, rules, received_at, batch_pk, state, too_deep
+    ).run()
+
+
+def _new_batch(
+    session: Session,
+    batch: PushBatch,
+    pusher: Pusher,
+    received_at: dt.datetime,
+    digest: str,
+) -> int | None:
+    """Record the batch and return its row id; ``None`` when this device sent a batch
+    with this id before (a replay: the device's lock is held, so it is committed)."""
+    upsert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    batch_pk: int | None = session.scalar(
+        upsert(SyncBatch)
+        .values(
+            device_id=pusher.device_id,
+            batch_id=batch.batch_id,
+            station_id=pusher.station_id,
+            courier_id=pusher.courier_id,
+            sent_at=batch.sent_at,
+            received_at=received_at,
+            clock_offset_ms=_milliseconds(batch.sent_at - received_at),
+            event_count=len(batch.events),
+            request_hash=digest,
+            receipt={},
+        )
+        .on_conflict_do_nothing(index_elements=["device_id", "batch_id"])
+        .returning(SyncBatch.id)
+    )
+    return batch_pk
+
+
+def _milliseconds(delta: dt.timedelta) -> int:
+    return round(delta.total_seconds() * 1000)
 
 
 class _BatchIngest:
@@ -228,7 +268,8 @@ class _BatchIngest:
         pusher: Pusher,
         rules: IngestRules,
         received_at: dt.datetime,
-        digest: str,
+        batch_pk: int,
+        state: DeviceSyncState,
         too_deep: frozenset[int] = frozenset(),
     ) -> None:
         self.session = session
@@ -238,19 +279,9 @@ class _BatchIngest:
         self.rules = rules
         self.received_at = received_at
         self.offset = batch.sent_at - received_at
-        self.offset_ms = round(self.offset.total_seconds() * 1000)
-        self.row = SyncBatch(
-            device_id=pusher.device_id,
-            batch_id=batch.batch_id,
-            station_id=pusher.station_id,
-            courier_id=pusher.courier_id,
-            sent_at=batch.sent_at,
-            received_at=received_at,
-            clock_offset_ms=self.offset_ms,
-            event_count=len(batch.events),
-            request_hash=digest,
-            receipt={},
-        )
+        self.offset_ms = _milliseconds(self.offset)
+        self.batch_pk = batch_pk
+        self.state = state
         self.results: dict[int, _Result] = {}
         # (index, index of the first copy) for an event sent twice in this batch: the
         # copy shares the first one's fate, also if the database refuses it.
@@ -259,15 +290,12 @@ class _BatchIngest:
         self.raised: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
-        self.session.add(self.row)
-        self.state = self._device_state()
         self.filer = ShiftFiler(
             self.session, self.pusher.device_id, self.pusher.courier_id, self.rules.shifts
         )
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
-        self.session.flush()
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
         stored = self._insert(new_events)
@@ -295,8 +323,10 @@ class _BatchIngest:
         self._judge_handovers(shifts)
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
-        self.row.receipt = receipt
         self.session.flush()
+        self.session.execute(
+            update(SyncBatch).where(SyncBatch.id == self.batch_pk).values(receipt=receipt)
+        )
         return receipt
 
     # -- classification ---------------------------------------------------------------------
@@ -416,7 +446,12 @@ class _BatchIngest:
             return []
         try:
             with self.session.begin_nested():
-                self.session.execute(INSERT_EVENTS, rows)
+                if len(rows) == 1:  # a scan pushed as it happens: its id comes back at once
+                    self.ids_by_seq[rows[0]["seq"]] = self.session.execute(
+                        INSERT_ONE_EVENT, rows[0]
+                    ).scalar_one()
+                else:  # executemany, which is faster without RETURNING (measured)
+                    self.session.execute(INSERT_EVENTS, rows)
         except (IntegrityError, DataError):
             log.warning(
                 "batch %s: the database refused an event; retrying one by one", self.batch.batch_id
@@ -485,7 +520,7 @@ class _BatchIngest:
             return
         ids = self._event_ids(with_images)
         self.session.execute(
-            insert(ProofImage),
+            INSERT_PROOF_IMAGES,
             [
                 {
                     "event_id": ids[e.client_event_id],
@@ -624,7 +659,7 @@ class _BatchIngest:
         row = event_row(
             event,
             pusher=self.pusher,
-            batch_pk=self.row.id,
+            batch_pk=self.batch_pk,
             offset=self.offset,
             received_at=self.received_at,
         )
@@ -682,7 +717,7 @@ class _BatchIngest:
         return QuarantinedEvent(
             station_id=self.pusher.station_id,
             device_id=self.pusher.device_id,
-            batch_pk=self.row.id,
+            batch_pk=self.batch_pk,
             position=rejection.index,
             client_event_id=_storable(raw.get("client_event_id"), 64),
             seq=_valid_seq(raw.get("seq")),
@@ -698,11 +733,6 @@ class _BatchIngest:
 
     # -- device state: acknowledgements and clock -------------------------------------------
 
-    def _device_state(self) -> DeviceSyncState:
-        state = self.session.get(DeviceSyncState, self.pusher.device_id, populate_existing=True)
-        assert state is not None  # created by _lock_device
-        return state
-
     def _update_device_state(self) -> SeqTracker:
         state = self.state
         tracker = SeqTracker(state.max_seq or 0, [list(r) for r in state.missing_ranges or []])
@@ -713,8 +743,8 @@ class _BatchIngest:
         state.clock_offset_ms = self.offset_ms
         state.clock_measured_at = self.received_at
         state.last_push_at = self.received_at
-        device = self.session.get(Device, self.pusher.device_id)
-        if device is not None:
+        device = self.session.get(Device, self.pusher.device_id)  # loaded by sign-in checks
+        if device is not None and _seen_long_ago(device.last_seen_at, self.received_at):
             device.last_seen_at = self.received_at
         if abs(self.offset) > self.rules.clock_skew_bound:
             self._flag(
@@ -760,7 +790,7 @@ class _BatchIngest:
                 )
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
-        lock_shifts(self.session, by_shift)
+        self.shifts = lock_shifts(self.session, by_shift)
         return by_shift
 
     def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:
@@ -780,9 +810,7 @@ class _BatchIngest:
                 },
             )
         signed_off = [
-            shift.id
-            for shift in shifts_by_id(self.session, by_shift).values()
-            if shift.status == ShiftStatus.SIGNED_OFF
+            shift.id for shift in self.shifts.values() if shift.status == ShiftStatus.SIGNED_OFF
         ]
         if signed_off:
             ids = self._event_ids([e for shift_id in signed_off for e in by_shift[shift_id]])
@@ -801,11 +829,7 @@ class _BatchIngest:
         handover flags are judged again (the parcel thought missing was returned)."""
         if not by_shift:
             return
-        closed = [
-            shift
-            for shift in shifts_by_id(self.session, by_shift).values()
-            if shift.status != ShiftStatus.OPEN
-        ]
+        closed = [shift for shift in self.shifts.values() if shift.status != ShiftStatus.OPEN]
         self._report_raised(refresh_handover_flags(session=self.session, shifts=closed))
 
     def _report_raised(self, flags: Iterable[Flag]) -> None:
@@ -908,8 +932,9 @@ class _BatchIngest:
         }
 
 
-def _lock_device(session: Session, device_id: str) -> None:
-    """Serialize this device's pushes on its sync-state row (created on first use).
+def _lock_device(session: Session, device_id: str) -> DeviceSyncState:
+    """Serialize this device's pushes on its sync-state row (created on first use),
+    and return it as stored now.
 
     Not the ``device`` row: sign-in and device management update that one, and must
     not wait for a push of 5,000 events.
@@ -921,11 +946,19 @@ def _lock_device(session: Session, device_id: str) -> None:
         .values(device_id=device_id, acked_through_seq=0, max_seq=0, missing_ranges=[])
         .on_conflict_do_nothing(index_elements=["device_id"])
     )
-    session.execute(
-        select(DeviceSyncState.device_id)
+    return session.scalars(
+        select(DeviceSyncState)
         .where(DeviceSyncState.device_id == device_id)
         .with_for_update()
-    )
+        .execution_options(populate_existing=True)
+    ).one()
+
+
+def _seen_long_ago(last_seen_at: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether a device's last-seen time is worth an update: it is shown to the minute
+    and judged in hours (stale devices), and a PDA pushing each scan as it happens
+    would otherwise rewrite its device row several times a minute."""
+    return last_seen_at is None or now - last_seen_at >= LAST_SEEN_RESOLUTION
 
 
 def _storable(value: Any, max_length: int) -> str | None:

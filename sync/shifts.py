@@ -490,32 +490,25 @@ class ShiftFiler:
         return min(near)[1] if near else None
 
 
-def shifts_by_id(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
-    """The shifts as stored now (re-read, not taken from the session's memory)."""
-    wanted = sorted(set(ids))
-    return {
-        shift.id: shift
-        for chunk in chunks(wanted)
-        for shift in session.scalars(
-            select(Shift).where(Shift.id.in_(chunk)).execution_options(populate_existing=True)
-        )
-    }
-
-
-def lock_shifts(session: Session, ids: Iterable[int]) -> None:
-    """Lock shift rows in id order (PostgreSQL; SQLite's writers take turns anyway).
+def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
+    """Lock shift rows in id order and return them as stored now (PostgreSQL; SQLite's
+    writers take turns anyway, and no ``FOR UPDATE`` is sent there).
 
     Lock order across the service: a device's sync state, then shifts, then
     tracking numbers and parcels, then flags, then the audit log. Closing and
     signing off take a shift first, then flags and the audit log.
     """
-    wanted = sorted(set(ids))
-    if not wanted or session.get_bind().dialect.name != "postgresql":
-        return
-    for chunk in chunks(wanted):
-        session.execute(
-            select(Shift.id).where(Shift.id.in_(chunk)).order_by(Shift.id).with_for_update()
+    return {
+        shift.id: shift
+        for chunk in chunks(sorted(set(ids)))
+        for shift in session.scalars(
+            select(Shift)
+            .where(Shift.id.in_(chunk))
+            .order_by(Shift.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
         )
+    }
 
 
 def _text(value: str | None, field: str, *, required: bool) -> str | None:

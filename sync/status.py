@@ -428,8 +428,11 @@ def _new_events(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None:
     """Parcels the session already holds (intake) get the values just written."""
+    held = {key[1][0]: obj for key, obj in session.identity_map.items() if key[0] is Parcel}
+    if not held:
+        return  # a push: its parcels were read as rows, not objects
     for values in updates:
-        parcel = session.identity_map.get(session.identity_key(Parcel, values["parcel_id"]))
+        parcel = held.get(values["parcel_id"])
         if parcel is None:
             continue
         set_committed_value(parcel, "status", values["new_status"])

@@ -55,7 +55,7 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, create_engine, insert, text
+from sqlalchemy import Engine, create_engine, event, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -134,6 +134,7 @@ class Timings:
     # unlike wall time, hardly moved by other programs on the machine.
     cpu_empty: list[float]
     cpu_history: list[float]
+    statements: list[int]  # SQL statements each push sent (no events stored)
 
 
 def tracking_numbers(start: int, count: int) -> list[str]:
@@ -231,6 +232,9 @@ class Bench:
         self.batch_size = batch_size
         self.rng = rng
         self.parcels_per_batch = math.ceil(batch_size / EVENTS_PER_PARCEL)
+        self.statements_sent = 0  # by this database's engine, BEGIN and savepoints included
+        self.last_push_statements = 0
+        event.listen(self.engine, "before_cursor_execute", self._count_statement)
         self.next_serial = 10_000_000
         with app.app_context():
             self.rules: EventRules = ingest_rules().events
@@ -242,6 +246,9 @@ class Bench:
             )
             db.session.commit()
             self.station_id = station.id
+
+    def _count_statement(self, *_: Any) -> None:
+        self.statements_sent += 1
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -344,6 +351,7 @@ class Bench:
         server's.
         """
         data = json.dumps(body)
+        statements_before = self.statements_sent
         cpu_started = time.process_time()
         started = time.perf_counter()
         response = self.client.post(
@@ -351,6 +359,7 @@ class Bench:
         )
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
+        self.last_push_statements = self.statements_sent - statements_before
         if response.status_code != 200:
             raise BenchFailure(
                 f"push of {pda.device_id}: {response.status_code} {response.text[:500]}"
@@ -510,12 +519,13 @@ def measure(empty: Bench, history: Bench | None, batches: int) -> Timings:
         for bench in (empty, history)
         if bench is not None
     }
-    timings = Timings([], [], [], [], [], [])
+    timings = Timings([], [], [], [], [], [], [])
     for round_no in range(batches):
         order = list(pdas) if round_no % 2 == 0 else list(reversed(pdas))
         for bench in order:
             api_seconds, cpu_seconds, raw_seconds = bench.api_and_raw(*pdas[bench])
             if bench is empty:
+                timings.statements.append(bench.last_push_statements)
                 timings.api_empty.append(api_seconds)
                 timings.cpu_empty.append(cpu_seconds)
                 timings.raw_empty.append(raw_seconds)
@@ -595,6 +605,10 @@ def report(label: str, timings: Timings, args: argparse.Namespace) -> bool:
     print(
         f"  raw Core insert, same rows:             {raw:9,.0f} rows/s"
         f"    ({statistics.median(timings.raw_empty) * 1000:6.0f} ms per batch)"
+    )
+    print(
+        f"  SQL statements per push:                {statistics.median(timings.statements):9.0f}"
+        "  (sign-in check to receipt, BEGIN and savepoints included)"
     )
     met = ratio >= args.target_ratio
     print(

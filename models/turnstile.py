@@ -52,8 +52,16 @@ class Turnstile:
         with self._setup:  # the first writers of a process may arrive together
             if self._pid != os.getpid():
                 self._lock = threading.Lock()
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._fd = self._open()
                 self._pid = os.getpid()
+
+    def _open(self) -> int:
+        """The lock file, read-only (``flock`` needs no more): a file created by another
+        user (a maintenance command run as root) must not lock the service out."""
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise OperationalError("open the writers' lock file", None, error) from None
 
     def enter(self) -> None:
         self._this_process()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -98,23 +100,26 @@ def test_a_rolled_back_or_closed_connection_gives_its_turn_back(database: Path) 
     turnstile.leave()
 
 
-def _hold_turn(database: str, held: multiprocessing.Event, release: multiprocessing.Event) -> None:
-    engine = make_engine(f"sqlite:///{database}")
-    with engine.begin() as connection:
-        connection.execute(text("INSERT INTO note VALUES (7)"))
-        held.set()
-        release.wait(10)
+def _hold_turn(
+    turnstile: Turnstile, held: multiprocessing.Event, release: multiprocessing.Event
+) -> None:
+    turnstile.enter()  # the parent's own object, inherited by the fork
+    held.set()
+    release.wait(10)
+    turnstile.leave()
 
 
-def test_another_process_holding_the_turn_makes_a_writer_wait_then_time_out(
+def test_a_forked_child_takes_turns_with_its_parent_through_an_inherited_turnstile(
     database: Path,
 ) -> None:
-    context = multiprocessing.get_context("fork")  # the child inherits a used turnstile
+    """A flock belongs to the open file description, which a fork shares: a child
+    that kept its parent's would let both write at once."""
+    context = multiprocessing.get_context("fork")
     turnstile = Turnstile(database, timeout=0.3)
-    turnstile.enter()
+    turnstile.enter()  # the parent's lock file is open before the fork
     turnstile.leave()
     held, release = context.Event(), context.Event()
-    child = context.Process(target=_hold_turn, args=(str(database), held, release))
+    child = context.Process(target=_hold_turn, args=(turnstile, held, release))
     child.start()
     try:
         assert held.wait(10)
@@ -124,12 +129,63 @@ def test_another_process_holding_the_turn_makes_a_writer_wait_then_time_out(
         assert time.monotonic() - started >= 0.3
         release.set()
         child.join(10)
-        turnstile.enter()  # handed on once the child committed
+        turnstile.enter()  # handed on once the child gave it back
         turnstile.leave()
     finally:
         release.set()
         child.join(10)
     assert child.exitcode == 0
+
+
+def test_a_writer_of_another_engine_waits_for_a_commit_in_another_process(
+    database: Path,
+) -> None:
+    context = multiprocessing.get_context("fork")
+    held, release = context.Event(), context.Event()
+    child = context.Process(target=_commit_late, args=(str(database), held, release))
+    child.start()
+    engine = _engine(database)
+    try:
+        assert held.wait(10)
+        waiter = threading.Thread(target=_release_soon, args=(release,))
+        waiter.start()
+        started = time.monotonic()
+        with engine.begin() as connection:  # waits for the child's commit
+            assert time.monotonic() - started >= 0.2
+            rows = connection.execute(text("SELECT n FROM note")).scalars().all()
+        waiter.join()
+        assert rows == [7]
+    finally:
+        release.set()
+        child.join(10)
+    assert child.exitcode == 0
+
+
+def _release_soon(release: threading.Event) -> None:
+    time.sleep(0.3)
+    release.set()
+
+
+def _commit_late(
+    database: str, held: multiprocessing.Event, release: multiprocessing.Event
+) -> None:
+    engine = make_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO note VALUES (7)"))
+        held.set()
+        release.wait(10)
+
+
+def test_the_lock_file_is_opened_read_only(database: Path) -> None:
+    """``flock`` needs no write access: a lock file another user created (a command
+    run as root) must not lock the service out."""
+    turnstile = Turnstile(database, timeout=1)
+    turnstile.enter()
+    try:
+        flags = fcntl.fcntl(turnstile._fd, fcntl.F_GETFL)
+    finally:
+        turnstile.leave()
+    assert flags & os.O_ACCMODE == os.O_RDONLY
 
 
 def test_threads_of_one_process_take_turns_one_at_a_time(database: Path) -> None:

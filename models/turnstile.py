@@ -41,8 +41,7 @@ class Turnstile:
         self._lock = threading.Lock()
         self._fd = -1
         self._setup = threading.Lock()
-        this = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _forget_parent(this))
+        _TURNSTILES.add(self)
 
     def _this_process(self) -> None:
         """A forked worker gets a lock and a file description of its own: ``flock``
@@ -53,6 +52,7 @@ class Turnstile:
             if self._pid != os.getpid():
                 self._lock = threading.Lock()
                 self._fd = self._open()
+                weakref.finalize(self, os.close, self._fd)  # its engine is gone: so is it
                 self._pid = os.getpid()
 
     def _open(self) -> int:
@@ -86,12 +86,17 @@ class Turnstile:
         self._lock.release()
 
 
-def _forget_parent(turnstile: weakref.ref[Turnstile]) -> None:
-    """In a forked child: a setup lock of its own (the parent's may have been held by
-    a thread that does not exist here); the rest is remade at first use."""
-    found = turnstile()
-    if found is not None:
-        found._setup = threading.Lock()
+_TURNSTILES: weakref.WeakSet[Turnstile] = weakref.WeakSet()
+
+
+def _forget_parent() -> None:
+    """In a forked child: set-up locks of its own (the parent's may have been held by a
+    thread that does not exist here); the rest is remade at first use."""
+    for turnstile in list(_TURNSTILES):
+        turnstile._setup = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parent)
 
 
 class TurnstileConnection(sqlite3.Connection):

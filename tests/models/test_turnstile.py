@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import multiprocessing
 import os
 import threading
@@ -239,3 +240,21 @@ def test_the_first_writers_of_a_process_arriving_together_all_get_their_turn(
     """Set-up per process happens once, even when its first writers race for it."""
     for _ in range(20):
         assert _race_to_enter(Turnstile(database, timeout=5), writers=6) == []
+
+
+def test_a_turnstile_no_longer_used_closes_its_lock_file(database: Path) -> None:
+    turnstile = Turnstile(database, timeout=1)
+    turnstile.enter()
+    turnstile.leave()
+    fd, path = turnstile._fd, str(turnstile.path)
+    assert _open_file(fd) == path
+    del turnstile
+    gc.collect()
+    assert _open_file(fd) != path  # closed (or the number reused for another file)
+
+
+def _open_file(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return None

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 from models.base import Base, BigId, Document, big_pk, sha256_hex, str_enum, timestamp
 from models.enums import EventType
 
-# The event types of a proof of delivery (``sync.proofs.DELIVERY_TYPES``).
 # The events that deliver a parcel (and carry its proof): the auditors' proof search
 # reads them by time through a partial index of just these.
 DELIVERY_TYPES = (

@@ -247,40 +247,25 @@ class BlobReader:
     everything: bool  # admins and auditors read every image
 
 
-def may_read_blob(
-    *, session: Session, digest: str, user_id: int, station_id: int | None, everything: bool
-) -> bool:
+def may_read_blob(*, session: Session, digest: str, reader: BlobReader) -> bool:
     """Cross-station readers (``everything``) read every image; others those uploaded
-    by themselves or, for ``station_id`` (managers), at their station."""
-    return digest in readable_blobs(
-        session=session,
-        digests=[digest],
-        user_id=user_id,
-        station_id=station_id,
-        everything=everything,
-    )
+    by themselves or, for a manager's ``station_id``, at their station."""
+    return digest in readable_blobs(session=session, digests=[digest], reader=reader)
 
 
-def readable_blobs(
-    *,
-    session: Session,
-    digests: Iterable[str],
-    user_id: int,
-    station_id: int | None,
-    everything: bool,
-) -> set[str]:
+def readable_blobs(*, session: Session, digests: Iterable[str], reader: BlobReader) -> set[str]:
     """Which of ``digests`` the reader may read (``may_read_blob``), in one query per
     ``chunks`` of them."""
     wanted = sorted(set(digests))
-    if everything:
+    if reader.everything:
         return set(wanted)
     readable: set[str] = set()
     for chunk in chunks(wanted):
         query = select(BlobUpload.sha256).where(BlobUpload.sha256.in_(chunk)).distinct()
-        if station_id is not None:
-            query = query.where(BlobUpload.station_id == station_id)
+        if reader.station_id is not None:
+            query = query.where(BlobUpload.station_id == reader.station_id)
         else:
-            query = query.where(BlobUpload.uploaded_by == user_id)
+            query = query.where(BlobUpload.uploaded_by == reader.user_id)
         readable.update(session.scalars(query))
     return readable
 

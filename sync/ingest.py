@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,6 +46,7 @@ from models import (
     ProofImage,
     QuarantinedEvent,
     ScanEvent,
+    Shift,
     ShiftStatus,
     SyncBatch,
     utcnow,
@@ -78,7 +77,7 @@ from sync.shifts import (
     lock_shifts,
     reopen_for_late_events,
 )
-from sync.sql import among, chunks
+from sync.sql import among, chunks, insert_ignoring_conflict
 from sync.status import reproject, stored_detail, targets_of_corrections
 
 log = logging.getLogger(__name__)
@@ -235,9 +234,8 @@ def _new_batch(
 ) -> int | None:
     """Record the batch and return its row id; ``None`` when this device sent a batch
     with this id before (a replay: the device's lock is held, so it is committed)."""
-    upsert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
     batch_pk: int | None = session.scalar(
-        upsert(SyncBatch)
+        insert_ignoring_conflict(session, SyncBatch, on=["device_id", "batch_id"])
         .values(
             device_id=pusher.device_id,
             batch_id=batch.batch_id,
@@ -250,7 +248,6 @@ def _new_batch(
             request_hash=digest,
             receipt={},
         )
-        .on_conflict_do_nothing(index_elements=["device_id", "batch_id"])
         .returning(SyncBatch.id)
     )
     return batch_pk
@@ -296,6 +293,7 @@ class _BatchIngest:
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
+        self.shifts: dict[int, Shift] = {}  # the shifts this push changes, locked (_lock_shifts)
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
         stored = self._insert(new_events)
@@ -939,12 +937,10 @@ def _lock_device(session: Session, device_id: str) -> DeviceSyncState:
     Not the ``device`` row: sign-in and device management update that one, and must
     not wait for a push of 5,000 events.
     """
-    dialect = session.get_bind().dialect.name
-    upsert = sqlite_insert if dialect == "sqlite" else postgresql_insert
     session.execute(
-        upsert(DeviceSyncState)
-        .values(device_id=device_id, acked_through_seq=0, max_seq=0, missing_ranges=[])
-        .on_conflict_do_nothing(index_elements=["device_id"])
+        insert_ignoring_conflict(session, DeviceSyncState, on=["device_id"]).values(
+            device_id=device_id, acked_through_seq=0, max_seq=0, missing_ranges=[]
+        )
     )
     return session.scalars(
         select(DeviceSyncState)
@@ -955,9 +951,10 @@ def _lock_device(session: Session, device_id: str) -> DeviceSyncState:
 
 
 def _seen_long_ago(last_seen_at: dt.datetime | None, now: dt.datetime) -> bool:
-    """Whether a device's last-seen time is worth an update: it is shown to the minute
-    and judged in hours (stale devices), and a PDA pushing each scan as it happens
-    would otherwise rewrite its device row several times a minute."""
+    """Whether a device's last-seen time is worth an update: it is only shown (the
+    stale-device sweep reads the sync state's ``last_push_at``, kept exact), and a PDA
+    pushing each scan as it happens would otherwise rewrite its device row several
+    times a minute."""
     return last_seen_at is None or now - last_seen_at >= LAST_SEEN_RESOLUTION
 
 

@@ -93,13 +93,7 @@ def image_states(
         blobs.update(
             (b.sha256, b) for b in session.scalars(select(Blob).where(Blob.sha256.in_(chunk)))
         )
-    readable = readable_blobs(
-        session=session,
-        digests=blobs,
-        user_id=reader.user_id,
-        station_id=reader.station_id,
-        everything=reader.everything,
-    )
+    readable = readable_blobs(session=session, digests=blobs, reader=reader)
     states = {}
     for digest in wanted:
         blob = blobs.get(digest)

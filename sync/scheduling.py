@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import case, delete, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import JobRun, SchedulerLease
+from sync.sql import insert_ignoring_conflict
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def acquire_lease(
     """
     expires_at = now + dt.timedelta(seconds=seconds)
     inserted = session.execute(
-        _insert_ignoring_conflict(session).values(
+        insert_ignoring_conflict(session, LEASE, on=["name"]).values(
             name=name, holder=holder, acquired_at=now, expires_at=expires_at
         )
     )
@@ -190,15 +190,6 @@ def claim_lease(
 def give_up_lease(sessions: sessionmaker[Session], *, holder: str) -> bool:
     with sessions.begin() as session:
         return release_lease(session, holder=holder)
-
-
-def _insert_ignoring_conflict(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(LEASE).on_conflict_do_nothing(index_elements=["name"])
-    if dialect == "sqlite":
-        return sqlite.insert(LEASE).on_conflict_do_nothing(index_elements=["name"])
-    raise NotImplementedError(f"no lease support for {dialect}")  # pragma: no cover
 
 
 # -- runs -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, all_, any_, func, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -23,6 +24,17 @@ def among(
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(literal(list(values), ARRAY(column.type)))
     return column.in_(values)
+
+
+def insert_ignoring_conflict(session: Session, table: Any, *, on: Sequence[str]) -> Any:
+    """``INSERT INTO table ... ON CONFLICT (on) DO NOTHING`` for the session's database
+    (both spell it alike; SQLAlchemy has a construct per dialect). Add ``.values``."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(on))
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(on))
+    raise NotImplementedError(f"no INSERT ... ON CONFLICT for {dialect}")  # pragma: no cover
 
 
 def among_at_once(

@@ -939,31 +939,16 @@ def test_a_receiver_dripping_its_answer_cannot_hold_an_attempt_past_its_bound() 
     assert took <= settings.attempt_bound_seconds + 0.5, took
 
 
+@pytest.mark.parametrize("waiting", [8, 60])
 def test_one_busy_subscription_does_not_keep_another_waiting(
-    sessions: sessionmaker[Session],
-) -> None:
-    busy = subscribe(sessions, "http://127.0.0.1:9/busy")
-    for n in range(8):
-        announce(sessions, f"RR{n}")  # eight parcels, each a key of its own
-    other = subscribe(sessions, "http://127.0.0.1:9/other", topics=("flag.raised",))
-    announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
-    claimed = webhooks.claim_due(
-        sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w", limit=4
-    )
-    by_subscription = [c.subscription_id for c in claimed]
-    assert by_subscription.count(busy.id) == webhooks.PER_SUBSCRIPTION
-    assert other.id in by_subscription
-
-
-def test_a_busy_subscription_with_more_waiting_than_a_claim_reads_keeps_nobody_waiting(
-    sessions: sessionmaker[Session],
+    sessions: sessionmaker[Session], waiting: int
 ) -> None:
     """The cap per subscription is counted over every due message, not over the first
     few the claim happens to read: 60 older messages of one receiver (more than four
-    claims' worth) leave room for another's."""
+    claims' worth) leave room for another's, as 8 do."""
     busy = subscribe(sessions, "http://127.0.0.1:9/busy")
-    for n in range(60):
-        announce(sessions, f"RR{n}")
+    for n in range(waiting):
+        announce(sessions, f"RR{n}")  # parcels, each a key of its own
     other = subscribe(sessions, "http://127.0.0.1:9/other", topics=("flag.raised",))
     announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
     claimed = webhooks.claim_due(

@@ -127,14 +127,7 @@ def image_response(sha256: str, principal: Principal) -> Response:
     for an auditor, on record in the audit log before it goes out (DESIGN.md rule 7).
     """
     blob = get_blob(session=db.session, digest=sha256)
-    reader = blob_reader(principal)
-    if not may_read_blob(
-        session=db.session,
-        digest=blob.sha256,
-        user_id=reader.user_id,
-        station_id=reader.station_id,
-        everything=reader.everything,
-    ):
+    if not may_read_blob(session=db.session, digest=blob.sha256, reader=blob_reader(principal)):
         raise NotFound(f"no blob {sha256}", code="blob_not_found")
     ensure_not_purged(blob)
     try:

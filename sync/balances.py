@@ -31,6 +31,7 @@ from models import (
     ShiftStatus,
     User,
 )
+from sync.collector import collector_paused
 from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
 from sync.handover import (
     BALANCE_RULE_KINDS,
@@ -48,12 +49,12 @@ from sync.handover import (
     parcel_trails,
 )
 from sync.projection import EventFact
-from sync.sql import among, among_at_once, chunks
+from sync.sql import among, among_at_once, chunks, plain_rows
 from sync.status import FACT_COLUMNS
 
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
 # The shift, then the tracking number and EventFact's fields, as the projection reads them.
-EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact.__dataclass_fields__)])
+EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact._fields)])
 
 
 @dataclass
@@ -78,41 +79,43 @@ def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
     ids = sorted({shift.id for shift in shifts})
     devices = sorted({shift.device_id for shift in shifts})
     events: dict[int, list[ShiftEvent]] = defaultdict(list)
-    lowest: dict[int, int] = {}
-    owner: dict[tuple[str, Any], int] = {}  # (device, client event id) -> its shift
+    lowest: dict[int, int] = {}  # shift -> the lowest seq of its own device's events in it
+    lowest_by_device: dict[str, int] = {}  # device -> its lowest seq in these shifts
+    in_shifts: list[tuple[int | None, ShiftEvent]] = []  # corrections filed in these shifts
     device_of = {shift.id: shift.device_id for shift in shifts}
     tracking_nos: set[str] = set()
+    # One pass over what may be a hundred thousand rows: nothing here that is not needed.
     for chunk in chunks(ids):
-        for row in session.execute(
-            select(*EVENT_COLUMNS).where(among(session, ScanEvent.shift_id, chunk))
+        for shift_id, tracking_no, *columns in plain_rows(
+            session, select(*EVENT_COLUMNS).where(among(session, ScanEvent.shift_id, chunk))
         ):
-            shift_id, tracking_no, *fact = row
-            event = ShiftEvent(tracking_no, EventFact(*fact))
+            fact = EventFact(*columns)
+            event = ShiftEvent(tracking_no, fact)
             events[shift_id].append(event)
             tracking_nos.add(tracking_no)
-            owner[(event.fact.device_id, event.fact.client_event_id)] = shift_id
-            if event.fact.device_id == device_of[shift_id]:
-                lowest[shift_id] = min(lowest.get(shift_id, event.fact.seq), event.fact.seq)
+            device, seq = fact.device_id, fact.seq
+            if seq < lowest_by_device.get(device, seq + 1):
+                lowest_by_device[device] = seq
+            if device == device_of[shift_id] and seq < lowest.get(shift_id, seq + 1):
+                lowest[shift_id] = seq
+            if fact.voids_client_event_id is not None:
+                in_shifts.append((shift_id, event))
     # A correction voids its target wherever it was filed: in another of these shifts
-    # (already loaded) or outside them (read here).
-    in_shifts = [
-        (shift_id, event)
-        for shift_id, shift_events in events.items()
-        for event in shift_events
-        if event.fact.voids_client_event_id is not None
-    ]
-    # A correction comes after its target on the device: only seqs above the lowest
-    # event of these shifts, per device, are worth reading.
-    lowest_by_device: dict[str, int] = {}
-    for events_of_shift in events.values():
-        for event in events_of_shift:
-            device, seq = event.fact.device_id, event.fact.seq
-            lowest_by_device[device] = min(lowest_by_device.get(device, seq), seq)
-    outside = ((None, c) for c in _corrections(session, lowest_by_device, set(ids)))
-    for filed_in, correction in [*in_shifts, *outside]:
-        target = owner.get((correction.fact.device_id, correction.fact.voids_client_event_id))
-        if target is not None and target != filed_in:
-            events[target].append(correction)
+    # (already loaded) or outside them (read here). A correction comes after its target
+    # on the device: only seqs above the lowest event of these shifts, per device, are
+    # worth reading.
+    outside = [(None, c) for c in _corrections(session, lowest_by_device, set(ids))]
+    if in_shifts or outside:
+        owner = {  # (device, client event id) -> the shift it is filed in
+            (event.fact.device_id, event.fact.client_event_id): shift_id
+            for shift_id, shift_events in events.items()
+            for event in shift_events
+        }
+        for filed_in, correction in [*in_shifts, *outside]:
+            voided = (correction.fact.device_id, correction.fact.voids_client_event_id)
+            target = owner.get(voided)
+            if target is not None and target != filed_in:
+                events[target].append(correction)
     rule_flags = _rule_flags(session, sorted(tracking_nos))
     handover, handover_evidence = _handover_flags(session, ids)
     states = {
@@ -252,16 +255,19 @@ def _ref(flag_id: int, kind: str, status: FlagStatus, evidence: dict[str, Any]) 
 
 
 def balances(session: Session, shifts: Sequence[Shift]) -> dict[int, Balance]:
-    return {
-        shift_id: compute_balance(
-            shift_id=shift_id,
-            trails=facts.trails(),
-            rule_flags=facts.rule_flags,
-            handover_flags=facts.handover_flags,
-            seqs=facts.seqs,
-        )
-        for shift_id, facts in gather(session, shifts).items()
-    }
+    """Each shift's balance. Its inputs are a few objects per event, which the cyclic
+    collector could only walk again and again (``sync.collector``)."""
+    with collector_paused():
+        return {
+            shift_id: compute_balance(
+                shift_id=shift_id,
+                trails=facts.trails(),
+                rule_flags=facts.rule_flags,
+                handover_flags=facts.handover_flags,
+                seqs=facts.seqs,
+            )
+            for shift_id, facts in gather(session, shifts).items()
+        }
 
 
 def shift_balance(*, session: Session, shift: Shift) -> Balance:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from models import EventType, FlagStatus, ShiftStatus
 from sync.projection import EventFact, ordered, voided_by
@@ -64,8 +64,7 @@ class BalanceStatus:
     PROVISIONAL = "provisional"
 
 
-@dataclass(frozen=True)
-class ShiftEvent:
+class ShiftEvent(NamedTuple):
     """An event filed under a shift (or a correction voiding one)."""
 
     tracking_no: str

@@ -63,7 +63,7 @@ FACT_COLUMNS = (
     ScanEvent.lat,
     ScanEvent.lon,
 )
-_FACT_FIELDS = len(EventFact.__dataclass_fields__)
+_FACT_FIELDS = len(EventFact._fields)
 PARCEL_COLUMNS = (
     Parcel.id,
     Parcel.tracking_no,

@@ -1,6 +1,5 @@
 """Each rule of rules 4 and 5, with its clean twin (pure: no database)."""
 
-import dataclasses
 import datetime as dt
 import uuid
 from typing import Any
@@ -234,5 +233,5 @@ def test_a_consent_posted_long_after_the_drop_cannot_be_dated_before_it() -> Non
 def test_a_delivery_by_a_courier_it_was_not_checked_out_to_is_flagged() -> None:
     checked_out = ev(1, EventType.CHECKED_OUT)
     other = ev(2, EventType.DELIVERED, 30, device="PDA-2", pod={"signature_sha256": "b" * 64})
-    other = EventDetail(dataclasses.replace(other.fact, courier_id=2), other.details)
+    other = EventDetail(other.fact._replace(courier_id=2), other.details)
     assert kinds([checked_out, other]) == {"delivered_not_checked_out"}

@@ -117,8 +117,13 @@ class Pda:
     def next_times(self, count: int, sent_at: dt.datetime) -> list[dt.datetime]:
         if self.next_at is None:
             self.next_at = sent_at - dt.timedelta(days=1)  # the day's first scan
-        times = [self.next_at + EVENT_SPACING * n for n in range(count)]
-        self.next_at += EVENT_SPACING * count
+        # Never dated after the push is sent (the server flags that as a clock jump):
+        # when a long run catches up with the clock, scans come closer together, each
+        # batch taking at most half of the time left.
+        room = sent_at - self.next_at
+        spacing = max(min(EVENT_SPACING, room / (2 * count)), dt.timedelta(microseconds=1))
+        times = [self.next_at + spacing * n for n in range(count)]
+        self.next_at += spacing * count
         return times
 
 

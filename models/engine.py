@@ -42,17 +42,27 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     if parsed.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = _utc_sessions(kwargs.get("connect_args"))
+        kwargs["connect_args"] = _utc_sessions(
+            parsed.query.get("options"), kwargs.get("connect_args")
+        )
     return create_engine(url, **kwargs)
 
 
-def _utc_sessions(given: dict[str, Any] | None) -> dict[str, Any]:
+def _utc_sessions(
+    in_url: str | tuple[str, ...] | None, given: dict[str, Any] | None
+) -> dict[str, Any]:
     """PostgreSQL sessions in UTC, whatever the server's default: timestamps then come
     back in UTC as they are (with the zone psycopg reads at once, not one looked up in
     the zone database and converted per value: a balance reads a hundred thousand),
-    and no SQL renders a time in a zone that depends on the server."""
+    and no SQL renders a time in a zone that depends on the server.
+
+    libpq ``options`` given in the URL (``?options=-csearch_path%3D...``) or in
+    ``connect_args`` are kept: ``connect_args`` would otherwise replace the URL's."""
     args = dict(given or {})
-    args["options"] = " ".join(filter(None, [args.get("options"), "-c TimeZone=UTC"]))
+    url_options = [in_url] if isinstance(in_url, str) else list(in_url or ())
+    args["options"] = " ".join(
+        filter(None, [*url_options, args.get("options"), "-c TimeZone=UTC"])
+    )
     return args
 
 

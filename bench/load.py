@@ -143,7 +143,7 @@ def prepare_database(url: str | None, workdir: Path) -> str:
             connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
             connection.execute(text("CREATE SCHEMA public"))
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = next(iter(str(getattr(exc, "orig", None) or exc).strip().splitlines()), "")
         shown = make_url(url).render_as_string(hide_password=True)
         raise SystemExit(
             f"PostgreSQL at {shown} is not usable: {reason}\n"

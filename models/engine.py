@@ -41,29 +41,25 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
         _configure_sqlite(engine, in_memory=in_memory, begin=sqlite_begin, turnstile=turnstile)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = _utc_sessions(
-            parsed.query.get("options"), kwargs.get("connect_args")
-        )
-    return create_engine(url, **kwargs)
+        event.listen(engine, "connect", _utc_session)
+    return engine
 
 
-def _utc_sessions(
-    in_url: str | tuple[str, ...] | None, given: dict[str, Any] | None
-) -> dict[str, Any]:
-    """PostgreSQL sessions in UTC, whatever the server's default: timestamps then come
-    back in UTC as they are (with the zone psycopg reads at once, not one looked up in
-    the zone database and converted per value: a balance reads a hundred thousand),
-    and no SQL renders a time in a zone that depends on the server.
-
-    libpq ``options`` given in the URL (``?options=-csearch_path%3D...``) or in
-    ``connect_args`` are kept: ``connect_args`` would otherwise replace the URL's."""
-    args = dict(given or {})
-    url_options = [in_url] if isinstance(in_url, str) else list(in_url or ())
-    args["options"] = " ".join(
-        filter(None, [*url_options, args.get("options"), "-c TimeZone=UTC"])
-    )
-    return args
+def _utc_session(dbapi_connection: Any, _record: Any) -> None:
+    """Each PostgreSQL session in UTC, whatever the server's default or the options
+    given (the URL's, ``connect_args``' or ``PGOPTIONS``, all kept otherwise):
+    timestamps then come back in UTC as they are (in the zone psycopg knows without a
+    look-up, not one converted through the zone database per value: a balance reads
+    a hundred thousand), and no SQL renders a time in a zone that depends on the
+    server. Once per new connection, outside any transaction."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        dbapi_connection.execute("SET TIME ZONE 'UTC'")
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def _configure_sqlite(

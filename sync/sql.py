@@ -31,10 +31,12 @@ def plain_rows(session: Session, query: Select[Any]) -> CursorResult[Any]:
 
     ``session.execute`` hands an ORM-enabled statement's rows to the ORM loader, which
     costs as much again as fetching them: on the station board's hundred thousand
-    events, a second of a worker's time. Executed on the session's connection (in its
-    transaction), after flushing what the session holds, as ``session.execute`` would.
+    events, a second of a worker's time. Executed on the session's connection (its
+    one bind, in its transaction), after flushing what the session holds when it
+    autoflushes, as ``session.execute`` would.
     """
-    session.flush()
+    if session.autoflush:
+        session.flush()
     return session.connection().execute(query)
 
 

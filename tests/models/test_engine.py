@@ -13,10 +13,11 @@ from models.engine import make_engine
 def test_postgresql_sessions_run_in_utc_whatever_else_is_asked(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         pytest.skip("a PostgreSQL session setting")
-    url = engine.url.update_query_dict({"options": "-c search_path=pg_catalog,public"})
+    url = engine.url.update_query_dict(
+        {"options": "-c search_path=pg_catalog,public -c TimeZone=Asia/Shanghai"}
+    )
     own = make_engine(
-        url.render_as_string(hide_password=False),
-        connect_args={"options": "-c TimeZone=Asia/Shanghai -c application_name=courier-x"},
+        url.render_as_string(hide_password=False), connect_args={"application_name": "courier-x"}
     )
     try:
         with own.connect() as connection:
@@ -29,7 +30,7 @@ def test_postgresql_sessions_run_in_utc_whatever_else_is_asked(engine: Engine) -
             ).one()
     finally:
         own.dispose()
-    # The other options, in the URL and in connect_args, are kept.
+    # What else the URL and connect_args ask for is kept.
     assert (zone, name, path) == ("UTC", "courier-x", "pg_catalog,public")
     # psycopg hands the value over in the zone it knows without a look-up: UTC itself.
     assert moment.tzinfo is dt.UTC

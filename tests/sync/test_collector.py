@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from sync import collector
 from sync.collector import collector_paused
 
 
@@ -16,7 +17,9 @@ def collector_enabled() -> Iterator[None]:
     was = gc.isenabled()
     gc.enable()
     yield
-    if not was:
+    if was:
+        gc.enable()
+    else:
         gc.disable()
 
 
@@ -54,4 +57,22 @@ def test_resumed_only_when_the_last_of_overlapping_threads_is_done() -> None:
         assert not thread.is_alive()
         assert not gc.isenabled()
     assert seen == [False]
+    assert gc.isenabled()
+
+
+def test_overlapping_holders_cannot_keep_it_from_collecting_for_good(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    collections: list[float] = []
+    monkeypatch.setattr(collector, "clock", lambda: now[0])
+    monkeypatch.setattr(collector.gc, "collect", lambda: collections.append(now[0]))
+    with collector_paused():  # a long report, say, while boards come and go
+        for _ in range(3):
+            with collector_paused():
+                now[0] += collector.LONGEST_PAUSE_SECONDS / 2
+        assert not gc.isenabled()
+    # The second board left 10 s into the pause: one collection, then the clock
+    # started again, so the third (15 s in) did not collect.
+    assert collections == [1000.0 + collector.LONGEST_PAUSE_SECONDS]
     assert gc.isenabled()

@@ -345,16 +345,26 @@ def _record(
             note=note,
         )
     )
-    if to_status in (FlagStatus.OPEN, FlagStatus.RESOLVED):
+    if to_status in ANNOUNCED:
         _announce(session, flag, to_status, by=by, note=note)
+
+
+# What a flag's change of status is announced as (every change but acknowledging it).
+ANNOUNCED = {
+    FlagStatus.OPEN: "flag.raised",
+    FlagStatus.RESOLVED: "flag.resolved",
+    FlagStatus.CLOSED: "flag.closed",
+}
 
 
 def _announce(
     session: Session, flag: Flag, status: FlagStatus, *, by: int | None, note: str | None
 ) -> None:
-    """``flag.raised`` (raised, or raised again) or ``flag.resolved``, through the outbox."""
+    """``flag.raised`` (raised, or raised again), ``flag.resolved`` (by a manager) or
+    ``flag.closed`` (by the system, its cause gone), through the outbox: a station
+    system that heard of a flag also hears that it is over."""
     raised = status == FlagStatus.OPEN
-    topic = "flag.raised" if raised else "flag.resolved"
+    topic = ANNOUNCED[status]
     if not outbox.wanted(session, topic, flag.station_id):
         return
     data: dict[str, Any] = {
@@ -370,8 +380,10 @@ def _announce(
     }
     if raised:
         data |= {"evidence": flag.evidence, "raised_at": flag.raised_at or utcnow()}
-    else:
+    elif status == FlagStatus.RESOLVED:
         data |= {"note": note, "resolved_by": by}
+    else:
+        data |= {"reason": note}
     outbox.announce(
         session=session,
         topic=topic,

@@ -31,6 +31,8 @@ TOPICS: dict[str, str] = {
     "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
     "flag.raised": "A discrepancy or violation was flagged (or flagged again)",
     "flag.resolved": "A manager resolved a flag, with a note",
+    "flag.closed": "A flag's cause went away (new events, a consent, an upload): closed, "
+    "with the reason",
     "shift.unbalanced": "A shift closed without its handover balancing",
     "report.ready": "A station's daily, weekly or monthly report was issued",
 }

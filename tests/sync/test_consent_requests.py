@@ -21,7 +21,7 @@ from models import (
     WebhookDelivery,
     WebhookSubscription,
 )
-from models.enums import ConsentChannel, ConsentMethod, FlagSeverity
+from models.enums import ConsentChannel, ConsentMethod, FlagSeverity, FlagStatus
 from sync import consent_requests, flags, shifts
 from sync.consents import ConsentRules
 from sync.errors import Conflict
@@ -310,6 +310,35 @@ def test_flags_raised_and_resolved_are_announced_in_order_per_parcel(
     assert resolved.payload["resolved_by"] == world.manager.id
     deliveries = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
     assert deliveries[-1].topic == "flag.resolved"  # written after what it resolves
+
+
+def test_a_flag_the_system_closes_is_announced_with_its_reason(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    subscribe(session, "flag.raised", "flag.closed")
+    checked_out = pda.event(parcel, "checked_out", 0)
+    drop = pda.event(parcel, "delivered_to_locker", 10, locker_id="L", compartment="1")
+    pda.push([checked_out, drop])
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    assert messages(session, "flag.closed") == []
+    # The courier voids the mis-tapped drop: no locker drop, no violation.
+    correction = pda.event(
+        parcel, "correction", 12, voids_client_event_id=drop["client_event_id"], reason="mis-tap"
+    )
+    pda.push([correction])
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    announced = messages(session, "flag.closed")
+    # Every flag the correction closed (the drop's other flags too), each once.
+    closed_ids = session.scalars(select(Flag.id).where(Flag.status == FlagStatus.CLOSED)).all()
+    assert sorted(m.payload["flag_id"] for m in announced) == sorted(closed_ids)
+    [closed] = [m for m in announced if m.payload["flag_id"] == flag.id]
+    assert closed.payload["kind"] == "unauthorized_locker_drop"
+    assert closed.payload["status"] == "closed"
+    assert closed.payload["reason"] == flag.closed_reason
+    assert closed.ordering_key == parcel  # in order with the flag.raised before it
+    deliveries = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    assert [d.topic for d in deliveries][-1] == "flag.closed"
 
 
 def test_announcements_follow_their_subscriptions_topics_and_stations(

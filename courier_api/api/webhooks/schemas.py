@@ -282,6 +282,13 @@ class WebhookFlagResolved(_WebhookFlag):
     )
 
 
+class WebhookFlagClosed(_WebhookFlag):
+    """`flag.closed`: the system closed the flag, its cause gone (the parcel's events
+    or consents as they are now, an image uploaded, a shift's parcel accounted for)."""
+
+    reason = ma.fields.String(required=True)
+
+
 class WebhookDiscrepancy(ma.Schema):
     kind = ma.fields.String(required=True)
     tracking_no = ma.fields.String(required=True)
@@ -334,6 +341,7 @@ TOPIC_DATA: dict[str, type[ma.Schema]] = {
     "parcel.at_pickup_point": WebhookParcelAtPickupPoint,
     "flag.raised": WebhookFlagRaised,
     "flag.resolved": WebhookFlagResolved,
+    "flag.closed": WebhookFlagClosed,
     "shift.unbalanced": WebhookShiftUnbalanced,
     "report.ready": WebhookReportReady,
 }

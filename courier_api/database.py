@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.engine import make_engine
+from models.engine import make_engine, reads_only
 
 EXTENSION_KEY = "courier_api.database"
 
@@ -21,13 +21,18 @@ EXTENSION_KEY = "courier_api.database"
 class _State:
     engine: Engine
     sessionmaker: sessionmaker[Session]
+    # The engine of requests that only read (``models.engine.reads_only``); None while
+    # the sessions are bound to a test's connection.
+    reader: Engine | None = None
 
 
 class Database:
     def init_app(self, app: Flask) -> None:
         engine = make_engine(app.config["DATABASE_URL"])
         app.extensions[EXTENSION_KEY] = _State(
-            engine=engine, sessionmaker=sessionmaker(bind=engine, expire_on_commit=False)
+            engine=engine,
+            sessionmaker=sessionmaker(bind=engine, expire_on_commit=False),
+            reader=reads_only(engine),
         )
         app.teardown_appcontext(self._close_session)
 
@@ -49,9 +54,14 @@ class Database:
 
     @property
     def session(self) -> Session:
-        """The session of the current request (or CLI command), opened on first use."""
+        """The session of the current request (or CLI command), opened on first use:
+        on the reading engine for a view that declares it only reads (``READS_ONLY``)."""
         if "db_session" not in g:
-            g.db_session = self._state().sessionmaker()
+            state = self._state()
+            if state.reader is not None and _request_only_reads():
+                g.db_session = state.sessionmaker(bind=state.reader)
+            else:
+                g.db_session = state.sessionmaker()
         session: Session = g.db_session
         return session
 
@@ -60,12 +70,26 @@ class Database:
 
         Sessions commit to savepoints, so the test's final rollback undoes everything.
         """
-        self._state(app).sessionmaker = sessionmaker(
+        state = self._state(app)
+        state.sessionmaker = sessionmaker(
             bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
+        state.reader = None
 
     @staticmethod
     def _close_session(_exc: BaseException | None) -> None:
         session = g.pop("db_session", None)
         if session is not None:
             session.close()
+
+
+# Safe methods of views that set READS_ONLY = True: their whole request, signing-in
+# check included, runs in transactions that only read.
+_READING_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _request_only_reads() -> bool:
+    if not has_request_context() or request.method not in _READING_METHODS:
+        return False
+    view = current_app.view_functions.get(request.endpoint or "")
+    return bool(getattr(getattr(view, "view_class", None), "READS_ONLY", False))

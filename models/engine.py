@@ -11,6 +11,8 @@ from sqlalchemy.engine import make_url
 from models.turnstile import Turnstile, connect_args
 
 BUSY_TIMEOUT_MS = 10_000  # how long a SQLite writer waits for its turn (then a 503)
+# Execution option of transactions that only read (``reads_only``).
+READS_ONLY = "courier_reads_only"
 
 
 def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> Engine:
@@ -45,6 +47,22 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
     if parsed.get_backend_name() == "postgresql":
         event.listen(engine, "connect", _utc_session)
     return engine
+
+
+def reads_only(engine: Engine) -> Engine:
+    """The same engine and pool, for transactions that only read.
+
+    On SQLite they begin ``DEFERRED`` without waiting for the writers' turn: in WAL
+    mode a reader sees the last commit and never blocks a writer, so a station
+    manager's board or a PDA's pull does not hold up every push for the length of
+    its read. A write in one fails at once (``PRAGMA query_only``, "attempt to write
+    a readonly database"), as it does on PostgreSQL (``READ ONLY`` transactions):
+    marking a view that writes is a bug that shows, not a race.
+    """
+    options: dict[str, Any] = {READS_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True
+    return engine.execution_options(**options)
 
 
 def _utc_session(dbapi_connection: Any, _record: Any) -> None:
@@ -83,6 +101,11 @@ def _configure_sqlite(
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        reader = bool(connection.get_execution_options().get(READS_ONLY))
+        _query_only(connection, reader)
+        if reader:
+            connection.exec_driver_sql("BEGIN DEFERRED")  # no turn: WAL readers never wait
+            return
         if turnstile is None:
             connection.exec_driver_sql(f"BEGIN {begin}")
             return
@@ -93,3 +116,12 @@ def _configure_sqlite(
         except BaseException:
             dbapi_connection.give_turn()
             raise
+
+
+def _query_only(connection: Any, wanted: bool) -> None:
+    """SQLite's ``query_only`` on this pooled connection, set only when it changes
+    (a reader's connection is a writer's next)."""
+    info = connection.connection.info
+    if info.get("query_only", False) != wanted:
+        connection.connection.dbapi_connection.execute(f"PRAGMA query_only = {int(wanted)}")
+        info["query_only"] = wanted

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import InternalError, OperationalError
 
-from models.engine import make_engine
+from models.engine import BUSY_TIMEOUT_MS, make_engine, reads_only
 
 
 def test_postgresql_sessions_run_in_utc_whatever_else_is_asked(engine: Engine) -> None:
@@ -35,3 +38,46 @@ def test_postgresql_sessions_run_in_utc_whatever_else_is_asked(engine: Engine) -
     # psycopg hands the value over in the zone it knows without a look-up: UTC itself.
     assert moment.tzinfo is dt.UTC
     assert moment == dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+
+
+def test_a_sqlite_reader_neither_waits_for_the_writers_turn_nor_writes(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'turn.db'}", pool_size=1, max_overflow=1)
+    reader = reads_only(engine)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE note (body TEXT)"))
+            connection.execute(text("INSERT INTO note VALUES ('committed')"))
+        with engine.begin() as writer:  # holds the writers' turn and SQLite's write lock
+            writer.execute(text("UPDATE note SET body = 'not yet'"))
+            started = time.monotonic()
+            with reader.connect() as connection:
+                seen = connection.execute(text("SELECT body FROM note")).scalar_one()
+                with pytest.raises(OperationalError, match="readonly"):
+                    connection.execute(text("INSERT INTO note VALUES ('sneaked in')"))
+            waited = time.monotonic() - started
+        assert seen == "committed"  # the last commit, not the writer's change in progress
+        assert waited < BUSY_TIMEOUT_MS / 1000 / 2  # not a wait for the turn that timed out
+        # The pooled connection the reader used writes again for a writer.
+        for _ in range(2):
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO note VALUES ('later')"))
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM note")).scalar_one() == 3
+    finally:
+        engine.dispose()
+
+
+def test_a_postgresql_reader_refuses_to_write_and_its_connection_writes_again(
+    engine: Engine,
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's read-only transactions")
+    own = make_engine(engine.url.render_as_string(hide_password=False), pool_size=1)
+    try:
+        with reads_only(own).connect() as connection:
+            with pytest.raises(InternalError, match="read-only transaction"):
+                connection.execute(text("CREATE TEMPORARY SEQUENCE reader_write"))
+        with own.connect() as connection:  # the same pooled connection, reset
+            connection.execute(text("CREATE TEMPORARY SEQUENCE writer_write"))
+    finally:
+        own.dispose()

@@ -141,6 +141,8 @@ class CloseShift(MethodView):
 
 @blp.route("/shifts/<id:shift_id>/balance")
 class ShiftBalance(MethodView):
+    READS_ONLY = True  # courier_api.database: no wait for SQLite's writers
+
     @blp.auth(*READERS)
     @blp.response(200, BalanceOut)
     @blp.alt_response(404, response="NOT_FOUND")
@@ -197,6 +199,8 @@ class SignOff(MethodView):
 
 @blp.route("/stations/<id:station_id>/handover")
 class StationHandover(MethodView):
+    READS_ONLY = True  # courier_api.database: the board at 19:00 holds up no push
+
     @blp.auth(Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
     @blp.arguments(BoardArgs, location="query")
     @blp.response(200, BoardOut)

@@ -117,6 +117,8 @@ class Push(MethodView):
 
 @blp.route("/pull")
 class Pull(MethodView):
+    READS_ONLY = True  # courier_api.database: a PDA's pull holds up no push
+
     @blp.auth(Role.COURIER)
     @blp.arguments(PullArgs, location="query")
     @blp.response(200, PullPage)

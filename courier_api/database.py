@@ -6,7 +6,9 @@ state lives in ``app.extensions`` so that several apps (tests) never share it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Connection, Engine
@@ -92,4 +94,17 @@ def _request_only_reads() -> bool:
     if not has_request_context() or request.method not in _READING_METHODS:
         return False
     view = current_app.view_functions.get(request.endpoint or "")
-    return bool(getattr(getattr(view, "view_class", None), "READS_ONLY", False))
+    return bool(
+        getattr(view, "READS_ONLY", False)
+        or getattr(getattr(view, "view_class", None), "READS_ONLY", False)
+    )
+
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def only_reads(view: View) -> View:
+    """``READS_ONLY`` for a function view (a ``MethodView`` sets the class attribute):
+    put it above the route decorator."""
+    view.READS_ONLY = True  # type: ignore[attr-defined]
+    return view

@@ -9,6 +9,7 @@ their HTTP status here and nowhere else.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from http import HTTPStatus
 from typing import Any
 
@@ -159,11 +160,19 @@ def handle_database_unavailable(error: OperationalError) -> ResponseReturnValue:
     from courier_api.extensions import db
 
     db.session.rollback()
+    if _written_while_reading(error):
+        raise error  # a view marked READS_ONLY wrote: a bug, a 500, not "retry later"
     log.error("database unavailable: %s", error.orig)
     body = error_body(
         503, code="database_unavailable", message="the database is unavailable; retry later"
     )
     return jsonify(body), 503, {"Retry-After": "5"}
+
+
+def _written_while_reading(error: OperationalError) -> bool:
+    """SQLite refused a write in a transaction that only reads (``PRAGMA query_only``;
+    PostgreSQL's READ ONLY refusal is not an OperationalError and is a 500 anyway)."""
+    return getattr(error.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
 
 
 def register_errorhandlers(app: Flask) -> None:

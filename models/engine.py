@@ -123,5 +123,5 @@ def _query_only(connection: Any, wanted: bool) -> None:
     (a reader's connection is a writer's next)."""
     info = connection.connection.info
     if info.get("query_only", False) != wanted:
-        connection.connection.dbapi_connection.execute(f"PRAGMA query_only = {int(wanted)}")
+        connection.exec_driver_sql(f"PRAGMA query_only = {int(wanted)}")
         info["query_only"] = wanted

@@ -13,11 +13,19 @@ millisecond). A transaction takes its turn before ``BEGIN IMMEDIATE`` and gives 
 back when the connection commits or rolls back (``TurnstileConnection``), so
 SQLite's own lock is always free when asked for. Waiting longer than the busy
 timeout raises the error SQLite would have raised ("database is locked": a 503).
+
+Readers take no turn (``models.engine.reads_only``), and a reader that began before
+a checkpoint keeps SQLite from starting its WAL file over: readers that overlap
+without end (PDAs pulling while others push) would let it grow without bound
+(SQLite's "checkpoint starvation": 57 MB in 30 s of ``bench/load.py``). The writer
+whose commit finds it beyond ``WAL_RESTART_BYTES`` truncates it before giving its
+turn back, once the readers of its old frames are done (``PRAGMA wal_checkpoint``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -29,6 +37,11 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 POLL_SECONDS = 0.001  # how often the one waiter of a process tries the file lock
+# SQLite checkpoints every 1,000 pages (4 MB) on its own: a WAL file eight times that
+# size is one that readers kept from starting over.
+WAL_RESTART_BYTES = 32 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class Turnstile:
@@ -36,6 +49,7 @@ class Turnstile:
 
     def __init__(self, database: Path, timeout: float) -> None:
         self.path = database.with_name(database.name + ".writer")
+        self.wal = database.with_name(database.name + "-wal")
         self.timeout = timeout
         self._pid = -1  # the process _lock and _fd were made for
         self._lock = threading.Lock()
@@ -85,6 +99,12 @@ class Turnstile:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._lock.release()
 
+    def wal_too_large(self) -> bool:
+        try:
+            return os.stat(self.wal).st_size > WAL_RESTART_BYTES
+        except OSError:
+            return False
+
 
 _TURNSTILES: weakref.WeakSet[Turnstile] = weakref.WeakSet()
 
@@ -119,8 +139,28 @@ class TurnstileConnection(sqlite3.Connection):
     def commit(self) -> None:
         try:
             super().commit()
+            if self.holds_turn:
+                self._truncate_a_large_wal()
         finally:
             self.give_turn()
+
+    def _truncate_a_large_wal(self) -> None:
+        """After a commit, the turn still held: never raises (the commit is done)."""
+        assert self.turnstile is not None
+        if not self.turnstile.wal_too_large():
+            return
+        try:
+            busy = self.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as error:
+            log.warning("could not truncate the WAL file %s: %s", self.turnstile.wal, error)
+            return
+        if busy:
+            log.warning(
+                "the WAL file %s stays beyond %d bytes: a reader outlasted the busy "
+                "timeout (the next commit tries again)",
+                self.turnstile.wal,
+                WAL_RESTART_BYTES,
+            )
 
     def rollback(self) -> None:
         try:

@@ -34,6 +34,7 @@ from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
 from courier_api.auth import current_principal, ensure_station_access, record_auditor_read
 from courier_api.config import policy_of
+from courier_api.database import only_reads
 from courier_api.errors import domain_status
 from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
@@ -241,6 +242,7 @@ def logout() -> ResponseReturnValue:
 # -- the station board ------------------------------------------------------------------------
 
 
+@only_reads  # the board at 19:00 holds up no push (courier_api.database)
 @bp.get("/board")
 @page()
 def board() -> ResponseReturnValue:

@@ -6,6 +6,7 @@ import fcntl
 import gc
 import multiprocessing
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from models.engine import make_engine
+from models import turnstile as turnstile_module
+from models.engine import make_engine, reads_only
 from models.turnstile import Turnstile, TurnstileConnection
 
 
@@ -258,3 +260,40 @@ def _open_file(fd: int) -> str | None:
         return os.readlink(f"/proc/self/fd/{fd}")
     except FileNotFoundError:
         return None
+
+
+def test_a_writer_truncates_a_wal_that_overlapping_readers_kept_from_starting_over(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(turnstile_module, "WAL_RESTART_BYTES", 256 * 1024)
+    engine = _engine(database)
+    wal = database.with_name(database.name + "-wal")
+    reading = threading.Event()
+
+    def reader() -> None:  # a board read, say, overlapping the writes below
+        with reads_only(engine).connect() as connection:
+            connection.execute(text("SELECT count(*) FROM note")).scalar_one()
+            reading.set()
+            time.sleep(0.5)
+
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE page (body BLOB)"))
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert reading.wait(5)
+        started = time.monotonic()
+        sizes = []
+        for _ in range(8):  # 8 x 64 KB: past the limit while the reader still reads
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO page VALUES (randomblob(65536))"))
+            sizes.append(wal.stat().st_size)
+        waited = time.monotonic() - started
+        thread.join(5)
+    finally:
+        engine.dispose()
+    # Truncated once the reader was done: the commit waited for it, not the busy timeout.
+    assert min(sizes) == 0, sizes
+    assert waited < 5
+    with sqlite3.connect(database) as check:
+        assert check.execute("SELECT count(*) FROM page").fetchone()[0] == 8

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ingest import require_postgres  # bench/ingest.py
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
@@ -54,6 +55,8 @@ def main() -> int:
         "--show-statements", action="store_true", help="print the small board's statements"
     )
     args = parser.parse_args()
+    if args.database_url:
+        require_postgres(args.database_url)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite:///{tmp}/board.db"
         app = create_app(

@@ -668,10 +668,24 @@ def postgres_problem(url: str) -> str | None:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        return str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
+        said = str(exc.orig if getattr(exc, "orig", None) else exc).strip()
+        return next(iter(said.splitlines()), type(exc).__name__)
     finally:
         engine.dispose()
     return None
+
+
+def require_postgres(url: str) -> None:
+    """Stop with one line saying why, when the benchmark cannot use PostgreSQL at ``url``
+    (``bench/load.py`` and ``bench/board.py``: they wipe its ``public`` schema)."""
+    problem = postgres_problem(url)
+    if problem:
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise SystemExit(
+            f"PostgreSQL at {shown} is not usable: {problem}\n"
+            "(name a database the benchmark may wipe; create it first, e.g. "
+            "createdb -h 127.0.0.1 -U postgres courier_bench)"
+        )
 
 
 def backends(args: argparse.Namespace) -> list[str]:

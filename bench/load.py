@@ -69,12 +69,12 @@ from ingest import (  # bench/ingest.py: the same PDA lifecycles
     Pda,
     pda_events,
     push_body,
+    require_postgres,
     tracking_numbers,
 )
 from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.live_server
 from tests.live_server import Server, free_port, run_cli  # noqa: E402
@@ -137,21 +137,12 @@ def prepare_database(url: str | None, workdir: Path) -> str:
         return f"sqlite:///{workdir / 'load.db'}"
     if make_url(url).get_backend_name() != "postgresql":
         raise SystemExit("--database-url must be a PostgreSQL URL (the default is SQLite)")
+    require_postgres(url)
     engine = create_engine(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-            connection.execute(text("CREATE SCHEMA public"))
-    except SQLAlchemyError as exc:
-        reason = next(iter(str(getattr(exc, "orig", None) or exc).strip().splitlines()), "")
-        shown = make_url(url).render_as_string(hide_password=True)
-        raise SystemExit(
-            f"PostgreSQL at {shown} is not usable: {reason}\n"
-            "(name a database the benchmark may wipe; create it first, e.g. "
-            "createdb -h 127.0.0.1 -U postgres courier_bench)"
-        ) from None
-    finally:
-        engine.dispose()
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
     return url
 
 

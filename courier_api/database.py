@@ -26,6 +26,8 @@ class _State:
     # The engine of requests that only read (``models.engine.reads_only``); None while
     # the sessions are bound to a test's connection.
     reader: Engine | None = None
+    # That test's connection (``bind_to_connection``).
+    test_connection: Connection | None = None
 
 
 class Database:
@@ -63,6 +65,9 @@ class Database:
             if state.reader is not None and _request_only_reads():
                 g.db_session = state.sessionmaker(bind=state.reader)
             else:
+                if state.test_connection is not None and _request_only_reads():
+                    _refuse_writes(state.test_connection, True)
+                    g.db_refused_writes = True
                 g.db_session = state.sessionmaker()
         session: Session = g.db_session
         return session
@@ -77,12 +82,17 @@ class Database:
             bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
         state.reader = None
+        state.test_connection = connection
 
-    @staticmethod
-    def _close_session(_exc: BaseException | None) -> None:
+    @classmethod
+    def _close_session(cls, _exc: BaseException | None) -> None:
         session = g.pop("db_session", None)
         if session is not None:
             session.close()
+        if g.pop("db_refused_writes", False):
+            connection = cls._state().test_connection
+            if connection is not None:
+                _refuse_writes(connection, False)
 
 
 # Safe methods of views that set READS_ONLY = True: their whole request, signing-in
@@ -108,3 +118,11 @@ def only_reads(view: View) -> View:
     put it above the route decorator."""
     view.READS_ONLY = True  # type: ignore[attr-defined]
     return view
+
+
+def _refuse_writes(connection: Connection, refuse: bool) -> None:
+    """Tests on SQLite: a ``READS_ONLY`` request on the test's shared connection refuses
+    to write as it would on the reading engine, so that every API test of such a view
+    checks it writes nothing (PostgreSQL cannot turn a transaction read-only midway)."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql(f"PRAGMA query_only = {int(refuse)}")

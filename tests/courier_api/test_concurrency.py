@@ -122,3 +122,47 @@ def test_a_view_that_only_reads_and_writes_anyway_is_a_500_not_a_retry(
     assert answer.get_json()["code"] == "internal_error"
     with committed_app.app_context():
         assert db.session.get(Station, station_id).name != "Oops"
+
+
+def test_api_tests_on_sqlite_hold_reading_views_to_reading_too(
+    app: Flask, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API tests run inside one test transaction, not on the reading engine: on
+    SQLite its connection refuses writes for the length of a reading request, so every
+    test of such a view also checks that it writes nothing."""
+    if session.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL cannot make a transaction read-only midway")
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    station = factories.station(session, code="BNDR")
+    factories.user(session, "bound-boss", "station_manager", station)
+    session.commit()
+    client = app.test_client()
+    headers = Auth(client).headers("bound-boss")
+
+    def board_that_writes(*, session: Session, station_id: int, work_date: Any) -> list[Any]:
+        session.execute(update(Station).where(Station.id == station_id).values(name="Oops"))
+        return []
+
+    monkeypatch.setattr(shift_routes, "station_board", board_that_writes)
+    answer = client.get(f"/api/v1/stations/{station.id}/handover", headers=headers)
+    assert answer.status_code == 500, answer.get_json()
+    # After the request the test's connection writes again.
+    monkeypatch.undo()
+    assert (
+        client.post(
+            "/api/v1/parcels",
+            json={
+                "parcels": [
+                    {
+                        "tracking_no": factories.s10(),
+                        "service_class": "parcel",
+                        "recipient_name": "R",
+                        "address": "A",
+                        "station": "BNDR",
+                    }
+                ]
+            },
+            headers=Auth(client).headers("bound-boss"),
+        ).status_code
+        == 200
+    )

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -97,25 +98,33 @@ def test_the_board_a_balance_and_pulls_answer_while_a_writer_holds_the_database(
     assert "Busy" not in answers[4].get_data(as_text=True)  # not the uncommitted name
 
 
+def _board_that_writes(*, session: Session, station_id: int, work_date: Any) -> list[Any]:
+    """A station board with a bug: it writes."""
+    session.execute(update(Station).where(Station.id == station_id).values(name="Oops"))
+    return []
+
+
+def _read_a_board_that_writes(
+    app: Flask, manager: str, station_id: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, FlaskClient]:
+    """The station's board as ``manager`` reads it, answered as in production."""
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    client = app.test_client()
+    headers = Auth(client).headers(manager)
+    monkeypatch.setattr(shift_routes, "station_board", _board_that_writes)
+    return client.get(f"/api/v1/stations/{station_id}/handover", headers=headers), client
+
+
 def test_a_view_that_only_reads_and_writes_anyway_is_a_500_not_a_retry(
     committed_app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    committed_app.config["PROPAGATE_EXCEPTIONS"] = False  # answered as in production
     with committed_app.app_context():
         session: Session = db.session
         station = factories.station(session, code="RDWR")
         factories.user(session, "rdwr-boss", "station_manager", station)
         session.commit()
         station_id = station.id
-    client = committed_app.test_client()
-    headers = Auth(client).headers("rdwr-boss")
-
-    def board_that_writes(*, session: Session, station_id: int, work_date: Any) -> list[Any]:
-        session.execute(update(Station).where(Station.id == station_id).values(name="Oops"))
-        return []
-
-    monkeypatch.setattr(shift_routes, "station_board", board_that_writes)
-    answer = client.get(f"/api/v1/stations/{station_id}/handover", headers=headers)
+    answer, _ = _read_a_board_that_writes(committed_app, "rdwr-boss", station_id, monkeypatch)
     # A bug to fix, not a database to wait for: no 503 with Retry-After for PDAs to
     # retry forever, on either store.
     assert answer.status_code == 500, answer.get_json()
@@ -132,37 +141,22 @@ def test_api_tests_on_sqlite_hold_reading_views_to_reading_too(
     test of such a view also checks that it writes nothing."""
     if session.get_bind().dialect.name != "sqlite":
         pytest.skip("PostgreSQL cannot make a transaction read-only midway")
-    app.config["PROPAGATE_EXCEPTIONS"] = False
     station = factories.station(session, code="BNDR")
     factories.user(session, "bound-boss", "station_manager", station)
     session.commit()
-    client = app.test_client()
-    headers = Auth(client).headers("bound-boss")
-
-    def board_that_writes(*, session: Session, station_id: int, work_date: Any) -> list[Any]:
-        session.execute(update(Station).where(Station.id == station_id).values(name="Oops"))
-        return []
-
-    monkeypatch.setattr(shift_routes, "station_board", board_that_writes)
-    answer = client.get(f"/api/v1/stations/{station.id}/handover", headers=headers)
+    answer, client = _read_a_board_that_writes(app, "bound-boss", station.id, monkeypatch)
     assert answer.status_code == 500, answer.get_json()
     # After the request the test's connection writes again.
     monkeypatch.undo()
+    parcel = {
+        "tracking_no": factories.s10(),
+        "service_class": "parcel",
+        "recipient_name": "R",
+        "address": "A",
+        "station": "BNDR",
+    }
+    headers = Auth(client).headers("bound-boss")
     assert (
-        client.post(
-            "/api/v1/parcels",
-            json={
-                "parcels": [
-                    {
-                        "tracking_no": factories.s10(),
-                        "service_class": "parcel",
-                        "recipient_name": "R",
-                        "address": "A",
-                        "station": "BNDR",
-                    }
-                ]
-            },
-            headers=Auth(client).headers("bound-boss"),
-        ).status_code
+        client.post("/api/v1/parcels", json={"parcels": [parcel]}, headers=headers).status_code
         == 200
     )

@@ -14,7 +14,7 @@ from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.engine import make_engine, reads_only
+from models.engine import make_engine, reads_only, refuse_writes
 
 EXTENSION_KEY = "courier_api.database"
 
@@ -23,10 +23,8 @@ EXTENSION_KEY = "courier_api.database"
 class _State:
     engine: Engine
     sessionmaker: sessionmaker[Session]
-    # The engine of requests that only read (``models.engine.reads_only``); None while
-    # the sessions are bound to a test's connection.
-    reader: Engine | None = None
-    # That test's connection (``bind_to_connection``).
+    reader: Engine  # for requests that only read (``models.engine.reads_only``)
+    # A test's connection that every session is bound to (``bind_to_connection``).
     test_connection: Connection | None = None
 
 
@@ -62,12 +60,13 @@ class Database:
         on the reading engine for a view that declares it only reads (``READS_ONLY``)."""
         if "db_session" not in g:
             state = self._state()
-            if state.reader is not None and _request_only_reads():
+            if not _request_only_reads():
+                g.db_session = state.sessionmaker()
+            elif state.test_connection is None:
                 g.db_session = state.sessionmaker(bind=state.reader)
-            else:
-                if state.test_connection is not None and _request_only_reads():
-                    _refuse_writes(state.test_connection, True)
-                    g.db_refused_writes = True
+            else:  # tests: the shared connection refuses writes while the request runs
+                refuse_writes(state.test_connection, True)
+                g.db_refused_writes = True
                 g.db_session = state.sessionmaker()
         session: Session = g.db_session
         return session
@@ -81,7 +80,6 @@ class Database:
         state.sessionmaker = sessionmaker(
             bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
-        state.reader = None
         state.test_connection = connection
 
     @classmethod
@@ -89,10 +87,10 @@ class Database:
         session = g.pop("db_session", None)
         if session is not None:
             session.close()
-        if g.pop("db_refused_writes", False):
+        if g.pop("db_refused_writes", False):  # only ever set on a test's connection
             connection = cls._state().test_connection
-            if connection is not None:
-                _refuse_writes(connection, False)
+            assert connection is not None
+            refuse_writes(connection, False)
 
 
 # Safe methods of views that set READS_ONLY = True: their whole request, signing-in
@@ -118,11 +116,3 @@ def only_reads(view: View) -> View:
     put it above the route decorator."""
     view.READS_ONLY = True  # type: ignore[attr-defined]
     return view
-
-
-def _refuse_writes(connection: Connection, refuse: bool) -> None:
-    """Tests on SQLite: a ``READS_ONLY`` request on the test's shared connection refuses
-    to write as it would on the reading engine, so that every API test of such a view
-    checks it writes nothing (PostgreSQL cannot turn a transaction read-only midway)."""
-    if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql(f"PRAGMA query_only = {int(refuse)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from models.turnstile import Turnstile, connect_args
@@ -102,7 +102,7 @@ def _configure_sqlite(
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         reader = bool(connection.get_execution_options().get(READS_ONLY))
-        _query_only(connection, reader)
+        refuse_writes(connection, reader)
         if reader:
             connection.exec_driver_sql("BEGIN DEFERRED")  # no turn: WAL readers never wait
             return
@@ -118,10 +118,13 @@ def _configure_sqlite(
             raise
 
 
-def _query_only(connection: Any, wanted: bool) -> None:
-    """SQLite's ``query_only`` on this pooled connection, set only when it changes
-    (a reader's connection is a writer's next)."""
+def refuse_writes(connection: Connection, refuse: bool) -> None:
+    """SQLite's ``query_only`` on this connection, set only when it changes (a pooled
+    reader's connection is a writer's next; a test's connection serves both). No-op
+    on other databases."""
+    if connection.dialect.name != "sqlite":
+        return
     info = connection.connection.info
-    if info.get("query_only", False) != wanted:
-        connection.exec_driver_sql(f"PRAGMA query_only = {int(wanted)}")
-        info["query_only"] = wanted
+    if info.get("query_only", False) != refuse:
+        connection.exec_driver_sql(f"PRAGMA query_only = {int(refuse)}")
+        info["query_only"] = refuse

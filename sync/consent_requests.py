@@ -40,6 +40,7 @@ from models import (
 )
 from sync import consents, feed, outbox
 from sync.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from sync.events import shifted
 from sync.sql import among, chunks
 
 MAX_PAGE_SIZE = 500
@@ -173,8 +174,8 @@ def requests_from_events(
     for row in rows:
         asked = row["details"]["request"]
         offset = row["occurred_at_device"] - row["occurred_at"]
-        expires_at = (
-            dt.datetime.fromisoformat(asked["expires_at"]) - offset
+        expires_at = (  # saturating: a PDA clock centuries off must not overflow it
+            shifted(dt.datetime.fromisoformat(asked["expires_at"]), -offset)
             if "expires_at" in asked
             else None
         )

@@ -47,7 +47,7 @@ from PIL import Image
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
-from models import EventType, QuarantinedEvent, ScanEvent, SyncBatch
+from models import ConsentRequest, EventType, QuarantinedEvent, ScanEvent, SyncBatch
 from sync.events import (
     CONSENT_CHANNELS,
     CONSENT_METHODS,
@@ -435,6 +435,42 @@ def test_a_pda_clock_anywhere_from_year_1_to_9999_still_gets_its_events_applied(
     assert [r["status"] for r in response.get_json()["results"]] == ["applied"] * len(good)
     held = pda.held([e["client_event_id"] for e in good])
     assert all(len(held.get(e["client_event_id"], [])) == 1 for e in good), held
+
+
+@pytest.mark.parametrize(
+    ("sent_at", "expires_at"),
+    [
+        ("0001-01-02T00:00:00+00:00", "9999-12-30T00:00:00+00:00"),
+        ("9999-12-30T00:00:00+00:00", "0001-01-02T00:00:00+00:00"),
+    ],
+)
+def test_a_consent_request_expiry_centuries_off_lapses_after_the_ttl(
+    pda: Pda, sent_at: str, expires_at: str
+) -> None:
+    """Found by the test above: the request's expiry, moved by the PDA's clock offset,
+    left the calendar (a 500). It is out of range, so the request lapses after the TTL."""
+    event = pda.number(
+        {
+            "type": "consent_requested",
+            "tracking_no": TRACKING[0],
+            "occurred_at": sent_at,
+            "request": {"method": "locker", "channel": "sms", "expires_at": expires_at},
+        }
+    )
+    response = pda.post(encode(pda.envelope([event], sent_at=sent_at)))
+    assert response.status_code == 200, response.get_data(as_text=True)[:2000]
+    assert [r["status"] for r in response.get_json()["results"]] == ["applied"]
+    expiry = pda.connection.execute(
+        select(ConsentRequest.expires_at, ConsentRequest.requested_at).where(
+            ConsentRequest.event_id.in_(
+                select(ScanEvent.id).where(
+                    ScanEvent.client_event_id == uuid.UUID(event["client_event_id"])
+                )
+            )
+        )
+    ).one()
+    ttl = dt.timedelta(minutes=pda.client.application.config["CONSENT_REQUEST_TTL_MINUTES"])
+    assert expiry.expires_at - expiry.requested_at == ttl
 
 
 @FUZZ

@@ -9,13 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from models import Device, DeviceStatus, Role, User, utcnow
 from sync.errors import AuthenticationFailed, InvalidInput, PermissionDenied
 
+# Built once (``sync.sql.Prebuilt`` says why): every request a PDA makes runs it.
+USER_AND_DEVICE = (
+    select(User, Device)
+    .outerjoin(Device, Device.id == bindparam("device_id"))
+    .where(User.id == bindparam("user_id"))
+)
 PASSWORD_MIN_LENGTH = 8
 DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
 
@@ -112,7 +118,7 @@ def _user_and_device(
     if not device_id:
         return session.get(User, user_id), None
     found = session.execute(
-        select(User, Device).outerjoin(Device, Device.id == device_id).where(User.id == user_id)
+        USER_AND_DEVICE, {"user_id": user_id, "device_id": device_id}
     ).one_or_none()
     return (found[0], found[1]) if found is not None else (None, None)
 

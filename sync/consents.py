@@ -34,12 +34,25 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
-from sync.sql import IN_CHUNK, among, chunks
+from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy
 
 _NOT_WORD = re.compile(r"[\W_]+")
 # A consent granted "in the future" is a clock error of the channel, not a promise.
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
+# Built once (``sync.sql.Prebuilt`` says why): every push judges its parcels with these.
+CONSENTS_OF_PARCELS = Prebuilt(
+    lambda dialect: select(Consent).where(among_param(dialect, Consent.tracking_no, "numbers"))
+)
+# One index probe: ordered by the indexed column so that it goes through the index
+# (``ix_consent_recipient``); without an order PostgreSQL may scan the table for the
+# first match, reading every parcel consent when there is no standing one.
+ANY_STANDING = (
+    select(Consent.recipient_phone)
+    .where(Consent.recipient_phone.is_not(None))
+    .order_by(Consent.recipient_phone)
+    .limit(1)
+)
 
 
 def address_key(address: str) -> str:
@@ -203,10 +216,9 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
     parcels = list(parcels)
     found: dict[str, list[ConsentFact]] = defaultdict(list)
     numbers = [p.tracking_no for p in parcels]
+    of_parcels = CONSENTS_OF_PARCELS(session)
     for chunk in chunks(numbers):
-        for consent in session.scalars(
-            select(Consent).where(among(session, Consent.tracking_no, chunk))
-        ):
+        for consent in session.scalars(of_parcels, {"numbers": list(chunk)}):
             found[consent.tracking_no].append(_fact(consent))
     if not _any_standing(session):
         return _without_voided(session, found)
@@ -260,19 +272,9 @@ def _without_voided(
 
 
 def _any_standing(session: Session) -> bool:
-    """One index probe: most stations never record a standing consent.
-
-    Ordered by the indexed column so that the probe goes through the index
-    (``ix_consent_recipient``): without an order PostgreSQL may scan the table for
-    the first match, reading every parcel consent when there is no standing one.
-    """
-    query = (
-        select(Consent.recipient_phone)
-        .where(Consent.recipient_phone.is_not(None))
-        .order_by(Consent.recipient_phone)
-        .limit(1)
-    )
-    return session.scalar(query) is not None
+    """Whether any standing consent is recorded: most stations never record one
+    (``ANY_STANDING``)."""
+    return session.scalar(ANY_STANDING) is not None
 
 
 def _fact(consent: Consent) -> ConsentFact:

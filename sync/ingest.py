@@ -28,13 +28,14 @@ import json
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from models import (
     Device,
@@ -77,7 +78,7 @@ from sync.shifts import (
     lock_shifts,
     reopen_for_late_events,
 )
-from sync.sql import among, chunks, insert_ignoring_conflict
+from sync.sql import Prebuilt, among, among_param, chunks, insert_ignoring_conflict, plain_rows
 from sync.status import reproject, stored_detail, targets_of_corrections
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,47 @@ LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
 INSERT_EVENTS = insert(ScanEvent.__table__)
 INSERT_ONE_EVENT = INSERT_EVENTS.returning(ScanEvent.__table__.c.id)
 INSERT_PROOF_IMAGES = insert(ProofImage.__table__)
+_events = ScanEvent.__table__
+_states = DeviceSyncState.__table__
+_batches = SyncBatch.__table__
+# Statements built once (``sync.sql.Prebuilt`` says why): every push runs them.
+LOCK_DEVICE_STATE = (
+    select(_states.c.max_seq, _states.c.missing_ranges)
+    .where(_states.c.device_id == bindparam("device_id"))
+    .with_for_update()
+)
+NEW_DEVICE_STATE = Prebuilt(
+    lambda dialect: insert_ignoring_conflict(dialect, _states, on=["device_id"]).values(
+        acked_through_seq=0, max_seq=0, missing_ranges=[]
+    )
+)
+# SET: the columns given (``_update_device_state``).
+STORE_DEVICE_STATE = update(_states).where(_states.c.device_id == bindparam("state_of"))
+NEW_BATCH = Prebuilt(
+    lambda dialect: insert_ignoring_conflict(
+        dialect, _batches, on=["device_id", "batch_id"]
+    ).returning(_batches.c.id)
+)
+STORE_RECEIPT = (
+    update(_batches)
+    .where(_batches.c.id == bindparam("batch_pk"))
+    .values(receipt=bindparam("receipt"))
+)
+
+
+def _columns_at_seqs(*columns: Any) -> Prebuilt[Select[Any]]:
+    """These columns of a device's events at the seqs given (through its unique index)."""
+    return Prebuilt(
+        lambda dialect: select(_events.c.seq, *columns).where(
+            _events.c.device_id == bindparam("device_id"),
+            among_param(dialect, _events.c.seq, "seqs"),
+        )
+    )
+
+
+IDS_AT_SEQS = _columns_at_seqs(_events.c.id)
+OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
+TIMES_AT_SEQS = _columns_at_seqs(_events.c.occurred_at_device, _events.c.tracking_no)
 
 
 @dataclass(frozen=True)
@@ -235,20 +277,19 @@ def _new_batch(
     """Record the batch and return its row id; ``None`` when this device sent a batch
     with this id before (a replay: the device's lock is held, so it is committed)."""
     batch_pk: int | None = session.scalar(
-        insert_ignoring_conflict(session, SyncBatch, on=["device_id", "batch_id"])
-        .values(
-            device_id=pusher.device_id,
-            batch_id=batch.batch_id,
-            station_id=pusher.station_id,
-            courier_id=pusher.courier_id,
-            sent_at=batch.sent_at,
-            received_at=received_at,
-            clock_offset_ms=_milliseconds(batch.sent_at - received_at),
-            event_count=len(batch.events),
-            request_hash=digest,
-            receipt={},
-        )
-        .returning(SyncBatch.id)
+        NEW_BATCH(session),
+        {
+            "device_id": pusher.device_id,
+            "batch_id": batch.batch_id,
+            "station_id": pusher.station_id,
+            "courier_id": pusher.courier_id,
+            "sent_at": batch.sent_at,
+            "received_at": received_at,
+            "clock_offset_ms": _milliseconds(batch.sent_at - received_at),
+            "event_count": len(batch.events),
+            "request_hash": digest,
+            "receipt": {},
+        },
     )
     return batch_pk
 
@@ -266,7 +307,7 @@ class _BatchIngest:
         rules: IngestRules,
         received_at: dt.datetime,
         batch_pk: int,
-        state: DeviceSyncState,
+        state: DeviceState,
         too_deep: frozenset[int] = frozenset(),
     ) -> None:
         self.session = session
@@ -322,9 +363,7 @@ class _BatchIngest:
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
-        self.session.execute(
-            update(SyncBatch).where(SyncBatch.id == self.batch_pk).values(receipt=receipt)
-        )
+        self.session.execute(STORE_RECEIPT, {"batch_pk": self.batch_pk, "receipt": receipt})
         return receipt
 
     # -- classification ---------------------------------------------------------------------
@@ -391,15 +430,7 @@ class _BatchIngest:
         }
 
     def _held_by_seq(self, seqs: Sequence[int]) -> dict[int, uuid.UUID]:
-        return {
-            row.seq: row.client_event_id
-            for chunk in chunks(seqs)
-            for row in self.session.execute(
-                select(ScanEvent.seq, ScanEvent.client_event_id).where(
-                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
-                )
-            )
-        }
+        return {row.seq: row.client_event_id for row in self._at_seqs(OWNERS_OF_SEQS, seqs)}
 
     def _answer(self, index: int, event: ValidEvent, status: str) -> None:
         self.results[index] = _Result(index, str(event.client_event_id), status, seq=event.seq)
@@ -471,13 +502,8 @@ class _BatchIngest:
         known: dict[int, tuple[dt.datetime, str]] = {
             seq: (event.occurred_at_device, event.tracking_no) for seq, event in new.items()
         }
-        for chunk in chunks(sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
-            for seq, device_time, tracking_no in self.session.execute(
-                select(ScanEvent.seq, ScanEvent.occurred_at_device, ScanEvent.tracking_no).where(
-                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(chunk)
-                )
-            ):
-                known[seq] = (device_time, tracking_no)
+        for row in self._at_seqs(TIMES_AT_SEQS, sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
+            known[row.seq] = (row.occurred_at_device, row.tracking_no)
         pairs = {(seq - 1, seq) for seq in new} | {(seq, seq + 1) for seq in new}
         inverted: dict[str, set[int]] = {}
         for before, after in sorted(pairs):
@@ -495,16 +521,16 @@ class _BatchIngest:
         """Row ids of the events this push stored, by seq (the bulk insert does not return
         them): looked up once, by the device's seqs (integers, cheaper to read than ids)."""
         missing = sorted({row["seq"] for row in self.rows.values()} - self.ids_by_seq.keys())
-        for chunk in chunks(missing):
-            self.ids_by_seq.update(
-                self.session.execute(
-                    select(ScanEvent.seq, ScanEvent.id).where(
-                        ScanEvent.device_id == self.pusher.device_id,
-                        among(self.session, ScanEvent.seq, chunk),
-                    )
-                ).all()
-            )
+        self.ids_by_seq.update((row.seq, row.id) for row in self._at_seqs(IDS_AT_SEQS, missing))
         return self.ids_by_seq
+
+    def _at_seqs(self, columns: Prebuilt[Select[Any]], seqs: Sequence[int]) -> Iterator[Any]:
+        """This device's stored events at ``seqs``: rows of ``columns`` (``_columns_at_seqs``)."""
+        query = columns(self.session)
+        for chunk in chunks(seqs):
+            yield from plain_rows(
+                self.session, query, {"device_id": self.pusher.device_id, "seqs": list(chunk)}
+            )
 
     def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
         """Row ids of these events, stored by this push."""
@@ -732,15 +758,24 @@ class _BatchIngest:
     # -- device state: acknowledgements and clock -------------------------------------------
 
     def _update_device_state(self) -> SeqTracker:
-        state = self.state
-        tracker = SeqTracker(state.max_seq or 0, [list(r) for r in state.missing_ranges or []])
+        tracker = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
         tracker.add_all(r.seq for r in self.results.values() if r.seq is not None)
-        state.max_seq = tracker.max_seq
-        state.missing_ranges = tracker.missing
-        state.acked_through_seq = tracker.acked_through
-        state.clock_offset_ms = self.offset_ms
-        state.clock_measured_at = self.received_at
-        state.last_push_at = self.received_at
+        self.session.execute(
+            STORE_DEVICE_STATE,
+            {
+                "state_of": self.pusher.device_id,
+                "max_seq": tracker.max_seq,
+                "missing_ranges": tracker.missing,
+                "acked_through_seq": tracker.acked_through,
+                "clock_offset_ms": self.offset_ms,
+                "clock_measured_at": self.received_at,
+                "last_push_at": self.received_at,
+            },
+        )
+        # Written past the ORM: a copy the session holds would be stale.
+        held = self.session.identity_map.get(identity_key(DeviceSyncState, self.pusher.device_id))
+        if held is not None:
+            self.session.expire(held)
         device = self.session.get(Device, self.pusher.device_id)  # loaded by sign-in checks
         if device is not None and _seen_long_ago(device.last_seen_at, self.received_at):
             device.last_seen_at = self.received_at
@@ -930,24 +965,25 @@ class _BatchIngest:
         }
 
 
-def _lock_device(session: Session, device_id: str) -> DeviceSyncState:
+class DeviceState(NamedTuple):
+    """What a push reads of its device's sync state (``device_sync_state``)."""
+
+    max_seq: int
+    missing_ranges: list[list[int]]
+
+
+def _lock_device(session: Session, device_id: str) -> DeviceState:
     """Serialize this device's pushes on its sync-state row (created on first use),
     and return it as stored now.
 
     Not the ``device`` row: sign-in and device management update that one, and must
     not wait for a push of 5,000 events.
     """
-    session.execute(
-        insert_ignoring_conflict(session, DeviceSyncState, on=["device_id"]).values(
-            device_id=device_id, acked_through_seq=0, max_seq=0, missing_ranges=[]
-        )
-    )
-    return session.scalars(
-        select(DeviceSyncState)
-        .where(DeviceSyncState.device_id == device_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).one()
+    row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one_or_none()
+    if row is None:
+        session.execute(NEW_DEVICE_STATE(session), {"device_id": device_id})
+        row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one()
+    return DeviceState(row.max_seq or 0, row.missing_ranges or [])
 
 
 def _seen_long_ago(last_seen_at: dt.datetime | None, now: dt.datetime) -> bool:

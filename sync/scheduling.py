@@ -133,7 +133,7 @@ def acquire_lease(
     """
     expires_at = now + dt.timedelta(seconds=seconds)
     inserted = session.execute(
-        insert_ignoring_conflict(session, LEASE, on=["name"]).values(
+        insert_ignoring_conflict(session.get_bind().dialect.name, LEASE, on=["name"]).values(
             name=name, holder=holder, acquired_at=now, expires_at=expires_at
         )
     )

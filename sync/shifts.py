@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,11 +36,27 @@ from models import (
 from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
-from sync.sql import chunks
+from sync.sql import chunks, plain_rows
 
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
+_shifts = Shift.__table__
+# Every shift a courier worked on a PDA, in order: what ``ShiftFiler`` files events under.
+SHIFT_WINDOWS = (
+    select(
+        _shifts.c.id,
+        _shifts.c.opened_at,
+        _shifts.c.closed_at,
+        _shifts.c.first_seq,
+        _shifts.c.last_seq,
+    )
+    .where(
+        _shifts.c.device_id == bindparam("device_id"),
+        _shifts.c.courier_id == bindparam("courier_id"),
+    )
+    .order_by(_shifts.c.opened_at, _shifts.c.id)
+)
 LATE_EVENT = "late_event_after_signoff"
 NOT_CLOSED = "shift_not_closed"
 
@@ -458,11 +474,9 @@ class ShiftFiler:
     def __init__(
         self, session: Session, device_id: str, courier_id: int, rules: ShiftRules
     ) -> None:
-        shifts = session.execute(
-            select(Shift.id, Shift.opened_at, Shift.closed_at, Shift.first_seq, Shift.last_seq)
-            .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
-            .order_by(Shift.opened_at, Shift.id)
-        ).all()
+        shifts = plain_rows(
+            session, SHIFT_WINDOWS, {"device_id": device_id, "courier_id": courier_id}
+        )
         self.windows = [_Window(*row) for row in shifts]
         self.own = {w.shift_id for w in self.windows}
         self.grace = rules.filing_grace

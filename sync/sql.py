@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, CursorResult, Select, all_, any_, func, literal, select
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Select,
+    all_,
+    any_,
+    bindparam,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -26,7 +36,49 @@ def among(
     return column.in_(values)
 
 
-def plain_rows(session: Session, query: Select[Any]) -> CursorResult[Any]:
+def among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
+    """``among`` for a statement built once (``Prebuilt``): the values are the list given
+    as parameter ``name`` when it runs. ``dialect``: the database's dialect name."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def not_among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
+    """``not_among`` for a statement built once (see ``among_param``)."""
+    if dialect == "postgresql":
+        return column != all_(bindparam(name, type_=ARRAY(column.type)))
+    return column.not_in(bindparam(name, expanding=True))
+
+
+S = TypeVar("S")
+
+
+class Prebuilt(Generic[S]):
+    """A statement built once for each kind of database, then run again and again.
+
+    Building a statement (``select(...).where(...)``) and computing its cache key costs
+    SQLAlchemy more than running a small one: about 200 microseconds against 35 for a
+    prebuilt select on SQLite (measured on the CI machine kind). A push of one scan runs
+    twenty statements, so those on the push path are built here once, with ``bindparam``
+    for what varies. Per dialect, because ``among`` is spelled apart on PostgreSQL.
+    """
+
+    def __init__(self, build: Callable[[str], S]) -> None:
+        self._build = build
+        self._built: dict[str, S] = {}
+
+    def __call__(self, session: Session) -> S:
+        dialect = session.get_bind().dialect.name
+        built = self._built.get(dialect)
+        if built is None:  # two threads may both build it: either copy serves
+            built = self._built[dialect] = self._build(dialect)
+        return built
+
+
+def plain_rows(
+    session: Session, query: Select[Any], params: Mapping[str, Any] | None = None
+) -> CursorResult[Any]:
     """The rows of a select of columns, without the ORM's work on each row.
 
     ``session.execute`` hands an ORM-enabled statement's rows to the ORM loader, which
@@ -37,13 +89,12 @@ def plain_rows(session: Session, query: Select[Any]) -> CursorResult[Any]:
     """
     if session.autoflush:
         session.flush()
-    return session.connection().execute(query)
+    return session.connection().execute(query, params)
 
 
-def insert_ignoring_conflict(session: Session, table: Any, *, on: Sequence[str]) -> Any:
-    """``INSERT INTO table ... ON CONFLICT (on) DO NOTHING`` for the session's database
-    (both spell it alike; SQLAlchemy has a construct per dialect). Add ``.values``."""
-    dialect = session.get_bind().dialect.name
+def insert_ignoring_conflict(dialect: str, table: Any, *, on: Sequence[str]) -> Any:
+    """``INSERT INTO table ... ON CONFLICT (on) DO NOTHING`` for the dialect named (both
+    databases spell it alike; SQLAlchemy has a construct per dialect). Add ``.values``."""
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(on))
     if dialect == "sqlite":

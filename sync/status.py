@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import Select, bindparam, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -41,7 +41,7 @@ from sync.flags import (
 )
 from sync.projection import EventFact, project
 from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
-from sync.sql import among, chunks, not_among
+from sync.sql import Prebuilt, among, among_param, chunks, not_among_param, plain_rows
 
 DEFAULT_POLICY = Policy()
 
@@ -79,6 +79,45 @@ PARCEL_COLUMNS = (
     Parcel.address,
 )
 _parcels = Parcel.__table__
+# Built once (``sync.sql.Prebuilt`` says why): every push runs these.
+PARCELS_FOR_UPDATE = Prebuilt(
+    lambda dialect: (
+        select(*PARCEL_COLUMNS)
+        .where(among_param(dialect, Parcel.tracking_no, "numbers"))
+        .order_by(Parcel.tracking_no)
+        .with_for_update()
+    )
+)
+
+
+def _events_of_parcels(dialect: str) -> Select[Any]:
+    return select(*FACT_COLUMNS).where(among_param(dialect, ScanEvent.tracking_no, "numbers"))
+
+
+EVENTS_OF_PARCELS = Prebuilt(_events_of_parcels)
+EVENTS_OF_PARCELS_BUT = Prebuilt(  # ... but those given
+    lambda dialect: _events_of_parcels(dialect).where(
+        not_among_param(dialect, ScanEvent.id, "given")
+    )
+)
+ANY_CORRECTION = (
+    select(ScanEvent.id)
+    .where(
+        ScanEvent.device_id == bindparam("device_id"),
+        ScanEvent.voids_client_event_id.is_not(None),
+    )
+    .limit(1)
+)
+BLOBS_HELD = Prebuilt(
+    lambda dialect: select(Blob.sha256).where(among_param(dialect, Blob.sha256, "digests"))
+)
+RULE_FLAGS_OF_PARCELS = Prebuilt(
+    lambda dialect: select(Flag).where(
+        Flag.subject_type == "parcel",
+        Flag.kind.in_(RULE_KINDS),
+        among_param(dialect, Flag.subject_key, "numbers"),
+    )
+)
 UPDATE_PROJECTED = (
     update(_parcels)
     .where(_parcels.c.id == bindparam("parcel_id"))
@@ -147,15 +186,11 @@ def reproject(
     if not wanted:
         return outcome
     lock_parcels(session, wanted)
+    locking = PARCELS_FOR_UPDATE(session)
     parcels = {
         row.tracking_no: row
         for chunk in chunks(wanted)
-        for row in session.execute(
-            select(*PARCEL_COLUMNS)
-            .where(among(session, Parcel.tracking_no, chunk))
-            .order_by(Parcel.tracking_no)
-            .with_for_update()
-        )
+        for row in plain_rows(session, locking, {"numbers": list(chunk)})
     }
     events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
@@ -226,12 +261,11 @@ def _judge(
         for event in parcel_events
         for digest in referenced_blobs(event.details)
     }
+    held = BLOBS_HELD(session)
     stored = frozenset(
         digest
         for chunk in chunks(sorted(referenced))
-        for digest in session.scalars(
-            select(Blob.sha256).where(among(session, Blob.sha256, chunk))
-        )
+        for (digest,) in plain_rows(session, held, {"digests": list(chunk)})
     )
     return {
         tn: evaluate(
@@ -257,16 +291,11 @@ def apply_rule_flags(
     resolved stays resolved while its cause persists; a closed one reopens if the
     cause comes back.
     """
+    rule_flags = RULE_FLAGS_OF_PARCELS(session)
     existing = {
         (flag.subject_key, flag.kind): flag
         for chunk in chunks(sorted(parcels))
-        for flag in session.scalars(
-            select(Flag).where(
-                Flag.subject_type == "parcel",
-                Flag.kind.in_(RULE_KINDS),
-                among(session, Flag.subject_key, chunk),
-            )
-        )
+        for flag in session.scalars(rule_flags, {"numbers": list(chunk)})
     }
     gone: dict[str, list[FlagSubject]] = defaultdict(list)
     raised: list[Flag] = []
@@ -334,11 +363,9 @@ def load_events(
     stored = stored or {}
     events: dict[str, list[EventDetail]] = {tn: list(stored.get(tn, ())) for tn in tracking_nos}
     for chunk in chunks(tracking_nos):
-        query = select(*FACT_COLUMNS).where(among(session, ScanEvent.tracking_no, chunk))
         given = [event.fact.event_id for tn in chunk for event in stored.get(tn, ())]
-        if given:
-            query = query.where(not_among(session, ScanEvent.id, given))
-        for row in session.execute(query):
+        query = (EVENTS_OF_PARCELS_BUT if given else EVENTS_OF_PARCELS)(session)
+        for row in plain_rows(session, query, {"numbers": list(chunk), "given": given}):
             events[row[0]].append(_detail(row))
     for tracking_no, correction in _corrections_from_elsewhere(session, events):
         events[tracking_no].append(correction)
@@ -397,14 +424,7 @@ def _corrections_from_elsewhere(
 
 
 def _has_corrections(session: Session, device_id: str) -> bool:
-    return (
-        session.scalar(
-            select(ScanEvent.id)
-            .where(ScanEvent.device_id == device_id, ScanEvent.voids_client_event_id.is_not(None))
-            .limit(1)
-        )
-        is not None
-    )
+    return session.scalar(ANY_CORRECTION, {"device_id": device_id}) is not None
 
 
 def targets_of_corrections(

@@ -122,20 +122,20 @@ CUT = "(nested deeper than the limit: cut)"
 
 
 def nested_deeper_than(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests objects or arrays more than ``limit`` levels (walked without
-    recursion: it may be as deep as a JSON parser allows)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
+    """Whether ``value`` nests objects or arrays more than ``limit`` levels. The walk
+    recurses at most ``limit + 1`` calls deep, however deep ``value`` is (it may be as
+    deep as a JSON parser allows)."""
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return False
+    if limit <= 0:
+        return True
+    for child in children:
+        if isinstance(child, (dict, list)) and nested_deeper_than(child, limit - 1):
             return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
     return False
 
 

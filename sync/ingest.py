@@ -136,6 +136,10 @@ def _columns_at_seqs(*columns: Any) -> Prebuilt[Select[Any]]:
 
 
 IDS_AT_SEQS = _columns_at_seqs(_events.c.id)
+IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
+    _events.c.device_id == bindparam("device_id"),
+    _events.c.seq.between(bindparam("low"), bindparam("high")),
+)
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
 TIMES_AT_SEQS = _columns_at_seqs(_events.c.occurred_at_device, _events.c.tracking_no)
 
@@ -504,11 +508,11 @@ class _BatchIngest:
         }
         for row in self._at_seqs(TIMES_AT_SEQS, sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
             known[row.seq] = (row.occurred_at_device, row.tracking_no)
-        pairs = {(seq - 1, seq) for seq in new} | {(seq, seq + 1) for seq in new}
         inverted: dict[str, set[int]] = {}
-        for before, after in sorted(pairs):
-            if before in known and after in known and known[after][0] < known[before][0]:
-                inverted.setdefault(known[after][1], set()).update((before, after))
+        for before, (before_time, _) in known.items():  # neighbours, one of them new
+            after = known.get(before + 1)
+            if after and after[0] < before_time and (before in new or before + 1 in new):
+                inverted.setdefault(after[1], set()).update((before, before + 1))
         for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
             self._flag(
                 "time_inversion",
@@ -521,7 +525,19 @@ class _BatchIngest:
         """Row ids of the events this push stored, by seq (the bulk insert does not return
         them): looked up once, by the device's seqs (integers, cheaper to read than ids)."""
         missing = sorted({row["seq"] for row in self.rows.values()} - self.ids_by_seq.keys())
-        self.ids_by_seq.update((row.seq, row.id) for row in self._at_seqs(IDS_AT_SEQS, missing))
+        if missing and missing[-1] - missing[0] < 2 * len(missing):
+            # A PDA's push is mostly a run of seqs: one range read instead of a list of
+            # keys, which may hold a few of the device's other events (skipped).
+            wanted = set(missing)
+            in_range = plain_rows(
+                self.session,
+                IDS_IN_SEQ_RANGE,
+                {"device_id": self.pusher.device_id, "low": missing[0], "high": missing[-1]},
+            )
+            self.ids_by_seq.update((row.seq, row.id) for row in in_range if row.seq in wanted)
+        else:
+            rows = self._at_seqs(IDS_AT_SEQS, missing)
+            self.ids_by_seq.update((row.seq, row.id) for row in rows)
         return self.ids_by_seq
 
     def _at_seqs(self, columns: Prebuilt[Select[Any]], seqs: Sequence[int]) -> Iterator[Any]:

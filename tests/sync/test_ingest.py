@@ -567,3 +567,32 @@ def test_the_events_a_push_hands_to_the_projection_are_what_the_database_holds(
         read_back, key=lambda e: e.fact.seq
     )
     assert all(e.fact.occurred_at.utcoffset() == dt.timedelta(0) for e in handed[tn])
+
+
+def test_the_ids_a_push_hands_on_are_its_own_events_between_older_ones_of_the_device(
+    session: Session, world: World, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row ids of a push's events are read back by seq, as one range when the seqs
+    are dense: the device's older events inside that range must not be taken for them."""
+    handed: dict[str, Any] = {}
+    real_reproject = ingest_module.reproject
+
+    def spy(**kwargs: Any) -> Any:
+        handed.clear()
+        handed.update(kwargs["stored"])
+        return real_reproject(**kwargs)
+
+    monkeypatch.setattr(ingest_module, "reproject", spy)
+    pda = Pda(session, world)
+    tn = parcel.tracking_no
+    pda.push([pda.event(2, tn), pda.event(5, tn, "out_for_delivery")])
+    receipt = pda.push([pda.event(seq, tn, "out_for_delivery") for seq in (1, 3, 4, 6)])
+    assert statuses(receipt) == ["applied"] * 4
+    stored = dict(
+        session.execute(
+            select(ScanEvent.seq, ScanEvent.id).where(ScanEvent.device_id == world.device.id)
+        ).all()
+    )
+    assert {e.fact.seq: e.fact.event_id for e in handed[tn]} == {
+        seq: stored[seq] for seq in (1, 3, 4, 6)
+    }

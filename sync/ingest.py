@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.util import identity_key
 
 from models import (
     Device,
@@ -111,8 +110,18 @@ NEW_DEVICE_STATE = Prebuilt(
         acked_through_seq=0, max_seq=0, missing_ranges=[]
     )
 )
-# SET: the columns given (``_update_device_state``).
-STORE_DEVICE_STATE = update(_states).where(_states.c.device_id == bindparam("state_of"))
+STORE_DEVICE_STATE = (
+    update(_states)
+    .where(_states.c.device_id == bindparam("state_of"))
+    .values(
+        max_seq=bindparam("new_max_seq"),
+        missing_ranges=bindparam("new_missing_ranges"),
+        acked_through_seq=bindparam("new_acked_through_seq"),
+        clock_offset_ms=bindparam("new_clock_offset_ms"),
+        clock_measured_at=bindparam("new_clock_measured_at"),
+        last_push_at=bindparam("new_last_push_at"),
+    )
+)
 NEW_BATCH = Prebuilt(
     lambda dialect: insert_ignoring_conflict(
         dialect, _batches, on=["device_id", "batch_id"]
@@ -511,7 +520,9 @@ class _BatchIngest:
         inverted: dict[str, set[int]] = {}
         for before, (before_time, _) in known.items():  # neighbours, one of them new
             after = known.get(before + 1)
-            if after and after[0] < before_time and (before in new or before + 1 in new):
+            if after is None or not (before in new or before + 1 in new):
+                continue
+            if after[0] < before_time:
                 inverted.setdefault(after[1], set()).update((before, before + 1))
         for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
             self._flag(
@@ -776,20 +787,23 @@ class _BatchIngest:
     def _update_device_state(self) -> SeqTracker:
         tracker = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
         tracker.add_all(r.seq for r in self.results.values() if r.seq is not None)
+        # Written past the ORM: a copy the session holds is flushed first, expired after.
+        key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)
+        held = self.session.identity_map.get(key)
+        if held is not None and held in self.session.dirty:
+            self.session.flush()
         self.session.execute(
             STORE_DEVICE_STATE,
             {
                 "state_of": self.pusher.device_id,
-                "max_seq": tracker.max_seq,
-                "missing_ranges": tracker.missing,
-                "acked_through_seq": tracker.acked_through,
-                "clock_offset_ms": self.offset_ms,
-                "clock_measured_at": self.received_at,
-                "last_push_at": self.received_at,
+                "new_max_seq": tracker.max_seq,
+                "new_missing_ranges": tracker.missing,
+                "new_acked_through_seq": tracker.acked_through,
+                "new_clock_offset_ms": self.offset_ms,
+                "new_clock_measured_at": self.received_at,
+                "new_last_push_at": self.received_at,
             },
         )
-        # Written past the ORM: a copy the session holds would be stale.
-        held = self.session.identity_map.get(identity_key(DeviceSyncState, self.pusher.device_id))
         if held is not None:
             self.session.expire(held)
         device = self.session.get(Device, self.pusher.device_id)  # loaded by sign-in checks

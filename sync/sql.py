@@ -45,7 +45,7 @@ def among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
 
 
 def not_among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
-    """``not_among`` for a statement built once (see ``among_param``)."""
+    """``column NOT IN (:name)``; on PostgreSQL ``column <> ALL(:name)`` (see ``among_param``)."""
     if dialect == "postgresql":
         return column != all_(bindparam(name, type_=ARRAY(column.type)))
     return column.not_in(bindparam(name, expanding=True))
@@ -113,15 +113,6 @@ def among_at_once(
         return among(session, column, values)
     listed = func.json_each(literal(json.dumps(list(values)))).table_valued("value")
     return column.in_(select(listed.c.value))
-
-
-def not_among(
-    session: Session, column: InstrumentedAttribute[Any], values: Sequence[Any]
-) -> ColumnElement[bool]:
-    """``column NOT IN (values)``; on PostgreSQL ``column <> ALL(:array)`` (see ``among``)."""
-    if session.get_bind().dialect.name == "postgresql":
-        return column != all_(literal(list(values), ARRAY(column.type)))
-    return column.not_in(values)
 
 
 T = TypeVar("T")

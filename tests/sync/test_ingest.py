@@ -596,3 +596,27 @@ def test_the_ids_a_push_hands_on_are_its_own_events_between_older_ones_of_the_de
     assert {e.fact.seq: e.fact.event_id for e in handed[tn]} == {
         seq: stored[seq] for seq in (1, 3, 4, 6)
     }
+
+
+def test_a_sync_state_the_session_holds_shows_what_a_push_wrote(
+    session: Session, world: World, parcel: Parcel
+) -> None:
+    """The push writes the device's sync state past the ORM: a copy loaded in the same
+    transaction must not keep the old acknowledgements."""
+    pda = Pda(session, world)
+    pda.push([pda.event(1, parcel.tracking_no)])
+    held = session.get(DeviceSyncState, world.device.id)
+    assert held is not None and held.max_seq == 1
+    ingest(
+        session=session,
+        batch=PushBatch(
+            device_id=world.device.id,
+            batch_id=uuid.uuid4(),
+            sent_at=NOW,
+            events=[pda.event(seq, parcel.tracking_no, "out_for_delivery") for seq in (2, 4)],
+        ),
+        pusher=pda.pusher,
+        rules=RULES,
+        received_at=NOW,
+    )
+    assert (held.max_seq, held.acked_through_seq, held.missing_ranges) == (4, 2, [[3, 3]])

@@ -322,6 +322,7 @@ def _decide(action: Callable[[], object], *, done: str, refused: str) -> None:
 # -- flags ------------------------------------------------------------------------------------
 
 
+@only_reads
 @bp.get("/flags")
 @page()
 def flag_queue() -> ResponseReturnValue:
@@ -364,6 +365,7 @@ def flag_queue() -> ResponseReturnValue:
     )
 
 
+@only_reads
 @bp.get("/flags/<id:flag_id>")
 @page()
 def flag(flag_id: int) -> ResponseReturnValue:
@@ -507,6 +509,7 @@ def image(sha256: str) -> ResponseReturnValue:
 # -- the daily report -------------------------------------------------------------------------
 
 
+@only_reads
 @bp.get("/reports/daily")
 @page()
 def daily_report() -> ResponseReturnValue:

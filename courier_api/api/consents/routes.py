@@ -53,6 +53,8 @@ def _view(consent: Any) -> dict[str, Any]:
 
 @blp.route("")
 class Consents(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*WRITERS)
     @blp.arguments(ConsentIn)
     @blp.response(201, AnsweredConsentOut)
@@ -145,6 +147,8 @@ class Consents(MethodView):
 
 @blp.route("/<id:consent_id>")
 class ConsentById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.response(200, ConsentOut)
     @blp.alt_response(404, response="NOT_FOUND")
@@ -225,6 +229,8 @@ def _answer_request(body: dict[str, Any]) -> Any:
 
 @blp.route("/requests")
 class ConsentRequests(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.COURIER)
     @blp.arguments(ConsentRequestIn)
     @blp.response(201, ConsentRequestOut)
@@ -293,6 +299,8 @@ class ConsentRequests(MethodView):
 
 @blp.route("/requests/<id:request_id>")
 class ConsentRequestById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.COURIER, *READERS)
     @blp.response(200, ConsentRequestOut)
     @blp.alt_response(404, response="NOT_FOUND")

@@ -25,6 +25,8 @@ MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
 
 @blp.route("")
 class Devices(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*MANAGERS, Role.AUDITOR)
     @blp.arguments(DeviceListArgs, location="query")
     @blp.response(200, DevicePage)
@@ -66,6 +68,8 @@ class Devices(MethodView):
 
 @blp.route("/<string:device_id>")
 class DeviceById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*MANAGERS, Role.AUDITOR)
     @blp.response(200, DeviceOut)
     @blp.alt_response(404, response="NOT_FOUND")

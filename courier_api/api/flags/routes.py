@@ -28,6 +28,8 @@ DECIDERS = (Role.ADMIN, Role.STATION_MANAGER)
 
 @blp.route("")
 class Flags(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(FlagListArgs, location="query")
     @blp.response(200, FlagPage)
@@ -56,6 +58,8 @@ class Flags(MethodView):
 
 @blp.route("/<id:flag_id>")
 class FlagById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.response(200, FlagDetailOut)
     @blp.alt_response(404, response="NOT_FOUND")

@@ -19,6 +19,8 @@ blp = ApiBlueprint(
 
 @blp.route("")
 class Jobs(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.response(200, JobCatalogueOut)
     def get(self) -> dict[str, Any]:
@@ -48,6 +50,8 @@ class Jobs(MethodView):
 
 @blp.route("/runs")
 class JobRuns(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.arguments(RunListArgs, location="query")
     @blp.response(200, JobRunPage)

@@ -19,6 +19,8 @@ blp = ApiBlueprint(
 
 @blp.route("")
 class Quarantine(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.STATION_MANAGER, Role.ADMIN)
     @blp.arguments(QuarantineArgs, location="query")
     @blp.response(200, QuarantinePage)

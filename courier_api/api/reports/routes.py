@@ -72,6 +72,8 @@ def _live(station_id: int, kind: ReportKind, start: dt.date | None, fmt: str) ->
 
 @blp.route("/stations/<id:station_id>/reports/daily")
 class DailyReport(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(DailyArgs, location="query")
     @blp.response(200, ReportOut)
@@ -102,6 +104,8 @@ class DailyReport(MethodView):
 
 @blp.route("/stations/<id:station_id>/reports/weekly")
 class WeeklyReport(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(WeeklyArgs, location="query")
     @blp.response(200, ReportOut)
@@ -124,6 +128,8 @@ class WeeklyReport(MethodView):
 
 @blp.route("/stations/<id:station_id>/reports/monthly")
 class MonthlyReport(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(MonthlyArgs, location="query")
     @blp.response(200, ReportOut)
@@ -145,6 +151,8 @@ class MonthlyReport(MethodView):
 
 @blp.route("/stations/<id:station_id>/reports")
 class IssuedReports(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(ReportListArgs, location="query")
     @blp.response(200, StoredReportPage)
@@ -172,6 +180,8 @@ class IssuedReports(MethodView):
 
 @blp.route("/reports/<id:report_id>")
 class IssuedReport(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(FormatArgs, location="query")
     @blp.response(200, ReportOut)

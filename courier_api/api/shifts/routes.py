@@ -35,6 +35,8 @@ MANAGERS = (Role.STATION_MANAGER, Role.ADMIN)
 
 @blp.route("/shifts")
 class Shifts(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.COURIER)
     @blp.arguments(OpenShiftIn)
     @blp.response(201, ShiftOut)
@@ -93,6 +95,8 @@ class Shifts(MethodView):
 
 @blp.route("/shifts/<id:shift_id>")
 class ShiftById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.response(200, ShiftOut)
     @blp.alt_response(404, response="NOT_FOUND")

@@ -23,6 +23,8 @@ blp = ApiBlueprint("stations", __name__, url_prefix="/api/v1/stations", descript
 
 @blp.route("")
 class Stations(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth()
     @blp.arguments(StationListArgs, location="query")
     @blp.response(200, StationPage)
@@ -53,6 +55,8 @@ class Stations(MethodView):
 
 @blp.route("/<id:station_id>")
 class StationById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth()
     @blp.response(200, StationOut)
     @blp.alt_response(404, response="NOT_FOUND")

@@ -19,6 +19,8 @@ READERS = (Role.ADMIN, Role.STATION_MANAGER, Role.AUDITOR)
 
 @blp.route("")
 class Users(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.arguments(UserListArgs, location="query")
     @blp.response(200, UserPage)
@@ -66,6 +68,8 @@ class Users(MethodView):
 
 @blp.route("/<id:user_id>")
 class UserById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(*READERS)
     @blp.response(200, UserOut)
     @blp.alt_response(404, response="NOT_FOUND")

@@ -133,6 +133,8 @@ def _production() -> bool:
 
 @blp.route("/subscriptions")
 class Subscriptions(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.arguments(SubscriptionListArgs, location="query")
     @blp.response(200, SubscriptionPage)
@@ -198,6 +200,8 @@ class Subscriptions(MethodView):
 
 @blp.route("/subscriptions/<id:subscription_id>")
 class SubscriptionById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.response(200, SubscriptionOut)
     @blp.alt_response(404, response="NOT_FOUND")
@@ -245,6 +249,8 @@ class SubscriptionById(MethodView):
 
 @blp.route("/topics")
 class Topics(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.response(200, TopicList)
     def get(self) -> dict[str, Any]:
@@ -266,6 +272,8 @@ class Topics(MethodView):
 
 @blp.route("/deliveries")
 class Deliveries(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.arguments(DeliveryListArgs, location="query")
     @blp.response(200, DeliveryPage)
@@ -290,6 +298,8 @@ class Deliveries(MethodView):
 
 @blp.route(f"/deliveries/{DELIVERY_ID}")
 class DeliveryById(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
     @blp.auth(Role.ADMIN)
     @blp.response(200, DeliveryDetailOut)
     @blp.alt_response(404, response="NOT_FOUND")

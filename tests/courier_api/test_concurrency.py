@@ -51,7 +51,7 @@ def test_concurrent_intakes_of_the_same_parcels_both_succeed(committed_app: Flas
     assert stored == 200
 
 
-def test_the_board_a_balance_and_pulls_answer_while_a_writer_holds_the_database(
+def test_the_board_a_balance_pulls_reports_and_flags_answer_while_a_writer_holds_the_database(
     committed_app: Flask,
 ) -> None:
     with committed_app.app_context():
@@ -87,9 +87,13 @@ def test_the_board_a_balance_and_pulls_answer_while_a_writer_holds_the_database(
                 headers=courier,
             ),
             pages.client.get("/web/board"),
+            client.get(f"/api/v1/stations/{station_id}/reports/daily", headers=manager),
+            client.get("/api/v1/flags", headers=manager),
+            pages.client.get("/web/reports/daily"),
+            pages.client.get("/web/flags"),
         ]
         waited = time.monotonic() - started
-    assert [a.status_code for a in answers] == [200] * 5, [a.get_data()[:300] for a in answers]
+    assert [a.status_code for a in answers] == [200] * 9, [a.get_data()[:300] for a in answers]
     # Read from the last commit at once (the long poll's second aside), not after the
     # busy timeout of 10 s on SQLite, nor with a 503 for a turn that never came.
     assert waited < 6

@@ -77,7 +77,15 @@ from sync.shifts import (
     lock_shifts,
     reopen_for_late_events,
 )
-from sync.sql import Prebuilt, among, among_param, chunks, insert_ignoring_conflict, plain_rows
+from sync.sql import (
+    Prebuilt,
+    among,
+    among_param,
+    chunks,
+    insert_ignoring_conflict,
+    plain_rows,
+    updating,
+)
 from sync.status import reproject, stored_detail, targets_of_corrections
 
 log = logging.getLogger(__name__)
@@ -110,17 +118,18 @@ NEW_DEVICE_STATE = Prebuilt(
         acked_through_seq=0, max_seq=0, missing_ranges=[]
     )
 )
-STORE_DEVICE_STATE = (
-    update(_states)
-    .where(_states.c.device_id == bindparam("state_of"))
-    .values(
-        max_seq=bindparam("new_max_seq"),
-        missing_ranges=bindparam("new_missing_ranges"),
-        acked_through_seq=bindparam("new_acked_through_seq"),
-        clock_offset_ms=bindparam("new_clock_offset_ms"),
-        clock_measured_at=bindparam("new_clock_measured_at"),
-        last_push_at=bindparam("new_last_push_at"),
-    )
+STORE_DEVICE_STATE = updating(
+    _states,
+    by="device_id",
+    param="state_of",
+    columns=(
+        "max_seq",
+        "missing_ranges",
+        "acked_through_seq",
+        "clock_offset_ms",
+        "clock_measured_at",
+        "last_push_at",
+    ),
 )
 NEW_BATCH = Prebuilt(
     lambda dialect: insert_ignoring_conflict(

@@ -10,12 +10,14 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Select,
+    Update,
     all_,
     any_,
     bindparam,
     func,
     literal,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -49,6 +51,17 @@ def not_among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]
     if dialect == "postgresql":
         return column != all_(bindparam(name, type_=ARRAY(column.type)))
     return column.not_in(bindparam(name, expanding=True))
+
+
+def updating(table: Any, *, by: str, param: str, columns: Sequence[str]) -> Update:
+    """``UPDATE table SET c = :new_c, ... WHERE by = :param``, built once (``Prebuilt``
+    says why). Each column's value is the parameter ``new_<column>``: SQLAlchemy
+    reserves the columns' own names in SET."""
+    return (
+        update(table)
+        .where(table.c[by] == bindparam(param))
+        .values({name: bindparam(f"new_{name}") for name in columns})
+    )
 
 
 S = TypeVar("S")

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select, text, update
+from sqlalchemy import Select, bindparam, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -41,7 +41,15 @@ from sync.flags import (
 )
 from sync.projection import EventFact, project
 from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
-from sync.sql import Prebuilt, among, among_param, chunks, not_among_param, plain_rows
+from sync.sql import (
+    Prebuilt,
+    among,
+    among_param,
+    chunks,
+    not_among_param,
+    plain_rows,
+    updating,
+)
 
 DEFAULT_POLICY = Policy()
 
@@ -118,16 +126,8 @@ RULE_FLAGS_OF_PARCELS = Prebuilt(
         among_param(dialect, Flag.subject_key, "numbers"),
     )
 )
-UPDATE_PROJECTED = (
-    update(_parcels)
-    .where(_parcels.c.id == bindparam("parcel_id"))
-    .values(
-        status=bindparam("new_status"),
-        status_at=bindparam("new_status_at"),
-        courier_id=bindparam("new_courier_id"),
-        updated_at=bindparam("new_updated_at"),
-    )
-)
+PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes
+UPDATE_PROJECTED = updating(_parcels, by="id", param="parcel_id", columns=PROJECTED)
 
 
 @dataclass

@@ -84,6 +84,7 @@ from sync.sql import (
     chunks,
     insert_ignoring_conflict,
     plain_rows,
+    rows_among,
     updating,
 )
 from sync.status import reproject, stored_detail, targets_of_corrections
@@ -563,10 +564,7 @@ class _BatchIngest:
     def _at_seqs(self, columns: Prebuilt[Select[Any]], seqs: Sequence[int]) -> Iterator[Any]:
         """This device's stored events at ``seqs``: rows of ``columns`` (``_columns_at_seqs``)."""
         query = columns(self.session)
-        for chunk in chunks(seqs):
-            yield from plain_rows(
-                self.session, query, {"device_id": self.pusher.device_id, "seqs": list(chunk)}
-            )
+        return rows_among(self.session, query, "seqs", seqs, {"device_id": self.pusher.device_id})
 
     def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
         """Row ids of these events, stored by this push."""

@@ -33,24 +33,32 @@ def among(
     text for every length, which psycopg parses anew each time, while the array form
     is one statement, parsed once.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        return column == any_(literal(list(values), ARRAY(column.type)))
-    return column.in_(values)
+    return _among(session.get_bind().dialect.name, column, None, list(values))
 
 
 def among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
     """``among`` for a statement built once (``Prebuilt``): the values are the list given
     as parameter ``name`` when it runs. ``dialect``: the database's dialect name."""
-    if dialect == "postgresql":
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
-    return column.in_(bindparam(name, expanding=True))
+    return _among(dialect, column, name, None)
 
 
 def not_among_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
     """``column NOT IN (:name)``; on PostgreSQL ``column <> ALL(:name)`` (see ``among_param``)."""
+    return _among(dialect, column, name, None, negated=True)
+
+
+def _among(
+    dialect: str, column: Any, name: str | None, values: list[Any] | None, *, negated: bool = False
+) -> ColumnElement[bool]:
+    """The one place that spells a list of keys per dialect: an array parameter on
+    PostgreSQL, an expanding ``IN`` list elsewhere; its values given now or, with a
+    ``name``, when the statement runs."""
+    given: dict[str, Any] = {} if values is None else {"value": values, "unique": True}
     if dialect == "postgresql":
-        return column != all_(bindparam(name, type_=ARRAY(column.type)))
-    return column.not_in(bindparam(name, expanding=True))
+        array = bindparam(name, type_=ARRAY(column.type), **given)
+        return column != all_(array) if negated else column == any_(array)
+    listed = bindparam(name, type_=column.type, expanding=True, **given)
+    return column.not_in(listed) if negated else column.in_(listed)
 
 
 def updating(table: Any, *, by: str, param: str, columns: Sequence[str]) -> Update:
@@ -137,3 +145,16 @@ def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
     """``items`` in slices of ``size``, for look-ups by many keys."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def rows_among(
+    session: Session,
+    query: Select[Any],
+    name: str,
+    values: Sequence[Any],
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[Any]:
+    """``plain_rows`` of a query built with ``among_param(..., name)``, for every value
+    of ``values``: one execution per ``chunks`` of them."""
+    for chunk in chunks(values):
+        yield from plain_rows(session, query, {**(params or {}), name: list(chunk)})

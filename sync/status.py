@@ -48,6 +48,7 @@ from sync.sql import (
     chunks,
     not_among_param,
     plain_rows,
+    rows_among,
     updating,
 )
 
@@ -187,11 +188,7 @@ def reproject(
         return outcome
     lock_parcels(session, wanted)
     locking = PARCELS_FOR_UPDATE(session)
-    parcels = {
-        row.tracking_no: row
-        for chunk in chunks(wanted)
-        for row in plain_rows(session, locking, {"numbers": list(chunk)})
-    }
+    parcels = {row.tracking_no: row for row in rows_among(session, locking, "numbers", wanted)}
     events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
     judged = _judge(session, parcels, events, policy)
@@ -263,9 +260,7 @@ def _judge(
     }
     held = BLOBS_HELD(session)
     stored = frozenset(
-        digest
-        for chunk in chunks(sorted(referenced))
-        for (digest,) in plain_rows(session, held, {"digests": list(chunk)})
+        row.sha256 for row in rows_among(session, held, "digests", sorted(referenced))
     )
     return {
         tn: evaluate(

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, or_, select, tuple_
+from sqlalchemy import Row, exists, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -34,15 +34,33 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
-from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
+from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks, plain_rows, rows_among
 from sync.tracking import TrackingNumberPolicy
 
 _NOT_WORD = re.compile(r"[\W_]+")
 # A consent granted "in the future" is a clock error of the channel, not a promise.
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 # Built once (``sync.sql.Prebuilt`` says why): every push judges its parcels with these.
+# Read as plain rows: a push judges its parcels with them and changes none.
+FACT_COLUMNS = (
+    Consent.id,
+    Consent.method,
+    Consent.point_id,
+    Consent.granted_at,
+    Consent.expires_at,
+    Consent.revoked_at,
+    Consent.device_id,
+    Consent.seq,
+    Consent.created_at,
+    Consent.tracking_no,
+    Consent.station_id,
+    Consent.recipient_phone,
+    Consent.address_key,
+)
 CONSENTS_OF_PARCELS = Prebuilt(
-    lambda dialect: select(Consent).where(among_param(dialect, Consent.tracking_no, "numbers"))
+    lambda dialect: select(*FACT_COLUMNS).where(
+        among_param(dialect, Consent.tracking_no, "numbers")
+    )
 )
 # One index probe: ordered by the indexed column so that it goes through the index
 # (``ix_consent_recipient``); without an order PostgreSQL may scan the table for the
@@ -216,10 +234,8 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
     parcels = list(parcels)
     found: dict[str, list[ConsentFact]] = defaultdict(list)
     numbers = [p.tracking_no for p in parcels]
-    of_parcels = CONSENTS_OF_PARCELS(session)
-    for chunk in chunks(numbers):
-        for consent in session.scalars(of_parcels, {"numbers": list(chunk)}):
-            found[consent.tracking_no].append(_fact(consent))
+    for consent in rows_among(session, CONSENTS_OF_PARCELS(session), "numbers", numbers):
+        found[consent.tracking_no].append(_fact(consent))
     if not _any_standing(session):
         return _without_voided(session, found)
     recipients = {
@@ -231,11 +247,12 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
             by_recipient[(p.recipient_phone, address_key(p.address))].append(p)
     keys = list(recipients)
     for chunk in chunks(keys, IN_CHUNK // 2):  # two parameters a key
-        for consent in session.scalars(
-            select(Consent).where(
+        for consent in plain_rows(
+            session,
+            select(*FACT_COLUMNS).where(
                 Consent.scope == ConsentScope.STANDING,
                 tuple_(Consent.recipient_phone, Consent.address_key).in_(chunk),
-            )
+            ),
         ):
             for parcel in by_recipient[(consent.recipient_phone, consent.address_key)]:
                 if consent.station_id in (None, parcel.station_id):
@@ -274,10 +291,11 @@ def _without_voided(
 def _any_standing(session: Session) -> bool:
     """Whether any standing consent is recorded: most stations never record one
     (``ANY_STANDING``)."""
-    return session.scalar(ANY_STANDING) is not None
+    return plain_rows(session, ANY_STANDING).first() is not None
 
 
-def _fact(consent: Consent) -> ConsentFact:
+def _fact(consent: Row[Any]) -> ConsentFact:
+    """A consent (a plain row of ``FACT_COLUMNS``) as the rules judge it."""
     return ConsentFact(
         id=consent.id,
         method=consent.method,

@@ -20,16 +20,23 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, or_, select, text, tuple_
+from sqlalchemy import func, insert, literal_column, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from models import FeedChange, FeedKind, Parcel, ParcelStatus
 from sync.errors import CursorReset, InvalidCursor
+from sync.sql import Prebuilt, flushed_connection
 
 _CURSOR = re.compile(r"(s\.)?([0-9]{1,19})\.([0-9]{1,19})(?:\.([0-9]{1,19}))?")
 _INT64_MAX = 2**63 - 1
 MAX_PAGE = 500
-INSERT_CHANGES = insert(FeedChange.__table__)
+# On PostgreSQL the transaction id is written by the insert itself, not asked for first:
+# one round trip fewer on every push.
+INSERT_CHANGES = Prebuilt(
+    lambda dialect: insert(FeedChange.__table__).values(
+        txid=literal_column("pg_current_xact_id()::text::bigint") if dialect == "postgresql" else 0
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -115,8 +122,7 @@ def record(session: Session, entries: Iterable[FeedEntry]) -> None:
     ]
     if not rows:
         return
-    txid = _current_txid(session)
-    session.execute(INSERT_CHANGES, [{**row, "txid": txid} for row in rows])
+    flushed_connection(session).execute(INSERT_CHANGES(session), rows)
 
 
 def read_page(
@@ -219,12 +225,6 @@ def _could_have_been_issued(session: Session, cursor: Cursor, horizon: int | Non
     if horizon is None:
         return cursor.txid == 0
     return cursor.txid < horizon
-
-
-def _current_txid(session: Session) -> int:
-    if session.get_bind().dialect.name != "postgresql":
-        return 0
-    return int(session.scalar(text("SELECT pg_current_xact_id()::text::bigint")))
 
 
 def _visible_horizon(session: Session) -> int | None:

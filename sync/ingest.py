@@ -82,6 +82,7 @@ from sync.sql import (
     among,
     among_param,
     chunks,
+    flushed_connection,
     insert_ignoring_conflict,
     plain_rows,
     rows_among,
@@ -299,7 +300,7 @@ def _new_batch(
 ) -> int | None:
     """Record the batch and return its row id; ``None`` when this device sent a batch
     with this id before (a replay: the device's lock is held, so it is committed)."""
-    batch_pk: int | None = session.scalar(
+    batch_pk: int | None = flushed_connection(session).scalar(
         NEW_BATCH(session),
         {
             "device_id": pusher.device_id,
@@ -357,7 +358,8 @@ class _BatchIngest:
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
-        self.shifts: dict[int, Shift] = {}  # the shifts this push changes, locked (_lock_shifts)
+        # The shifts this push changes that are closed or signed off (_lock_shifts).
+        self.shifts_not_open: dict[int, Shift] = {}
         candidates = self._validate()
         new_events = self._deduplicate(candidates)
         stored = self._insert(new_events)
@@ -386,7 +388,9 @@ class _BatchIngest:
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
-        self.session.execute(STORE_RECEIPT, {"batch_pk": self.batch_pk, "receipt": receipt})
+        flushed_connection(self.session).execute(
+            STORE_RECEIPT, {"batch_pk": self.batch_pk, "receipt": receipt}
+        )
         return receipt
 
     # -- classification ---------------------------------------------------------------------
@@ -498,12 +502,13 @@ class _BatchIngest:
             return []
         try:
             with self.session.begin_nested():
+                connection = flushed_connection(self.session)
                 if len(rows) == 1:  # a scan pushed as it happens: its id comes back at once
-                    self.ids_by_seq[rows[0]["seq"]] = self.session.execute(
+                    self.ids_by_seq[rows[0]["seq"]] = connection.execute(
                         INSERT_ONE_EVENT, rows[0]
                     ).scalar_one()
                 else:  # executemany, which is faster without RETURNING (measured)
-                    self.session.execute(INSERT_EVENTS, rows)
+                    connection.execute(INSERT_EVENTS, rows)
         except (IntegrityError, DataError):
             log.warning(
                 "batch %s: the database refused an event; retrying one by one", self.batch.batch_id
@@ -799,7 +804,7 @@ class _BatchIngest:
         held = self.session.identity_map.get(key)
         if held is not None and held in self.session.dirty:
             self.session.flush()
-        self.session.execute(
+        flushed_connection(self.session).execute(
             STORE_DEVICE_STATE,
             {
                 "state_of": self.pusher.device_id,
@@ -860,7 +865,7 @@ class _BatchIngest:
                 )
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
-        self.shifts = lock_shifts(self.session, by_shift)
+        self.shifts_not_open = lock_shifts(self.session, by_shift)
         return by_shift
 
     def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:
@@ -880,7 +885,9 @@ class _BatchIngest:
                 },
             )
         signed_off = [
-            shift.id for shift in self.shifts.values() if shift.status == ShiftStatus.SIGNED_OFF
+            shift.id
+            for shift in self.shifts_not_open.values()
+            if shift.status == ShiftStatus.SIGNED_OFF
         ]
         if signed_off:
             ids = self._event_ids([e for shift_id in signed_off for e in by_shift[shift_id]])
@@ -899,7 +906,7 @@ class _BatchIngest:
         handover flags are judged again (the parcel thought missing was returned)."""
         if not by_shift:
             return
-        closed = [shift for shift in self.shifts.values() if shift.status != ShiftStatus.OPEN]
+        closed = list(self.shifts_not_open.values())
         self._report_raised(refresh_handover_flags(session=self.session, shifts=closed))
 
     def _report_raised(self, flags: Iterable[Flag]) -> None:

@@ -36,7 +36,7 @@ from models import (
 from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
-from sync.sql import chunks, plain_rows
+from sync.sql import Prebuilt, among_param, chunks, plain_rows, rows_among
 
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
@@ -504,22 +504,42 @@ class ShiftFiler:
         return min(near)[1] if near else None
 
 
+# Built once (``sync.sql.Prebuilt`` says why): a push that files scans under a shift runs it.
+SHIFT_STATUSES_FOR_UPDATE = Prebuilt(
+    lambda dialect: (
+        select(Shift.id, Shift.status)
+        .where(among_param(dialect, Shift.id, "ids"))
+        .order_by(Shift.id)
+        .with_for_update()
+    )
+)
+
+
 def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
-    """Lock shift rows in id order and return them as stored now (PostgreSQL; SQLite's
-    writers take turns anyway, and no ``FOR UPDATE`` is sent there).
+    """Lock shift rows in id order; return the locked ones that are no longer open
+    (closed or signed off), as stored now: those a push must judge again.
+
+    Locked as plain rows of id and status: the shifts of a push are nearly always
+    open, and then no entity is loaded. (PostgreSQL; SQLite's writers take turns
+    anyway, and no ``FOR UPDATE`` is sent there.)
 
     Lock order across the service: a device's sync state, then shifts, then
     tracking numbers and parcels, then flags, then the audit log. Closing and
     signing off take a shift first, then flags and the audit log.
     """
+    locking = SHIFT_STATUSES_FOR_UPDATE(session)
+    not_open = [
+        row.id
+        for row in rows_among(session, locking, "ids", sorted(set(ids)))
+        if row.status != ShiftStatus.OPEN
+    ]
     return {
         shift.id: shift
-        for chunk in chunks(sorted(set(ids)))
+        for chunk in chunks(not_open)
         for shift in session.scalars(
             select(Shift)
             .where(Shift.id.in_(chunk))
             .order_by(Shift.id)
-            .with_for_update()
             .execution_options(populate_existing=True)
         )
     }

@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     CursorResult,
     Select,
     Update,
@@ -104,13 +105,22 @@ def plain_rows(
 
     ``session.execute`` hands an ORM-enabled statement's rows to the ORM loader, which
     costs as much again as fetching them: on the station board's hundred thousand
-    events, a second of a worker's time. Executed on the session's connection (its
-    one bind, in its transaction), after flushing what the session holds when it
-    autoflushes, as ``session.execute`` would.
+    events, a second of a worker's time. Run on ``flushed_connection``.
+    """
+    return flushed_connection(session).execute(query, params)
+
+
+def flushed_connection(session: Session) -> Connection:
+    """The session's connection (its one bind, in its transaction), after flushing what
+    the session holds when it autoflushes, as ``session.execute`` would.
+
+    For Core statements on the push path: ``session.execute`` first works out whether
+    the statement is an ORM one and how to run it, which on a push of one scan costs
+    more than the statement.
     """
     if session.autoflush:
         session.flush()
-    return session.connection().execute(query, params)
+    return session.connection()
 
 
 def insert_ignoring_conflict(dialect: str, table: Any, *, on: Sequence[str]) -> Any:

@@ -46,6 +46,7 @@ from sync.sql import (
     among,
     among_param,
     chunks,
+    flushed_connection,
     not_among_param,
     plain_rows,
     rows_among,
@@ -127,6 +128,19 @@ RULE_FLAGS_OF_PARCELS = Prebuilt(
         among_param(dialect, Flag.subject_key, "numbers"),
     )
 )
+# Which of these parcels have a rule flag at all, as plain rows: most have none, and
+# then no flag is loaded as an entity (which costs the ORM more than the query).
+PARCELS_WITH_RULE_FLAGS = Prebuilt(
+    lambda dialect: (
+        select(Flag.subject_key)
+        .distinct()
+        .where(
+            Flag.subject_type == "parcel",
+            Flag.kind.in_(RULE_KINDS),
+            among_param(dialect, Flag.subject_key, "numbers"),
+        )
+    )
+)
 PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes
 UPDATE_PROJECTED = updating(_parcels, by="id", param="parcel_id", columns=PROJECTED)
 
@@ -153,8 +167,9 @@ def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
     numbers = sorted(set(tracking_nos))
     if not numbers or session.get_bind().dialect.name != "postgresql":
         return
+    connection = flushed_connection(session)
     for chunk in chunks(numbers):
-        session.execute(LOCK_TRACKING_NUMBERS, {"space": LOCK_SPACE, "numbers": list(chunk)})
+        connection.execute(LOCK_TRACKING_NUMBERS, {"space": LOCK_SPACE, "numbers": list(chunk)})
 
 
 LOCK_SPACE = 0x5CA7  # this application's namespace for two-key advisory locks
@@ -237,7 +252,7 @@ def reproject(
             }
         )
     if updates:
-        session.execute(UPDATE_PROJECTED, updates)
+        flushed_connection(session).execute(UPDATE_PROJECTED, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
     outcome.raised = apply_rule_flags(session, parcels, judged, holders)
@@ -286,10 +301,14 @@ def apply_rule_flags(
     resolved stays resolved while its cause persists; a closed one reopens if the
     cause comes back.
     """
+    with_flags = PARCELS_WITH_RULE_FLAGS(session)
+    flagged = sorted(
+        row.subject_key for row in rows_among(session, with_flags, "numbers", sorted(parcels))
+    )
     rule_flags = RULE_FLAGS_OF_PARCELS(session)
     existing = {
         (flag.subject_key, flag.kind): flag
-        for chunk in chunks(sorted(parcels))
+        for chunk in chunks(flagged)
         for flag in session.scalars(rule_flags, {"numbers": list(chunk)})
     }
     gone: dict[str, list[FlagSubject]] = defaultdict(list)
@@ -419,7 +438,8 @@ def _corrections_from_elsewhere(
 
 
 def _has_corrections(session: Session, device_id: str) -> bool:
-    return session.scalar(ANY_CORRECTION, {"device_id": device_id}) is not None
+    found = plain_rows(session, ANY_CORRECTION, {"device_id": device_id}).first()
+    return found is not None
 
 
 def targets_of_corrections(

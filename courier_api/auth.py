@@ -167,6 +167,11 @@ def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., A
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             claims = decode_token(bearer_token(), expected_type=ACCESS)
+            # The whole body is in before the first query: a PDA sending its batch over
+            # a weak signal holds no database connection meanwhile (on SQLite, not the
+            # writers' turn, which every other push would wait for). Parsers read it
+            # from here (werkzeug caches it).
+            request.get_data(cache=True)
             principal, _, _ = principal_from_claims(claims)
             if allowed and principal.role not in allowed:
                 raise PermissionDenied(

@@ -1,5 +1,8 @@
 """Requests that race each other, with real commits (on SQLite and on PostgreSQL)."""
 
+import io
+import json
+import threading
 import time
 from typing import Any
 
@@ -164,3 +167,79 @@ def test_api_tests_on_sqlite_hold_reading_views_to_reading_too(
         client.post("/api/v1/parcels", json={"parcels": [parcel]}, headers=headers).status_code
         == 200
     )
+
+
+class _SlowUpload(io.BytesIO):
+    """A request body arriving over a weak signal: its first half, then nothing until
+    ``rest`` is set."""
+
+    def __init__(self, body: bytes, rest: threading.Event) -> None:
+        super().__init__(body)
+        self._half = len(body) // 2
+        self._rest = rest
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self._half:
+            self._rest.wait(timeout=60)
+        elif size is None or size < 0 or self.tell() + size > self._half:
+            size = self._half - self.tell()
+        return super().read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def test_a_push_still_uploading_holds_up_no_other_push(committed_app: Flask) -> None:
+    """A PDA on a weak signal takes seconds to send its batch: the body is read before
+    the request's first query, so it holds no database connection meanwhile, and on
+    SQLite not the writers' turn (every other push would wait for it)."""
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="SLOW")
+        for name in ("slow", "fast"):
+            factories.user(session, f"{name}-rider", "courier", station)
+            factories.device(session, f"PDA-{name.upper()}", station)
+        numbers = [factories.parcel(session, station).tracking_no for _ in range(2)]
+        session.commit()
+    auth = Auth(committed_app.test_client())
+    slow = auth.headers("slow-rider", "PDA-SLOW")
+    fast = auth.headers("fast-rider", "PDA-FAST")
+    body = json.dumps(
+        factories.push_body("PDA-SLOW", [factories.event(1, numbers[0])])
+    ).encode()
+    rest = threading.Event()
+    slow_answer: list[Any] = []
+
+    def upload_slowly() -> None:
+        slow_answer.append(
+            committed_app.test_client().post(
+                "/api/v1/sync/push",
+                input_stream=_SlowUpload(body, rest),
+                content_length=len(body),
+                content_type="application/json",
+                headers=slow,
+            )
+        )
+
+    uploader = threading.Thread(target=upload_slowly)
+    uploader.start()
+    try:
+        time.sleep(0.5)  # the slow request is in, its body half read
+        started = time.monotonic()
+        answer = committed_app.test_client().post(
+            "/api/v1/sync/push",
+            json=factories.push_body("PDA-FAST", [factories.event(1, numbers[1])]),
+            headers=fast,
+        )
+        waited = time.monotonic() - started
+    finally:
+        rest.set()
+        uploader.join(timeout=60)
+    assert answer.status_code == 200, answer.get_json()
+    assert waited < 5  # not the busy timeout of 10 s that SQLite's turn would have cost
+    assert slow_answer[0].status_code == 200, slow_answer[0].get_json()
+    assert [r["status"] for r in slow_answer[0].get_json()["results"]] == ["applied"]
+    assert [r["status"] for r in answer.get_json()["results"]] == ["applied"]
+

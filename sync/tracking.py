@@ -9,6 +9,7 @@ beginning with J, K, S, T or W are reserved by the UPU and never issued.
 
 from __future__ import annotations
 
+import operator
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -32,7 +33,7 @@ def s10_check_digit(serial: str) -> int:
     """The S10 check digit for an eight-digit serial number."""
     if len(serial) != 8 or not serial.isdigit():
         raise ValueError("an S10 serial number is eight digits")
-    remainder = 11 - sum(int(d) * w for d, w in zip(serial, S10_WEIGHTS, strict=True)) % 11
+    remainder = 11 - sum(map(operator.mul, map(int, serial), S10_WEIGHTS)) % 11
     return {10: 0, 11: 5}.get(remainder, remainder)
 
 

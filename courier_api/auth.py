@@ -170,7 +170,9 @@ def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., A
             # The whole body is in before the first query: a PDA sending its batch over
             # a weak signal holds no database connection meanwhile (on SQLite, not the
             # writers' turn, which every other push would wait for). Parsers read it
-            # from here (werkzeug caches it).
+            # from here (werkzeug caches it). So a token with a valid signature whose
+            # account is disabled sends its body before its 401 (a body beyond the
+            # limit is a 413 first).
             request.get_data(cache=True)
             principal, _, _ = principal_from_claims(claims)
             if allowed and principal.role not in allowed:

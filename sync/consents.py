@@ -40,8 +40,8 @@ from sync.tracking import TrackingNumberPolicy
 _NOT_WORD = re.compile(r"[\W_]+")
 # A consent granted "in the future" is a clock error of the channel, not a promise.
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
-# Built once (``sync.sql.Prebuilt`` says why): every push judges its parcels with these.
-# Read as plain rows: a push judges its parcels with them and changes none.
+# What ``_fact`` reads of a consent (and ``consents_for`` of a standing one), read as
+# plain rows: a push judges its parcels with consents and changes none.
 FACT_COLUMNS = (
     Consent.id,
     Consent.method,
@@ -57,6 +57,7 @@ FACT_COLUMNS = (
     Consent.recipient_phone,
     Consent.address_key,
 )
+# Built once (``sync.sql.Prebuilt`` says why): every push judges its parcels with these.
 CONSENTS_OF_PARCELS = Prebuilt(
     lambda dialect: select(*FACT_COLUMNS).where(
         among_param(dialect, Consent.tracking_no, "numbers")

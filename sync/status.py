@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select, text
+from sqlalchemy import ColumnElement, Select, bindparam, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -121,25 +121,22 @@ ANY_CORRECTION = (
 BLOBS_HELD = Prebuilt(
     lambda dialect: select(Blob.sha256).where(among_param(dialect, Blob.sha256, "digests"))
 )
-RULE_FLAGS_OF_PARCELS = Prebuilt(
-    lambda dialect: select(Flag).where(
+
+
+def _rule_flags_of(dialect: str) -> tuple[ColumnElement[bool], ...]:
+    """The rule flags of the parcels given as parameter ``numbers``."""
+    return (
         Flag.subject_type == "parcel",
         Flag.kind.in_(RULE_KINDS),
         among_param(dialect, Flag.subject_key, "numbers"),
     )
-)
+
+
+RULE_FLAGS_OF_PARCELS = Prebuilt(lambda dialect: select(Flag).where(*_rule_flags_of(dialect)))
 # Which of these parcels have a rule flag at all, as plain rows: most have none, and
 # then no flag is loaded as an entity (which costs the ORM more than the query).
 PARCELS_WITH_RULE_FLAGS = Prebuilt(
-    lambda dialect: (
-        select(Flag.subject_key)
-        .distinct()
-        .where(
-            Flag.subject_type == "parcel",
-            Flag.kind.in_(RULE_KINDS),
-            among_param(dialect, Flag.subject_key, "numbers"),
-        )
-    )
+    lambda dialect: select(Flag.subject_key).distinct().where(*_rule_flags_of(dialect))
 )
 PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes
 UPDATE_PROJECTED = updating(_parcels, by="id", param="parcel_id", columns=PROJECTED)

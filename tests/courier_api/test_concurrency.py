@@ -171,15 +171,17 @@ def test_api_tests_on_sqlite_hold_reading_views_to_reading_too(
 
 class _SlowUpload(io.BytesIO):
     """A request body arriving over a weak signal: its first half, then nothing until
-    ``rest`` is set."""
+    ``rest`` is set (``halfway`` is set when the server asks for more)."""
 
     def __init__(self, body: bytes, rest: threading.Event) -> None:
         super().__init__(body)
         self._half = len(body) // 2
         self._rest = rest
+        self.halfway = threading.Event()
 
     def read(self, size: int | None = -1) -> bytes:
         if self.tell() >= self._half:
+            self.halfway.set()
             self._rest.wait(timeout=60)
         elif size is None or size < 0 or self.tell() + size > self._half:
             size = self._half - self.tell()
@@ -206,17 +208,16 @@ def test_a_push_still_uploading_holds_up_no_other_push(committed_app: Flask) -> 
     auth = Auth(committed_app.test_client())
     slow = auth.headers("slow-rider", "PDA-SLOW")
     fast = auth.headers("fast-rider", "PDA-FAST")
-    body = json.dumps(
-        factories.push_body("PDA-SLOW", [factories.event(1, numbers[0])])
-    ).encode()
+    body = json.dumps(factories.push_body("PDA-SLOW", [factories.event(1, numbers[0])])).encode()
     rest = threading.Event()
+    upload = _SlowUpload(body, rest)
     slow_answer: list[Any] = []
 
     def upload_slowly() -> None:
         slow_answer.append(
             committed_app.test_client().post(
                 "/api/v1/sync/push",
-                input_stream=_SlowUpload(body, rest),
+                input_stream=upload,
                 content_length=len(body),
                 content_type="application/json",
                 headers=slow,
@@ -226,7 +227,7 @@ def test_a_push_still_uploading_holds_up_no_other_push(committed_app: Flask) -> 
     uploader = threading.Thread(target=upload_slowly)
     uploader.start()
     try:
-        time.sleep(0.5)  # the slow request is in, its body half read
+        assert upload.halfway.wait(timeout=30)  # the slow request is in, half its body read
         started = time.monotonic()
         answer = committed_app.test_client().post(
             "/api/v1/sync/push",
@@ -242,4 +243,3 @@ def test_a_push_still_uploading_holds_up_no_other_push(committed_app: Flask) -> 
     assert slow_answer[0].status_code == 200, slow_answer[0].get_json()
     assert [r["status"] for r in slow_answer[0].get_json()["results"]] == ["applied"]
     assert [r["status"] for r in answer.get_json()["results"]] == ["applied"]
-

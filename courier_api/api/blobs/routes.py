@@ -75,7 +75,7 @@ class BlobBySha256(MethodView):
             session=db.session,
             store=blob_store(),
             digest=sha256,
-            data=request.get_data(cache=False),
+            data=request.get_data(),  # read before the sign-in check (``require_auth``)
             max_bytes=current_app.config["MAX_BLOB_BYTES"],
             station_id=principal.station_id,
             uploaded_by=principal.user_id,

@@ -97,6 +97,18 @@ def parcel(
     return obj
 
 
+def station_with_pdas(
+    session: Session, code: str, pdas: dict[str, str], *, parcels: int
+) -> tuple[Station, list[str]]:
+    """A station with a courier and their PDA for each ``{username: device id}``, and
+    the tracking numbers of ``parcels`` parcels of it (flushed; the caller commits)."""
+    place = station(session, code=code)
+    for username, device_id in pdas.items():
+        user(session, username, "courier", place)
+        device(session, device_id, place)
+    return place, [parcel(session, place).tracking_no for _ in range(parcels)]
+
+
 def event(
     seq: int,
     tracking_no: str,

@@ -198,13 +198,9 @@ def test_a_push_still_uploading_holds_up_no_other_push(committed_app: Flask) -> 
     the request's first query, so it holds no database connection meanwhile, and on
     SQLite not the writers' turn (every other push would wait for it)."""
     with committed_app.app_context():
-        session: Session = db.session
-        station = factories.station(session, code="SLOW")
-        for name in ("slow", "fast"):
-            factories.user(session, f"{name}-rider", "courier", station)
-            factories.device(session, f"PDA-{name.upper()}", station)
-        numbers = [factories.parcel(session, station).tracking_no for _ in range(2)]
-        session.commit()
+        pdas = {"slow-rider": "PDA-SLOW", "fast-rider": "PDA-FAST"}
+        _, numbers = factories.station_with_pdas(db.session, "SLOW", pdas, parcels=2)
+        db.session.commit()
     auth = Auth(committed_app.test_client())
     slow = auth.headers("slow-rider", "PDA-SLOW")
     fast = auth.headers("fast-rider", "PDA-FAST")

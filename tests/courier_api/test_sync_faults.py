@@ -245,13 +245,9 @@ def test_a_push_waits_only_for_its_own_device(committed_app: Flask) -> None:
     """The lock is per device: with device A's lock held elsewhere, B's push goes
     through at once while A's waits."""
     with committed_app.app_context():
-        session = db.session
-        station = factories.station(session, code="LOCK")
-        for name in ("a", "b"):
-            factories.user(session, f"lock-{name}", "courier", station)
-            factories.device(session, f"PDA-LOCK-{name.upper()}", station)
-        parcels = [factories.parcel(session, station).tracking_no for _ in range(2)]
-        session.commit()
+        pdas = {f"lock-{n}": f"PDA-LOCK-{n.upper()}" for n in ("a", "b")}
+        _, parcels = factories.station_with_pdas(db.session, "LOCK", pdas, parcels=2)
+        db.session.commit()
     client = committed_app.test_client()
     auth = Auth(client)
     headers = {n: auth.headers(f"lock-{n}", f"PDA-LOCK-{n.upper()}") for n in ("a", "b")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
@@ -359,7 +360,8 @@ def test_the_flag_queue_filters_and_pages(app: Flask, session: Session, day: Sta
     assert ids == {
         str(f.id) for f in session.scalars(select(Flag).where(Flag.courier_id == courier.id))
     }
-    today = dt.date.today()
+    # The filter takes the station's dates: past 16:00 UTC it is already tomorrow there.
+    today = dt.datetime.now(ZoneInfo(day.station.timezone)).date()
     assert len(re.findall(r'<tr id="flag-', pages.get(f"/web/flags?raised_to={day.day}"))) == 0
     recent = pages.get(f"/web/flags?raised_from={day.day}&raised_to={today}")
     assert set(re.findall(r'<tr id="flag-(\d+)"', recent)) == station_flags

@@ -33,8 +33,12 @@ the throughput and the latency percentiles, and the ratios:
 * for scale, the batch pushes' requests and events per second next to the trivial
   requests per second.
 
-Both are printed with "met" or "not met"; the exit status is 1 only when something
-failed (an error answer, a rejected event, the server's log showing a traceback).
+Both are printed with "met" or "not met". Last, for each phase, the processor time per
+request of the server, of this script (the clients) and of PostgreSQL's processes,
+and how busy the machine's cores were (from ``/proc``): a phase that leaves them idle
+is bound by a lock (on SQLite, its writers' turn) or by the one-process client, a
+busy one by the processors. The exit status is 1 only when something failed (an
+error answer, a rejected event, the server's log showing a traceback).
 The client runs on the same machine and takes CPU from the server: on a small
 machine, compare figures taken with the same options only.
 """
@@ -112,6 +116,54 @@ class Tally:
 
     def requests(self) -> int:
         return sum(len(values) for values in self.latencies.values())
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Processor seconds used by the server (master and workers), this script (the
+    simulated clients) and PostgreSQL's processes on this machine (all of them: nothing
+    else should use it during a run)."""
+
+    server: float
+    client: float
+    database: float
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """What ``/proc`` says each process of the server and of PostgreSQL has used so far
+    (nothing where there is no ``/proc``), and this script's own time."""
+
+    processes: dict[int, tuple[str, float]]  # pid: ("server" or "database", seconds)
+    client: float
+
+    @classmethod
+    def now(cls, server_group: int | None) -> CpuSample:
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        processes: dict[int, tuple[str, float]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:  # the process ended meanwhile
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()  # from field 3, "state", on
+            used = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            if server_group is not None and int(fields[2]) == server_group:  # pgrp
+                processes[int(stat.parent.name)] = ("server", used)
+            elif name == "postgres":
+                processes[int(stat.parent.name)] = ("database", used)
+        return cls(processes, time.process_time())
+
+    def since(self, start: CpuSample) -> CpuTimes:
+        """Used between ``start`` and now, by the processes alive now (one that ended
+        in between, such as a closed connection's backend, is left out: subtracting
+        its whole time would undercount)."""
+        totals = {"server": 0.0, "database": 0.0}
+        for pid, (role, used) in self.processes.items():
+            before = start.processes.get(pid, (role, 0.0))
+            totals[role] += used - (before[1] if before[0] == role else 0.0)
+        return CpuTimes(totals["server"], self.client - start.client, totals["database"])
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -565,6 +617,23 @@ def report(
     return True
 
 
+def report_cpu(phases: list[tuple[str, CpuTimes, int, float]]) -> None:
+    """Where each phase's processor time went, per request: what bounds a rate (a busy
+    machine: its processors; an idle one: a lock, such as SQLite's writers' turn)."""
+    cores = os.cpu_count() or 1
+    print(
+        f"\nCPU ms per request ({cores} cores)  {'server':>8}{'client':>8}{'PostgreSQL':>12}"
+        f"{'machine busy':>14}"
+    )
+    for label, used, requests, seconds in phases:
+        per = 1000 / max(requests, 1)
+        busy = (used.server + used.client + used.database) / (seconds * cores)
+        print(
+            f"{label:<29}{used.server * per:>8.2f}{used.client * per:>8.2f}"
+            f"{used.database * per:>12.2f}{busy:>13.0%}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pdas", type=int, default=20, help="simulated PDAs pushing at once")
@@ -628,15 +697,25 @@ def main() -> int:
             setup = prepare(api, args, random.Random(args.seed))
         finally:
             api.close()
+        group = server.process.pid if server.process is not None else None  # its own group
+        started = CpuSample.now(group)
         load, load_seconds = asyncio.run(run_load(base, setup, args))
+        loaded = CpuSample.now(group)
         scans, scan_seconds = asyncio.run(run_scans(base, setup, args))
+        scanned = CpuSample.now(group)
         trivial, trivial_seconds = asyncio.run(run_trivial(base, args.pdas + args.readers, args))
+        cpu = [
+            ("mixed load", loaded.since(started), load.requests(), load_seconds),
+            ("scans", scanned.since(loaded), scans.requests(), scan_seconds),
+            ("healthz", CpuSample.now(group).since(scanned), trivial.requests(), trivial_seconds),
+        ]
     except LoadFailure as failure:
         print(f"load test failed: {failure}", file=sys.stderr)
         return 1
     finally:
         server.kill()
     ok = report(load, load_seconds, scans, scan_seconds, trivial, trivial_seconds) and ok
+    report_cpu(cpu)
     problems = server.unexpected_log_lines()
     for failure in (load.failures + scans.failures + trivial.failures)[:10]:
         print(f"failure: {failure}", file=sys.stderr)

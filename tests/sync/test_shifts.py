@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
@@ -499,6 +499,27 @@ def test_one_open_shift_per_device(session: Session, world: World, pda: Pda) -> 
     with pytest.raises(Conflict) as info:
         pda.open()
     assert info.value.code == "shift_already_open" and str(first.id) in info.value.message
+
+
+def test_lock_shifts_returns_only_the_shifts_no_longer_open_as_stored_now(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A push locks every shift it files events under and loads only those it must
+    judge again (closed or signed off), re-read: the session's copy may be stale."""
+    first = pda.open()
+    pda.close(first)
+    second = pda.open(now=NOW + dt.timedelta(minutes=1))
+    session.execute(  # signed off elsewhere: the ORM copy of ``first`` still says closed
+        update(Shift)
+        .where(Shift.id == first.id)
+        .values(status=ShiftStatus.SIGNED_OFF)
+        .execution_options(synchronize_session=False)
+    )
+    assert first.status == ShiftStatus.CLOSED
+    locked = shifts.lock_shifts(session, [second.id, first.id, first.id])
+    assert list(locked) == [first.id]
+    assert locked[first.id] is first and first.status == ShiftStatus.SIGNED_OFF
+    assert shifts.lock_shifts(session, [second.id]) == {}
 
 
 def test_first_seq_must_not_reach_into_an_earlier_shift(

@@ -802,9 +802,8 @@ class _BatchIngest:
         # Written past the ORM: a copy the session holds is flushed first, expired after.
         key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)
         held = self.session.identity_map.get(key)
-        if held is not None and held in self.session.dirty:
-            self.session.flush()
-        flushed_connection(self.session).execute(
+        self.session.flush()  # whatever the session's autoflush says
+        self.session.connection().execute(
             STORE_DEVICE_STATE,
             {
                 "state_of": self.pusher.device_id,

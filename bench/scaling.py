@@ -1,9 +1,12 @@
-"""How sync ingest scales: with the batch size, and in memory over a long run.
+"""How sync ingest scales: with the batch size, in memory over a long run, and with
+the shifts a courier worked on a PDA before.
 
     .venv/bin/python bench/scaling.py sizes  [--database-url URL] [--sizes 100,1000,10000]
                                              [--rounds 3] [--events-per-round 10000]
     .venv/bin/python bench/scaling.py memory [--database-url URL] [--events 1000000]
                                              [--batch-size 1000]
+    .venv/bin/python bench/scaling.py shifts [--database-url URL] [--past-shifts 365]
+                                             [--pushes 301]
 
 ``sizes``: each batch size gets a fresh database; in each round every size pushes
 the same number of events (``--events-per-round``) through the API (Flask's test
@@ -18,6 +21,12 @@ would show as a ratio above 1). 10,000 is above the default ``MAX_EVENTS_PER_PUS
 ``--batch-size`` spread over 40 PDAs; prints the process's resident memory (RSS)
 and Python's allocated blocks every tenth of the way, and the growth between the
 first tenth and the end (flat: a push keeps nothing once answered).
+
+``shifts``: two couriers, each with a PDA and a shift open on it (first seq declared),
+push one scan at a time, in alternation, ``--pushes`` each: one new to the PDA, one
+who worked ``--past-shifts`` shifts on it before (one a day, closed, signed off, with
+their seqs declared). Prints the median time of a push of each and their ratio: flat
+when it stays near 1 (filing a scan reads the shifts near it, not all of them).
 
 The pushes are the ones ``bench/ingest.py`` builds (parcels taken in beforehand,
 checked out, out for delivery, delivered with a proof or a failed attempt), and
@@ -38,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from flask import Flask
 from ingest import (  # bench/ingest.py: same pushes, same scratch databases
@@ -51,8 +61,10 @@ from ingest import (  # bench/ingest.py: same pushes, same scratch databases
     push_body,
     scratch_app,
 )
+from sqlalchemy import insert
 
 from courier_api.serve import freeze_startup_objects
+from models import DeviceSyncState, Shift, ShiftStatus
 
 MEMORY_PDAS = 40  # a PDA's scans are 2 s apart and must stay within a day of its pushes
 
@@ -152,6 +164,84 @@ def memory(args: argparse.Namespace, url: str, instance: Path) -> None:
     bench.engine.dispose()
 
 
+def shifts(args: argparse.Namespace, url: str, instance: Path) -> None:
+    app = scratch_app(
+        url if url != "sqlite" else f"sqlite:///{instance / 'shifts.db'}",
+        instance,
+        "bench_size_shifts",
+    )
+    bench = Bench(app, 1, random.Random(11))
+    new, veteran = bench.pda("new", sign_in=True), bench.pda("veteran", sign_in=True)
+    past_shifts(bench, veteran, args.past_shifts)
+    for pda in (new, veteran):
+        opened = bench.client.post(
+            "/api/v1/shifts", json={"first_seq": pda.last_seq + 1}, headers=pda.headers
+        )
+        if opened.status_code != 201:
+            raise BenchFailure(f"opening a shift: {opened.status_code} {opened.text}")
+    scans = {new.device_id: scan_bodies(bench, new, args.pushes)}
+    scans[veteran.device_id] = scan_bodies(bench, veteran, args.pushes)
+    freeze_startup_objects()
+    seconds: dict[str, list[float]] = {new.device_id: [], veteran.device_id: []}
+    for n in range(args.pushes):
+        for pda in (new, veteran) if n % 2 == 0 else (veteran, new):
+            seconds[pda.device_id].append(bench.push(pda, scans[pda.device_id][n])[0])
+    fresh = statistics.median(seconds[new.device_id])
+    worn = statistics.median(seconds[veteran.device_id])
+    print(f"\n{describe(bench.engine)}; one-scan pushes, median of {args.pushes} each")
+    print(f"  {'courier new to the PDA:':<40}{fresh * 1000:6.2f} ms per push")
+    print(
+        f"  {f'courier with {args.past_shifts:,} shifts on it before:':<40}"
+        f"{worn * 1000:6.2f} ms per push; ratio {worn / fresh:.2f}"
+    )
+    bench.engine.dispose()
+
+
+def past_shifts(bench: Bench, pda: Pda, count: int) -> None:
+    """``count`` daily shifts of ``pda``'s courier on it, the last ending two days ago,
+    signed off, each declaring a hundred seqs: the PDA's next seq follows them, and the
+    server holds every seq before it (their events are not stored: filing never reads
+    them)."""
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for day in range(count):
+        opened = now - dt.timedelta(days=count - day + 1)
+        rows.append(
+            {
+                "station_id": bench.station_id,
+                "courier_id": pda.courier_id,
+                "device_id": pda.device_id,
+                "status": ShiftStatus.SIGNED_OFF,
+                "work_date": opened.date(),
+                "opened_at": opened,
+                "planned_end_at": opened + dt.timedelta(hours=9),
+                "closed_at": opened + dt.timedelta(hours=9),
+                "first_seq": pda.last_seq + 1,
+                "last_seq": pda.last_seq + 100,
+            }
+        )
+        pda.last_seq += 100
+    if rows:
+        with bench.engine.begin() as connection:
+            connection.execute(insert(Shift), rows)
+            connection.execute(
+                insert(DeviceSyncState).values(
+                    device_id=pda.device_id,
+                    acked_through_seq=pda.last_seq,
+                    max_seq=pda.last_seq,
+                    missing_ranges=[],
+                )
+            )
+
+
+def scan_bodies(bench: Bench, pda: Pda, count: int) -> list[dict[str, Any]]:
+    """``count`` pushes of one scan each, parcels' lifecycles in order."""
+    sent_at = dt.datetime.now(PDA_CLOCK)
+    parcels = bench.take_in(math.ceil(count / EVENTS_PER_PARCEL))
+    events = pda_events(pda, parcels, count, sent_at, bench.rng)
+    return [push_body(pda, [event], sent_at) for event in events]
+
+
 def rss_bytes() -> int:
     """This process's resident set size (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
@@ -164,18 +254,22 @@ def main() -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join((__doc__ or "").splitlines()[1:]),
     )
-    parser.add_argument("what", choices=["sizes", "memory"])
+    parser.add_argument("what", choices=["sizes", "memory", "shifts"])
     parser.add_argument("--database-url", help="PostgreSQL to wipe; default: SQLite files")
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events-per-round", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--past-shifts", type=int, default=365)
+    parser.add_argument("--pushes", type=int, default=301)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as scratch:
         url = args.database_url or "sqlite"
         try:
-            (sizes if args.what == "sizes" else memory)(args, url, Path(scratch))
+            {"sizes": sizes, "memory": memory, "shifts": shifts}[args.what](
+                args, url, Path(scratch)
+            )
         except BenchFailure as failure:
             print(f"bench/scaling.py: {failure}", file=sys.stderr)
             return 1

@@ -72,6 +72,7 @@ from sync.events import (
 from sync.flags import FlagSubject, raise_flag
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
+    Filing,
     ShiftFiler,
     ShiftRules,
     lock_shifts,
@@ -352,9 +353,7 @@ class _BatchIngest:
         self.raised: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
-        self.filer = ShiftFiler(
-            self.session, self.pusher.device_id, self.pusher.courier_id, self.rules.shifts
-        )
+        self.wrong_claims: dict[int, int] = {}  # seq -> a shift not this courier's (ShiftFiler)
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
@@ -500,6 +499,7 @@ class _BatchIngest:
         rows = [self._row(event) for _, event in fresh]
         if not rows:
             return []
+        self._file(fresh, rows)
         try:
             with self.session.begin_nested():
                 connection = flushed_connection(self.session)
@@ -719,17 +719,27 @@ class _BatchIngest:
         )
 
     def _row(self, event: ValidEvent) -> dict[str, Any]:
-        row = event_row(
+        return event_row(
             event,
             pusher=self.pusher,
             batch_pk=self.batch_pk,
             offset=self.offset,
             received_at=self.received_at,
         )
-        row["shift_id"] = self.filed[event.client_event_id] = self.filer.file(
-            seq=event.seq, claimed=event.shift_id, occurred_at=row["occurred_at"]
+
+    def _file(self, fresh: list[tuple[int, ValidEvent]], rows: list[dict[str, Any]]) -> None:
+        """Each new event's shift (``sync.shifts.ShiftFiler``), on its corrected time."""
+        filings = [Filing(row["seq"], row["claimed_shift_id"], row["occurred_at"]) for row in rows]
+        filer = ShiftFiler(
+            self.session,
+            self.pusher.device_id,
+            self.pusher.courier_id,
+            self.rules.shifts,
+            filings,
         )
-        return row
+        for (_, event), row, filing in zip(fresh, rows, filings, strict=True):
+            row["shift_id"] = self.filed[event.client_event_id] = filer.file(filing)
+        self.wrong_claims = filer.wrong_claims
 
     def _quarantine(self) -> None:
         """Keep every rejected event; one re-sent is answered as it was the first time."""
@@ -871,8 +881,8 @@ class _BatchIngest:
         """A PDA naming a shift that is not its own is flagged; a signed-off shift that
         gets events (or loses one to a correction) reopens. (The handover flags of closed
         shifts were judged again with the parcels, in ``_project``.)"""
-        if self.filer.wrong_claims:
-            claims = self.filer.wrong_claims
+        if self.wrong_claims:
+            claims = self.wrong_claims
             self._flag(
                 "wrong_shift",
                 FlagSeverity.WARNING,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,7 +43,12 @@ MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
 _shifts = Shift.__table__
-# Every shift a courier worked on a PDA, in order: what ``ShiftFiler`` files events under.
+# The shifts of one courier on one PDA that may hold some of a push's events, in order:
+# what ``ShiftFiler`` files them under. Those whose declared seqs leave room for one of
+# the push's seqs, and those open at some time of the push's events give or take the
+# filing grace: a push reads the few near it, however many shifts the courier worked on
+# that PDA before (all of them were read, and a year of daily shifts made a one-scan
+# push cost 1.5 times as much on SQLite: ``bench/scaling.py shifts``).
 SHIFT_WINDOWS = (
     select(
         _shifts.c.id,
@@ -54,8 +60,28 @@ SHIFT_WINDOWS = (
     .where(
         _shifts.c.device_id == bindparam("device_id"),
         _shifts.c.courier_id == bindparam("courier_id"),
+        or_(
+            and_(
+                _shifts.c.first_seq.is_not(None),
+                _shifts.c.first_seq <= bindparam("max_seq"),
+                or_(_shifts.c.last_seq.is_(None), _shifts.c.last_seq >= bindparam("min_seq")),
+            ),
+            and_(
+                _shifts.c.opened_at <= bindparam("until"),
+                or_(_shifts.c.closed_at.is_(None), _shifts.c.closed_at >= bindparam("since")),
+            ),
+        ),
     )
     .order_by(_shifts.c.opened_at, _shifts.c.id)
+)
+# Which of these shift ids are the courier's on the PDA: shifts the PDA named that are
+# not among the windows above (a claim far from the event's time and seqs).
+OWN_SHIFTS_AMONG = Prebuilt(
+    lambda dialect: select(_shifts.c.id).where(
+        _shifts.c.device_id == bindparam("device_id"),
+        _shifts.c.courier_id == bindparam("courier_id"),
+        among_param(dialect, _shifts.c.id, "ids"),
+    )
 )
 LATE_EVENT = "late_event_after_signoff"
 NOT_CLOSED = "shift_not_closed"
@@ -435,6 +461,15 @@ def day_bounds(day: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetime]:
 # -- filing events under shifts ----------------------------------------------------------------
 
 
+class Filing(NamedTuple):
+    """What filing an event looks at: its seq, the shift its PDA named, its time on the
+    corrected clock."""
+
+    seq: int
+    claimed: int | None
+    occurred_at: dt.datetime
+
+
 @dataclass(frozen=True)
 class _Window:
     shift_id: int
@@ -472,17 +507,40 @@ class ShiftFiler:
     """
 
     def __init__(
-        self, session: Session, device_id: str, courier_id: int, rules: ShiftRules
+        self,
+        session: Session,
+        device_id: str,
+        courier_id: int,
+        rules: ShiftRules,
+        events: Sequence[Filing],
     ) -> None:
-        shifts = plain_rows(
-            session, SHIFT_WINDOWS, {"device_id": device_id, "courier_id": courier_id}
-        )
-        self.windows = [_Window(*row) for row in shifts]
-        self.own = {w.shift_id for w in self.windows}
+        """Read the shifts that may hold ``events``, the events it will be asked to file."""
         self.grace = rules.filing_grace
+        self.windows: list[_Window] = []
+        self.own: set[int] = set()
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift id not of this courier's
+        if not events:
+            return
+        courier = {"device_id": device_id, "courier_id": courier_id}
+        seqs = [e.seq for e in events]
+        times = [e.occurred_at for e in events]
+        bounds = {
+            "min_seq": min(seqs),
+            "max_seq": max(seqs),
+            "since": min(times) - self.grace,
+            "until": max(times) + self.grace,
+        }
+        rows = plain_rows(session, SHIFT_WINDOWS, {**courier, **bounds})
+        self.windows = [_Window(*row) for row in rows]
+        self.own = {w.shift_id for w in self.windows}
+        farther = sorted({e.claimed for e in events if e.claimed is not None} - self.own)
+        if farther:
+            query = OWN_SHIFTS_AMONG(session)
+            self.own.update(row.id for row in rows_among(session, query, "ids", farther, courier))
 
-    def file(self, *, seq: int, claimed: int | None, occurred_at: dt.datetime) -> int | None:
+    def file(self, event: Filing) -> int | None:
+        """The id of the shift ``event`` (one of those given at the start) is filed under."""
+        seq, claimed, occurred_at = event
         if claimed is not None:
             if claimed in self.own:
                 return claimed

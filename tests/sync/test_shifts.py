@@ -7,7 +7,9 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
@@ -520,6 +522,135 @@ def test_lock_shifts_returns_only_the_shifts_no_longer_open_as_stored_now(
     assert list(locked) == [first.id]
     assert locked[first.id] is first and first.status == ShiftStatus.SIGNED_OFF
     assert shifts.lock_shifts(session, [second.id]) == {}
+
+
+def test_a_push_reads_the_shifts_near_it_not_a_year_of_them(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A courier who used this PDA every day for a year: filing today's scans reads
+    today's shift, not the 365 before it."""
+    year_ago = OPENED - dt.timedelta(days=365)
+    session.execute(
+        insert(Shift),
+        [
+            {
+                "station_id": world.station.id,
+                "courier_id": world.courier.id,
+                "device_id": pda.device.id,
+                "status": ShiftStatus.SIGNED_OFF,
+                "work_date": (year_ago + dt.timedelta(days=day)).date(),
+                "opened_at": year_ago + dt.timedelta(days=day),
+                "planned_end_at": year_ago + dt.timedelta(days=day, hours=9),
+                "closed_at": year_ago + dt.timedelta(days=day, hours=9),
+                "first_seq": day * 100 + 1,
+                "last_seq": day * 100 + 100,
+            }
+            for day in range(365)
+        ],
+    )
+    pda.seq = 36_500
+    today = pda.open(first_seq=36_501)
+    scan = shifts.Filing(seq=36_501, claimed=None, occurred_at=at(1))
+    filer = shifts.ShiftFiler(session, pda.device.id, world.courier.id, ShiftRules(), [scan])
+    assert [w.shift_id for w in filer.windows] == [today.id]
+    assert filer.file(scan) == today.id
+    [number] = parcels(session, world, 1)
+    assert pda.push([pda.event(number)])["results"][0]["status"] == "applied"
+    filed = session.scalar(select(ScanEvent.shift_id).where(ScanEvent.seq == 36_501))
+    assert filed == today.id
+
+
+# A courier's shifts on one PDA over ten days, some of another courier's, and pushes
+# of events around them: a shift's times in minutes from the start, its declared seqs
+# optional; claims name one of the shifts or one that does not exist.
+MINUTES = st.integers(min_value=0, max_value=10 * 24 * 60)
+SEQS = st.integers(min_value=1, max_value=400)
+SHIFT_SPECS = st.lists(
+    st.tuples(
+        MINUTES,  # opened
+        st.integers(min_value=1, max_value=14 * 60),  # minutes until closed
+        st.none() | SEQS,  # first_seq
+        st.none() | st.integers(min_value=0, max_value=200),  # last_seq - first_seq
+        st.booleans(),  # the courier's own (else another courier's on the same PDA)
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(shift_specs=SHIFT_SPECS, data=st.data())
+def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_them_all(
+    session: Session, world: World, shift_specs: list[Any], data: st.DataObject
+) -> None:
+    """``ShiftFiler`` reads the shifts that may hold a push's events, not the courier's
+    whole history on the PDA: every event is filed, and every claim judged, as by a
+    filer given all the courier's shifts on that PDA."""
+    start = NOW - dt.timedelta(days=10)
+    device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
+    other = factories.user(session, f"other-{uuid.uuid4().hex[:8]}", "courier", world.station)
+    rows = []
+    for opened, length, first_seq, span, own in shift_specs:
+        opened_at = start + dt.timedelta(minutes=opened)
+        rows.append(
+            {
+                "station_id": world.station.id,
+                "courier_id": world.courier.id if own else other.id,
+                "device_id": device.id,
+                "status": ShiftStatus.CLOSED,
+                "work_date": opened_at.date(),
+                "opened_at": opened_at,
+                "planned_end_at": opened_at + dt.timedelta(hours=9),
+                "closed_at": opened_at + dt.timedelta(minutes=length),
+                "first_seq": first_seq,
+                "last_seq": None if first_seq is None or span is None else first_seq + span,
+            }
+        )
+    if rows and data.draw(st.booleans(), label="the last one still open"):
+        rows[-1].update(status=ShiftStatus.OPEN, closed_at=None, last_seq=None)
+    ids = [
+        session.execute(insert(Shift).values(row).returning(Shift.id)).scalar_one() for row in rows
+    ]
+    claimable = st.none() | st.sampled_from(ids + [max(ids, default=0) + 1_000])
+    # Anywhere in the ten days, or within twice the filing grace of an opening or a close.
+    edges = [row[key] for row in rows for key in ("opened_at", "closed_at") if row[key]]
+    near_an_edge = st.tuples(
+        st.sampled_from(edges or [start]), st.integers(min_value=-600, max_value=600)
+    ).map(lambda edge: edge[0] + dt.timedelta(seconds=edge[1]))
+    events = data.draw(
+        st.lists(
+            st.builds(
+                shifts.Filing,
+                seq=SEQS,
+                claimed=claimable,
+                occurred_at=MINUTES.map(lambda m: start + dt.timedelta(minutes=m)) | near_an_edge,
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+        label="events",
+    )
+    rules = ShiftRules()
+    filer = shifts.ShiftFiler(session, device.id, world.courier.id, rules, events)
+    everything = shifts.ShiftFiler(session, device.id, world.courier.id, rules, [])
+    everything.windows = [
+        shifts._Window(r["id"], r["opened_at"], r["closed_at"], r["first_seq"], r["last_seq"])
+        for r in sorted(
+            ({**row, "id": id} for row, id in zip(rows, ids, strict=True)),
+            key=lambda r: (r["opened_at"], r["id"]),
+        )
+        if r["courier_id"] == world.courier.id
+    ]
+    everything.own = {w.shift_id for w in everything.windows}
+    assert len(filer.windows) <= len(everything.windows)
+    assert [filer.file(e) for e in events] == [everything.file(e) for e in events]
+    assert filer.wrong_claims == everything.wrong_claims
+    for filing in events:  # alone: the push's bounds are the event's own
+        alone = shifts.ShiftFiler(session, device.id, world.courier.id, rules, [filing])
+        assert alone.file(filing) == everything.file(filing)
 
 
 def test_first_seq_must_not_reach_into_an_earlier_shift(

@@ -89,6 +89,15 @@ class ScanEvent(Base):
             postgresql_where=text(DELIVERY_PREDICATE),
             sqlite_where=text(DELIVERY_PREDICATE),
         ),
+        # A device's events filed under no shift, by time: what opening a shift files
+        # under it (``sync.shifts.open_shift``), without reading the PDA's whole history.
+        Index(
+            "ix_scan_event_unfiled",
+            "device_id",
+            "occurred_at",
+            postgresql_where=text("shift_id IS NULL"),
+            sqlite_where=text("shift_id IS NULL"),
+        ),
     )
 
     id: Mapped[big_pk]

@@ -606,6 +606,28 @@ def test_push_dedupe_and_projection_use_indexes(world: World) -> None:
     assert reads(resent, "scan_event")  # events already held, by id and seq
 
 
+def test_opening_a_shift_reads_the_pdas_unfiled_events_not_its_history(world: World) -> None:
+    """Without a first seq, opening a shift files under it the PDA's events filed under
+    none from just before it: through the index of those alone, not through the
+    device's (device_id, seq), which holds every event the PDA ever sent."""
+    with world.engine.connect() as connection:
+        still_open = connection.scalar(
+            select(Shift.id).where(Shift.device_id == world.device_id, Shift.status == "open")
+        )
+    if still_open is not None:  # the push's test opened one
+        closed = world.client.post(
+            f"/api/v1/shifts/{still_open}/close", json={}, headers=world.courier
+        )
+        assert closed.status_code == 200, closed.get_json()
+    _, opening = run(world, "POST", "/api/v1/shifts", json={}, headers=world.courier)
+    filing = [e for e in opening if e.statement.lstrip().upper().startswith("UPDATE SCAN_EVENT")]
+    assert len(filing) == 1, [e.statement for e in opening]
+    # Either index holds only events filed under none (PostgreSQL's B-trees keep NULLs).
+    assert len(filing[0].indexes) == 1, filing[0].plan
+    assert filing[0].indexes <= {"ix_scan_event_unfiled", "ix_scan_event_shift_id"}
+    assert_indexed(opening)
+
+
 def test_pull_feed_uses_indexes(world: World) -> None:
     courier = world.courier
     snapshot, first = run(world, "GET", "/api/v1/sync/pull?limit=50", headers=courier)

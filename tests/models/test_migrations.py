@@ -92,15 +92,48 @@ def test_hot_query_indexes_are_built_and_dropped_concurrently(scratch: Engine) -
     assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True] * 2, created
     assert _index_valid(scratch, "ix_flag_subject") is True
     assert _index_valid(scratch, "ix_scan_event_delivery_time") is True
-    with scratch.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, Base.metadata) == []
 
     with statements(scratch) as downgrading:
         migrate.downgrade(scratch, f"{HOT_INDEXES}-1")
     dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
     assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True] * 2, dropped
     assert _index_valid(scratch, "ix_flag_subject") is None
+
+
+UNFILED_INDEX = "5b1e7c2d9a40"  # events filed under no shift, built CONCURRENTLY too
+
+
+@pytest.mark.postgres_only
+def test_the_unfiled_events_index_is_built_and_dropped_concurrently(scratch: Engine) -> None:
+    """As the hot queries' indexes: built without holding pushes back, an INVALID one
+    left by a failed build built again, and what the models declare once built."""
+    migrate.upgrade(scratch, f"{UNFILED_INDEX}-1")
+    with scratch.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(  # what a build that failed half-way leaves
+            text("CREATE INDEX ix_scan_event_unfiled ON scan_event (seq)")
+        )
+        connection.execute(
+            text(
+                "UPDATE pg_index SET indisvalid = false "
+                "WHERE indexrelid = to_regclass('ix_scan_event_unfiled')"
+            )
+        )
+    assert _index_valid(scratch, "ix_scan_event_unfiled") is False
+
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, UNFILED_INDEX)
+    created = [s for s in upgrading if s.startswith("CREATE INDEX")]
+    assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True], created
+    assert _index_valid(scratch, "ix_scan_event_unfiled") is True
+    with scratch.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, f"{UNFILED_INDEX}-1")
+    dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
+    assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True], dropped
+    assert _index_valid(scratch, "ix_scan_event_unfiled") is None
 
 
 def _index_valid(engine: Engine, name: str) -> bool | None:

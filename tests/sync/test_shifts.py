@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import insert, select, update
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
@@ -235,6 +235,31 @@ def test_an_event_pushed_before_its_shift_opened_is_filed_under_it_when_it_opens
     shift = pda.open()
     assert session.scalars(select(ScanEvent.shift_id)).one() == shift.id
     assert shift_balance(session=session, shift=shift).checked_out == 1
+
+
+def test_opening_a_shift_reads_only_the_pdas_events_filed_under_none(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """What the opening files is looked up among the PDA's events filed under no
+    shift, by time (``ix_scan_event_unfiled``), not among every event the PDA sent.
+    On SQLite, here; PostgreSQL's plan is checked on a realistic history, in
+    ``tests/courier_api/test_query_plans.py``."""
+    if session.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL plans depend on statistics: test_query_plans.py has them")
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        sent.append((statement, parameters))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        pda.open()
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    [(update, parameters)] = [(s, p) for s, p in sent if s.startswith("UPDATE scan_event")]
+    plan = session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {update}", parameters)
+    assert "USING INDEX ix_scan_event_unfiled" in " ".join(row[-1] for row in plan)
 
 
 def test_another_courier_on_the_same_pda_never_files_into_its_shift(

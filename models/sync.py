@@ -36,6 +36,8 @@ DELIVERY_TYPES = (
     EventType.DELIVERED_TO_PICKUP_POINT,
 )
 DELIVERY_PREDICATE = "type IN ({})".format(", ".join(f"'{t.value}'" for t in DELIVERY_TYPES))
+# Events filed under no shift (``ix_scan_event_unfiled``).
+UNFILED_PREDICATE = "shift_id IS NULL"
 
 
 class SyncBatch(Base):
@@ -95,8 +97,8 @@ class ScanEvent(Base):
             "ix_scan_event_unfiled",
             "device_id",
             "occurred_at",
-            postgresql_where=text("shift_id IS NULL"),
-            sqlite_where=text("shift_id IS NULL"),
+            postgresql_where=text(UNFILED_PREDICATE),
+            sqlite_where=text(UNFILED_PREDICATE),
         ),
     )
 

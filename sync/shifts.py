@@ -45,10 +45,13 @@ MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
 _shifts = Shift.__table__
 # The shifts of one courier on one PDA that may hold some of a push's events, in order:
 # what ``ShiftFiler`` files them under. Those whose declared seqs leave room for one of
-# the push's seqs, and those open at some time of the push's events give or take the
-# filing grace: a push reads the few near it, however many shifts the courier worked on
-# that PDA before (all of them were read, and a year of daily shifts made a one-scan
-# push cost 1.5 times as much on SQLite: ``bench/scaling.py shifts``).
+# the push's seqs; those open at some time of the push's events, give or take the
+# filing grace; and those opened or closed within it of one (what ``file`` looks at,
+# also for a shift whose clock closed it before it opened). The database still walks
+# the PDA's shifts in its index, but hands over only these few, however many shifts
+# the courier worked on that PDA before: all of them were loaded, and a year of daily
+# shifts made a one-scan push cost 1.5 times as much on SQLite (``bench/scaling.py
+# shifts``).
 SHIFT_WINDOWS = (
     select(
         _shifts.c.id,
@@ -70,6 +73,8 @@ SHIFT_WINDOWS = (
                 _shifts.c.opened_at <= bindparam("until"),
                 or_(_shifts.c.closed_at.is_(None), _shifts.c.closed_at >= bindparam("since")),
             ),
+            _shifts.c.opened_at.between(bindparam("since"), bindparam("until")),
+            _shifts.c.closed_at.between(bindparam("since"), bindparam("until")),
         ),
     )
     .order_by(_shifts.c.opened_at, _shifts.c.id)

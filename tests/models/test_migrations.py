@@ -105,8 +105,8 @@ UNFILED_INDEX = "5b1e7c2d9a40"  # events filed under no shift, built CONCURRENTL
 
 @pytest.mark.postgres_only
 def test_the_unfiled_events_index_is_built_and_dropped_concurrently(scratch: Engine) -> None:
-    """As the hot queries' indexes: built without holding pushes back, an INVALID one
-    left by a failed build built again, and what the models declare once built."""
+    """As the hot queries' indexes: built without holding pushes back, and an INVALID
+    one left by a failed build built again."""
     migrate.upgrade(scratch, f"{UNFILED_INDEX}-1")
     with scratch.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(  # what a build that failed half-way leaves
@@ -125,9 +125,6 @@ def test_the_unfiled_events_index_is_built_and_dropped_concurrently(scratch: Eng
     created = [s for s in upgrading if s.startswith("CREATE INDEX")]
     assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True], created
     assert _index_valid(scratch, "ix_scan_event_unfiled") is True
-    with scratch.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, Base.metadata) == []
 
     with statements(scratch) as downgrading:
         migrate.downgrade(scratch, f"{UNFILED_INDEX}-1")

@@ -257,8 +257,8 @@ def test_opening_a_shift_reads_only_the_pdas_events_filed_under_none(
         pda.open()
     finally:
         event.remove(connection, "before_cursor_execute", capture)
-    [(update, parameters)] = [(s, p) for s, p in sent if s.startswith("UPDATE scan_event")]
-    plan = session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {update}", parameters)
+    [(filing, parameters)] = [(s, p) for s, p in sent if s.startswith("UPDATE scan_event")]
+    plan = session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {filing}", parameters)
     assert "USING INDEX ix_scan_event_unfiled" in " ".join(row[-1] for row in plan)
 
 
@@ -593,7 +593,8 @@ SEQS = st.integers(min_value=1, max_value=400)
 SHIFT_SPECS = st.lists(
     st.tuples(
         MINUTES,  # opened
-        st.integers(min_value=1, max_value=14 * 60),  # minutes until closed
+        # Minutes until closed; or a server clock stepped back closed it "before" it opened.
+        st.integers(min_value=1, max_value=14 * 60) | st.integers(min_value=-60, max_value=0),
         st.none() | SEQS,  # first_seq
         st.none() | st.integers(min_value=0, max_value=200),  # last_seq - first_seq
         st.booleans(),  # the courier's own (else another courier's on the same PDA)
@@ -676,6 +677,38 @@ def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_the
     for filing in events:  # alone: the push's bounds are the event's own
         alone = shifts.ShiftFiler(session, device.id, world.courier.id, rules, [filing])
         assert alone.file(filing) == everything.file(filing)
+
+
+@pytest.mark.parametrize(
+    ("opened", "closed"),
+    [(3, -10), (10, -2)],
+    ids=["opened-just-after", "closed-just-before"],
+)
+def test_a_shift_closed_before_it_opened_still_takes_the_scans_near_either_end(
+    session: Session, world: World, pda: Pda, opened: int, closed: int
+) -> None:
+    """A server clock stepped back between opening and closing leaves a shift closed
+    "before" it opened. A scan a few minutes (within the filing grace) before its
+    opening, or after its close, is still filed under it, as it was when the filer read
+    every shift: the bounded read must not assume the close comes after the opening."""
+    scan_at = NOW - dt.timedelta(days=1)
+    shift_id = session.execute(
+        insert(Shift)
+        .values(
+            station_id=world.station.id,
+            courier_id=world.courier.id,
+            device_id=pda.device.id,
+            status=ShiftStatus.CLOSED,
+            work_date=scan_at.date(),
+            opened_at=scan_at + dt.timedelta(minutes=opened),
+            planned_end_at=scan_at + dt.timedelta(hours=9),
+            closed_at=scan_at + dt.timedelta(minutes=closed),
+        )
+        .returning(Shift.id)
+    ).scalar_one()
+    scan = shifts.Filing(seq=1, claimed=None, occurred_at=scan_at)
+    filer = shifts.ShiftFiler(session, pda.device.id, world.courier.id, ShiftRules(), [scan])
+    assert filer.file(scan) == shift_id
 
 
 def test_first_seq_must_not_reach_into_an_earlier_shift(

@@ -24,9 +24,10 @@ first tenth and the end (flat: a push keeps nothing once answered).
 
 ``shifts``: two couriers, each with a PDA and a shift open on it (first seq declared),
 push one scan at a time, in alternation, ``--pushes`` each: one new to the PDA, one
-who worked ``--past-shifts`` shifts on it before (one a day, closed, signed off, with
-their seqs declared). Prints the median time of a push of each and their ratio: flat
-when it stays near 1 (filing a scan reads the shifts near it, not all of them).
+who worked ``--past-shifts`` shifts on it before (one a day, signed off, with their
+seqs declared and a hundred scans each stored under them). Prints the median time of
+a push of each and their ratio: flat when it stays near 1 (a push reads the shifts
+near it and the events it needs, not the PDA's history).
 
 The pushes are the ones ``bench/ingest.py`` builds (parcels taken in beforehand,
 checked out, out for delivery, delivered with a proof or a failed attempt), and
@@ -66,6 +67,7 @@ from sqlalchemy import insert
 from courier_api.serve import freeze_startup_objects
 from models import DeviceSyncState, Shift, ShiftStatus
 
+PAST_SCANS_PER_SHIFT = 100  # ``shifts``: a day's scans of the veteran's year on the PDA
 MEMORY_PDAS = 40  # a PDA's scans are 2 s apart and must stay within a day of its pushes
 
 
@@ -189,49 +191,61 @@ def shifts(args: argparse.Namespace, url: str, instance: Path) -> None:
     fresh = statistics.median(seconds[new.device_id])
     worn = statistics.median(seconds[veteran.device_id])
     print(f"\n{describe(bench.engine)}; one-scan pushes, median of {args.pushes} each")
-    print(f"  {'courier new to the PDA:':<40}{fresh * 1000:6.2f} ms per push")
-    print(
-        f"  {f'courier with {args.past_shifts:,} shifts on it before:':<40}"
-        f"{worn * 1000:6.2f} ms per push; ratio {worn / fresh:.2f}"
+    veteran_label = (
+        f"courier with {args.past_shifts:,} shifts "
+        f"({args.past_shifts * PAST_SCANS_PER_SHIFT:,} scans) on it before:"
     )
+    width = len(veteran_label) + 1
+    print(f"  {'courier new to the PDA:':<{width}}{fresh * 1000:6.2f} ms per push")
+    print(f"  {veteran_label:<{width}}{worn * 1000:6.2f} ms per push; ratio {worn / fresh:.2f}")
     bench.engine.dispose()
 
 
 def past_shifts(bench: Bench, pda: Pda, count: int) -> None:
-    """``count`` daily shifts of ``pda``'s courier on it, the last ending two days ago,
-    signed off, each declaring a hundred seqs: the PDA's next seq follows them, and the
-    server holds every seq before it (their events are not stored: filing never reads
-    them)."""
+    """A year on the PDA, as far as ``count`` goes: a shift a day of ``pda``'s courier,
+    the last ending two days ago, signed off, each declaring the seqs of its hundred
+    scans, which are stored under it (their times those of the day). The PDA's next
+    seq follows them."""
     now = dt.datetime.now(dt.UTC)
-    rows = []
     for day in range(count):
         opened = now - dt.timedelta(days=count - day + 1)
-        rows.append(
-            {
-                "station_id": bench.station_id,
-                "courier_id": pda.courier_id,
-                "device_id": pda.device_id,
-                "status": ShiftStatus.SIGNED_OFF,
-                "work_date": opened.date(),
-                "opened_at": opened,
-                "planned_end_at": opened + dt.timedelta(hours=9),
-                "closed_at": opened + dt.timedelta(hours=9),
-                "first_seq": pda.last_seq + 1,
-                "last_seq": pda.last_seq + 100,
-            }
-        )
-        pda.last_seq += 100
-    if rows:
         with bench.engine.begin() as connection:
-            connection.execute(insert(Shift), rows)
-            connection.execute(
-                insert(DeviceSyncState).values(
+            shift_id = connection.execute(
+                insert(Shift)
+                .values(
+                    station_id=bench.station_id,
+                    courier_id=pda.courier_id,
                     device_id=pda.device_id,
-                    acked_through_seq=pda.last_seq,
-                    max_seq=pda.last_seq,
-                    missing_ranges=[],
+                    status=ShiftStatus.SIGNED_OFF,
+                    work_date=opened.date(),
+                    opened_at=opened,
+                    planned_end_at=opened + dt.timedelta(hours=9),
+                    closed_at=opened + dt.timedelta(hours=9),
+                    first_seq=pda.last_seq + 1,
+                    last_seq=pda.last_seq + PAST_SCANS_PER_SHIFT,
                 )
+                .returning(Shift.id)
+            ).scalar_one()
+        sent_at = (opened + dt.timedelta(hours=9)).astimezone(PDA_CLOCK)
+        pda.next_at = opened + dt.timedelta(minutes=5)
+        parcels = bench.take_in(math.ceil(PAST_SCANS_PER_SHIFT / EVENTS_PER_PARCEL))
+        events = pda_events(pda, parcels, PAST_SCANS_PER_SHIFT, sent_at, bench.rng)
+        rows = bench.raw_rows(pda, events, sent_at)
+        for row in rows:  # received when sent, on a clock that was right
+            row.update(
+                occurred_at=row["occurred_at_device"], received_at=sent_at, shift_id=shift_id
             )
+        bench.raw_insert(rows)
+    pda.next_at = None
+    with bench.engine.begin() as connection:
+        connection.execute(
+            insert(DeviceSyncState).values(
+                device_id=pda.device_id,
+                acked_through_seq=pda.last_seq,
+                max_seq=pda.last_seq,
+                missing_ranges=[],
+            )
+        )
 
 
 def scan_bodies(bench: Bench, pda: Pda, count: int) -> list[dict[str, Any]]:

@@ -361,6 +361,45 @@ def test_a_stored_id_sent_again_with_a_new_seq_is_a_conflicting_duplicate(
     assert "conflicting_duplicate" in set(session.scalars(select(Flag.kind)))
 
 
+def test_an_event_pushed_alone_that_the_database_refuses_leaves_the_rest_of_its_push(
+    session: Session, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan pushed on its own is inserted without a savepoint on SQLite, which undoes
+    a refused statement by itself: the refusal is answered, the push's other writes
+    (the batch's receipt, the device's acknowledgements) are kept, and the next push
+    goes on. On PostgreSQL the insert runs in a savepoint."""
+    tn = parcel.tracking_no
+    original = pda.event(1, tn)
+    pda.push([original])
+    reused = pda.event(2, tn, "out_for_delivery", client_event_id=original["client_event_id"])
+    batch_id = uuid.uuid4()
+    receipt = pda.push([reused], batch_id=batch_id)
+    assert statuses(receipt) == ["rejected"]
+    assert receipt["results"][0]["error"]["code"] == "conflicting_duplicate"
+    assert pda.push([reused], batch_id=batch_id) == receipt  # the receipt was stored
+
+    poison_id = str(uuid.uuid4())
+    validate = ingest_module.validate_event
+
+    def validate_but_let_poison_through(raw: Any, **kwargs: Any) -> Any:
+        valid = validate(raw, **kwargs)
+        return dataclasses.replace(valid, seq=0) if raw["client_event_id"] == poison_id else valid
+
+    monkeypatch.setattr(ingest_module, "validate_event", validate_but_let_poison_through)
+    receipt = pda.push([pda.event(2, tn, "out_for_delivery", client_event_id=poison_id)])
+    assert statuses(receipt) == ["rejected"]
+    assert receipt["results"][0]["error"]["code"] == "unstorable"
+
+    receipt = pda.push([pda.event(2, tn, "out_for_delivery")])
+    assert statuses(receipt) == ["applied"] and receipt["acked_through_seq"] == 2
+    assert sorted(session.scalars(select(ScanEvent.seq))) == [1, 2]
+    assert session.get(Parcel, parcel.id).status == ParcelStatus.OUT_FOR_DELIVERY
+    assert set(session.scalars(select(QuarantinedEvent.client_event_id))) == {
+        reused["client_event_id"],
+        poison_id,
+    }
+
+
 @pytest.mark.parametrize("correction_first", [False, True])
 def test_a_correction_filed_under_another_number_voids_its_target_in_either_order(
     session: Session, world: World, pda: Pda, correction_first: bool

@@ -99,6 +99,37 @@ def parcels(session: Session, world: World, n: int, **kw: Any) -> list[str]:
     return numbers
 
 
+def shift_row(
+    world: World,
+    device_id: str,
+    opened_at: dt.datetime,
+    closed_at: dt.datetime | None,
+    *,
+    courier_id: int | None = None,
+    first_seq: int | None = None,
+    last_seq: int | None = None,
+) -> dict[str, Any]:
+    """A ``shift`` row to insert as it is: histories no API call makes in a test (a year
+    of shifts, a close recorded before its opening). Closed unless ``closed_at`` is
+    ``None``; the world's courier's unless ``courier_id``."""
+    return {
+        "station_id": world.station.id,
+        "courier_id": world.courier.id if courier_id is None else courier_id,
+        "device_id": device_id,
+        "status": ShiftStatus.OPEN if closed_at is None else ShiftStatus.CLOSED,
+        "work_date": opened_at.date(),
+        "opened_at": opened_at,
+        "planned_end_at": opened_at + dt.timedelta(hours=9),
+        "closed_at": closed_at,
+        "first_seq": first_seq,
+        "last_seq": last_seq,
+    }
+
+
+def insert_shift(session: Session, row: dict[str, Any]) -> int:
+    return session.execute(insert(Shift).values(row).returning(Shift.id)).scalar_one()
+
+
 def handover_flags(session: Session, shift: Shift) -> dict[tuple[str, str], FlagStatus]:
     return {
         (flag.kind, flag.subject_key.partition(":")[2]): flag.status
@@ -558,18 +589,15 @@ def test_a_push_reads_the_shifts_near_it_not_a_year_of_them(
     session.execute(
         insert(Shift),
         [
-            {
-                "station_id": world.station.id,
-                "courier_id": world.courier.id,
-                "device_id": pda.device.id,
-                "status": ShiftStatus.SIGNED_OFF,
-                "work_date": (year_ago + dt.timedelta(days=day)).date(),
-                "opened_at": year_ago + dt.timedelta(days=day),
-                "planned_end_at": year_ago + dt.timedelta(days=day, hours=9),
-                "closed_at": year_ago + dt.timedelta(days=day, hours=9),
-                "first_seq": day * 100 + 1,
-                "last_seq": day * 100 + 100,
-            }
+            shift_row(
+                world,
+                pda.device.id,
+                opened_at=year_ago + dt.timedelta(days=day),
+                closed_at=year_ago + dt.timedelta(days=day, hours=9),
+                first_seq=day * 100 + 1,
+                last_seq=day * 100 + 100,
+            )
+            | {"status": ShiftStatus.SIGNED_OFF}
             for day in range(365)
         ],
     )
@@ -622,24 +650,19 @@ def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_the
     for opened, length, first_seq, span, own in shift_specs:
         opened_at = start + dt.timedelta(minutes=opened)
         rows.append(
-            {
-                "station_id": world.station.id,
-                "courier_id": world.courier.id if own else other.id,
-                "device_id": device.id,
-                "status": ShiftStatus.CLOSED,
-                "work_date": opened_at.date(),
-                "opened_at": opened_at,
-                "planned_end_at": opened_at + dt.timedelta(hours=9),
-                "closed_at": opened_at + dt.timedelta(minutes=length),
-                "first_seq": first_seq,
-                "last_seq": None if first_seq is None or span is None else first_seq + span,
-            }
+            shift_row(
+                world,
+                device.id,
+                opened_at,
+                opened_at + dt.timedelta(minutes=length),
+                courier_id=None if own else other.id,
+                first_seq=first_seq,
+                last_seq=None if first_seq is None or span is None else first_seq + span,
+            )
         )
     if rows and data.draw(st.booleans(), label="the last one still open"):
         rows[-1].update(status=ShiftStatus.OPEN, closed_at=None, last_seq=None)
-    ids = [
-        session.execute(insert(Shift).values(row).returning(Shift.id)).scalar_one() for row in rows
-    ]
+    ids = [insert_shift(session, row) for row in rows]
     claimable = st.none() | st.sampled_from(ids + [max(ids, default=0) + 1_000])
     # Anywhere in the ten days, or within twice the filing grace of an opening or a close.
     edges = [row[key] for row in rows for key in ("opened_at", "closed_at") if row[key]]
@@ -692,20 +715,15 @@ def test_a_shift_closed_before_it_opened_still_takes_the_scans_near_either_end(
     opening, or after its close, is still filed under it, as it was when the filer read
     every shift: the bounded read must not assume the close comes after the opening."""
     scan_at = NOW - dt.timedelta(days=1)
-    shift_id = session.execute(
-        insert(Shift)
-        .values(
-            station_id=world.station.id,
-            courier_id=world.courier.id,
-            device_id=pda.device.id,
-            status=ShiftStatus.CLOSED,
-            work_date=scan_at.date(),
+    shift_id = insert_shift(
+        session,
+        shift_row(
+            world,
+            pda.device.id,
             opened_at=scan_at + dt.timedelta(minutes=opened),
-            planned_end_at=scan_at + dt.timedelta(hours=9),
             closed_at=scan_at + dt.timedelta(minutes=closed),
-        )
-        .returning(Shift.id)
-    ).scalar_one()
+        ),
+    )
     scan = shifts.Filing(seq=1, claimed=None, occurred_at=scan_at)
     filer = shifts.ShiftFiler(session, pda.device.id, world.courier.id, ShiftRules(), [scan])
     assert filer.file(scan) == shift_id

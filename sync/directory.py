@@ -234,7 +234,9 @@ def _required_text(value: str, field: str) -> str:
 def _zone(name: str) -> str:
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    # OSError: a name of a folder of the zone database ("America") or of a file it
+    # cannot read; ZoneInfo looks names up as paths.
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise InvalidInput(
             f"{name!r} is not an IANA time zone (e.g. Asia/Shanghai)",
             code="invalid_timezone",

@@ -184,6 +184,29 @@ def test_method_and_granted_at_are_still_required_for_a_consent_that_answers_no_
     assert response.status_code == 422 and missing in response.get_json()["errors"]
 
 
+def test_a_refusal_that_answers_no_request_is_422_and_grants_nothing(
+    client: FlaskClient, channel: dict[str, str], parcel: str
+) -> None:
+    """Without a request_id, ``granted: false`` has nothing to answer; storing the rest
+    of the body as a consent would grant what the recipient refused."""
+    response = client.post(
+        CONSENTS,
+        json={
+            "tracking_no": parcel,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": dt.datetime.now(dt.UTC).isoformat(),
+            "granted": False,
+            "reason": "recipient said no",
+        },
+        headers=channel,
+    )
+    assert response.status_code == 422
+    assert response.get_json()["code"] == "refusal_without_request"
+    assert list(response.get_json()["errors"]) == ["granted"]
+    assert client.get(CONSENTS, headers=channel).get_json()["items"] == []
+
+
 def test_who_may_ask_and_read(
     client: FlaskClient, auth: Auth, world: World, courier: dict[str, str], parcel: str
 ) -> None:

@@ -80,7 +80,8 @@ class Consents(MethodView):
         now, `expires_at`, `evidence`); the parcel, method and point are the
         request's unless given; the answer (201) carries the request too.
         `granted: false` records a refusal (with an optional `reason`) and
-        answers 200 with the request. The courier's PDA hears the answer in its
+        answers 200 with the request; without a `request_id` it is a 422
+        `refusal_without_request` (nothing is recorded). The courier's PDA hears the answer in its
         pull feed (`consent_request`). The same answer sent again changes
         nothing and answers the same; the other answer is a 409
         `consent_request_answered`; one after the request lapsed a 409
@@ -88,7 +89,13 @@ class Consents(MethodView):
         """
         if body.get("request_id") is not None:
             return _answer_request(body)
-        body.pop("granted", None)
+        if not body.pop("granted"):  # recording it as a consent would grant what was refused
+            raise InvalidInput(
+                "a refusal answers a consent request: send its request_id "
+                "(without one there is nothing to refuse)",
+                code="refusal_without_request",
+                field="granted",
+            )
         body.pop("reason", None)
         for name in ("method", "granted_at"):
             if body.get(name) is None:

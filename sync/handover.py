@@ -43,7 +43,10 @@ HANDOVER_KINDS = (MISSING, NOT_ON_MANIFEST)
 POD_KINDS = frozenset({"delivered_without_pod"})
 CONSENT_KINDS = frozenset({"unauthorized_locker_drop", "consent_after_drop"})
 OUTCOME_KINDS = frozenset({"conflicting_final_outcome", "delivered_not_checked_out"})
-BALANCE_RULE_KINDS = POD_KINDS | CONSENT_KINDS | OUTCOME_KINDS
+# A parcel the station has not taken in: rules 4 and 5 cannot judge its events (no
+# class, no address) until it is, when the flag closes and its rule flags are raised.
+INTAKE_KINDS = frozenset({"unknown_parcel"})
+BALANCE_RULE_KINDS = POD_KINDS | CONSENT_KINDS | OUTCOME_KINDS | INTAKE_KINDS
 
 # A parcel the shift never checked out, with no final outcome in it either, is listed
 # as "no_outcome" (it is counted nowhere).

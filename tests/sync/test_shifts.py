@@ -18,6 +18,7 @@ from sync.balances import balances, shift_balance
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.shifts import ShiftRules
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
@@ -550,6 +551,42 @@ def test_a_corrected_return_makes_the_parcel_missing_again(
         received_at=NOW + dt.timedelta(minutes=4),
     )
     assert handover_flags(session, shift) == {("missing_at_handover", a): FlagStatus.OPEN}
+
+
+def test_a_parcel_not_taken_in_unbalances_its_shift_until_intake_judges_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Rules 4 and 5 cannot judge a parcel the station does not know (its class, its
+    address): a shift that handled one is not balanced on the strength of no flags.
+    Once taken in, the parcel's events are judged, here a delivery without a POD."""
+    (known,) = parcels(session, world, 1)
+    unknown = factories.s10()
+    shift = pda.open()
+    pda.push([pda.event(known), pda.event(unknown)])
+    pda.push([pda.event(known, "delivered"), pda.event(unknown, "delivered", pod={})])
+    pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "unbalanced"
+    assert [(d.kind, d.tracking_no) for d in balance.discrepancies] == [
+        ("unknown_parcel", unknown)
+    ]
+
+    intake_parcels(
+        session=session,
+        drafts=[(0, ParcelDraft(unknown, "parcel", "R", "1 Road"))],
+        rules=IntakeRules(
+            tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS),
+            phone_region="CN",
+        ),
+        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
+    )
+    session.commit()
+    balance = shift_balance(session=session, shift=shift)
+    assert balance.status == "unbalanced"
+    assert [(d.kind, d.tracking_no) for d in balance.discrepancies] == [
+        ("delivered_without_pod", unknown)
+    ]
+    assert (balance.delivered, balance.delivered_without_pod) == (1, 1)
 
 
 def test_one_open_shift_per_device(session: Session, world: World, pda: Pda) -> None:

@@ -489,6 +489,21 @@ class _Window:
             self.last_seq is None or seq <= self.last_seq
         )
 
+    def holds_by_seq(self, seq: int, occurred_at: dt.datetime, grace: dt.timedelta) -> bool:
+        """Whether the seqs the PDA declared name ``seq`` as this shift's (rule 2).
+
+        A shift closed without a ``last_seq`` declared where its seqs start, not where
+        they end: it ends at its close, in time. Later events, which a following shift
+        that declared no seqs may hold, are left to the time rules.
+        """
+        if self.first_seq is None or not self.may_hold(seq):
+            return False
+        return (
+            self.last_seq is not None
+            or self.closed_at is None
+            or (occurred_at <= self.closed_at + grace)
+        )
+
 
 class ShiftFiler:
     """Decides the shift each event of one courier's push is filed under.
@@ -499,7 +514,8 @@ class ShiftFiler:
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
     2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
        at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
-       clocks say;
+       clocks say; a shift closed without a ``last_seq`` holds by seq only what
+       happened before its close, give or take ``filing_grace``;
     3. the shift open when the event happened (corrected clock);
     4. one opened a little after it, or closed a little before it (``filing_grace``:
        corrected clocks are estimates, off by the push's latency), unless the
@@ -551,7 +567,7 @@ class ShiftFiler:
                 return claimed
             self.wrong_claims[seq] = claimed
         for window in reversed(self.windows):
-            if window.first_seq is not None and window.may_hold(seq):  # it declared seqs
+            if window.holds_by_seq(seq, occurred_at, self.grace):
                 return window.shift_id
         near: list[tuple[dt.timedelta, int]] = []
         for window in reversed(self.windows):

@@ -203,6 +203,32 @@ def test_events_are_filed_under_the_shift_open_when_they_happened(
     }
 
 
+@pytest.mark.parametrize("pushed", ["during the next shift", "before it opens"])
+def test_a_shift_closed_without_its_last_seq_holds_by_seq_only_what_came_before_its_close(
+    session: Session, world: World, pda: Pda, pushed: str
+) -> None:
+    """A shift that declared its first seq but closed without its last: the next shift
+    declares nothing, or declares the first seq of its own, and its scans are its own
+    (not the first shift's, whose handover would show them missing), whichever comes
+    first, the scan or the opening."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first)  # at NOW, no last_seq
+    later = NOW + dt.timedelta(hours=1)
+    scan = pda.event(b, occurred_at=later + dt.timedelta(minutes=1))  # seq 3
+    if pushed == "during the next shift":
+        second = pda.open(now=later)
+        pda.push([scan], received_at=later + dt.timedelta(minutes=2))
+    else:
+        pda.push([scan], received_at=later - dt.timedelta(minutes=30) + dt.timedelta(hours=1))
+        second = pda.open(first_seq=3, now=later + dt.timedelta(hours=1))
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: first.id, 2: first.id, 3: second.id}
+    assert shift_balance(session=session, shift=first).status == "balanced"
+    assert shift_balance(session=session, shift=second).checked_out == 1
+
+
 def test_with_declared_seqs_an_event_between_shifts_is_filed_the_same_whenever_pushed(
     session: Session, world: World, pda: Pda
 ) -> None:

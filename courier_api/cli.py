@@ -358,7 +358,7 @@ def import_parcels(
     csv_file: click.utils.LazyFile, station_code: str | None, batch_size: int
 ) -> None:
     """Take in parcels from a CSV file (header row: tracking_no, service_class,
-    recipient_name, recipient_phone, address, lat, lon, station).
+    recipient_name, address; optional recipient_phone, lat, lon, station, courier).
 
     Each batch is committed on its own; rejected rows are listed with their line
     number, and the command exits with status 1 if any row was rejected.

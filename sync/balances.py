@@ -16,7 +16,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -133,7 +133,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             select(DeviceSyncState).where(DeviceSyncState.device_id.in_(chunk))
         )
     }
-    next_starts = _next_shift_starts(session, shifts, lowest)
+    next_starts, previous_ends = _neighbour_bounds(session, shifts, lowest)
     facts = {}
     for shift in shifts:
         state = states.get(shift.device_id)
@@ -152,37 +152,63 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
                 device_missing=state.missing_ranges if state else [],
                 lowest_event_seq=lowest.get(shift.id),
                 next_shift_seq=next_starts.get(shift.id),
+                previous_shift_end=previous_ends.get(shift.id),
             ),
         )
     return facts
 
 
-def _next_shift_starts(
+class _Neighbour(NamedTuple):
+    opened_at: Any
+    shift_id: int
+    first_seq: int | None
+    last_seq: int | None
+
+
+def _neighbour_bounds(
     session: Session, shifts: Sequence[Shift], lowest: dict[int, int]
-) -> dict[int, int]:
-    """``{shift id: the seq where its device's next shift starts}``, for closed shifts
-    that declared no last_seq (two queries, whatever the number of shifts)."""
-    undeclared = [s for s in shifts if s.status != ShiftStatus.OPEN and s.last_seq is None]
-    if not undeclared:
-        return {}
-    devices = sorted({s.device_id for s in undeclared})
-    timeline: dict[str, list[tuple[Any, int, int | None]]] = defaultdict(list)
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Where the device's neighbouring shifts bound what a shift may own, for shifts
+    that did not declare that bound themselves (two queries, whatever their number):
+
+    * ``{shift id: the seq where its device's next shift starts}``, for closed shifts
+      that declared no last_seq (the next one's first_seq, else its lowest event's);
+    * ``{shift id: the seq where its device's previous shift ended}``, for shifts that
+      declared no first_seq: the previous one's last_seq, 0 with no previous shift.
+      A previous shift closed without its last_seq owns what lies between (the first
+      bullet), so it is left out and the shift starts at its lowest event.
+    """
+    undeclared_last = [s for s in shifts if s.status != ShiftStatus.OPEN and s.last_seq is None]
+    undeclared_first = [s for s in shifts if s.first_seq is None]
+    if not undeclared_last and not undeclared_first:
+        return {}, {}
+    devices = sorted({s.device_id for s in (*undeclared_last, *undeclared_first)})
+    timeline: dict[str, list[_Neighbour]] = defaultdict(list)
     for chunk in chunks(devices):
-        for shift_id, device_id, opened_at, first_seq in session.execute(
-            select(Shift.id, Shift.device_id, Shift.opened_at, Shift.first_seq)
+        for device_id, *neighbour in session.execute(
+            select(Shift.device_id, Shift.opened_at, Shift.id, Shift.first_seq, Shift.last_seq)
             .where(Shift.device_id.in_(chunk))
             .order_by(Shift.opened_at, Shift.id)
         ):
-            timeline[device_id].append((opened_at, shift_id, first_seq))
-    following: dict[int, tuple[int, int | None]] = {}  # shift -> (next shift, its first_seq)
-    for shift in undeclared:
-        later = [
-            t for t in timeline[shift.device_id] if (t[0], t[1]) > (shift.opened_at, shift.id)
-        ]
-        if later:
-            following[shift.id] = (later[0][1], later[0][2])
+            timeline[device_id].append(_Neighbour(*neighbour))
+    following: dict[int, _Neighbour] = {}
+    preceding: dict[int, _Neighbour | None] = {}
+    for shift in {*undeclared_last, *undeclared_first}:
+        key = (shift.opened_at, shift.id)
+        same_device = timeline[shift.device_id]
+        if shift.status != ShiftStatus.OPEN and shift.last_seq is None:
+            later = [n for n in same_device if (n.opened_at, n.shift_id) > key]
+            if later:
+                following[shift.id] = later[0]
+        if shift.first_seq is None:
+            earlier = [n for n in same_device if (n.opened_at, n.shift_id) < key]
+            preceding[shift.id] = earlier[-1] if earlier else None
     unknown = sorted(
-        {nxt for nxt, first in following.values() if first is None and nxt not in lowest}
+        {
+            n.shift_id
+            for n in following.values()
+            if n.first_seq is None and n.shift_id not in lowest
+        }
     )
     starts = dict(lowest)
     for chunk in chunks(unknown):
@@ -193,11 +219,17 @@ def _next_shift_starts(
                 .group_by(ScanEvent.shift_id)
             ).all()
         )
-    return {
-        shift_id: first if first is not None else starts[nxt]
-        for shift_id, (nxt, first) in following.items()
-        if first is not None or nxt in starts
+    next_starts = {
+        shift_id: nxt.first_seq if nxt.first_seq is not None else starts[nxt.shift_id]
+        for shift_id, nxt in following.items()
+        if nxt.first_seq is not None or nxt.shift_id in starts
     }
+    previous_ends = {
+        shift_id: 0 if previous is None else previous.last_seq
+        for shift_id, previous in preceding.items()
+        if previous is None or previous.last_seq is not None
+    }
+    return next_starts, previous_ends
 
 
 def _corrections(

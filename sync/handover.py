@@ -128,6 +128,10 @@ class ShiftSeqs:
     # Where the device's next shift starts (its first_seq, else its lowest event's):
     # what a closed shift that declared no last_seq may own ends before it.
     next_shift_seq: int | None = None
+    # Where the device's previous shift ended (its declared last_seq; 0 with no previous
+    # shift): what a shift that declared no first_seq may own starts after it. None
+    # when the previous shift declared none (what lies between is that one's).
+    previous_shift_end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -347,14 +351,16 @@ def _outcome(trail: ParcelTrail, cited: Sequence[FlagRef]) -> str:
 def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
     """The sequence numbers the server lacks that may hold events of this shift.
 
-    The shift owns the seqs from the first it declared (else the lowest it holds)
-    to the last it declared at closing; a shift that declared none owns everything
-    up to where the device's next shift starts (or, with no next shift, the device's
-    highest seq): a gap there may hold its last events, and says so until they
-    come. Missing are the device's gaps below its highest seq, plus a declared last
-    seq beyond it (a final batch that never came).
+    The shift owns the seqs from the first it declared (else from where the device's
+    previous shift declared its end, or from 1 on the device's first shift; else from
+    the lowest it holds) to the last it declared at
+    closing; a shift that declared none owns everything up to where the device's
+    next shift starts (or, with no next shift, the device's highest seq): a gap
+    there may hold its first or last events, and says so until they come. Missing
+    are the device's gaps below its highest seq, plus a declared last seq beyond it
+    (a final batch that never came).
     """
-    low = seqs.first_seq if seqs.first_seq is not None else seqs.lowest_event_seq
+    low = _first_owned_seq(seqs)
     if low is None:
         return [], 0
     if seqs.last_seq is not None:
@@ -376,6 +382,14 @@ def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
         room = MISSING_SEQS_SHOWN - len(shown)
         shown.extend(range(first, min(last, first + room - 1) + 1))
     return shown, count
+
+
+def _first_owned_seq(seqs: ShiftSeqs) -> int | None:
+    if seqs.first_seq is not None:
+        return seqs.first_seq
+    after_previous = None if seqs.previous_shift_end is None else seqs.previous_shift_end + 1
+    known = [s for s in (after_previous, seqs.lowest_event_seq) if s is not None]
+    return min(known, default=None)
 
 
 def sign_off_blocked(balance: Balance) -> str | None:

@@ -77,13 +77,13 @@ class Pda:
         self.session.commit()
         return receipt
 
-    def close(self, shift: Shift, *, last_seq: int | None = None) -> Shift:
+    def close(self, shift: Shift, *, last_seq: int | None = None, now: dt.datetime = NOW) -> Shift:
         shift = shifts.close_shift(
             session=self.session,
             shift=shift,
             closed_by=self.world.courier.id,
             last_seq=last_seq,
-            now=NOW,
+            now=now,
         )
         self.session.commit()
         return shift
@@ -429,6 +429,44 @@ def test_a_gap_of_an_earlier_shift_does_not_hold_a_later_one(
     assert shift_balance(session=session, shift=first).missing_seqs == [1]
     second_balance = shift_balance(session=session, shift=second)
     assert (second_balance.status, second_balance.missing_seqs) == ("balanced", [])
+
+
+def test_a_shift_without_first_seq_owns_the_gap_below_its_first_event_that_arrived(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The PDA's first shift declared no first_seq; its check-outs (seqs 1 and 2) are
+    still on the PDA, its deliveries arrived: the balance waits for them (provisional),
+    rather than showing the deliveries as not on the manifest."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    check_outs = [pda.event(a), pda.event(b)]
+    pda.push([pda.event(a, "delivered"), pda.event(b, "delivered")])
+    shift = pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.missing_seqs) == ("provisional", [1, 2])
+    pda.push(check_outs)
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.missing_seqs, balance.delivered) == ("balanced", [], 2)
+
+
+def test_after_a_declared_last_seq_the_next_shift_owns_from_the_seq_after_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The next shift declared no first_seq: it owns from the seq after the previous
+    shift's last_seq, so a closing with a last_seq and none of its events in yet is
+    provisional, not balanced with nothing checked out."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first, last_seq=2)
+    second = pda.open(now=NOW + dt.timedelta(minutes=1))
+    second = pda.close(second, last_seq=5, now=NOW + dt.timedelta(hours=2))  # 3 to 5: on the PDA
+    balance = shift_balance(session=session, shift=second)
+    assert (balance.status, balance.missing_seqs, balance.checked_out) == (
+        "provisional",
+        [3, 4, 5],
+        0,
+    )
 
 
 def test_a_gap_between_an_undeclared_close_and_the_next_shift_belongs_to_the_first(

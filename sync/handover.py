@@ -351,14 +351,12 @@ def _outcome(trail: ParcelTrail, cited: Sequence[FlagRef]) -> str:
 def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
     """The sequence numbers the server lacks that may hold events of this shift.
 
-    The shift owns the seqs from the first it declared (else from where the device's
-    previous shift declared its end, or from 1 on the device's first shift; else from
-    the lowest it holds) to the last it declared at
-    closing; a shift that declared none owns everything up to where the device's
-    next shift starts (or, with no next shift, the device's highest seq): a gap
-    there may hold its first or last events, and says so until they come. Missing
-    are the device's gaps below its highest seq, plus a declared last seq beyond it
-    (a final batch that never came).
+    The shift owns the seqs from the first it declared (``_first_owned_seq``) to the
+    last it declared at closing; a shift that declared none owns everything up to
+    where the device's next shift starts (or, with no next shift, the device's highest
+    seq): a gap there may hold its first or last events, and says so until they come.
+    Missing are the device's gaps below its highest seq, plus a declared last seq
+    beyond it (a final batch that never came).
     """
     low = _first_owned_seq(seqs)
     if low is None:
@@ -385,6 +383,9 @@ def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
 
 
 def _first_owned_seq(seqs: ShiftSeqs) -> int | None:
+    """The declared first seq; else the one after the previous shift's declared last
+    (1 on the device's first shift); else the lowest the shift holds. Never above the
+    lowest it holds (an event filed by time or by the PDA's claim may lie below)."""
     if seqs.first_seq is not None:
         return seqs.first_seq
     after_previous = None if seqs.previous_shift_end is None else seqs.previous_shift_end + 1

@@ -81,8 +81,9 @@ class Consents(MethodView):
         request's unless given; the answer (201) carries the request too.
         `granted: false` records a refusal (with an optional `reason`) and
         answers 200 with the request; without a `request_id` it is a 422
-        `refusal_without_request` (nothing is recorded). The courier's PDA hears the answer in its
-        pull feed (`consent_request`). The same answer sent again changes
+        `refusal_without_request` (nothing is recorded). The courier's PDA
+        hears the answer in its pull feed (`consent_request`). The same answer
+        sent again changes
         nothing and answers the same; the other answer is a 409
         `consent_request_answered`; one after the request lapsed a 409
         `consent_request_expired`.

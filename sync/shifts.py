@@ -523,7 +523,7 @@ class ShiftFiler:
     5. otherwise none: events between shifts, or before the first, belong to none.
 
     An event filed under none because its shift opened only after it arrived is
-    filed under that shift when it opens (``open_shift``). PDAs that declare their
+    filed under that shift when it opens (``open_shift``). PDAs that declare both
     seqs get a filing that does not depend on when anything was pushed.
     """
 

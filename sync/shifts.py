@@ -16,10 +16,21 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    ScalarSelect,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,6 +54,47 @@ MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
 _shifts = Shift.__table__
+
+
+def adjacent_shift(
+    shift: FromClause, column: str, *, following: bool, same_courier: bool
+) -> ScalarSelect[Any]:
+    """``column`` of the shift on ``shift``'s PDA opened just after it (or just before),
+    in the order shifts opened; of the same courier's shifts only, if ``same_courier``.
+    Correlated to the row of ``shift`` (``Shift``'s table or an alias of it): one probe
+    of ``ix_shift_device_opened`` per row."""
+    other = _shifts.alias("adjacent_shift")
+    if following:
+        beyond = and_(
+            other.c.opened_at >= shift.c.opened_at,
+            or_(other.c.opened_at > shift.c.opened_at, other.c.id > shift.c.id),
+        )
+        order = (other.c.opened_at, other.c.id)
+    else:
+        beyond = and_(
+            other.c.opened_at <= shift.c.opened_at,
+            or_(other.c.opened_at < shift.c.opened_at, other.c.id < shift.c.id),
+        )
+        order = (other.c.opened_at.desc(), other.c.id.desc())
+    query = select(other.c[column]).where(other.c.device_id == shift.c.device_id, beyond)
+    if same_courier:
+        query = query.where(other.c.courier_id == shift.c.courier_id)
+    return query.order_by(*order).limit(1).scalar_subquery()
+
+
+def _next_own_shift(column: str) -> ColumnElement[Any]:
+    """``column`` of the courier's next shift on the PDA, for a shift that closed with
+    a first seq and no last seq (NULL for any other, or with no next shift)."""
+    seqs_left_open = and_(
+        _shifts.c.closed_at.is_not(None),
+        _shifts.c.first_seq.is_not(None),
+        _shifts.c.last_seq.is_(None),
+    )
+    return case(
+        (seqs_left_open, adjacent_shift(_shifts, column, following=True, same_courier=True))
+    )
+
+
 # The shifts of one courier on one PDA that may hold some of a push's events, in order:
 # what ``ShiftFiler`` files them under. Those whose declared seqs leave room for one of
 # the push's seqs; those open at some time of the push's events, give or take the
@@ -51,7 +103,8 @@ _shifts = Shift.__table__
 # the PDA's shifts in its index, but hands over only these few, however many shifts
 # the courier worked on that PDA before: all of them were loaded, and a year of daily
 # shifts made a one-scan push cost 1.5 times as much on SQLite (``bench/scaling.py
-# shifts``).
+# shifts``). A shift closed without its last seq comes with where the courier's next
+# shift on the PDA starts (``_Window.holds_by_seq``): one index probe, for it alone.
 SHIFT_WINDOWS = (
     select(
         _shifts.c.id,
@@ -59,6 +112,8 @@ SHIFT_WINDOWS = (
         _shifts.c.closed_at,
         _shifts.c.first_seq,
         _shifts.c.last_seq,
+        _next_own_shift("opened_at"),
+        _next_own_shift("first_seq"),
     )
     .where(
         _shifts.c.device_id == bindparam("device_id"),
@@ -125,15 +180,19 @@ def open_shift(
     current = open_shift_of(session=session, device_id=device.id)
     if current is not None:
         raise _already_open(current)
+    previous = _previous_with_open_seqs(session, device.id, courier_id)
     if first_seq is not None:
-        filed = session.scalar(
-            select(func.max(ScanEvent.seq)).where(
-                ScanEvent.device_id == device.id, ScanEvent.shift_id.is_not(None)
-            )
+        filed = select(func.max(ScanEvent.seq)).where(
+            ScanEvent.device_id == device.id, ScanEvent.shift_id.is_not(None)
         )
-        if filed is not None and first_seq <= filed:
+        if previous is not None and previous.first_seq < first_seq:
+            # What the previous shift holds only because its seqs were left open is
+            # this one's from its first seq on: moved below, not a conflict.
+            filed = filed.where(~_refilable_from(previous.id))
+        used = session.scalar(filed)
+        if used is not None and first_seq <= used:
             raise Conflict(
-                f"first_seq {first_seq} is already used: this PDA's seq {filed} belongs "
+                f"first_seq {first_seq} is already used: this PDA's seq {used} belongs "
                 "to an earlier shift; declare the seq the shift's first event carries",
                 code="first_seq_used",
                 field="first_seq",
@@ -177,7 +236,76 @@ def open_shift(
         .values(shift_id=shift.id)
         .execution_options(synchronize_session=False)
     )
+    if previous is not None:
+        _refile_from_previous(session, previous, shift, belongs, rules)
     return shift
+
+
+class _OpenSeqs(NamedTuple):
+    id: int
+    first_seq: int
+
+
+def _previous_with_open_seqs(
+    session: Session, device_id: str, courier_id: int
+) -> _OpenSeqs | None:
+    """The courier's last shift on the PDA, if it closed with a first seq and no last
+    seq: its seqs run on until the next shift starts (``_Window.holds_by_seq``), so it
+    may hold events that the shift opening now takes."""
+    row = session.execute(
+        select(Shift.id, Shift.first_seq, Shift.last_seq)
+        .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
+        .order_by(Shift.opened_at.desc(), Shift.id.desc())
+        .limit(1)
+    ).first()
+    if row is None or row.first_seq is None or row.last_seq is not None:
+        return None
+    return _OpenSeqs(row.id, row.first_seq)
+
+
+def _refilable_from(shift_id: int) -> ColumnElement[bool]:
+    """Events filed under ``shift_id`` by its seqs or its times, not because the PDA
+    named it."""
+    return and_(
+        ScanEvent.shift_id == shift_id,
+        or_(ScanEvent.claimed_shift_id.is_(None), ScanEvent.claimed_shift_id != shift_id),
+    )
+
+
+def _refile_from_previous(
+    session: Session,
+    previous: _OpenSeqs,
+    opened: Shift,
+    belongs: ColumnElement[bool],
+    rules: ShiftRules,
+) -> None:
+    """File again, as ``ShiftFiler`` files them now that ``opened`` bounds its seqs, the
+    events the previous shift held only because its seqs were left open: those pushed
+    before this opening that would have been this shift's had they come after."""
+    from sync.balances import refresh_handover_flags
+
+    rows = session.execute(
+        select(ScanEvent.id, ScanEvent.seq, ScanEvent.occurred_at).where(
+            _refilable_from(previous.id), belongs
+        )
+    ).all()
+    if not rows:
+        return
+    filings = [Filing(row.seq, None, row.occurred_at) for row in rows]
+    filer = ShiftFiler(session, opened.device_id, opened.courier_id, rules, filings)
+    moved = [
+        {"id": row.id, "shift_id": shift_id}
+        for row, filing in zip(rows, filings, strict=True)
+        if (shift_id := filer.file(filing)) != previous.id
+    ]
+    if not moved:
+        return
+    session.execute(update(ScanEvent), moved)  # by primary key
+    # The previous shift lost events; one they moved to may be closed (clocks).
+    judged = {previous.id, *(m["shift_id"] for m in moved if m["shift_id"] is not None)}
+    refresh_handover_flags(
+        session=session, shifts=[lock_shift(session, i) for i in sorted(judged)]
+    )
 
 
 def _already_open(current: Shift) -> Conflict:
@@ -482,6 +610,10 @@ class _Window:
     closed_at: dt.datetime | None
     first_seq: int | None
     last_seq: int | None
+    # Where the courier's next shift on the PDA starts, for a shift closed with a first
+    # seq and no last seq: its opening, and its first seq if it declared one.
+    next_opened_at: dt.datetime | None = None
+    next_first_seq: int | None = None
 
     def may_hold(self, seq: int) -> bool:
         """Whether the seqs the PDA declared leave room for ``seq`` in this shift."""
@@ -492,17 +624,22 @@ class _Window:
     def holds_by_seq(self, seq: int, occurred_at: dt.datetime, grace: dt.timedelta) -> bool:
         """Whether the seqs the PDA declared name ``seq`` as this shift's (rule 2).
 
-        A shift closed without a ``last_seq`` declared where its seqs start, not where
-        they end: it ends at its close, in time. Later events, which a following shift
-        that declared no seqs may hold, are left to the time rules.
+        A shift closed without its last seq declared where its seqs start, not where
+        they end: they run on until the courier's next shift on the PDA starts, at that
+        shift's first seq, or (undeclared) at its opening, give or take the filing
+        grace (what the time rules give the next shift). With no next shift yet, every
+        later seq is this shift's; the next one takes its own when it opens
+        (``open_shift``). Neither bound depends on when anything was pushed.
         """
         if self.first_seq is None or not self.may_hold(seq):
             return False
-        return (
-            self.last_seq is not None
-            or self.closed_at is None
-            or (occurred_at <= self.closed_at + grace)
-        )
+        if self.last_seq is not None or self.closed_at is None:
+            return True
+        if self.next_first_seq is not None:
+            return seq < self.next_first_seq
+        if self.next_opened_at is not None:
+            return occurred_at < self.next_opened_at - grace
+        return True
 
 
 class ShiftFiler:
@@ -514,8 +651,8 @@ class ShiftFiler:
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
     2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
        at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
-       clocks say; a shift closed without a ``last_seq`` holds by seq only what
-       happened before its close, give or take ``filing_grace``;
+       clocks say; the seqs of a shift closed without a ``last_seq`` run on until
+       the courier's next shift on the PDA starts (``_Window.holds_by_seq``);
     3. the shift open when the event happened (corrected clock);
     4. one opened a little after it, or closed a little before it (``filing_grace``:
        corrected clocks are estimates, off by the push's latency), unless the

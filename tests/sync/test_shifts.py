@@ -66,10 +66,18 @@ class Pda:
             fields.setdefault("pod", POD)
         return factories.event(self.seq, tracking_no, type, **fields)
 
-    def push(self, events: list[dict], *, received_at: dt.datetime = NOW) -> dict[str, Any]:
+    def push(
+        self,
+        events: list[dict],
+        *,
+        received_at: dt.datetime = NOW,
+        latency: dt.timedelta = dt.timedelta(0),
+    ) -> dict[str, Any]:
+        """Push ``events``, sent ``latency`` before they arrive (on a PDA clock that is
+        right: the server's estimate of it is off by the latency)."""
         receipt = ingest(
             session=self.session,
-            batch=PushBatch(self.device.id, uuid.uuid4(), received_at, events),
+            batch=PushBatch(self.device.id, uuid.uuid4(), received_at - latency, events),
             pusher=self.pusher,
             rules=RULES,
             received_at=received_at,
@@ -227,6 +235,117 @@ def test_a_shift_closed_without_its_last_seq_holds_by_seq_only_what_came_before_
     assert filed == {1: first.id, 2: first.id, 3: second.id}
     assert shift_balance(session=session, shift=first).status == "balanced"
     assert shift_balance(session=session, shift=second).checked_out == 1
+
+
+@pytest.mark.parametrize("latency", [0, 3, 30], ids=lambda m: f"{m}-min-upload")
+def test_a_shift_closed_without_its_last_seq_holds_its_later_seqs_whatever_the_latency(
+    session: Session, world: World, pda: Pda, latency: int
+) -> None:
+    """The return scanned a few minutes after the close, sent when the PDA next found a
+    network: the server's estimate of the PDA's clock is off by the upload's latency,
+    so the scan's corrected time lies anywhere after the close. The shift declared
+    its first seq and no next shift has started: the scan is its own, however late it
+    came (rule 3), and the parcel is not missing."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = pda.close(shift)  # at NOW, no last_seq
+    assert shift_balance(session=session, shift=shift).missing == 1
+    returned = pda.event(a, "returned_to_station", occurred_at=NOW + dt.timedelta(minutes=3))
+    pda.push(
+        [returned],
+        received_at=NOW + dt.timedelta(minutes=4 + latency),
+        latency=dt.timedelta(minutes=latency),
+    )
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 2)).one() == (
+        shift.id
+    )
+    assert shift_balance(session=session, shift=shift).status == "balanced"
+
+
+@pytest.mark.parametrize(
+    ("gap", "minutes", "pushed"),
+    [
+        (60, -3, "before the opening"),
+        (60, -3, "after the opening"),
+        (60, 2, "after the opening"),
+        (1, 2, "after the opening"),
+    ],
+    ids=[
+        "scanned-and-pushed-just-before-the-opening",
+        "scanned-just-before-the-opening",
+        "scanned-just-after-the-opening",
+        "opened-a-minute-after-the-close",
+    ],
+)
+def test_the_next_shift_takes_its_first_scans_from_one_closed_without_its_last_seq(
+    session: Session, world: World, pda: Pda, gap: int, minutes: int, pushed: str
+) -> None:
+    """The next shift, opened ``gap`` minutes after the close, declared no seqs; its
+    check-out, scanned just after it opened (or a moment before, within the filing
+    grace), and its delivery are its own, not the previous shift's by seq, whether the
+    check-out reached the server before the opening (filed under the previous shift
+    until then) or after: the previous shift is balanced, the next one delivered what
+    it took."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first)  # at NOW, no last_seq
+    opening = NOW + dt.timedelta(minutes=gap)
+    check_out = pda.event(b, occurred_at=opening + dt.timedelta(minutes=minutes))
+    if pushed == "before the opening":
+        pda.push([check_out], received_at=opening - dt.timedelta(seconds=30))
+        held = session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one()
+        assert held == first.id  # no next shift yet: the seqs left open hold it
+        second = pda.open(now=opening)
+    else:
+        second = pda.open(now=opening)
+        pda.push([check_out], received_at=opening + dt.timedelta(minutes=3))
+    pda.push(
+        [pda.event(b, "delivered", occurred_at=opening + dt.timedelta(hours=1))],
+        received_at=opening + dt.timedelta(hours=1),
+    )
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: first.id, 2: first.id, 3: second.id, 4: second.id}
+    assert shift_balance(session=session, shift=first).status == "balanced"
+    balance = shift_balance(session=session, shift=second)
+    assert (balance.checked_out, balance.delivered, balance.missing) == (1, 1, 0)
+
+
+def test_a_shift_closed_before_it_opened_keeps_its_later_seqs(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The server's clock stepped back between the opening and the close: its seqs
+    are still its own until the next shift starts."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = pda.close(shift, now=OPENED - dt.timedelta(minutes=10))
+    pda.push(
+        [pda.event(a, "returned_to_station", occurred_at=NOW)],
+        received_at=NOW + dt.timedelta(minutes=1),
+    )
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 2)).one() == (
+        shift.id
+    )
+
+
+def test_seqs_left_open_end_where_the_next_shift_starts_give_or_take_the_grace() -> None:
+    """The bound of a shift closed without its last seq, at its edges: the next shift's
+    first seq when it declared one (whatever the time), else its opening less the
+    filing grace (what the time rules give the next shift)."""
+    grace = ShiftRules().filing_grace
+    opening = NOW + dt.timedelta(hours=1)
+    undeclared = shifts._Window(1, OPENED, NOW, 1, None, next_opened_at=opening)
+    just_before = opening - grace - dt.timedelta(seconds=1)
+    assert undeclared.holds_by_seq(5, just_before, grace)
+    assert not undeclared.holds_by_seq(5, opening - grace, grace)
+    declared = shifts._Window(1, OPENED, NOW, 1, None, next_opened_at=opening, next_first_seq=5)
+    assert declared.holds_by_seq(4, opening + dt.timedelta(hours=1), grace)
+    assert not declared.holds_by_seq(5, just_before, grace)
+    assert not declared.holds_by_seq(0, just_before, grace)  # below its own first seq
+    no_next = shifts._Window(1, OPENED, NOW, 1, None)
+    assert no_next.holds_by_seq(10**9, NOW + dt.timedelta(days=30), grace)
 
 
 def test_with_declared_seqs_an_event_between_shifts_is_filed_the_same_whenever_pushed(
@@ -786,14 +905,29 @@ def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_the
     rules = ShiftRules()
     filer = shifts.ShiftFiler(session, device.id, world.courier.id, rules, events)
     everything = shifts.ShiftFiler(session, device.id, world.courier.id, rules, [])
-    everything.windows = [
-        shifts._Window(r["id"], r["opened_at"], r["closed_at"], r["first_seq"], r["last_seq"])
-        for r in sorted(
-            ({**row, "id": id} for row, id in zip(rows, ids, strict=True)),
-            key=lambda r: (r["opened_at"], r["id"]),
+    own = sorted(
+        (
+            {**row, "id": id}
+            for row, id in zip(rows, ids, strict=True)
+            if row["courier_id"] == world.courier.id
+        ),
+        key=lambda r: (r["opened_at"], r["id"]),
+    )
+    everything.windows = []
+    for i, r in enumerate(own):  # a shift closed with its seqs left open ends at the next
+        left_open = r["closed_at"] and r["first_seq"] is not None and r["last_seq"] is None
+        bound = own[i + 1] if left_open and i + 1 < len(own) else None
+        everything.windows.append(
+            shifts._Window(
+                r["id"],
+                r["opened_at"],
+                r["closed_at"],
+                r["first_seq"],
+                r["last_seq"],
+                next_opened_at=bound and bound["opened_at"],
+                next_first_seq=bound and bound["first_seq"],
+            )
         )
-        if r["courier_id"] == world.courier.id
-    ]
     everything.own = {w.shift_id for w in everything.windows}
     assert len(filer.windows) <= len(everything.windows)
     assert [filer.file(e) for e in events] == [everything.file(e) for e in events]
@@ -841,6 +975,36 @@ def test_first_seq_must_not_reach_into_an_earlier_shift(
         pda.open(first_seq=2, now=NOW + dt.timedelta(minutes=1))
     assert info.value.code == "first_seq_used"
     assert pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1)).first_seq == 3
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["filed-by-seq", "named-by-the-pda"])
+def test_first_seq_takes_the_seqs_a_shift_closed_without_its_last_seq_left_open(
+    session: Session, world: World, pda: Pda, named: bool
+) -> None:
+    """The previous shift declared its first seq and left its last open: the next
+    shift's first seq says where it ended (rule 2), and what it held from there on is
+    the new shift's, as it would be had it come after the opening. An event the PDA
+    itself filed under the previous shift cannot be moved: that is a conflict."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    extra = {"shift_id": first.id} if named else {}
+    pda.push([pda.event(a), pda.event(a, "returned_to_station"), pda.event(b, **extra)])
+    first = pda.close(first)  # at NOW, no last_seq: b is missing
+    assert handover_flags(session, first) == {("missing_at_handover", b): FlagStatus.OPEN}
+    with pytest.raises(Conflict) as info:  # its own first seq: it would lose everything
+        pda.open(first_seq=1, now=NOW + dt.timedelta(minutes=1))
+    assert info.value.code == "first_seq_used"
+    if named:
+        with pytest.raises(Conflict) as info:
+            pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1))
+        assert info.value.code == "first_seq_used"
+        return
+    second = pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1))
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: first.id, 2: first.id, 3: second.id}
+    assert handover_flags(session, first) == {("missing_at_handover", b): FlagStatus.CLOSED}
+    assert shift_balance(session=session, shift=first).status == "balanced"
+    assert shift_balance(session=session, shift=second).checked_out == 1
 
 
 def test_events_sent_before_the_shift_from_its_first_seq_on_are_filed_under_it(

@@ -16,9 +16,9 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ScalarSelect, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -49,6 +49,7 @@ from sync.handover import (
     parcel_trails,
 )
 from sync.projection import EventFact
+from sync.shifts import adjacent_shift
 from sync.sql import among, among_at_once, chunks, plain_rows
 from sync.status import FACT_COLUMNS
 
@@ -158,18 +159,12 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
     return facts
 
 
-class _Neighbour(NamedTuple):
-    opened_at: Any
-    shift_id: int
-    first_seq: int | None
-    last_seq: int | None
-
-
 def _neighbour_bounds(
     session: Session, shifts: Sequence[Shift], lowest: dict[int, int]
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Where the device's neighbouring shifts bound what a shift may own, for shifts
-    that did not declare that bound themselves (two queries, whatever their number):
+    that did not declare that bound themselves (two queries, whatever their number;
+    each reads a shift's two neighbours, not the device's history):
 
     * ``{shift id: the seq where its device's next shift starts}``, for closed shifts
       that declared no last_seq (the next one's first_seq, else its lowest event's);
@@ -178,37 +173,21 @@ def _neighbour_bounds(
       A previous shift closed without its last_seq owns what lies between (the first
       bullet), so it is left out and the shift starts at its lowest event.
     """
-    undeclared_last = [s for s in shifts if s.status != ShiftStatus.OPEN and s.last_seq is None]
-    undeclared_first = [s for s in shifts if s.first_seq is None]
-    if not undeclared_last and not undeclared_first:
-        return {}, {}
-    devices = sorted({s.device_id for s in (*undeclared_last, *undeclared_first)})
-    timeline: dict[str, list[_Neighbour]] = defaultdict(list)
-    for chunk in chunks(devices):
-        for device_id, *neighbour in session.execute(
-            select(Shift.device_id, Shift.opened_at, Shift.id, Shift.first_seq, Shift.last_seq)
-            .where(Shift.device_id.in_(chunk))
-            .order_by(Shift.opened_at, Shift.id)
-        ):
-            timeline[device_id].append(_Neighbour(*neighbour))
-    following: dict[int, _Neighbour] = {}
-    preceding: dict[int, _Neighbour | None] = {}
-    for shift in {*undeclared_last, *undeclared_first}:
-        key = (shift.opened_at, shift.id)
-        same_device = timeline[shift.device_id]
-        if shift.status != ShiftStatus.OPEN and shift.last_seq is None:
-            later = [n for n in same_device if (n.opened_at, n.shift_id) > key]
-            if later:
-                following[shift.id] = later[0]
-        if shift.first_seq is None:
-            earlier = [n for n in same_device if (n.opened_at, n.shift_id) < key]
-            preceding[shift.id] = earlier[-1] if earlier else None
+    wanted = sorted(
+        s.id
+        for s in shifts
+        if s.first_seq is None or (s.status != ShiftStatus.OPEN and s.last_seq is None)
+    )
+    following: dict[int, tuple[int, int | None]] = {}  # shift -> next one's id, first_seq
+    preceding: dict[int, int | None] = {}  # shift -> previous one's last_seq (0: none)
+    for chunk in chunks(wanted):
+        for row in session.execute(NEIGHBOURS.where(_shifts.c.id.in_(chunk))):
+            if row.next_id is not None:
+                following[row.id] = (row.next_id, row.next_first_seq)
+            if row.first_seq is None:
+                preceding[row.id] = 0 if row.previous_id is None else row.previous_last_seq
     unknown = sorted(
-        {
-            n.shift_id
-            for n in following.values()
-            if n.first_seq is None and n.shift_id not in lowest
-        }
+        {nxt for nxt, first in following.values() if first is None and nxt not in lowest}
     )
     starts = dict(lowest)
     for chunk in chunks(unknown):
@@ -220,16 +199,35 @@ def _neighbour_bounds(
             ).all()
         )
     next_starts = {
-        shift_id: nxt.first_seq if nxt.first_seq is not None else starts[nxt.shift_id]
-        for shift_id, nxt in following.items()
-        if nxt.first_seq is not None or nxt.shift_id in starts
+        shift_id: first if first is not None else starts[nxt]
+        for shift_id, (nxt, first) in following.items()
+        if first is not None or nxt in starts
     }
-    previous_ends = {
-        shift_id: 0 if previous is None else previous.last_seq
-        for shift_id, previous in preceding.items()
-        if previous is None or previous.last_seq is not None
-    }
+    previous_ends = {shift_id: end for shift_id, end in preceding.items() if end is not None}
     return next_starts, previous_ends
+
+
+_shifts = Shift.__table__
+_undeclared_last = and_(_shifts.c.status != ShiftStatus.OPEN, _shifts.c.last_seq.is_(None))
+
+
+def _beside(column: str, *, following: bool) -> ScalarSelect[Any]:
+    return adjacent_shift(_shifts, column, following=following, same_courier=False)
+
+
+# A shift's neighbours on its device, each read only where its own seqs leave a bound
+# to them: the next shift's start for a closed shift that declared no last_seq, the
+# previous shift's end for one that declared no first_seq.
+NEIGHBOURS = select(
+    _shifts.c.id,
+    _shifts.c.first_seq,
+    case((_undeclared_last, _beside("id", following=True))).label("next_id"),
+    case((_undeclared_last, _beside("first_seq", following=True))).label("next_first_seq"),
+    case((_shifts.c.first_seq.is_(None), _beside("id", following=False))).label("previous_id"),
+    case((_shifts.c.first_seq.is_(None), _beside("last_seq", following=False))).label(
+        "previous_last_seq"
+    ),
+)
 
 
 def _corrections(

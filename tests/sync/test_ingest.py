@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -386,12 +386,25 @@ def test_an_event_pushed_alone_that_the_database_refuses_leaves_the_rest_of_its_
         return dataclasses.replace(valid, seq=0) if raw["client_event_id"] == poison_id else valid
 
     monkeypatch.setattr(ingest_module, "validate_event", validate_but_let_poison_through)
-    receipt = pda.push([pda.event(2, tn, "out_for_delivery", client_event_id=poison_id)])
-    assert statuses(receipt) == ["rejected"]
-    assert receipt["results"][0]["error"]["code"] == "unstorable"
+    sent: list[str] = []
 
-    receipt = pda.push([pda.event(2, tn, "out_for_delivery")])
-    assert statuses(receipt) == ["applied"] and receipt["acked_through_seq"] == 2
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        receipt = pda.push([pda.event(2, tn, "out_for_delivery", client_event_id=poison_id)])
+        assert statuses(receipt) == ["rejected"]
+        assert receipt["results"][0]["error"]["code"] == "unstorable"
+        receipt = pda.push([pda.event(2, tn, "out_for_delivery")])
+        assert statuses(receipt) == ["applied"] and receipt["acked_through_seq"] == 2
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    # Each push's own transaction is a savepoint here (the session joins the test's
+    # connection so), one per push; on PostgreSQL each lone insert adds its own.
+    savepoints = [s for s in sent if s.startswith("SAVEPOINT")]
+    assert len(savepoints) == (2 if session.get_bind().dialect.name == "sqlite" else 4)
     assert sorted(session.scalars(select(ScanEvent.seq))) == [1, 2]
     assert session.get(Parcel, parcel.id).status == ParcelStatus.OUT_FOR_DELIVERY
     assert set(session.scalars(select(QuarantinedEvent.client_event_id))) == {

@@ -39,6 +39,13 @@ class SeqTracker:
         for seq in seqs:
             self.add(seq)
 
+    def holds(self, seq: int) -> bool:
+        """Whether ``seq`` arrived: an event the server stored, or one it rejected."""
+        if not 1 <= seq <= self.max_seq:
+            return False
+        index = bisect.bisect_right(self.missing, [seq, float("inf")]) - 1
+        return index < 0 or not self.missing[index][0] <= seq <= self.missing[index][1]
+
     @property
     def acked_through(self) -> int:
         """The highest seq up to which every event is held: the PDA may prune up to it."""

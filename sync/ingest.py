@@ -367,10 +367,10 @@ class _BatchIngest:
         self._capture_consents(stored)
         self._request_consents(stored)
         self._link_proof_images(stored)
-        self._check_time_inversions(stored)
         self._quarantine()
         self._settle_copies()
         tracker = self._update_device_state()
+        self._check_time_inversions(stored, tracker)
         touched = {event.tracking_no for _, event in stored}
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
@@ -534,26 +534,70 @@ class _BatchIngest:
             return nullcontext()
         return self.session.begin_nested()
 
-    def _check_time_inversions(self, stored: list[tuple[int, ValidEvent]]) -> None:
+    def _check_time_inversions(
+        self, stored: list[tuple[int, ValidEvent]], tracker: SeqTracker
+    ) -> None:
         """Rule 6: a device's sequence numbers are its causal order. An event dated
         earlier than the event before it on the same device (a consent "captured"
-        before the drop it followed) is flagged, whichever of the two arrived last."""
-        if not stored:
-            return
+        before the drop it followed) is flagged, whichever of the two arrived last.
+
+        The event before it is the nearest stored one below it: seqs between that
+        arrived and were rejected (quarantined) hold no time and hide nothing, or a
+        malformed event slipped in between would hide the backdating. A pair is
+        judged by the push that completes it: one that stores either event, or
+        rejects the last seq between them.
+        """
         new = {event.seq: event for _, event in stored}
-        wanted = {seq + step for seq in new for step in (-1, 1)} - set(new)
+        rejected = {
+            r.seq for r in self.results.values() if r.status == "rejected" and r.seq is not None
+        } - new.keys()
+        if not new and not rejected:
+            return
         known: dict[int, tuple[dt.datetime, str]] = {
             seq: (event.occurred_at_device, event.tracking_no) for seq, event in new.items()
         }
-        for row in self._at_seqs(TIMES_AT_SEQS, sorted(s for s in wanted if 1 <= s <= MAX_SEQ)):
-            known[row.seq] = (row.occurred_at_device, row.tracking_no)
+        looked_up: set[int] = set(known)
+        # anchor -> [seq looked at below it, above it]; a side is None once it ends in a
+        # stored event (recorded in ``reached``) or in a seq that never arrived.
+        cursors = {anchor: [anchor - 1, anchor + 1] for anchor in (*new, *rejected)}
+        reached: dict[tuple[int, int], int] = {}  # (anchor, side) -> the stored seq
+        while True:
+            wanted = sorted(
+                {s for pair in cursors.values() for s in pair if s is not None} - looked_up
+            )
+            wanted = [s for s in wanted if tracker.holds(s)]
+            for row in self._at_seqs(TIMES_AT_SEQS, wanted) if wanted else ():
+                known[row.seq] = (row.occurred_at_device, row.tracking_no)
+            looked_up.update(wanted)
+            moving = False
+            for anchor, pair in cursors.items():
+                for side, step in ((0, -1), (1, 1)):
+                    seq = pair[side]
+                    if seq is None:
+                        continue
+                    if seq in known:
+                        reached[anchor, side] = seq
+                        pair[side] = None
+                    elif seq in looked_up or seq in rejected:  # arrived, rejected: on
+                        pair[side] = seq + step
+                        moving = True
+                    else:  # never arrived (or below 1, or beyond the highest)
+                        pair[side] = None
+            if not moving:
+                break
+        pairs = set()
+        for anchor in cursors:
+            below, above = reached.get((anchor, 0)), reached.get((anchor, 1))
+            if anchor in new:
+                pairs.update((b, a) for b, a in ((below, anchor), (anchor, above)))
+            else:
+                pairs.add((below, above))
         inverted: dict[str, set[int]] = {}
-        for before, (before_time, _) in known.items():  # neighbours, one of them new
-            after = known.get(before + 1)
-            if after is None or not (before in new or before + 1 in new):
+        for before, after in pairs:
+            if before is None or after is None:
                 continue
-            if after[0] < before_time:
-                inverted.setdefault(after[1], set()).update((before, before + 1))
+            if known[after][0] < known[before][0]:
+                inverted.setdefault(known[after][1], set()).update((before, after))
         for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
             self._flag(
                 "time_inversion",

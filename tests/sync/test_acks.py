@@ -24,6 +24,7 @@ def test_tracker_agrees_with_the_set_of_held_seqs(seqs: list[int]) -> None:
     assert tracker.missing_seqs(1000) == missing
     assert tracker.missing_count == len(missing)
     assert tracker.missing_seqs(3) == missing[:3]
+    assert [s for s in range(0, 62) if tracker.holds(s)] == sorted(set(seqs))
 
 
 @given(st.lists(st.integers(min_value=1, max_value=40), max_size=50), st.randoms())

@@ -522,6 +522,62 @@ def test_a_consent_captured_after_the_drop_but_stamped_before_is_a_time_inversio
     assert inversion.evidence["device_id"] == "PDA-0001"
 
 
+@pytest.mark.parametrize(
+    "order", ["in one push", "consent first", "rejected one last"], ids=lambda o: o
+)
+def test_a_rejected_event_between_the_drop_and_the_backdated_consent_hides_nothing(
+    session: Session, pda: Pda, parcel: Parcel, order: str
+) -> None:
+    """A malformed event slipped in between (seq 3, quarantined) holds no time: the
+    consent (seq 4) stamped before the drop (seq 2) it followed is still a time
+    inversion, whichever of the three arrives last."""
+    tn = parcel.tracking_no
+    first = pda.event(1, tn, occurred_at=at(10))
+    drop = pda.event(
+        2,
+        tn,
+        "delivered_to_locker",
+        occurred_at=at(60),
+        locker_id="L-1",
+        compartment="1",
+        pod={"pickup_code": "1111"},
+    )
+    malformed = pda.event(3, tn, "no_such_type", occurred_at=at(61))
+    backdated = pda.event(
+        4,
+        tn,
+        "consent_captured",
+        occurred_at=at(50),
+        consent={"method": "locker", "channel": "in_person"},
+    )
+    batches = {
+        "in one push": [[first, drop, malformed, backdated]],
+        "consent first": [[backdated], [malformed], [first, drop]],
+        "rejected one last": [[first, drop], [backdated], [malformed]],
+    }[order]
+    for batch in batches:
+        pda.push(batch)
+    assert count(session, QuarantinedEvent) == 1
+    kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
+    assert {"time_inversion", "consent_after_drop"} <= kinds
+    inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert inversion.evidence["seqs"] == [2, 4]
+
+
+def test_an_event_not_yet_arrived_between_two_leaves_them_unjudged(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Seq 3 is still on the PDA: whether 2 and 4 are neighbours is not known yet, and
+    the pair that is inverted is judged when 3 comes (here: 3 and 4)."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn, occurred_at=at(10)), pda.event(2, tn, occurred_at=at(60))])
+    pda.push([pda.event(4, tn, "out_for_delivery", occurred_at=at(50))])
+    assert "time_inversion" not in set(session.scalars(select(Flag.kind)))
+    pda.push([pda.event(3, tn, "out_for_delivery", occurred_at=at(70))])
+    inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert inversion.evidence["seqs"] == [3, 4]
+
+
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

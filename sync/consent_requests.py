@@ -42,6 +42,7 @@ from sync import consents, feed, outbox
 from sync.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from sync.events import shifted
 from sync.sql import among, chunks
+from sync.tracking import normalize
 
 MAX_PAGE_SIZE = 500
 MAX_TTL = dt.timedelta(hours=24)
@@ -394,7 +395,7 @@ def list_requests(
     if courier_id is not None:
         query = query.where(ConsentRequest.courier_id == courier_id)
     if tracking_no is not None:
-        query = query.where(ConsentRequest.tracking_no == tracking_no)
+        query = query.where(ConsentRequest.tracking_no == normalize(tracking_no))
     if status is not None:
         query = query.where(ConsentRequest.status == status)
     return session.scalars(

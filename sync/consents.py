@@ -35,7 +35,7 @@ from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
 from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks, plain_rows, rows_among
-from sync.tracking import TrackingNumberPolicy
+from sync.tracking import TrackingNumberPolicy, normalize
 
 _NOT_WORD = re.compile(r"[\W_]+")
 # A consent granted "in the future" is a clock error of the channel, not a promise.
@@ -203,7 +203,7 @@ def list_consents(
     if station_id is not None:
         query = query.where(or_(Consent.station_id == station_id, Consent.station_id.is_(None)))
     if tracking_no:
-        query = query.where(Consent.tracking_no == tracking_no)
+        query = query.where(Consent.tracking_no == normalize(tracking_no))
     if recipient_phone:
         query = query.where(Consent.recipient_phone == recipient_phone)
     if active_at is not None:

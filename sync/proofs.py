@@ -30,6 +30,7 @@ from sync.rules import (
     in_force_at,
 )
 from sync.status import load_events
+from sync.tracking import normalize
 
 METHODS = {
     "in_person": EventType.DELIVERED,
@@ -94,7 +95,7 @@ def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
     if filters.station_id is not None:
         query = query.where(Parcel.station_id == filters.station_id)
     if filters.tracking_no:
-        query = query.where(ScanEvent.tracking_no == filters.tracking_no)
+        query = query.where(ScanEvent.tracking_no == normalize(filters.tracking_no))
     if filters.courier_id is not None:
         query = query.where(ScanEvent.courier_id == filters.courier_id)
     if filters.occurred_from is not None:

@@ -84,6 +84,32 @@ def test_a_courier_asks_online_and_the_channel_grants(
     assert seen["status"] == "granted"
 
 
+def typed(tracking_no: str) -> str:
+    """The number as a person types it off a label: lower case, a space, a dash."""
+    return f"{tracking_no[:2].lower()} {tracking_no[2:6]}-{tracking_no[6:]}"
+
+
+def test_a_tracking_number_typed_by_a_person_matches_the_parcel(
+    client: FlaskClient,
+    auth: Auth,
+    courier: dict[str, str],
+    channel: dict[str, str],
+    parcel: str,
+) -> None:
+    """An answer that names the parcel, and the lists filtered by it, compare the number
+    as intake stores it, not as typed."""
+    request = ask(client, courier, parcel).get_json()
+    answer = {"request_id": request["id"], "channel": "sms", "tracking_no": typed(parcel)}
+    granted = client.post(CONSENTS, json=answer, headers=channel)
+    assert granted.status_code == 201, granted.get_json()
+    for url in (CONSENTS, REQUESTS):
+        found = client.get(
+            url, query_string={"tracking_no": typed(parcel)}, headers=auth.headers("manager1")
+        )
+        assert found.status_code == 200, found.get_json()
+        assert [item["tracking_no"] for item in found.get_json()["items"]] == [parcel]
+
+
 def test_a_refusal_answers_200_with_the_request(
     client: FlaskClient, courier: dict[str, str], channel: dict[str, str], parcel: str
 ) -> None:

@@ -122,6 +122,16 @@ def test_filters(
     assert numbers(body) == [day[name].tracking_no for name in expected]
 
 
+def test_a_tracking_number_is_searched_as_a_person_types_it(
+    client: FlaskClient, auth: Auth, day: dict[str, Any]
+) -> None:
+    """Lower case, spaces and dashes, as read off a label: the parcel's own number."""
+    number = day["dropped"].tracking_no
+    typed = f"{number[:2].lower()} {number[2:6]}-{number[6:]}"
+    body = client.get(URL, query_string={"tracking_no": typed}, headers=auth.headers("auditor1"))
+    assert numbers(body.get_json()) == [number]
+
+
 def test_a_proof_shows_the_chain_the_authorizing_consent_and_the_distance(
     client: FlaskClient, auth: Auth, day: dict[str, Any]
 ) -> None:

@@ -30,7 +30,7 @@ from sync import consent_requests, consents, directory
 from sync.errors import DomainError, InvalidInput, PermissionDenied
 from sync.phones import normalize_phone
 from sync.status import rejudge_for_consent
-from sync.tracking import TrackingNumberPolicy
+from sync.tracking import TrackingNumberPolicy, normalize
 
 blp = ApiBlueprint(
     "consents", __name__, url_prefix="/api/v1/consents", description="Recipients' consent"
@@ -201,7 +201,7 @@ def _answer_request(body: dict[str, Any]) -> Any:
                 field=name,
             )
     request = consent_requests.get_request(session=db.session, request_id=body["request_id"])
-    if body.get("tracking_no") and body["tracking_no"].strip() != request.tracking_no:
+    if body.get("tracking_no") and normalize(body["tracking_no"]) != request.tracking_no:
         raise InvalidInput(
             f"request {request.id} is for parcel {request.tracking_no}",
             code="tracking_no_mismatch",

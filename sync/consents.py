@@ -312,15 +312,24 @@ def _fact(consent: Row[Any]) -> ConsentFact:
 
 def capture(session: Session, events: Iterable[dict[str, Any]]) -> list[Consent]:
     """Consents captured on PDAs: one per stored ``consent_captured`` event (row dicts
-    as ``sync.ingest.event_row`` builds them, with their ``id``)."""
+    as ``sync.ingest.event_row`` builds them, with their ``id``).
+
+    Each is the parcel's station's, as a consent asked for online is, whichever
+    station's courier captured it; the PDA's station's for a parcel not taken in."""
+    rows = [row for row in events if row["type"] == EventType.CONSENT_CAPTURED]
+    station_of = {
+        tracking_no: station_id
+        for chunk in chunks(sorted({row["tracking_no"] for row in rows}))
+        for tracking_no, station_id in session.execute(
+            select(Parcel.tracking_no, Parcel.station_id).where(Parcel.tracking_no.in_(chunk))
+        )
+    }
     captured = []
-    for row in events:
-        if row["type"] != EventType.CONSENT_CAPTURED:
-            continue
+    for row in rows:
         details = row["details"]["consent"]
         consent = Consent(
             scope=ConsentScope.PARCEL,
-            station_id=row["station_id"],
+            station_id=station_of.get(row["tracking_no"], row["station_id"]),
             tracking_no=row["tracking_no"],
             method=ConsentMethod(details["method"]),
             point_id=details.get("point_id"),

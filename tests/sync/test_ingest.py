@@ -10,6 +10,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from models import (
+    Consent,
     DeviceSyncState,
     FeedChange,
     FeedKind,
@@ -486,6 +487,27 @@ def test_a_courier_of_another_station_scanning_a_parcel_is_flagged_and_takes_not
     assert session.get(Parcel, parcel.id).courier_id == world.courier.id  # not taken over
     flag = session.scalars(select(Flag).where(Flag.kind == "wrong_station")).one()
     assert (flag.subject_key, flag.station_id) == (parcel.tracking_no, world.station.id)
+
+
+def test_a_consent_captured_by_a_courier_of_another_station_is_the_parcels_stations(
+    session: Session, world: World, parcel: Parcel
+) -> None:
+    """Its manager lists the consents that authorize its parcels' drops; a parcel not
+    taken in has no station but the PDA's."""
+    stranger = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    other = Pda(session, world)
+    other.pusher = Pusher(world.other_device.id, world.other_station.id, stranger.id)
+    consent = {"consent": {"method": "locker", "channel": "in_person"}}
+    unknown = factories.s10()  # not taken in
+    other.push(
+        [
+            other.event(1, parcel.tracking_no, "consent_captured", **consent),
+            other.event(2, unknown, "consent_captured", **consent),
+        ]
+    )
+    stations = dict(session.execute(select(Consent.tracking_no, Consent.station_id)).all())
+    assert stations == {parcel.tracking_no: world.station.id, unknown: world.other_station.id}
 
 
 @pytest.mark.parametrize("consent_first", [False, True])

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError
@@ -56,6 +56,7 @@ from sync import consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import refresh_handover_flags
 from sync.consent_requests import cancel_voided, requests_from_events
+from sync.device_state import DeviceState, lock_device_state
 from sync.errors import Conflict
 from sync.events import (
     MAX_EVENT_DEPTH,
@@ -112,16 +113,6 @@ _events = ScanEvent.__table__
 _states = DeviceSyncState.__table__
 _batches = SyncBatch.__table__
 # Statements built once (``sync.sql.Prebuilt`` says why): every push runs them.
-LOCK_DEVICE_STATE = (
-    select(_states.c.max_seq, _states.c.missing_ranges)
-    .where(_states.c.device_id == bindparam("device_id"))
-    .with_for_update()
-)
-NEW_DEVICE_STATE = Prebuilt(
-    lambda dialect: insert_ignoring_conflict(dialect, _states, on=["device_id"]).values(
-        acked_through_seq=0, max_seq=0, missing_ranges=[]
-    )
-)
 STORE_DEVICE_STATE = updating(
     _states,
     by="device_id",
@@ -270,7 +261,7 @@ def ingest(
     if too_deep:  # judged, hashed and stored cut to the limit: see MAX_EVENT_DEPTH
         events = [within_depth(e) if i in too_deep else e for i, e in enumerate(batch.events)]
         batch = dataclasses.replace(batch, events=events)
-    state = _lock_device(session, pusher.device_id)
+    state = lock_device_state(session, pusher.device_id)
     digest = request_hash(batch)
     batch_pk = _new_batch(session, batch, pusher, received_at, digest)
     if batch_pk is None:
@@ -1075,27 +1066,6 @@ class _BatchIngest:
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,
         }
-
-
-class DeviceState(NamedTuple):
-    """What a push reads of its device's sync state (``device_sync_state``)."""
-
-    max_seq: int
-    missing_ranges: list[list[int]]
-
-
-def _lock_device(session: Session, device_id: str) -> DeviceState:
-    """Serialize this device's pushes on its sync-state row (created on first use),
-    and return it as stored now.
-
-    Not the ``device`` row: sign-in and device management update that one, and must
-    not wait for a push of 5,000 events.
-    """
-    row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one_or_none()
-    if row is None:
-        session.execute(NEW_DEVICE_STATE(session), {"device_id": device_id})
-        row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one()
-    return DeviceState(row.max_seq or 0, row.missing_ranges or [])
 
 
 def _seen_long_ago(last_seen_at: dt.datetime | None, now: dt.datetime) -> bool:

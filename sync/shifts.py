@@ -46,6 +46,7 @@ from models import (
     utcnow,
 )
 from sync import audit, outbox
+from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
 from sync.sql import Prebuilt, among_param, chunks, plain_rows, rows_among
@@ -177,6 +178,8 @@ def open_shift(
             code="invalid_planned_end",
             field="planned_end_at",
         )
+    # Pushes of this PDA wait for the opening, or it for them: each sees the other.
+    lock_device_state(session, device.id)
     current = open_shift_of(session=session, device_id=device.id)
     if current is not None:
         raise _already_open(current)
@@ -740,8 +743,9 @@ def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
     anyway, and no ``FOR UPDATE`` is sent there.)
 
     Lock order across the service: a device's sync state, then shifts, then
-    tracking numbers and parcels, then flags, then the audit log. Closing and
-    signing off take a shift first, then flags and the audit log.
+    tracking numbers and parcels, then flags, then the audit log. Opening takes the
+    device's sync state, then the previous shift; closing and signing off take a
+    shift first, then flags and the audit log.
     """
     locking = SHIFT_STATUSES_FOR_UPDATE(session)
     not_open = [

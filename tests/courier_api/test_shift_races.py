@@ -12,8 +12,9 @@ from flask import Flask
 from sqlalchemy import select
 
 from courier_api.extensions import db
-from models import Flag, FlagStatus, Shift, ShiftStatus
+from models import Flag, FlagStatus, ScanEvent, Shift, ShiftStatus
 from sync import balances
+from sync import ingest as ingest_module
 from sync.balances import shift_balance
 from tests import factories
 from tests.conftest import Auth
@@ -61,6 +62,35 @@ def test_concurrent_opens_of_one_pda_open_one_shift(committed_app: Flask) -> Non
     assert {r.get_json()["code"] for r in responses if r.status_code == 409} == {
         "shift_already_open"
     }
+
+
+def test_an_opening_racing_a_push_files_the_scans_pushed_just_before_it(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PDA pushes its first check-out (no shift open yet: filed under none), and
+    the push dawdles before it commits while the PDA opens its shift. The opening
+    files under the new shift what was pushed a moment before it, so it must wait
+    for the push (on PostgreSQL, the device's sync-state row, which both take), or
+    it would not see the push's event and leave it filed under no shift."""
+    receipt = ingest_module._BatchIngest._receipt
+
+    def slow_receipt(self: Any, tracker: Any) -> Any:
+        answer = receipt(self, tracker)
+        time.sleep(0.3)
+        return answer
+
+    monkeypatch.setattr(ingest_module._BatchIngest, "_receipt", slow_receipt)
+    courier, _, numbers = _setup(committed_app, 1)
+    check_out = factories.push_body("PDA-RACE", Pda().events(numbers, "checked_out"))
+    push, opening = race_requests(
+        committed_app,
+        [("POST", PUSH, check_out, courier), ("POST", SHIFTS, {}, courier)],
+        delays=[0, 0.1],
+    )
+    assert (push.status_code, opening.status_code) == (200, 201)
+    with committed_app.app_context():
+        filed = db.session.scalars(select(ScanEvent.shift_id)).all()
+    assert filed == [opening.get_json()["id"]]
 
 
 def test_a_push_racing_the_close_leaves_the_flags_its_events_call_for(

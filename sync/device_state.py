@@ -1,0 +1,52 @@
+"""A device's sync state row: the lock that serializes what changes where its events go.
+
+A push takes it first (``sync.ingest``), and so does opening a shift
+(``sync.shifts.open_shift``), which files under the new shift the events pushed
+before it: had the two run side by side on PostgreSQL, neither would see the
+other's rows, and an event pushed a moment before the opening would stay filed
+under no shift. Lock order across the service: a device's sync state, then
+shifts, then tracking numbers and parcels, then flags, then the audit log.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
+from models import DeviceSyncState
+from sync.sql import Prebuilt, insert_ignoring_conflict, plain_rows
+
+_states = DeviceSyncState.__table__
+LOCK_DEVICE_STATE = (
+    select(_states.c.max_seq, _states.c.missing_ranges)
+    .where(_states.c.device_id == bindparam("device_id"))
+    .with_for_update()
+)
+NEW_DEVICE_STATE = Prebuilt(
+    lambda dialect: insert_ignoring_conflict(dialect, _states, on=["device_id"]).values(
+        acked_through_seq=0, max_seq=0, missing_ranges=[]
+    )
+)
+
+
+class DeviceState(NamedTuple):
+    """What a push reads of its device's sync state (``device_sync_state``)."""
+
+    max_seq: int
+    missing_ranges: list[list[int]]
+
+
+def lock_device_state(session: Session, device_id: str) -> DeviceState:
+    """Serialize the pushes and shift openings of this device on its sync-state row
+    (created on first use), and return it as stored now.
+
+    Not the ``device`` row: sign-in and device management update that one, and must
+    not wait for a push of 5,000 events.
+    """
+    row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one_or_none()
+    if row is None:
+        session.execute(NEW_DEVICE_STATE(session), {"device_id": device_id})
+        row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one()
+    return DeviceState(row.max_seq or 0, row.missing_ranges or [])

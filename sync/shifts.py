@@ -189,9 +189,12 @@ def open_shift(
             ScanEvent.device_id == device.id, ScanEvent.shift_id.is_not(None)
         )
         if previous is not None and previous.first_seq < first_seq:
-            # What the previous shift holds only because its seqs were left open is
-            # this one's from its first seq on: moved below, not a conflict.
-            filed = filed.where(~_refilable_from(previous.id))
+            # What the previous shift holds only because its seqs were left open (what
+            # came after its close) is this one's from its first seq on: moved below,
+            # not a conflict. What came before its close is its own.
+            filed = filed.where(
+                ~and_(_refilable_from(previous.id), ScanEvent.occurred_at > previous.ended_at)
+            )
         used = session.scalar(filed)
         if used is not None and first_seq <= used:
             raise Conflict(
@@ -247,6 +250,7 @@ def open_shift(
 class _OpenSeqs(NamedTuple):
     id: int
     first_seq: int
+    ended_at: dt.datetime  # its close, or its opening if a clock closed it "before"
 
 
 def _previous_with_open_seqs(
@@ -254,16 +258,16 @@ def _previous_with_open_seqs(
 ) -> _OpenSeqs | None:
     """The courier's last shift on the PDA, if it closed with a first seq and no last
     seq: its seqs run on until the next shift starts (``_Window.holds_by_seq``), so it
-    may hold events that the shift opening now takes."""
+    may hold events, recorded just after its close, that the shift opening now takes."""
     row = session.execute(
-        select(Shift.id, Shift.first_seq, Shift.last_seq)
+        select(Shift.id, Shift.first_seq, Shift.last_seq, Shift.opened_at, Shift.closed_at)
         .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
         .order_by(Shift.opened_at.desc(), Shift.id.desc())
         .limit(1)
     ).first()
     if row is None or row.first_seq is None or row.last_seq is not None:
         return None
-    return _OpenSeqs(row.id, row.first_seq)
+    return _OpenSeqs(row.id, row.first_seq, max(row.opened_at, row.closed_at))
 
 
 def _refilable_from(shift_id: int) -> ColumnElement[bool]:
@@ -628,21 +632,27 @@ class _Window:
         """Whether the seqs the PDA declared name ``seq`` as this shift's (rule 2).
 
         A shift closed without its last seq declared where its seqs start, not where
-        they end: they run on until the courier's next shift on the PDA starts, at that
-        shift's first seq, or (undeclared) at its opening, give or take the filing
-        grace (what the time rules give the next shift). With no next shift yet, every
-        later seq is this shift's; the next one takes its own when it opens
-        (``open_shift``). Neither bound depends on when anything was pushed.
+        they end: they end at its close, give or take the filing grace (measured from
+        its opening if a clock stepped back closed it "before"), or where the
+        courier's next shift on the PDA starts, if sooner: at that shift's first seq,
+        or (undeclared) at its opening less the grace (what the time rules give the
+        next shift). Later events go by time; an event the next shift takes is
+        filed under it when it opens (``open_shift``).
+
+        The end in time is an estimate, as any time rule is: an event a few minutes
+        after the close is the shift's or not by the push's latency. Scans an hour
+        later, the next shift's pushed before it opened, are never this one's: they
+        would reopen it after its sign-off.
         """
         if self.first_seq is None or not self.may_hold(seq):
             return False
         if self.last_seq is not None or self.closed_at is None:
             return True
-        if self.next_first_seq is not None:
-            return seq < self.next_first_seq
-        if self.next_opened_at is not None:
-            return occurred_at < self.next_opened_at - grace
-        return True
+        if self.next_first_seq is not None and seq >= self.next_first_seq:
+            return False
+        if self.next_opened_at is not None and occurred_at >= self.next_opened_at - grace:
+            return False
+        return occurred_at <= max(self.opened_at, self.closed_at) + grace
 
 
 class ShiftFiler:
@@ -654,8 +664,9 @@ class ShiftFiler:
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
     2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
        at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
-       clocks say; the seqs of a shift closed without a ``last_seq`` run on until
-       the courier's next shift on the PDA starts (``_Window.holds_by_seq``);
+       clocks say; a shift closed without a ``last_seq`` holds by seq only what
+       came by its close, give or take ``filing_grace``, and before the courier's
+       next shift on the PDA starts (``_Window.holds_by_seq``);
     3. the shift open when the event happened (corrected clock);
     4. one opened a little after it, or closed a little before it (``filing_grace``:
        corrected clocks are estimates, off by the push's latency), unless the

@@ -237,24 +237,23 @@ def test_a_shift_closed_without_its_last_seq_holds_by_seq_only_what_came_before_
     assert shift_balance(session=session, shift=second).checked_out == 1
 
 
-@pytest.mark.parametrize("latency", [0, 3, 30], ids=lambda m: f"{m}-min-upload")
-def test_a_shift_closed_without_its_last_seq_holds_its_later_seqs_whatever_the_latency(
+@pytest.mark.parametrize("latency", [0, 3], ids=lambda m: f"{m}-min-upload")
+def test_a_return_just_after_a_close_without_last_seq_is_the_shifts(
     session: Session, world: World, pda: Pda, latency: int
 ) -> None:
-    """The return scanned a few minutes after the close, sent when the PDA next found a
-    network: the server's estimate of the PDA's clock is off by the upload's latency,
-    so the scan's corrected time lies anywhere after the close. The shift declared
-    its first seq and no next shift has started: the scan is its own, however late it
-    came (rule 3), and the parcel is not missing."""
+    """The return scanned a minute after the close, sent at once or over a slow
+    network: the corrected clock puts it after the close by up to the push's latency,
+    still within the filing grace. The shift declared its first seq and no next shift
+    has started: the scan is its own, and the parcel is not missing."""
     (a,) = parcels(session, world, 1)
     shift = pda.open(first_seq=1)
     pda.push([pda.event(a)])
     shift = pda.close(shift)  # at NOW, no last_seq
     assert shift_balance(session=session, shift=shift).missing == 1
-    returned = pda.event(a, "returned_to_station", occurred_at=NOW + dt.timedelta(minutes=3))
+    returned = pda.event(a, "returned_to_station", occurred_at=NOW + dt.timedelta(minutes=1))
     pda.push(
         [returned],
-        received_at=NOW + dt.timedelta(minutes=4 + latency),
+        received_at=NOW + dt.timedelta(minutes=1, seconds=30 + 60 * latency),
         latency=dt.timedelta(minutes=latency),
     )
     assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 2)).one() == (
@@ -263,30 +262,67 @@ def test_a_shift_closed_without_its_last_seq_holds_its_later_seqs_whatever_the_l
     assert shift_balance(session=session, shift=shift).status == "balanced"
 
 
+@pytest.mark.parametrize("first_seq", [None, 3], ids=["undeclared", "declared"])
+@pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
+def test_the_next_days_scans_never_reopen_a_signed_off_shift_whatever_the_order(
+    session: Session, world: World, pda: Pda, first_seq: int | None, pushed: str
+) -> None:
+    """The shift closed without its last seq and was signed off. The next morning's
+    check-out, scanned a moment before the next shift's opening reached the server,
+    is the next shift's whether it was pushed before the opening or after: the
+    signed-off shift is not reopened, and no late_event_after_signoff is raised."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    opening = NOW + dt.timedelta(hours=12)
+    check_out = pda.event(b, occurred_at=opening - dt.timedelta(minutes=2))
+    if pushed == "before the opening":
+        pda.push([check_out], received_at=opening - dt.timedelta(seconds=30))
+        second = pda.open(first_seq=first_seq, now=opening)
+    else:
+        second = pda.open(first_seq=first_seq, now=opening)
+        pda.push([check_out], received_at=opening + dt.timedelta(minutes=1))
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 0)
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).all()
+    assert late == []
+    filed = session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one()
+    assert filed == second.id
+
+
 @pytest.mark.parametrize(
-    ("gap", "minutes", "pushed"),
+    ("gap", "minutes", "pushed", "held_before"),
     [
-        (60, -3, "before the opening"),
-        (60, -3, "after the opening"),
-        (60, 2, "after the opening"),
-        (1, 2, "after the opening"),
+        (60, -3, "before the opening", None),
+        (5, -1, "before the opening", "the closed shift"),
+        (60, -3, "after the opening", None),
+        (60, 2, "after the opening", None),
+        (1, 2, "after the opening", None),
     ],
     ids=[
         "scanned-and-pushed-just-before-the-opening",
+        "scanned-and-pushed-just-after-the-close-before-the-opening",
         "scanned-just-before-the-opening",
         "scanned-just-after-the-opening",
         "opened-a-minute-after-the-close",
     ],
 )
 def test_the_next_shift_takes_its_first_scans_from_one_closed_without_its_last_seq(
-    session: Session, world: World, pda: Pda, gap: int, minutes: int, pushed: str
+    session: Session,
+    world: World,
+    pda: Pda,
+    gap: int,
+    minutes: int,
+    pushed: str,
+    held_before: str | None,
 ) -> None:
     """The next shift, opened ``gap`` minutes after the close, declared no seqs; its
     check-out, scanned just after it opened (or a moment before, within the filing
     grace), and its delivery are its own, not the previous shift's by seq, whether the
-    check-out reached the server before the opening (filed under the previous shift
-    until then) or after: the previous shift is balanced, the next one delivered what
-    it took."""
+    check-out reached the server before the opening (filed until then under none, or
+    under the previous shift when it came within the grace of its close) or after:
+    the previous shift is balanced, the next one delivered what it took."""
     a, b = parcels(session, world, 2)
     first = pda.open(first_seq=1)
     pda.push([pda.event(a), pda.event(a, "returned_to_station")])
@@ -296,7 +332,7 @@ def test_the_next_shift_takes_its_first_scans_from_one_closed_without_its_last_s
     if pushed == "before the opening":
         pda.push([check_out], received_at=opening - dt.timedelta(seconds=30))
         held = session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one()
-        assert held == first.id  # no next shift yet: the seqs left open hold it
+        assert held == (first.id if held_before else None)
         second = pda.open(now=opening)
     else:
         second = pda.open(now=opening)
@@ -312,40 +348,41 @@ def test_the_next_shift_takes_its_first_scans_from_one_closed_without_its_last_s
     assert (balance.checked_out, balance.delivered, balance.missing) == (1, 1, 0)
 
 
-def test_a_shift_closed_before_it_opened_keeps_its_later_seqs(
+def test_a_shift_closed_before_it_opened_keeps_its_seqs_just_after_the_opening(
     session: Session, world: World, pda: Pda
 ) -> None:
-    """The server's clock stepped back between the opening and the close: its seqs
-    are still its own until the next shift starts."""
+    """The server's clock stepped back between the opening and the close: the seqs it
+    left open end a grace after its opening, not before it."""
     (a,) = parcels(session, world, 1)
     shift = pda.open(first_seq=1)
-    pda.push([pda.event(a)])
+    pda.push([pda.event(a, occurred_at=OPENED + dt.timedelta(minutes=1))])
     shift = pda.close(shift, now=OPENED - dt.timedelta(minutes=10))
     pda.push(
-        [pda.event(a, "returned_to_station", occurred_at=NOW)],
-        received_at=NOW + dt.timedelta(minutes=1),
+        [pda.event(a, "returned_to_station", occurred_at=OPENED + dt.timedelta(minutes=2))],
+        received_at=OPENED + dt.timedelta(minutes=3),
     )
-    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 2)).one() == (
-        shift.id
-    )
+    filed = session.scalars(select(ScanEvent.shift_id).order_by(ScanEvent.seq)).all()
+    assert filed == [shift.id, shift.id]
 
 
-def test_seqs_left_open_end_where_the_next_shift_starts_give_or_take_the_grace() -> None:
-    """The bound of a shift closed without its last seq, at its edges: the next shift's
-    first seq when it declared one (whatever the time), else its opening less the
-    filing grace (what the time rules give the next shift)."""
+def test_seqs_left_open_end_at_the_close_or_where_the_next_shift_starts() -> None:
+    """The bound of a shift closed without its last seq, at its edges: its close and
+    the grace; sooner, the next shift's first seq when it declared one (whatever the
+    time), or its opening less the grace."""
     grace = ShiftRules().filing_grace
-    opening = NOW + dt.timedelta(hours=1)
+    alone = shifts._Window(1, OPENED, NOW, 1, None)
+    assert alone.holds_by_seq(10**9, NOW + grace, grace)
+    assert not alone.holds_by_seq(10**9, NOW + grace + dt.timedelta(seconds=1), grace)
+    assert not alone.holds_by_seq(0, NOW, grace)  # below its own first seq
+    stepped_back = shifts._Window(1, OPENED, OPENED - dt.timedelta(hours=1), 1, None)
+    assert stepped_back.holds_by_seq(5, OPENED + grace, grace)
+    opening = NOW + dt.timedelta(minutes=3)
     undeclared = shifts._Window(1, OPENED, NOW, 1, None, next_opened_at=opening)
-    just_before = opening - grace - dt.timedelta(seconds=1)
-    assert undeclared.holds_by_seq(5, just_before, grace)
+    assert undeclared.holds_by_seq(5, opening - grace - dt.timedelta(seconds=1), grace)
     assert not undeclared.holds_by_seq(5, opening - grace, grace)
     declared = shifts._Window(1, OPENED, NOW, 1, None, next_opened_at=opening, next_first_seq=5)
-    assert declared.holds_by_seq(4, opening + dt.timedelta(hours=1), grace)
-    assert not declared.holds_by_seq(5, just_before, grace)
-    assert not declared.holds_by_seq(0, just_before, grace)  # below its own first seq
-    no_next = shifts._Window(1, OPENED, NOW, 1, None)
-    assert no_next.holds_by_seq(10**9, NOW + dt.timedelta(days=30), grace)
+    assert declared.holds_by_seq(4, NOW - dt.timedelta(hours=1), grace)
+    assert not declared.holds_by_seq(5, NOW - dt.timedelta(hours=1), grace)
 
 
 def test_with_declared_seqs_an_event_between_shifts_is_filed_the_same_whenever_pushed(
@@ -977,29 +1014,43 @@ def test_first_seq_must_not_reach_into_an_earlier_shift(
     assert pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1)).first_seq == 3
 
 
-@pytest.mark.parametrize("named", [False, True], ids=["filed-by-seq", "named-by-the-pda"])
-def test_first_seq_takes_the_seqs_a_shift_closed_without_its_last_seq_left_open(
-    session: Session, world: World, pda: Pda, named: bool
+@pytest.mark.parametrize(
+    "case", ["after the close", "before the close", "named by the PDA"], ids=lambda c: c
+)
+def test_first_seq_takes_what_a_shift_closed_without_its_last_seq_held_after_its_close(
+    session: Session, world: World, pda: Pda, case: str
 ) -> None:
-    """The previous shift declared its first seq and left its last open: the next
-    shift's first seq says where it ended (rule 2), and what it held from there on is
-    the new shift's, as it would be had it come after the opening. An event the PDA
-    itself filed under the previous shift cannot be moved: that is a conflict."""
+    """The previous shift declared its first seq and left its last open, and holds a
+    scan by seq. The next shift's first seq says where the previous one ended (rule
+    2): a scan recorded after the close is the new shift's, as it would be had it come
+    after the opening. One recorded before the close, or that the PDA itself filed
+    under the previous shift, cannot be the new shift's: a conflict."""
     a, b = parcels(session, world, 2)
     first = pda.open(first_seq=1)
-    extra = {"shift_id": first.id} if named else {}
-    pda.push([pda.event(a), pda.event(a, "returned_to_station"), pda.event(b, **extra)])
-    first = pda.close(first)  # at NOW, no last_seq: b is missing
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    when = NOW + dt.timedelta(minutes=2) if case == "after the close" else at(30)
+    named = {"shift_id": first.id} if case == "named by the PDA" else {}
+    if case == "before the close":
+        pda.push([pda.event(b, occurred_at=when)])
+        first = pda.close(first)
+    else:
+        first = pda.close(first)  # at NOW, no last_seq
+        pda.push(
+            [pda.event(b, occurred_at=when, **named)], received_at=NOW + dt.timedelta(minutes=2)
+        )
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
+        first.id
+    )
     assert handover_flags(session, first) == {("missing_at_handover", b): FlagStatus.OPEN}
     with pytest.raises(Conflict) as info:  # its own first seq: it would lose everything
-        pda.open(first_seq=1, now=NOW + dt.timedelta(minutes=1))
+        pda.open(first_seq=1, now=NOW + dt.timedelta(minutes=3))
     assert info.value.code == "first_seq_used"
-    if named:
+    if case != "after the close":
         with pytest.raises(Conflict) as info:
-            pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1))
+            pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=3))
         assert info.value.code == "first_seq_used"
         return
-    second = pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1))
+    second = pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=3))
     filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
     assert filed == {1: first.id, 2: first.id, 3: second.id}
     assert handover_flags(session, first) == {("missing_at_handover", b): FlagStatus.CLOSED}

@@ -39,6 +39,13 @@ class SeqTracker:
         for seq in seqs:
             self.add(seq)
 
+    def held_run(self, seq: int) -> tuple[int, int]:
+        """``(first, last)``: the seqs around ``seq`` (which arrived) that all arrived."""
+        index = bisect.bisect_right(self.missing, [seq, float("inf")]) - 1
+        first = self.missing[index][1] + 1 if index >= 0 else 1
+        last = self.missing[index + 1][0] - 1 if index + 1 < len(self.missing) else self.max_seq
+        return first, last
+
     def holds(self, seq: int) -> bool:
         """Whether ``seq`` arrived: an event the server stored, or one it rejected."""
         if not 1 <= seq <= self.max_seq:

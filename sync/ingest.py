@@ -72,6 +72,7 @@ from sync.events import (
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag
+from sync.inversions import Stamp, time_inversions
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
     Filing,
@@ -155,6 +156,14 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
 )
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
 TIMES_AT_SEQS = _columns_at_seqs(_events.c.occurred_at_device, _events.c.tracking_no)
+# The stored event nearest a seq, within a run of seqs that all arrived: past the
+# rejected ones, which hold no time (``sync.inversions``).
+_IN_RUN = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
+    _events.c.device_id == bindparam("device_id"),
+    _events.c.seq.between(bindparam("low"), bindparam("high")),
+)
+NEAREST_BELOW = _IN_RUN.order_by(_events.c.seq.desc()).limit(1)
+NEAREST_ABOVE = _IN_RUN.order_by(_events.c.seq).limit(1)
 
 
 @dataclass(frozen=True)
@@ -528,67 +537,24 @@ class _BatchIngest:
     def _check_time_inversions(
         self, stored: list[tuple[int, ValidEvent]], tracker: SeqTracker
     ) -> None:
-        """Rule 6: a device's sequence numbers are its causal order. An event dated
-        earlier than the event before it on the same device (a consent "captured"
-        before the drop it followed) is flagged, whichever of the two arrived last.
-
-        The event before it is the nearest stored one below it: seqs between that
-        arrived and were rejected (quarantined) hold no time and hide nothing, or a
-        malformed event slipped in between would hide the backdating. A pair is
-        judged by the push that completes it: one that stores either event, or
-        rejects the last seq between them.
-        """
-        new = {event.seq: event for _, event in stored}
+        """Rule 6 (``sync.inversions``): an event dated earlier than the event before it
+        on the same device (a consent "captured" before the drop it followed) is
+        flagged, whichever of the two arrived last, and whatever was rejected between."""
+        new = {e.seq: Stamp(e.occurred_at_device, e.tracking_no) for _, e in stored}
         rejected = {
             r.seq for r in self.results.values() if r.status == "rejected" and r.seq is not None
-        } - new.keys()
-        if not new and not rejected:
-            return
-        known: dict[int, tuple[dt.datetime, str]] = {
-            seq: (event.occurred_at_device, event.tracking_no) for seq, event in new.items()
         }
-        looked_up: set[int] = set(known)
-        # anchor -> [seq looked at below it, above it]; a side is None once it ends in a
-        # stored event (recorded in ``reached``) or in a seq that never arrived.
-        cursors = {anchor: [anchor - 1, anchor + 1] for anchor in (*new, *rejected)}
-        reached: dict[tuple[int, int], int] = {}  # (anchor, side) -> the stored seq
-        while True:
-            wanted = sorted(
-                {s for pair in cursors.values() for s in pair if s is not None} - looked_up
-            )
-            wanted = [s for s in wanted if tracker.holds(s)]
-            for row in self._at_seqs(TIMES_AT_SEQS, wanted) if wanted else ():
-                known[row.seq] = (row.occurred_at_device, row.tracking_no)
-            looked_up.update(wanted)
-            moving = False
-            for anchor, pair in cursors.items():
-                for side, step in ((0, -1), (1, 1)):
-                    seq = pair[side]
-                    if seq is None:
-                        continue
-                    if seq in known:
-                        reached[anchor, side] = seq
-                        pair[side] = None
-                    elif seq in looked_up or seq in rejected:  # arrived, rejected: on
-                        pair[side] = seq + step
-                        moving = True
-                    else:  # never arrived (or below 1, or beyond the highest)
-                        pair[side] = None
-            if not moving:
-                break
-        pairs = set()
-        for anchor in cursors:
-            below, above = reached.get((anchor, 0)), reached.get((anchor, 1))
-            if anchor in new:
-                pairs.update((b, a) for b, a in ((below, anchor), (anchor, above)))
-            else:
-                pairs.add((below, above))
-        inverted: dict[str, set[int]] = {}
-        for before, after in pairs:
-            if before is None or after is None:
-                continue
-            if known[after][0] < known[before][0]:
-                inverted.setdefault(known[after][1], set()).update((before, after))
+        device = {"device_id": self.pusher.device_id}
+
+        def look_up(seqs: list[int]) -> dict[int, Stamp]:
+            return {row.seq: Stamp(*row[1:]) for row in self._at_seqs(TIMES_AT_SEQS, seqs)}
+
+        def nearest(low: int, high: int, downward: bool) -> tuple[int, Stamp] | None:
+            query = NEAREST_BELOW if downward else NEAREST_ABOVE
+            row = plain_rows(self.session, query, {**device, "low": low, "high": high}).first()
+            return None if row is None else (row.seq, Stamp(*row[1:]))
+
+        inverted = time_inversions(new, rejected, tracker, look_up, nearest)
         for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
             self._flag(
                 "time_inversion",

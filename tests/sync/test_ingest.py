@@ -586,6 +586,46 @@ def test_a_rejected_event_between_the_drop_and_the_backdated_consent_hides_nothi
     assert inversion.evidence["seqs"] == [2, 4]
 
 
+def test_a_reused_id_answered_with_a_rejection_does_not_make_neighbours_of_its_own_seqs(
+    session: Session, pda: Pda, world: World
+) -> None:
+    """Seq 2 comes again with other content (conflicting_duplicate): it is stored, so
+    seqs 1 and 3 are not neighbours, and only the pair 1-2 is inverted."""
+    x, y, z = (factories.parcel(session, world.station).tracking_no for _ in range(3))
+    session.commit()
+    second = pda.event(2, y, occurred_at=at(50))
+    pda.push([pda.event(1, x, occurred_at=at(60)), second, pda.event(3, z, occurred_at=at(55))])
+    receipt = pda.push([{**second, "type": "out_for_delivery"}])
+    assert receipt["results"][0]["error"]["code"] == "conflicting_duplicate"
+    flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
+    assert [(f.subject_key, f.evidence["seqs"]) for f in flags] == [(y, [1, 2])]
+
+
+def test_a_pda_sending_only_malformed_scans_costs_the_same_statements_every_push(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Each rejected seq between a push and the last stored event is skipped in one
+    search, not read one by one: the 50th malformed push costs what the 5th did."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    counts = []
+    for seq in range(2, 52):
+        connection = session.connection()
+        event.listen(connection, "before_cursor_execute", capture)
+        try:
+            receipt = pda.push([pda.event(seq, parcel.tracking_no, "no_such_type")])
+        finally:
+            event.remove(connection, "before_cursor_execute", capture)
+        assert statuses(receipt) == ["rejected"]
+        counts.append(len(sent))
+        sent.clear()
+    assert counts[-1] == counts[4]
+
+
 def test_an_event_not_yet_arrived_between_two_leaves_them_unjudged(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

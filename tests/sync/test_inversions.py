@@ -1,0 +1,113 @@
+"""Rule 6 without a database: which pairs a push completes, and what it reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sync.acks import SeqTracker
+from sync.inversions import Stamp, time_inversions
+
+T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
+
+
+class Device:
+    """What the server holds of one PDA: stored events by seq, and the seqs that arrived
+    (stored or rejected). Counts the look-ups a judgement makes."""
+
+    def __init__(self) -> None:
+        self.stored: dict[int, Stamp] = {}
+        self.held = SeqTracker()
+        self.look_ups = 0
+        self.searches = 0
+
+    def look_up(self, seqs: list[int]) -> dict[int, Stamp]:
+        self.look_ups += 1
+        return {s: self.stored[s] for s in seqs if s in self.stored}
+
+    def nearest(self, low: int, high: int, downward: bool) -> tuple[int, Stamp] | None:
+        self.searches += 1
+        seqs = [s for s in self.stored if low <= s <= high]
+        if not seqs:
+            return None
+        seq = max(seqs) if downward else min(seqs)
+        return seq, self.stored[seq]
+
+    def push(self, events: dict[int, int], rejected: set[int]) -> dict[str, set[int]]:
+        """Store ``{seq: minutes}`` (parcel ``P<seq>``), reject ``rejected``; judge."""
+        new = {}
+        for seq, minutes in events.items():
+            if seq in self.stored:
+                rejected = rejected | {seq}  # a re-used seq: answered with a rejection
+                continue
+            new[seq] = self.stored[seq] = Stamp(T0 + dt.timedelta(minutes=minutes), f"P{seq}")
+        self.held.add_all([*new, *rejected])
+        return time_inversions(new, rejected, self.held, self.look_up, self.nearest)
+
+
+def test_a_rejected_seq_between_two_events_is_skipped() -> None:
+    device = Device()
+    assert device.push({1: 10, 2: 60}, set()) == {}
+    assert device.push({4: 50}, {3}) == {"P4": {2, 4}}
+
+
+def test_a_rejected_seq_that_is_stored_after_all_is_no_gap() -> None:
+    """A re-used id or seq is answered with a rejection at a seq that holds an event:
+    the events around it are not neighbours."""
+    device = Device()
+    assert device.push({1: 60, 2: 50, 3: 55}, set()) == {"P2": {1, 2}}
+    assert device.push({}, {2}) == {}  # not {"P3": {1, 3}}
+
+
+def test_a_long_run_of_rejected_seqs_costs_one_look_up_and_one_search_per_side() -> None:
+    device = Device()
+    device.push({1: 60}, set())
+    for seq in range(2, 2_002):
+        device.push({}, {seq})
+    device.look_ups = device.searches = 0
+    assert device.push({2_002: 50}, set()) == {"P2002": {1, 2_002}}
+    assert (device.look_ups, device.searches) == (1, 1)
+    device.look_ups = device.searches = 0
+    assert device.push({}, set(range(2_003, 7_003))) == {}
+    assert (device.look_ups, device.searches) == (1, 0)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[dict[int, int], set[int], list[list[int]]]:
+    """A PDA's seqs 1..n, each stored (with a time) or rejected, cut into pushes sent
+    in some order."""
+    n = draw(st.integers(1, 12))
+    rejected = set(draw(st.sets(st.integers(1, n))))
+    times = {s: draw(st.integers(0, 30)) for s in range(1, n + 1) if s not in rejected}
+    order = draw(st.permutations(list(range(1, n + 1))))
+    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=n)) if n > 1 else [])
+    pushes, start = [], 0
+    for cut in [*cuts, n]:
+        pushes.append(order[start:cut])
+        start = cut
+    return times, rejected, pushes
+
+
+@given(streams())
+def test_any_split_and_order_flags_the_pairs_of_the_whole_stream(
+    stream: tuple[dict[int, int], set[int], list[list[int]]],
+) -> None:
+    """Rule 3 for rule 6: the pairs flagged over all pushes are those of the stored
+    events taken in seq order, rejected seqs skipped, whatever the pushes."""
+    times, rejected, pushes = stream
+    device = Device()
+    flagged: dict[str, set[int]] = {}
+    for push in pushes:
+        found = device.push(
+            {s: times[s] for s in push if s in times}, {s for s in push if s in rejected}
+        )
+        for tracking_no, seqs in found.items():
+            flagged.setdefault(tracking_no, set()).update(seqs)
+    ordered = sorted(times)
+    expected: dict[str, set[int]] = {}
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if times[after] < times[before]:
+            expected.setdefault(f"P{after}", set()).update((before, after))
+    assert flagged == expected

@@ -291,6 +291,48 @@ def test_the_next_days_scans_never_reopen_a_signed_off_shift_whatever_the_order(
     assert filed == second.id
 
 
+@pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
+def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed_off(
+    session: Session, world: World, pda: Pda, pushed: str
+) -> None:
+    """Signed off at the close; a check-out four minutes later, the next shift opened a
+    minute after that. Pushed before the opening, the scan is the closed shift's by
+    the grace and reopens it, until the opening takes it: the reopening is then
+    withdrawn (its flag closed, the audit log saying so). Either way the shift ends
+    signed off with no open flag, and the scan is the next shift's."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    opening = NOW + dt.timedelta(minutes=5)
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    if pushed == "before the opening":
+        pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+        session.refresh(first)
+        assert first.status == ShiftStatus.CLOSED  # reopened by what looked late
+        second = pda.open(now=opening)
+    else:
+        second = pda.open(now=opening)
+        pda.push([check_out], received_at=opening + dt.timedelta(seconds=30))
+    session.refresh(first)
+    assert first.status == ShiftStatus.SIGNED_OFF
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).all()
+    assert [flag.status for flag in late] == (
+        [FlagStatus.CLOSED] if pushed == "before the opening" else []
+    )
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
+        second.id
+    )
+    actions = session.scalars(
+        select(AuditEntry.action)
+        .where(AuditEntry.subject_type == "shift", AuditEntry.subject_key == str(first.id))
+        .order_by(AuditEntry.id)
+    ).all()
+    assert actions[1:] == (
+        ["shift_reopened", "shift_reopening_withdrawn"] if pushed == "before the opening" else []
+    )
+
+
 @pytest.mark.parametrize(
     ("gap", "minutes", "pushed", "held_before"),
     [

@@ -8,22 +8,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from models import (
-    Consent,
-    ConsentRequest,
-    ConsentScope,
-    FeedKind,
-    Parcel,
-    Role,
-    ScanEvent,
-    ServiceClass,
-    Station,
-    SyncBatch,
-    User,
-)
+from models import FeedKind, Parcel, Role, ScanEvent, ServiceClass, Station, SyncBatch, User
 from sync import feed
 from sync.balances import refresh_for_parcels
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
@@ -135,34 +123,12 @@ def intake_parcels(
             if r.status == IntakeStatus.UPDATED and r.parcel and r.parcel.courier_id is not None
         ),
     )
-    _consents_follow_their_parcels(session, reassess)
     created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
     _close_unknown_parcel_flags(session, created)
     # Closed shifts with events of parcels unknown until now: their rule flags were just
     # judged, so what the handover shows for them may change.
     refresh_for_parcels(session=session, tracking_nos=created)
     return results
-
-
-def _consents_follow_their_parcels(session: Session, tracking_nos: list[str]) -> None:
-    """A parcel's consents and consent requests are its station's, for its manager to
-    see: captured on a PDA before the parcel was taken in (the PDA's station until
-    now), or given before the parcel moved to another station."""
-    for model in (Consent, ConsentRequest):
-        station_now = (
-            select(Parcel.station_id)
-            .where(Parcel.tracking_no == model.tracking_no)
-            .scalar_subquery()
-        )
-        for chunk in chunks(sorted(set(tracking_nos))):
-            query = update(model).where(
-                model.tracking_no.in_(chunk), model.station_id != station_now
-            )
-            if model is Consent:
-                query = query.where(Consent.scope == ConsentScope.PARCEL)
-            session.execute(
-                query.values(station_id=station_now).execution_options(synchronize_session=False)
-            )
 
 
 def _close_unknown_parcel_flags(session: Session, tracking_nos: list[str]) -> None:

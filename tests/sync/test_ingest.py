@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 
 from models import (
     Consent,
-    ConsentRequest,
     DeviceSyncState,
     FeedChange,
     FeedKind,
@@ -494,7 +493,7 @@ def test_a_consent_captured_by_a_courier_of_another_station_is_the_parcels_stati
     session: Session, world: World, parcel: Parcel
 ) -> None:
     """Its manager lists the consents that authorize its parcels' drops; a parcel not
-    taken in has no station but the PDA's, until intake gives it one."""
+    taken in has no station but the PDA's."""
     stranger = factories.user(session, "courier9", "courier", world.other_station)
     session.commit()
     other = Pda(session, world)
@@ -505,27 +504,10 @@ def test_a_consent_captured_by_a_courier_of_another_station_is_the_parcels_stati
         [
             other.event(1, parcel.tracking_no, "consent_captured", **consent),
             other.event(2, unknown, "consent_captured", **consent),
-            other.event(3, unknown, "consent_requested", request={"method": "locker"}),
         ]
     )
     stations = dict(session.execute(select(Consent.tracking_no, Consent.station_id)).all())
     assert stations == {parcel.tracking_no: world.station.id, unknown: world.other_station.id}
-    # Taken in afterwards, at this station, and the first parcel moved to the other:
-    # the consents follow, as they would have been filed had intake come first.
-    intake_parcels(
-        session=session,
-        drafts=[
-            (0, ParcelDraft(unknown, "express", "R", "1 Road")),
-            (1, ParcelDraft(parcel.tracking_no, "express", "R", "1 Road", station="ST2")),
-        ],
-        rules=IntakeRules(tracking=POLICY, phone_region="CN"),
-        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
-    )
-    session.commit()
-    stations = dict(session.execute(select(Consent.tracking_no, Consent.station_id)).all())
-    assert stations == {parcel.tracking_no: world.other_station.id, unknown: world.station.id}
-    request = session.scalars(select(ConsentRequest)).one()
-    assert (request.tracking_no, request.station_id) == (unknown, world.station.id)
 
 
 @pytest.mark.parametrize("consent_first", [False, True])

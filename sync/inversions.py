@@ -9,6 +9,10 @@ seq still on the PDA leaves the pair unjudged until it comes, and the pair is
 judged by the push that completes it: one that stores either event, or rejects
 the last seq between them.
 
+Known limit: a seq that arrives rejected and is later sent again, valid, splits a
+pair judged while it was a gap; a flag raised for that pair stays (flags are not
+withdrawn when their evidence is superseded), so the two orders differ by it.
+
 Pure: the caller hands in what the server holds (``SeqTracker``) and two look-ups.
 """
 
@@ -30,8 +34,8 @@ class Stamp(NamedTuple):
 
 # The stored events at these seqs: {seq: stamp}, for the seqs that have one.
 LookUp = Callable[[list[int]], Mapping[int, Stamp]]
-# The stored event nearest to ``start`` within [low, high], searching down from
-# ``high`` (``downward``) or up from ``low``: (seq, stamp), or None.
+# The stored event nearest an end of [low, high]: searching down from ``high``
+# (``downward``) or up from ``low``: (seq, stamp), or None.
 Nearest = Callable[[int, int, bool], tuple[int, Stamp] | None]
 
 
@@ -46,8 +50,9 @@ def time_inversions(
     the events it stored; ``rejected``, the seqs it answered with a rejection;
     ``held``, the device's seqs that arrived (this push's included).
 
-    One look-up for the seqs next to each run of the push's seqs; one more search,
-    per side of such a run, only when a rejected seq of an earlier push lies there.
+    One look-up for the seqs next to each run of the push's seqs; then, only where a
+    rejected seq of an earlier push lies next to a run, one search past the rejected
+    seqs, unless the seqs looked at already show the stored one beyond them.
     """
     known: dict[int, Stamp] = dict(new)
     anchors = set(known) | set(rejected)
@@ -63,14 +68,34 @@ def time_inversions(
     gaps = set(rejected) - set(known)
     empty = set(looked) - set(known)
 
+    memo: dict[tuple[int, bool], int | None] = {}
+
     def beyond(seq: int, downward: bool) -> int | None:
-        """The nearest stored seq from ``seq`` on, past seqs that arrived empty."""
-        low, high = held.held_run(seq)
-        hit = nearest(low, seq, True) if downward else nearest(seq, high, False)
-        if hit is None:
-            return None
-        known[hit[0]] = hit[1]
-        return hit[0]
+        """The nearest stored seq from ``seq`` on, past seqs that arrived empty: known
+        already, or found in one search of the database where the seqs looked at end."""
+        step = -1 if downward else 1
+        path = []
+        at = seq
+        while at in empty or at in gaps:
+            if (at, downward) in memo:
+                found = memo[at, downward]
+                break
+            path.append(at)
+            at += step
+        else:
+            if at in known:
+                found = at
+            elif not held.holds(at):  # still on the PDA, or no seq 0
+                found = None
+            else:  # arrived, not looked at: the database knows
+                low, high = held.held_run(at)
+                hit = nearest(low, at, True) if downward else nearest(at, high, False)
+                found = None if hit is None else hit[0]
+                if hit is not None:
+                    known[hit[0]] = hit[1]
+        for visited in path:
+            memo[visited, downward] = found
+        return found
 
     ordered = sorted(set(new) | gaps)
     below: dict[int, int | None] = {}

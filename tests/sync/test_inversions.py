@@ -74,6 +74,17 @@ def test_a_long_run_of_rejected_seqs_costs_one_look_up_and_one_search_per_side()
     assert (device.look_ups, device.searches) == (1, 0)
 
 
+def test_runs_between_rejected_seqs_cost_no_search_when_the_look_up_shows_them() -> None:
+    """Every odd seq rejected first, then every even one stored in one push: each even
+    event's neighbours are the even ones around it, known from the push itself."""
+    device = Device()
+    device.push({}, set(range(1, 2_001, 2)))
+    device.look_ups = device.searches = 0
+    times = {seq: (10 if seq == 1_000 else seq) for seq in range(2, 2_001, 2)}
+    assert device.push(times, set()) == {"P1000": {998, 1_000}}
+    assert (device.look_ups, device.searches) == (1, 0)
+
+
 @st.composite
 def streams(draw: st.DrawFn) -> tuple[dict[int, int], set[int], list[list[int]]]:
     """A PDA's seqs 1..n, each stored (with a time) or rejected, cut into pushes sent

@@ -308,20 +308,24 @@ def _refile_from_previous(
     if not moved:
         return
     session.execute(update(ScanEvent), moved)  # by primary key
-    _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
     # The previous shift lost events; one they moved to may be closed (clocks).
     judged = {previous.id, *(m["shift_id"] for m in moved if m["shift_id"] is not None)}
     refresh_handover_flags(
         session=session, shifts=[lock_shift(session, i) for i in sorted(judged)]
     )
+    _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
 
 
 def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened: Shift) -> None:
     """Sign the previous shift off again if the only events that reopened it after
-    its sign-off were the ones just filed under the shift that opened: they were
-    never its own, as they would not have been had they come after the opening.
-    The reopening stays in the audit log and in ``reopened_count``; its flag is
-    closed with the reason."""
+    its sign-off were the ones just filed under the shift that opened, and its
+    balance is again the one signed off: they were never its own, as they would not
+    have been had they come after the opening. (A correction among them that voids
+    one of its events still changes its balance: then it stays reopened.) The
+    reopening stays in the audit log and in ``reopened_count``; its flag is closed
+    with the reason."""
+    from sync.balances import shift_balance
+
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
         return
@@ -335,12 +339,7 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     )
     if flag is None or not set(flag.evidence.get("event_ids", [])) <= moved:
         return
-    landed_since = session.scalar(
-        select(func.count())
-        .select_from(ScanEvent)
-        .where(ScanEvent.shift_id == shift.id, ScanEvent.received_at > shift.signed_off_at)
-    )
-    if landed_since:
+    if shift_balance(session=session, shift=shift).snapshot() != shift.signoff_balance:
         return
     reason = f"its late events were filed under shift {opened.id} when it opened"
     shift.status = ShiftStatus.SIGNED_OFF

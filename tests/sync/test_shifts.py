@@ -333,6 +333,39 @@ def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed
     )
 
 
+@pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
+def test_a_correction_just_after_a_sign_off_keeps_the_shift_reopened_whatever_the_order(
+    session: Session, world: World, pda: Pda, pushed: str
+) -> None:
+    """The late event is a correction voiding the shift's return: filed under the next
+    shift or not, it changes the handover that was signed off (the parcel is missing
+    again), so the shift stays reopened in both orders."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    checked_out = pda.event(a)
+    returned = pda.event(a, "returned_to_station")
+    pda.push([checked_out, returned])
+    first = sign_off(session, world, pda.close(first))
+    assert first.signoff_balance["status"] == "balanced"
+    opening = NOW + dt.timedelta(minutes=5)
+    correction = pda.event(
+        a,
+        "correction",
+        occurred_at=NOW + dt.timedelta(minutes=4),
+        voids_client_event_id=returned["client_event_id"],
+        reason="mis-tap",
+    )
+    if pushed == "before the opening":
+        pda.push([correction], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+        pda.open(now=opening)
+    else:
+        pda.open(now=opening)
+        pda.push([correction], received_at=opening + dt.timedelta(seconds=30))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    assert shift_balance(session=session, shift=first).missing == 1
+
+
 @pytest.mark.parametrize(
     ("gap", "minutes", "pushed", "held_before"),
     [

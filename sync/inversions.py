@@ -71,8 +71,10 @@ def time_inversions(
     memo: dict[tuple[int, bool], int | None] = {}
 
     def beyond(seq: int, downward: bool) -> int | None:
-        """The nearest stored seq from ``seq`` on, past seqs that arrived empty: known
-        already, or found in one search of the database where the seqs looked at end."""
+        """The nearest stored seq from ``seq`` on, past seqs that arrived empty (this
+        push's rejections and those looked up): known already, or found in one search
+        of the database where the seqs looked at end; None past a seq still on the
+        PDA. Each seq walked past remembers the answer."""
         step = -1 if downward else 1
         path = []
         at = seq
@@ -98,28 +100,8 @@ def time_inversions(
         return found
 
     ordered = sorted(set(new) | gaps)
-    below: dict[int, int | None] = {}
-    for seq in ordered:  # ascending: a gap's answer is ready for the seq above it
-        previous = seq - 1
-        if previous in known:
-            below[seq] = previous
-        elif previous in gaps:
-            below[seq] = below[previous]
-        elif previous in empty:
-            below[seq] = beyond(previous, downward=True)
-        else:  # still on the PDA, or no seq 0
-            below[seq] = None
-    above: dict[int, int | None] = {}
-    for seq in reversed(ordered):
-        following = seq + 1
-        if following in known:
-            above[seq] = following
-        elif following in gaps:
-            above[seq] = above[following]
-        elif following in empty:
-            above[seq] = beyond(following, downward=False)
-        else:
-            above[seq] = None
+    below = {seq: beyond(seq - 1, downward=True) for seq in ordered}
+    above = {seq: beyond(seq + 1, downward=False) for seq in ordered}
     pairs: set[tuple[int | None, int | None]] = set()
     for seq in ordered:
         if seq in new:

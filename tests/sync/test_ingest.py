@@ -510,6 +510,29 @@ def test_a_consent_captured_by_a_courier_of_another_station_is_the_parcels_stati
     assert stations == {parcel.tracking_no: world.station.id, unknown: world.other_station.id}
 
 
+def locker_drop(pda: Pda, seq: int, tn: str, when: dt.datetime) -> dict[str, Any]:
+    return pda.event(
+        seq,
+        tn,
+        "delivered_to_locker",
+        occurred_at=when,
+        locker_id="L-1",
+        compartment="1",
+        pod={"pickup_code": "1111"},
+    )
+
+
+def consent_in_person(pda: Pda, seq: int, tn: str, when: dt.datetime) -> dict[str, Any]:
+    """A consent captured on the PDA, for a locker drop."""
+    return pda.event(
+        seq,
+        tn,
+        "consent_captured",
+        occurred_at=when,
+        consent={"method": "locker", "channel": "in_person"},
+    )
+
+
 @pytest.mark.parametrize("consent_first", [False, True])
 def test_a_consent_captured_after_the_drop_but_stamped_before_is_a_time_inversion(
     session: Session, pda: Pda, parcel: Parcel, consent_first: bool
@@ -518,22 +541,8 @@ def test_a_consent_captured_after_the_drop_but_stamped_before_is_a_time_inversio
     claims 13:50: the backdated consent. Flagged whichever arrives first, and the drop
     stays unauthorized."""
     tn = parcel.tracking_no
-    drop = pda.event(
-        2,
-        tn,
-        "delivered_to_locker",
-        occurred_at=at(60),
-        locker_id="L-1",
-        compartment="1",
-        pod={"pickup_code": "1111"},
-    )
-    backdated = pda.event(
-        3,
-        tn,
-        "consent_captured",
-        occurred_at=at(50),
-        consent={"method": "locker", "channel": "in_person"},
-    )
+    drop = locker_drop(pda, 2, tn, at(60))
+    backdated = consent_in_person(pda, 3, tn, at(50))
     batches = [[pda.event(1, tn, occurred_at=at(10)), drop], [backdated]]
     for batch in reversed(batches) if consent_first else batches:
         pda.push(batch)
@@ -555,23 +564,9 @@ def test_a_rejected_event_between_the_drop_and_the_backdated_consent_hides_nothi
     inversion, whichever of the three arrives last."""
     tn = parcel.tracking_no
     first = pda.event(1, tn, occurred_at=at(10))
-    drop = pda.event(
-        2,
-        tn,
-        "delivered_to_locker",
-        occurred_at=at(60),
-        locker_id="L-1",
-        compartment="1",
-        pod={"pickup_code": "1111"},
-    )
+    drop = locker_drop(pda, 2, tn, at(60))
     malformed = pda.event(3, tn, "no_such_type", occurred_at=at(61))
-    backdated = pda.event(
-        4,
-        tn,
-        "consent_captured",
-        occurred_at=at(50),
-        consent={"method": "locker", "channel": "in_person"},
-    )
+    backdated = consent_in_person(pda, 4, tn, at(50))
     batches = {
         "in one push": [[first, drop, malformed, backdated]],
         "consent first": [[backdated], [malformed], [first, drop]],
@@ -646,22 +641,8 @@ def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversio
     """The clean twin: recorded after the drop, dated after it: consent_after_drop (it
     came too late) but nothing backdated."""
     tn = parcel.tracking_no
-    drop = pda.event(
-        2,
-        tn,
-        "delivered_to_locker",
-        occurred_at=at(60),
-        locker_id="L-1",
-        compartment="1",
-        pod={"pickup_code": "1111"},
-    )
-    late = pda.event(
-        3,
-        tn,
-        "consent_captured",
-        occurred_at=at(70),
-        consent={"method": "locker", "channel": "in_person"},
-    )
+    drop = locker_drop(pda, 2, tn, at(60))
+    late = consent_in_person(pda, 3, tn, at(70))
     pda.push([pda.event(1, tn, occurred_at=at(10)), drop, late])
     kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
     assert kinds == {"consent_after_drop"}

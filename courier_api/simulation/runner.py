@@ -42,6 +42,10 @@ DAY_LENGTH = dt.timedelta(minutes=35)  # the span the day's events are dated ove
 DAY_ENDS_BEFORE_NOW = dt.timedelta(minutes=10)
 SKEW = dt.timedelta(minutes=7)  # the skewed PDA's clock, fast
 PUSH_EVERY = 5  # events an online PDA collects before it pushes
+# Long polls of a second a PDA at the door makes for the recipient's answer. On
+# PostgreSQL the feed holds back what a transaction still running anywhere on the
+# server might precede, so one poll can come back empty on a busy server.
+ANSWER_POLLS = 10
 LOCKER = "LK-{n:02d}"
 PICKUP_POINT = "PP-{n:02d}"
 INTAKE_BATCH = 1000
@@ -351,14 +355,17 @@ class Pda:
         self.push()
         self.clock_tick()  # the recipient reads the SMS and answers
         self.sim.answer_request(parcel, self.now())
-        changes = self._pull(wait=1)
-        answered = [
-            r
-            for c in changes
-            if c["kind"] == "consent_request" and c["tracking_no"] == tn
-            for r in c["parcel"]["consent_requests"]
-            if r["status"] == "granted"
-        ]
+        answered: list[dict[str, Any]] = []
+        for _ in range(ANSWER_POLLS):  # a PDA waiting at the door keeps asking
+            answered = [
+                r
+                for c in self._pull(wait=1)
+                if c["kind"] == "consent_request" and c["tracking_no"] == tn
+                for r in c["parcel"]["consent_requests"]
+                if r["status"] == "granted"
+            ]
+            if answered:
+                break
         if not answered:
             raise SimulationError(f"the grant for {tn} did not reach {self.plan.username}")
         self.record(tn, "delivered_to_locker", **self._locker(locker, n))

@@ -257,8 +257,8 @@ def _previous_with_open_seqs(
     session: Session, device_id: str, courier_id: int
 ) -> _OpenSeqs | None:
     """The courier's last shift on the PDA, if it closed with a first seq and no last
-    seq: its seqs run on until the next shift starts (``_Window.holds_by_seq``), so it
-    may hold events, recorded just after its close, that the shift opening now takes."""
+    seq: it holds by seq what came just after its close, up to where the next shift
+    starts (``_Window.holds_by_seq``), so it may hold events the opening now takes."""
     row = session.execute(
         select(Shift.id, Shift.first_seq, Shift.last_seq, Shift.opened_at, Shift.closed_at)
         .where(Shift.device_id == device_id, Shift.courier_id == courier_id)

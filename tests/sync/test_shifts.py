@@ -13,6 +13,7 @@ from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
+from sync import balances as balances_module
 from sync import shifts
 from sync.balances import balances, shift_balance
 from sync.errors import Conflict, InvalidInput
@@ -1240,3 +1241,85 @@ def test_an_event_after_sign_off_reopens_the_shift_with_a_flag(
     session.refresh(shift)
     assert shift.reopened_count == 2
     assert session.get(Flag, flag.id).status == FlagStatus.OPEN
+
+
+NEIGHBOUR_SPECS = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=1),  # which of two PDAs
+        st.integers(min_value=0, max_value=4),  # opened, in hours: ties are likely
+        st.sampled_from(list(ShiftStatus)),
+        st.none() | st.integers(min_value=1, max_value=30),  # first_seq
+        st.none() | st.integers(min_value=1, max_value=30),  # last_seq
+        st.booleans(),  # the world's courier's (else another courier's)
+        st.none() | st.integers(min_value=1, max_value=30),  # its lowest event's seq
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(specs=NEIGHBOUR_SPECS, data=st.data())
+def test_a_balance_bounds_a_shift_by_its_neighbours_on_the_pdas_whole_timeline(
+    session: Session, world: World, specs: list[Any], data: st.DataObject
+) -> None:
+    """``_neighbour_bounds`` reads each shift's previous and next shift on its PDA (any
+    courier's, in the order they opened, ties by id) with one probe each: the bounds
+    are those of the PDAs' whole timelines, for any subset of shifts asked about."""
+    other = factories.user(session, f"other-{uuid.uuid4().hex[:8]}", "courier", world.station)
+    devices = [
+        factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station).id
+        for _ in range(2)
+    ]
+    rows, lowest, has_open = [], {}, set()
+    for pda, hours, status, first_seq, last_seq, own, low in specs:
+        if status == ShiftStatus.OPEN and pda in has_open:
+            status = ShiftStatus.CLOSED  # one open shift per PDA
+        has_open.update([pda] if status == ShiftStatus.OPEN else [])
+        opened_at = NOW + dt.timedelta(hours=hours)
+        row = shift_row(
+            world,
+            devices[pda],
+            opened_at,
+            None if status == ShiftStatus.OPEN else opened_at + dt.timedelta(minutes=30),
+            courier_id=None if own else other.id,
+            first_seq=first_seq,
+            last_seq=last_seq,
+        ) | {"status": status}
+        row["id"] = insert_shift(session, row)
+        rows.append(row)
+        if low is not None:
+            lowest[row["id"]] = low
+    timeline = sorted(rows, key=lambda r: (r["device_id"], r["opened_at"], r["id"]))
+    before: dict[int, dict[str, Any] | None] = {}
+    after: dict[int, dict[str, Any] | None] = {}
+    for earlier, later in zip([None, *timeline], [*timeline, None], strict=True):
+        same_pda = earlier and later and earlier["device_id"] == later["device_id"]
+        if later is not None:
+            before[later["id"]] = earlier if same_pda else None
+        if earlier is not None:
+            after[earlier["id"]] = later if same_pda else None
+    asked = data.draw(st.sets(st.sampled_from([r["id"] for r in rows]), min_size=1))
+    next_starts, previous_ends = {}, {}
+    for row in rows:
+        if row["id"] not in asked:
+            continue
+        following, preceding = after[row["id"]], before[row["id"]]
+        if row["status"] != ShiftStatus.OPEN and row["last_seq"] is None and following:
+            start = following["first_seq"] or lowest.get(following["id"])
+            if start is not None:
+                next_starts[row["id"]] = start
+        if row["first_seq"] is None:
+            if preceding is None:
+                previous_ends[row["id"]] = 0
+            elif preceding["last_seq"] is not None:
+                previous_ends[row["id"]] = preceding["last_seq"]
+    shifts = session.scalars(select(Shift).where(Shift.id.in_(asked))).all()
+    assert balances_module._neighbour_bounds(session, shifts, lowest) == (
+        next_starts,
+        previous_ends,
+    )

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.engine import make_engine, reads_only, refuse_writes
 
 EXTENSION_KEY = "courier_api.database"
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,6 +71,33 @@ class Database:
                 g.db_session = state.sessionmaker()
         session: Session = g.db_session
         return session
+
+    def read_apart(self, read: Callable[[Session], T]) -> T:
+        """Run ``read``, a request's first work, in a session and transaction of its own
+        that only reads, ended before the request writes; what it loaded stays there
+        (a view loads again, in its writing transaction, what it changes).
+
+        For the signing-in check on a SQLite file: a writing transaction there holds
+        the one writers' turn from its first statement (``models.turnstile``), so a
+        PDA's push would hold up every other push through its sign-in check and the
+        parsing of its body, a quarter of the turn of a one-scan push. Elsewhere, and
+        for a request that only reads, ``read`` gets the request's session.
+        """
+        state = self._state()
+        readers_apart = state.reader.pool is not state.engine.pool  # a SQLite file's
+        if not readers_apart or "db_session" in g or _request_only_reads():
+            return read(self.session)
+        if state.test_connection is None:
+            with state.sessionmaker(bind=state.reader) as reading:
+                return read(reading)
+        # Tests: a session of its own on the shared connection, which refuses writes
+        # meanwhile as a reader's does.
+        refuse_writes(state.test_connection, True)
+        try:
+            with state.sessionmaker() as reading:
+                return read(reading)
+        finally:
+            refuse_writes(state.test_connection, False)
 
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:
         """Tests: run every session of ``app`` inside ``connection``'s outer transaction.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +40,14 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
         turnstile = None
         if sqlite_begin == "IMMEDIATE" and not in_memory:
             turnstile = Turnstile(Path(parsed.database).resolve(), BUSY_TIMEOUT_MS / 1000)
+        reader_kwargs = dict(kwargs)
+        if turnstile is not None:
             kwargs["connect_args"] = connect_args(kwargs.get("connect_args"))
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine, in_memory=in_memory, begin=sqlite_begin, turnstile=turnstile)
+        if not in_memory:
+            _SQLITE_FILES[engine] = (url, reader_kwargs)
+            event.listen(engine, "engine_disposed", _dispose_reader)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     engine = create_engine(url, **kwargs)
@@ -50,7 +57,7 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
 
 
 def reads_only(engine: Engine) -> Engine:
-    """The same engine and pool, for transactions that only read.
+    """An engine for transactions that only read, on the database of ``engine``.
 
     On SQLite they begin ``DEFERRED`` without waiting for the writers' turn: in WAL
     mode a reader sees the last commit and never blocks a writer, so a station
@@ -58,11 +65,43 @@ def reads_only(engine: Engine) -> Engine:
     its read. A write in one fails at once (``PRAGMA query_only``, "attempt to write
     a readonly database"), as it does on PostgreSQL (``READ ONLY`` transactions):
     marking a view that writes is a bug that shows, not a race.
+
+    A SQLite file's readers have connections of their own, read-only from the
+    start, made on first use and disposed of with ``engine``: setting ``query_only``
+    on a connection throws away every statement SQLite had prepared on it, so a
+    pooled connection passing between a reader and a writer would parse and plan
+    each of the writer's statements anew (a one-scan push's statements took four
+    times as long). Elsewhere: the same engine and pool, with options.
     """
+    if engine in _SQLITE_FILES:
+        reader = _SQLITE_READERS.get(engine)
+        if reader is None:
+            with _READER_SETUP:
+                reader = _SQLITE_READERS.get(engine)
+                if reader is None:
+                    url, kwargs = _SQLITE_FILES[engine]
+                    base = create_engine(url, **kwargs)
+                    _configure_sqlite(base, in_memory=False, begin="DEFERRED", turnstile=None)
+                    reader = _SQLITE_READERS[engine] = base.execution_options(**{READS_ONLY: True})
+        return reader
     options: dict[str, Any] = {READS_ONLY: True}
     if engine.dialect.name == "postgresql":
         options["postgresql_readonly"] = True
     return engine.execution_options(**options)
+
+
+# SQLite file engines: how each was made (for its readers), and its readers once made.
+_SQLITE_FILES: weakref.WeakKeyDictionary[Engine, tuple[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+_SQLITE_READERS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_READER_SETUP = threading.Lock()
+
+
+def _dispose_reader(engine: Engine) -> None:
+    reader = _SQLITE_READERS.pop(engine, None)
+    if reader is not None:
+        reader.dispose()  # the pool it shares with the engine its options were set on
 
 
 def _utc_session(dbapi_connection: Any, _record: Any) -> None:
@@ -102,7 +141,7 @@ def _configure_sqlite(
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         reader = bool(connection.get_execution_options().get(READS_ONLY))
-        refuse_writes(connection, reader)
+        refuse_writes(connection, reader)  # once per connection of a file's reader
         if reader:
             connection.exec_driver_sql("BEGIN DEFERRED")  # no turn: WAL readers never wait
             return

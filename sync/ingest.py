@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, bindparam, insert, select, update
+from sqlalchemy import Select, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -126,6 +126,20 @@ STORE_DEVICE_STATE = updating(
         "clock_measured_at",
         "last_push_at",
     ),
+)
+# The device's last-seen time is only shown (the stale-device sweep reads the sync
+# state's ``last_push_at``, kept exact): rewritten when older than the resolution,
+# not by every push of a PDA pushing each scan as it happens.
+TOUCH_DEVICE = (
+    update(Device.__table__)
+    .where(
+        Device.__table__.c.id == bindparam("device"),
+        or_(
+            Device.__table__.c.last_seen_at.is_(None),
+            Device.__table__.c.last_seen_at <= bindparam("seen_before"),
+        ),
+    )
+    .values(last_seen_at=bindparam("seen_at"))
 )
 NEW_BATCH = Prebuilt(
     lambda dialect: insert_ignoring_conflict(
@@ -829,7 +843,8 @@ class _BatchIngest:
         key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)
         held = self.session.identity_map.get(key)
         self.session.flush()  # whatever the session's autoflush says
-        self.session.connection().execute(
+        connection = self.session.connection()
+        connection.execute(
             STORE_DEVICE_STATE,
             {
                 "state_of": self.pusher.device_id,
@@ -843,9 +858,19 @@ class _BatchIngest:
         )
         if held is not None:
             self.session.expire(held)
-        device = self.session.get(Device, self.pusher.device_id)  # loaded by sign-in checks
-        if device is not None and _seen_long_ago(device.last_seen_at, self.received_at):
-            device.last_seen_at = self.received_at
+        connection.execute(
+            TOUCH_DEVICE,
+            {
+                "device": self.pusher.device_id,
+                "seen_at": self.received_at,
+                "seen_before": self.received_at - LAST_SEEN_RESOLUTION,
+            },
+        )
+        device = self.session.identity_map.get(
+            self.session.identity_key(Device, self.pusher.device_id)
+        )
+        if device is not None:
+            self.session.expire(device, ["last_seen_at"])
         if abs(self.offset) > self.rules.clock_skew_bound:
             self._flag(
                 "clock_skew",
@@ -1032,14 +1057,6 @@ class _BatchIngest:
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,
         }
-
-
-def _seen_long_ago(last_seen_at: dt.datetime | None, now: dt.datetime) -> bool:
-    """Whether a device's last-seen time is worth an update: it is only shown (the
-    stale-device sweep reads the sync state's ``last_push_at``, kept exact), and a PDA
-    pushing each scan as it happens would otherwise rewrite its device row several
-    times a minute."""
-    return last_seen_at is None or now - last_seen_at >= LAST_SEEN_RESOLUTION
 
 
 def _storable(value: Any, max_length: int) -> str | None:

@@ -4,6 +4,7 @@ nothing stored twice, and a pull that never skips a change written concurrently.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,8 @@ from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
 from models import (
+    Device,
+    DeviceStatus,
     DeviceSyncState,
     FeedChange,
     FeedKind,
@@ -27,6 +30,7 @@ from models import (
     ServiceClass,
     SyncBatch,
 )
+from models.engine import BUSY_TIMEOUT_MS
 from sync import feed, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
@@ -350,3 +354,31 @@ def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
         assert parcel.courier_id == station.courier_id
         flags = db.session.scalars(select(Flag).where(Flag.subject_key == tracking_no)).all()
         assert flags == []
+
+
+def test_a_token_refused_at_sign_in_is_answered_while_a_writer_holds_the_database(
+    committed_app: Flask,
+) -> None:
+    """A push's sign-in check reads apart from its writes (``Database.read_apart``): on
+    SQLite it takes no writers' turn, so a stolen PDA's revoked token is turned away at
+    once, and a push's turn starts after its body is parsed."""
+    with committed_app.app_context():
+        pdas = {"held": "PDA-HELD"}
+        _, parcels = factories.station_with_pdas(db.session, "HELD", pdas, parcels=1)
+        db.session.commit()
+    client = committed_app.test_client()
+    headers = Auth(client).headers("held", "PDA-HELD")
+    with committed_app.app_context():
+        device = db.session.get(Device, "PDA-HELD")
+        assert device is not None
+        device.status = DeviceStatus.LOST
+        db.session.commit()
+    body = factories.push_body("PDA-HELD", [factories.event(1, parcels[0])])
+    with db.engine_of(committed_app).begin() as writer:  # SQLite: the turn and the lock
+        writer.execute(text("UPDATE device SET last_seen_at = NULL WHERE id = 'PDA-HELD'"))
+        started = time.monotonic()
+        response = client.post(PUSH, json=body, headers=headers)
+        waited = time.monotonic() - started
+    assert response.status_code == 401, response.get_json()
+    assert response.get_json()["code"] == "device_not_active"
+    assert waited < BUSY_TIMEOUT_MS / 1000 / 2

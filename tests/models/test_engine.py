@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import InternalError, OperationalError
 
 from models.engine import BUSY_TIMEOUT_MS, make_engine, reads_only
@@ -81,3 +81,37 @@ def test_a_postgresql_reader_refuses_to_write_and_its_connection_writes_again(
             connection.execute(text("CREATE TEMPORARY SEQUENCE writer_write"))
     finally:
         own.dispose()
+
+
+def test_a_sqlite_files_readers_keep_connections_of_their_own(tmp_path: Path) -> None:
+    """Setting ``query_only`` makes SQLite throw away every statement it prepared on the
+    connection: a writer's connection never has it set, however readers and writers
+    take turns, and a reader's is set once."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'apart.db'}", pool_size=1, max_overflow=0)
+    reader = reads_only(engine)
+    pragmas: list[tuple[str, str]] = []
+    for name, which in (("writer", engine), ("reader", reader)):
+        event.listen(
+            which,
+            "before_cursor_execute",
+            lambda *args, name=name: (
+                pragmas.append((name, args[2])) if "query_only" in args[2] else None
+            ),
+        )
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE note (body TEXT)"))
+        for round_no in range(3):
+            with reader.connect() as connection:
+                connection.execute(text("SELECT count(*) FROM note")).scalar_one()
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO note VALUES (:n)"), {"n": str(round_no)})
+        assert reads_only(engine) is reader  # made once
+        assert pragmas == [("reader", "PRAGMA query_only = 1")]
+        with reader.connect() as connection:  # the reader's one connection, in its pool
+            pass
+        readers_pool = reader.pool
+        assert readers_pool is not engine.pool and readers_pool.checkedin() == 1
+    finally:
+        engine.dispose()
+    assert readers_pool.checkedin() == 0  # disposed of with the engine

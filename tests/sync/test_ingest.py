@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from models import (
     Consent,
+    Device,
     DeviceSyncState,
     FeedChange,
     FeedKind,
@@ -771,3 +772,34 @@ def test_a_sync_state_the_session_holds_shows_what_a_push_wrote(
         received_at=NOW,
     )
     assert (held.max_seq, held.acked_through_seq, held.missing_ranges) == (4, 2, [[3, 3]])
+
+
+def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
+    session: Session, world: World, parcel: Parcel
+) -> None:
+    """The device's last-seen time is written past the ORM, when older than a minute: a
+    copy the session holds shows it, and a PDA pushing each scan does not rewrite it."""
+    pda = Pda(session, world)
+    device = session.get(Device, world.device.id)
+    assert device is not None and device.last_seen_at is None
+
+    def push_at(received_at: dt.datetime, seq: int) -> None:
+        ingest(
+            session=session,
+            batch=PushBatch(
+                device_id=world.device.id,
+                batch_id=uuid.uuid4(),
+                sent_at=received_at,
+                events=[pda.event(seq, parcel.tracking_no, occurred_at=received_at)],
+            ),
+            pusher=pda.pusher,
+            rules=RULES,
+            received_at=received_at,
+        )
+
+    push_at(NOW, 1)
+    assert device.last_seen_at == NOW
+    push_at(NOW + dt.timedelta(seconds=59), 2)
+    assert device.last_seen_at == NOW
+    push_at(NOW + dt.timedelta(seconds=61), 3)
+    assert device.last_seen_at == NOW + dt.timedelta(seconds=61)

@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Select, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -140,6 +140,20 @@ TOUCH_DEVICE = (
         ),
     )
     .values(last_seen_at=bindparam("seen_at"))
+)
+_quarantined = QuarantinedEvent.__table__
+INSERT_QUARANTINED = insert(_quarantined)
+# What a rejected event resent was answered the first time.
+QUARANTINED = Prebuilt(
+    lambda dialect: select(
+        _quarantined.c.payload_hash,
+        _quarantined.c.message,
+        _quarantined.c.error_code,
+        _quarantined.c.field,
+    ).where(
+        _quarantined.c.device_id == bindparam("device_id"),
+        among_param(dialect, _quarantined.c.payload_hash, "hashes"),
+    )
 )
 NEW_BATCH = Prebuilt(
     lambda dialect: insert_ignoring_conflict(
@@ -771,34 +785,56 @@ class _BatchIngest:
             row["shift_id"] = self.filed[event.client_event_id] = filer.file(filing)
         self.wrong_claims = filer.wrong_claims
 
+    def _touch_device(self, connection: Connection) -> None:
+        """The device's last-seen time, when a minute old (``TOUCH_DEVICE``). A copy of
+        the device the session holds (the sign-in check's, on PostgreSQL) tells without
+        a statement whether it is; on SQLite the check read it in a session of its own
+        (``courier_api.database.Database.read_apart``)."""
+        seen_before = self.received_at - LAST_SEEN_RESOLUTION
+        device = self.session.identity_map.get(
+            self.session.identity_key(Device, self.pusher.device_id)
+        )
+        if device is None:
+            connection.execute(
+                TOUCH_DEVICE,
+                {
+                    "device": self.pusher.device_id,
+                    "seen_at": self.received_at,
+                    "seen_before": seen_before,
+                },
+            )
+        elif device.last_seen_at is None or device.last_seen_at <= seen_before:
+            device.last_seen_at = self.received_at
+
     def _quarantine(self) -> None:
-        """Keep every rejected event; one re-sent is answered as it was the first time."""
+        """Keep every rejected event; one re-sent is answered as it was the first time.
+
+        Rows go in with one Core executemany: the ORM inserts them one statement each
+        on SQLite (it wants each row's id back), and a broken PDA's push of 5,000
+        malformed events held the writers' turn through 5,000 of them."""
         if not self.rejections:
             return
         for rejection in self.rejections:
             rejection.payload_hash = sha256_json(rejection.raw)
         hashes = [r.payload_hash for r in self.rejections]
-        kept = {
-            row.payload_hash: row
-            for chunk in chunks(hashes)
-            for row in self.session.scalars(
-                select(QuarantinedEvent).where(
-                    QuarantinedEvent.device_id == self.pusher.device_id,
-                    QuarantinedEvent.payload_hash.in_(chunk),
-                )
+        answered: dict[str, EventRejected] = {
+            row.payload_hash: EventRejected(row.message, code=row.error_code, field=row.field)
+            for row in rows_among(
+                self.session,
+                QUARANTINED(self.session),
+                "hashes",
+                hashes,
+                {"device_id": self.pusher.device_id},
             )
         }
         rows = []
         for rejection in self.rejections:
-            previous = kept.get(rejection.payload_hash)
+            previous = answered.get(rejection.payload_hash)
             if previous is not None:
-                rejection.error = EventRejected(
-                    previous.message, code=previous.error_code, field=previous.field
-                )
+                rejection.error = previous
             else:
-                row = self._quarantine_row(rejection)
-                kept[rejection.payload_hash] = row
-                rows.append(row)
+                answered[rejection.payload_hash] = rejection.error
+                rows.append(self._quarantine_row(rejection))
             raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
             self.results[rejection.index] = _Result(
                 rejection.index,
@@ -807,32 +843,32 @@ class _BatchIngest:
                 rejection.error,
                 seq=_valid_seq(raw.get("seq")),
             )
-        self.session.add_all(rows)
-        self.session.flush()
+        if rows:
+            flushed_connection(self.session).execute(INSERT_QUARANTINED, rows)
 
     def _settle_copies(self) -> None:
         for index, first in self.copies:
             if self.results[first].status == "rejected":
                 self.results[index] = dataclasses.replace(self.results[first], index=index)
 
-    def _quarantine_row(self, rejection: _Rejection) -> QuarantinedEvent:
+    def _quarantine_row(self, rejection: _Rejection) -> dict[str, Any]:
         raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
-        return QuarantinedEvent(
-            station_id=self.pusher.station_id,
-            device_id=self.pusher.device_id,
-            batch_pk=self.batch_pk,
-            position=rejection.index,
-            client_event_id=_storable(raw.get("client_event_id"), 64),
-            seq=_valid_seq(raw.get("seq")),
-            event_type=_storable(raw.get("type"), 40),
-            tracking_no=_storable(raw.get("tracking_no"), 40),
-            error_code=rejection.error.code,
-            message=rejection.error.message,
-            field=_storable(rejection.error.field, 64),
-            payload=_ascii_json(rejection.raw),
-            payload_hash=rejection.payload_hash,
-            received_at=self.received_at,
-        )
+        return {
+            "station_id": self.pusher.station_id,
+            "device_id": self.pusher.device_id,
+            "batch_pk": self.batch_pk,
+            "position": rejection.index,
+            "client_event_id": _storable(raw.get("client_event_id"), 64),
+            "seq": _valid_seq(raw.get("seq")),
+            "event_type": _storable(raw.get("type"), 40),
+            "tracking_no": _storable(raw.get("tracking_no"), 40),
+            "error_code": rejection.error.code,
+            "message": rejection.error.message,
+            "field": _storable(rejection.error.field, 64),
+            "payload": _ascii_json(rejection.raw),
+            "payload_hash": rejection.payload_hash,
+            "received_at": self.received_at,
+        }
 
     # -- device state: acknowledgements and clock -------------------------------------------
 
@@ -858,19 +894,7 @@ class _BatchIngest:
         )
         if held is not None:
             self.session.expire(held)
-        connection.execute(
-            TOUCH_DEVICE,
-            {
-                "device": self.pusher.device_id,
-                "seen_at": self.received_at,
-                "seen_before": self.received_at - LAST_SEEN_RESOLUTION,
-            },
-        )
-        device = self.session.identity_map.get(
-            self.session.identity_key(Device, self.pusher.device_id)
-        )
-        if device is not None:
-            self.session.expire(device, ["last_seen_at"])
+        self._touch_device(connection)
         if abs(self.offset) > self.rules.clock_skew_bound:
             self._flag(
                 "clock_skew",

@@ -774,16 +774,18 @@ def test_a_sync_state_the_session_holds_shows_what_a_push_wrote(
     assert (held.max_seq, held.acked_through_seq, held.missing_ranges) == (4, 2, [[3, 3]])
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["device held", "device not loaded"])
 def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
-    session: Session, world: World, parcel: Parcel
+    session: Session, world: World, parcel: Parcel, held: bool
 ) -> None:
-    """The device's last-seen time is written past the ORM, when older than a minute: a
-    copy the session holds shows it, and a PDA pushing each scan does not rewrite it."""
+    """A PDA pushing each scan does not rewrite its device row: the last-seen time moves
+    when a minute old, through the copy the session holds (PostgreSQL: the sign-in
+    check's) or, with none, a conditional update."""
     pda = Pda(session, world)
-    device = session.get(Device, world.device.id)
-    assert device is not None and device.last_seen_at is None
+    session.expunge_all()
+    device = session.get(Device, world.device.id) if held else None  # held while referenced
 
-    def push_at(received_at: dt.datetime, seq: int) -> None:
+    def push_at(received_at: dt.datetime, seq: int) -> dt.datetime | None:
         ingest(
             session=session,
             batch=PushBatch(
@@ -796,10 +798,40 @@ def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
             rules=RULES,
             received_at=received_at,
         )
+        session.flush()
+        return session.scalar(select(Device.last_seen_at).where(Device.id == world.device.id))
 
-    push_at(NOW, 1)
-    assert device.last_seen_at == NOW
-    push_at(NOW + dt.timedelta(seconds=59), 2)
-    assert device.last_seen_at == NOW
-    push_at(NOW + dt.timedelta(seconds=61), 3)
-    assert device.last_seen_at == NOW + dt.timedelta(seconds=61)
+    assert push_at(NOW, 1) == NOW
+    assert push_at(NOW + dt.timedelta(seconds=59), 2) == NOW
+    assert push_at(NOW + dt.timedelta(seconds=61), 3) == NOW + dt.timedelta(seconds=61)
+    held_copy = session.identity_map.get(session.identity_key(Device, world.device.id))
+    assert held_copy is device
+
+
+def test_a_push_of_many_malformed_events_keeps_them_all_in_one_insert(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A broken PDA's push must not hold the database one statement per bad event (on
+    SQLite, every other PDA waits for it); resent, each gets its first answer."""
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    bad = [pda.event(seq, parcel.tracking_no, "no_such_type") for seq in range(1, 301)]
+    for seq in (301, 302):
+        bad.append({**pda.event(seq, parcel.tracking_no), "occurred_at": "yesterday"})
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        receipt = pda.push(bad)
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    assert statuses(receipt) == ["rejected"] * 302
+    inserts = [s for s in sent if s.lstrip().upper().startswith("INSERT INTO QUARANTINED_EVENT")]
+    assert len(inserts) == 1
+    assert count(session, QuarantinedEvent) == 302
+    codes = [r["error"]["code"] for r in receipt["results"]]
+    again = pda.push(bad)
+    assert [r["error"]["code"] for r in again["results"]] == codes
+    assert count(session, QuarantinedEvent) == 302

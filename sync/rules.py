@@ -25,6 +25,10 @@ DROPS = {
 }
 DELIVERIES = frozenset({EventType.DELIVERED, *DROPS})
 FINAL_OUTCOMES = frozenset({*DELIVERIES, EventType.RETURNED_TO_STATION})
+# What in a proof of delivery shows the hand-over: an image, or the code the recipient
+# gave. A name and a relation alone are the courier's word, no proof (DESIGN.md: the
+# POD is a signature and/or a photo, with the name, the relation and the position).
+POD_EVIDENCE = frozenset({"signature_sha256", "photo_sha256", "pickup_code"})
 
 SEVERITY = {
     "unauthorized_locker_drop": FlagSeverity.CRITICAL,
@@ -183,7 +187,9 @@ def _proofs(
             delivery.fact.type == EventType.DELIVERED
             and parcel.service_class in policy.signature_required
         )
-        if not pod or (needs_signature and "signature_sha256" not in pod):
+        if not POD_EVIDENCE.intersection(pod) or (
+            needs_signature and "signature_sha256" not in pod
+        ):
             without_pod.append(delivery.fact.event_id)
         for key in ("signature_sha256", "photo_sha256"):
             if key in pod and pod[key] not in stored_blobs:

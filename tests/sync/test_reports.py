@@ -50,8 +50,9 @@ RULES = IngestRules(
     events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
 )
 SIGNED = {"recipient_name": "Wang", "signature_sha256": "a" * 64}
-# An express item needs a signature; others do with a name (and refer to no image).
-UNSIGNED = {"recipient_name": "Wang"}
+# An express item needs a signature; others do with the recipient's code (and refer to
+# no image). A name alone proves nothing.
+UNSIGNED = {"recipient_name": "Wang", "pickup_code": "4711"}
 CONSENT = {"method": "locker", "channel": "sms"}
 
 

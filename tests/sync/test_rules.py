@@ -161,6 +161,24 @@ def test_a_parcel_class_delivered_in_person_needs_a_pod_but_no_signature() -> No
     assert kinds(bare, parcel=parcel) == {"delivered_without_pod"}
 
 
+@pytest.mark.parametrize(
+    ("pod", "flagged"),
+    [
+        ({"recipient_name": "Li Lei", "relation": "self"}, {"delivered_without_pod"}),
+        ({"recipient_name": "Li Lei", "photo_sha256": "a" * 64}, set()),
+        ({"relation": "neighbour", "signature_sha256": "b" * 64}, set()),
+        ({"pickup_code": "4711"}, set()),
+    ],
+)
+def test_a_name_alone_proves_no_hand_over(pod: dict[str, Any], flagged: set[str]) -> None:
+    """A proof needs an image or the recipient's code: a name and a relation are the
+    courier's word, which an auditor settling a dispute cannot check."""
+    parcel = ParcelFacts(ServiceClass.PARCEL)
+    events = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.DELIVERED, 30, pod=pod)]
+    stored = frozenset({"a" * 64, "b" * 64})
+    assert set(evaluate(parcel, events, [], POLICY, stored)) == flagged
+
+
 def test_a_pod_image_not_uploaded_is_flagged_until_it_is() -> None:
     events = [
         ev(1, EventType.CHECKED_OUT),

@@ -93,7 +93,14 @@ class ScanEventIn(ma.Schema):
     locker_id = ma.fields.String(metadata={"description": "delivered_to_locker"})
     compartment = ma.fields.String(metadata={"description": "delivered_to_locker"})
     point_id = ma.fields.String(metadata={"description": "delivered_to_pickup_point"})
-    pod = ma.fields.Nested(ProofOfDelivery, metadata={"description": "delivered*"})
+    pod = ma.fields.Nested(
+        ProofOfDelivery,
+        metadata={
+            "description": "delivered*: a signature, a photo or the recipient's code "
+            "(a name alone proves nothing: flag delivered_without_pod); express parcels "
+            "handed over in person need a signature"
+        },
+    )
     consent = ma.fields.Nested(CapturedConsent, metadata={"description": "consent_captured"})
     voids_client_event_id = ma.fields.UUID(
         metadata={"description": "correction: an earlier event of this device"}

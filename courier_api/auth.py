@@ -151,10 +151,17 @@ def principal_from_claims(
 
 def _checked_principal(claims: dict[str, Any]) -> Principal:
     """``principal_from_claims`` in a reading transaction of its own where that spares
-    the writers (``Database.read_apart``)."""
+    the writers (``Database.read_apart``).
+
+    The user and device it loaded are held for the request (``g.signed_in``): read in
+    the request's session, they stay in its identity map, which only holds objects
+    referenced elsewhere, and a view or a push finds them there without a statement.
+    """
     from courier_api.extensions import db
 
-    return db.read_apart(lambda session: principal_from_claims(claims, session)[0])
+    principal, user, device = db.read_apart(lambda session: principal_from_claims(claims, session))
+    g.signed_in = (user, device)
+    return principal
 
 
 def bearer_token() -> str:

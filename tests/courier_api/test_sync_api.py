@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
@@ -517,3 +517,32 @@ def test_a_snapshot_cursor_pages_by_parcel(
     assert [c["tracking_no"] for c in page["changes"] + rest["changes"]] == [
         p.tracking_no for p in parcels
     ]
+
+
+def test_a_push_rewrites_no_device_row_while_it_was_seen_within_the_minute(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, connection: Connection
+) -> None:
+    """Signing in just now set the device's last-seen time. The push's session holds
+    the sign-in check's copy of the device where the check read in it (PostgreSQL):
+    no statement; on SQLite the check read apart, and the push's conditional update
+    matches no row."""
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        assert push(client, courier, [ev(1, parcel.tracking_no)]).status_code == 200
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    touching = [s for s in sent if s.startswith("UPDATE device ")]
+    if connection.dialect.name == "sqlite":
+        assert len(touching) == 1 and "last_seen_at <=" in touching[0]
+    else:
+        assert touching == []
+    assert db_value(connection, "SELECT count(*) FROM device WHERE last_seen_at IS NOT NULL") == 1
+
+
+def db_value(connection: Connection, sql: str) -> Any:
+    return connection.exec_driver_sql(sql).scalar_one()

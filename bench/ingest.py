@@ -75,6 +75,7 @@ from models import (
     migrate,
     utcnow,
 )
+from models.engine import reads_only
 from sync.accounts import hash_password
 from sync.events import EventRejected, EventRules, validate_event
 from sync.ingest import INSERT_EVENTS, Pusher, event_row
@@ -239,7 +240,8 @@ class Bench:
         self.parcels_per_batch = math.ceil(batch_size / EVENTS_PER_PARCEL)
         self.statements_sent = 0  # by this database's engine, BEGIN and savepoints included
         self.last_push_statements = 0
-        event.listen(self.engine, "before_cursor_execute", self._count_statement)
+        for engine in request_engines(self.engine):
+            event.listen(engine, "before_cursor_execute", self._count_statement)
         self.next_serial = 10_000_000
         with app.app_context():
             self.rules: EventRules = ingest_rules().events
@@ -432,6 +434,14 @@ class Bench:
         if self.engine.dialect.name == "postgresql":
             with self.engine.begin() as connection:
                 connection.execute(text("ANALYZE"))
+
+
+def request_engines(engine: Engine) -> list[Engine]:
+    """The engines a request's statements go through: the app's, and on a SQLite file
+    also its readers' (``models.engine.reads_only``), where a push's sign-in check
+    reads. Elsewhere the readers share the engine, and its events."""
+    reader = reads_only(engine)
+    return [engine] if reader.pool is engine.pool else [engine, reader]
 
 
 def scratch_app(url: str, instance: Path, schema: str = "public") -> Flask:

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ingest import Bench, require_postgres, scratch_app  # bench/ingest.py
+from ingest import Bench, request_engines, require_postgres, scratch_app  # bench/ingest.py
 from sqlalchemy import event
 
 
@@ -47,7 +47,8 @@ def main() -> int:
         pda = bench.pda("broken", sign_in=True)
         [tracking_no] = bench.take_in(1)
         sent: list[str] = []
-        event.listen(bench.engine, "before_cursor_execute", lambda *_: sent.append(""))
+        for engine in request_engines(bench.engine):
+            event.listen(engine, "before_cursor_execute", lambda *_: sent.append(""))
 
         def push(events: list[dict[str, Any]]) -> tuple[float, int]:
             now = dt.datetime.now(dt.UTC)

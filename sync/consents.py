@@ -198,10 +198,19 @@ def list_consents(
     limit: int = 100,
 ) -> Sequence[Consent]:
     """Oldest first from ``after_id``. ``station_id`` also returns standing consents that
-    hold at every station."""
+    hold at every station, and the consents for parcels the station holds now
+    (``parcel_station``)."""
     query = select(Consent).where(Consent.id > after_id).order_by(Consent.id).limit(limit)
     if station_id is not None:
-        query = query.where(or_(Consent.station_id == station_id, Consent.station_id.is_(None)))
+        query = query.where(
+            or_(
+                Consent.station_id == station_id,
+                Consent.station_id.is_(None),
+                exists().where(
+                    Parcel.tracking_no == Consent.tracking_no, Parcel.station_id == station_id
+                ),
+            )
+        )
     if tracking_no:
         query = query.where(Consent.tracking_no == normalize(tracking_no))
     if recipient_phone:
@@ -213,6 +222,23 @@ def list_consents(
             or_(Consent.expires_at.is_(None), Consent.expires_at > active_at),
         )
     return session.scalars(query).all()
+
+
+def parcel_station(session: Session, consent: Consent) -> int | None:
+    """The station that holds the parcel a parcel consent names, now (``None``: no such
+    parcel, or a standing consent).
+
+    A consent captured on a PDA takes its parcel's station when it is recorded, or the
+    PDA's when the parcel is not taken in yet; the parcel may then be taken in at
+    another station, whose manager must see the consent that authorizes its drop.
+    Read when asked rather than moved at intake: an intake updating consents would
+    lock them against a revocation running the other way.
+    """
+    if consent.scope != ConsentScope.PARCEL or not consent.tracking_no:
+        return None
+    return session.scalar(
+        select(Parcel.station_id).where(Parcel.tracking_no == consent.tracking_no)
+    )
 
 
 def covered_parcels(session: Session, consent: Consent) -> list[str]:

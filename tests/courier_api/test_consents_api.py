@@ -341,3 +341,46 @@ def test_a_resolved_flag_reopens_when_the_rule_fails_again_on_new_events(
     ).get_json()
     assert flag_id in [f["flag_id"] for f in receipt["flags_raised"]]
     assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) == FlagStatus.OPEN
+
+
+def test_a_consent_captured_before_its_parcel_was_taken_in_elsewhere_is_seen_there(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """A courier of ST1 captures a consent for a parcel no station has taken in yet:
+    the consent is ST1's. ST2 then takes the parcel in: its manager lists and reads the
+    consent that authorizes the parcel's drop; a third station's does not."""
+    tracking_no = factories.s10()
+    captured = factories.event(
+        1,
+        tracking_no,
+        "consent_captured",
+        consent={"method": "locker", "channel": "in_person"},
+    )
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", [captured]),
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    consent = session.scalars(select(Consent).where(Consent.tracking_no == tracking_no)).one()
+    assert consent.station_id == world.station.id
+    third = factories.station(session, code="ST3")
+    factories.user(session, "manager3", "station_manager", third)
+    factories.parcel(session, world.other_station, tracking_no=tracking_no)
+    session.commit()
+
+    def listed(manager: str) -> list[int]:
+        page = client.get(
+            URL, query_string={"tracking_no": tracking_no}, headers=auth.headers(manager)
+        )
+        assert page.status_code == 200
+        return [c["id"] for c in page.get_json()["items"]]
+
+    assert listed("manager2") == [consent.id]  # the parcel's station now
+    assert listed("manager1") == [consent.id]  # its courier captured it
+    assert listed("manager3") == []
+    read = {
+        m: client.get(f"{URL}/{consent.id}", headers=auth.headers(m)).status_code
+        for m in ("manager1", "manager2", "manager3")
+    }
+    assert read == {"manager1": 200, "manager2": 200, "manager3": 403}

@@ -132,9 +132,11 @@ class Consents(MethodView):
         """List consents
 
         Oldest first. `active` keeps the ones in force now (granted, not
-        revoked, not expired). Managers see their own station's consents and the
-        standing ones that hold at every station. Recipient phone numbers are
-        masked except for auditors.
+        revoked, not expired). Managers see their own station's consents, those
+        for the parcels their station holds (a consent captured on a PDA before
+        its parcel was taken in keeps the PDA's station) and the standing ones
+        that hold at every station. Recipient phone numbers are masked except
+        for auditors.
         """
         phone = args.get("recipient_phone")
         items = consents.list_consents(
@@ -163,8 +165,11 @@ class ConsentById(MethodView):
     def get(self, consent_id: int) -> dict[str, Any]:
         """Get a consent"""
         consent = consents.get(session=db.session, consent_id=consent_id)
-        if consent.station_id is not None:
-            ensure_station_access(consent.station_id)
+        principal = current_principal()
+        if consent.station_id is not None and not principal.can_access_station(
+            consent.station_id
+        ):  # the station holding its parcel now may read it too
+            ensure_station_access(consents.parcel_station(db.session, consent))
         return _view(consent)
 
 

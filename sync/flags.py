@@ -412,11 +412,19 @@ def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Later evidence wins per key; lists of event and batch ids accumulate (the first
     ``MAX_EVIDENCE_IDS`` are kept: they are what an investigation starts from)."""
     merged = {**old, **new}
-    for key in ("event_ids", "batch_ids", "seqs"):
+    for key in ("event_ids", "batch_ids", "seqs", "device_seqs"):
         if key in old or key in new:
-            ids = sorted(
-                set(old.get(key, [])) | set(new.get(key, [])),
-                key=lambda v: (isinstance(v, str), v),
-            )
+            ids = sorted(set(old.get(key, [])) | set(new.get(key, [])), key=_evidence_order)
             merged[key] = ids[:MAX_EVIDENCE_IDS]
     return merged
+
+
+def _evidence_order(value: Any) -> tuple[Any, ...]:
+    """Numbers first, by value; then strings, a ``device#seq`` by device then seq
+    number (``PDA-1#9`` before ``PDA-1#10``)."""
+    if not isinstance(value, str):
+        return (0, value)
+    device, mark, seq = value.rpartition("#")
+    if mark and seq.isdigit():
+        return (1, device, int(seq))
+    return (1, value, -1)

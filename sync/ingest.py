@@ -588,7 +588,8 @@ class _BatchIngest:
                 "time_inversion",
                 FlagSeverity.WARNING,
                 FlagSubject("parcel", tracking_no),
-                {"device_id": self.pusher.device_id, "seqs": sorted(seqs)},
+                # "device#seq": a parcel's flag gathers the inversions of every PDA
+                {"device_seqs": [f"{self.pusher.device_id}#{seq}" for seq in sorted(seqs)]},
             )
 
     def _stored_ids(self) -> dict[int, int]:

@@ -550,8 +550,7 @@ def test_a_consent_captured_after_the_drop_but_stamped_before_is_a_time_inversio
     kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
     assert {"time_inversion", "consent_after_drop"} <= kinds
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
-    assert inversion.evidence["seqs"] == [2, 3]
-    assert inversion.evidence["device_id"] == "PDA-0001"
+    assert inversion.evidence == {"device_seqs": ["PDA-0001#2", "PDA-0001#3"]}
 
 
 @pytest.mark.parametrize(
@@ -579,7 +578,7 @@ def test_a_rejected_event_between_the_drop_and_the_backdated_consent_hides_nothi
     kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
     assert {"time_inversion", "consent_after_drop"} <= kinds
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
-    assert inversion.evidence["seqs"] == [2, 4]
+    assert inversion.evidence["device_seqs"] == ["PDA-0001#2", "PDA-0001#4"]
 
 
 def test_a_reused_id_answered_with_a_rejection_does_not_make_neighbours_of_its_own_seqs(
@@ -594,7 +593,9 @@ def test_a_reused_id_answered_with_a_rejection_does_not_make_neighbours_of_its_o
     receipt = pda.push([{**second, "type": "out_for_delivery"}])
     assert receipt["results"][0]["error"]["code"] == "conflicting_duplicate"
     flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
-    assert [(f.subject_key, f.evidence["seqs"]) for f in flags] == [(y, [1, 2])]
+    assert [(f.subject_key, f.evidence["device_seqs"]) for f in flags] == [
+        (y, ["PDA-0001#1", "PDA-0001#2"])
+    ]
 
 
 def test_a_pda_sending_only_malformed_scans_costs_the_same_statements_every_push(
@@ -633,7 +634,7 @@ def test_an_event_not_yet_arrived_between_two_leaves_them_unjudged(
     assert "time_inversion" not in set(session.scalars(select(Flag.kind)))
     pda.push([pda.event(3, tn, "out_for_delivery", occurred_at=at(70))])
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
-    assert inversion.evidence["seqs"] == [3, 4]
+    assert inversion.evidence["device_seqs"] == ["PDA-0001#3", "PDA-0001#4"]
 
 
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(
@@ -835,3 +836,33 @@ def test_a_push_of_many_malformed_events_keeps_them_all_in_one_insert(
     again = pda.push(bad)
     assert [r["error"]["code"] for r in again["results"]] == codes
     assert count(session, QuarantinedEvent) == 302
+
+
+def test_inversions_of_two_pdas_on_one_parcel_keep_their_pdas_apart(
+    session: Session, world: World, parcel: Parcel
+) -> None:
+    """One flag per parcel gathers the inversions of every PDA: each seq with its PDA,
+    so that an auditor reads which device went back in time where."""
+    tn = parcel.tracking_no
+    first = Pda(session, world)
+    first.push(
+        [
+            first.event(9, tn, occurred_at=at(20)),
+            first.event(10, tn, "out_for_delivery", occurred_at=at(15)),  # back in time
+        ]
+    )
+    courier = factories.user(session, "courier7", "courier", world.station)
+    device = factories.device(session, "PDA-0007", world.station)
+    session.commit()
+    second = Pda(session, world)
+    second.pusher = Pusher(device.id, world.station.id, courier.id)
+    second.push(
+        [
+            second.event(1, tn, occurred_at=at(40)),
+            second.event(2, tn, "out_for_delivery", occurred_at=at(35)),  # back in time
+        ]
+    )
+    [inversion] = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
+    assert inversion.evidence == {
+        "device_seqs": ["PDA-0001#9", "PDA-0001#10", "PDA-0007#1", "PDA-0007#2"]
+    }

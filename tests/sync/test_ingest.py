@@ -52,20 +52,28 @@ class Pda:
         kw.setdefault("occurred_at", at(seq) + self.skew)
         return factories.event(seq, tracking_no, type, **kw)
 
-    def push(self, events: list[Any], batch_id: uuid.UUID | None = None) -> dict[str, Any]:
+    def push(
+        self,
+        events: list[Any],
+        batch_id: uuid.UUID | None = None,
+        *,
+        received_at: dt.datetime = NOW,
+        commit: bool = True,
+    ) -> dict[str, Any]:
         receipt = ingest(
             session=self.session,
             batch=PushBatch(
                 device_id=self.pusher.device_id,
                 batch_id=batch_id or uuid.uuid4(),
-                sent_at=NOW + self.skew,
+                sent_at=received_at + self.skew,
                 events=events,
             ),
             pusher=self.pusher,
             rules=RULES,
-            received_at=NOW,
+            received_at=received_at,
         )
-        self.session.commit()
+        if commit:
+            self.session.commit()
         return receipt
 
 
@@ -760,17 +768,8 @@ def test_a_sync_state_the_session_holds_shows_what_a_push_wrote(
     pda.push([pda.event(1, parcel.tracking_no)])
     held = session.get(DeviceSyncState, world.device.id)
     assert held is not None and held.max_seq == 1
-    ingest(
-        session=session,
-        batch=PushBatch(
-            device_id=world.device.id,
-            batch_id=uuid.uuid4(),
-            sent_at=NOW,
-            events=[pda.event(seq, parcel.tracking_no, "out_for_delivery") for seq in (2, 4)],
-        ),
-        pusher=pda.pusher,
-        rules=RULES,
-        received_at=NOW,
+    pda.push(
+        [pda.event(seq, parcel.tracking_no, "out_for_delivery") for seq in (2, 4)], commit=False
     )
     assert (held.max_seq, held.acked_through_seq, held.missing_ranges) == (4, 2, [[3, 3]])
 
@@ -787,18 +786,8 @@ def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
     device = session.get(Device, world.device.id) if held else None  # held while referenced
 
     def push_at(received_at: dt.datetime, seq: int) -> dt.datetime | None:
-        ingest(
-            session=session,
-            batch=PushBatch(
-                device_id=world.device.id,
-                batch_id=uuid.uuid4(),
-                sent_at=received_at,
-                events=[pda.event(seq, parcel.tracking_no, occurred_at=received_at)],
-            ),
-            pusher=pda.pusher,
-            rules=RULES,
-            received_at=received_at,
-        )
+        event = pda.event(seq, parcel.tracking_no, occurred_at=received_at)
+        pda.push([event], received_at=received_at, commit=False)
         session.flush()
         return session.scalar(select(Device.last_seen_at).where(Device.id == world.device.id))
 

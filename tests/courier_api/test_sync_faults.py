@@ -338,7 +338,9 @@ def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
         body = station.body(
             [
                 factories.event(1, tracking_no),
-                factories.event(2, tracking_no, "delivered", pod={"recipient_name": "R"}),
+                factories.event(
+                    2, tracking_no, "delivered", pod={"recipient_name": "R", "pickup_code": "4711"}
+                ),
             ]
         )
         pusher = threading.Thread(target=lambda: responses.append(station.push(body)))

@@ -25,10 +25,13 @@ DROPS = {
 }
 DELIVERIES = frozenset({EventType.DELIVERED, *DROPS})
 FINAL_OUTCOMES = frozenset({*DELIVERIES, EventType.RETURNED_TO_STATION})
-# What in a proof of delivery shows the hand-over: an image, or the code the recipient
-# gave. A name and a relation alone are the courier's word, no proof (DESIGN.md: the
-# POD is a signature and/or a photo, with the name, the relation and the position).
-POD_EVIDENCE = frozenset({"signature_sha256", "photo_sha256", "pickup_code"})
+# What in a proof of delivery shows the hand-over (DESIGN.md: the POD is a signature
+# and/or a photo, with the name, the relation and the position). In person: an image;
+# the name, the relation or a code the courier typed are the courier's word, which
+# the server cannot check. At a locker or a pickup point also the code the point
+# issued for the recipient (consent, rule 4, is what authorizes the drop itself).
+POD_IMAGES = frozenset({"signature_sha256", "photo_sha256"})
+DROP_POD_EVIDENCE = POD_IMAGES | {"pickup_code"}
 
 SEVERITY = {
     "unauthorized_locker_drop": FlagSeverity.CRITICAL,
@@ -183,13 +186,10 @@ def _proofs(
     without_pod, far, missing_blobs = [], [], []
     for delivery in (e for e in counting if e.fact.type in DELIVERIES):
         pod = delivery.details.get("pod") or {}
-        needs_signature = (
-            delivery.fact.type == EventType.DELIVERED
-            and parcel.service_class in policy.signature_required
-        )
-        if not POD_EVIDENCE.intersection(pod) or (
-            needs_signature and "signature_sha256" not in pod
-        ):
+        in_person = delivery.fact.type == EventType.DELIVERED
+        needs_signature = in_person and parcel.service_class in policy.signature_required
+        evidence = POD_IMAGES if in_person else DROP_POD_EVIDENCE
+        if not evidence.intersection(pod) or (needs_signature and "signature_sha256" not in pod):
             without_pod.append(delivery.fact.event_id)
         for key in ("signature_sha256", "photo_sha256"):
             if key in pod and pod[key] not in stored_blobs:

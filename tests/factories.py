@@ -12,6 +12,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from models import (
+    Blob,
     Device,
     DeviceStatus,
     DeviceSyncState,
@@ -75,6 +76,14 @@ def s10(prefix: str = "RR", country: str = "GB") -> str:
     """A fresh, valid S10 tracking number."""
     serial = f"{next(_serials):08d}"
     return f"{prefix}{serial}{s10_check_digit(serial)}{country}"
+
+
+def stored_image(session: Session, digest: str) -> Blob:
+    """The row of an image the PDA uploaded (its bytes are not needed by the rules)."""
+    blob = Blob(sha256=digest, media_type="image/png", size_bytes=100, width=10, height=10)
+    session.add(blob)
+    session.flush()
+    return blob
 
 
 def parcel(

@@ -311,7 +311,7 @@ class Pda:
         tn = parcel.tracking_no
         record = self.record if sent else self.record_never_sent
         if fate == Fate.DELIVERED:
-            record(tn, "delivered", pod=self._proof(parcel, n, with_images=sent), near=parcel)
+            record(tn, "delivered", pod=self._proof(parcel, with_images=sent), near=parcel)
         elif fate == Fate.DELIVERED_WITHOUT_POD:
             record(tn, "delivered", pod={"recipient_name": parcel.recipient_name}, near=parcel)
         elif fate in (Fate.LOCKER, Fate.LOCKER_WITHOUT_CONSENT):
@@ -444,13 +444,14 @@ class Pda:
     def _pull_everything(self) -> set[str]:
         return {c["tracking_no"] for c in self._pull() if c["kind"] == "parcel"}
 
-    def _proof(self, parcel: ParcelPlan, n: int, *, with_images: bool) -> dict[str, Any]:
-        """Express: a signature and a photo; other classes: the code the recipient got
-        by SMS (no upload). The name alone would prove nothing."""
+    def _proof(self, parcel: ParcelPlan, *, with_images: bool) -> dict[str, Any]:
+        """Express: a signature and a photo; other classes: a photo at the door. The
+        name alone would prove nothing."""
         pod: dict[str, Any] = {"recipient_name": parcel.recipient_name, "relation": "self"}
-        if parcel.service_class != ServiceClass.EXPRESS:
-            return {**pod, **self._code(n)}
-        for key, image in (("signature_sha256", _signature), ("photo_sha256", _photo)):
+        images = [("photo_sha256", _photo)]
+        if parcel.service_class == ServiceClass.EXPRESS:
+            images.insert(0, ("signature_sha256", _signature))
+        for key, image in images:
             data = image(parcel.tracking_no)
             digest = hashlib.sha256(data).hexdigest()
             if with_images:

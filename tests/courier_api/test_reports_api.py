@@ -15,7 +15,15 @@ from models import ServiceClass, StationReport, utcnow
 from sync import reports
 from sync.shifts import local_date
 from tests.conftest import Auth, World
-from tests.sync.test_reports import DAY, DEADLINES, UNSIGNED, Pda, local, parcel
+from tests.sync.test_reports import (  # noqa: F401 (uploaded_photo: autouse fixture)
+    DAY,
+    DEADLINES,
+    UNSIGNED,
+    Pda,
+    local,
+    parcel,
+    uploaded_photo,
+)
 
 
 def url(station_id: int, kind: str = "") -> str:

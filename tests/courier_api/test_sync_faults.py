@@ -323,6 +323,10 @@ def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
     push waits for the intake (a lock on the tracking number, which a row lock cannot
     give before the row exists), then projects Z: no status is lost, no flag stays."""
     tracking_no = factories.s10()
+    photo = "e" * 64  # the proof, uploaded
+    with station.app.app_context():
+        factories.stored_image(db.session, photo)
+        db.session.commit()
     engine = db.engine_of(station.app)
     responses: list[Any] = []
     with Session(engine) as intake:
@@ -338,9 +342,7 @@ def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
         body = station.body(
             [
                 factories.event(1, tracking_no),
-                factories.event(
-                    2, tracking_no, "delivered", pod={"recipient_name": "R", "pickup_code": "4711"}
-                ),
+                factories.event(2, tracking_no, "delivered", pod={"photo_sha256": photo}),
             ]
         )
         pusher = threading.Thread(target=lambda: responses.append(station.push(body)))

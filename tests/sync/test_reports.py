@@ -50,10 +50,18 @@ RULES = IngestRules(
     events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
 )
 SIGNED = {"recipient_name": "Wang", "signature_sha256": "a" * 64}
-# An express item needs a signature; others do with the recipient's code (and refer to
-# no image). A name alone proves nothing.
-UNSIGNED = {"recipient_name": "Wang", "pickup_code": "4711"}
+# An express item needs a signature; others do with a photo, here one uploaded (the
+# express signatures are not: they are the images counted missing). A name alone
+# proves nothing.
+PHOTO = "d" * 64
+UNSIGNED = {"recipient_name": "Wang", "photo_sha256": PHOTO}
 CONSENT = {"method": "locker", "channel": "sms"}
+
+
+@pytest.fixture(autouse=True)
+def uploaded_photo(session: Session) -> None:
+    """The photo of ``UNSIGNED``, uploaded."""
+    factories.stored_image(session, PHOTO)
 
 
 def local(day: dt.date, hour: int, minute: int = 0) -> dt.datetime:

@@ -165,18 +165,37 @@ def test_a_parcel_class_delivered_in_person_needs_a_pod_but_no_signature() -> No
     ("pod", "flagged"),
     [
         ({"recipient_name": "Li Lei", "relation": "self"}, {"delivered_without_pod"}),
+        ({"recipient_name": "Li Lei", "pickup_code": "4711"}, {"delivered_without_pod"}),
         ({"recipient_name": "Li Lei", "photo_sha256": "a" * 64}, set()),
         ({"relation": "neighbour", "signature_sha256": "b" * 64}, set()),
-        ({"pickup_code": "4711"}, set()),
     ],
 )
-def test_a_name_alone_proves_no_hand_over(pod: dict[str, Any], flagged: set[str]) -> None:
-    """A proof needs an image or the recipient's code: a name and a relation are the
-    courier's word, which an auditor settling a dispute cannot check."""
+def test_in_person_only_an_image_proves_the_hand_over(
+    pod: dict[str, Any], flagged: set[str]
+) -> None:
+    """A name, a relation or a code typed on the PDA are the courier's word, which an
+    auditor settling a dispute cannot check: a signature or a photo is the proof."""
     parcel = ParcelFacts(ServiceClass.PARCEL)
     events = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.DELIVERED, 30, pod=pod)]
     stored = frozenset({"a" * 64, "b" * 64})
     assert set(evaluate(parcel, events, [], POLICY, stored)) == flagged
+
+
+@pytest.mark.parametrize(
+    ("pod", "flagged"),
+    [
+        ({"recipient_name": "Li Lei"}, {"delivered_without_pod"}),
+        ({"pickup_code": "4711"}, set()),  # the code the locker issued
+        ({"photo_sha256": "a" * 64}, set()),
+    ],
+)
+def test_at_a_locker_the_points_code_is_a_proof(pod: dict[str, Any], flagged: set[str]) -> None:
+    parcel = ParcelFacts(ServiceClass.PARCEL)
+    drop = ev(2, EventType.DELIVERED_TO_LOCKER, 30, locker_id="L1", compartment="3", pod=pod)
+    stored = frozenset({"a" * 64})
+    assert set(evaluate(parcel, [ev(1, EventType.CHECKED_OUT), drop], [], POLICY, stored)) == (
+        flagged
+    )
 
 
 def test_a_pod_image_not_uploaded_is_flagged_until_it_is() -> None:

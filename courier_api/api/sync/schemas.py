@@ -96,9 +96,9 @@ class ScanEventIn(ma.Schema):
     pod = ma.fields.Nested(
         ProofOfDelivery,
         metadata={
-            "description": "delivered*: a signature, a photo or the recipient's code "
-            "(a name alone proves nothing: flag delivered_without_pod); express parcels "
-            "handed over in person need a signature"
+            "description": "delivered*. In person: a signature or a photo (a name or "
+            "a typed code alone is flagged delivered_without_pod); express parcels need "
+            "a signature. At a locker or pickup point: an image or the point's code"
         },
     )
     consent = ma.fields.Nested(CapturedConsent, metadata={"description": "consent_captured"})

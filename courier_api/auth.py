@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from models import Device, Role, User
 from sync import audit
-from sync.accounts import load_token_subject
+from sync.accounts import load_token_subject, recheck_token_subject
 from sync.errors import AuthenticationFailed, PermissionDenied
 
 ALGORITHM = "HS256"
@@ -149,17 +149,26 @@ def principal_from_claims(
     return Principal.of(user, device), user, device
 
 
-def _checked_principal(claims: dict[str, Any]) -> Principal:
-    """``principal_from_claims`` in a reading transaction of its own where that spares
-    the writers (``Database.read_apart``).
+def checked_principal(claims: dict[str, Any]) -> Principal:
+    """``principal_from_claims``, in a reading transaction of its own where that spares
+    the writers (``Database.read_apart``), checked again when the request writes.
 
-    The user and device it loaded are held for the request (``g.signed_in``): read in
-    the request's session, they stay in its identity map, which only holds objects
-    referenced elsewhere, and a view or a push finds them there without a statement.
+    The user and device it loaded are held for the request (``g.signed_in``): where
+    the check read in the request's session, they stay in its identity map, which
+    only holds objects referenced elsewhere, and a view or a push finds them there
+    without a statement (on a SQLite file, they belong to the closed reading session).
     """
     from courier_api.extensions import db
 
-    principal, user, device = db.read_apart(lambda session: principal_from_claims(claims, session))
+    principal, user, device = db.read_apart(
+        lambda session: principal_from_claims(claims, session),
+        recheck=lambda connection: recheck_token_subject(
+            connection,
+            user_id=int(claims["sub"]),
+            device_id=claims.get("device"),
+            credentials_version=claims["ver"],
+        ),
+    )
     g.signed_in = (user, device)
     return principal
 
@@ -193,7 +202,7 @@ def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., A
             # account is disabled sends its body before its 401 (a body beyond the
             # limit is a 413 first).
             request.get_data(cache=True)
-            principal = _checked_principal(claims)
+            principal = checked_principal(claims)
             if allowed and principal.role not in allowed:
                 raise PermissionDenied(
                     f"a {principal.role.value} may not do this", code="role_forbidden"

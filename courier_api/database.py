@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, has_request_context, request
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.engine import make_engine, reads_only, refuse_writes
@@ -51,6 +51,14 @@ class Database:
     def engine_of(self, app: Flask) -> Engine:
         return self._state(app).engine
 
+    def forget_inherited_connections(self, app: Flask) -> None:
+        """In a forked worker: new pools for the engine and its readers, leaving the
+        connections inherited from the parent unclosed (they are the parent's)."""
+        state = self._state(app)
+        if state.reader.pool is not state.engine.pool:
+            state.reader.dispose(close=False)
+        state.engine.dispose(close=False)
+
     def sessionmaker_of(self, app: Flask) -> sessionmaker[Session]:
         """Sessions outside requests (the scheduler: one session per transaction)."""
         return self._state(app).sessionmaker
@@ -72,16 +80,20 @@ class Database:
         session: Session = g.db_session
         return session
 
-    def read_apart(self, read: Callable[[Session], T]) -> T:
+    def read_apart(self, read: Callable[[Session], T], recheck: Callable[[Connection], None]) -> T:
         """Run ``read``, a request's first work, in a session and transaction of its own
-        that only reads, ended before the request writes; what it loaded stays there
-        (a view loads again, in its writing transaction, what it changes).
+        that only reads, ended before the request writes; ``recheck`` runs again what
+        mattered of it, as the first statement of the request's own transaction.
 
         For the signing-in check on a SQLite file: a writing transaction there holds
         the one writers' turn from its first statement (``models.turnstile``), so a
         PDA's push would hold up every other push through its sign-in check and the
-        parsing of its body, a quarter of the turn of a one-scan push. Elsewhere, and
-        for a request that only reads, ``read`` gets the request's session.
+        parsing of its body, a quarter of the turn of a one-scan push. ``recheck``
+        (one plain row) keeps the check as good as it was: an account disabled or a
+        device reported lost while the request waited for its turn stops it still.
+        What ``read`` loaded stays in its session (a view loads again, in its writing
+        transaction, what it changes). Elsewhere, and for a request that only reads,
+        ``read`` gets the request's session, and no recheck is needed.
         """
         state = self._state()
         readers_apart = state.reader.pool is not state.engine.pool  # a SQLite file's
@@ -89,15 +101,21 @@ class Database:
             return read(self.session)
         if state.test_connection is None:
             with state.sessionmaker(bind=state.reader) as reading:
-                return read(reading)
-        # Tests: a session of its own on the shared connection, which refuses writes
-        # meanwhile as a reader's does.
-        refuse_writes(state.test_connection, True)
-        try:
-            with state.sessionmaker() as reading:
-                return read(reading)
-        finally:
-            refuse_writes(state.test_connection, False)
+                result = read(reading)
+        else:  # tests: a session of its own on the shared connection, refusing writes
+            refuse_writes(state.test_connection, True)
+            try:
+                with state.sessionmaker() as reading:
+                    result = read(reading)
+            finally:
+                refuse_writes(state.test_connection, False)
+        event.listen(
+            self.session,
+            "after_begin",
+            lambda _session, _transaction, connection: recheck(connection),
+            once=True,
+        )
+        return result
 
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:
         """Tests: run every session of ``app`` inside ``connection``'s outer transaction.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -21,6 +21,22 @@ USER_AND_DEVICE = (
     select(User, Device)
     .outerjoin(Device, Device.id == bindparam("device_id"))
     .where(User.id == bindparam("user_id"))
+)
+_users, _devices = User.__table__, Device.__table__
+# ``USER_AND_DEVICE`` as plain rows (``recheck_token_subject``).
+SUBJECT_ROWS = (
+    select(
+        _users.c.active,
+        _users.c.credentials_version,
+        _users.c.role,
+        _users.c.station_id,
+        _devices.c.id.label("device_id"),
+        _devices.c.station_id.label("device_station_id"),
+        _devices.c.status.label("device_status"),
+    )
+    .select_from(_users)
+    .outerjoin(_devices, _devices.c.id == bindparam("device_id"))
+    .where(_users.c.id == bindparam("user_id"))
 )
 PASSWORD_MIN_LENGTH = 8
 DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
@@ -133,6 +149,58 @@ def load_token_subject(
     ``credentials_version`` is the account's version the token was issued with.
     """
     user, device = _user_and_device(session, user_id, device_id)
+    _check_subject(user, device, credentials_version)
+    assert user is not None
+    return user, device if user.role == Role.COURIER else None
+
+
+def recheck_token_subject(
+    connection: Connection, *, user_id: int, device_id: str | None, credentials_version: int
+) -> None:
+    """``load_token_subject``'s checks again, on plain rows, in ``connection``'s
+    transaction: for a request whose sign-in check read before its writing transaction
+    began (``courier_api.database.Database.read_apart``), so that an account disabled
+    or a device reported lost meanwhile stops it still."""
+    row = connection.execute(
+        SUBJECT_ROWS, {"user_id": user_id, "device_id": device_id or ""}
+    ).one_or_none()
+    if row is None:
+        _check_subject(None, None, credentials_version)
+        return
+    device = (
+        _Device(row.device_id, row.device_station_id, row.device_status)
+        if row.device_id is not None
+        else None
+    )
+    _check_subject(
+        _User(row.active, row.credentials_version, row.role, row.station_id),
+        device,
+        credentials_version,
+    )
+
+
+@dataclass(frozen=True)
+class _User:
+    """What ``_check_subject`` reads of a user, from a plain row."""
+
+    active: bool
+    credentials_version: int
+    role: Role
+    station_id: int | None
+
+
+@dataclass(frozen=True)
+class _Device:
+    """What ``_check_subject`` reads of a device, from a plain row."""
+
+    id: str
+    station_id: int
+    status: DeviceStatus
+
+
+def _check_subject(
+    user: User | _User | None, device: Device | _Device | None, credentials_version: int
+) -> None:
     if user is None or not user.active:
         raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
     if credentials_version != user.credentials_version:
@@ -141,7 +209,7 @@ def load_token_subject(
             code="token_revoked",
         )
     if user.role != Role.COURIER:
-        return user, None
+        return
     if device is None or device.station_id != user.station_id:
         raise AuthenticationFailed(
             "this token's device is not registered at the courier's station", code="token_revoked"
@@ -151,4 +219,3 @@ def load_token_subject(
             f"device {device.id} is {device.status.value}; its tokens no longer work",
             code="device_not_active",
         )
-    return user, device

@@ -386,3 +386,42 @@ def test_a_token_refused_at_sign_in_is_answered_while_a_writer_holds_the_databas
     assert response.status_code == 401, response.get_json()
     assert response.get_json()["code"] == "device_not_active"
     assert waited < BUSY_TIMEOUT_MS / 1000 / 2
+
+
+def test_a_device_reported_lost_while_its_push_waits_for_the_turn_stops_the_push(
+    committed_app: Flask,
+) -> None:
+    """SQLite: the push's sign-in check reads before the push takes the writers' turn;
+    the device reported lost by the writer it waited for is seen when it gets the turn
+    (``recheck_token_subject``), and nothing of it is stored. (PostgreSQL: the check is
+    the push's first statement, in READ COMMITTED, and the push is not held up here.)"""
+    if db.engine_of(committed_app).dialect.name != "sqlite":
+        pytest.skip("SQLite's writers' turn")
+    with committed_app.app_context():
+        _, parcels = factories.station_with_pdas(
+            db.session, "LOST", {"lost": "PDA-LOST"}, parcels=1
+        )
+        db.session.commit()
+    headers = Auth(committed_app.test_client()).headers("lost", "PDA-LOST")
+    body = factories.push_body("PDA-LOST", [factories.event(1, parcels[0])])
+    responses: list[Any] = []
+    with Session(db.engine_of(committed_app)) as manager:
+        device = manager.get(Device, "PDA-LOST")
+        assert device is not None
+        device.status = DeviceStatus.LOST
+        manager.flush()  # the manager's transaction holds the turn
+        pusher = threading.Thread(
+            target=lambda: responses.append(
+                committed_app.test_client().post(PUSH, json=body, headers=headers)
+            )
+        )
+        pusher.start()
+        pusher.join(timeout=1.0)
+        assert pusher.is_alive()  # signed in, body parsed, waiting for the turn
+        manager.commit()
+    pusher.join(timeout=30)
+    assert responses[0].status_code == 401, responses[0].get_json()
+    assert responses[0].get_json()["code"] == "device_not_active"
+    with committed_app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(ScanEvent)) == 0
+        assert db.session.scalar(select(func.count()).select_from(SyncBatch)) == 0

@@ -2,6 +2,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 import sync.accounts as accounts
+from models import DeviceStatus
 from sync.errors import AuthenticationFailed, InvalidInput
 from tests import factories
 
@@ -48,3 +49,51 @@ def test_sign_in_records_when_the_device_was_last_seen(session: Session) -> None
         password_hash_method="pbkdf2:sha256:1000",
     )
     assert device.last_seen_at is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (None, None),
+        ("account disabled", "token_revoked"),
+        ("password changed", "token_revoked"),
+        ("device lost", "device_not_active"),
+        ("device moved", "token_revoked"),
+        ("account gone", "token_revoked"),
+    ],
+)
+def test_the_recheck_on_plain_rows_refuses_what_the_sign_in_check_refuses(
+    session: Session, change: str | None, code: str | None
+) -> None:
+    """``recheck_token_subject`` and ``load_token_subject`` decide alike."""
+    station, elsewhere = factories.station(session), factories.station(session, code="ELSE")
+    courier = factories.user(session, "c1", "courier", station)
+    device = factories.device(session, "PDA-1", station)
+    subject = {
+        "user_id": courier.id,
+        "device_id": device.id,
+        "credentials_version": courier.credentials_version,
+    }
+    if change == "account disabled":
+        courier.active = False
+    elif change == "password changed":
+        courier.credentials_version += 1
+    elif change == "device lost":
+        device.status = DeviceStatus.LOST
+    elif change == "device moved":
+        device.station_id = elsewhere.id
+    elif change == "account gone":
+        subject["user_id"] = courier.id + 1000
+    session.flush()
+    outcomes = []
+    for check in (
+        lambda: accounts.load_token_subject(session=session, **subject),
+        lambda: accounts.recheck_token_subject(session.connection(), **subject),
+    ):
+        try:
+            check()
+        except AuthenticationFailed as refused:
+            outcomes.append(refused.code)
+        else:
+            outcomes.append(None)
+    assert outcomes == [code, code]

@@ -99,4 +99,4 @@ def _forget_parent_connections(app: Flask) -> None:
 
     if has_app_context():
         raise RuntimeError("gunicorn worker started inside a Flask app context")
-    db.engine_of(app).dispose(close=False)
+    db.forget_inherited_connections(app)

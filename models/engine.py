@@ -99,7 +99,11 @@ _READER_SETUP = threading.Lock()
 
 
 def _dispose_reader(engine: Engine) -> None:
-    reader = _SQLITE_READERS.pop(engine, None)
+    """The readers' pool too, closing its connections (the reader stays, with a new
+    pool, as the engine does). A forked process leaves its parent's connections
+    unclosed by disposing of the reader first, with ``close=False``: its pool is then
+    new and empty when this runs."""
+    reader = _SQLITE_READERS.get(engine)
     if reader is not None:
         reader.dispose()  # the pool it shares with the engine its options were set on
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingest import require_postgres  # bench/ingest.py
+from ingest import request_engines, require_postgres  # bench/ingest.py
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
@@ -101,7 +101,8 @@ def main() -> int:
                 file=sys.stderr,
             )
             statements: list[str] = []
-            event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+            for which in request_engines(engine):  # a SQLite file's readers: their own
+                event.listen(which, "before_cursor_execute", lambda *a: statements.append(a[2]))
         client = app.test_client()
         token = client.post(
             "/api/v1/auth/token", json={"username": "admin", "password": PASSWORD}

@@ -90,7 +90,8 @@ class Database:
         PDA's push would hold up every other push through its sign-in check and the
         parsing of its body, a quarter of the turn of a one-scan push. ``recheck``
         (one plain row) keeps the check as good as it was: an account disabled or a
-        device reported lost while the request waited for its turn stops it still.
+        device reported lost while the request waited for its turn stops it still, and
+        its refusal stands for the request (a view catching it cannot commit).
         What ``read`` loaded stays in its session (a view loads again, in its writing
         transaction, what it changes). Elsewhere, and for a request that only reads,
         ``read`` gets the request's session, and no recheck is needed.
@@ -109,12 +110,7 @@ class Database:
                     result = read(reading)
             finally:
                 refuse_writes(state.test_connection, False)
-        event.listen(
-            self.session,
-            "after_begin",
-            lambda _session, _transaction, connection: recheck(connection),
-            once=True,
-        )
+        self.session.info[_RECHECK] = recheck
         return result
 
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:
@@ -137,6 +133,33 @@ class Database:
             connection = cls._state().test_connection
             assert connection is not None
             refuse_writes(connection, False)
+
+
+# ``Database.read_apart``: the sign-in check to run again when the request's session
+# begins its transaction, and the refusal it gave, which stands until the session ends.
+_RECHECK = "courier_api.recheck"
+_REFUSED = "courier_api.refused"
+
+
+@event.listens_for(Session, "after_begin")
+def _recheck_on_begin(session: Session, _transaction: Any, connection: Connection) -> None:
+    recheck = session.info.pop(_RECHECK, None)
+    if recheck is None:
+        return
+    try:
+        recheck(connection)
+    except Exception as refused:
+        session.info[_REFUSED] = refused
+        raise
+
+
+@event.listens_for(Session, "before_commit")
+def _refusal_stands(session: Session) -> None:
+    """A view that caught the recheck's refusal (a ``DomainError`` handler around a
+    statement) must not commit what it wrote after it."""
+    refused = session.info.get(_REFUSED)
+    if refused is not None:
+        raise refused
 
 
 # Safe methods of views that set READS_ONLY = True: their whole request, signing-in

@@ -951,6 +951,19 @@ def test_a_push_reads_the_shifts_near_it_not_a_year_of_them(
 # optional; claims name one of the shifts or one that does not exist.
 MINUTES = st.integers(min_value=0, max_value=10 * 24 * 60)
 SEQS = st.integers(min_value=1, max_value=400)
+
+
+def on_the_test_database(examples: int) -> settings:
+    """Hypothesis settings for a property run in the test's database session: each
+    example writes to the same rolled-back transaction, which is what the fixture is
+    for, and an example reads and writes rows, so no deadline."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
 SHIFT_SPECS = st.lists(
     st.tuples(
         MINUTES,  # opened
@@ -964,11 +977,7 @@ SHIFT_SPECS = st.lists(
 )
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@on_the_test_database(examples=150)
 @given(shift_specs=SHIFT_SPECS, data=st.data())
 def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_them_all(
     session: Session, world: World, shift_specs: list[Any], data: st.DataObject
@@ -1258,11 +1267,7 @@ NEIGHBOUR_SPECS = st.lists(
 )
 
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@on_the_test_database(examples=100)
 @given(specs=NEIGHBOUR_SPECS, data=st.data())
 def test_a_balance_bounds_a_shift_by_its_neighbours_on_the_pdas_whole_timeline(
     session: Session, world: World, specs: list[Any], data: st.DataObject

@@ -75,7 +75,7 @@ from models import (
     migrate,
     utcnow,
 )
-from models.engine import reads_only
+from models.engine import has_own_readers, reads_only
 from sync.accounts import hash_password
 from sync.events import EventRejected, EventRules, validate_event
 from sync.ingest import INSERT_EVENTS, Pusher, event_row
@@ -440,8 +440,7 @@ def request_engines(engine: Engine) -> list[Engine]:
     """The engines a request's statements go through: the app's, and on a SQLite file
     also its readers' (``models.engine.reads_only``), where a push's sign-in check
     reads. Elsewhere the readers share the engine, and its events."""
-    reader = reads_only(engine)
-    return [engine] if reader.pool is engine.pool else [engine, reader]
+    return [engine, reads_only(engine)] if has_own_readers(engine) else [engine]
 
 
 def scratch_app(url: str, instance: Path, schema: str = "public") -> Flask:

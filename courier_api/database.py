@@ -14,7 +14,7 @@ from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.engine import make_engine, reads_only, refuse_writes
+from models.engine import has_own_readers, make_engine, reads_only, refuse_writes
 
 EXTENSION_KEY = "courier_api.database"
 T = TypeVar("T")
@@ -55,7 +55,7 @@ class Database:
         """In a forked worker: new pools for the engine and its readers, leaving the
         connections inherited from the parent unclosed (they are the parent's)."""
         state = self._state(app)
-        if state.reader.pool is not state.engine.pool:
+        if has_own_readers(state.engine):
             state.reader.dispose(close=False)
         state.engine.dispose(close=False)
 
@@ -97,8 +97,7 @@ class Database:
         ``read`` gets the request's session, and no recheck is needed.
         """
         state = self._state()
-        readers_apart = state.reader.pool is not state.engine.pool  # a SQLite file's
-        if not readers_apart or "db_session" in g or _request_only_reads():
+        if not has_own_readers(state.engine) or "db_session" in g or _request_only_reads():
             return read(self.session)
         if state.test_connection is None:
             with state.sessionmaker(bind=state.reader) as reading:

@@ -90,6 +90,12 @@ def reads_only(engine: Engine) -> Engine:
     return engine.execution_options(**options)
 
 
+def has_own_readers(engine: Engine) -> bool:
+    """Whether ``reads_only(engine)`` has connections of its own (a SQLite file's), not
+    the engine's pool with options."""
+    return engine in _SQLITE_FILES
+
+
 # SQLite file engines: how each was made (for its readers), and its readers once made.
 _SQLITE_FILES: weakref.WeakKeyDictionary[Engine, tuple[str, dict[str, Any]]] = (
     weakref.WeakKeyDictionary()

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import CompoundSelect, and_, exists, select, text, union_all
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from models import (
@@ -89,10 +89,22 @@ PARCEL_COLUMNS = (
     Parcel.address,
 )
 _parcels = Parcel.__table__
+# Whether the parcel has a rule flag at all, read with it: most have none, and then no
+# flag is loaded as an entity (which costs the ORM more than the query) and no
+# statement of its own asks (``apply_rule_flags``).
+HAS_RULE_FLAGS = (
+    exists()
+    .where(
+        Flag.subject_type == "parcel",
+        Flag.kind.in_(RULE_KINDS),
+        Flag.subject_key == Parcel.tracking_no,
+    )
+    .label("has_rule_flags")
+)
 # Built once (``sync.sql.Prebuilt`` says why): every push runs these.
 PARCELS_FOR_UPDATE = Prebuilt(
     lambda dialect: (
-        select(*PARCEL_COLUMNS)
+        select(*PARCEL_COLUMNS, HAS_RULE_FLAGS)
         .where(among_param(dialect, Parcel.tracking_no, "numbers"))
         .order_by(Parcel.tracking_no)
         .with_for_update()
@@ -100,43 +112,51 @@ PARCELS_FOR_UPDATE = Prebuilt(
 )
 
 
-def _events_of_parcels(dialect: str) -> Select[Any]:
-    return select(*FACT_COLUMNS).where(among_param(dialect, ScanEvent.tracking_no, "numbers"))
+def _events_of_parcels(dialect: str, *, but_given: bool = False) -> CompoundSelect:
+    """The events of the parcels given as parameter ``numbers`` (but those whose ids
+    are given as ``given``), then the corrections filed under another tracking number
+    that void one of them, as their target's parcel's: a correction voids its target
+    wherever it was filed. In one statement: most devices never send a correction, and
+    the second half is then an index probe per event that finds nothing."""
+    own = select(*FACT_COLUMNS).where(among_param(dialect, ScanEvent.tracking_no, "numbers"))
+    if but_given:
+        own = own.where(not_among_param(dialect, ScanEvent.id, "given"))
+    target = aliased(ScanEvent, name="target")
+    elsewhere = (
+        select(target.tracking_no, *FACT_COLUMNS[1:])
+        .join_from(
+            target,
+            ScanEvent,
+            and_(
+                ScanEvent.device_id == target.device_id,
+                ScanEvent.voids_client_event_id == target.client_event_id,
+            ),
+        )
+        .where(
+            among_param(dialect, target.tracking_no, "numbers"),
+            target.type != EventType.CORRECTION,
+            # filed under the target's own number: the first half has it
+            ScanEvent.tracking_no.is_distinct_from(target.tracking_no),
+        )
+    )
+    return union_all(own, elsewhere)
 
 
 EVENTS_OF_PARCELS = Prebuilt(_events_of_parcels)
 EVENTS_OF_PARCELS_BUT = Prebuilt(  # ... but those given
-    lambda dialect: _events_of_parcels(dialect).where(
-        not_among_param(dialect, ScanEvent.id, "given")
-    )
-)
-ANY_CORRECTION = (
-    select(ScanEvent.id)
-    .where(
-        ScanEvent.device_id == bindparam("device_id"),
-        ScanEvent.voids_client_event_id.is_not(None),
-    )
-    .limit(1)
+    lambda dialect: _events_of_parcels(dialect, but_given=True)
 )
 BLOBS_HELD = Prebuilt(
     lambda dialect: select(Blob.sha256).where(among_param(dialect, Blob.sha256, "digests"))
 )
 
 
-def _rule_flags_of(dialect: str) -> tuple[ColumnElement[bool], ...]:
-    """The rule flags of the parcels given as parameter ``numbers``."""
-    return (
+RULE_FLAGS_OF_PARCELS = Prebuilt(  # of the parcels given as parameter ``numbers``
+    lambda dialect: select(Flag).where(
         Flag.subject_type == "parcel",
         Flag.kind.in_(RULE_KINDS),
         among_param(dialect, Flag.subject_key, "numbers"),
     )
-
-
-RULE_FLAGS_OF_PARCELS = Prebuilt(lambda dialect: select(Flag).where(*_rule_flags_of(dialect)))
-# Which of these parcels have a rule flag at all, as plain rows: most have none, and
-# then no flag is loaded as an entity (which costs the ORM more than the query).
-PARCELS_WITH_RULE_FLAGS = Prebuilt(
-    lambda dialect: select(Flag.subject_key).distinct().where(*_rule_flags_of(dialect))
 )
 PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes
 UPDATE_PROJECTED = updating(_parcels, by="id", param="parcel_id", columns=PROJECTED)
@@ -293,15 +313,13 @@ def apply_rule_flags(
     holders: dict[str, int | None],
 ) -> list[Flag]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
+    ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number.
 
     Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
     resolved stays resolved while its cause persists; a closed one reopens if the
     cause comes back.
     """
-    with_flags = PARCELS_WITH_RULE_FLAGS(session)
-    flagged = sorted(
-        row.subject_key for row in rows_among(session, with_flags, "numbers", sorted(parcels))
-    )
+    flagged = sorted(tn for tn, parcel in parcels.items() if parcel.has_rule_flags)
     rule_flags = RULE_FLAGS_OF_PARCELS(session)
     existing = {
         (flag.subject_key, flag.kind): flag
@@ -369,8 +387,8 @@ def load_events(
     stored: Mapping[str, Sequence[EventDetail]] | None = None,
 ) -> dict[str, list[EventDetail]]:
     """Each parcel's events, plus corrections sent under another tracking number that
-    void one of them (a correction voids its target wherever it was filed). Events in
-    ``stored`` (by tracking number, with their row ids) are taken as given."""
+    void one of them (``EVENTS_OF_PARCELS``). Events in ``stored`` (by tracking number,
+    with their row ids) are taken as given."""
     stored = stored or {}
     events: dict[str, list[EventDetail]] = {tn: list(stored.get(tn, ())) for tn in tracking_nos}
     for chunk in chunks(tracking_nos):
@@ -378,8 +396,6 @@ def load_events(
         query = (EVENTS_OF_PARCELS_BUT if given else EVENTS_OF_PARCELS)(session)
         for row in plain_rows(session, query, {"numbers": list(chunk), "given": given}):
             events[row[0]].append(_detail(row))
-    for tracking_no, correction in _corrections_from_elsewhere(session, events):
-        events[tracking_no].append(correction)
     return events
 
 
@@ -406,37 +422,6 @@ def stored_detail(row: Mapping[str, Any], event_id: int) -> EventDetail:
 def _detail(row: Any) -> EventDetail:
     details, lat, lon = row[1 + _FACT_FIELDS :]
     return EventDetail(EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon)
-
-
-def _corrections_from_elsewhere(
-    session: Session, events_by_parcel: dict[str, list[EventDetail]]
-) -> Iterable[tuple[str, EventDetail]]:
-    parcel_of: dict[tuple[str, uuid.UUID], str] = {}
-    by_device: dict[str, list[uuid.UUID]] = defaultdict(list)
-    for tracking_no, events in events_by_parcel.items():
-        for fact in (event.fact for event in events):
-            if fact.type != EventType.CORRECTION:
-                parcel_of[(fact.device_id, fact.client_event_id)] = tracking_no
-                by_device[fact.device_id].append(fact.client_event_id)
-    for device_id, ids in by_device.items():
-        if not _has_corrections(session, device_id):
-            continue  # the usual case: one index probe instead of a look-up per event
-        for chunk in chunks(ids):
-            for row in session.execute(
-                select(*FACT_COLUMNS).where(
-                    ScanEvent.device_id == device_id,
-                    ScanEvent.voids_client_event_id.in_(chunk),
-                )
-            ):
-                correction = _detail(row)
-                target = parcel_of[(device_id, correction.fact.voids_client_event_id)]
-                if row[0] != target:  # filed under the target's own number: loaded already
-                    yield target, correction
-
-
-def _has_corrections(session: Session, device_id: str) -> bool:
-    found = plain_rows(session, ANY_CORRECTION, {"device_id": device_id}).first()
-    return found is not None
 
 
 def targets_of_corrections(

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, exists, or_, select, tuple_
+from sqlalchemy import Row, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -34,7 +34,7 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
-from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks, plain_rows, rows_among
+from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks, plain_rows
 from sync.tracking import TrackingNumberPolicy, normalize
 
 _NOT_WORD = re.compile(r"[\W_]+")
@@ -44,6 +44,7 @@ FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 # plain rows: a push judges its parcels with consents and changes none.
 FACT_COLUMNS = (
     Consent.id,
+    Consent.scope,
     Consent.method,
     Consent.point_id,
     Consent.granted_at,
@@ -57,20 +58,16 @@ FACT_COLUMNS = (
     Consent.recipient_phone,
     Consent.address_key,
 )
-# Built once (``sync.sql.Prebuilt`` says why): every push judges its parcels with these.
+# Built once (``sync.sql.Prebuilt`` says why): every push judges its parcels with it.
+# The parcels' own consents (parameter ``numbers``) and the standing consents of their
+# recipients' phones (``phones``): only standing consents name a phone.
 CONSENTS_OF_PARCELS = Prebuilt(
     lambda dialect: select(*FACT_COLUMNS).where(
-        among_param(dialect, Consent.tracking_no, "numbers")
+        or_(
+            among_param(dialect, Consent.tracking_no, "numbers"),
+            among_param(dialect, Consent.recipient_phone, "phones"),
+        )
     )
-)
-# One index probe: ordered by the indexed column so that it goes through the index
-# (``ix_consent_recipient``); without an order PostgreSQL may scan the table for the
-# first match, reading every parcel consent when there is no standing one.
-ANY_STANDING = (
-    select(Consent.recipient_phone)
-    .where(Consent.recipient_phone.is_not(None))
-    .order_by(Consent.recipient_phone)
-    .limit(1)
 )
 
 
@@ -257,33 +254,30 @@ def covered_parcels(session: Session, consent: Consent) -> list[str]:
 
 def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[ConsentFact]]:
     """The consents that could apply to each parcel (rows with tracking_no, station_id,
-    recipient_phone, address): its own, and standing ones for its recipient."""
-    parcels = list(parcels)
+    recipient_phone, address), oldest first: its own, and standing ones for its
+    recipient's phone and address, at its station or at every station. One statement
+    per chunk of parcels (``CONSENTS_OF_PARCELS``)."""
     found: dict[str, list[ConsentFact]] = defaultdict(list)
-    numbers = [p.tracking_no for p in parcels]
-    for consent in rows_among(session, CONSENTS_OF_PARCELS(session), "numbers", numbers):
-        found[consent.tracking_no].append(_fact(consent))
-    if not _any_standing(session):
-        return _without_voided(session, found)
-    recipients = {
-        (p.recipient_phone, address_key(p.address)): p for p in parcels if p.recipient_phone
-    }
-    by_recipient: dict[tuple[str, str], list[Any]] = defaultdict(list)
-    for p in parcels:
-        if p.recipient_phone:
-            by_recipient[(p.recipient_phone, address_key(p.address))].append(p)
-    keys = list(recipients)
-    for chunk in chunks(keys, IN_CHUNK // 2):  # two parameters a key
-        for consent in plain_rows(
-            session,
-            select(*FACT_COLUMNS).where(
-                Consent.scope == ConsentScope.STANDING,
-                tuple_(Consent.recipient_phone, Consent.address_key).in_(chunk),
-            ),
-        ):
-            for parcel in by_recipient[(consent.recipient_phone, consent.address_key)]:
+    for chunk in chunks(list(parcels), IN_CHUNK // 2):  # up to two parameters a parcel
+        numbers = {p.tracking_no for p in chunk}
+        by_recipient: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        for p in chunk:
+            if p.recipient_phone:
+                by_recipient[(p.recipient_phone, address_key(p.address))].append(p)
+        wanted = {
+            "numbers": sorted(numbers),
+            "phones": sorted({phone for phone, _ in by_recipient}),
+        }
+        for consent in plain_rows(session, CONSENTS_OF_PARCELS(session), wanted):
+            if consent.scope != ConsentScope.STANDING:
+                if consent.tracking_no in numbers:
+                    found[consent.tracking_no].append(_fact(consent))
+                continue
+            for parcel in by_recipient.get((consent.recipient_phone, consent.address_key), ()):
                 if consent.station_id in (None, parcel.station_id):
                     found[parcel.tracking_no].append(_fact(consent))
+    for facts in found.values():
+        facts.sort(key=lambda fact: fact.id)
     return _without_voided(session, found)
 
 
@@ -313,12 +307,6 @@ def _without_voided(
             )
         )
     return {tn: [c for c in facts if c.id not in voided] for tn, facts in found.items()}
-
-
-def _any_standing(session: Session) -> bool:
-    """Whether any standing consent is recorded: most stations never record one
-    (``ANY_STANDING``)."""
-    return plain_rows(session, ANY_STANDING).first() is not None
 
 
 def _fact(consent: Row[Any]) -> ConsentFact:

@@ -219,6 +219,9 @@ class Pusher:
     device_id: str
     station_id: int
     courier_id: int
+    # The device's last-seen time as the sign-in check read it, if it did: a push
+    # within LAST_SEEN_RESOLUTION of it leaves the device row alone.
+    device_seen_at: dt.datetime | None = None
 
 
 @dataclass
@@ -236,6 +239,33 @@ class _Rejection:
     raw: Any
     error: EventRejected
     payload_hash: str = ""
+
+
+@dataclass(frozen=True)
+class _Validated:
+    """A batch's events validated one by one: those valid and those rejected, with
+    their indexes in the batch."""
+
+    valid: list[tuple[int, ValidEvent]]
+    rejections: list[_Rejection]
+
+    @classmethod
+    def of(cls, batch: PushBatch, rules: EventRules, too_deep: frozenset[int]) -> _Validated:
+        """``too_deep``: indexes of events nested deeper than MAX_EVENT_DEPTH."""
+        valid: list[tuple[int, ValidEvent]] = []
+        rejections: list[_Rejection] = []
+        for index, raw in enumerate(batch.events):
+            if index in too_deep:
+                rejections.append(_Rejection(index, raw, TOO_DEEP))
+                continue
+            try:
+                event = validate_event(raw, sent_at=batch.sent_at, rules=rules)
+            except EventRejected as error:
+                rejections.append(_Rejection(index, raw, error))
+            else:
+                event.content_hash  # noqa: B018 - cached now, outside the device's lock
+                valid.append((index, event))
+        return cls(valid, rejections)
 
 
 def event_row(
@@ -298,8 +328,11 @@ def ingest(
     if too_deep:  # judged, hashed and stored cut to the limit: see MAX_EVENT_DEPTH
         events = [within_depth(e) if i in too_deep else e for i, e in enumerate(batch.events)]
         batch = dataclasses.replace(batch, events=events)
-    state = lock_device_state(session, pusher.device_id)
+    # Validated and hashed before the device's lock, which on SQLite is the writers' turn:
+    # none of it reads what is stored.
+    validated = _Validated.of(batch, rules.events, too_deep)
     digest = request_hash(batch)
+    state = lock_device_state(session, pusher.device_id)
     batch_pk = _new_batch(session, batch, pusher, received_at, digest)
     if batch_pk is None:
         stored = session.execute(
@@ -317,7 +350,7 @@ def ingest(
         receipt: dict[str, Any] = stored.receipt
         return receipt
     return _BatchIngest(
-        session, batch, pusher, rules, received_at, batch_pk, state, too_deep
+        session, batch, pusher, rules, received_at, batch_pk, state, validated
     ).run()
 
 
@@ -362,10 +395,10 @@ class _BatchIngest:
         received_at: dt.datetime,
         batch_pk: int,
         state: DeviceState,
-        too_deep: frozenset[int] = frozenset(),
+        validated: _Validated,
     ) -> None:
         self.session = session
-        self.too_deep = too_deep  # indexes of events nested deeper than MAX_EVENT_DEPTH
+        self.validated = validated
         self.batch = batch
         self.pusher = pusher
         self.rules = rules
@@ -378,7 +411,7 @@ class _BatchIngest:
         # (index, index of the first copy) for an event sent twice in this batch: the
         # copy shares the first one's fate, also if the database refuses it.
         self.copies: list[tuple[int, int]] = []
-        self.rejections: list[_Rejection] = []
+        self.rejections: list[_Rejection] = list(validated.rejections)
         self.raised: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
@@ -388,8 +421,7 @@ class _BatchIngest:
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
         # The shifts this push changes that are closed or signed off (_lock_shifts).
         self.shifts_not_open: dict[int, Shift] = {}
-        candidates = self._validate()
-        new_events = self._deduplicate(candidates)
+        new_events = self._deduplicate(self.validated.valid)
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
         self._capture_consents(stored)
@@ -422,20 +454,6 @@ class _BatchIngest:
         return receipt
 
     # -- classification ---------------------------------------------------------------------
-
-    def _validate(self) -> list[tuple[int, ValidEvent]]:
-        valid = []
-        for index, raw in enumerate(self.batch.events):
-            if index in self.too_deep:
-                self._reject(index, raw, TOO_DEEP)
-                continue
-            try:
-                event = validate_event(raw, sent_at=self.batch.sent_at, rules=self.rules.events)
-            except EventRejected as error:
-                self._reject(index, raw, error)
-            else:
-                valid.append((index, event))
-        return valid
 
     def _deduplicate(self, valid: list[tuple[int, ValidEvent]]) -> list[tuple[int, ValidEvent]]:
         """Drop events already held; reject re-used ids with other content, and re-used seqs.
@@ -787,11 +805,12 @@ class _BatchIngest:
         self.wrong_claims = filer.wrong_claims
 
     def _touch_device(self, connection: Connection) -> None:
-        """The device's last-seen time, when a minute old (``TOUCH_DEVICE``). A copy of
-        the device the session holds (the sign-in check's, on PostgreSQL) tells without
-        a statement whether it is; on SQLite the check read it in a session of its own
-        (``courier_api.database.Database.read_apart``)."""
+        """The device's last-seen time, when a minute old (``TOUCH_DEVICE``). What the
+        sign-in check read (``Pusher.device_seen_at``), or a copy of the device the
+        session holds, tells without a statement whether it is."""
         seen_before = self.received_at - LAST_SEEN_RESOLUTION
+        if self.pusher.device_seen_at is not None and self.pusher.device_seen_at > seen_before:
+            return
         device = self.session.identity_map.get(
             self.session.identity_key(Device, self.pusher.device_id)
         )

@@ -798,6 +798,36 @@ def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
     assert held_copy is device
 
 
+def test_a_push_told_when_its_device_was_seen_touches_it_only_when_a_minute_old(
+    session: Session, world: World, parcel: Parcel
+) -> None:
+    """The sign-in check read the device's last-seen time (``Pusher.device_seen_at``):
+    within the minute after it, a push sends no statement for the device row."""
+    pda = Pda(session, world)
+    session.expunge_all()
+    seen = NOW - dt.timedelta(seconds=30)
+    pda.pusher = dataclasses.replace(pda.pusher, device_seen_at=seen)
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    def push_at(received_at: dt.datetime, seq: int) -> list[str]:
+        sent.clear()
+        event.listen(session.connection(), "before_cursor_execute", capture)
+        try:
+            pda.push([pda.event(seq, parcel.tracking_no)], received_at=received_at, commit=False)
+            session.flush()
+        finally:
+            event.remove(session.connection(), "before_cursor_execute", capture)
+        return [s for s in sent if s.startswith("UPDATE device ")]
+
+    assert push_at(seen + dt.timedelta(seconds=59), 1) == []
+    assert len(push_at(seen + dt.timedelta(seconds=61), 2)) == 1
+    last_seen = session.scalar(select(Device.last_seen_at).where(Device.id == world.device.id))
+    assert last_seen == seen + dt.timedelta(seconds=61)
+
+
 def test_a_push_of_many_malformed_events_keeps_them_all_in_one_insert(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

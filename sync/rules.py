@@ -112,6 +112,15 @@ def evaluate(
     return flags
 
 
+def consents_matter(parcel: ParcelFacts, events: Sequence[EventDetail], policy: Policy) -> bool:
+    """Whether ``evaluate`` reads the parcel's consents: only for a drop of a class that
+    needs consent (rule 4). Most parcels judged have no drop, and their consents need
+    not be looked up."""
+    return parcel.service_class in policy.consent_required and any(
+        e.fact.type in DROPS for e in events
+    )
+
+
 def _drops(
     parcel: ParcelFacts,
     counting: Sequence[EventDetail],

@@ -40,7 +40,15 @@ from sync.flags import (
     reopen_flag,
 )
 from sync.projection import EventFact, project
-from sync.rules import RULE_KINDS, SEVERITY, EventDetail, ParcelFacts, Policy, evaluate
+from sync.rules import (
+    RULE_KINDS,
+    SEVERITY,
+    EventDetail,
+    ParcelFacts,
+    Policy,
+    consents_matter,
+    evaluate,
+)
 from sync.sql import (
     Prebuilt,
     among,
@@ -283,7 +291,12 @@ def _judge(
     policy: Policy,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """The rule flags each parcel should have now (``sync.rules.evaluate``)."""
-    consents = consents_for(session, parcels.values())
+    facts = {
+        tn: ParcelFacts(parcel.service_class, parcel.lat, parcel.lon)
+        for tn, parcel in parcels.items()
+    }
+    dropped = [p for tn, p in parcels.items() if consents_matter(facts[tn], events[tn], policy)]
+    consents = consents_for(session, dropped) if dropped else {}
     referenced = {
         digest
         for parcel_events in events.values()
@@ -295,14 +308,7 @@ def _judge(
         row.sha256 for row in rows_among(session, held, "digests", sorted(referenced))
     )
     return {
-        tn: evaluate(
-            ParcelFacts(parcel.service_class, parcel.lat, parcel.lon),
-            events[tn],
-            consents.get(tn, []),
-            policy,
-            stored,
-        )
-        for tn, parcel in parcels.items()
+        tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored) for tn in parcels
     }
 
 

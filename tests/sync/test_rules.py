@@ -5,10 +5,19 @@ import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from models import ConsentMethod, EventType, ServiceClass
 from sync.projection import EventFact
-from sync.rules import ConsentFact, EventDetail, ParcelFacts, Policy, evaluate
+from sync.rules import (
+    ConsentFact,
+    EventDetail,
+    ParcelFacts,
+    Policy,
+    consents_matter,
+    evaluate,
+)
 
 T = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
 EXPRESS = ParcelFacts(ServiceClass.EXPRESS, lat=31.2304, lon=121.4737)
@@ -272,3 +281,32 @@ def test_a_delivery_by_a_courier_it_was_not_checked_out_to_is_flagged() -> None:
     other = ev(2, EventType.DELIVERED, 30, device="PDA-2", pod={"signature_sha256": "b" * 64})
     other = EventDetail(other.fact._replace(courier_id=2), other.details)
     assert kinds([checked_out, other]) == {"delivered_not_checked_out"}
+
+
+def test_consents_matter_to_a_drop_of_a_class_that_needs_them() -> None:
+    assert consents_matter(EXPRESS, locker_day(**POD), POLICY)
+    assert not consents_matter(ParcelFacts(ServiceClass.PARCEL), locker_day(**POD), POLICY)
+    in_person = [ev(1, EventType.CHECKED_OUT), ev(2, EventType.DELIVERED, 30, **POD)]
+    assert not consents_matter(EXPRESS, in_person, POLICY)
+
+
+@given(
+    types=st.lists(st.sampled_from(list(EventType)), max_size=6),
+    service_class=st.sampled_from(list(ServiceClass)),
+    granted=st.lists(
+        st.tuples(st.integers(-60, 120), st.sampled_from(list(ConsentMethod))), max_size=3
+    ),
+)
+def test_where_consents_do_not_matter_the_rules_judge_alike_without_them(
+    types: list[EventType], service_class: ServiceClass, granted: list[tuple[int, ConsentMethod]]
+) -> None:
+    """``consents_matter`` lets a push skip looking consents up: where it says they do
+    not, ``evaluate`` finds the same flags with the consents and without."""
+    parcel = ParcelFacts(service_class, lat=31.2304, lon=121.4737)
+    details = {"locker_id": "L-1", "point_id": "P-1", "compartment": "4", **POD}
+    events = [ev(seq, kind, seq * 5, **details) for seq, kind in enumerate(types, 1)]
+    consents = [consent(minutes, method) for minutes, method in granted]
+    blobs = frozenset({"a" * 64})
+    with_consents = evaluate(parcel, events, consents, POLICY, blobs)
+    if not consents_matter(parcel, events, POLICY):
+        assert with_consents == evaluate(parcel, events, [], POLICY, blobs)

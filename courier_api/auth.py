@@ -18,11 +18,12 @@ from typing import Any
 
 import jwt
 from flask import current_app, g, request
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from models import Device, Role, User
 from sync import audit
-from sync.accounts import load_token_subject, recheck_token_subject
+from sync.accounts import TokenSubject, check_token_subject, load_token_subject
 from sync.errors import AuthenticationFailed, PermissionDenied
 
 ALGORITHM = "HS256"
@@ -53,6 +54,17 @@ class Principal:
             role=user.role,
             station_id=user.station_id,
             device_id=device.id if device else None,
+        )
+
+    @classmethod
+    def of_subject(cls, subject: TokenSubject) -> Principal:
+        """The principal of a token checked on a plain row (``check_token_subject``)."""
+        return cls(
+            user_id=subject.user_id,
+            username=subject.username,
+            role=subject.role,
+            station_id=subject.station_id,
+            device_id=subject.device_id,
         )
 
     @property
@@ -150,26 +162,30 @@ def principal_from_claims(
 
 
 def checked_principal(claims: dict[str, Any]) -> Principal:
-    """``principal_from_claims``, in a reading transaction of its own where that spares
-    the writers (``Database.read_apart``), checked again when the request writes.
+    """``principal_from_claims``, or where that spares the writers the same check on one
+    plain row in a reading transaction of its own, checked again when the request
+    writes (``Database.read_apart``, ``sync.accounts.check_token_subject``).
 
-    The user and device it loaded are held for the request (``g.signed_in``): where
-    the check read in the request's session, they stay in its identity map, which
-    only holds objects referenced elsewhere, and a view or a push finds them there
-    without a statement (on a SQLite file, they belong to the closed reading session).
+    The device's last-seen time as the check read it is kept for the request
+    (``g.device_seen_at``): a push leaves the device row alone within a minute of it.
     """
     from courier_api.extensions import db
 
-    principal, user, device = db.read_apart(
-        lambda session: principal_from_claims(claims, session),
-        recheck=lambda connection: recheck_token_subject(
-            connection,
-            user_id=int(claims["sub"]),
-            device_id=claims.get("device"),
-            credentials_version=claims["ver"],
-        ),
-    )
-    g.signed_in = (user, device)
+    subject = {
+        "user_id": int(claims["sub"]),
+        "device_id": claims.get("device"),
+        "credentials_version": claims["ver"],
+    }
+
+    def in_session(session: Session) -> tuple[Principal, dt.datetime | None]:
+        principal, _, device = principal_from_claims(claims, session)
+        return principal, device.last_seen_at if device is not None else None
+
+    def on_a_row(connection: Connection) -> tuple[Principal, dt.datetime | None]:
+        checked = check_token_subject(connection, **subject)
+        return Principal.of_subject(checked), checked.device_seen_at
+
+    principal, g.device_seen_at = db.read_apart(in_session, on_a_row)
     return principal
 
 

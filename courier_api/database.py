@@ -80,36 +80,36 @@ class Database:
         session: Session = g.db_session
         return session
 
-    def read_apart(self, read: Callable[[Session], T], recheck: Callable[[Connection], None]) -> T:
-        """Run ``read``, a request's first work, in a session and transaction of its own
-        that only reads, ended before the request writes; ``recheck`` runs again what
-        mattered of it, as the first statement of the request's own transaction.
+    def read_apart(self, read: Callable[[Session], T], check: Callable[[Connection], T]) -> T:
+        """A request's first work, a check that only reads: ``read`` in the request's
+        session; or, on a SQLite file for a request that writes, ``check`` (the same
+        check on plain rows) in a reading transaction of its own, ended before the
+        request writes, and run again as the first statement of the request's own
+        transaction.
 
-        For the signing-in check on a SQLite file: a writing transaction there holds
-        the one writers' turn from its first statement (``models.turnstile``), so a
-        PDA's push would hold up every other push through its sign-in check and the
-        parsing of its body, a quarter of the turn of a one-scan push. ``recheck``
-        (one plain row) keeps the check as good as it was: an account disabled or a
-        device reported lost while the request waited for its turn stops it still, and
-        its refusal stands for the request (a view catching it cannot commit).
-        What ``read`` loaded stays in its session (a view loads again, in its writing
-        transaction, what it changes). Elsewhere, and for a request that only reads,
-        ``read`` gets the request's session, and no recheck is needed.
+        For the signing-in check: a writing transaction on a SQLite file holds the
+        one writers' turn from its first statement (``models.turnstile``), so a PDA's
+        push would hold up every other push through its sign-in check and the
+        parsing of its body, a quarter of the turn of a one-scan push. Run again,
+        ``check`` (one plain row) keeps the check as good as it was: an account
+        disabled or a device reported lost while the request waited for its turn
+        stops it still, and its refusal stands for the request (a view catching it
+        cannot commit). On PostgreSQL, and for a request that only reads, ``read``
+        loads its entities into the request's session, where a view finds them.
         """
         state = self._state()
         if not has_own_readers(state.engine) or "db_session" in g or _request_only_reads():
             return read(self.session)
         if state.test_connection is None:
-            with state.sessionmaker(bind=state.reader) as reading:
-                result = read(reading)
-        else:  # tests: a session of its own on the shared connection, refusing writes
+            with state.reader.connect() as connection:
+                result = check(connection)
+        else:  # tests: the shared connection, refusing writes meanwhile
             refuse_writes(state.test_connection, True)
             try:
-                with state.sessionmaker() as reading:
-                    result = read(reading)
+                result = check(state.test_connection)
             finally:
                 refuse_writes(state.test_connection, False)
-        self.session.info[_RECHECK] = recheck
+        self.session.info[_RECHECK] = check
         return result
 
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:

@@ -6,6 +6,7 @@ a token acceptable is decided here.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,9 +24,10 @@ USER_AND_DEVICE = (
     .where(User.id == bindparam("user_id"))
 )
 _users, _devices = User.__table__, Device.__table__
-# ``USER_AND_DEVICE`` as plain rows (``recheck_token_subject``).
+# ``USER_AND_DEVICE`` as plain rows (``check_token_subject``).
 SUBJECT_ROWS = (
     select(
+        _users.c.username,
         _users.c.active,
         _users.c.credentials_version,
         _users.c.role,
@@ -33,6 +35,7 @@ SUBJECT_ROWS = (
         _devices.c.id.label("device_id"),
         _devices.c.station_id.label("device_station_id"),
         _devices.c.status.label("device_status"),
+        _devices.c.last_seen_at.label("device_seen_at"),
     )
     .select_from(_users)
     .outerjoin(_devices, _devices.c.id == bindparam("device_id"))
@@ -154,28 +157,47 @@ def load_token_subject(
     return user, device if user.role == Role.COURIER else None
 
 
-def recheck_token_subject(
+@dataclass(frozen=True)
+class TokenSubject:
+    """Whom a checked token speaks for, as ``check_token_subject`` read it."""
+
+    user_id: int
+    username: str
+    role: Role
+    station_id: int | None
+    device_id: str | None  # a courier's device; None for other roles
+    device_seen_at: dt.datetime | None  # the device's last-seen time, as read
+
+
+def check_token_subject(
     connection: Connection, *, user_id: int, device_id: str | None, credentials_version: int
-) -> None:
-    """``load_token_subject``'s checks again, on plain rows, in ``connection``'s
-    transaction: for a request whose sign-in check read before its writing transaction
-    began (``courier_api.database.Database.read_apart``), so that an account disabled
-    or a device reported lost meanwhile stops it still."""
+) -> TokenSubject:
+    """``load_token_subject``'s checks on one plain row, in ``connection``'s transaction,
+    without the ORM's entities: for a request whose sign-in check reads apart from its
+    writing transaction, then again as that transaction's first statement
+    (``courier_api.database.Database.read_apart``), so that an account disabled or a
+    device reported lost meanwhile stops it still."""
     row = connection.execute(
         SUBJECT_ROWS, {"user_id": user_id, "device_id": device_id or ""}
     ).one_or_none()
     if row is None:
         _check_subject(None, None, credentials_version)
-        return
+    assert row is not None  # _check_subject refused the missing account
+    user = _User(row.active, row.credentials_version, row.role, row.station_id)
     device = (
         _Device(row.device_id, row.device_station_id, row.device_status)
         if row.device_id is not None
         else None
     )
-    _check_subject(
-        _User(row.active, row.credentials_version, row.role, row.station_id),
-        device,
-        credentials_version,
+    _check_subject(user, device, credentials_version)
+    courier_device = device is not None and row.role == Role.COURIER
+    return TokenSubject(
+        user_id=user_id,
+        username=row.username,
+        role=row.role,
+        station_id=row.station_id,
+        device_id=row.device_id if courier_device else None,
+        device_seen_at=row.device_seen_at if courier_device else None,
     )
 
 

@@ -393,7 +393,7 @@ def test_a_device_reported_lost_while_its_push_waits_for_the_turn_stops_the_push
 ) -> None:
     """SQLite: the push's sign-in check reads before the push takes the writers' turn;
     the device reported lost by the writer it waited for is seen when it gets the turn
-    (``recheck_token_subject``), and nothing of it is stored. (PostgreSQL: the check is
+    (``check_token_subject``), and nothing of it is stored. (PostgreSQL: the check is
     the push's first statement, in READ COMMITTED, and the push is not held up here.)"""
     if db.engine_of(committed_app).dialect.name != "sqlite":
         pytest.skip("SQLite's writers' turn")

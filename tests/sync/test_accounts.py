@@ -1,3 +1,5 @@
+import datetime as dt
+
 import pytest
 from sqlalchemy.orm import Session
 
@@ -65,7 +67,7 @@ def test_sign_in_records_when_the_device_was_last_seen(session: Session) -> None
 def test_the_recheck_on_plain_rows_refuses_what_the_sign_in_check_refuses(
     session: Session, change: str | None, code: str | None
 ) -> None:
-    """``recheck_token_subject`` and ``load_token_subject`` decide alike."""
+    """``check_token_subject`` and ``load_token_subject`` decide alike."""
     station, elsewhere = factories.station(session), factories.station(session, code="ELSE")
     courier = factories.user(session, "c1", "courier", station)
     device = factories.device(session, "PDA-1", station)
@@ -88,7 +90,7 @@ def test_the_recheck_on_plain_rows_refuses_what_the_sign_in_check_refuses(
     outcomes = []
     for check in (
         lambda: accounts.load_token_subject(session=session, **subject),
-        lambda: accounts.recheck_token_subject(session.connection(), **subject),
+        lambda: accounts.check_token_subject(session.connection(), **subject),
     ):
         try:
             check()
@@ -97,3 +99,32 @@ def test_the_recheck_on_plain_rows_refuses_what_the_sign_in_check_refuses(
         else:
             outcomes.append(None)
     assert outcomes == [code, code]
+
+
+@pytest.mark.parametrize("role", ["courier", "station_manager"])
+def test_the_check_on_a_plain_row_reads_whom_the_token_speaks_for(
+    session: Session, role: str
+) -> None:
+    """``check_token_subject`` gives what ``load_token_subject`` loads: the account, and
+    a courier's device with its last-seen time (none for other roles)."""
+    station = factories.station(session)
+    user = factories.user(session, "u1", role, station)
+    device = factories.device(session, "PDA-1", station)
+    device.last_seen_at = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+    session.flush()
+    subject = {
+        "user_id": user.id,
+        "device_id": device.id,
+        "credentials_version": user.credentials_version,
+    }
+    loaded_user, loaded_device = accounts.load_token_subject(session=session, **subject)
+    checked = accounts.check_token_subject(session.connection(), **subject)
+    assert (checked.user_id, checked.username, checked.role, checked.station_id) == (
+        loaded_user.id,
+        loaded_user.username,
+        loaded_user.role,
+        loaded_user.station_id,
+    )
+    assert checked.device_id == (loaded_device.id if loaded_device else None)
+    assert checked.device_seen_at == (loaded_device.last_seen_at if loaded_device else None)
+    assert (checked.device_id is not None) == (role == "courier")

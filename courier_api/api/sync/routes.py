@@ -90,7 +90,6 @@ class Push(MethodView):
                 field="events",
             )
         assert principal.station_id is not None  # couriers always belong to a station
-        _, device = g.signed_in  # as the sign-in check read it (courier_api.auth)
         receipt = ingest(
             session=db.session,
             batch=PushBatch(
@@ -103,7 +102,7 @@ class Push(MethodView):
                 device_id=body["device_id"],
                 station_id=principal.station_id,
                 courier_id=principal.user_id,
-                device_seen_at=device.last_seen_at if device is not None else None,
+                device_seen_at=g.device_seen_at,  # as the sign-in check read it
             ),
             rules=ingest_rules(),
             received_at=g.received_at,

@@ -12,17 +12,32 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import and_, bindparam, select
 from sqlalchemy.orm import Session
 
-from models import DeviceSyncState
+from models import DeviceSyncState, ScanEvent
+from sync.inversions import Stamp
 from sync.sql import Prebuilt, insert_ignoring_conflict, plain_rows
 
 _states = DeviceSyncState.__table__
+_events = ScanEvent.__table__
+# With the event stored at the device's highest seq, if any: the one before an online
+# PDA's next scan, which the time-inversion rule compares it with.
 LOCK_DEVICE_STATE = (
-    select(_states.c.max_seq, _states.c.missing_ranges)
+    select(
+        _states.c.max_seq,
+        _states.c.missing_ranges,
+        _events.c.occurred_at_device,
+        _events.c.tracking_no,
+    )
+    .select_from(
+        _states.outerjoin(
+            _events,
+            and_(_events.c.device_id == _states.c.device_id, _events.c.seq == _states.c.max_seq),
+        )
+    )
     .where(_states.c.device_id == bindparam("device_id"))
-    .with_for_update()
+    .with_for_update(of=_states)
 )
 NEW_DEVICE_STATE = Prebuilt(
     lambda dialect: insert_ignoring_conflict(dialect, _states, on=["device_id"]).values(
@@ -36,6 +51,8 @@ class DeviceState(NamedTuple):
 
     max_seq: int
     missing_ranges: list[list[int]]
+    # The event stored at ``max_seq``; None where that seq arrived rejected, or none did.
+    at_max_seq: Stamp | None = None
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -49,4 +66,9 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
     if row is None:
         session.execute(NEW_DEVICE_STATE(session), {"device_id": device_id})
         row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one()
-    return DeviceState(row.max_seq or 0, row.missing_ranges or [])
+    stored = row.occurred_at_device is not None
+    return DeviceState(
+        row.max_seq or 0,
+        row.missing_ranges or [],
+        Stamp(row.occurred_at_device, row.tracking_no) if stored else None,
+    )

@@ -593,7 +593,16 @@ class _BatchIngest:
         device = {"device_id": self.pusher.device_id}
 
         def look_up(seqs: list[int]) -> dict[int, Stamp]:
-            return {row.seq: Stamp(*row[1:]) for row in self._at_seqs(TIMES_AT_SEQS, seqs)}
+            # The event at the device's highest seq was read with its lock, and this push
+            # stored nothing there that is not in ``new``: an online PDA's next scan
+            # needs no look-up.
+            found: dict[int, Stamp] = {}
+            if self.state.max_seq in seqs:
+                if self.state.at_max_seq is not None:
+                    found[self.state.max_seq] = self.state.at_max_seq
+                seqs = [seq for seq in seqs if seq != self.state.max_seq]
+            found.update((row.seq, Stamp(*row[1:])) for row in self._at_seqs(TIMES_AT_SEQS, seqs))
+            return found
 
         def nearest(low: int, high: int, downward: bool) -> tuple[int, Stamp] | None:
             query = NEAREST_BELOW if downward else NEAREST_ABOVE

@@ -631,6 +631,34 @@ def test_a_pda_sending_only_malformed_scans_costs_the_same_statements_every_push
     assert counts[-1] == counts[4]
 
 
+@pytest.mark.parametrize("between", [False, True], ids=["next scan", "after a rejected one"])
+def test_an_online_pdas_next_scan_is_compared_with_the_one_before_read_with_its_lock(
+    session: Session, pda: Pda, parcel: Parcel, between: bool
+) -> None:
+    """The event at the device's highest seq comes with its sync state
+    (``lock_device_state``): a scan pushed alone after it is judged without looking it
+    up, and one after a rejected seq still finds it, past the gap."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn, occurred_at=at(60))])
+    if between:
+        pda.push([pda.event(2, tn, "no_such_type", occurred_at=at(61))])
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        pda.push([pda.event(3 if between else 2, tn, "out_for_delivery", occurred_at=at(50))])
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    looked_up = [s for s in sent if s.startswith("SELECT scan_event.seq, scan_event.occurred_at")]
+    assert len(looked_up) == (1 if between else 0)  # past the gap: one search below it
+    inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert inversion.evidence["device_seqs"] == ["PDA-0001#1", f"PDA-0001#{3 if between else 2}"]
+
+
 def test_an_event_not_yet_arrived_between_two_leaves_them_unjudged(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

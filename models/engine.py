@@ -146,8 +146,6 @@ def _configure_sqlite(
         if not in_memory:
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
-        if turnstile is not None:  # it checkpoints out of the turn (models.turnstile)
-            cursor.execute("PRAGMA wal_autocheckpoint = 0")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -20,14 +20,6 @@ without end (PDAs pulling while others push) would let it grow without bound
 (SQLite's "checkpoint starvation": 57 MB in 30 s of ``bench/load.py``). The writer
 whose commit finds it beyond ``WAL_RESTART_BYTES`` truncates it before giving its
 turn back, once the readers of its old frames are done (``PRAGMA wal_checkpoint``).
-
-SQLite's own checkpoints (copying the WAL's pages into the database file, each copy
-synced) run in the commit that finds a thousand pages in the WAL: inside the turn,
-some milliseconds every few dozen one-scan pushes, which every other writer waits
-for. These connections turn them off (``PRAGMA wal_autocheckpoint = 0``, set where
-they are made, ``models.engine``) and checkpoint after giving their turn back, at
-most every ``CHECKPOINT_SECONDS`` in a process: a ``PASSIVE`` checkpoint waits for
-no reader and no writer, and copies what no reader still needs.
 """
 
 from __future__ import annotations
@@ -45,11 +37,9 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 POLL_SECONDS = 0.001  # how often the one waiter of a process tries the file lock
-# Writers checkpoint several times a second (CHECKPOINT_SECONDS), and SQLite would on
-# its own every 1,000 pages (4 MB): a WAL file eight times that size is one that
-# readers kept from starting over.
+# SQLite checkpoints every 1,000 pages (4 MB) on its own: a WAL file eight times that
+# size is one that readers kept from starting over.
 WAL_RESTART_BYTES = 32 * 1024 * 1024
-CHECKPOINT_SECONDS = 0.2  # how often a process's writers checkpoint, out of their turn
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +55,6 @@ class Turnstile:
         self._lock = threading.Lock()
         self._fd = -1
         self._setup = threading.Lock()
-        self._checkpointed_at = -CHECKPOINT_SECONDS  # time.monotonic() of the last one
         _TURNSTILES.add(self)
 
     def _this_process(self) -> None:
@@ -110,16 +99,6 @@ class Turnstile:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._lock.release()
 
-    def checkpoint_due(self) -> bool:
-        """Whether a writer of this process that just gave its turn back checkpoints:
-        the first one ``CHECKPOINT_SECONDS`` after the last. (Two threads may both
-        find it due: the second checkpoint finds little or nothing to copy.)"""
-        now = time.monotonic()
-        if now - self._checkpointed_at < CHECKPOINT_SECONDS:
-            return False
-        self._checkpointed_at = now
-        return True
-
     def wal_too_large(self) -> bool:
         try:
             return os.stat(self.wal).st_size > WAL_RESTART_BYTES
@@ -158,25 +137,12 @@ class TurnstileConnection(sqlite3.Connection):
             self.turnstile.leave()
 
     def commit(self) -> None:
-        wrote = self.holds_turn
         try:
             super().commit()
-            if wrote:
+            if self.holds_turn:
                 self._truncate_a_large_wal()
         finally:
             self.give_turn()
-        if wrote:
-            self._checkpoint_when_due()
-
-    def _checkpoint_when_due(self) -> None:
-        """After a commit, the turn given back: never raises (the commit is done)."""
-        assert self.turnstile is not None
-        if not self.turnstile.checkpoint_due():
-            return
-        try:
-            self.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as error:
-            log.warning("could not checkpoint the WAL file %s: %s", self.turnstile.wal, error)
 
     def _truncate_a_large_wal(self) -> None:
         """After a commit, the turn still held: never raises (the commit is done)."""

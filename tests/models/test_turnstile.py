@@ -297,34 +297,3 @@ def test_a_writer_truncates_a_wal_that_overlapping_readers_kept_from_starting_ov
     assert waited < 5
     with sqlite3.connect(database) as check:
         assert check.execute("SELECT count(*) FROM page").fetchone()[0] == 8
-
-
-def test_a_writer_checkpoints_after_giving_its_turn_back_not_in_its_commit(
-    database: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """SQLite's own checkpoint runs in the commit that finds the WAL full, inside the
-    writer's turn; these connections turn it off and checkpoint once their turn is
-    given back, at most every ``CHECKPOINT_SECONDS`` in a process."""
-    engine = _engine(database)
-    try:
-        with engine.connect() as connection:
-            raw = connection.connection.dbapi_connection
-            assert isinstance(raw, TurnstileConnection)
-            assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-            checkpoints: list[tuple[str, bool]] = []
-
-            def trace(sql: str) -> None:
-                if "wal_checkpoint" in sql:
-                    checkpoints.append((sql, raw.holds_turn))
-
-            raw.set_trace_callback(trace)
-            monkeypatch.setattr(turnstile_module, "CHECKPOINT_SECONDS", 0.0)
-            connection.execute(text("INSERT INTO note VALUES (1)"))
-            connection.commit()
-            assert checkpoints == [("PRAGMA wal_checkpoint(PASSIVE)", False)]
-            monkeypatch.setattr(turnstile_module, "CHECKPOINT_SECONDS", 60.0)
-            connection.execute(text("INSERT INTO note VALUES (2)"))
-            connection.commit()
-            assert len(checkpoints) == 1  # not due again so soon
-    finally:
-        engine.dispose()

@@ -22,11 +22,14 @@ from sync.sql import Prebuilt, insert_ignoring_conflict, plain_rows
 _states = DeviceSyncState.__table__
 _events = ScanEvent.__table__
 # With the event stored at the device's highest seq, if any: the one before an online
-# PDA's next scan, which the time-inversion rule compares it with.
+# PDA's next scan, which the time-inversion rule compares it with. (On PostgreSQL a
+# push that waited for this lock gets the state row as now but the event from before
+# its wait: ``DeviceState.at_max_seq`` holds only an event whose seq is max_seq.)
 LOCK_DEVICE_STATE = (
     select(
         _states.c.max_seq,
         _states.c.missing_ranges,
+        _events.c.seq,
         _events.c.occurred_at_device,
         _events.c.tracking_no,
     )
@@ -51,7 +54,8 @@ class DeviceState(NamedTuple):
 
     max_seq: int
     missing_ranges: list[list[int]]
-    # The event stored at ``max_seq``; None where that seq arrived rejected, or none did.
+    # The event stored at ``max_seq``, as read with the lock; None: not known (that seq
+    # arrived rejected, none did, or the lock was waited for), to be looked up.
     at_max_seq: Stamp | None = None
 
 
@@ -66,9 +70,9 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
     if row is None:
         session.execute(NEW_DEVICE_STATE(session), {"device_id": device_id})
         row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one()
-    stored = row.occurred_at_device is not None
+    read = row.seq is not None and row.seq == row.max_seq
     return DeviceState(
         row.max_seq or 0,
         row.missing_ranges or [],
-        Stamp(row.occurred_at_device, row.tracking_no) if stored else None,
+        Stamp(row.occurred_at_device, row.tracking_no) if read else None,
     )

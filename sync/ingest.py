@@ -593,13 +593,12 @@ class _BatchIngest:
         device = {"device_id": self.pusher.device_id}
 
         def look_up(seqs: list[int]) -> dict[int, Stamp]:
-            # The event at the device's highest seq was read with its lock, and this push
-            # stored nothing there that is not in ``new``: an online PDA's next scan
-            # needs no look-up.
+            # The event at the device's highest seq, when read with its lock: stored, it
+            # stays as it is, and an online PDA's next scan needs no look-up.
             found: dict[int, Stamp] = {}
-            if self.state.max_seq in seqs:
-                if self.state.at_max_seq is not None:
-                    found[self.state.max_seq] = self.state.at_max_seq
+            at_max = self.state.at_max_seq
+            if at_max is not None and self.state.max_seq in seqs:
+                found[self.state.max_seq] = at_max
                 seqs = [seq for seq in seqs if seq != self.state.max_seq]
             found.update((row.seq, Stamp(*row[1:])) for row in self._at_seqs(TIMES_AT_SEQS, seqs))
             return found

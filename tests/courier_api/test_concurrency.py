@@ -1,5 +1,6 @@
 """Requests that race each other, with real commits (on SQLite and on PostgreSQL)."""
 
+import datetime as dt
 import io
 import json
 import threading
@@ -14,11 +15,14 @@ from sqlalchemy.orm import Session
 
 from courier_api.api.shifts import routes as shift_routes
 from courier_api.extensions import db
-from models import Parcel, Station
+from models import Flag, Parcel, Station
+from sync import ingest as ingest_module
 from tests import factories
 from tests.conftest import Auth
 from tests.courier_api.test_web_pages import Pages
-from tests.threads import race
+from tests.threads import race, race_requests
+
+PUSH = "/api/v1/sync/push"
 
 
 def test_concurrent_intakes_of_the_same_parcels_both_succeed(committed_app: Flask) -> None:
@@ -239,3 +243,45 @@ def test_a_push_still_uploading_holds_up_no_other_push(committed_app: Flask) -> 
     assert slow_answer[0].status_code == 200, slow_answer[0].get_json()
     assert [r["status"] for r in slow_answer[0].get_json()["results"]] == ["applied"]
     assert [r["status"] for r in answer.get_json()["results"]] == ["applied"]
+
+
+def test_a_push_that_waited_for_its_pdas_previous_one_compares_with_its_last_scan(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule 6 across two pushes of one PDA, the second waiting for the first (a retry
+    over a slow link, say): the first stores seq 2 and dawdles before it commits. The
+    second, seq 3 stamped before seq 2, must be compared with seq 2 although it read
+    the device's lock row only after waiting (on PostgreSQL its statement's snapshot
+    is from before the wait, without seq 2: ``DeviceState.at_max_seq``)."""
+    receipt = ingest_module._BatchIngest._receipt
+
+    def slow_receipt(self: Any, tracker: Any) -> Any:
+        answer = receipt(self, tracker)
+        if tracker.max_seq == 2:
+            time.sleep(0.4)
+        return answer
+
+    with committed_app.app_context():
+        _, (tn,) = factories.station_with_pdas(db.session, "INV", {"inv": "PDA-INV"}, parcels=1)
+        db.session.commit()
+    courier = Auth(committed_app.test_client()).headers("inv", "PDA-INV")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    first = factories.push_body("PDA-INV", [factories.event(1, tn, occurred_at=at)])
+    assert committed_app.test_client().post(PUSH, json=first, headers=courier).status_code == 200
+    monkeypatch.setattr(ingest_module._BatchIngest, "_receipt", slow_receipt)
+    later = at + dt.timedelta(minutes=30)
+    second = factories.event(2, tn, "out_for_delivery", occurred_at=later)
+    earlier = later - dt.timedelta(minutes=5)
+    backdated = factories.event(3, tn, "out_for_delivery", occurred_at=earlier)
+    pushes = race_requests(
+        committed_app,
+        [
+            ("POST", PUSH, factories.push_body("PDA-INV", [second]), courier),
+            ("POST", PUSH, factories.push_body("PDA-INV", [backdated]), courier),
+        ],
+        delays=[0, 0.15],
+    )
+    assert [p.status_code for p in pushes] == [200, 200]
+    with committed_app.app_context():
+        flag = db.session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert flag.evidence["device_seqs"] == ["PDA-INV#2", "PDA-INV#3"]

@@ -637,7 +637,7 @@ def test_an_online_pdas_next_scan_is_compared_with_the_one_before_read_with_its_
 ) -> None:
     """The event at the device's highest seq comes with its sync state
     (``lock_device_state``): a scan pushed alone after it is judged without looking it
-    up, and one after a rejected seq still finds it, past the gap."""
+    up; one after a rejected seq looks it up and finds none, then the one past the gap."""
     tn = parcel.tracking_no
     pda.push([pda.event(1, tn, occurred_at=at(60))])
     if between:
@@ -654,7 +654,7 @@ def test_an_online_pdas_next_scan_is_compared_with_the_one_before_read_with_its_
     finally:
         event.remove(connection, "before_cursor_execute", capture)
     looked_up = [s for s in sent if s.startswith("SELECT scan_event.seq, scan_event.occurred_at")]
-    assert len(looked_up) == (1 if between else 0)  # past the gap: one search below it
+    assert len(looked_up) == (2 if between else 0)  # seq 2, then the search below it
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert inversion.evidence["device_seqs"] == ["PDA-0001#1", f"PDA-0001#{3 if between else 2}"]
 

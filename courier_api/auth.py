@@ -168,6 +168,9 @@ def checked_principal(claims: dict[str, Any]) -> Principal:
 
     The device's last-seen time as the check read it is kept for the request
     (``g.device_seen_at``): a push leaves the device row alone within a minute of it.
+    Where the check loads the user and device into the request's session, they are
+    held for the request (``g.signed_in``): the session's identity map only keeps
+    objects referenced elsewhere, and a view getting them then sends no statement.
     """
     from courier_api.extensions import db
 
@@ -178,7 +181,8 @@ def checked_principal(claims: dict[str, Any]) -> Principal:
     }
 
     def in_session(session: Session) -> tuple[Principal, dt.datetime | None]:
-        principal, _, device = principal_from_claims(claims, session)
+        principal, user, device = principal_from_claims(claims, session)
+        g.signed_in = (user, device)
         return principal, device.last_seen_at if device is not None else None
 
     def on_a_row(connection: Connection) -> tuple[Principal, dt.datetime | None]:

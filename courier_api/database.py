@@ -95,7 +95,7 @@ class Database:
         disabled or a device reported lost while the request waited for its turn
         stops it still, and its refusal stands for the request (a view catching it
         cannot commit). On PostgreSQL, and for a request that only reads, ``read``
-        loads its entities into the request's session, where a view finds them.
+        runs in the request's session.
         """
         state = self._state()
         if not has_own_readers(state.engine) or "db_session" in g or _request_only_reads():

@@ -134,10 +134,11 @@ def drop_consents(
     policy: Policy,
     loaded: Mapping[str, list[EventDetail]] | None = None,
 ) -> dict[int, DropConsent]:
-    """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in two to four
+    """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in one to four
     queries for up to 450 parcels however many drops (parcels whose events are
-    ``loaded`` already are not read again). The same test as a proof's ``authorizing_consent`` (``sync.proofs``):
-    covering the drop, granted before it, in force then."""
+    ``loaded`` already are not read again). The same test as a proof's
+    ``authorizing_consent`` (``sync.proofs``): covering the drop, granted before it, in
+    force then."""
     if not drops:
         return {}
     parcels = list({p.tracking_no: p for _, p in drops}.values())

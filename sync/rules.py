@@ -129,7 +129,7 @@ def _drops(
     flags: dict[str, dict[str, Any]],
 ) -> None:
     """Rule 4: an unattended drop of a class that needs consent needs consent before it."""
-    if parcel.service_class not in policy.consent_required:
+    if not consents_matter(parcel, counting, policy):
         return
     unauthorized, late = [], []
     considered: set[int] = set()  # consents for this method and point that did not do

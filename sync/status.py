@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import CompoundSelect, and_, exists, select, text, union_all
+from sqlalchemy import ColumnElement, CompoundSelect, and_, exists, select, text, union_all
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -97,18 +97,22 @@ PARCEL_COLUMNS = (
     Parcel.address,
 )
 _parcels = Parcel.__table__
+
+
+def _rule_flags_where(subject_key: ColumnElement[bool]) -> tuple[ColumnElement[bool], ...]:
+    """The rule flags of the parcels ``subject_key`` picks."""
+    return (Flag.subject_type == "parcel", Flag.kind.in_(RULE_KINDS), subject_key)
+
+
 # Whether the parcel has a rule flag at all, read with it: most have none, and then no
 # flag is loaded as an entity (which costs the ORM more than the query) and no
-# statement of its own asks (``apply_rule_flags``).
+# statement of its own asks (``apply_rule_flags``). On PostgreSQL it is read as of the
+# statement's start, before its row locks are granted: current all the same, since
+# rule flags are raised only here, after ``lock_parcels`` (an earlier statement) made
+# every other transaction on these parcels finish first.
 HAS_RULE_FLAGS = (
-    exists()
-    .where(
-        Flag.subject_type == "parcel",
-        Flag.kind.in_(RULE_KINDS),
-        Flag.subject_key == Parcel.tracking_no,
-    )
-    .label("has_rule_flags")
-)
+    exists().where(*_rule_flags_where(Flag.subject_key == Parcel.tracking_no))
+).label("has_rule_flags")
 # Built once (``sync.sql.Prebuilt`` says why): every push runs these.
 PARCELS_FOR_UPDATE = Prebuilt(
     lambda dialect: (
@@ -161,9 +165,7 @@ BLOBS_HELD = Prebuilt(
 
 RULE_FLAGS_OF_PARCELS = Prebuilt(  # of the parcels given as parameter ``numbers``
     lambda dialect: select(Flag).where(
-        Flag.subject_type == "parcel",
-        Flag.kind.in_(RULE_KINDS),
-        among_param(dialect, Flag.subject_key, "numbers"),
+        *_rule_flags_where(among_param(dialect, Flag.subject_key, "numbers"))
     )
 )
 PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes

@@ -1,0 +1,61 @@
+"""Which consents could apply to a parcel (``sync.consents.consents_for``): its own, and
+standing ones for its recipient's phone and address, at its station or at every one."""
+
+import datetime as dt
+
+from sqlalchemy.orm import Session
+
+from models import Consent, ConsentChannel, ConsentMethod, ConsentScope
+from sync.consents import address_key, consents_for
+from tests import factories
+
+GRANTED = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+
+
+def _consent(session: Session, **fields: object) -> int:
+    consent = Consent(
+        method=ConsentMethod.LOCKER,
+        channel=ConsentChannel.APP,
+        granted_at=GRANTED,
+        **fields,
+    )
+    session.add(consent)
+    session.flush()
+    return consent.id
+
+
+def _standing(session: Session, phone: str, address: str, station_id: int | None) -> int:
+    return _consent(
+        session,
+        scope=ConsentScope.STANDING,
+        recipient_phone=phone,
+        address=address,
+        address_key=address_key(address),
+        station_id=station_id,
+    )
+
+
+def test_a_parcel_gets_its_own_consents_and_its_recipients_standing_ones_only(
+    session: Session,
+) -> None:
+    here, there = factories.station(session), factories.station(session, code="ST2")
+    parcel = factories.parcel(session, here)  # +8613812345678, "1 Century Ave"
+    other = factories.parcel(session, here)
+    no_phone = factories.parcel(session, here, phone=None)
+    own = _consent(
+        session, scope=ConsentScope.PARCEL, tracking_no=parcel.tracking_no, station_id=here.id
+    )
+    _consent(session, scope=ConsentScope.PARCEL, tracking_no=other.tracking_no, station_id=here.id)
+    phone = parcel.recipient_phone
+    assert phone is not None
+    at_this_station = _standing(session, phone, "1, CENTURY  ave.", here.id)  # same address
+    everywhere = _standing(session, phone, "1 Century Ave", None)
+    _standing(session, phone, "1 Century Ave", there.id)  # another station's
+    _standing(session, phone, "2 Century Ave", here.id)  # another address
+    _standing(session, "+8613900000000", "1 Century Ave", here.id)  # another recipient
+    found = consents_for(session, [parcel, no_phone])
+    assert [fact.id for fact in found[parcel.tracking_no]] == sorted(
+        [own, at_this_station, everywhere]
+    )
+    assert found.get(no_phone.tracking_no, []) == []
+    assert other.tracking_no not in found

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import wraps
 from typing import Any
 
@@ -58,14 +58,9 @@ class Principal:
 
     @classmethod
     def of_subject(cls, subject: TokenSubject) -> Principal:
-        """The principal of a token checked on a plain row (``check_token_subject``)."""
-        return cls(
-            user_id=subject.user_id,
-            username=subject.username,
-            role=subject.role,
-            station_id=subject.station_id,
-            device_id=subject.device_id,
-        )
+        """The principal of a token checked on a plain row (``check_token_subject``):
+        its fields of the same names."""
+        return cls(**{field.name: getattr(subject, field.name) for field in fields(cls)})
 
     @property
     def is_cross_station(self) -> bool:

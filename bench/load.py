@@ -1,7 +1,8 @@
 """Load test of the real server: many PDAs at once, over HTTP, next to the framework's ceiling.
 
     .venv/bin/python bench/load.py [--pdas 20] [--duration 30] [--workers 2] [--threads 8]
-                                   [--readers 2] [--database-url URL] [--seed 1]
+                                   [--readers 2] [--scan-duration 15] [--trivial-duration 15]
+                                   [--rounds 3] [--database-url URL] [--seed 1]
 
 Starts ``courier-api serve`` (gunicorn, ``--workers`` processes of ``--threads``
 threads) on loopback, on a fresh SQLite file (default) or on ``--database-url``
@@ -20,10 +21,13 @@ balance) and as an auditor (proof searches). Every push must be answered 200 wit
 every event ``applied``. A progress line is printed every ``--progress`` seconds.
 
 Then the same PDAs push as online PDAs do, each scan as it happens (one event per
-push, the parcel's lifecycle in order), for ``--scan-duration`` seconds. Afterwards
-the same concurrency (``--pdas`` + ``--readers`` clients) calls ``GET /healthz`` for
+push, the parcel's lifecycle in order), for ``--scan-duration`` seconds; and the same
+concurrency (``--pdas`` + ``--readers`` clients) calls ``GET /healthz`` for
 ``--trivial-duration`` seconds: what the server answers when a request does no
-work, the ceiling of gunicorn + Flask here. The report gives, per kind of request,
+work, the ceiling of gunicorn + Flask here. The two alternate in ``--rounds`` rounds,
+each phase's time split evenly, so that both share the machine's drift in speed
+(seen here: ``/healthz`` from 465 to 980 requests/s between runs minutes apart); the
+ratio of each round is printed too. The report gives, per kind of request,
 the throughput and the latency percentiles, and the ratios:
 
 * scan-push throughput / trivial throughput, in requests per second (target >= 0.4):
@@ -117,6 +121,19 @@ class Tally:
     def requests(self) -> int:
         return sum(len(values) for values in self.latencies.values())
 
+    def rate(self, kind: str, seconds: float) -> float:
+        return len(self.latencies.get(kind, [])) / seconds if seconds > 0 else 0.0
+
+    def absorb(self, other: Tally) -> None:
+        """Add what ``other`` counted (another round of the same phase)."""
+        for kind, values in other.latencies.items():
+            self.latencies[kind].extend(values)
+        for kind, counts in other.statuses.items():
+            self.statuses[kind].update(counts)
+        self.events += other.events
+        self.failures.extend(other.failures)
+        self.notices.extend(other.notices)
+
 
 @dataclass(frozen=True)
 class CpuTimes:
@@ -127,6 +144,11 @@ class CpuTimes:
     server: float
     client: float
     database: float
+
+    def plus(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(
+            self.server + other.server, self.client + other.client, self.database + other.database
+        )
 
 
 @dataclass(frozen=True)
@@ -252,6 +274,9 @@ class PdaState:
     pda: Pda
     next_parcel: int = 0
     token: str | None = None
+    # Scans of the parcel in hand not pushed yet when a round of scans ended: the next
+    # round pushes them first, so that the PDA's seqs arrive without gaps.
+    unsent: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -441,16 +466,17 @@ async def online_pda(
     async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
         await sign_in(client, state)
         while time.perf_counter() < deadline:
-            if state.next_parcel >= len(state.parcels):
-                tally.notices.append(f"{state.device_id} ran out of parcels")
-                return
-            parcel = state.parcels[state.next_parcel]
-            state.next_parcel += 1
+            if not state.unsent:
+                if state.next_parcel >= len(state.parcels):
+                    tally.notices.append(f"{state.device_id} ran out of parcels")
+                    return
+                parcel = state.parcels[state.next_parcel]
+                state.next_parcel += 1
+                now = dt.datetime.now(PDA_CLOCK)
+                state.unsent = pda_events(state.pda, [parcel], EVENTS_PER_PARCEL, now, rng)
+            event = state.unsent.pop(0)
             sent_at = dt.datetime.now(PDA_CLOCK)
-            for event in pda_events(state.pda, [parcel], EVENTS_PER_PARCEL, sent_at, rng):
-                if time.perf_counter() >= deadline:
-                    return  # the rest of the parcel's lifecycle is never sent: fine here
-                await push(client, tally, "scan", state, push_body(state.pda, [event], sent_at))
+            await push(client, tally, "scan", state, push_body(state.pda, [event], sent_at))
 
 
 async def reader(
@@ -535,10 +561,12 @@ async def run_load(base: str, setup: Setup, args: argparse.Namespace) -> tuple[T
     return tally, time.perf_counter() - tally.started
 
 
-async def run_scans(base: str, setup: Setup, args: argparse.Namespace) -> tuple[Tally, float]:
+async def run_scans(
+    base: str, setup: Setup, args: argparse.Namespace, seconds: float, round_no: int
+) -> tuple[Tally, float]:
     tally = Tally()
-    deadline = time.perf_counter() + args.scan_duration
-    rng = random.Random(args.seed + 1)
+    deadline = time.perf_counter() + seconds
+    rng = random.Random(args.seed + 1 + round_no)
     tasks = [
         online_pda(base, state, tally, deadline, random.Random(rng.random()))
         for state in setup.pdas
@@ -548,9 +576,11 @@ async def run_scans(base: str, setup: Setup, args: argparse.Namespace) -> tuple[
     return tally, time.perf_counter() - tally.started
 
 
-async def run_trivial(base: str, clients: int, args: argparse.Namespace) -> tuple[Tally, float]:
+async def run_trivial(
+    base: str, clients: int, args: argparse.Namespace, seconds: float
+) -> tuple[Tally, float]:
     tally = Tally()
-    deadline = time.perf_counter() + args.trivial_duration
+    deadline = time.perf_counter() + seconds
     tasks = [trivial_client(base, tally, deadline) for _ in range(clients)]
     tasks.append(progress(tally, deadline, args.progress, "healthz"))
     await asyncio.gather(*tasks)
@@ -653,6 +683,13 @@ def main() -> int:
         "--scan-duration", type=float, default=15.0, help="seconds of one-scan pushes"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="the one-scan pushes and /healthz alternate in this many rounds, each phase's "
+        "time split evenly (the machine's speed drifts: both phases then share it)",
+    )
+    parser.add_argument(
         "--max-scan-rate",
         type=float,
         default=400.0,
@@ -670,6 +707,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory and log")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.trivial_duration is None:
         args.trivial_duration = min(args.duration, 15.0)
     workdir = Path(tempfile.mkdtemp(prefix="courier-load-"))
@@ -690,6 +729,7 @@ def main() -> int:
     server = Server(env, free_port(), workdir, workers=args.workers, threads=args.threads)
     base = f"http://127.0.0.1:{server.port}"
     ok = True
+    rounds: list[float] = []  # scan push / trivial throughput of each round
     try:
         server.start()
         api = Api(base)
@@ -701,13 +741,34 @@ def main() -> int:
         started = CpuSample.now(group)
         load, load_seconds = asyncio.run(run_load(base, setup, args))
         loaded = CpuSample.now(group)
-        scans, scan_seconds = asyncio.run(run_scans(base, setup, args))
-        scanned = CpuSample.now(group)
-        trivial, trivial_seconds = asyncio.run(run_trivial(base, args.pdas + args.readers, args))
+        scans, trivial = Tally(), Tally()
+        scan_seconds = trivial_seconds = 0.0
+        scan_cpu = trivial_cpu = CpuTimes(0.0, 0.0, 0.0)
+        at = loaded
+        for round_no in range(args.rounds):  # the two phases share the machine's drift
+            part, seconds = asyncio.run(
+                run_scans(base, setup, args, args.scan_duration / args.rounds, round_no)
+            )
+            scanned = CpuSample.now(group)
+            idle, idle_seconds = asyncio.run(
+                run_trivial(
+                    base, args.pdas + args.readers, args, args.trivial_duration / args.rounds
+                )
+            )
+            rounds.append(
+                part.rate("scan", seconds) / max(idle.rate("healthz", idle_seconds), 1e-9)
+            )
+            scans.absorb(part)
+            trivial.absorb(idle)
+            scan_seconds += seconds
+            trivial_seconds += idle_seconds
+            scan_cpu = scan_cpu.plus(scanned.since(at))
+            at = CpuSample.now(group)
+            trivial_cpu = trivial_cpu.plus(at.since(scanned))
         cpu = [
             ("mixed load", loaded.since(started), load.requests(), load_seconds),
-            ("scans", scanned.since(loaded), scans.requests(), scan_seconds),
-            ("healthz", CpuSample.now(group).since(scanned), trivial.requests(), trivial_seconds),
+            ("scans", scan_cpu, scans.requests(), scan_seconds),
+            ("healthz", trivial_cpu, trivial.requests(), trivial_seconds),
         ]
     except LoadFailure as failure:
         print(f"load test failed: {failure}", file=sys.stderr)
@@ -715,6 +776,7 @@ def main() -> int:
     finally:
         server.kill()
     ok = report(load, load_seconds, scans, scan_seconds, trivial, trivial_seconds) and ok
+    print(f"scan push / trivial, round by round: {', '.join(f'{r:.2f}' for r in rounds)}")
     report_cpu(cpu)
     problems = server.unexpected_log_lines()
     for failure in (load.failures + scans.failures + trivial.failures)[:10]:

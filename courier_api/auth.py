@@ -147,13 +147,17 @@ def principal_from_claims(
     (the request's by default)."""
     from courier_api.extensions import db
 
-    user, device = load_token_subject(
-        session=session or db.session,
-        user_id=int(claims["sub"]),
-        device_id=claims.get("device"),
-        credentials_version=claims["ver"],
-    )
+    user, device = load_token_subject(session=session or db.session, **_subject_of(claims))
     return Principal.of(user, device), user, device
+
+
+def _subject_of(claims: dict[str, Any]) -> dict[str, Any]:
+    """What a verified token names, as ``sync.accounts`` checks it."""
+    return {
+        "user_id": int(claims["sub"]),
+        "device_id": claims.get("device"),
+        "credentials_version": claims["ver"],
+    }
 
 
 def checked_principal(claims: dict[str, Any]) -> Principal:
@@ -169,19 +173,13 @@ def checked_principal(claims: dict[str, Any]) -> Principal:
     """
     from courier_api.extensions import db
 
-    subject = {
-        "user_id": int(claims["sub"]),
-        "device_id": claims.get("device"),
-        "credentials_version": claims["ver"],
-    }
-
     def in_session(session: Session) -> tuple[Principal, dt.datetime | None]:
         principal, user, device = principal_from_claims(claims, session)
         g.signed_in = (user, device)
         return principal, device.last_seen_at if device is not None else None
 
     def on_a_row(connection: Connection) -> tuple[Principal, dt.datetime | None]:
-        checked = check_token_subject(connection, **subject)
+        checked = check_token_subject(connection, **_subject_of(claims))
         return Principal.of_subject(checked), checked.device_seen_at
 
     principal, g.device_seen_at = db.read_apart(in_session, on_a_row)

@@ -813,26 +813,20 @@ class _BatchIngest:
         self.wrong_claims = filer.wrong_claims
 
     def _touch_device(self, connection: Connection) -> None:
-        """The device's last-seen time, when a minute old (``TOUCH_DEVICE``). What the
-        sign-in check read (``Pusher.device_seen_at``), or a copy of the device the
-        session holds, tells without a statement whether it is."""
+        """The device's last-seen time, when a minute old (``TOUCH_DEVICE``, conditional);
+        within a minute of what the sign-in check read (``Pusher.device_seen_at``),
+        without a statement."""
         seen_before = self.received_at - LAST_SEEN_RESOLUTION
         if self.pusher.device_seen_at is not None and self.pusher.device_seen_at > seen_before:
             return
-        device = self.session.identity_map.get(
-            self.session.identity_key(Device, self.pusher.device_id)
+        connection.execute(
+            TOUCH_DEVICE,
+            {
+                "device": self.pusher.device_id,
+                "seen_at": self.received_at,
+                "seen_before": seen_before,
+            },
         )
-        if device is None:
-            connection.execute(
-                TOUCH_DEVICE,
-                {
-                    "device": self.pusher.device_id,
-                    "seen_at": self.received_at,
-                    "seen_before": seen_before,
-                },
-            )
-        elif device.last_seen_at is None or device.last_seen_at <= seen_before:
-            device.last_seen_at = self.received_at
 
     def _quarantine(self) -> None:
         """Keep every rejected event; one re-sent is answered as it was the first time.

@@ -807,8 +807,8 @@ def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
     session: Session, world: World, parcel: Parcel, held: bool
 ) -> None:
     """A PDA pushing each scan does not rewrite its device row: the last-seen time moves
-    when a minute old, through the copy the session holds (PostgreSQL: the sign-in
-    check's) or, with none, a conditional update."""
+    when a minute old (a conditional update), whether the session holds a copy of the
+    device or not."""
     pda = Pda(session, world)
     session.expunge_all()
     device = session.get(Device, world.device.id) if held else None  # held while referenced

@@ -16,6 +16,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from models import Device, DeviceStatus, Role, User, utcnow
 from sync.errors import AuthenticationFailed, InvalidInput, PermissionDenied
+from sync.sql import Prebuilt
 
 # Built once (``sync.sql.Prebuilt`` says why): every request a PDA makes runs it.
 USER_AND_DEVICE = (
@@ -25,21 +26,23 @@ USER_AND_DEVICE = (
 )
 _users, _devices = User.__table__, Device.__table__
 # ``USER_AND_DEVICE`` as plain rows (``check_token_subject``).
-SUBJECT_ROWS = (
-    select(
-        _users.c.username,
-        _users.c.active,
-        _users.c.credentials_version,
-        _users.c.role,
-        _users.c.station_id,
-        _devices.c.id.label("device_id"),
-        _devices.c.station_id.label("device_station_id"),
-        _devices.c.status.label("device_status"),
-        _devices.c.last_seen_at.label("device_seen_at"),
+SUBJECT_ROWS = Prebuilt(
+    lambda _dialect: (
+        select(
+            _users.c.username,
+            _users.c.active,
+            _users.c.credentials_version,
+            _users.c.role,
+            _users.c.station_id,
+            _devices.c.id.label("device_id"),
+            _devices.c.station_id.label("device_station_id"),
+            _devices.c.status.label("device_status"),
+            _devices.c.last_seen_at.label("device_seen_at"),
+        )
+        .select_from(_users)
+        .outerjoin(_devices, _devices.c.id == bindparam("device_id"))
+        .where(_users.c.id == bindparam("user_id"))
     )
-    .select_from(_users)
-    .outerjoin(_devices, _devices.c.id == bindparam("device_id"))
-    .where(_users.c.id == bindparam("user_id"))
 )
 PASSWORD_MIN_LENGTH = 8
 DEFAULT_PASSWORD_HASH_METHOD = "scrypt"
@@ -177,8 +180,8 @@ def check_token_subject(
     writing transaction, then again as that transaction's first statement
     (``courier_api.database.Database.read_apart``), so that an account disabled or a
     device reported lost meanwhile stops it still."""
-    row = connection.execute(
-        SUBJECT_ROWS, {"user_id": user_id, "device_id": device_id or ""}
+    row = SUBJECT_ROWS.run(
+        connection, {"user_id": user_id, "device_id": device_id or ""}
     ).one_or_none()
     if row is None:
         _check_subject(None, None, credentials_version)

@@ -34,7 +34,7 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.rules import ConsentFact
-from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks, plain_rows
+from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
 
 _NOT_WORD = re.compile(r"[\W_]+")
@@ -268,7 +268,7 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
             "numbers": sorted(numbers),
             "phones": sorted({phone for phone, _ in by_recipient}),
         }
-        for consent in plain_rows(session, CONSENTS_OF_PARCELS(session), wanted):
+        for consent in CONSENTS_OF_PARCELS.execute(session, wanted):
             if consent.scope != ConsentScope.STANDING:
                 if consent.tracking_no in numbers:
                     found[consent.tracking_no].append(_fact(consent))

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from models import DeviceSyncState, ScanEvent
 from sync.inversions import Stamp
-from sync.sql import Prebuilt, insert_ignoring_conflict, plain_rows
+from sync.sql import Prebuilt, insert_ignoring_conflict
 
 _states = DeviceSyncState.__table__
 _events = ScanEvent.__table__
@@ -25,22 +25,26 @@ _events = ScanEvent.__table__
 # PDA's next scan, which the time-inversion rule compares it with. (On PostgreSQL a
 # push that waited for this lock gets the state row as now but the event from before
 # its wait: ``DeviceState.at_max_seq`` holds only an event whose seq is max_seq.)
-LOCK_DEVICE_STATE = (
-    select(
-        _states.c.max_seq,
-        _states.c.missing_ranges,
-        _events.c.seq,
-        _events.c.occurred_at_device,
-        _events.c.tracking_no,
-    )
-    .select_from(
-        _states.outerjoin(
-            _events,
-            and_(_events.c.device_id == _states.c.device_id, _events.c.seq == _states.c.max_seq),
+LOCK_DEVICE_STATE = Prebuilt(
+    lambda _dialect: (
+        select(
+            _states.c.max_seq,
+            _states.c.missing_ranges,
+            _events.c.seq,
+            _events.c.occurred_at_device,
+            _events.c.tracking_no,
         )
+        .select_from(
+            _states.outerjoin(
+                _events,
+                and_(
+                    _events.c.device_id == _states.c.device_id, _events.c.seq == _states.c.max_seq
+                ),
+            )
+        )
+        .where(_states.c.device_id == bindparam("device_id"))
+        .with_for_update(of=_states)
     )
-    .where(_states.c.device_id == bindparam("device_id"))
-    .with_for_update(of=_states)
 )
 NEW_DEVICE_STATE = Prebuilt(
     lambda dialect: insert_ignoring_conflict(dialect, _states, on=["device_id"]).values(
@@ -66,10 +70,10 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
     Not the ``device`` row: sign-in and device management update that one, and must
     not wait for a push of 5,000 events.
     """
-    row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one_or_none()
+    row = LOCK_DEVICE_STATE.execute(session, {"device_id": device_id}).one_or_none()
     if row is None:
         session.execute(NEW_DEVICE_STATE(session), {"device_id": device_id})
-        row = plain_rows(session, LOCK_DEVICE_STATE, {"device_id": device_id}).one()
+        row = LOCK_DEVICE_STATE.execute(session, {"device_id": device_id}).one()
     read = row.seq is not None and row.seq == row.max_seq
     return DeviceState(
         row.max_seq or 0,

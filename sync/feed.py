@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from models import FeedChange, FeedKind, Parcel, ParcelStatus
 from sync.errors import CursorReset, InvalidCursor
-from sync.sql import Prebuilt, flushed_connection
+from sync.sql import Prebuilt
 
 _CURSOR = re.compile(r"(s\.)?([0-9]{1,19})\.([0-9]{1,19})(?:\.([0-9]{1,19}))?")
 _INT64_MAX = 2**63 - 1
@@ -122,7 +122,7 @@ def record(session: Session, entries: Iterable[FeedEntry]) -> None:
     ]
     if not rows:
         return
-    flushed_connection(session).execute(INSERT_CHANGES(session), rows)
+    INSERT_CHANGES.execute_rows(session, rows)
 
 
 def read_page(

@@ -108,38 +108,42 @@ DROP_TOPICS = {
 LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
 # A Core insert: events are written in bulk, never loaded back as ORM objects here.
 INSERT_EVENTS = insert(ScanEvent.__table__)
-INSERT_ONE_EVENT = INSERT_EVENTS.returning(ScanEvent.__table__.c.id)
-INSERT_PROOF_IMAGES = insert(ProofImage.__table__)
+INSERT_ONE_EVENT = Prebuilt(lambda _dialect: INSERT_EVENTS.returning(ScanEvent.__table__.c.id))
+INSERT_PROOF_IMAGES = Prebuilt(lambda _dialect: insert(ProofImage.__table__))
 _events = ScanEvent.__table__
 _states = DeviceSyncState.__table__
 _batches = SyncBatch.__table__
 # Statements built once (``sync.sql.Prebuilt`` says why): every push runs them.
-STORE_DEVICE_STATE = updating(
-    _states,
-    by="device_id",
-    param="state_of",
-    columns=(
-        "max_seq",
-        "missing_ranges",
-        "acked_through_seq",
-        "clock_offset_ms",
-        "clock_measured_at",
-        "last_push_at",
-    ),
+STORE_DEVICE_STATE = Prebuilt(
+    lambda _dialect: updating(
+        _states,
+        by="device_id",
+        param="state_of",
+        columns=(
+            "max_seq",
+            "missing_ranges",
+            "acked_through_seq",
+            "clock_offset_ms",
+            "clock_measured_at",
+            "last_push_at",
+        ),
+    )
 )
 # The device's last-seen time is only shown (the stale-device sweep reads the sync
 # state's ``last_push_at``, kept exact): rewritten when older than the resolution,
 # not by every push of a PDA pushing each scan as it happens.
-TOUCH_DEVICE = (
-    update(Device.__table__)
-    .where(
-        Device.__table__.c.id == bindparam("device"),
-        or_(
-            Device.__table__.c.last_seen_at.is_(None),
-            Device.__table__.c.last_seen_at <= bindparam("seen_before"),
-        ),
+TOUCH_DEVICE = Prebuilt(
+    lambda _dialect: (
+        update(Device.__table__)
+        .where(
+            Device.__table__.c.id == bindparam("device"),
+            or_(
+                Device.__table__.c.last_seen_at.is_(None),
+                Device.__table__.c.last_seen_at <= bindparam("seen_before"),
+            ),
+        )
+        .values(last_seen_at=bindparam("seen_at"))
     )
-    .values(last_seen_at=bindparam("seen_at"))
 )
 _quarantined = QuarantinedEvent.__table__
 INSERT_QUARANTINED = insert(_quarantined)
@@ -160,10 +164,12 @@ NEW_BATCH = Prebuilt(
         dialect, _batches, on=["device_id", "batch_id"]
     ).returning(_batches.c.id)
 )
-STORE_RECEIPT = (
-    update(_batches)
-    .where(_batches.c.id == bindparam("batch_pk"))
-    .values(receipt=bindparam("receipt"))
+STORE_RECEIPT = Prebuilt(
+    lambda _dialect: (
+        update(_batches)
+        .where(_batches.c.id == bindparam("batch_pk"))
+        .values(receipt=bindparam("receipt"))
+    )
 )
 
 
@@ -363,8 +369,8 @@ def _new_batch(
 ) -> int | None:
     """Record the batch and return its row id; ``None`` when this device sent a batch
     with this id before (a replay: the device's lock is held, so it is committed)."""
-    batch_pk: int | None = flushed_connection(session).scalar(
-        NEW_BATCH(session),
+    batch_pk: int | None = NEW_BATCH.execute(
+        session,
         {
             "device_id": pusher.device_id,
             "batch_id": batch.batch_id,
@@ -377,7 +383,7 @@ def _new_batch(
             "request_hash": digest,
             "receipt": {},
         },
-    )
+    ).scalar()
     return batch_pk
 
 
@@ -448,9 +454,7 @@ class _BatchIngest:
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
-        flushed_connection(self.session).execute(
-            STORE_RECEIPT, {"batch_pk": self.batch_pk, "receipt": receipt}
-        )
+        STORE_RECEIPT.execute(self.session, {"batch_pk": self.batch_pk, "receipt": receipt})
         return receipt
 
     # -- classification ---------------------------------------------------------------------
@@ -550,11 +554,9 @@ class _BatchIngest:
         try:
             if len(rows) == 1:  # a scan pushed as it happens: its id comes back at once
                 with self._undone_if_refused():
-                    self.ids_by_seq[rows[0]["seq"]] = (
-                        flushed_connection(self.session)
-                        .execute(INSERT_ONE_EVENT, rows[0])
-                        .scalar_one()
-                    )
+                    self.ids_by_seq[rows[0]["seq"]] = INSERT_ONE_EVENT.execute(
+                        self.session, rows[0]
+                    ).scalar_one()
             else:  # executemany, which is faster without RETURNING (measured)
                 with self.session.begin_nested():
                     flushed_connection(self.session).execute(INSERT_EVENTS, rows)
@@ -639,8 +641,9 @@ class _BatchIngest:
 
     def _at_seqs(self, columns: Prebuilt[Select[Any]], seqs: Sequence[int]) -> Iterator[Any]:
         """This device's stored events at ``seqs``: rows of ``columns`` (``_columns_at_seqs``)."""
-        query = columns(self.session)
-        return rows_among(self.session, query, "seqs", seqs, {"device_id": self.pusher.device_id})
+        return rows_among(
+            self.session, columns, "seqs", seqs, {"device_id": self.pusher.device_id}
+        )
 
     def _event_ids(self, events: Sequence[ValidEvent]) -> dict[uuid.UUID, int]:
         """Row ids of these events, stored by this push."""
@@ -653,8 +656,8 @@ class _BatchIngest:
         if not with_images:
             return
         ids = self._event_ids(with_images)
-        self.session.execute(
-            INSERT_PROOF_IMAGES,
+        INSERT_PROOF_IMAGES.execute_rows(
+            self.session,
             [
                 {
                     "event_id": ids[e.client_event_id],
@@ -819,8 +822,8 @@ class _BatchIngest:
         seen_before = self.received_at - LAST_SEEN_RESOLUTION
         if self.pusher.device_seen_at is not None and self.pusher.device_seen_at > seen_before:
             return
-        connection.execute(
-            TOUCH_DEVICE,
+        TOUCH_DEVICE.run(
+            connection,
             {
                 "device": self.pusher.device_id,
                 "seen_at": self.received_at,
@@ -902,8 +905,8 @@ class _BatchIngest:
         held = self.session.identity_map.get(key)
         self.session.flush()  # whatever the session's autoflush says
         connection = self.session.connection()
-        connection.execute(
-            STORE_DEVICE_STATE,
+        STORE_DEVICE_STATE.run(
+            connection,
             {
                 "state_of": self.pusher.device_id,
                 "new_max_seq": tracker.max_seq,

@@ -49,7 +49,7 @@ from sync import audit, outbox
 from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
-from sync.sql import Prebuilt, among_param, chunks, plain_rows, rows_among
+from sync.sql import Prebuilt, among_param, chunks, rows_among
 
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
@@ -106,34 +106,36 @@ def _next_own_shift(column: str) -> ColumnElement[Any]:
 # shifts made a one-scan push cost 1.5 times as much on SQLite (``bench/scaling.py
 # shifts``). A shift closed without its last seq comes with where the courier's next
 # shift on the PDA starts (``_Window.holds_by_seq``): one index probe, for it alone.
-SHIFT_WINDOWS = (
-    select(
-        _shifts.c.id,
-        _shifts.c.opened_at,
-        _shifts.c.closed_at,
-        _shifts.c.first_seq,
-        _shifts.c.last_seq,
-        _next_own_shift("opened_at"),
-        _next_own_shift("first_seq"),
-    )
-    .where(
-        _shifts.c.device_id == bindparam("device_id"),
-        _shifts.c.courier_id == bindparam("courier_id"),
-        or_(
-            and_(
-                _shifts.c.first_seq.is_not(None),
-                _shifts.c.first_seq <= bindparam("max_seq"),
-                or_(_shifts.c.last_seq.is_(None), _shifts.c.last_seq >= bindparam("min_seq")),
+SHIFT_WINDOWS = Prebuilt(
+    lambda _dialect: (
+        select(
+            _shifts.c.id,
+            _shifts.c.opened_at,
+            _shifts.c.closed_at,
+            _shifts.c.first_seq,
+            _shifts.c.last_seq,
+            _next_own_shift("opened_at"),
+            _next_own_shift("first_seq"),
+        )
+        .where(
+            _shifts.c.device_id == bindparam("device_id"),
+            _shifts.c.courier_id == bindparam("courier_id"),
+            or_(
+                and_(
+                    _shifts.c.first_seq.is_not(None),
+                    _shifts.c.first_seq <= bindparam("max_seq"),
+                    or_(_shifts.c.last_seq.is_(None), _shifts.c.last_seq >= bindparam("min_seq")),
+                ),
+                and_(
+                    _shifts.c.opened_at <= bindparam("until"),
+                    or_(_shifts.c.closed_at.is_(None), _shifts.c.closed_at >= bindparam("since")),
+                ),
+                _shifts.c.opened_at.between(bindparam("since"), bindparam("until")),
+                _shifts.c.closed_at.between(bindparam("since"), bindparam("until")),
             ),
-            and_(
-                _shifts.c.opened_at <= bindparam("until"),
-                or_(_shifts.c.closed_at.is_(None), _shifts.c.closed_at >= bindparam("since")),
-            ),
-            _shifts.c.opened_at.between(bindparam("since"), bindparam("until")),
-            _shifts.c.closed_at.between(bindparam("since"), bindparam("until")),
-        ),
+        )
+        .order_by(_shifts.c.opened_at, _shifts.c.id)
     )
-    .order_by(_shifts.c.opened_at, _shifts.c.id)
 )
 # Which of these shift ids are the courier's on the PDA: shifts the PDA named that are
 # not among the windows above (a claim far from the event's time and seqs).
@@ -741,13 +743,13 @@ class ShiftFiler:
             "since": min(times) - self.grace,
             "until": max(times) + self.grace,
         }
-        rows = plain_rows(session, SHIFT_WINDOWS, {**courier, **bounds})
+        rows = SHIFT_WINDOWS.execute(session, {**courier, **bounds})
         self.windows = [_Window(*row) for row in rows]
         self.own = {w.shift_id for w in self.windows}
         farther = sorted({e.claimed for e in events if e.claimed is not None} - self.own)
         if farther:
-            query = OWN_SHIFTS_AMONG(session)
-            self.own.update(row.id for row in rows_among(session, query, "ids", farther, courier))
+            own = rows_among(session, OWN_SHIFTS_AMONG, "ids", farther, courier)
+            self.own.update(row.id for row in own)
 
     def file(self, event: Filing) -> int | None:
         """The id of the shift ``event`` (one of those given at the start) is filed under."""
@@ -797,10 +799,9 @@ def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
     device's sync state, then the previous shift; closing and signing off take a
     shift first, then flags and the audit log.
     """
-    locking = SHIFT_STATUSES_FOR_UPDATE(session)
     not_open = [
         row.id
-        for row in rows_among(session, locking, "ids", sorted(set(ids)))
+        for row in rows_among(session, SHIFT_STATUSES_FOR_UPDATE, "ids", sorted(set(ids)))
         if row.status != ShiftStatus.OPEN
     ]
     return {

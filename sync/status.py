@@ -56,7 +56,6 @@ from sync.sql import (
     chunks,
     flushed_connection,
     not_among_param,
-    plain_rows,
     rows_among,
     updating,
 )
@@ -169,7 +168,9 @@ RULE_FLAGS_OF_PARCELS = Prebuilt(  # of the parcels given as parameter ``numbers
     )
 )
 PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes
-UPDATE_PROJECTED = updating(_parcels, by="id", param="parcel_id", columns=PROJECTED)
+UPDATE_PROJECTED = Prebuilt(
+    lambda _dialect: updating(_parcels, by="id", param="parcel_id", columns=PROJECTED)
+)
 
 
 @dataclass
@@ -229,8 +230,9 @@ def reproject(
     if not wanted:
         return outcome
     lock_parcels(session, wanted)
-    locking = PARCELS_FOR_UPDATE(session)
-    parcels = {row.tracking_no: row for row in rows_among(session, locking, "numbers", wanted)}
+    parcels = {
+        row.tracking_no: row for row in rows_among(session, PARCELS_FOR_UPDATE, "numbers", wanted)
+    }
     events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
     judged = _judge(session, parcels, events, policy)
@@ -279,7 +281,7 @@ def reproject(
             }
         )
     if updates:
-        flushed_connection(session).execute(UPDATE_PROJECTED, updates)
+        UPDATE_PROJECTED.execute_rows(session, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
     outcome.raised = apply_rule_flags(session, parcels, judged, holders)
@@ -305,9 +307,8 @@ def _judge(
         for event in parcel_events
         for digest in referenced_blobs(event.details)
     }
-    held = BLOBS_HELD(session)
     stored = frozenset(
-        row.sha256 for row in rows_among(session, held, "digests", sorted(referenced))
+        row.sha256 for row in rows_among(session, BLOBS_HELD, "digests", sorted(referenced))
     )
     return {
         tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored) for tn in parcels
@@ -401,8 +402,8 @@ def load_events(
     events: dict[str, list[EventDetail]] = {tn: list(stored.get(tn, ())) for tn in tracking_nos}
     for chunk in chunks(tracking_nos):
         given = [event.fact.event_id for tn in chunk for event in stored.get(tn, ())]
-        query = (EVENTS_OF_PARCELS_BUT if given else EVENTS_OF_PARCELS)(session)
-        for row in plain_rows(session, query, {"numbers": list(chunk), "given": given}):
+        query = EVENTS_OF_PARCELS_BUT if given else EVENTS_OF_PARCELS
+        for row in query.execute(session, {"numbers": list(chunk), "given": given}):
             events[row[0]].append(_detail(row))
     return events
 

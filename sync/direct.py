@@ -1,0 +1,277 @@
+"""Prebuilt statements run on the driver's cursor, without SQLAlchemy's work per execution.
+
+For each execution of a compiled statement SQLAlchemy builds an execution context,
+turns the parameters into the driver's form (expanding ``IN`` lists, converting each
+value), makes a result object and converts each row: about 80 microseconds for a
+one-row select on SQLite on the CI machine kind, against 10 for the driver alone
+(measured with the parcel select of ``sync.status``). A push of one scan runs a
+dozen such statements, most of them in SQLite's writers' turn, which every push
+waits for.
+
+So SQLAlchemy works all of that out once per statement and per shape (how long
+each ``IN`` list is), with its own public pieces: ``construct_expanded_state``
+for the SQL text and the order of its parameters, the types' bind and result
+processors for the conversions. Each execution then only fills the template in,
+runs it on the connection's cursor and converts the rows; what it returns is
+``Rows``, plain tuples with the columns' names as attributes.
+
+What SQLAlchemy still does for these statements: the transaction (``BEGIN`` and
+the writers' turn, savepoints, commit), ``before_cursor_execute`` and
+``after_cursor_execute`` listeners (called here when there are any: the tests and
+benchmarks count statements with them), and the errors: a driver error is raised
+as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), with the
+parameters hidden as the engine hides them, and a lost connection is invalidated.
+
+Some statements still run through SQLAlchemy (``DirectStatement.template`` gives
+none): one with escaped parameter names or a default computed otherwise than by
+a Python function or value, and one given an ``IN`` list longer than
+``LONGEST_LIST``. So does an ``executemany`` (``sync.sql.Prebuilt.execute_rows``):
+SQLAlchemy's batching of many rows is faster than anything done here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Dialect
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+from sqlalchemy.sql.compiler import SQLCompiler
+
+Processor = Callable[[Any], Any] | None
+# The longest IN list run directly. A template per length would hold hundreds of
+# statements' text for a bulk push's lists of up to 900 keys, for little: a statement
+# that reads hundreds of rows spends its time on them, not in SQLAlchemy.
+LONGEST_LIST = 32
+
+
+class Rows(list[Any]):
+    """The rows of a direct execution, with the part of ``CursorResult``'s interface
+    the services use on a fetched result."""
+
+    def all(self) -> list[Any]:
+        return list(self)
+
+    def first(self) -> Any:
+        return self[0] if self else None
+
+    def one(self) -> Any:
+        if not self:
+            raise NoResultFound("No row was found when one was required")
+        return self.one_or_none()
+
+    def one_or_none(self) -> Any:
+        if len(self) > 1:
+            raise MultipleResultsFound("Multiple rows were found when one or none was required")
+        return self[0] if self else None
+
+    def scalar(self) -> Any:
+        return self[0][0] if self else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalars(self) -> list[Any]:
+        return [row[0] for row in self]
+
+
+class _Template:
+    """The statement for one shape of parameters: its SQL, how to make each of its
+    driver parameters from the caller's, and (after its first rows) their type."""
+
+    def __init__(self, sql: str, slots: list[_Slot], names: list[str] | None) -> None:
+        self.sql = sql
+        self.slots = slots
+        self.names = names  # a dialect with named parameters (psycopg): their names
+        self.row_type: Any = None
+        self.result_processors: list[Processor] = []
+
+    def parameters(self, params: Mapping[str, Any]) -> Any:
+        values = []
+        for kind, source, index, processor in self.slots:
+            if kind is _CONSTANT:
+                values.append(source)
+                continue
+            if kind is _PARAM:
+                value = params[source]
+            elif kind is _ITEM:
+                value = params[source][index]
+            else:  # a column's Python-side default (SQLAlchemy calls it with its context)
+                value = source.arg(None) if source.is_callable else source.arg
+            values.append(value if processor is None else processor(value))
+        if self.names is None:
+            return tuple(values)
+        return dict(zip(self.names, values, strict=True))
+
+
+# Where a driver parameter comes from: the caller's value of that name, an item of one
+# of the caller's lists (an expanded IN), a column's default (a column of an INSERT
+# not given, as SQLAlchemy fills it in), or a value fixed in the statement (converted
+# once); then the name, default or value, the item's index, and the conversion.
+_PARAM, _ITEM, _DEFAULT, _CONSTANT = "param", "item", "default", "constant"
+_Slot = tuple[str, Any, int, Processor]
+
+
+def ready(connection: Connection) -> bool:
+    """Whether ``connection`` may take a statement run directly: it is in a transaction
+    that can take one, begun here as SQLAlchemy begins one on first use. Not: one that
+    failed and awaits its rollback, on which SQLAlchemy refuses to run anything (so it
+    runs the statement and raises what it raises)."""
+    transaction = connection.get_transaction()
+    if transaction is None:
+        connection.begin()
+        return True
+    nested = connection.get_nested_transaction()
+    return transaction.is_active and (nested is None or nested.is_active)
+
+
+class DirectStatement:
+    """One statement for one dialect, with a template per shape of its parameters: which
+    names are given (an ``INSERT`` or ``UPDATE`` sets those columns, as SQLAlchemy
+    compiles it for them) and how long each ``IN`` list is."""
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        self.statement = statement
+        self.dialect = dialect
+        columns = getattr(statement, "selected_columns", None)
+        if columns is None:
+            columns = statement.exported_columns  # INSERT/UPDATE ... RETURNING
+        self.columns = list(columns)
+        # The IN lists given as parameters (``sync.sql.among_param`` on SQLite): each
+        # length of each has a template of its own.
+        self.expanding = [
+            bind.key
+            for bind in statement.compile(dialect=dialect).binds.values()
+            if bind.expanding
+        ]
+        self._templates: dict[tuple[Any, ...], _Template | None] = {}
+        self._lock = threading.Lock()
+
+    def template(self, params: Mapping[str, Any]) -> _Template | None:
+        """The template for the shape of ``params``; None when SQLAlchemy must run it."""
+        lengths = tuple(len(params[name]) for name in self.expanding if name in params)
+        if lengths and max(lengths) > LONGEST_LIST:
+            return None
+        shape = (*params, *lengths)
+        try:
+            return self._templates[shape]
+        except KeyError:
+            with self._lock:
+                template = self._templates[shape] = self._template(params)
+            return template
+
+    def run(self, connection: Connection, template: _Template, params: Mapping[str, Any]) -> Rows:
+        """Run the template on ``connection``, which ``ready`` said may take it."""
+        parameters = template.parameters(params)
+        cursor = connection.connection.cursor()
+        dispatch = connection.dispatch
+        sql = template.sql
+        try:
+            if dispatch.before_cursor_execute:
+                dispatch.before_cursor_execute(connection, cursor, sql, parameters, None, False)
+            cursor.execute(sql, parameters)
+            if dispatch.after_cursor_execute:
+                dispatch.after_cursor_execute(connection, cursor, sql, parameters, None, False)
+            # An INSERT of one row returns its key on PostgreSQL unasked (SQLAlchemy's
+            # "implicit returning", for ``inserted_primary_key``): not wanted here.
+            asked = cursor.description is not None and self.columns
+            fetched = cursor.fetchall() if asked else []
+            if fetched and template.row_type is None:
+                self._learn_rows(template, cursor.description)
+        except self.dialect.loaded_dbapi.Error as error:
+            raise self._translated(connection, error, sql, parameters, cursor) from error
+        finally:
+            cursor.close()
+        if not fetched:
+            return Rows()
+        return Rows(_converted(fetched, template.row_type, template.result_processors))
+
+    def _template(self, params: Mapping[str, Any]) -> _Template | None:
+        """Ask SQLAlchemy for the SQL and parameters of this shape, and note where each
+        driver parameter comes from."""
+        compiled = self.statement.compile(dialect=self.dialect, column_keys=list(params))
+        assert isinstance(compiled, SQLCompiler)
+        defaults = {
+            column.key: column.default
+            for column in (*compiled.insert_prefetch, *compiled.update_prefetch)
+        }
+        if (
+            compiled.escaped_bind_names
+            or compiled.schema_translate_map
+            or not all(d.is_scalar or d.is_callable for d in defaults.values())
+        ):
+            return None
+        state = compiled.construct_expanded_state({**{name: None for name in defaults}, **params})
+        processors: dict[str, Processor] = {
+            name: bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)
+            for name, bind in compiled.binds.items()
+        }
+        processors.update(state.processors)
+        expanded_from = {
+            expanded: (name, index)
+            for name, names in state.parameter_expansion.items()
+            for index, expanded in enumerate(names)
+        }
+        positional = state.positiontup is not None
+        names = list(state.positiontup or ()) if positional else list(state.parameters)
+        slots: list[_Slot] = []
+        for name in names:
+            processor = processors.get(name)
+            source = expanded_from.get(name)
+            if source is not None and source[0] in params:
+                slots.append((_ITEM, source[0], source[1], processor))
+            elif name in params:
+                slots.append((_PARAM, name, 0, processor))
+            elif name in defaults:
+                slots.append((_DEFAULT, defaults[name], 0, processor))
+            else:
+                value = state.parameters[name]
+                fixed = value if processor is None else processor(value)
+                slots.append((_CONSTANT, fixed, 0, None))
+        return _Template(state.statement, slots, None if positional else names)
+
+    def _learn_rows(self, template: _Template, description: Sequence[Any]) -> None:
+        if len(description) != len(self.columns):  # pragma: no cover - a statement's bug
+            raise RuntimeError(f"{len(description)} columns came back, {len(self.columns)} asked")
+        template.result_processors = [
+            column.type.dialect_impl(self.dialect).result_processor(self.dialect, described[1])
+            for column, described in zip(self.columns, description, strict=True)
+        ]
+        # The names the statement gave its columns, as SQLAlchemy's rows have them.
+        names = [described[0] for described in description]
+        template.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+
+    def _translated(
+        self, connection: Connection, error: Exception, sql: str, parameters: Any, cursor: Any
+    ) -> DBAPIError:
+        """The driver's error as SQLAlchemy raises it; a lost connection is invalidated."""
+        lost = self.dialect.is_disconnect(error, connection.connection, cursor)  # type: ignore[arg-type]
+        if lost:
+            connection.invalidate(error)
+        return DBAPIError.instance(
+            sql,
+            parameters,
+            error,
+            self.dialect.loaded_dbapi.Error,
+            hide_parameters=connection.engine.hide_parameters,
+            connection_invalidated=lost,
+            dialect=self.dialect,
+        )
+
+
+def _converted(
+    fetched: Iterable[Sequence[Any]], row_type: Any, processors: list[Processor]
+) -> list[Any]:
+    if not any(processors):
+        return [row_type._make(row) for row in fetched]
+    return [
+        row_type._make(
+            [
+                value if processor is None else processor(value)
+                for value, processor in zip(row, processors, strict=True)
+            ]
+        )
+        for row in fetched
+    ]

@@ -1,0 +1,199 @@
+"""Prebuilt statements run on the driver's cursor (``sync.direct``) do what SQLAlchemy
+would have done: the same rows, of the same types and names; the same values written,
+defaults included; the same errors; listeners told."""
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import CompoundSelect, Connection, Engine, Select, event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import FeedChange, FeedKind, Parcel
+from sync import direct as direct_module
+from sync.accounts import SUBJECT_ROWS, check_token_subject
+from sync.consents import CONSENTS_OF_PARCELS
+from sync.device_state import LOCK_DEVICE_STATE
+from sync.feed import INSERT_CHANGES
+from sync.ingest import INSERT_ONE_EVENT, Pusher
+from sync.shifts import SHIFT_WINDOWS, ShiftRules, open_shift
+from sync.status import BLOBS_HELD, EVENTS_OF_PARCELS_BUT, PARCELS_FOR_UPDATE
+from tests import factories
+from tests.conftest import World
+from tests.sync.test_ingest import Pda, at, consent_in_person, locker_drop
+
+SIGNATURE = "5" * 64
+
+
+@pytest.fixture
+def shadowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Every select run directly is run again through SQLAlchemy, and must give the same
+    rows: values, their types, the columns' names. Yields the statements compared."""
+    compared: list[Any] = []
+    run = direct_module.DirectStatement.run
+
+    def run_and_compare(
+        self: direct_module.DirectStatement,
+        connection: Connection,
+        template: Any,
+        params: Any,
+    ) -> direct_module.Rows:
+        rows = run(self, connection, template, params)
+        if isinstance(self.statement, Select | CompoundSelect):
+            expected = connection.execute(self.statement, params).all()
+            assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
+            assert [list(map(type, row)) for row in rows] == [
+                list(map(type, row)) for row in expected
+            ]
+            if rows:
+                assert rows[0]._fields == tuple(expected[0]._fields)
+            compared.append((self.statement, len(rows)))
+        return rows
+
+    monkeypatch.setattr(direct_module.DirectStatement, "run", run_and_compare)
+    yield compared
+
+
+def test_the_selects_of_pushes_give_what_sqlalchemy_gives(
+    session: Session, world: World, shadowed: list[Any]
+) -> None:
+    """A day's scans pushed one at a time, as an online PDA does: a delivery with a
+    signature, a locker drop with its consent, in an open shift."""
+    open_shift(
+        session=session,
+        device=world.device,
+        courier_id=world.courier.id,
+        rules=ShiftRules(),
+        now=at(0),
+        first_seq=1,
+    )
+    factories.stored_image(session, SIGNATURE)
+    delivered, dropped = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    pda = Pda(session, world)
+    tn, other = delivered.tracking_no, dropped.tracking_no
+    scans = [
+        pda.event(1, tn),
+        pda.event(2, tn, "out_for_delivery"),
+        pda.event(3, tn, "delivered", pod={"recipient_name": "Li", "signature_sha256": SIGNATURE}),
+        pda.event(4, other),
+        consent_in_person(pda, 5, other, at(5)),
+        locker_drop(pda, 6, other, at(6)),
+    ]
+    for scan in scans:
+        receipt = pda.push([scan])
+        assert [r["status"] for r in receipt["results"]] == ["applied"]
+    assert session.get(Parcel, delivered.id).status == "delivered"
+
+    def rows_seen(statement: Any) -> int:
+        return sum(count for compared, count in shadowed if compared is statement(session))
+
+    # Each ran and gave rows: these for every push (the device's state also when the
+    # shift opened), the blobs once, for the delivery.
+    for statement in (LOCK_DEVICE_STATE, SHIFT_WINDOWS, PARCELS_FOR_UPDATE):
+        assert rows_seen(statement) >= len(scans), statement
+    assert rows_seen(EVENTS_OF_PARCELS_BUT) == (0 + 1 + 2) * 2  # those before, for each scan
+    assert rows_seen(BLOBS_HELD) == 1
+    assert rows_seen(CONSENTS_OF_PARCELS) >= 1
+
+
+def test_a_connection_outside_a_transaction_begins_one_as_sqlalchemy_does(
+    engine: Engine,
+) -> None:
+    with engine.connect() as connection:
+        assert not connection.in_transaction()
+        assert LOCK_DEVICE_STATE.run(connection, {"device_id": "PDA-NONE"}) == []
+        assert connection.in_transaction()
+
+
+def test_the_sign_in_check_reads_what_sqlalchemy_reads(session: Session, world: World) -> None:
+    connection = session.connection()
+    subject = check_token_subject(
+        connection,
+        user_id=world.courier.id,
+        device_id=world.device.id,
+        credentials_version=world.courier.credentials_version,
+    )
+    assert (subject.username, subject.device_id) == ("courier1", world.device.id)
+    params = {"user_id": world.courier.id, "device_id": world.device.id}
+    direct = SUBJECT_ROWS.run(connection, params)
+    expected = connection.execute(SUBJECT_ROWS(session), params).all()
+    assert direct == [tuple(row) for row in expected]
+    assert direct[0]._fields == expected[0]._fields
+
+
+def test_an_insert_fills_in_the_defaults_sqlalchemy_would(session: Session, world: World) -> None:
+    """``feed_change.created_at`` has a Python-side default, ``txid`` one per database."""
+    row = {
+        "station_id": world.station.id,
+        "courier_id": world.courier.id,
+        "kind": FeedKind.PARCEL,
+        "tracking_no": "RR000000001CN",
+    }
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    INSERT_CHANGES.execute(session, row)  # directly
+    session.connection().execute(INSERT_CHANGES(session), [row, row])  # by SQLAlchemy
+    written = session.scalars(select(FeedChange).order_by(FeedChange.id)).all()
+    assert len(written) == 3
+    direct, *by_sqlalchemy = written
+    for change in by_sqlalchemy:
+        assert (change.txid, change.kind, change.tracking_no) == (
+            direct.txid,
+            direct.kind,
+            direct.tracking_no,
+        )
+        assert before <= direct.created_at <= change.created_at
+
+
+def test_a_refused_insert_raises_sqlalchemys_error_without_its_parameters(
+    session: Session, world: World
+) -> None:
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    pda = Pda(session, world)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    pda.push([pda.event(1, tracking_no)])  # stored at seq 1
+    stored = session.connection().execute(select(INSERT_ONE_EVENT(session).table)).mappings().one()
+    again = {
+        **{k: v for k, v in stored.items() if k != "id"},
+        "client_event_id": uuid.uuid4(),
+    }
+    with pytest.raises(IntegrityError) as raised, session.begin_nested():
+        INSERT_ONE_EVENT.execute(session, again)  # the same device and seq
+    assert tracking_no not in str(raised.value)
+    assert "hidden" in str(raised.value)
+    assert pusher.device_id == stored["device_id"]
+
+
+def test_listeners_hear_of_each_statement_run_directly(session: Session, world: World) -> None:
+    heard: list[tuple[str, Any]] = []
+
+    def listen(*args: Any) -> None:
+        heard.append((args[2], args[3]))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", listen)
+    try:
+        LOCK_DEVICE_STATE.execute(session, {"device_id": world.device.id})
+    finally:
+        event.remove(connection, "before_cursor_execute", listen)
+    [(statement, parameters)] = heard
+    assert statement.startswith("SELECT device_sync_state.max_seq")
+    assert world.device.id in (parameters.values() if isinstance(parameters, dict) else parameters)
+
+
+def test_a_long_in_list_runs_through_sqlalchemy(
+    session: Session, world: World, shadowed: list[Any]
+) -> None:
+    """Lists up to ``LONGEST_LIST`` keys have a template per length; longer ones are left
+    to SQLAlchemy, so that a bulk push's lists of any length do not pile up templates."""
+    numbers = sorted(
+        factories.parcel(session, world.station).tracking_no
+        for _ in range(direct_module.LONGEST_LIST + 1)
+    )
+    for wanted in (numbers[:1], numbers[:-1], numbers):
+        rows = PARCELS_FOR_UPDATE.execute(session, {"numbers": wanted})
+        assert [row.tracking_no for row in rows] == wanted
+    assert [count for _, count in shadowed] == [1, len(numbers) - 1]  # the last not direct

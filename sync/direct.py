@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.sqltypes import TupleType
 
 Processor = Callable[[Any], Any] | None
 # The longest IN list run directly. A template per length would hold hundreds of
@@ -98,8 +99,10 @@ class _Template:
                 value = params[source]
             elif kind is _ITEM:
                 value = params[source][index]
-            else:  # a column's Python-side default (SQLAlchemy calls it with its context)
-                value = source.arg(None) if source.is_callable else source.arg
+            elif source.is_callable:  # a column's Python-side default, given a context
+                value = source.arg(_DefaultContext(params))
+            else:
+                value = source.arg
             values.append(value if processor is None else processor(value))
         if self.names is None:
             return tuple(values)
@@ -112,6 +115,17 @@ class _Template:
 # once); then the name, default or value, the item's index, and the conversion.
 _PARAM, _ITEM, _DEFAULT, _CONSTANT = "param", "item", "default", "constant"
 _Slot = tuple[str, Any, int, Processor]
+
+
+class _DefaultContext:
+    """What a context-sensitive default function may ask of SQLAlchemy's execution
+    context: the statement's parameters (``get_current_parameters``)."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.current_parameters = dict(params)
+
+    def get_current_parameters(self, isolate_multiinsert_groups: bool = True) -> dict[str, Any]:
+        return self.current_parameters
 
 
 def ready(connection: Connection) -> bool:
@@ -164,11 +178,13 @@ class DirectStatement:
 
     def run(self, connection: Connection, template: _Template, params: Mapping[str, Any]) -> Rows:
         """Run the template on ``connection``, which ``ready`` said may take it."""
-        parameters = template.parameters(params)
-        cursor = connection.connection.cursor()
         dispatch = connection.dispatch
         sql = template.sql
+        parameters: Any = None
+        cursor = None
         try:
+            parameters = template.parameters(params)
+            cursor = connection.connection.cursor()
             if dispatch.before_cursor_execute:
                 dispatch.before_cursor_execute(connection, cursor, sql, parameters, None, False)
             cursor.execute(sql, parameters)
@@ -180,10 +196,15 @@ class DirectStatement:
             fetched = cursor.fetchall() if asked else []
             if fetched and template.row_type is None:
                 self._learn_rows(template, cursor.description)
-        except self.dialect.loaded_dbapi.Error as error:
-            raise self._translated(connection, error, sql, parameters, cursor) from error
-        finally:
             cursor.close()
+        except BaseException as error:
+            # What SQLAlchemy does with an error of its own execution (exec_driver_sql's
+            # too): the driver's error as SQLAlchemy's class, parameters hidden as the
+            # engine hides them, any other wrapped in StatementError, handle_error
+            # listeners told, the cursor closed; a lost connection invalidated, with the
+            # pool's older connections. Private, but one method in SQLAlchemy 2.0 and
+            # 2.1 (pyproject.toml keeps it below 2.2); tests/sync/test_direct.py checks it.
+            connection._handle_dbapi_exception(error, sql, parameters, cursor, None)
         if not fetched:
             return Rows()
         return Rows(_converted(fetched, template.row_type, template.result_processors))
@@ -194,12 +215,16 @@ class DirectStatement:
         compiled = self.statement.compile(dialect=self.dialect, column_keys=list(params))
         assert isinstance(compiled, SQLCompiler)
         defaults = {
-            column.key: column.default
-            for column in (*compiled.insert_prefetch, *compiled.update_prefetch)
+            **{column.key: column.default for column in compiled.insert_prefetch},
+            **{column.key: column.onupdate for column in compiled.update_prefetch},
         }
+        binds = compiled.binds.values()
         if (
             compiled.escaped_bind_names
             or compiled.schema_translate_map
+            or compiled.literal_execute_params  # rendered into the SQL text per value
+            or any(bind.callable is not None for bind in binds)  # a value made per run
+            or any(bind.expanding and isinstance(bind.type, TupleType) for bind in binds)
             or not all(d.is_scalar or d.is_callable for d in defaults.values())
         ):
             return None
@@ -242,23 +267,6 @@ class DirectStatement:
         # The names the statement gave its columns, as SQLAlchemy's rows have them.
         names = [described[0] for described in description]
         template.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]
-
-    def _translated(
-        self, connection: Connection, error: Exception, sql: str, parameters: Any, cursor: Any
-    ) -> DBAPIError:
-        """The driver's error as SQLAlchemy raises it; a lost connection is invalidated."""
-        lost = self.dialect.is_disconnect(error, connection.connection, cursor)  # type: ignore[arg-type]
-        if lost:
-            connection.invalidate(error)
-        return DBAPIError.instance(
-            sql,
-            parameters,
-            error,
-            self.dialect.loaded_dbapi.Error,
-            hide_parameters=connection.engine.hide_parameters,
-            connection_invalidated=lost,
-            dialect=self.dialect,
-        )
 
 
 def _converted(

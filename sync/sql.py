@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -22,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from sync.direct import DirectStatement, Rows, ready
@@ -93,7 +95,10 @@ class Prebuilt(Generic[S]):
     def __init__(self, build: Callable[[str], S]) -> None:
         self._build = build
         self._built: dict[str, S] = {}
-        self._direct: dict[str, DirectStatement] = {}
+        # By dialect object: engines may convert values differently (json_serializer).
+        self._direct: weakref.WeakKeyDictionary[Dialect, DirectStatement] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __call__(self, session: Session) -> S:
         return self._for(session.get_bind().dialect.name)
@@ -120,9 +125,9 @@ class Prebuilt(Generic[S]):
         """Run it once with ``params``, on the driver's cursor (``sync.direct``) unless
         SQLAlchemy must do it; the rows it returns, if any."""
         dialect = connection.dialect
-        direct = self._direct.get(dialect.name)
+        direct = self._direct.get(dialect)
         if direct is None:
-            direct = self._direct[dialect.name] = DirectStatement(self._for(dialect.name), dialect)
+            direct = self._direct[dialect] = DirectStatement(self._for(dialect.name), dialect)
         template = direct.template(params)
         if template is not None and ready(connection):
             return direct.run(connection, template, params)
@@ -151,19 +156,23 @@ def flushed_connection(session: Session) -> Connection:
     again as running a small one on SQLite (16 against 25 microseconds for an update
     by key, measured on the CI machine kind).
 
-    The connection is kept in the session's ``info`` with the transaction it belongs
-    to, and given again while that transaction is the session's and active: asking
-    the session for it costs about 25 microseconds, and a push asks a dozen times.
+    The connection is kept in the session's ``info`` with the transaction it was asked
+    for, and given again while that transaction is still the session's innermost and
+    active: asking the session for it costs about 25 microseconds, and a push asks a
+    dozen times.
     """
     if session.autoflush:
         session.flush()
-    transaction = session.get_transaction()
+    # The innermost: a nested transaction's SAVEPOINT is sent when it first asks the
+    # session for its connection.
+    transaction = session.get_nested_transaction() or session.get_transaction()
     kept = session.info.get(_KEPT_CONNECTION)
     if kept is not None and transaction is kept[0] and transaction.is_active:
         connection: Connection = kept[1]
         return connection
     connection = session.connection()
-    session.info[_KEPT_CONNECTION] = (session.get_transaction(), connection)
+    innermost = session.get_nested_transaction() or session.get_transaction()
+    session.info[_KEPT_CONNECTION] = (innermost, connection)
     return connection
 
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import CompoundSelect, Connection, Engine, Select, event, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import CompoundSelect, Connection, Engine, Select, bindparam, event, select, update
+from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from models import FeedChange, FeedKind, Parcel
+from models import FeedChange, FeedKind, Flag, FlagSeverity, FlagStatus, Parcel
 from sync import direct as direct_module
 from sync.accounts import SUBJECT_ROWS, check_token_subject
 from sync.consents import CONSENTS_OF_PARCELS
@@ -20,6 +20,7 @@ from sync.device_state import LOCK_DEVICE_STATE
 from sync.feed import INSERT_CHANGES
 from sync.ingest import INSERT_ONE_EVENT, Pusher
 from sync.shifts import SHIFT_WINDOWS, ShiftRules, open_shift
+from sync.sql import Prebuilt
 from sync.status import BLOBS_HELD, EVENTS_OF_PARCELS_BUT, PARCELS_FOR_UPDATE
 from tests import factories
 from tests.conftest import World
@@ -187,8 +188,9 @@ def test_listeners_hear_of_each_statement_run_directly(session: Session, world: 
 def test_a_long_in_list_runs_through_sqlalchemy(
     session: Session, world: World, shadowed: list[Any]
 ) -> None:
-    """Lists up to ``LONGEST_LIST`` keys have a template per length; longer ones are left
-    to SQLAlchemy, so that a bulk push's lists of any length do not pile up templates."""
+    """On SQLite, lists up to ``LONGEST_LIST`` keys have a template per length; longer
+    ones are left to SQLAlchemy, so that a bulk push's lists of any length do not pile
+    up templates. (PostgreSQL's lists are one array parameter: one template.)"""
     numbers = sorted(
         factories.parcel(session, world.station).tracking_no
         for _ in range(direct_module.LONGEST_LIST + 1)
@@ -196,4 +198,52 @@ def test_a_long_in_list_runs_through_sqlalchemy(
     for wanted in (numbers[:1], numbers[:-1], numbers):
         rows = PARCELS_FOR_UPDATE.execute(session, {"numbers": wanted})
         assert [row.tracking_no for row in rows] == wanted
-    assert [count for _, count in shadowed] == [1, len(numbers) - 1]  # the last not direct
+    direct = [1, len(numbers) - 1]  # on SQLite, not the last
+    if session.get_bind().dialect.name == "postgresql":
+        direct.append(len(numbers))  # one array parameter whatever its length
+    assert [count for _, count in shadowed] == direct
+
+
+def test_a_value_it_cannot_convert_raises_what_sqlalchemy_raises(
+    session: Session, world: World
+) -> None:
+    """A naive time for a UTC column: SQLAlchemy's StatementError either way."""
+    params = {
+        "device_id": world.device.id,
+        "courier_id": world.courier.id,
+        "min_seq": 1,
+        "max_seq": 1,
+        "since": dt.datetime(2026, 12, 1, 8, 0),  # naive
+        "until": dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC),
+    }
+    with pytest.raises(StatementError, match="naive datetime") as by_sqlalchemy:
+        session.connection().execute(SHIFT_WINDOWS(session), params)
+    with pytest.raises(StatementError, match="naive datetime") as directly:
+        SHIFT_WINDOWS.execute(session, params)
+    assert type(directly.value) is type(by_sqlalchemy.value)
+
+
+def test_an_update_fills_in_the_columns_onupdate(session: Session, world: World) -> None:
+    """``flag.updated_at`` is set by its ``onupdate`` when the statement leaves it out."""
+    flag = Flag(
+        kind="clock_skew",
+        severity=FlagSeverity.WARNING,
+        station_id=world.station.id,
+        subject_type="device",
+        subject_key=world.device.id,
+        evidence={},
+        updated_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    )
+    session.add(flag)
+    session.flush()
+    resolve = Prebuilt(
+        lambda _dialect: (
+            update(Flag.__table__)
+            .where(Flag.__table__.c.id == bindparam("flag"))
+            .values(status=bindparam("status"))
+        )
+    )
+    resolve.execute(session, {"flag": flag.id, "status": FlagStatus.RESOLVED})
+    session.expire(flag)
+    assert flag.status == FlagStatus.RESOLVED
+    assert flag.updated_at > dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)

@@ -16,17 +16,22 @@ runs it on the connection's cursor and converts the rows; what it returns is
 ``Rows``, plain tuples with the columns' names as attributes.
 
 What SQLAlchemy still does for these statements: the transaction (``BEGIN`` and
-the writers' turn, savepoints, commit), ``before_cursor_execute`` and
-``after_cursor_execute`` listeners (called here when there are any: the tests and
-benchmarks count statements with them), and the errors: a driver error is raised
-as SQLAlchemy's (``IntegrityError``, ``OperationalError`` ...), with the
-parameters hidden as the engine hides them, and a lost connection is invalidated.
+the writers' turn, savepoints, commit); the Python-side defaults of the columns an
+``INSERT`` or ``UPDATE`` leaves out, which it says how to compute; and the errors,
+through its own handling (a driver error as ``IntegrityError``,
+``OperationalError`` ..., parameters hidden as the engine hides them, a lost
+connection invalidated). ``before_cursor_execute`` and ``after_cursor_execute``
+listeners are called as SQLAlchemy calls them, but with no execution context (the
+tests and benchmarks count statements with them); the engine's ``echo`` does not
+log these statements.
 
 Some statements still run through SQLAlchemy (``DirectStatement.template`` gives
-none): one with escaped parameter names or a default computed otherwise than by
-a Python function or value, and one given an ``IN`` list longer than
-``LONGEST_LIST``. So does an ``executemany`` (``sync.sql.Prebuilt.execute_rows``):
-SQLAlchemy's batching of many rows is faster than anything done here.
+none): one whose SQL text or values SQLAlchemy makes anew for each run
+(``literal_execute`` or callable parameters), one with escaped parameter names, a
+tuple ``IN`` list, or a default computed otherwise than by a Python function or
+value, and one given an ``IN`` list longer than ``LONGEST_LIST``. So does an
+``executemany`` (``sync.sql.Prebuilt.execute_rows``): SQLAlchemy's batching of many
+rows is faster than anything done here.
 """
 
 from __future__ import annotations

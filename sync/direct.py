@@ -29,7 +29,7 @@ Some statements still run through SQLAlchemy (``DirectStatement.template`` gives
 none): one whose SQL text or values SQLAlchemy makes anew for each run
 (``literal_execute`` or callable parameters), one with escaped parameter names, a
 tuple ``IN`` list, or a default computed otherwise than by a Python function or
-value, and one given an ``IN`` list longer than ``LONGEST_LIST``. So does an
+value, and one given a list longer than ``LONGEST_LIST``. So does an
 ``executemany`` (``sync.sql.Prebuilt.execute_rows``): SQLAlchemy's batching of many
 rows is faster than anything done here.
 """
@@ -47,9 +47,10 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.sqltypes import TupleType
 
 Processor = Callable[[Any], Any] | None
-# The longest IN list run directly. A template per length would hold hundreds of
-# statements' text for a bulk push's lists of up to 900 keys, for little: a statement
-# that reads hundreds of rows spends its time on them, not in SQLAlchemy.
+# The longest list of keys run directly (an IN list, an array on PostgreSQL). Longer,
+# it is a bulk push's: its statement reads hundreds of rows, which SQLAlchemy's
+# compiled row processing converts faster than the loop here, and on SQLite a
+# template per length would hold hundreds of statements' text.
 LONGEST_LIST = 32
 
 
@@ -170,10 +171,9 @@ class DirectStatement:
 
     def template(self, params: Mapping[str, Any]) -> _Template | None:
         """The template for the shape of ``params``; None when SQLAlchemy must run it."""
-        lengths = tuple(len(params[name]) for name in self.expanding if name in params)
-        if lengths and max(lengths) > LONGEST_LIST:
+        if any(isinstance(v, list | tuple) and len(v) > LONGEST_LIST for v in params.values()):
             return None
-        shape = (*params, *lengths)
+        shape = (*params, *(len(params[name]) for name in self.expanding if name in params))
         try:
             return self._templates[shape]
         except KeyError:

@@ -8,6 +8,7 @@ plan expects.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections import Counter
 from html.parser import HTMLParser
@@ -19,7 +20,9 @@ from flask.testing import FlaskClient
 
 from courier_api.extensions import db
 from courier_api.simulation import InProcess, Simulation, SimulationError, plan_day
-from courier_api.simulation.plan import COUNTS, Fate, Trait
+from courier_api.simulation.plan import COUNTS, DayPlan, Fate, Trait
+from models.base import utcnow
+from sync.shifts import local_date
 from tests import factories
 from tests.conftest import Auth
 
@@ -32,10 +35,18 @@ def _admin(app: Flask) -> None:
         db.session.commit()
 
 
-def shown(client: FlaskClient, auth: Auth, station_id: int) -> dict[str, Any]:
+def started_on(plan: DayPlan) -> dt.date:
+    """The station's local date as the simulated day starts: the board's day for its
+    shifts, also when the run crosses the station's midnight (16:00 UTC in Shanghai)."""
+    return local_date(utcnow(), plan.names.timezone)
+
+
+def shown(client: FlaskClient, auth: Auth, station_id: int, day: dt.date) -> dict[str, Any]:
     """What the API shows the station's manager and an auditor now."""
     admin = auth.headers(ADMIN[0])
-    board = client.get(f"/api/v1/stations/{station_id}/handover", headers=admin).get_json()
+    board = client.get(
+        f"/api/v1/stations/{station_id}/handover?date={day.isoformat()}", headers=admin
+    ).get_json()
     shifts = {}
     for row in board["shifts"]:
         balance = row["balance"]
@@ -71,10 +82,11 @@ def test_the_station_shows_what_the_simulated_day_planned(committed_app: Flask, 
     _admin(committed_app)
     plan = plan_day(couriers=6, parcels=66, seed=seed)
     lines: list[str] = []
+    day = started_on(plan)
     result = Simulation(InProcess(committed_app), plan, admin=ADMIN, progress=lines.append).run()
     client = committed_app.test_client()
     expected = result.expected.as_dict()
-    actual = shown(client, Auth(client), result.station_id)
+    actual = shown(client, Auth(client), result.station_id, day)
     assert actual["shifts"] == expected["shifts"]
     assert actual["board"] == expected["board"]
     assert actual["flags"] == expected["flags"]
@@ -137,6 +149,7 @@ def test_the_board_page_shows_what_the_simulated_day_planned(
 ) -> None:
     _admin(committed_app)
     plan = plan_day(couriers=6, parcels=48, seed=seed)
+    day = started_on(plan)
     result = Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
     client = committed_app.test_client()
     form = client.get("/web/login").get_data(as_text=True)
@@ -147,7 +160,7 @@ def test_the_board_page_shows_what_the_simulated_day_planned(
         data={"csrf_token": token.group(1), "username": ADMIN[0], "password": ADMIN[1]},
     )
     assert signed_in.status_code == 302
-    page = client.get(f"/web/board?station={result.station_id}")
+    page = client.get(f"/web/board?station={result.station_id}&date={day.isoformat()}")
     assert page.status_code == 200
     table = BoardTable()
     table.feed(page.get_data(as_text=True))

@@ -16,11 +16,11 @@ runs it on the connection's cursor and converts the rows; what it returns is
 ``Rows``, plain tuples with the columns' names as attributes.
 
 What SQLAlchemy still does for these statements: the transaction (``BEGIN`` and
-the writers' turn, savepoints, commit); the Python-side defaults of the columns an
-``INSERT`` or ``UPDATE`` leaves out, which it says how to compute; and the errors,
-through its own handling (a driver error as ``IntegrityError``,
-``OperationalError`` ..., parameters hidden as the engine hides them, a lost
-connection invalidated). ``before_cursor_execute`` and ``after_cursor_execute``
+the writers' turn, savepoints but ``undone_if_refused``'s, commit); the Python-side
+defaults of the columns an ``INSERT`` or ``UPDATE`` leaves out, which it says how to
+compute; and the errors, through its own handling (a driver error as
+``IntegrityError``, ``OperationalError`` ..., parameters hidden as the engine hides
+them, a lost connection invalidated). ``before_cursor_execute`` and ``after_cursor_execute``
 listeners are called as SQLAlchemy calls them, but with no execution context (the
 tests and benchmarks count statements with them); the engine's ``echo`` does not
 log these statements.
@@ -36,9 +36,11 @@ rows is faster than anything done here.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Dialect
@@ -183,33 +185,19 @@ class DirectStatement:
 
     def run(self, connection: Connection, template: _Template, params: Mapping[str, Any]) -> Rows:
         """Run the template on ``connection``, which ``ready`` said may take it."""
-        dispatch = connection.dispatch
-        sql = template.sql
-        parameters: Any = None
-        cursor = None
-        try:
-            parameters = template.parameters(params)
-            cursor = connection.connection.cursor()
-            if dispatch.before_cursor_execute:
-                dispatch.before_cursor_execute(connection, cursor, sql, parameters, None, False)
-            cursor.execute(sql, parameters)
-            if dispatch.after_cursor_execute:
-                dispatch.after_cursor_execute(connection, cursor, sql, parameters, None, False)
-            # An INSERT of one row returns its key on PostgreSQL unasked (SQLAlchemy's
-            # "implicit returning", for ``inserted_primary_key``): not wanted here.
-            asked = cursor.description is not None and self.columns
-            fetched = cursor.fetchall() if asked else []
-            if fetched and template.row_type is None:
-                self._learn_rows(template, cursor.description)
-            cursor.close()
-        except BaseException as error:
-            # What SQLAlchemy does with an error of its own execution (exec_driver_sql's
-            # too): the driver's error as SQLAlchemy's class, parameters hidden as the
-            # engine hides them, any other wrapped in StatementError, handle_error
-            # listeners told, the cursor closed; a lost connection invalidated, with the
-            # pool's older connections. Private, but one method in SQLAlchemy 2.0 and
-            # 2.1 (pyproject.toml keeps it below 2.2); tests/sync/test_direct.py checks it.
-            connection._handle_dbapi_exception(error, sql, parameters, cursor, None)
+        # A statement with columns returns rows; one without may too (an INSERT of one
+        # row returns its key on PostgreSQL unasked, SQLAlchemy's "implicit returning"):
+        # not wanted here. The columns say it without asking the cursor's description,
+        # which psycopg builds anew each time it is asked: only for the first rows.
+        fetched = _on_cursor(
+            connection,
+            template.sql,
+            partial(template.parameters, params),
+            fetch=bool(self.columns),
+            described=None
+            if template.row_type is not None
+            else partial(self._learn_rows, template),
+        )
         if not fetched:
             return Rows()
         return Rows(_converted(fetched, template.row_type, template.result_processors))
@@ -272,6 +260,71 @@ class DirectStatement:
         # The names the statement gave its columns, as SQLAlchemy's rows have them.
         names = [described[0] for described in description]
         template.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+
+
+def _on_cursor(
+    connection: Connection,
+    sql: str,
+    parameters: Callable[[], Any],
+    fetch: bool,
+    described: Callable[[Sequence[Any]], None] | None = None,
+) -> list[Any]:
+    """Run ``sql`` with the driver parameters ``parameters()`` makes on a cursor of
+    ``connection``; its rows if ``fetch`` (and the cursor's description to
+    ``described`` when there are some)."""
+    dispatch = connection.dispatch
+    made: Any = None
+    cursor = None
+    try:
+        made = parameters()
+        cursor = connection.connection.cursor()
+        if dispatch.before_cursor_execute:
+            dispatch.before_cursor_execute(connection, cursor, sql, made, None, False)
+        cursor.execute(sql, made)
+        if dispatch.after_cursor_execute:
+            dispatch.after_cursor_execute(connection, cursor, sql, made, None, False)
+        fetched = cursor.fetchall() if fetch else []
+        if fetched and described is not None:
+            described(cursor.description)
+        cursor.close()
+    except BaseException as error:
+        # What SQLAlchemy does with an error of its own execution (exec_driver_sql's
+        # too): the driver's error as SQLAlchemy's class, parameters hidden as the
+        # engine hides them, any other wrapped in StatementError, handle_error
+        # listeners told, the cursor closed; a lost connection invalidated, with the
+        # pool's older connections. Private, but one method in SQLAlchemy 2.0 and
+        # 2.1 (pyproject.toml keeps it below 2.2); tests/sync/test_direct.py checks it.
+        connection._handle_dbapi_exception(error, sql, made, cursor, None)
+    return fetched
+
+
+@contextlib.contextmanager
+def undone_if_refused(connection: Connection) -> Iterator[None]:
+    """A savepoint around statements run on ``connection`` (in its transaction): what
+    they did is undone if one of them raises, and the transaction goes on.
+
+    What ``Connection.begin_nested`` does, without its work: SQLAlchemy compiles its
+    ``SAVEPOINT`` and ``RELEASE`` anew each time and keeps a nested transaction for
+    them, about 8 % of a one-scan push's samples on PostgreSQL under py-spy (the
+    push's insert is the only statement in it). SQLAlchemy does not know of this
+    savepoint: nothing in it may begin or end a transaction of SQLAlchemy's.
+    """
+    if not ready(connection):  # SQLAlchemy's own, to raise what it raises there
+        with connection.begin_nested():
+            yield
+        return
+    _command(connection, "SAVEPOINT direct_undo")
+    try:
+        yield
+    except BaseException:
+        if not connection.invalidated:  # a lost connection took the transaction with it
+            _command(connection, "ROLLBACK TO SAVEPOINT direct_undo")
+        raise
+    _command(connection, "RELEASE SAVEPOINT direct_undo")
+
+
+def _command(connection: Connection, sql: str) -> None:
+    _on_cursor(connection, sql, tuple, fetch=False)
 
 
 def _converted(

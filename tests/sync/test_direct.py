@@ -20,7 +20,7 @@ from sync.device_state import LOCK_DEVICE_STATE
 from sync.feed import INSERT_CHANGES
 from sync.ingest import INSERT_ONE_EVENT
 from sync.shifts import SHIFT_WINDOWS, ShiftRules, open_shift
-from sync.sql import Prebuilt
+from sync.sql import Prebuilt, flushed_connection
 from sync.status import BLOBS_HELD, EVENTS_OF_PARCELS_BUT, PARCELS_FOR_UPDATE
 from tests import factories
 from tests.conftest import World
@@ -166,6 +166,77 @@ def test_a_refused_insert_raises_sqlalchemys_error_without_its_parameters(
     assert "hidden" in str(raised.value)
     # Its savepoint undone, the transaction goes on (PostgreSQL: not aborted).
     assert LOCK_DEVICE_STATE.execute(session, {"device_id": world.device.id}).one().max_seq == 1
+
+
+def _stored_row_again(session: Session, world: World, seq: int) -> dict[str, Any]:
+    """The columns of the event a PDA stored at seq 1, as a new event at ``seq``."""
+    pda = Pda(session, world)
+    pda.push([pda.event(1, factories.parcel(session, world.station).tracking_no)])
+    stored = session.connection().execute(select(INSERT_ONE_EVENT(session).table)).mappings().one()
+    return {
+        **{k: v for k, v in stored.items() if k != "id"},
+        "client_event_id": uuid.uuid4(),
+        "seq": seq,
+    }
+
+
+@pytest.fixture
+def sent(session: Session) -> Iterator[list[str]]:
+    """The statements the session's connection sends (a test clears it after its set-up)."""
+    statements: list[str] = []
+
+    def listen(*args: Any) -> None:
+        statements.append(args[2])
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", listen)
+    yield statements
+    event.remove(connection, "before_cursor_execute", listen)
+
+
+def test_a_statement_refused_in_a_direct_savepoint_is_undone_and_the_transaction_goes_on(
+    session: Session, world: World, sent: list[str]
+) -> None:
+    second = _stored_row_again(session, world, seq=2)
+    third_at_seq_1 = {**second, "client_event_id": uuid.uuid4(), "seq": 1}
+    connection = flushed_connection(session)
+    sent.clear()
+    with pytest.raises(IntegrityError), direct_module.undone_if_refused(connection):
+        INSERT_ONE_EVENT.execute(session, second)  # stored, then undone with the savepoint
+        INSERT_ONE_EVENT.execute(session, third_at_seq_1)  # the same device and seq
+    assert [s for s in sent if "SAVEPOINT" in s] == [
+        "SAVEPOINT direct_undo",
+        "ROLLBACK TO SAVEPOINT direct_undo",
+    ]
+    table = INSERT_ONE_EVENT(session).table
+    assert session.connection().execute(select(table.c.seq)).scalars().all() == [1]
+
+
+def test_what_a_direct_savepoint_kept_stays(
+    session: Session, world: World, sent: list[str]
+) -> None:
+    second = _stored_row_again(session, world, seq=2)
+    sent.clear()
+    with direct_module.undone_if_refused(flushed_connection(session)):
+        INSERT_ONE_EVENT.execute(session, second)
+    assert [s for s in sent if "SAVEPOINT" in s] == [
+        "SAVEPOINT direct_undo",
+        "RELEASE SAVEPOINT direct_undo",
+    ]
+    table = INSERT_ONE_EVENT(session).table
+    assert sorted(session.connection().execute(select(table.c.seq)).scalars()) == [1, 2]
+
+
+def test_a_transaction_sqlalchemy_would_refuse_gets_sqlalchemys_own_savepoint(
+    session: Session, world: World, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = _stored_row_again(session, world, seq=2)
+    monkeypatch.setattr(direct_module, "ready", lambda _connection: False)
+    sent.clear()
+    with direct_module.undone_if_refused(flushed_connection(session)):
+        INSERT_ONE_EVENT.execute(session, second)
+    assert [s.split()[0] for s in sent if "SAVEPOINT" in s] == ["SAVEPOINT", "RELEASE"]
+    assert "direct_undo" not in " ".join(sent)  # SQLAlchemy's name: sa_savepoint_<n>
 
 
 def test_listeners_hear_of_each_statement_run_directly(session: Session, world: World) -> None:

@@ -161,9 +161,10 @@ def _subject_of(claims: dict[str, Any]) -> dict[str, Any]:
 
 
 def checked_principal(claims: dict[str, Any]) -> Principal:
-    """``principal_from_claims``, or where that spares the writers the same check on one
-    plain row in a reading transaction of its own, checked again when the request
-    writes (``Database.read_apart``, ``sync.accounts.check_token_subject``).
+    """``principal_from_claims`` for a request that only reads; for one that writes, the
+    same check on one plain row (``sync.accounts.check_token_subject``) in the request's
+    transaction, and on a SQLite file first in a reading transaction of its own, to
+    spare the writers (``Database.read_apart``).
 
     The device's last-seen time as the check read it is kept for the request
     (``g.device_seen_at``): a push leaves the device row alone within a minute of it.

@@ -97,11 +97,11 @@ class Database:
         stops it still, and its refusal stands for the request (a view catching it
         cannot commit).
 
-        On PostgreSQL a writing request's ``check`` is its first statement: loading
-        the user and device as the ORM's entities costs more (up to half a
-        millisecond of a one-scan push's CPU there, measured alternately in one
-        process), and a push has no use for them. A request that only reads, or
-        whose session already began, gets ``read``.
+        On PostgreSQL (and an in-memory SQLite) a writing request's ``check`` is its
+        first statement: loading the user and device as the ORM's entities costs
+        more (up to half a millisecond of a one-scan push's CPU there, measured
+        alternately in one process), and a push has no use for them. A request that
+        only reads, or whose session was opened before, gets ``read``.
         """
         state = self._state()
         if "db_session" in g or _request_only_reads():

@@ -139,8 +139,11 @@ class _DefaultContext:
 def ready(connection: Connection) -> bool:
     """Whether ``connection`` may take a statement run directly: it is in a transaction
     that can take one, begun here as SQLAlchemy begins one on first use. Not: one that
-    failed and awaits its rollback, on which SQLAlchemy refuses to run anything (so it
-    runs the statement and raises what it raises)."""
+    failed and awaits its rollback, or whose connection was lost (invalidated), on
+    which SQLAlchemy refuses to run anything (so it runs the statement and raises what
+    it raises: ``PendingRollbackError``)."""
+    if connection.invalidated:
+        return False
     transaction = connection.get_transaction()
     if transaction is None:
         connection.begin()
@@ -307,20 +310,30 @@ def undone_if_refused(connection: Connection) -> Iterator[None]:
     ``SAVEPOINT`` and ``RELEASE`` anew each time and keeps a nested transaction for
     them, about 8 % of a one-scan push's samples on PostgreSQL under py-spy (the
     push's insert is the only statement in it). SQLAlchemy does not know of this
-    savepoint: nothing in it may begin or end a transaction of SQLAlchemy's.
+    savepoint, nor does the ORM: the block runs Core statements only, and nothing in
+    it may flush a session or begin or end a transaction of SQLAlchemy's (an object
+    flushed in it and undone would stay persistent in its session).
     """
     if not ready(connection):  # SQLAlchemy's own, to raise what it raises there
         with connection.begin_nested():
             yield
         return
+    within = _innermost(connection)
     _command(connection, "SAVEPOINT direct_undo")
     try:
         yield
     except BaseException:
-        if not connection.invalidated:  # a lost connection took the transaction with it
+        # Undone unless the savepoint went already, with the transaction it was in: a
+        # lost connection's, or one SQLAlchemy rolled back (its error is the one to
+        # raise, not "no such savepoint").
+        if _innermost(connection) is within and within.is_active and not connection.invalidated:
             _command(connection, "ROLLBACK TO SAVEPOINT direct_undo")
         raise
     _command(connection, "RELEASE SAVEPOINT direct_undo")
+
+
+def _innermost(connection: Connection) -> Any:
+    return connection.get_nested_transaction() or connection.get_transaction()
 
 
 def _command(connection: Connection, sql: str) -> None:

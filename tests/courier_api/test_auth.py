@@ -1,12 +1,16 @@
 import base64
 import datetime as dt
 import json
+from typing import Any
 
 import jwt
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from courier_api import database as database_module
 from models import DeviceStatus
 from tests import factories
 from tests.conftest import TEST_JWT_SECRET, Auth, World
@@ -288,3 +292,57 @@ def test_a_password_change_ends_earlier_sessions(
         client.get(PROTECTED_URL, headers=bearer(new.get_json()["access_token"])).status_code
         == 200
     )
+
+
+@pytest.fixture(params=["as served", "one plain row in the request's transaction"])
+def sign_in_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a writing request's sign-in check runs: as this database serves it
+    (on a SQLite file, apart on a reader and again as the turn's first statement), and
+    on one plain row as the first statement of the request's transaction, as on
+    PostgreSQL (``Database.read_apart``), also on SQLite here."""
+    if request.param != "as served":
+        monkeypatch.setattr(database_module, "has_own_readers", lambda _engine: False)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("change", [None, "device lost", "account disabled", "password changed"])
+def test_a_push_is_let_in_or_refused_by_its_sign_in_check_either_way(
+    app: Flask,
+    client: FlaskClient,
+    world: World,
+    session: Session,
+    sign_in_check: str,
+    change: str | None,
+) -> None:
+    headers = Auth(client).headers("courier1", "PDA-0001")
+    if change == "device lost":
+        world.device.status = DeviceStatus.LOST
+    elif change == "account disabled":
+        world.courier.active = False
+    elif change == "password changed":
+        world.courier.credentials_version += 1
+    session.commit()
+    read: list[str] = []
+
+    def listen(*args: Any) -> None:
+        read.append(args[2])
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", listen)
+    try:
+        tracking_no = factories.parcel(session, world.station).tracking_no
+        session.commit()
+        body = factories.push_body("PDA-0001", [factories.event(1, tracking_no)])
+        response = client.post("/api/v1/sync/push", json=body, headers=headers)
+    finally:
+        event.remove(connection, "before_cursor_execute", listen)
+    expected = {
+        None: (200, None),
+        "device lost": (401, "device_not_active"),
+        "account disabled": (401, "token_revoked"),
+        "password changed": (401, "token_revoked"),
+    }[change]
+    assert (response.status_code, response.get_json().get("code")) == expected
+    # Whichever way, the check reads the account's plain row, never its password's hash.
+    account_reads = [sql for sql in read if "FROM app_user" in sql]
+    assert account_reads and not any("password_hash" in sql for sql in account_reads)

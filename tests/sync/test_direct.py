@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import CompoundSelect, Connection, Engine, Select, bindparam, event, select, update
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import IntegrityError, PendingRollbackError, StatementError
 from sqlalchemy.orm import Session
 
 from models import FeedChange, FeedKind, Flag, FlagSeverity, FlagStatus, Parcel
@@ -237,6 +237,38 @@ def test_a_transaction_sqlalchemy_would_refuse_gets_sqlalchemys_own_savepoint(
         INSERT_ONE_EVENT.execute(session, second)
     assert [s.split()[0] for s in sent if "SAVEPOINT" in s] == ["SAVEPOINT", "RELEASE"]
     assert "direct_undo" not in " ".join(sent)  # SQLAlchemy's name: sa_savepoint_<n>
+
+
+def test_a_lost_connection_raises_what_sqlalchemy_raises(session: Session, world: World) -> None:
+    """A connection invalidated in its transaction (lost): SQLAlchemy's own refusal,
+    ``PendingRollbackError``, from a direct statement and from the direct savepoint."""
+    engine = session.get_bind()
+    assert isinstance(engine, Connection | Engine)
+    with engine.engine.connect() as connection:
+        connection.begin()
+        connection.invalidate()
+        with pytest.raises(PendingRollbackError):
+            LOCK_DEVICE_STATE.run(connection, {"device_id": world.device.id})
+        with pytest.raises(PendingRollbackError), direct_module.undone_if_refused(connection):
+            pass
+
+
+def test_a_direct_savepoint_sqlalchemy_rolled_back_leaves_its_error_alone(
+    session: Session, world: World, sent: list[str]
+) -> None:
+    """Where SQLAlchemy ended the transaction the savepoint was in (here a nested one
+    it rolled back), its error stands, not "no such savepoint"."""
+    second = _stored_row_again(session, world, seq=2)
+    connection = flushed_connection(session)
+    sent.clear()
+    with pytest.raises(LookupError), connection.begin_nested() as outer:
+        with direct_module.undone_if_refused(connection):
+            INSERT_ONE_EVENT.execute(session, second)
+            outer.rollback()
+            raise LookupError("the block's own error")
+    assert not any(s.startswith("ROLLBACK TO SAVEPOINT direct_undo") for s in sent)
+    table = INSERT_ONE_EVENT(session).table
+    assert session.connection().execute(select(table.c.seq)).scalars().all() == [1]
 
 
 def test_listeners_hear_of_each_statement_run_directly(session: Session, world: World) -> None:

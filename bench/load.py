@@ -39,9 +39,11 @@ the throughput and the latency percentiles, and the ratios:
 
 Both are printed with "met" or "not met". Last, for each phase, the processor time per
 request of the server, of this script (the clients) and of PostgreSQL's processes,
-and how busy the machine's cores were (from ``/proc``): a phase that leaves them idle
-is bound by a lock (on SQLite, its writers' turn) or by the one-process client, a
-busy one by the processors. The exit status is 1 only when something failed (an
+how busy the machine's cores were (``/proc/stat``: every process and the kernel) and
+how much of one core this script took: a phase that leaves the cores idle is bound
+by a lock (on SQLite, its writers' turn), one whose client takes near a whole core
+by the one-process client (so, often, is ``/healthz``: the ceiling is then the
+client's), a busy one by the processors. The exit status is 1 only when something failed (an
 error answer, a rejected event, the server's log showing a traceback).
 The client runs on the same machine and takes CPU from the server: on a small
 machine, compare figures taken with the same options only.
@@ -144,10 +146,14 @@ class CpuTimes:
     server: float
     client: float
     database: float
+    machine: float = 0.0  # every process's and the kernel's (``/proc/stat``), all cores
 
     def plus(self, other: CpuTimes) -> CpuTimes:
         return CpuTimes(
-            self.server + other.server, self.client + other.client, self.database + other.database
+            self.server + other.server,
+            self.client + other.client,
+            self.database + other.database,
+            self.machine + other.machine,
         )
 
 
@@ -158,6 +164,7 @@ class CpuSample:
 
     processes: dict[int, tuple[str, float]]  # pid: ("server" or "database", seconds)
     client: float
+    machine: float  # seconds the machine's cores were busy, all of them (0 without /proc)
 
     @classmethod
     def now(cls, server_group: int | None) -> CpuSample:
@@ -175,7 +182,7 @@ class CpuSample:
                 processes[int(stat.parent.name)] = ("server", used)
             elif name == "postgres":
                 processes[int(stat.parent.name)] = ("database", used)
-        return cls(processes, time.process_time())
+        return cls(processes, time.process_time(), _machine_busy(tick))
 
     def since(self, start: CpuSample) -> CpuTimes:
         """Used between ``start`` and now, by the processes alive now (one that ended
@@ -185,7 +192,25 @@ class CpuSample:
         for pid, (role, used) in self.processes.items():
             before = start.processes.get(pid, (role, 0.0))
             totals[role] += used - (before[1] if before[0] == role else 0.0)
-        return CpuTimes(totals["server"], self.client - start.client, totals["database"])
+        return CpuTimes(
+            totals["server"],
+            self.client - start.client,
+            totals["database"],
+            self.machine - start.machine,
+        )
+
+
+def _machine_busy(tick: int) -> float:
+    """Seconds the machine's cores have been busy since boot: ``/proc/stat``'s first
+    line, all but idle and iowait (the kernel's work for the loopback included, which
+    no process's own times show)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    # user, nice, system, idle, iowait, irq, softirq, steal
+    jiffies = [int(field) for field in fields[:8]]
+    return (sum(jiffies) - jiffies[3] - jiffies[4]) / tick
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -649,18 +674,23 @@ def report(
 
 def report_cpu(phases: list[tuple[str, CpuTimes, int, float]]) -> None:
     """Where each phase's processor time went, per request: what bounds a rate (a busy
-    machine: its processors; an idle one: a lock, such as SQLite's writers' turn)."""
+    machine: its processors; an idle one: a lock, such as SQLite's writers' turn; a
+    client near one core: the client, this script's one process).
+
+    "machine busy" is every process's and the kernel's time (``/proc/stat``): the
+    three columns before it leave out the kernel's work for the loopback and other
+    processes, a quarter of a busy machine here."""
     cores = os.cpu_count() or 1
     print(
         f"\nCPU ms per request ({cores} cores)  {'server':>8}{'client':>8}{'PostgreSQL':>12}"
-        f"{'machine busy':>14}"
+        f"{'machine busy':>14}{'client core':>13}"
     )
     for label, used, requests, seconds in phases:
         per = 1000 / max(requests, 1)
-        busy = (used.server + used.client + used.database) / (seconds * cores)
+        busy = used.machine / (seconds * cores)
         print(
             f"{label:<29}{used.server * per:>8.2f}{used.client * per:>8.2f}"
-            f"{used.database * per:>12.2f}{busy:>13.0%}"
+            f"{used.database * per:>12.2f}{busy:>13.0%}{used.client / seconds:>13.0%}"
         )
 
 

@@ -43,8 +43,8 @@ how busy the machine's cores were (``/proc/stat``: every process and the kernel)
 how much of one core this script took: a phase that leaves the cores idle is bound
 by a lock (on SQLite, its writers' turn), one whose client takes near a whole core
 by the one-process client (so, often, is ``/healthz``: the ceiling is then the
-client's), a busy one by the processors. The exit status is 1 only when something failed (an
-error answer, a rejected event, the server's log showing a traceback).
+client's), a busy one by the processors. The exit status is 1 only when something
+failed (an error answer, a rejected event, the server's log showing a traceback).
 The client runs on the same machine and takes CPU from the server: on a small
 machine, compare figures taken with the same options only.
 """

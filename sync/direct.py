@@ -20,10 +20,10 @@ the writers' turn, savepoints but ``undone_if_refused``'s, commit); the Python-s
 defaults of the columns an ``INSERT`` or ``UPDATE`` leaves out, which it says how to
 compute; and the errors, through its own handling (a driver error as
 ``IntegrityError``, ``OperationalError`` ..., parameters hidden as the engine hides
-them, a lost connection invalidated). ``before_cursor_execute`` and ``after_cursor_execute``
-listeners are called as SQLAlchemy calls them, but with no execution context (the
-tests and benchmarks count statements with them); the engine's ``echo`` does not
-log these statements.
+them, a lost connection invalidated). ``before_cursor_execute`` and
+``after_cursor_execute`` listeners are called as SQLAlchemy calls them, but with no
+execution context (the tests and benchmarks count statements with them); the
+engine's ``echo`` does not log these statements.
 
 Some statements still run through SQLAlchemy (``DirectStatement.template`` gives
 none): one whose SQL text or values SQLAlchemy makes anew for each run

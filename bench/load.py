@@ -3,6 +3,7 @@
     .venv/bin/python bench/load.py [--pdas 20] [--duration 30] [--workers 2] [--threads 8]
                                    [--readers 2] [--scan-duration 15] [--trivial-duration 15]
                                    [--rounds 3] [--database-url URL] [--seed 1]
+                                   [--turn-stats]
 
 Starts ``courier-api serve`` (gunicorn, ``--workers`` processes of ``--threads``
 threads) on loopback, on a fresh SQLite file (default) or on ``--database-url``
@@ -47,26 +48,37 @@ client's), a busy one by the processors. The exit status is 1 only when somethin
 failed (an error answer, a rejected event, the server's log showing a traceback).
 The client runs on the same machine and takes CPU from the server: on a small
 machine, compare figures taken with the same options only.
+
+``--turn-stats`` (SQLite) also records each writers' turn in the server's processes
+(``bench/turn_stats``, one line a turn) and reports, for the mixed load and the scans,
+the turns a second, how long each was held, and how the rest of the time went: passed
+on to a writer already waiting (within a process, or to another), free with nobody
+waiting, or at the rounds' edges. A scan phase whose turn is held or being passed on
+nearly all the time is bound by the turn.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import random
 import secrets
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +111,9 @@ PROOF_IMAGE_COUNT = 16
 TARGET_PUSH_RATIO = 0.4
 TARGET_TAIL_RATIO = 10.0
 REQUEST_TIMEOUT_SECONDS = 60.0
+# httpx makes a TLS context for each client, about 25 ms of CPU even for plain HTTP: 20
+# clients took half a second of each phase's clock before its first request. One for all.
+_TLS = ssl.create_default_context()
 
 
 class LoadFailure(Exception):
@@ -447,7 +462,7 @@ async def push(
 
 
 async def simulated_pda(
-    base: str,
+    client: httpx.AsyncClient,
     state: PdaState,
     args: argparse.Namespace,
     tally: Tally,
@@ -455,106 +470,107 @@ async def simulated_pda(
     rng: random.Random,
 ) -> None:
     """A PDA back in coverage: batches of ``--batch-size`` events, a pull after each."""
-    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
-        await sign_in(client, state)
-        per_push = math.ceil(args.batch_size / EVENTS_PER_PARCEL)
-        cursor: str | None = None
-        while time.perf_counter() < deadline:
-            batch = state.parcels[state.next_parcel : state.next_parcel + per_push]
-            if len(batch) < per_push:
-                tally.notices.append(f"{state.device_id} ran out of parcels")
-                return
-            state.next_parcel += per_push
-            sent_at = dt.datetime.now(PDA_CLOCK)
-            events = pda_events(state.pda, batch, args.batch_size, sent_at, rng)
-            await push(client, tally, "push", state, push_body(state.pda, events, sent_at))
-            while time.perf_counter() < deadline:  # the changes since its last pull
-                query = {"limit": 200, **({"cursor": cursor} if cursor else {})}
-                page = await timed(client, tally, "pull", "GET", "/api/v1/sync/pull", params=query)
-                if page.status_code != 200:
-                    break
-                cursor = page.json()["next_cursor"]
-                if not page.json()["has_more"]:
-                    break
-            if args.think:
-                await asyncio.sleep(args.think)
+    await sign_in(client, state)
+    per_push = math.ceil(args.batch_size / EVENTS_PER_PARCEL)
+    cursor: str | None = None
+    while time.perf_counter() < deadline:
+        batch = state.parcels[state.next_parcel : state.next_parcel + per_push]
+        if len(batch) < per_push:
+            tally.notices.append(f"{state.device_id} ran out of parcels")
+            return
+        state.next_parcel += per_push
+        sent_at = dt.datetime.now(PDA_CLOCK)
+        events = pda_events(state.pda, batch, args.batch_size, sent_at, rng)
+        await push(client, tally, "push", state, push_body(state.pda, events, sent_at))
+        while time.perf_counter() < deadline:  # the changes since its last pull
+            query = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+            page = await timed(client, tally, "pull", "GET", "/api/v1/sync/pull", params=query)
+            if page.status_code != 200:
+                break
+            cursor = page.json()["next_cursor"]
+            if not page.json()["has_more"]:
+                break
+        if args.think:
+            await asyncio.sleep(args.think)
 
 
 async def online_pda(
-    base: str,
+    client: httpx.AsyncClient,
     state: PdaState,
     tally: Tally,
     deadline: float,
     rng: random.Random,
 ) -> None:
     """A PDA in coverage: each scan pushed as it happens, one event per push."""
-    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
-        await sign_in(client, state)
-        while time.perf_counter() < deadline:
-            if not state.unsent:
-                if state.next_parcel >= len(state.parcels):
-                    tally.notices.append(f"{state.device_id} ran out of parcels")
-                    return
-                parcel = state.parcels[state.next_parcel]
-                state.next_parcel += 1
-                now = dt.datetime.now(PDA_CLOCK)
-                state.unsent = pda_events(state.pda, [parcel], EVENTS_PER_PARCEL, now, rng)
-            event = state.unsent.pop(0)
-            sent_at = dt.datetime.now(PDA_CLOCK)
-            await push(client, tally, "scan", state, push_body(state.pda, [event], sent_at))
+    await sign_in(client, state)
+    while time.perf_counter() < deadline:
+        if not state.unsent:
+            if state.next_parcel >= len(state.parcels):
+                tally.notices.append(f"{state.device_id} ran out of parcels")
+                return
+            parcel = state.parcels[state.next_parcel]
+            state.next_parcel += 1
+            now = dt.datetime.now(PDA_CLOCK)
+            state.unsent = pda_events(state.pda, [parcel], EVENTS_PER_PARCEL, now, rng)
+        event = state.unsent.pop(0)
+        sent_at = dt.datetime.now(PDA_CLOCK)
+        await push(client, tally, "scan", state, push_body(state.pda, [event], sent_at))
 
 
 async def reader(
-    base: str, setup: Setup, args: argparse.Namespace, tally: Tally, deadline: float, n: int
+    client: httpx.AsyncClient,
+    setup: Setup,
+    args: argparse.Namespace,
+    tally: Tally,
+    deadline: float,
+    n: int,
 ) -> None:
     """A station manager watching the board and the shifts, then an auditor's searches."""
     manager = {"Authorization": f"Bearer {setup.manager}"}
     auditor = {"Authorization": f"Bearer {setup.auditor}"}
     since = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).isoformat()
-    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
-        shifts: list[int] = []
-        turn = n
-        while time.perf_counter() < deadline:
-            turn += 1
-            if turn % 2:
-                board = await timed(
+    shifts: list[int] = []
+    turn = n
+    while time.perf_counter() < deadline:
+        turn += 1
+        if turn % 2:
+            board = await timed(
+                client,
+                tally,
+                "balance",
+                "GET",
+                f"/api/v1/stations/{setup.station_id}/handover",
+                headers=manager,
+            )
+            if board.status_code == 200 and not shifts:
+                shifts = [row["shift_id"] for row in board.json()["shifts"]]
+            if shifts:
+                await timed(
                     client,
                     tally,
                     "balance",
                     "GET",
-                    f"/api/v1/stations/{setup.station_id}/handover",
+                    f"/api/v1/shifts/{shifts[turn % len(shifts)]}/balance",
                     headers=manager,
                 )
-                if board.status_code == 200 and not shifts:
-                    shifts = [row["shift_id"] for row in board.json()["shifts"]]
-                if shifts:
-                    await timed(
-                        client,
-                        tally,
-                        "balance",
-                        "GET",
-                        f"/api/v1/shifts/{shifts[turn % len(shifts)]}/balance",
-                        headers=manager,
-                    )
-            else:
-                params = {"station_id": setup.station_id, "limit": 100}
-                if turn % 4 == 0:
-                    params["occurred_from"] = since
-                await timed(
-                    client,
-                    tally,
-                    "proofs",
-                    "GET",
-                    "/api/v1/proofs",
-                    params=params,
-                    headers=auditor,
-                )
+        else:
+            params = {"station_id": setup.station_id, "limit": 100}
+            if turn % 4 == 0:
+                params["occurred_from"] = since
+            await timed(
+                client,
+                tally,
+                "proofs",
+                "GET",
+                "/api/v1/proofs",
+                params=params,
+                headers=auditor,
+            )
 
 
-async def trivial_client(base: str, tally: Tally, deadline: float) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client:
-        while time.perf_counter() < deadline:
-            await timed(client, tally, "healthz", "GET", "/healthz")
+async def trivial_client(client: httpx.AsyncClient, tally: Tally, deadline: float) -> None:
+    while time.perf_counter() < deadline:
+        await timed(client, tally, "healthz", "GET", "/healthz")
 
 
 async def progress(tally: Tally, deadline: float, every: float, label: str) -> None:
@@ -572,44 +588,64 @@ async def progress(tally: Tally, deadline: float, every: float, label: str) -> N
         )
 
 
+@contextlib.asynccontextmanager
+async def clients(base: str, count: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """``count`` clients, one connection each, made before a phase's clock starts."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS, verify=_TLS)
+            )
+            for _ in range(count)
+        ]
+
+
 async def run_load(base: str, setup: Setup, args: argparse.Namespace) -> tuple[Tally, float]:
-    tally = Tally()
-    deadline = time.perf_counter() + args.duration
-    rng = random.Random(args.seed)
-    tasks = [
-        simulated_pda(base, state, args, tally, deadline, random.Random(rng.random()))
-        for state in setup.pdas
-    ]
-    tasks += [reader(base, setup, args, tally, deadline, n) for n in range(args.readers)]
-    tasks.append(progress(tally, deadline, args.progress, "load"))
-    await asyncio.gather(*tasks)
-    return tally, time.perf_counter() - tally.started
+    async with clients(base, len(setup.pdas) + args.readers) as made:
+        tally = Tally()
+        deadline = time.perf_counter() + args.duration
+        rng = random.Random(args.seed)
+        tasks = [
+            simulated_pda(client, state, args, tally, deadline, random.Random(rng.random()))
+            for client, state in zip(made[: len(setup.pdas)], setup.pdas, strict=True)
+        ]
+        tasks += [
+            reader(client, setup, args, tally, deadline, n)
+            for n, client in enumerate(made[len(setup.pdas) :])
+        ]
+        tasks.append(progress(tally, deadline, args.progress, "load"))
+        await asyncio.gather(*tasks)
+        return tally, time.perf_counter() - tally.started
 
 
 async def run_scans(
     base: str, setup: Setup, args: argparse.Namespace, seconds: float, round_no: int
 ) -> tuple[Tally, float]:
-    tally = Tally()
-    deadline = time.perf_counter() + seconds
-    rng = random.Random(args.seed + 1 + round_no)
-    tasks = [
-        online_pda(base, state, tally, deadline, random.Random(rng.random()))
-        for state in setup.pdas
-    ]
-    tasks.append(progress(tally, deadline, args.progress, "scans"))
-    await asyncio.gather(*tasks)
-    return tally, time.perf_counter() - tally.started
+    async with clients(base, len(setup.pdas)) as made:
+        tally = Tally()
+        deadline = time.perf_counter() + seconds
+        rng = random.Random(args.seed + 1 + round_no)
+        tasks = [
+            online_pda(client, state, tally, deadline, random.Random(rng.random()))
+            for client, state in zip(made, setup.pdas, strict=True)
+        ]
+        tasks.append(progress(tally, deadline, args.progress, "scans"))
+        await asyncio.gather(*tasks)
+        return tally, time.perf_counter() - tally.started
 
 
 async def run_trivial(
-    base: str, clients: int, args: argparse.Namespace, seconds: float
+    base: str, count: int, args: argparse.Namespace, seconds: float
 ) -> tuple[Tally, float]:
-    tally = Tally()
-    deadline = time.perf_counter() + seconds
-    tasks = [trivial_client(base, tally, deadline) for _ in range(clients)]
-    tasks.append(progress(tally, deadline, args.progress, "healthz"))
-    await asyncio.gather(*tasks)
-    return tally, time.perf_counter() - tally.started
+    async with clients(base, count) as made:
+        tally = Tally()
+        deadline = time.perf_counter() + seconds
+        tasks: list[Coroutine[Any, Any, None]] = [
+            trivial_client(client, tally, deadline) for client in made
+        ]
+        tasks.append(progress(tally, deadline, args.progress, "healthz"))
+        await asyncio.gather(*tasks)
+        return tally, time.perf_counter() - tally.started
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -694,6 +730,86 @@ def report_cpu(phases: list[tuple[str, CpuTimes, int, float]]) -> None:
         )
 
 
+# -- SQLite's writers' turn (--turn-stats) ------------------------------------------------------
+
+TURN_STATS_DIRECTORY = Path(__file__).resolve().parent / "turn_stats"  # its sitecustomize
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One writers' turn as the server recorded it (``bench/turn_stats``), in seconds of
+    the machine's monotonic clock."""
+
+    pid: int
+    asked: float
+    taken: float
+    released: float
+
+
+def turn_stats_env(env: dict[str, str], directory: Path) -> dict[str, str]:
+    """The server's environment with ``bench/turn_stats`` first on its path."""
+    directory.mkdir(exist_ok=True)
+    path = os.pathsep.join(p for p in (str(TURN_STATS_DIRECTORY), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path, "COURIER_TURN_STATS": str(directory)}
+
+
+def read_turns(directory: Path) -> list[Turn]:
+    turns = []
+    for path in directory.glob("turns.*"):
+        for line in path.read_text().splitlines():
+            pid, asked, taken, released = line.split()
+            turns.append(Turn(int(pid), float(asked), float(taken), float(released)))
+    return sorted(turns, key=lambda turn: turn.taken)
+
+
+def report_turns(turns: list[Turn], phases: list[tuple[str, list[tuple[float, float]]]]) -> None:
+    """For each phase (its windows on the monotonic clock): how often the turn was taken,
+    how long it was held, and what became of the time it was free. A turn given back
+    while another writer waited is a hand-off: its gap is the waiter's wake-up (within
+    a process: its thread getting the interpreter's lock back; from another process:
+    the turnstile's file-lock polling as well). Free with nobody waiting is time no
+    writer wanted it: the writers were elsewhere (parsing, checks, the network). The
+    rest of a phase is before its first turn and after its last (in each round: the
+    clients connecting, then finishing)."""
+    print(
+        f"\nSQLite writers' turn  {'turns/s':>8}{'held p50':>10}{'p90':>7}{'mean ms':>9}"
+        f"{'held':>7}{'hand-off mean ms: same / other process':>41}{'hand-offs':>11}"
+        f"{'free, none waiting':>20}{'edges':>7}"
+    )
+    for label, windows in phases:
+        seconds = sum(end - start for start, end in windows)
+        within = [
+            [turn for turn in turns if start <= turn.taken and turn.released <= end]
+            for start, end in windows
+        ]
+        held = sorted(turn.released - turn.taken for part in within for turn in part)
+        if not held or seconds <= 0:
+            print(f"{label:<22}no turn recorded")
+            continue
+        gaps: dict[str, list[float]] = {"same": [], "other": [], "none": []}
+        for part in within:
+            for before, after in itertools.pairwise(part):
+                gap = max(0.0, after.taken - before.released)
+                if after.asked >= before.released:
+                    gaps["none"].append(gap)
+                else:
+                    gaps["same" if after.pid == before.pid else "other"].append(gap)
+
+        def mean_ms(values: list[float]) -> str:
+            return f"{statistics.fmean(values) * 1000:.2f} ({len(values):,})" if values else "-"
+
+        handoffs = sum(gaps["same"]) + sum(gaps["other"])
+        edges = seconds - sum(part[-1].released - part[0].taken for part in within if part)
+        print(
+            f"{label:<22}{len(held) / seconds:>8.1f}{percentile(held, 0.5) * 1000:>10.2f}"
+            f"{percentile(held, 0.9) * 1000:>7.2f}{statistics.fmean(held) * 1000:>9.2f}"
+            f"{sum(held) / seconds:>7.0%}"
+            f"{mean_ms(gaps['same']) + ' / ' + mean_ms(gaps['other']):>41}"
+            f"{handoffs / seconds:>11.0%}{sum(gaps['none']) / seconds:>20.0%}"
+            f"{edges / seconds:>7.0%}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pdas", type=int, default=20, help="simulated PDAs pushing at once")
@@ -735,6 +851,12 @@ def main() -> int:
     parser.add_argument("--progress", type=float, default=5.0, help="seconds between lines")
     parser.add_argument("--database-url", help="PostgreSQL (public schema wiped); default SQLite")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--turn-stats",
+        action="store_true",
+        help="SQLite: record each writers' turn in the server (bench/turn_stats) and report "
+        "per phase how long it was held and how long it took to pass on",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory and log")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -745,6 +867,10 @@ def main() -> int:
     database_url = prepare_database(args.database_url, workdir)
     env = server_env(database_url, workdir)
     backend = make_url(database_url).get_backend_name()
+    if args.turn_stats:
+        if backend != "sqlite":
+            parser.error("--turn-stats measures SQLite's writers' turn: leave out --database-url")
+        env = turn_stats_env(env, workdir / "turns")
     print(
         f"load: {backend}, {args.workers} workers x {args.threads} threads, {args.pdas} PDAs "
         f"+ {args.readers} readers, {args.duration:g} s; work directory {workdir}",
@@ -769,7 +895,9 @@ def main() -> int:
             api.close()
         group = server.process.pid if server.process is not None else None  # its own group
         started = CpuSample.now(group)
+        windows: dict[str, list[tuple[float, float]]] = {"mixed load": [], "scans": []}
         load, load_seconds = asyncio.run(run_load(base, setup, args))
+        windows["mixed load"].append((load.started, load.started + load_seconds))
         loaded = CpuSample.now(group)
         scans, trivial = Tally(), Tally()
         scan_seconds = trivial_seconds = 0.0
@@ -779,6 +907,7 @@ def main() -> int:
             part, seconds = asyncio.run(
                 run_scans(base, setup, args, args.scan_duration / args.rounds, round_no)
             )
+            windows["scans"].append((part.started, part.started + seconds))
             scanned = CpuSample.now(group)
             idle, idle_seconds = asyncio.run(
                 run_trivial(
@@ -808,6 +937,8 @@ def main() -> int:
     ok = report(load, load_seconds, scans, scan_seconds, trivial, trivial_seconds) and ok
     print(f"scan push / trivial, round by round: {', '.join(f'{r:.2f}' for r in rounds)}")
     report_cpu(cpu)
+    if args.turn_stats:
+        report_turns(read_turns(workdir / "turns"), list(windows.items()))
     problems = server.unexpected_log_lines()
     for failure in (load.failures + scans.failures + trivial.failures)[:10]:
         print(f"failure: {failure}", file=sys.stderr)

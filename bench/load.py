@@ -52,9 +52,9 @@ machine, compare figures taken with the same options only.
 ``--turn-stats`` (SQLite) also records each writers' turn in the server's processes
 (``bench/turn_stats``, one line a turn) and reports, for the mixed load and the scans,
 the turns a second, how long each was held, and how the rest of the time went: passed
-on to a writer already waiting (within a process, or to another), free with nobody
-waiting, or at the rounds' edges. A scan phase whose turn is held or being passed on
-nearly all the time is bound by the turn.
+on while a writer was waiting (within a process, or to another), free with nobody
+waiting, or at the edges of each round (before its first turn, after its last). A scan
+phase whose turn is held or being passed on nearly all the time is bound by the turn.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,9 +588,20 @@ async def progress(tally: Tally, deadline: float, every: float, label: str) -> N
         )
 
 
+@dataclass
+class PhaseRun:
+    """One run of a phase: its answers, its length and the processor time it took,
+    both counted from when its clients were made (their connections open at their
+    first requests, within the clock) to when the last of them had its answer."""
+
+    tally: Tally
+    seconds: float
+    cpu: CpuTimes
+
+
 @contextlib.asynccontextmanager
 async def clients(base: str, count: int) -> AsyncIterator[list[httpx.AsyncClient]]:
-    """``count`` clients, one connection each, made before a phase's clock starts."""
+    """``count`` clients of one connection each, made before a phase's clock starts."""
     async with contextlib.AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(
@@ -600,52 +611,74 @@ async def clients(base: str, count: int) -> AsyncIterator[list[httpx.AsyncClient
         ]
 
 
-async def run_load(base: str, setup: Setup, args: argparse.Namespace) -> tuple[Tally, float]:
-    async with clients(base, len(setup.pdas) + args.readers) as made:
+PhaseTasks = list[Coroutine[Any, Any, None]]
+Tasks = Callable[[list[httpx.AsyncClient], Tally, float], PhaseTasks]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server under load: its address and its process group (whose processor time
+    ``CpuSample`` counts)."""
+
+    base: str
+    group: int | None
+
+
+async def run_phase(
+    target: Target, count: int, label: str, seconds: float, every: float, tasks: Tasks
+) -> PhaseRun:
+    """``tasks`` (given the clients, the tally and the deadline) on ``count`` clients for
+    ``seconds``, with a progress line ``every`` seconds; the clock and the processor
+    time start once the clients are made."""
+    async with clients(target.base, count) as made:
+        cpu = CpuSample.now(target.group)
         tally = Tally()
-        deadline = time.perf_counter() + args.duration
-        rng = random.Random(args.seed)
-        tasks = [
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(
+            *tasks(made, tally, deadline), progress(tally, deadline, every, label)
+        )
+        elapsed = time.perf_counter() - tally.started
+        return PhaseRun(tally, elapsed, CpuSample.now(target.group).since(cpu))
+
+
+async def run_load(target: Target, setup: Setup, args: argparse.Namespace) -> PhaseRun:
+    rng = random.Random(args.seed)
+    pdas = len(setup.pdas)
+
+    def tasks(made: list[httpx.AsyncClient], tally: Tally, deadline: float) -> PhaseTasks:
+        return [
             simulated_pda(client, state, args, tally, deadline, random.Random(rng.random()))
-            for client, state in zip(made[: len(setup.pdas)], setup.pdas, strict=True)
+            for client, state in zip(made[:pdas], setup.pdas, strict=True)
+        ] + [
+            reader(client, setup, args, tally, deadline, n) for n, client in enumerate(made[pdas:])
         ]
-        tasks += [
-            reader(client, setup, args, tally, deadline, n)
-            for n, client in enumerate(made[len(setup.pdas) :])
-        ]
-        tasks.append(progress(tally, deadline, args.progress, "load"))
-        await asyncio.gather(*tasks)
-        return tally, time.perf_counter() - tally.started
+
+    return await run_phase(
+        target, pdas + args.readers, "load", args.duration, args.progress, tasks
+    )
 
 
 async def run_scans(
-    base: str, setup: Setup, args: argparse.Namespace, seconds: float, round_no: int
-) -> tuple[Tally, float]:
-    async with clients(base, len(setup.pdas)) as made:
-        tally = Tally()
-        deadline = time.perf_counter() + seconds
-        rng = random.Random(args.seed + 1 + round_no)
-        tasks = [
+    target: Target, setup: Setup, args: argparse.Namespace, seconds: float, round_no: int
+) -> PhaseRun:
+    rng = random.Random(args.seed + 1 + round_no)
+
+    def tasks(made: list[httpx.AsyncClient], tally: Tally, deadline: float) -> PhaseTasks:
+        return [
             online_pda(client, state, tally, deadline, random.Random(rng.random()))
             for client, state in zip(made, setup.pdas, strict=True)
         ]
-        tasks.append(progress(tally, deadline, args.progress, "scans"))
-        await asyncio.gather(*tasks)
-        return tally, time.perf_counter() - tally.started
+
+    return await run_phase(target, len(setup.pdas), "scans", seconds, args.progress, tasks)
 
 
 async def run_trivial(
-    base: str, count: int, args: argparse.Namespace, seconds: float
-) -> tuple[Tally, float]:
-    async with clients(base, count) as made:
-        tally = Tally()
-        deadline = time.perf_counter() + seconds
-        tasks: list[Coroutine[Any, Any, None]] = [
-            trivial_client(client, tally, deadline) for client in made
-        ]
-        tasks.append(progress(tally, deadline, args.progress, "healthz"))
-        await asyncio.gather(*tasks)
-        return tally, time.perf_counter() - tally.started
+    target: Target, count: int, args: argparse.Namespace, seconds: float
+) -> PhaseRun:
+    def tasks(made: list[httpx.AsyncClient], tally: Tally, deadline: float) -> PhaseTasks:
+        return [trivial_client(client, tally, deadline) for client in made]
+
+    return await run_phase(target, count, "healthz", seconds, args.progress, tasks)
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -747,66 +780,94 @@ class Turn:
 
 
 def turn_stats_env(env: dict[str, str], directory: Path) -> dict[str, str]:
-    """The server's environment with ``bench/turn_stats`` first on its path."""
-    directory.mkdir(exist_ok=True)
+    """The server's environment with ``bench/turn_stats`` first on its path, recording
+    into ``directory``."""
     path = os.pathsep.join(p for p in (str(TURN_STATS_DIRECTORY), env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONPATH": path, "COURIER_TURN_STATS": str(directory)}
 
 
 def read_turns(directory: Path) -> list[Turn]:
+    """Every turn recorded, by the time it was taken. A line cut short (a process killed
+    while writing it) is skipped."""
     turns = []
     for path in directory.glob("turns.*"):
         for line in path.read_text().splitlines():
-            pid, asked, taken, released = line.split()
-            turns.append(Turn(int(pid), float(asked), float(taken), float(released)))
+            fields = line.split()
+            if len(fields) == 4:
+                turns.append(Turn(int(fields[0]), *(float(field) for field in fields[1:])))
     return sorted(turns, key=lambda turn: turn.taken)
 
 
+@dataclass
+class TurnUse:
+    """How one phase used the turn: what each turn held it for, and each gap between
+    two turns by what it was (see ``turn_use``)."""
+
+    seconds: float
+    held: list[float] = field(default_factory=list)
+    same_process: list[float] = field(default_factory=list)  # hand-offs
+    other_process: list[float] = field(default_factory=list)  # hand-offs
+    none_waiting: list[float] = field(default_factory=list)
+    edges: float = 0.0
+
+
+def turn_use(turns: list[Turn], windows: list[tuple[float, float]]) -> TurnUse:
+    """The turns taken and given back within ``windows`` (on the monotonic clock).
+
+    A gap after a turn is a hand-off when some writer had asked for the turn before it
+    was given back (not necessarily the one that got it next: neither the lock within a
+    process nor the file lock between them serves in order). It is then the next
+    writer's wake-up: within a process, its thread getting the interpreter's lock back;
+    from another process, the turnstile's polling of the file lock too. Otherwise no
+    writer wanted the turn: they were elsewhere (parsing, checks, the network). The
+    edges are the time before a window's first turn and after its last (the clients
+    connecting, then finishing)."""
+    use = TurnUse(seconds=sum(end - start for start, end in windows))
+    for start, end in windows:
+        part = [turn for turn in turns if start <= turn.taken and turn.released <= end]
+        if not part:
+            use.edges += end - start
+            continue
+        use.held += [turn.released - turn.taken for turn in part]
+        use.edges += (end - start) - (part[-1].released - part[0].taken)
+        first_asked_from = list(itertools.accumulate(reversed([t.asked for t in part]), min))
+        first_asked_from.reverse()  # [i]: the earliest ask among part[i:]
+        for index, (before, after) in enumerate(itertools.pairwise(part)):
+            gap = max(0.0, after.taken - before.released)
+            if first_asked_from[index + 1] >= before.released:
+                use.none_waiting.append(gap)
+            elif after.pid == before.pid:
+                use.same_process.append(gap)
+            else:
+                use.other_process.append(gap)
+    return use
+
+
+def _mean_ms(values: list[float]) -> str:
+    return f"{statistics.fmean(values) * 1000:.2f} ({len(values):,})" if values else "-"
+
+
 def report_turns(turns: list[Turn], phases: list[tuple[str, list[tuple[float, float]]]]) -> None:
-    """For each phase (its windows on the monotonic clock): how often the turn was taken,
-    how long it was held, and what became of the time it was free. A turn given back
-    while another writer waited is a hand-off: its gap is the waiter's wake-up (within
-    a process: its thread getting the interpreter's lock back; from another process:
-    the turnstile's file-lock polling as well). Free with nobody waiting is time no
-    writer wanted it: the writers were elsewhere (parsing, checks, the network). The
-    rest of a phase is before its first turn and after its last (in each round: the
-    clients connecting, then finishing)."""
+    """For each phase: how often the turn was taken, how long it was held, and what
+    became of the rest of the time (``turn_use``), as shares of the phase."""
     print(
-        f"\nSQLite writers' turn  {'turns/s':>8}{'held p50':>10}{'p90':>7}{'mean ms':>9}"
-        f"{'held':>7}{'hand-off mean ms: same / other process':>41}{'hand-offs':>11}"
-        f"{'free, none waiting':>20}{'edges':>7}"
+        f"\nSQLite writers' turn  {'turns/s':>8}{'held p50 ms':>12}{'p90 ms':>8}"
+        f"{'mean ms':>9}{'held':>7}{'hand-off mean ms: same / other process':>41}"
+        f"{'hand-offs':>11}{'free, none waiting':>20}{'edges':>7}"
     )
     for label, windows in phases:
-        seconds = sum(end - start for start, end in windows)
-        within = [
-            [turn for turn in turns if start <= turn.taken and turn.released <= end]
-            for start, end in windows
-        ]
-        held = sorted(turn.released - turn.taken for part in within for turn in part)
-        if not held or seconds <= 0:
+        use = turn_use(turns, windows)
+        if not use.held or use.seconds <= 0:
             print(f"{label:<22}no turn recorded")
             continue
-        gaps: dict[str, list[float]] = {"same": [], "other": [], "none": []}
-        for part in within:
-            for before, after in itertools.pairwise(part):
-                gap = max(0.0, after.taken - before.released)
-                if after.asked >= before.released:
-                    gaps["none"].append(gap)
-                else:
-                    gaps["same" if after.pid == before.pid else "other"].append(gap)
-
-        def mean_ms(values: list[float]) -> str:
-            return f"{statistics.fmean(values) * 1000:.2f} ({len(values):,})" if values else "-"
-
-        handoffs = sum(gaps["same"]) + sum(gaps["other"])
-        edges = seconds - sum(part[-1].released - part[0].taken for part in within if part)
+        handoffs = sum(use.same_process) + sum(use.other_process)
         print(
-            f"{label:<22}{len(held) / seconds:>8.1f}{percentile(held, 0.5) * 1000:>10.2f}"
-            f"{percentile(held, 0.9) * 1000:>7.2f}{statistics.fmean(held) * 1000:>9.2f}"
-            f"{sum(held) / seconds:>7.0%}"
-            f"{mean_ms(gaps['same']) + ' / ' + mean_ms(gaps['other']):>41}"
-            f"{handoffs / seconds:>11.0%}{sum(gaps['none']) / seconds:>20.0%}"
-            f"{edges / seconds:>7.0%}"
+            f"{label:<22}{len(use.held) / use.seconds:>8.1f}"
+            f"{percentile(use.held, 0.5) * 1000:>12.2f}{percentile(use.held, 0.9) * 1000:>8.2f}"
+            f"{statistics.fmean(use.held) * 1000:>9.2f}{sum(use.held) / use.seconds:>7.0%}"
+            f"{_mean_ms(use.same_process) + ' / ' + _mean_ms(use.other_process):>41}"
+            f"{handoffs / use.seconds:>11.0%}{sum(use.none_waiting) / use.seconds:>20.0%}"
+            f"{use.edges / use.seconds:>7.0%}"
         )
 
 
@@ -870,6 +931,7 @@ def main() -> int:
     if args.turn_stats:
         if backend != "sqlite":
             parser.error("--turn-stats measures SQLite's writers' turn: leave out --database-url")
+        (workdir / "turns").mkdir()
         env = turn_stats_env(env, workdir / "turns")
     print(
         f"load: {backend}, {args.workers} workers x {args.threads} threads, {args.pdas} PDAs "
@@ -894,38 +956,38 @@ def main() -> int:
         finally:
             api.close()
         group = server.process.pid if server.process is not None else None  # its own group
-        started = CpuSample.now(group)
-        windows: dict[str, list[tuple[float, float]]] = {"mixed load": [], "scans": []}
-        load, load_seconds = asyncio.run(run_load(base, setup, args))
-        windows["mixed load"].append((load.started, load.started + load_seconds))
-        loaded = CpuSample.now(group)
+        target = Target(base, group)
+        mixed = asyncio.run(run_load(target, setup, args))
+        load, load_seconds = mixed.tally, mixed.seconds
+        windows: dict[str, list[tuple[float, float]]] = {
+            "mixed load": [(load.started, load.started + load_seconds)],
+            "scans": [],
+        }
         scans, trivial = Tally(), Tally()
         scan_seconds = trivial_seconds = 0.0
         scan_cpu = trivial_cpu = CpuTimes(0.0, 0.0, 0.0)
-        at = loaded
         for round_no in range(args.rounds):  # the two phases share the machine's drift
-            part, seconds = asyncio.run(
-                run_scans(base, setup, args, args.scan_duration / args.rounds, round_no)
+            part = asyncio.run(
+                run_scans(target, setup, args, args.scan_duration / args.rounds, round_no)
             )
-            windows["scans"].append((part.started, part.started + seconds))
-            scanned = CpuSample.now(group)
-            idle, idle_seconds = asyncio.run(
+            idle = asyncio.run(
                 run_trivial(
-                    base, args.pdas + args.readers, args, args.trivial_duration / args.rounds
+                    target, args.pdas + args.readers, args, args.trivial_duration / args.rounds
                 )
             )
+            windows["scans"].append((part.tally.started, part.tally.started + part.seconds))
             rounds.append(
-                part.rate("scan", seconds) / max(idle.rate("healthz", idle_seconds), 1e-9)
+                part.tally.rate("scan", part.seconds)
+                / max(idle.tally.rate("healthz", idle.seconds), 1e-9)
             )
-            scans.absorb(part)
-            trivial.absorb(idle)
-            scan_seconds += seconds
-            trivial_seconds += idle_seconds
-            scan_cpu = scan_cpu.plus(scanned.since(at))
-            at = CpuSample.now(group)
-            trivial_cpu = trivial_cpu.plus(at.since(scanned))
+            scans.absorb(part.tally)
+            trivial.absorb(idle.tally)
+            scan_seconds += part.seconds
+            trivial_seconds += idle.seconds
+            scan_cpu = scan_cpu.plus(part.cpu)
+            trivial_cpu = trivial_cpu.plus(idle.cpu)
         cpu = [
-            ("mixed load", loaded.since(started), load.requests(), load_seconds),
+            ("mixed load", mixed.cpu, load.requests(), load_seconds),
             ("scans", scan_cpu, scans.requests(), scan_seconds),
             ("healthz", trivial_cpu, trivial.requests(), trivial_seconds),
         ]

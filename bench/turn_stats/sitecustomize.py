@@ -6,7 +6,13 @@ With ``COURIER_TURN_STATS`` naming a directory, each process appends one line a 
 to ``turns.<pid>`` there when the turn is given back: its process id and, on the
 machine's monotonic clock (``time.perf_counter``, the load script's too), when the
 writer asked for the turn, when it got it and when it gave it back. One ``write(2)``
-a turn, outside the turn. Without the variable this module does nothing.
+a turn, outside the turn; a failure to record is ignored (the commit it follows
+stands). Without the variable this module does nothing.
+
+The script's CLI commands (migrations, the station) run with the same path and
+record their turns too, before the phases: the report leaves them out. Being first
+on the path, this module hides any other ``sitecustomize`` (the project's virtualenv
+has none).
 """
 
 from __future__ import annotations
@@ -35,14 +41,22 @@ def _install(directory: str) -> None:
         released = time.perf_counter()
         leave(self)
         started, taken = getattr(asked, "times", (released, released))
+        try:
+            os.write(_file(), f"{os.getpid()} {started:.6f} {taken:.6f} {released:.6f}\n".encode())
+        except OSError:
+            pass
+
+    def _file() -> int:
         pid = os.getpid()
         if pid not in files:
-            files[pid] = os.open(
+            descriptor = os.open(
                 os.path.join(directory, f"turns.{pid}"),
                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                 0o644,
             )
-        os.write(files[pid], f"{pid} {started:.6f} {taken:.6f} {released:.6f}\n".encode())
+            if files.setdefault(pid, descriptor) != descriptor:  # another thread was first
+                os.close(descriptor)
+        return files[pid]
 
     turnstile.Turnstile.enter = timed_enter  # type: ignore[method-assign]
     turnstile.Turnstile.leave = timed_leave  # type: ignore[method-assign]

@@ -598,6 +598,20 @@ class PhaseRun:
     seconds: float
     cpu: CpuTimes
 
+    @property
+    def window(self) -> tuple[float, float]:
+        """When it ran, on the monotonic clock."""
+        return self.tally.started, self.tally.started + self.seconds
+
+
+def together(runs: list[PhaseRun]) -> PhaseRun:
+    """The rounds of one phase as one run: answers, seconds and processor time added."""
+    tally, cpu = Tally(), CpuTimes(0.0, 0.0, 0.0)
+    for run in runs:
+        tally.absorb(run.tally)
+        cpu = cpu.plus(run.cpu)
+    return PhaseRun(tally, sum(run.seconds for run in runs), cpu)
+
 
 @contextlib.asynccontextmanager
 async def clients(base: str, count: int) -> AsyncIterator[list[httpx.AsyncClient]]:
@@ -927,12 +941,13 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="courier-load-"))
     database_url = prepare_database(args.database_url, workdir)
     env = server_env(database_url, workdir)
+    turns_directory = workdir / "turns"  # --turn-stats
     backend = make_url(database_url).get_backend_name()
     if args.turn_stats:
         if backend != "sqlite":
             parser.error("--turn-stats measures SQLite's writers' turn: leave out --database-url")
-        (workdir / "turns").mkdir()
-        env = turn_stats_env(env, workdir / "turns")
+        turns_directory.mkdir()
+        env = turn_stats_env(env, turns_directory)
     print(
         f"load: {backend}, {args.workers} workers x {args.threads} threads, {args.pdas} PDAs "
         f"+ {args.readers} readers, {args.duration:g} s; work directory {workdir}",
@@ -947,7 +962,8 @@ def main() -> int:
     server = Server(env, free_port(), workdir, workers=args.workers, threads=args.threads)
     base = f"http://127.0.0.1:{server.port}"
     ok = True
-    rounds: list[float] = []  # scan push / trivial throughput of each round
+    scan_rounds: list[PhaseRun] = []
+    trivial_rounds: list[PhaseRun] = []
     try:
         server.start()
         api = Api(base)
@@ -958,14 +974,6 @@ def main() -> int:
         group = server.process.pid if server.process is not None else None  # its own group
         target = Target(base, group)
         mixed = asyncio.run(run_load(target, setup, args))
-        load, load_seconds = mixed.tally, mixed.seconds
-        windows: dict[str, list[tuple[float, float]]] = {
-            "mixed load": [(load.started, load.started + load_seconds)],
-            "scans": [],
-        }
-        scans, trivial = Tally(), Tally()
-        scan_seconds = trivial_seconds = 0.0
-        scan_cpu = trivial_cpu = CpuTimes(0.0, 0.0, 0.0)
         for round_no in range(args.rounds):  # the two phases share the machine's drift
             part = asyncio.run(
                 run_scans(target, setup, args, args.scan_duration / args.rounds, round_no)
@@ -975,32 +983,31 @@ def main() -> int:
                     target, args.pdas + args.readers, args, args.trivial_duration / args.rounds
                 )
             )
-            windows["scans"].append((part.tally.started, part.tally.started + part.seconds))
-            rounds.append(
-                part.tally.rate("scan", part.seconds)
-                / max(idle.tally.rate("healthz", idle.seconds), 1e-9)
-            )
-            scans.absorb(part.tally)
-            trivial.absorb(idle.tally)
-            scan_seconds += part.seconds
-            trivial_seconds += idle.seconds
-            scan_cpu = scan_cpu.plus(part.cpu)
-            trivial_cpu = trivial_cpu.plus(idle.cpu)
-        cpu = [
-            ("mixed load", mixed.cpu, load.requests(), load_seconds),
-            ("scans", scan_cpu, scans.requests(), scan_seconds),
-            ("healthz", trivial_cpu, trivial.requests(), trivial_seconds),
-        ]
+            scan_rounds.append(part)
+            trivial_rounds.append(idle)
     except LoadFailure as failure:
         print(f"load test failed: {failure}", file=sys.stderr)
         return 1
     finally:
         server.kill()
-    ok = report(load, load_seconds, scans, scan_seconds, trivial, trivial_seconds) and ok
+    scanned, idled = together(scan_rounds), together(trivial_rounds)
+    load, scans, trivial = mixed.tally, scanned.tally, idled.tally
+    ok = report(load, mixed.seconds, scans, scanned.seconds, trivial, idled.seconds) and ok
+    rounds = [
+        part.tally.rate("scan", part.seconds) / max(idle.tally.rate("healthz", idle.seconds), 1e-9)
+        for part, idle in zip(scan_rounds, trivial_rounds, strict=True)
+    ]
     print(f"scan push / trivial, round by round: {', '.join(f'{r:.2f}' for r in rounds)}")
-    report_cpu(cpu)
+    report_cpu(
+        [
+            ("mixed load", mixed.cpu, load.requests(), mixed.seconds),
+            ("scans", scanned.cpu, scans.requests(), scanned.seconds),
+            ("healthz", idled.cpu, trivial.requests(), idled.seconds),
+        ]
+    )
     if args.turn_stats:
-        report_turns(read_turns(workdir / "turns"), list(windows.items()))
+        phases = {"mixed load": [mixed.window], "scans": [run.window for run in scan_rounds]}
+        report_turns(read_turns(turns_directory), list(phases.items()))
     problems = server.unexpected_log_lines()
     for failure in (load.failures + scans.failures + trivial.failures)[:10]:
         print(f"failure: {failure}", file=sys.stderr)

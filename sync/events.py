@@ -23,6 +23,8 @@ from sync.errors import DomainError
 from sync.tracking import TrackingNumberPolicy
 
 MAX_SEQ = 2**31 - 1
+# The code of an event dated too far from its push's sent_at (``EventRules.max_age``).
+OUT_OF_WINDOW = "occurred_at_out_of_range"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -189,8 +191,12 @@ def parse_time(raw: Any, *, field: str) -> dt.datetime:
         ) from None
 
 
-def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> ValidEvent:
-    """Check one raw event against the contract; raise ``EventRejected`` otherwise."""
+def validate_event(raw: Any, *, sent_at: dt.datetime | None, rules: EventRules) -> ValidEvent:
+    """Check one raw event against the contract; raise ``EventRejected`` otherwise.
+
+    ``sent_at``: the push's, on the device clock, around which ``occurred_at`` must lie
+    (``OUT_OF_WINDOW``); None checks the event alone.
+    """
     if not isinstance(raw, Mapping):
         raise EventRejected("an event must be a JSON object", code="not_an_object")
     event_type = _event_type(raw.get("type"))
@@ -211,11 +217,13 @@ def validate_event(raw: Any, *, sent_at: dt.datetime, rules: EventRules) -> Vali
     except DomainError as error:
         raise EventRejected(error.message, code=error.code, field="tracking_no") from None
     occurred_at = parse_time(raw.get("occurred_at"), field="occurred_at")
-    if not shifted(sent_at, -rules.max_age) <= occurred_at <= shifted(sent_at, rules.max_age):
+    if sent_at is not None and not (
+        shifted(sent_at, -rules.max_age) <= occurred_at <= shifted(sent_at, rules.max_age)
+    ):
         raise EventRejected(
             f"occurred_at must lie within {rules.max_age.days} days of the push's sent_at "
             "(both on the device clock)",
-            code="occurred_at_out_of_range",
+            code=OUT_OF_WINDOW,
             field="occurred_at",
         )
     details = {

@@ -62,6 +62,7 @@ from sync.errors import Conflict
 from sync.events import (
     MAX_EVENT_DEPTH,
     MAX_SEQ,
+    OUT_OF_WINDOW,
     EventRejected,
     EventRules,
     ValidEvent,
@@ -249,18 +250,32 @@ class _Rejection:
 
 
 @dataclass(frozen=True)
+class _Aged:
+    """A well-formed event dated outside its push's window (``EventRules.max_age``
+    around ``sent_at``): a duplicate if the server holds it already, else rejected
+    with ``error``. The window belongs to the push, not to the event, so it must not
+    turn an event stored before into a rejected one (rule 2)."""
+
+    index: int
+    event: ValidEvent
+    error: EventRejected
+
+
+@dataclass(frozen=True)
 class _Validated:
-    """A batch's events validated one by one: those valid and those rejected, with
-    their indexes in the batch."""
+    """A batch's events validated one by one: those valid, those rejected and those
+    well-formed but outside the push's window, with their indexes in the batch."""
 
     valid: list[tuple[int, ValidEvent]]
     rejections: list[_Rejection]
+    aged: list[_Aged]
 
     @classmethod
     def of(cls, batch: PushBatch, rules: EventRules, too_deep: frozenset[int]) -> _Validated:
         """``too_deep``: indexes of events nested deeper than MAX_EVENT_DEPTH."""
         valid: list[tuple[int, ValidEvent]] = []
         rejections: list[_Rejection] = []
+        aged: list[_Aged] = []
         for index, raw in enumerate(batch.events):
             if index in too_deep:
                 rejections.append(_Rejection(index, raw, TOO_DEEP))
@@ -268,11 +283,25 @@ class _Validated:
             try:
                 event = validate_event(raw, sent_at=batch.sent_at, rules=rules)
             except EventRejected as error:
-                rejections.append(_Rejection(index, raw, error))
+                well_formed = _without_window(raw, rules) if error.code == OUT_OF_WINDOW else None
+                if well_formed is None:
+                    rejections.append(_Rejection(index, raw, error))
+                else:
+                    aged.append(_Aged(index, well_formed, error))
             else:
                 event.content_hash  # noqa: B018 - cached now, outside the device's lock
                 valid.append((index, event))
-        return cls(valid, rejections)
+        return cls(valid, rejections, aged)
+
+
+def _without_window(raw: Any, rules: EventRules) -> ValidEvent | None:
+    """The event validated on everything but the push's window; None if malformed."""
+    try:
+        event = validate_event(raw, sent_at=None, rules=rules)
+    except EventRejected:
+        return None
+    event.content_hash  # noqa: B018 - cached now, outside the device's lock
+    return event
 
 
 def event_row(
@@ -469,8 +498,20 @@ class _BatchIngest:
         unique index on insert and answered in ``_insert_one_by_one``.
         """
         old = [event for _, event in valid if event.seq <= self.state.max_seq]
-        held_by_id = self._held_by_id([event.client_event_id for event in old])
+        # Only an event at or below max_seq can be held (with the same content, so the
+        # same seq); an event outside the push's window is looked up with the rest.
+        aged = [a for a in self.validated.aged if a.event.seq <= self.state.max_seq]
+        held_by_id = self._held_by_id(
+            [event.client_event_id for event in old] + [a.event.client_event_id for a in aged]
+        )
         held_by_seq = self._held_by_seq([event.seq for event in old])
+        for outside in self.validated.aged:
+            held = held_by_id.get(outside.event.client_event_id)
+            if held is not None and held.content_hash == outside.event.content_hash:
+                self._answer(outside.index, outside.event, "duplicate")
+            else:
+                self._reject(outside.index, self.batch.events[outside.index], outside.error)
+        valid = self._not_rejected_before(valid, held_by_id, held_by_seq)
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh = []
         for index, event in valid:
@@ -494,6 +535,32 @@ class _BatchIngest:
             held_by_seq[event.seq] = event.client_event_id
             fresh.append((index, event))
         return fresh
+
+    def _not_rejected_before(
+        self,
+        valid: list[tuple[int, ValidEvent]],
+        held_by_id: Mapping[uuid.UUID, Any],
+        held_by_seq: Mapping[int, uuid.UUID],
+    ) -> list[tuple[int, ValidEvent]]:
+        """``valid`` less the events sent before unchanged and rejected then, which are
+        rejected again with their first answer (an event passing now may have failed
+        a check of its push, its window). Only a seq the server holds an answer for
+        but no event can be one: a PDA filling its gaps costs no query."""
+        answered_seq = SeqTracker(self.state.max_seq, self.state.missing_ranges).holds
+        candidates = {
+            index: sha256_json(self.batch.events[index])
+            for index, event in valid
+            if answered_seq(event.seq)
+            and event.seq not in held_by_seq
+            and event.client_event_id not in held_by_id
+        }
+        if not candidates:
+            return valid
+        answered = self._quarantined_answers(list(set(candidates.values())))
+        again = {index for index, digest in candidates.items() if digest in answered}
+        for index in sorted(again):
+            self._reject(index, self.batch.events[index], answered[candidates[index]])
+        return [(index, event) for index, event in valid if index not in again]
 
     def _held_by_id(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
         return {
@@ -843,17 +910,7 @@ class _BatchIngest:
             return
         for rejection in self.rejections:
             rejection.payload_hash = sha256_json(rejection.raw)
-        hashes = [r.payload_hash for r in self.rejections]
-        answered: dict[str, EventRejected] = {
-            row.payload_hash: EventRejected(row.message, code=row.error_code, field=row.field)
-            for row in rows_among(
-                self.session,
-                QUARANTINED(self.session),
-                "hashes",
-                hashes,
-                {"device_id": self.pusher.device_id},
-            )
-        }
+        answered = self._quarantined_answers([r.payload_hash for r in self.rejections])
         rows = []
         for rejection in self.rejections:
             previous = answered.get(rejection.payload_hash)
@@ -872,6 +929,20 @@ class _BatchIngest:
             )
         if rows:
             flushed_connection(self.session).execute(INSERT_QUARANTINED, rows)
+
+    def _quarantined_answers(self, hashes: Sequence[str]) -> dict[str, EventRejected]:
+        """What the events of this device with these payload hashes were answered when
+        they were quarantined, by hash."""
+        return {
+            row.payload_hash: EventRejected(row.message, code=row.error_code, field=row.field)
+            for row in rows_among(
+                self.session,
+                QUARANTINED(self.session),
+                "hashes",
+                hashes,
+                {"device_id": self.pusher.device_id},
+            )
+        }
 
     def _settle_copies(self) -> None:
         for index, first in self.copies:

@@ -58,14 +58,16 @@ class Pda:
         batch_id: uuid.UUID | None = None,
         *,
         received_at: dt.datetime = NOW,
+        sent_at: dt.datetime | None = None,
         commit: bool = True,
     ) -> dict[str, Any]:
+        """``sent_at``: on the PDA's clock; by default ``received_at`` with its skew."""
         receipt = ingest(
             session=self.session,
             batch=PushBatch(
                 device_id=self.pusher.device_id,
                 batch_id=batch_id or uuid.uuid4(),
-                sent_at=received_at + self.skew,
+                sent_at=sent_at or received_at + self.skew,
                 events=events,
             ),
             pusher=self.pusher,
@@ -192,6 +194,67 @@ def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     second = pda.push([bad])
     assert first["results"] == second["results"]
     assert count(session, QuarantinedEvent) == 1
+
+
+def test_an_event_held_and_sent_again_outside_its_pushs_window_is_a_duplicate(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Rule 2 whatever the push's sent_at: an event kept on a PDA behind a gap is
+    re-sent with every push, and 31 days on it is still the event the server holds.
+    Events of that push that the server does not hold keep failing the window."""
+    tn = parcel.tracking_no
+    held = pda.event(1, tn)
+    pda.push([held])
+    altered = {**pda.event(1, tn), "client_event_id": held["client_event_id"]}
+    altered["occurred_at"] = at(2).isoformat()
+    later = NOW + dt.timedelta(days=31)
+    receipt = pda.push(
+        [held, pda.event(2, tn, "out_for_delivery"), altered, held], received_at=later
+    )
+    assert statuses(receipt) == ["duplicate", "rejected", "rejected", "duplicate"]
+    assert {r["error"]["code"] for r in receipt["results"] if "error" in r} == {
+        "occurred_at_out_of_range"
+    }
+    assert count(session, ScanEvent) == 1
+    assert count(session, QuarantinedEvent) == 2
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [])
+
+
+def test_a_rejected_event_sent_again_in_a_push_whose_window_holds_it_is_answered_the_same(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """The window is the push's: an event rejected by it keeps its first answer when a
+    later push, sent when the PDA's clock was right again, would let it through."""
+    tn = parcel.tracking_no
+    event = pda.event(1, tn, occurred_at=NOW - dt.timedelta(hours=1))
+    first = pda.push([event], sent_at=NOW + dt.timedelta(days=40))
+    assert first["results"][0]["error"]["code"] == "occurred_at_out_of_range"
+    again = pda.push([event, pda.event(2, tn)])
+    assert again["results"][0] == first["results"][0]
+    assert statuses(again) == ["rejected", "applied"]
+    assert count(session, QuarantinedEvent) == 1
+    assert session.scalars(select(ScanEvent.seq)).all() == [2]
+
+
+def test_a_pda_filling_its_gaps_never_looks_in_the_quarantine(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Only a seq answered without an event stored can be a rejected event sent again."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn), pda.event(4, tn, "out_for_delivery")])
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        receipt = pda.push([pda.event(2, tn), pda.event(3, tn)])
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    assert statuses(receipt) == ["applied", "applied"]
+    assert sent and not [s for s in sent if "quarantined_event" in s]
 
 
 def test_gaps_are_reported_until_the_missing_events_arrive(

@@ -319,7 +319,9 @@ def answer_request(
         # What the recipient agreed to: the request's method and point, unless the
         # answer names others (a point named alone keeps the method asked).
         method = answer.method or request.method
-        named = answer.method is not None or answer.point_id is not None
+        # The request's point stands unless the answer names a point or another method
+        # (restating the method asked is not a wider consent).
+        named = answer.point_id is not None or method != request.method
         consent = consents.grant(
             session=session,
             draft=consents.ConsentDraft(

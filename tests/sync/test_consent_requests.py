@@ -469,6 +469,27 @@ def test_an_answer_naming_another_point_is_a_consent_for_that_point(
     assert (consent.method, consent.point_id) == (ConsentMethod.LOCKER, "L-80")
 
 
+def test_an_answer_restating_the_method_asked_keeps_the_point_asked_for(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """Asked for locker L-1, the channel answers ``method: locker`` and no point: the
+    recipient agreed to L-1, not to any locker, and a drop at L-2 is not authorized."""
+    pda.push(
+        [
+            pda.event(parcel, "checked_out", 0),
+            pda.event(
+                parcel, "consent_requested", 50, request={"method": "locker", "point_id": "L-1"}
+            ),
+        ]
+    )
+    _, consent, _ = answer(session, request_of(session), method=ConsentMethod.LOCKER)
+    assert (consent.method, consent.point_id) == (ConsentMethod.LOCKER, "L-1")
+    drop = pda.event(parcel, "delivered_to_locker", 65, locker_id="L-2", compartment="4")
+    drop["pod"] = {"pickup_code": "8812"}
+    pda.push([drop], received_at=NOW + dt.timedelta(minutes=6))
+    assert "unauthorized_locker_drop" in set(session.scalars(select(Flag.kind)))
+
+
 def test_an_answer_dated_before_the_request_is_refused(
     session: Session, pda: Pda, parcel: str
 ) -> None:

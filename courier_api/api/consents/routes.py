@@ -78,7 +78,9 @@ class Consents(MethodView):
         **Answering a request** (`consent.requested` webhook): send its
         `request_id` with the `channel` (and optionally `granted_at`, default
         now, `expires_at`, `evidence`); the parcel, method and point are the
-        request's unless given; the answer (201) carries the request too.
+        request's unless given (the method asked, restated without a point,
+        keeps the point asked: the recipient agreed to that one); the answer
+        (201) carries the request too.
         `granted: false` records a refusal (with an optional `reason`) and
         answers 200 with the request; without a `request_id` it is a 422
         `refusal_without_request` (nothing is recorded). The courier's PDA

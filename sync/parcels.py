@@ -25,6 +25,19 @@ from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.
 
+# Fields of a parcel whose change means re-projecting and re-judging it.
+REJUDGED_FIELDS = frozenset(
+    {
+        "planned_courier_id",
+        "station_id",
+        "service_class",
+        "lat",
+        "lon",
+        "recipient_phone",
+        "address",
+    }
+)
+
 
 class IntakeStatus(enum.StrEnum):
     CREATED = "created"
@@ -125,9 +138,9 @@ def intake_parcels(
     )
     created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
     _close_unknown_parcel_flags(session, created)
-    # Closed shifts with events of parcels unknown until now: their rule flags were just
-    # judged, so what the handover shows for them may change.
-    refresh_for_parcels(session=session, tracking_nos=created)
+    # Closed shifts with events of parcels unknown until now or judged again: their rule
+    # flags were just judged, so what the handover shows for them may change.
+    refresh_for_parcels(session=session, tracking_nos=reassess)
     return results
 
 
@@ -269,7 +282,9 @@ def _apply(
             feed.FeedEntry(old_station, old_courier, FeedKind.PARCEL_REMOVED, tracking_no)
         )
         parcel.courier_id = None
-    reassess = "planned_courier_id" in changed or "station_id" in changed
+    # What the rules read of the parcel (its class, position, recipient: standing
+    # consents) changes its flags as much as who has it.
+    reassess = bool(changed.keys() & REJUDGED_FIELDS)
     return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel), entries, reassess
 
 

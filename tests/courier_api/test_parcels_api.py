@@ -1,9 +1,13 @@
+import datetime as dt
 from collections.abc import Callable
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models import Flag, FlagStatus
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -177,3 +181,61 @@ def test_parcel_lookup_errors(
     assert missing.status_code == 404
     assert missing.get_json()["code"] == "parcel_not_found"
     assert client.get(f"{URL}/{foreign.tracking_no}", headers=manager).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("taken_in_as", "corrected_to", "flagged_after"),
+    [("parcel", "express", True), ("express", "ordinary", False)],
+)
+def test_a_class_corrected_at_intake_judges_the_parcels_drops_again(
+    client: FlaskClient,
+    world: World,
+    auth: Auth,
+    session: Session,
+    taken_in_as: str,
+    corrected_to: str,
+    flagged_after: bool,
+) -> None:
+    """What the rules read of a parcel (its class here; its position and recipient too)
+    decides its flags as much as who has it: a correction at intake judges it again,
+    not whichever of its events happens to come next."""
+    manager, tn = auth.headers("manager1"), factories.s10()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    taken = client.post(
+        URL, headers=manager, json={"parcels": [item(tn, service_class=taken_in_as)]}
+    )
+    assert taken.status_code == 200
+    drop = factories.event(
+        2,
+        tn,
+        "delivered_to_locker",
+        occurred_at=at + dt.timedelta(minutes=10),
+        locker_id="L-1",
+        compartment="3",
+        pod={"pickup_code": "123"},
+    )
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", [factories.event(1, tn, occurred_at=at), drop]),
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    assert pushed.status_code == 200
+    assert unauthorized_drop_flagged(session, tn) is not flagged_after
+    corrected = client.post(
+        URL, headers=manager, json={"parcels": [item(tn, service_class=corrected_to)]}
+    )
+    assert corrected.get_json()["results"][0]["status"] == "updated"
+    assert unauthorized_drop_flagged(session, tn) is flagged_after
+
+
+def unauthorized_drop_flagged(session: Session, tracking_no: str) -> bool:
+    session.expire_all()
+    return (
+        tracking_no
+        in session.scalars(
+            select(Flag.subject_key).where(
+                Flag.kind == "unauthorized_locker_drop",
+                Flag.status.in_([FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED]),
+            )
+        ).all()
+    )

@@ -33,6 +33,7 @@ from models import (
 )
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
+from sync.projection import voided_in_sql
 from sync.rules import ConsentFact
 from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
@@ -296,14 +297,7 @@ def _without_voided(
             session.scalars(
                 select(Consent.id)
                 .join(event, event.id == Consent.event_id)
-                .where(
-                    Consent.id.in_(chunk),
-                    exists().where(
-                        ScanEvent.device_id == event.device_id,
-                        ScanEvent.voids_client_event_id == event.client_event_id,
-                        ScanEvent.seq > event.seq,
-                    ),
-                )
+                .where(Consent.id.in_(chunk), voided_in_sql(event))
             )
         )
     return {tn: [c for c in facts if c.id not in voided] for tn, facts in found.items()}

@@ -20,7 +20,10 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from sqlalchemy import Exists, exists
+from sqlalchemy.orm import aliased
 
 from models import EventType, ParcelStatus, ScanEvent
 
@@ -84,6 +87,17 @@ class Projection:
     holder_courier_id: int | None  # the courier of the check-out that counts last
     order: tuple[int, ...]  # event ids, in projection order
     voided_by: dict[int, int]  # voided event id -> id of the correction that voided it
+
+
+def voided_in_sql(target: type[ScanEvent] | Any) -> Exists:
+    """``voided_by`` as SQL, for a delivery or a captured consent ``target`` (the
+    ``ScanEvent`` entity or an alias of it): a later correction of its device names it."""
+    correction = aliased(ScanEvent, name="correction")
+    return exists().where(
+        correction.device_id == target.device_id,
+        correction.voids_client_event_id == target.client_event_id,
+        correction.seq > target.seq,
+    )
 
 
 def voided_by(facts: Iterable[EventFact]) -> dict[int, int]:

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, exists, or_, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Row, Select, and_, or_, select, update
+from sqlalchemy.orm import Session
 
 from models import (
     Blob,
@@ -41,6 +41,7 @@ from sync.flags import (
     raise_flag,
     reopen_flag,
 )
+from sync.projection import voided_in_sql
 from sync.rules import Policy
 from sync.shifts import NOT_CLOSED, lock_shift
 from sync.status import rejudge_for_consent
@@ -301,12 +302,7 @@ def _missing_images(
     session: Session, shift_ids: Sequence[int]
 ) -> dict[int, tuple[set[str], set[int]]]:
     """``{shift id: (missing digests, event ids naming them)}`` for these shifts."""
-    correction = aliased(ScanEvent)
-    voided = exists().where(
-        correction.device_id == ScanEvent.device_id,
-        correction.voids_client_event_id == ScanEvent.client_event_id,
-        correction.seq > ScanEvent.seq,
-    )
+    voided = voided_in_sql(ScanEvent)
     missing: dict[int, tuple[set[str], set[int]]] = defaultdict(lambda: (set(), set()))
     for shift_id, event_id, digest in session.execute(
         select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256)

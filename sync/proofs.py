@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import Select, exists, select
 from sqlalchemy.orm import Session
 
-from models import Consent, EventType, Flag, Parcel, ScanEvent
+from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
 from sync.consents import consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.parcels import TimelineEntry, parcel_timeline
-from sync.projection import voided_by
+from sync.projection import voided_in_sql
 from sync.rules import (
     DROPS,
     Policy,
@@ -56,6 +56,7 @@ class Proof:
     event: ScanEvent
     parcel: Parcel
     distance_m: float | None
+    voided: bool  # a later correction of its device voided this delivery
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,11 @@ class ProofDetail:
     proof: Proof
     timeline: list[TimelineEntry]
     authorizing_consent: Consent | None  # for a drop: the consent in force before it
-    voided: bool
     flags: list[Flag]
+
+    @property
+    def voided(self) -> bool:
+        return self.proof.voided
 
 
 def check_filters(filters: ProofFilter) -> None:
@@ -84,11 +88,11 @@ def check_filters(filters: ProofFilter) -> None:
         )
 
 
-def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
+def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel, bool]]:
     check_filters(filters)
     types = [METHODS[filters.method]] if filters.method else list(DELIVERY_TYPES)
     query = (
-        select(ScanEvent, Parcel)
+        select(ScanEvent, Parcel, voided_in_sql(ScanEvent).label("voided"))
         .join(Parcel, Parcel.tracking_no == ScanEvent.tracking_no)
         .where(ScanEvent.type.in_(types))
     )
@@ -108,6 +112,9 @@ def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel]]:
                 Flag.subject_type == "parcel",
                 Flag.subject_key == ScanEvent.tracking_no,
                 Flag.kind == filters.flag_kind,
+                # closed: the system found its cause gone (a consent arrived late): the
+                # parcel has no such flag; one a manager resolved was real and counts
+                Flag.status != FlagStatus.CLOSED,
             )
         )
     return query
@@ -123,7 +130,7 @@ def list_proofs(
         .order_by(ScanEvent.id)
         .limit(min(limit, MAX_PAGE_SIZE))
     )
-    return [_proof(event, parcel) for event, parcel in session.execute(query)]
+    return [_proof(*row) for row in session.execute(query)]
 
 
 def iter_proofs(*, session: Session, filters: ProofFilter, batch: int = 500) -> Iterator[Proof]:
@@ -144,7 +151,6 @@ def get_proof(*, session: Session, event_id: int, policy: Policy) -> ProofDetail
     proof = _proof(*row)
     parcel = proof.parcel
     events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]
-    voids = voided_by(e.fact for e in events)
     flags = session.scalars(
         select(Flag)
         .where(Flag.subject_type == "parcel", Flag.subject_key == parcel.tracking_no)
@@ -154,7 +160,6 @@ def get_proof(*, session: Session, event_id: int, policy: Policy) -> ProofDetail
         proof=proof,
         timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),
         authorizing_consent=_authorizing(session, proof, events, policy),
-        voided=proof.event.id in voids,
         flags=list(flags),
     )
 
@@ -177,8 +182,8 @@ def _authorizing(
     return None
 
 
-def _proof(event: ScanEvent, parcel: Parcel) -> Proof:
+def _proof(event: ScanEvent, parcel: Parcel, voided: bool) -> Proof:
     distance = None
     if None not in (event.lat, event.lon, parcel.lat, parcel.lon):
         distance = haversine_m(parcel.lat, parcel.lon, event.lat, event.lon)  # type: ignore[arg-type]
-    return Proof(event=event, parcel=parcel, distance_m=distance)
+    return Proof(event=event, parcel=parcel, distance_m=distance, voided=bool(voided))

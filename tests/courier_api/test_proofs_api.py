@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from models import AuditEntry
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_web_pages import signed_in
 
 URL = "/api/v1/proofs"
 
@@ -242,3 +244,100 @@ def test_an_auditor_reading_a_parcel_is_audit_logged(
     )
     entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "parcel_read")).one()
     assert entry.subject_key == tracking_no
+
+
+def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_export(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A mis-tapped signature and the return that followed: the auditor sees at once,
+    in the list and the CSV, that the delivery proves nothing."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    mistap = factories.event(
+        2,
+        parcel.tracking_no,
+        "delivered",
+        occurred_at=at + dt.timedelta(minutes=1),
+        pod={"recipient_name": "Li", "signature_sha256": "b" * 64},
+    )
+    correction = factories.event(
+        3,
+        parcel.tracking_no,
+        "correction",
+        occurred_at=at + dt.timedelta(minutes=2),
+        voids_client_event_id=mistap["client_event_id"],
+        reason="wrong parcel",
+    )
+    returned = factories.event(
+        4, parcel.tracking_no, "returned_to_station", occurred_at=at + dt.timedelta(minutes=30)
+    )
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body(
+            "PDA-0001", [factories.event(1, parcel.tracking_no, occurred_at=at), mistap]
+        ),
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    assert pushed.status_code == 200
+    auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
+    assert [
+        i["voided"] for i in client.get(URL, query_string=query, headers=auditor).json["items"]
+    ] == [False]
+    client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", [correction, returned]),
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    items = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
+    assert [i["voided"] for i in items] == [True]
+    detail = client.get(f"{URL}/{items[0]['event_id']}", headers=auditor).get_json()
+    assert detail["voided"] is True
+    export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
+    rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    assert [(r["tracking_no"], r["voided"]) for r in rows] == [(parcel.tracking_no, "True")]
+    html = signed_in(app, "auditor1").get(f"/web/proofs?tracking_no={parcel.tracking_no}")
+    row = html.split(f'id="proof-{items[0]["event_id"]}"')[1].split("</tr>")[0]
+    assert "voided by a correction" in row and "nothing to authorize" in row
+
+
+def test_a_flag_the_system_closed_no_longer_finds_the_drop(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Dropped before the recipient's consent (granted earlier) was recorded: the flag
+    is raised, then closed when the consent arrives. The drop was authorized."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(minutes=30)
+    drop = factories.event(
+        2,
+        parcel.tracking_no,
+        "delivered_to_locker",
+        occurred_at=at + dt.timedelta(minutes=10),
+        locker_id="L-1",
+        compartment="5",
+        pod={"pickup_code": "9981"},
+    )
+    client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body(
+            "PDA-0001", [factories.event(1, parcel.tracking_no, occurred_at=at), drop]
+        ),
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    auditor, query = auth.headers("auditor1"), {"flag_kind": "unauthorized_locker_drop"}
+    assert numbers(client.get(URL, query_string=query, headers=auditor).get_json()) == [
+        parcel.tracking_no
+    ]
+    consent = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": parcel.tracking_no,
+            "method": "locker",
+            "channel": "sms",
+            "granted_at": at.isoformat(),
+        },
+        headers=auth.headers("app1"),
+    )
+    assert consent.status_code == 201
+    assert numbers(client.get(URL, query_string=query, headers=auditor).get_json()) == []

@@ -51,6 +51,7 @@ CSV_COLUMNS = (
     "courier_id",
     "device_id",
     "method",
+    "voided",
     "occurred_at",
     "occurred_at_device",
     "received_at",
@@ -89,6 +90,7 @@ def _view(proof: Proof, *, auditor: bool) -> dict[str, Any]:
         "courier_id": event.courier_id,
         "device_id": event.device_id,
         "method": METHOD_OF[event.type],
+        "voided": proof.voided,
         "occurred_at": event.occurred_at,
         "occurred_at_device": event.occurred_at_device,
         "received_at": event.received_at,
@@ -116,8 +118,9 @@ class Proofs(MethodView):
         filtered by station, tracking number, courier, corrected time
         (`occurred_from` inclusive, `occurred_to` exclusive), the kind of flag
         their parcel has, and method. Auditors read across stations (each search
-        is audit-logged); managers their own station. Recipient phone numbers
-        are masked except for auditors.
+        is audit-logged); managers their own station. A delivery a later
+        correction from the same PDA voided is listed with `voided: true`: it
+        proves nothing. Recipient phone numbers are masked except for auditors.
         """
         principal = current_principal()
         proofs = list_proofs(
@@ -183,7 +186,6 @@ class ProofById(MethodView):
         consent = detail.authorizing_consent
         return {
             **_view(detail.proof, auditor=principal.role == Role.AUDITOR),
-            "voided": detail.voided,
             "authorizing_consent": None
             if consent is None
             else {name: getattr(consent, name) for name in ConsentRef._declared_fields},
@@ -211,7 +213,7 @@ def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
         pod = view.pop("pod")
         writer.writerow(
             [
-                *(view[c] for c in CSV_COLUMNS[:12]),
+                *(view[c] for c in CSV_COLUMNS[: CSV_COLUMNS.index("pod_recipient_name")]),
                 pod.get("recipient_name"),
                 pod.get("relation"),
                 pod.get("signature_sha256"),

@@ -14,7 +14,12 @@ class ProofArgs(ma.Schema):
     courier_id = Id()
     occurred_from = UtcTime(metadata={"description": "Corrected time, inclusive"})
     occurred_to = UtcTime(metadata={"description": "Corrected time, exclusive"})
-    flag_kind = Text(metadata={"description": "Only parcels with a flag of this kind"})
+    flag_kind = Text(
+        metadata={
+            "description": "Only parcels with a flag of this kind, open or resolved by a "
+            "manager (not one the system closed because its cause went away)"
+        }
+    )
     method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
 
 
@@ -29,6 +34,10 @@ class ProofOut(ma.Schema):
     courier_id = ma.fields.Integer(required=True)
     device_id = ma.fields.String(required=True)
     method = ma.fields.String(required=True, metadata={"enum": list(METHODS)})
+    voided = ma.fields.Boolean(
+        required=True,
+        metadata={"description": "A later correction from the same PDA voided this delivery"},
+    )
     occurred_at = ma.fields.AwareDateTime(required=True, metadata={"description": "Corrected"})
     occurred_at_device = ma.fields.AwareDateTime(required=True)
     received_at = ma.fields.AwareDateTime(required=True)
@@ -77,9 +86,6 @@ class FlagRef(ma.Schema):
 
 
 class ProofDetailOut(ProofOut):
-    voided = ma.fields.Boolean(
-        required=True, metadata={"description": "A correction voided this delivery"}
-    )
     authorizing_consent = ma.fields.Nested(
         ConsentRef,
         allow_none=True,

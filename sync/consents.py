@@ -218,6 +218,7 @@ def list_consents(
             Consent.granted_at <= active_at,
             or_(Consent.revoked_at.is_(None), Consent.revoked_at > active_at),
             or_(Consent.expires_at.is_(None), Consent.expires_at > active_at),
+            ~_VOIDED,
         )
     return session.scalars(query).all()
 
@@ -288,19 +289,24 @@ def _without_voided(
     """Drop consents captured by an event a correction voided: a mis-tapped consent was
     never given (the correction re-judges the parcel, whatever order they arrive in)."""
     captured = [c.id for facts in found.values() for c in facts if c.device_id is not None]
-    if not captured:
+    voided = voided_consents(session, captured)
+    if not voided:
         return found
-    event = aliased(ScanEvent)
-    voided: set[int] = set()
-    for chunk in chunks(captured):
-        voided |= set(
-            session.scalars(
-                select(Consent.id)
-                .join(event, event.id == Consent.event_id)
-                .where(Consent.id.in_(chunk), voided_in_sql(event))
-            )
-        )
     return {tn: [c for c in facts if c.id not in voided] for tn, facts in found.items()}
+
+
+def voided_consents(session: Session, consent_ids: Sequence[int]) -> set[int]:
+    """Those of these consents captured on a PDA by an event a later correction of the
+    PDA voided: they authorize nothing."""
+    voided: set[int] = set()
+    for chunk in chunks(sorted(set(consent_ids))):
+        voided |= set(session.scalars(select(Consent.id).where(Consent.id.in_(chunk), _VOIDED)))
+    return voided
+
+
+_CAPTURE = aliased(ScanEvent, name="capture")
+# The consent's capturing event was voided (never true of one recorded by a channel).
+_VOIDED = exists().where(_CAPTURE.id == Consent.event_id, voided_in_sql(_CAPTURE))
 
 
 def _fact(consent: Row[Any]) -> ConsentFact:

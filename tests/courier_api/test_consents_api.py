@@ -202,6 +202,62 @@ def test_consent_captured_on_the_pda_before_the_drop_authorizes_it(
     assert captured.event_id is not None
 
 
+def test_a_consent_captured_then_voided_on_the_pda_is_shown_voided_and_not_in_force(
+    client: FlaskClient, auth: Auth, parcel: Parcel, session: Session
+) -> None:
+    """The rules drop a consent whose capture the courier voided; the consents an
+    auditor or a manager lists say so, and ``active`` leaves it out."""
+    at = now() - dt.timedelta(minutes=30)
+    tn = parcel.tracking_no
+    captured = factories.event(
+        2,
+        tn,
+        "consent_captured",
+        occurred_at=at + dt.timedelta(minutes=1),
+        consent={"method": "any", "channel": "in_person"},
+    )
+    correction = factories.event(
+        3,
+        tn,
+        "correction",
+        occurred_at=at + dt.timedelta(minutes=2),
+        voids_client_event_id=captured["client_event_id"],
+        reason="the recipient said no",
+    )
+    drop = factories.event(
+        4,
+        tn,
+        "delivered_to_locker",
+        occurred_at=at + dt.timedelta(minutes=10),
+        locker_id="L-1",
+        compartment="1",
+        pod={"pickup_code": "1"},
+    )
+    headers = auth.headers("courier1", "PDA-0001")
+    for events in ([factories.event(1, tn, occurred_at=at), captured], [correction, drop]):
+        pushed = client.post(
+            "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers
+        )
+        assert pushed.status_code == 200
+    assert flag_status(session, "unauthorized_locker_drop", tn) == FlagStatus.OPEN
+    for reader in ("auditor1", "manager1"):
+        query = {"tracking_no": tn}
+        listed = client.get(URL, query_string=query, headers=auth.headers(reader)).get_json()
+        assert [c["voided"] for c in listed["items"]] == [True]
+        one = client.get(f"{URL}/{listed['items'][0]['id']}", headers=auth.headers(reader))
+        assert one.get_json()["voided"] is True
+        active = client.get(
+            URL, query_string={**query, "active": "true"}, headers=auth.headers(reader)
+        )
+        assert active.get_json()["items"] == []
+    granted = grant(client, auth.headers("app1"), tracking_no=tn, granted_at=at.isoformat())
+    assert granted.status_code == 201 and granted.get_json()["voided"] is False
+    active = client.get(
+        URL, query_string={"tracking_no": tn, "active": "true"}, headers=auth.headers("auditor1")
+    )
+    assert [c["id"] for c in active.get_json()["items"]] == [granted.get_json()["id"]]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from flask import current_app, jsonify
@@ -47,8 +48,17 @@ def consent_rules() -> consents.ConsentRules:
     )
 
 
+def _views(items: Sequence[Any]) -> list[dict[str, Any]]:
+    """``consent_view`` of each, knowing which a correction voided (one query, and none
+    when none of them was captured on a PDA)."""
+    captured = [c.id for c in items if c.event_id is not None]
+    voided = consents.voided_consents(db.session, captured) if captured else set()
+    unmasked = current_principal().role == Role.AUDITOR
+    return [consent_view(c, unmasked=unmasked, voided=c.id in voided) for c in items]
+
+
 def _view(consent: Any) -> dict[str, Any]:
-    return consent_view(consent, unmasked=current_principal().role == Role.AUDITOR)
+    return _views([consent])[0]
 
 
 @blp.route("")
@@ -134,11 +144,12 @@ class Consents(MethodView):
         """List consents
 
         Oldest first. `active` keeps the ones in force now (granted, not
-        revoked, not expired). Managers see their own station's consents, those
-        for the parcels their station holds (a consent captured on a PDA before
-        its parcel was taken in keeps the PDA's station) and the standing ones
-        that hold at every station. Recipient phone numbers are masked except
-        for auditors.
+        revoked, not expired, not voided by the courier's correction of the
+        event that captured it on the PDA: `voided`). Managers see their own
+        station's consents, those for the parcels their station holds (a consent
+        captured on a PDA before its parcel was taken in keeps the PDA's
+        station) and the standing ones that hold at every station. Recipient
+        phone numbers are masked except for auditors.
         """
         phone = args.get("recipient_phone")
         items = consents.list_consents(
@@ -154,7 +165,7 @@ class Consents(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
-        return keyset_page([_view(c) for c in items], args["limit"], key=lambda c: c["id"])
+        return keyset_page(_views(items), args["limit"], key=lambda c: c["id"])
 
 
 @blp.route("/<id:consent_id>")

@@ -156,6 +156,13 @@ class ConsentOut(ma.Schema):
     event_id = ma.fields.Integer(
         allow_none=True, required=True, metadata={"description": "Captured on a PDA: its event"}
     )
+    voided = ma.fields.Boolean(
+        required=True,
+        metadata={
+            "description": "Captured on a PDA, and the courier's later correction voided "
+            "that event: it authorizes nothing"
+        },
+    )
     created_at = ma.fields.AwareDateTime(required=True)
 
 
@@ -172,8 +179,11 @@ class ConsentPage(ma.Schema):
     next_after = ma.fields.Integer(allow_none=True, required=True)
 
 
-def consent_view(consent: Any, *, unmasked: bool) -> dict[str, Any]:
-    view = {name: getattr(consent, name) for name in ConsentOut._declared_fields}
+def consent_view(consent: Any, *, unmasked: bool, voided: bool) -> dict[str, Any]:
+    view = {
+        name: getattr(consent, name) for name in ConsentOut._declared_fields if name != "voided"
+    }
+    view["voided"] = voided
     if not unmasked:
         view["recipient_phone"] = mask_phone(consent.recipient_phone)
     return view

@@ -147,6 +147,7 @@ OWN_SHIFTS_AMONG = Prebuilt(
     )
 )
 LATE_EVENT = "late_event_after_signoff"
+LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift this time
 NOT_CLOSED = "shift_not_closed"
 
 
@@ -315,7 +316,27 @@ def _refile_from_previous(
     refresh_handover_flags(
         session=session, shifts=[lock_shift(session, i) for i in sorted(judged)]
     )
+    _reopen_if_changed(session, previous.id, sorted(m["id"] for m in moved), opened)
     _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
+
+
+def _reopen_if_changed(session: Session, shift_id: int, moved: list[int], opened: Shift) -> None:
+    """A signed-off shift whose events the opening took (a return scanned in the grace
+    after its close) no longer has the balance its manager signed off: it reopens, as
+    for a late event, naming the events that left it and where they went."""
+    from sync.balances import shift_balance
+
+    shift = lock_shift(session, shift_id)
+    if shift.status != ShiftStatus.SIGNED_OFF:
+        return
+    if shift_balance(session=session, shift=shift).snapshot() == shift.signoff_balance:
+        return
+    reopen_for_late_events(
+        session=session,
+        late={shift.id: moved},
+        now=opened.opened_at,
+        details={"filed_under_shift_id": opened.id},
+    )
 
 
 def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened: Shift) -> None:
@@ -339,7 +360,12 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
             Flag.subject_key == subject.key,
         )
     )
-    if flag is None or not set(flag.evidence.get("event_ids", [])) <= moved:
+    if flag is None:
+        return
+    # The events of its latest reopening: ``event_ids`` gathers every reopening's, and
+    # the earlier ones were signed off since.
+    latest = flag.evidence.get(LATEST_REOPENING) or flag.evidence
+    if not set(latest.get("event_ids", [])) <= moved:
         return
     if shift_balance(session=session, shift=shift).snapshot() != shift.signoff_balance:
         return
@@ -513,14 +539,18 @@ def sign_off(
 
 
 def reopen_for_late_events(
-    *, session: Session, late: dict[int, list[int]], now: dt.datetime
+    *,
+    session: Session,
+    late: dict[int, list[int]],
+    now: dt.datetime,
+    details: dict[str, Any] | None = None,
 ) -> list[Flag]:
     """Events landed for signed-off shifts (``{shift id: event ids}``): each reopens.
 
     The shift goes back to closed, waiting for a new sign-off; a
     ``late_event_after_signoff`` flag names the events (opened again if a manager
     had resolved it after an earlier reopening), and the audit log records it.
-    Returns the flags raised.
+    ``details`` go into the evidence too. Returns the flags raised.
     """
     flags = []
     for shift_id in sorted(late):
@@ -530,6 +560,8 @@ def reopen_for_late_events(
         event_ids = sorted(late[shift_id])
         evidence = {
             "event_ids": event_ids,
+            # replaced at each reopening, where event_ids accumulate
+            LATEST_REOPENING: {"event_ids": event_ids, **(details or {})},
             "signed_off_at": shift.signed_off_at.isoformat() if shift.signed_off_at else None,
             "signed_off_by": shift.signed_off_by,
         }

@@ -367,6 +367,66 @@ def test_a_correction_just_after_a_sign_off_keeps_the_shift_reopened_whatever_th
     assert shift_balance(session=session, shift=first).missing == 1
 
 
+def test_a_signed_off_shift_whose_return_the_next_opening_takes_is_reopened(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Closed without its last seq, the shift holds by the grace a return scanned four
+    minutes after its close, and is signed off balanced. The next shift opens a minute
+    later and takes the return (nearer its opening): the balance signed off no longer
+    holds, so the shift is reopened, naming the return and where it went."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    first = pda.close(first)
+    returned = pda.event(a, "returned_to_station", occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([returned], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    first = sign_off(session, world, first)
+    assert first.signoff_balance["status"] == "balanced"
+    second = pda.open(now=NOW + dt.timedelta(minutes=5))
+    session.refresh(first)
+    (moved,) = session.scalars(select(ScanEvent).where(ScanEvent.seq == 2))
+    assert moved.shift_id == second.id
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+    assert shift_balance(session=session, shift=first).missing == 1
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert late.status == FlagStatus.OPEN
+    assert late.evidence["latest_reopening"] == {
+        "event_ids": [moved.id],
+        "filed_under_shift_id": second.id,
+    }
+
+
+def test_a_second_reopening_by_a_scan_the_next_shift_takes_is_withdrawn(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Reopened by a real late event and signed off again, then reopened by a check-out
+    the next shift takes when it opens: that second reopening is withdrawn, as a first
+    would be. The flag still names both reopenings' events."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    late = pda.event(
+        a, "out_for_delivery", shift_id=first.id, occurred_at=NOW - dt.timedelta(minutes=30)
+    )
+    pda.push([late], received_at=NOW + dt.timedelta(minutes=1))
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+    first = sign_off(session, world, first, note="seen")
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 2)
+    second = pda.open(now=NOW + dt.timedelta(minutes=5))
+    session.refresh(first)
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 4)).one() == (
+        second.id
+    )
+    assert first.status == ShiftStatus.SIGNED_OFF
+    flag = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert flag.status == FlagStatus.CLOSED and len(flag.evidence["event_ids"]) == 2
+
+
 @pytest.mark.parametrize(
     ("gap", "minutes", "pushed", "held_before"),
     [

@@ -371,6 +371,12 @@ def refresh_for_parcels(*, session: Session, tracking_nos: Sequence[str]) -> lis
     the parcels are taken in (their events may have arrived first) or corrected in
     what the rules read, and their rule flags were just judged. Open shifts have no
     handover flags yet."""
+    closed = closed_shifts_holding(session, tracking_nos)
+    return refresh_handover_flags(session=session, shifts=list(closed.values()))
+
+
+def closed_shifts_holding(session: Session, tracking_nos: Iterable[str]) -> dict[int, Shift]:
+    """The shifts, closed or signed off, that hold events of these parcels, by id."""
     closed: dict[int, Shift] = {}
     for chunk in chunks(sorted(set(tracking_nos))):
         holding = select(ScanEvent.shift_id).where(among(session, ScanEvent.tracking_no, chunk))
@@ -378,7 +384,7 @@ def refresh_for_parcels(*, session: Session, tracking_nos: Sequence[str]) -> lis
             select(Shift).where(Shift.id.in_(holding), Shift.status != ShiftStatus.OPEN)
         ):
             closed[shift.id] = shift
-    return refresh_handover_flags(session=session, shifts=list(closed.values()))
+    return closed
 
 
 def subject_of(shift_id: int, tracking_no: str) -> FlagSubject:

@@ -149,9 +149,15 @@ def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str
 
 
 def close_flags(
-    *, session: Session, kind: str, subjects: Sequence[FlagSubject], reason: str
+    *,
+    session: Session,
+    kind: str,
+    subjects: Sequence[FlagSubject],
+    reason: str,
+    statuses: Sequence[FlagStatus] = ACTIVE_STATUSES,
 ) -> list[Flag]:
-    """``close_flag`` for many subjects of one kind, in one query per chunk."""
+    """``close_flag`` for many subjects of one kind, in one query per chunk: their flags
+    in ``statuses`` (by default those nobody resolved)."""
     closed = []
     by_type: dict[str, list[str]] = {}
     for subject in subjects:
@@ -164,7 +170,7 @@ def close_flags(
                     Flag.kind == kind,
                     Flag.subject_type == subject_type,
                     Flag.subject_key.in_(chunk),
-                    Flag.status.in_(ACTIVE_STATUSES),
+                    Flag.status.in_(statuses),
                 )
                 .with_for_update()
             ):

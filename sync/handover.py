@@ -38,6 +38,9 @@ from sync.rules import DELIVERIES, DROPS, FINAL_OUTCOMES
 # Flags of the shift itself, one per shift and parcel.
 MISSING = "missing_at_handover"
 NOT_ON_MANIFEST = "not_on_manifest"
+# The rule flag that covers a parcel not on a shift's manifest (``handover_flags_wanted``):
+# raised or closed, the closed shifts holding the parcel's events are judged again.
+NOT_CHECKED_OUT = "delivered_not_checked_out"
 HANDOVER_KINDS = (MISSING, NOT_ON_MANIFEST)
 # Parcel rule flags (sync.rules) that unbalance the shifts whose events they name.
 POD_KINDS = frozenset({"delivered_without_pod"})
@@ -242,7 +245,7 @@ def handover_flags_wanted(
         elif not trail.on_manifest and trail.final_event is not None:
             finals = set(trail.final_event_ids)
             covered = any(
-                flag.kind == "delivered_not_checked_out" and flag.event_ids & finals
+                flag.kind == NOT_CHECKED_OUT and flag.event_ids & finals
                 for flag in rule_flags.get(tracking_no, ())
             )
             if not covered:

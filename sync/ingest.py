@@ -54,7 +54,7 @@ from models import (
 )
 from sync import consents, outbox
 from sync.acks import SeqTracker
-from sync.balances import refresh_handover_flags
+from sync.balances import closed_shifts_holding, refresh_handover_flags
 from sync.consent_requests import cancel_voided, requests_from_events
 from sync.device_state import DeviceState, lock_device_state
 from sync.direct import undone_if_refused
@@ -74,6 +74,7 @@ from sync.events import (
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag
+from sync.handover import NOT_CHECKED_OUT
 from sync.inversions import Stamp, time_inversions
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
@@ -457,6 +458,8 @@ class _BatchIngest:
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
         # The shifts this push changes that are closed or signed off (_lock_shifts).
         self.shifts_not_open: dict[int, Shift] = {}
+        # Parcels whose delivered_not_checked_out flag this push raised or closed (_project).
+        self.covering_changed: set[str] = set()
         new_events = self._deduplicate(self.validated.valid)
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
@@ -1075,11 +1078,21 @@ class _BatchIngest:
 
     def _judge_handovers(self, by_shift: dict[int, list[ValidEvent]]) -> None:
         """Closed shifts that got events (a late batch) or lost one to a correction: their
-        handover flags are judged again (the parcel thought missing was returned)."""
-        if not by_shift:
-            return
-        closed = list(self.shifts_not_open.values())
-        self._report_raised(refresh_handover_flags(session=self.session, shifts=closed))
+        handover flags are judged again (the parcel thought missing was returned). So
+        are those holding events of a parcel whose ``delivered_not_checked_out`` flag
+        this push raised or closed (its check-out arrived after the shift that
+        delivered it closed): whether that shift's ``not_on_manifest`` is wanted
+        depends on it. A push that changes no such flag costs no query here."""
+        closed = dict(self.shifts_not_open) if by_shift else {}
+        if self.covering_changed:
+            for shift_id, shift in closed_shifts_holding(
+                self.session, self.covering_changed
+            ).items():
+                closed.setdefault(shift_id, shift)
+        if closed:
+            self._report_raised(
+                refresh_handover_flags(session=self.session, shifts=list(closed.values()))
+            )
 
     def _report_raised(self, flags: Iterable[Flag]) -> None:
         known = {item["flag_id"] for item in self.raised}
@@ -1110,6 +1123,11 @@ class _BatchIngest:
         )
         self.session.flush()
         self._report_raised(outcome.raised)
+        self.covering_changed = {
+            flag.subject_key
+            for flag in (*outcome.raised, *outcome.closed)
+            if flag.kind == NOT_CHECKED_OUT
+        }
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(
                 "wrong_station",

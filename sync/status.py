@@ -61,6 +61,8 @@ from sync.sql import (
 )
 
 DEFAULT_POLICY = Policy()
+# Rule flags not closed: what a shift's balance cites (``sync.balances._rule_flags``).
+STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 
 
 # The tracking number, then EventFact's fields in its order.
@@ -180,6 +182,7 @@ class ReprojectOutcome:
     # Parcels with events recorded at another station: {tracking no: (its station, ids)}
     foreign: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     raised: list[Flag] = field(default_factory=list)  # rule flags raised or reopened
+    closed: list[Flag] = field(default_factory=list)  # rule flags closed: the rule holds
 
 
 def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
@@ -284,7 +287,7 @@ def reproject(
         UPDATE_PROJECTED.execute_rows(session, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
-    outcome.raised = apply_rule_flags(session, parcels, judged, holders)
+    outcome.raised, outcome.closed = apply_rule_flags(session, parcels, judged, holders)
     return outcome
 
 
@@ -320,13 +323,15 @@ def apply_rule_flags(
     parcels: dict[str, Any],
     judged: dict[str, dict[str, dict[str, Any]]],
     holders: dict[str, int | None],
-) -> list[Flag]:
+) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
+    Returns those raised (or reopened) and those closed.
     ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number.
 
     Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
-    resolved stays resolved while its cause persists; a closed one reopens if the
-    cause comes back.
+    resolved stays resolved while its cause persists, and is closed like the others
+    when it goes (the shifts' balances cite every rule flag not closed); a closed one
+    reopens if the cause comes back.
     """
     flagged = sorted(tn for tn, parcel in parcels.items() if parcel.has_rule_flags)
     rule_flags = RULE_FLAGS_OF_PARCELS(session)
@@ -376,18 +381,20 @@ def apply_rule_flags(
                 raised.append(reopened)
         for kind in RULE_KINDS:
             flag = existing.get((tn, kind))
-            if kind not in wanted and flag is not None and flag.status in ACTIVE_STATUSES:
+            if kind not in wanted and flag is not None and flag.status in STANDING:
                 gone[kind].append(FlagSubject("parcel", tn))
     raised.extend(raise_new_flags(session=session, flags=new))
+    closed: list[Flag] = []
     for kind, subjects in gone.items():
-        close_flags(
+        closed += close_flags(
             session=session,
             kind=kind,
             subjects=subjects,
             reason="re-judged with the parcel's events and consents as they are now: "
             "the rule holds",
+            statuses=STANDING,
         )
-    return raised
+    return raised, closed
 
 
 def load_events(

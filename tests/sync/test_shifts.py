@@ -427,6 +427,77 @@ def test_a_second_reopening_by_a_scan_the_next_shift_takes_is_withdrawn(
     assert flag.status == FlagStatus.CLOSED and len(flag.evidence["event_ids"]) == 2
 
 
+@pytest.mark.parametrize("order", ["in order", "check-out last"])
+def test_not_on_manifest_is_flagged_whatever_the_order_the_check_out_arrives_in(
+    session: Session, world: World, pda: Pda, order: str
+) -> None:
+    """Shift R checks parcel P out (seq 1); shift S delivers it (seq 2) without checking
+    it out again: P is not on S's manifest. With R's check-out arriving after S closed,
+    S was judged while ``delivered_not_checked_out`` covered the delivery; when the
+    check-out lands that flag closes, and S is judged again (rule 3)."""
+    (p,) = parcels(session, world, 1)
+    check_out = pda.event(p, occurred_at=NOW - dt.timedelta(hours=3))
+    delivered = pda.event(p, "delivered", occurred_at=NOW - dt.timedelta(hours=1))
+    r = pda.open(first_seq=1, now=NOW - dt.timedelta(hours=4))
+    if order == "in order":
+        pda.push([check_out], received_at=NOW - dt.timedelta(hours=3))
+    r = pda.close(r, last_seq=1, now=NOW - dt.timedelta(hours=2, minutes=30))
+    s = pda.open(first_seq=2, now=NOW - dt.timedelta(hours=2))
+    pda.push([delivered], received_at=NOW - dt.timedelta(minutes=50))
+    s = pda.close(s, last_seq=2, now=NOW - dt.timedelta(minutes=30))
+    if order == "check-out last":
+        pda.push([check_out], received_at=NOW)
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: r.id, 2: s.id}
+    balance = shift_balance(session=session, shift=s)
+    assert [(d.kind, d.flag_id is not None) for d in balance.discrepancies] == [
+        ("not_on_manifest", True)
+    ]
+    flags = session.execute(select(Flag.kind, Flag.status).where(Flag.shift_id == s.id))
+    assert [tuple(f) for f in flags] == [("not_on_manifest", FlagStatus.OPEN)]
+
+
+def test_a_resolved_rule_flag_whose_cause_went_away_is_closed_and_unbalances_nothing(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Shift A checks P out and returns it; shift B checks it out again (seq 3) and
+    delivers it (seq 4). Seq 4 arrives first: returned then delivered with no check-out
+    between is a conflicting_final_outcome naming A's return, and the manager resolves
+    it. Seq 3 then lands: there is no conflict (pushed in order there never was one),
+    so the flag is closed, and neither shift's balance cites it any more."""
+    from sync.flags import flag_changes, resolve_flag
+
+    (p,) = parcels(session, world, 1)
+    start = NOW - dt.timedelta(hours=4)
+    a = pda.open(first_seq=1, now=start)
+    pda.push(
+        [
+            pda.event(p, occurred_at=start + dt.timedelta(minutes=1)),
+            pda.event(p, "returned_to_station", occurred_at=start + dt.timedelta(hours=1)),
+        ],
+        received_at=start + dt.timedelta(hours=1),
+    )
+    a = pda.close(a, last_seq=2, now=start + dt.timedelta(hours=1, minutes=10))
+    b = pda.open(first_seq=3, now=start + dt.timedelta(hours=2))
+    re_check_out = pda.event(p, occurred_at=start + dt.timedelta(hours=2, minutes=1))
+    delivered = pda.event(p, "delivered", occurred_at=start + dt.timedelta(hours=3))
+    pda.push([delivered], received_at=start + dt.timedelta(hours=3, minutes=1))
+    assert shift_balance(session=session, shift=a).status == "unbalanced"
+    conflict = session.scalars(select(Flag).where(Flag.kind == "conflicting_final_outcome")).one()
+    resolve_flag(session=session, flag=conflict, user_id=world.manager.id, note="checked")
+    session.commit()
+    pda.push([re_check_out], received_at=start + dt.timedelta(hours=3, minutes=2))
+    b = pda.close(b, last_seq=4, now=start + dt.timedelta(hours=3, minutes=30))
+    session.refresh(conflict)
+    assert conflict.status == FlagStatus.CLOSED
+    assert [c.to_status for c in flag_changes(session=session, flag=conflict)][-2:] == [
+        FlagStatus.RESOLVED,
+        FlagStatus.CLOSED,
+    ]
+    assert shift_balance(session=session, shift=a).status == "balanced"
+    assert shift_balance(session=session, shift=b).delivered == 1
+
+
 @pytest.mark.parametrize(
     ("gap", "minutes", "pushed", "held_before"),
     [

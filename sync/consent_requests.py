@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,42 +210,49 @@ def requests_from_events(
 
 def _voided(session: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, uuid.UUID]]:
     """The request events among ``rows`` that a stored correction voids (in this push,
-    or one that arrived before them)."""
-    by_device: dict[str, list[uuid.UUID]] = {}
+    or one that arrived before them): one of their PDA's with a higher seq."""
+    by_device: dict[str, dict[uuid.UUID, int]] = {}
     for row in rows:
-        by_device.setdefault(row["device_id"], []).append(row["client_event_id"])
+        by_device.setdefault(row["device_id"], {})[row["client_event_id"]] = row["seq"]
     return {
         (device_id, target)
-        for device_id, ids in by_device.items()
-        for chunk in chunks(ids)
-        for target in session.scalars(
-            select(ScanEvent.voids_client_event_id).where(
+        for device_id, seqs in by_device.items()
+        for chunk in chunks(list(seqs))
+        for target, correction_seq in session.execute(
+            select(ScanEvent.voids_client_event_id, ScanEvent.seq).where(
                 ScanEvent.device_id == device_id,
                 ScanEvent.voids_client_event_id.in_(chunk),
             )
         )
+        if correction_seq > seqs[target]
     }
 
 
 def cancel_voided(
-    *, session: Session, device_id: str, voided: Sequence[uuid.UUID], now: dt.datetime
+    *,
+    session: Session,
+    device_id: str,
+    corrections: Mapping[uuid.UUID, int],
+    now: dt.datetime,
 ) -> list[ConsentRequest]:
-    """Pending requests whose events these corrections void are cancelled. (Found by
-    their events' row ids, through the indexes of both tables: a request from a PDA
-    names its event both ways.)"""
+    """Pending requests whose events these corrections void (``{voided client event id:
+    the highest seq of a correction naming it}``; only an earlier event can be voided)
+    are cancelled. (Found by their events' row ids, through the indexes of both tables:
+    a request from a PDA names its event both ways.)"""
     cancelled = []
-    for chunk in chunks(voided):
-        events = select(ScanEvent.id).where(
-            ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk)
-        )
-        for request in session.scalars(
-            select(ConsentRequest)
+    for chunk in chunks(list(corrections)):
+        for request, target, seq in session.execute(
+            select(ConsentRequest, ScanEvent.client_event_id, ScanEvent.seq)
+            .join(ScanEvent, ScanEvent.id == ConsentRequest.event_id)
             .where(
-                ConsentRequest.event_id.in_(events),
+                ScanEvent.device_id == device_id,
+                ScanEvent.client_event_id.in_(chunk),
                 ConsentRequest.status == ConsentRequestStatus.PENDING,
             )
-            .with_for_update()
+            .with_for_update(of=ConsentRequest)
         ):
+            if seq >= corrections[target]:
+                continue
             request.status = ConsentRequestStatus.CANCELLED
             request.status_reason = "voided by a correction from the PDA"
             request.answered_at = now

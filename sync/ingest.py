@@ -474,10 +474,15 @@ class _BatchIngest:
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
             touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
+            corrections: dict[uuid.UUID, int] = {}
+            for _, event in stored:
+                if event.voids_client_event_id:
+                    target = event.voids_client_event_id
+                    corrections[target] = max(event.seq, corrections.get(target, 0))
             cancel_voided(
                 session=self.session,
                 device_id=self.pusher.device_id,
-                voided=voided,
+                corrections=corrections,
                 now=self.received_at,
             )
         shifts = self._lock_shifts(stored, voided)

@@ -440,6 +440,23 @@ def test_a_correction_voiding_the_request_cancels_it_whenever_it_arrives(
     assert len(messages(session, "consent.requested")) == 1  # only the first was sent
 
 
+@pytest.mark.parametrize("correction_first", [False, True])
+def test_a_correction_numbered_before_the_request_it_names_voids_nothing(
+    session: Session, pda: Pda, parcel: str, correction_first: bool
+) -> None:
+    """Only an earlier event can be corrected (the projection ignores the rest): a
+    correction whose seq is below the request's, naming it (a PDA re-using an id),
+    leaves the request pending in either order of arrival."""
+    asked = pda.event(parcel, "consent_requested", 50, request={"method": "locker"})
+    fix = pda.event(
+        parcel, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="x"
+    )
+    asked["seq"], fix["seq"] = fix["seq"], asked["seq"]
+    for events in ([fix], [asked]) if correction_first else ([asked], [fix]):
+        pda.push(events)
+    assert request_of(session).status == ConsentRequestStatus.PENDING
+
+
 def test_a_request_for_another_stations_parcel_is_kept_unsent(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -341,3 +341,35 @@ def test_a_flag_the_system_closed_no_longer_finds_the_drop(
     )
     assert consent.status_code == 201
     assert numbers(client.get(URL, query_string=query, headers=auditor).get_json()) == []
+
+
+def test_the_export_never_hands_a_spreadsheet_a_formula(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Names typed by a sender or a recipient open as text, not as formulas (CSV
+    injection); phone numbers and hashes are written as they are."""
+    parcel = factories.parcel(session, world.station)
+    parcel.recipient_name = '=HYPERLINK("http://evil.example","x")'
+    parcel.address = "@SUM(1+1)"
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    delivered = factories.event(
+        2,
+        parcel.tracking_no,
+        "delivered",
+        occurred_at=at,
+        pod={"recipient_name": "+1+cmd|' /C calc'!A0", "signature_sha256": "b" * 64},
+    )
+    client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body(
+            "PDA-0001", [factories.event(1, parcel.tracking_no, occurred_at=at), delivered]
+        ),
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
+    (row,) = csv.DictReader(io.StringIO(export.get_data(as_text=True)))
+    assert row["recipient_name"] == "'" + parcel.recipient_name
+    assert row["address"] == "'@SUM(1+1)"
+    assert row["pod_recipient_name"] == "'+1+cmd|' /C calc'!A0"
+    assert row["recipient_phone"].startswith("+86") and row["signature_sha256"] == "b" * 64

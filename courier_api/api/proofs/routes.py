@@ -204,6 +204,22 @@ def csv_rows(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     return _csv_lines(filters, auditor=auditor)
 
 
+# Cells a spreadsheet would run as a formula begin with one of these (OWASP's CSV
+# injection); typed by a recipient, a sender or a courier, they are written with a
+# leading apostrophe, which spreadsheets show as text and do not display.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+FREE_TEXT_COLUMNS = frozenset(
+    {"recipient_name", "address", "pod_recipient_name", "pod_relation", "pickup_code"}
+)
+
+
+def as_text_cell(value: Any) -> Any:
+    """``value`` as a spreadsheet shows it, never run as a formula."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -211,18 +227,16 @@ def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     for proof in iter_proofs(session=db.session, filters=filters):
         view = _view(proof, auditor=auditor)
         pod = view.pop("pod")
+        row = {
+            **view,
+            "pod_recipient_name": pod.get("recipient_name"),
+            "pod_relation": pod.get("relation"),
+            "signature_sha256": pod.get("signature_sha256"),
+            "photo_sha256": pod.get("photo_sha256"),
+            "pickup_code": pod.get("pickup_code"),
+        }
         writer.writerow(
-            [
-                *(view[c] for c in CSV_COLUMNS[: CSV_COLUMNS.index("pod_recipient_name")]),
-                pod.get("recipient_name"),
-                pod.get("relation"),
-                pod.get("signature_sha256"),
-                pod.get("photo_sha256"),
-                pod.get("pickup_code"),
-                view["lat"],
-                view["lon"],
-                view["distance_m"],
-            ]
+            [as_text_cell(row[c]) if c in FREE_TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]
         )
         yield buffer.getvalue()
         buffer.seek(0)

@@ -201,6 +201,19 @@ class Auth:
         token = self.tokens(username, device_id)["access_token"]
         return {"Authorization": f"Bearer {token}"}
 
+    def push(
+        self, events: list[dict[str, Any]], username: str = "courier1", device_id: str = "PDA-0001"
+    ) -> dict[str, Any]:
+        """``events`` pushed in one batch by ``username`` on ``device_id``: the receipt."""
+        response = self.client.post(
+            "/api/v1/sync/push",
+            json=factories.push_body(device_id, events),
+            headers=self.headers(username, device_id),
+        )
+        assert response.status_code == 200, response.get_json()
+        receipt: dict[str, Any] = response.get_json()
+        return receipt
+
 
 @pytest.fixture
 def auth(client: FlaskClient) -> Auth:

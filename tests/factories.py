@@ -139,6 +139,21 @@ def event(
     }
 
 
+def locker_drop(
+    seq: int, tracking_no: str, occurred_at: dt.datetime, locker_id: str = "L-1"
+) -> dict[str, Any]:
+    """A delivery to a locker with its pickup code, as a PDA sends it."""
+    return event(
+        seq,
+        tracking_no,
+        "delivered_to_locker",
+        occurred_at=occurred_at,
+        locker_id=locker_id,
+        compartment="1",
+        pod={"pickup_code": "1234"},
+    )
+
+
 def push_body(
     device_id: str,
     events: list[dict[str, Any]],

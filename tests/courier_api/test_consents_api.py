@@ -224,21 +224,8 @@ def test_a_consent_captured_then_voided_on_the_pda_is_shown_voided_and_not_in_fo
         voids_client_event_id=captured["client_event_id"],
         reason="the recipient said no",
     )
-    drop = factories.event(
-        4,
-        tn,
-        "delivered_to_locker",
-        occurred_at=at + dt.timedelta(minutes=10),
-        locker_id="L-1",
-        compartment="1",
-        pod={"pickup_code": "1"},
-    )
-    headers = auth.headers("courier1", "PDA-0001")
-    for events in ([factories.event(1, tn, occurred_at=at), captured], [correction, drop]):
-        pushed = client.post(
-            "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers
-        )
-        assert pushed.status_code == 200
+    auth.push([factories.event(1, tn, occurred_at=at), captured])
+    auth.push([correction, factories.locker_drop(4, tn, at + dt.timedelta(minutes=10))])
     assert flag_status(session, "unauthorized_locker_drop", tn) == FlagStatus.OPEN
     for reader in ("auditor1", "manager1"):
         query = {"tracking_no": tn}

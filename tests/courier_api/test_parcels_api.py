@@ -205,21 +205,8 @@ def test_a_class_corrected_at_intake_judges_the_parcels_drops_again(
         URL, headers=manager, json={"parcels": [item(tn, service_class=taken_in_as)]}
     )
     assert taken.status_code == 200
-    drop = factories.event(
-        2,
-        tn,
-        "delivered_to_locker",
-        occurred_at=at + dt.timedelta(minutes=10),
-        locker_id="L-1",
-        compartment="3",
-        pod={"pickup_code": "123"},
-    )
-    pushed = client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body("PDA-0001", [factories.event(1, tn, occurred_at=at), drop]),
-        headers=auth.headers("courier1", "PDA-0001"),
-    )
-    assert pushed.status_code == 200
+    drop = factories.locker_drop(2, tn, at + dt.timedelta(minutes=10))
+    auth.push([factories.event(1, tn, occurred_at=at), drop])
     assert unauthorized_drop_flagged(session, tn) is not flagged_after
     corrected = client.post(
         URL, headers=manager, json={"parcels": [item(tn, service_class=corrected_to)]}

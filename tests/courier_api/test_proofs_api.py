@@ -272,23 +272,12 @@ def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_expor
     returned = factories.event(
         4, parcel.tracking_no, "returned_to_station", occurred_at=at + dt.timedelta(minutes=30)
     )
-    pushed = client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body(
-            "PDA-0001", [factories.event(1, parcel.tracking_no, occurred_at=at), mistap]
-        ),
-        headers=auth.headers("courier1", "PDA-0001"),
-    )
-    assert pushed.status_code == 200
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), mistap])
     auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
     assert [
         i["voided"] for i in client.get(URL, query_string=query, headers=auditor).json["items"]
     ] == [False]
-    client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body("PDA-0001", [correction, returned]),
-        headers=auth.headers("courier1", "PDA-0001"),
-    )
+    auth.push([correction, returned])
     items = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
     assert [i["voided"] for i in items] == [True]
     detail = client.get(f"{URL}/{items[0]['event_id']}", headers=auditor).get_json()
@@ -309,22 +298,8 @@ def test_a_flag_the_system_closed_no_longer_finds_the_drop(
     parcel = factories.parcel(session, world.station)
     session.commit()
     at = now() - dt.timedelta(minutes=30)
-    drop = factories.event(
-        2,
-        parcel.tracking_no,
-        "delivered_to_locker",
-        occurred_at=at + dt.timedelta(minutes=10),
-        locker_id="L-1",
-        compartment="5",
-        pod={"pickup_code": "9981"},
-    )
-    client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body(
-            "PDA-0001", [factories.event(1, parcel.tracking_no, occurred_at=at), drop]
-        ),
-        headers=auth.headers("courier1", "PDA-0001"),
-    )
+    drop = factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=10))
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), drop])
     auditor, query = auth.headers("auditor1"), {"flag_kind": "unauthorized_locker_drop"}
     assert numbers(client.get(URL, query_string=query, headers=auditor).get_json()) == [
         parcel.tracking_no
@@ -360,13 +335,7 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
         occurred_at=at,
         pod={"recipient_name": "+1+cmd|' /C calc'!A0", "signature_sha256": "b" * 64},
     )
-    client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body(
-            "PDA-0001", [factories.event(1, parcel.tracking_no, occurred_at=at), delivered]
-        ),
-        headers=auth.headers("courier1", "PDA-0001"),
-    )
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), delivered])
     export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
     (row,) = csv.DictReader(io.StringIO(export.get_data(as_text=True)))
     assert row["recipient_name"] == "'" + parcel.recipient_name

@@ -1,8 +1,10 @@
 """The engine over a database session, without Flask: results, exactly-once, acks, clock."""
 
+import contextlib
 import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -85,6 +87,22 @@ def statuses(receipt: dict[str, Any]) -> list[str]:
 
 def count(session: Session, model: Any) -> int:
     return session.scalar(select(func.count()).select_from(model))
+
+
+@contextlib.contextmanager
+def statements_sent(session: Session) -> Iterator[list[str]]:
+    """The SQL the session's connection sends meanwhile, in order."""
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        yield sent
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
 
 
 @pytest.fixture
@@ -242,17 +260,8 @@ def test_a_pda_filling_its_gaps_never_looks_in_the_quarantine(
     """Only a seq answered without an event stored can be a rejected event sent again."""
     tn = parcel.tracking_no
     pda.push([pda.event(1, tn), pda.event(4, tn, "out_for_delivery")])
-    sent: list[str] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
-
-    connection = session.connection()
-    event.listen(connection, "before_cursor_execute", capture)
-    try:
+    with statements_sent(session) as sent:
         receipt = pda.push([pda.event(2, tn), pda.event(3, tn)])
-    finally:
-        event.remove(connection, "before_cursor_execute", capture)
     assert statuses(receipt) == ["applied", "applied"]
     assert sent and not [s for s in sent if "quarantined_event" in s]
 
@@ -459,21 +468,12 @@ def test_an_event_pushed_alone_that_the_database_refuses_leaves_the_rest_of_its_
         return dataclasses.replace(valid, seq=0) if raw["client_event_id"] == poison_id else valid
 
     monkeypatch.setattr(ingest_module, "validate_event", validate_but_let_poison_through)
-    sent: list[str] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
-
-    connection = session.connection()
-    event.listen(connection, "before_cursor_execute", capture)
-    try:
+    with statements_sent(session) as sent:
         receipt = pda.push([pda.event(2, tn, "out_for_delivery", client_event_id=poison_id)])
         assert statuses(receipt) == ["rejected"]
         assert receipt["results"][0]["error"]["code"] == "unstorable"
         receipt = pda.push([pda.event(2, tn, "out_for_delivery")])
         assert statuses(receipt) == ["applied"] and receipt["acked_through_seq"] == 2
-    finally:
-        event.remove(connection, "before_cursor_execute", capture)
     # Each push's own transaction is a savepoint here (the session joins the test's
     # connection so), one per push; on PostgreSQL each lone insert adds its own.
     savepoints = [s for s in sent if s.startswith("SAVEPOINT")]
@@ -675,22 +675,12 @@ def test_a_pda_sending_only_malformed_scans_costs_the_same_statements_every_push
     """Each rejected seq between a push and the last stored event is skipped in one
     search, not read one by one: the 50th malformed push costs what the 5th did."""
     pda.push([pda.event(1, parcel.tracking_no)])
-    sent: list[str] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
-
     counts = []
     for seq in range(2, 52):
-        connection = session.connection()
-        event.listen(connection, "before_cursor_execute", capture)
-        try:
+        with statements_sent(session) as sent:
             receipt = pda.push([pda.event(seq, parcel.tracking_no, "no_such_type")])
-        finally:
-            event.remove(connection, "before_cursor_execute", capture)
         assert statuses(receipt) == ["rejected"]
         counts.append(len(sent))
-        sent.clear()
     assert counts[-1] == counts[4]
 
 
@@ -705,18 +695,13 @@ def test_an_online_pdas_next_scan_is_compared_with_the_one_before_read_with_its_
     pda.push([pda.event(1, tn, occurred_at=at(60))])
     if between:
         pda.push([pda.event(2, tn, "no_such_type", occurred_at=at(61))])
-    sent: list[str] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(" ".join(statement.split()))
-
-    connection = session.connection()
-    event.listen(connection, "before_cursor_execute", capture)
-    try:
+    with statements_sent(session) as sent:
         pda.push([pda.event(3 if between else 2, tn, "out_for_delivery", occurred_at=at(50))])
-    finally:
-        event.remove(connection, "before_cursor_execute", capture)
-    looked_up = [s for s in sent if s.startswith("SELECT scan_event.seq, scan_event.occurred_at")]
+    looked_up = [
+        s
+        for s in (" ".join(statement.split()) for statement in sent)
+        if s.startswith("SELECT scan_event.seq, scan_event.occurred_at")
+    ]
     assert len(looked_up) == (2 if between else 0)  # seq 2, then the search below it
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert inversion.evidence["device_seqs"] == ["PDA-0001#1", f"PDA-0001#{3 if between else 2}"]
@@ -898,19 +883,11 @@ def test_a_push_told_when_its_device_was_seen_touches_it_only_when_a_minute_old(
     session.expunge_all()
     seen = NOW - dt.timedelta(seconds=30)
     pda.pusher = dataclasses.replace(pda.pusher, device_seen_at=seen)
-    sent: list[str] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
 
     def push_at(received_at: dt.datetime, seq: int) -> list[str]:
-        sent.clear()
-        event.listen(session.connection(), "before_cursor_execute", capture)
-        try:
+        with statements_sent(session) as sent:
             pda.push([pda.event(seq, parcel.tracking_no)], received_at=received_at, commit=False)
             session.flush()
-        finally:
-            event.remove(session.connection(), "before_cursor_execute", capture)
         return [s for s in sent if s.startswith("UPDATE device ")]
 
     assert push_at(seen + dt.timedelta(seconds=59), 1) == []
@@ -924,20 +901,11 @@ def test_a_push_of_many_malformed_events_keeps_them_all_in_one_insert(
 ) -> None:
     """A broken PDA's push must not hold the database one statement per bad event (on
     SQLite, every other PDA waits for it); resent, each gets its first answer."""
-    sent: list[str] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(statement)
-
     bad = [pda.event(seq, parcel.tracking_no, "no_such_type") for seq in range(1, 301)]
     for seq in (301, 302):
         bad.append({**pda.event(seq, parcel.tracking_no), "occurred_at": "yesterday"})
-    connection = session.connection()
-    event.listen(connection, "before_cursor_execute", capture)
-    try:
+    with statements_sent(session) as sent:
         receipt = pda.push(bad)
-    finally:
-        event.remove(connection, "before_cursor_execute", capture)
     assert statuses(receipt) == ["rejected"] * 302
     inserts = [s for s in sent if s.lstrip().upper().startswith("INSERT INTO QUARANTINED_EVENT")]
     assert len(inserts) == 1

@@ -368,9 +368,8 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
 
 def refresh_for_parcels(*, session: Session, tracking_nos: Sequence[str]) -> list[Flag]:
     """Judge again the closed shifts that hold events of these parcels: called when
-    the parcels are taken in (their events may have arrived first) or corrected in
-    what the rules read, and their rule flags were just judged. Open shifts have no
-    handover flags yet."""
+    the parcels are taken in (their events may have arrived first, and their rule
+    flags were just judged). Open shifts have no handover flags yet."""
     closed = closed_shifts_holding(session, tracking_nos)
     return refresh_handover_flags(session=session, shifts=list(closed.values()))
 

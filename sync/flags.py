@@ -12,6 +12,9 @@ audit log. A flag's life::
     (raised) -> open -> acknowledged -> resolved
                 open ----------------> resolved
          open, acknowledged -> closed (cause gone) -> open (raised again)
+    resolved -> closed (a parcel rule's cause gone) -> resolved (back, on the events
+                                                       the manager resolved it on)
+                                                    -> open (back on new events)
 """
 
 from __future__ import annotations
@@ -137,6 +140,27 @@ def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
         flag.status = FlagStatus.OPEN
         flag.closed_reason = None
     return flag
+
+
+def restore_resolution(*, session: Session, flag: Flag, note: str) -> bool:
+    """Resolve again a flag the system closed straight from ``resolved``, now that its
+    cause is back on the events a manager resolved it on (the caller knows that): the
+    decision stands however the events were batched. False, and nothing changed, if
+    the flag was not closed from ``resolved``."""
+    if flag.status != FlagStatus.CLOSED:
+        return False
+    last = session.scalars(
+        select(FlagChange)
+        .where(FlagChange.flag_id == flag.id)
+        .order_by(FlagChange.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.from_status != FlagStatus.RESOLVED:
+        return False
+    _record(session, flag, FlagStatus.CLOSED, FlagStatus.RESOLVED, note=note)
+    flag.status = FlagStatus.RESOLVED
+    flag.closed_reason = None
+    return True
 
 
 def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:

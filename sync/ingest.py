@@ -74,7 +74,6 @@ from sync.events import (
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag
-from sync.handover import NOT_CHECKED_OUT
 from sync.inversions import Stamp, time_inversions
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
@@ -458,7 +457,7 @@ class _BatchIngest:
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
         # The shifts this push changes that are closed or signed off (_lock_shifts).
         self.shifts_not_open: dict[int, Shift] = {}
-        # Parcels whose delivered_not_checked_out flag this push raised or closed (_project).
+        # Parcels whose delivered_not_checked_out flag this push changed (_project).
         self.covering_changed: set[str] = set()
         new_events = self._deduplicate(self.validated.valid)
         stored = self._insert(new_events)
@@ -515,10 +514,12 @@ class _BatchIngest:
         held_by_seq = self._held_by_seq([event.seq for event in old])
         for outside in self.validated.aged:
             held = held_by_id.get(outside.event.client_event_id)
-            if held is not None and held.content_hash == outside.event.content_hash:
+            if held is None:
+                self._reject(outside.index, self.batch.events[outside.index], outside.error)
+            elif held.content_hash == outside.event.content_hash:
                 self._answer(outside.index, outside.event, "duplicate")
             else:
-                self._reject(outside.index, self.batch.events[outside.index], outside.error)
+                self._conflicting_duplicate(outside.index, outside.event, held.id)
         valid = self._not_rejected_before(valid, held_by_id, held_by_seq)
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh = []
@@ -1085,9 +1086,9 @@ class _BatchIngest:
         """Closed shifts that got events (a late batch) or lost one to a correction: their
         handover flags are judged again (the parcel thought missing was returned). So
         are those holding events of a parcel whose ``delivered_not_checked_out`` flag
-        this push raised or closed (its check-out arrived after the shift that
-        delivered it closed): whether that shift's ``not_on_manifest`` is wanted
-        depends on it. A push that changes no such flag costs no query here."""
+        this push raised, closed or gave other events (a check-out arrived after the
+        shift that delivered it closed): whether that shift's ``not_on_manifest`` is
+        wanted depends on it. A push that changes no such flag costs no query here."""
         closed = dict(self.shifts_not_open) if by_shift else {}
         if self.covering_changed:
             for shift_id, shift in closed_shifts_holding(
@@ -1128,11 +1129,7 @@ class _BatchIngest:
         )
         self.session.flush()
         self._report_raised(outcome.raised)
-        self.covering_changed = {
-            flag.subject_key
-            for flag in (*outcome.raised, *outcome.closed)
-            if flag.kind == NOT_CHECKED_OUT
-        }
+        self.covering_changed = outcome.not_checked_out_changed()
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(
                 "wrong_station",

@@ -124,7 +124,7 @@ def intake_parcels(
     feed.record(session, entries)
     # New parcels may have events already (events can arrive first), and a new planned
     # courier changes who has the parcel unless a check-out decided it.
-    reproject(session=session, tracking_nos=reassess, policy=rules.policy)
+    judged = reproject(session=session, tracking_nos=reassess, policy=rules.policy)
     # Whoever has an updated parcel now hears about its new data.
     feed.record(
         session,
@@ -138,9 +138,12 @@ def intake_parcels(
     )
     created = [r.tracking_no for r in results if r.status == IntakeStatus.CREATED]
     _close_unknown_parcel_flags(session, created)
-    # Closed shifts with events of parcels unknown until now or judged again: their rule
-    # flags were just judged, so what the handover shows for them may change.
-    refresh_for_parcels(session=session, tracking_nos=reassess)
+    # Closed shifts with events of parcels unknown until now, or whose
+    # delivered_not_checked_out flag the new data changed: their handover flags may
+    # change (``sync.handover.handover_flags_wanted``).
+    refresh_for_parcels(
+        session=session, tracking_nos=[*created, *judged.not_checked_out_changed()]
+    )
     return results
 
 

@@ -38,7 +38,9 @@ from sync.flags import (
     raise_flag,
     raise_new_flags,
     reopen_flag,
+    restore_resolution,
 )
+from sync.handover import NOT_CHECKED_OUT
 from sync.projection import EventFact, project
 from sync.rules import (
     RULE_KINDS,
@@ -182,7 +184,18 @@ class ReprojectOutcome:
     # Parcels with events recorded at another station: {tracking no: (its station, ids)}
     foreign: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     raised: list[Flag] = field(default_factory=list)  # rule flags raised or reopened
-    closed: list[Flag] = field(default_factory=list)  # rule flags closed: the rule holds
+    # Rule flags closed (the rule holds), resolved again, or whose evidence changed.
+    rejudged: list[Flag] = field(default_factory=list)
+
+    def not_checked_out_changed(self) -> set[str]:
+        """Parcels whose ``delivered_not_checked_out`` flag was raised, closed or given
+        other events: the closed shifts holding their events are judged again
+        (``sync.handover.handover_flags_wanted`` reads which deliveries it names)."""
+        return {
+            flag.subject_key
+            for flag in (*self.raised, *self.rejudged)
+            if flag.kind == NOT_CHECKED_OUT
+        }
 
 
 def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
@@ -287,7 +300,7 @@ def reproject(
         UPDATE_PROJECTED.execute_rows(session, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
-    outcome.raised, outcome.closed = apply_rule_flags(session, parcels, judged, holders)
+    outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, holders)
     return outcome
 
 
@@ -325,7 +338,8 @@ def apply_rule_flags(
     holders: dict[str, int | None],
 ) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
-    Returns those raised (or reopened) and those closed.
+    Returns those raised (or reopened), and those closed, resolved again or given
+    other evidence.
     ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number.
 
     Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
@@ -342,6 +356,7 @@ def apply_rule_flags(
     }
     gone: dict[str, list[FlagSubject]] = defaultdict(list)
     raised: list[Flag] = []
+    rejudged: list[Flag] = []
     new: list[Flag] = []
     for tn, parcel in parcels.items():
         wanted = judged.get(tn, {})
@@ -367,6 +382,14 @@ def apply_rule_flags(
             elif flag.status != FlagStatus.CLOSED:
                 if flag.evidence != evidence:
                     flag.evidence = evidence
+                    rejudged.append(flag)
+            elif not _new_events(flag.evidence, evidence) and restore_resolution(
+                session=session,
+                flag=flag,
+                note="the rule fails again on the events a manager resolved it on",
+            ):
+                flag.evidence = evidence
+                rejudged.append(flag)
             else:
                 reopened = raise_flag(
                     session=session,
@@ -384,9 +407,8 @@ def apply_rule_flags(
             if kind not in wanted and flag is not None and flag.status in STANDING:
                 gone[kind].append(FlagSubject("parcel", tn))
     raised.extend(raise_new_flags(session=session, flags=new))
-    closed: list[Flag] = []
     for kind, subjects in gone.items():
-        closed += close_flags(
+        rejudged += close_flags(
             session=session,
             kind=kind,
             subjects=subjects,
@@ -394,7 +416,7 @@ def apply_rule_flags(
             "the rule holds",
             statuses=STANDING,
         )
-    return raised, closed
+    return raised, rejudged
 
 
 def load_events(

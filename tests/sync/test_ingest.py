@@ -27,6 +27,7 @@ from models import (
 from sync import ingest as ingest_module
 from sync.errors import Conflict
 from sync.events import EventRules
+from sync.flags import flag_changes, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels, parcel_timeline
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
@@ -230,9 +231,11 @@ def test_an_event_held_and_sent_again_outside_its_pushs_window_is_a_duplicate(
         [held, pda.event(2, tn, "out_for_delivery"), altered, held], received_at=later
     )
     assert statuses(receipt) == ["duplicate", "rejected", "rejected", "duplicate"]
-    assert {r["error"]["code"] for r in receipt["results"] if "error" in r} == {
-        "occurred_at_out_of_range"
-    }
+    assert [r["error"]["code"] for r in receipt["results"] if "error" in r] == [
+        "occurred_at_out_of_range",
+        "conflicting_duplicate",  # the same id with other content, whatever the window
+    ]
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["conflicting_duplicate"]
     assert count(session, ScanEvent) == 1
     assert count(session, QuarantinedEvent) == 2
     assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [])
@@ -264,6 +267,42 @@ def test_a_pda_filling_its_gaps_never_looks_in_the_quarantine(
         receipt = pda.push([pda.event(2, tn), pda.event(3, tn)])
     assert statuses(receipt) == ["applied", "applied"]
     assert sent and not [s for s in sent if "quarantined_event" in s]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one push", "two pushes"])
+def test_a_resolved_flag_ends_resolved_however_the_later_events_are_batched(
+    session: Session, world: World, pda: Pda, parcel: Parcel, split: bool
+) -> None:
+    """Delivered (seq 2) without a check-out is flagged and a manager resolves it. The
+    check-out (seq 1) and a correction voiding it (seq 3) then arrive: in one push
+    the cause never goes; in two it goes and comes back on the same delivery, and
+    the manager's resolution stands (rule 3), the flag's history showing both."""
+    tn = parcel.tracking_no
+    check_out = pda.event(1, tn)
+    delivered = pda.event(2, tn, "delivered", pod={"photo_sha256": "a" * 64})
+    fix = pda.event(
+        3, tn, "correction", voids_client_event_id=check_out["client_event_id"], reason="x"
+    )
+    pda.push([delivered])
+    flag = session.scalars(select(Flag).where(Flag.kind == "delivered_not_checked_out")).one()
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="seen")
+    session.commit()
+    later = NOW + dt.timedelta(minutes=1)
+    if split:
+        pda.push([check_out], received_at=later)
+        session.refresh(flag)
+        assert flag.status == FlagStatus.CLOSED
+        pda.push([fix], received_at=later + dt.timedelta(minutes=1))
+    else:
+        pda.push([check_out, fix], received_at=later)
+    session.refresh(flag)
+    assert flag.status == FlagStatus.RESOLVED
+    history = [(c.from_status, c.to_status) for c in flag_changes(session=session, flag=flag)]
+    assert history[-1] == (
+        (FlagStatus.CLOSED, FlagStatus.RESOLVED)
+        if split
+        else (FlagStatus.OPEN, FlagStatus.RESOLVED)
+    )
 
 
 def test_gaps_are_reported_until_the_missing_events_arrive(

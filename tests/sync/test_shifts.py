@@ -503,6 +503,39 @@ def test_a_first_seq_declared_after_a_shift_that_declared_none_takes_its_grace_s
     assert shift_balance(session=session, shift=first).status == "balanced"
 
 
+@pytest.mark.parametrize("order", ["in order", "check-out last"])
+def test_not_on_manifest_when_a_late_check_out_only_narrows_the_flag(
+    session: Session, world: World, pda: Pda, order: str
+) -> None:
+    """Shift A delivers P (seq 1) never checked out; shift B checks P out (seq 2);
+    shift C delivers it again (seq 3) without checking it out. With B's check-out
+    last, C was judged while delivered_not_checked_out named both deliveries; the
+    check-out narrows that flag to A's (neither raised nor closed), and C is judged
+    again all the same."""
+    (p,) = parcels(session, world, 1)
+    d1 = pda.event(p, "delivered", occurred_at=NOW - dt.timedelta(hours=7))
+    check_out = pda.event(p, occurred_at=NOW - dt.timedelta(hours=4, minutes=50))
+    d2 = pda.event(p, "delivered", occurred_at=NOW - dt.timedelta(hours=2))
+    a = pda.open(first_seq=1, now=NOW - dt.timedelta(hours=8))
+    pda.push([d1], received_at=NOW - dt.timedelta(hours=7))
+    a = pda.close(a, last_seq=1, now=NOW - dt.timedelta(hours=6))
+    b = pda.open(first_seq=2, now=NOW - dt.timedelta(hours=5))
+    if order == "in order":
+        pda.push([check_out], received_at=NOW - dt.timedelta(hours=4, minutes=50))
+    b = pda.close(b, last_seq=2, now=NOW - dt.timedelta(hours=4))
+    c = pda.open(first_seq=3, now=NOW - dt.timedelta(hours=3))
+    pda.push([d2], received_at=NOW - dt.timedelta(hours=2))
+    c = pda.close(c, last_seq=3, now=NOW - dt.timedelta(hours=1))
+    if order == "check-out last":
+        pda.push([check_out], received_at=NOW)
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: a.id, 2: b.id, 3: c.id}
+    balance = shift_balance(session=session, shift=c)
+    assert [(d.kind, d.flag_id is not None) for d in balance.discrepancies] == [
+        ("not_on_manifest", True)
+    ]
+
+
 def test_a_resolved_rule_flag_whose_cause_went_away_is_closed_and_unbalances_nothing(
     session: Session, world: World, pda: Pda
 ) -> None:

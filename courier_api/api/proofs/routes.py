@@ -51,7 +51,6 @@ CSV_COLUMNS = (
     "courier_id",
     "device_id",
     "method",
-    "voided",
     "occurred_at",
     "occurred_at_device",
     "received_at",
@@ -66,6 +65,7 @@ CSV_COLUMNS = (
     "lat",
     "lon",
     "distance_m",
+    "voided",  # last: the columns before it kept their places when it came
 )
 
 

@@ -157,6 +157,7 @@ def _subject_of(claims: dict[str, Any]) -> dict[str, Any]:
         "user_id": int(claims["sub"]),
         "device_id": claims.get("device"),
         "credentials_version": claims["ver"],
+        "issued_at": dt.datetime.fromtimestamp(claims["iat"], dt.UTC),
     }
 
 
@@ -217,6 +218,7 @@ def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., A
             # limit is a 413 first).
             request.get_data(cache=True)
             principal = checked_principal(claims)
+            g.token_claims = claims  # a long request checks them again (the long pull)
             if allowed and principal.role not in allowed:
                 raise PermissionDenied(
                     f"a {principal.role.value} may not do this", code="role_forbidden"

@@ -37,6 +37,7 @@ SUBJECT_ROWS = Prebuilt(
             _devices.c.id.label("device_id"),
             _devices.c.station_id.label("device_station_id"),
             _devices.c.status.label("device_status"),
+            _devices.c.status_changed_at.label("device_status_changed_at"),
             _devices.c.last_seen_at.label("device_seen_at"),
         )
         .select_from(_users)
@@ -146,16 +147,23 @@ def _user_and_device(
 
 
 def load_token_subject(
-    *, session: Session, user_id: int, device_id: str | None, credentials_version: int
+    *,
+    session: Session,
+    user_id: int,
+    device_id: str | None,
+    credentials_version: int,
+    issued_at: dt.datetime | None = None,
 ) -> tuple[User, Device | None]:
     """Re-check on every request what a token was issued for.
 
     A token outlives the facts it was issued on: a disabled account, a changed
-    password, a device reported lost or retired, must stop it at once, not at expiry.
-    ``credentials_version`` is the account's version the token was issued with.
+    password, a device reported lost or retired, must stop it at once, not at expiry;
+    and a device found again does not bring back the tokens issued before it was
+    reported (a thief's copies). ``credentials_version`` is the account's version the
+    token was issued with, ``issued_at`` when (a device's token; to the second).
     """
     user, device = _user_and_device(session, user_id, device_id)
-    _check_subject(user, device, credentials_version)
+    _check_subject(user, device, credentials_version, issued_at)
     assert user is not None
     return user, device if user.role == Role.COURIER else None
 
@@ -173,7 +181,12 @@ class TokenSubject:
 
 
 def check_token_subject(
-    connection: Connection, *, user_id: int, device_id: str | None, credentials_version: int
+    connection: Connection,
+    *,
+    user_id: int,
+    device_id: str | None,
+    credentials_version: int,
+    issued_at: dt.datetime | None = None,
 ) -> TokenSubject:
     """``load_token_subject``'s checks on one plain row, in ``connection``'s transaction,
     without the ORM's entities: for a request whose sign-in check reads apart from its
@@ -184,15 +197,17 @@ def check_token_subject(
         connection, {"user_id": user_id, "device_id": device_id or ""}
     ).one_or_none()
     if row is None:
-        _check_subject(None, None, credentials_version)
+        _check_subject(None, None, credentials_version, issued_at)
     assert row is not None  # _check_subject refused the missing account
     user = _User(row.active, row.credentials_version, row.role, row.station_id)
     device = (
-        _Device(row.device_id, row.device_station_id, row.device_status)
+        _Device(
+            row.device_id, row.device_station_id, row.device_status, row.device_status_changed_at
+        )
         if row.device_id is not None
         else None
     )
-    _check_subject(user, device, credentials_version)
+    _check_subject(user, device, credentials_version, issued_at)
     courier_device = device is not None and row.role == Role.COURIER
     return TokenSubject(
         user_id=user_id,
@@ -221,10 +236,14 @@ class _Device:
     id: str
     station_id: int
     status: DeviceStatus
+    status_changed_at: dt.datetime | None
 
 
 def _check_subject(
-    user: User | _User | None, device: Device | _Device | None, credentials_version: int
+    user: User | _User | None,
+    device: Device | _Device | None,
+    credentials_version: int,
+    issued_at: dt.datetime | None,
 ) -> None:
     if user is None or not user.active:
         raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
@@ -242,5 +261,17 @@ def _check_subject(
     if device.status != DeviceStatus.ACTIVE:
         raise AuthenticationFailed(
             f"device {device.id} is {device.status.value}; its tokens no longer work",
+            code="device_not_active",
+        )
+    changed = device.status_changed_at
+    # A token's iat is whole seconds: one issued in the second of the change stands.
+    if (
+        issued_at is not None
+        and changed is not None
+        and issued_at < changed.replace(microsecond=0)
+    ):
+        raise AuthenticationFailed(
+            f"device {device.id} was reported lost or retired after this token was "
+            "issued; sign in again",
             code="device_not_active",
         )

@@ -118,10 +118,14 @@ def update_user(
 ) -> User:
     if full_name is not None:
         user.full_name = full_name.strip()
+    # Disabling ends every session for good: enabling the account again later must not
+    # bring back the tokens it had (nor does a password change).
+    revoke = password is not None or (active is False and user.active)
     if active is not None:
         user.active = active
     if password is not None:
         user.password_hash = hash_password(password, method=password_hash_method)
+    if revoke:
         # Incremented in SQL, so two concurrent changes both count.
         user.credentials_version = User.credentials_version + 1
     session.flush()

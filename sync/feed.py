@@ -169,10 +169,24 @@ def read_page(
     rows = session.execute(query).all()
     page = rows[:limit]
     return FeedPage(
-        changes=[FeedItem(change.kind, change.tracking_no, parcel) for change, parcel in page],
+        changes=[_as_held(change, parcel, station_id, courier_id) for change, parcel in page],
         next_cursor=Cursor(page[-1][0].txid, page[-1][0].id) if page else cursor,
         has_more=len(rows) > limit,
     )
+
+
+def _as_held(
+    change: FeedChange, parcel: Parcel | None, station_id: int, courier_id: int
+) -> FeedItem:
+    """An entry as the PDA should apply it now: a parcel this courier no longer holds at
+    this station (reassigned, moved to another station) is never sent as it is now, only
+    as a tombstone, whatever the entry was about (an update, an answer to a request)."""
+    if parcel is not None:
+        # The answer to a request may concern a parcel nobody holds yet.
+        holders = (courier_id, None) if change.kind == FeedKind.CONSENT_REQUEST else (courier_id,)
+        if parcel.station_id != station_id or parcel.courier_id not in holders:
+            return FeedItem(FeedKind.PARCEL_REMOVED, change.tracking_no, None)
+    return FeedItem(change.kind, change.tracking_no, parcel)
 
 
 def _head(

@@ -346,3 +346,59 @@ def test_a_push_is_let_in_or_refused_by_its_sign_in_check_either_way(
     # Whichever way, the check reads the account's plain row, never its password's hash.
     account_reads = [sql for sql in read if "FROM app_user" in sql]
     assert account_reads and not any("password_hash" in sql for sql in account_reads)
+
+
+def test_an_account_disabled_then_enabled_again_does_not_revive_its_old_tokens(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """Disabling ends the account's sessions for good, as a password change does."""
+    old = auth.tokens("courier1", "PDA-0001")
+    admin = auth.headers("admin")
+    url = f"/api/v1/users/{world.courier.id}"
+    assert client.patch(url, json={"active": False}, headers=admin).status_code == 200
+    assert client.patch(url, json={"active": True}, headers=admin).status_code == 200
+    refreshed = client.post("/api/v1/auth/refresh", json={"refresh_token": old["refresh_token"]})
+    assert (refreshed.status_code, error_code(refreshed)) == (401, "token_revoked")
+    response = client.get(PROTECTED_URL, headers=bearer(old["access_token"]))
+    assert (response.status_code, error_code(response)) == (401, "token_revoked")
+    assert (
+        client.get(PROTECTED_URL, headers=auth.headers("courier1", "PDA-0001")).status_code == 200
+    )
+
+
+@pytest.mark.parametrize("reported", ["lost", "retired"])
+def test_a_device_brought_back_does_not_revive_the_tokens_issued_before(
+    client: FlaskClient, world: World, auth: Auth, reported: str
+) -> None:
+    """A PDA is stolen with its tokens (issued a minute ago) and reported lost; found
+    again and set active, the thief's copies stay dead, while the courier signs in
+    again as usual."""
+    minute_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    stolen = {
+        typ: jwt.encode(
+            _claims_for(
+                world,
+                sub=str(world.courier.id),
+                role="courier",
+                device="PDA-0001",
+                typ=typ,
+                iat=minute_ago,
+                ver=world.courier.credentials_version,
+            ),
+            TEST_JWT_SECRET,
+            algorithm="HS256",
+        )
+        for typ in ("access", "refresh")
+    }
+    assert client.get(PROTECTED_URL, headers=bearer(stolen["access"])).status_code == 200
+    manager, url = auth.headers("manager1"), "/api/v1/devices/PDA-0001"
+    assert client.patch(url, json={"status": reported}, headers=manager).status_code == 200
+    assert client.patch(url, json={"status": "active"}, headers=manager).status_code == 200
+    refreshed = client.post("/api/v1/auth/refresh", json={"refresh_token": stolen["refresh"]})
+    assert (refreshed.status_code, error_code(refreshed)) == (401, "device_not_active")
+    for path in (PROTECTED_URL, "/api/v1/sync/pull"):
+        response = client.get(path, headers=bearer(stolen["access"]))
+        assert (response.status_code, error_code(response)) == (401, "device_not_active")
+    assert (
+        client.get(PROTECTED_URL, headers=auth.headers("courier1", "PDA-0001")).status_code == 200
+    )

@@ -2,6 +2,8 @@
 
 import datetime as dt
 import json
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -540,3 +542,115 @@ def test_a_push_rewrites_no_device_row_while_it_was_seen_within_the_minute(
 
 def db_value(connection: Connection, sql: str) -> Any:
     return connection.exec_driver_sql(sql).scalar_one()
+
+
+def pull_all(
+    client: FlaskClient, headers: dict[str, str], cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Every change after ``cursor``, page after page, and the cursor to go on from."""
+    changes: list[dict[str, Any]] = []
+    while True:
+        query = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+        response = client.get(PULL, query_string=query, headers=headers)
+        assert response.status_code == 200, response.get_json()
+        page = response.get_json()
+        changes += page["changes"]
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            return changes, cursor
+
+
+def intake_item(tracking_no: str, **fields: str) -> dict[str, Any]:
+    return {
+        "tracking_no": tracking_no,
+        "service_class": "express",
+        "recipient_name": "Li Lei",
+        "address": "9 Hidden Road",
+        "recipient_phone": "+8613812345678",
+        **fields,
+    }
+
+
+@pytest.mark.parametrize("moved_to", ["a colleague", "another station"])
+def test_an_answer_after_the_parcel_moved_on_hands_the_old_courier_only_its_tombstone(
+    client: FlaskClient, session: Session, world: World, auth: Auth, moved_to: str
+) -> None:
+    """Courier 1 asks for consent, then the parcel goes to a colleague or is re-routed
+    to another station. The recipient's answer to the old request must not hand the
+    parcel (another station's address and recipient, maybe) back to courier 1's PDA."""
+    factories.user(session, "courier2", "courier", world.station)
+    session.commit()
+    manager, tn = auth.headers("manager1"), factories.s10()
+    taken = client.post(
+        "/api/v1/parcels", json={"parcels": [intake_item(tn, courier="courier1")]}, headers=manager
+    )
+    assert taken.status_code == 200
+    courier = auth.headers("courier1", "PDA-0001")
+    _, cursor = pull_all(client, courier)
+    asked = client.post(
+        "/api/v1/consents/requests", json={"tracking_no": tn, "method": "locker"}, headers=courier
+    )
+    assert asked.status_code == 201
+    if moved_to == "a colleague":
+        item, by = intake_item(tn, courier="courier2"), manager
+    else:
+        item, by = intake_item(tn, station="ST2", address="77 Other Road"), auth.headers("admin")
+    assert client.post("/api/v1/parcels", json={"parcels": [item]}, headers=by).status_code == 200
+    changes, cursor = pull_all(client, courier, cursor)
+    assert [(c["kind"], c["tracking_no"]) for c in changes][-1] == ("parcel_removed", tn)
+    answered = client.post(
+        "/api/v1/consents",
+        json={"request_id": asked.get_json()["id"], "channel": "sms"},
+        headers=auth.headers("app1"),
+    )
+    assert answered.status_code == 201
+    changes, _ = pull_all(client, courier, cursor)
+    assert [c["parcel"] for c in changes] == [None] * len(changes)
+    assert {c["kind"] for c in changes} <= {"parcel_removed"}
+
+
+def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
+    committed_app: Flask,
+) -> None:
+    """The token is checked again each time the long pull looks for news."""
+    with committed_app.app_context():
+        station = factories.station(db.session, code="LOSTW")
+        factories.user(db.session, "lw-courier", "courier", station)
+        factories.user(db.session, "lw-manager", "station_manager", station)
+        factories.user(db.session, "lw-gateway", "integration")
+        factories.device(db.session, "PDA-LOSTW", station)
+        tracking_no = factories.parcel(db.session, station).tracking_no
+        db.session.commit()
+    client = committed_app.test_client()
+    auth = Auth(client)
+    courier = auth.headers("lw-courier", "PDA-LOSTW")
+    manager, channel = auth.headers("lw-manager"), auth.headers("lw-gateway")
+    _, cursor = pull_all(client, courier)
+    asked = client.post(
+        "/api/v1/consents/requests",
+        json={"tracking_no": tracking_no, "method": "locker"},
+        headers=courier,
+    )
+    assert asked.status_code == 201
+    _, cursor = pull_all(client, courier, cursor)
+    done: dict[str, int] = {}
+
+    def report_lost_then_answer() -> None:
+        time.sleep(0.8)
+        other = committed_app.test_client()
+        done["lost"] = other.patch(
+            "/api/v1/devices/PDA-LOSTW", json={"status": "lost"}, headers=manager
+        ).status_code
+        done["answer"] = other.post(
+            "/api/v1/consents",
+            json={"request_id": asked.get_json()["id"], "channel": "sms"},
+            headers=channel,
+        ).status_code
+
+    thread = threading.Thread(target=report_lost_then_answer)
+    thread.start()
+    response = client.get(PULL, query_string={"cursor": cursor, "wait": 10}, headers=courier)
+    thread.join(timeout=30)
+    assert done == {"lost": 200, "answer": 201}
+    assert response.status_code == 401
+    assert response.get_json()["code"] == "device_not_active"

@@ -11,7 +11,7 @@ from flask.views import MethodView
 from courier_api import metrics
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
-from courier_api.auth import current_principal
+from courier_api.auth import checked_principal, current_principal
 from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
 from models import Role, utcnow
@@ -204,6 +204,8 @@ def _read_feed(
         # released), then look again.
         db.session.rollback()
         time.sleep(min(PULL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        # The PDA may have been reported lost (or its account disabled) meanwhile.
+        checked_principal(g.token_claims)
 
 
 def _waiting_room() -> threading.BoundedSemaphore:

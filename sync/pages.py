@@ -407,10 +407,19 @@ def proof_rows(
 def local_range(
     first: dt.date | None, last: dt.date | None, timezone: str
 ) -> tuple[dt.datetime | None, dt.datetime | None]:
-    """``[start of first, end of last)`` of a station's local days, in UTC (either open)."""
-    start = day_bounds(first, timezone)[0] if first else None
-    end = day_bounds(last, timezone)[1] if last else None
-    return start, end
+    """``[start of first, end of last)`` of a station's local days, in UTC (either open).
+    A day at the calendar's edge (from 0001-01-01, to 9999-12-31: its bound is no
+    datetime) leaves that end open, as it means."""
+    return _bound(first, timezone, 0), _bound(last, timezone, 1)
+
+
+def _bound(day: dt.date | None, timezone: str, end: int) -> dt.datetime | None:
+    if day is None:
+        return None
+    try:
+        return day_bounds(day, timezone)[end]
+    except OverflowError:
+        return None
 
 
 # -- the daily monitoring report --------------------------------------------------------------

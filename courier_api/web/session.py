@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -27,12 +28,14 @@ from werkzeug.exceptions import BadRequest
 
 from courier_api.auth import Principal
 from courier_api.extensions import db
+from courier_api.web import SESSION_LIFETIME
 from models import Role, User
 from sync.accounts import load_token_subject
 from sync.errors import AuthenticationFailed, PermissionDenied
 
 USER_KEY = "user_id"
 VERSION_KEY = "credentials_version"
+SIGNED_IN_KEY = "signed_in_at"  # seconds since the epoch: the session's age
 CSRF_KEY = "csrf"
 CSRF_FIELD = "csrf_token"
 # Who may use the pages; couriers use their PDA, integrations the API.
@@ -91,6 +94,7 @@ def sign_in(user: User) -> None:
     session.permanent = True
     session[USER_KEY] = user.id
     session[VERSION_KEY] = user.credentials_version
+    session[SIGNED_IN_KEY] = int(time.time())
     session[CSRF_KEY] = secrets.token_urlsafe(32)
 
 
@@ -110,6 +114,16 @@ def _load_viewer() -> Viewer | None:
     longer may use the pages."""
     user_id, version = session.get(USER_KEY), session.get(VERSION_KEY)
     if not isinstance(user_id, int) or not isinstance(version, int):
+        return None
+    # The cookie is signed again on every page, so its own age only times out a session
+    # left idle: a busy one ends a working day after signing in all the same.
+    signed_in_at = session.get(SIGNED_IN_KEY)
+    if (
+        not isinstance(signed_in_at, int)
+        or time.time() - signed_in_at > SESSION_LIFETIME.total_seconds()
+    ):
+        sign_out()
+        flash("Your session ended a working day after you signed in: sign in again.", "error")
         return None
     try:
         user, _ = load_token_subject(

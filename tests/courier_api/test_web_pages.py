@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,6 +19,7 @@ from sqlalchemy.orm import Session
 from werkzeug.test import TestResponse
 
 from courier_api.extensions import api
+from courier_api.web import session as web_session
 from models import AuditEntry, Blob, Flag, FlagStatus, Role, ShiftStatus
 from sync.pages import drop_consents
 from sync.proofs import get_proof
@@ -157,6 +160,42 @@ def test_logout_is_a_post_and_ends_the_session(app: Flask, day: StationDay) -> N
     assert response.status_code == 302 and response.location == "/web/login"
     assert "You are signed out." in pages.get("/web/login")
     assert pages.client.get("/web/board").status_code == 302
+
+
+def test_a_session_ends_a_working_day_after_signing_in_however_busy(
+    app: Flask, day: StationDay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page signs the cookie again, so its own age only ends an idle session; the
+    time of signing in ends a busy one 12 hours on."""
+    signed = time.time()
+    pages = signed_in(app, "manager")
+    for hours, status in ((6, 200), (11.9, 200), (12.1, 302)):
+        clock = SimpleNamespace(time=lambda hours=hours: signed + hours * 3600)
+        monkeypatch.setattr(web_session, "time", clock)
+        assert pages.client.get("/web/board").status_code == status, hours
+    assert "ended a working day after you signed in" in pages.get("/web/login")
+    monkeypatch.undo()
+    assert pages.client.get("/web/board").status_code == 302  # the session is gone
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/web/flags?raised_to=9999-12-31",
+        "/web/flags?raised_from=0001-01-01",
+        "/web/proofs?occurred_to=9999-12-31",
+        "/web/proofs?occurred_from=0001-01-01&occurred_to=9999-12-31",
+        "/web/proofs/export.csv?occurred_from=0001-01-01",
+    ],
+)
+def test_a_date_at_the_calendars_edge_leaves_that_end_of_the_range_open(
+    app: Flask, day: StationDay, query: str
+) -> None:
+    pages = signed_in(app, "auditor")
+    rows = re.compile(r'<tr id="((?:flag|proof)-\d+)"|^(\d+),', re.MULTILINE)
+    everything = rows.findall(pages.get(query.split("?")[0]))
+    assert everything  # the station's day has flags and proofs
+    assert rows.findall(pages.get(query)) == everything
 
 
 @pytest.mark.parametrize("change", ["password", "disabled", "role"])

@@ -178,14 +178,17 @@ def read_page(
 def _as_held(
     change: FeedChange, parcel: Parcel | None, station_id: int, courier_id: int
 ) -> FeedItem:
-    """An entry as the PDA should apply it now: a parcel this courier no longer holds at
-    this station (reassigned, moved to another station) is never sent as it is now, only
-    as a tombstone, whatever the entry was about (an update, an answer to a request)."""
-    if parcel is not None:
-        # The answer to a request may concern a parcel nobody holds yet.
-        holders = (courier_id, None) if change.kind == FeedKind.CONSENT_REQUEST else (courier_id,)
-        if parcel.station_id != station_id or parcel.courier_id not in holders:
-            return FeedItem(FeedKind.PARCEL_REMOVED, change.tracking_no, None)
+    """An entry as the PDA should apply it now. A parcel moved to another station is
+    only ever sent as its tombstone (its new station's recipient and address are not
+    this courier's to read), whatever the entry was about; an update of a parcel (its
+    data, its consents) the courier no longer holds too. The answer to a consent
+    request reaches the courier who asked at the station, holder or not (a
+    colleague's parcel at the door)."""
+    if parcel is not None and (
+        parcel.station_id != station_id
+        or (change.kind != FeedKind.CONSENT_REQUEST and parcel.courier_id != courier_id)
+    ):
+        return FeedItem(FeedKind.PARCEL_REMOVED, change.tracking_no, None)
     return FeedItem(change.kind, change.tracking_no, parcel)
 
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -48,7 +49,6 @@ from sync.projection import voided_by
 from sync.proofs import Proof
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, EventDetail, Policy, covers, granted_before, in_force_at
-from sync.shifts import day_bounds
 from sync.sql import among, chunks
 from sync.status import load_events
 
@@ -408,18 +408,24 @@ def local_range(
     first: dt.date | None, last: dt.date | None, timezone: str
 ) -> tuple[dt.datetime | None, dt.datetime | None]:
     """``[start of first, end of last)`` of a station's local days, in UTC (either open).
-    A day at the calendar's edge (from 0001-01-01, to 9999-12-31: its bound is no
-    datetime) leaves that end open, as it means."""
+    A bound at the calendar's edge that is no datetime in UTC (the end of 9999-12-31,
+    the start of 0001-01-01 east of Greenwich) is the edge itself: from 0001-01-01
+    is everything, from 9999-12-31 nothing."""
     return _bound(first, timezone, 0), _bound(last, timezone, 1)
 
 
-def _bound(day: dt.date | None, timezone: str, end: int) -> dt.datetime | None:
+def _bound(day: dt.date | None, timezone: str, days_after: int) -> dt.datetime | None:
+    """The start of ``day`` (``days_after`` 0) or of the day after it (1), in UTC."""
     if day is None:
         return None
     try:
-        return day_bounds(day, timezone)[end]
+        local = dt.datetime.combine(
+            day + dt.timedelta(days=days_after), dt.time(), tzinfo=ZoneInfo(timezone)
+        )
+        return local.astimezone(dt.UTC)
     except OverflowError:
-        return None
+        edge = dt.datetime.max if day.year > dt.MAXYEAR // 2 else dt.datetime.min
+        return edge.replace(tzinfo=dt.UTC)
 
 
 # -- the daily monitoring report --------------------------------------------------------------

@@ -259,11 +259,11 @@ class _OpenSeqs(NamedTuple):
 def _previous_with_open_seqs(
     session: Session, device_id: str, courier_id: int
 ) -> _OpenSeqs | None:
-    """The courier's last shift on the PDA, unless it declared both its seqs: closed
-    with a first seq and no last seq, it holds by seq what came just after its close,
-    up to where the next shift starts (``_Window.holds_by_seq``); without a first seq,
-    by time what came within the grace after its close. Either way it may hold
-    events the opening now takes."""
+    """The courier's last shift on the PDA, if it closed without its last seq: with a
+    first seq, it holds by seq what came just after its close, up to where the next
+    shift starts (``_Window.holds_by_seq``); without, by time what came within the
+    grace after its close. Either way it may hold events the opening now takes. (One
+    that declared its last seq holds nothing past it.)"""
     row = session.execute(
         select(Shift.id, Shift.first_seq, Shift.last_seq, Shift.opened_at, Shift.closed_at)
         .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
@@ -272,7 +272,7 @@ def _previous_with_open_seqs(
     ).first()
     if row is None or row.closed_at is None:
         return None
-    if row.first_seq is not None and row.last_seq is not None:
+    if row.last_seq is not None:
         return None
     return _OpenSeqs(row.id, row.first_seq, max(row.opened_at, row.closed_at))
 

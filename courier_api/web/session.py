@@ -118,10 +118,9 @@ def _load_viewer() -> Viewer | None:
     # The cookie is signed again on every page, so its own age only times out a session
     # left idle: a busy one ends a working day after signing in all the same.
     signed_in_at = session.get(SIGNED_IN_KEY)
-    if (
-        not isinstance(signed_in_at, int)
-        or time.time() - signed_in_at > SESSION_LIFETIME.total_seconds()
-    ):
+    if not isinstance(signed_in_at, int):  # signed in before sessions kept it: from now
+        session[SIGNED_IN_KEY] = signed_in_at = int(time.time())
+    if time.time() - signed_in_at > SESSION_LIFETIME.total_seconds():
         sign_out()
         flash("Your session ended a working day after you signed in: sign in again.", "error")
         return None

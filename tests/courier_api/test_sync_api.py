@@ -572,12 +572,13 @@ def intake_item(tracking_no: str, **fields: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("moved_to", ["a colleague", "another station"])
-def test_an_answer_after_the_parcel_moved_on_hands_the_old_courier_only_its_tombstone(
+def test_a_parcel_moved_on_reaches_the_old_courier_only_as_its_tombstone(
     client: FlaskClient, session: Session, world: World, auth: Auth, moved_to: str
 ) -> None:
     """Courier 1 asks for consent, then the parcel goes to a colleague or is re-routed
-    to another station. The recipient's answer to the old request must not hand the
-    parcel (another station's address and recipient, maybe) back to courier 1's PDA."""
+    to another station. Updates of it then reach courier 1's PDA only as tombstones;
+    the recipient's answer to courier 1's request reaches courier 1 while the parcel
+    is at the station, and never carries another station's address and recipient."""
     factories.user(session, "courier2", "courier", world.station)
     session.commit()
     manager, tn = auth.headers("manager1"), factories.s10()
@@ -605,8 +606,11 @@ def test_an_answer_after_the_parcel_moved_on_hands_the_old_courier_only_its_tomb
     )
     assert answered.status_code == 201
     changes, _ = pull_all(client, courier, cursor)
-    assert [c["parcel"] for c in changes] == [None] * len(changes)
-    assert {c["kind"] for c in changes} <= {"parcel_removed"}
+    if moved_to == "another station":
+        assert [(c["kind"], c["parcel"]) for c in changes] == [("parcel_removed", None)]
+    else:
+        assert [c["kind"] for c in changes] == ["consent_request"]
+        assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"
 
 
 def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
@@ -654,3 +658,33 @@ def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
     assert done == {"lost": 200, "answer": 201}
     assert response.status_code == 401
     assert response.get_json()["code"] == "device_not_active"
+
+
+def test_a_courier_asking_about_a_colleagues_parcel_gets_the_answer(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """Courier 2 is at the door with a parcel planned for courier 1 (nobody checked it
+    out) and asks for consent: the answer reaches the courier who asked."""
+    factories.user(session, "courier2", "courier", world.station)
+    factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    manager, tn = auth.headers("manager1"), factories.s10()
+    taken = client.post(
+        "/api/v1/parcels", json={"parcels": [intake_item(tn, courier="courier1")]}, headers=manager
+    )
+    assert taken.status_code == 200
+    asker = auth.headers("courier2", "PDA-0003")
+    _, cursor = pull_all(client, asker)
+    asked = client.post(
+        "/api/v1/consents/requests", json={"tracking_no": tn, "method": "locker"}, headers=asker
+    )
+    assert asked.status_code == 201
+    answered = client.post(
+        "/api/v1/consents",
+        json={"request_id": asked.get_json()["id"], "channel": "sms"},
+        headers=auth.headers("app1"),
+    )
+    assert answered.status_code == 201
+    changes, _ = pull_all(client, asker, cursor)
+    assert [c["kind"] for c in changes] == ["consent_request"]
+    assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"

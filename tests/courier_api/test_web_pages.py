@@ -178,6 +178,19 @@ def test_a_session_ends_a_working_day_after_signing_in_however_busy(
     assert pages.client.get("/web/board").status_code == 302  # the session is gone
 
 
+def test_a_session_from_before_sessions_kept_their_start_is_not_ended_by_it(
+    app: Flask, day: StationDay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy signs nobody out: a session without its start counts from then on."""
+    pages = signed_in(app, "manager")
+    with pages.client.session_transaction() as cookie:
+        del cookie[web_session.SIGNED_IN_KEY]
+    assert pages.client.get("/web/board").status_code == 200
+    later = time.time() + 12.1 * 3600
+    monkeypatch.setattr(web_session, "time", SimpleNamespace(time=lambda: later))
+    assert pages.client.get("/web/board").status_code == 302
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -684,3 +697,20 @@ def test_the_pages_are_not_in_the_openapi_document(app: Flask) -> None:
         paths = api.spec.to_dict()["paths"]
     assert paths and not [p for p in paths if p.startswith("/web")]
     assert app.test_client().get("/").location == "/docs"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/web/flags?raised_from=9999-12-31",
+        "/web/proofs?occurred_from=9999-12-31",
+        "/web/proofs/export.csv?occurred_from=9999-12-31",
+    ],
+)
+def test_a_from_date_at_the_calendars_end_shows_nothing(
+    app: Flask, day: StationDay, query: str
+) -> None:
+    pages = signed_in(app, "auditor")
+    rows = re.compile(r'<tr id="((?:flag|proof)-\d+)"|^(\d+),', re.MULTILINE)
+    assert rows.findall(pages.get(query.split("?")[0]))  # the station's day has rows
+    assert rows.findall(pages.get(query)) == []

@@ -1538,3 +1538,25 @@ def test_a_balance_bounds_a_shift_by_its_neighbours_on_the_pdas_whole_timeline(
         next_starts,
         previous_ends,
     )
+
+
+def test_a_first_seq_inside_the_last_seq_a_predecessor_declared_is_a_conflict(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift opened without a first_seq and closed declaring last_seq 3,
+    scanned two minutes after the close: a next opening declaring first_seq 3
+    contradicts the PDA's own declaration, and takes nothing from that shift."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = pda.close(first, last_seq=3)
+    pda.push(
+        [pda.event(b, occurred_at=NOW + dt.timedelta(minutes=2))],
+        received_at=NOW + dt.timedelta(minutes=3),
+    )
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
+        first.id
+    )
+    with pytest.raises(Conflict) as info:
+        pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=10))
+    assert info.value.code == "first_seq_used"

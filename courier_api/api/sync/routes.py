@@ -204,8 +204,11 @@ def _read_feed(
         # released), then look again.
         db.session.rollback()
         time.sleep(min(PULL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-        # The PDA may have been reported lost (or its account disabled) meanwhile.
-        checked_principal(g.token_claims)
+        # The PDA may have been reported lost (or its account disabled: a 401) meanwhile,
+        # or its courier moved to another station: this page ends, empty; the next
+        # pull reads as who the courier is now.
+        if checked_principal(g.token_claims) != principal:
+            return page
 
 
 def _waiting_room() -> threading.BoundedSemaphore:

@@ -560,6 +560,23 @@ def pull_all(
             return changes, cursor
 
 
+def ask_for_consent(client: FlaskClient, courier: dict[str, str], tracking_no: str) -> int:
+    asked = client.post(
+        "/api/v1/consents/requests",
+        json={"tracking_no": tracking_no, "method": "locker"},
+        headers=courier,
+    )
+    assert asked.status_code == 201, asked.get_json()
+    return int(asked.get_json()["id"])
+
+
+def grant_request(client: FlaskClient, channel: dict[str, str], request_id: int) -> int:
+    """The recipient's yes, through the channel: the answer's status code."""
+    return client.post(
+        "/api/v1/consents", json={"request_id": request_id, "channel": "sms"}, headers=channel
+    ).status_code
+
+
 def intake_item(tracking_no: str, **fields: str) -> dict[str, Any]:
     return {
         "tracking_no": tracking_no,
@@ -588,10 +605,7 @@ def test_a_parcel_moved_on_reaches_the_old_courier_only_as_its_tombstone(
     assert taken.status_code == 200
     courier = auth.headers("courier1", "PDA-0001")
     _, cursor = pull_all(client, courier)
-    asked = client.post(
-        "/api/v1/consents/requests", json={"tracking_no": tn, "method": "locker"}, headers=courier
-    )
-    assert asked.status_code == 201
+    request_id = ask_for_consent(client, courier, tn)
     if moved_to == "a colleague":
         item, by = intake_item(tn, courier="courier2"), manager
     else:
@@ -599,12 +613,7 @@ def test_a_parcel_moved_on_reaches_the_old_courier_only_as_its_tombstone(
     assert client.post("/api/v1/parcels", json={"parcels": [item]}, headers=by).status_code == 200
     changes, cursor = pull_all(client, courier, cursor)
     assert [(c["kind"], c["tracking_no"]) for c in changes][-1] == ("parcel_removed", tn)
-    answered = client.post(
-        "/api/v1/consents",
-        json={"request_id": asked.get_json()["id"], "channel": "sms"},
-        headers=auth.headers("app1"),
-    )
-    assert answered.status_code == 201
+    assert grant_request(client, auth.headers("app1"), request_id) == 201
     changes, _ = pull_all(client, courier, cursor)
     if moved_to == "another station":
         assert [(c["kind"], c["parcel"]) for c in changes] == [("parcel_removed", None)]
@@ -630,12 +639,7 @@ def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
     courier = auth.headers("lw-courier", "PDA-LOSTW")
     manager, channel = auth.headers("lw-manager"), auth.headers("lw-gateway")
     _, cursor = pull_all(client, courier)
-    asked = client.post(
-        "/api/v1/consents/requests",
-        json={"tracking_no": tracking_no, "method": "locker"},
-        headers=courier,
-    )
-    assert asked.status_code == 201
+    request_id = ask_for_consent(client, courier, tracking_no)
     _, cursor = pull_all(client, courier, cursor)
     done: dict[str, int] = {}
 
@@ -645,11 +649,7 @@ def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
         done["lost"] = other.patch(
             "/api/v1/devices/PDA-LOSTW", json={"status": "lost"}, headers=manager
         ).status_code
-        done["answer"] = other.post(
-            "/api/v1/consents",
-            json={"request_id": asked.get_json()["id"], "channel": "sms"},
-            headers=channel,
-        ).status_code
+        done["answer"] = grant_request(other, channel, request_id)
 
     thread = threading.Thread(target=report_lost_then_answer)
     thread.start()
@@ -675,16 +675,8 @@ def test_a_courier_asking_about_a_colleagues_parcel_gets_the_answer(
     assert taken.status_code == 200
     asker = auth.headers("courier2", "PDA-0003")
     _, cursor = pull_all(client, asker)
-    asked = client.post(
-        "/api/v1/consents/requests", json={"tracking_no": tn, "method": "locker"}, headers=asker
-    )
-    assert asked.status_code == 201
-    answered = client.post(
-        "/api/v1/consents",
-        json={"request_id": asked.get_json()["id"], "channel": "sms"},
-        headers=auth.headers("app1"),
-    )
-    assert answered.status_code == 201
+    request_id = ask_for_consent(client, asker, tn)
+    assert grant_request(client, auth.headers("app1"), request_id) == 201
     changes, _ = pull_all(client, asker, cursor)
     assert [c["kind"] for c in changes] == ["consent_request"]
     assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"

@@ -588,32 +588,50 @@ def intake_item(tracking_no: str, **fields: str) -> dict[str, Any]:
     }
 
 
+def committed_feed_world(app: Flask) -> Auth:
+    """Two stations (FEEDA, FEEDB) whose requests really commit: on PostgreSQL a pull
+    sees only committed transactions' changes. FEEDA has a manager and two couriers
+    with a PDA each; an admin and a recipients' channel are there too."""
+    with app.app_context():
+        station = factories.station(db.session, code="FEEDA")
+        factories.station(db.session, code="FEEDB")
+        factories.user(db.session, "fa-manager", "station_manager", station)
+        for n in (1, 2):
+            factories.user(db.session, f"fa-courier{n}", "courier", station)
+            factories.device(db.session, f"PDA-FA{n}", station)
+        factories.user(db.session, "fa-admin", "admin")
+        factories.user(db.session, "fa-gateway", "integration")
+        db.session.commit()
+    return Auth(app.test_client())
+
+
+def take_in(auth: Auth, headers: dict[str, str], item: dict[str, Any]) -> None:
+    taken = auth.client.post("/api/v1/parcels", json={"parcels": [item]}, headers=headers)
+    assert taken.status_code == 200 and taken.get_json()["counts"]["rejected"] == 0
+
+
 @pytest.mark.parametrize("moved_to", ["a colleague", "another station"])
 def test_a_parcel_moved_on_reaches_the_old_courier_only_as_its_tombstone(
-    client: FlaskClient, session: Session, world: World, auth: Auth, moved_to: str
+    committed_app: Flask, moved_to: str
 ) -> None:
     """Courier 1 asks for consent, then the parcel goes to a colleague or is re-routed
     to another station. Updates of it then reach courier 1's PDA only as tombstones;
     the recipient's answer to courier 1's request reaches courier 1 while the parcel
     is at the station, and never carries another station's address and recipient."""
-    factories.user(session, "courier2", "courier", world.station)
-    session.commit()
-    manager, tn = auth.headers("manager1"), factories.s10()
-    taken = client.post(
-        "/api/v1/parcels", json={"parcels": [intake_item(tn, courier="courier1")]}, headers=manager
-    )
-    assert taken.status_code == 200
-    courier = auth.headers("courier1", "PDA-0001")
+    auth = committed_feed_world(committed_app)
+    client, manager, tn = auth.client, auth.headers("fa-manager"), factories.s10()
+    take_in(auth, manager, intake_item(tn, station="FEEDA", courier="fa-courier1"))
+    courier = auth.headers("fa-courier1", "PDA-FA1")
     _, cursor = pull_all(client, courier)
     request_id = ask_for_consent(client, courier, tn)
     if moved_to == "a colleague":
-        item, by = intake_item(tn, courier="courier2"), manager
+        take_in(auth, manager, intake_item(tn, station="FEEDA", courier="fa-courier2"))
     else:
-        item, by = intake_item(tn, station="ST2", address="77 Other Road"), auth.headers("admin")
-    assert client.post("/api/v1/parcels", json={"parcels": [item]}, headers=by).status_code == 200
+        moved = intake_item(tn, station="FEEDB", address="77 Other Road")
+        take_in(auth, auth.headers("fa-admin"), moved)
     changes, cursor = pull_all(client, courier, cursor)
     assert [(c["kind"], c["tracking_no"]) for c in changes][-1] == ("parcel_removed", tn)
-    assert grant_request(client, auth.headers("app1"), request_id) == 201
+    assert grant_request(client, auth.headers("fa-gateway"), request_id) == 201
     changes, _ = pull_all(client, courier, cursor)
     if moved_to == "another station":
         assert [(c["kind"], c["parcel"]) for c in changes] == [("parcel_removed", None)]
@@ -661,22 +679,19 @@ def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
 
 
 def test_a_courier_asking_about_a_colleagues_parcel_gets_the_answer(
-    client: FlaskClient, session: Session, world: World, auth: Auth
+    committed_app: Flask,
 ) -> None:
     """Courier 2 is at the door with a parcel planned for courier 1 (nobody checked it
     out) and asks for consent: the answer reaches the courier who asked."""
-    factories.user(session, "courier2", "courier", world.station)
-    factories.device(session, "PDA-0003", world.station)
-    session.commit()
-    manager, tn = auth.headers("manager1"), factories.s10()
-    taken = client.post(
-        "/api/v1/parcels", json={"parcels": [intake_item(tn, courier="courier1")]}, headers=manager
+    auth = committed_feed_world(committed_app)
+    client, tn = auth.client, factories.s10()
+    take_in(
+        auth, auth.headers("fa-manager"), intake_item(tn, station="FEEDA", courier="fa-courier1")
     )
-    assert taken.status_code == 200
-    asker = auth.headers("courier2", "PDA-0003")
+    asker = auth.headers("fa-courier2", "PDA-FA2")
     _, cursor = pull_all(client, asker)
     request_id = ask_for_consent(client, asker, tn)
-    assert grant_request(client, auth.headers("app1"), request_id) == 201
+    assert grant_request(client, auth.headers("fa-gateway"), request_id) == 201
     changes, _ = pull_all(client, asker, cursor)
     assert [c["kind"] for c in changes] == ["consent_request"]
     assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"

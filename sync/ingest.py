@@ -505,11 +505,11 @@ class _BatchIngest:
         unique index on insert and answered in ``_insert_one_by_one``.
         """
         old = [event for _, event in valid if event.seq <= self.state.max_seq]
-        # Only an event at or below max_seq can be held (with the same content, so the
-        # same seq); an event outside the push's window is looked up with the rest.
-        aged = [a for a in self.validated.aged if a.event.seq <= self.state.max_seq]
+        # An event outside the push's window is looked up with the rest, whatever its
+        # seq (it is never inserted, so the unique index cannot catch a re-used id).
         held_by_id = self._held_by_id(
-            [event.client_event_id for event in old] + [a.event.client_event_id for a in aged]
+            [event.client_event_id for event in old]
+            + [a.event.client_event_id for a in self.validated.aged]
         )
         held_by_seq = self._held_by_seq([event.seq for event in old])
         for outside in self.validated.aged:

@@ -241,6 +241,19 @@ def test_an_event_held_and_sent_again_outside_its_pushs_window_is_a_duplicate(
     assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [])
 
 
+def test_a_held_id_reused_at_a_new_seq_outside_the_window_is_a_conflicting_duplicate(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Inside the window the unique index catches an id re-used at a new seq; outside
+    it nothing is inserted, so the look-up must catch it."""
+    held = pda.event(1, parcel.tracking_no)
+    pda.push([held])
+    reused = {**pda.event(9, parcel.tracking_no), "client_event_id": held["client_event_id"]}
+    receipt = pda.push([reused], received_at=NOW + dt.timedelta(days=31))
+    assert receipt["results"][0]["error"]["code"] == "conflicting_duplicate"
+    assert count(session, ScanEvent) == 1
+
+
 def test_a_rejected_event_sent_again_in_a_push_whose_window_holds_it_is_answered_the_same(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -457,52 +457,6 @@ def test_not_on_manifest_is_flagged_whatever_the_order_the_check_out_arrives_in(
     assert [tuple(f) for f in flags] == [("not_on_manifest", FlagStatus.OPEN)]
 
 
-@pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
-def test_undeclared_seqs_a_scan_near_the_next_opening_is_filed_the_same_whenever_pushed(
-    session: Session, world: World, pda: Pda, pushed: str
-) -> None:
-    """The PDA declares no seqs. The first shift closes at NOW; a check-out is scanned
-    at NOW+4 min; the next shift opens at NOW+5 min. Pushed after the opening, the
-    scan is the next shift's (nearer its opening than the close); pushed before, the
-    closed shift holds it by the grace until the opening takes it."""
-    a, b = parcels(session, world, 2)
-    first = pda.open()
-    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
-    first = pda.close(first)
-    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
-    if pushed == "before the opening":
-        pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
-        second = pda.open(now=NOW + dt.timedelta(minutes=5))
-    else:
-        second = pda.open(now=NOW + dt.timedelta(minutes=5))
-        pda.push([check_out], received_at=NOW + dt.timedelta(minutes=5, seconds=30))
-    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
-        second.id
-    )
-    assert shift_balance(session=session, shift=first).status == "balanced"
-    assert shift_balance(session=session, shift=second).checked_out == 1
-
-
-def test_a_first_seq_declared_after_a_shift_that_declared_none_takes_its_grace_scans(
-    session: Session, world: World, pda: Pda
-) -> None:
-    """The scan the closed shift held by the grace carries the seq the next shift
-    declares as its first: not a conflict, the opening takes it."""
-    a, b = parcels(session, world, 2)
-    first = pda.open()
-    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
-    first = pda.close(first)
-    pda.push(
-        [pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))],
-        received_at=NOW + dt.timedelta(minutes=4, seconds=30),
-    )
-    second = pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=5))
-    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
-        second.id
-    )
-    assert shift_balance(session=session, shift=first).status == "balanced"
-
-
 @pytest.mark.parametrize("order", ["in order", "check-out last"])
 def test_not_on_manifest_when_a_late_check_out_only_narrows_the_flag(
     session: Session, world: World, pda: Pda, order: str

@@ -322,7 +322,8 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:
     """Names typed by a sender or a recipient open as text, not as formulas (CSV
-    injection); phone numbers and hashes are written as they are."""
+    injection), and so does the phone number, which would open as a number; hashes
+    are written as they are."""
     parcel = factories.parcel(session, world.station)
     parcel.recipient_name = '=HYPERLINK("http://evil.example","x")'
     parcel.address = "@SUM(1+1)"
@@ -341,4 +342,5 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     assert row["recipient_name"] == "'" + parcel.recipient_name
     assert row["address"] == "'@SUM(1+1)"
     assert row["pod_recipient_name"] == "'+1+cmd|' /C calc'!A0"
-    assert row["recipient_phone"].startswith("+86") and row["signature_sha256"] == "b" * 64
+    assert row["recipient_phone"] == "'" + parcel.recipient_phone
+    assert row["signature_sha256"] == "b" * 64

@@ -206,10 +206,19 @@ def csv_rows(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
 
 # Cells a spreadsheet would run as a formula begin with one of these (OWASP's CSV
 # injection); typed by a recipient, a sender or a courier, they are written with a
-# leading apostrophe, which spreadsheets show as text and do not display.
+# leading apostrophe, which spreadsheets show as text and do not display. So is the
+# phone number: "+8613800001234" would open as the number 8.6E+12, a masked one as
+# a formula that fails.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-FREE_TEXT_COLUMNS = frozenset(
-    {"recipient_name", "address", "pod_recipient_name", "pod_relation", "pickup_code"}
+TEXT_COLUMNS = frozenset(
+    {
+        "recipient_name",
+        "recipient_phone",
+        "address",
+        "pod_recipient_name",
+        "pod_relation",
+        "pickup_code",
+    }
 )
 
 
@@ -236,7 +245,7 @@ def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
             "pickup_code": pod.get("pickup_code"),
         }
         writer.writerow(
-            [as_text_cell(row[c]) if c in FREE_TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]
+            [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]
         )
         yield buffer.getvalue()
         buffer.seek(0)

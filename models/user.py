@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -24,6 +26,9 @@ class User(Base):
     # Carried in every token as "ver"; a password change increments it, so tokens
     # issued before the change are refused whatever the clocks say.
     credentials_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    # When the account last signed out of the pages: every page session begun before
+    # ends then, a copy of its cookie included (``sync.accounts.sign_out_of_pages``).
+    pages_signed_out_at: Mapped[dt.datetime | None]
 
     station: Mapped[Station | None] = relationship(lazy="raise")
 

@@ -168,6 +168,35 @@ def load_token_subject(
     return user, device if user.role == Role.COURIER else None
 
 
+def sign_out_of_pages(*, session: Session, user_id: int, at: dt.datetime) -> None:
+    """End every page session of the account begun before ``at``.
+
+    A page session is a signed cookie: clearing it in one browser leaves any copy of
+    it working (taken from a shared computer, say). Signing out ends them all; the
+    account's tokens, its PDA's included, are left alone.
+    """
+    user = session.get(User, user_id)
+    if user is not None and (user.pages_signed_out_at is None or user.pages_signed_out_at < at):
+        user.pages_signed_out_at = at
+
+
+def page_session_ended(user: User, signed_in_at: dt.datetime | None) -> bool:
+    """Whether a page session begun at ``signed_in_at`` (None: before sessions kept
+    their start) was ended by the account signing out of the pages since."""
+    signed_out = user.pages_signed_out_at
+    if signed_out is None:
+        return False
+    return signed_in_at is None or signed_in_at < signed_out
+
+
+def page_session_start(user: User, now: dt.datetime) -> dt.datetime:
+    """When a page session beginning ``now`` counts as begun: never before the
+    account's last sign-out, so a sign-out stamped by a server whose clock runs ahead
+    does not end the session that follows it."""
+    signed_out = user.pages_signed_out_at
+    return now if signed_out is None or signed_out < now else signed_out
+
+
 @dataclass(frozen=True)
 class TokenSubject:
     """Whom a checked token speaks for, as ``check_token_subject`` read it."""

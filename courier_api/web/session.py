@@ -14,6 +14,7 @@ browsers that ignore it and same-site attackers (another app on the same host).
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import secrets
 import time
@@ -29,13 +30,18 @@ from werkzeug.exceptions import BadRequest
 from courier_api.auth import Principal
 from courier_api.extensions import db
 from courier_api.web import SESSION_LIFETIME
-from models import Role, User
-from sync.accounts import load_token_subject
+from models import Role, User, utcnow
+from sync.accounts import (
+    load_token_subject,
+    page_session_ended,
+    page_session_start,
+    sign_out_of_pages,
+)
 from sync.errors import AuthenticationFailed, PermissionDenied
 
 USER_KEY = "user_id"
 VERSION_KEY = "credentials_version"
-SIGNED_IN_KEY = "signed_in_at"  # seconds since the epoch: the session's age
+SIGNED_IN_KEY = "signed_in_at"  # seconds since the epoch: the session's start
 CSRF_KEY = "csrf"
 CSRF_FIELD = "csrf_token"
 # Who may use the pages; couriers use their PDA, integrations the API.
@@ -94,12 +100,24 @@ def sign_in(user: User) -> None:
     session.permanent = True
     session[USER_KEY] = user.id
     session[VERSION_KEY] = user.credentials_version
-    session[SIGNED_IN_KEY] = int(time.time())
+    start = page_session_start(user, dt.datetime.fromtimestamp(time.time(), dt.UTC))
+    session[SIGNED_IN_KEY] = start.timestamp()  # to the microsecond: see sign_out
     session[CSRF_KEY] = secrets.token_urlsafe(32)
 
 
 def sign_out() -> None:
     session.clear()
+
+
+def sign_out_everywhere() -> None:
+    """Sign out, and end every other page session of the account begun before now,
+    a copy of this session's cookie included. (A session signed in again in the same
+    second stands: its start is kept to the microsecond.)"""
+    user_id = session.get(USER_KEY)
+    if isinstance(user_id, int):
+        sign_out_of_pages(session=db.session, user_id=user_id, at=utcnow())
+        db.session.commit()
+    sign_out()
 
 
 def current_viewer() -> Viewer:
@@ -117,10 +135,9 @@ def _load_viewer() -> Viewer | None:
         return None
     # The cookie is signed again on every page, so its own age only times out a session
     # left idle: a busy one ends a working day after signing in all the same.
-    signed_in_at = session.get(SIGNED_IN_KEY)
-    if not isinstance(signed_in_at, int):  # signed in before sessions kept it: from now
-        session[SIGNED_IN_KEY] = signed_in_at = int(time.time())
-    if time.time() - signed_in_at > SESSION_LIFETIME.total_seconds():
+    kept_start = session.get(SIGNED_IN_KEY)
+    signed_in_at = kept_start if isinstance(kept_start, int | float) else None
+    if signed_in_at is not None and time.time() - signed_in_at > SESSION_LIFETIME.total_seconds():
         sign_out()
         flash("Your session ended a working day after you signed in: sign in again.", "error")
         return None
@@ -136,6 +153,13 @@ def _load_viewer() -> Viewer | None:
             "error",
         )
         return None
+    started = None if signed_in_at is None else dt.datetime.fromtimestamp(signed_in_at, dt.UTC)
+    if page_session_ended(user, started):
+        sign_out()
+        flash("You were signed out: this account signed out of the pages since.", "error")
+        return None
+    if signed_in_at is None:  # signed in before sessions kept their start: from now
+        session[SIGNED_IN_KEY] = time.time()
     if user.role not in PAGE_ROLES:
         sign_out()
         flash("You were signed out: your account may no longer use these pages.", "error")

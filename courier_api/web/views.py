@@ -59,6 +59,7 @@ from courier_api.web.session import (
     safe_next,
     sign_in,
     sign_out,
+    sign_out_everywhere,
 )
 from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
 from sync import directory, flags, shifts
@@ -234,7 +235,7 @@ def login_submit() -> ResponseReturnValue:
 
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
-    sign_out()
+    sign_out_everywhere()
     flash("You are signed out.", "ok")
     return redirect(url_for("web.login"))
 

@@ -20,7 +20,7 @@ from werkzeug.test import TestResponse
 
 from courier_api.extensions import api
 from courier_api.web import session as web_session
-from models import AuditEntry, Blob, Flag, FlagStatus, Role, ShiftStatus
+from models import AuditEntry, Blob, Flag, FlagStatus, Role, ShiftStatus, utcnow
 from sync.pages import drop_consents
 from sync.proofs import get_proof
 from sync.rules import Policy
@@ -159,6 +159,56 @@ def test_logout_is_a_post_and_ends_the_session(app: Flask, day: StationDay) -> N
     response = pages.post("/web/logout")
     assert response.status_code == 302 and response.location == "/web/login"
     assert "You are signed out." in pages.get("/web/login")
+    assert pages.client.get("/web/board").status_code == 302
+
+
+def test_signing_out_ends_a_copy_of_the_session_cookie_too(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A cookie copied from a shared computer stops working when its owner signs out;
+    signing in again at once works, and the account's API tokens are left alone."""
+    pages = signed_in(app, "manager")
+    copy = Pages(app.test_client())
+    cookie = pages.client.get_cookie("courier_session")
+    assert cookie is not None
+    copy.client.set_cookie("courier_session", cookie.value)
+    assert copy.client.get("/web/board").status_code == 200
+    pages.post("/web/logout")
+    response = copy.client.get("/web/board")
+    assert response.status_code == 302 and response.location.startswith("/web/login")
+    assert "this account signed out of the pages since" in copy.get("/web/login")
+    again = signed_in(app, "manager")  # within the same second
+    assert again.client.get("/web/board").status_code == 200
+    assert copy.client.get("/web/board").status_code == 302
+    token = app.test_client().post(
+        "/api/v1/auth/token", json={"username": "manager", "password": factories.PASSWORD}
+    )
+    assert token.status_code == 200
+    session.expire_all()
+    assert day.manager.credentials_version == 0  # tokens stand
+
+
+def test_a_sign_out_stamped_by_a_clock_running_ahead_ends_only_the_sessions_before(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Another server's clock a few seconds ahead stamped the sign-out: the session
+    signed in right after it stands, one from before does not."""
+    before = signed_in(app, "manager")
+    day.manager.pages_signed_out_at = utcnow() + dt.timedelta(seconds=5)
+    session.commit()
+    after = signed_in(app, "manager")
+    assert after.client.get("/web/board").status_code == 200
+    assert before.client.get("/web/board").status_code == 302
+
+
+def test_a_session_from_before_sessions_kept_their_start_ends_with_a_sign_out(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager")
+    with pages.client.session_transaction() as cookie:
+        del cookie[web_session.SIGNED_IN_KEY]
+    day.manager.pages_signed_out_at = utcnow() - dt.timedelta(days=30)
+    session.commit()
     assert pages.client.get("/web/board").status_code == 302
 
 

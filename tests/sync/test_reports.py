@@ -19,6 +19,7 @@ from models import (
     Device,
     Flag,
     FlagSeverity,
+    Parcel,
     ReportKind,
     ServiceClass,
     Shift,
@@ -76,7 +77,8 @@ class Pda:
         self.session = session
         self.courier = courier
         self.device = device
-        self.pusher = Pusher(device.id, world.station.id, courier.id)
+        # A courier signs in only on a PDA of their station: they push as its station.
+        self.pusher = Pusher(device.id, device.station_id, courier.id)
         self.seq = 0
 
     def open(self, at: dt.datetime) -> Shift:
@@ -131,6 +133,14 @@ def second(session: Session, world: World) -> tuple[User, Device]:
     device = factories.device(session, "PDA-0003", world.station)
     session.commit()
     return courier, device
+
+
+@pytest.fixture
+def pda_elsewhere(session: Session, world: World) -> Pda:
+    """A courier of the other station (ST2) on its PDA."""
+    courier = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    return Pda(session, world, courier, world.other_device)
 
 
 @pytest.fixture
@@ -577,6 +587,115 @@ def test_on_time_rate_against_each_class_deadline(
         now=local(DAY, 20),
     )["totals"]
     assert totals["on_time_rate"] == 1.0
+
+
+def deliveries_at(session: Session, station: Station) -> dict[str, Any]:
+    """The delivery measures of a station's daily report of DAY."""
+    totals = reports.report(
+        session=session,
+        station_id=station.id,
+        kind=ReportKind.DAILY,
+        start=DAY,
+        deadlines=DEADLINES,
+        now=local(DAY + dt.timedelta(days=10), 9),
+    )["totals"]
+    names = ("shifts", "checked_out", "delivered", "returned", "missing")
+    return {
+        **{name: totals[name] for name in names},
+        "minutes": totals["avg_checkout_to_delivery_minutes"],
+        "express": totals["on_time"]["express"],
+    }
+
+
+NOT_MEASURED = {"measured": 0, "on_time": 0, "rate": None}
+ONE_ON_TIME = {"measured": 1, "on_time": 1, "rate": 1.0}
+
+
+def test_a_delivery_counts_for_the_station_of_the_courier_who_made_it(
+    session: Session, world: World, pda_a: Pda, pda_elsewhere: Pda
+) -> None:
+    """A parcel of ST1 checked out by ST1's courier, then checked out and delivered by a
+    courier of ST2: the delivery is ST2's work (its shift, its measures); ST1's courier
+    still owes the parcel at his handover, and ST1 measures no delivery."""
+    tn = parcel(session, world, local(DAY, 7))
+    own = pda_a.open(local(DAY, 8))
+    pda_a.push([pda_a.event(tn, "checked_out", local(DAY, 8, 5))], local(DAY, 8, 6))
+    foreign = pda_elsewhere.open(local(DAY, 9))
+    pda_elsewhere.push(
+        [
+            pda_elsewhere.event(tn, "checked_out", local(DAY, 9, 5)),
+            pda_elsewhere.event(tn, "delivered", local(DAY, 10), pod=SIGNED),
+        ],
+        local(DAY, 10, 1),
+    )
+    pda_a.close(own, local(DAY, 18))
+    pda_elsewhere.close(foreign, local(DAY, 18))
+    assert deliveries_at(session, world.station) == {
+        "shifts": 1,
+        "checked_out": 1,
+        "delivered": 0,
+        "returned": 0,
+        "missing": 1,
+        "minutes": None,
+        "express": NOT_MEASURED,
+    }
+    assert deliveries_at(session, world.other_station) == {
+        "shifts": 1,
+        "checked_out": 1,
+        "delivered": 1,
+        "returned": 0,
+        "missing": 0,
+        "minutes": 55.0,
+        "express": ONE_ON_TIME,  # from its intake at ST1, 3 h before
+    }
+
+
+def test_a_parcel_moved_to_another_station_counts_where_each_shift_worked_it(
+    session: Session, world: World, pda_a: Pda, pda_elsewhere: Pda
+) -> None:
+    """Returned at ST1, moved to ST2 and delivered there: ST1 keeps its return, ST2 has
+    the delivery; ST1's events filed before the move stay in ST1's figures."""
+    tn = parcel(session, world, local(DAY, 7))
+    own = pda_a.open(local(DAY, 8))
+    pda_a.push(
+        [
+            pda_a.event(tn, "checked_out", local(DAY, 8, 5)),
+            pda_a.event(tn, "returned_to_station", local(DAY, 8, 30)),
+        ],
+        local(DAY, 8, 31),
+    )
+    pda_a.close(own, local(DAY, 9))
+    session.execute(
+        update(Parcel).where(Parcel.tracking_no == tn).values(station_id=world.other_station.id)
+    )
+    session.commit()
+    moved = pda_elsewhere.open(local(DAY, 10))
+    pda_elsewhere.push(
+        [
+            pda_elsewhere.event(tn, "checked_out", local(DAY, 10, 5)),
+            pda_elsewhere.event(tn, "delivered", local(DAY, 11), pod=SIGNED),
+        ],
+        local(DAY, 11, 1),
+    )
+    pda_elsewhere.close(moved, local(DAY, 18))
+    assert deliveries_at(session, world.station) == {
+        "shifts": 1,
+        "checked_out": 1,
+        "delivered": 0,
+        "returned": 1,
+        "missing": 0,
+        "minutes": None,
+        "express": NOT_MEASURED,
+    }
+    assert deliveries_at(session, world.other_station) == {
+        "shifts": 1,
+        "checked_out": 1,
+        "delivered": 1,
+        "returned": 0,
+        "missing": 0,
+        "minutes": 55.0,
+        "express": ONE_ON_TIME,
+    }
 
 
 def test_periods_that_have_not_begun_or_are_misaligned_are_refused(

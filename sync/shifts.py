@@ -318,6 +318,7 @@ def _refile_from_previous(
     )
     _reopen_if_changed(session, previous.id, sorted(m["id"] for m in moved), opened)
     _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
+    _reopen_where_filed(session, moved, previous.id, opened)
 
 
 def _reopen_if_changed(session: Session, shift_id: int, moved: list[int], opened: Shift) -> None:
@@ -337,6 +338,26 @@ def _reopen_if_changed(session: Session, shift_id: int, moved: list[int], opened
         now=opened.opened_at,
         details={"filed_under_shift_id": opened.id},
     )
+
+
+def _reopen_where_filed(
+    session: Session, moved: list[dict[str, Any]], previous_id: int, opened: Shift
+) -> None:
+    """A signed-off shift that the time rules now file some of the moved events under
+    (clocks: a scan stamped before the previous shift opened) gained events after its
+    sign-off, as from a late push (``sync.ingest``): it reopens, naming them and the
+    shift they came from."""
+    gained: dict[int, list[int]] = {}
+    for m in moved:
+        if m["shift_id"] is not None and m["shift_id"] != opened.id:
+            gained.setdefault(m["shift_id"], []).append(m["id"])
+    if gained:
+        reopen_for_late_events(
+            session=session,
+            late=gained,
+            now=opened.opened_at,
+            details={"filed_from_shift_id": previous_id},
+        )
 
 
 def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened: Shift) -> None:

@@ -427,6 +427,41 @@ def test_a_second_reopening_by_a_scan_the_next_shift_takes_is_withdrawn(
     assert flag.status == FlagStatus.CLOSED and len(flag.evidence["event_ids"]) == 2
 
 
+def test_a_signed_off_shift_that_an_opening_files_a_scan_under_is_reopened(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift is signed off; the second opens a minute after its close
+    declaring first seq 3, takes by seq a check-out the PDA's clock put a minute before
+    that close, and closes a minute later without its last seq. The third opens a
+    minute after that, declaring nothing: the check-out, near its opening, is no longer
+    the second's, and the time rules file it under the first, whose signed-off balance
+    no longer holds (one more parcel out, missing). It is reopened, as for a late event
+    pushed into it, naming the scan and the shift it came from."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    assert first.signoff_balance["checked_out"] == 1
+    second = pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=1))
+    check_out = pda.event(b, occurred_at=NOW - dt.timedelta(minutes=1))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=1, seconds=30))
+    (moved,) = session.scalars(select(ScanEvent).where(ScanEvent.seq == 3))
+    assert moved.shift_id == second.id
+    pda.close(second, now=NOW + dt.timedelta(minutes=2))
+    pda.open(now=NOW + dt.timedelta(minutes=3))
+    session.refresh(first)
+    session.refresh(moved)
+    assert moved.shift_id == first.id
+    assert shift_balance(session=session, shift=first).missing == 1
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert late.status == FlagStatus.OPEN and late.shift_id == first.id
+    assert late.evidence["latest_reopening"] == {
+        "event_ids": [moved.id],
+        "filed_from_shift_id": second.id,
+    }
+
+
 @pytest.mark.parametrize("order", ["in order", "check-out last"])
 def test_not_on_manifest_is_flagged_whatever_the_order_the_check_out_arrives_in(
     session: Session, world: World, pda: Pda, order: str

@@ -478,7 +478,9 @@ def targets_of_corrections(
 
 
 def _new_events(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return not set(new.get("event_ids", [])) <= set(old.get("event_ids", []))
+    """Whether the rule now fails on something the flag's evidence did not show: an
+    event, or a missing image (``pod_blob_missing`` names its images, not its events)."""
+    return any(not set(new.get(k, [])) <= set(old.get(k, [])) for k in ("event_ids", "blobs"))
 
 
 def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None:

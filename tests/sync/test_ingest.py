@@ -318,6 +318,28 @@ def test_a_resolved_flag_ends_resolved_however_the_later_events_are_batched(
     )
 
 
+def test_a_resolved_missing_image_flag_reopens_when_a_new_delivery_lacks_its_image(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """A manager resolves a delivery's missing signature. The delivery is voided and the
+    parcel delivered again with another signature, not uploaded either: the manager has
+    not seen that one, so the flag opens again (as for every other rule flag)."""
+    tn = parcel.tracking_no
+    first = pda.event(2, tn, "delivered", pod={"signature_sha256": "a" * 64})
+    pda.push([pda.event(1, tn), first])
+    flag = session.scalars(select(Flag).where(Flag.kind == "pod_blob_missing")).one()
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="phoned them")
+    session.commit()
+    fix = pda.event(
+        3, tn, "correction", voids_client_event_id=first["client_event_id"], reason="mis-tap"
+    )
+    again = pda.event(4, tn, "delivered", pod={"signature_sha256": "b" * 64})
+    pda.push([fix, again], received_at=NOW + dt.timedelta(minutes=5))
+    session.refresh(flag)
+    assert flag.evidence["blobs"] == ["b" * 64]
+    assert flag.status == FlagStatus.OPEN
+
+
 def test_gaps_are_reported_until_the_missing_events_arrive(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -245,8 +245,15 @@ def open_shift(
         .values(shift_id=shift.id)
         .execution_options(synchronize_session=False)
     )
+    before = session.scalar(
+        select(adjacent_shift(_shifts, "id", following=False, same_courier=False)).where(
+            _shifts.c.id == shift.id
+        )
+    )
     if previous is not None:
-        _refile_from_previous(session, previous, shift, belongs, rules)
+        _refile_from_previous(session, previous, shift, belongs, rules, also_lock=before)
+    if before is not None:
+        _reopen_if_bounded(session, before, shift)
     return shift
 
 
@@ -288,10 +295,13 @@ def _refile_from_previous(
     opened: Shift,
     belongs: ColumnElement[bool],
     rules: ShiftRules,
+    also_lock: int | None,
 ) -> None:
     """File again, as ``ShiftFiler`` files them now that ``opened`` bounds its seqs, the
     events the previous shift held only because its seqs were left open: those pushed
-    before this opening that would have been this shift's had they come after."""
+    before this opening that would have been this shift's had they come after.
+    ``also_lock`` (the shift ``_reopen_if_bounded`` judges next) is locked in id order
+    with the shifts the moves change, before their flags and audit entries."""
     from sync.balances import refresh_handover_flags
 
     rows = session.execute(
@@ -313,9 +323,9 @@ def _refile_from_previous(
     session.execute(update(ScanEvent), moved)  # by primary key
     # The previous shift lost events; one they moved to may be closed (clocks).
     judged = {previous.id, *(m["shift_id"] for m in moved if m["shift_id"] is not None)}
-    refresh_handover_flags(
-        session=session, shifts=[lock_shift(session, i) for i in sorted(judged)]
-    )
+    order = sorted(judged if also_lock is None else judged | {also_lock})
+    locked = [lock_shift(session, i) for i in order]
+    refresh_handover_flags(session=session, shifts=[s for s in locked if s.id in judged])
     _reopen_if_changed(session, previous.id, sorted(m["id"] for m in moved), opened)
     _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
     _reopen_where_filed(session, moved, previous.id, opened)
@@ -337,6 +347,30 @@ def _reopen_if_changed(session: Session, shift_id: int, moved: list[int], opened
         late={shift.id: moved},
         now=opened.opened_at,
         details={"filed_under_shift_id": opened.id},
+    )
+
+
+def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
+    """The shift opened just before ``opened`` on its PDA, if closed without its last
+    seq, owns the seqs up to where ``opened`` starts (``sync.handover``): the opening
+    may show seqs of it still on the PDA (or a gap not its own), its balance changing
+    with no event moving. Signed off, it then no longer has the balance its manager
+    signed off (a provisional one needs a reason): it reopens, naming the shift that
+    opened and the seqs missing now. Compared with the balance signed off, a change a
+    push made since (a later seq showing a gap in its seqs) reopens it here too."""
+    from sync.balances import shift_balance
+
+    shift = lock_shift(session, shift_id)
+    if shift.status != ShiftStatus.SIGNED_OFF or shift.last_seq is not None:
+        return
+    balance = shift_balance(session=session, shift=shift)
+    if balance.snapshot() == shift.signoff_balance:
+        return
+    reopen_for_late_events(
+        session=session,
+        late={shift.id: []},
+        now=opened.opened_at,
+        details={"next_shift_id": opened.id, "missing_seqs": balance.missing_seqs},
     )
 
 
@@ -849,8 +883,8 @@ def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
 
     Lock order across the service: a device's sync state, then shifts, then
     tracking numbers and parcels, then flags, then the audit log. Opening takes the
-    device's sync state, then the previous shift; closing and signing off take a
-    shift first, then flags and the audit log.
+    device's sync state, then the earlier shifts whose events or seqs it changes, in
+    id order; closing and signing off take a shift first, then flags and the audit log.
     """
     not_open = [
         row.id

@@ -462,6 +462,51 @@ def test_a_signed_off_shift_that_an_opening_files_a_scan_under_is_reopened(
     }
 
 
+def test_a_signed_off_shift_whose_seqs_the_next_opening_shows_still_on_the_pda_is_reopened(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The PDA died with its last scans unsent (seqs 3 and 4: the failed attempt and
+    the return). Its shift, opened with first seq 1, was closed without a last seq (a
+    manager closing for a dead PDA cannot know it) and signed off as it stood: the
+    parcel missing, no seq known to be missing. The next morning the PDA opens its
+    next shift declaring first seq 5: seqs 3 and 4 are the first shift's and still on
+    the PDA. No event moved, yet its balance is now provisional, one a sign-off would
+    have needed a reason for: the shift reopens, naming the shift that opened and
+    the seqs missing. When they land, it balances and waits for a new sign-off."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "out_for_delivery")])
+    unsent = [
+        pda.event(a, "delivery_attempt_failed", reason="recipient_absent", action="notice_left"),
+        pda.event(a, "returned_to_station"),
+    ]
+    first = sign_off(session, world, pda.close(first), note="a is missing; PDA dead")
+    signed = first.signoff_balance
+    assert (signed["status"], signed["missing"], signed["missing_seqs"]) == ("unbalanced", 1, [])
+    second = pda.open(first_seq=5, now=NOW + dt.timedelta(hours=12))
+    session.refresh(first)
+    balance = shift_balance(session=session, shift=first)
+    assert (balance.status, balance.missing_seqs) == ("provisional", [3, 4])
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert late.status == FlagStatus.OPEN and late.shift_id == first.id
+    assert late.evidence["latest_reopening"] == {
+        "event_ids": [],
+        "next_shift_id": second.id,
+        "missing_seqs": [3, 4],
+    }
+    actions = session.scalars(
+        select(AuditEntry.action)
+        .where(AuditEntry.subject_type == "shift", AuditEntry.subject_key == str(first.id))
+        .order_by(AuditEntry.id)
+    ).all()
+    assert actions == ["shift_signed_off", "shift_reopened"]
+    pda.push(unsent, received_at=NOW + dt.timedelta(hours=12, minutes=5))
+    session.refresh(first)
+    assert shift_balance(session=session, shift=first).status == "balanced"
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+
+
 @pytest.mark.parametrize("order", ["in order", "check-out last"])
 def test_not_on_manifest_is_flagged_whatever_the_order_the_check_out_arrives_in(
     session: Session, world: World, pda: Pda, order: str

@@ -3,19 +3,39 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, Document, int_pk, str_enum, timestamp, utcnow
 from models.enums import FlagSeverity, FlagStatus
 
+# A flag of no station (the system's): NULLs are distinct in a unique constraint.
+NO_STATION = "station_id IS NULL"
+
 
 class Flag(Base):
-    """A discrepancy or violation: one per kind and subject, however often it is found."""
+    """A discrepancy or violation: one per kind and subject at each station (a parcel or a
+    device moves between stations: each manager settles their own), however often it is
+    found (``sync.flags``)."""
 
     __tablename__ = "flag"
     __table_args__ = (
-        UniqueConstraint("kind", "subject_type", "subject_key", name="uq_flag_kind_subject"),
+        UniqueConstraint(
+            "kind",
+            "subject_type",
+            "subject_key",
+            "station_id",
+            name="uq_flag_kind_subject_station",
+        ),
+        Index(
+            "uq_flag_kind_subject_no_station",
+            "kind",
+            "subject_type",
+            "subject_key",
+            unique=True,
+            postgresql_where=text(NO_STATION),
+            sqlite_where=text(NO_STATION),
+        ),
         Index("ix_flag_station_status", "station_id", "status"),
         # The station's queue, newest first; and the flags raised in a report's period.
         Index("ix_flag_station_id", "station_id", "id"),

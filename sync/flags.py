@@ -1,8 +1,16 @@
-"""Flags: discrepancies and violations, one per kind and subject (DESIGN.md "Flag").
+"""Flags: discrepancies and violations, one per kind and subject (DESIGN.md "Flag") at
+each station.
 
 Raising a flag that exists merges the new evidence into it instead of adding a
 second one, so re-running a check or re-sending a batch never duplicates flags.
 A flag whose cause went away is closed with the reason, never deleted.
+
+The station is part of a flag's identity: a parcel or a device moves between
+stations, and what happens to it at one station is that station's manager's to
+see and settle, in that station's queue. A flag one station resolved stays
+resolved when the same kind of fault is found for its subject at another station:
+that station gets a flag of its own. (Flags of no station, the system's, are one
+per kind and subject too.)
 
 Every status change is recorded as a ``FlagChange``: by the system (``by_user_id``
 None) when a flag is raised, raised again after it was closed, or closed; by a
@@ -61,12 +69,13 @@ def raise_flag(
     courier_id: int | None = None,
     shift_id: int | None = None,
 ) -> RaisedFlag:
-    """Create the flag, or merge ``evidence`` into the one that exists.
+    """Create the flag, or merge ``evidence`` into the one of this kind and subject that
+    exists at ``station_id``.
 
     ``courier_id``, when given, names the courier concerned; like evidence, the
     latest one given wins. A resolved flag stays resolved (its evidence still grows).
     """
-    flag = _locked(session, kind, subject)
+    flag = _locked(session, kind, subject, station_id)
     if flag is None:
         flag = Flag(
             kind=kind,
@@ -83,7 +92,7 @@ def raise_flag(
             with session.begin_nested():
                 session.add(flag)
         except IntegrityError:  # raised by a concurrent transaction a moment ago
-            flag = _locked(session, kind, subject)
+            flag = _locked(session, kind, subject, station_id)
             assert flag is not None
         else:
             _record(session, flag, None, FlagStatus.OPEN)
@@ -164,12 +173,22 @@ def restore_resolution(*, session: Session, flag: Flag, note: str) -> bool:
 
 
 def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:
-    """Close an open flag because its cause disappeared; ``reason`` says why."""
-    flag = _locked(session, kind, subject)
-    if flag is None or flag.status not in ACTIVE_STATUSES:
-        return flag
-    _close(session, flag, reason)
-    return flag
+    """Close the subject's open flags of this kind, at every station, because their cause
+    disappeared; ``reason`` says why. Returns the latest raised (closed or not), if any."""
+    flags = session.scalars(
+        select(Flag)
+        .where(
+            Flag.kind == kind,
+            Flag.subject_type == subject.type,
+            Flag.subject_key == subject.key,
+        )
+        .order_by(Flag.id)
+        .with_for_update()
+    ).all()
+    for flag in flags:
+        if flag.status in ACTIVE_STATUSES:
+            _close(session, flag, reason)
+    return flags[-1] if flags else None
 
 
 def close_flags(
@@ -181,7 +200,7 @@ def close_flags(
     statuses: Sequence[FlagStatus] = ACTIVE_STATUSES,
 ) -> list[Flag]:
     """``close_flag`` for many subjects of one kind, in one query per chunk: their flags
-    in ``statuses`` (by default those nobody resolved)."""
+    in ``statuses`` (by default those nobody resolved), at every station."""
     closed = []
     by_type: dict[str, list[str]] = {}
     for subject in subjects:
@@ -200,6 +219,28 @@ def close_flags(
             ):
                 _close(session, flag, reason)
                 closed.append(flag)
+    return closed
+
+
+def close_flags_by_id(
+    *,
+    session: Session,
+    flag_ids: Sequence[int],
+    reason: str,
+    statuses: Sequence[FlagStatus] = ACTIVE_STATUSES,
+) -> list[Flag]:
+    """Close these flags, those of them in ``statuses`` once locked, in one query per
+    chunk: a subject's flag at one station, not its flags at the others."""
+    closed = []
+    for chunk in chunks(sorted(flag_ids)):
+        for flag in session.scalars(
+            select(Flag)
+            .where(Flag.id.in_(chunk), Flag.status.in_(statuses))
+            .order_by(Flag.id)
+            .with_for_update()
+        ):
+            _close(session, flag, reason)
+            closed.append(flag)
     return closed
 
 
@@ -423,13 +464,17 @@ def _announce(
     )
 
 
-def _locked(session: Session, kind: str, subject: FlagSubject) -> Flag | None:
+def _locked(
+    session: Session, kind: str, subject: FlagSubject, station_id: int | None
+) -> Flag | None:
+    """The subject's flag of this kind at this station (or of no station), locked."""
     return session.scalar(
         select(Flag)
         .where(
             Flag.kind == kind,
             Flag.subject_type == subject.type,
             Flag.subject_key == subject.key,
+            Flag.station_id.is_(None) if station_id is None else Flag.station_id == station_id,
         )
         .with_for_update()
     )

@@ -112,6 +112,48 @@ def evaluate(
     return flags
 
 
+def by_station(
+    flags: Mapping[str, dict[str, Any]], events: Sequence[EventDetail], home: int
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """``evaluate``'s flags split by the station each cited event was recorded at:
+    ``{(kind, station): evidence}``. A parcel moves between stations (re-routed, or
+    scanned by a courier of another), and each station's manager sees and settles the
+    faults of their own station's events. Evidence citing no event is the parcel's
+    station's (``home``)."""
+    station_of = {e.fact.event_id: e.fact.station_id for e in events}
+    split: dict[tuple[str, int], dict[str, Any]] = {}
+    for kind, evidence in flags.items():
+        ids = evidence.get("event_ids") or []
+        stations = sorted({station_of.get(i, home) for i in ids}) or [home]
+        if len(stations) == 1:
+            split[(kind, stations[0])] = evidence
+            continue
+        for station in stations:
+            kept = {i for i in ids if station_of.get(i, home) == station}
+            split[(kind, station)] = _evidence_of(evidence, kept, events)
+    return split
+
+
+def _evidence_of(
+    evidence: dict[str, Any], kept: set[int], events: Sequence[EventDetail]
+) -> dict[str, Any]:
+    """The part of ``evidence`` about the events ``kept`` (what ``evaluate`` gives)."""
+    part = {**evidence, "event_ids": [i for i in evidence["event_ids"] if i in kept]}
+    if "distances_m" in evidence:
+        part["distances_m"] = [d for d in evidence["distances_m"] if d["event_id"] in kept]
+    if "corrections" in evidence:
+        part["corrections"] = [c for c in evidence["corrections"] if c["voided_event_id"] in kept]
+    if "blobs" in evidence:
+        named = {
+            (e.details.get("pod") or {}).get(key)
+            for e in events
+            if e.fact.event_id in kept
+            for key in POD_IMAGES
+        }
+        part["blobs"] = [b for b in evidence["blobs"] if b in named]
+    return part
+
+
 def consents_matter(parcel: ParcelFacts, events: Sequence[EventDetail], policy: Policy) -> bool:
     """Whether ``evaluate`` reads the parcel's consents: only for a drop of a class that
     needs consent (rule 4). Most parcels judged have no drop, and their consents need
@@ -192,7 +234,7 @@ def _proofs(
     stored_blobs: frozenset[str],
     flags: dict[str, dict[str, Any]],
 ) -> None:
-    without_pod, far, missing_blobs = [], [], []
+    without_pod, far, missing_blobs, naming_missing = [], [], [], []
     for delivery in (e for e in counting if e.fact.type in DELIVERIES):
         pod = delivery.details.get("pod") or {}
         in_person = delivery.fact.type == EventType.DELIVERED
@@ -200,9 +242,12 @@ def _proofs(
         evidence = POD_IMAGES if in_person else DROP_POD_EVIDENCE
         if not evidence.intersection(pod) or (needs_signature and "signature_sha256" not in pod):
             without_pod.append(delivery.fact.event_id)
-        for key in ("signature_sha256", "photo_sha256"):
-            if key in pod and pod[key] not in stored_blobs:
-                missing_blobs.append(pod[key])
+        missing = [
+            pod[key] for key in sorted(POD_IMAGES) if key in pod and pod[key] not in stored_blobs
+        ]
+        if missing:
+            missing_blobs += missing
+            naming_missing.append(delivery.fact.event_id)
         metres = _distance_m(parcel, delivery)
         if metres is not None and metres > policy.far_from_address_m:
             far.append({"event_id": delivery.fact.event_id, "metres": round(metres)})
@@ -215,7 +260,10 @@ def _proofs(
             "limit_m": policy.far_from_address_m,
         }
     if missing_blobs:
-        flags["pod_blob_missing"] = {"blobs": sorted(set(missing_blobs))}
+        flags["pod_blob_missing"] = {
+            "blobs": sorted(set(missing_blobs)),
+            "event_ids": naming_missing,
+        }
 
 
 def _outcomes(counting: Sequence[EventDetail], flags: dict[str, dict[str, Any]]) -> None:

@@ -34,20 +34,21 @@ from sync.events import referenced_blobs
 from sync.flags import (
     ACTIVE_STATUSES,
     FlagSubject,
-    close_flags,
+    close_flags_by_id,
     raise_flag,
     raise_new_flags,
     reopen_flag,
     restore_resolution,
 )
 from sync.handover import NOT_CHECKED_OUT
-from sync.projection import EventFact, project
+from sync.projection import EventFact, ordered, project
 from sync.rules import (
     RULE_KINDS,
     SEVERITY,
     EventDetail,
     ParcelFacts,
     Policy,
+    by_station,
     consents_matter,
     evaluate,
 )
@@ -252,6 +253,9 @@ def reproject(
     events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
     judged = _judge(session, parcels, events, policy)
+    # Whom a parcel's rule flag at a station concerns: at its own station its holder; at
+    # another (it moved, or a courier there scanned it) that station's latest courier.
+    couriers: dict[tuple[str, int], int | None] = {}
     entries: list[feed.FeedEntry] = []
     updates: list[dict[str, Any]] = []
     holders: dict[str, int | None] = {}
@@ -267,6 +271,11 @@ def reproject(
         foreign = [f.event_id for f in facts[tracking_no] if f.station_id != parcel.station_id]
         if foreign:
             outcome.foreign[tracking_no] = (parcel.station_id, sorted(foreign))
+            for fact in ordered(
+                f for f in facts[tracking_no] if f.station_id != parcel.station_id
+            ):
+                couriers[(tracking_no, fact.station_id)] = fact.courier_id
+        couriers[(tracking_no, parcel.station_id)] = holders[tracking_no]
         holder = projection.holder_courier_id or parcel.planned_courier_id
         status_moved = (parcel.status, parcel.status_at) != (
             projection.status,
@@ -300,7 +309,7 @@ def reproject(
         UPDATE_PROJECTED.execute_rows(session, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
-    outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, holders)
+    outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, couriers)
     return outcome
 
 
@@ -309,8 +318,9 @@ def _judge(
     parcels: dict[str, Any],
     events: dict[str, list[EventDetail]],
     policy: Policy,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """The rule flags each parcel should have now (``sync.rules.evaluate``)."""
+) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
+    """The rule flags each parcel should have now (``sync.rules.evaluate``), by kind and
+    station (``sync.rules.by_station``)."""
     facts = {
         tn: ParcelFacts(parcel.service_class, parcel.lat, parcel.lon)
         for tn, parcel in parcels.items()
@@ -327,20 +337,30 @@ def _judge(
         row.sha256 for row in rows_among(session, BLOBS_HELD, "digests", sorted(referenced))
     )
     return {
-        tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored) for tn in parcels
+        tn: by_station(
+            evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored),
+            events[tn],
+            parcel.station_id,
+        )
+        for tn, parcel in parcels.items()
     }
 
 
 def apply_rule_flags(
     session: Session,
     parcels: dict[str, Any],
-    judged: dict[str, dict[str, dict[str, Any]]],
-    holders: dict[str, int | None],
+    judged: dict[str, dict[tuple[str, int], dict[str, Any]]],
+    couriers: dict[tuple[str, int], int | None],
 ) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
     Returns those raised (or reopened), and those closed, resolved again or given
     other evidence.
-    ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number.
+    ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number;
+    ``judged``: by kind and station; ``couriers``: whom a flag of the parcel at a
+    station concerns, by tracking number and station.
+
+    A parcel has a flag of a kind at each station whose events break the rule: one
+    station's manager resolving theirs leaves another station's to its manager.
 
     Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
     resolved stays resolved while its cause persists, and is closed like the others
@@ -349,19 +369,18 @@ def apply_rule_flags(
     """
     flagged = sorted(tn for tn, parcel in parcels.items() if parcel.has_rule_flags)
     rule_flags = RULE_FLAGS_OF_PARCELS(session)
-    existing = {
-        (flag.subject_key, flag.kind): flag
-        for chunk in chunks(flagged)
-        for flag in session.scalars(rule_flags, {"numbers": list(chunk)})
-    }
-    gone: dict[str, list[FlagSubject]] = defaultdict(list)
+    existing: dict[str, dict[tuple[str, int], Flag]] = defaultdict(dict)
+    for chunk in chunks(flagged):
+        for flag in session.scalars(rule_flags, {"numbers": list(chunk)}):
+            existing[flag.subject_key][(flag.kind, flag.station_id)] = flag
+    gone: list[int] = []
     raised: list[Flag] = []
     rejudged: list[Flag] = []
     new: list[Flag] = []
-    for tn, parcel in parcels.items():
+    for tn in parcels:
         wanted = judged.get(tn, {})
-        for kind, evidence in wanted.items():
-            flag = existing.get((tn, kind))
+        for (kind, station_id), evidence in wanted.items():
+            flag = existing[tn].get((kind, station_id))
             if flag is None:
                 new.append(
                     Flag(
@@ -369,8 +388,8 @@ def apply_rule_flags(
                         severity=SEVERITY[kind],
                         subject_type="parcel",
                         subject_key=tn,
-                        station_id=parcel.station_id,
-                        courier_id=holders.get(tn),
+                        station_id=station_id,
+                        courier_id=couriers.get((tn, station_id)),
                         evidence=evidence,
                     )
                 )
@@ -396,26 +415,22 @@ def apply_rule_flags(
                     kind=kind,
                     severity=SEVERITY[kind],
                     subject=FlagSubject("parcel", tn),
-                    station_id=parcel.station_id,
+                    station_id=station_id,
                     evidence=evidence,
-                    courier_id=holders.get(tn),
+                    courier_id=couriers.get((tn, station_id)),
                 ).flag
                 reopened.evidence = evidence  # what the rule finds now, not merged history
                 raised.append(reopened)
-        for kind in RULE_KINDS:
-            flag = existing.get((tn, kind))
-            if kind not in wanted and flag is not None and flag.status in STANDING:
-                gone[kind].append(FlagSubject("parcel", tn))
+        for key, flag in existing[tn].items():
+            if key not in wanted and flag.status in STANDING:
+                gone.append(flag.id)
     raised.extend(raise_new_flags(session=session, flags=new))
-    for kind, subjects in gone.items():
-        rejudged += close_flags(
-            session=session,
-            kind=kind,
-            subjects=subjects,
-            reason="re-judged with the parcel's events and consents as they are now: "
-            "the rule holds",
-            statuses=STANDING,
-        )
+    rejudged += close_flags_by_id(
+        session=session,
+        flag_ids=gone,
+        reason="re-judged with the parcel's events and consents as they are now: the rule holds",
+        statuses=STANDING,
+    )
     return raised, rejudged
 
 

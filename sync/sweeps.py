@@ -205,6 +205,7 @@ def _raise_stale(
             Flag.kind == STALE_DEVICE,
             Flag.subject_type == subject.type,
             Flag.subject_key == subject.key,
+            Flag.station_id == row.station_id,  # the device's flag at this station
         )
     )
     result = raise_flag(
@@ -224,8 +225,8 @@ def _raise_stale(
     flag = result.flag
     if flag.shift_id != row.id:
         flag.shift_id = row.id
-    # One flag per device: a manager's resolution of its silence in an earlier shift
-    # does not cover this one.
+    # One flag per device and station: a manager's resolution of its silence in an
+    # earlier shift does not cover this one.
     if flag.status == FlagStatus.RESOLVED and earlier_shift not in (None, row.id):
         reopen_flag(session=session, flag=flag, note=f"silent again, in shift {row.id}")
         return flag, True

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagChange, FlagSeverity, FlagStatus, Station, User
@@ -256,6 +257,64 @@ def test_a_resolved_flag_raised_again_stays_resolved(session: Session, setup: Se
     )
     assert not raised.new and f.status == FlagStatus.RESOLVED
     assert f.evidence["event_ids"] == [1, 9]
+
+
+def test_the_same_fault_raised_at_another_station_is_that_stations_own_flag(
+    session: Session, setup: Setup
+) -> None:
+    """A parcel or a device moves between stations: the flag one station resolved stays
+    resolved, and the other station's manager gets the new finding in their queue."""
+    f = _resolved(session, setup)
+    raised = raise_flag(
+        session=session,
+        kind=f.kind,
+        severity=f.severity,
+        subject=FlagSubject("parcel", f.subject_key),
+        station_id=setup.other_station.id,
+        evidence={"event_ids": [9]},
+    )
+    session.flush()
+    assert raised.new and raised.flag is not f
+    assert (raised.flag.station_id, raised.flag.status) == (setup.other_station.id, "open")
+    assert raised.flag.evidence["event_ids"] == [9]
+    assert (f.station_id, f.status, f.evidence["event_ids"]) == (setup.station.id, "resolved", [1])
+    # Raised again at either station, each merges into its own.
+    assert flag(session, setup.other_station) is raised.flag
+    assert flag(session, setup.station) is f
+    # The cause gone for the subject: every station's open flag of it closes.
+    subject = FlagSubject("parcel", f.subject_key)
+    assert close_flag(session=session, kind=f.kind, subject=subject, reason="gone") is raised.flag
+    assert (f.status, raised.flag.status) == (FlagStatus.RESOLVED, FlagStatus.CLOSED)
+
+
+def test_a_flag_of_no_station_is_one_per_kind_and_subject(session: Session) -> None:
+    """NULLs are distinct in a unique constraint: a partial unique index keeps these."""
+    subject = FlagSubject("subscription", "7")
+    raised = [
+        raise_flag(
+            session=session,
+            kind="subscription_disabled",
+            severity=FlagSeverity.WARNING,
+            subject=subject,
+            station_id=None,
+            evidence={"failures": n},
+        )
+        for n in (1, 2)
+    ]
+    assert raised[0].flag is raised[1].flag and not raised[1].new
+    session.add(
+        Flag(
+            kind="subscription_disabled",
+            severity=FlagSeverity.WARNING,
+            subject_type=subject.type,
+            subject_key=subject.key,
+            station_id=None,
+            evidence={},
+            status=FlagStatus.OPEN,
+        )
+    )
+    with pytest.raises(IntegrityError):
+        session.flush()
 
 
 # -- reading ----------------------------------------------------------------------------------

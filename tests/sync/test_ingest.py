@@ -1018,3 +1018,69 @@ def test_inversions_of_two_pdas_on_one_parcel_keep_their_pdas_apart(
     assert inversion.evidence == {
         "device_seqs": ["PDA-0001#9", "PDA-0001#10", "PDA-0007#1", "PDA-0007#2"]
     }
+
+
+def _move(session: Session, world: World, parcel: Parcel, station: Any) -> None:
+    """Re-route the parcel to ``station`` (an intake by someone who may place it anywhere)."""
+    (result,) = intake_parcels(
+        session=session,
+        drafts=[
+            (0, ParcelDraft(parcel.tracking_no, "express", "R", "1 Road", station=station.code))
+        ],
+        rules=IntakeRules(tracking=POLICY, phone_region="CN"),
+        scope=IntakeScope(default_station_id=None, allowed_station_ids=None),
+    )
+    assert result.status == "updated", result.error
+    session.commit()
+
+
+def test_a_violation_at_the_station_a_parcel_moved_to_is_that_stations_own_flag(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """An express parcel dropped in a locker without consent at station A, resolved by
+    A's manager, re-routed to station B and dropped without consent again there: B's
+    manager gets a flag of B's drop in B's queue, and A's resolution stands."""
+    tn = parcel.tracking_no
+    locker = {"locker_id": "L-1", "compartment": "1", "pod": {"pickup_code": "1"}}
+    pda.push([pda.event(1, tn), pda.event(2, tn, "delivered_to_locker", **locker)])
+    at_a = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    resolve_flag(session=session, flag=at_a, user_id=world.manager.id, note="recipient called")
+    session.commit()
+    (drop_a,) = at_a.evidence["event_ids"]
+
+    _move(session, world, parcel, world.other_station)
+    # Moving the parcel raises nothing at B: A's drop was A's, and A resolved it.
+    assert (
+        session.scalars(select(Flag).where(Flag.station_id == world.other_station.id)).all() == []
+    )
+
+    courier_b = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    pda_b = Pda(session, world)
+    pda_b.pusher = Pusher(world.other_device.id, world.other_station.id, courier_b.id)
+    receipt = pda_b.push(
+        [
+            pda_b.event(1, tn, occurred_at=at(60)),
+            pda_b.event(2, tn, "delivered_to_locker", occurred_at=at(70), **locker),
+        ]
+    )
+    drop_b = session.scalar(
+        select(ScanEvent.id).where(
+            ScanEvent.device_id == world.other_device.id, ScanEvent.seq == 2
+        )
+    )
+    drops = session.scalars(
+        select(Flag).where(Flag.kind == "unauthorized_locker_drop").order_by(Flag.id)
+    ).all()
+    assert [(f.station_id, f.status, f.evidence["event_ids"]) for f in drops] == [
+        (world.station.id, FlagStatus.RESOLVED, [drop_a]),
+        (world.other_station.id, FlagStatus.OPEN, [drop_b]),
+    ]
+    assert drops[1].courier_id == courier_b.id
+    assert {"flag_id": drops[1].id, "kind": "unauthorized_locker_drop"}.items() <= next(
+        f for f in receipt["flags_raised"] if f["kind"] == "unauthorized_locker_drop"
+    ).items()
+    assert [c.to_status for c in flag_changes(session=session, flag=drops[0])] == [
+        FlagStatus.OPEN,
+        FlagStatus.RESOLVED,
+    ]

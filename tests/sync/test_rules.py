@@ -15,6 +15,7 @@ from sync.rules import (
     EventDetail,
     ParcelFacts,
     Policy,
+    by_station,
     consents_matter,
     evaluate,
 )
@@ -310,3 +311,41 @@ def test_where_consents_do_not_matter_the_rules_judge_alike_without_them(
     with_consents = evaluate(parcel, events, consents, POLICY, blobs)
     if not consents_matter(parcel, events, POLICY):
         assert with_consents == evaluate(parcel, events, [], POLICY, blobs)
+
+
+def at_station(event: EventDetail, station_id: int) -> EventDetail:
+    return EventDetail(
+        event.fact._replace(station_id=station_id), event.details, event.lat, event.lon
+    )
+
+
+def test_flags_are_split_by_the_station_each_event_was_recorded_at() -> None:
+    """A parcel re-routed from station 1 to station 2 and dropped without consent and
+    without its photo at both: each station's flag cites its own events (and images)."""
+    first = [at_station(e, 1) for e in locker_day(30, pod={"photo_sha256": "a" * 64})]
+    second = [
+        at_station(e, 2)
+        for e in (
+            ev(1, EventType.CHECKED_OUT, 60, device="PDA-2"),
+            ev(
+                2,
+                EventType.DELIVERED_TO_LOCKER,
+                90,
+                device="PDA-2",
+                locker_id="L-2",
+                compartment="1",
+                pod={"photo_sha256": "b" * 64},
+            ),
+        )
+    ]
+    events = [*first, *second]
+    split = by_station(evaluate(EXPRESS, events, [], POLICY), events, home=2)
+    drop_1, drop_2 = first[-1].fact.event_id, second[-1].fact.event_id
+    assert split[("unauthorized_locker_drop", 1)]["event_ids"] == [drop_1]
+    assert split[("unauthorized_locker_drop", 2)]["event_ids"] == [drop_2]
+    assert split[("pod_blob_missing", 1)] == {"blobs": ["a" * 64], "event_ids": [drop_1]}
+    assert split[("pod_blob_missing", 2)] == {"blobs": ["b" * 64], "event_ids": [drop_2]}
+    # One station's events only: the evidence as evaluate gives it.
+    assert by_station(evaluate(EXPRESS, first, [], POLICY), first, home=2) == {
+        (kind, 1): evidence for kind, evidence in evaluate(EXPRESS, first, [], POLICY).items()
+    }

@@ -28,6 +28,10 @@ class Parcel(Base):
     # The courier planned at intake (optional), and the one who has the parcel now: the
     # courier of the check-out that counts last, or the planned one before any check-out.
     planned_courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    # When an intake moved the parcel to its station (None: it was taken in there).
+    # Scans made at another station before then are its history there, not scans by
+    # the wrong station (``sync.status.reproject``).
+    station_since: Mapped[dt.datetime | None]
     courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"), index=True)
     # Projected from the scan events (sync.projection); never set by hand.
     status: Mapped[ParcelStatus | None] = mapped_column(str_enum(ParcelStatus, "parcel_status"))

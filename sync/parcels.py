@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import uuid
 from collections.abc import Iterable, Sequence
@@ -11,7 +12,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from models import FeedKind, Parcel, Role, ScanEvent, ServiceClass, Station, SyncBatch, User
+from models import (
+    FeedKind,
+    Parcel,
+    Role,
+    ScanEvent,
+    ServiceClass,
+    Station,
+    SyncBatch,
+    User,
+    utcnow,
+)
 from sync import feed
 from sync.balances import refresh_for_parcels
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
@@ -91,13 +102,16 @@ def intake_parcels(
     drafts: Sequence[tuple[int, ParcelDraft]],
     rules: IntakeRules,
     scope: IntakeScope,
+    now: dt.datetime | None = None,
 ) -> list[IntakeResult]:
     """Create or update parcels; one bad item never stops the others.
 
     ``drafts`` pairs each item with its index in the caller's list so results
     line up with the request. A parcel already known is updated when its data
     changed and reported ``unchanged`` otherwise, so re-sending a file is safe.
+    ``now``: when a parcel given another station moved there (by default, now).
     """
+    now = now or utcnow()
     lock_parcels(session, (normalize(d.tracking_no) for _, d in drafts))
     stations = _stations_by_code(session, (d.station for _, d in drafts if d.station))
     couriers = _couriers_by_username(session, (d.courier for _, d in drafts if d.courier))
@@ -110,7 +124,7 @@ def intake_parcels(
             values = _validated_values(
                 draft, rules=rules, scope=scope, stations=stations, couriers=couriers
             )
-            result, result_entries, again = _apply(session, index, values, existing, scope)
+            result, result_entries, again = _apply(session, index, values, existing, scope, now)
         except DomainError as error:
             result = IntakeResult(
                 index, normalize(draft.tracking_no), IntakeStatus.REJECTED, error
@@ -249,6 +263,7 @@ def _apply(
     values: dict[str, object],
     existing: dict[str, Parcel],
     scope: IntakeScope,
+    now: dt.datetime,
 ) -> tuple[IntakeResult, list[feed.FeedEntry], bool]:
     """Create or update one parcel: ``(result, feed entries, whether to re-project it)``.
 
@@ -274,8 +289,10 @@ def _apply(
     changed = {k: v for k, v in values.items() if getattr(parcel, k) != v}
     if not changed:
         return IntakeResult(index, tracking_no, IntakeStatus.UNCHANGED, parcel=parcel), [], False
-    if "station_id" in changed and "planned_courier_id" not in changed:
-        changed["planned_courier_id"] = None  # planned at the old station
+    if "station_id" in changed:
+        changed["station_since"] = now
+        if "planned_courier_id" not in changed:
+            changed["planned_courier_id"] = None  # planned at the old station
     old_station, old_courier = parcel.station_id, parcel.courier_id
     for key, value in changed.items():
         setattr(parcel, key, value)

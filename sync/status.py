@@ -99,6 +99,7 @@ PARCEL_COLUMNS = (
     Parcel.lon,
     Parcel.recipient_phone,
     Parcel.address,
+    Parcel.station_since,
 )
 _parcels = Parcel.__table__
 
@@ -268,7 +269,7 @@ def reproject(
             continue
         projection = project(facts[tracking_no], station_id=parcel.station_id)
         holders[tracking_no] = projection.holder_courier_id or parcel.planned_courier_id
-        foreign = [f.event_id for f in facts[tracking_no] if f.station_id != parcel.station_id]
+        foreign = _scanned_elsewhere(facts[tracking_no], parcel.station_id, parcel.station_since)
         if foreign:
             outcome.foreign[tracking_no] = (parcel.station_id, sorted(foreign))
             for fact in ordered(
@@ -311,6 +312,19 @@ def reproject(
     feed.record(session, entries)
     outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, couriers)
     return outcome
+
+
+def _scanned_elsewhere(
+    facts: Sequence[EventFact], station_id: int, since: dt.datetime | None
+) -> list[int]:
+    """The events a device of another station recorded while the parcel was at
+    ``station_id`` (there ``since``, or from the start): the wrong station's scans. Those
+    made before an intake moved it there are its history at its old station."""
+    return [
+        f.event_id
+        for f in facts
+        if f.station_id != station_id and (since is None or f.occurred_at >= since)
+    ]
 
 
 def _judge(

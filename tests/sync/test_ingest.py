@@ -635,6 +635,30 @@ def test_a_courier_of_another_station_scanning_a_parcel_is_flagged_and_takes_not
     assert (flag.subject_key, flag.station_id) == (parcel.tracking_no, world.station.id)
 
 
+def test_scans_made_before_a_parcel_moved_station_are_no_wrong_stations(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """Checked out and returned at station A, re-routed to B: B's courier's scans raise
+    no wrong_station over A's; a scan by A's courier after the move does."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn, occurred_at=at(0)), pda.event(2, tn, "returned_to_station")])
+    _move(session, world, parcel, world.other_station, when=at(30))
+    courier_b = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    pda_b = Pda(session, world)
+    pda_b.pusher = Pusher(world.other_device.id, world.other_station.id, courier_b.id)
+    pda_b.push([pda_b.event(1, tn, occurred_at=at(60))])
+    assert session.get(Parcel, parcel.id).courier_id == courier_b.id
+    assert session.scalars(select(Flag).where(Flag.kind == "wrong_station")).all() == []
+
+    pda.push([pda.event(3, tn, occurred_at=at(90))])  # A's courier, after the move
+    late = session.scalar(
+        select(ScanEvent.id).where(ScanEvent.device_id == world.device.id, ScanEvent.seq == 3)
+    )
+    flag = session.scalars(select(Flag).where(Flag.kind == "wrong_station")).one()
+    assert (flag.station_id, flag.evidence["event_ids"]) == (world.other_station.id, [late])
+
+
 def test_a_consent_captured_by_a_courier_of_another_station_is_the_parcels_stations(
     session: Session, world: World, parcel: Parcel
 ) -> None:
@@ -1020,7 +1044,9 @@ def test_inversions_of_two_pdas_on_one_parcel_keep_their_pdas_apart(
     }
 
 
-def _move(session: Session, world: World, parcel: Parcel, station: Any) -> None:
+def _move(
+    session: Session, world: World, parcel: Parcel, station: Any, when: dt.datetime = NOW
+) -> None:
     """Re-route the parcel to ``station`` (an intake by someone who may place it anywhere)."""
     (result,) = intake_parcels(
         session=session,
@@ -1029,6 +1055,7 @@ def _move(session: Session, world: World, parcel: Parcel, station: Any) -> None:
         ],
         rules=IntakeRules(tracking=POLICY, phone_region="CN"),
         scope=IntakeScope(default_station_id=None, allowed_station_ids=None),
+        now=when,
     )
     assert result.status == "updated", result.error
     session.commit()

@@ -113,16 +113,29 @@ def evaluate(
 
 
 def by_station(
-    flags: Mapping[str, dict[str, Any]], events: Sequence[EventDetail], home: int
+    flags: Mapping[str, dict[str, Any]],
+    events: Sequence[EventDetail],
+    home: int,
+    cited: Mapping[str, Mapping[int, int]] | None = None,
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """``evaluate``'s flags split by the station each cited event was recorded at:
     ``{(kind, station): evidence}``. A parcel moves between stations (re-routed, or
     scanned by a courier of another), and each station's manager sees and settles the
     faults of their own station's events. Evidence citing no event is the parcel's
-    station's (``home``)."""
-    station_of = {e.fact.event_id: e.fact.station_id for e in events}
+    station's (``home``).
+
+    ``cited``: by kind, the events a flag already cites, and its station; they stay
+    with it, so a manager's decision on them stands (a flag raised before flags had a
+    station each sits at the parcel's station whoever's events it cites). A correction
+    goes with the outcome it voids: the review is of that outcome.
+    """
+    recorded_at = {e.fact.event_id: e.fact.station_id for e in events}
     split: dict[tuple[str, int], dict[str, Any]] = {}
     for kind, evidence in flags.items():
+        station_of = {**recorded_at, **(cited or {}).get(kind, {})}
+        for pair in evidence.get("corrections", []):
+            voided = station_of.get(pair["voided_event_id"], home)
+            station_of[pair["correction_event_id"]] = voided
         ids = evidence.get("event_ids") or []
         stations = sorted({station_of.get(i, home) for i in ids}) or [home]
         if len(stations) == 1:
@@ -132,6 +145,20 @@ def by_station(
             kept = {i for i in ids if station_of.get(i, home) == station}
             split[(kind, station)] = _evidence_of(evidence, kept, events)
     return split
+
+
+def cited_events(evidence: Mapping[str, Any], events: Sequence[EventDetail]) -> set[int]:
+    """The events a rule flag's evidence cites: its ``event_ids``; for a
+    ``pod_blob_missing`` flag stored before it named them, the deliveries naming its
+    images."""
+    if "event_ids" in evidence:
+        return set(evidence["event_ids"])
+    blobs = set(evidence.get("blobs", []))
+    return {
+        e.fact.event_id
+        for e in events
+        if blobs & {(e.details.get("pod") or {}).get(key) for key in POD_IMAGES}
+    }
 
 
 def _evidence_of(

@@ -49,6 +49,7 @@ from sync.rules import (
     ParcelFacts,
     Policy,
     by_station,
+    cited_events,
     consents_matter,
     evaluate,
 )
@@ -310,7 +311,7 @@ def reproject(
         UPDATE_PROJECTED.execute_rows(session, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
-    outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, couriers)
+    outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, events, couriers)
     return outcome
 
 
@@ -332,9 +333,8 @@ def _judge(
     parcels: dict[str, Any],
     events: dict[str, list[EventDetail]],
     policy: Policy,
-) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
-    """The rule flags each parcel should have now (``sync.rules.evaluate``), by kind and
-    station (``sync.rules.by_station``)."""
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The rule flags each parcel should have now (``sync.rules.evaluate``), by kind."""
     facts = {
         tn: ParcelFacts(parcel.service_class, parcel.lat, parcel.lon)
         for tn, parcel in parcels.items()
@@ -351,30 +351,28 @@ def _judge(
         row.sha256 for row in rows_among(session, BLOBS_HELD, "digests", sorted(referenced))
     )
     return {
-        tn: by_station(
-            evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored),
-            events[tn],
-            parcel.station_id,
-        )
-        for tn, parcel in parcels.items()
+        tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored) for tn in parcels
     }
 
 
 def apply_rule_flags(
     session: Session,
     parcels: dict[str, Any],
-    judged: dict[str, dict[tuple[str, int], dict[str, Any]]],
+    judged: dict[str, dict[str, dict[str, Any]]],
+    events: dict[str, list[EventDetail]],
     couriers: dict[tuple[str, int], int | None],
 ) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
     Returns those raised (or reopened), and those closed, resolved again or given
     other evidence.
     ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number;
-    ``judged``: by kind and station; ``couriers``: whom a flag of the parcel at a
-    station concerns, by tracking number and station.
+    ``judged``: ``evaluate``'s flags, by kind; ``events``: the parcels' events;
+    ``couriers``: whom a flag of the parcel at a station concerns, by tracking number
+    and station.
 
-    A parcel has a flag of a kind at each station whose events break the rule: one
-    station's manager resolving theirs leaves another station's to its manager.
+    A parcel has a flag of a kind at each station whose events break the rule
+    (``sync.rules.by_station``; events a flag cites stay with it): one station's
+    manager resolving theirs leaves another station's to its manager.
 
     Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
     resolved stays resolved while its cause persists, and is closed like the others
@@ -391,8 +389,12 @@ def apply_rule_flags(
     raised: list[Flag] = []
     rejudged: list[Flag] = []
     new: list[Flag] = []
-    for tn in parcels:
-        wanted = judged.get(tn, {})
+    for tn, parcel in parcels.items():
+        cited: dict[str, dict[int, int]] = defaultdict(dict)
+        for flag in sorted(existing[tn].values(), key=lambda f: f.id):
+            for event_id in cited_events(flag.evidence, events[tn]):
+                cited[flag.kind][event_id] = flag.station_id
+        wanted = by_station(judged.get(tn, {}), events[tn], parcel.station_id, cited)
         for (kind, station_id), evidence in wanted.items():
             flag = existing[tn].get((kind, station_id))
             if flag is None:
@@ -508,8 +510,10 @@ def targets_of_corrections(
 
 def _new_events(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether the rule now fails on something the flag's evidence did not show: an
-    event, or a missing image (``pod_blob_missing`` names its images, not its events)."""
-    return any(not set(new.get(k, [])) <= set(old.get(k, [])) for k in ("event_ids", "blobs"))
+    event, or a missing image (``pod_blob_missing`` names its images too). Evidence
+    stored before it named its deliveries (images only) is compared on its images."""
+    shown = [k for k in ("event_ids", "blobs") if k in old] or ["event_ids"]
+    return any(not set(new.get(k, [])) <= set(old.get(k, [])) for k in shown)
 
 
 def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None:

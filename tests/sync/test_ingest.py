@@ -1111,3 +1111,54 @@ def test_a_violation_at_the_station_a_parcel_moved_to_is_that_stations_own_flag(
         FlagStatus.OPEN,
         FlagStatus.RESOLVED,
     ]
+
+
+def test_a_resolved_missing_image_flag_from_before_it_named_its_deliveries_stays_resolved(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """Until 5cfa1b0 a pod_blob_missing flag's evidence named only its images. A manager
+    resolved one such flag; later an unrelated scan of the parcel (an exception) is
+    pushed: no image is missing that the manager has not seen, so the flag stays
+    resolved (7b12f5a: 'existing flags are judged the same')."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn), pda.event(2, tn, "delivered", pod={"signature_sha256": "a" * 64})])
+    flag = session.scalars(select(Flag).where(Flag.kind == "pod_blob_missing")).one()
+    flag.evidence = {"blobs": ["a" * 64]}  # as stored before this release
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="phoned them")
+    session.commit()
+    pda.push(
+        [pda.event(3, tn, "exception", reason="other")], received_at=NOW + dt.timedelta(hours=1)
+    )
+    session.refresh(flag)
+    assert flag.status == FlagStatus.RESOLVED, [
+        (c.from_status, c.to_status, c.note) for c in flag_changes(session=session, flag=flag)
+    ]
+
+
+def test_a_resolved_flag_from_before_flags_had_a_station_each_stays_resolved(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """Before 64a4089ef286 a parcel's rule flag was raised at the parcel's station,
+    whoever's events it cited. A courier of station B delivered station A's parcel
+    without a proof; A's manager resolved the flag. After the upgrade a later scan of
+    the parcel is pushed: the fault is the one already resolved, so it is neither
+    closed as if 'the rule holds' nor raised again as a new open flag at B."""
+    tn = parcel.tracking_no
+    courier_b = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    pda_b = Pda(session, world)
+    pda_b.pusher = Pusher(world.other_device.id, world.other_station.id, courier_b.id)
+    pda_b.push([pda_b.event(1, tn), pda_b.event(2, tn, "delivered")])
+    flag = session.scalars(select(Flag).where(Flag.kind == "delivered_without_pod")).one()
+    flag.station_id = world.station.id  # where the flag was raised before the upgrade
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="B's mistake")
+    session.commit()
+    pda_b.push(
+        [pda_b.event(3, tn, "exception", reason="other")], received_at=NOW + dt.timedelta(hours=1)
+    )
+    found = session.scalars(
+        select(Flag).where(Flag.kind == "delivered_without_pod").order_by(Flag.id)
+    ).all()
+    assert [(f.station_id, f.status, f.closed_reason) for f in found] == [
+        (world.station.id, FlagStatus.RESOLVED, None)
+    ]

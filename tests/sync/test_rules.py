@@ -349,3 +349,36 @@ def test_flags_are_split_by_the_station_each_event_was_recorded_at() -> None:
     assert by_station(evaluate(EXPRESS, first, [], POLICY), first, home=2) == {
         (kind, 1): evidence for kind, evidence in evaluate(EXPRESS, first, [], POLICY).items()
     }
+
+
+def test_a_correction_is_reviewed_at_the_station_of_the_outcome_it_voids() -> None:
+    """A PDA moved to station 2 voids the drop it recorded at station 1: one review, at
+    station 1, citing both; not a second flag at station 2 with no correction in it."""
+    drop = at_station(ev(3, EventType.DELIVERED_TO_LOCKER, 30, locker_id="L-1"), 1)
+    correction = at_station(ev(4, EventType.CORRECTION, 31, voids=drop), 2)
+    events = [at_station(ev(1, EventType.CHECKED_OUT), 1), drop, correction]
+    split = by_station(evaluate(EXPRESS, events, [], POLICY), events, home=2)
+    assert split == {
+        ("correction_review", 1): {
+            "event_ids": sorted([drop.fact.event_id, correction.fact.event_id]),
+            "corrections": [
+                {
+                    "voided_event_id": drop.fact.event_id,
+                    "correction_event_id": correction.fact.event_id,
+                }
+            ],
+        }
+    }
+
+
+DROP = "unauthorized_locker_drop"
+
+
+def test_events_a_flag_cites_stay_with_its_station() -> None:
+    """A flag raised before flags had a station each sits at the parcel's station (2)
+    citing a drop recorded at station 1: judged again, it is still that flag's."""
+    events = [at_station(e, 1) for e in locker_day(30)]
+    drop = events[-1].fact.event_id
+    judged = {"unauthorized_locker_drop": evaluate(EXPRESS, events, [], POLICY)[DROP]}
+    assert set(by_station(judged, events, home=2)) == {(DROP, 1)}
+    assert set(by_station(judged, events, home=2, cited={DROP: {drop: 2}})) == {(DROP, 2)}

@@ -112,10 +112,12 @@ def sign_out() -> None:
 def sign_out_everywhere() -> None:
     """Sign out, and end every other page session of the account begun before now,
     a copy of this session's cookie included. (A session signed in again in the same
-    second stands: its start is kept to the microsecond.)"""
-    user_id = session.get(USER_KEY)
-    if isinstance(user_id, int):
-        sign_out_of_pages(session=db.session, user_id=user_id, at=utcnow())
+    second stands: its start is kept to the microsecond.) A session already over
+    signs nobody out: a copy of a cookie its owner signed out of cannot end the
+    owner's next session."""
+    viewer = _load_viewer()
+    if viewer is not None:
+        sign_out_of_pages(session=db.session, user_id=viewer.user.id, at=utcnow())
         db.session.commit()
     sign_out()
 

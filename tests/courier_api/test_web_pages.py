@@ -188,6 +188,26 @@ def test_signing_out_ends_a_copy_of_the_session_cookie_too(
     assert day.manager.credentials_version == 0  # tokens stand
 
 
+def test_a_session_already_ended_cannot_sign_the_account_out_again(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The copy of a cookie left on a shared computer is over once its owner signs out:
+    its sign-out button (a stale page, or whoever holds the copy) must not end the
+    owner's new session, again and again."""
+    pages = signed_in(app, "manager")
+    copy = Pages(app.test_client())
+    cookie = pages.client.get_cookie("courier_session")
+    assert cookie is not None
+    copy.client.set_cookie("courier_session", cookie.value)
+    pages.post("/web/logout")
+    assert copy.client.get("/web/board").status_code == 302  # the copy is over
+    copy.client.set_cookie("courier_session", cookie.value)  # still held
+    again = signed_in(app, "manager")
+    assert again.client.get("/web/board").status_code == 200
+    copy.post("/web/logout")
+    assert again.client.get("/web/board").status_code == 200
+
+
 def test_a_sign_out_stamped_by_a_clock_running_ahead_ends_only_the_sessions_before(
     app: Flask, session: Session, day: StationDay
 ) -> None:

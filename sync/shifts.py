@@ -356,15 +356,18 @@ def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
     may show seqs of it still on the PDA (or a gap not its own), its balance changing
     with no event moving. Signed off, it then no longer has the balance its manager
     signed off (a provisional one needs a reason): it reopens, naming the shift that
-    opened and the seqs missing now. Compared with the balance signed off, a change a
-    push made since (a later seq showing a gap in its seqs) reopens it here too."""
+    opened and the seqs missing now. Compared with the seqs missing when it was signed
+    off, a change a push made since (a later seq showing a gap in its seqs) reopens it
+    here too; what the opening cannot change (a rule flag closed since, which reopened
+    nothing then) is left alone."""
     from sync.balances import shift_balance
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.SIGNED_OFF or shift.last_seq is not None:
         return
     balance = shift_balance(session=session, shift=shift)
-    if balance.snapshot() == shift.signoff_balance:
+    signed = shift.signoff_balance or {}
+    if balance.missing_seqs == signed.get("missing_seqs", balance.missing_seqs):
         return
     reopen_for_late_events(
         session=session,

@@ -18,6 +18,7 @@ from sync import shifts
 from sync.balances import balances, shift_balance
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
+from sync.flags import close_flags_by_id
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.shifts import ShiftRules
@@ -505,6 +506,26 @@ def test_a_signed_off_shift_whose_seqs_the_next_opening_shows_still_on_the_pda_i
     session.refresh(first)
     assert shift_balance(session=session, shift=first).status == "balanced"
     assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+
+
+def test_a_signed_off_shift_whose_seqs_the_next_opening_leaves_as_they_were_stays_signed_off(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The opening judges only what it can change, the seqs the shift owns: a rule flag
+    of its parcel closed since the sign-off (a consent that came later, say), which
+    reopened nothing then, reopens nothing when the next shift opens either."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "delivered", pod={"recipient_name": "R"})])  # no proof
+    first = sign_off(session, world, pda.close(first), note="asked for the proof")
+    assert first.signoff_balance["discrepancy_count"] == 1
+    flag = session.scalars(select(Flag).where(Flag.kind == "delivered_without_pod")).one()
+    close_flags_by_id(session=session, flag_ids=[flag.id], reason="proof found")
+    session.commit()
+    pda.open(first_seq=3, now=NOW + dt.timedelta(hours=12))
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 0)
+    assert session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).all() == []
 
 
 @pytest.mark.parametrize("order", ["in order", "check-out last"])

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from models.base import Base, int_pk, str_enum, timestamp, utcnow
+from models.base import Base, Document, int_pk, str_enum, timestamp, utcnow
 from models.enums import ParcelStatus, ServiceClass
 from models.station import Station
 
@@ -28,10 +29,11 @@ class Parcel(Base):
     # The courier planned at intake (optional), and the one who has the parcel now: the
     # courier of the check-out that counts last, or the planned one before any check-out.
     planned_courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
-    # When an intake moved the parcel to its station (None: it was taken in there).
-    # Scans made at another station before then are its history there, not scans by
-    # the wrong station (``sync.status.reproject``).
-    station_since: Mapped[dt.datetime | None]
+    # The stations an intake moved the parcel away from, oldest first, each with when
+    # it left: ``[{"station_id": 1, "until": "<ISO time>"}]`` (None: never moved). A
+    # scan made at a station while the parcel was there is no wrong station's
+    # (``sync.status.reproject``).
+    earlier_stations: Mapped[list[dict[str, Any]] | None] = mapped_column(Document)
     courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"), index=True)
     # Projected from the scan events (sync.projection); never set by hand.
     status: Mapped[ParcelStatus | None] = mapped_column(str_enum(ParcelStatus, "parcel_status"))

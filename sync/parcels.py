@@ -109,7 +109,7 @@ def intake_parcels(
     ``drafts`` pairs each item with its index in the caller's list so results
     line up with the request. A parcel already known is updated when its data
     changed and reported ``unchanged`` otherwise, so re-sending a file is safe.
-    ``now``: when a parcel given another station moved there (by default, now).
+    ``now``: when a parcel given another station left its old one (by default, now).
     """
     now = now or utcnow()
     lock_parcels(session, (normalize(d.tracking_no) for _, d in drafts))
@@ -290,7 +290,8 @@ def _apply(
     if not changed:
         return IntakeResult(index, tracking_no, IntakeStatus.UNCHANGED, parcel=parcel), [], False
     if "station_id" in changed:
-        changed["station_since"] = now
+        left = {"station_id": parcel.station_id, "until": now.isoformat()}
+        changed["earlier_stations"] = [*(parcel.earlier_stations or []), left]
         if "planned_courier_id" not in changed:
             changed["planned_courier_id"] = None  # planned at the old station
     old_station, old_courier = parcel.station_id, parcel.courier_id

@@ -100,7 +100,7 @@ PARCEL_COLUMNS = (
     Parcel.lon,
     Parcel.recipient_phone,
     Parcel.address,
-    Parcel.station_since,
+    Parcel.earlier_stations,
 )
 _parcels = Parcel.__table__
 
@@ -270,7 +270,9 @@ def reproject(
             continue
         projection = project(facts[tracking_no], station_id=parcel.station_id)
         holders[tracking_no] = projection.holder_courier_id or parcel.planned_courier_id
-        foreign = _scanned_elsewhere(facts[tracking_no], parcel.station_id, parcel.station_since)
+        foreign = _scanned_elsewhere(
+            facts[tracking_no], parcel.station_id, parcel.earlier_stations
+        )
         if foreign:
             outcome.foreign[tracking_no] = (parcel.station_id, sorted(foreign))
             for fact in ordered(
@@ -316,15 +318,21 @@ def reproject(
 
 
 def _scanned_elsewhere(
-    facts: Sequence[EventFact], station_id: int, since: dt.datetime | None
+    facts: Sequence[EventFact], station_id: int, earlier: Sequence[Mapping[str, Any]] | None
 ) -> list[int]:
-    """The events a device of another station recorded while the parcel was at
-    ``station_id`` (there ``since``, or from the start): the wrong station's scans. Those
-    made before an intake moved it there are its history at its old station."""
+    """The events a device of another station recorded than the one the parcel was at
+    then: the wrong station's scans. ``earlier``: the stations an intake moved it away
+    from, oldest first, each with when it left (``Parcel.earlier_stations``); since the
+    last, it has been at ``station_id``."""
+    stays = [(dt.datetime.fromisoformat(s["until"]), s["station_id"]) for s in earlier or ()]
+
+    def station_at(moment: dt.datetime) -> int:
+        return next((station for until, station in stays if moment < until), station_id)
+
     return [
         f.event_id
         for f in facts
-        if f.station_id != station_id and (since is None or f.occurred_at >= since)
+        if f.station_id != station_id and f.station_id != station_at(f.occurred_at)
     ]
 
 

@@ -659,6 +659,31 @@ def test_scans_made_before_a_parcel_moved_station_are_no_wrong_stations(
     assert (flag.station_id, flag.evidence["event_ids"]) == (world.other_station.id, [late])
 
 
+def test_a_scan_by_another_station_while_the_parcel_was_here_is_flagged_after_it_came_back(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """Station B's courier scanned A's parcel (offline) while it was at A. The parcel was
+    then mis-routed to B and routed back to A. When B's PDA pushes that scan, it is a
+    scan by the wrong station made while the parcel was at A: A's manager must see it
+    (as it was before moves were kept), not lose it as 'history at its old station'."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn, occurred_at=at(0))])
+    _move(session, world, parcel, world.other_station, when=at(30))
+    _move(session, world, parcel, world.station, when=at(60))
+    courier_b = factories.user(session, "courier9", "courier", world.other_station)
+    session.commit()
+    pda_b = Pda(session, world)
+    pda_b.pusher = Pusher(world.other_device.id, world.other_station.id, courier_b.id)
+    pda_b.push([pda_b.event(1, tn, "out_for_delivery", occurred_at=at(10))])  # while at A
+    scan_b = session.scalar(
+        select(ScanEvent.id).where(ScanEvent.device_id == world.other_device.id)
+    )
+    flags = session.scalars(select(Flag).where(Flag.kind == "wrong_station")).all()
+    assert [(f.station_id, f.evidence["event_ids"]) for f in flags] == [
+        (world.station.id, [scan_b])
+    ]
+
+
 def test_a_consent_captured_by_a_courier_of_another_station_is_the_parcels_stations(
     session: Session, world: World, parcel: Parcel
 ) -> None:

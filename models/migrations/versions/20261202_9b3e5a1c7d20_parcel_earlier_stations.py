@@ -1,10 +1,11 @@
-"""Parcel station since: when an intake moved a parcel to its station
+"""Parcel earlier stations: where a parcel was before an intake moved it
 
 A parcel re-routed to another station kept the scans its first station made, and
 the next push about it at the new station flagged those as ``wrong_station``: a
 warning in the new station's queue for every re-routed parcel. The parcel now
-keeps when it came to its station; scans made elsewhere before then are its
-history there. Existing parcels get none (taken in where they are).
+keeps the stations it was moved away from, each with when it left (a JSON list);
+a scan made at a station while the parcel was there is its history there. Existing
+parcels get none (never moved, as far as is known).
 
 Revision ID: 9b3e5a1c7d20
 Revises: 64a4089ef286
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "9b3e5a1c7d20"
 down_revision: str | None = "64a4089ef286"
@@ -24,9 +26,14 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("parcel", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("station_since", sa.DateTime(timezone=True)))
+        batch_op.add_column(
+            sa.Column(
+                "earlier_stations",
+                sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            )
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("parcel", schema=None) as batch_op:
-        batch_op.drop_column("station_since")
+        batch_op.drop_column("earlier_stations")

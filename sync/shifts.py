@@ -357,17 +357,22 @@ def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
     with no event moving. Signed off, it then no longer has the balance its manager
     signed off (a provisional one needs a reason): it reopens, naming the shift that
     opened and the seqs missing now. Compared with the seqs missing when it was signed
-    off, a change a push made since (a later seq showing a gap in its seqs) reopens it
-    here too; what the opening cannot change (a rule flag closed since, which reopened
-    nothing then) is left alone."""
+    off (those shown and how many), a change a push made since (a later seq showing a
+    gap in its seqs) reopens it here too; what the opening cannot change (a rule flag
+    closed since, which reopened nothing then) is left alone."""
     from sync.balances import shift_balance
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.SIGNED_OFF or shift.last_seq is not None:
         return
     balance = shift_balance(session=session, shift=shift)
-    signed = shift.signoff_balance or {}
-    if balance.missing_seqs == signed.get("missing_seqs", balance.missing_seqs):
+    # The seqs it owns, as signed off: those shown (the first hundred) and how many.
+    now_missing = {
+        "missing_seqs": balance.missing_seqs,
+        "missing_seq_count": balance.missing_seq_count,
+    }
+    signed = {k: (shift.signoff_balance or {}).get(k, v) for k, v in now_missing.items()}
+    if signed == now_missing:
         return
     reopen_for_late_events(
         session=session,

@@ -1615,3 +1615,28 @@ def test_a_first_seq_inside_the_last_seq_a_predecessor_declared_is_a_conflict(
     with pytest.raises(Conflict) as info:
         pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=10))
     assert info.value.code == "first_seq_used"
+
+
+def test_a_signed_off_shift_whose_gap_the_next_opening_widens_beyond_the_seqs_shown_is_reopened(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A PDA lost a batch (seqs 3 to 149) and its shift, closed without a last seq, was
+    signed off provisional with that reason. The next opening declares first seq 400:
+    seqs 151 to 399 are the signed-off shift's too and still on the PDA, 249 more than
+    the manager signed off. Only the first 100 missing seqs are listed, and those are
+    the same: the count is what changed, and the shift must reopen (d2d1ed2)."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "out_for_delivery")])
+    pda.seq = 149
+    pda.push([pda.event(a, "returned_to_station")])  # seq 150
+    first = pda.close(first)
+    first = sign_off(session, world, first, force_reason="batch 3-149 lost")
+    signed = first.signoff_balance
+    assert (signed["status"], signed["missing_seq_count"]) == ("provisional", 147)
+    pda.open(first_seq=400, now=NOW + dt.timedelta(hours=12))
+    session.refresh(first)
+    balance = shift_balance(session=session, shift=first)
+    assert balance.missing_seq_count == 147 + 249
+    assert balance.missing_seqs == signed["missing_seqs"]  # the 100 shown: unchanged
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)

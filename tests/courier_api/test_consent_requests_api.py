@@ -250,6 +250,58 @@ def test_who_may_ask_and_read(
     assert [r["id"] for r in mine["items"]] == [request["id"]]
 
 
+def test_a_request_whose_parcel_is_taken_in_elsewhere_is_seen_there(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    courier: dict[str, str],
+    parcel: str,
+) -> None:
+    """A courier of ST1 asks about an ST1 parcel: the request is ST1's. ST2 then takes
+    the parcel in (its courier will deliver it): its manager lists and reads the
+    request; ST1's still does (its courier asked); a third station's does not."""
+    request = ask(client, courier, parcel).get_json()
+    third = factories.station(session, code="ST3")
+    factories.user(session, "manager3", "station_manager", third)
+    session.commit()
+    moved = client.post(
+        "/api/v1/parcels",
+        json={
+            "parcels": [
+                {
+                    "tracking_no": parcel,
+                    "service_class": "express",
+                    "recipient_name": "Recipient",
+                    "recipient_phone": "+8613812345678",
+                    "address": "1 Century Ave",
+                    "station": "ST2",
+                }
+            ]
+        },
+        headers=auth.headers("admin"),
+    )
+    assert moved.status_code == 200 and moved.get_json()["counts"]["rejected"] == 0
+
+    def listed(manager: str) -> list[int]:
+        page = client.get(
+            REQUESTS, query_string={"tracking_no": parcel}, headers=auth.headers(manager)
+        )
+        assert page.status_code == 200
+        return [r["id"] for r in page.get_json()["items"]]
+
+    assert listed("manager2") == [request["id"]]  # the parcel's station now
+    assert listed("manager1") == [request["id"]]  # its courier asked
+    assert listed("manager3") == []
+    read = {
+        m: client.get(f"{REQUESTS}/{request['id']}", headers=auth.headers(m)).status_code
+        for m in ("manager1", "manager2", "manager3")
+    }
+    assert read == {"manager1": 200, "manager2": 200, "manager3": 403}
+    mine = client.get(REQUESTS, headers=courier).get_json()
+    assert [r["id"] for r in mine["items"]] == [request["id"]]
+
+
 def test_the_answer_appears_in_the_pdas_pull_feed(committed_app: Flask) -> None:
     """With real commits: on PostgreSQL the feed shows only committed transactions."""
     client, courier, channel, parcel = _committed_world(committed_app)

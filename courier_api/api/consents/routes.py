@@ -304,8 +304,10 @@ class ConsentRequests(MethodView):
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List consent requests
 
-        Oldest first. Couriers see their own requests; managers their station's;
-        admins, auditors and integrations every station's.
+        Oldest first. Couriers see their own requests; managers their station's
+        and those for the parcels their station holds now (a request keeps the
+        station it was asked at when its parcel is taken in elsewhere); admins,
+        auditors and integrations every station's.
         """
         principal = current_principal()
         now = utcnow()
@@ -337,8 +339,9 @@ class ConsentRequestById(MethodView):
         if principal.role == Role.COURIER:
             if request.courier_id != principal.user_id:
                 raise PermissionDenied("another courier's request", code="not_your_request")
-        else:
-            ensure_station_access(request.station_id)
+        elif not principal.can_access_station(request.station_id):
+            # the station holding its parcel now may read it too
+            ensure_station_access(consent_requests.parcel_station(db.session, request))
         return request_view(request, utcnow())
 
 

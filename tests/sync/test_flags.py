@@ -14,6 +14,7 @@ from sync import audit
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
     FlagSubject,
+    RaisedFlag,
     acknowledge_flag,
     close_flag,
     close_flags,
@@ -245,16 +246,21 @@ def test_a_conflict_says_why(session: Session, setup: Setup) -> None:
         resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="x")
 
 
-def test_a_resolved_flag_raised_again_stays_resolved(session: Session, setup: Setup) -> None:
-    f = _resolved(session, setup)
-    raised = raise_flag(
+def _raised_again(session: Session, flag: Flag, station_id: int) -> RaisedFlag:
+    """``flag``'s fault found again, citing event 9, at ``station_id``."""
+    return raise_flag(
         session=session,
-        kind=f.kind,
-        severity=f.severity,
-        subject=FlagSubject("parcel", f.subject_key),
-        station_id=setup.station.id,
+        kind=flag.kind,
+        severity=flag.severity,
+        subject=FlagSubject("parcel", flag.subject_key),
+        station_id=station_id,
         evidence={"event_ids": [9]},
     )
+
+
+def test_a_resolved_flag_raised_again_stays_resolved(session: Session, setup: Setup) -> None:
+    f = _resolved(session, setup)
+    raised = _raised_again(session, f, setup.station.id)
     assert not raised.new and f.status == FlagStatus.RESOLVED
     assert f.evidence["event_ids"] == [1, 9]
 
@@ -265,14 +271,7 @@ def test_the_same_fault_raised_at_another_station_is_that_stations_own_flag(
     """A parcel or a device moves between stations: the flag one station resolved stays
     resolved, and the other station's manager gets the new finding in their queue."""
     f = _resolved(session, setup)
-    raised = raise_flag(
-        session=session,
-        kind=f.kind,
-        severity=f.severity,
-        subject=FlagSubject("parcel", f.subject_key),
-        station_id=setup.other_station.id,
-        evidence={"event_ids": [9]},
-    )
+    raised = _raised_again(session, f, setup.other_station.id)
     session.flush()
     assert raised.new and raised.flag is not f
     assert (raised.flag.station_id, raised.flag.status) == (setup.other_station.id, "open")

@@ -200,14 +200,15 @@ def _raise_stale(
 ) -> tuple[Flag, bool]:
     """Raise (or update) the device's flag; and whether it is newly open."""
     subject = FlagSubject("device", row.device_id)
-    earlier_shift = session.scalar(
-        select(Flag.shift_id).where(
+    earlier = session.execute(
+        select(Flag.shift_id, Flag.evidence).where(
             Flag.kind == STALE_DEVICE,
             Flag.subject_type == subject.type,
             Flag.subject_key == subject.key,
             Flag.station_id == row.station_id,  # the device's flag at this station
         )
-    )
+    ).one_or_none()
+    last_push_at = row.last_push_at.isoformat() if row.last_push_at else None
     result = raise_flag(
         session=session,
         kind=STALE_DEVICE,
@@ -215,7 +216,7 @@ def _raise_stale(
         subject=subject,
         station_id=row.station_id,
         evidence={
-            "last_push_at": row.last_push_at.isoformat() if row.last_push_at else None,
+            "last_push_at": last_push_at,
             "shift_id": row.id,
             "silent_minutes": int((now - heard_at).total_seconds() // 60),
         },
@@ -225,11 +226,18 @@ def _raise_stale(
     flag = result.flag
     if flag.shift_id != row.id:
         flag.shift_id = row.id
-    # One flag per device and station: a manager's resolution of its silence in an
-    # earlier shift does not cover this one.
-    if flag.status == FlagStatus.RESOLVED and earlier_shift not in (None, row.id):
-        reopen_flag(session=session, flag=flag, note=f"silent again, in shift {row.id}")
-        return flag, True
+    # One flag per device and station: a manager's resolution covers the silence it
+    # was made on, not one in a later shift, nor one after the device pushed again
+    # (the flag's last push, from before this raise, is no longer the device's).
+    if flag.status == FlagStatus.RESOLVED and earlier is not None:
+        if earlier.shift_id not in (None, row.id):
+            reopen_flag(session=session, flag=flag, note=f"silent again, in shift {row.id}")
+            return flag, True
+        if (earlier.evidence or {}).get("last_push_at") != last_push_at:
+            reopen_flag(
+                session=session, flag=flag, note=f"silent again since its push at {last_push_at}"
+            )
+            return flag, True
     return flag, result.new
 
 

@@ -288,6 +288,35 @@ def test_a_resolved_stale_device_flag_opens_again_in_the_next_shift(
     assert flag.evidence["shift_id"] == second.id
 
 
+def test_a_resolved_stale_device_flag_opens_again_when_the_device_falls_silent_again(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The manager resolved one silence; the device pushed, then went silent again
+    hours later in the same shift: that is a new silence, and the station must see it."""
+    [tn] = [factories.parcel(session, world.station).tracking_no]
+    pda.open()
+    sweep(session, sweeps.stale_device, OPENED + minutes(50))
+    [flag] = flags_of(session, "stale_device")
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="dead zone")
+    session.commit()
+
+    back = OPENED + minutes(60)
+    pda.push([pda.event(tn)], at=back)
+    assert sweep(session, sweeps.stale_device, back + minutes(5))["stale_devices"] == []
+    assert flags_of(session, "stale_device")[0].status == FlagStatus.RESOLVED
+
+    detail = sweep(session, sweeps.stale_device, back + minutes(120))
+
+    [flag] = flags_of(session, "stale_device")
+    assert detail["flags_raised"] == [flag.id]
+    assert flag.status == FlagStatus.OPEN
+    assert flag.evidence["last_push_at"] == back.isoformat()
+    again = sweep(session, sweeps.stale_device, back + minutes(125))  # the same silence
+    assert again["flags_raised"] == [] and flags_of(session, "stale_device")[0].status == (
+        FlagStatus.OPEN
+    )
+
+
 # -- blob_missing_at_handover ---------------------------------------------------------------------
 
 

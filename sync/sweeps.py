@@ -255,8 +255,10 @@ def blob_missing_at_handover(
     images the server still lacks: flag ``blob_missing_at_handover`` (subject: the
     shift), listing the images and events; the flag closes once every image arrived.
 
-    Deliveries voided by a correction do not count. Shifts are found by their
-    planned end (indexed) within ``blob_missing_lookback``.
+    Deliveries voided by a correction do not count, nor, for the grace, those that
+    arrived after the handover (a PDA offline at the close): their images may be on
+    their way, and the shift's flag is left as it is meanwhile. Shifts are found by
+    their planned end (indexed) within ``blob_missing_lookback``.
     """
     handed_over = select(Shift.id, Shift.station_id, Shift.courier_id).where(
         Shift.status.in_((ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)),
@@ -266,11 +268,14 @@ def blob_missing_at_handover(
     checked, raised, closed, missing_count = 0, [], [], 0
     for shifts in _row_batches(session, handed_over, Shift.id, settings.batch_size):
         checked += len(shifts)
-        missing = _missing_images(session, [s.id for s in shifts])
+        missing, pending = _missing_images(
+            session, [s.id for s in shifts], arrived_before=now - settings.blob_missing_grace
+        )
         complete = []
         for shift in shifts:
             if shift.id not in missing:
-                complete.append(FlagSubject("shift", str(shift.id)))
+                if shift.id not in pending:
+                    complete.append(FlagSubject("shift", str(shift.id)))
                 continue
             digests, event_ids = missing[shift.id]
             missing_count += len(digests)
@@ -308,20 +313,26 @@ def blob_missing_at_handover(
 
 
 def _missing_images(
-    session: Session, shift_ids: Sequence[int]
-) -> dict[int, tuple[set[str], set[int]]]:
-    """``{shift id: (missing digests, event ids naming them)}`` for these shifts."""
+    session: Session, shift_ids: Sequence[int], *, arrived_before: dt.datetime
+) -> tuple[dict[int, tuple[set[str], set[int]]], set[int]]:
+    """``{shift id: (missing digests, event ids naming them)}`` for these shifts, of
+    events that arrived before ``arrived_before``; and the shifts whose only missing
+    images are named by events that arrived since (still within their grace)."""
     voided = voided_in_sql(ScanEvent)
     missing: dict[int, tuple[set[str], set[int]]] = defaultdict(lambda: (set(), set()))
-    for shift_id, event_id, digest in session.execute(
-        select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256)
+    pending: set[int] = set()
+    for shift_id, event_id, digest, received_at in session.execute(
+        select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256, ScanEvent.received_at)
         .join(ScanEvent, ScanEvent.id == ProofImage.event_id)
         .outerjoin(Blob, Blob.sha256 == ProofImage.sha256)
         .where(ScanEvent.shift_id.in_(shift_ids), Blob.sha256.is_(None), ~voided)
     ):
+        if received_at > arrived_before:
+            pending.add(shift_id)
+            continue
         missing[shift_id][0].add(digest)
         missing[shift_id][1].add(event_id)
-    return dict(missing)
+    return dict(missing), pending - set(missing)
 
 
 # -- consents ---------------------------------------------------------------------------------

@@ -399,6 +399,34 @@ def test_images_of_a_voided_delivery_and_of_old_handovers_are_not_asked_for(
     assert old["shifts_checked"] == 0
 
 
+def test_images_of_a_delivery_pushed_after_the_handover_get_their_grace_too(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The PDA was offline at the handover: its last delivery arrives hours after the
+    close, and its photo is not missing until the grace has passed since then."""
+    photo, _ = image((30, 60, 90))
+    [tn] = [factories.parcel(session, world.station).tracking_no]
+    shift = pda.open()
+    pda.push([pda.event(tn)], at=OPENED + minutes(5))
+    late = pda.event(tn, "delivered", pod={"recipient_name": "Zhao", "photo_sha256": photo})
+    pda.close(shift, at=NOW)
+    pushed = NOW + dt.timedelta(hours=3)
+    pda.push([late], at=pushed)
+    assert session.scalar(select(ScanEvent.shift_id).where(ScanEvent.type == "delivered")) == (
+        shift.id
+    )
+
+    early = sweep(session, sweeps.blob_missing_at_handover, pushed + minutes(2))
+
+    assert (early["shifts_checked"], early["missing_blobs"]) == (1, 0)
+    assert flags_of(session, "blob_missing_at_handover") == []
+
+    still = sweep(session, sweeps.blob_missing_at_handover, pushed + minutes(61))
+
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    assert still["flags_raised"] == [flag.id] and flag.evidence["blobs"] == [photo]
+
+
 def record_blob(
     session: Session,
     digest: str,

@@ -288,10 +288,14 @@ class JobScheduler:
     # and the next turn tries again.
 
     def scheduled_run(self, name: str) -> None:
+        """A turn whose run could not even be recorded (the database unreachable, or
+        locked past its timeout) leaves no run row: it is counted as failed, so the
+        metric tells what the record cannot."""
         try:
             self.run(name)
         except Exception:
             log.exception("scheduler could not run %s", name)
+            metrics.job_run(name, FAILED)
 
     def scheduled_renewal(self) -> None:
         try:

@@ -198,6 +198,28 @@ def test_scheduler_job_runs_by_job_and_outcome(
     assert metrics.moved(runs, job="shift_not_closed", outcome="failed") == 1
 
 
+def test_a_scheduled_run_that_could_not_reach_the_database_is_counted_failed(
+    metered: Flask, tmp_path: Any
+) -> None:
+    """The run could not even be recorded (the database is down, or SQLite stayed
+    locked): no run row says so, so the metric must, or an alert on failed runs never
+    fires while every sweep is skipped."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from courier_api.scheduler import job_scheduler_for
+
+    metrics = Metrics(metered.test_client())
+    runner = job_scheduler_for(metered, ["stale_device"])
+    unreachable = create_engine(f"sqlite:///{tmp_path / 'no-such-dir' / 'db.sqlite'}")
+    runner.sessions = sessionmaker(bind=unreachable)
+
+    runner.scheduled_run("stale_device")  # logs, never raises: the scheduler goes on
+
+    runs = "courier_scheduler_job_runs_total"
+    assert metrics.moved(runs, job="stale_device", outcome="failed") == 1
+
+
 def test_sign_ins_by_outcome(metered: Flask) -> None:
     client = metered.test_client()
     metrics = Metrics(client)

@@ -332,6 +332,9 @@ def update_subscription(
 ) -> WebhookSubscription:
     """Change what is given (``station_id=None``: every station).
 
+    A new station or fewer topics: pending deliveries of messages the subscription no
+    longer covers are deleted (see ``_drop_uncovered``).
+
     ``active: true`` on a subscription the worker disabled enables it again: its
     failure count starts over, its flag is closed, and its waiting deliveries are due
     at once (not after the backoff they had reached).
@@ -357,6 +360,10 @@ def update_subscription(
         changed["active"] = active
     session.flush()
     forget_subscriptions(session)
+    if "station_id" in changed or "topics" in changed:
+        dropped = _drop_uncovered(session, subscription)
+        if dropped:
+            changed["dropped_deliveries"] = dropped
     if changed:
         audit.append(
             session=session,
@@ -388,6 +395,32 @@ def _enable_again(session: Session, subscription: WebhookSubscription, now: dt.d
         )
         .values(next_attempt_at=now)
     )
+
+
+def _drop_uncovered(session: Session, subscription: WebhookSubscription) -> int:
+    """Delete the subscription's pending deliveries of messages it no longer covers
+    (another station's, or of a topic it dropped): after a move, its receiver is
+    another station's system, which must not get this one's recipients. Deleted rather
+    than made dead, which a replay would send. How many were deleted."""
+    messages = OutboxMessage.__table__
+    uncovered = ~DELIVERY.c.topic.in_(subscription.topics)
+    if subscription.station_id is not None:
+        other_station = exists().where(
+            messages.c.id == DELIVERY.c.message_id,
+            or_(
+                messages.c.station_id.is_(None),
+                messages.c.station_id != subscription.station_id,
+            ),
+        )
+        uncovered = or_(uncovered, other_station)
+    deleted = session.execute(
+        delete(DELIVERY).where(
+            DELIVERY.c.subscription_id == subscription.id,
+            DELIVERY.c.status == DeliveryStatus.PENDING.value,
+            uncovered,
+        )
+    ).rowcount
+    return int(deleted or 0)
 
 
 def _topics(topics: Iterable[str]) -> list[str]:

@@ -514,6 +514,39 @@ def test_announce_respects_the_station_and_topic_filters(
     assert here_body["station_id"] == world.station.id
 
 
+def test_a_subscription_moved_to_another_station_or_topic_gets_no_waiting_message_it_left(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    """The receiver is down while its subscription is moved from one station to
+    another (or drops a topic): what waits for it from the old station (recipients'
+    phones, pickup codes) or of the old topic must not reach it afterwards."""
+    sub = subscribe(
+        sessions,
+        receiver.url,
+        topics=("parcel.in_locker", "flag.raised"),
+        station_id=world.station.id,
+    )
+    announce(sessions, "RR000000001GB", station_id=world.station.id)
+    announce(sessions, "RR000000002GB", topic="flag.raised", station_id=world.station.id)
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=session.get(WebhookSubscription, sub.id),
+            production=False,
+            now=T0,
+            station_id=world.other_station.id,
+            topics=["parcel.in_locker"],
+        )
+    kept = announce(sessions, "RR000000003GB", station_id=world.other_station.id)
+    assert kept is not None
+
+    deliver(sessions, sender, T0)
+
+    received = [json.loads(body) for body in receiver.messages.values()]
+    assert [m["id"] for m in received] == [str(kept.id)]
+    assert {m["station_id"] for m in received} == {world.other_station.id}
+
+
 def test_a_subscription_made_in_the_same_transaction_gets_the_next_announcement(
     sessions: sessionmaker[Session], receiver: Receiver
 ) -> None:

@@ -226,7 +226,9 @@ class SubscriptionById(MethodView):
         failures, nothing is lost meanwhile (its messages wait);
         `active: true` enables it again: its failure count starts over, its flag is
         closed and its waiting messages are sent at once. Pending messages go to the
-        new `url`. Admins only.
+        new `url`; those it no longer covers after a change of `station_id` or
+        `topics` (another station's, or of a topic it dropped) are deleted, never
+        sent. Admins only.
         """
         subscription = webhooks.get_subscription(
             session=db.session, subscription_id=subscription_id

@@ -998,15 +998,18 @@ def deliver_due(
     limit: int = 100,
     rng: random.Random | None = None,
     stop: threading.Event | None = None,
+    due_at: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Send up to ``limit`` deliveries due at ``now``, each once, and record how it went.
+    """Send up to ``limit`` deliveries due at ``due_at`` (default ``now``), each once, and
+    record how it went.
 
     Claims are taken ``CLAIM_BATCH`` at a time; after one delivery of a key is
     delivered, the next of that key may go in the same call. What fails is due again
     only after its backoff, so never twice in one call. Attempts are stamped ``now``
     plus the time this call has taken. ``rng``: the jitter's random numbers (tests pass
     a seeded one). ``stop``: once set, the claims not yet sent are given back and the
-    call returns.
+    call returns. ``due_at``: a drain's start, so that what failed during the drain is
+    not due again, while ``now`` (what signs and claims) is the time of this call.
 
     Returns the counts: ``claimed``, ``delivered``, ``failed`` (to be retried),
     ``dead``, ``stale`` (see ``record_attempt``), and ``disabled``: the ids of the
@@ -1029,7 +1032,7 @@ def deliver_due(
     while stats["claimed"] < limit and not (stop and stop.is_set()):
         batch = claim_due(
             sessions=sessions,
-            due_at=now,
+            due_at=due_at or now,
             now=clock(),
             settings=settings,
             worker_id=worker_id,
@@ -1135,10 +1138,11 @@ class DeliveryLoop:
         self.stop_event = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def run_once(self, now: dt.datetime | None = None) -> dict[str, Any]:
+    def run_once(self, due_at: dt.datetime | None = None) -> dict[str, Any]:
         return deliver_due(
             sessions=self.sessions,
-            now=now or self.clock(),
+            now=self.clock(),
+            due_at=due_at,
             settings=self.settings,
             sender=self.sender,
             worker_id=self.worker_id,
@@ -1147,11 +1151,14 @@ class DeliveryLoop:
         )
 
     def drain(self) -> dict[str, Any]:
-        """Send everything due now, each delivery once (``deliver --once``)."""
-        now = self.clock()
+        """Send everything due now, each delivery once (``deliver --once``).
+
+        What is due is fixed at the start; each round signs and claims at its own time
+        (a backlog may take longer than a receiver's 5-minute tolerance)."""
+        started = self.clock()
         total: dict[str, Any] = {}
         while not self.stop_event.is_set():
-            stats = self.run_once(now)
+            stats = self.run_once(started)
             for key, value in stats.items():
                 total[key] = total.get(key, type(value)()) + value
             if stats["claimed"] < self.limit:

@@ -830,6 +830,51 @@ def test_a_stopping_worker_gives_back_the_claims_it_did_not_send(
     assert all(d.claimed_by is None and d.claimed_until is None for d in rows)
 
 
+def test_deliver_once_on_a_backlog_signs_each_request_with_the_time_it_is_sent(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``deliver --once`` drains a backlog in several rounds of ``limit``; one that
+    lasts longer than a receiver's tolerance (5 minutes) must still sign, and claim,
+    with the time of each send, not with the time the drain started."""
+    elapsed = [0.0]  # seconds since T0, on the worker's clock and its monotonic one
+    monkeypatch.setattr(webhooks, "time", type("Clock", (), {"monotonic": lambda: elapsed[0]}))
+    sub = subscribe(sessions, "http://127.0.0.1:9/hook")
+    for n in range(3):
+        announce(sessions, f"RR00000000{n}GB")
+    verified: list[bool] = []
+    claimed_until: list[dt.datetime] = []
+
+    class SlowReceiver:
+        """Verifies as a receiver does; each answer takes 200 seconds."""
+
+        def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+            sent_at = T0 + dt.timedelta(seconds=elapsed[0])
+            header = headers[webhooks.SIGNATURE_HEADER]
+            verified.append(webhooks.verify(sub.secret, header, body, now=sent_at))
+            claimed_until.extend(
+                d.claimed_until for d in stored(sessions) if d.claimed_until is not None
+            )
+            elapsed[0] += 200
+            return SendResult(status_code=204)
+
+        def close(self) -> None:
+            pass
+
+    loop = webhooks.DeliveryLoop(
+        sessions=sessions,
+        settings=SETTINGS,
+        sender=SlowReceiver(),
+        worker_id="once",
+        clock=lambda: T0 + dt.timedelta(seconds=elapsed[0]),
+        limit=1,
+    )
+
+    assert loop.drain()["delivered"] == 3
+    assert verified == [True, True, True]
+    # Each claim outlasts its send on the clock other workers read: none takes it over.
+    assert [until > at(200 * n) for n, until in enumerate(claimed_until)] == [True] * 3
+
+
 def test_admin_replay_and_purge(sessions: sessionmaker[Session], receiver: Receiver) -> None:
     subscribe(sessions, receiver.url)
     kept = announce(sessions, "RR000000001GB", now=at(10))

@@ -354,6 +354,7 @@ def capture(session: Session, events: Iterable[dict[str, Any]]) -> list[Consent]
             device_id=row["device_id"],
             seq=row["seq"],
             created_by=row["courier_id"],
+            created_at=row["received_at"],  # recorded with its push (``granted_before``)
         )
         session.add(consent)
         captured.append(consent)

@@ -234,17 +234,17 @@ def covers(consent: ConsentFact, drop: EventDetail) -> bool:
 def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> bool:
     """Granted before the drop. A consent captured on the drop's own PDA is ordered by
     sequence number, not by time: a higher seq stamped earlier is a backdated consent.
-    One from a recipient channel must also have been recorded by the drop (with the
-    policy's grace): its ``granted_at`` is the sender's word."""
+    Any other must also have been recorded by the drop (with the policy's grace): the
+    ``granted_at`` of a recipient channel is the sender's word, and that of another
+    PDA its clock's, which no seq ties to the drop's (set back to capture and put right
+    before the push, it shows no offset)."""
     if consent.device_id == drop.fact.device_id and consent.seq is not None:
         return consent.seq < drop.fact.seq
     at = drop.fact.occurred_at
     if consent.granted_at > at:
         return False
     return (
-        consent.device_id is not None
-        or consent.recorded_at is None
-        or consent.recorded_at <= at + policy.consent_recording_grace
+        consent.recorded_at is None or consent.recorded_at <= at + policy.consent_recording_grace
     )
 
 

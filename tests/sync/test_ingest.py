@@ -775,6 +775,38 @@ def test_a_rejected_event_between_the_drop_and_the_backdated_consent_hides_nothi
     assert inversion.evidence["device_seqs"] == ["PDA-0001#2", "PDA-0001#4"]
 
 
+@pytest.mark.parametrize(
+    ("pushed_after", "flagged"),
+    [(dt.timedelta(minutes=30), set()), (dt.timedelta(hours=3), {"consent_after_drop"})],
+    ids=["pushed soon", "pushed hours later"],
+)
+def test_a_consent_captured_on_another_pda_is_only_its_clocks_word(
+    session: Session,
+    world: World,
+    pda: Pda,
+    parcel: Parcel,
+    pushed_after: dt.timedelta,
+    flagged: set[str],
+) -> None:
+    """The courier drops the parcel (10:00) and, hours later, records a consent on a
+    spare PDA whose clock was set back to 09:50 for it and put right before its push:
+    no seq orders it against the drop, and the push measures no offset. Like a
+    channel's, its time counts only if it reached the server within the grace."""
+    tn = parcel.tracking_no
+    drop_at = at(60)
+    pda.push([pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 2, tn, drop_at)])
+    spare = Pda(session, world)
+    spare.pusher = Pusher(
+        factories.device(session, "PDA-0003", world.station).id,
+        world.station.id,
+        world.courier.id,
+    )
+    session.commit()
+    spare.push([consent_in_person(spare, 1, tn, at(50))], received_at=drop_at + pushed_after)
+    active = select(Flag.kind).where(Flag.subject_key == tn, Flag.status != FlagStatus.CLOSED)
+    assert set(session.scalars(active)) == flagged
+
+
 def test_a_reused_id_answered_with_a_rejection_does_not_make_neighbours_of_its_own_seqs(
     session: Session, pda: Pda, world: World
 ) -> None:

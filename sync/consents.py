@@ -34,7 +34,7 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
-from sync.rules import ConsentFact
+from sync.rules import ConsentFact, held_at_station
 from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
 
@@ -256,8 +256,9 @@ def covered_parcels(session: Session, consent: Consent) -> list[str]:
 
 def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[ConsentFact]]:
     """The consents that could apply to each parcel (rows with tracking_no, station_id,
-    recipient_phone, address), oldest first: its own, and standing ones for its
-    recipient's phone and address, at its station or at every station. One statement
+    recipient_phone, address, earlier_stations), oldest first: its own, and standing
+    ones for its recipient's phone and address, at every station or at one it has been
+    at (then holding only while it was there: ``_stays``). One statement
     per chunk of parcels (``CONSENTS_OF_PARCELS``)."""
     found: dict[str, list[ConsentFact]] = defaultdict(list)
     for chunk in chunks(list(parcels), IN_CHUNK // 2):  # up to two parameters a parcel
@@ -276,11 +277,31 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
                     found[consent.tracking_no].append(_fact(consent))
                 continue
             for parcel in by_recipient.get((consent.recipient_phone, consent.address_key), ()):
-                if consent.station_id in (None, parcel.station_id):
+                if consent.station_id is None:
                     found[parcel.tracking_no].append(_fact(consent))
+                elif stays := _stays(parcel).get(consent.station_id):
+                    found[parcel.tracking_no].append(_fact(consent, at_station=tuple(stays)))
     for facts in found.values():
         facts.sort(key=lambda fact: fact.id)
     return _without_voided(session, found)
+
+
+Stay = tuple[dt.datetime | None, dt.datetime | None]
+
+
+def _stays(parcel: Any) -> dict[int, list[Stay]]:
+    """When the parcel was at each station it has been at (``[from, until)``, None an
+    open end): ``Parcel.earlier_stations`` (oldest first, each with when it left), then
+    its station since. A drop is judged by the standing consents of the station the
+    parcel was at then (``sync.rules.held_at_station``)."""
+    stays: dict[int, list[Stay]] = defaultdict(list)
+    since: dt.datetime | None = None
+    for stay in parcel.earlier_stations or ():
+        until = dt.datetime.fromisoformat(stay["until"])
+        stays[stay["station_id"]].append((since, until))
+        since = until
+    stays[parcel.station_id].append((since, None))
+    return stays
 
 
 def _without_voided(
@@ -309,8 +330,9 @@ _CAPTURE = aliased(ScanEvent, name="capture")
 _VOIDED = exists().where(_CAPTURE.id == Consent.event_id, voided_in_sql(_CAPTURE))
 
 
-def _fact(consent: Row[Any]) -> ConsentFact:
-    """A consent (a plain row of ``FACT_COLUMNS``) as the rules judge it."""
+def _fact(consent: Row[Any], at_station: tuple[Stay, ...] | None = None) -> ConsentFact:
+    """A consent (a plain row of ``FACT_COLUMNS``) as the rules judge it;
+    ``at_station``: for one limited to a station, when the parcel was there."""
     return ConsentFact(
         id=consent.id,
         method=consent.method,
@@ -321,6 +343,7 @@ def _fact(consent: Row[Any]) -> ConsentFact:
         device_id=consent.device_id,
         seq=consent.seq,
         recorded_at=consent.created_at,
+        at_station=at_station,
     )
 
 
@@ -373,6 +396,7 @@ def in_force(
             if c.granted_at <= at
             and (c.revoked_at is None or c.revoked_at > at)
             and (c.expires_at is None or c.expires_at > at)
+            and held_at_station(c, at)
         ]
         for tracking_no, facts in consents_for(session, parcels).items()
     }

@@ -81,6 +81,9 @@ class ConsentFact:
     device_id: str | None = None
     seq: int | None = None
     recorded_at: dt.datetime | None = None  # when the server stored it
+    # A standing consent limited to one station: when the parcel was at that station
+    # (``[from, until)``, None an open end). None: no limit.
+    at_station: tuple[tuple[dt.datetime | None, dt.datetime | None], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -223,9 +226,12 @@ def _drops(
 
 
 def covers(consent: ConsentFact, drop: EventDetail) -> bool:
-    """The consent's method, and its point when it names one, fit this drop."""
+    """The consent's method, and its point when it names one, fit this drop, and it held
+    at the station the parcel was at then."""
     method = DROPS[drop.fact.type]
-    if consent.method not in (ConsentMethod.ANY, method):
+    if consent.method not in (ConsentMethod.ANY, method) or not held_at_station(
+        consent, drop.fact.occurred_at
+    ):
         return False
     point = drop.details.get("locker_id") or drop.details.get("point_id")
     return consent.point_id is None or consent.point_id == point
@@ -245,6 +251,17 @@ def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> b
         return False
     return (
         consent.recorded_at is None or consent.recorded_at <= at + policy.consent_recording_grace
+    )
+
+
+def held_at_station(consent: ConsentFact, at: dt.datetime) -> bool:
+    """Whether the parcel was at the station the consent is limited to at ``at``: a
+    parcel re-routed after a drop keeps the drop judged by its station then."""
+    if consent.at_station is None:
+        return True
+    return any(
+        (since is None or since <= at) and (until is None or at < until)
+        for since, until in consent.at_station
     )
 
 

@@ -24,12 +24,16 @@ from models import (
     QuarantinedEvent,
     ScanEvent,
 )
+from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import ingest as ingest_module
+from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.errors import Conflict
 from sync.events import EventRules
 from sync.flags import flag_changes, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels, parcel_timeline
+from sync.rules import Policy
+from sync.status import rejudge_for_consent
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 from tests.conftest import World
@@ -1116,6 +1120,63 @@ def _move(
     )
     assert result.status == "updated", result.error
     session.commit()
+
+
+@pytest.mark.parametrize(
+    ("limited_to", "flagged"),
+    [("station", set()), ("other_station", {"unauthorized_locker_drop"})],
+    ids=["consent at the drop's station", "consent at the next station"],
+)
+def test_a_standing_consent_of_one_station_is_judged_where_the_parcel_was_at_the_drop(
+    session: Session, world: World, pda: Pda, parcel: Parcel, limited_to: str, flagged: set[str]
+) -> None:
+    """The recipient agreed to locker drops at one station only. The parcel is dropped
+    at station A, then re-routed to B (same recipient): the drop is judged by what held
+    at A when it was made, not by the station the parcel is at now."""
+    tn = parcel.tracking_no
+    consent = grant(
+        session=session,
+        draft=ConsentDraft(
+            scope=ConsentScope.STANDING,
+            method=ConsentMethod.LOCKER,
+            channel=ConsentChannel.APP,
+            granted_at=at(0),
+            recipient_phone=parcel.recipient_phone,
+            address=parcel.address,
+            station_id=getattr(world, limited_to).id,
+        ),
+        rules=ConsentRules(tracking=POLICY, phone_region="CN"),
+        created_by=world.integration.id,
+        now=at(1),
+    )
+    rejudge_for_consent(session=session, consent=consent, policy=Policy())
+    session.commit()
+    pda.push([pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 2, tn, at(60))])
+    active = select(Flag.kind).where(Flag.subject_key == tn, Flag.status != FlagStatus.CLOSED)
+    assert set(session.scalars(active)) == flagged
+
+    (moved,) = intake_parcels(
+        session=session,
+        drafts=[
+            (
+                0,
+                ParcelDraft(
+                    tn,
+                    "express",
+                    parcel.recipient_name,
+                    parcel.address,
+                    recipient_phone=parcel.recipient_phone,
+                    station=world.other_station.code,
+                ),
+            )
+        ],
+        rules=IntakeRules(tracking=POLICY, phone_region="CN"),
+        scope=IntakeScope(default_station_id=None, allowed_station_ids=None),
+        now=NOW,
+    )
+    assert moved.status == "updated", moved.error
+    session.commit()
+    assert set(session.scalars(active)) == flagged
 
 
 def test_a_violation_at_the_station_a_parcel_moved_to_is_that_stations_own_flag(

@@ -34,7 +34,7 @@ from models import (
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
-from sync.rules import ConsentFact, held_at_station
+from sync.rules import ConsentFact, Stay, held_at_station, parcel_stays
 from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
 
@@ -258,7 +258,7 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
     """The consents that could apply to each parcel (rows with tracking_no, station_id,
     recipient_phone, address, earlier_stations), oldest first: its own, and standing
     ones for its recipient's phone and address, at every station or at one it has been
-    at (then holding only while it was there: ``_stays``). One statement
+    at (then holding only while it was there: ``sync.rules.parcel_stays``). One statement
     per chunk of parcels (``CONSENTS_OF_PARCELS``)."""
     found: dict[str, list[ConsentFact]] = defaultdict(list)
     for chunk in chunks(list(parcels), IN_CHUNK // 2):  # up to two parameters a parcel
@@ -279,29 +279,13 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
             for parcel in by_recipient.get((consent.recipient_phone, consent.address_key), ()):
                 if consent.station_id is None:
                     found[parcel.tracking_no].append(_fact(consent))
-                elif stays := _stays(parcel).get(consent.station_id):
+                elif stays := parcel_stays(parcel.station_id, parcel.earlier_stations).get(
+                    consent.station_id
+                ):
                     found[parcel.tracking_no].append(_fact(consent, at_station=tuple(stays)))
     for facts in found.values():
         facts.sort(key=lambda fact: fact.id)
     return _without_voided(session, found)
-
-
-Stay = tuple[dt.datetime | None, dt.datetime | None]
-
-
-def _stays(parcel: Any) -> dict[int, list[Stay]]:
-    """When the parcel was at each station it has been at (``[from, until)``, None an
-    open end): ``Parcel.earlier_stations`` (oldest first, each with when it left), then
-    its station since. A drop is judged by the standing consents of the station the
-    parcel was at then (``sync.rules.held_at_station``)."""
-    stays: dict[int, list[Stay]] = defaultdict(list)
-    since: dt.datetime | None = None
-    for stay in parcel.earlier_stations or ():
-        until = dt.datetime.fromisoformat(stay["until"])
-        stays[stay["station_id"]].append((since, until))
-        since = until
-    stays[parcel.station_id].append((since, None))
-    return stays
 
 
 def _without_voided(

@@ -83,7 +83,7 @@ class ConsentFact:
     recorded_at: dt.datetime | None = None  # when the server stored it
     # A standing consent limited to one station: when the parcel was at that station
     # (``[from, until)``, None an open end). None: no limit.
-    at_station: tuple[tuple[dt.datetime | None, dt.datetime | None], ...] | None = None
+    at_station: tuple[Stay, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -257,11 +257,32 @@ def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> b
 def held_at_station(consent: ConsentFact, at: dt.datetime) -> bool:
     """Whether the parcel was at the station the consent is limited to at ``at``: a
     parcel re-routed after a drop keeps the drop judged by its station then."""
-    if consent.at_station is None:
-        return True
+    return consent.at_station is None or within(consent.at_station, at)
+
+
+# When a parcel was at a station: ``[from, until)``, None an open end.
+Stay = tuple[dt.datetime | None, dt.datetime | None]
+
+
+def parcel_stays(
+    station_id: int, earlier: Sequence[Mapping[str, Any]] | None
+) -> dict[int, list[Stay]]:
+    """When the parcel was at each station it has been at: ``earlier`` (its
+    ``earlier_stations``: the stations an intake moved it away from, oldest first, each
+    with when it left), then ``station_id`` since."""
+    stays: dict[int, list[Stay]] = {}
+    since: dt.datetime | None = None
+    for stay in earlier or ():
+        until = dt.datetime.fromisoformat(stay["until"])
+        stays.setdefault(stay["station_id"], []).append((since, until))
+        since = until
+    stays.setdefault(station_id, []).append((since, None))
+    return stays
+
+
+def within(stays: Sequence[Stay], at: dt.datetime) -> bool:
     return any(
-        (since is None or since <= at) and (until is None or at < until)
-        for since, until in consent.at_station
+        (since is None or since <= at) and (until is None or at < until) for since, until in stays
     )
 
 

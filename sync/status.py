@@ -52,6 +52,8 @@ from sync.rules import (
     cited_events,
     consents_matter,
     evaluate,
+    parcel_stays,
+    within,
 )
 from sync.sql import (
     Prebuilt,
@@ -321,18 +323,13 @@ def _scanned_elsewhere(
     facts: Sequence[EventFact], station_id: int, earlier: Sequence[Mapping[str, Any]] | None
 ) -> list[int]:
     """The events a device of another station recorded than the one the parcel was at
-    then: the wrong station's scans. ``earlier``: the stations an intake moved it away
-    from, oldest first, each with when it left (``Parcel.earlier_stations``); since the
-    last, it has been at ``station_id``."""
-    stays = [(dt.datetime.fromisoformat(s["until"]), s["station_id"]) for s in earlier or ()]
-
-    def station_at(moment: dt.datetime) -> int:
-        return next((station for until, station in stays if moment < until), station_id)
-
+    then: the wrong station's scans (``earlier``: ``Parcel.earlier_stations``; since the
+    last of them it has been at ``station_id``)."""
+    stays = parcel_stays(station_id, earlier)
     return [
         f.event_id
         for f in facts
-        if f.station_id != station_id and f.station_id != station_at(f.occurred_at)
+        if f.station_id != station_id and not within(stays.get(f.station_id, ()), f.occurred_at)
     ]
 
 

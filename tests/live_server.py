@@ -495,7 +495,8 @@ class Ledger:
             assert [tuple(row) for row in check] == [("ok",)], context
         total = sum(len(body["events"]) for bodies in pushed.values() for body in bodies)
         with self.engine.connect() as conn:
-            assert conn.scalar(select(func.count()).select_from(ScanEvent)) == total, context
+            stored = conn.scalar(select(func.count()).select_from(ScanEvent))
+            assert stored == total, f"{stored} events stored of {total}; {context}"
             quarantined = conn.scalar(select(func.count()).select_from(QuarantinedEvent))
             assert quarantined == 0, context
             for device, bodies in pushed.items():

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -374,20 +374,6 @@ def get_request(*, session: Session, request_id: int) -> ConsentRequest:
     return request
 
 
-def parcel_station(session: Session, request: ConsentRequest) -> int | None:
-    """The station that holds the request's parcel now (``None``: no such parcel).
-
-    A request keeps the station it was asked at; the parcel may then be taken in at
-    another station, whose courier will deliver it and whose manager must see what the
-    recipient was asked and answered. Read when asked rather than moved at intake, as
-    for consents (``sync.consents.parcel_station``): an intake updating these rows
-    would lock them against an answer or a cancellation running the other way.
-    """
-    return session.scalar(
-        select(Parcel.station_id).where(Parcel.tracking_no == request.tracking_no)
-    )
-
-
 def _locked(session: Session, request_id: int) -> ConsentRequest:
     """The request's row, locked and re-read: two answers at once take turns."""
     request = session.scalar(
@@ -412,16 +398,14 @@ def list_requests(
     limit: int = 100,
 ) -> Sequence[ConsentRequest]:
     """Oldest first from ``after_id``. ``station_id`` also returns the requests for
-    parcels the station holds now (``parcel_station``)."""
+    parcels the station holds now (``sync.consents.held_at``): a request keeps the
+    station it was asked at, read rather than moved at intake, as for consents."""
     query = select(ConsentRequest).where(ConsentRequest.id > after_id)
     if station_id is not None:
         query = query.where(
             or_(
                 ConsentRequest.station_id == station_id,
-                exists().where(
-                    Parcel.tracking_no == ConsentRequest.tracking_no,
-                    Parcel.station_id == station_id,
-                ),
+                consents.held_at(ConsentRequest.tracking_no, station_id),
             )
         )
     if courier_id is not None:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, exists, or_, select
+from sqlalchemy import ColumnElement, Row, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -204,9 +204,7 @@ def list_consents(
             or_(
                 Consent.station_id == station_id,
                 Consent.station_id.is_(None),
-                exists().where(
-                    Parcel.tracking_no == Consent.tracking_no, Parcel.station_id == station_id
-                ),
+                held_at(Consent.tracking_no, station_id),
             )
         )
     if tracking_no:
@@ -235,9 +233,17 @@ def parcel_station(session: Session, consent: Consent) -> int | None:
     """
     if consent.scope != ConsentScope.PARCEL or not consent.tracking_no:
         return None
-    return session.scalar(
-        select(Parcel.station_id).where(Parcel.tracking_no == consent.tracking_no)
-    )
+    return station_holding(session, consent.tracking_no)
+
+
+def station_holding(session: Session, tracking_no: str) -> int | None:
+    """The station that holds the parcel now (``None``: not taken in)."""
+    return session.scalar(select(Parcel.station_id).where(Parcel.tracking_no == tracking_no))
+
+
+def held_at(tracking_no: Any, station_id: int) -> ColumnElement[bool]:
+    """SQL: the parcel of ``tracking_no`` (a column) is held at ``station_id`` now."""
+    return exists().where(Parcel.tracking_no == tracking_no, Parcel.station_id == station_id)
 
 
 def covered_parcels(session: Session, consent: Consent) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models import ConsentMethod, EventType, FlagSeverity, ServiceClass
+from sync.events import referenced_blobs
 from sync.projection import EventFact, ordered, voided_by
 
 DROPS = {
@@ -157,11 +158,7 @@ def cited_events(evidence: Mapping[str, Any], events: Sequence[EventDetail]) -> 
     if "event_ids" in evidence:
         return set(evidence["event_ids"])
     blobs = set(evidence.get("blobs", []))
-    return {
-        e.fact.event_id
-        for e in events
-        if blobs & {(e.details.get("pod") or {}).get(key) for key in POD_IMAGES}
-    }
+    return {e.fact.event_id for e in events if blobs.intersection(referenced_blobs(e.details))}
 
 
 def _evidence_of(
@@ -174,12 +171,7 @@ def _evidence_of(
     if "corrections" in evidence:
         part["corrections"] = [c for c in evidence["corrections"] if c["voided_event_id"] in kept]
     if "blobs" in evidence:
-        named = {
-            (e.details.get("pod") or {}).get(key)
-            for e in events
-            if e.fact.event_id in kept
-            for key in POD_IMAGES
-        }
+        named = {b for e in events if e.fact.event_id in kept for b in referenced_blobs(e.details)}
         part["blobs"] = [b for b in evidence["blobs"] if b in named]
     return part
 

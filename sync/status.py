@@ -271,18 +271,17 @@ def reproject(
                 outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
             continue
         projection = project(facts[tracking_no], station_id=parcel.station_id)
-        holders[tracking_no] = projection.holder_courier_id or parcel.planned_courier_id
+        holder = holders[tracking_no] = projection.holder_courier_id or parcel.planned_courier_id
         foreign = _scanned_elsewhere(
             facts[tracking_no], parcel.station_id, parcel.earlier_stations
         )
         if foreign:
             outcome.foreign[tracking_no] = (parcel.station_id, sorted(foreign))
-            for fact in ordered(
-                f for f in facts[tracking_no] if f.station_id != parcel.station_id
-            ):
-                couriers[(tracking_no, fact.station_id)] = fact.courier_id
-        couriers[(tracking_no, parcel.station_id)] = holders[tracking_no]
-        holder = projection.holder_courier_id or parcel.planned_courier_id
+        # Its scans at other stations, whether while it was there or not: a flag there
+        # names the latest courier of that station.
+        for fact in ordered(f for f in facts[tracking_no] if f.station_id != parcel.station_id):
+            couriers[(tracking_no, fact.station_id)] = fact.courier_id
+        couriers[(tracking_no, parcel.station_id)] = holder
         status_moved = (parcel.status, parcel.status_at) != (
             projection.status,
             projection.status_at,

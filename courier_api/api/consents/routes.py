@@ -341,7 +341,7 @@ class ConsentRequestById(MethodView):
                 raise PermissionDenied("another courier's request", code="not_your_request")
         elif not principal.can_access_station(request.station_id):
             # the station holding its parcel now may read it too
-            ensure_station_access(consent_requests.parcel_station(db.session, request))
+            ensure_station_access(consents.station_holding(db.session, request.tracking_no))
         return request_view(request, utcnow())
 
 

@@ -89,9 +89,10 @@ class Database:
         its own first, ended before the request writes, then again so.
 
         For the signing-in check: a writing transaction on a SQLite file holds the
-        one writers' turn from its first statement (``models.turnstile``), so a PDA's
-        push would hold up every other push through its sign-in check and the
-        parsing of its body, a quarter of the turn of a one-scan push. Run again,
+        one writers' turn from its first statement (``models.turnstile``), so a
+        writing request would hold up every push through its sign-in check and the
+        parsing of its body (the push itself checks only in its transaction, after
+        parsing: ``check_when_writing``). Run again,
         ``check`` (one plain row) keeps the check as good as it was: an account
         disabled or a device reported lost while the request waited for its turn
         stops it still, and its refusal stands for the request (a view catching it
@@ -119,6 +120,24 @@ class Database:
                 refuse_writes(state.test_connection, False)
         self.session.info[_RECHECK] = check
         return result
+
+    @staticmethod
+    def checks_when_writing() -> bool:
+        """Whether the current request's view sets ``SIGN_IN_CHECKED_WHEN_WRITING``:
+        a view that writes in every request it answers with success, and does nothing
+        a refused request must not do before its first statement (the sync push)."""
+        return _view_says("SIGN_IN_CHECKED_WHEN_WRITING")
+
+    def check_when_writing(self, check: Callable[[Connection], Any]) -> None:
+        """``check`` as the first statement of the request's transaction, when it
+        begins (at once if it has): its refusal stands for the request, as the recheck's
+        of ``read_apart`` does. On SQLite that statement is the first in the writers'
+        turn: no reading transaction before it."""
+        session = self.session
+        if session.in_transaction():
+            check(flushed_connection(session))
+        else:
+            session.info[_RECHECK] = check
 
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:
         """Tests: run every session of ``app`` inside ``connection``'s outer transaction.
@@ -177,10 +196,17 @@ _READING_METHODS = frozenset({"GET", "HEAD"})
 def _request_only_reads() -> bool:
     if not has_request_context() or request.method not in _READING_METHODS:
         return False
+    return _view_says("READS_ONLY")
+
+
+def _view_says(flag: str) -> bool:
+    """Whether the current request's view (a function, or a ``MethodView``'s class)
+    sets ``flag``."""
+    if not has_request_context():
+        return False
     view = current_app.view_functions.get(request.endpoint or "")
     return bool(
-        getattr(view, "READS_ONLY", False)
-        or getattr(getattr(view, "view_class", None), "READS_ONLY", False)
+        getattr(view, flag, False) or getattr(getattr(view, "view_class", None), flag, False)
     )
 
 

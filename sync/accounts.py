@@ -29,7 +29,6 @@ _users, _devices = User.__table__, Device.__table__
 SUBJECT_ROWS = Prebuilt(
     lambda _dialect: (
         select(
-            _users.c.username,
             _users.c.active,
             _users.c.credentials_version,
             _users.c.role,
@@ -38,7 +37,6 @@ SUBJECT_ROWS = Prebuilt(
             _devices.c.station_id.label("device_station_id"),
             _devices.c.status.label("device_status"),
             _devices.c.status_changed_at.label("device_status_changed_at"),
-            _devices.c.last_seen_at.label("device_seen_at"),
         )
         .select_from(_users)
         .outerjoin(_devices, _devices.c.id == bindparam("device_id"))
@@ -202,11 +200,9 @@ class TokenSubject:
     """Whom a checked token speaks for, as ``check_token_subject`` read it."""
 
     user_id: int
-    username: str
     role: Role
     station_id: int | None
     device_id: str | None  # a courier's device; None for other roles
-    device_seen_at: dt.datetime | None  # the device's last-seen time, as read
 
 
 def check_token_subject(
@@ -240,11 +236,9 @@ def check_token_subject(
     courier_device = device is not None and row.role == Role.COURIER
     return TokenSubject(
         user_id=user_id,
-        username=row.username,
         role=row.role,
         station_id=row.station_id,
         device_id=row.device_id if courier_device else None,
-        device_seen_at=row.device_seen_at if courier_device else None,
     )
 
 

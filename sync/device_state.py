@@ -10,21 +10,24 @@ shifts, then tracking numbers and parcels, then flags, then the audit log.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import NamedTuple
 
 from sqlalchemy import and_, bindparam, select
 from sqlalchemy.orm import Session
 
-from models import DeviceSyncState, ScanEvent
+from models import Device, DeviceSyncState, ScanEvent
 from sync.inversions import Stamp
 from sync.sql import Prebuilt, insert_ignoring_conflict
 
 _states = DeviceSyncState.__table__
 _events = ScanEvent.__table__
+_devices = Device.__table__
 # With the event stored at the device's highest seq, if any: the one before an online
 # PDA's next scan, which the time-inversion rule compares it with. (On PostgreSQL a
 # push that waited for this lock gets the state row as now but the event from before
-# its wait: ``DeviceState.at_max_seq`` holds only an event whose seq is max_seq.)
+# its wait: ``DeviceState.at_max_seq`` holds only an event whose seq is max_seq.) And
+# the device's last-seen time, which a push leaves alone within a minute of it.
 LOCK_DEVICE_STATE = Prebuilt(
     lambda _dialect: (
         select(
@@ -33,6 +36,7 @@ LOCK_DEVICE_STATE = Prebuilt(
             _events.c.seq,
             _events.c.occurred_at_device,
             _events.c.tracking_no,
+            _devices.c.last_seen_at,
         )
         .select_from(
             _states.outerjoin(
@@ -40,7 +44,7 @@ LOCK_DEVICE_STATE = Prebuilt(
                 and_(
                     _events.c.device_id == _states.c.device_id, _events.c.seq == _states.c.max_seq
                 ),
-            )
+            ).outerjoin(_devices, _devices.c.id == _states.c.device_id)
         )
         .where(_states.c.device_id == bindparam("device_id"))
         .with_for_update(of=_states)
@@ -61,6 +65,8 @@ class DeviceState(NamedTuple):
     # The event stored at ``max_seq``, as read with the lock; None: not known (that seq
     # arrived rejected, none did, or the lock was waited for), to be looked up.
     at_max_seq: Stamp | None = None
+    # The device's last-seen time (``device.last_seen_at``), as read with the lock.
+    device_seen_at: dt.datetime | None = None
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -79,4 +85,5 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         row.max_seq or 0,
         row.missing_ranges or [],
         Stamp(row.occurred_at_device, row.tracking_no) if read else None,
+        row.last_seen_at,
     )

@@ -227,9 +227,6 @@ class Pusher:
     device_id: str
     station_id: int
     courier_id: int
-    # The device's last-seen time as the sign-in check read it, if it did: a push
-    # within LAST_SEEN_RESOLUTION of it leaves the device row alone.
-    device_seen_at: dt.datetime | None = None
 
 
 @dataclass
@@ -895,10 +892,11 @@ class _BatchIngest:
 
     def _touch_device(self, connection: Connection) -> None:
         """The device's last-seen time, when a minute old (``TOUCH_DEVICE``, conditional);
-        within a minute of what the sign-in check read (``Pusher.device_seen_at``),
-        without a statement."""
+        within a minute of what was read with the device's sync state
+        (``DeviceState.device_seen_at``), without a statement."""
         seen_before = self.received_at - LAST_SEEN_RESOLUTION
-        if self.pusher.device_seen_at is not None and self.pusher.device_seen_at > seen_before:
+        seen_at = self.state.device_seen_at
+        if seen_at is not None and seen_at > seen_before:
             return
         TOUCH_DEVICE.run(
             connection,

@@ -10,7 +10,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from courier_api import database as database_module
+from courier_api import auth as auth_module
+from courier_api.auth import VerifiedTokens
 from models import DeviceStatus
 from tests import factories
 from tests.conftest import TEST_JWT_SECRET, Auth, World
@@ -209,6 +210,39 @@ def test_expired_token(client: FlaskClient, world: World) -> None:
     assert error_code(response) == "token_expired"
 
 
+def test_a_token_verified_before_is_refused_once_it_expires(
+    app: Flask, client: FlaskClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token found among those verified before (``VerifiedTokens``) has its expiry
+    checked on each use."""
+    now = dt.datetime.now(dt.UTC)
+    token = jwt.encode(
+        _claims_for(world, iat=now, exp=now + dt.timedelta(minutes=5)),
+        TEST_JWT_SECRET,
+        algorithm="HS256",
+    )
+    assert client.get(PROTECTED_URL, headers=bearer(token)).status_code == 200
+    with app.app_context():
+        assert VerifiedTokens.of_app().get(token, TEST_JWT_SECRET) is not None
+    monkeypatch.setattr(auth_module, "clock", lambda: (now + dt.timedelta(minutes=5)).timestamp())
+    response = client.get(PROTECTED_URL, headers=bearer(token))
+    assert response.status_code == 401
+    assert error_code(response) == "token_expired"
+
+
+def test_a_token_verified_with_one_secret_is_verified_again_under_another(
+    app: Flask, client: FlaskClient, world: World
+) -> None:
+    """The secret changed (a restart with a new ``JWT_SECRET``; tests change it in
+    place): a token verified under the old one is not taken from ``VerifiedTokens``."""
+    token = jwt.encode(_claims_for(world), TEST_JWT_SECRET, algorithm="HS256")
+    assert client.get(PROTECTED_URL, headers=bearer(token)).status_code == 200
+    app.config["JWT_SECRET"] = "another-key-" + "y" * 40
+    response = client.get(PROTECTED_URL, headers=bearer(token))
+    assert response.status_code == 401
+    assert error_code(response) == "token_invalid"
+
+
 def test_token_signed_with_another_key(client: FlaskClient, world: World) -> None:
     token = jwt.encode(_claims_for(world), "another-key-" + "y" * 40, algorithm="HS256")
     response = client.get(PROTECTED_URL, headers=bearer(token))
@@ -294,26 +328,20 @@ def test_a_password_change_ends_earlier_sessions(
     )
 
 
-@pytest.fixture(params=["as served", "one plain row in the request's transaction"])
-def sign_in_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a writing request's sign-in check runs: as this database serves it
-    (on a SQLite file, apart on a reader and again as the turn's first statement), and
-    on one plain row as the first statement of the request's transaction, as on
-    PostgreSQL (``Database.read_apart``), also on SQLite here."""
-    if request.param != "as served":
-        monkeypatch.setattr(database_module, "has_own_readers", lambda _engine: False)
-    return str(request.param)
-
-
-@pytest.mark.parametrize("change", [None, "device lost", "account disabled", "password changed"])
-def test_a_push_is_let_in_or_refused_by_its_sign_in_check_either_way(
+@pytest.mark.parametrize(
+    "change",
+    [None, "device lost", "account disabled", "password changed", "moved with its device"],
+)
+def test_a_push_is_let_in_or_refused_by_its_sign_in_check(
     app: Flask,
     client: FlaskClient,
     world: World,
     session: Session,
-    sign_in_check: str,
     change: str | None,
 ) -> None:
+    """The push's check runs in its transaction (``Database.check_when_writing``) on
+    the principal its token names: one whose account moved station since is refused
+    (the token's station is the one the push would be filed under)."""
     headers = Auth(client).headers("courier1", "PDA-0001")
     if change == "device lost":
         world.device.status = DeviceStatus.LOST
@@ -321,6 +349,9 @@ def test_a_push_is_let_in_or_refused_by_its_sign_in_check_either_way(
         world.courier.active = False
     elif change == "password changed":
         world.courier.credentials_version += 1
+    elif change == "moved with its device":  # the token names the station it was issued at
+        elsewhere = factories.station(session, code="ELSE")
+        world.courier.station_id = world.device.station_id = elsewhere.id
     session.commit()
     read: list[str] = []
 
@@ -341,9 +372,10 @@ def test_a_push_is_let_in_or_refused_by_its_sign_in_check_either_way(
         "device lost": (401, "device_not_active"),
         "account disabled": (401, "token_revoked"),
         "password changed": (401, "token_revoked"),
+        "moved with its device": (401, "token_revoked"),
     }[change]
     assert (response.status_code, response.get_json().get("code")) == expected
-    # Whichever way, the check reads the account's plain row, never its password's hash.
+    # The check reads the account's plain row, never its password's hash.
     account_reads = [sql for sql in read if "FROM app_user" in sql]
     assert account_reads and not any("password_hash" in sql for sql in account_reads)
 

@@ -4,14 +4,13 @@ nothing stored twice, and a pull that never skips a change written concurrently.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -30,7 +29,7 @@ from models import (
     ServiceClass,
     SyncBatch,
 )
-from models.engine import BUSY_TIMEOUT_MS
+from models.engine import reads_only
 from sync import feed, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
@@ -360,15 +359,17 @@ def test_a_parcel_taken_in_while_its_events_are_pushed_gets_their_status(
         assert flags == []
 
 
-def test_a_token_refused_at_sign_in_is_answered_while_a_writer_holds_the_database(
+def test_a_revoked_pdas_push_is_refused_by_the_first_statement_of_its_transaction(
     committed_app: Flask,
 ) -> None:
-    """A push's sign-in check reads apart from its writes (``Database.read_apart``): on
-    SQLite it takes no writers' turn, so a stolen PDA's revoked token is turned away at
-    once, and a push's turn starts after its body is parsed."""
+    """A push's sign-in check runs once, as the first statement of its writing
+    transaction (``Database.check_when_writing``): no reading transaction before it
+    (on SQLite, its turn comes after its body is parsed), and a stolen PDA's revoked
+    token stores nothing."""
     with committed_app.app_context():
-        pdas = {"held": "PDA-HELD"}
-        _, parcels = factories.station_with_pdas(db.session, "HELD", pdas, parcels=1)
+        _, parcels = factories.station_with_pdas(
+            db.session, "HELD", {"held": "PDA-HELD"}, parcels=1
+        )
         db.session.commit()
     client = committed_app.test_client()
     headers = Auth(client).headers("held", "PDA-HELD")
@@ -378,14 +379,30 @@ def test_a_token_refused_at_sign_in_is_answered_while_a_writer_holds_the_databas
         device.status = DeviceStatus.LOST
         db.session.commit()
     body = factories.push_body("PDA-HELD", [factories.event(1, parcels[0])])
-    with db.engine_of(committed_app).begin() as writer:  # SQLite: the turn and the lock
-        writer.execute(text("UPDATE device SET last_seen_at = NULL WHERE id = 'PDA-HELD'"))
-        started = time.monotonic()
+    engine = db.engine_of(committed_app)
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engines = {engine, reads_only(engine)}
+    for each in engines:
+        event.listen(each, "before_cursor_execute", capture)
+    try:
         response = client.post(PUSH, json=body, headers=headers)
-        waited = time.monotonic() - started
+    finally:
+        for each in engines:
+            event.remove(each, "before_cursor_execute", capture)
     assert response.status_code == 401, response.get_json()
     assert response.get_json()["code"] == "device_not_active"
-    assert waited < BUSY_TIMEOUT_MS / 1000 / 2
+    statements = [s for s in sent if not s.startswith(("PRAGMA", "SAVEPOINT", "RELEASE"))]
+    if engine.dialect.name == "sqlite":
+        assert statements[0] == "BEGIN IMMEDIATE", statements
+        statements = statements[1:]
+    assert "FROM app_user" in statements[0], statements
+    assert not any("DEFERRED" in s for s in sent), sent
+    with committed_app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(SyncBatch)) == 0
 
 
 def test_a_device_reported_lost_while_its_push_waits_for_the_turn_stops_the_push(

@@ -118,7 +118,7 @@ def test_the_sign_in_check_reads_what_sqlalchemy_reads(session: Session, world: 
         device_id=world.device.id,
         credentials_version=world.courier.credentials_version,
     )
-    assert (subject.username, subject.device_id) == ("courier1", world.device.id)
+    assert (subject.station_id, subject.device_id) == (world.station.id, world.device.id)
     params = {"user_id": world.courier.id, "device_id": world.device.id}
     direct = SUBJECT_ROWS.run(connection, params)
     expected = connection.execute(SUBJECT_ROWS(session), params).all()

@@ -1033,15 +1033,17 @@ def test_a_push_shows_its_device_as_seen_at_most_once_a_minute(
     assert held_copy is device
 
 
-def test_a_push_told_when_its_device_was_seen_touches_it_only_when_a_minute_old(
+def test_a_push_reading_when_its_device_was_seen_touches_it_only_when_a_minute_old(
     session: Session, world: World, parcel: Parcel
 ) -> None:
-    """The sign-in check read the device's last-seen time (``Pusher.device_seen_at``):
-    within the minute after it, a push sends no statement for the device row."""
+    """The push reads the device's last-seen time with its sync state
+    (``DeviceState.device_seen_at``): within the minute after it, a push sends no
+    statement for the device row."""
     pda = Pda(session, world)
-    session.expunge_all()
     seen = NOW - dt.timedelta(seconds=30)
-    pda.pusher = dataclasses.replace(pda.pusher, device_seen_at=seen)
+    world.device.last_seen_at = seen
+    session.flush()
+    session.expunge_all()
 
     def push_at(received_at: dt.datetime, seq: int) -> list[str]:
         with statements_sent(session) as sent:

@@ -52,6 +52,9 @@ def ingest_rules() -> IngestRules:
 @blp.route("/push")
 class Push(MethodView):
     JSON_DEPTH_PER_ITEM = True  # an event nested too deep is quarantined, not the batch
+    # The sign-in check is the first statement of the push's transaction, and only
+    # there (``courier_api.auth.checked_principal``): nothing before it writes.
+    SIGN_IN_CHECKED_WHEN_WRITING = True
 
     @blp.auth(Role.COURIER)
     @blp.arguments(PushRequest)
@@ -102,7 +105,6 @@ class Push(MethodView):
                 device_id=body["device_id"],
                 station_id=principal.station_id,
                 courier_id=principal.user_id,
-                device_seen_at=g.device_seen_at,  # as the sign-in check read it
             ),
             rules=ingest_rules(),
             received_at=g.received_at,

@@ -7,7 +7,10 @@ and renews it; the others stand by and take it over once it has expired (its
 holder died or hung). The lease is checked, and renewed, in the same
 transaction that records a run's start, so two processes never both start a
 job: the second one's lease update waits for the first one's commit, then finds
-the lease taken.
+the lease taken. It is checked again at every commit of the job's own
+transaction (``fence_to_lease``): a process paused past its lease's expiry
+(SIGSTOP, a long GC or VM pause) while another took the lease over and ran the
+job commits nothing when it wakes up.
 
 A job is *due* when its previous run started at least (nearly) one interval
 ago, whoever ran it: a process that takes the lease over does not re-run what
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import case, delete, or_, select, update
+from sqlalchemy import case, delete, event, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import JobRun, SchedulerLease
@@ -192,6 +195,37 @@ def give_up_lease(sessions: sessionmaker[Session], *, holder: str) -> bool:
         return release_lease(session, holder=holder)
 
 
+class LeaseLost(Exception):
+    """The process running a job no longer holds the scheduler lease."""
+
+
+def fence_to_lease(session: Session, *, holder: str, name: str = LEASE_NAME) -> None:
+    """Refuse every commit of ``session`` once ``holder`` no longer holds the lease.
+
+    A run starts only under the lease, but a process stopped mid-run past the lease's
+    expiry wakes up believing it still holds it, while the process that took it over
+    may have run the same job: the woken run's writes would be the job's effect a
+    second time, worked out at a stale ``now``. A takeover changes the holder, so the
+    holder is what is checked, not the clock. The check comes after the flush and
+    locks the lease row (on SQLite the transaction began ``IMMEDIATE`` and holds the
+    write lock), so no takeover slips in before the commit and the lease row is the
+    last lock the transaction takes.
+    """
+
+    def check(session: Session) -> None:
+        session.flush()
+        current = session.scalar(
+            select(LEASE.c.holder).where(LEASE.c.name == name).with_for_update()
+        )
+        if current != holder:
+            raise LeaseLost(
+                f"{holder} no longer holds the scheduler lease ({current or 'nobody'} does): "
+                "the writes of this run since its last commit are rolled back"
+            )
+
+    event.listen(session, "before_commit", check)
+
+
 # -- runs -------------------------------------------------------------------------------------
 
 
@@ -212,7 +246,8 @@ def run_job(
     (``force``: due or not), recording the run.
 
     A failing job never raises here: its transaction is rolled back, the traceback
-    logged, and the run recorded as failed with the error's message.
+    logged, and the run recorded as failed with the error's message. So is a run
+    whose process lost the lease before it committed (``LeaseLost``).
     """
     started = _start(sessions, job, holder, now, lease_seconds, force)
     if isinstance(started, RunResult):
@@ -222,6 +257,7 @@ def run_job(
     error: str | None = None
     try:
         with sessions() as session:
+            fence_to_lease(session, holder=holder)
             detail = _storable(job.run(session=session, now=now))
             session.commit()
     except Exception as exc:  # the scheduler outlives any job's failure

@@ -217,6 +217,33 @@ def test_a_run_whose_end_was_never_recorded_is_marked_abandoned_by_the_next(
     assert new.outcome == "ok"
 
 
+def test_a_run_paused_past_its_lease_while_another_process_ran_the_job_commits_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A process stopped in the middle of a run (SIGSTOP, a long GC or VM pause) wakes
+    up still believing it holds the lease; meanwhile the lease expired and another
+    process took it over and ran the job. The woken run must not commit: its writes
+    would be the job's effect a second time (a second purge audit entry, a flag
+    closed and raised again from a stale ``now``)."""
+
+    def leaves_a_mark(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        if now == T0:  # A's run: A stops here; B takes the lease over and runs the job
+            assert run(sessions, job, B, at(LEASE + 300)).outcome == "ok"
+        seconds = int((now - T0).total_seconds())
+        session.add(Station(code=f"RUN-AT-{seconds}", name="a run's mark", timezone="UTC"))
+        return {"at": seconds}
+
+    job = Job("marks", "marks", dt.timedelta(seconds=300), leaves_a_mark)
+
+    woken = run(sessions, job, A, T0)
+
+    with sessions() as session:
+        assert session.scalars(select(Station.code)).all() == [f"RUN-AT-{LEASE + 300}"]
+    assert woken.outcome == "failed" and woken.error is not None
+    assert woken.error.startswith(f"LeaseLost: {A} no longer holds the scheduler lease")
+    assert [(r.holder, r.outcome) for r in runs(sessions)] == [(A, "failed"), (B, "ok")]
+
+
 def test_two_schedulers_one_after_the_other_run_each_job_once(
     sessions: sessionmaker[Session],
 ) -> None:

@@ -4,8 +4,9 @@ The bytes go to a ``BlobStore`` (files under ``BLOB_DIR`` today; an object store
 can implement the same methods). The ``blob`` table records what was
 verified and who uploaded it. Uploading the same image again changes nothing.
 The retention purge (``sync.sweeps``) deletes old images' bytes and keeps their
-rows, marked ``purged_at``: such an image is gone for good, and re-uploading it
-does not bring the bytes back.
+rows, marked ``purged_at``; uploading such an image again (a new proof names it)
+brings it back. Both lock the image's row first, so an upload and the purge's
+deletion of the same image happen one after the other, never interleaved.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def store_blob(
 
 
 def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:
-    existing = session.get(Blob, digest)
+    # Locked: the purge deletes bytes only of rows still purged, under the same lock.
+    existing = session.get(Blob, digest, with_for_update=True, populate_existing=True)
     if existing is not None:
         if existing.purged_at is not None:
             # Purged, and uploaded again (a new proof names the same image): the

@@ -387,7 +387,8 @@ def proof_retention_purge(
 
     Batch by batch, oldest first: the rows are marked ``purged_at`` (they stay, as
     the record that the image existed) and one audit entry lists the batch's
-    digests; that is committed, and only then are the bytes deleted. A crash in
+    digests; that is committed, and only then are the bytes deleted (of the images
+    still purged by then: ``_delete_purged_bytes``). A crash in
     between leaves files of purged images behind: every run deletes the files of
     the purged images it passes, and it starts where the last successful run
     ended (``through``, kept in that run's record), so it passes exactly the images
@@ -441,8 +442,10 @@ def proof_retention_purge(
             session.commit()  # the purge is on record before any byte goes
             purged += len(due)
             entries.append(entry.id)
-        files_deleted += sum(store.delete(digest) for digest in due)
-        leftovers += sum(store.delete(row.sha256) for row in rows if row.purged_at is not None)
+        files_deleted += _delete_purged_bytes(session, store, due)
+        leftovers += _delete_purged_bytes(
+            session, store, [row.sha256 for row in rows if row.purged_at is not None]
+        )
         position = (rows[-1].uploaded_at, rows[-1].sha256)
         if len(rows) < PURGE_BATCH:
             break
@@ -456,6 +459,29 @@ def proof_retention_purge(
         if position is None
         else {"uploaded_at": position[0].isoformat(), "sha256": position[1]},
     }
+
+
+def _delete_purged_bytes(session: Session, store: BlobStore, digests: Sequence[str]) -> int:
+    """Delete the bytes of those of ``digests`` still purged, holding their rows locked
+    until done; how many files were deleted.
+
+    A PDA may upload a purged image again meanwhile (a new proof names it), which
+    brings it back (``sync.blobs``) under the same row lock: either the upload comes
+    first and its bytes are left alone, or it waits and writes them after the
+    deletion. Without the lock the deletion could follow the upload, leaving a row
+    that says present over bytes gone for good.
+    """
+    if not digests:
+        return 0
+    still_purged = session.scalars(
+        select(Blob.sha256)
+        .where(Blob.sha256.in_(digests), Blob.purged_at.is_not(None))
+        .order_by(Blob.sha256)
+        .with_for_update()
+    ).all()
+    deleted = sum(store.delete(digest) for digest in still_purged)
+    session.commit()
+    return deleted
 
 
 def _purged_through(session: Session) -> tuple[dt.datetime, str] | None:

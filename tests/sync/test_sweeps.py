@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import (
@@ -32,7 +32,7 @@ from models import (
     Shift,
 )
 from sync import audit, shifts, sweeps
-from sync.blobs import FileBlobStore
+from sync.blobs import FileBlobStore, store_blob
 from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.events import EventRules
 from sync.flags import resolve_flag
@@ -692,6 +692,42 @@ def test_a_purge_interrupted_after_its_commit_is_finished_by_the_next_run(
     quiet = run(NOW + dt.timedelta(days=2))
     assert quiet.outcome == "ok" and quiet.detail["leftover_files_deleted"] == 0
     assert quiet.detail["through"] == finished.detail["through"]
+
+
+def test_an_image_uploaded_again_as_its_purge_is_put_on_record_keeps_its_bytes(
+    session: Session, world: World, connection: Connection, store: FileBlobStore
+) -> None:
+    """A new proof names an old image and its PDA uploads it just after the purge
+    committed that image's purge and before it deleted the bytes: the upload brings
+    the image back (its row says present, its retention starts over), so its bytes
+    must stay; else the row says present and the file is gone for good."""
+    [old] = old_images(session, store, 1, start=YEAR_AGO - dt.timedelta(days=2))
+    data = image((0, 100, 200))[1]
+    uploads = sessionmaker(
+        bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+
+    def upload_again(_purging: Session) -> None:
+        with uploads() as uploading:
+            store_blob(
+                session=uploading,
+                store=store,
+                digest=old,
+                data=data,
+                max_bytes=1 << 20,
+                station_id=world.station.id,
+                uploaded_by=world.courier.id,
+            )
+            uploading.commit()
+
+    event.listen(session, "after_commit", upload_again, once=True)
+
+    detail = sweep(session, sweeps.proof_retention_purge, NOW, blob_store=store)
+
+    session.expire_all()
+    assert session.get(Blob, old).purged_at is None
+    assert store.exists(old) and store.read(old) == data
+    assert (detail["purged"], detail["files_deleted"]) == (1, 0)
 
 
 def test_a_shift_not_closed_flag_of_a_shift_closed_some_other_way_is_closed(

@@ -14,6 +14,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import Row, Select, and_, or_, select, update
@@ -63,8 +64,9 @@ class SweepSettings:
     shift_close_grace: dt.timedelta = dt.timedelta(minutes=30)
     stale_device_after: dt.timedelta = dt.timedelta(minutes=45)
     blob_missing_grace: dt.timedelta = dt.timedelta(minutes=60)
-    # Handovers older than this are no longer checked for missing images: by then a
-    # missing image is a manager's matter (the flag, if any, stays as it is).
+    # Handovers older than this are no longer searched for missing images: by then a
+    # missing image is a manager's matter. A flag raised before is still followed, so
+    # that it closes when its images arrive (``blob_missing_at_handover``).
     blob_missing_lookback: dt.timedelta = dt.timedelta(days=14)
     proof_retention: dt.timedelta = dt.timedelta(days=365)
     policy: Policy = field(default_factory=Policy)
@@ -258,15 +260,29 @@ def blob_missing_at_handover(
     Deliveries voided by a correction do not count, nor, for the grace, those that
     arrived after the handover (a PDA offline at the close): their images may be on
     their way, and the shift's flag is left as it is meanwhile. Shifts are found by
-    their planned end (indexed) within ``blob_missing_lookback``.
+    their planned end (indexed) within ``blob_missing_lookback``; older ones only
+    while their flag is open or acknowledged, so that it still closes when the
+    images arrive, however late.
     """
     handed_over = select(Shift.id, Shift.station_id, Shift.courier_id).where(
         Shift.status.in_((ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)),
-        Shift.planned_end_at >= now - settings.blob_missing_lookback,
         Shift.closed_at <= now - settings.blob_missing_grace,
     )
+    lookback_start = now - settings.blob_missing_lookback
+    recent = handed_over.where(Shift.planned_end_at >= lookback_start)
+    older_still_flagged = handed_over.where(
+        Shift.planned_end_at < lookback_start,
+        Shift.id.in_(
+            select(Flag.shift_id).where(
+                Flag.kind == BLOB_MISSING_AT_HANDOVER, Flag.status.in_(ACTIVE_STATUSES)
+            )
+        ),
+    )
     checked, raised, closed, missing_count = 0, [], [], 0
-    for shifts in _row_batches(session, handed_over, Shift.id, settings.batch_size):
+    for shifts in chain(
+        _row_batches(session, recent, Shift.id, settings.batch_size),
+        _row_batches(session, older_still_flagged, Shift.id, settings.batch_size),
+    ):
         checked += len(shifts)
         missing, pending = _missing_images(
             session, [s.id for s in shifts], arrived_before=now - settings.blob_missing_grace

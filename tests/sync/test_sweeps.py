@@ -427,6 +427,35 @@ def test_images_of_a_delivery_pushed_after_the_handover_get_their_grace_too(
     assert still["flags_raised"] == [flag.id] and flag.evidence["blobs"] == [photo]
 
 
+def test_a_flag_on_a_handover_past_the_lookback_still_closes_when_its_images_arrive(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Handovers older than the lookback are not searched for missing images any more,
+    but a flag already raised on one is followed until its images arrive, however
+    late: else it stays open, saying they are missing while they are there."""
+    photo, photo_bytes = image((5, 50, 150))
+    [tn] = [factories.parcel(session, world.station).tracking_no]
+    shift = pda.open()
+    delivered = pda.event(tn, "delivered", pod={"recipient_name": "Sun", "photo_sha256": photo})
+    pda.push([pda.event(tn), delivered], at=OPENED + minutes(30))
+    pda.close(shift, at=NOW)
+    sweep(session, sweeps.blob_missing_at_handover, NOW + minutes(61))
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    assert flag.status == FlagStatus.OPEN and flag.evidence["blobs"] == [photo]
+
+    weeks_later = NOW + dt.timedelta(days=20)
+    still = sweep(session, sweeps.blob_missing_at_handover, weeks_later)
+
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    assert still["flags_closed"] == [] and flag.status == FlagStatus.OPEN
+
+    record_blob(session, photo, photo_bytes, uploaded_at=weeks_later)
+    done = sweep(session, sweeps.blob_missing_at_handover, weeks_later + minutes(15))
+
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    assert done["flags_closed"] == [flag.id] and flag.status == FlagStatus.CLOSED
+
+
 def record_blob(
     session: Session,
     digest: str,

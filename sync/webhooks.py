@@ -18,6 +18,9 @@ worker here (``deliver_due``) posts them:
   written. A *dead* delivery does not hold back the ones after it: the receiver was
   told nothing for hours, and newer news of the parcel is worth more than strict
   order. Replaying it makes it pending again, ahead of any still-pending later one.
+* **Lanes.** Each subscription's deliveries are sent on a thread of their own, a few at
+  a time, so a receiver that takes its whole timeout on every call delays only its own
+  messages; claims and records stay on the worker's thread.
 * **Retries.** A failed attempt (not 2xx, 3xx included: redirects are never followed;
   a timeout; a refused connection) is retried after an exponential backoff with
   "equal jitter", up to ``max_attempts``; then the delivery is *dead*, with the last
@@ -49,7 +52,7 @@ import threading
 import time
 import typing
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
@@ -488,7 +491,8 @@ class SendResult:
 
 
 class Sender(Protocol):
-    """Posts one signed request; never raises for what the receiver or the network did."""
+    """Posts one signed request; never raises for what the receiver or the network did.
+    Called from several threads at once (one per subscription being sent to)."""
 
     def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult: ...
 
@@ -507,10 +511,20 @@ class _GuardedBackend(httpcore.SyncBackend):
 
     def __init__(self, *, public_only: bool) -> None:
         self.public_only = public_only
-        # The attempt in progress must end by then (time.monotonic()): resolving,
-        # connecting, sending and every read of the answer are bounded by it, so a
-        # receiver dripping its answer a byte at a time cannot hold a worker.
-        self.deadline: float | None = None
+        # The deadline of the attempt each thread has in progress (the worker sends to
+        # several receivers at once, one attempt per thread).
+        self._attempt = threading.local()
+
+    @property
+    def deadline(self) -> float | None:
+        """The attempt in progress must end by then (time.monotonic()): resolving,
+        connecting, sending and every read of the answer are bounded by it, so a
+        receiver dripping its answer a byte at a time cannot hold a worker."""
+        return getattr(self._attempt, "deadline", None)
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._attempt.deadline = value
 
     def remaining(self, timeout: float | None) -> float | None:
         if self.deadline is None:
@@ -735,10 +749,13 @@ def claim_due(
     settings: DeliverySettings,
     worker_id: str,
     limit: int = CLAIM_BATCH,
+    skip_ids: Collection[int] = (),
+    skip_subscriptions: Collection[int] = (),
 ) -> list[ClaimedDelivery]:
     """Claim up to ``limit`` deliveries due at ``due_at`` whose claim (if any) has expired
     by ``now``, of active subscriptions, that wait for no earlier delivery of their key,
-    in one committed transaction; oldest first."""
+    in one committed transaction; oldest first. ``skip_ids``: deliveries the caller
+    attempted already; ``skip_subscriptions``: those it is sending to at the moment."""
     earlier = aliased(WebhookDelivery)
     waits = exists().where(
         earlier.subscription_id == WebhookDelivery.subscription_id,
@@ -749,7 +766,8 @@ def claim_due(
     unclaimed = or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until <= now)
     with sessions.begin() as session:
         candidates: list[int] = []
-        passed_over: set[int] = set()  # held by another worker's claim in progress
+        # Held by another worker's claim in progress (and what the caller skips).
+        passed_over: set[int] = set(skip_ids)
         while True:  # each round passes over rows other workers hold: it ends
             due = (
                 select(
@@ -775,6 +793,8 @@ def claim_due(
             )
             if passed_over:
                 due = due.where(WebhookDelivery.id.not_in(passed_over))
+            if skip_subscriptions:
+                due = due.where(WebhookDelivery.subscription_id.not_in(skip_subscriptions))
             # A few per subscription at a time (``turn``, counted in the database over
             # every due row): one slow or failing receiver, however many messages it has
             # waiting, must not keep the others' (a recipient at the door) behind it.
@@ -988,6 +1008,9 @@ def _scrubbed(result: SendResult, *secret_texts: str) -> SendResult:
     )
 
 
+Sent = tuple[SendResult, dt.datetime]  # how an attempt went, and when it ended
+
+
 def deliver_due(
     *,
     sessions: sessionmaker[Session],
@@ -1000,16 +1023,23 @@ def deliver_due(
     stop: threading.Event | None = None,
     due_at: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Send up to ``limit`` deliveries due at ``due_at`` (default ``now``), each once, and
-    record how it went.
+    """Send up to ``limit`` deliveries due at ``due_at`` (default: the time of each
+    claim), each once, and record how it went.
 
-    Claims are taken ``CLAIM_BATCH`` at a time; after one delivery of a key is
-    delivered, the next of that key may go in the same call. What fails is due again
-    only after its backoff, so never twice in one call. Attempts are stamped ``now``
+    Each subscription's claimed deliveries are sent on a lane (a thread) of their own,
+    one after the other, and while a lane is busy its subscription gets no more claims:
+    a receiver that takes its whole timeout on every call delays its own messages, never
+    another's (a recipient at the door waiting for a consent request). Claims and
+    records stay on the calling thread; ``CLAIM_BATCH`` deliveries are in flight at
+    most, so each lane starts as soon as it is claimed and its claim outlasts it.
+
+    After one delivery of a key is delivered, the next of that key may go in the same
+    call. What fails is not claimed again in this call. Attempts are stamped ``now``
     plus the time this call has taken. ``rng``: the jitter's random numbers (tests pass
-    a seeded one). ``stop``: once set, the claims not yet sent are given back and the
-    call returns. ``due_at``: a drain's start, so that what failed during the drain is
-    not due again, while ``now`` (what signs and claims) is the time of this call.
+    a seeded one). ``stop``: once set, no lane starts another attempt, the claims not
+    yet sent are given back and the call returns. ``due_at``: a drain's start, so that
+    what was announced or failed during the drain is not due, while ``now`` (what signs
+    and claims) is the time of this call.
 
     Returns the counts: ``claimed``, ``delivered``, ``failed`` (to be retried),
     ``dead``, ``stale`` (see ``record_attempt``), and ``disabled``: the ids of the
@@ -1021,6 +1051,27 @@ def deliver_due(
     def clock() -> dt.datetime:
         return now + dt.timedelta(seconds=time.monotonic() - started)
 
+    def stopping() -> bool:
+        return stop is not None and stop.is_set()
+
+    def send_in_turn(lane: list[ClaimedDelivery]) -> list[Sent]:
+        """Attempt the lane's deliveries in order until stopped: how each went, and when."""
+        outcomes = []
+        for claimed in lane:
+            if stopping():
+                break
+            body = encode_body(claimed.envelope)
+            headers = request_headers(claimed, body, clock())
+            try:
+                result = sender.send(url=claimed.url, body=body, headers=headers)
+            except Exception as exc:  # a bug in a sender must not stop the others
+                log.exception("webhook sender failed on delivery %s", claimed.delivery_id)
+                result = SendResult(error=f"{type(exc).__name__}: {exc}")
+            outcomes.append(
+                (_scrubbed(result, claimed.secret, headers[SIGNATURE_HEADER]), clock())
+            )
+        return outcomes
+
     stats: dict[str, Any] = {
         "claimed": 0,
         "delivered": 0,
@@ -1029,46 +1080,59 @@ def deliver_due(
         "stale": 0,
         "disabled": [],
     }
-    while stats["claimed"] < limit and not (stop and stop.is_set()):
-        batch = claim_due(
-            sessions=sessions,
-            due_at=due_at or now,
-            now=clock(),
-            settings=settings,
-            worker_id=worker_id,
-            limit=min(CLAIM_BATCH, limit - stats["claimed"]),
-        )
-        if not batch:
-            break
-        stats["claimed"] += len(batch)
-        for index, claimed in enumerate(batch):
-            if stop is not None and stop.is_set():
-                release_claims(
-                    sessions=sessions, ids=[c.id for c in batch[index:]], worker_id=worker_id
+    attempted: set[int] = set()
+    in_flight: dict[concurrent.futures.Future[list[Sent]], list[ClaimedDelivery]] = {}
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=CLAIM_BATCH, thread_name_prefix=f"webhook-lane-{worker_id}"
+    ) as lanes:
+        while True:
+            room = min(CLAIM_BATCH - sum(map(len, in_flight.values())), limit - stats["claimed"])
+            if room > 0 and not stopping():
+                batch = claim_due(
+                    sessions=sessions,
+                    due_at=due_at or clock(),
+                    now=clock(),
+                    settings=settings,
+                    worker_id=worker_id,
+                    limit=room,
+                    skip_ids=attempted,
+                    skip_subscriptions={lane[0].subscription_id for lane in in_flight.values()},
                 )
+                stats["claimed"] += len(batch)
+                attempted.update(claimed.id for claimed in batch)
+                by_subscription: dict[int, list[ClaimedDelivery]] = {}
+                for claimed in batch:
+                    by_subscription.setdefault(claimed.subscription_id, []).append(claimed)
+                for lane in by_subscription.values():
+                    in_flight[lanes.submit(send_in_turn, lane)] = lane
+            if not in_flight:
                 break
-            at = clock()
-            body = encode_body(claimed.envelope)
-            headers = request_headers(claimed, body, at)
-            try:
-                result = sender.send(url=claimed.url, body=body, headers=headers)
-            except Exception as exc:  # a bug in a sender must not stop the others
-                log.exception("webhook sender failed on delivery %s", claimed.delivery_id)
-                result = SendResult(error=f"{type(exc).__name__}: {exc}")
-            result = _scrubbed(result, claimed.secret, headers[SIGNATURE_HEADER])
-            recorded = record_attempt(
-                sessions=sessions,
-                claimed=claimed,
-                result=result,
-                at=clock(),
-                settings=settings,
-                worker_id=worker_id,
-                rng=rng,
+            # Look again now and then while a lane is slow: a message announced meanwhile,
+            # or the next of a key just delivered, need not wait for it.
+            done, _ = concurrent.futures.wait(
+                in_flight,
+                timeout=settings.poll_seconds,
+                return_when=concurrent.futures.FIRST_COMPLETED,
             )
-            _log_attempt(claimed, result, recorded)
-            stats[{RETRY: "failed"}.get(recorded.outcome, recorded.outcome)] += 1
-            if recorded.disabled_subscription:
-                stats["disabled"].append(claimed.subscription_id)
+            for future in done:
+                lane = in_flight.pop(future)
+                outcomes = future.result()
+                for claimed, (result, at) in zip(lane, outcomes, strict=False):
+                    recorded = record_attempt(
+                        sessions=sessions,
+                        claimed=claimed,
+                        result=result,
+                        at=at,
+                        settings=settings,
+                        worker_id=worker_id,
+                        rng=rng,
+                    )
+                    _log_attempt(claimed, result, recorded)
+                    stats[{RETRY: "failed"}.get(recorded.outcome, recorded.outcome)] += 1
+                    if recorded.disabled_subscription:
+                        stats["disabled"].append(claimed.subscription_id)
+                unsent = lane[len(outcomes) :]
+                release_claims(sessions=sessions, ids=[c.id for c in unsent], worker_id=worker_id)
     return stats
 
 

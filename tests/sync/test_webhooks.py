@@ -1054,3 +1054,54 @@ def test_the_retention_job_purges_what_was_delivered_long_ago_and_keeps_the_dead
     with sessions.begin() as session:
         assert purge(session=session, now=T0 + dt.timedelta(days=31))["deliveries"] == 1
     assert [d.status for d in stored(sessions)] == [DeliveryStatus.DEAD]
+
+
+def test_a_receiver_taking_its_whole_timeout_does_not_hold_back_another_receiver(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    """Older messages of a receiver that answers only after the timeout are claimed
+    with another receiver's message: that one goes out at once, not after them."""
+    settings = replace(SETTINGS, timeout_seconds=0.3)
+    receiver.default = Answer(delay=5)  # ended early when the receiver closes
+    subscribe(sessions, receiver.url)
+    for n in range(3):
+        announce(sessions, f"RR00000000{n}GB")
+    with Receiver() as prompt, HttpxSender(settings) as sender:
+        subscribe(sessions, prompt.url, topics=("flag.raised",))
+        announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
+        stats: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: stats.update(deliver(sessions, sender, T0, settings=settings))
+        )
+        worker.start()
+        try:
+            # The slow one's three attempts take 0.9 s one after the other.
+            assert prompt.arrived.wait(0.25), "the prompt receiver waited for the slow one"
+        finally:
+            worker.join(timeout=10)
+    assert (stats["delivered"], stats["failed"]) == (1, 3)
+    assert len(receiver.requests) == 3 and len(prompt.messages) == 1
+
+
+def test_a_message_falling_due_while_a_receiver_is_slow_goes_out_without_waiting_for_it(
+    sessions: sessionmaker[Session], receiver: Receiver
+) -> None:
+    """The round a slow receiver holds up looks again for what has fallen due since (a
+    consent request written meanwhile), rather than leaving it to the next round."""
+    settings = replace(SETTINGS, timeout_seconds=0.6, poll_seconds=0.05)
+    receiver.default = Answer(delay=5)
+    subscribe(sessions, receiver.url)
+    announce(sessions, "RR000000001GB")
+    with Receiver() as prompt, HttpxSender(settings) as sender:
+        subscribe(sessions, prompt.url, topics=("flag.raised",))
+        announce(sessions, "RR-X", topic="flag.raised", now=at(0.1), flag_id=1)
+        stats: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: stats.update(deliver(sessions, sender, T0, settings=settings))
+        )
+        worker.start()
+        try:
+            assert prompt.arrived.wait(0.45), "the new message waited for the slow receiver"
+        finally:
+            worker.join(timeout=10)
+    assert (stats["delivered"], stats["failed"]) == (1, 1)

@@ -117,6 +117,12 @@ def forget_subscriptions(session: Session) -> None:
     session.info.pop(_CACHE_KEY, None)
 
 
+def covers(topics: list[str], subscription_station: int | None, message: OutboxMessage) -> bool:
+    """Whether a subscription with these topics, at this station (None: every one),
+    wants ``message``: what ``announce`` decides, asked again when it is sent."""
+    return message.topic in topics and subscription_station in (None, message.station_id)
+
+
 def parcel_key(tracking_no: str) -> str:
     return tracking_no
 

@@ -75,7 +75,7 @@ from models import (
 from sync import audit
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag
-from sync.outbox import TOPICS, forget_subscriptions
+from sync.outbox import TOPICS, covers, forget_subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -843,14 +843,28 @@ def claim_due(
         if not claimed:
             return []
         rows = session.execute(
-            select(
-                WebhookDelivery, OutboxMessage, WebhookSubscription.url, WebhookSubscription.secret
-            )
+            select(WebhookDelivery, OutboxMessage, WebhookSubscription)
             .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
             .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
             .where(WebhookDelivery.id.in_(claimed))
             .order_by(WebhookDelivery.id)
         ).all()
+        # A push that read the subscriptions before an admin moved one (or dropped a
+        # topic) commits its deliveries after the move's clean-up ran: on PostgreSQL
+        # nothing orders the two. Such a delivery is dropped here, as the clean-up would
+        # have dropped it, rather than sent to a receiver that no longer covers it.
+        left = [
+            delivery.id
+            for delivery, message, subscription in rows
+            if not covers(subscription.topics, subscription.station_id, message)
+        ]
+        if left:
+            session.execute(delete(DELIVERY).where(DELIVERY.c.id.in_(left)))
+            log.warning(
+                "dropped %d webhook deliveries their subscriptions no longer cover (moved to "
+                "another station or topics while the messages were being written)",
+                len(left),
+            )
         return [
             ClaimedDelivery(
                 id=delivery.id,
@@ -859,11 +873,12 @@ def claim_due(
                 topic=delivery.topic,
                 ordering_key=delivery.ordering_key,
                 attempts=delivery.attempts,
-                url=url,
-                secret=secret,
+                url=subscription.url,
+                secret=subscription.secret,
                 envelope=envelope_of(message, delivery.delivery_id),
             )
-            for delivery, message, url, secret in rows
+            for delivery, message, subscription in rows
+            if delivery.id not in left
         ]
 
 

@@ -1105,3 +1105,45 @@ def test_a_message_falling_due_while_a_receiver_is_slow_goes_out_without_waiting
         finally:
             worker.join(timeout=10)
     assert (stats["delivered"], stats["failed"]) == (1, 1)
+
+
+def test_a_message_committed_after_its_subscription_moved_away_is_not_sent_to_it(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    """On PostgreSQL a push reads the subscriptions, an admin moves one to another
+    station (or drops a topic) and commits, then the push commits its deliveries: the
+    move's clean-up could not see them. The worker still must not send the old
+    station's message (recipients' phones, pickup codes) to the moved receiver."""
+    sub = subscribe(
+        sessions,
+        receiver.url,
+        topics=("parcel.in_locker", "flag.raised"),
+        station_id=world.station.id,
+    )
+    with sessions.begin() as push:
+        for key, topic in (("RR000000001GB", "parcel.in_locker"), ("RR-F", "flag.raised")):
+            assert outbox.announce(
+                session=push,
+                topic=topic,
+                ordering_key=key,
+                station_id=world.station.id,
+                data={"tracking_no": key},
+                now=T0,
+            )
+        with sessions.begin() as admin:  # commits while the push is still open
+            webhooks.update_subscription(
+                session=admin,
+                subscription=admin.get(WebhookSubscription, sub.id),
+                production=False,
+                now=T0,
+                station_id=world.other_station.id,
+                topics=["parcel.in_locker"],
+            )
+    kept = announce(sessions, "RR000000003GB", station_id=world.other_station.id)
+    assert kept is not None and len(stored(sessions)) == 3
+
+    stats = deliver(sessions, sender, T0)
+
+    assert [json.loads(body)["id"] for body in receiver.messages.values()] == [str(kept.id)]
+    assert stats["delivered"] == 1
+    assert [d.message_id for d in stored(sessions)] == [kept.id]  # the others are gone

@@ -38,6 +38,7 @@ never given back after the subscription is created.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -52,7 +53,7 @@ import threading
 import time
 import typing
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
@@ -1052,7 +1053,9 @@ def deliver_due(
     call. What fails is not claimed again in this call. Attempts are stamped ``now``
     plus the time this call has taken. ``rng``: the jitter's random numbers (tests pass
     a seeded one). ``stop``: once set, no lane starts another attempt, the claims not
-    yet sent are given back and the call returns. ``due_at``: a drain's start, so that
+    yet sent are given back and the call returns; when the call fails (its database gone
+    while claiming or recording), no lane starts another attempt either: their outcomes
+    could not be recorded, and their claims expire. ``due_at``: a drain's start, so that
     what was announced or failed during the drain is not due, while ``now`` (what signs
     and claims) is the time of this call.
 
@@ -1066,8 +1069,12 @@ def deliver_due(
     def clock() -> dt.datetime:
         return now + dt.timedelta(seconds=time.monotonic() - started)
 
+    # Set when this thread fails (the database gone while claiming or recording): the
+    # lanes start no other attempt, whose outcome nobody would record.
+    abandoned = threading.Event()
+
     def stopping() -> bool:
-        return stop is not None and stop.is_set()
+        return abandoned.is_set() or (stop is not None and stop.is_set())
 
     def send_in_turn(lane: list[ClaimedDelivery]) -> list[Sent]:
         """Attempt the lane's deliveries in order until stopped: how each went, and when."""
@@ -1097,9 +1104,12 @@ def deliver_due(
     }
     attempted: set[int] = set()
     in_flight: dict[concurrent.futures.Future[list[Sent]], list[ClaimedDelivery]] = {}
-    with concurrent.futures.ThreadPoolExecutor(
-        max_workers=CLAIM_BATCH, thread_name_prefix=f"webhook-lane-{worker_id}"
-    ) as lanes:
+    with (
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=CLAIM_BATCH, thread_name_prefix=f"webhook-lane-{worker_id}"
+        ) as lanes,
+        _set_on_failure(abandoned),  # left first: set before the executor waits for the lanes
+    ):
         while True:
             room = min(CLAIM_BATCH - sum(map(len, in_flight.values())), limit - stats["claimed"])
             if room > 0 and not stopping():
@@ -1149,6 +1159,16 @@ def deliver_due(
                 unsent = lane[len(outcomes) :]
                 release_claims(sessions=sessions, ids=[c.id for c in unsent], worker_id=worker_id)
     return stats
+
+
+@contextlib.contextmanager
+def _set_on_failure(event: threading.Event) -> Iterator[None]:
+    """Set ``event`` when the block raises (and let the exception through)."""
+    try:
+        yield
+    except BaseException:
+        event.set()
+        raise
 
 
 def _log_attempt(claimed: ClaimedDelivery, result: SendResult, recorded: Recorded) -> None:

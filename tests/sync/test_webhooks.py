@@ -1147,3 +1147,48 @@ def test_a_message_committed_after_its_subscription_moved_away_is_not_sent_to_it
     assert [json.loads(body)["id"] for body in receiver.messages.values()] == [str(kept.id)]
     assert stats["delivered"] == 1
     assert [d.message_id for d in stored(sessions)] == [kept.id]  # the others are gone
+
+
+class _LaneSender:
+    """Answers 200 at once, except the first request to ``slow_url``, which takes up to
+    ``slow_seconds`` (released early by ``release``)."""
+
+    def __init__(self, slow_url: str, slow_seconds: float) -> None:
+        self.slow_url = slow_url
+        self.slow_seconds = slow_seconds
+        self.release = threading.Event()
+        self.sent: list[str] = []
+        self._lock = threading.Lock()
+
+    def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+        with self._lock:
+            first_slow = url == self.slow_url and self.slow_url not in self.sent
+            self.sent.append(url)
+        if first_slow:
+            self.release.wait(self.slow_seconds)
+        return SendResult(status_code=200)
+
+
+def test_a_failure_of_the_worker_stops_its_lanes_before_their_next_attempt(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's thread fails (its database gone while recording an attempt): the
+    other lanes finish the attempt in progress and start no other. Their outcomes could
+    not be recorded, so each request sent after the failure would be sent again once its
+    claim expires, and the call would wait for all of them before it raises."""
+    slow, quick = "http://127.0.0.1:9/slow", "http://127.0.0.1:9/quick"
+    subscribe(sessions, slow)
+    subscribe(sessions, quick, topics=("flag.raised",))
+    for n in range(3):
+        announce(sessions, f"RR00000000{n}GB")
+    announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
+    sender = _LaneSender(slow, slow_seconds=0.3)
+
+    def database_gone(**_: Any) -> webhooks.Recorded:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(webhooks, "record_attempt", database_gone)
+    with pytest.raises(RuntimeError, match="went away"):
+        deliver(sessions, sender, T0)
+    assert sender.sent.count(quick) == 1
+    assert sender.sent.count(slow) == 1, sender.sent

@@ -756,7 +756,30 @@ def claim_due(
     """Claim up to ``limit`` deliveries due at ``due_at`` whose claim (if any) has expired
     by ``now``, of active subscriptions, that wait for no earlier delivery of their key,
     in one committed transaction; oldest first. ``skip_ids``: deliveries the caller
-    attempted already; ``skip_subscriptions``: those it is sending to at the moment."""
+    attempted already; ``skip_subscriptions``: those it is sending to at the moment.
+
+    Never empty merely because its subscriptions no longer cover what it claimed: a
+    claim whose every delivery was dropped (see ``_claim``) is followed by another, as
+    the caller takes an empty answer for "nothing is due"."""
+    while True:
+        claimed, dropped = _claim(
+            sessions, due_at, now, settings, worker_id, limit, skip_ids, skip_subscriptions
+        )
+        if claimed or not dropped:
+            return claimed
+
+
+def _claim(
+    sessions: sessionmaker[Session],
+    due_at: dt.datetime,
+    now: dt.datetime,
+    settings: DeliverySettings,
+    worker_id: str,
+    limit: int,
+    skip_ids: Collection[int],
+    skip_subscriptions: Collection[int],
+) -> tuple[list[ClaimedDelivery], int]:
+    """One claim of ``claim_due``: what it claimed, and how many deliveries it dropped."""
     earlier = aliased(WebhookDelivery)
     waits = exists().where(
         earlier.subscription_id == WebhookDelivery.subscription_id,
@@ -829,7 +852,7 @@ def claim_due(
                 break
             passed_over.update(picked)
         if not candidates:
-            return []
+            return [], 0
         until = now + dt.timedelta(seconds=settings.claim_seconds(len(candidates)))
         claimed = session.scalars(
             update(DELIVERY)
@@ -842,7 +865,7 @@ def claim_due(
             .returning(DELIVERY.c.id)
         ).all()
         if not claimed:
-            return []
+            return [], 0
         rows = session.execute(
             select(WebhookDelivery, OutboxMessage, WebhookSubscription)
             .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
@@ -880,7 +903,7 @@ def claim_due(
             )
             for delivery, message, subscription in rows
             if delivery.id not in left
-        ]
+        ], len(left)
 
 
 def release_claims(*, sessions: sessionmaker[Session], ids: Sequence[int], worker_id: str) -> None:

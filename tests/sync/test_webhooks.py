@@ -1192,3 +1192,42 @@ def test_a_failure_of_the_worker_stops_its_lanes_before_their_next_attempt(
         deliver(sessions, sender, T0)
     assert sender.sent.count(quick) == 1
     assert sender.sent.count(slow) == 1, sender.sent
+
+
+def test_a_drain_sends_what_is_due_after_messages_a_moved_subscription_no_longer_covers(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    """A claim whose every delivery turns out uncovered (the subscription moved while a
+    push announced several messages) claims again: what is due after them is sent in
+    the same call, and ``deliver --once`` does not stop before it."""
+    sub = subscribe(
+        sessions, receiver.url, topics=("parcel.in_locker",), station_id=world.station.id
+    )
+    with sessions.begin() as push:
+        for n in range(webhooks.PER_SUBSCRIPTION):
+            assert outbox.announce(
+                session=push,
+                topic="parcel.in_locker",
+                ordering_key=f"RR00000000{n}GB",
+                station_id=world.station.id,
+                data={"n": n},
+                now=T0,
+            )
+        with sessions.begin() as admin:  # commits while the push is still open
+            webhooks.update_subscription(
+                session=admin,
+                subscription=admin.get(WebhookSubscription, sub.id),
+                production=False,
+                now=T0,
+                station_id=world.other_station.id,
+            )
+    kept = announce(sessions, "RR000000009GB", station_id=world.other_station.id)
+    assert kept is not None
+
+    loop = webhooks.DeliveryLoop(
+        sessions=sessions, settings=SETTINGS, sender=sender, worker_id="w", clock=lambda: T0
+    )
+    stats = loop.drain()
+
+    assert [json.loads(body)["id"] for body in receiver.messages.values()] == [str(kept.id)]
+    assert stats["delivered"] == 1

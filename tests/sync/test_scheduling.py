@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
@@ -330,3 +330,34 @@ def test_two_processes_claiming_an_absent_lease_at_once_get_one_holder(
     with committed_sessions() as session:
         lease = scheduling.current_lease(session, now=T0)
     assert lease is not None and claims[lease.holder]
+
+
+def test_a_runs_savepoints_do_not_check_the_lease_only_its_commits_do(
+    sessions: sessionmaker[Session], connection: Connection
+) -> None:
+    """The lease is checked, and on PostgreSQL locked, as the last thing before each
+    commit of a run (``fence_to_lease``), not at every savepoint it releases (a sweep
+    raises each flag in one): locked from the first one on, the lease row would be held
+    for the rest of the run, and the process's own renewal would wait for all of it."""
+    checks: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        flat = " ".join(statement.split())
+        if flat.startswith("SELECT scheduler_lease.holder FROM"):
+            checks.append(flat)
+
+    def in_savepoints(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        for n in range(3):
+            with session.begin_nested():
+                session.add(Station(code=f"SP-{n}", name="a savepoint's mark", timezone="UTC"))
+        return {}
+
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        result = run(
+            sessions, Job("savepoints", "s", dt.timedelta(seconds=300), in_savepoints), A, T0
+        )
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+    assert result.outcome == "ok", result.error
+    assert len(checks) == 1, checks

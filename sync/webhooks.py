@@ -543,7 +543,7 @@ class _GuardedBackend(httpcore.SyncBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        lookup = _resolve(host, port)
         try:
             found = lookup.result(timeout=self.remaining(timeout))
         except concurrent.futures.TimeoutError:
@@ -605,9 +605,21 @@ class _BoundedStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
-# Name resolution has no timeout of its own: it runs here, and an attempt waits for it
-# only until its deadline (a lookup left hanging finishes on its own, harmlessly).
-_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+def _resolve(host: str, port: int) -> concurrent.futures.Future[Any]:
+    """``getaddrinfo`` on a thread of its own. Name resolution has no timeout of its own,
+    so an attempt waits for it only until its deadline, and a lookup left hanging (a
+    receiver's name server gone) finishes on its own, harmlessly. Not in a shared pool:
+    a few such lookups would fill it, and every other receiver's would wait behind them."""
+    lookup: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            lookup.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:
+            lookup.set_exception(exc)
+
+    threading.Thread(target=run, name=f"resolve {host}", daemon=True).start()
+    return lookup
 
 
 class HttpxSender:

@@ -1231,3 +1231,32 @@ def test_a_drain_sends_what_is_due_after_messages_a_moved_subscription_no_longer
 
     assert [json.loads(body)["id"] for body in receiver.messages.values()] == [str(kept.id)]
     assert stats["delivered"] == 1
+
+
+def test_lookups_that_hang_hold_up_no_other_receivers_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receiver whose name server stopped answering leaves its lookups hanging past
+    each attempt's deadline; the lanes sending to other receivers still resolve theirs
+    (a shared pool of a few threads would fill with the hanging ones)."""
+    released = threading.Event()
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".hangs.invalid"):
+            released.wait(10)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    backend = webhooks._GuardedBackend(public_only=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        try:
+            for n in range(8):
+                with pytest.raises(webhooks.httpcore.ConnectTimeout):
+                    backend.connect_tcp(f"r{n}.hangs.invalid", 443, timeout=0.02)
+            stream = backend.connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=2.0)
+            stream.close()
+        finally:
+            released.set()

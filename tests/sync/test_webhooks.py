@@ -6,6 +6,7 @@ sleeping. The receiver (``tests.webhook_receiver``) is a real ``ThreadingHTTPSer
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -106,6 +107,22 @@ def announce(
             data={"tracking_no": key, "locker_id": "L-7", "compartment": "B12", **data},
             now=now,
         )
+
+
+@contextlib.contextmanager
+def delivering(
+    sessions: sessionmaker[Session], sender: webhooks.Sender, settings: DeliverySettings
+) -> Iterator[dict[str, Any]]:
+    """``deliver`` at ``T0`` on a thread of its own; its counts once the block ends."""
+    stats: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: stats.update(deliver(sessions, sender, T0, settings=settings))
+    )
+    worker.start()
+    try:
+        yield stats
+    finally:
+        worker.join(timeout=10)
 
 
 def deliver(
@@ -1069,16 +1086,9 @@ def test_a_receiver_taking_its_whole_timeout_does_not_hold_back_another_receiver
     with Receiver() as prompt, HttpxSender(settings) as sender:
         subscribe(sessions, prompt.url, topics=("flag.raised",))
         announce(sessions, "RR-X", topic="flag.raised", flag_id=1)
-        stats: dict[str, Any] = {}
-        worker = threading.Thread(
-            target=lambda: stats.update(deliver(sessions, sender, T0, settings=settings))
-        )
-        worker.start()
-        try:
+        with delivering(sessions, sender, settings) as stats:
             # The slow one's three attempts take 0.9 s one after the other.
             assert prompt.arrived.wait(0.25), "the prompt receiver waited for the slow one"
-        finally:
-            worker.join(timeout=10)
     assert (stats["delivered"], stats["failed"]) == (1, 3)
     assert len(receiver.requests) == 3 and len(prompt.messages) == 1
 
@@ -1095,15 +1105,8 @@ def test_a_message_falling_due_while_a_receiver_is_slow_goes_out_without_waiting
     with Receiver() as prompt, HttpxSender(settings) as sender:
         subscribe(sessions, prompt.url, topics=("flag.raised",))
         announce(sessions, "RR-X", topic="flag.raised", now=at(0.1), flag_id=1)
-        stats: dict[str, Any] = {}
-        worker = threading.Thread(
-            target=lambda: stats.update(deliver(sessions, sender, T0, settings=settings))
-        )
-        worker.start()
-        try:
+        with delivering(sessions, sender, settings) as stats:
             assert prompt.arrived.wait(0.45), "the new message waited for the slow receiver"
-        finally:
-            worker.join(timeout=10)
     assert (stats["delivered"], stats["failed"]) == (1, 1)
 
 

@@ -826,3 +826,65 @@ def test_the_sweep_waits_for_a_close_in_progress_and_flags_nothing(committed_app
     assert result["overdue_shifts"] == 0
     with sessions() as check:
         assert check.scalars(select(Flag).where(Flag.kind == "shift_not_closed")).all() == []
+
+
+@pytest.mark.postgres_only
+def test_a_purge_waits_for_an_upload_of_the_same_image_and_leaves_its_bytes(
+    committed_app: Any, store: FileBlobStore
+) -> None:
+    """PostgreSQL, two connections: a PDA uploads an image again just after the purge
+    put its purge on record, and holds the image's row while it writes the bytes. The
+    purge's deletion waits for that row, then finds the image no longer purged and
+    leaves its bytes (``sync.sweeps._delete_purged_bytes``, ``sync.blobs``' row lock)."""
+    import threading
+    import time
+
+    from courier_api.extensions import db
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        station = factories.station(setup, code="PURGE")
+        courier = factories.user(setup, "uploader", "courier", station)
+        setup.commit()
+        station_id, courier_id = station.id, courier.id
+        [old] = old_images(setup, store, 1, start=YEAR_AGO - dt.timedelta(days=2))
+    data = image((0, 100, 200))[1]
+    written = threading.Event()
+    failures: list[BaseException] = []
+
+    def upload_again() -> None:
+        try:
+            with sessions() as uploading:
+                store_blob(
+                    session=uploading,
+                    store=store,
+                    digest=old,
+                    data=data,
+                    max_bytes=1 << 20,
+                    station_id=station_id,
+                    uploaded_by=courier_id,
+                )
+                uploading.flush()
+                written.set()  # row locked, bytes written, not yet committed
+                time.sleep(0.3)  # the purge's deletion runs meanwhile
+                uploading.commit()
+        except BaseException as error:  # seen by the test, not lost in the thread
+            failures.append(error)
+            written.set()
+
+    uploader = threading.Thread(target=upload_again)
+
+    def start_upload(_purging: Session) -> None:
+        uploader.start()
+        assert written.wait(10)
+
+    with sessions() as purging:
+        event.listen(purging, "after_commit", start_upload, once=True)
+        detail = sweep(purging, sweeps.proof_retention_purge, NOW, blob_store=store)
+    uploader.join(timeout=30)
+    assert failures == []
+    with sessions() as check:
+        blob = check.get(Blob, old)
+        assert blob is not None and blob.purged_at is None
+    assert store.exists(old) and store.read(old) == data
+    assert (detail["purged"], detail["files_deleted"]) == (1, 0)

@@ -723,6 +723,26 @@ def test_a_purge_interrupted_after_its_commit_is_finished_by_the_next_run(
     assert quiet.detail["through"] == finished.detail["through"]
 
 
+def upload(
+    session: Session,
+    store: FileBlobStore,
+    digest: str,
+    data: bytes,
+    station_id: int,
+    courier_id: int,
+) -> None:
+    """A courier's PDA uploads an image (``PUT /blobs/<sha256>``), not committed."""
+    store_blob(
+        session=session,
+        store=store,
+        digest=digest,
+        data=data,
+        max_bytes=1 << 20,
+        station_id=station_id,
+        uploaded_by=courier_id,
+    )
+
+
 def test_an_image_uploaded_again_as_its_purge_is_put_on_record_keeps_its_bytes(
     session: Session, world: World, connection: Connection, store: FileBlobStore
 ) -> None:
@@ -738,15 +758,7 @@ def test_an_image_uploaded_again_as_its_purge_is_put_on_record_keeps_its_bytes(
 
     def upload_again(_purging: Session) -> None:
         with uploads() as uploading:
-            store_blob(
-                session=uploading,
-                store=store,
-                digest=old,
-                data=data,
-                max_bytes=1 << 20,
-                station_id=world.station.id,
-                uploaded_by=world.courier.id,
-            )
+            upload(uploading, store, old, data, world.station.id, world.courier.id)
             uploading.commit()
 
     event.listen(session, "after_commit", upload_again, once=True)
@@ -855,15 +867,7 @@ def test_a_purge_waits_for_an_upload_of_the_same_image_and_leaves_its_bytes(
     def upload_again() -> None:
         try:
             with sessions() as uploading:
-                store_blob(
-                    session=uploading,
-                    store=store,
-                    digest=old,
-                    data=data,
-                    max_bytes=1 << 20,
-                    station_id=station_id,
-                    uploaded_by=courier_id,
-                )
+                upload(uploading, store, old, data, station_id, courier_id)
                 uploading.flush()
                 written.set()  # row locked, bytes written, not yet committed
                 time.sleep(0.3)  # the purge's deletion runs meanwhile

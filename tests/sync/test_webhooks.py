@@ -1110,6 +1110,36 @@ def test_a_message_falling_due_while_a_receiver_is_slow_goes_out_without_waiting
     assert (stats["delivered"], stats["failed"]) == (1, 1)
 
 
+def announce_while_it_moves(
+    sessions: sessionmaker[Session],
+    subscription_id: int,
+    messages: list[tuple[str, str]],
+    at_station: int,
+    **changes: Any,
+) -> None:
+    """A push announces ``messages`` (key, topic) at station ``at_station`` while an
+    admin changes the subscription (``changes``) and commits first, as PostgreSQL lets
+    them."""
+    with sessions.begin() as push:
+        for key, topic in messages:
+            assert outbox.announce(
+                session=push,
+                topic=topic,
+                ordering_key=key,
+                station_id=at_station,
+                data={"tracking_no": key},
+                now=T0,
+            )
+        with sessions.begin() as admin:  # commits while the push is still open
+            webhooks.update_subscription(
+                session=admin,
+                subscription=admin.get(WebhookSubscription, subscription_id),
+                production=False,
+                now=T0,
+                **changes,
+            )
+
+
 def test_a_message_committed_after_its_subscription_moved_away_is_not_sent_to_it(
     sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
 ) -> None:
@@ -1123,25 +1153,14 @@ def test_a_message_committed_after_its_subscription_moved_away_is_not_sent_to_it
         topics=("parcel.in_locker", "flag.raised"),
         station_id=world.station.id,
     )
-    with sessions.begin() as push:
-        for key, topic in (("RR000000001GB", "parcel.in_locker"), ("RR-F", "flag.raised")):
-            assert outbox.announce(
-                session=push,
-                topic=topic,
-                ordering_key=key,
-                station_id=world.station.id,
-                data={"tracking_no": key},
-                now=T0,
-            )
-        with sessions.begin() as admin:  # commits while the push is still open
-            webhooks.update_subscription(
-                session=admin,
-                subscription=admin.get(WebhookSubscription, sub.id),
-                production=False,
-                now=T0,
-                station_id=world.other_station.id,
-                topics=["parcel.in_locker"],
-            )
+    announce_while_it_moves(
+        sessions,
+        sub.id,
+        [("RR000000001GB", "parcel.in_locker"), ("RR-F", "flag.raised")],
+        world.station.id,
+        station_id=world.other_station.id,
+        topics=["parcel.in_locker"],
+    )
     kept = announce(sessions, "RR000000003GB", station_id=world.other_station.id)
     assert kept is not None and len(stored(sessions)) == 3
 
@@ -1206,24 +1225,13 @@ def test_a_drain_sends_what_is_due_after_messages_a_moved_subscription_no_longer
     sub = subscribe(
         sessions, receiver.url, topics=("parcel.in_locker",), station_id=world.station.id
     )
-    with sessions.begin() as push:
-        for n in range(webhooks.PER_SUBSCRIPTION):
-            assert outbox.announce(
-                session=push,
-                topic="parcel.in_locker",
-                ordering_key=f"RR00000000{n}GB",
-                station_id=world.station.id,
-                data={"n": n},
-                now=T0,
-            )
-        with sessions.begin() as admin:  # commits while the push is still open
-            webhooks.update_subscription(
-                session=admin,
-                subscription=admin.get(WebhookSubscription, sub.id),
-                production=False,
-                now=T0,
-                station_id=world.other_station.id,
-            )
+    announce_while_it_moves(
+        sessions,
+        sub.id,
+        [(f"RR00000000{n}GB", "parcel.in_locker") for n in range(webhooks.PER_SUBSCRIPTION)],
+        world.station.id,
+        station_id=world.other_station.id,
+    )
     kept = announce(sessions, "RR000000009GB", station_id=world.other_station.id)
     assert kept is not None
 

@@ -55,7 +55,7 @@ def announce(
     wanted = [
         sub_id
         for sub_id, topics, sub_station in _subscriptions(session)
-        if topic in topics and sub_station in (None, station_id)
+        if covers(topics, sub_station, topic, station_id)
     ]
     if not wanted:
         return None
@@ -117,10 +117,13 @@ def forget_subscriptions(session: Session) -> None:
     session.info.pop(_CACHE_KEY, None)
 
 
-def covers(topics: list[str], subscription_station: int | None, message: OutboxMessage) -> bool:
+def covers(
+    topics: list[str], subscription_station: int | None, topic: str, station_id: int | None
+) -> bool:
     """Whether a subscription with these topics, at this station (None: every one),
-    wants ``message``: what ``announce`` decides, asked again when it is sent."""
-    return message.topic in topics and subscription_station in (None, message.station_id)
+    wants a message of ``topic`` at ``station_id``: decided by ``announce``, and asked
+    again when the message is sent (``sync.webhooks.claim_due``)."""
+    return topic in topics and subscription_station in (None, station_id)
 
 
 def parcel_key(tracking_no: str) -> str:

@@ -892,7 +892,9 @@ def _claim(
         left = [
             delivery.id
             for delivery, message, subscription in rows
-            if not covers(subscription.topics, subscription.station_id, message)
+            if not covers(
+                subscription.topics, subscription.station_id, message.topic, message.station_id
+            )
         ]
         if left:
             session.execute(delete(DELIVERY).where(DELIVERY.c.id.in_(left)))
@@ -1137,6 +1139,26 @@ def deliver_due(
         "stale": 0,
         "disabled": [],
     }
+
+    def record_lane(lane: list[ClaimedDelivery], outcomes: list[Sent]) -> None:
+        """Record each attempt a lane made; give back the claims it did not try."""
+        for claimed, (result, at) in zip(lane, outcomes, strict=False):
+            recorded = record_attempt(
+                sessions=sessions,
+                claimed=claimed,
+                result=result,
+                at=at,
+                settings=settings,
+                worker_id=worker_id,
+                rng=rng,
+            )
+            _log_attempt(claimed, result, recorded)
+            stats[{RETRY: "failed"}.get(recorded.outcome, recorded.outcome)] += 1
+            if recorded.disabled_subscription:
+                stats["disabled"].append(claimed.subscription_id)
+        unsent = lane[len(outcomes) :]
+        release_claims(sessions=sessions, ids=[c.id for c in unsent], worker_id=worker_id)
+
     attempted: set[int] = set()
     in_flight: dict[concurrent.futures.Future[list[Sent]], list[ClaimedDelivery]] = {}
     with (
@@ -1176,23 +1198,7 @@ def deliver_due(
             )
             for future in done:
                 lane = in_flight.pop(future)
-                outcomes = future.result()
-                for claimed, (result, at) in zip(lane, outcomes, strict=False):
-                    recorded = record_attempt(
-                        sessions=sessions,
-                        claimed=claimed,
-                        result=result,
-                        at=at,
-                        settings=settings,
-                        worker_id=worker_id,
-                        rng=rng,
-                    )
-                    _log_attempt(claimed, result, recorded)
-                    stats[{RETRY: "failed"}.get(recorded.outcome, recorded.outcome)] += 1
-                    if recorded.disabled_subscription:
-                        stats["disabled"].append(claimed.subscription_id)
-                unsent = lane[len(outcomes) :]
-                release_claims(sessions=sessions, ids=[c.id for c in unsent], worker_id=worker_id)
+                record_lane(lane, future.result())
     return stats
 
 

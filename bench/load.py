@@ -310,9 +310,11 @@ class PdaState:
 
     username: str
     device_id: str
-    parcels: list[str]  # of its own, scanned in order
+    parcels: list[str]  # of its own for the mixed load, pushed in order
+    scan_parcels: list[str]  # of its own for the one-scan pushes, scanned in order
     pda: Pda
     next_parcel: int = 0
+    next_scan_parcel: int = 0
     token: str | None = None
     # Scans of the parcel in hand not pushed yet when a round of scans ended: the next
     # round pushes them first, so that the PDA's seqs arrive without gaps.
@@ -345,7 +347,10 @@ def prepare(api: Api, args: argparse.Namespace, rng: random.Random) -> Setup:
     parcels_per_push = math.ceil(args.batch_size / EVENTS_PER_PARCEL)
     pushes = math.ceil(args.duration * args.max_push_rate * 3 / args.pdas)
     scans = math.ceil(args.scan_duration * args.max_scan_rate * 3 / args.pdas)
-    per_pda = parcels_per_push * max(5, pushes) + math.ceil(scans / EVENTS_PER_PARCEL)
+    # Each phase has parcels of its own: a PDA served more than its share in the mixed
+    # load must not eat into those its one-scan pushes need.
+    for_load = parcels_per_push * max(5, pushes)
+    per_pda = for_load + math.ceil(scans / EVENTS_PER_PARCEL)
     numbers = tracking_numbers(10_000_000, per_pda * args.pdas)
     print(
         f"set-up: {args.pdas} couriers and PDAs, {len(numbers):,} parcels taken in "
@@ -376,7 +381,11 @@ def prepare(api: Api, args: argparse.Namespace, rng: random.Random) -> Setup:
             json={"device_id": device_id, "station_id": station_id},
         )
         parcels = numbers[n * per_pda : (n + 1) * per_pda]
-        pdas.append(PdaState(username, device_id, parcels, Pda(device_id, 0, {})))
+        pdas.append(
+            PdaState(
+                username, device_id, parcels[:for_load], parcels[for_load:], Pda(device_id, 0, {})
+            )
+        )
     for start in range(0, len(numbers), INTAKE_CHUNK):
         items = [
             {
@@ -476,7 +485,7 @@ async def simulated_pda(
     while time.perf_counter() < deadline:
         batch = state.parcels[state.next_parcel : state.next_parcel + per_push]
         if len(batch) < per_push:
-            tally.notices.append(f"{state.device_id} ran out of parcels")
+            tally.notices.append(f"{state.device_id} ran out of parcels to push")
             return
         state.next_parcel += per_push
         sent_at = dt.datetime.now(PDA_CLOCK)
@@ -505,11 +514,11 @@ async def online_pda(
     await sign_in(client, state)
     while time.perf_counter() < deadline:
         if not state.unsent:
-            if state.next_parcel >= len(state.parcels):
-                tally.notices.append(f"{state.device_id} ran out of parcels")
+            if state.next_scan_parcel >= len(state.scan_parcels):
+                tally.notices.append(f"{state.device_id} ran out of parcels to scan")
                 return
-            parcel = state.parcels[state.next_parcel]
-            state.next_parcel += 1
+            parcel = state.scan_parcels[state.next_scan_parcel]
+            state.next_scan_parcel += 1
             now = dt.datetime.now(PDA_CLOCK)
             state.unsent = pda_events(state.pda, [parcel], EVENTS_PER_PARCEL, now, rng)
         event = state.unsent.pop(0)
@@ -913,13 +922,13 @@ def main() -> int:
     parser.add_argument(
         "--max-scan-rate",
         type=float,
-        default=400.0,
+        default=1000.0,
         help="one-scan pushes/s of all PDAs together the parcels taken in last for",
     )
     parser.add_argument(
         "--max-push-rate",
         type=float,
-        default=20.0,
+        default=40.0,
         help="pushes/s of all PDAs together the parcels taken in last for (each PDA gets "
         "three times its share)",
     )
@@ -1011,11 +1020,11 @@ def main() -> int:
     problems = server.unexpected_log_lines()
     for failure in (load.failures + scans.failures + trivial.failures)[:10]:
         print(f"failure: {failure}", file=sys.stderr)
-    if load.notices or scans.notices:
+    notices = sorted(set(load.notices + scans.notices))  # a PDA's once, not once a round
+    if notices:
         print(
-            f"{len(load.notices + scans.notices)} PDAs ran out of parcels before the end (the "
-            f"others went on; raise --max-push-rate or --max-scan-rate): "
-            f"{', '.join((load.notices + scans.notices)[:3])}",
+            f"{len(notices)} times a PDA ran out of parcels before the end (the others "
+            f"went on; raise --max-push-rate or --max-scan-rate): {', '.join(notices[:3])}",
             file=sys.stderr,
         )
     if problems:

@@ -247,16 +247,19 @@ def held_at(tracking_no: Any, station_id: int) -> ColumnElement[bool]:
 
 
 def covered_parcels(session: Session, consent: Consent) -> list[str]:
-    """Tracking numbers of the parcels this consent applies to."""
+    """Tracking numbers of the parcels this consent applies to. One limited to a station
+    applies to the parcels that are or were at that station (``consents_for``): a drop
+    there is judged by it after the parcel moved on."""
     if consent.scope == ConsentScope.PARCEL:
         return [consent.tracking_no] if consent.tracking_no else []
-    query = select(Parcel.tracking_no, Parcel.address).where(
-        Parcel.recipient_phone == consent.recipient_phone
-    )
-    if consent.station_id is not None:
-        query = query.where(Parcel.station_id == consent.station_id)
+    query = select(
+        Parcel.tracking_no, Parcel.address, Parcel.station_id, Parcel.earlier_stations
+    ).where(Parcel.recipient_phone == consent.recipient_phone)
     return [
-        tn for tn, address in session.execute(query) if address_key(address) == consent.address_key
+        tn
+        for tn, address, station_id, earlier in session.execute(query)
+        if address_key(address) == consent.address_key
+        and (consent.station_id is None or consent.station_id in parcel_stays(station_id, earlier))
     ]
 
 

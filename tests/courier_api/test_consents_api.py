@@ -427,3 +427,57 @@ def test_a_consent_captured_before_its_parcel_was_taken_in_elsewhere_is_seen_the
         for m in ("manager1", "manager2", "manager3")
     }
     assert read == {"manager1": 200, "manager2": 200, "manager3": 403}
+
+
+@pytest.mark.parametrize(
+    ("granted_minutes", "flagged"),
+    [(-10, None), (10, "consent_after_drop")],
+    ids=["granted-before", "granted-after"],
+)
+def test_a_standing_consent_of_a_station_judges_a_drop_there_after_the_parcel_moved_on(
+    client: FlaskClient,
+    auth: Auth,
+    app1: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    world: World,
+    granted_minutes: int,
+    flagged: str | None,
+) -> None:
+    """The parcel was left in a locker at ST1 without consent, then re-routed to ST2.
+    The recipient's standing consent limited to ST1 covers that drop (it was at ST1 then):
+    granting it judges the parcel again, wherever the parcel is now, as it would have
+    before the re-route."""
+    drop_at = now() - dt.timedelta(minutes=20)
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, dt.timedelta(0))
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    moved = {
+        "tracking_no": parcel.tracking_no,
+        "service_class": "express",
+        "recipient_name": "Recipient",
+        "address": "1 Century Ave",
+        "recipient_phone": "+8613812345678",
+        "station": "ST2",
+    }
+    taken = client.post(
+        "/api/v1/parcels", json={"parcels": [moved]}, headers=auth.headers("admin")
+    )
+    assert taken.status_code == 200 and taken.get_json()["counts"]["rejected"] == 0
+    session.expire_all()
+    assert session.get(Parcel, parcel.id).station_id == world.other_station.id
+    granted_at = (drop_at + dt.timedelta(minutes=granted_minutes)).isoformat()
+    response = grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone="+8613812345678",
+        address="1 Century Ave",
+        station="ST1",
+        granted_at=granted_at,
+    )
+    assert response.status_code == 201, response.get_json()
+    assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) == (
+        FlagStatus.CLOSED
+    )
+    if flagged:
+        assert flag_status(session, flagged, parcel.tracking_no) == FlagStatus.OPEN

@@ -366,13 +366,18 @@ def flag_queue() -> ResponseReturnValue:
     )
 
 
-@only_reads
-@bp.get("/flags/<id:flag_id>")
+@bp.get("/flags/<id:flag_id>")  # not only_reads: an auditor's read of a proof is logged
 @page()
 def flag(flag_id: int) -> ResponseReturnValue:
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_station_access(found.station_id)
     view = flag_page(session=db.session, flag=found)
+    # Its evidence's deliveries show their POD, as the shift page does: logged alike.
+    proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
+    if proofs_shown:
+        record_auditor_read(
+            "proofs_searched", "proof", f"flag:{found.id}", {"event_ids": proofs_shown}
+        )
     station = (
         directory.get_station(session=db.session, station_id=found.station_id)
         if found.station_id

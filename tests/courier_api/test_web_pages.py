@@ -774,3 +774,22 @@ def test_the_pages_are_not_in_the_openapi_document(app: Flask) -> None:
         paths = api.spec.to_dict()["paths"]
     assert paths and not [p for p in paths if p.startswith("/web")]
     assert app.test_client().get("/").location == "/docs"
+
+
+def test_an_auditor_reading_a_flag_page_that_shows_a_proof_is_audit_logged(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The flag page shows its evidence's events: a drop's POD (pickup code) is a proof
+    read, logged as the shift page logs the same events (DESIGN.md rule 7)."""
+    drop_flag = day.flag(session, "unauthorized_locker_drop")
+    assert day.drop_event_id in drop_flag.evidence["event_ids"]
+    before = len(audit_actions(session))
+    signed_in(app, "manager").get(f"/web/flags/{drop_flag.id}")
+    assert len(audit_actions(session)) == before
+    html = signed_in(app, "auditor").get(f"/web/flags/{drop_flag.id}")
+    assert "code 771205" in html
+    assert audit_actions(session)[before:] == [
+        ("proofs_searched", f"flag:{drop_flag.id}", day.auditor.id)
+    ]
+    entry = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc())).first()
+    assert entry is not None and entry.details["event_ids"] == [day.drop_event_id]

@@ -144,18 +144,24 @@ def iter_proofs(*, session: Session, filters: ProofFilter, batch: int = 500) -> 
         after = page[-1].event.id
 
 
-def get_proof(*, session: Session, event_id: int, policy: Policy) -> ProofDetail:
+def get_proof(
+    *, session: Session, event_id: int, policy: Policy, flags_of_station: int | None = None
+) -> ProofDetail:
+    """``flags_of_station``: only that station's flags of the parcel (a station-bound
+    reader's: a parcel taken in elsewhere keeps each station's flags its own); ``None``:
+    every station's."""
     row = session.execute(_query(ProofFilter()).where(ScanEvent.id == event_id)).first()
     if row is None:
         raise NotFound(f"no proof of delivery with event id {event_id}", code="proof_not_found")
     proof = _proof(*row)
     parcel = proof.parcel
     events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]
-    flags = session.scalars(
-        select(Flag)
-        .where(Flag.subject_type == "parcel", Flag.subject_key == parcel.tracking_no)
-        .order_by(Flag.id)
-    ).all()
+    flag_query = select(Flag).where(
+        Flag.subject_type == "parcel", Flag.subject_key == parcel.tracking_no
+    )
+    if flags_of_station is not None:
+        flag_query = flag_query.where(Flag.station_id == flags_of_station)
+    flags = session.scalars(flag_query.order_by(Flag.id)).all()
     return ProofDetail(
         proof=proof,
         timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),

@@ -482,7 +482,12 @@ def export_proofs() -> ResponseReturnValue:
 @bp.get("/proofs/<id:event_id>")
 @page()
 def proof(event_id: int) -> ResponseReturnValue:
-    detail = get_proof(session=db.session, event_id=event_id, policy=policy_of(current_app.config))
+    detail = get_proof(
+        session=db.session,
+        event_id=event_id,
+        policy=policy_of(current_app.config),
+        flags_of_station=current_principal().station_filter(None),
+    )
     ensure_station_access(detail.proof.parcel.station_id)
     record_auditor_read(
         "proof_read", "proof", str(event_id), {"tracking_no": detail.proof.event.tracking_no}

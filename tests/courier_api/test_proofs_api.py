@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import AuditEntry
+from models import AuditEntry, Flag
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -344,3 +344,43 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     assert row["pod_recipient_name"] == "'+1+cmd|' /C calc'!A0"
     assert row["recipient_phone"] == "'" + parcel.recipient_phone
     assert row["signature_sha256"] == "b" * 64
+
+
+def test_a_proof_of_a_parcel_moved_on_shows_a_manager_only_their_own_stations_flags(
+    client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
+) -> None:
+    """ST1's flag about a parcel stays ST1's when the parcel is taken in at ST2: ST2's
+    manager, refused it at GET /flags/<id>, does not read it in a proof either (API and
+    page); an auditor still sees every station's."""
+    signed = day["signed"]
+    items = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"]
+    event_id = next(i["event_id"] for i in items if i["tracking_no"] == signed.tracking_no)
+    old_flag = session.scalars(
+        select(Flag).where(Flag.subject_key == signed.tracking_no, Flag.kind == "pod_blob_missing")
+    ).one()
+    assert old_flag.station_id == world.station.id
+    moved = client.post(
+        "/api/v1/parcels",
+        json={
+            "parcels": [
+                {
+                    "tracking_no": signed.tracking_no,
+                    "service_class": "express",
+                    "recipient_name": signed.recipient_name,
+                    "address": signed.address,
+                    "station": world.other_station.code,
+                }
+            ]
+        },
+        headers=auth.headers("admin"),
+    )
+    assert moved.get_json()["results"][0]["status"] == "updated"
+    manager = auth.headers("manager2")
+    assert client.get(f"/api/v1/flags/{old_flag.id}", headers=manager).status_code == 403
+    body = client.get(f"{URL}/{event_id}", headers=manager).get_json()
+    shown = [session.get(Flag, f["id"]) for f in body["flags"]]
+    assert all(f is not None and f.station_id == world.other_station.id for f in shown)
+    page = signed_in(client.application, "manager2").get(f"/web/proofs/{event_id}")
+    assert f'href="/web/flags/{old_flag.id}"' not in page
+    auditor = client.get(f"{URL}/{event_id}", headers=auth.headers("auditor1")).get_json()
+    assert old_flag.id in [f["id"] for f in auditor["flags"]]

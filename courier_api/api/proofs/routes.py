@@ -177,7 +177,10 @@ class ProofById(MethodView):
         """
         principal = current_principal()
         detail = get_proof(
-            session=db.session, event_id=event_id, policy=policy_of(current_app.config)
+            session=db.session,
+            event_id=event_id,
+            policy=policy_of(current_app.config),
+            flags_of_station=principal.station_filter(None),
         )
         ensure_station_access(detail.proof.parcel.station_id)
         record_auditor_read(

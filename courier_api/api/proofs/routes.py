@@ -173,7 +173,8 @@ class ProofById(MethodView):
         The delivery, its POD and distance from the address, the parcel's whole
         event chain (device, corrected and receive times), whether a correction
         voided it, for a locker or pickup-point drop the consent that authorized
-        it (null: none did), and the parcel's flags. Audit-logged for auditors.
+        it (null: none did), and the parcel's flags (a station manager's: their
+        station's only). Audit-logged for auditors.
         """
         principal = current_principal()
         detail = get_proof(

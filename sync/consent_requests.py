@@ -170,7 +170,7 @@ def requests_from_events(
     ``sync.ingest.event_row`` builds them, with their ``id``). The request's own
     ``expires_at``, on the PDA's clock, is corrected by the same offset as the event."""
     rows = [row for row in events if row["type"] == EventType.CONSENT_REQUESTED]
-    voided = _voided(session, rows)
+    voided = voided_at_arrival(session, rows)
     made = []
     for row in rows:
         asked = row["details"]["request"]
@@ -208,9 +208,12 @@ def requests_from_events(
     return made
 
 
-def _voided(session: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, uuid.UUID]]:
-    """The request events among ``rows`` that a stored correction voids (in this push,
-    or one that arrived before them): one of their PDA's with a higher seq."""
+def voided_at_arrival(
+    session: Session, rows: Sequence[dict[str, Any]]
+) -> set[tuple[str, uuid.UUID]]:
+    """``(device, client event id)`` of the events among ``rows`` (stored event rows) that
+    a stored correction voids (in their push, or one that arrived before them): one of
+    their PDA's with a higher seq."""
     by_device: dict[str, dict[uuid.UUID, int]] = {}
     for row in rows:
         by_device.setdefault(row["device_id"], {})[row["client_event_id"]] = row["seq"]

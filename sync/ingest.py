@@ -55,7 +55,7 @@ from models import (
 from sync import consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import closed_shifts_holding, refresh_handover_flags
-from sync.consent_requests import cancel_voided, requests_from_events
+from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
 from sync.device_state import DeviceState, lock_device_state
 from sync.direct import undone_if_refused
 from sync.errors import Conflict
@@ -771,11 +771,18 @@ class _BatchIngest:
         )
 
     def _announce_drops(self, stored: list[tuple[int, ValidEvent]]) -> None:
-        """Tell recipients where their parcel was left, and its pickup code (outbox)."""
+        """Tell recipients where their parcel was left, and its pickup code (outbox). Not
+        of a drop that a correction held already voids (sent in the same push, or before
+        it): a mis-tap must not send the recipient to a locker, as a voided consent
+        request is never sent."""
         drops = [e for _, e in stored if e.type in DROP_TOPICS]
         if not drops or not any(
             outbox.wanted(self.session, topic) for topic in set(DROP_TOPICS.values())
         ):
+            return
+        voided = voided_at_arrival(self.session, [self.rows[e.client_event_id] for e in drops])
+        drops = [e for e in drops if (self.pusher.device_id, e.client_event_id) not in voided]
+        if not drops:
             return
         ids = self._event_ids(drops)
         parcels = {

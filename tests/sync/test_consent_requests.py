@@ -533,3 +533,36 @@ def test_a_request_whose_expiry_the_pda_set_before_it_lapses_after_the_ttl_inste
     request = request_of(session)
     assert request.expires_at == asked_at + RULES.consent_request_ttl
     assert request.channel == ConsentChannel.APP
+
+
+def test_a_drop_voided_by_a_correction_already_held_is_never_announced(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """As a voided request is never sent: a drop whose correction arrives with it, or
+    before it, is a mis-tap the recipient must not be sent to a locker for."""
+    subscribe(session, "parcel.in_locker", "parcel.at_pickup_point")
+    drop = pda.event(
+        parcel,
+        "delivered_to_locker",
+        10,
+        locker_id="L-2",
+        compartment="11",
+        pod={"pickup_code": "1"},
+    )
+    fix = pda.event(
+        parcel, "correction", 11, voids_client_event_id=drop["client_event_id"], reason="mis-tap"
+    )
+    pda.push([drop, fix])  # in one push
+    other = pda.event(parcel, "delivered_to_pickup_point", 12, point_id="PP-5")
+    undo = pda.event(
+        parcel, "correction", 13, voids_client_event_id=other["client_event_id"], reason="mis-tap"
+    )
+    pda.push([undo])  # the correction first
+    pda.push([other])
+    assert messages(session, "parcel.in_locker") == []
+    assert messages(session, "parcel.at_pickup_point") == []
+    # A drop still standing is announced, also next to a correction of another event.
+    kept = pda.event(parcel, "delivered_to_locker", 14, locker_id="L-3", compartment="2")
+    pda.push([kept])
+    [announced] = messages(session, "parcel.in_locker")
+    assert announced.payload["locker_id"] == "L-3"

@@ -32,7 +32,15 @@ from models import (
     User,
 )
 from sync.collector import collector_paused
-from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flags, raise_flag, raise_new_flags
+from sync.flags import (
+    ACTIVE_STATUSES,
+    FlagSubject,
+    close_flags,
+    raise_flag,
+    raise_new_flags,
+    reopen_flag,
+    restore_resolution,
+)
 from sync.handover import (
     BALANCE_RULE_KINDS,
     COUNT_FIELDS,
@@ -53,6 +61,8 @@ from sync.shifts import adjacent_shift
 from sync.sql import among, among_at_once, chunks, plain_rows
 from sync.status import FACT_COLUMNS
 
+# Handover flags the events may close: those a manager resolved too (README).
+STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
 # The shift, then the tracking number and EventFact's fields, as the projection reads them.
 EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact._fields)])
@@ -288,6 +298,12 @@ def _handover_flags(
     return found, evidences
 
 
+def _new_events(flag: FlagRef, evidence: dict[str, Any]) -> bool:
+    """Whether the shift's events now show the flag's cause on events its evidence did
+    not name (what a manager saw when resolving it)."""
+    return not set(evidence["event_ids"]) <= flag.event_ids
+
+
 def _ref(flag_id: int, kind: str, status: FlagStatus, evidence: dict[str, Any]) -> FlagRef:
     return FlagRef(flag_id, kind, status, frozenset(evidence.get("event_ids") or ()))
 
@@ -395,8 +411,9 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
 
     Called when a shift closes and whenever events land for a closed one (a late
     batch: the parcel thought missing was returned after all). Like the parcel rule
-    flags, a flag whose cause went away is closed with the reason, and one a manager
-    resolved stays resolved.
+    flags (README), a flag whose cause went away is closed with the reason, resolved
+    or not; one a manager resolved stays resolved while its cause stands on the events
+    they saw, opens on new ones, and is resolved again if its cause comes back on them.
     """
     judged = [shift for shift in shifts if shift.status != ShiftStatus.OPEN]
     if not judged:
@@ -424,6 +441,16 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                     )
                 )
             elif existing.status == FlagStatus.CLOSED:
+                flag = session.get(Flag, existing.id)
+                if flag is not None and not _new_events(existing, evidence):
+                    if restore_resolution(
+                        session=session,
+                        flag=flag,
+                        note="the parcel is unaccounted for again on the events a manager "
+                        "resolved it on",
+                    ):
+                        flag.evidence = evidence
+                        continue
                 reopened = raise_flag(
                     session=session,
                     kind=kind,
@@ -435,12 +462,19 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                 ).flag
                 reopened.evidence = evidence  # what the events say now, not merged history
                 raised.append(reopened)
+            elif existing.status == FlagStatus.RESOLVED and _new_events(existing, evidence):
+                # Resolved for the events a manager saw; new ones must be seen too.
+                flag = session.get(Flag, existing.id)
+                if flag is not None:
+                    reopen_flag(session=session, flag=flag, note="missing again on new events")
+                    flag.evidence = evidence
+                    raised.append(flag)
             elif facts.handover_evidence.get(existing.id) != evidence:
                 flag = session.get(Flag, existing.id)
                 if flag is not None:
                     flag.evidence = evidence  # what the shift's events say now
         for (kind, tracking_no), ref in facts.handover_flags.items():
-            if (kind, tracking_no) not in wanted and ref.status in ACTIVE_STATUSES:
+            if (kind, tracking_no) not in wanted and ref.status in STANDING:
                 gone[kind].append(subject_of(shift_id, tracking_no))
     raised.extend(raise_new_flags(session=session, flags=new))
     for kind, subjects in gone.items():
@@ -450,5 +484,6 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
             subjects=subjects,
             reason="judged again with the shift's events as they are now: the parcel is "
             "accounted for",
+            statuses=STANDING,
         )
     return raised

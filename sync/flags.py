@@ -20,7 +20,7 @@ audit log. A flag's life::
     (raised) -> open -> acknowledged -> resolved
                 open ----------------> resolved
          open, acknowledged -> closed (cause gone) -> open (raised again)
-    resolved -> closed (a parcel rule's cause gone) -> resolved (back, on the events
+    resolved -> closed (its cause gone) -------------> resolved (back, on the events
                                                        the manager resolved it on)
                                                     -> open (back on new events)
 """

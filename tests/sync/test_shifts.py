@@ -19,6 +19,7 @@ from sync.balances import balances, shift_balance
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
 from sync.flags import close_flags_by_id
+from sync.handover import MISSING as MISSING_KIND
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.shifts import ShiftRules
@@ -1640,3 +1641,56 @@ def test_a_signed_off_shift_whose_gap_the_next_opening_widens_beyond_the_seqs_sh
     assert balance.missing_seq_count == 147 + 249
     assert balance.missing_seqs == signed["missing_seqs"]  # the 100 shown: unchanged
     assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+
+
+def test_a_resolved_handover_flag_closes_with_its_cause_and_opens_on_new_events(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """README: when the events change what happened, the system closes the flag, resolved
+    or not; should the cause come back on the events the manager resolved it on, it is
+    resolved again, on new events it opens. A parcel missing at handover, resolved by the
+    manager, then returned by a late batch: the flag closes. Checked out again (a new
+    event the manager never saw) and missing once more: the flag opens, not silently
+    resolved. The return voided instead: resolved again, as the manager decided."""
+    from sync.flags import flag_changes, resolve_flag
+
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    checkouts = [pda.event(a), pda.event(b)]
+    returns = [pda.event(a, "returned_to_station"), pda.event(b, "returned_to_station")]
+    again = pda.event(a)
+    pda.push(checkouts)
+    shift = pda.close(shift, last_seq=5)
+    for flag in session.scalars(select(Flag).where(Flag.shift_id == shift.id)):
+        resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    pda.push(returns)
+    assert handover_flags(session, shift) == {
+        (MISSING_KIND, a): FlagStatus.CLOSED,
+        (MISSING_KIND, b): FlagStatus.CLOSED,
+    }
+    assert shift_balance(session=session, shift=shift).discrepancies == []
+    pda.seq += 1  # seq 6: the correction voiding b's return
+    undo_b = factories.event(
+        pda.seq,
+        b,
+        "correction",
+        occurred_at=at(pda.seq),
+        voids_client_event_id=returns[1]["client_event_id"],
+        reason="mis-tap",
+    )
+    pda.push([again])
+    pda.push([undo_b])
+    assert handover_flags(session, shift) == {
+        (MISSING_KIND, a): FlagStatus.OPEN,  # missing again after a new check-out
+        (MISSING_KIND, b): FlagStatus.RESOLVED,  # back on the events the manager saw
+    }
+    flag_b = session.scalars(
+        select(Flag).where(Flag.shift_id == shift.id, Flag.subject_key.endswith(b))
+    ).one()
+    assert [c.to_status for c in flag_changes(session=session, flag=flag_b)] == [
+        FlagStatus.OPEN,
+        FlagStatus.RESOLVED,
+        FlagStatus.CLOSED,
+        FlagStatus.RESOLVED,
+    ]

@@ -93,6 +93,14 @@ SKEWS = [
     dt.timedelta(minutes=4),
     dt.timedelta(minutes=-3),
 ]
+# The day's events happen on a 10-minute grid, and the recipient consents between two
+# of its times. A push corrects an event's device time by the offset it measures, so
+# after the clock changes a push corrects older events by up to 4 minutes either way
+# (SKEWS) from what one in-order push would: never across the consent's time, so that
+# whether the consent came before a drop cannot depend on which push carried it.
+DAY_START = NOW - dt.timedelta(hours=3)
+EVENT_GRID_MINUTES = 10
+CONSENT_GRANTED_AT = NOW - dt.timedelta(hours=2) + dt.timedelta(minutes=EVENT_GRID_MINUTES / 2)
 
 
 @st.composite
@@ -121,7 +129,7 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             extra = {"colour": "red"}  # an unknown field: quarantined
         if event_type in DELIVERIES:
             extra["pod"] = draw(st.sampled_from(PODS))
-        occurred = NOW - dt.timedelta(hours=3) + dt.timedelta(minutes=draw(st.integers(0, 120)))
+        occurred = DAY_START + dt.timedelta(minutes=EVENT_GRID_MINUTES * draw(st.integers(0, 12)))
         events.append(
             factories.event(
                 seq,
@@ -238,19 +246,20 @@ class World:
 
     def recipient_consents(self) -> None:
         """The recipient of the first parcel agrees to locker delivery, through the app,
-        two hours before the end of the day (as granted, whenever it arrives)."""
+        mid-morning, and the server records it ten minutes later (within the policy's
+        grace): whenever the rule runs, the consent is the same."""
         consent = grant(
             session=self.session,
             draft=ConsentDraft(
                 scope=ConsentScope.PARCEL,
                 method=ConsentMethod.LOCKER,
                 channel=ConsentChannel.APP,
-                granted_at=NOW - dt.timedelta(hours=2),
+                granted_at=CONSENT_GRANTED_AT,
                 tracking_no=KNOWN[0],
             ),
             rules=ConsentRules(tracking=POLICY, phone_region="CN"),
             created_by=None,
-            now=NOW,
+            now=CONSENT_GRANTED_AT + dt.timedelta(minutes=10),
         )
         rejudge_for_consent(session=self.session, consent=consent, policy=RULES.policy)
         self.session.commit()

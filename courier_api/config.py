@@ -263,6 +263,7 @@ def policy_of(config: Mapping[str, Any]) -> Policy:
         signature_required=config["SIGNATURE_REQUIRED_CLASSES"],
         far_from_address_m=float(config["FAR_FROM_ADDRESS_METRES"]),
         consent_recording_grace=dt.timedelta(minutes=config["CONSENT_RECORDING_GRACE_MINUTES"]),
+        clock_uncertainty=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
     )
 
 

@@ -48,7 +48,7 @@ from sync.handover import (
 from sync.projection import voided_by
 from sync.proofs import Proof
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
-from sync.rules import DROPS, EventDetail, Policy, covers, granted_before, in_force_at
+from sync.rules import DROPS, EventDetail, Policy, authorizes
 from sync.sql import among, chunks
 from sync.status import load_events
 
@@ -155,9 +155,7 @@ def drop_consents(
             (
                 fact.id
                 for fact in sorted(facts.get(parcel.tracking_no, []), key=lambda c: c.granted_at)
-                if covers(fact, drop)
-                and granted_before(fact, drop, policy)
-                and in_force_at(fact, drop.fact.occurred_at)
+                if authorizes(fact, drop, policy)
             ),
             None,
         )

@@ -21,14 +21,7 @@ from sync.consents import consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
-from sync.rules import (
-    DROPS,
-    Policy,
-    covers,
-    granted_before,
-    haversine_m,
-    in_force_at,
-)
+from sync.rules import DROPS, Policy, authorizes, haversine_m
 from sync.status import load_events
 from sync.tracking import normalize
 
@@ -179,11 +172,7 @@ def _authorizing(
     drop = next(e for e in events if e.fact.event_id == proof.event.id)
     facts = consents_for(session, [proof.parcel]).get(proof.parcel.tracking_no, [])
     for fact in sorted(facts, key=lambda c: c.granted_at):
-        if (
-            covers(fact, drop)
-            and granted_before(fact, drop, policy)
-            and in_force_at(fact, drop.fact.occurred_at)
-        ):
+        if authorizes(fact, drop, policy):
             return session.get(Consent, fact.id)
     return None
 

@@ -58,6 +58,12 @@ class Policy:
     # only if it was also recorded by then, give or take this (an SMS gateway's lag),
     # so that a consent posted after a drop cannot be dated before it.
     consent_recording_grace: dt.timedelta = dt.timedelta(hours=1)
+    # How far a drop's PDA time may be from its corrected time and the corrected time
+    # still be taken as when it happened (the bound that flags ``clock_skew``). Beyond
+    # it the PDA's clock may have moved between the drop and the push, which the offset
+    # measured at the push cannot tell: the drop is judged over the span between the two
+    # (``drop_span``), so that moving the clock gains nothing (DESIGN.md rule 6).
+    clock_uncertainty: dt.timedelta = dt.timedelta(seconds=120)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class EventDetail:
     details: Mapping[str, Any] = field(default_factory=dict)
     lat: float | None = None
     lon: float | None = None
+    # As the PDA's clock said (the fact's ``occurred_at`` is corrected by the offset
+    # measured at the push); None: not known, the corrected time alone counts.
+    occurred_at_device: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -200,8 +209,7 @@ def _drops(
     for drop in (e for e in counting if e.fact.type in DROPS):
         matching = [c for c in consents if covers(c, drop)]
         considered.update(c.id for c in matching)
-        at = drop.fact.occurred_at
-        if any(granted_before(c, drop, policy) and in_force_at(c, at) for c in matching):
+        if any(authorizes(c, drop, policy) for c in matching):
             continue
         after = [c.id for c in matching if not granted_before(c, drop, policy)]
         (late if after else unauthorized).append((drop.fact.event_id, after))
@@ -215,6 +223,32 @@ def _drops(
             "event_ids": [event_id for event_id, _ in late],
             "consent_ids": sorted({cid for _, ids in late for cid in ids}),
         }
+
+
+def authorizes(consent: ConsentFact, drop: EventDetail, policy: Policy) -> bool:
+    """Rule 4: the consent covers the drop, was granted before it and was in force at it
+    (whenever in its ``drop_span`` it happened)."""
+    return (
+        covers(consent, drop)
+        and granted_before(consent, drop, policy)
+        and in_force_at(consent, drop_span(drop, policy)[1])
+    )
+
+
+def drop_span(drop: EventDetail, policy: Policy) -> tuple[dt.datetime, dt.datetime]:
+    """The earliest and the latest time the drop may have happened: its corrected time,
+    unless its PDA time is further from it than ``policy.clock_uncertainty``. The offset
+    that corrects it was measured at the push, and a clock set back (or forward) between
+    the drop and the push would move the drop later (or earlier) by as much: a consent
+    granted after it would seem before it, or one revoked before it in force. Beyond the
+    bound, then, the drop may have happened anywhere between the two times. Both are
+    stored with the event when it first arrives, so the span is the same on every
+    judgement (rule 3)."""
+    at = drop.fact.occurred_at
+    device = drop.occurred_at_device
+    if device is None or abs(device - at) <= policy.clock_uncertainty:
+        return at, at
+    return min(at, device), max(at, device)
 
 
 def covers(consent: ConsentFact, drop: EventDetail) -> bool:
@@ -235,10 +269,11 @@ def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> b
     Any other must also have been recorded by the drop (with the policy's grace): the
     ``granted_at`` of a recipient channel is the sender's word, and that of another
     PDA its clock's, which no seq ties to the drop's (set back to capture and put right
-    before the push, it shows no offset)."""
+    before the push, it shows no offset). Before the earliest time the drop may have
+    happened (``drop_span``)."""
     if consent.device_id == drop.fact.device_id and consent.seq is not None:
         return consent.seq < drop.fact.seq
-    at = drop.fact.occurred_at
+    at = drop_span(drop, policy)[0]
     if consent.granted_at > at:
         return False
     return (

@@ -87,6 +87,7 @@ FACT_COLUMNS = (
     ScanEvent.details,
     ScanEvent.lat,
     ScanEvent.lon,
+    ScanEvent.occurred_at_device,  # a drop's time is uncertain between it and the corrected
 )
 _FACT_FIELDS = len(EventFact._fields)
 PARCEL_COLUMNS = (
@@ -489,12 +490,15 @@ def stored_detail(row: Mapping[str, Any], event_id: int) -> EventDetail:
         row["details"],
         row["lat"],
         row["lon"],
+        row["occurred_at_device"].astimezone(dt.UTC),
     )
 
 
 def _detail(row: Any) -> EventDetail:
-    details, lat, lon = row[1 + _FACT_FIELDS :]
-    return EventDetail(EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon)
+    details, lat, lon, occurred_at_device = row[1 + _FACT_FIELDS :]
+    return EventDetail(
+        EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon, occurred_at_device
+    )
 
 
 def targets_of_corrections(

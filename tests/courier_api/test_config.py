@@ -1,3 +1,4 @@
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,7 @@ def test_the_rules_policy_comes_from_the_configuration(tmp_path: Path) -> None:
             "CONSENT_REQUIRED_CLASSES": "express registered",
             "SIGNATURE_REQUIRED_CLASSES": "",
             "FAR_FROM_ADDRESS_METRES": "150",
+            "CLOCK_SKEW_FLAG_SECONDS": "300",
         },
         tmp_path,
     )
@@ -118,5 +120,8 @@ def test_the_rules_policy_comes_from_the_configuration(tmp_path: Path) -> None:
     assert policy.consent_required == {ServiceClass.EXPRESS, ServiceClass.REGISTERED}
     assert policy.signature_required == frozenset()
     assert policy.far_from_address_m == 150.0
+    # the bound that flags clock_skew is the one beyond which a drop's time is uncertain
+    assert policy.clock_uncertainty == dt.timedelta(minutes=5)
+    assert policy_of(load_config({}, tmp_path)).clock_uncertainty == dt.timedelta(minutes=2)
     with pytest.raises(ConfigError, match="CONSENT_REQUIRED_CLASSES"):
         load_config({"CONSENT_REQUIRED_CLASSES": "express,parcel"}, tmp_path)

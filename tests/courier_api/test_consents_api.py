@@ -41,10 +41,16 @@ def grant(client: FlaskClient, headers: dict[str, str], **body: Any) -> Any:
 
 
 def push_drop(
-    client: FlaskClient, auth: Auth, tracking_no: str, at: dt.datetime, skew: dt.timedelta
+    client: FlaskClient,
+    auth: Auth,
+    tracking_no: str,
+    at: dt.datetime,
+    skew: dt.timedelta,
+    moved: dt.timedelta = dt.timedelta(0),
 ) -> dict[str, Any]:
     """The courier checks the parcel out and leaves it in locker L-1, on a PDA whose
-    clock is ``skew`` off."""
+    clock is ``skew`` off; ``moved``: by how much the courier moved the PDA's clock
+    between the drop and the push."""
     events = [
         factories.event(1, tracking_no, occurred_at=at - dt.timedelta(hours=1) + skew),
         factories.event(
@@ -57,7 +63,7 @@ def push_drop(
             pod={"pickup_code": "4821"},
         ),
     ]
-    body = factories.push_body("PDA-0001", events, sent_at=now() + skew)
+    body = factories.push_body("PDA-0001", events, sent_at=now() + skew + moved)
     response = client.post(
         "/api/v1/sync/push", json=body, headers=auth.headers("courier1", "PDA-0001")
     )
@@ -129,6 +135,77 @@ def test_a_pda_clock_five_minutes_fast_is_corrected_before_judging(
     receipt = push_drop(client, auth, parcel.tracking_no, drop_at, dt.timedelta(minutes=5))
     kinds = {f["kind"] for f in receipt["flags_raised"]} - {"clock_skew"}
     assert kinds == ({flagged} if flagged else set())
+
+
+DROP_FLAGS = {"unauthorized_locker_drop", "consent_after_drop"}
+
+
+def test_a_pda_clock_set_back_before_the_push_does_not_date_the_drop_after_the_consent(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """The drop happened at T-40 on a PDA whose clock was right; the recipient consented
+    at T-30, after it. The courier set the PDA's clock back an hour before pushing: the
+    offset measured at the push moves the drop to about now, after the consent. The
+    server cannot tell when the clock moved, so the drop is judged over the whole span
+    between its device time and its corrected time: the consent came after it."""
+    drop_at = now() - dt.timedelta(minutes=40)
+    at = (drop_at + dt.timedelta(minutes=10)).isoformat()
+    assert grant(client, app1, tracking_no=parcel.tracking_no, granted_at=at).status_code == 201
+    receipt = push_drop(
+        client, auth, parcel.tracking_no, drop_at, dt.timedelta(0), -dt.timedelta(hours=1)
+    )
+    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    assert kinds & DROP_FLAGS == {"consent_after_drop"}, kinds
+    assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) is None
+
+
+def test_a_pda_clock_set_forward_before_the_push_does_not_date_the_drop_before_a_revocation(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """The consent was revoked, then the drop happened on a PDA whose clock was right;
+    the courier set the PDA's clock an hour forward before pushing: the offset measured
+    at the push moves the drop an hour back, when the consent was still in force. It
+    must be in force at the latest time the drop may have happened: it was not."""
+    consent = grant(
+        client,
+        app1,
+        tracking_no=parcel.tracking_no,
+        granted_at=(now() - dt.timedelta(hours=3)).isoformat(),
+    ).get_json()
+    revoked = client.post(f"{URL}/{consent['id']}/revoke", json={}, headers=app1)
+    assert revoked.status_code == 200
+    drop_at = now()  # after the revocation
+    receipt = push_drop(
+        client, auth, parcel.tracking_no, drop_at, dt.timedelta(0), dt.timedelta(hours=1)
+    )
+    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    assert kinds & DROP_FLAGS == {"unauthorized_locker_drop"}, kinds
+
+
+def test_an_honest_pda_drifting_within_the_bound_keeps_a_consent_given_at_the_door(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """A PDA 90 s slow (within ``CLOCK_SKEW_FLAG_SECONDS``), the recipient consenting
+    30 s before the drop: the drop is judged at its corrected time, and authorized."""
+    drop_at = now() - dt.timedelta(minutes=5)
+    at = (drop_at - dt.timedelta(seconds=30)).isoformat()
+    assert grant(client, app1, tracking_no=parcel.tracking_no, granted_at=at).status_code == 201
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, -dt.timedelta(seconds=90))
+    assert receipt["flags_raised"] == []
+    assert flag_status(session, "consent_after_drop", parcel.tracking_no) is None
+
+
+def test_a_pda_consistently_off_beyond_the_bound_keeps_a_consent_granted_well_before(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """A PDA 10 minutes slow at the drop and at the push: its drop may have happened
+    anywhere in the ten minutes between device and corrected time. A consent granted
+    before all of them authorizes it (only the device's ``clock_skew`` is raised)."""
+    drop_at = now() - dt.timedelta(minutes=20)
+    at = (drop_at - dt.timedelta(minutes=15)).isoformat()
+    assert grant(client, app1, tracking_no=parcel.tracking_no, granted_at=at).status_code == 201
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, -dt.timedelta(minutes=10))
+    assert {f["kind"] for f in receipt["flags_raised"]} == {"clock_skew"}
 
 
 def test_a_consent_arriving_later_but_granted_before_closes_the_flag(

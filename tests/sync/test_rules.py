@@ -1,5 +1,6 @@
 """Each rule of rules 4 and 5, with its clean twin (pure: no database)."""
 
+import dataclasses
 import datetime as dt
 import uuid
 from typing import Any
@@ -275,6 +276,71 @@ def test_a_consent_posted_long_after_the_drop_cannot_be_dated_before_it() -> Non
     }
     recorded_soon = T + dt.timedelta(minutes=50)
     assert kinds(locker_day(**POD), [consent(10, recorded_at=recorded_soon)]) == set()
+
+
+def pda_clock(day: list[EventDetail], minutes: float) -> list[EventDetail]:
+    """``day`` with its drop (the last event) stamped ``minutes`` off its corrected time
+    on the PDA's clock (negative: the device time is earlier)."""
+    drop = day[-1]
+    device = drop.fact.occurred_at + dt.timedelta(minutes=minutes)
+    return [*day[:-1], dataclasses.replace(drop, occurred_at_device=device)]
+
+
+@pytest.mark.parametrize(
+    ("clock", "flagged"),
+    [
+        (0, set()),
+        (1.5, set()),  # an honest drift: the corrected time alone
+        (-2, set()),  # at the bound (CLOCK_SKEW_FLAG_SECONDS' default) still
+        (-2.5, {"consent_after_drop"}),  # may have happened at 27.5, before the consent
+        (-60, {"consent_after_drop"}),  # set back after the drop, or forward before it
+        (5, set()),  # the consent precedes the whole span
+    ],
+)
+def test_a_drop_whose_clocks_disagree_beyond_the_bound_needs_consent_before_both(
+    clock: float, flagged: set[str]
+) -> None:
+    """Rule 6: the offset is measured at the push, and the clock may have moved between
+    the drop and the push. Beyond the bound, the drop may have happened anywhere between
+    its device time and its corrected time: a consent must precede the earliest."""
+    assert kinds(pda_clock(locker_day(**POD), clock), [consent(29)]) == flagged
+
+
+@pytest.mark.parametrize(
+    ("clock", "flagged"),
+    [(1.5, set()), (-5, set()), (5, {"unauthorized_locker_drop"})],
+)
+def test_a_drop_whose_clocks_disagree_beyond_the_bound_needs_consent_in_force_at_the_later(
+    clock: float, flagged: set[str]
+) -> None:
+    """Revoked at 32, two minutes after the corrected drop: in force at the latest time
+    the drop may have happened only if that is before 32."""
+    revoked = consent(10, revoked_at=T + dt.timedelta(minutes=32))
+    assert kinds(pda_clock(locker_day(**POD), clock), [revoked]) == flagged
+
+
+def test_a_consent_recorded_past_the_grace_of_an_uncertain_drops_earliest_time_is_late() -> None:
+    """Recorded within the grace of the corrected time but not of the device time, an hour
+    before it: a channel's consent might have been posted after the drop."""
+    recorded = T + dt.timedelta(minutes=80)  # 50 after the corrected drop
+    assert kinds(locker_day(**POD), [consent(10, recorded_at=recorded)]) == set()
+    assert kinds(pda_clock(locker_day(**POD), -60), [consent(-40, recorded_at=recorded)]) == {
+        "consent_after_drop"
+    }
+
+
+def test_a_consent_captured_on_the_drops_own_pda_is_still_ordered_by_seq() -> None:
+    day = pda_clock(locker_day(**POD), -60)
+    assert kinds(day, [consent(10, device_id="PDA-1", seq=2)]) == set()
+    assert kinds(day, [consent(10, device_id="PDA-1", seq=4)]) == {"consent_after_drop"}
+
+
+def test_the_clock_uncertainty_bound_is_the_policys() -> None:
+    day = pda_clock(locker_day(**POD), -5)
+    blobs = frozenset({"a" * 64})
+    lenient = Policy(clock_uncertainty=dt.timedelta(minutes=10))
+    assert evaluate(EXPRESS, day, [consent(29)], lenient, blobs) == {}
+    assert set(evaluate(EXPRESS, day, [consent(29)], POLICY, blobs)) == {"consent_after_drop"}
 
 
 def test_a_delivery_by_a_courier_it_was_not_checked_out_to_is_flagged() -> None:

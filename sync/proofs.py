@@ -42,6 +42,9 @@ class ProofFilter:
     occurred_to: dt.datetime | None = None
     flag_kind: str | None = None
     method: str | None = None
+    # ``flag_kind`` counts only this station's flags (a station-bound reader's: a parcel
+    # taken in elsewhere keeps each station's flags its own); None: every station's.
+    flags_of_station: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,16 +103,17 @@ def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel, bool]]:
     if filters.occurred_to is not None:
         query = query.where(ScanEvent.occurred_at < filters.occurred_to)
     if filters.flag_kind:
-        query = query.where(
-            exists().where(
-                Flag.subject_type == "parcel",
-                Flag.subject_key == ScanEvent.tracking_no,
-                Flag.kind == filters.flag_kind,
-                # closed: the system found its cause gone (a consent arrived late): the
-                # parcel has no such flag; one a manager resolved was real and counts
-                Flag.status != FlagStatus.CLOSED,
-            )
-        )
+        flagged = [
+            Flag.subject_type == "parcel",
+            Flag.subject_key == ScanEvent.tracking_no,
+            Flag.kind == filters.flag_kind,
+            # closed: the system found its cause gone (a consent arrived late): the
+            # parcel has no such flag; one a manager resolved was real and counts
+            Flag.status != FlagStatus.CLOSED,
+        ]
+        if filters.flags_of_station is not None:
+            flagged.append(Flag.station_id == filters.flags_of_station)
+        query = query.where(exists().where(*flagged))
     return query
 
 

@@ -630,5 +630,6 @@ def _proof_query(args: dict[str, Any]) -> tuple[ProofQuery, Station | None]:
         occurred_to=occurred_to,
         flag_kind=args.get("flag_kind"),
         method=args.get("method"),
+        flags_of_station=current_principal().station_filter(None),
     )
     return query, station

@@ -346,12 +346,11 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     assert row["signature_sha256"] == "b" * 64
 
 
-def test_a_proof_of_a_parcel_moved_on_shows_a_manager_only_their_own_stations_flags(
+def _a_flagged_parcel_moved_to_the_other_station(
     client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
-) -> None:
-    """ST1's flag about a parcel stays ST1's when the parcel is taken in at ST2: ST2's
-    manager, refused it at GET /flags/<id>, does not read it in a proof either (API and
-    page); an auditor still sees every station's."""
+) -> tuple[int, Flag]:
+    """The signed delivery's proof and ST1's ``pod_blob_missing`` flag about its parcel,
+    once the parcel is taken in again at ST2."""
     signed = day["signed"]
     items = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"]
     event_id = next(i["event_id"] for i in items if i["tracking_no"] == signed.tracking_no)
@@ -375,6 +374,18 @@ def test_a_proof_of_a_parcel_moved_on_shows_a_manager_only_their_own_stations_fl
         headers=auth.headers("admin"),
     )
     assert moved.get_json()["results"][0]["status"] == "updated"
+    return event_id, old_flag
+
+
+def test_a_proof_of_a_parcel_moved_on_shows_a_manager_only_their_own_stations_flags(
+    client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
+) -> None:
+    """ST1's flag about a parcel stays ST1's when the parcel is taken in at ST2: ST2's
+    manager, refused it at GET /flags/<id>, does not read it in a proof either (API and
+    page); an auditor still sees every station's."""
+    event_id, old_flag = _a_flagged_parcel_moved_to_the_other_station(
+        client, auth, session, world, day
+    )
     manager = auth.headers("manager2")
     assert client.get(f"/api/v1/flags/{old_flag.id}", headers=manager).status_code == 403
     body = client.get(f"{URL}/{event_id}", headers=manager).get_json()
@@ -384,3 +395,24 @@ def test_a_proof_of_a_parcel_moved_on_shows_a_manager_only_their_own_stations_fl
     assert f'href="/web/flags/{old_flag.id}"' not in page
     auditor = client.get(f"{URL}/{event_id}", headers=auth.headers("auditor1")).get_json()
     assert old_flag.id in [f["id"] for f in auditor["flags"]]
+
+
+def test_a_managers_flag_kind_search_finds_only_their_own_stations_flags(
+    client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
+) -> None:
+    """Searching proofs by a kind of flag tells ST2's manager nothing of ST1's flags
+    about a parcel now at ST2 (API, page and export); an auditor's search finds it."""
+    event_id, _ = _a_flagged_parcel_moved_to_the_other_station(client, auth, session, world, day)
+    query = {"flag_kind": "pod_blob_missing"}
+
+    def found(role: str) -> list[int]:
+        answer = client.get(URL, headers=auth.headers(role), query_string=query)
+        assert answer.status_code == 200
+        return [item["event_id"] for item in answer.get_json()["items"]]
+
+    assert event_id not in found("manager2")
+    assert event_id in found("auditor1")
+    page = signed_in(client.application, "manager2")
+    assert f"/web/proofs/{event_id}" not in page.get("/web/proofs?flag_kind=pod_blob_missing")
+    export = page.get("/web/proofs/export.csv?flag_kind=pod_blob_missing")
+    assert day["signed"].tracking_no not in export

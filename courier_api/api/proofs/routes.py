@@ -78,6 +78,7 @@ def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
         occurred_to=args.get("occurred_to"),
         flag_kind=args.get("flag_kind"),
         method=args.get("method"),
+        flags_of_station=principal.station_filter(None),
     )
 
 

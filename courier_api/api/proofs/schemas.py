@@ -17,7 +17,8 @@ class ProofArgs(ma.Schema):
     flag_kind = Text(
         metadata={
             "description": "Only parcels with a flag of this kind, open or resolved by a "
-            "manager (not one the system closed because its cause went away)"
+            "manager (not one the system closed because its cause went away); a station "
+            "manager's own station's flags only"
         }
     )
     method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))

@@ -66,6 +66,13 @@ class ProofDetail:
     def voided(self) -> bool:
         return self.proof.voided
 
+    @property
+    def proofs_shown(self) -> list[int]:
+        """Ids of the deliveries whose POD this detail shows: its own and, in the parcel's
+        timeline, any other (a mis-tap voided, the delivery after it): an auditor's read
+        names them all."""
+        return sorted(e.event.id for e in self.timeline if e.event.type in DELIVERY_TYPES)
+
 
 def check_filters(filters: ProofFilter) -> None:
     """Raise ``InvalidInput`` for filters no search can take (before any is run: an

@@ -490,7 +490,10 @@ def proof(event_id: int) -> ResponseReturnValue:
     )
     ensure_station_access(detail.proof.parcel.station_id)
     record_auditor_read(
-        "proof_read", "proof", str(event_id), {"tracking_no": detail.proof.event.tracking_no}
+        "proof_read",
+        "proof",
+        str(event_id),
+        {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
     )
     pod = detail.proof.event.details.get("pod")
     states = image_states(

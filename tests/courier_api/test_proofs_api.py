@@ -161,6 +161,45 @@ def test_every_auditor_read_is_audit_logged(
     assert actions == ["proofs_searched", "proof_read", "proofs_exported"]
 
 
+def test_an_auditors_read_of_a_proof_names_every_delivery_its_timeline_shows(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A proof's detail shows the parcel's whole event chain, each delivery with its POD:
+    reading the redelivery's proof reads the voided mis-tap's too, and the audit log says
+    so (API and page)."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    mistap = factories.event(
+        2, parcel.tracking_no, "delivered", occurred_at=at + dt.timedelta(minutes=1),
+        pod={"recipient_name": "Li", "signature_sha256": "b" * 64},
+    )  # fmt: skip
+    correction = factories.event(
+        3, parcel.tracking_no, "correction", occurred_at=at + dt.timedelta(minutes=2),
+        voids_client_event_id=mistap["client_event_id"], reason="wrong parcel",
+    )  # fmt: skip
+    delivered = factories.event(
+        4, parcel.tracking_no, "delivered", occurred_at=at + dt.timedelta(minutes=9),
+        pod={"recipient_name": "Wang", "signature_sha256": "c" * 64},
+    )  # fmt: skip
+    auth.push(
+        [factories.event(1, parcel.tracking_no, occurred_at=at), mistap, correction, delivered]
+    )
+    auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
+    ids = sorted(
+        i["event_id"] for i in client.get(URL, query_string=query, headers=auditor).json["items"]
+    )
+    assert len(ids) == 2
+    detail = client.get(f"{URL}/{ids[1]}", headers=auditor).get_json()
+    shown = sorted(e["event_id"] for e in detail["timeline"] if e["details"].get("pod"))
+    assert shown == ids
+    signed_in(app, "auditor1").get(f"/web/proofs/{ids[1]}")
+    reads = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proof_read").order_by(AuditEntry.id)
+    ).all()
+    assert [(r.subject_key, r.details["event_ids"]) for r in reads] == [(str(ids[1]), ids)] * 2
+
+
 def test_the_csv_export_streams_the_filtered_proofs(
     client: FlaskClient, auth: Auth, day: dict[str, Any]
 ) -> None:

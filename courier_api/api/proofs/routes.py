@@ -186,7 +186,10 @@ class ProofById(MethodView):
         )
         ensure_station_access(detail.proof.parcel.station_id)
         record_auditor_read(
-            "proof_read", "proof", str(event_id), {"tracking_no": detail.proof.event.tracking_no}
+            "proof_read",
+            "proof",
+            str(event_id),
+            {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
         )
         consent = detail.authorizing_consent
         return {

@@ -36,9 +36,11 @@ from sync.flags import (
     ACTIVE_STATUSES,
     FlagSubject,
     close_flags,
+    closed_from_resolution,
     raise_flag,
     raise_new_flags,
     reopen_flag,
+    resolve_again,
     restore_resolution,
 )
 from sync.handover import (
@@ -64,6 +66,18 @@ from sync.status import FACT_COLUMNS
 # Handover flags the events may close: those a manager resolved too (README).
 STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
+# In the evidence of a resolved flag the system opened again on new events: the events a
+# manager resolved it on. Should the new ones go, it is resolved again (README).
+RESOLVED_ON = "resolved_on_event_ids"
+OPENED_AGAIN = {
+    MISSING: "missing again on new events",
+    "not_on_manifest": "an outcome the shift did not check out, on new events",
+}
+RESOLVED_AGAIN = {
+    MISSING: "the parcel is unaccounted for again on the events a manager resolved it on",
+    "not_on_manifest": "an outcome the shift did not check out again, on the events a "
+    "manager resolved it on",
+}
 # The shift, then the tracking number and EventFact's fields, as the projection reads them.
 EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact._fields)])
 
@@ -413,7 +427,8 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
     batch: the parcel thought missing was returned after all). Like the parcel rule
     flags (README), a flag whose cause went away is closed with the reason, resolved
     or not; one a manager resolved stays resolved while its cause stands on the events
-    they saw, opens on new ones, and is resolved again if its cause comes back on them.
+    they saw, opens on new ones, and is resolved again if its cause comes back on them
+    (also once the new ones went: voided, or filed under another shift; rule 3).
     """
     judged = [shift for shift in shifts if shift.status != ShiftStatus.OPEN]
     if not judged:
@@ -440,17 +455,37 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                         evidence=evidence,
                     )
                 )
-            elif existing.status == FlagStatus.CLOSED:
+                continue
+            stored = facts.handover_evidence.get(existing.id, {})
+            shown = set(evidence["event_ids"])
+            status = existing.status
+            # The events a manager resolved the flag on, when the system opened it (or
+            # opens it now) on new events since: should those go, it is resolved again.
+            seen: list[int] | None = stored.get(RESOLVED_ON)
+            if status == FlagStatus.CLOSED:
                 flag = session.get(Flag, existing.id)
-                if flag is not None and not _new_events(existing, evidence):
-                    if restore_resolution(
-                        session=session,
-                        flag=flag,
-                        note="the parcel is unaccounted for again on the events a manager "
-                        "resolved it on",
-                    ):
-                        flag.evidence = evidence
-                        continue
+                if flag is None:
+                    continue
+                if shown <= existing.event_ids and restore_resolution(
+                    session=session, flag=flag, note=RESOLVED_AGAIN[kind]
+                ):
+                    flag.evidence = evidence
+                    continue
+                if closed_from_resolution(session=session, flag=flag):
+                    seen = sorted(existing.event_ids)
+            elif status == FlagStatus.RESOLVED:
+                seen = sorted(existing.event_ids) if _new_events(existing, evidence) else None
+            elif seen is not None and shown <= set(seen):
+                # Opened on new events after a manager resolved it, and they went
+                # (voided, or filed under another shift): as if they never came.
+                flag = session.get(Flag, existing.id)
+                if flag is not None and resolve_again(
+                    session=session, flag=flag, note=RESOLVED_AGAIN[kind]
+                ):
+                    flag.evidence = evidence
+                    continue
+            now = evidence if seen is None else {**evidence, RESOLVED_ON: seen}
+            if status == FlagStatus.CLOSED:
                 reopened = raise_flag(
                     session=session,
                     kind=kind,
@@ -460,19 +495,19 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                     evidence=evidence,
                     shift_id=shift_id,
                 ).flag
-                reopened.evidence = evidence  # what the events say now, not merged history
+                reopened.evidence = now  # what the events say now, not merged history
                 raised.append(reopened)
-            elif existing.status == FlagStatus.RESOLVED and _new_events(existing, evidence):
+            elif status == FlagStatus.RESOLVED and seen is not None:
                 # Resolved for the events a manager saw; new ones must be seen too.
                 flag = session.get(Flag, existing.id)
                 if flag is not None:
-                    reopen_flag(session=session, flag=flag, note="missing again on new events")
-                    flag.evidence = evidence
+                    reopen_flag(session=session, flag=flag, note=OPENED_AGAIN[kind])
+                    flag.evidence = now
                     raised.append(flag)
-            elif facts.handover_evidence.get(existing.id) != evidence:
+            elif stored != now:
                 flag = session.get(Flag, existing.id)
                 if flag is not None:
-                    flag.evidence = evidence  # what the shift's events say now
+                    flag.evidence = now  # what the shift's events say now
         for (kind, tracking_no), ref in facts.handover_flags.items():
             if (kind, tracking_no) not in wanted and ref.status in STANDING:
                 gone[kind].append(subject_of(shift_id, tracking_no))

@@ -23,6 +23,8 @@ audit log. A flag's life::
     resolved -> closed (its cause gone) -------------> resolved (back, on the events
                                                        the manager resolved it on)
                                                     -> open (back on new events)
+    resolved -> open (new events) -> resolved (a shift's own flag: they went, voided or
+                                               filed under another shift)
 """
 
 from __future__ import annotations
@@ -156,6 +158,16 @@ def restore_resolution(*, session: Session, flag: Flag, note: str) -> bool:
     cause is back on the events a manager resolved it on (the caller knows that): the
     decision stands however the events were batched. False, and nothing changed, if
     the flag was not closed from ``resolved``."""
+    if not closed_from_resolution(session=session, flag=flag):
+        return False
+    _record(session, flag, FlagStatus.CLOSED, FlagStatus.RESOLVED, note=note)
+    flag.status = FlagStatus.RESOLVED
+    flag.closed_reason = None
+    return True
+
+
+def closed_from_resolution(*, session: Session, flag: Flag) -> bool:
+    """Whether the system closed the flag straight from ``resolved``."""
     if flag.status != FlagStatus.CLOSED:
         return False
     last = session.scalars(
@@ -164,9 +176,26 @@ def restore_resolution(*, session: Session, flag: Flag, note: str) -> bool:
         .order_by(FlagChange.id.desc())
         .limit(1)
     ).first()
-    if last is None or last.from_status != FlagStatus.RESOLVED:
+    return last is not None and last.from_status == FlagStatus.RESOLVED
+
+
+def resolve_again(*, session: Session, flag: Flag, note: str) -> bool:
+    """Resolve again a flag the system opened or closed after a manager resolved it, now
+    that its cause stands only on the events they resolved it on (the caller knows
+    that): the latest change a person made is that resolution, every one since the
+    system's. False, and nothing changed, otherwise (a manager acknowledged it since,
+    or it is resolved)."""
+    if flag.status == FlagStatus.RESOLVED:
         return False
-    _record(session, flag, FlagStatus.CLOSED, FlagStatus.RESOLVED, note=note)
+    latest = session.scalars(
+        select(FlagChange)
+        .where(FlagChange.flag_id == flag.id, FlagChange.by_user_id.is_not(None))
+        .order_by(FlagChange.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None or latest.to_status != FlagStatus.RESOLVED:
+        return False
+    _record(session, flag, flag.status, FlagStatus.RESOLVED, note=note)
     flag.status = FlagStatus.RESOLVED
     flag.closed_reason = None
     return True

@@ -1694,3 +1694,111 @@ def test_a_resolved_handover_flag_closes_with_its_cause_and_opens_on_new_events(
         FlagStatus.CLOSED,
         FlagStatus.RESOLVED,
     ]
+
+
+@pytest.mark.parametrize("pushed", ["together", "apart"])
+def test_a_resolved_missing_flag_opened_on_a_mis_tap_is_resolved_again_once_it_is_voided(
+    session: Session, world: World, pda: Pda, pushed: str
+) -> None:
+    """Rule 3: a scan of the missing parcel after the manager resolved its flag, and the
+    correction voiding it, end the same pushed together or apart. Apart, the scan opens
+    the flag (new events); voided, the cause stands on the events the manager resolved
+    it on again, and it is resolved again, as pushed together it stayed."""
+    from sync.flags import flag_changes, resolve_flag
+
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = pda.close(shift, last_seq=3)
+    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    scan = pda.event(a, "out_for_delivery")
+    pda.seq += 1
+    undo = factories.event(
+        pda.seq,
+        a,
+        "correction",
+        occurred_at=at(pda.seq),
+        voids_client_event_id=scan["client_event_id"],
+        reason="mis-tap",
+    )
+    if pushed == "together":
+        pda.push([scan, undo])
+    else:
+        pda.push([scan])
+        assert handover_flags(session, shift) == {(MISSING_KIND, a): FlagStatus.OPEN}
+        pda.push([undo])
+    assert handover_flags(session, shift) == {(MISSING_KIND, a): FlagStatus.RESOLVED}
+    session.refresh(flag)
+    assert "resolved_on_event_ids" not in flag.evidence
+    if pushed == "apart":
+        assert [c.to_status for c in flag_changes(session=session, flag=flag)][-2:] == [
+            FlagStatus.OPEN,
+            FlagStatus.RESOLVED,
+        ]
+
+
+def test_a_withdrawn_reopening_leaves_the_resolved_missing_flag_resolved(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The parcel is missing, its flag resolved, the shift signed off. A check-out of it
+    scanned in the grace after the close reopens the shift and opens the flag (new
+    events); the next shift opens and takes the check-out: the reopening is withdrawn,
+    and the flag is resolved again, as it would have stayed had the check-out come
+    after the opening."""
+    from sync.flags import resolve_flag
+
+    (a,) = parcels(session, world, 1)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    first = pda.close(first)
+    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == first.id))
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    first = sign_off(session, world, first)
+    again = pda.event(a, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([again], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    session.refresh(first)
+    session.refresh(flag)
+    assert (first.status, flag.status) == (ShiftStatus.CLOSED, FlagStatus.OPEN)
+    second = pda.open(now=NOW + dt.timedelta(minutes=5))
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 2)).one() == (
+        second.id
+    )
+    session.refresh(first)
+    session.refresh(flag)
+    assert (first.status, flag.status) == (ShiftStatus.SIGNED_OFF, FlagStatus.RESOLVED)
+
+
+def test_a_resolved_not_on_manifest_flag_opened_on_new_events_says_so(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Its history speaks of an outcome off the manifest, not of a missing parcel."""
+    from sync.flags import flag_changes, resolve_flag
+
+    (p,) = parcels(session, world, 1)
+    r = pda.open(first_seq=1, now=NOW - dt.timedelta(hours=4))
+    pda.push([pda.event(p, occurred_at=NOW - dt.timedelta(hours=3))])
+    pda.close(r, last_seq=1, now=NOW - dt.timedelta(hours=2, minutes=30))
+    s = pda.open(first_seq=2, now=NOW - dt.timedelta(hours=2))
+    pda.push([pda.event(p, "delivered", occurred_at=NOW - dt.timedelta(hours=1))])
+    s = pda.close(s, last_seq=3, now=NOW - dt.timedelta(minutes=30))
+    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == s.id))
+    assert flag.kind == "not_on_manifest"
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="checked")
+    session.commit()
+    pda.push(
+        [
+            pda.event(
+                p,
+                "delivered_to_pickup_point",
+                point_id="PP-1",
+                occurred_at=NOW - dt.timedelta(minutes=45),
+            )
+        ]
+    )
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+    note = flag_changes(session=session, flag=flag)[-1].note
+    assert "missing" not in note and "not check out" in note

@@ -56,6 +56,8 @@ from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
+from sync.projection import EventFact
+from sync.rules import ConsentFact, EventDetail, granted_before
 from sync.shifts import ShiftRules, close_shift, open_shift
 from sync.status import rejudge_for_consent
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
@@ -97,10 +99,14 @@ SKEWS = [
 # of its times. A push corrects an event's device time by the offset it measures, so
 # after the clock changes a push corrects older events by up to 4 minutes either way
 # (SKEWS) from what one in-order push would: never across the consent's time, so that
-# whether the consent came before a drop cannot depend on which push carried it.
+# whether the consent came before a drop cannot depend on which push carried it. The
+# server records it 80 minutes later: the recording grace (an hour) then ends 5 minutes
+# off the grid too, so a drop after the grant may still come before the consent was
+# recorded (granted_before's other branch), and no skew moves a drop across that either.
 DAY_START = NOW - dt.timedelta(hours=3)
 EVENT_GRID_MINUTES = 10
 CONSENT_GRANTED_AT = NOW - dt.timedelta(hours=2) + dt.timedelta(minutes=EVENT_GRID_MINUTES / 2)
+CONSENT_RECORDED_AT = CONSENT_GRANTED_AT + dt.timedelta(minutes=80)
 
 
 @st.composite
@@ -246,8 +252,9 @@ class World:
 
     def recipient_consents(self) -> None:
         """The recipient of the first parcel agrees to locker delivery, through the app,
-        mid-morning, and the server records it ten minutes later (within the policy's
-        grace): whenever the rule runs, the consent is the same."""
+        mid-morning, and the server records it 80 minutes later: a drop in the first 20
+        minutes after the grant is not authorized by it (recorded beyond the policy's
+        grace), a later one is. Whenever the rule runs, the consent is the same."""
         consent = grant(
             session=self.session,
             draft=ConsentDraft(
@@ -259,7 +266,7 @@ class World:
             ),
             rules=ConsentRules(tracking=POLICY, phone_region="CN"),
             created_by=None,
-            now=CONSENT_GRANTED_AT + dt.timedelta(minutes=10),
+            now=CONSENT_RECORDED_AT,
         )
         rejudge_for_consent(session=self.session, consent=consent, policy=RULES.policy)
         self.session.commit()
@@ -440,6 +447,33 @@ class PdaAgainstServer(RuleBasedStateMachine):
             return reference.final_state()
         finally:
             reference.close()
+
+
+def test_the_consent_leaves_every_outcome_of_a_drop_reachable_and_none_to_the_clock() -> None:
+    """The machine's drops, on the grid and corrected by any skew, meet the recipient's
+    consent as granted after them, granted before but recorded too late, and
+    authorized; and each grid time meets it one way whatever the skew."""
+    consent = ConsentFact(
+        id=1,
+        method=ConsentMethod.LOCKER,
+        point_id=None,
+        granted_at=CONSENT_GRANTED_AT,
+        recorded_at=CONSENT_RECORDED_AT,
+    )
+
+    def outcome(at: dt.datetime) -> str:
+        fact = EventFact(1, "PDA-CONV", 1, EventType.DELIVERED_TO_LOCKER, at, uuid.uuid4(), 1)
+        if granted_before(consent, EventDetail(fact), RULES.policy):
+            return "authorized"
+        return "granted after" if CONSENT_GRANTED_AT > at else "recorded too late"
+
+    seen = set()
+    for step in range(13):  # event_streams' grid
+        device_time = DAY_START + dt.timedelta(minutes=EVENT_GRID_MINUTES * step)
+        judged = {outcome(device_time - skew) for skew in SKEWS}
+        assert len(judged) == 1, (device_time, judged)
+        seen |= judged
+    assert seen == {"authorized", "granted after", "recorded too late"}
 
 
 def test_any_split_order_and_retry_converge_to_one_in_order_push(engine: Engine) -> None:

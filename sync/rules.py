@@ -77,6 +77,8 @@ class EventDetail:
     # As the PDA's clock said (the fact's ``occurred_at`` is corrected by the offset
     # measured at the push); None: not known, the corrected time alone counts.
     occurred_at_device: dt.datetime | None = None
+    # When its push reached the server: it happened before, whatever its PDA time says.
+    received_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -243,12 +245,17 @@ def drop_span(drop: EventDetail, policy: Policy) -> tuple[dt.datetime, dt.dateti
     granted after it would seem before it, or one revoked before it in force. Beyond the
     bound, then, the drop may have happened anywhere between the two times. Both are
     stored with the event when it first arrives, so the span is the same on every
-    judgement (rule 3)."""
+    judgement (rule 3). Never after its push reached the server (``received_at``): a
+    PDA time ahead of that (a clock running fast) is no time the drop may have had, and
+    a consent revoked or expiring after it was in force whenever the drop happened."""
     at = drop.fact.occurred_at
     device = drop.occurred_at_device
     if device is None or abs(device - at) <= policy.clock_uncertainty:
         return at, at
-    return min(at, device), max(at, device)
+    latest = max(at, device)
+    if drop.received_at is not None:
+        latest = max(at, min(latest, drop.received_at))
+    return min(at, device), latest
 
 
 def covers(consent: ConsentFact, drop: EventDetail) -> bool:

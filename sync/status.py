@@ -88,6 +88,7 @@ FACT_COLUMNS = (
     ScanEvent.lat,
     ScanEvent.lon,
     ScanEvent.occurred_at_device,  # a drop's time is uncertain between it and the corrected
+    ScanEvent.received_at,  # ... but not after its push arrived
 )
 _FACT_FIELDS = len(EventFact._fields)
 PARCEL_COLUMNS = (
@@ -491,13 +492,14 @@ def stored_detail(row: Mapping[str, Any], event_id: int) -> EventDetail:
         row["lat"],
         row["lon"],
         row["occurred_at_device"].astimezone(dt.UTC),
+        row["received_at"].astimezone(dt.UTC),
     )
 
 
 def _detail(row: Any) -> EventDetail:
-    details, lat, lon, occurred_at_device = row[1 + _FACT_FIELDS :]
+    details, lat, lon, occurred_at_device, received_at = row[1 + _FACT_FIELDS :]
     return EventDetail(
-        EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon, occurred_at_device
+        EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon, occurred_at_device, received_at
     )
 
 

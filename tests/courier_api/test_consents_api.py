@@ -208,6 +208,27 @@ def test_a_pda_consistently_off_beyond_the_bound_keeps_a_consent_granted_well_be
     assert {f["kind"] for f in receipt["flags_raised"]} == {"clock_skew"}
 
 
+def test_a_revocation_after_the_push_arrived_does_not_reach_back_to_a_fast_pdas_drop(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """A PDA 20 minutes fast at the drop and at the push: its drop, 10 minutes ago, is
+    judged over the span up to its device time, 10 minutes from now. But the drop cannot
+    have happened after its push reached the server: a consent revoked after that was
+    in force whenever the drop happened, and the drop stays authorized."""
+    consent = grant(
+        client,
+        app1,
+        tracking_no=parcel.tracking_no,
+        granted_at=(now() - dt.timedelta(hours=3)).isoformat(),
+    ).get_json()
+    drop_at = now() - dt.timedelta(minutes=10)
+    receipt = push_drop(client, auth, parcel.tracking_no, drop_at, dt.timedelta(minutes=20))
+    assert {f["kind"] for f in receipt["flags_raised"]} == {"clock_skew"}
+    revoked = client.post(f"{URL}/{consent['id']}/revoke", json={}, headers=app1)
+    assert revoked.status_code == 200
+    assert flag_status(session, "unauthorized_locker_drop", parcel.tracking_no) is None
+
+
 def test_a_consent_arriving_later_but_granted_before_closes_the_flag(
     client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
 ) -> None:

@@ -319,6 +319,18 @@ def test_a_drop_whose_clocks_disagree_beyond_the_bound_needs_consent_in_force_at
     assert kinds(pda_clock(locker_day(**POD), clock), [revoked]) == flagged
 
 
+def test_an_uncertain_drop_cannot_have_happened_after_its_push_arrived() -> None:
+    """A PDA clock 60 minutes fast: the drop at 30 (corrected) says 90 on the PDA, but its
+    push reached the server at 35. A consent expiring at 40 was in force whenever it
+    happened; one expiring at 33 maybe not."""
+    day = pda_clock(locker_day(**POD), 60)
+    day[-1] = dataclasses.replace(day[-1], received_at=T + dt.timedelta(minutes=35))
+    assert kinds(day, [consent(10, expires_at=T + dt.timedelta(minutes=40))]) == set()
+    assert kinds(day, [consent(10, expires_at=T + dt.timedelta(minutes=33))]) == {
+        "unauthorized_locker_drop"
+    }
+
+
 def test_a_consent_recorded_past_the_grace_of_an_uncertain_drops_earliest_time_is_late() -> None:
     """Recorded within the grace of the corrected time but not of the device time, an hour
     before it: a channel's consent might have been posted after the drop."""

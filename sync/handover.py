@@ -278,11 +278,16 @@ def compute_balance(
     for tracking_no in sorted(trails):
         trail = trails[tracking_no]
         shift_events = set(trail.event_ids)
-        cited = [
-            f
-            for f in rule_flags.get(tracking_no, ())
-            if f.kind in BALANCE_RULE_KINDS and f.event_ids & shift_events
-        ]
+        # By id: the database hands them in no set order, and a signed-off shift's
+        # balance is compared with the one signed off, discrepancies in order.
+        cited = sorted(
+            (
+                f
+                for f in rule_flags.get(tracking_no, ())
+                if f.kind in BALANCE_RULE_KINDS and f.event_ids & shift_events
+            ),
+            key=lambda f: f.id,
+        )
         outcome = _outcome(trail, cited)
         if trail.on_manifest:
             counts["checked_out"] += 1

@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Flag, FlagStatus, ScanEvent, ServiceClass, Shift, ShiftStatus
+from models import (
+    AuditEntry,
+    EventType,
+    Flag,
+    FlagStatus,
+    ScanEvent,
+    ServiceClass,
+    Shift,
+    ShiftStatus,
+)
 from sync import balances as balances_module
 from sync import shifts
 from sync.balances import balances, shift_balance
@@ -20,8 +29,10 @@ from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
 from sync.flags import close_flags_by_id
 from sync.handover import MISSING as MISSING_KIND
+from sync.handover import FlagRef, ShiftEvent, ShiftSeqs, compute_balance, parcel_trails
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
+from sync.projection import EventFact
 from sync.shifts import ShiftRules
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
@@ -1802,3 +1813,33 @@ def test_a_resolved_not_on_manifest_flag_opened_on_new_events_says_so(
     assert flag.status == FlagStatus.OPEN
     note = flag_changes(session=session, flag=flag)[-1].note
     assert "missing" not in note and "not check out" in note
+
+
+def test_a_balance_cites_a_parcels_rule_flags_in_one_order_however_they_were_read() -> None:
+    """The database hands back a parcel's rule flags in no set order (PostgreSQL's may
+    change between reads), and a signed-off shift's balance is compared with the one
+    signed off, discrepancies in order: the same flags must give the same balance."""
+    when = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
+
+    def fact(event_id: int, event_type: EventType) -> EventFact:
+        return EventFact(event_id, "PDA-1", event_id, event_type, when, uuid.uuid4(), 1)
+
+    trails = parcel_trails(
+        [
+            ShiftEvent("RR1", fact(1, EventType.CHECKED_OUT)),
+            ShiftEvent("RR1", fact(2, EventType.DELIVERED_TO_LOCKER)),
+        ]
+    )
+    flags = [
+        FlagRef(8, "unauthorized_locker_drop", FlagStatus.OPEN, frozenset({2})),
+        FlagRef(5, "conflicting_final_outcome", FlagStatus.OPEN, frozenset({2})),
+    ]
+    seqs = ShiftSeqs(ShiftStatus.CLOSED, 1, 2, 2, [])
+
+    def judged(read: list[FlagRef]) -> dict[str, Any]:
+        return compute_balance(
+            shift_id=1, trails=trails, rule_flags={"RR1": read}, handover_flags={}, seqs=seqs
+        ).snapshot()
+
+    assert judged(flags) == judged(flags[::-1])
+    assert [d["flag_id"] for d in judged(flags)["discrepancies"]] == [5, 8]

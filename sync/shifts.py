@@ -320,27 +320,52 @@ def _refile_from_previous(
     ]
     if not moved:
         return
+    # Its balance before the moves, if signed off: a change since the sign-off that
+    # reopened nothing (a rule flag closed) is not the opening's to reopen it for.
+    before = _signed_off_snapshot(session, previous.id)
     session.execute(update(ScanEvent), moved)  # by primary key
     # The previous shift lost events; one they moved to may be closed (clocks).
     judged = {previous.id, *(m["shift_id"] for m in moved if m["shift_id"] is not None)}
     order = sorted(judged if also_lock is None else judged | {also_lock})
     locked = [lock_shift(session, i) for i in order]
     refresh_handover_flags(session=session, shifts=[s for s in locked if s.id in judged])
-    _reopen_if_changed(session, previous.id, sorted(m["id"] for m in moved), opened)
+    _reopen_if_changed(session, previous.id, sorted(m["id"] for m in moved), opened, before)
     _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
     _reopen_where_filed(session, moved, previous.id, opened)
 
 
-def _reopen_if_changed(session: Session, shift_id: int, moved: list[int], opened: Shift) -> None:
+def _signed_off_snapshot(session: Session, shift_id: int) -> dict[str, Any] | None:
+    """The balance of ``shift_id`` as it stands, if it is signed off (else None)."""
+    from sync.balances import shift_balance
+
+    shift = session.scalar(
+        select(Shift).where(Shift.id == shift_id).execution_options(populate_existing=True)
+    )
+    if shift is None or shift.status != ShiftStatus.SIGNED_OFF:
+        return None
+    return shift_balance(session=session, shift=shift).snapshot()
+
+
+def _reopen_if_changed(
+    session: Session,
+    shift_id: int,
+    moved: list[int],
+    opened: Shift,
+    before: dict[str, Any] | None,
+) -> None:
     """A signed-off shift whose events the opening took (a return scanned in the grace
     after its close) no longer has the balance its manager signed off: it reopens, as
-    for a late event, naming the events that left it and where they went."""
+    for a late event, naming the events that left it and where they went. Only if
+    taking them changed its balance (``before``, as it stood before the moves): what
+    changed since the sign-off without reopening it (a rule flag closed by a consent
+    that came later) is left alone, as ``_reopen_if_bounded`` leaves it."""
     from sync.balances import shift_balance
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.SIGNED_OFF:
         return
-    if shift_balance(session=session, shift=shift).snapshot() == shift.signoff_balance:
+    now = shift_balance(session=session, shift=shift).snapshot()
+    if now == shift.signoff_balance or now == before:
         return
     reopen_for_late_events(
         session=session,

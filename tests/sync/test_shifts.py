@@ -603,6 +603,33 @@ def test_not_on_manifest_when_a_late_check_out_only_narrows_the_flag(
     ]
 
 
+def test_a_signed_off_shift_whose_scan_the_next_opening_takes_unchanged_stays_signed_off(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The shift, closed without its last seq, holds by the grace an out-for-delivery
+    scan of a parcel it never took (it counts nowhere) and is signed off with a
+    delivery without proof. The proof is found (the rule flag closes: no reopening).
+    The next shift opens and takes the scan: the shift's balance is the same with it
+    or without it, so the opening changed nothing of it, and it stays signed off."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "delivered", pod={"recipient_name": "R"})])  # no proof
+    first = pda.close(first)
+    scan = pda.event(b, "out_for_delivery", occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([scan], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    first = sign_off(session, world, first, note="asked for the proof")
+    flag = session.scalars(select(Flag).where(Flag.kind == "delivered_without_pod")).one()
+    close_flags_by_id(session=session, flag_ids=[flag.id], reason="proof found")
+    session.commit()
+    second = pda.open(now=NOW + dt.timedelta(minutes=5))
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
+        second.id
+    )
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 0)
+    assert session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).all() == []
+
+
 def test_a_resolved_rule_flag_whose_cause_went_away_is_closed_and_unbalances_nothing(
     session: Session, world: World, pda: Pda
 ) -> None:

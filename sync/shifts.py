@@ -510,6 +510,18 @@ def close_shift(
             code="invalid_last_seq",
             field="last_seq",
         )
+    if last_seq is not None and shift.first_seq is None:
+        # Undeclared, its seqs start after the last seq the PDA's previous shift
+        # declared (``sync.handover``): a last_seq before that leaves it none.
+        before = adjacent_shift(_shifts, "last_seq", following=False, same_courier=False)
+        previous_last = session.scalar(select(before).where(_shifts.c.id == shift.id))
+        if previous_last is not None and last_seq < previous_last:
+            raise InvalidInput(
+                f"last_seq {last_seq} is before seq {previous_last}, the last_seq this "
+                "PDA's previous shift declared",
+                code="invalid_last_seq",
+                field="last_seq",
+            )
     if last_seq is not None:
         held = session.scalar(
             select(func.max(ScanEvent.seq)).where(

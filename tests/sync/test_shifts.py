@@ -1469,6 +1469,27 @@ def test_a_last_seq_below_the_shifts_own_events_is_refused(
     assert pda.close(shift, last_seq=2).status == ShiftStatus.CLOSED
 
 
+def test_a_last_seq_before_the_last_seq_the_previous_shift_declared_is_refused(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift declared last_seq 2; the next, opened without a first_seq, owns
+    from seq 3. Closing it with last_seq 1 would leave its seqs nowhere: its scans,
+    pushed later, would be filed under no shift and its balance would read balanced
+    with nothing checked out. Refused, as a last_seq before a declared first_seq is;
+    last_seq 2 (nothing scanned in it) is accepted."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first, last_seq=2)
+    second = pda.open(now=NOW + dt.timedelta(minutes=1))
+    with pytest.raises(InvalidInput) as info:
+        pda.close(second, last_seq=1, now=NOW + dt.timedelta(hours=2))
+    assert (info.value.code, info.value.field) == ("invalid_last_seq", "last_seq")
+    session.rollback()
+    second = pda.close(second, last_seq=2, now=NOW + dt.timedelta(hours=2))
+    assert shift_balance(session=session, shift=second).status == "balanced"
+
+
 def test_closing_twice_is_idempotent_but_not_with_another_last_seq(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -391,10 +391,13 @@ def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
 
 
 def _first_owned_seq(seqs: ShiftSeqs) -> int | None:
-    """The declared first seq; else the one after the previous shift's declared last
+    """The declared first seq (or the lowest the shift holds, if the PDA named it on a
+    lower seq); else the one after the previous shift's declared last
     (1 on the device's first shift); else the lowest the shift holds. Never above the
     lowest it holds (an event filed by time or by the PDA's claim may lie below)."""
     if seqs.first_seq is not None:
+        if seqs.lowest_event_seq is not None:
+            return min(seqs.first_seq, seqs.lowest_event_seq)
         return seqs.first_seq
     after_previous = None if seqs.previous_shift_end is None else seqs.previous_shift_end + 1
     known = [s for s in (after_previous, seqs.lowest_event_seq) if s is not None]

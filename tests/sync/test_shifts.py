@@ -1005,6 +1005,31 @@ def test_after_a_declared_last_seq_the_next_shift_owns_from_the_seq_after_it(
     )
 
 
+def test_a_gap_above_an_event_the_pda_filed_below_the_first_seq_is_the_shifts(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The second shift declared first_seq 5, but the PDA named it on seq 3 too: the
+    shift owns from its lowest event, so seq 4, between two of its events and still on
+    the PDA, keeps it provisional until it lands."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(first, last_seq=2)
+    second = pda.open(first_seq=5, now=NOW + dt.timedelta(minutes=1))
+    claimed = {"shift_id": second.id}
+    events = [
+        pda.event(b, occurred_at=NOW + dt.timedelta(minutes=2), **claimed),
+        pda.event(b, "out_for_delivery", occurred_at=NOW + dt.timedelta(minutes=3), **claimed),
+        pda.event(b, "returned_to_station", occurred_at=NOW + dt.timedelta(minutes=4)),
+    ]
+    pda.push([events[0], events[2]], received_at=NOW + dt.timedelta(minutes=5))
+    second = pda.close(second, last_seq=5, now=NOW + dt.timedelta(minutes=6))
+    balance = shift_balance(session=session, shift=second)
+    assert (balance.status, balance.missing_seqs) == ("provisional", [4])
+    pda.push([events[1]], received_at=NOW + dt.timedelta(minutes=7))
+    assert shift_balance(session=session, shift=second).status == "balanced"
+
+
 def test_a_gap_between_an_undeclared_close_and_the_next_shift_belongs_to_the_first(
     session: Session, world: World, pda: Pda
 ) -> None:

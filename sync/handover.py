@@ -175,6 +175,22 @@ class Balance:
         }
 
 
+def same_snapshot(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two balance snapshots say the same, whatever the order of their
+    discrepancies: one signed off before they were cited in id order (``compute_balance``)
+    stored them as the database read them (on SQLite by kind)."""
+    if a is None or b is None:
+        return a is b
+
+    def cited(d: dict[str, Any]) -> tuple[str, str, int]:
+        return d["tracking_no"], d["kind"], -1 if d["flag_id"] is None else d["flag_id"]
+
+    def canonical(snapshot: dict[str, Any]) -> dict[str, Any]:
+        return {**snapshot, "discrepancies": sorted(snapshot.get("discrepancies", []), key=cited)}
+
+    return canonical(a) == canonical(b)
+
+
 COUNT_FIELDS = (
     "checked_out",
     "delivered",

@@ -360,12 +360,13 @@ def _reopen_if_changed(
     changed since the sign-off without reopening it (a rule flag closed by a consent
     that came later) is left alone, as ``_reopen_if_bounded`` leaves it."""
     from sync.balances import shift_balance
+    from sync.handover import same_snapshot
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.SIGNED_OFF:
         return
     now = shift_balance(session=session, shift=shift).snapshot()
-    if now == shift.signoff_balance or now == before:
+    if same_snapshot(now, shift.signoff_balance) or now == before:
         return
     reopen_for_late_events(
         session=session,
@@ -436,6 +437,7 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     reopening stays in the audit log and in ``reopened_count``; its flag is closed
     with the reason."""
     from sync.balances import shift_balance
+    from sync.handover import same_snapshot
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
@@ -455,7 +457,9 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     latest = flag.evidence.get(LATEST_REOPENING) or flag.evidence
     if not set(latest.get("event_ids", [])) <= moved:
         return
-    if shift_balance(session=session, shift=shift).snapshot() != shift.signoff_balance:
+    if not same_snapshot(
+        shift_balance(session=session, shift=shift).snapshot(), shift.signoff_balance
+    ):
         return
     reason = f"its late events were filed under shift {opened.id} when it opened"
     shift.status = ShiftStatus.SIGNED_OFF

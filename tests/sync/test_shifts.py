@@ -1916,3 +1916,34 @@ def test_a_balance_cites_a_parcels_rule_flags_in_one_order_however_they_were_rea
 
     assert judged(flags) == judged(flags[::-1])
     assert [d["flag_id"] for d in judged(flags)["discrepancies"]] == [5, 8]
+
+
+def test_a_reopening_is_withdrawn_for_a_shift_signed_off_with_its_flags_in_another_order(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Signed off before its rule flags were cited in id order, a shift stored them as
+    the database read them: on SQLite by kind (the unique index leads with it), so an
+    express drop without consent or proof stored delivered_without_pod before the
+    unauthorized_locker_drop raised first. A scan just after the close reopens it and
+    the next opening takes the scan: its balance is the one signed off, discrepancies
+    listed in another order, and the reopening is withdrawn."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "delivered_to_locker", locker_id="L1", compartment="2")])
+    first = sign_off(session, world, pda.close(first))
+    cited = first.signoff_balance["discrepancies"]
+    as_read = sorted(cited, key=lambda d: (d["tracking_no"], d["kind"]))
+    assert [d["flag_id"] for d in cited] != [d["flag_id"] for d in as_read]
+    session.execute(
+        update(Shift)
+        .where(Shift.id == first.id)
+        .values(signoff_balance={**first.signoff_balance, "discrepancies": as_read})
+    )
+    session.commit()
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED  # reopened by what looked late
+    pda.open(now=NOW + dt.timedelta(minutes=5))
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 1)

@@ -473,6 +473,16 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                     continue
                 if closed_from_resolution(session=session, flag=flag):
                     seen = sorted(existing.event_ids)
+                elif (
+                    seen is not None
+                    and shown <= set(seen)
+                    and resolve_again(session=session, flag=flag, note=RESOLVED_AGAIN[kind])
+                ):
+                    # Opened on new events after a manager resolved it, then closed; back
+                    # with those events gone (voided in the same push as the close's
+                    # cause): as if they never came.
+                    flag.evidence = evidence
+                    continue
             elif status == FlagStatus.RESOLVED:
                 seen = sorted(existing.event_ids) if _new_events(existing, evidence) else None
             elif seen is not None and shown <= set(seen):

@@ -1947,3 +1947,113 @@ def test_a_reopening_is_withdrawn_for_a_shift_signed_off_with_its_flags_in_anoth
     pda.open(now=NOW + dt.timedelta(minutes=5))
     session.refresh(first)
     assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 1)
+
+
+def test_a_handover_flag_closed_after_opening_on_new_events_is_resolved_again_once_they_go(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Rule 3: the manager resolves the missing flag; a late scan opens it (new events),
+    a late return closes it; the corrections voiding both, pushed together, leave the
+    cause on the events the manager resolved it on only: resolved again, as pushed
+    apart (or all in one push, where the flag never moved)."""
+    from sync.flags import resolve_flag
+
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = pda.close(shift, last_seq=10)
+    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    scan = pda.event(a, "out_for_delivery")
+    back = pda.event(a, "returned_to_station")
+    undo = []
+    for target in (back, scan):
+        pda.seq += 1
+        undo.append(
+            factories.event(
+                pda.seq,
+                a,
+                "correction",
+                occurred_at=at(pda.seq),
+                voids_client_event_id=target["client_event_id"],
+                reason="mis-tap",
+            )
+        )
+    pda.push([scan])
+    assert handover_flags(session, shift) == {(MISSING_KIND, a): FlagStatus.OPEN}
+    pda.push([back])
+    assert handover_flags(session, shift) == {(MISSING_KIND, a): FlagStatus.CLOSED}
+    pda.push(undo)
+    assert handover_flags(session, shift) == {(MISSING_KIND, a): FlagStatus.RESOLVED}
+    session.refresh(flag)
+    assert "resolved_on_event_ids" not in flag.evidence
+
+
+LATE = ("out_for_delivery", "returned_to_station", "delivered", "checked_out")
+
+
+@on_the_test_database(examples=300)
+@given(data=st.data())
+def test_a_resolved_missing_flag_ends_the_same_however_the_late_events_are_pushed(
+    session: Session, world: World, data: st.DataObject
+) -> None:
+    """Rule 3: one PDA, a shift closed with a parcel missing, its flag resolved by the
+    manager; then the same late events (scans, a return, a check-out again, corrections
+    voiding some) pushed in one batch or shuffled, repeated and split into several:
+    the flag ends in the same status."""
+    from sync.flags import resolve_flag
+
+    # A scan (the parcel still out) and a return (accounted for), perhaps more.
+    kinds = ["out_for_delivery", "returned_to_station"]
+    kinds += data.draw(st.lists(st.sampled_from(LATE), max_size=2), label="more")
+    kinds = data.draw(st.permutations(kinds), label="late")
+    voided = data.draw(
+        st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds)), label="voided"
+    )
+
+    def run(batches: list[list[int]]) -> FlagStatus:
+        device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
+        (a,) = parcels(session, world, 1)
+        pda = Pda(session, world)
+        pda.device = device
+        pda.pusher = Pusher(device.id, world.station.id, world.courier.id)
+        shift = pda.open(first_seq=1)
+        pda.push([pda.event(a)])
+        shift = pda.close(shift, last_seq=20)
+        (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
+        resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+        session.commit()
+        late = [pda.event(a, kind) for kind in kinds]
+        for target, void in zip(list(late), voided, strict=True):
+            if void:
+                pda.seq += 1
+                late.append(
+                    factories.event(
+                        pda.seq,
+                        a,
+                        "correction",
+                        occurred_at=at(pda.seq),
+                        voids_client_event_id=target["client_event_id"],
+                        reason="mis-tap",
+                    )
+                )
+        for batch in batches:
+            pda.push([late[i] for i in batch])
+        session.refresh(flag)
+        return flag.status
+
+    n = len(kinds) + sum(voided)
+    # Each event in a push of its own or sharing one, pushes in any order, some twice.
+    pushes = data.draw(st.integers(min_value=1, max_value=4), label="pushes")
+    push_of = data.draw(
+        st.lists(st.integers(min_value=0, max_value=pushes - 1), min_size=n, max_size=n),
+        label="push of each event",
+    )
+    order = data.draw(st.permutations(range(n)), label="order")
+    batches = [[i for i in order if push_of[i] == k] for k in range(pushes)]
+    batches = [batch for batch in batches if batch]
+    again = data.draw(st.lists(st.integers(min_value=0, max_value=n - 1), max_size=3))
+    if again:
+        batches.append(again)
+    assert run(batches) == run([list(range(n))])

@@ -473,16 +473,14 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                     continue
                 if closed_from_resolution(session=session, flag=flag):
                     seen = sorted(existing.event_ids)
-                elif (
-                    seen is not None
-                    and shown <= set(seen)
-                    and resolve_again(session=session, flag=flag, note=RESOLVED_AGAIN[kind])
-                ):
+                elif seen is not None and shown <= set(seen):
                     # Opened on new events after a manager resolved it, then closed; back
                     # with those events gone (voided in the same push as the close's
                     # cause): as if they never came.
-                    flag.evidence = evidence
-                    continue
+                    if resolve_again(session=session, flag=flag, note=RESOLVED_AGAIN[kind]):
+                        flag.evidence = evidence
+                        continue
+                    seen = None  # a manager acted since: they bring nothing back
             elif status == FlagStatus.RESOLVED:
                 seen = sorted(existing.event_ids) if _new_events(existing, evidence) else None
             elif seen is not None and shown <= set(seen):
@@ -494,6 +492,10 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                 ):
                     flag.evidence = evidence
                     continue
+                # A manager acted since (acknowledged it): the events it was resolved on
+                # can no longer bring the resolution back. Forgotten, they cost no
+                # reading of its history on every push.
+                seen = None
             now = evidence if seen is None else {**evidence, RESOLVED_ON: seen}
             if status == FlagStatus.CLOSED:
                 reopened = raise_flag(

@@ -2057,3 +2057,52 @@ def test_a_resolved_missing_flag_ends_the_same_however_the_late_events_are_pushe
     if again:
         batches.append(again)
     assert run(batches) == run([list(range(n))])
+
+
+def test_an_acknowledged_handover_flag_back_on_the_resolved_events_costs_no_query_per_push(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Resolved, opened on a late scan, acknowledged by the manager, the scan voided: it
+    stays acknowledged (a manager acted since) and forgets the events it was resolved
+    on, which can no longer bring its resolution back. Judging the shift again reads
+    no flag's history when nothing changes."""
+    from sync.balances import refresh_handover_flags
+    from sync.flags import acknowledge_flag, resolve_flag
+
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = pda.close(shift, last_seq=10)
+    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    scan = pda.event(a, "out_for_delivery")
+    pda.push([scan])
+    acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
+    session.commit()
+    pda.seq += 1
+    undo = factories.event(
+        pda.seq,
+        a,
+        "correction",
+        occurred_at=at(pda.seq),
+        voids_client_event_id=scan["client_event_id"],
+        reason="mis-tap",
+    )
+    pda.push([undo])
+    session.refresh(flag)
+    assert flag.status == FlagStatus.ACKNOWLEDGED
+    assert "resolved_on_event_ids" not in flag.evidence
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    session.expunge_all()
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        refresh_handover_flags(session=session, shifts=[session.get(Shift, shift.id)])
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    assert [s for s in sent if "flag_change" in s] == []

@@ -33,6 +33,7 @@ from typing import IO, Any
 from flask import Flask, Response, g, has_request_context, request
 
 from courier_api import metrics
+from sync.phones import mask_phones_in
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -139,13 +140,6 @@ _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
 # Random-looking strings (generated secrets): 32+ characters of base64url mixing upper
 # and lower case and digits. Hex digests and UUIDs (lower case only) stay readable.
 _RANDOM = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])")
-# Phone numbers: international (+ then 8 to 15 digits, spaces, dots, dashes or
-# parentheses between), and Chinese mobile numbers written without the country code
-# (11 digits from 13, maybe grouped 3-4-4).
-_PHONE = re.compile(
-    r"(?<![A-Za-z0-9_+])\+\d(?:[ ().-]{0,2}\d){7,14}(?![0-9])"
-    r"|(?<![A-Za-z0-9_.+-])1[3-9][0-9](?:[ -]?[0-9]){8}(?![A-Za-z0-9_.-])"
-)
 
 
 def _mixed(match: re.Match[str]) -> str:
@@ -156,18 +150,12 @@ def _mixed(match: re.Match[str]) -> str:
     return text
 
 
-def _phone(match: re.Match[str]) -> str:
-    digits = [c for c in match.group(0) if c.isdigit()]
-    prefix = "+" if match.group(0).startswith("+") else ""
-    return prefix + "*" * (len(digits) - 3) + "".join(digits[-3:])
-
-
 def redact(text: str) -> str:
     """``text`` without what must never be written to a log."""
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     text = _RANDOM.sub(_mixed, text)
-    return _PHONE.sub(_phone, text)
+    return mask_phones_in(text)
 
 
 class Redactor(logging.Filter):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import phonenumbers
 
 from sync.errors import InvalidInput
@@ -39,3 +42,36 @@ def mask_phone(e164: str | None) -> str | None:
     prefix = f"+{country_code}"
     hidden = len(e164) - len(prefix) - 4
     return prefix + "*" * max(hidden, 0) + e164[-4:]
+
+
+# Phone numbers in free text (a consent's evidence, a courier's note; a log line):
+# international (+ then 8 to 15 digits, spaces, dots, dashes or parentheses between),
+# and Chinese mobile numbers written without the country code (11 digits from 13, maybe
+# grouped 3-4-4).
+_PHONE_IN_TEXT = re.compile(
+    r"(?<![A-Za-z0-9_+])\+\d(?:[ ().-]{0,2}\d){7,14}(?![0-9])"
+    r"|(?<![A-Za-z0-9_.+-])1[3-9][0-9](?:[ -]?[0-9]){8}(?![A-Za-z0-9_.-])"
+)
+
+
+def _masked(match: re.Match[str]) -> str:
+    digits = [c for c in match.group(0) if c.isdigit()]
+    prefix = "+" if match.group(0).startswith("+") else ""
+    return prefix + "*" * (len(digits) - 3) + "".join(digits[-3:])
+
+
+def mask_phones_in(text: str) -> str:
+    """``text`` with every phone number in it masked but for its last 3 digits: free
+    text typed by a courier or a recipient channel may name one."""
+    return _PHONE_IN_TEXT.sub(_masked, text)
+
+
+def mask_phones_in_value(value: Any) -> Any:
+    """``mask_phones_in`` on every string of a JSON-like value (an event's details)."""
+    if isinstance(value, str):
+        return mask_phones_in(value)
+    if isinstance(value, dict):
+        return {key: mask_phones_in_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_phones_in_value(item) for item in value]
+    return value

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from models import Flag, FlagStatus
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_web_pages import signed_in
 
 URL = "/api/v1/parcels"
 
@@ -226,3 +227,60 @@ def unauthorized_drop_flagged(session: Session, tracking_no: str) -> bool:
             )
         ).all()
     )
+
+
+def test_a_phone_typed_into_an_events_free_text_is_masked_except_for_auditors(
+    app: Flask, client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """The courier notes the number they called in the consent's evidence and in a
+    correction's reason: managers read both masked (parcel, consents, the pages), as
+    the parcel's own number; auditors read them whole."""
+    parcel = factories.parcel(session, world.station, phone="+8613812345678")
+    session.commit()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    consent = factories.event(
+        1, parcel.tracking_no, "consent_captured", occurred_at=at,
+        consent={"method": "locker", "channel": "phone_call", "evidence": "called 13812345678"},
+    )  # fmt: skip
+    drop = factories.event(
+        2, parcel.tracking_no, "delivered_to_locker", occurred_at=at,
+        locker_id="L-1", compartment="7",
+    )  # fmt: skip
+    correction = factories.event(
+        3, parcel.tracking_no, "correction", occurred_at=at + dt.timedelta(minutes=1),
+        voids_client_event_id=drop["client_event_id"], reason="recipient +86 138 1234 5678 moved",
+    )  # fmt: skip
+    auth.push([consent, drop, correction])
+
+    def texts(username: str) -> tuple[str, str, str]:
+        body = client.get(f"{URL}/{parcel.tracking_no}", headers=auth.headers(username)).json
+        details = {e["type"]: e["details"] for e in body["timeline"]}
+        consents = client.get("/api/v1/consents", headers=auth.headers(username)).json
+        (captured,) = (c for c in consents["items"] if c["tracking_no"] == parcel.tracking_no)
+        return (
+            details["consent_captured"]["consent"]["evidence"],
+            details["correction"]["reason"],
+            captured["evidence"],
+        )
+
+    assert texts("manager1") == (
+        "called ********678",
+        "recipient +**********678 moved",
+        "called ********678",
+    )
+    assert texts("auditor1") == (
+        "called 13812345678",
+        "recipient +86 138 1234 5678 moved",
+        "called 13812345678",
+    )
+    proofs = client.get(
+        "/api/v1/proofs", query_string={"tracking_no": parcel.tracking_no},
+        headers=auth.headers("manager1"),
+    ).json["items"]  # fmt: skip
+    pages = {
+        username: signed_in(app, username).get(f"/web/proofs/{proofs[0]['event_id']}")
+        for username in ("manager1", "auditor1")
+    }
+    assert "recipient +**********678 moved" in pages["manager1"]
+    assert "1234 5678" not in pages["manager1"]
+    assert "recipient +86 138 1234 5678 moved" in pages["auditor1"]

@@ -9,7 +9,7 @@ from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import ConsentChannel, ConsentMethod, ConsentScope
 from sync.consent_requests import effective_status
-from sync.phones import mask_phone
+from sync.phones import mask_phone, mask_phones_in
 
 
 class ConsentIn(ma.Schema):
@@ -152,7 +152,11 @@ class ConsentOut(ma.Schema):
     expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     revoked_reason = ma.fields.String(allow_none=True, required=True)
-    evidence = ma.fields.String(allow_none=True, required=True)
+    evidence = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A phone number typed into it is masked except for auditors"},
+    )
     event_id = ma.fields.Integer(
         allow_none=True, required=True, metadata={"description": "Captured on a PDA: its event"}
     )
@@ -186,6 +190,8 @@ def consent_view(consent: Any, *, unmasked: bool, voided: bool) -> dict[str, Any
     view["voided"] = voided
     if not unmasked:
         view["recipient_phone"] = mask_phone(consent.recipient_phone)
+        if consent.evidence:  # free text: a channel may have written the number in it
+            view["evidence"] = mask_phones_in(consent.evidence)
     return view
 
 

@@ -13,7 +13,7 @@ from courier_api.extensions import db
 from models import Parcel, Role
 from sync.errors import LimitExceeded
 from sync.parcels import IntakeScope, TimelineEntry, get_parcel, parcel_timeline
-from sync.phones import mask_phone
+from sync.phones import mask_phone, mask_phones_in_value
 
 blp = ApiBlueprint("parcels", __name__, url_prefix="/api/v1/parcels", description="Parcels")
 
@@ -77,7 +77,8 @@ class ParcelByTrackingNo(MethodView):
         timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
         # A locker's pickup code opens the compartment: other couriers have no use for it.
         hide_codes = role == Role.COURIER
-        return {**view, "timeline": [timeline_view(e, hide_codes) for e in timeline]}
+        unmasked = role == Role.AUDITOR
+        return {**view, "timeline": [timeline_view(e, hide_codes, unmasked) for e in timeline]}
 
 
 def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
@@ -103,9 +104,11 @@ def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
 HIDDEN = "****"
 
 
-def timeline_view(entry: TimelineEntry, hide_pickup_code: bool) -> dict[str, Any]:
+def timeline_view(entry: TimelineEntry, hide_pickup_code: bool, unmasked: bool) -> dict[str, Any]:
+    """``unmasked``: an auditor's; for anyone else a phone number typed into the event's
+    free text (a consent's evidence, a courier's note) is masked, as the parcel's is."""
     event = entry.event
-    details = event.details
+    details = event.details if unmasked else mask_phones_in_value(event.details)
     if hide_pickup_code and "pickup_code" in details.get("pod", {}):
         details = {**details, "pod": {**details["pod"], "pickup_code": HIDDEN}}
     return {

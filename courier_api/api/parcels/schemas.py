@@ -152,7 +152,13 @@ class TimelineEvent(ma.Schema):
         metadata={"description": "The shift it is filed under (none before the PDA's first)"},
     )
     location = ma.fields.Nested(EventLocation, allow_none=True, required=True)
-    details = ma.fields.Dict(required=True, metadata={"description": "Type-specific fields"})
+    details = ma.fields.Dict(
+        required=True,
+        metadata={
+            "description": "Type-specific fields; a phone number typed into their text "
+            "is masked except for auditors"
+        },
+    )
     voided = ma.fields.Boolean(required=True)
     voided_by_event_id = ma.fields.Integer(allow_none=True, required=True)
 

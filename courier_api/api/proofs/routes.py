@@ -197,7 +197,9 @@ class ProofById(MethodView):
             "authorizing_consent": None
             if consent is None
             else {name: getattr(consent, name) for name in ConsentRef._declared_fields},
-            "timeline": [timeline_view(e, False) for e in detail.timeline],
+            "timeline": [
+                timeline_view(e, False, principal.role == Role.AUDITOR) for e in detail.timeline
+            ],
             "flags": [
                 {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags
             ],

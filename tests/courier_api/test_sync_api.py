@@ -695,3 +695,20 @@ def test_a_courier_asking_about_a_colleagues_parcel_gets_the_answer(
     changes, _ = pull_all(client, asker, cursor)
     assert [c["kind"] for c in changes] == ["consent_request"]
     assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"
+
+
+def test_a_phone_in_a_rejected_events_payload_reaches_the_quarantine_masked(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A consent the PDA got wrong (an unknown field) is kept whole, but the managers
+    and admins who read the quarantine (no auditor does) see the number masked."""
+    rejected = factories.event(
+        1, parcel.tracking_no, "consent_captured", occurred_at=dt.datetime.now(dt.UTC),
+        consent={"method": "locker", "channel": "phone_call", "evidence": "+8613812345678"},
+        colour="red",
+    )  # fmt: skip
+    push(client, courier, [rejected])
+    for username in ("manager1", "admin"):
+        (item,) = client.get("/api/v1/quarantine", headers=auth.headers(username)).json["items"]
+        assert "+**********678" in item["payload"], username
+        assert "13812345678" not in item["payload"] + item["message"], username

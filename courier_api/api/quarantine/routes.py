@@ -10,6 +10,7 @@ from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
 from courier_api.auth import current_principal
 from courier_api.extensions import db
 from models import Role
+from sync.phones import mask_phones_in
 from sync.quarantine import list_quarantined
 
 blp = ApiBlueprint(
@@ -29,7 +30,8 @@ class Quarantine(MethodView):
 
         Events PDAs sent that could not be accepted, newest first, each with its
         raw payload, the error code and message, and the batch it came in.
-        Managers see their own station whatever `station_id` says.
+        Managers see their own station whatever `station_id` says. A phone number
+        in the payload or the message is masked (no auditor reads this list).
         """
         rows = list_quarantined(
             session=db.session,
@@ -38,9 +40,13 @@ class Quarantine(MethodView):
             before_id=args["after"] or None,
             limit=args["limit"],
         )
+        # No auditor reads it: a phone number in what the PDA sent (a consent's
+        # evidence), or echoed in the error, is masked as everywhere else (rule 7).
         items = [
             {
                 **{c: getattr(row, c) for c in QUARANTINE_COLUMNS},
+                "payload": mask_phones_in(row.payload),
+                "message": mask_phones_in(row.message),
                 "batch_id": str(batch_id),
             }
             for row, batch_id in rows

@@ -24,7 +24,8 @@ class QuarantinedEventOut(ma.Schema):
     message = ma.fields.String(required=True)
     field = ma.fields.String(allow_none=True, required=True)
     payload = ma.fields.String(
-        required=True, metadata={"description": "The event as received, as JSON text"}
+        required=True,
+        metadata={"description": "The event as received, as JSON text, phone numbers masked"},
     )
     received_at = ma.fields.AwareDateTime(required=True)
 

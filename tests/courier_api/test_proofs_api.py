@@ -455,3 +455,44 @@ def test_a_managers_flag_kind_search_finds_only_their_own_stations_flags(
     assert f"/web/proofs/{event_id}" not in page.get("/web/proofs?flag_kind=pod_blob_missing")
     export = page.get("/web/proofs/export.csv?flag_kind=pod_blob_missing")
     assert day["signed"].tracking_no not in export
+
+
+def test_the_authorizing_consents_evidence_is_masked_except_for_auditors(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The channel notes the number the recipient called from in the consent's
+    evidence: a manager reading the drop it authorized sees it masked, as in the
+    consents list; an auditor whole."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(minutes=40)
+    granted = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": parcel.tracking_no, "method": "locker", "channel": "phone_call",
+            "granted_at": (at - dt.timedelta(minutes=5)).isoformat(),
+            "evidence": "recipient called from 13812345678",
+        },
+        headers=auth.headers("app1"),
+    )  # fmt: skip
+    assert granted.status_code == 201, granted.get_json()
+    events = [
+        factories.event(1, parcel.tracking_no, occurred_at=at),
+        factories.event(
+            2, parcel.tracking_no, "delivered_to_locker", occurred_at=at + dt.timedelta(minutes=5),
+            locker_id="L-1", compartment="5", pod={"pickup_code": "9981"},
+        ),
+    ]  # fmt: skip
+    headers = auth.headers("courier1", "PDA-0001")
+    client.post("/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers)
+    (item,) = client.get(
+        URL, query_string={"tracking_no": parcel.tracking_no}, headers=auth.headers("manager1")
+    ).get_json()["items"]
+
+    def evidence(username: str) -> str:
+        body = client.get(f"{URL}/{item['event_id']}", headers=auth.headers(username)).get_json()
+        return body["authorizing_consent"]["evidence"]
+
+    assert evidence("manager1") == "recipient called from ********678"
+    assert evidence("admin") == "recipient called from ********678"
+    assert evidence("auditor1") == "recipient called from 13812345678"

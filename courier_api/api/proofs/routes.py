@@ -28,7 +28,7 @@ from courier_api.auth import (
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Role
-from sync.phones import mask_phone
+from sync.phones import mask_phone, mask_phones_in
 from sync.proofs import (
     METHODS,
     Proof,
@@ -192,18 +192,24 @@ class ProofById(MethodView):
             {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
         )
         consent = detail.authorizing_consent
+        auditor = principal.role == Role.AUDITOR
         return {
-            **_view(detail.proof, auditor=principal.role == Role.AUDITOR),
-            "authorizing_consent": None
-            if consent is None
-            else {name: getattr(consent, name) for name in ConsentRef._declared_fields},
-            "timeline": [
-                timeline_view(e, False, principal.role == Role.AUDITOR) for e in detail.timeline
-            ],
+            **_view(detail.proof, auditor=auditor),
+            "authorizing_consent": None if consent is None else _consent_ref(consent, auditor),
+            "timeline": [timeline_view(e, False, auditor) for e in detail.timeline],
             "flags": [
                 {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags
             ],
         }
+
+
+def _consent_ref(consent: Any, auditor: bool) -> dict[str, Any]:
+    """The consent that authorized the drop; its evidence is free text a courier or a
+    channel may have written a phone number in: masked but for auditors (rule 7)."""
+    ref = {name: getattr(consent, name) for name in ConsentRef._declared_fields}
+    if not auditor and ref["evidence"]:
+        ref["evidence"] = mask_phones_in(ref["evidence"])
+    return ref
 
 
 def csv_rows(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:

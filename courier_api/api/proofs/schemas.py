@@ -73,7 +73,11 @@ class ConsentRef(ma.Schema):
     granted_at = ma.fields.AwareDateTime(required=True)
     expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
-    evidence = ma.fields.String(allow_none=True, required=True)
+    evidence = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A phone number typed into it is masked except for auditors"},
+    )
     event_id = ma.fields.Integer(allow_none=True, required=True)
 
 

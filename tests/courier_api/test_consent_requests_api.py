@@ -427,3 +427,37 @@ def test_when_every_waiting_place_is_taken_a_long_pull_answers_at_once(
     started = time.monotonic()
     client.get(f"{PULL}?cursor={cursor}&wait=1", headers=courier)
     assert time.monotonic() - started >= 0.9  # with a place free, it waits
+
+
+def test_a_phone_in_a_refusals_reason_is_masked_except_for_auditors(
+    client: FlaskClient,
+    auth: Auth,
+    courier: dict[str, str],
+    channel: dict[str, str],
+    parcel: str,
+) -> None:
+    """The recipient refuses and says to call another number: the courier, the manager
+    and the channel read the reason masked, as the recipient's phone; an auditor whole."""
+    request = ask(client, courier, parcel).get_json()
+    refused = client.post(
+        CONSENTS,
+        json={
+            "request_id": request["id"], "channel": "sms", "granted": False,
+            "reason": "not home, call my wife 13912345678",
+        },
+        headers=channel,
+    )  # fmt: skip
+    assert refused.status_code == 200, refused.get_json()
+    assert refused.get_json()["status_reason"] == "not home, call my wife ********678"
+    readers = {
+        "courier1": courier,
+        "manager1": auth.headers("manager1"),
+        "app1": channel,
+        "auditor1": auth.headers("auditor1"),
+    }
+    for username, headers in readers.items():
+        one = client.get(f"{REQUESTS}/{request['id']}", headers=headers).get_json()
+        (listed,) = client.get(REQUESTS, headers=headers).get_json()["items"]
+        shown = "13912345678" if username == "auditor1" else "********678"
+        expected = f"not home, call my wife {shown}"
+        assert one["status_reason"] == listed["status_reason"] == expected, username

@@ -579,3 +579,22 @@ def test_a_standing_consent_of_a_station_judges_a_drop_there_after_the_parcel_mo
     )
     if flagged:
         assert flag_status(session, flagged, parcel.tracking_no) == FlagStatus.OPEN
+
+
+def test_a_phone_in_a_revocations_reason_is_masked_except_for_auditors(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    """The channel writes down how the recipient revoked, with the number they called
+    from: only auditors read it whole, as the consent's own phone and evidence."""
+    consent = grant(client, app1, tracking_no=parcel.tracking_no).get_json()
+    reason = {"reason": "recipient called from +86 138 1234 5678"}
+    revoked = client.post(f"{URL}/{consent['id']}/revoke", json=reason, headers=app1)
+    assert revoked.status_code == 200
+    assert revoked.get_json()["revoked_reason"] == "recipient called from +**********678"
+
+    def shown(username: str) -> str:
+        body = client.get(f"{URL}/{consent['id']}", headers=auth.headers(username)).get_json()
+        return body["revoked_reason"]
+
+    assert shown("manager1") == "recipient called from +**********678"
+    assert shown("auditor1") == "recipient called from +86 138 1234 5678"

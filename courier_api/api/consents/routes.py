@@ -53,12 +53,17 @@ def _views(items: Sequence[Any]) -> list[dict[str, Any]]:
     when none of them was captured on a PDA)."""
     captured = [c.id for c in items if c.event_id is not None]
     voided = consents.voided_consents(db.session, captured) if captured else set()
-    unmasked = current_principal().role == Role.AUDITOR
+    unmasked = _unmasked()
     return [consent_view(c, unmasked=unmasked, voided=c.id in voided) for c in items]
 
 
 def _view(consent: Any) -> dict[str, Any]:
     return _views([consent])[0]
+
+
+def _unmasked() -> bool:
+    """Phone numbers, also those typed into free text, are whole for auditors only."""
+    return current_principal().role == Role.AUDITOR
 
 
 @blp.route("")
@@ -249,8 +254,10 @@ def _answer_request(body: dict[str, Any]) -> Any:
         )
     db.session.commit()
     if consent is None:
-        return jsonify(ConsentRequestOut().dump(request_view(request, now))), 200
-    return {**_view(consent), "request": request_view(request, now)}, 201
+        return jsonify(
+            ConsentRequestOut().dump(request_view(request, now, unmasked=_unmasked()))
+        ), 200
+    return {**_view(consent), "request": request_view(request, now, unmasked=_unmasked())}, 201
 
 
 @blp.route("/requests")
@@ -296,7 +303,7 @@ class ConsentRequests(MethodView):
             online=True,
         )
         db.session.commit()
-        return request_view(request, now)
+        return request_view(request, now, unmasked=_unmasked())
 
     @blp.auth(Role.COURIER, *READERS)
     @blp.arguments(ConsentRequestListArgs, location="query")
@@ -320,8 +327,11 @@ class ConsentRequests(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
+        unmasked = _unmasked()
         return keyset_page(
-            [request_view(r, now) for r in items], args["limit"], key=lambda r: r["id"]
+            [request_view(r, now, unmasked=unmasked) for r in items],
+            args["limit"],
+            key=lambda r: r["id"],
         )
 
 
@@ -342,7 +352,7 @@ class ConsentRequestById(MethodView):
         elif not principal.can_access_station(request.station_id):
             # the station holding its parcel now may read it too
             ensure_station_access(consents.station_holding(db.session, request.tracking_no))
-        return request_view(request, utcnow())
+        return request_view(request, utcnow(), unmasked=_unmasked())
 
 
 def _validated_tracking_no(policy: TrackingNumberPolicy, raw: str) -> str:

@@ -113,7 +113,14 @@ class ConsentRequestOut(ma.Schema):
             "or unsent (nobody to ask: parcel not taken in, or no phone)"
         },
     )
-    status_reason = ma.fields.String(allow_none=True, required=True)
+    status_reason = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A refusal's, as the recipient gave it: a phone number in it "
+            "is masked except for auditors"
+        },
+    )
     answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     consent_id = ma.fields.Integer(allow_none=True, required=True)
 
@@ -151,7 +158,11 @@ class ConsentOut(ma.Schema):
     granted_at = ma.fields.AwareDateTime(required=True)
     expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
-    revoked_reason = ma.fields.String(allow_none=True, required=True)
+    revoked_reason = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A phone number typed into it is masked except for auditors"},
+    )
     evidence = ma.fields.String(
         allow_none=True,
         required=True,
@@ -190,8 +201,10 @@ def consent_view(consent: Any, *, unmasked: bool, voided: bool) -> dict[str, Any
     view["voided"] = voided
     if not unmasked:
         view["recipient_phone"] = mask_phone(consent.recipient_phone)
-        if consent.evidence:  # free text: a channel may have written the number in it
-            view["evidence"] = mask_phones_in(consent.evidence)
+        # Free text: a courier or a channel may have written the number in it.
+        for name in ("evidence", "revoked_reason"):
+            if view[name]:
+                view[name] = mask_phones_in(view[name])
     return view
 
 
@@ -204,7 +217,11 @@ class AnsweredConsentOut(ConsentOut):
     )
 
 
-def request_view(request: Any, now: dt.datetime) -> dict[str, Any]:
+def request_view(request: Any, now: dt.datetime, *, unmasked: bool) -> dict[str, Any]:
+    """``unmasked``: an auditor's; for anyone else a phone number in the status's reason
+    (a refusal's, as the recipient gave it) is masked."""
     view = {name: getattr(request, name) for name in ConsentRequestOut._declared_fields}
     view["status"] = effective_status(request, now)
+    if not unmasked and view["status_reason"]:
+        view["status_reason"] = mask_phones_in(view["status_reason"])
     return view

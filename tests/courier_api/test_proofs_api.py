@@ -496,3 +496,47 @@ def test_the_authorizing_consents_evidence_is_masked_except_for_auditors(
     assert evidence("manager1") == "recipient called from ********678"
     assert evidence("admin") == "recipient called from ********678"
     assert evidence("auditor1") == "recipient called from 13812345678"
+
+
+def test_a_phone_typed_into_the_pod_is_masked_except_for_auditors(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The courier writes the number of the neighbour who signed into the relation: the
+    proof's timeline showed it masked since b46effb, but its own POD, the export and the
+    pages showed it whole to managers. Auditors read it whole everywhere."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(minutes=40)
+    pod = {
+        "recipient_name": "Wang",
+        "relation": "neighbour 13812345678",
+        "signature_sha256": "b" * 64,
+    }
+    events = [
+        factories.event(1, parcel.tracking_no, occurred_at=at),
+        factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=pod),
+    ]
+    headers = auth.headers("courier1", "PDA-0001")
+    client.post("/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers)
+    query = {"tracking_no": parcel.tracking_no}
+    (item,) = client.get(URL, query_string=query, headers=auth.headers("manager1")).get_json()[
+        "items"
+    ]
+    for username, relation in (
+        ("manager1", "neighbour ********678"),
+        ("auditor1", "neighbour 13812345678"),
+    ):
+        listed = client.get(URL, query_string=query, headers=auth.headers(username)).get_json()
+        detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers(username))
+        (drop,) = (e for e in detail.get_json()["timeline"] if e["type"] == "delivered")
+        assert listed["items"][0]["pod"]["relation"] == relation, username
+        assert detail.get_json()["pod"]["relation"] == relation, username
+        assert drop["details"]["pod"]["relation"] == relation, username
+        export = client.get(
+            f"{URL}/export.csv", query_string=query, headers=auth.headers(username)
+        )
+        (row,) = csv.DictReader(io.StringIO(export.get_data(as_text=True)))
+        assert row["pod_relation"] == relation, username
+        page = signed_in(client.application, username).get(f"/web/proofs/{item['event_id']}")
+        assert f"({relation})" in page, username
+        assert ("13812345678" in page) == (username == "auditor1"), username

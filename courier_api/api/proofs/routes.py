@@ -100,11 +100,22 @@ def _view(proof: Proof, *, auditor: bool) -> dict[str, Any]:
         if auditor
         else mask_phone(parcel.recipient_phone),
         "address": parcel.address,
-        "pod": event.details.get("pod", {}),
+        "pod": _pod(event.details.get("pod", {}), auditor=auditor),
         "lat": event.lat,
         "lon": event.lon,
         "distance_m": None if proof.distance_m is None else round(proof.distance_m, 1),
     }
+
+
+# What the courier typed into a POD: a phone number in it is masked but for auditors, as
+# in the timeline (rule 7). The pickup code stays whole: the locker issued it.
+POD_TEXTS = ("recipient_name", "relation")
+
+
+def _pod(pod: dict[str, Any], *, auditor: bool) -> dict[str, Any]:
+    if auditor:
+        return pod
+    return {key: mask_phones_in(v) if key in POD_TEXTS else v for key, v in pod.items()}
 
 
 @blp.route("")

@@ -48,7 +48,11 @@ class ProofOut(ma.Schema):
     )
     address = ma.fields.String(required=True)
     pod = ma.fields.Dict(
-        required=True, metadata={"description": "Signature and photo (blob sha256), name, ..."}
+        required=True,
+        metadata={
+            "description": "Signature and photo (blob sha256), name, ...; a phone number "
+            "typed into the name or the relation is masked except for auditors"
+        },
     )
     lat = ma.fields.Float(allow_none=True, required=True)
     lon = ma.fields.Float(allow_none=True, required=True)

@@ -80,6 +80,15 @@ class Pda:
             fields.setdefault("pod", POD)
         return factories.event(self.seq, tracking_no, type, **fields)
 
+    def void(self, target: dict) -> dict:
+        """The next event: a correction voiding ``target`` (a mis-tap)."""
+        return self.event(
+            target["tracking_no"],
+            "correction",
+            voids_client_event_id=target["client_event_id"],
+            reason="mis-tap",
+        )
+
     def push(
         self,
         events: list[dict],
@@ -1754,15 +1763,7 @@ def test_a_resolved_handover_flag_closes_with_its_cause_and_opens_on_new_events(
         (MISSING_KIND, b): FlagStatus.CLOSED,
     }
     assert shift_balance(session=session, shift=shift).discrepancies == []
-    pda.seq += 1  # seq 6: the correction voiding b's return
-    undo_b = factories.event(
-        pda.seq,
-        b,
-        "correction",
-        occurred_at=at(pda.seq),
-        voids_client_event_id=returns[1]["client_event_id"],
-        reason="mis-tap",
-    )
+    undo_b = pda.void(returns[1])  # seq 6: the correction voiding b's return
     pda.push([again])
     pda.push([undo_b])
     assert handover_flags(session, shift) == {
@@ -1798,15 +1799,7 @@ def test_a_resolved_missing_flag_opened_on_a_mis_tap_is_resolved_again_once_it_i
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
     session.commit()
     scan = pda.event(a, "out_for_delivery")
-    pda.seq += 1
-    undo = factories.event(
-        pda.seq,
-        a,
-        "correction",
-        occurred_at=at(pda.seq),
-        voids_client_event_id=scan["client_event_id"],
-        reason="mis-tap",
-    )
+    undo = pda.void(scan)
     if pushed == "together":
         pda.push([scan, undo])
     else:
@@ -1969,17 +1962,7 @@ def test_a_handover_flag_closed_after_opening_on_new_events_is_resolved_again_on
     back = pda.event(a, "returned_to_station")
     undo = []
     for target in (back, scan):
-        pda.seq += 1
-        undo.append(
-            factories.event(
-                pda.seq,
-                a,
-                "correction",
-                occurred_at=at(pda.seq),
-                voids_client_event_id=target["client_event_id"],
-                reason="mis-tap",
-            )
-        )
+        undo.append(pda.void(target))
     pda.push([scan])
     assert handover_flags(session, shift) == {(MISSING_KIND, a): FlagStatus.OPEN}
     pda.push([back])
@@ -2027,17 +2010,7 @@ def test_a_resolved_missing_flag_ends_the_same_however_the_late_events_are_pushe
         late = [pda.event(a, kind) for kind in kinds]
         for target, void in zip(list(late), voided, strict=True):
             if void:
-                pda.seq += 1
-                late.append(
-                    factories.event(
-                        pda.seq,
-                        a,
-                        "correction",
-                        occurred_at=at(pda.seq),
-                        voids_client_event_id=target["client_event_id"],
-                        reason="mis-tap",
-                    )
-                )
+                late.append(pda.void(target))
         for batch in batches:
             pda.push([late[i] for i in batch])
         session.refresh(flag)
@@ -2080,15 +2053,7 @@ def test_an_acknowledged_handover_flag_back_on_the_resolved_events_costs_no_quer
     pda.push([scan])
     acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
     session.commit()
-    pda.seq += 1
-    undo = factories.event(
-        pda.seq,
-        a,
-        "correction",
-        occurred_at=at(pda.seq),
-        voids_client_event_id=scan["client_event_id"],
-        reason="mis-tap",
-    )
+    undo = pda.void(scan)
     pda.push([undo])
     session.refresh(flag)
     assert flag.status == FlagStatus.ACKNOWLEDGED

@@ -1781,6 +1781,23 @@ def test_a_resolved_handover_flag_closes_with_its_cause_and_opens_on_new_events(
     ]
 
 
+def a_missing_flag_resolved(
+    session: Session, world: World, pda: Pda, *, last_seq: int
+) -> tuple[str, Shift, Flag]:
+    """A parcel checked out and never seen again, its shift closed, and the manager's
+    resolution of its missing flag ("lost")."""
+    from sync.flags import resolve_flag
+
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = pda.close(shift, last_seq=last_seq)
+    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    return a, shift, flag
+
+
 @pytest.mark.parametrize("pushed", ["together", "apart"])
 def test_a_resolved_missing_flag_opened_on_a_mis_tap_is_resolved_again_once_it_is_voided(
     session: Session, world: World, pda: Pda, pushed: str
@@ -1789,15 +1806,9 @@ def test_a_resolved_missing_flag_opened_on_a_mis_tap_is_resolved_again_once_it_i
     correction voiding it, end the same pushed together or apart. Apart, the scan opens
     the flag (new events); voided, the cause stands on the events the manager resolved
     it on again, and it is resolved again, as pushed together it stayed."""
-    from sync.flags import flag_changes, resolve_flag
+    from sync.flags import flag_changes
 
-    (a,) = parcels(session, world, 1)
-    shift = pda.open(first_seq=1)
-    pda.push([pda.event(a)])
-    shift = pda.close(shift, last_seq=3)
-    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
-    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
-    session.commit()
+    a, shift, flag = a_missing_flag_resolved(session, world, pda, last_seq=3)
     scan = pda.event(a, "out_for_delivery")
     undo = pda.void(scan)
     if pushed == "together":
@@ -1949,15 +1960,7 @@ def test_a_handover_flag_closed_after_opening_on_new_events_is_resolved_again_on
     a late return closes it; the corrections voiding both, pushed together, leave the
     cause on the events the manager resolved it on only: resolved again, as pushed
     apart (or all in one push, where the flag never moved)."""
-    from sync.flags import resolve_flag
-
-    (a,) = parcels(session, world, 1)
-    shift = pda.open(first_seq=1)
-    pda.push([pda.event(a)])
-    shift = pda.close(shift, last_seq=10)
-    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
-    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
-    session.commit()
+    a, shift, flag = a_missing_flag_resolved(session, world, pda, last_seq=10)
     scan = pda.event(a, "out_for_delivery")
     back = pda.event(a, "returned_to_station")
     undo = []
@@ -2040,15 +2043,9 @@ def test_an_acknowledged_handover_flag_back_on_the_resolved_events_costs_no_quer
     on, which can no longer bring its resolution back. Judging the shift again reads
     no flag's history when nothing changes."""
     from sync.balances import refresh_handover_flags
-    from sync.flags import acknowledge_flag, resolve_flag
+    from sync.flags import acknowledge_flag
 
-    (a,) = parcels(session, world, 1)
-    shift = pda.open(first_seq=1)
-    pda.push([pda.event(a)])
-    shift = pda.close(shift, last_seq=10)
-    (flag,) = session.scalars(select(Flag).where(Flag.shift_id == shift.id))
-    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
-    session.commit()
+    a, shift, flag = a_missing_flag_resolved(session, world, pda, last_seq=10)
     scan = pda.event(a, "out_for_delivery")
     pda.push([scan])
     acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)

@@ -13,8 +13,9 @@ that station gets a flag of its own. (Flags of no station, the system's, are one
 per kind and subject too.)
 
 Every status change is recorded as a ``FlagChange``: by the system (``by_user_id``
-None) when a flag is raised, raised again after it was closed, or closed; by a
-person when a manager acknowledges or resolves it. Resolutions also go to the
+None) when a flag is raised, raised again after it was closed (or, a resolved one,
+on new events), closed, or resolved again (below); by a person when a manager
+acknowledges or resolves it. Resolutions also go to the
 audit log. A flag's life::
 
     (raised) -> open -> acknowledged -> resolved

@@ -1023,8 +1023,9 @@ def main() -> int:
     notices = sorted(set(load.notices + scans.notices))  # a PDA's once, not once a round
     if notices:
         print(
-            f"{len(notices)} times a PDA ran out of parcels before the end (the others "
-            f"went on; raise --max-push-rate or --max-scan-rate): {', '.join(notices[:3])}",
+            f"{len(notices)} times a PDA ran out of parcels to push or to scan before the "
+            f"end, each counted once whatever the rounds (the others went on; raise "
+            f"--max-push-rate or --max-scan-rate): {', '.join(notices[:3])}",
             file=sys.stderr,
         )
     if problems:

@@ -66,6 +66,12 @@ def mask_phones_in(text: str) -> str:
     return _PHONE_IN_TEXT.sub(_masked, text)
 
 
+def shown_text(text: str | None, *, unmasked: bool) -> str | None:
+    """Free text as its reader may see it: whole for an auditor (``unmasked``), else with
+    every phone number in it masked (rule 7)."""
+    return text if unmasked or not text else mask_phones_in(text)
+
+
 def mask_phones_in_value(value: Any) -> Any:
     """``mask_phones_in`` on every string of a JSON-like value (an event's details)."""
     if isinstance(value, str):

@@ -83,7 +83,7 @@ from sync.pages import (
     shift_page,
     users_by_id,
 )
-from sync.phones import mask_phone, mask_phones_in
+from sync.phones import mask_phone, shown_text
 from sync.proofs import DELIVERY_TYPES, METHODS, get_proof, list_proofs
 from sync.proofs import ProofFilter as ProofQuery
 
@@ -146,7 +146,7 @@ def page_context() -> dict[str, Any]:
         "csrf_token": csrf_token,
         "shown_phone": lambda e164: e164 if viewer and viewer.is_auditor else mask_phone(e164),
         # Free text (a courier's reason): a phone number typed into it is masked alike.
-        "shown_text": lambda text: text if viewer and viewer.is_auditor else mask_phones_in(text),
+        "shown_text": lambda text: shown_text(text, unmasked=bool(viewer and viewer.is_auditor)),
         "outcome_labels": OUTCOME_LABELS,
     }
 

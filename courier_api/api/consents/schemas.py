@@ -9,7 +9,7 @@ from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import ConsentChannel, ConsentMethod, ConsentScope
 from sync.consent_requests import effective_status
-from sync.phones import mask_phone, mask_phones_in
+from sync.phones import mask_phone, shown_text
 
 
 class ConsentIn(ma.Schema):
@@ -201,10 +201,9 @@ def consent_view(consent: Any, *, unmasked: bool, voided: bool) -> dict[str, Any
     view["voided"] = voided
     if not unmasked:
         view["recipient_phone"] = mask_phone(consent.recipient_phone)
-        # Free text: a courier or a channel may have written the number in it.
-        for name in ("evidence", "revoked_reason"):
-            if view[name]:
-                view[name] = mask_phones_in(view[name])
+    # Free text: a courier or a channel may have written the number in it.
+    for name in ("evidence", "revoked_reason"):
+        view[name] = shown_text(view[name], unmasked=unmasked)
     return view
 
 
@@ -222,6 +221,5 @@ def request_view(request: Any, now: dt.datetime, *, unmasked: bool) -> dict[str,
     (a refusal's, as the recipient gave it) is masked."""
     view = {name: getattr(request, name) for name in ConsentRequestOut._declared_fields}
     view["status"] = effective_status(request, now)
-    if not unmasked and view["status_reason"]:
-        view["status_reason"] = mask_phones_in(view["status_reason"])
+    view["status_reason"] = shown_text(view["status_reason"], unmasked=unmasked)
     return view

@@ -28,7 +28,7 @@ from courier_api.auth import (
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Role
-from sync.phones import mask_phone, mask_phones_in
+from sync.phones import mask_phone, shown_text
 from sync.proofs import (
     METHODS,
     Proof,
@@ -113,9 +113,10 @@ POD_TEXTS = ("recipient_name", "relation")
 
 
 def _pod(pod: dict[str, Any], *, auditor: bool) -> dict[str, Any]:
-    if auditor:
-        return pod
-    return {key: mask_phones_in(v) if key in POD_TEXTS else v for key, v in pod.items()}
+    return {
+        key: shown_text(value, unmasked=auditor) if key in POD_TEXTS else value
+        for key, value in pod.items()
+    }
 
 
 @blp.route("")
@@ -218,8 +219,7 @@ def _consent_ref(consent: Any, auditor: bool) -> dict[str, Any]:
     """The consent that authorized the drop; its evidence is free text a courier or a
     channel may have written a phone number in: masked but for auditors (rule 7)."""
     ref = {name: getattr(consent, name) for name in ConsentRef._declared_fields}
-    if not auditor and ref["evidence"]:
-        ref["evidence"] = mask_phones_in(ref["evidence"])
+    ref["evidence"] = shown_text(ref["evidence"], unmasked=auditor)
     return ref
 
 

@@ -312,12 +312,6 @@ def _handover_flags(
     return found, evidences
 
 
-def _new_events(flag: FlagRef, evidence: dict[str, Any]) -> bool:
-    """Whether the shift's events now show the flag's cause on events its evidence did
-    not name (what a manager saw when resolving it)."""
-    return not set(evidence["event_ids"]) <= flag.event_ids
-
-
 def _ref(flag_id: int, kind: str, status: FlagStatus, evidence: dict[str, Any]) -> FlagRef:
     return FlagRef(flag_id, kind, status, frozenset(evidence.get("event_ids") or ()))
 
@@ -462,7 +456,10 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
             # The events a manager resolved the flag on, when the system opened it (or
             # opens it now) on new events since: should those go, it is resolved again.
             seen: list[int] | None = stored.get(RESOLVED_ON)
-            if status == FlagStatus.CLOSED:
+            flag: Flag | None = None
+            if status == FlagStatus.RESOLVED:
+                seen = None if shown <= existing.event_ids else sorted(existing.event_ids)
+            elif status == FlagStatus.CLOSED:
                 flag = session.get(Flag, existing.id)
                 if flag is None:
                     continue
@@ -472,21 +469,12 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                     flag.evidence = evidence
                     continue
                 if closed_from_resolution(session=session, flag=flag):
-                    seen = sorted(existing.event_ids)
-                elif seen is not None and shown <= set(seen):
-                    # Opened on new events after a manager resolved it, then closed; back
-                    # with those events gone (voided in the same push as the close's
-                    # cause): as if they never came.
-                    if resolve_again(session=session, flag=flag, note=RESOLVED_AGAIN[kind]):
-                        flag.evidence = evidence
-                        continue
-                    seen = None  # a manager acted since: they bring nothing back
-            elif status == FlagStatus.RESOLVED:
-                seen = sorted(existing.event_ids) if _new_events(existing, evidence) else None
-            elif seen is not None and shown <= set(seen):
-                # Opened on new events after a manager resolved it, and they went
-                # (voided, or filed under another shift): as if they never came.
-                flag = session.get(Flag, existing.id)
+                    seen = sorted(existing.event_ids)  # back on new ones: not covered
+            if status != FlagStatus.RESOLVED and seen is not None and shown <= set(seen):
+                # Opened on new events after a manager resolved it (perhaps closed since),
+                # and they went (voided, or filed under another shift): as if they never
+                # came.
+                flag = flag or session.get(Flag, existing.id)
                 if flag is not None and resolve_again(
                     session=session, flag=flag, note=RESOLVED_AGAIN[kind]
                 ):

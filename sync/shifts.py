@@ -366,7 +366,7 @@ def _reopen_if_changed(
     if shift.status != ShiftStatus.SIGNED_OFF:
         return
     now = shift_balance(session=session, shift=shift).snapshot()
-    if same_snapshot(now, shift.signoff_balance) or now == before:
+    if same_snapshot(now, shift.signoff_balance) or same_snapshot(now, before):
         return
     reopen_for_late_events(
         session=session,

@@ -62,6 +62,13 @@ class Flag(Base):
     raised_at: Mapped[timestamp]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     closed_reason: Mapped[str | None] = mapped_column(Text)
+    # A manager's latest decision on the flag (acknowledged or resolved) and what it
+    # covered: the event ids and images of its evidence then. A rule flag judged again
+    # takes that status while its cause stands only on what they saw (``sync.flags.
+    # judged_status``): its status is a function of the events and the decision,
+    # however the events were batched (rule 3).
+    decision: Mapped[FlagStatus | None] = mapped_column(str_enum(FlagStatus, "flag_decision"))
+    decided_on: Mapped[dict[str, Any] | None] = mapped_column(Document)
 
     def __repr__(self) -> str:
         return f"<Flag {self.kind} {self.subject_type}:{self.subject_key} {self.status}>"

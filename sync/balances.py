@@ -16,7 +16,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ScalarSelect, and_, case, func, or_, select
 from sqlalchemy.orm import Session
@@ -36,12 +36,9 @@ from sync.flags import (
     ACTIVE_STATUSES,
     FlagSubject,
     close_flags,
-    closed_from_resolution,
-    raise_flag,
+    judged_status,
     raise_new_flags,
-    reopen_flag,
-    resolve_again,
-    restore_resolution,
+    rejudge,
 )
 from sync.handover import (
     BALANCE_RULE_KINDS,
@@ -66,18 +63,21 @@ from sync.status import FACT_COLUMNS
 # Handover flags the events may close: those a manager resolved too (README).
 STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
-# In the evidence of a resolved flag the system opened again on new events: the events a
-# manager resolved it on. Should the new ones go, it is resolved again (README).
-RESOLVED_ON = "resolved_on_event_ids"
-OPENED_AGAIN = {
-    MISSING: "missing again on new events",
-    "not_on_manifest": "an outcome the shift did not check out, on new events",
+# A shift's own flag judged again, as its history names the cause.
+FAILS_AGAIN = {
+    MISSING: "missing again",
+    "not_on_manifest": "an outcome the shift did not check out, again,",
 }
-RESOLVED_AGAIN = {
-    MISSING: "the parcel is unaccounted for again on the events a manager resolved it on",
-    "not_on_manifest": "an outcome the shift did not check out again, on the events a "
-    "manager resolved it on",
-}
+
+
+class StoredFlag(NamedTuple):
+    """What judging a shift's own flag again compares: as stored."""
+
+    evidence: dict[str, Any]
+    decision: FlagStatus | None
+    decided_on: dict[str, Any] | None
+
+
 # The shift, then the tracking number and EventFact's fields, as the projection reads them.
 EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact._fields)])
 
@@ -91,7 +91,7 @@ class ShiftFacts:
     rule_flags: dict[str, list[FlagRef]]
     handover_flags: dict[tuple[str, str], FlagRef]
     seqs: ShiftSeqs
-    handover_evidence: dict[int, dict[str, Any]]  # flag id -> its evidence as stored
+    handover_stored: dict[int, StoredFlag]  # flag id -> its evidence and decision
 
     def trails(self) -> dict[str, ParcelTrail]:
         return parcel_trails(self.events)
@@ -150,7 +150,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             if target is not None and target != filed_in:
                 events[target].append(correction)
     rule_flags = _rule_flags(session, sorted(tracking_nos))
-    handover, handover_evidence = _handover_flags(session, ids)
+    handover, handover_stored = _handover_flags(session, ids)
     states = {
         state.device_id: state
         for chunk in chunks(devices)
@@ -168,7 +168,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             events=events[shift.id],
             rule_flags={tn: rule_flags[tn] for tn in tracking_nos if tn in rule_flags},
             handover_flags=handover[shift.id],
-            handover_evidence=handover_evidence,
+            handover_stored=handover_stored,
             seqs=ShiftSeqs(
                 status=shift.status,
                 first_seq=shift.first_seq,
@@ -297,19 +297,26 @@ def _rule_flags(session: Session, tracking_nos: Sequence[str]) -> dict[str, list
 
 def _handover_flags(
     session: Session, shift_ids: Sequence[int]
-) -> tuple[dict[int, dict[tuple[str, str], FlagRef]], dict[int, dict[str, Any]]]:
+) -> tuple[dict[int, dict[tuple[str, str], FlagRef]], dict[int, StoredFlag]]:
     found: dict[int, dict[tuple[str, str], FlagRef]] = defaultdict(dict)
-    evidences: dict[int, dict[str, Any]] = {}
+    stored: dict[int, StoredFlag] = {}
     for chunk in chunks(shift_ids):
-        for flag_id, kind, status, key, evidence, shift_id in session.execute(
+        for flag_id, kind, status, key, shift_id, *kept in session.execute(
             select(
-                Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence, Flag.shift_id
+                Flag.id,
+                Flag.kind,
+                Flag.status,
+                Flag.subject_key,
+                Flag.shift_id,
+                Flag.evidence,
+                Flag.decision,
+                Flag.decided_on,
             ).where(among(session, Flag.shift_id, chunk), Flag.kind.in_(HANDOVER_KINDS))
         ):
             tracking_no = key.partition(":")[2]
-            found[shift_id][(kind, tracking_no)] = _ref(flag_id, kind, status, evidence)
-            evidences[flag_id] = evidence
-    return found, evidences
+            found[shift_id][(kind, tracking_no)] = _ref(flag_id, kind, status, kept[0])
+            stored[flag_id] = StoredFlag(*kept)
+    return found, stored
 
 
 def _ref(flag_id: int, kind: str, status: FlagStatus, evidence: dict[str, Any]) -> FlagRef:
@@ -420,9 +427,9 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
     Called when a shift closes and whenever events land for a closed one (a late
     batch: the parcel thought missing was returned after all). Like the parcel rule
     flags (README), a flag whose cause went away is closed with the reason, resolved
-    or not; one a manager resolved stays resolved while its cause stands on the events
-    they saw, opens on new ones, and is resolved again if its cause comes back on them
-    (also once the new ones went: voided, or filed under another shift; rule 3).
+    or not; while it stands, a manager's acknowledgement or resolution stands as long
+    as it stands on the events they decided on, and the flag is open on any other
+    (``sync.flags.judged_status``: however the events were batched, rule 3).
     """
     judged = [shift for shift in shifts if shift.status != ShiftStatus.OPEN]
     if not judged:
@@ -450,64 +457,15 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
                     )
                 )
                 continue
-            stored = facts.handover_evidence.get(existing.id, {})
-            shown = set(evidence["event_ids"])
-            status = existing.status
-            # The events a manager resolved the flag on, when the system opened it (or
-            # opens it now) on new events since: should those go, it is resolved again.
-            seen: list[int] | None = stored.get(RESOLVED_ON)
-            flag: Flag | None = None
-            if status == FlagStatus.RESOLVED:
-                seen = None if shown <= existing.event_ids else sorted(existing.event_ids)
-            elif status == FlagStatus.CLOSED:
-                flag = session.get(Flag, existing.id)
-                if flag is None:
-                    continue
-                if shown <= existing.event_ids and restore_resolution(
-                    session=session, flag=flag, note=RESOLVED_AGAIN[kind]
-                ):
-                    flag.evidence = evidence
-                    continue
-                if closed_from_resolution(session=session, flag=flag):
-                    seen = sorted(existing.event_ids)  # back on new ones: not covered
-            if status != FlagStatus.RESOLVED and seen is not None and shown <= set(seen):
-                # Opened on new events after a manager resolved it (perhaps closed since),
-                # and they went (voided, or filed under another shift): as if they never
-                # came.
-                flag = flag or session.get(Flag, existing.id)
-                if flag is not None and resolve_again(
-                    session=session, flag=flag, note=RESOLVED_AGAIN[kind]
-                ):
-                    flag.evidence = evidence
-                    continue
-                # A manager acted since (acknowledged it): the events it was resolved on
-                # can no longer bring the resolution back. Forgotten, they cost no
-                # reading of its history on every push.
-                seen = None
-            now = evidence if seen is None else {**evidence, RESOLVED_ON: seen}
-            if status == FlagStatus.CLOSED:
-                reopened = raise_flag(
-                    session=session,
-                    kind=kind,
-                    severity=HANDOVER_SEVERITY[kind],
-                    subject=subject_of(shift_id, tracking_no),
-                    station_id=shift.station_id,
-                    evidence=evidence,
-                    shift_id=shift_id,
-                ).flag
-                reopened.evidence = now  # what the events say now, not merged history
-                raised.append(reopened)
-            elif status == FlagStatus.RESOLVED and seen is not None:
-                # Resolved for the events a manager saw; new ones must be seen too.
-                flag = session.get(Flag, existing.id)
-                if flag is not None:
-                    reopen_flag(session=session, flag=flag, note=OPENED_AGAIN[kind])
-                    flag.evidence = now
-                    raised.append(flag)
-            elif stored != now:
-                flag = session.get(Flag, existing.id)
-                if flag is not None:
-                    flag.evidence = now  # what the shift's events say now
+            stored = facts.handover_stored[existing.id]
+            status = judged_status(stored.decision, stored.decided_on, evidence)
+            if status == existing.status and stored.evidence == evidence:
+                continue
+            flag = session.get(Flag, existing.id)
+            if flag is not None and rejudge(
+                session=session, flag=flag, evidence=evidence, cause=FAILS_AGAIN[kind]
+            ):
+                raised.append(flag)
         for (kind, tracking_no), ref in facts.handover_flags.items():
             if (kind, tracking_no) not in wanted and ref.status in STANDING:
                 gone[kind].append(subject_of(shift_id, tracking_no))

@@ -13,19 +13,21 @@ that station gets a flag of its own. (Flags of no station, the system's, are one
 per kind and subject too.)
 
 Every status change is recorded as a ``FlagChange``: by the system (``by_user_id``
-None) when a flag is raised, raised again after it was closed (or, a resolved one,
-on new events), closed, or resolved again (below); by a person when a manager
-acknowledges or resolves it. Resolutions also go to the
-audit log. A flag's life::
+None) when a flag is raised, raised again after it was closed, closed, or judged
+again (below); by a person when a manager acknowledges or resolves it. Resolutions
+also go to the audit log. A flag's life::
 
     (raised) -> open -> acknowledged -> resolved
                 open ----------------> resolved
-         open, acknowledged -> closed (cause gone) -> open (raised again)
-    resolved -> closed (its cause gone) -------------> resolved (back, on the events
-                                                       the manager resolved it on)
-                                                    -> open (back on new events)
-    resolved -> open (new events) -> resolved (a shift's own flag: they went, voided or
-                                               filed under another shift)
+    open, acknowledged, resolved -> closed (cause gone) -> open (raised again)
+
+A rule flag (a parcel's, a shift's own) is judged again whenever its subject's events
+change, and its status is then a function of the events as they are and of the
+manager's latest decision (``judged_status``): closed while the rule holds; while it
+fails, the decision's status (acknowledged, resolved) if the rule fails only on the
+events the manager decided on, open if on any other. So a decision stands, or comes
+back, however the later events were batched (rule 3), and nothing the manager did
+not see is settled by it.
 """
 
 from __future__ import annotations
@@ -154,52 +156,63 @@ def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
     return flag
 
 
-def restore_resolution(*, session: Session, flag: Flag, note: str) -> bool:
-    """Resolve again a flag the system closed straight from ``resolved``, now that its
-    cause is back on the events a manager resolved it on (the caller knows that): the
-    decision stands however the events were batched. False, and nothing changed, if
-    the flag was not closed from ``resolved``."""
-    if not closed_from_resolution(session=session, flag=flag):
+# What of a flag's evidence a manager's decision covers: the events, and the images a
+# delivery lacks (``pod_blob_missing`` names them).
+SEEN = ("event_ids", "blobs")
+DECISIONS = (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED)
+
+
+def seen_in(evidence: dict[str, Any]) -> dict[str, Any]:
+    """What a manager deciding on a flag with this evidence has seen."""
+    return {key: list(evidence[key]) for key in SEEN if key in evidence}
+
+
+def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
+    """Whether the cause in ``evidence`` stands only on what the decision saw: no event,
+    and no missing image, beyond it. A decision on evidence from before it named its
+    deliveries (images only) is compared on its images."""
+    if decided_on is None:
         return False
-    _record(session, flag, FlagStatus.CLOSED, FlagStatus.RESOLVED, note=note)
-    flag.status = FlagStatus.RESOLVED
+    shown = [key for key in SEEN if key in decided_on] or ["event_ids"]
+    return all(set(evidence.get(key, [])) <= set(decided_on.get(key, [])) for key in shown)
+
+
+def judged_status(
+    decision: FlagStatus | None, decided_on: dict[str, Any] | None, evidence: dict[str, Any]
+) -> FlagStatus:
+    """The status of a rule flag whose cause stands now, on ``evidence``: the manager's
+    latest decision (acknowledged, resolved) while it covers the evidence, open when
+    the cause stands on anything they did not see.
+
+    A function of the events as they are and of the decision only, not of the flag's
+    path (closed and raised again, opened and resolved again): however the events
+    after the decision were batched, the flag ends the same (rule 3).
+    """
+    if decision in DECISIONS and covers(decided_on, evidence):
+        return decision  # type: ignore[return-value]
+    return FlagStatus.OPEN
+
+
+def rejudge(*, session: Session, flag: Flag, evidence: dict[str, Any], cause: str) -> bool:
+    """A rule flag whose cause stands now, on ``evidence``: it takes that evidence (what
+    the rule finds now, not merged history) and the status ``judged_status`` gives,
+    the change recorded as the system's. ``cause`` names it in the history ("missing
+    again"). True if the flag opened (raised again: announced, counted)."""
+    status = judged_status(flag.decision, flag.decided_on, evidence)
+    if flag.evidence != evidence:
+        flag.evidence = evidence
+    if status == flag.status:
+        return False
+    if status != FlagStatus.OPEN:
+        note = f"{cause} on the events a manager {status.value} it on"
+    elif flag.status == FlagStatus.CLOSED and flag.decision is None:
+        note = "raised again"
+    else:
+        note = f"{cause} on new events"
+    _record(session, flag, flag.status, status, note=note)
+    flag.status = status
     flag.closed_reason = None
-    return True
-
-
-def closed_from_resolution(*, session: Session, flag: Flag) -> bool:
-    """Whether the system closed the flag straight from ``resolved``."""
-    if flag.status != FlagStatus.CLOSED:
-        return False
-    last = session.scalars(
-        select(FlagChange)
-        .where(FlagChange.flag_id == flag.id)
-        .order_by(FlagChange.id.desc())
-        .limit(1)
-    ).first()
-    return last is not None and last.from_status == FlagStatus.RESOLVED
-
-
-def resolve_again(*, session: Session, flag: Flag, note: str) -> bool:
-    """Resolve again a flag the system opened or closed after a manager resolved it, now
-    that its cause stands only on the events they resolved it on (the caller knows
-    that): the latest change a person made is that resolution, every one since the
-    system's. False, and nothing changed, otherwise (a manager acknowledged it since,
-    or it is resolved)."""
-    if flag.status == FlagStatus.RESOLVED:
-        return False
-    latest = session.scalars(
-        select(FlagChange)
-        .where(FlagChange.flag_id == flag.id, FlagChange.by_user_id.is_not(None))
-        .order_by(FlagChange.id.desc())
-        .limit(1)
-    ).first()
-    if latest is None or latest.to_status != FlagStatus.RESOLVED:
-        return False
-    _record(session, flag, flag.status, FlagStatus.RESOLVED, note=note)
-    flag.status = FlagStatus.RESOLVED
-    flag.closed_reason = None
-    return True
+    return status == FlagStatus.OPEN
 
 
 def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:
@@ -352,7 +365,7 @@ def acknowledge_flag(
     if flag.status != FlagStatus.OPEN:
         raise _status_conflict(flag, "acknowledged", "only an open flag can be acknowledged")
     _record(session, flag, flag.status, FlagStatus.ACKNOWLEDGED, by=user_id, note=text)
-    flag.status = FlagStatus.ACKNOWLEDGED
+    _decide(flag, FlagStatus.ACKNOWLEDGED)
     session.flush()
     return flag
 
@@ -374,7 +387,7 @@ def resolve_flag(*, session: Session, flag: Flag, user_id: int, note: str) -> Fl
         )
     previous = flag.status
     _record(session, flag, previous, FlagStatus.RESOLVED, by=user_id, note=text)
-    flag.status = FlagStatus.RESOLVED
+    _decide(flag, FlagStatus.RESOLVED)
     session.flush()
     audit.append(
         session=session,
@@ -392,6 +405,14 @@ def resolve_flag(*, session: Session, flag: Flag, user_id: int, note: str) -> Fl
         },
     )
     return flag
+
+
+def _decide(flag: Flag, decision: FlagStatus) -> None:
+    """The manager's decision, on the evidence they see: it stands while the flag's
+    cause stands on no more than that (``judged_status``)."""
+    flag.status = decision
+    flag.decision = decision
+    flag.decided_on = seen_in(flag.evidence)
 
 
 def _lock(session: Session, flag: Flag) -> Flag:

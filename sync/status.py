@@ -33,12 +33,9 @@ from sync.consents import consents_for, covered_parcels
 from sync.events import referenced_blobs
 from sync.flags import (
     ACTIVE_STATUSES,
-    FlagSubject,
     close_flags_by_id,
-    raise_flag,
     raise_new_flags,
-    reopen_flag,
-    restore_resolution,
+    rejudge,
 )
 from sync.handover import NOT_CHECKED_OUT
 from sync.projection import EventFact, ordered, project
@@ -69,6 +66,7 @@ from sync.sql import (
 DEFAULT_POLICY = Policy()
 # Rule flags not closed: what a shift's balance cites (``sync.balances._rule_flags``).
 STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
+FAILS_AGAIN = "the rule fails again"  # a rule flag judged again, in its history
 
 
 # The tracking number, then EventFact's fields in its order.
@@ -369,8 +367,8 @@ def apply_rule_flags(
     couriers: dict[tuple[str, int], int | None],
 ) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
-    Returns those raised (or reopened), and those closed, resolved again or given
-    other evidence.
+    Returns those raised (or opened again), and those closed, given back the status a
+    manager decided or given other evidence.
     ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number;
     ``judged``: ``evaluate``'s flags, by kind; ``events``: the parcels' events;
     ``couriers``: whom a flag of the parcel at a station concerns, by tracking number
@@ -380,10 +378,11 @@ def apply_rule_flags(
     (``sync.rules.by_station``; events a flag cites stay with it): one station's
     manager resolving theirs leaves another station's to its manager.
 
-    Evidence is replaced, not merged: it is what the rule finds now. A flag a manager
-    resolved stays resolved while its cause persists, and is closed like the others
-    when it goes (the shifts' balances cite every rule flag not closed); a closed one
-    reopens if the cause comes back.
+    Evidence is replaced, not merged: it is what the rule finds now. A flag is closed
+    when its cause goes, resolved or not (the shifts' balances cite every rule flag
+    not closed); while the cause stands, a manager's acknowledgement or resolution
+    stands as long as the cause is on the events they decided on, and the flag is
+    open on any other (``sync.flags.judged_status``).
     """
     flagged = sorted(tn for tn, parcel in parcels.items() if parcel.has_rule_flags)
     rule_flags = RULE_FLAGS_OF_PARCELS(session)
@@ -415,34 +414,15 @@ def apply_rule_flags(
                         evidence=evidence,
                     )
                 )
-            elif flag.status == FlagStatus.RESOLVED and _new_events(flag.evidence, evidence):
-                # Resolved for the events a manager saw; new ones must be seen too.
-                reopen_flag(session=session, flag=flag, note="the rule fails again on new events")
-                flag.evidence = evidence
-                raised.append(flag)
-            elif flag.status != FlagStatus.CLOSED:
-                if flag.evidence != evidence:
-                    flag.evidence = evidence
-                    rejudged.append(flag)
-            elif not _new_events(flag.evidence, evidence) and restore_resolution(
-                session=session,
-                flag=flag,
-                note="the rule fails again on the events a manager resolved it on",
-            ):
-                flag.evidence = evidence
-                rejudged.append(flag)
             else:
-                reopened = raise_flag(
-                    session=session,
-                    kind=kind,
-                    severity=SEVERITY[kind],
-                    subject=FlagSubject("parcel", tn),
-                    station_id=station_id,
-                    evidence=evidence,
-                    courier_id=couriers.get((tn, station_id)),
-                ).flag
-                reopened.evidence = evidence  # what the rule finds now, not merged history
-                raised.append(reopened)
+                was, known = flag.status, flag.evidence
+                if rejudge(session=session, flag=flag, evidence=evidence, cause=FAILS_AGAIN):
+                    courier_id = couriers.get((tn, station_id))
+                    if courier_id is not None:
+                        flag.courier_id = courier_id
+                    raised.append(flag)
+                elif flag.status != was or known != evidence:
+                    rejudged.append(flag)
         for key, flag in existing[tn].items():
             if key not in wanted and flag.status in STANDING:
                 gone.append(flag.id)
@@ -516,14 +496,6 @@ def targets_of_corrections(
             )
         )
     }
-
-
-def _new_events(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether the rule now fails on something the flag's evidence did not show: an
-    event, or a missing image (``pod_blob_missing`` names its images too). Evidence
-    stored before it named its deliveries (images only) is compared on its images."""
-    shown = [k for k in ("event_ids", "blobs") if k in old] or ["event_ids"]
-    return any(not set(new.get(k, [])) <= set(old.get(k, [])) for k in shown)
 
 
 def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None:

@@ -210,12 +210,14 @@ def test_a_manager_acknowledges_then_resolves(
     )
     assert acknowledged.status_code == 200, acknowledged.get_json()
     assert acknowledged.get_json()["status"] == "acknowledged"
+    assert acknowledged.get_json()["decision"] == "acknowledged"
+    assert acknowledged.get_json()["decided_on"] == {"event_ids": [1, 2]}
     resolved = client.post(
         f"{FLAGS}/{flags.here.id}/resolve", json={"note": "parcel found"}, headers=manager
     )
     assert resolved.status_code == 200, resolved.get_json()
     body = resolved.get_json()
-    assert body["status"] == "resolved"
+    assert (body["status"], body["decision"]) == ("resolved", "resolved")
     assert [(c["to_status"], c["by_user_id"], c["note"]) for c in body["changes"]] == [
         ("open", None, None),
         ("acknowledged", world.manager.id, "looking"),

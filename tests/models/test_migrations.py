@@ -199,3 +199,101 @@ def test_an_upgrade_that_copies_a_table_keeps_rows_that_refer_to_it(tmp_path) ->
     migrate.downgrade(scratch, "3edf26907bd1")
     migrate.upgrade(scratch)
     scratch.dispose()
+
+
+BEFORE_DECISIONS = "9b3e5a1c7d20"  # flags kept no decision of their own
+
+
+def test_flag_decisions_are_filled_in_from_the_history_that_says_what_was_seen(
+    scratch: Engine,
+) -> None:
+    """A flag still as a manager left it, or closed straight from it, or a shift's own
+    flag opened on new events with the events it was resolved on in its evidence, gets
+    the manager's decision and what it covered; one opened on new events since, or
+    never decided on, gets none; ``resolved_on_event_ids`` leaves the evidence."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from models.base import Document
+
+    migrate.upgrade(scratch, BEFORE_DECISIONS)
+    when = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    flag = sa.table(
+        "flag",
+        *(sa.column(name) for name in ("id", "kind", "severity", "subject_type")),
+        *(sa.column(name) for name in ("subject_key", "status", "raised_at", "updated_at")),
+        sa.column("evidence", Document),
+    )
+    change = sa.table(
+        "flag_change",
+        *(sa.column(name) for name in ("flag_id", "at", "by_user_id")),
+        *(sa.column(name) for name in ("from_status", "to_status")),
+    )
+    missing = {"event_ids": [4, 5], "tracking_no": "X", "resolved_on_event_ids": [4]}
+    flags = {  # id: kind, status now, evidence, its changes (by a person: True)
+        1: ("delivered_without_pod", "resolved", {"event_ids": [1, 2]}, "o R"),
+        2: ("delivered_without_pod", "acknowledged", {"event_ids": [3]}, "o A"),
+        3: ("unauthorized_locker_drop", "closed", {"event_ids": [3]}, "o R c"),
+        4: ("missing_at_handover", "open", missing, "o R o"),
+        5: ("consent_after_drop", "open", {"event_ids": [6, 7]}, "o R o"),
+        6: ("pod_blob_missing", "open", {"event_ids": [8], "blobs": ["b"]}, "o"),
+        7: ("delivered_not_checked_out", "closed", {"event_ids": [9]}, "o A o c"),
+    }
+    statuses = {"o": "open", "a": "acknowledged", "r": "resolved", "c": "closed"}
+    with scratch.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO app_user (id, username, full_name, role, password_hash, active, "
+                "created_at, credentials_version) VALUES (1, 'm', '', 'admin', 'x', true, "
+                ":when, 0)"
+            ),
+            {"when": when},
+        )
+        for flag_id, (kind, status, evidence, history) in flags.items():
+            connection.execute(
+                sa.insert(flag).values(
+                    id=flag_id,
+                    kind=kind,
+                    severity="warning",
+                    subject_type="parcel",
+                    subject_key=f"P{flag_id}",
+                    status=status,
+                    raised_at=when,
+                    updated_at=when,
+                    evidence=evidence,
+                )
+            )
+            previous = None
+            for step in history.split():
+                to = statuses[step.lower()]
+                by = 1 if step.isupper() else None
+                connection.execute(
+                    sa.insert(change).values(
+                        flag_id=flag_id, at=when, by_user_id=by, from_status=previous, to_status=to
+                    )
+                )
+                previous = to
+    migrate.upgrade(scratch)
+    with scratch.connect() as connection:
+        found = {
+            row.id: (row.decision, row.decided_on, row.evidence)
+            for row in connection.execute(
+                sa.select(
+                    sa.column("id"),
+                    sa.column("decision"),
+                    sa.column("decided_on", Document),
+                    sa.column("evidence", Document),
+                ).select_from(sa.table("flag"))
+            )
+        }
+    assert {flag_id: found[flag_id][:2] for flag_id in found} == {
+        1: ("resolved", {"event_ids": [1, 2]}),
+        2: ("acknowledged", {"event_ids": [3]}),
+        3: ("resolved", {"event_ids": [3]}),
+        4: ("resolved", {"event_ids": [4]}),
+        5: (None, None),
+        6: (None, None),
+        7: (None, None),
+    }
+    assert found[4][2] == {"event_ids": [4, 5], "tracking_no": "X"}

@@ -2039,9 +2039,8 @@ def test_an_acknowledged_handover_flag_back_on_the_resolved_events_costs_no_quer
     session: Session, world: World, pda: Pda
 ) -> None:
     """Resolved, opened on a late scan, acknowledged by the manager, the scan voided: it
-    stays acknowledged (a manager acted since) and forgets the events it was resolved
-    on, which can no longer bring its resolution back. Judging the shift again reads
-    no flag's history when nothing changes."""
+    stays acknowledged (the manager's latest decision, which saw the scan too). Judging
+    the shift again reads no flag's history when nothing changes."""
     from sync.balances import refresh_handover_flags
     from sync.flags import acknowledge_flag
 

@@ -42,6 +42,25 @@ class FlagOut(ma.Schema):
         required=True,
         metadata={"description": "Why the system closed it (its cause went away)"},
     )
+    decision = ma.fields.Enum(
+        FlagStatus,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A manager's latest decision (acknowledged or resolved), null "
+            "if none. While the flag's cause stands only on what it covered "
+            "(`decided_on`), the flag has this status; on anything else it is open"
+        },
+    )
+    decided_on = ma.fields.Dict(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "What that decision covered: the evidence's `event_ids` (and "
+            "`blobs`, missing images) when the manager decided"
+        },
+    )
 
 
 class FlagChangeOut(ma.Schema):

@@ -1,0 +1,243 @@
+"""A manager's decision on a rule flag, and the events that arrive after it (rule 3).
+
+A parcel's rule flags are judged again whenever its events change; a manager's
+acknowledgement or resolution covers the events they saw. Whatever the batching of
+the events that come after it, the flags end in the same status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Flag, FlagStatus
+from sync.events import EventRules
+from sync.flags import acknowledge_flag, covers, flag_changes, judged_status, resolve_flag
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+from tests.conftest import World
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+RULES = IngestRules(
+    events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+)
+# What may come after the manager's decision: the check-out the delivery lacked (seq 1,
+# sent late), and scans after the delivery, some of them outcomes of their own.
+LATER = (
+    "checked_out",
+    "out_for_delivery",
+    "delivered",
+    "delivered_to_locker",
+    "returned_to_station",
+)
+
+
+class OnePda:
+    """A PDA of its own for each run of an example: its seqs start at 1."""
+
+    def __init__(self, session: Session, world: World) -> None:
+        device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
+        self.session = session
+        self.pusher = Pusher(device.id, world.station.id, world.courier.id)
+
+    def event(self, seq: int, tracking_no: str, kind: str, **fields: Any) -> dict[str, Any]:
+        fields.setdefault("occurred_at", NOW - dt.timedelta(hours=3, minutes=-seq))
+        if kind == "delivered_to_locker":
+            fields.update(locker_id="L-1", compartment="7")
+        return factories.event(seq, tracking_no, kind, **fields)
+
+    def push(self, events: list[dict[str, Any]], received_at: dt.datetime) -> None:
+        ingest(
+            session=self.session,
+            batch=PushBatch(
+                device_id=self.pusher.device_id,
+                batch_id=uuid.uuid4(),
+                sent_at=received_at,
+                events=events,
+            ),
+            pusher=self.pusher,
+            rules=RULES,
+            received_at=received_at,
+        )
+        self.session.commit()
+
+
+def rule_flags(session: Session, tracking_no: str) -> dict[str, FlagStatus]:
+    """The parcel's flags not closed: one raised and closed on the way (an outcome in
+    one push, voided in the next) is as good as never raised."""
+    return {
+        flag.kind: flag.status
+        for flag in session.scalars(
+            select(Flag).where(
+                Flag.subject_type == "parcel",
+                Flag.subject_key == tracking_no,
+                Flag.status != FlagStatus.CLOSED,
+            )
+        )
+    }
+
+
+OPEN, ACK, RESOLVED = FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED
+
+
+def test_a_decision_stands_while_the_cause_is_only_on_what_the_manager_saw() -> None:
+    seen = {"event_ids": [1, 2]}
+    assert judged_status(RESOLVED, seen, {"event_ids": [2]}) == RESOLVED
+    assert judged_status(RESOLVED, seen, {"event_ids": [1, 2]}) == RESOLVED
+    assert judged_status(ACK, seen, {"event_ids": [1, 2]}) == ACK
+    assert judged_status(RESOLVED, seen, {"event_ids": [2, 3]}) == OPEN
+    assert judged_status(ACK, seen, {"event_ids": [3]}) == OPEN
+    assert judged_status(None, None, {"event_ids": [1]}) == OPEN
+
+
+def test_a_missing_image_the_manager_did_not_see_is_new_too() -> None:
+    seen = {"event_ids": [1], "blobs": ["a"]}
+    assert covers(seen, {"event_ids": [1], "blobs": ["a"]})
+    assert not covers(seen, {"event_ids": [1], "blobs": ["b"]})
+    # Decided on before the evidence named its deliveries: compared on its images.
+    assert covers({"blobs": ["a"]}, {"event_ids": [1], "blobs": ["a"]})
+    assert not covers(None, {"event_ids": []})
+
+
+def test_an_acknowledged_flag_opens_on_new_events_and_is_acknowledged_again_when_they_go(
+    session: Session, world: World
+) -> None:
+    """The manager acknowledged a delivery with no check-out. A second delivery, which
+    they never saw, joins the evidence: the flag is back in the open queue. Voided by
+    a correction, it leaves: acknowledged again, as if it had never come; the history
+    says why each time."""
+    pda = OnePda(session, world)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
+    flag = session.scalars(
+        select(Flag).where(
+            Flag.subject_key == tracking_no, Flag.kind == "delivered_not_checked_out"
+        )
+    ).one()
+    acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
+    session.commit()
+    again = pda.event(3, tracking_no, "delivered")
+    pda.push([again], NOW + dt.timedelta(minutes=1))
+    session.refresh(flag)
+    assert flag.status == OPEN
+    undo = pda.event(
+        4, tracking_no, "correction", voids_client_event_id=again["client_event_id"], reason="x"
+    )
+    pda.push([undo], NOW + dt.timedelta(minutes=2))
+    session.refresh(flag)
+    assert flag.status == ACK
+    notes = [c.note for c in flag_changes(session=session, flag=flag)][-2:]
+    assert notes == [
+        "the rule fails again on new events",
+        "the rule fails again on the events a manager acknowledged it on",
+    ]
+
+
+def test_a_manager_resolving_a_flag_opened_on_new_events_settles_those_too(
+    session: Session, world: World
+) -> None:
+    """Resolved, opened on a second delivery, resolved again by the manager: their new
+    decision covers the second delivery, and a third opens it once more."""
+    pda = OnePda(session, world)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
+    flag = session.scalars(
+        select(Flag).where(
+            Flag.subject_key == tracking_no, Flag.kind == "delivered_not_checked_out"
+        )
+    ).one()
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="seen")
+    session.commit()
+    pda.push([pda.event(3, tracking_no, "delivered")], NOW + dt.timedelta(minutes=1))
+    session.refresh(flag)
+    assert flag.status == OPEN
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="both seen")
+    session.commit()
+    assert flag.decided_on == {"event_ids": flag.evidence["event_ids"]}
+    assert len(flag.decided_on["event_ids"]) == 2
+    pda.push([pda.event(4, tracking_no, "out_for_delivery")], NOW + dt.timedelta(minutes=2))
+    session.refresh(flag)
+    assert flag.status == RESOLVED  # a scan that is no delivery: the cause is unchanged
+    pda.push([pda.event(5, tracking_no, "delivered")], NOW + dt.timedelta(minutes=3))
+    session.refresh(flag)
+    assert flag.status == OPEN
+
+
+@settings(  # as many examples as the profile says (100 here, 300 in CI)
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_a_parcels_rule_flags_end_the_same_however_the_later_events_are_batched(
+    session: Session, world: World, data: st.DataObject
+) -> None:
+    """An express parcel delivered (seq 2) with no check-out and no proof raises rule
+    flags; the manager acknowledges or resolves each. Then the same later events (the
+    check-out, further scans and outcomes, corrections voiding some of them) pushed
+    in one batch, or shuffled, repeated and split into several: every flag of the
+    parcel ends in the same status."""
+    decision = data.draw(st.sampled_from(["acknowledge", "resolve"]), label="decision")
+    kinds = data.draw(st.lists(st.sampled_from(LATER), min_size=1, max_size=3), label="later")
+    voided = data.draw(
+        st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds)), label="voided"
+    )
+
+    def run(batches: list[list[int]]) -> dict[str, FlagStatus]:
+        pda = OnePda(session, world)
+        tracking_no = factories.parcel(session, world.station).tracking_no
+        session.commit()
+        delivered = pda.event(2, tracking_no, "delivered")
+        pda.push([delivered], NOW)
+        flags = session.scalars(select(Flag).where(Flag.subject_key == tracking_no)).all()
+        assert flags
+        for flag in flags:
+            if decision == "resolve":
+                resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="seen")
+            else:
+                acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
+        session.commit()
+        # The first check-out is the one the delivery lacked (seq 1); seqs stay unique.
+        first = kinds.index("checked_out") if "checked_out" in kinds else -1
+        later = [
+            pda.event(1 if i == first else 3 + i, tracking_no, kind)
+            for i, kind in enumerate(kinds)
+        ]
+        seq = 3 + len(kinds)
+        for target, void in zip(list(later), voided, strict=True):
+            if void:
+                later.append(
+                    pda.event(
+                        seq,
+                        tracking_no,
+                        "correction",
+                        voids_client_event_id=target["client_event_id"],
+                        reason="mis-tap",
+                    )
+                )
+                seq += 1
+        for k, batch in enumerate(batches):
+            pda.push([later[i] for i in batch], NOW + dt.timedelta(minutes=1 + k))
+        return rule_flags(session, tracking_no)
+
+    n = len(kinds) + sum(voided)
+    pushes = data.draw(st.integers(min_value=1, max_value=4), label="pushes")
+    push_of = data.draw(
+        st.lists(st.integers(min_value=0, max_value=pushes - 1), min_size=n, max_size=n),
+        label="push of each event",
+    )
+    order = data.draw(st.permutations(range(n)), label="order")
+    batches = [[i for i in order if push_of[i] == k] for k in range(pushes)]
+    batches = [batch for batch in batches if batch]
+    again = data.draw(st.lists(st.integers(min_value=0, max_value=n - 1), max_size=3))
+    if again:
+        batches.append(again)
+    assert run(batches) == run([list(range(n))])

@@ -104,6 +104,8 @@ def test_a_listed_flag_carries_its_fields(
         "raised_at": None,
         "updated_at": None,
         "closed_reason": None,
+        "decision": None,
+        "decided_on": None,
     }
 
 

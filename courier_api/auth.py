@@ -4,14 +4,16 @@ Access tokens carry ``sub`` (user id), ``role``, ``station`` (station id or
 null), ``device`` (couriers), ``iat``, ``exp``, ``jti``, ``typ`` and ``ver``
 (the account's credentials version). What a
 token was issued for is re-checked on every request, so retiring a device or
-disabling an account takes effect at once.
+disabling an account takes effect at once. Refresh tokens carry the same and
+``fam``, their family: each is exchanged once (``exchange_refresh_token``,
+``sync.refresh_tokens``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import wraps
@@ -22,10 +24,12 @@ from flask import current_app, g, request
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from models import Device, Role, User
-from sync import audit
+from models import Device, Role, User, utcnow
+from sync import audit, refresh_tokens
 from sync.accounts import TokenSubject, check_token_subject, load_token_subject
 from sync.errors import AuthenticationFailed, PermissionDenied
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "HS256"
 ACCESS = "access"
@@ -93,32 +97,90 @@ class TokenPair:
     refresh_expires_in: int
 
 
-def issue_tokens(user: User, device: Device | None) -> TokenPair:
+def issue_tokens(
+    user: User,
+    device: Device | None,
+    *,
+    family: str | None = None,
+    refresh_jti: str | None = None,
+) -> TokenPair:
+    """A new pair. A sign-in's refresh token starts a family, named after it; a
+    refresh's is the one ``sync.refresh_tokens.exchange`` decided on (``family``,
+    ``refresh_jti``)."""
     config = current_app.config
     access_ttl = config["JWT_ACCESS_TTL_SECONDS"]
     refresh_ttl = config["JWT_REFRESH_TTL_SECONDS"]
+    jti = refresh_jti or refresh_tokens.new_jti()
+    family = family or jti
     return TokenPair(
         access_token=_encode(user, device, ACCESS, access_ttl),
-        refresh_token=_encode(user, device, REFRESH, refresh_ttl),
+        refresh_token=_encode(user, device, REFRESH, refresh_ttl, jti=jti, family=family),
         expires_in=access_ttl,
         refresh_expires_in=refresh_ttl,
     )
 
 
-def _encode(user: User, device: Device | None, token_type: str, ttl: int) -> str:
+def _encode(
+    user: User,
+    device: Device | None,
+    token_type: str,
+    ttl: int,
+    *,
+    jti: str | None = None,
+    family: str | None = None,
+) -> str:
     now = dt.datetime.now(dt.UTC)
-    claims = {
+    claims: dict[str, Any] = {
         "sub": str(user.id),
         "role": user.role.value,
         "station": user.station_id,
         "device": device.id if device else None,
         "iat": now,
         "exp": now + dt.timedelta(seconds=ttl),
-        "jti": uuid.uuid4().hex,
+        "jti": jti or refresh_tokens.new_jti(),
         "typ": token_type,
         "ver": user.credentials_version,
     }
+    if family is not None:
+        claims["fam"] = family
     return jwt.encode(claims, current_app.config["JWT_SECRET"], algorithm=ALGORITHM)
+
+
+def exchange_refresh_token(token: str) -> tuple[User, Device | None, TokenPair]:
+    """``POST /auth/refresh``: verify ``token``, check its account (and device) again as
+    every request does, then exchange it in its family (``sync.refresh_tokens``) for a
+    new pair. Commits; a refusal is raised after the commit, so that a reuse's
+    revocation of the family stands."""
+    from courier_api.extensions import db
+
+    claims = decode_token(token, expected_type=REFRESH)
+    _, user, device = principal_from_claims(claims)
+    now = utcnow()
+    config = current_app.config
+    exchanged = refresh_tokens.exchange(
+        session=db.session,
+        presented=refresh_tokens.Presented(
+            family=claims.get("fam"),
+            jti=claims["jti"],
+            user_id=user.id,
+            expires_at=dt.datetime.fromtimestamp(claims["exp"], dt.UTC),
+        ),
+        now=now,
+        grace=dt.timedelta(seconds=config["REFRESH_REUSE_GRACE_SECONDS"]),
+        expires_at=now + dt.timedelta(seconds=config["JWT_REFRESH_TTL_SECONDS"]),
+    )
+    if exchanged.refusal is not None:
+        db.session.commit()
+        if exchanged.verdict == refresh_tokens.REUSED:
+            log.warning(
+                "refresh token reused: sign-in family %s of user %s revoked",
+                exchanged.family,
+                user.id,
+            )
+        raise exchanged.refusal
+    pair = issue_tokens(user, device, family=exchanged.family, refresh_jti=exchanged.refresh_jti)
+    db.session.commit()
+    return user, device, pair
 
 
 class VerifiedTokens:

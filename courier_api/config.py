@@ -49,6 +49,11 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "SECRET_KEY": environ.get("SECRET_KEY", ""),
         "JWT_ACCESS_TTL_SECONDS": _int(environ, "JWT_ACCESS_TTL_SECONDS", 3600),
         "JWT_REFRESH_TTL_SECONDS": _int(environ, "JWT_REFRESH_TTL_SECONDS", 14 * 24 * 3600),
+        # How long after its use a refresh token may be sent again (a PDA that lost the
+        # answer) without counting as a reuse (sync.refresh_tokens); 0: never.
+        "REFRESH_REUSE_GRACE_SECONDS": _int(
+            environ, "REFRESH_REUSE_GRACE_SECONDS", 60, minimum=0, maximum=600
+        ),
         "BLOB_DIR": environ.get("BLOB_DIR") or str(instance_path / "blobs"),
         "MAX_CONTENT_LENGTH": _int(environ, "MAX_REQUEST_BYTES", 16 * 1024 * 1024),
         "MAX_EVENTS_PER_PUSH": _int(environ, "MAX_EVENTS_PER_PUSH", 5000),

@@ -40,7 +40,7 @@ from courier_api import metrics
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import DeliveryStatus, utcnow
-from sync import reports, sweeps, webhooks
+from sync import refresh_tokens, reports, sweeps, webhooks
 from sync.blobs import FileBlobStore
 from sync.scheduling import (
     FAILED,
@@ -178,6 +178,16 @@ def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
         )
 
     return purge
+
+
+@register_job(
+    "refresh_token_purge",
+    interval_seconds=24 * HOUR,
+    description="Deletes the refresh token families whose newest token expired (an hour "
+    "ago or more): their tokens are refused as expired anyway.",
+)
+def _refresh_token_purge(config: Mapping[str, Any]) -> JobFunction:
+    return refresh_tokens.purge_expired
 
 
 @register_job(

@@ -33,7 +33,7 @@ from models.integrations import (
 from models.parcel import Parcel
 from models.report import StationReport
 from models.scheduling import JobRun, SchedulerLease
-from models.security import SignInAttempt
+from models.security import RefreshTokenFamily, SignInAttempt
 from models.shift import Shift
 from models.station import Station
 from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
@@ -67,6 +67,7 @@ __all__ = [
     "ParcelStatus",
     "ProofImage",
     "QuarantinedEvent",
+    "RefreshTokenFamily",
     "ReportKind",
     "Role",
     "ScanEvent",

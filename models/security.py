@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Index, String
+from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, big_pk, sha256_hex
+from models.base import Base, big_pk, sha256_hex, str64
 
 
 class SignInAttempt(Base):
@@ -29,3 +29,27 @@ class SignInAttempt(Base):
     address_key: Mapped[sha256_hex]
     # pending (the password is being checked) | ok (right password) | failed | limited
     outcome: Mapped[str] = mapped_column(String(16))
+
+
+class RefreshTokenFamily(Base):
+    """The refresh tokens of one sign-in, as rotation follows them (``sync.refresh_tokens``).
+
+    Each refresh token is exchanged once for the next; the family's id is the ``jti``
+    of its first token (the tokens' ``fam`` claim), and its row is written at its first
+    refresh. It holds the one token that may be exchanged now, the one exchanged last
+    and when (a retry within the grace gets the current one again), and whether a
+    reuse revoked the family. Kept until its newest token has expired
+    (``expires_at``), then purged (job ``refresh_token_purge``). A ``jti`` alone is no
+    credential: a token is its signed string.
+    """
+
+    __tablename__ = "refresh_token_family"
+    __table_args__ = (Index("ix_refresh_token_family_expires_at", "expires_at"),)
+
+    id: Mapped[str64] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    current_jti: Mapped[str64]
+    used_jti: Mapped[str | None] = mapped_column(String(64))
+    used_at: Mapped[dt.datetime | None]
+    expires_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]

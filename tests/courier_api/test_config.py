@@ -19,6 +19,11 @@ def test_defaults_put_the_database_and_blobs_under_instance(tmp_path: Path) -> N
     assert config["BLOB_DIR"] == str(tmp_path / "blobs")
     assert config["MAX_CONTENT_LENGTH"] == 16 * 1024 * 1024
     assert config["MAX_EVENTS_PER_PUSH"] == 5000
+    assert config["REFRESH_REUSE_GRACE_SECONDS"] == 60
+    assert (
+        load_config({"REFRESH_REUSE_GRACE_SECONDS": "0"}, tmp_path)["REFRESH_REUSE_GRACE_SECONDS"]
+        == 0
+    )  # no grace: every second use is a reuse
 
 
 def test_production_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
@@ -48,6 +53,11 @@ def test_development_creates_a_secret_once_and_keeps_it(tmp_path: Path) -> None:
         ({"SHIFT_PLANNED_HOURS": "30"}, "SHIFT_PLANNED_HOURS must be at most 24"),
         ({"PROOF_RETENTION_DAYS": "99999999"}, "PROOF_RETENTION_DAYS must be at most 36500"),
         ({"SCHEDULER_IN_WEB": "maybe"}, "SCHEDULER_IN_WEB must be true or false"),
+        ({"REFRESH_REUSE_GRACE_SECONDS": "-1"}, "REFRESH_REUSE_GRACE_SECONDS must be at least 0"),
+        (
+            {"REFRESH_REUSE_GRACE_SECONDS": "601"},
+            "REFRESH_REUSE_GRACE_SECONDS must be at most 600",
+        ),
         ({"DELIVERY_DEADLINE_HOURS": "express=24"}, "gives no deadline for parcel, registered"),
         ({"DELIVERY_DEADLINE_HOURS": "express=soon"}, "class=hours pairs"),
     ],

@@ -39,6 +39,7 @@ EXPECTED_INTERVALS = {
     "consent_expiry": 300,
     "proof_retention_purge": 86400,
     "webhook_retention": 86400,
+    "refresh_token_purge": 86400,
     "station_reports": 1800,
 }
 

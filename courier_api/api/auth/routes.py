@@ -6,7 +6,7 @@ from flask.views import MethodView
 
 from courier_api.api.auth.schemas import RefreshRequest, TokenRequest, TokenResponse
 from courier_api.api.base import RATE_LIMITED, ApiBlueprint
-from courier_api.auth import REFRESH, decode_token, issue_tokens, principal_from_claims
+from courier_api.auth import TokenPair, exchange_refresh_token, issue_tokens
 from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
 from models import Device, User
@@ -14,8 +14,7 @@ from models import Device, User
 blp = ApiBlueprint("auth", __name__, url_prefix="/api/v1/auth", description="Sign in and refresh")
 
 
-def _token_response(user: User, device: Device | None) -> dict[str, Any]:
-    pair = issue_tokens(user, device)
+def _token_response(user: User, device: Device | None, pair: TokenPair) -> dict[str, Any]:
     return {
         "access_token": pair.access_token,
         "refresh_token": pair.refresh_token,
@@ -49,7 +48,9 @@ class Token(MethodView):
         old enough; and per client address, all attempts and failed ones.
         """
         sign_in = sign_in_with_password(body["username"], body["password"], body.get("device_id"))
-        response = _token_response(sign_in.user, sign_in.device)
+        response = _token_response(
+            sign_in.user, sign_in.device, issue_tokens(sign_in.user, sign_in.device)
+        )
         db.session.commit()
         return response
 
@@ -63,9 +64,19 @@ class Refresh(MethodView):
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """Exchange a refresh token for a new pair of tokens
 
-        The account (and a courier's device) is checked again: a refresh token
-        of a retired device or a disabled account is refused.
+        Each refresh token is accepted once: the answer carries the next one, which
+        replaces it. Keep only the newest. The account (and a courier's device) is
+        checked again: a refresh token of a retired device or a disabled account is
+        refused.
+
+        A refresh token sent again after it was used is refused (401
+        `refresh_token_reused`): someone else may hold a copy, so the sign-in it
+        belongs to is ended, and its newest refresh token is refused too (401
+        `refresh_token_revoked`). Sign in again. Access tokens already issued
+        last until they expire. Except: within `REFRESH_REUSE_GRACE_SECONDS`
+        (default 60) of its first use, the token used last gets a new pair
+        again, for a client whose answer was lost; its refresh token is the same
+        next token again (the same `jti`), so either copy may be exchanged, once.
         """
-        claims = decode_token(body["refresh_token"], expected_type=REFRESH)
-        _, user, device = principal_from_claims(claims)
-        return _token_response(user, device)
+        user, device, pair = exchange_refresh_token(body["refresh_token"])
+        return _token_response(user, device, pair)

@@ -1,0 +1,302 @@
+"""``POST /api/v1/auth/refresh``: rotation, reuse detection and the retry grace (SECURITY.md 1)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy.orm import Session
+
+from courier_api.extensions import db
+from courier_api.scheduler import JOB_SPECS
+from models import DeviceStatus, RefreshTokenFamily, utcnow
+from sync import refresh_tokens
+from tests import factories
+from tests.conftest import TEST_JWT_SECRET, Auth, World
+from tests.threads import race
+
+REFRESH_URL = "/api/v1/auth/refresh"
+PROTECTED_URL = "/api/v1/stations"
+GRACE = 60  # REFRESH_REUSE_GRACE_SECONDS' default
+
+
+class Clock:
+    """The server's clock as the refresh endpoint reads it (``courier_api.auth.utcnow``);
+    it starts now, since tokens' expiry is checked on the real clock."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr("courier_api.auth.utcnow", clock)
+    return clock
+
+
+def refresh(client: FlaskClient, token: str) -> Any:
+    return client.post(REFRESH_URL, json={"refresh_token": token})
+
+
+def refreshed(client: FlaskClient, token: str) -> dict[str, Any]:
+    response = refresh(client, token)
+    assert response.status_code == 200, response.get_json()
+    pair: dict[str, Any] = response.get_json()
+    return pair
+
+
+def refused(response: Any) -> tuple[int, str]:
+    return response.status_code, response.get_json()["code"]
+
+
+def claims(token: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = jwt.decode(token, TEST_JWT_SECRET, algorithms=["HS256"])
+    return decoded
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_sign_in_starts_a_family_and_each_refresh_rotates_within_it(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    signed_in = auth.tokens("courier1", "PDA-0001")
+    first = claims(signed_in["refresh_token"])
+    assert first["fam"] == first["jti"]  # a family is named after its first token
+    assert "fam" not in claims(signed_in["access_token"])
+    clock.advance(3600)
+    second = refreshed(client, signed_in["refresh_token"])
+    clock.advance(3600)
+    third = refreshed(client, second["refresh_token"])
+    families = {claims(pair["refresh_token"])["fam"] for pair in (second, third)}
+    assert families == {first["fam"]}
+    jtis = {claims(pair["refresh_token"])["jti"] for pair in (signed_in, second, third)}
+    assert len(jtis) == 3
+    assert third["device_id"] == "PDA-0001"
+    assert client.get(PROTECTED_URL, headers=bearer(third["access_token"])).status_code == 200
+
+
+def test_a_used_refresh_token_is_refused_and_ends_its_family(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    """A copy of the refresh token was taken (the PDA, its backup, a log): whoever
+    presents it second, past the grace, is refused, and the family's newest token with
+    it, whether the courier or the thief holds that one."""
+    stolen = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    clock.advance(600)
+    courier = refreshed(client, stolen)
+    clock.advance(GRACE + 1)
+    reused = refresh(client, stolen)
+    assert refused(reused) == (401, "refresh_token_reused")
+    assert "sign in again" in reused.get_json()["message"]
+    newest = refresh(client, courier["refresh_token"])
+    assert refused(newest) == (401, "refresh_token_revoked")
+    assert "sign in again" in newest.get_json()["message"]
+    # Access tokens are not looked up per request: the one already issued lasts its hour.
+    assert client.get(PROTECTED_URL, headers=bearer(courier["access_token"])).status_code == 200
+    # Signing in again starts a new family, which works.
+    fresh = auth.tokens("courier1", "PDA-0001")
+    assert claims(fresh["refresh_token"])["fam"] != claims(stolen)["fam"]
+    assert refresh(client, fresh["refresh_token"]).status_code == 200
+
+
+def test_the_thief_using_it_first_ends_the_couriers_session_too(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    stolen = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    thief = refreshed(client, stolen)
+    clock.advance(1800)
+    assert refused(refresh(client, stolen)) == (401, "refresh_token_reused")  # the courier
+    assert refused(refresh(client, thief["refresh_token"])) == (401, "refresh_token_revoked")
+
+
+def test_a_pda_that_lost_the_answer_may_send_the_same_refresh_again_within_the_grace(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    token = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    lost = refreshed(client, token)  # the answer never reached the PDA
+    clock.advance(GRACE - 1)
+    retried = refreshed(client, token)
+    # The same family, and the same next token (another string): one token to exchange.
+    assert claims(retried["refresh_token"])["fam"] == claims(token)["fam"]
+    assert claims(retried["refresh_token"])["jti"] == claims(lost["refresh_token"])["jti"]
+    assert client.get(PROTECTED_URL, headers=bearer(retried["access_token"])).status_code == 200
+    clock.advance(60)
+    following = refreshed(client, retried["refresh_token"])
+    # The lost answer's copy of that token is now used up like the one the PDA kept.
+    clock.advance(GRACE + 1)
+    assert refused(refresh(client, lost["refresh_token"])) == (401, "refresh_token_reused")
+    assert refused(refresh(client, following["refresh_token"])) == (401, "refresh_token_revoked")
+
+
+def test_the_grace_counts_from_the_first_use_and_then_a_retry_is_a_reuse(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    token = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    newest = refreshed(client, token)
+    clock.advance(GRACE // 2)
+    refreshed(client, token)  # a retry; the grace does not start again
+    clock.advance(GRACE // 2)
+    assert refused(refresh(client, token)) == (401, "refresh_token_reused")
+    assert refused(refresh(client, newest["refresh_token"])) == (401, "refresh_token_revoked")
+
+
+def test_a_token_two_refreshes_back_is_a_reuse_even_within_the_grace(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    first = auth.tokens("manager1")["refresh_token"]
+    second = refreshed(client, first)
+    refreshed(client, second["refresh_token"])
+    clock.advance(1)
+    assert refused(refresh(client, first)) == (401, "refresh_token_reused")
+
+
+def test_the_grace_is_configured(app_with: Callable[..., Flask], world: World) -> None:
+    client = app_with(REFRESH_REUSE_GRACE_SECONDS=0).test_client()
+    token = Auth(client).tokens("manager1")["refresh_token"]
+    assert refresh(client, token).status_code == 200
+    assert refused(refresh(client, token)) == (401, "refresh_token_reused")
+
+
+def test_each_sign_in_is_a_family_of_its_own(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    """Signing in on a second PDA (or again on the same) starts an independent family:
+    a reuse in one leaves the other working."""
+    one = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    other = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    assert claims(one)["fam"] != claims(other)["fam"]
+    refreshed(client, one)
+    other_next = refreshed(client, other)
+    clock.advance(GRACE + 1)
+    assert refused(refresh(client, one)) == (401, "refresh_token_reused")
+    assert refresh(client, other_next["refresh_token"]).status_code == 200
+
+
+def legacy_refresh_token(world: World) -> str:
+    """A refresh token as issued before rotation: no ``fam`` claim."""
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    body = {
+        "sub": str(world.courier.id),
+        "role": "courier",
+        "station": world.station.id,
+        "device": "PDA-0001",
+        "iat": now,
+        "exp": now + dt.timedelta(days=14),
+        "jti": "0ld" * 10 + "00",
+        "typ": "refresh",
+        "ver": world.courier.credentials_version,
+    }
+    return jwt.encode(body, TEST_JWT_SECRET, algorithm="HS256")
+
+
+def test_a_refresh_token_from_before_rotation_is_accepted_once_and_starts_a_family(
+    client: FlaskClient, world: World, clock: Clock
+) -> None:
+    legacy = legacy_refresh_token(world)
+    first = refreshed(client, legacy)
+    assert claims(first["refresh_token"])["fam"] == claims(legacy)["jti"]
+    assert first["device_id"] == "PDA-0001"
+    clock.advance(GRACE + 1)
+    assert refused(refresh(client, legacy)) == (401, "refresh_token_reused")
+    assert refused(refresh(client, first["refresh_token"])) == (401, "refresh_token_revoked")
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [("device lost", "device_not_active"), ("account disabled", "token_revoked")],
+)
+def test_a_lost_device_or_a_disabled_account_is_refused_before_rotation(
+    client: FlaskClient, world: World, auth: Auth, session: Session, change: str, code: str
+) -> None:
+    """The account and device are checked first, as before: their refusal leaves the
+    family as it was (nothing to revoke: the account's tokens all fail anyway)."""
+    signed_in = auth.tokens("courier1", "PDA-0001")
+    current = refreshed(client, signed_in["refresh_token"])["refresh_token"]
+    if change == "device lost":
+        world.device.status = DeviceStatus.LOST
+    else:
+        world.courier.active = False
+    session.commit()
+    assert refused(refresh(client, current)) == (401, code)
+    assert refused(refresh(client, signed_in["refresh_token"])) == (401, code)
+    session.expire_all()
+    family = session.get(RefreshTokenFamily, claims(current)["fam"])
+    assert family is not None and family.revoked_at is None
+    assert family.current_jti == claims(current)["jti"]
+
+
+def test_two_refreshes_with_one_token_at_once_do_not_both_rotate(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The family's row is locked while a refresh judges it (FOR UPDATE on PostgreSQL;
+    SQLite's writers take turns): without the grace, the second of two refreshes sent
+    together finds the token used and ends the family; they never both rotate it."""
+    committed_app.config["REFRESH_REUSE_GRACE_SECONDS"] = 0
+    with committed_app.app_context():
+        station = factories.station(db.session, code="RACE")
+        factories.user(db.session, "racer", "station_manager", station)
+        db.session.commit()
+    client = committed_app.test_client()
+    first = Auth(client).tokens("racer")["refresh_token"]
+    second = refreshed(client, first)["refresh_token"]  # the family's row now exists
+
+    judge = refresh_tokens.judge
+
+    def slow_judge(*args: Any, **kwargs: Any) -> str:
+        verdict = judge(*args, **kwargs)
+        time.sleep(0.3)  # hold the row a while: the other refresh must wait for it
+        return verdict
+
+    monkeypatch.setattr(refresh_tokens, "judge", slow_judge)
+    answers = race(committed_app, REFRESH_URL, [{"refresh_token": second}] * 2, {})
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [200, 401], [answer.get_json() for answer in answers]
+    winner = next(answer for answer in answers if answer.status_code == 200).get_json()
+    loser = next(answer for answer in answers if answer.status_code == 401)
+    assert refused(loser) == (401, "refresh_token_reused")
+    assert refused(refresh(client, winner["refresh_token"])) == (401, "refresh_token_revoked")
+
+
+def test_two_refreshes_with_one_token_at_once_within_the_grace_share_the_next_token(
+    committed_app: Flask,
+) -> None:
+    with committed_app.app_context():
+        station = factories.station(db.session, code="RACE")
+        factories.user(db.session, "racer", "station_manager", station)
+        db.session.commit()
+    client = committed_app.test_client()
+    first = Auth(client).tokens("racer")["refresh_token"]
+    second = refreshed(client, first)["refresh_token"]
+    answers = race(committed_app, REFRESH_URL, [{"refresh_token": second}] * 2, {})
+    assert [answer.status_code for answer in answers] == [200, 200]
+    jtis = {claims(answer.get_json()["refresh_token"])["jti"] for answer in answers}
+    assert len(jtis) == 1
+
+
+def test_the_daily_job_purges_the_families_whose_tokens_have_expired(
+    app: Flask, client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    token = auth.tokens("manager1")["refresh_token"]
+    newest = refreshed(client, token)["refresh_token"]
+    purge = JOB_SPECS["refresh_token_purge"].build(app.config)
+    expiry = dt.datetime.fromtimestamp(claims(newest)["exp"], dt.UTC)
+    assert purge(session=session, now=utcnow()) == {"families": 0}
+    after = expiry + refresh_tokens.PURGE_MARGIN + dt.timedelta(seconds=1)
+    assert purge(session=session, now=after) == {"families": 1}
+    session.commit()
+    assert session.get(RefreshTokenFamily, claims(newest)["fam"]) is None

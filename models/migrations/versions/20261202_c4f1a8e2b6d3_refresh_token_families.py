@@ -8,7 +8,7 @@ family's current token for the next, and a token presented again after its use
 that refreshed at least once, kept until its newest token expires.
 
 Revision ID: c4f1a8e2b6d3
-Revises: 9b3e5a1c7d20
+Revises: e4b7c1a9d352
 Create Date: 2026-12-02 04:00:00.000000
 """
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "c4f1a8e2b6d3"
-down_revision: str | None = "9b3e5a1c7d20"
+down_revision: str | None = "e4b7c1a9d352"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

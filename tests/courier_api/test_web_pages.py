@@ -533,6 +533,8 @@ def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(
     detail = pages.get(response.location)
     assert f"Flag {flag.id} is resolved." in detail
     assert "recipient agreed by phone" in detail and "on it" in detail
+    seen = ", ".join(str(i) for i in flag.evidence["event_ids"])
+    assert f"<dt>Manager's decision</dt><dd>resolved, on events {seen}:" in detail
     session.refresh(flag)
     assert flag.status == FlagStatus.RESOLVED
     assert ("flag_resolved", str(flag.id), day.manager.id) in audit_actions(session)

@@ -461,7 +461,9 @@ def refresh_handover_flags(*, session: Session, shifts: Sequence[Shift]) -> list
             status = judged_status(stored.decision, stored.decided_on, evidence)
             if status == existing.status and stored.evidence == evidence:
                 continue
-            flag = session.get(Flag, existing.id)
+            # Locked and read again: a manager's decision committed meanwhile is judged
+            # with it, not written over.
+            flag = session.get(Flag, existing.id, with_for_update=True, populate_existing=True)
             if flag is not None and rejudge(
                 session=session, flag=flag, evidence=evidence, cause=FAILS_AGAIN[kind]
             ):

@@ -193,16 +193,27 @@ def judged_status(
     return FlagStatus.OPEN
 
 
-def rejudge(*, session: Session, flag: Flag, evidence: dict[str, Any], cause: str) -> bool:
+def rejudge(
+    *,
+    session: Session,
+    flag: Flag,
+    evidence: dict[str, Any],
+    cause: str,
+    courier_id: int | None = None,
+) -> bool:
     """A rule flag whose cause stands now, on ``evidence``: it takes that evidence (what
     the rule finds now, not merged history) and the status ``judged_status`` gives,
     the change recorded as the system's. ``cause`` names it in the history ("missing
-    again"). True if the flag opened (raised again: announced, counted)."""
+    again"); ``courier_id``, when given, names the courier concerned should the flag
+    open (as ``raise_flag`` does), before it is announced. True if the flag opened
+    (raised again: announced, counted)."""
     status = judged_status(flag.decision, flag.decided_on, evidence)
     if flag.evidence != evidence:
         flag.evidence = evidence
     if status == flag.status:
         return False
+    if status == FlagStatus.OPEN and courier_id is not None and courier_id != flag.courier_id:
+        flag.courier_id = courier_id
     if status != FlagStatus.OPEN:
         note = f"{cause} on the events a manager {status.value} it on"
     elif flag.status == FlagStatus.CLOSED and flag.decision is None:
@@ -469,6 +480,10 @@ def _record(
     )
     if to_status in ANNOUNCED:
         _announce(session, flag, to_status, by=by, note=note)
+    elif from_status == FlagStatus.CLOSED:
+        # Back from closed in the status a manager acknowledged it in (``rejudge``): a
+        # station system that heard it closed hears it is back.
+        _announce(session, flag, to_status, by=by, note=note, topic="flag.raised")
 
 
 # What a flag's change of status is announced as (every change but acknowledging it).
@@ -480,13 +495,21 @@ ANNOUNCED = {
 
 
 def _announce(
-    session: Session, flag: Flag, status: FlagStatus, *, by: int | None, note: str | None
+    session: Session,
+    flag: Flag,
+    status: FlagStatus,
+    *,
+    by: int | None,
+    note: str | None,
+    topic: str | None = None,
 ) -> None:
-    """``flag.raised`` (raised, or raised again), ``flag.resolved`` (by a manager) or
-    ``flag.closed`` (by the system, its cause gone), through the outbox: a station
-    system that heard of a flag also hears that it is over."""
-    raised = status == FlagStatus.OPEN
-    topic = ANNOUNCED[status]
+    """``flag.raised`` (raised, or raised again: open, or back from closed in the status
+    a manager acknowledged it in), ``flag.resolved`` (by a manager, or given back the
+    resolution a manager made: ``resolved_by`` null) or ``flag.closed`` (by the system,
+    its cause gone), through the outbox: a station system that heard of a flag also
+    hears that it is over, and that it is back."""
+    topic = topic or ANNOUNCED[status]
+    raised = topic == "flag.raised"
     if not outbox.wanted(session, topic, flag.station_id):
         return
     data: dict[str, Any] = {

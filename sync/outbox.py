@@ -30,7 +30,8 @@ TOPICS: dict[str, str] = {
     "parcel.in_locker": "A parcel was left in a locker: where, and the pickup code",
     "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
     "flag.raised": "A discrepancy or violation was flagged (or flagged again)",
-    "flag.resolved": "A manager resolved a flag, with a note",
+    "flag.resolved": "A manager resolved a flag, with a note (or the system gave it back "
+    "the resolution a manager made)",
     "flag.closed": "A flag's cause went away (new events, a consent, an upload): closed, "
     "with the reason",
     "shift.unbalanced": "A shift closed without its handover balancing",

@@ -171,9 +171,16 @@ BLOBS_HELD = Prebuilt(
 )
 
 
+# Locked, and read again if the session holds them: a manager's decision committed
+# while a push judges the flags is judged with them, not written over (``judged_status``
+# of what the flag holds is its status).
 RULE_FLAGS_OF_PARCELS = Prebuilt(  # of the parcels given as parameter ``numbers``
-    lambda dialect: select(Flag).where(
-        *_rule_flags_where(among_param(dialect, Flag.subject_key, "numbers"))
+    lambda dialect: (
+        select(Flag)
+        .where(*_rule_flags_where(among_param(dialect, Flag.subject_key, "numbers")))
+        .order_by(Flag.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
 )
 PROJECTED = ("status", "status_at", "courier_id", "updated_at")  # what reproject writes
@@ -416,10 +423,13 @@ def apply_rule_flags(
                 )
             else:
                 was, known = flag.status, flag.evidence
-                if rejudge(session=session, flag=flag, evidence=evidence, cause=FAILS_AGAIN):
-                    courier_id = couriers.get((tn, station_id))
-                    if courier_id is not None:
-                        flag.courier_id = courier_id
+                if rejudge(
+                    session=session,
+                    flag=flag,
+                    evidence=evidence,
+                    cause=FAILS_AGAIN,
+                    courier_id=couriers.get((tn, station_id)),
+                ):
                     raised.append(flag)
                 elif flag.status != was or known != evidence:
                     rejudged.append(flag)

@@ -267,7 +267,8 @@ class _WebhookFlag(ma.Schema):
 
 
 class WebhookFlagRaised(_WebhookFlag):
-    """`flag.raised`: a flag was raised, or raised again after it was closed."""
+    """`flag.raised`: a flag was raised, or raised again after it was closed (open, or
+    acknowledged: back on no more than the events a manager acknowledged it on)."""
 
     evidence = ma.fields.Dict(required=True)
     raised_at = _time()

@@ -19,15 +19,17 @@ also go to the audit log. A flag's life::
 
     (raised) -> open -> acknowledged -> resolved
                 open ----------------> resolved
-    open, acknowledged, resolved -> closed (cause gone) -> open (raised again)
+    open, acknowledged -> closed (cause gone) -> open (raised again)
 
 A rule flag (a parcel's, a shift's own) is judged again whenever its subject's events
 change, and its status is then a function of the events as they are and of the
-manager's latest decision (``judged_status``): closed while the rule holds; while it
-fails, the decision's status (acknowledged, resolved) if the rule fails only on the
-events the manager decided on, open if on any other. So a decision stands, or comes
-back, however the later events were batched (rule 3), and nothing the manager did
-not see is settled by it.
+manager's latest decision (``judged_status``): closed while the rule holds, resolved
+or not; while it fails, the decision's status (acknowledged, resolved) if the rule
+fails only on the events the manager decided on, open if on any other. So any status
+may follow any other, by the system, and a decision stands, or comes back, however
+the later events were batched (rule 3); nothing the manager did not see is settled
+by it. (Other kinds keep the life above; ``stale_device`` reopens when the PDA falls
+silent again, ``sync.sweeps``.)
 """
 
 from __future__ import annotations

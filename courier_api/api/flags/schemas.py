@@ -42,15 +42,16 @@ class FlagOut(ma.Schema):
         required=True,
         metadata={"description": "Why the system closed it (its cause went away)"},
     )
-    decision = ma.fields.Enum(
-        FlagStatus,
-        by_value=True,
+    decision = ma.fields.String(
         allow_none=True,
         required=True,
         metadata={
-            "description": "A manager's latest decision (acknowledged or resolved), null "
-            "if none. While the flag's cause stands only on what it covered "
-            "(`decided_on`), the flag has this status; on anything else it is open"
+            "enum": ["acknowledged", "resolved"],
+            "description": "A manager's latest decision, null if none. A parcel's rule "
+            "flags and a shift's own flags are judged again whenever their events change: "
+            "while the cause stands only on what the decision covered (`decided_on`), "
+            "the flag has this status; on anything else it is open; when the cause goes, "
+            "closed",
         },
     )
     decided_on = ma.fields.Dict(

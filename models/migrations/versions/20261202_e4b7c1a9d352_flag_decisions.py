@@ -13,7 +13,11 @@ a flag still in the status a manager gave it, or closed by the system straight
 from it (its evidence is as they left it), or a shift's flag opened on new events
 with the events it was resolved on kept in its evidence (``resolved_on_event_ids``,
 which goes). A flag the system opened on new events after a decision gets none:
-what the manager saw is no longer known, as it was not before.
+what the manager saw is no longer known, as it was not before. An acknowledged
+flag's evidence may have grown after the acknowledgement (nothing opened one on new
+events then): the history cannot tell, and what it holds now is taken as seen.
+The decided flags are read at once and updated one by one: a station's flags that
+managers acted on, not every flag.
 
 Revision ID: e4b7c1a9d352
 Revises: 9b3e5a1c7d20

@@ -8,18 +8,23 @@ the events that come after it, the flags end in the same status.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
+from collections.abc import Callable
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from models import Flag, FlagStatus
+from models import Flag, FlagStatus, OutboxMessage, WebhookSubscription
 from sync.events import EventRules
 from sync.flags import acknowledge_flag, covers, flag_changes, judged_status, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.outbox import TOPICS
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 from tests.conftest import World
@@ -40,12 +45,13 @@ LATER = (
 
 
 class OnePda:
-    """A PDA of its own for each run of an example: its seqs start at 1."""
+    """A PDA of its own for each run of an example: its seqs start at 1. Signed in as
+    the world's courier, or as ``courier_id``."""
 
-    def __init__(self, session: Session, world: World) -> None:
+    def __init__(self, session: Session, world: Any, courier_id: int | None = None) -> None:
         device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
         self.session = session
-        self.pusher = Pusher(device.id, world.station.id, world.courier.id)
+        self.pusher = Pusher(device.id, world.station.id, courier_id or world.courier.id)
 
     def event(self, seq: int, tracking_no: str, kind: str, **fields: Any) -> dict[str, Any]:
         fields.setdefault("occurred_at", NOW - dt.timedelta(hours=3, minutes=-seq))
@@ -241,3 +247,227 @@ def test_a_parcels_rule_flags_end_the_same_however_the_later_events_are_batched(
     if again:
         batches.append(again)
     assert run(batches) == run([list(range(n))])
+
+
+def subscribe(session: Session) -> None:
+    session.add(
+        WebhookSubscription(
+            url="http://127.0.0.1:9/hook", topics=list(TOPICS), station_id=None, secret="s" * 43
+        )
+    )
+    session.commit()
+
+
+def announced(session: Session, flag: Flag) -> list[tuple[str, dict[str, Any]]]:
+    """The flag's announcements, oldest first: (topic, payload)."""
+    return [
+        (m.topic, m.payload)
+        for m in session.scalars(select(OutboxMessage).order_by(OutboxMessage.created_at))
+        if m.topic.startswith("flag.") and m.payload.get("flag_id") == flag.id
+    ]
+
+
+def the_flag(session: Session, tracking_no: str, kind: str) -> Flag:
+    return session.scalars(
+        select(Flag).where(Flag.subject_key == tracking_no, Flag.kind == kind)
+    ).one()
+
+
+def test_an_acknowledged_flag_back_from_closed_is_announced(
+    session: Session, world: World
+) -> None:
+    """Acknowledged, closed by a late check-out (``flag.closed`` announced), back on the
+    very delivery the manager acknowledged when the check-out is voided: the flag is
+    active again, acknowledged: ``flag.raised`` says so, or a station system that heard
+    ``flag.closed`` would believe it is over."""
+    subscribe(session)
+    pda = OnePda(session, world)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
+    flag = the_flag(session, tracking_no, "delivered_not_checked_out")
+    acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
+    session.commit()
+    checkout = pda.event(1, tracking_no, "checked_out")
+    pda.push([checkout], NOW + dt.timedelta(minutes=1))
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    undo = pda.event(
+        3, tracking_no, "correction", voids_client_event_id=checkout["client_event_id"], reason="x"
+    )
+    pda.push([undo], NOW + dt.timedelta(minutes=2))
+    session.refresh(flag)
+    assert flag.status == FlagStatus.ACKNOWLEDGED  # active again
+    topics = [topic for topic, _ in announced(session, flag)]
+    assert topics[:2] == ["flag.raised", "flag.closed"]
+    assert topics[-1] != "flag.closed", topics  # the last word subscribers heard
+
+
+def test_a_rule_flag_raised_again_is_announced_with_the_courier_it_now_concerns(
+    session: Session, world: World
+) -> None:
+    """A delivery without proof by courier 1 is voided (the flag closes); courier 2,
+    who checks the parcel out next, delivers it without proof too: the flag is raised
+    again and now concerns courier 2, whom ``flag.raised`` names."""
+    subscribe(session)
+    first = OnePda(session, world)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    courier2 = factories.user(session, "courier2", "courier", world.station)
+    session.commit()
+    second = OnePda(session, world, courier2.id)
+    delivered = first.event(2, tracking_no, "delivered")
+    first.push([first.event(1, tracking_no, "checked_out"), delivered], NOW)
+    flag = the_flag(session, tracking_no, "delivered_without_pod")
+    assert flag.courier_id == world.courier.id
+    undo = first.event(
+        3,
+        tracking_no,
+        "correction",
+        voids_client_event_id=delivered["client_event_id"],
+        reason="x",
+    )
+    first.push([undo], NOW + dt.timedelta(minutes=1))
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    later = NOW + dt.timedelta(minutes=30)
+    second.push(
+        [
+            second.event(1, tracking_no, "checked_out", occurred_at=later),
+            second.event(2, tracking_no, "delivered", occurred_at=later + dt.timedelta(minutes=1)),
+        ],
+        NOW + dt.timedelta(hours=1),
+    )
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+    assert flag.courier_id == courier2.id
+    topic, payload = announced(session, flag)[-1]
+    assert topic == "flag.raised"
+    assert payload["courier_id"] == courier2.id
+
+
+def resolved_while_a_push_judges(
+    monkeypatch: pytest.MonkeyPatch,
+    sessions: sessionmaker[Session],
+    judging: ModuleType,
+    flag_id: int,
+    manager_id: int,
+    push: Callable[[Session], None],
+) -> Flag:
+    """``push`` in a session of its own; the moment it judges the flag again
+    (``judging.rejudge``), a manager resolves the flag on another connection, waiting
+    up to 2 s for it (the push may hold the flag's row). The flag, once both are done."""
+    real_rejudge = judging.rejudge
+    manager_done = threading.Event()
+    failures: list[BaseException] = []
+
+    def resolve() -> None:
+        try:
+            with sessions() as managing:
+                flag = managing.get(Flag, flag_id)
+                assert flag is not None
+                resolve_flag(session=managing, flag=flag, user_id=manager_id, note="seen")
+                managing.commit()
+        except BaseException as error:  # seen by the test, not lost in the thread
+            failures.append(error)
+        finally:
+            manager_done.set()
+
+    manager = threading.Thread(target=resolve)
+
+    def rejudge_after_the_manager(*, session: Session, flag: Flag, **kwargs: Any) -> bool:
+        if flag.id == flag_id and not manager.is_alive() and not manager_done.is_set():
+            manager.start()
+            manager_done.wait(2)  # done, unless the push holds the flag's row
+        return bool(real_rejudge(session=session, flag=flag, **kwargs))
+
+    monkeypatch.setattr(judging, "rejudge", rejudge_after_the_manager)
+    try:
+        with sessions() as pushing:
+            push(pushing)
+    finally:
+        monkeypatch.setattr(judging, "rejudge", real_rejudge)
+    manager.join(timeout=30)
+    assert failures == []
+    with sessions() as check:
+        flag = check.get(Flag, flag_id)
+        assert flag is not None
+        return flag
+
+
+def race_world(sessions: sessionmaker[Session]) -> tuple[SimpleNamespace, int, str]:
+    """A station of its own, committed: its courier and PDA, a manager's id, a parcel."""
+    with sessions() as setup:
+        station = factories.station(setup, code="RACE")
+        world = SimpleNamespace(
+            station=station,
+            courier=factories.user(setup, "racer", "courier", station),
+            device=factories.device(setup, "PDA-RACE", station),
+        )
+        manager_id = factories.user(setup, "boss", "station_manager", station).id
+        tracking_no = factories.parcel(setup, station).tracking_no
+        setup.commit()
+    return world, manager_id, tracking_no
+
+
+@pytest.mark.postgres_only
+def test_a_resolution_committed_while_a_push_judges_the_flag_leaves_it_as_judged(
+    committed_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL, two connections. A push brings a second delivery for a parcel whose
+    ``delivered_not_checked_out`` flag is open on the first, while a manager resolves
+    the flag. The push locks the flag it judges: the resolution waits for it and
+    covers both deliveries, rather than being written over (resolved, on evidence
+    ``judged_status`` would call open)."""
+    import sync.status
+    from courier_api.extensions import db
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    world, manager_id, tracking_no = race_world(sessions)
+    with sessions() as first:
+        pda = OnePda(first, world)
+        first.commit()
+        pda.push([pda.event(2, tracking_no, "delivered")], NOW)
+        flag_id = the_flag(first, tracking_no, "delivered_not_checked_out").id
+
+    def push(session: Session) -> None:
+        pda.session = session
+        pda.push([pda.event(3, tracking_no, "delivered")], NOW + dt.timedelta(minutes=1))
+
+    flag = resolved_while_a_push_judges(
+        monkeypatch, sessions, sync.status, flag_id, manager_id, push
+    )
+    assert flag.decision == FlagStatus.RESOLVED
+    assert len(flag.evidence["event_ids"]) == 2
+    assert flag.status == judged_status(flag.decision, flag.decided_on, flag.evidence)
+
+
+@pytest.mark.postgres_only
+def test_a_resolution_committed_while_a_late_push_judges_a_handover_flag_leaves_it_as_judged(
+    committed_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race for a shift's own flag: a late scan of a parcel missing at the
+    handover, pushed while the manager resolves the missing flag on the check-out
+    alone. The flag must end as ``judged_status`` says of what it holds."""
+    import sync.balances
+    from courier_api.extensions import db
+    from tests.sync.test_shifts import Pda
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    world, manager_id, tracking_no = race_world(sessions)
+    with sessions() as first:
+        pda = Pda(first, world)  # type: ignore[arg-type]
+        shift = pda.open(first_seq=1)
+        pda.push([pda.event(tracking_no)])
+        shift = pda.close(shift, last_seq=5)
+        (flag_id,) = first.scalars(select(Flag.id).where(Flag.shift_id == shift.id))
+
+    def push(session: Session) -> None:
+        pda.session = session
+        pda.push([pda.event(tracking_no, "out_for_delivery")])
+
+    flag = resolved_while_a_push_judges(
+        monkeypatch, sessions, sync.balances, flag_id, manager_id, push
+    )
+    assert flag.decision == FlagStatus.RESOLVED
+    assert len(flag.evidence["event_ids"]) == 2
+    assert flag.status == judged_status(flag.decision, flag.decided_on, flag.evidence)

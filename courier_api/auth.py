@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from models import Device, Role, User, utcnow
 from sync import audit, refresh_tokens
 from sync.accounts import TokenSubject, check_token_subject, load_token_subject
-from sync.errors import AuthenticationFailed, PermissionDenied
+from sync.errors import AuthenticationFailed, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -383,10 +383,26 @@ def current_principal() -> Principal:
 
 
 def ensure_station_access(station_id: int | None) -> None:
-    """Managers and couriers see only their own station; cross-station roles see all."""
+    """Managers and couriers see only their own station; cross-station roles see all.
+
+    For a station the caller names (in the path, a filter, a body): every caller lists
+    the stations, so a 403 tells nothing. An object found by its key uses
+    ``ensure_visible``."""
     principal = current_principal()
     if not principal.can_access_station(station_id):
         raise PermissionDenied("this belongs to another station", code="station_forbidden")
+
+
+def ensure_visible(station_id: int | None, unknown: NotFound) -> None:
+    """An object found by its key (a parcel, shift, flag, proof, ...), belonging to
+    ``station_id``: for a manager or courier of another station it does not exist.
+
+    ``unknown`` is what looking the key up answers when nothing has it (``sync``'s
+    ``shift_not_found(shift_id)``, ...), and that is the answer: a 403 would tell a
+    curious manager of another station that the tracking number or id they tried
+    exists (SECURITY.md threat 3). Cross-station roles see every station's."""
+    if not current_principal().can_access_station(station_id):
+        raise unknown
 
 
 def record_auditor_read(

@@ -275,8 +275,13 @@ def readable_blobs(*, session: Session, digests: Iterable[str], reader: BlobRead
 def get_blob(*, session: Session, digest: str) -> Blob:
     blob = session.get(Blob, check_digest(digest))
     if blob is None:
-        raise NotFound(f"no blob {digest}", code="blob_not_found")
+        raise blob_not_found(digest)
     return blob
+
+
+def blob_not_found(digest: str) -> NotFound:
+    """What ``get_blob`` answers when no image has ``digest``."""
+    return NotFound(f"no blob {digest}", code="blob_not_found")
 
 
 def ensure_not_purged(blob: Blob) -> Blob:

@@ -39,7 +39,7 @@ from models import (
     utcnow,
 )
 from sync import consents, feed, outbox
-from sync.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from sync.errors import Conflict, InvalidInput, NotFound
 from sync.events import shifted
 from sync.sql import among, chunks
 from sync.tracking import normalize
@@ -84,8 +84,9 @@ def request_consent(
     ``requested_at`` is when the courier asked (corrected clock); the request lapses
     at ``expires_at`` (default ``ttl`` later, at most 24 hours). One made offline may
     arrive already lapsed: it is kept, and not sent. ``online``: asked through the
-    API, where a parcel of another station is refused (from a PDA's event it is kept,
-    unsent: nothing from the field is lost).
+    API, where a parcel of another station is one not taken in (the answer must not
+    tell the courier it exists: SECURITY.md threat 3); from a PDA's event it is kept,
+    unsent, at the parcel's station, whose manager sees a courier asked for it.
     """
     if draft.method == ConsentMethod.ANY and draft.point_id:
         raise InvalidInput(
@@ -102,11 +103,7 @@ def request_consent(
         )
     parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == draft.tracking_no))
     if online and parcel is not None and parcel.station_id != asker.station_id:
-        raise PermissionDenied(
-            f"parcel {draft.tracking_no} belongs to another station",
-            code="parcel_at_other_station",
-            field="tracking_no",
-        )
+        parcel = None
     request = ConsentRequest(
         station_id=parcel.station_id if parcel else asker.station_id,
         tracking_no=draft.tracking_no,
@@ -127,7 +124,7 @@ def request_consent(
         request.status_reason = "voided by a correction from the PDA"
     elif parcel is None:
         request.status = ConsentRequestStatus.UNSENT
-        request.status_reason = "the parcel is not taken in at any station: nobody to ask"
+        request.status_reason = "the parcel is not taken in at this station: nobody to ask"
     elif parcel.station_id != asker.station_id:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = "the parcel belongs to another station"
@@ -373,8 +370,13 @@ def answer_request(
 def get_request(*, session: Session, request_id: int) -> ConsentRequest:
     request = session.get(ConsentRequest, request_id)
     if request is None:
-        raise NotFound(f"no consent request {request_id}", code="consent_request_not_found")
+        raise request_not_found(request_id)
     return request
+
+
+def request_not_found(request_id: int) -> NotFound:
+    """What ``get_request`` answers when no request has ``request_id``."""
+    return NotFound(f"no consent request {request_id}", code="consent_request_not_found")
 
 
 def _locked(session: Session, request_id: int) -> ConsentRequest:
@@ -386,7 +388,7 @@ def _locked(session: Session, request_id: int) -> ConsentRequest:
         .execution_options(populate_existing=True)
     )
     if request is None:
-        raise NotFound(f"no consent request {request_id}", code="consent_request_not_found")
+        raise request_not_found(request_id)
     return request
 
 

@@ -181,8 +181,13 @@ def revoke(*, session: Session, consent: Consent, reason: str | None) -> Consent
 def get(*, session: Session, consent_id: int) -> Consent:
     consent = session.get(Consent, consent_id)
     if consent is None:
-        raise NotFound(f"no consent {consent_id}", code="consent_not_found")
+        raise consent_not_found(consent_id)
     return consent
+
+
+def consent_not_found(consent_id: int) -> NotFound:
+    """What ``get`` answers when no consent has ``consent_id``."""
+    return NotFound(f"no consent {consent_id}", code="consent_not_found")
 
 
 def list_consents(

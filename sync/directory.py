@@ -135,8 +135,13 @@ def update_user(
 def get_user(*, session: Session, user_id: int) -> User:
     user = session.get(User, user_id)
     if user is None:
-        raise NotFound(f"no user with id {user_id}", code="user_not_found")
+        raise user_not_found(user_id)
     return user
+
+
+def user_not_found(user_id: int) -> NotFound:
+    """What ``get_user`` answers when no user has ``user_id``."""
+    return NotFound(f"no user with id {user_id}", code="user_not_found")
 
 
 def list_users(
@@ -192,8 +197,13 @@ def register_device(*, session: Session, device_id: str, station: Station) -> De
 def get_device(*, session: Session, device_id: str) -> Device:
     device = session.get(Device, device_id)
     if device is None:
-        raise NotFound(f"no device {device_id!r}", code="device_not_found")
+        raise device_not_found(device_id)
     return device
+
+
+def device_not_found(device_id: str) -> NotFound:
+    """What ``get_device`` answers when no PDA has ``device_id``."""
+    return NotFound(f"no device {device_id!r}", code="device_not_found")
 
 
 def set_device_status(*, session: Session, device: Device, status: DeviceStatus) -> Device:

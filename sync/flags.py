@@ -355,8 +355,13 @@ def list_flags(
 def get_flag(*, session: Session, flag_id: int) -> Flag:
     flag = session.get(Flag, flag_id)
     if flag is None:
-        raise NotFound(f"no flag with id {flag_id}", code="flag_not_found")
+        raise flag_not_found(flag_id)
     return flag
+
+
+def flag_not_found(flag_id: int) -> NotFound:
+    """What ``get_flag`` answers when no flag has ``flag_id``."""
+    return NotFound(f"no flag with id {flag_id}", code="flag_not_found")
 
 
 def flag_changes(*, session: Session, flag: Flag) -> Sequence[FlagChange]:

@@ -176,8 +176,13 @@ def _close_unknown_parcel_flags(session: Session, tracking_nos: list[str]) -> No
 def get_parcel(*, session: Session, tracking_no: str) -> Parcel:
     parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == normalize(tracking_no)))
     if parcel is None:
-        raise NotFound(f"no parcel {tracking_no!r}", code="parcel_not_found")
+        raise parcel_not_found(tracking_no)
     return parcel
+
+
+def parcel_not_found(tracking_no: str) -> NotFound:
+    """What ``get_parcel`` answers when no parcel has ``tracking_no`` (as it was asked for)."""
+    return NotFound(f"no parcel {tracking_no!r}", code="parcel_not_found")
 
 
 def _validated_values(

@@ -148,6 +148,11 @@ def iter_proofs(*, session: Session, filters: ProofFilter, batch: int = 500) -> 
         after = page[-1].event.id
 
 
+def proof_not_found(event_id: int) -> NotFound:
+    """What ``get_proof`` answers when no delivery has ``event_id``."""
+    return NotFound(f"no proof of delivery with event id {event_id}", code="proof_not_found")
+
+
 def get_proof(
     *, session: Session, event_id: int, policy: Policy, flags_of_station: int | None = None
 ) -> ProofDetail:
@@ -156,7 +161,7 @@ def get_proof(
     every station's."""
     row = session.execute(_query(ProofFilter()).where(ScanEvent.id == event_id)).first()
     if row is None:
-        raise NotFound(f"no proof of delivery with event id {event_id}", code="proof_not_found")
+        raise proof_not_found(event_id)
     proof = _proof(*row)
     parcel = proof.parcel
     events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]

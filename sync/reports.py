@@ -728,5 +728,10 @@ def list_reports(
 def get_report(*, session: Session, report_id: int) -> StationReport:
     stored = session.get(StationReport, report_id)
     if stored is None:
-        raise NotFound(f"no report with id {report_id}", code="report_not_found")
+        raise report_not_found(report_id)
     return stored
+
+
+def report_not_found(report_id: int) -> NotFound:
+    """What ``get_report`` answers when no report has ``report_id``."""
+    return NotFound(f"no report with id {report_id}", code="report_not_found")

@@ -705,8 +705,13 @@ def reopen_for_late_events(
 def get_shift(*, session: Session, shift_id: int) -> Shift:
     shift = session.get(Shift, shift_id)
     if shift is None:
-        raise NotFound(f"no shift with id {shift_id}", code="shift_not_found")
+        raise shift_not_found(shift_id)
     return shift
+
+
+def shift_not_found(shift_id: int) -> NotFound:
+    """What ``get_shift`` answers when no shift has ``shift_id``."""
+    return NotFound(f"no shift with id {shift_id}", code="shift_not_found")
 
 
 def lock_shift(session: Session, shift_id: int) -> Shift:
@@ -718,7 +723,7 @@ def lock_shift(session: Session, shift_id: int) -> Shift:
         .execution_options(populate_existing=True)
     )
     if shift is None:
-        raise NotFound(f"no shift with id {shift_id}", code="shift_not_found")
+        raise shift_not_found(shift_id)
     return shift
 
 

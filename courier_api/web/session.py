@@ -173,8 +173,8 @@ def page(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Require a signed-in viewer (and one of ``roles`` when given).
 
     Not signed in: to the login page, coming back here afterwards (GET). A role that
-    may not do this: 403. ``ensure_station_access`` works in these views as in the
-    API's: the viewer is ``g.principal`` too.
+    may not do this: 403. ``ensure_station_access`` and ``ensure_visible`` work in these
+    views as in the API's: the viewer is ``g.principal`` too.
     """
     allowed = frozenset(roles) or PAGE_ROLES
 

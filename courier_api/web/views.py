@@ -1,7 +1,8 @@
 """The pages' routes. Thin: parse the form, check access, call ``sync``, render.
 
-Access is the API's: managers see their own station (another station's board,
-shift or flag is a 403 page), admins and auditors every station; auditors only
+Access is the API's: managers see their own station (another station's board is a
+403 page; its shift, flag or proof a 404 page, as an unknown id's, so that it does not
+show it exists), admins and auditors every station; auditors only
 read (no forms are shown to them, and their POSTs are refused with 403). Auditors'
 reads of proofs and proof images are written to the audit log before the page or
 the image goes out, as the API does.
@@ -32,7 +33,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
-from courier_api.auth import current_principal, ensure_station_access, record_auditor_read
+from courier_api.auth import (
+    current_principal,
+    ensure_station_access,
+    ensure_visible,
+    record_auditor_read,
+)
 from courier_api.config import policy_of
 from courier_api.database import only_reads
 from courier_api.errors import domain_status
@@ -84,7 +90,7 @@ from sync.pages import (
     users_by_id,
 )
 from sync.phones import mask_phone, shown_text
-from sync.proofs import DELIVERY_TYPES, METHODS, get_proof, list_proofs
+from sync.proofs import DELIVERY_TYPES, METHODS, get_proof, list_proofs, proof_not_found
 from sync.proofs import ProofFilter as ProofQuery
 
 bp = Blueprint(
@@ -270,7 +276,7 @@ def board() -> ResponseReturnValue:
 @page()
 def shift(shift_id: int) -> ResponseReturnValue:
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
-    ensure_station_access(found.station_id)
+    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
     view = shift_page(
         session=db.session,
         shift=found,
@@ -293,7 +299,7 @@ def shift(shift_id: int) -> ResponseReturnValue:
 def sign_off(shift_id: int) -> ResponseReturnValue:
     form = parse(SignOffForm(), request.form)
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
-    ensure_station_access(found.station_id)
+    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
     _decide(
         lambda: shifts.sign_off(
             session=db.session,
@@ -372,7 +378,7 @@ def flag_queue() -> ResponseReturnValue:
 @page()
 def flag(flag_id: int) -> ResponseReturnValue:
     found = flags.get_flag(session=db.session, flag_id=flag_id)
-    ensure_station_access(found.station_id)
+    ensure_visible(found.station_id, flags.flag_not_found(flag_id))
     view = flag_page(session=db.session, flag=found)
     # Its evidence's deliveries show their POD, as the shift page does: logged alike.
     proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
@@ -398,7 +404,7 @@ def flag(flag_id: int) -> ResponseReturnValue:
 def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
     form = parse(NoteForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
-    ensure_station_access(found.station_id)
+    ensure_visible(found.station_id, flags.flag_not_found(flag_id))
     _decide(
         lambda: flags.acknowledge_flag(
             session=db.session, flag=found, user_id=current_principal().user_id, note=form["note"]
@@ -414,7 +420,7 @@ def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
 def resolve_flag(flag_id: int) -> ResponseReturnValue:
     form = parse(NoteForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
-    ensure_station_access(found.station_id)
+    ensure_visible(found.station_id, flags.flag_not_found(flag_id))
     _decide(
         lambda: flags.resolve_flag(
             session=db.session,
@@ -490,7 +496,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         policy=policy_of(current_app.config),
         flags_of_station=current_principal().station_filter(None),
     )
-    ensure_station_access(detail.proof.parcel.station_id)
+    ensure_visible(detail.proof.parcel.station_id, proof_not_found(event_id))
     record_auditor_read(
         "proof_read",
         "proof",

@@ -29,12 +29,20 @@ not yet resolved, a consent not yet revoked).
 
 A cell may name the error code too, where the status alone would not tell why:
 ``"403 not_your_shift"`` (a colleague's shift), not ``station_forbidden`` or
-``role_forbidden``. Batches judged item by item say how their item fared: ``"200 created"``,
+``role_forbidden``. A station-bound caller naming another station's object (a parcel,
+shift, flag, proof, consent, request, PDA, user, report or image) by its key gets what a
+key that names nothing gets, ``"404 shift_not_found"``: a 403 would tell them it exists
+(SECURITY.md threat 3; ``test_another_stations_object_...`` compares the bodies). A 403
+stays where the caller's role may not call the endpoint at all (``role_forbidden``),
+and for a station named in the path (``station_forbidden``): every caller lists the
+stations. Batches judged item by item say how their item fared: ``"200 created"``,
 ``"200 rejected"`` (a manager's parcel for another station), ``"200 applied"`` (a
 courier of another station scanning a PDG parcel: stored and flagged
 ``wrong_station``, DESIGN.md rule 1; the push names the subject's shift, so a colleague's
 event is stored too, not filed under it, and flagged ``wrong_shift``: see
-``test_a_colleague_...``).
+``test_a_colleague_...``); a consent request says how it stands, ``"201 unsent"`` (a
+courier of another station asking about a PDG parcel, answered as for a parcel taken in
+nowhere).
 
 Defaults: a bearer endpoint answers 401 to every bad credential; a public one
 (``public``) answers everyone alike. The pages (``/web/...``) authenticate by the
@@ -149,45 +157,45 @@ MATRIX: dict[str, Row] = {
     "PATCH /api/v1/stations/{station_id}":                    api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/users":                                      api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "POST /api/v1/users":                                     api(201, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
-    "GET /api/v1/users/{user_id}":                            api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/users/{user_id}":                            api(200, 200, 403, 200, "404 user_not_found", 403, 403, 403),  # noqa: E501
     "PATCH /api/v1/users/{user_id}":                          api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/devices":                                    api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "POST /api/v1/devices":                                   api(201, 403, 403, 201, 403, 403, 403, 403),  # noqa: E501
-    "GET /api/v1/devices/{device_id}":                        api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
-    "PATCH /api/v1/devices/{device_id}":                      api(200, 403, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/devices/{device_id}":                        api(200, 200, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
+    "PATCH /api/v1/devices/{device_id}":                      api(200, 403, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "POST /api/v1/parcels":                                   api("200 created", 403, "200 created", "200 created", "200 rejected", 403, 403, 403),  # noqa: E501
-    "GET /api/v1/parcels/{tracking_no}":                      api(200, 200, 200, 200, 403, 200, 200, 403),  # noqa: E501
+    "GET /api/v1/parcels/{tracking_no}":                      api(200, 200, 200, 200, "404 parcel_not_found", 200, 200, "404 parcel_not_found"),  # noqa: E501
     "POST /api/v1/sync/push":                                 api(403, 403, 403, 403, 403, "200 applied", "200 applied", "200 applied"),  # noqa: E501
     "GET /api/v1/sync/pull":                                  api(403, 403, 403, 403, 403, 200, 200, 200),  # noqa: E501
-    "GET /api/v1/blobs/{sha256}":                             api(200, 200, 403, 200, 404, 200, "404 blob_not_found", 404),  # noqa: E501
+    "GET /api/v1/blobs/{sha256}":                             api(200, 200, 403, 200, "404 blob_not_found", 200, "404 blob_not_found", "404 blob_not_found"),  # noqa: E501
     "PUT /api/v1/blobs/{sha256}":                             api(201, 403, 201, 201, 201, 201, 201, 201),  # noqa: E501
     "GET /api/v1/consents":                                   api(200, 200, 200, 200, 200, 403, 403, 403),  # noqa: E501
     "POST /api/v1/consents":                                  api(201, 403, 201, 403, 403, 403, 403, 403),  # noqa: E501
-    "GET /api/v1/consents/{consent_id}":                      api(200, 200, 200, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/consents/{consent_id}":                      api(200, 200, 200, 200, "404 consent_not_found", 403, 403, 403),  # noqa: E501
     "POST /api/v1/consents/{consent_id}/revoke":              api(200, 403, 200, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/consents/requests":                          api(200, 200, 200, 200, 200, 200, 200, 200),  # noqa: E501
-    "POST /api/v1/consents/requests":                         api(403, 403, 403, 403, 403, 201, 201, 403),  # noqa: E501
-    "GET /api/v1/consents/requests/{request_id}":             api(200, 200, 200, 200, 403, 200, "403 not_your_request", 403),  # noqa: E501
+    "POST /api/v1/consents/requests":                         api(403, 403, 403, 403, 403, "201 pending", "201 pending", "201 unsent"),  # noqa: E501
+    "GET /api/v1/consents/requests/{request_id}":             api(200, 200, 200, 200, "404 consent_request_not_found", 200, "403 not_your_request", "404 consent_request_not_found"),  # noqa: E501
     "GET /api/v1/proofs":                                     api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "GET /api/v1/proofs/export.csv":                          api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
-    "GET /api/v1/proofs/{event_id}":                          api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/proofs/{event_id}":                          api(200, 200, 403, 200, "404 proof_not_found", 403, 403, 403),  # noqa: E501
     "GET /api/v1/quarantine":                                 api(200, 403, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "GET /api/v1/flags":                                      api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
-    "GET /api/v1/flags/{flag_id}":                            api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
-    "POST /api/v1/flags/{flag_id}/acknowledge":               api(200, 403, 403, 200, 403, 403, 403, 403),  # noqa: E501
-    "POST /api/v1/flags/{flag_id}/resolve":                   api(200, 403, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/flags/{flag_id}":                            api(200, 200, 403, 200, "404 flag_not_found", 403, 403, 403),  # noqa: E501
+    "POST /api/v1/flags/{flag_id}/acknowledge":               api(200, 403, 403, 200, "404 flag_not_found", 403, 403, 403),  # noqa: E501
+    "POST /api/v1/flags/{flag_id}/resolve":                   api(200, 403, 403, 200, "404 flag_not_found", 403, 403, 403),  # noqa: E501
     "GET /api/v1/shifts":                                     api(200, 200, 403, 200, 200, 200, 200, 200),  # noqa: E501
     "POST /api/v1/shifts":                                    api(403, 403, 403, 403, 403, 201, 201, 201),  # noqa: E501
-    "GET /api/v1/shifts/{shift_id}":                          api(200, 200, 403, 200, 403, 200, "403 not_your_shift", 403),  # noqa: E501
-    "POST /api/v1/shifts/{shift_id}/close":                   api(200, 403, 403, 200, 403, 200, "403 not_your_shift", 403),  # noqa: E501
-    "GET /api/v1/shifts/{shift_id}/balance":                  api(200, 200, 403, 200, 403, 200, "403 not_your_shift", 403),  # noqa: E501
-    "POST /api/v1/shifts/{shift_id}/signoff":                 api(200, 403, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/shifts/{shift_id}":                          api(200, 200, 403, 200, "404 shift_not_found", 200, "403 not_your_shift", "404 shift_not_found"),  # noqa: E501
+    "POST /api/v1/shifts/{shift_id}/close":                   api(200, 403, 403, 200, "404 shift_not_found", 200, "403 not_your_shift", "404 shift_not_found"),  # noqa: E501
+    "GET /api/v1/shifts/{shift_id}/balance":                  api(200, 200, 403, 200, "404 shift_not_found", 200, "403 not_your_shift", "404 shift_not_found"),  # noqa: E501
+    "POST /api/v1/shifts/{shift_id}/signoff":                 api(200, 403, 403, 200, "404 shift_not_found", 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/handover":             api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/reports/daily":        api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/reports/weekly":       api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/reports/monthly":      api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/reports":              api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
-    "GET /api/v1/reports/{report_id}":                        api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/reports/{report_id}":                        api(200, 200, 403, 200, "404 report_not_found", 403, 403, 403),  # noqa: E501
     "GET /api/v1/jobs":                                       api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/jobs/runs":                                  api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/webhooks/topics":                            api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
@@ -205,15 +213,15 @@ MATRIX: dict[str, Row] = {
     "POST /web/login":                                        page(302, 302, 302, 302, visitor=401, integration=403, courier_own=403, courier_colleague=403, courier_other=403, cookie_only=401),  # noqa: E501
     "POST /web/logout":                                       page(302, 302, 302, 302, **POST_FORM),  # noqa: E501
     "GET /web/board":                                         page(200, 200, 200, 403, **GET_PAGE),
-    "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 403, **GET_PAGE),
-    "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
+    "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 404, **GET_PAGE),
+    "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "GET /web/flags":                                         page(200, 200, 200, 403, **GET_PAGE),
-    "GET /web/flags/{flag_id}":                               page(200, 200, 200, 403, **GET_PAGE),
-    "POST /web/flags/{flag_id}/acknowledge":                  page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
-    "POST /web/flags/{flag_id}/resolve":                      page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
+    "GET /web/flags/{flag_id}":                               page(200, 200, 200, 404, **GET_PAGE),
+    "POST /web/flags/{flag_id}/acknowledge":                  page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
+    "POST /web/flags/{flag_id}/resolve":                      page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "GET /web/proofs":                                        page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/proofs/export.csv":                             page(200, 200, 200, 403, **GET_PAGE),
-    "GET /web/proofs/{event_id}":                             page(200, 200, 200, 403, **GET_PAGE),
+    "GET /web/proofs/{event_id}":                             page(200, 200, 200, 404, **GET_PAGE),
     "GET /web/images/{sha256}":                               page(200, 200, 200, 404, **GET_PAGE),
     "GET /web/reports/daily":                                 page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/static/{filename}":                             public(200),
@@ -221,6 +229,7 @@ MATRIX: dict[str, Row] = {
 }
 # fmt: on
 ITEMIZED = {"POST /api/v1/parcels", "POST /api/v1/sync/push"}  # "200 <first item's status>"
+WITH_STATUS = {"POST /api/v1/consents/requests"}  # "201 <the request's status>"
 
 
 def page_request(s: Subjects, path: str) -> tuple[str, dict[str, str] | None]:
@@ -360,6 +369,8 @@ def call(app: Flask, s: Subjects, credentials: Credentials, endpoint: str, calle
         )
         if endpoint in ITEMIZED and response.status_code == 200:
             return Answer(f"200 {response.get_json()['results'][0]['status']}")
+        if endpoint in WITH_STATUS and response.status_code == 201:
+            return Answer(f"201 {response.get_json()['status']}")
         if response.status_code >= 400 and response.is_json:
             return Answer(response.status_code, response.get_json()["code"])
         return Answer(response.status_code)
@@ -418,6 +429,111 @@ def test_every_caller_gets_what_the_matrix_says(
             if not got.matches(expected):
                 wrong.append(f"{endpoint} as {caller}: expected {expected}, got {got}")
     assert not wrong, "cells that differ from MATRIX:\n" + "\n".join(wrong)
+
+
+# -- another station's objects do not exist for a station-bound caller ------------------------
+
+# Endpoints keyed by an object, and the callers bound to another station than the subject's
+# (PDG's) who may call them with an object of their own: for them PDG's must not exist, so
+# they get exactly what a key naming nothing gets (SECURITY.md threat 3).
+HIDDEN: dict[str, tuple[str, ...]] = {
+    "GET /api/v1/users/{user_id}": ("manager_other",),
+    "GET /api/v1/devices/{device_id}": ("manager_other",),
+    "PATCH /api/v1/devices/{device_id}": ("manager_other",),
+    "GET /api/v1/parcels/{tracking_no}": ("manager_other", "courier_other"),
+    "GET /api/v1/blobs/{sha256}": ("manager_other", "courier_other"),
+    "GET /api/v1/consents/{consent_id}": ("manager_other",),
+    "GET /api/v1/consents/requests/{request_id}": ("manager_other", "courier_other"),
+    "GET /api/v1/proofs/{event_id}": ("manager_other",),
+    "GET /api/v1/flags/{flag_id}": ("manager_other",),
+    "POST /api/v1/flags/{flag_id}/acknowledge": ("manager_other",),
+    "POST /api/v1/flags/{flag_id}/resolve": ("manager_other",),
+    "GET /api/v1/shifts/{shift_id}": ("manager_other", "courier_other"),
+    "POST /api/v1/shifts/{shift_id}/close": ("manager_other", "courier_other"),
+    "GET /api/v1/shifts/{shift_id}/balance": ("manager_other", "courier_other"),
+    "POST /api/v1/shifts/{shift_id}/signoff": ("manager_other",),
+    "GET /api/v1/reports/{report_id}": ("manager_other",),
+    "GET /web/shifts/{shift_id}": ("manager_other",),
+    "POST /web/shifts/{shift_id}/signoff": ("manager_other",),
+    "GET /web/flags/{flag_id}": ("manager_other",),
+    "POST /web/flags/{flag_id}/acknowledge": ("manager_other",),
+    "POST /web/flags/{flag_id}/resolve": ("manager_other",),
+    "GET /web/proofs/{event_id}": ("manager_other",),
+    "GET /web/images/{sha256}": ("manager_other",),
+}
+NOWHERE = 10**9  # an id no subject has
+
+
+def unknown_keys() -> dict[str, Any]:
+    """A well-formed key of each kind that names nothing."""
+    ids = ("user_id", "consent_id", "request_id", "event_id", "flag_id", "shift_id", "report_id")
+    return dict.fromkeys(ids, NOWHERE) | {
+        "tracking_no": factories.s10(),  # valid, taken in nowhere
+        "device_id": "PDA-NOWHERE-00",
+        "sha256": "0" * 64,
+    }
+
+
+ERROR_MESSAGE = re.compile(r'(<p class="error-message">)(.*?)(</p>)', re.S)
+
+
+def seen(
+    app: Flask, s: Subjects, credentials: Credentials, endpoint: str, caller: str, key: Any
+) -> tuple[int, str | None, str]:
+    """Status, content type and body of ``endpoint`` called by ``caller`` with its path
+    parameter set to ``key``, the key written ``<key>`` in the body's message."""
+    method, path = endpoint.split(" ", 1)
+    (name,) = PARAMETER.findall(path.replace("{", "<").replace("}", ">"))
+    client = app.test_client()
+    if path.startswith("/web"):
+        cookie, csrf = credentials.sessions[caller]
+        client.set_cookie(SESSION_COOKIE, cookie)
+        _, form = page_request(s, path)
+        form = None if form is None else form | {"csrf_token": csrf}
+        response = client.open(path.format(**{name: key}), method=method, data=form)
+        html = response.get_data(as_text=True)
+        body = ERROR_MESSAGE.sub(lambda m: m[1] + m[2].replace(str(key), "<key>") + m[3], html)
+        return response.status_code, response.mimetype, body
+    request = subjects.REQUESTS[endpoint](s, IDENTITIES[caller])
+    response = client.open(
+        path.format(**{**request.path, name: key}),
+        method=method,
+        headers={"Authorization": f"Bearer {credentials.tokens[caller]}"},
+        query_string=request.query,
+        json=request.json,
+    )
+    answer = response.get_json()
+    answer["message"] = answer["message"].replace(str(key), "<key>")
+    return response.status_code, response.mimetype, json.dumps(answer, sort_keys=True)
+
+
+def test_another_stations_object_is_answered_as_one_that_does_not_exist(
+    app: Flask, client: FlaskClient, session: Session, connection: Connection
+) -> None:
+    """Asked for by a caller bound to another station, the subject's parcel, shift,
+    flag, ... answers byte for byte what a key naming nothing answers (but for the key
+    in the message): a 404 with the same code and message, never the 403 that would
+    tell them it exists."""
+    s = subjects.build(session, app, client)
+    credentials = sign_in_everyone(app, client)
+    theirs, nowhere = subjects.path_parameters(s), unknown_keys()
+    different = []
+    for endpoint, callers in HIDDEN.items():
+        (name,) = PARAMETER.findall(endpoint.replace("{", "<").replace("}", ">"))
+        for caller in callers:
+            answers = []
+            for key in (theirs[name], nowhere[name]):
+                savepoint = connection.begin_nested()
+                try:
+                    answers.append(seen(app, s, credentials, endpoint, caller, key))
+                finally:
+                    savepoint.rollback()
+            hidden, unknown = answers
+            if hidden != unknown or unknown[0] != 404:
+                different.append(f"{endpoint} as {caller}:\n  {hidden}\n  {unknown}")
+    assert not different, "answers that tell another station's object exists:\n" + "\n".join(
+        different
+    )
 
 
 def test_readyz_answers_everyone_alike(app: Flask) -> None:

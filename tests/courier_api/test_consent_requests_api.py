@@ -242,7 +242,7 @@ def test_who_may_ask_and_read(
     assert client.post(REQUESTS, json={"tracking_no": parcel}).status_code == 401
     url = f"{REQUESTS}/{request['id']}"
     assert client.get(url, headers=auth.headers("manager1")).status_code == 200
-    assert client.get(url, headers=auth.headers("manager2")).status_code == 403
+    assert client.get(url, headers=auth.headers("manager2")).status_code == 404  # not theirs
     assert client.get(url, headers=auth.headers("auditor1")).status_code == 200
     listed = client.get(REQUESTS, headers=auth.headers("manager2")).get_json()
     assert listed["items"] == []
@@ -297,7 +297,7 @@ def test_a_request_whose_parcel_is_taken_in_elsewhere_is_seen_there(
         m: client.get(f"{REQUESTS}/{request['id']}", headers=auth.headers(m)).status_code
         for m in ("manager1", "manager2", "manager3")
     }
-    assert read == {"manager1": 200, "manager2": 200, "manager3": 403}
+    assert read == {"manager1": 200, "manager2": 200, "manager3": 404}
     mine = client.get(REQUESTS, headers=courier).get_json()
     assert [r["id"] for r in mine["items"]] == [request["id"]]
 
@@ -379,14 +379,20 @@ def test_a_long_pull_waits_for_the_answer_and_an_idle_one_times_out(
     assert "consent_request" in [change["kind"] for change in page["changes"]]
 
 
-def test_a_courier_may_not_ask_about_another_stations_parcel_nor_answer(
+def test_a_courier_asking_about_another_stations_parcel_learns_nothing_nor_may_answer(
     client: FlaskClient, session: Session, world: World, courier: dict[str, str], parcel: str
 ) -> None:
+    """Asked for online, another station's parcel is answered as one taken in nowhere: a
+    request of the courier's station, unsent for the same reason, sent to nobody (a 403
+    would tell the courier the parcel exists: SECURITY.md threat 3)."""
     foreign = factories.parcel(session, world.other_station).tracking_no
     session.commit()
-    refused = ask(client, courier, foreign)
-    assert refused.status_code == 403
-    assert refused.get_json()["code"] == "parcel_at_other_station"
+    answers = [ask(client, courier, tracking_no) for tracking_no in (foreign, factories.s10())]
+    assert [answer.status_code for answer in answers] == [201, 201]
+    apart = ("id", "tracking_no", "requested_at", "expires_at")
+    seen = [{k: v for k, v in a.get_json().items() if k not in apart} for a in answers]
+    assert seen[0] == seen[1]
+    assert seen[0]["status"] == "unsent" and seen[0]["station_id"] == world.station.id
     request = ask(client, courier, parcel).get_json()
     answer = client.post(
         CONSENTS, json={"request_id": request["id"], "channel": "sms"}, headers=courier

@@ -148,7 +148,7 @@ def test_manager_lists_own_station_users_only(
     usernames = {u["username"] for u in response.get_json()["items"]}
     assert usernames == {"manager1", "courier1"}
     other = client.get(f"/api/v1/users/{world.other_manager.id}", headers=auth.headers("manager1"))
-    assert other.status_code == 403
+    assert (other.status_code, other.get_json()["code"]) == (404, "user_not_found")
 
 
 def test_couriers_cannot_list_users(client: FlaskClient, world: World, auth: Auth) -> None:
@@ -179,9 +179,15 @@ def test_manager_cannot_touch_another_stations_devices(
         json={"device_id": "PDA-0200", "station_id": world.other_station.id},
         headers=manager,
     )
-    assert elsewhere.status_code == 403
+    assert elsewhere.status_code == 403  # the station is named: every caller lists them
+    # Another station's PDA is found by its id: it answers as an unknown one, so that the
+    # answer does not tell the manager it exists.
     retire = client.patch("/api/v1/devices/PDA-0002", json={"status": "retired"}, headers=manager)
-    assert retire.status_code == 403
+    unknown = client.patch("/api/v1/devices/PDA-9999", json={"status": "retired"}, headers=manager)
+    assert (retire.status_code, retire.get_json()["code"]) == (404, "device_not_found")
+    assert retire.get_json()["message"] == unknown.get_json()["message"].replace("9999", "0002")
+    assert client.get("/api/v1/devices/PDA-0002", headers=manager).status_code == 404
+    assert client.get("/api/v1/devices/PDA-0002", headers=auth.headers("admin")).status_code == 200
 
 
 def test_device_errors(client: FlaskClient, world: World, auth: Auth) -> None:

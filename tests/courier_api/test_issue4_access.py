@@ -1,5 +1,7 @@
 """Who may do what with consents and proofs: each role, at its own station and at
-another, declared once. (The flags endpoints have their own matrix in test_flags_api.)"""
+another, declared once. (The flags endpoints have their own matrix in test_flags_api.)
+Another station's consent or proof, found by its id, is a 404 to a manager, as an unknown
+id is: a 403 would tell them it exists."""
 
 import datetime as dt
 from typing import Any
@@ -29,7 +31,7 @@ EXPECTED: dict[str, dict[str, int]] = {
         admin=201, auditor=403, integration=201, manager_own=403, manager_other=403, courier=403
     ),  # noqa: E501
     "GET /consents/<id>": dict(
-        admin=200, auditor=200, integration=200, manager_own=200, manager_other=403, courier=403
+        admin=200, auditor=200, integration=200, manager_own=200, manager_other=404, courier=403
     ),  # noqa: E501
     "POST /consents/<id>/revoke": dict(
         admin=200, auditor=403, integration=200, manager_own=403, manager_other=403, courier=403
@@ -38,7 +40,7 @@ EXPECTED: dict[str, dict[str, int]] = {
         admin=200, auditor=200, integration=403, manager_own=200, manager_other=200, courier=403
     ),  # noqa: E501
     "GET /proofs/<id>": dict(
-        admin=200, auditor=200, integration=403, manager_own=200, manager_other=403, courier=403
+        admin=200, auditor=200, integration=403, manager_own=200, manager_other=404, courier=403
     ),  # noqa: E501
     "GET /proofs/export.csv": dict(
         admin=200, auditor=200, integration=403, manager_own=200, manager_other=200, courier=403

@@ -181,7 +181,29 @@ def test_parcel_lookup_errors(
     missing = client.get(f"{URL}/RR000000000GB", headers=manager)
     assert missing.status_code == 404
     assert missing.get_json()["code"] == "parcel_not_found"
-    assert client.get(f"{URL}/{foreign.tracking_no}", headers=manager).status_code == 403
+    assert client.get(f"{URL}/{foreign.tracking_no}", headers=manager).status_code == 404
+
+
+def test_another_stations_parcel_answers_as_an_unknown_tracking_number(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """To a manager or a courier of ST1, an ST2 parcel gets what a tracking number taken in
+    nowhere gets, the same 404 body but for the number: a 403 would tell them it exists
+    (SECURITY.md threat 3). Auditors, admins and integrations read it."""
+    foreign = factories.parcel(session, world.other_station).tracking_no
+    nowhere = factories.s10()
+    session.commit()
+    for headers in (auth.headers("manager1"), auth.headers("courier1", "PDA-0001")):
+        hidden, unknown = (client.get(f"{URL}/{t}", headers=headers) for t in (foreign, nowhere))
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.headers["Content-Type"] == unknown.headers["Content-Type"]
+        assert hidden.get_json() == {
+            **unknown.get_json(),
+            "message": unknown.get_json()["message"].replace(nowhere, foreign),
+        }
+        assert hidden.get_json()["code"] == "parcel_not_found"
+    for username in ("auditor1", "admin", "app1"):
+        assert client.get(f"{URL}/{foreign}", headers=auth.headers(username)).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -213,12 +213,16 @@ def test_the_csv_export_streams_the_filtered_proofs(
     assert rows[0]["recipient_phone"] == "'+86*******5678"  # masked, opened as text
 
 
-def test_another_stations_proof_is_forbidden_to_a_manager(
+def test_another_stations_proof_is_unknown_to_a_manager(
     client: FlaskClient, auth: Auth, day: dict[str, Any]
 ) -> None:
+    """As an event id no delivery has: a 403 would tell the manager it exists."""
     items = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"]
-    response = client.get(f"{URL}/{items[2]['event_id']}", headers=auth.headers("manager1"))
-    assert response.status_code == 403
+    manager = auth.headers("manager1")
+    response = client.get(f"{URL}/{items[2]['event_id']}", headers=manager)
+    assert response.status_code == 404
+    unknown = client.get(f"{URL}/{10**9}", headers=manager)
+    assert response.get_json()["code"] == unknown.get_json()["code"] == "proof_not_found"
 
 
 @pytest.mark.parametrize(
@@ -420,13 +424,13 @@ def test_a_proof_of_a_parcel_moved_on_shows_a_manager_only_their_own_stations_fl
     client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
 ) -> None:
     """ST1's flag about a parcel stays ST1's when the parcel is taken in at ST2: ST2's
-    manager, refused it at GET /flags/<id>, does not read it in a proof either (API and
-    page); an auditor still sees every station's."""
+    manager, for whom GET /flags/<id> does not find it, does not read it in a proof either
+    (API and page); an auditor still sees every station's."""
     event_id, old_flag = _a_flagged_parcel_moved_to_the_other_station(
         client, auth, session, world, day
     )
     manager = auth.headers("manager2")
-    assert client.get(f"/api/v1/flags/{old_flag.id}", headers=manager).status_code == 403
+    assert client.get(f"/api/v1/flags/{old_flag.id}", headers=manager).status_code == 404
     body = client.get(f"{URL}/{event_id}", headers=manager).get_json()
     shown = [session.get(Flag, f["id"]) for f in body["flags"]]
     assert all(f is not None and f.station_id == world.other_station.id for f in shown)

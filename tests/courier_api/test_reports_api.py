@@ -293,8 +293,8 @@ def test_an_issued_report_is_served_as_stored(
     assert response.mimetype == "text/csv"
     assert 'filename="ST1-daily-2026-11-23.csv"' in response.headers["Content-Disposition"]
     assert table(response)[0]["checked_out"] == "2"
-    other = get(client, path, auth.headers("manager2"))
-    assert (other.status_code, other.get_json()["code"]) == (403, "station_forbidden")
+    other = get(client, path, auth.headers("manager2"))  # another station's: as unknown
+    assert (other.status_code, other.get_json()["code"]) == (404, "report_not_found")
     assert get(client, path, auth.headers("courier1", "PDA-0001")).status_code == 403
     missing = get(client, "/api/v1/reports/999999", auth.headers("auditor1"))
     assert (missing.status_code, missing.get_json()["code"]) == (404, "report_not_found")

@@ -386,22 +386,24 @@ CALLERS = {
     "courier_other": ("courier9", "PDA-0009"),  # same station, not the shift's courier
 }
 # Each endpoint against a closed shift of courier1 at station ST1 (sign-off: 200 once).
+# Another station's shift is a 404 to a manager, as an unknown id is (a 403 would tell
+# them it exists); a station named in the path (the handover board) stays a 403.
 EXPECTED: dict[str, dict[str, int]] = {
     "GET /shifts/<id>": dict(
         none=401, admin=200, auditor=200, integration=403, manager_own=200,
-        manager_other=403, courier_own=200, courier_other=403,
+        manager_other=404, courier_own=200, courier_other=403,
     ),
     "GET /shifts/<id>/balance": dict(
         none=401, admin=200, auditor=200, integration=403, manager_own=200,
-        manager_other=403, courier_own=200, courier_other=403,
+        manager_other=404, courier_own=200, courier_other=403,
     ),
     "POST /shifts/<id>/close": dict(
         none=401, admin=200, auditor=403, integration=403, manager_own=200,
-        manager_other=403, courier_own=200, courier_other=403,
+        manager_other=404, courier_own=200, courier_other=403,
     ),
     "POST /shifts/<id>/signoff": dict(
         none=401, admin=200, auditor=403, integration=403, manager_own=200,
-        manager_other=403, courier_own=403, courier_other=403,
+        manager_other=404, courier_own=403, courier_other=403,
     ),
     "GET /stations/<id>/handover": dict(
         none=401, admin=200, auditor=200, integration=403, manager_own=200,

@@ -337,22 +337,28 @@ def test_a_post_without_the_session_csrf_token_is_refused(
 # -- access -----------------------------------------------------------------------------------
 
 
-def test_a_manager_of_another_station_is_refused_with_a_403_page(
+def test_a_manager_of_another_station_gets_a_403_page_or_an_unknown_ids_404(
     app: Flask, session: Session, day: StationDay
 ) -> None:
+    """Another station, named: a 403 page. Its shift, flag or proof, found by its id: the
+    404 page of an unknown id, which does not tell the manager it exists."""
     pages = signed_in(app, "manager.mhg")
     flag = day.flag(session, "unauthorized_locker_drop")
     for path in (
         f"/web/board?station={day.station.id}",
-        f"/web/shifts/{day.unbalanced.id}",
-        f"/web/flags/{flag.id}",
         f"/web/flags?station={day.station.id}",
-        f"/web/proofs/{day.drop_event_id}",
         f"/web/reports/daily?station={day.station.id}&date={day.day}",
     ):
         html = pages.get(path, status=403)
         assert "this belongs to another station" in html, path
-    assert pages.post(f"/web/flags/{flag.id}/resolve", note="not mine").status_code == 403
+    for path, unknown in (
+        (f"/web/shifts/{day.unbalanced.id}", "no shift with id"),
+        (f"/web/flags/{flag.id}", "no flag with id"),
+        (f"/web/proofs/{day.drop_event_id}", "no proof of delivery with event id"),
+    ):
+        html = pages.get(path, status=404)
+        assert unknown in html and "another station" not in html, path
+    assert pages.post(f"/web/flags/{flag.id}/resolve", note="not mine").status_code == 404
     assert pages.client.get(f"/web/images/{day.uploaded[0]}").status_code == 404
     # Their own station's pages work, without a station picker.
     board = pages.get(f"/web/board?date={day.day}")

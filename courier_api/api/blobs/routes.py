@@ -14,6 +14,7 @@ from models import Blob, Role
 from sync.blobs import (
     BlobReader,
     FileBlobStore,
+    blob_not_found,
     ensure_not_purged,
     get_blob,
     may_read_blob,
@@ -128,7 +129,7 @@ def image_response(sha256: str, principal: Principal) -> Response:
     """
     blob = get_blob(session=db.session, digest=sha256)
     if not may_read_blob(session=db.session, digest=blob.sha256, reader=blob_reader(principal)):
-        raise NotFound(f"no blob {sha256}", code="blob_not_found")
+        raise blob_not_found(sha256)
     ensure_not_purged(blob)
     try:
         data = blob_store().read(blob.sha256)

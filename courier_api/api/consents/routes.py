@@ -23,7 +23,7 @@ from courier_api.api.consents.schemas import (
     request_view,
 )
 from courier_api.api.pagination import keyset_page
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import current_principal, ensure_visible
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import ConsentRequestStatus, ConsentScope, Role, utcnow
@@ -181,13 +181,22 @@ class ConsentById(MethodView):
     @blp.response(200, ConsentOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, consent_id: int) -> dict[str, Any]:
-        """Get a consent"""
+        """Get a consent
+
+        Managers read their station's consents, those for the parcels their
+        station holds now, and the standing ones that hold at every station;
+        any other answers what an unknown id answers (404 `consent_not_found`),
+        so that it does not show it exists.
+        """
         consent = consents.get(session=db.session, consent_id=consent_id)
         principal = current_principal()
         if consent.station_id is not None and not principal.can_access_station(
             consent.station_id
         ):  # the station holding its parcel now may read it too
-            ensure_station_access(consents.parcel_station(db.session, consent))
+            ensure_visible(
+                consents.parcel_station(db.session, consent),
+                consents.consent_not_found(consent_id),
+            )
         return _view(consent)
 
 
@@ -274,8 +283,8 @@ class ConsentRequests(MethodView):
         recipient's channel (`consent.requested` webhook) and lapses at
         `expires_at`. The answer comes back in the PDA's pull feed (long-poll
         `GET /sync/pull?wait=`). Offline, the PDA sends a `consent_requested`
-        event instead. A parcel of another station is refused (403
-        `parcel_at_other_station`); one the station has not taken in, or whose
+        event instead. A parcel the station has not taken in (one of another
+        station is answered alike, so that it does not show it exists), or whose
         recipient has no phone, gives a request with status `unsent`.
         """
         principal = current_principal()
@@ -343,15 +352,24 @@ class ConsentRequestById(MethodView):
     @blp.response(200, ConsentRequestOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, request_id: int) -> dict[str, Any]:
-        """Get a consent request"""
+        """Get a consent request
+
+        Couriers read their own requests (a colleague's is a 403
+        `not_your_request`), managers their station's and those for the
+        parcels their station holds now. A request of another station answers
+        couriers and managers what an unknown id answers (404
+        `consent_request_not_found`), so that it does not show it exists.
+        """
         principal = current_principal()
         request = consent_requests.get_request(session=db.session, request_id=request_id)
+        unknown = consent_requests.request_not_found(request_id)
         if principal.role == Role.COURIER:
             if request.courier_id != principal.user_id:
+                ensure_visible(request.station_id, unknown)
                 raise PermissionDenied("another courier's request", code="not_your_request")
         elif not principal.can_access_station(request.station_id):
             # the station holding its parcel now may read it too
-            ensure_station_access(consents.station_holding(db.session, request.tracking_no))
+            ensure_visible(consents.station_holding(db.session, request.tracking_no), unknown)
         return request_view(request, utcnow(), unmasked=_unmasked())
 
 

@@ -13,7 +13,7 @@ from courier_api.api.devices.schemas import (
     DeviceUpdate,
 )
 from courier_api.api.pagination import keyset_page
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import current_principal, ensure_station_access, ensure_visible
 from courier_api.extensions import db
 from models import Device, Role
 from sync import directory
@@ -74,9 +74,14 @@ class DeviceById(MethodView):
     @blp.response(200, DeviceOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, device_id: str) -> Device:
-        """Get a device"""
+        """Get a device
+
+        Managers read their station's PDAs; one of another station answers what
+        an unknown id answers (404 `device_not_found`), so that it does not show
+        it exists.
+        """
         device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_station_access(device.station_id)
+        ensure_visible(device.station_id, directory.device_not_found(device_id))
         return device
 
     @blp.auth(*MANAGERS)
@@ -87,9 +92,11 @@ class DeviceById(MethodView):
         """Retire a device, report it lost, or reactivate it
 
         Tokens issued for a retired or lost device stop working at once.
+        Managers change their station's PDAs; one of another station answers
+        what an unknown id answers (404 `device_not_found`).
         """
         device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_station_access(device.station_id)
+        ensure_visible(device.station_id, directory.device_not_found(device_id))
         directory.set_device_status(session=db.session, device=device, status=body["status"])
         db.session.commit()
         return device

@@ -14,7 +14,7 @@ from courier_api.api.flags.schemas import (
     ResolveIn,
 )
 from courier_api.api.pagination import keyset_page
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import current_principal, ensure_visible
 from courier_api.extensions import db
 from models import Flag, Role
 from sync import flags
@@ -68,10 +68,12 @@ class FlagById(MethodView):
 
         `changes` lists every status change, oldest first: who made it (`null`
         for the system, e.g. when the flag was raised or its cause went away)
-        and their note.
+        and their note. Managers read their station's flags; one of another
+        station answers what an unknown id answers (404 `flag_not_found`), so
+        that it does not show it exists.
         """
         flag = flags.get_flag(session=db.session, flag_id=flag_id)
-        ensure_station_access(flag.station_id)
+        ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
         return _with_history(flag)
 
 
@@ -87,10 +89,12 @@ class AcknowledgeFlag(MethodView):
 
         Says that a manager of the flag's station has seen it and is dealing with
         it; the optional `note` goes into its history. Only an open flag can be
-        acknowledged (409 `flag_status_conflict` otherwise).
+        acknowledged (409 `flag_status_conflict` otherwise). A flag of another
+        station answers a manager what an unknown id answers (404
+        `flag_not_found`).
         """
         flag = flags.get_flag(session=db.session, flag_id=flag_id)
-        ensure_station_access(flag.station_id)
+        ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
         flag = flags.acknowledge_flag(
             session=db.session, flag=flag, user_id=current_principal().user_id, note=body["note"]
         )
@@ -112,10 +116,12 @@ class ResolveFlag(MethodView):
         acknowledged flag; the `note` saying how is required. The resolution is
         recorded in the flag's history and in the audit log. A flag that is
         already resolved, or that the system closed because its cause went away,
-        cannot be resolved (409 `flag_status_conflict`).
+        cannot be resolved (409 `flag_status_conflict`). A flag of another
+        station answers a manager what an unknown id answers (404
+        `flag_not_found`).
         """
         flag = flags.get_flag(session=db.session, flag_id=flag_id)
-        ensure_station_access(flag.station_id)
+        ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
         flag = flags.resolve_flag(
             session=db.session, flag=flag, user_id=current_principal().user_id, note=body["note"]
         )

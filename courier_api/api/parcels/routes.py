@@ -8,11 +8,17 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.parcels.intake import count_statuses, take_in_and_commit
 from courier_api.api.parcels.schemas import ParcelDetail, ParcelIntakeRequest, ParcelIntakeResponse
-from courier_api.auth import current_principal, ensure_station_access, record_auditor_read
+from courier_api.auth import current_principal, ensure_visible, record_auditor_read
 from courier_api.extensions import db
 from models import Parcel, Role
 from sync.errors import LimitExceeded
-from sync.parcels import IntakeScope, TimelineEntry, get_parcel, parcel_timeline
+from sync.parcels import (
+    IntakeScope,
+    TimelineEntry,
+    get_parcel,
+    parcel_not_found,
+    parcel_timeline,
+)
 from sync.phones import mask_phone, mask_phones_in_value
 
 blp = ApiBlueprint("parcels", __name__, url_prefix="/api/v1/parcels", description="Parcels")
@@ -66,9 +72,14 @@ class ParcelByTrackingNo(MethodView):
         stays in the timeline, marked `voided`, and no longer counts. The
         recipient's phone number is masked for everyone but auditors; locker
         pickup codes are hidden from couriers.
+
+        Couriers and managers read their own station's parcels; a parcel of
+        another station answers what an unknown tracking number answers (404
+        `parcel_not_found`), so that it does not show it exists. Admins,
+        auditors and integrations read every station's.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
-        ensure_station_access(parcel.station_id)
+        ensure_visible(parcel.station_id, parcel_not_found(tracking_no))
         principal = current_principal()
         role = principal.role
         # Rule 7: its proofs and the unmasked phone go out logged.

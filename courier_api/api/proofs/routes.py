@@ -22,7 +22,7 @@ from courier_api.api.proofs.schemas import (
 from courier_api.auth import (
     Principal,
     current_principal,
-    ensure_station_access,
+    ensure_visible,
     record_auditor_read,
 )
 from courier_api.config import policy_of
@@ -37,6 +37,7 @@ from sync.proofs import (
     get_proof,
     iter_proofs,
     list_proofs,
+    proof_not_found,
 )
 
 blp = ApiBlueprint(
@@ -187,7 +188,9 @@ class ProofById(MethodView):
         event chain (device, corrected and receive times), whether a correction
         voided it, for a locker or pickup-point drop the consent that authorized
         it (null: none did), and the parcel's flags (a station manager's: their
-        station's only). Audit-logged for auditors.
+        station's only). Audit-logged for auditors. A delivery of another
+        station's parcel answers a manager what an unknown id answers (404
+        `proof_not_found`), so that it does not show it exists.
         """
         principal = current_principal()
         detail = get_proof(
@@ -196,7 +199,7 @@ class ProofById(MethodView):
             policy=policy_of(current_app.config),
             flags_of_station=principal.station_filter(None),
         )
-        ensure_station_access(detail.proof.parcel.station_id)
+        ensure_visible(detail.proof.parcel.station_id, proof_not_found(event_id))
         record_auditor_read(
             "proof_read",
             "proof",

@@ -18,7 +18,7 @@ from courier_api.api.reports.schemas import (
     StoredReportPage,
     WeeklyArgs,
 )
-from courier_api.auth import ensure_station_access
+from courier_api.auth import ensure_station_access, ensure_visible
 from courier_api.extensions import db
 from models import ReportKind, Role, utcnow
 from sync import reports
@@ -191,8 +191,10 @@ class IssuedReport(MethodView):
         """Get an issued report
 
         The report body exactly as it was issued (see the daily report for the
-        metrics); `format=csv` answers it as a CSV table.
+        metrics); `format=csv` answers it as a CSV table. A report of another
+        station answers a manager what an unknown id answers (404
+        `report_not_found`).
         """
         stored = reports.get_report(session=db.session, report_id=report_id)
-        ensure_station_access(stored.station_id)
+        ensure_visible(stored.station_id, reports.report_not_found(report_id))
         return _answer(stored.body, args["format"])

@@ -18,7 +18,7 @@ from courier_api.api.shifts.schemas import (
     ShiftPage,
     SignOffIn,
 )
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import Principal, current_principal, ensure_station_access, ensure_visible
 from courier_api.config import shift_rules_of
 from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
@@ -101,7 +101,13 @@ class ShiftById(MethodView):
     @blp.response(200, ShiftOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, shift_id: int) -> Shift:
-        """Get a shift"""
+        """Get a shift
+
+        Couriers read their own shifts (a colleague's is a 403 `not_your_shift`),
+        managers their station's; a shift of another station answers what an
+        unknown id answers (404 `shift_not_found`), so that it does not show it
+        exists. Admins and auditors read every station's.
+        """
         return _readable(shift_id)
 
 
@@ -120,18 +126,21 @@ class CloseShift(MethodView):
         `missing_at_handover`. Closed by the shift's own PDA, or by a manager of
         the station (a PDA that died). Closing a closed shift again answers the
         shift as it is (a retry), unless it names another `last_seq` (409
-        `shift_already_closed`).
+        `shift_already_closed`). A colleague's shift is a 403 `not_your_shift`;
+        a shift of another station answers, to a courier or a manager, what an
+        unknown id answers (404 `shift_not_found`).
         """
         principal = current_principal()
         shift = shifts.get_shift(session=db.session, shift_id=shift_id)
         if principal.role == Role.COURIER:
             if shift.device_id != principal.device_id or shift.courier_id != principal.user_id:
-                raise PermissionDenied(
+                raise _not_your_shift(
+                    shift,
+                    principal,
                     "a shift is closed from the PDA it was opened on, or by a manager",
-                    code="not_your_shift",
                 )
         else:
-            ensure_station_access(shift.station_id)
+            ensure_visible(shift.station_id, shifts.shift_not_found(shift_id))
         shift = shifts.close_shift(
             session=db.session,
             shift=shift,
@@ -162,7 +171,8 @@ class ShiftBalance(MethodView):
         `unbalanced` while anything is missing or a discrepancy stands (a flag
         resolved by a manager still stands: it is a fact about the events), and
         `balanced` otherwise. While the shift is open, `missing` counts the
-        parcels still out.
+        parcels still out. Who may read it: as for the shift (a shift of
+        another station is a 404 `shift_not_found` to couriers and managers).
         """
         shift = _readable(shift_id)
         balance = shift_balance(session=db.session, shift=shift)
@@ -185,10 +195,12 @@ class SignOff(MethodView):
         while its balance is provisional (409 `balance_provisional`, naming the
         missing seqs) unless `force_reason` says why it cannot wait. An event
         that lands after the sign-off reopens the shift (it goes back to
-        `closed`) and raises `late_event_after_signoff`.
+        `closed`) and raises `late_event_after_signoff`. A shift of another
+        station answers a manager what an unknown id answers (404
+        `shift_not_found`).
         """
         shift = shifts.get_shift(session=db.session, shift_id=shift_id)
-        ensure_station_access(shift.station_id)
+        ensure_visible(shift.station_id, shifts.shift_not_found(shift_id))
         shift = shifts.sign_off(
             session=db.session,
             shift=shift,
@@ -248,7 +260,16 @@ def _readable(shift_id: int) -> Shift:
     shift = shifts.get_shift(session=db.session, shift_id=shift_id)
     if principal.role == Role.COURIER:
         if shift.courier_id != principal.user_id:
-            raise PermissionDenied("this is another courier's shift", code="not_your_shift")
+            raise _not_your_shift(shift, principal, "this is another courier's shift")
     else:
-        ensure_station_access(shift.station_id)
+        ensure_visible(shift.station_id, shifts.shift_not_found(shift_id))
     return shift
+
+
+def _not_your_shift(shift: Shift, principal: Principal, message: str) -> PermissionDenied:
+    """The refusal of a shift to a courier: ``not_your_shift`` for a colleague's, known at
+    their station anyway; another courier's at another station does not exist for them
+    (raised here as the unknown id's 404)."""
+    if shift.courier_id != principal.user_id:
+        ensure_visible(shift.station_id, shifts.shift_not_found(shift.id))
+    return PermissionDenied(message, code="not_your_shift")

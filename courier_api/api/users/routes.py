@@ -8,7 +8,7 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.pagination import keyset_page
 from courier_api.api.users.schemas import UserCreate, UserListArgs, UserOut, UserPage, UserUpdate
-from courier_api.auth import current_principal, ensure_station_access
+from courier_api.auth import current_principal, ensure_visible
 from courier_api.extensions import db
 from models import Role, User
 from sync import directory
@@ -74,9 +74,14 @@ class UserById(MethodView):
     @blp.response(200, UserOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, user_id: int) -> User:
-        """Get a user"""
+        """Get a user
+
+        Managers read their station's users; any other (of another station, or
+        of none: admins, auditors, integrations) answers what an unknown id
+        answers (404 `user_not_found`), so that it does not show it exists.
+        """
         user = directory.get_user(session=db.session, user_id=user_id)
-        ensure_station_access(user.station_id)
+        ensure_visible(user.station_id, directory.user_not_found(user_id))
         return user
 
     @blp.auth(Role.ADMIN)

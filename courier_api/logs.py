@@ -15,8 +15,9 @@
   written, whichever logger it comes from: bearer tokens and JWT-looking strings,
   values of ``password``/``secret``/``token``-like keys, password hashes, webhook
   signatures, long random-looking strings, and phone numbers (all but their last
-  3 digits). It is defense in depth: the code logs none of these on purpose, and
-  SQL parameters are never logged (``models.engine``: ``hide_parameters``).
+  3 digits, in any script's digits: ``sync.phones.mask_phones_in``, the pattern the
+  API masks free text with). It is defense in depth: the code logs none of these on
+  purpose, and SQL parameters are never logged (``models.engine``: ``hide_parameters``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
 from typing import Any
 
 import phonenumbers
@@ -44,26 +46,99 @@ def mask_phone(e164: str | None) -> str | None:
     return prefix + "*" * max(hidden, 0) + e164[-4:]
 
 
-# Phone numbers in free text (a consent's evidence, a courier's note; a log line):
-# international (+ then 8 to 15 digits, spaces, dots, dashes or parentheses between),
-# and Chinese mobile numbers written without the country code (11 digits from 13, maybe
-# grouped 3-4-4).
+# Phone numbers in free text (a consent's evidence, a courier's note; a log line), read in
+# the text as ``_as_typed`` folds it (one character for one: any script's decimal digits
+# as 0-9, full-width and other compatibility forms as their ASCII letter or sign, every
+# space as " ", every dash as "-"):
+# * international: + then 8 to 15 digits, up to 3 spaces, dots, dashes or parentheses
+#   between two ("+86 (138) 0013-8000", "+86 - 138 - 0013 - 8000", "(+86)13800138000");
+# * Chinese mobile numbers written without the country code: 11 digits from 13, with up
+#   to 3 spaces or dashes between two ("138 - 0013 - 8000") or dots between the groups of
+#   3-4-4 ("138.0013.8000"); not inside a longer run of letters and digits or a decimal
+#   number ("SF13800138000", "0.13812345678"), but at the end of a sentence.
+# Each branch begins with its literal (the character before it looked at from there):
+# the engine then skips to a "+" or a "1", four times faster over a log line.
 _PHONE_IN_TEXT = re.compile(
-    r"(?<![A-Za-z0-9_+])\+\d(?:[ ().-]{0,2}\d){7,14}(?![0-9])"
-    r"|(?<![A-Za-z0-9_.+-])1[3-9][0-9](?:[ -]?[0-9]){8}(?![A-Za-z0-9_.-])"
+    r"\+(?<![A-Za-z0-9_+]\+)[0-9](?:[ ().-]{0,3}[0-9]){7,14}(?![0-9])"
+    r"|1(?<![A-Za-z0-9_+]1)(?<![0-9][.-]1)"
+    r"[3-9][0-9](?:(?:[ -]{0,3}[0-9]){8}|\.[0-9]{4}\.[0-9]{4})"
+    r"(?![A-Za-z0-9_]|[.-][0-9])",
+    re.ASCII,
 )
+_ANY_DIGIT = re.compile(r"\d")  # any script's decimal digit (Unicode category Nd)
+_MINUS = "\u2212"
 
 
-def _masked(match: re.Match[str]) -> str:
-    digits = [c for c in match.group(0) if c.isdigit()]
-    prefix = "+" if match.group(0).startswith("+") else ""
-    return prefix + "*" * (len(digits) - 3) + "".join(digits[-3:])
+def _folded(char: str) -> str:
+    """``char`` as the phone pattern reads it: always one character."""
+    if char.isdecimal():
+        return str(unicodedata.decimal(char))
+    compatible = unicodedata.normalize("NFKC", char)
+    if len(compatible) == 1 and compatible.isascii() and not compatible.isdigit():
+        return compatible  # "＋" "（" "．" "－" "Ａ", the ideographic and no-break spaces
+    category = unicodedata.category(char)
+    if category == "Zs":
+        return " "
+    if category == "Pd" or char == _MINUS:
+        return "-"  # en and em dashes, hyphens, the minus sign
+    return char
+
+
+class _Folds(dict[int, str]):
+    """``str.translate``'s table of ``_folded``, filled as characters come (text in Chinese
+    is read twice as fast as character by character); at most ``LIMIT`` of them kept."""
+
+    LIMIT = 8192
+
+    def __missing__(self, code: int) -> str:
+        folded = _folded(chr(code))
+        if len(self) < self.LIMIT:
+            self[code] = folded
+        return folded
+
+
+_FOLDS = _Folds()
+
+
+def _as_typed(text: str) -> str:
+    """``text`` with each character as ``_folded`` reads it, so that a match's span in it
+    is the number's span in ``text``."""
+    return text if text.isascii() else text.translate(_FOLDS)
+
+
+def _masked(typed: str) -> str:
+    """A number as found in the text: its plus sign and its last 3 digits as written."""
+    digits = [c for c in typed if c.isdecimal()]
+    plus = "" if typed[0].isdecimal() else typed[0]
+    return plus + "*" * (len(digits) - 3) + "".join(digits[-3:])
 
 
 def mask_phones_in(text: str) -> str:
     """``text`` with every phone number in it masked but for its last 3 digits: free
-    text typed by a courier or a recipient channel may name one."""
-    return _PHONE_IN_TEXT.sub(_masked, text)
+    text typed by a courier or a recipient channel may name one, in any script's digits
+    (full-width ``１３８…``, Arabic-Indic, ...) and with the separators people type. The
+    rest of the text is left as it was written; so are the digits kept."""
+    if not _ANY_DIGIT.search(text):
+        return text
+    parts: list[str] = []
+    end = 0
+    for match in _PHONE_IN_TEXT.finditer(_as_typed(text)):
+        parts += [text[end : match.start()], _masked(text[match.start() : match.end()])]
+        end = match.end()
+    return "".join(parts) + text[end:] if parts else text
+
+
+def mask_phones_in_json(document: str) -> str:
+    """``mask_phones_in`` for a JSON document written with ``ensure_ascii`` (a rejected
+    event's payload): its strings are masked as read, not as escaped (``\\uff11`` is a
+    full-width 1, and ``\\u8bdd`` before a number is a Chinese character, not a letter
+    d); keys too. The document keeps its form (sorted keys, ASCII). Not JSON: masked as
+    text."""
+    try:
+        value = json.loads(document)
+    except ValueError:
+        return mask_phones_in(document)
+    return json.dumps(_masked_value(value, keys=True), ensure_ascii=True, sort_keys=True)
 
 
 def shown_text(text: str | None, *, unmasked: bool) -> str | None:
@@ -74,10 +149,17 @@ def shown_text(text: str | None, *, unmasked: bool) -> str | None:
 
 def mask_phones_in_value(value: Any) -> Any:
     """``mask_phones_in`` on every string of a JSON-like value (an event's details)."""
+    return _masked_value(value, keys=False)
+
+
+def _masked_value(value: Any, *, keys: bool) -> Any:
     if isinstance(value, str):
         return mask_phones_in(value)
     if isinstance(value, dict):
-        return {key: mask_phones_in_value(item) for key, item in value.items()}
+        return {
+            mask_phones_in(key) if keys else key: _masked_value(item, keys=keys)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
-        return [mask_phones_in_value(item) for item in value]
+        return [_masked_value(item, keys=keys) for item in value]
     return value

@@ -306,3 +306,45 @@ def test_a_phone_typed_into_an_events_free_text_is_masked_except_for_auditors(
     assert "recipient +**********678 moved" in pages["manager1"]
     assert "1234 5678" not in pages["manager1"]
     assert "recipient +86 138 1234 5678 moved" in pages["auditor1"]
+
+
+def test_a_phone_typed_in_another_scripts_digits_is_masked_except_for_auditors(
+    app: Flask, client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """A Chinese input method types full-width digits and signs (and some PDAs another
+    script's digits): the courier's note reaches managers masked all the same, on the API
+    and the pages, with the rest of the note as written; auditors read it whole."""
+    parcel = factories.parcel(session, world.station, phone="+8613812345678")
+    session.commit()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    evidence = "电话１３８－１２３４－５６７８，（＋８６）１３９ ８７６５ ４３２１"
+    consent = factories.event(
+        1, parcel.tracking_no, "consent_captured", occurred_at=at,
+        consent={"method": "locker", "channel": "phone_call", "evidence": evidence},
+    )  # fmt: skip
+    drop = factories.event(
+        2, parcel.tracking_no, "delivered_to_locker", occurred_at=at,
+        locker_id="L-1", compartment="7",
+    )  # fmt: skip
+    correction = factories.event(
+        3, parcel.tracking_no, "correction", occurred_at=at + dt.timedelta(minutes=1),
+        voids_client_event_id=drop["client_event_id"], reason="رقم ١٣٨١٢٣٤٥٦٧٨ انتقل",
+    )  # fmt: skip
+    auth.push([consent, drop, correction])
+
+    def texts(username: str) -> tuple[str, str]:
+        body = client.get(f"{URL}/{parcel.tracking_no}", headers=auth.headers(username)).json
+        details = {e["type"]: e["details"] for e in body["timeline"]}
+        return details["consent_captured"]["consent"]["evidence"], details["correction"]["reason"]
+
+    assert texts("manager1") == (
+        "电话********６７８，（＋**********３２１",
+        "رقم ********٦٧٨ انتقل",
+    )
+    assert texts("auditor1") == (evidence, "رقم ١٣٨١٢٣٤٥٦٧٨ انتقل")
+    proofs = client.get(
+        "/api/v1/proofs", query_string={"tracking_no": parcel.tracking_no},
+        headers=auth.headers("manager1"),
+    ).json["items"]  # fmt: skip
+    page = signed_in(app, "manager1").get(f"/web/proofs/{proofs[0]['event_id']}")
+    assert "رقم ********٦٧٨ انتقل" in page and "١٣٨١٢٣٤" not in page

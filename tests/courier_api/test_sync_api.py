@@ -712,3 +712,23 @@ def test_a_phone_in_a_rejected_events_payload_reaches_the_quarantine_masked(
         (item,) = client.get("/api/v1/quarantine", headers=auth.headers(username)).json["items"]
         assert "+**********678" in item["payload"], username
         assert "13812345678" not in item["payload"] + item["message"], username
+
+
+def test_a_phone_typed_in_full_width_digits_reaches_the_quarantine_masked(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """The payload is kept as ASCII JSON, where a full-width digit is written \\uff11
+    and the Chinese character before a number ends in a letter (\\u8bdd): it is masked
+    as the courier typed it, the rest of the payload left as it was."""
+    typed = "电话１３８－００１３－８０００，或13912345678"
+    rejected = factories.event(
+        1, parcel.tracking_no, "consent_captured", occurred_at=dt.datetime.now(dt.UTC),
+        consent={"method": "locker", "channel": "phone_call", "evidence": typed},
+        colour="red",
+    )  # fmt: skip
+    push(client, courier, [rejected])
+    (item,) = client.get("/api/v1/quarantine", headers=auth.headers("manager1")).json["items"]
+    payload = json.loads(item["payload"])
+    assert payload["consent"]["evidence"] == "电话********０００，或********678"
+    assert payload["colour"] == "red" and payload["tracking_no"] == parcel.tracking_no
+    assert item["payload"].isascii()

@@ -10,7 +10,7 @@ from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
 from courier_api.auth import current_principal
 from courier_api.extensions import db
 from models import Role
-from sync.phones import mask_phones_in
+from sync.phones import mask_phones_in, mask_phones_in_json
 from sync.quarantine import list_quarantined
 
 blp = ApiBlueprint(
@@ -41,11 +41,12 @@ class Quarantine(MethodView):
             limit=args["limit"],
         )
         # No auditor reads it: a phone number in what the PDA sent (a consent's
-        # evidence), or echoed in the error, is masked as everywhere else (rule 7).
+        # evidence), or echoed in the error, is masked as everywhere else (rule 7). The
+        # payload is ASCII JSON: its strings are masked as typed, not as escaped.
         items = [
             {
                 **{c: getattr(row, c) for c in QUARANTINE_COLUMNS},
-                "payload": mask_phones_in(row.payload),
+                "payload": mask_phones_in_json(row.payload),
                 "message": mask_phones_in(row.message),
                 "batch_id": str(batch_id),
             }

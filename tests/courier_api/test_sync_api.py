@@ -732,3 +732,38 @@ def test_a_phone_typed_in_full_width_digits_reaches_the_quarantine_masked(
     assert payload["consent"]["evidence"] == "电话********０００，或********678"
     assert payload["colour"] == "red" and payload["tracking_no"] == parcel.tracking_no
     assert item["payload"].isascii()
+
+
+def test_a_phone_sent_as_a_json_number_reaches_the_quarantine_masked(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A PDA that sends the evidence as a number (the wrong type: why it is rejected)
+    does not show it to managers whole: the payload is masked as a document, where a
+    number is not a string, and masking the text of the document did catch it."""
+    rejected = factories.event(
+        1, parcel.tracking_no, "consent_captured", occurred_at=dt.datetime.now(dt.UTC),
+        consent={"method": "locker", "channel": "phone_call", "evidence": 13812345678},
+        notes=[13912345678],
+    )  # fmt: skip
+    push(client, courier, [rejected])
+    for username in ("manager1", "admin"):
+        (item,) = client.get("/api/v1/quarantine", headers=auth.headers(username)).json["items"]
+        payload = json.loads(item["payload"])  # still a JSON document
+        assert payload["consent"]["evidence"] == "********678", username
+        assert payload["notes"] == ["********678"], username
+        assert payload["tracking_no"] == parcel.tracking_no, username
+
+
+def test_a_phone_in_a_rejected_events_own_fields_reaches_the_quarantine_masked(
+    client: FlaskClient, auth: Auth, courier: dict[str, str]
+) -> None:
+    """The quarantine lists a rejected event's tracking number, type and client event
+    id as the PDA sent them, next to its payload: a phone number typed into the tracking
+    number field is masked there as it is in the payload and the message."""
+    rejected = factories.event(
+        1, "+86 138 1234 5678", "checked_out", occurred_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+    push(client, courier, [rejected])
+    (item,) = client.get("/api/v1/quarantine", headers=auth.headers("manager1")).json["items"]
+    assert "1234 5678" not in json.dumps(item), item
+    assert item["tracking_no"] == "+**********678"

@@ -132,8 +132,8 @@ def mask_phones_in_json(document: str) -> str:
     """``mask_phones_in`` for a JSON document written with ``ensure_ascii`` (a rejected
     event's payload): its strings are masked as read, not as escaped (``\\uff11`` is a
     full-width 1, and ``\\u8bdd`` before a number is a Chinese character, not a letter
-    d); keys too. The document keeps its form (sorted keys, ASCII). Not JSON: masked as
-    text."""
+    d); keys too; an integer that reads as a phone number becomes the masked string. The
+    document keeps its form (sorted keys, ASCII). Not JSON: masked as text."""
     try:
         value = json.loads(document)
     except ValueError:
@@ -148,13 +148,19 @@ def shown_text(text: str | None, *, unmasked: bool) -> str | None:
 
 
 def mask_phones_in_value(value: Any) -> Any:
-    """``mask_phones_in`` on every string of a JSON-like value (an event's details)."""
+    """``mask_phones_in`` on every string of a JSON-like value (an event's details), and
+    on every integer as written: a number a PDA sent as one (``13812345678``, the wrong
+    type) becomes the masked string."""
     return _masked_value(value, keys=False)
 
 
 def _masked_value(value: Any, *, keys: bool) -> Any:
     if isinstance(value, str):
         return mask_phones_in(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        written = str(value)
+        masked = mask_phones_in(written)
+        return value if masked == written else masked
     if isinstance(value, dict):
         return {
             mask_phones_in(key) if keys else key: _masked_value(item, keys=keys)

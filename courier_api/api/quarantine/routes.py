@@ -31,7 +31,9 @@ class Quarantine(MethodView):
         Events PDAs sent that could not be accepted, newest first, each with its
         raw payload, the error code and message, and the batch it came in.
         Managers see their own station whatever `station_id` says. A phone number
-        in the payload or the message is masked (no auditor reads this list).
+        in the payload, the message or the event's fields as the PDA sent them
+        (`tracking_no`, `event_type`, `client_event_id`, `field`) is masked (no
+        auditor reads this list).
         """
         rows = list_quarantined(
             session=db.session,
@@ -43,9 +45,12 @@ class Quarantine(MethodView):
         # No auditor reads it: a phone number in what the PDA sent (a consent's
         # evidence), or echoed in the error, is masked as everywhere else (rule 7). The
         # payload is ASCII JSON: its strings are masked as typed, not as escaped.
+        # So are the event's own fields as the PDA sent them (a number typed into the
+        # tracking number field), as they are in the payload next to them.
         items = [
             {
                 **{c: getattr(row, c) for c in QUARANTINE_COLUMNS},
+                **{c: _masked(getattr(row, c)) for c in SENT_BY_THE_PDA},
                 "payload": mask_phones_in_json(row.payload),
                 "message": mask_phones_in(row.message),
                 "batch_id": str(batch_id),
@@ -70,3 +75,9 @@ QUARANTINE_COLUMNS = (
     "payload",
     "received_at",
 )
+# Copied from the rejected event as the PDA sent it (or named after a key it sent).
+SENT_BY_THE_PDA = ("client_event_id", "event_type", "tracking_no", "field")
+
+
+def _masked(value: str | None) -> str | None:
+    return None if value is None else mask_phones_in(value)

@@ -3,6 +3,7 @@
 import datetime as dt
 import hashlib
 import io
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -182,3 +183,30 @@ def test_uploading_a_proof_image_closes_the_flag_of_the_parcel_waiting_for_it(
     flag = session.scalars(select(Flag).where(Flag.kind == "pod_blob_missing")).one()
     session.refresh(flag)
     assert flag.status == FlagStatus.CLOSED
+
+
+def test_uploading_another_stations_image_answers_as_uploading_a_new_one(
+    client: FlaskClient, auth: Auth, session: Any, world: World, courier: dict[str, str]
+) -> None:
+    """For a courier or a manager another station's image does not exist (SECURITY.md
+    threat 3): uploading its bytes answers what uploading an image nobody holds answers
+    (201, uploaded now), not 200 "already stored" with the time the other station
+    stored it. Uploading an image one may already read is a 200, as before."""
+    factories.user(session, "courier7", "courier", world.other_station)
+    session.commit()
+    theirs = image_bytes(size=(8, 6))
+    assert put(client, courier, theirs).status_code == 201
+    callers = {  # the manager first: once they upload it, it is their station's
+        "manager2": auth.headers("manager2"),
+        "courier7": auth.headers("courier7", "PDA-0002"),
+    }
+    for width, (username, headers) in enumerate(callers.items(), start=9):
+        time.sleep(0.01)
+        before = dt.datetime.now(dt.UTC)
+        answers = [put(client, headers, data) for data in (theirs, image_bytes(size=(width, 6)))]
+        assert [a.status_code for a in answers] == [201, 201], username
+        for answer in answers:
+            assert dt.datetime.fromisoformat(answer.get_json()["uploaded_at"]) >= before, username
+        assert put(client, headers, theirs).status_code == 200, username  # theirs now
+    assert put(client, courier, theirs).status_code == 200
+    assert put(client, auth.headers("manager1"), theirs).status_code == 200  # its station's

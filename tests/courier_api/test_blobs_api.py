@@ -152,7 +152,7 @@ def test_the_same_image_uploaded_at_two_stations_is_readable_at_both(
     elsewhere = auth.headers("courier7", "PDA-0002")
     data = image_bytes()
     assert put(client, courier, data).status_code == 201
-    assert put(client, elsewhere, data).status_code == 200  # stored once
+    assert put(client, elsewhere, data).status_code == 201  # stored once; new to them
     url = f"/api/v1/blobs/{digest(data)}"
     for headers in (courier, elsewhere, auth.headers("manager1"), auth.headers("manager2")):
         assert client.get(url, headers=headers).status_code == 200

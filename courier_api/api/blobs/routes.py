@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Response, current_app, request
 from flask.views import MethodView
+from sqlalchemy import select
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.schemas import BlobOut
 from courier_api.auth import Principal, current_principal, record_auditor_read
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import Blob, Role
+from models import Blob, BlobUpload, Role
 from sync.blobs import (
     BlobReader,
     FileBlobStore,
@@ -52,18 +54,21 @@ SHA256_PARAMETER = {
 class BlobBySha256(MethodView):
     @blp.auth(Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.INTEGRATION)
     @blp.doc(requestBody=IMAGE_BODY)
-    @blp.response(200, BlobOut, description="Already stored (nothing changed)")
+    @blp.response(200, BlobOut, description="Already stored, and the caller reads it")
     @blp.alt_response(201, schema=BlobOut, description="Stored")
     @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
     @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
-    def put(self, sha256: str) -> tuple[Blob, int]:
+    def put(self, sha256: str) -> tuple[Blob | dict[str, Any], int]:
         """Upload a proof image
 
         The body is the image itself: PNG, JPEG or WebP, at most MAX_BLOB_BYTES
         (default 8 MiB). The URL names its sha256 (lowercase hex); the bytes must
         hash to it and decode as an image. Uploading the same image again is
-        safe. Events may name an image before it is uploaded.
+        safe (200). Events may name an image before it is uploaded. An image
+        stored by others the caller may not read (another station's) answers as
+        a new one would, 201 and uploaded now, so that it does not show it
+        exists; from then on the caller reads it too.
 
         A 503 `blob_store_unavailable` (with `Retry-After`) means the server cannot
         store images right now: nothing was stored; keep the image and upload it
@@ -72,6 +77,9 @@ class BlobBySha256(MethodView):
         arrives.
         """
         principal = current_principal()
+        readable = db.session.get(Blob, sha256) is not None and may_read_blob(
+            session=db.session, digest=sha256, reader=blob_reader(principal)
+        )
         blob, created = store_blob(
             session=db.session,
             store=blob_store(),
@@ -86,7 +94,18 @@ class BlobBySha256(MethodView):
                 session=db.session, digest=blob.sha256, policy=policy_of(current_app.config)
             )
         db.session.commit()
-        return blob, 201 if created else 200
+        if created or readable:
+            return blob, 201 if created else 200
+        # Stored by someone the caller may not read: for them it did not exist (SECURITY.md
+        # threat 3). Answered as new, with the time of their own upload.
+        uploaded_at = db.session.scalar(
+            select(BlobUpload.uploaded_at).where(
+                BlobUpload.sha256 == blob.sha256, BlobUpload.uploaded_by == principal.user_id
+            )
+        )
+        return {name: getattr(blob, name) for name in BlobOut._declared_fields} | {
+            "uploaded_at": uploaded_at
+        }, 201
 
     @blp.auth(Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
     @blp.response(

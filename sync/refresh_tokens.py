@@ -89,8 +89,12 @@ def judge(state: FamilyState, jti: str, *, now: dt.datetime, grace: dt.timedelta
         return REVOKED
     if jti == state.current_jti:
         return ROTATED
-    if jti == state.used_jti and state.used_at is not None and now < state.used_at + grace:
-        return RETRIED
+    if jti == state.used_jti and state.used_at is not None:
+        # ``now`` is read before the family's row is locked: a refresh that read it first
+        # but got the row second finds the use after ``now``. That is no time at all
+        # since the use, not time before it (with no grace, a reuse).
+        if max(now, state.used_at) < state.used_at + grace:
+            return RETRIED
     return REUSED
 
 

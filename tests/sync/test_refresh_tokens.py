@@ -59,6 +59,15 @@ def test_no_grace_makes_every_second_use_a_reuse() -> None:
     assert judge(USED_AT_T0, "u" * 32, now=T0, grace=dt.timedelta(0)) == REUSED
 
 
+def test_a_clock_read_before_the_use_it_waited_for_is_no_grace() -> None:
+    """Two refreshes at once: the second to get the family's row may have read the
+    clock before the first recorded its use. Without a grace it is still a reuse; with
+    one, a retry."""
+    before = T0 - dt.timedelta(milliseconds=1)
+    assert judge(USED_AT_T0, "u" * 32, now=before, grace=dt.timedelta(0)) == REUSED
+    assert judge(USED_AT_T0, "u" * 32, now=before, grace=GRACE) == RETRIED
+
+
 # -- on the database --------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ForeignKey, Index, String
+from sqlalchemy import ForeignKey, Index, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, big_pk, sha256_hex, str64
@@ -53,3 +53,8 @@ class RefreshTokenFamily(Base):
     used_at: Mapped[dt.datetime | None]
     expires_at: Mapped[dt.datetime]
     revoked_at: Mapped[dt.datetime | None]
+    # Whether the used token was presented again within the grace (a retry), and whether
+    # the one used before it was: a retry right after a retried refresh is a reuse
+    # (``sync.refresh_tokens``).
+    used_retried: Mapped[bool] = mapped_column(default=False, server_default=false())
+    retried_before: Mapped[bool] = mapped_column(default=False, server_default=false())

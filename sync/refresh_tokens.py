@@ -13,7 +13,9 @@ that may be exchanged now (``current_jti``), the one exchanged last (``used_jti`
   A PDA whose answer was lost on a weak signal sends the same request again. It gets
   a new pair whose refresh token is the family's current one again (the same
   ``jti``, a new string), so the family still has one token to exchange, not two.
-  The grace counts from the first use; retries do not extend it.
+  The grace counts from the first use; retries do not extend it. Not twice in a row:
+  if the token before the used one was retried too, this is a reuse (a copy that
+  refreshes seconds after the PDA every time would otherwise stay in step forever).
 * any other token of the family (the one used last, past the grace; one used
   before it): **reused**. Two parties hold the family's tokens, one of them with a
   copy (a thief, or a backup restored). The family is revoked: its current token is
@@ -80,6 +82,9 @@ class FamilyState:
     used_jti: str | None = None
     used_at: dt.datetime | None = None
     revoked: bool = False
+    # The token exchanged before the one used last was presented again in its grace:
+    # a second retry in a row is a reuse (a copy kept in step with the PDA).
+    retried_before: bool = False
 
 
 def judge(state: FamilyState, jti: str, *, now: dt.datetime, grace: dt.timedelta) -> str:
@@ -89,7 +94,7 @@ def judge(state: FamilyState, jti: str, *, now: dt.datetime, grace: dt.timedelta
         return REVOKED
     if jti == state.current_jti:
         return ROTATED
-    if jti == state.used_jti and state.used_at is not None:
+    if jti == state.used_jti and state.used_at is not None and not state.retried_before:
         # ``now`` is read before the family's row is locked: a refresh that read it first
         # but got the row second finds the use after ``now``. That is no time at all
         # since the use, not time before it (with no grace, a reuse).
@@ -156,6 +161,7 @@ def exchange(
         used_jti=family.used_jti,
         used_at=family.used_at,
         revoked=family.revoked_at is not None,
+        retried_before=family.retried_before,
     )
     verdict = judge(state, presented.jti, now=now, grace=grace)
     if verdict == REVOKED:
@@ -166,6 +172,9 @@ def exchange(
     if verdict == ROTATED:
         family.used_jti, family.used_at = family.current_jti, now
         family.current_jti = new_jti()
+        family.retried_before, family.used_retried = family.used_retried, False
+    else:  # RETRIED
+        family.used_retried = True
     family.expires_at = max(family.expires_at, expires_at)
     return Exchange(verdict, family_id, family.current_jti)
 
@@ -196,7 +205,7 @@ def purge_expired(*, session: Session, now: dt.datetime) -> dict[str, int]:
 def _reused() -> AuthenticationFailed:
     return AuthenticationFailed(
         "this refresh token was used before: someone else may hold a copy, so every "
-        "token of this sign-in is revoked; sign in again",
+        "refresh token of this sign-in is revoked; sign in again",
         code="refresh_token_reused",
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -143,6 +144,27 @@ def test_a_pda_that_lost_the_answer_may_send_the_same_refresh_again_within_the_g
     assert refused(refresh(client, following["refresh_token"])) == (401, "refresh_token_revoked")
 
 
+def test_a_pda_may_lose_an_answer_now_and_then_but_not_twice_in_a_row(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    """A retry is allowed for one refresh, not for the next one too: a copy refreshing
+    seconds after the PDA every time would otherwise never be caught. A PDA that lost
+    an answer, refreshed once without trouble, then lost one again keeps its sign-in;
+    one that loses two in a row signs in again."""
+    token = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    refreshed(client, token)  # lost
+    token = refreshed(client, token)["refresh_token"]  # retried
+    clock.advance(3600)
+    token = refreshed(client, token)["refresh_token"]  # no trouble
+    clock.advance(3600)
+    refreshed(client, token)  # lost again
+    token = refreshed(client, token)["refresh_token"]  # retried: not twice in a row
+    clock.advance(3600)
+    refreshed(client, token)  # lost
+    clock.advance(5)
+    assert refused(refresh(client, token)) == (401, "refresh_token_reused")  # twice
+
+
 def test_the_grace_counts_from_the_first_use_and_then_a_retry_is_a_reuse(
     client: FlaskClient, world: World, auth: Auth, clock: Clock
 ) -> None:
@@ -240,52 +262,107 @@ def test_a_lost_device_or_a_disabled_account_is_refused_before_rotation(
     assert family.current_jti == claims(current)["jti"]
 
 
-def test_two_refreshes_with_one_token_at_once_do_not_both_rotate(
-    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The family's row is locked while a refresh judges it (FOR UPDATE on PostgreSQL;
-    SQLite's writers take turns): without the grace, the second of two refreshes sent
-    together finds the token used and ends the family; they never both rotate it."""
-    committed_app.config["REFRESH_REUSE_GRACE_SECONDS"] = 0
-    with committed_app.app_context():
+def racer_signed_in(app: Flask) -> tuple[FlaskClient, str]:
+    with app.app_context():
         station = factories.station(db.session, code="RACE")
         factories.user(db.session, "racer", "station_manager", station)
         db.session.commit()
-    client = committed_app.test_client()
-    first = Auth(client).tokens("racer")["refresh_token"]
-    second = refreshed(client, first)["refresh_token"]  # the family's row now exists
+    client = app.test_client()
+    return client, Auth(client).tokens("racer")["refresh_token"]
 
+
+def slow_judge(monkeypatch: pytest.MonkeyPatch) -> None:
     judge = refresh_tokens.judge
 
-    def slow_judge(*args: Any, **kwargs: Any) -> str:
+    def slow(*args: Any, **kwargs: Any) -> str:
         verdict = judge(*args, **kwargs)
-        time.sleep(0.3)  # hold the row a while: the other refresh must wait for it
+        time.sleep(0.3)  # hold the family's row: the other refresh must wait for it
         return verdict
 
-    monkeypatch.setattr(refresh_tokens, "judge", slow_judge)
-    answers = race(committed_app, REFRESH_URL, [{"refresh_token": second}] * 2, {})
-    statuses = sorted(answer.status_code for answer in answers)
-    assert statuses == [200, 401], [answer.get_json() for answer in answers]
-    winner = next(answer for answer in answers if answer.status_code == 200).get_json()
-    loser = next(answer for answer in answers if answer.status_code == 401)
-    assert refused(loser) == (401, "refresh_token_reused")
-    assert refused(refresh(client, winner["refresh_token"])) == (401, "refresh_token_revoked")
+    monkeypatch.setattr(refresh_tokens, "judge", slow)
 
 
-def test_two_refreshes_with_one_token_at_once_within_the_grace_share_the_next_token(
-    committed_app: Flask,
+@pytest.mark.parametrize("grace", [0, 60])
+@pytest.mark.parametrize("which", ["first", "later"])
+def test_two_refreshes_with_one_token_at_once_take_turns(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, grace: int, which: str
 ) -> None:
-    with committed_app.app_context():
-        station = factories.station(db.session, code="RACE")
-        factories.user(db.session, "racer", "station_manager", station)
-        db.session.commit()
-    client = committed_app.test_client()
-    first = Auth(client).tokens("racer")["refresh_token"]
-    second = refreshed(client, first)["refresh_token"]
-    answers = race(committed_app, REFRESH_URL, [{"refresh_token": second}] * 2, {})
-    assert [answer.status_code for answer in answers] == [200, 200]
-    jtis = {claims(answer.get_json()["refresh_token"])["jti"] for answer in answers}
-    assert len(jtis) == 1
+    """The sign-in's own token (no row yet: INSERT ... ON CONFLICT DO NOTHING, then the
+    lock) or a later one (the row exists: the lock), sent twice together while the first
+    holds the row: without a grace one 200 and one reuse; within it, two 200 with one
+    next token (the existing within-grace race test passes without FOR UPDATE: its
+    refreshes need not overlap)."""
+    committed_app.config["REFRESH_REUSE_GRACE_SECONDS"] = grace
+    client, token = racer_signed_in(committed_app)
+    if which == "later":
+        token = refreshed(client, token)["refresh_token"]
+    slow_judge(monkeypatch)
+    answers = race(committed_app, REFRESH_URL, [{"refresh_token": token}] * 2, {})
+    bodies = [answer.get_json() for answer in answers]
+    if grace == 0:
+        assert sorted(answer.status_code for answer in answers) == [200, 401], bodies
+        assert sorted(body["code"] for body in bodies if "code" in body) == [
+            "refresh_token_reused"
+        ]
+        winner = next(body for body in bodies if "refresh_token" in body)
+        assert refused(refresh(client, winner["refresh_token"])) == (401, "refresh_token_revoked")
+    else:
+        assert [answer.status_code for answer in answers] == [200, 200], bodies
+        assert len({claims(body["refresh_token"])["jti"] for body in bodies}) == 1
+
+
+def test_without_a_grace_the_second_refresh_is_a_reuse_whoever_read_the_clock_first(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REFRESH_REUSE_GRACE_SECONDS=0 means "never" (README; SECURITY.md: "without a grace
+    the second is a reuse"). ``exchange_refresh_token`` reads the clock before the
+    family's row is locked: the refresh that read it first may get the row second, and
+    then finds the token used after "now" (now < used_at), which ``judge`` took for a
+    retry within a grace of 0. PostgreSQL only in effect: on a SQLite file the clock is
+    read within the writers' turn."""
+    committed_app.config["REFRESH_REUSE_GRACE_SECONDS"] = 0
+    client, first = racer_signed_in(committed_app)
+    token = refreshed(client, first)["refresh_token"]  # the family's row exists
+
+    base = dt.datetime.now(dt.UTC)
+    calls = [0]
+    lock = threading.Lock()
+
+    def utcnow() -> dt.datetime:
+        with lock:
+            n = calls[0]
+            calls[0] += 1
+        if n == 0:
+            time.sleep(0.5)  # read the clock first, reach the family's row second
+        return base + dt.timedelta(milliseconds=n)
+
+    monkeypatch.setattr("courier_api.auth.utcnow", utcnow)
+    answers = race(committed_app, REFRESH_URL, [{"refresh_token": token}] * 2, {})
+    bodies = [answer.get_json() for answer in answers]
+    assert sorted(answer.status_code for answer in answers) == [200, 401], bodies
+
+
+def test_a_copy_kept_in_step_with_the_pda_is_caught(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    """A copy that lands in the grace once (a restored backup of the PDA's app,
+    refreshing when its access token expires, as the PDA does) gets an access token
+    that expires seconds after the PDA's, so its next refresh would land in the next
+    grace too; a retry right after a retried refresh is a reuse, so it is caught at
+    its second refresh. Here the copy refreshes 20 s after the PDA, every hour."""
+    pda = auth.tokens("courier1", "PDA-0001")["refresh_token"]
+    copy = pda
+    caught = False
+    for _ in range(48):
+        clock.advance(3600 - 20)
+        pda = refreshed(client, pda)["refresh_token"]
+        clock.advance(20)
+        answer = refresh(client, copy)
+        if answer.status_code != 200:
+            caught = True
+            break
+        copy = answer.get_json()["refresh_token"]
+    assert caught, "a copy in step with the PDA refreshed for two days, undetected"
 
 
 def test_the_daily_job_purges_the_families_whose_tokens_have_expired(

@@ -55,6 +55,16 @@ def test_a_revoked_family_refuses_every_token_of_it() -> None:
         assert judge(revoked, jti, now=T0, grace=GRACE) == REVOKED
 
 
+def test_a_retry_right_after_a_retried_refresh_is_a_reuse() -> None:
+    """A copy kept in step with the PDA (refreshing seconds after it, every time) would
+    be a retry forever; two generations retried in a row are a reuse."""
+    after_a_retry = FamilyState(
+        current_jti="c" * 32, used_jti="u" * 32, used_at=T0, retried_before=True
+    )
+    assert judge(after_a_retry, "u" * 32, now=T0 + SECOND, grace=GRACE) == REUSED
+    assert judge(after_a_retry, "c" * 32, now=T0 + SECOND, grace=GRACE) == ROTATED
+
+
 def test_no_grace_makes_every_second_use_a_reuse() -> None:
     assert judge(USED_AT_T0, "u" * 32, now=T0, grace=dt.timedelta(0)) == REUSED
 

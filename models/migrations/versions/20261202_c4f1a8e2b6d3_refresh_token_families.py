@@ -33,6 +33,8 @@ def upgrade() -> None:
         sa.Column("used_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("used_retried", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("retried_before", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.ForeignKeyConstraint(
             ["user_id"],
             ["app_user.id"],

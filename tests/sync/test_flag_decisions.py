@@ -27,6 +27,7 @@ from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.outbox import TOPICS
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
+from tests.batchings import draw_batchings
 from tests.conftest import World
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -123,11 +124,7 @@ def test_an_acknowledged_flag_opens_on_new_events_and_is_acknowledged_again_when
     tracking_no = factories.parcel(session, world.station).tracking_no
     session.commit()
     pda.push([pda.event(2, tracking_no, "delivered")], NOW)
-    flag = session.scalars(
-        select(Flag).where(
-            Flag.subject_key == tracking_no, Flag.kind == "delivered_not_checked_out"
-        )
-    ).one()
+    flag = the_flag(session, tracking_no, "delivered_not_checked_out")
     acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
     session.commit()
     again = pda.event(3, tracking_no, "delivered")
@@ -156,11 +153,7 @@ def test_a_manager_resolving_a_flag_opened_on_new_events_settles_those_too(
     tracking_no = factories.parcel(session, world.station).tracking_no
     session.commit()
     pda.push([pda.event(2, tracking_no, "delivered")], NOW)
-    flag = session.scalars(
-        select(Flag).where(
-            Flag.subject_key == tracking_no, Flag.kind == "delivered_not_checked_out"
-        )
-    ).one()
+    flag = the_flag(session, tracking_no, "delivered_not_checked_out")
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="seen")
     session.commit()
     pda.push([pda.event(3, tracking_no, "delivered")], NOW + dt.timedelta(minutes=1))
@@ -235,18 +228,7 @@ def test_a_parcels_rule_flags_end_the_same_however_the_later_events_are_batched(
         return rule_flags(session, tracking_no)
 
     n = len(kinds) + sum(voided)
-    pushes = data.draw(st.integers(min_value=1, max_value=4), label="pushes")
-    push_of = data.draw(
-        st.lists(st.integers(min_value=0, max_value=pushes - 1), min_size=n, max_size=n),
-        label="push of each event",
-    )
-    order = data.draw(st.permutations(range(n)), label="order")
-    batches = [[i for i in order if push_of[i] == k] for k in range(pushes)]
-    batches = [batch for batch in batches if batch]
-    again = data.draw(st.lists(st.integers(min_value=0, max_value=n - 1), max_size=3))
-    if again:
-        batches.append(again)
-    assert run(batches) == run([list(range(n))])
+    assert run(draw_batchings(data, n)) == run([list(range(n))])
 
 
 def subscribe(session: Session) -> None:

@@ -36,6 +36,7 @@ from sync.projection import EventFact
 from sync.shifts import ShiftRules
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
+from tests.batchings import draw_batchings
 from tests.conftest import World
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -2018,19 +2019,7 @@ def test_a_resolved_missing_flag_ends_the_same_however_the_late_events_are_pushe
         return flag.status
 
     n = len(kinds) + sum(voided)
-    # Each event in a push of its own or sharing one, pushes in any order, some twice.
-    pushes = data.draw(st.integers(min_value=1, max_value=4), label="pushes")
-    push_of = data.draw(
-        st.lists(st.integers(min_value=0, max_value=pushes - 1), min_size=n, max_size=n),
-        label="push of each event",
-    )
-    order = data.draw(st.permutations(range(n)), label="order")
-    batches = [[i for i in order if push_of[i] == k] for k in range(pushes)]
-    batches = [batch for batch in batches if batch]
-    again = data.draw(st.lists(st.integers(min_value=0, max_value=n - 1), max_size=3))
-    if again:
-        batches.append(again)
-    assert run(batches) == run([list(range(n))])
+    assert run(draw_batchings(data, n)) == run([list(range(n))])
 
 
 def test_an_acknowledged_handover_flag_back_on_the_resolved_events_costs_no_query_per_push(

@@ -207,14 +207,18 @@ def rejudge(
     the rule finds now, not merged history) and the status ``judged_status`` gives,
     the change recorded as the system's. ``cause`` names it in the history ("missing
     again"); ``courier_id``, when given, names the courier concerned should the flag
-    open (as ``raise_flag`` does), before it is announced. True if the flag opened
-    (raised again: announced, counted)."""
+    be raised again (as ``raise_flag`` does), before it is announced. True if it was:
+    opened, or back from closed as acknowledged (announced as ``flag.raised``,
+    counted, in the push's ``flags_raised``)."""
     status = judged_status(flag.decision, flag.decided_on, evidence)
     if flag.evidence != evidence:
         flag.evidence = evidence
     if status == flag.status:
         return False
-    if status == FlagStatus.OPEN and courier_id is not None and courier_id != flag.courier_id:
+    raised = status == FlagStatus.OPEN or (
+        flag.status == FlagStatus.CLOSED and status == FlagStatus.ACKNOWLEDGED
+    )
+    if raised and courier_id is not None and courier_id != flag.courier_id:
         flag.courier_id = courier_id
     if status != FlagStatus.OPEN:
         note = f"{cause} on the events a manager {status.value} it on"
@@ -225,7 +229,7 @@ def rejudge(
     _record(session, flag, flag.status, status, note=note)
     flag.status = status
     flag.closed_reason = None
-    return status == FlagStatus.OPEN
+    return raised
 
 
 def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:

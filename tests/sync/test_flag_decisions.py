@@ -60,8 +60,8 @@ class OnePda:
             fields.update(locker_id="L-1", compartment="7")
         return factories.event(seq, tracking_no, kind, **fields)
 
-    def push(self, events: list[dict[str, Any]], received_at: dt.datetime) -> None:
-        ingest(
+    def push(self, events: list[dict[str, Any]], received_at: dt.datetime) -> dict[str, Any]:
+        receipt = ingest(
             session=self.session,
             batch=PushBatch(
                 device_id=self.pusher.device_id,
@@ -74,6 +74,7 @@ class OnePda:
             received_at=received_at,
         )
         self.session.commit()
+        return receipt
 
 
 def rule_flags(session: Session, tracking_no: str) -> dict[str, FlagStatus]:
@@ -255,13 +256,13 @@ def the_flag(session: Session, tracking_no: str, kind: str) -> Flag:
     ).one()
 
 
-def test_an_acknowledged_flag_back_from_closed_is_announced(
+def test_an_acknowledged_flag_back_from_closed_is_announced_as_raised(
     session: Session, world: World
 ) -> None:
     """Acknowledged, closed by a late check-out (``flag.closed`` announced), back on the
     very delivery the manager acknowledged when the check-out is voided: the flag is
     active again, acknowledged: ``flag.raised`` says so, or a station system that heard
-    ``flag.closed`` would believe it is over."""
+    ``flag.closed`` would believe it is over; and the push's receipt counts it raised."""
     subscribe(session)
     pda = OnePda(session, world)
     tracking_no = factories.parcel(session, world.station).tracking_no
@@ -277,9 +278,10 @@ def test_an_acknowledged_flag_back_from_closed_is_announced(
     undo = pda.event(
         3, tracking_no, "correction", voids_client_event_id=checkout["client_event_id"], reason="x"
     )
-    pda.push([undo], NOW + dt.timedelta(minutes=2))
+    receipt = pda.push([undo], NOW + dt.timedelta(minutes=2))
     session.refresh(flag)
     assert flag.status == FlagStatus.ACKNOWLEDGED  # active again
+    assert flag.id in [raised["flag_id"] for raised in receipt["flags_raised"]]
     topics = [topic for topic, _ in announced(session, flag)]
     assert topics[:2] == ["flag.raised", "flag.closed"]
     assert topics[-1] != "flag.closed", topics  # the last word subscribers heard

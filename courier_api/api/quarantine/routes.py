@@ -10,7 +10,7 @@ from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
 from courier_api.auth import current_principal
 from courier_api.extensions import db
 from models import Role
-from sync.phones import mask_phones_in, mask_phones_in_json
+from sync.phones import mask_phones_in, mask_phones_in_json, shown_text
 from sync.quarantine import list_quarantined
 
 blp = ApiBlueprint(
@@ -50,7 +50,7 @@ class Quarantine(MethodView):
         items = [
             {
                 **{c: getattr(row, c) for c in QUARANTINE_COLUMNS},
-                **{c: _masked(getattr(row, c)) for c in SENT_BY_THE_PDA},
+                **{c: shown_text(getattr(row, c), unmasked=False) for c in SENT_BY_THE_PDA},
                 "payload": mask_phones_in_json(row.payload),
                 "message": mask_phones_in(row.message),
                 "batch_id": str(batch_id),
@@ -77,7 +77,3 @@ QUARANTINE_COLUMNS = (
 )
 # Copied from the rejected event as the PDA sent it (or named after a key it sent).
 SENT_BY_THE_PDA = ("client_event_id", "event_type", "tracking_no", "field")
-
-
-def _masked(value: str | None) -> str | None:
-    return None if value is None else mask_phones_in(value)

@@ -114,6 +114,16 @@ def test_a_missing_image_the_manager_did_not_see_is_new_too() -> None:
     assert not covers(None, {"event_ids": []})
 
 
+def delivered_without_a_check_out(session: Session, world: World) -> tuple[OnePda, str, Flag]:
+    """A parcel delivered (seq 2) by a PDA of its own with no check-out: the PDA, the
+    tracking number and its ``delivered_not_checked_out`` flag, open."""
+    pda = OnePda(session, world)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
+    return pda, tracking_no, the_flag(session, tracking_no, "delivered_not_checked_out")
+
+
 def test_an_acknowledged_flag_opens_on_new_events_and_is_acknowledged_again_when_they_go(
     session: Session, world: World
 ) -> None:
@@ -121,11 +131,7 @@ def test_an_acknowledged_flag_opens_on_new_events_and_is_acknowledged_again_when
     they never saw, joins the evidence: the flag is back in the open queue. Voided by
     a correction, it leaves: acknowledged again, as if it had never come; the history
     says why each time."""
-    pda = OnePda(session, world)
-    tracking_no = factories.parcel(session, world.station).tracking_no
-    session.commit()
-    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
-    flag = the_flag(session, tracking_no, "delivered_not_checked_out")
+    pda, tracking_no, flag = delivered_without_a_check_out(session, world)
     acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
     session.commit()
     again = pda.event(3, tracking_no, "delivered")
@@ -150,11 +156,7 @@ def test_a_manager_resolving_a_flag_opened_on_new_events_settles_those_too(
 ) -> None:
     """Resolved, opened on a second delivery, resolved again by the manager: their new
     decision covers the second delivery, and a third opens it once more."""
-    pda = OnePda(session, world)
-    tracking_no = factories.parcel(session, world.station).tracking_no
-    session.commit()
-    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
-    flag = the_flag(session, tracking_no, "delivered_not_checked_out")
+    pda, tracking_no, flag = delivered_without_a_check_out(session, world)
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="seen")
     session.commit()
     pda.push([pda.event(3, tracking_no, "delivered")], NOW + dt.timedelta(minutes=1))
@@ -264,11 +266,7 @@ def test_an_acknowledged_flag_back_from_closed_is_announced_as_raised(
     active again, acknowledged: ``flag.raised`` says so, or a station system that heard
     ``flag.closed`` would believe it is over; and the push's receipt counts it raised."""
     subscribe(session)
-    pda = OnePda(session, world)
-    tracking_no = factories.parcel(session, world.station).tracking_no
-    session.commit()
-    pda.push([pda.event(2, tracking_no, "delivered")], NOW)
-    flag = the_flag(session, tracking_no, "delivered_not_checked_out")
+    pda, tracking_no, flag = delivered_without_a_check_out(session, world)
     acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
     session.commit()
     checkout = pda.event(1, tracking_no, "checked_out")

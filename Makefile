@@ -30,14 +30,7 @@ run: install
 # SQLite always; then PostgreSQL: TEST_DATABASE_URL when set (and then it must work),
 # else the database courier_api_test on 127.0.0.1:5432, created if missing, when it answers.
 test: install
-	@$(MAKE) --no-print-directory test-sqlite
-	@if [ -n "$${TEST_DATABASE_URL:-}" ]; then \
-	  $(MAKE) --no-print-directory test-postgres; \
-	elif url="$$($(BIN)/python -m tests.pg_database)"; then \
-	  TEST_DATABASE_URL="$$url" $(MAKE) --no-print-directory test-postgres; \
-	else \
-	  echo "== PostgreSQL pass skipped (set TEST_DATABASE_URL to run it) =="; \
-	fi
+	@MAKE="$(MAKE)" BIN="$(BIN)" bash tests/passes.sh
 
 test-sqlite: install
 	@echo "== tests on SQLite =="

@@ -174,7 +174,7 @@ def test_a_manager_resolving_a_flag_opened_on_new_events_settles_those_too(
     assert flag.status == OPEN
 
 
-@settings(  # as many examples as the profile says (100 here, 300 in CI)
+@settings(  # as many examples as the profile says (100; 300 in CI's SQLite pass)
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

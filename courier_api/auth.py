@@ -24,6 +24,7 @@ from flask import current_app, g, request
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
+from courier_api import metrics
 from models import Device, Role, User, utcnow
 from sync import audit, refresh_tokens
 from sync.accounts import TokenSubject, check_token_subject, load_token_subject
@@ -171,15 +172,18 @@ def exchange_refresh_token(token: str) -> tuple[User, Device | None, TokenPair]:
     )
     if exchanged.refusal is not None:
         db.session.commit()
+        metrics.token_refresh(exchanged.verdict)
         if exchanged.verdict == refresh_tokens.REUSED:
             log.warning(
-                "refresh token reused: sign-in family %s of user %s revoked",
+                "refresh token reused: sign-in family %s of user %s on device %s revoked",
                 exchanged.family,
                 user.id,
+                device.id if device is not None else "-",
             )
         raise exchanged.refusal
     pair = issue_tokens(user, device, family=exchanged.family, refresh_jti=exchanged.refresh_jti)
     db.session.commit()
+    metrics.token_refresh(exchanged.verdict)
     return user, device, pair
 
 

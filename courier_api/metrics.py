@@ -11,7 +11,10 @@
 * ``courier_scheduler_job_runs_total`` (``job``, ``outcome``: ok, failed, standby,
   not_due): scheduled job runs;
 * ``courier_sign_ins_total`` (``outcome``: ok, failed, refused, limited): password
-  sign-ins, through the API and the pages.
+  sign-ins, through the API and the pages;
+* ``courier_token_refreshes_total`` (``outcome``: rotated, retried, reused, revoked):
+  refresh tokens exchanged, once committed (``sync.refresh_tokens``); ``reused`` is
+  a refresh token presented twice, a copy of a PDA's sign-in in other hands.
 
 Under gunicorn (``courier-api serve``) every worker is a process of its own:
 ``serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a directory it empties at start,
@@ -82,6 +85,11 @@ class _Metrics:
             "Password sign-ins by outcome (ok, failed, refused, limited)",
             ["outcome"],
         )
+        self.refreshes = Counter(
+            "courier_token_refreshes",
+            "Refresh tokens exchanged by outcome (rotated, retried, reused, revoked)",
+            ["outcome"],
+        )
 
 
 _made: _Metrics | None = None
@@ -143,6 +151,10 @@ def job_run(job: str, outcome: str) -> None:
 
 def sign_in(outcome: str) -> None:
     _metrics().sign_ins.labels(outcome).inc()
+
+
+def token_refresh(verdict: str) -> None:
+    _metrics().refreshes.labels(verdict).inc()
 
 
 # Flags: a new flag, or one whose status turns open again, is noted at flush with the

@@ -8,6 +8,7 @@ test_operations_live.py.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy.orm import Session
 
 from courier_api.config import ConfigError, validate_config
-from models import FlagSeverity
+from models import FlagSeverity, utcnow
 from sync.flags import FlagSubject, raise_flag
 from tests import factories
 from tests.conftest import Auth, World
@@ -231,6 +232,35 @@ def test_sign_ins_by_outcome(metered: Flask) -> None:
     assert metrics.moved("courier_sign_ins_total", outcome="ok") == 1
     assert metrics.moved("courier_sign_ins_total", outcome="failed") == 1
     assert metrics.moved("courier_sign_ins_total", outcome="refused") == 1  # no device
+
+
+def test_token_refreshes_by_outcome_and_a_reuse_in_the_log(
+    metered: Flask, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh token presented twice is a copy in other hands (threat 1): the operator
+    sees it in the metrics and in a log line naming the PDA, never the token."""
+    client = metered.test_client()
+    metrics = Metrics(client)
+    first = Auth(client).tokens("courier1", "PDA-0001")["refresh_token"]
+    clock = [utcnow()]
+    monkeypatch.setattr("courier_api.auth.utcnow", lambda: clock[0])
+
+    def refresh(token: str) -> Any:
+        return client.post("/api/v1/auth/refresh", json={"refresh_token": token})
+
+    second = refresh(first).get_json()["refresh_token"]
+    assert refresh(first).status_code == 200  # a lost answer, sent again within the grace
+    clock[0] += dt.timedelta(seconds=metered.config["REFRESH_REUSE_GRACE_SECONDS"] + 1)
+    with caplog.at_level("WARNING", logger="courier_api.auth"):
+        assert refresh(first).get_json()["code"] == "refresh_token_reused"
+    assert refresh(second).get_json()["code"] == "refresh_token_revoked"
+    refreshes = "courier_token_refreshes_total"
+    assert metrics.moved(refreshes, outcome="rotated") == 1
+    assert metrics.moved(refreshes, outcome="retried") == 1
+    assert metrics.moved(refreshes, outcome="reused") == 1
+    assert metrics.moved(refreshes, outcome="revoked") == 1
+    [line] = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    assert "PDA-0001" in line and first not in line and second not in line
 
 
 def test_the_command_line_imports_prometheus_client_only_with_the_app() -> None:

@@ -155,7 +155,7 @@ def drop_consents(
             (
                 fact.id
                 for fact in sorted(facts.get(parcel.tracking_no, []), key=lambda c: c.granted_at)
-                if authorizes(fact, drop, policy)
+                if authorizes(fact, drop, policy, events[parcel.tracking_no])
             ),
             None,
         )

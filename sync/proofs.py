@@ -188,7 +188,7 @@ def _authorizing(
     drop = next(e for e in events if e.fact.event_id == proof.event.id)
     facts = consents_for(session, [proof.parcel]).get(proof.parcel.tracking_no, [])
     for fact in sorted(facts, key=lambda c: c.granted_at):
-        if authorizes(fact, drop, policy):
+        if authorizes(fact, drop, policy, events):
             return session.get(Consent, fact.id)
     return None
 

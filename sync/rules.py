@@ -120,7 +120,7 @@ def evaluate(
     history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]
     counting = [e for e in history if e.fact.event_id not in voids]
     flags: dict[str, dict[str, Any]] = {}
-    _drops(parcel, counting, consents, policy, flags)
+    _drops(parcel, counting, consents, policy, flags, history)
     _proofs(parcel, counting, policy, stored_blobs, flags)
     _outcomes(counting, flags)
     _corrections(history, voids, by_id, flags)
@@ -202,8 +202,10 @@ def _drops(
     consents: Sequence[ConsentFact],
     policy: Policy,
     flags: dict[str, dict[str, Any]],
+    history: Sequence[EventDetail],
 ) -> None:
-    """Rule 4: an unattended drop of a class that needs consent needs consent before it."""
+    """Rule 4: an unattended drop of a class that needs consent needs consent before it.
+    ``history``: all the parcel's events, voided ones too (``drop_span``)."""
     if not consents_matter(parcel, counting, policy):
         return
     unauthorized, late = [], []
@@ -211,9 +213,9 @@ def _drops(
     for drop in (e for e in counting if e.fact.type in DROPS):
         matching = [c for c in consents if covers(c, drop)]
         considered.update(c.id for c in matching)
-        if any(authorizes(c, drop, policy) for c in matching):
+        if any(authorizes(c, drop, policy, history) for c in matching):
             continue
-        after = [c.id for c in matching if not granted_before(c, drop, policy)]
+        after = [c.id for c in matching if not granted_before(c, drop, policy, history)]
         (late if after else unauthorized).append((drop.fact.event_id, after))
     if unauthorized:
         flags["unauthorized_locker_drop"] = {
@@ -227,35 +229,57 @@ def _drops(
         }
 
 
-def authorizes(consent: ConsentFact, drop: EventDetail, policy: Policy) -> bool:
+def authorizes(
+    consent: ConsentFact,
+    drop: EventDetail,
+    policy: Policy,
+    history: Sequence[EventDetail] = (),
+) -> bool:
     """Rule 4: the consent covers the drop, was granted before it and was in force at it
-    (whenever in its ``drop_span`` it happened)."""
+    (whenever in its ``drop_span`` it happened). ``history``: the parcel's events."""
     return (
         covers(consent, drop)
-        and granted_before(consent, drop, policy)
-        and in_force_at(consent, drop_span(drop, policy)[1])
+        and granted_before(consent, drop, policy, history)
+        and in_force_at(consent, drop_span(drop, policy, history)[1])
     )
 
 
-def drop_span(drop: EventDetail, policy: Policy) -> tuple[dt.datetime, dt.datetime]:
+def drop_span(
+    drop: EventDetail, policy: Policy, history: Sequence[EventDetail] = ()
+) -> tuple[dt.datetime, dt.datetime]:
     """The earliest and the latest time the drop may have happened: its corrected time,
     unless its PDA time is further from it than ``policy.clock_uncertainty``. The offset
     that corrects it was measured at the push, and a clock set back (or forward) between
     the drop and the push would move the drop later (or earlier) by as much: a consent
     granted after it would seem before it, or one revoked before it in force. Beyond the
-    bound, then, the drop may have happened anywhere between the two times. Both are
-    stored with the event when it first arrives, so the span is the same on every
-    judgement (rule 3). Never after its push reached the server (``received_at``): a
-    PDA time ahead of that (a clock running fast) is no time the drop may have had, and
-    a consent revoked or expiring after it was in force whenever the drop happened."""
+    bound, then, the drop may have happened anywhere between the two times.
+
+    It may also have happened as late as an event its PDA recorded before it (by seq)
+    among the parcel's ``history``, and as early as one it recorded after it, on the
+    corrected clock: the seqs are the PDA's causal order (rule 6), and a clock set back
+    (or forward) for the drop alone and put right before the push shows no offset, only
+    that order. (The projection orders the drop after the first too:
+    ``sync.projection.ordered``.) All of it is stored with the events, so the span
+    depends on nothing but the parcel's events (rule 3).
+
+    Never after its push reached the server (``received_at``): a PDA time ahead of that
+    (a clock running fast) is no time the drop may have had, and a consent revoked or
+    expiring after it was in force whenever the drop happened."""
     at = drop.fact.occurred_at
     device = drop.occurred_at_device
-    if device is None or abs(device - at) <= policy.clock_uncertainty:
-        return at, at
-    latest = max(at, device)
+    earliest = latest = at
+    if device is not None and abs(device - at) > policy.clock_uncertainty:
+        earliest, latest = min(at, device), max(at, device)
+    for event in history:
+        if event.fact.device_id != drop.fact.device_id:
+            continue
+        if event.fact.seq < drop.fact.seq:
+            latest = max(latest, event.fact.occurred_at)
+        elif event.fact.seq > drop.fact.seq:
+            earliest = min(earliest, event.fact.occurred_at)
     if drop.received_at is not None:
         latest = max(at, min(latest, drop.received_at))
-    return min(at, device), latest
+    return earliest, latest
 
 
 def covers(consent: ConsentFact, drop: EventDetail) -> bool:
@@ -270,7 +294,12 @@ def covers(consent: ConsentFact, drop: EventDetail) -> bool:
     return consent.point_id is None or consent.point_id == point
 
 
-def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> bool:
+def granted_before(
+    consent: ConsentFact,
+    drop: EventDetail,
+    policy: Policy,
+    history: Sequence[EventDetail] = (),
+) -> bool:
     """Granted before the drop. A consent captured on the drop's own PDA is ordered by
     sequence number, not by time: a higher seq stamped earlier is a backdated consent.
     Any other must also have been recorded by the drop (with the policy's grace): the
@@ -280,7 +309,7 @@ def granted_before(consent: ConsentFact, drop: EventDetail, policy: Policy) -> b
     happened (``drop_span``)."""
     if consent.device_id == drop.fact.device_id and consent.seq is not None:
         return consent.seq < drop.fact.seq
-    at = drop_span(drop, policy)[0]
+    at = drop_span(drop, policy, history)[0]
     if consent.granted_at > at:
         return False
     return (

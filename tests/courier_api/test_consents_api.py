@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import Consent, Flag, FlagStatus, Parcel
+from models import Consent, Flag, FlagStatus, Parcel, ScanEvent
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -180,6 +180,51 @@ def test_a_pda_clock_set_forward_before_the_push_does_not_date_the_drop_before_a
     )
     kinds = {f["kind"] for f in receipt["flags_raised"]}
     assert kinds & DROP_FLAGS == {"unauthorized_locker_drop"}, kinds
+
+
+def test_a_drop_stamped_before_the_pdas_previous_scan_is_judged_after_it(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """Rule 6: the consent expired 20 minutes ago; the courier took the parcel out for
+    delivery 10 minutes ago (seq 2), then set the PDA's clock back to stamp the drop
+    (seq 3) 30 minutes ago, and put it right before the push (no offset shows it). The
+    seqs say the drop followed the scan at T-10, when the consent had expired: it is
+    unauthorized, and the auditor's proof names no consent that authorized it."""
+    expired = now() - dt.timedelta(minutes=20)
+    granted = grant(
+        client,
+        app1,
+        tracking_no=parcel.tracking_no,
+        granted_at=(now() - dt.timedelta(hours=3)).isoformat(),
+        expires_at=expired.isoformat(),
+    )
+    assert granted.status_code == 201, granted.get_json()
+    tn = parcel.tracking_no
+    events = [
+        factories.event(1, tn, occurred_at=now() - dt.timedelta(hours=1)),
+        factories.event(2, tn, "out_for_delivery", occurred_at=now() - dt.timedelta(minutes=10)),
+        factories.event(
+            3,
+            tn,
+            "delivered_to_locker",
+            occurred_at=now() - dt.timedelta(minutes=30),
+            locker_id="L-1",
+            compartment="7",
+            pod={"pickup_code": "4821"},
+        ),
+    ]
+    receipt = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", events),
+        headers=auth.headers("courier1", "PDA-0001"),
+    ).get_json()
+    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    assert kinds & DROP_FLAGS == {"unauthorized_locker_drop"}, kinds
+    assert "time_inversion" in kinds
+    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1")).get_json()
+    assert proof["authorizing_consent"] is None
+    assert "unauthorized_locker_drop" in {f["kind"] for f in proof["flags"]}
 
 
 def test_an_honest_pda_drifting_within_the_bound_keeps_a_consent_given_at_the_door(

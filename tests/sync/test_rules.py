@@ -347,6 +347,27 @@ def test_a_consent_captured_on_the_drops_own_pda_is_still_ordered_by_seq() -> No
     assert kinds(day, [consent(10, device_id="PDA-1", seq=4)]) == {"consent_after_drop"}
 
 
+def test_a_drop_stamped_before_an_earlier_seq_of_its_pda_is_judged_no_earlier_than_it() -> None:
+    """Rule 6: the PDA's seqs are its causal order. Out for delivery at 35 (seq 2), then
+    the drop (seq 3) stamped 30, the clock set back for it and put right before the
+    push (no offset shows it): the drop happened after 35, when the consent revoked at
+    32 was no longer in force. The projection orders it after 35 too."""
+    day = locker_day(**POD)
+    day[1] = ev(2, EventType.OUT_FOR_DELIVERY, 35)
+    revoked = consent(10, revoked_at=T + dt.timedelta(minutes=32))
+    assert kinds(day, [revoked]) == {"unauthorized_locker_drop"}
+    assert kinds(day, [consent(10, revoked_at=T + dt.timedelta(minutes=36))]) == set()
+
+
+def test_a_drop_stamped_after_a_later_seq_of_its_pda_is_judged_no_later_than_it() -> None:
+    """The drop (seq 3) stamped 40, the clock set forward for it; the PDA's next event of
+    the parcel (seq 4) says 31: the drop happened by 31, and the consent granted at 32
+    came after it."""
+    day = [*locker_day(40, **POD), ev(4, EventType.EXCEPTION, 31, reason="damaged")]
+    assert kinds(day, [consent(32)]) == {"consent_after_drop"}
+    assert kinds(day, [consent(30)]) == set()
+
+
 def test_the_clock_uncertainty_bound_is_the_policys() -> None:
     day = pda_clock(locker_day(**POD), -5)
     blobs = frozenset({"a" * 64})

@@ -1124,6 +1124,50 @@ def _move(
     session.commit()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="rule 6: a drop is bounded by its PDA's seq neighbours of the same parcel only "
+    "(sync.rules.drop_span); those of other parcels would need each push to re-judge the "
+    "device's drops around the seqs it stores, for rule 3",
+)
+def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_is_judged_before_it(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """The courier drops the parcel (seq 3) with the PDA's clock set forward to stamp it
+    after the recipient's consent (granted at 70), puts the clock right, and scans the
+    next parcel (seq 4) at 65. The seqs say the drop happened by 65, before the consent;
+    only the next parcel gets the time_inversion, and this drop counts as authorized."""
+    tn = parcel.tracking_no
+    other = factories.parcel(session, world.station).tracking_no
+    consent = grant(
+        session=session,
+        draft=ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=ConsentMethod.LOCKER,
+            channel=ConsentChannel.SMS,
+            granted_at=at(70),
+            tracking_no=tn,
+        ),
+        rules=ConsentRules(tracking=POLICY, phone_region="CN"),
+        created_by=world.integration.id,
+        now=at(71),
+    )
+    rejudge_for_consent(session=session, consent=consent, policy=Policy())
+    session.commit()
+    pda.push(
+        [
+            pda.event(1, tn, occurred_at=at(10)),
+            pda.event(2, other, occurred_at=at(20)),
+            locker_drop(pda, 3, tn, at(80)),
+            pda.event(4, other, "out_for_delivery", occurred_at=at(65)),
+        ]
+    )
+    inverted = session.scalars(select(Flag.subject_key).where(Flag.kind == "time_inversion"))
+    assert list(inverted) == [other]
+    kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
+    assert "consent_after_drop" in kinds
+
+
 @pytest.mark.parametrize(
     ("limited_to", "flagged"),
     [("station", set()), ("other_station", {"unauthorized_locker_drop"})],

@@ -88,7 +88,8 @@ def request_consent(
     tell the courier it exists: SECURITY.md threat 3); from a PDA's event it is kept,
     unsent, at the parcel's station, whose manager sees a courier asked for it.
     """
-    if draft.method == ConsentMethod.ANY and draft.point_id:
+    point_id = consents.point_named(draft.point_id)
+    if draft.method == ConsentMethod.ANY and point_id:
         raise InvalidInput(
             "a specific point needs method locker or pickup_point",
             code="point_without_method",
@@ -112,7 +113,7 @@ def request_consent(
         event_id=event_id,
         client_event_id=client_event_id,
         method=draft.method,
-        point_id=draft.point_id,
+        point_id=point_id,
         channel=draft.channel,
         requested_at=requested_at,
         expires_at=expires_at,

@@ -109,6 +109,7 @@ def grant(
 ) -> Consent:
     """Record a consent from a recipient-facing channel (validated here)."""
     now = now or utcnow()
+    point_id = point_named(draft.point_id)
     if draft.granted_at > now + FUTURE_TOLERANCE:
         raise InvalidInput(
             "granted_at is in the future", code="granted_in_future", field="granted_at"
@@ -119,7 +120,7 @@ def grant(
             code="expires_before_granted",
             field="expires_at",
         )
-    if draft.method == ConsentMethod.ANY and draft.point_id:
+    if draft.method == ConsentMethod.ANY and point_id:
         raise InvalidInput(
             "a specific point needs method locker or pickup_point",
             code="point_without_method",
@@ -156,7 +157,7 @@ def grant(
     consent = Consent(
         scope=draft.scope,
         method=draft.method,
-        point_id=draft.point_id,
+        point_id=point_id,
         channel=draft.channel,
         granted_at=draft.granted_at,
         expires_at=draft.expires_at,
@@ -168,6 +169,18 @@ def grant(
     session.add(consent)
     session.flush()
     return consent
+
+
+def point_named(point_id: str | None) -> str | None:
+    """A locker or pickup point as a PDA's drop names it (``sync.events`` trims every text
+    a PDA sends), so that the rules find it the same point. A blank one names none, and
+    is refused rather than taken for any point of the method."""
+    if point_id is None:
+        return None
+    point = point_id.strip()
+    if not point:
+        raise InvalidInput("point_id is blank", code="blank_point_id", field="point_id")
+    return point
 
 
 def revoke(*, session: Session, consent: Consent, reason: str | None) -> Consent:

@@ -84,6 +84,20 @@ def test_a_courier_asks_online_and_the_channel_grants(
     assert seen["status"] == "granted"
 
 
+def test_the_point_asked_is_trimmed_as_a_pdas_drop_names_it(
+    client: FlaskClient, courier: dict[str, str], channel: dict[str, str], parcel: str
+) -> None:
+    """The consent answering the request keeps the point asked: " L-3 " would match no
+    drop, whose locker id the PDA sends trimmed."""
+    request = ask(client, courier, parcel, point_id=" L-3 ").get_json()
+    assert request["point_id"] == "L-3"
+    granted = client.post(
+        CONSENTS, json={"request_id": request["id"], "channel": "sms"}, headers=channel
+    )
+    assert granted.get_json()["point_id"] == "L-3"
+    assert ask(client, courier, parcel, point_id=" ").get_json()["code"] == "blank_point_id"
+
+
 def typed(tracking_no: str) -> str:
     """The number as a person types it off a label: lower case, a space, a dash."""
     return f"{tracking_no[:2].lower()} {tracking_no[2:6]}-{tracking_no[6:]}"

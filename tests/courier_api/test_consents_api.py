@@ -311,6 +311,24 @@ def test_a_consent_for_another_locker_leaves_the_drop_unauthorized(
     assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
 
 
+def test_a_point_a_channel_sends_with_spaces_is_the_point_the_pda_names(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """A PDA's locker id is stored trimmed, as every text a PDA sends: a channel's
+    consent for " L-1 " is for locker L-1, and its drop there is authorized. A blank
+    point names no point, and is refused rather than taken for any point."""
+    granted = grant(client, app1, tracking_no=parcel.tracking_no, point_id=" L-1 ")
+    assert granted.status_code == 201 and granted.get_json()["point_id"] == "L-1"
+    receipt = push_drop(
+        client, auth, parcel.tracking_no, now() - dt.timedelta(minutes=5), dt.timedelta(0)
+    )
+    assert receipt["flags_raised"] == []
+    blank = grant(client, app1, tracking_no=parcel.tracking_no, method="any", point_id=" ")
+    assert blank.status_code == 422 and blank.get_json()["code"] == "blank_point_id"
+    blank = grant(client, app1, tracking_no=parcel.tracking_no, point_id="")
+    assert blank.status_code == 422 and blank.get_json()["code"] == "blank_point_id"
+
+
 def test_consent_captured_on_the_pda_before_the_drop_authorizes_it(
     client: FlaskClient, auth: Auth, parcel: Parcel, session: Session
 ) -> None:

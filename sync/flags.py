@@ -150,8 +150,9 @@ def raise_new_flags(*, session: Session, flags: Sequence[Flag]) -> list[Flag]:
 
 
 def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
-    """Open a resolved or closed flag again: its cause is back with new evidence."""
-    if flag.status in (FlagStatus.RESOLVED, FlagStatus.CLOSED):
+    """Open a flag again, acknowledged, resolved or closed: its cause is back with new
+    evidence, which no manager's decision saw."""
+    if flag.status != FlagStatus.OPEN:
         _record(session, flag, flag.status, FlagStatus.OPEN, note=note)
         flag.status = FlagStatus.OPEN
         flag.closed_reason = None

@@ -653,7 +653,8 @@ def reopen_for_late_events(
 
     The shift goes back to closed, waiting for a new sign-off; a
     ``late_event_after_signoff`` flag names the events (opened again if a manager
-    had resolved it after an earlier reopening), and the audit log records it.
+    had acknowledged or resolved it after an earlier reopening: these events came
+    after that decision and the sign-off since), and the audit log records it.
     ``details`` go into the evidence too. Returns the flags raised.
     """
     flags = []

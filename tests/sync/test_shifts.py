@@ -2054,3 +2054,33 @@ def test_an_acknowledged_handover_flag_back_on_the_resolved_events_costs_no_quer
     finally:
         event.remove(connection, "before_cursor_execute", capture)
     assert [s for s in sent if "flag_change" in s] == []
+
+
+def test_a_late_event_after_another_sign_off_opens_an_acknowledged_late_flag(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A manager acknowledged the first reopening's flag and signed the shift off again;
+    another event after that sign-off is one they never saw: the flag is open again,
+    as it would be had they resolved it."""
+    from sync.flags import acknowledge_flag
+
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    shift = pda.close(shift)
+    sign_off(session, world, shift, note="b is missing; searching")
+    pda.push(
+        [pda.event(b, "returned_to_station", shift_id=shift.id)],
+        received_at=NOW + dt.timedelta(hours=1),
+    )
+    flag = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    acknowledge_flag(session=session, flag=flag, user_id=world.manager.id, note="on it")
+    session.commit()
+    sign_off(session, world, shift, note="b found")
+    pda.push(
+        [pda.event(b, "exception", reason="damaged", shift_id=shift.id)],
+        received_at=NOW + dt.timedelta(hours=2),
+    )
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.CLOSED and shift.reopened_count == 2
+    assert session.get(Flag, flag.id).status == FlagStatus.OPEN

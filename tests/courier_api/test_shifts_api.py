@@ -147,6 +147,26 @@ def test_a_missing_parcel_unbalances_the_shift_with_its_flag(
     assert sign_off(client, shift["id"], manager).status_code == 200
 
 
+def test_the_spec_names_every_discrepancy_kind_a_balance_answers(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """A parcel the station has not taken in is an ``unknown_parcel`` discrepancy
+    (README): the spec's list of discrepancy kinds, what a client codes against, names
+    it as it names the others."""
+    (known,) = parcels(session, world, 1)
+    unknown = factories.s10()
+    shift = pda.open()
+    pda.push([pda.event(known), pda.event(unknown), pda.event(known, "returned_to_station")])
+    pda.push([pda.event(unknown, "returned_to_station")])
+    pda.close(shift["id"])
+    found = balance(client, shift["id"], manager)
+    kinds = {d["kind"] for d in found["discrepancies"]}
+    assert "unknown_parcel" in kinds
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["DiscrepancyOut"]
+    documented = {k.strip() for k in schema["properties"]["kind"]["description"].split(",")}
+    assert kinds <= documented
+
+
 def test_a_sequence_gap_is_provisional_until_the_late_batch_lands(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

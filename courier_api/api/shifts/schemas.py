@@ -5,7 +5,7 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
 from models import FlagStatus, ShiftStatus
-from sync.handover import OUTCOMES
+from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES
 from sync.shifts import MAX_NOTE_LENGTH
 
 BALANCE_STATUSES = ("balanced", "unbalanced", "provisional")
@@ -126,11 +126,8 @@ class BalanceCounts(ma.Schema):
 class DiscrepancyOut(ma.Schema):
     kind = ma.fields.String(
         required=True,
-        metadata={
-            "description": "missing_at_handover, not_on_manifest, delivered_without_pod, "
-            "unauthorized_locker_drop, consent_after_drop, conflicting_final_outcome, "
-            "delivered_not_checked_out"
-        },
+        # From the kinds a balance cites, so that the list cannot miss one again.
+        metadata={"description": ", ".join((*HANDOVER_KINDS, *sorted(BALANCE_RULE_KINDS)))},
     )
     tracking_no = ma.fields.String(required=True)
     flag_id = ma.fields.Integer(allow_none=True, required=True)

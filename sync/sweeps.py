@@ -36,9 +36,11 @@ from sync import audit, scheduling
 from sync.blobs import BlobStore
 from sync.flags import (
     ACTIVE_STATUSES,
+    DECISIONS,
     FlagSubject,
     close_flag,
     close_flags,
+    judged_status,
     raise_flag,
     reopen_flag,
 )
@@ -306,10 +308,18 @@ def blob_missing_at_handover(
                 courier_id=shift.courier_id,
                 shift_id=shift.id,
             )
-            if result.flag.evidence != evidence:  # what is missing now, not what ever was
-                result.flag.evidence = evidence
-            if result.new:
-                raised.append(result.flag.id)
+            flag = result.flag
+            if flag.evidence != evidence:  # what is missing now, not what ever was
+                flag.evidence = evidence
+            # A manager's decision covers the images it saw missing, not one gone missing
+            # since (a delivery pushed after it): the flag is open again.
+            if flag.status in DECISIONS and (
+                judged_status(flag.decision, flag.decided_on, evidence) == FlagStatus.OPEN
+            ):
+                reopen_flag(session=session, flag=flag, note="more images missing")
+                raised.append(flag.id)
+            elif result.new:
+                raised.append(flag.id)
         closed += [
             flag.id
             for flag in close_flags(

@@ -427,6 +427,38 @@ def test_images_of_a_delivery_pushed_after_the_handover_get_their_grace_too(
     assert still["flags_raised"] == [flag.id] and flag.evidence["blobs"] == [photo]
 
 
+def test_a_resolved_handover_flag_opens_again_when_another_image_goes_missing(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The manager resolved the flag on the signature they knew was missing; a delivery
+    pushed hours later names a photo that never comes. The resolution did not see it:
+    the flag is open again, and the sweep says it raised it."""
+    signature, _ = image((11, 22, 33))
+    photo, _ = image((44, 55, 66))
+    a, b = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b)], at=OPENED + minutes(5))
+    pda.push(
+        [pda.event(a, "delivered", pod={"recipient_name": "Wang", "signature_sha256": signature})],
+        at=OPENED + minutes(30),
+    )
+    late = pda.event(b, "delivered", pod={"recipient_name": "Zhao", "photo_sha256": photo})
+    pda.close(shift, at=NOW)
+    sweep(session, sweeps.blob_missing_at_handover, NOW + minutes(61))
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="signed on paper")
+    session.commit()
+    pushed = NOW + dt.timedelta(hours=3)
+    pda.push([late], at=pushed)
+
+    detail = sweep(session, sweeps.blob_missing_at_handover, pushed + minutes(61))
+
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    assert flag.evidence["blobs"] == sorted([signature, photo])
+    assert flag.status == FlagStatus.OPEN
+    assert detail["flags_raised"] == [flag.id]
+
+
 def test_a_flag_on_a_handover_past_the_lookback_still_closes_when_its_images_arrive(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -31,7 +31,7 @@ from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, ordered, voided_by
 from sync.rules import Policy
 from sync.sql import chunks
-from sync.status import load_events, lock_parcels, reproject
+from sync.status import STANDING, load_events, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Well under SQLite's and PostgreSQL's bound-parameter limits.
@@ -162,7 +162,9 @@ def intake_parcels(
 
 
 def _close_unknown_parcel_flags(session: Session, tracking_nos: list[str]) -> None:
-    """Events for these parcels may have arrived first and raised ``unknown_parcel``."""
+    """Events for these parcels may have arrived first and raised ``unknown_parcel``.
+    Resolved ones too: like a rule flag, one whose cause went away is closed, resolved
+    or not, or the shifts' balances would cite it still (``sync.balances``)."""
     if not tracking_nos:
         return
     close_flags(
@@ -170,6 +172,7 @@ def _close_unknown_parcel_flags(session: Session, tracking_nos: list[str]) -> No
         kind="unknown_parcel",
         subjects=[FlagSubject("parcel", tracking_no) for tracking_no in tracking_nos],
         reason="the parcel was taken in after its first events",
+        statuses=STANDING,
     )
 
 

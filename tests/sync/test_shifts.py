@@ -2084,3 +2084,38 @@ def test_a_late_event_after_another_sign_off_opens_an_acknowledged_late_flag(
     session.refresh(shift)
     assert shift.status == ShiftStatus.CLOSED and shift.reopened_count == 2
     assert session.get(Flag, flag.id).status == FlagStatus.OPEN
+
+
+def test_a_resolved_unknown_parcel_flag_closes_when_the_parcel_is_taken_in(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The manager resolved the ``unknown_parcel`` flag ("taken in tomorrow"); once it
+    is, its cause is gone like that of any rule flag, resolved or not: it is closed and
+    no longer keeps the shift from balancing."""
+    from sync.flags import resolve_flag
+
+    unknown = factories.s10()
+    shift = pda.open()
+    pda.push([pda.event(unknown), pda.event(unknown, "returned_to_station")])
+    shift = pda.close(shift)
+    [discrepancy] = shift_balance(session=session, shift=shift).discrepancies
+    assert discrepancy.kind == "unknown_parcel"
+    flag = session.get(Flag, discrepancy.flag_id)
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="intake tomorrow")
+    session.commit()
+
+    intake_parcels(
+        session=session,
+        drafts=[(0, ParcelDraft(unknown, "parcel", "R", "1 Road"))],
+        rules=IntakeRules(
+            tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS),
+            phone_region="CN",
+        ),
+        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
+    )
+    session.commit()
+
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.discrepancies) == ("balanced", [])

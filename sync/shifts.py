@@ -504,7 +504,9 @@ def close_shift(
             return shift
         raise Conflict(
             f"shift {shift.id} was closed with last_seq {shift.last_seq}; "
-            "it cannot be closed again with another",
+            "it cannot be closed again with another"
+            if shift.last_seq is not None
+            else f"shift {shift.id} was closed without a last_seq; it cannot be given one now",
             code="shift_already_closed",
             field="last_seq",
         )

@@ -1538,6 +1538,20 @@ def test_closing_twice_is_idempotent_but_not_with_another_last_seq(
     assert info.value.code == "shift_already_closed"
 
 
+def test_a_last_seq_after_a_close_without_one_is_refused_saying_so(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A manager closed the shift of a dead PDA; the PDA, back, closes it with its last
+    seq: the refusal says the shift was closed without one, not "with last_seq None"."""
+    shift = pda.close(pda.open())
+    with pytest.raises(Conflict) as info:
+        pda.close(shift, last_seq=6)
+    assert info.value.code == "shift_already_closed"
+    assert info.value.message == (
+        f"shift {shift.id} was closed without a last_seq; it cannot be given one now"
+    )
+
+
 def sign_off(session: Session, world: World, shift: Shift, **kw: Any) -> Shift:
     kw.setdefault("note", "all accounted for")
     signed = shifts.sign_off(session=session, shift=shift, user_id=world.manager.id, now=NOW, **kw)

@@ -396,21 +396,25 @@ def _proofs(
 
 def _outcomes(counting: Sequence[EventDetail], flags: dict[str, dict[str, Any]]) -> None:
     """Two final outcomes with no new check-out between them, or a delivery by a courier
-    the parcel was not checked out to (rule 1's example)."""
+    the parcel was not checked out to then (rule 1's example): the courier of its
+    latest check-out, unless it was returned to the station since. A courier who once
+    held it, returned it, and saw another take it out does not hold it any more."""
     conflicting: list[int] = []
     not_checked_out: list[int] = []
     last_outcome: EventDetail | None = None
-    checked_out_by: set[int] = set()  # couriers the parcel was checked out to
+    holder: int | None = None  # the courier the parcel is checked out to now
     for event in counting:
         kind = event.fact.type
         if kind == EventType.CHECKED_OUT:
-            checked_out_by.add(event.fact.courier_id)
+            holder = event.fact.courier_id
             last_outcome = None
         elif kind in FINAL_OUTCOMES:
             if last_outcome is not None:
                 conflicting += [last_outcome.fact.event_id, event.fact.event_id]
-            if kind in DELIVERIES and event.fact.courier_id not in checked_out_by:
+            if kind in DELIVERIES and event.fact.courier_id != holder:
                 not_checked_out.append(event.fact.event_id)
+            if kind == EventType.RETURNED_TO_STATION:
+                holder = None
             last_outcome = event
     if conflicting:
         flags["conflicting_final_outcome"] = {"event_ids": sorted(set(conflicting))}

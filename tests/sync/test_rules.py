@@ -383,6 +383,23 @@ def test_a_delivery_by_a_courier_it_was_not_checked_out_to_is_flagged() -> None:
     assert kinds([checked_out, other]) == {"delivered_not_checked_out"}
 
 
+def test_a_delivery_by_a_courier_who_returned_it_before_another_took_it_is_flagged() -> None:
+    """Courier 1 returned the parcel to the station and courier 2 checked it out; then
+    courier 1 records it delivered. It was checked out to courier 2 then, not to
+    courier 1 (rule 1's example), whoever held it once: courier 1's shift shows it
+    delivered, courier 2's missing, and only this flag ties the two."""
+    signed = {"pod": {"signature_sha256": "b" * 64}}
+    taken = ev(1, EventType.CHECKED_OUT, 90, device="PDA-2")
+    taken = EventDetail(taken.fact._replace(courier_id=2), taken.details)
+    events = [
+        ev(1, EventType.CHECKED_OUT, 0),
+        ev(2, EventType.RETURNED_TO_STATION, 60),
+        taken,
+        ev(3, EventType.DELIVERED, 120, **signed),
+    ]
+    assert kinds(events) == {"delivered_not_checked_out"}
+
+
 def test_consents_matter_to_a_drop_of_a_class_that_needs_them() -> None:
     assert consents_matter(EXPRESS, locker_day(**POD), POLICY)
     assert not consents_matter(ParcelFacts(ServiceClass.PARCEL), locker_day(**POD), POLICY)

@@ -448,6 +448,8 @@ def test_a_resolved_handover_flag_opens_again_when_another_image_goes_missing(
     [flag] = flags_of(session, "blob_missing_at_handover")
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="signed on paper")
     session.commit()
+    again = sweep(session, sweeps.blob_missing_at_handover, NOW + minutes(90))
+    assert flag.status == FlagStatus.RESOLVED and again["flags_raised"] == []  # what it saw
     pushed = NOW + dt.timedelta(hours=3)
     pda.push([late], at=pushed)
 

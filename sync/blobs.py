@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +47,14 @@ class BlobStore(Protocol):
 
 
 RETRY_STORE_AFTER_SECONDS = 60
+# Two-key advisory locks on images' digests, beside ``sync.status.LOCK_SPACE`` (tracking
+# numbers). Volatile functions in the select list run after ORDER BY: locks come in order.
+DIGEST_LOCK_SPACE = 0x5CA8
+LOCK_DIGESTS = text(
+    "SELECT pg_advisory_xact_lock(:space, hashtext(digest)) "
+    "FROM unnest(CAST(:digests AS text[])) WITH ORDINALITY AS given(digest, position) "
+    "ORDER BY position"
+)
 
 
 def store_unavailable(action: str) -> Unavailable:
@@ -196,7 +204,24 @@ def store_blob(
     return blob, created
 
 
+def lock_digests(session: Session, digests: Iterable[str]) -> None:
+    """Serialize an image's upload with the pushes naming it (PostgreSQL).
+
+    Side by side, each would judge the parcel without the other's uncommitted rows:
+    the push finds no image, the upload no delivery naming it (``ProofImage``), and
+    ``pod_blob_missing`` stays open with the image stored. A push takes these after
+    its device's sync state, before its shifts and parcels; an upload before the
+    image's row. SQLite needs nothing: its write transactions run one at a time.
+    """
+    wanted = sorted(set(digests))
+    if not wanted or session.get_bind().dialect.name != "postgresql":
+        return
+    for chunk in chunks(wanted):
+        session.execute(LOCK_DIGESTS, {"space": DIGEST_LOCK_SPACE, "digests": list(chunk)})
+
+
 def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:
+    lock_digests(session, [digest])  # before the row: see lock_digests
     # Locked: the purge deletes bytes only of rows still purged, under the same lock.
     existing = session.get(Blob, digest, with_for_update=True, populate_existing=True)
     if existing is not None:

@@ -55,6 +55,7 @@ from models import (
 from sync import consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import closed_shifts_holding, refresh_handover_flags
+from sync.blobs import lock_digests
 from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
 from sync.device_state import DeviceState, lock_device_state
 from sync.direct import undone_if_refused
@@ -730,6 +731,8 @@ class _BatchIngest:
         with_images = [e for _, e in stored if referenced_blobs(e.details)]
         if not with_images:
             return
+        # An upload of one of them running meanwhile is waited for (``lock_digests``).
+        lock_digests(self.session, [d for e in with_images for d in referenced_blobs(e.details)])
         ids = self._event_ids(with_images)
         INSERT_PROOF_IMAGES.execute_rows(
             self.session,

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, literal_column, or_, select, text, tuple_
+from sqlalchemy import insert, literal_column, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from models import FeedChange, FeedKind, Parcel, ParcelStatus
@@ -140,7 +140,7 @@ def read_page(
     if cursor is None:
         cursor = Cursor(*_head(session, station_id, courier_id, horizon), snapshot_after=0)
     elif cursor.position != START and not _could_have_been_issued(
-        session, cursor.position, horizon
+        session, cursor.position, horizon, station_id, courier_id
     ):
         raise CursorReset(
             "this cursor is not known here; pull again without a cursor "
@@ -232,16 +232,24 @@ def _snapshot_page(
     return FeedPage(changes=changes, next_cursor=next_cursor, has_more=True)
 
 
-def _could_have_been_issued(session: Session, cursor: Cursor, horizon: int | None) -> bool:
-    """A cursor this database handed out points at an entry it holds, of a transaction
-    below the horizon then, and so below it now (the horizon only moves up). One from
-    another database (a restored backup, another cluster) usually fails these checks."""
-    newest = session.scalar(select(func.max(FeedChange.id)))
-    if newest is None or cursor.id > newest:
+def _could_have_been_issued(
+    session: Session, cursor: Cursor, horizon: int | None, station_id: int, courier_id: int
+) -> bool:
+    """A cursor this database handed to this courier points at one of the courier's own
+    entries at this station (a page's last, or the newest when a snapshot began), of a
+    transaction below the horizon then, and so below it now (the horizon only moves up).
+    One from another database (a restored backup, another cluster) usually fails these
+    checks. So does one left on a shared PDA by another courier's pulls, or one from
+    the courier's previous station: read from there, it would skip this courier's
+    entries before it (parcels assigned earlier would never reach the PDA)."""
+    entry = session.execute(
+        select(FeedChange.txid, FeedChange.station_id, FeedChange.courier_id).where(
+            FeedChange.id == cursor.id
+        )
+    ).first()
+    if entry is None or tuple(entry) != (cursor.txid, station_id, courier_id):
         return False
-    if horizon is None:
-        return cursor.txid == 0
-    return cursor.txid < horizon
+    return horizon is None or cursor.txid < horizon
 
 
 def _visible_horizon(session: Session) -> int | None:

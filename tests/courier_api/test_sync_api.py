@@ -767,3 +767,52 @@ def test_a_phone_in_a_rejected_events_own_fields_reaches_the_quarantine_masked(
     (item,) = client.get("/api/v1/quarantine", headers=auth.headers("manager1")).json["items"]
     assert "1234 5678" not in json.dumps(item), item
     assert item["tracking_no"] == "+**********678"
+
+
+def test_a_cursor_kept_from_another_couriers_pulls_on_the_same_pda_loses_no_parcel(
+    committed_app: Flask,
+) -> None:
+    """A shared PDA keeps its last ``next_cursor`` across sign-ins. The afternoon
+    courier's parcels were assigned before the morning courier's last entry: pulling
+    from that cursor must not skip them (a 410 ``cursor_reset`` is the way to say the
+    cursor is not this courier's: the PDA pulls again from scratch). Real commits: on
+    PostgreSQL a reader sees only committed transactions' changes."""
+    with committed_app.app_context():
+        session = db.session
+        station = factories.station(session, code="SHARED")
+        factories.user(session, "shared-manager", "station_manager", station)
+        factories.user(session, "morning", "courier", station)
+        factories.user(session, "afternoon", "courier", station)
+        factories.device(session, "PDA-SHARED", station)
+        session.commit()
+    client = committed_app.test_client()
+    auth = Auth(client)
+    manager = auth.headers("shared-manager")
+
+    def assign(courier: str) -> str:
+        item = {
+            "tracking_no": factories.s10(),
+            "service_class": "parcel",
+            "recipient_name": "R",
+            "address": "A",
+            "courier": courier,
+        }
+        response = client.post("/api/v1/parcels", json={"parcels": [item]}, headers=manager)
+        assert response.status_code == 200, response.get_json()
+        return item["tracking_no"]
+
+    afternoons = [assign("afternoon"), assign("afternoon")]
+    mornings = [assign("morning")]
+    morning, cursor = pull_all(client, auth.headers("morning", "PDA-SHARED"))
+    assert [c["tracking_no"] for c in morning] == mornings
+
+    afternoon = auth.headers("afternoon", "PDA-SHARED")
+    query = {"limit": 500, "cursor": cursor}
+    response = client.get(PULL, query_string=query, headers=afternoon)
+    if response.status_code == 410:
+        assert response.get_json()["code"] == "cursor_reset"
+        changes, _ = pull_all(client, afternoon)
+    else:
+        assert response.status_code == 200
+        changes, _ = pull_all(client, afternoon, cursor)
+    assert {c["tracking_no"] for c in changes if c["kind"] == "parcel"} >= set(afternoons)

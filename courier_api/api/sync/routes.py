@@ -136,8 +136,10 @@ class Pull(MethodView):
         `parcel_removed` tombstones (reassigned away). A parcel may come twice;
         apply entries in order. Pull until `has_more` is false, and keep the last
         `next_cursor` for next time. A 410 with code `cursor_reset` means the
-        cursor is not known here: drop the local parcel list and pull again
-        without a cursor (unsent events stay on the PDA and are pushed as usual).
+        cursor is not known here, or is not the signed-in courier's (another
+        courier's pulls on a shared PDA, or another station's): drop the local
+        parcel list and pull again without a cursor (unsent events stay on the
+        PDA and are pushed as usual).
         A malformed cursor is a 400.
 
         **Long poll**: with `wait=N`, when nothing is new the answer waits up to N

@@ -145,7 +145,10 @@ def _configure_sqlite(
         cursor.execute("PRAGMA cache_size = -32768")
         if not in_memory:
             cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            # Each commit synced: a push's receipt tells the PDA to delete its copies,
+            # and in WAL mode NORMAL loses commits to a power cut (synced only at
+            # checkpoints).
+            cursor.execute("PRAGMA synchronous = FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")

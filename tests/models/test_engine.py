@@ -115,3 +115,23 @@ def test_a_sqlite_files_readers_keep_connections_of_their_own(tmp_path: Path) ->
     finally:
         engine.dispose()
     assert readers_pool.checkedin() == 0  # disposed of with the engine
+
+
+def test_a_sqlite_file_commits_durably_before_a_push_is_acknowledged(tmp_path: Path) -> None:
+    """A push's receipt goes out once its transaction commits, and the PDA then deletes
+    its copies up to ``acked_through_seq``. In WAL mode with ``synchronous = NORMAL``
+    a commit is synced only at the next checkpoint: after a power cut or an OS crash
+    (a station's laptop), SQLite rolls back transactions it reported committed, and
+    the events they held exist nowhere any more. ``FULL`` syncs the WAL at each
+    commit (https://sqlite.org/pragma.html#pragma_synchronous)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'durable.db'}")
+    try:
+        with engine.connect() as connection:
+            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar_one()
+            synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
+        with reads_only(engine).connect() as connection:
+            reader_synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
+    finally:
+        engine.dispose()
+    assert mode == "wal"
+    assert synchronous == reader_synchronous == 2  # FULL

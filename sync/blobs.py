@@ -91,6 +91,9 @@ class FileBlobStore:
     def put(self, digest: str, data: bytes) -> None:
         target = self.path(digest)
         try:
+            # The directories that gain an entry: the file's, and those made for it now.
+            grown = [target.parent]
+            grown += [d.parent for d in (target.parent, target.parent.parent) if not d.is_dir()]
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         except OSError as exc:
@@ -101,6 +104,8 @@ class FileBlobStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
+            for directory in grown:  # a 201 lets the PDA delete its copy: names synced too
+                _sync_directory(directory)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 Path(temporary).unlink(missing_ok=True)
@@ -123,6 +128,16 @@ class FileBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def _sync_directory(path: Path) -> None:
+    """Make the entries of ``path`` (a file renamed into it, a directory made in it)
+    survive a power cut, as ``fsync`` of a file does for its bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,38 @@ def test_an_image_the_store_cannot_read_is_503_not_500(
     assert response.status_code == 503
     assert response.get_json()["code"] == "blob_store_unavailable"
     assert response.headers["Retry-After"]
+
+
+def test_a_stored_image_and_its_new_directories_are_synced_before_the_upload_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 201 lets the PDA delete its image. The image's bytes are synced, but the
+    rename that gives the file its name, and the directories made for it, are entries
+    of directories: until each directory is synced, a power cut may undo them, and the
+    blob's row would point at no file. Every directory that gained an entry is synced."""
+    from sync.blobs import FileBlobStore
+
+    synced: list[tuple[int, int]] = []  # (device, inode) of each directory synced
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            synced.append((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "blobs"
+    root.mkdir()
+    store = FileBlobStore(root)
+    data = image_bytes()
+    store.put(digest(data), data)
+    target = store.path(digest(data))
+    assert target.read_bytes() == data
+
+    def key(path: Path) -> tuple[int, int]:
+        info = path.stat()
+        return info.st_dev, info.st_ino
+
+    # The file's directory, and the two made for it under the root (root/ab/cd/).
+    assert {key(target.parent), key(target.parent.parent), key(root)} <= set(synced)

@@ -9,9 +9,10 @@ only entries of transactions older than the oldest one still running
 everything returned. SQLite has one writer at a time and commits in id order;
 its entries all carry txid 0.
 
-The price: a transaction left open anywhere on the PostgreSQL server holds the
-horizon back, and pulls see nothing newer until it ends. Production servers
-should set ``idle_in_transaction_session_timeout``.
+The price: a writing transaction left open on this database holds the horizon
+back, and pulls see nothing newer until it ends. Production servers should set
+``idle_in_transaction_session_timeout``. Transactions on the server's other
+databases do not count: they cannot write this feed (``_HORIZON``).
 """
 
 from __future__ import annotations
@@ -252,13 +253,39 @@ def _could_have_been_issued(
     return horizon is None or cursor.txid < horizon
 
 
+# The oldest transaction still running that may write to this database: the lowest
+# in-progress id of the current snapshot (its xmin, or its xmax when none runs), leaving
+# out the ids of sessions connected to another database, which cannot write the feed. An
+# id pg_stat_activity does not place (another role's session, whose details it hides, or
+# a background process) is kept. An id belongs to one transaction for good, so even an
+# activity row read before the snapshot places it rightly. Its 32-bit ``backend_xid`` is
+# the 64-bit id modulo 2^32: ids still running lie within 2^31 of each other.
+_HORIZON = text(
+    """
+    WITH snapshot AS (SELECT pg_current_snapshot() AS s),
+    elsewhere AS (
+        SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+        WHERE backend_xid IS NOT NULL AND datname <> current_database()
+    )
+    SELECT coalesce(
+        (
+            SELECT min(running::text::bigint)
+            FROM snapshot, pg_snapshot_xip(snapshot.s) AS running
+            WHERE running::text::bigint % 4294967296 NOT IN (SELECT xid FROM elsewhere)
+        ),
+        (SELECT pg_snapshot_xmax(s)::text::bigint FROM snapshot)
+    )
+    """
+)
+
+
 def _visible_horizon(session: Session) -> int | None:
-    """The oldest transaction id still running: entries below it are final."""
+    """The oldest transaction id still running on this database: entries below it are
+    final. A transaction on another database of the server (another service's, a
+    migration elsewhere) holds no pull back (``_HORIZON``)."""
     if session.get_bind().dialect.name != "postgresql":
         return None
-    return int(
-        session.scalar(text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
-    )
+    return int(session.scalar(_HORIZON))
 
 
 def entries_for_reassignment(

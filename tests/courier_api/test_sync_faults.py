@@ -219,6 +219,26 @@ def test_a_change_that_commits_late_with_a_lower_id_is_not_skipped(station: Stat
     assert [c["tracking_no"] for c in second["changes"]] == ["LATE-1", station.parcels[0]]
 
 
+@pytest.mark.postgres_only
+def test_a_transaction_on_another_database_holds_no_pull_back(station: Station) -> None:
+    """The horizon is this database's: another service's transaction on the same server,
+    holding a transaction id, cannot write this feed, so the pull does not wait for it."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(str(db.engine_of(station.app).url)).set(
+        drivername="postgresql", database="postgres"
+    )
+    with psycopg.connect(url.render_as_string(hide_password=False)) as elsewhere:
+        elsewhere.execute("SELECT pg_current_xact_id()")  # a writer's id, left running
+        station.push(station.body([factories.event(1, station.parcels[0])]))
+        page = station.client.get(
+            PULL, query_string={"cursor": "0.0"}, headers=station.headers
+        ).get_json()
+        assert [c["tracking_no"] for c in page["changes"]] == [station.parcels[0]]
+        elsewhere.rollback()
+
+
 def test_the_same_batch_from_eight_threads_is_applied_once(station: Station) -> None:
     batch = station.body(events(station, range(1, 101)))
     responses = race(station.app, PUSH, [batch] * 8, station.headers)

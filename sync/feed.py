@@ -271,7 +271,7 @@ _HORIZON = text(
         (
             SELECT min(running::text::bigint)
             FROM snapshot, pg_snapshot_xip(snapshot.s) AS running
-            WHERE running::text::bigint % 4294967296 NOT IN (SELECT xid FROM elsewhere)
+            WHERE mod(running::text::bigint, 4294967296) NOT IN (SELECT xid FROM elsewhere)
         ),
         (SELECT pg_snapshot_xmax(s)::text::bigint FROM snapshot)
     )

@@ -1188,6 +1188,19 @@ def test_a_corrected_return_makes_the_parcel_missing_again(
     assert handover_flags(session, shift) == {("missing_at_handover", a): FlagStatus.OPEN}
 
 
+def take_in(session: Session, world: World, tracking_no: str) -> None:
+    """The station takes the parcel in (intake), after its first events arrived."""
+    intake_parcels(
+        session=session,
+        drafts=[(0, ParcelDraft(tracking_no, "parcel", "R", "1 Road"))],
+        rules=IntakeRules(
+            tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS),
+            phone_region="CN",
+        ),
+        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
+    )
+
+
 def test_a_parcel_not_taken_in_unbalances_its_shift_until_intake_judges_it(
     session: Session, world: World, pda: Pda
 ) -> None:
@@ -1206,15 +1219,7 @@ def test_a_parcel_not_taken_in_unbalances_its_shift_until_intake_judges_it(
         ("unknown_parcel", unknown)
     ]
 
-    intake_parcels(
-        session=session,
-        drafts=[(0, ParcelDraft(unknown, "parcel", "R", "1 Road"))],
-        rules=IntakeRules(
-            tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS),
-            phone_region="CN",
-        ),
-        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
-    )
+    take_in(session, world, unknown)
     session.commit()
     balance = shift_balance(session=session, shift=shift)
     assert balance.status == "unbalanced"
@@ -2118,15 +2123,7 @@ def test_a_resolved_unknown_parcel_flag_closes_when_the_parcel_is_taken_in(
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="intake tomorrow")
     session.commit()
 
-    intake_parcels(
-        session=session,
-        drafts=[(0, ParcelDraft(unknown, "parcel", "R", "1 Road"))],
-        rules=IntakeRules(
-            tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS),
-            phone_region="CN",
-        ),
-        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
-    )
+    take_in(session, world, unknown)
     session.commit()
 
     session.refresh(flag)

@@ -26,6 +26,8 @@ the handover off knowingly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,14 +183,22 @@ def same_snapshot(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     stored them as the database read them (on SQLite by kind)."""
     if a is None or b is None:
         return a is b
+    return _canonical(a) == _canonical(b)
 
+
+def balance_version(balance: Balance) -> str:
+    """A digest of what a manager signing off sees (``Balance.snapshot``). A sign-off
+    that names the version it was shown is refused once the balance has changed since
+    (a push landing between the read and the sign-off): ``sync.shifts.sign_off``."""
+    text = json.dumps(_canonical(balance.snapshot()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _canonical(snapshot: dict[str, Any]) -> dict[str, Any]:
     def cited(d: dict[str, Any]) -> tuple[str, str, int]:
         return d["tracking_no"], d["kind"], -1 if d["flag_id"] is None else d["flag_id"]
 
-    def canonical(snapshot: dict[str, Any]) -> dict[str, Any]:
-        return {**snapshot, "discrepancies": sorted(snapshot.get("discrepancies", []), key=cited)}
-
-    return canonical(a) == canonical(b)
+    return {**snapshot, "discrepancies": sorted(snapshot.get("discrepancies", []), key=cited)}
 
 
 COUNT_FIELDS = (

@@ -43,6 +43,7 @@ from sync.handover import (
     Balance,
     Discrepancy,
     ParcelOutcome,
+    balance_version,
     sign_off_blocked,
 )
 from sync.projection import voided_by
@@ -210,6 +211,7 @@ class ShiftPage:
     parcels: dict[str, Parcel]
     discrepancies: list[DiscrepancyEvidence]
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
+    balance_version: str  # sent back with a sign-off: refused if the balance changed
 
 
 def shift_page(
@@ -300,6 +302,7 @@ def shift_page(
         parcels=parcels,
         discrepancies=discrepancies,
         sign_off_blocked=sign_off_blocked(balance),
+        balance_version=balance_version(balance),
     )
 
 

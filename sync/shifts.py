@@ -593,16 +593,19 @@ def sign_off(
     user_id: int,
     note: str,
     force_reason: str | None = None,
+    seen_version: str | None = None,
     now: dt.datetime | None = None,
 ) -> Shift:
     """A manager signs the handover off, with the balance as it stands.
 
     Refused while the shift is open, and while its balance is provisional (events
-    are still on the PDA) unless forced with a reason. The sign-off, with the
-    balance the manager saw, goes to the audit log.
+    are still on the PDA) unless forced with a reason. With ``seen_version`` (the
+    ``balance_version`` the manager was shown), refused when the balance has changed
+    since, so that nobody signs off a balance they did not see. The sign-off, with
+    the balance, goes to the audit log.
     """
     from sync.balances import shift_balance
-    from sync.handover import sign_off_blocked
+    from sync.handover import balance_version, sign_off_blocked
 
     now = now or utcnow()
     note_text = _text(note, "note", required=True)
@@ -616,6 +619,13 @@ def sign_off(
     if shift.status == ShiftStatus.SIGNED_OFF:
         raise Conflict(f"shift {shift.id} is already signed off", code="already_signed_off")
     balance = shift_balance(session=session, shift=shift)
+    if seen_version is not None and seen_version != balance_version(balance):
+        raise Conflict(
+            f"the balance of shift {shift.id} changed since it was read (now {balance.status}, "
+            f"{len(balance.discrepancies)} discrepancies): read it again before signing off",
+            code="balance_changed",
+            field="balance_version",
+        )
     blocked = sign_off_blocked(balance)
     if blocked and reason is None:
         raise Conflict(blocked, code="balance_provisional")

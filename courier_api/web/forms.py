@@ -58,6 +58,7 @@ class NoteForm(_Form):
 class SignOffForm(_Form):
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     force_reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
+    balance_version = Text(load_default=None, validate=ma.validate.Length(max=64))
 
 
 class LoginForm(_Form):

@@ -307,6 +307,7 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
             user_id=current_principal().user_id,
             note=form["note"],
             force_reason=form["force_reason"],
+            seen_version=form["balance_version"],
             now=utcnow(),
         ),
         done=f"Shift {shift_id} is signed off.",

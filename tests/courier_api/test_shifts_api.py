@@ -9,6 +9,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
+from models import Shift
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -145,6 +146,38 @@ def test_a_missing_parcel_unbalances_the_shift_with_its_flag(
     assert found["status"] == "unbalanced"
     assert found["discrepancies"][0]["flag_status"] == "resolved"
     assert sign_off(client, shift["id"], manager).status_code == 200
+
+
+def test_a_sign_off_naming_the_balance_it_was_shown_is_refused_once_it_changed(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """19:00, the manager reads a balanced shift; before they sign, the PDA pushes a
+    delivery it still held, without a proof. Signing the balance they read is refused:
+    they read it again, and sign off what it says now."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    pda.push([pda.event(b, "returned_to_station")])
+    pda.close(shift["id"], last_seq=pda.seq)
+    shown = balance(client, shift["id"], manager)
+    assert shown["status"] == "balanced"
+    assert balance(client, shift["id"], manager)["version"] == shown["version"]  # stable
+    # The PDA had recorded b delivered before the return, and pushes it only now.
+    pda.push([pda.event(b, "delivered", pod={})])
+    now = balance(client, shift["id"], manager)
+    assert now["status"] == "unbalanced" and now["version"] != shown["version"]
+
+    refused = sign_off(client, shift["id"], manager, balance_version=shown["version"])
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "balance_changed"
+    assert list(refused.get_json()["errors"]) == ["balance_version"]
+    assert "read it again" in refused.get_json()["message"]
+    assert balance(client, shift["id"], manager)["shift_status"] == "closed"
+    signed = sign_off(client, shift["id"], manager, balance_version=now["version"])
+    assert signed.status_code == 200, signed.get_json()
+    assert signed.get_json()["status"] == "signed_off"
+    stored = session.get(Shift, shift["id"], populate_existing=True)
+    assert stored is not None and stored.signoff_balance["status"] == "unbalanced"
 
 
 def test_the_spec_names_every_discrepancy_kind_a_balance_answers(

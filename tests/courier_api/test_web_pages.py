@@ -571,6 +571,21 @@ def test_a_manager_signs_off_and_a_provisional_balance_needs_a_reason(
     assert "Not signed off: note is required" in pages.get(response.location)
 
 
+def test_the_sign_off_form_signs_only_the_balance_the_page_showed(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.balanced.id}"
+    [shown] = re.findall(r'name="balance_version" value="([0-9a-f]{16})"', pages.get(path))
+    stale = "0" * 16 if shown != "0" * 16 else "1" * 16  # a balance that changed since
+    pages.post(f"{path}/signoff", note="checked", balance_version=stale)
+    assert "Not signed off: the balance of shift" in pages.get(path)
+    session.refresh(day.balanced)
+    assert day.balanced.status == ShiftStatus.CLOSED
+    pages.post(f"{path}/signoff", note="checked", balance_version=shown)
+    assert f"Shift {day.balanced.id} is signed off." in pages.get(path)
+
+
 def test_the_proof_search_shows_the_consent_behind_each_drop(
     app: Flask, session: Session, day: StationDay
 ) -> None:

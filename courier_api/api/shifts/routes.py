@@ -25,6 +25,7 @@ from models import Device, Role, Shift, utcnow
 from sync import directory, shifts
 from sync.balances import board_totals, shift_balance, station_board
 from sync.errors import PermissionDenied
+from sync.handover import balance_version
 
 blp = ApiBlueprint(
     "shifts", __name__, url_prefix="/api/v1", description="Shifts, handover balance, sign-off"
@@ -176,7 +177,12 @@ class ShiftBalance(MethodView):
         """
         shift = _readable(shift_id)
         balance = shift_balance(session=db.session, shift=shift)
-        return {**balance.summary(), **vars(balance), "shift_status": shift.status}
+        return {
+            **balance.summary(),
+            **vars(balance),
+            "shift_status": shift.status,
+            "version": balance_version(balance),
+        }
 
 
 @blp.route("/shifts/<id:shift_id>/signoff")
@@ -193,7 +199,10 @@ class SignOff(MethodView):
         note; the balance as it stands is kept with the sign-off and written to
         the audit log. Refused while the shift is open (409 `shift_open`), and
         while its balance is provisional (409 `balance_provisional`, naming the
-        missing seqs) unless `force_reason` says why it cannot wait. An event
+        missing seqs) unless `force_reason` says why it cannot wait. With
+        `balance_version` (the balance's `version` as the manager read it), a
+        balance that changed since, a push landing in between, is refused (409
+        `balance_changed`): read it again. An event
         that lands after the sign-off reopens the shift (it goes back to
         `closed`) and raises `late_event_after_signoff`. A shift of another
         station answers a manager what an unknown id answers (404
@@ -207,6 +216,7 @@ class SignOff(MethodView):
             user_id=current_principal().user_id,
             note=body["note"],
             force_reason=body["force_reason"],
+            seen_version=body["balance_version"],
             now=utcnow(),
         )
         db.session.commit()

@@ -52,6 +52,15 @@ class SignOffIn(ma.Schema):
             "the PDA), saying why"
         },
     )
+    balance_version = ma.fields.String(
+        load_default=None,
+        validate=ma.validate.Length(min=1, max=64),
+        metadata={
+            "description": "The `version` of the balance the manager was shown "
+            "(`GET /shifts/{shift_id}/balance`): the sign-off is refused (409 "
+            "`balance_changed`) if the balance has changed since"
+        },
+    )
 
 
 class ShiftListArgs(PageArgs):
@@ -151,6 +160,14 @@ class ParcelOutcomeOut(ma.Schema):
 
 class BalanceOut(BalanceCounts):
     shift_id = ma.fields.Integer(required=True)
+    version = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "A digest of the status, counts, missing seqs and "
+            "discrepancies: send it with the sign-off as `balance_version` to sign off "
+            "only the balance you saw"
+        },
+    )
     shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)
     missing_seqs = ma.fields.List(
         ma.fields.Integer(), required=True, metadata={"description": "The first 100"}

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import Blob, BlobUpload, utcnow
 from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
 from sync.events import SHA256_HEX
-from sync.sql import chunks
+from sync.sql import advisory_locks, chunks
 
 # MPO is how Pillow names the multi-picture JPEGs many phone cameras write.
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
@@ -47,14 +47,9 @@ class BlobStore(Protocol):
 
 
 RETRY_STORE_AFTER_SECONDS = 60
-# Two-key advisory locks on images' digests, beside ``sync.status.LOCK_SPACE`` (tracking
-# numbers). Volatile functions in the select list run after ORDER BY: locks come in order.
+# Images' digests' two-key advisory locks, beside ``sync.status.LOCK_SPACE`` (tracking
+# numbers): ``sync.sql.advisory_locks``.
 DIGEST_LOCK_SPACE = 0x5CA8
-LOCK_DIGESTS = text(
-    "SELECT pg_advisory_xact_lock(:space, hashtext(digest)) "
-    "FROM unnest(CAST(:digests AS text[])) WITH ORDINALITY AS given(digest, position) "
-    "ORDER BY position"
-)
 
 
 def store_unavailable(action: str) -> Unavailable:
@@ -228,11 +223,7 @@ def lock_digests(session: Session, digests: Iterable[str]) -> None:
     its device's sync state, before its shifts and parcels; an upload before the
     image's row. SQLite needs nothing: its write transactions run one at a time.
     """
-    wanted = sorted(set(digests))
-    if not wanted or session.get_bind().dialect.name != "postgresql":
-        return
-    for chunk in chunks(wanted):
-        session.execute(LOCK_DIGESTS, {"space": DIGEST_LOCK_SPACE, "digests": list(chunk)})
+    advisory_locks(session, DIGEST_LOCK_SPACE, digests)
 
 
 def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:

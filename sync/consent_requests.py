@@ -88,13 +88,7 @@ def request_consent(
     tell the courier it exists: SECURITY.md threat 3); from a PDA's event it is kept,
     unsent, at the parcel's station, whose manager sees a courier asked for it.
     """
-    point_id = consents.point_named(draft.point_id)
-    if draft.method == ConsentMethod.ANY and point_id:
-        raise InvalidInput(
-            "a specific point needs method locker or pickup_point",
-            code="point_without_method",
-            field="point_id",
-        )
+    point_id = consents.point_named(draft.method, draft.point_id)
     expires_at = draft.expires_at or requested_at + ttl
     if not requested_at < expires_at <= requested_at + MAX_TTL:
         raise InvalidInput(

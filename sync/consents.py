@@ -109,7 +109,7 @@ def grant(
 ) -> Consent:
     """Record a consent from a recipient-facing channel (validated here)."""
     now = now or utcnow()
-    point_id = point_named(draft.point_id)
+    point_id = point_named(draft.method, draft.point_id)
     if draft.granted_at > now + FUTURE_TOLERANCE:
         raise InvalidInput(
             "granted_at is in the future", code="granted_in_future", field="granted_at"
@@ -119,12 +119,6 @@ def grant(
             "expires_at must be after granted_at",
             code="expires_before_granted",
             field="expires_at",
-        )
-    if draft.method == ConsentMethod.ANY and point_id:
-        raise InvalidInput(
-            "a specific point needs method locker or pickup_point",
-            code="point_without_method",
-            field="point_id",
         )
     values: dict[str, Any] = {}
     if draft.scope == ConsentScope.PARCEL:
@@ -171,15 +165,22 @@ def grant(
     return consent
 
 
-def point_named(point_id: str | None) -> str | None:
-    """A locker or pickup point as a PDA's drop names it (``sync.events`` trims every text
-    a PDA sends), so that the rules find it the same point. A blank one names none, and
-    is refused rather than taken for any point of the method."""
+def point_named(method: ConsentMethod, point_id: str | None) -> str | None:
+    """A consent's (or a request's) point as a PDA's drop names it (``sync.events`` trims
+    every text a PDA sends), so that the rules find it the same point. A blank one names
+    none, and is refused rather than taken for any point of the method; a point needs a
+    method that has points."""
     if point_id is None:
         return None
     point = point_id.strip()
     if not point:
         raise InvalidInput("point_id is blank", code="blank_point_id", field="point_id")
+    if method == ConsentMethod.ANY:
+        raise InvalidInput(
+            "a specific point needs method locker or pickup_point",
+            code="point_without_method",
+            field="point_id",
+        )
     return point
 
 

@@ -233,7 +233,7 @@ def authorizes(
     consent: ConsentFact,
     drop: EventDetail,
     policy: Policy,
-    history: Sequence[EventDetail] = (),
+    history: Sequence[EventDetail],
 ) -> bool:
     """Rule 4: the consent covers the drop, was granted before it and was in force at it
     (whenever in its ``drop_span`` it happened). ``history``: the parcel's events."""
@@ -245,7 +245,7 @@ def authorizes(
 
 
 def drop_span(
-    drop: EventDetail, policy: Policy, history: Sequence[EventDetail] = ()
+    drop: EventDetail, policy: Policy, history: Sequence[EventDetail]
 ) -> tuple[dt.datetime, dt.datetime]:
     """The earliest and the latest time the drop may have happened: its corrected time,
     unless its PDA time is further from it than ``policy.clock_uncertainty``. The offset
@@ -298,7 +298,7 @@ def granted_before(
     consent: ConsentFact,
     drop: EventDetail,
     policy: Policy,
-    history: Sequence[EventDetail] = (),
+    history: Sequence[EventDetail],
 ) -> bool:
     """Granted before the drop. A consent captured on the drop's own PDA is ordered by
     sequence number, not by time: a higher seq stamped earlier is a backdated consent.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
@@ -19,6 +19,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -211,6 +212,26 @@ def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
     """``items`` in slices of ``size``, for look-ups by many keys."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# Volatile functions in the select list run after ORDER BY, so the locks come in order.
+_ADVISORY_LOCKS = text(
+    "SELECT pg_advisory_xact_lock(:space, hashtext(key)) "
+    "FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS given(key, position) "
+    "ORDER BY position"
+)
+
+
+def advisory_locks(session: Session, space: int, keys: Iterable[str]) -> None:
+    """Transaction-scoped two-key advisory locks on ``keys`` in ``space``, taken in
+    sorted order (PostgreSQL; nothing elsewhere). They cover keys no row holds yet,
+    which a row lock cannot: the callers say what each space serializes."""
+    wanted = sorted(set(keys))
+    if not wanted or session.get_bind().dialect.name != "postgresql":
+        return
+    connection = flushed_connection(session)
+    for chunk in chunks(wanted):
+        connection.execute(_ADVISORY_LOCKS, {"space": space, "keys": list(chunk)})
 
 
 def rows_among(

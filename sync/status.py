@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, CompoundSelect, and_, exists, select, text, union_all
+from sqlalchemy import ColumnElement, CompoundSelect, and_, exists, select, union_all
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -54,10 +54,10 @@ from sync.rules import (
 )
 from sync.sql import (
     Prebuilt,
+    advisory_locks,
     among,
     among_param,
     chunks,
-    flushed_connection,
     not_among_param,
     rows_among,
     updating,
@@ -220,21 +220,10 @@ def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
     Pushes and intakes take these before any parcel row, so they cannot deadlock.
     SQLite needs nothing: its write transactions run one at a time.
     """
-    numbers = sorted(set(tracking_nos))
-    if not numbers or session.get_bind().dialect.name != "postgresql":
-        return
-    connection = flushed_connection(session)
-    for chunk in chunks(numbers):
-        connection.execute(LOCK_TRACKING_NUMBERS, {"space": LOCK_SPACE, "numbers": list(chunk)})
+    advisory_locks(session, LOCK_SPACE, tracking_nos)
 
 
-LOCK_SPACE = 0x5CA7  # this application's namespace for two-key advisory locks
-# Volatile functions in the select list run after ORDER BY, so the locks come in order.
-LOCK_TRACKING_NUMBERS = text(
-    "SELECT pg_advisory_xact_lock(:space, hashtext(number)) "
-    "FROM unnest(CAST(:numbers AS text[])) WITH ORDINALITY AS given(number, position) "
-    "ORDER BY position"
-)
+LOCK_SPACE = 0x5CA7  # tracking numbers' two-key advisory locks (``sync.sql.advisory_locks``)
 
 
 def reproject(

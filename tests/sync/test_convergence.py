@@ -463,7 +463,7 @@ def test_the_consent_leaves_every_outcome_of_a_drop_reachable_and_none_to_the_cl
 
     def outcome(at: dt.datetime) -> str:
         fact = EventFact(1, "PDA-CONV", 1, EventType.DELIVERED_TO_LOCKER, at, uuid.uuid4(), 1)
-        if granted_before(consent, EventDetail(fact), RULES.policy):
+        if granted_before(consent, EventDetail(fact), RULES.policy, []):
             return "authorized"
         return "granted after" if CONSENT_GRANTED_AT > at else "recorded too late"
 

@@ -145,10 +145,12 @@ def _configure_sqlite(
         cursor.execute("PRAGMA cache_size = -32768")
         if not in_memory:
             cursor.execute("PRAGMA journal_mode = WAL")
-            # Each commit synced: a push's receipt tells the PDA to delete its copies,
-            # and in WAL mode NORMAL loses commits to a power cut (synced only at
-            # checkpoints).
-            cursor.execute("PRAGMA synchronous = FULL")
+            # Each commit synced before it returns: a push's receipt tells the PDA to
+            # delete its copies, and in WAL mode NORMAL alone loses commits to a power
+            # cut (synced only at checkpoints). A turnstile's writers sync the WAL
+            # themselves, after giving their turn back (``models.turnstile``).
+            synchronous = "NORMAL" if turnstile is not None else "FULL"
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

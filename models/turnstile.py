@@ -20,6 +20,14 @@ without end (PDAs pulling while others push) would let it grow without bound
 (SQLite's "checkpoint starvation": 57 MB in 30 s of ``bench/load.py``). The writer
 whose commit finds it beyond ``WAL_RESTART_BYTES`` truncates it before giving its
 turn back, once the readers of its old frames are done (``PRAGMA wal_checkpoint``).
+
+A commit is on disk before ``commit()`` returns (a push's receipt lets the PDA delete
+its events), but its sync is made after the turn is given back: SQLite commits with
+``synchronous = NORMAL`` (the WAL written, not synced), and the writer then syncs the
+WAL file, which makes every transaction committed before that sync began durable
+(https://sqlite.org/forum/forumpost/d1a6bc7c4cd2baca). The next writer writes while
+this one waits for the disk, and writers of one process that committed during a sync
+share the next one (group commit): ``FULL`` would hold the turn through each sync.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class Turnstile:
         self._lock = threading.Lock()
         self._fd = -1
         self._setup = threading.Lock()
+        self._durable = WalSync(self.wal)
         _TURNSTILES.add(self)
 
     def _this_process(self) -> None:
@@ -65,6 +74,7 @@ class Turnstile:
         with self._setup:  # the first writers of a process may arrive together
             if self._pid != os.getpid():
                 self._lock = threading.Lock()
+                self._durable = WalSync(self.wal)
                 self._fd = self._open()
                 weakref.finalize(self, os.close, self._fd)  # its engine is gone: so is it
                 self._pid = os.getpid()
@@ -99,11 +109,82 @@ class Turnstile:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._lock.release()
 
+    def committed(self) -> int:
+        """Count a commit, the turn still held: its ticket for ``make_durable``."""
+        return self._durable.committed()
+
+    def make_durable(self, ticket: int) -> None:
+        self._durable.make_durable(ticket)
+
     def wal_too_large(self) -> bool:
         try:
             return os.stat(self.wal).st_size > WAL_RESTART_BYTES
         except OSError:
             return False
+
+
+class WalSync:
+    """Syncs of one WAL file shared by the commits of one process (group commit).
+
+    Commits are numbered in the order they end (under the writers' turn); a sync
+    covers every commit numbered before it began, since their frames are then in
+    the file. A commit waits for the first sync that covers it, and a sync that
+    fails stays failed: after a failed ``fsync`` Linux may drop the pages it could
+    not write and let the next one succeed (PostgreSQL's "fsyncgate"), so no later
+    commit may be acknowledged either until the service restarts.
+    """
+
+    def __init__(self, wal: Path) -> None:
+        self.wal = wal
+        self._committed = 0  # commits counted so far (under the turn)
+        self._synced = 0  # commits covered by a finished sync
+        self._syncing = False  # a writer is syncing for the others
+        self._changed = threading.Condition()
+        self._failure: OSError | None = None
+
+    def committed(self) -> int:
+        self._committed += 1
+        return self._committed
+
+    def make_durable(self, ticket: int) -> None:
+        """Return once commit ``ticket`` is on disk. One writer syncs at a time; the
+        others wait, and those it covered return as it ends, without a sync."""
+        with self._changed:
+            while self._failure is None and self._synced < ticket and self._syncing:
+                self._changed.wait()
+            if self._failure is None and self._synced < ticket:
+                self._syncing = True
+                covered = self._committed
+            else:
+                covered = 0
+        if covered:
+            self._sync(covered)
+        if self._failure is not None:
+            raise OperationalError("sync the WAL file", None, self._failure) from None
+
+    def _sync(self, covered: int) -> None:
+        failure = None
+        try:
+            _sync_file(self.wal)
+        except OSError as error:
+            log.critical("could not sync the WAL file %s: %s", self.wal, error)
+            failure = error
+        with self._changed:
+            self._syncing = False
+            if failure is None:
+                self._synced = covered
+            else:
+                self._failure = failure
+            self._changed.notify_all()
+
+
+def _sync_file(path: Path) -> None:
+    """``fsync`` a file by its name: it syncs the file, whichever descriptor."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _TURNSTILES: weakref.WeakSet[Turnstile] = weakref.WeakSet()
@@ -137,12 +218,18 @@ class TurnstileConnection(sqlite3.Connection):
             self.turnstile.leave()
 
     def commit(self) -> None:
+        ticket = 0
         try:
             super().commit()
             if self.holds_turn:
+                assert self.turnstile is not None
+                ticket = self.turnstile.committed()
                 self._truncate_a_large_wal()
         finally:
             self.give_turn()
+        if ticket:
+            assert self.turnstile is not None
+            self.turnstile.make_durable(ticket)
 
     def _truncate_a_large_wal(self) -> None:
         """After a commit, the turn still held: never raises (the commit is done)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 
@@ -117,21 +118,45 @@ def test_a_sqlite_files_readers_keep_connections_of_their_own(tmp_path: Path) ->
     assert readers_pool.checkedin() == 0  # disposed of with the engine
 
 
-def test_a_sqlite_file_commits_durably_before_a_push_is_acknowledged(tmp_path: Path) -> None:
+def test_a_sqlite_file_commits_durably_before_a_push_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A push's receipt goes out once its transaction commits, and the PDA then deletes
     its copies up to ``acked_through_seq``. In WAL mode with ``synchronous = NORMAL``
     a commit is synced only at the next checkpoint: after a power cut or an OS crash
     (a station's laptop), SQLite rolls back transactions it reported committed, and
-    the events they held exist nowhere any more. ``FULL`` syncs the WAL at each
-    commit (https://sqlite.org/pragma.html#pragma_synchronous)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'durable.db'}")
+    the events they held exist nowhere any more. The writers' connections keep
+    ``NORMAL`` and sync the WAL file themselves before ``commit()`` returns
+    (``models.turnstile``); connections without a turnstile sync with ``FULL``."""
+    database = tmp_path / "durable.db"
+    wal = database.with_name(database.name + "-wal")
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    engine = make_engine(f"sqlite:///{database}")
+    deferred = make_engine(f"sqlite:///{database}", sqlite_begin="DEFERRED")
     try:
-        with engine.connect() as connection:
+        with engine.begin() as connection:
             mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar_one()
             synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
+            connection.exec_driver_sql("CREATE TABLE receipt (seq INTEGER)")
+            assert synced == []  # not yet: the commit syncs
+        assert synced == [wal.stat().st_ino]
+        with engine.begin() as connection:
+            connection.exec_driver_sql("INSERT INTO receipt VALUES (1)")
+        assert synced == [wal.stat().st_ino] * 2
         with reads_only(engine).connect() as connection:
             reader_synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
+        with deferred.connect() as connection:
+            deferred_synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
     finally:
         engine.dispose()
+        deferred.dispose()
     assert mode == "wal"
-    assert synchronous == reader_synchronous == 2  # FULL
+    assert synchronous == 1  # NORMAL, and the turnstile syncs
+    assert reader_synchronous == deferred_synchronous == 2  # FULL

@@ -297,3 +297,113 @@ def test_a_writer_truncates_a_wal_that_overlapping_readers_kept_from_starting_ov
     assert waited < 5
     with sqlite3.connect(database) as check:
         assert check.execute("SELECT count(*) FROM page").fetchone()[0] == 8
+
+
+def test_a_commit_syncs_after_giving_its_turn_back_and_returns_once_synced(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next writer writes while this one waits for the disk (``synchronous =
+    NORMAL`` plus a sync of the WAL): ``FULL`` would hold the turn through it."""
+    engine = _engine(database)
+    in_sync, release = threading.Event(), threading.Event()
+    returned: list[str] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread().name == "first":
+            in_sync.set()
+            assert release.wait(10)
+        real_fsync(fd)
+
+    def write(value: int) -> None:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO note VALUES (:v)"), {"v": value})
+        returned.append(threading.current_thread().name)
+
+    def rows() -> int:
+        with sqlite3.connect(database) as check:
+            return int(check.execute("SELECT count(*) FROM note").fetchone()[0])
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    first = threading.Thread(target=write, args=(1,), name="first")
+    second = threading.Thread(target=write, args=(2,), name="second")
+    try:
+        first.start()
+        assert in_sync.wait(10)
+        second.start()  # the turn is free while the first syncs
+        deadline = time.monotonic() + 10
+        while rows() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rows() == 2  # the second committed during the first's sync
+        assert returned == []  # neither receipt went out before a sync
+        release.set()
+        first.join(10)
+        second.join(10)
+    finally:
+        release.set()
+        engine.dispose()
+    assert sorted(returned) == ["first", "second"]
+
+
+def test_commits_during_a_sync_share_the_next_one_and_none_returns_unsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: each commit returns only after a sync that began once it had
+    committed, and commits waiting together need one sync, not one each."""
+    wal_sync = turnstile_module.WalSync(tmp_path / "x.db-wal")
+    turn = threading.Lock()  # the writers' turn, under which commits are counted
+    syncs: list[tuple[int, float, float]] = []  # (commits covered, began, ended)
+
+    def sync_file(_path: Path) -> None:
+        began = time.monotonic()
+        covered = wal_sync._committed
+        time.sleep(0.01)
+        syncs.append((covered, began, time.monotonic()))
+
+    monkeypatch.setattr(turnstile_module, "_sync_file", sync_file)
+    returned: list[tuple[int, float]] = []
+
+    def writer() -> None:
+        for _ in range(10):
+            with turn:
+                ticket = wal_sync.committed()
+            wal_sync.make_durable(ticket)
+            returned.append((ticket, time.monotonic()))
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(ticket for ticket, _ in returned) == list(range(1, 81))
+    for ticket, at in returned:
+        assert any(covered >= ticket and ended <= at for covered, _, ended in syncs)
+    assert len(syncs) < 40, len(syncs)  # 80 commits; one sync each would be 80
+
+
+def test_a_failed_sync_fails_its_commit_and_every_later_one(
+    database: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failed ``fsync`` Linux may drop the unwritten pages and report the next
+    sync as a success: no later commit may be acknowledged either."""
+    engine = _engine(database)
+    real_fsync = os.fsync
+    failures = [OSError(5, "Input/output error")]
+
+    def failing_fsync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    try:
+        for value in (1, 2):
+            with pytest.raises(OperationalError, match="sync the WAL file"):
+                with engine.begin() as connection:
+                    connection.execute(text("INSERT INTO note VALUES (:v)"), {"v": value})
+        with engine.connect() as connection:  # the turn was given back each time
+            assert connection.execute(text("SELECT count(*) FROM note")).scalar_one() == 2
+    finally:
+        engine.dispose()
+    assert failures == []  # the second commit did not try again
+    assert "could not sync the WAL file" in caplog.text

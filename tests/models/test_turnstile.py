@@ -179,6 +179,58 @@ def _commit_late(
         release.wait(10)
 
 
+def test_processes_with_queues_of_writers_share_the_turn(database: Path) -> None:
+    """Two processes with four writers each, all taking turns as fast as they can:
+    each process gets about half of them. Without the waiters telling each other,
+    the turn passes from thread to thread within one process quicker than the other
+    process's waiter (asleep between tries) can take it."""
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    counts = context.Queue()
+    children = [
+        context.Process(target=_take_turns, args=(str(database), start, counts)) for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    start.set()
+    results = [counts.get(timeout=30) for _ in children]
+    for child in children:
+        child.join(10)
+        assert child.exitcode == 0
+    taken = sorted(turns for turns, _ in results)
+    longest_wait = max(wait for _, wait in results)
+    assert taken[0] >= 0.6 * taken[1], (taken, f"longest wait {longest_wait:.3f} s")
+
+
+def _take_turns(
+    database: str, start: multiprocessing.Event, counts: multiprocessing.Queue
+) -> None:
+    turnstile = Turnstile(Path(database), timeout=10)
+    taken, longest_wait = 0, 0.0
+    guard = threading.Lock()
+    start.wait(10)
+    until = time.monotonic() + 1.0
+
+    def write() -> None:
+        nonlocal taken, longest_wait
+        while time.monotonic() < until:
+            asked = time.monotonic()
+            turnstile.enter()
+            waited = time.monotonic() - asked
+            time.sleep(0.001)  # a short transaction
+            turnstile.leave()
+            with guard:
+                taken += 1
+                longest_wait = max(longest_wait, waited)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    counts.put((taken, longest_wait))
+
+
 def test_the_lock_file_is_opened_read_only(database: Path) -> None:
     """``flock`` needs no write access: a lock file another user created (a command
     run as root) must not lock the service out."""

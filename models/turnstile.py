@@ -127,9 +127,17 @@ class Turnstile:
             raise
 
     def leave(self) -> None:
-        self._others_waited = self._time_to_share()
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._lock.release()
+        """Give the turn back, whatever happens: a turn kept would stop every writer."""
+        try:
+            self._others_waited = self._time_to_share()
+        except OSError as error:  # a courtesy only: not worth a turn kept for good
+            log.warning("could not tell whether another process waits: %s", error)
+            self._others_waited = False
+        finally:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                self._lock.release()
 
     def _time_to_share(self) -> bool:
         """Another process has waited ``SHARE_AFTER_SECONDS`` (seen at this process's
@@ -202,6 +210,12 @@ class WalSync:
     fails stays failed: after a failed ``fsync`` Linux may drop the pages it could
     not write and let the next one succeed (PostgreSQL's "fsyncgate"), so no later
     commit may be acknowledged either until the service restarts.
+
+    Only in this process, though: another worker process keeps its own ``WalSync``,
+    and each sync opens the file anew, so its next ``fsync`` is told of an error that
+    was already reported here only by a kernel that still counts it as unseen (Linux
+    reports an error to a description opened after it only then). Such a worker may
+    acknowledge a commit whose pages were dropped.
     """
 
     def __init__(self, wal: Path) -> None:
@@ -233,19 +247,24 @@ class WalSync:
             raise OperationalError("sync the WAL file", None, self._failure) from None
 
     def _sync(self, covered: int) -> None:
+        """Whatever ends it, the writers waiting for it are told (one of them syncs
+        again if it ended without an answer, an exception other than ``OSError``)."""
         failure = None
+        synced = False
         try:
             _sync_file(self.wal)
+            synced = True
         except OSError as error:
             log.critical("could not sync the WAL file %s: %s", self.wal, error)
             failure = error
-        with self._changed:
-            self._syncing = False
-            if failure is None:
-                self._synced = covered
-            else:
-                self._failure = failure
-            self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._syncing = False
+                if synced:
+                    self._synced = covered
+                elif failure is not None:
+                    self._failure = failure
+                self._changed.notify_all()
 
 
 def _sync_file(path: Path) -> None:

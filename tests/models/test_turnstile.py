@@ -199,6 +199,7 @@ def test_processes_with_queues_of_writers_share_the_turn(database: Path) -> None
         assert child.exitcode == 0
     taken = sorted(turns for turns, _ in results)
     longest_wait = max(wait for _, wait in results)
+    assert taken[0] > 0  # not two processes that both got nothing
     assert taken[0] >= 0.6 * taken[1], (taken, f"longest wait {longest_wait:.3f} s")
 
 
@@ -459,3 +460,101 @@ def test_a_failed_sync_fails_its_commit_and_every_later_one(
         engine.dispose()
     assert failures == []  # the second commit did not try again
     assert "could not sync the WAL file" in caplog.text
+
+
+def test_a_failed_probe_for_other_processes_still_gives_the_turn_back(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether another process waits is a courtesy: a ``flock`` error there (ENOLCK)
+    must not keep the turn, which would stop every writer of every process."""
+    turnstile = Turnstile(database, timeout=0.3)
+
+    def failing_probe(_self: Turnstile) -> bool:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(Turnstile, "_another_process_waits", failing_probe)
+    turnstile.enter()
+    turnstile.leave()  # raised, the turn kept, before
+    assert _race_to_enter(turnstile, writers=2) == []
+
+
+def test_a_sync_ended_by_an_unexpected_exception_leaves_no_writer_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writers waiting for another's sync are woken however it ends, and one of
+    them syncs itself: none waits forever for a sync nobody makes."""
+    wal_sync = turnstile_module.WalSync(tmp_path / "x.db-wal")
+    calls: list[int] = []
+
+    def sync_file(_path: Path) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(turnstile_module, "_sync_file", sync_file)
+    first, second = wal_sync.committed(), wal_sync.committed()
+    with pytest.raises(RuntimeError):
+        wal_sync.make_durable(first)
+    done = threading.Event()
+
+    def wait_for_second() -> None:
+        wal_sync.make_durable(second)
+        done.set()
+
+    thread = threading.Thread(target=wait_for_second, daemon=True)
+    thread.start()
+    assert done.wait(5), "a writer waits forever for a sync nobody makes"
+    assert len(calls) == 2
+    wal_sync.make_durable(first)  # covered by the second sync: no third one
+    assert len(calls) == 2
+
+
+def _wait_as_another_process(
+    database: str, waiting: multiprocessing.Event, done: multiprocessing.Event
+) -> None:
+    turnstile = Turnstile(Path(database), timeout=10)
+    waiting.set()
+    turnstile.enter()  # waits: the parent holds the turn
+    turnstile.leave()
+    done.set()
+
+
+def test_a_waiting_process_is_seen_and_let_go_first(database: Path) -> None:
+    """The mechanism itself, without timing races: another process's waiter is seen
+    by the process holding the turn, and once it has waited SHARE_AFTER_SECONDS the
+    next writer of this process defers to it (``COURTESY_SECONDS``)."""
+    turnstile = Turnstile(database, timeout=10)
+    turnstile.enter()
+    assert not turnstile._another_process_waits()  # nobody waits yet
+    context = multiprocessing.get_context("fork")
+    waiting, done = context.Event(), context.Event()
+    child = context.Process(target=_wait_as_another_process, args=(str(database), waiting, done))
+    child.start()
+    try:
+        assert waiting.wait(10)
+        deadline = time.monotonic() + 10
+        while not turnstile._another_process_waits() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert turnstile._another_process_waits()  # the child's waiter, on .waiting
+        turnstile.leave()
+        assert done.wait(10)  # it took the turn
+        assert not turnstile._another_process_waits()
+    finally:
+        child.join(10)
+    assert child.exitcode == 0
+
+    # Another process's waiter that stays (a shared lock of .waiting held here on a
+    # description of its own): after SHARE_AFTER_SECONDS of turns, a writer defers.
+    other = os.open(turnstile.waiting_path, os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_SH)
+        longest = 0.0
+        until = time.monotonic() + 20 * turnstile_module.SHARE_AFTER_SECONDS
+        while time.monotonic() < until:
+            started = time.monotonic()
+            turnstile.enter()
+            longest = max(longest, time.monotonic() - started)
+            turnstile.leave()
+        assert longest >= turnstile_module.COURTESY_SECONDS
+    finally:
+        os.close(other)

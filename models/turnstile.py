@@ -211,11 +211,11 @@ class WalSync:
     not write and let the next one succeed (PostgreSQL's "fsyncgate"), so no later
     commit may be acknowledged either until the service restarts.
 
-    Only in this process, though: another worker process keeps its own ``WalSync``,
-    and each sync opens the file anew, so its next ``fsync`` is told of an error that
-    was already reported here only by a kernel that still counts it as unseen (Linux
-    reports an error to a description opened after it only then). Such a worker may
-    acknowledge a commit whose pages were dropped.
+    Only in this process, though: another worker process keeps its own ``WalSync``.
+    It syncs through a descriptor it keeps open (``_sync_file``), and Linux reports a
+    failed write-back to every description open when it happened, so that worker is
+    told too; an error from before its first sync it learns only if nobody saw it
+    yet (SQLite's own checkpoint may have), and so might acknowledge one commit.
     """
 
     def __init__(self, wal: Path) -> None:
@@ -225,6 +225,9 @@ class WalSync:
         self._syncing = False  # a writer is syncing for the others
         self._changed = threading.Condition()
         self._failure: OSError | None = None
+        # The WAL file, open from the first sync on (one syncer at a time).
+        self._file = _Descriptor()
+        weakref.finalize(self, self._file.close)
 
     def committed(self) -> int:
         self._committed += 1
@@ -252,7 +255,7 @@ class WalSync:
         failure = None
         synced = False
         try:
-            _sync_file(self.wal)
+            self._file.fd = _sync_file(self.wal, self._file.fd)
             synced = True
         except OSError as error:
             log.critical("could not sync the WAL file %s: %s", self.wal, error)
@@ -267,13 +270,27 @@ class WalSync:
                 self._changed.notify_all()
 
 
-def _sync_file(path: Path) -> None:
-    """``fsync`` a file by its name: it syncs the file, whichever descriptor."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
+class _Descriptor:
+    fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _sync_file(path: Path, fd: int) -> int:
+    """``fsync`` the file at ``path`` through ``fd`` while it is still that file (the
+    WAL is made anew once every connection has closed), else through a descriptor
+    opened now; returns the one used, kept open: the kernel reports a failed
+    write-back to the descriptions open at the time, not always to later ones."""
+    if fd >= 0 and os.fstat(fd).st_ino != os.stat(path).st_ino:
         os.close(fd)
+        fd = -1
+    if fd < 0:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    os.fsync(fd)
+    return fd
 
 
 _TURNSTILES: weakref.WeakSet[Turnstile] = weakref.WeakSet()

@@ -150,6 +150,11 @@ def test_a_sqlite_file_commits_durably_before_a_push_is_acknowledged(
         with engine.begin() as connection:
             connection.exec_driver_sql("INSERT INTO receipt VALUES (1)")
         assert synced == [wal.stat().st_ino] * 2
+        engine.dispose()  # the last connection closed: SQLite removes the WAL file
+        assert not wal.exists()
+        with engine.begin() as connection:  # a new WAL file: synced, not the old one
+            connection.exec_driver_sql("INSERT INTO receipt VALUES (2)")
+        assert synced[2:] == [wal.stat().st_ino]
         with reads_only(engine).connect() as connection:
             reader_synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
         with deferred.connect() as connection:

@@ -174,10 +174,14 @@ class Turnstile:
         return True
 
     def _let_others_go_first(self) -> None:
-        """Wait until the other processes' waiters took the turn, or a short while."""
+        """Wait until the other processes' waiters took the turn, or a short while
+        (a courtesy: a probe that fails ends it, as in ``leave``)."""
         until = time.monotonic() + COURTESY_SECONDS
-        while self._another_process_waits() and time.monotonic() < until:
-            time.sleep(POLL_SECONDS / 4)
+        try:
+            while self._another_process_waits() and time.monotonic() < until:
+                time.sleep(POLL_SECONDS / 4)
+        except OSError as error:
+            log.warning("could not tell whether another process waits: %s", error)
 
     @staticmethod
     def _try_flock(fd: int, operation: int) -> bool:

@@ -477,6 +477,9 @@ def test_a_failed_probe_for_other_processes_still_gives_the_turn_back(
     turnstile.enter()
     turnstile.leave()  # raised, the turn kept, before
     assert _race_to_enter(turnstile, writers=2) == []
+    turnstile._others_waited = True  # a writer about to let another process go first
+    turnstile.enter()  # its probe fails too: it takes its turn all the same
+    turnstile.leave()
 
 
 def test_a_sync_ended_by_an_unexpected_exception_leaves_no_writer_waiting(

@@ -130,9 +130,6 @@ class Turnstile:
         """Give the turn back, whatever happens: a turn kept would stop every writer."""
         try:
             self._others_waited = self._time_to_share()
-        except OSError as error:  # a courtesy only: not worth a turn kept for good
-            log.warning("could not tell whether another process waits: %s", error)
-            self._others_waited = False
         finally:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -167,21 +164,22 @@ class Turnstile:
     def _another_process_waits(self) -> bool:
         """Asked with ``_lock`` held: this process then has no waiter of its own on
         ``.waiting`` (its other writers wait for ``_lock``), so a shared lock there is
-        another process's."""
-        if self._try_flock(self._waiting_fd, fcntl.LOCK_EX):
-            fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
+        another process's. A courtesy only: a probe that fails (ENOLCK) says no,
+        which neither keeps the turn nor fails a write."""
+        try:
+            if self._try_flock(self._waiting_fd, fcntl.LOCK_EX):
+                fcntl.flock(self._waiting_fd, fcntl.LOCK_UN)
+                return False
+        except OSError as error:
+            log.warning("could not tell whether another process waits: %s", error)
             return False
         return True
 
     def _let_others_go_first(self) -> None:
-        """Wait until the other processes' waiters took the turn, or a short while
-        (a courtesy: a probe that fails ends it, as in ``leave``)."""
+        """Wait until the other processes' waiters took the turn, or a short while."""
         until = time.monotonic() + COURTESY_SECONDS
-        try:
-            while self._another_process_waits() and time.monotonic() < until:
-                time.sleep(POLL_SECONDS / 4)
-        except OSError as error:
-            log.warning("could not tell whether another process waits: %s", error)
+        while self._another_process_waits() and time.monotonic() < until:
+            time.sleep(POLL_SECONDS / 4)
 
     @staticmethod
     def _try_flock(fd: int, operation: int) -> bool:

@@ -469,11 +469,15 @@ def test_a_failed_probe_for_other_processes_still_gives_the_turn_back(
     """Whether another process waits is a courtesy: a ``flock`` error there (ENOLCK)
     must not keep the turn, which would stop every writer of every process."""
     turnstile = Turnstile(database, timeout=0.3)
+    turnstile._this_process()  # its lock files open
+    real_flock = fcntl.flock
 
-    def failing_probe(_self: Turnstile) -> bool:
-        raise OSError(37, "No locks available")
+    def failing_probe(fd: int, operation: int) -> None:
+        if fd == turnstile._waiting_fd and operation == fcntl.LOCK_EX | fcntl.LOCK_NB:
+            raise OSError(37, "No locks available")
+        real_flock(fd, operation)
 
-    monkeypatch.setattr(Turnstile, "_another_process_waits", failing_probe)
+    monkeypatch.setattr(turnstile_module.fcntl, "flock", failing_probe)
     turnstile.enter()
     turnstile.leave()  # raised, the turn kept, before
     assert _race_to_enter(turnstile, writers=2) == []

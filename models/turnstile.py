@@ -82,7 +82,7 @@ class Turnstile:
         self._others_waited = False  # when the turn was last given back (under _lock)
         self._others_wait_since: float | None = None  # as first seen by this process
         self._setup = threading.Lock()
-        self._durable = WalSync(self.wal)
+        self._durable: WalSync  # made per process, by the first writer (_this_process)
         _TURNSTILES.add(self)
 
     def _this_process(self) -> None:
@@ -214,7 +214,7 @@ class WalSync:
     commit may be acknowledged either until the service restarts.
 
     Only in this process, though: another worker process keeps its own ``WalSync``.
-    It syncs through a descriptor it keeps open (``_sync_file``), and Linux reports a
+    It syncs through a descriptor it keeps open (``_WalFile``), and Linux reports a
     failed write-back to every description open when it happened, so that worker is
     told too; an error from before its first sync it learns only if nobody saw it
     yet (SQLite's own checkpoint may have), and so might acknowledge one commit.
@@ -227,8 +227,7 @@ class WalSync:
         self._syncing = False  # a writer is syncing for the others
         self._changed = threading.Condition()
         self._failure: OSError | None = None
-        # The WAL file, open from the first sync on (one syncer at a time).
-        self._file = _Descriptor()
+        self._file = _WalFile(wal)  # open from the first sync on (one syncer at a time)
         weakref.finalize(self, self._file.close)
 
     def committed(self) -> int:
@@ -257,7 +256,7 @@ class WalSync:
         failure = None
         synced = False
         try:
-            self._file.fd = _sync_file(self.wal, self._file.fd)
+            self._file.sync()
             synced = True
         except OSError as error:
             log.critical("could not sync the WAL file %s: %s", self.wal, error)
@@ -272,27 +271,27 @@ class WalSync:
                 self._changed.notify_all()
 
 
-class _Descriptor:
-    fd = -1
+class _WalFile:
+    """The WAL file, synced through a descriptor kept open: the kernel reports a failed
+    write-back to the descriptions open at the time, not always to later ones."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def sync(self) -> None:
+        """``fsync`` it, reopened first if SQLite made the WAL anew (it does once every
+        connection has closed)."""
+        if self._fd >= 0 and os.fstat(self._fd).st_ino != os.stat(self.path).st_ino:
+            self.close()
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _sync_file(path: Path, fd: int) -> int:
-    """``fsync`` the file at ``path`` through ``fd`` while it is still that file (the
-    WAL is made anew once every connection has closed), else through a descriptor
-    opened now; returns the one used, kept open: the kernel reports a failed
-    write-back to the descriptions open at the time, not always to later ones."""
-    if fd >= 0 and os.fstat(fd).st_ino != os.stat(path).st_ino:
-        os.close(fd)
-        fd = -1
-    if fd < 0:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    os.fsync(fd)
-    return fd
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 _TURNSTILES: weakref.WeakSet[Turnstile] = weakref.WeakSet()

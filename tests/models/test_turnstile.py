@@ -407,14 +407,13 @@ def test_commits_during_a_sync_share_the_next_one_and_none_returns_unsynced(
     turn = threading.Lock()  # the writers' turn, under which commits are counted
     syncs: list[tuple[int, float, float]] = []  # (commits covered, began, ended)
 
-    def sync_file(_path: Path, fd: int) -> int:
+    def sync_file(_file: object) -> None:
         began = time.monotonic()
         covered = wal_sync._committed
         time.sleep(0.01)
         syncs.append((covered, began, time.monotonic()))
-        return fd
 
-    monkeypatch.setattr(turnstile_module, "_sync_file", sync_file)
+    monkeypatch.setattr(turnstile_module._WalFile, "sync", sync_file)
     returned: list[tuple[int, float]] = []
 
     def writer() -> None:
@@ -494,13 +493,12 @@ def test_a_sync_ended_by_an_unexpected_exception_leaves_no_writer_waiting(
     wal_sync = turnstile_module.WalSync(tmp_path / "x.db-wal")
     calls: list[int] = []
 
-    def sync_file(_path: Path, fd: int) -> int:
+    def sync_file(_file: object) -> None:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("interrupted")
-        return fd
 
-    monkeypatch.setattr(turnstile_module, "_sync_file", sync_file)
+    monkeypatch.setattr(turnstile_module._WalFile, "sync", sync_file)
     first, second = wal_sync.committed(), wal_sync.committed()
     with pytest.raises(RuntimeError):
         wal_sync.make_durable(first)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from pathlib import Path
@@ -15,6 +16,8 @@ from models.turnstile import Turnstile, connect_args
 BUSY_TIMEOUT_MS = 10_000  # how long a SQLite writer waits for its turn (then a 503)
 # Execution option of transactions that only read (``reads_only``).
 READS_ONLY = "courier_reads_only"
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> Engine:
@@ -144,13 +147,16 @@ def _configure_sqlite(
         # thousand events, index look-ups would otherwise keep re-reading pages.
         cursor.execute("PRAGMA cache_size = -32768")
         if not in_memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            wal = _journal_in_wal(cursor, dbapi_connection)
             # Each commit synced before it returns: a push's receipt tells the PDA to
             # delete its copies, and in WAL mode NORMAL alone loses commits to a power
             # cut (synced only at checkpoints). A turnstile's writers sync the WAL
-            # themselves, after giving their turn back (``models.turnstile``).
-            synchronous = "NORMAL" if turnstile is not None else "FULL"
+            # themselves, after giving their turn back (``models.turnstile``); without
+            # a WAL, SQLite syncs each commit itself.
+            synchronous = "NORMAL" if turnstile is not None and wal else "FULL"
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
+            if turnstile is not None:
+                dbapi_connection.syncs_wal = wal
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -170,6 +176,32 @@ def _configure_sqlite(
         except BaseException:
             dbapi_connection.give_turn()
             raise
+
+
+def _journal_in_wal(cursor: Any, dbapi_connection: Any) -> bool:
+    """Ask for WAL mode; whether the file is in it. A file system without the shared
+    memory WAL needs (some network and container mounts) leaves the file in its
+    rollback journal, and says so only by the mode the pragma returns: the service
+    then works with readers and writers waiting for each other, and says why once."""
+    (mode,) = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+    if str(mode).lower() == "wal":
+        return True
+    (_, _, path) = cursor.execute("PRAGMA database_list").fetchone()
+    with _WARNED_LOCK:
+        if path not in _WARNED_NO_WAL:
+            _WARNED_NO_WAL.add(path)
+            log.warning(
+                "SQLite could not put %s in WAL mode (journal mode %r: its file system "
+                "has no shared memory for it): readers and writers wait for each other, "
+                "and SQLite syncs each commit itself. Keep the database on a local disk.",
+                path,
+                mode,
+            )
+    return False
+
+
+_WARNED_NO_WAL: set[str] = set()  # once per file and process
+_WARNED_LOCK = threading.Lock()
 
 
 def refuse_writes(connection: Connection, refuse: bool) -> None:

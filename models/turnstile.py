@@ -36,6 +36,8 @@ WAL file, which makes every transaction committed before that sync began durable
 (https://sqlite.org/forum/forumpost/d1a6bc7c4cd2baca). The next writer writes while
 this one waits for the disk, and writers of one process that committed during a sync
 share the next one (group commit): ``FULL`` would hold the turn through each sync.
+A file SQLite could not put in WAL mode has no WAL file to sync: its connections
+commit with ``FULL`` (``TurnstileConnection.syncs_wal``, set by ``models.engine``).
 """
 
 from __future__ import annotations
@@ -312,6 +314,10 @@ class TurnstileConnection(sqlite3.Connection):
 
     turnstile: Turnstile | None = None
     holds_turn: bool = False
+    # Whether the file is in WAL mode, its writers syncing the WAL after their turn
+    # (``synchronous = NORMAL``); set on connecting (``models.engine``). Not: SQLite
+    # syncs each commit itself (``FULL``), and there is no WAL file to sync.
+    syncs_wal: bool = False
 
     def take_turn(self) -> None:
         if self.turnstile is not None and not self.holds_turn:
@@ -328,7 +334,7 @@ class TurnstileConnection(sqlite3.Connection):
         ticket = 0
         try:
             super().commit()
-            if self.holds_turn:
+            if self.holds_turn and self.syncs_wal:
                 assert self.turnstile is not None
                 ticket = self.turnstile.committed()
                 self._truncate_a_large_wal()

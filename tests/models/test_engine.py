@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import InternalError, OperationalError
 
 from models.engine import BUSY_TIMEOUT_MS, make_engine, reads_only
+from models.turnstile import TurnstileConnection
 
 
 def test_postgresql_sessions_run_in_utc_whatever_else_is_asked(engine: Engine) -> None:
@@ -165,3 +168,48 @@ def test_a_sqlite_file_commits_durably_before_a_push_is_acknowledged(
     assert mode == "wal"
     assert synchronous == 1  # NORMAL, and the turnstile syncs
     assert reader_synchronous == deferred_synchronous == 2  # FULL
+
+
+def test_a_sqlite_file_left_out_of_wal_mode_still_commits_each_write_synced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file system without the shared memory WAL mode needs (some network and
+    container mounts) leaves the file in its rollback journal, and SQLite says so only
+    by the mode ``PRAGMA journal_mode = WAL`` returns. The writers must not then sync
+    a WAL file that does not exist: every commit would be refused after it was made,
+    so no push would ever get its receipt. SQLite syncs each commit itself instead
+    (``FULL``), and the service says once why it is slower. SQLite's ``unix-dotfile``
+    file system layer is one without shared memory."""
+    database = tmp_path / "no-wal.db"
+
+    def without_shared_memory() -> sqlite3.Connection:
+        return sqlite3.connect(
+            f"file:{database}?vfs=unix-dotfile",
+            uri=True,
+            factory=TurnstileConnection,
+            check_same_thread=False,
+        )
+
+    engine = make_engine(f"sqlite:///{database}", creator=without_shared_memory)
+    try:
+        with caplog.at_level(logging.WARNING, logger="models.engine"):
+            with engine.begin() as connection:
+                mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar_one()
+                synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar_one()
+                connection.exec_driver_sql("CREATE TABLE receipt (seq INTEGER)")
+            for seq in (1, 2):
+                with engine.begin() as connection:
+                    connection.exec_driver_sql(f"INSERT INTO receipt VALUES ({seq})")
+            with reads_only(engine).connect() as connection:
+                held = connection.exec_driver_sql("SELECT seq FROM receipt").scalars().all()
+            engine.dispose()  # a new connection: the warning was given already
+            with engine.begin() as connection:
+                connection.exec_driver_sql("INSERT INTO receipt VALUES (3)")
+    finally:
+        engine.dispose()
+    assert mode == "delete"
+    assert synchronous == 2  # FULL: SQLite syncs
+    assert held == [1, 2]
+    assert not database.with_name(database.name + "-wal").exists()
+    warnings = [r for r in caplog.records if "WAL mode" in r.getMessage()]
+    assert len(warnings) == 1 and str(database) in warnings[0].getMessage()

@@ -54,6 +54,8 @@ from sync.handover import (
     compute_balance,
     handover_flags_wanted,
     parcel_trails,
+    same_snapshot,
+    snapshot_version,
 )
 from sync.projection import EventFact
 from sync.shifts import adjacent_shift
@@ -352,6 +354,32 @@ class BoardRow:
     courier: User
     balance: Balance
 
+    @property
+    def changed_since_signoff(self) -> bool:
+        return changed_since_signoff(self.shift, self.balance)
+
+
+def changed_since_signoff(shift: Shift, balance: Balance) -> bool:
+    """Whether a signed-off shift's balance now says otherwise than the one its manager
+    signed off. Only an event filed under the shift reopens it (rule 5); its balance
+    can still change without one: a consent that arrives later authorizes a drop, a
+    flag of its parcels is raised or closed through another shift's events. The
+    sign-off stands, and with it the balance signed off (kept with the shift and in
+    the audit log); a reader is told that the balance now differs."""
+    signed = shift.signoff_balance
+    return (
+        shift.status == ShiftStatus.SIGNED_OFF
+        and signed is not None
+        and not same_snapshot(balance.snapshot(), signed)
+    )
+
+
+def signed_off_version(shift: Shift) -> str | None:
+    """The ``version`` of the balance the shift was signed off with, while it is."""
+    if shift.status != ShiftStatus.SIGNED_OFF or shift.signoff_balance is None:
+        return None
+    return snapshot_version(shift.signoff_balance)
+
 
 def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:
     """Every shift of the station's day with its courier and balance, oldest first.
@@ -381,6 +409,7 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
             "open",
             "closed",
             "signed_off",
+            "changed_since_signoff",
         ),
         0,
     )
@@ -391,6 +420,7 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
         tally["shifts"] += 1
         tally[summary["status"]] += 1
         tally[row.shift.status.value] += 1
+        tally["changed_since_signoff"] += row.changed_since_signoff
     return {**totals, **tally}
 
 

@@ -190,7 +190,12 @@ def balance_version(balance: Balance) -> str:
     """A digest of what a manager signing off sees (``Balance.snapshot``). A sign-off
     that names the version it was shown is refused once the balance has changed since
     (a push landing between the read and the sign-off): ``sync.shifts.sign_off``."""
-    text = json.dumps(_canonical(balance.snapshot()), sort_keys=True, separators=(",", ":"))
+    return snapshot_version(balance.snapshot())
+
+
+def snapshot_version(snapshot: dict[str, Any]) -> str:
+    """``balance_version`` of a stored snapshot (the one kept with a sign-off)."""
+    text = json.dumps(_canonical(snapshot), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -33,7 +33,7 @@ from models import (
     Station,
     User,
 )
-from sync.balances import shift_balance, station_board
+from sync.balances import changed_since_signoff, shift_balance, station_board
 from sync.blobs import BlobReader, BlobStore, readable_blobs
 from sync.consents import consents_for
 from sync.directory import get_station
@@ -212,6 +212,7 @@ class ShiftPage:
     discrepancies: list[DiscrepancyEvidence]
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
     balance_version: str  # sent back with a sign-off: refused if the balance changed
+    changed_since_signoff: bool  # signed off, and the balance now differs (rule 5)
 
 
 def shift_page(
@@ -303,6 +304,7 @@ def shift_page(
         discrepancies=discrepancies,
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),
+        changed_since_signoff=changed_since_signoff(shift, balance),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import pytest
@@ -252,6 +253,71 @@ def test_a_late_event_after_sign_off_reopens_the_shift(
     assert balance(client, shift["id"], manager)["status"] == "balanced"
     again = sign_off(client, shift["id"], manager, note="b came back")
     assert again.status_code == 200 and again.get_json()["status"] == "signed_off"
+
+
+def test_a_signed_off_balance_a_later_consent_changed_says_so_and_stays_signed_off(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The courier leaves an express parcel in a locker with no consent on record: the
+    shift is unbalanced, and the manager signs it off so, with a note. The recipient's
+    consent, given by phone before the drop, reaches the server afterwards: the drop is
+    authorized and the balance closes. No event of the shift arrived, so the shift stays
+    signed off (rule 5); its balance, the board and the board's totals say that the
+    balance is no longer the one signed off, and which one was."""
+    (dropped,) = parcels(session, world, 1)  # express: a locker drop needs a consent
+    shift = pda.open()
+    checked_out_at = now()
+    drop_at = checked_out_at + dt.timedelta(milliseconds=300)
+    time.sleep(0.4)  # the push is sent after the drop
+    pda.push(
+        [
+            pda.event(dropped, occurred_at=checked_out_at),
+            pda.event(
+                dropped,
+                "delivered_to_locker",
+                occurred_at=drop_at,
+                locker_id="L-1",
+                compartment="07",
+                pod={"photo_sha256": "d" * 64},
+            ),
+        ]
+    )
+    pda.close(shift["id"])
+    seen = balance(client, shift["id"], manager)
+    assert (seen["status"], seen["unattended_without_consent"]) == ("unbalanced", 1)
+    assert (seen["signed_off_version"], seen["changed_since_signoff"]) == (None, False)
+    note = "left in L-1 without a consent; courier told"
+    signed = sign_off(client, shift["id"], manager, note=note, balance_version=seen["version"])
+    assert signed.status_code == 200, signed.get_json()
+    as_signed = balance(client, shift["id"], manager)
+    assert as_signed["signed_off_version"] == seen["version"] == as_signed["version"]
+    assert as_signed["changed_since_signoff"] is False
+
+    granted = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": dropped,
+            "method": "locker",
+            "channel": "phone_call",
+            "granted_at": checked_out_at.isoformat(),  # by phone, before the drop
+        },
+        headers=auth.headers("app1"),
+    )
+    assert granted.status_code == 201, granted.get_json()
+    changed = balance(client, shift["id"], manager)
+    assert (changed["status"], changed["unattended"]) == ("balanced", 1)
+    assert changed["shift_status"] == "signed_off"
+    assert changed["changed_since_signoff"] is True
+    assert changed["signed_off_version"] == seen["version"] != changed["version"]
+    board = client.get(f"/api/v1/stations/{world.station.id}/handover", headers=manager)
+    [row] = board.get_json()["shifts"]
+    assert (row["shift_status"], row["changed_since_signoff"]) == ("signed_off", True)
+    assert board.get_json()["totals"]["changed_since_signoff"] == 1
 
 
 def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(

@@ -20,7 +20,7 @@ from werkzeug.test import TestResponse
 
 from courier_api.extensions import api
 from courier_api.web import session as web_session
-from models import AuditEntry, Blob, Flag, FlagStatus, Role, ShiftStatus, utcnow
+from models import AuditEntry, Blob, Flag, FlagStatus, Role, ScanEvent, ShiftStatus, utcnow
 from sync.pages import drop_consents
 from sync.proofs import get_proof
 from sync.rules import Policy
@@ -584,6 +584,48 @@ def test_the_sign_off_form_signs_only_the_balance_the_page_showed(
     assert day.balanced.status == ShiftStatus.CLOSED
     pages.post(f"{path}/signoff", note="checked", balance_version=shown)
     assert f"Shift {day.balanced.id} is signed off." in pages.get(path)
+
+
+def test_a_signed_off_shift_whose_balance_changed_since_says_so_on_its_page_and_the_board(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Zhang Min's shift is signed off with its two discrepancies (a locker drop without
+    consent, a parcel missing). The recipient's consent, dated before the drop, reaches
+    the server hours later: the drop is now judged ``consent_after_drop`` (recorded
+    beyond the grace). No event of the shift arrived, so it stays signed off; its page
+    shows the discrepancies signed off and those now, and the board marks it."""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.unbalanced.id}"
+    pages.post(f"{path}/signoff", note="locker drop without consent; one parcel missing")
+    assert f"Shift {day.unbalanced.id} is signed off." in pages.get(path)
+    assert "changed since" not in pages.get(path) + pages.get(f"/web/board?date={day.day}")
+    drop = session.get(ScanEvent, day.drop_event_id)
+    assert drop is not None and drop.occurred_at is not None
+    client = app.test_client()
+    granted = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": day.dropped_parcel,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": (drop.occurred_at - dt.timedelta(minutes=30)).isoformat(),
+        },
+        headers=Auth(client).headers("recipient-app"),
+    )
+    assert granted.status_code == 201, granted.get_json()
+    html = pages.get(path)
+    assert "The balance has changed since the sign-off" in html
+    missing = f"missing at handover {day.missing_parcel}"
+    assert (
+        f"<li>Signed off: unbalanced: {missing}; unauthorized locker drop {day.dropped_parcel}"
+        in html
+    )
+    assert f"<li>Now: unbalanced: {missing}; consent after drop {day.dropped_parcel}" in html
+    assert "Signed off " in html and f"{path}/signoff" not in html  # the sign-off stands
+    board = pages.get(f"/web/board?date={day.day}")
+    assert "1 changed since</span>" in board
+    row = re.search(rf'<tr class="row-\w+" id="shift-{day.unbalanced.id}">(.*?)</tr>', board, re.S)
+    assert row is not None and "changed since" in row.group(1)
 
 
 def test_the_proof_search_shows_the_consent_behind_each_drop(

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from models import Shift
-from sync.balances import station_board
+from models import Shift, ShiftStatus
+from sync.balances import board_totals, station_board
 from tests import factories
 
 DAY = dt.date(2026, 11, 23)
@@ -43,11 +43,21 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
     big = factories.station_day(session, "BIG", shifts=100, parcels_per_shift=150, day=DAY)
     small = factories.station_day(session, "SMALL", shifts=10, parcels_per_shift=150, day=DAY)
     session.flush()
+    # The big station's shifts signed off with a balance other than theirs now: each
+    # row tells it from the shift's own row, with no query of its own.
+    session.execute(
+        update(Shift)
+        .where(Shift.station_id == big)
+        .values(status=ShiftStatus.SIGNED_OFF, signoff_balance={"status": "balanced"})
+    )
     session.expire_all()
-    with counted(session) as big_queries:
+    with counted(session) as big_queries:  # with the totals, as the board answers them
         big_board = station_board(session=session, station_id=big, work_date=DAY)
+        big_totals = board_totals(big_board)
     with counted(session) as small_queries:
         small_board = station_board(session=session, station_id=small, work_date=DAY)
+        board_totals(small_board)
+    assert big_totals["signed_off"] == big_totals["changed_since_signoff"] == 100
     assert len(big_board) == 100 and len(small_board) == 10
     assert len(big_queries) == len(small_queries) <= 8, big_queries
     for row in big_board:

@@ -23,7 +23,13 @@ from courier_api.config import shift_rules_of
 from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
 from sync import directory, shifts
-from sync.balances import board_totals, shift_balance, station_board
+from sync.balances import (
+    board_totals,
+    changed_since_signoff,
+    shift_balance,
+    signed_off_version,
+    station_board,
+)
 from sync.errors import PermissionDenied
 from sync.handover import balance_version
 
@@ -172,8 +178,12 @@ class ShiftBalance(MethodView):
         `unbalanced` while anything is missing or a discrepancy stands (a flag
         resolved by a manager still stands: it is a fact about the events), and
         `balanced` otherwise. While the shift is open, `missing` counts the
-        parcels still out. Who may read it: as for the shift (a shift of
-        another station is a 404 `shift_not_found` to couriers and managers).
+        parcels still out. A signed-off shift's balance can still change without
+        an event of its own (a consent that arrived later authorizes a drop):
+        `changed_since_signoff` then says so, and `signed_off_version` is the
+        `version` it was signed off with. Who may read it: as for the shift (a
+        shift of another station is a 404 `shift_not_found` to couriers and
+        managers).
         """
         shift = _readable(shift_id)
         balance = shift_balance(session=db.session, shift=shift)
@@ -182,6 +192,8 @@ class ShiftBalance(MethodView):
             **vars(balance),
             "shift_status": shift.status,
             "version": balance_version(balance),
+            "signed_off_version": signed_off_version(shift),
+            "changed_since_signoff": changed_since_signoff(shift, balance),
         }
 
 
@@ -256,6 +268,7 @@ class StationHandover(MethodView):
                     "planned_end_at": row.shift.planned_end_at,
                     "closed_at": row.shift.closed_at,
                     "signed_off_at": row.shift.signed_off_at,
+                    "changed_since_signoff": row.changed_since_signoff,
                     "balance": row.balance.summary(),
                 }
                 for row in rows

@@ -169,6 +169,23 @@ class BalanceOut(BalanceCounts):
         },
     )
     shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)
+    signed_off_version = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The `version` of the balance the shift was signed off with "
+            "(kept with the sign-off and in the audit log); null unless signed off"
+        },
+    )
+    changed_since_signoff = ma.fields.Boolean(
+        required=True,
+        metadata={
+            "description": "Signed off, and the balance now differs from the one signed "
+            "off (`version` is not `signed_off_version`): a consent that arrived later, "
+            "or another shift's events, changed it. Only an event filed under the shift "
+            "reopens it; the sign-off stands"
+        },
+    )
     missing_seqs = ma.fields.List(
         ma.fields.Integer(), required=True, metadata={"description": "The first 100"}
     )
@@ -198,6 +215,12 @@ class BoardShiftOut(ma.Schema):
     planned_end_at = ma.fields.AwareDateTime(required=True)
     closed_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     signed_off_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    changed_since_signoff = ma.fields.Boolean(
+        required=True,
+        metadata={
+            "description": "Signed off, and the balance now differs from the one signed off"
+        },
+    )
     balance = ma.fields.Nested(BalanceCounts, required=True)
 
 
@@ -212,6 +235,7 @@ class BoardTotalsOut(BalanceCounts):
     open = _count("Shifts still open")
     closed = _count("Shifts handed over, waiting for a sign-off")
     signed_off = _count("Shifts signed off")
+    changed_since_signoff = _count("Shifts signed off whose balance has changed since")
 
 
 class BoardOut(ma.Schema):

@@ -107,6 +107,7 @@ DROP_TOPICS = {
     EventType.DELIVERED_TO_LOCKER: "parcel.in_locker",
     EventType.DELIVERED_TO_PICKUP_POINT: "parcel.at_pickup_point",
 }
+DROP_VOIDED_TOPIC = "parcel.drop_voided"
 
 LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
 # A Core insert: events are written in bulk, never loaded back as ORM objects here.
@@ -482,6 +483,7 @@ class _BatchIngest:
                 corrections=corrections,
                 now=self.received_at,
             )
+            self._retract_drops(corrections, stored)
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         self._settle_shifts(shifts)
@@ -819,6 +821,94 @@ class _BatchIngest:
                 ordering_key=outbox.parcel_key(parcel.tracking_no),
                 station_id=parcel.station_id,
                 data=data,
+                now=self.received_at,
+            )
+
+    def _retract_drops(
+        self, corrections: dict[uuid.UUID, int], stored: list[tuple[int, ValidEvent]]
+    ) -> None:
+        """Tell recipients that a drop they were told of is void (outbox): the courier's
+        correction says the parcel is not in that locker or at that point. Only of a
+        drop stored before this push (one stored with it was never announced) that no
+        correction stored before voided already (told then, or never announced)."""
+        if not outbox.wanted(self.session, DROP_VOIDED_TOPIC):
+            return
+        device_id = self.pusher.device_id
+        targets = [target for target in corrections if target not in self.rows]
+        drops = [
+            drop
+            for chunk in chunks(targets)
+            for drop in self.session.execute(
+                select(
+                    ScanEvent.id,
+                    ScanEvent.client_event_id,
+                    ScanEvent.seq,
+                    ScanEvent.type,
+                    ScanEvent.tracking_no,
+                    ScanEvent.details,
+                ).where(
+                    ScanEvent.device_id == device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                    ScanEvent.type.in_(list(DROP_TOPICS)),
+                )
+            )
+            if drop.seq < corrections[drop.client_event_id]
+        ]
+        if not drops:
+            return
+        seq_of = {drop.client_event_id: drop.seq for drop in drops}
+        void_before = {
+            target
+            for chunk in chunks(list(seq_of))
+            for target, seq, client_event_id in self.session.execute(
+                select(
+                    ScanEvent.voids_client_event_id, ScanEvent.seq, ScanEvent.client_event_id
+                ).where(
+                    ScanEvent.device_id == device_id,
+                    ScanEvent.voids_client_event_id.in_(chunk),
+                )
+            )
+            if client_event_id not in self.rows and seq > seq_of[target]
+        }
+        drops = [drop for drop in drops if drop.client_event_id not in void_before]
+        if not drops:
+            return
+        correction_of: dict[uuid.UUID, ValidEvent] = {}  # the one that voids it, by target
+        for _, event in stored:
+            target = event.voids_client_event_id
+            if target is not None and event.seq == corrections[target]:
+                correction_of[target] = event
+        correction_ids = self._event_ids(list(correction_of.values()))
+        parcels = {
+            parcel.tracking_no: parcel
+            for chunk in chunks(sorted({drop.tracking_no for drop in drops}))
+            for parcel in self.session.scalars(
+                select(Parcel).where(among(self.session, Parcel.tracking_no, chunk))
+            )
+        }
+        for drop in drops:
+            parcel = parcels.get(drop.tracking_no)
+            if parcel is None:
+                continue  # not taken in: no recipient was told
+            correction = correction_of[drop.client_event_id]
+            details = drop.details
+            outbox.announce(
+                session=self.session,
+                topic=DROP_VOIDED_TOPIC,
+                ordering_key=outbox.parcel_key(parcel.tracking_no),  # after its announcement
+                station_id=parcel.station_id,
+                data={
+                    "tracking_no": parcel.tracking_no,
+                    "station_id": parcel.station_id,
+                    "recipient_name": parcel.recipient_name,
+                    "recipient_phone": parcel.recipient_phone,
+                    "locker_id": details.get("locker_id"),
+                    "compartment": details.get("compartment"),
+                    "point_id": details.get("point_id"),
+                    "event_id": drop.id,
+                    "correction_event_id": correction_ids[correction.client_event_id],
+                    "voided_at": self.received_at,
+                },
                 now=self.received_at,
             )
 

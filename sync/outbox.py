@@ -29,6 +29,8 @@ TOPICS: dict[str, str] = {
     "consent.requested": "A courier asks a recipient to agree to unattended delivery",
     "parcel.in_locker": "A parcel was left in a locker: where, and the pickup code",
     "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
+    "parcel.drop_voided": "A courier's correction voided such a drop: the parcel is not "
+    "where the earlier message said",
     "flag.raised": "A discrepancy or violation was flagged (or flagged again)",
     "flag.resolved": "A manager resolved a flag, with a note (or the system gave it back "
     "the resolution a manager made)",

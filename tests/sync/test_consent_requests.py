@@ -17,6 +17,7 @@ from models import (
     FeedKind,
     Flag,
     OutboxMessage,
+    ScanEvent,
     ServiceClass,
     WebhookDelivery,
     WebhookSubscription,
@@ -287,6 +288,117 @@ def test_a_drop_announces_where_the_parcel_is_with_its_pickup_code(
     [point] = messages(session, "parcel.at_pickup_point")
     assert (point.payload["point_id"], point.payload["pickup_code"]) == ("PP-5", None)
     assert receipt["results"][1]["status"] == "applied"
+
+
+def test_a_drop_voided_after_it_was_announced_is_retracted_once(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The recipient was told the parcel is in locker L-2; then the courier's correction
+    voids that drop (the compartment would not close, the parcel went back in the van).
+    The recipient is told it is not there, after the first message (same ordering key),
+    once: a second correction of the same drop tells nobody again."""
+    subscribe(session, "parcel.in_locker", "parcel.at_pickup_point", "parcel.drop_voided")
+    drop = pda.event(
+        parcel,
+        "delivered_to_locker",
+        10,
+        locker_id="L-2",
+        compartment="11",
+        pod={"pickup_code": "4711"},
+    )
+    pda.push([pda.event(parcel, "checked_out", 0), drop])
+    [announced] = messages(session, "parcel.in_locker")
+    fix = pda.event(
+        parcel, "correction", 12, voids_client_event_id=drop["client_event_id"], reason="jammed"
+    )
+    pda.push([fix], received_at=NOW + dt.timedelta(minutes=1))
+    [retracted] = messages(session, "parcel.drop_voided")
+    drop_id, fix_id = (
+        session.scalars(
+            select(ScanEvent.id).where(
+                ScanEvent.client_event_id == uuid.UUID(e["client_event_id"])
+            )
+        ).one()
+        for e in (drop, fix)
+    )
+    assert retracted.payload == {
+        "tracking_no": parcel,
+        "station_id": world.station.id,
+        "recipient_name": announced.payload["recipient_name"],
+        "recipient_phone": "+8613812345678",
+        "locker_id": "L-2",
+        "compartment": "11",
+        "point_id": None,
+        "event_id": drop_id,
+        "correction_event_id": fix_id,
+        "voided_at": (NOW + dt.timedelta(minutes=1)).isoformat(),
+    }
+    assert announced.payload["event_id"] == drop_id
+    assert retracted.ordering_key == announced.ordering_key
+    deliveries = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    assert [d.message_id for d in deliveries] == [announced.id, retracted.id]  # in this order
+    again = pda.event(
+        parcel, "correction", 13, voids_client_event_id=drop["client_event_id"], reason="again"
+    )
+    pda.push([again])
+    assert len(messages(session, "parcel.drop_voided")) == 1
+
+
+def test_only_an_announced_drop_is_retracted(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """Nothing to take back: a drop voided in its own push or before it (never
+    announced), a correction of an event that is no drop, one with a lower seq than the
+    drop (it cannot void it), and a drop of a parcel never taken in (no recipient)."""
+    subscribe(session, "parcel.in_locker", "parcel.at_pickup_point", "parcel.drop_voided")
+    mistap = pda.event(parcel, "delivered_to_pickup_point", 10, point_id="PP-5")
+    pda.push(
+        [
+            mistap,
+            pda.event(
+                parcel,
+                "correction",
+                11,
+                voids_client_event_id=mistap["client_event_id"],
+                reason="mis-tap",
+            ),
+        ]
+    )
+    out = pda.event(parcel, "out_for_delivery", 12)
+    pda.push([out])
+    pda.push(
+        [
+            pda.event(
+                parcel,
+                "correction",
+                13,
+                voids_client_event_id=out["client_event_id"],
+                reason="wrong",
+            )
+        ]
+    )
+    early_fix = pda.event(
+        parcel, "correction", 14, voids_client_event_id=str(uuid.uuid4()), reason="x"
+    )
+    stranger = factories.s10()
+    unknown_drop = pda.event(stranger, "delivered_to_locker", 15, locker_id="L-9", compartment="1")
+    late_drop = pda.event(parcel, "delivered_to_locker", 16, locker_id="L-3", compartment="2")
+    early_fix["voids_client_event_id"] = late_drop["client_event_id"]  # seq 14 < 16
+    pda.push([unknown_drop, late_drop])  # announced
+    pda.push([early_fix])  # recorded before the drop, sent after it: voids nothing
+    pda.push(
+        [
+            pda.event(
+                stranger,
+                "correction",
+                17,
+                voids_client_event_id=unknown_drop["client_event_id"],
+                reason="x",
+            )
+        ]
+    )
+    assert [m.payload["locker_id"] for m in messages(session, "parcel.in_locker")] == ["L-3"]
+    assert messages(session, "parcel.drop_voided") == []
 
 
 def test_flags_raised_and_resolved_are_announced_in_order_per_parcel(

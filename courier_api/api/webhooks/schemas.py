@@ -254,6 +254,25 @@ class WebhookParcelAtPickupPoint(ma.Schema):
     event_id = ma.fields.Integer(required=True)
 
 
+class WebhookParcelDropVoided(ma.Schema):
+    """`parcel.drop_voided`: tell the recipient that the parcel is not where an earlier
+    `parcel.in_locker` or `parcel.at_pickup_point` said (the courier's correction voided
+    that drop; a drop voided before it was announced is never announced at all)."""
+
+    tracking_no = ma.fields.String(required=True)
+    station_id = ma.fields.Integer(required=True)
+    recipient_name = ma.fields.String(required=True)
+    recipient_phone = ma.fields.String(allow_none=True, required=True)
+    locker_id = ma.fields.String(allow_none=True, required=True)
+    compartment = ma.fields.String(allow_none=True, required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    event_id = ma.fields.Integer(
+        required=True, metadata={"description": "The drop voided: its announcement's `event_id`"}
+    )
+    correction_event_id = ma.fields.Integer(required=True)
+    voided_at = _time("When the correction reached the server")
+
+
 class _WebhookFlag(ma.Schema):
     flag_id = ma.fields.Integer(required=True)
     kind = ma.fields.String(required=True, metadata={"example": "unauthorized_locker_drop"})
@@ -340,6 +359,7 @@ TOPIC_DATA: dict[str, type[ma.Schema]] = {
     "consent.requested": WebhookConsentRequested,
     "parcel.in_locker": WebhookParcelInLocker,
     "parcel.at_pickup_point": WebhookParcelAtPickupPoint,
+    "parcel.drop_voided": WebhookParcelDropVoided,
     "flag.raised": WebhookFlagRaised,
     "flag.resolved": WebhookFlagResolved,
     "flag.closed": WebhookFlagClosed,

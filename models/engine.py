@@ -65,9 +65,11 @@ def reads_only(engine: Engine) -> Engine:
     On SQLite they begin ``DEFERRED`` without waiting for the writers' turn: in WAL
     mode a reader sees the last commit and never blocks a writer, so a station
     manager's board or a PDA's pull does not hold up every push for the length of
-    its read. A write in one fails at once (``PRAGMA query_only``, "attempt to write
-    a readonly database"), as it does on PostgreSQL (``READ ONLY`` transactions):
-    marking a view that writes is a bug that shows, not a race.
+    its read. (A file SQLite could not put in WAL mode, ``_journal_in_wal``, loses
+    that: a writer's commit there waits for the readers.) A write in one fails at
+    once (``PRAGMA query_only``, "attempt to write a readonly database"), as it does
+    on PostgreSQL (``READ ONLY`` transactions): marking a view that writes is a bug
+    that shows, not a race.
 
     A SQLite file's readers have connections of their own, read-only from the
     start, made on first use and disposed of with ``engine``: setting ``query_only``
@@ -147,13 +149,20 @@ def _configure_sqlite(
         # thousand events, index look-ups would otherwise keep re-reading pages.
         cursor.execute("PRAGMA cache_size = -32768")
         if not in_memory:
-            wal = _journal_in_wal(cursor, dbapi_connection)
+            wal = _journal_in_wal(cursor)
             # Each commit synced before it returns: a push's receipt tells the PDA to
             # delete its copies, and in WAL mode NORMAL alone loses commits to a power
             # cut (synced only at checkpoints). A turnstile's writers sync the WAL
-            # themselves, after giving their turn back (``models.turnstile``); without
-            # a WAL, SQLite syncs each commit itself.
-            synchronous = "NORMAL" if turnstile is not None and wal else "FULL"
+            # themselves, after giving their turn back (``models.turnstile``). Without
+            # a WAL SQLite syncs each commit itself, and only EXTRA also syncs the
+            # directory once the rollback journal is deleted: under FULL a power cut
+            # can bring the journal back, and with it the commit rolled back.
+            if not wal:
+                synchronous = "EXTRA"
+            elif turnstile is not None:
+                synchronous = "NORMAL"
+            else:
+                synchronous = "FULL"
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             if turnstile is not None:
                 dbapi_connection.syncs_wal = wal
@@ -164,7 +173,8 @@ def _configure_sqlite(
         reader = bool(connection.get_execution_options().get(READS_ONLY))
         refuse_writes(connection, reader)  # once per connection of a file's reader
         if reader:
-            connection.exec_driver_sql("BEGIN DEFERRED")  # no turn: WAL readers never wait
+            # No turn: in WAL mode readers never wait (nor, out of it, for the turn).
+            connection.exec_driver_sql("BEGIN DEFERRED")
             return
         if turnstile is None:
             connection.exec_driver_sql(f"BEGIN {begin}")
@@ -178,25 +188,29 @@ def _configure_sqlite(
             raise
 
 
-def _journal_in_wal(cursor: Any, dbapi_connection: Any) -> bool:
-    """Ask for WAL mode; whether the file is in it. A file system without the shared
-    memory WAL needs (some network and container mounts) leaves the file in its
-    rollback journal, and says so only by the mode the pragma returns: the service
-    then works with readers and writers waiting for each other, and says why once."""
+def _journal_in_wal(cursor: Any) -> bool:
+    """Ask for WAL mode; whether the file is in it. Where SQLite has no shared memory
+    for the WAL index (a file system layer without it, such as ``unix-dotfile`` or
+    ``unix-none``, or a file opened with ``nolock=1``) it leaves the file in its
+    rollback journal and says so only by the mode the pragma returns: the service
+    then works with readers and writers waiting for each other, and says why once
+    per file and process."""
     (mode,) = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
     if str(mode).lower() == "wal":
         return True
     (_, _, path) = cursor.execute("PRAGMA database_list").fetchone()
-    with _WARNED_LOCK:
-        if path not in _WARNED_NO_WAL:
-            _WARNED_NO_WAL.add(path)
-            log.warning(
-                "SQLite could not put %s in WAL mode (journal mode %r: its file system "
-                "has no shared memory for it): readers and writers wait for each other, "
-                "and SQLite syncs each commit itself. Keep the database on a local disk.",
-                path,
-                mode,
-            )
+    with _WARNED_LOCK:  # not held while logging: a fork meanwhile would inherit it held
+        first = path not in _WARNED_NO_WAL
+        _WARNED_NO_WAL.add(path)
+    if first:
+        log.warning(
+            "SQLite left %s in its rollback journal (journal mode %r), not WAL: the "
+            "SQLite file system layer or URI in use offers no shared memory for it. "
+            "Readers and writers now wait for each other (a long read can hold a push "
+            "up to the busy timeout), and SQLite syncs each commit itself.",
+            path,
+            mode,
+        )
     return False
 
 

@@ -37,7 +37,7 @@ WAL file, which makes every transaction committed before that sync began durable
 this one waits for the disk, and writers of one process that committed during a sync
 share the next one (group commit): ``FULL`` would hold the turn through each sync.
 A file SQLite could not put in WAL mode has no WAL file to sync: its connections
-commit with ``FULL`` (``TurnstileConnection.syncs_wal``, set by ``models.engine``).
+commit with ``EXTRA`` (``TurnstileConnection.syncs_wal``, set by ``models.engine``).
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ class TurnstileConnection(sqlite3.Connection):
     holds_turn: bool = False
     # Whether the file is in WAL mode, its writers syncing the WAL after their turn
     # (``synchronous = NORMAL``); set on connecting (``models.engine``). Not: SQLite
-    # syncs each commit itself (``FULL``), and there is no WAL file to sync.
+    # syncs each commit itself (``EXTRA``), and there is no WAL file to sync.
     syncs_wal: bool = False
 
     def take_turn(self) -> None:

@@ -173,13 +173,15 @@ def test_a_sqlite_file_commits_durably_before_a_push_is_acknowledged(
 def test_a_sqlite_file_left_out_of_wal_mode_still_commits_each_write_synced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A file system without the shared memory WAL mode needs (some network and
-    container mounts) leaves the file in its rollback journal, and SQLite says so only
-    by the mode ``PRAGMA journal_mode = WAL`` returns. The writers must not then sync
-    a WAL file that does not exist: every commit would be refused after it was made,
-    so no push would ever get its receipt. SQLite syncs each commit itself instead
-    (``FULL``), and the service says once why it is slower. SQLite's ``unix-dotfile``
-    file system layer is one without shared memory."""
+    """Where SQLite has no shared memory for the WAL index (a file system layer without
+    it, or a file opened with ``nolock=1``) it leaves the file in its rollback journal,
+    and says so only by the mode ``PRAGMA journal_mode = WAL`` returns. The writers
+    must not then sync a WAL file that does not exist: every commit would be refused
+    after it was made, so no push would ever get its receipt. SQLite syncs each commit
+    itself instead, with ``EXTRA`` (``FULL`` leaves the deleted journal's directory
+    unsynced: a power cut could bring the journal back and roll the commit back), and
+    the service says once why it is slower. SQLite's ``unix-dotfile`` layer has no
+    shared memory."""
     database = tmp_path / "no-wal.db"
 
     def without_shared_memory() -> sqlite3.Connection:
@@ -208,8 +210,8 @@ def test_a_sqlite_file_left_out_of_wal_mode_still_commits_each_write_synced(
     finally:
         engine.dispose()
     assert mode == "delete"
-    assert synchronous == 2  # FULL: SQLite syncs
+    assert synchronous == 3  # EXTRA: SQLite syncs, the journal's directory too
     assert held == [1, 2]
     assert not database.with_name(database.name + "-wal").exists()
-    warnings = [r for r in caplog.records if "WAL mode" in r.getMessage()]
+    warnings = [r for r in caplog.records if "rollback journal" in r.getMessage()]
     assert len(warnings) == 1 and str(database) in warnings[0].getMessage()

@@ -616,11 +616,12 @@ def test_a_signed_off_shift_whose_balance_changed_since_says_so_on_its_page_and_
     html = pages.get(path)
     assert "The balance has changed since the sign-off" in html
     missing = f"missing at handover {day.missing_parcel}"
-    assert (
-        f"<li>Signed off: unbalanced: {missing}; unauthorized locker drop {day.dropped_parcel}"
-        in html
-    )
-    assert f"<li>Now: unbalanced: {missing}; consent after drop {day.dropped_parcel}" in html
+    drop, gaps = day.dropped_parcel, "0 sequence numbers missing"
+    was, now = f"unauthorized locker drop {drop}", f"consent after drop {drop}"
+    both = sorted([(day.missing_parcel, missing), (drop, "{}")])
+    listed = "; ".join(text for _, text in both)
+    assert f"<li>Signed off: unbalanced, {gaps}: {listed.format(was)}</li>" in html
+    assert f"<li>Now: unbalanced, {gaps}: {listed.format(now)}</li>" in html
     assert "Signed off " in html and f"{path}/signoff" not in html  # the sign-off stands
     board = pages.get(f"/web/board?date={day.day}")
     assert "1 changed since</span>" in board

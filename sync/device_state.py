@@ -87,3 +87,11 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         Stamp(row.occurred_at_device, row.tracking_no) if read else None,
         row.last_seen_at,
     )
+
+
+def held_max_seq(session: Session, device_id: str) -> int:
+    """The device's highest seq the server holds (applied or rejected; 0: none yet). A
+    PDA that lost its storage (a reset, the app reinstalled) numbers its next events
+    from here on: numbered from 1 again, they would all be refused as ``seq_conflict``."""
+    held = session.scalar(select(_states.c.max_seq).where(_states.c.device_id == device_id))
+    return held or 0

@@ -60,6 +60,37 @@ def test_courier_signs_in_with_an_active_device_of_their_station(
     assert body["device_id"] == "PDA-0001"
 
 
+def test_a_pda_that_lost_its_storage_learns_at_sign_in_where_to_number_from(
+    client: FlaskClient, world: World
+) -> None:
+    """Seqs are the PDA's own: one reset (or its app reinstalled) would number its next
+    events from 1 again, and every one would be refused as ``seq_conflict``, kept only
+    in quarantine while the PDA deletes them. Signing in again tells it the highest seq
+    the server holds for it, rejected ones too; numbered on from there, nothing is
+    refused. Other roles get none, and the refreshed pair says the same."""
+    first = sign_in(client, username="courier1", device_id="PDA-0001").get_json()
+    assert first["device_max_seq"] == 0
+    headers = bearer(first["access_token"])
+    events = [factories.event(seq, factories.s10()) for seq in (1, 2)]
+    events.append(factories.event(3, "not a tracking number"))  # rejected, but held
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers
+    )
+    assert [r["status"] for r in pushed.get_json()["results"]] == ["applied"] * 2 + ["rejected"]
+    again = sign_in(client, username="courier1", device_id="PDA-0001").get_json()
+    assert again["device_max_seq"] == 3
+    resumed = [factories.event(again["device_max_seq"] + 1, factories.s10())]
+    answered = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", resumed),
+        headers=bearer(again["access_token"]),
+    ).get_json()
+    assert answered["results"][0]["status"] == "applied" and answered["acked_through_seq"] == 4
+    refreshed = client.post("/api/v1/auth/refresh", json={"refresh_token": again["refresh_token"]})
+    assert refreshed.get_json()["device_max_seq"] == 4
+    assert sign_in(client, username="manager1").get_json()["device_max_seq"] is None
+
+
 def test_usernames_are_case_insensitive(client: FlaskClient, world: World) -> None:
     assert sign_in(client, username="  Manager1 ").status_code == 200
 

@@ -10,11 +10,13 @@ from courier_api.auth import TokenPair, exchange_refresh_token, issue_tokens
 from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
 from models import Device, User
+from sync.device_state import held_max_seq
 
 blp = ApiBlueprint("auth", __name__, url_prefix="/api/v1/auth", description="Sign in and refresh")
 
 
 def _token_response(user: User, device: Device | None, pair: TokenPair) -> dict[str, Any]:
+    max_seq = held_max_seq(db.session, device.id) if device else None
     return {
         "access_token": pair.access_token,
         "refresh_token": pair.refresh_token,
@@ -24,6 +26,7 @@ def _token_response(user: User, device: Device | None, pair: TokenPair) -> dict[
         "role": user.role.value,
         "station_id": user.station_id,
         "device_id": device.id if device else None,
+        "device_max_seq": max_seq,
     }
 
 

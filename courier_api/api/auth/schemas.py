@@ -25,3 +25,12 @@ class TokenResponse(ma.Schema):
     role = ma.fields.String(required=True)
     station_id = ma.fields.Integer(allow_none=True)
     device_id = ma.fields.String(allow_none=True)
+    device_max_seq = ma.fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "A courier's PDA: the highest sequence number the server holds "
+            "for it (0: none yet). A PDA that lost its storage (reset, app reinstalled) "
+            "numbers its next events from this + 1: numbered from 1 again, every one "
+            "would be rejected as `seq_conflict`. Null for other roles"
+        },
+    )

@@ -47,6 +47,7 @@ def register_commands(app: Flask) -> None:
         seed_demo,
         simulate,
         import_parcels,
+        rejudge,
         scheduler,
         deliver,
     ):
@@ -375,6 +376,43 @@ def import_parcels(
     click.echo(outcome.summary())
     if outcome.rejected:
         sys.exit(1)
+
+
+@click.command("rejudge")
+@click.option("--station", "station_code", help="Only this station's parcels (default: all)")
+@click.option(
+    "--batch",
+    default=500,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Parcels per transaction",
+)
+@with_appcontext
+@domain_errors_as_messages
+def rejudge(station_code: str | None, batch: int) -> None:
+    """Judge every parcel again under the rules and settings in force now.
+
+    After an upgrade that changed a rule, or a change to a policy setting
+    (CONSENT_RECORDING_GRACE_MINUTES, CONSENT_REQUIRED_CLASSES, ...): each parcel's
+    status, holder and rule flags are recomputed from its events and consents as a
+    push would, and closed shifts get their handover flags again where that changed
+    them. One transaction per --batch parcels, with a progress line after each; safe
+    while the service runs, and to run again. The run goes to the audit log.
+    """
+    from courier_api.config import policy_of
+    from sync.rejudge import rejudge_parcels
+
+    station_id = None
+    if station_code is not None:
+        station_id = directory.get_station_by_code(session=db.session, code=station_code).id
+    totals = rejudge_parcels(
+        session=db.session,
+        policy=policy_of(current_app.config),
+        station_id=station_id,
+        batch=batch,
+        progress=lambda done: click.echo(f"... {done.summary()}", err=True),
+    )
+    click.echo(totals.summary())
 
 
 # -- scheduled jobs ---------------------------------------------------------------------------

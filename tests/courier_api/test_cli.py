@@ -133,6 +133,28 @@ def test_import_parcels_reports_progress_and_rejected_lines(
     assert {"RR473124829GB", "EE471108151FR"} <= numbers
 
 
+def test_rejudge_reports_each_batch_then_the_totals(
+    runner: FlaskCliRunner, world: World, session: Session
+) -> None:
+    for _ in range(3):
+        factories.parcel(session, world.station)
+    session.commit()
+    result = runner.invoke(args=["rejudge", "--station", "st1", "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("... 2 parcels judged again: 0 changed status or holder")
+    assert lines[1].startswith("... 3 parcels judged again")
+    assert lines[2] == (
+        "3 parcels judged again: 0 changed status or holder, 0 rule flags raised, "
+        "0 closed or changed, 0 handover flags of closed shifts raised"
+    )
+    unknown = runner.invoke(args=["rejudge", "--station", "NOPE"])
+    assert unknown.exit_code == 1 and "NOPE" in unknown.output
+    assert "Traceback" not in unknown.output
+    refused = runner.invoke(args=["rejudge", "--batch", "0"])
+    assert refused.exit_code == 2 and "--batch" in refused.output
+
+
 def test_import_parcels_refuses_a_wrong_header(
     runner: FlaskCliRunner, world: World, tmp_path: Path
 ) -> None:

@@ -1,0 +1,109 @@
+"""Every parcel judged again under the rules and settings in force now.
+
+A parcel is judged when something about it changes: its events, a consent that
+covers it, an image its proof names, its intake. A rule changed by an upgrade (what
+counts as a proof of delivery, say) or a policy setting changed in the configuration
+(``CONSENT_RECORDING_GRACE_MINUTES``, the classes that need a consent ...) reaches a
+parcel only then, so two parcels dropped alike on one day could stand judged under
+two rules. ``courier-api rejudge`` runs this: each parcel's status, holder and rule
+flags recomputed as a push recomputes them (``sync.status.reproject``), and the
+closed shifts holding parcels whose ``delivered_not_checked_out`` flag moved get
+their handover flags again, in transactions of ``batch`` parcels in tracking-number
+order. Each batch locks its parcels as a push does, so it is safe while the service
+runs (on SQLite, pushes wait for each batch), and safe to run again: a second run
+changes nothing.
+
+Flags about the events as they arrived (clock, sequence numbers, a parcel not taken
+in, another station's scan) are not judged again: they say what the PDA sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Parcel
+from sync import audit
+from sync.balances import refresh_for_parcels
+from sync.rules import Policy
+from sync.status import reproject
+
+REJUDGED_ACTION = "parcels_rejudged"
+
+
+@dataclass
+class RejudgeTotals:
+    parcels: int = 0
+    status_changed: int = 0  # status or holder moved
+    flags_raised: int = 0  # rule flags raised or reopened
+    flags_rejudged: int = 0  # rule flags closed, resolved again, or given other evidence
+    handover_flags_raised: int = 0  # of closed shifts (those whose cause went are closed)
+
+    def summary(self) -> str:
+        return (
+            f"{self.parcels} parcels judged again: {self.status_changed} changed status or "
+            f"holder, {self.flags_raised} rule flags raised, {self.flags_rejudged} closed or "
+            f"changed, {self.handover_flags_raised} handover flags of closed shifts raised"
+        )
+
+
+def rejudge_parcels(
+    *,
+    session: Session,
+    policy: Policy,
+    station_id: int | None = None,
+    batch: int = 500,
+    progress: Callable[[RejudgeTotals], None] | None = None,
+) -> RejudgeTotals:
+    """Judge every parcel (of ``station_id``, or all) again; commits each batch, then
+    records the run in the audit log (who ran it is not known here: the command line)."""
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    totals = RejudgeTotals()
+    after = ""
+    while True:
+        query = select(Parcel.tracking_no).where(Parcel.tracking_no > after)
+        if station_id is not None:
+            query = query.where(Parcel.station_id == station_id)
+        numbers = list(session.scalars(query.order_by(Parcel.tracking_no).limit(batch)))
+        if not numbers:
+            break
+        outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
+        handover = refresh_for_parcels(
+            session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
+        )
+        session.commit()
+        totals.parcels += len(numbers)
+        totals.status_changed += len(outcome.changed)
+        totals.flags_raised += len(outcome.raised)
+        totals.flags_rejudged += len(outcome.rejudged)
+        totals.handover_flags_raised += len(handover)
+        after = numbers[-1]
+        if progress is not None:
+            progress(totals)
+    audit.append(
+        session=session,
+        actor_id=None,
+        action=REJUDGED_ACTION,
+        subject_type="station" if station_id is not None else "service",
+        subject_key=str(station_id) if station_id is not None else "all",
+        details={**dataclasses.asdict(totals), "policy": _settings(policy)},
+    )
+    session.commit()
+    return totals
+
+
+def _settings(policy: Policy) -> dict[str, Any]:
+    """The policy the parcels were judged under, as the audit log keeps it."""
+    return {
+        "consent_required": sorted(c.value for c in policy.consent_required),
+        "signature_required": sorted(c.value for c in policy.signature_required),
+        "far_from_address_m": str(policy.far_from_address_m),  # the audit chain: no floats
+        "consent_recording_grace": str(policy.consent_recording_grace),
+        "clock_uncertainty": str(policy.clock_uncertainty),
+    }

@@ -1,0 +1,118 @@
+"""Judging every parcel again after the policy changed (``sync.rejudge``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import AuditEntry, Flag, FlagStatus, Parcel, ServiceClass, User
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.rejudge import REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
+from sync.rules import Policy
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+from tests.conftest import World
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+RULES = IngestRules(
+    events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+)
+ORDINARY_TOO = Policy(consent_required=frozenset(ServiceClass))
+
+
+def drop_in_a_locker(session: Session, pusher: Pusher, tracking_no: str) -> None:
+    """Checked out and left in a locker with a pickup code, no consent on record."""
+    at = NOW - dt.timedelta(hours=1)
+    events = [
+        factories.event(1, tracking_no, occurred_at=at),
+        factories.event(
+            2,
+            tracking_no,
+            "delivered_to_locker",
+            occurred_at=at + dt.timedelta(minutes=30),
+            locker_id="L-1",
+            compartment="4",
+            pod={"pickup_code": "2468"},
+        ),
+    ]
+    ingest(
+        session=session,
+        batch=PushBatch(pusher.device_id, uuid.uuid4(), NOW, events),
+        pusher=pusher,
+        rules=RULES,
+        received_at=NOW,
+    )
+    session.commit()
+
+
+def unauthorized(session: Session) -> set[str]:
+    session.expire_all()
+    return set(
+        session.scalars(
+            select(Flag.subject_key).where(
+                Flag.kind == "unauthorized_locker_drop", Flag.status == FlagStatus.OPEN
+            )
+        )
+    )
+
+
+def test_parcels_dropped_under_one_policy_are_judged_again_under_the_next(
+    session: Session, world: World
+) -> None:
+    """Ordinary parcels need no consent for a locker, until the station's policy says
+    they do. Parcels dropped before keep their old judgment until something about
+    them changes; ``rejudge`` applies the new policy to them all, station by station
+    if asked, says what it did batch by batch, and a second run changes nothing."""
+    here = factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY)
+    other_station, [there] = factories.station_with_pdas(
+        session, "OTH", {"courier-oth": "PDA-OTH"}, parcels=1
+    )
+    there_parcel = session.scalars(select(Parcel).where(Parcel.tracking_no == there)).one()
+    there_parcel.service_class = ServiceClass.ORDINARY
+    session.commit()
+    drop_in_a_locker(
+        session, Pusher(world.device.id, world.station.id, world.courier.id), here.tracking_no
+    )
+    courier = session.scalars(select(User).where(User.username == "courier-oth")).one()
+    drop_in_a_locker(session, Pusher("PDA-OTH", other_station.id, courier.id), there)
+    assert unauthorized(session) == set()  # no consent needed when dropped
+
+    seen: list[int] = []
+    totals = rejudge_parcels(
+        session=session,
+        policy=ORDINARY_TOO,
+        station_id=world.station.id,
+        batch=1,
+        progress=lambda done: seen.append(done.parcels),
+    )
+    assert unauthorized(session) == {here.tracking_no}  # the other station's waits
+    assert totals.parcels == len(seen) == seen[-1] and seen == sorted(seen)
+    assert totals.flags_raised == 1
+
+    everywhere = rejudge_parcels(session=session, policy=ORDINARY_TOO)
+    assert unauthorized(session) == {here.tracking_no, there}
+    assert everywhere.flags_raised == 1
+
+    again = rejudge_parcels(session=session, policy=ORDINARY_TOO)
+    assert again == RejudgeTotals(parcels=everywhere.parcels)  # nothing left to change
+
+    back = rejudge_parcels(session=session, policy=Policy())
+    assert unauthorized(session) == set()  # closed: the rule holds again
+    assert back.flags_rejudged == 2
+
+    runs = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == REJUDGED_ACTION).order_by(AuditEntry.id)
+    ).all()
+    assert [(r.subject_type, r.subject_key) for r in runs] == [
+        ("station", str(world.station.id)),
+        ("service", "all"),
+        ("service", "all"),
+        ("service", "all"),
+    ]
+    assert runs[0].details["flags_raised"] == 1
+    assert runs[0].details["policy"]["consent_required"] == sorted(c.value for c in ServiceClass)
+    assert runs[-1].details["policy"]["consent_required"] == ["express"]

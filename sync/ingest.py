@@ -43,6 +43,7 @@ from models import (
     EventType,
     Flag,
     FlagSeverity,
+    OutboxMessage,
     Parcel,
     ProofImage,
     QuarantinedEvent,
@@ -50,6 +51,7 @@ from models import (
     Shift,
     ShiftStatus,
     SyncBatch,
+    WebhookDelivery,
     utcnow,
 )
 from sync import consents, outbox
@@ -828,56 +830,30 @@ class _BatchIngest:
         self, corrections: dict[uuid.UUID, int], stored: list[tuple[int, ValidEvent]]
     ) -> None:
         """Tell recipients that a drop they were told of is void (outbox): the courier's
-        correction says the parcel is not in that locker or at that point. Only of a
-        drop stored before this push (one stored with it was never announced) that no
-        correction stored before voided already (told then, or never announced)."""
-        if not outbox.wanted(self.session, DROP_VOIDED_TOPIC):
+        correction says the parcel is not in that locker or at that point. Told only to
+        the subscriptions its announcement went to (within the deliveries' retention,
+        ``WEBHOOK_RETENTION_DAYS``) that want this too, and only the first time a
+        correction voids it."""
+        listeners = outbox.subscribers(self.session, DROP_VOIDED_TOPIC)
+        if not listeners:
             return
-        device_id = self.pusher.device_id
-        targets = [target for target in corrections if target not in self.rows]
-        drops = [
-            drop
-            for chunk in chunks(targets)
-            for drop in self.session.execute(
-                select(
-                    ScanEvent.id,
-                    ScanEvent.client_event_id,
-                    ScanEvent.seq,
-                    ScanEvent.type,
-                    ScanEvent.tracking_no,
-                    ScanEvent.details,
-                ).where(
-                    ScanEvent.device_id == device_id,
-                    ScanEvent.client_event_id.in_(chunk),
-                    ScanEvent.type.in_(list(DROP_TOPICS)),
-                )
-            )
-            if drop.seq < corrections[drop.client_event_id]
-        ]
+        drops = self._voided_now(corrections)
+        announced = self._announced_to(drops, listeners) if drops else {}
+        drops = [drop for drop in drops if announced.get(drop.id)]
         if not drops:
             return
-        seq_of = {drop.client_event_id: drop.seq for drop in drops}
-        void_before = {
-            target
-            for chunk in chunks(list(seq_of))
-            for target, seq, client_event_id in self.session.execute(
-                select(
-                    ScanEvent.voids_client_event_id, ScanEvent.seq, ScanEvent.client_event_id
-                ).where(
-                    ScanEvent.device_id == device_id,
-                    ScanEvent.voids_client_event_id.in_(chunk),
-                )
+        # The correction that voids it, as the timeline says (``sync.projection``): the
+        # lowest seq above the drop's.
+        correction_of: dict[int, ValidEvent] = {}
+        for drop in drops:
+            correction_of[drop.id] = min(
+                (
+                    event
+                    for _, event in stored
+                    if event.voids_client_event_id == drop.client_event_id and event.seq > drop.seq
+                ),
+                key=lambda event: event.seq,
             )
-            if client_event_id not in self.rows and seq > seq_of[target]
-        }
-        drops = [drop for drop in drops if drop.client_event_id not in void_before]
-        if not drops:
-            return
-        correction_of: dict[uuid.UUID, ValidEvent] = {}  # the one that voids it, by target
-        for _, event in stored:
-            target = event.voids_client_event_id
-            if target is not None and event.seq == corrections[target]:
-                correction_of[target] = event
         correction_ids = self._event_ids(list(correction_of.values()))
         parcels = {
             parcel.tracking_no: parcel
@@ -888,9 +864,8 @@ class _BatchIngest:
         }
         for drop in drops:
             parcel = parcels.get(drop.tracking_no)
-            if parcel is None:
-                continue  # not taken in: no recipient was told
-            correction = correction_of[drop.client_event_id]
+            if parcel is None:  # pragma: no cover - announced, so it was taken in
+                continue
             details = drop.details
             outbox.announce(
                 session=self.session,
@@ -906,11 +881,72 @@ class _BatchIngest:
                     "compartment": details.get("compartment"),
                     "point_id": details.get("point_id"),
                     "event_id": drop.id,
-                    "correction_event_id": correction_ids[correction.client_event_id],
+                    "correction_event_id": correction_ids[correction_of[drop.id].client_event_id],
                     "voided_at": self.received_at,
                 },
                 now=self.received_at,
+                only_to=announced[drop.id],
             )
+
+    def _voided_now(self, corrections: dict[uuid.UUID, int]) -> list[Any]:
+        """The drops these corrections void that were stored before this push (one
+        stored with it was never announced) and that no correction stored before voided
+        already (retracted then, or never announced)."""
+        device_id = self.pusher.device_id
+        targets = [target for target in corrections if target not in self.rows]
+        drops = [
+            drop
+            for chunk in chunks(targets)
+            for drop in self.session.execute(
+                select(
+                    ScanEvent.id,
+                    ScanEvent.client_event_id,
+                    ScanEvent.seq,
+                    ScanEvent.tracking_no,
+                    ScanEvent.details,
+                ).where(
+                    ScanEvent.device_id == device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                    ScanEvent.type.in_(list(DROP_TOPICS)),
+                )
+            )
+            if drop.seq < corrections[drop.client_event_id]
+        ]
+        seq_of = {drop.client_event_id: drop.seq for drop in drops}
+        void_before = {
+            target
+            for chunk in chunks(list(seq_of))
+            for target, seq, client_event_id in self.session.execute(
+                select(
+                    ScanEvent.voids_client_event_id, ScanEvent.seq, ScanEvent.client_event_id
+                ).where(
+                    ScanEvent.device_id == device_id,
+                    ScanEvent.voids_client_event_id.in_(chunk),
+                )
+            )
+            if client_event_id not in self.rows and seq > seq_of[target]
+        }
+        return [drop for drop in drops if drop.client_event_id not in void_before]
+
+    def _announced_to(self, drops: Sequence[Any], listeners: set[int]) -> dict[int, set[int]]:
+        """Which of ``listeners`` each drop's announcement went to (its delivery, whatever
+        became of it), by the drop's row id: by the parcel's ordering key, on the
+        deliveries' index, then the message's ``event_id``."""
+        ids = {drop.id for drop in drops}
+        found: dict[int, set[int]] = defaultdict(set)
+        for chunk in chunks(sorted({outbox.parcel_key(drop.tracking_no) for drop in drops})):
+            for subscription_id, payload in self.session.execute(
+                select(WebhookDelivery.subscription_id, OutboxMessage.payload)
+                .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
+                .where(
+                    WebhookDelivery.subscription_id.in_(sorted(listeners)),
+                    WebhookDelivery.ordering_key.in_(chunk),
+                    WebhookDelivery.topic.in_(sorted(set(DROP_TOPICS.values()))),
+                )
+            ):
+                if payload.get("event_id") in ids:
+                    found[payload["event_id"]].add(subscription_id)
+        return found
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent: the PDA's clock went back in between."""

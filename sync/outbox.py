@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -50,15 +50,18 @@ def announce(
     station_id: int | None,
     data: Mapping[str, Any],
     now: dt.datetime | None = None,
+    only_to: Collection[int] | None = None,
 ) -> OutboxMessage | None:
-    """Write ``data`` for every subscription to ``topic`` (at this station, or all),
-    in the caller's transaction. None when no subscription wants it."""
+    """Write ``data`` for every subscription to ``topic`` (at this station, or all;
+    ``only_to``: of these subscriptions), in the caller's transaction. None when no
+    subscription wants it."""
     if topic not in TOPICS:
         raise ValueError(f"unknown topic {topic!r}")
     wanted = [
         sub_id
         for sub_id, topics, sub_station in _subscriptions(session)
         if covers(topics, sub_station, topic, station_id)
+        and (only_to is None or sub_id in only_to)
     ]
     if not wanted:
         return None
@@ -94,6 +97,11 @@ def wanted(session: Session, topic: str, station_id: int | None = None) -> bool:
         topic in topics and (station_id is None or sub_station in (None, station_id))
         for _, topics, sub_station in _subscriptions(session)
     )
+
+
+def subscribers(session: Session, topic: str) -> set[int]:
+    """The active subscriptions that want ``topic`` (at any station)."""
+    return {sub_id for sub_id, topics, _ in _subscriptions(session) if topic in topics}
 
 
 def _subscriptions(session: Session) -> list[tuple[int, list[str], int | None]]:

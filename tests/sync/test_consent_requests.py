@@ -401,6 +401,47 @@ def test_only_an_announced_drop_is_retracted(
     assert messages(session, "parcel.drop_voided") == []
 
 
+def test_a_drop_is_retracted_only_to_whom_it_was_announced(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Nobody listened when the first drop was made, so nobody is told it is void, even
+    a receiver that subscribed since. The second drop, at a pickup point, was announced
+    to one receiver of both topics; a receiver of retractions alone, or one limited to
+    another station, never got its announcement and is not told either."""
+    first, second = (
+        factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY).tracking_no
+        for _ in range(2)
+    )
+    session.commit()
+    unheard = pda.event(first, "delivered_to_locker", 10, locker_id="L-1", compartment="1")
+    pda.push([unheard])
+    both = subscribe(session, "parcel.at_pickup_point", "parcel.in_locker", "parcel.drop_voided")
+    subscribe(session, "parcel.drop_voided")
+    subscribe(session, *TOPICS, station_id=world.other_station.id)
+    heard = pda.event(second, "delivered_to_pickup_point", 11, point_id="PP-5")
+    pda.push([heard])
+    fixes = [
+        pda.event(
+            tn, "correction", minutes, voids_client_event_id=e["client_event_id"], reason="x"
+        )
+        for tn, e, minutes in ((first, unheard, 12), (second, heard, 13), (second, heard, 14))
+    ]
+    pda.push(fixes)  # two corrections of the second drop: the first one voids it
+    [retracted] = messages(session, "parcel.drop_voided")
+    assert (retracted.payload["tracking_no"], retracted.payload["point_id"]) == (second, "PP-5")
+    assert retracted.payload["locker_id"] is None and retracted.payload["compartment"] is None
+    voiding = session.scalars(
+        select(ScanEvent.id).where(
+            ScanEvent.client_event_id == uuid.UUID(fixes[1]["client_event_id"])
+        )
+    ).one()
+    assert retracted.payload["correction_event_id"] == voiding
+    receivers = session.scalars(
+        select(WebhookDelivery.subscription_id).where(WebhookDelivery.message_id == retracted.id)
+    ).all()
+    assert receivers == [both]
+
+
 def test_flags_raised_and_resolved_are_announced_in_order_per_parcel(
     session: Session, world: World, pda: Pda, parcel: str
 ) -> None:

@@ -257,7 +257,8 @@ class WebhookParcelAtPickupPoint(ma.Schema):
 class WebhookParcelDropVoided(ma.Schema):
     """`parcel.drop_voided`: tell the recipient that the parcel is not where an earlier
     `parcel.in_locker` or `parcel.at_pickup_point` said (the courier's correction voided
-    that drop; a drop voided before it was announced is never announced at all)."""
+    that drop; a drop voided before it was announced is never announced at all). Sent
+    only to a subscription that was sent that announcement, once."""
 
     tracking_no = ma.fields.String(required=True)
     station_id = ma.fields.Integer(required=True)

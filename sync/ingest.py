@@ -792,13 +792,7 @@ class _BatchIngest:
         if not drops:
             return
         ids = self._event_ids(drops)
-        parcels = {
-            parcel.tracking_no: parcel
-            for chunk in chunks(sorted({e.tracking_no for e in drops}))
-            for parcel in self.session.scalars(
-                select(Parcel).where(among(self.session, Parcel.tracking_no, chunk))
-            )
-        }
+        parcels = self._parcels_of({e.tracking_no for e in drops})
         for event in drops:
             parcel = parcels.get(event.tracking_no)
             if parcel is None:
@@ -855,13 +849,7 @@ class _BatchIngest:
                 key=lambda event: event.seq,
             )
         correction_ids = self._event_ids(list(correction_of.values()))
-        parcels = {
-            parcel.tracking_no: parcel
-            for chunk in chunks(sorted({drop.tracking_no for drop in drops}))
-            for parcel in self.session.scalars(
-                select(Parcel).where(among(self.session, Parcel.tracking_no, chunk))
-            )
-        }
+        parcels = self._parcels_of({drop.tracking_no for drop in drops})
         for drop in drops:
             parcel = parcels.get(drop.tracking_no)
             if parcel is None:  # pragma: no cover - announced, so it was taken in
@@ -887,6 +875,16 @@ class _BatchIngest:
                 now=self.received_at,
                 only_to=announced[drop.id],
             )
+
+    def _parcels_of(self, tracking_nos: set[str]) -> dict[str, Parcel]:
+        """The parcels taken in among these tracking numbers, with their recipients."""
+        return {
+            parcel.tracking_no: parcel
+            for chunk in chunks(sorted(tracking_nos))
+            for parcel in self.session.scalars(
+                select(Parcel).where(among(self.session, Parcel.tracking_no, chunk))
+            )
+        }
 
     def _voided_now(self, corrections: dict[uuid.UUID, int]) -> list[Any]:
         """The drops these corrections void that were stored before this push (one

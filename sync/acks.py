@@ -62,24 +62,6 @@ class SeqTracker:
     def missing_count(self) -> int:
         return sum(last - first + 1 for first, last in self.missing)
 
-    def missing_between(self, first: int, last: int) -> int:
-        """How many of the seqs ``first`` to ``last`` are missing."""
-        return sum(max(0, min(last, high) - max(first, low) + 1) for low, high in self.missing)
-
-    def write_off(self, first: int, last: int) -> None:
-        """Count the seqs ``first`` to ``last`` as held without their events: lost with
-        the PDA's storage, by a manager's word (``sync.device_state.write_off_seqs``)."""
-        kept: list[list[int]] = []
-        for low, high in self.missing:
-            if high < first or low > last:
-                kept.append([low, high])
-                continue
-            if low < first:
-                kept.append([low, first - 1])
-            if high > last:
-                kept.append([last + 1, high])
-        self.missing = kept
-
     def missing_seqs(self, limit: int) -> list[int]:
         """The first ``limit`` missing sequence numbers, ascending."""
         found: list[int] = []

@@ -11,16 +11,12 @@ shifts, then tracking numbers and parcels, then flags, then the audit log.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import and_, bindparam, select
 from sqlalchemy.orm import Session
 
 from models import Device, DeviceSyncState, ScanEvent
-from sync import audit
-from sync.acks import SeqTracker
-from sync.errors import Conflict, InvalidInput
 from sync.inversions import Stamp
 from sync.sql import Prebuilt, insert_ignoring_conflict
 
@@ -99,87 +95,3 @@ def held_max_seq(session: Session, device_id: str) -> int:
     from here on: numbered from 1 again, they would all be refused as ``seq_conflict``."""
     held = session.scalar(select(_states.c.max_seq).where(_states.c.device_id == device_id))
     return held or 0
-
-
-WRITTEN_OFF_ACTION = "device_seqs_written_off"
-MAX_REASON_LENGTH = 2000
-MISSING_SEQS_SHOWN = 100
-
-
-@dataclass(frozen=True)
-class SeqsWrittenOff:
-    device_id: str
-    first_seq: int
-    last_seq: int
-    acked_through_seq: int
-    missing_seq_count: int
-    missing_seqs: list[int]  # the first ``MISSING_SEQS_SHOWN`` still missing
-
-
-def write_off_seqs(
-    *,
-    session: Session,
-    device_id: str,
-    first_seq: int,
-    last_seq: int,
-    reason: str,
-    actor_id: int,
-) -> SeqsWrittenOff:
-    """Count seqs the server waits for as lost with the PDA's storage (a reset, the app
-    reinstalled): a manager's word, with a reason, in the audit log.
-
-    Until then they are missing for good: ``acked_through_seq`` stops below the first
-    of them, so the PDA may prune nothing it sends later, and the shift that owns them
-    stays provisional. Only seqs still missing can be written off; one that arrives
-    afterwards is stored as usual (nothing of it was held)."""
-    text = reason.strip()
-    if not text:
-        raise InvalidInput("reason is required", code="reason_required", field="reason")
-    if len(text) > MAX_REASON_LENGTH:
-        raise InvalidInput(
-            f"reason is longer than {MAX_REASON_LENGTH} characters",
-            code="reason_too_long",
-            field="reason",
-        )
-    if first_seq > last_seq:
-        raise InvalidInput(
-            "last_seq must not be below first_seq", code="invalid_seq_range", field="last_seq"
-        )
-    state = lock_device_state(session, device_id)
-    tracker = SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges])
-    if tracker.missing_between(first_seq, last_seq) != last_seq - first_seq + 1:
-        shown = ", ".join(f"{low}-{high}" for low, high in tracker.missing[:5]) or "none"
-        raise Conflict(
-            f"seqs {first_seq} to {last_seq} of {device_id} are not all missing: only seqs "
-            f"the server is waiting for can be written off (missing now: {shown})",
-            code="seqs_not_missing",
-            field="first_seq",
-        )
-    before = tracker.acked_through
-    tracker.write_off(first_seq, last_seq)
-    session.execute(
-        update(DeviceSyncState)
-        .where(DeviceSyncState.device_id == device_id)
-        .values(missing_ranges=tracker.missing, acked_through_seq=tracker.acked_through)
-    )
-    audit.append(
-        session=session,
-        actor_id=actor_id,
-        action=WRITTEN_OFF_ACTION,
-        subject_type="device",
-        subject_key=device_id,
-        details={
-            "first_seq": first_seq,
-            "last_seq": last_seq,
-            "reason": text,
-            "acked_through_seq": {"before": before, "after": tracker.acked_through},
-        },
-    )
-    return SeqsWrittenOff(
-        device_id=device_id,
-        first_seq=first_seq,
-        last_seq=last_seq,
-        acked_through_seq=tracker.acked_through,
-        missing_seq_count=tracker.missing_count,
-        missing_seqs=tracker.missing_seqs(MISSING_SEQS_SHOWN),
-    )

@@ -281,10 +281,6 @@ REQUESTS: dict[str, Builder] = {
     ),
     "GET /api/v1/devices/{device_id}": _same(OWN("device_id")),
     "PATCH /api/v1/devices/{device_id}": _same(OWN("device_id"), json={"status": "active"}),
-    "POST /api/v1/devices/{device_id}/lost-seqs": lambda s, caller: Request(
-        {"device_id": s.day.provisional.device_id},  # its PDA never sent seq 4
-        json={"first_seq": 4, "last_seq": 4, "reason": "PDA reset; seq 4 is gone"},
-    ),
     "POST /api/v1/parcels": _new_parcel,
     "GET /api/v1/parcels/{tracking_no}": _same(OWN("tracking_no")),
     "POST /api/v1/sync/push": _push,

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Shift
+from models import Shift
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -319,77 +318,6 @@ def test_a_signed_off_balance_a_later_consent_changed_says_so_and_stays_signed_o
     [row] = board.get_json()["shifts"]
     assert (row["shift_status"], row["changed_since_signoff"]) == ("signed_off", True)
     assert board.get_json()["totals"]["changed_since_signoff"] == 1
-
-
-def test_seqs_lost_with_a_reset_pda_are_written_off_by_a_manager(
-    client: FlaskClient,
-    session: Session,
-    auth: Auth,
-    world: World,
-    pda: Courier,
-    manager: dict[str, str],
-) -> None:
-    """The PDA sent seqs 1, 2 and 4, then was reset: seq 3 is gone with its storage.
-    Signed in again, it numbers on from device_max_seq + 1, but its receipts stop
-    acknowledging at 2 and the shift stays provisional, until a manager writes seq 3
-    off with a reason. Then the next receipt acknowledges everything, the shift can be
-    signed off without forcing, and the audit log says who wrote what off and why."""
-    a, b, c = parcels(session, world, 3)
-    shift = pda.open(first_seq=1)
-    first, second, lost, fourth = (
-        pda.event(a),
-        pda.event(b),
-        pda.event(c),
-        pda.event(a, "delivered"),
-    )
-    assert pda.push([first, second, fourth])["missing_seqs"] == [3]
-    del lost  # the reset: never sent
-    again = auth.tokens("courier1", "PDA-0001")
-    assert again["device_max_seq"] == 4
-    url = "/api/v1/devices/PDA-0001/lost-seqs"
-    body = {
-        "first_seq": 3,
-        "last_seq": 3,
-        "reason": "PDA reset at 14:10; its unsent scans are gone",
-    }
-    for wrong, status, code in (
-        ({**body, "first_seq": 2, "last_seq": 3}, 409, "seqs_not_missing"),  # 2 is held
-        ({**body, "first_seq": 3, "last_seq": 2}, 422, "invalid_seq_range"),
-        ({**body, "reason": "  "}, 422, "reason_required"),
-    ):
-        refused = client.post(url, json=wrong, headers=manager)
-        assert (refused.status_code, refused.get_json()["code"]) == (status, code), wrong
-    assert client.post(url, json=body, headers=pda.headers).status_code == 403
-    assert balance(client, shift["id"], manager)["status"] == "provisional"
-
-    written = client.post(url, json=body, headers=manager)
-    assert written.status_code == 200, written.get_json()
-    assert written.get_json() == {
-        "device_id": "PDA-0001",
-        "first_seq": 3,
-        "last_seq": 3,
-        "acked_through_seq": 4,
-        "missing_seq_count": 0,
-        "missing_seqs": [],
-    }
-    again_refused = client.post(url, json=body, headers=manager)
-    assert again_refused.get_json()["code"] == "seqs_not_missing"  # nothing left to write off
-    pda.seq = again["device_max_seq"]
-    receipt = pda.push([pda.event(b, "delivered")])
-    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (5, [])
-    pda.close(shift["id"], last_seq=pda.seq)
-    found = balance(client, shift["id"], manager)
-    assert found["status"] != "provisional" and found["missing_seqs"] == []
-    assert sign_off(client, shift["id"], manager).status_code == 200  # no force needed
-    [entry] = [
-        e
-        for e in session.scalars(
-            select(AuditEntry).where(AuditEntry.action == "device_seqs_written_off")
-        )
-    ]
-    assert (entry.subject_key, entry.actor_id) == ("PDA-0001", world.manager.id)
-    assert entry.details["reason"] == body["reason"]
-    assert entry.details["acked_through_seq"] == {"before": 2, "after": 4}
 
 
 def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(

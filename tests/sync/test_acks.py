@@ -44,25 +44,3 @@ def test_a_huge_gap_costs_one_range_not_one_entry_per_seq() -> None:
     assert tracker.acked_through == 2
     assert tracker.missing_count == 1_999_999_997
     assert tracker.missing_seqs(3) == [3, 4, 5]
-
-
-@given(
-    st.lists(st.integers(min_value=1, max_value=60), max_size=80),
-    st.integers(min_value=1, max_value=62),
-    st.integers(min_value=0, max_value=10),
-)
-def test_seqs_written_off_count_as_held_as_if_they_had_arrived(
-    seqs: list[int], first: int, length: int
-) -> None:
-    """Writing off seqs the PDA lost does to the gaps what their arrival would have done
-    (below the highest seq held: above it nothing is missing to write off)."""
-    last = first + length
-    tracker = SeqTracker()
-    tracker.add_all(seqs)
-    before = set(tracker.missing_seqs(1000))
-    assert tracker.missing_between(first, last) == len(before & set(range(first, last + 1)))
-    tracker.write_off(first, last)
-    arrived = SeqTracker()
-    arrived.add_all([*seqs, *(s for s in range(first, last + 1) if s <= max(seqs, default=0))])
-    assert (tracker.max_seq, tracker.missing) == (arrived.max_seq, arrived.missing)
-    assert tracker.missing_between(first, last) == 0

@@ -11,15 +11,12 @@ from courier_api.api.devices.schemas import (
     DeviceOut,
     DevicePage,
     DeviceUpdate,
-    LostSeqsIn,
-    LostSeqsOut,
 )
 from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal, ensure_station_access, ensure_visible
 from courier_api.extensions import db
 from models import Device, Role
 from sync import directory
-from sync.device_state import SeqsWrittenOff, write_off_seqs
 from sync.errors import InvalidInput
 
 blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
@@ -103,38 +100,3 @@ class DeviceById(MethodView):
         directory.set_device_status(session=db.session, device=device, status=body["status"])
         db.session.commit()
         return device
-
-
-@blp.route("/<string:device_id>/lost-seqs")
-class LostSeqs(MethodView):
-    @blp.auth(*MANAGERS)
-    @blp.arguments(LostSeqsIn)
-    @blp.response(200, LostSeqsOut)
-    @blp.alt_response(404, response="NOT_FOUND")
-    @blp.alt_response(409, response="CONFLICT")
-    def post(self, body: dict[str, Any], device_id: str) -> SeqsWrittenOff:
-        """Write off sequence numbers a PDA lost
-
-        A PDA that lost its storage (a reset, the app reinstalled) lost the events it
-        had not sent, and the server waits for their seqs for good:
-        `acked_through_seq` stops below the first, so the PDA may prune nothing it
-        sends later, and the shift owning them stays provisional. A manager (or an
-        admin) who has established that they are gone writes them off with a
-        reason: they count as held without events, the device's next receipt
-        acknowledges past them, and the audit log keeps who, which and why. Only
-        seqs the server is still waiting for (409 `seqs_not_missing`). Managers
-        write off their station's PDAs' seqs; another station's PDA answers what
-        an unknown id answers (404 `device_not_found`).
-        """
-        device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_visible(device.station_id, directory.device_not_found(device_id))
-        written_off = write_off_seqs(
-            session=db.session,
-            device_id=device.id,
-            first_seq=body["first_seq"],
-            last_seq=body["last_seq"],
-            reason=body["reason"],
-            actor_id=current_principal().user_id,
-        )
-        db.session.commit()
-        return written_off

@@ -384,8 +384,8 @@ def import_parcels(
     "--batch",
     default=500,
     show_default=True,
-    type=click.IntRange(1, 10_000),
-    help="Parcels per transaction",
+    type=click.IntRange(1, 2_000),
+    help="Parcels per transaction (each holds a lock per parcel on PostgreSQL)",
 )
 @with_appcontext
 @domain_errors_as_messages

@@ -14,7 +14,10 @@ runs (on SQLite, pushes wait for each batch), and safe to run again: a second ru
 changes nothing.
 
 Flags about the events as they arrived (clock, sequence numbers, a parcel not taken
-in, another station's scan) are not judged again: they say what the PDA sent.
+in, another station's scan) are not judged again: they say what the PDA sent. Run it
+once the serving processes have the new settings: until then their pushes judge the
+parcels they touch under the old ones. A batch that meets a deadlock on PostgreSQL
+(as an intake can) fails the run: run it again.
 """
 
 from __future__ import annotations
@@ -33,21 +36,22 @@ from sync.balances import refresh_for_parcels
 from sync.rules import Policy
 from sync.status import reproject
 
+REJUDGE_STARTED_ACTION = "parcels_rejudge_started"
 REJUDGED_ACTION = "parcels_rejudged"
 
 
 @dataclass
 class RejudgeTotals:
     parcels: int = 0
-    status_changed: int = 0  # status or holder moved
+    status_changed: int = 0  # the status moved (a holder alone moving is not counted)
     flags_raised: int = 0  # rule flags raised or reopened
     flags_rejudged: int = 0  # rule flags closed, resolved again, or given other evidence
     handover_flags_raised: int = 0  # of closed shifts (those whose cause went are closed)
 
     def summary(self) -> str:
         return (
-            f"{self.parcels} parcels judged again: {self.status_changed} changed status or "
-            f"holder, {self.flags_raised} rule flags raised, {self.flags_rejudged} closed or "
+            f"{self.parcels} parcels judged again: {self.status_changed} changed status, "
+            f"{self.flags_raised} rule flags raised, {self.flags_rejudged} closed or "
             f"changed, {self.handover_flags_raised} handover flags of closed shifts raised"
         )
 
@@ -60,10 +64,24 @@ def rejudge_parcels(
     batch: int = 500,
     progress: Callable[[RejudgeTotals], None] | None = None,
 ) -> RejudgeTotals:
-    """Judge every parcel (of ``station_id``, or all) again; commits each batch, then
-    records the run in the audit log (who ran it is not known here: the command line)."""
+    """Judge every parcel (of ``station_id``, or all) again; commits each batch. The
+    audit log records the run as it starts, with the policy applied (a run that stops
+    half way has changed what its batches committed), and its totals as it ends. Who
+    ran it is not known here: the command line."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
+    subject = {
+        "subject_type": "station" if station_id is not None else "service",
+        "subject_key": str(station_id) if station_id is not None else "all",
+    }
+    audit.append(
+        session=session,
+        actor_id=None,
+        action=REJUDGE_STARTED_ACTION,
+        details={"policy": _settings(policy), "batch": batch},
+        **subject,
+    )
+    session.commit()
     totals = RejudgeTotals()
     after = ""
     while True:
@@ -90,9 +108,8 @@ def rejudge_parcels(
         session=session,
         actor_id=None,
         action=REJUDGED_ACTION,
-        subject_type="station" if station_id is not None else "service",
-        subject_key=str(station_id) if station_id is not None else "all",
         details={**dataclasses.asdict(totals), "policy": _settings(policy)},
+        **subject,
     )
     session.commit()
     return totals

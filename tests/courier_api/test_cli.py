@@ -142,10 +142,10 @@ def test_rejudge_reports_each_batch_then_the_totals(
     result = runner.invoke(args=["rejudge", "--station", "st1", "--batch", "2"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("... 2 parcels judged again: 0 changed status or holder")
+    assert lines[0].startswith("... 2 parcels judged again: 0 changed status,")
     assert lines[1].startswith("... 3 parcels judged again")
     assert lines[2] == (
-        "3 parcels judged again: 0 changed status or holder, 0 rule flags raised, "
+        "3 parcels judged again: 0 changed status, 0 rule flags raised, "
         "0 closed or changed, 0 handover flags of closed shifts raised"
     )
     unknown = runner.invoke(args=["rejudge", "--station", "NOPE"])

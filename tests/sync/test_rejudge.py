@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from models import AuditEntry, Flag, FlagStatus, Parcel, ServiceClass, User
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
-from sync.rejudge import REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
+from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
 from sync.rules import Policy
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
@@ -114,5 +114,12 @@ def test_parcels_dropped_under_one_policy_are_judged_again_under_the_next(
         ("service", "all"),
     ]
     assert runs[0].details["flags_raised"] == 1
+    started = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action == REJUDGE_STARTED_ACTION)
+        .order_by(AuditEntry.id)
+    ).all()
+    assert [entry.id < run.id for entry, run in zip(started, runs, strict=True)] == [True] * 4
+    assert started[0].details["policy"] == runs[0].details["policy"]
     assert runs[0].details["policy"]["consent_required"] == sorted(c.value for c in ServiceClass)
     assert runs[-1].details["policy"]["consent_required"] == ["express"]

@@ -165,17 +165,24 @@ def _proof_retention_purge(config: Mapping[str, Any]) -> JobFunction:
 @register_job(
     "webhook_retention",
     interval_seconds=24 * HOUR,
-    description="Deletes webhook deliveries delivered more than WEBHOOK_RETENTION_DAYS ago "
-    "and the messages no delivery needs any more (they hold recipients' phones and "
-    "pickup codes); dead ones stay until an admin replays or purges them.",
+    description="Deletes webhook deliveries delivered more than WEBHOOK_RETENTION_DAYS ago, "
+    "those waiting that long for a disabled subscription, and the messages no delivery "
+    "needs any more (they hold recipients' phones and pickup codes); dead ones stay "
+    "until an admin replays or purges them.",
 )
 def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
     days = dt.timedelta(days=config["WEBHOOK_RETENTION_DAYS"])
 
     def purge(*, session: Session, now: dt.datetime) -> dict[str, Any]:
-        return webhooks.purge_deliveries(
+        delivered = webhooks.purge_deliveries(
             session=session, status=DeliveryStatus.DELIVERED, before=now - days
         )
+        waiting = webhooks.purge_waiting_for_disabled(session=session, before=now - days)
+        return {
+            "deliveries": delivered["deliveries"],
+            "messages": delivered["messages"] + waiting["messages"],
+            "waiting_for_disabled": waiting["deliveries"],
+        }
 
     return purge
 

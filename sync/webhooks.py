@@ -1418,6 +1418,50 @@ def replay_delivery(
     return delivery
 
 
+def purge_waiting_for_disabled(*, session: Session, before: dt.datetime) -> dict[str, int]:
+    """Delete the pending deliveries created before ``before`` for subscriptions that are
+    disabled (too many failures in a row), then the messages no delivery needs any
+    more. A disabled receiver's messages wait for it to be enabled again, but not past
+    the retention every delivered message gets: they hold recipients' phones and
+    pickup codes, and a locker notice that old tells nobody anything."""
+    disabled = exists().where(
+        SUBSCRIPTION.c.id == DELIVERY.c.subscription_id, SUBSCRIPTION.c.disabled_at.is_not(None)
+    )
+    deliveries = session.execute(
+        delete(DELIVERY).where(
+            DELIVERY.c.status == DeliveryStatus.PENDING.value,
+            DELIVERY.c.created_at < before,
+            disabled,
+        )
+    ).rowcount
+    counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
+    if counts["deliveries"]:
+        audit.append(
+            session=session,
+            actor_id=None,
+            action="webhook_deliveries_purged",
+            subject_type="webhook_delivery",
+            subject_key=DeliveryStatus.PENDING.value,
+            details={
+                "status": DeliveryStatus.PENDING.value,
+                "subscription": "disabled",
+                "before": before.isoformat(),
+                **counts,
+            },
+        )
+    return counts
+
+
+def _purge_orphans(session: Session, before: dt.datetime) -> int:
+    """Delete the messages created before ``before`` that no delivery needs any more."""
+    messages_table = OutboxMessage.__table__
+    orphan = ~exists().where(DELIVERY.c.message_id == messages_table.c.id)
+    deleted = session.execute(
+        delete(messages_table).where(messages_table.c.created_at < before, orphan)
+    ).rowcount
+    return int(deleted or 0)
+
+
 def purge_deliveries(
     *,
     session: Session,
@@ -1436,12 +1480,7 @@ def purge_deliveries(
     deliveries = session.execute(
         delete(DELIVERY).where(DELIVERY.c.status == status.value, DELIVERY.c.created_at < before)
     ).rowcount
-    messages_table = OutboxMessage.__table__
-    orphan = ~exists().where(DELIVERY.c.message_id == messages_table.c.id)
-    messages = session.execute(
-        delete(messages_table).where(messages_table.c.created_at < before, orphan)
-    ).rowcount
-    counts = {"deliveries": int(deliveries or 0), "messages": int(messages or 0)}
+    counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
     audit.append(
         session=session,
         actor_id=actor_id,

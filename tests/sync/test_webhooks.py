@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
 from models import (
+    AuditEntry,
     DeliveryStatus,
     Flag,
     FlagStatus,
@@ -1071,6 +1072,47 @@ def test_the_retention_job_purges_what_was_delivered_long_ago_and_keeps_the_dead
     with sessions.begin() as session:
         assert purge(session=session, now=T0 + dt.timedelta(days=31))["deliveries"] == 1
     assert [d.status for d in stored(sessions)] == [DeliveryStatus.DEAD]
+
+
+def test_messages_waiting_for_a_disabled_receiver_go_once_past_retention(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A receiver disabled after too many failures keeps its messages waiting, to be
+    sent when it is enabled again, but not past the retention a delivered message gets:
+    they hold recipients' phones and pickup codes. A working receiver's message that
+    still waits (in its backoff) is left alone, and so is the message while one
+    delivery still needs it. The purge is on the audit log."""
+    from courier_api.scheduler import JOB_SPECS
+
+    down = subscribe(sessions, "http://127.0.0.1:9/down")
+    up = subscribe(sessions, "http://127.0.0.1:9/up", topics=("flag.raised",))
+    announce(sessions, "RR-1")  # for the disabled receiver only
+    announce(sessions, "RR-2", topic="flag.raised", flag_id=1)  # the working one's
+    with sessions.begin() as session:
+        session.get(WebhookSubscription, down.id).disabled_at = T0
+    down_too = subscribe(sessions, "http://127.0.0.1:9/down-too", topics=("flag.raised",))
+    announce(sessions, "RR-3", topic="flag.raised", flag_id=2)  # for both of those
+    with sessions.begin() as session:
+        session.get(WebhookSubscription, down_too.id).disabled_at = T0
+    purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
+    with sessions.begin() as session:
+        assert purge(session=session, now=T0 + dt.timedelta(days=29))["waiting_for_disabled"] == 0
+    with sessions.begin() as session:
+        counts = purge(session=session, now=T0 + dt.timedelta(days=31))
+    assert (counts["waiting_for_disabled"], counts["messages"]) == (2, 1)
+    left = stored(sessions)
+    assert {(d.subscription_id, d.ordering_key) for d in left} == {
+        (up.id, "RR-2"),
+        (up.id, "RR-3"),
+    }
+    assert all(d.status == DeliveryStatus.PENDING for d in left)
+    with sessions() as session:
+        assert session.scalars(select(OutboxMessage.ordering_key)).all().count("RR-1") == 0
+        purges = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "webhook_deliveries_purged")
+        ).all()
+    [entry] = [e for e in purges if e.details.get("subscription") == "disabled"]
+    assert entry.details["subscription"] == "disabled" and entry.details["deliveries"] == 2
 
 
 def test_a_receiver_taking_its_whole_timeout_does_not_hold_back_another_receiver(

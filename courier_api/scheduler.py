@@ -166,9 +166,9 @@ def _proof_retention_purge(config: Mapping[str, Any]) -> JobFunction:
     "webhook_retention",
     interval_seconds=24 * HOUR,
     description="Deletes webhook deliveries delivered more than WEBHOOK_RETENTION_DAYS ago, "
-    "those waiting that long for a disabled subscription, and the messages no delivery "
-    "needs any more (they hold recipients' phones and pickup codes); dead ones stay "
-    "until an admin replays or purges them.",
+    "the pending ones that old of a disabled or paused subscription, and the messages no "
+    "delivery needs any more (they hold recipients' phones and pickup codes); dead ones "
+    "stay until an admin replays or purges them.",
 )
 def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
     days = dt.timedelta(days=config["WEBHOOK_RETENTION_DAYS"])
@@ -177,11 +177,11 @@ def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
         delivered = webhooks.purge_deliveries(
             session=session, status=DeliveryStatus.DELIVERED, before=now - days
         )
-        waiting = webhooks.purge_waiting_for_disabled(session=session, before=now - days)
+        waiting = webhooks.purge_waiting_for_stopped(session=session, before=now - days)
         return {
             "deliveries": delivered["deliveries"],
             "messages": delivered["messages"] + waiting["messages"],
-            "waiting_for_disabled": waiting["deliveries"],
+            "waiting_for_stopped": waiting["deliveries"],
         }
 
     return purge

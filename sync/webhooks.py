@@ -27,8 +27,9 @@ worker here (``deliver_due``) posts them:
   error, until an admin replays it.
 * **Disabling.** Every failed attempt counts against the subscription, every success
   resets the count; after ``disable_after_failures`` failures in a row the
-  subscription is disabled (its deliveries wait) and flagged
-  ``webhook_subscription_disabled``. Re-enabling it (``active: true``) resumes them.
+  subscription is disabled (its deliveries wait, up to the retention:
+  ``purge_waiting_for_stopped``) and flagged ``webhook_subscription_disabled``.
+  Re-enabling it (``active: true``) resumes them.
 
 Requests are signed (``sign``/``verify``): ``X-Courier-Signature: t=<unix
 seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``. Secrets are never logged and
@@ -53,6 +54,7 @@ import threading
 import time
 import typing
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -1394,6 +1396,13 @@ def replay_delivery(
             "a replay",
             code="delivery_pending",
         )
+    subscription = session.get(WebhookSubscription, delivery.subscription_id)
+    if subscription is None or not subscription.active or subscription.disabled_at is not None:
+        raise Conflict(
+            f"subscription {delivery.subscription_id} is paused or disabled: nothing is "
+            "sent to it until it is active again (PATCH active: true), so enable it first",
+            code="subscription_stopped",
+        )
     previous = delivery.status
     delivery.status = DeliveryStatus.PENDING
     delivery.attempts = 0
@@ -1418,24 +1427,41 @@ def replay_delivery(
     return delivery
 
 
-def purge_waiting_for_disabled(*, session: Session, before: dt.datetime) -> dict[str, int]:
-    """Delete the pending deliveries created before ``before`` for subscriptions that are
-    disabled (too many failures in a row), then the messages no delivery needs any
-    more. A disabled receiver's messages wait for it to be enabled again, but not past
-    the retention every delivered message gets: they hold recipients' phones and
-    pickup codes, and a locker notice that old tells nobody anything."""
-    disabled = exists().where(
-        SUBSCRIPTION.c.id == DELIVERY.c.subscription_id, SUBSCRIPTION.c.disabled_at.is_not(None)
+def purge_waiting_for_stopped(*, session: Session, before: dt.datetime) -> dict[str, Any]:
+    """Delete the pending deliveries created before ``before`` of subscriptions that are
+    stopped: disabled after too many failures in a row, or paused by an admin
+    (``active`` false); then the messages no delivery needs any more. A stopped
+    receiver's messages wait for it to start again, but not past the retention every
+    delivered message gets: they hold recipients' phones and pickup codes, and a
+    locker notice that old tells nobody anything.
+
+    Rows another transaction holds are skipped, and go in the next run: an admin
+    enabling the subscription at this moment (``_enable_again`` locks it and its
+    deliveries) keeps them, and a worker recording an attempt (the delivery, then its
+    subscription) is never waited for in the opposite order."""
+    stopped = (
+        select(SUBSCRIPTION.c.id)
+        .where(or_(SUBSCRIPTION.c.disabled_at.is_not(None), SUBSCRIPTION.c.active.is_(False)))
+        .with_for_update(skip_locked=True)
     )
-    deliveries = session.execute(
-        delete(DELIVERY).where(
+    due = (
+        select(DELIVERY.c.id)
+        .where(
             DELIVERY.c.status == DeliveryStatus.PENDING.value,
             DELIVERY.c.created_at < before,
-            disabled,
+            DELIVERY.c.subscription_id.in_(stopped.scalar_subquery()),
         )
-    ).rowcount
-    counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
-    if counts["deliveries"]:
+        .with_for_update(skip_locked=True)
+    )
+    purged = Counter(
+        session.execute(
+            delete(DELIVERY)
+            .where(DELIVERY.c.id.in_(due.scalar_subquery()))
+            .returning(DELIVERY.c.subscription_id)
+        ).scalars()
+    )
+    counts = {"deliveries": sum(purged.values()), "messages": _purge_orphans(session, before)}
+    if purged:
         audit.append(
             session=session,
             actor_id=None,
@@ -1444,8 +1470,9 @@ def purge_waiting_for_disabled(*, session: Session, before: dt.datetime) -> dict
             subject_key=DeliveryStatus.PENDING.value,
             details={
                 "status": DeliveryStatus.PENDING.value,
-                "subscription": "disabled",
                 "before": before.isoformat(),
+                # Which stopped subscriptions lost how many: told when enabled again.
+                "subscriptions": {str(sub): n for sub, n in sorted(purged.items())},
                 **counts,
             },
         )

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
@@ -929,6 +929,39 @@ def test_admin_replay_and_purge(sessions: sessionmaker[Session], receiver: Recei
 
 
 @pytest.mark.postgres_only
+def test_the_retention_purge_leaves_a_subscription_being_enabled_at_that_moment_alone(
+    committed_app: Flask,
+) -> None:
+    """An admin enables a disabled subscription (``_enable_again`` locks it and its
+    deliveries) while the daily purge runs: the purge skips what is locked rather than
+    deleting, from a snapshot taken before, the messages the admin enabled it for."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    down = subscribe(sessions, "http://127.0.0.1:9/down")
+    announce(sessions, "RR-1")
+    with sessions.begin() as session:
+        session.get(WebhookSubscription, down.id).disabled_at = T0
+    later = T0 + dt.timedelta(days=31)
+    enabling = sessions()
+    try:
+        subscription = enabling.get(WebhookSubscription, down.id, with_for_update=True)
+        assert subscription is not None
+        with sessions.begin() as session:
+            assert (
+                webhooks.purge_waiting_for_stopped(session=session, before=later)["deliveries"]
+                == 0
+            )
+        webhooks.update_subscription(
+            session=enabling, subscription=subscription, production=False, now=later, active=True
+        )
+        enabling.commit()
+    finally:
+        enabling.close()
+    with sessions.begin() as session:
+        assert webhooks.purge_waiting_for_stopped(session=session, before=later)["deliveries"] == 0
+    assert [d.ordering_key for d in stored(sessions)] == ["RR-1"]
+
+
+@pytest.mark.postgres_only
 def test_two_workers_at_once_never_send_one_delivery_twice(
     committed_app: Flask, receiver: Receiver
 ) -> None:
@@ -1074,45 +1107,80 @@ def test_the_retention_job_purges_what_was_delivered_long_ago_and_keeps_the_dead
     assert [d.status for d in stored(sessions)] == [DeliveryStatus.DEAD]
 
 
-def test_messages_waiting_for_a_disabled_receiver_go_once_past_retention(
+def test_messages_waiting_for_a_stopped_receiver_go_once_past_retention(
     sessions: sessionmaker[Session],
 ) -> None:
-    """A receiver disabled after too many failures keeps its messages waiting, to be
-    sent when it is enabled again, but not past the retention a delivered message gets:
-    they hold recipients' phones and pickup codes. A working receiver's message that
-    still waits (in its backoff) is left alone, and so is the message while one
-    delivery still needs it. The purge is on the audit log."""
+    """A receiver disabled after too many failures, or paused by an admin, keeps its
+    messages waiting, to be sent when it starts again, but not past the retention a
+    delivered message gets: they hold recipients' phones and pickup codes. A working
+    receiver's message that still waits (in its backoff) is left alone, and so is a
+    dead delivery (an admin's) and a message while one delivery still needs it. The
+    audit log counts what went, by subscription."""
     from courier_api.scheduler import JOB_SPECS
 
     down = subscribe(sessions, "http://127.0.0.1:9/down")
     up = subscribe(sessions, "http://127.0.0.1:9/up", topics=("flag.raised",))
     announce(sessions, "RR-1")  # for the disabled receiver only
     announce(sessions, "RR-2", topic="flag.raised", flag_id=1)  # the working one's
+    paused = subscribe(sessions, "http://127.0.0.1:9/paused", topics=("flag.raised",))
+    announce(sessions, "RR-3", topic="flag.raised", flag_id=2)  # for both of those
+    announce(sessions, "RR-4")  # the disabled one's, dead
     with sessions.begin() as session:
         session.get(WebhookSubscription, down.id).disabled_at = T0
-    down_too = subscribe(sessions, "http://127.0.0.1:9/down-too", topics=("flag.raised",))
-    announce(sessions, "RR-3", topic="flag.raised", flag_id=2)  # for both of those
-    with sessions.begin() as session:
-        session.get(WebhookSubscription, down_too.id).disabled_at = T0
+        session.get(WebhookSubscription, paused.id).active = False
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.ordering_key == "RR-4")
+            .values(status=DeliveryStatus.DEAD)
+        )
     purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
     with sessions.begin() as session:
-        assert purge(session=session, now=T0 + dt.timedelta(days=29))["waiting_for_disabled"] == 0
+        assert purge(session=session, now=T0 + dt.timedelta(days=29))["waiting_for_stopped"] == 0
     with sessions.begin() as session:
         counts = purge(session=session, now=T0 + dt.timedelta(days=31))
-    assert (counts["waiting_for_disabled"], counts["messages"]) == (2, 1)
-    left = stored(sessions)
-    assert {(d.subscription_id, d.ordering_key) for d in left} == {
-        (up.id, "RR-2"),
-        (up.id, "RR-3"),
+    assert (counts["waiting_for_stopped"], counts["messages"]) == (2, 1)
+    left = {(d.subscription_id, d.ordering_key, d.status) for d in stored(sessions)}
+    assert left == {
+        (up.id, "RR-2", DeliveryStatus.PENDING),
+        (up.id, "RR-3", DeliveryStatus.PENDING),
+        (down.id, "RR-4", DeliveryStatus.DEAD),
     }
-    assert all(d.status == DeliveryStatus.PENDING for d in left)
     with sessions() as session:
-        assert session.scalars(select(OutboxMessage.ordering_key)).all().count("RR-1") == 0
+        assert "RR-1" not in session.scalars(select(OutboxMessage.ordering_key)).all()
         purges = session.scalars(
             select(AuditEntry).where(AuditEntry.action == "webhook_deliveries_purged")
         ).all()
-    [entry] = [e for e in purges if e.details.get("subscription") == "disabled"]
-    assert entry.details["subscription"] == "disabled" and entry.details["deliveries"] == 2
+    [entry] = [e for e in purges if e.details["status"] == "pending"]
+    assert entry.details["subscriptions"] == {str(down.id): 1, str(paused.id): 1}
+
+
+def test_a_stopped_subscriptions_delivery_is_replayed_once_it_is_enabled_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Nothing is sent to a paused or disabled subscription, so a replay then would
+    only wait (and, if old, go with the retention): it is refused until it is on."""
+    down = subscribe(sessions, "http://127.0.0.1:9/down")
+    announce(sessions, "RR-1")
+    with sessions.begin() as session:
+        session.execute(update(WebhookDelivery).values(status=DeliveryStatus.DEAD))
+        session.get(WebhookSubscription, down.id).disabled_at = T0
+    [dead] = stored(sessions)
+    with sessions.begin() as session, pytest.raises(Conflict) as refused:
+        webhooks.replay_delivery(session=session, delivery=dead, now=T0)
+    assert refused.value.code == "subscription_stopped"
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=session.get(WebhookSubscription, down.id),
+            production=False,
+            now=T0,
+            active=True,
+        )
+    with sessions.begin() as session:
+        again = webhooks.replay_delivery(
+            session=session, delivery=session.get(WebhookDelivery, dead.id), now=T0
+        )
+        assert again.status == DeliveryStatus.PENDING
 
 
 def test_a_receiver_taking_its_whole_timeout_does_not_hold_back_another_receiver(

@@ -181,7 +181,8 @@ class Subscriptions(MethodView):
         were written; a dead one does not hold back those after it.
 
         **Disabling.** After WEBHOOK_DISABLE_AFTER_FAILURES (20) failed attempts in
-        a row the subscription is disabled (its messages wait) and a
+        a row the subscription is disabled (its messages wait, up to
+        WEBHOOK_RETENTION_DAYS (30) after they were written) and a
         `webhook_subscription_disabled` flag is raised; PATCH `active: true` once
         the receiver works again.
         """
@@ -223,8 +224,10 @@ class SubscriptionById(MethodView):
         `description`. `active: false` stops it: the deliveries it has wait, and
         nothing new is written for it until `active: true` (messages announced in
         between are not kept for it). On a subscription disabled after too many
-        failures, nothing is lost meanwhile (its messages wait);
-        `active: true` enables it again: its failure count starts over, its flag is
+        failures, its messages wait. Either way a message waits up to
+        WEBHOOK_RETENTION_DAYS (30) after it was written, then it is deleted (it
+        holds a recipient's phone; the audit log counts what went, by
+        subscription). `active: true` enables it again: its failure count starts over, its flag is
         closed and its waiting messages are sent at once. Pending messages go to the
         new `url`; those it no longer covers after a change of `station_id` or
         `topics` (another station's, or of a topic it dropped) are deleted, never
@@ -328,7 +331,8 @@ class ReplayDelivery(MethodView):
         same `X-Courier-Delivery` id (a receiver that has it already can tell). It
         goes before any later message of its ordering key still pending. A pending
         delivery cannot be replayed (409 `delivery_pending`): it will be attempted
-        anyway. Admins only.
+        anyway; nor one of a paused or disabled subscription (409
+        `subscription_stopped`): enable it first. Admins only.
         """
         delivery = webhooks.get_delivery(session=db.session, delivery_id=delivery_id)
         delivery = webhooks.replay_delivery(

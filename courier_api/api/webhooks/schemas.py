@@ -79,7 +79,8 @@ class SubscriptionOut(ma.Schema):
         required=True,
         metadata={
             "description": "When the worker disabled it after too many failures in a row "
-            "(its deliveries wait); PATCH active: true enables it again"
+            "(its deliveries wait, up to WEBHOOK_RETENTION_DAYS after they were written); "
+            "PATCH active: true enables it again"
         },
     )
     disabled_reason = ma.fields.String(allow_none=True, required=True)

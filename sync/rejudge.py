@@ -16,28 +16,35 @@ changes nothing.
 Flags about the events as they arrived (clock, sequence numbers, a parcel not taken
 in, another station's scan) are not judged again: they say what the PDA sent. Run it
 once the serving processes have the new settings: until then their pushes judge the
-parcels they touch under the old ones. A batch that meets a deadlock on PostgreSQL
-(as an intake can) fails the run: run it again.
+parcels they touch under the old ones. A batch that a live push or intake makes the
+database give up (a deadlock on PostgreSQL, as an intake can meet) is tried again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from models import Parcel
+from models import Flag, Parcel
 from sync import audit
 from sync.balances import refresh_for_parcels
 from sync.rules import Policy
-from sync.status import reproject
+from sync.status import ReprojectOutcome, reproject
 
 REJUDGE_STARTED_ACTION = "parcels_rejudge_started"
 REJUDGED_ACTION = "parcels_rejudged"
+ATTEMPTS = 3  # per batch
+RETRY_SECONDS = 0.5  # before the second attempt; twice that before the third
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,11 +98,7 @@ def rejudge_parcels(
         numbers = list(session.scalars(query.order_by(Parcel.tracking_no).limit(batch)))
         if not numbers:
             break
-        outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
-        handover = refresh_for_parcels(
-            session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
-        )
-        session.commit()
+        outcome, handover = _judged_again(session, numbers, policy)
         totals.parcels += len(numbers)
         totals.status_changed += len(outcome.changed)
         totals.flags_raised += len(outcome.raised)
@@ -113,6 +116,35 @@ def rejudge_parcels(
     )
     session.commit()
     return totals
+
+
+def _judged_again(
+    session: Session, numbers: list[str], policy: Policy
+) -> tuple[ReprojectOutcome, list[Flag]]:
+    """One batch, committed; tried again from the start when the database gives it up
+    for another transaction (a deadlock or a serialization failure on PostgreSQL, the
+    busy timeout on SQLite): live pushes and intakes lock the same parcels and shifts."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
+            handover = refresh_for_parcels(
+                session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
+            )
+            session.commit()
+            return outcome, handover
+        except DBAPIError as error:
+            session.rollback()
+            if attempt == ATTEMPTS or not _given_up_for_another(error):
+                raise
+            log.warning("rejudge: batch from %s given up (%s); again", numbers[0], error.orig)
+            time.sleep(RETRY_SECONDS * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _given_up_for_another(error: DBAPIError) -> bool:
+    if getattr(error.orig, "sqlstate", None) in ("40P01", "40001"):
+        return True
+    return isinstance(error, OperationalError) and "database is locked" in str(error.orig)
 
 
 def _settings(policy: Policy) -> dict[str, Any]:

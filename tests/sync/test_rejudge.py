@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Any
 
+import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, Parcel, ServiceClass, User
+from sync import rejudge
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
@@ -123,3 +127,41 @@ def test_parcels_dropped_under_one_policy_are_judged_again_under_the_next(
     assert started[0].details["policy"] == runs[0].details["policy"]
     assert runs[0].details["policy"]["consent_required"] == sorted(c.value for c in ServiceClass)
     assert runs[-1].details["policy"]["consent_required"] == ["express"]
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # as psycopg gives it
+
+
+def test_a_batch_the_database_gives_up_for_another_transaction_is_tried_again(
+    session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live push or intake can make PostgreSQL pick the run's batch as a deadlock's
+    victim: it is rolled back and tried again, and the run goes on. Any other error
+    ends the run at once (its start is on the audit log)."""
+    here = factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY)
+    session.commit()
+    drop_in_a_locker(
+        session, Pusher(world.device.id, world.station.id, world.courier.id), here.tracking_no
+    )
+    monkeypatch.setattr(rejudge, "RETRY_SECONDS", 0)
+    real = rejudge.reproject
+    calls: list[int] = []
+
+    def once_a_victim(**kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT ...", {}, _Deadlock("deadlock detected"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(rejudge, "reproject", once_a_victim)
+    totals = rejudge_parcels(session=session, policy=ORDINARY_TOO)
+    assert len(calls) == 2 and totals.flags_raised == 1
+    assert unauthorized(session) == {here.tracking_no}
+
+    def broken(**kwargs: Any) -> Any:
+        raise OperationalError("SELECT ...", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(rejudge, "reproject", broken)
+    with pytest.raises(OperationalError):
+        rejudge_parcels(session=session, policy=Policy())

@@ -366,19 +366,20 @@ def changed_since_signoff(shift: Shift, balance: Balance) -> bool:
     flag of its parcels is raised or closed through another shift's events. The
     sign-off stands, and with it the balance signed off (kept with the shift and in
     the audit log); a reader is told that the balance now differs."""
-    signed = shift.signoff_balance
-    return (
-        shift.status == ShiftStatus.SIGNED_OFF
-        and signed is not None
-        and not same_snapshot(balance.snapshot(), signed)
-    )
+    signed = _signed_off_balance(shift)
+    return signed is not None and not same_snapshot(balance.snapshot(), signed)
 
 
 def signed_off_version(shift: Shift) -> str | None:
     """The ``version`` of the balance the shift was signed off with, while it is."""
-    if shift.status != ShiftStatus.SIGNED_OFF or shift.signoff_balance is None:
-        return None
-    return snapshot_version(shift.signoff_balance)
+    signed = _signed_off_balance(shift)
+    return None if signed is None else snapshot_version(signed)
+
+
+def _signed_off_balance(shift: Shift) -> dict[str, Any] | None:
+    """The balance kept with the shift's sign-off, while it stands (a reopened shift
+    keeps the last one's until it is signed off again)."""
+    return shift.signoff_balance if shift.status == ShiftStatus.SIGNED_OFF else None
 
 
 def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:

@@ -63,7 +63,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
@@ -98,6 +98,14 @@ SETTLED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEAD)
 
 DELIVERY = WebhookDelivery.__table__
 SUBSCRIPTION = WebhookSubscription.__table__
+# A subscription that is sent to: not paused by an admin, not disabled by failures.
+# Its deliveries are claimed; a stopped one's wait (``purge_waiting_for_stopped``).
+SENDING = and_(SUBSCRIPTION.c.active.is_(True), SUBSCRIPTION.c.disabled_at.is_(None))
+
+
+def is_sending(subscription: WebhookSubscription) -> bool:
+    """``SENDING``, of a loaded subscription."""
+    return subscription.active and subscription.disabled_at is None
 
 
 def _version() -> str:
@@ -824,8 +832,7 @@ def _claim(
                     WebhookDelivery.status == DeliveryStatus.PENDING,
                     WebhookDelivery.next_attempt_at <= due_at,
                     unclaimed,
-                    WebhookSubscription.active.is_(True),
-                    WebhookSubscription.disabled_at.is_(None),
+                    SENDING,
                     ~waits,
                 )
             )
@@ -1397,7 +1404,7 @@ def replay_delivery(
             code="delivery_pending",
         )
     subscription = session.get(WebhookSubscription, delivery.subscription_id)
-    if subscription is None or not subscription.active or subscription.disabled_at is not None:
+    if subscription is None or not is_sending(subscription):
         raise Conflict(
             f"subscription {delivery.subscription_id} is paused or disabled: nothing is "
             "sent to it until it is active again (PATCH active: true), so enable it first",
@@ -1439,11 +1446,7 @@ def purge_waiting_for_stopped(*, session: Session, before: dt.datetime) -> dict[
     enabling the subscription at this moment (``_enable_again`` locks it and its
     deliveries) keeps them, and a worker recording an attempt (the delivery, then its
     subscription) is never waited for in the opposite order."""
-    stopped = (
-        select(SUBSCRIPTION.c.id)
-        .where(or_(SUBSCRIPTION.c.disabled_at.is_not(None), SUBSCRIPTION.c.active.is_(False)))
-        .with_for_update(skip_locked=True)
-    )
+    stopped = select(SUBSCRIPTION.c.id).where(~SENDING).with_for_update(skip_locked=True)
     due = (
         select(DELIVERY.c.id)
         .where(

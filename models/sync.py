@@ -38,6 +38,10 @@ DELIVERY_TYPES = (
 DELIVERY_PREDICATE = "type IN ({})".format(", ".join(f"'{t.value}'" for t in DELIVERY_TYPES))
 # Events filed under no shift (``ix_scan_event_unfiled``).
 UNFILED_PREDICATE = "shift_id IS NULL"
+# Unattended drops (at a locker or a pickup point): the events whose time decides
+# whether a consent authorized them (DESIGN.md rule 4), and which keep the times their
+# PDA's other events bound them by (``sync.drop_bounds``).
+DROP_TYPES = (EventType.DELIVERED_TO_LOCKER, EventType.DELIVERED_TO_PICKUP_POINT)
 
 
 class SyncBatch(Base):
@@ -100,6 +104,9 @@ class ScanEvent(Base):
             postgresql_where=text(UNFILED_PREDICATE),
             sqlite_where=text(UNFILED_PREDICATE),
         ),
+        # A device's events by time, with their seqs (``sync.drop_bounds``): the events
+        # dated after a drop and recorded before it, without reading its whole history.
+        Index("ix_scan_event_device_time", "device_id", "occurred_at", "seq"),
     )
 
     id: Mapped[big_pk]
@@ -125,6 +132,12 @@ class ScanEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(Document)  # the type-specific fields
     # sha256 of the event's canonical content: a re-sent id with other content is refused.
     content_hash: Mapped[sha256_hex]
+    # Drops only (``sync.drop_bounds``): the latest corrected time of an event its PDA
+    # recorded before it (lower seq) when that is later than its own, and the earliest
+    # of one recorded after it when that is earlier. The seqs are the PDA's causal order
+    # (rule 6): the drop happened between the two, whatever its own clock said.
+    latest_of_earlier_seqs: Mapped[dt.datetime | None]
+    earliest_of_later_seqs: Mapped[dt.datetime | None]
 
     def __repr__(self) -> str:
         return f"<ScanEvent {self.device_id}#{self.seq} {self.type} {self.tracking_no}>"

@@ -54,6 +54,7 @@ from models import (
     WebhookDelivery,
     utcnow,
 )
+from models.sync import DROP_TYPES
 from sync import consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import closed_shifts_holding, refresh_handover_flags
@@ -61,6 +62,7 @@ from sync.blobs import lock_digests
 from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
 from sync.device_state import DeviceState, lock_device_state
 from sync.direct import undone_if_refused
+from sync.drop_bounds import Stored, bound_drops
 from sync.errors import Conflict
 from sync.events import (
     MAX_EVENT_DEPTH,
@@ -470,7 +472,7 @@ class _BatchIngest:
         self._settle_copies()
         tracker = self._update_device_state()
         self._check_time_inversions(stored, tracker)
-        touched = {event.tracking_no for _, event in stored}
+        touched = {event.tracking_no for _, event in stored} | self._bound_drops()
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
             touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
@@ -661,6 +663,24 @@ class _BatchIngest:
         if self.session.get_bind().dialect.name == "sqlite":
             return nullcontext()
         return undone_if_refused(flushed_connection(self.session))
+
+    def _bound_drops(self) -> set[str]:
+        """Rule 6 (``sync.drop_bounds``): the times the device's other events bound its
+        drops by, for the drops stored now (kept in their rows, which ``_project`` hands
+        over) and for the earlier ones this push's events bound: their parcels, to be
+        judged again."""
+        own, rebound = bound_drops(
+            self.session,
+            self.pusher.device_id,
+            (
+                Stored(row["seq"], row["occurred_at"], row["type"] in DROP_TYPES)
+                for row in self.rows.values()
+            ),
+        )
+        by_seq = {row["seq"]: row for row in self.rows.values()}
+        for seq, bounds in own.items():
+            by_seq[seq].update(bounds._asdict())
+        return rebound
 
     def _check_time_inversions(
         self, stored: list[tuple[int, ValidEvent]], tracker: SeqTracker

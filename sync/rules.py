@@ -79,6 +79,11 @@ class EventDetail:
     occurred_at_device: dt.datetime | None = None
     # When its push reached the server: it happened before, whatever its PDA time says.
     received_at: dt.datetime | None = None
+    # A drop's: the latest corrected time of an event its PDA recorded before it, when
+    # later than its own, and the earliest of one recorded after it, when earlier
+    # (whatever their parcels: ``sync.drop_bounds``). None: none such, or not known.
+    latest_of_earlier_seqs: dt.datetime | None = None
+    earliest_of_later_seqs: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -254,13 +259,15 @@ def drop_span(
     granted after it would seem before it, or one revoked before it in force. Beyond the
     bound, then, the drop may have happened anywhere between the two times.
 
-    It may also have happened as late as an event its PDA recorded before it (by seq)
-    among the parcel's ``history``, and as early as one it recorded after it, on the
-    corrected clock: the seqs are the PDA's causal order (rule 6), and a clock set back
-    (or forward) for the drop alone and put right before the push shows no offset, only
-    that order. (The projection orders the drop after the first too:
-    ``sync.projection.ordered``.) All of it is stored with the events, so the span
-    depends on nothing but the parcel's events (rule 3).
+    It may also have happened as late as an event its PDA recorded before it (by seq),
+    and as early as one it recorded after it, on the corrected clock, whatever parcel
+    that event was about: the seqs are the PDA's causal order (rule 6), and a clock set
+    back (or forward) for the drop alone and put right before the push shows no offset,
+    only that order. The parcel's own such events are in its ``history`` (the
+    projection orders the drop after the first too: ``sync.projection.ordered``); the
+    latest and earliest of all its PDA's are kept with the drop
+    (``sync.drop_bounds``). All of it is stored with the events, so the span does not
+    depend on the order they arrived in (rule 3).
 
     Never after its push reached the server (``received_at``): a PDA time ahead of that
     (a clock running fast) is no time the drop may have had, and a consent revoked or
@@ -277,6 +284,10 @@ def drop_span(
             latest = max(latest, event.fact.occurred_at)
         elif event.fact.seq > drop.fact.seq:
             earliest = min(earliest, event.fact.occurred_at)
+    if drop.latest_of_earlier_seqs is not None:
+        latest = max(latest, drop.latest_of_earlier_seqs)
+    if drop.earliest_of_later_seqs is not None:
+        earliest = min(earliest, drop.earliest_of_later_seqs)
     if drop.received_at is not None:
         latest = max(at, min(latest, drop.received_at))
     return earliest, latest

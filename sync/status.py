@@ -30,6 +30,7 @@ from models import (
 )
 from sync import feed
 from sync.consents import consents_for, covered_parcels
+from sync.drop_bounds import bounds_of
 from sync.events import referenced_blobs
 from sync.flags import (
     ACTIVE_STATUSES,
@@ -87,6 +88,8 @@ FACT_COLUMNS = (
     ScanEvent.lon,
     ScanEvent.occurred_at_device,  # a drop's time is uncertain between it and the corrected
     ScanEvent.received_at,  # ... but not after its push arrived
+    ScanEvent.latest_of_earlier_seqs,  # ... and between its PDA's events around it
+    ScanEvent.earliest_of_later_seqs,
 )
 _FACT_FIELDS = len(EventFact._fields)
 PARCEL_COLUMNS = (
@@ -472,14 +475,12 @@ def stored_detail(row: Mapping[str, Any], event_id: int) -> EventDetail:
         row["lon"],
         row["occurred_at_device"].astimezone(dt.UTC),
         row["received_at"].astimezone(dt.UTC),
+        *bounds_of(row),
     )
 
 
 def _detail(row: Any) -> EventDetail:
-    details, lat, lon, occurred_at_device, received_at = row[1 + _FACT_FIELDS :]
-    return EventDetail(
-        EventFact(*row[1 : 1 + _FACT_FIELDS]), details, lat, lon, occurred_at_device, received_at
-    )
+    return EventDetail(EventFact(*row[1 : 1 + _FACT_FIELDS]), *row[1 + _FACT_FIELDS :])
 
 
 def targets_of_corrections(

@@ -552,13 +552,17 @@ def _push_body(world: World, numbers: list[str], first_seq: int) -> dict[str, An
     events = []
     seq = first_seq
     for step in ("checked_out", "out_for_delivery", "delivered"):
-        for tn in numbers:
+        for number, tn in enumerate(numbers):
             fields: dict[str, Any] = {}
+            kind = step
             if step == "delivered":
                 photo = _photo(f"{world.device_id}-{seq}")
                 fields["pod"] = {"recipient_name": "R", "photo_sha256": photo}
+                if number % 5 == 0:  # a locker drop: its PDA's events bound it
+                    kind = "delivered_to_locker"
+                    fields.update(locker_id="L-1", compartment=str(number))
             at = now - dt.timedelta(minutes=30) + dt.timedelta(seconds=seq - first_seq)
-            events.append(factories.event(seq, tn, step, occurred_at=at, **fields))
+            events.append(factories.event(seq, tn, kind, occurred_at=at, **fields))
             seq += 1
     return factories.push_body(world.device_id, events[:200])
 
@@ -604,6 +608,10 @@ def test_push_dedupe_and_projection_use_indexes(world: World) -> None:
     assert "uq_scan_event_device_event" in used or "uq_scan_event_device_id_seq" in used
     assert reads(pushed, "parcel") and reads(pushed, "scan_event")  # the projection
     assert reads(resent, "scan_event")  # events already held, by id and seq
+    # The drops' bounds (``sync.drop_bounds``): the device's events by time and by seq.
+    bounding_sql = "UPDATE scan_event SET latest_of_earlier_seqs"
+    [bounding] = [e for e in pushed if " ".join(e.statement.split()).startswith(bounding_sql)]
+    assert "ix_scan_event_device_time" in bounding.indexes, bounding.plan
 
 
 def test_opening_a_shift_reads_the_pdas_unfiled_events_not_its_history(world: World) -> None:

@@ -297,3 +297,87 @@ def test_flag_decisions_are_filled_in_from_the_history_that_says_what_was_seen(
         7: (None, None),
     }
     assert found[4][2] == {"event_ids": [4, 5], "tracking_no": "X"}
+
+
+DROP_BOUNDS = "5d1e7b3f9a02"  # drops keep the times their PDA's other events bound them by
+
+
+def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
+    """Dropping the two columns and adding them back fills them from each device's
+    events in seq order, as the pushes that stored the events did: a drop stamped after
+    the next scan and one stamped before the scan ahead of it, on two PDAs. The index
+    by time is built CONCURRENTLY on PostgreSQL."""
+    import datetime as dt
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import ScanEvent
+    from sync.events import EventRules
+    from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+    from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+    from tests import factories
+
+    migrate.upgrade(scratch)
+    now = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
+    rules = IngestRules(
+        events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+    )
+
+    def at(minutes: int) -> dt.datetime:
+        return now - dt.timedelta(hours=2) + dt.timedelta(minutes=minutes)
+
+    def drop(seq: int, tracking_no: str, minutes: int) -> dict[str, Any]:
+        return factories.event(
+            seq, tracking_no, "delivered_to_locker", at(minutes), locker_id="L", compartment="1"
+        )
+
+    with Session(scratch) as session:
+        station = factories.station(session)
+        numbers = [factories.parcel(session, station).tracking_no for _ in range(3)]
+        streams = {
+            "one": [  # the drop (seq 2) stamped at 80, after the next scan (seq 3) at 65
+                factories.event(1, numbers[0], occurred_at=at(10)),
+                drop(2, numbers[2], 80),
+                factories.event(3, numbers[1], occurred_at=at(65)),
+            ],
+            "two": [  # the drop (seq 3) stamped at 50, before the scan ahead (seq 2) at 70
+                factories.event(1, numbers[0], occurred_at=at(10)),
+                factories.event(2, numbers[1], occurred_at=at(70)),
+                drop(3, numbers[2], 50),
+                factories.event(4, numbers[1], "out_for_delivery", occurred_at=at(90)),
+            ],
+        }
+        for name, stream in streams.items():
+            courier = factories.user(session, name, "courier", station)
+            device = factories.device(session, f"PDA-{name}", station)
+            ingest(
+                session=session,
+                batch=PushBatch(device.id, uuid.uuid4(), now, stream),
+                pusher=Pusher(device.id, station.id, courier.id),
+                rules=rules,
+                received_at=now,
+            )
+        session.commit()
+    bounds = sa.select(
+        ScanEvent.device_id,
+        ScanEvent.seq,
+        ScanEvent.latest_of_earlier_seqs,
+        ScanEvent.earliest_of_later_seqs,
+    ).order_by(ScanEvent.device_id, ScanEvent.seq)
+    with scratch.connect() as connection:
+        pushed = connection.execute(bounds).all()
+    assert [row for row in pushed if row[2] or row[3]] == [
+        ("PDA-one", 2, None, at(65)),
+        ("PDA-two", 3, at(70), None),
+    ]
+
+    migrate.downgrade(scratch, f"{DROP_BOUNDS}-1")
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, DROP_BOUNDS)
+    with scratch.connect() as connection:
+        assert connection.execute(bounds).all() == pushed
+    if scratch.dialect.name == "postgresql":  # built without holding pushes back
+        [created] = [s for s in upgrading if s.startswith("CREATE INDEX")]
+        assert created.startswith("CREATE INDEX CONCURRENTLY"), created

@@ -1124,19 +1124,24 @@ def _move(
     session.commit()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rule 6: a drop is bounded by its PDA's seq neighbours of the same parcel only "
-    "(sync.rules.drop_span); those of other parcels would need each push to re-judge the "
-    "device's drops around the seqs it stores, for rule 3",
-)
+# How the PDA's four events reach the server: by seq, in pushes in this order.
+ARRIVALS = {
+    "in one push": [[1, 2, 3, 4]],
+    "the drop first": [[1, 2, 3], [4]],
+    "the next scan first": [[4], [1, 2, 3]],
+    "one by one, backwards": [[4], [3], [2], [1]],
+}
+
+
+@pytest.mark.parametrize("pushes", ARRIVALS.values(), ids=ARRIVALS.keys())
 def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_is_judged_before_it(
-    session: Session, world: World, pda: Pda, parcel: Parcel
+    session: Session, world: World, pda: Pda, parcel: Parcel, pushes: list[list[int]]
 ) -> None:
     """The courier drops the parcel (seq 3) with the PDA's clock set forward to stamp it
     after the recipient's consent (granted at 70), puts the clock right, and scans the
-    next parcel (seq 4) at 65. The seqs say the drop happened by 65, before the consent;
-    only the next parcel gets the time_inversion, and this drop counts as authorized."""
+    next parcel (seq 4) at 65. The seqs say the drop happened by 65, before the consent
+    (rule 6, ``sync.drop_bounds``), however the events arrive (rule 3): only the next
+    parcel gets the time_inversion, and the drop counts as made before the consent."""
     tn = parcel.tracking_no
     other = factories.parcel(session, world.station).tracking_no
     consent = grant(
@@ -1154,18 +1159,61 @@ def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_is_judged_bef
     )
     rejudge_for_consent(session=session, consent=consent, policy=Policy())
     session.commit()
-    pda.push(
-        [
-            pda.event(1, tn, occurred_at=at(10)),
-            pda.event(2, other, occurred_at=at(20)),
-            locker_drop(pda, 3, tn, at(80)),
-            pda.event(4, other, "out_for_delivery", occurred_at=at(65)),
-        ]
-    )
+    stream = {
+        1: pda.event(1, tn, occurred_at=at(10)),
+        2: pda.event(2, other, occurred_at=at(20)),
+        3: locker_drop(pda, 3, tn, at(80)),
+        4: pda.event(4, other, "out_for_delivery", occurred_at=at(65)),
+    }
+    for seqs in pushes:
+        pda.push([stream[seq] for seq in seqs])
     inverted = session.scalars(select(Flag.subject_key).where(Flag.kind == "time_inversion"))
     assert list(inverted) == [other]
-    kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
-    assert "consent_after_drop" in kinds
+    kinds = set(
+        session.scalars(
+            select(Flag.kind).where(Flag.subject_key == tn, Flag.status == FlagStatus.OPEN)
+        )
+    )
+    assert kinds == {"consent_after_drop"}
+    drop = session.scalars(select(ScanEvent).where(ScanEvent.seq == 3)).one()
+    assert (drop.latest_of_earlier_seqs, drop.earliest_of_later_seqs) == (None, at(65))
+
+
+def test_a_drop_stamped_before_its_consent_expired_is_judged_after_the_pdas_scan_before_it(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """The recipient's consent expired at 60. The courier scans another parcel at 70,
+    then drops this one (the next seq) with the clock set back to 50. The drop happened
+    after that scan, when the consent no longer held: unauthorized, whether the scan
+    arrives with the drop or after it."""
+    tn = parcel.tracking_no
+    other = factories.parcel(session, world.station).tracking_no
+    consent = grant(
+        session=session,
+        draft=ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=ConsentMethod.LOCKER,
+            channel=ConsentChannel.APP,
+            granted_at=at(0),
+            tracking_no=tn,
+            expires_at=at(60),
+        ),
+        rules=ConsentRules(tracking=POLICY, phone_region="CN"),
+        created_by=world.integration.id,
+        now=at(1),
+    )
+    rejudge_for_consent(session=session, consent=consent, policy=Policy())
+    session.commit()
+    pda.push([pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 3, tn, at(50))])
+    flagged = session.scalars(
+        select(Flag.kind).where(Flag.subject_key == tn, Flag.status == FlagStatus.OPEN)
+    )
+    assert "unauthorized_locker_drop" not in set(flagged)  # as far as the server knows
+    pda.push([pda.event(2, other, occurred_at=at(70))])  # the seq between, late
+    flagged = session.scalars(
+        select(Flag.kind).where(Flag.subject_key == tn, Flag.status == FlagStatus.OPEN)
+    )
+    assert "unauthorized_locker_drop" in set(flagged)
 
 
 @pytest.mark.parametrize(

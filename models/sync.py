@@ -104,8 +104,8 @@ class ScanEvent(Base):
             postgresql_where=text(UNFILED_PREDICATE),
             sqlite_where=text(UNFILED_PREDICATE),
         ),
-        # A device's events by time, with their seqs (``sync.drop_bounds``): the events
-        # dated after a drop and recorded before it, without reading its whole history.
+        # A device's events by time, with their seqs (``sync.drop_bounds``): those dated
+        # within reach of a push's events, without reading the PDA's whole history.
         Index("ix_scan_event_device_time", "device_id", "occurred_at", "seq"),
     )
 
@@ -134,8 +134,9 @@ class ScanEvent(Base):
     content_hash: Mapped[sha256_hex]
     # Drops only (``sync.drop_bounds``): the latest corrected time of an event its PDA
     # recorded before it (lower seq) when that is later than its own, and the earliest
-    # of one recorded after it when that is earlier. The seqs are the PDA's causal order
-    # (rule 6): the drop happened between the two, whatever its own clock said.
+    # of one recorded after it when that is earlier, each within 12 hours of it. The
+    # seqs are the PDA's causal order (rule 6): the drop happened between the two,
+    # whatever its own clock said.
     latest_of_earlier_seqs: Mapped[dt.datetime | None]
     earliest_of_later_seqs: Mapped[dt.datetime | None]
 

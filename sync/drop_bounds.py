@@ -8,143 +8,209 @@ scan, has the drop judged as having happened by that scan (``sync.rules.drop_spa
 and one who sets it back to date a drop before a revocation has it judged at the
 latest event before it. Going offline on purpose to shift times gains nothing.
 
-Each drop keeps the two times that bound it in its row (``latest_of_earlier_seqs``,
-``earliest_of_later_seqs``: only when they are beyond its own time, else none), so
-that judging it reads no other event. A push keeps them right (rule 3, whatever
-order the events arrive in): it works them out for the drops it stores, and again
-for the stored drops of the device that one of its events bounds, whose parcels it
-then judges again. The device's lock (``sync.device_state``) orders its pushes.
+Within ``REACH`` of the drop's own time only. The server cannot tell which of two
+inverted events had the wrong clock: a single scan stamped a day early (its clock
+wrong, the drops' right) would otherwise date every drop its PDA made in that day
+before it, and flag the consents of all of them. The scan gets ``time_inversion``
+(``sync.inversions``) whatever the reach; the drops within it are judged by it.
+
+Each drop keeps the two times in its row (``latest_of_earlier_seqs``,
+``earliest_of_later_seqs``: only when they lie beyond its own time, else none), so
+that judging it reads no other event. A push keeps them right whatever order the
+events arrive in (rule 3): events are never deleted, so a drop's bounds only ever
+widen, and each push widens those its events reach. One read finds every stored
+event a push's events can bound or be bounded by (they lie within ``REACH`` of its
+events' times); the rest is worked out here, and only drops whose bounds moved are
+written and judged again. The device's lock (``sync.device_state``) orders its
+pushes.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, case, func, select, text, union_all, update
+from sqlalchemy import bindparam, select, text, union_all, update
 from sqlalchemy.orm import Session
 
 from models import ScanEvent
 from models.base import UTCDateTime
 from models.sync import DROP_TYPES
-from sync.sql import Prebuilt, among_param
+from sync.sql import Prebuilt
+
+# How far from a drop's own time its PDA's other events may date it: a shift's length,
+# so that a scan stamped with the clock set back a day bounds no drop of the day before.
+REACH = dt.timedelta(hours=12)
 
 _events = ScanEvent.__table__
-_other = _events.alias("other")
-_IS_DROP = text("scan_event.type IN ({})".format(", ".join(f"'{t.value}'" for t in DROP_TYPES)))
-
-# The drops at the seqs given, each bound anew by the device's other events: the
-# latest dated after it of those recorded before it, found through the device's events
-# by time (those dated after a drop are few: it is recent, or its PDA's clock is off),
-# and the earliest dated before it of those recorded after it, found through the seqs
-# above it (few: a drop is stored soon after it happens, or it is read by time too).
-REBOUND = Prebuilt(
-    lambda dialect: (
+_COLUMNS = (
+    _events.c.tracking_no,
+    _events.c.seq,
+    _events.c.occurred_at,
+    _events.c.type,
+    _events.c.latest_of_earlier_seqs,
+    _events.c.earliest_of_later_seqs,
+)
+_stored_before = _events.c.batch_pk != bindparam("batch_pk")  # not this push's
+# The device's stored events a push's events can bound or be bounded by: those dated
+# after its earliest event and within reach of its latest (through the index by time:
+# for a PDA online, none), and those recorded after its first seq within reach of its
+# events' times (through the seqs: for a PDA sending in order, none).
+NEARBY = Prebuilt(
+    lambda _dialect: union_all(
+        select(*_COLUMNS).where(
+            _events.c.device_id == bindparam("device_id"),
+            _events.c.occurred_at > bindparam("earliest", type_=UTCDateTime()),
+            _events.c.occurred_at <= bindparam("reach_after", type_=UTCDateTime()),
+            _stored_before,
+        ),
+        select(*_COLUMNS).where(
+            _events.c.device_id == bindparam("device_id"),
+            _events.c.seq > bindparam("lowest_seq"),
+            _events.c.occurred_at >= bindparam("reach_before", type_=UTCDateTime()),
+            _events.c.occurred_at < bindparam("latest", type_=UTCDateTime()),
+            _stored_before,
+        ),
+    )
+)
+STORE_BOUNDS = Prebuilt(
+    lambda _dialect: (
         update(_events)
         .where(
             _events.c.device_id == bindparam("device"),
-            among_param(dialect, _events.c.seq, "seqs"),
-            _IS_DROP,
+            _events.c.seq == bindparam("at_seq"),
+            text("scan_event.type IN ({})".format(", ".join(f"'{t.value}'" for t in DROP_TYPES))),
         )
         .values(
-            latest_of_earlier_seqs=select(func.max(_other.c.occurred_at))
-            .where(
-                _other.c.device_id == _events.c.device_id,
-                _other.c.occurred_at > _events.c.occurred_at,
-                _other.c.seq < _events.c.seq,
-            )
-            .scalar_subquery(),
-            # (the time in the aggregate, not the filter: on the index by time,
-            # SQLite would read all the device's events dated before the drop)
-            earliest_of_later_seqs=select(
-                func.min(
-                    case((_other.c.occurred_at < _events.c.occurred_at, _other.c.occurred_at))
-                )
-            )
-            .where(_other.c.device_id == _events.c.device_id, _other.c.seq > _events.c.seq)
-            .scalar_subquery(),
+            latest_of_earlier_seqs=bindparam("latest", type_=UTCDateTime()),
+            earliest_of_later_seqs=bindparam("earliest", type_=UTCDateTime()),
         )
-        .returning(
-            _events.c.seq, _events.c.latest_of_earlier_seqs, _events.c.earliest_of_later_seqs
-        )
-    )
-)
-# The device's stored drops a push's events may bound: those dated after its earliest
-# event (one recorded after them may be dated before them), and those recorded after
-# its first seq (one recorded before them may be dated after them). Each through the
-# index that keeps it short; the push's own drops come back too.
-_DROP_COLUMNS = (_events.c.tracking_no, _events.c.seq, _events.c.occurred_at)
-MAY_BE_BOUND = Prebuilt(
-    lambda _dialect: union_all(
-        select(*_DROP_COLUMNS).where(
-            _events.c.device_id == bindparam("device_id"),
-            _events.c.occurred_at > bindparam("earliest", type_=UTCDateTime()),
-            _IS_DROP,
-        ),
-        select(*_DROP_COLUMNS).where(
-            _events.c.device_id == bindparam("device_id"),
-            _events.c.seq > bindparam("lowest_seq"),
-            _IS_DROP,
-        ),
     )
 )
 
 
-class Stored(NamedTuple):
-    """What of an event a push just stored the bounds depend on."""
+class EventTime(NamedTuple):
+    """What of an event its drops' bounds depend on: its seq and corrected time."""
 
     seq: int
-    occurred_at: dt.datetime  # corrected
-    is_drop: bool
+    occurred_at: dt.datetime
+    is_drop: bool = False
 
 
 class Bounds(NamedTuple):
-    latest_of_earlier_seqs: dt.datetime | None
-    earliest_of_later_seqs: dt.datetime | None
+    latest_of_earlier_seqs: dt.datetime | None = None
+    earliest_of_later_seqs: dt.datetime | None = None
+
+    def widened(self, other: Bounds) -> Bounds:
+        """Both bounds' outermost: what every event of the two sets shows."""
+        return Bounds(
+            _outer(max, self.latest_of_earlier_seqs, other.latest_of_earlier_seqs),
+            _outer(min, self.earliest_of_later_seqs, other.earliest_of_later_seqs),
+        )
 
 
 def bound_drops(
-    session: Session, device_id: str, stored: Iterable[Stored]
+    session: Session, device_id: str, batch_pk: int, stored: Iterable[EventTime]
 ) -> tuple[dict[int, Bounds], set[str]]:
-    """After a push stored ``stored`` (this device's new events): the bounds of its own
-    drops, by seq, and the tracking numbers of the device's earlier drops whose bounds
-    its events changed, each bound anew and to be judged again."""
+    """After a push stored ``stored`` (this device's new events, in its batch
+    ``batch_pk``): the bounds of its own drops (those that have any), by seq, stored
+    in their rows; and the tracking numbers of the device's earlier drops whose bounds
+    its events widened, stored too, to be judged again."""
     new = list(stored)
     if not new:
         return {}, set()
-    own = {event.seq for event in new}
-    rebound: dict[int, str] = {}
-    for tracking_no, seq, occurred_at in MAY_BE_BOUND.execute(
-        session,
-        {
-            "device_id": device_id,
-            "earliest": min(event.occurred_at for event in new),
-            "lowest_seq": min(own),
-        },
-    ):
-        if seq not in own and _bounds_any(seq, occurred_at, new):
-            rebound[seq] = tracking_no
-    seqs = sorted({event.seq for event in new if event.is_drop} | rebound.keys())
-    if not seqs:
-        return {}, set()
-    bounds = {
-        seq: Bounds(latest, earliest)
-        for seq, latest, earliest in REBOUND.execute(session, {"device": device_id, "seqs": seqs})
+    earliest = min(event.occurred_at for event in new)
+    latest = max(event.occurred_at for event in new)
+    nearby = {
+        row.seq: row
+        for row in NEARBY.execute(
+            session,
+            {
+                "device_id": device_id,
+                "batch_pk": batch_pk,
+                "earliest": earliest,
+                "reach_after": latest + REACH,
+                "lowest_seq": min(event.seq for event in new),
+                "reach_before": earliest - REACH,
+                "latest": latest,
+            },
+        )
     }
-    return {seq: b for seq, b in bounds.items() if seq in own}, set(rebound.values())
-
-
-def _bounds_any(seq: int, occurred_at: dt.datetime, new: Iterable[Stored]) -> bool:
-    """Whether one of ``new`` bounds the drop at ``seq``: recorded after it and dated
-    before it, or recorded before it and dated after it."""
-    return any(
-        (event.seq > seq and event.occurred_at < occurred_at)
-        or (event.seq < seq and event.occurred_at > occurred_at)
-        for event in new
+    everything = [*new, *(EventTime(row.seq, row.occurred_at) for row in nearby.values())]
+    own = {
+        seq: bounds
+        for seq, bounds in bounds_among(everything, [e for e in new if e.is_drop]).items()
+        if bounds != Bounds()
+    }
+    earlier_drops = [
+        EventTime(row.seq, row.occurred_at, True)
+        for row in nearby.values()
+        if row.type in DROP_TYPES
+    ]
+    moved: dict[int, Bounds] = {}
+    for seq, by_new in bounds_among(new, earlier_drops).items():
+        row = nearby[seq]
+        before = Bounds(row.latest_of_earlier_seqs, row.earliest_of_later_seqs)
+        if (now := before.widened(by_new)) != before:
+            moved[seq] = now
+    STORE_BOUNDS.execute_rows(
+        session,
+        [
+            {"device": device_id, "at_seq": seq, "latest": b[0], "earliest": b[1]}
+            for seq, b in sorted({**own, **moved}.items())
+        ],
     )
+    return own, {nearby[seq].tracking_no for seq in moved}
+
+
+def bounds_among(events: Sequence[EventTime], drops: Sequence[EventTime]) -> dict[int, Bounds]:
+    """Each drop's bounds by ``events`` (seq: Bounds): the latest time of an event
+    recorded before it dated after it, within ``REACH``, and the earliest of one
+    recorded after it dated before it, within ``REACH``. One sweep up the seqs and one
+    down, each keeping the times passed in order: n log n, not drops times events (a
+    day's backlog holds thousands of each)."""
+    latest = _sweep(events, drops, upward=True)
+    earliest = _sweep(events, drops, upward=False)
+    return {drop.seq: Bounds(latest[drop.seq], earliest[drop.seq]) for drop in drops}
+
+
+def _sweep(
+    events: Sequence[EventTime], drops: Sequence[EventTime], *, upward: bool
+) -> dict[int, dt.datetime | None]:
+    """Upward: for each drop, the latest time in ``(its time, its time + REACH]`` of an
+    event with a lower seq; downward: the earliest in ``[its time - REACH, its time)``
+    of one with a higher seq."""
+    order = sorted(events, key=lambda e: e.seq, reverse=not upward)
+    passed: list[dt.datetime] = []  # the times of the events passed, ascending
+    found: dict[int, dt.datetime | None] = {}
+    index = 0
+    for drop in sorted(drops, key=lambda e: e.seq, reverse=not upward):
+        while index < len(order) and (
+            order[index].seq < drop.seq if upward else order[index].seq > drop.seq
+        ):
+            bisect.insort(passed, order[index].occurred_at)
+            index += 1
+        if upward:
+            at = bisect.bisect_right(passed, drop.occurred_at + REACH) - 1
+            hit = passed[at] if at >= 0 else None
+            found[drop.seq] = hit if hit is not None and hit > drop.occurred_at else None
+        else:
+            at = bisect.bisect_left(passed, drop.occurred_at - REACH)
+            hit = passed[at] if at < len(passed) else None
+            found[drop.seq] = hit if hit is not None and hit < drop.occurred_at else None
+    return found
 
 
 def bounds_of(row: Mapping[str, Any]) -> Bounds:
-    """The bounds an event row holds (none for a row that has no such keys)."""
+    """The bounds an event row holds (none for a row without them)."""
     return Bounds(row.get("latest_of_earlier_seqs"), row.get("earliest_of_later_seqs"))
+
+
+def _outer(
+    pick: Callable[[dt.datetime, dt.datetime], dt.datetime],
+    one: dt.datetime | None,
+    other: dt.datetime | None,
+) -> dt.datetime | None:
+    return other if one is None else one if other is None else pick(one, other)

@@ -62,7 +62,7 @@ from sync.blobs import lock_digests
 from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
 from sync.device_state import DeviceState, lock_device_state
 from sync.direct import undone_if_refused
-from sync.drop_bounds import Stored, bound_drops
+from sync.drop_bounds import EventTime, bound_drops
 from sync.errors import Conflict
 from sync.events import (
     MAX_EVENT_DEPTH,
@@ -667,13 +667,14 @@ class _BatchIngest:
     def _bound_drops(self) -> set[str]:
         """Rule 6 (``sync.drop_bounds``): the times the device's other events bound its
         drops by, for the drops stored now (kept in their rows, which ``_project`` hands
-        over) and for the earlier ones this push's events bound: their parcels, to be
+        over) and for the earlier ones this push's events widened: their parcels, to be
         judged again."""
         own, rebound = bound_drops(
             self.session,
             self.pusher.device_id,
+            self.batch_pk,
             (
-                Stored(row["seq"], row["occurred_at"], row["type"] in DROP_TYPES)
+                EventTime(row["seq"], row["occurred_at"], row["type"] in DROP_TYPES)
                 for row in self.rows.values()
             ),
         )

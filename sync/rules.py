@@ -81,7 +81,7 @@ class EventDetail:
     received_at: dt.datetime | None = None
     # A drop's: the latest corrected time of an event its PDA recorded before it, when
     # later than its own, and the earliest of one recorded after it, when earlier
-    # (whatever their parcels: ``sync.drop_bounds``). None: none such, or not known.
+    # (whatever their parcels, within reach: ``sync.drop_bounds``). None: none such.
     latest_of_earlier_seqs: dt.datetime | None = None
     earliest_of_later_seqs: dt.datetime | None = None
 
@@ -265,8 +265,8 @@ def drop_span(
     back (or forward) for the drop alone and put right before the push shows no offset,
     only that order. The parcel's own such events are in its ``history`` (the
     projection orders the drop after the first too: ``sync.projection.ordered``); the
-    latest and earliest of all its PDA's are kept with the drop
-    (``sync.drop_bounds``). All of it is stored with the events, so the span does not
+    latest and earliest of all its PDA's, within ``sync.drop_bounds.REACH`` of it, are
+    kept with the drop. All of it is stored with the events, so the span does not
     depend on the order they arrived in (rule 3).
 
     Never after its push reached the server (``received_at``): a PDA time ahead of that

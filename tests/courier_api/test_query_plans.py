@@ -608,10 +608,11 @@ def test_push_dedupe_and_projection_use_indexes(world: World) -> None:
     assert "uq_scan_event_device_event" in used or "uq_scan_event_device_id_seq" in used
     assert reads(pushed, "parcel") and reads(pushed, "scan_event")  # the projection
     assert reads(resent, "scan_event")  # events already held, by id and seq
-    # The drops' bounds (``sync.drop_bounds``): the device's events by time and by seq.
-    bounding_sql = "UPDATE scan_event SET latest_of_earlier_seqs"
-    [bounding] = [e for e in pushed if " ".join(e.statement.split()).startswith(bounding_sql)]
-    assert "ix_scan_event_device_time" in bounding.indexes, bounding.plan
+    # What the drops' bounds read (``sync.drop_bounds.NEARBY``): the device's events by
+    # time after the push's earliest, and by seq after its first.
+    nearby_sql = "SELECT scan_event.tracking_no, scan_event.seq, scan_event.occurred_at"
+    [nearby] = [e for e in pushed if " ".join(e.statement.split()).startswith(nearby_sql)]
+    assert "ix_scan_event_device_time" in nearby.indexes, nearby.plan
 
 
 def test_opening_a_shift_reads_the_pdas_unfiled_events_not_its_history(world: World) -> None:

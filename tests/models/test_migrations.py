@@ -305,8 +305,9 @@ DROP_BOUNDS = "5d1e7b3f9a02"  # drops keep the times their PDA's other events bo
 def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
     """Dropping the two columns and adding them back fills them from each device's
     events in seq order, as the pushes that stored the events did: a drop stamped after
-    the next scan and one stamped before the scan ahead of it, on two PDAs. The index
-    by time is built CONCURRENTLY on PostgreSQL."""
+    the next scan and one stamped before the scan ahead of it, on two PDAs, and on a
+    third, scans 12 hours before the drops (they bound them) and a minute more (not).
+    The index by time is built CONCURRENTLY on PostgreSQL."""
     import datetime as dt
     import uuid
 
@@ -325,8 +326,8 @@ def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
         events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
     )
 
-    def at(minutes: int) -> dt.datetime:
-        return now - dt.timedelta(hours=2) + dt.timedelta(minutes=minutes)
+    def at(minutes: int) -> dt.datetime:  # a fraction of a second too (SQLite keeps it)
+        return now - dt.timedelta(hours=20, microseconds=-123_456) + dt.timedelta(minutes=minutes)
 
     def drop(seq: int, tracking_no: str, minutes: int) -> dict[str, Any]:
         return factories.event(
@@ -347,6 +348,12 @@ def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
                 factories.event(2, numbers[1], occurred_at=at(70)),
                 drop(3, numbers[2], 50),
                 factories.event(4, numbers[1], "out_for_delivery", occurred_at=at(90)),
+            ],
+            "three": [  # scans 12 hours (reached) and a minute more (not) before the drops
+                drop(1, numbers[2], 800),
+                factories.event(2, numbers[0], occurred_at=at(800 - 12 * 60)),
+                drop(3, numbers[1], 900),
+                factories.event(4, numbers[0], occurred_at=at(900 - 12 * 60 - 1)),
             ],
         }
         for name, stream in streams.items():
@@ -370,6 +377,7 @@ def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
         pushed = connection.execute(bounds).all()
     assert [row for row in pushed if row[2] or row[3]] == [
         ("PDA-one", 2, None, at(65)),
+        ("PDA-three", 1, None, at(800 - 12 * 60)),
         ("PDA-two", 3, at(70), None),
     ]
 

@@ -1179,8 +1179,9 @@ def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_is_judged_bef
     assert (drop.latest_of_earlier_seqs, drop.earliest_of_later_seqs) == (None, at(65))
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["scan with the drop", "scan late"])
 def test_a_drop_stamped_before_its_consent_expired_is_judged_after_the_pdas_scan_before_it(
-    session: Session, world: World, pda: Pda, parcel: Parcel
+    session: Session, world: World, pda: Pda, parcel: Parcel, together: bool
 ) -> None:
     """The recipient's consent expired at 60. The courier scans another parcel at 70,
     then drops this one (the next seq) with the clock set back to 50. The drop happened
@@ -1204,12 +1205,17 @@ def test_a_drop_stamped_before_its_consent_expired_is_judged_after_the_pdas_scan
     )
     rejudge_for_consent(session=session, consent=consent, policy=Policy())
     session.commit()
-    pda.push([pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 3, tn, at(50))])
-    flagged = session.scalars(
-        select(Flag.kind).where(Flag.subject_key == tn, Flag.status == FlagStatus.OPEN)
-    )
-    assert "unauthorized_locker_drop" not in set(flagged)  # as far as the server knows
-    pda.push([pda.event(2, other, occurred_at=at(70))])  # the seq between, late
+    first, drop = pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 3, tn, at(50))
+    scan = pda.event(2, other, occurred_at=at(70))  # the seq between
+    if together:
+        pda.push([first, scan, drop])
+    else:
+        pda.push([first, drop])
+        flagged = session.scalars(
+            select(Flag.kind).where(Flag.subject_key == tn, Flag.status == FlagStatus.OPEN)
+        )
+        assert "unauthorized_locker_drop" not in set(flagged)  # as far as the server knows
+        pda.push([scan])
     flagged = session.scalars(
         select(Flag.kind).where(Flag.subject_key == tn, Flag.status == FlagStatus.OPEN)
     )

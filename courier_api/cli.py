@@ -393,11 +393,13 @@ def rejudge(station_code: str | None, batch: int) -> None:
     """Judge every parcel again under the rules and settings in force now.
 
     After an upgrade that changed a rule, or a change to a policy setting
-    (CONSENT_RECORDING_GRACE_MINUTES, CONSENT_REQUIRED_CLASSES, ...): each parcel's
-    status, holder and rule flags are recomputed from its events and consents as a
-    push would, and closed shifts get their handover flags again where that changed
-    them. One transaction per --batch parcels, with a progress line after each; safe
-    while the service runs, and to run again. The run goes to the audit log.
+    (CONSENT_RECORDING_GRACE_MINUTES, CONSENT_REQUIRED_CLASSES, ...): each drop's
+    bounds by its PDA's other events are worked out again (an upgrade that brought
+    them leaves the drops stored meanwhile without), each parcel's status, holder and
+    rule flags are recomputed from its events and consents as a push would, and closed
+    shifts get their handover flags again where that changed them. One transaction
+    per --batch parcels, with a progress line after each; safe while the service
+    runs, and to run again. The run goes to the audit log.
     """
     from courier_api.config import policy_of
     from sync.rejudge import rejudge_parcels

@@ -18,11 +18,12 @@ Each drop keeps the two times in its row (``latest_of_earlier_seqs``,
 ``earliest_of_later_seqs``: only when they lie beyond its own time, else none), so
 that judging it reads no other event. A push keeps them right whatever order the
 events arrive in (rule 3): events are never deleted, so a drop's bounds only ever
-widen, and each push widens those its events reach. One read finds every stored
-event a push's events can bound or be bounded by (they lie within ``REACH`` of its
-events' times); the rest is worked out here, and only drops whose bounds moved are
-written and judged again. The device's lock (``sync.device_state``) orders its
-pushes.
+widen, and each push widens those its events reach. One read (two when the push
+fills a gap below seqs already held, more when its times lie days apart) finds every
+stored event its events can bound or be bounded by; the rest is worked out here, and
+only drops whose bounds moved are written and judged again. The device's lock
+(``sync.device_state``) orders its pushes; ``courier-api rejudge`` works every
+drop's bounds out again from its device's events (``rebound``).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, select, text, union_all, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from models import ScanEvent
 from models.base import UTCDateTime
 from models.sync import DROP_TYPES
-from sync.sql import Prebuilt
+from sync.device_state import lock_device_state
+from sync.sql import Prebuilt, among_param, chunks
 
 # How far from a drop's own time its PDA's other events may date it: a shift's length,
 # so that a scan stamped with the clock set back a day bounds no drop of the day before.
@@ -53,26 +55,29 @@ _COLUMNS = (
     _events.c.latest_of_earlier_seqs,
     _events.c.earliest_of_later_seqs,
 )
+_IS_DROP = text("scan_event.type IN ({})".format(", ".join(f"'{t.value}'" for t in DROP_TYPES)))
 _stored_before = _events.c.batch_pk != bindparam("batch_pk")  # not this push's
-# The device's stored events a push's events can bound or be bounded by: those dated
-# after its earliest event and within reach of its latest (through the index by time:
-# for a PDA online, none), and those recorded after its first seq within reach of its
-# events' times (through the seqs: for a PDA sending in order, none).
-NEARBY = Prebuilt(
-    lambda _dialect: union_all(
-        select(*_COLUMNS).where(
-            _events.c.device_id == bindparam("device_id"),
-            _events.c.occurred_at > bindparam("earliest", type_=UTCDateTime()),
-            _events.c.occurred_at <= bindparam("reach_after", type_=UTCDateTime()),
-            _stored_before,
-        ),
-        select(*_COLUMNS).where(
-            _events.c.device_id == bindparam("device_id"),
-            _events.c.seq > bindparam("lowest_seq"),
-            _events.c.occurred_at >= bindparam("reach_before", type_=UTCDateTime()),
-            _events.c.occurred_at < bindparam("latest", type_=UTCDateTime()),
-            _stored_before,
-        ),
+# The device's stored events a push's events (those of one cluster of their times:
+# ``_clusters``) can bound or be bounded by, in two reads. Those dated after the
+# cluster's earliest event and within reach of its latest: through the index by time,
+# none for a PDA online. And those recorded after its first seq within reach of its
+# times: only when the device holds a seq above that one (a PDA sending what it holds
+# in order never does).
+DATED_AFTER = Prebuilt(
+    lambda _dialect: select(*_COLUMNS).where(
+        _events.c.device_id == bindparam("device_id"),
+        _events.c.occurred_at > bindparam("earliest", type_=UTCDateTime()),
+        _events.c.occurred_at <= bindparam("reach_after", type_=UTCDateTime()),
+        _stored_before,
+    )
+)
+RECORDED_AFTER = Prebuilt(
+    lambda _dialect: select(*_COLUMNS).where(
+        _events.c.device_id == bindparam("device_id"),
+        _events.c.seq > bindparam("lowest_seq"),
+        _events.c.occurred_at >= bindparam("reach_before", type_=UTCDateTime()),
+        _events.c.occurred_at < bindparam("latest", type_=UTCDateTime()),
+        _stored_before,
     )
 )
 STORE_BOUNDS = Prebuilt(
@@ -81,12 +86,50 @@ STORE_BOUNDS = Prebuilt(
         .where(
             _events.c.device_id == bindparam("device"),
             _events.c.seq == bindparam("at_seq"),
-            text("scan_event.type IN ({})".format(", ".join(f"'{t.value}'" for t in DROP_TYPES))),
+            _IS_DROP,
         )
         .values(
             latest_of_earlier_seqs=bindparam("latest", type_=UTCDateTime()),
             earliest_of_later_seqs=bindparam("earliest", type_=UTCDateTime()),
         )
+    )
+)
+
+
+_other = _events.alias("other")
+# One drop's bounds worked out from its device's events within reach of it
+# (``rebound``): the index by time, twelve hours of the device's events at most.
+OF_ONE_DROP = Prebuilt(
+    lambda _dialect: select(
+        select(func.max(_other.c.occurred_at))
+        .where(
+            _other.c.device_id == bindparam("device_id"),
+            _other.c.occurred_at > bindparam("at", type_=UTCDateTime()),
+            _other.c.occurred_at <= bindparam("reach_after", type_=UTCDateTime()),
+            _other.c.seq < bindparam("seq"),
+        )
+        .scalar_subquery(),
+        select(func.min(_other.c.occurred_at))
+        .where(
+            _other.c.device_id == bindparam("device_id"),
+            _other.c.occurred_at >= bindparam("reach_before", type_=UTCDateTime()),
+            _other.c.occurred_at < bindparam("at", type_=UTCDateTime()),
+            _other.c.seq > bindparam("seq"),
+        )
+        .scalar_subquery(),
+    )
+)
+DROPS_OF_PARCELS = Prebuilt(
+    lambda dialect: (
+        select(
+            _events.c.device_id,
+            _events.c.seq,
+            _events.c.occurred_at,
+            _events.c.latest_of_earlier_seqs,
+            _events.c.earliest_of_later_seqs,
+        )
+        .where(among_param(dialect, _events.c.tracking_no, "numbers"), _IS_DROP)
+        .order_by(_events.c.device_id, _events.c.seq)
     )
 )
 
@@ -112,32 +155,34 @@ class Bounds(NamedTuple):
 
 
 def bound_drops(
-    session: Session, device_id: str, batch_pk: int, stored: Iterable[EventTime]
+    session: Session,
+    device_id: str,
+    batch_pk: int,
+    stored: Iterable[EventTime],
+    held_max_seq: int,
 ) -> tuple[dict[int, Bounds], set[str]]:
     """After a push stored ``stored`` (this device's new events, in its batch
-    ``batch_pk``): the bounds of its own drops (those that have any), by seq, stored
-    in their rows; and the tracking numbers of the device's earlier drops whose bounds
-    its events widened, stored too, to be judged again."""
+    ``batch_pk``; ``held_max_seq``: the device's highest seq before it): the bounds of
+    its own drops (those that have any), by seq, stored in their rows; and the
+    tracking numbers of the device's earlier drops whose bounds its events widened,
+    stored too, to be judged again."""
     new = list(stored)
-    if not new:
-        return {}, set()
-    earliest = min(event.occurred_at for event in new)
-    latest = max(event.occurred_at for event in new)
-    nearby = {
-        row.seq: row
-        for row in NEARBY.execute(
-            session,
-            {
-                "device_id": device_id,
-                "batch_pk": batch_pk,
-                "earliest": earliest,
-                "reach_after": latest + REACH,
-                "lowest_seq": min(event.seq for event in new),
-                "reach_before": earliest - REACH,
-                "latest": latest,
-            },
-        )
-    }
+    nearby: dict[int, Any] = {}
+    for cluster in _clusters(new):
+        earliest, latest = cluster[0].occurred_at, cluster[-1].occurred_at
+        lowest_seq = min(event.seq for event in cluster)
+        params = {
+            "device_id": device_id,
+            "batch_pk": batch_pk,
+            "earliest": earliest,
+            "reach_after": latest + REACH,
+            "lowest_seq": lowest_seq,
+            "reach_before": earliest - REACH,
+            "latest": latest,
+        }
+        reads = [DATED_AFTER] + ([RECORDED_AFTER] if lowest_seq < held_max_seq else [])
+        for read in reads:
+            nearby.update((row.seq, row) for row in read.execute(session, params))
     everything = [*new, *(EventTime(row.seq, row.occurred_at) for row in nearby.values())]
     own = {
         seq: bounds
@@ -165,12 +210,62 @@ def bound_drops(
     return own, {nearby[seq].tracking_no for seq in moved}
 
 
+def rebound(session: Session, tracking_nos: Sequence[str]) -> int:
+    """Work out again, from their devices' events, the bounds of these parcels' drops,
+    and store those that differ; how many did. Pushes keep them (``bound_drops``); this
+    repairs what they did not: drops stored by an earlier version while an upgrade
+    ran. Each device's lock is taken first (sorted), so that no push widens a bound
+    from what it read before this one was stored."""
+    drops = [
+        row
+        for chunk in chunks(tracking_nos)
+        for row in DROPS_OF_PARCELS.execute(session, {"numbers": list(chunk)})
+    ]
+    for device_id in sorted({row.device_id for row in drops}):
+        lock_device_state(session, device_id)
+    changed = []
+    for row in drops:
+        params = {
+            "device_id": row.device_id,
+            "seq": row.seq,
+            "at": row.occurred_at,
+            "reach_after": row.occurred_at + REACH,
+            "reach_before": row.occurred_at - REACH,
+        }
+        [(latest, earliest)] = OF_ONE_DROP.execute(session, params)
+        if (latest, earliest) != (row.latest_of_earlier_seqs, row.earliest_of_later_seqs):
+            changed.append(
+                {
+                    "device": row.device_id,
+                    "at_seq": row.seq,
+                    "latest": latest,
+                    "earliest": earliest,
+                }
+            )
+    STORE_BOUNDS.execute_rows(session, changed)
+    return len(changed)
+
+
+def _clusters(events: Sequence[EventTime]) -> list[list[EventTime]]:
+    """The events by time, in runs whose neighbours lie within twice ``REACH``: what a
+    stored event within reach of one of a run's events may be lies within reach of the
+    run's span, and a push of today's scans with one stamped a month early reads the
+    two days it touches, not the month between."""
+    clusters: list[list[EventTime]] = []
+    for event in sorted(events, key=lambda e: e.occurred_at):
+        if clusters and event.occurred_at - clusters[-1][-1].occurred_at <= 2 * REACH:
+            clusters[-1].append(event)
+        else:
+            clusters.append([event])
+    return clusters
+
+
 def bounds_among(events: Sequence[EventTime], drops: Sequence[EventTime]) -> dict[int, Bounds]:
     """Each drop's bounds by ``events`` (seq: Bounds): the latest time of an event
     recorded before it dated after it, within ``REACH``, and the earliest of one
     recorded after it dated before it, within ``REACH``. One sweep up the seqs and one
-    down, each keeping the times passed in order: n log n, not drops times events (a
-    day's backlog holds thousands of each)."""
+    down, each keeping the times passed in order (a binary search per drop, an insert
+    per event), not drops times events: a day's backlog holds thousands of each."""
     latest = _sweep(events, drops, upward=True)
     earliest = _sweep(events, drops, upward=False)
     return {drop.seq: Bounds(latest[drop.seq], earliest[drop.seq]) for drop in drops}

@@ -677,6 +677,7 @@ class _BatchIngest:
                 EventTime(row["seq"], row["occurred_at"], row["type"] in DROP_TYPES)
                 for row in self.rows.values()
             ),
+            held_max_seq=self.state.max_seq,
         )
         by_seq = {row["seq"]: row for row in self.rows.values()}
         for seq, bounds in own.items():

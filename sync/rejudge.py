@@ -5,11 +5,14 @@ covers it, an image its proof names, its intake. A rule changed by an upgrade (w
 counts as a proof of delivery, say) or a policy setting changed in the configuration
 (``CONSENT_RECORDING_GRACE_MINUTES``, the classes that need a consent ...) reaches a
 parcel only then, so two parcels dropped alike on one day could stand judged under
-two rules. ``courier-api rejudge`` runs this: each parcel's status, holder and rule
-flags recomputed as a push recomputes them (``sync.status.reproject``), and the
-closed shifts holding parcels whose ``delivered_not_checked_out`` flag moved get
-their handover flags again, in transactions of ``batch`` parcels in tracking-number
-order. Each batch locks its parcels as a push does, so it is safe while the service
+two rules. ``courier-api rejudge`` runs this: each parcel's drops' bounds worked out
+again from their PDAs' events (``sync.drop_bounds.rebound``: an upgrade that brought
+them leaves the drops stored meanwhile by the version before without them), each
+parcel's status, holder and rule flags recomputed as a push recomputes them
+(``sync.status.reproject``), and the closed shifts holding parcels whose
+``delivered_not_checked_out`` flag moved get their handover flags again, in
+transactions of ``batch`` parcels in tracking-number order. Each batch locks its
+drops' devices and its parcels as a push does, so it is safe while the service
 runs (on SQLite, pushes wait for each batch), and safe to run again: a second run
 changes nothing.
 
@@ -36,6 +39,7 @@ from sqlalchemy.orm import Session
 from models import Flag, Parcel
 from sync import audit
 from sync.balances import refresh_for_parcels
+from sync.drop_bounds import rebound
 from sync.rules import Policy
 from sync.status import ReprojectOutcome, reproject
 
@@ -54,12 +58,14 @@ class RejudgeTotals:
     flags_raised: int = 0  # rule flags raised or reopened
     flags_rejudged: int = 0  # rule flags closed, resolved again, or given other evidence
     handover_flags_raised: int = 0  # of closed shifts (those whose cause went are closed)
+    drop_bounds_changed: int = 0  # drops whose bounds (``sync.drop_bounds``) were repaired
 
     def summary(self) -> str:
         return (
             f"{self.parcels} parcels judged again: {self.status_changed} changed status, "
             f"{self.flags_raised} rule flags raised, {self.flags_rejudged} closed or "
-            f"changed, {self.handover_flags_raised} handover flags of closed shifts raised"
+            f"changed, {self.handover_flags_raised} handover flags of closed shifts raised, "
+            f"{self.drop_bounds_changed} drops' bounds repaired"
         )
 
 
@@ -98,8 +104,9 @@ def rejudge_parcels(
         numbers = list(session.scalars(query.order_by(Parcel.tracking_no).limit(batch)))
         if not numbers:
             break
-        outcome, handover = _judged_again(session, numbers, policy)
+        outcome, handover, rebounded = _judged_again(session, numbers, policy)
         totals.parcels += len(numbers)
+        totals.drop_bounds_changed += rebounded
         totals.status_changed += len(outcome.changed)
         totals.flags_raised += len(outcome.raised)
         totals.flags_rejudged += len(outcome.rejudged)
@@ -120,19 +127,22 @@ def rejudge_parcels(
 
 def _judged_again(
     session: Session, numbers: list[str], policy: Policy
-) -> tuple[ReprojectOutcome, list[Flag]]:
-    """One batch, committed; tried again from the start when the database gives it up
-    for another transaction (a deadlock or a serialization failure on PostgreSQL, the
-    busy timeout on SQLite): live pushes and intakes lock the same parcels and shifts."""
+) -> tuple[ReprojectOutcome, list[Flag], int]:
+    """One batch, committed: its drops' bounds worked out again (``sync.drop_bounds.
+    rebound``), then its parcels judged. Tried again from the start when the database
+    gives it up for another transaction (a deadlock or a serialization failure on
+    PostgreSQL, the busy timeout on SQLite): live pushes and intakes lock the same
+    devices, parcels and shifts."""
     attempt = 1
     while True:
         try:
+            rebounded = rebound(session, numbers)
             outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
             handover = refresh_for_parcels(
                 session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
             )
             session.commit()
-            return outcome, handover
+            return outcome, handover, rebounded
         except DBAPIError as error:
             session.rollback()
             if attempt == ATTEMPTS or not _given_up_for_another(error):

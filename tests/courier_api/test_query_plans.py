@@ -608,8 +608,8 @@ def test_push_dedupe_and_projection_use_indexes(world: World) -> None:
     assert "uq_scan_event_device_event" in used or "uq_scan_event_device_id_seq" in used
     assert reads(pushed, "parcel") and reads(pushed, "scan_event")  # the projection
     assert reads(resent, "scan_event")  # events already held, by id and seq
-    # What the drops' bounds read (``sync.drop_bounds.NEARBY``): the device's events by
-    # time after the push's earliest, and by seq after its first.
+    # What the drops' bounds read (``sync.drop_bounds.DATED_AFTER``): the device's events
+    # by time after the push's earliest (none by seq: the push is in order).
     nearby_sql = "SELECT scan_event.tracking_no, scan_event.seq, scan_event.occurred_at"
     [nearby] = [e for e in pushed if " ".join(e.statement.split()).startswith(nearby_sql)]
     assert "ix_scan_event_device_time" in nearby.indexes, nearby.plan

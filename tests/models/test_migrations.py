@@ -326,8 +326,8 @@ def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
         events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
     )
 
-    def at(minutes: int) -> dt.datetime:  # a fraction of a second too (SQLite keeps it)
-        return now - dt.timedelta(hours=20, microseconds=-123_456) + dt.timedelta(minutes=minutes)
+    def at(minutes: int) -> dt.datetime:  # .999999: SQLite would round it up
+        return now - dt.timedelta(hours=20, microseconds=-999_999) + dt.timedelta(minutes=minutes)
 
     def drop(seq: int, tracking_no: str, minutes: int) -> dict[str, Any]:
         return factories.event(

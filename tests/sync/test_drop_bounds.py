@@ -4,6 +4,7 @@ worked out as one push sees it, and widened push by push."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from models import Flag, FlagStatus, ScanEvent
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope
+from sync import drop_bounds
 from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.drop_bounds import REACH, Bounds, EventTime, bound_drops, bounds_among
 from sync.rules import Policy
@@ -91,14 +93,14 @@ def test_only_drops_whose_bounds_move_are_written_and_judged_again(
         session.refresh(drop)
         return drop.latest_of_earlier_seqs, drop.earliest_of_later_seqs
 
-    assert bound_drops(session, device, -1, [EventTime(4, at(65))]) == ({}, {tn})
+    assert bound_drops(session, device, -1, [EventTime(4, at(65))], 9) == ({}, {tn})
     assert bounds() == (None, at(65))
-    assert bound_drops(session, device, -1, [EventTime(5, at(70))]) == ({}, set())
-    assert bound_drops(session, device, -1, [EventTime(6, at(60))]) == ({}, {tn})
+    assert bound_drops(session, device, -1, [EventTime(5, at(70))], 9) == ({}, set())
+    assert bound_drops(session, device, -1, [EventTime(6, at(60))], 9) == ({}, {tn})
     assert bounds() == (None, at(60))
-    assert bound_drops(session, device, -1, [EventTime(2, at(90))]) == ({}, {tn})
+    assert bound_drops(session, device, -1, [EventTime(2, at(90))], 9) == ({}, {tn})
     assert bounds() == (at(90), at(60))
-    assert bound_drops(session, device, -1, [EventTime(7, at(100))]) == ({}, set())
+    assert bound_drops(session, device, -1, [EventTime(7, at(100))], 9) == ({}, set())
 
 
 def test_a_scan_stamped_a_day_early_bounds_only_the_drops_within_reach_of_its_time(
@@ -148,3 +150,55 @@ def test_a_scan_stamped_a_day_early_bounds_only_the_drops_within_reach_of_its_ti
     assert set(session.scalars(flagged)) == set(by_day[3])
     inverted = session.scalars(select(Flag.subject_key).where(Flag.kind == "time_inversion"))
     assert list(inverted) == [other]
+
+
+def test_a_push_reads_only_the_stored_events_within_reach_of_its_own(
+    session: Session, world: World, pda: Pda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten days of a PDA's scans, 20 a day. A push of the next scan reads nothing by seq
+    (the device holds no higher one); one of today's scan and one stamped nine days
+    early (its clock set back) reads the events within reach of each, not the days
+    between; a gap filled nine days back reads by seq, within reach too."""
+    tn = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    seq = 1
+    for day in range(10, 0, -1):
+        start = NOW - dt.timedelta(days=day)
+        events = [
+            pda.event(seq + i, tn, occurred_at=start + dt.timedelta(minutes=20 * i))
+            for i in range(20)
+        ]
+        pda.push(events, received_at=start + dt.timedelta(hours=8))
+        seq += 20 + (1 if day == 9 else 0)  # seq 41 is left for later: a gap
+    read: dict[str, list[int]] = {"by time": [], "by seq": []}
+    for name, prebuilt in (
+        ("by time", drop_bounds.DATED_AFTER),
+        ("by seq", drop_bounds.RECORDED_AFTER),
+    ):
+        original = prebuilt.execute
+
+        def counting(s: Session, params: Any, original: Any = original, name: str = name) -> Any:
+            rows = original(s, params)
+            read[name].append(len(rows))
+            return rows
+
+        monkeypatch.setattr(prebuilt, "execute", counting)
+
+    pda.push([pda.event(seq, tn, occurred_at=NOW - dt.timedelta(minutes=5))])
+    assert read == {"by time": [0], "by seq": []}
+
+    read = {"by time": [], "by seq": []}
+    nine_days_early = NOW - dt.timedelta(days=9, hours=2)
+    pda.push(
+        [
+            pda.event(seq + 1, tn, occurred_at=NOW - dt.timedelta(minutes=4)),
+            pda.event(seq + 2, tn, occurred_at=nine_days_early),
+        ]
+    )
+    assert len(read["by time"]) == 2 and sum(read["by time"]) <= 2 * 20, read
+    assert read["by seq"] == []
+
+    read = {"by time": [], "by seq": []}
+    pda.push([pda.event(41, tn, occurred_at=NOW - dt.timedelta(days=9, hours=-7))])
+    assert read["by time"] and read["by seq"], read
+    assert sum(read["by time"]) + sum(read["by seq"]) <= 2 * 20, read

@@ -7,16 +7,19 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Flag, FlagStatus, Parcel, ServiceClass, User
+from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent, ServiceClass, User
+from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import rejudge
+from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
 from sync.rules import Policy
+from sync.status import reproject
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 from tests.conftest import World
@@ -127,6 +130,79 @@ def test_parcels_dropped_under_one_policy_are_judged_again_under_the_next(
     assert started[0].details["policy"] == runs[0].details["policy"]
     assert runs[0].details["policy"]["consent_required"] == sorted(c.value for c in ServiceClass)
     assert runs[-1].details["policy"]["consent_required"] == ["express"]
+
+
+def test_drops_stored_without_their_bounds_get_them_back_and_are_judged_with_them(
+    session: Session, world: World
+) -> None:
+    """A drop stamped after the recipient's consent, the PDA's next scan (of another
+    parcel) dated before it. Stored by a version that kept no bounds (as while the
+    upgrade that brought them ran: here the columns emptied and the parcel judged
+    again), it passes for authorized; ``rejudge`` works its bounds out again and
+    judges it by them, and a second run changes nothing."""
+    express = factories.parcel(session, world.station).tracking_no
+    other = factories.parcel(session, world.station).tracking_no
+    consent_at = NOW - dt.timedelta(minutes=30)
+    grant(
+        session=session,
+        draft=ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=ConsentMethod.LOCKER,
+            channel=ConsentChannel.SMS,
+            granted_at=consent_at,
+            tracking_no=express,
+        ),
+        rules=ConsentRules(tracking=RULES.events.tracking, phone_region="CN"),
+        created_by=world.integration.id,
+        now=consent_at,
+    )
+    session.commit()
+    drop = factories.event(
+        2,
+        express,
+        "delivered_to_locker",
+        occurred_at=consent_at + dt.timedelta(minutes=5),
+        locker_id="L-1",
+        compartment="4",
+        pod={"pickup_code": "2468"},
+    )
+    events = [
+        factories.event(1, express, occurred_at=consent_at - dt.timedelta(minutes=60)),
+        drop,
+        factories.event(3, other, occurred_at=consent_at - dt.timedelta(minutes=10)),
+    ]
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    ingest(
+        session=session,
+        batch=PushBatch(pusher.device_id, uuid.uuid4(), NOW, events),
+        pusher=pusher,
+        rules=RULES,
+        received_at=NOW,
+    )
+    session.commit()
+    assert late(session) == {express}
+    session.execute(
+        update(ScanEvent).values(latest_of_earlier_seqs=None, earliest_of_later_seqs=None)
+    )
+    reproject(session=session, tracking_nos=[express])
+    session.commit()
+    assert late(session) == set()  # as the version before judged it
+
+    totals = rejudge_parcels(session=session, policy=Policy())
+    assert totals.drop_bounds_changed == 1 and late(session) == {express}
+    again = rejudge_parcels(session=session, policy=Policy())
+    assert again == RejudgeTotals(parcels=again.parcels)
+
+
+def late(session: Session) -> set[str]:
+    session.expire_all()
+    return set(
+        session.scalars(
+            select(Flag.subject_key).where(
+                Flag.kind == "consent_after_drop", Flag.status == FlagStatus.OPEN
+            )
+        )
+    )
 
 
 class _Deadlock(Exception):

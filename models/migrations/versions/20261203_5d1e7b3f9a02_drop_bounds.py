@@ -96,13 +96,14 @@ def upgrade() -> None:
                     "scan_event.occurred_at - interval '12 hours'",
                 )
             )
-        else:  # stored as 'YYYY-MM-DD HH:MM:SS.ffffff' (naive UTC): the fraction kept
+        else:  # stored as 'YYYY-MM-DD HH:MM:SS.ffffff' (naive UTC): whole seconds moved,
+            # the fraction kept as it is (SQLite would round .9995 and up to the next second)
             op.execute(
                 _backfill(
-                    "strftime('%Y-%m-%d %H:%M:%S', scan_event.occurred_at, '+12 hours')"
-                    " || substr(scan_event.occurred_at, 20)",
-                    "strftime('%Y-%m-%d %H:%M:%S', scan_event.occurred_at, '-12 hours')"
-                    " || substr(scan_event.occurred_at, 20)",
+                    "strftime('%Y-%m-%d %H:%M:%S', substr(scan_event.occurred_at, 1, 19),"
+                    " '+12 hours') || substr(scan_event.occurred_at, 20)",
+                    "strftime('%Y-%m-%d %H:%M:%S', substr(scan_event.occurred_at, 1, 19),"
+                    " '-12 hours') || substr(scan_event.occurred_at, 20)",
                 )
             )
 

@@ -13,15 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Flag, FlagStatus, ScanEvent
-from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import drop_bounds
-from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.drop_bounds import REACH, Bounds, EventTime, bound_drops, bounds_among
-from sync.rules import Policy
-from sync.status import rejudge_for_consent
 from tests import factories
 from tests.conftest import World
-from tests.sync.test_ingest import NOW, POLICY, Pda, locker_drop
+from tests.sync.test_ingest import NOW, Pda, locker_consent, locker_drop
 
 T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
 
@@ -119,20 +115,8 @@ def test_a_scan_stamped_a_day_early_bounds_only_the_drops_within_reach_of_its_ti
             tn = factories.parcel(session, world.station).tracking_no
             by_day.setdefault(day, []).append(tn)
             drop_at = start + dt.timedelta(minutes=30 * (i + 1))
-            consent = grant(
-                session=session,
-                draft=ConsentDraft(
-                    scope=ConsentScope.PARCEL,
-                    method=ConsentMethod.LOCKER,
-                    channel=ConsentChannel.APP,
-                    granted_at=drop_at - dt.timedelta(minutes=10),
-                    tracking_no=tn,
-                ),
-                rules=ConsentRules(tracking=POLICY, phone_region="CN"),
-                created_by=world.integration.id,
-                now=drop_at - dt.timedelta(minutes=9),
-            )
-            rejudge_for_consent(session=session, consent=consent, policy=Policy())
+            consent_at = drop_at - dt.timedelta(minutes=10)
+            locker_consent(session, world, tn, consent_at, recorded_at=consent_at)
             events.append(pda.event(seq, tn, occurred_at=drop_at - dt.timedelta(minutes=20)))
             events.append(locker_drop(pda, seq + 1, tn, drop_at))
             seq += 2

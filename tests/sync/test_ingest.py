@@ -1124,6 +1124,34 @@ def _move(
     session.commit()
 
 
+def locker_consent(
+    session: Session,
+    world: World,
+    tracking_no: str,
+    granted_at: dt.datetime,
+    *,
+    recorded_at: dt.datetime,
+    expires_at: dt.datetime | None = None,
+) -> None:
+    """The recipient agrees by SMS to a locker drop of the parcel (recorded by the server
+    at ``recorded_at``), and the parcel is judged again with it."""
+    consent = grant(
+        session=session,
+        draft=ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=ConsentMethod.LOCKER,
+            channel=ConsentChannel.SMS,
+            granted_at=granted_at,
+            tracking_no=tracking_no,
+            expires_at=expires_at,
+        ),
+        rules=ConsentRules(tracking=POLICY, phone_region="CN"),
+        created_by=world.integration.id,
+        now=recorded_at,
+    )
+    rejudge_for_consent(session=session, consent=consent, policy=Policy())
+
+
 # How the PDA's four events reach the server: by seq, in pushes in this order.
 ARRIVALS = {
     "in one push": [[1, 2, 3, 4]],
@@ -1144,20 +1172,7 @@ def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_is_judged_bef
     parcel gets the time_inversion, and the drop counts as made before the consent."""
     tn = parcel.tracking_no
     other = factories.parcel(session, world.station).tracking_no
-    consent = grant(
-        session=session,
-        draft=ConsentDraft(
-            scope=ConsentScope.PARCEL,
-            method=ConsentMethod.LOCKER,
-            channel=ConsentChannel.SMS,
-            granted_at=at(70),
-            tracking_no=tn,
-        ),
-        rules=ConsentRules(tracking=POLICY, phone_region="CN"),
-        created_by=world.integration.id,
-        now=at(71),
-    )
-    rejudge_for_consent(session=session, consent=consent, policy=Policy())
+    locker_consent(session, world, tn, at(70), recorded_at=at(71))
     session.commit()
     stream = {
         1: pda.event(1, tn, occurred_at=at(10)),
@@ -1189,21 +1204,7 @@ def test_a_drop_stamped_before_its_consent_expired_is_judged_after_the_pdas_scan
     arrives with the drop or after it."""
     tn = parcel.tracking_no
     other = factories.parcel(session, world.station).tracking_no
-    consent = grant(
-        session=session,
-        draft=ConsentDraft(
-            scope=ConsentScope.PARCEL,
-            method=ConsentMethod.LOCKER,
-            channel=ConsentChannel.APP,
-            granted_at=at(0),
-            tracking_no=tn,
-            expires_at=at(60),
-        ),
-        rules=ConsentRules(tracking=POLICY, phone_region="CN"),
-        created_by=world.integration.id,
-        now=at(1),
-    )
-    rejudge_for_consent(session=session, consent=consent, policy=Policy())
+    locker_consent(session, world, tn, at(0), recorded_at=at(1), expires_at=at(60))
     session.commit()
     first, drop = pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 3, tn, at(50))
     scan = pda.event(2, other, occurred_at=at(70))  # the seq between

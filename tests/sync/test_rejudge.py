@@ -12,9 +12,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent, ServiceClass, User
-from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import rejudge
-from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
@@ -23,6 +21,7 @@ from sync.status import reproject
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 from tests.conftest import World
+from tests.sync.test_ingest import locker_consent
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 RULES = IngestRules(
@@ -46,6 +45,10 @@ def drop_in_a_locker(session: Session, pusher: Pusher, tracking_no: str) -> None
             pod={"pickup_code": "2468"},
         ),
     ]
+    push(session, pusher, events)
+
+
+def push(session: Session, pusher: Pusher, events: list[dict[str, Any]]) -> None:
     ingest(
         session=session,
         batch=PushBatch(pusher.device_id, uuid.uuid4(), NOW, events),
@@ -143,19 +146,7 @@ def test_drops_stored_without_their_bounds_get_them_back_and_are_judged_with_the
     express = factories.parcel(session, world.station).tracking_no
     other = factories.parcel(session, world.station).tracking_no
     consent_at = NOW - dt.timedelta(minutes=30)
-    grant(
-        session=session,
-        draft=ConsentDraft(
-            scope=ConsentScope.PARCEL,
-            method=ConsentMethod.LOCKER,
-            channel=ConsentChannel.SMS,
-            granted_at=consent_at,
-            tracking_no=express,
-        ),
-        rules=ConsentRules(tracking=RULES.events.tracking, phone_region="CN"),
-        created_by=world.integration.id,
-        now=consent_at,
-    )
+    locker_consent(session, world, express, consent_at, recorded_at=consent_at)
     session.commit()
     drop = factories.event(
         2,
@@ -172,14 +163,7 @@ def test_drops_stored_without_their_bounds_get_them_back_and_are_judged_with_the
         factories.event(3, other, occurred_at=consent_at - dt.timedelta(minutes=10)),
     ]
     pusher = Pusher(world.device.id, world.station.id, world.courier.id)
-    ingest(
-        session=session,
-        batch=PushBatch(pusher.device_id, uuid.uuid4(), NOW, events),
-        pusher=pusher,
-        rules=RULES,
-        received_at=NOW,
-    )
-    session.commit()
+    push(session, pusher, events)
     assert late(session) == {express}
     session.execute(
         update(ScanEvent).values(latest_of_earlier_seqs=None, earliest_of_later_seqs=None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Select, exists, select
 from sqlalchemy.orm import Session
@@ -21,7 +20,7 @@ from sync.consents import consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
-from sync.rules import DROPS, Policy, authorizes, haversine_m
+from sync.rules import DROPS, EventDetail, Policy, authorizes, drop_span, haversine_m
 from sync.status import load_events
 from sync.tracking import normalize
 
@@ -61,6 +60,11 @@ class ProofDetail:
     timeline: list[TimelineEntry]
     authorizing_consent: Consent | None  # for a drop: the consent in force before it
     flags: list[Flag]
+    # For a drop: when it may have happened, as rule 4 judges it (``sync.rules.
+    # drop_span``: its two clocks, its PDA's events around it by seq, its push's
+    # arrival). A consent authorizes it only if granted before the first and in force
+    # at the second: what an auditor needs when the drop's own stamp says otherwise.
+    judged_between: tuple[dt.datetime, dt.datetime] | None = None
 
     @property
     def voided(self) -> bool:
@@ -171,21 +175,33 @@ def get_proof(
     if flags_of_station is not None:
         flag_query = flag_query.where(Flag.station_id == flags_of_station)
     flags = session.scalars(flag_query.order_by(Flag.id)).all()
+    drop = _drop(proof, events)
     return ProofDetail(
         proof=proof,
         timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),
-        authorizing_consent=_authorizing(session, proof, events, policy),
+        authorizing_consent=None
+        if drop is None
+        else _authorizing(session, proof, drop, events, policy),
         flags=list(flags),
+        judged_between=None if drop is None else drop_span(drop, policy, events),
     )
 
 
-def _authorizing(
-    session: Session, proof: Proof, events: Sequence[Any], policy: Policy
-) -> Consent | None:
-    """For a locker or pickup-point drop: the first consent that authorized it."""
+def _drop(proof: Proof, events: Sequence[EventDetail]) -> EventDetail | None:
+    """The proof's event as the rules read it, if it is a locker or pickup-point drop."""
     if proof.event.type not in DROPS:
         return None
-    drop = next(e for e in events if e.fact.event_id == proof.event.id)
+    return next(e for e in events if e.fact.event_id == proof.event.id)
+
+
+def _authorizing(
+    session: Session,
+    proof: Proof,
+    drop: EventDetail,
+    events: Sequence[EventDetail],
+    policy: Policy,
+) -> Consent | None:
+    """The first consent that authorized the drop."""
     facts = consents_for(session, [proof.parcel]).get(proof.parcel.tracking_no, [])
     for fact in sorted(facts, key=lambda c: c.granted_at):
         if authorizes(fact, drop, policy, events):

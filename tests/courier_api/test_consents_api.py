@@ -13,6 +13,7 @@ from courier_api.extensions import db
 from models import Consent, Flag, FlagStatus, Parcel, ScanEvent
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_web_pages import signed_in
 
 URL = "/api/v1/consents"
 
@@ -225,6 +226,59 @@ def test_a_drop_stamped_before_the_pdas_previous_scan_is_judged_after_it(
     proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1")).get_json()
     assert proof["authorizing_consent"] is None
     assert "unauthorized_locker_drop" in {f["kind"] for f in proof["flags"]}
+    between = proof["judged_between"]  # from its stamp to the scan before it (corrected)
+    scan = session.scalar(select(ScanEvent.occurred_at).where(ScanEvent.seq == 2))
+    assert between["earliest"] == proof["occurred_at"]
+    assert dt.datetime.fromisoformat(between["latest"]) == scan
+
+
+def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_counts_before_it(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    app1: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    world: World,
+) -> None:
+    """Rule 6 across parcels: the recipient consented 30 minutes ago; the courier set
+    the PDA's clock forward to stamp the drop (seq 2) 20 minutes ago, then put it
+    right and scanned the next parcel (seq 3) 40 minutes ago. The drop happened by
+    then, before the consent: ``consent_after_drop``, and the auditor's proof says
+    when the drop was judged to have happened, and names no consent."""
+    consent_at = (now() - dt.timedelta(minutes=30)).isoformat()
+    granted = grant(client, app1, tracking_no=parcel.tracking_no, granted_at=consent_at)
+    assert granted.status_code == 201, granted.get_json()
+    tn, other = parcel.tracking_no, factories.parcel(session, world.station).tracking_no
+    session.commit()
+    events = [
+        factories.event(1, tn, occurred_at=now() - dt.timedelta(hours=1)),
+        factories.event(
+            2,
+            tn,
+            "delivered_to_locker",
+            occurred_at=now() - dt.timedelta(minutes=20),
+            locker_id="L-1",
+            compartment="7",
+            pod={"pickup_code": "4821"},
+        ),
+        factories.event(3, other, occurred_at=now() - dt.timedelta(minutes=40)),
+    ]
+    receipt = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", events),
+        headers=auth.headers("courier1", "PDA-0001"),
+    ).get_json()
+    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    assert kinds & DROP_FLAGS == {"consent_after_drop"}, kinds
+    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1")).get_json()
+    assert proof["authorizing_consent"] is None
+    scanned = session.scalar(select(ScanEvent.occurred_at).where(ScanEvent.seq == 3))
+    assert dt.datetime.fromisoformat(proof["judged_between"]["earliest"]) == scanned
+    assert proof["judged_between"]["latest"] == proof["occurred_at"]
+    page = signed_in(app, "auditor1").get(f"/web/proofs/{drop}")
+    assert "<dt>Judged between</dt>" in page
 
 
 def test_an_honest_pda_drifting_within_the_bound_keeps_a_consent_given_at_the_door(

@@ -143,8 +143,10 @@ def test_a_proof_shows_the_chain_the_authorizing_consent_and_the_distance(
     assert drop["authorizing_consent"]["id"] == day["consent"]["id"]
     assert [e["type"] for e in drop["timeline"]] == ["checked_out", "delivered_to_locker"]
     assert drop["voided"] is False and drop["pod"] == {"pickup_code": "9981"}
+    at = drop["occurred_at"]
+    assert drop["judged_between"] == {"earliest": at, "latest": at}  # a right clock
     signed = client.get(f"{URL}/{items[0]['event_id']}", headers=auditor).get_json()
-    assert signed["authorizing_consent"] is None
+    assert signed["authorizing_consent"] is None and signed["judged_between"] is None
     assert 60 < signed["distance_m"] < 75
     assert [f["kind"] for f in signed["flags"]] == ["pod_blob_missing"]
 

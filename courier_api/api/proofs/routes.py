@@ -211,6 +211,9 @@ class ProofById(MethodView):
         return {
             **_view(detail.proof, auditor=auditor),
             "authorizing_consent": None if consent is None else _consent_ref(consent, auditor),
+            "judged_between": None
+            if detail.judged_between is None
+            else dict(zip(("earliest", "latest"), detail.judged_between, strict=True)),
             "timeline": [timeline_view(e, False, auditor) for e in detail.timeline],
             "flags": [
                 {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags

@@ -94,12 +94,31 @@ class FlagRef(ma.Schema):
     closed_reason = ma.fields.String(allow_none=True, required=True)
 
 
+class JudgedBetween(ma.Schema):
+    earliest = ma.fields.AwareDateTime(required=True)
+    latest = ma.fields.AwareDateTime(required=True)
+
+
 class ProofDetailOut(ProofOut):
     authorizing_consent = ma.fields.Nested(
         ConsentRef,
         allow_none=True,
         required=True,
         metadata={"description": "Drops only: the consent in force before it; null: none"},
+    )
+    judged_between = ma.fields.Nested(
+        JudgedBetween,
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Drops only (null otherwise): when the drop may have happened, "
+            "on the corrected clock, as the consent rule judges it: between its PDA "
+            "time and its corrected time when they differ beyond CLOCK_SKEW_FLAG_SECONDS; "
+            "after every event its PDA recorded before it and before every one recorded "
+            "after it (those of other parcels within 12 hours); never after its push "
+            "arrived. A consent authorizes it only if granted before `earliest` and in "
+            "force at `latest`"
+        },
     )
     timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)
     flags = ma.fields.List(ma.fields.Nested(FlagRef), required=True)

@@ -33,14 +33,14 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from models import ScanEvent
+from models import Parcel, ScanEvent
 from models.base import UTCDateTime
 from models.sync import DROP_TYPES
 from sync.device_state import lock_device_state
-from sync.sql import Prebuilt, among_param, chunks
+from sync.sql import Prebuilt
 
 # How far from a drop's own time its PDA's other events may date it: a shift's length,
 # so that a scan stamped with the clock set back a day bounds no drop of the day before.
@@ -117,19 +117,6 @@ OF_ONE_DROP = Prebuilt(
             _other.c.seq > bindparam("seq"),
         )
         .scalar_subquery(),
-    )
-)
-DROPS_OF_PARCELS = Prebuilt(
-    lambda dialect: (
-        select(
-            _events.c.device_id,
-            _events.c.seq,
-            _events.c.occurred_at,
-            _events.c.latest_of_earlier_seqs,
-            _events.c.earliest_of_later_seqs,
-        )
-        .where(among_param(dialect, _events.c.tracking_no, "numbers"), _IS_DROP)
-        .order_by(_events.c.device_id, _events.c.seq)
     )
 )
 
@@ -210,34 +197,68 @@ def bound_drops(
     return own, {nearby[seq].tracking_no for seq in moved}
 
 
-def rebound(session: Session, tracking_nos: Sequence[str]) -> int:
-    """Work out again, from their devices' events, the bounds of these parcels' drops,
-    and store those that differ; how many did. Pushes keep them (``bound_drops``); this
-    repairs what they did not: drops stored by an earlier version while an upgrade
-    ran. Each device's lock is taken first (sorted), so that no push widens a bound
-    from what it read before this one was stored."""
-    drops = [
-        row
-        for chunk in chunks(tracking_nos)
-        for row in DROPS_OF_PARCELS.execute(session, {"numbers": list(chunk)})
-    ]
-    for device_id in sorted({row.device_id for row in drops}):
+class StoredDrop(NamedTuple):
+    device_id: str
+    seq: int
+    occurred_at: dt.datetime
+    latest_of_earlier_seqs: dt.datetime | None
+    earliest_of_later_seqs: dt.datetime | None
+
+
+def drops_after(
+    session: Session, *, station_id: int | None, after: tuple[str, int], limit: int
+) -> list[StoredDrop]:
+    """Up to ``limit`` stored drops after ``after`` (device, seq), in that order: every
+    device's, or with a ``station_id`` those of the parcels now at that station and
+    those recorded there of tracking numbers not taken in (their parcels, taken in
+    later, are judged with the bounds these keep)."""
+    query = (
+        select(
+            _events.c.device_id,
+            _events.c.seq,
+            _events.c.occurred_at,
+            _events.c.latest_of_earlier_seqs,
+            _events.c.earliest_of_later_seqs,
+        )
+        .where(_IS_DROP, tuple_(_events.c.device_id, _events.c.seq) > tuple_(*after))
+        .order_by(_events.c.device_id, _events.c.seq)
+        .limit(limit)
+    )
+    if station_id is not None:
+        parcel = select(Parcel.station_id).where(Parcel.tracking_no == _events.c.tracking_no)
+        query = query.where(
+            or_(
+                exists(parcel.where(Parcel.station_id == station_id)),
+                and_(~exists(parcel), _events.c.station_id == station_id),
+            )
+        )
+    return [StoredDrop(*row) for row in session.execute(query)]
+
+
+def rebound(session: Session, drops: Sequence[StoredDrop]) -> int:
+    """Work these drops' bounds out again from their devices' events, and store those
+    that differ; how many did. Pushes keep them (``bound_drops``); this repairs what
+    they did not: drops stored by an earlier version while an upgrade ran. The
+    devices' locks are taken first (sorted, as no push takes two), so that no push
+    widens a bound from what it read before this one was stored: the caller commits
+    soon after, pushes of these devices wait until then."""
+    for device_id in sorted({drop.device_id for drop in drops}):
         lock_device_state(session, device_id)
     changed = []
-    for row in drops:
+    for drop in drops:
         params = {
-            "device_id": row.device_id,
-            "seq": row.seq,
-            "at": row.occurred_at,
-            "reach_after": row.occurred_at + REACH,
-            "reach_before": row.occurred_at - REACH,
+            "device_id": drop.device_id,
+            "seq": drop.seq,
+            "at": drop.occurred_at,
+            "reach_after": drop.occurred_at + REACH,
+            "reach_before": drop.occurred_at - REACH,
         }
         [(latest, earliest)] = OF_ONE_DROP.execute(session, params)
-        if (latest, earliest) != (row.latest_of_earlier_seqs, row.earliest_of_later_seqs):
+        if (latest, earliest) != (drop.latest_of_earlier_seqs, drop.earliest_of_later_seqs):
             changed.append(
                 {
-                    "device": row.device_id,
-                    "at_seq": row.seq,
+                    "device": drop.device_id,
+                    "at_seq": drop.seq,
                     "latest": latest,
                     "earliest": earliest,
                 }

@@ -5,16 +5,17 @@ covers it, an image its proof names, its intake. A rule changed by an upgrade (w
 counts as a proof of delivery, say) or a policy setting changed in the configuration
 (``CONSENT_RECORDING_GRACE_MINUTES``, the classes that need a consent ...) reaches a
 parcel only then, so two parcels dropped alike on one day could stand judged under
-two rules. ``courier-api rejudge`` runs this: each parcel's drops' bounds worked out
+two rules. ``courier-api rejudge`` runs this. First the drops' bounds are worked out
 again from their PDAs' events (``sync.drop_bounds.rebound``: an upgrade that brought
-them leaves the drops stored meanwhile by the version before without them), each
-parcel's status, holder and rule flags recomputed as a push recomputes them
-(``sync.status.reproject``), and the closed shifts holding parcels whose
-``delivered_not_checked_out`` flag moved get their handover flags again, in
-transactions of ``batch`` parcels in tracking-number order. Each batch locks its
-drops' devices and its parcels as a push does, so it is safe while the service
-runs (on SQLite, pushes wait for each batch), and safe to run again: a second run
-changes nothing.
+them leaves the drops the version before stored meanwhile without them), in
+transactions of ``batch`` drops by device and seq, each holding those devices' locks
+(their pushes wait for it). Then each parcel's status, holder and rule flags are
+recomputed as a push recomputes them (``sync.status.reproject``), and the closed
+shifts holding parcels whose ``delivered_not_checked_out`` flag moved get their
+handover flags again, in transactions of ``batch`` parcels in tracking-number order.
+Each batch locks its parcels as a push does, so it is safe while the service runs
+(on SQLite, pushes wait for each batch), and safe to run again: a second run changes
+nothing.
 
 Flags about the events as they arrived (clock, sequence numbers, a parcel not taken
 in, another station's scan) are not judged again: they say what the PDA sent. Run it
@@ -30,7 +31,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -39,7 +41,7 @@ from sqlalchemy.orm import Session
 from models import Flag, Parcel
 from sync import audit
 from sync.balances import refresh_for_parcels
-from sync.drop_bounds import rebound
+from sync.drop_bounds import drops_after, rebound
 from sync.rules import Policy
 from sync.status import ReprojectOutcome, reproject
 
@@ -96,6 +98,14 @@ def rejudge_parcels(
     )
     session.commit()
     totals = RejudgeTotals()
+    bounded: tuple[str, int] = ("", 0)
+    while drops := drops_after(session, station_id=station_id, after=bounded, limit=batch):
+        totals.drop_bounds_changed += _committed(
+            session, partial(rebound, session, drops), f"drops after {bounded}"
+        )
+        bounded = (drops[-1].device_id, drops[-1].seq)
+        if progress is not None:
+            progress(totals)
     after = ""
     while True:
         query = select(Parcel.tracking_no).where(Parcel.tracking_no > after)
@@ -104,9 +114,10 @@ def rejudge_parcels(
         numbers = list(session.scalars(query.order_by(Parcel.tracking_no).limit(batch)))
         if not numbers:
             break
-        outcome, handover, rebounded = _judged_again(session, numbers, policy)
+        outcome, handover = _committed(
+            session, partial(_judged_again, session, numbers, policy), f"batch from {numbers[0]}"
+        )
         totals.parcels += len(numbers)
-        totals.drop_bounds_changed += rebounded
         totals.status_changed += len(outcome.changed)
         totals.flags_raised += len(outcome.raised)
         totals.flags_rejudged += len(outcome.rejudged)
@@ -125,29 +136,36 @@ def rejudge_parcels(
     return totals
 
 
+T = TypeVar("T")
+
+
 def _judged_again(
     session: Session, numbers: list[str], policy: Policy
-) -> tuple[ReprojectOutcome, list[Flag], int]:
-    """One batch, committed: its drops' bounds worked out again (``sync.drop_bounds.
-    rebound``), then its parcels judged. Tried again from the start when the database
-    gives it up for another transaction (a deadlock or a serialization failure on
-    PostgreSQL, the busy timeout on SQLite): live pushes and intakes lock the same
-    devices, parcels and shifts."""
+) -> tuple[ReprojectOutcome, list[Flag]]:
+    """One batch of parcels judged again, with the closed shifts that holds."""
+    outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
+    handover = refresh_for_parcels(
+        session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
+    )
+    return outcome, handover
+
+
+def _committed(session: Session, work: Callable[[], T], what: str) -> T:
+    """``work()``, committed; tried again from the start when the database gives it up
+    for another transaction (a deadlock or a serialization failure on PostgreSQL, the
+    busy timeout on SQLite): live pushes and intakes lock the same devices, parcels
+    and shifts."""
     attempt = 1
     while True:
         try:
-            rebounded = rebound(session, numbers)
-            outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
-            handover = refresh_for_parcels(
-                session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
-            )
+            result = work()
             session.commit()
-            return outcome, handover, rebounded
+            return result
         except DBAPIError as error:
             session.rollback()
             if attempt == ATTEMPTS or not _given_up_for_another(error):
                 raise
-            log.warning("rejudge: batch from %s given up (%s); again", numbers[0], error.orig)
+            log.warning("rejudge: %s given up (%s); again", what, error.orig)
             time.sleep(RETRY_SECONDS * attempt)
             attempt += 1
 

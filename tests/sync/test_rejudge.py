@@ -15,6 +15,7 @@ from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent, ServiceClass
 from sync import rejudge
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
 from sync.rules import Policy
 from sync.status import reproject
@@ -100,7 +101,8 @@ def test_parcels_dropped_under_one_policy_are_judged_again_under_the_next(
         progress=lambda done: seen.append(done.parcels),
     )
     assert unauthorized(session) == {here.tracking_no}  # the other station's waits
-    assert totals.parcels == len(seen) == seen[-1] and seen == sorted(seen)
+    # a line after the station's one drop's bounds, then one per parcel
+    assert seen[0] == 0 and seen[1:] == list(range(1, totals.parcels + 1))
     assert totals.flags_raised == 1
 
     everywhere = rejudge_parcels(session=session, policy=ORDINARY_TOO)
@@ -176,6 +178,50 @@ def test_drops_stored_without_their_bounds_get_them_back_and_are_judged_with_the
     assert totals.drop_bounds_changed == 1 and late(session) == {express}
     again = rejudge_parcels(session=session, policy=Policy())
     assert again == RejudgeTotals(parcels=again.parcels)
+
+
+@pytest.mark.parametrize("station", [True, False], ids=["--station", "every station"])
+def test_a_drop_of_a_parcel_not_taken_in_yet_gets_its_bounds_back_too(
+    session: Session, world: World, station: bool
+) -> None:
+    """As above, but the parcel was not taken in when the drop arrived (``unknown_parcel``):
+    ``rejudge`` finds the drop by its station all the same, and when the parcel is taken
+    in and its consent arrives, the drop is judged with its bounds."""
+    express = factories.s10()
+    other = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    consent_at = NOW - dt.timedelta(minutes=30)
+    events = [
+        factories.event(
+            1,
+            express,
+            "delivered_to_locker",
+            occurred_at=consent_at + dt.timedelta(minutes=5),
+            locker_id="L-1",
+            compartment="4",
+            pod={"pickup_code": "2468"},
+        ),
+        factories.event(2, other, occurred_at=consent_at - dt.timedelta(minutes=10)),
+    ]
+    push(session, Pusher(world.device.id, world.station.id, world.courier.id), events)
+    session.execute(
+        update(ScanEvent).values(latest_of_earlier_seqs=None, earliest_of_later_seqs=None)
+    )
+    session.commit()
+    totals = rejudge_parcels(
+        session=session, policy=Policy(), station_id=world.station.id if station else None
+    )
+    assert totals.drop_bounds_changed == 1
+    intake_parcels(
+        session=session,
+        drafts=[(0, ParcelDraft(express, "express", "R", "1 Road"))],
+        rules=IntakeRules(tracking=RULES.events.tracking, phone_region="CN"),
+        scope=IntakeScope(default_station_id=world.station.id, allowed_station_ids=None),
+    )
+    session.commit()
+    locker_consent(session, world, express, consent_at, recorded_at=consent_at)
+    session.commit()
+    assert late(session) == {express}
 
 
 def late(session: Session) -> set[str]:

@@ -116,8 +116,9 @@ class ProofDetailOut(ProofOut):
             "time and its corrected time when they differ beyond CLOCK_SKEW_FLAG_SECONDS; "
             "after every event its PDA recorded before it and before every one recorded "
             "after it (those of other parcels within 12 hours); never after its push "
-            "arrived. A consent authorizes it only if granted before `earliest` and in "
-            "force at `latest`"
+            "arrived. A consent from a recipient channel or another PDA authorizes it "
+            "only if granted at or before `earliest` (one captured on the drop's own PDA "
+            "is ordered by seq instead) and in force at `latest`"
         },
     )
     timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)

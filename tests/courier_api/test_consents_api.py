@@ -72,6 +72,21 @@ def push_drop(
     return response.get_json()
 
 
+def push_and_read_the_proof(
+    client: FlaskClient, auth: Auth, session: Session, events: list[dict[str, Any]]
+) -> tuple[set[str], dict[str, Any]]:
+    """PDA-0001 pushes ``events``, one of them its only locker drop: the kinds of the
+    flags the push raised, and the auditor's proof of the drop."""
+    receipt = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", events),
+        headers=auth.headers("courier1", "PDA-0001"),
+    ).get_json()
+    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1")).get_json()
+    return {f["kind"] for f in receipt["flags_raised"]}, proof
+
+
 def flag_status(session: Session, kind: str, tracking_no: str) -> FlagStatus | None:
     session.expire_all()
     return session.scalar(
@@ -214,16 +229,9 @@ def test_a_drop_stamped_before_the_pdas_previous_scan_is_judged_after_it(
             pod={"pickup_code": "4821"},
         ),
     ]
-    receipt = client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body("PDA-0001", events),
-        headers=auth.headers("courier1", "PDA-0001"),
-    ).get_json()
-    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    kinds, proof = push_and_read_the_proof(client, auth, session, events)
     assert kinds & DROP_FLAGS == {"unauthorized_locker_drop"}, kinds
     assert "time_inversion" in kinds
-    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
-    proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1")).get_json()
     assert proof["authorizing_consent"] is None
     assert "unauthorized_locker_drop" in {f["kind"] for f in proof["flags"]}
     between = proof["judged_between"]  # from its stamp to the scan before it (corrected)
@@ -253,31 +261,16 @@ def test_a_drop_stamped_after_the_pdas_next_scan_of_another_parcel_counts_before
     session.commit()
     events = [
         factories.event(1, tn, occurred_at=now() - dt.timedelta(hours=1)),
-        factories.event(
-            2,
-            tn,
-            "delivered_to_locker",
-            occurred_at=now() - dt.timedelta(minutes=20),
-            locker_id="L-1",
-            compartment="7",
-            pod={"pickup_code": "4821"},
-        ),
+        factories.locker_drop(2, tn, now() - dt.timedelta(minutes=20)),
         factories.event(3, other, occurred_at=now() - dt.timedelta(minutes=40)),
     ]
-    receipt = client.post(
-        "/api/v1/sync/push",
-        json=factories.push_body("PDA-0001", events),
-        headers=auth.headers("courier1", "PDA-0001"),
-    ).get_json()
-    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    kinds, proof = push_and_read_the_proof(client, auth, session, events)
     assert kinds & DROP_FLAGS == {"consent_after_drop"}, kinds
-    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
-    proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1")).get_json()
     assert proof["authorizing_consent"] is None
     scanned = session.scalar(select(ScanEvent.occurred_at).where(ScanEvent.seq == 3))
     assert dt.datetime.fromisoformat(proof["judged_between"]["earliest"]) == scanned
     assert proof["judged_between"]["latest"] == proof["occurred_at"]
-    page = signed_in(app, "auditor1").get(f"/web/proofs/{drop}")
+    page = signed_in(app, "auditor1").get(f"/web/proofs/{proof['event_id']}")
     assert "<dt>Judged between</dt>" in page
 
 

@@ -330,9 +330,7 @@ def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
         return now - dt.timedelta(hours=20, microseconds=-999_999) + dt.timedelta(minutes=minutes)
 
     def drop(seq: int, tracking_no: str, minutes: int) -> dict[str, Any]:
-        return factories.event(
-            seq, tracking_no, "delivered_to_locker", at(minutes), locker_id="L", compartment="1"
-        )
+        return factories.locker_drop(seq, tracking_no, at(minutes))
 
     with Session(scratch) as session:
         station = factories.station(session)

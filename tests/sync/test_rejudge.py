@@ -150,18 +150,9 @@ def test_drops_stored_without_their_bounds_get_them_back_and_are_judged_with_the
     consent_at = NOW - dt.timedelta(minutes=30)
     locker_consent(session, world, express, consent_at, recorded_at=consent_at)
     session.commit()
-    drop = factories.event(
-        2,
-        express,
-        "delivered_to_locker",
-        occurred_at=consent_at + dt.timedelta(minutes=5),
-        locker_id="L-1",
-        compartment="4",
-        pod={"pickup_code": "2468"},
-    )
     events = [
         factories.event(1, express, occurred_at=consent_at - dt.timedelta(minutes=60)),
-        drop,
+        factories.locker_drop(2, express, consent_at + dt.timedelta(minutes=5)),
         factories.event(3, other, occurred_at=consent_at - dt.timedelta(minutes=10)),
     ]
     pusher = Pusher(world.device.id, world.station.id, world.courier.id)
@@ -192,15 +183,7 @@ def test_a_drop_of_a_parcel_not_taken_in_yet_gets_its_bounds_back_too(
     session.commit()
     consent_at = NOW - dt.timedelta(minutes=30)
     events = [
-        factories.event(
-            1,
-            express,
-            "delivered_to_locker",
-            occurred_at=consent_at + dt.timedelta(minutes=5),
-            locker_id="L-1",
-            compartment="4",
-            pod={"pickup_code": "2468"},
-        ),
+        factories.locker_drop(1, express, consent_at + dt.timedelta(minutes=5)),
         factories.event(2, other, occurred_at=consent_at - dt.timedelta(minutes=10)),
     ]
     push(session, Pusher(world.device.id, world.station.id, world.courier.id), events)

@@ -31,9 +31,10 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import groupby
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, exists, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from models import Parcel, ScanEvent
@@ -96,27 +97,12 @@ STORE_BOUNDS = Prebuilt(
 )
 
 
-_other = _events.alias("other")
-# One drop's bounds worked out from its device's events within reach of it
-# (``rebound``): the index by time, twelve hours of the device's events at most.
-OF_ONE_DROP = Prebuilt(
-    lambda _dialect: select(
-        select(func.max(_other.c.occurred_at))
-        .where(
-            _other.c.device_id == bindparam("device_id"),
-            _other.c.occurred_at > bindparam("at", type_=UTCDateTime()),
-            _other.c.occurred_at <= bindparam("reach_after", type_=UTCDateTime()),
-            _other.c.seq < bindparam("seq"),
-        )
-        .scalar_subquery(),
-        select(func.min(_other.c.occurred_at))
-        .where(
-            _other.c.device_id == bindparam("device_id"),
-            _other.c.occurred_at >= bindparam("reach_before", type_=UTCDateTime()),
-            _other.c.occurred_at < bindparam("at", type_=UTCDateTime()),
-            _other.c.seq > bindparam("seq"),
-        )
-        .scalar_subquery(),
+# A device's events dated within a span (``rebound``), through the index by time.
+DATED_WITHIN = Prebuilt(
+    lambda _dialect: select(_events.c.seq, _events.c.occurred_at).where(
+        _events.c.device_id == bindparam("device_id"),
+        _events.c.occurred_at >= bindparam("since", type_=UTCDateTime()),
+        _events.c.occurred_at <= bindparam("until", type_=UTCDateTime()),
     )
 )
 
@@ -188,11 +174,7 @@ def bound_drops(
         if (now := before.widened(by_new)) != before:
             moved[seq] = now
     STORE_BOUNDS.execute_rows(
-        session,
-        [
-            {"device": device_id, "at_seq": seq, "latest": b[0], "earliest": b[1]}
-            for seq, b in sorted({**own, **moved}.items())
-        ],
+        session, [_stored(device_id, seq, b) for seq, b in sorted({**own, **moved}.items())]
     )
     return own, {nearby[seq].tracking_no for seq in moved}
 
@@ -237,34 +219,36 @@ def drops_after(
 
 def rebound(session: Session, drops: Sequence[StoredDrop]) -> int:
     """Work these drops' bounds out again from their devices' events, and store those
-    that differ; how many did. Pushes keep them (``bound_drops``); this repairs what
-    they did not: drops stored by an earlier version while an upgrade ran. The
-    devices' locks are taken first (sorted, as no push takes two), so that no push
-    widens a bound from what it read before this one was stored: the caller commits
-    soon after, pushes of these devices wait until then."""
+    that differ; how many did. ``drops`` in ``drops_after``'s order (by device). Pushes
+    keep the bounds (``bound_drops``); this repairs what they did not: drops stored by
+    an earlier version while an upgrade ran. The devices' locks are taken first
+    (sorted, as no push takes two), so that no push widens a bound from what it read
+    before this one was stored: the caller commits soon after, pushes of these devices
+    wait until then."""
     for device_id in sorted({drop.device_id for drop in drops}):
         lock_device_state(session, device_id)
     changed = []
-    for drop in drops:
-        params = {
-            "device_id": drop.device_id,
-            "seq": drop.seq,
-            "at": drop.occurred_at,
-            "reach_after": drop.occurred_at + REACH,
-            "reach_before": drop.occurred_at - REACH,
-        }
-        [(latest, earliest)] = OF_ONE_DROP.execute(session, params)
-        if (latest, earliest) != (drop.latest_of_earlier_seqs, drop.earliest_of_later_seqs):
-            changed.append(
-                {
-                    "device": drop.device_id,
-                    "at_seq": drop.seq,
-                    "latest": latest,
-                    "earliest": earliest,
-                }
-            )
+    for device_id, of_device in groupby(drops, key=lambda drop: drop.device_id):
+        stored = {drop.seq: drop for drop in of_device}
+        timed = [EventTime(drop.seq, drop.occurred_at, True) for drop in stored.values()]
+        for cluster in _clusters(timed):  # one read of the device's events around each
+            params = {
+                "device_id": device_id,
+                "since": cluster[0].occurred_at - REACH,
+                "until": cluster[-1].occurred_at + REACH,
+            }
+            events = [EventTime(*row) for row in DATED_WITHIN.execute(session, params)]
+            for seq, bounds in bounds_among(events, cluster).items():
+                drop = stored[seq]
+                if bounds != (drop.latest_of_earlier_seqs, drop.earliest_of_later_seqs):
+                    changed.append(_stored(device_id, seq, bounds))
     STORE_BOUNDS.execute_rows(session, changed)
     return len(changed)
+
+
+def _stored(device_id: str, seq: int, bounds: Bounds) -> dict[str, Any]:
+    """``STORE_BOUNDS``'s parameters for one drop."""
+    return {"device": device_id, "at_seq": seq, "latest": bounds[0], "earliest": bounds[1]}
 
 
 def _clusters(events: Sequence[EventTime]) -> list[list[EventTime]]:

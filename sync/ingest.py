@@ -475,7 +475,8 @@ class _BatchIngest:
         touched = {event.tracking_no for _, event in stored} | self._bound_drops()
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         if voided:  # a correction may be filed under another tracking number than its target
-            touched |= targets_of_corrections(self.session, self.pusher.device_id, voided)
+            targets = targets_of_corrections(self.session, self.pusher.device_id, voided)
+            touched |= {target.tracking_no for target in targets}
             corrections: dict[uuid.UUID, int] = {}
             for _, event in stored:
                 if event.voids_client_event_id:
@@ -487,7 +488,7 @@ class _BatchIngest:
                 corrections=corrections,
                 now=self.received_at,
             )
-            self._retract_drops(corrections, stored)
+            self._retract_drops(corrections, stored, targets)
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         self._settle_shifts(shifts)
@@ -843,7 +844,10 @@ class _BatchIngest:
             )
 
     def _retract_drops(
-        self, corrections: dict[uuid.UUID, int], stored: list[tuple[int, ValidEvent]]
+        self,
+        corrections: dict[uuid.UUID, int],
+        stored: list[tuple[int, ValidEvent]],
+        targets: Sequence[Any],
     ) -> None:
         """Tell recipients that a drop they were told of is void (outbox): the courier's
         correction says the parcel is not in that locker or at that point. Told only to
@@ -853,7 +857,7 @@ class _BatchIngest:
         listeners = outbox.subscribers(self.session, DROP_VOIDED_TOPIC)
         if not listeners:
             return
-        drops = self._voided_now(corrections)
+        drops = self._voided_now(corrections, targets)
         announced = self._announced_to(drops, listeners) if drops else {}
         drops = [drop for drop in drops if announced.get(drop.id)]
         if not drops:
@@ -908,29 +912,17 @@ class _BatchIngest:
             )
         }
 
-    def _voided_now(self, corrections: dict[uuid.UUID, int]) -> list[Any]:
-        """The drops these corrections void that were stored before this push (one
-        stored with it was never announced) and that no correction stored before voided
-        already (retracted then, or never announced)."""
+    def _voided_now(self, corrections: dict[uuid.UUID, int], targets: Sequence[Any]) -> list[Any]:
+        """The drops among these corrections' ``targets`` that were stored before this
+        push (one stored with it was never announced) and that no correction stored
+        before voided already (retracted then, or never announced)."""
         device_id = self.pusher.device_id
-        targets = [target for target in corrections if target not in self.rows]
         drops = [
-            drop
-            for chunk in chunks(targets)
-            for drop in self.session.execute(
-                select(
-                    ScanEvent.id,
-                    ScanEvent.client_event_id,
-                    ScanEvent.seq,
-                    ScanEvent.tracking_no,
-                    ScanEvent.details,
-                ).where(
-                    ScanEvent.device_id == device_id,
-                    ScanEvent.client_event_id.in_(chunk),
-                    ScanEvent.type.in_(list(DROP_TOPICS)),
-                )
-            )
-            if drop.seq < corrections[drop.client_event_id]
+            target
+            for target in targets
+            if target.type in DROP_TOPICS
+            and target.client_event_id not in self.rows
+            and target.seq < corrections[target.client_event_id]
         ]
         seq_of = {drop.client_event_id: drop.seq for drop in drops}
         void_before = {

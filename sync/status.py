@@ -485,17 +485,24 @@ def _detail(row: Any) -> EventDetail:
 
 def targets_of_corrections(
     session: Session, device_id: str, voided_ids: Sequence[uuid.UUID]
-) -> set[str]:
-    """Tracking numbers of this device's events that these corrections void."""
-    return {
-        tracking_no
+) -> list[Any]:
+    """This device's events that these corrections void (their id, client event id,
+    seq, tracking number, type and details): their parcels are judged again, and a drop
+    among them announced to a recipient is retracted (``sync.ingest``)."""
+    return [
+        row
         for chunk in chunks(voided_ids)
-        for tracking_no in session.scalars(
-            select(ScanEvent.tracking_no).where(
-                ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk)
-            )
+        for row in session.execute(
+            select(
+                ScanEvent.id,
+                ScanEvent.client_event_id,
+                ScanEvent.seq,
+                ScanEvent.tracking_no,
+                ScanEvent.type,
+                ScanEvent.details,
+            ).where(ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk))
         )
-    }
+    ]
 
 
 def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None:

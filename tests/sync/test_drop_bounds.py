@@ -14,7 +14,15 @@ from sqlalchemy.orm import Session
 
 from models import Flag, FlagStatus, ScanEvent
 from sync import drop_bounds
-from sync.drop_bounds import REACH, Bounds, EventTime, bound_drops, bounds_among
+from sync.drop_bounds import (
+    REACH,
+    Bounds,
+    EventTime,
+    bound_drops,
+    bounds_among,
+    drops_after,
+    rebound,
+)
 from tests import factories
 from tests.conftest import World
 from tests.sync.test_ingest import NOW, Pda, locker_consent, locker_drop
@@ -134,6 +142,9 @@ def test_a_scan_stamped_a_day_early_bounds_only_the_drops_within_reach_of_its_ti
     assert set(session.scalars(flagged)) == set(by_day[3])
     inverted = session.scalars(select(Flag.subject_key).where(Flag.kind == "time_inversion"))
     assert list(inverted) == [other]
+    # worked out again from the events (``rejudge``), the pushes' bounds stand
+    drops = drops_after(session, station_id=None, after=("", 0), limit=100)
+    assert len(drops) == 9 and rebound(session, drops) == 0
 
 
 def test_a_push_reads_only_the_stored_events_within_reach_of_its_own(

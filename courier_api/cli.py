@@ -385,7 +385,8 @@ def import_parcels(
     default=500,
     show_default=True,
     type=click.IntRange(1, 2_000),
-    help="Parcels per transaction (each holds a lock per parcel on PostgreSQL)",
+    help="Drops, then parcels, per transaction (each holds a lock per device of the "
+    "drops, then per parcel, on PostgreSQL)",
 )
 @with_appcontext
 @domain_errors_as_messages
@@ -398,8 +399,8 @@ def rejudge(station_code: str | None, batch: int) -> None:
     them leaves the drops stored meanwhile without), each parcel's status, holder and
     rule flags are recomputed from its events and consents as a push would, and closed
     shifts get their handover flags again where that changed them. One transaction
-    per --batch parcels, with a progress line after each; safe while the service
-    runs, and to run again. The run goes to the audit log.
+    per --batch drops, then per --batch parcels, with a progress line after each;
+    safe while the service runs, and to run again. The run goes to the audit log.
     """
     from courier_api.config import policy_of
     from sync.rejudge import rejudge_parcels

@@ -104,14 +104,19 @@ class RunResult:
         return self.outcome in (OK, FAILED)
 
     def summary(self) -> str:
-        """One line for logs and the CLI."""
+        """One line for logs and the CLI.
+
+        No colon after the job's name: the log's redaction takes ``name: value`` with
+        a secret-sounding name (``refresh_token_purge``) for a secret, and would hide
+        the outcome.
+        """
         if self.outcome == OK:
-            return f"{self.job}: ok in {self.duration_ms} ms {_compact(self.detail)}"
+            return f"{self.job} ok in {self.duration_ms} ms {_compact(self.detail)}"
         if self.outcome == FAILED:
-            return f"{self.job}: FAILED after {self.duration_ms} ms: {self.error}"
+            return f"{self.job} FAILED after {self.duration_ms} ms: {self.error}"
         if self.outcome == STANDBY and self.lease is not None:
-            return f"{self.job}: not run: {held_elsewhere(self.lease)}"
-        return f"{self.job}: not due yet"
+            return f"{self.job} not run: {held_elsewhere(self.lease)}"
+        return f"{self.job} not due yet"
 
 
 def held_elsewhere(lease: Lease) -> str:

@@ -45,12 +45,14 @@ from sync.handover import (
     COUNT_FIELDS,
     HANDOVER_KINDS,
     MISSING,
+    OUTCOMES_KEPT,
     Balance,
     BalanceStatus,
     FlagRef,
     ParcelTrail,
     ShiftEvent,
     ShiftSeqs,
+    balance_version,
     compute_balance,
     handover_flags_wanted,
     parcel_trails,
@@ -370,10 +372,16 @@ def changed_since_signoff(shift: Shift, balance: Balance) -> bool:
     return signed is not None and not same_snapshot(balance.snapshot(), signed)
 
 
-def signed_off_version(shift: Shift) -> str | None:
-    """The ``version`` of the balance the shift was signed off with, while it is."""
+def signed_off_version(shift: Shift, balance: Balance) -> str | None:
+    """The ``version`` of the balance the shift was signed off with, while it is: the
+    balance's own ``version`` exactly when it has not changed since. A sign-off kept
+    before the parcels' outcomes were (``OUTCOMES_KEPT``) is compared without them."""
     signed = _signed_off_balance(shift)
-    return None if signed is None else snapshot_version(signed)
+    if signed is None:
+        return None
+    if OUTCOMES_KEPT not in signed and same_snapshot(balance.snapshot(), signed):
+        return balance_version(balance)
+    return snapshot_version(signed)
 
 
 def _signed_off_balance(shift: Shift) -> dict[str, Any] | None:

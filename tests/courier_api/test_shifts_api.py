@@ -181,6 +181,90 @@ def test_a_sign_off_naming_the_balance_it_was_shown_is_refused_once_it_changed(
     assert stored is not None and stored.signoff_balance["status"] == "unbalanced"
 
 
+def test_a_sign_off_is_refused_once_two_parcels_swapped_outcomes_with_the_same_counts(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """The manager reads a balanced shift: a delivered, b returned (b on the counter).
+    The PDA then pushes corrections of two mis-taps: a was returned and b delivered.
+    The counts and the discrepancies are as before, but the parcel at the station is
+    now a, not the one the manager checked: the version they were shown is refused."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    checked_out = [pda.event(a), pda.event(b)]
+    delivered_a, returned_b = pda.event(a, "delivered"), pda.event(b, "returned_to_station")
+    pda.push([*checked_out, delivered_a, returned_b])
+    pda.close(shift["id"])
+    seen = balance(client, shift["id"], manager)
+    assert seen["status"] == "balanced"
+
+    def corrected(event: dict[str, Any]) -> dict[str, Any]:
+        return pda.event(
+            event["tracking_no"],
+            "correction",
+            voids_client_event_id=event["client_event_id"],
+            reason="mis-tap",
+        )
+
+    pda.push(
+        [
+            corrected(delivered_a),
+            pda.event(a, "returned_to_station"),
+            corrected(returned_b),
+            pda.event(b, "delivered"),
+        ]
+    )
+    now = balance(client, shift["id"], manager)
+    assert {p["tracking_no"]: p["outcome"] for p in now["parcels"]} == {
+        a: "returned",
+        b: "delivered",
+    }
+    assert {k: now[k] for k in ("status", "delivered", "returned")} == {
+        k: seen[k] for k in ("status", "delivered", "returned")
+    }
+    assert now["version"] != seen["version"]
+    refused = sign_off(client, shift["id"], manager, balance_version=seen["version"])
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "balance_changed"
+    assert (
+        sign_off(client, shift["id"], manager, balance_version=now["version"]).status_code == 200
+    )
+    stored = session.get(Shift, shift["id"], populate_existing=True)
+    assert stored is not None
+    assert stored.signoff_balance["outcomes"][a][0] == "returned"
+
+
+def test_a_sign_off_kept_before_the_outcomes_were_is_compared_on_what_it_kept(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """Shifts signed off by the version before kept no parcel outcomes with the
+    balance: unchanged, they are not taken for changed, and ``signed_off_version``
+    still equals ``version``; a change in what they kept still shows."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    pda.close(shift["id"])
+    assert sign_off(client, shift["id"], manager).status_code == 200
+    stored = session.get(Shift, shift["id"], populate_existing=True)
+    assert stored is not None
+    stored.signoff_balance = {k: v for k, v in stored.signoff_balance.items() if k != "outcomes"}
+    session.commit()
+
+    found = balance(client, shift["id"], manager)
+    assert found["changed_since_signoff"] is False
+    assert found["signed_off_version"] == found["version"]
+    board = client.get(f"/api/v1/stations/{world.station.id}/handover", headers=manager)
+    assert board.get_json()["totals"]["changed_since_signoff"] == 0
+
+    # What it kept still counts: as if one parcel fewer had been missing then.
+    stored = session.get(Shift, shift["id"], populate_existing=True)
+    assert stored is not None
+    stored.signoff_balance = {**stored.signoff_balance, "missing": 0}
+    session.commit()
+    changed = balance(client, shift["id"], manager)
+    assert changed["changed_since_signoff"] is True
+    assert changed["signed_off_version"] != changed["version"]
+
+
 def test_the_spec_names_every_discrepancy_kind_a_balance_answers(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

@@ -192,7 +192,7 @@ class ShiftBalance(MethodView):
             **vars(balance),
             "shift_status": shift.status,
             "version": balance_version(balance),
-            "signed_off_version": signed_off_version(shift),
+            "signed_off_version": signed_off_version(shift, balance),
             "changed_since_signoff": changed_since_signoff(shift, balance),
         }
 

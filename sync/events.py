@@ -63,9 +63,10 @@ class EventRejected(DomainError):
 @dataclass(frozen=True)
 class EventRules:
     tracking: TrackingNumberPolicy
-    # An event's device time must lie within max_age of the push's sent_at, both on the
-    # device's own clock, so a skewed clock does not matter here. An event later than
-    # sent_at (beyond future_tolerance) is kept: the clock was set back in between, and
+    # An event's device time may lie at most max_age before the push's sent_at, both on
+    # the device's own clock, so a skewed clock does not matter here. An event later
+    # than sent_at (beyond future_tolerance), however much later, is kept: the clock was
+    # set back in between (a PDA whose battery died comes back in the year 2000), and
     # the engine flags it (``clock_jump``).
     max_age: dt.timedelta = dt.timedelta(days=30)
     future_tolerance: dt.timedelta = dt.timedelta(minutes=5)
@@ -194,8 +195,8 @@ def parse_time(raw: Any, *, field: str) -> dt.datetime:
 def validate_event(raw: Any, *, sent_at: dt.datetime | None, rules: EventRules) -> ValidEvent:
     """Check one raw event against the contract; raise ``EventRejected`` otherwise.
 
-    ``sent_at``: the push's, on the device clock, around which ``occurred_at`` must lie
-    (``OUT_OF_WINDOW``); None checks the event alone.
+    ``sent_at``: the push's, on the device clock, at most ``max_age`` after
+    ``occurred_at`` (``OUT_OF_WINDOW``); None checks the event alone.
     """
     if not isinstance(raw, Mapping):
         raise EventRejected("an event must be a JSON object", code="not_an_object")
@@ -217,11 +218,9 @@ def validate_event(raw: Any, *, sent_at: dt.datetime | None, rules: EventRules) 
     except DomainError as error:
         raise EventRejected(error.message, code=error.code, field="tracking_no") from None
     occurred_at = parse_time(raw.get("occurred_at"), field="occurred_at")
-    if sent_at is not None and not (
-        shifted(sent_at, -rules.max_age) <= occurred_at <= shifted(sent_at, rules.max_age)
-    ):
+    if sent_at is not None and occurred_at < shifted(sent_at, -rules.max_age):
         raise EventRejected(
-            f"occurred_at must lie within {rules.max_age.days} days of the push's sent_at "
+            f"occurred_at is more than {rules.max_age.days} days before the push's sent_at "
             "(both on the device clock)",
             code=OUT_OF_WINDOW,
             field="occurred_at",

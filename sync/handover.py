@@ -55,6 +55,7 @@ BALANCE_RULE_KINDS = POD_KINDS | CONSENT_KINDS | OUTCOME_KINDS | INTAKE_KINDS
 
 # A parcel the shift never checked out, with no final outcome in it either, is listed
 # as "no_outcome" (it is counted nowhere).
+NO_OUTCOME = "no_outcome"
 OUTCOMES = (
     "delivered",
     "delivered_without_pod",
@@ -167,9 +168,9 @@ class Balance:
 
     def snapshot(self) -> dict[str, Any]:
         """What a manager signing off saw: the summary, the gaps, the discrepancies, and
-        each parcel's outcome with the event that settles it. Counts alone miss two
-        parcels swapping outcomes (a mis-tapped delivery and return both corrected): the
-        manager checked the other parcel at the counter."""
+        each parcel's outcome with the event that settles it (not those counted nowhere).
+        Counts alone miss two parcels swapping outcomes (a mis-tapped delivery and return
+        both corrected): the manager checked the other parcel at the counter."""
         return {
             **self.summary(),
             "missing_seqs": self.missing_seqs,
@@ -177,7 +178,11 @@ class Balance:
                 {"kind": d.kind, "tracking_no": d.tracking_no, "flag_id": d.flag_id}
                 for d in self.discrepancies
             ],
-            OUTCOMES_KEPT: {p.tracking_no: [p.outcome, p.outcome_event_id] for p in self.parcels},
+            OUTCOMES_KEPT: {
+                p.tracking_no: [p.outcome, p.outcome_event_id]
+                for p in self.parcels
+                if p.outcome != NO_OUTCOME
+            },
         }
 
 
@@ -390,7 +395,7 @@ def compute_balance(
 def _outcome(trail: ParcelTrail, cited: Sequence[FlagRef]) -> str:
     final = trail.final_event
     if final is None:
-        return "missing" if trail.on_manifest else "no_outcome"
+        return "missing" if trail.on_manifest else NO_OUTCOME
     flagged = {f.kind for f in cited if final.event_id in f.event_ids}
     if final.type == EventType.RETURNED_TO_STATION:
         return "returned"

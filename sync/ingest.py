@@ -330,7 +330,7 @@ def event_row(
         "occurred_at_device": event.occurred_at_device,
         # An event the device dated after the push was sent (its clock was set back
         # since) cannot have happened after it reached us.
-        "occurred_at": min(event.occurred_at_device - offset, received_at),
+        "occurred_at": min(shifted(event.occurred_at_device, -offset), received_at),
         "received_at": received_at,
         "lat": location.lat if location else None,
         "lon": location.lon if location else None,

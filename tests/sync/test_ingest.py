@@ -605,6 +605,41 @@ def test_an_event_dated_after_its_push_was_sent_is_kept_flagged_and_not_in_the_f
     assert stored.occurred_at == NOW  # never later than its arrival
 
 
+def test_events_recorded_before_the_pdas_clock_reset_to_its_factory_date_are_kept(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """The battery died at the end of the afternoon; the PDA comes back in the year 2000
+    and pushes the afternoon's scans, recorded on a right clock: decades after its
+    push's sent_at. They are kept and the jump flagged (rule 1); the push's window
+    bounds only how old an event may be. Sent again once the clock is right, they are
+    duplicates."""
+    tn = parcel.tracking_no
+    events = [
+        pda.event(1, tn, occurred_at=NOW - dt.timedelta(hours=2)),
+        pda.event(2, tn, "out_for_delivery", occurred_at=NOW - dt.timedelta(hours=1)),
+    ]
+    reset = dt.datetime(2000, 1, 1, 0, 5, tzinfo=dt.UTC)
+    receipt = pda.push(events, sent_at=reset)
+    assert statuses(receipt) == ["applied", "applied"]
+    assert sorted(f["kind"] for f in receipt["flags_raised"]) == ["clock_jump", "clock_skew"]
+    assert receipt["acked_through_seq"] == 2
+    stored = session.scalars(select(ScanEvent).order_by(ScanEvent.seq)).all()
+    assert [e.occurred_at for e in stored] == [NOW, NOW]  # never later than their arrival
+    assert statuses(pda.push(events)) == ["duplicate", "duplicate"]
+    assert session.get(Parcel, parcel.id).status == ParcelStatus.OUT_FOR_DELIVERY
+
+
+def test_an_event_at_the_end_of_the_calendar_from_a_pda_at_its_start_is_kept_not_an_overflow(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Correcting it by the push's offset (two thousand years) passes the end of the
+    calendar: it saturates, and the arrival caps it."""
+    far = pda.event(1, parcel.tracking_no, occurred_at=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
+    receipt = pda.push([far], sent_at=dt.datetime(1, 1, 1, tzinfo=dt.UTC))
+    assert statuses(receipt) == ["applied"]
+    assert session.scalars(select(ScanEvent.occurred_at)).one() == NOW
+
+
 def test_a_copy_sent_twice_in_one_batch_shares_the_fate_of_the_first(
     session: Session, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

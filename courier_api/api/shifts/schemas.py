@@ -163,9 +163,9 @@ class BalanceOut(BalanceCounts):
     version = ma.fields.String(
         required=True,
         metadata={
-            "description": "A digest of the status, counts, missing seqs and "
-            "discrepancies: send it with the sign-off as `balance_version` to sign off "
-            "only the balance you saw"
+            "description": "A digest of the status, counts, missing seqs, "
+            "discrepancies and each parcel's outcome and the event that settles it: send "
+            "it with the sign-off as `balance_version` to sign off only the balance you saw"
         },
     )
     shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)

@@ -71,7 +71,10 @@ class ScanEventIn(ma.Schema):
         required=True,
         metadata={
             "format": "date-time",
-            "description": "Device clock, with an offset; within MAX_EVENT_AGE_DAYS of sent_at",
+            "description": (
+                "Device clock, with an offset; at most MAX_EVENT_AGE_DAYS before sent_at "
+                "(later than sent_at is kept and flagged clock_jump)"
+            ),
         },
     )
     location = ma.fields.Nested(Location)

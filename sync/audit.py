@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import Column, Text, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, utcnow
@@ -125,15 +125,19 @@ def verify(
     Rows are streamed ``chunk_size`` at a time, so a long log is never held in
     memory. ``progress`` is called with the count checked every ``progress_every``.
     """
+    # ``at`` and ``details`` come as the database gives them and are decoded row by row
+    # below: SQLite keeps any value in any column, and one scribbled over must be named
+    # as altered, not end the walk with a decoding error.
+    read_at, read_details = (_reader(session, column) for column in (_AT, _DETAILS))
     rows = session.execute(
         select(
             AuditEntry.id,
-            AuditEntry.at,
+            type_coerce(_AT, Text).label("at"),
             AuditEntry.actor_id,
             AuditEntry.action,
             AuditEntry.subject_type,
             AuditEntry.subject_key,
-            AuditEntry.details,
+            type_coerce(_DETAILS, Text).label("details"),
             AuditEntry.prev_hash,
             AuditEntry.entry_hash,
         )
@@ -158,24 +162,26 @@ def verify(
                     head_id=prev_id,
                     head_hash=expected_prev if prev_id is not None else None,
                 )
-            recomputed = entry_hash(
-                prev_hash=row.prev_hash,
-                at=row.at,
-                actor_id=row.actor_id,
-                action=row.action,
-                subject_type=row.subject_type,
-                subject_key=row.subject_key,
-                details=row.details,
-            )
+            try:
+                recomputed = entry_hash(
+                    prev_hash=row.prev_hash,
+                    at=read_at(row.at),
+                    actor_id=row.actor_id,
+                    action=row.action,
+                    subject_type=row.subject_type,
+                    subject_key=row.subject_key,
+                    details=read_details(row.details),
+                )
+            except (TypeError, ValueError) as exc:  # json's decoding errors are ValueErrors
+                recomputed, unreadable = None, f"its content cannot be read ({exc})"
+            else:
+                unreadable = "its content does not match its hash"
             if recomputed != row.entry_hash:
                 return VerifyResult(
                     checked=checked,
                     broken_id=row.id,
                     problem="altered",
-                    message=(
-                        f"entry {row.id}: its content does not match its hash: "
-                        "the entry was altered"
-                    ),
+                    message=f"entry {row.id}: {unreadable}: the entry was altered",
                     head_id=prev_id,
                     head_hash=expected_prev if prev_id is not None else None,
                 )
@@ -189,6 +195,17 @@ def verify(
         head_id=prev_id,
         head_hash=expected_prev if prev_id is not None else None,
     )
+
+
+_AT, _DETAILS = AuditEntry.__table__.c.at, AuditEntry.__table__.c.details
+
+
+def _reader(session: Session, column: Column[Any]) -> Callable[[Any], Any]:
+    """What reading ``column`` does to the value the driver gives (parsing SQLite's
+    text into a time, JSON text into a document), to run on one row at a time."""
+    dialect = session.get_bind().dialect
+    process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    return process or (lambda value: value)
 
 
 def _iso(at: dt.datetime) -> str:

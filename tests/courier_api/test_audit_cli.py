@@ -9,6 +9,7 @@ import pytest
 from flask.testing import FlaskClient, FlaskCliRunner
 from PIL import Image
 from sqlalchemy import insert, select, text
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from models import AuditEntry
@@ -57,6 +58,31 @@ def test_an_altered_entry_exits_1_naming_it(runner: FlaskCliRunner, session: Ses
     )
     session.commit()
     result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 1
+    assert f"BROKEN: entry {entries[1].id}:" in result.stdout
+    assert "altered" in result.stdout
+
+
+@pytest.mark.parametrize(("column", "scribble"), [("at", "yesterday"), ("details", '{"i": 1')])
+def test_an_entry_scribbled_over_with_what_cannot_be_read_is_named_not_a_crash(
+    runner: FlaskCliRunner, session: Session, column: str, scribble: str
+) -> None:
+    """SQLite keeps any text in any column: an entry whose time or details no longer
+    parse is named as altered, and the walk does not end in a decoding error.
+    (PostgreSQL reads 'yesterday' as a time, which then differs from the hashed one,
+    and refuses JSON that does not parse.)"""
+    entries = append(session, 4)
+    update = text(f"UPDATE audit_entry SET {column} = :scribble WHERE id = :id")
+    if session.get_bind().dialect.name == "postgresql" and column == "details":
+        with pytest.raises(DataError):
+            session.execute(update, {"scribble": scribble, "id": entries[1].id})
+        return
+    session.execute(update, {"scribble": scribble, "id": entries[1].id})
+    session.commit()
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
     assert result.exit_code == 1
     assert f"BROKEN: entry {entries[1].id}:" in result.stdout
     assert "altered" in result.stdout

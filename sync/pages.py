@@ -208,7 +208,8 @@ class ShiftPage:
     balance: Balance
     outcomes: list[tuple[str, list[ParcelOutcome]]]  # by outcome, in the balance's order
     outcome_events: dict[int, ScanEvent]  # each parcel's outcome event
-    parcels: dict[str, Parcel]
+    parcels: dict[str, Parcel]  # those the reader may see
+    elsewhere: frozenset[str]  # taken in at a station the reader does not see
     discrepancies: list[DiscrepancyEvidence]
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
     balance_version: str  # sent back with a sign-off: refused if the balance changed
@@ -216,9 +217,20 @@ class ShiftPage:
 
 
 def shift_page(
-    *, session: Session, shift: Shift, policy: Policy, reader: BlobReader, store: BlobStore
+    *,
+    session: Session,
+    shift: Shift,
+    policy: Policy,
+    reader: BlobReader,
+    store: BlobStore,
+    visible_station: int | None,
 ) -> ShiftPage:
     """The shift, its balance by outcome and each discrepancy with its evidence.
+
+    ``visible_station``: the one station whose parcels a station-bound reader sees
+    (None: all). A parcel of another station that the shift's courier scanned (one
+    mis-sorted) is shown by its tracking number only, as the API shows it: its
+    recipient, its consents and its proof belong to that station.
 
     About a dozen queries whatever the number of parcels (plus one per proof image of
     the discrepancies for a station's reader, see ``image_states``).
@@ -228,6 +240,10 @@ def shift_page(
     users = users_by_id(session, [shift.courier_id, shift.closed_by, shift.signed_off_by])
     numbers = sorted({p.tracking_no for p in balance.parcels})
     parcels = _parcels(session, numbers)
+    elsewhere = frozenset(
+        n for n, p in parcels.items() if visible_station not in (None, p.station_id)
+    )
+    parcels = {n: p for n, p in parcels.items() if n not in elsewhere}
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
     events = _events(session, [*outcome_ids, *evidence_ids])
@@ -301,6 +317,7 @@ def shift_page(
         outcomes=[(outcome, grouped[outcome]) for outcome in order if grouped.get(outcome)],
         outcome_events={i: events[i] for i in outcome_ids if i in events},
         parcels=parcels,
+        elsewhere=elsewhere,
         discrepancies=discrepancies,
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),

@@ -283,6 +283,7 @@ def shift(shift_id: int) -> ResponseReturnValue:
         policy=policy_of(current_app.config),
         reader=blob_reader(current_principal()),
         store=blob_store(),
+        visible_station=current_principal().station_filter(None),
     )
     proofs_shown = sorted(
         e.event.id for d in view.discrepancies for e in d.events if e.event.type in DELIVERY_TYPES

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
 from models import Shift
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_web_pages import signed_in
 
 SHIFTS = "/api/v1/shifts"
 PUSH = "/api/v1/sync/push"
@@ -263,6 +266,40 @@ def test_a_sign_off_kept_before_the_outcomes_were_is_compared_on_what_it_kept(
     changed = balance(client, shift["id"], manager)
     assert changed["changed_since_signoff"] is True
     assert changed["signed_off_version"] != changed["version"]
+
+
+def test_the_shift_page_shows_a_parcel_of_another_station_by_its_number_only(
+    app: Flask, client: FlaskClient, session: Session, world: World, pda: Courier
+) -> None:
+    """A courier delivers, without proof, a parcel mis-sorted from another station. To
+    this station's manager that parcel does not exist in the API (404): the shift page
+    names it by its tracking number, without its recipient, and offers no proof link
+    that would not open. An auditor, who reads every station, sees it all."""
+    (own,) = parcels(session, world, 1)
+    foreign = factories.parcel(session, world.other_station)
+    foreign.recipient_name, foreign.address = "Secret Person", "99 Hidden Road"
+    session.commit()
+    shift = pda.open()
+    pda.push(
+        [
+            pda.event(own),
+            pda.event(foreign.tracking_no),
+            pda.event(own, "delivered"),
+            pda.event(foreign.tracking_no, "delivered", pod={}),
+        ]
+    )
+    pda.close(shift["id"])
+    manager = signed_in(app, "manager1")
+    html = manager.get(f"/web/shifts/{shift['id']}")
+    assert foreign.tracking_no in html and "A parcel of another station" in html
+    assert "Secret Person" not in html and "99 Hidden Road" not in html
+    links = re.findall(r'href="(/web/proofs/\d+)"', html)
+    assert len(links) == 1  # the own parcel's delivery
+    assert [manager.client.get(link).status_code for link in links] == [200]
+
+    auditor = signed_in(app, "auditor1").get(f"/web/shifts/{shift['id']}")
+    assert "Secret Person" in auditor and "99 Hidden Road" in auditor
+    assert len(re.findall(r'href="(/web/proofs/\d+)"', auditor)) == 2
 
 
 def test_the_spec_names_every_discrepancy_kind_a_balance_answers(

@@ -165,6 +165,21 @@ def local_time(moment: dt.datetime | None, timezone: str = "UTC") -> str:
     return moment.astimezone(ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S")
 
 
+@bp.app_template_filter("seq_ranges")
+def seq_ranges(seqs: list[int], total: int | None = None) -> str:
+    """Ascending sequence numbers as runs, ``3–9, 12``; with ``total``, how many more
+    there are beyond those given (a balance names the first hundred)."""
+    runs: list[list[int]] = []
+    for seq in seqs:
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+    text = ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs)
+    more = (total or 0) - len(seqs)
+    return f"{text} and {more} more" if more > 0 else text
+
+
 @bp.app_template_filter("clock_gap")
 def clock_gap(device: dt.datetime, corrected: dt.datetime) -> str:
     """How far the PDA's clock was from the corrected time: ``+2m05s``, or ``in step``."""

@@ -302,6 +302,24 @@ def test_the_shift_page_shows_a_parcel_of_another_station_by_its_number_only(
     assert len(re.findall(r'href="(/web/proofs/\d+)"', auditor)) == 2
 
 
+def test_the_board_page_names_the_sequence_numbers_still_on_a_pda(
+    app: Flask, client: FlaskClient, session: Session, world: World, pda: Courier
+) -> None:
+    """19:00: which seqs to ask the courier for, on the board, without opening each
+    provisional shift."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.push([pda.event(a, "returned_to_station") | {"seq": 11}])
+    pda.close(shift["id"], last_seq=12)  # 3 to 10 and 12 still on the PDA
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    row = re.search(
+        rf'<tr class="row-provisional" id="shift-{shift["id"]}">(.*?)</tr>', html, re.S
+    )
+    assert row is not None, html
+    assert '9<br><span class="seqs">3–10, 12</span>' in row.group(1)
+
+
 def test_the_spec_names_every_discrepancy_kind_a_balance_answers(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

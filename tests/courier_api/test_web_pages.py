@@ -20,6 +20,7 @@ from werkzeug.test import TestResponse
 
 from courier_api.extensions import api
 from courier_api.web import session as web_session
+from courier_api.web.views import seq_ranges
 from models import AuditEntry, Blob, Flag, FlagStatus, Role, ScanEvent, ShiftStatus, utcnow
 from sync.pages import drop_consents
 from sync.proofs import get_proof
@@ -859,3 +860,16 @@ def test_an_auditor_reading_a_flag_page_that_shows_a_proof_is_audit_logged(
     ]
     entry = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc())).first()
     assert entry is not None and entry.details["event_ids"] == [day.drop_event_id]
+
+
+@pytest.mark.parametrize(
+    ("seqs", "total", "shown"),
+    [
+        ([], None, ""),
+        ([7], None, "7"),
+        ([3, 4, 5, 9, 11, 12], None, "3–5, 9, 11–12"),
+        (list(range(1, 101)), 250, "1–100 and 150 more"),
+    ],
+)
+def test_missing_seqs_are_shown_as_runs(seqs: list[int], total: int | None, shown: str) -> None:
+    assert seq_ranges(seqs, total) == shown

@@ -9,8 +9,8 @@ from typing import Any
 import marshmallow as ma
 from flask import Request, current_app, jsonify
 from flask.typing import ResponseReturnValue
-from flask_smorest import Api, Blueprint
-from webargs.flaskparser import FlaskParser
+from flask_smorest import Api, Blueprint, abort
+from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException
 
 from courier_api.auth import require_auth
@@ -61,6 +61,16 @@ class JsonParser(FlaskParser):
     """
 
     def _raw_load_json(self, req: Request) -> Any:
+        if not is_json_request(req) and req.get_data(cache=True):
+            # Else webargs reads no body at all, and every required field is "missing".
+            abort(
+                415,
+                message=(
+                    f"the body must be JSON, sent as Content-Type: application/json "
+                    f"(it came as {req.mimetype or 'no Content-Type'})"
+                ),
+                errors={"headers": {"Content-Type": ["must be application/json"]}},
+            )
         try:
             document = super()._raw_load_json(req)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -106,7 +116,8 @@ class ApiBlueprint(Blueprint):
             return decorator
 
         def documented(view: Callable[..., Any]) -> Callable[..., Any]:
-            return self.alt_response(400, response="BAD_REQUEST")(decorator(view))
+            view = self.alt_response(400, response="BAD_REQUEST")(decorator(view))
+            return self.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")(view)
 
         return documented
 

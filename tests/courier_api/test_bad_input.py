@@ -112,3 +112,32 @@ def test_an_unstorable_string_in_one_intake_item_rejects_only_that_item(
     results = response.get_json()["results"]
     assert [r["status"] for r in results] == ["created", "rejected"]
     assert "recipient_name" in results[1]["error"]["errors"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_something_else_is_415_naming_the_header(
+    client: FlaskClient, world: World, auth: Auth, content_type: str | None
+) -> None:
+    """A PDA's HTTP stack that labels the push ``text/plain`` (or not at all) is told
+    what is wrong, not that every field of the body it sent is missing."""
+    body = json.dumps(factories.push_body("PDA-0001", []))
+    headers = auth.headers("courier1", "PDA-0001")
+    if content_type is None:
+        response = client.post("/api/v1/sync/push", data=body.encode(), headers=headers)
+    else:
+        response = client.post(
+            "/api/v1/sync/push", data=body, content_type=content_type, headers=headers
+        )
+    assert response.status_code == 415, response.get_json()
+    answer = response.get_json()
+    assert answer["code"] == "unsupported_media_type"
+    assert answer["errors"] == {"headers": {"Content-Type": ["must be application/json"]}}
+    assert "application/json" in answer["message"]
+
+
+def test_an_empty_body_without_a_content_type_is_still_a_missing_field(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    response = client.post("/api/v1/auth/token")
+    assert response.status_code == 422
+    assert "username" in response.get_json()["errors"]["json"]

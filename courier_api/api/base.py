@@ -53,12 +53,21 @@ class CourierApi(Api):
 
 
 class JsonParser(FlaskParser):
-    """webargs' parser, with every malformed JSON body a 400, never a 500.
+    """webargs' parser, with every malformed JSON body a 400, never a 500, and an
+    unknown query parameter a 422 as an unknown body field is.
 
     webargs catches decode errors only; Python's JSON module also raises
     ``ValueError`` for integer literals beyond its digit limit and
-    ``RecursionError`` for deeply nested documents.
+    ``RecursionError`` for deeply nested documents. webargs drops query parameters it
+    does not know: a misspelled filter (``/proofs?tracking=``) would answer every
+    record, as if there were none.
     """
+
+    DEFAULT_UNKNOWN_BY_LOCATION = {
+        **FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION,
+        "query": ma.RAISE,
+        "querystring": ma.RAISE,
+    }
 
     def _raw_load_json(self, req: Request) -> Any:
         if not is_json_request(req) and req.get_data(cache=True):

@@ -141,3 +141,20 @@ def test_an_empty_body_without_a_content_type_is_still_a_missing_field(
     response = client.post("/api/v1/auth/token")
     assert response.status_code == 422
     assert "username" in response.get_json()["errors"]["json"]
+
+
+@pytest.mark.parametrize(
+    ("path", "username", "unknown"),
+    [
+        ("/api/v1/proofs?tracking=RR123456785GB", "auditor1", "tracking"),
+        ("/api/v1/flags?knd=missing_at_handover", "manager1", "knd"),
+        ("/api/v1/shifts?stauts=closed", "manager1", "stauts"),
+    ],
+)
+def test_an_unknown_query_parameter_is_422_naming_it_not_ignored(
+    client: FlaskClient, world: World, auth: Auth, path: str, username: str, unknown: str
+) -> None:
+    """A misspelled filter must not answer every record as if there were none."""
+    response = client.get(path, headers=auth.headers(username))
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["errors"]["query"] == {unknown: ["Unknown field."]}

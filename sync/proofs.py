@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Select, exists, select
+from sqlalchemy import Select, String, and_, cast, exists, or_, select
 from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
@@ -114,9 +114,17 @@ def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel, bool]]:
     if filters.occurred_to is not None:
         query = query.where(ScanEvent.occurred_at < filters.occurred_to)
     if filters.flag_kind:
+        handover_key = cast(ScanEvent.shift_id, String) + ":" + ScanEvent.tracking_no
         flagged = [
-            Flag.subject_type == "parcel",
-            Flag.subject_key == ScanEvent.tracking_no,
+            or_(
+                and_(Flag.subject_type == "parcel", Flag.subject_key == ScanEvent.tracking_no),
+                # its handover in the delivery's shift (missing_at_handover, ...)
+                and_(
+                    Flag.subject_type == "shift",
+                    Flag.shift_id == ScanEvent.shift_id,
+                    Flag.subject_key == handover_key,
+                ),
+            ),
             Flag.kind == filters.flag_kind,
             # closed: the system found its cause gone (a consent arrived late): the
             # parcel has no such flag; one a manager resolved was real and counts
@@ -169,12 +177,7 @@ def get_proof(
     proof = _proof(*row)
     parcel = proof.parcel
     events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]
-    flag_query = select(Flag).where(
-        Flag.subject_type == "parcel", Flag.subject_key == parcel.tracking_no
-    )
-    if flags_of_station is not None:
-        flag_query = flag_query.where(Flag.station_id == flags_of_station)
-    flags = session.scalars(flag_query.order_by(Flag.id)).all()
+    flags = _flags_of(session, proof, flags_of_station)
     drop = _drop(proof, events)
     return ProofDetail(
         proof=proof,
@@ -185,6 +188,27 @@ def get_proof(
         flags=list(flags),
         judged_between=None if drop is None else drop_span(drop, policy, events),
     )
+
+
+def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Flag]:
+    """The parcel's flags, and those of the delivery's shift about it: its handover
+    there (``missing_at_handover``, ``not_on_manifest``), and any citing the delivery
+    itself (``late_event_after_signoff``: it landed after the sign-off)."""
+    event, tracking_no = proof.event, proof.event.tracking_no
+    about = [and_(Flag.subject_type == "parcel", Flag.subject_key == tracking_no)]
+    if event.shift_id is not None:
+        about.append(and_(Flag.subject_type == "shift", Flag.shift_id == event.shift_id))
+    query = select(Flag).where(or_(*about))
+    if station_id is not None:
+        query = query.where(Flag.station_id == station_id)
+    handover_key = f"{event.shift_id}:{tracking_no}"
+    return [
+        flag
+        for flag in session.scalars(query.order_by(Flag.id))
+        if flag.subject_type == "parcel"
+        or flag.subject_key == handover_key
+        or event.id in flag.evidence.get("event_ids", ())
+    ]
 
 
 def _drop(proof: Proof, events: Sequence[EventDetail]) -> EventDetail | None:

@@ -320,6 +320,75 @@ def test_the_board_page_names_the_sequence_numbers_still_on_a_pda(
     assert '9<br><span class="seqs">3–10, 12</span>' in row.group(1)
 
 
+def test_a_drop_pushed_after_the_sign_off_shows_that_in_its_proof(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """b is missing at the handover, the manager signs off, then the PDA pushes b's
+    locker drop into the shift: the auditor reading the drop's proof sees the flag
+    saying it landed after the sign-off, which cites it. The parcel's handover flag
+    of that shift (closed now) is listed with the parcel's own flags."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    pda.close(shift["id"])
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    drop = pda.event(
+        b, "delivered_to_locker", shift_id=shift["id"], locker_id="L-1", compartment="2"
+    )
+    pda.push([drop])
+    auditor = auth.headers("auditor1")
+    (item,) = client.get(
+        "/api/v1/proofs", query_string={"tracking_no": b}, headers=auditor
+    ).get_json()["items"]
+    detail = client.get(f"/api/v1/proofs/{item['event_id']}", headers=auditor).get_json()
+    kinds = {f["kind"]: f for f in detail["flags"]}
+    assert {"late_event_after_signoff", "missing_at_handover"} <= set(kinds)
+    assert item["event_id"] in kinds["late_event_after_signoff"]["evidence"]["event_ids"]
+    # a's delivery, in the same shift, is not what the late flag cites
+    (of_a,) = client.get(
+        "/api/v1/proofs", query_string={"tracking_no": a}, headers=auditor
+    ).get_json()["items"]
+    detail_a = client.get(f"/api/v1/proofs/{of_a['event_id']}", headers=auditor).get_json()
+    assert {f["kind"] for f in detail_a["flags"]} & {
+        "late_event_after_signoff",
+        "missing_at_handover",
+    } == set()
+
+
+def test_a_delivery_voided_before_the_handover_is_found_by_its_missing_flag(
+    client: FlaskClient, auth: Auth, session: Session, world: World, pda: Courier
+) -> None:
+    """The courier voids a delivery (a mis-tap, they say) and the parcel is missing at
+    the handover: an auditor searching the proofs for ``missing_at_handover`` finds the
+    voided delivery; the flag is the handover's, in the delivery's shift."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    delivered = pda.event(a, "delivered")
+    pda.push([pda.event(a), pda.event(b), delivered, pda.event(b, "delivered")])
+    pda.push(
+        [
+            pda.event(
+                a,
+                "correction",
+                voids_client_event_id=delivered["client_event_id"],
+                reason="mis-tap",
+            )
+        ]
+    )
+    pda.close(shift["id"])
+    found = client.get(
+        "/api/v1/proofs",
+        query_string={"flag_kind": "missing_at_handover"},
+        headers=auth.headers("auditor1"),
+    ).get_json()
+    assert [(i["tracking_no"], i["voided"]) for i in found["items"]] == [(a, True)]
+
+
 def test_the_spec_names_every_discrepancy_kind_a_balance_answers(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

@@ -16,9 +16,12 @@ class ProofArgs(ma.Schema):
     occurred_to = UtcTime(metadata={"description": "Corrected time, exclusive"})
     flag_kind = Text(
         metadata={
-            "description": "Only parcels with a flag of this kind, open or resolved by a "
-            "manager (not one the system closed because its cause went away); a station "
-            "manager's own station's flags only"
+            "description": "Only deliveries of parcels with a flag of this kind, on the "
+            "parcel or on its handover in the delivery's shift (`missing_at_handover`, "
+            "`not_on_manifest`), open or resolved by a manager (not one the system closed "
+            "because its cause went away); a station manager's own station's flags only. "
+            "Flags of a whole shift or device (`late_event_after_signoff`, `clock_skew`, "
+            "...) are found at /flags; a proof lists those that cite its delivery"
         }
     )
     method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
@@ -122,4 +125,12 @@ class ProofDetailOut(ProofOut):
         },
     )
     timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)
-    flags = ma.fields.List(ma.fields.Nested(FlagRef), required=True)
+    flags = ma.fields.List(
+        ma.fields.Nested(FlagRef),
+        required=True,
+        metadata={
+            "description": "The parcel's flags, its handover's in the delivery's shift, "
+            "and any flag citing this delivery (`late_event_after_signoff`: it landed "
+            "after the shift was signed off); a station manager's own station's only"
+        },
+    )

@@ -209,6 +209,7 @@ def list_consents(
     session: Session,
     station_id: int | None,
     tracking_no: str | None = None,
+    covering: str | None = None,
     recipient_phone: str | None = None,
     active_at: dt.datetime | None = None,
     after_id: int = 0,
@@ -216,8 +217,18 @@ def list_consents(
 ) -> Sequence[Consent]:
     """Oldest first from ``after_id``. ``station_id`` also returns standing consents that
     hold at every station, and the consents for parcels the station holds now
-    (``parcel_station``)."""
+    (``parcel_station``). ``tracking_no``: the consents naming that parcel;
+    ``covering``: every consent that could cover it (``consents_for``: its own, and the
+    standing ones for its recipient and address), as the rules weigh them."""
     query = select(Consent).where(Consent.id > after_id).order_by(Consent.id).limit(limit)
+    if covering:
+        number = normalize(covering)
+        parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == number))
+        found = consents_for(session, [parcel]).get(number, []) if parcel is not None else []
+        # Not taken in: only consents captured for it on a PDA can name it yet.
+        query = query.where(
+            or_(Consent.id.in_([f.id for f in found]), Consent.tracking_no == number)
+        )
     if station_id is not None:
         query = query.where(
             or_(

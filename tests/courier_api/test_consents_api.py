@@ -537,6 +537,39 @@ def test_managers_see_their_station_and_standing_consents_for_all(
     assert [c["id"] for c in active] == [own["id"]]
 
 
+def test_the_consents_covering_a_parcel_include_the_standing_one_that_authorized_its_drop(
+    client: FlaskClient, auth: Auth, session: Session, app1: dict[str, str], parcel: Parcel
+) -> None:
+    """An auditor settling a dispute reads the drop's proof (a standing consent
+    authorized it), then asks for every consent on record for the parcel: ``covering``
+    gives its own and the standing ones for its recipient and address, not another
+    recipient's; ``tracking_no`` still gives those naming it."""
+    own = grant(client, app1, tracking_no=parcel.tracking_no, method="pickup_point").get_json()
+    standing = grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone=parcel.recipient_phone,
+        address=parcel.address.upper(),
+        granted_at=(now() - dt.timedelta(hours=3)).isoformat(),
+    ).get_json()
+    grant(client, app1, scope="standing", recipient_phone="13900000000", address="9 Rd")
+    push_drop(client, auth, parcel.tracking_no, now() - dt.timedelta(minutes=30), dt.timedelta(0))
+    auditor = auth.headers("auditor1")
+    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    proof = client.get(f"/api/v1/proofs/{drop}", headers=auditor).get_json()
+    assert proof["authorizing_consent"]["id"] == standing["id"]
+
+    def listed(**query: str) -> list[int]:
+        page = client.get(URL, query_string=query, headers=auditor)
+        assert page.status_code == 200, page.get_json()
+        return [c["id"] for c in page.get_json()["items"]]
+
+    assert listed(covering=parcel.tracking_no) == [own["id"], standing["id"]]
+    assert listed(tracking_no=parcel.tracking_no) == [own["id"]]
+    assert listed(covering=factories.s10()) == []  # not taken in, nothing captured for it
+
+
 def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask) -> None:
     with committed_app.app_context():
         session = db.session

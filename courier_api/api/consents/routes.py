@@ -161,6 +161,7 @@ class Consents(MethodView):
             session=db.session,
             station_id=current_principal().station_filter(args.get("station_id")),
             tracking_no=args.get("tracking_no"),
+            covering=args.get("covering"),
             recipient_phone=normalize_phone(
                 phone, default_region=current_app.config["DEFAULT_PHONE_REGION"]
             )

@@ -183,7 +183,14 @@ class ConsentOut(ma.Schema):
 
 class ConsentListArgs(PageArgs):
     station_id = Id(metadata={"description": "Managers see their own station"})
-    tracking_no = Text()
+    tracking_no = Text(metadata={"description": "The consents naming this parcel"})
+    covering = Text(
+        metadata={
+            "description": "A tracking number: every consent that could cover that parcel, "
+            "its own and the standing ones for its recipient's phone and address (what "
+            "the drop rules weigh)"
+        }
+    )
     recipient_phone = Text()
     active = ma.fields.Boolean(metadata={"description": "Only consents in force now"})
     after = After()

@@ -39,6 +39,7 @@ from sync.consents import consents_for
 from sync.directory import get_station
 from sync.flags import flag_changes
 from sync.handover import (
+    CONSENT_KINDS,
     OUTCOMES,
     Balance,
     Discrepancy,
@@ -54,8 +55,6 @@ from sync.sql import among, chunks
 from sync.status import load_events
 
 WEEK_DAYS = 7
-# Kinds whose evidence is about consent: their pages list every consent on record.
-CONSENT_KINDS = frozenset({"unauthorized_locker_drop", "consent_after_drop"})
 POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
 
 

@@ -195,18 +195,23 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
     there (``missing_at_handover``, ``not_on_manifest``), and any citing the delivery
     itself (``late_event_after_signoff``: it landed after the sign-off)."""
     event, tracking_no = proof.event, proof.event.tracking_no
+    shift_wide = str(event.shift_id)
     about = [and_(Flag.subject_type == "parcel", Flag.subject_key == tracking_no)]
     if event.shift_id is not None:
-        about.append(and_(Flag.subject_type == "shift", Flag.shift_id == event.shift_id))
+        about.append(
+            and_(
+                Flag.subject_type == "shift",
+                Flag.shift_id == event.shift_id,
+                Flag.subject_key.in_([shift_wide, f"{shift_wide}:{tracking_no}"]),
+            )
+        )
     query = select(Flag).where(or_(*about))
     if station_id is not None:
         query = query.where(Flag.station_id == station_id)
-    handover_key = f"{event.shift_id}:{tracking_no}"
     return [
         flag
         for flag in session.scalars(query.order_by(Flag.id))
-        if flag.subject_type == "parcel"
-        or flag.subject_key == handover_key
+        if (flag.subject_type, flag.subject_key) != ("shift", shift_wide)
         or event.id in flag.evidence.get("event_ids", ())
     ]
 

@@ -172,7 +172,9 @@ def verify(
                     subject_key=row.subject_key,
                     details=read_details(row.details),
                 )
-            except (TypeError, ValueError) as exc:  # json's decoding errors are ValueErrors
+            # json's decoding errors are ValueErrors; a document nested past Python's
+            # recursion limit is a RecursionError
+            except (TypeError, ValueError, RecursionError) as exc:
                 recomputed, unreadable = None, f"its content cannot be read ({exc})"
             else:
                 unreadable = "its content does not match its hash"

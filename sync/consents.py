@@ -224,6 +224,8 @@ def list_consents(
     if covering:
         number = normalize(covering)
         parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == number))
+        if parcel is not None and station_id not in (None, parcel.station_id):
+            parcel = None  # another station's: its recipient is not this reader's to learn
         found = consents_for(session, [parcel]).get(number, []) if parcel is not None else []
         # Not taken in: only consents captured for it on a PDA can name it yet.
         query = query.where(

@@ -166,11 +166,14 @@ class Balance:
             "discrepancy_count": len(self.discrepancies),
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, outcomes: bool = True) -> dict[str, Any]:
         """What a manager signing off saw: the summary, the gaps, the discrepancies, and
         each parcel's outcome with the event that settles it (not those counted nowhere).
         Counts alone miss two parcels swapping outcomes (a mis-tapped delivery and return
-        both corrected): the manager checked the other parcel at the counter."""
+        both corrected): the manager checked the other parcel at the counter.
+        ``outcomes=False``: without them (a webhook's balance, every parcel's left out)."""
+        if not outcomes:
+            return {k: v for k, v in self.snapshot().items() if k != OUTCOMES_KEPT}
         return {
             **self.summary(),
             "missing_seqs": self.missing_seqs,

@@ -581,7 +581,7 @@ def _announce_if_unbalanced(session: Session, shift: Shift) -> None:
             "device_id": shift.device_id,
             "work_date": shift.work_date,
             "closed_at": shift.closed_at,
-            "balance": balance.snapshot(),
+            "balance": balance.snapshot(outcomes=False),
         },
     )
 

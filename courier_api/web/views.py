@@ -159,10 +159,14 @@ def page_context() -> dict[str, Any]:
 
 @bp.app_template_filter("local")
 def local_time(moment: dt.datetime | None, timezone: str = "UTC") -> str:
-    """A stored (UTC) time on the station's wall clock."""
+    """A stored (UTC) time on the station's wall clock; in UTC, said so, where the
+    wall clock would leave the calendar (a PDA that stamped a scan in the year 9999)."""
     if moment is None:
         return ""
-    return moment.astimezone(ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return moment.astimezone(ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S")
+    except OverflowError:
+        return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @bp.app_template_filter("seq_ranges")

@@ -570,6 +570,39 @@ def test_the_consents_covering_a_parcel_include_the_standing_one_that_authorized
     assert listed(covering=factories.s10()) == []  # not taken in, nothing captured for it
 
 
+def test_covering_does_not_tell_a_manager_the_recipient_of_another_stations_parcel(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A parcel of ST1 answers ST2's manager what an unknown one answers (its proof, its
+    parcel page: 404). ``covering=<its tracking number>`` must not hand ST2's manager
+    the standing consent of its recipient: that links the parcel to its recipient's
+    address and phone, and shows the parcel exists."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    standing = client.post(
+        "/api/v1/consents",
+        json={
+            "scope": "standing",
+            "recipient_phone": parcel.recipient_phone,
+            "address": parcel.address,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": (now() - dt.timedelta(hours=1)).isoformat(),
+        },
+        headers=auth.headers("app1"),
+    )
+    assert standing.status_code == 201, standing.get_json()
+    other = auth.headers("manager2")
+    # What ST2's manager gets for the parcel elsewhere: nothing.
+    assert client.get(f"/api/v1/parcels/{parcel.tracking_no}", headers=other).status_code == 404
+    page = client.get(
+        "/api/v1/consents", query_string={"covering": parcel.tracking_no}, headers=other
+    )
+    assert page.status_code == 200, page.get_json()
+    leaked = [(c["id"], c["address"]) for c in page.get_json()["items"]]
+    assert leaked == [], f"ST2's manager learns the recipient of ST1's parcel: {leaked}"
+
+
 def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask) -> None:
     with committed_app.app_context():
         session = db.session

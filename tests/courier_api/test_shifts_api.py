@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Shift
+from models import ScanEvent, Shift
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -387,6 +388,99 @@ def test_a_delivery_voided_before_the_handover_is_found_by_its_missing_flag(
         headers=auth.headers("auditor1"),
     ).get_json()
     assert [(i["tracking_no"], i["voided"]) for i in found["items"]] == [(a, True)]
+
+
+def test_an_event_dated_at_the_end_of_the_calendar_is_kept_and_its_pages_still_render(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The push window no longer bounds the future: a locker drop stamped 9999-12-31
+    23:00 UTC is applied (and flagged). The pages show PDA times on the station's wall
+    clock (Asia/Shanghai, +08:00): that lies past the end of the calendar, and the
+    shift page, the proofs page, the proof and its flags' pages answer 500
+    (OverflowError in the ``local`` filter) where they must still render."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open()
+    far = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.UTC)
+    receipt = pda.push(
+        [
+            pda.event(parcel.tracking_no),
+            pda.event(
+                parcel.tracking_no,
+                "delivered_to_locker",
+                occurred_at=far,
+                locker_id="L-1",
+                compartment="1",
+            ),
+        ]
+    )
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    assert pda.close(shift["id"]).status_code == 200
+    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    api = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers("auditor1"))
+    assert api.status_code == 200, api.get_json()
+    pages = signed_in(app, "manager1").client
+    failed = {}
+    for path in (f"/web/shifts/{shift['id']}", "/web/proofs", f"/web/proofs/{drop}"):
+        try:
+            status = pages.get(path).status_code
+        except OverflowError as error:  # the test app propagates what would be a 500
+            status = repr(error)
+        if status != 200:
+            failed[path] = status
+    assert failed == {}
+
+
+def test_the_shift_page_does_not_say_there_is_no_consent_for_a_parcel_it_hides(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """ST1's courier leaves a mis-sorted express parcel of ST2 in a locker; its
+    recipient's consent reaches the service after the drop (``consent_after_drop``).
+    The shift page hides that parcel's consents from ST1's manager now, but still
+    writes, under the discrepancy, "No consent on record for this parcel or its
+    recipient": false, and the flag's own kind says there is one."""
+    foreign = factories.parcel(session, world.other_station)
+    session.commit()
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open()
+    pda.push([pda.event(foreign.tracking_no)])
+    dropped_at = now()
+    time.sleep(0.01)
+    pda.push(
+        [
+            pda.event(
+                foreign.tracking_no,
+                "delivered_to_locker",
+                occurred_at=dropped_at,
+                locker_id="L-1",
+                compartment="3",
+                pod={"pickup_code": "1234"},
+            )
+        ]
+    )
+    consent = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": foreign.tracking_no,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": (dropped_at + dt.timedelta(milliseconds=5)).isoformat(),
+        },
+        headers=auth.headers("app1"),
+    )
+    assert consent.status_code == 201, consent.get_json()
+    assert pda.close(shift["id"]).status_code == 200
+    kinds = {
+        d["kind"]
+        for d in client.get(
+            f"/api/v1/shifts/{shift['id']}/balance", headers=auth.headers("manager1")
+        ).get_json()["discrepancies"]
+    }
+    assert "consent_after_drop" in kinds, kinds
+    html = signed_in(app, "manager1").get(f"/web/shifts/{shift['id']}")
+    assert "A parcel of another station" in html
+    assert "No consent on record for this parcel or its recipient" not in html
 
 
 def test_the_spec_names_every_discrepancy_kind_a_balance_answers(

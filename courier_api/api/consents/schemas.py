@@ -188,7 +188,8 @@ class ConsentListArgs(PageArgs):
         metadata={
             "description": "A tracking number: every consent that could cover that parcel, "
             "its own and the standing ones for its recipient's phone and address (what "
-            "the drop rules weigh)"
+            "the drop rules weigh); for a station manager, of a parcel their station "
+            "holds only"
         }
     )
     recipient_phone = Text()

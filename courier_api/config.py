@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import phonenumbers
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from models import ServiceClass
 from sync.accounts import check_password_hash_method
@@ -113,6 +115,13 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Check the values that parse but would fail later, on the first request that uses them."""
+    try:
+        make_url(config["DATABASE_URL"])
+    except ArgumentError:
+        raise ConfigError(
+            "DATABASE_URL must be a database URL such as sqlite:////var/lib/courier/courier.db "
+            f"or postgresql+psycopg://user@host:5432/name, got {_url_shape(config)!r}"
+        ) from None
     patterns = config["DOMESTIC_TRACKING_PATTERNS"]
     try:
         TrackingNumberPolicy.from_patterns(patterns)
@@ -150,6 +159,11 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"PASSWORD_HASH_METHOD {config['PASSWORD_HASH_METHOD']!r}: {exc}"
         ) from None
+
+
+def _url_shape(config: Mapping[str, Any]) -> str:
+    """The bad URL as it can be shown: a password in it replaced by stars."""
+    return re.sub(r":[^:@/]*@", ":***@", str(config["DATABASE_URL"]))
 
 
 def ensure_jwt_secret(config: dict[str, Any], instance_path: Path) -> None:

@@ -84,6 +84,11 @@ def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be one of"),
         ({"DOMESTIC_TRACKING_PATTERNS": r"SF\d{12},YT\d{13}"}, "comma outside"),
         ({"PASSWORD_HASH_METHOD": "md5"}, "PASSWORD_HASH_METHOD 'md5': not a usable"),
+        ({"DATABASE_URL": "not-a-url"}, "DATABASE_URL must be a database URL.*'not-a-url'"),
+        (  # a colon missing, the password not shown
+            {"DATABASE_URL": "postgresql+psycopg//app:s3cret@db/courier"},
+            r"DATABASE_URL must be a database URL.*'postgresql\+psycopg//app:\*\*\*@db/courier'",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_refused_at_start(

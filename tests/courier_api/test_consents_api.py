@@ -774,3 +774,11 @@ def test_a_phone_in_a_revocations_reason_is_masked_except_for_auditors(
 
     assert shown("manager1") == "recipient called from +**********678"
     assert shown("auditor1") == "recipient called from +86 138 1234 5678"
+
+
+def test_a_bad_recipient_phone_filter_is_named_as_sent(
+    client: FlaskClient, app1: dict[str, str]
+) -> None:
+    response = client.get(URL, query_string={"recipient_phone": "12"}, headers=app1)
+    assert response.status_code == 422
+    assert list(response.get_json()["errors"]) == ["recipient_phone"]

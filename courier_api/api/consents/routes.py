@@ -163,7 +163,9 @@ class Consents(MethodView):
             tracking_no=args.get("tracking_no"),
             covering=args.get("covering"),
             recipient_phone=normalize_phone(
-                phone, default_region=current_app.config["DEFAULT_PHONE_REGION"]
+                phone,
+                default_region=current_app.config["DEFAULT_PHONE_REGION"],
+                field="recipient_phone",
             )
             if phone
             else None,

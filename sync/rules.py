@@ -116,8 +116,13 @@ def evaluate(
     consents: Sequence[ConsentFact],
     policy: Policy,
     stored_blobs: frozenset[str] = frozenset(),
+    purged_blobs: Mapping[str, dt.datetime] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{flag kind: evidence}`` for every rule the parcel breaks now."""
+    """``{flag kind: evidence}`` for every rule the parcel breaks now.
+
+    ``stored_blobs``: the proof images the server holds; ``purged_blobs``: those the
+    retention purge deleted, and when. A purged image was there for a delivery made
+    before the purge; one made since names an image the server no longer has."""
     if not any(e.fact.type in FINAL_OUTCOMES for e in events):
         return {}  # every rule judges a delivery, a drop or a return
     by_id = {e.fact.event_id: e for e in events}
@@ -126,7 +131,7 @@ def evaluate(
     counting = [e for e in history if e.fact.event_id not in voids]
     flags: dict[str, dict[str, Any]] = {}
     _drops(parcel, counting, consents, policy, flags, history)
-    _proofs(parcel, counting, policy, stored_blobs, flags)
+    _proofs(parcel, counting, policy, stored_blobs, purged_blobs or {}, flags)
     _outcomes(counting, flags)
     _corrections(history, voids, by_id, flags)
     return flags
@@ -371,9 +376,16 @@ def _proofs(
     counting: Sequence[EventDetail],
     policy: Policy,
     stored_blobs: frozenset[str],
+    purged_blobs: Mapping[str, dt.datetime],
     flags: dict[str, dict[str, Any]],
 ) -> None:
     without_pod, far, missing_blobs, naming_missing = [], [], [], []
+
+    def lacking(digest: str, delivery: EventDetail) -> bool:
+        purged_at = purged_blobs.get(digest)
+        held_then = purged_at is not None and delivery.fact.occurred_at < purged_at
+        return digest not in stored_blobs and not held_then
+
     for delivery in (e for e in counting if e.fact.type in DELIVERIES):
         pod = delivery.details.get("pod") or {}
         in_person = delivery.fact.type == EventType.DELIVERED
@@ -382,7 +394,7 @@ def _proofs(
         if not evidence.intersection(pod) or (needs_signature and "signature_sha256" not in pod):
             without_pod.append(delivery.fact.event_id)
         missing = [
-            pod[key] for key in sorted(POD_IMAGES) if key in pod and pod[key] not in stored_blobs
+            pod[key] for key in sorted(POD_IMAGES) if key in pod and lacking(pod[key], delivery)
         ]
         if missing:
             missing_blobs += missing

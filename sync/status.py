@@ -169,8 +169,10 @@ EVENTS_OF_PARCELS = Prebuilt(_events_of_parcels)
 EVENTS_OF_PARCELS_BUT = Prebuilt(  # ... but those given
     lambda dialect: _events_of_parcels(dialect, but_given=True)
 )
-BLOBS_HELD = Prebuilt(
-    lambda dialect: select(Blob.sha256).where(among_param(dialect, Blob.sha256, "digests"))
+BLOBS_HELD = Prebuilt(  # and those purged, with when
+    lambda dialect: select(Blob.sha256, Blob.purged_at).where(
+        among_param(dialect, Blob.sha256, "digests")
+    )
 )
 
 
@@ -350,11 +352,12 @@ def _judge(
         for event in parcel_events
         for digest in referenced_blobs(event.details)
     }
-    stored = frozenset(
-        row.sha256 for row in rows_among(session, BLOBS_HELD, "digests", sorted(referenced))
-    )
+    rows = list(rows_among(session, BLOBS_HELD, "digests", sorted(referenced)))
+    stored = frozenset(row.sha256 for row in rows if row.purged_at is None)
+    purged = {row.sha256: row.purged_at for row in rows if row.purged_at is not None}
     return {
-        tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored) for tn in parcels
+        tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored, purged)
+        for tn in parcels
     }
 
 

@@ -351,7 +351,12 @@ def _missing_images(
         select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256, ScanEvent.received_at)
         .join(ScanEvent, ScanEvent.id == ProofImage.event_id)
         .outerjoin(Blob, Blob.sha256 == ProofImage.sha256)
-        .where(ScanEvent.shift_id.in_(shift_ids), Blob.sha256.is_(None), ~voided)
+        .where(
+            ScanEvent.shift_id.in_(shift_ids),
+            # never uploaded, or purged before the delivery named it (``sync.rules``)
+            or_(Blob.sha256.is_(None), Blob.purged_at <= ScanEvent.occurred_at),
+            ~voided,
+        )
     ):
         if received_at > arrived_before:
             pending.add(shift_id)

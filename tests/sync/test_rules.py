@@ -219,6 +219,21 @@ def test_a_pod_image_not_uploaded_is_flagged_until_it_is() -> None:
     assert set(evaluate(EXPRESS, events, [], POLICY, stored)) == set()
 
 
+@pytest.mark.parametrize(("purged_after", "flagged"), [(31, set()), (29, {"pod_blob_missing"})])
+def test_an_image_purged_by_retention_was_there_for_a_delivery_made_before(
+    purged_after: int, flagged: set[str]
+) -> None:
+    """The retention purge deletes old images by policy: the deliveries that named them
+    before keep their proof. A delivery made after the purge that names one names an
+    image the server does not have: the PDA must send it again."""
+    events = [
+        ev(1, EventType.CHECKED_OUT),
+        ev(2, EventType.DELIVERED, 30, pod={"signature_sha256": "c" * 64}),
+    ]
+    purged = {"c" * 64: T + dt.timedelta(minutes=purged_after)}
+    assert set(evaluate(EXPRESS, events, [], POLICY, frozenset(), purged)) == flagged
+
+
 @pytest.mark.parametrize(("lat", "flagged"), [(31.2404, {"far_from_address"}), (31.2310, set())])
 def test_a_delivery_far_from_the_geocoded_address(lat: float, flagged: set[str]) -> None:
     delivery = ev(

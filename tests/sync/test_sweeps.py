@@ -686,6 +686,35 @@ def test_proof_images_past_retention_are_purged_with_an_audit_entry(
     assert audit.verify(session=session).ok
 
 
+def test_a_new_proof_naming_a_purged_image_is_asked_for_again(
+    session: Session, world: World, pda: Pda, store: FileBlobStore
+) -> None:
+    """The purge deleted an old image's bytes and kept its row. A new delivery names
+    the same image and its PDA does not upload it again: the proof has no image (410
+    ``blob_purged``), so the push flags ``pod_blob_missing`` and the handover sweep
+    ``blob_missing_at_handover``, as for an image never uploaded."""
+    photo, data = image((7, 77, 177))
+    record_blob(session, photo, data, uploaded_at=NOW - dt.timedelta(days=800), store=store)
+    purge = sweep(
+        session, sweeps.proof_retention_purge, OPENED - dt.timedelta(days=1), blob_store=store
+    )
+    assert purge["purged"] == 1 and not store.exists(photo)
+
+    a = factories.parcel(session, world.station).tracking_no
+    shift = pda.open()
+    pda.push([pda.event(a)], at=OPENED + minutes(5))
+    pod = {"recipient_name": "Wang", "photo_sha256": photo}
+    pda.push([pda.event(a, "delivered", pod=pod)], at=OPENED + minutes(30))
+    pda.close(shift, at=NOW)
+    assert [f.evidence["blobs"] for f in flags_of(session, "pod_blob_missing")] == [[photo]]
+
+    detail = sweep(session, sweeps.blob_missing_at_handover, NOW + minutes(61))
+
+    assert detail["missing_blobs"] == 1, detail
+    [flag] = flags_of(session, "blob_missing_at_handover")
+    assert flag.evidence["blobs"] == [photo]
+
+
 def test_purging_writes_one_audit_entry_per_batch(
     session: Session, world: World, store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1499,16 +1499,22 @@ def purge_deliveries(
     before: dt.datetime,
     actor_id: int | None = None,
 ) -> dict[str, int]:
-    """Delete the ``delivered`` (or ``dead``) deliveries created before ``before``, then
-    the messages created before it that no delivery needs any more."""
+    """Delete the ``delivered`` (or ``dead``) deliveries settled before ``before`` (by
+    their delivery, or their last attempt), then the messages created before it that no
+    delivery needs any more. Counted from when they settled, not from when they were
+    written: a paused receiver's backlog, delivered weeks late, is kept as long as any
+    (``parcel.drop_voided`` finds who was told of a drop by it)."""
     if status not in SETTLED:
         raise InvalidInput(
             "only delivered or dead deliveries can be purged",
             code="invalid_status",
             field="status",
         )
+    settled_at = func.coalesce(
+        DELIVERY.c.delivered_at, DELIVERY.c.last_attempt_at, DELIVERY.c.created_at
+    )
     deliveries = session.execute(
-        delete(DELIVERY).where(DELIVERY.c.status == status.value, DELIVERY.c.created_at < before)
+        delete(DELIVERY).where(DELIVERY.c.status == status.value, settled_at < before)
     ).rowcount
     counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
     audit.append(

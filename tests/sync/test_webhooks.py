@@ -894,10 +894,12 @@ def test_deliver_once_on_a_backlog_signs_each_request_with_the_time_it_is_sent(
 
 
 def test_admin_replay_and_purge(sessions: sessionmaker[Session], receiver: Receiver) -> None:
+    """A purge deletes what settled before its time, counted from when it settled: a
+    delivery replayed and sent again is as new as its last sending."""
     subscribe(sessions, receiver.url)
-    kept = announce(sessions, "RR000000001GB", now=at(10))
-    old = announce(sessions, "RR000000002GB")
-    assert kept and old
+    first = announce(sessions, "RR000000001GB", now=at(10))
+    replayed = announce(sessions, "RR000000002GB")
+    assert first and replayed
     with HttpxSender(SETTINGS) as sender:
         deliver(sessions, sender, at(10))
     delivered = stored(sessions)
@@ -910,19 +912,19 @@ def test_admin_replay_and_purge(sessions: sessionmaker[Session], receiver: Recei
             webhooks.replay_delivery(session=session, delivery=again, now=at(20))
     with sessions.begin() as session:
         counts = webhooks.purge_deliveries(
-            session=session, status=DeliveryStatus.DELIVERED, before=at(5)
+            session=session, status=DeliveryStatus.DELIVERED, before=at(15)
         )
-    assert counts == {"deliveries": 0, "messages": 0}  # the old one is pending again
+    assert counts == {"deliveries": 1, "messages": 1}  # the first; the other is pending again
     with HttpxSender(SETTINGS) as sender:
         deliver(sessions, sender, at(30))
     with sessions.begin() as session:
         counts = webhooks.purge_deliveries(
-            session=session, status=DeliveryStatus.DELIVERED, before=at(5)
+            session=session, status=DeliveryStatus.DELIVERED, before=at(25)
         )
-    assert counts == {"deliveries": 1, "messages": 1}
+    assert counts == {"deliveries": 0, "messages": 0}  # sent again at 30
     with sessions() as session:
-        assert [m.id for m in session.scalars(select(OutboxMessage))] == [kept.id]
-    assert [d.message_id for d in stored(sessions)] == [kept.id]
+        assert [m.id for m in session.scalars(select(OutboxMessage))] == [replayed.id]
+    assert [d.message_id for d in stored(sessions)] == [replayed.id]
 
 
 # -- real concurrency -------------------------------------------------------------------------
@@ -1105,6 +1107,42 @@ def test_the_retention_job_purges_what_was_delivered_long_ago_and_keeps_the_dead
     with sessions.begin() as session:
         assert purge(session=session, now=T0 + dt.timedelta(days=31))["deliveries"] == 1
     assert [d.status for d in stored(sessions)] == [DeliveryStatus.DEAD]
+
+
+def test_webhook_retention_keeps_a_delivery_for_the_retention_after_it_was_delivered(
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    sender: HttpxSender,
+) -> None:
+    """README (Scheduled jobs): ``webhook_retention`` "deletes webhook deliveries
+    delivered more than WEBHOOK_RETENTION_DAYS ago"; the configuration table: "delivered
+    webhook messages are deleted this long after". The job deletes by ``created_at``: a
+    message that waited 25 days for a paused receiver, delivered once it was enabled
+    again, is deleted 6 days after its delivery (and with it the record that
+    ``parcel.drop_voided`` is routed by)."""
+    from courier_api.scheduler import JOB_SPECS
+
+    subscription = subscribe(sessions, receiver.url)
+    announce(sessions, "RR-WAITED")  # created at T0
+    with sessions.begin() as session:  # an admin pauses the receiver ...
+        session.get(WebhookSubscription, subscription.id).active = False
+    with sessions.begin() as session:  # ... and enables it again 25 days later
+        session.get(WebhookSubscription, subscription.id).active = True
+        session.execute(update(WebhookDelivery).values(next_attempt_at=T0))
+    receiver.answer(Answer(200))
+    delivered_at = T0 + dt.timedelta(days=25)
+    deliver(sessions, sender, delivered_at, settings=replace(SETTINGS, max_attempts=1))
+    [delivery] = stored(sessions)
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert delivery.delivered_at is not None
+    assert delivery.delivered_at >= T0 + dt.timedelta(days=24)
+
+    purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
+    with sessions.begin() as session:
+        counts = purge(session=session, now=T0 + dt.timedelta(days=31))  # 6 days after
+
+    assert counts["deliveries"] == 0
+    assert [d.status for d in stored(sessions)] == [DeliveryStatus.DELIVERED]
 
 
 def test_messages_waiting_for_a_stopped_receiver_go_once_past_retention(

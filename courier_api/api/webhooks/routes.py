@@ -353,8 +353,9 @@ class PurgeDeliveries(MethodView):
     def post(self, body: dict[str, Any]) -> dict[str, int]:
         """Purge settled webhook deliveries
 
-        Deletes the deliveries with `status` (`delivered` or `dead`) created before
-        `before`, then the messages that no delivery needs any more; answers how
+        Deletes the deliveries with `status` (`delivered` or `dead`) settled before
+        `before` (delivered, or last attempted), then the messages that no delivery
+        needs any more; answers how
         many of each. Pending deliveries are never purged. Recorded in the audit
         log. Admins only.
         """

@@ -859,7 +859,7 @@ class _BatchIngest:
             return
         drops = self._voided_now(corrections, targets)
         announced = self._announced_to(drops, listeners) if drops else {}
-        drops = [drop for drop in drops if announced.get(drop.id)]
+        drops = [drop for drop in drops if drop.id in announced]
         if not drops:
             return
         # The correction that voids it, as the timeline says (``sync.projection``): the
@@ -881,14 +881,15 @@ class _BatchIngest:
             if parcel is None:  # pragma: no cover - announced, so it was taken in
                 continue
             details = drop.details
+            told, station_id = announced[drop.id]
             outbox.announce(
                 session=self.session,
                 topic=DROP_VOIDED_TOPIC,
                 ordering_key=outbox.parcel_key(parcel.tracking_no),  # after its announcement
-                station_id=parcel.station_id,
+                station_id=station_id,
                 data={
                     "tracking_no": parcel.tracking_no,
-                    "station_id": parcel.station_id,
+                    "station_id": station_id,
                     "recipient_name": parcel.recipient_name,
                     "recipient_phone": parcel.recipient_phone,
                     "locker_id": details.get("locker_id"),
@@ -899,7 +900,7 @@ class _BatchIngest:
                     "voided_at": self.received_at,
                 },
                 now=self.received_at,
-                only_to=announced[drop.id],
+                only_to=told,
             )
 
     def _parcels_of(self, tracking_nos: set[str]) -> dict[str, Parcel]:
@@ -940,15 +941,24 @@ class _BatchIngest:
         }
         return [drop for drop in drops if drop.client_event_id not in void_before]
 
-    def _announced_to(self, drops: Sequence[Any], listeners: set[int]) -> dict[int, set[int]]:
+    def _announced_to(
+        self, drops: Sequence[Any], listeners: set[int]
+    ) -> dict[int, tuple[set[int], int | None]]:
         """Which of ``listeners`` each drop's announcement went to (its delivery, whatever
-        became of it), by the drop's row id: by the parcel's ordering key, on the
-        deliveries' index, then the message's ``event_id``."""
+        became of it), and the station it named, by the drop's row id: by the parcel's
+        ordering key, on the deliveries' index, then the message's ``event_id``. The
+        retraction names that station, not the parcel's now: a parcel re-routed since
+        must not take it away from the station's subscriptions that were told."""
         ids = {drop.id for drop in drops}
         found: dict[int, set[int]] = defaultdict(set)
+        named: dict[int, int | None] = {}
         for chunk in chunks(sorted({outbox.parcel_key(drop.tracking_no) for drop in drops})):
-            for subscription_id, payload in self.session.execute(
-                select(WebhookDelivery.subscription_id, OutboxMessage.payload)
+            for subscription_id, payload, station_id in self.session.execute(
+                select(
+                    WebhookDelivery.subscription_id,
+                    OutboxMessage.payload,
+                    OutboxMessage.station_id,
+                )
                 .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
                 .where(
                     WebhookDelivery.subscription_id.in_(sorted(listeners)),
@@ -958,7 +968,8 @@ class _BatchIngest:
             ):
                 if payload.get("event_id") in ids:
                     found[payload["event_id"]].add(subscription_id)
-        return found
+                    named[payload["event_id"]] = station_id
+        return {drop_id: (told, named[drop_id]) for drop_id, told in found.items()}
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent: the PDA's clock went back in between."""

@@ -539,3 +539,73 @@ def test_the_shift_unbalanced_webhook_balance_is_the_documented_one(
     [unbalanced] = messages(session, "shift.unbalanced")
     documented = set(WebhookBalance().fields)
     assert set(unbalanced.payload["balance"]) - documented == set()
+
+
+def test_drop_voided_reaches_the_station_subscription_told_of_the_drop_after_a_reroute(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """README: `parcel.drop_voided` is "sent only to the subscriptions its announcement
+    went to". The station-ST1 subscription was told the parcel is in locker L-1 with its
+    pickup code; the parcel is then re-routed to ST2 by an intake, and the courier's
+    correction voiding the drop arrives. The retraction is announced with the parcel's
+    *current* station, so the ST1 subscription (the only one told of the drop) never
+    hears it: the recipient goes to the locker for nothing."""
+    created = client.post(
+        "/api/v1/webhooks/subscriptions",
+        json={
+            "url": "http://127.0.0.1:9/hook",
+            "topics": ["parcel.in_locker", "parcel.drop_voided"],
+            "station_id": world.station.id,
+        },
+        headers=auth.headers("admin"),
+    )
+    assert created.status_code == 201, created.get_json()
+    subscription_id = created.get_json()["id"]
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    now = dt.datetime.now(dt.UTC)
+    drop = factories.locker_drop(2, parcel.tracking_no, now - dt.timedelta(minutes=5))
+    checked_out = factories.event(
+        1, parcel.tracking_no, occurred_at=now - dt.timedelta(minutes=10)
+    )
+    auth.push([checked_out, drop])
+    rerouted = client.post(
+        "/api/v1/parcels",
+        json={
+            "parcels": [
+                {
+                    "tracking_no": parcel.tracking_no,
+                    "service_class": "express",
+                    "recipient_name": "Recipient",
+                    "recipient_phone": "+8613812345678",
+                    "address": "1 Century Ave",
+                    "station": "ST2",
+                }
+            ]
+        },
+        headers=auth.headers("app1"),
+    )
+    assert rerouted.get_json()["results"][0]["status"] == "updated"
+    fix = factories.event(
+        3,
+        parcel.tracking_no,
+        "correction",
+        occurred_at=now - dt.timedelta(minutes=4),
+        voids_client_event_id=drop["client_event_id"],
+        reason="the compartment would not close",
+    )
+    assert auth.push([fix])["results"][0]["status"] == "applied"
+    told = [
+        d.topic
+        for d in session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.subscription_id == subscription_id)
+            .order_by(WebhookDelivery.id)
+        )
+    ]
+    assert told == ["parcel.in_locker", "parcel.drop_voided"]
+    retraction = session.scalars(
+        select(OutboxMessage).where(OutboxMessage.topic == "parcel.drop_voided")
+    ).one()
+    # the station it was announced at, which the subscription covers when it is sent
+    assert retraction.station_id == retraction.payload["station_id"] == world.station.id

@@ -393,13 +393,16 @@ def list_requests(
     station_id: int | None = None,
     courier_id: int | None = None,
     tracking_no: str | None = None,
-    status: ConsentRequestStatus | None = None,
+    status: str | None = None,
+    now: dt.datetime | None = None,
     after_id: int = 0,
     limit: int = 100,
 ) -> Sequence[ConsentRequest]:
     """Oldest first from ``after_id``. ``station_id`` also returns the requests for
     parcels the station holds now (``sync.consents.held_at``): a request keeps the
-    station it was asked at, read rather than moved at intake, as for consents."""
+    station it was asked at, read rather than moved at intake, as for consents.
+    ``status`` is the one each request shows (``effective_status`` at ``now``): a
+    pending request past its expiry is ``expired``, not ``pending``."""
     query = select(ConsentRequest).where(ConsentRequest.id > after_id)
     if station_id is not None:
         query = query.where(
@@ -412,8 +415,14 @@ def list_requests(
         query = query.where(ConsentRequest.courier_id == courier_id)
     if tracking_no is not None:
         query = query.where(ConsentRequest.tracking_no == normalize(tracking_no))
-    if status is not None:
-        query = query.where(ConsentRequest.status == status)
+    if status == EXPIRED or status == ConsentRequestStatus.PENDING:
+        lapsed = ConsentRequest.expires_at <= (now or utcnow())
+        query = query.where(
+            ConsentRequest.status == ConsentRequestStatus.PENDING,
+            lapsed if status == EXPIRED else ~lapsed,
+        )
+    elif status is not None:
+        query = query.where(ConsentRequest.status == ConsentRequestStatus(status))
     return session.scalars(
         query.order_by(ConsentRequest.id).limit(min(limit, MAX_PAGE_SIZE))
     ).all()
@@ -438,8 +447,14 @@ def latest_for(
     return found
 
 
+# What a pending request past its expiry shows (it is never stored: it lapses by itself).
+EXPIRED = "expired"
+# Every status a request shows, stored or lapsed.
+SHOWN_STATUSES = (*(s.value for s in ConsentRequestStatus), EXPIRED)
+
+
 def effective_status(request: ConsentRequest, now: dt.datetime) -> str:
     """The status as a PDA should read it: a pending request past its expiry lapsed."""
     if request.status == ConsentRequestStatus.PENDING and now >= request.expires_at:
-        return "expired"
+        return EXPIRED
     return request.status.value

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
+from models import ConsentRequest
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -481,3 +483,37 @@ def test_a_phone_in_a_refusals_reason_is_masked_except_for_auditors(
         shown = "13912345678" if username == "auditor1" else "********678"
         expected = f"not home, call my wife {shown}"
         assert one["status_reason"] == listed["status_reason"] == expected, username
+
+
+def test_requests_are_listed_by_the_status_each_shows(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """A gateway reconciling what it still has to put to recipients: ``pending`` lists
+    the requests still waiting, not one that lapsed (shown ``expired``), and every
+    status a request shows can be listed."""
+    waiting, lapsing = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    ids = {}
+    for parcel in (waiting, lapsing):
+        asked = client.post(
+            REQUESTS, json={"tracking_no": parcel.tracking_no, "method": "locker"}, headers=courier
+        )
+        assert asked.status_code == 201, asked.get_json()
+        ids[parcel.tracking_no] = asked.get_json()["id"]
+    session.execute(
+        update(ConsentRequest)
+        .where(ConsentRequest.id == ids[lapsing.tracking_no])
+        .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+    )
+    session.commit()
+    gateway = auth.headers("app1")
+
+    def listed(status: str) -> list[tuple[int, str]]:
+        page = client.get(REQUESTS, query_string={"status": status}, headers=gateway)
+        assert page.status_code == 200, page.get_json()
+        return [(item["id"], item["status"]) for item in page.get_json()["items"]]
+
+    assert listed("pending") == [(ids[waiting.tracking_no], "pending")]
+    assert listed("expired") == [(ids[lapsing.tracking_no], "expired")]
+    assert listed("cancelled") == listed("granted") == []

@@ -26,7 +26,7 @@ from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal, ensure_visible
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import ConsentRequestStatus, ConsentScope, Role, utcnow
+from models import ConsentScope, Role, utcnow
 from sync import consent_requests, consents, directory
 from sync.errors import DomainError, InvalidInput, PermissionDenied
 from sync.phones import normalize_phone
@@ -335,7 +335,8 @@ class ConsentRequests(MethodView):
             station_id=principal.station_filter(args.get("station_id")),
             courier_id=principal.user_id if principal.role == Role.COURIER else None,
             tracking_no=args.get("tracking_no"),
-            status=ConsentRequestStatus(args["status"]) if args.get("status") else None,
+            status=args.get("status"),
+            now=now,
             after_id=args["after"],
             limit=args["limit"],
         )

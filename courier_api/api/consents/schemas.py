@@ -8,7 +8,7 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import ConsentChannel, ConsentMethod, ConsentScope
-from sync.consent_requests import effective_status
+from sync.consent_requests import SHOWN_STATUSES, effective_status
 from sync.phones import mask_phone, shown_text
 
 
@@ -129,7 +129,11 @@ class ConsentRequestListArgs(PageArgs):
     station_id = Id(metadata={"description": "Managers see their own station"})
     tracking_no = Text(validate=ma.validate.Length(max=40))
     status = ma.fields.String(
-        validate=ma.validate.OneOf(["pending", "granted", "refused", "unsent"])
+        validate=ma.validate.OneOf(SHOWN_STATUSES),
+        metadata={
+            "description": "As each request shows it: `pending` is still waiting, "
+            "`expired` lapsed without an answer"
+        },
     )
     after = After()
 

@@ -92,7 +92,9 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         ),
         "MAX_PULL_WAIT_SECONDS": _int(environ, "MAX_PULL_WAIT_SECONDS", 25, maximum=300),
         "MAX_PULL_WAITERS": _int(environ, "MAX_PULL_WAITERS", 4),
-        "WEBHOOK_MAX_ATTEMPTS": _int(environ, "WEBHOOK_MAX_ATTEMPTS", 8),
+        # With the backoff below, 20 attempts span 5 to 10 hours: a receiver down for
+        # a deploy or an outage of an hour or two still gets every message.
+        "WEBHOOK_MAX_ATTEMPTS": _int(environ, "WEBHOOK_MAX_ATTEMPTS", 20),
         "WEBHOOK_BACKOFF_SECONDS": _int(environ, "WEBHOOK_BACKOFF_SECONDS", 5),
         "WEBHOOK_BACKOFF_MAX_SECONDS": _int(environ, "WEBHOOK_BACKOFF_MAX_SECONDS", 3600),
         "WEBHOOK_TIMEOUT_SECONDS": _int(environ, "WEBHOOK_TIMEOUT_SECONDS", 10),

@@ -122,7 +122,7 @@ USER_AGENT = f"courier-field-api/{_version()}"
 class DeliverySettings:
     """The ``WEBHOOK_*`` configuration, and whether URLs follow production rules."""
 
-    max_attempts: int = 8
+    max_attempts: int = 20
     backoff_seconds: float = 5
     backoff_max_seconds: float = 3600
     timeout_seconds: float = 10

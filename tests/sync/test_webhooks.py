@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from flask import Flask
 from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from courier_api.config import load_config
 from courier_api.extensions import db
 from models import (
     AuditEntry,
@@ -925,6 +927,50 @@ def test_admin_replay_and_purge(sessions: sessionmaker[Session], receiver: Recei
     with sessions() as session:
         assert [m.id for m in session.scalars(select(OutboxMessage))] == [replayed.id]
     assert [d.message_id for d in stored(sessions)] == [replayed.id]
+
+
+class DownUntil:
+    """A receiver refusing connections until ``until`` (set ``now`` before each call)."""
+
+    def __init__(self, until: dt.datetime) -> None:
+        self.until = until
+        self.now = T0
+        self.received: list[bytes] = []
+
+    def send(self, *, url: str, body: bytes, headers: Mapping[str, str]) -> SendResult:
+        if self.now < self.until:
+            return SendResult(error="ConnectError: [Errno 111] Connection refused")
+        self.received.append(body)
+        return SendResult(status_code=200)
+
+    def close(self) -> None:
+        pass
+
+
+def test_with_the_default_settings_a_receiver_down_for_an_hour_gets_its_message(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A gateway's deploy or outage of an hour: the locker notice waits for it. (With
+    8 attempts the backoff never reached its 3600 s cap, and the message was dead
+    after about 8 minutes.)"""
+    settings = DeliverySettings.from_config(load_config({}, tmp_path))
+    subscribe(sessions, "http://127.0.0.1:9/hook")
+    announce(sessions, "RR-1")
+    receiver = DownUntil(T0 + dt.timedelta(hours=1))
+    for second in range(0, 2 * 3600, 20):  # a deliverer polling for two hours
+        receiver.now = T0 + dt.timedelta(seconds=second)
+        webhooks.deliver_due(
+            sessions=sessions,
+            now=receiver.now,
+            settings=settings,
+            sender=receiver,
+            worker_id="w",
+            rng=random.Random(1),
+        )
+    [delivery] = stored(sessions)
+    assert (delivery.status, len(receiver.received)) == (DeliveryStatus.DELIVERED, 1)
+    assert delivery.delivered_at is not None
+    assert delivery.delivered_at - T0 < dt.timedelta(hours=1, minutes=45)
 
 
 # -- real concurrency -------------------------------------------------------------------------

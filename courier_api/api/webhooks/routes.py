@@ -176,7 +176,8 @@ class Subscriptions(MethodView):
         anything else (3xx included: redirects are not followed), a timeout or a
         refused connection is retried with exponential backoff and jitter, up to
         WEBHOOK_MAX_ATTEMPTS (20, over 5 to 10 hours) attempts; then the delivery is
-        dead until an admin replays it. Only the first WEBHOOK_MAX_RESPONSE_BYTES of an answer are read.
+        dead until an admin replays it. Only the first WEBHOOK_MAX_RESPONSE_BYTES of
+        an answer are read.
         Messages with one ordering key (one parcel's) reach you in the order they
         were written; a dead one does not hold back those after it.
 

@@ -13,15 +13,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from courier_api.api.webhooks.schemas import WebhookBalance
 from courier_api.extensions import api, db
 from models import AuditEntry, DeliveryStatus, OutboxMessage, WebhookDelivery, utcnow
-from sync import outbox, shifts, webhooks
-from sync.shifts import ShiftRules
+from sync import outbox, webhooks
 from sync.webhooks import DeliverySettings, SendResult
 from tests import factories
 from tests.conftest import Auth, World
-from tests.sync.test_consent_requests import NOW, Pda, messages, subscribe
 
 BASE = "/api/v1/webhooks"
 SUBSCRIPTIONS = f"{BASE}/subscriptions"
@@ -513,32 +510,6 @@ def test_the_openapi_documents_the_webhook_request_as_a_callback(app: Flask) -> 
     assert "secret" in components["SubscriptionCreatedOut"]["properties"]
     assert "secret" not in components["SubscriptionOut"]["properties"]
     assert components["WebhookEnvelope"]["properties"]["id"]["format"] == "uuid"
-
-
-def test_the_shift_unbalanced_webhook_balance_is_the_documented_one(
-    session: Session, world: World
-) -> None:
-    """``shift.unbalanced`` sends ``Balance.snapshot()``: the snapshot now also carries
-    ``outcomes`` (every parcel's tracking number, outcome and event id), which the
-    documented payload (``WebhookBalance`` in openapi.json) does not have; a shift of
-    hundreds of parcels sends them all to every subscriber."""
-    tracking_no = factories.parcel(session, world.station).tracking_no
-    session.commit()
-    subscribe(session, "shift.unbalanced")
-    shift = shifts.open_shift(
-        session=session,
-        device=world.device,
-        courier_id=world.courier.id,
-        rules=ShiftRules(),
-        now=NOW - dt.timedelta(hours=2),
-    )
-    session.commit()
-    Pda(session, world).push([Pda(session, world).event(tracking_no, "checked_out", 0)])
-    shifts.close_shift(session=session, shift=shift, closed_by=world.courier.id, now=NOW)
-    session.commit()
-    [unbalanced] = messages(session, "shift.unbalanced")
-    documented = set(WebhookBalance().fields)
-    assert set(unbalanced.payload["balance"]) - documented == set()
 
 
 def test_drop_voided_reaches_the_station_subscription_told_of_the_drop_after_a_reroute(

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from courier_api.api.webhooks.schemas import WebhookBalance
 from models import (
     ConsentRequest,
     ConsentRequestStatus,
@@ -553,6 +554,8 @@ def test_an_unbalanced_close_and_an_issued_report_are_announced(
     session.commit()
     [unbalanced] = messages(session, "shift.unbalanced")
     assert unbalanced.payload["shift_id"] == shift.id
+    # The balance as documented: not every parcel's outcome, which a sign-off keeps.
+    assert set(unbalanced.payload["balance"]) <= set(WebhookBalance().fields)
     assert unbalanced.payload["balance"]["missing"] == 1
     assert unbalanced.payload["balance"]["discrepancies"][0]["kind"] == "missing_at_handover"
     world.station.created_at = NOW - dt.timedelta(days=2)

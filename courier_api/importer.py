@@ -15,6 +15,7 @@ from courier_api.api.parcels.schemas import ParcelIn, PerItemNested, RejectedIte
 from sync import directory
 from sync.errors import InvalidInput
 from sync.parcels import IntakeScope, ParcelDraft
+from sync.phones import mask_phones_in
 
 REQUIRED_COLUMNS = ("tracking_no", "service_class", "recipient_name", "address")
 OPTIONAL_COLUMNS = ("recipient_phone", "lat", "lon", "station", "courier")
@@ -94,7 +95,10 @@ def _import_rows(
             outcome.counts[row["status"]] += 1
             if row["status"] == "rejected":
                 line = line_numbers[row["index"]]
-                progress(f"line {line}: {row['tracking_no'] or '?'}: {_describe(row['error'])}")
+                # A refused phone is echoed masked, like every log line: the operator's
+                # console may be captured into one.
+                reason = mask_phones_in(_describe(row["error"]))
+                progress(f"line {line}: {row['tracking_no'] or '?'}: {reason}")
         outcome.rows += len(batch)
         progress(outcome.summary())
         batch.clear()

@@ -118,15 +118,19 @@ def test_import_parcels_reports_progress_and_rejected_lines(
         "RB123456786US,parcel,Han Meimei,,2 Century Ave,,\n"
         "EE471108151FR,registered,Wang Wu,,3 Century Ave,,\n"
         "SF1300000000001,teleport,Zhao Liu,,4 Century Ave,,\n"
+        "RR473124832GB,express,Sun Qi,+86 138 0013 800,5 Century Ave,,\n"
     )
     result = runner.invoke(
         args=["import-parcels", str(csv_file), "--station", "ST1", "--batch-size", "2"]
     )
     assert result.exit_code == 1, result.output
+    # A refused phone is named by its line, and echoed masked.
+    assert "line 6: RR473124832GB: recipient_phone" in result.output
+    assert "0013" not in result.output and "3 800" not in result.output
     assert "line 3: RB123456786US" in result.output
     assert "line 5: SF1300000000001: service_class" in result.output
     assert "parcels: 2 rows read" in result.output  # progress after the first batch
-    assert "parcels: 4 rows read, 2 created, 0 updated, 0 unchanged, 2 rejected" in result.output
+    assert "parcels: 5 rows read, 2 created, 0 updated, 0 unchanged, 3 rejected" in result.output
     numbers = set(
         session.scalars(select(Parcel.tracking_no).where(Parcel.station_id == world.station.id))
     )

@@ -21,7 +21,7 @@ from werkzeug.test import TestResponse
 from courier_api.extensions import api
 from courier_api.web import session as web_session
 from courier_api.web.views import seq_ranges
-from models import AuditEntry, Blob, Flag, FlagStatus, Role, ScanEvent, ShiftStatus, utcnow
+from models import AuditEntry, Blob, Device, Flag, FlagStatus, Role, ScanEvent, ShiftStatus, utcnow
 from sync.pages import drop_consents
 from sync.proofs import get_proof
 from sync.rules import Policy
@@ -426,10 +426,38 @@ def test_the_board_lists_each_shift_with_its_balance_and_the_days_totals(
     totals = re.search(r"<tfoot>(.*?)</tfoot>", html, re.S)
     assert totals is not None
     numbers = re.findall(r'<td class="num">(\d+)</td>', totals.group(1))
-    # checked out, delivered, no POD, unattended, no consent, returned, missing, seqs, discr.
-    assert numbers == ["16", "7", "0", "2", "1", "2", "4", "1", "3"]
+    # checked out, delivered, no POD, unattended, no consent, returned, not checked out,
+    # missing, seqs, discrepancies
+    assert numbers == ["16", "7", "0", "2", "1", "2", "0", "4", "1", "3"]
     empty = pages.get(f"/web/board?date={day.day - dt.timedelta(days=1)}")
     assert "No shift opened at PDG" in empty
+
+
+def test_the_board_counts_outcomes_for_parcels_a_shift_never_checked_out(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Chen Lu, still out, returns a parcel she never checked out: her row and the
+    day's totals count it apart, so a manager sees why the numbers do not add up."""
+    device = session.get(Device, day.open.device_id)
+    assert device is not None
+    chen = station_day.Pda(session, device, day.couriers["chenlu"])
+    chen.seq = 4  # her three check-outs and a delivery
+    stray = factories.parcel(session, day.station).tracking_no
+    session.commit()
+    at = station_day.local(day.day, 12, 0)
+    chen.push([chen.event(at, stray, "returned_to_station")], at)
+    board = signed_in(app, "manager").get(f"/web/board?date={day.day}")
+    header = re.findall(r'<th scope="col"[^>]*>([^<]+)</th>', board)
+    row = re.search(rf'<tr class="row-\w+" id="shift-{day.open.id}">(.*?)</tr>', board, re.S)
+    assert row is not None
+    counts = dict(zip(header[4:], re.findall(r'<td class="num[^"]*">(\d+)', row.group(1))))
+    assert counts["Checked out"] == "3" and counts["Returned"] == "0"
+    assert counts["Not checked out"] == "1"
+    assert '<td class="num warn">1</td>' in row.group(1)
+    totals = re.search(r"<tfoot>(.*?)</tfoot>", board, re.S)
+    assert totals is not None
+    footer = dict(zip(header[4:], re.findall(r'<td class="num">(\d+)</td>', totals.group(1))))
+    assert footer["Not checked out"] == "1" and footer["Checked out"] == "16"
 
 
 def test_the_unbalanced_shift_shows_each_discrepancy_with_its_evidence(

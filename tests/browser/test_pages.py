@@ -50,6 +50,9 @@ def test_the_board_shows_every_shift_with_its_balance(ui: Ui, site: Site) -> Non
     expect(rows.filter(has_text="Chen Lu").locator("td").nth(2)).to_contain_text("open")
     expect(page.locator(".summary")).to_contain_text("1 balanced, 2 unbalanced, 1 provisional")
     expect(page.locator("tfoot")).to_contain_text("Day's totals")
+    # Every column, discrepancies last, shows without scrolling sideways at 1280 pixels.
+    widths = page.locator(".scroll").evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert widths[0] <= widths[1], widths
     ui.assert_no_console_errors()
 
 

@@ -32,6 +32,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
@@ -66,6 +67,10 @@ HOUR = 60 * MINUTE
 # this late; later than that it waits for its next turn. Missed turns are coalesced.
 MISFIRE_GRACE_SECONDS = 2 * MINUTE
 LEASE_JOB_ID = "scheduler_lease"
+RETRY_SUFFIX = ".retry"  # the id of a job's one-off turn after a failure
+# A failed run of a job that runs less often than this is tried again this much later
+# (again and again while it fails), instead of waiting for its next turn.
+RETRY_AFTER_FAILURE = dt.timedelta(minutes=15)
 
 JobBuilder = Callable[[Mapping[str, Any]], JobFunction]
 
@@ -219,6 +224,7 @@ def jobs_of(config: Mapping[str, Any], names: Iterable[str] | None = None) -> li
             spec.description,
             dt.timedelta(seconds=spec.interval_seconds),
             spec.build(config),
+            retry_after=RETRY_AFTER_FAILURE,
         )
         for spec in (JOB_SPECS[name] for name in wanted)
     ]
@@ -251,6 +257,7 @@ class JobScheduler:
         self.clock = clock
         self._holding: bool | None = None
         self._lock = threading.Lock()
+        self._scheduler: BaseScheduler | None = None  # set by ``install``, for retries
 
     @property
     def renew_every_seconds(self) -> int:
@@ -271,7 +278,9 @@ class JobScheduler:
         self._holding = False
         return released
 
-    def run(self, name: str, *, force: bool = False) -> RunResult:
+    def run(
+        self, name: str, *, force: bool = False, due_as_of: dt.datetime | None = None
+    ) -> RunResult:
         result = run_job(
             sessions=self.sessions,
             job=self.jobs[name],
@@ -279,6 +288,7 @@ class JobScheduler:
             now=self.clock(),
             lease_seconds=self.lease_seconds,
             force=force,
+            due_as_of=due_as_of,
         )
         self._log(result)
         return result
@@ -304,15 +314,40 @@ class JobScheduler:
     # APScheduler calls these two; whatever goes wrong (the database is down) is logged
     # and the next turn tries again.
 
-    def scheduled_run(self, name: str) -> None:
+    def scheduled_run(self, name: str, due_as_of: dt.datetime | None = None) -> None:
         """A turn whose run could not even be recorded (the database unreachable, or
         locked past its timeout) leaves no run row: it is counted as failed, so the
-        metric tells what the record cannot."""
+        metric tells what the record cannot. Either failure is tried again after the
+        job's ``retry_after`` (``_retry``); a turn that left no row, as of when it
+        was due."""
+        due_at = due_as_of or self.clock()
         try:
-            self.run(name)
+            result = self.run(name, due_as_of=due_as_of)
         except Exception:
             log.exception("scheduler could not run %s", name)
             metrics.job_run(name, FAILED)
+            self._retry(name, due_as_of=due_at)
+            return
+        if result.outcome == FAILED:
+            self._retry(name)
+
+    def _retry(self, name: str, *, due_as_of: dt.datetime | None = None) -> None:
+        """A one-off turn of ``name`` after its ``retry_after``, when that comes before
+        its next regular turn; it decides again then whether the job is due."""
+        job = self.jobs[name]
+        if self._scheduler is None or job.wait_after_failure >= job.interval:
+            return
+        at = dt.datetime.now(dt.UTC) + job.wait_after_failure
+        self._scheduler.add_job(
+            self.scheduled_run,
+            DateTrigger(run_date=at),
+            args=[name, due_as_of],
+            id=f"{name}{RETRY_SUFFIX}",
+            name=f"{name} (again after a failure)",
+            replace_existing=True,
+            misfire_grace_time=MISFIRE_GRACE_SECONDS,
+        )
+        log.info("job %s will be tried again at %s", name, at.isoformat(timespec="seconds"))
 
     def scheduled_renewal(self) -> None:
         try:
@@ -323,6 +358,7 @@ class JobScheduler:
     def install(self, scheduler: BaseScheduler, *, start_now: bool = True) -> BaseScheduler:
         """Add every job, and the lease renewal, to an APScheduler scheduler made by
         ``new_scheduler``. ``start_now``: first runs at start, then every interval."""
+        self._scheduler = scheduler
         first = dt.datetime.now(dt.UTC) if start_now else None
         for job in self.jobs.values():
             scheduler.add_job(

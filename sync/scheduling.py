@@ -14,7 +14,9 @@ job commits nothing when it wakes up.
 
 A job is *due* when its previous run started at least (nearly) one interval
 ago, whoever ran it: a process that takes the lease over does not re-run what
-its predecessor has just run.
+its predecessor has just run. A job whose previous run failed is due again
+sooner, after its ``retry_after``: a daily purge that met a database restart
+runs again within the hour, not the next day.
 
 Each run is a ``JobRun`` row: committed as ``running`` when the job starts, then
 ``ok`` with what the job returned, or ``failed`` with the error. The job runs in
@@ -66,6 +68,12 @@ class Job:
     description: str
     interval: dt.timedelta
     run: JobFunction
+    # After a failed run, the job is due again this soon (never later than its interval).
+    retry_after: dt.timedelta | None = None
+
+    @property
+    def wait_after_failure(self) -> dt.timedelta:
+        return min(self.interval, self.retry_after or self.interval)
 
     @property
     def interval_seconds(self) -> int:
@@ -236,8 +244,12 @@ def fence_to_lease(session: Session, *, holder: str, name: str = LEASE_NAME) -> 
 # -- runs -------------------------------------------------------------------------------------
 
 
-def is_due(last: JobRun | None, interval: dt.timedelta, now: dt.datetime) -> bool:
-    return last is None or last.started_at <= now - interval * (1 - DUE_SLACK)
+def is_due(last: JobRun | None, job: Job, now: dt.datetime) -> bool:
+    """Whether ``job`` is due at ``now``, its newest run being ``last``."""
+    if last is None:
+        return True
+    wait = job.wait_after_failure if last.outcome == FAILED else job.interval
+    return last.started_at <= now - wait * (1 - DUE_SLACK)
 
 
 def run_job(
@@ -248,15 +260,17 @@ def run_job(
     now: dt.datetime,
     lease_seconds: int,
     force: bool = False,
+    due_as_of: dt.datetime | None = None,
 ) -> RunResult:
     """Run ``job`` if this process holds (or can take) the lease and the job is due
-    (``force``: due or not), recording the run.
+    (``force``: due or not; ``due_as_of``: due at that earlier moment, a turn whose
+    start could not be recorded, and not run since), recording the run.
 
     A failing job never raises here: its transaction is rolled back, the traceback
     logged, and the run recorded as failed with the error's message. So is a run
     whose process lost the lease before it committed (``LeaseLost``).
     """
-    started = _start(sessions, job, holder, now, lease_seconds, force)
+    started = _start(sessions, job, holder, now, lease_seconds, force, due_as_of or now)
     if isinstance(started, RunResult):
         return started
     clock = time.monotonic()
@@ -325,6 +339,7 @@ def _start(
     now: dt.datetime,
     lease_seconds: int,
     force: bool,
+    due_as_of: dt.datetime,
 ) -> int | RunResult:
     """The id of the new ``running`` row, or why the job does not run now."""
     with sessions.begin() as session:
@@ -344,7 +359,7 @@ def _start(
                 else "abandoned: the end of this run was never recorded (the database was "
                 "unreachable, or the process stopped)"
             )
-        if not force and not is_due(last, job.interval, now):
+        if not force and not is_due(last, job, due_as_of):
             return RunResult(job.name, NOT_DUE)
         run = JobRun(job=job.name, holder=holder, started_at=now, outcome=RUNNING, detail={})
         session.add(run)

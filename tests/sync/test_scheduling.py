@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
 from flask import Flask
 from sqlalchemy import Connection, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
-from courier_api.scheduler import jobs_of
+from courier_api.scheduler import RETRY_SUFFIX, JobScheduler, jobs_of, new_scheduler
 from models import JobRun, SchedulerLease, Station
 from sync import scheduling
 from sync.scheduling import Job, claim_lease, give_up_lease, run_job, run_jobs
@@ -152,6 +154,95 @@ def test_a_job_is_due_again_after_its_interval_whoever_ran_it(
         (A, at(340)),
         (B, at(640)),
     ]
+
+
+def flaky_job(failures: int, *, interval: dt.timedelta = dt.timedelta(days=1)) -> Job:
+    """A daily job whose first ``failures`` runs fail (the database restarting)."""
+    calls: list[dt.datetime] = []
+
+    def run(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        calls.append(now)
+        if len(calls) <= failures:
+            raise ConnectionError("the database is restarting")
+        return {"runs": len(calls)}
+
+    return Job("purge", "purge", interval, run, retry_after=dt.timedelta(minutes=15))
+
+
+def test_a_failed_run_is_due_again_after_its_retry_delay_not_a_whole_interval(
+    sessions: sessionmaker[Session],
+) -> None:
+    job = flaky_job(failures=2)
+    minute, day = 60, 24 * 3600
+    assert run(sessions, job, A, T0).outcome == "failed"
+    assert run(sessions, job, A, at(5 * minute)).outcome == "not_due"
+    assert run(sessions, job, A, at(15 * minute)).outcome == "failed"  # still restarting
+    assert run(sessions, job, A, at(30 * minute)).outcome == "ok"
+    # Once it ran, it waits its interval again.
+    assert run(sessions, job, A, at(45 * minute)).outcome == "not_due"
+    assert run(sessions, job, A, at(30 * minute + day)).outcome == "ok"
+    # A turn whose start could not be recorded is decided as of when it was due: run
+    # once when tried again, and not again for the same turn.
+    missed, later = at(2 * day + 30 * minute), at(2 * day + 45 * minute)
+    assert run(sessions, job, A, later, due_as_of=missed).outcome == "ok"
+    assert run(sessions, job, A, at(2 * day + 60 * minute), due_as_of=missed).outcome == (
+        "not_due"
+    )
+    # A job with no retry delay waits its interval after a failure too.
+    plain = Job("plain", "plain", dt.timedelta(days=1), flaky_job(1).run)
+    assert run(sessions, plain, A, T0).outcome == "failed"
+    assert run(sessions, plain, A, at(20 * minute)).outcome == "not_due"
+
+
+def test_the_scheduler_tries_a_failed_daily_run_again_a_quarter_hour_later(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Not the next day: APScheduler gets a one-off turn for it, again while it fails,
+    none once it ran, none for a job that comes round every few minutes anyway."""
+    now = [T0]
+    runner = JobScheduler(
+        sessions=sessions,
+        jobs=[flaky_job(failures=2), counting_job("often", interval=300)],
+        lease_seconds=LEASE,
+        holder=A,
+        clock=lambda: now[0],
+    )
+    scheduler = runner.install(new_scheduler(BackgroundScheduler), start_now=False)
+
+    def retry_turn() -> Any:
+        return scheduler.get_job(f"purge{RETRY_SUFFIX}")
+
+    started = dt.datetime.now(dt.UTC)
+    runner.scheduled_run("purge")
+    turn = retry_turn()
+    assert turn is not None and isinstance(turn.trigger, DateTrigger)
+    wait = turn.trigger.run_date - started
+    assert dt.timedelta(minutes=15) <= wait < dt.timedelta(minutes=16)
+    for expected in ("failed", "ok"):
+        now[0] += dt.timedelta(minutes=15)
+        scheduler.remove_job(turn.id)  # APScheduler drops a one-off turn once it fired
+        turn.func(*turn.args)
+        assert runs(sessions, "purge")[-1].outcome == expected
+        turn = retry_turn()
+        assert (turn is not None) == (expected == "failed")
+    assert [r.outcome for r in runs(sessions, "purge")] == ["failed", "failed", "ok"]
+
+    def broken() -> Session:
+        raise ConnectionError("the database is unreachable")
+
+    unreachable = JobScheduler(
+        sessions=broken,  # type: ignore[arg-type]
+        jobs=[flaky_job(failures=0), counting_job("often", interval=300)],
+        lease_seconds=LEASE,
+        holder=B,
+        clock=lambda: now[0],
+    )
+    other = unreachable.install(new_scheduler(BackgroundScheduler), start_now=False)
+    unreachable.scheduled_run("purge")
+    turn = other.get_job(f"purge{RETRY_SUFFIX}")
+    assert turn is not None and turn.args == ("purge", now[0])  # as of the missed turn
+    unreachable.scheduled_run("often")
+    assert other.get_job(f"often{RETRY_SUFFIX}") is None  # its next turn comes sooner
 
 
 def test_a_failing_job_is_recorded_as_failed_and_its_writes_are_rolled_back(

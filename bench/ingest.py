@@ -77,7 +77,7 @@ from models import (
 )
 from models.engine import has_own_readers, reads_only
 from sync.accounts import hash_password
-from sync.events import EventRejected, EventRules, validate_event
+from sync.events import EventRejected, EventRules, PushClock, validate_event
 from sync.ingest import INSERT_EVENTS, Pusher, event_row
 from sync.tracking import s10_check_digit
 
@@ -333,9 +333,8 @@ class Bench:
         """``events`` as ``sync.ingest`` would store them for ``pda`` (not timed)."""
         batch_pk = self.batch_row(pda, sent_at, len(events))
         received_at = utcnow()
-        offset = sent_at - received_at
         try:
-            valid = [validate_event(raw, sent_at=sent_at, rules=self.rules) for raw in events]
+            valid = [validate_event(raw, rules=self.rules) for raw in events]
         except EventRejected as error:
             raise BenchFailure(f"a generated event is invalid: {error.code}: {error}") from None
         return [
@@ -343,8 +342,7 @@ class Bench:
                 event,
                 pusher=Pusher(pda.device_id, self.station_id, pda.courier_id),
                 batch_pk=batch_pk,
-                offset=offset,
-                received_at=received_at,
+                clock=PushClock(sent_at, received_at, self.rules),
             )
             for event in valid
         ]

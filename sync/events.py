@@ -16,14 +16,16 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 from models import EventType
 from sync.errors import DomainError
 from sync.tracking import TrackingNumberPolicy
 
 MAX_SEQ = 2**31 - 1
-# The code of an event dated too far from its push's sent_at (``EventRules.max_age``).
+# The code events dated more than ``EventRules.max_age`` before their push's sent_at
+# were once rejected with. They are kept now (``clock_jump``); quarantine rows may
+# still carry it (``sync.ingest``).
 OUT_OF_WINDOW = "occurred_at_out_of_range"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -63,11 +65,11 @@ class EventRejected(DomainError):
 @dataclass(frozen=True)
 class EventRules:
     tracking: TrackingNumberPolicy
-    # An event's device time may lie at most max_age before the push's sent_at, both on
-    # the device's own clock, so a skewed clock does not matter here. An event later
-    # than sent_at (beyond future_tolerance), however much later, is kept: the clock was
-    # set back in between (a PDA whose battery died comes back in the year 2000), and
-    # the engine flags it (``clock_jump``).
+    # The engine flags ``clock_jump`` on a push holding events dated more than max_age
+    # before its sent_at, or later than sent_at (beyond future_tolerance), both on the
+    # device's own clock, so a skewed clock does not matter here. Such events are kept,
+    # whatever their date: the clock was set forward between the scan and the push (a
+    # typo in the year), or back (a PDA whose battery died comes back in the year 2000).
     max_age: dt.timedelta = dt.timedelta(days=30)
     future_tolerance: dt.timedelta = dt.timedelta(minutes=5)
 
@@ -192,11 +194,11 @@ def parse_time(raw: Any, *, field: str) -> dt.datetime:
         ) from None
 
 
-def validate_event(raw: Any, *, sent_at: dt.datetime | None, rules: EventRules) -> ValidEvent:
+def validate_event(raw: Any, *, rules: EventRules) -> ValidEvent:
     """Check one raw event against the contract; raise ``EventRejected`` otherwise.
 
-    ``sent_at``: the push's, on the device clock, at most ``max_age`` after
-    ``occurred_at`` (``OUT_OF_WINDOW``); None checks the event alone.
+    The event alone: whether its date fits its push's ``sent_at`` is no reason to
+    refuse a scan that happened (rule 1), only to flag the PDA's clock.
     """
     if not isinstance(raw, Mapping):
         raise EventRejected("an event must be a JSON object", code="not_an_object")
@@ -218,13 +220,6 @@ def validate_event(raw: Any, *, sent_at: dt.datetime | None, rules: EventRules) 
     except DomainError as error:
         raise EventRejected(error.message, code=error.code, field="tracking_no") from None
     occurred_at = parse_time(raw.get("occurred_at"), field="occurred_at")
-    if sent_at is not None and occurred_at < shifted(sent_at, -rules.max_age):
-        raise EventRejected(
-            f"occurred_at is more than {rules.max_age.days} days before the push's sent_at "
-            "(both on the device clock)",
-            code=OUT_OF_WINDOW,
-            field="occurred_at",
-        )
     details = {
         name: parse(raw.get(name), name)
         for name, (required, parse) in spec.items()
@@ -262,6 +257,46 @@ def storable_name(name: str) -> str:
     """A field name from the PDA as the receipt and the quarantine can hold it: NULs
     and lone surrogates (which PostgreSQL's jsonb refuses) written as ``\\uXXXX``."""
     return _UNSTORABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", name)
+
+
+@dataclass(frozen=True)
+class PushClock:
+    """A push's two clocks: ``sent_at`` on the PDA's, ``received_at`` on ours.
+
+    An event dated within the push's window (at most ``max_age`` before ``sent_at``,
+    at most ``future_tolerance`` after it) was recorded on the clock that sent it: its
+    corrected time is its device time moved by the push's offset. One dated outside
+    it was recorded before the clock jumped (set forward by a typo in the year, back
+    to its factory date when the battery died): the push's offset says nothing of the
+    clock that recorded it, so its device time stands. Either is kept between the
+    push's arrival (nothing happened after it reached us) and ``OLDEST`` before it (a
+    clock saying the year 1 is wrong, not the scan that old; and a time in range is
+    one every rule can compute with).
+    """
+
+    OLDEST: ClassVar[dt.timedelta] = dt.timedelta(days=366)
+
+    sent_at: dt.datetime
+    received_at: dt.datetime
+    rules: EventRules
+
+    @property
+    def offset(self) -> dt.timedelta:
+        return self.sent_at - self.received_at
+
+    def ahead(self, device_time: dt.datetime) -> bool:
+        """Dated after the push was sent: the clock went back in between."""
+        return device_time > shifted(self.sent_at, self.rules.future_tolerance)
+
+    def behind(self, device_time: dt.datetime) -> bool:
+        """Dated long before the push was sent: the clock went forward in between (or
+        the PDA kept the event that long)."""
+        return device_time < shifted(self.sent_at, -self.rules.max_age)
+
+    def corrected(self, device_time: dt.datetime) -> dt.datetime:
+        jumped = self.ahead(device_time) or self.behind(device_time)
+        moved = device_time if jumped else shifted(device_time, -self.offset)
+        return max(min(moved, self.received_at), self.received_at - self.OLDEST)
 
 
 def shifted(moment: dt.datetime, delta: dt.timedelta) -> dt.datetime:

@@ -70,11 +70,11 @@ from sync.events import (
     OUT_OF_WINDOW,
     EventRejected,
     EventRules,
+    PushClock,
     ValidEvent,
     nested_deeper_than,
     referenced_blobs,
     sha256_json,
-    shifted,
     validate_event,
     within_depth,
 )
@@ -253,58 +253,30 @@ class _Rejection:
 
 
 @dataclass(frozen=True)
-class _Aged:
-    """A well-formed event dated outside its push's window (``EventRules.max_age``
-    around ``sent_at``): a duplicate if the server holds it already, else rejected
-    with ``error``. The window belongs to the push, not to the event, so it must not
-    turn an event stored before into a rejected one (rule 2)."""
-
-    index: int
-    event: ValidEvent
-    error: EventRejected
-
-
-@dataclass(frozen=True)
 class _Validated:
-    """A batch's events validated one by one: those valid, those rejected and those
-    well-formed but outside the push's window, with their indexes in the batch."""
+    """A batch's events validated one by one: those valid and those rejected, with
+    their indexes in the batch."""
 
     valid: list[tuple[int, ValidEvent]]
     rejections: list[_Rejection]
-    aged: list[_Aged]
 
     @classmethod
     def of(cls, batch: PushBatch, rules: EventRules, too_deep: frozenset[int]) -> _Validated:
         """``too_deep``: indexes of events nested deeper than MAX_EVENT_DEPTH."""
         valid: list[tuple[int, ValidEvent]] = []
         rejections: list[_Rejection] = []
-        aged: list[_Aged] = []
         for index, raw in enumerate(batch.events):
             if index in too_deep:
                 rejections.append(_Rejection(index, raw, TOO_DEEP))
                 continue
             try:
-                event = validate_event(raw, sent_at=batch.sent_at, rules=rules)
+                event = validate_event(raw, rules=rules)
             except EventRejected as error:
-                well_formed = _without_window(raw, rules) if error.code == OUT_OF_WINDOW else None
-                if well_formed is None:
-                    rejections.append(_Rejection(index, raw, error))
-                else:
-                    aged.append(_Aged(index, well_formed, error))
+                rejections.append(_Rejection(index, raw, error))
             else:
                 event.content_hash  # noqa: B018 - cached now, outside the device's lock
                 valid.append((index, event))
-        return cls(valid, rejections, aged)
-
-
-def _without_window(raw: Any, rules: EventRules) -> ValidEvent | None:
-    """The event validated on everything but the push's window; None if malformed."""
-    try:
-        event = validate_event(raw, sent_at=None, rules=rules)
-    except EventRejected:
-        return None
-    event.content_hash  # noqa: B018 - cached now, outside the device's lock
-    return event
+        return cls(valid, rejections)
 
 
 def event_row(
@@ -312,8 +284,7 @@ def event_row(
     *,
     pusher: Pusher,
     batch_pk: int,
-    offset: dt.timedelta,
-    received_at: dt.datetime,
+    clock: PushClock,
 ) -> dict[str, Any]:
     """The ``scan_event`` row stored for a valid event of a push (the shift it is
     filed under is decided by the caller: ``sync.shifts.ShiftFiler``)."""
@@ -328,10 +299,8 @@ def event_row(
         "type": event.type,
         "tracking_no": event.tracking_no,
         "occurred_at_device": event.occurred_at_device,
-        # An event the device dated after the push was sent (its clock was set back
-        # since) cannot have happened after it reached us.
-        "occurred_at": min(shifted(event.occurred_at_device, -offset), received_at),
-        "received_at": received_at,
+        "occurred_at": clock.corrected(event.occurred_at_device),
+        "received_at": clock.received_at,
         "lat": location.lat if location else None,
         "lon": location.lon if location else None,
         "accuracy_m": location.accuracy_m if location else None,
@@ -442,7 +411,8 @@ class _BatchIngest:
         self.pusher = pusher
         self.rules = rules
         self.received_at = received_at
-        self.offset = batch.sent_at - received_at
+        self.clock = PushClock(batch.sent_at, received_at, rules.events)
+        self.offset = self.clock.offset
         self.offset_ms = _milliseconds(self.offset)
         self.batch_pk = batch_pk
         self.state = state
@@ -510,21 +480,8 @@ class _BatchIngest:
         unique index on insert and answered in ``_insert_one_by_one``.
         """
         old = [event for _, event in valid if event.seq <= self.state.max_seq]
-        # An event outside the push's window is looked up with the rest, whatever its
-        # seq (it is never inserted, so the unique index cannot catch a re-used id).
-        held_by_id = self._held_by_id(
-            [event.client_event_id for event in old]
-            + [a.event.client_event_id for a in self.validated.aged]
-        )
+        held_by_id = self._held_by_id([event.client_event_id for event in old])
         held_by_seq = self._held_by_seq([event.seq for event in old])
-        for outside in self.validated.aged:
-            held = held_by_id.get(outside.event.client_event_id)
-            if held is None:
-                self._reject(outside.index, self.batch.events[outside.index], outside.error)
-            elif held.content_hash == outside.event.content_hash:
-                self._answer(outside.index, outside.event, "duplicate")
-            else:
-                self._conflicting_duplicate(outside.index, outside.event, held.id)
         valid = self._not_rejected_before(valid, held_by_id, held_by_seq)
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh = []
@@ -557,9 +514,13 @@ class _BatchIngest:
         held_by_seq: Mapping[int, uuid.UUID],
     ) -> list[tuple[int, ValidEvent]]:
         """``valid`` less the events sent before unchanged and rejected then, which are
-        rejected again with their first answer (an event passing now may have failed
-        a check of its push, its window). Only a seq the server holds an answer for
-        but no event can be one: a PDA filling its gaps costs no query."""
+        rejected again with their first answer (an event passing now may have failed a
+        check the configuration has changed since, a tracking number's format). Only a
+        seq the server holds an answer for but no event can be one: a PDA filling its
+        gaps costs no query.
+
+        Not an event once refused for its date alone (``OUT_OF_WINDOW``, before such
+        events were kept): it is stored now, so the scan is not lost for good."""
         answered_seq = SeqTracker(self.state.max_seq, self.state.missing_ranges).holds
         candidates = {
             index: sha256_json(self.batch.events[index])
@@ -571,7 +532,11 @@ class _BatchIngest:
         if not candidates:
             return valid
         answered = self._quarantined_answers(list(set(candidates.values())))
-        again = {index for index, digest in candidates.items() if digest in answered}
+        again = {
+            index
+            for index, digest in candidates.items()
+            if digest in answered and answered[digest].code != OUT_OF_WINDOW
+        }
         for index in sorted(again):
             self._reject(index, self.batch.events[index], answered[candidates[index]])
         return [(index, event) for index, event in valid if index not in again]
@@ -972,17 +937,22 @@ class _BatchIngest:
         return {drop_id: (told, named[drop_id]) for drop_id, told in found.items()}
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
-        """Events dated after the push was sent: the PDA's clock went back in between."""
-        limit = shifted(self.batch.sent_at, self.rules.events.future_tolerance)
-        ahead = [event for _, event in stored if event.occurred_at_device > limit]
-        if ahead:
+        """Events dated after the push was sent (the PDA's clock went back in between), or
+        more than ``max_age`` before it (it went forward, or the PDA kept them that long).
+        """
+        ahead = [event for _, event in stored if self.clock.ahead(event.occurred_at_device)]
+        behind = [event for _, event in stored if self.clock.behind(event.occurred_at_device)]
+        if ahead or behind:
             self._flag(
                 "clock_jump",
                 FlagSeverity.WARNING,
                 FlagSubject("device", self.pusher.device_id),
                 {
-                    "client_event_ids": sorted(str(e.client_event_id) for e in ahead)[:20],
+                    "client_event_ids": sorted(str(e.client_event_id) for e in (*ahead, *behind))[
+                        :20
+                    ],
                     "events_ahead": len(ahead),
+                    "events_behind": len(behind),
                     "sent_at": self.batch.sent_at.isoformat(),
                     "last_batch_id": str(self.batch.batch_id),
                 },
@@ -1031,8 +1001,7 @@ class _BatchIngest:
             event,
             pusher=self.pusher,
             batch_pk=self.batch_pk,
-            offset=self.offset,
-            received_at=self.received_at,
+            clock=self.clock,
         )
 
     def _file(self, fresh: list[tuple[int, ValidEvent]], rows: list[dict[str, Any]]) -> None:

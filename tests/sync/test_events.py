@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from models import EventType
-from sync.events import EventRejected, EventRules, validate_event
+from sync.events import EventRejected, EventRules, PushClock, validate_event
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 
@@ -24,7 +24,7 @@ def event(**overrides: Any) -> dict[str, Any]:
 
 def rejection(raw: Any) -> tuple[str, str | None]:
     with pytest.raises(EventRejected) as info:
-        validate_event(raw, sent_at=SENT_AT, rules=RULES)
+        validate_event(raw, rules=RULES)
     return info.value.code, info.value.field
 
 
@@ -34,7 +34,7 @@ def test_a_valid_event_is_normalized() -> None:
         occurred_at="2026-11-23T18:30:00+08:00",
         location={"lat": 31.2, "lon": 121.5, "accuracy_m": 8},
     )
-    valid = validate_event(raw, sent_at=SENT_AT, rules=RULES)
+    valid = validate_event(raw, rules=RULES)
     assert valid.tracking_no == TRACKING_NO
     assert valid.occurred_at_device == dt.datetime(2026, 11, 23, 10, 30, tzinfo=dt.UTC)
     assert valid.location is not None and valid.location.accuracy_m == 8.0
@@ -45,17 +45,14 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
     cid = str(uuid.uuid4())
     a = validate_event(
         event(client_event_id=cid, occurred_at="2026-11-23T18:30:00+08:00"),
-        sent_at=SENT_AT,
         rules=RULES,
     )
     b = validate_event(
         event(client_event_id=cid, occurred_at="2026-11-23T10:30:00Z"),
-        sent_at=SENT_AT,
         rules=RULES,
     )
     c = validate_event(
         event(client_event_id=cid, occurred_at="2026-11-23T10:31:00Z"),
-        sent_at=SENT_AT,
         rules=RULES,
     )
     assert a.content_hash == b.content_hash != c.content_hash
@@ -80,7 +77,6 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
         (event(occurred_at="yesterday"), "invalid_time", "occurred_at"),
         (event(occurred_at="2026-11-23T10:00:00"), "time_without_offset", "occurred_at"),
         (event(occurred_at="0001-01-01T00:00:00+01:00"), "time_out_of_range", "occurred_at"),
-        (event(occurred_at="2026-09-01T00:00:00Z"), "occurred_at_out_of_range", "occurred_at"),
         (event(location={"lat": 95, "lon": 0}), "invalid_number", "location.lat"),
         (event(location={"lat": float("nan"), "lon": 0}), "invalid_number", "location.lat"),
         (event(location={"lat": 10**400, "lon": 0}), "invalid_number", "location.lat"),
@@ -164,37 +160,20 @@ def test_a_correction_cannot_void_itself() -> None:
     assert rejection(raw) == ("correction_voids_itself", "voids_client_event_id")
 
 
-def test_an_event_dated_after_sent_at_is_valid_the_engine_flags_the_clock_jump() -> None:
-    raw = event(occurred_at=(SENT_AT + dt.timedelta(hours=2)).isoformat())
-    assert validate_event(raw, sent_at=SENT_AT, rules=RULES).seq == 1
-
-
 @pytest.mark.parametrize(
-    ("sent_at", "occurred_at"),
+    "occurred_at",
     [
-        ("1999-12-31T00:00:00Z", "2026-11-23T10:00:00Z"),  # reset to its factory date
-        ("1999-12-31T00:00:00Z", "9999-12-31T23:59:59Z"),  # and an absurd date
-        ("0001-01-01T00:00:00Z", "2026-11-23T10:00:00Z"),  # the start of the calendar
+        "2026-11-23T10:00:00Z",  # a scan of this morning
+        "2000-01-01T00:00:00Z",  # a PDA reset to its factory date
+        "0001-01-01T00:00:00Z",  # the start of the calendar
+        "9999-12-31T23:59:59Z",  # its end
     ],
 )
-def test_an_event_dated_any_time_after_sent_at_is_valid(sent_at: str, occurred_at: str) -> None:
-    """A clock set back by decades: the scan happened, so it is kept (and flagged
-    ``clock_jump`` by the engine)."""
-    moment = dt.datetime.fromisoformat(sent_at)
-    assert validate_event(event(occurred_at=occurred_at), sent_at=moment, rules=RULES).seq == 1
-
-
-def test_a_clock_at_the_end_of_the_calendar_gets_an_answer_not_an_overflow() -> None:
-    sent_at = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
-    with pytest.raises(EventRejected) as info:
-        validate_event(event(), sent_at=sent_at, rules=RULES)
-    assert info.value.code == "occurred_at_out_of_range"
-
-
-def test_the_time_window_is_on_the_device_clock_so_skew_does_not_matter() -> None:
-    skewed_sent_at = SENT_AT + dt.timedelta(days=400)  # a PDA clock a year off
-    raw = event(occurred_at=(skewed_sent_at - dt.timedelta(minutes=3)).isoformat())
-    assert validate_event(raw, sent_at=skewed_sent_at, rules=RULES).seq == 1
+def test_an_event_of_any_date_is_valid_whatever_its_push_says(occurred_at: str) -> None:
+    """The event alone is checked: a date far from its push's ``sent_at`` is the PDA's
+    clock jumping, which the engine flags (``clock_jump``); the scan is kept."""
+    valid = validate_event(event(occurred_at=occurred_at), rules=RULES)
+    assert valid.occurred_at_device == dt.datetime.fromisoformat(occurred_at)
 
 
 @pytest.mark.parametrize("event_type", list(EventType))
@@ -209,6 +188,23 @@ def test_every_event_type_has_a_valid_form(event_type: EventType) -> None:
         EventType.CONSENT_REQUESTED: {"request": {"method": "locker", "point_id": "L-7"}},
         EventType.CORRECTION: {"voids_client_event_id": str(uuid.uuid4()), "reason": "mis-tap"},
     }.get(event_type, {})
-    valid = validate_event(event(type=event_type.value, **extra), sent_at=SENT_AT, rules=RULES)
+    valid = validate_event(event(type=event_type.value, **extra), rules=RULES)
     assert valid.type == event_type
     assert set(valid.details) == set(extra)
+
+
+def test_a_push_clock_corrects_by_its_offset_what_it_recorded_and_keeps_the_rest() -> None:
+    """Within the push's window an event is moved by the push's offset; outside it the
+    clock jumped since, and its device time stands, kept within a year before the
+    push's arrival and never after it."""
+    received = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+    clock = PushClock(received + dt.timedelta(days=365), received, RULES)  # a year ahead
+    within = received + dt.timedelta(days=360)
+    assert not clock.behind(within) and clock.corrected(within) == received - dt.timedelta(days=5)
+    recorded_right = received - dt.timedelta(hours=3)  # before the year was mistyped
+    assert clock.behind(recorded_right) and clock.corrected(recorded_right) == recorded_right
+    year_one = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
+    assert clock.corrected(year_one) == received - dt.timedelta(days=366)
+    reset = PushClock(dt.datetime(2000, 1, 1, tzinfo=dt.UTC), received, RULES)
+    assert reset.ahead(recorded_right) and reset.corrected(recorded_right) == recorded_right
+    assert reset.corrected(dt.datetime(9999, 12, 31, tzinfo=dt.UTC)) == received

@@ -28,7 +28,7 @@ from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import ingest as ingest_module
 from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.errors import Conflict
-from sync.events import EventRules
+from sync.events import OUT_OF_WINDOW, EventRejected, EventRules
 from sync.flags import flag_changes, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels, parcel_timeline
@@ -219,12 +219,13 @@ def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     assert count(session, QuarantinedEvent) == 1
 
 
-def test_an_event_held_and_sent_again_outside_its_pushs_window_is_a_duplicate(
+def test_an_event_held_and_sent_again_31_days_on_is_a_duplicate_a_new_one_is_kept(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:
     """Rule 2 whatever the push's sent_at: an event kept on a PDA behind a gap is
     re-sent with every push, and 31 days on it is still the event the server holds.
-    Events of that push that the server does not hold keep failing the window."""
+    An event of that push dated as long before it is kept too (rule 1), its clock
+    flagged; the same id with other content is a conflicting duplicate."""
     tn = parcel.tracking_no
     held = pda.event(1, tn)
     pda.push([held])
@@ -234,22 +235,22 @@ def test_an_event_held_and_sent_again_outside_its_pushs_window_is_a_duplicate(
     receipt = pda.push(
         [held, pda.event(2, tn, "out_for_delivery"), altered, held], received_at=later
     )
-    assert statuses(receipt) == ["duplicate", "rejected", "rejected", "duplicate"]
+    assert statuses(receipt) == ["duplicate", "applied", "rejected", "duplicate"]
     assert [r["error"]["code"] for r in receipt["results"] if "error" in r] == [
-        "occurred_at_out_of_range",
-        "conflicting_duplicate",  # the same id with other content, whatever the window
+        "conflicting_duplicate",
     ]
-    assert [f["kind"] for f in receipt["flags_raised"]] == ["conflicting_duplicate"]
-    assert count(session, ScanEvent) == 1
-    assert count(session, QuarantinedEvent) == 2
+    assert sorted(f["kind"] for f in receipt["flags_raised"]) == [
+        "clock_jump",
+        "conflicting_duplicate",
+    ]
+    assert count(session, ScanEvent) == 2
+    assert count(session, QuarantinedEvent) == 1
     assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [])
 
 
-def test_a_held_id_reused_at_a_new_seq_outside_the_window_is_a_conflicting_duplicate(
+def test_a_held_id_reused_at_a_new_seq_31_days_on_is_a_conflicting_duplicate(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:
-    """Inside the window the unique index catches an id re-used at a new seq; outside
-    it nothing is inserted, so the look-up must catch it."""
     held = pda.event(1, parcel.tracking_no)
     pda.push([held])
     reused = {**pda.event(9, parcel.tracking_no), "client_event_id": held["client_event_id"]}
@@ -258,20 +259,63 @@ def test_a_held_id_reused_at_a_new_seq_outside_the_window_is_a_conflicting_dupli
     assert count(session, ScanEvent) == 1
 
 
-def test_a_rejected_event_sent_again_in_a_push_whose_window_holds_it_is_answered_the_same(
-    session: Session, pda: Pda, parcel: Parcel
+@pytest.mark.parametrize("pushed", ["before", "after"])
+def test_a_scan_pushed_after_the_pdas_clock_was_set_a_year_ahead_is_kept_at_its_time(
+    session: Session, pda: Pda, world: World, pushed: str
 ) -> None:
-    """The window is the push's: an event rejected by it keeps its first answer when a
-    later push, sent when the PDA's clock was right again, would let it through."""
-    tn = parcel.tracking_no
-    event = pda.event(1, tn, occurred_at=NOW - dt.timedelta(hours=1))
+    """The courier checks a parcel out and delivers it on a right clock; then the
+    PDA's date is set a year ahead (a typo) and it scans another parcel. Whether the
+    delivery went out before the change or with the next scan, in a push sent a year
+    ahead, it is kept (rule 1) at the time it was recorded, the parcel ends
+    delivered (rule 3), and a resend once the clock is right changes nothing."""
+    year = dt.timedelta(days=365)
+    tn, other = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    checked_out = pda.event(1, tn, occurred_at=at(10))
+    delivered = pda.event(
+        2, tn, "delivered", occurred_at=at(20), pod={"signature_sha256": "5" * 64}
+    )
+    next_scan = pda.event(3, other, occurred_at=at(40) + year)  # on the wrong clock
+    if pushed == "before":
+        pda.push([checked_out, delivered], received_at=at(30))
+        late = pda.push([next_scan], received_at=at(50), sent_at=at(50) + year)
+        assert [f["kind"] for f in late["flags_raised"]] == ["clock_skew"]
+    else:
+        pda.push([checked_out], received_at=at(15))
+        late = pda.push([delivered, next_scan], received_at=at(50), sent_at=at(50) + year)
+        assert statuses(late) == ["applied", "applied"]
+        kinds = {f["kind"] for f in late["flags_raised"]}
+        assert kinds == {"clock_jump", "clock_skew", "pod_blob_missing"}
+        jump = session.scalars(select(Flag).where(Flag.kind == "clock_jump")).one()
+        assert (jump.evidence["events_behind"], jump.evidence["events_ahead"]) == (1, 0)
+        assert jump.evidence["client_event_ids"] == [delivered["client_event_id"]]
+    again = pda.push([checked_out, delivered, next_scan], received_at=at(60))
+    assert statuses(again) == ["duplicate", "duplicate", "duplicate"]
+    stored = session.scalars(select(ScanEvent).order_by(ScanEvent.seq)).all()
+    assert [(e.seq, e.occurred_at) for e in stored] == [(1, at(10)), (2, at(20)), (3, at(40))]
+    assert session.scalars(select(Parcel).where(Parcel.tracking_no == tn)).one().status == (
+        ParcelStatus.DELIVERED
+    )
+
+
+def test_an_event_once_refused_for_its_date_alone_is_kept_when_sent_again(
+    session: Session, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such events were once refused (``occurred_at_out_of_range``) and quarantined; a
+    PDA that still holds one and sends it again has it stored now, not refused with
+    that first answer as an event refused for what it holds is."""
+
+    def as_before(raw: Any, *, rules: EventRules) -> Any:
+        raise EventRejected("more than 30 days before sent_at", code=OUT_OF_WINDOW)
+
+    event = pda.event(1, parcel.tracking_no, occurred_at=NOW - dt.timedelta(hours=1))
+    monkeypatch.setattr(ingest_module, "validate_event", as_before)
     first = pda.push([event], sent_at=NOW + dt.timedelta(days=40))
     assert first["results"][0]["error"]["code"] == "occurred_at_out_of_range"
-    again = pda.push([event, pda.event(2, tn)])
-    assert again["results"][0] == first["results"][0]
-    assert statuses(again) == ["rejected", "applied"]
-    assert count(session, QuarantinedEvent) == 1
-    assert session.scalars(select(ScanEvent.seq)).all() == [2]
+    monkeypatch.undo()
+    again = pda.push([event, pda.event(2, parcel.tracking_no)])
+    assert statuses(again) == ["applied", "applied"]
+    assert session.scalars(select(ScanEvent.seq).order_by(ScanEvent.seq)).all() == [1, 2]
 
 
 def test_a_pda_filling_its_gaps_never_looks_in_the_quarantine(
@@ -610,9 +654,9 @@ def test_events_recorded_before_the_pdas_clock_reset_to_its_factory_date_are_kep
 ) -> None:
     """The battery died at the end of the afternoon; the PDA comes back in the year 2000
     and pushes the afternoon's scans, recorded on a right clock: decades after its
-    push's sent_at. They are kept and the jump flagged (rule 1); the push's window
-    bounds only how old an event may be. Sent again once the clock is right, they are
-    duplicates."""
+    push's sent_at. They are kept and the jump flagged (rule 1); the push's clock
+    offset says nothing of the clock that recorded them, so they keep the time they
+    were recorded at. Sent again once the clock is right, they are duplicates."""
     tn = parcel.tracking_no
     events = [
         pda.event(1, tn, occurred_at=NOW - dt.timedelta(hours=2)),
@@ -624,7 +668,10 @@ def test_events_recorded_before_the_pdas_clock_reset_to_its_factory_date_are_kep
     assert sorted(f["kind"] for f in receipt["flags_raised"]) == ["clock_jump", "clock_skew"]
     assert receipt["acked_through_seq"] == 2
     stored = session.scalars(select(ScanEvent).order_by(ScanEvent.seq)).all()
-    assert [e.occurred_at for e in stored] == [NOW, NOW]  # never later than their arrival
+    assert [e.occurred_at for e in stored] == [
+        NOW - dt.timedelta(hours=2),
+        NOW - dt.timedelta(hours=1),
+    ]
     assert statuses(pda.push(events)) == ["duplicate", "duplicate"]
     assert session.get(Parcel, parcel.id).status == ParcelStatus.OUT_FOR_DELIVERY
 

@@ -72,8 +72,9 @@ class ScanEventIn(ma.Schema):
         metadata={
             "format": "date-time",
             "description": (
-                "Device clock, with an offset; at most MAX_EVENT_AGE_DAYS before sent_at "
-                "(later than sent_at is kept and flagged clock_jump)"
+                "Device clock, with an offset. Dated after sent_at, or more than "
+                "MAX_EVENT_AGE_DAYS before it, the event is kept and its PDA flagged "
+                "clock_jump"
             ),
         },
     )

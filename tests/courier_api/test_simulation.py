@@ -169,7 +169,16 @@ def test_the_board_page_shows_what_the_simulated_day_planned(
     expected = result.expected.shifts
     courier_of = {shift_id: name for name, shift_id in result.shift_ids.items()}
     assert set(table.rows) == set(courier_of)
-    columns = (*COUNTS, "missing_seq_count", "discrepancy_count")
+    # The board's order: outcomes for parcels a shift never checked out (none here: the
+    # simulated PDAs deliver only what they checked out) before the missing ones.
+    returned = COUNTS.index("returned") + 1
+    columns = (
+        *COUNTS[:returned],
+        "not_checked_out",
+        *COUNTS[returned:],
+        "missing_seq_count",
+        "discrepancy_count",
+    )
     for shift_id, (status, cells) in table.rows.items():
         shift = expected[courier_of[shift_id]]
         assert status == shift.status
@@ -178,6 +187,7 @@ def test_the_board_page_shows_what_the_simulated_day_planned(
         shown = dict(zip(columns, (int(cell.split()[0]) for cell in cells[4:]), strict=True))
         assert shown == {
             **shift.counts,
+            "not_checked_out": 0,
             "missing_seq_count": shift.missing_seq_count,
             "discrepancy_count": shift.discrepancy_count,
         }

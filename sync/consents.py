@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, exists, or_, select
+from sqlalchemy import ColumnElement, Row, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -184,12 +184,22 @@ def point_named(method: ConsentMethod, point_id: str | None) -> str | None:
     return point
 
 
-def revoke(*, session: Session, consent: Consent, reason: str | None) -> Consent:
-    if consent.revoked_at is None:
-        consent.revoked_at = utcnow()
-        consent.revoked_reason = reason
-        session.flush()
-    return consent
+def revoke(*, session: Session, consent: Consent, reason: str | None) -> bool:
+    """Revoke ``consent`` unless it is revoked already; whether this call revoked it.
+
+    One guarded update: of two revocations at once (an app's retry, a double tap),
+    the second waits for the first's commit, then finds it revoked and changes
+    nothing, so the time and reason stored are the first's and its parcels are
+    judged again once. ``consent`` is refreshed to what is stored.
+    """
+    revoked = session.execute(
+        update(Consent)
+        .where(Consent.id == consent.id, Consent.revoked_at.is_(None))
+        .values(revoked_at=utcnow(), revoked_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(consent)
+    return bool(revoked.rowcount)
 
 
 def get(*, session: Session, consent_id: int) -> Consent:

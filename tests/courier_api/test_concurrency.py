@@ -285,3 +285,40 @@ def test_a_push_that_waited_for_its_pdas_previous_one_compares_with_its_last_sca
     with committed_app.app_context():
         flag = db.session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert flag.evidence["device_seqs"] == ["PDA-INV#2", "PDA-INV#3"]
+
+
+def test_two_revocations_of_one_consent_at_once_revoke_it_once(committed_app: Flask) -> None:
+    """The recipient taps "revoke" and the app retries: revoking twice changes nothing.
+    The consent keeps the first revocation's time and reason, and both answers say
+    what is stored (on PostgreSQL both read it unrevoked before either wrote: a second
+    reader saw the second overwrite the first in 6 rounds of 6)."""
+    with committed_app.app_context():
+        station = factories.station(db.session, code="RACE")
+        numbers = [factories.parcel(db.session, station).tracking_no for _ in range(6)]
+        factories.user(db.session, "channel", "integration")
+        db.session.commit()
+    channel = Auth(committed_app.test_client()).headers("channel")
+    client = committed_app.test_client()
+    failures = []
+    for round_, tn in enumerate(numbers):
+        granted = client.post(
+            "/api/v1/consents",
+            json={
+                "tracking_no": tn,
+                "method": "locker",
+                "channel": "app",
+                "granted_at": (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat(),
+            },
+            headers=channel,
+        )
+        assert granted.status_code == 201, granted.get_json()
+        url = f"/api/v1/consents/{granted.get_json()['id']}/revoke"
+        answers = race_requests(
+            committed_app, [("POST", url, {"reason": f"tap {i}"}, channel) for i in range(2)]
+        )
+        stored = client.get(f"/api/v1/consents/{granted.get_json()['id']}", headers=channel)
+        seen = {(a.get_json()["revoked_at"], a.get_json()["revoked_reason"]) for a in answers}
+        now = (stored.get_json()["revoked_at"], stored.get_json()["revoked_reason"])
+        if [a.status_code for a in answers] != [200, 200] or seen != {now}:
+            failures.append((round_, sorted(seen), now))
+    assert failures == [], f"{len(failures)} of {len(numbers)} rounds: {failures[:2]}"

@@ -217,8 +217,9 @@ class RevokeConsent(MethodView):
         covers are judged again and their couriers hear of it.
         """
         consent = consents.get(session=db.session, consent_id=consent_id)
-        if consent.revoked_at is None:
-            consents.revoke(session=db.session, consent=consent, reason=body.get("reason"))
+        if consent.revoked_at is None and consents.revoke(
+            session=db.session, consent=consent, reason=body.get("reason")
+        ):
             rejudge_for_consent(
                 session=db.session, consent=consent, policy=policy_of(current_app.config)
             )

@@ -10,10 +10,11 @@ happens. Removing the newest entries leaves no broken link: compare the head tha
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ GENESIS_HASH = "0" * 64
 APPEND_LOCK_KEY = 0x6175646974
 VERIFY_CHUNK = 1000  # rows fetched at a time while verifying
 PROGRESS_EVERY = 10_000
+_DEFERRED = "audit_deferred"  # session.info key: the entries ``deferred`` holds back
 
 
 def entry_hash(
@@ -68,35 +70,67 @@ def append(
     Appends are serialized so that two of them never chain off the same entry: on
     PostgreSQL by a transaction-scoped advisory lock taken before the newest entry
     is read (held until the caller commits), on SQLite by its single writer. The
-    unique index on ``entry_hash`` is the backstop.
+    unique index on ``entry_hash`` is the backstop. Inside ``deferred`` the entry is
+    chained when it ends (its id and hash are set then).
     """
-    details = _plain(details)
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPEND_LOCK_KEY})
-    prev_hash = session.scalar(
-        select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1)
-    )
     entry = AuditEntry(
-        at=utcnow(),
         actor_id=actor_id,
         action=action,
         subject_type=subject_type,
         subject_key=subject_key,
-        details=details,
-        prev_hash=prev_hash or GENESIS_HASH,
+        details=_plain(details),
     )
+    queue: list[AuditEntry] | None = session.info.get(_DEFERRED)
+    if queue is not None:
+        queue.append(entry)
+    else:
+        _chain(session, entry)
+    return entry
+
+
+@contextlib.contextmanager
+def deferred(session: Session) -> Iterator[None]:
+    """Entries appended inside are chained when it ends, in the order they came.
+
+    The audit log's lock is then the last lock the transaction takes, as the service's
+    lock order has it (``sync.device_state``: ..., flags, then the audit log), however
+    the work inside interleaves flags and entries: a push that reopens a signed-off
+    shift and then judges its handover flags, racing a manager resolving one of them
+    (flag, then audit log), would otherwise deadlock on PostgreSQL. Nothing is
+    chained if the work raises. Nested, the outermost one chains.
+    """
+    if _DEFERRED in session.info:
+        yield
+        return
+    queue: list[AuditEntry] = []
+    session.info[_DEFERRED] = queue
+    try:
+        yield
+    finally:
+        del session.info[_DEFERRED]
+    for entry in queue:
+        _chain(session, entry)
+
+
+def _chain(session: Session, entry: AuditEntry) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPEND_LOCK_KEY})
+    entry.prev_hash = (
+        session.scalar(select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1))
+        or GENESIS_HASH
+    )
+    entry.at = utcnow()
     entry.entry_hash = entry_hash(
         prev_hash=entry.prev_hash,
         at=entry.at,
-        actor_id=actor_id,
-        action=action,
-        subject_type=subject_type,
-        subject_key=subject_key,
-        details=details,
+        actor_id=entry.actor_id,
+        action=entry.action,
+        subject_type=entry.subject_type,
+        subject_key=entry.subject_key,
+        details=entry.details,
     )
     session.add(entry)
     session.flush()
-    return entry
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from models import (
     utcnow,
 )
 from models.sync import DROP_TYPES
-from sync import consents, outbox
+from sync import audit, consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import closed_shifts_holding, refresh_handover_flags
 from sync.blobs import lock_digests
@@ -424,6 +424,12 @@ class _BatchIngest:
         self.raised: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
+        # The audit entries of the shifts it reopens are written last: the push judges
+        # handover flags after reopening (lock order: flags, then the audit log).
+        with audit.deferred(self.session):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift not this courier's (ShiftFiler)
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id

@@ -172,7 +172,33 @@ def open_shift(
     first_seq: int | None = None,
     now: dt.datetime | None = None,
 ) -> Shift:
-    """Open a shift for ``device`` and its courier. One open shift per PDA."""
+    """Open a shift for ``device`` and its courier. One open shift per PDA.
+
+    The audit entries of the shifts it reopens or restores are written last
+    (``audit.deferred``): restoring one closes a flag after another was reopened.
+    """
+    with audit.deferred(session):
+        return _open_shift(
+            session=session,
+            device=device,
+            courier_id=courier_id,
+            rules=rules,
+            planned_end_at=planned_end_at,
+            first_seq=first_seq,
+            now=now,
+        )
+
+
+def _open_shift(
+    *,
+    session: Session,
+    device: Device,
+    courier_id: int,
+    rules: ShiftRules,
+    planned_end_at: dt.datetime | None,
+    first_seq: int | None,
+    now: dt.datetime | None,
+) -> Shift:
     now = now or utcnow()
     planned_end_at = planned_end_at or now + rules.planned_length
     if not now < planned_end_at <= now + MAX_SHIFT_LENGTH:

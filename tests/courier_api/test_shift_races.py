@@ -22,6 +22,7 @@ from tests.threads import race, race_requests
 
 SHIFTS = "/api/v1/shifts"
 PUSH = "/api/v1/sync/push"
+FLAGS = "/api/v1/flags"
 ROUNDS = 4
 
 
@@ -191,3 +192,87 @@ def test_a_late_push_racing_the_sign_off_is_either_included_or_reopens(
             assert (snapshot["status"], snapshot["missing"]) == ("unbalanced", 1)
             outcomes.add("reopened")
     assert outcomes  # at least one round ran to an end state that was checked
+
+
+def _signed_off_with_one_missing(
+    app: Flask, courier: dict[str, str], manager: dict[str, str], pda: Pda, a: str, b: str
+) -> tuple[int, int]:
+    """A shift that checked out a and b, returned a, closed with b missing and was signed
+    off: its id and the id of b's missing_at_handover flag."""
+    client = app.test_client()
+    shift = client.post(SHIFTS, json={}, headers=courier).get_json()
+    for events in (pda.events([a, b], "checked_out"), pda.events([a], "returned_to_station")):
+        pushed = client.post(PUSH, json=factories.push_body("PDA-RACE", events), headers=courier)
+        assert pushed.status_code == 200, pushed.get_json()
+    assert (
+        client.post(f"{SHIFTS}/{shift['id']}/close", json={}, headers=courier).status_code == 200
+    )
+    signed = client.post(
+        f"{SHIFTS}/{shift['id']}/signoff", json={"note": "b is missing"}, headers=manager
+    )
+    assert signed.status_code == 200, signed.get_json()
+    with app.app_context():
+        flag = db.session.scalars(
+            select(Flag).where(Flag.shift_id == shift["id"], Flag.kind == "missing_at_handover")
+        ).one()
+        return shift["id"], flag.id
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("widen", [True, False], ids=["widened", "plain"])
+def test_a_late_return_racing_the_managers_resolution_of_its_missing_flag_never_deadlocks(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, widen: bool
+) -> None:
+    """19:00: the shift was signed off with parcel b missing. The manager finds b on the
+    shelf and resolves its missing_at_handover flag while the PDA, back on the network,
+    pushes b's return scan (a late event: it reopens the shift).
+
+    The push reopens the shift (``_settle_shifts``), which writes an audit entry, and
+    then locks the shift's handover flags (``_judge_handovers``); resolving a flag
+    locks the flag and then takes the audit log's lock. With the entry written as it
+    came, each waited for the other: PostgreSQL broke the deadlock after
+    deadlock_timeout (1 s) by failing one of them with a 503 "database unavailable"
+    (a second reader's finding: 7 to 20 rounds of 40 unwidened). The push's entries
+    are now written last (``audit.deferred``), as the lock order has it. Either may
+    win; neither may fail.
+
+    ``widened``: the push dawdles a moment between the two (as under load), so the
+    manager's request lands in the window every round."""
+    if widen:
+        reopen = ingest_module.reopen_for_late_events
+
+        def slow_reopen(**kwargs: Any) -> Any:
+            flags = reopen(**kwargs)
+            time.sleep(0.4)  # holding the audit log's lock
+            return flags
+
+        monkeypatch.setattr(ingest_module, "reopen_for_late_events", slow_reopen)
+    rounds = 4 if widen else 20
+    courier, manager, numbers = _setup(committed_app, 2 * rounds)
+    pda = Pda()
+    failures = []
+    for round_ in range(rounds):
+        a, b = numbers[2 * round_ : 2 * round_ + 2]
+        shift_id, flag_id = _signed_off_with_one_missing(
+            committed_app, courier, manager, pda, a, b
+        )
+        late = factories.push_body(
+            "PDA-RACE", pda.events([b], "returned_to_station", shift_id=shift_id)
+        )
+        push, resolve = race_requests(
+            committed_app,
+            [
+                ("POST", PUSH, late, courier),
+                ("POST", f"{FLAGS}/{flag_id}/resolve", {"note": "found on the shelf"}, manager),
+            ],
+            # unwidened: the manager's click sweeps the push's few milliseconds
+            delays=[0, 0.15] if widen else [0, 0.002 * (round_ % 20)],
+        )
+        codes = (push.status_code, resolve.status_code)
+        if push.status_code != 200 or resolve.status_code not in (200, 409):
+            failures.append((round_, codes, push.get_json(), resolve.get_json()))
+            continue
+        with committed_app.app_context():
+            shift = db.session.get(Shift, shift_id)
+            assert shift.status == ShiftStatus.CLOSED and shift.reopened_count == 1
+    assert failures == [], f"{len(failures)} of {rounds} rounds failed: {failures[:2]}"

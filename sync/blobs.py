@@ -185,6 +185,21 @@ def inspect_image(data: bytes) -> ImageInfo:
     return ImageInfo(media_type, width, height)
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """What ``store_blob`` did: ``created`` the image's row, or ``restored`` the bytes
+    of one the retention purge had deleted. Either way the image is now there for the
+    proofs that name it, which must be judged again (``rejudge_after_upload``)."""
+
+    blob: Blob
+    created: bool
+    restored: bool = False
+
+    @property
+    def arrived(self) -> bool:
+        return self.created or self.restored
+
+
 def store_blob(
     *,
     session: Session,
@@ -194,9 +209,9 @@ def store_blob(
     max_bytes: int,
     station_id: int | None,
     uploaded_by: int,
-) -> tuple[Blob, bool]:
-    """Verify and store an image; ``(blob, created)``. Idempotent; each uploader is
-    recorded once (``BlobUpload``), which is what lets them read it back."""
+) -> StoredImage:
+    """Verify and store an image. Idempotent; each uploader is recorded once
+    (``BlobUpload``), which is what lets them read it back."""
     check_digest(digest)
     if len(data) > max_bytes:
         raise LimitExceeded(
@@ -209,9 +224,9 @@ def store_blob(
             code="digest_mismatch",
             field="sha256",
         )
-    blob, created = _stored(session, store, digest, data)
+    stored = _stored(session, store, digest, data)
     _record_upload(session, digest, station_id, uploaded_by)
-    return blob, created
+    return stored
 
 
 def lock_digests(session: Session, digests: Iterable[str]) -> None:
@@ -226,7 +241,7 @@ def lock_digests(session: Session, digests: Iterable[str]) -> None:
     advisory_locks(session, DIGEST_LOCK_SPACE, digests)
 
 
-def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tuple[Blob, bool]:
+def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> StoredImage:
     lock_digests(session, [digest])  # before the row: see lock_digests
     # Locked: the purge deletes bytes only of rows still purged, under the same lock.
     existing = session.get(Blob, digest, with_for_update=True, populate_existing=True)
@@ -238,9 +253,10 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tup
             existing.purged_at = None
             existing.uploaded_at = utcnow()
             session.flush()
-        elif not store.exists(digest):
+            return StoredImage(existing, created=False, restored=True)
+        if not store.exists(digest):
             store.put(digest, data)  # the file was lost; these bytes are verified
-        return existing, False
+        return StoredImage(existing, created=False)
     info = inspect_image(data)
     store.put(digest, data)  # before the row: a row never points at missing bytes
     blob = Blob(
@@ -254,8 +270,8 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> tup
         with session.begin_nested():
             session.add(blob)
     except IntegrityError:  # the same image, uploaded concurrently
-        return get_blob(session=session, digest=digest), False
-    return blob, True
+        return StoredImage(get_blob(session=session, digest=digest), created=False)
+    return StoredImage(blob, created=True)
 
 
 def _record_upload(session: Session, digest: str, station_id: int | None, user_id: int) -> None:

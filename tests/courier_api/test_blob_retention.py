@@ -9,14 +9,17 @@ import io
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Blob, utcnow
+from models import AuditEntry, Blob, Flag, FlagStatus, ServiceClass, utcnow
 from sync import sweeps
 from sync.blobs import FileBlobStore
 from sync.sweeps import SweepSettings
+from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_blobs_api import digest, image_bytes, put
+from tests.courier_api.test_shifts_api import Courier
 
 
 def png() -> bytes:
@@ -74,3 +77,43 @@ def test_an_image_never_uploaded_is_still_404(
 ) -> None:
     response = client.get(f"/api/v1/blobs/{'0' * 64}", headers=auth.headers("admin"))
     assert response.status_code == 404 and response.get_json()["code"] == "blob_not_found"
+
+
+def test_an_image_purged_then_uploaded_again_closes_the_pod_blob_missing_of_a_new_proof(
+    app: Flask, client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """A new proof names an image the retention purge deleted (the same photo taken
+    again): ``pod_blob_missing`` opens, as it should. The PDA uploads the image: it is
+    kept again (200), so the flag's cause is gone and it should close, as it does when
+    an image never uploaded arrives."""
+    data = image_bytes()
+    photo = digest(data)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    assert put(client, pda.headers, data).status_code == 201
+    # The retention purge ran yesterday: the row stays, marked purged.
+    session.execute(
+        update(Blob).where(Blob.sha256 == photo).values(purged_at=utcnow() - dt.timedelta(days=1))
+    )
+    session.commit()
+    parcel = factories.parcel(session, world.station, service_class=ServiceClass.PARCEL)
+    session.commit()
+    pda.open(first_seq=1)
+    receipt = pda.push(
+        [
+            pda.event(parcel.tracking_no),
+            pda.event(
+                parcel.tracking_no,
+                "delivered",
+                pod={"recipient_name": "Wang", "photo_sha256": photo},
+            ),
+        ]
+    )
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["pod_blob_missing"]
+
+    again = put(client, pda.headers, data)
+
+    assert again.status_code == 200, again.get_json()  # the image's row was there
+    assert client.get(f"/api/v1/blobs/{photo}", headers=pda.headers).status_code == 200
+    session.expire_all()
+    flag = session.scalars(select(Flag).where(Flag.kind == "pod_blob_missing")).one()
+    assert flag.status == FlagStatus.CLOSED

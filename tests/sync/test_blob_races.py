@@ -35,7 +35,7 @@ def _image() -> tuple[bytes, str]:
 
 def _upload(session: Session, store: FileBlobStore, data: bytes, digest: str, user: int) -> None:
     """What ``PUT /blobs/<sha256>`` does, left uncommitted."""
-    _, created = store_blob(
+    stored = store_blob(
         session=session,
         store=store,
         digest=digest,
@@ -44,7 +44,7 @@ def _upload(session: Session, store: FileBlobStore, data: bytes, digest: str, us
         station_id=None,
         uploaded_by=user,
     )
-    assert created
+    assert stored.created
     rejudge_after_upload(session=session, digest=digest, policy=RULES.policy)
 
 

@@ -80,7 +80,7 @@ class BlobBySha256(MethodView):
         readable = db.session.get(Blob, sha256) is not None and may_read_blob(
             session=db.session, digest=sha256, reader=blob_reader(principal)
         )
-        blob, created = store_blob(
+        stored = store_blob(
             session=db.session,
             store=blob_store(),
             digest=sha256,
@@ -89,7 +89,8 @@ class BlobBySha256(MethodView):
             station_id=principal.station_id,
             uploaded_by=principal.user_id,
         )
-        if created:
+        blob, created = stored.blob, stored.created
+        if stored.arrived:  # new, or back after the retention purge deleted it
             rejudge_after_upload(
                 session=db.session, digest=blob.sha256, policy=policy_of(current_app.config)
             )

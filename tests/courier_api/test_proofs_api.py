@@ -282,13 +282,14 @@ def test_an_unknown_proof_is_404(client: FlaskClient, auth: Auth, world: World) 
 def test_an_auditor_reading_a_parcel_is_audit_logged(
     client: FlaskClient, auth: Auth, day: dict[str, Any], session: Session
 ) -> None:
+    """Naming the deliveries whose POD its timeline shows, as a proof's read does."""
     tracking_no = day["signed"].tracking_no
-    assert (
-        client.get(f"/api/v1/parcels/{tracking_no}", headers=auth.headers("auditor1")).status_code
-        == 200
-    )
+    response = client.get(f"/api/v1/parcels/{tracking_no}", headers=auth.headers("auditor1"))
+    assert response.status_code == 200
+    shown = [e["event_id"] for e in response.get_json()["timeline"] if e["details"].get("pod")]
     entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "parcel_read")).one()
     assert entry.subject_key == tracking_no
+    assert shown and entry.details == {"event_ids": shown}
 
 
 def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_export(

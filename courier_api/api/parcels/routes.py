@@ -82,10 +82,14 @@ class ParcelByTrackingNo(MethodView):
         ensure_visible(parcel.station_id, parcel_not_found(tracking_no))
         principal = current_principal()
         role = principal.role
-        # Rule 7: its proofs and the unmasked phone go out logged.
-        record_auditor_read("parcel_read", "parcel", parcel.tracking_no, principal=principal)
         view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
         timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
+        # Rule 7: its proofs and the unmasked phone go out logged, naming the deliveries
+        # whose POD the timeline shows, as a proof's read does.
+        shown = sorted(e.event.id for e in timeline if (e.event.details or {}).get("pod"))
+        record_auditor_read(
+            "parcel_read", "parcel", parcel.tracking_no, {"event_ids": shown}, principal=principal
+        )
         # A locker's pickup code opens the compartment: other couriers have no use for it.
         hide_codes = role == Role.COURIER
         unmasked = role == Role.AUDITOR

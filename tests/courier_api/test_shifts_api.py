@@ -868,3 +868,72 @@ def test_access(
     response = client.open(url, method=method, json=body if method == "POST" else None,
                            headers=headers)  # fmt: skip
     assert response.status_code == EXPECTED[endpoint][caller], response.get_json()
+
+
+def test_a_colleague_on_the_same_pda_cannot_void_a_delivery_of_a_signed_off_shift(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """SECURITY.md threat 3: a courier works on their own shifts only. On a PDA shared
+    between shifts, the next courier reads the delivery's ``client_event_id`` in the
+    parcel's timeline and pushes a correction voiding it: the correction is refused
+    (``correction_of_another_courier``, kept in quarantine), and the delivery, the
+    balance and the sign-off stand (a second reader voided it, turning the delivered
+    parcel into a missing one and reopening the shift)."""
+    factories.user(session, "courier3", "courier", world.station)
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    owner = Courier(client, auth, "courier1", "PDA-0001")
+    shift = owner.open(first_seq=1)
+    owner.push(
+        [
+            owner.event(parcel.tracking_no),
+            owner.event(
+                parcel.tracking_no,
+                "delivered",
+                pod={"recipient_name": "Wang", "signature_sha256": "c" * 64},
+            ),
+        ]
+    )
+    assert owner.close(shift["id"], last_seq=owner.seq).status_code == 200
+    manager = auth.headers("manager1")
+    signed = client.post(
+        f"/api/v1/shifts/{shift['id']}/signoff",
+        json={"note": "all handed over", "force_reason": "the image is not uploaded yet"},
+        headers=manager,
+    )
+    assert signed.status_code == 200, signed.get_json()
+    rogue = Courier(client, auth, "courier3", "PDA-0001")
+    timeline = client.get(f"/api/v1/parcels/{parcel.tracking_no}", headers=rogue.headers)
+    delivery = next(e for e in timeline.get_json()["timeline"] if e["type"] == "delivered")
+    rogue.seq = 10
+    voiding = rogue.event(
+        parcel.tracking_no,
+        "correction",
+        voids_client_event_id=delivery["client_event_id"],
+        reason="wrong parcel",
+    )
+    receipt = rogue.push([voiding])
+    assert receipt["results"][0]["error"]["code"] == "correction_of_another_courier"
+    after = client.get(f"/api/v1/parcels/{parcel.tracking_no}", headers=manager).get_json()
+    assert not next(e for e in after["timeline"] if e["event_id"] == delivery["event_id"])[
+        "voided"
+    ]
+    balance = client.get(f"/api/v1/shifts/{shift['id']}/balance", headers=manager).get_json()
+    assert (balance["delivered"], balance["missing"]) == (1, 0)
+    assert client.get(f"/api/v1/shifts/{shift['id']}", headers=manager).json["status"] == (
+        "signed_off"
+    )
+    # Its own courier still corrects it.
+    own = owner.push(
+        [
+            owner.event(
+                parcel.tracking_no,
+                "correction",
+                **{"voids_client_event_id": delivery["client_event_id"], "reason": "mis-tapped"},
+            )
+        ]
+    )
+    assert own["results"][0]["status"] == "applied"
+    assert client.get(f"/api/v1/shifts/{shift['id']}", headers=manager).json["status"] == (
+        "closed"
+    )

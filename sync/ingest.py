@@ -989,14 +989,13 @@ class _BatchIngest:
         ahead = [event for _, event in stored if self.clock.ahead(event.occurred_at_device)]
         behind = [event for _, event in stored if self.clock.behind(event.occurred_at_device)]
         if ahead or behind:
+            jumped = sorted(str(event.client_event_id) for event in (*ahead, *behind))
             self._flag(
                 "clock_jump",
                 FlagSeverity.WARNING,
                 FlagSubject("device", self.pusher.device_id),
                 {
-                    "client_event_ids": sorted(str(e.client_event_id) for e in (*ahead, *behind))[
-                        :20
-                    ],
+                    "client_event_ids": jumped[:20],
                     "events_ahead": len(ahead),
                     "events_behind": len(behind),
                     "sent_at": self.batch.sent_at.isoformat(),

@@ -438,7 +438,7 @@ class _BatchIngest:
         self.shifts_not_open: dict[int, Shift] = {}
         # Parcels whose delivered_not_checked_out flag this push changed (_project).
         self.covering_changed: set[str] = set()
-        new_events = self._not_voiding_others(self._deduplicate(self.validated.valid))
+        new_events = self._deduplicate(self.validated.valid)
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
         self._capture_consents(stored)
@@ -512,46 +512,6 @@ class _BatchIngest:
             held_by_seq[event.seq] = event.client_event_id
             fresh.append((index, event))
         return fresh
-
-    def _not_voiding_others(
-        self, fresh: list[tuple[int, ValidEvent]]
-    ) -> list[tuple[int, ValidEvent]]:
-        """``fresh`` less the corrections voiding an event another courier recorded on
-        this PDA, which are rejected: a courier writes only through their own shift
-        (rule 7), so on a PDA shared between shifts the next courier cannot void what
-        the one before delivered. A push without corrections costs no query."""
-        voided = [event.voids_client_event_id for _, event in fresh if event.voids_client_event_id]
-        if not voided:
-            return fresh
-        others = {
-            client_event_id
-            for chunk in chunks(voided)
-            for client_event_id in self.session.scalars(
-                select(ScanEvent.client_event_id).where(
-                    ScanEvent.device_id == self.pusher.device_id,
-                    ScanEvent.client_event_id.in_(chunk),
-                    ScanEvent.courier_id != self.pusher.courier_id,
-                )
-            )
-        }
-        if not others:
-            return fresh
-        kept = []
-        for index, event in fresh:
-            if event.voids_client_event_id in others:
-                self._reject(
-                    index,
-                    self.batch.events[index],
-                    EventRejected(
-                        "the event this correction voids was recorded by another courier, "
-                        "who alone can correct it",
-                        code="correction_of_another_courier",
-                        field="voids_client_event_id",
-                    ),
-                )
-            else:
-                kept.append((index, event))
-        return kept
 
     def _not_rejected_before(
         self,

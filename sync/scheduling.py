@@ -264,7 +264,8 @@ def run_job(
 ) -> RunResult:
     """Run ``job`` if this process holds (or can take) the lease and the job is due
     (``force``: due or not; ``due_as_of``: due at that earlier moment, a turn whose
-    start could not be recorded, and not run since), recording the run.
+    start could not be recorded, and not run since, unless its newest run failed,
+    which is judged now), recording the run.
 
     A failing job never raises here: its transaction is rolled back, the traceback
     logged, and the run recorded as failed with the error's message. So is a run
@@ -359,7 +360,10 @@ def _start(
                 else "abandoned: the end of this run was never recorded (the database was "
                 "unreachable, or the process stopped)"
             )
-        if not force and not is_due(last, job, due_as_of):
+        # A failed run (one just marked abandoned too) is tried again after its
+        # retry_after from now; ``due_as_of`` speaks for a turn that left no row.
+        moment = now if last is not None and last.outcome == FAILED else due_as_of
+        if not force and not is_due(last, job, moment):
             return RunResult(job.name, NOT_DUE)
         run = JobRun(job=job.name, holder=holder, started_at=now, outcome=RUNNING, detail={})
         session.add(run)

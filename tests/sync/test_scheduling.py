@@ -245,6 +245,63 @@ def test_the_scheduler_tries_a_failed_daily_run_again_a_quarter_hour_later(
     assert other.get_job(f"often{RETRY_SUFFIX}") is None  # its next turn comes sooner
 
 
+def test_a_daily_run_cut_off_by_a_database_restart_is_tried_again_a_quarter_hour_later(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The run's start is recorded, then the database goes away mid-run: the job fails
+    and so does recording its end. A quarter of an hour later, with the database
+    back, the retry marks the run abandoned and runs the job (a second reader saw it
+    judged "as of" the turn, zero minutes after the run it abandons: not due, and no
+    retry after that)."""
+    down = [False]
+
+    class Restarting:
+        """The database: unreachable while ``down``."""
+
+        def __call__(self) -> Session:
+            if down[0]:
+                raise ConnectionError("the database is restarting")
+            return sessions()
+
+        def begin(self) -> Any:
+            if down[0]:
+                raise ConnectionError("the database is restarting")
+            return sessions.begin()
+
+    ran: list[dt.datetime] = []
+
+    def purge(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+        ran.append(now)
+        if len(ran) == 1:
+            down[0] = True  # the restart begins mid-run
+            raise ConnectionError("server closed the connection unexpectedly")
+        return {"purged": 0}
+
+    now = [T0]
+    job = Job("purge", "purge", dt.timedelta(days=1), purge, retry_after=dt.timedelta(minutes=15))
+    runner = JobScheduler(
+        sessions=Restarting(),  # type: ignore[arg-type]
+        jobs=[job],
+        lease_seconds=LEASE,
+        holder=A,
+        clock=lambda: now[0],
+    )
+    scheduler = runner.install(new_scheduler(BackgroundScheduler), start_now=False)
+    runner.scheduled_run("purge")
+    turn = scheduler.get_job(f"purge{RETRY_SUFFIX}")
+    assert turn is not None
+    down[0] = False
+    now[0] = T0 + dt.timedelta(minutes=15)
+    scheduler.remove_job(turn.id)
+    turn.func(*turn.args)
+    assert ran == [T0, now[0]]
+    assert [(r.outcome, r.started_at) for r in runs(sessions, "purge")] == [
+        ("failed", T0),
+        ("ok", now[0]),
+    ]
+    assert scheduler.get_job(f"purge{RETRY_SUFFIX}") is None
+
+
 def test_a_failing_job_is_recorded_as_failed_and_its_writes_are_rolled_back(
     sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -145,10 +145,13 @@ def _check_header(fieldnames: Any) -> None:
             problems.append(f"missing columns: {', '.join(missing)}")
         if unknown:
             problems.append(f"unknown columns: {', '.join(unknown)}")
+        # A file saved without its header shows its first row here: phones masked.
         raise InvalidInput(
-            "CSV header: "
-            + "; ".join(problems)
-            + f" (expected {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})",
+            mask_phones_in(
+                "CSV header: "
+                + "; ".join(problems)
+                + f" (expected {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})"
+            ),
             code="invalid_csv_header",
         )
 

@@ -137,6 +137,19 @@ def test_import_parcels_reports_progress_and_rejected_lines(
     assert {"RR473124829GB", "EE471108151FR"} <= numbers
 
 
+def test_import_parcels_of_a_file_without_its_header_line_echoes_no_phone(
+    runner: FlaskCliRunner, world: World, tmp_path: Path
+) -> None:
+    """An export saved without its header line is refused for its header, whose message
+    shows the first row as "unknown columns": its phone number masked."""
+    csv_file = tmp_path / "no_header.csv"
+    csv_file.write_text("RR473124829GB,express,Li Lei,13812345678,1 Century Ave,31.2,121.5\n")
+    result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
+    assert result.exit_code == 1
+    assert "unknown columns: RR473124829GB, express, Li Lei," in result.output
+    assert "13812345678" not in result.output and "Li Lei, ********" in result.output
+
+
 def test_rejudge_reports_each_batch_then_the_totals(
     runner: FlaskCliRunner, world: World, session: Session
 ) -> None:

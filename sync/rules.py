@@ -43,6 +43,7 @@ SEVERITY = {
     "pod_blob_missing": FlagSeverity.WARNING,
     "delivered_not_checked_out": FlagSeverity.WARNING,
     "correction_review": FlagSeverity.INFO,
+    "correction_by_another_courier": FlagSeverity.WARNING,
 }
 RULE_KINDS = tuple(SEVERITY)
 
@@ -451,7 +452,31 @@ def _corrections(
     by_id: Mapping[int, EventDetail],
     flags: dict[str, dict[str, Any]],
 ) -> None:
-    """A final outcome amended by a correction waits for a manager's acknowledgement."""
+    """A final outcome amended by a correction waits for a manager's acknowledgement.
+    So does an event of such a parcel voided by a correction another courier pushed
+    (``correction_by_another_courier``, a warning): a PDA is named by its id, and on
+    one shared between shifts the next courier could undo what the one before
+    recorded (SECURITY.md threat 3), or push the one before's correction still queued
+    on it. Judged on the parcel's events, whichever arrived first."""
+    foreign = [
+        {
+            "voided_event_id": voided,
+            "correction_event_id": correction,
+            "recorded_by": by_id[voided].fact.courier_id,
+            "corrected_by": by_id[correction].fact.courier_id,
+        }
+        for voided, correction in sorted(voids.items())
+        if voided in by_id
+        and correction in by_id
+        and by_id[voided].fact.courier_id != by_id[correction].fact.courier_id
+    ]
+    if foreign:
+        flags["correction_by_another_courier"] = {
+            "event_ids": sorted(
+                {f[k] for f in foreign for k in ("voided_event_id", "correction_event_id")}
+            ),
+            "corrections": foreign,
+        }
     reviewed = [
         {"voided_event_id": voided, "correction_event_id": correction}
         for voided, correction in sorted(voids.items())

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import ScanEvent, Shift
+from models import Flag, ScanEvent, Shift
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -868,3 +868,51 @@ def test_access(
     response = client.open(url, method=method, json=body if method == "POST" else None,
                            headers=headers)  # fmt: skip
     assert response.status_code == EXPECTED[endpoint][caller], response.get_json()
+
+
+@pytest.mark.parametrize("first", ["delivery", "correction"])
+def test_a_colleagues_correction_voiding_a_delivery_is_flagged_whichever_arrives_first(
+    client: FlaskClient, session: Session, world: World, auth: Auth, first: str
+) -> None:
+    """SECURITY.md threat 3: a colleague signed in with the same PDA's id voids a
+    courier's delivery with a correction. It cannot be told from the courier's own
+    correction still queued on the PDA at handover, so it is kept and applied, and
+    flagged for the manager (``correction_by_another_courier``, naming both couriers),
+    whether the correction or the delivery reached the server first (rule 3)."""
+    rogue_user = factories.user(session, "courier3", "courier", world.station)
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    owner = Courier(client, auth, "courier1", "PDA-0001")
+    recorded = [
+        owner.event(parcel.tracking_no),
+        owner.event(
+            parcel.tracking_no,
+            "delivered",
+            pod={"recipient_name": "Wang", "signature_sha256": "c" * 64},
+        ),
+    ]
+    rogue = Courier(client, auth, "courier3", "PDA-0001")
+    rogue.seq = 10
+    voiding = rogue.event(
+        parcel.tracking_no,
+        "correction",
+        voids_client_event_id=recorded[1]["client_event_id"],
+        reason="wrong parcel",
+    )
+    pushes = [(owner, recorded), (rogue, [voiding])]
+    for pda, events in pushes if first == "delivery" else reversed(pushes):
+        receipt = pda.push(events)
+        assert {r["status"] for r in receipt["results"]} == {"applied"}
+    flag = session.scalars(select(Flag).where(Flag.kind == "correction_by_another_courier")).one()
+    delivery, correction = (
+        session.scalars(select(ScanEvent.id).where(ScanEvent.seq == seq)).one() for seq in (2, 11)
+    )
+    assert (flag.severity.value, flag.subject_key) == ("warning", parcel.tracking_no)
+    assert flag.evidence["corrections"] == [
+        {
+            "voided_event_id": delivery,
+            "correction_event_id": correction,
+            "recorded_by": world.courier.id,
+            "corrected_by": rogue_user.id,
+        }
+    ]

@@ -194,20 +194,26 @@ def test_a_failed_run_is_due_again_after_its_retry_delay_not_a_whole_interval(
     assert run(sessions, plain, A, at(20 * minute)).outcome == "not_due"
 
 
+def installed(
+    sessions: Any, jobs: list[Job], holder: str, now: list[dt.datetime]
+) -> tuple[JobScheduler, Any]:
+    """A ``JobScheduler`` on ``now[0]``'s clock, installed in an APScheduler scheduler
+    that is not started: the test fires its turns itself."""
+    runner = JobScheduler(
+        sessions=sessions, jobs=jobs, lease_seconds=LEASE, holder=holder, clock=lambda: now[0]
+    )
+    return runner, runner.install(new_scheduler(BackgroundScheduler), start_now=False)
+
+
 def test_the_scheduler_tries_a_failed_daily_run_again_a_quarter_hour_later(
     sessions: sessionmaker[Session],
 ) -> None:
     """Not the next day: APScheduler gets a one-off turn for it, again while it fails,
     none once it ran, none for a job that comes round every few minutes anyway."""
     now = [T0]
-    runner = JobScheduler(
-        sessions=sessions,
-        jobs=[flaky_job(failures=2), counting_job("often", interval=300)],
-        lease_seconds=LEASE,
-        holder=A,
-        clock=lambda: now[0],
+    runner, scheduler = installed(
+        sessions, [flaky_job(failures=2), counting_job("often", interval=300)], A, now
     )
-    scheduler = runner.install(new_scheduler(BackgroundScheduler), start_now=False)
 
     def retry_turn() -> Any:
         return scheduler.get_job(f"purge{RETRY_SUFFIX}")
@@ -230,14 +236,9 @@ def test_the_scheduler_tries_a_failed_daily_run_again_a_quarter_hour_later(
     def broken() -> Session:
         raise ConnectionError("the database is unreachable")
 
-    unreachable = JobScheduler(
-        sessions=broken,  # type: ignore[arg-type]
-        jobs=[flaky_job(failures=0), counting_job("often", interval=300)],
-        lease_seconds=LEASE,
-        holder=B,
-        clock=lambda: now[0],
+    unreachable, other = installed(
+        broken, [flaky_job(failures=0), counting_job("often", interval=300)], B, now
     )
-    other = unreachable.install(new_scheduler(BackgroundScheduler), start_now=False)
     unreachable.scheduled_run("purge")
     turn = other.get_job(f"purge{RETRY_SUFFIX}")
     assert turn is not None and turn.args == ("purge", now[0])  # as of the missed turn
@@ -279,14 +280,7 @@ def test_a_daily_run_cut_off_by_a_database_restart_is_tried_again_a_quarter_hour
 
     now = [T0]
     job = Job("purge", "purge", dt.timedelta(days=1), purge, retry_after=dt.timedelta(minutes=15))
-    runner = JobScheduler(
-        sessions=Restarting(),  # type: ignore[arg-type]
-        jobs=[job],
-        lease_seconds=LEASE,
-        holder=A,
-        clock=lambda: now[0],
-    )
-    scheduler = runner.install(new_scheduler(BackgroundScheduler), start_now=False)
+    runner, scheduler = installed(Restarting(), [job], A, now)
     runner.scheduled_run("purge")
     turn = scheduler.get_job(f"purge{RETRY_SUFFIX}")
     assert turn is not None

@@ -172,21 +172,21 @@ class Balance:
         Counts alone miss two parcels swapping outcomes (a mis-tapped delivery and return
         both corrected): the manager checked the other parcel at the counter.
         ``outcomes=False``: without them (a webhook's balance, every parcel's left out)."""
-        if not outcomes:
-            return {k: v for k, v in self.snapshot().items() if k != OUTCOMES_KEPT}
-        return {
+        seen: dict[str, Any] = {
             **self.summary(),
             "missing_seqs": self.missing_seqs,
             "discrepancies": [
                 {"kind": d.kind, "tracking_no": d.tracking_no, "flag_id": d.flag_id}
                 for d in self.discrepancies
             ],
-            OUTCOMES_KEPT: {
+        }
+        if outcomes:
+            seen[OUTCOMES_KEPT] = {
                 p.tracking_no: [p.outcome, p.outcome_event_id]
                 for p in self.parcels
                 if p.outcome != NO_OUTCOME
-            },
-        }
+            }
+        return seen
 
 
 # The snapshot's key of each parcel's outcome; sign-offs before it was kept have none.

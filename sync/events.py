@@ -338,20 +338,37 @@ def _uuid_text(raw: Any, name: str) -> str:
     return str(_uuid(raw, name))
 
 
-def _seq(raw: Any) -> int:
+def whole_number(raw: Any) -> int | None:
+    """``raw`` as a number from 1 to ``MAX_SEQ``, or None.
+
+    A whole number written ``5.0`` counts: JSON has one number type, and some PDA
+    serializers (Gson over a map, for one) write every number with a fraction.
+    Refusing it would leave the event's seq unheld, so its PDA could never prune
+    past it. ``true`` is no number, nor is ``5.5``.
+    """
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
     if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_SEQ:
+        return None
+    return raw
+
+
+def _seq(raw: Any) -> int:
+    seq = whole_number(raw)
+    if seq is None:
         raise EventRejected(
             f"seq must be an integer from 1 to {MAX_SEQ}", code="invalid_seq", field="seq"
         )
-    return raw
+    return seq
 
 
 def _optional_id(raw: Any, name: str) -> int | None:
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_SEQ:
+    number = whole_number(raw)
+    if number is None:
         raise EventRejected(f"{name} must be a positive integer", code="invalid_id", field=name)
-    return raw
+    return number
 
 
 def _text(raw: Any, name: str, max_length: int) -> str:

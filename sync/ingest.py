@@ -66,7 +66,6 @@ from sync.drop_bounds import EventTime, bound_drops
 from sync.errors import Conflict
 from sync.events import (
     MAX_EVENT_DEPTH,
-    MAX_SEQ,
     OUT_OF_WINDOW,
     EventRejected,
     EventRules,
@@ -76,6 +75,7 @@ from sync.events import (
     referenced_blobs,
     sha256_json,
     validate_event,
+    whole_number,
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag
@@ -1065,7 +1065,7 @@ class _BatchIngest:
                 _storable(raw.get("client_event_id"), 64),
                 "rejected",
                 rejection.error,
-                seq=_valid_seq(raw.get("seq")),
+                seq=whole_number(raw.get("seq")),
             )
         if rows:
             flushed_connection(self.session).execute(INSERT_QUARANTINED, rows)
@@ -1097,7 +1097,7 @@ class _BatchIngest:
             "batch_pk": self.batch_pk,
             "position": rejection.index,
             "client_event_id": _storable(raw.get("client_event_id"), 64),
-            "seq": _valid_seq(raw.get("seq")),
+            "seq": whole_number(raw.get("seq")),
             "event_type": _storable(raw.get("type"), 40),
             "tracking_no": _storable(raw.get("tracking_no"), 40),
             "error_code": rejection.error.code,
@@ -1337,12 +1337,6 @@ def _storable(value: Any, max_length: int) -> str | None:
     if not isinstance(value, str) or len(value) > max_length:
         return None
     if any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in value):
-        return None
-    return value
-
-
-def _valid_seq(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
         return None
     return value
 

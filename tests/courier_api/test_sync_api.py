@@ -265,6 +265,23 @@ def test_gaps_and_acks(client: FlaskClient, courier: dict[str, str], parcel: Par
     assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (4, [])
 
 
+def test_seqs_written_with_a_fraction_are_held_and_acked(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A PDA whose serializer writes ``2.0`` for ``2`` can still prune what it sent:
+    the rejected event's seq is held too, and resending in whole numbers is a
+    duplicate, not a conflicting one."""
+    events = [ev(1, parcel.tracking_no), ev(2, parcel.tracking_no, "out_for_delivery")]
+    bad = ev(3, parcel.tracking_no, "bogus")
+    written = [{**e, "seq": float(e["seq"])} for e in [*events, bad]]
+    receipt = push(client, courier, written).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied", "rejected"]
+    assert receipt["results"][2]["error"]["code"] == "unknown_event_type"
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (3, [])
+    again = push(client, courier, events).get_json()
+    assert [r["status"] for r in again["results"]] == ["duplicate", "duplicate"]
+
+
 def test_clock_skew_is_reported_and_flagged(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

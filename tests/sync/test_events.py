@@ -58,6 +58,16 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
     assert a.content_hash == b.content_hash != c.content_hash
 
 
+def test_a_whole_number_written_with_a_fraction_is_that_number() -> None:
+    """Gson over a map writes ``5`` as ``5.0``; the event is the same event."""
+    cid = str(uuid.uuid4())
+    plain = validate_event(event(client_event_id=cid, seq=5, shift_id=7), rules=RULES)
+    written = validate_event(event(client_event_id=cid, seq=5.0, shift_id=7.0), rules=RULES)
+    assert (written.seq, written.shift_id) == (5, 7)
+    assert type(written.seq) is int and type(written.shift_id) is int
+    assert written.content_hash == plain.content_hash
+
+
 @pytest.mark.parametrize(
     ("raw", "code", "field"),
     [
@@ -71,6 +81,11 @@ def test_the_same_instant_in_two_spellings_has_the_same_content_hash() -> None:
         (event(seq=2**31), "invalid_seq", "seq"),
         (event(seq=True), "invalid_seq", "seq"),
         (event(seq="3"), "invalid_seq", "seq"),
+        (event(seq=5.5), "invalid_seq", "seq"),
+        (event(seq=float("nan")), "invalid_seq", "seq"),
+        (event(seq=float("inf")), "invalid_seq", "seq"),
+        (event(seq=2.0**31), "invalid_seq", "seq"),
+        (event(shift_id=1.5), "invalid_id", "shift_id"),
         (event(tracking_no="RR473124828GB"), "invalid_check_digit", "tracking_no"),
         (event(tracking_no=""), "missing_text", "tracking_no"),
         (event(tracking_no="x" * 41), "text_too_long", "tracking_no"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 import marshmallow as ma
-from flask import Request, current_app, jsonify
+from flask import Request, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api, Blueprint, abort
 from webargs.flaskparser import FlaskParser, is_json_request
@@ -121,6 +122,8 @@ class ApiBlueprint(Blueprint):
         if isinstance(schema, type) and issubclass(schema, ma.Schema):
             schema = schema()
         decorator = super().arguments(schema, location=location, **kwargs)
+        if location in ("query", "querystring"):
+            return _taking_query(decorator)
         if location != "json":
             return decorator
 
@@ -134,7 +137,7 @@ class ApiBlueprint(Blueprint):
         """Require a valid access token (and one of ``roles`` when given); document 401/403."""
 
         def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
-            view = require_auth(*roles)(view)
+            view = require_auth(*roles)(self._refusing_unknown_query(view))
             view = self.alt_response(401, response="UNAUTHORIZED")(view)
             return self.alt_response(403, response="FORBIDDEN")(view)
 
@@ -142,7 +145,42 @@ class ApiBlueprint(Blueprint):
 
     def public(self, view: Callable[..., Any]) -> Callable[..., Any]:
         """Mark a view as needing no token (overrides the API's default security)."""
+        return self.probe(self._refusing_unknown_query(view))
+
+    def _refusing_unknown_query(self, view: Callable[..., Any]) -> Callable[..., Any]:
+        """A view with no query arguments answers a query parameter with the 422 webargs
+        gives a view that has them (its parser refuses unknown ones): a misspelled filter
+        sent to the wrong endpoint must not look obeyed. Checked after the caller's
+        token, as every validation is. ``@blp.arguments(..., location="query")`` must
+        sit below ``@blp.auth`` or ``@blp.public``, where every view has it."""
+        if getattr(view, "_takes_query", False):
+            return view
+        return self.alt_response(422, response="UNPROCESSABLE_ENTITY")(_refusing_query(view))
+
+    def probe(self, view: Callable[..., Any]) -> Callable[..., Any]:
+        """A public view that takes whatever query it is sent: a load balancer's health
+        check may add a parameter of its own (a cache buster), and a 422 would take the
+        instance out of service."""
         return self.doc(security=[])(view)
+
+
+def _taking_query(decorator: Callable[..., Any]) -> Callable[..., Any]:
+    def marked(view: Callable[..., Any]) -> Callable[..., Any]:
+        view = decorator(view)
+        view._takes_query = True  # type: ignore[attr-defined]  # kept by functools.wraps
+        return view
+
+    return marked
+
+
+def _refusing_query(view: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(view)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if request.query_string and request.args:
+            abort(422, errors={"query": {name: ["Unknown field."] for name in request.args}})
+        return view(*args, **kwargs)
+
+    return checked
 
 
 class PageArgs(ma.Schema):

@@ -651,3 +651,42 @@ def test_a_colleague_neither_closes_nor_reads_nor_files_into_anothers_shift(
         select(Flag).where(Flag.kind == "wrong_shift", Flag.subject_key == subjects.COLLEAGUE[1])
     ).one()
     assert flag.evidence["claimed_shift_ids"] == [theirs.id]
+
+
+# -- an unknown query parameter is refused everywhere ----------------------------------------
+
+
+def test_every_api_endpoint_refuses_a_query_parameter_it_does_not_know(
+    app: Flask, client: FlaskClient, session: Session, connection: Connection
+) -> None:
+    """A misspelled filter must never answer as if it were not there (``/jobs/runs?jb=``
+    would list every job's runs): each API endpoint, called by the first caller the
+    matrix lets in, with one parameter more than its valid request, is a 422 naming it."""
+    s = subjects.build(session, app, client)
+    credentials = sign_in_everyone(app, client)
+    ignored = []
+    for endpoint, row in MATRIX.items():
+        method, path = endpoint.split(" ", 1)
+        if not path.startswith("/api/"):
+            continue
+        caller = next(c for c in IDENTITIES if str(row[c]).startswith("2"))
+        request = subjects.REQUESTS[endpoint](s, IDENTITIES[caller])
+        content = {"json": request.json} if request.data is None else {"data": request.data}
+        headers = {"Authorization": f"Bearer {credentials.tokens[caller]}"}
+        if request.content_type:
+            headers["Content-Type"] = request.content_type
+        savepoint = connection.begin_nested()
+        try:
+            response = app.test_client().open(
+                path.format(**request.path),
+                method=method,
+                headers=headers,
+                query_string={**(request.query or {}), "unexpected": "1"},
+                **content,
+            )
+        finally:
+            savepoint.rollback()
+        errors = (response.get_json(silent=True) or {}).get("errors", {})
+        if response.status_code != 422 or errors.get("query") != {"unexpected": ["Unknown field."]}:
+            ignored.append(f"{endpoint} as {caller}: {response.status_code}")
+    assert not ignored, "endpoints that ignore an unknown query parameter:\n" + "\n".join(ignored)

@@ -16,6 +16,13 @@ def test_readyz_reports_database_and_migration_head(client: FlaskClient) -> None
     assert body["migrations"]["head"]
 
 
+def test_a_probe_with_a_cache_buster_is_answered(client: FlaskClient) -> None:
+    """Unknown query parameters are a 422 elsewhere; a load balancer's probe may add one
+    of its own, and a 422 would take the instance out of service."""
+    assert client.get("/healthz?_=1733250000").status_code == 200
+    assert client.get("/readyz?probe=lb").status_code == 200
+
+
 def test_readyz_is_503_on_an_unmigrated_database(tmp_path) -> None:
     from tests.conftest import make_test_app
 

@@ -25,7 +25,7 @@ class Readiness(ma.Schema):
 
 @blp.route("/healthz")
 class Healthz(MethodView):
-    @blp.public
+    @blp.probe
     @blp.response(200, Liveness)
     def get(self) -> dict[str, Any]:
         """The process is up (no dependency is checked)"""
@@ -34,7 +34,7 @@ class Healthz(MethodView):
 
 @blp.route("/readyz")
 class Readyz(MethodView):
-    @blp.public
+    @blp.probe
     @blp.response(200, Readiness)
     @blp.alt_response(503, schema=Readiness, description="Not ready: see database/migrations")
     def get(self) -> tuple[dict[str, Any], int]:

@@ -1018,9 +1018,11 @@ class _BatchIngest:
             self.pusher.courier_id,
             self.rules.shifts,
             filings,
+            colleagues=True,
         )
         for (_, event), row, filing in zip(fresh, rows, filings, strict=True):
             row["shift_id"] = self.filed[event.client_event_id] = filer.file(filing)
+            row["courier_id"] = filer.recorded_by(row["shift_id"]) or row["courier_id"]
         self.wrong_claims = filer.wrong_claims
 
     def _touch_device(self, connection: Connection) -> None:

@@ -345,6 +345,7 @@ def _by_key(
 class TimelineEntry:
     event: ScanEvent
     batch_id: uuid.UUID
+    pushed_by: int  # the courier signed in when the PDA pushed it (``SyncBatch``)
     emsevt: str | None
     voided_by: int | None  # id of the correction that voided this event
 
@@ -355,16 +356,17 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
     another tracking number shows in the timeline of the parcel whose event it voids."""
     facts = [event.fact for event in load_events(session, [tracking_no])[tracking_no]]
     rows = session.execute(
-        select(ScanEvent, SyncBatch.batch_id)
+        select(ScanEvent, SyncBatch.batch_id, SyncBatch.courier_id)
         .join(SyncBatch, SyncBatch.id == ScanEvent.batch_pk)
         .where(ScanEvent.id.in_([fact.event_id for fact in facts]))
     ).all()
-    events = {event.id: (event, batch_id) for event, batch_id in rows}
+    events = {row[0].id: row for row in rows}
     voids = voided_by(facts)
     return [
         TimelineEntry(
             event=events[fact.event_id][0],
             batch_id=events[fact.event_id][1],
+            pushed_by=events[fact.event_id][2],
             emsevt=EMSEVT_CODE.get(fact.type),
             voided_by=voids.get(fact.event_id),
         )

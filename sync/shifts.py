@@ -6,16 +6,17 @@ keeps its life: opening, closing, sign-off, and reopening when an event lands
 after the sign-off (``late_event_after_signoff``).
 
 Which shift an event belongs to (``ShiftFiler``): the one the PDA named, when it
-is a shift of that PDA; otherwise the shift the PDA had open when the event
-happened, on the corrected clock. A PDA naming a shift that is not its own is
-flagged (``wrong_shift``) and its event is filed by time.
+is the courier's on that PDA; else the one whose declared seqs hold it (another
+courier's too: a handover's queue); else the courier's shift the PDA had open when
+the event happened, on the corrected clock. A PDA naming a shift that is not its
+own is flagged (``wrong_shift``) and its event is filed by the other rules.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -96,16 +97,32 @@ def _next_own_shift(column: str) -> ColumnElement[Any]:
     )
 
 
-# The shifts of one courier on one PDA that may hold some of a push's events, in order:
-# what ``ShiftFiler`` files them under. Those whose declared seqs leave room for one of
-# the push's seqs; those open at some time of the push's events, give or take the
-# filing grace; and those opened or closed within it of one (what ``file`` looks at,
-# also for a shift whose clock closed it before it opened). The database still walks
-# the PDA's shifts in its index, but hands over only these few, however many shifts
-# the courier worked on that PDA before: all of them were loaded, and a year of daily
-# shifts made a one-scan push cost 1.5 times as much on SQLite (``bench/scaling.py
-# shifts``). A shift closed without its last seq comes with where the courier's next
-# shift on the PDA starts (``_Window.holds_by_seq``): one index probe, for it alone.
+def _before_colleagues_shift(column: str) -> ColumnElement[Any]:
+    """``column`` of the shift opened on the PDA just before another courier's shift
+    closed with a last seq and no first seq (NULL for any other shift): where that
+    one's seqs start (``_Window.colleagues_first_seq``)."""
+    undeclared_first = and_(
+        _shifts.c.courier_id != bindparam("courier_id"),
+        _shifts.c.first_seq.is_(None),
+        _shifts.c.last_seq.is_not(None),
+    )
+    return case(
+        (undeclared_first, adjacent_shift(_shifts, column, following=False, same_courier=False))
+    )
+
+
+# The shifts on one PDA that may hold some of a push's events, in order: what
+# ``ShiftFiler`` files them under. The pushing courier's: those whose declared seqs
+# leave room for one of the push's seqs; those open at some time of the push's events,
+# give or take the filing grace; and those opened or closed within it of one (what
+# ``file`` looks at, also for a shift whose clock closed it before it opened). Another
+# courier's: those closed with both seqs declared around one of the push's seqs (a
+# handover's queue, ``ShiftFiler`` rule 2). The database still walks the PDA's shifts
+# in its index, but hands over only these few, however many shifts were worked on that
+# PDA before: all of them were loaded, and a year of daily shifts made a one-scan push
+# cost 1.5 times as much on SQLite (``bench/scaling.py shifts``). A shift closed
+# without its last seq comes with where the courier's next shift on the PDA starts
+# (``_Window.holds_by_seq``): one index probe, for it alone.
 SHIFT_WINDOWS = Prebuilt(
     lambda _dialect: (
         select(
@@ -116,22 +133,41 @@ SHIFT_WINDOWS = Prebuilt(
             _shifts.c.last_seq,
             _next_own_shift("opened_at"),
             _next_own_shift("first_seq"),
+            _shifts.c.courier_id,
+            _before_colleagues_shift("id"),
+            _before_colleagues_shift("last_seq"),
         )
         .where(
             _shifts.c.device_id == bindparam("device_id"),
-            _shifts.c.courier_id == bindparam("courier_id"),
             or_(
                 and_(
-                    _shifts.c.first_seq.is_not(None),
-                    _shifts.c.first_seq <= bindparam("max_seq"),
-                    or_(_shifts.c.last_seq.is_(None), _shifts.c.last_seq >= bindparam("min_seq")),
+                    _shifts.c.courier_id == bindparam("courier_id"),
+                    or_(
+                        and_(
+                            _shifts.c.first_seq.is_not(None),
+                            _shifts.c.first_seq <= bindparam("max_seq"),
+                            or_(
+                                _shifts.c.last_seq.is_(None),
+                                _shifts.c.last_seq >= bindparam("min_seq"),
+                            ),
+                        ),
+                        and_(
+                            _shifts.c.opened_at <= bindparam("until"),
+                            or_(
+                                _shifts.c.closed_at.is_(None),
+                                _shifts.c.closed_at >= bindparam("since"),
+                            ),
+                        ),
+                        _shifts.c.opened_at.between(bindparam("since"), bindparam("until")),
+                        _shifts.c.closed_at.between(bindparam("since"), bindparam("until")),
+                    ),
                 ),
                 and_(
-                    _shifts.c.opened_at <= bindparam("until"),
-                    or_(_shifts.c.closed_at.is_(None), _shifts.c.closed_at >= bindparam("since")),
+                    _shifts.c.courier_id != bindparam("courier_id"),
+                    _shifts.c.closed_at.is_not(None),
+                    func.coalesce(_shifts.c.first_seq, 1) <= bindparam("max_seq"),
+                    _shifts.c.last_seq >= bindparam("min_seq"),
                 ),
-                _shifts.c.opened_at.between(bindparam("since"), bindparam("until")),
-                _shifts.c.closed_at.between(bindparam("since"), bindparam("until")),
             ),
         )
         .order_by(_shifts.c.opened_at, _shifts.c.id)
@@ -842,6 +878,24 @@ class _Window:
     # seq and no last seq: its opening, and its first seq if it declared one.
     next_opened_at: dt.datetime | None = None
     next_first_seq: int | None = None
+    courier_id: int | None = None
+    # The PDA's shift before another courier's that declared no first seq: its id and
+    # its last seq.
+    previous_id: int | None = None
+    previous_last_seq: int | None = None
+
+    def as_colleagues(self) -> _Window | None:
+        """This shift of another courier as it may take a push's events: by its
+        declared seqs alone. With no first seq declared, its seqs start after the last
+        seq the PDA's previous shift declared, or at 1 on the PDA's first shift, as its
+        balance counts them (``sync.handover``); else it takes none."""
+        if self.first_seq is not None:
+            return self
+        if self.previous_id is None:
+            return replace(self, first_seq=1)
+        if self.previous_last_seq is None:
+            return None
+        return replace(self, first_seq=self.previous_last_seq + 1)
 
     def may_hold(self, seq: int) -> bool:
         """Whether the seqs the PDA declared leave room for ``seq`` in this shift."""
@@ -879,16 +933,21 @@ class _Window:
 class ShiftFiler:
     """Decides the shift each event of one courier's push is filed under.
 
-    Only the shifts this courier worked on this PDA count: another courier signed in
-    on the same PDA never files events into them. Rules, in order:
+    The shifts this courier worked on this PDA count, and, by their seqs alone,
+    another courier's closed on it with both seqs declared: a PDA handed over at the
+    counter pushes the first courier's queued events under the next one's sign-in,
+    and the seqs the first courier declared at opening and closing say whose they are
+    (``colleagues``; the event is then that courier's: ``recorded_by``). By time,
+    another courier's shift never takes an event. Rules, in order:
 
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
     2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
        at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
        clocks say; a shift closed without a ``last_seq`` holds by seq only what
        came by its close, give or take ``filing_grace``, and before the courier's
-       next shift on the PDA starts (``_Window.holds_by_seq``);
-    3. the shift open when the event happened (corrected clock);
+       next shift on the PDA starts (``_Window.holds_by_seq``); the courier's own
+       shifts first, then another's;
+    3. the courier's shift open when the event happened (corrected clock);
     4. one opened a little after it, or closed a little before it (``filing_grace``:
        corrected clocks are estimates, off by the push's latency), unless the
        shift's declared seqs say the event is not its;
@@ -906,10 +965,14 @@ class ShiftFiler:
         courier_id: int,
         rules: ShiftRules,
         events: Sequence[Filing],
+        *,
+        colleagues: bool = False,
     ) -> None:
-        """Read the shifts that may hold ``events``, the events it will be asked to file."""
+        """Read the shifts that may hold ``events``, the events it will be asked to file;
+        with ``colleagues``, also another courier's that hold them by their seqs."""
         self.grace = rules.filing_grace
         self.windows: list[_Window] = []
+        self.colleagues: dict[int, _Window] = {}
         self.own: set[int] = set()
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift id not of this courier's
         if not events:
@@ -923,8 +986,12 @@ class ShiftFiler:
             "since": min(times) - self.grace,
             "until": max(times) + self.grace,
         }
-        rows = SHIFT_WINDOWS.execute(session, {**courier, **bounds})
-        self.windows = [_Window(*row) for row in rows]
+        for row in SHIFT_WINDOWS.execute(session, {**courier, **bounds}):
+            window = _Window(*row)
+            if window.courier_id == courier_id:
+                self.windows.append(window)
+            elif colleagues and (theirs := window.as_colleagues()) is not None:
+                self.colleagues[window.shift_id] = theirs
         self.own = {w.shift_id for w in self.windows}
         farther = sorted({e.claimed for e in events if e.claimed is not None} - self.own)
         if farther:
@@ -937,8 +1004,11 @@ class ShiftFiler:
         if claimed is not None:
             if claimed in self.own:
                 return claimed
+            colleague = self.colleagues.get(claimed)
+            if colleague is not None and colleague.holds_by_seq(seq, occurred_at, self.grace):
+                return claimed
             self.wrong_claims[seq] = claimed
-        for window in reversed(self.windows):
+        for window in (*reversed(self.windows), *self.colleagues.values()):
             if window.holds_by_seq(seq, occurred_at, self.grace):
                 return window.shift_id
         near: list[tuple[dt.timedelta, int]] = []
@@ -953,6 +1023,13 @@ class ShiftFiler:
             elif closed is not None and closed < occurred_at <= closed + self.grace:
                 near.append((occurred_at - closed, window.shift_id))
         return min(near)[1] if near else None
+
+    def recorded_by(self, shift_id: int | None) -> int | None:
+        """The courier who recorded an event filed under ``shift_id`` when that is
+        another courier's shift (the seqs they declared hold it); else None, the
+        pushing courier."""
+        colleague = self.colleagues.get(shift_id) if shift_id is not None else None
+        return colleague.courier_id if colleague is not None else None
 
 
 # Built once (``sync.sql.Prebuilt`` says why): a push that files scans under a shift runs it.

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Flag, ScanEvent, Shift
+from models import Flag, ScanEvent, Shift, User
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -919,3 +919,90 @@ def test_a_colleagues_correction_voiding_a_delivery_is_flagged_whichever_arrives
             "corrected_by": rogue_user.id,
         }
     ]
+
+
+# -- a PDA handed over with the first courier's events still queued ---------------------------
+
+
+def _handed_over(
+    client: FlaskClient, session: Session, world: World, auth: Auth, *, last_seq: bool = True
+) -> tuple[Courier, dict[str, Any], list[str], list[dict[str, Any]]]:
+    """courier1 opens a shift on PDA-0001 declaring its first seq, checks two parcels out
+    online, then records offline a delivery (with a signature) and a return, naming the
+    shift. Back at the station the PDA closes the shift (declaring its last seq, unless
+    not ``last_seq``) and is handed to courier2, who signs in on it while courier1's two
+    events are still queued. Returns the PDA (signed in as courier2), courier1's shift,
+    the tracking numbers and the queued events."""
+    factories.user(session, "courier2", "courier", world.station)
+    first, second = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(first), pda.event(second)])
+    afternoon = now() - dt.timedelta(hours=3)
+    queued = [
+        pda.event(first, "delivered", occurred_at=afternoon, shift_id=shift["id"]),
+        pda.event(second, "returned_to_station", occurred_at=afternoon + dt.timedelta(hours=2)),
+    ]
+    closed = pda.close(shift["id"], **({"last_seq": pda.seq} if last_seq else {}))
+    assert closed.status_code == 200, closed.get_json()
+    pda.headers = auth.headers("courier2", "PDA-0001")
+    return pda, shift, [first, second], queued
+
+
+def test_a_handovers_queue_pushed_under_the_next_sign_in_is_the_first_couriers(
+    client: FlaskClient, session: Session, world: World, auth: Auth, manager: dict[str, str]
+) -> None:
+    """The PDA pushes courier1's queued events with the only token it holds now,
+    courier2's. They were answered `applied` and acked, so the PDA deleted them: were
+    they filed under no shift, courier1's handover would show the delivered and the
+    returned parcel missing for good, and the delivery flagged as courier2's, who never
+    left the station. The seqs courier1 declared at opening and closing say whose they
+    are."""
+    pda, shift, (first, _), queued = _handed_over(client, session, world, auth)
+    receipt = pda.push(queued)
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    assert receipt["acked_through_seq"] == 4
+    found = balance(client, shift["id"], manager)
+    assert (found["missing"], found["delivered"], found["returned"]) == (0, 1, 1), found
+    assert found["status"] == "balanced", found["discrepancies"]
+    courier2 = session.scalar(select(User.id).where(User.username == "courier2"))
+    timeline = client.get(f"/api/v1/parcels/{first}", headers=auth.headers("auditor1"))
+    delivered = timeline.get_json()["timeline"][-1]
+    assert (delivered["type"], delivered["shift_id"]) == ("delivered", shift["id"])
+    assert (delivered["courier_id"], delivered["pushed_by_courier_id"]) == (
+        world.courier.id,
+        courier2,
+    )
+    proofs = client.get(f"/api/v1/proofs?courier_id={world.courier.id}", headers=manager)
+    assert [p["tracking_no"] for p in proofs.get_json()["items"]] == [first]
+
+
+def test_the_next_couriers_undeclared_shift_does_not_take_the_queued_return(
+    client: FlaskClient, session: Session, world: World, auth: Auth, manager: dict[str, str]
+) -> None:
+    """courier2 opens a shift without `first_seq` (optional in the contract), and the
+    queued return, a few minutes old, reaches the server after: by time it falls within
+    the filing grace of courier2's opening, but its seq lies in courier1's declared
+    range, so courier2's balance is not charged with a parcel it never checked out."""
+    pda, shift, (_, second), queued = _handed_over(client, session, world, auth)
+    queued[1]["occurred_at"] = (now() - dt.timedelta(minutes=1)).isoformat()
+    next_shift = pda.open()
+    pda.push(queued)
+    theirs = balance(client, next_shift["id"], manager)
+    assert second not in {p["tracking_no"] for p in theirs["parcels"]}, theirs["parcels"]
+    assert balance(client, shift["id"], manager)["returned"] == 1
+
+
+def test_another_couriers_shift_takes_no_event_its_declared_seqs_do_not_hold(
+    client: FlaskClient, session: Session, world: World, auth: Auth, manager: dict[str, str]
+) -> None:
+    """Only a closed shift's declared seqs speak for another courier: closed without its
+    last seq, courier1's shift holds nothing courier2's sign-in pushes (its end is only
+    an estimate by time), and a queued event that names it is `wrong_shift`, as a
+    colleague's claim always was. (PDAs should declare both seqs.)"""
+    pda, shift, (first, _), queued = _handed_over(client, session, world, auth, last_seq=False)
+    pda.push(queued)
+    assert balance(client, shift["id"], manager)["missing"] == 2
+    flags = client.get("/api/v1/flags?kind=wrong_shift", headers=manager).get_json()["items"]
+    assert [f["evidence"]["claimed_shift_ids"] for f in flags] == [[shift["id"]]]
+    assert flags[0]["evidence"]["seqs"] == [queued[0]["seq"]]

@@ -8,7 +8,8 @@ delivery, consents (captured on the PDA, or granted through the API at any
 point) and consent requests in the mix, so the rule flags they decide must
 converge too. The PDA works in a shift opened before the day, which the courier
 may close at any point (the rest of the stream then lands in a closed shift),
-so the shift's handover balance and flags must converge as well. After every
+and then hand to the next courier, whose sign-in pushes the rest, so the shift's
+handover balance, flags and who recorded each event must converge as well. After every
 step, each event the server acknowledged is stored exactly once. At the end the
 PDA delivers everything still unacknowledged, and the final state (statuses,
 holders, acks, flags, quarantine, the shift's balance) is compared with a fresh
@@ -167,11 +168,13 @@ class World:
     def _populate(self) -> None:
         station = factories.station(self.session, code="CONV")
         courier = factories.user(self.session, "conv-courier", "courier", station)
+        self.next_courier_id = factories.user(self.session, "conv-next", "courier", station).id
         device = factories.device(self.session, "PDA-CONV", station)
         for tracking_no in KNOWN:
             factories.parcel(self.session, station, tracking_no=tracking_no)
         self.session.commit()
         self.pusher = Pusher(device.id, station.id, courier.id)
+        self.courier_id = courier.id  # the shift's, whoever is signed in on the PDA
         self.station_id = station.id
         # Opened before the day (events are 1 to 3 hours before NOW), closed at NOW.
         self.shift = open_shift(
@@ -185,7 +188,7 @@ class World:
 
     def close_the_shift(self, last_seq: int) -> None:
         close_shift(
-            session=self.session, shift=self.shift, closed_by=self.pusher.courier_id,
+            session=self.session, shift=self.shift, closed_by=self.courier_id,
             last_seq=last_seq, now=NOW,
         )  # fmt: skip
         self.session.commit()
@@ -221,8 +224,14 @@ class World:
                 )
             ),
             "events": sorted(
-                session.execute(
-                    select(ScanEvent.client_event_id, ScanEvent.seq, ScanEvent.content_hash)
+                (client_event_id, seq, content_hash, self._courier_name(courier_id))
+                for client_event_id, seq, content_hash, courier_id in session.execute(
+                    select(
+                        ScanEvent.client_event_id,
+                        ScanEvent.seq,
+                        ScanEvent.content_hash,
+                        ScanEvent.courier_id,
+                    )
                 )
             ),
             "quarantine": sorted(session.scalars(select(QuarantinedEvent.payload_hash))),
@@ -248,7 +257,12 @@ class World:
     def _courier_name(self, courier_id: int | None) -> str | None:
         if courier_id is None:
             return None
-        return "the PDA's courier" if courier_id == self.pusher.courier_id else str(courier_id)
+        return "the shift's courier" if courier_id == self.courier_id else str(courier_id)
+
+    def hand_over(self) -> None:
+        """The PDA is handed to the next courier, who signs in on it: what it still
+        holds of the day is pushed under their sign-in."""
+        self.pusher = Pusher(self.pusher.device_id, self.pusher.station_id, self.next_courier_id)
 
     def recipient_consents(self) -> None:
         """The recipient of the first parcel agrees to locker delivery, through the app,
@@ -298,6 +312,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.taken_in = False
         self.consented = False
         self.closed = False
+        self.handed_over = False
         self.skewed_push = False  # did any committed push carry an offset beyond the bound?
         self.acknowledged: set[str] = set()
         self.sent: list[tuple[uuid.UUID, list[dict[str, Any]], dict[str, Any]]] = []
@@ -361,6 +376,16 @@ class PdaAgainstServer(RuleBasedStateMachine):
         still to come land in a closed shift."""
         self.world.close_the_shift(last_seq=len(self.stream))
         self.closed = True
+
+    @precondition(lambda self: self.closed and not self.handed_over)
+    @rule()
+    def the_pda_is_handed_over(self) -> None:
+        """The shift closed declaring its last seq, the next courier signs in on the PDA,
+        and the rest of the day is pushed under their sign-in: it is still the first
+        courier's, filed under their shift (their declared seqs hold it)."""
+        self.world.hand_over()
+        self.cursor = None  # a cursor is the signed-in courier's
+        self.handed_over = True
 
     @precondition(lambda self: not self.taken_in)
     @rule()

@@ -138,6 +138,7 @@ def timeline_view(entry: TimelineEntry, hide_pickup_code: bool, unmasked: bool) 
         "occurred_at": event.occurred_at,
         "received_at": event.received_at,
         "batch_id": entry.batch_id,
+        "pushed_by_courier_id": entry.pushed_by,
         "shift_id": event.shift_id,
         "location": None
         if event.lat is None

@@ -130,7 +130,18 @@ class TimelineEvent(ma.Schema):
     event_id = ma.fields.Integer(required=True)
     client_event_id = ma.fields.UUID(required=True)
     device_id = ma.fields.String(required=True)
-    courier_id = ma.fields.Integer(required=True)
+    courier_id = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "The courier who recorded it: the one signed in on the PDA "
+            "when it was pushed, or, for events a PDA still held when it was handed to "
+            "the next courier, the courier whose closed shift's declared seqs hold it"
+        },
+    )
+    pushed_by_courier_id = ma.fields.Integer(
+        required=True,
+        metadata={"description": "The courier signed in on the PDA when it was pushed"},
+    )
     seq = ma.fields.Integer(required=True)
     type = ma.fields.Enum(EventType, by_value=True, required=True)
     emsevt = ma.fields.String(

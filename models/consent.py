@@ -47,11 +47,19 @@ class Consent(Base):
     expires_at: Mapped[dt.datetime | None]
     revoked_at: Mapped[dt.datetime | None]
     revoked_reason: Mapped[str | None] = mapped_column(Text)
+    # Who revoked it (a channel's integration account, an admin), and how the recipient
+    # did (when the request said): null for consents revoked before these were kept.
+    revoked_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    revoked_channel: Mapped[ConsentChannel | None] = mapped_column(
+        str_enum(ConsentChannel, "revoked_channel")
+    )
     evidence: Mapped[str | None] = mapped_column(Text)
     # Captured on a PDA: its event, and that device's seq (its causal order, rule 6).
     event_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("scan_event.id"), unique=True)
     device_id: Mapped[str | None] = mapped_column(ForeignKey("device.id"))
     seq: Mapped[int | None]
+    # Who recorded it: the channel's integration account or an admin (API), or the
+    # courier whose PDA captured it.
     created_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     created_at: Mapped[timestamp]
     # When the expiry sweep told the PDAs holding covered parcels that it lapsed.

@@ -184,18 +184,33 @@ def point_named(method: ConsentMethod, point_id: str | None) -> str | None:
     return point
 
 
-def revoke(*, session: Session, consent: Consent, reason: str | None) -> bool:
+@dataclass(frozen=True)
+class Revocation:
+    """Who revoked a consent (a user id), and what the revoking request said: the
+    recipient's reason and the channel through which they revoked, when given."""
+
+    revoked_by: int | None
+    reason: str | None = None
+    channel: ConsentChannel | None = None
+
+
+def revoke(*, session: Session, consent: Consent, revocation: Revocation) -> bool:
     """Revoke ``consent`` unless it is revoked already; whether this call revoked it.
 
     One guarded update: of two revocations at once (an app's retry, a double tap),
     the second waits for the first's commit, then finds it revoked and changes
-    nothing, so the time and reason stored are the first's and its parcels are
-    judged again once. ``consent`` is refreshed to what is stored.
+    nothing, so the time, reason, actor and channel stored are the first's and its
+    parcels are judged again once. ``consent`` is refreshed to what is stored.
     """
     revoked = session.execute(
         update(Consent)
         .where(Consent.id == consent.id, Consent.revoked_at.is_(None))
-        .values(revoked_at=utcnow(), revoked_reason=reason)
+        .values(
+            revoked_at=utcnow(),
+            revoked_reason=revocation.reason,
+            revoked_by=revocation.revoked_by,
+            revoked_channel=revocation.channel,
+        )
         .execution_options(synchronize_session=False)
     )
     session.refresh(consent)

@@ -289,9 +289,9 @@ def test_a_push_that_waited_for_its_pdas_previous_one_compares_with_its_last_sca
 
 def test_two_revocations_of_one_consent_at_once_revoke_it_once(committed_app: Flask) -> None:
     """The recipient taps "revoke" and the app retries: revoking twice changes nothing.
-    The consent keeps the first revocation's time and reason, and both answers say
-    what is stored (on PostgreSQL both read it unrevoked before either wrote: a second
-    reader saw the second overwrite the first in 6 rounds of 6)."""
+    The consent keeps the first revocation's time, reason and channel, and both
+    answers say what is stored (on PostgreSQL both read it unrevoked before either
+    wrote: a second reader saw the second overwrite the first in 6 rounds of 6)."""
     with committed_app.app_context():
         station = factories.station(db.session, code="RACE")
         numbers = [factories.parcel(db.session, station).tracking_no for _ in range(6)]
@@ -314,11 +314,20 @@ def test_two_revocations_of_one_consent_at_once_revoke_it_once(committed_app: Fl
         assert granted.status_code == 201, granted.get_json()
         url = f"/api/v1/consents/{granted.get_json()['id']}/revoke"
         answers = race_requests(
-            committed_app, [("POST", url, {"reason": f"tap {i}"}, channel) for i in range(2)]
+            committed_app,
+            [
+                ("POST", url, {"reason": f"tap {i}", "channel": tapped}, channel)
+                for i, tapped in enumerate(("app", "sms"))
+            ],
         )
         stored = client.get(f"/api/v1/consents/{granted.get_json()['id']}", headers=channel)
-        seen = {(a.get_json()["revoked_at"], a.get_json()["revoked_reason"]) for a in answers}
-        now = (stored.get_json()["revoked_at"], stored.get_json()["revoked_reason"])
+        seen = {_revocation(a.get_json()) for a in answers}
+        now = _revocation(stored.get_json())
         if [a.status_code for a in answers] != [200, 200] or seen != {now}:
             failures.append((round_, sorted(seen), now))
     assert failures == [], f"{len(failures)} of {len(numbers)} rounds: {failures[:2]}"
+
+
+def _revocation(consent: dict[str, Any]) -> tuple[Any, ...]:
+    """What a revocation stores of a consent."""
+    return tuple(consent[name] for name in ("revoked_at", "revoked_reason", "revoked_channel"))

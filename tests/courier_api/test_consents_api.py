@@ -776,6 +776,66 @@ def test_a_phone_in_a_revocations_reason_is_masked_except_for_auditors(
     assert shown("auditor1") == "recipient called from +86 138 1234 5678"
 
 
+def test_a_consent_says_who_recorded_it_and_who_revoked_it(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, world: World
+) -> None:
+    """The recipient says they revoked the consent a courier's drop leaned on. Otherwise
+    the consent shows neither who recorded it (the recipient's app, the SMS gateway, an
+    admin) nor who revoked it and how: the auditor cannot settle the dispute. A second
+    revocation (the app's) changes none of what the first (the admin's) stored."""
+    consent = grant(client, app1, tracking_no=parcel.tracking_no).get_json()
+    assert (consent["created_by"], consent["revoked_by"]) == (world.integration.id, None)
+    revoke = {"reason": "recipient called the station", "channel": "phone_call"}
+    revoked = client.post(
+        f"{URL}/{consent['id']}/revoke", json=revoke, headers=auth.headers("admin")
+    )
+    assert revoked.status_code == 200, revoked.get_json()
+    client.post(f"{URL}/{consent['id']}/revoke", json={"channel": "app"}, headers=app1)
+    for reader in ("auditor1", "manager1", "app1"):
+        seen = client.get(f"{URL}/{consent['id']}", headers=auth.headers(reader)).get_json()
+        assert seen["revoked_at"] == revoked.get_json()["revoked_at"]
+        assert (seen["created_by"], seen["revoked_by"], seen["revoked_channel"]) == (
+            world.integration.id,
+            world.admin.id,
+            "phone_call",
+        )
+    listed = client.get(
+        URL, query_string={"tracking_no": parcel.tracking_no}, headers=auth.headers("manager1")
+    ).get_json()["items"]
+    assert [(c["revoked_by"], c["recipient_phone"]) for c in listed] == [(world.admin.id, None)]
+
+
+def test_a_consent_captured_on_a_pda_names_its_courier_and_pda(
+    client: FlaskClient, auth: Auth, parcel: Parcel, world: World
+) -> None:
+    """Otherwise a consent the courier captured at the door reads like one from a
+    recipient's channel, but for its event id."""
+    at = now() - dt.timedelta(minutes=30)
+    captured = factories.event(
+        2, parcel.tracking_no, "consent_captured", occurred_at=at,
+        consent={"method": "locker", "channel": "in_person"},
+    )  # fmt: skip
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), captured])
+    query = {"tracking_no": parcel.tracking_no}
+    [seen] = client.get(URL, query_string=query, headers=auth.headers("auditor1")).json["items"]
+    assert (seen["created_by"], seen["device_id"]) == (world.courier.id, "PDA-0001")
+    assert (seen["revoked_by"], seen["revoked_channel"]) == (None, None)
+
+
+@pytest.mark.parametrize("channel", ["fax", "", None, 3])
+def test_a_revocations_channel_is_one_a_consent_comes_through(
+    client: FlaskClient, app1: dict[str, str], parcel: Parcel, channel: Any
+) -> None:
+    """Otherwise a channel nobody can revoke through would be stored as evidence."""
+    consent = grant(client, app1, tracking_no=parcel.tracking_no).get_json()
+    body = {"channel": channel}
+    refused = client.post(f"{URL}/{consent['id']}/revoke", json=body, headers=app1)
+    assert refused.status_code == 422
+    assert list(refused.get_json()["errors"]["json"]) == ["channel"]
+    unrevoked = client.get(f"{URL}/{consent['id']}", headers=app1).get_json()
+    assert unrevoked["revoked_at"] is None
+
+
 def test_a_bad_recipient_phone_filter_is_named_as_sent(
     client: FlaskClient, app1: dict[str, str]
 ) -> None:

@@ -213,12 +213,21 @@ class RevokeConsent(MethodView):
         """Revoke a consent
 
         From now on it no longer authorizes unattended delivery; drops before
-        now stay authorized. Revoking twice changes nothing. The parcels it
-        covers are judged again and their couriers hear of it.
+        now stay authorized. The consent keeps who revoked it (`revoked_by`,
+        the signed-in user) and, when given, the recipient's `reason` and the
+        `channel` they revoked through (`revoked_channel`). Revoking twice
+        changes nothing: the first revocation's time, reason, user and channel
+        stand. The parcels it covers are judged again and their couriers hear
+        of it.
         """
         consent = consents.get(session=db.session, consent_id=consent_id)
+        revocation = consents.Revocation(
+            revoked_by=current_principal().user_id,
+            reason=body.get("reason"),
+            channel=body.get("channel"),
+        )
         if consent.revoked_at is None and consents.revoke(
-            session=db.session, consent=consent, reason=body.get("reason")
+            session=db.session, consent=consent, revocation=revocation
         ):
             rejudge_for_consent(
                 session=db.session, consent=consent, policy=policy_of(current_app.config)

@@ -145,6 +145,14 @@ class ConsentRequestPage(ma.Schema):
 
 class RevokeIn(ma.Schema):
     reason = Text(validate=ma.validate.Length(max=500))
+    channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        metadata={
+            "description": "How the recipient revoked it: sms, app, phone_call or "
+            "in_person (optional; kept as `revoked_channel`)"
+        },
+    )
 
 
 class ConsentOut(ma.Schema):
@@ -167,6 +175,21 @@ class ConsentOut(ma.Schema):
         required=True,
         metadata={"description": "A phone number typed into it is masked except for auditors"},
     )
+    revoked_by = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The user who revoked it (an integration's account, an admin); "
+            "null if not revoked, or revoked before who did was kept"
+        },
+    )
+    revoked_channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={"description": "How the recipient revoked it, when the revocation said"},
+    )
     evidence = ma.fields.String(
         allow_none=True,
         required=True,
@@ -175,6 +198,9 @@ class ConsentOut(ma.Schema):
     event_id = ma.fields.Integer(
         allow_none=True, required=True, metadata={"description": "Captured on a PDA: its event"}
     )
+    device_id = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "Captured on a PDA: that PDA"}
+    )
     voided = ma.fields.Boolean(
         required=True,
         metadata={
@@ -182,7 +208,17 @@ class ConsentOut(ma.Schema):
             "that event: it authorizes nothing"
         },
     )
-    created_at = ma.fields.AwareDateTime(required=True)
+    created_at = ma.fields.AwareDateTime(
+        required=True, metadata={"description": "When it was recorded here"}
+    )
+    created_by = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The user who recorded it: the channel's integration account or "
+            "an admin, or the courier whose PDA captured it (`device_id`)"
+        },
+    )
 
 
 class ConsentListArgs(PageArgs):

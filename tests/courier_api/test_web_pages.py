@@ -491,6 +491,35 @@ def test_the_unbalanced_shift_shows_each_discrepancy_with_its_evidence(
     assert "force_reason" not in html  # not provisional: no reason asked for
 
 
+def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The recipient's consent reached the server after the drop, then they revoked it
+    by SMS. Otherwise the manager reads when it was revoked, not how."""
+    drop = session.get(ScanEvent, day.drop_event_id)
+    assert drop is not None and drop.occurred_at is not None
+    client = app.test_client()
+    headers = Auth(client).headers("recipient-app")
+    granted = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": day.dropped_parcel,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": (drop.occurred_at - dt.timedelta(minutes=30)).isoformat(),
+        },
+        headers=headers,
+    ).get_json()
+    revoke = client.post(
+        f"/api/v1/consents/{granted['id']}/revoke", json={"channel": "sms"}, headers=headers
+    )
+    assert revoke.status_code == 200, revoke.get_json()
+    html = signed_in(app, "manager").get(f"/web/shifts/{day.unbalanced.id}")
+    [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
+    assert on_record.startswith(f"consent #{granted['id']}: locker, by app, parcel")
+    assert re.search(r", revoked [^,]+ by sms$", on_record), on_record
+
+
 def test_the_provisional_shift_names_the_missing_sequence_numbers(
     app: Flask, day: StationDay
 ) -> None:

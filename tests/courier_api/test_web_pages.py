@@ -491,16 +491,14 @@ def test_the_unbalanced_shift_shows_each_discrepancy_with_its_evidence(
     assert "force_reason" not in html  # not provisional: no reason asked for
 
 
-def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
-    app: Flask, session: Session, day: StationDay
-) -> None:
-    """The recipient's consent reached the server after the drop, then they revoked it
-    by SMS. Otherwise the manager reads when it was revoked, not how."""
+def _app_consent_before_the_drop(
+    client: FlaskClient, session: Session, day: StationDay, headers: dict[str, str]
+) -> TestResponse:
+    """The recipient's app grants locker delivery of the dropped parcel, dated half an
+    hour before the drop, and the server records it now (after the drop)."""
     drop = session.get(ScanEvent, day.drop_event_id)
     assert drop is not None and drop.occurred_at is not None
-    client = app.test_client()
-    headers = Auth(client).headers("recipient-app")
-    granted = client.post(
+    return client.post(
         "/api/v1/consents",
         json={
             "tracking_no": day.dropped_parcel,
@@ -509,7 +507,17 @@ def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
             "granted_at": (drop.occurred_at - dt.timedelta(minutes=30)).isoformat(),
         },
         headers=headers,
-    ).get_json()
+    )
+
+
+def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The recipient's consent reached the server after the drop, then they revoked it
+    by SMS. Otherwise the manager reads when it was revoked, not how."""
+    client = app.test_client()
+    headers = Auth(client).headers("recipient-app")
+    granted = _app_consent_before_the_drop(client, session, day, headers).get_json()
     revoke = client.post(
         f"/api/v1/consents/{granted['id']}/revoke", json={"channel": "sms"}, headers=headers
     )
@@ -659,19 +667,9 @@ def test_a_signed_off_shift_whose_balance_changed_since_says_so_on_its_page_and_
     pages.post(f"{path}/signoff", note="locker drop without consent; one parcel missing")
     assert f"Shift {day.unbalanced.id} is signed off." in pages.get(path)
     assert "changed since" not in pages.get(path) + pages.get(f"/web/board?date={day.day}")
-    drop = session.get(ScanEvent, day.drop_event_id)
-    assert drop is not None and drop.occurred_at is not None
     client = app.test_client()
-    granted = client.post(
-        "/api/v1/consents",
-        json={
-            "tracking_no": day.dropped_parcel,
-            "method": "locker",
-            "channel": "app",
-            "granted_at": (drop.occurred_at - dt.timedelta(minutes=30)).isoformat(),
-        },
-        headers=Auth(client).headers("recipient-app"),
-    )
+    headers = Auth(client).headers("recipient-app")
+    granted = _app_consent_before_the_drop(client, session, day, headers)
     assert granted.status_code == 201, granted.get_json()
     html = pages.get(path)
     assert "The balance has changed since the sign-off" in html

@@ -424,6 +424,31 @@ def test_the_quarantine_is_per_station_for_managers(
     assert client.get("/api/v1/quarantine", headers=courier).status_code == 403
 
 
+def test_the_quarantine_lists_the_rejected_events_naming_a_parcel(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A manager chasing a parcel counted missing asks the quarantine for its rejected
+    events (a drop refused for a missing compartment) by its tracking number, as the
+    PDA wrote it or as a label prints it; otherwise they page through every rejected
+    event of the station. Another station's manager gets none of them."""
+    drop = ev(2, parcel.tracking_no, "delivered_to_locker", locker_id="L-7")  # no compartment
+    push(client, courier, [ev(1, parcel.tracking_no), drop, {"garbage": True}])
+    printed = f"{parcel.tracking_no[:2].lower()} {parcel.tracking_no[2:]}"
+    for asked in (parcel.tracking_no, printed):
+        listed = client.get(
+            "/api/v1/quarantine",
+            query_string={"tracking_no": asked},
+            headers=auth.headers("manager1"),
+        ).get_json()
+        assert [i["client_event_id"] for i in listed["items"]] == [drop["client_event_id"]]
+    elsewhere = client.get(
+        "/api/v1/quarantine",
+        query_string={"tracking_no": parcel.tracking_no},
+        headers=auth.headers("manager2"),
+    ).get_json()
+    assert elsewhere["items"] == []
+
+
 def test_quarantine_pages_newest_first(
     client: FlaskClient, auth: Auth, courier: dict[str, str]
 ) -> None:

@@ -7,6 +7,10 @@ from courier_api.api.fields import After, Id, Text
 class QuarantineArgs(PageArgs):
     station_id = Id(metadata={"description": "Admins only; managers see their own station"})
     device_id = Text()
+    tracking_no = Text(
+        validate=ma.validate.Length(max=40),
+        metadata={"description": "The rejected events naming this parcel"},
+    )
     after = After()
 
 

@@ -100,6 +100,15 @@ class ShiftFacts:
     def trails(self) -> dict[str, ParcelTrail]:
         return parcel_trails(self.events)
 
+    def balance(self) -> Balance:
+        return compute_balance(
+            shift_id=self.shift.id,
+            trails=self.trails(),
+            rule_flags=self.rule_flags,
+            handover_flags=self.handover_flags,
+            seqs=self.seqs,
+        )
+
 
 def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
     """The balance inputs of ``shifts``, in five to seven queries (per 900 shifts).
@@ -331,16 +340,7 @@ def balances(session: Session, shifts: Sequence[Shift]) -> dict[int, Balance]:
     """Each shift's balance. Its inputs are a few objects per event, which the cyclic
     collector could only walk again and again (``sync.collector``)."""
     with collector_paused():
-        return {
-            shift_id: compute_balance(
-                shift_id=shift_id,
-                trails=facts.trails(),
-                rule_flags=facts.rule_flags,
-                handover_flags=facts.handover_flags,
-                seqs=facts.seqs,
-            )
-            for shift_id, facts in gather(session, shifts).items()
-        }
+        return {shift_id: facts.balance() for shift_id, facts in gather(session, shifts).items()}
 
 
 def shift_balance(*, session: Session, shift: Shift) -> Balance:
@@ -359,6 +359,17 @@ class BoardRow:
     @property
     def changed_since_signoff(self) -> bool:
         return changed_since_signoff(self.shift, self.balance)
+
+    @property
+    def signoff_superseded(self) -> bool:
+        return signoff_superseded(self.shift)
+
+
+def signoff_superseded(shift: Shift) -> bool:
+    """Signed off, then reopened by late events (rule 5): closed again, waiting for a new
+    sign-off. The shift keeps the superseded sign-off's time, note and balance until
+    then: they are the previous sign-off's, no longer the shift's state."""
+    return shift.status == ShiftStatus.CLOSED and shift.signed_off_at is not None
 
 
 def changed_since_signoff(shift: Shift, balance: Balance) -> bool:
@@ -419,6 +430,7 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
             "closed",
             "signed_off",
             "changed_since_signoff",
+            "reopened",
         ),
         0,
     )
@@ -430,6 +442,7 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
         tally[summary["status"]] += 1
         tally[row.shift.status.value] += 1
         tally["changed_since_signoff"] += row.changed_since_signoff
+        tally["reopened"] += row.signoff_superseded
     return {**totals, **tally}
 
 

@@ -411,22 +411,17 @@ def _outcome(trail: ParcelTrail, cited: Sequence[FlagRef]) -> str:
 def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
     """The sequence numbers the server lacks that may hold events of this shift.
 
-    The shift owns the seqs from the first it declared (``_first_owned_seq``) to the
+    The shift owns (``owned_seqs``) the seqs from the first it declared to the
     last it declared at closing; a shift that declared none owns everything up to
     where the device's next shift starts (or, with no next shift, the device's highest
     seq): a gap there may hold its first or last events, and says so until they come.
     Missing are the device's gaps below its highest seq, plus a declared last seq
     beyond it (a final batch that never came).
     """
-    low = _first_owned_seq(seqs)
-    if low is None:
+    span = owned_seqs(seqs)
+    if span is None:
         return [], 0
-    if seqs.last_seq is not None:
-        high = seqs.last_seq
-    elif seqs.status != ShiftStatus.OPEN and seqs.next_shift_seq is not None:
-        high = seqs.next_shift_seq - 1
-    else:
-        high = seqs.device_max_seq
+    low, high = span
     ranges = [(first, last) for first, last in seqs.device_missing]
     if high > seqs.device_max_seq:
         ranges.append((seqs.device_max_seq + 1, high))
@@ -440,6 +435,20 @@ def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
         room = MISSING_SEQS_SHOWN - len(shown)
         shown.extend(range(first, min(last, first + room - 1) + 1))
     return shown, count
+
+
+def owned_seqs(seqs: ShiftSeqs) -> tuple[int, int] | None:
+    """``(first, last)``: the device's sequence numbers the shift owns, as
+    ``shift_missing_seqs`` reads them (None: it holds no event and bounds none). Its
+    PDA's events with these seqs are the shift's, arrived, missing or rejected."""
+    low = _first_owned_seq(seqs)
+    if low is None:
+        return None
+    if seqs.last_seq is not None:
+        return low, seqs.last_seq
+    if seqs.status != ShiftStatus.OPEN and seqs.next_shift_seq is not None:
+        return low, seqs.next_shift_seq - 1
+    return low, seqs.device_max_seq
 
 
 def _first_owned_seq(seqs: ShiftSeqs) -> int | None:

@@ -3,7 +3,8 @@
 The pages (``courier_api/web``) read the same services as the API. This module
 gathers what a page shows at once and the API answers in separate calls: a
 shift with the evidence of each discrepancy (its events on both clocks, the
-consent a drop had or lacked, the proof images), the consent behind each drop
+consent a drop had or lacked, the proof images, its PDA's rejected events about
+the parcel), the shift's own flags with their events, the consent behind each drop
 of a page of proofs, whether each proof image can be shown to the reader, and a
 day's monitoring report with the six days before it. Nothing here writes.
 """
@@ -14,11 +15,11 @@ import datetime as dt
 import enum
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -27,32 +28,38 @@ from models import (
     Flag,
     FlagChange,
     Parcel,
+    QuarantinedEvent,
     ReportKind,
     ScanEvent,
     Shift,
     Station,
     User,
 )
-from sync.balances import changed_since_signoff, shift_balance, station_board
+from sync.balances import changed_since_signoff, gather, signoff_superseded, station_board
 from sync.blobs import BlobReader, BlobStore, readable_blobs
 from sync.consents import consents_for
 from sync.directory import get_station
 from sync.flags import flag_changes
 from sync.handover import (
     CONSENT_KINDS,
+    HANDOVER_KINDS,
     OUTCOMES,
     Balance,
     Discrepancy,
     ParcelOutcome,
     balance_version,
+    owned_seqs,
     sign_off_blocked,
 )
 from sync.projection import voided_by
 from sync.proofs import Proof
+from sync.quarantine import SHIFT_REJECTIONS_SHOWN, shift_rejections, shown_rejection
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, EventDetail, Policy, authorizes
+from sync.shifts import LATE_EVENT, LATEST_REOPENING
 from sync.sql import among, chunks
 from sync.status import load_events
+from sync.tracking import normalize
 
 WEEK_DAYS = 7
 POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
@@ -197,6 +204,20 @@ class DiscrepancyEvidence:
     events: list[EvidenceEvent]  # the flag's events in this shift, in device order
     drops: dict[int, DropConsent]  # by event id, for the drops among ``events``
     consents_on_record: list[Consent]  # consent kinds: every consent that could cover it
+    # The PDA's rejected events of the shift naming this parcel (``shown_rejection``):
+    # a drop refused for a missing compartment is why a parcel in a locker is missing.
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShiftFlag:
+    """A flag about the shift itself rather than one of its parcels' discrepancies:
+    reopened by late events, not closed in time, proof images missing at handover,
+    its PDA gone silent."""
+
+    flag: Flag
+    events: list[ScanEvent]  # its evidence's events, in device order
+    latest: frozenset[int]  # a reopening's flag: the events of the latest reopening
 
 
 @dataclass(frozen=True)
@@ -210,9 +231,23 @@ class ShiftPage:
     parcels: dict[str, Parcel]  # those the reader may see
     elsewhere: frozenset[str]  # taken in at a station the reader does not see
     discrepancies: list[DiscrepancyEvidence]
+    flags: list[ShiftFlag]  # the shift's own, oldest first, whatever their status
+    # The PDA's rejected events of the shift that name no parcel of a discrepancy (those
+    # are with it); None: the reader does not read the quarantine (auditors).
+    rejections: list[dict[str, Any]] | None
+    more_rejections: bool  # more than ``SHIFT_REJECTIONS_SHOWN``: the API lists them all
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
     balance_version: str  # sent back with a sign-off: refused if the balance changed
     changed_since_signoff: bool  # signed off, and the balance now differs (rule 5)
+
+    @property
+    def reopening(self) -> Flag | None:
+        """The ``late_event_after_signoff`` flag, once late events reopened the shift."""
+        return next((f.flag for f in self.flags if f.flag.kind == LATE_EVENT), None)
+
+    @property
+    def signoff_superseded(self) -> bool:
+        return signoff_superseded(self.shift)
 
 
 def shift_page(
@@ -223,19 +258,23 @@ def shift_page(
     reader: BlobReader,
     store: BlobStore,
     visible_station: int | None,
+    reads_rejections: bool,
 ) -> ShiftPage:
-    """The shift, its balance by outcome and each discrepancy with its evidence.
+    """The shift, its balance by outcome, each discrepancy with its evidence, the
+    shift's own flags with their events, and its PDA's rejected events.
 
     ``visible_station``: the one station whose parcels a station-bound reader sees
     (None: all). A parcel of another station that the shift's courier scanned (one
     mis-sorted) is shown by its tracking number only, as the API shows it: its
     recipient, its consents and its proof belong to that station.
+    ``reads_rejections``: whether the reader reads the quarantine (not auditors).
 
     About a dozen queries whatever the number of parcels (plus one per proof image of
     the discrepancies for a station's reader, see ``image_states``).
     """
     station = get_station(session=session, station_id=shift.station_id)
-    balance = shift_balance(session=session, shift=shift)
+    facts = gather(session, [shift])[shift.id]
+    balance = facts.balance()
     users = users_by_id(session, [shift.courier_id, shift.closed_by, shift.signed_off_by])
     numbers = sorted({p.tracking_no for p in balance.parcels})
     parcels = _parcels(session, numbers)
@@ -243,20 +282,15 @@ def shift_page(
         n for n, p in parcels.items() if visible_station not in (None, p.station_id)
     )
     parcels = {n: p for n, p in parcels.items() if n not in elsewhere}
+    flags, own_flags = _flags(session, shift, balance, visible_station)
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
-    events = _events(session, [*outcome_ids, *evidence_ids])
-    flags = {
-        f.id: f
-        for f in session.scalars(
-            select(Flag).where(
-                Flag.id.in_(sorted({d.flag_id for d in balance.discrepancies if d.flag_id}))
-            )
-        )
-    }
+    events = _events(
+        session, [*outcome_ids, *evidence_ids, *(i for f in own_flags for i in _evidence_ids(f))]
+    )
     troubled = sorted({d.tracking_no for d in balance.discrepancies})
-    facts = load_events(session, troubled) if troubled else {}
-    voids = voided_by(e.fact for found in facts.values() for e in found)
+    facts_of = load_events(session, troubled) if troubled else {}
+    voids = voided_by(e.fact for found in facts_of.values() for e in found)
     drops = [
         (event_id, parcels[events[event_id].tracking_no])
         for event_id in sorted(evidence_ids)
@@ -264,7 +298,7 @@ def shift_page(
         and events[event_id].type in DROPS
         and events[event_id].tracking_no in parcels
     ]
-    consents = drop_consents(session=session, drops=drops, policy=policy, loaded=facts)
+    consents = drop_consents(session=session, drops=drops, policy=policy, loaded=facts_of)
     on_record = _consents_on_record(
         session,
         [
@@ -284,6 +318,19 @@ def shift_page(
         reader=reader,
         store=store,
     )
+    rejected = (
+        shift_rejections(
+            session=session,
+            device_id=shift.device_id,
+            seqs=owned_seqs(facts.seqs),
+            tracking_nos=numbers,
+            station_id=visible_station,
+        )
+        if reads_rejections
+        else []
+    )
+    shown_rejected = rejected[:SHIFT_REJECTIONS_SHOWN]
+    rejections_of = _by_parcel(shown_rejected)
     discrepancies = []
     for d in balance.discrepancies:
         shown = sorted(
@@ -302,6 +349,7 @@ def shift_page(
                 consents_on_record=on_record.get(d.tracking_no, [])
                 if d.kind in CONSENT_KINDS
                 else [],
+                rejections=[shown_rejection(r) for r in rejections_of.get(d.tracking_no, [])],
             )
         )
     grouped: dict[str, list[ParcelOutcome]] = defaultdict(list)
@@ -318,10 +366,69 @@ def shift_page(
         parcels=parcels,
         elsewhere=elsewhere,
         discrepancies=discrepancies,
+        flags=[_shift_flag(f, events) for f in own_flags],
+        rejections=[shown_rejection(r) for r in shown_rejected if _parcel_named(r) not in troubled]
+        if reads_rejections
+        else None,
+        more_rejections=len(rejected) > SHIFT_REJECTIONS_SHOWN,
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),
         changed_since_signoff=changed_since_signoff(shift, balance),
     )
+
+
+def _flags(
+    session: Session, shift: Shift, balance: Balance, visible_station: int | None
+) -> tuple[dict[int, Flag], list[Flag]]:
+    """In one query: the flags of the balance's discrepancies, by id, and the shift's
+    own flags of the reader's station, oldest first: those naming it (``shift_id``)
+    but its handover flags, which are discrepancies."""
+
+    def own(flag: Flag) -> bool:
+        return (
+            flag.shift_id == shift.id
+            and flag.kind not in HANDOVER_KINDS
+            and visible_station in (None, flag.station_id)
+        )
+
+    own_in_sql = and_(Flag.shift_id == shift.id, Flag.kind.not_in(HANDOVER_KINDS))
+    if visible_station is not None:
+        own_in_sql = and_(own_in_sql, Flag.station_id == visible_station)
+    cited = {d.flag_id for d in balance.discrepancies if d.flag_id}
+    found = session.scalars(
+        select(Flag).where(or_(Flag.id.in_(sorted(cited)), own_in_sql)).order_by(Flag.id)
+    ).all()
+    return {f.id: f for f in found if f.id in cited}, [f for f in found if own(f)]
+
+
+def _evidence_ids(flag: Flag) -> list[int]:
+    return [i for i in flag.evidence.get("event_ids") or () if isinstance(i, int)]
+
+
+def _shift_flag(flag: Flag, events: Mapping[int, ScanEvent]) -> ShiftFlag:
+    latest = (flag.evidence.get(LATEST_REOPENING) or {}).get("event_ids") or ()
+    return ShiftFlag(
+        flag=flag,
+        events=sorted(
+            (events[i] for i in _evidence_ids(flag) if i in events),
+            key=lambda e: (e.device_id, e.seq),
+        ),
+        latest=frozenset(i for i in latest if isinstance(i, int)),
+    )
+
+
+def _parcel_named(rejected: QuarantinedEvent) -> str | None:
+    """The tracking number a rejected event names, as the parcel's is written."""
+    return normalize(rejected.tracking_no) if rejected.tracking_no else None
+
+
+def _by_parcel(rejected: Iterable[QuarantinedEvent]) -> dict[str, list[QuarantinedEvent]]:
+    found: dict[str, list[QuarantinedEvent]] = defaultdict(list)
+    for row in rejected:
+        named = _parcel_named(row)
+        if named is not None:
+            found[named].append(row)
+    return found
 
 
 def _parcels(session: Session, numbers: Sequence[str]) -> dict[str, Parcel]:
@@ -377,8 +484,9 @@ class FlagPage:
 
 def flag_page(*, session: Session, flag: Flag) -> FlagPage:
     changes = flag_changes(session=session, flag=flag)
-    ids = [i for i in flag.evidence.get("event_ids") or () if isinstance(i, int)]
-    events = sorted(_events(session, ids).values(), key=lambda e: (e.device_id, e.seq))
+    events = sorted(
+        _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
+    )
     users = users_by_id(session, [flag.courier_id, *(c.by_user_id for c in changes)])
     return FlagPage(flag=flag, changes=changes, events=events, users=users)
 

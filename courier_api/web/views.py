@@ -33,6 +33,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
+from courier_api.api.quarantine.routes import READERS as QUARANTINE_READERS
 from courier_api.auth import (
     current_principal,
     ensure_station_access,
@@ -303,10 +304,13 @@ def shift(shift_id: int) -> ResponseReturnValue:
         reader=blob_reader(current_principal()),
         store=blob_store(),
         visible_station=current_principal().station_filter(None),
+        reads_rejections=current_principal().role in QUARANTINE_READERS,
     )
-    proofs_shown = sorted(
-        e.event.id for d in view.discrepancies for e in d.events if e.event.type in DELIVERY_TYPES
-    )
+    shown = [
+        *(e.event for d in view.discrepancies for e in d.events),
+        *(e for f in view.flags for e in f.events),
+    ]
+    proofs_shown = sorted({e.id for e in shown if e.type in DELIVERY_TYPES})
     if proofs_shown:
         record_auditor_read(
             "proofs_searched", "proof", f"shift:{found.id}", {"event_ids": proofs_shown}

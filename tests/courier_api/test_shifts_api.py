@@ -560,6 +560,97 @@ def test_a_late_event_after_sign_off_reopens_the_shift(
     assert again.status_code == 200 and again.get_json()["status"] == "signed_off"
 
 
+def test_a_reopened_shift_page_shows_the_flag_of_the_late_events_that_reopened_it(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """Rule 5: an event after the sign-off reopens the shift with a
+    ``late_event_after_signoff`` flag. Otherwise the manager, back on the shift's page
+    to sign it off again, is told only "closed (reopened 1x by late events)" next to
+    the old sign-off shown as current, with neither the flag nor the late events, and
+    the board row says just "closed": they sign off again without seeing what arrived.
+    Signing off again leaves the flag open (one flag per kind and subject, resolved by
+    a manager with a note): the page says so."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    pda.close(shift["id"])
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    receipt = pda.push([pda.event(b, "returned_to_station", shift_id=shift["id"])])
+    [late] = [f for f in receipt["flags_raised"] if f["kind"] == "late_event_after_signoff"]
+    pages = signed_in(app, "manager1")
+
+    html = pages.get(f"/web/shifts/{shift['id']}")
+
+    assert "reopened 1" in html
+    assert f'href="/web/flags/{late["flag_id"]}"' in html
+    own_flags = html[html.index('id="flags-h"') : html.index('id="parcels-h"')]
+    assert b in own_flags and "returned to station" in own_flags
+    assert "(latest reopening)" in own_flags
+    assert "Previous sign-off" in html and "superseded" in html
+    assert "Signing off again does not resolve it" in html
+    board = client.get(f"/api/v1/stations/{world.station.id}/handover", headers=manager)
+    [row] = board.get_json()["shifts"]
+    assert (row["shift_status"], row["reopened_count"]) == ("closed", 1)
+    assert row["reopened_at"] is not None and board.get_json()["totals"]["reopened"] == 1
+    assert "reopened 1× by late events, to sign off again" in pages.get("/web/board")
+
+    assert sign_off(client, shift["id"], manager, note="b came back").status_code == 200
+    flag = client.get(f"/api/v1/flags/{late['flag_id']}", headers=manager).get_json()
+    assert flag["status"] == "open"
+    again = pages.get(f"/web/shifts/{shift['id']}")
+    assert "Previous sign-off" not in again and 'id="reopening-flag-open"' in again
+
+
+def test_a_missing_parcel_whose_drop_was_rejected_shows_the_rejected_drop_as_evidence(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """Rule 1: a malformed event is quarantined, "visible to managers"; rule 5: a
+    discrepancy comes with its evidence. The courier left the parcel in a locker, but
+    the PDA's drop lacked the compartment and was rejected. Otherwise the balance says
+    the parcel is missing and its page shows only the check-out: nothing tells the
+    manager that the PDA did record a drop of it, so a parcel sitting in locker L-7 is
+    chased as lost. The page lists the shift's other rejected events too (its seqs, not
+    the next shift's), with phone numbers masked as the quarantine masks them; not to
+    auditors, who do not read the quarantine."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    checkout = pda.event(a)
+    drop = pda.event(  # no compartment
+        a, "delivered_to_locker", locker_id="L-7", pod={"recipient_name": "call 13812345678"}
+    )
+    stray = pda.event("RR473124829XX", "out_for_delivery")  # no such country
+    receipt = pda.push([checkout, drop, stray])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected", "rejected"]
+    assert pda.close(shift["id"], last_seq=pda.seq).status_code == 200
+    pda.open(first_seq=pda.seq + 1)
+    next_shifts = pda.event("RR473124829XX", "out_for_delivery")
+    pda.push([next_shifts])
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["missing"]) == ("unbalanced", 1)
+
+    html = signed_in(app, "manager1").get(f"/web/shifts/{shift['id']}")
+
+    discrepancy = html[html.index('id="discrepancy-1"') : html.index("</article>")]
+    assert "missing at handover" in discrepancy
+    assert drop["client_event_id"] in discrepancy and "compartment is required" in discrepancy
+    rejected = html[html.index('id="rejected-h"') : html.index('id="parcels-h"')]
+    assert stray["client_event_id"] in rejected and drop["client_event_id"] not in rejected
+    assert next_shifts["client_event_id"] not in html
+    assert "13812345678" not in html and "call ********678" in html
+    auditor = signed_in(app, "auditor1").get(f"/web/shifts/{shift['id']}")
+    assert 'id="rejected-h"' not in auditor and drop["client_event_id"] not in auditor
+
+
 def test_a_signed_off_balance_a_later_consent_changed_says_so_and_stays_signed_off(
     client: FlaskClient,
     session: Session,

@@ -1,4 +1,6 @@
-"""The station board reads a day in a fixed number of queries, however many shifts.
+"""The station board reads a day in a fixed number of queries, however many shifts;
+a shift's page reads a shift in a fixed number, however many parcels, flags and
+rejected events it has.
 
 100 shifts x 150 parcels at one station and 10 x 150 at another, written straight
 into the tables (``factories.station_day``: Core inserts, no engine), then the board
@@ -12,11 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session
 
-from models import Shift, ShiftStatus
+from models import Flag, QuarantinedEvent, ScanEvent, Shift, ShiftStatus, SyncBatch
 from sync.balances import board_totals, station_board
+from sync.blobs import BlobReader, FileBlobStore
+from sync.pages import shift_page
+from sync.rules import Policy
 from tests import factories
 
 DAY = dt.date(2026, 11, 23)
@@ -69,3 +74,75 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
     # Nothing was written while reading.
     assert all(q.lstrip().upper().startswith("SELECT") for q in big_queries)
     assert session.scalar(select(Shift.id).where(Shift.station_id == big).limit(1)) is not None
+
+
+def _late_and_rejected(session: Session, shift: Shift, late: int, rejected: int) -> None:
+    """A ``late_event_after_signoff`` flag naming ``late`` of the shift's events, and
+    ``rejected`` quarantined events of its PDA, each with one of its seqs."""
+    events = session.scalars(
+        select(ScanEvent.id).where(ScanEvent.shift_id == shift.id).limit(late)
+    ).all()
+    session.add(
+        Flag(
+            station_id=shift.station_id,
+            kind="late_event_after_signoff",
+            severity="warning",
+            subject_type="shift",
+            subject_key=str(shift.id),
+            evidence={"event_ids": list(events)},
+            shift_id=shift.id,
+        )
+    )
+    batch_pk = session.scalar(select(SyncBatch.id).where(SyncBatch.device_id == shift.device_id))
+    session.execute(
+        insert(QuarantinedEvent),
+        [
+            {
+                "station_id": shift.station_id,
+                "device_id": shift.device_id,
+                "batch_pk": batch_pk,
+                "position": n,
+                "seq": n + 1,
+                "tracking_no": "RR473124829GB",
+                "error_code": "missing_field",
+                "message": "compartment is required",
+                "payload": "{}",
+                "payload_hash": f"{n:064d}",
+            }
+            for n in range(rejected)
+        ],
+    )
+
+
+def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
+    session: Session, tmp_path: Any
+) -> None:
+    """With its own flags' events and its PDA's rejected events beside its balance, for
+    a station's manager (who reads the quarantine)."""
+    counts = []
+    for code, parcels, late, rejected in (("SMALL", 10, 2, 3), ("BIG", 150, 40, 120)):
+        station = factories.station_day(
+            session, code, shifts=1, parcels_per_shift=parcels, day=DAY
+        )
+        shift = session.scalars(select(Shift).where(Shift.station_id == station)).one()
+        _late_and_rejected(session, shift, late, rejected)
+        session.flush()
+        session.expire_all()
+        shift = session.get_one(Shift, shift.id)
+        with counted(session) as queries:
+            page = shift_page(
+                session=session,
+                shift=shift,
+                policy=Policy(),
+                reader=BlobReader(user_id=1, station_id=station, everything=False),
+                store=FileBlobStore(tmp_path),
+                visible_station=station,
+                reads_rejections=True,
+            )
+        [flag] = page.flags
+        assert len(flag.events) == late and page.rejections is not None
+        assert len(page.rejections) == min(rejected, 100)
+        assert page.more_rejections == (rejected > 100)
+        assert all(q.lstrip().upper().startswith("SELECT") for q in queries)
+        counts.append(len(queries))
+    assert counts[0] == counts[1] <= 13, counts

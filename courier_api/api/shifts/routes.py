@@ -248,8 +248,10 @@ class StationHandover(MethodView):
 
         Every shift that opened on the station's local `date` (default: today
         there), oldest first, with its courier, its state and its balance
-        counts, and the day's totals. Read in the same few queries however many
-        shifts the station runs.
+        counts, and the day's totals. A shift that late events reopened after
+        its sign-off is `closed` again, with `reopened_count` and `reopened_at`;
+        its `signed_off_at` is then the superseded sign-off's. Read in the same
+        few queries however many shifts the station runs.
         """
         ensure_station_access(station_id)
         station = directory.get_station(session=db.session, station_id=station_id)
@@ -268,6 +270,8 @@ class StationHandover(MethodView):
                     "planned_end_at": row.shift.planned_end_at,
                     "closed_at": row.shift.closed_at,
                     "signed_off_at": row.shift.signed_off_at,
+                    "reopened_count": row.shift.reopened_count,
+                    "reopened_at": row.shift.reopened_at,
                     "changed_since_signoff": row.changed_since_signoff,
                     "balance": row.balance.summary(),
                 }

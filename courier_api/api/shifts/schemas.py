@@ -92,7 +92,14 @@ class ShiftOut(ma.Schema):
     last_seq = ma.fields.Integer(allow_none=True, required=True)
     closed_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     closed_by = ma.fields.Integer(allow_none=True, required=True)
-    signed_off_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    signed_off_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The latest sign-off (and `signed_off_by`, `signoff_note`); "
+            "while `status` is `closed`, one that late events superseded (`reopened_at`)"
+        },
+    )
     signed_off_by = ma.fields.Integer(allow_none=True, required=True)
     signoff_note = ma.fields.String(allow_none=True, required=True)
     signoff_forced_reason = ma.fields.String(allow_none=True, required=True)
@@ -214,7 +221,20 @@ class BoardShiftOut(ma.Schema):
     opened_at = ma.fields.AwareDateTime(required=True)
     planned_end_at = ma.fields.AwareDateTime(required=True)
     closed_at = ma.fields.AwareDateTime(allow_none=True, required=True)
-    signed_off_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    signed_off_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The latest sign-off; while `shift_status` is `closed`, one that "
+            "late events superseded (`reopened_at`): the shift waits for a new sign-off"
+        },
+    )
+    reopened_count = ma.fields.Integer(
+        required=True, metadata={"description": "Times an event after a sign-off reopened it"}
+    )
+    reopened_at = ma.fields.AwareDateTime(
+        allow_none=True, required=True, metadata={"description": "Its latest reopening"}
+    )
     changed_since_signoff = ma.fields.Boolean(
         required=True,
         metadata={
@@ -236,6 +256,9 @@ class BoardTotalsOut(BalanceCounts):
     closed = _count("Shifts handed over, waiting for a sign-off")
     signed_off = _count("Shifts signed off")
     changed_since_signoff = _count("Shifts signed off whose balance has changed since")
+    reopened = _count(
+        "Shifts signed off, then reopened by late events: closed, waiting for a new sign-off"
+    )
 
 
 class BoardOut(ma.Schema):

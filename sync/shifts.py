@@ -44,6 +44,7 @@ from models import (
     Shift,
     ShiftStatus,
     Station,
+    User,
     utcnow,
 )
 from sync import audit, outbox
@@ -247,7 +248,7 @@ def _open_shift(
     lock_device_state(session, device.id)
     current = open_shift_of(session=session, device_id=device.id)
     if current is not None:
-        raise _already_open(current)
+        raise _already_open(session, current, courier_id=courier_id)
     previous = _previous_with_open_seqs(session, device.id, courier_id)
     if first_seq is not None:
         filed = select(func.max(ScanEvent.seq)).where(
@@ -287,7 +288,7 @@ def _open_shift(
         current = open_shift_of(session=session, device_id=device.id)
         if current is None:
             raise
-        raise _already_open(current) from None
+        raise _already_open(session, current, courier_id=courier_id) from None
     # Events of this courier's PDA that belong here but were pushed before it opened
     # (from its first_seq on, or recorded just before the opening) are filed under it
     # now, as they would have been had they arrived after.
@@ -536,9 +537,22 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     )
 
 
-def _already_open(current: Shift) -> Conflict:
+def _already_open(session: Session, current: Shift, *, courier_id: int) -> Conflict:
+    """The refusal of a second open shift on a PDA. The courier's own is theirs to
+    close; another courier's (forgotten when the PDA was handed over) is not: only a
+    manager closes it, and the message says so rather than send the PDA round in a
+    loop of closes it is refused. That courier is named: a colleague of the same
+    station, which the PDA belongs to."""
+    if current.courier_id == courier_id:
+        return Conflict(
+            f"this PDA already has your shift {current.id} open; close it first",
+            code="shift_already_open",
+        )
+    holder = session.get(User, current.courier_id)
+    named = f" ({holder.full_name or holder.username})" if holder is not None else ""
     return Conflict(
-        f"this PDA already has shift {current.id} open; close it first",
+        f"this PDA has shift {current.id} of another courier{named} open; a manager of "
+        "the station must close it before a shift can be opened on this PDA",
         code="shift_already_open",
     )
 

@@ -809,6 +809,33 @@ def test_one_open_shift_per_pda(client: FlaskClient, pda: Courier) -> None:
     pda.open()
     again = client.post(SHIFTS, json={}, headers=pda.headers)
     assert again.status_code == 409 and again.get_json()["code"] == "shift_already_open"
+    assert "close it first" in again.get_json()["message"]
+
+
+def test_the_next_courier_on_a_pda_left_with_an_open_shift_is_told_a_manager_closes_it(
+    client: FlaskClient, session: Session, world: World, auth: Auth, pda: Courier
+) -> None:
+    """courier1 forgot to close their shift and handed the PDA to courier2. Otherwise
+    courier2's PDA is told to "close it first" when opening a shift, and, closing it, that
+    a shift "is closed from the PDA it was opened on" (the very PDA it is on): a loop of
+    refusals, where it should hear that the shift is another courier's and that a manager
+    must close it. The codes stay as they were."""
+    factories.user(session, "courier2", "courier", world.station)
+    world.courier.full_name = "Zhang Wei"  # courier1, a colleague at the station
+    session.commit()
+    shift = pda.open()
+    second = Courier(client, auth, "courier2", "PDA-0001")
+
+    opened = client.post(SHIFTS, json={}, headers=second.headers)
+    closing = second.close(shift["id"])
+
+    assert opened.status_code == 409 and opened.get_json()["code"] == "shift_already_open"
+    message = opened.get_json()["message"]
+    assert "close it first" not in message
+    assert "another courier (Zhang Wei)" in message and "a manager" in message
+    assert closing.status_code == 403 and closing.get_json()["code"] == "not_your_shift"
+    assert closing.get_json()["message"].startswith("this is another courier's shift")
+    assert "or by a manager" in closing.get_json()["message"]
 
 
 @pytest.mark.parametrize(

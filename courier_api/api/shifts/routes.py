@@ -52,7 +52,9 @@ class Shifts(MethodView):
         """Open a shift
 
         For the PDA the courier signed in with, at the station, before the day's
-        check-outs. One shift may be open per PDA (409 `shift_already_open`).
+        check-outs. One shift may be open per PDA (409 `shift_already_open`:
+        the courier's own is theirs to close; another courier's, left open, a
+        manager's, and the message says which).
         Scan events are filed under the shift the PDA names in `shift_id`, or
         else under the shift the PDA had open when they happened. Declaring
         `first_seq` (and `last_seq` when closing) lets the server tell which
@@ -130,22 +132,20 @@ class CloseShift(MethodView):
 
         The courier is back at the station and hands over: from now on a parcel
         checked out in this shift with no final outcome is missing, and flagged
-        `missing_at_handover`. Closed by the shift's own PDA, or by a manager of
-        the station (a PDA that died). Closing a closed shift again answers the
-        shift as it is (a retry), unless it names another `last_seq` (409
-        `shift_already_closed`). A colleague's shift is a 403 `not_your_shift`;
-        a shift of another station answers, to a courier or a manager, what an
-        unknown id answers (404 `shift_not_found`).
+        `missing_at_handover`. Closed by the shift's own courier from the PDA it
+        was opened on, or by a manager of the station (a PDA that died, a shift
+        left open when the PDA was handed to another courier). Closing a closed
+        shift again answers the shift as it is (a retry), unless it names another
+        `last_seq` (409 `shift_already_closed`). A colleague's shift is a 403
+        `not_your_shift`, even on the PDA it was opened on; a shift of another
+        station answers, to a courier or a manager, what an unknown id answers
+        (404 `shift_not_found`).
         """
         principal = current_principal()
         shift = shifts.get_shift(session=db.session, shift_id=shift_id)
         if principal.role == Role.COURIER:
             if shift.device_id != principal.device_id or shift.courier_id != principal.user_id:
-                raise _not_your_shift(
-                    shift,
-                    principal,
-                    "a shift is closed from the PDA it was opened on, or by a manager",
-                )
+                raise _not_your_shift(shift, principal, _who_closes(shift, principal))
         else:
             ensure_visible(shift.station_id, shifts.shift_not_found(shift_id))
         shift = shifts.close_shift(
@@ -291,6 +291,20 @@ def _readable(shift_id: int) -> Shift:
     else:
         ensure_visible(shift.station_id, shifts.shift_not_found(shift_id))
     return shift
+
+
+def _who_closes(shift: Shift, principal: Principal) -> str:
+    """Why a courier may not close ``shift``, and who may: told apart, so that the next
+    courier on a PDA whose shift was left open is not sent to close it again."""
+    whose = (
+        "this is another courier's shift"
+        if shift.courier_id != principal.user_id
+        else f"this shift was opened on PDA {shift.device_id}"
+    )
+    return (
+        f"{whose}: a shift is closed by its own courier from the PDA it was opened on, "
+        "or by a manager"
+    )
 
 
 def _not_your_shift(shift: Shift, principal: Principal, message: str) -> PermissionDenied:

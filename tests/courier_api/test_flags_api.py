@@ -234,6 +234,31 @@ def test_a_manager_acknowledges_then_resolves(
     assert entry.details["note"] == "parcel found"
 
 
+def test_a_phone_in_a_managers_note_is_masked_except_for_auditors(
+    client: FlaskClient, auth: Auth, flags: Flags
+) -> None:
+    """The manager acknowledges the flag, calls the recipient and resolves it, writing the
+    number down; otherwise every other reader of the flag's history (another manager,
+    an admin, the manager's own answer) gets the recipient's whole number, which rule 7
+    shows auditors only."""
+    manager = auth.headers("manager1")
+    noted = ["calling 138 1234 5678", "called the recipient on +86 138 1234 5678: found"]
+    client.post(f"{FLAGS}/{flags.here.id}/acknowledge", json={"note": noted[0]}, headers=manager)
+    resolved = client.post(
+        f"{FLAGS}/{flags.here.id}/resolve", json={"note": noted[1]}, headers=manager
+    )
+
+    def notes(username: str) -> list[str]:
+        body = client.get(f"{FLAGS}/{flags.here.id}", headers=auth.headers(username)).get_json()
+        return [c["note"] for c in body["changes"] if c["note"]]
+
+    masked = ["calling ********678", "called the recipient on +**********678: found"]
+    assert [c["note"] for c in resolved.get_json()["changes"] if c["note"]] == masked
+    assert notes("auditor1") == noted
+    assert notes("admin") == masked
+    assert notes("manager1") == masked
+
+
 @pytest.mark.parametrize("body", [None, {}, {"note": None}])
 def test_acknowledging_needs_no_note(
     client: FlaskClient, auth: Auth, flags: Flags, body: Any

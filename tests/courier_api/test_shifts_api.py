@@ -897,6 +897,37 @@ def test_sign_off_needs_a_closed_shift_and_a_note(
     assert twice.status_code == 409 and twice.get_json()["code"] == "already_signed_off"
 
 
+def test_a_phone_in_the_sign_off_is_masked_except_for_auditors(
+    client: FlaskClient, auth: Auth, pda: Courier, manager: dict[str, str]
+) -> None:
+    """The manager signs off after calling the recipient and writes the number down, in
+    the note or in the reason for forcing it; otherwise every other reader of the shift
+    (its courier, an admin, the manager's own answer) gets the recipient's whole number,
+    which rule 7 shows auditors only."""
+    shift = pda.open(first_seq=1)
+    pda.close(shift["id"], last_seq=2)  # seqs 1-2 still on the PDA: provisional
+    note = "parcel with the neighbour, recipient on 138 1234 5678 agreed"
+    reason = "PDA broken; +86 138 1234 5678 confirmed both"
+    signed = sign_off(client, shift["id"], manager, note=note, force_reason=reason)
+    assert signed.status_code == 200, signed.get_json()
+
+    def sign_off_texts(username: str) -> list[tuple[str, str]]:
+        headers = auth.headers(username, "PDA-0001" if username == "courier1" else None)
+        one = client.get(f"{SHIFTS}/{shift['id']}", headers=headers).get_json()
+        listed = client.get(SHIFTS, headers=headers).get_json()["items"]
+        return [(s["signoff_note"], s["signoff_forced_reason"]) for s in [one, *listed]]
+
+    masked = (
+        "parcel with the neighbour, recipient on ********678 agreed",
+        "PDA broken; +**********678 confirmed both",
+    )
+    answer = signed.get_json()
+    assert (answer["signoff_note"], answer["signoff_forced_reason"]) == masked
+    assert sign_off_texts("auditor1") == [(note, reason)] * 2
+    assert sign_off_texts("admin") == [masked] * 2
+    assert sign_off_texts("courier1") == [masked] * 2
+
+
 def test_unknown_shift_and_station_are_404_and_a_bad_date_422(
     client: FlaskClient, world: World, manager: dict[str, str]
 ) -> None:

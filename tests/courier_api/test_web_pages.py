@@ -404,6 +404,26 @@ def test_a_manager_sees_masked_phone_numbers_and_an_auditor_the_whole_number(
     assert "+8613812345678" in auditor
 
 
+def test_a_phone_in_a_managers_note_is_masked_on_the_pages_except_for_auditors(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A manager writes the number of the recipient they called into a flag's resolution
+    and into a sign-off; otherwise every other manager's flag and shift pages show it
+    whole, which rule 7 shows auditors only."""
+    manager = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    manager.post(f"/web/flags/{flag.id}/resolve", note="called +86 138 1234 5678: agreed")
+    shift = f"/web/shifts/{day.provisional.id}"
+    manager.post(
+        f"{shift}/signoff", note="Wang on 138 1234 5678 has it", force_reason="+86 138 1234 5678"
+    )
+    auditor = signed_in(app, "auditor")
+    for path in (f"/web/flags/{flag.id}", shift):
+        assert "+**********678" in manager.get(path) and "1234 5678" not in manager.get(path)
+        assert "+86 138 1234 5678" in auditor.get(path)
+    assert "Wang on ********678 has it" in manager.get(shift)
+
+
 # -- the pages --------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.flags.schemas import (
     AcknowledgeIn,
+    FlagChangeOut,
     FlagDetailOut,
     FlagListArgs,
     FlagOut,
@@ -18,6 +19,7 @@ from courier_api.auth import current_principal, ensure_visible
 from courier_api.extensions import db
 from models import Flag, Role
 from sync import flags
+from sync.phones import shown_text
 
 blp = ApiBlueprint(
     "flags", __name__, url_prefix="/api/v1/flags", description="Discrepancies and violations"
@@ -130,6 +132,12 @@ class ResolveFlag(MethodView):
 
 
 def _with_history(flag: Flag) -> dict[str, Any]:
-    return {name: getattr(flag, name) for name in FlagOut().fields} | {
-        "changes": flags.flag_changes(session=db.session, flag=flag)
-    }
+    """The flag and its history as the caller may read it: a manager's note may hold the
+    recipient's phone number they called, masked for all but auditors (rule 7)."""
+    unmasked = current_principal().role == Role.AUDITOR
+    changes = [
+        {name: getattr(change, name) for name in FlagChangeOut._declared_fields}
+        | {"note": shown_text(change.note, unmasked=unmasked)}
+        for change in flags.flag_changes(session=db.session, flag=flag)
+    ]
+    return {name: getattr(flag, name) for name in FlagOut().fields} | {"changes": changes}

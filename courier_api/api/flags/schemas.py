@@ -77,7 +77,11 @@ class FlagChangeOut(ma.Schema):
         metadata={"description": "null when the flag was raised"},
     )
     to_status = ma.fields.Enum(FlagStatus, by_value=True, required=True)
-    note = ma.fields.String(allow_none=True, required=True)
+    note = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Phone numbers in it are masked except for auditors"},
+    )
 
 
 class FlagDetailOut(FlagOut):

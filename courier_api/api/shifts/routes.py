@@ -17,6 +17,7 @@ from courier_api.api.shifts.schemas import (
     ShiftOut,
     ShiftPage,
     SignOffIn,
+    shift_view,
 )
 from courier_api.auth import Principal, current_principal, ensure_station_access, ensure_visible
 from courier_api.config import shift_rules_of
@@ -48,7 +49,7 @@ class Shifts(MethodView):
     @blp.arguments(OpenShiftIn)
     @blp.response(201, ShiftOut)
     @blp.alt_response(409, response="CONFLICT")
-    def post(self, body: dict[str, Any]) -> Shift:
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """Open a shift
 
         For the PDA the courier signed in with, at the station, before the day's
@@ -74,7 +75,7 @@ class Shifts(MethodView):
             now=utcnow(),
         )
         db.session.commit()
-        return shift
+        return _view(shift)
 
     @blp.auth(*READERS)
     @blp.arguments(ShiftListArgs, location="query")
@@ -99,7 +100,7 @@ class Shifts(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
-        return keyset_page(items, args["limit"], key=lambda shift: shift.id)
+        return keyset_page([_view(s) for s in items], args["limit"], key=lambda s: s["id"])
 
 
 @blp.route("/shifts/<id:shift_id>")
@@ -109,7 +110,7 @@ class ShiftById(MethodView):
     @blp.auth(*READERS)
     @blp.response(200, ShiftOut)
     @blp.alt_response(404, response="NOT_FOUND")
-    def get(self, shift_id: int) -> Shift:
+    def get(self, shift_id: int) -> dict[str, Any]:
         """Get a shift
 
         Couriers read their own shifts (a colleague's is a 403 `not_your_shift`),
@@ -117,7 +118,7 @@ class ShiftById(MethodView):
         unknown id answers (404 `shift_not_found`), so that it does not show it
         exists. Admins and auditors read every station's.
         """
-        return _readable(shift_id)
+        return _view(_readable(shift_id))
 
 
 @blp.route("/shifts/<id:shift_id>/close")
@@ -127,7 +128,7 @@ class CloseShift(MethodView):
     @blp.response(200, ShiftOut)
     @blp.alt_response(404, response="NOT_FOUND")
     @blp.alt_response(409, response="CONFLICT")
-    def post(self, body: dict[str, Any], shift_id: int) -> Shift:
+    def post(self, body: dict[str, Any], shift_id: int) -> dict[str, Any]:
         """Close a shift (归班交接)
 
         The courier is back at the station and hands over: from now on a parcel
@@ -156,7 +157,7 @@ class CloseShift(MethodView):
             now=utcnow(),
         )
         db.session.commit()
-        return shift
+        return _view(shift)
 
 
 @blp.route("/shifts/<id:shift_id>/balance")
@@ -204,7 +205,7 @@ class SignOff(MethodView):
     @blp.response(200, ShiftOut)
     @blp.alt_response(404, response="NOT_FOUND")
     @blp.alt_response(409, response="CONFLICT")
-    def post(self, body: dict[str, Any], shift_id: int) -> Shift:
+    def post(self, body: dict[str, Any], shift_id: int) -> dict[str, Any]:
         """Sign a shift's handover off
 
         A manager of the station (or an admin) signs off a closed shift with a
@@ -232,7 +233,7 @@ class SignOff(MethodView):
             now=utcnow(),
         )
         db.session.commit()
-        return shift
+        return _view(shift)
 
 
 @blp.route("/stations/<id:station_id>/handover")
@@ -279,6 +280,11 @@ class StationHandover(MethodView):
             ],
             "totals": board_totals(rows),
         }
+
+
+def _view(shift: Shift) -> dict[str, Any]:
+    """``shift_view`` for the caller: phone numbers whole for auditors only."""
+    return shift_view(shift, unmasked=current_principal().role == Role.AUDITOR)
 
 
 def _readable(shift_id: int) -> Shift:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from typing import Any
+
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
 from models import FlagStatus, ShiftStatus
 from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES
+from sync.phones import shown_text
 from sync.shifts import MAX_NOTE_LENGTH
 
 BALANCE_STATUSES = ("balanced", "unbalanced", "provisional")
@@ -101,12 +104,29 @@ class ShiftOut(ma.Schema):
         },
     )
     signed_off_by = ma.fields.Integer(allow_none=True, required=True)
-    signoff_note = ma.fields.String(allow_none=True, required=True)
-    signoff_forced_reason = ma.fields.String(allow_none=True, required=True)
+    signoff_note = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Phone numbers in it are masked except for auditors"},
+    )
+    signoff_forced_reason = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Phone numbers in it are masked except for auditors"},
+    )
     reopened_count = ma.fields.Integer(
         required=True, metadata={"description": "Times an event after a sign-off reopened it"}
     )
     reopened_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+
+
+def shift_view(shift: Any, *, unmasked: bool) -> dict[str, Any]:
+    """``unmasked``: an auditor's; for anyone else a phone number in the sign-off's free
+    text (the recipient a manager called before signing off) is masked (rule 7)."""
+    view = {name: getattr(shift, name) for name in ShiftOut._declared_fields}
+    for name in ("signoff_note", "signoff_forced_reason"):
+        view[name] = shown_text(view[name], unmasked=unmasked)
+    return view
 
 
 class ShiftPage(ma.Schema):

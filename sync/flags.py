@@ -322,6 +322,7 @@ def list_flags(
     severity: FlagSeverity | None = None,
     status: FlagStatus | None = None,
     courier_id: int | None = None,
+    shift_id: int | None = None,
     raised_from: dt.datetime | None = None,
     raised_to: dt.datetime | None = None,
     after_id: int | None = None,
@@ -331,7 +332,9 @@ def list_flags(
     raised: a flag raised again keeps its place).
 
     ``after_id`` is the last id of the previous page (the next page holds smaller ids);
-    ``raised_from`` is inclusive and ``raised_to`` exclusive.
+    ``raised_from`` is inclusive and ``raised_to`` exclusive. ``shift_id``: that
+    shift's own flags (its handover discrepancies, sign-off and sweeps); a parcel's
+    rule flags name no shift.
     """
     if raised_from is not None and raised_to is not None and raised_to <= raised_from:
         raise InvalidInput(
@@ -348,6 +351,8 @@ def list_flags(
         query = query.where(Flag.status == status)
     if courier_id is not None:
         query = query.where(Flag.courier_id == courier_id)
+    if shift_id is not None:
+        query = query.where(Flag.shift_id == shift_id)
     if raised_from is not None:
         query = query.where(Flag.raised_at >= raised_from)
     if raised_to is not None:

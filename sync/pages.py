@@ -52,7 +52,7 @@ from sync.handover import (
     sign_off_blocked,
 )
 from sync.projection import voided_by
-from sync.proofs import Proof
+from sync.proofs import DELIVERY_TYPES, Proof
 from sync.quarantine import SHIFT_REJECTIONS_SHOWN, shift_rejections, shown_rejection
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, EventDetail, Policy, authorizes
@@ -480,15 +480,74 @@ class FlagPage:
     changes: Sequence[FlagChange]
     events: list[ScanEvent]  # the evidence's events, in device order
     users: dict[int, User]  # the courier and whoever changed the flag
+    shifts: frozenset[int]  # the shifts of those events the reader may open
+    proofs: frozenset[int]  # the deliveries among them whose proof the reader may open
 
 
-def flag_page(*, session: Session, flag: Flag) -> FlagPage:
+def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> FlagPage:
+    """The flag, its history and its evidence's events, each leading to the shift it is
+    filed under and, a delivery, to its proof: a parcel's rule flag names no shift of
+    its own, and the shift page is where its consents on record and its photos are.
+
+    ``visible_station``: the one station a station-bound reader sees (None: all). An
+    event pushed by another station's PDA (``wrong_station``) is filed under that
+    station's shift, and a parcel's proof is its own station's: neither is linked for
+    a reader who would get a 404 page. Four or five queries."""
     changes = flag_changes(session=session, flag=flag)
     events = sorted(
         _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
     )
     users = users_by_id(session, [flag.courier_id, *(c.by_user_id for c in changes)])
-    return FlagPage(flag=flag, changes=changes, events=events, users=users)
+    delivered = sorted({e.tracking_no for e in events if e.type in DELIVERY_TYPES})
+    parcels = _parcels(session, delivered) if delivered else {}
+    return FlagPage(
+        flag=flag,
+        changes=changes,
+        events=events,
+        users=users,
+        shifts=frozenset(
+            e.shift_id
+            for e in events
+            if e.shift_id is not None and visible_station in (None, e.station_id)
+        ),
+        proofs=frozenset(
+            e.id
+            for e in events
+            if e.type in DELIVERY_TYPES
+            and e.tracking_no in parcels
+            and visible_station in (None, parcels[e.tracking_no].station_id)
+        ),
+    )
+
+
+def evidence_shifts(
+    *, session: Session, flags: Sequence[Flag], visible_station: int | None
+) -> dict[int, list[int]]:
+    """``{flag id: [shift id]}``: for each parcel's flag of a page of the flag queue that
+    names no shift of its own (a rule flag), the shifts its evidence's events are filed
+    under and the reader may open (``visible_station`` as for ``flag_page``). One query
+    for a page of flags (a parcel's evidence is a few of its events)."""
+    cited = {
+        flag.id: _evidence_ids(flag)
+        for flag in flags
+        if flag.shift_id is None and flag.subject_type == "parcel"
+    }
+    wanted = sorted({i for ids in cited.values() for i in ids})
+    filed: dict[int, int] = {}
+    for chunk in chunks(wanted):
+        query = select(ScanEvent.id, ScanEvent.shift_id).where(
+            among(session, ScanEvent.id, chunk), ScanEvent.shift_id.is_not(None)
+        )
+        if visible_station is not None:
+            query = query.where(ScanEvent.station_id == visible_station)
+        filed.update((event_id, shift_id) for event_id, shift_id in session.execute(query))
+    return {
+        flag_id: sorted({filed[i] for i in ids if i in filed}) for flag_id, ids in cited.items()
+    }
+
+
+def _evidence_ids(flag: Flag) -> list[int]:
+    return [i for i in flag.evidence.get("event_ids") or () if isinstance(i, int)]
 
 
 # -- proofs -----------------------------------------------------------------------------------

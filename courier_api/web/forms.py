@@ -35,6 +35,7 @@ class FlagFilter(_Form):
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
     status = ma.fields.Enum(FlagStatus, by_value=True)
     courier_id = Id()
+    shift_id = Id()
     raised_from = ma.fields.Date()  # the station's local day, inclusive
     raised_to = ma.fields.Date()  # inclusive too: the form says "from ... to ..."
     after = After()

@@ -82,6 +82,7 @@ from sync.errors import (
 from sync.handover import OUTCOMES
 from sync.pages import (
     daily_monitoring,
+    evidence_shifts,
     flag_page,
     image_states,
     local_range,
@@ -372,6 +373,7 @@ def flag_queue() -> ResponseReturnValue:
         severity=args.get("severity"),
         status=args.get("status"),
         courier_id=args.get("courier_id"),
+        shift_id=args.get("shift_id"),
         raised_from=raised_from,
         raised_to=raised_to,
         after_id=args["after"],
@@ -391,6 +393,11 @@ def flag_queue() -> ResponseReturnValue:
         stations=_stations_to_pick(),
         couriers=_couriers(station),
         users=users_by_id(db.session, [f.courier_id for f in items]),
+        evidence_shifts=evidence_shifts(
+            session=db.session,
+            flags=items,
+            visible_station=current_principal().station_filter(None),
+        ),
         severities=list(FlagSeverity),
         statuses=list(FlagStatus),
         next_page=next_page,
@@ -404,7 +411,9 @@ def flag_queue() -> ResponseReturnValue:
 def flag(flag_id: int) -> ResponseReturnValue:
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
-    view = flag_page(session=db.session, flag=found)
+    view = flag_page(
+        session=db.session, flag=found, visible_station=current_principal().station_filter(None)
+    )
     # Its evidence's deliveries show their POD, as the shift page does: logged alike.
     proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
     if proofs_shown:

@@ -101,6 +101,7 @@ def test_a_listed_flag_carries_its_fields(
         "evidence": {"event_ids": [1, 2]},
         "status": "open",
         "courier_id": world.courier.id,
+        "shift_id": None,
         "raised_at": None,
         "updated_at": None,
         "closed_reason": None,
@@ -131,6 +132,31 @@ def test_list_filters(
         flags.skew.id
     ]
     assert listed(client, admin, "raised_from=2026-11-20T08:00:01Z") == [flags.there.id]
+
+
+def test_a_shifts_own_flags_are_listed_by_its_id_at_the_readers_station(
+    client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
+) -> None:
+    """A shift's own flags (here the parcel missing at its handover) carry its id and are
+    found by it; otherwise a program following a shift pages through its station's whole
+    queue to find them. Station-bound as the other filters: another station's manager
+    finds none."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    pda = auth.headers("courier1", "PDA-0001")
+    shift = client.post("/api/v1/shifts", json={}, headers=pda).get_json()
+    auth.push([factories.event(1, tracking_no, shift_id=shift["id"])])
+    closed = client.post(f"/api/v1/shifts/{shift['id']}/close", json={}, headers=pda)
+    assert closed.status_code == 200, closed.get_json()
+
+    response = client.get(f"{FLAGS}?shift_id={shift['id']}", headers=auth.headers("manager1"))
+
+    [missing] = response.get_json()["items"]
+    assert (missing["kind"], missing["shift_id"]) == ("missing_at_handover", shift["id"])
+    assert listed(client, auth.headers("manager2"), f"shift_id={shift['id']}") == []
+    other = f"shift_id={shift['id']}&station_id={world.other_station.id}"
+    assert listed(client, auth.headers("admin"), other) == []
+    assert listed(client, auth.headers("auditor1"), f"shift_id={shift['id']}") == [missing["id"]]
 
 
 def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags) -> None:

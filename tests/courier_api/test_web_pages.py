@@ -12,6 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import sqlalchemy
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -588,6 +589,11 @@ def test_the_flag_queue_filters_and_pages(app: Flask, session: Session, day: Sta
     assert len(re.findall(r'<tr id="flag-', pages.get(f"/web/flags?raised_to={day.day}"))) == 0
     recent = pages.get(f"/web/flags?raised_from={day.day}&raised_to={today}")
     assert set(re.findall(r'<tr id="flag-(\d+)"', recent)) == station_flags
+    own = pages.get(f"/web/flags?shift_id={day.unbalanced.id}")  # the shift's own flags
+    assert set(re.findall(r'<tr id="flag-(\d+)"', own)) == {
+        str(f.id) for f in session.scalars(select(Flag).where(Flag.shift_id == day.unbalanced.id))
+    }
+    assert "No flag matches." in pages.get(f"/web/flags?shift_id={day.other_shift.id}")
     assert "No flag matches." in pages.get("/web/flags?status=closed")
     assert "severity" in pages.get("/web/flags?severity=bogus", status=422)
 
@@ -605,6 +611,91 @@ def test_the_flag_queue_pages_by_keyset(
     one = re.findall(r'<tr id="flag-(\d+)"', first)
     two = re.findall(r'<tr id="flag-(\d+)"', second)
     assert len(one) == 2 and two and int(two[0]) < int(one[-1])
+
+
+def _queue_row(html: str, flag_id: int) -> str:
+    row = re.search(rf'<tr id="flag-{flag_id}".*?</tr>', html, re.S)
+    assert row is not None, html
+    return row.group(0)
+
+
+def test_a_parcels_flag_leads_from_the_queue_to_the_shift_and_the_proof_of_its_events(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """An unauthorized locker drop is a parcel's rule flag: it names no shift of its own.
+    Otherwise its row in the queue and its page link nowhere, and the manager cannot
+    reach the shift page (the consents on record, the drop's photo) nor the drop's
+    proof to check the consent before resolving the flag."""
+    pages = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    assert flag.shift_id is None
+    shift_link = f'href="/web/shifts/{day.unbalanced.id}"'
+
+    row = _queue_row(pages.get("/web/flags?kind=unauthorized_locker_drop"), flag.id)
+    html = pages.get(f"/web/flags/{flag.id}")
+
+    assert shift_link in row
+    assert shift_link in html and f'href="/web/proofs/{day.drop_event_id}"' in html
+
+
+def test_a_flag_links_no_shift_of_a_station_its_reader_does_not_see(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Another station's courier delivers one of this station's parcels: its
+    ``wrong_station`` flag is this station's, its event filed under a shift of the
+    other station. Otherwise this station's manager is sent from the queue and the flag
+    page to a 404 page; the admin, who sees both stations, gets the link."""
+    device = session.get(Device, day.other_shift.device_id)
+    assert device is not None
+    zhao = station_day.Pda(session, device, day.couriers["zhaolei"])
+    zhao.seq = day.other_shift.last_seq or 0
+    at = station_day.local(day.day, 18, 0)
+    shift = zhao.open(at)
+    pod = {"recipient_name": "Liu Yang", "signature_sha256": "c" * 64}
+    delivered = zhao.event(at + dt.timedelta(minutes=5), day.missing_parcel, "delivered", pod=pod)
+    zhao.push([delivered], at + dt.timedelta(minutes=6))
+    flag = day.flag(session, "wrong_station")
+    shift_link = f'href="/web/shifts/{shift.id}"'
+
+    manager, admin = signed_in(app, "manager"), signed_in(app, "admin")
+
+    for reader, shown in ((manager, False), (admin, True)):
+        assert (shift_link in _queue_row(reader.get("/web/flags"), flag.id)) is shown
+        page = reader.get(f"/web/flags/{flag.id}")
+        assert (shift_link in page) is shown
+        assert '<a href="/web/proofs/' in page  # the parcel is this station's
+
+
+def test_the_flag_queue_reads_the_shifts_of_a_page_of_flags_at_once(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The shifts of the parcel flags' events are read in one query for the page,
+    however many flags it lists: otherwise the station's queue, 50 flags a page, costs
+    a query per flag."""
+    pages = signed_in(app, "manager")
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    def queries(path: str) -> int:
+        statements.clear()
+        connection = session.connection()
+        sqlalchemy.event.listen(connection, "before_cursor_execute", count)
+        try:
+            html = pages.get(path)
+        finally:
+            sqlalchemy.event.remove(connection, "before_cursor_execute", count)
+        assert "/web/shifts/" in html
+        return len(statements)
+
+    one = queries("/web/flags?kind=unauthorized_locker_drop")
+    every = queries("/web/flags")
+    parcel_flags = session.scalars(
+        select(Flag).where(Flag.station_id == day.station.id, Flag.subject_type == "parcel")
+    ).all()
+    assert len(parcel_flags) > 1
+    assert every == one
 
 
 def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(

@@ -40,8 +40,11 @@ class Flags(MethodView):
 
         Flags matching every filter given, newest first (in the order they were
         first raised). `raised_from` is inclusive, `raised_to` exclusive; both
-        need an offset (e.g. `Z`). Managers see their own station whatever
-        `station_id` says; admins and auditors see every station.
+        need an offset (e.g. `Z`). `shift_id` finds a shift's own flags; a
+        parcel's rule flags name no shift (`GET /shifts/{shift_id}/balance`
+        lists those citing the shift's events). Managers see their own station
+        whatever `station_id` says (another station's shift has no flags for
+        them); admins and auditors see every station.
         """
         items = flags.list_flags(
             session=db.session,
@@ -50,6 +53,7 @@ class Flags(MethodView):
             severity=args.get("severity"),
             status=args.get("status"),
             courier_id=args.get("courier_id"),
+            shift_id=args.get("shift_id"),
             raised_from=args.get("raised_from"),
             raised_to=args.get("raised_to"),
             after_id=args["after"],

@@ -14,6 +14,13 @@ class FlagListArgs(PageArgs):
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
     status = ma.fields.Enum(FlagStatus, by_value=True)
     courier_id = Id(metadata={"description": "The courier concerned"})
+    shift_id = Id(
+        metadata={
+            "description": "A shift's own flags (its handover discrepancies, sign-off, "
+            "sweeps); a parcel's rule flags name no shift: the shift's balance lists those "
+            "citing its events"
+        }
+    )
     raised_from = UtcTime(metadata={"description": "Raised at or after this time"})
     raised_to = UtcTime(metadata={"description": "Raised before this time"})
     after = After()
@@ -35,6 +42,14 @@ class FlagOut(ma.Schema):
     )
     status = ma.fields.Enum(FlagStatus, by_value=True, required=True)
     courier_id = ma.fields.Integer(allow_none=True, required=True)
+    shift_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The shift concerned, for a shift's own flags; null for a "
+            "parcel's rule flags, whose evidence's events name their shifts"
+        },
+    )
     raised_at = ma.fields.AwareDateTime(required=True)
     updated_at = ma.fields.AwareDateTime(required=True)
     closed_reason = ma.fields.String(

@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +22,14 @@ from sqlalchemy import Column, Text, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, utcnow
+from sync.errors import InvalidInput
 
 GENESIS_HASH = "0" * 64
 # Key of the PostgreSQL advisory lock that serializes appends (any fixed 64-bit number
 # that no other lock of this database uses; this one spells "audit" in ASCII).
 APPEND_LOCK_KEY = 0x6175646974
 VERIFY_CHUNK = 1000  # rows fetched at a time while verifying
+MAX_PAGE_SIZE = 500
 PROGRESS_EVERY = 10_000
 _DEFERRED = "audit_deferred"  # session.info key: the entries ``deferred`` holds back
 
@@ -131,6 +133,51 @@ def _chain(session: Session, entry: AuditEntry) -> None:
     )
     session.add(entry)
     session.flush()
+
+
+def list_entries(
+    *,
+    session: Session,
+    action: str | None = None,
+    actor_id: int | None = None,
+    subject_type: str | None = None,
+    subject_key: str | None = None,
+    at_from: dt.datetime | None = None,
+    at_to: dt.datetime | None = None,
+    after_id: int | None = None,
+    limit: int = 100,
+) -> Sequence[AuditEntry]:
+    """Entries matching every filter given, newest first (by id: the order they were
+    chained in).
+
+    ``after_id`` is the last id of the previous page (the next page holds smaller ids);
+    ``at_from`` is inclusive and ``at_to`` exclusive. A ``subject_key`` needs its
+    ``subject_type``: the same key names shift 42, flag 42 and proof 42.
+    """
+    if at_from is not None and at_to is not None and at_to <= at_from:
+        raise InvalidInput("at_to must be later than at_from", code="invalid_range", field="at_to")
+    if subject_key is not None and subject_type is None:
+        raise InvalidInput(
+            "subject_key needs subject_type: the same key may name subjects of several types",
+            code="subject_type_required",
+            field="subject_type",
+        )
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, MAX_PAGE_SIZE))
+    if action is not None:
+        query = query.where(AuditEntry.action == action)
+    if actor_id is not None:
+        query = query.where(AuditEntry.actor_id == actor_id)
+    if subject_type is not None:
+        query = query.where(AuditEntry.subject_type == subject_type)
+    if subject_key is not None:
+        query = query.where(AuditEntry.subject_key == subject_key)
+    if at_from is not None:
+        query = query.where(AuditEntry.at >= at_from)
+    if at_to is not None:
+        query = query.where(AuditEntry.at < at_to)
+    if after_id:
+        query = query.where(AuditEntry.id < after_id)
+    return session.scalars(query).all()
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,8 @@ REQUESTS: dict[str, Builder] = {
     "GET /api/v1/proofs/export.csv": _same(),
     "GET /api/v1/proofs/{event_id}": _same(OWN("event_id")),
     "GET /api/v1/quarantine": _same(),
+    "GET /api/v1/audit": _same(),
+    "GET /api/v1/audit/verify": _same(),
     "GET /api/v1/flags": _same(),
     "GET /api/v1/flags/{flag_id}": _same(OWN("flag_id")),
     "POST /api/v1/flags/{flag_id}/acknowledge": _same(OWN("flag_id"), json={"note": "seen"}),

@@ -1,5 +1,6 @@
 """Every blueprint of the API, in the order they appear in the docs."""
 
+from courier_api.api.audit.routes import blp as audit_blp
 from courier_api.api.auth.routes import blp as auth_blp
 from courier_api.api.blobs.routes import blp as blobs_blp
 from courier_api.api.consents.routes import blp as consents_blp
@@ -30,6 +31,7 @@ BLUEPRINTS = (
     proofs_blp,
     quarantine_blp,
     flags_blp,
+    audit_blp,
     shifts_blp,
     reports_blp,
     jobs_blp,

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+
+from courier_api.api.audit.schemas import AuditEntryOut, AuditListArgs, AuditPage, AuditVerifyOut
+from courier_api.api.base import ApiBlueprint
+from courier_api.api.pagination import keyset_page
+from courier_api.auth import current_principal
+from courier_api.extensions import db
+from models import AuditEntry, Role
+from sync import audit
+from sync.phones import mask_phones_in_value
+
+blp = ApiBlueprint(
+    "audit",
+    __name__,
+    url_prefix="/api/v1/audit",
+    description="The hash-chained audit log: who signed off, resolved, reopened, read what",
+)
+READERS = (Role.AUDITOR, Role.ADMIN)
+
+
+# Reading the log is not itself logged (SECURITY.md threat 4): it shows no proof or image,
+# and a read that wrote would take SQLite's writers' turn, holding up every push for as
+# long as a verification walks the log. Both views only read (READS_ONLY).
+
+
+@blp.route("")
+class AuditEntries(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
+    @blp.auth(*READERS)
+    @blp.arguments(AuditListArgs, location="query")
+    @blp.response(200, AuditPage)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List audit entries
+
+        Entries matching every filter given, newest first (in the order they were
+        chained). `at_from` is inclusive, `at_to` exclusive; both need an offset
+        (e.g. `Z`). `subject_key` needs `subject_type` (422
+        `subject_type_required`). Sign-offs (`shift_signed_off`, each one, also of a
+        shift reopened and signed off again), `shift_reopened`,
+        `shift_reopening_withdrawn`, `flag_resolved`, auditors' reads
+        (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
+        `blob_read`), retention purges and webhook changes are here. A phone
+        number in an entry's details is masked for admins, not for auditors.
+        """
+        entries = audit.list_entries(
+            session=db.session,
+            action=args.get("action"),
+            actor_id=args.get("actor_id"),
+            subject_type=args.get("subject_type"),
+            subject_key=args.get("subject_key"),
+            at_from=args.get("at_from"),
+            at_to=args.get("at_to"),
+            after_id=args["after"],
+            limit=args["limit"],
+        )
+        unmasked = current_principal().role == Role.AUDITOR
+        items = [_view(entry, unmasked=unmasked) for entry in entries]
+        return keyset_page(items, args["limit"], key=lambda item: item["id"])
+
+
+@blp.route("/verify")
+class AuditVerification(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
+    @blp.auth(*READERS)
+    @blp.response(200, AuditVerifyOut)
+    def get(self) -> dict[str, Any]:
+        """Verify the audit log
+
+        Recomputes every entry's hash and its link to the entry before it, oldest
+        first, as `courier-api audit verify` does, and stops at the first entry
+        that breaks the chain: `intact: false` with its id and why. `checked` says
+        how many entries were read. The log is read a thousand entries at a time,
+        however long it is; a long one takes a while (some 5 seconds per 100,000
+        entries). Keep `head_id` and `head_hash` of an intact answer outside the
+        service: removing the newest entries breaks no link, and only a head
+        recorded earlier shows it.
+        """
+        result = audit.verify(session=db.session)
+        return {
+            "intact": result.ok,
+            "checked": result.checked,
+            "broken_id": result.broken_id,
+            "problem": result.problem,
+            "message": result.message,
+            "head_id": result.head_id,
+            "head_hash": result.head_hash,
+        }
+
+
+def _view(entry: AuditEntry, *, unmasked: bool) -> dict[str, Any]:
+    """The entry as its reader may see it: for anyone but an auditor a phone number
+    typed into its details (a sign-off's or a resolution's note) is masked (rule 7)."""
+    view = {name: getattr(entry, name) for name in AuditEntryOut().fields}
+    if not unmasked:
+        view["details"] = mask_phones_in_value(entry.details)
+    return view

@@ -1,0 +1,92 @@
+import marshmallow as ma
+
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Id, Text, UtcTime
+
+
+class AuditListArgs(PageArgs):
+    action = Text(
+        validate=ma.validate.Length(min=1, max=64),
+        metadata={"example": "shift_signed_off", "description": "What was done"},
+    )
+    actor_id = Id(metadata={"description": "The user who did it (the system's entries have none)"})
+    subject_type = Text(
+        validate=ma.validate.Length(min=1, max=32),
+        metadata={"example": "shift", "description": "What kind of thing it was done to"},
+    )
+    subject_key = Text(
+        validate=ma.validate.Length(min=1, max=160),
+        metadata={
+            "example": "42",
+            "description": "Which one (needs `subject_type`): a shift's or flag's id, a "
+            "proof's event id, an image's sha256, ...",
+        },
+    )
+    at_from = UtcTime(metadata={"description": "Recorded at or after this time"})
+    at_to = UtcTime(metadata={"description": "Recorded before this time"})
+    after = After()
+
+
+class AuditEntryOut(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    at = ma.fields.AwareDateTime(required=True, metadata={"description": "When it was recorded"})
+    actor_id = ma.fields.Integer(
+        allow_none=True, required=True, metadata={"description": "null: the system"}
+    )
+    action = ma.fields.String(required=True, metadata={"example": "proof_read"})
+    subject_type = ma.fields.String(required=True, metadata={"example": "proof"})
+    subject_key = ma.fields.String(required=True, metadata={"example": "1042"})
+    details = ma.fields.Dict(
+        required=True,
+        metadata={
+            "description": "What the action recorded (a sign-off's note, the event ids a "
+            "read showed, ...). For admins a phone number in it is masked, so their copy "
+            "no longer matches `entry_hash`; auditors get it as it was hashed"
+        },
+    )
+    prev_hash = ma.fields.String(
+        required=True, metadata={"description": "`entry_hash` of the entry before it"}
+    )
+    entry_hash = ma.fields.String(
+        required=True, metadata={"description": "sha256 over this entry and `prev_hash`"}
+    )
+
+
+class AuditPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(AuditEntryOut), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)
+
+
+class AuditVerifyOut(ma.Schema):
+    intact = ma.fields.Boolean(
+        required=True, metadata={"description": "Every entry checked matches its hash and link"}
+    )
+    checked = ma.fields.Integer(
+        required=True, metadata={"description": "Entries read, the broken one included"}
+    )
+    broken_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={"description": "The first entry that breaks the chain; null if intact"},
+    )
+    problem = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "enum": ["altered", "link_broken"],
+            "description": "`altered`: its content does not match its hash; "
+            "`link_broken`: its `prev_hash` is not the hash of the entry before it (that "
+            "one was removed, or altered and re-hashed)",
+        },
+    )
+    message = ma.fields.String(allow_none=True, required=True)
+    head_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The newest entry that checks out (null: none does). Record it "
+            "with `head_hash` somewhere else and compare later: removing the newest "
+            "entries breaks no link"
+        },
+    )
+    head_hash = ma.fields.String(allow_none=True, required=True)

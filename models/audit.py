@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, Document, big_pk, sha256_hex, timestamp
@@ -17,6 +17,14 @@ class AuditEntry(Base):
     """
 
     __tablename__ = "audit_entry"
+    # The log's filters (``GET /audit``), each newest first: without them a page of a
+    # subject's entries, of a day's, of a rare action's or of a user's reads the whole log.
+    __table_args__ = (
+        Index("ix_audit_entry_subject", "subject_type", "subject_key", "id"),
+        Index("ix_audit_entry_action", "action", "id"),
+        Index("ix_audit_entry_actor", "actor_id", "id"),
+        Index("ix_audit_entry_at", "at"),
+    )
 
     id: Mapped[big_pk]
     at: Mapped[timestamp]

@@ -5,8 +5,9 @@ history, bulk-inserted: ``STATIONS`` stations of ``DEVICES`` couriers with a PDA
 ``DAYS`` closed shifts per PDA of ``PARCELS_PER_SHIFT`` parcels (checked out, out for
 delivery, then delivered with a proof and its photo or a failed attempt), their feed
 entries, flags, consents and proof images: tens of thousands of rows per big table,
-and a year of older flags (over 100,000: flags are kept), then ``ANALYZE``, as
-autovacuum would. Then the real code paths run through the API
+and a year of older flags (over 100,000: flags are kept), and the audit log of that
+year (sign-offs, flag resolutions, an auditor's proof reads, the daily purges), then
+``ANALYZE``, as autovacuum would. Then the real code paths run through the API
 (push, re-push, pull, balance, board, proof search), every SQL statement they send is
 captured with its parameters (``before_cursor_execute``), and each is explained with
 those parameters (``EXPLAIN (FORMAT JSON)``, nothing executed). The test fails when a
@@ -42,6 +43,7 @@ from models import (
     Shift,
     migrate,
 )
+from sync import audit
 from sync.consents import address_key
 from tests import factories
 from tests.conftest import Auth, make_test_app
@@ -69,6 +71,7 @@ BIG_TABLES = {
     "proof_image",
     "consent",
     "blob",
+    "audit_entry",
 }
 MIN_BIG_ROWS = 1000  # each big table has at least this many rows (most: thousands)
 RULE_FLAG_KINDS = [
@@ -80,6 +83,7 @@ RULE_FLAG_KINDS = [
     "correction_review",
 ]
 INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}
+PROOF_READ_EVERY = 10  # the auditor reads one delivery's proof in this many
 
 
 @dataclass
@@ -103,6 +107,8 @@ class World:
     courier: dict[str, str]
     manager: dict[str, str]
     auditor: dict[str, str]
+    manager_id: int  # of the station above
+    auditor_id: int
 
 
 def _photo(name: str) -> str:
@@ -115,6 +121,7 @@ class History:
     def __init__(self) -> None:
         self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.ids: dict[str, int] = defaultdict(int)
+        self.entries: list[dict[str, Any]] = []  # the audit log's, unchained
 
     def add(self, table: str, **row: Any) -> int:
         """Queue a row; tables whose rows others point at get their id here."""
@@ -124,7 +131,20 @@ class History:
         self.rows[table].append(row)
         return row.get("id", 0)
 
+    def audit(self, **entry: Any) -> None:
+        """An audit entry, chained with the others in time order by ``chain_audit_log``."""
+        self.entries.append(entry)
+
+    def chain_audit_log(self) -> None:
+        prev = audit.GENESIS_HASH
+        for entry in sorted(self.entries, key=lambda e: e["at"]):
+            entry["prev_hash"] = prev
+            entry["entry_hash"] = prev = audit.entry_hash(**entry)
+            self.ids["audit_entry"] += 1
+            self.rows["audit_entry"].append({"id": self.ids["audit_entry"], **entry})
+
     def write(self, connection: Any) -> None:
+        self.chain_audit_log()
         with connection.cursor() as cursor:
             for table in COPY_ORDER:
                 rows = self.rows[table]
@@ -157,9 +177,12 @@ def _evidence(kind: str, event_id: int) -> dict[str, Any]:
     return evidence
 
 
-def _older_flags(history: History, station_id: int, courier_id: int, today: dt.date) -> None:
+def _older_flags(
+    history: History, station_id: int, courier_id: int, manager_id: int, today: dt.date
+) -> None:
     """A courier's rule flags of the ``FLAG_HISTORY_DAYS`` before the events (one parcel
-    in four, as in the days with events), resolved by a manager or closed since."""
+    in four, as in the days with events), resolved by a manager (an audit entry) or
+    closed since."""
     for day in range(DAYS + 1, DAYS + FLAG_HISTORY_DAYS + 1):
         raised = dt.datetime.combine(today - dt.timedelta(days=day), dt.time(10), tzinfo=dt.UTC)
         for n in range(PARCELS_PER_SHIFT // 4):
@@ -179,6 +202,29 @@ def _older_flags(history: History, station_id: int, courier_id: int, today: dt.d
                 raised_at=raised,
                 updated_at=raised,
             )
+            if serial % 5:
+                _flag_resolved(history, manager_id, raised + dt.timedelta(hours=8))
+
+
+def _flag_resolved(history: History, manager_id: int, at: dt.datetime) -> None:
+    """The audit entry of the flag just added, resolved at ``at`` (flag ids follow the
+    order of the rows: COPY gives them from the sequence)."""
+    flag = history.rows["flag"][-1]
+    history.audit(
+        at=at,
+        actor_id=manager_id,
+        action="flag_resolved",
+        subject_type="flag",
+        subject_key=str(len(history.rows["flag"])),
+        details={
+            "kind": flag["kind"],
+            "subject_type": flag["subject_type"],
+            "subject_key": flag["subject_key"],
+            "station_id": flag["station_id"],
+            "from_status": "open",
+            "note": "checked with the courier",
+        },
+    )
 
 
 def _copyable(value: Any) -> Any:
@@ -195,6 +241,7 @@ COPY_ORDER = [
     "consent",
     "blob",
     "device_sync_state",
+    "audit_entry",
 ]
 
 
@@ -204,9 +251,13 @@ def _populate(engine: Engine) -> dict[str, Any]:
     today = dt.datetime.now(dt.UTC).date()
     with Session(engine) as session:
         stations = [factories.station(session, code=f"PLAN{s}") for s in range(STATIONS)]
-        factories.user(session, "plan-auditor", "auditor")
-        for station in stations:
-            factories.user(session, f"plan-manager{station.id}", "station_manager", station)
+        auditor_id = factories.user(session, "plan-auditor", "auditor").id
+        managers = {
+            station.id: factories.user(
+                session, f"plan-manager{station.id}", "station_manager", station
+            ).id
+            for station in stations
+        }
         couriers = []
         for station in stations:
             for d in range(DEVICES):
@@ -219,6 +270,7 @@ def _populate(engine: Engine) -> dict[str, Any]:
     txid = 1000
     for station_id, courier_id, device_id in couriers:
         seq = 0
+        manager_id = managers[station_id]
         for day in range(DAYS):
             work_date = today - dt.timedelta(days=DAYS - day)
             opened = dt.datetime.combine(work_date, dt.time(1, 0), tzinfo=dt.UTC)
@@ -239,6 +291,21 @@ def _populate(engine: Engine) -> dict[str, Any]:
                 seq_at_close=first_seq + 3 * PARCELS_PER_SHIFT - 1,
                 reopened_count=0,
             )
+            if day < DAYS - 1:
+                history.audit(
+                    at=closed + dt.timedelta(hours=1),
+                    actor_id=manager_id,
+                    action="shift_signed_off",
+                    subject_type="shift",
+                    subject_key=str(shift_id),
+                    details={
+                        "station_id": station_id,
+                        "courier_id": courier_id,
+                        "device_id": device_id,
+                        "note": "checked at the counter",
+                        "forced_reason": None,
+                    },
+                )
             numbers = [factories.s10() for _ in range(PARCELS_PER_SHIFT)]
             delivered = {}
             for tn in numbers:
@@ -322,7 +389,7 @@ def _populate(engine: Engine) -> dict[str, Any]:
                         kind = "delivery_attempt_failed"
                         details = {"reason": "recipient_absent", "action": "notice_left"}
                     at = opened + dt.timedelta(minutes=10 * (seq - first_seq))
-                    history.add(
+                    event_id = history.add(
                         "scan_event",
                         station_id=station_id,
                         device_id=device_id,
@@ -339,6 +406,15 @@ def _populate(engine: Engine) -> dict[str, Any]:
                         details=details,
                         content_hash=_photo(f"{device_id}-{seq}-content"),
                     )
+                    if kind == "delivered" and event_id % PROOF_READ_EVERY == 0:
+                        history.audit(
+                            at=closed + dt.timedelta(days=1),
+                            actor_id=auditor_id,
+                            action="proof_read",
+                            subject_type="proof",
+                            subject_key=str(event_id),
+                            details={"tracking_no": tn, "event_ids": [event_id]},
+                        )
                     if step != "out_for_delivery":
                         txid += 1
                         history.add(
@@ -376,13 +452,23 @@ def _populate(engine: Engine) -> dict[str, Any]:
                     raised_at=closed,
                     updated_at=closed,
                 )
-        _older_flags(history, station_id, courier_id, today)
+                _flag_resolved(history, manager_id, closed + dt.timedelta(minutes=30))
+        _older_flags(history, station_id, courier_id, manager_id, today)
         history.add(
             "device_sync_state",
             device_id=device_id,
             acked_through_seq=seq,
             max_seq=seq,
             missing_ranges=[],
+        )
+    for day in range(DAYS + FLAG_HISTORY_DAYS):  # the scheduler's daily purge of images
+        history.audit(
+            at=dt.datetime.combine(today - dt.timedelta(days=day), dt.time(3), tzinfo=dt.UTC),
+            actor_id=None,
+            action="proof_images_purged",
+            subject_type="blob",
+            subject_key=_photo(f"purged-{day}"),
+            details={"count": 1, "digests": [_photo(f"purged-{day}")], "retention_days": 365},
         )
     raw = engine.raw_connection()
     try:
@@ -407,6 +493,8 @@ def _populate(engine: Engine) -> dict[str, Any]:
         ).one()
     return {
         "station_id": station_id,
+        "manager_id": managers[station_id],
+        "auditor_id": auditor_id,
         "courier_id": courier_id,
         "device_id": device_id,
         "shift_id": shift_id,
@@ -722,3 +810,42 @@ def test_station_board_uses_indexes(world: World) -> None:
         if node.get("Index Name") == "ix_flag_subject"
     ]
     assert by_subject and all("subject_key" in cond for cond in by_subject), by_subject
+
+
+def test_audit_log_list_uses_indexes(world: World) -> None:
+    """``GET /audit``, newest first, unfiltered and by each filter: a page never reads the
+    whole log (a year of sign-offs, resolutions, an auditor's reads and purges), also for
+    a filter that matches little or nothing. (``GET /audit/verify`` reads every entry by
+    design, a thousand at a time: it is not a look-up.)"""
+    day = dt.datetime.combine(world.work_date, dt.time(0, 0), tzinfo=dt.UTC)
+    a_year_ago = day - dt.timedelta(days=FLAG_HISTORY_DAYS)
+
+    def between(start: dt.datetime) -> str:
+        return f"at_from={start.isoformat()}&at_to={(start + dt.timedelta(days=1)).isoformat()}"
+
+    searches = [
+        "/api/v1/audit?limit=100",
+        "/api/v1/audit?action=shift_signed_off&limit=100",
+        "/api/v1/audit?action=proof_images_purged",
+        "/api/v1/audit?action=parcels_rejudged",  # none yet
+        f"/api/v1/audit?actor_id={world.manager_id}&limit=100",
+        f"/api/v1/audit?actor_id={world.auditor_id}&limit=100",
+        f"/api/v1/audit?actor_id={world.courier_id}",  # a courier's: none
+        f"/api/v1/audit?subject_type=shift&subject_key={world.shift_id - 1}",
+        f"/api/v1/audit?subject_type=proof&subject_key={world.delivery_id}",
+        f"/api/v1/audit?{between(day)}",
+        f"/api/v1/audit?{between(a_year_ago)}",
+        f"/api/v1/audit?action=flag_resolved&at_to={a_year_ago.isoformat()}",
+    ]
+    explained = []
+    for url in searches:
+        response, plans = run(world, "GET", url.replace("+", "%2B"), headers=world.auditor)
+        explained += plans
+    assert_indexed(explained)
+    used = set().union(*(e.indexes for e in reads(explained, "audit_entry")))
+    assert {
+        "ix_audit_entry_subject",
+        "ix_audit_entry_action",
+        "ix_audit_entry_actor",
+        "ix_audit_entry_at",
+    } <= used, used

@@ -12,8 +12,8 @@ to the log would wait for a plain build; an INVALID index left by a failed build
 dropped and built again); SQLite builds them plainly.
 
 Revision ID: 7a3c9e5b1d08
-Revises: 5d1e7b3f9a02
-Create Date: 2026-12-04 09:00:00.000000
+Revises: 6060e871ab1f
+Create Date: 2026-12-03 18:50:00.000000
 """
 
 from collections.abc import Sequence
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "7a3c9e5b1d08"
-down_revision: str | None = "5d1e7b3f9a02"
+down_revision: str | None = "6060e871ab1f"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

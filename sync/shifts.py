@@ -101,7 +101,7 @@ def _next_own_shift(column: str) -> ColumnElement[Any]:
 def _before_colleagues_shift(column: str) -> ColumnElement[Any]:
     """``column`` of the shift opened on the PDA just before another courier's shift
     closed with a last seq and no first seq (NULL for any other shift): where that
-    one's seqs start (``_Window.colleagues_first_seq``)."""
+    one's seqs start (``_Window.as_colleagues``)."""
     undeclared_first = and_(
         _shifts.c.courier_id != bindparam("courier_id"),
         _shifts.c.first_seq.is_(None),
@@ -117,13 +117,14 @@ def _before_colleagues_shift(column: str) -> ColumnElement[Any]:
 # leave room for one of the push's seqs; those open at some time of the push's events,
 # give or take the filing grace; and those opened or closed within it of one (what
 # ``file`` looks at, also for a shift whose clock closed it before it opened). Another
-# courier's: those closed with both seqs declared around one of the push's seqs (a
-# handover's queue, ``ShiftFiler`` rule 2). The database still walks the PDA's shifts
-# in its index, but hands over only these few, however many shifts were worked on that
-# PDA before: all of them were loaded, and a year of daily shifts made a one-scan push
-# cost 1.5 times as much on SQLite (``bench/scaling.py shifts``). A shift closed
-# without its last seq comes with where the courier's next shift on the PDA starts
-# (``_Window.holds_by_seq``): one index probe, for it alone.
+# courier's: those closed with a last seq at or after the push's lowest, and a first
+# seq, if declared, at or before its highest (a handover's queue, ``ShiftFiler`` rule 2;
+# ``_Window.as_colleagues`` bounds one that declared no first seq). The database still
+# walks the PDA's shifts in its index, but hands over only these few, however many
+# shifts were worked on that PDA before: all of them were loaded, and a year of daily
+# shifts made a one-scan push cost 1.5 times as much on SQLite (``bench/scaling.py
+# shifts``). A shift closed without its last seq comes with where the courier's next
+# shift on the PDA starts (``_Window.holds_by_seq``): one index probe, for it alone.
 SHIFT_WINDOWS = Prebuilt(
     lambda _dialect: (
         select(

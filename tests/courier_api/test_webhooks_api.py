@@ -271,6 +271,7 @@ def settled(app: Flask, client: FlaskClient, auth: Auth, world: World, session: 
         station_id=world.station.id,
         compartment="A1",
         recipient_phone="+8613812345678",
+        note="rang her on 138 1234 5678",
     )
     announce(session, "RR000000002GB", station_id=world.station.id)
     deliver(app, AnswerWith(200, 500))
@@ -337,6 +338,7 @@ def test_a_delivery_shows_the_message_its_receiver_gets(
         "tracking_no": "RR000000001GB",
         "compartment": "A1",
         "recipient_phone": "+86*******5678",  # masked: only auditors see phones
+        "note": "rang her on ********678",  # in free text too (a flag's resolution note)
     }
     assert message.payload["recipient_phone"] == "+8613812345678"  # the receiver's copy
     assert body["ordering_key"] == "RR000000001GB"

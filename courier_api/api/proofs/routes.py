@@ -39,6 +39,7 @@ from sync.proofs import (
     list_proofs,
     proof_not_found,
 )
+from sync.spreadsheets import as_text_cell
 
 blp = ApiBlueprint(
     "proofs", __name__, url_prefix="/api/v1/proofs", description="Proofs of delivery"
@@ -237,12 +238,8 @@ def csv_rows(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     return _csv_lines(filters, auditor=auditor)
 
 
-# Cells a spreadsheet would run as a formula begin with one of these (OWASP's CSV
-# injection); typed by a recipient, a sender or a courier, they are written with a
-# leading apostrophe, which spreadsheets show as text and do not display. So is the
-# phone number: "+8613800001234" would open as the number 8.6E+12, a masked one as
-# a formula that fails.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Typed by a recipient, a sender or a courier (and the phone number): written as text
+# (``sync.spreadsheets``).
 TEXT_COLUMNS = frozenset(
     {
         "recipient_name",
@@ -253,13 +250,6 @@ TEXT_COLUMNS = frozenset(
         "pickup_code",
     }
 )
-
-
-def as_text_cell(value: Any) -> Any:
-    """``value`` as a spreadsheet shows it, never run as a formula."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
 
 
 def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:

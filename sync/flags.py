@@ -35,6 +35,7 @@ silent again, ``sync.sweeps``.)
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,16 @@ MAX_NOTE_LENGTH = 2000
 class FlagSubject:
     type: str  # parcel | device | event
     key: str
+
+    @classmethod
+    def event_sent_again(cls, device_id: str, client_event_id: uuid.UUID) -> FlagSubject:
+        """A held event's id sent again by its PDA with other content."""
+        return cls("event", f"{device_id}/{client_event_id}")
+
+    @classmethod
+    def event_seq(cls, device_id: str, seq: int) -> FlagSubject:
+        """A held event's seq, claimed by another event of its PDA."""
+        return cls("event", f"{device_id}#{seq}")
 
 
 @dataclass(frozen=True)

@@ -579,7 +579,7 @@ class _BatchIngest:
         self._flag(
             "conflicting_duplicate",
             FlagSeverity.WARNING,
-            FlagSubject("event", f"{self.pusher.device_id}/{event.client_event_id}"),
+            FlagSubject.event_sent_again(self.pusher.device_id, event.client_event_id),
             {"event_ids": [held_id] if held_id else [], "batch_ids": [str(self.batch.batch_id)]},
         )
 
@@ -593,7 +593,7 @@ class _BatchIngest:
         self._flag(
             "seq_conflict",
             FlagSeverity.WARNING,
-            FlagSubject("event", f"{self.pusher.device_id}#{event.seq}"),
+            FlagSubject.event_seq(self.pusher.device_id, event.seq),
             {"client_event_ids": sorted({str(owner), str(event.client_event_id)})},
         )
 

@@ -18,6 +18,7 @@ from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
 from sync.consents import consents_for
 from sync.errors import InvalidInput, NotFound
+from sync.flags import FlagSubject
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
 from sync.rules import DROPS, EventDetail, Policy, authorizes, drop_span, haversine_m
@@ -191,12 +192,18 @@ def get_proof(
 
 
 def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Flag]:
-    """The parcel's flags, and those of the delivery's shift about it: its handover
-    there (``missing_at_handover``, ``not_on_manifest``), and any citing the delivery
-    itself (``late_event_after_signoff``: it landed after the sign-off)."""
+    """The parcel's flags, those of the delivery's shift about it: its handover there
+    (``missing_at_handover``, ``not_on_manifest``) and any citing the delivery itself
+    (``late_event_after_signoff``: it landed after the sign-off), and those of the
+    delivery's event (``conflicting_duplicate``: its PDA sent it again with other
+    content; ``seq_conflict``: another event with its seq). One statement, each part
+    by an index (the subject's, the shift's)."""
     event, tracking_no = proof.event, proof.event.tracking_no
     shift_wide = str(event.shift_id)
-    about = [and_(Flag.subject_type == "parcel", Flag.subject_key == tracking_no)]
+    about = [
+        and_(Flag.subject_type == "parcel", Flag.subject_key == tracking_no),
+        and_(Flag.subject_type == "event", Flag.subject_key.in_(event_subject_keys(event))),
+    ]
     if event.shift_id is not None:
         about.append(
             and_(
@@ -213,6 +220,15 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
         for flag in session.scalars(query.order_by(Flag.id))
         if (flag.subject_type, flag.subject_key) != ("shift", shift_wide)
         or event.id in flag.evidence.get("event_ids", ())
+    ]
+
+
+def event_subject_keys(event: ScanEvent) -> list[str]:
+    """The subject keys of the flags about a held event (``sync.ingest``): its id sent
+    again with other content, and its seq claimed by another event of its PDA."""
+    return [
+        FlagSubject.event_sent_again(event.device_id, event.client_event_id).key,
+        FlagSubject.event_seq(event.device_id, event.seq).key,
     ]
 
 

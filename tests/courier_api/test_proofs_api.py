@@ -547,3 +547,77 @@ def test_a_phone_typed_into_the_pod_is_masked_except_for_auditors(
         page = signed_in(client.application, username).get(f"/web/proofs/{item['event_id']}")
         assert f"({relation})" in page, username
         assert ("13812345678" in page) == (username == "auditor1"), username
+
+
+# -- an auditor settling a locker dispute ------------------------------------------------------
+
+
+@pytest.fixture
+def dispute(client: FlaskClient, auth: Auth, session: Session, world: World) -> dict[str, Any]:
+    """An express parcel with an SMS consent for locker L-1, granted and recorded before
+    the drop; a mis-tapped drop into compartment 3, voided; the drop into compartment 5
+    with its photo and pickup code."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(minutes=40)
+    consent = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": parcel.tracking_no, "method": "locker", "point_id": "L-1",
+            "channel": "sms", "granted_at": (at - dt.timedelta(minutes=5)).isoformat(),
+            "evidence": "SMS reply Y",
+        },
+        headers=auth.headers("app1"),
+    )  # fmt: skip
+    assert consent.status_code == 201, consent.get_json()
+    mistap = factories.event(
+        2, parcel.tracking_no, "delivered_to_locker", occurred_at=at + dt.timedelta(minutes=5),
+        locker_id="L-1", compartment="3", pod={"pickup_code": "1111"},
+    )  # fmt: skip
+    correction = factories.event(
+        3, parcel.tracking_no, "correction", occurred_at=at + dt.timedelta(minutes=6),
+        voids_client_event_id=mistap["client_event_id"], reason="wrong compartment",
+    )  # fmt: skip
+    drop = factories.event(
+        4, parcel.tracking_no, "delivered_to_locker", occurred_at=at + dt.timedelta(minutes=7),
+        locker_id="L-1", compartment="5", pod={"pickup_code": "2222", "photo_sha256": "a" * 64},
+    )  # fmt: skip
+    receipt = auth.push(
+        [factories.event(1, parcel.tracking_no, occurred_at=at), mistap, correction, drop]
+    )
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 4
+    return {"parcel": parcel, "consent": consent.get_json(), "drop": drop, "at": at}
+
+
+def _items(client: FlaskClient, auth: Auth, tracking_no: str) -> list[dict[str, Any]]:
+    query = {"tracking_no": tracking_no}
+    items: list[dict[str, Any]] = client.get(
+        URL, query_string=query, headers=auth.headers("auditor1")
+    ).get_json()["items"]
+    return items
+
+
+def test_a_proof_shows_that_its_drop_was_sent_again_with_other_content(
+    client: FlaskClient, auth: Auth, dispute: dict[str, Any]
+) -> None:
+    """After the complaint the PDA sends the drop again, same id, another compartment and
+    time. The first version stands and a `conflicting_duplicate` flag cites it; the
+    proof's flags, "any flag citing this delivery", left that flag out: the auditor
+    reading the proof was not told the drop was rewritten."""
+    rewritten = {
+        **dispute["drop"],
+        "compartment": "7",
+        "occurred_at": (dispute["at"] - dt.timedelta(minutes=30)).isoformat(),
+    }
+    assert auth.push([rewritten])["results"][0]["error"]["code"] == "conflicting_duplicate"
+    voided, real = _items(client, auth, dispute["parcel"].tracking_no)
+    auditor = auth.headers("auditor1")
+    flags = client.get(
+        "/api/v1/flags", query_string={"kind": "conflicting_duplicate"}, headers=auditor
+    ).get_json()["items"]
+    assert [f["evidence"]["event_ids"] for f in flags] == [[real["event_id"]]]
+    for headers in (auditor, auth.headers("manager1")):
+        detail = client.get(f"{URL}/{real['event_id']}", headers=headers).get_json()
+        assert "conflicting_duplicate" in [f["kind"] for f in detail["flags"]]
+    other = client.get(f"{URL}/{voided['event_id']}", headers=auditor).get_json()
+    assert "conflicting_duplicate" not in [f["kind"] for f in other["flags"]]

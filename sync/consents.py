@@ -354,6 +354,16 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
     return _without_voided(session, found)
 
 
+def consents_by_id(session: Session, ids: Iterable[int]) -> dict[int, Consent]:
+    """The consents with these ids, a statement per chunk of them."""
+    wanted = sorted(set(ids))
+    return {
+        c.id: c
+        for chunk in chunks(wanted)
+        for c in session.scalars(select(Consent).where(Consent.id.in_(chunk)))
+    }
+
+
 def _without_voided(
     session: Session, found: dict[str, list[ConsentFact]]
 ) -> dict[str, list[ConsentFact]]:

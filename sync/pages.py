@@ -37,7 +37,7 @@ from models import (
 )
 from sync.balances import changed_since_signoff, gather, signoff_superseded, station_board
 from sync.blobs import BlobReader, BlobStore, readable_blobs
-from sync.consents import consents_for
+from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
 from sync.flags import flag_changes
 from sync.handover import (
@@ -52,10 +52,10 @@ from sync.handover import (
     sign_off_blocked,
 )
 from sync.projection import voided_by
-from sync.proofs import DELIVERY_TYPES, Proof
+from sync.proofs import DELIVERY_TYPES, DropConsent, Proof, drop_consents, proofs_consents
 from sync.quarantine import SHIFT_REJECTIONS_SHOWN, shift_rejections, shown_rejection
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
-from sync.rules import DROPS, EventDetail, Policy, authorizes
+from sync.rules import DROPS, Policy
 from sync.shifts import LATE_EVENT, LATEST_REOPENING
 from sync.sql import among, chunks
 from sync.status import load_events
@@ -121,69 +121,6 @@ def _images(
     pod: Mapping[str, Any] | None, states: Mapping[str, ImageState]
 ) -> list[ProofImageRef]:
     return [ProofImageRef(role, digest, states[digest]) for role, digest in pod_digests(pod)]
-
-
-# -- the consent behind a drop ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DropConsent:
-    """For a locker or pickup-point drop: the consent that authorized it, if any."""
-
-    required: bool  # the parcel's class may be left unattended only with consent
-    consent: Consent | None  # the first consent in force before the drop (rule 4)
-
-
-def drop_consents(
-    *,
-    session: Session,
-    drops: Sequence[tuple[int, Parcel]],
-    policy: Policy,
-    loaded: Mapping[str, list[EventDetail]] | None = None,
-) -> dict[int, DropConsent]:
-    """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in one to four
-    queries for up to 450 parcels however many drops (parcels whose events are
-    ``loaded`` already are not read again). The same test as a proof's
-    ``authorizing_consent`` (``sync.proofs``): covering the drop, granted before it, in
-    force then."""
-    if not drops:
-        return {}
-    parcels = list({p.tracking_no: p for _, p in drops}.values())
-    loaded = loaded or {}
-    unread = [p.tracking_no for p in parcels if p.tracking_no not in loaded]
-    events = {**loaded, **(load_events(session, unread) if unread else {})}
-    facts = consents_for(session, parcels)
-    chosen: dict[int, int | None] = {}
-    for event_id, parcel in drops:
-        drop = next((e for e in events[parcel.tracking_no] if e.fact.event_id == event_id), None)
-        if drop is None or drop.fact.type not in DROPS:
-            continue
-        chosen[event_id] = next(
-            (
-                fact.id
-                for fact in sorted(facts.get(parcel.tracking_no, []), key=lambda c: c.granted_at)
-                if authorizes(fact, drop, policy, events[parcel.tracking_no])
-            ),
-            None,
-        )
-    consents = _consents(session, [cid for cid in chosen.values() if cid is not None])
-    parcel_of = dict(drops)
-    return {
-        event_id: DropConsent(
-            required=parcel_of[event_id].service_class in policy.consent_required,
-            consent=consents.get(consent_id) if consent_id is not None else None,
-        )
-        for event_id, consent_id in chosen.items()
-    }
-
-
-def _consents(session: Session, ids: Iterable[int]) -> dict[int, Consent]:
-    wanted = sorted(set(ids))
-    return {
-        c.id: c
-        for chunk in chunks(wanted)
-        for c in session.scalars(select(Consent).where(Consent.id.in_(chunk)))
-    }
 
 
 # -- a shift and its evidence -----------------------------------------------------------------
@@ -453,7 +390,7 @@ def _consents_on_record(session: Session, parcels: Sequence[Parcel]) -> dict[str
     if not parcels:
         return {}
     facts = consents_for(session, parcels)
-    rows = _consents(session, [f.id for found in facts.values() for f in found])
+    rows = consents_by_id(session, [f.id for found in facts.values() for f in found])
     return {
         tracking_no: sorted(
             (rows[f.id] for f in found if f.id in rows), key=lambda c: (c.granted_at, c.id)
@@ -569,11 +506,7 @@ def proof_rows(
     store: BlobStore,
 ) -> list[ProofRow]:
     """A page of proofs with their images' states and each drop's consent."""
-    consents = drop_consents(
-        session=session,
-        drops=[(p.event.id, p.parcel) for p in proofs if p.event.type in DROPS],
-        policy=policy,
-    )
+    consents = proofs_consents(session=session, proofs=proofs, policy=policy)
     states = image_states(
         session=session,
         digests=[d for p in proofs for _, d in pod_digests(p.event.details.get("pod"))],

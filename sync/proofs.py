@@ -2,13 +2,14 @@
 
 A proof is a delivery event (in person, to a locker, to a pickup point) with
 its POD, the parcel's whole event chain, the consent that authorized an
-unattended drop (or that none did) and the parcel's flags.
+unattended drop (or that none did) and the parcel's flags. A page of proofs or an
+export's batch gets each drop's consent at once (``proofs_consents``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Select, String, and_, cast, exists, or_, select
@@ -16,12 +17,20 @@ from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
-from sync.consents import consents_for
+from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.flags import FlagSubject
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
-from sync.rules import DROPS, EventDetail, Policy, authorizes, drop_span, haversine_m
+from sync.rules import (
+    DROPS,
+    EventDetail,
+    Policy,
+    authorizes,
+    drop_span,
+    haversine_m,
+    needs_consent,
+)
 from sync.status import load_events
 from sync.tracking import normalize
 
@@ -56,10 +65,18 @@ class Proof:
 
 
 @dataclass(frozen=True)
+class DropConsent:
+    """For a locker or pickup-point drop: the consent that authorized it, if any."""
+
+    required: bool  # the parcel's class may be left unattended only with consent
+    consent: Consent | None  # the first consent in force before the drop (rule 4)
+
+
+@dataclass(frozen=True)
 class ProofDetail:
     proof: Proof
     timeline: list[TimelineEntry]
-    authorizing_consent: Consent | None  # for a drop: the consent in force before it
+    drop: DropConsent | None  # a locker or pickup-point drop's consent; None: in person
     flags: list[Flag]
     # For a drop: when it may have happened, as rule 4 judges it (``sync.rules.
     # drop_span``: its two clocks, its PDA's events around it by seq, its push's
@@ -70,6 +87,16 @@ class ProofDetail:
     @property
     def voided(self) -> bool:
         return self.proof.voided
+
+    @property
+    def authorizing_consent(self) -> Consent | None:
+        """For a drop: the consent in force before it; None: none did, or in person."""
+        return None if self.drop is None else self.drop.consent
+
+    @property
+    def consent_required(self) -> bool | None:
+        """For a drop: whether its parcel's class needed a consent; None: in person."""
+        return None if self.drop is None else self.drop.required
 
     @property
     def proofs_shown(self) -> list[int]:
@@ -150,12 +177,18 @@ def list_proofs(
     return [_proof(*row) for row in session.execute(query)]
 
 
-def iter_proofs(*, session: Session, filters: ProofFilter, batch: int = 500) -> Iterator[Proof]:
-    """Every proof matching ``filters``, read in keyset batches (for a CSV export)."""
+def iter_proof_batches(
+    *, session: Session, filters: ProofFilter, batch: int = MAX_PAGE_SIZE
+) -> Iterator[list[Proof]]:
+    """Every proof matching ``filters``, in keyset batches of up to ``batch`` (for a CSV
+    export, which writes and audit-logs a batch at a time). The first batch comes even
+    when empty; no other does."""
+    batch = min(batch, MAX_PAGE_SIZE)  # a page is never longer: a shorter one is the last
     after = 0
     while True:
         page = list_proofs(session=session, filters=filters, after_id=after, limit=batch)
-        yield from page
+        if page or not after:
+            yield page
         if len(page) < batch:
             return
         after = page[-1].event.id
@@ -180,12 +213,13 @@ def get_proof(
     events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]
     flags = _flags_of(session, proof, flags_of_station)
     drop = _drop(proof, events)
+    consents = proofs_consents(
+        session=session, proofs=[proof], policy=policy, loaded={parcel.tracking_no: events}
+    )
     return ProofDetail(
         proof=proof,
         timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),
-        authorizing_consent=None
-        if drop is None
-        else _authorizing(session, proof, drop, events, policy),
+        drop=consents.get(event_id),
         flags=list(flags),
         judged_between=None if drop is None else drop_span(drop, policy, events),
     )
@@ -239,19 +273,59 @@ def _drop(proof: Proof, events: Sequence[EventDetail]) -> EventDetail | None:
     return next(e for e in events if e.fact.event_id == proof.event.id)
 
 
-def _authorizing(
+def proofs_consents(
+    *,
     session: Session,
-    proof: Proof,
-    drop: EventDetail,
-    events: Sequence[EventDetail],
+    proofs: Sequence[Proof],
     policy: Policy,
-) -> Consent | None:
-    """The first consent that authorized the drop."""
-    facts = consents_for(session, [proof.parcel]).get(proof.parcel.tracking_no, [])
-    for fact in sorted(facts, key=lambda c: c.granted_at):
-        if authorizes(fact, drop, policy, events):
-            return session.get(Consent, fact.id)
-    return None
+    loaded: Mapping[str, list[EventDetail]] | None = None,
+) -> dict[int, DropConsent]:
+    """``{event id: DropConsent}`` for the drops among ``proofs`` (a page, an export's
+    batch), in a bounded number of queries (``drop_consents``)."""
+    drops = [(p.event.id, p.parcel) for p in proofs if p.event.type in DROPS]
+    return drop_consents(session=session, drops=drops, policy=policy, loaded=loaded)
+
+
+def drop_consents(
+    *,
+    session: Session,
+    drops: Sequence[tuple[int, Parcel]],
+    policy: Policy,
+    loaded: Mapping[str, list[EventDetail]] | None = None,
+) -> dict[int, DropConsent]:
+    """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in one to four
+    queries for up to 450 parcels however many drops (parcels whose events are
+    ``loaded`` already are not read again): covering the drop, granted before it, in
+    force then (rule 4). What a proof, a page of proofs and a shift's page show."""
+    if not drops:
+        return {}
+    parcels = list({p.tracking_no: p for _, p in drops}.values())
+    loaded = loaded or {}
+    unread = [p.tracking_no for p in parcels if p.tracking_no not in loaded]
+    events = {**loaded, **(load_events(session, unread) if unread else {})}
+    facts = consents_for(session, parcels)
+    chosen: dict[int, int | None] = {}
+    for event_id, parcel in drops:
+        drop = next((e for e in events[parcel.tracking_no] if e.fact.event_id == event_id), None)
+        if drop is None or drop.fact.type not in DROPS:
+            continue
+        chosen[event_id] = next(
+            (
+                fact.id
+                for fact in sorted(facts.get(parcel.tracking_no, []), key=lambda c: c.granted_at)
+                if authorizes(fact, drop, policy, events[parcel.tracking_no])
+            ),
+            None,
+        )
+    consents = consents_by_id(session, [cid for cid in chosen.values() if cid is not None])
+    parcel_of = dict(drops)
+    return {
+        event_id: DropConsent(
+            required=needs_consent(parcel_of[event_id].service_class, policy),
+            consent=consents.get(consent_id) if consent_id is not None else None,
+        )
+        for event_id, consent_id in chosen.items()
+    }
 
 
 def _proof(event: ScanEvent, parcel: Parcel, voided: bool) -> Proof:

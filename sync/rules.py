@@ -67,6 +67,12 @@ class Policy:
     clock_uncertainty: dt.timedelta = dt.timedelta(seconds=120)
 
 
+def needs_consent(service_class: ServiceClass, policy: Policy) -> bool:
+    """Whether a parcel of this class may be left in a locker or at a pickup point only
+    with its recipient's consent (rule 4; ``CONSENT_REQUIRED_CLASSES``)."""
+    return service_class in policy.consent_required
+
+
 @dataclass(frozen=True)
 class EventDetail:
     """A stored event with what the rules read beyond the projection's facts."""
@@ -202,7 +208,7 @@ def consents_matter(parcel: ParcelFacts, events: Sequence[EventDetail], policy: 
     """Whether ``evaluate`` reads the parcel's consents: only for a drop of a class that
     needs consent (rule 4). Most parcels judged have no drop, and their consents need
     not be looked up."""
-    return parcel.service_class in policy.consent_required and any(
+    return needs_consent(parcel.service_class, policy) and any(
         e.fact.type in DROPS for e in events
     )
 

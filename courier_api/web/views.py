@@ -61,7 +61,6 @@ from courier_api.web.session import (
     USER_KEY,
     check_csrf,
     csrf_token,
-    current_viewer,
     page,
     safe_next,
     sign_in,
@@ -509,12 +508,8 @@ def proofs() -> ResponseReturnValue:
 def export_proofs() -> ResponseReturnValue:
     """Every proof matching the page's filters, as the API's export writes them."""
     query, _ = _proof_query(parse(ProofFilter(), request.args))
-    rows = csv_rows(query, auditor=current_viewer().is_auditor)  # checks the filters first
-    record_auditor_read(
-        "proofs_exported",
-        "proof",
-        "export",
-        {k: str(v) for k, v in vars(query).items() if v is not None},
+    rows = csv_rows(  # checks the filters first; audit-logs each batch as it is sent
+        query, principal=current_principal(), policy=policy_of(current_app.config)
     )
     response = Response(stream_with_context(rows), mimetype="text/csv")
     response.headers["Content-Disposition"] = 'attachment; filename="proofs.csv"'
@@ -549,8 +544,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         "web/proof.html",
         detail=detail,
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
-        consent_required=detail.proof.parcel.service_class
-        in policy_of(current_app.config).consent_required,
+        consent_required=detail.consent_required,
         tz=station.timezone,
     )
 

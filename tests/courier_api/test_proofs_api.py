@@ -11,12 +11,14 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Flag
+from courier_api.api.proofs import routes as proofs_routes
+from models import AuditEntry, Flag, ServiceClass
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
 
 URL = "/api/v1/proofs"
+SIGNED = {"recipient_name": "Li", "relation": "self", "signature_sha256": "b" * 64}
 
 
 def now() -> dt.datetime:
@@ -589,12 +591,98 @@ def dispute(client: FlaskClient, auth: Auth, session: Session, world: World) -> 
     return {"parcel": parcel, "consent": consent.get_json(), "drop": drop, "at": at}
 
 
+def _export(client: FlaskClient, auth: Auth, query: dict[str, str]) -> list[dict[str, str]]:
+    response = client.get(
+        f"{URL}/export.csv", query_string=query, headers=auth.headers("auditor1")
+    )
+    assert response.status_code == 200
+    return list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+
+
 def _items(client: FlaskClient, auth: Auth, tracking_no: str) -> list[dict[str, Any]]:
     query = {"tracking_no": tracking_no}
     items: list[dict[str, Any]] = client.get(
         URL, query_string=query, headers=auth.headers("auditor1")
     ).get_json()["items"]
     return items
+
+
+def test_the_search_and_the_export_name_the_locker_and_the_compartment(
+    client: FlaskClient, auth: Auth, dispute: dict[str, Any]
+) -> None:
+    """The recipient asks "which locker, which compartment?". Without them the search and
+    the export listed two locker proofs and said neither where: the voided mis-tap's
+    compartment could not be told from the real one's, nor the drop checked against the
+    consent's point."""
+    items = _items(client, auth, dispute["parcel"].tracking_no)
+    assert [(i["locker_id"], i["compartment"], i["point_id"], i["voided"]) for i in items] == [
+        ("L-1", "3", None, True),
+        ("L-1", "5", None, False),
+    ]
+    rows = _export(client, auth, {"tracking_no": dispute["parcel"].tracking_no})
+    assert [(r["locker_id"], r["compartment"], r["point_id"], r["voided"]) for r in rows] == [
+        ("L-1", "3", "", "True"),
+        ("L-1", "5", "", "False"),
+    ]
+
+
+def test_the_search_and_the_export_say_which_consent_authorized_each_drop(
+    client: FlaskClient, auth: Auth, dispute: dict[str, Any]
+) -> None:
+    """As the proofs page does for every drop: without it a month's export of locker
+    drops could not tell the authorized from the unauthorized ones (rule 4)."""
+    consent = dispute["consent"]
+    real = _items(client, auth, dispute["parcel"].tracking_no)[1]
+    detail = client.get(f"{URL}/{real['event_id']}", headers=auth.headers("auditor1")).json
+    assert real["authorizing_consent"] == detail["authorizing_consent"]
+    assert real["authorizing_consent"]["id"] == consent["id"]
+    rows = _export(client, auth, {"tracking_no": dispute["parcel"].tracking_no})
+    row = next(r for r in rows if r["event_id"] == str(real["event_id"]))
+    assert (
+        row["authorizing_consent_id"],
+        row["authorizing_consent_channel"],
+        dt.datetime.fromisoformat(row["authorizing_consent_granted_at"]),
+    ) == (str(consent["id"]), "sms", dt.datetime.fromisoformat(consent["granted_at"]))
+
+
+def test_a_proof_says_whether_its_drop_needed_a_consent(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Two locker drops without any consent: an express parcel's (unauthorized, rule 4)
+    and a `parcel`-class one's (none needed). Without the class and whether it needs a
+    consent, both read `authorizing_consent: null` and an auditor could not tell from
+    the proof whether the courier broke the rule, as the proof page tells."""
+    express = factories.parcel(session, world.station)
+    ordinary = factories.parcel(session, world.station, service_class=ServiceClass.PARCEL)
+    signed = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(minutes=30)
+    auth.push(
+        [
+            *(factories.event(n, p.tracking_no, occurred_at=at) for n, p in enumerate(
+                (express, ordinary, signed), start=1
+            )),
+            factories.locker_drop(4, express.tracking_no, at + dt.timedelta(minutes=5)),
+            factories.locker_drop(5, ordinary.tracking_no, at + dt.timedelta(minutes=6)),
+            factories.event(6, signed.tracking_no, "delivered", occurred_at=at, pod=SIGNED),
+        ]
+    )  # fmt: skip
+    seen = {}
+    for parcel in (express, ordinary, signed):
+        (item,) = _items(client, auth, parcel.tracking_no)
+        detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers("auditor1")).json
+        (row,) = _export(client, auth, {"tracking_no": parcel.tracking_no})
+        assert detail["authorizing_consent"] is None and row["authorizing_consent_id"] == ""
+        assert item["consent_required"] == detail["consent_required"]
+        seen[detail["method"], detail["service_class"]] = (
+            detail["consent_required"],
+            row["consent_required"],
+        )
+    assert seen == {
+        ("locker", "express"): (True, "True"),
+        ("locker", "parcel"): (False, "False"),
+        ("in_person", "express"): (None, ""),  # not left unattended: no consent to need
+    }
 
 
 def test_a_proof_shows_that_its_drop_was_sent_again_with_other_content(
@@ -621,3 +709,73 @@ def test_a_proof_shows_that_its_drop_was_sent_again_with_other_content(
         assert "conflicting_duplicate" in [f["kind"] for f in detail["flags"]]
     other = client.get(f"{URL}/{voided['event_id']}", headers=auditor).get_json()
     assert "conflicting_duplicate" not in [f["kind"] for f in other["flags"]]
+
+
+def test_an_export_is_audit_logged_naming_the_proofs_it_sent(
+    client: FlaskClient, auth: Auth, session: Session, world: World, dispute: dict[str, Any]
+) -> None:
+    """The export was logged with its filters only, which do not say what was read: a PDA
+    that was offline pushes a drop of that morning after the export, and the same
+    filters now select a proof the auditor never saw."""
+    window = {
+        "occurred_from": (dispute["at"] - dt.timedelta(hours=1)).isoformat(),
+        "occurred_to": now().isoformat(),
+    }
+    exported = [int(r["event_id"]) for r in _export(client, auth, window)]
+    assert len(exported) == 2
+    late = factories.parcel(session, world.station)
+    session.commit()
+    auth.push(
+        [
+            factories.event(5, late.tracking_no, occurred_at=dispute["at"]),
+            factories.locker_drop(6, late.tracking_no, dispute["at"] + dt.timedelta(minutes=9)),
+        ]
+    )
+    entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "proofs_exported")).one()
+    assert entry.details["event_ids"] == exported and entry.details["part"] == 1
+    assert entry.details["occurred_from"] == str(
+        dt.datetime.fromisoformat(window["occurred_from"])
+    )
+
+
+def test_a_big_export_logs_each_batch_before_sending_it(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streamed in batches, the export names each batch's proofs as it sends it, so that
+    the log says exactly what went out, also when the reader stops half-way (API and
+    page); the parts of one export share its `export_id`."""
+    monkeypatch.setattr(proofs_routes, "EXPORT_BATCH", 2)
+    parcels = [factories.parcel(session, world.station) for _ in range(5)]
+    session.commit()
+    at = now() - dt.timedelta(minutes=30)
+    auth.push(
+        [factories.event(n, p.tracking_no, occurred_at=at) for n, p in enumerate(parcels, 1)]
+        + [
+            factories.event(n, p.tracking_no, "delivered", occurred_at=at, pod=SIGNED)
+            for n, p in enumerate(parcels, 6)
+        ]
+    )
+    everything = [int(r["event_id"]) for r in _export(client, auth, {})]
+    assert len(everything) == 5
+
+    def logged() -> list[AuditEntry]:
+        query = select(AuditEntry).where(AuditEntry.action == "proofs_exported")
+        return list(session.scalars(query.order_by(AuditEntry.id)))
+
+    parts = logged()
+    assert [(e.details["part"], e.details["event_ids"]) for e in parts] == [
+        (1, everything[:2]), (2, everything[2:4]), (3, everything[4:])
+    ]  # fmt: skip
+    assert len({e.details["export_id"] for e in parts}) == 1
+    stream = signed_in(app, "auditor1").client.get("/web/proofs/export.csv", buffered=False)
+    first = next(iter(stream.response))
+    stream.close()
+    (started,) = logged()[3:]
+    assert started.details["part"] == 1 and started.details["event_ids"] == everything[:2]
+    sent = csv.DictReader(io.StringIO(first.decode()))
+    assert [int(r["event_id"]) for r in sent] == everything[:2]

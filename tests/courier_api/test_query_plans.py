@@ -612,6 +612,8 @@ def assert_indexed(explained: list[Explained]) -> None:
 def run(world: World, method: str, url: str, **kwargs: Any) -> tuple[Any, list[Explained]]:
     with Capture(world.engine) as capture:
         response = world.client.open(url, method=method, **kwargs)
+        response.get_data()  # a streamed answer (an export) is read as it is sent
+        response.close()
     assert response.status_code < 300, (url, response.status_code, response.get_data()[:500])
     return response, explain(world.engine, capture.statements)
 
@@ -766,8 +768,23 @@ def test_handover_balance_uses_indexes(world: World) -> None:
 
 
 def test_proof_search_uses_indexes(world: World) -> None:
+    """The search, a proof and the export, with each drop's consent (the parcel's events
+    and consents) and a proof's flags (of its parcel, its shift and its event)."""
     day = dt.datetime.combine(world.work_date, dt.time(0, 0), tzinfo=dt.UTC)
+    with world.engine.connect() as connection:
+        drop_id = connection.scalar(  # one of the drops the push's test pushed
+            select(ScanEvent.id).where(
+                ScanEvent.device_id == world.device_id,
+                ScanEvent.type == "delivered_to_locker",
+            )
+        )
+    assert drop_id is not None, "run with test_push_dedupe_and_projection_use_indexes"
     searches = [
+        f"/api/v1/proofs?station_id={world.station_id}&method=locker&limit=100",
+        f"/api/v1/proofs/{drop_id}",
+        f"/api/v1/proofs/export.csv?station_id={world.station_id}&method=locker",
+        f"/api/v1/proofs/export.csv?courier_id={world.courier_id}"
+        f"&occurred_from={day.isoformat()}&occurred_to={(day + dt.timedelta(days=1)).isoformat()}",
         "/api/v1/proofs?limit=100",
         f"/api/v1/proofs?station_id={world.station_id}&limit=100",
         f"/api/v1/proofs?station_id={world.station_id}"

@@ -23,8 +23,7 @@ from courier_api.extensions import api
 from courier_api.web import session as web_session
 from courier_api.web.views import seq_ranges
 from models import AuditEntry, Blob, Device, Flag, FlagStatus, Role, ScanEvent, ShiftStatus, utcnow
-from sync.pages import drop_consents
-from sync.proofs import get_proof
+from sync.proofs import drop_consents, get_proof
 from sync.rules import Policy
 from sync.shifts import day_bounds
 from tests import factories

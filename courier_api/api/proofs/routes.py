@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,15 +31,19 @@ from courier_api.extensions import db
 from models import Role
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
+    MAX_PAGE_SIZE,
     METHODS,
+    DropConsent,
     Proof,
     ProofFilter,
     check_filters,
     get_proof,
-    iter_proofs,
+    iter_proof_batches,
     list_proofs,
     proof_not_found,
+    proofs_consents,
 )
+from sync.rules import Policy
 from sync.spreadsheets import as_text_cell
 
 blp = ApiBlueprint(
@@ -67,8 +72,36 @@ CSV_COLUMNS = (
     "lat",
     "lon",
     "distance_m",
-    "voided",  # last: the columns before it kept their places when it came
+    # Each column that came later is added last, so the columns before it keep their places.
+    "voided",
+    "service_class",
+    "locker_id",
+    "compartment",
+    "point_id",
+    "consent_required",
+    "authorizing_consent_id",
+    "authorizing_consent_channel",
+    "authorizing_consent_granted_at",
 )
+# Typed by a recipient, a sender or a courier (and the phone number): written as text
+# (``sync.spreadsheets``).
+TEXT_COLUMNS = frozenset(
+    {
+        "recipient_name",
+        "recipient_phone",
+        "address",
+        "pod_recipient_name",
+        "pod_relation",
+        "pickup_code",
+        "locker_id",
+        "compartment",
+        "point_id",
+    }
+)
+# Where a locker or pickup-point drop left the parcel, as the PDA sent it.
+DROP_PLACE = ("locker_id", "compartment", "point_id")
+# Proofs the export reads, writes and audit-logs at a time.
+EXPORT_BATCH = MAX_PAGE_SIZE
 
 
 def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
@@ -84,8 +117,11 @@ def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
     )
 
 
-def _view(proof: Proof, *, auditor: bool) -> dict[str, Any]:
+def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str, Any]:
+    """``drop``: a locker or pickup-point drop's consent (``proofs_consents``); None: in
+    person."""
     event, parcel = proof.event, proof.parcel
+    consent = None if drop is None else drop.consent
     return {
         "event_id": event.id,
         "tracking_no": event.tracking_no,
@@ -102,10 +138,14 @@ def _view(proof: Proof, *, auditor: bool) -> dict[str, Any]:
         if auditor
         else mask_phone(parcel.recipient_phone),
         "address": parcel.address,
+        "service_class": parcel.service_class,
+        **{key: shown_text(event.details.get(key), unmasked=auditor) for key in DROP_PLACE},
         "pod": _pod(event.details.get("pod", {}), auditor=auditor),
         "lat": event.lat,
         "lon": event.lon,
         "distance_m": None if proof.distance_m is None else round(proof.distance_m, 1),
+        "consent_required": None if drop is None else drop.required,
+        "authorizing_consent": None if consent is None else _consent_ref(consent, auditor),
     }
 
 
@@ -135,7 +175,9 @@ class Proofs(MethodView):
         their parcel has, and method. Auditors read across stations (each search
         is audit-logged); managers their own station. A delivery a later
         correction from the same PDA voided is listed with `voided: true`: it
-        proves nothing. Recipient phone numbers are masked except for auditors.
+        proves nothing. A locker or pickup-point drop says where it was left, the
+        consent that authorized it (null: none did) and whether its parcel's class
+        needed one. Recipient phone numbers are masked except for auditors.
         """
         principal = current_principal()
         proofs = list_proofs(
@@ -144,11 +186,14 @@ class Proofs(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
+        consents = proofs_consents(
+            session=db.session, proofs=proofs, policy=policy_of(current_app.config)
+        )
         record_auditor_read(
             "proofs_searched", "proof", "search", {"event_ids": [p.event.id for p in proofs]}
         )
         auditor = principal.role == Role.AUDITOR
-        items = [_view(p, auditor=auditor) for p in proofs]
+        items = [_view(p, consents.get(p.event.id), auditor=auditor) for p in proofs]
         return keyset_page(items, args["limit"], key=lambda item: item["event_id"])
 
 
@@ -160,17 +205,16 @@ class ProofExport(MethodView):
     def get(self, args: dict[str, Any]) -> Response:
         """Export proofs of delivery as CSV
 
-        The same filters as the search, every matching proof, streamed as it is
-        read. The export is audit-logged for auditors, with its filters.
+        The same filters as the search, every matching proof with the search's
+        fields (the POD's in columns of their own, the authorizing consent's id,
+        channel and grant time), streamed in batches as they are read. For
+        auditors each batch is audit-logged before it is sent, with the filters
+        and the event ids it holds (`proofs_exported`, numbered `part`s of one
+        `export_id`).
         """
         principal = current_principal()
-        filters = _filters(args, principal)
-        rows = csv_rows(filters, auditor=principal.role == Role.AUDITOR)
-        record_auditor_read(
-            "proofs_exported",
-            "proof",
-            "export",
-            {k: str(v) for k, v in vars(filters).items() if v is not None},
+        rows = csv_rows(
+            _filters(args, principal), principal=principal, policy=policy_of(current_app.config)
         )
         response = Response(stream_with_context(rows), mimetype="text/csv")
         response.headers["Content-Disposition"] = 'attachment; filename="proofs.csv"'
@@ -188,10 +232,10 @@ class ProofById(MethodView):
         The delivery, its POD and distance from the address, the parcel's whole
         event chain (device, corrected and receive times), whether a correction
         voided it, for a locker or pickup-point drop the consent that authorized
-        it (null: none did), and the parcel's flags (a station manager's: their
-        station's only). Audit-logged for auditors. A delivery of another
-        station's parcel answers a manager what an unknown id answers (404
-        `proof_not_found`), so that it does not show it exists.
+        it (null: none did), and the parcel's flags and those citing the delivery
+        (a station manager's: their station's only). Audit-logged for auditors. A
+        delivery of another station's parcel answers a manager what an unknown id
+        answers (404 `proof_not_found`), so that it does not show it exists.
         """
         principal = current_principal()
         detail = get_proof(
@@ -207,11 +251,9 @@ class ProofById(MethodView):
             str(event_id),
             {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
         )
-        consent = detail.authorizing_consent
         auditor = principal.role == Role.AUDITOR
         return {
-            **_view(detail.proof, auditor=auditor),
-            "authorizing_consent": None if consent is None else _consent_ref(consent, auditor),
+            **_view(detail.proof, detail.drop, auditor=auditor),
             "judged_between": None
             if detail.judged_between is None
             else dict(zip(("earliest", "latest"), detail.judged_between, strict=True)),
@@ -230,47 +272,55 @@ def _consent_ref(consent: Any, auditor: bool) -> dict[str, Any]:
     return ref
 
 
-def csv_rows(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
-    """The export's CSV, a line at a time as the proofs are read (the API's and the
-    pages' export are this one). The filters are checked now, before the first line:
-    once a streamed answer has begun it can no longer become an error."""
+def csv_rows(filters: ProofFilter, *, principal: Principal, policy: Policy) -> Iterator[str]:
+    """The export's CSV, a batch of lines at a time as the proofs are read (the API's and
+    the pages' export are this one). The filters are checked now, before the first
+    line: once a streamed answer has begun it can no longer become an error."""
     check_filters(filters)
-    return _csv_lines(filters, auditor=auditor)
+    return _csv_lines(filters, principal=principal, policy=policy)
 
 
-# Typed by a recipient, a sender or a courier (and the phone number): written as text
-# (``sync.spreadsheets``).
-TEXT_COLUMNS = frozenset(
-    {
-        "recipient_name",
-        "recipient_phone",
-        "address",
-        "pod_recipient_name",
-        "pod_relation",
-        "pickup_code",
+def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) -> Iterator[str]:
+    """Each batch is on the audit log, naming its proofs, before it goes out (rule 7): the
+    log names exactly what was sent, also when the reader stops half-way, and the log's
+    lock is held for one batch at a time."""
+    auditor = principal.role == Role.AUDITOR
+    logged = {
+        "export_id": uuid.uuid4().hex,  # ties the parts of one export together
+        **{k: str(v) for k, v in vars(filters).items() if v is not None},
     }
-)
-
-
-def _csv_lines(filters: ProofFilter, *, auditor: bool) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
-    for proof in iter_proofs(session=db.session, filters=filters):
-        view = _view(proof, auditor=auditor)
-        pod = view.pop("pod")
-        row = {
-            **view,
-            "pod_recipient_name": pod.get("recipient_name"),
-            "pod_relation": pod.get("relation"),
-            "signature_sha256": pod.get("signature_sha256"),
-            "photo_sha256": pod.get("photo_sha256"),
-            "pickup_code": pod.get("pickup_code"),
-        }
-        writer.writerow(
-            [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]
+    batches = iter_proof_batches(session=db.session, filters=filters, batch=EXPORT_BATCH)
+    for part, proofs in enumerate(batches, start=1):
+        consents = proofs_consents(session=db.session, proofs=proofs, policy=policy)
+        for proof in proofs:
+            writer.writerow(_csv_row(_view(proof, consents.get(proof.event.id), auditor=auditor)))
+        record_auditor_read(
+            "proofs_exported",
+            "proof",
+            "export",
+            {**logged, "part": part, "event_ids": [p.event.id for p in proofs]},
+            principal=principal,
         )
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
-    yield buffer.getvalue()
+
+
+def _csv_row(view: dict[str, Any]) -> list[Any]:
+    """A proof's view as a line of ``CSV_COLUMNS``."""
+    pod, consent = view["pod"], view["authorizing_consent"] or {}
+    row = {
+        **view,
+        "pod_recipient_name": pod.get("recipient_name"),
+        "pod_relation": pod.get("relation"),
+        "signature_sha256": pod.get("signature_sha256"),
+        "photo_sha256": pod.get("photo_sha256"),
+        "pickup_code": pod.get("pickup_code"),
+        "authorizing_consent_id": consent.get("id"),
+        "authorizing_consent_channel": consent.get("channel"),
+        "authorizing_consent_granted_at": consent.get("granted_at"),
+    }
+    return [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]

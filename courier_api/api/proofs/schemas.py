@@ -5,6 +5,7 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from courier_api.api.parcels.schemas import TimelineEvent
+from models import ServiceClass
 from sync.proofs import METHODS
 
 
@@ -31,6 +32,23 @@ class ProofListArgs(ProofArgs, PageArgs):
     after = After(metadata={"description": "Last event id of the previous page"})
 
 
+class ConsentRef(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    scope = ma.fields.String(required=True)
+    method = ma.fields.String(required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    channel = ma.fields.String(required=True)
+    granted_at = ma.fields.AwareDateTime(required=True)
+    expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    evidence = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A phone number typed into it is masked except for auditors"},
+    )
+    event_id = ma.fields.Integer(allow_none=True, required=True)
+
+
 class ProofOut(ma.Schema):
     event_id = ma.fields.Integer(required=True)
     tracking_no = ma.fields.String(required=True)
@@ -50,6 +68,22 @@ class ProofOut(ma.Schema):
         allow_none=True, required=True, metadata={"description": "Masked except for auditors"}
     )
     address = ma.fields.String(required=True)
+    service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
+    locker_id = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A locker drop's locker, as the PDA sent it; null otherwise"},
+    )
+    compartment = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A locker drop's compartment; null otherwise"},
+    )
+    point_id = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "A pickup-point drop's point; null otherwise"},
+    )
     pod = ma.fields.Dict(
         required=True,
         metadata={
@@ -64,28 +98,27 @@ class ProofOut(ma.Schema):
         required=True,
         metadata={"description": "From the parcel's geocoded address, when both are known"},
     )
+    consent_required = ma.fields.Boolean(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Drops only (null in person): whether the parcel's class may be "
+            "left in a locker or at a pickup point only with its recipient's consent "
+            "(CONSENT_REQUIRED_CLASSES): true with `authorizing_consent` null is an "
+            "unauthorized drop"
+        },
+    )
+    authorizing_consent = ma.fields.Nested(
+        ConsentRef,
+        allow_none=True,
+        required=True,
+        metadata={"description": "Drops only: the consent in force before it; null: none"},
+    )
 
 
 class ProofPage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(ProofOut), required=True)
     next_after = ma.fields.Integer(allow_none=True, required=True)
-
-
-class ConsentRef(ma.Schema):
-    id = ma.fields.Integer(required=True)
-    scope = ma.fields.String(required=True)
-    method = ma.fields.String(required=True)
-    point_id = ma.fields.String(allow_none=True, required=True)
-    channel = ma.fields.String(required=True)
-    granted_at = ma.fields.AwareDateTime(required=True)
-    expires_at = ma.fields.AwareDateTime(allow_none=True, required=True)
-    revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
-    evidence = ma.fields.String(
-        allow_none=True,
-        required=True,
-        metadata={"description": "A phone number typed into it is masked except for auditors"},
-    )
-    event_id = ma.fields.Integer(allow_none=True, required=True)
 
 
 class FlagRef(ma.Schema):
@@ -103,12 +136,6 @@ class JudgedBetween(ma.Schema):
 
 
 class ProofDetailOut(ProofOut):
-    authorizing_consent = ma.fields.Nested(
-        ConsentRef,
-        allow_none=True,
-        required=True,
-        metadata={"description": "Drops only: the consent in force before it; null: none"},
-    )
     judged_between = ma.fields.Nested(
         JudgedBetween,
         allow_none=True,
@@ -131,6 +158,8 @@ class ProofDetailOut(ProofOut):
         metadata={
             "description": "The parcel's flags, its handover's in the delivery's shift, "
             "and any flag citing this delivery (`late_event_after_signoff`: it landed "
-            "after the shift was signed off); a station manager's own station's only"
+            "after the shift was signed off; `conflicting_duplicate`: its PDA sent it "
+            "again with other content; `seq_conflict`: another event claimed its seq); a "
+            "station manager's own station's only"
         },
     )

@@ -82,6 +82,7 @@ from sync.flags import FlagSubject, raise_flag
 from sync.inversions import Stamp, time_inversions
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
+    WRONG_SHIFT,
     Filing,
     ShiftFiler,
     ShiftRules,
@@ -1189,7 +1190,7 @@ class _BatchIngest:
         if self.wrong_claims:
             claims = self.wrong_claims
             self._flag(
-                "wrong_shift",
+                WRONG_SHIFT,
                 FlagSeverity.WARNING,
                 FlagSubject("device", self.pusher.device_id),
                 {

@@ -50,8 +50,10 @@ from models import (
 from sync import audit, outbox
 from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
-from sync.flags import FlagSubject, close_flag, raise_flag, reopen_flag
+from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flag, raise_flag, reopen_flag
+from sync.rules import Policy
 from sync.sql import Prebuilt, among_param, chunks, rows_among
+from sync.status import DEFAULT_POLICY, reproject
 
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
@@ -185,6 +187,7 @@ OWN_SHIFTS_AMONG = Prebuilt(
     )
 )
 LATE_EVENT = "late_event_after_signoff"
+WRONG_SHIFT = "wrong_shift"
 LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift this time
 NOT_CLOSED = "shift_not_closed"
 
@@ -565,16 +568,22 @@ def close_shift(
     closed_by: int,
     last_seq: int | None = None,
     now: dt.datetime | None = None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> Shift:
     """Close the shift: the courier is back and hands over (归班交接).
 
     Closing again is answered with the shift as it is (a PDA retrying a close whose
     answer it lost), unless it declares another ``last_seq``. The shift's handover
     discrepancies are judged now: what was checked out and has no outcome is missing.
+    A ``last_seq`` also takes the PDA's events another courier's sign-in pushed before
+    the close, in the seqs it declares (``_take_handover_queue``); their parcels are
+    judged again by ``policy``.
     """
     from sync.balances import refresh_handover_flags
 
     now = now or utcnow()
+    if last_seq is not None:  # the lock order: the device's sync state, then the shift
+        lock_device_state(session, shift.device_id)
     shift = lock_shift(session, shift.id)
     if shift.status != ShiftStatus.OPEN:
         if last_seq is None or last_seq == shift.last_seq:
@@ -625,6 +634,8 @@ def close_shift(
     shift.last_seq = last_seq
     shift.seq_at_close = state.max_seq if state is not None else 0
     session.flush()
+    if last_seq is not None:
+        _take_handover_queue(session, shift, policy)
     close_flag(
         session=session,
         kind=NOT_CLOSED,
@@ -634,6 +645,69 @@ def close_shift(
     refresh_handover_flags(session=session, shifts=[shift])
     _announce_if_unbalanced(session, shift)
     return shift
+
+
+def _take_handover_queue(session: Session, shift: Shift, policy: Policy) -> None:
+    """File under ``shift``, as its courier's, the events of its PDA that another
+    courier's sign-in pushed before this close and that no shift took, in the seqs the
+    close declares the shift's: a PDA handed over with the shift left open pushes the
+    first courier's queue at once, and a manager closes the shift afterwards. Pushed
+    after the close, ``ShiftFiler`` (rule 2) files them so; before it, they wait here,
+    so that the order of the push and the close changes nothing (rule 3). Their
+    parcels are judged again (who holds them, whose delivery it was), and the PDA's
+    ``wrong_shift`` flag closes when these were all it named."""
+    previous_id, previous_last_seq = session.execute(
+        select(
+            adjacent_shift(_shifts, "id", following=False, same_courier=False),
+            adjacent_shift(_shifts, "last_seq", following=False, same_courier=False),
+        ).where(_shifts.c.id == shift.id)
+    ).one()
+    window = _Window(
+        shift.id,
+        shift.opened_at,
+        shift.closed_at,
+        shift.first_seq,
+        shift.last_seq,
+        previous_id=previous_id,
+        previous_last_seq=previous_last_seq,
+    ).as_colleagues()
+    if window is None or window.first_seq is None or window.last_seq is None:
+        return
+    taken = session.execute(
+        select(ScanEvent.id, ScanEvent.seq, ScanEvent.tracking_no).where(
+            ScanEvent.device_id == shift.device_id,
+            ScanEvent.shift_id.is_(None),
+            ScanEvent.courier_id != shift.courier_id,
+            ScanEvent.seq.between(window.first_seq, window.last_seq),
+        )
+    ).all()
+    if not taken:
+        return
+    session.execute(
+        update(ScanEvent),
+        [{"id": row.id, "shift_id": shift.id, "courier_id": shift.courier_id} for row in taken],
+    )
+    reproject(session=session, tracking_nos={row.tracking_no for row in taken}, policy=policy)
+    _close_wrong_shift_if_taken(session, shift, {row.seq for row in taken})
+
+
+def _close_wrong_shift_if_taken(session: Session, shift: Shift, seqs: set[int]) -> None:
+    subject = FlagSubject("device", shift.device_id)
+    flag = session.scalar(
+        select(Flag).where(
+            Flag.kind == WRONG_SHIFT,
+            Flag.subject_type == subject.type,
+            Flag.subject_key == subject.key,
+            Flag.status.in_(ACTIVE_STATUSES),
+        )
+    )
+    if flag is not None and set(flag.evidence.get("seqs", [])) <= seqs:
+        close_flag(
+            session=session,
+            kind=WRONG_SHIFT,
+            subject=subject,
+            reason=f"shift {shift.id} closed declaring the seqs its events name it by",
+        )
 
 
 def _announce_if_unbalanced(session: Session, shift: Shift) -> None:
@@ -918,6 +992,15 @@ class _Window:
             self.last_seq is None or seq <= self.last_seq
         )
 
+    def declares(self, seq: int) -> bool:
+        """Whether the PDA declared ``seq`` this shift's: it lies from the first seq
+        declared at opening to the last declared at closing (or the shift is open)."""
+        return (
+            self.first_seq is not None
+            and self.may_hold(seq)
+            and (self.last_seq is not None or self.closed_at is None)
+        )
+
     def holds_by_seq(self, seq: int, occurred_at: dt.datetime, grace: dt.timedelta) -> bool:
         """Whether the seqs the PDA declared name ``seq`` as this shift's (rule 2).
 
@@ -936,7 +1019,7 @@ class _Window:
         """
         if self.first_seq is None or not self.may_hold(seq):
             return False
-        if self.last_seq is not None or self.closed_at is None:
+        if self.declares(seq):
             return True
         if self.next_first_seq is not None and seq >= self.next_first_seq:
             return False
@@ -949,19 +1032,20 @@ class ShiftFiler:
     """Decides the shift each event of one courier's push is filed under.
 
     The shifts this courier worked on this PDA count, and, by their seqs alone,
-    another courier's closed on it with both seqs declared: a PDA handed over at the
-    counter pushes the first courier's queued events under the next one's sign-in,
-    and the seqs the first courier declared at opening and closing say whose they are
+    another courier's closed on it with its last seq declared (and its first, or else
+    the PDA's previous shift's last: ``_Window.as_colleagues``): a PDA handed over at
+    the counter pushes the first courier's queued events under the next one's
+    sign-in, and the seqs the first courier declared say whose they are
     (``colleagues``; the event is then that courier's: ``recorded_by``). By time,
     another courier's shift never takes an event. Rules, in order:
 
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
     2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
        at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
-       clocks say; a shift closed without a ``last_seq`` holds by seq only what
+       clocks say; the courier's own shifts first, then another's; then a shift of
+       the courier's closed without a ``last_seq``, which holds by seq only what
        came by its close, give or take ``filing_grace``, and before the courier's
-       next shift on the PDA starts (``_Window.holds_by_seq``); the courier's own
-       shifts first, then another's;
+       next shift on the PDA starts (``_Window.holds_by_seq``);
     3. the courier's shift open when the event happened (corrected clock);
     4. one opened a little after it, or closed a little before it (``filing_grace``:
        corrected clocks are estimates, off by the push's latency), unless the
@@ -1023,7 +1107,12 @@ class ShiftFiler:
             if colleague is not None and colleague.holds_by_seq(seq, occurred_at, self.grace):
                 return claimed
             self.wrong_claims[seq] = claimed
+        # Seqs declared at both ends speak first, then the end of a shift closed without
+        # its last seq, which is estimated by time (``_Window.holds_by_seq``).
         for window in (*reversed(self.windows), *self.colleagues.values()):
+            if window.declares(seq):
+                return window.shift_id
+        for window in reversed(self.windows):
             if window.holds_by_seq(seq, occurred_at, self.grace):
                 return window.shift_id
         near: list[tuple[dt.timedelta, int]] = []

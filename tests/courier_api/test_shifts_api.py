@@ -1155,3 +1155,81 @@ def test_another_couriers_shift_takes_no_event_its_declared_seqs_do_not_hold(
     flags = client.get("/api/v1/flags?kind=wrong_shift", headers=manager).get_json()["items"]
     assert [f["evidence"]["claimed_shift_ids"] for f in flags] == [[shift["id"]]]
     assert flags[0]["evidence"]["seqs"] == [queued[0]["seq"]]
+
+
+def test_a_handovers_queue_pushed_before_the_manager_closes_the_shift_is_filed_as_after(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """courier1 forgets to close the shift and hands the PDA over. The PDA pushes
+    courier1's queue under courier2's sign-in at once; then the manager closes
+    courier1's shift, declaring its last seq. Pushed after the close, the same events
+    are filed under courier1's shift as courier1's; pushed before, they stayed filed
+    under no shift, as courier2's, and courier1's handover showed both parcels missing
+    for good (the PDA pruned them: they were acked), whether the push or the close
+    came first deciding (rule 3). The `wrong_shift` their naming the shift raised
+    closes with the close."""
+    factories.user(session, "courier2", "courier", world.station)
+    first, second = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(first), pda.event(second)])
+    afternoon = now() - dt.timedelta(hours=3)
+    queued = [
+        pda.event(first, "delivered", occurred_at=afternoon, shift_id=shift["id"]),
+        pda.event(second, "returned_to_station", occurred_at=afternoon + dt.timedelta(hours=2)),
+    ]
+    pda.headers = auth.headers("courier2", "PDA-0001")
+    receipt = pda.push(queued)
+    assert receipt["acked_through_seq"] == 4  # the PDA deletes them now
+
+    manager = auth.headers("manager1")
+    named = client.get("/api/v1/flags?kind=wrong_shift", headers=manager).get_json()["items"]
+    assert [f["status"] for f in named] == ["open"]  # the delivery named courier1's shift
+    closed = client.post(
+        f"/api/v1/shifts/{shift['id']}/close", json={"last_seq": 4}, headers=manager
+    )
+    assert closed.status_code == 200, closed.get_json()
+
+    found = balance(client, shift["id"], manager)
+    assert (found["missing"], found["delivered"], found["returned"]) == (0, 1, 1), found
+    delivered = session.scalar(select(ScanEvent).where(ScanEvent.seq == 3))
+    assert delivered is not None
+    session.refresh(delivered)
+    assert (delivered.shift_id, delivered.courier_id) == (shift["id"], world.courier.id)
+    named = client.get("/api/v1/flags?kind=wrong_shift", headers=manager).get_json()["items"]
+    assert [f["status"] for f in named] == ["closed"]
+
+
+def test_a_colleagues_declared_seqs_beat_the_pushers_shift_left_open_by_seq(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """courier2 closes a shift on the PDA declaring its first seq but not its last, and
+    hands the PDA to courier1 at the counter, who opens a shift declaring first_seq 2,
+    checks a parcel out a minute later (seq 3, still queued: the counter's Wi-Fi is
+    down) and closes declaring last_seq 3. Handed back, the PDA pushes seq 3 under
+    courier2's sign-in. courier1's shift declared seqs 2-3 its own, and courier2's
+    shift, by its balance (``sync.handover.owned_seqs``), ends where the PDA's next
+    shift starts. A shift left open by seq holds, by time alone, what came within the
+    filing grace of its close: that estimate must not beat seqs another courier's
+    shift declared, or courier2's shift would take courier1's check-out as courier2's,
+    where pushed under courier1's sign-in it is courier1's."""
+    factories.user(session, "courier2", "courier", world.station)
+    mine, theirs = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier2", "PDA-0001")
+    own = pda.open(first_seq=1)
+    pda.push([pda.event(mine)])
+    assert pda.close(own["id"]).status_code == 200  # no last_seq: optional
+
+    pda.headers = auth.headers("courier1", "PDA-0001")
+    colleague = pda.open(first_seq=2)
+    pda.push([pda.event(theirs)])  # seq 2
+    queued = [pda.event(theirs, "out_for_delivery")]  # seq 3, a minute after the close
+    closed = pda.close(colleague["id"], last_seq=3)
+    assert closed.status_code == 200, closed.get_json()
+
+    pda.headers = auth.headers("courier2", "PDA-0001")
+    pda.push(queued)
+
+    event = session.scalar(select(ScanEvent).where(ScanEvent.seq == 3))
+    assert event is not None
+    assert (event.shift_id, event.courier_id) == (colleague["id"], world.courier.id)

@@ -20,7 +20,7 @@ from courier_api.api.shifts.schemas import (
     shift_view,
 )
 from courier_api.auth import Principal, current_principal, ensure_station_access, ensure_visible
-from courier_api.config import shift_rules_of
+from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
 from sync import directory, shifts
@@ -155,6 +155,7 @@ class CloseShift(MethodView):
             closed_by=principal.user_id,
             last_seq=body["last_seq"],
             now=utcnow(),
+            policy=policy_of(current_app.config),
         )
         db.session.commit()
         return _view(shift)

@@ -157,6 +157,8 @@ class QuarantinedEvent(Base):
         Index("ix_quarantined_event_device_seq", "device_id", "seq"),
         # The station's list, newest first.
         Index("ix_quarantined_event_station_newest", "station_id", "id"),
+        # A parcel's rejected events, newest first (``?tracking_no=``).
+        Index("ix_quarantined_event_tracking_no", "tracking_no", "id"),
     )
 
     id: Mapped[big_pk]

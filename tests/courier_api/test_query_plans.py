@@ -39,6 +39,7 @@ from courier_api.extensions import db
 from models import (
     DeviceSyncState,
     Parcel,
+    QuarantinedEvent,
     ScanEvent,
     Shift,
     migrate,
@@ -72,6 +73,7 @@ BIG_TABLES = {
     "consent",
     "blob",
     "audit_entry",
+    "quarantined_event",
 }
 MIN_BIG_ROWS = 1000  # each big table has at least this many rows (most: thousands)
 RULE_FLAG_KINDS = [
@@ -236,6 +238,7 @@ COPY_ORDER = [
     "sync_batch",
     "parcel",
     "scan_event",
+    "quarantined_event",
     "feed_change",
     "flag",
     "consent",
@@ -426,6 +429,25 @@ def _populate(engine: Engine) -> dict[str, Any]:
                             tracking_no=tn,
                             created_at=closed,
                         )
+                if step == "outcome":  # a drop the PDA sent without its compartment
+                    raw = f'{{"seq": {seq}, "tracking_no": "{numbers[1]}", "locker_id": "L-1"}}'
+                    history.add(
+                        "quarantined_event",
+                        station_id=station_id,
+                        device_id=device_id,
+                        batch_pk=batch_pk,
+                        position=PARCELS_PER_SHIFT,
+                        client_event_id=str(uuid.uuid4()),
+                        seq=None,
+                        event_type="delivered_to_locker",
+                        tracking_no=numbers[1],
+                        error_code="missing_field",
+                        message="compartment is required",
+                        field="compartment",
+                        payload=raw,
+                        payload_hash=_photo(raw),
+                        received_at=closed,
+                    )
             shift_flags = {  # a shift's own flags, resolved by a manager
                 ("missing_at_handover", f"{shift_id}:{numbers[0]}"): {
                     "event_ids": [history.ids["scan_event"] - 3 * PARCELS_PER_SHIFT + 1],
@@ -866,3 +888,25 @@ def test_audit_log_list_uses_indexes(world: World) -> None:
         "ix_audit_entry_actor",
         "ix_audit_entry_at",
     } <= used, used
+
+
+def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:
+    """``GET /quarantine?tracking_no=``: a parcel's rejected events, and a parcel with
+    none (the usual answer), read through the number's index, not the station's every
+    rejected event."""
+    with world.engine.connect() as connection:
+        rejected = connection.scalar(
+            select(QuarantinedEvent.tracking_no).where(
+                QuarantinedEvent.station_id == world.station_id
+            )
+        )
+    assert rejected is not None
+    explained = []
+    for number in (rejected, world.tracking_no, "RR000000000GB"):
+        _, plans = run(
+            world, "GET", f"/api/v1/quarantine?tracking_no={number}", headers=world.manager
+        )
+        explained += plans
+    assert_indexed(explained)
+    used = set().union(*(e.indexes for e in reads(explained, "quarantined_event")))
+    assert "ix_quarantined_event_tracking_no" in used, used

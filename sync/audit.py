@@ -151,8 +151,10 @@ def list_entries(
     chained in).
 
     ``after_id`` is the last id of the previous page (the next page holds smaller ids);
-    ``at_from`` is inclusive and ``at_to`` exclusive. A ``subject_key`` needs its
-    ``subject_type``: the same key names shift 42, flag 42 and proof 42.
+    ``at_from`` is inclusive and ``at_to`` exclusive. A subject is named by its type
+    and key together: the same key names shift 42, flag 42 and proof 42, and a type
+    alone (every proof ever read) would be read whole to be put newest first, as no
+    index gives it in that order; ``action`` lists a kind of entry.
     """
     if at_from is not None and at_to is not None and at_to <= at_from:
         raise InvalidInput("at_to must be later than at_from", code="invalid_range", field="at_to")
@@ -161,6 +163,13 @@ def list_entries(
             "subject_key needs subject_type: the same key may name subjects of several types",
             code="subject_type_required",
             field="subject_type",
+        )
+    if subject_type is not None and subject_key is None:
+        raise InvalidInput(
+            "subject_type needs subject_key: name one subject (to list a kind of entry, "
+            "filter by action)",
+            code="subject_key_required",
+            field="subject_key",
         )
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, MAX_PAGE_SIZE))
     if action is not None:

@@ -39,8 +39,9 @@ class AuditEntries(MethodView):
 
         Entries matching every filter given, newest first (in the order they were
         chained). `at_from` is inclusive, `at_to` exclusive; both need an offset
-        (e.g. `Z`). `subject_key` needs `subject_type` (422
-        `subject_type_required`). Sign-offs (`shift_signed_off`, each one, also of a
+        (e.g. `Z`). A subject is named by `subject_type` and `subject_key`
+        together (422 `subject_type_required` or `subject_key_required`; to list
+        a kind of entry, filter by `action`). Sign-offs (`shift_signed_off`, each one, also of a
         shift reopened and signed off again), `shift_reopened`,
         `shift_reopening_withdrawn`, `flag_resolved`, auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,

@@ -12,7 +12,10 @@ class AuditListArgs(PageArgs):
     actor_id = Id(metadata={"description": "The user who did it (the system's entries have none)"})
     subject_type = Text(
         validate=ma.validate.Length(min=1, max=32),
-        metadata={"example": "shift", "description": "What kind of thing it was done to"},
+        metadata={
+            "example": "shift",
+            "description": "What kind of thing it was done to (needs `subject_key`)",
+        },
     )
     subject_key = Text(
         validate=ma.validate.Length(min=1, max=160),

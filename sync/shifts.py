@@ -266,6 +266,13 @@ def _open_shift(
                 ~and_(_refilable_from(previous.id), ScanEvent.occurred_at > previous.ended_at)
             )
         used = session.scalar(filed)
+        # Seqs an earlier shift declared its own at closing are used too, though their
+        # events may still be queued (a handover's): another shift taking them would
+        # take them only if it came first.
+        declared = session.scalar(
+            select(func.max(Shift.last_seq)).where(Shift.device_id == device.id)
+        )
+        used = max((u for u in (used, declared) if u is not None), default=None)
         if used is not None and first_seq <= used:
             raise Conflict(
                 f"first_seq {first_seq} is already used: this PDA's seq {used} belongs "

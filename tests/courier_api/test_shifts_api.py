@@ -870,6 +870,24 @@ def test_first_seq_already_used_is_a_conflict(
     assert response.status_code == 409 and response.get_json()["code"] == "first_seq_used"
 
 
+def test_a_first_seq_another_shift_declared_its_own_is_a_conflict(
+    client: FlaskClient, session: Session, world: World, auth: Auth, pda: Courier
+) -> None:
+    """The previous shift closed declaring seqs up to 3, two of them still queued: a new
+    shift claiming seq 2 would take those events if its opening came before them, and
+    not if after. It is told the seq is used, as for one the server holds."""
+    (a,) = parcels(session, world, 1)
+    earlier = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    assert pda.close(earlier["id"], last_seq=3).status_code == 200
+    factories.user(session, "courier2", "courier", world.station)
+    session.commit()
+    headers = auth.headers("courier2", "PDA-0001")
+    response = client.post(SHIFTS, json={"first_seq": 2}, headers=headers)
+    assert response.status_code == 409 and response.get_json()["code"] == "first_seq_used"
+    assert client.post(SHIFTS, json={"first_seq": 4}, headers=headers).status_code == 201
+
+
 def test_closing_is_idempotent_but_a_new_last_seq_conflicts(
     client: FlaskClient, pda: Courier
 ) -> None:

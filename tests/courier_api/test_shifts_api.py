@@ -1092,14 +1092,20 @@ def test_a_colleagues_correction_voiding_a_delivery_is_flagged_whichever_arrives
 
 
 def _handed_over(
-    client: FlaskClient, session: Session, world: World, auth: Auth, *, last_seq: bool = True
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    auth: Auth,
+    *,
+    last_seq: bool = True,
+    closed: bool = True,
 ) -> tuple[Courier, dict[str, Any], list[str], list[dict[str, Any]]]:
     """courier1 opens a shift on PDA-0001 declaring its first seq, checks two parcels out
     online, then records offline a delivery (with a signature) and a return, naming the
     shift. Back at the station the PDA closes the shift (declaring its last seq, unless
-    not ``last_seq``) and is handed to courier2, who signs in on it while courier1's two
-    events are still queued. Returns the PDA (signed in as courier2), courier1's shift,
-    the tracking numbers and the queued events."""
+    not ``last_seq``; not at all, unless ``closed``) and is handed to courier2, who signs
+    in on it while courier1's two events are still queued. Returns the PDA (signed in
+    as courier2), courier1's shift, the tracking numbers and the queued events."""
     factories.user(session, "courier2", "courier", world.station)
     first, second = parcels(session, world, 2)
     pda = Courier(client, auth, "courier1", "PDA-0001")
@@ -1110,8 +1116,9 @@ def _handed_over(
         pda.event(first, "delivered", occurred_at=afternoon, shift_id=shift["id"]),
         pda.event(second, "returned_to_station", occurred_at=afternoon + dt.timedelta(hours=2)),
     ]
-    closed = pda.close(shift["id"], **({"last_seq": pda.seq} if last_seq else {}))
-    assert closed.status_code == 200, closed.get_json()
+    if closed:
+        response = pda.close(shift["id"], **({"last_seq": pda.seq} if last_seq else {}))
+        assert response.status_code == 200, response.get_json()
     pda.headers = auth.headers("courier2", "PDA-0001")
     return pda, shift, [first, second], queued
 
@@ -1186,17 +1193,7 @@ def test_a_handovers_queue_pushed_before_the_manager_closes_the_shift_is_filed_a
     for good (the PDA pruned them: they were acked), whether the push or the close
     came first deciding (rule 3). The `wrong_shift` their naming the shift raised
     closes with the close."""
-    factories.user(session, "courier2", "courier", world.station)
-    first, second = parcels(session, world, 2)
-    pda = Courier(client, auth, "courier1", "PDA-0001")
-    shift = pda.open(first_seq=1)
-    pda.push([pda.event(first), pda.event(second)])
-    afternoon = now() - dt.timedelta(hours=3)
-    queued = [
-        pda.event(first, "delivered", occurred_at=afternoon, shift_id=shift["id"]),
-        pda.event(second, "returned_to_station", occurred_at=afternoon + dt.timedelta(hours=2)),
-    ]
-    pda.headers = auth.headers("courier2", "PDA-0001")
+    pda, shift, _, queued = _handed_over(client, session, world, auth, closed=False)
     receipt = pda.push(queued)
     assert receipt["acked_through_seq"] == 4  # the PDA deletes them now
 

@@ -41,8 +41,8 @@ class AuditEntries(MethodView):
         chained). `at_from` is inclusive, `at_to` exclusive; both need an offset
         (e.g. `Z`). A subject is named by `subject_type` and `subject_key`
         together (422 `subject_type_required` or `subject_key_required`; to list
-        a kind of entry, filter by `action`). Sign-offs (`shift_signed_off`, each one, also of a
-        shift reopened and signed off again), `shift_reopened`,
+        a kind of entry, filter by `action`). Sign-offs (`shift_signed_off`, each
+        one, also of a shift reopened and signed off again), `shift_reopened`,
         `shift_reopening_withdrawn`, `flag_resolved`, auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
         `blob_read`), retention purges and webhook changes are here. A phone

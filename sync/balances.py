@@ -418,8 +418,15 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
 
 
 def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
-    """The day's counts summed over the board, and how many shifts are in each state."""
-    totals = dict.fromkeys((*COUNT_FIELDS, "missing_seq_count", "discrepancy_count"), 0)
+    """The day's counts summed over the board, and how many shifts are in each state.
+
+    A shift still open is counted under ``open`` and no balance status: its parcels
+    without an outcome are out on the road (``still_out``), not missing, until the
+    courier hands over. At 19:00 the balance totals are the handovers to look at.
+    """
+    totals = dict.fromkeys(
+        (*COUNT_FIELDS, "still_out", "missing_seq_count", "discrepancy_count"), 0
+    )
     tally = dict.fromkeys(
         (
             "shifts",
@@ -434,12 +441,17 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
         ),
         0,
     )
+    summed = [name for name in totals if name not in ("missing", "still_out")]
     for row in rows:
         summary = row.balance.summary()
-        for name in totals:
+        for name in summed:
             totals[name] += summary[name]
+        if row.shift.status == ShiftStatus.OPEN:
+            totals["still_out"] += summary["missing"]
+        else:
+            totals["missing"] += summary["missing"]
+            tally[summary["status"]] += 1
         tally["shifts"] += 1
-        tally[summary["status"]] += 1
         tally[row.shift.status.value] += 1
         tally["changed_since_signoff"] += row.changed_since_signoff
         tally["reopened"] += row.signoff_superseded

@@ -776,7 +776,15 @@ def test_the_station_board_lists_the_days_shifts_with_their_balance(
         1,
         1,
     )
-    assert (totals["balanced"], totals["unbalanced"]) == (1, 1)
+    # The open shift is on the road: counted as open, its parcel still out, not missing.
+    assert (totals["balanced"], totals["unbalanced"], totals["provisional"]) == (1, 0, 0)
+    assert (totals["missing"], totals["still_out"]) == (0, 1)
+    other.close(second["id"])
+    totals = client.get(
+        f"/api/v1/stations/{world.station.id}/handover", headers=manager
+    ).get_json()["totals"]
+    assert (totals["open"], totals["balanced"], totals["unbalanced"]) == (0, 1, 1)
+    assert (totals["missing"], totals["still_out"]) == (1, 0)
     assert board["date"] == first["work_date"]
     # Another day is empty; the date is the station's local date.
     yesterday = dt.date.fromisoformat(board["date"]) - dt.timedelta(days=1)

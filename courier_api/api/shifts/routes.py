@@ -252,8 +252,11 @@ class StationHandover(MethodView):
         there), oldest first, with its courier, its state and its balance
         counts, and the day's totals. A shift that late events reopened after
         its sign-off is `closed` again, with `reopened_count` and `reopened_at`;
-        its `signed_off_at` is then the superseded sign-off's. Read in the same
-        few queries however many shifts the station runs.
+        its `signed_off_at` is then the superseded sign-off's. In the totals a
+        shift still open counts as `open` and under no balance status, and its
+        parcels without an outcome as `still_out`, not `missing`: the balance
+        totals are the handovers. Read in the same few queries however many
+        shifts the station runs.
         """
         ensure_station_access(station_id)
         station = directory.get_station(session=db.session, station_id=station_id)

@@ -268,11 +268,13 @@ class BoardTotalsOut(BalanceCounts):
     class Meta:
         exclude = ("status",)
 
+    missing = _count("Checked out, no final outcome, in shifts handed over (closed or signed off)")
+    still_out = _count("Checked out, no final outcome yet, in shifts still open (on the road)")
     shifts = _count("Shifts of the day")
-    balanced = _count("Shifts whose balance closes")
-    unbalanced = _count("Shifts with something missing or a discrepancy")
-    provisional = _count("Shifts still waiting for events on the PDA")
-    open = _count("Shifts still open")
+    balanced = _count("Shifts handed over whose balance closes")
+    unbalanced = _count("Shifts handed over with something missing or a discrepancy")
+    provisional = _count("Shifts handed over still waiting for events on the PDA")
+    open = _count("Shifts still open: counted here, under no balance status, until they hand over")
     closed = _count("Shifts handed over, waiting for a sign-off")
     signed_off = _count("Shifts signed off")
     changed_since_signoff = _count("Shifts signed off whose balance has changed since")

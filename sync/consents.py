@@ -6,6 +6,11 @@ station or, without a station, at all). Consents come from recipient-facing
 channels through the API, or are captured on a PDA as ``consent_captured``
 events. Granting or revoking one re-judges the parcels it covers, so a flag it
 makes unnecessary closes (and one it no longer prevents opens) at once.
+
+A consent recorded or revoked through the API is written to the audit log as well
+(``consent_granted``, ``consent_revoked``): it decides whether a locker drop was
+authorized, so an auditor settling a dispute can tell a consent row changed since
+from the one recorded. One captured on a PDA is its event, stored as sent.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from models import (
     ScanEvent,
     utcnow,
 )
+from sync import audit
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
@@ -162,7 +168,32 @@ def grant(
     )
     session.add(consent)
     session.flush()
+    audit.append(
+        session=session,
+        actor_id=created_by,
+        action="consent_granted",
+        subject_type="consent",
+        subject_key=str(consent.id),
+        details={
+            "scope": consent.scope.value,
+            "method": consent.method.value,
+            "point_id": consent.point_id,
+            "channel": consent.channel.value,
+            "granted_at": _iso(consent.granted_at),
+            "expires_at": _iso(consent.expires_at),
+            "recorded_at": _iso(consent.created_at),
+            "tracking_no": consent.tracking_no,
+            "recipient_phone": consent.recipient_phone,
+            "address": consent.address,
+            "station_id": consent.station_id,
+            "evidence": consent.evidence,
+        },
+    )
     return consent
+
+
+def _iso(at: dt.datetime | None) -> str | None:
+    return None if at is None else at.isoformat()
 
 
 def point_named(method: ConsentMethod, point_id: str | None) -> str | None:
@@ -214,7 +245,25 @@ def revoke(*, session: Session, consent: Consent, revocation: Revocation) -> boo
         .execution_options(synchronize_session=False)
     )
     session.refresh(consent)
-    return bool(revoked.rowcount)
+    if not revoked.rowcount:
+        return False
+    audit.append(
+        session=session,
+        actor_id=revocation.revoked_by,
+        action="consent_revoked",
+        subject_type="consent",
+        subject_key=str(consent.id),
+        details={
+            "revoked_at": _iso(consent.revoked_at),
+            "reason": consent.revoked_reason,
+            "channel": consent.revoked_channel.value if consent.revoked_channel else None,
+            "granted_at": _iso(consent.granted_at),
+            "tracking_no": consent.tracking_no,
+            "recipient_phone": consent.recipient_phone,
+            "station_id": consent.station_id,
+        },
+    )
+    return True
 
 
 def get(*, session: Session, consent_id: int) -> Consent:

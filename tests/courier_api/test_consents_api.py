@@ -842,3 +842,67 @@ def test_a_bad_recipient_phone_filter_is_named_as_sent(
     response = client.get(URL, query_string={"recipient_phone": "12"}, headers=app1)
     assert response.status_code == 422
     assert list(response.get_json()["errors"]) == ["recipient_phone"]
+
+
+def test_a_consent_recorded_and_revoked_through_the_api_is_in_the_audit_log(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], world: World
+) -> None:
+    """The consent decides whether a locker drop was authorized: its row alone can be
+    changed afterwards and nothing would tell. The audit log keeps what it said when
+    recorded and when revoked (once: the second revocation changes nothing), with who
+    did it; admins read the recipient's phone masked."""
+    granted_at = (now() - dt.timedelta(hours=2)).replace(microsecond=0)
+    consent = grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone="+8613812345678",
+        address="1 Gaoqiao Road",
+        granted_at=granted_at.isoformat(),
+    ).get_json()
+    revoke = {"reason": "moved house", "channel": "phone_call"}
+    client.post(f"{URL}/{consent['id']}/revoke", json=revoke, headers=auth.headers("admin"))
+    client.post(f"{URL}/{consent['id']}/revoke", json={"channel": "app"}, headers=app1)
+    query = {"subject_type": "consent", "subject_key": str(consent["id"])}
+    entries = client.get(
+        "/api/v1/audit", query_string=query, headers=auth.headers("auditor1")
+    ).get_json()["items"]
+    assert [(e["action"], e["actor_id"]) for e in entries] == [
+        ("consent_revoked", world.admin.id),
+        ("consent_granted", world.integration.id),
+    ]
+    revoked, recorded = (e["details"] for e in entries)
+    assert dt.datetime.fromisoformat(recorded["granted_at"]) == granted_at
+    assert (recorded["scope"], recorded["method"], recorded["channel"]) == (
+        "standing",
+        "locker",
+        "app",
+    )
+    assert recorded["recipient_phone"] == "+8613812345678"
+    assert (revoked["reason"], revoked["channel"]) == ("moved house", "phone_call")
+    stored = client.get(f"{URL}/{consent['id']}", headers=auth.headers("auditor1")).get_json()
+    assert dt.datetime.fromisoformat(revoked["revoked_at"]) == dt.datetime.fromisoformat(
+        stored["revoked_at"]
+    )
+    masked = client.get("/api/v1/audit", query_string=query, headers=auth.headers("admin"))
+    assert "+8613812345678" not in masked.get_data(as_text=True)
+    verified = client.get("/api/v1/audit/verify", headers=auth.headers("auditor1")).get_json()
+    assert verified["intact"] is True
+
+
+def test_a_consent_captured_on_a_pda_is_its_event_not_an_audit_entry(
+    client: FlaskClient, auth: Auth, parcel: Parcel
+) -> None:
+    """A push stays free of the audit log's append: the captured consent's event is
+    stored as sent, and a re-sent one with other content is refused and flagged."""
+    at = now() - dt.timedelta(minutes=30)
+    captured = factories.event(
+        2, parcel.tracking_no, "consent_captured", occurred_at=at,
+        consent={"method": "locker", "channel": "in_person"},
+    )  # fmt: skip
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), captured])
+    entries = client.get(
+        "/api/v1/audit", query_string={"subject_type": "consent", "subject_key": "1"},
+        headers=auth.headers("auditor1"),
+    ).get_json()["items"]  # fmt: skip
+    assert entries == []

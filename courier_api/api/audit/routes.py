@@ -43,7 +43,9 @@ class AuditEntries(MethodView):
         together (422 `subject_type_required` or `subject_key_required`; to list
         a kind of entry, filter by `action`). Sign-offs (`shift_signed_off`, each
         one, also of a shift reopened and signed off again), `shift_reopened`,
-        `shift_reopening_withdrawn`, `flag_resolved`, auditors' reads
+        `shift_reopening_withdrawn`, `flag_resolved`, consents recorded or
+        revoked through the API (`consent_granted`, `consent_revoked`; subject
+        `consent` and its id), auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
         `blob_read`), retention purges and webhook changes are here. A phone
         number in an entry's details is masked for admins, not for auditors.

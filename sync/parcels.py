@@ -225,13 +225,23 @@ def _validated_values(
         "lon": draft.lon,
     }
     if draft.courier is not None:
-        values["planned_courier_id"] = _courier_id(draft.courier, station_id, couriers)
+        values["planned_courier_id"] = _courier_id(draft.courier, station_id, couriers, scope)
     return values
 
 
-def _courier_id(username: str, station_id: int, couriers: dict[str, User]) -> int:
+def _courier_id(
+    username: str, station_id: int, couriers: dict[str, User], scope: IntakeScope
+) -> int:
+    """The planned courier's id. A caller kept to their own stations (a manager) is
+    told of another station's courier what they are told of a name nobody has:
+    another station's users do not exist for them (SECURITY.md threat 3)."""
     courier = couriers.get(username.strip().lower())
-    if courier is None or courier.role != Role.COURIER or not courier.active:
+    hidden = (
+        courier is not None
+        and scope.allowed_station_ids is not None
+        and courier.station_id not in scope.allowed_station_ids
+    )
+    if courier is None or hidden or courier.role != Role.COURIER or not courier.active:
         raise InvalidInput(
             f"no active courier {username!r}", code="courier_not_found", field="courier"
         )

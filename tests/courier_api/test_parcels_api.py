@@ -108,6 +108,26 @@ def test_manager_cannot_take_in_for_another_station(
     assert codes == ["station_forbidden", "parcel_at_other_station"]
 
 
+def test_a_courier_of_another_station_is_unknown_to_a_manager_but_named_to_an_admin(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """SECURITY.md threat 3: trying usernames one by one as the planned courier must
+    not list another station's couriers to a manager. An admin, who sees every
+    station, is told why."""
+
+    def refusal(username: str, courier: str, station: str) -> dict:
+        body = {"parcels": [item(factories.s10(), courier=courier, station=station)]}
+        response = client.post(URL, headers=auth.headers(username), json=body)
+        assert response.status_code == 200, response.get_json()
+        error = response.get_json()["results"][0]["error"]
+        return {"code": error["code"], "message": error["message"].replace(courier, "<c>")}
+
+    theirs = refusal("manager2", world.courier.username, "ST2")
+    assert theirs == refusal("manager2", "no.such.courier", "ST2")
+    assert theirs["code"] == "courier_not_found"
+    assert refusal("admin", world.courier.username, "ST2")["code"] == "courier_at_other_station"
+
+
 def test_integration_names_the_station(client: FlaskClient, world: World, auth: Auth) -> None:
     integration = auth.headers("app1")
     response = client.post(

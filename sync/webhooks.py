@@ -208,11 +208,36 @@ def is_loopback_host(host: str) -> bool:
     return host.lower() == "localhost" if literal is None else literal.is_loopback
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits: NAT64's well-known prefix
+# (RFC 6052; behind DNS64 ``64:ff9b::a00:1`` is 10.0.0.1) and the deprecated
+# IPv4-compatible addresses. A local-use NAT64 prefix (RFC 8215) reaches whatever its
+# operator's translator does: never public.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Not loopback, private, link-local, shared, reserved, unspecified or multicast."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Not loopback, private, link-local, shared, reserved, unspecified or multicast,
+    nor an IPv6 address standing for an IPv4 one that is (mapped, NAT64, 6to4,
+    IPv4-compatible): Python's ``is_global`` takes those as public."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return False
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            address = embedded
     return address.is_global and not address.is_multicast
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def url_host(url: str) -> str:

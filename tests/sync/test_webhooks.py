@@ -702,8 +702,19 @@ def test_public_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
         "fc00::1",
         "::ffff:127.0.0.1",
         "::ffff:10.0.0.1",
+        # IPv4 behind IPv6 (SECURITY.md threat 7): NAT64, local NAT64, 6to4, compatible.
+        "64:ff9b::a00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::808:808",
+        "2002:a00:1::",
+        "2002:a9fe:a9fe::1",
+        "::a00:1",
+        "::7f00:1",
     ):
         assert not webhooks.is_public_address(ipaddress.ip_address(text)), text
+    # The same forms of a public IPv4 address stay public.
+    for text in ("64:ff9b::808:808", "2002:808:808::1"):
+        assert webhooks.is_public_address(ipaddress.ip_address(text)), text
 
 
 # -- secrets ----------------------------------------------------------------------------------

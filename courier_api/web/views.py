@@ -540,9 +540,17 @@ def proof(event_id: int) -> ResponseReturnValue:
         store=blob_store(),
     )
     station = directory.get_station(session=db.session, station_id=detail.proof.parcel.station_id)
+    event = detail.proof.event
+    # A drop a PDA of another station recorded (a mis-sorted parcel) is filed under that
+    # station's shift: not linked, nor named, for a reader who would get a 404 page.
+    shift_shown = event.shift_id is not None and current_principal().station_filter(None) in (
+        None,
+        event.station_id,
+    )
     return render_template(
         "web/proof.html",
         detail=detail,
+        shift_shown=shift_shown,
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
         consent_required=detail.consent_required,
         tz=station.timezone,

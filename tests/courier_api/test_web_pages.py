@@ -22,7 +22,18 @@ from werkzeug.test import TestResponse
 from courier_api.extensions import api
 from courier_api.web import session as web_session
 from courier_api.web.views import seq_ranges
-from models import AuditEntry, Blob, Device, Flag, FlagStatus, Role, ScanEvent, ShiftStatus, utcnow
+from models import (
+    AuditEntry,
+    Blob,
+    Device,
+    Flag,
+    FlagStatus,
+    Role,
+    ScanEvent,
+    ShiftStatus,
+    User,
+    utcnow,
+)
 from sync.proofs import drop_consents, get_proof
 from sync.rules import Policy
 from sync.shifts import day_bounds
@@ -889,6 +900,43 @@ def test_unknown_things_and_bad_filters_get_html_pages(app: Flask, day: StationD
 
 
 # -- images, audit, CSV -----------------------------------------------------------------------
+
+
+def test_the_proof_page_links_no_shift_its_reader_cannot_open(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A PDG parcel that a courier of MHG scanned and left in a locker (mis-sorted) is
+    PDG's, its drop filed under MHG's shift. PDG's manager reads the proof: the page
+    neither links nor names that shift (it would answer a 404 page, and give away
+    another station's shift id), as the flag page does; the admin gets the link."""
+    zhao = session.scalars(select(User).where(User.username == "zhaolei")).one()
+    pda = station_day.Pda(session, session.get(Device, "PDA-MHG-05"), zhao)
+    pda.seq = 10  # after the day's own events
+    parcel = factories.parcel(session, day.station)
+    session.commit()
+    shift = pda.open(station_day.local(day.day, 18, 0))
+    drop = pda.event(
+        station_day.local(day.day, 18, 30),
+        parcel.tracking_no,
+        "delivered_to_locker",
+        locker_id="HIVE-MHG-2",
+        compartment="C3",
+        pod={"pickup_code": "551177"},
+    )
+    checkout = pda.event(station_day.local(day.day, 18, 5), parcel.tracking_no, "checked_out")
+    pda.push([checkout, drop], station_day.local(day.day, 18, 40))
+    pda.close(shift, station_day.local(day.day, 19, 0))
+    event_id = session.scalars(
+        select(ScanEvent.id).where(
+            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
+        )
+    ).one()
+    manager = signed_in(app, "manager")
+    html = manager.get(f"/web/proofs/{event_id}")
+    assert f"shift {shift.id}" not in html and "/web/shifts/" not in html
+    assert "a shift of another station" in html
+    admin = signed_in(app, "admin").get(f"/web/proofs/{event_id}")
+    assert f'href="/web/shifts/{shift.id}"' in admin
 
 
 def test_proof_images_are_served_to_who_may_read_them(

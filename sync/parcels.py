@@ -358,6 +358,9 @@ class TimelineEntry:
     pushed_by: int  # the courier signed in when the PDA pushed it (``SyncBatch``)
     emsevt: str | None
     voided_by: int | None  # id of the correction that voided this event
+    # A correction: the id of the event it voids; None when it voids nothing (its PDA
+    # sent no earlier event with the id it names, or that one is voided already).
+    voids: int | None = None
 
 
 def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry]:
@@ -372,6 +375,7 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
     ).all()
     events = {row[0].id: row for row in rows}
     voids = voided_by(facts)
+    voided_by_correction = {correction: voided for voided, correction in voids.items()}
     return [
         TimelineEntry(
             event=events[fact.event_id][0],
@@ -379,6 +383,7 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
             pushed_by=events[fact.event_id][2],
             emsevt=EMSEVT_CODE.get(fact.type),
             voided_by=voids.get(fact.event_id),
+            voids=voided_by_correction.get(fact.event_id),
         )
         for fact in ordered(facts)
     ]

@@ -319,9 +319,35 @@ def test_the_timeline_shows_three_times_the_batch_emsevt_and_voided_events(
     assert [e["emsevt"] for e in timeline] == [None, "EDG", "EDH", None]
     assert [e["voided"] for e in timeline] == [False, False, True, False]
     assert timeline[2]["voided_by_event_id"] == timeline[3]["event_id"]
+    assert [e["voids_event_id"] for e in timeline] == [None, None, None, timeline[2]["event_id"]]
     assert timeline[2]["details"] == {"locker_id": "L-1", "compartment": "4"}
     assert timeline[0]["batch_id"] == first["batch_id"]
     assert {"occurred_at_device", "occurred_at", "received_at"} <= set(timeline[0])
+
+
+def test_a_correction_that_voids_nothing_says_so_in_the_timeline(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """An auditor reading a parcel's timeline must tell a correction that took effect
+    from one that did not: here a second correction of the same delivery (the first
+    voided it) and one naming an event its PDA never sent. Both are stored, neither
+    voids anything."""
+    tn = parcel.tracking_no
+    delivered = ev(2, tn, "delivered")
+    push(client, courier, [ev(1, tn), delivered])
+    fix = {"voids_client_event_id": delivered["client_event_id"], "reason": "wrong parcel"}
+    nothing = {"voids_client_event_id": str(uuid.uuid4()), "reason": "typo"}
+    push(
+        client,
+        courier,
+        [ev(3, tn, "correction", **fix), ev(4, tn, "correction", **fix)]
+        + [ev(5, tn, "correction", **nothing)],
+    )
+    body = client.get(f"/api/v1/parcels/{tn}", headers=auth.headers("auditor1")).get_json()
+    timeline = {e["seq"]: e for e in body["timeline"]}
+    assert timeline[3]["voids_event_id"] == timeline[2]["event_id"]
+    assert (timeline[4]["voids_event_id"], timeline[5]["voids_event_id"]) == (None, None)
+    assert timeline[2]["voided_by_event_id"] == timeline[3]["event_id"]
 
 
 def test_pull_pages_through_assignments_and_tombstones(committed_app: Flask) -> None:

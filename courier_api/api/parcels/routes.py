@@ -146,4 +146,5 @@ def timeline_view(entry: TimelineEntry, hide_pickup_code: bool, unmasked: bool) 
         "details": details,
         "voided": entry.voided_by is not None,
         "voided_by_event_id": entry.voided_by,
+        "voids_event_id": entry.voids,
     }

@@ -172,6 +172,16 @@ class TimelineEvent(ma.Schema):
     )
     voided = ma.fields.Boolean(required=True)
     voided_by_event_id = ma.fields.Integer(allow_none=True, required=True)
+    voids_event_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A correction: the event it voids. Null for any other event, "
+            "and for a correction that voids nothing: its PDA sent no earlier event with "
+            "the id it names (yet: one arriving later is voided then), or a correction "
+            "before it voided that one already"
+        },
+    )
 
 
 class ParcelDetail(ParcelOut):

@@ -13,6 +13,7 @@ from typing import Any
 import marshmallow as ma
 
 from courier_api.api.fields import After, Id, Text
+from courier_api.api.shifts.schemas import CloseShiftIn
 from models import FlagSeverity, FlagStatus
 from sync.errors import InvalidInput
 from sync.flags import MAX_NOTE_LENGTH
@@ -60,6 +61,10 @@ class SignOffForm(_Form):
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     force_reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     balance_version = Text(load_default=None, validate=ma.validate.Length(max=64))
+
+
+class CloseShiftForm(_Form, CloseShiftIn):
+    """The API's close (``last_seq``, optional), as the shift page's form sends it."""
 
 
 class LoginForm(_Form):

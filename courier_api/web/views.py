@@ -47,6 +47,7 @@ from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
 from courier_api.web import charts
 from courier_api.web.forms import (
+    CloseShiftForm,
     DayArgs,
     FlagFilter,
     LoginForm,
@@ -316,6 +317,29 @@ def shift(shift_id: int) -> ResponseReturnValue:
             "proofs_searched", "proof", f"shift:{found.id}", {"event_ids": proofs_shown}
         )
     return render_template("web/shift.html", view=view, tz=view.station.timezone)
+
+
+@bp.post("/shifts/<id:shift_id>/close")
+@page(*DECIDERS)
+def close_shift(shift_id: int) -> ResponseReturnValue:
+    """A manager closes a shift its courier cannot close from the PDA (a PDA that died),
+    as ``POST /api/v1/shifts/<id>/close`` does for them."""
+    form = parse(CloseShiftForm(), request.form)
+    found = shifts.get_shift(session=db.session, shift_id=shift_id)
+    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
+    _decide(
+        lambda: shifts.close_shift(
+            session=db.session,
+            shift=found,
+            closed_by=current_principal().user_id,
+            last_seq=form["last_seq"],
+            now=utcnow(),
+            policy=policy_of(current_app.config),
+        ),
+        done=f"Shift {shift_id} is closed.",
+        refused="Not closed",
+    )
+    return redirect(url_for("web.shift", shift_id=shift_id))
 
 
 @bp.post("/shifts/<id:shift_id>/signoff")

@@ -216,6 +216,7 @@ MATRIX: dict[str, Row] = {
     "POST /web/logout":                                       page(302, 302, 302, 302, **POST_FORM),  # noqa: E501
     "GET /web/board":                                         page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 404, **GET_PAGE),
+    "POST /web/shifts/{shift_id}/close":                      page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "GET /web/flags":                                         page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/flags/{flag_id}":                               page(200, 200, 200, 404, **GET_PAGE),
@@ -247,6 +248,7 @@ def page_request(s: Subjects, path: str) -> tuple[str, dict[str, str] | None]:
         url += f"?station={s.station_id}"
     forms = {
         "signoff": {"note": "all good"},
+        "close": {},
         "acknowledge": {},
         "resolve": {"note": "found it"},
         "logout": {},

@@ -321,6 +321,48 @@ def test_the_board_page_names_the_sequence_numbers_still_on_a_pda(
     assert '9<br><span class="seqs">3–10, 12</span>' in row.group(1)
 
 
+def test_a_manager_closes_from_the_shift_page_a_shift_whose_pda_died(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """19:00: the PDA died on the route, the courier is back with the parcels, and the
+    shift is still open: the courier cannot close it, nor can it be signed off. A
+    manager closes it from its page as ``POST /shifts/<id>/close`` does, with its rules
+    and their messages, and the page then shows it closed, with its balance. An auditor
+    gets no such form."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    path = f"/web/shifts/{shift['id']}"
+    close = f"{path}/close"
+    assert close not in signed_in(app, "auditor1").get(path)
+    pages = signed_in(app, "manager1")
+    assert close in pages.forms_posting_to(pages.get(path))
+
+    assert pages.post(close, last_seq="2").status_code == 302  # seq 3 is held already
+    html = pages.get(path)
+    assert "Not closed: last_seq 2 is before seq 3" in html
+    assert close in pages.forms_posting_to(html)  # still open, the form still there
+
+    closing = pages.post(close, last_seq="")  # the dead PDA cannot show its last seq
+    assert closing.status_code == 302 and closing.location == path
+    html = pages.get(path)
+    assert f"Shift {shift['id']} is closed." in html and close not in html
+    assert "by manager1" in html and "Sign off the handover" in html
+    assert "missing at handover" in html and b in html  # the balance as it now stands
+    closed = client.get(f"{SHIFTS}/{shift['id']}", headers=manager).get_json()
+    assert (closed["status"], closed["closed_by"], closed["last_seq"]) == (
+        "closed",
+        world.manager.id,
+        None,
+    )
+    assert balance(client, shift["id"], manager)["missing"] == 1
+
+
 def test_a_drop_pushed_after_the_sign_off_shows_that_in_its_proof(
     client: FlaskClient,
     auth: Auth,

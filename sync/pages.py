@@ -35,7 +35,13 @@ from models import (
     Station,
     User,
 )
-from sync.balances import changed_since_signoff, gather, signoff_superseded, station_board
+from sync.balances import (
+    OWN_KINDS,
+    changed_since_signoff,
+    gather,
+    signoff_superseded,
+    station_board,
+)
 from sync.blobs import BlobReader, BlobStore, readable_blobs
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
@@ -328,7 +334,7 @@ def _flags(
             and visible_station in (None, flag.station_id)
         )
 
-    own_in_sql = and_(Flag.shift_id == shift.id, Flag.kind.not_in(HANDOVER_KINDS))
+    own_in_sql = and_(Flag.shift_id == shift.id, OWN_KINDS)
     if visible_station is not None:
         own_in_sql = and_(own_in_sql, Flag.station_id == visible_station)
     cited = {d.flag_id for d in balance.discrepancies if d.flag_id}

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Flag, ScanEvent, Shift, User
+from sync.sweeps import SweepSettings, blob_missing_at_handover
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -361,6 +362,64 @@ def test_a_manager_closes_from_the_shift_page_a_shift_whose_pda_died(
         None,
     )
     assert balance(client, shift["id"], manager)["missing"] == 1
+
+
+def test_the_board_names_a_balanced_shifts_own_open_flag(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """Both parcels delivered in person, each with a signature the PDA never uploaded:
+    the shift balances, and after the handover the sweep flags it
+    ``blob_missing_at_handover``. Its board row stays balanced (the flag is no
+    discrepancy of the balance), and names the flag, in the API and on the page: among
+    40 rows, the manager does not sign it off as clean. The totals count such shifts;
+    an acknowledged flag still counts, a resolved one no longer."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered"), pda.event(b, "delivered")])
+    pda.close(shift["id"], last_seq=pda.seq)
+    blob_missing_at_handover(
+        session=session, now=now() + dt.timedelta(hours=2), settings=SweepSettings()
+    )
+    session.commit()
+    flag = session.scalars(select(Flag).where(Flag.shift_id == shift["id"])).one()
+    assert flag.kind == "blob_missing_at_handover"
+    board_url = f"/api/v1/stations/{world.station.id}/handover"
+
+    def board_row() -> tuple[dict[str, Any], dict[str, Any]]:
+        board = client.get(board_url, headers=manager).get_json()
+        [row] = board["shifts"]
+        return row, board["totals"]
+
+    row, totals = board_row()
+    assert (row["balance"]["status"], row["balance"]["discrepancy_count"]) == ("balanced", 0)
+    assert row["open_flag_count"] == 1
+    assert row["open_flags"] == [
+        {"flag_id": flag.id, "kind": "blob_missing_at_handover", "status": "open"}
+    ]
+    assert (totals["balanced"], totals["with_open_flags"]) == (1, 1)
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    found = re.search(rf'<tr class="row-balanced" id="shift-{shift["id"]}">(.*?)</tr>', html, re.S)
+    assert found is not None, html
+    assert f'<a href="/web/flags?shift_id={shift["id"]}">1 open flag</a>' in found.group(1)
+    assert f'<a href="/web/flags/{flag.id}">blob missing at handover</a>' in found.group(1)
+    assert "1 shift with open flags" in html
+
+    client.post(f"/api/v1/flags/{flag.id}/acknowledge", json={}, headers=manager)
+    row, totals = board_row()
+    assert row["open_flags"][0]["status"] == "acknowledged" and totals["with_open_flags"] == 1
+    resolved = client.post(
+        f"/api/v1/flags/{flag.id}/resolve", json={"note": "signatures on paper"}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    row, totals = board_row()
+    assert (row["open_flag_count"], row["open_flags"], totals["with_open_flags"]) == (0, [], 0)
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    assert "open flag" not in html
 
 
 def test_a_drop_pushed_after_the_sign_off_shows_that_in_its_proof(

@@ -255,8 +255,11 @@ class StationHandover(MethodView):
         its `signed_off_at` is then the superseded sign-off's. In the totals a
         shift still open counts as `open` and under no balance status, and its
         parcels without an outcome as `still_out`, not `missing`: the balance
-        totals are the handovers. Read in the same few queries however many
-        shifts the station runs.
+        totals are the handovers. Each row names the shift's own flags still open
+        or acknowledged (`open_flags`: proof images missing at handover, say),
+        which its balance does not count, and the totals count such shifts
+        (`with_open_flags`). Read in the same few queries however many shifts the
+        station runs.
         """
         ensure_station_access(station_id)
         station = directory.get_station(session=db.session, station_id=station_id)
@@ -279,6 +282,8 @@ class StationHandover(MethodView):
                     "reopened_at": row.shift.reopened_at,
                     "changed_since_signoff": row.changed_since_signoff,
                     "balance": row.balance.summary(),
+                    "open_flag_count": len(row.open_flags),
+                    "open_flags": [flag._asdict() for flag in row.open_flags],
                 }
                 for row in rows
             ],

@@ -233,6 +233,20 @@ class BoardCourierOut(ma.Schema):
     full_name = ma.fields.String(required=True)
 
 
+class BoardFlagOut(ma.Schema):
+    flag_id = ma.fields.Integer(required=True)
+    kind = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "blob_missing_at_handover, shift_not_closed, stale_device, "
+            "late_event_after_signoff, ..."
+        },
+    )
+    status = ma.fields.Enum(
+        FlagStatus, by_value=True, required=True, metadata={"description": "open, acknowledged"}
+    )
+
+
 class BoardShiftOut(ma.Schema):
     shift_id = ma.fields.Integer(required=True)
     courier = ma.fields.Nested(BoardCourierOut, required=True)
@@ -262,6 +276,16 @@ class BoardShiftOut(ma.Schema):
         },
     )
     balance = ma.fields.Nested(BalanceCounts, required=True)
+    open_flag_count = _count(
+        "The shift's own flags still open or acknowledged (not its handover "
+        "discrepancies, which the balance counts): a balanced shift can have one, such as "
+        "proof images still missing at handover"
+    )
+    open_flags = ma.fields.List(
+        ma.fields.Nested(BoardFlagOut),
+        required=True,
+        metadata={"description": "Those flags, oldest first (`GET /flags?shift_id=` lists all)"},
+    )
 
 
 class BoardTotalsOut(BalanceCounts):
@@ -280,6 +304,9 @@ class BoardTotalsOut(BalanceCounts):
     changed_since_signoff = _count("Shifts signed off whose balance has changed since")
     reopened = _count(
         "Shifts signed off, then reopened by late events: closed, waiting for a new sign-off"
+    )
+    with_open_flags = _count(
+        "Shifts with an own flag open or acknowledged (`open_flag_count`), whatever their balance"
     )
 
 

@@ -14,7 +14,13 @@ period, i.e. opened on that local date):
 * ``information_loss_rate`` = missing / checked_out; ``pod_completeness`` =
   delivered / (delivered + delivered_without_pod): null when the denominator is 0.
 * ``flags_by_kind``: flags of the station raised (``Flag.raised_at``) within the
-  period's local days, by kind. A courier's row counts the flags naming that courier.
+  period's local days whose cause stands, by kind: open, acknowledged or resolved (a
+  manager's decision settles a cause that was there), not those the system closed
+  because their cause went away (a drop whose earlier consent was pushed after it, a
+  parcel a late batch accounted for at the handover, a device heard from again). A
+  rule flag the system closed is one the events as they now stand do not raise, so
+  the counts do not depend on how a PDA split its queue into pushes (rule 3). A
+  courier's row counts the flags naming that courier.
 * ``avg_checkout_to_delivery_minutes``: over the parcels of the shifts' manifests
   whose outcome is a delivery (in person, with or without POD, or unattended, with
   or without consent): the corrected time of the outcome event minus the corrected
@@ -56,6 +62,7 @@ from sqlalchemy.orm import Session
 
 from models import (
     Flag,
+    FlagStatus,
     Parcel,
     ReportKind,
     ServiceClass,
@@ -310,7 +317,8 @@ class StationDays:
     def _flags(
         self, first: dt.date, last: dt.date
     ) -> dict[dt.date, dict[int | None, Counter[str]]]:
-        """Flags raised from ``first`` to ``last`` (local days), by day and courier."""
+        """Flags raised from ``first`` to ``last`` (local days) whose cause stands (not
+        closed by the system), by day and courier."""
         start, _ = day_bounds(first, self.station.timezone)
         _, end = day_bounds(last, self.station.timezone)
         found: dict[dt.date, dict[int | None, Counter[str]]] = defaultdict(
@@ -318,7 +326,10 @@ class StationDays:
         )
         for kind, courier_id, raised_at in self.session.execute(
             select(Flag.kind, Flag.courier_id, Flag.raised_at).where(
-                Flag.station_id == self.station.id, Flag.raised_at >= start, Flag.raised_at < end
+                Flag.station_id == self.station.id,
+                Flag.raised_at >= start,
+                Flag.raised_at < end,
+                Flag.status != FlagStatus.CLOSED,
             )
         ):
             found[local_date(raised_at, self.station.timezone)][courier_id][kind] += 1

@@ -16,11 +16,13 @@ from sync import reports
 from sync.shifts import local_date
 from tests.conftest import Auth, World
 from tests.sync.test_reports import (  # noqa: F401 (uploaded_photo: autouse fixture)
+    CONSENT,
     DAY,
     DEADLINES,
     UNSIGNED,
     Pda,
     local,
+    move_flags_to,
     parcel,
     uploaded_photo,
 )
@@ -169,6 +171,49 @@ def test_monthly_report_json_and_csv(
     assert response.status_code == 200 and response.mimetype == "text/csv"
     assert 'filename="ST1-monthly-2026-11.csv"' in response.headers["Content-Disposition"]
     assert len(table(response)) == 1 + 30 + 1 + 2
+
+
+def test_no_report_counts_a_drop_whose_earlier_consent_landed_in_a_later_push(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Offline all afternoon, the courier captured the recipient's consent on the PDA,
+    then left the express parcel in a locker. At 18:00 the queue went up in two pushes,
+    the drop's first: the drop was flagged ``unauthorized_locker_drop``, and the flag
+    closed when the consent landed a moment later. Pushed in order, nothing is raised;
+    so no report counts it, in the totals, the courier's row, the CSV or the week
+    (rule 3)."""
+    pda = Pda(session, world, world.courier, world.device)
+    t = local(DAY, 11)
+    express = parcel(session, world, t)
+    pda.open(t)
+    check_out = pda.event(express, "checked_out", t)
+    consent = pda.event(express, "consent_captured", local(DAY, 14), consent=CONSENT)
+    drop = pda.event(
+        express,
+        "delivered_to_locker",
+        local(DAY, 14, 1),
+        locker_id="L1",
+        compartment="1",
+        pod={"pickup_code": "1234"},
+    )
+    pda.push([check_out, drop], local(DAY, 18))
+    pda.push([consent], local(DAY, 18, 1))
+    move_flags_to(session, local(DAY, 18))
+    headers = auth.headers("manager1")
+    listed = get(client, "/api/v1/flags", headers, kind="unauthorized_locker_drop").get_json()
+    assert [f["status"] for f in listed["items"]] == ["closed"]
+
+    body = get(client, url(world.station.id, "daily"), headers, date=DAY.isoformat()).get_json()
+    assert body["totals"]["unattended"] == 1
+    assert body["totals"]["flags_by_kind"] == {}
+    [row] = body["couriers"]
+    assert "unauthorized_locker_drop" not in row["flags_by_kind"]
+    csv_table = get(
+        client, url(world.station.id, "daily"), headers, date=DAY.isoformat(), format="csv"
+    )
+    assert "flags_unauthorized_locker_drop" not in table(csv_table)[0]
+    week = get(client, url(world.station.id, "weekly"), headers, week="2026-W48").get_json()
+    assert "unauthorized_locker_drop" not in week["totals"]["flags_by_kind"]
 
 
 def test_default_periods_are_the_last_finished_ones(

@@ -19,6 +19,7 @@ from models import (
     Device,
     Flag,
     FlagSeverity,
+    FlagStatus,
     Parcel,
     ReportKind,
     ServiceClass,
@@ -27,7 +28,7 @@ from models import (
     StationReport,
     User,
 )
-from sync import reports, shifts
+from sync import flags, reports, shifts
 from sync.balances import shift_balance
 from sync.errors import InvalidInput
 from sync.events import EventRules
@@ -331,6 +332,83 @@ def test_a_crafted_day_has_every_metric_exact(
     assert body["change"]["information_loss_rate"] is None  # nothing checked out before
     assert body["change"]["flags_by_kind"]["clock_skew"] == 0
     assert body["change"]["flags_total"] == totals["flags_total"] - 1
+
+
+def test_a_flag_a_manager_acknowledged_or_resolved_still_counts(
+    session: Session, world: World, crafted: CraftedDay
+) -> None:
+    """A manager's decision settles a cause that was there: the flag is counted still."""
+    before = daily(session, world)["totals"]["flags_by_kind"]
+    drop = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    missing = session.scalars(select(Flag).where(Flag.kind == "missing_at_handover")).first()
+    assert missing is not None
+    flags.resolve_flag(session=session, flag=drop, user_id=world.manager.id, note="warned")
+    flags.acknowledge_flag(session=session, flag=missing, user_id=world.manager.id)
+    session.commit()
+    assert daily(session, world)["totals"]["flags_by_kind"] == before
+
+
+def test_the_flags_counted_do_not_depend_on_how_a_pda_split_its_queue(
+    session: Session, world: World, pda_a: Pda, pda_b: Pda
+) -> None:
+    """Rule 3, for the report: two couriers do the same day's work. A's PDA pushes its
+    queue in order; B's in two pushes, the drop and the check-outs first, and B closes
+    the shift before the rest lands. Until it does, B's drop is flagged
+    ``unauthorized_locker_drop`` (its consent, recorded before it, is still on the PDA)
+    and the parcel delivered meanwhile ``missing_at_handover``; then the system closes
+    both flags, and the report counts neither: both couriers' rows are the same."""
+    t = local(DAY, 8)
+
+    def m(minutes: int) -> dt.datetime:
+        return t + dt.timedelta(minutes=minutes)
+
+    def day_of(pda: Pda) -> tuple[Shift, list[dict]]:
+        express = parcel(session, world, m(-60))
+        ordinary = parcel(session, world, m(-60), ServiceClass.ORDINARY)
+        shift = pda.open(t)
+        return shift, [
+            pda.event(express, "checked_out", m(0)),
+            pda.event(ordinary, "checked_out", m(0)),
+            pda.event(express, "consent_captured", m(30), consent=CONSENT),
+            pda.event(ordinary, "delivered", m(40), pod=UNSIGNED),
+            pda.event(
+                express,
+                "delivered_to_locker",
+                m(50),
+                locker_id="L1",
+                compartment="1",
+                pod=UNSIGNED,
+            ),
+        ]
+
+    shift_a, queue = day_of(pda_a)
+    pda_a.push(queue, m(60))
+    pda_a.close(shift_a, m(70))
+    shift_b, queue = day_of(pda_b)
+    check_outs, consent, delivery, drop = queue[:2], queue[2], queue[3], queue[4]
+    pda_b.push([*check_outs, drop], m(60))
+    pda_b.close(shift_b, m(70))
+    b_flags = select(Flag.kind, Flag.status).where(Flag.courier_id == pda_b.courier.id)
+    assert {kind: status for kind, status in session.execute(b_flags)} == {
+        "unauthorized_locker_drop": FlagStatus.OPEN,
+        "missing_at_handover": FlagStatus.OPEN,
+    }
+    pda_b.push([consent, delivery], m(80))
+    assert {kind: status for kind, status in session.execute(b_flags)} == {
+        "unauthorized_locker_drop": FlagStatus.CLOSED,
+        "missing_at_handover": FlagStatus.CLOSED,
+    }
+    move_flags_to(session, local(DAY, 12))
+
+    body = daily(session, world)
+    in_order, split = body["couriers"]
+    assert (in_order["username"], split["username"]) == ("courier1", "courier2b")
+    identity = {"courier_id", "username", "full_name"}
+    assert {k: v for k, v in split.items() if k not in identity} == {
+        k: v for k, v in in_order.items() if k not in identity
+    }
+    assert (split["delivered"], split["unattended"], split["missing"]) == (1, 1, 0)
+    assert body["totals"]["flags_by_kind"] == {} and body["totals"]["flags_total"] == 0
 
 
 def test_the_report_body_says_what_it_is(

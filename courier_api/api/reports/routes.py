@@ -89,7 +89,9 @@ class DailyReport(MethodView):
         + `unattended` + `unattended_without_consent` + `returned` + `missing`.
         `information_loss_rate` is `missing / checked_out`; `pod_completeness`
         `delivered / (delivered + delivered_without_pod)`; flags are those
-        raised during the local day, by kind; `avg_checkout_to_delivery_minutes`
+        raised during the local day whose cause stands (open, acknowledged or
+        resolved, not closed by the system when its cause went away), by kind;
+        `avg_checkout_to_delivery_minutes`
         runs from a parcel's last check-out to its delivery (corrected clock);
         `on_time_rate` measures each delivery against its service class's
         deadline from intake (`delivery_deadline_hours`). `couriers` has a row

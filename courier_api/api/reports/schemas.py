@@ -137,7 +137,10 @@ class MetricsOut(ma.Schema):
     on_time = ma.fields.Nested(
         OnTimeByClass, required=True, metadata={"description": "The on-time rate by class"}
     )
-    flags_total = _count("Flags raised on the day(s); a courier's row: flags naming them")
+    flags_total = _count(
+        "Flags raised on the day(s) whose cause stands (not closed by the system when it "
+        "went away); a courier's row: flags naming them"
+    )
     flags_by_kind = ma.fields.Dict(
         keys=ma.fields.String(),
         values=ma.fields.Integer(),

@@ -223,7 +223,7 @@ def validate_event(raw: Any, *, rules: EventRules) -> ValidEvent:
     details = {
         name: parse(raw.get(name), name)
         for name, (required, parse) in spec.items()
-        if required or raw.get(name) is not None
+        if required or not absent(raw.get(name))
     }
     for name in ("consent", "request"):
         asked = details.get(name)
@@ -312,6 +312,15 @@ def shifted(moment: dt.datetime, delta: dt.timedelta) -> dt.datetime:
 # -- field parsers --------------------------------------------------------------------------
 
 
+def absent(raw: Any) -> bool:
+    """Whether an optional field's value stands for nothing: null, or a blank string
+    (empty or whitespace only: what a PDA form sends for a field left empty). Either
+    way the field is left out, as if not sent (rule 1: an optional field left blank is
+    no reason to refuse what the courier recorded). A required field left blank is
+    refused by its parser, naming it."""
+    return raw is None or (isinstance(raw, str) and not raw.strip())
+
+
 def _event_type(raw: Any) -> EventType:
     if raw is None:
         raise EventRejected("type is required", code="missing_field", field="type")
@@ -363,7 +372,7 @@ def _seq(raw: Any) -> int:
 
 
 def _optional_id(raw: Any, name: str) -> int | None:
-    if raw is None:
+    if absent(raw):
         return None
     number = whole_number(raw)
     if number is None:
@@ -421,7 +430,7 @@ def _number(raw: Any, name: str, low: float, high: float) -> float:
 
 
 def _location(raw: Any) -> Location | None:
-    if raw is None:
+    if absent(raw):
         return None
     if not isinstance(raw, Mapping):
         raise EventRejected(
@@ -440,14 +449,15 @@ def _location(raw: Any) -> Location | None:
     return Location(
         lat=_number(raw.get("lat"), "location.lat", -90, 90),
         lon=_number(raw.get("lon"), "location.lon", -180, 180),
-        accuracy_m=None if accuracy is None else _number(accuracy, "location.accuracy_m", 0, 1e6),
+        accuracy_m=None if absent(accuracy) else _number(accuracy, "location.accuracy_m", 0, 1e6),
     )
 
 
 def _object(
     fields: dict[str, tuple[bool, Callable[[Any, str], Any]]],
 ) -> Callable[[Any, str], dict[str, Any]]:
-    """A nested object with known fields, each (required, parser)."""
+    """A nested object with known fields, each (required, parser); an optional one that
+    is ``absent`` is left out."""
 
     def parse(raw: Any, name: str) -> dict[str, Any]:
         if not isinstance(raw, Mapping):
@@ -462,11 +472,11 @@ def _object(
         parsed = {}
         for key, (required, parse_field) in fields.items():
             value = raw.get(key)
-            if value is None:
-                if required:
-                    raise EventRejected(
-                        f"{name}.{key} is required", code="missing_field", field=f"{name}.{key}"
-                    )
+            if value is None and required:
+                raise EventRejected(
+                    f"{name}.{key} is required", code="missing_field", field=f"{name}.{key}"
+                )
+            if not required and absent(value):
                 continue
             parsed[key] = parse_field(value, f"{name}.{key}")
         return parsed

@@ -138,6 +138,67 @@ def test_each_rejection_code_reaches_the_pda_and_the_quarantine(
     assert listed["items"][0]["batch_id"] == receipt["batch_id"]
 
 
+def test_a_consent_captured_with_its_optional_evidence_left_blank_still_authorizes_the_drop(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """At the door, offline, the recipient agreed to the locker; the courier left the
+    consent's optional evidence note empty (the PDA sends it as ""), then dropped the
+    express parcel. The consent is applied (it was once quarantined whole,
+    ``missing_text``), so the drop is authorized: rule 1, a blank optional field is no
+    reason to discard what the courier recorded."""
+    consent = {"method": "locker", "channel": "in_person", "evidence": ""}
+    events = [
+        ev(1, parcel.tracking_no),
+        ev(2, parcel.tracking_no, "consent_captured", consent=consent),
+        factories.locker_drop(3, parcel.tracking_no, now() - dt.timedelta(minutes=30)),
+    ]
+    receipt = push(client, courier, events).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3, receipt["results"]
+    assert receipt["flags_raised"] == []
+    consents = client.get(
+        "/api/v1/consents",
+        query_string={"covering": parcel.tracking_no},
+        headers=auth.headers("manager1"),
+    ).get_json()["items"]
+    assert [(c["channel"], c["device_id"], c["evidence"]) for c in consents] == [
+        ("in_person", "PDA-0001", None)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pod", "without_pod"),
+    [
+        ({"recipient_name": "", "relation": " ", "signature_sha256": "a" * 64}, False),
+        ({"recipient_name": "Wang", "relation": "", "signature_sha256": " "}, True),
+    ],
+    ids=["blank-name-and-relation", "blank-signature"],
+)
+def test_a_delivery_with_optional_pod_fields_left_blank_is_applied_as_without_them(
+    client: FlaskClient,
+    auth: Auth,
+    courier: dict[str, str],
+    parcel: Parcel,
+    pod: dict[str, str],
+    without_pod: bool,
+) -> None:
+    """A POD's name, relation or image left blank on the PDA is absent, not a reason to
+    quarantine the delivery (the parcel would show missing at handover): the delivery
+    is applied, and judged on what its proof holds. A blank signature is no signature:
+    the express parcel is ``delivered_without_pod``."""
+    events = [ev(1, parcel.tracking_no), ev(2, parcel.tracking_no, "delivered", pod=pod)]
+    receipt = push(client, courier, events).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 2, receipt["results"]
+    kinds = {f["kind"] for f in receipt["flags_raised"]}
+    assert ("delivered_without_pod" in kinds) is without_pod, receipt["flags_raised"]
+    url = f"/api/v1/parcels/{parcel.tracking_no}"
+    found = client.get(url, headers=auth.headers("manager1")).get_json()
+    assert found["status"] == "delivered"
+    [delivery] = [e for e in found["timeline"] if e["type"] == "delivered"]
+    assert delivery["details"]["pod"] == {k: v for k, v in pod.items() if v.strip()}
+    quarantined = client.get("/api/v1/quarantine", headers=auth.headers("manager1"))
+    assert quarantined.get_json()["items"] == []
+
+
 def test_malformed_json_values_in_events_are_quarantined_not_500(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

@@ -1,7 +1,7 @@
 """The PDA sync endpoints under fuzzed input (hypothesis), through HTTP.
 
 A push mixes well-formed events (``valid_events``: every event type, with its
-optional fields, unicode text, GPS, POD, consents) with corrupted ones
+optional fields, some left blank, unicode text, GPS, POD, consents) with corrupted ones
 (``corruptions``): wrong types, huge strings, nesting, NUL and lone surrogates,
 NaN and Infinity literals, times before year 1 or after 9999 in UTC or without an offset,
 negative and enormous seqs, missing and unknown fields, unknown event types,
@@ -102,6 +102,9 @@ TEXT = st.text(
     st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=20
 ).filter(str.strip)
 DIGEST = st.binary(min_size=1, max_size=8).map(lambda b: hashlib.sha256(b).hexdigest())
+# What a PDA sends for an optional field left empty: taken as absent, never refused.
+BLANK = st.sampled_from(["", " ", "\t\n"])
+OPTIONAL_TEXT = st.one_of(TEXT, BLANK)
 LOCATION = st.fixed_dictionaries(
     {"lat": st.floats(-90, 90), "lon": st.floats(-180, 180)},
     optional={"accuracy_m": st.floats(0, 1_000_000)},
@@ -109,11 +112,11 @@ LOCATION = st.fixed_dictionaries(
 POD = st.fixed_dictionaries(
     {},
     optional={
-        "recipient_name": TEXT,
-        "relation": TEXT,
-        "signature_sha256": DIGEST,
-        "photo_sha256": DIGEST,
-        "pickup_code": TEXT,
+        "recipient_name": OPTIONAL_TEXT,
+        "relation": OPTIONAL_TEXT,
+        "signature_sha256": st.one_of(DIGEST, BLANK),
+        "photo_sha256": st.one_of(DIGEST, BLANK),
+        "pickup_code": OPTIONAL_TEXT,
     },
 )
 
@@ -123,7 +126,7 @@ def _asked(methods: frozenset[str], channels: frozenset[str], **extra: Any) -> A
     return method.flatmap(
         lambda m: st.fixed_dictionaries(
             {"method": st.just(m), "channel": st.sampled_from(sorted(channels))},
-            optional={**({} if m == "any" else {"point_id": TEXT}), **extra},
+            optional={**({} if m == "any" else {"point_id": OPTIONAL_TEXT}), **extra},
         )
     )
 
@@ -147,12 +150,14 @@ TYPE_FIELDS: dict[str, dict[str, Any]] = {
     "delivered_to_pickup_point": {"point_id": TEXT},
     "collected_from_locker": {},
     "exception": {"reason": st.sampled_from(sorted(EXCEPTION_REASONS))},
-    "consent_captured": {"consent": _asked(CONSENT_METHODS, CONSENT_CHANNELS, evidence=TEXT)},
+    "consent_captured": {
+        "consent": _asked(CONSENT_METHODS, CONSENT_CHANNELS, evidence=OPTIONAL_TEXT)
+    },
     "consent_requested": {
         "request": _asked(
             CONSENT_METHODS,
             REQUEST_CHANNELS,
-            expires_at=_moment(dt.datetime(1, 1, 2), dt.datetime(9999, 12, 30)),
+            expires_at=st.one_of(_moment(dt.datetime(1, 1, 2), dt.datetime(9999, 12, 30)), BLANK),
         )
     },
     "correction": {"voids_client_event_id": st.uuids().map(str), "reason": TEXT},
@@ -161,7 +166,7 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "delivered": {"pod": POD},
     "delivered_to_locker": {"pod": POD},
     "delivered_to_pickup_point": {"pod": POD},
-    "collected_from_locker": {"locker_id": TEXT, "compartment": TEXT},
+    "collected_from_locker": {"locker_id": OPTIONAL_TEXT, "compartment": OPTIONAL_TEXT},
 }
 assert set(TYPE_FIELDS) == {t.value for t in EventType}
 

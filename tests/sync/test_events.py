@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from models import EventType
-from sync.events import EventRejected, EventRules, PushClock, validate_event
+from sync.events import EventRejected, EventRules, PushClock, type_fields, validate_event
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 
@@ -160,6 +160,58 @@ def test_a_whole_number_written_with_a_fraction_is_that_number() -> None:
             "reason",
         ),
         (event(type="checked_out", locker_id="L1"), "unknown_field", "locker_id"),
+        # A required field left blank is refused, naming it (an optional one is absent).
+        (event(tracking_no="  "), "missing_text", "tracking_no"),
+        (event(occurred_at=""), "invalid_time", "occurred_at"),
+        (event(client_event_id=""), "invalid_uuid", "client_event_id"),
+        (
+            event(type="delivered_to_locker", locker_id="", compartment="1"),
+            "missing_text",
+            "locker_id",
+        ),
+        (
+            event(type="delivered_to_locker", locker_id="L1", compartment=" "),
+            "missing_text",
+            "compartment",
+        ),
+        (event(type="delivered_to_pickup_point", point_id="\t"), "missing_text", "point_id"),
+        (
+            event(type="delivery_attempt_failed", reason="", action="notice_left"),
+            "invalid_choice",
+            "reason",
+        ),
+        (
+            event(type="delivery_attempt_failed", reason="refused", action=" "),
+            "invalid_choice",
+            "action",
+        ),
+        (event(type="exception", reason=""), "invalid_choice", "reason"),
+        (
+            event(type="consent_captured", consent={"method": "", "channel": "sms"}),
+            "invalid_choice",
+            "consent.method",
+        ),
+        (
+            event(type="consent_captured", consent={"method": "locker", "channel": " "}),
+            "invalid_choice",
+            "consent.channel",
+        ),
+        (event(type="consent_captured", consent=""), "invalid_object", "consent"),
+        (
+            event(type="consent_requested", request={"method": ""}),
+            "invalid_choice",
+            "request.method",
+        ),
+        (
+            event(type="correction", voids_client_event_id=str(uuid.uuid4()), reason=" "),
+            "missing_text",
+            "reason",
+        ),
+        (
+            event(type="correction", voids_client_event_id="", reason="mis-tap"),
+            "invalid_uuid",
+            "voids_client_event_id",
+        ),
         # Named as PostgreSQL's jsonb can store it (a raw NUL refused the whole push).
         (event(**{"a\x00b": 1}), "unknown_field", "a\\u0000b"),
         (event(**{"x\ud800": 1}), "unknown_field", "x\\ud800"),
@@ -191,18 +243,22 @@ def test_an_event_of_any_date_is_valid_whatever_its_push_says(occurred_at: str) 
     assert valid.occurred_at_device == dt.datetime.fromisoformat(occurred_at)
 
 
+# A valid form of each event type that has fields of its own: its required ones.
+VALID_FORMS: dict[EventType, dict[str, Any]] = {
+    EventType.DELIVERY_ATTEMPT_FAILED: {"reason": "recipient_absent", "action": "notice_left"},
+    EventType.DELIVERED: {"pod": {"recipient_name": "Li", "relation": "self"}},
+    EventType.DELIVERED_TO_LOCKER: {"locker_id": "L-7", "compartment": "12"},
+    EventType.DELIVERED_TO_PICKUP_POINT: {"point_id": "PP-3"},
+    EventType.EXCEPTION: {"reason": "damaged"},
+    EventType.CONSENT_CAPTURED: {"consent": {"method": "any", "channel": "in_person"}},
+    EventType.CONSENT_REQUESTED: {"request": {"method": "locker", "point_id": "L-7"}},
+    EventType.CORRECTION: {"voids_client_event_id": str(uuid.uuid4()), "reason": "mis-tap"},
+}
+
+
 @pytest.mark.parametrize("event_type", list(EventType))
 def test_every_event_type_has_a_valid_form(event_type: EventType) -> None:
-    extra: dict[str, Any] = {
-        EventType.DELIVERY_ATTEMPT_FAILED: {"reason": "recipient_absent", "action": "notice_left"},
-        EventType.DELIVERED: {"pod": {"recipient_name": "Li", "relation": "self"}},
-        EventType.DELIVERED_TO_LOCKER: {"locker_id": "L-7", "compartment": "12"},
-        EventType.DELIVERED_TO_PICKUP_POINT: {"point_id": "PP-3"},
-        EventType.EXCEPTION: {"reason": "damaged"},
-        EventType.CONSENT_CAPTURED: {"consent": {"method": "any", "channel": "in_person"}},
-        EventType.CONSENT_REQUESTED: {"request": {"method": "locker", "point_id": "L-7"}},
-        EventType.CORRECTION: {"voids_client_event_id": str(uuid.uuid4()), "reason": "mis-tap"},
-    }.get(event_type, {})
+    extra = VALID_FORMS.get(event_type, {})
     valid = validate_event(event(type=event_type.value, **extra), rules=RULES)
     assert valid.type == event_type
     assert set(valid.details) == set(extra)
@@ -223,3 +279,126 @@ def test_a_push_clock_corrects_by_its_offset_what_it_recorded_and_keeps_the_rest
     reset = PushClock(dt.datetime(2000, 1, 1, tzinfo=dt.UTC), received, RULES)
     assert reset.ahead(recorded_right) and reset.corrected(recorded_right) == recorded_right
     assert reset.corrected(dt.datetime(9999, 12, 31, tzinfo=dt.UTC)) == received
+
+
+# The fields of a valid event of each type that has optional fields, every one filled
+# in; ``OPTIONAL_FIELDS`` names each optional field by its event type and path.
+WITH_OPTIONALS: dict[EventType, dict[str, Any]] = {
+    EventType.CHECKED_OUT: {
+        "location": {"lat": 31.2, "lon": 121.5, "accuracy_m": 8},
+        "shift_id": 7,
+    },
+    EventType.DELIVERED: {
+        "pod": {
+            "recipient_name": "Li",
+            "relation": "neighbour",
+            "signature_sha256": "a" * 64,
+            "photo_sha256": "b" * 64,
+            "pickup_code": "1234",
+        }
+    },
+    EventType.DELIVERED_TO_LOCKER: {
+        "locker_id": "L-7",
+        "compartment": "12",
+        "pod": {"photo_sha256": "b" * 64, "pickup_code": "1234"},
+    },
+    EventType.DELIVERED_TO_PICKUP_POINT: {"point_id": "PP-3", "pod": {"pickup_code": "1234"}},
+    EventType.COLLECTED_FROM_LOCKER: {"locker_id": "L-7", "compartment": "12"},
+    EventType.CONSENT_CAPTURED: {
+        "consent": {
+            "method": "locker",
+            "point_id": "L-7",
+            "channel": "in_person",
+            "evidence": "asked at the door",
+        }
+    },
+    EventType.CONSENT_REQUESTED: {
+        "request": {
+            "method": "locker",
+            "point_id": "L-7",
+            "channel": "sms",
+            "expires_at": "2026-11-24T12:00:00+08:00",
+        }
+    },
+}
+OPTIONAL_FIELDS: list[tuple[EventType, tuple[str, ...]]] = [
+    (EventType.CHECKED_OUT, ("location",)),
+    (EventType.CHECKED_OUT, ("location", "accuracy_m")),
+    (EventType.CHECKED_OUT, ("shift_id",)),
+    *(
+        (delivery, ("pod", *name))
+        for delivery in (
+            EventType.DELIVERED,
+            EventType.DELIVERED_TO_LOCKER,
+            EventType.DELIVERED_TO_PICKUP_POINT,
+        )
+        for name in [(), *((key,) for key in WITH_OPTIONALS[delivery]["pod"])]
+    ),
+    (EventType.COLLECTED_FROM_LOCKER, ("locker_id",)),
+    (EventType.COLLECTED_FROM_LOCKER, ("compartment",)),
+    (EventType.CONSENT_CAPTURED, ("consent", "point_id")),
+    (EventType.CONSENT_CAPTURED, ("consent", "evidence")),
+    (EventType.CONSENT_REQUESTED, ("request", "point_id")),
+    (EventType.CONSENT_REQUESTED, ("request", "channel")),
+    (EventType.CONSENT_REQUESTED, ("request", "expires_at")),
+]
+
+
+def with_value(fields: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """``fields`` with the field at ``path`` set to ``value`` (left out when ``...``)."""
+    head, *rest = path
+    copied = dict(fields)
+    if rest:
+        copied[head] = with_value(copied[head], tuple(rest), value)
+    elif value is ...:
+        copied.pop(head, None)
+    else:
+        copied[head] = value
+    return copied
+
+
+@pytest.mark.parametrize("blank", [None, "", " ", "\t\n "])
+@pytest.mark.parametrize(
+    ("event_type", "path"),
+    OPTIONAL_FIELDS,
+    ids=[f"{t.value}:{'.'.join(p)}" for t, p in OPTIONAL_FIELDS],
+)
+def test_an_optional_field_left_blank_is_taken_as_absent(
+    event_type: EventType, path: tuple[str, ...], blank: str | None
+) -> None:
+    """A PDA form sends a field left empty as "" (or null): the event is the one without
+    the field, content hash and all, never refused for it (rule 1). Only a value that
+    is there and wrong is refused."""
+    cid = str(uuid.uuid4())
+    fields = WITH_OPTIONALS[event_type]
+    left_blank = validate_event(
+        event(type=event_type.value, client_event_id=cid, **with_value(fields, path, blank)),
+        rules=RULES,
+    )
+    left_out = validate_event(
+        event(type=event_type.value, client_event_id=cid, **with_value(fields, path, ...)),
+        rules=RULES,
+    )
+    filled_in = validate_event(
+        event(type=event_type.value, client_event_id=cid, **fields), rules=RULES
+    )
+    assert left_blank.canonical() == left_out.canonical() != filled_in.canonical()
+    assert left_blank.content_hash == left_out.content_hash
+
+
+def test_every_optional_field_of_an_event_type_is_in_the_blank_field_test() -> None:
+    """A field of its own an event type is valid without is in ``OPTIONAL_FIELDS``: a new
+    optional field is tested left blank too. (The fields inside ``pod``, ``consent`` and
+    ``request``, and the common ``location`` and ``shift_id``, are listed by hand.)"""
+    optional = set()
+    for event_type in EventType:
+        fields = {**VALID_FORMS.get(event_type, {}), **WITH_OPTIONALS.get(event_type, {})}
+        for name in type_fields(event_type):
+            without = event(type=event_type.value, **with_value(fields, (name,), ...))
+            try:
+                validate_event(without, rules=RULES)
+            except EventRejected:
+                continue
+            optional.add((event_type, (name,)))
+    assert optional
+    assert optional <= {(event_type, path[:1]) for event_type, path in OPTIONAL_FIELDS}

@@ -603,6 +603,49 @@ def test_covering_does_not_tell_a_manager_the_recipient_of_another_stations_parc
     assert leaked == [], f"ST2's manager learns the recipient of ST1's parcel: {leaked}"
 
 
+def test_a_recipients_consent_history_by_phone_includes_the_consents_of_their_parcels(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    """An auditor asks for a recipient's consent history by phone. Only standing
+    consents name a phone: the consents for their parcel, one by SMS and one captured at
+    the door on the PDA, are found through the parcel's recipient phone. Another
+    recipient's standing consent is not theirs; another station's manager still sees
+    none of ST1's parcel's."""
+    by_sms = grant(client, app1, tracking_no=parcel.tracking_no, channel="sms").get_json()
+    standing = grant(
+        client, app1, scope="standing", recipient_phone=parcel.recipient_phone, address="9 Rd"
+    ).get_json()
+    grant(client, app1, scope="standing", recipient_phone="13900000000", address="9 Rd")
+    at = now() - dt.timedelta(hours=1)
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.event(
+                2,
+                parcel.tracking_no,
+                "consent_captured",
+                occurred_at=at,
+                consent={"method": "any", "channel": "in_person"},
+            ),
+        ]
+    )
+
+    def history(headers: dict[str, str]) -> list[int]:
+        query = {"recipient_phone": parcel.recipient_phone}
+        page = client.get(URL, query_string=query, headers=headers)
+        assert page.status_code == 200, page.get_json()
+        return [c["id"] for c in page.get_json()["items"]]
+
+    covering = client.get(
+        URL, query_string={"covering": parcel.tracking_no}, headers=auth.headers("auditor1")
+    ).get_json()["items"]
+    at_the_door = [c["id"] for c in covering if c["channel"] == "in_person"]
+    assert len(at_the_door) == 1
+    assert history(auth.headers("auditor1")) == [by_sms["id"], standing["id"], *at_the_door]
+    assert history(auth.headers("manager1")) == [by_sms["id"], standing["id"], *at_the_door]
+    assert history(auth.headers("manager2")) == [standing["id"]]  # standing: every station
+
+
 def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask) -> None:
     with committed_app.app_context():
         session = db.session

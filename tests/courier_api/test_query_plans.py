@@ -910,3 +910,27 @@ def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "quarantined_event")))
     assert "ix_quarantined_event_tracking_no" in used, used
+
+
+def test_a_recipients_consents_by_phone_use_indexes(world: World) -> None:
+    """``GET /consents?recipient_phone=``: the standing consents naming the phone and
+    those of the parcels addressed to it, through the phone's indexes (consents' and
+    parcels'), not every consent; for an auditor and for a station's manager."""
+    with world.engine.connect() as connection:
+        phone = connection.scalar(
+            select(Parcel.recipient_phone).where(Parcel.tracking_no == world.tracking_no)
+        )
+    assert phone is not None
+    explained = []
+    for headers in (world.auditor, world.manager):
+        _, plans = run(
+            world,
+            "GET",
+            "/api/v1/consents",
+            query_string={"recipient_phone": phone},
+            headers=headers,
+        )
+        explained += plans
+    assert_indexed(explained)
+    used = set().union(*(e.indexes for e in reads(explained, "consent")))
+    assert {"ix_parcel_recipient_phone", "ix_consent_recipient"} <= used, used

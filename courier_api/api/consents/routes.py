@@ -150,7 +150,11 @@ class Consents(MethodView):
 
         Oldest first. `active` keeps the ones in force now (granted, not
         revoked, not expired, not voided by the courier's correction of the
-        event that captured it on the PDA: `voided`). Managers see their own
+        event that captured it on the PDA: `voided`). `recipient_phone` gives a
+        recipient's consent history: the standing consents for that phone and
+        the consents of the parcels addressed to it now (only standing consents
+        name a phone; a parcel's, given by SMS or captured at the door, is found
+        through its parcel). Managers see their own
         station's consents, those for the parcels their station holds (a consent
         captured on a PDA before its parcel was taken in keeps the PDA's
         station) and the standing ones that hold at every station. Recipient

@@ -232,7 +232,13 @@ class ConsentListArgs(PageArgs):
             "holds only"
         }
     )
-    recipient_phone = Text()
+    recipient_phone = Text(
+        metadata={
+            "description": "A recipient's consents: the standing ones for this phone and "
+            "those of the parcels addressed to it (given through a channel or captured on "
+            "a PDA)"
+        }
+    )
     active = ma.fields.Boolean(metadata={"description": "Only consents in force now"})
     after = After()
 

@@ -176,8 +176,8 @@ class ShiftPage:
     discrepancies: list[DiscrepancyEvidence]
     flags: list[ShiftFlag]  # the shift's own, oldest first, whatever their status
     # The PDA's rejected events of the shift that name no parcel of a discrepancy (those
-    # are with it); None: the reader does not read the quarantine (auditors).
-    rejections: list[dict[str, Any]] | None
+    # are with it).
+    rejections: list[dict[str, Any]]
     more_rejections: bool  # more than ``SHIFT_REJECTIONS_SHOWN``: the API lists them all
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
     balance_version: str  # sent back with a sign-off: refused if the balance changed
@@ -192,6 +192,12 @@ class ShiftPage:
     def signoff_superseded(self) -> bool:
         return signoff_superseded(self.shift)
 
+    @property
+    def rejections_shown(self) -> list[int]:
+        """The ids of the rejected events on the page, with its discrepancies or not."""
+        shown = [*self.rejections, *(r for d in self.discrepancies for r in d.rejections)]
+        return sorted(r["id"] for r in shown)
+
 
 def shift_page(
     *,
@@ -201,7 +207,7 @@ def shift_page(
     reader: BlobReader,
     store: BlobStore,
     visible_station: int | None,
-    reads_rejections: bool,
+    unmasked: bool,
 ) -> ShiftPage:
     """The shift, its balance by outcome, each discrepancy with its evidence, the
     shift's own flags with their events, and its PDA's rejected events.
@@ -210,7 +216,8 @@ def shift_page(
     (None: all). A parcel of another station that the shift's courier scanned (one
     mis-sorted) is shown by its tracking number only, as the API shows it: its
     recipient, its consents and its proof belong to that station.
-    ``reads_rejections``: whether the reader reads the quarantine (not auditors).
+    ``unmasked``: the reader is an auditor, shown the phone numbers in the PDA's
+    rejected events whole (``shown_rejection``).
 
     About a dozen queries whatever the number of parcels (plus one per proof image of
     the discrepancies for a station's reader, see ``image_states``).
@@ -261,16 +268,12 @@ def shift_page(
         reader=reader,
         store=store,
     )
-    rejected = (
-        shift_rejections(
-            session=session,
-            device_id=shift.device_id,
-            seqs=owned_seqs(facts.seqs),
-            tracking_nos=numbers,
-            station_id=visible_station,
-        )
-        if reads_rejections
-        else []
+    rejected = shift_rejections(
+        session=session,
+        device_id=shift.device_id,
+        seqs=owned_seqs(facts.seqs),
+        tracking_nos=numbers,
+        station_id=visible_station,
     )
     shown_rejected = rejected[:SHIFT_REJECTIONS_SHOWN]
     rejections_of = _by_parcel(shown_rejected)
@@ -292,7 +295,10 @@ def shift_page(
                 consents_on_record=on_record.get(d.tracking_no, [])
                 if d.kind in CONSENT_KINDS
                 else [],
-                rejections=[shown_rejection(r) for r in rejections_of.get(d.tracking_no, [])],
+                rejections=[
+                    shown_rejection(r, unmasked=unmasked)
+                    for r in rejections_of.get(d.tracking_no, [])
+                ],
             )
         )
     grouped: dict[str, list[ParcelOutcome]] = defaultdict(list)
@@ -310,9 +316,11 @@ def shift_page(
         elsewhere=elsewhere,
         discrepancies=discrepancies,
         flags=[_shift_flag(f, events) for f in own_flags],
-        rejections=[shown_rejection(r) for r in shown_rejected if _parcel_named(r) not in troubled]
-        if reads_rejections
-        else None,
+        rejections=[
+            shown_rejection(r, unmasked=unmasked)
+            for r in shown_rejected
+            if _parcel_named(r) not in troubled
+        ],
         more_rejections=len(rejected) > SHIFT_REJECTIONS_SHOWN,
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),

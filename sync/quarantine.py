@@ -1,8 +1,10 @@
 """Reading the quarantine: what PDAs sent that could not be accepted.
 
-Managers and admins read it (rule 1: rejected events stay visible to managers), never
-auditors: a phone number in what the PDA sent is shown masked (rule 7), in the list
-(``GET /api/v1/quarantine``) as on a shift's page.
+Managers and admins read it (rule 1: rejected events stay visible to managers), and
+auditors across stations: a drop the PDA sent and the server refused is evidence in a
+dispute ("never delivered"). A phone number in what the PDA sent is shown masked but to
+auditors (rule 7), in the list (``GET /api/v1/quarantine``) as on a shift's page; an
+auditor's read is audit-logged there (``quarantine_searched``).
 """
 
 from __future__ import annotations
@@ -113,16 +115,19 @@ def shift_rejections(
     return list(session.scalars(query))
 
 
-def shown_rejection(row: QuarantinedEvent) -> dict[str, Any]:
-    """The rejected event as a manager or an admin is shown it. No auditor reads it: a
-    phone number in what the PDA sent (a consent's evidence), or echoed in the error,
-    is masked as everywhere else (rule 7). The payload is ASCII JSON: its strings are
-    masked as typed, not as escaped. So are the event's own fields as the PDA sent them
-    (a number typed into the tracking number field), as they are in the payload next
-    to them."""
+def shown_rejection(row: QuarantinedEvent, *, unmasked: bool) -> dict[str, Any]:
+    """The rejected event as its reader is shown it: whole for an auditor
+    (``unmasked``); for a manager or an admin a phone number in what the PDA sent (a
+    consent's evidence), or echoed in the error, is masked as everywhere else (rule 7).
+    The payload is ASCII JSON: its strings are masked as typed, not as escaped. So are
+    the event's own fields as the PDA sent them (a number typed into the tracking
+    number field), as they are in the payload next to them."""
+    shown = {c: getattr(row, c) for c in QUARANTINE_COLUMNS}
+    if unmasked:
+        return shown
     return {
-        **{c: getattr(row, c) for c in QUARANTINE_COLUMNS},
-        **{c: shown_text(getattr(row, c), unmasked=False) for c in SENT_BY_THE_PDA},
+        **shown,
+        **{c: shown_text(shown[c], unmasked=False) for c in SENT_BY_THE_PDA},
         "payload": mask_phones_in_json(row.payload),
         "message": mask_phones_in(row.message),
     }

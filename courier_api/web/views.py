@@ -33,7 +33,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
-from courier_api.api.quarantine.routes import READERS as QUARANTINE_READERS
+from courier_api.api.quarantine.routes import QUARANTINE_SEARCHED
 from courier_api.auth import (
     current_principal,
     ensure_station_access,
@@ -305,7 +305,7 @@ def shift(shift_id: int) -> ResponseReturnValue:
         reader=blob_reader(current_principal()),
         store=blob_store(),
         visible_station=current_principal().station_filter(None),
-        reads_rejections=current_principal().role in QUARANTINE_READERS,
+        unmasked=current_principal().role == Role.AUDITOR,
     )
     shown = [
         *(e.event for d in view.discrepancies for e in d.events),
@@ -315,6 +315,13 @@ def shift(shift_id: int) -> ResponseReturnValue:
     if proofs_shown:
         record_auditor_read(
             "proofs_searched", "proof", f"shift:{found.id}", {"event_ids": proofs_shown}
+        )
+    if view.rejections_shown:
+        record_auditor_read(
+            QUARANTINE_SEARCHED,
+            "quarantined_event",
+            f"shift:{found.id}",
+            {"ids": view.rejections_shown},
         )
     return render_template("web/shift.html", view=view, tz=view.station.timezone)
 

@@ -179,7 +179,7 @@ MATRIX: dict[str, Row] = {
     "GET /api/v1/proofs":                                     api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "GET /api/v1/proofs/export.csv":                          api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "GET /api/v1/proofs/{event_id}":                          api(200, 200, 403, 200, "404 proof_not_found", 403, 403, 403),  # noqa: E501
-    "GET /api/v1/quarantine":                                 api(200, 403, 403, 200, 200, 403, 403, 403),  # noqa: E501
+    "GET /api/v1/quarantine":                                 api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501
     "GET /api/v1/audit":                                      api(200, 200, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/audit/verify":                               api(200, 200, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/flags":                                      api(200, 200, 403, 200, 200, 403, 403, 403),  # noqa: E501

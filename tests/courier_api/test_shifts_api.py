@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Flag, ScanEvent, Shift, User
+from models import AuditEntry, Flag, ScanEvent, Shift, User
 from sync.sweeps import SweepSettings, blob_missing_at_handover
 from tests import factories
 from tests.conftest import Auth, World
@@ -721,8 +721,9 @@ def test_a_missing_parcel_whose_drop_was_rejected_shows_the_rejected_drop_as_evi
     the parcel is missing and its page shows only the check-out: nothing tells the
     manager that the PDA did record a drop of it, so a parcel sitting in locker L-7 is
     chased as lost. The page lists the shift's other rejected events too (its seqs, not
-    the next shift's), with phone numbers masked as the quarantine masks them; not to
-    auditors, who do not read the quarantine."""
+    the next shift's), with phone numbers masked as the quarantine masks them; auditors
+    read them too (a rejected drop is evidence in a dispute), numbers whole, and their
+    read is on the audit log."""
     (a,) = parcels(session, world, 1)
     shift = pda.open(first_seq=1)
     checkout = pda.event(a)
@@ -749,7 +750,13 @@ def test_a_missing_parcel_whose_drop_was_rejected_shows_the_rejected_drop_as_evi
     assert next_shifts["client_event_id"] not in html
     assert "13812345678" not in html and "call ********678" in html
     auditor = signed_in(app, "auditor1").get(f"/web/shifts/{shift['id']}")
-    assert 'id="rejected-h"' not in auditor and drop["client_event_id"] not in auditor
+    assert drop["client_event_id"] in auditor[auditor.index('id="discrepancy-1"') :]
+    assert stray["client_event_id"] in auditor[auditor.index('id="rejected-h"') :]
+    assert "call 13812345678" in auditor
+    logged = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "quarantine_searched")
+    ).one()
+    assert (logged.subject_key, len(logged.details["ids"])) == (f"shift:{shift['id']}", 2)
 
 
 def test_a_signed_off_balance_a_later_consent_changed_says_so_and_stays_signed_off(

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import Parcel, ScanEvent
+from models import AuditEntry, Parcel, ScanEvent, User
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -506,8 +506,7 @@ def test_the_quarantine_is_per_station_for_managers(
         len(client.get("/api/v1/quarantine", headers=auth.headers("admin")).get_json()["items"])
         == 1
     )
-    for username in ("auditor1", "app1"):
-        assert client.get("/api/v1/quarantine", headers=auth.headers(username)).status_code == 403
+    assert client.get("/api/v1/quarantine", headers=auth.headers("app1")).status_code == 403
     assert client.get("/api/v1/quarantine", headers=courier).status_code == 403
 
 
@@ -534,6 +533,45 @@ def test_the_quarantine_lists_the_rejected_events_naming_a_parcel(
         headers=auth.headers("manager2"),
     ).get_json()
     assert elsewhere["items"] == []
+
+
+def test_an_auditor_can_see_that_a_pda_sent_a_rejected_drop_of_the_parcel(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    courier: dict[str, str],
+    parcel: Parcel,
+) -> None:
+    """The recipient says it was never delivered. The courier's PDA did send a locker
+    drop of the parcel, rejected for a missing compartment and kept in quarantine (rule
+    1): the one record that the courier claims to have dropped it. Auditors read across
+    stations, so they read the quarantine too, phone numbers whole as everywhere they
+    read, and their read is on the audit log naming what they were shown (rule 7)."""
+    drop = ev(
+        2, parcel.tracking_no, "delivered_to_locker", locker_id="L-7",
+        pod={"recipient_name": "call 13812345678"},
+    )  # fmt: skip
+    push(client, courier, [ev(1, parcel.tracking_no), drop])
+    response = client.get(
+        "/api/v1/quarantine",
+        query_string={"tracking_no": parcel.tracking_no},
+        headers=auth.headers("auditor1"),
+    )
+    assert response.status_code == 200, response.get_json()
+    (item,) = response.get_json()["items"]
+    assert (item["event_type"], item["client_event_id"]) == (
+        "delivered_to_locker",
+        drop["client_event_id"],
+    )
+    assert "call 13812345678" in item["payload"]
+    logged = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "quarantine_searched")
+    ).one()
+    assert (logged.subject_type, logged.subject_key) == ("quarantined_event", "search")
+    assert logged.details == {"tracking_no": parcel.tracking_no, "ids": [item["id"]]}
+    assert logged.actor_id == session.scalar(select(User.id).where(User.username == "auditor1"))
+    client.get("/api/v1/quarantine", headers=auth.headers("manager1"))
+    assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1  # auditors' only
 
 
 def test_quarantine_pages_newest_first(
@@ -837,7 +875,7 @@ def test_a_phone_in_a_rejected_events_payload_reaches_the_quarantine_masked(
     client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
 ) -> None:
     """A consent the PDA got wrong (an unknown field) is kept whole, but the managers
-    and admins who read the quarantine (no auditor does) see the number masked."""
+    and admins who read the quarantine see the number masked; auditors see it whole."""
     rejected = factories.event(
         1, parcel.tracking_no, "consent_captured", occurred_at=dt.datetime.now(dt.UTC),
         consent={"method": "locker", "channel": "phone_call", "evidence": "+8613812345678"},
@@ -848,6 +886,8 @@ def test_a_phone_in_a_rejected_events_payload_reaches_the_quarantine_masked(
         (item,) = client.get("/api/v1/quarantine", headers=auth.headers(username)).json["items"]
         assert "+**********678" in item["payload"], username
         assert "13812345678" not in item["payload"] + item["message"], username
+    (item,) = client.get("/api/v1/quarantine", headers=auth.headers("auditor1")).json["items"]
+    assert "+8613812345678" in item["payload"]
 
 
 def test_a_phone_typed_in_full_width_digits_reaches_the_quarantine_masked(

@@ -47,7 +47,7 @@ class AuditEntries(MethodView):
         revoked through the API (`consent_granted`, `consent_revoked`; subject
         `consent` and its id), auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
-        `blob_read`), retention purges and webhook changes are here. A phone
+        `blob_read`, `quarantine_searched`), retention purges and webhook changes are here. A phone
         number in an entry's details is masked for admins, not for auditors.
         """
         entries = audit.list_entries(

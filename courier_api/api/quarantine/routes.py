@@ -7,14 +7,16 @@ from flask.views import MethodView
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.pagination import keyset_page
 from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
-from courier_api.auth import current_principal
+from courier_api.auth import current_principal, record_auditor_read
 from courier_api.extensions import db
 from models import Role
 from sync.quarantine import list_quarantined, shown_rejection
 
-# Who reads rejected events, here and on a shift's page (never auditors: see
-# ``sync.quarantine``).
-READERS = (Role.STATION_MANAGER, Role.ADMIN)
+READERS = (Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
+# The audit log's action for an auditor's read of rejected events, here and on a shift's
+# page (DESIGN.md rule 7: what an auditor reads unmasked is on record).
+QUARANTINE_SEARCHED = "quarantine_searched"
+FILTERS = ("station_id", "device_id", "tracking_no")  # logged with an auditor's read
 
 blp = ApiBlueprint(
     "quarantine", __name__, url_prefix="/api/v1/quarantine", description="Rejected events"
@@ -23,7 +25,7 @@ blp = ApiBlueprint(
 
 @blp.route("")
 class Quarantine(MethodView):
-    READS_ONLY = True  # its GET: courier_api.database
+    # Not READS_ONLY (courier_api.database): an auditor's read is written to the audit log.
 
     @blp.auth(*READERS)
     @blp.arguments(QuarantineArgs, location="query")
@@ -33,20 +35,38 @@ class Quarantine(MethodView):
 
         Events PDAs sent that could not be accepted, newest first, each with its
         raw payload, the error code and message, and the batch it came in.
-        Managers see their own station whatever `station_id` says; `tracking_no`
-        lists those naming a parcel, as the PDA wrote the number or normalized
-        (a drop refused for a missing compartment, of a parcel its shift counts
-        as missing). A phone number in the payload, the message or the event's
-        fields as the PDA sent them (`tracking_no`, `event_type`,
-        `client_event_id`, `field`) is masked (no auditor reads this list).
+        Managers see their own station whatever `station_id` says; auditors and
+        admins every station's (a drop the PDA sent and the server refused is
+        evidence in a dispute). `tracking_no` lists those naming a parcel, as
+        the PDA wrote the number or normalized (a drop refused for a missing
+        compartment, of a parcel its shift counts as missing). A phone number
+        in the payload, the message or the event's fields as the PDA sent them
+        (`tracking_no`, `event_type`, `client_event_id`, `field`) is masked
+        except for auditors, whose read is audit-logged (`quarantine_searched`,
+        with the filters given and the ids listed).
         """
+        principal = current_principal()
         rows = list_quarantined(
             session=db.session,
-            station_id=current_principal().station_filter(args.get("station_id")),
+            station_id=principal.station_filter(args.get("station_id")),
             device_id=args.get("device_id"),
             tracking_no=args.get("tracking_no"),
             before_id=args["after"] or None,
             limit=args["limit"],
         )
-        items = [{**shown_rejection(row), "batch_id": str(batch_id)} for row, batch_id in rows]
+        record_auditor_read(
+            QUARANTINE_SEARCHED,
+            "quarantined_event",
+            "search",
+            {
+                **{k: args[k] for k in FILTERS if args.get(k) is not None},
+                "ids": [row.id for row, _ in rows],
+            },
+            principal=principal,
+        )
+        unmasked = principal.role == Role.AUDITOR
+        items = [
+            {**shown_rejection(row, unmasked=unmasked), "batch_id": str(batch_id)}
+            for row, batch_id in rows
+        ]
         return keyset_page(items, args["limit"], key=lambda item: item["id"])

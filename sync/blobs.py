@@ -2,7 +2,11 @@
 
 The bytes go to a ``BlobStore`` (files under ``BLOB_DIR`` today; an object store
 can implement the same methods). The ``blob`` table records what was
-verified and who uploaded it. Uploading the same image again changes nothing.
+verified and who uploaded it. Uploading the same image again changes nothing, unless
+the stored bytes were lost or altered: the verified upload then replaces them.
+Content-addressed, the bytes are checked against their name on every read
+(``read_image``): a file changed or replaced in the store is never served as the
+image the PDA uploaded.
 The retention purge (``sync.sweeps``) deletes old images' bytes and keeps their
 rows, marked ``purged_at``; uploading such an image again (a new proof names it)
 brings it back. Both lock the image's row first, so an upload and the purge's
@@ -14,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
@@ -27,13 +32,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import Blob, BlobUpload, utcnow
-from sync.errors import Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
+from sync.errors import Conflict, Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
 from sync.events import SHA256_HEX
 from sync.sql import advisory_locks, chunks
 
 # MPO is how Pillow names the multi-picture JPEGs many phone cameras write.
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo; larger is a decompression bomb, not a proof
+log = logging.getLogger(__name__)
 
 
 class BlobStore(Protocol):
@@ -41,9 +47,21 @@ class BlobStore(Protocol):
 
     def put(self, digest: str, data: bytes) -> None: ...
 
-    def read(self, digest: str) -> bytes: ...
+    def read(self, digest: str, *, size: int) -> bytes: ...
+
+    def verify(self, digest: str, *, size: int) -> None: ...
 
     def delete(self, digest: str) -> bool: ...
+
+
+class BytesAltered(Exception):
+    """The file stored under a digest is not the image the digest names: changed or
+    replaced in the store after it was verified on upload."""
+
+    def __init__(self, digest: str, found: str) -> None:
+        super().__init__(f"the file of blob {digest} holds {found}")
+        self.digest = digest
+        self.found = found
 
 
 RETRY_STORE_AFTER_SECONDS = 60
@@ -68,7 +86,8 @@ class FileBlobStore:
 
     A failing disk (full, read-only, not a directory, no permission) raises
     ``Unavailable`` with the ``OSError`` as its cause; an image that is not there
-    is ``FileNotFoundError`` from ``read``.
+    is ``FileNotFoundError`` from ``read`` and ``verify``, one whose file is not the
+    bytes uploaded ``BytesAltered``.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -108,9 +127,28 @@ class FileBlobStore:
                 raise store_unavailable("be written") from exc
             raise
 
-    def read(self, digest: str) -> bytes:
+    def read(self, digest: str, *, size: int) -> bytes:
+        """The image's bytes, checked: the ``size`` bytes recorded on upload, hashing to
+        ``digest``. A file of another length is refused by its length, unread; at most
+        ``size`` + 1 bytes are read (of one that grew meanwhile)."""
+        with self._opened(digest, size) as handle:
+            data = handle.read(size + 1)
+        _check_length(digest, size, len(data))
+        _check_hash(digest, hashlib.sha256(data).hexdigest())
+        return data
+
+    def verify(self, digest: str, *, size: int) -> None:
+        """``read``'s check without keeping the bytes: hashed a chunk at a time."""
+        with self._opened(digest, size) as handle:
+            _check_hash(digest, hashlib.file_digest(handle, "sha256").hexdigest())
+
+    @contextlib.contextmanager
+    def _opened(self, digest: str, size: int) -> Iterator[BinaryIO]:
+        """The image's file, open for reading once its length is the one recorded."""
         try:
-            return self.path(digest).read_bytes()
+            with self.path(digest).open("rb") as handle:
+                _check_length(digest, size, os.fstat(handle.fileno()).st_size)
+                yield handle
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -123,6 +161,16 @@ class FileBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def _check_length(digest: str, size: int, found: int) -> None:
+    if found != size:
+        raise BytesAltered(digest, f"{found:,} bytes, not the {size:,} uploaded")
+
+
+def _check_hash(digest: str, actual: str) -> None:
+    if actual != digest:
+        raise BytesAltered(digest, f"bytes hashing to {actual}")
 
 
 def _sync_directory(path: Path) -> None:
@@ -254,8 +302,13 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> Sto
             existing.uploaded_at = utcnow()
             session.flush()
             return StoredImage(existing, created=False, restored=True)
-        if not store.exists(digest):
+        try:
+            store.verify(digest, size=existing.size_bytes)
+        except FileNotFoundError:
             store.put(digest, data)  # the file was lost; these bytes are verified
+        except BytesAltered as altered:
+            log.warning("%s; replaced by the same image uploaded again", altered)
+            store.put(digest, data)
         return StoredImage(existing, created=False)
     info = inspect_image(data)
     store.put(digest, data)  # before the row: a row never points at missing bytes
@@ -329,6 +382,30 @@ def get_blob(*, session: Session, digest: str) -> Blob:
 def blob_not_found(digest: str) -> NotFound:
     """What ``get_blob`` answers when no image has ``digest``."""
     return NotFound(f"no blob {digest}", code="blob_not_found")
+
+
+def read_image(store: BlobStore, blob: Blob) -> bytes:
+    """The bytes of an image not purged, as uploaded. A file gone from the store is a
+    404 ``blob_bytes_missing``; one whose bytes no longer are the image its digest
+    names (changed or replaced in the store) a 409 ``blob_bytes_altered``, logged: it
+    is never served under the digest, as if it were what the PDA uploaded. Either is
+    mended by uploading the image again."""
+    try:
+        return store.read(blob.sha256, size=blob.size_bytes)
+    except FileNotFoundError:
+        log.error("blob %s is recorded but its file is missing from the store", blob.sha256)
+        raise NotFound(
+            f"the bytes of blob {blob.sha256} are missing; upload the image again",
+            code="blob_bytes_missing",
+        ) from None
+    except BytesAltered as altered:
+        log.error("%s: altered in the store, not served", altered)
+        raise Conflict(
+            f"the file stored for blob {blob.sha256} is no longer the image uploaded under "
+            "that digest (changed or replaced in the store): it is not served; upload the "
+            "image again",
+            code="blob_bytes_altered",
+        ) from None
 
 
 def ensure_not_purged(blob: Blob) -> Blob:

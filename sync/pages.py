@@ -42,7 +42,7 @@ from sync.balances import (
     signoff_superseded,
     station_board,
 )
-from sync.blobs import BlobReader, BlobStore, readable_blobs
+from sync.blobs import BlobReader, BlobStore, BytesAltered, readable_blobs
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
 from sync.flags import flag_changes
@@ -80,6 +80,7 @@ class ImageState(enum.StrEnum):
     PURGED = "purged"  # deleted by the retention purge; the record stays
     NOT_READABLE = "not_readable"  # uploaded at another station than the reader's
     BYTES_MISSING = "bytes_missing"  # recorded, but the file is gone from the store
+    BYTES_ALTERED = "bytes_altered"  # the file is no longer the bytes its digest names
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ def image_states(
     *, session: Session, digests: Iterable[str], reader: BlobReader, store: BlobStore
 ) -> dict[str, ImageState]:
     """Whether each image can be shown to ``reader``, so that a page never shows a
-    broken image: one query for the blobs and one for who may read them."""
+    broken image, nor one altered in the store as the genuine one: one query for the
+    blobs and one for who may read them; each readable image's file is hashed as it
+    is read (``BlobStore.verify``), as serving it does."""
     wanted = sorted(set(digests))
     blobs: dict[str, Blob] = {}
     for chunk in chunks(wanted):
@@ -116,11 +119,19 @@ def image_states(
             states[digest] = ImageState.PURGED
         elif digest not in readable:
             states[digest] = ImageState.NOT_READABLE
-        elif not store.exists(digest):
-            states[digest] = ImageState.BYTES_MISSING
         else:
-            states[digest] = ImageState.AVAILABLE
+            states[digest] = _stored_state(store, blob)
     return states
+
+
+def _stored_state(store: BlobStore, blob: Blob) -> ImageState:
+    try:
+        store.verify(blob.sha256, size=blob.size_bytes)
+    except FileNotFoundError:
+        return ImageState.BYTES_MISSING
+    except BytesAltered:
+        return ImageState.BYTES_ALTERED
+    return ImageState.AVAILABLE
 
 
 def _images(

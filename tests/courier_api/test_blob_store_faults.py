@@ -140,10 +140,10 @@ def test_an_image_the_store_cannot_read_is_503_not_500(
     courier = auth.headers("courier1", "PDA-0001")
     assert put(client, courier, data).status_code == 201
 
-    def read_bytes(self: Path) -> bytes:
+    def open_file(self: Path, *args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_file)
     response = client.get(f"/api/v1/blobs/{digest(data)}", headers=courier)
 
     assert response.status_code == 503

@@ -3,6 +3,7 @@
 import datetime as dt
 import hashlib
 import io
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import select
 
-from models import Flag, FlagStatus
+from models import AuditEntry, Flag, FlagStatus
 from sync.blobs import FileBlobStore
 from tests import factories
 from tests.conftest import Auth, World
@@ -63,7 +64,7 @@ def test_an_image_is_stored_once_under_its_digest(
     again = put(client, courier, data)
     assert again.status_code == 200
     assert again.get_json() == first.get_json()
-    assert FileBlobStore(app.config["BLOB_DIR"]).read(digest(data)) == data
+    assert FileBlobStore(app.config["BLOB_DIR"]).read(digest(data), size=len(data)) == data
 
 
 def test_bytes_that_do_not_match_the_digest_are_refused(
@@ -141,7 +142,45 @@ def test_a_lost_file_is_restored_by_uploading_again(
     store = FileBlobStore(app.config["BLOB_DIR"])
     store.path(digest(data)).unlink()
     assert put(client, courier, data).status_code == 200
-    assert store.read(digest(data)) == data
+    assert store.read(digest(data), size=len(data)) == data
+
+
+@pytest.mark.parametrize("altered", ["replaced", "same_length"])
+def test_a_proof_photo_altered_on_disk_is_not_served_as_the_genuine_one(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    session: Any,
+    courier: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    altered: str,
+) -> None:
+    """The auditor checks the photo of a proof; its file in BLOB_DIR was replaced by
+    another image, or had bytes changed in place. Content-addressed, it is checked on
+    every read: a 409 ``blob_bytes_altered``, logged, never the other bytes under the
+    digest's ETag, and no ``blob_read`` on record (nothing went out). Uploading the
+    genuine image again puts it back."""
+    genuine = image_bytes()
+    name = digest(genuine)
+    assert put(client, courier, genuine).status_code == 201
+    path = FileBlobStore(app.config["BLOB_DIR"]).path(name)
+    if altered == "replaced":
+        buffer = io.BytesIO()
+        Image.new("RGB", (80, 60), (30, 200, 30)).save(buffer, format="PNG")
+        path.write_bytes(buffer.getvalue())
+    else:
+        path.write_bytes(genuine[:-1] + bytes([genuine[-1] ^ 1]))
+    url = f"/api/v1/blobs/{name}"
+    auditor = auth.headers("auditor1")
+    with caplog.at_level(logging.ERROR, logger="sync.blobs"):
+        response = client.get(url, headers=auditor)
+    assert (response.status_code, response.get_json()["code"]) == (409, "blob_bytes_altered")
+    assert "ETag" not in response.headers
+    assert any(name in r.getMessage() and "altered" in r.getMessage() for r in caplog.records)
+    assert session.scalar(select(AuditEntry.id).where(AuditEntry.action == "blob_read")) is None
+    assert put(client, courier, genuine).status_code == 200
+    mended = client.get(url, headers=auditor)
+    assert (mended.status_code, mended.data) == (200, genuine)
 
 
 def test_the_same_image_uploaded_at_two_stations_is_readable_at_both(

@@ -34,6 +34,7 @@ from models import (
     User,
     utcnow,
 )
+from sync.blobs import FileBlobStore
 from sync.proofs import drop_consents, get_proof
 from sync.rules import Policy
 from sync.shifts import day_bounds
@@ -958,6 +959,23 @@ def test_proof_images_are_served_to_who_may_read_them(
     assert manager.client.get(f"/web/images/{digest}").status_code == 410
     html = manager.get(f"/web/shifts/{day.balanced.id}")
     assert f"/web/images/{digest}" not in html
+
+
+def test_a_proof_image_altered_in_the_store_is_shown_as_altered_not_served(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The photo of the drop's proof was replaced in BLOB_DIR: the proof page and the
+    shift page say so in its place, with no image to load, and the image route
+    refuses it (409) rather than serve other bytes as the photo the PDA uploaded."""
+    proof = get_proof(session=session, event_id=day.drop_event_id, policy=Policy())
+    photo = proof.proof.event.details["pod"]["photo_sha256"]
+    FileBlobStore(app.config["BLOB_DIR"]).path(photo).write_bytes(b"\x89PNG not the photo")
+    auditor = signed_in(app, "auditor")
+    for page in (f"/web/proofs/{day.drop_event_id}", f"/web/shifts/{day.unbalanced.id}"):
+        html = auditor.get(page)
+        assert "file altered in the store: not shown" in html, page
+        assert f"/web/images/{photo}" not in html, page
+    assert auditor.client.get(f"/web/images/{photo}").status_code == 409
 
 
 def test_auditor_reads_are_audit_logged_and_managers_are_not(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Response, current_app, request
@@ -20,12 +19,11 @@ from sync.blobs import (
     ensure_not_purged,
     get_blob,
     may_read_blob,
+    read_image,
     store_blob,
 )
-from sync.errors import NotFound
 from sync.status import rejudge_after_upload
 
-log = logging.getLogger(__name__)
 blp = ApiBlueprint("blobs", __name__, url_prefix="/api/v1/blobs", description="Proof images")
 
 IMAGE_BODY = {
@@ -65,7 +63,8 @@ class BlobBySha256(MethodView):
         The body is the image itself: PNG, JPEG or WebP, at most MAX_BLOB_BYTES
         (default 8 MiB). The URL names its sha256 (lowercase hex); the bytes must
         hash to it and decode as an image. Uploading the same image again is
-        safe (200). Events may name an image before it is uploaded. An image
+        safe (200), and puts its bytes back if they were lost from the store or
+        altered there. Events may name an image before it is uploaded. An image
         stored by others the caller may not read (another station's) answers as
         a new one would, 201 and uploaded now, so that it does not show it
         exists; from then on the caller reads it too.
@@ -115,6 +114,7 @@ class BlobBySha256(MethodView):
         content_type="image/*",
     )
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
     @blp.alt_response(410, response="GONE")
     @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
@@ -125,7 +125,11 @@ class BlobBySha256(MethodView):
         station; couriers those they uploaded themselves. Every
         read by an auditor is recorded in the audit log. An image older than the
         retention period (PROOF_RETENTION_DAYS) has been purged: 410 `blob_purged`,
-        saying when.
+        saying when. Images are content-addressed and checked on every read: a
+        file gone from the store answers 404 `blob_bytes_missing`, one whose bytes
+        no longer hash to the digest (changed or replaced in the store) 409
+        `blob_bytes_altered`, never the altered bytes; uploading the image again
+        mends either.
         """
         return image_response(sha256, current_principal())
 
@@ -144,21 +148,14 @@ def image_response(sha256: str, principal: Principal) -> Response:
     """A proof image for ``principal``, as the API and the pages serve it.
 
     Read only when they may (``may_read_blob``: not found otherwise, so an image
-    of another station does not even show it exists), refused once purged, and,
-    for an auditor, on record in the audit log before it goes out (DESIGN.md rule 7).
+    of another station does not even show it exists), refused once purged or when
+    its bytes are missing or altered (``read_image``), and, for an auditor, on record
+    in the audit log before it goes out (DESIGN.md rule 7).
     """
     blob = get_blob(session=db.session, digest=sha256)
     if not may_read_blob(session=db.session, digest=blob.sha256, reader=blob_reader(principal)):
         raise blob_not_found(sha256)
-    ensure_not_purged(blob)
-    try:
-        data = blob_store().read(blob.sha256)
-    except FileNotFoundError:
-        log.error("blob %s is recorded but its file is missing from the store", sha256)
-        raise NotFound(
-            f"the bytes of blob {sha256} are missing; upload the image again",
-            code="blob_bytes_missing",
-        ) from None
+    data = read_image(blob_store(), ensure_not_purged(blob))
     record_auditor_read(
         "blob_read",
         "blob",

@@ -35,6 +35,8 @@ silent again, ``sync.sweeps``.)
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,6 +176,9 @@ def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
 # delivery lacks (``pod_blob_missing`` names them).
 SEEN = ("event_ids", "blobs")
 DECISIONS = (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED)
+# The lists of a flag's evidence that grow as its cause recurs (``_merged``): the
+# events, pushes and seqs it names (a ``time_inversion`` names its pairs as seqs).
+ACCUMULATED = ("event_ids", "batch_ids", "seqs", "device_seqs")
 
 
 def seen_in(evidence: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +194,20 @@ def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
         return False
     shown = [key for key in SEEN if key in decided_on] or ["event_ids"]
     return all(set(evidence.get(key, [])) <= set(decided_on.get(key, [])) for key in shown)
+
+
+def evidence_version(evidence: dict[str, Any]) -> str:
+    """A digest of what the flag's ``evidence`` names: what a decision covers
+    (``seen_in``: its events, missing images) and the pushes and seqs it grows by,
+    whatever their order. A decision that names the version its manager was shown is
+    refused once the evidence has changed since (a push landing between the read and
+    the decision), as a sign-off is on a changed ``balance_version``: nobody settles
+    events they did not see. (Counts and times it also holds are not in it: they change
+    with every push, and name nothing new.)"""
+    named = sorted({*SEEN, *ACCUMULATED})
+    seen = {key: sorted(set(evidence.get(key, [])), key=_evidence_order) for key in named}
+    text = json.dumps(seen, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def judged_status(
@@ -396,23 +415,41 @@ def flag_changes(*, session: Session, flag: Flag) -> Sequence[FlagChange]:
 
 
 def acknowledge_flag(
-    *, session: Session, flag: Flag, user_id: int, note: str | None = None
+    *,
+    session: Session,
+    flag: Flag,
+    user_id: int,
+    note: str | None = None,
+    seen_version: str | None = None,
 ) -> Flag:
-    """A manager has seen the flag and is on it: open -> acknowledged."""
+    """A manager has seen the flag and is on it: open -> acknowledged.
+
+    With ``seen_version`` (the ``evidence_version`` the manager was shown), refused
+    when the evidence has changed since (``_ensure_seen``)."""
     text = _note(note)
     flag = _lock(session, flag)
     if flag.status != FlagStatus.OPEN:
         raise _status_conflict(flag, "acknowledged", "only an open flag can be acknowledged")
+    _ensure_seen(flag, seen_version, "acknowledging")
     _record(session, flag, flag.status, FlagStatus.ACKNOWLEDGED, by=user_id, note=text)
     _decide(flag, FlagStatus.ACKNOWLEDGED)
     session.flush()
     return flag
 
 
-def resolve_flag(*, session: Session, flag: Flag, user_id: int, note: str) -> Flag:
+def resolve_flag(
+    *,
+    session: Session,
+    flag: Flag,
+    user_id: int,
+    note: str,
+    seen_version: str | None = None,
+) -> Flag:
     """A manager settles the flag, saying how: open or acknowledged -> resolved.
 
-    The resolution is also written to the audit log (action ``flag_resolved``).
+    With ``seen_version`` (the ``evidence_version`` the manager was shown), refused
+    when the evidence has changed since (``_ensure_seen``). The resolution is also
+    written to the audit log (action ``flag_resolved``).
     """
     text = _note(note)
     if text is None:
@@ -424,6 +461,7 @@ def resolve_flag(*, session: Session, flag: Flag, user_id: int, note: str) -> Fl
         raise _status_conflict(
             flag, "resolved", "only an open or acknowledged flag can be resolved"
         )
+    _ensure_seen(flag, seen_version, "resolving")
     previous = flag.status
     _record(session, flag, previous, FlagStatus.RESOLVED, by=user_id, note=text)
     _decide(flag, FlagStatus.RESOLVED)
@@ -452,6 +490,21 @@ def _decide(flag: Flag, decision: FlagStatus) -> None:
     flag.status = decision
     flag.decision = decision
     flag.decided_on = seen_in(flag.evidence)
+
+
+def _ensure_seen(flag: Flag, seen_version: str | None, deciding: str) -> None:
+    """Refuse a decision made on other evidence than the flag's now (409
+    ``evidence_changed``): it would cover events the manager was never shown (a late
+    batch naming a loss). Without ``seen_version`` the decision covers the evidence as
+    it stands."""
+    if seen_version is None or seen_version == evidence_version(flag.evidence):
+        return
+    raise Conflict(
+        f"the evidence of flag {flag.id} changed since it was read (a push named more, "
+        f"or less): read the flag again before {deciding} it",
+        code="evidence_changed",
+        field="evidence_version",
+    )
 
 
 def _lock(session: Session, flag: Flag) -> Flag:
@@ -589,7 +642,7 @@ def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Later evidence wins per key; lists of event and batch ids accumulate (the first
     ``MAX_EVIDENCE_IDS`` are kept: they are what an investigation starts from)."""
     merged = {**old, **new}
-    for key in ("event_ids", "batch_ids", "seqs", "device_seqs"):
+    for key in ACCUMULATED:
         if key in old or key in new:
             ids = sorted(set(old.get(key, [])) | set(new.get(key, [])), key=_evidence_order)
             merged[key] = ids[:MAX_EVIDENCE_IDS]

@@ -53,8 +53,11 @@ class ProofFilter(_Form):
     after = After()
 
 
-class NoteForm(_Form):
+class DecisionForm(_Form):
+    """Acknowledge or resolve a flag, on the evidence the page showed."""
+
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
+    evidence_version = Text(load_default=None, validate=ma.validate.Length(max=64))
 
 
 class SignOffForm(_Form):

@@ -49,9 +49,9 @@ from courier_api.web import charts
 from courier_api.web.forms import (
     CloseShiftForm,
     DayArgs,
+    DecisionForm,
     FlagFilter,
     LoginForm,
-    NoteForm,
     ProofFilter,
     SignOffForm,
     parse,
@@ -169,6 +169,10 @@ def local_time(moment: dt.datetime | None, timezone: str = "UTC") -> str:
         return moment.astimezone(ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S")
     except OverflowError:
         return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# What a flag's decision forms send back: they decide on the evidence the page showed.
+bp.add_app_template_filter(flags.evidence_version, "evidence_version")
 
 
 @bp.app_template_filter("seq_ranges")
@@ -466,12 +470,16 @@ def flag(flag_id: int) -> ResponseReturnValue:
 @bp.post("/flags/<id:flag_id>/acknowledge")
 @page(*DECIDERS)
 def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
-    form = parse(NoteForm(), request.form)
+    form = parse(DecisionForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
     _decide(
         lambda: flags.acknowledge_flag(
-            session=db.session, flag=found, user_id=current_principal().user_id, note=form["note"]
+            session=db.session,
+            flag=found,
+            user_id=current_principal().user_id,
+            note=form["note"],
+            seen_version=form["evidence_version"],
         ),
         done=f"Flag {flag_id} is acknowledged.",
         refused="Not acknowledged",
@@ -482,7 +490,7 @@ def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
 @bp.post("/flags/<id:flag_id>/resolve")
 @page(*DECIDERS)
 def resolve_flag(flag_id: int) -> ResponseReturnValue:
-    form = parse(NoteForm(), request.form)
+    form = parse(DecisionForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
     _decide(
@@ -491,6 +499,7 @@ def resolve_flag(flag_id: int) -> ResponseReturnValue:
             flag=found,
             user_id=current_principal().user_id,
             note=form["note"] or "",
+            seen_version=form["evidence_version"],
         ),
         done=f"Flag {flag_id} is resolved.",
         refused="Not resolved",

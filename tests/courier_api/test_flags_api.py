@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from courier_api.extensions import db
 from models import AuditEntry, Flag, FlagSeverity
 from sync import audit
-from sync.flags import FlagSubject, close_flag, raise_flag
+from sync.flags import FlagSubject, close_flag, evidence_version, raise_flag
 from tests import factories
 from tests.conftest import Auth, World
 from tests.threads import race
@@ -107,6 +107,7 @@ def test_a_listed_flag_carries_its_fields(
         "closed_reason": None,
         "decision": None,
         "decided_on": None,
+        "evidence_version": evidence_version({"event_ids": [1, 2]}),
     }
 
 
@@ -355,6 +356,40 @@ def test_a_decision_the_status_forbids_is_409(
     response = client.post(f"{url}/{action}", json={"note": "again"}, headers=manager)
     assert response.status_code == 409
     assert response.get_json()["code"] == "flag_status_conflict"
+
+
+@pytest.mark.parametrize(("action", "body"), [("acknowledge", {}), ("resolve", {"note": "x"})])
+def test_a_decision_on_evidence_that_changed_since_it_was_read_is_409(
+    client: FlaskClient, auth: Auth, session: Session, flags: Flags, action: str, body: dict
+) -> None:
+    """A late batch names another event between the manager's read and their decision:
+    deciding on what they read would cover it unseen. With the ``evidence_version``
+    read, refused (as a sign-off with a changed ``balance_version``); read again, it
+    covers what it now shows."""
+    manager = auth.headers("manager1")
+    url = f"{FLAGS}/{flags.here.id}"
+    read = client.get(url, headers=manager).get_json()
+    raise_flag(
+        session=session,
+        kind="unknown_parcel",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("parcel", "RR1"),
+        station_id=flags.here.station_id,
+        evidence={"event_ids": [3]},
+    )
+    session.commit()
+    stale = body | {"evidence_version": read["evidence_version"]}
+    refused = client.post(f"{url}/{action}", json=stale, headers=manager)
+    assert refused.status_code == 409
+    assert refused.get_json()["code"] == "evidence_changed"
+    assert list(refused.get_json()["errors"]) == ["evidence_version"]
+    again = client.get(url, headers=manager).get_json()
+    assert (again["status"], again["decision"]) == ("open", None)
+    assert again["evidence_version"] != read["evidence_version"]
+    fresh = body | {"evidence_version": again["evidence_version"]}
+    decided = client.post(f"{url}/{action}", json=fresh, headers=manager)
+    assert decided.status_code == 200, decided.get_json()
+    assert decided.get_json()["decided_on"] == {"event_ids": [1, 2, 3]}
 
 
 def test_a_flag_of_no_station_is_for_admins(

@@ -83,6 +83,16 @@ class Pages:
     def forms_posting_to(self, html: str) -> list[str]:
         return re.findall(r'<form method="post" action="([^"]+)"', html)
 
+    def submit(self, html: str, action: str, **typed: str) -> TestResponse:
+        """Post the page's form to ``action`` as a browser does: its hidden fields as the
+        page wrote them, and what was typed."""
+        form = re.search(
+            rf'<form method="post" action="{re.escape(action)}">(.*?)</form>', html, re.S
+        )
+        assert form, f"no form posting to {action}"
+        hidden = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form.group(1))
+        return self.client.post(action, data=dict(hidden) | typed)
+
 
 @pytest.fixture
 def day(session: Session, app: Flask) -> StationDay:
@@ -738,6 +748,45 @@ def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(
     again = pages.post(f"/web/flags/{flag.id}/resolve", note="twice")
     assert again.status_code == 302
     assert "it is already resolved" in pages.get(again.location)
+
+
+def test_a_flag_decided_from_its_page_covers_only_the_evidence_the_page_showed(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """19:00: the manager opens a ``missing_at_handover`` flag: its evidence is the
+    check-out, and the courier says the parcel is in the van. Before they press Resolve,
+    the PDA's late batch lands: the parcel was lost on the route, and the flag's
+    evidence names that too. The resolution would settle the loss unseen: it is refused,
+    and the flag, read again, shows it; resolved from there, it covers both."""
+    from tests.courier_api.test_shifts_api import Courier, parcels
+
+    a, b = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    lost = pda.event(b, "exception", reason="lost")  # recorded on the route, still on the PDA
+    assert pda.close(shift["id"]).status_code == 200
+    flag = session.scalars(select(Flag).where(Flag.kind == "missing_at_handover")).one()
+    pages = signed_in(app, "manager1")
+    path, resolve = f"/web/flags/{flag.id}", f"/web/flags/{flag.id}/resolve"
+    shown = pages.get(path)
+    assert "exception" not in shown  # the check-out only
+
+    pda.push([lost])
+    response = pages.submit(shown, resolve, note="in the van")
+    assert response.location == path
+    html = pages.get(path)
+    assert f"Not resolved: the evidence of flag {flag.id} changed since it was read" in html
+    assert "read the flag again before resolving it" in html and "exception" in html
+    session.refresh(flag)
+    assert (flag.status, flag.decision) == (FlagStatus.OPEN, None)
+
+    pages.submit(html, resolve, note="lost on the route: reported")
+    assert f"Flag {flag.id} is resolved." in pages.get(path)
+    session.refresh(flag)
+    assert flag.status == FlagStatus.RESOLVED
+    assert flag.decided_on == {"event_ids": flag.evidence["event_ids"]}
+    assert len(flag.evidence["event_ids"]) == 2
 
 
 def test_a_manager_signs_off_and_a_provisional_balance_needs_a_reason(

@@ -18,6 +18,7 @@ from sync.flags import (
     acknowledge_flag,
     close_flag,
     close_flags,
+    evidence_version,
     flag_changes,
     get_flag,
     list_flags,
@@ -244,6 +245,41 @@ def test_a_conflict_says_why(session: Session, setup: Setup) -> None:
     f = _closed(session, setup)
     with pytest.raises(Conflict, match="closed by the system \\(gone\\)"):
         resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="x")
+
+
+@pytest.mark.parametrize("action", ["acknowledge", "resolve"])
+def test_a_decision_on_evidence_that_changed_since_it_was_read_is_refused(
+    session: Session, setup: Setup, action: str
+) -> None:
+    """The manager reads the flag on event 1; a late batch names event 9 before they
+    decide. Deciding on what they read would cover event 9 unseen (a parcel lost on the
+    route, settled as "in the van"): refused, as a sign-off on a changed balance is."""
+    f = flag(session, setup.station)
+    shown = evidence_version(f.evidence)
+    _raised_again(session, f, setup.station.id)
+    decide = acknowledge_flag if action == "acknowledge" else resolve_flag
+    with pytest.raises(Conflict) as raised:
+        decide(session=session, flag=f, user_id=setup.manager.id, note="x", seen_version=shown)
+    assert (raised.value.code, raised.value.field) == ("evidence_changed", "evidence_version")
+    assert "read the flag again" in raised.value.message
+    assert (f.status, f.decision) == (FlagStatus.OPEN, None)
+    assert len(history(session, f)) == 1
+    now = evidence_version(f.evidence)
+    decide(session=session, flag=f, user_id=setup.manager.id, note="x", seen_version=now)
+    assert f.decision == action + "d" and f.decided_on == {"event_ids": [1, 9]}
+
+
+def test_the_evidence_version_is_of_what_the_evidence_names() -> None:
+    """Events, missing images, pushes and seqs (a ``time_inversion`` names its pairs
+    so), in any order; not the evidence's other facts (a count, a device)."""
+    shown = evidence_version({"event_ids": [1, 2], "blobs": ["a"], "device_id": "PDA-1"})
+    assert evidence_version({"blobs": ["a"], "event_ids": [2, 1], "count": 3}) == shown
+    assert evidence_version({"event_ids": [1, 2, 3], "blobs": ["a"]}) != shown
+    assert evidence_version({"event_ids": [1, 2], "blobs": ["a", "b"]}) != shown
+    pairs = evidence_version({"device_seqs": ["PDA-1#9", "PDA-1#10"]})
+    assert evidence_version({"device_seqs": ["PDA-1#10", "PDA-1#9"]}) == pairs
+    assert evidence_version({"device_seqs": ["PDA-1#9", "PDA-1#10", "PDA-2#3"]}) != pairs
+    assert evidence_version({}) == evidence_version({"event_ids": [], "seqs": []})
 
 
 def _raised_again(session: Session, flag: Flag, station_id: int) -> RaisedFlag:

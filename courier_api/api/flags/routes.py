@@ -59,7 +59,7 @@ class Flags(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
-        return keyset_page(items, args["limit"], key=lambda flag: flag.id)
+        return keyset_page([_view(flag) for flag in items], args["limit"], key=lambda f: f["id"])
 
 
 @blp.route("/<id:flag_id>")
@@ -95,14 +95,20 @@ class AcknowledgeFlag(MethodView):
 
         Says that a manager of the flag's station has seen it and is dealing with
         it; the optional `note` goes into its history. Only an open flag can be
-        acknowledged (409 `flag_status_conflict` otherwise). A flag of another
-        station answers a manager what an unknown id answers (404
-        `flag_not_found`).
+        acknowledged (409 `flag_status_conflict` otherwise). With
+        `evidence_version` (the flag's as the manager read it), a flag whose
+        evidence changed since, a push landing in between, is refused (409
+        `evidence_changed`): read it again. A flag of another station answers a
+        manager what an unknown id answers (404 `flag_not_found`).
         """
         flag = flags.get_flag(session=db.session, flag_id=flag_id)
         ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
         flag = flags.acknowledge_flag(
-            session=db.session, flag=flag, user_id=current_principal().user_id, note=body["note"]
+            session=db.session,
+            flag=flag,
+            user_id=current_principal().user_id,
+            note=body["note"],
+            seen_version=body["evidence_version"],
         )
         db.session.commit()
         return _with_history(flag)
@@ -122,14 +128,21 @@ class ResolveFlag(MethodView):
         acknowledged flag; the `note` saying how is required. The resolution is
         recorded in the flag's history and in the audit log. A flag that is
         already resolved, or that the system closed because its cause went away,
-        cannot be resolved (409 `flag_status_conflict`). A flag of another
-        station answers a manager what an unknown id answers (404
-        `flag_not_found`).
+        cannot be resolved (409 `flag_status_conflict`). The resolution covers
+        the events (and missing images) of the flag's evidence: with
+        `evidence_version` (the flag's as the manager read it), a flag whose
+        evidence changed since, a push landing in between, is refused (409
+        `evidence_changed`): read it again. A flag of another station answers a
+        manager what an unknown id answers (404 `flag_not_found`).
         """
         flag = flags.get_flag(session=db.session, flag_id=flag_id)
         ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
         flag = flags.resolve_flag(
-            session=db.session, flag=flag, user_id=current_principal().user_id, note=body["note"]
+            session=db.session,
+            flag=flag,
+            user_id=current_principal().user_id,
+            note=body["note"],
+            seen_version=body["evidence_version"],
         )
         db.session.commit()
         return _with_history(flag)
@@ -144,4 +157,15 @@ def _with_history(flag: Flag) -> dict[str, Any]:
         | {"note": shown_text(change.note, unmasked=unmasked)}
         for change in flags.flag_changes(session=db.session, flag=flag)
     ]
-    return {name: getattr(flag, name) for name in FlagOut().fields} | {"changes": changes}
+    return _view(flag) | {"changes": changes}
+
+
+# What ``FlagOut`` shows of a flag's row as it is; ``_view`` adds what it computes.
+COLUMNS = tuple(name for name in FlagOut._declared_fields if name != "evidence_version")
+
+
+def _view(flag: Flag) -> dict[str, Any]:
+    """``FlagOut``: the flag's columns, and the ``evidence_version`` a decision sends back."""
+    return {name: getattr(flag, name) for name in COLUMNS} | {
+        "evidence_version": flags.evidence_version(flag.evidence)
+    }

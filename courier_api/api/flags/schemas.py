@@ -77,6 +77,14 @@ class FlagOut(ma.Schema):
             "`blobs`, missing images) when the manager decided"
         },
     )
+    evidence_version = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "A digest of what the evidence names (its `event_ids`, `blobs`, "
+            "`batch_ids`, `seqs`, `device_seqs`): send it back with an acknowledgement or "
+            "a resolution to decide only on the evidence you read"
+        },
+    )
 
 
 class FlagChangeOut(ma.Schema):
@@ -112,13 +120,25 @@ class FlagPage(ma.Schema):
     next_after = ma.fields.Integer(allow_none=True, required=True)
 
 
-class AcknowledgeIn(ma.Schema):
+class _Decision(ma.Schema):
+    evidence_version = ma.fields.String(
+        load_default=None,
+        validate=ma.validate.Length(min=1, max=64),
+        metadata={
+            "description": "The `evidence_version` of the flag the manager was shown: the "
+            "decision is refused (409 `evidence_changed`) if the evidence has changed "
+            "since. Without it, the decision covers the evidence as it stands"
+        },
+    )
+
+
+class AcknowledgeIn(_Decision):
     note = Text(
         load_default=None, allow_none=True, validate=ma.validate.Length(max=MAX_NOTE_LENGTH)
     )
 
 
-class ResolveIn(ma.Schema):
+class ResolveIn(_Decision):
     note = Text(
         required=True,
         validate=ma.validate.Length(min=1, max=MAX_NOTE_LENGTH),

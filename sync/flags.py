@@ -55,6 +55,37 @@ ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 
+# Every kind of flag there is, as the modules raising them name them (``sync.ingest``,
+# ``sync.rules``, ``sync.handover``, ``sync.parcels``, ``sync.shifts``, ``sync.sweeps``,
+# ``sync.webhooks``; tests/sync/test_flags.py keeps the list whole): the flag queue's
+# Kind filter offers these, and the API's names them when it refuses another.
+KINDS = (
+    "blob_missing_at_handover",
+    "clock_jump",
+    "clock_skew",
+    "conflicting_duplicate",
+    "conflicting_final_outcome",
+    "consent_after_drop",
+    "correction_by_another_courier",
+    "correction_review",
+    "delivered_not_checked_out",
+    "delivered_without_pod",
+    "far_from_address",
+    "late_event_after_signoff",
+    "missing_at_handover",
+    "not_on_manifest",
+    "pod_blob_missing",
+    "seq_conflict",
+    "shift_not_closed",
+    "stale_device",
+    "time_inversion",
+    "unauthorized_locker_drop",
+    "unknown_parcel",
+    "webhook_subscription_disabled",
+    "wrong_shift",
+    "wrong_station",
+)
+
 
 @dataclass(frozen=True)
 class FlagSubject:

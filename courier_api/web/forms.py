@@ -16,7 +16,7 @@ from courier_api.api.fields import After, Id, Text
 from courier_api.api.shifts.schemas import CloseShiftIn
 from models import FlagSeverity, FlagStatus
 from sync.errors import InvalidInput
-from sync.flags import MAX_NOTE_LENGTH
+from sync.flags import KINDS, MAX_NOTE_LENGTH
 from sync.proofs import METHODS
 
 
@@ -30,9 +30,25 @@ class DayArgs(_Form):
     date = ma.fields.Date()
 
 
+class FlagKind(Text):
+    """A flag's kind as its code (``unauthorized_locker_drop``) or as the pages write it
+    ("Unauthorized locker drop"), in any case: loaded as the code. One that is no kind
+    is refused naming the kinds, rather than matching no flag."""
+
+    default_error_messages = {"unknown": "no flag is of kind “{text}”; the kinds are: {kinds}"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        code = "_".join(text.lower().replace("_", " ").replace("-", " ").split())
+        if code not in KINDS:
+            named = ", ".join(kind.replace("_", " ") for kind in KINDS)
+            raise self.make_error("unknown", text=text, kinds=named)
+        return code
+
+
 class FlagFilter(_Form):
     station = Id()
-    kind = Text(validate=ma.validate.Length(max=64))
+    kind = FlagKind()
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
     status = ma.fields.Enum(FlagStatus, by_value=True)
     courier_id = Id()

@@ -432,6 +432,8 @@ def flag_queue() -> ResponseReturnValue:
             flags=items,
             visible_station=current_principal().station_filter(None),
         ),
+        kinds=flags.KINDS,
+        kind=args.get("kind"),
         severities=list(FlagSeverity),
         statuses=list(FlagStatus),
         next_page=next_page,

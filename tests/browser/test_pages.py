@@ -87,6 +87,21 @@ def test_a_manager_drills_into_the_unbalanced_shift(ui: Ui, site: Site) -> None:
     ui.assert_no_console_errors()
 
 
+def test_a_manager_filters_the_queue_by_a_kind_written_as_the_queue_writes_it(
+    ui: Ui, site: Site
+) -> None:
+    ui.login("manager", then="/web/flags")
+    page = ui.page
+    page.get_by_label("Kind").select_option(label="unauthorized locker drop")
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(r"[?&]kind=unauthorized_locker_drop(&|$)"))
+    rows = page.locator("table.flags tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("unauthorized locker drop")
+    expect(page.get_by_label("Kind")).to_have_value("unauthorized_locker_drop")
+    ui.assert_no_console_errors()
+
+
 def test_a_manager_resolves_a_flag_from_the_queue(ui: Ui, site: Site) -> None:
     ui.login("manager", then="/web/flags?kind=unauthorized_locker_drop")
     page = ui.page

@@ -180,6 +180,7 @@ def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags)
         ("after=-1", "after"),
         ("courier_id=99999999999", "courier_id"),
         ("limit=501", "limit"),
+        ("kind=unauthorized+locker+drop", "kind"),  # a kind's code, exactly
     ],
 )
 def test_bad_list_arguments_are_422_naming_the_field(
@@ -188,6 +189,17 @@ def test_bad_list_arguments_are_422_naming_the_field(
     response = client.get(f"{FLAGS}?{query}", headers=auth.headers("admin"))
     assert response.status_code == 422
     assert field in response.get_json()["errors"]["query"]
+
+
+def test_an_unknown_kind_is_422_naming_the_kinds(
+    client: FlaskClient, auth: Auth, world: World
+) -> None:
+    """Otherwise a kind mistyped lists no flag, as if there were none of it."""
+    response = client.get(f"{FLAGS}?kind=locker_drop", headers=auth.headers("admin"))
+    assert response.status_code == 422
+    [message] = response.get_json()["errors"]["query"]["kind"]
+    assert message.startswith("no flag is of kind locker_drop; the kinds are ")
+    assert "unauthorized_locker_drop" in message and "missing_at_handover" in message
 
 
 def test_an_empty_time_range_is_422(client: FlaskClient, auth: Auth, world: World) -> None:

@@ -789,6 +789,31 @@ def test_a_flag_decided_from_its_page_covers_only_the_evidence_the_page_showed(
     assert len(flag.evidence["event_ids"]) == 2
 
 
+def test_the_flag_queue_finds_a_kind_written_as_the_queue_shows_it(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The queue writes each kind in words ("unauthorized locker drop"). The Kind filter
+    offers the kinds so written and takes them typed in a link too, in any case;
+    otherwise the words the queue shows match nothing and "No flag matches" hides why.
+    A kind that is none is said so, naming the kinds."""
+    pages = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    queue = pages.get("/web/flags")
+    assert '<option value="unauthorized_locker_drop">unauthorized locker drop</option>' in queue
+    for typed in (
+        "unauthorized+locker+drop",
+        "Unauthorized+Locker+Drop",
+        "unauthorized_locker_drop",
+    ):
+        html = pages.get(f"/web/flags?kind={typed}")
+        assert re.findall(r'<tr id="flag-(\d+)"', html) == [str(flag.id)]
+        assert '<option value="unauthorized_locker_drop" selected>' in html
+    unknown = pages.get("/web/flags?kind=locker+drop", status=422)
+    assert "kind: no flag is of kind “locker drop”; the kinds are:" in unknown
+    assert "unauthorized locker drop, unknown parcel" in unknown
+    assert "No flag matches" not in unknown
+
+
 def test_a_manager_signs_off_and_a_provisional_balance_needs_a_reason(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -1,7 +1,9 @@
 """Flags: their history of changes, listing, and managers' acknowledge and resolve."""
 
 import datetime as dt
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from models import AuditEntry, Flag, FlagChange, FlagSeverity, FlagStatus, Stati
 from sync import audit
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
+    KINDS,
     FlagSubject,
     RaisedFlag,
     acknowledge_flag,
@@ -280,6 +283,29 @@ def test_the_evidence_version_is_of_what_the_evidence_names() -> None:
     assert evidence_version({"device_seqs": ["PDA-1#10", "PDA-1#9"]}) == pairs
     assert evidence_version({"device_seqs": ["PDA-1#9", "PDA-1#10", "PDA-2#3"]}) != pairs
     assert evidence_version({}) == evidence_version({"event_ids": [], "seqs": []})
+
+
+def test_every_kind_the_engine_raises_is_known() -> None:
+    """The flag queue's Kind filter offers ``KINDS`` and the API refuses any other: a
+    kind raised but not listed could not be found."""
+    from sync import handover, rules, shifts, sweeps, webhooks
+
+    constants = {
+        *rules.SEVERITY,
+        *handover.HANDOVER_KINDS,
+        shifts.LATE_EVENT,
+        shifts.WRONG_SHIFT,
+        shifts.NOT_CLOSED,
+        sweeps.STALE_DEVICE,
+        sweeps.BLOB_MISSING_AT_HANDOVER,
+        webhooks.SUBSCRIPTION_DISABLED,
+    }
+    # The push names its kinds where it raises them: ``self._flag("clock_skew", ...``.
+    ingest = Path(rules.__file__).with_name("ingest.py").read_text()
+    literals = set(re.findall(r'_flag\(\s*"(\w+)"', ingest))
+    assert {"clock_skew", "unknown_parcel", "wrong_station"} <= literals
+    assert constants | literals <= set(KINDS)
+    assert list(KINDS) == sorted(set(KINDS))
 
 
 def _raised_again(session: Session, flag: Flag, station_id: int) -> RaisedFlag:

@@ -39,7 +39,9 @@ class Flags(MethodView):
         """List flags
 
         Flags matching every filter given, newest first (in the order they were
-        first raised). `raised_from` is inclusive, `raised_to` exclusive; both
+        first raised). `kind` is a kind's code (`unauthorized_locker_drop`); an
+        unknown one is a 422 naming the kinds. `raised_from` is inclusive,
+        `raised_to` exclusive; both
         need an offset (e.g. `Z`). `shift_id` finds a shift's own flags; a
         parcel's rule flags name no shift (`GET /shifts/{shift_id}/balance`
         lists those citing the shift's events). Managers see their own station

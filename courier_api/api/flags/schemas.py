@@ -3,14 +3,19 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import FlagSeverity, FlagStatus
-from sync.flags import MAX_NOTE_LENGTH
+from sync.flags import KINDS, MAX_NOTE_LENGTH
 
 
 class FlagListArgs(PageArgs):
     station_id = Id(
         metadata={"description": "Admins and auditors; managers see their own station"}
     )
-    kind = Text(validate=ma.validate.Length(min=1, max=64), metadata={"example": "clock_skew"})
+    kind = Text(
+        validate=ma.validate.OneOf(
+            KINDS, error="no flag is of kind {input}; the kinds are {choices}"
+        ),
+        metadata={"example": "clock_skew", "description": "A kind's code, exactly"},
+    )
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
     status = ma.fields.Enum(FlagStatus, by_value=True)
     courier_id = Id(metadata={"description": "The courier concerned"})

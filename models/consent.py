@@ -58,6 +58,10 @@ class Consent(Base):
     event_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("scan_event.id"), unique=True)
     device_id: Mapped[str | None] = mapped_column(ForeignKey("device.id"))
     seq: Mapped[int | None]
+    # Captured on a PDA: the station that PDA was at then (its event's). The consent
+    # authorizes only drops a PDA of that station records (SECURITY.md threat 2): a
+    # courier of another station knows a tracking number, not the recipient.
+    captured_at_station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"))
     # Who recorded it: the channel's integration account or an admin (API), or the
     # courier whose PDA captured it.
     created_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))

@@ -4,8 +4,10 @@ A consent is for one parcel, or standing for a recipient's phone number and
 address (then it covers every parcel to that phone at that address, at one
 station or, without a station, at all). Consents come from recipient-facing
 channels through the API, or are captured on a PDA as ``consent_captured``
-events. Granting or revoking one re-judges the parcels it covers, so a flag it
-makes unnecessary closes (and one it no longer prevents opens) at once.
+events (those authorize only drops by PDAs of the capturing PDA's station:
+``sync.rules.counts_at_station``). Granting or revoking one re-judges the parcels
+it covers, so a flag it makes unnecessary closes (and one it no longer prevents
+opens) at once.
 
 A consent recorded or revoked through the API is written to the audit log as well
 (``consent_granted``, ``consent_revoked``): it decides whether a locker drop was
@@ -40,7 +42,7 @@ from sync import audit
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
-from sync.rules import ConsentFact, Stay, held_at_station, parcel_stays
+from sync.rules import ConsentFact, Stay, counts_at_station, held_at_station, parcel_stays
 from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
 
@@ -59,6 +61,7 @@ FACT_COLUMNS = (
     Consent.revoked_at,
     Consent.device_id,
     Consent.seq,
+    Consent.captured_at_station_id,
     Consent.created_at,
     Consent.tracking_no,
     Consent.station_id,
@@ -348,7 +351,8 @@ def parcel_station(session: Session, consent: Consent) -> int | None:
 
     A consent captured on a PDA takes its parcel's station when it is recorded, or the
     PDA's when the parcel is not taken in yet; the parcel may then be taken in at
-    another station, whose manager must see the consent that authorizes its drop.
+    another station, whose manager must see the consent on record for it (which
+    authorizes only drops of the capturing PDA's station: ``captured_at_station_id``).
     Read when asked rather than moved at intake: an intake updating consents would
     lock them against a revocation running the other way.
     """
@@ -466,6 +470,7 @@ def _fact(consent: Row[Any], at_station: tuple[Stay, ...] | None = None) -> Cons
         revoked_at=consent.revoked_at,
         device_id=consent.device_id,
         seq=consent.seq,
+        captured_at_station=consent.captured_at_station_id,
         recorded_at=consent.created_at,
         at_station=at_station,
     )
@@ -476,7 +481,9 @@ def capture(session: Session, events: Iterable[dict[str, Any]]) -> list[Consent]
     as ``sync.ingest.event_row`` builds them, with their ``id``).
 
     Each is the parcel's station's, as a consent asked for online is, whichever
-    station's courier captured it; the PDA's station's for a parcel not taken in."""
+    station's courier captured it; the PDA's station's for a parcel not taken in. It
+    keeps the PDA's station as well (``captured_at_station_id``): it authorizes only
+    drops recorded there (``sync.rules.counts_at_station``)."""
     rows = [row for row in events if row["type"] == EventType.CONSENT_CAPTURED]
     station_of = {
         tracking_no: station_id
@@ -500,6 +507,7 @@ def capture(session: Session, events: Iterable[dict[str, Any]]) -> list[Consent]
             event_id=row["id"],
             device_id=row["device_id"],
             seq=row["seq"],
+            captured_at_station_id=row["station_id"],
             created_by=row["courier_id"],
             created_at=row["received_at"],  # recorded with its push (``granted_before``)
         )
@@ -510,9 +518,11 @@ def capture(session: Session, events: Iterable[dict[str, Any]]) -> list[Consent]
 
 
 def in_force(
-    session: Session, parcels: Iterable[Any], at: dt.datetime
+    session: Session, parcels: Iterable[Any], at: dt.datetime, station_id: int
 ) -> dict[str, list[ConsentFact]]:
-    """The consents that authorize unattended delivery of each parcel at ``at``."""
+    """The consents that authorize unattended delivery of each parcel at ``at`` by a PDA
+    of ``station_id`` (one captured on another station's PDA does not:
+    ``sync.rules.counts_at_station``)."""
     return {
         tracking_no: [
             c
@@ -521,6 +531,7 @@ def in_force(
             and (c.revoked_at is None or c.revoked_at > at)
             and (c.expires_at is None or c.expires_at > at)
             and held_at_station(c, at)
+            and counts_at_station(c, station_id)
         ]
         for tracking_no, facts in consents_for(session, parcels).items()
     }

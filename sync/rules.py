@@ -101,9 +101,11 @@ class ConsentFact:
     granted_at: dt.datetime  # corrected clock
     expires_at: dt.datetime | None = None
     revoked_at: dt.datetime | None = None
-    # Captured on a PDA: its event, whose seq orders it against that device's drops.
+    # Captured on a PDA: its event, whose seq orders it against that device's drops,
+    # and the station that PDA was at (``counts_at_station``).
     device_id: str | None = None
     seq: int | None = None
+    captured_at_station: int | None = None
     recorded_at: dt.datetime | None = None  # when the server stored it
     # A standing consent limited to one station: when the parcel was at that station
     # (``[from, until)``, None an open end). None: no limit.
@@ -222,28 +224,54 @@ def _drops(
     history: Sequence[EventDetail],
 ) -> None:
     """Rule 4: an unattended drop of a class that needs consent needs consent before it.
-    ``history``: all the parcel's events, voided ones too (``drop_span``)."""
+    ``history``: all the parcel's events, voided ones too (``drop_span``). A consent
+    captured on a PDA of another station than the drop's counts neither as given before
+    nor after it; the flag names it (``captured_at_other_station``)."""
     if not consents_matter(parcel, counting, policy):
         return
-    unauthorized, late = [], []
+    unauthorized: list[_Unauthorized] = []
+    late: list[_Unauthorized] = []
     considered: set[int] = set()  # consents for this method and point that did not do
     for drop in (e for e in counting if e.fact.type in DROPS):
         matching = [c for c in consents if covers(c, drop)]
         considered.update(c.id for c in matching)
         if any(authorizes(c, drop, policy, history) for c in matching):
             continue
-        after = [c.id for c in matching if not granted_before(c, drop, policy, history)]
-        (late if after else unauthorized).append((drop.fact.event_id, after))
+        here = [c for c in matching if counts_at_station(c, drop.fact.station_id)]
+        elsewhere = [c.id for c in matching if c not in here]
+        after = [c.id for c in here if not granted_before(c, drop, policy, history)]
+        judged = _Unauthorized(drop.fact.event_id, after, elsewhere)
+        (late if after else unauthorized).append(judged)
     if unauthorized:
         flags["unauthorized_locker_drop"] = {
-            "event_ids": [event_id for event_id, _ in unauthorized],
+            "event_ids": [u.event_id for u in unauthorized],
             "consent_ids": sorted(considered),
+            **_captured_elsewhere(unauthorized),
         }
     if late:
         flags["consent_after_drop"] = {
-            "event_ids": [event_id for event_id, _ in late],
-            "consent_ids": sorted({cid for _, ids in late for cid in ids}),
+            "event_ids": [u.event_id for u in late],
+            "consent_ids": sorted({cid for u in late for cid in u.granted_after}),
+            **_captured_elsewhere(late),
         }
+
+
+@dataclass(frozen=True)
+class _Unauthorized:
+    """A drop no consent authorized: the consents for its method and point granted after
+    it, and those captured on a PDA of another station than its own."""
+
+    event_id: int
+    granted_after: list[int]
+    captured_elsewhere: list[int]
+
+
+def _captured_elsewhere(drops: Sequence[_Unauthorized]) -> dict[str, list[int]]:
+    """The evidence naming the consents that covered these drops but were captured at
+    another station (``counts_at_station``): why the manager sees a consent on record and
+    the drop flagged all the same. Nothing when there are none."""
+    ids = sorted({cid for drop in drops for cid in drop.captured_elsewhere})
+    return {"captured_at_other_station": ids} if ids else {}
 
 
 def authorizes(
@@ -252,10 +280,12 @@ def authorizes(
     policy: Policy,
     history: Sequence[EventDetail],
 ) -> bool:
-    """Rule 4: the consent covers the drop, was granted before it and was in force at it
-    (whenever in its ``drop_span`` it happened). ``history``: the parcel's events."""
+    """Rule 4: the consent covers the drop, was captured at the drop's station if on a
+    PDA, was granted before it and was in force at it (whenever in its ``drop_span`` it
+    happened). ``history``: the parcel's events."""
     return (
         covers(consent, drop)
+        and counts_at_station(consent, drop.fact.station_id)
         and granted_before(consent, drop, policy, history)
         and in_force_at(consent, drop_span(drop, policy, history)[1])
     )
@@ -315,6 +345,16 @@ def covers(consent: ConsentFact, drop: EventDetail) -> bool:
         return False
     point = drop.details.get("locker_id") or drop.details.get("point_id")
     return consent.point_id is None or consent.point_id == point
+
+
+def counts_at_station(consent: ConsentFact, station_id: int | None) -> bool:
+    """Whether the consent may authorize a drop recorded by a PDA of ``station_id``. One
+    captured on a PDA counts only at the station that PDA was at: its courier, or a
+    colleague, met the recipient (or called them). A courier of another station needs
+    only the tracking number to push an "in person" consent for a parcel they never
+    held (SECURITY.md threat 2); online, their consent request for it is not even sent.
+    One from a recipient channel counts at every station."""
+    return consent.captured_at_station is None or consent.captured_at_station == station_id
 
 
 def granted_before(

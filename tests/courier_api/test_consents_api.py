@@ -708,7 +708,7 @@ def test_a_consent_captured_before_its_parcel_was_taken_in_elsewhere_is_seen_the
 ) -> None:
     """A courier of ST1 captures a consent for a parcel no station has taken in yet:
     the consent is ST1's. ST2 then takes the parcel in: its manager lists and reads the
-    consent that authorizes the parcel's drop; a third station's does not."""
+    consent on record for the parcel; a third station's does not."""
     tracking_no = factories.s10()
     captured = factories.event(
         1,
@@ -744,6 +744,88 @@ def test_a_consent_captured_before_its_parcel_was_taken_in_elsewhere_is_seen_the
         for m in ("manager1", "manager2", "manager3")
     }
     assert read == {"manager1": 200, "manager2": 200, "manager3": 404}
+
+
+def capture_at_the_door(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    tracking_no: str,
+    at: dt.datetime,
+    courier: tuple[str, str] = ("courier2", "PDA-0002"),
+    seq: int = 1,
+) -> Consent:
+    """``courier`` (username, PDA) pushes an in-person locker consent for the parcel,
+    captured at ``at`` (``seq`` on the PDA): the consent recorded."""
+    captured = factories.event(
+        seq,
+        tracking_no,
+        "consent_captured",
+        occurred_at=at,
+        consent={"method": "locker", "channel": "in_person", "evidence": "asked at the door"},
+    )
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body(courier[1], [captured]),
+        headers=auth.headers(*courier),
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    return session.scalars(select(Consent).where(Consent.tracking_no == tracking_no)).one()
+
+
+def test_a_consent_captured_on_another_stations_pda_does_not_authorize_this_stations_drop(
+    client: FlaskClient, auth: Auth, world: World, parcel: Parcel, session: Session
+) -> None:
+    """SECURITY.md threat 2: a courier of ST2, on ST2's PDA, records an in-person consent
+    for an express parcel of ST1 they never held (its tracking number is all it takes;
+    online, their consent request for it is not even sent). Ten minutes later ST1's
+    courier leaves the parcel in a locker without asking: the drop is unauthorized, its
+    flag names the consent as captured at another station, no proof names it as
+    authorizing, and ST1's PDA is not told of it as a consent in force."""
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    t = now()
+    tn = parcel.tracking_no
+    auth.push([factories.event(1, tn, occurred_at=t - dt.timedelta(minutes=60))])
+    forged = capture_at_the_door(client, auth, session, tn, t - dt.timedelta(minutes=30))
+    assert forged.captured_at_station_id == world.other_station.id
+    assert forged.station_id == world.station.id  # filed under the parcel's station
+    pulled = client.get("/api/v1/sync/pull", headers=auth.headers("courier1", "PDA-0001"))
+    held = {c["tracking_no"]: c["parcel"] for c in pulled.get_json()["changes"]}
+    assert held[tn]["consents"] == []
+
+    auth.push([factories.locker_drop(2, tn, t - dt.timedelta(minutes=20))])
+
+    drop = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    for reader in ("manager1", "auditor1"):
+        proof = client.get(f"/api/v1/proofs/{drop}", headers=auth.headers(reader)).get_json()
+        assert (proof["consent_required"], proof["authorizing_consent"]) == (True, None)
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    assert (flag.subject_key, flag.station_id) == (tn, world.station.id)
+    assert flag.status == FlagStatus.OPEN and flag.evidence["event_ids"] == [drop]
+    assert flag.evidence["captured_at_other_station"] == [forged.id]
+
+
+def test_a_consent_captured_by_the_courier_of_another_station_holding_the_parcel_is_theirs(
+    client: FlaskClient, auth: Auth, world: World, parcel: Parcel, session: Session
+) -> None:
+    """A parcel of ST1 mis-sorted to ST2: ST2's courier takes it out, asks the recipient
+    at the door on ST2's PDA, then leaves it in a locker from that PDA. The consent
+    authorizes the drop (the scans are flagged ``wrong_station``, nothing more)."""
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    t = now()
+    tn = parcel.tracking_no
+    checked_out = factories.event(1, tn, occurred_at=t - dt.timedelta(minutes=40))
+    auth.push([checked_out], username="courier2", device_id="PDA-0002")
+    consent = capture_at_the_door(client, auth, session, tn, t - dt.timedelta(minutes=30), seq=2)
+    drop = factories.locker_drop(3, tn, t - dt.timedelta(minutes=20))
+    receipt = auth.push([drop], username="courier2", device_id="PDA-0002")
+    assert {f["kind"] for f in receipt["flags_raised"]} <= {"wrong_station"}
+    assert flag_status(session, "unauthorized_locker_drop", tn) is None
+    drop_id = session.scalar(select(ScanEvent.id).where(ScanEvent.type == "delivered_to_locker"))
+    proof = client.get(f"/api/v1/proofs/{drop_id}", headers=auth.headers("auditor1")).get_json()
+    assert proof["authorizing_consent"]["id"] == consent.id
 
 
 @pytest.mark.parametrize(

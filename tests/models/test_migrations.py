@@ -387,3 +387,72 @@ def test_drop_bounds_are_filled_in_as_pushes_keep_them(scratch: Engine) -> None:
     if scratch.dialect.name == "postgresql":  # built without holding pushes back
         [created] = [s for s in upgrading if s.startswith("CREATE INDEX")]
         assert created.startswith("CREATE INDEX CONCURRENTLY"), created
+
+
+CAPTURING_STATION = "d2a6f0c3b817"  # a consent captured on a PDA keeps that PDA's station
+
+
+def test_captured_consents_get_the_station_of_the_pda_that_captured_them(scratch: Engine) -> None:
+    """Dropping the column and adding it back fills it as pushes do: a consent captured
+    on a PDA of the parcel's station, one captured on another station's PDA (the
+    parcel's station is the consent's own ``station_id``), and none for a consent
+    from a recipient channel."""
+    import datetime as dt
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import Consent, ConsentChannel, ConsentMethod, ConsentScope
+    from sync.consents import ConsentDraft, ConsentRules, grant
+    from sync.events import EventRules
+    from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+    from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+    from tests import factories
+
+    migrate.upgrade(scratch)
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    tracking = TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS)
+    with Session(scratch) as session:
+        here, there = (factories.station(session, code=code) for code in ("ST1", "ST2"))
+        tracking_no = factories.parcel(session, here).tracking_no
+        for station in (here, there):
+            courier = factories.user(session, f"courier-{station.code}", "courier", station)
+            device = factories.device(session, f"PDA-{station.code}", station)
+            captured = factories.event(
+                1,
+                tracking_no,
+                "consent_captured",
+                occurred_at=now - dt.timedelta(hours=1),
+                consent={"method": "locker", "channel": "in_person"},
+            )
+            ingest(
+                session=session,
+                batch=PushBatch(device.id, uuid.uuid4(), now, [captured]),
+                pusher=Pusher(device.id, station.id, courier.id),
+                rules=IngestRules(events=EventRules(tracking=tracking)),
+                received_at=now,
+            )
+        grant(
+            session=session,
+            draft=ConsentDraft(
+                scope=ConsentScope.PARCEL,
+                method=ConsentMethod.ANY,
+                channel=ConsentChannel.SMS,
+                granted_at=now - dt.timedelta(hours=1),
+                tracking_no=tracking_no,
+            ),
+            rules=ConsentRules(tracking=tracking, phone_region="CN"),
+            created_by=None,
+            now=now,
+        )
+        session.commit()
+        expected = [(here.id, here.id), (here.id, there.id), (here.id, None)]
+    kept = sa.select(Consent.station_id, Consent.captured_at_station_id).order_by(Consent.id)
+    with scratch.connect() as connection:
+        assert connection.execute(kept).all() == expected
+
+    migrate.downgrade(scratch, f"{CAPTURING_STATION}-1")
+    migrate.upgrade(scratch, CAPTURING_STATION)
+    with scratch.connect() as connection:
+        assert connection.execute(kept).all() == expected

@@ -893,6 +893,38 @@ def test_a_consent_captured_on_another_pda_is_only_its_clocks_word(
     assert set(session.scalars(active)) == flagged
 
 
+@pytest.mark.parametrize("consent_first", [True, False], ids=["consent first", "drop first"])
+def test_a_consent_captured_on_another_stations_pda_authorizes_no_drop_here(
+    session: Session, world: World, pda: Pda, parcel: Parcel, consent_first: bool
+) -> None:
+    """SECURITY.md threat 2: a courier of ST2 records on ST2's PDA an in-person consent
+    (at 50) for ST1's parcel, knowing only its number; ST1's courier drops it at 60
+    without asking anyone. Whichever push arrives first, both within the grace, the drop
+    is ST1's ``unauthorized_locker_drop``, its evidence naming the consent."""
+    tn = parcel.tracking_no
+    stranger = Pda(session, world)
+    courier2 = factories.user(session, "courier2", "courier", world.other_station)
+    stranger.pusher = Pusher(world.other_device.id, world.other_station.id, courier2.id)
+    session.commit()
+    pushes = [
+        lambda: stranger.push([consent_in_person(stranger, 1, tn, at(50))], received_at=at(61)),
+        lambda: pda.push(
+            [pda.event(1, tn, occurred_at=at(10)), locker_drop(pda, 2, tn, at(60))],
+            received_at=at(61),
+        ),
+    ]
+    for push in pushes if consent_first else reversed(pushes):
+        push()
+    consent = session.scalars(select(Consent)).one()
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    assert (flag.subject_key, flag.station_id, flag.status) == (
+        tn,
+        world.station.id,
+        FlagStatus.OPEN,
+    )
+    assert flag.evidence["captured_at_other_station"] == [consent.id]
+
+
 def test_a_reused_id_answered_with_a_rejection_does_not_make_neighbours_of_its_own_seqs(
     session: Session, pda: Pda, world: World
 ) -> None:

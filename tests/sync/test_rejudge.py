@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent, ServiceClass, User
+from models import AuditEntry, Consent, Flag, FlagStatus, Parcel, ScanEvent, ServiceClass, User
 from sync import rejudge
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -205,6 +205,38 @@ def test_a_drop_of_a_parcel_not_taken_in_yet_gets_its_bounds_back_too(
     locker_consent(session, world, express, consent_at, recorded_at=consent_at)
     session.commit()
     assert late(session) == {express}
+
+
+def test_a_drop_judged_authorized_by_another_stations_captured_consent_is_judged_again(
+    session: Session, world: World
+) -> None:
+    """A courier of another station captured a consent for this station's parcel on
+    their PDA, and the parcel was dropped here: the version before counted the consent
+    (here: the column the upgrade fills emptied, the parcel judged again), and the
+    upgrade fills in the capturing station. ``rejudge`` flags the drop."""
+    tn = factories.parcel(session, world.station).tracking_no
+    courier2 = factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    captured_at = NOW - dt.timedelta(minutes=40)
+    consent = factories.event(
+        1,
+        tn,
+        "consent_captured",
+        occurred_at=captured_at,
+        consent={"method": "locker", "channel": "in_person"},
+    )
+    push(session, Pusher(world.other_device.id, world.other_station.id, courier2.id), [consent])
+    drop = factories.locker_drop(1, tn, captured_at + dt.timedelta(minutes=10))
+    push(session, Pusher(world.device.id, world.station.id, world.courier.id), [drop])
+    assert unauthorized(session) == {tn}
+    session.execute(update(Consent).values(captured_at_station_id=None))
+    reproject(session=session, tracking_nos=[tn])
+    session.execute(update(Consent).values(captured_at_station_id=world.other_station.id))
+    session.commit()
+    assert unauthorized(session) == set()  # as the version before judged it
+
+    totals = rejudge_parcels(session=session, policy=Policy())
+    assert totals.flags_raised == 1 and unauthorized(session) == {tn}
 
 
 def late(session: Session) -> set[str]:

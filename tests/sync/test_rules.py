@@ -362,6 +362,40 @@ def test_a_consent_captured_on_the_drops_own_pda_is_still_ordered_by_seq() -> No
     assert kinds(day, [consent(10, device_id="PDA-1", seq=4)]) == {"consent_after_drop"}
 
 
+def test_a_consent_captured_on_another_stations_pda_authorizes_no_drop_of_this_one() -> None:
+    """SECURITY.md threat 2: a courier of station 2, on station 2's PDA, records an "in
+    person" consent for a parcel of station 1 they never held (its tracking number is
+    all it takes). Station 1's drop is unauthorized, and the flag says which consent did
+    not count and why. One captured on any PDA of station 1 (the drop's own, a
+    colleague's) authorizes it, as a recipient channel's does."""
+    day = [at_station(e, 1) for e in locker_day(**POD)]
+    forged = consent(10, device_id="PDA-9", seq=1, captured_at_station=2)
+    flags = evaluate(EXPRESS, day, [forged], POLICY, frozenset({"a" * 64}))
+    assert flags == {
+        "unauthorized_locker_drop": {
+            "event_ids": [day[-1].fact.event_id],
+            "consent_ids": [forged.id],
+            "captured_at_other_station": [forged.id],
+        }
+    }
+    colleagues = consent(10, device_id="PDA-2", seq=1, captured_at_station=1)
+    own = consent(10, device_id="PDA-1", seq=2, captured_at_station=1)
+    for authorizing in (colleagues, own, consent(10)):
+        assert kinds(day, [forged, authorizing]) == set()
+
+
+def test_a_consent_captured_at_another_station_after_the_drop_is_not_merely_late() -> None:
+    """Such a consent counts neither before the drop nor after it: the drop is
+    unauthorized, not ``consent_after_drop``; a late one of its own station's is late."""
+    day = [at_station(e, 1) for e in locker_day(**POD)]
+    forged = consent(32, device_id="PDA-9", seq=1, captured_at_station=2)
+    assert kinds(day, [forged]) == {"unauthorized_locker_drop"}
+    late = consent(32, device_id="PDA-2", seq=1, captured_at_station=1)
+    flags = evaluate(EXPRESS, day, [forged, late], POLICY, frozenset({"a" * 64}))
+    assert flags["consent_after_drop"]["consent_ids"] == [late.id]
+    assert flags["consent_after_drop"]["captured_at_other_station"] == [forged.id]
+
+
 def test_a_drop_stamped_before_an_earlier_seq_of_its_pda_is_judged_no_earlier_than_it() -> None:
     """Rule 6: the PDA's seqs are its causal order. Out for delivery at 35 (seq 2), then
     the drop (seq 3) stamped 30, the clock set back for it and put right before the

@@ -148,7 +148,8 @@ class ProofDetailOut(ProofOut):
             "after it (those of other parcels within 12 hours); never after its push "
             "arrived. A consent from a recipient channel or another PDA authorizes it "
             "only if granted at or before `earliest` (one captured on the drop's own PDA "
-            "is ordered by seq instead) and in force at `latest`"
+            "is ordered by seq instead) and in force at `latest`; one captured on a PDA "
+            "of another station than the drop's never does"
         },
     )
     timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)

@@ -162,7 +162,7 @@ class Pull(MethodView):
                 _waiting_room().release()
         now = utcnow()
         parcels = [item.parcel for item in page.changes if item.parcel is not None]
-        consents = in_force(db.session, parcels, now)
+        consents = in_force(db.session, parcels, now, principal.station_id)
         requests = latest_for(
             db.session,
             courier_id=principal.user_id,

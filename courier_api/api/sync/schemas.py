@@ -232,7 +232,10 @@ class PdaParcel(ma.Schema):
     consents = ma.fields.List(
         ma.fields.Nested(PdaConsent),
         required=True,
-        metadata={"description": "Consents in force now for unattended delivery"},
+        metadata={
+            "description": "Consents in force now for unattended delivery by a PDA of "
+            "this station (one captured on another station's PDA does not count here)"
+        },
     )
     consent_requests = ma.fields.List(
         ma.fields.Nested(PdaConsentRequest),

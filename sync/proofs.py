@@ -4,6 +4,10 @@ A proof is a delivery event (in person, to a locker, to a pickup point) with
 its POD, the parcel's whole event chain, the consent that authorized an
 unattended drop (or that none did) and the parcel's flags. A page of proofs or an
 export's batch gets each drop's consent at once (``proofs_consents``).
+
+A delivery of a tracking number the station never took in is a proof too (rule 1
+kept it, flagged ``unknown_parcel``): without its parcel it has no recipient, class
+or address, and belongs to the station where it was recorded, as its flag does.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Select, String, and_, cast, exists, or_, select
+from sqlalchemy import ColumnElement, Select, String, and_, cast, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
@@ -31,6 +35,7 @@ from sync.rules import (
     haversine_m,
     needs_consent,
 )
+from sync.sql import among_at_once
 from sync.status import load_events
 from sync.tracking import normalize
 
@@ -59,9 +64,15 @@ class ProofFilter:
 @dataclass(frozen=True)
 class Proof:
     event: ScanEvent
-    parcel: Parcel
+    parcel: Parcel | None  # None: its tracking number was never taken in
     distance_m: float | None
     voided: bool  # a later correction of its device voided this delivery
+
+    @property
+    def station_id(self) -> int:
+        """Whose proof it is: its parcel's station, or for a parcel not taken in the
+        station where the delivery was recorded (``at_station`` in SQL)."""
+        return self.event.station_id if self.parcel is None else self.parcel.station_id
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,8 @@ class DropConsent:
 class ProofDetail:
     proof: Proof
     timeline: list[TimelineEntry]
-    drop: DropConsent | None  # a locker or pickup-point drop's consent; None: in person
+    # A locker or pickup-point drop's consent; None: in person, or a parcel not taken in
+    drop: DropConsent | None
     flags: list[Flag]
     # For a drop: when it may have happened, as rule 4 judges it (``sync.rules.
     # drop_span``: its two clocks, its PDA's events around it by seq, its push's
@@ -90,12 +102,14 @@ class ProofDetail:
 
     @property
     def authorizing_consent(self) -> Consent | None:
-        """For a drop: the consent in force before it; None: none did, or in person."""
+        """For a drop: the consent in force before it; None: none did, in person, or a
+        parcel not taken in (not judged)."""
         return None if self.drop is None else self.drop.consent
 
     @property
     def consent_required(self) -> bool | None:
-        """For a drop: whether its parcel's class needed a consent; None: in person."""
+        """For a drop: whether its parcel's class needed a consent; None: in person, or a
+        parcel not taken in (its class is unknown)."""
         return None if self.drop is None else self.drop.required
 
     @property
@@ -123,16 +137,29 @@ def check_filters(filters: ProofFilter) -> None:
         )
 
 
-def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, Parcel, bool]]:
+def at_station(station_id: int) -> ColumnElement[bool]:
+    """SQL: the delivery is a proof of ``station_id`` (``Proof.station_id``): its
+    parcel's station, or where it was recorded when no parcel has its tracking number.
+    One probe of the parcel's tracking number per delivery."""
+    parcels_station = (
+        select(Parcel.station_id)
+        .where(Parcel.tracking_no == ScanEvent.tracking_no)
+        .scalar_subquery()
+    )
+    return func.coalesce(parcels_station, ScanEvent.station_id) == station_id
+
+
+def _query(filters: ProofFilter) -> Select[tuple[ScanEvent, bool]]:
+    """The deliveries matching ``filters``; their parcels are read apart (``_proofs``):
+    joined, a delivery of a parcel not taken in needs an outer join, for which the
+    planner reads the whole parcel table to match a day's deliveries."""
     check_filters(filters)
     types = [METHODS[filters.method]] if filters.method else list(DELIVERY_TYPES)
-    query = (
-        select(ScanEvent, Parcel, voided_in_sql(ScanEvent).label("voided"))
-        .join(Parcel, Parcel.tracking_no == ScanEvent.tracking_no)
-        .where(ScanEvent.type.in_(types))
+    query = select(ScanEvent, voided_in_sql(ScanEvent).label("voided")).where(
+        ScanEvent.type.in_(types)
     )
     if filters.station_id is not None:
-        query = query.where(Parcel.station_id == filters.station_id)
+        query = query.where(at_station(filters.station_id))
     if filters.tracking_no:
         query = query.where(ScanEvent.tracking_no == normalize(filters.tracking_no))
     if filters.courier_id is not None:
@@ -174,7 +201,7 @@ def list_proofs(
         .order_by(ScanEvent.id)
         .limit(min(limit, MAX_PAGE_SIZE))
     )
-    return [_proof(*row) for row in session.execute(query)]
+    return _proofs(session, session.execute(query).all())
 
 
 def iter_proof_batches(
@@ -205,20 +232,20 @@ def get_proof(
     """``flags_of_station``: only that station's flags of the parcel (a station-bound
     reader's: a parcel taken in elsewhere keeps each station's flags its own); ``None``:
     every station's."""
-    row = session.execute(_query(ProofFilter()).where(ScanEvent.id == event_id)).first()
-    if row is None:
+    rows = session.execute(_query(ProofFilter()).where(ScanEvent.id == event_id)).all()
+    if not rows:
         raise proof_not_found(event_id)
-    proof = _proof(*row)
-    parcel = proof.parcel
-    events = load_events(session, [parcel.tracking_no])[parcel.tracking_no]
+    (proof,) = _proofs(session, rows)
+    tracking_no = proof.event.tracking_no
+    events = load_events(session, [tracking_no])[tracking_no]
     flags = _flags_of(session, proof, flags_of_station)
     drop = _drop(proof, events)
     consents = proofs_consents(
-        session=session, proofs=[proof], policy=policy, loaded={parcel.tracking_no: events}
+        session=session, proofs=[proof], policy=policy, loaded={tracking_no: events}
     )
     return ProofDetail(
         proof=proof,
-        timeline=parcel_timeline(session=session, tracking_no=parcel.tracking_no),
+        timeline=parcel_timeline(session=session, tracking_no=tracking_no),
         drop=consents.get(event_id),
         flags=list(flags),
         judged_between=None if drop is None else drop_span(drop, policy, events),
@@ -226,8 +253,9 @@ def get_proof(
 
 
 def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Flag]:
-    """The parcel's flags, those of the delivery's shift about it: its handover there
-    (``missing_at_handover``, ``not_on_manifest``) and any citing the delivery itself
+    """The parcel's flags (``unknown_parcel`` for one not taken in), those of the
+    delivery's shift about it: its handover there (``missing_at_handover``,
+    ``not_on_manifest``) and any citing the delivery itself
     (``late_event_after_signoff``: it landed after the sign-off), and those of the
     delivery's event (``conflicting_duplicate``: its PDA sent it again with other
     content; ``seq_conflict``: another event with its seq). One statement, each part
@@ -281,8 +309,11 @@ def proofs_consents(
     loaded: Mapping[str, list[EventDetail]] | None = None,
 ) -> dict[int, DropConsent]:
     """``{event id: DropConsent}`` for the drops among ``proofs`` (a page, an export's
-    batch), in a bounded number of queries (``drop_consents``)."""
-    drops = [(p.event.id, p.parcel) for p in proofs if p.event.type in DROPS]
+    batch), in a bounded number of queries (``drop_consents``). A drop of a parcel not
+    taken in has none: with no class nor recipient, the rules cannot judge it."""
+    drops = [
+        (p.event.id, p.parcel) for p in proofs if p.event.type in DROPS and p.parcel is not None
+    ]
     return drop_consents(session=session, drops=drops, policy=policy, loaded=loaded)
 
 
@@ -328,8 +359,19 @@ def drop_consents(
     }
 
 
-def _proof(event: ScanEvent, parcel: Parcel, voided: bool) -> Proof:
+def _proofs(session: Session, rows: Sequence[tuple[ScanEvent, bool]]) -> list[Proof]:
+    """The proofs of these deliveries (a page: at most ``MAX_PAGE_SIZE``), with their
+    parcels, read in one statement."""
+    if not rows:
+        return []
+    numbers = sorted({event.tracking_no for event, _ in rows})
+    held = select(Parcel).where(among_at_once(session, Parcel.tracking_no, numbers))
+    parcels = {parcel.tracking_no: parcel for parcel in session.scalars(held)}
+    return [_proof(event, parcels.get(event.tracking_no), voided) for event, voided in rows]
+
+
+def _proof(event: ScanEvent, parcel: Parcel | None, voided: bool) -> Proof:
     distance = None
-    if None not in (event.lat, event.lon, parcel.lat, parcel.lon):
+    if parcel is not None and None not in (event.lat, event.lon, parcel.lat, parcel.lon):
         distance = haversine_m(parcel.lat, parcel.lon, event.lat, event.lon)  # type: ignore[arg-type]
     return Proof(event=event, parcel=parcel, distance_m=distance, voided=bool(voided))

@@ -567,7 +567,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         policy=policy_of(current_app.config),
         flags_of_station=current_principal().station_filter(None),
     )
-    ensure_visible(detail.proof.parcel.station_id, proof_not_found(event_id))
+    ensure_visible(detail.proof.station_id, proof_not_found(event_id))
     record_auditor_read(
         "proof_read",
         "proof",
@@ -581,7 +581,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         reader=blob_reader(current_principal()),
         store=blob_store(),
     )
-    station = directory.get_station(session=db.session, station_id=detail.proof.parcel.station_id)
+    station = directory.get_station(session=db.session, station_id=detail.proof.station_id)
     event = detail.proof.event
     # A drop a PDA of another station recorded (a mis-sorted parcel) is filed under that
     # station's shift: not linked, nor named, for a reader who would get a 404 page.

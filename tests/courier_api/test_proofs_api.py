@@ -781,3 +781,53 @@ def test_a_big_export_logs_each_batch_before_sending_it(
     assert started.details["part"] == 1 and started.details["event_ids"] == everything[:2]
     sent = csv.DictReader(io.StringIO(first.decode()))
     assert [int(r["event_id"]) for r in sent] == everything[:2]
+
+
+# -- an auditor settling a dispute, second reading ---------------------------------------------
+
+
+def test_a_delivery_of_a_parcel_not_taken_in_is_a_proof_of_the_station_that_recorded_it(
+    app: Flask, client: FlaskClient, auth: Auth, world: World
+) -> None:
+    """The recipient says parcel X was never delivered. The PDA recorded a signed
+    delivery of X, and a locker drop of Y, both kept (rule 1) and flagged
+    `unknown_parcel`: their intake data never arrived. The search joined the parcel and
+    found neither: the record held a signature for X and told the auditor there was
+    none. Each is a proof of the station where it was recorded, without a parcel."""
+    signed_no, dropped_no = factories.s10(), factories.s10()
+    at = now() - dt.timedelta(minutes=50)
+    auth.push(
+        [
+            factories.event(1, signed_no, occurred_at=at),
+            factories.event(2, signed_no, "delivered", occurred_at=at, pod=SIGNED),
+            factories.event(3, dropped_no, occurred_at=at),
+            factories.locker_drop(4, dropped_no, at + dt.timedelta(minutes=1)),
+        ]
+    )
+    auditor = auth.headers("auditor1")
+    signed, dropped = (_items(client, auth, n) for n in (signed_no, dropped_no))
+    for (item,), method in ((signed, "in_person"), (dropped, "locker")):
+        assert (item["method"], item["station_id"], item["parcel_taken_in"]) == (
+            method, world.station.id, False
+        )  # fmt: skip
+        assert item["recipient_name"] is item["service_class"] is item["address"] is None
+        assert item["consent_required"] is item["authorizing_consent"] is None  # not judged
+        detail = client.get(f"{URL}/{item['event_id']}", headers=auditor).get_json()
+        assert [f["kind"] for f in detail["flags"]] == ["unknown_parcel"]
+        assert [e["event_id"] for e in detail["timeline"]][1:] == [item["event_id"]]
+    assert signed[0]["pod"]["signature_sha256"] == "b" * 64
+    (row,) = _export(client, auth, {"tracking_no": signed_no})
+    assert (row["parcel_taken_in"], row["signature_sha256"]) == ("False", "b" * 64)
+    # The recording station's manager sees them; another station's is told nothing.
+    mine = {"station_id": world.station.id, "method": "in_person"}
+    listed = client.get(URL, query_string=mine, headers=auth.headers("manager1")).get_json()
+    assert numbers(listed) == [signed_no]
+    theirs = client.get(URL, headers=auth.headers("manager2")).get_json()
+    assert numbers(theirs) == []
+    other = client.get(f"{URL}/{signed[0]['event_id']}", headers=auth.headers("manager2"))
+    assert other.status_code == 404 and other.get_json()["code"] == "proof_not_found"
+    pages = signed_in(app, "auditor1")
+    assert "not taken in" in pages.get(f"/web/proofs?tracking_no={signed_no}")
+    page = pages.get(f"/web/proofs/{dropped[0]['event_id']}")
+    assert "Not taken in" in page and "Not judged" in page
+    signed_in(app, "manager2").get(f"/web/proofs/{signed[0]['event_id']}", status=404)

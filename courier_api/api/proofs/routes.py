@@ -28,7 +28,7 @@ from courier_api.auth import (
 )
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import Role
+from models import Parcel, Role
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
     MAX_PAGE_SIZE,
@@ -82,6 +82,7 @@ CSV_COLUMNS = (
     "authorizing_consent_id",
     "authorizing_consent_channel",
     "authorizing_consent_granted_at",
+    "parcel_taken_in",
 )
 # Typed by a recipient, a sender or a courier (and the phone number): written as text
 # (``sync.spreadsheets``).
@@ -119,13 +120,14 @@ def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
 
 def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str, Any]:
     """``drop``: a locker or pickup-point drop's consent (``proofs_consents``); None: in
-    person."""
+    person, or a parcel not taken in."""
     event, parcel = proof.event, proof.parcel
     consent = None if drop is None else drop.consent
     return {
         "event_id": event.id,
         "tracking_no": event.tracking_no,
-        "station_id": parcel.station_id,
+        "station_id": proof.station_id,
+        "parcel_taken_in": parcel is not None,
         "courier_id": event.courier_id,
         "device_id": event.device_id,
         "method": METHOD_OF[event.type],
@@ -133,12 +135,7 @@ def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str,
         "occurred_at": event.occurred_at,
         "occurred_at_device": event.occurred_at_device,
         "received_at": event.received_at,
-        "recipient_name": parcel.recipient_name,
-        "recipient_phone": parcel.recipient_phone
-        if auditor
-        else mask_phone(parcel.recipient_phone),
-        "address": parcel.address,
-        "service_class": parcel.service_class,
+        **_recipient(parcel, auditor=auditor),
         **{key: shown_text(event.details.get(key), unmasked=auditor) for key in DROP_PLACE},
         "pod": _pod(event.details.get("pod", {}), auditor=auditor),
         "lat": event.lat,
@@ -146,6 +143,19 @@ def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str,
         "distance_m": None if proof.distance_m is None else round(proof.distance_m, 1),
         "consent_required": None if drop is None else drop.required,
         "authorizing_consent": None if consent is None else _consent_ref(consent, auditor),
+    }
+
+
+def _recipient(parcel: Parcel | None, *, auditor: bool) -> dict[str, Any]:
+    """The parcel's own fields of a proof: all null for a parcel not taken in."""
+    if parcel is None:
+        return dict.fromkeys(("recipient_name", "recipient_phone", "address", "service_class"))
+    phone = parcel.recipient_phone
+    return {
+        "recipient_name": parcel.recipient_name,
+        "recipient_phone": phone if auditor else mask_phone(phone),
+        "address": parcel.address,
+        "service_class": parcel.service_class,
     }
 
 
@@ -177,7 +187,10 @@ class Proofs(MethodView):
         correction from the same PDA voided is listed with `voided: true`: it
         proves nothing. A locker or pickup-point drop says where it was left, the
         consent that authorized it (null: none did) and whether its parcel's class
-        needed one. Recipient phone numbers are masked except for auditors.
+        needed one. A delivery of a tracking number never taken in (kept and flagged
+        `unknown_parcel`) is listed with `parcel_taken_in: false` and the parcel's
+        fields null; it is the station's where it was recorded. Recipient phone
+        numbers are masked except for auditors.
         """
         principal = current_principal()
         proofs = list_proofs(
@@ -235,7 +248,8 @@ class ProofById(MethodView):
         it (null: none did), and the parcel's flags and those citing the delivery
         (a station manager's: their station's only). Audit-logged for auditors. A
         delivery of another station's parcel answers a manager what an unknown id
-        answers (404 `proof_not_found`), so that it does not show it exists.
+        answers (404 `proof_not_found`), so that it does not show it exists; one of
+        a parcel not taken in is the station's where it was recorded.
         """
         principal = current_principal()
         detail = get_proof(
@@ -244,7 +258,7 @@ class ProofById(MethodView):
             policy=policy_of(current_app.config),
             flags_of_station=principal.station_filter(None),
         )
-        ensure_visible(detail.proof.parcel.station_id, proof_not_found(event_id))
+        ensure_visible(detail.proof.station_id, proof_not_found(event_id))
         record_auditor_read(
             "proof_read",
             "proof",

@@ -52,7 +52,21 @@ class ConsentRef(ma.Schema):
 class ProofOut(ma.Schema):
     event_id = ma.fields.Integer(required=True)
     tracking_no = ma.fields.String(required=True)
-    station_id = ma.fields.Integer(required=True)
+    station_id = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "The parcel's station; for a parcel not taken in, the station "
+            "where the delivery was recorded"
+        },
+    )
+    parcel_taken_in = ma.fields.Boolean(
+        required=True,
+        metadata={
+            "description": "False: no parcel with this tracking number was ever taken in "
+            "(the delivery is kept and flagged `unknown_parcel`): the recipient, address "
+            "and service class are null, and a drop's consent is not judged"
+        },
+    )
     courier_id = ma.fields.Integer(required=True)
     device_id = ma.fields.String(required=True)
     method = ma.fields.String(required=True, metadata={"enum": list(METHODS)})
@@ -63,12 +77,22 @@ class ProofOut(ma.Schema):
     occurred_at = ma.fields.AwareDateTime(required=True, metadata={"description": "Corrected"})
     occurred_at_device = ma.fields.AwareDateTime(required=True)
     received_at = ma.fields.AwareDateTime(required=True)
-    recipient_name = ma.fields.String(required=True)
+    recipient_name = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "Null: parcel not taken in"}
+    )
     recipient_phone = ma.fields.String(
         allow_none=True, required=True, metadata={"description": "Masked except for auditors"}
     )
-    address = ma.fields.String(required=True)
-    service_class = ma.fields.Enum(ServiceClass, by_value=True, required=True)
+    address = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "Null: parcel not taken in"}
+    )
+    service_class = ma.fields.Enum(
+        ServiceClass,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={"description": "Null: parcel not taken in"},
+    )
     locker_id = ma.fields.String(
         allow_none=True,
         required=True,
@@ -102,8 +126,9 @@ class ProofOut(ma.Schema):
         allow_none=True,
         required=True,
         metadata={
-            "description": "Drops only (null in person): whether the parcel's class may be "
-            "left in a locker or at a pickup point only with its recipient's consent "
+            "description": "Drops only (null in person, and for a parcel not taken in: "
+            "its class is unknown): whether the parcel's class may be left in a locker or "
+            "at a pickup point only with its recipient's consent "
             "(CONSENT_REQUIRED_CLASSES): true with `authorizing_consent` null is an "
             "unauthorized drop"
         },
@@ -157,10 +182,11 @@ class ProofDetailOut(ProofOut):
         ma.fields.Nested(FlagRef),
         required=True,
         metadata={
-            "description": "The parcel's flags, its handover's in the delivery's shift, "
-            "and any flag citing this delivery (`late_event_after_signoff`: it landed "
-            "after the shift was signed off; `conflicting_duplicate`: its PDA sent it "
-            "again with other content; `seq_conflict`: another event claimed its seq); a "
-            "station manager's own station's only"
+            "description": "The parcel's flags (`unknown_parcel`: it was never taken "
+            "in), its handover's in the delivery's shift, and any flag citing this "
+            "delivery (`late_event_after_signoff`: it landed after the shift was signed "
+            "off; `conflicting_duplicate`: its PDA sent it again with other content; "
+            "`seq_conflict`: another event claimed its seq); a station manager's own "
+            "station's only"
         },
     )

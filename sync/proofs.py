@@ -256,15 +256,18 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
     """The parcel's flags (``unknown_parcel`` for one not taken in), those of the
     delivery's shift about it: its handover there (``missing_at_handover``,
     ``not_on_manifest``) and any citing the delivery itself
-    (``late_event_after_signoff``: it landed after the sign-off), and those of the
+    (``late_event_after_signoff``: it landed after the sign-off), those of the
     delivery's event (``conflicting_duplicate``: its PDA sent it again with other
-    content; ``seq_conflict``: another event with its seq). One statement, each part
+    content; ``seq_conflict``: another event with its seq), and those of its PDA citing
+    the delivery (``clock_jump``: its PDA's clock jumped before the push that carried
+    it; ``wrong_shift``: its PDA named a shift not its own). One statement, each part
     by an index (the subject's, the shift's)."""
     event, tracking_no = proof.event, proof.event.tracking_no
     shift_wide = str(event.shift_id)
     about = [
         and_(Flag.subject_type == "parcel", Flag.subject_key == tracking_no),
         and_(Flag.subject_type == "event", Flag.subject_key.in_(event_subject_keys(event))),
+        and_(Flag.subject_type == "device", Flag.subject_key == event.device_id),
     ]
     if event.shift_id is not None:
         about.append(
@@ -277,12 +280,28 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
     query = select(Flag).where(or_(*about))
     if station_id is not None:
         query = query.where(Flag.station_id == station_id)
+    # A whole shift's or PDA's flag is about the delivery only when it cites it.
+    whole = {("shift", shift_wide), ("device", event.device_id)}
     return [
         flag
         for flag in session.scalars(query.order_by(Flag.id))
-        if (flag.subject_type, flag.subject_key) != ("shift", shift_wide)
-        or event.id in flag.evidence.get("event_ids", ())
+        if (flag.subject_type, flag.subject_key) not in whole or cites(flag, event)
     ]
+
+
+def cites(flag: Flag, event: ScanEvent) -> bool:
+    """Whether the flag's evidence names the event: by id (``event_ids``), by its PDA's
+    client event id (``client_event_ids``: ``clock_jump``), or, a flag of its PDA, by
+    its seq (``seqs``: ``wrong_shift``; a PDA's seqs are its events' own)."""
+    evidence = flag.evidence
+    return (
+        event.id in evidence.get("event_ids", ())
+        or str(event.client_event_id) in evidence.get("client_event_ids", ())
+        or (
+            (flag.subject_type, flag.subject_key) == ("device", event.device_id)
+            and event.seq in evidence.get("seqs", ())
+        )
+    )
 
 
 def event_subject_keys(event: ScanEvent) -> list[str]:

@@ -831,3 +831,42 @@ def test_a_delivery_of_a_parcel_not_taken_in_is_a_proof_of_the_station_that_reco
     page = pages.get(f"/web/proofs/{dropped[0]['event_id']}")
     assert "Not taken in" in page and "Not judged" in page
     signed_in(app, "manager2").get(f"/web/proofs/{signed[0]['event_id']}", status=404)
+
+
+def test_a_proof_lists_its_pdas_flags_that_cite_it(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The recipient says it was delivered late. The PDA's clock jumped: it stamped the
+    delivery 40 days before the push that carried it, and the server flagged
+    `clock_jump` on the PDA, citing the delivery. The proof showed that date with no
+    flag: the auditor read a time weeks off as the truth. A later delivery named a
+    shift not its PDA's (`wrong_shift`, citing its seq). Each proof lists the PDA's
+    flag that cites it, and only that one."""
+    jumped, later = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    stamped = now() - dt.timedelta(days=40)
+    receipt = auth.push(
+        [
+            factories.event(1, jumped.tracking_no, occurred_at=stamped),
+            factories.event(2, jumped.tracking_no, "delivered", occurred_at=stamped, pod=SIGNED),
+        ]
+    )
+    assert "clock_jump" in [f["kind"] for f in receipt["flags_raised"]]
+    at = now() - dt.timedelta(minutes=10)
+    claimed = {"pod": SIGNED, "shift_id": 10**6}  # no shift of this PDA
+    receipt = auth.push(
+        [
+            factories.event(3, later.tracking_no, occurred_at=at),
+            factories.event(4, later.tracking_no, "delivered", occurred_at=at, **claimed),
+        ]
+    )
+    assert "wrong_shift" in [f["kind"] for f in receipt["flags_raised"]]
+    for parcel, cited, other in (
+        (jumped, "clock_jump", "wrong_shift"),
+        (later, "wrong_shift", "clock_jump"),
+    ):
+        (item,) = _items(client, auth, parcel.tracking_no)
+        for reader in ("auditor1", "manager1"):
+            detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers(reader))
+            kinds = [f["kind"] for f in detail.get_json()["flags"]]
+            assert cited in kinds and other not in kinds, (parcel.tracking_no, reader, kinds)

@@ -245,11 +245,12 @@ class ProofById(MethodView):
         The delivery, its POD and distance from the address, the parcel's whole
         event chain (device, corrected and receive times), whether a correction
         voided it, for a locker or pickup-point drop the consent that authorized
-        it (null: none did), and the parcel's flags and those citing the delivery
-        (a station manager's: their station's only). Audit-logged for auditors. A
-        delivery of another station's parcel answers a manager what an unknown id
-        answers (404 `proof_not_found`), so that it does not show it exists; one of
-        a parcel not taken in is the station's where it was recorded.
+        it (null: none did), and the parcel's flags and those citing the delivery,
+        its PDA's `clock_jump` among them (a station manager's: their station's
+        only). Audit-logged for auditors. A delivery of another station's parcel
+        answers a manager what an unknown id answers (404 `proof_not_found`), so
+        that it does not show it exists; one of a parcel not taken in is the
+        station's where it was recorded.
         """
         principal = current_principal()
         detail = get_proof(

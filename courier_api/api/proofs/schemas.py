@@ -186,7 +186,9 @@ class ProofDetailOut(ProofOut):
             "in), its handover's in the delivery's shift, and any flag citing this "
             "delivery (`late_event_after_signoff`: it landed after the shift was signed "
             "off; `conflicting_duplicate`: its PDA sent it again with other content; "
-            "`seq_conflict`: another event claimed its seq); a station manager's own "
+            "`seq_conflict`: another event claimed its seq; `clock_jump`: its PDA's "
+            "clock jumped before the push that carried it, so its time may be off; "
+            "`wrong_shift`: its PDA named a shift not its own); a station manager's own "
             "station's only"
         },
     )

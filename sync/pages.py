@@ -178,7 +178,7 @@ class ShiftFlag:
 class ShiftPage:
     shift: Shift
     station: Station
-    users: dict[int, User]  # courier, and who closed and signed it off
+    users: dict[int, User]  # courier, who closed and signed it off, who recorded consents
     balance: Balance
     outcomes: list[tuple[str, list[ParcelOutcome]]]  # by outcome, in the balance's order
     outcome_events: dict[int, ScanEvent]  # each parcel's outcome event
@@ -236,7 +236,6 @@ def shift_page(
     station = get_station(session=session, station_id=shift.station_id)
     facts = gather(session, [shift])[shift.id]
     balance = facts.balance()
-    users = users_by_id(session, [shift.courier_id, shift.closed_by, shift.signed_off_by])
     numbers = sorted({p.tracking_no for p in balance.parcels})
     parcels = _parcels(session, numbers)
     elsewhere = frozenset(
@@ -267,6 +266,13 @@ def shift_page(
             for d in balance.discrepancies
             if d.kind in CONSENT_KINDS and d.tracking_no in parcels
         ],
+    )
+    recorders = [
+        *(d.consent.created_by for d in consents.values() if d.consent),
+        *(c.created_by for shown in on_record.values() for c in shown),
+    ]
+    users = users_by_id(
+        session, [shift.courier_id, shift.closed_by, shift.signed_off_by, *recorders]
     )
     states = image_states(
         session=session,

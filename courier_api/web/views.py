@@ -522,16 +522,18 @@ def proofs() -> ResponseReturnValue:
         "proofs_searched", "proof", "search", {"event_ids": [p.event.id for p in found]}
     )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
+    rows = proof_rows(
+        session=db.session,
+        proofs=found,
+        policy=policy_of(current_app.config),
+        reader=blob_reader(current_principal()),
+        store=blob_store(),
+    )
+    recorders = [r.drop.consent.created_by for r in rows if r.drop and r.drop.consent]
     return render_template(
         "web/proofs.html",
-        rows=proof_rows(
-            session=db.session,
-            proofs=found,
-            policy=policy_of(current_app.config),
-            reader=blob_reader(current_principal()),
-            store=blob_store(),
-        ),
-        users=users_by_id(db.session, [p.event.courier_id for p in found]),
+        rows=rows,
+        users=users_by_id(db.session, [*(p.event.courier_id for p in found), *recorders]),
         couriers=_couriers(station),
         args=filled,
         station=station,
@@ -589,12 +591,14 @@ def proof(event_id: int) -> ResponseReturnValue:
         None,
         event.station_id,
     )
+    consent = detail.authorizing_consent
     return render_template(
         "web/proof.html",
         detail=detail,
         shift_shown=shift_shown,
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
         consent_required=detail.consent_required,
+        users=users_by_id(db.session, [consent.created_by if consent else None]),
         tz=station.timezone,
     )
 

@@ -4,6 +4,7 @@ import csv
 import datetime as dt
 import io
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
@@ -870,3 +871,53 @@ def test_a_proof_lists_its_pdas_flags_that_cite_it(
             detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers(reader))
             kinds = [f["kind"] for f in detail.get_json()["flags"]]
             assert cited in kinds and other not in kinds, (parcel.tracking_no, reader, kinds)
+
+
+def test_a_proofs_authorizing_consent_says_when_and_by_whom_it_was_recorded(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The recipient says it was left in a locker without consent. The call centre
+    recorded the consent 50 minutes after the drop, dated 10 minutes before it (within
+    CONSENT_RECORDING_GRACE_MINUTES, so it authorizes the drop). The proof, its CSV line
+    and its page showed only the channel's `granted_at`: not that it was entered after
+    the parcel was in the locker, nor by whom, the very facts in dispute."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    drop_at = now() - dt.timedelta(minutes=50)
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=drop_at - dt.timedelta(minutes=30)),
+            factories.locker_drop(2, parcel.tracking_no, drop_at),
+        ]
+    )
+    consent = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": parcel.tracking_no,
+            "method": "locker",
+            "channel": "phone_call",
+            "granted_at": (drop_at - dt.timedelta(minutes=10)).isoformat(),
+        },
+        headers=auth.headers("app1"),
+    ).get_json()
+    assert consent["created_by"] == world.integration.id
+    (item,) = _items(client, auth, parcel.tracking_no)
+    detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers("auditor1")).json
+    for authorizing in (item["authorizing_consent"], detail["authorizing_consent"]):
+        assert (authorizing["id"], authorizing["created_at"], authorizing["created_by"]) == (
+            consent["id"], consent["created_at"], consent["created_by"]
+        )  # fmt: skip
+    (row,) = _export(client, auth, {"tracking_no": parcel.tracking_no})
+    assert (
+        dt.datetime.fromisoformat(row["authorizing_consent_created_at"]),
+        row["authorizing_consent_created_by"],
+    ) == (dt.datetime.fromisoformat(consent["created_at"]), str(world.integration.id))
+    recorded = dt.datetime.fromisoformat(consent["created_at"]).astimezone(
+        ZoneInfo(world.station.timezone)
+    )
+    pages = signed_in(app, "auditor1")
+    for path in (
+        f"/web/proofs?station={world.station.id}&tracking_no={parcel.tracking_no}",
+        f"/web/proofs/{item['event_id']}",
+    ):
+        assert f"recorded {recorded:%Y-%m-%d %H:%M:%S} by app1" in pages.get(path), path

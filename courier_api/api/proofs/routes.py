@@ -83,6 +83,8 @@ CSV_COLUMNS = (
     "authorizing_consent_channel",
     "authorizing_consent_granted_at",
     "parcel_taken_in",
+    "authorizing_consent_created_at",
+    "authorizing_consent_created_by",
 )
 # Typed by a recipient, a sender or a courier (and the phone number): written as text
 # (``sync.spreadsheets``).
@@ -186,11 +188,12 @@ class Proofs(MethodView):
         is audit-logged); managers their own station. A delivery a later
         correction from the same PDA voided is listed with `voided: true`: it
         proves nothing. A locker or pickup-point drop says where it was left, the
-        consent that authorized it (null: none did) and whether its parcel's class
-        needed one. A delivery of a tracking number never taken in (kept and flagged
-        `unknown_parcel`) is listed with `parcel_taken_in: false` and the parcel's
-        fields null; it is the station's where it was recorded. Recipient phone
-        numbers are masked except for auditors.
+        consent that authorized it (null: none did), when and by whom that consent
+        was recorded, and whether its parcel's class needed one. A delivery of a
+        tracking number never taken in (kept and flagged `unknown_parcel`) is listed
+        with `parcel_taken_in: false` and the parcel's fields null; it is the
+        station's where it was recorded. Recipient phone numbers are masked except
+        for auditors.
         """
         principal = current_principal()
         proofs = list_proofs(
@@ -220,10 +223,10 @@ class ProofExport(MethodView):
 
         The same filters as the search, every matching proof with the search's
         fields (the POD's in columns of their own, the authorizing consent's id,
-        channel and grant time), streamed in batches as they are read. For
-        auditors each batch is audit-logged before it is sent, with the filters
-        and the event ids it holds (`proofs_exported`, numbered `part`s of one
-        `export_id`).
+        channel, grant time, and when and by whom it was recorded), streamed in
+        batches as they are read. For auditors each batch is audit-logged before
+        it is sent, with the filters and the event ids it holds (`proofs_exported`,
+        numbered `part`s of one `export_id`).
         """
         principal = current_principal()
         rows = csv_rows(
@@ -337,5 +340,7 @@ def _csv_row(view: dict[str, Any]) -> list[Any]:
         "authorizing_consent_id": consent.get("id"),
         "authorizing_consent_channel": consent.get("channel"),
         "authorizing_consent_granted_at": consent.get("granted_at"),
+        "authorizing_consent_created_at": consent.get("created_at"),
+        "authorizing_consent_created_by": consent.get("created_by"),
     }
     return [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]

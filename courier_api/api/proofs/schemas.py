@@ -47,6 +47,22 @@ class ConsentRef(ma.Schema):
         metadata={"description": "A phone number typed into it is masked except for auditors"},
     )
     event_id = ma.fields.Integer(allow_none=True, required=True)
+    created_at = ma.fields.AwareDateTime(
+        required=True,
+        metadata={
+            "description": "When it was recorded here (`granted_at` is when the channel "
+            "says the recipient gave it): one recorded after the drop but dated before "
+            "it shows here"
+        },
+    )
+    created_by = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The user who recorded it: the channel's integration account or "
+            "an admin, or the courier whose PDA captured it"
+        },
+    )
 
 
 class ProofOut(ma.Schema):

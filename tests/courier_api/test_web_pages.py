@@ -918,6 +918,26 @@ def test_each_drop_gets_the_consent_the_api_names(session: Session, day: Station
         assert (consent.id if consent else None) == (api_consent.id if api_consent else None)
 
 
+def test_the_proof_pages_name_the_time_zone_of_their_times(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The proofs of every station are listed in UTC, a station's and a proof's own page
+    in the station's zone (Asia/Shanghai): without saying which, one drop read 02:35 on
+    one page and 10:35 on the next, and an auditor judging "delivered late" could not
+    tell which was the time at the door."""
+    drop = session.get(ScanEvent, day.drop_event_id)
+    assert drop is not None
+    pages = signed_in(app, "auditor")
+    for path, zone in (
+        ("/web/proofs?method=locker", "UTC"),
+        (f"/web/proofs?station={day.station.id}&method=locker", day.station.timezone),
+        (f"/web/proofs/{drop.id}", day.station.timezone),
+    ):
+        html = pages.get(path)
+        assert f"Times in {zone}." in html, path
+        assert f"{drop.occurred_at.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M:%S}" in html, path
+
+
 def test_the_daily_report_draws_two_charts_with_tables_beside_them(
     app: Flask, session: Session
 ) -> None:

@@ -460,9 +460,18 @@ def _first_owned_seq(seqs: ShiftSeqs) -> int | None:
         if seqs.lowest_event_seq is not None:
             return min(seqs.first_seq, seqs.lowest_event_seq)
         return seqs.first_seq
-    after_previous = None if seqs.previous_shift_end is None else seqs.previous_shift_end + 1
+    after_previous = first_seq_after(seqs.previous_shift_end)
     known = [s for s in (after_previous, seqs.lowest_event_seq) if s is not None]
     return min(known, default=None)
+
+
+def first_seq_after(previous_shift_end: int | None) -> int | None:
+    """Where the seqs of a shift that declared no first seq start: after the last seq
+    the device's previous shift declared (``previous_shift_end``; 0 with no previous
+    shift, so 1). None when that shift declared none: what follows it may be its own.
+    What the balance counts from (``_first_owned_seq``), and what ``sync.shifts`` files
+    by (``_Window.with_first_seq_derived``)."""
+    return None if previous_shift_end is None else previous_shift_end + 1
 
 
 def sign_off_blocked(balance: Balance) -> str | None:

@@ -7,7 +7,8 @@ after the sign-off (``late_event_after_signoff``).
 
 Which shift an event belongs to (``ShiftFiler``): the one the PDA named, when it
 is the courier's on that PDA; else the one whose declared seqs hold it (another
-courier's too: a handover's queue); else the courier's shift the PDA had open when
+courier's too: a handover's queue; a shift that declared no first seq starts where
+its balance counts from); else the courier's shift the PDA had open when
 the event happened, on the corrected clock. A PDA naming a shift that is not its
 own is flagged (``wrong_shift``) and its event is filed by the other rules.
 """
@@ -30,6 +31,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +53,7 @@ from sync import audit, outbox
 from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flag, raise_flag, reopen_flag
+from sync.handover import first_seq_after
 from sync.rules import Policy
 from sync.sql import Prebuilt, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject
@@ -100,14 +103,14 @@ def _next_own_shift(column: str) -> ColumnElement[Any]:
     )
 
 
-def _before_colleagues_shift(column: str) -> ColumnElement[Any]:
-    """``column`` of the shift opened on the PDA just before another courier's shift
-    closed with a last seq and no first seq (NULL for any other shift): where that
-    one's seqs start (``_Window.as_colleagues``)."""
+def _before_undeclared_first(column: str) -> ColumnElement[Any]:
+    """``column`` of the shift opened on the PDA just before a shift that declared no
+    first seq and whose seqs end is known: closed with a last seq, or still open (NULL
+    for any other shift). Where that one's seqs start
+    (``_Window.with_first_seq_derived``)."""
     undeclared_first = and_(
-        _shifts.c.courier_id != bindparam("courier_id"),
         _shifts.c.first_seq.is_(None),
-        _shifts.c.last_seq.is_not(None),
+        or_(_shifts.c.last_seq.is_not(None), _shifts.c.closed_at.is_(None)),
     )
     return case(
         (undeclared_first, adjacent_shift(_shifts, column, following=False, same_courier=False))
@@ -116,12 +119,14 @@ def _before_colleagues_shift(column: str) -> ColumnElement[Any]:
 
 # The shifts on one PDA that may hold some of a push's events, in order: what
 # ``ShiftFiler`` files them under. The pushing courier's: those whose declared seqs
-# leave room for one of the push's seqs; those open at some time of the push's events,
-# give or take the filing grace; and those opened or closed within it of one (what
-# ``file`` looks at, also for a shift whose clock closed it before it opened). Another
-# courier's: those closed with a last seq at or after the push's lowest, and a first
-# seq, if declared, at or before its highest (a handover's queue, ``ShiftFiler`` rule 2;
-# ``_Window.as_colleagues`` bounds one that declared no first seq). The database still
+# leave room for one of the push's seqs; those that declared no first seq (their seqs
+# start where the PDA's previous shift's end: ``_Window.with_first_seq_derived``) and
+# are open or closed with a last seq at or after the push's lowest; those open at some
+# time of the push's events, give or take the filing grace; and those opened or closed
+# within it of one (what ``file`` looks at, also for a shift whose clock closed it
+# before it opened). Another courier's: those closed with a last seq at or after the
+# push's lowest, and a first seq, if declared, at or before its highest (a handover's
+# queue, ``ShiftFiler`` rule 2). The database still
 # walks the PDA's shifts in its index, but hands over only these few, however many
 # shifts were worked on that PDA before: all of them were loaded, and a year of daily
 # shifts made a one-scan push cost 1.5 times as much on SQLite (``bench/scaling.py
@@ -138,8 +143,8 @@ SHIFT_WINDOWS = Prebuilt(
             _next_own_shift("opened_at"),
             _next_own_shift("first_seq"),
             _shifts.c.courier_id,
-            _before_colleagues_shift("id"),
-            _before_colleagues_shift("last_seq"),
+            _before_undeclared_first("id"),
+            _before_undeclared_first("last_seq"),
         )
         .where(
             _shifts.c.device_id == bindparam("device_id"),
@@ -153,6 +158,13 @@ SHIFT_WINDOWS = Prebuilt(
                             or_(
                                 _shifts.c.last_seq.is_(None),
                                 _shifts.c.last_seq >= bindparam("min_seq"),
+                            ),
+                        ),
+                        and_(
+                            _shifts.c.first_seq.is_(None),
+                            or_(
+                                _shifts.c.last_seq >= bindparam("min_seq"),
+                                _shifts.c.closed_at.is_(None),
                             ),
                         ),
                         and_(
@@ -300,14 +312,36 @@ def _open_shift(
         if current is None:
             raise
         raise _already_open(session, current, courier_id=courier_id) from None
+    before, before_last_seq = session.execute(
+        select(
+            adjacent_shift(_shifts, "id", following=False, same_courier=False),
+            adjacent_shift(_shifts, "last_seq", following=False, same_courier=False),
+        ).where(_shifts.c.id == shift.id)
+    ).one()
     # Events of this courier's PDA that belong here but were pushed before it opened
-    # (from its first_seq on, or recorded just before the opening) are filed under it
-    # now, as they would have been had they arrived after.
-    belongs = (
-        ScanEvent.seq >= first_seq
-        if first_seq is not None
-        else ScanEvent.occurred_at >= now - rules.filing_grace
+    # (from its first seq on, declared or where its balance counts from, as
+    # ``ShiftFiler`` files them once it is open; else recorded just before the opening)
+    # are filed under it now, as they would have been had they arrived after.
+    starts = (
+        _Window(
+            shift.id,
+            now,
+            None,
+            first_seq,
+            None,
+            previous_id=before,
+            previous_last_seq=before_last_seq,
+        )
+        .with_first_seq_derived()
+        .first_seq
     )
+    belongs: ColumnElement[bool]
+    if starts is None:
+        belongs = ScanEvent.occurred_at >= now - rules.filing_grace
+    elif starts > 1:
+        belongs = ScanEvent.seq >= starts
+    else:  # every seq: read through the index of the PDA's unfiled events, not by seq
+        belongs = true()
     session.execute(
         update(ScanEvent)
         .where(
@@ -318,11 +352,6 @@ def _open_shift(
         )
         .values(shift_id=shift.id)
         .execution_options(synchronize_session=False)
-    )
-    before = session.scalar(
-        select(adjacent_shift(_shifts, "id", following=False, same_courier=False)).where(
-            _shifts.c.id == shift.id
-        )
     )
     if previous is not None:
         _refile_from_previous(session, previous, shift, belongs, rules, also_lock=before)
@@ -582,9 +611,10 @@ def close_shift(
     Closing again is answered with the shift as it is (a PDA retrying a close whose
     answer it lost), unless it declares another ``last_seq``. The shift's handover
     discrepancies are judged now: what was checked out and has no outcome is missing.
-    A ``last_seq`` also takes the PDA's events another courier's sign-in pushed before
-    the close, in the seqs it declares (``_take_handover_queue``); their parcels are
-    judged again by ``policy``.
+    A ``last_seq`` also takes the PDA's events filed under no shift in the seqs it
+    declares (``_take_unfiled_in_seqs``): the courier's own, recorded on a clock that
+    was wrong, and those another courier's sign-in pushed; their parcels are judged
+    again by ``policy``.
     """
     from sync.balances import refresh_handover_flags
 
@@ -642,7 +672,7 @@ def close_shift(
     shift.seq_at_close = state.max_seq if state is not None else 0
     session.flush()
     if last_seq is not None:
-        _take_handover_queue(session, shift, policy)
+        _take_unfiled_in_seqs(session, shift, policy)
     close_flag(
         session=session,
         kind=NOT_CLOSED,
@@ -654,15 +684,23 @@ def close_shift(
     return shift
 
 
-def _take_handover_queue(session: Session, shift: Shift, policy: Policy) -> None:
-    """File under ``shift``, as its courier's, the events of its PDA that another
-    courier's sign-in pushed before this close and that no shift took, in the seqs the
-    close declares the shift's: a PDA handed over with the shift left open pushes the
-    first courier's queue at once, and a manager closes the shift afterwards. Pushed
-    after the close, ``ShiftFiler`` (rule 2) files them so; before it, they wait here,
-    so that the order of the push and the close changes nothing (rule 3). Their
+def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> None:
+    """File under ``shift``, as its courier's, the events of its PDA that were pushed
+    before this close and that no shift took, in the seqs the close declares the
+    shift's (from its first seq, declared or derived: ``_Window.with_first_seq_derived``):
+
+    * another courier's: a PDA handed over with the shift left open pushes the first
+      courier's queue under the next one's sign-in, and a manager closes the shift
+      afterwards;
+    * the courier's own that the time rules filed under none: recorded while the
+      PDA's clock was wrong (a battery died, it came back dated 2000), or before the
+      opening, in seqs its balance counts as its own.
+
+    Pushed after the close, ``ShiftFiler`` (rule 2) files them so; before it, they wait
+    here, so that the order of the push and the close changes nothing (rule 3). Their
     parcels are judged again (who holds them, whose delivery it was), and the PDA's
-    ``wrong_shift`` flag closes when these were all it named."""
+    ``wrong_shift`` flag closes when these were all it named. (Events another shift's
+    seqs hold were filed under it when pushed, or when it opened: none is taken.)"""
     previous_id, previous_last_seq = session.execute(
         select(
             adjacent_shift(_shifts, "id", following=False, same_courier=False),
@@ -677,14 +715,13 @@ def _take_handover_queue(session: Session, shift: Shift, policy: Policy) -> None
         shift.last_seq,
         previous_id=previous_id,
         previous_last_seq=previous_last_seq,
-    ).as_colleagues()
-    if window is None or window.first_seq is None or window.last_seq is None:
+    ).with_first_seq_derived()
+    if window.first_seq is None or window.last_seq is None:
         return
     taken = session.execute(
         select(ScanEvent.id, ScanEvent.seq, ScanEvent.tracking_no).where(
             ScanEvent.device_id == shift.device_id,
             ScanEvent.shift_id.is_(None),
-            ScanEvent.courier_id != shift.courier_id,
             ScanEvent.seq.between(window.first_seq, window.last_seq),
         )
     ).all()
@@ -975,23 +1012,30 @@ class _Window:
     next_opened_at: dt.datetime | None = None
     next_first_seq: int | None = None
     courier_id: int | None = None
-    # The PDA's shift before another courier's that declared no first seq: its id and
-    # its last seq.
+    # The PDA's shift before this one, for a shift that declared no first seq and is
+    # open or closed with its last seq: its id and its last seq.
     previous_id: int | None = None
     previous_last_seq: int | None = None
 
-    def as_colleagues(self) -> _Window | None:
-        """This shift of another courier as it may take a push's events: by its
-        declared seqs alone. With no first seq declared, its seqs start after the last
-        seq the PDA's previous shift declared, or at 1 on the PDA's first shift, as its
-        balance counts them (``sync.handover``); else it takes none."""
-        if self.first_seq is not None:
+    def with_first_seq_derived(self) -> _Window:
+        """This shift with the first seq it declared, or else, when its seqs end is
+        known (its last seq declared, or it is open), with the one its balance counts
+        from: after the last seq the PDA's previous shift declared, or 1 on the PDA's
+        first shift (``sync.handover.first_seq_after``). Its seqs are then the PDA's
+        causal order as for a declared first seq: an event recorded while its clock was
+        reset is its own. Unchanged otherwise: a shift closed with neither holds by time
+        (its seqs left open end at its close), and what follows a previous shift that
+        declared no last seq may be that one's."""
+        if self.first_seq is not None or (self.last_seq is None and self.closed_at is not None):
             return self
-        if self.previous_id is None:
-            return replace(self, first_seq=1)
-        if self.previous_last_seq is None:
-            return None
-        return replace(self, first_seq=self.previous_last_seq + 1)
+        first = first_seq_after(0 if self.previous_id is None else self.previous_last_seq)
+        return self if first is None else replace(self, first_seq=first)
+
+    def as_colleagues(self) -> _Window | None:
+        """This shift of another courier as it may take a push's events: by its seqs
+        alone, declared or derived (``with_first_seq_derived``); else it takes none."""
+        window = self.with_first_seq_derived()
+        return window if window.first_seq is not None else None
 
     def may_hold(self, seq: int) -> bool:
         """Whether the seqs the PDA declared leave room for ``seq`` in this shift."""
@@ -1001,7 +1045,8 @@ class _Window:
 
     def declares(self, seq: int) -> bool:
         """Whether the PDA declared ``seq`` this shift's: it lies from the first seq
-        declared at opening to the last declared at closing (or the shift is open)."""
+        (declared at opening, or derived: ``with_first_seq_derived``) to the last
+        declared at closing (or the shift is open)."""
         return (
             self.first_seq is not None
             and self.may_hold(seq)
@@ -1049,19 +1094,25 @@ class ShiftFiler:
     1. the shift the PDA named, when it is one of those (else ``wrong_shift``);
     2. the shift whose declared sequence numbers hold the event's seq (``first_seq``
        at opening, ``last_seq`` at closing): the PDA's own causal order, whatever the
-       clocks say; the courier's own shifts first, then another's; then a shift of
-       the courier's closed without a ``last_seq``, which holds by seq only what
-       came by its close, give or take ``filing_grace``, and before the courier's
-       next shift on the PDA starts (``_Window.holds_by_seq``);
+       clocks say (a shift that declared no ``first_seq`` but is open or declared its
+       ``last_seq`` starts where its balance counts from:
+       ``_Window.with_first_seq_derived``); the courier's own shifts first, then
+       another's; then a shift of the courier's closed with a ``first_seq`` and
+       without a ``last_seq``, which holds by seq only what came by its close, give
+       or take ``filing_grace``, and before the courier's next shift on the PDA
+       starts (``_Window.holds_by_seq``);
     3. the courier's shift open when the event happened (corrected clock);
     4. one opened a little after it, or closed a little before it (``filing_grace``:
        corrected clocks are estimates, off by the push's latency), unless the
        shift's declared seqs say the event is not its;
-    5. otherwise none: events between shifts, or before the first, belong to none.
+    5. otherwise none: events between shifts, or before the first, belong to none
+       (unless the seqs of rule 2 say otherwise).
 
     An event filed under none because its shift opened only after it arrived is
-    filed under that shift when it opens (``open_shift``). PDAs that declare both
-    seqs get a filing that does not depend on when anything was pushed.
+    filed under that shift when it opens (``open_shift``), and one its shift's
+    ``last_seq`` claims when it closes (``close_shift``). PDAs that declare both seqs
+    (or the last, where the previous shift declared its own) get a filing that does
+    not depend on when anything was pushed.
     """
 
     def __init__(
@@ -1095,7 +1146,7 @@ class ShiftFiler:
         for row in SHIFT_WINDOWS.execute(session, {**courier, **bounds}):
             window = _Window(*row)
             if window.courier_id == courier_id:
-                self.windows.append(window)
+                self.windows.append(window.with_first_seq_derived())
             elif colleagues and (theirs := window.as_colleagues()) is not None:
                 self.colleagues[window.shift_id] = theirs
         self.own = {w.shift_id for w in self.windows}

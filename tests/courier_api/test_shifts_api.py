@@ -1364,3 +1364,54 @@ def test_a_colleagues_declared_seqs_beat_the_pushers_shift_left_open_by_seq(
     event = session.scalar(select(ScanEvent).where(ScanEvent.seq == 3))
     assert event is not None
     assert (event.shift_id, event.courier_id) == (colleague["id"], world.courier.id)
+
+
+@pytest.mark.parametrize("order", ["push, then close", "close, then push"])
+def test_deliveries_recorded_while_the_pda_clock_was_reset_count_in_the_shift_its_seqs_bound(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    order: str,
+) -> None:
+    """The PDA's battery died offline; it came back dated 2000-01-01 and the courier kept
+    delivering. On reconnecting at 18:00 the PDA set its clock right (NTP) and pushed its
+    queue, and the courier closed the shift declaring its last seq. The shift was opened
+    without a first_seq (optional) on the PDA's first shift, so its balance counts the
+    PDA's seqs from 1 (README, "provisional"): seqs 1-6 are all this shift's by the PDA's
+    causal order (rule 6). The events dated 2000, corrected to a year ago at most, were
+    filed under no shift, and the delivered and returned parcels showed missing at
+    handover; whether the push or the close came first must not matter (rule 3)."""
+    checked, at_door, locker = parcels(session, world, 3)
+    shift = pda.open()
+    stored = session.get(Shift, shift["id"])
+    assert stored is not None
+    stored.opened_at = now() - dt.timedelta(hours=7)  # opened at 11:00
+    session.commit()
+    noon = now() - dt.timedelta(hours=6)
+    pda.push(
+        [
+            pda.event(n, occurred_at=noon - dt.timedelta(minutes=30))
+            for n in (checked, at_door, locker)
+        ]
+    )
+    factory_date = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    offline = [
+        pda.event(checked, "delivered", occurred_at=noon + dt.timedelta(hours=1)),
+        pda.event(at_door, "delivered", occurred_at=factory_date + dt.timedelta(minutes=5)),
+        pda.event(locker, "returned_to_station", occurred_at=factory_date + dt.timedelta(hours=3)),
+    ]
+    if order == "push, then close":
+        pda.push(offline)  # sent_at: now, the clock set right
+    closed = pda.close(shift["id"], last_seq=6)
+    assert closed.status_code == 200, closed.get_json()
+    if order == "close, then push":
+        pda.push(offline)
+
+    found = balance(client, shift["id"], manager)
+    outcomes = {p["tracking_no"]: p["outcome"] for p in found["parcels"]}
+    assert outcomes == {checked: "delivered", at_door: "delivered", locker: "returned"}
+    assert found["missing"] == 0 and found["status"] == "balanced", found["discrepancies"]
+    flags = client.get("/api/v1/flags?kind=missing_at_handover", headers=manager).get_json()
+    assert {f["status"] for f in flags["items"]} <= {"closed"}  # raised at close, if before

@@ -226,7 +226,9 @@ def test_events_are_filed_under_the_shift_open_when_they_happened(
     )
     filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
     assert filed == {
-        1: None,  # before the PDA's first shift
+        # Before the PDA's first shift, which declared no first_seq: its seqs start at
+        # 1, as its balance counts them, so the opening took it (by seq, not by time).
+        1: first.id,
         2: first.id,
         3: first.id,  # a minute before its close
         4: second.id,  # a minute before the next opened: clocks are estimates
@@ -1015,6 +1017,111 @@ def test_after_a_declared_last_seq_the_next_shift_owns_from_the_seq_after_it(
     )
 
 
+# A PDA's clock after its battery died; a push corrects its times to a year before at most.
+FACTORY_DATE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize("pushed", ["before the close", "after the close"])
+def test_scans_recorded_on_a_reset_clock_are_the_shifts_whose_seqs_hold_them(
+    session: Session, world: World, pda: Pda, pushed: str
+) -> None:
+    """The PDA's first shift, opened without a first_seq: its seqs start at 1, as its
+    balance counts them, and end at the last_seq its close declares (while open, they
+    go on). The delivery and the return recorded after the PDA came back dated 2000
+    are its own whatever their time says (rule 6), whether they reach the server
+    before the close or after (rule 3), and the handover balances."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b)])
+    reset = [
+        pda.event(a, "delivered", occurred_at=FACTORY_DATE),
+        pda.event(b, "returned_to_station", occurred_at=FACTORY_DATE + dt.timedelta(hours=1)),
+    ]
+    if pushed == "before the close":
+        pda.push(reset)
+    shift = pda.close(shift, last_seq=4)
+    if pushed == "after the close":
+        pda.push(reset, received_at=NOW + dt.timedelta(minutes=5))
+    filed = session.scalars(select(ScanEvent.shift_id).order_by(ScanEvent.seq)).all()
+    assert filed == [shift.id] * 4
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.delivered, balance.returned) == ("balanced", 1, 1)
+    assert set(handover_flags(session, shift).values()) <= {FlagStatus.CLOSED}
+
+
+def test_closing_with_a_last_seq_takes_the_couriers_scans_in_its_seqs_filed_under_none(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Scans of the courier in the seqs the close declares the shift's that no shift
+    holds (a push filed them by their reset clock's time before the seqs decided, as
+    this service did) are taken at the close, as a push after it files them, and
+    their parcels judged again: the handover balances."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push(
+        [
+            pda.event(a),
+            pda.event(b),
+            pda.event(a, "delivered", occurred_at=FACTORY_DATE),
+            pda.event(b, "returned_to_station", occurred_at=FACTORY_DATE),
+        ]
+    )
+    session.execute(update(ScanEvent).where(ScanEvent.seq > 2).values(shift_id=None))
+    session.commit()
+    shift = pda.close(shift, last_seq=4)
+    filed = session.scalars(select(ScanEvent.shift_id).order_by(ScanEvent.seq)).all()
+    assert filed == [shift.id] * 4
+    assert shift_balance(session=session, shift=shift).status == "balanced"
+    assert handover_flags(session, shift) == {}
+
+
+@pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
+def test_an_undeclared_shift_takes_by_seq_only_what_follows_the_last_seq_before_it(
+    session: Session, world: World, pda: Pda, pushed: str
+) -> None:
+    """The first shift closed declaring last_seq 2; the next, opened without a
+    first_seq, starts at seq 3, as its balance counts. Two scans recorded on a reset
+    clock arrive late: seq 2 is the first shift's (the next one does not take it), seq
+    3 the next one's, whether they were pushed before the opening or after. Their
+    clock's time would have filed neither."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a)])
+    returned = pda.event(a, "returned_to_station", occurred_at=FACTORY_DATE)  # seq 2
+    next_check_out = pda.event(b, occurred_at=FACTORY_DATE + dt.timedelta(days=1))  # seq 3
+    first = pda.close(first, last_seq=2)
+    later = NOW + dt.timedelta(hours=1)
+    if pushed == "before the opening":
+        pda.push([returned, next_check_out], received_at=later - dt.timedelta(minutes=30))
+        second = pda.open(now=later)
+    else:
+        second = pda.open(now=later)
+        pda.push([returned, next_check_out], received_at=later + dt.timedelta(minutes=5))
+    filed = dict(session.execute(select(ScanEvent.seq, ScanEvent.shift_id)).all())
+    assert filed == {1: first.id, 2: first.id, 3: second.id}
+    assert shift_balance(session=session, shift=first).status == "balanced"
+    assert shift_balance(session=session, shift=second).checked_out == 1
+
+
+def test_an_undeclared_first_seq_is_derived_only_where_the_shifts_seqs_end_is_known() -> None:
+    """Where the balance counts the seqs of a shift that declared no first seq from
+    (``sync.handover``): 1 on the PDA's first shift, else after the previous shift's
+    declared last seq, and nowhere after one that declared none. Only for a shift open
+    or closed with its last seq: one closed without either holds by time."""
+
+    def derived(window: shifts._Window) -> int | None:
+        return window.with_first_seq_derived().first_seq
+
+    assert derived(shifts._Window(1, OPENED, None, None, None)) == 1
+    assert derived(shifts._Window(1, OPENED, NOW, None, 9)) == 1
+    assert (
+        derived(shifts._Window(2, OPENED, NOW, None, 9, previous_id=1, previous_last_seq=4)) == 5
+    )
+    assert derived(shifts._Window(2, OPENED, None, None, None, previous_id=1)) is None
+    assert derived(shifts._Window(1, OPENED, NOW, None, None)) is None
+    assert derived(shifts._Window(2, OPENED, NOW, 7, 9, previous_id=1, previous_last_seq=4)) == 7
+
+
 def test_a_gap_above_an_event_the_pda_filed_below_the_first_seq_is_the_shifts(
     session: Session, world: World, pda: Pda
 ) -> None:
@@ -1315,7 +1422,7 @@ SHIFT_SPECS = st.lists(
         # Minutes until closed; or a server clock stepped back closed it "before" it opened.
         st.integers(min_value=1, max_value=14 * 60) | st.integers(min_value=-60, max_value=0),
         st.none() | SEQS,  # first_seq
-        st.none() | st.integers(min_value=0, max_value=200),  # last_seq - first_seq
+        st.none() | st.integers(min_value=0, max_value=200),  # last_seq - (first_seq or 1)
         st.booleans(),  # the courier's own (else another courier's on the same PDA)
     ),
     max_size=25,
@@ -1344,7 +1451,7 @@ def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_the
                 opened_at + dt.timedelta(minutes=length),
                 courier_id=None if own else other.id,
                 first_seq=first_seq,
-                last_seq=None if first_seq is None or span is None else first_seq + span,
+                last_seq=None if span is None else (first_seq or 1) + span,
             )
         )
     if rows and data.draw(st.booleans(), label="the last one still open"):
@@ -1380,10 +1487,16 @@ def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_the
         ),
         key=lambda r: (r["opened_at"], r["id"]),
     )
+    on_the_pda = sorted(
+        ({**row, "id": id} for row, id in zip(rows, ids, strict=True)),
+        key=lambda r: (r["opened_at"], r["id"]),
+    )
+    before = {r["id"]: p for p, r in zip([None, *on_the_pda], on_the_pda, strict=False)}
     everything.windows = []
     for i, r in enumerate(own):  # a shift closed with its seqs left open ends at the next
         left_open = r["closed_at"] and r["first_seq"] is not None and r["last_seq"] is None
         bound = own[i + 1] if left_open and i + 1 < len(own) else None
+        previous = before[r["id"]]  # any courier's: where an undeclared first seq starts
         everything.windows.append(
             shifts._Window(
                 r["id"],
@@ -1393,7 +1506,9 @@ def test_the_filer_reads_only_the_shifts_near_a_push_and_files_as_if_it_read_the
                 r["last_seq"],
                 next_opened_at=bound and bound["opened_at"],
                 next_first_seq=bound and bound["first_seq"],
-            )
+                previous_id=previous and previous["id"],
+                previous_last_seq=previous and previous["last_seq"],
+            ).with_first_seq_derived()
         )
     everything.own = {w.shift_id for w in everything.windows}
     assert len(filer.windows) <= len(everything.windows)

@@ -17,7 +17,9 @@ holders, acks, flags, quarantine, the shift's balance) is compared with a fresh
 database that got the whole stream in one in-order push from a PDA with the
 same clock, then closed the shift if the PDA did. (When the test changes the
 PDA's clock mid-day, events recorded before are corrected by the offset of the
-push that carries them, so only their corrected times may differ.)
+push that carries them, so only their corrected times may differ.) Some events are
+recorded on a clock reset to its factory date: the shift, opened without a first
+seq, holds them by their seqs whenever they come.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ DAY_START = NOW - dt.timedelta(hours=3)
 EVENT_GRID_MINUTES = 10
 CONSENT_GRANTED_AT = NOW - dt.timedelta(hours=2) + dt.timedelta(minutes=EVENT_GRID_MINUTES / 2)
 CONSENT_RECORDED_AT = CONSENT_GRANTED_AT + dt.timedelta(minutes=80)
+# Some events are recorded after the PDA's battery died and it came back dated 2000: a
+# push corrects them to a year before it at most. Their time files them under no shift;
+# their seqs are the shift's (it declared no first seq: they count from 1).
+FACTORY_DATE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 
 @st.composite
@@ -137,7 +143,8 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             extra = {"colour": "red"}  # an unknown field: quarantined
         if event_type in DELIVERIES:
             extra["pod"] = draw(st.sampled_from(PODS))
-        occurred = DAY_START + dt.timedelta(minutes=EVENT_GRID_MINUTES * draw(st.integers(0, 12)))
+        clock = draw(st.sampled_from([DAY_START] * 4 + [FACTORY_DATE]))
+        occurred = clock + dt.timedelta(minutes=EVENT_GRID_MINUTES * draw(st.integers(0, 12)))
         events.append(
             factories.event(
                 seq,

@@ -119,9 +119,9 @@ def _before_undeclared_first(column: str) -> ColumnElement[Any]:
 
 # The shifts on one PDA that may hold some of a push's events, in order: what
 # ``ShiftFiler`` files them under. The pushing courier's: those whose declared seqs
-# leave room for one of the push's seqs; those that declared no first seq (their seqs
-# start where the PDA's previous shift's end: ``_Window.with_first_seq_derived``) and
-# are open or closed with a last seq at or after the push's lowest; those open at some
+# leave room for one of the push's seqs; those that declared no first seq (theirs
+# start after the PDA's previous shift's: ``_Window.with_first_seq_derived``) and are
+# open or closed with a last seq at or after the push's lowest; those open at some
 # time of the push's events, give or take the filing grace; and those opened or closed
 # within it of one (what ``file`` looks at, also for a shift whose clock closed it
 # before it opened). Another courier's: those closed with a last seq at or after the
@@ -323,17 +323,9 @@ def _open_shift(
     # ``ShiftFiler`` files them once it is open; else recorded just before the opening)
     # are filed under it now, as they would have been had they arrived after.
     starts = (
-        _Window(
-            shift.id,
-            now,
-            None,
-            first_seq,
-            None,
-            previous_id=before,
-            previous_last_seq=before_last_seq,
-        )
-        .with_first_seq_derived()
-        .first_seq
+        first_seq
+        if first_seq is not None
+        else first_seq_after(0 if before is None else before_last_seq)
     )
     belongs: ColumnElement[bool]
     if starts is None:

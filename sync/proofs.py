@@ -24,10 +24,12 @@ from models.sync import DELIVERY_TYPES
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.flags import FlagSubject
+from sync.handover import HANDOVER_KINDS
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
 from sync.rules import (
     DROPS,
+    RULE_KINDS,
     EventDetail,
     Policy,
     authorizes,
@@ -38,6 +40,17 @@ from sync.rules import (
 from sync.sql import among_at_once
 from sync.status import load_events
 from sync.tracking import normalize
+
+# The kinds the search's ``flag_kind`` finds: flags of the parcel (its rules, its PDAs'
+# time inversions, a wrong station's scans, a tracking number not taken in) and of its
+# handover in the delivery's shift. A shift's or a PDA's own flags are found at /flags.
+SEARCHABLE_FLAG_KINDS = (
+    *RULE_KINDS,
+    "time_inversion",
+    "wrong_station",
+    "unknown_parcel",
+    *HANDOVER_KINDS,
+)
 
 METHODS = {
     "in_person": EventType.DELIVERED,

@@ -7,7 +7,7 @@ dates are local days of the station (a date picker), not instants with an offset
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import marshmallow as ma
@@ -17,7 +17,7 @@ from courier_api.api.shifts.schemas import CloseShiftIn
 from models import FlagSeverity, FlagStatus
 from sync.errors import InvalidInput
 from sync.flags import KINDS, MAX_NOTE_LENGTH
-from sync.proofs import METHODS
+from sync.proofs import METHODS, SEARCHABLE_FLAG_KINDS
 
 
 class _Form(ma.Schema):
@@ -32,16 +32,21 @@ class DayArgs(_Form):
 
 class FlagKind(Text):
     """A flag's kind as its code (``unauthorized_locker_drop``) or as the pages write it
-    ("Unauthorized locker drop"), in any case: loaded as the code. One that is no kind
-    is refused naming the kinds, rather than matching no flag."""
+    ("Unauthorized locker drop"), in any case: loaded as the code. One that is not among
+    ``kinds`` (every kind, by default) is refused naming them, rather than matching no
+    flag."""
 
     default_error_messages = {"unknown": "no flag is of kind “{text}”; the kinds are: {kinds}"}
+
+    def __init__(self, kinds: Sequence[str] = KINDS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kinds = kinds
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
         code = "_".join(text.lower().replace("_", " ").replace("-", " ").split())
-        if code not in KINDS:
-            named = ", ".join(kind.replace("_", " ") for kind in KINDS)
+        if code not in self.kinds:
+            named = ", ".join(kind.replace("_", " ") for kind in self.kinds)
             raise self.make_error("unknown", text=text, kinds=named)
         return code
 
@@ -64,7 +69,7 @@ class ProofFilter(_Form):
     courier_id = Id()
     occurred_from = ma.fields.Date()
     occurred_to = ma.fields.Date()
-    flag_kind = Text(validate=ma.validate.Length(max=64))
+    flag_kind = FlagKind(SEARCHABLE_FLAG_KINDS)
     method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
     after = After()
 

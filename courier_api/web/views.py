@@ -92,7 +92,14 @@ from sync.pages import (
     users_by_id,
 )
 from sync.phones import mask_phone, shown_text
-from sync.proofs import DELIVERY_TYPES, METHODS, get_proof, list_proofs, proof_not_found
+from sync.proofs import (
+    DELIVERY_TYPES,
+    METHODS,
+    SEARCHABLE_FLAG_KINDS,
+    get_proof,
+    list_proofs,
+    proof_not_found,
+)
 from sync.proofs import ProofFilter as ProofQuery
 
 bp = Blueprint(
@@ -539,6 +546,8 @@ def proofs() -> ResponseReturnValue:
         station=station,
         stations=_stations_to_pick(),
         methods=list(METHODS),
+        flag_kinds=SEARCHABLE_FLAG_KINDS,
+        flag_kind=args.get("flag_kind"),  # as its code, however it was typed
         export_url=url_for("web.export_proofs", **filled),
         next_page=url_for("web.proofs", **filled, after=found[-1].event.id)
         if len(found) == PAGE_SIZE

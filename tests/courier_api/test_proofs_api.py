@@ -267,6 +267,33 @@ def test_bad_filters_are_422(
     assert response.status_code == 422 and response.get_json()["code"] == code
 
 
+@pytest.mark.parametrize("kind", ["unauthorised_locker_drop", "late_event_after_signoff"])
+def test_a_flag_kind_the_search_cannot_find_is_422_naming_those_it_can(
+    client: FlaskClient, auth: Auth, world: World, kind: str
+) -> None:
+    """A misspelt kind, or a shift's own (found at /flags), matched no proof and answered
+    an empty list: an auditor read "no delivery was ever flagged so"."""
+    response = client.get(URL, query_string={"flag_kind": kind}, headers=auth.headers("auditor1"))
+    assert response.status_code == 422
+    [message] = response.get_json()["errors"]["query"]["flag_kind"]
+    assert "unauthorized_locker_drop" in message and "missing_at_handover" in message
+    page = signed_in(client.application, "auditor1")
+    html = page.client.get("/web/proofs", query_string={"flag_kind": kind})
+    assert html.status_code == 422
+    assert "the kinds are:" in html.get_data(as_text=True)
+
+
+def test_the_proof_page_finds_a_flag_kind_written_as_the_pages_write_it(
+    client: FlaskClient, auth: Auth, day: dict[str, Any]
+) -> None:
+    """The Kind select writes kinds in words; typed that way, in any case, it still
+    finds what the code finds."""
+    page = signed_in(client.application, "auditor1")
+    html = page.get("/web/proofs?flag_kind=Pod+blob+missing")
+    assert day["signed"].tracking_no in html and day["elsewhere"].tracking_no not in html
+    assert '<option value="pod_blob_missing" selected>pod blob missing</option>' in html
+
+
 def test_an_export_with_an_empty_range_is_422_before_anything_is_streamed_or_logged(
     client: FlaskClient, auth: Auth, world: World, session: Session
 ) -> None:

@@ -6,7 +6,7 @@ from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from courier_api.api.parcels.schemas import TimelineEvent
 from models import ServiceClass
-from sync.proofs import METHODS
+from sync.proofs import METHODS, SEARCHABLE_FLAG_KINDS
 
 
 class ProofArgs(ma.Schema):
@@ -16,6 +16,7 @@ class ProofArgs(ma.Schema):
     occurred_from = UtcTime(metadata={"description": "Corrected time, inclusive"})
     occurred_to = UtcTime(metadata={"description": "Corrected time, exclusive"})
     flag_kind = Text(
+        validate=ma.validate.OneOf(SEARCHABLE_FLAG_KINDS),
         metadata={
             "description": "Only deliveries of parcels with a flag of this kind, on the "
             "parcel or on its handover in the delivery's shift (`missing_at_handover`, "
@@ -23,7 +24,7 @@ class ProofArgs(ma.Schema):
             "because its cause went away); a station manager's own station's flags only. "
             "Flags of a whole shift or device (`late_event_after_signoff`, `clock_skew`, "
             "...) are found at /flags; a proof lists those that cite its delivery"
-        }
+        },
     )
     method = ma.fields.String(validate=ma.validate.OneOf(list(METHODS)))
 

@@ -34,6 +34,10 @@ class Parcel(Base):
     # scan made at a station while the parcel was there is no wrong station's
     # (``sync.status.reproject``).
     earlier_stations: Mapped[list[dict[str, Any]] | None] = mapped_column(Document)
+    # When the recipient refused a courier's request for consent (ISO times, oldest
+    # first): from then on, consents given before a refusal authorize no drop of this
+    # parcel (``sync.consents.consents_for``).
+    consent_refusals: Mapped[list[str] | None] = mapped_column(Document)
     courier_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"), index=True)
     # Projected from the scan events (sync.projection); never set by hand.
     status: Mapped[ParcelStatus | None] = mapped_column(str_enum(ParcelStatus, "parcel_status"))

@@ -345,6 +345,7 @@ def answer_request(
     else:
         request.status = ConsentRequestStatus.REFUSED
         request.status_reason = answer.reason
+        _record_refusal(session, request.tracking_no, now)
     request.answered_at = now
     request.answered_by = answered_by
     feed.record(
@@ -360,6 +361,17 @@ def answer_request(
     )
     session.flush()
     return request, consent, True
+
+
+def _record_refusal(session: Session, tracking_no: str, at: dt.datetime) -> None:
+    """Keep the refusal with the parcel: consents given before it no longer authorize a
+    drop of the parcel after it (``sync.consents.withdrawn_by_refusals``). The caller
+    judges the parcel again (``sync.status.rejudge_for_refusal``)."""
+    parcel = session.scalar(
+        select(Parcel).where(Parcel.tracking_no == tracking_no).with_for_update()
+    )
+    if parcel is not None:
+        parcel.consent_refusals = [*(parcel.consent_refusals or []), at.isoformat()]
 
 
 def get_request(*, session: Session, request_id: int) -> ConsentRequest:

@@ -22,7 +22,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, CompoundSelect, Row, exists, or_, select, update
@@ -390,12 +390,15 @@ def covered_parcels(session: Session, consent: Consent) -> list[str]:
 
 def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[ConsentFact]]:
     """The consents that could apply to each parcel (rows with tracking_no, station_id,
-    recipient_phone, address, earlier_stations), oldest first: its own, and standing
-    ones for its recipient's phone and address, at every station or at one it has been
-    at (then holding only while it was there: ``sync.rules.parcel_stays``). One statement
-    per chunk of parcels (``CONSENTS_OF_PARCELS``)."""
+    recipient_phone, address, earlier_stations, consent_refusals), oldest first: its
+    own, and standing ones for its recipient's phone and address, at every station or at
+    one it has been at (then holding only while it was there:
+    ``sync.rules.parcel_stays``), each withdrawn for the parcel by a refusal after it
+    (``withdrawn_by_refusals``). One statement per chunk of parcels
+    (``CONSENTS_OF_PARCELS``)."""
+    parcels = list(parcels)
     found: dict[str, list[ConsentFact]] = defaultdict(list)
-    for chunk in chunks(list(parcels), IN_CHUNK // 2):  # up to two parameters a parcel
+    for chunk in chunks(parcels, IN_CHUNK // 2):  # up to two parameters a parcel
         numbers = {p.tracking_no for p in chunk}
         by_recipient: dict[tuple[str, str], list[Any]] = defaultdict(list)
         for p in chunk:
@@ -417,9 +420,30 @@ def consents_for(session: Session, parcels: Iterable[Any]) -> dict[str, list[Con
                     consent.station_id
                 ):
                     found[parcel.tracking_no].append(_fact(consent, at_station=tuple(stays)))
-    for facts in found.values():
+    refusals = {p.tracking_no: p.consent_refusals for p in parcels if p.consent_refusals}
+    for tracking_no, facts in found.items():
         facts.sort(key=lambda fact: fact.id)
+        if tracking_no in refusals:
+            facts[:] = withdrawn_by_refusals(facts, refusals[tracking_no])
     return _without_voided(session, found)
+
+
+def withdrawn_by_refusals(
+    facts: Sequence[ConsentFact], refusals: Sequence[str]
+) -> list[ConsentFact]:
+    """A parcel's consents after its recipient refused a courier's request for consent
+    (``refusals``: when, ISO times): each one granted before a refusal is revoked, for
+    this parcel, at the first refusal after its grant. A standing consent the recipient
+    said "no, ring the bell" to for this parcel authorizes no drop of it after that;
+    one granted after the refusal (they changed their mind) does."""
+    times = sorted(dt.datetime.fromisoformat(at) for at in refusals)
+    withdrawn = []
+    for fact in facts:
+        refused = next((at for at in times if fact.granted_at < at), None)
+        if refused is not None and (fact.revoked_at is None or refused < fact.revoked_at):
+            fact = replace(fact, revoked_at=refused, refused_at=refused)
+        withdrawn.append(fact)
+    return withdrawn
 
 
 def consents_by_id(session: Session, ids: Iterable[int]) -> dict[int, Consent]:

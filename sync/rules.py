@@ -110,6 +110,9 @@ class ConsentFact:
     # A standing consent limited to one station: when the parcel was at that station
     # (``[from, until)``, None an open end). None: no limit.
     at_station: tuple[Stay, ...] | None = None
+    # For this parcel, revoked (``revoked_at``) by the recipient's refusal of a request
+    # for consent: when they refused.
+    refused_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -243,10 +246,14 @@ def _drops(
         judged = _Unauthorized(drop.fact.event_id, after, elsewhere)
         (late if after else unauthorized).append(judged)
     if unauthorized:
+        refused = sorted({c.refused_at for c in consents if c.id in considered and c.refused_at})
         flags["unauthorized_locker_drop"] = {
             "event_ids": [u.event_id for u in unauthorized],
             "consent_ids": sorted(considered),
             **_captured_elsewhere(unauthorized),
+            # a consent the recipient's refusal withdrew for this parcel: why one on
+            # record did not authorize a drop after the refusal
+            **({"refused_at": [at.isoformat() for at in refused]} if refused else {}),
         }
     if late:
         flags["consent_after_drop"] = {

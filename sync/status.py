@@ -106,6 +106,7 @@ PARCEL_COLUMNS = (
     Parcel.recipient_phone,
     Parcel.address,
     Parcel.earlier_stations,
+    Parcel.consent_refusals,
 )
 _parcels = Parcel.__table__
 
@@ -526,7 +527,17 @@ def _refresh_loaded(session: Session, updates: Sequence[dict[str, Any]]) -> None
 def rejudge_for_consent(*, session: Session, consent: Any, policy: Policy) -> list[str]:
     """After a consent is granted or revoked: re-judge the parcels it covers, and tell
     the couriers holding them (a ``consent`` entry in their pull feed)."""
-    tracking_nos = covered_parcels(session, consent)
+    return _rejudge_and_tell(session, covered_parcels(session, consent), policy)
+
+
+def rejudge_for_refusal(*, session: Session, tracking_no: str, policy: Policy) -> list[str]:
+    """After the recipient refused a request for consent: the parcel's consents given
+    before no longer authorize its drops after (``sync.consents.withdrawn_by_refusals``);
+    judge it again and tell its courier, as for a revocation."""
+    return _rejudge_and_tell(session, [tracking_no], policy)
+
+
+def _rejudge_and_tell(session: Session, tracking_nos: list[str], policy: Policy) -> list[str]:
     reproject(session=session, tracking_nos=tracking_nos, policy=policy)
     holders = [
         row

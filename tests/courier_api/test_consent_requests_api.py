@@ -517,3 +517,115 @@ def test_requests_are_listed_by_the_status_each_shows(
     assert listed("pending") == [(ids[waiting.tracking_no], "pending")]
     assert listed("expired") == [(ids[lapsing.tracking_no], "expired")]
     assert listed("cancelled") == listed("granted") == []
+
+
+def _standing_consent(client: FlaskClient, channel: dict[str, str], parcel: Any) -> int:
+    answer = client.post(
+        CONSENTS,
+        json={
+            "scope": "standing",
+            "recipient_phone": parcel.recipient_phone,
+            "address": parcel.address,
+            "method": "any",
+            "channel": "app",
+            "granted_at": (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat(),
+        },
+        headers=channel,
+    )
+    assert answer.status_code == 201, answer.get_json()
+    consent_id: int = answer.get_json()["id"]
+    return consent_id
+
+
+def _refuse(
+    client: FlaskClient, courier: dict[str, str], channel: dict[str, str], tracking_no: str
+) -> None:
+    asked = ask(client, courier, tracking_no, channel="sms").get_json()
+    body = {"request_id": asked["id"], "granted": False, "channel": "sms"}
+    refusal = client.post(CONSENTS, json={**body, "reason": "home, ring"}, headers=channel)
+    assert refusal.get_json()["status"] == "refused", refusal.get_json()
+
+
+def _drop_flags(auth: Auth, tracking_no: str, at: dt.datetime) -> dict[str, Any]:
+    receipt = auth.push(
+        [
+            factories.event(1, tracking_no, occurred_at=at - dt.timedelta(minutes=30)),
+            factories.locker_drop(2, tracking_no, at),
+        ]
+    )
+    return {f["kind"]: f for f in receipt["flags_raised"]}
+
+
+def test_a_refusal_withdraws_for_its_parcel_the_standing_consent_given_before(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    courier: dict[str, str],
+    channel: dict[str, str],
+) -> None:
+    """The courier asks at the door; the recipient, who long ago gave a standing consent,
+    answers "no, I am home, ring the bell"; the courier leaves the parcel in a locker
+    anyway. The standing consent authorized that drop, and the proof said so: an auditor
+    settling "left in a locker although I said no" was told all was in order. Now the
+    drop is flagged, the flag says when the recipient refused, and the proof names no
+    authorizing consent. The standing consent still covers the recipient's other
+    parcels."""
+    parcel = factories.parcel(session, world.station)
+    other = factories.parcel(session, world.station)
+    session.commit()
+    standing = _standing_consent(client, channel, parcel)
+    _refuse(client, courier, channel, parcel.tracking_no)
+    flags = _drop_flags(auth, parcel.tracking_no, dt.datetime.now(dt.UTC))
+    flag = client.get(
+        f"/api/v1/flags/{flags['unauthorized_locker_drop']['flag_id']}",
+        headers=auth.headers("manager1"),
+    ).get_json()
+    assert flag["evidence"]["consent_ids"] == [standing]
+    assert len(flag["evidence"]["refused_at"]) == 1
+    auditor = auth.headers("auditor1")
+    proofs = client.get(
+        "/api/v1/proofs", query_string={"tracking_no": parcel.tracking_no}, headers=auditor
+    ).get_json()["items"]
+    assert [p["authorizing_consent"] for p in proofs] == [None]
+    assert "unauthorized_locker_drop" not in _drop_flags(
+        auth, other.tracking_no, dt.datetime.now(dt.UTC)
+    )
+
+
+def test_a_drop_before_the_refusal_stays_authorized_and_a_consent_after_it_authorizes(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    courier: dict[str, str],
+    channel: dict[str, str],
+) -> None:
+    """The refusal reaches back to no drop made before it (as a revocation does not);
+    a consent the recipient gives after refusing (they changed their mind) counts."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    _standing_consent(client, channel, parcel)
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+    assert "unauthorized_locker_drop" not in _drop_flags(auth, parcel.tracking_no, before)
+    _refuse(client, courier, channel, parcel.tracking_no)
+    tn = parcel.tracking_no
+    flags = client.get(
+        "/api/v1/flags", query_string={"kind": "unauthorized_locker_drop"},
+        headers=auth.headers("manager1"),
+    ).get_json()["items"]  # fmt: skip
+    assert [f for f in flags if f["subject_key"] == tn and f["status"] == "open"] == []
+    granted = client.post(
+        CONSENTS,
+        json={
+            "tracking_no": tn,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": dt.datetime.now(dt.UTC).isoformat(),
+        },
+        headers=channel,
+    )
+    assert granted.status_code == 201
+    later = factories.locker_drop(3, tn, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
+    receipt = auth.push([later])
+    assert "unauthorized_locker_drop" not in {f["kind"] for f in receipt["flags_raised"]}

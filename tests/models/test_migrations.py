@@ -456,3 +456,48 @@ def test_captured_consents_get_the_station_of_the_pda_that_captured_them(scratch
     migrate.upgrade(scratch, CAPTURING_STATION)
     with scratch.connect() as connection:
         assert connection.execute(kept).all() == expected
+
+
+REFUSALS = "f3e9a7c1b254"  # a parcel keeps when its recipient refused a consent request
+
+
+def test_a_parcel_gets_the_times_its_recipient_refused_consent(scratch: Engine) -> None:
+    """Dropping the column and adding it back fills it from the refused requests,
+    oldest first, as answering them does; a parcel nobody refused gets none."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import ConsentMethod, ConsentRequest, ConsentRequestStatus, Parcel
+    from tests import factories
+
+    migrate.upgrade(scratch)
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    with Session(scratch) as session:
+        station = factories.station(session, code="ST1")
+        courier = factories.user(session, "courier1", "courier", station)
+        refused, _untouched = (factories.parcel(session, station) for _ in range(2))
+        for hours, status in ((2, "refused"), (1, "granted"), (3, "refused")):
+            session.add(
+                ConsentRequest(
+                    station_id=station.id,
+                    tracking_no=refused.tracking_no,
+                    courier_id=courier.id,
+                    method=ConsentMethod.LOCKER,
+                    requested_at=now - dt.timedelta(hours=hours, minutes=5),
+                    expires_at=now,
+                    status=ConsentRequestStatus(status),
+                    answered_at=now - dt.timedelta(hours=hours),
+                )
+            )
+        session.commit()
+    kept = sa.select(Parcel.consent_refusals).order_by(Parcel.id)
+    migrate.downgrade(scratch, f"{REFUSALS}-1")
+    migrate.upgrade(scratch, REFUSALS)
+    with scratch.connect() as connection:
+        stored = connection.execute(kept).scalars().all()
+    assert stored == [
+        [(now - dt.timedelta(hours=h)).isoformat() for h in (3, 2)],
+        None,
+    ]

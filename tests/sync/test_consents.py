@@ -6,7 +6,8 @@ import datetime as dt
 from sqlalchemy.orm import Session
 
 from models import Consent, ConsentChannel, ConsentMethod, ConsentScope
-from sync.consents import address_key, consents_for
+from sync.consents import address_key, consents_for, withdrawn_by_refusals
+from sync.rules import ConsentFact
 from tests import factories
 
 GRANTED = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
@@ -59,3 +60,31 @@ def test_a_parcel_gets_its_own_consents_and_its_recipients_standing_ones_only(
     )
     assert found.get(no_phone.tracking_no, []) == []
     assert other.tracking_no not in found
+
+
+def test_each_refusal_withdraws_the_consents_given_before_it_from_then_on() -> None:
+    """Refused at 10:00, a consent at 11:00 (the recipient changed their mind), refused
+    again at 12:00: the 09:00 consent ends at 10:00, the 11:00 one at 12:00, and one
+    revoked at 09:30 keeps its own end; one given at 13:00 stands."""
+    day = dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
+
+    def at(hour: float) -> dt.datetime:
+        return day + dt.timedelta(hours=hour)
+
+    def consent(id: int, granted: float, revoked: float | None = None) -> ConsentFact:
+        return ConsentFact(
+            id=id,
+            method=ConsentMethod.ANY,
+            point_id=None,
+            granted_at=at(granted),
+            revoked_at=None if revoked is None else at(revoked),
+        )
+
+    facts = [consent(1, 9), consent(2, 11), consent(3, 8, revoked=9.5), consent(4, 13)]
+    withdrawn = withdrawn_by_refusals(facts, [at(12).isoformat(), at(10).isoformat()])
+    assert [(f.id, f.revoked_at, f.refused_at) for f in withdrawn] == [
+        (1, at(10), at(10)),
+        (2, at(12), at(12)),
+        (3, at(9.5), None),
+        (4, None, None),
+    ]

@@ -30,7 +30,7 @@ from models import ConsentScope, Role, utcnow
 from sync import consent_requests, consents, directory
 from sync.errors import DomainError, InvalidInput, PermissionDenied
 from sync.phones import normalize_phone
-from sync.status import rejudge_for_consent
+from sync.status import rejudge_for_consent, rejudge_for_refusal
 from sync.tracking import TrackingNumberPolicy, normalize
 
 blp = ApiBlueprint(
@@ -277,6 +277,12 @@ def _answer_request(body: dict[str, Any]) -> Any:
     if consent is not None and new:
         rejudge_for_consent(
             session=db.session, consent=consent, policy=policy_of(current_app.config)
+        )
+    elif new:  # a refusal withdraws, for this parcel, the consents given before it
+        rejudge_for_refusal(
+            session=db.session,
+            tracking_no=request.tracking_no,
+            policy=policy_of(current_app.config),
         )
     db.session.commit()
     if consent is None:

@@ -47,7 +47,7 @@ def entry_hash(
     """The hash an entry with this content, chained after ``prev_hash``, must carry."""
     document = [
         prev_hash,
-        _iso(at),
+        iso(at),
         actor_id,
         action,
         subject_type,
@@ -300,7 +300,7 @@ def _reader(session: Session, column: Column[Any]) -> Callable[[Any], Any]:
     return process or (lambda value: value)
 
 
-def _iso(at: dt.datetime) -> str:
+def iso(at: dt.datetime) -> str:
     """One spelling per instant, whatever the backend gives back (always microseconds)."""
     if at.tzinfo is None:
         raise ValueError("audit timestamps must be timezone-aware")

@@ -196,7 +196,8 @@ def grant(
 
 
 def _iso(at: dt.datetime | None) -> str | None:
-    return None if at is None else at.isoformat()
+    """A time in an audit entry's details, spelt as the log spells its own."""
+    return None if at is None else audit.iso(at)
 
 
 def point_named(method: ConsentMethod, point_id: str | None) -> str | None:

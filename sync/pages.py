@@ -473,11 +473,7 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
         changes=changes,
         events=events,
         users=users,
-        shifts=frozenset(
-            e.shift_id
-            for e in events
-            if e.shift_id is not None and visible_station in (None, e.station_id)
-        ),
+        shifts=frozenset(e.shift_id for e in events if opens_shift(e, visible_station)),
         proofs=frozenset(
             e.id
             for e in events
@@ -486,6 +482,15 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
             and visible_station in (None, parcels[e.tracking_no].station_id)
         ),
     )
+
+
+def opens_shift(event: ScanEvent, visible_station: int | None) -> bool:
+    """Whether a page links the shift ``event`` is filed under: it is filed under one,
+    and the reader (``visible_station``: the one station a station-bound reader sees,
+    None all) may open it. A PDA of another station files its events under that
+    station's shift (a mis-sorted parcel's drop): a reader who would get a 404 page is
+    neither linked to it nor told its id."""
+    return event.shift_id is not None and visible_station in (None, event.station_id)
 
 
 def evidence_shifts(

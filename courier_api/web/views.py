@@ -86,6 +86,7 @@ from sync.pages import (
     flag_page,
     image_states,
     local_range,
+    opens_shift,
     pod_digests,
     proof_rows,
     shift_page,
@@ -593,13 +594,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         store=blob_store(),
     )
     station = directory.get_station(session=db.session, station_id=detail.proof.station_id)
-    event = detail.proof.event
-    # A drop a PDA of another station recorded (a mis-sorted parcel) is filed under that
-    # station's shift: not linked, nor named, for a reader who would get a 404 page.
-    shift_shown = event.shift_id is not None and current_principal().station_filter(None) in (
-        None,
-        event.station_id,
-    )
+    shift_shown = opens_shift(detail.proof.event, current_principal().station_filter(None))
     consent = detail.authorizing_consent
     return render_template(
         "web/proof.html",

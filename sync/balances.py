@@ -22,10 +22,12 @@ from sqlalchemy import ScalarSelect, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import (
+    Blob,
     DeviceSyncState,
     Flag,
     FlagSeverity,
     FlagStatus,
+    ProofImage,
     ScanEvent,
     Shift,
     ShiftStatus,
@@ -59,7 +61,7 @@ from sync.handover import (
     same_snapshot,
     snapshot_version,
 )
-from sync.projection import EventFact
+from sync.projection import EventFact, voided_in_sql
 from sync.shifts import adjacent_shift
 from sync.sql import among, among_at_once, chunks, plain_rows
 from sync.status import FACT_COLUMNS
@@ -371,6 +373,14 @@ class BoardRow:
     courier: User
     balance: Balance
     open_flags: Sequence[OpenFlag] = ()  # oldest first
+    # Proof images its deliveries name that the server lacks, once handed over: the
+    # sweep's ``blob_missing_at_handover`` flags them only after its grace.
+    images_missing: int = 0
+
+    @property
+    def balance_version(self) -> str:
+        """What a sign-off of this row sends back (``sync.handover.balance_version``)."""
+        return balance_version(self.balance)
 
     @property
     def changed_since_signoff(self) -> bool:
@@ -420,8 +430,9 @@ def _signed_off_balance(shift: Shift) -> dict[str, Any] | None:
 def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:
     """Every shift of the station's day with its courier and balance, oldest first.
 
-    At most nine queries whatever the number of shifts: the shifts with their
-    couriers, ``gather``'s, and the shifts' open flags of their own.
+    At most ten queries whatever the number of shifts: the shifts with their
+    couriers, ``gather``'s, the shifts' open flags of their own and the proof images
+    their deliveries lack.
     """
     rows = session.execute(
         select(Shift, User)
@@ -431,10 +442,31 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
     ).all()
     computed = balances(session, [shift for shift, _ in rows])
     flagged = open_own_flags(session, [shift.id for shift, _ in rows])
+    lacking = images_lacking(
+        session, [shift.id for shift, _ in rows if shift.status != ShiftStatus.OPEN]
+    )
     return [
-        BoardRow(shift, courier, computed[shift.id], flagged.get(shift.id, ()))
+        BoardRow(
+            shift,
+            courier,
+            computed[shift.id],
+            flagged.get(shift.id, ()),
+            len(lacking.get(shift.id, ())),
+        )
         for shift, courier in rows
     ]
+
+
+def images_lacking(session: Session, shift_ids: Sequence[int]) -> dict[int, set[str]]:
+    """The proof images these shifts' live deliveries name that the server lacks, by
+    shift, however recently the deliveries arrived: one query per 900 shifts."""
+    lacking: dict[int, set[str]] = {}
+    for chunk in chunks(sorted(shift_ids)):
+        missing, _ = missing_images(
+            session, chunk, arrived_before=dt.datetime.max.replace(tzinfo=dt.UTC)
+        )
+        lacking.update({shift_id: digests for shift_id, (digests, _) in missing.items()})
+    return lacking
 
 
 def open_own_flags(session: Session, shift_ids: Sequence[int]) -> dict[int, list[OpenFlag]]:
@@ -499,6 +531,36 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
         tally["reopened"] += row.signoff_superseded
         tally["with_open_flags"] += bool(row.open_flags)
     return {**totals, **tally}
+
+
+def missing_images(
+    session: Session, shift_ids: Sequence[int], *, arrived_before: dt.datetime
+) -> tuple[dict[int, tuple[set[str], set[int]]], set[int]]:
+    """``{shift id: (missing digests, event ids naming them)}`` for these shifts' live
+    deliveries that arrived before ``arrived_before``; and the shifts whose only missing
+    images are named by events that arrived since (still within their grace). Missing:
+    never uploaded, or purged before the delivery named it (``sync.rules``). One query,
+    through ``ix_scan_event_shift_id``."""
+    voided = voided_in_sql(ScanEvent)
+    missing: dict[int, tuple[set[str], set[int]]] = defaultdict(lambda: (set(), set()))
+    pending: set[int] = set()
+    for shift_id, event_id, digest, received_at in session.execute(
+        select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256, ScanEvent.received_at)
+        .join(ScanEvent, ScanEvent.id == ProofImage.event_id)
+        .outerjoin(Blob, Blob.sha256 == ProofImage.sha256)
+        .where(
+            ScanEvent.shift_id.in_(shift_ids),
+            # never uploaded, or purged before the delivery named it (``sync.rules``)
+            or_(Blob.sha256.is_(None), Blob.purged_at <= ScanEvent.occurred_at),
+            ~voided,
+        )
+    ):
+        if received_at > arrived_before:
+            pending.add(shift_id)
+            continue
+        missing[shift_id][0].add(digest)
+        missing[shift_id][1].add(event_id)
+    return dict(missing), pending - set(missing)
 
 
 # -- the shift's own flags --------------------------------------------------------------------

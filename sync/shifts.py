@@ -53,7 +53,7 @@ from sync import audit, outbox
 from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flag, raise_flag, reopen_flag
-from sync.handover import first_seq_after
+from sync.handover import Balance, first_seq_after
 from sync.rules import Policy
 from sync.sql import Prebuilt, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject
@@ -795,8 +795,8 @@ def sign_off(
     from sync.handover import balance_version, sign_off_blocked
 
     now = now or utcnow()
-    note_text = _text(note, "note", required=True)
-    reason = _text(force_reason, "force_reason", required=False)
+    note_text = manager_text(note, "note", required=True)
+    reason = manager_text(force_reason, "force_reason", required=False)
     shift = lock_shift(session, shift.id)
     if shift.status == ShiftStatus.OPEN:
         raise Conflict(
@@ -816,11 +816,35 @@ def sign_off(
     blocked = sign_off_blocked(balance)
     if blocked and reason is None:
         raise Conflict(blocked, code="balance_provisional")
+    return record_sign_off(
+        session=session,
+        shift=shift,
+        balance=balance,
+        user_id=user_id,
+        note=note_text,
+        forced_reason=reason if blocked else None,
+        now=now,
+    )
+
+
+def record_sign_off(
+    *,
+    session: Session,
+    shift: Shift,
+    balance: Balance,
+    user_id: int,
+    note: str,
+    forced_reason: str | None,
+    now: dt.datetime,
+) -> Shift:
+    """Mark a locked shift, whose sign-off the rules allow, signed off with ``balance``
+    as it stands, and write it to the audit log: ``sign_off`` and
+    ``sync.signoffs.sign_off_clean`` decide, this records."""
     shift.status = ShiftStatus.SIGNED_OFF
     shift.signed_off_at = now
     shift.signed_off_by = user_id
-    shift.signoff_note = note_text
-    shift.signoff_forced_reason = reason if blocked else None
+    shift.signoff_note = note
+    shift.signoff_forced_reason = forced_reason
     shift.signoff_balance = balance.snapshot()
     session.flush()
     audit.append(
@@ -833,7 +857,7 @@ def sign_off(
             "station_id": shift.station_id,
             "courier_id": shift.courier_id,
             "device_id": shift.device_id,
-            "note": note_text,
+            "note": note,
             "forced_reason": shift.signoff_forced_reason,
             "balance": shift.signoff_balance,
         },
@@ -1227,7 +1251,8 @@ def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
     }
 
 
-def _text(value: str | None, field: str, *, required: bool) -> str | None:
+def manager_text(value: str | None, field: str, *, required: bool) -> str | None:
+    """A manager's note or reason, trimmed; blank is absent (refused when required)."""
     text = (value or "").strip()
     if not text:
         if required:

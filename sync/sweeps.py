@@ -11,7 +11,6 @@ are due, not the size of the tables.
 from __future__ import annotations
 
 import datetime as dt
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -27,12 +26,11 @@ from models import (
     Flag,
     FlagSeverity,
     FlagStatus,
-    ProofImage,
-    ScanEvent,
     Shift,
     ShiftStatus,
 )
 from sync import audit, scheduling
+from sync.balances import missing_images
 from sync.blobs import BlobStore
 from sync.flags import (
     ACTIVE_STATUSES,
@@ -44,7 +42,6 @@ from sync.flags import (
     raise_flag,
     reopen_flag,
 )
-from sync.projection import voided_in_sql
 from sync.rules import Policy
 from sync.shifts import NOT_CLOSED, lock_shift
 from sync.status import rejudge_for_consent
@@ -286,7 +283,7 @@ def blob_missing_at_handover(
         _row_batches(session, older_still_flagged, Shift.id, settings.batch_size),
     ):
         checked += len(shifts)
-        missing, pending = _missing_images(
+        missing, pending = missing_images(
             session, [s.id for s in shifts], arrived_before=now - settings.blob_missing_grace
         )
         complete = []
@@ -336,34 +333,6 @@ def blob_missing_at_handover(
         "flags_raised": _capped(raised),
         "flags_closed": _capped(closed),
     }
-
-
-def _missing_images(
-    session: Session, shift_ids: Sequence[int], *, arrived_before: dt.datetime
-) -> tuple[dict[int, tuple[set[str], set[int]]], set[int]]:
-    """``{shift id: (missing digests, event ids naming them)}`` for these shifts, of
-    events that arrived before ``arrived_before``; and the shifts whose only missing
-    images are named by events that arrived since (still within their grace)."""
-    voided = voided_in_sql(ScanEvent)
-    missing: dict[int, tuple[set[str], set[int]]] = defaultdict(lambda: (set(), set()))
-    pending: set[int] = set()
-    for shift_id, event_id, digest, received_at in session.execute(
-        select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256, ScanEvent.received_at)
-        .join(ScanEvent, ScanEvent.id == ProofImage.event_id)
-        .outerjoin(Blob, Blob.sha256 == ProofImage.sha256)
-        .where(
-            ScanEvent.shift_id.in_(shift_ids),
-            # never uploaded, or purged before the delivery named it (``sync.rules``)
-            or_(Blob.sha256.is_(None), Blob.purged_at <= ScanEvent.occurred_at),
-            ~voided,
-        )
-    ):
-        if received_at > arrived_before:
-            pending.add(shift_id)
-            continue
-        missing[shift_id][0].add(digest)
-        missing[shift_id][1].add(event_id)
-    return dict(missing), pending - set(missing)
 
 
 # -- consents ---------------------------------------------------------------------------------

@@ -316,6 +316,13 @@ REQUESTS: dict[str, Builder] = {
     "POST /api/v1/shifts/{shift_id}/close": _same(OWN("shift_id"), json={}),
     "GET /api/v1/shifts/{shift_id}/balance": _same(OWN("shift_id")),
     "POST /api/v1/shifts/{shift_id}/signoff": _same(OWN("shift_id"), json={"note": "all good"}),
+    "POST /api/v1/stations/{station_id}/signoffs": lambda s, caller: Request(
+        OWN("station_id")(s),
+        json={
+            "note": "all good",
+            "shifts": [{"shift_id": path_parameters(s)["shift_id"], "balance_version": "seen"}],
+        },
+    ),
     "GET /api/v1/stations/{station_id}/handover": _same(OWN("station_id")),
     "GET /api/v1/stations/{station_id}/reports/daily": _same(OWN("station_id")),
     "GET /api/v1/stations/{station_id}/reports/weekly": _same(OWN("station_id")),

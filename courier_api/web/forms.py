@@ -87,6 +87,26 @@ class SignOffForm(_Form):
     balance_version = Text(load_default=None, validate=ma.validate.Length(max=64))
 
 
+class SignOffCleanForm(_Form):
+    """The board's sign-off of the checked shifts: one note, and the day shown (to
+    come back to). The boxes are ``checked_shifts``."""
+
+    note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
+    date = ma.fields.Date(load_default=None)
+
+
+def checked_shifts(boxes: Sequence[str]) -> dict[int, str]:
+    """The board's checked boxes, each ``<shift id>:<balance version>`` as the row
+    showed it: the shift ids with the version each was seen at."""
+    seen: dict[int, str] = {}
+    for box in boxes:
+        shift_id, _, version = box.partition(":")
+        if not shift_id.isdigit() or not version or len(version) > 64:
+            raise InvalidInput(f"shift: not a board row ({box[:40]!r})", field="shift")
+        seen[int(shift_id)] = version
+    return seen
+
+
 class CloseShiftForm(_Form, CloseShiftIn):
     """The API's close (``last_seq``, optional), as the shift page's form sends it."""
 

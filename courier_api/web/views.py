@@ -53,7 +53,9 @@ from courier_api.web.forms import (
     FlagFilter,
     LoginForm,
     ProofFilter,
+    SignOffCleanForm,
     SignOffForm,
+    checked_shifts,
     parse,
 )
 from courier_api.web.session import (
@@ -69,7 +71,7 @@ from courier_api.web.session import (
     sign_out_everywhere,
 )
 from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
-from sync import directory, flags, shifts
+from sync import directory, flags, shifts, signoffs
 from sync.balances import board_totals, station_board
 from sync.errors import (
     AuthenticationFailed,
@@ -299,7 +301,44 @@ def board() -> ResponseReturnValue:
         day=day,
         rows=rows,
         totals=board_totals(rows),
+        clean={
+            row.shift.id
+            for row in rows
+            if signoffs.not_clean(row.shift, row.balance, row.open_flags, row.images_missing)
+            is None
+        },
     )
+
+
+@bp.post("/stations/<id:station_id>/signoffs")
+@page(*DECIDERS)
+def sign_off_clean(station_id: int) -> ResponseReturnValue:
+    """The board's checked clean handovers signed off with one note, as
+    ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told with its reason."""
+    form = parse(SignOffCleanForm(), request.form)
+    station = _chosen_station(station_id)
+    back = url_for("web.board", station=station.id, date=form.get("date"))
+    try:
+        outcomes = signoffs.sign_off_clean(
+            session=db.session,
+            station_id=station.id,
+            seen=checked_shifts(request.form.getlist("shift")),
+            user_id=current_principal().user_id,
+            note=form.get("note") or "",
+            now=utcnow(),
+        )
+    except InvalidInput as exc:
+        db.session.rollback()
+        flash(f"Nothing signed off: {exc.message}", "error")
+        return redirect(back)
+    db.session.commit()
+    done = sum(outcome.outcome == signoffs.SIGNED_OFF for outcome in outcomes)
+    if done:
+        flash(f"{done} shift{'' if done == 1 else 's'} signed off.", "ok")
+    for outcome in outcomes:
+        if outcome.outcome == signoffs.REFUSED:
+            flash(f"Not signed off: {outcome.message}", "error")
+    return redirect(back)
 
 
 # -- a shift ----------------------------------------------------------------------------------

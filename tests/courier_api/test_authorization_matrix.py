@@ -192,6 +192,7 @@ MATRIX: dict[str, Row] = {
     "POST /api/v1/shifts/{shift_id}/close":                   api(200, 403, 403, 200, "404 shift_not_found", 200, "403 not_your_shift", "404 shift_not_found"),  # noqa: E501
     "GET /api/v1/shifts/{shift_id}/balance":                  api(200, 200, 403, 200, "404 shift_not_found", 200, "403 not_your_shift", "404 shift_not_found"),  # noqa: E501
     "POST /api/v1/shifts/{shift_id}/signoff":                 api(200, 403, 403, 200, "404 shift_not_found", 403, 403, 403),  # noqa: E501
+    "POST /api/v1/stations/{station_id}/signoffs":            api(200, 403, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/handover":             api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/reports/daily":        api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/stations/{station_id}/reports/weekly":       api(200, 200, 403, 200, 403, 403, 403, 403),  # noqa: E501
@@ -218,6 +219,7 @@ MATRIX: dict[str, Row] = {
     "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 404, **GET_PAGE),
     "POST /web/shifts/{shift_id}/close":                      page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
+    "POST /web/stations/{station_id}/signoffs":               page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
     "GET /web/flags":                                         page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/flags/{flag_id}":                               page(200, 200, 200, 404, **GET_PAGE),
     "POST /web/flags/{flag_id}/acknowledge":                  page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
@@ -248,6 +250,7 @@ def page_request(s: Subjects, path: str) -> tuple[str, dict[str, str] | None]:
         url += f"?station={s.station_id}"
     forms = {
         "signoff": {"note": "all good"},
+        "signoffs": {"note": "all good"},
         "close": {},
         "acknowledge": {},
         "resolve": {"note": "found it"},

@@ -16,6 +16,8 @@ from courier_api.api.shifts.schemas import (
     ShiftListArgs,
     ShiftOut,
     ShiftPage,
+    SignOffCleanIn,
+    SignOffCleanOut,
     SignOffIn,
     shift_view,
 )
@@ -23,7 +25,7 @@ from courier_api.auth import Principal, current_principal, ensure_station_access
 from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
-from sync import directory, shifts
+from sync import directory, shifts, signoffs
 from sync.balances import (
     board_totals,
     changed_since_signoff,
@@ -237,6 +239,44 @@ class SignOff(MethodView):
         return _view(shift)
 
 
+@blp.route("/stations/<id:station_id>/signoffs")
+class CleanSignOffs(MethodView):
+    @blp.auth(*MANAGERS)
+    @blp.arguments(SignOffCleanIn)
+    @blp.response(200, SignOffCleanOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def post(self, body: dict[str, Any], station_id: int) -> dict[str, Any]:
+        """Sign off the station's clean handovers together
+
+        For the evening's many shifts that need no other word: each shift named,
+        with the `balance_version` its board row showed (`GET
+        /stations/{station_id}/handover`), is signed off with the one `note` when
+        it is closed, balanced, has no flag of its own open or acknowledged, and
+        its balance has not changed since it was read. Any other is refused with
+        its reason (`code`) and left for a sign-off of its own (`POST
+        /shifts/{shift_id}/signoff`), where an unbalanced or provisional handover
+        gets a note about it; the rest are signed off all the same. Each sign-off
+        goes to the audit log as a single one does. A shift of another station is
+        refused as `shift_not_found`.
+        """
+        ensure_station_access(station_id)
+        directory.get_station(session=db.session, station_id=station_id)
+        outcomes = signoffs.sign_off_clean(
+            session=db.session,
+            station_id=station_id,
+            seen={item["shift_id"]: item["balance_version"] for item in body["shifts"]},
+            user_id=current_principal().user_id,
+            note=body["note"],
+            now=utcnow(),
+        )
+        db.session.commit()
+        return {
+            "signed_off": sum(o.outcome == signoffs.SIGNED_OFF for o in outcomes),
+            "refused": sum(o.outcome == signoffs.REFUSED for o in outcomes),
+            "outcomes": outcomes,
+        }
+
+
 @blp.route("/stations/<id:station_id>/handover")
 class StationHandover(MethodView):
     READS_ONLY = True  # courier_api.database: the board at 19:00 holds up no push
@@ -282,8 +322,10 @@ class StationHandover(MethodView):
                     "reopened_at": row.shift.reopened_at,
                     "changed_since_signoff": row.changed_since_signoff,
                     "balance": row.balance.summary(),
+                    "balance_version": row.balance_version,
                     "open_flag_count": len(row.open_flags),
                     "open_flags": [flag._asdict() for flag in row.open_flags],
+                    "images_missing": row.images_missing,
                 }
                 for row in rows
             ],

@@ -10,6 +10,7 @@ from models import FlagStatus, ShiftStatus
 from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES
 from sync.phones import shown_text
 from sync.shifts import MAX_NOTE_LENGTH
+from sync.signoffs import MAX_SHIFTS
 
 BALANCE_STATUSES = ("balanced", "unbalanced", "provisional")
 Seq = ma.fields.Integer
@@ -276,6 +277,14 @@ class BoardShiftOut(ma.Schema):
         },
     )
     balance = ma.fields.Nested(BalanceCounts, required=True)
+    balance_version = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "The balance's `version`, as `GET /shifts/{shift_id}/balance` "
+            "gives it: send it back to sign the shift off (`POST /shifts/{shift_id}/signoff`, "
+            "`POST /stations/{station_id}/signoffs`)"
+        },
+    )
     open_flag_count = _count(
         "The shift's own flags still open or acknowledged (not its handover "
         "discrepancies, which the balance counts): a balanced shift can have one, such as "
@@ -285,6 +294,11 @@ class BoardShiftOut(ma.Schema):
         ma.fields.Nested(BoardFlagOut),
         required=True,
         metadata={"description": "Those flags, oldest first (`GET /flags?shift_id=` lists all)"},
+    )
+    images_missing = _count(
+        "Proof images (signatures, photos) the handed-over shift's deliveries name that the "
+        "server lacks: not uploaded yet, or purged. `blob_missing_at_handover` flags them "
+        "only after its grace; a shift with any is no clean handover to sign off together"
     )
 
 
@@ -315,3 +329,58 @@ class BoardOut(ma.Schema):
     date = ma.fields.Date(required=True)
     shifts = ma.fields.List(ma.fields.Nested(BoardShiftOut), required=True)
     totals = ma.fields.Nested(BoardTotalsOut, required=True)
+
+
+class SeenShiftIn(ma.Schema):
+    shift_id = Id(required=True)
+    balance_version = ma.fields.String(
+        required=True,
+        validate=ma.validate.Length(min=1, max=64),
+        metadata={"description": "The board row's `balance_version`, as the manager saw it"},
+    )
+
+
+class SignOffCleanIn(ma.Schema):
+    note = Text(
+        required=True,
+        validate=ma.validate.Length(min=1, max=MAX_NOTE_LENGTH),
+        metadata={"example": "all parcels accounted for"},
+    )
+    shifts = ma.fields.List(
+        ma.fields.Nested(SeenShiftIn),
+        required=True,
+        validate=ma.validate.Length(min=1, max=MAX_SHIFTS),
+        metadata={"description": f"At most {MAX_SHIFTS}, each shift once"},
+    )
+
+    @ma.validates("shifts")
+    def _each_once(self, value: list[dict[str, Any]], **_: Any) -> None:
+        ids = [item["shift_id"] for item in value]
+        twice = sorted({shift_id for shift_id in ids if ids.count(shift_id) > 1})
+        if twice:
+            raise ma.ValidationError(f"shift {', '.join(map(str, twice))} named more than once")
+
+
+class SignOffOutcomeOut(ma.Schema):
+    shift_id = ma.fields.Integer(required=True)
+    outcome = ma.fields.String(required=True, metadata={"description": "signed_off, refused"})
+    code = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Why it was refused: shift_not_found, shift_open, "
+            "already_signed_off, balance_unbalanced, balance_provisional, open_flags, "
+            "images_missing, balance_changed; null when signed off"
+        },
+    )
+    message = ma.fields.String(allow_none=True, required=True)
+
+
+class SignOffCleanOut(ma.Schema):
+    signed_off = _count("Shifts signed off by this request")
+    refused = _count("Shifts left for a sign-off of their own")
+    outcomes = ma.fields.List(
+        ma.fields.Nested(SignOffOutcomeOut),
+        required=True,
+        metadata={"description": "One per shift named, in shift id order"},
+    )

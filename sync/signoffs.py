@@ -1,0 +1,174 @@
+"""Signing off a station's clean handovers together.
+
+At 19:00 a manager has many shifts to sign off, and most of them need no other word
+than "all accounted for": handed over, balanced, with no flag of their own waiting and
+every proof image uploaded. ``sign_off_clean`` signs those off with one note, each as
+``sync.shifts.sign_off`` would with the balance version the manager was shown, and
+refuses any other with its reason: it gets a sign-off of its own, with a note about
+what is wrong (and a forced reason where the balance is provisional). The others are
+signed off all the same: one shift that changed does not hold up the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import Shift, ShiftStatus, utcnow
+from sync.balances import OpenFlag, balances, images_lacking, open_own_flags
+from sync.errors import InvalidInput
+from sync.handover import Balance, BalanceStatus, balance_version
+from sync.shifts import lock_shifts, manager_text, record_sign_off
+
+# Shifts signed off in one request: a station's day, with room to spare.
+MAX_SHIFTS = 200
+
+SIGNED_OFF = "signed_off"
+REFUSED = "refused"
+
+
+class Refusal(NamedTuple):
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one shift of the request: signed off, or refused (``code``, and a
+    ``message`` for the manager)."""
+
+    shift_id: int
+    outcome: str
+    code: str | None = None
+    message: str | None = None
+
+
+def sign_off_clean(
+    *,
+    session: Session,
+    station_id: int,
+    seen: Mapping[int, str],
+    user_id: int,
+    note: str,
+    now: dt.datetime | None = None,
+) -> list[Outcome]:
+    """Sign off, with ``note``, each of the station's shifts in ``seen`` (shift id:
+    the balance ``version`` the manager was shown) that is a clean handover: closed,
+    balanced, no own flag open or acknowledged (``sync.balances.open_own_flags``), every
+    proof image its deliveries name uploaded, and its balance still the version shown.
+    The others are refused, each with its reason; outcomes come in shift id order.
+
+    The shifts are locked in id order (the service's lock order, ``lock_shifts``) and
+    judged in a few queries however many there are. Each sign-off goes to the audit
+    log as a single one does.
+    """
+    now = now or utcnow()
+    text = manager_text(note, "note", required=True)
+    assert text is not None  # required
+    if not seen:
+        raise InvalidInput(
+            "name at least one shift to sign off", code="shifts_required", field="shifts"
+        )
+    if len(seen) > MAX_SHIFTS:
+        raise InvalidInput(
+            f"at most {MAX_SHIFTS} shifts are signed off at once, not {len(seen)}",
+            code="too_many_shifts",
+            field="shifts",
+        )
+    ids = sorted(seen)
+    of_station = set(
+        session.scalars(select(Shift.id).where(Shift.id.in_(ids), Shift.station_id == station_id))
+    )
+    handed_over = lock_shifts(session, of_station)
+    judged = balances(session, list(handed_over.values()))
+    waiting = open_own_flags(session, list(handed_over))
+    lacking = images_lacking(session, list(handed_over))
+    outcomes = []
+    for shift_id in ids:
+        refusal = _refusal(
+            shift_id,
+            seen[shift_id],
+            known=shift_id in of_station,
+            shift=handed_over.get(shift_id),
+            balance=judged.get(shift_id),
+            flags=waiting.get(shift_id, ()),
+            images_missing=len(lacking.get(shift_id, ())),
+        )
+        if refusal is not None:
+            outcomes.append(refusal)
+            continue
+        record_sign_off(
+            session=session,
+            shift=handed_over[shift_id],
+            balance=judged[shift_id],
+            user_id=user_id,
+            note=text,
+            forced_reason=None,
+            now=now,
+        )
+        outcomes.append(Outcome(shift_id, SIGNED_OFF))
+    return outcomes
+
+
+def not_clean(
+    shift: Shift, balance: Balance, flags: Sequence[OpenFlag], images_missing: int
+) -> Refusal | None:
+    """Why this shift is no clean handover, to sign off with others, or None: the board
+    offers to sign off together exactly those it finds clean."""
+    if shift.status == ShiftStatus.OPEN:
+        return Refusal("shift_open", "still open; it is signed off after it is closed")
+    if shift.status == ShiftStatus.SIGNED_OFF:
+        return Refusal("already_signed_off", "already signed off")
+    if balance.status != BalanceStatus.BALANCED:
+        return Refusal(
+            f"balance_{balance.status}",
+            f"the balance is {balance.status}: sign it off on its own, with a note on it",
+        )
+    if flags:
+        kinds = ", ".join(sorted({flag.kind for flag in flags}))
+        return Refusal(
+            "open_flags",
+            f"{len(flags)} flag{'' if len(flags) == 1 else 's'} of its own waiting ({kinds}): "
+            "decide on them, or sign it off on its own",
+        )
+    if images_missing:
+        return Refusal(
+            "images_missing",
+            f"{images_missing} proof image{'' if images_missing == 1 else 's'} of its "
+            "deliveries not uploaded: wait for them, or sign it off on its own",
+        )
+    return None
+
+
+def _refusal(
+    shift_id: int,
+    version: str,
+    *,
+    known: bool,
+    shift: Shift | None,
+    balance: Balance | None,
+    flags: Sequence[OpenFlag],
+    images_missing: int,
+) -> Outcome | None:
+    """Why this shift of the request is not signed off, or None. ``shift`` and
+    ``balance`` are None for a shift still open (or not the station's: ``known``)."""
+    if not known:
+        why: Refusal | None = Refusal("shift_not_found", "no such shift at this station")
+    elif shift is None or balance is None:
+        why = Refusal("shift_open", "still open; it is signed off after it is closed")
+    else:
+        why = not_clean(shift, balance, flags, images_missing)
+        if why is None and version != balance_version(balance):
+            why = Refusal(
+                "balance_changed",
+                f"its balance changed since it was read ({len(balance.discrepancies)} "
+                "discrepancies now): read it again",
+            )
+    if why is None:
+        return None
+    return Outcome(shift_id, REFUSED, why.code, f"shift {shift_id}: {why.message}")

@@ -1,0 +1,336 @@
+"""Signing off a station's clean handovers together (``sync.signoffs``), over HTTP and
+on the board page: the manager at 19:00 with many shifts to sign off."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import AuditEntry, Shift
+from sync.sweeps import SweepSettings, blob_missing_at_handover
+from tests import factories
+from tests.browser.station_day import doorstep_png
+from tests.conftest import Auth, World
+from tests.courier_api.test_shifts_api import Courier, now, parcels
+from tests.courier_api.test_web_pages import signed_in
+
+
+def board(client: FlaskClient, world: World, headers: dict[str, str]) -> dict[int, Any]:
+    response = client.get(f"/api/v1/stations/{world.station.id}/handover", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return {row["shift_id"]: row for row in response.get_json()["shifts"]}
+
+
+def sign_off_clean(
+    client: FlaskClient,
+    station_id: int,
+    headers: dict[str, str],
+    seen: dict[int, str],
+    note: str = "all accounted for",
+) -> Any:
+    shifts = [{"shift_id": i, "balance_version": v} for i, v in seen.items()]
+    return client.post(
+        f"/api/v1/stations/{station_id}/signoffs",
+        json={"note": note, "shifts": shifts},
+        headers=headers,
+    )
+
+
+@pytest.fixture
+def couriers(client: FlaskClient, session: Session, auth: Auth, world: World) -> list[Courier]:
+    """Five couriers of ST1, each on a PDA of their own."""
+    pdas = [Courier(client, auth, "courier1", "PDA-0001")]
+    for n in range(2, 6):
+        factories.user(session, f"courier{n}", "courier", world.station)
+        factories.device(session, f"PDA-10{n:02d}", world.station)
+    session.commit()
+    pdas += [Courier(client, auth, f"courier{n}", f"PDA-10{n:02d}") for n in range(2, 6)]
+    return pdas
+
+
+def test_the_clean_handovers_are_signed_off_together_and_the_others_refused_with_why(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """Five shifts on the board: one clean, one unbalanced, one balanced with its proof
+    images never uploaded (a flag of its own), one still on the road, and one a late
+    batch changed after the board was read. Only the clean one is signed off; each
+    other is refused with its reason and left as it was, for a sign-off of its own."""
+    clean, unbalanced, flagged, on_road, changed = couriers
+    manager = auth.headers("manager1")
+    a, b, c, d, e, f, g = parcels(session, world, 7)
+    shift = {}
+    for pda in couriers:
+        shift[pda] = pda.open(first_seq=1)["id"]
+    clean.push([clean.event(a), clean.event(a, "returned_to_station")])
+    unbalanced.push(
+        [
+            unbalanced.event(b),
+            unbalanced.event(c),
+            unbalanced.event(b, "delivered", pod={"recipient_name": "Li", "relation": "self"}),
+        ]
+    )
+    flagged.push([flagged.event(d), flagged.event(d, "delivered")])
+    on_road.push([on_road.event(e)])
+    changed.push([changed.event(f), changed.event(f, "returned_to_station")])
+    for pda in (clean, unbalanced, flagged, changed):
+        assert pda.close(shift[pda]).status_code == 200
+    blob_missing_at_handover(
+        session=session, now=now() + dt.timedelta(hours=2), settings=SweepSettings()
+    )
+    session.commit()
+
+    rows = board(client, world, manager)
+    assert rows[shift[clean]]["balance"]["status"] == "balanced"
+    assert rows[shift[flagged]]["open_flag_count"] == 1
+    seen = {shift_id: row["balance_version"] for shift_id, row in rows.items()}
+    # After the read, the PDA whose shift was closed without a last seq sends one more.
+    changed.push([changed.event(g), changed.event(g, "returned_to_station")])
+
+    response = sign_off_clean(client, world.station.id, manager, seen)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    outcomes = {o["shift_id"]: (o["outcome"], o["code"]) for o in body["outcomes"]}
+    assert outcomes == {
+        shift[clean]: ("signed_off", None),
+        shift[unbalanced]: ("refused", "balance_unbalanced"),
+        shift[flagged]: ("refused", "open_flags"),
+        shift[on_road]: ("refused", "shift_open"),
+        shift[changed]: ("refused", "balance_changed"),
+    }
+    assert [o["shift_id"] for o in body["outcomes"]] == sorted(seen)
+    assert (body["signed_off"], body["refused"]) == (1, 4)
+    flagged_message = outcomes_message(body, shift[flagged])
+    assert "blob_missing_at_handover" in flagged_message
+
+    session.expire_all()
+    stored = {s.id: s for s in session.scalars(select(Shift))}
+    assert stored[shift[clean]].status.value == "signed_off"
+    assert stored[shift[clean]].signoff_note == "all accounted for"
+    assert stored[shift[clean]].signoff_balance["status"] == "balanced"
+    for pda in (unbalanced, flagged, changed):
+        assert stored[shift[pda]].status.value == "closed"
+        assert stored[shift[pda]].signed_off_at is None
+    assert stored[shift[on_road]].status.value == "open"
+    entries = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "shift_signed_off")
+    ).all()
+    assert [(e.subject_key, e.details["note"]) for e in entries] == [
+        (str(shift[clean]), "all accounted for")
+    ]
+    # The board row now says signed off, and the changed one signs off with what it shows.
+    rows = board(client, world, manager)
+    assert rows[shift[clean]]["shift_status"] == "signed_off"
+    again = sign_off_clean(
+        client,
+        world.station.id,
+        manager,
+        {
+            shift[clean]: seen[shift[clean]],
+            shift[changed]: rows[shift[changed]]["balance_version"],
+        },
+    )
+    assert again.status_code == 200, again.get_json()
+    assert {o["shift_id"]: o["code"] for o in again.get_json()["outcomes"]} == {
+        shift[clean]: "already_signed_off",
+        shift[changed]: None,
+    }
+
+
+def outcomes_message(body: dict[str, Any], shift_id: int) -> str:
+    [message] = [o["message"] for o in body["outcomes"] if o["shift_id"] == shift_id]
+    return message
+
+
+def test_a_provisional_handover_is_left_for_a_sign_off_with_its_reason(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """Seq 2 is still on the PDA: the balance is provisional, and only a sign-off of its
+    own, forced with a reason, may close it before the PDA sends it."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    [a] = parcels(session, world, 1)
+    shift_id = pda.open(first_seq=1)["id"]
+    first = pda.event(a)
+    pda.event(a, "delivered")  # seq 2, never pushed
+    last = pda.event(a, "returned_to_station")
+    pda.push([first, last])
+    pda.close(shift_id, last_seq=pda.seq)
+    row = board(client, world, manager)[shift_id]
+    assert row["balance"]["status"] == "provisional"
+    response = sign_off_clean(
+        client, world.station.id, manager, {shift_id: row["balance_version"]}
+    )
+    [outcome] = response.get_json()["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "balance_provisional")
+    assert session.get(Shift, shift_id).status.value == "closed"
+
+
+def test_another_stations_shift_is_not_found_and_another_stations_manager_is_forbidden(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    pda = couriers[0]
+    [a] = parcels(session, world, 1)
+    shift_id = pda.open(first_seq=1)["id"]
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(shift_id, last_seq=pda.seq)
+    version = board(client, world, auth.headers("manager1"))[shift_id]["balance_version"]
+
+    # Named under the other station's URL by its own manager: not theirs, not signed.
+    response = sign_off_clean(
+        client, world.other_station.id, auth.headers("manager2"), {shift_id: version}
+    )
+    assert response.status_code == 200, response.get_json()
+    [outcome] = response.get_json()["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "shift_not_found")
+    assert str(shift_id) in outcome["message"] and "ST1" not in outcome["message"]
+    # ST1's URL is not theirs at all.
+    forbidden = sign_off_clean(
+        client, world.station.id, auth.headers("manager2"), {shift_id: version}
+    )
+    assert forbidden.status_code == 403
+    assert forbidden.get_json()["code"] == "station_forbidden"
+    # Couriers and auditors do not sign off; an admin may.
+    for role_headers in (pda.headers, auth.headers("auditor1")):
+        assert (
+            sign_off_clean(client, world.station.id, role_headers, {shift_id: version}).status_code
+            == 403
+        )
+    assert session.get(Shift, shift_id).status.value == "closed"
+    admin = sign_off_clean(client, world.station.id, auth.headers("admin"), {shift_id: version})
+    assert admin.get_json()["signed_off"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"shifts": [{"shift_id": 1, "balance_version": "x"}]}, "note"),
+        ({"note": "  ", "shifts": [{"shift_id": 1, "balance_version": "x"}]}, "note"),
+        ({"note": "ok", "shifts": []}, "shifts"),
+        ({"note": "ok", "shifts": [{"shift_id": 1}]}, "shifts"),
+        (
+            {
+                "note": "ok",
+                "shifts": [
+                    {"shift_id": 1, "balance_version": "x"},
+                    {"shift_id": 1, "balance_version": "y"},
+                ],
+            },
+            "shifts",
+        ),
+        (
+            {
+                "note": "ok",
+                "shifts": [{"shift_id": n, "balance_version": "x"} for n in range(1, 202)],
+            },
+            "shifts",
+        ),
+    ],
+    ids=["no note", "blank note", "no shift", "no version", "a shift twice", "201 shifts"],
+)
+def test_a_bad_request_is_422_naming_the_field_and_signs_nothing_off(
+    client: FlaskClient, auth: Auth, world: World, body: dict[str, Any], field: str
+) -> None:
+    response = client.post(
+        f"/api/v1/stations/{world.station.id}/signoffs",
+        json=body,
+        headers=auth.headers("manager1"),
+    )
+    assert response.status_code == 422, response.get_json()
+    assert field in str(response.get_json()), response.get_json()
+
+
+def test_an_unknown_station_is_404(client: FlaskClient, auth: Auth, world: World) -> None:
+    response = sign_off_clean(client, 999_999, auth.headers("admin"), {1: "x"})
+    assert response.status_code == 404
+
+
+def test_the_board_page_signs_off_the_checked_clean_shifts(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """The board offers a box only on a clean handover; the manager checks them, writes
+    one note and signs them off; the page says how many, and why any was refused."""
+    clean, unbalanced = couriers[:2]
+    a, b = parcels(session, world, 2)
+    ids = {}
+    for pda, parcel in ((clean, a), (unbalanced, b)):
+        ids[pda] = pda.open(first_seq=1)["id"]
+        pda.push(
+            [pda.event(parcel)]
+            + ([pda.event(parcel, "returned_to_station")] if pda is clean else [])
+        )
+        pda.close(ids[pda], last_seq=pda.seq)
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    boxes = dict(re.findall(r'<input type="checkbox" name="shift" value="(\d+):(\w+)"', html))
+    assert list(boxes) == [str(ids[clean])], html
+    done = page.client.post(
+        f"/web/stations/{world.station.id}/signoffs",
+        data={
+            "csrf_token": page.token(),
+            "note": "all on the shelf",
+            "shift": [f"{ids[clean]}:{boxes[str(ids[clean])]}", f"{ids[unbalanced]}:stale"],
+            "date": "",
+        },
+        follow_redirects=True,
+    ).get_data(as_text=True)
+    assert "1 shift signed off" in done, done
+    assert f"shift {ids[unbalanced]}: the balance is unbalanced" in done, done
+    session.expire_all()
+    assert session.get(Shift, ids[clean]).signoff_note == "all on the shelf"
+    assert session.get(Shift, ids[unbalanced]).status.value == "closed"
+
+
+def test_a_shift_whose_signature_is_not_uploaded_yet_is_no_clean_handover_until_it_is(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """19:00, the courier has just handed over: the balance closes, but the PDA has not
+    uploaded the signature its delivery names, and the sweep flags that only after its
+    grace. The board says so at once, offers no box, and a sign-off together refuses
+    it; once the image is uploaded the same shift signs off with the others."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    [a] = parcels(session, world, 1)
+    signature = doorstep_png(77)
+    shift_id = pda.open(first_seq=1)["id"]
+    pod = {"recipient_name": "Wang", "signature_sha256": hashlib.sha256(signature).hexdigest()}
+    pda.push([pda.event(a), pda.event(a, "delivered", pod=pod)])
+    pda.close(shift_id, last_seq=pda.seq)
+
+    row = board(client, world, manager)[shift_id]
+    assert (row["balance"]["status"], row["open_flag_count"]) == ("balanced", 0)
+    assert row["images_missing"] == 1
+    html = signed_in(client.application, "manager1").get(f"/web/board?station={world.station.id}")
+    assert "1 proof image not uploaded" in html
+    assert 'name="shift"' not in html
+    refused = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
+    [outcome] = refused.get_json()["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "images_missing")
+
+    uploaded = client.put(
+        f"/api/v1/blobs/{pod['signature_sha256']}",
+        data=signature,
+        content_type="application/octet-stream",
+        headers=pda.headers,
+    )
+    assert uploaded.status_code == 201, uploaded.get_json()
+    row = board(client, world, manager)[shift_id]
+    assert row["images_missing"] == 0
+    done = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
+    assert done.get_json()["signed_off"] == 1, done.get_json()

@@ -469,6 +469,34 @@ def images_lacking(session: Session, shift_ids: Sequence[int]) -> dict[int, set[
     return lacking
 
 
+# How far back a day's board looks for shifts still waiting for the manager.
+EARLIER_DAYS = 14
+
+
+def waiting_from_earlier_days(
+    *, session: Session, station_id: int, work_date: dt.date, days: int = EARLIER_DAYS
+) -> list[tuple[Shift, User]]:
+    """The station's shifts of the ``days`` days before ``work_date`` not signed off,
+    oldest first, with their couriers: still open (a PDA that died, a courier who never
+    closed) or handed over and waiting for a sign-off (late events that reopened one
+    today). A day's board lists that day's shifts; these are the ones from before that
+    still need the manager. One query, through ``ix_shift_station_work_date``."""
+    return [
+        (shift, courier)
+        for shift, courier in session.execute(
+            select(Shift, User)
+            .join(User, User.id == Shift.courier_id)
+            .where(
+                Shift.station_id == station_id,
+                Shift.work_date >= work_date - dt.timedelta(days=days),
+                Shift.work_date < work_date,
+                Shift.status != ShiftStatus.SIGNED_OFF,
+            )
+            .order_by(Shift.work_date, Shift.opened_at, Shift.id)
+        )
+    ]
+
+
 def open_own_flags(session: Session, shift_ids: Sequence[int]) -> dict[int, list[OpenFlag]]:
     """The open or acknowledged own flags of these shifts, by shift, oldest first: one
     query (per 900 shifts), through ``ix_flag_shift_id``. Not discrepancies: a shift

@@ -72,7 +72,7 @@ from courier_api.web.session import (
 )
 from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
 from sync import directory, flags, shifts, signoffs
-from sync.balances import board_totals, station_board
+from sync.balances import board_totals, station_board, waiting_from_earlier_days
 from sync.errors import (
     AuthenticationFailed,
     Conflict,
@@ -301,6 +301,9 @@ def board() -> ResponseReturnValue:
         day=day,
         rows=rows,
         totals=board_totals(rows),
+        earlier=waiting_from_earlier_days(
+            session=db.session, station_id=station.id, work_date=day
+        ),
         clean={
             row.shift.id
             for row in rows

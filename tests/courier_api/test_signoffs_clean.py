@@ -1,5 +1,6 @@
-"""Signing off a station's clean handovers together (``sync.signoffs``), over HTTP and
-on the board page: the manager at 19:00 with many shifts to sign off."""
+"""The manager at 19:00 with many shifts to sign off, over HTTP and on the board page:
+signing off the clean handovers together (``sync.signoffs``), and the shifts of earlier
+days that still wait (``sync.balances.waiting_from_earlier_days``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Shift
@@ -334,3 +335,80 @@ def test_a_shift_whose_signature_is_not_uploaded_yet_is_no_clean_handover_until_
     assert row["images_missing"] == 0
     done = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
     assert done.get_json()["signed_off"] == 1, done.get_json()
+
+
+def test_the_board_lists_the_shifts_of_earlier_days_that_still_wait(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """Yesterday's shift whose PDA died is still open, and one of three days ago was
+    reopened by late events this afternoon: neither is on today's board, which lists
+    the shifts opened today. Both are listed apart, with links; a signed-off shift of
+    two days ago, one beyond the two weeks looked back, and today's are not."""
+    dead, reopened, signed, ancient, today = couriers
+    ids = {pda: pda.open(first_seq=1)["id"] for pda in couriers}
+    for pda in (reopened, signed):
+        pda.close(ids[pda], last_seq=0)
+    board_day = session.get(Shift, ids[today]).work_date
+    moves = {
+        dead: (1, "open", 0),
+        reopened: (3, "closed", 1),
+        signed: (2, "signed_off", 0),
+        ancient: (20, "open", 0),
+    }
+    for pda, (days_ago, status, reopened_count) in moves.items():
+        session.execute(
+            update(Shift)
+            .where(Shift.id == ids[pda])
+            .values(
+                work_date=board_day - dt.timedelta(days=days_ago),
+                status=status,
+                reopened_count=reopened_count,
+            )
+        )
+    session.commit()
+
+    response = client.get(
+        f"/api/v1/stations/{world.station.id}/handover", headers=auth.headers("manager1")
+    )
+    body = response.get_json()
+    assert [row["shift_id"] for row in body["shifts"]] == [ids[today]]
+    assert body["totals"]["shifts"] == 1
+    assert [
+        (
+            e["shift_id"],
+            e["date"],
+            e["shift_status"],
+            e["reopened_count"],
+            e["courier"]["username"],
+        )
+        for e in body["earlier_waiting"]
+    ] == [
+        (ids[reopened], str(board_day - dt.timedelta(days=3)), "closed", 1, "courier2"),
+        (ids[dead], str(board_day - dt.timedelta(days=1)), "open", 0, "courier1"),
+    ]
+    # The other station's board does not list them; the day before shows yesterday's
+    # shift as its own, and the one of three days ago as earlier.
+    other = client.get(
+        f"/api/v1/stations/{world.other_station.id}/handover", headers=auth.headers("admin")
+    )
+    assert other.get_json()["earlier_waiting"] == []
+    yesterday = client.get(
+        f"/api/v1/stations/{world.station.id}/handover?date={board_day - dt.timedelta(days=1)}",
+        headers=auth.headers("manager1"),
+    ).get_json()
+    assert [row["shift_id"] for row in yesterday["shifts"]] == [ids[dead]]
+    assert [e["shift_id"] for e in yesterday["earlier_waiting"]] == [ids[reopened]]
+
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    waiting = re.search(r'<div class="callout[^"]*" id="earlier-waiting">(.*?)</div>', html, re.S)
+    assert waiting is not None, html
+    assert "2 shifts of earlier days still wait" in waiting.group(1)
+    assert f'<a href="/web/shifts/{ids[dead]}">Shift {ids[dead]}</a>' in waiting.group(1)
+    assert "still open" in waiting.group(1)
+    assert "handed over, not signed off (reopened by late events)" in waiting.group(1)
+    assert f"Shift {ids[signed]}<" not in waiting.group(1)

@@ -32,6 +32,7 @@ from sync.balances import (
     shift_balance,
     signed_off_version,
     station_board,
+    waiting_from_earlier_days,
 )
 from sync.errors import PermissionDenied
 from sync.handover import balance_version
@@ -298,7 +299,9 @@ class StationHandover(MethodView):
         totals are the handovers. Each row names the shift's own flags still open
         or acknowledged (`open_flags`: proof images missing at handover, say),
         which its balance does not count, and the totals count such shifts
-        (`with_open_flags`). Read in the same few queries however many shifts the
+        (`with_open_flags`). Shifts of the two weeks before that still wait for
+        the manager (open, or handed over and not signed off) are listed apart
+        (`earlier_waiting`). Read in the same few queries however many shifts the
         station runs.
         """
         ensure_station_access(station_id)
@@ -330,6 +333,19 @@ class StationHandover(MethodView):
                 for row in rows
             ],
             "totals": board_totals(rows),
+            "earlier_waiting": [
+                {
+                    "shift_id": shift.id,
+                    "date": shift.work_date,
+                    "courier": courier,
+                    "device_id": shift.device_id,
+                    "shift_status": shift.status,
+                    "reopened_count": shift.reopened_count,
+                }
+                for shift, courier in waiting_from_earlier_days(
+                    session=db.session, station_id=station_id, work_date=day
+                )
+            ],
         }
 
 

@@ -7,6 +7,7 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
 from models import FlagStatus, ShiftStatus
+from sync.balances import EARLIER_DAYS
 from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES
 from sync.phones import shown_text
 from sync.shifts import MAX_NOTE_LENGTH
@@ -324,11 +325,33 @@ class BoardTotalsOut(BalanceCounts):
     )
 
 
+class EarlierShiftOut(ma.Schema):
+    shift_id = ma.fields.Integer(required=True)
+    date = ma.fields.Date(required=True, metadata={"description": "The day it opened on"})
+    courier = ma.fields.Nested(BoardCourierOut, required=True)
+    device_id = ma.fields.String(required=True)
+    shift_status = ma.fields.Enum(
+        ShiftStatus, by_value=True, required=True, metadata={"description": "open, closed"}
+    )
+    reopened_count = ma.fields.Integer(
+        required=True, metadata={"description": "Times an event after a sign-off reopened it"}
+    )
+
+
 class BoardOut(ma.Schema):
     station_id = ma.fields.Integer(required=True)
     date = ma.fields.Date(required=True)
     shifts = ma.fields.List(ma.fields.Nested(BoardShiftOut), required=True)
     totals = ma.fields.Nested(BoardTotalsOut, required=True)
+    earlier_waiting = ma.fields.List(
+        ma.fields.Nested(EarlierShiftOut),
+        required=True,
+        metadata={
+            "description": f"Shifts of the {EARLIER_DAYS} days before `date` not signed off, "
+            "oldest first: still open (a PDA that died) or handed over and waiting for a "
+            "sign-off (reopened by late events, say). Not in `shifts` nor in the totals"
+        },
+    )
 
 
 class SeenShiftIn(ma.Schema):

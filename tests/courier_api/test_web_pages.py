@@ -426,6 +426,28 @@ def test_a_manager_sees_masked_phone_numbers_and_an_auditor_the_whole_number(
     assert "+8613812345678" in auditor
 
 
+def test_the_proof_pages_timeline_says_when_each_event_reached_the_server(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """An auditor settling "the consent was given before the drop" compares the PDA's
+    clock with when the server received each event: a consent the PDA stamped before
+    the drop but pushed after it shows that here, as the API's timeline does."""
+    drop = session.get(ScanEvent, day.drop_event_id)
+    assert drop is not None
+    events = session.scalars(
+        select(ScanEvent).where(ScanEvent.tracking_no == drop.tracking_no)
+    ).all()
+    html = signed_in(app, "auditor").get(f"/web/proofs/{drop.id}")
+    table = re.search(r'<table class="events">(.*?)</table>', html, re.S)
+    assert table is not None, html
+    assert '<th scope="col" title="When the server received it' in table.group(1)
+    received = re.findall(r'<td class="received">([^<]+)</td>', table.group(1))
+    tz = ZoneInfo(day.station.timezone)
+    assert sorted(received) == sorted(
+        e.received_at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") for e in events
+    )
+
+
 def test_a_phone_in_a_managers_note_is_masked_on_the_pages_except_for_auditors(
     app: Flask, session: Session, day: StationDay
 ) -> None:

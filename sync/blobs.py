@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import Blob, BlobUpload, utcnow
+from sync import audit
 from sync.errors import Conflict, Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
 from sync.events import SHA256_HEX
 from sync.sql import advisory_locks, chunks
@@ -40,6 +41,8 @@ from sync.sql import advisory_locks, chunks
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo; larger is a decompression bomb, not a proof
 log = logging.getLogger(__name__)
+# The audit action of an upload that replaced stored bytes found missing or altered.
+BYTES_RESTORED = "blob_bytes_restored"
 
 
 class BlobStore(Protocol):
@@ -242,6 +245,9 @@ class StoredImage:
     blob: Blob
     created: bool
     restored: bool = False
+    # The stored bytes this upload put right: "missing" or "altered" (audit-logged, as
+    # ``BYTES_RESTORED``: the upload would otherwise erase the only trace of them).
+    replaced: str | None = None
 
     @property
     def arrived(self) -> bool:
@@ -274,6 +280,15 @@ def store_blob(
         )
     stored = _stored(session, store, digest, data)
     _record_upload(session, digest, station_id, uploaded_by)
+    if stored.replaced is not None:
+        audit.append(
+            session=session,
+            actor_id=uploaded_by,
+            action=BYTES_RESTORED,
+            subject_type="blob",
+            subject_key=digest,
+            details={"found": stored.replaced, "station_id": station_id},
+        )
     return stored
 
 
@@ -306,9 +321,11 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> Sto
             store.verify(digest, size=existing.size_bytes)
         except FileNotFoundError:
             store.put(digest, data)  # the file was lost; these bytes are verified
+            return StoredImage(existing, created=False, replaced="missing")
         except BytesAltered as altered:
             log.warning("%s; replaced by the same image uploaded again", altered)
             store.put(digest, data)
+            return StoredImage(existing, created=False, replaced="altered")
         return StoredImage(existing, created=False)
     info = inspect_image(data)
     store.put(digest, data)  # before the row: a row never points at missing bytes

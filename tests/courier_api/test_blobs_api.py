@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from models import AuditEntry, Flag, FlagStatus
 from sync.blobs import FileBlobStore
@@ -135,7 +135,7 @@ def test_auditors_cannot_upload(client: FlaskClient, auth: Auth, world: World) -
 
 
 def test_a_lost_file_is_restored_by_uploading_again(
-    app: Flask, client: FlaskClient, courier: dict[str, str]
+    app: Flask, client: FlaskClient, session: Any, courier: dict[str, str]
 ) -> None:
     data = image_bytes()
     put(client, courier, data)
@@ -143,6 +143,10 @@ def test_a_lost_file_is_restored_by_uploading_again(
     store.path(digest(data)).unlink()
     assert put(client, courier, data).status_code == 200
     assert store.read(digest(data), size=len(data)) == data
+    found = session.scalars(
+        select(AuditEntry.details).where(AuditEntry.action == "blob_bytes_restored")
+    ).all()
+    assert [details["found"] for details in found] == ["missing"]
 
 
 @pytest.mark.parametrize("altered", ["replaced", "same_length"])
@@ -159,7 +163,8 @@ def test_a_proof_photo_altered_on_disk_is_not_served_as_the_genuine_one(
     another image, or had bytes changed in place. Content-addressed, it is checked on
     every read: a 409 ``blob_bytes_altered``, logged, never the other bytes under the
     digest's ETag, and no ``blob_read`` on record (nothing went out). Uploading the
-    genuine image again puts it back."""
+    genuine image again puts it back, and the audit log keeps that the file had been
+    altered: the repair does not erase the only trace of the tampering."""
     genuine = image_bytes()
     name = digest(genuine)
     assert put(client, courier, genuine).status_code == 201
@@ -181,6 +186,16 @@ def test_a_proof_photo_altered_on_disk_is_not_served_as_the_genuine_one(
     assert put(client, courier, genuine).status_code == 200
     mended = client.get(url, headers=auditor)
     assert (mended.status_code, mended.data) == (200, genuine)
+    [restored] = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "blob_bytes_restored")
+    ).all()
+    assert (restored.subject_type, restored.subject_key) == ("blob", name)
+    assert restored.details["found"] == "altered" and restored.actor_id is not None
+    # Uploaded again while intact: nothing to restore, nothing more on the log.
+    assert put(client, courier, genuine).status_code == 200
+    assert (
+        session.scalar(select(func.count()).where(AuditEntry.action == "blob_bytes_restored")) == 1
+    )
 
 
 def test_the_same_image_uploaded_at_two_stations_is_readable_at_both(

@@ -7,10 +7,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagStatus
+from models import Device, Flag, FlagStatus, ScanEvent, User
 from tests import factories
+from tests.browser import station_day
+from tests.browser.station_day import StationDay
 from tests.conftest import Auth, World
-from tests.courier_api.test_web_pages import signed_in
+from tests.courier_api.test_web_pages import day, signed_in  # noqa: F401 - fixture
 
 URL = "/api/v1/parcels"
 
@@ -224,6 +226,61 @@ def test_another_stations_parcel_answers_as_an_unknown_tracking_number(
         assert hidden.get_json()["code"] == "parcel_not_found"
     for username in ("auditor1", "admin", "app1"):
         assert client.get(f"{URL}/{foreign}", headers=auth.headers(username)).status_code == 200
+
+
+def test_a_timeline_names_no_shift_of_a_station_its_reader_cannot_open(
+    app: Flask,
+    session: Session,
+    day: StationDay,  # noqa: F811
+) -> None:
+    """8c98729 made the proof page neither link nor name the MHG shift a mis-sorted PDG
+    parcel's drop is filed under ("it would answer a 404 page, and give away another
+    station's shift id"). The same PDG manager reading the same proof through the API
+    (`GET /api/v1/proofs/<id>`, and the parcel's timeline, `GET /api/v1/parcels/<tn>`) is
+    handed that shift's id in each of MHG's events' `shift_id`: another station's shift,
+    which answers them `shift_not_found`, is named all the same (SECURITY.md threat 3:
+    for a manager another station's objects do not exist). The admin, who may open it,
+    is told it."""
+    zhao = session.scalars(select(User).where(User.username == "zhaolei")).one()
+    pda = station_day.Pda(session, session.get(Device, "PDA-MHG-05"), zhao)
+    pda.seq = 10
+    parcel = factories.parcel(session, day.station)
+    session.commit()
+    shift = pda.open(station_day.local(day.day, 18, 0))
+    checkout = pda.event(station_day.local(day.day, 18, 5), parcel.tracking_no, "checked_out")
+    drop = pda.event(
+        station_day.local(day.day, 18, 30),
+        parcel.tracking_no,
+        "delivered_to_locker",
+        locker_id="HIVE-MHG-2",
+        compartment="C3",
+        pod={"pickup_code": "551177"},
+    )
+    pda.push([checkout, drop], station_day.local(day.day, 18, 40))
+    pda.close(shift, station_day.local(day.day, 19, 0))
+    event_id = session.scalars(
+        select(ScanEvent.id).where(
+            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
+        )
+    ).one()
+    client = app.test_client()
+
+    for username, opens in (("manager", False), ("admin", True)):
+        token = client.post(
+            "/api/v1/auth/token", json={"username": username, "password": factories.PASSWORD}
+        ).get_json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        opened = client.get(f"/api/v1/shifts/{shift.id}", headers=headers)
+        assert opened.status_code == (200 if opens else 404)
+
+        proof = client.get(f"/api/v1/proofs/{event_id}", headers=headers)
+        found = client.get(f"{URL}/{parcel.tracking_no}", headers=headers)
+
+        assert proof.status_code == 200 and found.status_code == 200
+        named = {e["shift_id"] for e in proof.get_json()["timeline"]} | {
+            e["shift_id"] for e in found.get_json()["timeline"]
+        }
+        assert (shift.id in named) is opens, username
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from courier_api.auth import current_principal, ensure_visible, record_auditor_r
 from courier_api.extensions import db
 from models import Parcel, Role
 from sync.errors import LimitExceeded
+from sync.pages import opens_shift
 from sync.parcels import (
     IntakeScope,
     TimelineEntry,
@@ -93,7 +94,14 @@ class ParcelByTrackingNo(MethodView):
         # A locker's pickup code opens the compartment: other couriers have no use for it.
         hide_codes = role == Role.COURIER
         unmasked = role == Role.AUDITOR
-        return {**view, "timeline": [timeline_view(e, hide_codes, unmasked) for e in timeline]}
+        visible_station = principal.station_filter(None)
+        return {
+            **view,
+            "timeline": [
+                timeline_view(e, hide_codes, unmasked, visible_station=visible_station)
+                for e in timeline
+            ],
+        }
 
 
 def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
@@ -119,9 +127,14 @@ def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
 HIDDEN = "****"
 
 
-def timeline_view(entry: TimelineEntry, hide_pickup_code: bool, unmasked: bool) -> dict[str, Any]:
+def timeline_view(
+    entry: TimelineEntry, hide_pickup_code: bool, unmasked: bool, *, visible_station: int | None
+) -> dict[str, Any]:
     """``unmasked``: an auditor's; for anyone else a phone number typed into the event's
-    free text (a consent's evidence, a courier's note) is masked, as the parcel's is."""
+    free text (a consent's evidence, a courier's note) is masked, as the parcel's is.
+    ``visible_station``: the reader's (``Principal.station_filter``); the shift an event
+    is filed under is named only if they may open it, as the pages link it
+    (``opens_shift``): a mis-sorted parcel's events are filed under another station's."""
     event = entry.event
     details = event.details if unmasked else mask_phones_in_value(event.details)
     if hide_pickup_code and "pickup_code" in details.get("pod", {}):
@@ -139,7 +152,7 @@ def timeline_view(entry: TimelineEntry, hide_pickup_code: bool, unmasked: bool) 
         "received_at": event.received_at,
         "batch_id": entry.batch_id,
         "pushed_by_courier_id": entry.pushed_by,
-        "shift_id": event.shift_id,
+        "shift_id": event.shift_id if opens_shift(event, visible_station) else None,
         "location": None
         if event.lat is None
         else {"lat": event.lat, "lon": event.lon, "accuracy_m": event.accuracy_m},

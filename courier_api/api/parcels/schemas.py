@@ -160,7 +160,12 @@ class TimelineEvent(ma.Schema):
     shift_id = ma.fields.Integer(
         allow_none=True,
         required=True,
-        metadata={"description": "The shift it is filed under (none before the PDA's first)"},
+        metadata={
+            "description": "The shift it is filed under (none before the PDA's first). "
+            "Null too for a station manager or a courier when that shift is another "
+            "station's (a mis-sorted parcel's event, filed under the shift of the PDA "
+            "that scanned it), which they cannot open"
+        },
     )
     location = ma.fields.Nested(EventLocation, allow_none=True, required=True)
     details = ma.fields.Dict(

@@ -275,7 +275,10 @@ class ProofById(MethodView):
             "judged_between": None
             if detail.judged_between is None
             else dict(zip(("earliest", "latest"), detail.judged_between, strict=True)),
-            "timeline": [timeline_view(e, False, auditor) for e in detail.timeline],
+            "timeline": [
+                timeline_view(e, False, auditor, visible_station=principal.station_filter(None))
+                for e in detail.timeline
+            ],
             "flags": [
                 {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags
             ],

@@ -58,7 +58,14 @@ from sync.handover import (
     sign_off_blocked,
 )
 from sync.projection import voided_by
-from sync.proofs import DELIVERY_TYPES, DropConsent, Proof, drop_consents, proofs_consents
+from sync.proofs import (
+    DELIVERY_TYPES,
+    DropConsent,
+    Proof,
+    drop_consents,
+    proof_station,
+    proofs_consents,
+)
 from sync.quarantine import SHIFT_REJECTIONS_SHOWN, shift_rejections, shown_rejection
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, Policy
@@ -182,6 +189,7 @@ class ShiftPage:
     balance: Balance
     outcomes: list[tuple[str, list[ParcelOutcome]]]  # by outcome, in the balance's order
     outcome_events: dict[int, ScanEvent]  # each parcel's outcome event
+    proofs: frozenset[int]  # the deliveries among them whose proof the reader may open
     parcels: dict[str, Parcel]  # those the reader may see
     elsewhere: frozenset[str]  # taken in at a station the reader does not see
     discrepancies: list[DiscrepancyEvidence]
@@ -237,11 +245,11 @@ def shift_page(
     facts = gather(session, [shift])[shift.id]
     balance = facts.balance()
     numbers = sorted({p.tracking_no for p in balance.parcels})
-    parcels = _parcels(session, numbers)
+    taken_in = _parcels(session, numbers)
     elsewhere = frozenset(
-        n for n, p in parcels.items() if visible_station not in (None, p.station_id)
+        n for n, p in taken_in.items() if visible_station not in (None, p.station_id)
     )
-    parcels = {n: p for n, p in parcels.items() if n not in elsewhere}
+    parcels = {n: p for n, p in taken_in.items() if n not in elsewhere}
     flags, own_flags = _flags(session, shift, balance, visible_station)
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
@@ -329,6 +337,9 @@ def shift_page(
         balance=balance,
         outcomes=[(outcome, grouped[outcome]) for outcome in order if grouped.get(outcome)],
         outcome_events={i: events[i] for i in outcome_ids if i in events},
+        proofs=_proofs_opened(
+            (events[i] for i in outcome_ids if i in events), taken_in, visible_station
+        ),
         parcels=parcels,
         elsewhere=elsewhere,
         discrepancies=discrepancies,
@@ -459,8 +470,9 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
 
     ``visible_station``: the one station a station-bound reader sees (None: all). An
     event pushed by another station's PDA (``wrong_station``) is filed under that
-    station's shift, and a parcel's proof is its own station's: neither is linked for
-    a reader who would get a 404 page. Four or five queries."""
+    station's shift, and a parcel's proof is its own station's (one never taken in is
+    the recording station's, ``opens_proof``): neither is linked for a reader who would
+    get a 404 page. Four or five queries."""
     changes = flag_changes(session=session, flag=flag)
     events = sorted(
         _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
@@ -474,13 +486,7 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
         events=events,
         users=users,
         shifts=frozenset(e.shift_id for e in events if opens_shift(e, visible_station)),
-        proofs=frozenset(
-            e.id
-            for e in events
-            if e.type in DELIVERY_TYPES
-            and e.tracking_no in parcels
-            and visible_station in (None, parcels[e.tracking_no].station_id)
-        ),
+        proofs=_proofs_opened(events, parcels, visible_station),
     )
 
 
@@ -491,6 +497,27 @@ def opens_shift(event: ScanEvent, visible_station: int | None) -> bool:
     station's shift (a mis-sorted parcel's drop): a reader who would get a 404 page is
     neither linked to it nor told its id."""
     return event.shift_id is not None and visible_station in (None, event.station_id)
+
+
+def opens_proof(event: ScanEvent, parcel: Parcel | None, visible_station: int | None) -> bool:
+    """Whether a page links the proof of ``event``: it is a delivery, and the reader
+    (``visible_station`` as for ``opens_shift``) may open it: it is a proof of their
+    station (``sync.proofs.proof_station``: its parcel's, or for a tracking number never
+    taken in, ``parcel`` None, the station where it was recorded)."""
+    return event.type in DELIVERY_TYPES and visible_station in (
+        None,
+        proof_station(event, parcel),
+    )
+
+
+def _proofs_opened(
+    events: Iterable[ScanEvent], parcels: Mapping[str, Parcel], visible_station: int | None
+) -> frozenset[int]:
+    """The ids of the deliveries among ``events`` whose proof a page links
+    (``opens_proof``); ``parcels``: every one of their tracking numbers taken in."""
+    return frozenset(
+        e.id for e in events if opens_proof(e, parcels.get(e.tracking_no), visible_station)
+    )
 
 
 def evidence_shifts(

@@ -83,9 +83,15 @@ class Proof:
 
     @property
     def station_id(self) -> int:
-        """Whose proof it is: its parcel's station, or for a parcel not taken in the
-        station where the delivery was recorded (``at_station`` in SQL)."""
-        return self.event.station_id if self.parcel is None else self.parcel.station_id
+        """Whose proof it is (``proof_station``)."""
+        return proof_station(self.event, self.parcel)
+
+
+def proof_station(event: ScanEvent, parcel: Parcel | None) -> int:
+    """Whose proof a delivery is: its parcel's station, or for a tracking number not
+    taken in (``parcel`` None) the station where it was recorded (``at_station`` in
+    SQL)."""
+    return event.station_id if parcel is None else parcel.station_id
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from models import (
     FlagStatus,
     Role,
     ScanEvent,
+    Shift,
     ShiftStatus,
     User,
     utcnow,
@@ -709,6 +710,70 @@ def test_a_flag_links_no_shift_of_a_station_its_reader_does_not_see(
         page = reader.get(f"/web/flags/{flag.id}")
         assert (shift_link in page) is shown
         assert '<a href="/web/proofs/' in page  # the parcel is this station's
+
+
+def _delivered_not_taken_in(session: Session, day: StationDay) -> tuple[Shift, ScanEvent]:
+    """A PDG courier signs for a tracking number no station took in (flagged
+    ``unknown_parcel``): the shift and the delivery, a proof of PDG."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    pda = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    session.commit()
+    unknown = factories.s10()
+    shift = pda.open(station_day.local(day.day, 18, 0))
+    delivered = pda.event(
+        station_day.local(day.day, 18, 30),
+        unknown,
+        "delivered",
+        pod={"recipient_name": "Mr Wu", "signature_sha256": day.uploaded[0]},
+    )
+    pda.push([delivered], station_day.local(day.day, 18, 40))
+    pda.close(shift, station_day.local(day.day, 19, 0))
+    event = session.scalars(
+        select(ScanEvent).where(ScanEvent.tracking_no == unknown, ScanEvent.type == "delivered")
+    ).one()
+    return shift, event
+
+
+def test_the_flag_page_of_a_parcel_not_taken_in_links_its_proof(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """beb0c78: a delivery of a tracking number no station took in is a proof of the
+    station that recorded it, and its manager opens it (`/web/proofs/<id>`, "Not taken
+    in"). The `unknown_parcel` flag that the same delivery raised at that station lists
+    the delivery as its evidence, but without the link to its proof that every other
+    delivery on a flag page gets (README, Pages: "each event linking its shift and, a
+    delivery, its proof (neither when it is another station's)"): the page links the proof
+    only of tracking numbers taken in (`sync.pages.flag_page`), so the manager chasing
+    the unknown parcel never reaches the proof (who signed, the photo) from its flag.
+    Another station's manager, who would get a 404 page, is not linked to it."""
+    _, delivered = _delivered_not_taken_in(session, day)
+    event_id = delivered.id
+    flag = day.flag(session, "unknown_parcel", subject_key=delivered.tracking_no)
+    assert event_id in flag.evidence["event_ids"]
+    manager = signed_in(app, "manager")
+    assert "Not taken in" in manager.get(f"/web/proofs/{event_id}")
+
+    html = manager.get(f"/web/flags/{flag.id}")
+
+    assert f'href="/web/proofs/{event_id}"' in html
+    admin = signed_in(app, "admin").get(f"/web/flags/{flag.id}")
+    assert f'href="/web/proofs/{event_id}"' in admin
+
+
+def test_the_shift_page_links_the_proof_of_a_delivery_not_taken_in(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The same delivery of a tracking number never taken in, under "Parcels by
+    outcome" on its shift's page: the page linked the proof only of parcels taken in at
+    the reader's station, so the manager settling the shift's handover saw the
+    delivery but could not open its proof, though it is their station's."""
+    shift, delivered = _delivered_not_taken_in(session, day)
+
+    html = signed_in(app, "manager").get(f"/web/shifts/{shift.id}")
+
+    outcomes = html[html.index('id="parcels-h"') :]
+    assert delivered.tracking_no in outcomes
+    assert f'href="/web/proofs/{delivered.id}"' in outcomes
 
 
 def test_the_flag_queue_reads_the_shifts_of_a_page_of_flags_at_once(

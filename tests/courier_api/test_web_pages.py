@@ -1026,6 +1026,33 @@ def test_the_proof_pages_name_the_time_zone_of_their_times(
         assert f"{drop.occurred_at.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M:%S}" in html, path
 
 
+def test_the_flag_shift_and_board_pages_name_the_time_zone_of_their_times(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The auditor reads when a manager resolved a flag on its page (History), to set
+    it beside the audit log's `at` (UTC) and the proof page (which says "Times in
+    Asia/Shanghai"). The flag page prints the station's wall clock, the flag queue
+    without a station UTC, and neither says which: the one resolution reads as two
+    times eight hours apart, and the auditor cannot tell which is right. The shift
+    page and the board, in the station's zone, say so too."""
+    flag = day.flag(session, "unauthorized_locker_drop")
+    pages = signed_in(app, "auditor")
+    zone = day.station.timezone
+    for path, shown_in in (
+        (f"/web/flags/{flag.id}", zone),
+        ("/web/flags?kind=unauthorized_locker_drop", "UTC"),
+        (f"/web/flags?station={day.station.id}&kind=unauthorized_locker_drop", zone),
+    ):
+        html = pages.get(path)
+        assert f"Times in {shown_in}." in html, path
+        assert f"{flag.raised_at.astimezone(ZoneInfo(shown_in)):%Y-%m-%d %H:%M:%S}" in html, path
+    shift = pages.get(f"/web/shifts/{day.unbalanced.id}")
+    assert f"Times in {zone}." in shift
+    assert f"{day.unbalanced.opened_at.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M:%S}" in shift
+    board = pages.get(f"/web/board?station={day.station.id}&date={day.day}")
+    assert f"Times in {zone}." in board
+
+
 def test_the_daily_report_draws_two_charts_with_tables_beside_them(
     app: Flask, session: Session
 ) -> None:

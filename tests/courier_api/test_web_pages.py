@@ -611,6 +611,22 @@ def test_the_open_shift_cannot_be_signed_off_yet(app: Flask, day: StationDay) ->
     assert f"/web/shifts/{day.open.id}/signoff" not in html
 
 
+def test_the_shift_page_of_a_shift_on_the_road_does_not_call_it_unbalanced(
+    app: Flask, day: StationDay
+) -> None:
+    """At 19:00 the board shows Chen Lu's shift "on the road", its two parcels still
+    out, and counts it under no balance status. The manager clicks through: the shift
+    page's heading says "✗ unbalanced" in red, the board's contradiction, for a courier
+    who simply is not back yet (stop 38 changed the board, not the page)."""
+    pages = signed_in(app, "manager")
+    board = pages.get(f"/web/board?date={day.day}")
+    assert re.search(rf'<tr class="row-open" id="shift-{day.open.id}">', board)
+    html = pages.get(f"/web/shifts/{day.open.id}")
+    heading = re.search(r"<h1>(.*?)</h1>", html, re.S)
+    assert heading is not None
+    assert "unbalanced" not in heading.group(1), heading.group(1)
+
+
 def test_the_flag_queue_filters_and_pages(app: Flask, session: Session, day: StationDay) -> None:
     pages = signed_in(app, "manager")
     html = pages.get("/web/flags")

@@ -294,19 +294,25 @@ def rejudge(
     return raised
 
 
-def close_flag(*, session: Session, kind: str, subject: FlagSubject, reason: str) -> Flag | None:
-    """Close the subject's open flags of this kind, at every station, because their cause
-    disappeared; ``reason`` says why. Returns the latest raised (closed or not), if any."""
-    flags = session.scalars(
-        select(Flag)
-        .where(
-            Flag.kind == kind,
-            Flag.subject_type == subject.type,
-            Flag.subject_key == subject.key,
-        )
-        .order_by(Flag.id)
-        .with_for_update()
-    ).all()
+def close_flag(
+    *,
+    session: Session,
+    kind: str,
+    subject: FlagSubject,
+    reason: str,
+    station_id: int | None = None,
+) -> Flag | None:
+    """Close the subject's open flags of this kind, at every station (at ``station_id``
+    only, if given), because their cause disappeared; ``reason`` says why. Returns the
+    latest raised (closed or not), if any."""
+    query = select(Flag).where(
+        Flag.kind == kind,
+        Flag.subject_type == subject.type,
+        Flag.subject_key == subject.key,
+    )
+    if station_id is not None:
+        query = query.where(Flag.station_id == station_id)
+    flags = session.scalars(query.order_by(Flag.id).with_for_update()).all()
     for flag in flags:
         if flag.status in ACTIVE_STATUSES:
             _close(session, flag, reason)

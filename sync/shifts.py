@@ -202,6 +202,8 @@ LATE_EVENT = "late_event_after_signoff"
 WRONG_SHIFT = "wrong_shift"
 LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift this time
 NOT_CLOSED = "shift_not_closed"
+STALE_DEVICE = "stale_device"
+NO_OPEN_SHIFT = "the device has no open shift any more"
 
 
 @dataclass(frozen=True)
@@ -671,9 +673,32 @@ def close_shift(
         subject=FlagSubject("shift", str(shift.id)),
         reason=f"the shift was closed at {now.isoformat(timespec='seconds')}",
     )
+    # A PDA has one open shift at most (``uq_shift_open_per_device``): closing it leaves
+    # the PDA none, so its silence is no longer a courier out of touch.
+    close_stale_device(
+        session=session,
+        device_id=shift.device_id,
+        reason=NO_OPEN_SHIFT,
+        station_id=shift.station_id,
+    )
     refresh_handover_flags(session=session, shifts=[shift])
     _announce_if_unbalanced(session, shift)
     return shift
+
+
+def close_stale_device(
+    *, session: Session, device_id: str, reason: str, station_id: int | None = None
+) -> Flag | None:
+    """Close the PDA's open ``stale_device`` flags, at every station (at ``station_id``
+    only, if given): it was heard from again, or has no open shift any more (the
+    ``stale_device`` sweep, and ``close_shift``)."""
+    return close_flag(
+        session=session,
+        kind=STALE_DEVICE,
+        subject=FlagSubject("device", device_id),
+        reason=reason,
+        station_id=station_id,
+    )
 
 
 def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> None:

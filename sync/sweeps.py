@@ -36,18 +36,16 @@ from sync.flags import (
     ACTIVE_STATUSES,
     DECISIONS,
     FlagSubject,
-    close_flag,
     close_flags,
     judged_status,
     raise_flag,
     reopen_flag,
 )
 from sync.rules import Policy
-from sync.shifts import NOT_CLOSED, lock_shift
+from sync.shifts import NO_OPEN_SHIFT, NOT_CLOSED, STALE_DEVICE, close_stale_device, lock_shift
 from sync.status import rejudge_for_consent
 
 SHIFT_NOT_CLOSED = NOT_CLOSED
-STALE_DEVICE = "stale_device"
 BLOB_MISSING_AT_HANDOVER = "blob_missing_at_handover"
 PROOF_RETENTION_PURGE = "proof_retention_purge"  # the job's name: it reads its last run
 PURGE_ACTION = "proof_images_purged"
@@ -184,8 +182,8 @@ def stale_device(*, session: Session, now: dt.datetime, settings: SweepSettings)
     ).all():
         if flag.subject_key in quiet:
             continue
-        reason = heard.get(flag.subject_key, "the device has no open shift any more")
-        close_flag(session=session, kind=STALE_DEVICE, subject=_device(flag), reason=reason)
+        reason = heard.get(flag.subject_key, NO_OPEN_SHIFT)
+        close_stale_device(session=session, device_id=flag.subject_key, reason=reason)
         closed.append(flag.id)
     session.flush()
     return {
@@ -240,10 +238,6 @@ def _raise_stale(
             )
             return flag, True
     return flag, result.new
-
-
-def _device(flag: Flag) -> FlagSubject:
-    return FlagSubject(flag.subject_type, flag.subject_key)
 
 
 # -- proof images at handover -----------------------------------------------------------------

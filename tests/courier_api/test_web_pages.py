@@ -35,10 +35,12 @@ from models import (
     User,
     utcnow,
 )
+from sync import sweeps
 from sync.blobs import FileBlobStore
 from sync.proofs import drop_consents, get_proof
 from sync.rules import Policy
 from sync.shifts import day_bounds
+from sync.sweeps import SweepSettings
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
@@ -625,6 +627,42 @@ def test_the_shift_page_of_a_shift_on_the_road_does_not_call_it_unbalanced(
     heading = re.search(r"<h1>(.*?)</h1>", html, re.S)
     assert heading is not None
     assert "unbalanced" not in heading.group(1), heading.group(1)
+
+
+def test_closing_a_dead_pdas_shift_from_its_page_leaves_no_silent_pda_flag_on_the_board(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Chen Lu's PDA died on the road: the sweeps flagged the shift ``shift_not_closed``
+    and the PDA ``stale_device`` (filed under the shift). Chen Lu is back; the manager
+    closes the shift from its page, the remedy stop 38 added. ``shift_not_closed``
+    closes with it, but ``stale_device``, whose cause ("an open shift whose device
+    has gone silent") went away just the same, stays open: the board row still says
+    "1 open flag: stale device" and counts the shift in ``with_open_flags``, so the
+    manager settles by hand, shift after shift, a flag the close already answered
+    (or waits for the next sweep and wonders)."""
+    at = utcnow()
+    sweeps.shift_not_closed(session=session, now=at, settings=SweepSettings())
+    sweeps.stale_device(session=session, now=at, settings=SweepSettings())
+    session.commit()
+    pages = signed_in(app, "manager")
+    board = pages.get(f"/web/board?date={day.day}")
+    assert "open flags" in board or "open flag" in board
+    html = pages.get(f"/web/shifts/{day.open.id}")
+    closed = pages.submit(html, f"/web/shifts/{day.open.id}/close")
+    assert closed.status_code == 302
+    assert f"Shift {day.open.id} is closed." in pages.get(f"/web/shifts/{day.open.id}")
+    api = app.test_client()
+    token = api.post(
+        "/api/v1/auth/token", json={"username": "manager", "password": factories.PASSWORD}
+    ).get_json()["access_token"]
+    answer = api.get(
+        f"/api/v1/stations/{day.station.id}/handover",
+        query_string={"date": day.day.isoformat()},
+        headers={"Authorization": f"Bearer {token}"},
+    ).get_json()
+    (row,) = [r for r in answer["shifts"] if r["shift_id"] == day.open.id]
+    assert row["shift_status"] == "closed"
+    assert row["open_flags"] == [], row["open_flags"]
 
 
 def test_the_flag_queue_filters_and_pages(app: Flask, session: Session, day: StationDay) -> None:

@@ -238,13 +238,13 @@ def test_a_stale_device_flag_closes_when_the_shift_closes(
     [flag] = flags_of(session, "stale_device")
     assert flag.evidence == {"last_push_at": None, "shift_id": shift.id, "silent_minutes": 50}
 
-    pda.close(shift, at=OPENED + minutes(55))
-    detail = sweep(session, sweeps.stale_device, OPENED + minutes(60))
+    pda.close(shift, at=OPENED + minutes(55))  # the close closes it, as the sweep would
 
-    assert detail["open_shifts"] == 0 and detail["flags_closed"] == [flag.id]
     [flag] = flags_of(session, "stale_device")
     assert flag.status == FlagStatus.CLOSED
     assert flag.closed_reason == "the device has no open shift any more"
+    detail = sweep(session, sweeps.stale_device, OPENED + minutes(60))
+    assert detail["open_shifts"] == 0 and detail["flags_closed"] == []
 
 
 def test_a_device_is_not_stale_right_after_opening_a_shift(

@@ -430,6 +430,9 @@ def _number(raw: Any, name: str, low: float, high: float) -> float:
 
 
 def _location(raw: Any) -> Location | None:
+    """The event's GPS fix; none if it sent none, or a form with every field blank (a
+    PDA without a fix): ``absent`` as a whole, so it hashes as the event sent without
+    one. A fix with only one of lat and lon is refused."""
     if absent(raw):
         return None
     if not isinstance(raw, Mapping):
@@ -445,6 +448,8 @@ def _location(raw: Any) -> Location | None:
             code="unknown_field",
             field="location",
         )
+    if all(absent(raw.get(key)) for key in ("lat", "lon", "accuracy_m")):
+        return None
     accuracy = raw.get("accuracy_m")
     return Location(
         lat=_number(raw.get("lat"), "location.lat", -90, 90),

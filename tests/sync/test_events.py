@@ -386,6 +386,38 @@ def test_an_optional_field_left_blank_is_taken_as_absent(
     assert left_blank.content_hash == left_out.content_hash
 
 
+@pytest.mark.parametrize(
+    "no_fix",
+    [
+        {"lat": None, "lon": None, "accuracy_m": None},
+        {"lat": "", "lon": " ", "accuracy_m": ""},
+        {"lat": None, "lon": ""},
+        {},
+    ],
+)
+def test_a_location_with_every_field_blank_is_no_location(no_fix: dict[str, Any]) -> None:
+    """A PDA without a GPS fix sends its location form empty: the event is the one sent
+    without a location, content hash and all (a retry in either form is a duplicate).
+    A fix with only one of lat and lon is no fix, and refused."""
+    cid = str(uuid.uuid4())
+    blank = validate_event(event(client_event_id=cid, location=no_fix), rules=RULES)
+    left_out = validate_event(event(client_event_id=cid), rules=RULES)
+    assert blank.location is None
+    assert blank.content_hash == left_out.content_hash
+
+
+@pytest.mark.parametrize(
+    ("half", "field"),
+    [
+        ({"lat": 31.2, "lon": None, "accuracy_m": None}, "location.lon"),
+        ({"lat": "", "lon": 121.5}, "location.lat"),
+        ({"lat": None, "lon": None, "accuracy_m": 8}, "location.lat"),
+    ],
+)
+def test_a_location_with_only_part_of_a_fix_is_refused(half: dict[str, Any], field: str) -> None:
+    assert rejection(event(location=half)) == ("invalid_number", field)
+
+
 def test_every_optional_field_of_an_event_type_is_in_the_blank_field_test() -> None:
     """A field of its own an event type is valid without is in ``OPTIONAL_FIELDS``: a new
     optional field is tested left blank too. (The fields inside ``pod``, ``consent`` and

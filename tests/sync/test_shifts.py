@@ -17,6 +17,7 @@ from models import (
     EventType,
     Flag,
     FlagStatus,
+    QuarantinedEvent,
     ScanEvent,
     ServiceClass,
     Shift,
@@ -920,6 +921,28 @@ def test_a_parcel_without_outcome_is_missing_at_handover(
     assert flag.kind == "missing_at_handover" and flag.shift_id == shift.id
     assert flag.evidence["last_event_type"] == "delivery_attempt_failed"
     assert flag.courier_id == world.courier.id
+
+
+@pytest.mark.parametrize("blank", [None, ""])
+def test_a_delivery_recorded_without_a_gps_fix_is_not_quarantined(
+    session: Session, world: World, pda: Pda, blank: str | None
+) -> None:
+    """The courier handed the parcel over in an underground car park: the PDA had no GPS
+    fix and its location form went out empty, ``{"lat": null, "lon": null,
+    "accuracy_m": null}`` (or ``""`` each). Optional fields left blank are absent (README,
+    "Optional fields left empty"; ``sync.events.absent``), but a location whose every
+    field is blank is refused whole (``invalid_number``, location.lat): the delivery is
+    quarantined, and the parcel the courier did hand over shows missing at handover,
+    the shift unbalanced (rule 1). It should be the event without a location."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    no_fix = {"lat": blank, "lon": blank, "accuracy_m": blank}
+    receipt = pda.push([pda.event(a), pda.event(a, "delivered", location=no_fix)])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"], receipt["results"]
+    assert session.scalars(select(QuarantinedEvent)).all() == []
+    shift = pda.close(shift, last_seq=2)
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.delivered, balance.missing) == ("balanced", 1, 0)
 
 
 def test_a_sequence_gap_makes_it_provisional_until_the_late_batch_lands(

@@ -78,7 +78,13 @@ class ScanEventIn(ma.Schema):
             ),
         },
     )
-    location = ma.fields.Nested(Location)
+    location = ma.fields.Nested(
+        Location,
+        metadata={
+            "description": "The GPS fix. Without one, leave it out, null, or every field "
+            "blank: the same event. Only one of lat and lon is refused"
+        },
+    )
     shift_id = ma.fields.Integer()
     reason = ma.fields.String(
         metadata={

@@ -13,16 +13,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, ScanEvent
+from models import Device, DeviceSyncState, ScanEvent, Shift
 from sync.inversions import Stamp
 from sync.sql import Prebuilt, insert_ignoring_conflict
 
 _states = DeviceSyncState.__table__
 _events = ScanEvent.__table__
 _devices = Device.__table__
+_shifts = Shift.__table__
 # With the event stored at the device's highest seq, if any: the one before an online
 # PDA's next scan, which the time-inversion rule compares it with. (On PostgreSQL a
 # push that waited for this lock gets the state row as now but the event from before
@@ -89,9 +90,26 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
     )
 
 
+# In one statement (the sign-in's): the device's shifts through ``ix_shift_device_opened``,
+# one a day, and its sync state by its key.
+HELD_MAX_SEQ = Prebuilt(
+    lambda _dialect: select(
+        select(_states.c.max_seq)
+        .where(_states.c.device_id == bindparam("device_id"))
+        .scalar_subquery(),
+        func.max(_shifts.c.last_seq),
+        func.max(_shifts.c.first_seq),
+    ).where(_shifts.c.device_id == bindparam("device_id"))
+)
+
+
 def held_max_seq(session: Session, device_id: str) -> int:
-    """The device's highest seq the server holds (applied or rejected; 0: none yet). A
-    PDA that lost its storage (a reset, the app reinstalled) numbers its next events
-    from here on: numbered from 1 again, they would all be refused as ``seq_conflict``."""
-    held = session.scalar(select(_states.c.max_seq).where(_states.c.device_id == device_id))
-    return held or 0
+    """The device's highest seq the server holds (applied or rejected; 0: none yet), or
+    one a shift of the device declared used, if higher: a ``last_seq``, or the seq
+    before a ``first_seq``. A PDA that lost its storage (a reset, the app reinstalled)
+    numbers its next events from here on: numbered from 1 again, they would all be
+    refused as ``seq_conflict``; numbered from the seqs held alone, those a shift
+    declared and the server never got would be filed under that shift (its seqs hold
+    them), not under the shift the PDA records them in."""
+    held, last_seq, first_seq = HELD_MAX_SEQ.execute(session, {"device_id": device_id}).one()
+    return max(held or 0, last_seq or 0, (first_seq or 1) - 1)

@@ -749,6 +749,22 @@ def test_opening_a_shift_reads_the_pdas_unfiled_events_not_its_history(world: Wo
     assert_indexed(opening)
 
 
+def test_a_pdas_sign_in_reads_its_shifts_through_the_devices_index(world: World) -> None:
+    """The sign-in's ``device_max_seq`` counts the seqs the PDA's shifts declared: it
+    reads that PDA's shifts (one a day) through their device's index, in the one
+    statement that reads its sync state (``sync.device_state.held_max_seq``)."""
+    with world.engine.connect() as connection:
+        username = connection.scalar(
+            text("SELECT username FROM app_user WHERE id = :id"), {"id": world.courier_id}
+        )
+    body = {"username": username, "password": factories.PASSWORD, "device_id": world.device_id}
+    _, signing_in = run(world, "POST", "/api/v1/auth/token", json=body)
+    [shifts] = reads(signing_in, "shift")
+    assert "ix_shift_device_opened" in shifts.indexes, shifts.plan
+    assert "device_sync_state" in shifts.statement
+    assert_indexed(signing_in)
+
+
 def test_pull_feed_uses_indexes(world: World) -> None:
     courier = world.courier
     snapshot, first = run(world, "GET", "/api/v1/sync/pull?limit=50", headers=courier)

@@ -26,6 +26,7 @@ from models import (
 from sync import balances as balances_module
 from sync import shifts
 from sync.balances import balances, shift_balance
+from sync.device_state import held_max_seq
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
 from sync.flags import close_flags_by_id
@@ -1038,6 +1039,66 @@ def test_after_a_declared_last_seq_the_next_shift_owns_from_the_seq_after_it(
         [3, 4, 5],
         0,
     )
+
+
+def test_a_reset_pda_numbering_from_its_sign_in_never_files_into_the_closed_shift(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The courier closed the PDA's first shift (opened without a first_seq) declaring
+    last_seq 2, while seq 2 (the return) was still queued; then the PDA lost its storage
+    (the app reinstalled). As README says, it numbers its next events from the sign-in's
+    ``device_max_seq + 1``: the server holds only seq 1, so 2. It opens its next shift
+    without a first_seq (which now starts after the 2 the closed shift declared) and
+    checks out and delivers another parcel.
+
+    The check-out (seq 2) is filed under the closed shift, whose declared seqs hold it
+    (``_Window.with_first_seq_derived``, stop 38; before, the time rules filed it under
+    the new shift): the new shift shows a delivery it never checked out, the closed one a
+    check-out that is not its own. The sign-in's ``device_max_seq`` should not hand out
+    seqs a shift already declared its own (``sync.device_state.held_max_seq``)."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a)])
+    pda.event(a, "returned_to_station")  # seq 2: lost with the PDA's storage
+    first = pda.close(first, last_seq=2)
+    pda.seq = held_max_seq(session, world.device.id)  # the reset PDA numbers on from here
+    later = NOW + dt.timedelta(hours=1)
+    second = pda.open(now=later)
+    pda.push(
+        [
+            pda.event(b, occurred_at=later + dt.timedelta(minutes=1)),
+            pda.event(b, "delivered", occurred_at=later + dt.timedelta(minutes=2)),
+        ],
+        received_at=later + dt.timedelta(minutes=3),
+    )
+    filed = set(session.scalars(select(ScanEvent.shift_id).where(ScanEvent.tracking_no == b)))
+    assert filed == {second.id}
+    balance = shift_balance(session=session, shift=second)
+    assert (balance.checked_out, balance.delivered, balance.not_checked_out) == (1, 1, 0)
+
+
+def test_a_reset_pda_numbers_on_after_the_seqs_its_open_shift_did_not_yet_use(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The PDA opened its shift declaring first_seq 4 (seqs 1 to 3 its earlier shift's,
+    which it closed without a last_seq), pushed nothing of the new one, then lost its
+    storage. Numbered on from the seq the server holds (1), its next check-out (seq 2)
+    falls before the shift's first_seq and is filed under no shift: the sign-in hands
+    out the seq before the first_seq a shift declared, as it does a declared last_seq."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a)])
+    pda.close(first)
+    later = NOW + dt.timedelta(hours=1)
+    second = pda.open(first_seq=4, now=later)
+    pda.seq = held_max_seq(session, world.device.id)  # the reset PDA numbers on from here
+    assert pda.seq == 3
+    pda.push(
+        [pda.event(b, occurred_at=later + dt.timedelta(minutes=1))],
+        received_at=later + dt.timedelta(minutes=2),
+    )
+    filed = session.scalars(select(ScanEvent.shift_id).where(ScanEvent.tracking_no == b)).one()
+    assert filed == second.id
 
 
 # A PDA's clock after its battery died; a push corrects its times to a year before at most.

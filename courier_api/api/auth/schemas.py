@@ -29,8 +29,9 @@ class TokenResponse(ma.Schema):
         allow_none=True,
         metadata={
             "description": "A courier's PDA: the highest sequence number the server holds "
-            "for it (0: none yet). A PDA that lost its storage (reset, app reinstalled) "
-            "numbers its next events from this + 1: numbered from 1 again, every one "
-            "would be rejected as `seq_conflict`. Null for other roles"
+            "for it (0: none yet), or that a shift of it declared used (a last_seq, the "
+            "seq before a first_seq), if higher. A PDA that lost its storage (reset, app "
+            "reinstalled) numbers its next events from this + 1: numbered from 1 again, "
+            "every one would be rejected as `seq_conflict`. Null for other roles"
         },
     )

@@ -4,9 +4,11 @@ The recipient is absent; the courier's PDA asks for their consent to a locker
 or pickup-point delivery (a ``consent_requested`` event, or online). The request
 goes to the recipient's channel through the outbox (``consent.requested``). The
 channel answers through ``POST /consents`` with the request's id: a grant
-creates the consent like any other (and the rules judge the parcel again), a
-refusal is recorded. Either way the answer reaches the courier's PDA through
-its pull feed (a ``consent_request`` entry), which it may long-poll.
+creates the consent like any other (and the rules judge the parcel again); a
+refusal is recorded, withdraws for the parcel the consents given before it, and
+goes to the audit log (``consent_refused``). Either way the answer reaches the
+courier's PDA through its pull feed (a ``consent_request`` entry), which it may
+long-poll.
 
 A request for a parcel the station has not taken in, of another station, or
 whose recipient has no phone number, cannot be sent: it is kept as ``unsent``
@@ -38,7 +40,7 @@ from models import (
     ScanEvent,
     utcnow,
 )
-from sync import consents, feed, outbox
+from sync import audit, consents, feed, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.events import shifted
 from sync.sql import among, chunks
@@ -283,7 +285,10 @@ def answer_request(
     The same answer sent again (a channel retrying) changes nothing and gives back
     what the first one made; the other answer, one to a request that lapsed, or one
     to a request that was never sent is a conflict. A grant creates a parcel consent
-    (the caller judges the parcel again); either answer tells the courier's PDA.
+    (the caller judges the parcel again); a refusal is kept with the parcel and written
+    to the audit log. Either answer tells the courier's PDA; both write to the audit
+    log, which the caller may defer until it has judged the parcel (``audit.deferred``:
+    the log's lock comes after the flags').
     """
     now = now or utcnow()
     request = _locked(session, request.id)
@@ -348,6 +353,8 @@ def answer_request(
         _record_refusal(session, request.tracking_no, now)
     request.answered_at = now
     request.answered_by = answered_by
+    if not answer.granted:
+        _audit_refusal(session, request, answer.channel, now)
     feed.record(
         session,
         [
@@ -372,6 +379,34 @@ def _record_refusal(session: Session, tracking_no: str, at: dt.datetime) -> None
     )
     if parcel is not None:
         parcel.consent_refusals = [*(parcel.consent_refusals or []), at.isoformat()]
+
+
+def _audit_refusal(
+    session: Session, request: ConsentRequest, channel: ConsentChannel, at: dt.datetime
+) -> None:
+    """Write the refusal to the audit log (``consent_refused``), as a consent recorded or
+    revoked through the API is: it decides whether a later drop of the parcel was
+    authorized, and the parcel's ``consent_refusals`` and the request's row can be
+    changed afterwards with nothing to tell. A phone number in the reason is masked on
+    reading, as in any entry's details."""
+    audit.append(
+        session=session,
+        actor_id=request.answered_by,
+        action="consent_refused",
+        subject_type="consent_request",
+        subject_key=str(request.id),
+        details={
+            "tracking_no": request.tracking_no,
+            "refused_at": audit.iso(at),
+            "reason": request.status_reason,
+            "channel": channel.value,
+            "method": request.method.value,
+            "point_id": request.point_id,
+            "requested_at": audit.iso(request.requested_at),
+            "courier_id": request.courier_id,
+            "station_id": request.station_id,
+        },
+    )
 
 
 def get_request(*, session: Session, request_id: int) -> ConsentRequest:

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import ConsentRequest
+from models import AuditEntry, ConsentRequest
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -629,3 +629,51 @@ def test_a_drop_before_the_refusal_stays_authorized_and_a_consent_after_it_autho
     later = factories.locker_drop(3, tn, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
     receipt = auth.push([later])
     assert "unauthorized_locker_drop" not in {f["kind"] for f in receipt["flags_raised"]}
+
+
+def test_a_recipients_refusal_of_consent_is_on_the_audit_log(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Recording or revoking a consent goes to the audit log (`consent_granted`,
+    `consent_revoked`) because it decides whether a locker drop was authorized. A
+    recipient's refusal of a courier's request now decides that too: it withdraws, for
+    the parcel, every consent given before it (`refused_at`). Yet it leaves no audit
+    entry: it lives only in the parcel's mutable `consent_refusals` and the request's
+    row. The auditor settling "I said no and it went to the locker anyway" cannot show
+    who recorded the refusal and when, nor tell a refusal erased or added since."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    asked = ask(client, auth.headers("courier1", "PDA-0001"), parcel.tracking_no, channel="sms")
+    assert asked.status_code == 201, asked.get_json()
+    refused = client.post(
+        CONSENTS,
+        json={"request_id": asked.get_json()["id"], "granted": False, "channel": "sms",
+              "reason": "I am home, ring the bell or call 13912345678"},
+        headers=auth.headers("app1"),
+    )  # fmt: skip
+    assert refused.get_json()["status"] == "refused", refused.get_json()
+    entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+    about = [
+        (e.action, e.actor_id)
+        for e in entries
+        if parcel.tracking_no in str(e.details) or e.subject_key == parcel.tracking_no
+    ]
+    assert about == [("consent_refused", world.integration.id)], about
+    query = {"subject_type": "consent_request", "subject_key": str(asked.get_json()["id"])}
+    (entry,) = client.get(
+        "/api/v1/audit", query_string=query, headers=auth.headers("auditor1")
+    ).get_json()["items"]
+    details = entry["details"]
+    assert (details["tracking_no"], details["channel"]) == (parcel.tracking_no, "sms")
+    assert details["reason"] == "I am home, ring the bell or call 13912345678"
+    assert dt.datetime.fromisoformat(details["refused_at"]) == dt.datetime.fromisoformat(
+        refused.get_json()["answered_at"]
+    )
+    masked = client.get("/api/v1/audit", query_string=query, headers=auth.headers("admin"))
+    assert "13912345678" not in masked.get_data(as_text=True)
+    client.post(  # the channel retrying: nothing new to log
+        CONSENTS,
+        json={"request_id": asked.get_json()["id"], "granted": False, "channel": "sms"},
+        headers=auth.headers("app1"),
+    )
+    assert len(session.scalars(select(AuditEntry)).all()) == len(entries)

@@ -45,7 +45,8 @@ class AuditEntries(MethodView):
         one, also of a shift reopened and signed off again), `shift_reopened`,
         `shift_reopening_withdrawn`, `flag_resolved`, consents recorded or
         revoked through the API (`consent_granted`, `consent_revoked`; subject
-        `consent` and its id), auditors' reads
+        `consent` and its id), a recipient's refusal of a courier's request for
+        consent (`consent_refused`; subject `consent_request` and its id), auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
         `blob_read`, `quarantine_searched`), retention purges and webhook changes are here. A phone
         number in an entry's details is masked for admins, not for auditors.

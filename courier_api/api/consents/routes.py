@@ -27,7 +27,7 @@ from courier_api.auth import current_principal, ensure_visible
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import ConsentScope, Role, utcnow
-from sync import consent_requests, consents, directory
+from sync import audit, consent_requests, consents, directory
 from sync.errors import DomainError, InvalidInput, PermissionDenied
 from sync.phones import normalize_phone
 from sync.status import rejudge_for_consent, rejudge_for_refusal
@@ -96,8 +96,9 @@ class Consents(MethodView):
         request's unless given (the method asked, restated without a point,
         keeps the point asked: the recipient agreed to that one); the answer
         (201) carries the request too.
-        `granted: false` records a refusal (with an optional `reason`) and
-        answers 200 with the request; without a `request_id` it is a 422
+        `granted: false` records a refusal (with an optional `reason`; on the
+        audit log, `consent_refused`: it withdraws, for the parcel, the consents
+        given before it) and answers 200 with the request; without a `request_id` it is a 422
         `refusal_without_request` (nothing is recorded). The courier's PDA
         hears the answer in its pull feed (`consent_request`). The same answer
         sent again changes
@@ -257,33 +258,36 @@ def _answer_request(body: dict[str, Any]) -> Any:
             field="tracking_no",
         )
     now = utcnow()
-    request, consent, new = consent_requests.answer_request(
-        session=db.session,
-        request=request,
-        answer=consent_requests.Answer(
-            granted=body["granted"],
-            channel=body["channel"],
-            granted_at=body.get("granted_at"),
-            expires_at=body.get("expires_at"),
-            method=body.get("method"),
-            point_id=body.get("point_id"),
-            evidence=body.get("evidence"),
-            reason=body.get("reason"),
-        ),
-        rules=consent_rules(),
-        answered_by=current_principal().user_id,
-        now=now,
-    )
-    if consent is not None and new:
-        rejudge_for_consent(
-            session=db.session, consent=consent, policy=policy_of(current_app.config)
-        )
-    elif new:  # a refusal withdraws, for this parcel, the consents given before it
-        rejudge_for_refusal(
+    # The answer's audit entry is written after the parcel is judged again (lock order:
+    # flags, then the audit log).
+    with audit.deferred(db.session):
+        request, consent, new = consent_requests.answer_request(
             session=db.session,
-            tracking_no=request.tracking_no,
-            policy=policy_of(current_app.config),
+            request=request,
+            answer=consent_requests.Answer(
+                granted=body["granted"],
+                channel=body["channel"],
+                granted_at=body.get("granted_at"),
+                expires_at=body.get("expires_at"),
+                method=body.get("method"),
+                point_id=body.get("point_id"),
+                evidence=body.get("evidence"),
+                reason=body.get("reason"),
+            ),
+            rules=consent_rules(),
+            answered_by=current_principal().user_id,
+            now=now,
         )
+        if consent is not None and new:
+            rejudge_for_consent(
+                session=db.session, consent=consent, policy=policy_of(current_app.config)
+            )
+        elif new:  # a refusal withdraws, for this parcel, the consents given before it
+            rejudge_for_refusal(
+                session=db.session,
+                tracking_no=request.tracking_no,
+                policy=policy_of(current_app.config),
+            )
     db.session.commit()
     if consent is None:
         return jsonify(

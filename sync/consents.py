@@ -42,7 +42,14 @@ from sync import audit
 from sync.errors import InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
-from sync.rules import ConsentFact, Stay, counts_at_station, held_at_station, parcel_stays
+from sync.rules import (
+    ConsentFact,
+    Stay,
+    counts_at_station,
+    held_at_station,
+    in_force_at,
+    parcel_stays,
+)
 from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
 
@@ -282,6 +289,14 @@ def consent_not_found(consent_id: int) -> NotFound:
     return NotFound(f"no consent {consent_id}", code="consent_not_found")
 
 
+@dataclass(frozen=True)
+class ConsentListing:
+    items: Sequence[Consent]
+    # With ``covering``: the consents listed that its recipient's refusal of a request
+    # for consent withdrew for that parcel, and when they refused.
+    refused_at: dict[int, dt.datetime]
+
+
 def list_consents(
     *,
     session: Session,
@@ -292,24 +307,33 @@ def list_consents(
     active_at: dt.datetime | None = None,
     after_id: int = 0,
     limit: int = 100,
-) -> Sequence[Consent]:
+) -> ConsentListing:
     """Oldest first from ``after_id``. ``station_id`` also returns standing consents that
     hold at every station, and the consents for parcels the station holds now
     (``parcel_station``). ``tracking_no``: the consents naming that parcel;
     ``covering``: every consent that could cover it (``consents_for``: its own, and the
-    standing ones for its recipient and address), as the rules weigh them;
-    ``recipient_phone``: that recipient's consents (``of_phone``)."""
+    standing ones for its recipient and address), as the rules weigh them: with
+    ``active_at``, those that authorize a drop of it then by its station's PDAs
+    (``stands``: not one its recipient's refusal withdrew for it, nor one captured on
+    another station's PDA); ``recipient_phone``: that recipient's consents
+    (``of_phone``)."""
     query = select(Consent).where(Consent.id > after_id).order_by(Consent.id).limit(limit)
+    refused_at: dict[int, dt.datetime] = {}
     if covering:
         number = normalize(covering)
         parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == number))
         if parcel is not None and station_id not in (None, parcel.station_id):
             parcel = None  # another station's: its recipient is not this reader's to learn
         found = consents_for(session, [parcel]).get(number, []) if parcel is not None else []
-        # Not taken in: only consents captured for it on a PDA can name it yet.
-        query = query.where(
-            or_(Consent.id.in_([f.id for f in found]), Consent.tracking_no == number)
-        )
+        refused_at = {f.id: f.refused_at for f in found if f.refused_at is not None}
+        if parcel is not None and active_at is not None:
+            in_force_now = [f.id for f in found if stands(f, active_at, parcel.station_id)]
+            query = query.where(Consent.id.in_(in_force_now))
+        else:
+            # Not taken in: only consents captured for it on a PDA can name it yet.
+            query = query.where(
+                or_(Consent.id.in_([f.id for f in found]), Consent.tracking_no == number)
+            )
     if station_id is not None:
         query = query.where(
             or_(
@@ -329,7 +353,8 @@ def list_consents(
             or_(Consent.expires_at.is_(None), Consent.expires_at > active_at),
             ~_VOIDED,
         )
-    return session.scalars(query).all()
+    items = session.scalars(query).all()
+    return ConsentListing(items, {c.id: refused_at[c.id] for c in items if c.id in refused_at})
 
 
 def of_phone(phone: str) -> CompoundSelect:
@@ -549,14 +574,20 @@ def in_force(
     of ``station_id`` (one captured on another station's PDA does not:
     ``sync.rules.counts_at_station``)."""
     return {
-        tracking_no: [
-            c
-            for c in facts
-            if c.granted_at <= at
-            and (c.revoked_at is None or c.revoked_at > at)
-            and (c.expires_at is None or c.expires_at > at)
-            and held_at_station(c, at)
-            and counts_at_station(c, station_id)
-        ]
+        tracking_no: [c for c in facts if stands(c, at, station_id)]
         for tracking_no, facts in consents_for(session, parcels).items()
     }
+
+
+def stands(consent: ConsentFact, at: dt.datetime, station_id: int) -> bool:
+    """Whether the consent (as ``consents_for`` gives it for a parcel) authorizes
+    unattended delivery of that parcel at ``at`` by a PDA of ``station_id``: granted by
+    then, neither revoked (nor withdrawn by the recipient's refusal) nor expired, the
+    parcel at the station it is limited to, and not captured on another station's PDA
+    (``sync.rules.counts_at_station``)."""
+    return (
+        consent.granted_at <= at
+        and in_force_at(consent, at)
+        and held_at_station(consent, at)
+        and counts_at_station(consent, station_id)
+    )

@@ -677,3 +677,62 @@ def test_a_recipients_refusal_of_consent_is_on_the_audit_log(
         headers=auth.headers("app1"),
     )
     assert len(session.scalars(select(AuditEntry)).all()) == len(entries)
+
+
+def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The recipient gave a standing consent, then answered the courier's request "no,
+    ring the bell". For that parcel the standing consent is withdrawn: the proof of a
+    later drop names no authorizing consent and the flag says when they refused. But
+    `GET /consents?covering=<parcel>&active=true` (the consents in force for it, "as
+    the rules weigh them") still lists the standing consent, with nothing saying it
+    was refused: the auditor asking which consent stands for this parcel is told the
+    opposite of what the proof and the flag say."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    channel = auth.headers("app1")
+    standing = client.post(
+        CONSENTS,
+        json={
+            "scope": "standing",
+            "recipient_phone": parcel.recipient_phone,
+            "address": parcel.address,
+            "method": "any",
+            "channel": "app",
+            "granted_at": (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat(),
+        },
+        headers=channel,
+    )
+    assert standing.status_code == 201, standing.get_json()
+    asked = ask(client, auth.headers("courier1", "PDA-0001"), parcel.tracking_no, channel="sms")
+    refused = client.post(
+        CONSENTS,
+        json={"request_id": asked.get_json()["id"], "granted": False, "channel": "sms"},
+        headers=channel,
+    )
+    assert refused.get_json()["status"] == "refused", refused.get_json()
+    assert "unauthorized_locker_drop" in _drop_flags(
+        auth, parcel.tracking_no, dt.datetime.now(dt.UTC)
+    )
+    in_force = client.get(
+        CONSENTS,
+        query_string={"covering": parcel.tracking_no, "active": "true"},
+        headers=auth.headers("auditor1"),
+    ).get_json()["items"]
+    assert [c["id"] for c in in_force] == [], in_force
+    (on_record,) = client.get(
+        CONSENTS, query_string={"covering": parcel.tracking_no}, headers=auth.headers("auditor1")
+    ).get_json()["items"]
+    assert on_record["id"] == standing.get_json()["id"]
+    assert dt.datetime.fromisoformat(on_record["refused_at"]) == dt.datetime.fromisoformat(
+        refused.get_json()["answered_at"]
+    )
+    # For another parcel of the recipient the standing consent stands, and says no refusal.
+    other = factories.parcel(session, world.station)
+    session.commit()
+    for query in ({"covering": other.tracking_no}, {"covering": other.tracking_no, "active": 1}):
+        (listed,) = client.get(
+            CONSENTS, query_string=query, headers=auth.headers("auditor1")
+        ).get_json()["items"]
+        assert (listed["id"], listed["refused_at"]) == (standing.get_json()["id"], None)

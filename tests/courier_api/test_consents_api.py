@@ -804,6 +804,13 @@ def test_a_consent_captured_on_another_stations_pda_does_not_authorize_this_stat
     assert (flag.subject_key, flag.station_id) == (tn, world.station.id)
     assert flag.status == FlagStatus.OPEN and flag.evidence["event_ids"] == [drop]
     assert flag.evidence["captured_at_other_station"] == [forged.id]
+    covering = {"covering": tn}
+    on_record = client.get(URL, query_string=covering, headers=auth.headers("auditor1"))
+    assert [c["id"] for c in on_record.get_json()["items"]] == [forged.id]
+    in_force = client.get(
+        URL, query_string={**covering, "active": "true"}, headers=auth.headers("auditor1")
+    )
+    assert in_force.get_json()["items"] == []  # it authorizes no drop of ST1's PDAs
 
 
 def test_a_consent_captured_by_the_courier_of_another_station_holding_the_parcel_is_theirs(

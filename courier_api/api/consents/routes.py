@@ -57,6 +57,15 @@ def _views(items: Sequence[Any]) -> list[dict[str, Any]]:
     return [consent_view(c, unmasked=unmasked, voided=c.id in voided) for c in items]
 
 
+def _listed(listing: consents.ConsentListing) -> list[dict[str, Any]]:
+    """A page's consents, each with when a refusal withdrew it for the parcel asked
+    about (``covering``)."""
+    return [
+        {**view, "refused_at": listing.refused_at.get(view["id"])}
+        for view in _views(listing.items)
+    ]
+
+
 def _view(consent: Any) -> dict[str, Any]:
     return _views([consent])[0]
 
@@ -151,7 +160,12 @@ class Consents(MethodView):
 
         Oldest first. `active` keeps the ones in force now (granted, not
         revoked, not expired, not voided by the courier's correction of the
-        event that captured it on the PDA: `voided`). `recipient_phone` gives a
+        event that captured it on the PDA: `voided`). `covering` a parcel: the
+        consents that could cover it, each with `refused_at` when its
+        recipient's refusal of a courier's request withdrew it for that parcel;
+        with `active`, those that authorize a drop of it now by its station's
+        PDAs, as the drop rules weigh them (not one withdrawn so, nor one
+        captured on another station's PDA). `recipient_phone` gives a
         recipient's consent history: the standing consents for that phone and
         the consents of the parcels addressed to it now (only standing consents
         name a phone; a parcel's, given by SMS or captured at the door, is found
@@ -162,7 +176,7 @@ class Consents(MethodView):
         phone numbers are masked except for auditors.
         """
         phone = args.get("recipient_phone")
-        items = consents.list_consents(
+        listing = consents.list_consents(
             session=db.session,
             station_id=current_principal().station_filter(args.get("station_id")),
             tracking_no=args.get("tracking_no"),
@@ -178,7 +192,7 @@ class Consents(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
-        return keyset_page(_views(items), args["limit"], key=lambda c: c["id"])
+        return keyset_page(_listed(listing), args["limit"], key=lambda c: c["id"])
 
 
 @blp.route("/<id:consent_id>")

@@ -239,12 +239,32 @@ class ConsentListArgs(PageArgs):
             "a PDA)"
         }
     )
-    active = ma.fields.Boolean(metadata={"description": "Only consents in force now"})
+    active = ma.fields.Boolean(
+        metadata={
+            "description": "Only consents in force now; with `covering`, those that "
+            "authorize a drop of that parcel now by its station's PDAs, as the drop rules "
+            "weigh them: not one its recipient's refusal of a request for consent "
+            "withdrew for it (`refused_at`), nor one captured on another station's PDA"
+        }
+    )
     after = After()
 
 
+class ListedConsentOut(ConsentOut):
+    refused_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "With `covering`: when the parcel's recipient refused a "
+            "courier's request for consent after this consent was granted, which withdrew "
+            "it for that parcel (it authorizes no drop of the parcel after then, and "
+            "`active` leaves it out); null otherwise, and without `covering`"
+        },
+    )
+
+
 class ConsentPage(ma.Schema):
-    items = ma.fields.List(ma.fields.Nested(ConsentOut), required=True)
+    items = ma.fields.List(ma.fields.Nested(ListedConsentOut), required=True)
     next_after = ma.fields.Integer(allow_none=True, required=True)
 
 

@@ -68,7 +68,7 @@ from sync.proofs import (
 )
 from sync.quarantine import SHIFT_REJECTIONS_SHOWN, shift_rejections, shown_rejection
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
-from sync.rules import DROPS, Policy
+from sync.rules import DROPS, Policy, counts_at_station
 from sync.shifts import LATE_EVENT, LATEST_REOPENING
 from sync.sql import among, chunks
 from sync.status import load_events
@@ -158,13 +158,26 @@ class EvidenceEvent:
 
 
 @dataclass(frozen=True)
+class ConsentOnRecord:
+    """A consent that could cover a discrepancy's parcel, as the rules weigh it for the
+    shift's drops."""
+
+    consent: Consent
+    # Captured on a PDA of another station than the shift's: it authorizes none of the
+    # shift's drops (``sync.rules.counts_at_station``; SECURITY.md threat 2).
+    elsewhere: bool
+    # Withdrawn for this parcel by its recipient's refusal of a request for consent.
+    refused_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
 class DiscrepancyEvidence:
     discrepancy: Discrepancy
     flag: Flag | None
     parcel: Parcel | None  # None: a tracking number never taken in
     events: list[EvidenceEvent]  # the flag's events in this shift, in device order
     drops: dict[int, DropConsent]  # by event id, for the drops among ``events``
-    consents_on_record: list[Consent]  # consent kinds: every consent that could cover it
+    consents_on_record: list[ConsentOnRecord]  # consent kinds: every one that could cover it
     # The PDA's rejected events of the shift naming this parcel (``shown_rejection``):
     # a drop refused for a missing compartment is why a parcel in a locker is missing.
     rejections: list[dict[str, Any]] = field(default_factory=list)
@@ -185,7 +198,9 @@ class ShiftFlag:
 class ShiftPage:
     shift: Shift
     station: Station
-    users: dict[int, User]  # courier, who closed and signed it off, who recorded consents
+    # The courier, who closed and signed it off, and who recorded consents (those the
+    # reader may know: ``sees_user``).
+    users: dict[int, User]
     balance: Balance
     outcomes: list[tuple[str, list[ParcelOutcome]]]  # by outcome, in the balance's order
     outcome_events: dict[int, ScanEvent]  # each parcel's outcome event
@@ -274,14 +289,18 @@ def shift_page(
             for d in balance.discrepancies
             if d.kind in CONSENT_KINDS and d.tracking_no in parcels
         ],
+        shift.station_id,
     )
     recorders = [
         *(d.consent.created_by for d in consents.values() if d.consent),
-        *(c.created_by for shown in on_record.values() for c in shown),
+        *(c.consent.created_by for shown in on_record.values() for c in shown),
     ]
-    users = users_by_id(
-        session, [shift.courier_id, shift.closed_by, shift.signed_off_by, *recorders]
-    )
+    staff = {shift.courier_id, shift.closed_by, shift.signed_off_by}
+    users = {
+        i: u
+        for i, u in users_by_id(session, [*staff, *recorders]).items()
+        if i in staff or sees_user(u, visible_station)
+    }
     states = image_states(
         session=session,
         digests=[
@@ -427,18 +446,34 @@ def _events(session: Session, ids: Iterable[int]) -> dict[int, ScanEvent]:
     }
 
 
-def _consents_on_record(session: Session, parcels: Sequence[Parcel]) -> dict[str, list[Consent]]:
-    """Every consent that could cover each parcel, oldest grant first."""
+def _consents_on_record(
+    session: Session, parcels: Sequence[Parcel], station_id: int
+) -> dict[str, list[ConsentOnRecord]]:
+    """Every consent that could cover each parcel, oldest grant first, as the rules weigh
+    it for a drop by a PDA of ``station_id``."""
     if not parcels:
         return {}
     facts = consents_for(session, parcels)
     rows = consents_by_id(session, [f.id for found in facts.values() for f in found])
     return {
         tracking_no: sorted(
-            (rows[f.id] for f in found if f.id in rows), key=lambda c: (c.granted_at, c.id)
+            (
+                ConsentOnRecord(rows[f.id], not counts_at_station(f, station_id), f.refused_at)
+                for f in found
+                if f.id in rows
+            ),
+            key=lambda c: (c.consent.granted_at, c.consent.id),
         )
         for tracking_no, found in facts.items()
     }
+
+
+def sees_user(user: User, visible_station: int | None) -> bool:
+    """Whether a reader seeing ``visible_station`` (None: all) may learn who ``user`` is:
+    one of that station, or of none (an admin, a channel's integration account); not a
+    courier of another station (SECURITY.md threat 3), such as one who recorded a
+    consent for this station's parcel on their own station's PDA."""
+    return visible_station is None or user.station_id in (None, visible_station)
 
 
 def users_by_id(session: Session, ids: Iterable[int | None]) -> dict[int, User]:

@@ -25,9 +25,11 @@ from courier_api.web.views import seq_ranges
 from models import (
     AuditEntry,
     Blob,
+    Consent,
     Device,
     Flag,
     FlagStatus,
+    Parcel,
     Role,
     ScanEvent,
     Shift,
@@ -595,6 +597,46 @@ def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
     [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
     assert on_record.startswith(f"consent #{granted['id']}: locker, by app, parcel")
     assert re.search(r", revoked [^,]+ by sms$", on_record), on_record
+
+
+def test_a_consent_on_record_says_the_recipients_refusal_withdrew_it_for_the_parcel(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The recipient's standing consent, dated before the drop, then their "no, ring the
+    bell" to a courier's request for consent: for this parcel the standing consent is
+    withdrawn (``GET /consents?covering=`` says ``refused_at``). The shift page lists it
+    as withdrawn, with when they refused, not as a consent that stands."""
+    client = app.test_client()
+    auth = Auth(client)
+    channel = auth.headers("recipient-app")
+    parcel = session.scalars(select(Parcel).where(Parcel.tracking_no == day.dropped_parcel)).one()
+    standing = client.post(
+        "/api/v1/consents",
+        json={
+            "scope": "standing",
+            "recipient_phone": parcel.recipient_phone,
+            "address": parcel.address,
+            "method": "any",
+            "channel": "app",
+            "granted_at": (utcnow() - dt.timedelta(days=30)).isoformat(),
+        },
+        headers=channel,
+    ).get_json()
+    asked = client.post(
+        "/api/v1/consents/requests",
+        json={"tracking_no": parcel.tracking_no, "method": "locker"},
+        headers=auth.headers("zhangmin", "PDA-PDG-02"),
+    ).get_json()
+    refused = client.post(
+        "/api/v1/consents",
+        json={"request_id": asked["id"], "granted": False, "channel": "sms"},
+        headers=channel,
+    )
+    assert refused.get_json()["status"] == "refused", refused.get_json()
+    html = signed_in(app, "manager").get(f"/web/shifts/{day.unbalanced.id}")
+    [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
+    assert on_record.startswith(f"consent #{standing['id']}: any, by app, standing"), on_record
+    assert "withdrawn for this parcel: the recipient refused a request for consent" in on_record
 
 
 def test_the_provisional_shift_names_the_missing_sequence_numbers(
@@ -1370,3 +1412,80 @@ def test_an_auditor_reading_a_flag_page_that_shows_a_proof_is_audit_logged(
 )
 def test_missing_seqs_are_shown_as_runs(seqs: list[int], total: int | None, shown: str) -> None:
     assert seq_ranges(seqs, total) == shown
+
+
+def _forged_consent_then_unasked_drop(
+    session: Session, day: StationDay
+) -> tuple[Shift, Consent, Flag]:
+    """SECURITY.md threat 2: Zhao Lei, a courier of MHG, knowing only the tracking number
+    of a PDG express parcel, records an "in person" locker consent for it on MHG's PDA at
+    17:30. At 18:30 PDG's courier leaves the parcel in a locker without asking. The drop
+    is ``unauthorized_locker_drop`` (the consent counts only at MHG)."""
+    zhao = session.scalars(select(User).where(User.username == "zhaolei")).one()
+    rogue = station_day.Pda(session, session.get(Device, "PDA-MHG-05"), zhao)
+    rogue.seq = 10  # after the day's own events
+    parcel = factories.parcel(session, day.station)
+    courier = factories.user(session, "sunli", "courier", day.station)
+    courier.full_name = "Sun Li"
+    pda = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    session.commit()
+    tn = parcel.tracking_no
+    forged = rogue.event(
+        station_day.local(day.day, 17, 30),
+        tn,
+        "consent_captured",
+        consent={"method": "locker", "channel": "in_person", "evidence": "asked at the door"},
+    )
+    rogue.push([forged], station_day.local(day.day, 17, 35))
+    shift = pda.open(station_day.local(day.day, 18, 0))
+    checkout = pda.event(station_day.local(day.day, 18, 5), tn, "checked_out")
+    drop = pda.event(
+        station_day.local(day.day, 18, 30),
+        tn,
+        "delivered_to_locker",
+        locker_id="HIVE-PDG-1",
+        compartment="B2",
+        pod={"pickup_code": "551177"},
+    )
+    pda.push([checkout, drop], station_day.local(day.day, 18, 40))
+    pda.close(shift, station_day.local(day.day, 19, 0))
+    consent = session.scalars(select(Consent).where(Consent.tracking_no == tn)).one()
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == "unauthorized_locker_drop", Flag.subject_key == tn)
+    ).one()
+    assert flag.evidence["captured_at_other_station"] == [consent.id]
+    return shift, consent, flag
+
+
+def test_the_shift_page_marks_another_stations_consent_and_names_its_courier_to_auditors(
+    app: Flask,
+    session: Session,
+    day: StationDay,
+) -> None:
+    """PDG's manager opens the unbalanced shift to judge the unauthorized drop. Under
+    "Consents on record for this parcel" the page lists the consent MHG's courier forged
+    as an ordinary one (in person, granted 17:30, an hour before the drop), recorded "by
+    Zhao Lei": nothing says it was captured on another station's PDA and so authorizes
+    nothing here (the flag's evidence says so, `captured_at_other_station`, but the page
+    does not). The manager sees a consent granted before the drop and resolves the flag
+    as a false alarm: the forged consent has made the drop look authorized after all.
+    And the page names a courier of another station, who for PDG's manager should not
+    exist (SECURITY.md threat 3)."""
+    shift, consent, _ = _forged_consent_then_unasked_drop(session, day)
+
+    html = signed_in(app, "manager").get(f"/web/shifts/{shift.id}")
+
+    start = html.index('id="discrepancy-1"')
+    discrepancy = html[start : html.index("</article>", start)]
+    assert "unauthorized locker drop" in discrepancy.lower()
+    assert "Zhao Lei" not in html and "zhaolei" not in html
+    if f"consent #{consent.id}" in discrepancy:
+        listed = discrepancy[discrepancy.index(f"consent #{consent.id}") :]
+        listed = listed[: listed.index("</li>")]
+        assert "another station" in listed, listed
+        assert "by a courier of another station" in listed, listed
+    # An auditor reads every station: the consent marked all the same, its courier named.
+    html = signed_in(app, "auditor").get(f"/web/shifts/{shift.id}")
+    [listed] = re.findall(rf"<li>(consent #{consent.id}: .*?)</li>", html)
+    assert "by Zhao Lei" in listed, listed
+    assert "captured on another station's PDA: authorizes no drop here" in listed, listed

@@ -140,15 +140,18 @@ class Consents(MethodView):
             if station_code
             else None
         )
-        consent = consents.grant(
-            session=db.session,
-            draft=consents.ConsentDraft(**body, station_id=station_id),
-            rules=consent_rules(),
-            created_by=current_principal().user_id,
-        )
-        rejudge_for_consent(
-            session=db.session, consent=consent, policy=policy_of(current_app.config)
-        )
+        # The grant's audit entry is chained after the parcels are judged again (lock
+        # order: flags, then the audit log), as for an answer to a request.
+        with audit.deferred(db.session):
+            consent = consents.grant(
+                session=db.session,
+                draft=consents.ConsentDraft(**body, station_id=station_id),
+                rules=consent_rules(),
+                created_by=current_principal().user_id,
+            )
+            rejudge_for_consent(
+                session=db.session, consent=consent, policy=policy_of(current_app.config)
+            )
         db.session.commit()
         return {**_view(consent), "request": None}, 201
 
@@ -245,12 +248,15 @@ class RevokeConsent(MethodView):
             reason=body.get("reason"),
             channel=body.get("channel"),
         )
-        if consent.revoked_at is None and consents.revoke(
-            session=db.session, consent=consent, revocation=revocation
-        ):
-            rejudge_for_consent(
-                session=db.session, consent=consent, policy=policy_of(current_app.config)
+        with audit.deferred(db.session):  # lock order: flags, then the audit log
+            revoked = consent.revoked_at is None and consents.revoke(
+                session=db.session, consent=consent, revocation=revocation
             )
+            if revoked:
+                rejudge_for_consent(
+                    session=db.session, consent=consent, policy=policy_of(current_app.config)
+                )
+        if revoked:
             db.session.commit()
         return _view(consent)
 

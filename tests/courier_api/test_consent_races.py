@@ -1,0 +1,120 @@
+"""Consents recorded or revoked through the API while a manager decides on the flag they
+settle, with real commits (racing on PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import select
+
+from courier_api.extensions import db
+from models import Flag
+from sync import consents as consents_module
+from tests import factories
+from tests.conftest import Auth
+from tests.threads import race_requests
+
+CONSENTS = "/api/v1/consents"
+FLAGS = "/api/v1/flags"
+
+
+def _dropped_without_consent(app: Flask, rounds: int) -> tuple[dict[str, dict[str, str]], list]:
+    """``rounds`` express parcels each left in a locker with no consent: the headers of
+    the integration, the manager and the courier, and each parcel's tracking number
+    with its drop time and its ``unauthorized_locker_drop`` flag id."""
+    with app.app_context():
+        session = db.session
+        station = factories.station(session, code="RACE")
+        factories.user(session, "racer", "courier", station)
+        factories.user(session, "boss", "station_manager", station)
+        factories.user(session, "shop", "integration")
+        factories.device(session, "PDA-RACE", station)
+        numbers = [factories.parcel(session, station).tracking_no for _ in range(rounds)]
+        session.commit()
+    client = app.test_client()
+    auth = Auth(client)
+    headers = {
+        "courier": auth.headers("racer", "PDA-RACE"),
+        "manager": auth.headers("boss"),
+        "integration": auth.headers("shop"),
+    }
+    dropped_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    events = []
+    for n, tracking_no in enumerate(numbers):
+        events.append(factories.event(2 * n + 1, tracking_no, occurred_at=dropped_at))
+        events.append(factories.locker_drop(2 * n + 2, tracking_no, dropped_at))
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-RACE", events),
+        headers=headers["courier"],
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    with app.app_context():
+        flags = {
+            flag.subject_key: flag.id
+            for flag in db.session.scalars(
+                select(Flag).where(Flag.kind == "unauthorized_locker_drop")
+            )
+        }
+    return headers, [(tn, dropped_at, flags[tn]) for tn in numbers]
+
+
+@pytest.mark.postgres_only
+def test_a_consent_granted_while_the_manager_resolves_its_drops_flag_never_deadlocks(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipient's app records, through the API, the consent they gave before the
+    drop, while the manager resolves the drop's ``unauthorized_locker_drop`` flag.
+
+    Recording the consent writes its audit entry (``consent_granted``) and judges the
+    parcel again, which locks its flags; resolving a flag locks the flag, then takes
+    the audit log's lock. With the entry written as it came, each waited for the other
+    and PostgreSQL failed one of them (a 503). The entry is now chained last
+    (``audit.deferred``), as the service's lock order has it: either may win, neither
+    fails. The grant dawdles after writing its entry, so the manager's request lands
+    in that window every round."""
+    grant = consents_module.grant
+
+    def slow_grant(**kwargs: Any) -> Any:
+        consent = grant(**kwargs)
+        time.sleep(0.4)  # its audit entry written, the flags not judged yet
+        return consent
+
+    monkeypatch.setattr(consents_module, "grant", slow_grant)
+    rounds = 3
+    headers, drops = _dropped_without_consent(committed_app, rounds)
+    failures = []
+    for tracking_no, dropped_at, flag_id in drops:
+        consent = {
+            "tracking_no": tracking_no,
+            "method": "locker",
+            "channel": "app",
+            "granted_at": (dropped_at - dt.timedelta(minutes=30)).isoformat(),
+        }
+        evidence = (
+            committed_app.test_client()
+            .get(f"{FLAGS}/{flag_id}", headers=headers["manager"])
+            .get_json()["evidence_version"]
+        )
+        granted, resolved = race_requests(
+            committed_app,
+            [
+                ("POST", CONSENTS, consent, headers["integration"]),
+                (
+                    "POST",
+                    f"{FLAGS}/{flag_id}/resolve",
+                    {"note": "called the recipient", "evidence_version": evidence},
+                    headers["manager"],
+                ),
+            ],
+            delays=[0, 0.15],
+        )
+        if granted.status_code != 201 or resolved.status_code not in (200, 409):
+            failures.append(
+                (tracking_no, granted.status_code, resolved.status_code, resolved.get_json())
+            )
+    assert failures == [], f"{len(failures)} of {rounds} rounds failed: {failures[:2]}"

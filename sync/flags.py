@@ -14,8 +14,8 @@ per kind and subject too.)
 
 Every status change is recorded as a ``FlagChange``: by the system (``by_user_id``
 None) when a flag is raised, raised again after it was closed, closed, or judged
-again (below); by a person when a manager acknowledges or resolves it. Resolutions
-also go to the audit log. A flag's life::
+again (below); by a person when a manager acknowledges or resolves it. These decisions
+also go to the audit log, with what they covered. A flag's life::
 
     (raised) -> open -> acknowledged -> resolved
                 open ----------------> resolved
@@ -462,15 +462,20 @@ def acknowledge_flag(
     """A manager has seen the flag and is on it: open -> acknowledged.
 
     With ``seen_version`` (the ``evidence_version`` the manager was shown), refused
-    when the evidence has changed since (``_ensure_seen``)."""
+    when the evidence has changed since (``_ensure_seen``). An acknowledgement stands
+    over later evidence it covers as a resolution does (``judged_status``), so it is
+    written to the audit log too (action ``flag_acknowledged``, ``_audit_decision``).
+    """
     text = _note(note)
     flag = _lock(session, flag)
     if flag.status != FlagStatus.OPEN:
         raise _status_conflict(flag, "acknowledged", "only an open flag can be acknowledged")
     _ensure_seen(flag, seen_version, "acknowledging")
-    _record(session, flag, flag.status, FlagStatus.ACKNOWLEDGED, by=user_id, note=text)
+    previous = flag.status
+    _record(session, flag, previous, FlagStatus.ACKNOWLEDGED, by=user_id, note=text)
     _decide(flag, FlagStatus.ACKNOWLEDGED)
     session.flush()
+    _audit_decision(session, flag, "flag_acknowledged", user_id, previous, text)
     return flag
 
 
@@ -486,7 +491,7 @@ def resolve_flag(
 
     With ``seen_version`` (the ``evidence_version`` the manager was shown), refused
     when the evidence has changed since (``_ensure_seen``). The resolution is also
-    written to the audit log (action ``flag_resolved``).
+    written to the audit log (action ``flag_resolved``, ``_audit_decision``).
     """
     text = _note(note)
     if text is None:
@@ -503,10 +508,26 @@ def resolve_flag(
     _record(session, flag, previous, FlagStatus.RESOLVED, by=user_id, note=text)
     _decide(flag, FlagStatus.RESOLVED)
     session.flush()
+    _audit_decision(session, flag, "flag_resolved", user_id, previous, text)
+    return flag
+
+
+def _audit_decision(
+    session: Session,
+    flag: Flag,
+    action: str,
+    user_id: int,
+    previous: FlagStatus,
+    note: str | None,
+) -> None:
+    """The decision on the audit log, with what it covered: ``decided_on`` and the
+    ``evidence_version`` it was made on. The flag's own ``decided_on`` decides whether
+    later evidence stays covered (``judged_status``); this is its tamper-evident
+    record, which an auditor can hold it against."""
     audit.append(
         session=session,
         actor_id=user_id,
-        action="flag_resolved",
+        action=action,
         subject_type="flag",
         subject_key=str(flag.id),
         details={
@@ -515,10 +536,11 @@ def resolve_flag(
             "subject_key": flag.subject_key,
             "station_id": flag.station_id,
             "from_status": previous.value,
-            "note": text,
+            "note": note,
+            "evidence_version": evidence_version(flag.evidence),
+            "decided_on": flag.decided_on,
         },
     )
-    return flag
 
 
 def _decide(flag: Flag, decision: FlagStatus) -> None:

@@ -264,13 +264,12 @@ def test_a_manager_acknowledges_then_resolves(
         ("acknowledged", world.manager.id, "looking"),
         ("resolved", world.manager.id, "parcel found"),
     ]
-    entry = session.scalars(select(AuditEntry)).one()
-    assert (entry.action, entry.actor_id, entry.subject_key) == (
-        "flag_resolved",
-        world.manager.id,
-        str(flags.here.id),
-    )
-    assert entry.details["note"] == "parcel found"
+    entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+    assert [(e.action, e.actor_id, e.subject_key, e.details["note"]) for e in entries] == [
+        ("flag_acknowledged", world.manager.id, str(flags.here.id), "looking"),
+        ("flag_resolved", world.manager.id, str(flags.here.id), "parcel found"),
+    ]
+    assert [e.details["decided_on"] for e in entries] == [{"event_ids": [1, 2]}] * 2
 
 
 def test_a_phone_in_a_managers_note_is_masked_except_for_auditors(
@@ -490,3 +489,62 @@ def test_simultaneous_resolutions_resolve_once(committed_app: Flask) -> None:
         entries = db.session.scalars(select(AuditEntry)).all()
         assert [e.subject_key for e in entries] == [str(flag_id)]
         assert audit.verify(session=db.session).ok
+
+
+# -- a PDA's flags and what a decision covered ----------------------------------------
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _unauthorized_drop(auth: Auth, session: Session, world: World) -> tuple[str, int]:
+    """An express parcel left in a locker with no consent: its tracking number and the
+    ``unauthorized_locker_drop`` flag's id."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(minutes=20)
+    receipt = auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at - dt.timedelta(minutes=30)),
+            factories.locker_drop(2, parcel.tracking_no, at),
+        ]
+    )
+    (flag,) = [f for f in receipt["flags_raised"] if f["kind"] == "unauthorized_locker_drop"]
+    return parcel.tracking_no, flag["flag_id"]
+
+
+def test_a_flag_resolution_in_the_audit_log_names_the_evidence_it_was_decided_on(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Months later the auditor asks "on what evidence did the manager close this
+    unauthorized drop?". The resolution's only tamper-evident record, its
+    `flag_resolved` audit entry, holds the kind, the subject and the note, not the
+    events the decision covered. Those live only in the flag's mutable `decided_on`,
+    which also decides whether a later drop of the parcel stays covered by the old
+    resolution (`sync.flags.judged_status`): widened after the fact in the database,
+    it silently covers drops nobody looked at, and the audit log cannot show the
+    difference."""
+    _, flag_id = _unauthorized_drop(auth, session, world)
+    manager = auth.headers("manager1")
+    flag = client.get(f"/api/v1/flags/{flag_id}", headers=manager).get_json()
+    resolved = client.post(
+        f"/api/v1/flags/{flag_id}/resolve",
+        json={"note": "called the recipient, parcel collected",
+              "evidence_version": flag["evidence_version"]},
+        headers=manager,
+    )  # fmt: skip
+    assert resolved.status_code == 200, resolved.get_json()
+    decided_on = resolved.get_json()["decided_on"]
+    assert decided_on["event_ids"] == flag["evidence"]["event_ids"]
+    (entry,) = session.scalars(
+        select(AuditEntry).where(
+            AuditEntry.action == "flag_resolved", AuditEntry.subject_key == str(flag_id)
+        )
+    )
+    logged = entry.details
+    assert (
+        logged.get("decided_on", {}).get("event_ids") == decided_on["event_ids"]
+        or logged.get("event_ids") == decided_on["event_ids"]
+        or logged.get("evidence_version") == flag["evidence_version"]
+    ), logged

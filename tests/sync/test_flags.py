@@ -178,9 +178,29 @@ def test_resolving_writes_the_audit_log(session: Session, setup: Setup) -> None:
         "station_id": setup.station.id,
         "from_status": "open",
         "note": "parcel found",
+        "evidence_version": evidence_version({"event_ids": [1]}),
+        "decided_on": {"event_ids": [1]},
     }
     session.commit()
     assert audit.verify(session=session).ok
+
+
+def test_acknowledging_writes_the_audit_log_with_what_it_covered(
+    session: Session, setup: Setup
+) -> None:
+    """An acknowledgement stands over later evidence it covers as a resolution does:
+    what it covered is on the tamper-evident log, not only in the flag's row."""
+    f = flag(session, setup.station)
+    acknowledge_flag(session=session, flag=f, user_id=setup.manager.id)
+    entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.actor_id, entry.subject_key) == (
+        "flag_acknowledged",
+        setup.manager.id,
+        str(f.id),
+    )
+    assert entry.details["note"] is None and entry.details["from_status"] == "open"
+    assert entry.details["decided_on"] == {"event_ids": [1]} == f.decided_on
+    assert entry.details["evidence_version"] == evidence_version(f.evidence)
 
 
 @pytest.mark.parametrize("note", ["", "   ", None])

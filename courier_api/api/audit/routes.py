@@ -43,7 +43,8 @@ class AuditEntries(MethodView):
         together (422 `subject_type_required` or `subject_key_required`; to list
         a kind of entry, filter by `action`). Sign-offs (`shift_signed_off`, each
         one, also of a shift reopened and signed off again), `shift_reopened`,
-        `shift_reopening_withdrawn`, `flag_resolved`, consents recorded or
+        `shift_reopening_withdrawn`, `flag_acknowledged`, `flag_resolved` (each with
+        what the decision covered, `decided_on`), consents recorded or
         revoked through the API (`consent_granted`, `consent_revoked`; subject
         `consent` and its id), a recipient's refusal of a courier's request for
         consent (`consent_refused`; subject `consent_request` and its id), auditors' reads

@@ -96,8 +96,10 @@ class AcknowledgeFlag(MethodView):
         """Acknowledge a flag
 
         Says that a manager of the flag's station has seen it and is dealing with
-        it; the optional `note` goes into its history. Only an open flag can be
-        acknowledged (409 `flag_status_conflict` otherwise). With
+        it; the optional `note` goes into its history, and the acknowledgement, with
+        what it covers (`decided_on`), into the audit log (`flag_acknowledged`).
+        Only an open flag can be acknowledged (409 `flag_status_conflict`
+        otherwise). With
         `evidence_version` (the flag's as the manager read it), a flag whose
         evidence changed since, a push landing in between, is refused (409
         `evidence_changed`): read it again. A flag of another station answers a

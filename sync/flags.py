@@ -28,8 +28,10 @@ or not; while it fails, the decision's status (acknowledged, resolved) if the ru
 fails only on the events the manager decided on, open if on any other. So any status
 may follow any other, by the system, and a decision stands, or comes back, however
 the later events were batched (rule 3); nothing the manager did not see is settled
-by it. (Other kinds keep the life above; ``stale_device`` reopens when the PDA falls
-silent again, ``sync.sweeps``.)
+by it. Other kinds keep the life above, and the same rule: a decided flag raised again
+on evidence that names what its decision did not cover (``covers``: another event, seq
+or missing image, another silence of a PDA) is open again (``raise_flag``): a PDA's
+``clock_jump`` resolved on one push's scans comes back when a later push jumps again.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class FlagSubject:
 @dataclass(frozen=True)
 class RaisedFlag:
     flag: Flag
-    new: bool  # created, or reopened after the system had closed it
+    # created, or open again: closed by the system, or decided on less than it names now
+    new: bool
 
 
 def raise_flag(
@@ -119,12 +122,16 @@ def raise_flag(
     evidence: dict[str, Any],
     courier_id: int | None = None,
     shift_id: int | None = None,
+    again: str = "raised again on evidence the decision did not cover",
 ) -> RaisedFlag:
     """Create the flag, or merge ``evidence`` into the one of this kind and subject that
     exists at ``station_id``.
 
     ``courier_id``, when given, names the courier concerned; like evidence, the
-    latest one given wins. A resolved flag stays resolved (its evidence still grows).
+    latest one given wins. An acknowledged or resolved flag keeps its status while its
+    evidence names nothing beyond what the decision covered (``covers``), and is open
+    again, ``again`` saying why in its history, once it does: nothing the manager did
+    not see is settled by their decision.
     """
     flag = _locked(session, kind, subject, station_id)
     if flag is None:
@@ -157,6 +164,12 @@ def raise_flag(
         _record(session, flag, FlagStatus.CLOSED, FlagStatus.OPEN, note="raised again")
         flag.status = FlagStatus.OPEN
         flag.closed_reason = None
+        return RaisedFlag(flag, new=True)
+    if flag.status in DECISIONS and not (
+        # what it cites now, and what this raising named, cited or not (past the bound)
+        covers(flag.decided_on, flag.evidence) and covers(flag.decided_on, evidence)
+    ):
+        reopen_flag(session=session, flag=flag, note=again)
         return RaisedFlag(flag, new=True)
     return RaisedFlag(flag, new=False)
 
@@ -203,40 +216,67 @@ def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
     return flag
 
 
-# What of a flag's evidence a manager's decision covers: the events, and the images a
-# delivery lacks (``pod_blob_missing`` names them).
-SEEN = ("event_ids", "blobs")
+# What a flag's evidence names its cause by, and so what a manager's decision covers
+# (``decided_on``): its events, by id or by their PDA's id for them (``clock_jump``,
+# ``seq_conflict``); the seqs of its PDA (``wrong_shift``) or of PDAs (a
+# ``time_inversion`` names its pairs so); the images a delivery lacks
+# (``pod_blob_missing``); and the silence a ``stale_device`` flag is about, its shift and
+# the PDA's last push. Lists (the events, seqs, images) are covered item by item, one
+# value (the silence) as a whole. (Counts, times and measures it also holds, such as
+# ``clock_skew``'s offset, name nothing: they change with every push.)
+SEEN = (
+    "event_ids",
+    "client_event_ids",
+    "seqs",
+    "device_seqs",
+    "blobs",
+    "shift_id",
+    "last_push_at",
+)
 DECISIONS = (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED)
 # The lists of a flag's evidence that grow as its cause recurs (``_merged``): the
-# events, pushes and seqs it names (a ``time_inversion`` names its pairs as seqs).
-ACCUMULATED = ("event_ids", "batch_ids", "seqs", "device_seqs")
+# events, pushes and seqs it names.
+ACCUMULATED = ("event_ids", "client_event_ids", "batch_ids", "seqs", "device_seqs")
 
 
 def seen_in(evidence: dict[str, Any]) -> dict[str, Any]:
     """What a manager deciding on a flag with this evidence has seen."""
-    return {key: list(evidence[key]) for key in SEEN if key in evidence}
+    return {key: _copied(evidence[key]) for key in SEEN if key in evidence}
 
 
 def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
     """Whether the cause in ``evidence`` stands only on what the decision saw: no event,
-    and no missing image, beyond it. A decision on evidence from before it named its
-    deliveries (images only) is compared on its images."""
+    seq or missing image beyond it, no other silence. A decision recorded before its
+    flag's evidence was named by more (images only, or events only) is compared on
+    what it recorded."""
     if decided_on is None:
         return False
     shown = [key for key in SEEN if key in decided_on] or ["event_ids"]
-    return all(set(evidence.get(key, [])) <= set(decided_on.get(key, [])) for key in shown)
+    return all(key not in evidence or _within(evidence[key], decided_on[key]) for key in shown)
+
+
+def _within(named: Any, seen: Any) -> bool:
+    """Whether what the evidence names under a key was seen: each item of a list, or
+    the one value."""
+    if isinstance(named, list):
+        return set(named) <= set(seen if isinstance(seen, list) else [])
+    return bool(named == seen)
+
+
+def _copied(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
 
 
 def evidence_version(evidence: dict[str, Any]) -> str:
     """A digest of what the flag's ``evidence`` names: what a decision covers
-    (``seen_in``: its events, missing images) and the pushes and seqs it grows by,
-    whatever their order. A decision that names the version its manager was shown is
-    refused once the evidence has changed since (a push landing between the read and
-    the decision), as a sign-off is on a changed ``balance_version``: nobody settles
-    events they did not see. (Counts and times it also holds are not in it: they change
-    with every push, and name nothing new.)"""
+    (``SEEN``: its events, seqs, missing images, a PDA's silence) and the pushes it
+    grows by, lists whatever their order. A decision that names the version its manager
+    was shown is refused once the evidence has changed since (a push landing between
+    the read and the decision), as a sign-off is on a changed ``balance_version``:
+    nobody settles events they did not see. (Counts, times and measures it also holds
+    are not in it: they change with every push, and name nothing new.)"""
     named = sorted({*SEEN, *ACCUMULATED})
-    seen = {key: sorted(set(evidence.get(key, [])), key=_evidence_order) for key in named}
+    seen = {key: _in_order(evidence.get(key, [])) for key in named}
     text = json.dumps(seen, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -698,14 +738,25 @@ MAX_EVIDENCE_IDS = 200  # a flag's row stays small however often its cause recur
 
 
 def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Later evidence wins per key; lists of event and batch ids accumulate (the first
-    ``MAX_EVIDENCE_IDS`` are kept: they are what an investigation starts from)."""
+    """Later evidence wins per key; lists of ids accumulate, in ``_evidence_order``.
+
+    What a flag cites it keeps citing (a proof lists the flags that cite its delivery,
+    ``sync.proofs.cites``), and it cites no more than ``MAX_EVIDENCE_IDS`` of each:
+    the first named, what an investigation starts from; of one raising, those it gives
+    first (its caller's order: a ``clock_jump`` gives the deliveries first)."""
     merged = {**old, **new}
     for key in ACCUMULATED:
         if key in old or key in new:
-            ids = sorted(set(old.get(key, [])) | set(new.get(key, [])), key=_evidence_order)
-            merged[key] = ids[:MAX_EVIDENCE_IDS]
+            cited = set(old.get(key, []))
+            added = [value for value in dict.fromkeys(new.get(key, [])) if value not in cited]
+            room = max(MAX_EVIDENCE_IDS - len(cited), 0)
+            merged[key] = sorted(cited.union(added[:room]), key=_evidence_order)
     return merged
+
+
+def _in_order(value: Any) -> Any:
+    """A list of evidence in ``_evidence_order``, once each; one value as it is."""
+    return sorted(set(value), key=_evidence_order) if isinstance(value, list) else value
 
 
 def _evidence_order(value: Any) -> tuple[Any, ...]:

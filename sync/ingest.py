@@ -54,7 +54,7 @@ from models import (
     WebhookDelivery,
     utcnow,
 )
-from models.sync import DROP_TYPES
+from models.sync import DELIVERY_TYPES, DROP_TYPES
 from sync import audit, consents, outbox
 from sync.acks import SeqTracker
 from sync.balances import closed_shifts_holding, refresh_handover_flags
@@ -946,17 +946,29 @@ class _BatchIngest:
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent (the PDA's clock went back in between), or
         more than ``max_age`` before it (it went forward, or the PDA kept them that long).
+
+        The PDA's one flag names such events of every push (``client_event_ids``
+        accumulate, ``sync.flags.MAX_EVIDENCE_IDS`` of them, a push's deliveries
+        first): a delivery's proof lists the flag that cites it (``sync.proofs.cites``)
+        however often the clock jumps again, and a manager's decision covers the events
+        it was made on, not later ones.
         """
         ahead = [event for _, event in stored if self.clock.ahead(event.occurred_at_device)]
         behind = [event for _, event in stored if self.clock.behind(event.occurred_at_device)]
         if ahead or behind:
-            jumped = sorted(str(event.client_event_id) for event in (*ahead, *behind))
+            jumped = [
+                str(event.client_event_id)
+                for event in sorted(
+                    (*ahead, *behind),
+                    key=lambda e: (e.type not in DELIVERY_TYPES, str(e.client_event_id)),
+                )
+            ]
             self._flag(
                 "clock_jump",
                 FlagSeverity.WARNING,
                 FlagSubject("device", self.pusher.device_id),
                 {
-                    "client_event_ids": jumped[:20],
+                    "client_event_ids": jumped,
                     "events_ahead": len(ahead),
                     "events_behind": len(behind),
                     "sent_at": self.batch.sent_at.isoformat(),

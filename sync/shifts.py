@@ -890,6 +890,9 @@ def record_sign_off(
     return shift
 
 
+AFTER_ANOTHER_SIGNOFF = "events landed after another sign-off"
+
+
 def reopen_for_late_events(
     *,
     session: Session,
@@ -930,11 +933,10 @@ def reopen_for_late_events(
             evidence=evidence,
             courier_id=shift.courier_id,
             shift_id=shift.id,
+            again=AFTER_ANOTHER_SIGNOFF,
         )
-        if not raised.new:
-            reopen_flag(
-                session=session, flag=raised.flag, note="events landed after another sign-off"
-            )
+        if not raised.new:  # reopened, whatever the flag's evidence could still cite
+            reopen_flag(session=session, flag=raised.flag, note=AFTER_ANOTHER_SIGNOFF)
         flags.append(raised.flag)
         audit.append(
             session=session,

@@ -25,7 +25,6 @@ from models import (
     DeviceSyncState,
     Flag,
     FlagSeverity,
-    FlagStatus,
     Shift,
     ShiftStatus,
 )
@@ -34,12 +33,9 @@ from sync.balances import missing_images
 from sync.blobs import BlobStore
 from sync.flags import (
     ACTIVE_STATUSES,
-    DECISIONS,
     FlagSubject,
     close_flags,
-    judged_status,
     raise_flag,
-    reopen_flag,
 )
 from sync.rules import Policy
 from sync.shifts import NO_OPEN_SHIFT, NOT_CLOSED, STALE_DEVICE, close_stale_device, lock_shift
@@ -197,22 +193,17 @@ def stale_device(*, session: Session, now: dt.datetime, settings: SweepSettings)
 def _raise_stale(
     session: Session, row: Row[Any], now: dt.datetime, heard_at: dt.datetime
 ) -> tuple[Flag, bool]:
-    """Raise (or update) the device's flag; and whether it is newly open."""
-    subject = FlagSubject("device", row.device_id)
-    earlier = session.execute(
-        select(Flag.shift_id, Flag.evidence).where(
-            Flag.kind == STALE_DEVICE,
-            Flag.subject_type == subject.type,
-            Flag.subject_key == subject.key,
-            Flag.station_id == row.station_id,  # the device's flag at this station
-        )
-    ).one_or_none()
+    """Raise (or update) the device's flag; and whether it is newly open.
+
+    One flag per device and station: a manager's decision covers the silence it was
+    made on (the flag's shift and the device's last push, ``sync.flags.SEEN``), not one
+    in a later shift, nor one after the device pushed again (``raise_flag`` opens it)."""
     last_push_at = row.last_push_at.isoformat() if row.last_push_at else None
     result = raise_flag(
         session=session,
         kind=STALE_DEVICE,
         severity=FlagSeverity.WARNING,
-        subject=subject,
+        subject=FlagSubject("device", row.device_id),
         station_id=row.station_id,
         evidence={
             "last_push_at": last_push_at,
@@ -221,22 +212,13 @@ def _raise_stale(
         },
         courier_id=row.courier_id,
         shift_id=row.id,
+        again=f"silent again, in shift {row.id}, since its push at {last_push_at}"
+        if last_push_at
+        else f"silent again, in shift {row.id}",
     )
     flag = result.flag
     if flag.shift_id != row.id:
         flag.shift_id = row.id
-    # One flag per device and station: a manager's resolution covers the silence it
-    # was made on, not one in a later shift, nor one after the device pushed again
-    # (the flag's last push, from before this raise, is no longer the device's).
-    if flag.status == FlagStatus.RESOLVED and earlier is not None:
-        if earlier.shift_id not in (None, row.id):
-            reopen_flag(session=session, flag=flag, note=f"silent again, in shift {row.id}")
-            return flag, True
-        if (earlier.evidence or {}).get("last_push_at") != last_push_at:
-            reopen_flag(
-                session=session, flag=flag, note=f"silent again since its push at {last_push_at}"
-            )
-            return flag, True
     return flag, result.new
 
 
@@ -298,18 +280,14 @@ def blob_missing_at_handover(
                 evidence=evidence,
                 courier_id=shift.courier_id,
                 shift_id=shift.id,
+                # A manager's decision covers the images it saw missing, not one gone
+                # missing since (a delivery pushed after it): the flag is open again.
+                again="more images missing",
             )
             flag = result.flag
             if flag.evidence != evidence:  # what is missing now, not what ever was
                 flag.evidence = evidence
-            # A manager's decision covers the images it saw missing, not one gone missing
-            # since (a delivery pushed after it): the flag is open again.
-            if flag.status in DECISIONS and (
-                judged_status(flag.decision, flag.decided_on, evidence) == FlagStatus.OPEN
-            ):
-                reopen_flag(session=session, flag=flag, note="more images missing")
-                raised.append(flag.id)
-            elif result.new:
+            if result.new:
                 raised.append(flag.id)
         closed += [
             flag.id

@@ -498,6 +498,93 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _flag_of(client: FlaskClient, headers: dict[str, str], kind: str) -> dict[str, Any]:
+    listed = client.get(FLAGS, query_string={"kind": kind}, headers=headers).get_json()
+    (item,) = listed["items"]
+    return item
+
+
+def test_a_clock_jump_resolved_on_a_stale_read_is_refused(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The manager opens the PDA's clock_jump flag: it names the two scans stamped 40
+    days back. While they read, the PDA's next batch carries two more jumped scans,
+    and the flag now names those instead. They press Resolve with the
+    ``evidence_version`` they were shown: the resolution is recorded over events they
+    never saw, which is what ``evidence_version`` exists to refuse (409
+    ``evidence_changed``). The digest leaves out ``client_event_ids``, the only way a
+    clock_jump names its events."""
+    first, second = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    stamped = now() - dt.timedelta(days=40)
+    auth.push(
+        [
+            factories.event(1, first.tracking_no, occurred_at=stamped),
+            factories.event(2, first.tracking_no, "returned_to_station", occurred_at=stamped),
+        ]
+    )
+    manager = auth.headers("manager1")
+    read = _flag_of(client, manager, "clock_jump")
+    auth.push(
+        [
+            factories.event(3, second.tracking_no, occurred_at=stamped),
+            factories.event(4, second.tracking_no, "returned_to_station", occurred_at=stamped),
+        ]
+    )
+    again = client.get(f"{FLAGS}/{read['id']}", headers=manager).get_json()
+    assert again["evidence"]["client_event_ids"] != read["evidence"]["client_event_ids"]
+    decided = client.post(
+        f"{FLAGS}/{read['id']}/resolve",
+        json={"note": "PDA clock fixed", "evidence_version": read["evidence_version"]},
+        headers=manager,
+    )
+    assert decided.status_code == 409, decided.get_json()
+    assert decided.get_json()["code"] == "evidence_changed"
+
+
+def test_a_resolved_clock_jump_comes_back_when_the_pda_jumps_again(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Monday the manager resolves PDA-0001's clock_jump ("clock reset, courier told").
+    Later the PDA's clock jumps again: a new push carries other scans stamped 40 days
+    back. The flag takes the new scans into its evidence and stays resolved: nothing
+    in the queue, nothing in the push's ``flags_raised``, so the manager never hears
+    of a second jump. A decision covers what it saw (module docstring of sync.flags),
+    not events that came after it."""
+    first, second = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    stamped = now() - dt.timedelta(days=40)
+    auth.push(
+        [
+            factories.event(1, first.tracking_no, occurred_at=stamped),
+            factories.event(2, first.tracking_no, "returned_to_station", occurred_at=stamped),
+        ]
+    )
+    manager = auth.headers("manager1")
+    read = _flag_of(client, manager, "clock_jump")
+    resolved = client.post(
+        f"{FLAGS}/{read['id']}/resolve",
+        json={"note": "clock reset, courier told", "evidence_version": read["evidence_version"]},
+        headers=manager,
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    receipt = auth.push(
+        [
+            factories.event(3, second.tracking_no, occurred_at=stamped),
+            factories.event(4, second.tracking_no, "returned_to_station", occurred_at=stamped),
+        ]
+    )
+    after = client.get(f"{FLAGS}/{read['id']}", headers=manager).get_json()
+    assert set(after["evidence"]["client_event_ids"]) != set(read["evidence"]["client_event_ids"])
+    waiting = client.get(
+        FLAGS, query_string={"kind": "clock_jump", "status": "open"}, headers=manager
+    ).get_json()["items"]
+    assert waiting or "clock_jump" in [f["kind"] for f in receipt["flags_raised"]], (
+        after["status"],
+        after["evidence"],
+    )
+
+
 def _unauthorized_drop(auth: Auth, session: Session, world: World) -> tuple[str, int]:
     """An express parcel left in a locker with no consent: its tracking number and the
     ``unauthorized_locker_drop`` flag's id."""

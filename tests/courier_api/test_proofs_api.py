@@ -900,6 +900,41 @@ def test_a_proof_lists_its_pdas_flags_that_cite_it(
             assert cited in kinds and other not in kinds, (parcel.tracking_no, reader, kinds)
 
 
+def test_a_proof_keeps_its_clock_jump_flag_when_the_pdas_clock_jumps_again(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The recipient says the parcel came weeks later than the proof says. The PDA's
+    clock jumped: it stamped the delivery 40 days before the push carrying it, and the
+    server flagged `clock_jump` on the PDA citing it, so the proof listed the flag. A
+    week later the same PDA's clock jumped again for another parcel: the one flag of
+    the PDA took the new push's `client_event_ids` in place of the first's, and the
+    first delivery's proof no longer lists any `clock_jump`: the auditor reads a date
+    40 days off as the PDA's word, with nothing saying its clock was wrong."""
+    first, second = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    stamped = now() - dt.timedelta(days=40)
+    receipt = auth.push(
+        [
+            factories.event(1, first.tracking_no, occurred_at=stamped),
+            factories.event(2, first.tracking_no, "delivered", occurred_at=stamped, pod=SIGNED),
+        ]
+    )
+    assert "clock_jump" in [f["kind"] for f in receipt["flags_raised"]]
+    (item,) = _items(client, auth, first.tracking_no)
+    detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers("auditor1")).json
+    assert "clock_jump" in [f["kind"] for f in detail["flags"]]  # so far, so good
+
+    again = now() - dt.timedelta(days=30)
+    auth.push(
+        [
+            factories.event(3, second.tracking_no, occurred_at=again),
+            factories.event(4, second.tracking_no, "delivered", occurred_at=again, pod=SIGNED),
+        ]
+    )
+    detail = client.get(f"{URL}/{item['event_id']}", headers=auth.headers("auditor1")).json
+    assert "clock_jump" in [f["kind"] for f in detail["flags"]], detail["flags"]
+
+
 def test_a_proofs_authorizing_consent_says_when_and_by_whom_it_was_recorded(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

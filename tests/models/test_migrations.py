@@ -501,3 +501,66 @@ def test_a_parcel_gets_the_times_its_recipient_refused_consent(scratch: Engine) 
         [(now - dt.timedelta(hours=h)).isoformat() for h in (3, 2)],
         None,
     ]
+
+
+PDA_DECISIONS = "3fbed2908ec9"  # a decision covers what a PDA's flags name
+
+
+def test_a_decision_on_a_pdas_flag_gets_what_its_evidence_names(scratch: Engine) -> None:
+    """A flag still as the manager left it gets its PDA's ids for its events, its seqs
+    and its silence as covered (what it holds now, taken as seen); what the decision
+    recorded stays; a flag opened since, or never decided on, is left as it is."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from models.base import Document
+
+    migrate.upgrade(scratch, f"{PDA_DECISIONS}-1")
+    when = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
+    silence = {"shift_id": 7, "last_push_at": None, "silent_minutes": 50}
+    flags = {  # id: kind, status, decision, decided_on, evidence
+        1: ("clock_jump", "resolved", "resolved", {}, {"client_event_ids": ["a"]}),
+        2: ("stale_device", "acknowledged", "acknowledged", {}, silence),
+        3: ("wrong_shift", "open", "resolved", {}, {"seqs": [3, 4]}),
+        4: ("time_inversion", "resolved", "resolved", None, {"device_seqs": ["P#1"]}),
+        5: ("unknown_parcel", "resolved", "resolved", {"event_ids": [1]}, {"event_ids": [1]}),
+        6: ("wrong_shift", "resolved", "resolved", {"seqs": [3]}, {"seqs": [3, 4]}),
+    }
+    table = sa.table(
+        "flag",
+        *(sa.column(name) for name in ("id", "kind", "severity", "subject_type")),
+        *(sa.column(name) for name in ("subject_key", "status", "raised_at", "updated_at")),
+        sa.column("decision"),
+        sa.column("decided_on", Document),
+        sa.column("evidence", Document),
+    )
+    with scratch.begin() as connection:
+        for flag_id, (kind, status, decision, decided_on, evidence) in flags.items():
+            connection.execute(
+                sa.insert(table).values(
+                    id=flag_id,
+                    kind=kind,
+                    severity="warning",
+                    subject_type="device",
+                    subject_key=f"PDA-{flag_id}",
+                    status=status,
+                    raised_at=when,
+                    updated_at=when,
+                    decision=decision,
+                    decided_on=decided_on,
+                    evidence=evidence,
+                )
+            )
+    migrate.upgrade(scratch)
+    with scratch.connect() as connection:
+        rows = connection.execute(sa.select(table.c.id, table.c.decided_on)).all()
+    found = {flag_id: decided_on for flag_id, decided_on in rows}
+    assert found == {
+        1: {"client_event_ids": ["a"]},
+        2: {"shift_id": 7, "last_push_at": None},
+        3: {},
+        4: None,
+        5: {"event_ids": [1]},
+        6: {"seqs": [3]},
+    }

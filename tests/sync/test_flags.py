@@ -16,11 +16,13 @@ from sync import audit
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
     KINDS,
+    MAX_EVIDENCE_IDS,
     FlagSubject,
     RaisedFlag,
     acknowledge_flag,
     close_flag,
     close_flags,
+    covers,
     evidence_version,
     flag_changes,
     get_flag,
@@ -294,7 +296,8 @@ def test_a_decision_on_evidence_that_changed_since_it_was_read_is_refused(
 
 def test_the_evidence_version_is_of_what_the_evidence_names() -> None:
     """Events, missing images, pushes and seqs (a ``time_inversion`` names its pairs
-    so), in any order; not the evidence's other facts (a count, a device)."""
+    so), in any order, a PDA's silence; not the evidence's other facts (a count, a
+    device)."""
     shown = evidence_version({"event_ids": [1, 2], "blobs": ["a"], "device_id": "PDA-1"})
     assert evidence_version({"blobs": ["a"], "event_ids": [2, 1], "count": 3}) == shown
     assert evidence_version({"event_ids": [1, 2, 3], "blobs": ["a"]}) != shown
@@ -303,6 +306,16 @@ def test_the_evidence_version_is_of_what_the_evidence_names() -> None:
     assert evidence_version({"device_seqs": ["PDA-1#10", "PDA-1#9"]}) == pairs
     assert evidence_version({"device_seqs": ["PDA-1#9", "PDA-1#10", "PDA-2#3"]}) != pairs
     assert evidence_version({}) == evidence_version({"event_ids": [], "seqs": []})
+    # a PDA's flags: a clock_jump names its events by the PDA's ids for them, a
+    # stale_device the silence it is about (not how long it has lasted)
+    jumped = evidence_version({"client_event_ids": ["b", "a"], "events_behind": 2})
+    assert evidence_version({"client_event_ids": ["a", "b"], "events_behind": 9}) == jumped
+    assert evidence_version({"client_event_ids": ["a", "c"]}) != jumped
+    silence = {"shift_id": 7, "last_push_at": None, "silent_minutes": 50}
+    assert evidence_version({**silence, "silent_minutes": 80}) == evidence_version(silence)
+    assert evidence_version({**silence, "shift_id": 8}) != evidence_version(silence)
+    pushed = {**silence, "last_push_at": "2026-12-04T10:00:00+00:00"}
+    assert evidence_version(pushed) != evidence_version(silence)
 
 
 def test_every_kind_the_engine_raises_is_known() -> None:
@@ -340,11 +353,75 @@ def _raised_again(session: Session, flag: Flag, station_id: int) -> RaisedFlag:
     )
 
 
-def test_a_resolved_flag_raised_again_stays_resolved(session: Session, setup: Setup) -> None:
+def test_a_resolved_flag_raised_again_on_what_it_was_resolved_on_stays_resolved(
+    session: Session, setup: Setup
+) -> None:
     f = _resolved(session, setup)
-    raised = _raised_again(session, f, setup.station.id)
+    raised = raise_flag(
+        session=session,
+        kind=f.kind,
+        severity=f.severity,
+        subject=FlagSubject("parcel", f.subject_key),
+        station_id=setup.station.id,
+        evidence={"event_ids": [1], "device_id": "PDA-2"},
+    )
     assert not raised.new and f.status == FlagStatus.RESOLVED
-    assert f.evidence["event_ids"] == [1, 9]
+    assert f.evidence == {"event_ids": [1], "device_id": "PDA-2"}
+
+
+@pytest.mark.parametrize("make", [_acknowledged, _resolved])
+def test_a_decided_flag_raised_again_on_more_is_open_again(
+    session: Session, setup: Setup, make: Any
+) -> None:
+    """The decision covered event 1; the fault is found again on event 9, which nobody
+    saw: the flag is open again (a PDA's ``clock_jump`` jumping again), and the history
+    says why."""
+    f = make(session, setup)
+    raised = _raised_again(session, f, setup.station.id)
+    assert raised.new and f.status == FlagStatus.OPEN
+    assert f.evidence["event_ids"] == [1, 9] and f.decided_on == {"event_ids": [1]}
+    assert history(session, f)[-1][1:] == (
+        FlagStatus.OPEN,
+        None,
+        "raised again on evidence the decision did not cover",
+    )
+
+
+def test_a_decision_covers_each_thing_a_flag_names() -> None:
+    """Events, by id or their PDA's id for them, seqs, missing images item by item; a
+    PDA's silence (its shift, its last push) as a whole. A decision recorded before the
+    flag's evidence was named by more is compared on what it recorded."""
+    seen = {"client_event_ids": ["a", "b"], "seqs": [3], "shift_id": 7, "last_push_at": None}
+    assert covers(seen, {**seen, "client_event_ids": ["b"], "silent_minutes": 90})
+    assert not covers(seen, {**seen, "client_event_ids": ["a", "c"]})
+    assert not covers(seen, {**seen, "seqs": [3, 4]})
+    assert not covers(seen, {**seen, "shift_id": 8})
+    assert not covers(seen, {**seen, "last_push_at": "2026-12-04T10:00:00+00:00"})
+    assert covers({"event_ids": [1]}, {"event_ids": [1], "client_event_ids": ["z"]})
+    assert covers({}, {"client_event_ids": ["z"]}) and not covers(None, {})
+
+
+def test_a_flag_keeps_citing_what_it_cited_up_to_the_bound(session: Session) -> None:
+    """A PDA's ``clock_jump`` names its jumped events as the PDA does (by their client
+    ids, which sort in no time order): one cited stays cited however many later pushes
+    jump, or a delivery's proof would lose the flag; past the bound a raising adds
+    what it gives first."""
+    subject = FlagSubject("device", "PDA-1")
+
+    def jumped(ids: list[str]) -> Flag:
+        return raise_flag(
+            session=session,
+            kind="clock_jump",
+            severity=FlagSeverity.WARNING,
+            subject=subject,
+            station_id=None,
+            evidence={"client_event_ids": ids},
+        ).flag
+
+    first = [f"f{n:03}" for n in range(MAX_EVIDENCE_IDS - 2)]
+    f = jumped(first)
+    jumped(["z-delivery", "a-scan", "b-scan", "c-scan"])
+    assert f.evidence["client_event_ids"] == sorted([*first, "z-delivery", "a-scan"])
 
 
 def test_the_same_fault_raised_at_another_station_is_that_stations_own_flag(

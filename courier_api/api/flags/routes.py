@@ -130,10 +130,12 @@ class ResolveFlag(MethodView):
 
         A manager of the flag's station (or an admin) settles an open or
         acknowledged flag; the `note` saying how is required. The resolution is
-        recorded in the flag's history and in the audit log. A flag that is
-        already resolved, or that the system closed because its cause went away,
-        cannot be resolved (409 `flag_status_conflict`). The resolution covers
-        the events (and missing images) of the flag's evidence: with
+        recorded in the flag's history and in the audit log (`flag_resolved`, with
+        what it covers, `decided_on`, and the `evidence_version` it was made on). A
+        flag that is already resolved, or that the system closed because its cause
+        went away, cannot be resolved (409 `flag_status_conflict`). The resolution
+        covers what the flag's evidence names (its events, seqs, missing images, a
+        PDA's silence; found again on more, the flag opens again): with
         `evidence_version` (the flag's as the manager read it), a flag whose
         evidence changed since, a push landing in between, is refused (409
         `evidence_changed`): read it again. A flag of another station answers a

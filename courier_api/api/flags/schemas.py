@@ -71,23 +71,27 @@ class FlagOut(ma.Schema):
             "flags and a shift's own flags are judged again whenever their events change: "
             "while the cause stands only on what the decision covered (`decided_on`), "
             "the flag has this status; on anything else it is open; when the cause goes, "
-            "closed",
+            "closed. Any other flag found again on more than the decision covered (a "
+            "PDA's clock jumping again) is open again",
         },
     )
     decided_on = ma.fields.Dict(
         allow_none=True,
         required=True,
         metadata={
-            "description": "What that decision covered: the evidence's `event_ids` (and "
-            "`blobs`, missing images) when the manager decided"
+            "description": "What that decision covered: what the evidence named when the "
+            "manager decided, its `event_ids`, `client_event_ids` (a `clock_jump`'s "
+            "events), `seqs`, `device_seqs`, `blobs` (missing images), and a "
+            "`stale_device`'s `shift_id` and `last_push_at` (the silence). Also in the "
+            "decision's audit entry (`flag_acknowledged`, `flag_resolved`)"
         },
     )
     evidence_version = ma.fields.String(
         required=True,
         metadata={
-            "description": "A digest of what the evidence names (its `event_ids`, `blobs`, "
-            "`batch_ids`, `seqs`, `device_seqs`): send it back with an acknowledgement or "
-            "a resolution to decide only on the evidence you read"
+            "description": "A digest of what the evidence names (what `decided_on` "
+            "records, and its `batch_ids`): send it back with an acknowledgement or a "
+            "resolution to decide only on the evidence you read"
         },
     )
 

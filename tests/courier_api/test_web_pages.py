@@ -28,6 +28,7 @@ from models import (
     Consent,
     Device,
     Flag,
+    FlagSeverity,
     FlagStatus,
     Parcel,
     Role,
@@ -902,6 +903,33 @@ def test_the_flag_queue_reads_the_shifts_of_a_page_of_flags_at_once(
     ).all()
     assert len(parcel_flags) > 1
     assert every == one
+
+
+def test_a_decision_on_a_pdas_flag_says_what_it_covered(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A PDA's ``clock_jump`` names its events by the PDA's ids for them, a
+    ``stale_device`` the silence it is about: the page says the decision was on
+    those, not "on no events" (which a manager would read as covering anything)."""
+    from sync.flags import FlagSubject, raise_flag, resolve_flag
+
+    pages = signed_in(app, "manager")
+    for kind, evidence, said in (
+        ("clock_jump", {"client_event_ids": ["a-1", "b-2"]}, "PDA events a-1, b-2"),
+        ("stale_device", {"shift_id": 7, "last_push_at": None}, "the PDA silent in shift 7"),
+    ):
+        flag = raise_flag(
+            session=session,
+            kind=kind,
+            severity=FlagSeverity.WARNING,
+            subject=FlagSubject("device", "PDA-X"),
+            station_id=day.station.id,
+            evidence=evidence,
+        ).flag
+        resolve_flag(session=session, flag=flag, user_id=day.manager.id, note="seen")
+        session.commit()
+        detail = pages.get(f"/web/flags/{flag.id}")
+        assert f"<dt>Manager's decision</dt><dd>resolved, on {said}:" in detail
 
 
 def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(

@@ -34,6 +34,7 @@ from models import (
     User,
 )
 from sync.collector import collector_paused
+from sync.events import DELIVERY_TYPES
 from sync.flags import (
     ACTIVE_STATUSES,
     FlagSubject,
@@ -430,7 +431,7 @@ def _signed_off_balance(shift: Shift) -> dict[str, Any] | None:
 def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:
     """Every shift of the station's day with its courier and balance, oldest first.
 
-    At most ten queries whatever the number of shifts: the shifts with their
+    At most eleven queries whatever the number of shifts: the shifts with their
     couriers, ``gather``'s, the shifts' open flags of their own and the proof images
     their deliveries lack.
     """
@@ -459,14 +460,11 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
 
 def images_lacking(session: Session, shift_ids: Sequence[int]) -> dict[int, set[str]]:
     """The proof images these shifts' live deliveries name that the server lacks, by
-    shift, however recently the deliveries arrived: one query per 900 shifts."""
-    lacking: dict[int, set[str]] = {}
-    for chunk in chunks(sorted(shift_ids)):
-        missing, _ = missing_images(
-            session, chunk, arrived_before=dt.datetime.max.replace(tzinfo=dt.UTC)
-        )
-        lacking.update({shift_id: digests for shift_id, (digests, _) in missing.items()})
-    return lacking
+    shift, however recently the deliveries arrived: three queries however many shifts."""
+    missing, _ = missing_images(
+        session, shift_ids, arrived_before=dt.datetime.max.replace(tzinfo=dt.UTC)
+    )
+    return {shift_id: digests for shift_id, (digests, _) in missing.items()}
 
 
 # How far back a day's board looks for shifts still waiting for the manager.
@@ -567,28 +565,57 @@ def missing_images(
     """``{shift id: (missing digests, event ids naming them)}`` for these shifts' live
     deliveries that arrived before ``arrived_before``; and the shifts whose only missing
     images are named by events that arrived since (still within their grace). Missing:
-    never uploaded, or purged before the delivery named it (``sync.rules``). One query,
-    through ``ix_scan_event_shift_id``."""
-    voided = voided_in_sql(ScanEvent)
+    never uploaded, or purged before the delivery named it (``sync.rules``).
+
+    Three queries however many shifts, each by one parameter of keys: their live
+    deliveries (``ix_scan_event_shift_id``), the images those name (probes of
+    ``uq_proof_image_event_sha256``), and which of those are stored (the ``blob`` key).
+    Joined in one statement, PostgreSQL read the whole ``proof_image`` or ``blob``
+    table to find a day's few hundred."""
+    if not shift_ids:
+        return {}, set()
+    deliveries = {
+        event_id: (shift_id, occurred_at, received_at)
+        for event_id, shift_id, occurred_at, received_at in session.execute(
+            select(
+                ScanEvent.id, ScanEvent.shift_id, ScanEvent.occurred_at, ScanEvent.received_at
+            ).where(
+                among_at_once(session, ScanEvent.shift_id, sorted(shift_ids)),
+                ScanEvent.type.in_(DELIVERY_TYPES),
+                ~voided_in_sql(ScanEvent),
+            )
+        )
+    }
     missing: dict[int, tuple[set[str], set[int]]] = defaultdict(lambda: (set(), set()))
     pending: set[int] = set()
-    for shift_id, event_id, digest, received_at in session.execute(
-        select(ScanEvent.shift_id, ProofImage.event_id, ProofImage.sha256, ScanEvent.received_at)
-        .join(ScanEvent, ScanEvent.id == ProofImage.event_id)
-        .outerjoin(Blob, Blob.sha256 == ProofImage.sha256)
-        .where(
-            ScanEvent.shift_id.in_(shift_ids),
-            # never uploaded, or purged before the delivery named it (``sync.rules``)
-            or_(Blob.sha256.is_(None), Blob.purged_at <= ScanEvent.occurred_at),
-            ~voided,
+    named = session.execute(
+        select(ProofImage.event_id, ProofImage.sha256).where(
+            among_at_once(session, ProofImage.event_id, sorted(deliveries))
         )
-    ):
+    ).all()
+    stored = dict(
+        session.execute(
+            select(Blob.sha256, Blob.purged_at).where(
+                among_at_once(session, Blob.sha256, sorted({digest for _, digest in named}))
+            )
+        ).all()
+    )
+    for event_id, digest in named:
+        shift_id, occurred_at, received_at = deliveries[event_id]
+        if digest in stored and not _purged_by(stored[digest], occurred_at):
+            continue
         if received_at > arrived_before:
             pending.add(shift_id)
             continue
         missing[shift_id][0].add(digest)
         missing[shift_id][1].add(event_id)
     return dict(missing), pending - set(missing)
+
+
+def _purged_by(purged_at: dt.datetime | None, named_at: dt.datetime) -> bool:
+    """Whether a stored image was purged by the time a delivery named it (then it is
+    missing for that delivery, ``sync.rules``); purged later, it was there."""
+    return purged_at is not None and purged_at <= named_at
 
 
 # -- the shift's own flags --------------------------------------------------------------------

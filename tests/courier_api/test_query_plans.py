@@ -208,6 +208,24 @@ def _older_flags(
                 _flag_resolved(history, manager_id, raised + dt.timedelta(hours=8))
 
 
+def _older_images(history: History, device_id: str, today: dt.date) -> None:
+    """The proof images a PDA's deliveries named in the ``FLAG_HISTORY_DAYS`` before the
+    events, as rows of the blob table only: a year of images is kept (the retention's
+    default), and a row stays after the purge deleted its bytes."""
+    for day in range(DAYS + 1, DAYS + FLAG_HISTORY_DAYS + 1):
+        uploaded = dt.datetime.combine(today - dt.timedelta(days=day), dt.time(18), tzinfo=dt.UTC)
+        for n in range(round(PARCELS_PER_SHIFT * DELIVERED_SHARE)):
+            history.add(
+                "blob",
+                sha256=_photo(f"{device_id}-old-{day}-{n}"),
+                media_type="image/png",
+                size_bytes=100,
+                width=10,
+                height=10,
+                uploaded_at=uploaded,
+            )
+
+
 def _flag_resolved(history: History, manager_id: int, at: dt.datetime) -> None:
     """The audit entry of the flag just added, resolved at ``at`` (flag ids follow the
     order of the rows: COPY gives them from the sequence)."""
@@ -476,6 +494,7 @@ def _populate(engine: Engine) -> dict[str, Any]:
                 )
                 _flag_resolved(history, manager_id, closed + dt.timedelta(minutes=30))
         _older_flags(history, station_id, courier_id, manager_id, today)
+        _older_images(history, device_id, today)
         history.add(
             "device_sync_state",
             device_id=device_id,

@@ -252,7 +252,7 @@ def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
     if decided_on is None:
         return False
     shown = [key for key in SEEN if key in decided_on] or ["event_ids"]
-    return all(key not in evidence or _within(evidence[key], decided_on[key]) for key in shown)
+    return all(key not in evidence or _within(evidence[key], decided_on.get(key)) for key in shown)
 
 
 def _within(named: Any, seen: Any) -> bool:

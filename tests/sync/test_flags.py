@@ -399,6 +399,8 @@ def test_a_decision_covers_each_thing_a_flag_names() -> None:
     assert not covers(seen, {**seen, "last_push_at": "2026-12-04T10:00:00+00:00"})
     assert covers({"event_ids": [1]}, {"event_ids": [1], "client_event_ids": ["z"]})
     assert covers({}, {"client_event_ids": ["z"]}) and not covers(None, {})
+    # A decision recorded on no events covers none (not an error).
+    assert not covers({}, {"event_ids": [1]})
 
 
 def test_a_flag_keeps_citing_what_it_cited_up_to_the_bound(session: Session) -> None:

@@ -807,6 +807,9 @@ def test_a_consent_captured_on_another_stations_pda_does_not_authorize_this_stat
     covering = {"covering": tn}
     on_record = client.get(URL, query_string=covering, headers=auth.headers("auditor1"))
     assert [c["id"] for c in on_record.get_json()["items"]] == [forged.id]
+    # The auditor is told why it stands for nothing here: captured at the other station.
+    [listed] = on_record.get_json()["items"]
+    assert listed["captured_at_station_id"] == world.other_station.id
     in_force = client.get(
         URL, query_string={**covering, "active": "true"}, headers=auth.headers("auditor1")
     )

@@ -201,6 +201,15 @@ class ConsentOut(ma.Schema):
     device_id = ma.fields.String(
         allow_none=True, required=True, metadata={"description": "Captured on a PDA: that PDA"}
     )
+    captured_at_station_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Captured on a PDA: the station that PDA belonged to then. Such a "
+            "consent authorizes only that station's drops (a courier of another station "
+            "cannot make this station's drop authorized); null when recorded through the API"
+        },
+    )
     voided = ma.fields.Boolean(
         required=True,
         metadata={

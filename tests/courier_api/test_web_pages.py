@@ -670,6 +670,9 @@ def test_the_shift_page_of_a_shift_on_the_road_does_not_call_it_unbalanced(
     heading = re.search(r"<h1>(.*?)</h1>", html, re.S)
     assert heading is not None
     assert "unbalanced" not in heading.group(1), heading.group(1)
+    # Nor does the page list her parcels as missing: they are out, as on the board.
+    assert "Still out: checked out, no outcome yet: 2" in html
+    assert "Missing: checked out" not in html and "outcome-missing" not in html
 
 
 def test_closing_a_dead_pdas_shift_from_its_page_leaves_no_silent_pda_flag_on_the_board(

@@ -40,6 +40,8 @@ class Flag(Base):
         # The station's queue, newest first; and the flags raised in a report's period.
         Index("ix_flag_station_id", "station_id", "id"),
         Index("ix_flag_station_raised", "station_id", "raised_at"),
+        # The station's queue as it reads: latest opened first (a flag opened again rises).
+        Index("ix_flag_station_opened", "station_id", "opened_at", "id"),
         # A subject's flags of every kind (a parcel's, for its proof and its shift's
         # balance): the unique constraint leads with the kind, so it cannot serve them.
         Index("ix_flag_subject", "subject_type", "subject_key"),
@@ -60,6 +62,9 @@ class Flag(Base):
     # The shift concerned, for a shift's own flags (handover discrepancies, sign-off).
     shift_id: Mapped[int | None] = mapped_column(ForeignKey("shift.id"), index=True)
     raised_at: Mapped[timestamp]
+    # When it last became open: raised, or opened again (by the system, or raised again on
+    # more than a decision covered): where the queue lists it (``sync.flags.list_flags``).
+    opened_at: Mapped[timestamp]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     closed_reason: Mapped[str | None] = mapped_column(Text)
     # A manager's latest decision on the flag (acknowledged or resolved) and what it

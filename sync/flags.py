@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -435,10 +435,13 @@ def list_flags(
     after_id: int | None = None,
     limit: int = 100,
 ) -> Sequence[Flag]:
-    """Flags matching every filter given, newest first (by id, the order they were first
-    raised: a flag raised again keeps its place).
+    """Flags matching every filter given, latest opened first (``Flag.opened_at``, then
+    id): a flag opened again, by the system or raised again on more than a manager's
+    decision covered, rises to the top with the new ones, not left where it was first
+    raised.
 
-    ``after_id`` is the last id of the previous page (the next page holds smaller ids);
+    ``after_id`` is the last id of the previous page (the next page holds the flags
+    listed after it; one opened again meanwhile is listed again at the top);
     ``raised_from`` is inclusive and ``raised_to`` exclusive. ``shift_id``: that
     shift's own flags (its handover discrepancies, sign-off and sweeps); a parcel's
     rule flags name no shift.
@@ -447,7 +450,11 @@ def list_flags(
         raise InvalidInput(
             "raised_to must be later than raised_from", code="invalid_range", field="raised_to"
         )
-    query = select(Flag).order_by(Flag.id.desc()).limit(min(limit, MAX_PAGE_SIZE))
+    query = (
+        select(Flag)
+        .order_by(Flag.opened_at.desc(), Flag.id.desc())
+        .limit(min(limit, MAX_PAGE_SIZE))
+    )
     if station_id is not None:
         query = query.where(Flag.station_id == station_id)
     if kind is not None:
@@ -465,7 +472,13 @@ def list_flags(
     if raised_to is not None:
         query = query.where(Flag.raised_at < raised_to)
     if after_id:
-        query = query.where(Flag.id < after_id)
+        cursor = select(Flag.opened_at).where(Flag.id == after_id).scalar_subquery()
+        query = query.where(
+            or_(
+                Flag.opened_at < cursor,
+                and_(Flag.opened_at == cursor, Flag.id < after_id),
+            )
+        )
     return session.scalars(query).all()
 
 
@@ -658,6 +671,8 @@ def _record(
             note=note,
         )
     )
+    if to_status == FlagStatus.OPEN and from_status is not None:
+        flag.opened_at = utcnow()  # opened again: back at the top of the queue
     if to_status in ANNOUNCED:
         _announce(session, flag, to_status, by=by, note=note)
     elif from_status == FlagStatus.CLOSED:

@@ -170,6 +170,40 @@ def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags)
     assert rest["next_after"] is None
 
 
+def test_a_flag_opened_again_is_listed_first(
+    client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
+) -> None:
+    """The manager resolved RR1's flag last week; today a new event of the parcel raises
+    it again, on more than the resolution covered, and it is open again. At 19:00 the
+    queue lists it at the top, with the flags raised today, not below every flag raised
+    since it first was; paging goes on from where each flag stands now."""
+    manager = auth.headers("manager1")
+    assert listed(client, manager) == [flags.skew.id, flags.here.id]
+    resolved = client.post(
+        f"{FLAGS}/{flags.here.id}/resolve", json={"note": "checked"}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    assert listed(client, manager) == [flags.skew.id, flags.here.id]  # a decision: no move
+    session.expire_all()  # as the next push's own session reads it
+    raised = raise_flag(
+        session=session,
+        kind="unknown_parcel",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("parcel", "RR1"),
+        station_id=world.station.id,
+        evidence={"event_ids": [3]},
+    )
+    session.commit()
+    assert raised.new and raised.flag.status.value == "open"
+    assert listed(client, manager) == [flags.here.id, flags.skew.id]
+    assert listed(client, manager, "status=open") == [flags.here.id, flags.skew.id]
+    first = client.get(f"{FLAGS}?limit=1", headers=manager).get_json()
+    assert [i["id"] for i in first["items"]] == [flags.here.id]
+    assert first["next_after"] == flags.here.id
+    assert listed(client, manager, f"limit=1&after={flags.here.id}") == [flags.skew.id]
+    assert listed(client, manager, f"after={flags.skew.id}") == []
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [

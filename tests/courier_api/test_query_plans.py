@@ -130,6 +130,8 @@ class History:
         if table in ("shift", "sync_batch", "scan_event"):
             self.ids[table] += 1
             row["id"] = self.ids[table]
+        if table == "flag":
+            row.setdefault("opened_at", row["raised_at"])  # never opened again
         self.rows[table].append(row)
         return row.get("id", 0)
 
@@ -923,6 +925,20 @@ def test_audit_log_list_uses_indexes(world: World) -> None:
         "ix_audit_entry_actor",
         "ix_audit_entry_at",
     } <= used, used
+
+
+def test_the_flag_queue_reads_its_page_through_the_stations_opened_index(world: World) -> None:
+    """``GET /flags``, the manager's queue at 19:00, latest opened first: the first page,
+    the open ones, and the next page after a cursor, each read along
+    ``ix_flag_station_opened`` (a year of the station's flags), not sorted whole."""
+    first, explained = run(world, "GET", "/api/v1/flags?limit=50", headers=world.manager)
+    cursor = first.get_json()["next_after"]
+    assert cursor is not None
+    for query in ("status=open&limit=50", f"limit=50&after={cursor}"):
+        explained += run(world, "GET", f"/api/v1/flags?{query}", headers=world.manager)[1]
+    assert_indexed(explained)
+    used = set().union(*(e.indexes for e in reads(explained, "flag")))
+    assert "ix_flag_station_opened" in used, used
 
 
 def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:

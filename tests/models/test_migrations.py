@@ -564,3 +564,76 @@ def test_a_decision_on_a_pdas_flag_gets_what_its_evidence_names(scratch: Engine)
         5: {"event_ids": [1]},
         6: {"seqs": [3]},
     }
+
+
+OPENED_AT = "5c8d2e7a4f16"  # flags keep when they last opened
+
+
+def test_a_flag_gets_when_it_last_opened_from_its_history(scratch: Engine) -> None:
+    """A flag opened again since it was raised gets the time of its latest opening, one
+    never opened again its raising; the queue then lists the reopened one first."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import Flag, UTCDateTime
+    from sync.flags import list_flags
+
+    migrate.upgrade(scratch, f"{OPENED_AT}-1")
+    raised = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+    flag = sa.table(
+        "flag",
+        *(sa.column(name) for name in ("id", "kind", "severity", "subject_type", "subject_key")),
+        *(sa.column(name) for name in ("status", "evidence")),
+        sa.column("raised_at", UTCDateTime()),
+        sa.column("updated_at", UTCDateTime()),
+    )
+    change = sa.table(
+        "flag_change",
+        *(sa.column(name) for name in ("flag_id", "from_status", "to_status")),
+        sa.column("at", UTCDateTime()),
+    )
+    history = {  # flag id: its changes (hours after its raising, from, to)
+        1: [(0, None, "open"), (2, "open", "resolved"), (120, "resolved", "open")],
+        2: [(0, None, "open")],
+        3: [
+            (0, None, "open"),
+            (1, "open", "closed"),
+            (30, "closed", "open"),
+            (31, "open", "closed"),
+        ],
+    }
+    with scratch.begin() as connection:
+        for flag_id, changes in history.items():
+            connection.execute(
+                sa.insert(flag).values(
+                    id=flag_id,
+                    kind="clock_jump",
+                    severity="warning",
+                    subject_type="device",
+                    subject_key=f"PDA-{flag_id}",
+                    status=changes[-1][2],
+                    evidence="{}",
+                    raised_at=raised + dt.timedelta(days=flag_id),
+                    updated_at=raised,
+                )
+            )
+            for hours, before, after in changes:
+                connection.execute(
+                    sa.insert(change).values(
+                        flag_id=flag_id,
+                        from_status=before,
+                        to_status=after,
+                        at=raised + dt.timedelta(days=flag_id, hours=hours),
+                    )
+                )
+    migrate.upgrade(scratch, OPENED_AT)
+    with Session(scratch) as session:
+        opened = dict(session.execute(sa.select(Flag.id, Flag.opened_at)).all())
+        assert opened == {
+            1: raised + dt.timedelta(days=1, hours=120),
+            2: raised + dt.timedelta(days=2),
+            3: raised + dt.timedelta(days=3, hours=30),
+        }
+        assert [f.id for f in list_flags(session=session)] == [1, 3, 2]

@@ -38,8 +38,11 @@ class Flags(MethodView):
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List flags
 
-        Flags matching every filter given, newest first (in the order they were
-        first raised). `kind` is a kind's code (`unauthorized_locker_drop`); an
+        Flags matching every filter given, latest opened first (`opened_at`,
+        then id): a flag opened again, its cause back or raised again on more
+        than a manager's decision covered, is listed with the new ones, not where
+        it was first raised; `after` goes on from where its flag stands now.
+        `kind` is a kind's code (`unauthorized_locker_drop`); an
         unknown one is a 422 naming the kinds. `raised_from` is inclusive,
         `raised_to` exclusive; both
         need an offset (e.g. `Z`). `shift_id` finds a shift's own flags; a

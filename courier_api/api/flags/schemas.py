@@ -56,6 +56,14 @@ class FlagOut(ma.Schema):
         },
     )
     raised_at = ma.fields.AwareDateTime(required=True)
+    opened_at = ma.fields.AwareDateTime(
+        required=True,
+        metadata={
+            "description": "When it last became open: raised, or opened again (its cause "
+            "back after the system closed it, or raised again on more than a manager's "
+            "decision covered). The queue lists the latest opened first"
+        },
+    )
     updated_at = ma.fields.AwareDateTime(required=True)
     closed_reason = ma.fields.String(
         allow_none=True,

@@ -4,13 +4,20 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, Document, int_pk, str_enum, timestamp, utcnow
+from models.base import Base, Document, UTCDateTime, int_pk, str_enum, timestamp, utcnow
 from models.enums import FlagSeverity, FlagStatus
 
 # A flag of no station (the system's): NULLs are distinct in a unique constraint.
 NO_STATION = "station_id IS NULL"
+
+
+def _when_raised(context: DefaultExecutionContext) -> dt.datetime:
+    """A new flag opened when it was raised (the same instant, not a moment after)."""
+    raised: dt.datetime = context.get_current_parameters()["raised_at"]
+    return raised
 
 
 class Flag(Base):
@@ -64,7 +71,7 @@ class Flag(Base):
     raised_at: Mapped[timestamp]
     # When it last became open: raised, or opened again (by the system, or raised again on
     # more than a decision covered): where the queue lists it (``sync.flags.list_flags``).
-    opened_at: Mapped[timestamp]
+    opened_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_when_raised)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     closed_reason: Mapped[str | None] = mapped_column(Text)
     # A manager's latest decision on the flag (acknowledged or resolved) and what it

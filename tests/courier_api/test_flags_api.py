@@ -91,7 +91,8 @@ def test_a_listed_flag_carries_its_fields(
     client: FlaskClient, auth: Auth, world: World, flags: Flags
 ) -> None:
     item = client.get(FLAGS, headers=auth.headers("admin")).get_json()["items"][-1]
-    assert item | {"raised_at": None, "updated_at": None} == {
+    assert item["opened_at"] == item["raised_at"]  # never opened again
+    assert item | {"raised_at": None, "opened_at": None, "updated_at": None} == {
         "id": flags.here.id,
         "station_id": world.station.id,
         "kind": "unknown_parcel",
@@ -103,6 +104,7 @@ def test_a_listed_flag_carries_its_fields(
         "courier_id": world.courier.id,
         "shift_id": None,
         "raised_at": None,
+        "opened_at": None,
         "updated_at": None,
         "closed_reason": None,
         "decision": None,

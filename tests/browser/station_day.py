@@ -191,6 +191,43 @@ class Pda:
         return closed
 
 
+@dataclass(frozen=True)
+class MisSorted:
+    shift: Shift  # MHG's, where the drop is filed
+    tracking_no: str  # a PDG parcel
+    drop_id: int
+
+
+def mis_sorted_drop(session: Session, day: StationDay) -> MisSorted:
+    """A PDG parcel that Zhao Lei of MHG checks out and leaves in a locker at 18:30 of
+    the day (mis-sorted): the drop is PDG's proof, filed under MHG's shift."""
+    zhao = session.scalars(select(User).where(User.username == "zhaolei")).one()
+    device = session.get(Device, "PDA-MHG-05")
+    assert device is not None
+    pda = Pda(session, device, zhao)
+    pda.seq = 10  # after the day's own events
+    parcel = factories.parcel(session, day.station)
+    session.commit()
+    shift = pda.open(local(day.day, 18, 0))
+    checkout = pda.event(local(day.day, 18, 5), parcel.tracking_no, "checked_out")
+    drop = pda.event(
+        local(day.day, 18, 30),
+        parcel.tracking_no,
+        "delivered_to_locker",
+        locker_id="HIVE-MHG-2",
+        compartment="C3",
+        pod={"pickup_code": "551177"},
+    )
+    pda.push([checkout, drop], local(day.day, 18, 40))
+    pda.close(shift, local(day.day, 19, 0))
+    drop_id = session.scalars(
+        select(ScanEvent.id).where(
+            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
+        )
+    ).one()
+    return MisSorted(shift, parcel.tracking_no, drop_id)
+
+
 def near(step: int) -> dict[str, float]:
     """A GPS fix a few hundred metres around the station's district."""
     return {

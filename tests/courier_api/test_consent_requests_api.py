@@ -692,19 +692,7 @@ def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(
     parcel = factories.parcel(session, world.station)
     session.commit()
     channel = auth.headers("app1")
-    standing = client.post(
-        CONSENTS,
-        json={
-            "scope": "standing",
-            "recipient_phone": parcel.recipient_phone,
-            "address": parcel.address,
-            "method": "any",
-            "channel": "app",
-            "granted_at": (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat(),
-        },
-        headers=channel,
-    )
-    assert standing.status_code == 201, standing.get_json()
+    standing = _standing_consent(client, channel, parcel)
     asked = ask(client, auth.headers("courier1", "PDA-0001"), parcel.tracking_no, channel="sms")
     refused = client.post(
         CONSENTS,
@@ -724,7 +712,7 @@ def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(
     (on_record,) = client.get(
         CONSENTS, query_string={"covering": parcel.tracking_no}, headers=auth.headers("auditor1")
     ).get_json()["items"]
-    assert on_record["id"] == standing.get_json()["id"]
+    assert on_record["id"] == standing
     assert dt.datetime.fromisoformat(on_record["refused_at"]) == dt.datetime.fromisoformat(
         refused.get_json()["answered_at"]
     )
@@ -735,4 +723,4 @@ def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(
         (listed,) = client.get(
             CONSENTS, query_string=query, headers=auth.headers("auditor1")
         ).get_json()["items"]
-        assert (listed["id"], listed["refused_at"]) == (standing.get_json()["id"], None)
+        assert (listed["id"], listed["refused_at"]) == (standing, None)

@@ -534,6 +534,20 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _jumped(auth: Auth, tracking_no: str, first_seq: int) -> dict[str, Any]:
+    """PDA-0001 pushes a check-out and a return of the parcel stamped 40 days back, on a
+    clock that jumped: the PDA's ``clock_jump`` flag names them. The push's receipt."""
+    stamped = now() - dt.timedelta(days=40)
+    return auth.push(
+        [
+            factories.event(first_seq, tracking_no, occurred_at=stamped),
+            factories.event(
+                first_seq + 1, tracking_no, "returned_to_station", occurred_at=stamped
+            ),
+        ]
+    )
+
+
 def _flag_of(client: FlaskClient, headers: dict[str, str], kind: str) -> dict[str, Any]:
     listed = client.get(FLAGS, query_string={"kind": kind}, headers=headers).get_json()
     (item,) = listed["items"]
@@ -552,21 +566,10 @@ def test_a_clock_jump_resolved_on_a_stale_read_is_refused(
     clock_jump names its events."""
     first, second = (factories.parcel(session, world.station) for _ in range(2))
     session.commit()
-    stamped = now() - dt.timedelta(days=40)
-    auth.push(
-        [
-            factories.event(1, first.tracking_no, occurred_at=stamped),
-            factories.event(2, first.tracking_no, "returned_to_station", occurred_at=stamped),
-        ]
-    )
+    _jumped(auth, first.tracking_no, first_seq=1)
     manager = auth.headers("manager1")
     read = _flag_of(client, manager, "clock_jump")
-    auth.push(
-        [
-            factories.event(3, second.tracking_no, occurred_at=stamped),
-            factories.event(4, second.tracking_no, "returned_to_station", occurred_at=stamped),
-        ]
-    )
+    _jumped(auth, second.tracking_no, first_seq=3)
     again = client.get(f"{FLAGS}/{read['id']}", headers=manager).get_json()
     assert again["evidence"]["client_event_ids"] != read["evidence"]["client_event_ids"]
     decided = client.post(
@@ -589,13 +592,7 @@ def test_a_resolved_clock_jump_comes_back_when_the_pda_jumps_again(
     not events that came after it."""
     first, second = (factories.parcel(session, world.station) for _ in range(2))
     session.commit()
-    stamped = now() - dt.timedelta(days=40)
-    auth.push(
-        [
-            factories.event(1, first.tracking_no, occurred_at=stamped),
-            factories.event(2, first.tracking_no, "returned_to_station", occurred_at=stamped),
-        ]
-    )
+    _jumped(auth, first.tracking_no, first_seq=1)
     manager = auth.headers("manager1")
     read = _flag_of(client, manager, "clock_jump")
     resolved = client.post(
@@ -604,12 +601,7 @@ def test_a_resolved_clock_jump_comes_back_when_the_pda_jumps_again(
         headers=manager,
     )
     assert resolved.status_code == 200, resolved.get_json()
-    receipt = auth.push(
-        [
-            factories.event(3, second.tracking_no, occurred_at=stamped),
-            factories.event(4, second.tracking_no, "returned_to_station", occurred_at=stamped),
-        ]
-    )
+    receipt = _jumped(auth, second.tracking_no, first_seq=3)
     after = client.get(f"{FLAGS}/{read['id']}", headers=manager).get_json()
     assert set(after["evidence"]["client_event_ids"]) != set(read["evidence"]["client_event_ids"])
     waiting = client.get(

@@ -7,7 +7,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Device, Flag, FlagStatus, ScanEvent, User
+from models import Flag, FlagStatus
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
@@ -241,28 +241,8 @@ def test_a_timeline_names_no_shift_of_a_station_its_reader_cannot_open(
     which answers them `shift_not_found`, is named all the same (SECURITY.md threat 3:
     for a manager another station's objects do not exist). The admin, who may open it,
     is told it."""
-    zhao = session.scalars(select(User).where(User.username == "zhaolei")).one()
-    pda = station_day.Pda(session, session.get(Device, "PDA-MHG-05"), zhao)
-    pda.seq = 10
-    parcel = factories.parcel(session, day.station)
-    session.commit()
-    shift = pda.open(station_day.local(day.day, 18, 0))
-    checkout = pda.event(station_day.local(day.day, 18, 5), parcel.tracking_no, "checked_out")
-    drop = pda.event(
-        station_day.local(day.day, 18, 30),
-        parcel.tracking_no,
-        "delivered_to_locker",
-        locker_id="HIVE-MHG-2",
-        compartment="C3",
-        pod={"pickup_code": "551177"},
-    )
-    pda.push([checkout, drop], station_day.local(day.day, 18, 40))
-    pda.close(shift, station_day.local(day.day, 19, 0))
-    event_id = session.scalars(
-        select(ScanEvent.id).where(
-            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
-        )
-    ).one()
+    drop = station_day.mis_sorted_drop(session, day)
+    shift, event_id, tracking_no = drop.shift, drop.drop_id, drop.tracking_no
     client = app.test_client()
 
     for username, opens in (("manager", False), ("admin", True)):
@@ -274,7 +254,7 @@ def test_a_timeline_names_no_shift_of_a_station_its_reader_cannot_open(
         assert opened.status_code == (200 if opens else 404)
 
         proof = client.get(f"/api/v1/proofs/{event_id}", headers=headers)
-        found = client.get(f"{URL}/{parcel.tracking_no}", headers=headers)
+        found = client.get(f"{URL}/{tracking_no}", headers=headers)
 
         assert proof.status_code == 200 and found.status_code == 200
         named = {e["shift_id"] for e in proof.get_json()["timeline"]} | {

@@ -1246,28 +1246,8 @@ def test_the_proof_page_links_no_shift_its_reader_cannot_open(
     PDG's, its drop filed under MHG's shift. PDG's manager reads the proof: the page
     neither links nor names that shift (it would answer a 404 page, and give away
     another station's shift id), as the flag page does; the admin gets the link."""
-    zhao = session.scalars(select(User).where(User.username == "zhaolei")).one()
-    pda = station_day.Pda(session, session.get(Device, "PDA-MHG-05"), zhao)
-    pda.seq = 10  # after the day's own events
-    parcel = factories.parcel(session, day.station)
-    session.commit()
-    shift = pda.open(station_day.local(day.day, 18, 0))
-    drop = pda.event(
-        station_day.local(day.day, 18, 30),
-        parcel.tracking_no,
-        "delivered_to_locker",
-        locker_id="HIVE-MHG-2",
-        compartment="C3",
-        pod={"pickup_code": "551177"},
-    )
-    checkout = pda.event(station_day.local(day.day, 18, 5), parcel.tracking_no, "checked_out")
-    pda.push([checkout, drop], station_day.local(day.day, 18, 40))
-    pda.close(shift, station_day.local(day.day, 19, 0))
-    event_id = session.scalars(
-        select(ScanEvent.id).where(
-            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
-        )
-    ).one()
+    drop = station_day.mis_sorted_drop(session, day)
+    shift, event_id = drop.shift, drop.drop_id
     manager = signed_in(app, "manager")
     html = manager.get(f"/web/proofs/{event_id}")
     assert f"shift {shift.id}" not in html and "/web/shifts/" not in html

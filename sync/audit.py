@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ def list_entries(
 class VerifyResult:
     checked: int  # entries read
     broken_id: int | None = None  # the first entry that breaks the chain
-    problem: str | None = None  # "altered" or "link_broken"
+    problem: str | None = None  # "altered", "link_broken", "head_missing" or "head_changed"
     message: str | None = None
     head_id: int | None = None  # the newest entry verified, and its hash
     head_hash: str | None = None
@@ -203,14 +204,63 @@ class VerifyResult:
         return self.broken_id is None
 
 
+@dataclass(frozen=True)
+class Head:
+    """An entry and the hash it carried when a verification ended there.
+
+    Recorded outside the service, it is what shows that the newest entries were
+    removed (no link breaks then), and a later verification can start from it: the
+    entries up to it cannot change without changing its hash.
+    """
+
+    id: int
+    hash: str
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def recorded_head(head_id: int | None, head_hash: str | None) -> Head | None:
+    """The head a caller recorded, both halves or neither (``InvalidInput`` otherwise)."""
+    if head_id is None and head_hash is None:
+        return None
+    if head_hash is None:
+        raise InvalidInput(
+            "head_id needs head_hash: the hash recorded with it",
+            code="head_hash_required",
+            field="head_hash",
+        )
+    if head_id is None:
+        raise InvalidInput(
+            "head_hash needs head_id: the entry it was recorded for",
+            code="head_id_required",
+            field="head_id",
+        )
+    if not _HASH.fullmatch(head_hash.lower()):
+        raise InvalidInput(
+            "head_hash must be 64 hexadecimal digits (an entry_hash)",
+            code="invalid_head_hash",
+            field="head_hash",
+        )
+    return Head(id=head_id, hash=head_hash.lower())
+
+
 def verify(
     *,
     session: Session,
+    from_head: Head | None = None,
     progress: Callable[[int], None] | None = None,
     progress_every: int = PROGRESS_EVERY,
     chunk_size: int = VERIFY_CHUNK,
 ) -> VerifyResult:
     """Recompute every entry's hash and link, in id order; stop at the first break.
+
+    From ``from_head``, a head recorded after an earlier verification, only that
+    entry and the ones after it are read: it must still be in the log (else
+    ``head_missing``: it was removed, and every entry after it with it or not) and
+    carry the recorded hash (else ``head_changed``: an entry up to it was altered
+    and the chain re-hashed from there). Its own link was checked when it was
+    recorded and is part of that hash.
 
     Rows are streamed ``chunk_size`` at a time, so a long log is never held in
     memory. ``progress`` is called with the count checked every ``progress_every``.
@@ -219,39 +269,56 @@ def verify(
     # below: SQLite keeps any value in any column, and one scribbled over must be named
     # as altered, not end the walk with a decoding error.
     read_at, read_details = (_reader(session, column) for column in (_AT, _DETAILS))
-    rows = session.execute(
-        select(
-            AuditEntry.id,
-            type_coerce(_AT, Text).label("at"),
-            AuditEntry.actor_id,
-            AuditEntry.action,
-            AuditEntry.subject_type,
-            AuditEntry.subject_key,
-            type_coerce(_DETAILS, Text).label("details"),
-            AuditEntry.prev_hash,
-            AuditEntry.entry_hash,
-        )
-        .order_by(AuditEntry.id)
-        .execution_options(yield_per=chunk_size)
-    )
+    query = select(
+        AuditEntry.id,
+        type_coerce(_AT, Text).label("at"),
+        AuditEntry.actor_id,
+        AuditEntry.action,
+        AuditEntry.subject_type,
+        AuditEntry.subject_key,
+        type_coerce(_DETAILS, Text).label("details"),
+        AuditEntry.prev_hash,
+        AuditEntry.entry_hash,
+    ).order_by(AuditEntry.id)
+    if from_head is not None:
+        query = query.where(AuditEntry.id >= from_head.id)
+    rows = session.execute(query.execution_options(yield_per=chunk_size))
     expected_prev, prev_id, checked = GENESIS_HASH, None, 0
+
+    def broken(row_id: int, problem: str, message: str) -> VerifyResult:
+        return VerifyResult(
+            checked=checked,
+            broken_id=row_id,
+            problem=problem,
+            message=message,
+            head_id=prev_id,
+            head_hash=expected_prev if prev_id is not None else None,
+        )
+
     try:
         for row in rows:
-            checked += 1
-            if row.prev_hash != expected_prev:
-                where = f"entry {prev_id}" if prev_id is not None else "the start of the log"
-                return VerifyResult(
-                    checked=checked,
-                    broken_id=row.id,
-                    problem="link_broken",
-                    message=(
+            if from_head is not None and prev_id is None:
+                if row.id != from_head.id:
+                    break  # the recorded head is gone: reported below
+                checked += 1
+                if row.entry_hash != from_head.hash:
+                    return broken(
+                        row.id,
+                        "head_changed",
+                        f"entry {row.id}: its hash is not the one recorded for it: an entry "
+                        "up to it was altered and the chain re-hashed from there",
+                    )
+            else:
+                checked += 1
+                if row.prev_hash != expected_prev:
+                    where = f"entry {prev_id}" if prev_id is not None else "the start of the log"
+                    return broken(
+                        row.id,
+                        "link_broken",
                         f"entry {row.id}: its prev_hash does not match the hash of "
                         f"{where}: an entry before it was removed, or {where} was "
-                        "altered and re-hashed"
-                    ),
-                    head_id=prev_id,
-                    head_hash=expected_prev if prev_id is not None else None,
-                )
+                        "altered and re-hashed",
+                    )
             try:
                 recomputed = entry_hash(
                     prev_hash=row.prev_hash,
@@ -269,19 +336,21 @@ def verify(
             else:
                 unreadable = "its content does not match its hash"
             if recomputed != row.entry_hash:
-                return VerifyResult(
-                    checked=checked,
-                    broken_id=row.id,
-                    problem="altered",
-                    message=f"entry {row.id}: {unreadable}: the entry was altered",
-                    head_id=prev_id,
-                    head_hash=expected_prev if prev_id is not None else None,
+                return broken(
+                    row.id, "altered", f"entry {row.id}: {unreadable}: the entry was altered"
                 )
             expected_prev, prev_id = row.entry_hash, row.id
             if progress is not None and checked % progress_every == 0:
                 progress(checked)
     finally:
         rows.close()
+    if from_head is not None and prev_id is None:
+        return broken(
+            from_head.id,
+            "head_missing",
+            f"entry {from_head.id}, the head recorded, is not in the log: it was removed, "
+            "and maybe entries after it",
+        )
     return VerifyResult(
         checked=checked,
         head_id=prev_id,

@@ -295,3 +295,43 @@ def test_verify_names_an_entry_whose_predecessor_was_removed(
     assert (body["intact"], body["broken_id"], body["problem"]) == (False, ids[2], "link_broken")
     assert body["checked"] == 2 and body["head_id"] == ids[0]
     assert f"entry {ids[2]}" in body["message"] and "removed" in body["message"]
+
+
+def test_the_head_of_an_intact_answer_given_back_starts_the_next_check_there(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    chained(session, *({"action": "blob_read", "details": {"i": i}} for i in range(4)))
+    first = client.get(VERIFY, headers=auth.headers("auditor1")).get_json()
+    later = chained(session, {"action": "blob_read", "at": 10})
+    head = {"head_id": first["head_id"], "head_hash": first["head_hash"]}
+    body = client.get(VERIFY, query_string=head, headers=auth.headers("auditor1")).get_json()
+    assert (body["intact"], body["checked"], body["head_id"]) == (True, 2, later[0])
+
+
+def test_the_newest_entries_removed_show_against_the_head_recorded(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    ids = chained(session, *({"action": "blob_read", "details": {"i": i}} for i in range(3)))
+    first = client.get(VERIFY, headers=auth.headers("admin")).get_json()
+    session.execute(AuditEntry.__table__.delete().where(AuditEntry.id == ids[2]))
+    session.commit()
+    assert client.get(VERIFY, headers=auth.headers("admin")).get_json()["intact"]
+    head = {"head_id": first["head_id"], "head_hash": first["head_hash"]}
+    body = client.get(VERIFY, query_string=head, headers=auth.headers("admin")).get_json()
+    assert (body["intact"], body["broken_id"], body["problem"]) == (False, ids[2], "head_missing")
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ({"head_id": 1}, "head_hash_required"),
+        ({"head_hash": "a" * 64}, "head_id_required"),
+        ({"head_id": 1, "head_hash": "z" * 64}, "invalid_head_hash"),
+    ],
+)
+def test_a_head_needs_its_id_and_its_hash(
+    client: FlaskClient, auth: Auth, world: World, query: dict[str, Any], code: str
+) -> None:
+    response = client.get(VERIFY, query_string=query, headers=auth.headers("auditor1"))
+    assert response.status_code == 422
+    assert response.get_json()["code"] == code

@@ -107,6 +107,44 @@ def test_a_deleted_entry_exits_1_naming_the_entry_after_it(
     assert f"hash of entry {entries[1].id}" in result.stdout and "removed" in result.stdout
 
 
+def test_from_the_head_an_earlier_run_printed_only_the_newer_entries_are_read(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    append(session, 3)
+    first = runner.invoke(args=["audit", "verify"])
+    assert first.exit_code == 0, first.output
+    head_id, head_hash = first.stdout.split("head: entry ")[1].split()
+    newer = append(session, 2)
+    result = runner.invoke(args=["audit", "verify", "--from-head", head_id, head_hash])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"audit log intact: 3 entries from entry {head_id}; "
+        f"head: entry {newer[-1].id} {newer[-1].entry_hash}"
+    )
+
+
+def test_the_newest_entries_removed_exit_1_from_the_head_recorded(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    entries = append(session, 4)
+    session.execute(text("DELETE FROM audit_entry WHERE id >= :id"), {"id": entries[2].id})
+    session.commit()
+    assert runner.invoke(args=["audit", "verify"]).exit_code == 0  # no link breaks
+    head = entries[-1]
+    result = runner.invoke(args=["audit", "verify", "--from-head", str(head.id), head.entry_hash])
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"audit log BROKEN: entry {head.id}, the head recorded,")
+
+
+def test_a_head_that_is_not_a_hash_is_refused_with_a_message(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    result = runner.invoke(args=["audit", "verify", "--from-head", "3", "not-a-hash"])
+    assert result.exit_code == 1
+    assert "head_hash must be 64 hexadecimal digits" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_progress_every_10000_entries(runner: FlaskCliRunner, session: Session) -> None:
     """A long log, chained here in bulk (appending one by one would take a while)."""
     rows: list[dict[str, Any]] = []

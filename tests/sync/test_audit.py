@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from courier_api.extensions import db
 from models import AuditEntry
 from sync import audit
+from sync.errors import InvalidInput
 
 
 def add(session: Session, n: int, *, action: str = "blob_read") -> list[AuditEntry]:
@@ -106,6 +107,126 @@ def test_verify_streams_in_chunks_and_reports_progress(session: Session) -> None
     result = audit.verify(session=session, progress=seen.append, progress_every=3, chunk_size=2)
     assert result.ok and result.checked == 7
     assert seen == [3, 6]
+
+
+def head_of(entry: AuditEntry) -> audit.Head:
+    return audit.Head(id=entry.id, hash=entry.entry_hash)
+
+
+def rehash_from(session: Session, entries: list[AuditEntry], start: int) -> None:
+    """Re-hash the chain from ``entries[start]`` on, as someone covering an alteration
+    with database access would: every link checks out again."""
+    prev = entries[start].prev_hash
+    for entry in entries[start:]:
+        session.refresh(entry)
+        fresh = audit.entry_hash(
+            prev_hash=prev,
+            at=entry.at,
+            actor_id=entry.actor_id,
+            action=entry.action,
+            subject_type=entry.subject_type,
+            subject_key=entry.subject_key,
+            details=entry.details,
+        )
+        session.execute(
+            text("UPDATE audit_entry SET prev_hash = :p, entry_hash = :h WHERE id = :id"),
+            {"p": prev, "h": fresh, "id": entry.id},
+        )
+        prev = fresh
+
+
+def test_from_a_recorded_head_only_that_entry_and_the_later_ones_are_read(
+    session: Session,
+) -> None:
+    entries = add(session, 6)
+    result = audit.verify(session=session, from_head=head_of(entries[3]))
+    assert result.ok, result.message
+    assert (result.checked, result.head_id, result.head_hash) == (
+        3,
+        entries[-1].id,
+        entries[-1].entry_hash,
+    )
+
+
+def test_from_the_newest_entry_nothing_new_checks_out_as_that_head(session: Session) -> None:
+    entries = add(session, 3)
+    result = audit.verify(session=session, from_head=head_of(entries[-1]))
+    assert result.ok and result.checked == 1
+    assert (result.head_id, result.head_hash) == (entries[-1].id, entries[-1].entry_hash)
+
+
+def test_the_newest_entries_removed_are_named_by_the_recorded_head(session: Session) -> None:
+    """No link breaks when the tail goes, so a full walk calls the log intact; the head
+    recorded before says otherwise."""
+    entries = add(session, 5)
+    head = head_of(entries[-1])
+    session.execute(text("DELETE FROM audit_entry WHERE id >= :id"), {"id": entries[3].id})
+    assert audit.verify(session=session).ok
+    result = audit.verify(session=session, from_head=head)
+    assert (result.ok, result.broken_id, result.problem) == (False, head.id, "head_missing")
+    assert result.checked == 0 and result.head_id is None
+    assert f"entry {head.id}" in result.message and "removed" in result.message
+
+
+def test_a_recorded_head_removed_from_the_middle_is_missing_too(session: Session) -> None:
+    entries = add(session, 5)
+    session.execute(text("DELETE FROM audit_entry WHERE id = :id"), {"id": entries[2].id})
+    result = audit.verify(session=session, from_head=head_of(entries[2]))
+    assert (result.broken_id, result.problem) == (entries[2].id, "head_missing")
+
+
+def test_an_entry_before_the_head_altered_and_the_chain_rehashed_is_caught(
+    session: Session,
+) -> None:
+    """Re-hashed from the altered entry on, every link checks out and a full walk finds
+    nothing; the recorded head's hash changed with it."""
+    entries = add(session, 5)
+    head = head_of(entries[3])
+    tamper_details(session, entries[1].id, {"i": 1, "note": "forged", "ids": [3, 1, 2]})
+    rehash_from(session, entries, 1)
+    assert audit.verify(session=session).ok
+    result = audit.verify(session=session, from_head=head)
+    assert (result.broken_id, result.problem, result.checked) == (head.id, "head_changed", 1)
+    assert "re-hashed" in result.message and result.head_id is None
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["the head", "after it"])
+def test_an_entry_from_the_head_on_altered_is_named(session: Session, offset: int) -> None:
+    entries = add(session, 5)
+    victim = entries[2 + offset]
+    tamper_details(session, victim.id, {"i": -1})
+    result = audit.verify(session=session, from_head=head_of(entries[2]))
+    assert (result.broken_id, result.problem, result.checked) == (victim.id, "altered", 1 + offset)
+
+
+def test_an_entry_after_the_head_removed_breaks_the_next_link(session: Session) -> None:
+    entries = add(session, 5)
+    session.execute(text("DELETE FROM audit_entry WHERE id = :id"), {"id": entries[3].id})
+    result = audit.verify(session=session, from_head=head_of(entries[2]))
+    assert (result.broken_id, result.problem) == (entries[4].id, "link_broken")
+    assert (result.head_id, result.checked) == (entries[2].id, 2)
+
+
+@pytest.mark.parametrize(
+    ("head_id", "head_hash", "code"),
+    [
+        (7, None, "head_hash_required"),
+        (None, "a" * 64, "head_id_required"),
+        (7, "g" * 64, "invalid_head_hash"),
+        (7, "a" * 63, "invalid_head_hash"),
+    ],
+)
+def test_a_recorded_head_needs_both_halves_and_a_hash(
+    head_id: int | None, head_hash: str | None, code: str
+) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        audit.recorded_head(head_id, head_hash)
+    assert refused.value.code == code
+
+
+def test_a_recorded_head_is_read_whatever_the_case_of_its_hash() -> None:
+    assert audit.recorded_head(7, "AB" * 32) == audit.Head(id=7, hash="ab" * 32)
+    assert audit.recorded_head(None, None) is None
 
 
 def test_details_are_stored_as_they_will_be_read_back(session: Session) -> None:

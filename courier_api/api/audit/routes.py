@@ -4,7 +4,13 @@ from typing import Any
 
 from flask.views import MethodView
 
-from courier_api.api.audit.schemas import AuditEntryOut, AuditListArgs, AuditPage, AuditVerifyOut
+from courier_api.api.audit.schemas import (
+    AuditEntryOut,
+    AuditListArgs,
+    AuditPage,
+    AuditVerifyArgs,
+    AuditVerifyOut,
+)
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal
@@ -73,8 +79,9 @@ class AuditVerification(MethodView):
     READS_ONLY = True  # its GET: courier_api.database
 
     @blp.auth(*READERS)
+    @blp.arguments(AuditVerifyArgs, location="query")
     @blp.response(200, AuditVerifyOut)
-    def get(self) -> dict[str, Any]:
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Verify the audit log
 
         Recomputes every entry's hash and its link to the entry before it, oldest
@@ -84,9 +91,15 @@ class AuditVerification(MethodView):
         however long it is; a long one takes a while (some 5 seconds per 100,000
         entries). Keep `head_id` and `head_hash` of an intact answer outside the
         service: removing the newest entries breaks no link, and only a head
-        recorded earlier shows it.
+        recorded earlier shows it. Given back as `head_id` and `head_hash`, they
+        start the next check there: that entry must still be in the log
+        (`head_missing` otherwise) with that hash (`head_changed` otherwise: an
+        entry up to it was altered and the chain re-hashed), and only the entries
+        after it are read. One without the other is a 422 (`head_hash_required`,
+        `head_id_required`).
         """
-        result = audit.verify(session=db.session)
+        head = audit.recorded_head(args.get("head_id"), args.get("head_hash"))
+        result = audit.verify(session=db.session, from_head=head)
         return {
             "intact": result.ok,
             "checked": result.checked,

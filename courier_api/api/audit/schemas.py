@@ -30,6 +30,22 @@ class AuditListArgs(PageArgs):
     after = After()
 
 
+class AuditVerifyArgs(ma.Schema):
+    head_id = Id(
+        metadata={
+            "description": "`head_id` of an earlier intact answer, with its `head_hash`: "
+            "check from that entry on"
+        }
+    )
+    head_hash = Text(
+        validate=ma.validate.Length(equal=64),
+        metadata={
+            "example": "9f2c" + "0" * 60,
+            "description": "`head_hash` of that answer: the hash the entry must still carry",
+        },
+    )
+
+
 class AuditEntryOut(ma.Schema):
     id = ma.fields.Integer(required=True)
     at = ma.fields.AwareDateTime(required=True, metadata={"description": "When it was recorded"})
@@ -65,7 +81,11 @@ class AuditVerifyOut(ma.Schema):
         required=True, metadata={"description": "Every entry checked matches its hash and link"}
     )
     checked = ma.fields.Integer(
-        required=True, metadata={"description": "Entries read, the broken one included"}
+        required=True,
+        metadata={
+            "description": "Entries read, the broken one included (from a head: that "
+            "entry and those after it)"
+        },
     )
     broken_id = ma.fields.Integer(
         allow_none=True,
@@ -76,10 +96,13 @@ class AuditVerifyOut(ma.Schema):
         allow_none=True,
         required=True,
         metadata={
-            "enum": ["altered", "link_broken"],
+            "enum": ["altered", "link_broken", "head_missing", "head_changed"],
             "description": "`altered`: its content does not match its hash; "
             "`link_broken`: its `prev_hash` is not the hash of the entry before it (that "
-            "one was removed, or altered and re-hashed)",
+            "one was removed, or altered and re-hashed); from a head recorded earlier: "
+            "`head_missing`, that entry is no longer in the log (removed, maybe with the "
+            "ones after it); `head_changed`, it no longer carries the hash recorded (an "
+            "entry up to it was altered and the chain re-hashed)",
         },
     )
     message = ma.fields.String(allow_none=True, required=True)
@@ -88,8 +111,8 @@ class AuditVerifyOut(ma.Schema):
         required=True,
         metadata={
             "description": "The newest entry that checks out (null: none does). Record it "
-            "with `head_hash` somewhere else and compare later: removing the newest "
-            "entries breaks no link"
+            "with `head_hash` somewhere else and give both back to the next check: "
+            "removing the newest entries breaks no link"
         },
     )
     head_hash = ma.fields.String(allow_none=True, required=True)

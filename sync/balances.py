@@ -461,9 +461,7 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
 def images_lacking(session: Session, shift_ids: Sequence[int]) -> dict[int, set[str]]:
     """The proof images these shifts' live deliveries name that the server lacks, by
     shift, however recently the deliveries arrived: three queries however many shifts."""
-    missing, _ = missing_images(
-        session, shift_ids, arrived_before=dt.datetime.max.replace(tzinfo=dt.UTC)
-    )
+    missing, _ = missing_images(session, shift_ids)
     return {shift_id: digests for shift_id, (digests, _) in missing.items()}
 
 
@@ -560,11 +558,12 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
 
 
 def missing_images(
-    session: Session, shift_ids: Sequence[int], *, arrived_before: dt.datetime
+    session: Session, shift_ids: Sequence[int], *, arrived_before: dt.datetime | None = None
 ) -> tuple[dict[int, tuple[set[str], set[int]]], set[int]]:
     """``{shift id: (missing digests, event ids naming them)}`` for these shifts' live
-    deliveries that arrived before ``arrived_before``; and the shifts whose only missing
-    images are named by events that arrived since (still within their grace). Missing:
+    deliveries that arrived before ``arrived_before`` (all, without it); and the shifts
+    whose only missing images are named by events that arrived since (still within
+    their grace). Missing:
     never uploaded, or purged before the delivery named it (``sync.rules``).
 
     Three queries however many shifts, each by one parameter of keys: their live
@@ -604,7 +603,7 @@ def missing_images(
         shift_id, occurred_at, received_at = deliveries[event_id]
         if digest in stored and not _purged_by(stored[digest], occurred_at):
             continue
-        if received_at > arrived_before:
+        if arrived_before is not None and received_at > arrived_before:
             pending.add(shift_id)
             continue
         missing[shift_id][0].add(digest)

@@ -563,8 +563,8 @@ def missing_images(
     """``{shift id: (missing digests, event ids naming them)}`` for these shifts' live
     deliveries that arrived before ``arrived_before`` (all, without it); and the shifts
     whose only missing images are named by events that arrived since (still within
-    their grace). Missing:
-    never uploaded, or purged before the delivery named it (``sync.rules``).
+    their grace). Missing: never uploaded, or purged before the delivery named it
+    (``sync.rules``).
 
     Three queries however many shifts, each by one parameter of keys: their live
     deliveries (``ix_scan_event_shift_id``), the images those name (probes of

@@ -911,6 +911,44 @@ def test_a_phone_in_a_revocations_reason_is_masked_except_for_auditors(
     assert shown("auditor1") == "recipient called from +86 138 1234 5678"
 
 
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "SMS reply Y from 8613812345678",  # an SMS gateway's MSISDN: no "+"
+        "SMS reply Y from 008613812345678",  # dialled from China: 00 86 ...
+        "recipient called from 86-138-1234-5678",
+    ],
+)
+def test_a_phone_typed_with_its_country_code_but_no_plus_is_masked_except_for_auditors(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, typed: str
+) -> None:
+    """The SMS gateway writes the recipient's number into the consent's evidence as
+    gateways write MSISDNs, country code first and no "+": a manager reading the consent
+    and an admin reading the audit log see it masked, as any phone typed into free text;
+    an auditor reads it whole."""
+    granted = grant(client, app1, tracking_no=parcel.tracking_no, channel="sms", evidence=typed)
+    assert granted.status_code == 201, granted.get_json()
+    consent_id = granted.get_json()["id"]
+
+    def digits(text: str) -> str:
+        return "".join(c for c in text if c.isdigit())
+
+    as_manager = client.get(f"{URL}/{consent_id}", headers=auth.headers("manager1"))
+    assert as_manager.status_code == 200
+    assert as_manager.get_json()["evidence"].endswith("*678")
+    assert "1381234" not in digits(as_manager.get_json()["evidence"])
+
+    entries = client.get(
+        "/api/v1/audit",
+        query_string={"action": "consent_granted"},
+        headers=auth.headers("admin"),
+    ).get_json()["items"]
+    assert entries and "1381234" not in digits(entries[0]["details"]["evidence"])
+
+    as_auditor = client.get(f"{URL}/{consent_id}", headers=auth.headers("auditor1"))
+    assert as_auditor.get_json()["evidence"] == typed
+
+
 def test_a_consent_says_who_recorded_it_and_who_revoked_it(
     client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, world: World
 ) -> None:

@@ -68,6 +68,18 @@ def written_in(zero: str, digits: str) -> str:
         ("+86 (138) 0013-8000", "+**********000"),
         ("+86 - 138 - 0013 - 8000", "+**********000"),
         ("+1.415.555.0100", "+********100"),
+        # China's country code without the "+": an SMS gateway's MSISDN, dialled from abroad
+        ("SMS reply Y from 8613812345678", "SMS reply Y from **********678"),
+        ("from 008613812345678.", "from ************678."),
+        ("86-138-1234-5678", "**********678"),
+        ("0086 138 1234 5678", "************678"),
+        ("00 86 138 1234 5678", "************678"),
+        ("(86)138-1234-5678", "(**********678"),
+        ("(0086) 138 1234 5678", "(************678"),
+        ("86.138.1234.5678", "**********678"),
+        ("电话８６１３８１２３４５６７８。", "电话**********６７８。"),
+        ("（００８６）１３８－１２３４－５６７８", "（************６７８"),
+        ("China Mobile 10086, then 13812345678", "China Mobile 10086, then ********678"),
     ],
 )
 def test_a_phone_in_free_text_is_masked_however_it_was_typed(text: str, masked: str) -> None:
@@ -87,6 +99,16 @@ def test_a_phone_in_free_text_is_masked_however_it_was_typed(text: str, masked: 
         "１３８００１３８０００１",  # twelve digits
         "price ¹³⁸⁰⁰¹³⁸⁰⁰⁰",  # superscripts are not decimal digits
         "电话没有，地址：上海市浦东新区世纪大道１００号",
+        # 86 before a mobile number, inside a tracking number or a longer run of digits
+        "SF8613812345678 JD008613812345678 8613812345678SF",
+        "SF８６１３８１２３４５６７８",
+        "IMEI 861381234567890",  # 15 digits, as Chinese handsets' IMEIs begin
+        "086138123456789",
+        # a decimal number or a range, not a phone
+        "ratio 2.8613812345678, lon 86.13812345678, order 2026-8613812345678",
+        # another country code without "+" is not read: as often an order number or a
+        # time in milliseconds (the "+" says it is a phone)
+        "4413812345678 8513812345678 1764470000123",
     ],
 )
 def test_what_is_not_a_phone_stays_as_written(text: str) -> None:
@@ -131,8 +153,22 @@ def plus_numbers(draw: st.DrawFn) -> tuple[str, str]:
     return draw(st.sampled_from("+＋")) + typed, local
 
 
+@st.composite
+def country_code_numbers(draw: st.DrawFn) -> tuple[str, str]:
+    """A Chinese mobile number after 86 or 0086 without a plus, as typed, in one script."""
+    prefix = draw(st.sampled_from(["86", "0086"]))
+    mobile, local = draw(mobile_numbers())
+    zero = chr(ord(local[0]) - 1)
+    code = written_in(zero, prefix)
+    if len(code) == 4:
+        code = code[:2] + draw(st.sampled_from(SEPARATORS)) + code[2:]
+    dotted = "." in mobile
+    after = "." if dotted else draw(st.sampled_from([*SEPARATORS, "(", ")", ") "]))
+    return code + after + mobile, written_in(zero, prefix) + local
+
+
 @given(
-    number=st.one_of(mobile_numbers(), plus_numbers()),
+    number=st.one_of(mobile_numbers(), plus_numbers(), country_code_numbers()),
     before=st.sampled_from(BEFORE),
     after=st.sampled_from(AFTER),
     head=AROUND,

@@ -150,8 +150,10 @@ def security_headers(response: Response) -> Response:
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
-    if response.mimetype in ("text/html", "text/csv"):
-        # Pages hold recipients' data: not kept by the browser after signing out.
+    if request.endpoint != "web.static":
+        # Pages, exports and proof images hold recipients' data: not kept by the browser
+        # after signing out (a station's shared computer). The API's images may be cached
+        # (``image_response``); the pages' own stylesheet and scripts may too.
         response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -652,7 +654,8 @@ def proof(event_id: int) -> ResponseReturnValue:
 @bp.get("/images/<string:sha256>")
 @page()
 def image(sha256: str) -> ResponseReturnValue:
-    """A proof image, as ``GET /api/v1/blobs/<sha256>`` serves it, for a signed-in page."""
+    """A proof image, as ``GET /api/v1/blobs/<sha256>`` serves it, for a signed-in page;
+    not kept by the browser, as the pages (``security_headers``)."""
     return image_response(sha256, current_principal())
 
 

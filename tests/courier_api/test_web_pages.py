@@ -1381,9 +1381,28 @@ def test_pages_send_security_headers(app: Flask, day: StationDay) -> None:
         response = pages.client.get(path)
         for name, value in PAGE_HEADERS.items():
             assert response.headers[name] == value, (path, name)
+        assert response.headers["Cache-Control"] == "no-store", path
     css = pages.client.get("/web/static/web.css")
     assert css.status_code == 200 and css.content_type.startswith("text/css")
+    assert "no-store" not in css.headers.get("Cache-Control", "")
     css.close()
+
+
+def test_a_proof_image_shown_on_the_pages_is_not_kept_by_the_browser(
+    app: Flask, day: StationDay
+) -> None:
+    """A station's shared computer: the manager reads a proof (the recipient's signature
+    and doorstep photo) and signs out; the next person at the desk must not find the
+    images in the browser's cache, any more than the page. The API's answer with the
+    same bytes keeps its caching: an API client is not a shared browser."""
+    manager = signed_in(app, "manager")
+    image = manager.client.get(f"/web/images/{day.uploaded[0]}")
+    assert image.status_code == 200 and image.mimetype.startswith("image/")
+    assert image.headers["Cache-Control"] == "no-store"
+    api = Auth(app.test_client())
+    same = api.client.get(f"/api/v1/blobs/{day.uploaded[0]}", headers=api.headers("manager"))
+    assert same.status_code == 200 and same.data == image.data
+    assert same.headers["Cache-Control"] == "private, max-age=31536000, immutable"
 
 
 def test_the_pages_are_not_in_the_openapi_document(app: Flask) -> None:

@@ -165,6 +165,8 @@ def image_response(sha256: str, principal: Principal) -> Response:
     )
     response = Response(data, mimetype=blob.media_type)
     response.headers["ETag"] = f'"{blob.sha256}"'
+    # The bytes under a digest never change: an API client keeps them. The pages
+    # answer no-store instead (``courier_api.web.views.security_headers``).
     response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

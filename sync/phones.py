@@ -51,7 +51,9 @@ def mask_phone(e164: str | None) -> str | None:
 # as 0-9, full-width and other compatibility forms as their ASCII letter or sign, every
 # space as " ", every dash as "-"):
 # * international: + then 8 to 15 digits, up to 3 spaces, dots, dashes or parentheses
-#   between two ("+86 (138) 0013-8000", "+86 - 138 - 0013 - 8000", "(+86)13800138000");
+#   between two ("+86 (138) 0013-8000", "+86 - 138 - 0013 - 8000", "(+86)13800138000"),
+#   also right after a word or another "+" ("Tel+8613800138000", "++86..."), not after
+#   a digit (a sum, "2026+12345678");
 # * Chinese mobile numbers written without the country code: 11 digits from 13, with up
 #   to 3 spaces or dashes between two ("138 - 0013 - 8000") or dots between the groups of
 #   3-4-4 ("138.0013.8000"); not inside a longer run of letters and digits or a decimal
@@ -77,7 +79,7 @@ def _begins(digit: str) -> str:
 
 
 _PHONE_IN_TEXT = re.compile(
-    r"\+(?<![A-Za-z0-9_+]\+)[0-9](?:[ ().-]{0,3}[0-9]){7,14}(?![0-9])"
+    r"\+(?<![0-9]\+)[0-9](?:[ ().-]{0,3}[0-9]){7,14}(?![0-9])"
     rf"|{_begins('1')}{_MOBILE_AFTER_ITS_1}{_NOT_GOING_ON}"
     rf"|{_begins('8')}6{_AFTER_86}{_MOBILE_AFTER_ITS_1}{_NOT_GOING_ON}"
     rf"|{_begins('0')}0[ -]{{0,3}}86{_AFTER_86}{_MOBILE_AFTER_ITS_1}{_NOT_GOING_ON}",

@@ -240,19 +240,35 @@ ACCUMULATED = ("event_ids", "client_event_ids", "batch_ids", "seqs", "device_seq
 
 
 def seen_in(evidence: dict[str, Any]) -> dict[str, Any]:
-    """What a manager deciding on a flag with this evidence has seen."""
-    return {key: _copied(evidence[key]) for key in SEEN if key in evidence}
+    """What a manager deciding on a flag with this evidence has seen: under each key,
+    what it cites (``cited_in``, the ids past the bound too)."""
+    return {key: _copied(cited_in(evidence, key)) for key in SEEN if key in evidence}
 
 
 def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
     """Whether the cause in ``evidence`` stands only on what the decision saw: no event,
-    seq or missing image beyond it, no other silence. A decision recorded before its
-    flag's evidence was named by more (images only, or events only) is compared on
-    what it recorded."""
+    seq or missing image beyond it (``cited_in``: past the bound too), no other silence. A
+    decision recorded before its flag's evidence was named by more (images only, or
+    events only) is compared on what it recorded."""
     if decided_on is None:
         return False
     shown = [key for key in SEEN if key in decided_on] or ["event_ids"]
-    return all(key not in evidence or _within(evidence[key], decided_on.get(key)) for key in shown)
+    return all(
+        key not in evidence or _within(cited_in(evidence, key), decided_on.get(key))
+        for key in shown
+    )
+
+
+def cited_in(evidence: dict[str, Any], key: str, default: Any = None) -> Any:
+    """What ``evidence`` names under ``key``: a list of ids (``ACCUMULATED``) is the ids
+    kept since they were first named and those of the latest raising past the bound
+    (``_merged``), in ``_evidence_order``; another value as it is (``default`` if none).
+    What a manager reads, a decision covers and a proof looks its delivery up in."""
+    value = evidence.get(key, default)
+    past = (evidence.get(PAST_BOUND) or {}).get(key) if key in ACCUMULATED else None
+    if not past:
+        return value
+    return sorted({*(value or ()), *past}, key=_evidence_order)
 
 
 def _within(named: Any, seen: Any) -> bool:
@@ -269,14 +285,23 @@ def _copied(value: Any) -> Any:
 
 def evidence_version(evidence: dict[str, Any]) -> str:
     """A digest of what the flag's ``evidence`` names: what a decision covers
-    (``SEEN``: its events, seqs, missing images, a PDA's silence) and the pushes it
-    grows by, lists whatever their order. A decision that names the version its manager
-    was shown is refused once the evidence has changed since (a push landing between
-    the read and the decision), as a sign-off is on a changed ``balance_version``:
-    nobody settles events they did not see. (Counts, times and measures it also holds
-    are not in it: they change with every push, and name nothing new.)"""
+    (``SEEN``: its events, seqs, missing images, a PDA's silence, ``cited_in``) and the
+    pushes it grows by, lists whatever their order, and, once its lists are past the
+    bound, how many ids raisings named past it (``_merged``). A decision that names the
+    version its manager was shown is refused once the evidence has changed since (a
+    push landing between the read and the decision), as a sign-off is on a changed
+    ``balance_version``: nobody settles events they did not see.
+
+    Every raising that names an id the flag did not cite changes it: within the bound
+    the id joins its list, which never loses one; past it the count grows (so the
+    version never comes back to one a manager read, whichever ids the latest raising
+    named). (Other counts, times and measures the evidence holds are not in it: they
+    change with every push, and name nothing new.)"""
     named = sorted({*SEEN, *ACCUMULATED})
-    seen = {key: _in_order(evidence.get(key, [])) for key in named}
+    seen = {key: _in_order(cited_in(evidence, key, [])) for key in named}
+    past = evidence.get(PAST_BOUND) or {}
+    if NAMED_PAST_BOUND in past:  # absent until the bound is reached: versions read before
+        seen[NAMED_PAST_BOUND] = past[NAMED_PAST_BOUND]
     text = json.dumps(seen, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -750,22 +775,43 @@ def _locked(
 
 
 MAX_EVIDENCE_IDS = 200  # a flag's row stays small however often its cause recurs
+LATEST_PAST_BOUND = 50  # and still names what the latest raising past that brought
+PAST_BOUND = "past_bound"  # the evidence's key for them
+NAMED_PAST_BOUND = "named"  # in it: how many ids raisings named past the bound, in all
 
 
 def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Later evidence wins per key; lists of ids accumulate, in ``_evidence_order``.
 
-    What a flag cites it keeps citing (a proof lists the flags that cite its delivery,
-    ``sync.proofs.cites``), and it cites no more than ``MAX_EVIDENCE_IDS`` of each:
-    the first named, what an investigation starts from; of one raising, those it gives
-    first (its caller's order: a ``clock_jump`` gives the deliveries first)."""
+    Each list keeps the first ``MAX_EVIDENCE_IDS`` ids named, what an investigation
+    starts from, and never loses one (a proof lists the flags that cite its delivery,
+    ``sync.proofs.cites``); of one raising, those it gives first (its caller's order: a
+    ``clock_jump`` gives the deliveries first). Past that bound, the latest raising
+    that names an id the flag does not cite is cited too, under ``past_bound``: up to
+    ``LATEST_PAST_BOUND`` of its ids the lists have no room for, again those it gives
+    first, in place of the previous such raising's; and ``past_bound.named`` counts the
+    ids raisings named past the bound that the flag did not cite then, cited or not.
+    So a raising that brings what no decision covered changes the flag's
+    ``evidence_version`` (the count only grows), and the flag names what reopened it:
+    a manager finds the delivery, and its proof lists the flag. The row stays bounded
+    (``MAX_EVIDENCE_IDS`` + ``LATEST_PAST_BOUND`` ids per list). Naming again only ids
+    it cites changes nothing (re-running a check)."""
     merged = {**old, **new}
+    past = dict(old.get(PAST_BOUND) or {})
     for key in ACCUMULATED:
         if key in old or key in new:
-            cited = set(old.get(key, []))
-            added = [value for value in dict.fromkeys(new.get(key, [])) if value not in cited]
-            room = max(MAX_EVIDENCE_IDS - len(cited), 0)
-            merged[key] = sorted(cited.union(added[:room]), key=_evidence_order)
+            kept = set(old.get(key, []))
+            added = [value for value in dict.fromkeys(new.get(key, [])) if value not in kept]
+            room = max(MAX_EVIDENCE_IDS - len(kept), 0)
+            merged[key] = sorted(kept.union(added[:room]), key=_evidence_order)
+            beyond = added[room:]
+            uncited = set(beyond).difference(past.get(key, []))
+            if uncited:
+                latest = beyond[:LATEST_PAST_BOUND]
+                past[key] = sorted(latest, key=_evidence_order)
+                past[NAMED_PAST_BOUND] = past.get(NAMED_PAST_BOUND, 0) + len(uncited)
+    if past:
+        merged[PAST_BOUND] = past
     return merged
 
 

@@ -951,7 +951,11 @@ class _BatchIngest:
         accumulate, ``sync.flags.MAX_EVIDENCE_IDS`` of them, a push's deliveries
         first): a delivery's proof lists the flag that cites it (``sync.proofs.cites``)
         however often the clock jumps again, and a manager's decision covers the events
-        it was made on, not later ones.
+        it was made on, not later ones. Past that bound, the latest push that jumped
+        again is cited under ``past_bound`` (its deliveries first) and counted there
+        (``sync.flags._merged``): the flag is open again, its ``evidence_version``
+        changes, and the manager finds the delivery that reopened it. (The counts and
+        ``last_batch_id`` describe the last push only; they are not in the version.)
         """
         ahead = [event for _, event in stored if self.clock.ahead(event.occurred_at_device)]
         behind = [event for _, event in stored if self.clock.behind(event.occurred_at_device)]

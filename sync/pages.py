@@ -45,7 +45,7 @@ from sync.balances import (
 from sync.blobs import BlobReader, BlobStore, BytesAltered, readable_blobs
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
-from sync.flags import flag_changes
+from sync.flags import cited_in, flag_changes
 from sync.handover import (
     CONSENT_KINDS,
     HANDOVER_KINDS,
@@ -400,7 +400,7 @@ def _flags(
 
 
 def _evidence_ids(flag: Flag) -> list[int]:
-    return [i for i in flag.evidence.get("event_ids") or () if isinstance(i, int)]
+    return [i for i in cited_in(flag.evidence, "event_ids", ()) if isinstance(i, int)]
 
 
 def _shift_flag(flag: Flag, events: Mapping[int, ScanEvent]) -> ShiftFlag:
@@ -582,7 +582,7 @@ def evidence_shifts(
 
 
 def _evidence_ids(flag: Flag) -> list[int]:
-    return [i for i in flag.evidence.get("event_ids") or () if isinstance(i, int)]
+    return [i for i in cited_in(flag.evidence, "event_ids", ()) if isinstance(i, int)]
 
 
 # -- proofs -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
-from sync.flags import FlagSubject
+from sync.flags import FlagSubject, cited_in
 from sync.handover import HANDOVER_KINDS
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
@@ -311,14 +311,15 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
 def cites(flag: Flag, event: ScanEvent) -> bool:
     """Whether the flag's evidence names the event: by id (``event_ids``), by its PDA's
     client event id (``client_event_ids``: ``clock_jump``), or, a flag of its PDA, by
-    its seq (``seqs``: ``wrong_shift``; a PDA's seqs are its events' own)."""
+    its seq (``seqs``: ``wrong_shift``; a PDA's seqs are its events' own); past the
+    bound of its lists, among those of the latest raising (``sync.flags.cited_in``)."""
     evidence = flag.evidence
     return (
-        event.id in evidence.get("event_ids", ())
-        or str(event.client_event_id) in evidence.get("client_event_ids", ())
+        event.id in cited_in(evidence, "event_ids", ())
+        or str(event.client_event_id) in cited_in(evidence, "client_event_ids", ())
         or (
             (flag.subject_type, flag.subject_key) == ("device", event.device_id)
-            and event.seq in evidence.get("seqs", ())
+            and event.seq in cited_in(evidence, "seqs", ())
         )
     )
 

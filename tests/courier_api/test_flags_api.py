@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import AuditEntry, Flag, FlagSeverity
+from models import AuditEntry, Flag, FlagSeverity, ScanEvent
 from sync import audit
 from sync.flags import FlagSubject, close_flag, evidence_version, raise_flag
 from tests import factories
@@ -611,6 +611,62 @@ def test_a_resolved_clock_jump_comes_back_when_the_pda_jumps_again(
         after["status"],
         after["evidence"],
     )
+
+
+def test_a_clock_jump_at_its_bound_refuses_a_decision_read_before_the_next_jump(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The PDA's battery died at noon and it came back dated 2000-01-01: the courier's
+    afternoon, 205 scans, is pushed at 18:00 on that clock and the PDA's clock_jump flag
+    cites 200 of them in its list (MAX_EVIDENCE_IDS). The manager opens the flag.
+    Meanwhile the PDA, its clock still wrong, pushes one more delivery stamped 2000. The
+    flag's list had no room for it, so its evidence, and its ``evidence_version``, did
+    not change: the manager's Resolve on their read was accepted, settling a delivery
+    they were never shown, which the flag did not name and whose proof did not list
+    it. The flag cites the latest jump past its bound (``past_bound``): the stale
+    decision is refused, and the delivery and its proof lead to each other."""
+    first, second = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    factory_date = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    afternoon = [
+        factories.event(
+            seq, first, "out_for_delivery", occurred_at=factory_date + dt.timedelta(minutes=seq)
+        )
+        for seq in range(1, 206)
+    ]
+    auth.push(afternoon)
+    manager = auth.headers("manager1")
+    read = client.get(f"{FLAGS}/{_flag_of(client, manager, 'clock_jump')['id']}", headers=manager)
+    read = read.get_json()
+    assert read["status"] == "open"
+
+    late = factories.event(
+        206,
+        second,
+        "delivered",
+        occurred_at=factory_date + dt.timedelta(hours=5),
+        pod={"recipient_name": "Wang", "signature_sha256": "c" * 64},
+    )
+    auth.push([late])
+
+    decided = client.post(
+        f"{FLAGS}/{read['id']}/resolve",
+        json={"note": "clock reset, courier told", "evidence_version": read["evidence_version"]},
+        headers=manager,
+    )
+    assert decided.status_code == 409, decided.get_json()
+    assert decided.get_json()["code"] == "evidence_changed"
+    again = client.get(f"{FLAGS}/{read['id']}", headers=manager).get_json()
+    assert again["evidence"]["past_bound"]["client_event_ids"] == [late["client_event_id"]]
+    delivery = session.scalar(select(ScanEvent.id).where(ScanEvent.seq == 206))
+    proof = client.get(f"/api/v1/proofs/{delivery}", headers=manager).get_json()
+    assert read["id"] in [f["id"] for f in proof["flags"]], proof["flags"]
+    decided = client.post(
+        f"{FLAGS}/{read['id']}/resolve",
+        json={"note": "clock reset, courier told", "evidence_version": again["evidence_version"]},
+        headers=manager,
+    )
+    assert late["client_event_id"] in decided.get_json()["decided_on"]["client_event_ids"]
 
 
 def _unauthorized_drop(auth: Auth, session: Session, world: World) -> tuple[str, int]:

@@ -16,10 +16,12 @@ from sync import audit
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
     KINDS,
+    LATEST_PAST_BOUND,
     MAX_EVIDENCE_IDS,
     FlagSubject,
     RaisedFlag,
     acknowledge_flag,
+    cited_in,
     close_flag,
     close_flags,
     covers,
@@ -341,15 +343,17 @@ def test_every_kind_the_engine_raises_is_known() -> None:
     assert list(KINDS) == sorted(set(KINDS))
 
 
-def _raised_again(session: Session, flag: Flag, station_id: int) -> RaisedFlag:
-    """``flag``'s fault found again, citing event 9, at ``station_id``."""
+def _raised_again(
+    session: Session, flag: Flag, station_id: int, event_ids: list[int] | None = None
+) -> RaisedFlag:
+    """``flag``'s fault found again, citing ``event_ids`` (event 9), at ``station_id``."""
     return raise_flag(
         session=session,
         kind=flag.kind,
         severity=flag.severity,
         subject=FlagSubject("parcel", flag.subject_key),
         station_id=station_id,
-        evidence={"event_ids": [9]},
+        evidence={"event_ids": event_ids or [9]},
     )
 
 
@@ -424,6 +428,81 @@ def test_a_flag_keeps_citing_what_it_cited_up_to_the_bound(session: Session) -> 
     f = jumped(first)
     jumped(["z-delivery", "a-scan", "b-scan", "c-scan"])
     assert f.evidence["client_event_ids"] == sorted([*first, "z-delivery", "a-scan"])
+
+
+def _jumped(session: Session, ids: list[str]) -> Flag:
+    """PDA-1's ``clock_jump`` raised on a push's jumped events, by their client ids."""
+    return raise_flag(
+        session=session,
+        kind="clock_jump",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("device", "PDA-1"),
+        station_id=None,
+        evidence={"client_event_ids": ids, "events_behind": len(ids)},
+    ).flag
+
+
+def test_past_the_bound_the_latest_raising_is_cited_and_changes_the_version(
+    session: Session,
+) -> None:
+    """A PDA's afternoon of scans fills its ``clock_jump``'s list (``MAX_EVIDENCE_IDS``);
+    the manager reads the flag; the PDA's next push jumps again. The flag cites that
+    push's ids (``past_bound``, what it gives first), counts them, and its version
+    changes: a decision on the read is refused, and the manager finds the delivery. The
+    next push past the bound takes the place of this one; the count never comes back,
+    so neither does a version read before. Naming again only what it cites changes
+    nothing."""
+    first = [f"f{n:03}" for n in range(MAX_EVIDENCE_IDS + 3)]
+    f = _jumped(session, first)
+    assert f.evidence["client_event_ids"] == first[:MAX_EVIDENCE_IDS]
+    assert f.evidence["past_bound"] == {"client_event_ids": first[MAX_EVIDENCE_IDS:], "named": 3}
+    read = evidence_version(f.evidence)
+
+    _jumped(session, ["z-delivery", "a-scan"])
+    assert f.evidence["client_event_ids"] == first[:MAX_EVIDENCE_IDS]  # kept
+    assert f.evidence["past_bound"] == {"client_event_ids": ["a-scan", "z-delivery"], "named": 5}
+    assert "z-delivery" in cited_in(f.evidence, "client_event_ids")
+    assert evidence_version(f.evidence) != read
+    again = evidence_version(f.evidence)
+    _jumped(session, ["z-delivery", first[0]])  # a check run again: nothing new
+    assert evidence_version(f.evidence) == again
+
+    # The previous push past the bound named again: cited again, counted again.
+    _jumped(session, [first[-1]])
+    assert f.evidence["past_bound"] == {"client_event_ids": [first[-1]], "named": 6}
+    assert evidence_version(f.evidence) not in (read, again)
+
+    # However large a push, the row stays bounded: what the push gives first is cited.
+    many = [f"m{n:03}" for n in range(LATEST_PAST_BOUND * 2)]
+    _jumped(session, many)
+    assert f.evidence["past_bound"] == {
+        "client_event_ids": many[:LATEST_PAST_BOUND],
+        "named": 6 + len(many),
+    }
+
+
+def test_a_decision_past_the_bound_covers_what_it_saw_and_no_later_raising(
+    session: Session, setup: Setup
+) -> None:
+    """A flag of any kind whose events accumulate (here a parcel's ``unknown_parcel``):
+    resolved with its list full and a raising past it cited, it records both; raised
+    again on those, it stays resolved; on another event past the bound it is open."""
+    kept = list(range(1, MAX_EVIDENCE_IDS + 2))
+    f = raise_flag(
+        session=session,
+        kind="unknown_parcel",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("parcel", "RR473124829GB"),
+        station_id=setup.station.id,
+        evidence={"event_ids": kept},
+    ).flag
+    session.flush()
+    resolve_flag(session=session, flag=f, user_id=setup.manager.id, note="taken in")
+    assert f.decided_on == {"event_ids": kept}
+    assert not _raised_again(session, f, setup.station.id, [kept[-1]]).new
+    assert f.status == FlagStatus.RESOLVED
+    assert _raised_again(session, f, setup.station.id, [999]).new
+    assert f.status == FlagStatus.OPEN and cited_in(f.evidence, "event_ids")[-1] == 999
 
 
 def test_the_same_fault_raised_at_another_station_is_that_stations_own_flag(

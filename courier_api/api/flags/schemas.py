@@ -43,7 +43,13 @@ class FlagOut(ma.Schema):
         required=True, metadata={"description": "Tracking number, device id or event id"}
     )
     evidence = ma.fields.Dict(
-        required=True, metadata={"description": "What the check found, e.g. event_ids"}
+        required=True,
+        metadata={
+            "description": "What the check found, e.g. event_ids. Lists gathered over "
+            "every raising keep their first 200 ids; past them, `past_bound` names the "
+            "ids of the latest raising that named more (up to 50 per list) and counts "
+            "in `named` the ids named past the 200 in all"
+        },
     )
     status = ma.fields.Enum(FlagStatus, by_value=True, required=True)
     courier_id = ma.fields.Integer(allow_none=True, required=True)
@@ -89,7 +95,8 @@ class FlagOut(ma.Schema):
         metadata={
             "description": "What that decision covered: what the evidence named when the "
             "manager decided, its `event_ids`, `client_event_ids` (a `clock_jump`'s "
-            "events), `seqs`, `device_seqs`, `blobs` (missing images), and a "
+            "events), `seqs`, `device_seqs` (each with those under `past_bound`), "
+            "`blobs` (missing images), and a "
             "`stale_device`'s `shift_id` and `last_push_at` (the silence). Also in the "
             "decision's audit entry (`flag_acknowledged`, `flag_resolved`)"
         },
@@ -98,8 +105,8 @@ class FlagOut(ma.Schema):
         required=True,
         metadata={
             "description": "A digest of what the evidence names (what `decided_on` "
-            "records, and its `batch_ids`): send it back with an acknowledgement or a "
-            "resolution to decide only on the evidence you read"
+            "records, its `batch_ids` and `past_bound`): send it back with an "
+            "acknowledgement or a resolution to decide only on the evidence you read"
         },
     )
 

@@ -52,7 +52,14 @@ from models import (
 from sync import audit, outbox
 from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
-from sync.flags import ACTIVE_STATUSES, FlagSubject, close_flag, raise_flag, reopen_flag
+from sync.flags import (
+    ACTIVE_STATUSES,
+    FlagSubject,
+    cited_in,
+    close_flag,
+    raise_flag,
+    reopen_flag,
+)
 from sync.handover import Balance, first_seq_after
 from sync.rules import Policy
 from sync.sql import Prebuilt, among_param, chunks, rows_among
@@ -736,7 +743,9 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> Non
     if window.first_seq is None or window.last_seq is None:
         return
     taken = session.execute(
-        select(ScanEvent.id, ScanEvent.seq, ScanEvent.tracking_no).where(
+        select(
+            ScanEvent.id, ScanEvent.seq, ScanEvent.tracking_no, ScanEvent.claimed_shift_id
+        ).where(
             ScanEvent.device_id == shift.device_id,
             ScanEvent.shift_id.is_(None),
             ScanEvent.seq.between(window.first_seq, window.last_seq),
@@ -749,10 +758,19 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> Non
         [{"id": row.id, "shift_id": shift.id, "courier_id": shift.courier_id} for row in taken],
     )
     reproject(session=session, tracking_nos={row.tracking_no for row in taken}, policy=policy)
-    _close_wrong_shift_if_taken(session, shift, {row.seq for row in taken})
+    _close_wrong_shift_if_taken(session, shift, {row.seq: row.claimed_shift_id for row in taken})
 
 
-def _close_wrong_shift_if_taken(session: Session, shift: Shift, seqs: set[int]) -> None:
+def _close_wrong_shift_if_taken(
+    session: Session, shift: Shift, claims: dict[int, int | None]
+) -> None:
+    """Close the PDA's ``wrong_shift`` flag when the close made good every claim it is
+    about: the shift took each seq it names (``claims``: the seqs taken, and the shift
+    each event named), and each of those events, as the flag's ``claimed_shift_ids``,
+    named this shift (a handover's queue naming the shift before it was closed).
+    Events naming another shift (an id left on the PDA from another's session) still
+    name a shift not their PDA's, whichever shift took them by their seqs: the flag
+    stays."""
     subject = FlagSubject("device", shift.device_id)
     flag = session.scalar(
         select(Flag).where(
@@ -762,7 +780,11 @@ def _close_wrong_shift_if_taken(session: Session, shift: Shift, seqs: set[int]) 
             Flag.status.in_(ACTIVE_STATUSES),
         )
     )
-    if flag is not None and set(flag.evidence.get("seqs", [])) <= seqs:
+    if flag is None:
+        return
+    seqs = cited_in(flag.evidence, "seqs", [])
+    named = {claims.get(seq) for seq in seqs} | set(flag.evidence.get("claimed_shift_ids", []))
+    if set(seqs) <= claims.keys() and named <= {shift.id}:
         close_flag(
             session=session,
             kind=WRONG_SHIFT,

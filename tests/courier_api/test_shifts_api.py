@@ -1331,6 +1331,31 @@ def test_a_handovers_queue_pushed_before_the_manager_closes_the_shift_is_filed_a
     assert [f["status"] for f in named] == ["closed"]
 
 
+def test_a_close_keeps_the_wrong_shift_of_a_handovers_queue_that_named_another_shift(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """As above, but the PDA's app stamps courier1's queued events with a shift id left
+    from another PDA's session (424242, no shift of this PDA): the push under courier2's
+    sign-in raises the PDA's `wrong_shift`, and the events wait, filed under no shift.
+    The manager closes courier1's shift declaring its last seq, which takes them by
+    their seqs. The flag was closed, "closed declaring the seqs its events name it by":
+    they never named it, and the PDA still names a shift not its own. It stays open."""
+    pda, shift, _, queued = _handed_over(client, session, world, auth, closed=False)
+    pda.push([{**event, "shift_id": 424242} for event in queued])
+    manager = auth.headers("manager1")
+    (named,) = client.get("/api/v1/flags?kind=wrong_shift", headers=manager).get_json()["items"]
+    assert named["status"] == "open" and named["evidence"]["claimed_shift_ids"] == [424242]
+
+    closed = client.post(
+        f"/api/v1/shifts/{shift['id']}/close", json={"last_seq": 4}, headers=manager
+    )
+    assert closed.status_code == 200, closed.get_json()
+    found = balance(client, shift["id"], manager)
+    assert (found["missing"], found["delivered"], found["returned"]) == (0, 1, 1), found
+    after = client.get(f"/api/v1/flags/{named['id']}", headers=manager).get_json()
+    assert after["status"] == "open", (after["status"], after["closed_reason"])
+
+
 def test_a_colleagues_declared_seqs_beat_the_pushers_shift_left_open_by_seq(
     client: FlaskClient, session: Session, world: World, auth: Auth
 ) -> None:

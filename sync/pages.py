@@ -581,10 +581,6 @@ def evidence_shifts(
     }
 
 
-def _evidence_ids(flag: Flag) -> list[int]:
-    return [i for i in cited_in(flag.evidence, "event_ids", ()) if isinstance(i, int)]
-
-
 # -- proofs -----------------------------------------------------------------------------------
 
 

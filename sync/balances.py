@@ -58,11 +58,13 @@ from sync.handover import (
     balance_version,
     compute_balance,
     handover_flags_wanted,
+    owned_seqs,
     parcel_trails,
     same_snapshot,
     snapshot_version,
 )
 from sync.projection import EventFact, voided_in_sql
+from sync.quarantine import RejectionScope, rejection_counts
 from sync.shifts import adjacent_shift
 from sync.sql import among, among_at_once, chunks, plain_rows
 from sync.status import FACT_COLUMNS
@@ -110,6 +112,15 @@ class ShiftFacts:
             rule_flags=self.rule_flags,
             handover_flags=self.handover_flags,
             seqs=self.seqs,
+        )
+
+    def rejection_scope(self, balance: Balance) -> RejectionScope:
+        """Which of its PDA's rejected events are the shift's, given its ``balance``: those
+        with a seq it owns, and those without a seq naming one of its parcels."""
+        return RejectionScope(
+            self.shift.device_id,
+            owned_seqs(self.seqs),
+            sorted({p.tracking_no for p in balance.parcels}),
         )
 
 
@@ -350,6 +361,25 @@ def shift_balance(*, session: Session, shift: Shift) -> Balance:
     return balances(session, [shift])[shift.id]
 
 
+def balances_and_rejections(
+    session: Session, shifts: Sequence[Shift], *, station_id: int
+) -> tuple[dict[int, Balance], dict[int, int]]:
+    """Each shift's balance, and for each shift handed over how many of its PDA's events
+    pushed at ``station_id`` the server rejected (those with none left out), counted as
+    its page lists them (``sync.quarantine.shift_rejections``): what the PDA says
+    happened that the balance cannot show (a correction refused voids nothing). One
+    query more than ``balances`` (per ``sync.quarantine.COUNTED_AT_ONCE`` shifts)."""
+    with collector_paused():
+        facts = gather(session, shifts)
+        judged = {shift_id: f.balance() for shift_id, f in facts.items()}
+    scopes = {
+        shift_id: f.rejection_scope(judged[shift_id])
+        for shift_id, f in facts.items()
+        if f.shift.status != ShiftStatus.OPEN
+    }
+    return judged, rejection_counts(session=session, scopes=scopes, station_id=station_id)
+
+
 # -- the station board ------------------------------------------------------------------------
 
 
@@ -377,6 +407,8 @@ class BoardRow:
     # Proof images its deliveries name that the server lacks, once handed over: the
     # sweep's ``blob_missing_at_handover`` flags them only after its grace.
     images_missing: int = 0
+    # Its PDA's events the server rejected, once handed over (``balances_and_rejections``).
+    rejected_events: int = 0
 
     @property
     def balance_version(self) -> str:
@@ -431,9 +463,9 @@ def _signed_off_balance(shift: Shift) -> dict[str, Any] | None:
 def station_board(*, session: Session, station_id: int, work_date: dt.date) -> list[BoardRow]:
     """Every shift of the station's day with its courier and balance, oldest first.
 
-    At most eleven queries whatever the number of shifts: the shifts with their
-    couriers, ``gather``'s, the shifts' open flags of their own and the proof images
-    their deliveries lack.
+    At most twelve queries whatever the number of shifts: the shifts with their
+    couriers, ``gather``'s, the rejected events of their PDAs, the shifts' open flags of
+    their own and the proof images their deliveries lack.
     """
     rows = session.execute(
         select(Shift, User)
@@ -441,7 +473,9 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
         .where(Shift.station_id == station_id, Shift.work_date == work_date)
         .order_by(Shift.opened_at, Shift.id)
     ).all()
-    computed = balances(session, [shift for shift, _ in rows])
+    computed, rejected = balances_and_rejections(
+        session, [shift for shift, _ in rows], station_id=station_id
+    )
     flagged = open_own_flags(session, [shift.id for shift, _ in rows])
     lacking = images_lacking(
         session, [shift.id for shift, _ in rows if shift.status != ShiftStatus.OPEN]
@@ -453,6 +487,7 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
             computed[shift.id],
             flagged.get(shift.id, ()),
             len(lacking.get(shift.id, ())),
+            rejected.get(shift.id, 0),
         )
         for shift, courier in rows
     ]

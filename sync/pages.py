@@ -54,7 +54,6 @@ from sync.handover import (
     Discrepancy,
     ParcelOutcome,
     balance_version,
-    owned_seqs,
     sign_off_blocked,
 )
 from sync.projection import voided_by
@@ -313,11 +312,7 @@ def shift_page(
         store=store,
     )
     rejected = shift_rejections(
-        session=session,
-        device_id=shift.device_id,
-        seqs=owned_seqs(facts.seqs),
-        tracking_nos=numbers,
-        station_id=visible_station,
+        session=session, scope=facts.rejection_scope(balance), station_id=visible_station
     )
     shown_rejected = rejected[:SHIFT_REJECTIONS_SHOWN]
     rejections_of = _by_parcel(shown_rejected)

@@ -10,21 +10,24 @@ auditor's read is audit-logged there (``quarantine_searched``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import QuarantinedEvent, SyncBatch
 from sync.phones import mask_phones_in, mask_phones_in_json, shown_text
-from sync.sql import among_at_once
+from sync.sql import among_at_once, chunks
 from sync.tracking import normalize
 
 MAX_PAGE_SIZE = 500
 # A shift's page lists this many of its PDA's rejected events at most (a broken PDA
 # may send thousands); the list API has them all.
 SHIFT_REJECTIONS_SHOWN = 100
+# Shifts whose rejected events one statement counts (``rejection_counts``): a station's
+# day, well within SQLite's expression depth (1,000: each shift is a term of one OR).
+COUNTED_AT_ONCE = 200
 
 QUARANTINE_COLUMNS = (
     "id",
@@ -77,42 +80,82 @@ def list_quarantined(
     return [(row, batch_id) for row, batch_id in session.execute(query)]
 
 
+class RejectionScope(NamedTuple):
+    """Which of its PDA's rejected events are a shift's: those of ``device_id`` whose seq
+    is among ``seqs`` (``(first, last)``, the seqs the shift owns,
+    ``sync.handover.owned_seqs``; None: it owns none), and those without a seq that
+    name one of its parcels (``tracking_nos``)."""
+
+    device_id: str
+    seqs: tuple[int, int] | None
+    tracking_nos: Sequence[str]
+
+
+def _owned_by(session: Session, scope: RejectionScope) -> ColumnElement[bool] | None:
+    """The rejected events ``scope`` names (None: none), as branches of one OR that
+    each begin with the device: each is a range of ``ix_quarantined_event_device_seq``."""
+    device = QuarantinedEvent.device_id == scope.device_id
+    owned = []
+    if scope.seqs is not None:
+        owned.append(and_(device, QuarantinedEvent.seq.between(*scope.seqs)))
+    if scope.tracking_nos:
+        owned.append(
+            and_(
+                device,
+                QuarantinedEvent.seq.is_(None),
+                among_at_once(session, QuarantinedEvent.tracking_no, scope.tracking_nos),
+            )
+        )
+    return or_(*owned) if owned else None
+
+
 def shift_rejections(
     *,
     session: Session,
-    device_id: str,
-    seqs: tuple[int, int] | None,
-    tracking_nos: Sequence[str],
+    scope: RejectionScope,
     station_id: int | None,
     limit: int = SHIFT_REJECTIONS_SHOWN,
 ) -> list[QuarantinedEvent]:
-    """A shift's PDA's rejected events that were the shift's: those whose seq is among
-    ``seqs`` (``(first, last)``, the seqs the shift owns, ``sync.handover.owned_seqs``),
-    and those without a seq that name one of its parcels (``tracking_nos``). In seq
-    order, at most ``limit`` + 1 (one more tells the reader there are more); one query,
-    along ``ix_quarantined_event_device_seq``. ``station_id``: only what was pushed
-    at that station (None: any)."""
-    owned = []
-    if seqs is not None:
-        owned.append(QuarantinedEvent.seq.between(*seqs))
-    if tracking_nos:
-        owned.append(
-            and_(
-                QuarantinedEvent.seq.is_(None),
-                among_at_once(session, QuarantinedEvent.tracking_no, tracking_nos),
-            )
-        )
-    if not owned:
+    """A shift's PDA's rejected events that were the shift's (``scope``). In seq order,
+    at most ``limit`` + 1 (one more tells the reader there are more); one query, along
+    ``ix_quarantined_event_device_seq``. ``station_id``: only what was pushed at that
+    station (None: any)."""
+    owned = _owned_by(session, scope)
+    if owned is None:
         return []
     query = (
         select(QuarantinedEvent)
-        .where(QuarantinedEvent.device_id == device_id, or_(*owned))
+        .where(owned)
         .order_by(QuarantinedEvent.seq.nulls_last(), QuarantinedEvent.id)
         .limit(limit + 1)
     )
     if station_id is not None:
         query = query.where(QuarantinedEvent.station_id == station_id)
     return list(session.scalars(query))
+
+
+def rejection_counts(
+    *, session: Session, scopes: Mapping[int, RejectionScope], station_id: int
+) -> dict[int, int]:
+    """How many rejected events each shift has (``{shift id: count}``, those with none
+    left out), as ``shift_rejections`` finds them, pushed at ``station_id``. One
+    statement per ``COUNTED_AT_ONCE`` shifts: a count per shift over the rows its own
+    scope picks, of the rows any scope picks (a row two shifts own counts for both, as
+    each one's page lists it)."""
+    owned = [
+        (shift_id, where)
+        for shift_id, scope in sorted(scopes.items())
+        if (where := _owned_by(session, scope)) is not None
+    ]
+    found: dict[int, int] = {}
+    for chunk in chunks(owned, COUNTED_AT_ONCE):
+        counts = session.execute(
+            select(*(func.count().filter(where) for _, where in chunk)).where(
+                QuarantinedEvent.station_id == station_id, or_(*(where for _, where in chunk))
+            )
+        ).one()
+        found.update({shift_id: n for (shift_id, _), n in zip(chunk, counts, strict=True) if n})
+    return found
 
 
 def shown_rejection(row: QuarantinedEvent, *, unmasked: bool) -> dict[str, Any]:

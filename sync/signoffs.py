@@ -1,12 +1,13 @@
 """Signing off a station's clean handovers together.
 
 At 19:00 a manager has many shifts to sign off, and most of them need no other word
-than "all accounted for": handed over, balanced, with no flag of their own waiting and
-every proof image uploaded. ``sign_off_clean`` signs those off with one note, each as
-``sync.shifts.sign_off`` would with the balance version the manager was shown, and
-refuses any other with its reason: it gets a sign-off of its own, with a note about
-what is wrong (and a forced reason where the balance is provisional). The others are
-signed off all the same: one shift that changed does not hold up the rest.
+than "all accounted for": handed over, balanced, with no event of their PDA rejected,
+no flag of their own waiting and every proof image uploaded. ``sign_off_clean`` signs
+those off with one note, each as ``sync.shifts.sign_off`` would with the balance
+version the manager was shown, and refuses any other with its reason: it gets a
+sign-off of its own, with a note about what is wrong (and a forced reason where the
+balance is provisional). The others are signed off all the same: one shift that
+changed does not hold up the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Shift, ShiftStatus, utcnow
-from sync.balances import OpenFlag, balances, images_lacking, open_own_flags
+from sync.balances import OpenFlag, balances_and_rejections, images_lacking, open_own_flags
 from sync.errors import InvalidInput
 from sync.handover import Balance, BalanceStatus, balance_version
 from sync.shifts import lock_shifts, manager_text, record_sign_off
@@ -59,8 +60,9 @@ def sign_off_clean(
 ) -> list[Outcome]:
     """Sign off, with ``note``, each of the station's shifts in ``seen`` (shift id:
     the balance ``version`` the manager was shown) that is a clean handover: closed,
-    balanced, no own flag open or acknowledged (``sync.balances.open_own_flags``), every
-    proof image its deliveries name uploaded, and its balance still the version shown.
+    balanced, no event of its PDA rejected (``sync.balances.balances_and_rejections``),
+    no own flag open or acknowledged (``sync.balances.open_own_flags``), every proof
+    image its deliveries name uploaded, and its balance still the version shown.
     The others are refused, each with its reason; outcomes come in shift id order.
 
     The shifts are locked in id order (the service's lock order, ``lock_shifts``) and
@@ -85,7 +87,9 @@ def sign_off_clean(
         session.scalars(select(Shift.id).where(Shift.id.in_(ids), Shift.station_id == station_id))
     )
     handed_over = lock_shifts(session, of_station)
-    judged = balances(session, list(handed_over.values()))
+    judged, rejected = balances_and_rejections(
+        session, list(handed_over.values()), station_id=station_id
+    )
     waiting = open_own_flags(session, list(handed_over))
     lacking = images_lacking(session, list(handed_over))
     outcomes = []
@@ -98,6 +102,7 @@ def sign_off_clean(
             balance=judged.get(shift_id),
             flags=waiting.get(shift_id, ()),
             images_missing=len(lacking.get(shift_id, ())),
+            rejected_events=rejected.get(shift_id, 0),
         )
         if refusal is not None:
             outcomes.append(refusal)
@@ -116,10 +121,18 @@ def sign_off_clean(
 
 
 def not_clean(
-    shift: Shift, balance: Balance, flags: Sequence[OpenFlag], images_missing: int
+    shift: Shift,
+    balance: Balance,
+    flags: Sequence[OpenFlag],
+    images_missing: int,
+    rejected_events: int,
 ) -> Refusal | None:
     """Why this shift is no clean handover, to sign off with others, or None: the board
-    offers to sign off together exactly those it finds clean."""
+    offers to sign off together exactly those it finds clean.
+
+    ``rejected_events``: its PDA's events the server rejected. The balance cannot show
+    them (a refused correction voids nothing: the balance still counts what it meant to
+    void), so the manager reads them on the shift's page before signing it off."""
     if shift.status == ShiftStatus.OPEN:
         return Refusal("shift_open", "still open; it is signed off after it is closed")
     if shift.status == ShiftStatus.SIGNED_OFF:
@@ -128,6 +141,12 @@ def not_clean(
         return Refusal(
             f"balance_{balance.status}",
             f"the balance is {balance.status}: sign it off on its own, with a note on it",
+        )
+    if rejected_events:
+        were = "event of its PDA was" if rejected_events == 1 else "events of its PDA were"
+        return Refusal(
+            "rejected_events",
+            f"{rejected_events} {were} rejected: see its page, or sign it off on its own",
         )
     if flags:
         kinds = ", ".join(sorted({flag.kind for flag in flags}))
@@ -154,6 +173,7 @@ def _refusal(
     balance: Balance | None,
     flags: Sequence[OpenFlag],
     images_missing: int,
+    rejected_events: int,
 ) -> Outcome | None:
     """Why this shift of the request is not signed off, or None. ``shift`` and
     ``balance`` are None for a shift still open (or not the station's: ``known``)."""
@@ -162,7 +182,7 @@ def _refusal(
     elif shift is None or balance is None:
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
-        why = not_clean(shift, balance, flags, images_missing)
+        why = not_clean(shift, balance, flags, images_missing, rejected_events)
         if why is None and version != balance_version(balance):
             why = Refusal(
                 "balance_changed",

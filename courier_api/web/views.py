@@ -309,7 +309,9 @@ def board() -> ResponseReturnValue:
         clean={
             row.shift.id
             for row in rows
-            if signoffs.not_clean(row.shift, row.balance, row.open_flags, row.images_missing)
+            if signoffs.not_clean(
+                row.shift, row.balance, row.open_flags, row.images_missing, row.rejected_events
+            )
             is None
         },
     )

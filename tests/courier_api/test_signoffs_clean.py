@@ -15,12 +15,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Shift
+from models import AuditEntry, ServiceClass, Shift
 from sync.sweeps import SweepSettings, blob_missing_at_handover
 from tests import factories
 from tests.browser.station_day import doorstep_png
 from tests.conftest import Auth, World
-from tests.courier_api.test_shifts_api import Courier, now, parcels
+from tests.courier_api.test_shifts_api import Courier, now, parcels, sign_off
 from tests.courier_api.test_web_pages import signed_in
 
 
@@ -335,6 +335,62 @@ def test_a_shift_whose_signature_is_not_uploaded_yet_is_no_clean_handover_until_
     assert row["images_missing"] == 0
     done = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
     assert done.get_json()["signed_off"] == 1, done.get_json()
+
+
+def test_a_shift_whose_pda_had_events_rejected_is_no_clean_handover(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """The PDA voids the shift's only delivery ("mis-tap: the recipient was out") with a
+    correction that leaves out its reason: the server rejects it, and the stored events
+    still show the delivery, balanced. The rejected seq counts as arrived. The board
+    counts the rejected event on the row and offers no box, and a sign-off together
+    refuses the shift, which is signed off on its own, where its page lists it."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    a = factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY).tracking_no
+    session.commit()
+    signature = doorstep_png(5)
+    digest = hashlib.sha256(signature).hexdigest()
+    uploaded = client.put(
+        f"/api/v1/blobs/{digest}",
+        data=signature,
+        content_type="application/octet-stream",
+        headers=pda.headers,
+    )
+    assert uploaded.status_code == 201, uploaded.get_json()
+    shift_id = pda.open(first_seq=1)["id"]
+    checked_out = pda.event(a)
+    pod = {"recipient_name": "Li", "relation": "self", "signature_sha256": digest}
+    delivered = pda.event(a, "delivered", pod=pod)
+    voided = pda.event(a, "correction", voids_client_event_id=delivered["client_event_id"])
+    receipt = pda.push([checked_out, delivered, voided])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied", "rejected"]
+    assert pda.close(shift_id, last_seq=pda.seq).status_code == 200
+
+    row = board(client, world, manager)[shift_id]
+    assert (row["balance"]["status"], row["open_flag_count"], row["images_missing"]) == (
+        "balanced",
+        0,
+        0,
+    )
+    assert row["rejected_events"] == 1
+    html = signed_in(client.application, "manager1").get(f"/web/board?station={world.station.id}")
+    assert "1 event of its PDA rejected" in html
+    assert 'name="shift"' not in html, "the board offers it as a clean handover"
+    refused = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
+    assert refused.status_code == 200, refused.get_json()
+    [outcome] = refused.get_json()["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "rejected_events")
+    assert outcome["message"] == (
+        f"shift {shift_id}: 1 event of its PDA was rejected: see its page, "
+        "or sign it off on its own"
+    )
+    session.expire_all()
+    assert session.get_one(Shift, shift_id).status.value == "closed"
+
+    alone = sign_off(client, shift_id, manager, balance_version=row["balance_version"])
+    assert alone.status_code == 200, alone.get_json()
+    assert board(client, world, manager)[shift_id]["rejected_events"] == 1
 
 
 def test_the_board_lists_the_shifts_of_earlier_days_that_still_wait(

@@ -5,7 +5,6 @@ defect is fixed."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 
 from flask import Flask
@@ -13,76 +12,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Flag, ServiceClass, Shift
+from models import Flag, Shift
 from sync.handover import MISSING
-from tests import factories
-from tests.browser.station_day import doorstep_png
 from tests.conftest import Auth, World
 from tests.courier_api.test_shifts_api import Courier, parcels
-from tests.courier_api.test_signoffs_clean import board, sign_off_clean
 from tests.courier_api.test_web_pages import signed_in
-
-
-def _balanced_delivery_whose_correction_was_rejected(
-    client: FlaskClient, session: Session, world: World, pda: Courier
-) -> int:
-    """One parcel checked out and delivered with an uploaded signature; then the PDA
-    voids that delivery with a correction the server rejects (no reason): the rejected
-    event is quarantined, its seq counts as arrived, and the stored events still show
-    the delivery. Returns the closed shift's id."""
-    parcel = factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY)
-    session.commit()
-    signature = doorstep_png(5)
-    digest = hashlib.sha256(signature).hexdigest()
-    uploaded = client.put(
-        f"/api/v1/blobs/{digest}",
-        data=signature,
-        content_type="application/octet-stream",
-        headers=pda.headers,
-    )
-    assert uploaded.status_code == 201, uploaded.get_json()
-    shift_id = pda.open(first_seq=1)["id"]
-    checked_out = pda.event(parcel.tracking_no)
-    delivered = pda.event(
-        parcel.tracking_no,
-        "delivered",
-        pod={"recipient_name": "Li", "relation": "self", "signature_sha256": digest},
-    )
-    # "Mis-tap: not delivered, the recipient was out" -- but the PDA left out the reason.
-    voided = pda.event(
-        parcel.tracking_no, "correction", voids_client_event_id=delivered["client_event_id"]
-    )
-    receipt = pda.push([checked_out, delivered, voided])
-    assert [r["status"] for r in receipt["results"]] == ["applied", "applied", "rejected"]
-    assert pda.close(shift_id, last_seq=pda.seq).status_code == 200
-    return shift_id
-
-
-def test_a_shift_whose_pda_had_events_rejected_is_no_clean_handover(
-    app: Flask, client: FlaskClient, session: Session, auth: Auth, world: World
-) -> None:
-    """The PDA tried to void the shift's only delivery, and the server rejected that
-    correction: what the PDA says happened is not what the balance shows. The shift page
-    lists the rejected event, but the board shows nothing of it, offers the shift a box
-    as a clean handover, and the sign-off together signs it off unseen with "all
-    accounted for". A shift with rejected events in its seqs must be left for a
-    sign-off of its own (where its page shows them)."""
-    pda = Courier(client, auth, "courier1", "PDA-0001")
-    manager = auth.headers("manager1")
-    shift_id = _balanced_delivery_whose_correction_was_rejected(client, session, world, pda)
-
-    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
-    assert f'value="{shift_id}:' not in html, "the board offers it as a clean handover"
-
-    row = board(client, world, manager)[shift_id]
-    response = sign_off_clean(
-        client, world.station.id, manager, {shift_id: row["balance_version"]}
-    )
-    assert response.status_code == 200, response.get_json()
-    [outcome] = response.get_json()["outcomes"]
-    assert outcome["outcome"] == "refused", outcome
-    session.expire_all()
-    assert session.get(Shift, shift_id).status.value == "closed"
 
 
 def _provisional_shift(client: FlaskClient, session: Session, world: World, pda: Courier) -> int:

@@ -4,12 +4,16 @@ rejected events it has.
 
 100 shifts x 150 parcels at one station and 10 x 150 at another, written straight
 into the tables (``factories.station_day``: Core inserts, no engine), then the board
-of each is read while every SQL statement is counted.
+of each is read while every SQL statement is counted. Twelve on SQLite: the shifts,
+``gather``'s, the PDAs' rejected events (one count for every shift: what the balance
+cannot show keeps a shift off the clean handovers), the shifts' own flags and the
+proof images their deliveries lack.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,9 +22,10 @@ from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import Flag, QuarantinedEvent, ScanEvent, Shift, ShiftStatus, SyncBatch
-from sync.balances import board_totals, station_board
+from sync.balances import board_totals, gather, station_board
 from sync.blobs import BlobReader, FileBlobStore
 from sync.pages import shift_page
+from sync.quarantine import RejectionScope, rejection_counts, shift_rejections
 from sync.rules import Policy
 from tests import factories
 
@@ -71,6 +76,21 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
             for shift_id in session.scalars(select(Shift.id).where(Shift.station_id == big))
         ],
     )
+    # And each PDA with events rejected: two of the shift's (one with a seq it owns, one
+    # without a seq naming one of its parcels), and one without a seq naming no parcel
+    # of it, which is not.
+    session.execute(
+        insert(QuarantinedEvent),
+        [
+            _rejected(session, shift, seq, tracking_no)
+            for shift in session.scalars(select(Shift).where(Shift.station_id == big))
+            for seq, tracking_no in (
+                (5, None),
+                (None, _a_parcel_of(session, shift)),
+                (None, "RR473124829GB"),
+            )
+        ],
+    )
     session.expire_all()
     with counted(session) as big_queries:  # with the totals, as the board answers them
         big_board = station_board(session=session, station_id=big, work_date=DAY)
@@ -81,8 +101,11 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
     assert big_totals["signed_off"] == big_totals["changed_since_signoff"] == 100
     assert big_totals["with_open_flags"] == 100
     assert len(big_board) == 100 and len(small_board) == 10
-    assert len(big_queries) == len(small_queries) <= 11, big_queries
+    # Eleven before the rejected events were counted: one statement more, for all shifts.
+    assert len(big_queries) == len(small_queries) <= 12, big_queries
+    assert [row.rejected_events for row in small_board] == [0] * 10
     for row in big_board:
+        assert row.rejected_events == 2
         assert [flag.kind for flag in row.open_flags] == ["blob_missing_at_handover"]
         balance = row.balance
         assert (balance.checked_out, balance.delivered, balance.missing) == (150, 147, 3)
@@ -92,6 +115,68 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
     # Nothing was written while reading.
     assert all(q.lstrip().upper().startswith("SELECT") for q in big_queries)
     assert session.scalar(select(Shift.id).where(Shift.station_id == big).limit(1)) is not None
+
+
+def test_rejected_events_are_counted_as_each_shift_page_lists_them_200_shifts_at_once(
+    session: Session,
+) -> None:
+    """``rejection_counts`` counts for every shift what ``shift_rejections`` lists on its
+    page, the seq-less rejections naming its parcels too, in one statement per 200
+    shifts: past about 500, one statement of them all would be too deep for SQLite."""
+    station = factories.station_day(session, "REJ", shifts=2, parcels_per_shift=10, day=DAY)
+    first, second = session.scalars(select(Shift).where(Shift.station_id == station)).all()
+    session.execute(
+        insert(QuarantinedEvent),
+        [
+            _rejected(session, first, 3, None),
+            _rejected(session, first, 7, None),
+            _rejected(session, first, 99, None),  # beyond the seqs it owns (1 to 20)
+            _rejected(session, first, None, _a_parcel_of(session, first)),
+            _rejected(session, first, None, _a_parcel_of(session, second)),  # not its parcel
+            _rejected(session, second, None, _a_parcel_of(session, second)),
+        ],
+    )
+    session.flush()
+    facts = gather(session, [first, second])
+    scopes = {i: f.rejection_scope(f.balance()) for i, f in facts.items()}
+    listed = {
+        i: len(shift_rejections(session=session, scope=scope, station_id=station))
+        for i, scope in scopes.items()
+    }
+    assert listed == {first.id: 3, second.id: 1}
+    # And 448 shifts of PDAs with nothing rejected.
+    elsewhere = {-n: RejectionScope(f"PDA-{n}", (1, 300), ["RR473124829GB"]) for n in range(448)}
+    with counted(session) as queries:
+        counts = rejection_counts(session=session, scopes=scopes | elsewhere, station_id=station)
+    assert counts == listed
+    assert len(queries) == 3  # 450 shifts, 200 at a time
+    assert rejection_counts(session=session, scopes=scopes, station_id=station + 1) == {}
+
+
+def _a_parcel_of(session: Session, shift: Shift) -> str:
+    return session.scalars(
+        select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift.id).limit(1)
+    ).one()
+
+
+def _rejected(
+    session: Session, shift: Shift, seq: int | None, tracking_no: str | None
+) -> dict[str, Any]:
+    """A quarantined event of the shift's PDA, in one of its batches, to insert."""
+    return {
+        "station_id": shift.station_id,
+        "device_id": shift.device_id,
+        "batch_pk": session.scalar(
+            select(SyncBatch.id).where(SyncBatch.device_id == shift.device_id)
+        ),
+        "position": 0,
+        "seq": seq,
+        "tracking_no": tracking_no,
+        "error_code": "missing_field",
+        "message": "reason is required",
+        "payload": "{}",
+        "payload_hash": uuid.uuid4().hex * 2,
+    }
 
 
 def _late_and_rejected(session: Session, shift: Shift, late: int, rejected: int) -> None:

@@ -252,9 +252,10 @@ class CleanSignOffs(MethodView):
         For the evening's many shifts that need no other word: each shift named,
         with the `balance_version` its board row showed (`GET
         /stations/{station_id}/handover`), is signed off with the one `note` when
-        it is closed, balanced, has no flag of its own open or acknowledged, and
-        its balance has not changed since it was read. Any other is refused with
-        its reason (`code`) and left for a sign-off of its own (`POST
+        it is closed, balanced, has no event of its PDA rejected (the row's
+        `rejected_events`), no flag of its own open or acknowledged, every proof
+        image uploaded, and its balance has not changed since it was read. Any
+        other is refused with its reason (`code`) and left for a sign-off of its own (`POST
         /shifts/{shift_id}/signoff`), where an unbalanced or provisional handover
         gets a note about it; the rest are signed off all the same. Each sign-off
         goes to the audit log as a single one does. A shift of another station is
@@ -299,7 +300,9 @@ class StationHandover(MethodView):
         totals are the handovers. Each row names the shift's own flags still open
         or acknowledged (`open_flags`: proof images missing at handover, say),
         which its balance does not count, and the totals count such shifts
-        (`with_open_flags`). Shifts of the two weeks before that still wait for
+        (`with_open_flags`); a handed-over row counts its PDA's events the
+        server rejected (`rejected_events`), which its balance cannot show.
+        Shifts of the two weeks before that still wait for
         the manager (open, or handed over and not signed off) are listed apart
         (`earlier_waiting`). Read in the same few queries however many shifts the
         station runs.
@@ -329,6 +332,7 @@ class StationHandover(MethodView):
                     "open_flag_count": len(row.open_flags),
                     "open_flags": [flag._asdict() for flag in row.open_flags],
                     "images_missing": row.images_missing,
+                    "rejected_events": row.rejected_events,
                 }
                 for row in rows
             ],

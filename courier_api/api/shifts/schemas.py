@@ -301,6 +301,12 @@ class BoardShiftOut(ma.Schema):
         "server lacks: not uploaded yet, or purged. `blob_missing_at_handover` flags them "
         "only after its grace; a shift with any is no clean handover to sign off together"
     )
+    rejected_events = _count(
+        "Events of the handed-over shift's PDA that the server rejected (kept in quarantine, "
+        "listed on the shift's page): those with one of the shift's seqs, or without a seq "
+        "naming one of its parcels. Its balance cannot show what they said (a correction "
+        "rejected voids nothing): a shift with any is no clean handover to sign off together"
+    )
 
 
 class BoardTotalsOut(BalanceCounts):
@@ -393,7 +399,7 @@ class SignOffOutcomeOut(ma.Schema):
         metadata={
             "description": "Why it was refused: shift_not_found, shift_open, "
             "already_signed_off, balance_unbalanced, balance_provisional, open_flags, "
-            "images_missing, balance_changed; null when signed off"
+            "images_missing, rejected_events, balance_changed; null when signed off"
         },
     )
     message = ma.fields.String(allow_none=True, required=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 from zoneinfo import ZoneInfo
 
 from flask import (
@@ -29,6 +30,7 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
@@ -70,7 +72,7 @@ from courier_api.web.session import (
     sign_out,
     sign_out_everywhere,
 )
-from models import FlagSeverity, FlagStatus, Role, Station, User, utcnow
+from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
 from sync import directory, flags, shifts, signoffs
 from sync.balances import board_totals, station_board, waiting_from_earlier_days
 from sync.errors import (
@@ -293,8 +295,19 @@ def logout() -> ResponseReturnValue:
 @page()
 def board() -> ResponseReturnValue:
     args = parse(DayArgs(), request.args)
-    station = _chosen_station(args.get("station"))
-    day = args.get("date") or shifts.local_date(utcnow(), station.timezone)
+    return _board_page(_chosen_station(args.get("station")), args.get("date"))
+
+
+def _board_page(
+    station: Station,
+    day: dt.date | None,
+    *,
+    typed: dict[str, Any] | None = None,
+) -> ResponseReturnValue:
+    """The station's board for ``day`` (default: today there). ``typed``: what the
+    manager typed into its sign-off form (``note``) and the boxes they checked
+    (``shifts``), shown again when the sign-off was refused."""
+    day = day or shifts.local_date(utcnow(), station.timezone)
     rows = station_board(session=db.session, station_id=station.id, work_date=day)
     return render_template(
         "web/board.html",
@@ -314,6 +327,7 @@ def board() -> ResponseReturnValue:
             )
             is None
         },
+        typed=typed,
     )
 
 
@@ -321,11 +335,13 @@ def board() -> ResponseReturnValue:
 @page(*DECIDERS)
 def sign_off_clean(station_id: int) -> ResponseReturnValue:
     """The board's checked clean handovers signed off with one note, as
-    ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told with its reason."""
-    form = parse(SignOffCleanForm(), request.form)
+    ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told with its reason.
+    A request refused as a whole (no box checked, say) shows the board again with the
+    note and the boxes as they were."""
     station = _chosen_station(station_id)
-    back = url_for("web.board", station=station.id, date=form.get("date"))
+    day = parse(DayArgs(only=("date",)), request.form).get("date")  # the board's, hidden
     try:
+        form = parse(SignOffCleanForm(), request.form)
         outcomes = signoffs.sign_off_clean(
             session=db.session,
             station_id=station.id,
@@ -337,7 +353,9 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
     except InvalidInput as exc:
         db.session.rollback()
         flash(f"Nothing signed off: {exc.message}", "error")
-        return redirect(back)
+        typed = {"note": request.form.get("note", ""), "shifts": request.form.getlist("shift")}
+        return _board_page(station, day, typed=typed)
+    back = url_for("web.board", station=station.id, date=day)
     db.session.commit()
     done = sum(outcome.outcome == signoffs.SIGNED_OFF for outcome in outcomes)
     if done:
@@ -356,6 +374,12 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
 def shift(shift_id: int) -> ResponseReturnValue:
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
+    return _shift_page(found)
+
+
+def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> ResponseReturnValue:
+    """The shift's page. ``typed``: what the manager typed into its sign-off form
+    (``note``, ``force_reason``), shown again when the sign-off was refused."""
     view = shift_page(
         session=db.session,
         shift=found,
@@ -381,7 +405,7 @@ def shift(shift_id: int) -> ResponseReturnValue:
             f"shift:{found.id}",
             {"ids": view.rejections_shown},
         )
-    return render_template("web/shift.html", view=view, tz=view.station.timezone)
+    return render_template("web/shift.html", view=view, tz=view.station.timezone, typed=typed)
 
 
 @bp.post("/shifts/<id:shift_id>/close")
@@ -410,11 +434,15 @@ def close_shift(shift_id: int) -> ResponseReturnValue:
 @bp.post("/shifts/<id:shift_id>/signoff")
 @page(*DECIDERS)
 def sign_off(shift_id: int) -> ResponseReturnValue:
-    form = parse(SignOffForm(), request.form)
+    """A refused sign-off shows the page again, read anew, with the note and the reason
+    as they were typed (not redirected: a note of 2,000 characters does not fit in the
+    session's cookie)."""
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
-    _decide(
-        lambda: shifts.sign_off(
+
+    def sign() -> None:
+        form = parse(SignOffForm(), request.form)
+        shifts.sign_off(
             session=db.session,
             shift=found,
             user_id=current_principal().user_id,
@@ -422,24 +450,27 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
             force_reason=form["force_reason"],
             seen_version=form["balance_version"],
             now=utcnow(),
-        ),
-        done=f"Shift {shift_id} is signed off.",
-        refused="Not signed off",
-    )
-    return redirect(url_for("web.shift", shift_id=shift_id))
+        )
+
+    if _decide(sign, done=f"Shift {shift_id} is signed off.", refused="Not signed off"):
+        return redirect(url_for("web.shift", shift_id=shift_id))
+    typed = {name: request.form.get(name, "") for name in ("note", "force_reason")}
+    return _shift_page(found, typed=typed)
 
 
-def _decide(action: Callable[[], object], *, done: str, refused: str) -> None:
-    """Run a manager's decision: committed and told as ``done``, or, refused by the
-    rules (a conflict, an invalid note), rolled back and told why."""
+def _decide(action: Callable[[], object], *, done: str, refused: str) -> bool:
+    """Run a manager's decision: committed and told as ``done`` (True); or, refused by
+    the rules (a conflict, an invalid form), rolled back and told why (False: the page
+    is shown again with what was typed, not emptied)."""
     try:
         action()
     except (Conflict, InvalidInput) as exc:
         db.session.rollback()
         flash(f"{refused}: {exc.message}", "error")
-    else:
-        db.session.commit()
-        flash(done, "ok")
+        return False
+    db.session.commit()
+    flash(done, "ok")
+    return True
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -449,7 +480,19 @@ def _decide(action: Callable[[], object], *, done: str, refused: str) -> None:
 @bp.get("/flags")
 @page()
 def flag_queue() -> ResponseReturnValue:
-    args = parse(FlagFilter(), request.args)
+    return _flag_queue_page(request.args, here=request.full_path.rstrip("?"))
+
+
+def _flag_queue_page(
+    query: MultiDict[str, str],
+    *,
+    here: str,
+    typed: dict[str, Any] | None = None,
+) -> ResponseReturnValue:
+    """The queue as filtered by ``query``, at ``here`` (where its forms come back to).
+    ``typed``: a decision refused (``flag_id``, ``action``, ``note``): that flag's form
+    shows the note again."""
+    args = parse(FlagFilter(), query)
     station = _filtered_station(args.get("station"))
     raised_from, raised_to = local_range(
         args.get("raised_from"), args.get("raised_to"), station.timezone if station else "UTC"
@@ -467,7 +510,7 @@ def flag_queue() -> ResponseReturnValue:
         after_id=args["after"],
         limit=PAGE_SIZE,
     )
-    filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
+    filled = {k: v for k, v in query.items() if v.strip() and k != "after"}
     next_page = (
         url_for("web.flag_queue", **filled, after=items[-1].id)
         if len(items) == PAGE_SIZE
@@ -491,8 +534,9 @@ def flag_queue() -> ResponseReturnValue:
         severities=list(FlagSeverity),
         statuses=list(FlagStatus),
         next_page=next_page,
-        here=request.full_path.rstrip("?"),
+        here=here,
         tz=station.timezone if station else "UTC",
+        typed=typed,
     )
 
 
@@ -501,6 +545,11 @@ def flag_queue() -> ResponseReturnValue:
 def flag(flag_id: int) -> ResponseReturnValue:
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
+    return _flag_page(found)
+
+
+def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseReturnValue:
+    """The flag's page; ``typed`` as for ``_flag_queue_page``."""
     view = flag_page(
         session=db.session, flag=found, visible_station=current_principal().station_filter(None)
     )
@@ -518,49 +567,68 @@ def flag(flag_id: int) -> ResponseReturnValue:
     return render_template(
         "web/flag.html",
         view=view,
-        here=request.path,
+        here=url_for("web.flag", flag_id=found.id),
         tz=station.timezone if station else "UTC",
+        typed=typed,
     )
 
 
 @bp.post("/flags/<id:flag_id>/acknowledge")
 @page(*DECIDERS)
 def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
-    form = parse(DecisionForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
-    _decide(
-        lambda: flags.acknowledge_flag(
+
+    def acknowledge() -> None:
+        form = parse(DecisionForm(), request.form)
+        flags.acknowledge_flag(
             session=db.session,
             flag=found,
             user_id=current_principal().user_id,
             note=form["note"],
             seen_version=form["evidence_version"],
-        ),
-        done=f"Flag {flag_id} is acknowledged.",
-        refused="Not acknowledged",
+        )
+
+    decided = _decide(
+        acknowledge, done=f"Flag {flag_id} is acknowledged.", refused="Not acknowledged"
     )
-    return redirect(safe_next(request.form.get("next")) or url_for("web.flag", flag_id=flag_id))
+    return _after_flag_decision(found, "acknowledge", decided)
 
 
 @bp.post("/flags/<id:flag_id>/resolve")
 @page(*DECIDERS)
 def resolve_flag(flag_id: int) -> ResponseReturnValue:
-    form = parse(DecisionForm(), request.form)
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
-    _decide(
-        lambda: flags.resolve_flag(
+
+    def resolve() -> None:
+        form = parse(DecisionForm(), request.form)
+        flags.resolve_flag(
             session=db.session,
             flag=found,
             user_id=current_principal().user_id,
             note=form["note"] or "",
             seen_version=form["evidence_version"],
-        ),
-        done=f"Flag {flag_id} is resolved.",
-        refused="Not resolved",
-    )
-    return redirect(safe_next(request.form.get("next")) or url_for("web.flag", flag_id=flag_id))
+        )
+
+    decided = _decide(resolve, done=f"Flag {flag_id} is resolved.", refused="Not resolved")
+    return _after_flag_decision(found, "resolve", decided)
+
+
+def _after_flag_decision(found: Flag, action: str, decided: bool) -> ResponseReturnValue:
+    """Back to the page the decision was made on (``next``: the queue as filtered, or
+    the flag's page). Refused, that page is shown again, read anew, with the note typed
+    into that flag's ``action`` form."""
+    back = safe_next(request.form.get("next"))
+    if decided:
+        return redirect(back or url_for("web.flag", flag_id=found.id))
+    typed = {"flag_id": found.id, "action": action, "note": request.form.get("note", "")}
+    if back is not None:
+        target = urlsplit(back)
+        if target.path == url_for("web.flag_queue"):
+            query = MultiDict(parse_qsl(target.query, keep_blank_values=True))
+            return _flag_queue_page(query, here=back, typed=typed)
+    return _flag_page(found, typed=typed)
 
 
 # -- proofs -----------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_a_manager_signs_shifts_off_and_a_provisional_one_needs_a_reason(
     page.get_by_role("button", name="Sign off the handover").click()
     expect(page.locator(".flash-error")).to_contain_text("provisional")
     expect(page.locator("form.signoff")).to_be_visible()
-    page.get_by_label("Note", exact=True).fill("checked what arrived")
+    expect(page.get_by_label("Note", exact=True)).to_have_value("checked what arrived")  # kept
     page.get_by_label("Reason to sign off now").fill("PDA broken; the vendor has it")
     page.get_by_role("button", name="Sign off the handover").click()
     expect(page.locator(".flash-ok")).to_contain_text("is signed off")

@@ -219,7 +219,7 @@ MATRIX: dict[str, Row] = {
     "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 404, **GET_PAGE),
     "POST /web/shifts/{shift_id}/close":                      page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
-    "POST /web/stations/{station_id}/signoffs":               page(302, 403, 302, 403, **POST_FORM),  # noqa: E501
+    "POST /web/stations/{station_id}/signoffs":               page(200, 403, 200, 403, **POST_FORM),  # no box: the board again  # noqa: E501
     "GET /web/flags":                                         page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/flags/{flag_id}":                               page(200, 200, 200, 404, **GET_PAGE),
     "POST /web/flags/{flag_id}/acknowledge":                  page(302, 403, 302, 404, **POST_FORM),  # noqa: E501

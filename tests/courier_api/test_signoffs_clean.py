@@ -298,6 +298,48 @@ def test_the_board_page_signs_off_the_checked_clean_shifts(
     assert session.get(Shift, ids[unbalanced]).status.value == "closed"
 
 
+def test_the_board_refusing_the_whole_sign_off_keeps_the_note_and_the_checked_boxes(
+    app: Flask, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """19:00, the manager writes the note and presses the button with no box checked
+    ("Nothing signed off: ..."): the board comes back with the note as typed. Checked
+    boxes and a note of spaces: the boxes come back checked, but one whose row's balance
+    has changed since (its box named another version): that row is read anew."""
+    ids = []
+    for pda, parcel in zip(couriers[:2], parcels(session, world, 2), strict=True):
+        ids.append(pda.open(first_seq=1)["id"])
+        pda.push([pda.event(parcel), pda.event(parcel, "returned_to_station")])
+        pda.close(ids[-1], last_seq=pda.seq)
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    boxes = re.findall(r'<input type="checkbox" name="shift" value="(\d+:\w+)"', html)
+    assert [box.partition(":")[0] for box in boxes] == [str(i) for i in ids], html
+    action = f"/web/stations/{world.station.id}/signoffs"
+    note = "All on the shelf, counted with Li Wei at the counter"
+
+    def sign_off(note: str, shift: list[str]) -> Any:
+        return page.client.post(
+            action, data={"csrf_token": page.token(), "note": note, "shift": shift, "date": ""}
+        )
+
+    nothing = sign_off(note, [])
+    assert nothing.status_code == 200
+    refused = nothing.get_data(as_text=True)
+    assert "Nothing signed off: name at least one shift to sign off" in refused
+    assert f'placeholder="all parcels accounted for" value="{note}"' in refused
+    assert " checked>" not in refused
+
+    stale = f"{ids[1]}:{'0' * 16}"
+    blank = sign_off("   ", [boxes[0], stale])
+    assert blank.status_code == 200
+    refused = blank.get_data(as_text=True)
+    assert "Nothing signed off: note" in refused, refused
+    assert f'value="{boxes[0]}" aria-label="Sign off shift {ids[0]}" checked>' in refused
+    assert f'value="{boxes[1]}" aria-label="Sign off shift {ids[1]}">' in refused
+    session.expire_all()
+    assert [session.get_one(Shift, i).status.value for i in ids] == ["closed", "closed"]
+
+
 def test_a_shift_whose_signature_is_not_uploaded_yet_is_no_clean_handover_until_it_is(
     client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
 ) -> None:

@@ -944,8 +944,12 @@ def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(
     response = pages.post(f"/web/flags/{flag.id}/acknowledge", note="on it", next=back)
     assert response.status_code == 302 and response.location == back
     response = pages.post(f"/web/flags/{flag.id}/resolve", note="", next=back)
-    assert response.location == back
-    assert "Not resolved: say how the flag was resolved in a note" in pages.get(back)
+    # Refused: the queue again, as filtered, its forms coming back to it.
+    assert response.status_code == 200
+    refused = response.get_data(as_text=True)
+    assert "Not resolved: say how the flag was resolved in a note" in refused
+    assert re.findall(r'<tr id="flag-(\d+)"', refused) == [str(flag.id)]
+    assert f'name="next" value="{back}"' in refused
     session.refresh(flag)
     assert flag.status == FlagStatus.ACKNOWLEDGED
     response = pages.post(
@@ -961,8 +965,8 @@ def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(
     assert flag.status == FlagStatus.RESOLVED
     assert ("flag_resolved", str(flag.id), day.manager.id) in audit_actions(session)
     again = pages.post(f"/web/flags/{flag.id}/resolve", note="twice")
-    assert again.status_code == 302
-    assert "it is already resolved" in pages.get(again.location)
+    assert again.status_code == 200  # its page again, with no form to decide on it
+    assert "it is already resolved" in again.get_data(as_text=True)
 
 
 def test_a_flag_decided_from_its_page_covers_only_the_evidence_the_page_showed(
@@ -989,9 +993,10 @@ def test_a_flag_decided_from_its_page_covers_only_the_evidence_the_page_showed(
 
     pda.push([lost])
     response = pages.submit(shown, resolve, note="in the van")
-    assert response.location == path
-    html = pages.get(path)
+    assert response.status_code == 200  # the flag's page again, read anew
+    html = response.get_data(as_text=True)
     assert f"Not resolved: the evidence of flag {flag.id} changed since it was read" in html
+    assert 'value="in the van"' in html  # the note typed, to say more before resolving
     assert "read the flag again before resolving it" in html and "exception" in html
     session.refresh(flag)
     assert (flag.status, flag.decision) == (FlagStatus.OPEN, None)
@@ -1002,6 +1007,47 @@ def test_a_flag_decided_from_its_page_covers_only_the_evidence_the_page_showed(
     assert flag.status == FlagStatus.RESOLVED
     assert flag.decided_on == {"event_ids": flag.evidence["event_ids"]}
     assert len(flag.evidence["event_ids"]) == 2
+
+
+def test_a_refused_flag_decision_keeps_the_note_in_that_flags_form_only(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A push changes a flag's evidence while the manager writes how it was resolved:
+    "Not resolved: the evidence ... changed", on the queue they decided from or on the
+    flag's page, and the note typed is in that flag's resolve form again, not in
+    another flag's nor in its acknowledge form."""
+    pages = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    other = day.flag(
+        session, "missing_at_handover", subject_key=f"{day.unbalanced.id}:{day.missing_parcel}"
+    )
+    back = f"/web/flags?station={day.station.id}"
+    note = "Recipient agreed by phone at 18:40: the locker was her choice"
+    refused = pages.post(
+        f"/web/flags/{flag.id}/resolve", note=note, evidence_version="0" * 16, next=back
+    )
+    assert refused.status_code == 200
+    queue = refused.get_data(as_text=True)
+    assert "Not resolved: the evidence of flag" in queue
+    rows = dict(re.findall(r'<tr id="flag-(\d+)"[^>]*>(.*?)</tr>', queue, re.S))
+    assert {str(flag.id), str(other.id)} <= set(rows)
+    assert (
+        f'placeholder="How it was resolved" required maxlength="2000" value="{note}"'
+        in (rows[str(flag.id)])
+    )
+    assert note not in rows[str(other.id)]
+    assert rows[str(flag.id)].count(note) == 1  # not in its acknowledge form
+
+    acknowledged = pages.post(
+        f"/web/flags/{other.id}/acknowledge", note="on it", evidence_version="0" * 16
+    )
+    assert acknowledged.status_code == 200  # no next: the flag's page
+    page = acknowledged.get_data(as_text=True)
+    assert "Not acknowledged: the evidence of flag" in page
+    assert 'placeholder="Note (optional)" maxlength="2000" value="on it"' in page
+    session.refresh(flag)
+    session.refresh(other)
+    assert flag.status == other.status == FlagStatus.OPEN
 
 
 def test_the_flag_queue_finds_a_kind_written_as_the_queue_shows_it(
@@ -1035,8 +1081,10 @@ def test_a_manager_signs_off_and_a_provisional_balance_needs_a_reason(
     pages = signed_in(app, "manager")
     path = f"/web/shifts/{day.provisional.id}"
     response = pages.post(f"{path}/signoff", note="checked what came")
-    assert response.location == path
-    assert "Not signed off: the balance is provisional" in pages.get(path)
+    assert response.status_code == 200  # the page again, with the note typed
+    refused = response.get_data(as_text=True)
+    assert "Not signed off: the balance is provisional" in refused
+    assert ">checked what came</textarea>" in refused
     session.refresh(day.provisional)
     assert day.provisional.status == ShiftStatus.CLOSED
     pages.post(f"{path}/signoff", note="checked what came", force_reason="PDA broken")
@@ -1048,7 +1096,41 @@ def test_a_manager_signs_off_and_a_provisional_balance_needs_a_reason(
     assert day.provisional.signoff_forced_reason == "PDA broken"
     assert ("shift_signed_off", str(day.provisional.id), day.manager.id) in audit_actions(session)
     response = pages.post(f"/web/shifts/{day.balanced.id}/signoff", note="")
-    assert "Not signed off: note is required" in pages.get(response.location)
+    assert response.status_code == 200
+    assert "Not signed off: note is required" in response.get_data(as_text=True)
+
+
+def test_a_refused_sign_off_keeps_the_note_and_the_reason_the_manager_typed(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The manager writes a long note on a provisional shift and forgets the reason: the
+    page says "Not signed off: the balance is provisional ..." and must not come back
+    with an empty note. The same when a push changed the balance meanwhile: the note
+    and the reason typed are there to send again once the page is read anew. (Shown
+    again in the answer: a note of 2,000 characters does not fit in the session's
+    cookie.)"""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.provisional.id}"
+    [shown] = re.findall(r'name="balance_version" value="([0-9a-f]{16})"', pages.get(path))
+    note = "Called the recipient about the parcel: left with the neighbour, seq 2 on the PDA"
+    refused = pages.post(f"{path}/signoff", note=note, balance_version=shown)
+    assert refused.status_code == 200
+    page = refused.get_data(as_text=True)
+    assert "Not signed off: the balance is provisional" in page
+    assert f'placeholder="What you checked">{note}</textarea>' in page, "the note typed is lost"
+    assert f'name="balance_version" value="{shown}"' in page
+
+    reason = "PDA broken, screen shows seq 2 was the delivery"
+    stale = "0" * 16 if shown != "0" * 16 else "1" * 16
+    refused = pages.post(f"{path}/signoff", note=note, force_reason=reason, balance_version=stale)
+    assert refused.status_code == 200
+    page = refused.get_data(as_text=True)
+    assert "Not signed off: the balance of shift" in page
+    assert f">{note}</textarea>" in page and f">{reason}</textarea>" in page
+    session.refresh(day.provisional)
+    assert day.provisional.status == ShiftStatus.CLOSED
+    # Kept for that answer only: the page read again is empty.
+    assert note not in pages.get(path)
 
 
 def test_the_sign_off_form_signs_only_the_balance_the_page_showed(
@@ -1058,8 +1140,9 @@ def test_the_sign_off_form_signs_only_the_balance_the_page_showed(
     path = f"/web/shifts/{day.balanced.id}"
     [shown] = re.findall(r'name="balance_version" value="([0-9a-f]{16})"', pages.get(path))
     stale = "0" * 16 if shown != "0" * 16 else "1" * 16  # a balance that changed since
-    pages.post(f"{path}/signoff", note="checked", balance_version=stale)
-    assert "Not signed off: the balance of shift" in pages.get(path)
+    refused = pages.post(f"{path}/signoff", note="checked", balance_version=stale)
+    assert refused.status_code == 200
+    assert "Not signed off: the balance of shift" in refused.get_data(as_text=True)
     session.refresh(day.balanced)
     assert day.balanced.status == ShiftStatus.CLOSED
     pages.post(f"{path}/signoff", note="checked", balance_version=shown)

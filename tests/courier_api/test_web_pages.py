@@ -767,6 +767,30 @@ def test_the_flag_queue_pages_by_keyset(
     assert len(one) == 2 and two and int(two[0]) < int(one[-1])
 
 
+def test_the_flag_queue_says_when_a_flag_it_lists_first_was_opened_again(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The queue lists the latest opened first, but showed only when each flag was first
+    raised: a flag reopened this evening sat at the top dated days ago, above today's,
+    with nothing saying why. Its row says when it was opened again, on the station's
+    clock; a flag opened when it was raised says nothing more."""
+    pages = signed_in(app, "manager")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    other = day.flag(
+        session, "missing_at_handover", subject_key=f"{day.unbalanced.id}:{day.missing_parcel}"
+    )
+    # Raised three days ago; opened again just now (a late batch, say).
+    reopened = dt.datetime.now(dt.UTC)
+    flag.raised_at, flag.opened_at = reopened - dt.timedelta(days=3), reopened
+    session.commit()
+    html = pages.get("/web/flags")
+    assert re.findall(r'<tr id="flag-(\d+)"', html)[0] == str(flag.id)  # the latest opened
+    row = _queue_row(html, flag.id)
+    local = reopened.astimezone(ZoneInfo(day.station.timezone)).strftime("%Y-%m-%d %H:%M:%S")
+    assert f"reopened {local}</span>" in row, row
+    assert "reopened" not in _queue_row(html, other.id)
+
+
 def _queue_row(html: str, flag_id: int) -> str:
     row = re.search(rf'<tr id="flag-{flag_id}".*?</tr>', html, re.S)
     assert row is not None, html

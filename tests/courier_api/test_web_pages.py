@@ -789,6 +789,8 @@ def test_the_flag_queue_says_when_a_flag_it_lists_first_was_opened_again(
     local = reopened.astimezone(ZoneInfo(day.station.timezone)).strftime("%Y-%m-%d %H:%M:%S")
     assert f"reopened {local}</span>" in row, row
     assert "reopened" not in _queue_row(html, other.id)
+    assert f'<dd class="reopened">{local}:' in pages.get(f"/web/flags/{flag.id}")
+    assert "Opened again" not in pages.get(f"/web/flags/{other.id}")
 
 
 def _queue_row(html: str, flag_id: int) -> str:

@@ -88,11 +88,10 @@ class SignOffForm(_Form):
 
 
 class SignOffCleanForm(_Form):
-    """The board's sign-off of the checked shifts: one note, and the day shown (to
-    come back to). The boxes are ``checked_shifts``."""
+    """The board's sign-off of the checked shifts: one note. The boxes are
+    ``checked_shifts``; the day shown, to come back to, is read with ``DayArgs``."""
 
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
-    date = ma.fields.Date(load_default=None)
 
 
 def checked_shifts(boxes: Sequence[str]) -> dict[int, str]:

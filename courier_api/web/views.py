@@ -412,23 +412,25 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
 @page(*DECIDERS)
 def close_shift(shift_id: int) -> ResponseReturnValue:
     """A manager closes a shift its courier cannot close from the PDA (a PDA that died),
-    as ``POST /api/v1/shifts/<id>/close`` does for them."""
-    form = parse(CloseShiftForm(), request.form)
+    as ``POST /api/v1/shifts/<id>/close`` does for them. Refused, the page is shown
+    again with the last seq as it was typed."""
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
-    _decide(
-        lambda: shifts.close_shift(
+
+    def close() -> None:
+        form = parse(CloseShiftForm(), request.form)
+        shifts.close_shift(
             session=db.session,
             shift=found,
             closed_by=current_principal().user_id,
             last_seq=form["last_seq"],
             now=utcnow(),
             policy=policy_of(current_app.config),
-        ),
-        done=f"Shift {shift_id} is closed.",
-        refused="Not closed",
-    )
-    return redirect(url_for("web.shift", shift_id=shift_id))
+        )
+
+    if _decide(close, done=f"Shift {shift_id} is closed.", refused="Not closed"):
+        return redirect(url_for("web.shift", shift_id=shift_id))
+    return _shift_page(found, typed={"last_seq": request.form.get("last_seq", "")})
 
 
 @bp.post("/shifts/<id:shift_id>/signoff")

@@ -1167,6 +1167,22 @@ def test_a_refused_sign_off_keeps_the_note_and_the_reason_the_manager_typed(
     assert note not in pages.get(path)
 
 
+@pytest.mark.parametrize("typed", ["0", "-1"], ids=["before its seqs held", "not a seq"])
+def test_a_refused_close_keeps_the_last_seq_the_manager_typed(
+    app: Flask, session: Session, day: StationDay, typed: str
+) -> None:
+    """A last seq the rules refuse (before seqs the shift holds) or the form does (not a
+    seq) is told, with the page shown again holding the number typed, the shift open."""
+    pages = signed_in(app, "manager")
+    refused = pages.post(f"/web/shifts/{day.open.id}/close", last_seq=typed)
+    assert refused.status_code == 200
+    page = refused.get_data(as_text=True)
+    assert "Not closed: " in page
+    assert 'name="last_seq"' in page and f'value="{typed}"' in page
+    session.refresh(day.open)
+    assert day.open.status == ShiftStatus.OPEN
+
+
 def test_the_sign_off_form_signs_only_the_balance_the_page_showed(
     app: Flask, session: Session, day: StationDay
 ) -> None:

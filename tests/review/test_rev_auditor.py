@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -16,8 +15,8 @@ from sqlalchemy.orm import Session
 from models import AuditEntry
 from tests import factories
 from tests.conftest import Auth, World
-from tests.courier_api.test_blobs_api import image_bytes, put
 from tests.courier_api.test_blobs_api import digest as sha256_of
+from tests.courier_api.test_blobs_api import image_bytes, put
 from tests.courier_api.test_shifts_api import Courier, parcels
 from tests.courier_api.test_web_pages import signed_in
 

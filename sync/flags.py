@@ -40,7 +40,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,9 +421,13 @@ def close_flags_by_id(
     flag_ids: Sequence[int],
     reason: str,
     statuses: Sequence[FlagStatus] = ACTIVE_STATUSES,
+    reasons: Mapping[int, str] | None = None,
 ) -> list[Flag]:
     """Close these flags, those of them in ``statuses`` once locked, in one query per
-    chunk: a subject's flag at one station, not its flags at the others."""
+    chunk: a subject's flag at one station, not its flags at the others. ``reasons``:
+    a flag's own reason, by id, where it has one other than ``reason`` (locked in one
+    pass in id order all the same)."""
+    reasons = reasons or {}
     closed = []
     for chunk in chunks(sorted(flag_ids)):
         for flag in session.scalars(
@@ -432,7 +436,7 @@ def close_flags_by_id(
             .order_by(Flag.id)
             .with_for_update()
         ):
-            _close(session, flag, reason)
+            _close(session, flag, reasons.get(flag.id, reason))
             closed.append(flag)
     return closed
 

@@ -23,7 +23,7 @@ from models import (
     User,
     utcnow,
 )
-from sync import feed
+from sync import audit, feed
 from sync.balances import refresh_for_parcels
 from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from sync.flags import FlagSubject, close_flags
@@ -33,8 +33,6 @@ from sync.rules import Policy
 from sync.sql import chunks
 from sync.status import STANDING, load_events, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
-
-# Well under SQLite's and PostgreSQL's bound-parameter limits.
 
 # Fields of a parcel whose change means re-projecting and re-judging it.
 REJUDGED_FIELDS = frozenset(
@@ -48,6 +46,20 @@ REJUDGED_FIELDS = frozenset(
         "address",
     }
 )
+# The audit log's entry for an intake that changed a known parcel (``_audit_updates``).
+PARCEL_UPDATED = "parcel_updated"
+# What a changed field is called where a closed flag's reason names it (``changed_what``).
+FIELD_NAMES = {
+    "service_class": "class",
+    "station_id": "station",
+    "planned_courier_id": "planned courier",
+    "recipient_name": "recipient's name",
+    "recipient_phone": "recipient's phone",
+    "address": "address",
+    "lat": "position",
+    "lon": "position",
+}
+COMMAND_LINE = "an import from the command line"  # who, when no user is known
 
 
 class IntakeStatus(enum.StrEnum):
@@ -94,6 +106,8 @@ class IntakeResult:
     status: IntakeStatus
     error: DomainError | None = None
     parcel: Parcel | None = field(default=None, repr=False)
+    # An update's changed fields, {name: (before, after)} (``parcel_updated``)
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
 
 def intake_parcels(
@@ -103,6 +117,7 @@ def intake_parcels(
     rules: IntakeRules,
     scope: IntakeScope,
     now: dt.datetime | None = None,
+    changed_by: int | None = None,
 ) -> list[IntakeResult]:
     """Create or update parcels; one bad item never stops the others.
 
@@ -110,8 +125,24 @@ def intake_parcels(
     line up with the request. A parcel already known is updated when its data
     changed and reported ``unchanged`` otherwise, so re-sending a file is safe.
     ``now``: when a parcel given another station left its old one (by default, now).
+    ``changed_by``: the user taking the parcels in (None: an import from the command
+    line), named on the audit log's entry of each update and in the reason of a flag
+    an update closes (``_audit_updates``).
     """
-    now = now or utcnow()
+    # The updates' entries are chained last, after the flags the updates judge again
+    # (lock order, ``sync.device_state``: ... parcels, flags, then the audit log).
+    with audit.deferred(session):
+        return _intake(session, drafts, rules, scope, now or utcnow(), changed_by)
+
+
+def _intake(
+    session: Session,
+    drafts: Sequence[tuple[int, ParcelDraft]],
+    rules: IntakeRules,
+    scope: IntakeScope,
+    now: dt.datetime,
+    changed_by: int | None,
+) -> list[IntakeResult]:
     lock_parcels(session, (normalize(d.tracking_no) for _, d in drafts))
     stations = _stations_by_code(session, (d.station for _, d in drafts if d.station))
     couriers = _couriers_by_username(session, (d.courier for _, d in drafts if d.courier))
@@ -136,9 +167,19 @@ def intake_parcels(
             reassess.append(result.tracking_no)
     session.flush()
     feed.record(session, entries)
+    updated = [r for r in results if r.changes]
+    who = _who(session, changed_by) if updated else ""
+    _audit_updates(session, updated, changed_by, who)
     # New parcels may have events already (events can arrive first), and a new planned
     # courier changes who has the parcel unless a check-out decided it.
-    judged = reproject(session=session, tracking_nos=reassess, policy=rules.policy)
+    judged = reproject(
+        session=session,
+        tracking_nos=reassess,
+        policy=rules.policy,
+        changed={
+            r.tracking_no: f"{who} changed the parcel's {changed_what(r.changes)}" for r in updated
+        },
+    )
     # Whoever has an updated parcel now hears about its new data.
     feed.record(
         session,
@@ -159,6 +200,69 @@ def intake_parcels(
         session=session, tracking_nos=[*created, *judged.not_checked_out_changed()]
     )
     return results
+
+
+def _who(session: Session, user_id: int | None) -> str:
+    """Who changed parcels, as a closed flag's reason and the audit entry name them."""
+    if user_id is None:
+        return COMMAND_LINE
+    user = session.get(User, user_id)
+    return user.username if user is not None else f"user #{user_id}"
+
+
+def changed_what(changes: dict[str, tuple[Any, Any]]) -> str:
+    """The changed fields as a sentence names them: ``class from express to parcel,
+    recipient's phone and address`` (a class with its values; a phone or an address
+    not: a flag's reason is shown to every reader of the flag, masked or not)."""
+    parts: list[str] = []
+    for name, (before, after) in changes.items():
+        part = FIELD_NAMES.get(name, name)
+        if name == "service_class":
+            part = f"{part} from {_shown(before)} to {_shown(after)}"
+        if part not in parts:
+            parts.append(part)
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _audit_updates(
+    session: Session, updated: Sequence[IntakeResult], user_id: int | None, who: str
+) -> None:
+    """An entry per parcel an intake changed (``parcel_updated``), before and after.
+
+    Every update, whether or not the parcel has events yet: its class, recipient,
+    address and position are what its drops are judged against (a class changed from
+    express before the drop makes it need no consent as surely as one changed after),
+    and telling the two apart would cost a query per parcel. The values are kept as
+    they were (a phone number whole: admins read it masked, ``GET /audit``), a
+    position as text (the audit chain holds no floats). Appended in the caller's
+    ``audit.deferred``: chained together, after the flags.
+    """
+    for result in updated:
+        assert result.parcel is not None
+        audit.append(
+            session=session,
+            actor_id=user_id,
+            action=PARCEL_UPDATED,
+            subject_type="parcel",
+            subject_key=result.tracking_no,
+            details={
+                "station_id": result.parcel.station_id,
+                "by": who,
+                "changes": {
+                    name: {"from": _shown(before), "to": _shown(after)}
+                    for name, (before, after) in result.changes.items()
+                },
+            },
+        )
+
+
+def _shown(value: Any) -> Any:
+    """A parcel's field as the audit log keeps it: an enum by its value, a float as text."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float):
+        return repr(value)
+    return value
 
 
 def _close_unknown_parcel_flags(session: Session, tracking_nos: list[str]) -> None:
@@ -312,6 +416,11 @@ def _apply(
         changed["earlier_stations"] = [*(parcel.earlier_stations or []), left]
         if "planned_courier_id" not in changed:
             changed["planned_courier_id"] = None  # planned at the old station
+    changes = {
+        k: (getattr(parcel, k), v)
+        for k, v in changed.items()
+        if k != "earlier_stations" and getattr(parcel, k) != v
+    }
     old_station, old_courier = parcel.station_id, parcel.courier_id
     for key, value in changed.items():
         setattr(parcel, key, value)
@@ -324,7 +433,8 @@ def _apply(
     # What the rules read of the parcel (its class, position, recipient: standing
     # consents) changes its flags as much as who has it.
     reassess = bool(changed.keys() & REJUDGED_FIELDS)
-    return IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel), entries, reassess
+    result = IntakeResult(index, tracking_no, IntakeStatus.UPDATED, parcel=parcel, changes=changes)
+    return result, entries, reassess
 
 
 def _stations_by_code(session: Session, codes: Iterable[str]) -> dict[str, Station]:

@@ -68,6 +68,9 @@ DEFAULT_POLICY = Policy()
 # Rule flags not closed: what a shift's balance cites (``sync.balances._rule_flags``).
 STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 FAILS_AGAIN = "the rule fails again"  # a rule flag judged again, in its history
+# Why a rule flag whose cause went is closed, in its history and ``closed_reason``; after
+# what changed about its parcel when the caller knows (``reproject``'s ``changed``).
+RULE_HOLDS = "re-judged with the parcel's events and consents as they are now: the rule holds"
 
 
 # The tracking number, then EventFact's fields in its order.
@@ -238,6 +241,7 @@ def reproject(
     tracking_nos: Iterable[str],
     policy: Policy = DEFAULT_POLICY,
     stored: Mapping[str, Sequence[EventDetail]] | None = None,
+    changed: Mapping[str, str] | None = None,
 ) -> ReprojectOutcome:
     """Recompute the status (and holder) of these parcels from all their events.
 
@@ -246,7 +250,9 @@ def reproject(
     the other's events. Rows are read and written with Core statements (one query
     per chunk, one executemany): a push touches hundreds of parcels. ``stored``:
     events of these parcels the caller has just stored (``stored_detail``), which
-    are then not read back.
+    are then not read back. ``changed``: what changed about some of these parcels, by
+    tracking number ("manager1 changed the parcel's class from express to parcel"): a
+    rule flag of theirs closed now says so in its reason, not only that the rule holds.
     """
     wanted = sorted(set(tracking_nos))
     outcome = ReprojectOutcome()
@@ -316,7 +322,9 @@ def reproject(
         UPDATE_PROJECTED.execute_rows(session, updates)
         _refresh_loaded(session, updates)
     feed.record(session, entries)
-    outcome.raised, outcome.rejudged = apply_rule_flags(session, parcels, judged, events, couriers)
+    outcome.raised, outcome.rejudged = apply_rule_flags(
+        session, parcels, judged, events, couriers, changed or {}
+    )
     return outcome
 
 
@@ -368,6 +376,7 @@ def apply_rule_flags(
     judged: dict[str, dict[str, dict[str, Any]]],
     events: dict[str, list[EventDetail]],
     couriers: dict[tuple[str, int], int | None],
+    changed: Mapping[str, str],
 ) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
     Returns those raised (or opened again), and those closed, given back the status a
@@ -375,7 +384,8 @@ def apply_rule_flags(
     ``parcels``: rows as ``PARCELS_FOR_UPDATE`` reads them, by tracking number;
     ``judged``: ``evaluate``'s flags, by kind; ``events``: the parcels' events;
     ``couriers``: whom a flag of the parcel at a station concerns, by tracking number
-    and station.
+    and station; ``changed``: what changed about a parcel, by tracking number, for the
+    reason its closed flags give.
 
     A parcel has a flag of a kind at each station whose events break the rule
     (``sync.rules.by_station``; events a flag cites stay with it): one station's
@@ -393,7 +403,7 @@ def apply_rule_flags(
     for chunk in chunks(flagged):
         for flag in session.scalars(rule_flags, {"numbers": list(chunk)}):
             existing[flag.subject_key][(flag.kind, flag.station_id)] = flag
-    gone: list[int] = []
+    gone: dict[int, str] = {}  # flag id: why it is closed
     raised: list[Flag] = []
     rejudged: list[Flag] = []
     new: list[Flag] = []
@@ -431,13 +441,10 @@ def apply_rule_flags(
                     rejudged.append(flag)
         for key, flag in existing[tn].items():
             if key not in wanted and flag.status in STANDING:
-                gone.append(flag.id)
+                gone[flag.id] = f"{changed[tn]}; {RULE_HOLDS}" if tn in changed else RULE_HOLDS
     raised.extend(raise_new_flags(session=session, flags=new))
     rejudged += close_flags_by_id(
-        session=session,
-        flag_ids=gone,
-        reason="re-judged with the parcel's events and consents as they are now: the rule holds",
-        statuses=STANDING,
+        session=session, flag_ids=list(gone), reason=RULE_HOLDS, reasons=gone, statuses=STANDING
     )
     return raised, rejudged
 

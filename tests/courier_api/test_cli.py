@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
 from courier_api.extensions import db
-from models import Device, DeviceStatus, Parcel, Role, User
+from models import AuditEntry, Device, DeviceStatus, Parcel, Role, User
 from tests import factories
 from tests.conftest import World, make_test_app
 
@@ -313,6 +313,38 @@ def test_import_parcels_ignores_trailing_empty_fields(
     result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
     assert result.exit_code == 0, result.output
     assert "1 created" in result.output
+
+
+def test_an_import_that_changes_a_parcel_writes_it_to_the_audit_log(
+    runner: FlaskCliRunner, world: World, session: Session, tmp_path: Path
+) -> None:
+    """A file taken in again with a parcel's class and position changed: the audit log
+    has the change, from the command line (no user signs in there: no actor), the
+    position as text (the chain holds no floats); the unchanged parcel has no entry."""
+    header = "tracking_no,service_class,recipient_name,address,lat,lon\n"
+    kept = "RB123456785GB,parcel,Han,2 Ave,,\n"
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text(header + "RR473124829GB,express,Li,1 Ave,31.2,121.5\n" + kept)
+    second.write_text(header + "RR473124829GB,parcel,Li,1 Ave,31.25,121.5\n" + kept)
+    for csv_file in (first, second):
+        result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
+        assert result.exit_code == 0, result.output
+    assert "1 updated, 1 unchanged" in result.output
+    session.expire_all()
+    [entry] = session.scalars(select(AuditEntry).where(AuditEntry.action == "parcel_updated"))
+    assert (entry.actor_id, entry.subject_type, entry.subject_key) == (
+        None,
+        "parcel",
+        "RR473124829GB",
+    )
+    assert entry.details == {
+        "station_id": world.station.id,
+        "by": "an import from the command line",
+        "changes": {
+            "service_class": {"from": "express", "to": "parcel"},
+            "lat": {"from": "31.2", "to": "31.25"},
+        },
+    }
 
 
 def test_import_parcels_explains_a_file_that_is_not_utf8(

@@ -405,3 +405,122 @@ def test_a_phone_typed_in_another_scripts_digits_is_masked_except_for_auditors(
     ).json["items"]  # fmt: skip
     page = signed_in(app, "manager1").get(f"/web/proofs/{proofs[0]['event_id']}")
     assert "رقم ********٦٧٨ انتقل" in page and "١٣٨١٢٣٤" not in page
+
+
+def test_a_class_changed_after_an_unauthorized_drop_is_on_the_audit_log_and_in_the_flag(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """An express parcel left in a locker with no consent, then taken in again by the
+    station's manager as class `parcel`: the flag closes, as the rule now holds. The
+    hash-chained audit log says who changed the class, from what to what, and the
+    flag's reason names the change, not only that the rule holds (SECURITY.md
+    threat 4)."""
+    parcel = factories.parcel(session, world.station)  # express
+    session.commit()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    receipt = auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=1)),
+        ]
+    )
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    same = {"recipient_name": "Recipient", "address": "1 Century Ave"}
+    changed = client.post(
+        URL,
+        headers=auth.headers("manager1"),
+        json={
+            "parcels": [
+                item(parcel.tracking_no, service_class="parcel", lat=None, lon=None, **same)
+            ]
+        },
+    )
+    assert changed.get_json()["results"][0]["status"] == "updated"
+
+    log = client.get(
+        "/api/v1/audit",
+        query_string={"subject_type": "parcel", "subject_key": parcel.tracking_no},
+        headers=auth.headers("auditor1"),
+    ).get_json()["items"]
+    [entry] = [e for e in log if e["action"] == "parcel_updated"]
+    assert entry["actor_id"] == world.manager.id
+    assert entry["details"] == {
+        "station_id": world.station.id,
+        "by": "manager1",
+        "changes": {"service_class": {"from": "express", "to": "parcel"}},
+    }
+    session.expire_all()
+    flag = session.scalars(select(Flag).where(Flag.subject_key == parcel.tracking_no)).one()
+    assert flag.status == FlagStatus.CLOSED
+    assert flag.closed_reason is not None
+    assert flag.closed_reason.startswith(
+        "manager1 changed the parcel's class from express to parcel; re-judged"
+    )
+
+
+def test_a_recipients_phone_changed_to_match_a_standing_consent_is_logged_masked_for_admins(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """The drop's flag goes away when the recipient's phone is changed to one with a
+    standing consent: the audit entry keeps both numbers (whole for auditors, masked
+    for admins), and the flag's reason names the phone without its number."""
+    parcel = factories.parcel(session, world.station, phone="+8613912345678")
+    session.commit()
+    granted = client.post(
+        "/api/v1/consents",
+        json={
+            "scope": "standing",
+            "recipient_phone": "+8613812345678",
+            "address": "1 Century Ave",
+            "method": "any",
+            "channel": "app",
+            "granted_at": (dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).isoformat(),
+        },
+        headers=auth.headers("app1"),
+    )
+    assert granted.status_code == 201, granted.get_json()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    receipt = auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=1)),
+        ]
+    )
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    changed = client.post(
+        URL,
+        headers=auth.headers("manager1"),
+        json={
+            "parcels": [
+                {
+                    "tracking_no": parcel.tracking_no,
+                    "service_class": "express",
+                    "recipient_name": "Recipient",
+                    "recipient_phone": "+8613812345678",
+                    "address": "1 Century Ave",
+                }
+            ]
+        },
+    )
+    assert changed.get_json()["results"][0]["status"] == "updated"
+
+    def change(username: str) -> dict:
+        log = client.get(
+            "/api/v1/audit",
+            query_string={"action": "parcel_updated"},
+            headers=auth.headers(username),
+        ).get_json()["items"]
+        [entry] = log
+        return entry["details"]["changes"]
+
+    assert change("auditor1") == {
+        "recipient_phone": {"from": "+8613912345678", "to": "+8613812345678"}
+    }
+    masked = change("admin")["recipient_phone"]
+    assert "12345" not in str(masked) and masked["from"].endswith("678"), masked
+    session.expire_all()
+    flag = session.scalars(select(Flag).where(Flag.subject_key == parcel.tracking_no)).one()
+    assert flag.status == FlagStatus.CLOSED
+    assert flag.closed_reason is not None
+    assert flag.closed_reason.startswith("manager1 changed the parcel's recipient's phone;")
+    assert "5678" not in flag.closed_reason

@@ -53,7 +53,11 @@ class AuditEntries(MethodView):
         what the decision covered, `decided_on`), consents recorded or
         revoked through the API (`consent_granted`, `consent_revoked`; subject
         `consent` and its id), a recipient's refusal of a courier's request for
-        consent (`consent_refused`; subject `consent_request` and its id), auditors' reads
+        consent (`consent_refused`; subject `consent_request` and its id), each change
+        of a known parcel by an intake (`parcel_updated`; subject `parcel` and its
+        tracking number: who, and each changed field from and to, as `POST /parcels`
+        or `courier-api import-parcels`, whose entries name no actor, took it in),
+        auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
         `blob_read`, `quarantine_searched`), retention purges and webhook changes are here. A phone
         number in an entry's details is masked for admins, not for auditors.

@@ -33,7 +33,11 @@ def intake_rules() -> IntakeRules:
 
 
 def take_in_and_commit(
-    *, session: Session, items: Sequence[ParcelDraft | RejectedItem], scope: IntakeScope
+    *,
+    session: Session,
+    items: Sequence[ParcelDraft | RejectedItem],
+    scope: IntakeScope,
+    changed_by: int | None,
 ) -> list[dict[str, Any]]:
     """``take_in`` and commit; retried once when a concurrent intake created the same parcel.
 
@@ -42,16 +46,21 @@ def take_in_and_commit(
     ``updated``) instead of failing its whole batch with a conflict.
     """
     try:
-        return _take_in_committed(session=session, items=items, scope=scope)
+        return _take_in_committed(session=session, items=items, scope=scope, changed_by=changed_by)
     except IntegrityError:
         session.rollback()
-    return _take_in_committed(session=session, items=items, scope=scope)  # a real conflict raises
+    # a real conflict raises
+    return _take_in_committed(session=session, items=items, scope=scope, changed_by=changed_by)
 
 
 def _take_in_committed(
-    *, session: Session, items: Sequence[ParcelDraft | RejectedItem], scope: IntakeScope
+    *,
+    session: Session,
+    items: Sequence[ParcelDraft | RejectedItem],
+    scope: IntakeScope,
+    changed_by: int | None,
 ) -> list[dict[str, Any]]:
-    rows = take_in(session=session, items=items, scope=scope)
+    rows = take_in(session=session, items=items, scope=scope, changed_by=changed_by)
     session.commit()
     return rows
 
@@ -61,13 +70,19 @@ def take_in(
     session: Session,
     items: Sequence[ParcelDraft | RejectedItem],
     scope: IntakeScope,
+    changed_by: int | None,
 ) -> list[dict[str, Any]]:
-    """Run the drafts through the domain rules; report shape errors in the same list."""
+    """Run the drafts through the domain rules; report shape errors in the same list.
+    ``changed_by``: the user taking them in (None: the command line), for the audit log."""
     drafts = [(i, item) for i, item in enumerate(items) if isinstance(item, ParcelDraft)]
     by_index: dict[int, dict[str, Any]] = {
         result.index: result_row(result)
         for result in intake_parcels(
-            session=session, drafts=drafts, rules=intake_rules(), scope=scope
+            session=session,
+            drafts=drafts,
+            rules=intake_rules(),
+            scope=scope,
+            changed_by=changed_by,
         )
     }
     for i, item in enumerate(items):

@@ -36,7 +36,9 @@ class Parcels(MethodView):
 
         Each item is judged on its own and gets a result at its index:
         `created`, `updated` (known parcel, changed data), `unchanged`, or
-        `rejected` with an error naming the field. Re-sending the same items is
+        `rejected` with an error naming the field. Each `updated` parcel goes to
+        the audit log (`parcel_updated`: who, and each field from and to), and a
+        flag the change closes names it in its reason. Re-sending the same items is
         safe. Tracking numbers are UPU S10 (check digit, ISO 3166-1 country, no
         reserved service indicator) or one of the configured domestic formats.
         Managers take in parcels for their own station only.
@@ -54,7 +56,9 @@ class Parcels(MethodView):
             if principal.is_cross_station
             else frozenset({principal.station_id}),
         )
-        rows = take_in_and_commit(session=db.session, items=items, scope=scope)
+        rows = take_in_and_commit(
+            session=db.session, items=items, scope=scope, changed_by=principal.user_id
+        )
         return {"results": rows, "counts": count_statuses(rows)}
 
 

@@ -226,6 +226,13 @@ class ShiftPage:
         return signoff_superseded(self.shift)
 
     @property
+    def recipients_shown(self) -> list[str]:
+        """The tracking numbers of the discrepancies' parcels whose recipient the page
+        shows (name, phone, address): a missing parcel's, with no delivery among its
+        evidence, is read as surely as one whose proof is shown."""
+        return sorted({d.parcel.tracking_no for d in self.discrepancies if d.parcel})
+
+    @property
     def rejections_shown(self) -> list[int]:
         """The ids of the rejected events on the page, with its discrepancies or not."""
         shown = [*self.rejections, *(r for d in self.discrepancies for r in d.rejections)]

@@ -398,6 +398,10 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
         record_auditor_read(
             "proofs_searched", "proof", f"shift:{found.id}", {"event_ids": proofs_shown}
         )
+    if view.recipients_shown:  # unmasked to an auditor, as GET /parcels/<tn> shows them
+        record_auditor_read(
+            "parcel_read", "shift", str(found.id), {"tracking_nos": view.recipients_shown}
+        )
     if view.rejections_shown:
         record_auditor_read(
             QUARANTINE_SEARCHED,

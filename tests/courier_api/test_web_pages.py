@@ -1447,6 +1447,7 @@ def test_auditor_reads_are_audit_logged_and_managers_are_not(
         ("proofs_searched", "search", day.auditor.id),
         ("proof_read", str(day.drop_event_id), day.auditor.id),
         ("proofs_searched", f"shift:{day.unbalanced.id}", day.auditor.id),
+        ("parcel_read", str(day.unbalanced.id), day.auditor.id),
         ("blob_read", day.uploaded[0], day.auditor.id),
         ("proofs_exported", "export", day.auditor.id),
     ]
@@ -1457,6 +1458,31 @@ def test_auditor_reads_are_audit_logged_and_managers_are_not(
     assert sorted(search.details["event_ids"]) == sorted(
         [day.authorized_drop_event_id, day.drop_event_id]
     )
+
+
+def test_an_auditors_read_of_a_shift_page_showing_a_missing_parcels_recipient_is_logged(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A lost parcel (``missing_at_handover``): no delivery among its evidence, so no
+    proof read to log, but the shift page shows an auditor its recipient, phone
+    unmasked, and address, as ``GET /api/v1/parcels/<tn>`` does, which logs
+    ``parcel_read``. The page logs the same, naming the discrepancies' parcels."""
+    missing = session.scalars(select(Parcel).where(Parcel.tracking_no == day.missing_parcel)).one()
+    assert missing.recipient_phone
+    before = len(audit_actions(session))
+    html = signed_in(app, "auditor").get(f"/web/shifts/{day.unbalanced.id}")
+    assert missing.recipient_phone in html and missing.address in html
+    session.expire_all()
+    [read] = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "parcel_read").order_by(AuditEntry.id)
+    ).all()
+    assert (read.subject_type, read.subject_key, read.actor_id) == (
+        "shift",
+        str(day.unbalanced.id),
+        day.auditor.id,
+    )
+    assert read.details == {"tracking_nos": sorted([day.missing_parcel, day.dropped_parcel])}
+    assert len(audit_actions(session)) > before
 
 
 @pytest.mark.parametrize("username", ["auditor", "manager"])

@@ -58,7 +58,8 @@ class AuditEntries(MethodView):
         tracking number: who, and each changed field from and to, as `POST /parcels`
         or `courier-api import-parcels`, whose entries name no actor, took it in),
         auditors' reads
-        (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read`,
+        (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read` (also
+        subject `shift`: a shift page showing its discrepancies' recipients),
         `blob_read`, `quarantine_searched`), retention purges and webhook changes are here. A phone
         number in an entry's details is masked for admins, not for auditors.
         """

@@ -61,6 +61,7 @@ from sync.proofs import (
     DELIVERY_TYPES,
     DropConsent,
     Proof,
+    ProofDetail,
     drop_consents,
     proof_station,
     proofs_consents,
@@ -288,7 +289,7 @@ def shift_page(
         and events[event_id].tracking_no in parcels
     ]
     consents = drop_consents(session=session, drops=drops, policy=policy, loaded=facts_of)
-    on_record = _consents_on_record(
+    on_record = consents_on_record(
         session,
         [
             parcels[d.tracking_no]
@@ -448,7 +449,7 @@ def _events(session: Session, ids: Iterable[int]) -> dict[int, ScanEvent]:
     }
 
 
-def _consents_on_record(
+def consents_on_record(
     session: Session, parcels: Sequence[Parcel], station_id: int
 ) -> dict[str, list[ConsentOnRecord]]:
     """Every consent that could cover each parcel, oldest grant first, as the rules weigh
@@ -591,6 +592,46 @@ class ProofRow:
     proof: Proof
     images: list[ProofImageRef]
     drop: DropConsent | None  # locker and pickup-point drops only
+
+
+@dataclass(frozen=True)
+class ProofPage:
+    detail: ProofDetail
+    # A drop no consent authorized, its class needing one: every consent on record that
+    # could cover its parcel, as the shift page lists them (a standing one granted days
+    # before, withdrawn for the parcel by the recipient's refusal at the door, says so).
+    consents_on_record: list[ConsentOnRecord]
+    # Who recorded the consents shown (those the reader may know: ``sees_user``).
+    users: dict[int, User]
+
+
+def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | None) -> ProofPage:
+    """A proof as its page shows it: its detail (``sync.proofs.get_proof``), the
+    consents on record for a drop none authorized, judged as for a drop by a PDA of the
+    drop's station, and the users it names. ``visible_station`` as for ``shift_page``.
+    Two or three queries."""
+    parcel, drop = detail.proof.parcel, detail.drop
+    unauthorized = drop is not None and drop.required and drop.consent is None
+    on_record = (
+        consents_on_record(session, [parcel], detail.proof.event.station_id).get(
+            parcel.tracking_no, []
+        )
+        if unauthorized and parcel is not None
+        else []
+    )
+    recorders = [
+        detail.authorizing_consent.created_by if detail.authorizing_consent else None,
+        *(c.consent.created_by for c in on_record),
+    ]
+    return ProofPage(
+        detail=detail,
+        consents_on_record=on_record,
+        users={
+            i: u
+            for i, u in users_by_id(session, recorders).items()
+            if sees_user(u, visible_station)
+        },
+    )
 
 
 def proof_rows(

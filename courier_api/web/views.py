@@ -92,6 +92,7 @@ from sync.pages import (
     local_range,
     opens_shift,
     pod_digests,
+    proof_page,
     proof_rows,
     shift_page,
     users_by_id,
@@ -714,15 +715,16 @@ def proof(event_id: int) -> ResponseReturnValue:
         store=blob_store(),
     )
     station = directory.get_station(session=db.session, station_id=detail.proof.station_id)
-    shift_shown = opens_shift(detail.proof.event, current_principal().station_filter(None))
-    consent = detail.authorizing_consent
+    visible_station = current_principal().station_filter(None)
+    view = proof_page(session=db.session, detail=detail, visible_station=visible_station)
     return render_template(
         "web/proof.html",
         detail=detail,
-        shift_shown=shift_shown,
+        consents_on_record=view.consents_on_record,
+        shift_shown=opens_shift(detail.proof.event, visible_station),
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
         consent_required=detail.consent_required,
-        users=users_by_id(db.session, [consent.created_by if consent else None]),
+        users=view.users,
         tz=station.timezone,
     )
 

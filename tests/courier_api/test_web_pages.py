@@ -648,6 +648,78 @@ def test_a_consent_on_record_says_the_recipients_refusal_withdrew_it_for_the_par
     assert "withdrawn for this parcel: the recipient refused a request for consent" in on_record
 
 
+def test_the_proof_of_a_drop_after_a_refusal_lists_the_consent_it_withdrew_and_when(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """A standing consent three days old; at the door today the courier asks again and
+    the recipient refuses ("ring the bell"); the courier leaves the parcel in a locker
+    anyway: ``unauthorized_locker_drop``, rightly. The proof page does not say "no
+    consent before this drop", which the consents API contradicts: it lists the
+    consents on record as the shift page does, the standing one withdrawn for this
+    parcel by the refusal, with when. A drop with none on record says that."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    channel = auth.headers("app1")
+    start = utcnow() - dt.timedelta(minutes=10)
+    standing = client.post(
+        "/api/v1/consents",
+        json={
+            "scope": "standing",
+            "recipient_phone": parcel.recipient_phone,
+            "address": parcel.address,
+            "method": "any",
+            "channel": "app",
+            "granted_at": (start - dt.timedelta(days=3)).isoformat(),
+        },
+        headers=channel,
+    ).get_json()
+    ask = factories.event(
+        2,
+        parcel.tracking_no,
+        "consent_requested",
+        occurred_at=start + dt.timedelta(minutes=1),
+        request={"method": "locker", "channel": "sms"},
+    )
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=start), ask])
+    [request] = client.get(
+        "/api/v1/consents/requests",
+        query_string={"tracking_no": parcel.tracking_no},
+        headers=channel,
+    ).get_json()["items"]
+    refused = client.post(
+        "/api/v1/consents",
+        json={"request_id": request["id"], "granted": False, "channel": "sms"},
+        headers=channel,
+    )
+    assert refused.get_json()["status"] == "refused", refused.get_json()
+    receipt = auth.push([factories.locker_drop(3, parcel.tracking_no, utcnow())])
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    drop = session.scalars(
+        select(ScanEvent).where(
+            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
+        )
+    ).one()
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{drop.id}")
+    assert "No consent authorized this drop" in html
+    [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
+    assert on_record.startswith(f"consent #{standing['id']}: any, by app, standing"), on_record
+    assert re.search(
+        r"withdrawn for this parcel: the recipient refused a request for consent \d{4}-", on_record
+    ), on_record
+    managers = signed_in(app, "manager1").get(f"/web/proofs/{drop.id}")
+    assert "withdrawn for this parcel" in managers  # the parcel's station reads it alike
+
+
+def test_the_proof_of_a_drop_with_no_consent_on_record_says_so(
+    app: Flask, day: StationDay
+) -> None:
+    html = signed_in(app, "auditor").get(f"/web/proofs/{day.drop_event_id}")
+    assert (
+        "No consent authorized this drop</span>: no consent on record for this parcel or "
+        "its recipient." in html
+    )
+
+
 def test_the_provisional_shift_names_the_missing_sequence_numbers(
     app: Flask, day: StationDay
 ) -> None:

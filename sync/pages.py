@@ -601,15 +601,18 @@ class ProofPage:
     # could cover its parcel, as the shift page lists them (a standing one granted days
     # before, withdrawn for the parcel by the recipient's refusal at the door, says so).
     consents_on_record: list[ConsentOnRecord]
-    # Who recorded the consents shown (those the reader may know: ``sees_user``).
+    # The delivery's courier, each event's courier and who pushed it, and who recorded
+    # the consents shown: those the reader may know (``sees_user``).
     users: dict[int, User]
 
 
 def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | None) -> ProofPage:
     """A proof as its page shows it: its detail (``sync.proofs.get_proof``), the
     consents on record for a drop none authorized, judged as for a drop by a PDA of the
-    drop's station, and the users it names. ``visible_station`` as for ``shift_page``.
-    Two or three queries."""
+    drop's station, and the users it names: who delivered, who recorded and pushed each
+    event of the chain, who recorded the consents. ``visible_station`` as for
+    ``shift_page``: a courier of another station (one who scanned the parcel mis-sorted)
+    is not named to a station-bound reader. Two or three queries."""
     parcel, drop = detail.proof.parcel, detail.drop
     unauthorized = drop is not None and drop.required and drop.consent is None
     on_record = (
@@ -619,7 +622,9 @@ def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | 
         if unauthorized and parcel is not None
         else []
     )
-    recorders = [
+    named = [
+        detail.proof.event.courier_id,
+        *(i for t in detail.timeline for i in (t.event.courier_id, t.pushed_by)),
         detail.authorizing_consent.created_by if detail.authorizing_consent else None,
         *(c.consent.created_by for c in on_record),
     ]
@@ -627,9 +632,7 @@ def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | 
         detail=detail,
         consents_on_record=on_record,
         users={
-            i: u
-            for i, u in users_by_id(session, recorders).items()
-            if sees_user(u, visible_station)
+            i: u for i, u in users_by_id(session, named).items() if sees_user(u, visible_station)
         },
     )
 

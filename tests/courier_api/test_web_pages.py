@@ -422,6 +422,69 @@ def test_an_auditor_reads_every_station_but_gets_no_forms_and_may_not_post(
     assert day.balanced.status == ShiftStatus.CLOSED
 
 
+def test_the_proof_page_names_who_delivered_and_who_recorded_and_pushed_each_event(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """Who left the parcel? The page named a bare user id ("Courier · PDA 4 ·
+    PDA-0001") and its event chain no courier at all. Here courier1's delivery was
+    still queued on the PDA when it was handed to courier2, whose sign-in pushed it:
+    the page names courier1 as the courier, and courier2 as who pushed it."""
+    from tests.courier_api.test_shifts_api import _handed_over
+
+    world.courier.full_name = "Wang Wei"
+    session.commit()
+    pda, _, (first, _), queued = _handed_over(client, session, world, auth)
+    pda.push(queued)
+    delivery = session.scalars(
+        select(ScanEvent).where(ScanEvent.tracking_no == first, ScanEvent.type == "delivered")
+    ).one()
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{delivery.id}")
+    assert "<dt>Courier · PDA</dt><dd>Wang Wei (courier1) · PDA-0001 #" in html
+    assert re.findall(r'<td class="courier">(.*?)</td>', html) == [
+        "Wang Wei (courier1)",
+        'Wang Wei (courier1) <span class="muted">pushed by courier2</span>',
+    ]
+
+
+def test_the_proof_page_names_another_stations_courier_only_to_who_may_know_them(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """A courier of another station scanned the parcel (mis-sorted) before the
+    station's own courier dropped it: the auditor reads both names, the station's
+    manager that it was a courier of another station (SECURITY.md threat 3)."""
+    parcel = factories.parcel(session, world.station)
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    at = utcnow() - dt.timedelta(minutes=30)
+    auth.push(
+        [factories.event(1, parcel.tracking_no, occurred_at=at)],
+        username="courier2",
+        device_id="PDA-0002",
+    )
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at + dt.timedelta(minutes=1)),
+            factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=2)),
+        ]
+    )
+    drop = session.scalars(
+        select(ScanEvent).where(
+            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
+        )
+    ).one()
+    couriers = {
+        reader: re.findall(
+            r'<td class="courier">(.*?)</td>',
+            signed_in(app, reader).get(f"/web/proofs/{drop.id}"),
+        )
+        for reader in ("auditor1", "manager1")
+    }
+    assert couriers == {
+        "auditor1": ["courier2", "courier1", "courier1"],
+        "manager1": ["a courier of another station", "courier1", "courier1"],
+    }
+
+
 def test_a_manager_sees_masked_phone_numbers_and_an_auditor_the_whole_number(
     app: Flask, day: StationDay
 ) -> None:

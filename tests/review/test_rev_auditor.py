@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,7 +13,6 @@ from sqlalchemy.orm import Session
 from models import AuditEntry
 from tests import factories
 from tests.conftest import Auth, World
-from tests.courier_api.test_web_pages import signed_in
 
 AUDIT = "/api/v1/audit"
 PHONE = "+8613812345678"
@@ -31,35 +29,6 @@ def entries_by(session: Session, user_id: int) -> list[AuditEntry]:
             select(AuditEntry).where(AuditEntry.actor_id == user_id).order_by(AuditEntry.id)
         )
     )
-
-
-# -- 3. the proof page does not say who delivered ---------------------------------------------
-
-
-def test_the_proof_page_names_the_courier_who_made_the_delivery(
-    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
-) -> None:
-    """Who left the parcel in the locker? The proof page answers with a bare user id
-    ("Courier · PDA 4 · PDA-0001"), while the proofs list names the courier: the
-    auditor must leave the page (and, without the users API, cannot) to learn who."""
-    parcel = factories.parcel(session, world.station)
-    world.courier.full_name = "Wang Wei"
-    session.commit()
-    at = now() - dt.timedelta(minutes=30)
-    auth.push(
-        [
-            factories.event(1, parcel.tracking_no, occurred_at=at),
-            factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=1)),
-        ]
-    )
-    pages = signed_in(app, "auditor1")
-    listing = pages.get(f"/web/proofs?tracking_no={parcel.tracking_no}")
-    assert "Wang Wei" in listing  # the list names them
-    [event_id] = session.scalars(
-        select(AuditEntry.details).where(AuditEntry.action == "proofs_searched")
-    ).one()["event_ids"]
-    page = pages.get(f"/web/proofs/{event_id}")
-    assert "Wang Wei" in page or "courier1" in page, "the proof page names no courier"
 
 
 # -- 5. a lost parcel's flags cannot be asked for ---------------------------------------------

@@ -20,6 +20,24 @@ def _when_raised(context: DefaultExecutionContext) -> dt.datetime:
     return raised
 
 
+def parcel_of(subject_type: str, subject_key: str) -> str | None:
+    """The tracking number of the parcel a flag is about: a parcel's own flag (subject
+    ``parcel``, its number) or its handover in a shift (subject ``shift``,
+    ``<shift id>:<tracking no>``); None for any other (a shift's, a PDA's, an event's)."""
+    if subject_type == "parcel":
+        return subject_key
+    if subject_type == "shift":
+        _, colon, tracking_no = subject_key.partition(":")
+        return tracking_no if colon else None
+    return None
+
+
+def _parcel_of_subject(context: DefaultExecutionContext) -> str | None:
+    """A new flag's parcel, from its subject: set however the flag is inserted."""
+    row = context.get_current_parameters()
+    return parcel_of(row["subject_type"], row["subject_key"])
+
+
 class Flag(Base):
     """A discrepancy or violation: one per kind and subject at each station (a parcel or a
     device moves between stations: each manager settles their own), however often it is
@@ -52,6 +70,9 @@ class Flag(Base):
         # A subject's flags of every kind (a parcel's, for its proof and its shift's
         # balance): the unique constraint leads with the kind, so it cannot serve them.
         Index("ix_flag_subject", "subject_type", "subject_key"),
+        # A parcel's flags, its own and its handovers' (``GET /flags?tracking_no=``), as
+        # the queue lists them: a handover flag's subject key only ends with the number.
+        Index("ix_flag_tracking_no", "tracking_no", "opened_at", "id"),
     )
 
     id: Mapped[int_pk]
@@ -60,6 +81,9 @@ class Flag(Base):
     severity: Mapped[FlagSeverity] = mapped_column(str_enum(FlagSeverity, "flag_severity"))
     subject_type: Mapped[str] = mapped_column(String(16))  # parcel | device | event | shift
     subject_key: Mapped[str] = mapped_column(String(160))
+    # The parcel it is about, from its subject (``parcel_of``): None for a flag of a
+    # shift, a PDA or an event.
+    tracking_no: Mapped[str | None] = mapped_column(String(40), default=_parcel_of_subject)
     evidence: Mapped[dict[str, Any]] = mapped_column(Document)
     status: Mapped[FlagStatus] = mapped_column(
         str_enum(FlagStatus, "flag_status"), default=FlagStatus.OPEN

@@ -52,6 +52,7 @@ from models import Flag, FlagChange, FlagSeverity, FlagStatus, utcnow
 from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.sql import chunks
+from sync.tracking import normalize
 
 ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
 MAX_PAGE_SIZE = 500
@@ -459,6 +460,7 @@ def list_flags(
     status: FlagStatus | None = None,
     courier_id: int | None = None,
     shift_id: int | None = None,
+    tracking_no: str | None = None,
     raised_from: dt.datetime | None = None,
     raised_to: dt.datetime | None = None,
     after_id: int | None = None,
@@ -473,7 +475,10 @@ def list_flags(
     listed after it; one opened again meanwhile is listed again at the top);
     ``raised_from`` is inclusive and ``raised_to`` exclusive. ``shift_id``: that
     shift's own flags (its handover discrepancies, sign-off and sweeps); a parcel's
-    rule flags name no shift.
+    rule flags name no shift. ``tracking_no``: the parcel's flags, its own (rules,
+    wrong station, not taken in) and its handovers' in every shift (``missing_at_handover``,
+    ``not_on_manifest``), by ``Flag.tracking_no``'s index: a lost parcel has no proof
+    to list them.
     """
     if raised_from is not None and raised_to is not None and raised_to <= raised_from:
         raise InvalidInput(
@@ -496,6 +501,8 @@ def list_flags(
         query = query.where(Flag.courier_id == courier_id)
     if shift_id is not None:
         query = query.where(Flag.shift_id == shift_id)
+    if tracking_no is not None:
+        query = query.where(Flag.tracking_no == normalize(tracking_no))
     if raised_from is not None:
         query = query.where(Flag.raised_at >= raised_from)
     if raised_to is not None:

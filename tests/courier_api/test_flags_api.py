@@ -162,6 +162,48 @@ def test_a_shifts_own_flags_are_listed_by_its_id_at_the_readers_station(
     assert listed(client, auth.headers("auditor1"), f"shift_id={shift['id']}") == [missing["id"]]
 
 
+def test_a_lost_parcels_flags_are_listed_by_its_tracking_number_at_the_readers_station(
+    client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
+) -> None:
+    """A parcel of ST1 is lost: checked out and never accounted for (its handover flag,
+    subject ``<shift>:<tracking no>``), and its last scan was by a courier of ST2
+    (``wrong_station``, the parcel's station's to settle); ST2 has a flag of its own
+    about it. With no delivery no proof lists its flags: the auditor asks for them by
+    its number, however written, and gets them all, and no other parcel's; each
+    station's manager gets their own station's."""
+    lost = factories.parcel(session, world.station).tracking_no
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    pda = auth.headers("courier1", "PDA-0001")
+    shift = client.post("/api/v1/shifts", json={}, headers=pda).get_json()
+    auth.push([factories.event(1, lost, shift_id=shift["id"])])
+    assert (
+        client.post(f"/api/v1/shifts/{shift['id']}/close", json={}, headers=pda).status_code == 200
+    )
+    receipt = auth.push([factories.event(1, lost)], username="courier2", device_id="PDA-0002")
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["wrong_station"]
+    make_flag(session, world.other_station.id, lost, kind="time_inversion")
+    session.commit()
+
+    def found(username: str, number: str = lost) -> list[tuple[str, str, int | None]]:
+        response = client.get(
+            FLAGS, query_string={"tracking_no": number}, headers=auth.headers(username)
+        )
+        assert response.status_code == 200, response.get_json()
+        return [(f["kind"], f["subject_key"], f["station_id"]) for f in response.json["items"]]
+
+    missing = ("missing_at_handover", f"{shift['id']}:{lost}", world.station.id)
+    scanned = ("wrong_station", lost, world.station.id)
+    theirs = ("time_inversion", lost, world.other_station.id)
+    assert found("auditor1") == [theirs, scanned, missing]  # the latest opened first
+    assert found("auditor1", f"{lost[:2].lower()} {lost[2:]}") == [theirs, scanned, missing]
+    assert found("manager1") == [scanned, missing]
+    assert found("manager2") == [theirs]
+    assert found("auditor1", flags.here.subject_key) == [
+        (flags.here.kind, flags.here.subject_key, world.station.id)
+    ]
+
+
 def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags) -> None:
     admin = auth.headers("admin")
     first = client.get(f"{FLAGS}?limit=2", headers=admin).get_json()

@@ -38,12 +38,14 @@ from sqlalchemy.orm import Session
 from courier_api.extensions import db
 from models import (
     DeviceSyncState,
+    Flag,
     Parcel,
     QuarantinedEvent,
     ScanEvent,
     Shift,
     migrate,
 )
+from models.flag import parcel_of
 from sync import audit
 from sync.consents import address_key
 from tests import factories
@@ -132,6 +134,7 @@ class History:
             row["id"] = self.ids[table]
         if table == "flag":
             row.setdefault("opened_at", row["raised_at"])  # never opened again
+            row.setdefault("tracking_no", parcel_of(row["subject_type"], row["subject_key"]))
         self.rows[table].append(row)
         return row.get("id", 0)
 
@@ -939,6 +942,34 @@ def test_the_flag_queue_reads_its_page_through_the_stations_opened_index(world: 
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "flag")))
     assert "ix_flag_station_opened" in used, used
+
+
+def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:
+    """``GET /flags?tracking_no=``: a parcel's own flags and its handovers' (subject
+    ``<shift>:<tracking no>``), for an auditor and for its station's manager, and a
+    number with none: through ``ix_flag_tracking_no``, not along the station's queue
+    (a year of its flags) nor the whole table."""
+    with world.engine.connect() as connection:
+        missing = connection.scalar(
+            select(Flag.tracking_no).where(
+                Flag.kind == "missing_at_handover", Flag.station_id == world.station_id
+            )
+        )
+    assert missing is not None
+    explained = []
+    for number, headers in (
+        (missing, world.auditor),
+        (missing, world.manager),
+        (world.tracking_no, world.manager),
+        ("RR000000000GB", world.auditor),
+    ):
+        response, plans = run(world, "GET", f"/api/v1/flags?tracking_no={number}", headers=headers)
+        explained += plans
+        if number == missing:
+            assert response.get_json()["items"], number
+    assert_indexed(explained)
+    used = set().union(*(e.indexes for e in reads(explained, "flag")))
+    assert used == {"ix_flag_tracking_no"}, used
 
 
 def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:

@@ -636,4 +636,69 @@ def test_a_flag_gets_when_it_last_opened_from_its_history(scratch: Engine) -> No
             2: raised + dt.timedelta(days=2),
             3: raised + dt.timedelta(days=3, hours=30),
         }
+    migrate.upgrade(scratch)  # the model reads the head's columns
+    with Session(scratch) as session:
         assert [f.id for f in list_flags(session=session)] == [1, 3, 2]
+
+
+FLAGS_BY_PARCEL = "3b6129cf67c6"  # flags keep the parcel they are about
+
+
+def test_a_flag_gets_the_parcel_it_is_about_from_its_subject(scratch: Engine) -> None:
+    """A parcel's own flag and its handover flags in shifts get its tracking number; a
+    shift's, a PDA's or an event's own flag none. The queue then finds them by it."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import UTCDateTime
+    from sync.flags import list_flags
+
+    migrate.upgrade(scratch, f"{FLAGS_BY_PARCEL}-1")
+    raised = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+    flag = sa.table(
+        "flag",
+        *(sa.column(name) for name in ("id", "kind", "severity", "subject_type", "subject_key")),
+        *(sa.column(name) for name in ("status", "evidence")),
+        *(sa.column(name, UTCDateTime()) for name in ("raised_at", "opened_at", "updated_at")),
+    )
+    subjects = {
+        1: ("parcel", "RR473124829GB"),
+        2: ("shift", "12:RR473124829GB"),
+        3: ("shift", "12"),
+        4: ("device", "PDA-1"),
+        5: ("event", "PDA-1#7"),
+        6: ("shift", "13:SF1300000000001"),
+    }
+    with scratch.begin() as connection:
+        for flag_id, (subject_type, subject_key) in subjects.items():
+            connection.execute(
+                sa.insert(flag).values(
+                    id=flag_id,
+                    kind="missing_at_handover",
+                    severity="critical",
+                    subject_type=subject_type,
+                    subject_key=subject_key,
+                    status="open",
+                    evidence="{}",
+                    raised_at=raised,
+                    opened_at=raised + dt.timedelta(hours=flag_id),
+                    updated_at=raised,
+                )
+            )
+    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    with scratch.connect() as connection:
+        parcels = dict(connection.execute(sa.text("SELECT id, tracking_no FROM flag")).all())
+    assert parcels == {
+        1: "RR473124829GB",
+        2: "RR473124829GB",
+        3: None,
+        4: None,
+        5: None,
+        6: "SF1300000000001",
+    }
+    migrate.upgrade(scratch)
+    with Session(scratch) as session:
+        found = list_flags(session=session, tracking_no="rr 473124829 gb")
+        assert [f.id for f in found] == [2, 1]

@@ -47,7 +47,9 @@ class Flags(MethodView):
         `raised_to` exclusive; both
         need an offset (e.g. `Z`). `shift_id` finds a shift's own flags; a
         parcel's rule flags name no shift (`GET /shifts/{shift_id}/balance`
-        lists those citing the shift's events). Managers see their own station
+        lists those citing the shift's events). `tracking_no` finds a parcel's
+        flags, its own and its handovers' in every shift: a lost parcel's, which
+        no proof lists. Managers see their own station
         whatever `station_id` says (another station's shift has no flags for
         them); admins and auditors see every station.
         """
@@ -59,6 +61,7 @@ class Flags(MethodView):
             status=args.get("status"),
             courier_id=args.get("courier_id"),
             shift_id=args.get("shift_id"),
+            tracking_no=args.get("tracking_no"),
             raised_from=args.get("raised_from"),
             raised_to=args.get("raised_to"),
             after_id=args["after"],

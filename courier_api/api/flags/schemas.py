@@ -26,6 +26,15 @@ class FlagListArgs(PageArgs):
             "citing its events"
         }
     )
+    tracking_no = Text(
+        validate=ma.validate.Length(min=1, max=40),
+        metadata={
+            "example": "RR473124829GB",
+            "description": "A parcel's flags: its own (its rules, a wrong station's "
+            "scans, not taken in) and those of its handover in each shift "
+            "(`missing_at_handover`, `not_on_manifest`, subject `<shift id>:<tracking no>`)",
+        },
+    )
     raised_from = UtcTime(metadata={"description": "Raised at or after this time"})
     raised_to = UtcTime(metadata={"description": "Raised before this time"})
     after = After()

@@ -344,9 +344,10 @@ def test_a_manager_closes_from_the_shift_page_a_shift_whose_pda_died(
     pages = signed_in(app, "manager1")
     assert close in pages.forms_posting_to(pages.get(path))
 
-    assert pages.post(close, last_seq="2").status_code == 302  # seq 3 is held already
-    html = pages.get(path)
-    assert "Not closed: last_seq 2 is before seq 3" in html
+    refused = pages.post(close, last_seq="2")  # seq 3 is held already
+    assert refused.status_code == 200  # the page again, with the seq typed
+    html = refused.get_data(as_text=True)
+    assert "Not closed: last_seq 2 is before seq 3" in html and 'value="2"' in html
     assert close in pages.forms_posting_to(html)  # still open, the form still there
 
     closing = pages.post(close, last_seq="")  # the dead PDA cannot show its last seq

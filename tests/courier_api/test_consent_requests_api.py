@@ -519,7 +519,15 @@ def test_requests_are_listed_by_the_status_each_shows(
     assert listed("cancelled") == listed("granted") == []
 
 
-def _standing_consent(client: FlaskClient, channel: dict[str, str], parcel: Any) -> int:
+def standing_consent(
+    client: FlaskClient,
+    channel: dict[str, str],
+    parcel: Any,
+    granted_at: dt.datetime | None = None,
+) -> int:
+    """A standing consent of ``parcel``'s recipient at its address, any method, given
+    through ``channel`` (by default ten days ago): its id."""
+    granted_at = granted_at or dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
     answer = client.post(
         CONSENTS,
         json={
@@ -528,7 +536,7 @@ def _standing_consent(client: FlaskClient, channel: dict[str, str], parcel: Any)
             "address": parcel.address,
             "method": "any",
             "channel": "app",
-            "granted_at": (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat(),
+            "granted_at": granted_at.isoformat(),
         },
         headers=channel,
     )
@@ -574,7 +582,7 @@ def test_a_refusal_withdraws_for_its_parcel_the_standing_consent_given_before(
     parcel = factories.parcel(session, world.station)
     other = factories.parcel(session, world.station)
     session.commit()
-    standing = _standing_consent(client, channel, parcel)
+    standing = standing_consent(client, channel, parcel)
     _refuse(client, courier, channel, parcel.tracking_no)
     flags = _drop_flags(auth, parcel.tracking_no, dt.datetime.now(dt.UTC))
     flag = client.get(
@@ -605,7 +613,7 @@ def test_a_drop_before_the_refusal_stays_authorized_and_a_consent_after_it_autho
     a consent the recipient gives after refusing (they changed their mind) counts."""
     parcel = factories.parcel(session, world.station)
     session.commit()
-    _standing_consent(client, channel, parcel)
+    standing_consent(client, channel, parcel)
     before = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
     assert "unauthorized_locker_drop" not in _drop_flags(auth, parcel.tracking_no, before)
     _refuse(client, courier, channel, parcel.tracking_no)
@@ -692,7 +700,7 @@ def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(
     parcel = factories.parcel(session, world.station)
     session.commit()
     channel = auth.headers("app1")
-    standing = _standing_consent(client, channel, parcel)
+    standing = standing_consent(client, channel, parcel)
     asked = ask(client, auth.headers("courier1", "PDA-0001"), parcel.tracking_no, channel="sms")
     refused = client.post(
         CONSENTS,

@@ -48,6 +48,7 @@ from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
 from tests.conftest import Auth
+from tests.courier_api.test_consent_requests_api import standing_consent
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 PAGE_HEADERS = {
@@ -682,18 +683,7 @@ def test_a_consent_on_record_says_the_recipients_refusal_withdrew_it_for_the_par
     auth = Auth(client)
     channel = auth.headers("recipient-app")
     parcel = session.scalars(select(Parcel).where(Parcel.tracking_no == day.dropped_parcel)).one()
-    standing = client.post(
-        "/api/v1/consents",
-        json={
-            "scope": "standing",
-            "recipient_phone": parcel.recipient_phone,
-            "address": parcel.address,
-            "method": "any",
-            "channel": "app",
-            "granted_at": (utcnow() - dt.timedelta(days=30)).isoformat(),
-        },
-        headers=channel,
-    ).get_json()
+    standing = standing_consent(client, channel, parcel, utcnow() - dt.timedelta(days=30))
     asked = client.post(
         "/api/v1/consents/requests",
         json={"tracking_no": parcel.tracking_no, "method": "locker"},
@@ -707,7 +697,7 @@ def test_a_consent_on_record_says_the_recipients_refusal_withdrew_it_for_the_par
     assert refused.get_json()["status"] == "refused", refused.get_json()
     html = signed_in(app, "manager").get(f"/web/shifts/{day.unbalanced.id}")
     [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
-    assert on_record.startswith(f"consent #{standing['id']}: any, by app, standing"), on_record
+    assert on_record.startswith(f"consent #{standing}: any, by app, standing"), on_record
     assert "withdrawn for this parcel: the recipient refused a request for consent" in on_record
 
 
@@ -724,18 +714,7 @@ def test_the_proof_of_a_drop_after_a_refusal_lists_the_consent_it_withdrew_and_w
     session.commit()
     channel = auth.headers("app1")
     start = utcnow() - dt.timedelta(minutes=10)
-    standing = client.post(
-        "/api/v1/consents",
-        json={
-            "scope": "standing",
-            "recipient_phone": parcel.recipient_phone,
-            "address": parcel.address,
-            "method": "any",
-            "channel": "app",
-            "granted_at": (start - dt.timedelta(days=3)).isoformat(),
-        },
-        headers=channel,
-    ).get_json()
+    standing = standing_consent(client, channel, parcel, start - dt.timedelta(days=3))
     ask = factories.event(
         2,
         parcel.tracking_no,
@@ -765,7 +744,7 @@ def test_the_proof_of_a_drop_after_a_refusal_lists_the_consent_it_withdrew_and_w
     html = signed_in(app, "auditor1").get(f"/web/proofs/{drop.id}")
     assert "No consent authorized this drop" in html
     [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
-    assert on_record.startswith(f"consent #{standing['id']}: any, by app, standing"), on_record
+    assert on_record.startswith(f"consent #{standing}: any, by app, standing"), on_record
     assert re.search(
         r"withdrawn for this parcel: the recipient refused a request for consent \d{4}-", on_record
     ), on_record

@@ -58,6 +58,7 @@ class FlagFilter(_Form):
     status = ma.fields.Enum(FlagStatus, by_value=True)
     courier_id = Id()
     shift_id = Id()
+    tracking_no = Text(validate=ma.validate.Length(max=40))  # a parcel's flags
     raised_from = ma.fields.Date()  # the station's local day, inclusive
     raised_to = ma.fields.Date()  # inclusive too: the form says "from ... to ..."
     after = After()

@@ -512,6 +512,7 @@ def _flag_queue_page(
         status=args.get("status"),
         courier_id=args.get("courier_id"),
         shift_id=args.get("shift_id"),
+        tracking_no=args.get("tracking_no") or None,
         raised_from=raised_from,
         raised_to=raised_to,
         after_id=args["after"],

@@ -9,6 +9,7 @@ import re
 import time
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -905,6 +906,25 @@ def test_the_flag_queue_says_when_a_flag_it_lists_first_was_opened_again(
     assert "reopened" not in _queue_row(html, other.id)
     assert f'<dd class="reopened">{local}:' in pages.get(f"/web/flags/{flag.id}")
     assert "Opened again" not in pages.get(f"/web/flags/{other.id}")
+
+
+def test_the_flag_queue_lists_one_parcels_flags_by_its_tracking_number(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A lost parcel has no proof page to list its flags: the queue finds them by its
+    number, however it is typed, its handover's included, and keeps the number in
+    the filter (and in the next page's link)."""
+    lost = day.flag(
+        session, "missing_at_handover", subject_key=f"{day.unbalanced.id}:{day.missing_parcel}"
+    )
+    other = day.flag(session, "unauthorized_locker_drop")
+    session.commit()
+    pages = signed_in(app, "manager")
+    typed = f"{day.missing_parcel[:2].lower()} {day.missing_parcel[2:]}"
+    html = pages.get(f"/web/flags?tracking_no={quote(typed)}")
+    assert re.findall(r'<tr id="flag-(\d+)"', html) == [str(lost.id)]
+    assert f'name="tracking_no" value="{typed}"' in html
+    assert re.findall(r'<tr id="flag-(\d+)"', pages.get("/web/flags")).count(str(other.id)) == 1
 
 
 def _queue_row(html: str, flag_id: int) -> str:

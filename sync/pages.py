@@ -20,11 +20,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from models import (
     Blob,
     Consent,
+    EventType,
     Flag,
     FlagChange,
     Parcel,
@@ -440,6 +441,33 @@ def _parcels(session: Session, numbers: Sequence[str]) -> dict[str, Parcel]:
     }
 
 
+def voided_among(session: Session, events: Iterable[ScanEvent]) -> dict[int, int]:
+    """``{event id: the correction's event id}`` for those of ``events`` a later
+    correction of their PDA voided (the earliest, as ``sync.projection.voided_by`` has
+    it), one statement per chunk: a page listing a flag's events says which no longer
+    stand, as a proof's timeline does."""
+    targets = {e.id: e for e in events if e.type != EventType.CORRECTION}
+    correction = aliased(ScanEvent, name="correction")
+    found: dict[int, tuple[int, int]] = {}
+    for chunk in chunks(sorted(targets)):
+        rows = session.execute(
+            select(ScanEvent.id, correction.id, correction.seq)
+            .join(
+                correction,
+                and_(
+                    correction.device_id == ScanEvent.device_id,
+                    correction.voids_client_event_id == ScanEvent.client_event_id,
+                    correction.seq > ScanEvent.seq,
+                ),
+            )
+            .where(ScanEvent.id.in_(chunk))
+        )
+        for target_id, correction_id, seq in rows:
+            if target_id not in found or seq < found[target_id][1]:
+                found[target_id] = (correction_id, seq)
+    return {target_id: correction_id for target_id, (correction_id, _) in found.items()}
+
+
 def _events(session: Session, ids: Iterable[int]) -> dict[int, ScanEvent]:
     wanted = sorted(set(ids))
     return {
@@ -499,6 +527,7 @@ class FlagPage:
     users: dict[int, User]  # the courier and whoever changed the flag
     shifts: frozenset[int]  # the shifts of those events the reader may open
     proofs: frozenset[int]  # the deliveries among them whose proof the reader may open
+    voided_by: dict[int, int]  # those of them a correction voided: the correction's id
 
 
 def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> FlagPage:
@@ -510,7 +539,7 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
     event pushed by another station's PDA (``wrong_station``) is filed under that
     station's shift, and a parcel's proof is its own station's (one never taken in is
     the recording station's, ``opens_proof``): neither is linked for a reader who would
-    get a 404 page. Four or five queries."""
+    get a 404 page. Five or six queries."""
     changes = flag_changes(session=session, flag=flag)
     events = sorted(
         _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
@@ -525,6 +554,7 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
         users=users,
         shifts=frozenset(e.shift_id for e in events if opens_shift(e, visible_station)),
         proofs=_proofs_opened(events, parcels, visible_station),
+        voided_by=voided_among(session, events),
     )
 
 

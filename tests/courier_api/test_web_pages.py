@@ -1028,6 +1028,41 @@ def test_the_flag_page_of_a_parcel_not_taken_in_links_its_proof(
     assert f'href="/web/proofs/{event_id}"' in admin
 
 
+def test_the_flag_page_marks_a_delivery_a_correction_voided(
+    app: Flask, session: Session, world: Any, auth: Auth
+) -> None:
+    """A flag's page lists its evidence's events, a delivery linked as "(proof)", but
+    said nothing of a correction that voided one: the courier's locker drop, voided a
+    minute later as a mis-tap, stood on the flag's page as a delivery like any other,
+    where the proof page and the shift page say "voided by event ...". An auditor
+    reading the flag took the drop for one that stands."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    drop = factories.locker_drop(2, parcel.tracking_no, occurred_at=at)
+    correction = factories.event(
+        3,
+        parcel.tracking_no,
+        "correction",
+        occurred_at=at + dt.timedelta(minutes=1),
+        voids_client_event_id=drop["client_event_id"],
+        reason="wrong parcel scanned",
+    )
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), drop, correction])
+    reviewed = (Flag.kind == "correction_review", Flag.subject_key == parcel.tracking_no)
+    flag = session.scalars(select(Flag).where(*reviewed)).one()
+    drop_id, correction_id = flag.evidence["event_ids"]
+
+    html = signed_in(app, "auditor1").get(f"/web/flags/{flag.id}")
+
+    rows = {
+        int(m.group(1)): m.group(0)
+        for m in re.finditer(r"<tr[^>]*><td>(?:<a [^>]*>)?(\d+)<.*?</tr>", html, re.S)
+    }
+    assert f"voided by event {correction_id}" in rows[drop_id]
+    assert "voided by event" not in rows[correction_id]
+
+
 def test_the_shift_page_links_the_proof_of_a_delivery_not_taken_in(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -300,8 +300,8 @@ def shift_page(
         shift.station_id,
     )
     recorders = [
-        *(d.consent.created_by for d in consents.values() if d.consent),
-        *(c.consent.created_by for shown in on_record.values() for c in shown),
+        *(i for d in consents.values() for i in consent_users(d.consent)),
+        *(i for shown in on_record.values() for c in shown for i in consent_users(c.consent)),
     ]
     staff = {shift.courier_id, shift.closed_by, shift.signed_off_by}
     users = {
@@ -507,6 +507,11 @@ def sees_user(user: User, visible_station: int | None) -> bool:
     return visible_station is None or user.station_id in (None, visible_station)
 
 
+def consent_users(consent: Consent | None) -> list[int | None]:
+    """The users a page names with a consent: who recorded it and who revoked it."""
+    return [] if consent is None else [consent.created_by, consent.revoked_by]
+
+
 def users_by_id(session: Session, ids: Iterable[int | None]) -> dict[int, User]:
     wanted = sorted({i for i in ids if i is not None})
     return {
@@ -655,8 +660,8 @@ def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | 
     named = [
         detail.proof.event.courier_id,
         *(i for t in detail.timeline for i in (t.event.courier_id, t.pushed_by)),
-        detail.authorizing_consent.created_by if detail.authorizing_consent else None,
-        *(c.consent.created_by for c in on_record),
+        *consent_users(detail.authorizing_consent),
+        *(i for c in on_record for i in consent_users(c.consent)),
     ]
     return ProofPage(
         detail=detail,

@@ -85,6 +85,7 @@ from sync.errors import (
 )
 from sync.handover import OUTCOMES
 from sync.pages import (
+    consent_users,
     daily_monitoring,
     evidence_shifts,
     flag_page,
@@ -659,7 +660,7 @@ def proofs() -> ResponseReturnValue:
         reader=blob_reader(current_principal()),
         store=blob_store(),
     )
-    recorders = [r.drop.consent.created_by for r in rows if r.drop and r.drop.consent]
+    recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]
     return render_template(
         "web/proofs.html",
         rows=rows,

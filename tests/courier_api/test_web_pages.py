@@ -659,7 +659,9 @@ def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
     app: Flask, session: Session, day: StationDay
 ) -> None:
     """The recipient's consent reached the server after the drop, then they revoked it
-    by SMS. Otherwise the manager reads when it was revoked, not how."""
+    by SMS. Otherwise the manager reads when it was revoked, not how; and the channel
+    is said as such ("through sms"), after the account that recorded the revocation,
+    not in its place ("by sms")."""
     client = app.test_client()
     headers = Auth(client).headers("recipient-app")
     granted = _app_consent_before_the_drop(client, session, day, headers).get_json()
@@ -670,7 +672,8 @@ def test_a_revoked_consent_on_record_says_how_the_recipient_revoked_it(
     html = signed_in(app, "manager").get(f"/web/shifts/{day.unbalanced.id}")
     [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
     assert on_record.startswith(f"consent #{granted['id']}: locker, by app, parcel")
-    assert re.search(r", revoked [^,]+ by sms$", on_record), on_record
+    assert re.search(r", revoked [^,]+ by [^,]+ through sms$", on_record), on_record
+    assert " by sms" not in on_record
 
 
 def test_a_consent_on_record_says_the_recipients_refusal_withdrew_it_for_the_parcel(
@@ -751,6 +754,54 @@ def test_the_proof_of_a_drop_after_a_refusal_lists_the_consent_it_withdrew_and_w
     ), on_record
     managers = signed_in(app, "manager1").get(f"/web/proofs/{drop.id}")
     assert "withdrawn for this parcel" in managers  # the parcel's station reads it alike
+
+
+def test_the_proof_of_a_drop_after_a_revocation_says_who_revoked_the_consent_and_why(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """The recipient revoked their consent through the app ("I will be home, ring the
+    bell"); the courier left the parcel in a locker afterwards. The proof page listed
+    the consent on record as "revoked <time> by app": the channel, written where every
+    other line of the page names a person ("recorded ... by app1"), and neither the
+    account that recorded the revocation nor the recipient's reason, which the API
+    keeps (`revoked_by`, `revoked_reason`). An auditor settling "I never agreed to a
+    locker" could not tell from the page who withdrew the consent, nor why."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    channel = auth.headers("app1")
+    granted = client.post(
+        "/api/v1/consents",
+        json={
+            "tracking_no": parcel.tracking_no,
+            "method": "locker",
+            "channel": "sms",
+            "granted_at": (utcnow() - dt.timedelta(hours=2)).isoformat(),
+        },
+        headers=channel,
+    ).get_json()
+    revoked = client.post(
+        f"/api/v1/consents/{granted['id']}/revoke",
+        json={"reason": "home all day, call 13912345678", "channel": "app"},
+        headers=channel,
+    ).get_json()
+    assert revoked["revoked_by"] == world.integration.id
+    out = factories.event(1, parcel.tracking_no, occurred_at=utcnow() - dt.timedelta(minutes=1))
+    receipt = auth.push([out, factories.locker_drop(2, parcel.tracking_no, utcnow())])
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    drop = session.scalars(
+        select(ScanEvent).where(
+            ScanEvent.tracking_no == parcel.tracking_no, ScanEvent.type == "delivered_to_locker"
+        )
+    ).one()
+
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{drop.id}")
+
+    [on_record] = re.findall(r'<ul class="consents"><li>(.*?)</li>', html)
+    assert re.search(r", revoked \d{4}-\d\d-\d\d \d\d:\d\d:\d\d by app1 through app", on_record)
+    assert "home all day, call 13912345678" in on_record
+    managers = signed_in(app, "manager1").get(f"/web/proofs/{drop.id}")
+    assert "home all day, call ********678" in managers  # masked but for auditors
+    assert "13912345678" not in managers
 
 
 def test_the_proof_of_a_drop_with_no_consent_on_record_says_so(

@@ -106,7 +106,8 @@ class DropConsent:
 class ProofDetail:
     proof: Proof
     timeline: list[TimelineEntry]
-    # A locker or pickup-point drop's consent; None: in person, or a parcel not taken in
+    # A locker or pickup-point drop's consent; None: in person, a parcel not taken in,
+    # or a drop a correction voided (not judged)
     drop: DropConsent | None
     flags: list[Flag]
     # For a drop: when it may have happened, as rule 4 judges it (``sync.rules.
@@ -121,14 +122,14 @@ class ProofDetail:
 
     @property
     def authorizing_consent(self) -> Consent | None:
-        """For a drop: the consent in force before it; None: none did, in person, or a
-        parcel not taken in (not judged)."""
+        """For a drop: the consent in force before it; None: none did, in person, a
+        parcel not taken in, or a voided drop (not judged)."""
         return None if self.drop is None else self.drop.consent
 
     @property
     def consent_required(self) -> bool | None:
-        """For a drop: whether its parcel's class needed a consent; None: in person, or a
-        parcel not taken in (its class is unknown)."""
+        """For a drop: whether its parcel's class needed a consent; None: in person, a
+        parcel not taken in (its class is unknown), or a voided drop (not judged)."""
         return None if self.drop is None else self.drop.required
 
     @property
@@ -349,9 +350,14 @@ def proofs_consents(
 ) -> dict[int, DropConsent]:
     """``{event id: DropConsent}`` for the drops among ``proofs`` (a page, an export's
     batch), in a bounded number of queries (``drop_consents``). A drop of a parcel not
-    taken in has none: with no class nor recipient, the rules cannot judge it."""
+    taken in has none: with no class nor recipient, the rules cannot judge it; nor one a
+    correction voided: it never happened, so there is nothing to authorize (the rules
+    judge only the events that count), and "required, none authorized" would read as
+    an unauthorized drop."""
     drops = [
-        (p.event.id, p.parcel) for p in proofs if p.event.type in DROPS and p.parcel is not None
+        (p.event.id, p.parcel)
+        for p in proofs
+        if p.event.type in DROPS and p.parcel is not None and not p.voided
     ]
     return drop_consents(session=session, drops=drops, policy=policy, loaded=loaded)
 

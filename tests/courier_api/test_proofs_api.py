@@ -324,6 +324,52 @@ def test_an_auditor_reading_a_parcel_is_audit_logged(
     assert shown and entry.details == {"event_ids": shown}
 
 
+def test_a_drop_a_correction_voided_is_not_shown_as_an_unauthorized_drop(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An express parcel tapped as left in a locker, without consent, and voided a
+    minute later as a mis-tap; the courier brought it back. No drop happened and no
+    flag stands, yet its proof answered `consent_required: true` with
+    `authorizing_consent: null`, which the API documents as an unauthorized drop, in the
+    search, the detail and the CSV, and the proof page said in red "No consent
+    authorized this drop" and listed the consents on record: the auditor read of a
+    drop without consent that never took place. A voided drop is not judged, as the
+    list page already says ("voided: nothing to authorize")."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    mistap = factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=1))
+    correction = factories.event(
+        3,
+        parcel.tracking_no,
+        "correction",
+        occurred_at=at + dt.timedelta(minutes=2),
+        voids_client_event_id=mistap["client_event_id"],
+        reason="wrong parcel",
+    )
+    returned = factories.event(
+        4, parcel.tracking_no, "returned_to_station", occurred_at=at + dt.timedelta(minutes=30)
+    )
+    receipt = auth.push(
+        [factories.event(1, parcel.tracking_no, occurred_at=at), mistap, correction, returned]
+    )
+    assert "unauthorized_locker_drop" not in [f["kind"] for f in receipt["flags_raised"]]
+    auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
+
+    [item] = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
+    detail = client.get(f"{URL}/{item['event_id']}", headers=auditor).get_json()
+    export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
+    [row] = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{item['event_id']}")
+
+    for shown in (item, detail):
+        assert shown["voided"] is True
+        assert (shown["consent_required"], shown["authorizing_consent"]) == (None, None)
+    assert (row["consent_required"], row["authorizing_consent_id"]) == ("", "")
+    assert "No consent authorized this drop" not in html
+    assert "Voided by a correction: nothing to authorize" in html
+
+
 def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_export(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

@@ -187,11 +187,13 @@ class Proofs(MethodView):
         their parcel has, and method. Auditors read across stations (each search
         is audit-logged); managers their own station. A delivery a later
         correction from the same PDA voided is listed with `voided: true`: it
-        proves nothing. A locker or pickup-point drop says where it was left, the
-        consent that authorized it (null: none did), when and by whom that consent
-        was recorded, and whether its parcel's class needed one. A delivery of a
-        tracking number never taken in (kept and flagged `unknown_parcel`) is listed
-        with `parcel_taken_in: false` and the parcel's fields null; it is the
+        proves nothing, and a voided drop's consent is not judged
+        (`consent_required` and `authorizing_consent` null). A locker or
+        pickup-point drop says where it was left, the consent that authorized it
+        (null: none did), when and by whom that consent was recorded, and whether
+        its parcel's class needed one. A delivery of a tracking number never
+        taken in (kept and flagged `unknown_parcel`) is listed with
+        `parcel_taken_in: false` and the parcel's fields null; it is the
         station's where it was recorded. Recipient phone numbers are masked except
         for auditors.
         """

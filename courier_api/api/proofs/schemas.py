@@ -143,9 +143,10 @@ class ProofOut(ma.Schema):
         allow_none=True,
         required=True,
         metadata={
-            "description": "Drops only (null in person, and for a parcel not taken in: "
-            "its class is unknown): whether the parcel's class may be left in a locker or "
-            "at a pickup point only with its recipient's consent "
+            "description": "Drops only (null in person; for a parcel not taken in: "
+            "its class is unknown; and for a drop a correction voided: it is not judged, "
+            "there is nothing to authorize): whether the parcel's class may be left in a "
+            "locker or at a pickup point only with its recipient's consent "
             "(CONSENT_REQUIRED_CLASSES): true with `authorizing_consent` null is an "
             "unauthorized drop"
         },
@@ -154,7 +155,10 @@ class ProofOut(ma.Schema):
         ConsentRef,
         allow_none=True,
         required=True,
-        metadata={"description": "Drops only: the consent in force before it; null: none"},
+        metadata={
+            "description": "Drops only: the consent in force before it; null: none (or a "
+            "voided drop, not judged)"
+        },
     )
 
 

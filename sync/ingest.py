@@ -100,7 +100,7 @@ from sync.sql import (
     rows_among,
     updating,
 )
-from sync.status import reproject, stored_detail, targets_of_corrections
+from sync.status import reproject, stored_detail, targets_of_corrections, tell_holders
 
 log = logging.getLogger(__name__)
 TOO_DEEP = EventRejected(
@@ -451,6 +451,7 @@ class _BatchIngest:
         self._check_time_inversions(stored, tracker)
         touched = {event.tracking_no for _, event in stored} | self._bound_drops()
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
+        targets: Sequence[Any] = []
         if voided:  # a correction may be filed under another tracking number than its target
             targets = targets_of_corrections(self.session, self.pusher.device_id, voided)
             touched |= {target.tracking_no for target in targets}
@@ -468,6 +469,7 @@ class _BatchIngest:
             self._retract_drops(corrections, stored, targets)
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
+        self._tell_holders_of_consents(stored, targets)
         self._settle_shifts(shifts)
         self._judge_handovers(shifts)
         self._announce_drops(stored)
@@ -771,6 +773,21 @@ class _BatchIngest:
             ttl=self.rules.consent_request_ttl,
             now=self.received_at,
         )
+
+    def _tell_holders_of_consents(
+        self, stored: list[tuple[int, ValidEvent]], targets: Sequence[Any]
+    ) -> None:
+        """A consent captured on this PDA, or voided by its correction, changes what the
+        parcel's holder may drop: their PDA hears it in its pull feed (a ``consent``
+        entry), as of a consent granted or revoked online. The holder may be a colleague
+        (the courier who met the recipient at the door was not the one holding the
+        parcel, or the PDA changed hands): told only on the PDA that captured it, they
+        would go on asking, or drop on a consent voided since. After the projection,
+        which settles who holds the parcel."""
+        changed = {e.tracking_no for _, e in stored if e.type == EventType.CONSENT_CAPTURED}
+        changed |= {t.tracking_no for t in targets if t.type == EventType.CONSENT_CAPTURED}
+        if changed:
+            tell_holders(self.session, changed)
 
     def _announce_drops(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Tell recipients where their parcel was left, and its pickup code (outbox). Not

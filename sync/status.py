@@ -546,6 +546,14 @@ def rejudge_for_refusal(*, session: Session, tracking_no: str, policy: Policy) -
 
 def _rejudge_and_tell(session: Session, tracking_nos: list[str], policy: Policy) -> list[str]:
     reproject(session=session, tracking_nos=tracking_nos, policy=policy)
+    tell_holders(session, tracking_nos)
+    return tracking_nos
+
+
+def tell_holders(session: Session, tracking_nos: Iterable[str]) -> None:
+    """A ``consent`` entry in the pull feed of the courier holding each of these parcels:
+    the consents that cover it changed (granted, revoked, captured on a PDA or voided
+    there), and the PDA replaces its copy."""
     holders = [
         row
         for chunk in chunks(sorted(tracking_nos))
@@ -562,7 +570,6 @@ def _rejudge_and_tell(session: Session, tracking_nos: list[str], policy: Policy)
             for station, courier, tn in holders
         ),
     )
-    return tracking_nos
 
 
 def rejudge_after_upload(*, session: Session, digest: str, policy: Policy) -> list[str]:

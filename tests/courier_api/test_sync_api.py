@@ -992,3 +992,36 @@ def test_a_cursor_kept_from_another_couriers_pulls_on_the_same_pda_loses_no_parc
         assert response.status_code == 200
         changes, _ = pull_all(client, afternoon, cursor)
     assert {c["tracking_no"] for c in changes if c["kind"] == "parcel"} >= set(afternoons)
+
+
+def test_a_consent_a_colleague_captured_and_then_voided_reaches_the_holders_pda(
+    committed_app: Flask,
+) -> None:
+    """Courier 2 meets the recipient of courier 1's express parcel and captures their
+    consent to a locker on PDA-FA2; later courier 2 voids it (a mis-tap). Courier 1's
+    PDA must hear both from its pull: told nothing, it asks the recipient again, or,
+    told of the consent and not of its voiding, drops the parcel on a consent that no
+    longer authorizes anything (``unauthorized_locker_drop``)."""
+    auth = committed_feed_world(committed_app)
+    client, tn = auth.client, factories.s10()
+    take_in(
+        auth, auth.headers("fa-manager"), intake_item(tn, station="FEEDA", courier="fa-courier1")
+    )
+    holder = auth.headers("fa-courier1", "PDA-FA1")
+    _, cursor = pull_all(client, holder)
+    colleague = auth.headers("fa-courier2", "PDA-FA2")
+    consent = {"method": "locker", "channel": "in_person"}
+    capture = ev(1, tn, "consent_captured", consent=consent)
+    pushed = client.post(PUSH, json=factories.push_body("PDA-FA2", [capture]), headers=colleague)
+    assert pushed.get_json()["results"][0]["status"] == "applied"
+
+    changes, cursor = pull_all(client, holder, cursor)
+    assert [c["tracking_no"] for c in changes] == [tn], "the holder never hears of the consent"
+    assert [c["method"] for c in changes[-1]["parcel"]["consents"]] == ["locker"]
+
+    void = ev(2, tn, "correction", voids_client_event_id=capture["client_event_id"], reason="x")
+    pushed = client.post(PUSH, json=factories.push_body("PDA-FA2", [void]), headers=colleague)
+    assert pushed.get_json()["results"][0]["status"] == "applied"
+    changes, _ = pull_all(client, holder, cursor)
+    assert [c["tracking_no"] for c in changes] == [tn], "the holder keeps a voided consent"
+    assert changes[-1]["parcel"]["consents"] == []

@@ -566,7 +566,12 @@ class _BatchIngest:
         return {row.seq: row.client_event_id for row in self._at_seqs(OWNERS_OF_SEQS, seqs)}
 
     def _answer(self, index: int, event: ValidEvent, status: str) -> None:
-        self.results[index] = _Result(index, str(event.client_event_id), status, seq=event.seq)
+        """The event's result, naming it by its ``client_event_id`` as the PDA wrote it
+        (``_sent_id``), as a rejected one is."""
+        sent = _sent_id(self.batch.events[index])
+        self.results[index] = _Result(
+            index, sent or str(event.client_event_id), status, seq=event.seq
+        )
 
     def _reject(self, index: int, raw: Any, error: EventRejected) -> None:
         self.rejections.append(_Rejection(index, raw, error))
@@ -1366,6 +1371,14 @@ class _BatchIngest:
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,
         }
+
+
+def _sent_id(raw: Any) -> str | None:
+    """A valid event's ``client_event_id`` as the PDA sent it. A PDA finds an event's
+    result by its id: one written in capitals (iOS's ``uuidString``) or in braces must
+    come back so, or its applied events look unanswered and are sent again forever."""
+    sent = raw.get("client_event_id") if isinstance(raw, Mapping) else None
+    return _storable(sent, 64)
 
 
 def _storable(value: Any, max_length: int) -> str | None:

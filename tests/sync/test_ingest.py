@@ -181,6 +181,25 @@ def test_an_event_resent_in_another_batch_is_a_duplicate(
     assert count(session, ScanEvent) == 1
 
 
+def test_each_result_names_its_event_as_the_pda_wrote_its_id(pda: Pda, parcel: Parcel) -> None:
+    """A PDA matches results to its events by ``client_event_id``. One that writes its
+    UUIDs in capitals (iOS's ``uuidString``) or in braces must find them in the
+    receipt as sent, applied or duplicate as well as rejected: answered in another
+    spelling, its events look unanswered, are never pruned, and are sent again forever."""
+    capitals = pda.event(1, parcel.tracking_no, client_event_id=str(uuid.uuid4()).upper())
+    braces = pda.event(2, parcel.tracking_no, "delivered")
+    braces["client_event_id"] = "{" + braces["client_event_id"] + "}"
+    bad = pda.event(3, parcel.tracking_no, "bogus", client_event_id=str(uuid.uuid4()).upper())
+    sent = [capitals["client_event_id"], braces["client_event_id"], bad["client_event_id"]]
+
+    first = pda.push([capitals, braces, bad])
+    assert statuses(first) == ["applied", "applied", "rejected"]
+    assert [r["client_event_id"] for r in first["results"]] == sent
+    again = pda.push([capitals, braces, bad])
+    assert statuses(again) == ["duplicate", "duplicate", "rejected"]
+    assert [r["client_event_id"] for r in again["results"]] == sent
+
+
 def test_the_same_id_with_other_content_is_rejected_and_flagged_never_overwritten(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -314,10 +314,27 @@ def event_row(
 
 
 def request_hash(batch: PushBatch) -> str:
-    """What "the same batch" means: device, batch id and events. Not ``sent_at``,
-    which a PDA refreshes on each attempt so the clock estimate stays honest."""
+    """What "the same batch" meant before ``content_digest``: device, batch id and the
+    events as sent (a batch stored then and sent again unchanged is still a replay)."""
     return sha256_json(
         {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": batch.events}
+    )
+
+
+def content_digest(batch: PushBatch, validated: _Validated) -> str:
+    """What "the same batch" means: device, batch id and its events' content, each
+    valid one as a duplicate is compared (``ValidEvent.content_hash``: ``5.0`` or ``5``,
+    a blank field or none, ``+08:00`` or ``Z``), a malformed one as sent. Not
+    ``sent_at``, which a PDA refreshes on each attempt so the clock estimate stays
+    honest. A PDA that writes its retry anew (its time zone reset with its battery, say)
+    sends the same events: it gets its receipt, not a ``batch_id_reused``."""
+    contents: list[str] = [""] * len(batch.events)
+    for index, event in validated.valid:
+        contents[index] = event.content_hash
+    for rejection in validated.rejections:
+        contents[rejection.index] = sha256_json(rejection.raw)
+    return sha256_json(
+        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": contents}
     )
 
 
@@ -340,7 +357,7 @@ def ingest(
     # Validated and hashed before the device's lock, which on SQLite is the writers' turn:
     # none of it reads what is stored.
     validated = _Validated.of(batch, rules.events, too_deep)
-    digest = request_hash(batch)
+    digest = content_digest(batch, validated)
     state = lock_device_state(session, pusher.device_id)
     batch_pk = _new_batch(session, batch, pusher, received_at, digest)
     if batch_pk is None:
@@ -349,7 +366,7 @@ def ingest(
                 SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
             )
         ).one()
-        if stored.request_hash != digest:
+        if stored.request_hash not in (digest, request_hash(batch)):
             raise Conflict(
                 f"batch {batch.batch_id} was already received with other events; "
                 "a new batch needs a new batch_id",

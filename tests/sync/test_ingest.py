@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -24,6 +24,7 @@ from models import (
     ParcelStatus,
     QuarantinedEvent,
     ScanEvent,
+    SyncBatch,
 )
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import audit
@@ -161,6 +162,40 @@ def test_resending_a_batch_returns_the_same_receipt_and_changes_nothing(
         count(session, QuarantinedEvent),
         count(session, FeedChange),
     ) == rows
+
+
+def test_a_retry_written_anew_in_another_spelling_gets_the_original_receipt(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A PDA's battery is swapped while a batch is in flight and its answer is lost; the
+    app comes back with its time zone reset to UTC and writes the retry anew from its
+    store: the same events, times in ``Z``, seqs as ``1`` where its serializer wrote
+    ``1.0``, the empty location left out. It is the same batch: the original receipt
+    comes back, not a 409 ``batch_id_reused`` telling the PDA its events were other
+    ones. A batch stored before such retries were recognised replays unchanged too."""
+    when = at(1).astimezone(dt.timezone(dt.timedelta(hours=8)))
+    first = pda.event(1, parcel.tracking_no, occurred_at=when, location=None)
+    first["seq"] = 1.0
+    bad = pda.event(2, parcel.tracking_no, "bogus")
+    batch_id = uuid.uuid4()
+    receipt = pda.push([first, bad], batch_id)
+    anew = {**first, "seq": 1, "occurred_at": at(1).isoformat().replace("+00:00", "Z")}
+    anew["client_event_id"] = first["client_event_id"].upper()
+    del anew["location"]
+    assert pda.push([anew, bad], batch_id, received_at=NOW + dt.timedelta(hours=1)) == receipt
+    assert count(session, ScanEvent) == 1
+
+    stored_before = [pda.event(3, parcel.tracking_no, "delivered")]
+    old_id = uuid.uuid4()
+    old_receipt = pda.push(stored_before, old_id)
+    batch = PushBatch(pda.pusher.device_id, old_id, NOW, stored_before)
+    session.execute(
+        update(SyncBatch)
+        .where(SyncBatch.batch_id == old_id)
+        .values(request_hash=ingest_module.request_hash(batch))
+    )
+    session.commit()
+    assert pda.push(stored_before, old_id) == old_receipt
 
 
 def test_a_batch_id_reused_for_other_events_is_refused(pda: Pda, parcel: Parcel) -> None:

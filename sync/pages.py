@@ -193,6 +193,7 @@ class ShiftFlag:
     flag: Flag
     events: list[ScanEvent]  # its evidence's events, in device order
     latest: frozenset[int]  # a reopening's flag: the events of the latest reopening
+    voided_by: dict[int, int]  # those of its events a correction voided: the correction's id
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,9 @@ def shift_page(
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
     events = _events(
         session, [*outcome_ids, *evidence_ids, *(i for f in own_flags for i in _evidence_ids(f))]
+    )
+    flag_voids = voided_among(
+        session, (events[i] for f in own_flags for i in _evidence_ids(f) if i in events)
     )
     troubled = sorted({d.tracking_no for d in balance.discrepancies})
     facts_of = load_events(session, troubled) if troubled else {}
@@ -366,7 +370,7 @@ def shift_page(
         parcels=parcels,
         elsewhere=elsewhere,
         discrepancies=discrepancies,
-        flags=[_shift_flag(f, events) for f in own_flags],
+        flags=[_shift_flag(f, events, flag_voids) for f in own_flags],
         rejections=[
             shown_rejection(r, unmasked=unmasked)
             for r in shown_rejected
@@ -407,15 +411,19 @@ def _evidence_ids(flag: Flag) -> list[int]:
     return [i for i in cited_in(flag.evidence, "event_ids", ()) if isinstance(i, int)]
 
 
-def _shift_flag(flag: Flag, events: Mapping[int, ScanEvent]) -> ShiftFlag:
+def _shift_flag(
+    flag: Flag, events: Mapping[int, ScanEvent], voided: Mapping[int, int]
+) -> ShiftFlag:
     latest = (flag.evidence.get(LATEST_REOPENING) or {}).get("event_ids") or ()
+    shown = sorted(
+        (events[i] for i in _evidence_ids(flag) if i in events),
+        key=lambda e: (e.device_id, e.seq),
+    )
     return ShiftFlag(
         flag=flag,
-        events=sorted(
-            (events[i] for i in _evidence_ids(flag) if i in events),
-            key=lambda e: (e.device_id, e.seq),
-        ),
+        events=shown,
         latest=frozenset(i for i in latest if isinstance(i, int)),
+        voided_by={e.id: voided[e.id] for e in shown if e.id in voided},
     )
 
 

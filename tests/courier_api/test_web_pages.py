@@ -1898,3 +1898,64 @@ def test_the_shift_page_marks_another_stations_consent_and_names_its_courier_to_
     [listed] = re.findall(rf"<li>(consent #{consent.id}: .*?)</li>", html)
     assert "by Zhao Lei" in listed, listed
     assert "captured on another station's PDA: authorizes no drop here" in listed, listed
+
+
+def _drop_voided_on(
+    session: Session, day: StationDay, device: str
+) -> tuple[station_day.Pda, Shift, list[dict]]:
+    """A PDG courier's shift: an express parcel left in a locker, the drop voided a
+    minute later as a mis-tap; the PDA's two events not yet pushed."""
+    courier = factories.user(session, f"courier-{device.lower()}", "courier", day.station)
+    pda = station_day.Pda(session, factories.device(session, device, day.station), courier)
+    tracking_no = factories.parcel(session, day.station).tracking_no
+    session.commit()
+    shift = pda.open(station_day.local(day.day, 17, 0))
+    drop = pda.event(
+        station_day.local(day.day, 17, 30),
+        tracking_no,
+        "delivered_to_locker",
+        locker_id="L-7",
+        compartment="1",
+        pod={"pickup_code": "4711"},
+    )
+    correction = pda.event(
+        station_day.local(day.day, 17, 31),
+        tracking_no,
+        "correction",
+        voids_client_event_id=drop["client_event_id"],
+        reason="mis-tap",
+    )
+    return pda, shift, [drop, correction]
+
+
+def _events_table_row(html: str, seq: int) -> str:
+    return next(
+        m.group(0)
+        for m in re.finditer(r"<tr[^>]*>\s*<td>(\d+)</td>.*?</tr>", html, re.S)
+        if m.group(1) == str(seq)
+    )
+
+
+def test_the_shift_page_marks_a_late_drop_a_correction_voided(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A signed-off shift reopened by late events lists them with its flag: a locker
+    drop among them that a correction voided stood there as a drop like any other,
+    where the flag's own page and the proof page say "voided by event N"."""
+    pda, shift, (drop, correction) = _drop_voided_on(session, day, "PDA-PDG-32")
+    pda.close(shift, station_day.local(day.day, 17, 40))  # its seqs 1 and 2 not pushed yet
+    pages = signed_in(app, "manager")
+    pages.post(f"/web/shifts/{shift.id}/signoff", note="checked", force_reason="PDA offline")
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.SIGNED_OFF
+    pda.push([drop, correction], station_day.local(day.day, 18, 0))
+    reopened = session.scalars(
+        select(Flag).where(Flag.kind == "late_event_after_signoff", Flag.shift_id == shift.id)
+    ).one()
+    drop_id, correction_id = sorted(reopened.evidence["event_ids"])
+
+    html = pages.get(f"/web/shifts/{shift.id}")
+
+    flags = html[html.index("late event after signoff") :]
+    assert f"voided by event {correction_id}" in _events_table_row(flags, drop["seq"])
+    assert "voided by event" not in _events_table_row(flags, correction["seq"])

@@ -678,7 +678,8 @@ def close_shift(
         session=session,
         kind=NOT_CLOSED,
         subject=FlagSubject("shift", str(shift.id)),
-        reason=f"the shift was closed at {now.isoformat(timespec='seconds')}",
+        reason="the shift was closed at "
+        + station_clock(now, station_timezone(session, shift.station_id)),
     )
     # A PDA has one open shift at most (``uq_shift_open_per_device``): closing it leaves
     # the PDA none, so its silence is no longer a courier out of touch.
@@ -1043,6 +1044,20 @@ def shifts_of_day(*, session: Session, station_id: int, work_date: dt.date) -> S
 def local_date(moment: dt.datetime, timezone: str) -> dt.date:
     """The calendar date at ``moment`` in a station's time zone."""
     return moment.astimezone(ZoneInfo(timezone)).date()
+
+
+def station_clock(moment: dt.datetime, timezone: str) -> str:
+    """``moment`` as a reason or a note written for a station's manager tells it: on the
+    station's wall clock, to the second, with its offset (``2026-11-23T20:50:00+08:00``).
+    The pages show times there (the ``local`` filter); a stored text in UTC would read
+    hours off beside them, and it is kept as written, for the API and the audit too."""
+    return moment.astimezone(ZoneInfo(timezone)).isoformat(timespec="seconds")
+
+
+def station_timezone(session: Session, station_id: int) -> str:
+    station = session.get(Station, station_id)
+    assert station is not None
+    return station.timezone
 
 
 def day_bounds(day: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetime]:

@@ -38,7 +38,15 @@ from sync.flags import (
     raise_flag,
 )
 from sync.rules import Policy
-from sync.shifts import NO_OPEN_SHIFT, NOT_CLOSED, STALE_DEVICE, close_stale_device, lock_shift
+from sync.shifts import (
+    NO_OPEN_SHIFT,
+    NOT_CLOSED,
+    STALE_DEVICE,
+    close_stale_device,
+    lock_shift,
+    station_clock,
+    station_timezone,
+)
 from sync.status import rejudge_for_consent
 
 SHIFT_NOT_CLOSED = NOT_CLOSED
@@ -155,20 +163,20 @@ def stale_device(*, session: Session, now: dt.datetime, settings: SweepSettings)
     heard: dict[str, str] = {}  # device -> why it is not stale
     raised: list[int] = []
     open_count = 0
+    zones = _StationZones(session)
     for rows in _row_batches(session, open_shifts, Shift.id, settings.batch_size):
         for row in rows:
             open_count += 1
             pushed = row.last_push_at is not None and row.last_push_at >= row.opened_at
             heard_at = row.last_push_at if pushed else row.opened_at
             if heard_at >= silent_before:
+                at = station_clock(heard_at, zones.of(row.station_id))
                 heard[row.device_id] = (
-                    f"the device pushed at {heard_at.isoformat(timespec='seconds')}"
-                    if pushed
-                    else f"shift {row.id} opened at {heard_at.isoformat(timespec='seconds')}"
+                    f"the device pushed at {at}" if pushed else f"shift {row.id} opened at {at}"
                 )
                 continue
             stale.append(row.device_id)
-            flag, newly_open = _raise_stale(session, row, now, heard_at)
+            flag, newly_open = _raise_stale(session, row, now, heard_at, zones)
             if newly_open:
                 raised.append(flag.id)
     closed = []
@@ -190,8 +198,26 @@ def stale_device(*, session: Session, now: dt.datetime, settings: SweepSettings)
     }
 
 
+class _StationZones:
+    """Stations' time zones, each read once: a sweep's reasons and notes tell times on
+    the station's clock (``sync.shifts.station_clock``), as its pages show them."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.known: dict[int, str] = {}
+
+    def of(self, station_id: int) -> str:
+        if station_id not in self.known:
+            self.known[station_id] = station_timezone(self.session, station_id)
+        return self.known[station_id]
+
+
 def _raise_stale(
-    session: Session, row: Row[Any], now: dt.datetime, heard_at: dt.datetime
+    session: Session,
+    row: Row[Any],
+    now: dt.datetime,
+    heard_at: dt.datetime,
+    zones: _StationZones,
 ) -> tuple[Flag, bool]:
     """Raise (or update) the device's flag; and whether it is newly open.
 
@@ -212,8 +238,9 @@ def _raise_stale(
         },
         courier_id=row.courier_id,
         shift_id=row.id,
-        again=f"silent again, in shift {row.id}, since its push at {last_push_at}"
-        if last_push_at
+        again=f"silent again, in shift {row.id}, since its push at "
+        f"{station_clock(row.last_push_at, zones.of(row.station_id))}"
+        if row.last_push_at
         else f"silent again, in shift {row.id}",
     )
     flag = result.flag

@@ -8,6 +8,7 @@ import io
 import uuid
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from PIL import Image
@@ -45,6 +46,7 @@ from tests import factories
 from tests.conftest import World
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+SHANGHAI = ZoneInfo("Asia/Shanghai")  # the test world's station
 OPENED = NOW - dt.timedelta(hours=4)
 TRACKING = TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS)
 RULES = IngestRules(events=EventRules(tracking=TRACKING))
@@ -173,6 +175,50 @@ def test_a_shift_left_open_past_its_planned_end_is_flagged_once(
     assert flags_of(session, "shift_not_closed")[0].status == FlagStatus.CLOSED
 
 
+def test_a_shift_not_closed_flag_closed_by_the_close_tells_the_close_on_the_stations_clock(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The manager at 19:00 in Shanghai reads, on the flag's page, why the system closed
+    it: the close at 19:50 there, as the page's other times read, not at 11:50 "+00:00",
+    hours off beside them."""
+    planned_end = OPENED + dt.timedelta(hours=3)
+    shift = pda.open(planned_end_at=planned_end)
+    sweep(session, sweeps.shift_not_closed, planned_end + minutes(31))
+    closed_at = planned_end + minutes(50)  # 11:50 UTC
+
+    pda.close(shift, at=closed_at)
+
+    [flag] = flags_of(session, "shift_not_closed")
+    assert flag.closed_reason == "the shift was closed at 2026-11-23T19:50:00+08:00"
+    note = session.scalars(
+        select(FlagChange.note).where(FlagChange.flag_id == flag.id).order_by(FlagChange.id)
+    ).all()[-1]
+    assert note == flag.closed_reason
+
+
+def test_a_silent_device_flag_opened_again_tells_its_last_push_on_the_stations_clock(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A resolved stale_device flag opens again when the PDA falls silent again: the
+    history says since when, at the station's time, as the page's times read."""
+    [tn] = [factories.parcel(session, world.station).tracking_no]
+    pda.open()
+    sweep(session, sweeps.stale_device, OPENED + minutes(50))
+    [flag] = flags_of(session, "stale_device")
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="dead zone")
+    session.commit()
+    pda.push([pda.event(tn)], at=OPENED + minutes(60))  # 09:00 UTC, 17:00 in Shanghai
+
+    sweep(session, sweeps.stale_device, OPENED + minutes(180))
+
+    last = session.scalars(
+        select(FlagChange).where(FlagChange.flag_id == flag.id).order_by(FlagChange.id.desc())
+    ).first()
+    assert last is not None and last.note == (
+        f"silent again, in shift {flag.shift_id}, since its push at 2026-11-23T17:00:00+08:00"
+    )
+
+
 # -- stale_device ---------------------------------------------------------------------------------
 
 
@@ -221,7 +267,10 @@ def test_a_silent_device_with_an_open_shift_is_flagged_until_it_pushes_again(
     [flag] = flags_of(session, "stale_device")
     assert closed["flags_closed"] == [flag.id] and closed["stale_devices"] == []
     assert flag.status == FlagStatus.CLOSED
-    assert flag.closed_reason == f"the device pushed at {back.isoformat(timespec='seconds')}"
+    # On the station's clock (Asia/Shanghai), as the flag's page shows its other times.
+    assert flag.closed_reason == (
+        f"the device pushed at {back.astimezone(SHANGHAI).isoformat(timespec='seconds')}"
+    )
 
     silent_again = sweep(session, sweeps.stale_device, back + minutes(60))
 

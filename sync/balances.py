@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sqlalchemy import ScalarSelect, and_, case, func, or_, select
@@ -69,6 +69,11 @@ from sync.shifts import adjacent_shift
 from sync.sql import among, among_at_once, chunks, plain_rows
 from sync.status import FACT_COLUMNS
 
+# A parcel's rule flags that wait for a manager's look without unbalancing the handover:
+# a final outcome corrected (a drop made a return), by the courier or by another on the
+# PDA. The mis-tap is amended, never erased, and a manager sees it (DESIGN.md): a shift
+# citing one still open is no clean handover to sign off with others (``sync.signoffs``).
+REVIEW_KINDS = frozenset({"correction_review", "correction_by_another_courier"})
 # Handover flags the events may close: those a manager resolved too (README).
 STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 HANDOVER_SEVERITY = {MISSING: FlagSeverity.CRITICAL, "not_on_manifest": FlagSeverity.WARNING}
@@ -87,6 +92,16 @@ class StoredFlag(NamedTuple):
     decided_on: dict[str, Any] | None
 
 
+class OpenFlag(NamedTuple):
+    """A shift's own flag still waiting for a manager (open or acknowledged): proof
+    images missing at handover, not closed in time, its PDA gone silent, reopened by
+    late events. Its balance does not count it: the board shows it beside the balance."""
+
+    flag_id: int
+    kind: str
+    status: FlagStatus
+
+
 # The shift, then the tracking number and EventFact's fields, as the projection reads them.
 EVENT_COLUMNS = (ScanEvent.shift_id, *FACT_COLUMNS[: 1 + len(EventFact._fields)])
 
@@ -101,6 +116,9 @@ class ShiftFacts:
     handover_flags: dict[tuple[str, str], FlagRef]
     seqs: ShiftSeqs
     handover_stored: dict[int, StoredFlag]  # flag id -> its evidence and decision
+    # Its parcels' ``REVIEW_KINDS`` flags not closed, by tracking number, whatever events
+    # they cite (``review_flags`` keeps those citing the shift's).
+    reviews: dict[str, list[FlagRef]] = field(default_factory=dict)
 
     def trails(self) -> dict[str, ParcelTrail]:
         return parcel_trails(self.events)
@@ -113,6 +131,23 @@ class ShiftFacts:
             handover_flags=self.handover_flags,
             seqs=self.seqs,
         )
+
+    def review_flags(self) -> list[FlagRef]:
+        """Its parcels' corrections to review that cite an event filed under it (the one
+        voided, or the correction), in id order: open, acknowledged or resolved."""
+        own = {event.fact.event_id for event in self.events}
+        return sorted(
+            (f for found in self.reviews.values() for f in found if f.event_ids & own),
+            key=lambda f: f.id,
+        )
+
+    def reviews_waiting(self) -> list[OpenFlag]:
+        """Those no manager has looked at yet (open): a clean handover has none."""
+        return [
+            OpenFlag(f.id, f.kind, f.status)
+            for f in self.review_flags()
+            if f.status == FlagStatus.OPEN
+        ]
 
     def rejection_scope(self, balance: Balance) -> RejectionScope:
         """Which of its PDA's rejected events are the shift's, given its ``balance``: those
@@ -176,7 +211,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             target = owner.get(voided)
             if target is not None and target != filed_in:
                 events[target].append(correction)
-    rule_flags = _rule_flags(session, sorted(tracking_nos))
+    rule_flags, reviews = _rule_flags(session, sorted(tracking_nos))
     handover, handover_stored = _handover_flags(session, ids)
     states = {
         state.device_id: state
@@ -194,6 +229,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             shift=shift,
             events=events[shift.id],
             rule_flags={tn: rule_flags[tn] for tn in tracking_nos if tn in rule_flags},
+            reviews={tn: reviews[tn] for tn in tracking_nos if tn in reviews},
             handover_flags=handover[shift.id],
             handover_stored=handover_stored,
             seqs=ShiftSeqs(
@@ -300,26 +336,32 @@ def _corrections(
                 yield ShiftEvent(tracking_no, EventFact(*fact))
 
 
-def _rule_flags(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[FlagRef]]:
+def _rule_flags(
+    session: Session, tracking_nos: Sequence[str]
+) -> tuple[dict[str, list[FlagRef]], dict[str, list[FlagRef]]]:
     """Rule flags still standing (not closed) of these parcels (those with events in the
-    shifts), in one statement however many parcels. The parcels are named as values
+    shifts): those the balance counts, and its corrections to review (``REVIEW_KINDS``),
+    in one statement however many parcels. The parcels are named as values
     (one array parameter), so reading their flags costs a probe of ``ix_flag_subject``
     per parcel, whatever the size of the flag table. (Named by a subquery on the
     shifts' events, their number is a guess to PostgreSQL's planner, which then reads
     the whole flag table: a Seq Scan, or a merge join along all of the index.)"""
     found: dict[str, list[FlagRef]] = defaultdict(list)
+    reviews: dict[str, list[FlagRef]] = defaultdict(list)
     if not tracking_nos:
-        return found
+        return found, reviews
     for flag_id, kind, status, key, evidence in session.execute(
         select(Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence).where(
             Flag.subject_type == "parcel",
             among_at_once(session, Flag.subject_key, tracking_nos),
-            Flag.kind.in_(sorted(BALANCE_RULE_KINDS)),
+            Flag.kind.in_(sorted(BALANCE_RULE_KINDS | REVIEW_KINDS)),
             Flag.status != FlagStatus.CLOSED,
         )
     ):
-        found[key].append(_ref(flag_id, kind, status, evidence))
-    return found
+        (reviews if kind in REVIEW_KINDS else found)[key].append(
+            _ref(flag_id, kind, status, evidence)
+        )
+    return found, reviews
 
 
 def _handover_flags(
@@ -361,23 +403,40 @@ def shift_balance(*, session: Session, shift: Shift) -> Balance:
     return balances(session, [shift])[shift.id]
 
 
+class HandoverReads(NamedTuple):
+    """What the board and a sign-off together read of handovers: each shift's balance,
+    its PDA's rejected events (those with some) and its corrections to review that no
+    manager has looked at (those with some)."""
+
+    balances: dict[int, Balance]
+    rejected: dict[int, int]
+    reviews: dict[int, list[OpenFlag]]
+
+
 def balances_and_rejections(
     session: Session, shifts: Sequence[Shift], *, station_id: int
-) -> tuple[dict[int, Balance], dict[int, int]]:
+) -> HandoverReads:
     """Each shift's balance, and for each shift handed over how many of its PDA's events
     pushed at ``station_id`` the server rejected (those with none left out), counted as
     its page lists them (``sync.quarantine.shift_rejections``): what the PDA says
     happened that the balance cannot show (a correction refused voids nothing). One
-    query more than ``balances`` (per ``sync.quarantine.COUNTED_AT_ONCE`` shifts)."""
+    query more than ``balances`` (per ``sync.quarantine.COUNTED_AT_ONCE`` shifts). And its
+    parcels' corrections to review still open (``ShiftFacts.reviews_waiting``), read with
+    the balance's own flags."""
     with collector_paused():
         facts = gather(session, shifts)
         judged = {shift_id: f.balance() for shift_id, f in facts.items()}
+        reviews = {
+            shift_id: waiting for shift_id, f in facts.items() if (waiting := f.reviews_waiting())
+        }
     scopes = {
         shift_id: f.rejection_scope(judged[shift_id])
         for shift_id, f in facts.items()
         if f.shift.status != ShiftStatus.OPEN
     }
-    return judged, rejection_counts(session=session, scopes=scopes, station_id=station_id)
+    return HandoverReads(
+        judged, rejection_counts(session=session, scopes=scopes, station_id=station_id), reviews
+    )
 
 
 # -- the station board ------------------------------------------------------------------------
@@ -386,16 +445,6 @@ def balances_and_rejections(
 # A shift's own flags, as its page lists them: those naming it (``Flag.shift_id``) but its
 # handover flags, which its balance counts as discrepancies.
 OWN_KINDS = Flag.kind.not_in(HANDOVER_KINDS)
-
-
-class OpenFlag(NamedTuple):
-    """A shift's own flag still waiting for a manager (open or acknowledged): proof
-    images missing at handover, not closed in time, its PDA gone silent, reopened by
-    late events. Its balance does not count it: the board shows it beside the balance."""
-
-    flag_id: int
-    kind: str
-    status: FlagStatus
 
 
 @dataclass(frozen=True)
@@ -409,6 +458,8 @@ class BoardRow:
     images_missing: int = 0
     # Its PDA's events the server rejected, once handed over (``balances_and_rejections``).
     rejected_events: int = 0
+    # Its parcels' corrections to review, citing its events, no manager has looked at.
+    reviews: Sequence[OpenFlag] = ()
 
     @property
     def balance_version(self) -> str:
@@ -473,7 +524,7 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
         .where(Shift.station_id == station_id, Shift.work_date == work_date)
         .order_by(Shift.opened_at, Shift.id)
     ).all()
-    computed, rejected = balances_and_rejections(
+    computed, rejected, reviews = balances_and_rejections(
         session, [shift for shift, _ in rows], station_id=station_id
     )
     flagged = open_own_flags(session, [shift.id for shift, _ in rows])
@@ -488,6 +539,7 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
             flagged.get(shift.id, ()),
             len(lacking.get(shift.id, ())),
             rejected.get(shift.id, 0),
+            reviews.get(shift.id, ()),
         )
         for shift, courier in rows
     ]

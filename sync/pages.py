@@ -274,7 +274,8 @@ def shift_page(
         n for n, p in taken_in.items() if visible_station not in (None, p.station_id)
     )
     parcels = {n: p for n, p in taken_in.items() if n not in elsewhere}
-    flags, own_flags = _flags(session, shift, balance, visible_station)
+    reviews = [f.id for f in facts.review_flags()]
+    flags, own_flags = _flags(session, shift, balance, visible_station, reviews)
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
     events = _events(
@@ -384,20 +385,24 @@ def shift_page(
 
 
 def _flags(
-    session: Session, shift: Shift, balance: Balance, visible_station: int | None
+    session: Session,
+    shift: Shift,
+    balance: Balance,
+    visible_station: int | None,
+    reviews: Sequence[int] = (),
 ) -> tuple[dict[int, Flag], list[Flag]]:
     """In one query: the flags of the balance's discrepancies, by id, and the shift's
     own flags of the reader's station, oldest first: those naming it (``shift_id``)
-    but its handover flags, which are discrepancies."""
+    but its handover flags, which are discrepancies; and ``reviews``, its parcels'
+    corrected outcomes citing its events (``ShiftFacts.review_flags``), which keep a
+    handover from being clean while open."""
 
     def own(flag: Flag) -> bool:
-        return (
-            flag.shift_id == shift.id
-            and flag.kind not in HANDOVER_KINDS
-            and visible_station in (None, flag.station_id)
+        return visible_station in (None, flag.station_id) and (
+            flag.id in reviews or (flag.shift_id == shift.id and flag.kind not in HANDOVER_KINDS)
         )
 
-    own_in_sql = and_(Flag.shift_id == shift.id, OWN_KINDS)
+    own_in_sql = or_(and_(Flag.shift_id == shift.id, OWN_KINDS), Flag.id.in_(sorted(reviews)))
     if visible_station is not None:
         own_in_sql = and_(own_in_sql, Flag.station_id == visible_station)
     cited = {d.flag_id for d in balance.discrepancies if d.flag_id}

@@ -2,7 +2,8 @@
 
 At 19:00 a manager has many shifts to sign off, and most of them need no other word
 than "all accounted for": handed over, balanced, with no event of their PDA rejected,
-no flag of their own waiting and every proof image uploaded. ``sign_off_clean`` signs
+no flag of their own waiting, no corrected outcome still to review and every proof image
+uploaded. ``sign_off_clean`` signs
 those off with one note, each as ``sync.shifts.sign_off`` would with the balance
 version the manager was shown, and refuses any other with its reason: it gets a
 sign-off of its own, with a note about what is wrong (and a forced reason where the
@@ -61,7 +62,8 @@ def sign_off_clean(
     """Sign off, with ``note``, each of the station's shifts in ``seen`` (shift id:
     the balance ``version`` the manager was shown) that is a clean handover: closed,
     balanced, no event of its PDA rejected (``sync.balances.balances_and_rejections``),
-    no own flag open or acknowledged (``sync.balances.open_own_flags``), every proof
+    no own flag open or acknowledged (``sync.balances.open_own_flags``), no corrected
+    outcome of its parcels still to review (``sync.balances.REVIEW_KINDS``), every proof
     image its deliveries name uploaded, and its balance still the version shown.
     The others are refused, each with its reason; outcomes come in shift id order.
 
@@ -87,7 +89,7 @@ def sign_off_clean(
         session.scalars(select(Shift.id).where(Shift.id.in_(ids), Shift.station_id == station_id))
     )
     handed_over = lock_shifts(session, of_station)
-    judged, rejected = balances_and_rejections(
+    judged, rejected, reviews = balances_and_rejections(
         session, list(handed_over.values()), station_id=station_id
     )
     waiting = open_own_flags(session, list(handed_over))
@@ -103,6 +105,7 @@ def sign_off_clean(
             flags=waiting.get(shift_id, ()),
             images_missing=len(lacking.get(shift_id, ())),
             rejected_events=rejected.get(shift_id, 0),
+            reviews=reviews.get(shift_id, ()),
         )
         if refusal is not None:
             outcomes.append(refusal)
@@ -126,13 +129,18 @@ def not_clean(
     flags: Sequence[OpenFlag],
     images_missing: int,
     rejected_events: int,
+    reviews: Sequence[OpenFlag] = (),
 ) -> Refusal | None:
     """Why this shift is no clean handover, to sign off with others, or None: the board
     offers to sign off together exactly those it finds clean.
 
     ``rejected_events``: its PDA's events the server rejected. The balance cannot show
     them (a refused correction voids nothing: the balance still counts what it meant to
-    void), so the manager reads them on the shift's page before signing it off."""
+    void), so the manager reads them on the shift's page before signing it off.
+    ``reviews``: its parcels' corrected outcomes no manager has looked at
+    (``sync.balances.REVIEW_KINDS``, open): the balance counts the outcome as corrected,
+    a drop made a return balancing as well as the return, so the manager sees the
+    correction before the handover is signed off."""
     if shift.status == ShiftStatus.OPEN:
         return Refusal("shift_open", "still open; it is signed off after it is closed")
     if shift.status == ShiftStatus.SIGNED_OFF:
@@ -155,6 +163,13 @@ def not_clean(
             f"{len(flags)} flag{'' if len(flags) == 1 else 's'} of its own waiting ({kinds}): "
             "decide on them, or sign it off on its own",
         )
+    if reviews:
+        kinds = ", ".join(sorted({flag.kind for flag in reviews}))
+        return Refusal(
+            "corrections_to_review",
+            f"{len(reviews)} corrected outcome{'' if len(reviews) == 1 else 's'} of its "
+            f"parcels to review ({kinds}): acknowledge them, or sign it off on its own",
+        )
     if images_missing:
         return Refusal(
             "images_missing",
@@ -174,6 +189,7 @@ def _refusal(
     flags: Sequence[OpenFlag],
     images_missing: int,
     rejected_events: int,
+    reviews: Sequence[OpenFlag],
 ) -> Outcome | None:
     """Why this shift of the request is not signed off, or None. ``shift`` and
     ``balance`` are None for a shift still open (or not the station's: ``known``)."""
@@ -182,7 +198,7 @@ def _refusal(
     elif shift is None or balance is None:
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
-        why = not_clean(shift, balance, flags, images_missing, rejected_events)
+        why = not_clean(shift, balance, flags, images_missing, rejected_events, reviews)
         if why is None and version != balance_version(balance):
             why = Refusal(
                 "balance_changed",

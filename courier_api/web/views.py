@@ -325,7 +325,12 @@ def _board_page(
             row.shift.id
             for row in rows
             if signoffs.not_clean(
-                row.shift, row.balance, row.open_flags, row.images_missing, row.rejected_events
+                row.shift,
+                row.balance,
+                row.open_flags,
+                row.images_missing,
+                row.rejected_events,
+                row.reviews,
             )
             is None
         },

@@ -435,6 +435,66 @@ def test_a_shift_whose_pda_had_events_rejected_is_no_clean_handover(
     assert board(client, world, manager)[shift_id]["rejected_events"] == 1
 
 
+def test_a_handover_whose_courier_corrected_a_drop_into_a_return_is_no_clean_handover(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """The courier recorded b left at a pickup point, then voided that ("mis-tap") and
+    recorded it returned: the balance counts b returned and closes. Whether b is on the
+    counter or in the pickup point is what the manager checks: the correction waits for
+    their look (``correction_review``). The board names it on the row and offers no box,
+    the shift's page shows it, and a sign-off together refuses the shift until the
+    manager has acknowledged it; then it is signed off with the others."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    a, b = (
+        factories.parcel(session, world.station, service_class=ServiceClass.ORDINARY).tracking_no
+        for _ in range(2)
+    )
+    session.commit()
+    shift_id = pda.open(first_seq=1)["id"]
+    dropped = pda.event(b, "delivered_to_pickup_point", point_id="PP-1", pod={"pickup_code": "12"})
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "returned_to_station"), dropped])
+    voided = pda.event(
+        b, "correction", voids_client_event_id=dropped["client_event_id"], reason="mis-tap"
+    )
+    pda.push([voided, pda.event(b, "returned_to_station")])
+    assert pda.close(shift_id, last_seq=pda.seq).status_code == 200
+
+    row = board(client, world, manager)[shift_id]
+    assert (row["balance"]["status"], row["balance"]["returned"], row["open_flag_count"]) == (
+        "balanced",
+        2,
+        0,
+    )
+    refused = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
+    [outcome] = refused.get_json()["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "corrections_to_review"), (
+        "signed off with a correction no manager looked at"
+    )
+    assert "correction_review" in outcome["message"]
+    session.expire_all()
+    assert session.get_one(Shift, shift_id).status.value == "closed"
+    [review] = row["corrections_to_review"]
+    assert (review["kind"], review["status"]) == ("correction_review", "open")
+    page = signed_in(client.application, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    assert "1 corrected outcome to review" in html
+    assert 'name="shift"' not in html, "the board offers it as a clean handover"
+    shift_html = page.get(f"/web/shifts/{shift_id}")
+    assert f'id="flag-{review["flag_id"]}"' in shift_html, "its page does not show the correction"
+
+    seen = client.post(
+        f"/api/v1/flags/{review['flag_id']}/acknowledge",
+        json={"note": "b is on the counter"},
+        headers=manager,
+    )
+    assert seen.status_code == 200, seen.get_json()
+    row = board(client, world, manager)[shift_id]
+    assert row["corrections_to_review"] == []
+    done = sign_off_clean(client, world.station.id, manager, {shift_id: row["balance_version"]})
+    assert done.get_json()["signed_off"] == 1, done.get_json()
+
+
 def test_the_board_lists_the_shifts_of_earlier_days_that_still_wait(
     app: Flask,
     client: FlaskClient,

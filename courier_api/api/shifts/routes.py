@@ -253,9 +253,11 @@ class CleanSignOffs(MethodView):
         with the `balance_version` its board row showed (`GET
         /stations/{station_id}/handover`), is signed off with the one `note` when
         it is closed, balanced, has no event of its PDA rejected (the row's
-        `rejected_events`), no flag of its own open or acknowledged, every proof
-        image uploaded, and its balance has not changed since it was read. Any
-        other is refused with its reason (`code`) and left for a sign-off of its own (`POST
+        `rejected_events`), no flag of its own open or acknowledged, no corrected
+        outcome of its parcels still open for review (the row's
+        `corrections_to_review`), every proof image uploaded, and its balance has
+        not changed since it was read. Any other is refused with its reason
+        (`code`) and left for a sign-off of its own (`POST
         /shifts/{shift_id}/signoff`), where an unbalanced or provisional handover
         gets a note about it; the rest are signed off all the same. Each sign-off
         goes to the audit log as a single one does. A shift of another station is
@@ -301,7 +303,10 @@ class StationHandover(MethodView):
         or acknowledged (`open_flags`: proof images missing at handover, say),
         which its balance does not count, and the totals count such shifts
         (`with_open_flags`); a handed-over row counts its PDA's events the
-        server rejected (`rejected_events`), which its balance cannot show.
+        server rejected (`rejected_events`), which its balance cannot show, and its
+        parcels' corrected outcomes no manager has looked at yet
+        (`corrections_to_review`: `correction_review`, `correction_by_another_courier`
+        flags citing its events, still open), which it balances as corrected.
         Shifts of the two weeks before that still wait for
         the manager (open, or handed over and not signed off) are listed apart
         (`earlier_waiting`). Read in the same few queries however many shifts the
@@ -333,6 +338,7 @@ class StationHandover(MethodView):
                     "open_flags": [flag._asdict() for flag in row.open_flags],
                     "images_missing": row.images_missing,
                     "rejected_events": row.rejected_events,
+                    "corrections_to_review": [flag._asdict() for flag in row.reviews],
                 }
                 for row in rows
             ],

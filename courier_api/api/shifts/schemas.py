@@ -307,6 +307,17 @@ class BoardShiftOut(ma.Schema):
         "naming one of its parcels. Its balance cannot show what they said (a correction "
         "rejected voids nothing): a shift with any is no clean handover to sign off together"
     )
+    corrections_to_review = ma.fields.List(
+        ma.fields.Nested(BoardFlagOut),
+        required=True,
+        metadata={
+            "description": "Its parcels' corrected final outcomes no manager has looked at "
+            "yet: `correction_review` and `correction_by_another_courier` flags, still open, "
+            "citing its events (the event voided, or the correction). Its balance counts the "
+            "outcome as corrected; a shift with any is no clean handover to sign off together "
+            "until they are acknowledged or resolved"
+        },
+    )
 
 
 class BoardTotalsOut(BalanceCounts):
@@ -399,7 +410,8 @@ class SignOffOutcomeOut(ma.Schema):
         metadata={
             "description": "Why it was refused: shift_not_found, shift_open, "
             "already_signed_off, balance_unbalanced, balance_provisional, open_flags, "
-            "images_missing, rejected_events, balance_changed; null when signed off"
+            "images_missing, rejected_events, corrections_to_review, balance_changed; null "
+            "when signed off"
         },
     )
     message = ma.fields.String(allow_none=True, required=True)

@@ -343,10 +343,14 @@ def _board_page(
 def sign_off_clean(station_id: int) -> ResponseReturnValue:
     """The board's checked clean handovers signed off with one note, as
     ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told with its reason.
-    A request refused as a whole (no box checked, say) shows the board again with the
-    note and the boxes as they were."""
+    A request refused as a whole (no box checked, say), or a shift of it refused (its
+    balance changed since the page was read), shows the board again, read anew, with the
+    note and the boxes as they were (not redirected: a note of 2,000 characters does not
+    fit in the session's cookie): the manager signs the refused rows off again once read,
+    without typing the note again."""
     station = _chosen_station(station_id)
     day = parse(DayArgs(only=("date",)), request.form).get("date")  # the board's, hidden
+    typed = {"note": request.form.get("note", ""), "shifts": request.form.getlist("shift")}
     try:
         form = parse(SignOffCleanForm(), request.form)
         outcomes = signoffs.sign_off_clean(
@@ -360,17 +364,16 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
     except InvalidInput as exc:
         db.session.rollback()
         flash(f"Nothing signed off: {exc.message}", "error")
-        typed = {"note": request.form.get("note", ""), "shifts": request.form.getlist("shift")}
         return _board_page(station, day, typed=typed)
     back = url_for("web.board", station=station.id, date=day)
     db.session.commit()
     done = sum(outcome.outcome == signoffs.SIGNED_OFF for outcome in outcomes)
     if done:
         flash(f"{done} shift{'' if done == 1 else 's'} signed off.", "ok")
-    for outcome in outcomes:
-        if outcome.outcome == signoffs.REFUSED:
-            flash(f"Not signed off: {outcome.message}", "error")
-    return redirect(back)
+    refused = [outcome for outcome in outcomes if outcome.outcome == signoffs.REFUSED]
+    for outcome in refused:
+        flash(f"Not signed off: {outcome.message}", "error")
+    return _board_page(station, day, typed=typed) if refused else redirect(back)
 
 
 # -- a shift ----------------------------------------------------------------------------------

@@ -340,6 +340,40 @@ def test_the_board_refusing_the_whole_sign_off_keeps_the_note_and_the_checked_bo
     assert [session.get_one(Shift, i).status.value for i in ids] == ["closed", "closed"]
 
 
+def test_the_board_keeps_the_note_when_a_checked_shift_is_refused(
+    app: Flask, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """19:00, the manager checks two rows and writes a long note; one row's balance
+    changed since the page was read. The other is signed off; the board comes back at
+    once saying why the first was not, with the note as typed, to sign it off again
+    once read anew, rather than an empty form to type it all again."""
+    ids = []
+    for pda, parcel in zip(couriers[:2], parcels(session, world, 2), strict=True):
+        ids.append(pda.open(first_seq=1)["id"])
+        pda.push([pda.event(parcel), pda.event(parcel, "returned_to_station")])
+        pda.close(ids[-1], last_seq=pda.seq)
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    boxes = re.findall(r'<input type="checkbox" name="shift" value="(\d+:\w+)"', html)
+    note = "All on the shelf, counted with Li Wei at the counter"
+    changed = f"{ids[1]}:{'0' * 16}"  # its row as read before a push changed it
+
+    response = page.client.post(
+        f"/web/stations/{world.station.id}/signoffs",
+        data={"csrf_token": page.token(), "note": note, "shift": [boxes[0], changed], "date": ""},
+    )
+
+    assert response.status_code == 200, "the note typed is lost in a redirect"
+    shown = response.get_data(as_text=True)
+    assert "1 shift signed off" in shown
+    assert f"shift {ids[1]}: its balance changed since it was read" in shown
+    assert f'placeholder="all parcels accounted for" value="{note}"' in shown
+    assert f'aria-label="Sign off shift {ids[1]}">' in shown  # read anew, to check again
+    assert f'aria-label="Sign off shift {ids[0]}"' not in shown  # signed off
+    session.expire_all()
+    assert [session.get_one(Shift, i).status.value for i in ids] == ["signed_off", "closed"]
+
+
 def test_a_shift_whose_signature_is_not_uploaded_yet_is_no_clean_handover_until_it_is(
     client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
 ) -> None:

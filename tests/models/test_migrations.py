@@ -702,3 +702,333 @@ def test_a_flag_gets_the_parcel_it_is_about_from_its_subject(scratch: Engine) ->
     with Session(scratch) as session:
         found = list_flags(session=session, tracking_no="rr 473124829 gb")
         assert [f.id for f in found] == [2, 1]
+
+
+BEFORE_OPENED_AT = "3fbed2908ec9"  # the revision before OPENED_AT
+NAME_OPENED = "ix_flag_station_opened"  # their indexes
+NAME_BY_PARCEL = "ix_flag_tracking_no"
+FLAG_COLUMNS = ("id", "kind", "severity", "subject_type", "subject_key", "status", "evidence")
+
+
+def _flag_table(*times: str) -> Any:
+    """``flag`` with the columns every revision here has, and the times ``times``."""
+    import sqlalchemy as sa
+
+    from models import UTCDateTime
+
+    return sa.table(
+        "flag",
+        *(sa.column(name) for name in FLAG_COLUMNS),
+        *(sa.column(name, UTCDateTime()) for name in times),
+    )
+
+
+def _add_flag(connection: Any, flag_id: int, subject: str, raised: Any, **times: Any) -> None:
+    """A flag of the subject ``subject`` (``<type> <key>``) raised at ``raised``."""
+    import sqlalchemy as sa
+
+    subject_type, subject_key = subject.split()
+    connection.execute(
+        sa.insert(_flag_table("raised_at", "updated_at", *times)).values(
+            id=flag_id,
+            kind="missing_at_handover",
+            severity="critical",
+            subject_type=subject_type,
+            subject_key=subject_key,
+            status="open",
+            evidence="{}",
+            raised_at=raised,
+            updated_at=raised,
+            **times,
+        )
+    )
+
+
+def _add_change(connection: Any, flag_id: int, before: str | None, after: str, at: Any) -> None:
+    import sqlalchemy as sa
+
+    from models import UTCDateTime
+
+    change = sa.table(
+        "flag_change",
+        *(sa.column(name) for name in ("flag_id", "from_status", "to_status")),
+        sa.column("at", UTCDateTime()),
+    )
+    connection.execute(
+        sa.insert(change).values(flag_id=flag_id, from_status=before, to_status=after, at=at)
+    )
+
+
+@contextmanager
+def index_build_fails(engine: Engine, name: str) -> Iterator[None]:
+    """The build of the index ``name`` fails half-way, as a lock timeout or a cancelled
+    statement ends it. On PostgreSQL for real: another session holds a write lock on
+    ``flag`` that the CONCURRENTLY build, its index already in the catalog, waits for,
+    and the build's ``lock_timeout`` ends the wait, leaving an INVALID index behind;
+    on SQLite the statement is refused as an interrupted one would be."""
+    from sqlalchemy.exc import OperationalError
+
+    blocker = engine.connect() if engine.dialect.name == "postgresql" else None
+
+    def fail(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not statement.startswith("CREATE INDEX") or name not in statement:
+            return
+        if blocker is None:
+            raise OperationalError(statement, None, RuntimeError("interrupted"))
+        blocker.execute(text("LOCK TABLE flag IN ROW EXCLUSIVE MODE"))  # as a push does
+        cursor.execute("SET lock_timeout = '200ms'")
+
+    event.listen(engine, "before_cursor_execute", fail)
+    try:
+        yield
+    finally:
+        event.remove(engine, "before_cursor_execute", fail)
+        if blocker is not None:
+            blocker.close()
+        engine.dispose()  # no session keeps the lock_timeout
+
+
+def _column_default(engine: Engine, column: str) -> str | None:
+    with engine.connect() as connection:
+        default: str | None = connection.scalar(
+            text(
+                "SELECT column_default FROM information_schema.columns "
+                "WHERE table_name = 'flag' AND column_name = :column"
+            ),
+            {"column": column},
+        )
+    return default
+
+
+def test_flags_keep_when_they_last_opened_runs_again_after_its_index_build_failed(
+    scratch: Engine,
+) -> None:
+    """PostgreSQL commits the column and its backfill before it builds the index
+    CONCURRENTLY: an upgrade stopped there runs again to the end (no DuplicateColumn),
+    keeping what running code set meanwhile (a flag raised, one opened again: the
+    code's time, not its change's, a moment later), and builds the index anew. SQLite
+    rolls the whole upgrade back: it runs again from the start."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    raised = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+    hours = dt.timedelta(hours=1)
+    migrate.upgrade(scratch, BEFORE_OPENED_AT)
+    with scratch.begin() as connection:
+        for flag_id in (1, 2, 3):
+            _add_flag(connection, flag_id, f"parcel P{flag_id}", raised + flag_id * hours)
+            _add_change(connection, flag_id, None, "open", raised + flag_id * hours)
+        _add_change(connection, 1, "open", "resolved", raised + 10 * hours)
+        _add_change(connection, 1, "resolved", "open", raised + 20 * hours)
+        _add_change(connection, 3, "open", "closed", raised + 30 * hours)
+    expected = {1: raised + 20 * hours, 2: raised + 2 * hours, 3: raised + 3 * hours}
+
+    with pytest.raises(sa.exc.OperationalError), index_build_fails(scratch, NAME_OPENED):
+        migrate.upgrade(scratch, OPENED_AT)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {BEFORE_OPENED_AT}
+        columns = {c["name"] for c in inspect(connection).get_columns("flag")}
+    if scratch.dialect.name == "postgresql":
+        assert "opened_at" in columns
+        assert _index_valid(scratch, NAME_OPENED) is False
+        reopened = raised + 40 * hours
+        with scratch.begin() as connection:  # the new version, serving meanwhile
+            _add_flag(connection, 4, "parcel P4", raised + 4 * hours, opened_at=raised + 4 * hours)
+            _add_change(connection, 2, "closed", "open", reopened)
+            connection.execute(
+                sa.update(_flag_table("opened_at"))
+                .where(sa.column("id") == 2)
+                .values(opened_at=reopened - dt.timedelta(microseconds=3))
+            )
+        expected |= {2: reopened - dt.timedelta(microseconds=3), 4: raised + 4 * hours}
+    else:
+        assert "opened_at" not in columns  # rolled back with the rest
+
+    migrate.upgrade(scratch, OPENED_AT)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {OPENED_AT}
+        opened = connection.execute(
+            sa.select(sa.column("id"), _flag_table("opened_at").c.opened_at)
+        )
+        assert dict(opened.all()) == expected
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_OPENED) is True
+        assert _column_default(scratch, "opened_at") is None
+
+
+def test_flags_by_parcel_runs_again_after_its_index_build_failed(scratch: Engine) -> None:
+    """As ``opened_at``'s: an upgrade stopped by a failed index build runs again to the
+    end, each flag with its parcel (a parcel's own, a handover's ``<shift>:<tn>``,
+    none for a shift's), a flag running code raised meanwhile with the one it set."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    raised = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+    subjects = {1: "parcel RR473124829GB", 2: "shift 12:RR473124829GB", 3: "shift 12"}
+    migrate.upgrade(scratch, f"{FLAGS_BY_PARCEL}-1")
+    with scratch.begin() as connection:
+        for flag_id, subject in subjects.items():
+            _add_flag(connection, flag_id, subject, raised, opened_at=raised)
+    expected = {1: "RR473124829GB", 2: "RR473124829GB", 3: None}
+
+    with pytest.raises(sa.exc.OperationalError), index_build_fails(scratch, NAME_BY_PARCEL):
+        migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {OPENED_AT}
+        columns = {c["name"] for c in inspect(connection).get_columns("flag")}
+    if scratch.dialect.name == "postgresql":
+        assert "tracking_no" in columns
+        assert _index_valid(scratch, NAME_BY_PARCEL) is False
+        with scratch.begin() as connection:  # the new version, serving meanwhile
+            _add_flag(connection, 4, "shift 13:SF1300000000001", raised, opened_at=raised)
+            connection.execute(
+                text("UPDATE flag SET tracking_no = 'SF1300000000001' WHERE id = 4")
+            )
+        expected[4] = "SF1300000000001"
+    else:
+        assert "tracking_no" not in columns  # rolled back with the rest
+
+    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {FLAGS_BY_PARCEL}
+        parcels = dict(connection.execute(text("SELECT id, tracking_no FROM flag")).all())
+    assert parcels == expected
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_BY_PARCEL) is True
+
+
+BACKFILLED_FLAGS = 25_000  # two full batches of 10,000 and a part of one
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize(
+    ("revision", "column", "wrong"),
+    [
+        (OPENED_AT, "opened_at", "opened_at IS DISTINCT FROM raised_at"),
+        (FLAGS_BY_PARCEL, "tracking_no", "tracking_no IS DISTINCT FROM 'P' || (id * 7)::text"),
+    ],
+    ids=["opened_at", "tracking_no"],
+)
+def test_a_flag_backfill_keeps_no_lock_that_holds_the_queue_or_pushes_back(
+    scratch: Engine, revision: str, column: str, wrong: str
+) -> None:
+    """The column's ACCESS EXCLUSIVE lock is committed before the backfill starts, and
+    the backfill runs in batches of at most 10,000 flags, each committed: before each
+    of its statements, a reader with a short ``lock_timeout`` reads ``flag``, a push
+    writes a flag the batches before wrote, and the migration's session holds no
+    transaction open."""
+    from sqlalchemy.exc import OperationalError
+
+    migrate.upgrade(scratch, f"{revision}-1")
+    opened = ", opened_at" if revision == FLAGS_BY_PARCEL else ""
+    with scratch.begin() as connection:  # half parcels' own, half their handovers'
+        connection.execute(
+            text(
+                "INSERT INTO flag (id, kind, severity, subject_type, subject_key, evidence, "
+                f"status, raised_at, updated_at{opened}) "
+                "SELECT n, 'missing_at_handover', 'critical', "
+                "CASE WHEN n % 2 = 0 THEN 'parcel' ELSE 'shift' END, "
+                "CASE WHEN n % 2 = 0 THEN '' ELSE (n % 13)::text || ':' END "
+                "|| 'P' || (n * 7)::text, '{}', 'open', t, t"
+                f"{', t' if opened else ''} "
+                "FROM generate_series(1, :count) AS n, "
+                "LATERAL (SELECT timestamptz '2026-11-20 09:00+00' + n * interval '1 s' AS t) "
+                "AS raised"
+            ),
+            {"count": BACKFILLED_FLAGS},
+        )
+        connection.execute(
+            text("SELECT setval('flag_id_seq', :count)"), {"count": BACKFILLED_FLAGS}
+        )
+
+    seen: list[tuple[bool, bool, bool]] = []
+    written: list[int] = []
+    watcher = scratch.connect()
+    watcher.execute(text("SET lock_timeout = '200ms'"))
+    watcher.commit()
+
+    def succeeds(statement: str) -> bool:
+        try:
+            watcher.execute(text(statement))
+            return True
+        except OperationalError:
+            return False
+        finally:
+            watcher.rollback()
+
+    def backfill(statement: str) -> bool:
+        return " ".join(statement.split()).startswith(f"UPDATE flag SET {column}")
+
+    def watch(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if not backfill(statement):
+            return
+        migrating = watcher.scalar(
+            text("SELECT xact_start IS NOT NULL FROM pg_stat_activity WHERE pid = :pid"),
+            {"pid": cursor.connection.info.backend_pid},
+        )
+        watcher.rollback()
+        seen.append(
+            (
+                succeeds("SELECT count(*) FROM flag WHERE status = 'open'"),
+                succeeds("UPDATE flag SET updated_at = updated_at WHERE id = 2"),
+                bool(migrating),
+            )
+        )
+
+    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if backfill(statement):
+            written.append(cursor.rowcount)
+
+    event.listen(scratch, "before_cursor_execute", watch)
+    event.listen(scratch, "after_cursor_execute", count)
+    try:
+        migrate.upgrade(scratch, revision)
+    finally:
+        event.remove(scratch, "before_cursor_execute", watch)
+        event.remove(scratch, "after_cursor_execute", count)
+        watcher.close()
+
+    assert seen and set(seen) == {(True, True, False)}, seen
+    assert max(written) <= 10_000 and sum(written) == BACKFILLED_FLAGS, written
+    with scratch.connect() as connection:
+        assert connection.scalar(text(f"SELECT count(*) FROM flag WHERE {wrong}")) == 0
+
+
+@pytest.mark.postgres_only
+def test_a_flag_the_version_before_raises_during_the_backfill_gets_when_it_opened(
+    scratch: Engine,
+) -> None:
+    """The version before, still serving while the upgrade runs, raises flags without
+    ``opened_at``: they get the constant default until the backfill is done and the
+    default dropped, and the pass after the drop fills them too: none is left at the
+    bottom of the queue with the year 2000."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    raised = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+    migrate.upgrade(scratch, BEFORE_OPENED_AT)
+    with scratch.begin() as connection:
+        _add_flag(connection, 1, "parcel P1", raised)
+    pusher = scratch.connect()
+    pusher.execute(text("SET lock_timeout = '200ms'"))
+    pusher.commit()
+
+    def push(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "ALTER COLUMN opened_at DROP DEFAULT" in statement:
+            _add_flag(pusher, 2, "parcel P2", raised + dt.timedelta(hours=1))
+            pusher.commit()
+
+    event.listen(scratch, "before_cursor_execute", push)
+    try:
+        migrate.upgrade(scratch, OPENED_AT)
+    finally:
+        event.remove(scratch, "before_cursor_execute", push)
+        pusher.close()
+    with scratch.connect() as connection:
+        opened = connection.execute(
+            sa.select(sa.column("id"), _flag_table("opened_at").c.opened_at)
+        )
+        assert dict(opened.all()) == {1: raised, 2: raised + dt.timedelta(hours=1)}

@@ -556,6 +556,12 @@ def images_lacking(session: Session, shift_ids: Sequence[int]) -> dict[int, set[
 EARLIER_DAYS = 14
 
 
+def _days_before(day: dt.date, days: int) -> dt.date:
+    """``days`` before ``day``, or the calendar's first day if that is earlier (a board
+    asked for 0001-01-01 has no fortnight before it)."""
+    return day - dt.timedelta(days=min(days, (day - dt.date.min).days))
+
+
 def waiting_from_earlier_days(
     *, session: Session, station_id: int, work_date: dt.date, days: int = EARLIER_DAYS
 ) -> list[tuple[Shift, User]]:
@@ -571,7 +577,7 @@ def waiting_from_earlier_days(
             .join(User, User.id == Shift.courier_id)
             .where(
                 Shift.station_id == station_id,
-                Shift.work_date >= work_date - dt.timedelta(days=days),
+                Shift.work_date >= _days_before(work_date, days),
                 Shift.work_date < work_date,
                 Shift.status != ShiftStatus.SIGNED_OFF,
             )

@@ -7,12 +7,13 @@ dates are local days of the station (a date picker), not instants with an offset
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import marshmallow as ma
 
-from courier_api.api.fields import After, Id, Text
+from courier_api.api.fields import MAX_ID, After, Id, Text
 from courier_api.api.shifts.schemas import CloseShiftIn
 from models import FlagSeverity, FlagStatus
 from sync.errors import InvalidInput
@@ -95,13 +96,23 @@ class SignOffCleanForm(_Form):
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
 
 
+_SHIFT_ID = re.compile(r"[0-9]{1,10}")  # as the board writes it: ASCII digits
+
+
 def checked_shifts(boxes: Sequence[str]) -> dict[int, str]:
     """The board's checked boxes, each ``<shift id>:<balance version>`` as the row
-    showed it: the shift ids with the version each was seen at."""
+    showed it: the shift ids with the version each was seen at. A box the board did not
+    write (a superscript digit, which ``str.isdigit`` takes for one, or an id beyond
+    the id column) is refused as no board row, before any query."""
     seen: dict[int, str] = {}
     for box in boxes:
         shift_id, _, version = box.partition(":")
-        if not shift_id.isdigit() or not version or len(version) > 64:
+        if (
+            not _SHIFT_ID.fullmatch(shift_id)
+            or int(shift_id) > MAX_ID
+            or not version
+            or len(version) > 64
+        ):
             raise InvalidInput(f"shift: not a board row ({box[:40]!r})", field="shift")
         seen[int(shift_id)] = version
     return seen

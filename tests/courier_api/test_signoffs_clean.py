@@ -604,3 +604,33 @@ def test_the_board_lists_the_shifts_of_earlier_days_that_still_wait(
     assert "still open" in waiting.group(1)
     assert "handed over, not signed off (reopened by late events)" in waiting.group(1)
     assert f"Shift {ids[signed]}<" not in waiting.group(1)
+
+
+def test_a_board_of_the_calendars_first_day_is_shown_not_an_error(
+    client: FlaskClient, app: Flask, auth: Auth, world: World
+) -> None:
+    """A date picker lets anyone type 0001-01-01: the board of that day is empty, not a
+    500 (the fortnight before it, whose waiting shifts the board lists, is before the
+    calendar begins)."""
+    response = client.get(
+        f"/api/v1/stations/{world.station.id}/handover?date=0001-01-01",
+        headers=auth.headers("manager1"),
+    )
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["shifts"] == []
+    signed_in(app, "manager1").get(f"/web/board?station={world.station.id}&date=0001-01-01")
+
+
+@pytest.mark.parametrize("box", ["²:abc", "99999999999999999999:abc", "٣:abc"])
+def test_a_board_box_naming_no_shift_id_is_refused_as_no_board_row_not_an_error(
+    app: Flask, world: World, box: str
+) -> None:
+    """A forged box (a superscript digit, which ``str.isdigit`` takes for one, or an id no
+    integer column holds) is told like any box that is no board row."""
+    page = signed_in(app, "manager1")
+    response = page.client.post(
+        f"/web/stations/{world.station.id}/signoffs",
+        data={"csrf_token": page.token(), "note": "all on the shelf", "shift": box, "date": ""},
+    )
+    assert response.status_code == 200
+    assert "Nothing signed off: shift: not a board row" in response.get_data(as_text=True)

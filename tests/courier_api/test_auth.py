@@ -200,6 +200,22 @@ def test_refresh_issues_a_new_pair(client: FlaskClient, world: World, auth: Auth
     assert client.get(PROTECTED_URL, headers=bearer(body["access_token"])).status_code == 200
 
 
+def test_an_answer_carrying_tokens_is_kept_by_no_cache(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """RFC 6749 5.1: a sign-in's or a refresh's answer holds the tokens, and no cache
+    between the PDA and the server (a station's proxy, the browser of a tool calling the
+    API) may keep a copy for whoever asks next."""
+    signed_in = sign_in(client, username="courier1", device_id="PDA-0001")
+    refreshed = client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": signed_in.get_json()["refresh_token"]}
+    )
+    for response in (signed_in, refreshed):
+        assert response.status_code == 200
+        assert response.headers.get("Cache-Control") == "no-store"
+        assert response.headers.get("Pragma") == "no-cache"
+
+
 def test_refresh_token_is_not_an_access_token(
     client: FlaskClient, world: World, auth: Auth
 ) -> None:

@@ -13,6 +13,9 @@ from models import Device, User
 from sync.device_state import held_max_seq
 
 blp = ApiBlueprint("auth", __name__, url_prefix="/api/v1/auth", description="Sign in and refresh")
+# An answer holding tokens is kept by no cache on the way (RFC 6749 5.1): a station's
+# proxy or a tool's browser would hand the tokens to whoever asks next.
+NOT_KEPT = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def _token_response(user: User, device: Device | None, pair: TokenPair) -> dict[str, Any]:
@@ -38,7 +41,7 @@ class Token(MethodView):
     @blp.alt_response(401, response="UNAUTHORIZED")
     @blp.alt_response(403, response="FORBIDDEN")
     @blp.alt_response(429, **RATE_LIMITED)
-    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Sign in
 
         Couriers also send `device_id`: a token is issued only for an active
@@ -55,7 +58,7 @@ class Token(MethodView):
             sign_in.user, sign_in.device, issue_tokens(sign_in.user, sign_in.device)
         )
         db.session.commit()
-        return response
+        return response, 200, NOT_KEPT
 
 
 @blp.route("/refresh")
@@ -64,7 +67,7 @@ class Refresh(MethodView):
     @blp.arguments(RefreshRequest)
     @blp.response(200, TokenResponse)
     @blp.alt_response(401, response="UNAUTHORIZED")
-    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Exchange a refresh token for a new pair of tokens
 
         Each refresh token is accepted once: the answer carries the next one, which
@@ -82,4 +85,4 @@ class Refresh(MethodView):
         next token again (the same `jti`), so either copy may be exchanged, once.
         """
         user, device, pair = exchange_refresh_token(body["refresh_token"])
-        return _token_response(user, device, pair)
+        return _token_response(user, device, pair), 200, NOT_KEPT

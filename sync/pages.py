@@ -534,6 +534,15 @@ def users_by_id(session: Session, ids: Iterable[int | None]) -> dict[int, User]:
     }
 
 
+def users_seen_by(
+    session: Session, ids: Iterable[int | None], visible_station: int | None
+) -> dict[int, User]:
+    """``users_by_id``, keeping those a reader seeing ``visible_station`` may know
+    (``sees_user``): a list names no courier of another station that its rows' pages
+    would not name (a mis-sorted parcel's, on the proof search)."""
+    return {i: u for i, u in users_by_id(session, ids).items() if sees_user(u, visible_station)}
+
+
 # -- a flag -----------------------------------------------------------------------------------
 
 

@@ -96,7 +96,7 @@ from sync.pages import (
     proof_page,
     proof_rows,
     shift_page,
-    users_by_id,
+    users_seen_by,
 )
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
@@ -540,7 +540,9 @@ def _flag_queue_page(
         station=station,
         stations=_stations_to_pick(),
         couriers=_couriers(station),
-        users=users_by_id(db.session, [f.courier_id for f in items]),
+        users=users_seen_by(
+            db.session, [f.courier_id for f in items], current_principal().station_filter(None)
+        ),
         evidence_shifts=evidence_shifts(
             session=db.session,
             flags=items,
@@ -672,7 +674,11 @@ def proofs() -> ResponseReturnValue:
     return render_template(
         "web/proofs.html",
         rows=rows,
-        users=users_by_id(db.session, [*(p.event.courier_id for p in found), *recorders]),
+        users=users_seen_by(
+            db.session,
+            [*(p.event.courier_id for p in found), *recorders],
+            current_principal().station_filter(None),
+        ),
         couriers=_couriers(station),
         args=filled,
         station=station,

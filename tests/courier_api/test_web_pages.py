@@ -487,6 +487,23 @@ def test_the_proof_page_names_another_stations_courier_only_to_who_may_know_them
     }
 
 
+def test_the_proof_list_names_another_stations_courier_only_to_who_may_know_them(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Zhao Lei of MHG left a mis-sorted PDG parcel in a locker: the drop is PDG's proof.
+    Its page tells PDG's manager that a courier of another station delivered it; the
+    proof search, listing the same proof, named him all the same (SECURITY.md threat
+    3: for a manager another station's courier does not exist). The auditor reads his
+    name in both."""
+    drop = station_day.mis_sorted_drop(session, day)
+    search = f"/web/proofs?tracking_no={drop.tracking_no}"
+    listed = signed_in(app, "manager").get(search)
+    assert f"/web/proofs/{drop.drop_id}" in listed
+    assert "Zhao Lei" not in listed and "zhaolei" not in listed, listed
+    assert "a courier of another station" in listed
+    assert "Zhao Lei" in signed_in(app, "auditor").get(search)
+
+
 def test_a_manager_sees_masked_phone_numbers_and_an_auditor_the_whole_number(
     app: Flask, day: StationDay
 ) -> None:

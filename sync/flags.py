@@ -472,7 +472,8 @@ def list_flags(
     raised.
 
     ``after_id`` is the last id of the previous page (the next page holds the flags
-    listed after it; one opened again meanwhile is listed again at the top);
+    listed after it; one opened again meanwhile is listed again at the top; one not
+    of ``station_id`` names no place, as an unknown id);
     ``raised_from`` is inclusive and ``raised_to`` exclusive. ``shift_id``: that
     shift's own flags (its handover discrepancies, sign-off and sweeps); a parcel's
     rule flags name no shift. ``tracking_no``: the parcel's flags, its own (rules,
@@ -508,7 +509,12 @@ def list_flags(
     if raised_to is not None:
         query = query.where(Flag.raised_at < raised_to)
     if after_id:
-        cursor = select(Flag.opened_at).where(Flag.id == after_id).scalar_subquery()
+        # Where the flag stands, read only among the flags listed (its station's): one of
+        # another station answers as an id naming no flag, not with where it stands.
+        found = select(Flag.opened_at).where(Flag.id == after_id)
+        if station_id is not None:
+            found = found.where(Flag.station_id == station_id)
+        cursor = found.scalar_subquery()
         query = query.where(
             or_(
                 Flag.opened_at < cursor,

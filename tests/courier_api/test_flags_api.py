@@ -214,6 +214,20 @@ def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags)
     assert rest["next_after"] is None
 
 
+def test_a_page_after_another_stations_flag_answers_as_after_an_id_naming_nothing(
+    client: FlaskClient, auth: Auth, flags: Flags
+) -> None:
+    """The keyset cursor is a flag's id, and the next page starts where that flag stands
+    in the queue. Given another station's flag, the page showed where it stood (the
+    manager's own flags opened before it): paging with ids one by one told a curious
+    manager which ids are another station's flags and, by halving, when each was opened
+    (SECURITY.md threat 3). It answers what an id naming no flag answers."""
+    manager = auth.headers("manager1")
+    unknown = listed(client, manager, "after=999999")
+    assert listed(client, manager, f"after={flags.there.id}") == unknown
+    assert listed(client, manager, f"after={flags.skew.id}") == [flags.here.id]
+
+
 def test_a_flag_opened_again_is_listed_first(
     client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
 ) -> None:

@@ -32,6 +32,14 @@ _QUANTIFIER = re.compile(r"\{\d*,\d*\}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
 MIN_METRICS_TOKEN_BYTES = 32
+# The databases the service runs on (migrations, engine settings, tests), and their driver.
+DATABASE_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+_SUGGESTED_URLS = {
+    "sqlite": "sqlite:////var/lib/courier/courier.db",
+    "postgresql": "postgresql+psycopg://user@host:5432/name (psycopg 3)",
+}
+_EXAMPLE_URLS = " or ".join(_SUGGESTED_URLS.values())
+_SCHEME = re.compile(r"[\w+.\-]*:?//")
 
 
 class ConfigError(RuntimeError):
@@ -117,13 +125,7 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Check the values that parse but would fail later, on the first request that uses them."""
-    try:
-        make_url(config["DATABASE_URL"])
-    except ArgumentError:
-        raise ConfigError(
-            "DATABASE_URL must be a database URL such as sqlite:////var/lib/courier/courier.db "
-            f"or postgresql+psycopg://user@host:5432/name, got {_url_shape(config)!r}"
-        ) from None
+    _check_database_url(str(config["DATABASE_URL"]))
     patterns = config["DOMESTIC_TRACKING_PATTERNS"]
     try:
         TrackingNumberPolicy.from_patterns(patterns)
@@ -163,9 +165,52 @@ def validate_config(config: Mapping[str, Any]) -> None:
         ) from None
 
 
-def _url_shape(config: Mapping[str, Any]) -> str:
-    """The bad URL as it can be shown: a password in it replaced by stars."""
-    return re.sub(r":[^:@/]*@", ":***@", str(config["DATABASE_URL"]))
+def _check_database_url(url: str) -> None:
+    """A URL SQLAlchemy parses may still name a dialect or a driver that cannot load
+    (``postgres://``, ``postgresql+psycopg2://``): found on the first connection, in a
+    traceback. The service runs on SQLite and on PostgreSQL through psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"DATABASE_URL must be a database URL such as {_EXAMPLE_URLS}, got {masked_url(url)!r}"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        raise ConfigError(
+            "DATABASE_URL: SQLAlchemy has no 'postgres' dialect; write the URL as "
+            f"postgresql+psycopg://..., got {masked_url(url)!r}"
+        )
+    if backend not in DATABASE_DRIVERS:
+        raise ConfigError(
+            f"DATABASE_URL: {parsed.drivername!r} is not a database the service runs on; "
+            f"use {_EXAMPLE_URLS}, got {masked_url(url)!r}"
+        )
+    driver = parsed.get_driver_name()  # the dialect's default when the URL names none
+    if driver != DATABASE_DRIVERS[backend]:
+        raise ConfigError(
+            f"DATABASE_URL: the driver {driver!r} is not one the service installs or runs "
+            f"on; use {_SUGGESTED_URLS[backend]}, got {masked_url(url)!r}"
+        )
+
+
+def masked_url(url: str) -> str:
+    """``url`` as it can be shown or logged: its password replaced by stars.
+
+    The password is everything between ``//user:`` and the last ``@`` (a password
+    may hold ``/``, ``:`` and ``@``, escaped or not); with no ``//`` (a mistyped
+    scheme), between the first ``:`` and the last ``@``. An ``@`` after the host (in
+    the query) makes more than the password hidden, never less.
+    """
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme is not None and scheme.end() <= at else 0
+    colon = url.find(":", start, at)
+    if colon < 0:  # a user without a password
+        return url
+    return f"{url[: colon + 1]}***{url[at:]}"
 
 
 def ensure_jwt_secret(config: dict[str, Any], instance_path: Path) -> None:

@@ -7,6 +7,7 @@ from courier_api.config import (
     ConfigError,
     ensure_jwt_secret,
     load_config,
+    masked_url,
     policy_of,
     validate_config,
 )
@@ -89,6 +90,23 @@ def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
             {"DATABASE_URL": "postgresql+psycopg//app:s3cret@db/courier"},
             r"DATABASE_URL must be a database URL.*'postgresql\+psycopg//app:\*\*\*@db/courier'",
         ),
+        (  # SQLAlchemy 2 has no "postgres" dialect
+            {"DATABASE_URL": "postgres://app:s3cret@db/courier"},
+            r"DATABASE_URL: SQLAlchemy has no 'postgres' dialect; write the URL as "
+            r"postgresql\+psycopg://.*'postgres://app:\*\*\*@db/courier'",
+        ),
+        (  # psycopg2 is not installed: the service uses psycopg 3
+            {"DATABASE_URL": "postgresql+psycopg2://app:s3cret@db/courier"},
+            r"DATABASE_URL: the driver 'psycopg2' is not one the service installs or runs on; "
+            r"use postgresql\+psycopg://.*'postgresql\+psycopg2://app:\*\*\*@db/courier'",
+        ),
+        (
+            {"DATABASE_URL": "mysql://app:s3cret@db/courier"},
+            r"DATABASE_URL: 'mysql' is not a database the service runs on; use sqlite:///.* "
+            r"or postgresql\+psycopg://",
+        ),
+        ({"DATABASE_URL": "mongodb://db/courier"}, "DATABASE_URL: 'mongodb' is not a database"),
+        ({"DATABASE_URL": "sqlite+aiosqlite:///courier.db"}, "the driver 'aiosqlite' is not"),
     ],
 )
 def test_values_that_would_fail_later_are_refused_at_start(
@@ -98,27 +116,97 @@ def test_values_that_would_fail_later_are_refused_at_start(
         validate_config(load_config(environ, tmp_path))
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////var/lib/courier/courier.db",
+        "sqlite+pysqlite:///courier.db",
+        "sqlite://",
+        "postgresql://app:s3cret@db:5432/courier",  # psycopg: SQLAlchemy 2.1's default
+        "postgresql+psycopg://app@db/courier",
+    ],
+)
+def test_the_database_urls_the_service_runs_on_pass(tmp_path: Path, url: str) -> None:
+    validate_config(load_config({"DATABASE_URL": url}, tmp_path))
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["s3cret", "p/ss", "p:ss", "p@ss", "a/b:c@d", "@:/", "p%40ss", "//x:y@z/w"],
+)
+def test_a_database_url_shown_never_shows_its_password(tmp_path: Path, password: str) -> None:
+    """Everything between ``//user:`` and the last ``@`` is hidden, whatever the
+    password holds; a URL SQLAlchemy cannot parse is shown so in the error."""
+    for url in (
+        f"postgresql+psycopg://app:{password}@db.example:5432/courier",
+        f"postgresql+psycopg//app:{password}@db.example:5432/courier",  # a colon missing
+        f"postgresql:app:{password}@db.example:5432/courier",  # no //
+    ):
+        shown = masked_url(url)
+        assert password not in shown
+        assert shown.endswith("***@db.example:5432/courier")
+    with pytest.raises(ConfigError) as refused:
+        validate_config(
+            load_config(
+                {"DATABASE_URL": f"postgresql+psycopg//app:{password}@db.example/courier"},
+                tmp_path,
+            )
+        )
+    assert password not in str(refused.value)
+    assert "'postgresql+psycopg//app:***@db.example/courier'" in str(refused.value)
+
+
+def test_a_database_url_without_a_password_is_shown_whole() -> None:
+    assert masked_url("postgresql+psycopg://app@db/courier") == (
+        "postgresql+psycopg://app@db/courier"
+    )
+    assert masked_url("sqlite:////var/lib/courier/courier.db") == (
+        "sqlite:////var/lib/courier/courier.db"
+    )
+
+
 def test_empty_phone_region_means_numbers_need_a_plus(tmp_path: Path) -> None:
     config = load_config({"DEFAULT_PHONE_REGION": ""}, tmp_path)
     assert config["DEFAULT_PHONE_REGION"] is None
     validate_config(config)
 
 
-def test_the_cli_reports_a_bad_value_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "environ", "message"),
+    [
+        (["db", "current"], {"DEFAULT_PHONE_REGION": "XX"}, "DEFAULT_PHONE_REGION"),
+        (
+            ["db", "upgrade"],
+            {"DATABASE_URL": "postgres://app:s3cret@127.0.0.1/courier"},
+            "DATABASE_URL: SQLAlchemy has no 'postgres' dialect",
+        ),
+        (
+            ["serve", "--port", "0"],
+            {"DATABASE_URL": "postgresql+psycopg2://app:s3cret@127.0.0.1/courier"},
+            "DATABASE_URL: the driver 'psycopg2'",
+        ),
+    ],
+)
+def test_the_cli_reports_a_bad_value_in_one_line(
+    tmp_path: Path, command: list[str], environ: dict[str, str], message: str
+) -> None:
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "INSTANCE_PATH": str(tmp_path), "DEFAULT_PHONE_REGION": "XX"}
+    env = {**os.environ, "INSTANCE_PATH": str(tmp_path), **environ}
+    env.pop("JWT_SECRET", None)
     result = subprocess.run(
-        [sys.executable, "-m", "courier_api", "db", "current"],
+        [sys.executable, "-m", "courier_api", *command],
         env=env,
         capture_output=True,
         text=True,
+        timeout=60,
     )
     assert result.returncode == 1
-    assert "Error: configuration: DEFAULT_PHONE_REGION" in result.stderr
+    assert f"Error: configuration: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr
 
 
 def test_the_rules_policy_comes_from_the_configuration(tmp_path: Path) -> None:

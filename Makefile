@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: export LOG_FORMAT := $(LOG_FORMAT)
+# The demo, whatever the shell exports: seed-demo is refused with APP_ENV=production.
+run: export APP_ENV := development
 run: install
 	$(BIN)/courier-api db upgrade
 	$(BIN)/courier-api seed-demo --if-empty

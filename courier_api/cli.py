@@ -271,9 +271,17 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
 @click.option("--if-empty", is_flag=True, help="Do nothing when any station exists")
 @with_appcontext
 def seed_demo(if_empty: bool) -> None:
-    """Load a demo station and play a simulated day at it; print the logins."""
+    """Load a demo station and play a simulated day at it; print the logins.
+
+    Refused with APP_ENV=production: its accounts' passwords are published.
+    """
     from courier_api.demo import DEMO_LOGINS, database_is_empty, seed
 
+    if current_app.config["APP_ENV"] == "production":
+        raise click.ClickException(
+            "seed-demo is refused with APP_ENV=production: it creates accounts whose "
+            "passwords are published (admin-demo-pass, ...); create users with create-user"
+        )
     if if_empty and not database_is_empty(db.session):
         click.echo("demo data not loaded: the database already has stations")
     else:

@@ -7,10 +7,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskCliRunner
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
@@ -416,3 +417,17 @@ def test_simulate_plays_a_day_and_prints_what_the_station_should_show(
         args=["simulate", "--couriers", "5", "--parcels", "2", "--admin-user", "x"], input="p\n"
     )
     assert bad.exit_code == 2 and "a parcel per courier" in bad.output
+
+
+def test_seed_demo_is_refused_in_production(app_with: Any, session: Session) -> None:
+    """Its accounts' passwords are in the README: never in a production database."""
+    runner = app_with(APP_ENV="production").test_cli_runner()
+    for args in (["seed-demo"], ["seed-demo", "--if-empty"]):
+        result = runner.invoke(args=args)
+        assert result.exit_code == 1
+        assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+        assert result.output.splitlines() == [
+            "Error: seed-demo is refused with APP_ENV=production: it creates accounts whose "
+            "passwords are published (admin-demo-pass, ...); create users with create-user"
+        ]
+    assert session.scalar(select(func.count()).select_from(User)) == 0

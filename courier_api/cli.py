@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import functools
+import logging
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup, FlaskGroup, ScriptInfo, pass_script_info, with_appcontext
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from courier_api.config import masked_url
 from courier_api.extensions import db
 from models import DeviceStatus, Role
 from models import migrate as migrations
@@ -19,11 +24,87 @@ from sync.errors import DomainError
 
 
 def main() -> None:
-    cli = FlaskGroup(create_app=_create_app, help="Courier field API.")
+    courier_cli().main(prog_name="courier-api")
+
+
+def courier_cli(create_app: Callable[[], Flask] | None = None) -> FlaskGroup:
+    """The ``courier-api`` group (``create_app``: tests give their app)."""
+    cli = CourierCli(create_app=create_app or _create_app, help="Courier field API.")
     # On the group itself, not app.cli: Flask pushes an app context around every
     # app.cli command, and a server must not run inside one (see serve()).
     cli.add_command(serve)
-    cli.main(prog_name="courier-api")
+    return cli
+
+
+class CourierCli(FlaskGroup):
+    """Flask's CLI group, telling in one line (exit status 1) what stops any command
+    on the database: one that cannot be reached, or one not migrated to the code's
+    schema. Any other database error is a bug or worse, and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DBAPIError as error:
+            message = database_error_message(error, ctx.ensure_object(ScriptInfo).load_app())
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+def database_error_message(error: DBAPIError, app: Flask) -> str | None:
+    """What an operator can do about ``error``, or None when it is none of their doing."""
+    url = str(app.config["DATABASE_URL"])
+    if _cannot_reach(error):
+        reason = " ".join(str(error.orig).split())
+        password = make_url(url).password
+        if password:
+            reason = reason.replace(str(password), "***")
+        return f"cannot reach the database at {masked_url(url)}: {reason}"
+    if _names_a_missing_table(error) and not _schema_at_head(app):
+        return f"the database at {masked_url(url)} is not migrated: run `courier-api db upgrade`"
+    return None
+
+
+def _cannot_reach(error: DBAPIError) -> bool:
+    """Connecting failed (refused, timed out, no such database or role, a password
+    refused), or the connection was lost; not a statement the database refused."""
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    if isinstance(error.orig, sqlite3.Error):
+        return str(error.orig).startswith("unable to open database file")
+    # psycopg: no SQLSTATE when libpq could not connect or lost the connection; else
+    # connection_exception, invalid_authorization, invalid_catalog_name (the database),
+    # the server shutting down or starting.
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith(("08", "28", "3D", "57P"))
+
+
+def _names_a_missing_table(error: DBAPIError) -> bool:
+    """A table or column the code expects is missing (SQLite's message; PostgreSQL's
+    undefined_table, undefined_column)."""
+    if getattr(error.orig, "sqlstate", None) in ("42P01", "42703"):
+        return True
+    return str(error.orig).startswith(("no such table", "no such column"))
+
+
+def _schema_at_head(app: Flask) -> bool:
+    """Whether the database is at the code's migrations' head: if it is, a missing
+    table is a bug to show, not a migration to run."""
+    if has_app_context():  # Flask's group keeps it until the end: so the command's session
+        db.session.rollback()  # and its transaction (SQLite's write lock with it)
+    alembic_log = logging.getLogger("alembic.runtime.migration")
+    level = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)  # its "Context impl ..." lines: not for here
+    try:
+        with db.engine_of(app).connect() as connection:
+            current = set(migrations.current_revisions(connection))
+    except DBAPIError:
+        return False
+    finally:
+        alembic_log.setLevel(level)
+    return current == set(migrations.head_revisions())
 
 
 def _create_app() -> Flask:
@@ -106,7 +187,7 @@ def db_revision(message: str) -> None:
 
 
 def _safe_url() -> str:
-    return db.engine.url.render_as_string(hide_password=True)
+    return masked_url(str(current_app.config["DATABASE_URL"]))
 
 
 # -- audit log --------------------------------------------------------------------------------

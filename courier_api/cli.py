@@ -321,7 +321,7 @@ def retire_device(device_id: str, lost: bool) -> None:
     default=8,
     show_default=True,
     type=click.IntRange(1, 256),
-    help="Threads per worker (a long pull holds one)",
+    help="Threads per worker (a long pull holds one; one is always kept from them)",
 )
 @pass_script_info
 def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) -> None:

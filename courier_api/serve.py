@@ -8,6 +8,7 @@ them run the jobs at a time.
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Any
 
 from flask import Flask, has_app_context
@@ -15,6 +16,8 @@ from gunicorn.app.base import BaseApplication
 
 from courier_api.logs import gunicorn_logger_class
 from courier_api.metrics import worker_exited
+
+log = logging.getLogger(__name__)
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]
@@ -36,6 +39,7 @@ def serve(
 ) -> None:
     """gunicorn with ``workers`` processes of ``threads`` threads each: a PDA waiting on a
     long pull (``GET /sync/pull?wait=``) holds a thread, not a whole process."""
+    cap_pull_waiters(app, threads)
     freeze_startup_objects()
     GunicornServer(
         app,
@@ -58,6 +62,38 @@ def serve(
             "control_socket_disable": True,
         },
     ).run()
+
+
+def pull_waiters_for(threads: int, configured: int) -> int:
+    """Long pulls that may wait at a time in a worker of ``threads`` threads: at most
+    ``configured`` (``MAX_PULL_WAITERS``), and never every thread."""
+    return max(0, min(configured, threads - 1))
+
+
+def cap_pull_waiters(app: Flask, threads: int) -> None:
+    """Keep a thread of each worker free of long pulls, with a warning when
+    ``MAX_PULL_WAITERS`` would not.
+
+    A waiting pull holds its thread for up to ``MAX_PULL_WAIT_SECONDS``; the pull's
+    waiting room (``courier_api.api.sync.routes``) exists so that pushes, sign-ins and
+    health checks always find one. A pull beyond the room is answered at once, as
+    when the room is full: the PDA pulls again. (Not refused: ``--threads 1`` could
+    then never start, since ``MAX_PULL_WAITERS`` is at least 1.)
+    """
+    configured = app.config["MAX_PULL_WAITERS"]
+    waiters = pull_waiters_for(threads, configured)
+    if waiters == configured:
+        return
+    log.warning(
+        "MAX_PULL_WAITERS=%d would let long pulls take all %d threads of a worker "
+        "(pushes, sign-ins and health checks would wait for them): %s",
+        configured,
+        threads,
+        f"at most {waiters} wait at a time in each worker; more are answered at once"
+        if waiters
+        else "no long pull waits; each is answered at once",
+    )
+    app.config["MAX_PULL_WAITERS"] = waiters
 
 
 def freeze_startup_objects() -> None:

@@ -526,3 +526,31 @@ def test_the_courier_api_command_tells_an_unmigrated_database_in_one_line(
         f"Error: the database at sqlite:///{tmp_path / 'empty.db'} is not migrated: "
         "run `courier-api db upgrade`"
     ]
+
+
+def test_serve_keeps_a_thread_of_each_worker_free_of_long_pulls(
+    app_with: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``MAX_PULL_WAITERS`` is capped at a worker's threads less one, with a warning;
+    with one thread no pull waits (``--threads 1`` still starts)."""
+    from courier_api.serve import cap_pull_waiters
+
+    for threads, waiters in ((8, 4), (5, 4), (4, 3), (2, 1), (1, 0)):
+        app = app_with(MAX_PULL_WAITERS=4)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="courier_api.serve"):
+            cap_pull_waiters(app, threads)
+        assert app.config["MAX_PULL_WAITERS"] == waiters
+        warned = [r.getMessage() for r in caplog.records if r.name == "courier_api.serve"]
+        if waiters == 4:
+            assert warned == []
+        else:
+            assert warned == [
+                f"MAX_PULL_WAITERS=4 would let long pulls take all {threads} threads of a "
+                "worker (pushes, sign-ins and health checks would wait for them): "
+                + (
+                    f"at most {waiters} wait at a time in each worker; more are answered at once"
+                    if waiters
+                    else "no long pull waits; each is answered at once"
+                )
+            ]

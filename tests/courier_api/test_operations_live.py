@@ -8,16 +8,28 @@ tested here is gunicorn's processes, not the database.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.live_server import Reply, Server, free_port, request, run_cli, server_env
+from tests.live_server import (
+    Reply,
+    Server,
+    call,
+    free_port,
+    prepare_station,
+    request,
+    run_cli,
+    server_env,
+    sign_in,
+)
 from tests.prometheus import value
 
 pytestmark = pytest.mark.skipif(
@@ -162,3 +174,45 @@ def test_two_workers_add_up_in_metrics_and_log_json(tmp_path: Path) -> None:
     )
     assert ADMIN_PASSWORD not in "".join(path.read_text() for path in server.log_paths)
     assert server.unexpected_log_lines() == []
+
+
+def test_long_pulls_leave_a_thread_of_each_worker_to_health_checks_and_pushes(
+    tmp_path: Path,
+) -> None:
+    """``--threads 2`` with ``MAX_PULL_WAITERS=4``: one long pull waits, the next is
+    answered at once, and /healthz is answered while the first still waits (a worker
+    whose every thread held a waiting pull would answer nothing until one ended)."""
+    env = server_env(tmp_path, f"sqlite:///{tmp_path / 'pulls.db'}", MAX_PULL_WAITERS="4")
+    prepare_station(env, "ST1", [("courier1", "courier-password-1", "PDA-1")])
+    server = Server(env, free_port(), tmp_path, workers=1, threads=2)
+    server.start()
+    answered: dict[str, float] = {}
+    try:
+        token = sign_in(server.port, "courier1", "courier-password-1", "PDA-1")
+        status, first = call(server.port, "GET", "/api/v1/sync/pull", token=token)
+        assert status == 200, first
+        long_pull = f"/api/v1/sync/pull?cursor={first['next_cursor']}&wait=20"
+
+        def pull(name: str) -> None:
+            started = time.monotonic()
+            with contextlib.suppress(OSError, http.client.HTTPException):  # killed at the end
+                request(server.port, "GET", long_pull, token=token, timeout=30)
+                answered[name] = time.monotonic() - started
+
+        waiting = threading.Thread(target=pull, args=("waiting",), daemon=True)
+        waiting.start()
+        time.sleep(1)  # it holds one of the two threads now
+        pull("second")
+        assert answered["second"] < 5  # no place in the waiting room: answered at once
+        started = time.monotonic()
+        assert request(server.port, "GET", "/healthz", timeout=30).status == 200
+        assert time.monotonic() - started < 5
+        assert "waiting" not in answered  # the first pull still waits
+    finally:
+        server.kill()
+    warnings = [r for r in log_records(server) if r["logger"] == "courier_api.serve"]
+    assert [r["level"] for r in warnings] == ["WARNING"]
+    assert "MAX_PULL_WAITERS=4 would let long pulls take all 2 threads of a worker" in str(
+        warnings[0]["message"]
+    )
+    assert "at most 1 wait at a time in each worker" in str(warnings[0]["message"])

@@ -373,11 +373,23 @@ def ingest(
                 code="batch_id_reused",
                 field="batch_id",
             )
-        receipt: dict[str, Any] = stored.receipt
-        return receipt
+        return _named_as_sent(stored.receipt, batch)
     return _BatchIngest(
         session, batch, pusher, rules, received_at, batch_pk, state, validated
     ).run()
+
+
+def _named_as_sent(receipt: dict[str, Any], batch: PushBatch) -> dict[str, Any]:
+    """The stored ``receipt`` of a batch sent again, each result naming its event as
+    this retry wrote its id (``_sent_id``), as every push's results do: a retry is the
+    same batch by its events' content, and a PDA that writes its ids anew (in capitals,
+    in braces) matches results by the ids it sent now."""
+    results = []
+    for result in receipt.get("results", ()):
+        index = result.get("index")
+        sent = _sent_id(batch.events[index]) if isinstance(index, int) else None
+        results.append(result if sent is None else {**result, "client_event_id": sent})
+    return {**receipt, "results": results} if results else receipt
 
 
 def _new_batch(

@@ -182,7 +182,9 @@ def test_a_retry_written_anew_in_another_spelling_gets_the_original_receipt(
     anew = {**first, "seq": 1, "occurred_at": at(1).isoformat().replace("+00:00", "Z")}
     anew["client_event_id"] = first["client_event_id"].upper()
     del anew["location"]
-    assert pda.push([anew, bad], batch_id, received_at=NOW + dt.timedelta(hours=1)) == receipt
+    again = pda.push([anew, bad], batch_id, received_at=NOW + dt.timedelta(hours=1))
+    named_anew = {**receipt["results"][0], "client_event_id": anew["client_event_id"]}
+    assert again == {**receipt, "results": [named_anew, *receipt["results"][1:]]}
     assert count(session, ScanEvent) == 1
 
     stored_before = [pda.event(3, parcel.tracking_no, "delivered")]
@@ -196,6 +198,31 @@ def test_a_retry_written_anew_in_another_spelling_gets_the_original_receipt(
     )
     session.commit()
     assert pda.push(stored_before, old_id) == old_receipt
+
+
+def test_a_retry_writing_its_ids_anew_finds_its_results_under_them(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A retry is the same batch whatever the spelling of its ids (a PDA whose app was
+    updated in between writes them in capitals, or in braces); the receipt it gets back
+    names each event as the retry wrote it, as every push's results do: answered in the
+    first attempt's spelling, a PDA matching results by id finds its events unanswered
+    and sends them again forever."""
+    checked_out = pda.event(1, parcel.tracking_no)
+    delivered = pda.event(2, parcel.tracking_no, "delivered")
+    bad = pda.event(3, parcel.tracking_no, "bogus")
+    batch_id = uuid.uuid4()
+    receipt = pda.push([checked_out, delivered, bad], batch_id)
+    anew = [
+        {**checked_out, "client_event_id": checked_out["client_event_id"].upper()},
+        {**delivered, "client_event_id": "{" + delivered["client_event_id"] + "}"},
+        bad,
+    ]
+    again = pda.push(anew, batch_id, received_at=NOW + dt.timedelta(hours=1))
+    assert [r["client_event_id"] for r in again["results"]] == [e["client_event_id"] for e in anew]
+    assert {**again, "results": receipt["results"]} == receipt
+    assert statuses(again) == statuses(receipt) == ["applied", "applied", "rejected"]
+    assert count(session, ScanEvent) == 2
 
 
 def test_a_batch_id_reused_for_other_events_is_refused(pda: Pda, parcel: Parcel) -> None:

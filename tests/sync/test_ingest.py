@@ -200,6 +200,22 @@ def test_a_retry_written_anew_in_another_spelling_gets_the_original_receipt(
     assert pda.push(stored_before, old_id) == old_receipt
 
 
+def test_a_replay_hashes_its_bytes_only_for_a_batch_stored_before_content_digests(
+    pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes of a batch (up to MAX_EVENTS_PER_PUSH events) are hashed again, under
+    the device's lock, only when its content digest is not the one stored."""
+    events = [pda.event(1, parcel.tracking_no)]
+    batch_id = uuid.uuid4()
+    receipt = pda.push(events, batch_id)
+
+    def hashed(batch: PushBatch) -> str:
+        raise AssertionError("a replay of a batch known by its content hashed its bytes")
+
+    monkeypatch.setattr(ingest_module, "request_hash", hashed)
+    assert pda.push(events, batch_id) == receipt
+
+
 def test_a_retry_writing_its_ids_anew_finds_its_results_under_them(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

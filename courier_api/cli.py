@@ -45,14 +45,23 @@ class CourierCli(FlaskGroup):
         try:
             return super().invoke(ctx)
         except DBAPIError as error:
-            message = database_error_message(error, ctx.ensure_object(ScriptInfo).load_app())
+            message = database_error_message(
+                error,
+                ctx.ensure_object(ScriptInfo).load_app(),
+                migrating=ctx.invoked_subcommand == db_cli.name,
+            )
             if message is None:
                 raise
             raise click.ClickException(message) from None
 
 
-def database_error_message(error: DBAPIError, app: Flask) -> str | None:
-    """What an operator can do about ``error``, or None when it is none of their doing."""
+def database_error_message(
+    error: DBAPIError, app: Flask, *, migrating: bool = False
+) -> str | None:
+    """What an operator can do about ``error``, or None when it is none of their doing.
+    ``migrating``: a ``db`` command, which a missing table stops only when a migration
+    fails (a hand-made change, a migration's bug): not a database to migrate, since it
+    is the command migrating it, so it keeps its traceback."""
     url = str(app.config["DATABASE_URL"])
     if _cannot_reach(error):
         reason = " ".join(str(error.orig).split())
@@ -60,7 +69,7 @@ def database_error_message(error: DBAPIError, app: Flask) -> str | None:
         if password:
             reason = reason.replace(str(password), "***")
         return f"cannot reach the database at {masked_url(url)}: {reason}"
-    if _names_a_missing_table(error) and not _schema_at_head(app):
+    if not migrating and _names_a_missing_table(error) and not _schema_at_head(app):
         return f"the database at {masked_url(url)} is not migrated: run `courier-api db upgrade`"
     return None
 

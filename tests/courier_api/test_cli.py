@@ -554,3 +554,23 @@ def test_serve_keeps_a_thread_of_each_worker_free_of_long_pulls(
                     else "no long pull waits; each is answered at once"
                 )
             ]
+
+
+def test_a_migration_that_fails_on_a_missing_table_keeps_its_traceback(tmp_path: Path) -> None:
+    """``db upgrade`` failing on a table it expects (a hand-made change, a migration's
+    bug) is not "not migrated: run db upgrade", the command that just failed: the
+    operator needs the migration and the statement, as before."""
+    path = tmp_path / "half-way.db"
+    app = make_test_app(f"sqlite:///{path}", tmp_path)
+    runner = app.test_cli_runner()
+    try:
+        before = ["db", "upgrade", "--revision", "3fbed2908ec9"]
+        assert runner.invoke(courier_cli(), before).exit_code == 0
+        with sqlite3.connect(path) as connection:  # 5c8d2e7a4f16 reads it
+            connection.execute("DROP TABLE flag_change")
+        result = runner.invoke(courier_cli(), ["db", "upgrade"])
+    finally:
+        db.engine_of(app).dispose()
+    assert "not migrated" not in result.output
+    assert isinstance(result.exception, OperationalError)
+    assert "no such table: flag_change" in str(result.exception)

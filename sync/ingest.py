@@ -470,6 +470,8 @@ class _BatchIngest:
         self.shifts_not_open: dict[int, Shift] = {}
         # Parcels whose delivered_not_checked_out flag this push changed (_project).
         self.covering_changed: set[str] = set()
+        # Each parcel's station and holder, as the projection left them (``_project``).
+        self.holders: dict[str, tuple[int, int | None]] = {}
         new_events = self._deduplicate(self.validated.valid)
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
@@ -823,7 +825,7 @@ class _BatchIngest:
         changed = {e.tracking_no for _, e in stored if e.type == EventType.CONSENT_CAPTURED}
         changed |= {t.tracking_no for t in targets if t.type == EventType.CONSENT_CAPTURED}
         if changed:
-            tell_holders(self.session, changed)
+            tell_holders(self.session, changed, self.holders)
 
     def _announce_drops(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Tell recipients where their parcel was left, and its pickup code (outbox). Not
@@ -1333,6 +1335,7 @@ class _BatchIngest:
         self.session.flush()
         self._report_raised(outcome.raised)
         self.covering_changed = outcome.not_checked_out_changed()
+        self.holders = outcome.holders
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(
                 "wrong_station",

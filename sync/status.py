@@ -56,7 +56,6 @@ from sync.rules import (
 from sync.sql import (
     Prebuilt,
     advisory_locks,
-    among,
     among_param,
     chunks,
     not_among_param,
@@ -207,6 +206,8 @@ class ReprojectOutcome:
     raised: list[Flag] = field(default_factory=list)  # rule flags raised or reopened
     # Rule flags closed (the rule holds), resolved again, or whose evidence changed.
     rejudged: list[Flag] = field(default_factory=list)
+    # Each parcel taken in: its station and its holder now, as written (``tell_holders``).
+    holders: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
     def not_checked_out_changed(self) -> set[str]:
         """Parcels whose ``delivered_not_checked_out`` flag was raised, closed or given
@@ -270,7 +271,6 @@ def reproject(
     couriers: dict[tuple[str, int], int | None] = {}
     entries: list[feed.FeedEntry] = []
     updates: list[dict[str, Any]] = []
-    holders: dict[str, int | None] = {}
     now = utcnow()
     for tracking_no in wanted:
         parcel = parcels.get(tracking_no)
@@ -279,7 +279,8 @@ def reproject(
                 outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
             continue
         projection = project(facts[tracking_no], station_id=parcel.station_id)
-        holder = holders[tracking_no] = projection.holder_courier_id or parcel.planned_courier_id
+        holder = projection.holder_courier_id or parcel.planned_courier_id
+        outcome.holders[tracking_no] = (parcel.station_id, holder)
         foreign = _scanned_elsewhere(
             facts[tracking_no], parcel.station_id, parcel.earlier_stations
         )
@@ -545,31 +546,27 @@ def rejudge_for_refusal(*, session: Session, tracking_no: str, policy: Policy) -
 
 
 def _rejudge_and_tell(session: Session, tracking_nos: list[str], policy: Policy) -> list[str]:
-    reproject(session=session, tracking_nos=tracking_nos, policy=policy)
-    tell_holders(session, tracking_nos)
+    outcome = reproject(session=session, tracking_nos=tracking_nos, policy=policy)
+    tell_holders(session, tracking_nos, outcome.holders)
     return tracking_nos
 
 
-def tell_holders(session: Session, tracking_nos: Iterable[str]) -> None:
+def tell_holders(
+    session: Session,
+    tracking_nos: Iterable[str],
+    held: Mapping[str, tuple[int, int | None]],
+) -> None:
     """A ``consent`` entry in the pull feed of the courier holding each of these parcels:
     the consents that cover it changed (granted, revoked, captured on a PDA or voided
-    there), and the PDA replaces its copy."""
-    holders = [
-        row
-        for chunk in chunks(sorted(tracking_nos))
-        for row in session.execute(
-            select(Parcel.station_id, Parcel.courier_id, Parcel.tracking_no).where(
-                among(session, Parcel.tracking_no, chunk), Parcel.courier_id.is_not(None)
-            )
-        )
-    ]
-    feed.record(
-        session,
-        (
-            feed.FeedEntry(station, courier, FeedKind.CONSENT, tn)
-            for station, courier, tn in holders
-        ),
-    )
+    there), and the PDA replaces its copy. ``held``: each parcel's station and holder
+    as the ``reproject`` just run over them left them (``ReprojectOutcome.holders``):
+    not read again (a push's statement)."""
+    entries = []
+    for tracking_no in sorted(set(tracking_nos)):
+        station, courier = held.get(tracking_no, (None, None))
+        if station is not None and courier is not None:
+            entries.append(feed.FeedEntry(station, courier, FeedKind.CONSENT, tracking_no))
+    feed.record(session, entries)
 
 
 def rejudge_after_upload(*, session: Session, digest: str, policy: Policy) -> list[str]:

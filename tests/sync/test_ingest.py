@@ -429,6 +429,27 @@ def test_a_pda_filling_its_gaps_never_looks_in_the_quarantine(
     assert sent and not [s for s in sent if "quarantined_event" in s]
 
 
+def test_a_consent_captured_tells_its_parcels_holder_without_reading_the_parcel_again(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """The holder the projection just wrote is the one told (a ``consent`` entry in
+    their pull feed): the push sends no statement of its own to find them."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn)])
+    consent = {"method": "locker", "channel": "in_person"}
+    with statements_sent(session) as sent:
+        receipt = pda.push([pda.event(2, tn, "consent_captured", consent=consent)])
+    assert statuses(receipt) == ["applied"]
+    told = session.execute(
+        select(FeedChange.courier_id, FeedChange.tracking_no).where(
+            FeedChange.kind == FeedKind.CONSENT
+        )
+    ).all()
+    assert told == [(world.courier.id, tn)]
+    read_holders = [s for s in sent if " ".join(s.split()).startswith("SELECT parcel.station_id")]
+    assert read_holders == []
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["one push", "two pushes"])
 def test_a_resolved_flag_ends_resolved_however_the_later_events_are_batched(
     session: Session, world: World, pda: Pda, parcel: Parcel, split: bool

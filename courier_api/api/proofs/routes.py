@@ -122,7 +122,7 @@ def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
 
 def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str, Any]:
     """``drop``: a locker or pickup-point drop's consent (``proofs_consents``); None: in
-    person, or a parcel not taken in."""
+    person, a parcel not taken in, or a drop a correction voided (not judged)."""
     event, parcel = proof.event, proof.parcel
     consent = None if drop is None else drop.consent
     return {

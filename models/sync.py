@@ -65,8 +65,16 @@ class SyncBatch(Base):
     received_at: Mapped[timestamp]
     clock_offset_ms: Mapped[int] = mapped_column(BigId)
     event_count: Mapped[int]
-    # sha256 of the canonical request: the same batch id with other content is refused.
+    # What "the same batch" is (``sync.ingest.content_digest``): the same batch id with
+    # other events is refused. A batch stored before content digests holds the hash of
+    # its events as sent here.
     request_hash: Mapped[sha256_hex]
+    # The hash of its events as sent (``sync.ingest.request_hash``), kept beside the
+    # content digest: a retry sent byte for byte is the same batch even when the events'
+    # validation changed in between (tracking-number patterns, the code), which moves an
+    # event between valid and rejected and so changes its content digest. None for a
+    # batch stored before it was kept.
+    sent_hash: Mapped[str | None] = mapped_column(String(64))
     receipt: Mapped[dict[str, Any]] = mapped_column(Document)
 
 

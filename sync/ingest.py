@@ -314,8 +314,9 @@ def event_row(
 
 
 def request_hash(batch: PushBatch) -> str:
-    """What "the same batch" meant before ``content_digest``: device, batch id and the
-    events as sent (a batch stored then and sent again unchanged is still a replay)."""
+    """Device, batch id and the events as sent: what "the same batch" meant before
+    ``content_digest``, kept beside it (``SyncBatch.sent_hash``) so that a retry sent
+    byte for byte is a replay whatever its validation makes of it now."""
     return sha256_json(
         {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": batch.events}
     )
@@ -357,18 +358,18 @@ def ingest(
     # Validated and hashed before the device's lock, which on SQLite is the writers' turn:
     # none of it reads what is stored.
     validated = _Validated.of(batch, rules.events, too_deep)
-    digest = content_digest(batch, validated)
+    digest, sent = content_digest(batch, validated), request_hash(batch)
     state = lock_device_state(session, pusher.device_id)
-    batch_pk = _new_batch(session, batch, pusher, received_at, digest)
+    batch_pk = _new_batch(session, batch, pusher, received_at, digest, sent)
     if batch_pk is None:
         stored = session.execute(
-            select(SyncBatch.request_hash, SyncBatch.receipt).where(
+            select(SyncBatch.request_hash, SyncBatch.sent_hash, SyncBatch.receipt).where(
                 SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
             )
         ).one()
-        # A batch stored before ``content_digest`` is known by its bytes: hashed again
-        # only then (the whole batch, under the device's lock), not on every replay.
-        if stored.request_hash != digest and stored.request_hash != request_hash(batch):
+        # The same events, however written; or the same bytes, whatever their validation
+        # makes of them now (a batch stored before content digests: its request_hash).
+        if digest != stored.request_hash and sent not in (stored.sent_hash, stored.request_hash):
             raise Conflict(
                 f"batch {batch.batch_id} was already received with other events; "
                 "a new batch needs a new batch_id",
@@ -400,6 +401,7 @@ def _new_batch(
     pusher: Pusher,
     received_at: dt.datetime,
     digest: str,
+    sent: str,
 ) -> int | None:
     """Record the batch and return its row id; ``None`` when this device sent a batch
     with this id before (a replay: the device's lock is held, so it is committed)."""
@@ -415,6 +417,7 @@ def _new_batch(
             "clock_offset_ms": _milliseconds(batch.sent_at - received_at),
             "event_count": len(batch.events),
             "request_hash": digest,
+            "sent_hash": sent,
             "receipt": {},
         },
     ).scalar()

@@ -70,6 +70,7 @@ class Pda:
         received_at: dt.datetime = NOW,
         sent_at: dt.datetime | None = None,
         commit: bool = True,
+        rules: IngestRules = RULES,
     ) -> dict[str, Any]:
         """``sent_at``: on the PDA's clock; by default ``received_at`` with its skew."""
         receipt = ingest(
@@ -81,7 +82,7 @@ class Pda:
                 events=events,
             ),
             pusher=self.pusher,
-            rules=RULES,
+            rules=rules,
             received_at=received_at,
         )
         if commit:
@@ -200,20 +201,54 @@ def test_a_retry_written_anew_in_another_spelling_gets_the_original_receipt(
     assert pda.push(stored_before, old_id) == old_receipt
 
 
-def test_a_replay_hashes_its_bytes_only_for_a_batch_stored_before_content_digests(
+def test_a_push_hashes_its_bytes_once_before_the_devices_lock(
     pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The bytes of a batch (up to MAX_EVENTS_PER_PUSH events) are hashed again, under
-    the device's lock, only when its content digest is not the one stored."""
+    """The bytes of a batch (up to MAX_EVENTS_PER_PUSH events) are hashed once a push,
+    before the device's lock (the writers' turn on SQLite), a replay's too: never again
+    under the lock to compare with what is stored."""
     events = [pda.event(1, parcel.tracking_no)]
     batch_id = uuid.uuid4()
+    hashed: list[str] = []
+    original = ingest_module.request_hash
+    locked = ingest_module.lock_device_state
+
+    def hashing(batch: PushBatch) -> str:
+        hashed.append("hash")
+        return original(batch)
+
+    def locking(*args: Any, **kwargs: Any) -> Any:
+        hashed.append("lock")
+        return locked(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "request_hash", hashing)
+    monkeypatch.setattr(ingest_module, "lock_device_state", locking)
     receipt = pda.push(events, batch_id)
-
-    def hashed(batch: PushBatch) -> str:
-        raise AssertionError("a replay of a batch known by its content hashed its bytes")
-
-    monkeypatch.setattr(ingest_module, "request_hash", hashed)
     assert pda.push(events, batch_id) == receipt
+    assert hashed == ["hash", "lock", "hash", "lock"]
+
+
+def test_a_retry_sent_byte_for_byte_after_the_tracking_patterns_changed_gets_its_receipt(
+    pda: Pda, parcel: Parcel
+) -> None:
+    """A batch is known by its events' content, and which events are valid depends on
+    the tracking-number patterns: narrowed between an attempt whose answer was lost
+    and its retry (an operator's change, a deploy), they made a valid event a rejected
+    one, and the retry, sent byte for byte, was refused 409 batch_id_reused instead of
+    getting its receipt (DESIGN.md rule 2); widened, the same for a rejected one."""
+    domestic = "SF1234567890123"  # a courier company's own numbering
+    events = [pda.event(1, parcel.tracking_no), pda.event(2, domestic, "delivered")]
+    batch_id = uuid.uuid4()
+    receipt = pda.push(events, batch_id)
+    assert statuses(receipt) == ["applied", "applied"]
+    narrowed = IngestRules(events=EventRules(tracking=TrackingNumberPolicy.from_patterns([])))
+    assert statuses(pda.push([pda.event(3, domestic)], rules=narrowed)) == ["rejected"]
+
+    assert pda.push(events, batch_id, rules=narrowed) == receipt
+    assert pda.push([dict(e) for e in events], batch_id) == receipt
+    with pytest.raises(Conflict) as refused:  # other events under the same id
+        pda.push([events[0], pda.event(2, parcel.tracking_no, "delivered")], batch_id)
+    assert refused.value.code == "batch_id_reused"
 
 
 def test_a_retry_writing_its_ids_anew_finds_its_results_under_them(

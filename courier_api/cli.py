@@ -313,7 +313,7 @@ def retire_device(device_id: str, lost: bool) -> None:
     """Retire DEVICE_ID (or report it lost); its tokens stop working at once."""
     status = DeviceStatus.LOST if lost else DeviceStatus.RETIRED
     device = directory.get_device(session=db.session, device_id=device_id)
-    directory.set_device_status(session=db.session, device=device, status=status)
+    directory.set_device_status(session=db.session, device=device, status=status, changed_by=None)
     db.session.commit()
     click.echo(f"device {device.id} is now {status.value}")
 

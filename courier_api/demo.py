@@ -96,7 +96,9 @@ def seed(
         transport.close()
     station = directory.get_station_by_code(session=session, code=STATION_CODE)
     device = directory.register_device(session=session, device_id=RETIRED_DEVICE, station=station)
-    directory.set_device_status(session=session, device=device, status=DeviceStatus.RETIRED)
+    directory.set_device_status(
+        session=session, device=device, status=DeviceStatus.RETIRED, changed_by=None
+    )
     board = result.expected.as_dict()["board"]
     return (
         f"demo station {STATION_CODE} loaded: a simulated day of {couriers} couriers and "

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Sequence
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Device, DeviceStatus, Role, Station, User, utcnow
+from sync import audit
 from sync.accounts import DEFAULT_PASSWORD_HASH_METHOD, hash_password
 from sync.errors import Conflict, InvalidInput, NotFound
 
@@ -17,6 +20,10 @@ STATION_CODE = re.compile(r"[A-Z0-9][A-Z0-9_-]{1,31}")
 USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 MAX_PAGE_SIZE = 500
+# The audit log's entries for a station's or a PDA's change (``_audit_changes``).
+STATION_UPDATED = "station_updated"
+DEVICE_UPDATED = "device_updated"
+COMMAND_LINE = "the command line"  # who changed it, when no user is known
 
 
 # -- stations ---------------------------------------------------------------------------------
@@ -39,13 +46,27 @@ def create_station(*, session: Session, code: str, name: str, timezone: str = "U
 
 
 def update_station(
-    *, session: Session, station: Station, name: str | None = None, timezone: str | None = None
+    *,
+    session: Session,
+    station: Station,
+    changed_by: int | None,
+    name: str | None = None,
+    timezone: str | None = None,
 ) -> Station:
+    """Rename a station or change its time zone, each change on the audit log
+    (``station_updated``, by ``changed_by``: None for the command line). The time zone
+    decides which local day a shift, a board and a report belong to: moved, every one
+    of them moves, and a dispute over a day's board must be able to see when and by
+    whom. Given the values it has, nothing changes and nothing is logged."""
+    changes: dict[str, tuple[Any, Any]] = {}
     if name is not None:
-        station.name = _required_text(name, "name")
+        _change(station, "name", _required_text(name, "name"), changes)
     if timezone is not None:
-        station.timezone = _zone(timezone)
+        _change(station, "timezone", _zone(timezone), changes)
     session.flush()
+    _audit_changes(
+        session, STATION_UPDATED, "station", str(station.id), station.id, changes, changed_by
+    )
     return station
 
 
@@ -206,16 +227,23 @@ def device_not_found(device_id: str) -> NotFound:
     return NotFound(f"no device {device_id!r}", code="device_not_found")
 
 
-def set_device_status(*, session: Session, device: Device, status: DeviceStatus) -> Device:
+def set_device_status(
+    *, session: Session, device: Device, status: DeviceStatus, changed_by: int | None
+) -> Device:
     """Retire a device, report it lost, or bring a found one back.
 
     Its tokens stop working at once (they are checked against the status on
-    every request).
+    every request). The change goes to the audit log (``device_updated``, by
+    ``changed_by``: None for the command line): a PDA reported lost or brought back
+    weighs on whose its events were. Set to the status it has, nothing is logged.
     """
-    if device.status != status:
-        device.status = status
+    changes: dict[str, tuple[Any, Any]] = {}
+    if _change(device, "status", status, changes):
         device.status_changed_at = utcnow()
         session.flush()
+        _audit_changes(
+            session, DEVICE_UPDATED, "device", device.id, device.station_id, changes, changed_by
+        )
     return device
 
 
@@ -236,6 +264,60 @@ def list_devices(
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _change(row: Any, name: str, value: Any, changes: dict[str, tuple[Any, Any]]) -> bool:
+    """Set ``row.name`` to ``value`` if it differs, noting ``changes[name]``
+    (before, after); whether it changed."""
+    before = getattr(row, name)
+    if before == value:
+        return False
+    setattr(row, name, value)
+    changes[name] = (before, value)
+    return True
+
+
+def _audit_changes(
+    session: Session,
+    action: str,
+    subject_type: str,
+    subject_key: str,
+    station_id: int,
+    changes: dict[str, tuple[Any, Any]],
+    user_id: int | None,
+) -> None:
+    """An entry naming each changed field from and to, and who (``by``), as a parcel's
+    ``parcel_updated`` does; none when nothing changed."""
+    if not changes:
+        return
+    audit.append(
+        session=session,
+        actor_id=user_id,
+        action=action,
+        subject_type=subject_type,
+        subject_key=subject_key,
+        details={
+            "station_id": station_id,
+            "by": _who(session, user_id),
+            "changes": {
+                name: {"from": _shown(before), "to": _shown(after)}
+                for name, (before, after) in changes.items()
+            },
+        },
+    )
+
+
+def _who(session: Session, user_id: int | None) -> str:
+    """Who changed it, as the audit entry names them."""
+    if user_id is None:
+        return COMMAND_LINE
+    user = session.get(User, user_id)
+    return user.username if user is not None else f"user #{user_id}"
+
+
+def _shown(value: Any) -> Any:
+    """A field as the audit log keeps it: an enum by its value."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _required_text(value: str, field: str) -> str:

@@ -211,6 +211,8 @@ LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift t
 NOT_CLOSED = "shift_not_closed"
 STALE_DEVICE = "stale_device"
 NO_OPEN_SHIFT = "the device has no open shift any more"
+# The audit log's entry for a shift closed by someone other than its courier (``close_shift``).
+CLOSED_FOR_COURIER = "shift_closed_for_courier"
 
 
 @dataclass(frozen=True)
@@ -616,6 +618,13 @@ def close_shift(
     declares (``_take_unfiled_in_seqs``): the courier's own, recorded on a clock that
     was wrong, and those another courier's sign-in pushed; their parcels are judged
     again by ``policy``.
+
+    Closed by anyone but its courier (a manager or an admin, for a PDA that died or a
+    shift left open), the close goes to the audit log (``_audit_close``): it decides
+    which seqs are the shift's, hence its balance, and the row keeps only who closed it
+    and the last seq. The courier's own close from the PDA does not: like the PDA's
+    events it is the courier's own record, and every evening's closes stay off the
+    audit log's lock.
     """
     from sync.balances import refresh_handover_flags
 
@@ -672,8 +681,7 @@ def close_shift(
     shift.last_seq = last_seq
     shift.seq_at_close = state.max_seq if state is not None else 0
     session.flush()
-    if last_seq is not None:
-        _take_unfiled_in_seqs(session, shift, policy)
+    taken = _take_unfiled_in_seqs(session, shift, policy) if last_seq is not None else []
     close_flag(
         session=session,
         kind=NOT_CLOSED,
@@ -691,7 +699,36 @@ def close_shift(
     )
     refresh_handover_flags(session=session, shifts=[shift])
     _announce_if_unbalanced(session, shift)
+    if closed_by != shift.courier_id:
+        _audit_close(session, shift, taken)
     return shift
+
+
+def _audit_close(session: Session, shift: Shift, taken: list[int]) -> None:
+    """The ``shift_closed_for_courier`` entry: who closed it (the actor), the last seq
+    given (null: none, its events are then the shift's by time), the seq the server held
+    from the PDA then, and the events the last seq took from under no shift (``taken``,
+    their ids): what the row said then, so a close rewritten in the database afterwards
+    no longer matches. Appended last: the audit log is the last lock a transaction takes.
+    """
+    assert shift.closed_at is not None and shift.closed_by is not None
+    audit.append(
+        session=session,
+        actor_id=shift.closed_by,
+        action=CLOSED_FOR_COURIER,
+        subject_type="shift",
+        subject_key=str(shift.id),
+        details={
+            "station_id": shift.station_id,
+            "courier_id": shift.courier_id,
+            "device_id": shift.device_id,
+            "first_seq": shift.first_seq,
+            "last_seq": shift.last_seq,
+            "seq_at_close": shift.seq_at_close,
+            "closed_at": audit.iso(shift.closed_at),
+            "events_taken": taken,
+        },
+    )
 
 
 def close_stale_device(
@@ -709,7 +746,7 @@ def close_stale_device(
     )
 
 
-def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> None:
+def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> list[int]:
     """File under ``shift``, as its courier's, the events of its PDA that were pushed
     before this close and that no shift took, in the seqs the close declares the
     shift's (from its first seq, declared or derived: ``_Window.with_first_seq_derived``):
@@ -725,7 +762,8 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> Non
     here, so that the order of the push and the close changes nothing (rule 3). Their
     parcels are judged again (who holds them, whose delivery it was), and the PDA's
     ``wrong_shift`` flag closes when these were all it named. (Events another shift's
-    seqs hold were filed under it when pushed, or when it opened: none is taken.)"""
+    seqs hold were filed under it when pushed, or when it opened: none is taken.)
+    Returns the ids of the events taken, in seq order."""
     previous_id, previous_last_seq = session.execute(
         select(
             adjacent_shift(_shifts, "id", following=False, same_courier=False),
@@ -742,7 +780,7 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> Non
         previous_last_seq=previous_last_seq,
     ).with_first_seq_derived()
     if window.first_seq is None or window.last_seq is None:
-        return
+        return []
     taken = session.execute(
         select(
             ScanEvent.id, ScanEvent.seq, ScanEvent.tracking_no, ScanEvent.claimed_shift_id
@@ -753,13 +791,14 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> Non
         )
     ).all()
     if not taken:
-        return
+        return []
     session.execute(
         update(ScanEvent),
         [{"id": row.id, "shift_id": shift.id, "courier_id": shift.courier_id} for row in taken],
     )
     reproject(session=session, tracking_nos={row.tracking_no for row in taken}, policy=policy)
     _close_wrong_shift_if_taken(session, shift, {row.seq: row.claimed_shift_id for row in taken})
+    return [row.id for row in sorted(taken, key=lambda row: row.seq)]
 
 
 def _close_wrong_shift_if_taken(

@@ -56,6 +56,26 @@ def test_create_station_user_and_device(runner: FlaskCliRunner, session: Session
     assert session.get(Device, "PDA-9").status == DeviceStatus.LOST
 
 
+def test_retire_device_writes_the_change_to_the_audit_log(
+    runner: FlaskCliRunner, session: Session, world: World
+) -> None:
+    """As `PATCH /devices/<id>` does, naming no actor: the command line's, as an import's.
+    Retired again, nothing changes and nothing more is logged."""
+    for _ in range(2):
+        result = runner.invoke(args=["retire-device", "PDA-0001"])
+        assert result.exit_code == 0, result.output
+    session.expire_all()
+    [entry] = session.scalars(select(AuditEntry).where(AuditEntry.action == "device_updated"))
+    assert (entry.actor_id, entry.subject_type, entry.subject_key) == (None, "device", "PDA-0001")
+    assert entry.details == {
+        "station_id": world.station.id,
+        "by": "the command line",
+        "changes": {"status": {"from": "active", "to": "retired"}},
+    }
+    result = runner.invoke(args=["audit", "verify"])
+    assert result.exit_code == 0 and "audit log intact" in result.output, result.output
+
+
 def test_cli_errors_are_one_clear_line(runner: FlaskCliRunner, world: World) -> None:
     result = runner.invoke(args=["create-station", "ST1", "--name", "Again"])
     assert result.exit_code == 1

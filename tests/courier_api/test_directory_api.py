@@ -1,5 +1,7 @@
 """Admin endpoints for stations, users and devices, and who may use them."""
 
+from typing import Any
+
 import pytest
 from flask.testing import FlaskClient
 
@@ -227,3 +229,85 @@ def test_auditor_reads_but_never_writes(client: FlaskClient, world: World, auth:
         ).status_code
         == 403
     )
+
+
+def _log(client: FlaskClient, auth: Auth, subject_type: str, key: str) -> list[dict[str, Any]]:
+    """The audit log's entries about one subject, oldest first, as an auditor reads them."""
+    answer = client.get(
+        "/api/v1/audit",
+        query_string={"subject_type": subject_type, "subject_key": key},
+        headers=auth.headers("auditor1"),
+    )
+    assert answer.status_code == 200, answer.get_json()
+    return list(reversed(answer.get_json()["items"]))
+
+
+def _verified(client: FlaskClient, auth: Auth) -> bool:
+    answer = client.get("/api/v1/audit/verify", headers=auth.headers("auditor1")).get_json()
+    return bool(answer["intact"]) and answer["checked"] > 0
+
+
+def test_a_stations_time_zone_moved_is_on_the_audit_log_from_and_to(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """The time zone decides which local day each shift, board and report is of: an
+    auditor judging a day's board sees who moved it, when, from which zone to which.
+    A PATCH giving the values the station has, or nothing, writes no entry; a refused
+    one neither."""
+    admin = auth.headers("admin")
+    url = f"/api/v1/stations/{world.station.id}"
+    moved = client.patch(url, json={"timezone": "Europe/London", "name": "Pudong"}, headers=admin)
+    assert moved.status_code == 200, moved.get_json()
+    for same in ({"timezone": "Europe/London", "name": " Pudong "}, {}):
+        assert client.patch(url, json=same, headers=admin).status_code == 200
+    refused = client.patch(url, json={"timezone": "Mars/Olympus"}, headers=admin)
+    assert refused.status_code == 422
+
+    [entry] = _log(client, auth, "station", str(world.station.id))
+    assert (entry["action"], entry["actor_id"]) == ("station_updated", world.admin.id)
+    assert entry["details"] == {
+        "station_id": world.station.id,
+        "by": "admin",
+        "changes": {
+            "timezone": {"from": "Asia/Shanghai", "to": "Europe/London"},
+            "name": {"from": "Station ST1", "to": "Pudong"},
+        },
+    }
+    back = client.patch(url, json={"timezone": "Asia/Shanghai"}, headers=admin)
+    assert back.status_code == 200
+    second = _log(client, auth, "station", str(world.station.id))[1]
+    assert second["details"]["changes"] == {
+        "timezone": {"from": "Europe/London", "to": "Asia/Shanghai"}
+    }
+    assert _verified(client, auth)
+
+
+def test_a_pda_reported_lost_and_found_again_is_on_the_audit_log(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """A PDA reported lost stops its tokens; brought back, they work again: both weigh on
+    whose its events were, and each is on the log with who and the status from and to.
+    Set to the status it has, or refused (another station's PDA, a status that is none),
+    nothing is logged."""
+    manager = auth.headers("manager1")
+    url = "/api/v1/devices/PDA-0001"
+    assert client.patch(url, json={"status": "lost"}, headers=manager).status_code == 200
+    assert client.patch(url, json={"status": "lost"}, headers=manager).status_code == 200
+    assert client.patch(url, json={"status": "broken"}, headers=manager).status_code == 422
+    elsewhere = client.patch("/api/v1/devices/PDA-0002", json={"status": "lost"}, headers=manager)
+    assert elsewhere.status_code == 404
+    found = client.patch(url, json={"status": "active"}, headers=auth.headers("admin"))
+    assert found.status_code == 200
+
+    lost, active = _log(client, auth, "device", "PDA-0001")
+    assert (lost["action"], lost["actor_id"]) == ("device_updated", world.manager.id)
+    assert lost["details"] == {
+        "station_id": world.station.id,
+        "by": "manager1",
+        "changes": {"status": {"from": "active", "to": "lost"}},
+    }
+    assert (active["action"], active["actor_id"]) == ("device_updated", world.admin.id)
+    assert active["details"]["changes"] == {"status": {"from": "lost", "to": "active"}}
+    assert active["details"]["by"] == "admin"
+    assert _log(client, auth, "device", "PDA-0002") == []
+    assert _verified(client, auth)

@@ -363,6 +363,12 @@ def test_a_manager_closes_from_the_shift_page_a_shift_whose_pda_died(
         None,
     )
     assert balance(client, shift["id"], manager)["missing"] == 1
+    # on the audit log as the API's close is, once: the refused close wrote nothing
+    [entry] = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "shift_closed_for_courier")
+    ).all()
+    assert (entry.actor_id, entry.subject_key) == (world.manager.id, str(shift["id"]))
+    assert (entry.details["last_seq"], entry.details["seq_at_close"]) == (None, 3)
 
 
 def test_the_board_names_a_balanced_shifts_own_open_flag(
@@ -1330,6 +1336,90 @@ def test_a_handovers_queue_pushed_before_the_manager_closes_the_shift_is_filed_a
     assert (delivered.shift_id, delivered.courier_id) == (shift["id"], world.courier.id)
     named = client.get("/api/v1/flags?kind=wrong_shift", headers=manager).get_json()["items"]
     assert [f["status"] for f in named] == ["closed"]
+
+
+def _closes_on_the_log(client: FlaskClient, auth: Auth, shift_id: int) -> list[dict[str, Any]]:
+    """The shift's `shift_closed_for_courier` entries, as an auditor reads them."""
+    answer = client.get(
+        "/api/v1/audit",
+        query_string={"subject_type": "shift", "subject_key": str(shift_id)},
+        headers=auth.headers("auditor1"),
+    )
+    assert answer.status_code == 200, answer.get_json()
+    return [e for e in answer.get_json()["items"] if e["action"] == "shift_closed_for_courier"]
+
+
+def _log_intact(client: FlaskClient, auth: Auth) -> bool:
+    answer = client.get("/api/v1/audit/verify", headers=auth.headers("auditor1")).get_json()
+    return bool(answer["intact"])
+
+
+def test_a_managers_close_declaring_the_last_seq_is_on_the_audit_log(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """courier1 hands the PDA over with the shift open and courier2's sign-in pushes the
+    queue; the manager closes courier1's shift declaring last seq 4, which takes both
+    queued events and makes the balance. The row keeps only who closed it and the seq:
+    the log says who, the last seq given, what the server held from the PDA then and
+    which events the close took. The retry changes nothing and logs nothing; a refused
+    close neither."""
+    pda, shift, _, queued = _handed_over(client, session, world, auth, closed=False)
+    pda.push(queued)
+    manager = auth.headers("manager1")
+    close = f"/api/v1/shifts/{shift['id']}/close"
+    refused = client.post(close, json={"last_seq": 0}, headers=manager)
+    assert refused.status_code == 422, refused.get_json()
+    assert _closes_on_the_log(client, auth, shift["id"]) == []
+    for _ in range(2):  # the second is a retry
+        closed = client.post(close, json={"last_seq": 4}, headers=manager)
+        assert closed.status_code == 200, closed.get_json()
+
+    [entry] = _closes_on_the_log(client, auth, shift["id"])
+    assert (entry["actor_id"], entry["subject_type"], entry["subject_key"]) == (
+        world.manager.id,
+        "shift",
+        str(shift["id"]),
+    )
+    taken = session.scalars(
+        select(ScanEvent.id).where(ScanEvent.seq.in_([3, 4])).order_by(ScanEvent.seq)
+    ).all()
+    closed_at = dt.datetime.fromisoformat(closed.get_json()["closed_at"])
+    assert entry["details"] == {
+        "station_id": world.station.id,
+        "courier_id": world.courier.id,
+        "device_id": "PDA-0001",
+        "first_seq": 1,
+        "last_seq": 4,
+        "seq_at_close": 4,
+        "closed_at": closed_at.astimezone(dt.UTC).isoformat(timespec="microseconds"),
+        "events_taken": list(taken),
+    }
+    assert len(taken) == 2
+    assert _log_intact(client, auth)
+
+
+def test_an_admins_close_without_a_last_seq_is_logged_and_the_couriers_own_is_not(
+    client: FlaskClient, session: Session, world: World, auth: Auth, pda: Courier
+) -> None:
+    """A close from the PDA by its own courier is the courier's own record, as the PDA's
+    events are: no entry. An admin closing a colleague's shift left open (the PDA died)
+    without a last seq leaves its end to time: the entry says so (`last_seq` null)."""
+    (a,) = parcels(session, world, 1)
+    own = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    assert pda.close(own["id"], last_seq=1).status_code == 200
+    assert _closes_on_the_log(client, auth, own["id"]) == []
+
+    left = pda.open(first_seq=2)
+    pda.push([pda.event(a, "delivered")])
+    closed = client.post(f"{SHIFTS}/{left['id']}/close", json={}, headers=auth.headers("admin"))
+    assert closed.status_code == 200, closed.get_json()
+    [entry] = _closes_on_the_log(client, auth, left["id"])
+    assert entry["actor_id"] == world.admin.id
+    details = entry["details"]
+    assert (details["last_seq"], details["first_seq"], details["seq_at_close"]) == (None, 2, 2)
+    assert (details["courier_id"], details["events_taken"]) == (world.courier.id, [])
+    assert _log_intact(client, auth)
 
 
 def test_a_close_keeps_the_wrong_shift_of_a_handovers_queue_that_named_another_shift(

@@ -60,7 +60,14 @@ class AuditEntries(MethodView):
         auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read` (also
         subject `shift`: a shift page showing its discrepancies' recipients),
-        `blob_read`, `quarantine_searched`), retention purges and webhook changes are here. A phone
+        `blob_read`, `quarantine_searched`), a shift closed by a manager or an admin
+        for its courier (`shift_closed_for_courier`; subject `shift`: the `last_seq`
+        given, `seq_at_close`, the `events_taken` from under no shift), a change of a
+        station (`station_updated`; subject `station` and its id: its name or time zone)
+        or of a PDA's status (`device_updated`; subject `device` and its id), with
+        who (`by`, also for `courier-api retire-device`, whose entries name no actor)
+        and each changed field from and to, retention purges and webhook changes are
+        here. A phone
         number in an entry's details is masked for admins, not for auditors.
         """
         entries = audit.list_entries(

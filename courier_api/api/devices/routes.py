@@ -93,10 +93,17 @@ class DeviceById(MethodView):
 
         Tokens issued for a retired or lost device stop working at once.
         Managers change their station's PDAs; one of another station answers
-        what an unknown id answers (404 `device_not_found`).
+        what an unknown id answers (404 `device_not_found`). A change of status is
+        on the audit log (`device_updated`: who, and the status from and to); the
+        status it has already changes nothing and is not logged.
         """
         device = directory.get_device(session=db.session, device_id=device_id)
         ensure_visible(device.station_id, directory.device_not_found(device_id))
-        directory.set_device_status(session=db.session, device=device, status=body["status"])
+        directory.set_device_status(
+            session=db.session,
+            device=device,
+            status=body["status"],
+            changed_by=current_principal().user_id,
+        )
         db.session.commit()
         return device

@@ -143,7 +143,10 @@ class CloseShift(MethodView):
         `last_seq` (409 `shift_already_closed`). A colleague's shift is a 403
         `not_your_shift`, even on the PDA it was opened on; a shift of another
         station answers, to a courier or a manager, what an unknown id answers
-        (404 `shift_not_found`).
+        (404 `shift_not_found`). A manager's or an admin's close is on the audit
+        log (`shift_closed_for_courier`: who, the `last_seq` given, the seq the
+        server held from the PDA then and the events the close took from under no
+        shift); the courier's own close from the PDA, like the PDA's events, is not.
         """
         principal = current_principal()
         shift = shifts.get_shift(session=db.session, shift_id=shift_id)

@@ -70,8 +70,16 @@ class StationById(MethodView):
     @blp.response(200, StationOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def patch(self, body: dict[str, Any], station_id: int) -> Station:
-        """Rename a station or change its time zone (admin)"""
+        """Rename a station or change its time zone (admin)
+
+        Each change is on the audit log (`station_updated`: who, and each
+        changed field from and to): the time zone decides the local day of every
+        shift, board and report of the station. A field given the value it has
+        changes nothing and is not logged.
+        """
         station = directory.get_station(session=db.session, station_id=station_id)
-        directory.update_station(session=db.session, station=station, **body)
+        directory.update_station(
+            session=db.session, station=station, changed_by=current_principal().user_id, **body
+        )
         db.session.commit()
         return station

@@ -284,6 +284,7 @@ def create_user(
         role=Role(role),
         station=station,
         password=password,
+        created_by=None,
         full_name=full_name,
         password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
     )

@@ -82,6 +82,7 @@ def seed(
             role=role,
             station=None,
             password=PASSWORDS[role],
+            created_by=None,
             full_name=full_name,
             password_hash_method=password_hash_method,
         )

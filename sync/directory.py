@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -23,6 +23,10 @@ MAX_PAGE_SIZE = 500
 # The audit log's entries for a station's or a PDA's change (``_audit_changes``).
 STATION_UPDATED = "station_updated"
 DEVICE_UPDATED = "device_updated"
+# An account created or changed by an admin (or the command line): who may act, and as
+# whom; a password changed is noted, never its hash.
+USER_CREATED = "user_created"
+USER_UPDATED = "user_updated"
 COMMAND_LINE = "the command line"  # who changed it, when no user is known
 
 
@@ -103,9 +107,12 @@ def create_user(
     role: Role,
     station: Station | None,
     password: str,
+    created_by: int | None,
     full_name: str = "",
     password_hash_method: str = DEFAULT_PASSWORD_HASH_METHOD,
 ) -> User:
+    """A new account, on the audit log (``user_created``, by ``created_by``: None for
+    the command line) with its role, station and name."""
     username = username.strip().lower()
     if not USERNAME.fullmatch(username):
         raise InvalidInput(
@@ -125,6 +132,20 @@ def create_user(
     )
     session.add(user)
     session.flush()
+    audit.append(
+        session=session,
+        actor_id=created_by,
+        action=USER_CREATED,
+        subject_type="user",
+        subject_key=str(user.id),
+        details={
+            "station_id": user.station_id,
+            "by": _who(session, created_by),
+            "username": user.username,
+            "role": user.role.value,
+            "full_name": user.full_name,
+        },
+    )
     return user
 
 
@@ -132,24 +153,39 @@ def update_user(
     *,
     session: Session,
     user: User,
+    changed_by: int | None,
     full_name: str | None = None,
     active: bool | None = None,
     password: str | None = None,
     password_hash_method: str = DEFAULT_PASSWORD_HASH_METHOD,
 ) -> User:
+    """Rename, disable or enable an account, or set its password; the changes on the
+    audit log (``user_updated``, by ``changed_by``), a password only as changed.
+    Nothing changed (the name it has, say), nothing is logged."""
+    changes: dict[str, tuple[Any, Any]] = {}
     if full_name is not None:
-        user.full_name = full_name.strip()
+        _change(user, "full_name", full_name.strip(), changes)
     # Disabling ends every session for good: enabling the account again later must not
     # bring back the tokens it had (nor does a password change).
     revoke = password is not None or (active is False and user.active)
     if active is not None:
-        user.active = active
+        _change(user, "active", active, changes)
     if password is not None:
         user.password_hash = hash_password(password, method=password_hash_method)
     if revoke:
         # Incremented in SQL, so two concurrent changes both count.
         user.credentials_version = User.credentials_version + 1
     session.flush()
+    _audit_changes(
+        session,
+        USER_UPDATED,
+        "user",
+        str(user.id),
+        user.station_id,
+        changes,
+        changed_by,
+        noted={"password_changed": True} if password is not None else {},
+    )
     return user
 
 
@@ -282,13 +318,16 @@ def _audit_changes(
     action: str,
     subject_type: str,
     subject_key: str,
-    station_id: int,
+    station_id: int | None,
     changes: dict[str, tuple[Any, Any]],
     user_id: int | None,
+    *,
+    noted: Mapping[str, Any] | None = None,
 ) -> None:
     """An entry naming each changed field from and to, and who (``by``), as a parcel's
-    ``parcel_updated`` does; none when nothing changed."""
-    if not changes:
+    ``parcel_updated`` does, with what ``noted`` adds (a change not shown by its
+    values); none when nothing changed."""
+    if not changes and not noted:
         return
     audit.append(
         session=session,
@@ -303,6 +342,7 @@ def _audit_changes(
                 name: {"from": _shown(before), "to": _shown(after)}
                 for name, (before, after) in changes.items()
             },
+            **(noted or {}),
         },
     )
 

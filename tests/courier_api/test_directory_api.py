@@ -311,3 +311,81 @@ def test_a_pda_reported_lost_and_found_again_is_on_the_audit_log(
     assert active["details"]["by"] == "admin"
     assert _log(client, auth, "device", "PDA-0002") == []
     assert _verified(client, auth)
+
+
+def test_an_account_created_renamed_disabled_and_given_a_password_is_on_the_audit_log(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """Who may act, and as whom, is an admin's decision: an auditor judging who
+    recorded a consent or signed a shift off sees who created that account, renamed or
+    disabled it, or set its password (noted as changed, never its hash nor the
+    password). A PATCH changing nothing writes no entry; a refused one neither."""
+    admin = auth.headers("admin")
+    created = client.post(
+        "/api/v1/users",
+        json={
+            "username": "zhaolei",
+            "role": "courier",
+            "station_id": world.station.id,
+            "password": "a-long-enough-password-1",
+            "full_name": "Zhao Lei",
+        },
+        headers=admin,
+    )
+    assert created.status_code == 201, created.get_json()
+    url = f"/api/v1/users/{created.get_json()['id']}"
+    assert client.patch(url, json={"full_name": "Zhao Lei"}, headers=admin).status_code == 200
+    assert client.patch(url, json={}, headers=admin).status_code == 200
+    assert client.patch(url, json={"active": "maybe"}, headers=admin).status_code == 422
+    changed = client.patch(
+        url,
+        json={
+            "full_name": "Zhao Lei (north)",
+            "active": False,
+            "password": "another-pass-phrase-2",
+        },
+        headers=admin,
+    )
+    assert changed.status_code == 200, changed.get_json()
+
+    made, updated = _log(client, auth, "user", str(created.get_json()["id"]))
+    assert (made["action"], made["actor_id"]) == ("user_created", world.admin.id)
+    assert made["details"] == {
+        "station_id": world.station.id,
+        "by": "admin",
+        "username": "zhaolei",
+        "role": "courier",
+        "full_name": "Zhao Lei",
+    }
+    assert (updated["action"], updated["actor_id"]) == ("user_updated", world.admin.id)
+    assert updated["details"] == {
+        "station_id": world.station.id,
+        "by": "admin",
+        "changes": {
+            "full_name": {"from": "Zhao Lei", "to": "Zhao Lei (north)"},
+            "active": {"from": True, "to": False},
+        },
+        "password_changed": True,
+    }
+    assert "another-pass-phrase-2" not in str(updated) and "$" not in str(updated["details"])
+    assert _verified(client, auth)
+
+
+def test_a_password_alone_set_again_is_on_the_audit_log(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """A password set to an account is a change, though no field shows it."""
+    answer = client.patch(
+        f"/api/v1/users/{world.courier.id}",
+        json={"password": "a-new-pass-phrase-3"},
+        headers=auth.headers("admin"),
+    )
+    assert answer.status_code == 200, answer.get_json()
+
+    [entry] = _log(client, auth, "user", str(world.courier.id))
+    assert entry["details"] == {
+        "station_id": world.station.id,
+        "by": "admin",
+        "changes": {},
+        "password_changed": True,
+    }

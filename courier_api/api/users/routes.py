@@ -48,7 +48,7 @@ class Users(MethodView):
         """Create a user (admin)
 
         Couriers and station managers belong to a station; auditors, admins and
-        integrations do not.
+        integrations do not. The account is on the audit log (`user_created`).
         """
         station_id = body.pop("station_id", None)
         station = (
@@ -59,6 +59,7 @@ class Users(MethodView):
         user = directory.create_user(
             session=db.session,
             station=station,
+            created_by=current_principal().user_id,
             password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
             **body,
         )
@@ -91,12 +92,15 @@ class UserById(MethodView):
     def patch(self, body: dict[str, Any], user_id: int) -> User:
         """Change a user's name, password, or disable the account (admin)
 
-        A disabled account's tokens stop working at once.
+        A disabled account's tokens stop working at once. The change is on the
+        audit log (`user_updated`: each field from and to; a password set is noted as
+        `password_changed`, never its hash); a PATCH that changes nothing writes none.
         """
         user = directory.get_user(session=db.session, user_id=user_id)
         directory.update_user(
             session=db.session,
             user=user,
+            changed_by=current_principal().user_id,
             password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
             **body,
         )

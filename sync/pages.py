@@ -67,7 +67,12 @@ from sync.proofs import (
     proof_station,
     proofs_consents,
 )
-from sync.quarantine import SHIFT_REJECTIONS_SHOWN, shift_rejections, shown_rejection
+from sync.quarantine import (
+    SHIFT_REJECTIONS_SHOWN,
+    list_quarantined,
+    shift_rejections,
+    shown_rejection,
+)
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, Policy, counts_at_station
 from sync.shifts import LATE_EVENT, LATEST_REOPENING
@@ -76,6 +81,10 @@ from sync.status import load_events
 from sync.tracking import normalize
 
 WEEK_DAYS = 7
+# A proof's page lists this many of the rejected events naming its parcel at most, the
+# newest (a broken PDA may send the same bad drop again and again); the list API
+# (``GET /api/v1/quarantine?tracking_no=``) has them all.
+PROOF_REJECTIONS_SHOWN = 20
 POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
 
 
@@ -661,15 +670,36 @@ class ProofPage:
     # The delivery's courier, each event's courier and who pushed it, and who recorded
     # the consents shown: those the reader may know (``sees_user``).
     users: dict[int, User]
+    # The PDAs' events naming the parcel that the server rejected (kept in quarantine),
+    # newest first, as ``shown_rejection`` shows them: a locker drop refused for a
+    # missing locker is another outcome the PDA tried to record. At most
+    # ``PROOF_REJECTIONS_SHOWN``.
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    more_rejections: bool = False  # more than those: the quarantine's list has them all
+
+    @property
+    def rejections_shown(self) -> list[int]:
+        """The ids of the rejected events on the page (an auditor's read names them)."""
+        return sorted(r["id"] for r in self.rejections)
 
 
-def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | None) -> ProofPage:
+def proof_page(
+    *,
+    session: Session,
+    detail: ProofDetail,
+    visible_station: int | None,
+    unmasked: bool,
+) -> ProofPage:
     """A proof as its page shows it: its detail (``sync.proofs.get_proof``), the
     consents on record for a drop none authorized, judged as for a drop by a PDA of the
-    drop's station, and the users it names: who delivered, who recorded and pushed each
-    event of the chain, who recorded the consents. ``visible_station`` as for
-    ``shift_page``: a courier of another station (one who scanned the parcel mis-sorted)
-    is not named to a station-bound reader. Two or three queries."""
+    drop's station, the users it names: who delivered, who recorded and pushed each
+    event of the chain, who recorded the consents, and the rejected events naming its
+    parcel (``parcel_rejections``). ``visible_station`` as for ``shift_page``: a courier
+    of another station (one who scanned the parcel mis-sorted) is not named to a
+    station-bound reader, nor is another station's PDA's rejected event shown.
+    ``unmasked``: the reader is an auditor, shown the phone numbers in those rejected
+    events whole. Two queries, and those of the consents on record for a drop none
+    authorized, however many rejected events name the parcel."""
     parcel, drop = detail.proof.parcel, detail.drop
     unauthorized = drop is not None and drop.required and drop.consent is None
     on_record = (
@@ -685,13 +715,37 @@ def proof_page(*, session: Session, detail: ProofDetail, visible_station: int | 
         *consent_users(detail.authorizing_consent),
         *(i for c in on_record for i in consent_users(c.consent)),
     ]
+    rejected = parcel_rejections(
+        session=session, tracking_no=detail.proof.event.tracking_no, station_id=visible_station
+    )
     return ProofPage(
         detail=detail,
         consents_on_record=on_record,
         users={
             i: u for i, u in users_by_id(session, named).items() if sees_user(u, visible_station)
         },
+        rejections=[
+            shown_rejection(r, unmasked=unmasked) for r in rejected[:PROOF_REJECTIONS_SHOWN]
+        ],
+        more_rejections=len(rejected) > PROOF_REJECTIONS_SHOWN,
     )
+
+
+def parcel_rejections(
+    *, session: Session, tracking_no: str, station_id: int | None
+) -> list[QuarantinedEvent]:
+    """The rejected events naming the parcel, newest first, as
+    ``GET /api/v1/quarantine?tracking_no=`` finds them for a reader of ``station_id``
+    (pushed there; None: any station's): at most ``PROOF_REJECTIONS_SHOWN`` + 1 (one
+    more tells the reader there are more). One query, along
+    ``ix_quarantined_event_tracking_no``."""
+    found = list_quarantined(
+        session=session,
+        station_id=station_id,
+        tracking_no=tracking_no,
+        limit=PROOF_REJECTIONS_SHOWN + 1,
+    )
+    return [row for row, _ in found]
 
 
 def proof_rows(

@@ -72,12 +72,16 @@ def list_quarantined(
     if device_id is not None:
         query = query.where(QuarantinedEvent.device_id == device_id)
     if tracking_no is not None:
-        query = query.where(
-            QuarantinedEvent.tracking_no.in_(sorted({tracking_no, normalize(tracking_no)}))
-        )
+        query = query.where(naming(tracking_no))
     if before_id is not None:
         query = query.where(QuarantinedEvent.id < before_id)
     return [(row, batch_id) for row, batch_id in session.execute(query)]
+
+
+def naming(tracking_no: str) -> ColumnElement[bool]:
+    """The rejected events naming the parcel ``tracking_no``, as the PDA wrote the number
+    or as it reads normalized: a range or two of ``ix_quarantined_event_tracking_no``."""
+    return QuarantinedEvent.tracking_no.in_(sorted({tracking_no, normalize(tracking_no)}))
 
 
 class RejectionScope(NamedTuple):

@@ -732,11 +732,25 @@ def proof(event_id: int) -> ResponseReturnValue:
     )
     station = directory.get_station(session=db.session, station_id=detail.proof.station_id)
     visible_station = current_principal().station_filter(None)
-    view = proof_page(session=db.session, detail=detail, visible_station=visible_station)
+    view = proof_page(
+        session=db.session,
+        detail=detail,
+        visible_station=visible_station,
+        unmasked=current_principal().role == Role.AUDITOR,
+    )
+    if view.rejections_shown:  # as the shift page's: a read of the quarantine
+        record_auditor_read(
+            QUARANTINE_SEARCHED,
+            "quarantined_event",
+            f"proof:{event_id}",
+            {"tracking_no": detail.proof.event.tracking_no, "ids": view.rejections_shown},
+        )
     return render_template(
         "web/proof.html",
         detail=detail,
         consents_on_record=view.consents_on_record,
+        rejections=view.rejections,
+        more_rejections=view.more_rejections,
         shift_shown=opens_shift(detail.proof.event, visible_station),
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
         consent_required=detail.consent_required,

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.api.proofs import routes as proofs_routes
-from models import AuditEntry, Flag, ServiceClass
+from models import AuditEntry, Flag, QuarantinedEvent, ServiceClass
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -1029,3 +1029,127 @@ def test_a_proofs_authorizing_consent_says_when_and_by_whom_it_was_recorded(
         f"/web/proofs/{item['event_id']}",
     ):
         assert f"recorded {recorded:%Y-%m-%d %H:%M:%S} by app1" in pages.get(path), path
+
+
+# -- the rejected events naming a proof's parcel ------------------------------------------------
+
+
+@pytest.fixture
+def refused(client: FlaskClient, auth: Auth, session: Session, world: World) -> dict[str, Any]:
+    """A parcel of ST1 delivered in person (the proof) after its PDA's locker drop of it
+    was rejected for a missing locker_id (a phone number typed into its POD); later, a
+    PDA of ST2 sent a refused drop naming the same parcel (a mis-sorted scan)."""
+    parcel = factories.parcel(session, world.station)
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    drop = factories.event(
+        2, parcel.tracking_no, "delivered_to_locker", occurred_at=at + dt.timedelta(minutes=5),
+        compartment="7", pod={"recipient_name": "call 13812345678"},
+    )  # fmt: skip
+    delivered = factories.event(
+        3, parcel.tracking_no, "delivered", occurred_at=at + dt.timedelta(minutes=9), pod=SIGNED
+    )
+    receipt = auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), drop, delivered])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected", "applied"]
+    elsewhere = factories.event(
+        1, parcel.tracking_no, "delivered_to_locker", occurred_at=at, compartment="1"
+    )
+    receipt = auth.push([elsewhere], "courier2", "PDA-0002")
+    assert [r["status"] for r in receipt["results"]] == ["rejected"]
+    [proof] = _items(client, auth, parcel.tracking_no)
+    return {"parcel": parcel, "drop": drop, "elsewhere": elsewhere, "proof": proof}
+
+
+def _rejected_section(html: str) -> str:
+    return html[html.index('id="rejected-h"') : html.index("Flags of the parcel")]
+
+
+def test_the_proof_page_lists_the_parcels_rejected_drop_masked_for_a_manager(
+    app: Flask, session: Session, refused: dict[str, Any]
+) -> None:
+    """A dispute: the parcel was signed for in person, but its PDA had tried to leave it
+    in a locker first, refused for a missing locker_id. Otherwise the proof page says
+    nothing of it, and the reader never learns that the PDA recorded another outcome. A
+    manager sees their station's PDAs' (not another station's, as
+    ``GET /quarantine`` scopes them), phone numbers masked, and their read is not
+    logged."""
+    html = signed_in(app, "manager1").get(f"/web/proofs/{refused['proof']['event_id']}")
+
+    rejected = _rejected_section(html)
+    assert refused["drop"]["client_event_id"] in rejected
+    assert "missing_field" in rejected and "(locker_id)" in rejected
+    assert "PDA-0001" in rejected and "delivered to locker" in rejected
+    assert refused["elsewhere"]["client_event_id"] not in html and "PDA-0002" not in html
+    assert "13812345678" not in html and "call ********678" in rejected
+    assert "and more" not in rejected and "GET /api/v1/quarantine" not in rejected
+    logged = session.scalars(select(AuditEntry.action)).all()
+    assert "quarantine_searched" not in logged
+
+
+def test_an_auditor_reads_every_stations_rejected_events_of_the_parcel_and_it_is_logged(
+    app: Flask, session: Session, refused: dict[str, Any]
+) -> None:
+    """An auditor reads across stations: both refused drops, newest first, the phone
+    number whole; the read is on the audit log as the shift page's is
+    (``quarantine_searched``, naming the rejected events shown), after the proof's."""
+    event_id = refused["proof"]["event_id"]
+
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{event_id}")
+
+    rejected = _rejected_section(html)
+    ours, theirs = refused["drop"]["client_event_id"], refused["elsewhere"]["client_event_id"]
+    assert theirs in rejected and ours in rejected
+    assert rejected.index(theirs) < rejected.index(ours)  # newest first
+    assert "call 13812345678" in rejected and "PDA-0002" in rejected
+    entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+    assert [e.action for e in entries][-2:] == ["proof_read", "quarantine_searched"]
+    read = entries[-1]
+    ids = session.scalars(
+        select(QuarantinedEvent.id).where(
+            QuarantinedEvent.tracking_no == refused["parcel"].tracking_no
+        )
+    ).all()
+    assert (read.subject_type, read.subject_key) == ("quarantined_event", f"proof:{event_id}")
+    assert read.details == {"tracking_no": refused["parcel"].tracking_no, "ids": sorted(ids)}
+    assert len(ids) == 2
+
+
+def test_the_proof_page_lists_the_newest_20_rejected_events_and_says_where_the_rest_are(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A broken PDA sends the same bad drop again and again: the page lists the newest
+    20 and points to the quarantine's list for the rest, rather than growing without
+    bound."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    bad = [
+        factories.event(seq, parcel.tracking_no, "delivered_to_locker", occurred_at=at)
+        for seq in range(2, 27)
+    ]
+    delivered = factories.event(27, parcel.tracking_no, "delivered", occurred_at=at, pod=SIGNED)
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), *bad, delivered])
+    [proof] = _items(client, auth, parcel.tracking_no)
+    event_id = proof["event_id"]
+
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{event_id}")
+
+    rejected = _rejected_section(html)
+    assert "(20 and more)" in rejected
+    assert [e["client_event_id"] in rejected for e in bad] == [False] * 5 + [True] * 20
+    assert f"GET /api/v1/quarantine?tracking_no={parcel.tracking_no}" in rejected
+    [read] = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "quarantine_searched")
+    ).all()
+    assert len(read.details["ids"]) == 20
+
+
+def test_a_proof_with_no_rejected_event_says_none(
+    app: Flask, client: FlaskClient, auth: Auth, day: dict[str, Any], session: Session
+) -> None:
+    [item] = _items(client, auth, day["signed"].tracking_no)
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{item['event_id']}")
+    assert "(0)" in _rejected_section(html) and "None." in _rejected_section(html)
+    logged = session.scalars(select(AuditEntry.action)).all()
+    assert "quarantine_searched" not in logged

@@ -21,10 +21,11 @@ from typing import Any
 from sqlalchemy import event, insert, select, update
 from sqlalchemy.orm import Session
 
-from models import Flag, QuarantinedEvent, ScanEvent, Shift, ShiftStatus, SyncBatch
+from models import EventType, Flag, QuarantinedEvent, ScanEvent, Shift, ShiftStatus, SyncBatch
 from sync.balances import board_totals, gather, station_board
 from sync.blobs import BlobReader, FileBlobStore
-from sync.pages import shift_page
+from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
+from sync.proofs import get_proof
 from sync.quarantine import RejectionScope, rejection_counts, shift_rejections
 from sync.rules import Policy
 from tests import factories
@@ -249,3 +250,48 @@ def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
         assert all(q.lstrip().upper().startswith("SELECT") for q in queries)
         counts.append(len(queries))
     assert counts[0] == counts[1] <= 14, counts
+
+
+def test_a_proof_page_reads_the_same_few_queries_for_3_or_30_rejected_events(
+    session: Session,
+) -> None:
+    """The rejected events naming a proof's parcel are read with the page in one query,
+    however many a broken PDA sent: the newest ``PROOF_REJECTIONS_SHOWN``, and whether
+    there are more; another station's are not a station's reader's (as
+    ``GET /api/v1/quarantine`` scopes them), but a cross-station reader's."""
+    station = factories.station_day(session, "PRF", shifts=1, parcels_per_shift=10, day=DAY)
+    other = factories.station_day(session, "OTH", shifts=1, parcels_per_shift=1, day=DAY)
+    shift = session.scalars(select(Shift).where(Shift.station_id == station)).one()
+    elsewhere = session.scalars(select(Shift).where(Shift.station_id == other)).one()
+    delivered = session.scalars(
+        select(ScanEvent)
+        .where(ScanEvent.shift_id == shift.id, ScanEvent.type == EventType.DELIVERED)
+        .order_by(ScanEvent.id)
+        .limit(2)
+    ).all()
+    counts = []
+    for proof, rejected in zip(delivered, (3, 30), strict=True):
+        rows = [_rejected(session, shift, None, proof.tracking_no) for _ in range(rejected)]
+        session.execute(insert(QuarantinedEvent), rows)
+        session.execute(
+            insert(QuarantinedEvent), [_rejected(session, elsewhere, None, proof.tracking_no)]
+        )
+        session.flush()
+        session.expire_all()
+        detail = get_proof(session=session, event_id=proof.id, policy=Policy())
+        with counted(session) as queries:
+            page = proof_page(
+                session=session, detail=detail, visible_station=station, unmasked=False
+            )
+        shown = min(rejected, PROOF_REJECTIONS_SHOWN)
+        assert len(page.rejections) == shown and page.more_rejections == (rejected > shown)
+        assert {r["station_id"] for r in page.rejections} == {station}
+        ids = [r["id"] for r in page.rejections]
+        assert ids == sorted(ids, reverse=True)  # newest first
+        assert all(q.lstrip().upper().startswith("SELECT") for q in queries)
+        counts.append(len(queries))
+        everywhere = proof_page(
+            session=session, detail=detail, visible_station=None, unmasked=True
+        )
+        assert other in {r["station_id"] for r in everywhere.rejections}
+    assert counts[0] == counts[1] <= 3, counts

@@ -84,6 +84,16 @@ def naming(tracking_no: str) -> ColumnElement[bool]:
     return QuarantinedEvent.tracking_no.in_(sorted({tracking_no, normalize(tracking_no)}))
 
 
+def count_naming(*, session: Session, tracking_no: str, station_id: int | None) -> int:
+    """How many rejected events name the parcel (``naming``), pushed at ``station_id``
+    (None: any station's): what ``list_quarantined`` with ``tracking_no`` lists, counted
+    in one statement (a proof's detail says how many; the list shows them)."""
+    query = select(func.count()).select_from(QuarantinedEvent).where(naming(tracking_no))
+    if station_id is not None:
+        query = query.where(QuarantinedEvent.station_id == station_id)
+    return session.scalar(query) or 0
+
+
 class RejectionScope(NamedTuple):
     """Which of its PDA's rejected events are a shift's: those of ``device_id`` whose seq
     is among ``seqs`` (``(first, last)``, the seqs the shift owns,

@@ -1145,10 +1145,33 @@ def test_the_proof_page_lists_the_newest_20_rejected_events_and_says_where_the_r
     assert len(read.details["ids"]) == 20
 
 
+def test_a_proofs_detail_counts_the_rejected_events_naming_its_parcel_as_the_reader_may_list(
+    client: FlaskClient, auth: Auth, session: Session, refused: dict[str, Any]
+) -> None:
+    """The API's proof detail says how many (``rejected_events``), as
+    ``GET /quarantine?tracking_no=`` lists them for the same reader (a manager their
+    station's, auditors and admins every station's); the count shows no payload, so it
+    logs no read of the quarantine."""
+    url = f"{URL}/{refused['proof']['event_id']}"
+    tracking_no = refused["parcel"].tracking_no
+    for username, count in (("manager1", 1), ("auditor1", 2), ("admin", 2)):
+        headers = auth.headers(username)
+        assert client.get(url, headers=headers).get_json()["rejected_events"] == count
+        listed = client.get(
+            "/api/v1/quarantine", query_string={"tracking_no": tracking_no}, headers=headers
+        ).get_json()["items"]
+        assert len(listed) == count
+    assert session.scalars(
+        select(AuditEntry.action).where(AuditEntry.action == "quarantine_searched")
+    ).all() == ["quarantine_searched"]  # the auditor's list, not their proof's detail
+
+
 def test_a_proof_with_no_rejected_event_says_none(
     app: Flask, client: FlaskClient, auth: Auth, day: dict[str, Any], session: Session
 ) -> None:
     [item] = _items(client, auth, day["signed"].tracking_no)
+    url = f"{URL}/{item['event_id']}"
+    assert client.get(url, headers=auth.headers("auditor1")).get_json()["rejected_events"] == 0
     html = signed_in(app, "auditor1").get(f"/web/proofs/{item['event_id']}")
     assert "(0)" in _rejected_section(html) and "None." in _rejected_section(html)
     logged = session.scalars(select(AuditEntry.action)).all()

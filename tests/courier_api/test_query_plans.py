@@ -975,7 +975,7 @@ def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:
 def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:
     """``GET /quarantine?tracking_no=``: a parcel's rejected events, and a parcel with
     none (the usual answer), read through the number's index, not the station's every
-    rejected event."""
+    rejected event; and so are those a proof's detail counts (``rejected_events``)."""
     with world.engine.connect() as connection:
         rejected = connection.scalar(
             select(QuarantinedEvent.tracking_no).where(
@@ -989,9 +989,16 @@ def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:
             world, "GET", f"/api/v1/quarantine?tracking_no={number}", headers=world.manager
         )
         explained += plans
+    response, plans = run(
+        world, "GET", f"/api/v1/proofs/{world.delivery_id}", headers=world.manager
+    )
+    assert response.status_code == 200, response.get_json()
+    explained += plans
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "quarantined_event")))
     assert "ix_quarantined_event_tracking_no" in used, used
+    counted = [e for e in reads(explained, "quarantined_event") if "count(" in e.statement]
+    assert counted and all("ix_quarantined_event_tracking_no" in e.indexes for e in counted)
 
 
 def test_a_recipients_consents_by_phone_use_indexes(world: World) -> None:

@@ -43,6 +43,7 @@ from sync.proofs import (
     proof_not_found,
     proofs_consents,
 )
+from sync.quarantine import count_naming
 from sync.rules import Policy
 from sync.spreadsheets import as_text_cell
 
@@ -252,7 +253,10 @@ class ProofById(MethodView):
         voided it, for a locker or pickup-point drop the consent that authorized
         it (null: none did), and the parcel's flags and those citing the delivery,
         its PDA's `clock_jump` among them (a station manager's: their station's
-        only). Audit-logged for auditors. A delivery of another station's parcel
+        only), and how many events naming the parcel PDAs sent that the server
+        rejected (`rejected_events`, as `GET /api/v1/quarantine?tracking_no=` lists
+        them for the reader: a refused locker drop is evidence in a dispute).
+        Audit-logged for auditors. A delivery of another station's parcel
         answers a manager what an unknown id answers (404 `proof_not_found`), so
         that it does not show it exists; one of a parcel not taken in is the
         station's where it was recorded.
@@ -281,6 +285,11 @@ class ProofById(MethodView):
                 timeline_view(e, False, auditor, visible_station=principal.station_filter(None))
                 for e in detail.timeline
             ],
+            "rejected_events": count_naming(
+                session=db.session,
+                tracking_no=detail.proof.event.tracking_no,
+                station_id=principal.station_filter(None),
+            ),
             "flags": [
                 {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags
             ],

@@ -199,6 +199,17 @@ class ProofDetailOut(ProofOut):
         },
     )
     timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)
+    rejected_events = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "How many events naming the parcel PDAs sent that the server "
+            "rejected (kept in quarantine: a locker drop refused for a missing locker is "
+            "another outcome a PDA tried to record), pushed at a station manager's own "
+            "station (any station's for auditors and admins). "
+            "`GET /api/v1/quarantine?tracking_no=` lists them, with their payloads (an "
+            "auditor's read of those is audit-logged there, `quarantine_searched`)"
+        },
+    )
     flags = ma.fields.List(
         ma.fields.Nested(FlagRef),
         required=True,

@@ -415,9 +415,12 @@ def record_auditor_read(
     subject_key: str,
     details: dict[str, Any] | None = None,
     principal: Principal | None = None,
+    tracking_no: str | None = None,
 ) -> None:
     """DESIGN.md rule 7: an auditor's read of proofs, images or unmasked parcels is on
-    record, committed, before the data goes out; other roles' reads are not recorded."""
+    record, committed, before the data goes out; other roles' reads are not recorded.
+    ``tracking_no``: the parcel read, when the read is of one parcel's (``GET
+    /audit?tracking_no=`` lists it with the parcel's other entries)."""
     principal = principal or current_principal()
     if principal.role != Role.AUDITOR:
         return
@@ -431,5 +434,6 @@ def record_auditor_read(
         subject_type=subject_type,
         subject_key=subject_key,
         details=details or {},
+        tracking_no=tracking_no,
     )
     db.session.commit()

@@ -24,6 +24,8 @@ class AuditEntry(Base):
         Index("ix_audit_entry_action", "action", "id"),
         Index("ix_audit_entry_actor", "actor_id", "id"),
         Index("ix_audit_entry_at", "at"),
+        # A parcel's entries (``GET /audit?tracking_no=``), newest first.
+        Index("ix_audit_entry_tracking_no", "tracking_no", "id"),
     )
 
     id: Mapped[big_pk]
@@ -36,3 +38,8 @@ class AuditEntry(Base):
     # Unique: two entries chained onto one predecessor (a fork) cannot both be stored.
     prev_hash: Mapped[sha256_hex] = mapped_column(unique=True)
     entry_hash: Mapped[sha256_hex] = mapped_column(unique=True)
+    # The parcel the entry is about, as the code appending it knew it (``sync.audit.
+    # append``): None for an entry about no parcel, or about several. A finding aid for
+    # ``GET /audit?tracking_no=``, outside ``entry_hash`` (migration ``9d4f2b7c1e63``
+    # says why): the hashed content is the record.
+    tracking_no: Mapped[str | None] = mapped_column(String(40))

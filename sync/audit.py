@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from models import AuditEntry, utcnow
 from sync.errors import InvalidInput
+from sync.tracking import normalize
 
 GENESIS_HASH = "0" * 64
 # Key of the PostgreSQL advisory lock that serializes appends (any fixed 64-bit number
@@ -31,6 +32,7 @@ GENESIS_HASH = "0" * 64
 APPEND_LOCK_KEY = 0x6175646974
 VERIFY_CHUNK = 1000  # rows fetched at a time while verifying
 MAX_PAGE_SIZE = 500
+MAX_TRACKING_NO = 40  # characters: AuditEntry.tracking_no, as every table keeps one
 PROGRESS_EVERY = 10_000
 _DEFERRED = "audit_deferred"  # session.info key: the entries ``deferred`` holds back
 
@@ -67,8 +69,14 @@ def append(
     subject_type: str,
     subject_key: str,
     details: dict[str, Any],
+    tracking_no: str | None = None,
 ) -> AuditEntry:
     """Add an entry after the newest one, in the caller's transaction.
+
+    ``tracking_no`` names the parcel the entry is about, when it is about one (its
+    proof read, its consent granted, a decision on its flag, ...): ``GET
+    /audit?tracking_no=`` finds the entry by it. It is kept beside the entry, not in
+    its hash (``AuditEntry.tracking_no``).
 
     Appends are serialized so that two of them never chain off the same entry: on
     PostgreSQL by a transaction-scoped advisory lock taken before the newest entry
@@ -82,6 +90,7 @@ def append(
         subject_type=subject_type,
         subject_key=subject_key,
         details=_plain(details),
+        tracking_no=parcel_key(tracking_no),
     )
     queue: list[AuditEntry] | None = session.info.get(_DEFERRED)
     if queue is not None:
@@ -143,6 +152,16 @@ def _chain(session: Session, *entries: AuditEntry) -> None:
     session.flush()
 
 
+def parcel_key(tracking_no: str | None) -> str | None:
+    """``tracking_no`` as an entry keeps it: normalized as every parcel's number is
+    (``sync.tracking.normalize``), or None when that leaves nothing or more than a
+    tracking number's 40 characters (a search's filter as typed names no parcel then)."""
+    if tracking_no is None:
+        return None
+    number = normalize(tracking_no)
+    return number if 0 < len(number) <= MAX_TRACKING_NO else None
+
+
 def list_entries(
     *,
     session: Session,
@@ -150,6 +169,7 @@ def list_entries(
     actor_id: int | None = None,
     subject_type: str | None = None,
     subject_key: str | None = None,
+    tracking_no: str | None = None,
     at_from: dt.datetime | None = None,
     at_to: dt.datetime | None = None,
     after_id: int | None = None,
@@ -162,7 +182,10 @@ def list_entries(
     ``at_from`` is inclusive and ``at_to`` exclusive. A subject is named by its type
     and key together: the same key names shift 42, flag 42 and proof 42, and a type
     alone (every proof ever read) would be read whole to be put newest first, as no
-    index gives it in that order; ``action`` lists a kind of entry.
+    index gives it in that order; ``action`` lists a kind of entry. ``tracking_no``:
+    the entries about that parcel (``AuditEntry.tracking_no``), normalized as the rest
+    of the service normalizes a number; one that normalizes to nothing or past 40
+    characters names no parcel (``invalid_tracking_no``).
     """
     if at_from is not None and at_to is not None and at_to <= at_from:
         raise InvalidInput("at_to must be later than at_from", code="invalid_range", field="at_to")
@@ -179,6 +202,14 @@ def list_entries(
             code="subject_key_required",
             field="subject_key",
         )
+    parcel = None if tracking_no is None else parcel_key(tracking_no)
+    if tracking_no is not None and parcel is None:
+        raise InvalidInput(
+            f"{tracking_no!r} names no parcel: without its spaces and dashes it is empty, "
+            f"or longer than a tracking number's {MAX_TRACKING_NO} characters",
+            code="invalid_tracking_no",
+            field="tracking_no",
+        )
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, MAX_PAGE_SIZE))
     if action is not None:
         query = query.where(AuditEntry.action == action)
@@ -188,6 +219,8 @@ def list_entries(
         query = query.where(AuditEntry.subject_type == subject_type)
     if subject_key is not None:
         query = query.where(AuditEntry.subject_key == subject_key)
+    if parcel is not None:
+        query = query.where(AuditEntry.tracking_no == parcel)
     if at_from is not None:
         query = query.where(AuditEntry.at >= at_from)
     if at_to is not None:

@@ -406,6 +406,7 @@ def _audit_refusal(
             "courier_id": request.courier_id,
             "station_id": request.station_id,
         },
+        tracking_no=request.tracking_no,
     )
 
 

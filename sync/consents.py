@@ -198,6 +198,7 @@ def grant(
             "station_id": consent.station_id,
             "evidence": consent.evidence,
         },
+        tracking_no=consent.tracking_no,  # None: a standing consent, of no one parcel
     )
     return consent
 
@@ -273,6 +274,7 @@ def revoke(*, session: Session, consent: Consent, revocation: Revocation) -> boo
             "recipient_phone": consent.recipient_phone,
             "station_id": consent.station_id,
         },
+        tracking_no=consent.tracking_no,
     )
     return True
 

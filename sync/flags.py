@@ -635,6 +635,7 @@ def _audit_decision(
             "evidence_version": evidence_version(flag.evidence),
             "decided_on": flag.decided_on,
         },
+        tracking_no=flag.tracking_no,  # a parcel's own flag or its handover's
     )
 
 

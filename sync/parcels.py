@@ -253,6 +253,7 @@ def _audit_updates(
                     for name, (before, after) in result.changes.items()
                 },
             },
+            tracking_no=result.tracking_no,
         )
 
 

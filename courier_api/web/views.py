@@ -576,7 +576,11 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
     proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
     if proofs_shown:
         record_auditor_read(
-            "proofs_searched", "proof", f"flag:{found.id}", {"event_ids": proofs_shown}
+            "proofs_searched",
+            "proof",
+            f"flag:{found.id}",
+            {"event_ids": proofs_shown},
+            tracking_no=found.tracking_no,  # a parcel's flag: its proofs
         )
     station = (
         directory.get_station(session=db.session, station_id=found.station_id)
@@ -660,7 +664,11 @@ def proofs() -> ResponseReturnValue:
     query, station = _proof_query(args)
     found = list_proofs(session=db.session, filters=query, after_id=args["after"], limit=PAGE_SIZE)
     record_auditor_read(
-        "proofs_searched", "proof", "search", {"event_ids": [p.event.id for p in found]}
+        "proofs_searched",
+        "proof",
+        "search",
+        {"event_ids": [p.event.id for p in found]},
+        tracking_no=query.tracking_no,  # a search of one parcel's proofs
     )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
     rows = proof_rows(
@@ -722,6 +730,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         "proof",
         str(event_id),
         {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
+        tracking_no=detail.proof.event.tracking_no,
     )
     pod = detail.proof.event.details.get("pod")
     states = image_states(

@@ -18,6 +18,11 @@ from tests.sync.test_audit import tamper_details
 
 AUDIT = "/api/v1/audit"
 VERIFY = f"{AUDIT}/verify"
+CONSENTS = "/api/v1/consents"
+FLAGS = "/api/v1/flags"
+PARCELS = "/api/v1/parcels"
+PROOFS = "/api/v1/proofs"
+QUARANTINE = "/api/v1/quarantine"
 START = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
 
 
@@ -40,7 +45,8 @@ def chained(session: Session, *entries: dict[str, Any]) -> list[int]:
             "at": START + dt.timedelta(minutes=entry.get("at", len(rows))),
             "prev_hash": prev,
         }
-        row["entry_hash"] = prev = audit.entry_hash(**row)
+        hashed = {name: value for name, value in row.items() if name != "tracking_no"}
+        row["entry_hash"] = prev = audit.entry_hash(**hashed)
         rows.append(row)
     ids = session.scalars(insert(AuditEntry).returning(AuditEntry.id), rows).all()
     session.commit()
@@ -128,6 +134,7 @@ def test_entries_come_newest_first_a_page_at_a_time(
         "subject_type": "shift",
         "subject_key": "1",
         "details": {},
+        "tracking_no": None,
         "prev_hash": audit.GENESIS_HASH,
         "entry_hash": entry.entry_hash,
     }
@@ -162,6 +169,160 @@ def test_each_filter_narrows_the_list(
         read,
     ]
     assert ids(action="flag_resolved", actor_id=world.auditor.id) == []
+
+
+# -- a parcel's entries -----------------------------------------------------------------------
+
+
+def typed(tracking_no: str) -> str:
+    """``tracking_no`` as a person types it off a label: lower case, spaced, dashed."""
+    return f"{tracking_no[:2].lower()} {tracking_no[2:6]}-{tracking_no[6:]}".lower()
+
+
+def test_a_parcels_entries_of_every_kind_are_listed_by_its_tracking_number(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An auditor settling a dispute about parcel ``a`` ("left in a locker although I
+    said no") asks for its history by its number, as typed off the label: its consent
+    granted and revoked, the recipient's refusal, the manager's resolution of its drop's
+    flag, the intake changing its class, the auditors' reads of its proof and record.
+    Those entries are keyed by a consent's, a request's, a flag's, a proof's id: by
+    subject they took every id to find. Parcel ``b``'s own (its consent, its handover
+    flag's acknowledgement, its read) and the parcel-less ones (a standing consent, the
+    sign-off) are not among them."""
+    a, b = parcels(session, world, 2)  # express: a locker drop needs consent
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    app1, manager, auditor = (auth.headers(u) for u in ("app1", "manager1", "auditor1"))
+    granted_at = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)).isoformat()
+    consent = {"method": "locker", "channel": "app", "granted_at": granted_at}
+
+    def post(url: str, body: dict[str, Any], headers: dict[str, str], status: int = 200) -> Any:
+        response = client.post(url, json=body, headers=headers)
+        assert response.status_code == status, response.get_json()
+        return response.get_json()
+
+    consent_a = post(CONSENTS, {"tracking_no": a, **consent}, app1, 201)
+    post(f"{CONSENTS}/{consent_a['id']}/revoke", {"reason": "changed my mind"}, app1)
+    post(CONSENTS, {"tracking_no": b, **consent}, app1, 201)
+    standing = {"scope": "standing", "recipient_phone": "+8613812345678", "address": "1 Rd"}
+    post(CONSENTS, {**standing, **consent}, app1, 201)
+    asked = post(f"{CONSENTS}/requests", {"tracking_no": a, "method": "locker"}, pda.headers, 201)
+    refusal = {"request_id": asked["id"], "granted": False, "channel": "sms"}
+    post(CONSENTS, refusal, app1)
+    shift = pda.open()
+    drop = {"locker_id": "L-1", "compartment": "1", "pod": {"pickup_code": "1234"}}
+    events = [pda.event(a), pda.event(b), pda.event(a, "delivered_to_locker", **drop)]
+    raised = pda.push(events)["flags_raised"]
+    [unauthorized] = [f for f in raised if f["kind"] == "unauthorized_locker_drop"]
+    post(f"{FLAGS}/{unauthorized['flag_id']}/resolve", {"note": "recipient called"}, manager)
+    assert pda.close(shift["id"]).status_code == 200
+    [missing] = client.get(FLAGS, query_string={"tracking_no": b}, headers=manager).json["items"]
+    assert missing["subject_key"] == f"{shift['id']}:{b}"  # b's handover in the shift
+    post(f"{FLAGS}/{missing['id']}/acknowledge", {"note": "looking for it"}, manager)
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    [proof] = client.get(PROOFS, query_string={"tracking_no": a}, headers=auditor).json["items"]
+    assert client.get(f"{PROOFS}/{proof['event_id']}", headers=auditor).status_code == 200
+    for number in (a, b):
+        assert client.get(f"{PARCELS}/{number}", headers=auditor).status_code == 200
+    assert client.get(PROOFS, headers=auditor).status_code == 200  # every parcel's: none's
+    rejected = client.get(QUARANTINE, query_string={"tracking_no": typed(a)}, headers=auditor)
+    assert rejected.status_code == 200
+    updated = {"tracking_no": a, "service_class": "parcel", "recipient_name": "Recipient"}
+    updated |= {"recipient_phone": "+8613812345678", "address": "1 Century Ave"}
+    assert post(PARCELS, {"parcels": [updated]}, manager)["results"][0]["status"] == "updated"
+
+    of_a = listed(client, auditor, tracking_no=typed(a))
+    assert [(e["action"], e["subject_type"]) for e in of_a] == [
+        ("parcel_updated", "parcel"),
+        ("quarantine_searched", "quarantined_event"),  # its rejected events, by its number
+        ("parcel_read", "parcel"),
+        ("proof_read", "proof"),
+        ("proofs_searched", "proof"),  # the search by its number that found the proof
+        ("flag_resolved", "flag"),
+        ("consent_refused", "consent_request"),
+        ("consent_revoked", "consent"),
+        ("consent_granted", "consent"),
+    ]
+    assert {e["tracking_no"] for e in of_a} == {a}
+    assert of_a[5]["subject_key"] == str(unauthorized["flag_id"])
+    of_b = listed(client, auditor, tracking_no=b)
+    assert [(e["action"], e["subject_key"]) for e in of_b] == [
+        ("parcel_read", b),
+        ("flag_acknowledged", str(missing["id"])),
+        ("consent_granted", str(consent_a["id"] + 1)),
+    ]
+    everything = listed(client, auditor)
+    # The standing consent, the sign-off, the search of every parcel's proofs.
+    assert len(everything) == len(of_a) + len(of_b) + 3
+    assert {e["action"] for e in everything} - {e["action"] for e in of_a + of_b} == {
+        "shift_signed_off"
+    }
+    # A page at a time, and with the other filters.
+    first = client.get(AUDIT, query_string={"tracking_no": a, "limit": 3}, headers=auditor).json
+    assert [e["id"] for e in first["items"]] == [e["id"] for e in of_a[:3]]
+    rest = listed(client, auditor, tracking_no=a, after=first["next_after"])
+    assert [e["id"] for e in rest] == [e["id"] for e in of_a[3:]]
+    assert listed(client, auditor, tracking_no=a, action="consent_revoked") == [of_a[7]]
+    assert listed(client, auditor, tracking_no=a, actor_id=world.auditor.id) == of_a[1:5]
+    assert listed(client, auditor, tracking_no="RR473124829GB") == []  # a number with none
+    assert client.get(VERIFY, headers=auditor).get_json()["intact"] is True
+
+
+@pytest.mark.parametrize(
+    ("username", "status"),
+    [
+        ("admin", 200),
+        ("auditor1", 200),
+        ("manager1", 403),
+        ("app1", 403),
+        ("courier1", 403),
+    ],
+)
+def test_a_parcels_entries_are_read_by_whoever_reads_the_log(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    username: str,
+    status: int,
+) -> None:
+    """As the log's other filters: auditors and admins; a manager may not gather the
+    station's parcel's history (its auditors' reads among it) this way either."""
+    [number] = parcels(session, world, 1)
+    chained(session, {"action": "parcel_read", "subject_type": "parcel", "subject_key": number,
+                      "tracking_no": number})  # fmt: skip
+    device = "PDA-0001" if username == "courier1" else None
+    response = client.get(
+        AUDIT, query_string={"tracking_no": number}, headers=auth.headers(username, device)
+    )
+    assert response.status_code == status
+    if status == 200:
+        assert [e["tracking_no"] for e in response.get_json()["items"]] == [number]
+    else:
+        assert response.get_json()["code"] == "role_forbidden"
+
+
+@pytest.mark.parametrize(
+    ("tracking_no", "code"),
+    [
+        (" - ", "invalid_tracking_no"),  # nothing left once normalized
+        ("\u3000\t-", "invalid_tracking_no"),  # an ideographic space is a space too
+        ("", "validation_error"),
+        ("R" * 41, "validation_error"),
+        ("RR\x00473124829GB", "validation_error"),
+    ],
+    ids=["dashes", "spaces", "empty", "too-long", "nul"],
+)
+def test_a_tracking_number_that_names_no_parcel_is_422_with_a_code(
+    client: FlaskClient, auth: Auth, world: World, tracking_no: str, code: str
+) -> None:
+    response = client.get(
+        AUDIT, query_string={"tracking_no": tracking_no}, headers=auth.headers("auditor1")
+    )
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["code"] == code
+    assert "tracking_no" in (body["errors"].get("query") or body["errors"])
 
 
 @pytest.mark.parametrize(
@@ -247,8 +408,9 @@ def test_reading_the_log_is_not_itself_logged(
     """SECURITY.md threat 4: the log shows no proof or image, and a read that wrote
     would hold SQLite's writers' turn (every push) while a verification walks the log."""
     chained(session, {"action": "blob_read"})
+    by_parcel = f"{AUDIT}?tracking_no=RR473124829GB"  # a parcel's history: a read as any
     for username in ("auditor1", "admin"):
-        for url in (AUDIT, VERIFY):
+        for url in (AUDIT, VERIFY, by_parcel):
             assert client.get(url, headers=auth.headers(username)).status_code == 200
     assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1
 

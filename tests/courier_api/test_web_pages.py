@@ -1812,7 +1812,8 @@ def test_an_auditor_reading_a_flag_page_that_shows_a_proof_is_audit_logged(
     app: Flask, session: Session, day: StationDay
 ) -> None:
     """The flag page shows its evidence's events: a drop's POD (pickup code) is a proof
-    read, logged as the shift page logs the same events (DESIGN.md rule 7)."""
+    read, logged as the shift page logs the same events (DESIGN.md rule 7), among the
+    parcel's entries (``GET /audit?tracking_no=``): a parcel's flag shows its proofs."""
     drop_flag = day.flag(session, "unauthorized_locker_drop")
     assert day.drop_event_id in drop_flag.evidence["event_ids"]
     before = len(audit_actions(session))
@@ -1825,6 +1826,7 @@ def test_an_auditor_reading_a_flag_page_that_shows_a_proof_is_audit_logged(
     ]
     entry = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc())).first()
     assert entry is not None and entry.details["event_ids"] == [day.drop_event_id]
+    assert drop_flag.tracking_no is not None and entry.tracking_no == drop_flag.tracking_no
 
 
 @pytest.mark.parametrize(

@@ -760,10 +760,10 @@ def _add_change(connection: Any, flag_id: int, before: str | None, after: str, a
 
 
 @contextmanager
-def index_build_fails(engine: Engine, name: str) -> Iterator[None]:
+def index_build_fails(engine: Engine, name: str, table: str = "flag") -> Iterator[None]:
     """The build of the index ``name`` fails half-way, as a lock timeout or a cancelled
     statement ends it. On PostgreSQL for real: another session holds a write lock on
-    ``flag`` that the CONCURRENTLY build, its index already in the catalog, waits for,
+    ``table`` that the CONCURRENTLY build, its index already in the catalog, waits for,
     and the build's ``lock_timeout`` ends the wait, leaving an INVALID index behind;
     on SQLite the statement is refused as an interrupted one would be."""
     from sqlalchemy.exc import OperationalError
@@ -775,7 +775,7 @@ def index_build_fails(engine: Engine, name: str) -> Iterator[None]:
             return
         if blocker is None:
             raise OperationalError(statement, None, RuntimeError("interrupted"))
-        blocker.execute(text("LOCK TABLE flag IN ROW EXCLUSIVE MODE"))  # as a push does
+        blocker.execute(text(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE"))  # as a push does
         cursor.execute("SET lock_timeout = '200ms'")
 
     event.listen(engine, "before_cursor_execute", fail)
@@ -1032,3 +1032,187 @@ def test_a_flag_the_version_before_raises_during_the_backfill_gets_when_it_opene
             sa.select(sa.column("id"), _flag_table("opened_at").c.opened_at)
         )
         assert dict(opened.all()) == {1: raised, 2: raised + dt.timedelta(hours=1)}
+
+
+AUDIT_BY_PARCEL = "9d4f2b7c1e63"  # audit entries keep the parcel they are about
+NAME_AUDIT_BY_PARCEL = "ix_audit_entry_tracking_no"
+A, B = "RR473124829GB", "SF1300000000001"
+# Entries as the versions before wrote them, and the parcel each is given: where its
+# details record the number as stored, or its subject is the parcel.
+ENTRIES_BEFORE: list[tuple[str, str, str, dict[str, Any], str | None]] = [
+    ("consent_granted", "consent", "1", {"tracking_no": A, "scope": "parcel"}, A),
+    ("consent_granted", "consent", "2", {"tracking_no": None, "scope": "standing"}, None),
+    ("consent_revoked", "consent", "1", {"tracking_no": A, "reason": "moved"}, A),
+    ("consent_refused", "consent_request", "3", {"tracking_no": B, "channel": "sms"}, B),
+    ("proof_read", "proof", "7", {"tracking_no": A, "event_ids": [7, 9]}, A),
+    ("parcel_read", "parcel", A, {"event_ids": [7]}, A),
+    ("parcel_updated", "parcel", B, {"changes": {}, "by": "import"}, B),
+    ("flag_resolved", "flag", "3", {"subject_type": "parcel", "subject_key": A}, A),
+    ("flag_acknowledged", "flag", "4", {"subject_type": "shift", "subject_key": f"12:{B}"}, B),
+    ("flag_resolved", "flag", "5", {"subject_type": "shift", "subject_key": "12"}, None),
+    ("flag_resolved", "flag", "6", {"subject_type": "device", "subject_key": "PDA-1"}, None),
+    # A search's filter, as typed: names no parcel as stored.
+    ("proofs_exported", "proof", "export", {"tracking_no": "rr 473124829 gb"}, None),
+    ("quarantine_searched", "quarantined_event", "search", {"tracking_no": A}, None),
+    ("parcel_read", "shift", "12", {"tracking_nos": [A, B]}, None),  # several parcels
+    ("shift_signed_off", "shift", "12", {"note": f"{A} missing"}, None),
+    ("proof_read", "proof", "8", {"tracking_no": "X" * 41}, None),  # none so long is stored
+]
+
+
+def _append_before(connection: Any, entries: Any) -> None:
+    """``entries`` (action, subject type and key, details, ...) appended after the log's
+    newest entry as ``sync.audit`` chains them, without the parcel (the version before)."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from models import UTCDateTime
+    from models.base import Document
+    from sync import audit
+
+    table = sa.table(
+        "audit_entry",
+        *(sa.column(name) for name in ("id", "actor_id", "action", "subject_type")),
+        *(sa.column(name) for name in ("subject_key", "prev_hash", "entry_hash")),
+        sa.column("at", UTCDateTime()),
+        sa.column("details", Document),
+    )
+    newest = connection.execute(
+        sa.select(table.c.id, table.c.entry_hash).order_by(table.c.id.desc()).limit(1)
+    ).first()
+    entry_id, prev = newest if newest is not None else (0, audit.GENESIS_HASH)
+    at = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+    for action, subject_type, subject_key, details, *_ in entries:
+        entry_id += 1
+        row = {
+            "at": at + dt.timedelta(minutes=entry_id),
+            "actor_id": None,
+            "action": action,
+            "subject_type": subject_type,
+            "subject_key": subject_key,
+            "details": details,
+            "prev_hash": prev,
+        }
+        prev = audit.entry_hash(**row)
+        connection.execute(sa.insert(table).values(id=entry_id, entry_hash=prev, **row))
+
+
+def _parcels_of_entries(engine: Engine) -> dict[int, str | None]:
+    with engine.connect() as connection:
+        return dict(connection.execute(text("SELECT id, tracking_no FROM audit_entry")).all())
+
+
+def test_an_audit_entry_gets_the_parcel_its_details_record(scratch: Engine) -> None:
+    """A consent's, a refusal's, a proof read's entry get the number their details record,
+    an entry about a parcel its key, a decision on a parcel's flag (its own, its handover
+    in a shift) the parcel of the flag's subject; a standing consent's, a shift's flag's,
+    a search's filter as typed, a page of several parcels and anything else get none. The
+    column is outside the hash: the chain verifies as before, and the log lists a
+    parcel's entries by its number."""
+    from sqlalchemy.orm import Session
+
+    from sync import audit
+
+    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    with scratch.begin() as connection:
+        _append_before(connection, ENTRIES_BEFORE)
+    migrate.upgrade(scratch, AUDIT_BY_PARCEL)
+    expected = {n: entry[4] for n, entry in enumerate(ENTRIES_BEFORE, start=1)}
+    assert _parcels_of_entries(scratch) == expected
+    migrate.upgrade(scratch)
+    with Session(scratch) as session:
+        result = audit.verify(session=session)
+        assert (result.ok, result.checked) == (True, len(ENTRIES_BEFORE))
+        found = audit.list_entries(session=session, tracking_no="rr 4731-24829 gb")
+        assert [e.id for e in found] == [8, 6, 5, 3, 1]
+        assert [e.id for e in audit.list_entries(session=session, tracking_no=B)] == [9, 7, 4]
+
+
+def test_audit_entries_by_parcel_runs_again_after_its_index_build_failed(
+    scratch: Engine,
+) -> None:
+    """As the flags': an upgrade stopped by a failed index build runs again to the end,
+    each entry with its parcel, an entry the new version appended meanwhile with the
+    one it set and one the version before appended with the one its details record."""
+    import sqlalchemy as sa
+
+    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    with scratch.begin() as connection:
+        _append_before(connection, ENTRIES_BEFORE[:3])
+    expected = {1: A, 2: None, 3: A}
+
+    with (
+        pytest.raises(sa.exc.OperationalError),
+        index_build_fails(scratch, NAME_AUDIT_BY_PARCEL, "audit_entry"),
+    ):
+        migrate.upgrade(scratch, AUDIT_BY_PARCEL)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {FLAGS_BY_PARCEL}
+        columns = {c["name"] for c in inspect(connection).get_columns("audit_entry")}
+    if scratch.dialect.name == "postgresql":
+        assert "tracking_no" in columns
+        assert _index_valid(scratch, NAME_AUDIT_BY_PARCEL) is False
+        assert _parcels_of_entries(scratch) == expected  # the backfill committed
+        with scratch.begin() as connection:  # both versions, serving meanwhile
+            _append_before(connection, [ENTRIES_BEFORE[3], ENTRIES_BEFORE[5]])
+            connection.execute(text(f"UPDATE audit_entry SET tracking_no = '{A}' WHERE id = 5"))
+        expected |= {4: B, 5: A}
+    else:
+        assert "tracking_no" not in columns  # rolled back with the rest
+
+    migrate.upgrade(scratch, AUDIT_BY_PARCEL)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {AUDIT_BY_PARCEL}
+    assert _parcels_of_entries(scratch) == expected
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_AUDIT_BY_PARCEL) is True
+
+
+BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one
+
+
+@pytest.mark.postgres_only
+def test_the_audit_backfill_runs_in_committed_batches(scratch: Engine) -> None:
+    """The log takes every audited action's append: the backfill writes at most 10,000
+    entries a statement, with no transaction held open between them, and each entry
+    gets its parcel."""
+    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    with scratch.begin() as connection:  # proofs read, a third of them of no parcel
+        connection.execute(
+            text(
+                "INSERT INTO audit_entry (id, at, action, subject_type, subject_key, details, "
+                "prev_hash, entry_hash) "
+                "SELECT n, timestamptz '2026-11-20 09:00+00' + n * interval '1 s', "
+                "'proof_read', 'proof', n::text, "
+                "CASE WHEN n % 3 = 0 THEN '{}'::jsonb "
+                "ELSE jsonb_build_object('tracking_no', 'P' || (n * 7)::text) END, "
+                "lpad(to_hex(n), 64, '0'), lpad(to_hex(n + 1), 64, '0') "
+                "FROM generate_series(1, :count) AS n"
+            ),
+            {"count": BACKFILLED_ENTRIES},
+        )
+    written: list[int] = []
+    open_between: list[bool] = []
+
+    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if " ".join(statement.split()).startswith("UPDATE audit_entry SET tracking_no"):
+            written.append(cursor.rowcount)
+            open_between.append(cursor.connection.info.transaction_status != 0)
+
+    event.listen(scratch, "after_cursor_execute", count)
+    try:
+        migrate.upgrade(scratch, AUDIT_BY_PARCEL)
+    finally:
+        event.remove(scratch, "after_cursor_execute", count)
+    assert len(written) == 3 and max(written) <= 10_000, written
+    assert sum(written) == BACKFILLED_ENTRIES - BACKFILLED_ENTRIES // 3
+    assert not any(open_between), open_between  # autocommit: committed as it ran
+    with scratch.connect() as connection:
+        wrong = connection.scalar(
+            text(
+                "SELECT count(*) FROM audit_entry WHERE tracking_no IS DISTINCT FROM "
+                "CASE WHEN id % 3 = 0 THEN NULL ELSE 'P' || (id * 7)::text END"
+            )
+        )
+    assert wrong == 0

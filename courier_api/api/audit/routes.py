@@ -47,7 +47,16 @@ class AuditEntries(MethodView):
         chained). `at_from` is inclusive, `at_to` exclusive; both need an offset
         (e.g. `Z`). A subject is named by `subject_type` and `subject_key`
         together (422 `subject_type_required` or `subject_key_required`; to list
-        a kind of entry, filter by `action`). Sign-offs (`shift_signed_off`, each
+        a kind of entry, filter by `action`). `tracking_no` lists every entry about
+        one parcel, whatever its subject (a consent's, a flag's, a proof's id):
+        its proofs and its record read, its consents granted, revoked or refused,
+        decisions on its flags (its own and its handovers'), its changes by an
+        intake, and auditors' searches of its proofs or rejected events by its
+        number; normalized as everywhere (case, spaces, dashes), one that leaves
+        nothing is a 422 `invalid_tracking_no`. An entry naming several parcels
+        (a shift page's `parcel_read`, a search by anything else) is not among
+        them; entries written before the service kept the parcel are, where their
+        details name it. Sign-offs (`shift_signed_off`, each
         one, also of a shift reopened and signed off again), `shift_reopened`,
         `shift_reopening_withdrawn`, `flag_acknowledged`, `flag_resolved` (each with
         what the decision covered, `decided_on`), consents recorded or
@@ -76,6 +85,7 @@ class AuditEntries(MethodView):
             actor_id=args.get("actor_id"),
             subject_type=args.get("subject_type"),
             subject_key=args.get("subject_key"),
+            tracking_no=args.get("tracking_no"),
             at_from=args.get("at_from"),
             at_to=args.get("at_to"),
             after_id=args["after"],

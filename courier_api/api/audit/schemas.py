@@ -25,6 +25,16 @@ class AuditListArgs(PageArgs):
             "proof's event id, an image's sha256, ...",
         },
     )
+    tracking_no = Text(
+        validate=ma.validate.Length(min=1, max=40),
+        metadata={
+            "example": "RR473124829GB",
+            "description": "A parcel's entries, whatever their subject: its proofs and "
+            "its record read, its consents granted, revoked or refused, decisions on its "
+            "flags, its changes by an intake, searches of its proofs or rejected events. "
+            "Spaces, dashes and case as any tracking number in the API",
+        },
+    )
     at_from = UtcTime(metadata={"description": "Recorded at or after this time"})
     at_to = UtcTime(metadata={"description": "Recorded before this time"})
     after = After()
@@ -61,6 +71,15 @@ class AuditEntryOut(ma.Schema):
             "description": "What the action recorded (a sign-off's note, the event ids a "
             "read showed, ...). For admins a phone number in it is masked, so their copy "
             "no longer matches `entry_hash`; auditors get it as it was hashed"
+        },
+    )
+    tracking_no = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The parcel the entry is about (null: none, or several), as "
+            "the service knew it when it wrote the entry; kept beside the entry, not "
+            "covered by `entry_hash`"
         },
     )
     prev_hash = ma.fields.String(

@@ -93,7 +93,12 @@ class ParcelByTrackingNo(MethodView):
         # whose POD the timeline shows, as a proof's read does.
         shown = sorted(e.event.id for e in timeline if (e.event.details or {}).get("pod"))
         record_auditor_read(
-            "parcel_read", "parcel", parcel.tracking_no, {"event_ids": shown}, principal=principal
+            "parcel_read",
+            "parcel",
+            parcel.tracking_no,
+            {"event_ids": shown},
+            principal=principal,
+            tracking_no=parcel.tracking_no,
         )
         # A locker's pickup code opens the compartment: other couriers have no use for it.
         hide_codes = role == Role.COURIER

@@ -209,7 +209,11 @@ class Proofs(MethodView):
             session=db.session, proofs=proofs, policy=policy_of(current_app.config)
         )
         record_auditor_read(
-            "proofs_searched", "proof", "search", {"event_ids": [p.event.id for p in proofs]}
+            "proofs_searched",
+            "proof",
+            "search",
+            {"event_ids": [p.event.id for p in proofs]},
+            tracking_no=args.get("tracking_no"),  # a search of one parcel's proofs
         )
         auditor = principal.role == Role.AUDITOR
         items = [_view(p, consents.get(p.event.id), auditor=auditor) for p in proofs]
@@ -274,6 +278,7 @@ class ProofById(MethodView):
             "proof",
             str(event_id),
             {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
+            tracking_no=detail.proof.event.tracking_no,
         )
         auditor = principal.role == Role.AUDITOR
         return {
@@ -335,6 +340,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
             "export",
             {**logged, "part": part, "event_ids": [p.event.id for p in proofs]},
             principal=principal,
+            tracking_no=filters.tracking_no,  # an export of one parcel's proofs
         )
         yield buffer.getvalue()
         buffer.seek(0)

@@ -63,6 +63,7 @@ class Quarantine(MethodView):
                 "ids": [row.id for row, _ in rows],
             },
             principal=principal,
+            tracking_no=args.get("tracking_no"),  # a search of one parcel's rejected events
         )
         unmasked = principal.role == Role.AUDITOR
         items = [

@@ -753,6 +753,7 @@ def proof(event_id: int) -> ResponseReturnValue:
             "quarantined_event",
             f"proof:{event_id}",
             {"tracking_no": detail.proof.event.tracking_no, "ids": view.rejections_shown},
+            tracking_no=detail.proof.event.tracking_no,
         )
     return render_template(
         "web/proof.html",

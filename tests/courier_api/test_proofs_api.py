@@ -1112,6 +1112,7 @@ def test_an_auditor_reads_every_stations_rejected_events_of_the_parcel_and_it_is
     ).all()
     assert (read.subject_type, read.subject_key) == ("quarantined_event", f"proof:{event_id}")
     assert read.details == {"tracking_no": refused["parcel"].tracking_no, "ids": sorted(ids)}
+    assert read.tracking_no == refused["parcel"].tracking_no  # in the parcel's history
     assert len(ids) == 2
 
 

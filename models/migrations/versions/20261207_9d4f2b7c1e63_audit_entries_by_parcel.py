@@ -54,7 +54,7 @@ in the upgrade's one transaction: a failed upgrade is rolled back whole, and run
 again from the start.
 
 Revision ID: 9d4f2b7c1e63
-Revises: 3b6129cf67c6
+Revises: a7c3e9f1b5d2
 Create Date: 2026-12-07 09:00:00.000000
 """
 
@@ -65,7 +65,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "9d4f2b7c1e63"
-down_revision: str | None = "3b6129cf67c6"
+down_revision: str | None = "a7c3e9f1b5d2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1035,6 +1035,7 @@ def test_a_flag_the_version_before_raises_during_the_backfill_gets_when_it_opene
 
 
 AUDIT_BY_PARCEL = "9d4f2b7c1e63"  # audit entries keep the parcel they are about
+BEFORE_AUDIT_BY_PARCEL = "a7c3e9f1b5d2"  # batches keep the hash of their bytes
 NAME_AUDIT_BY_PARCEL = "ix_audit_entry_tracking_no"
 A, B = "RR473124829GB", "SF1300000000001"
 # Entries as the versions before wrote them, and the parcel each is given: where its
@@ -1114,7 +1115,7 @@ def test_an_audit_entry_gets_the_parcel_its_details_record(scratch: Engine) -> N
 
     from sync import audit
 
-    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    migrate.upgrade(scratch, BEFORE_AUDIT_BY_PARCEL)
     with scratch.begin() as connection:
         _append_before(connection, ENTRIES_BEFORE)
     migrate.upgrade(scratch, AUDIT_BY_PARCEL)
@@ -1137,7 +1138,7 @@ def test_audit_entries_by_parcel_runs_again_after_its_index_build_failed(
     one it set and one the version before appended with the one its details record."""
     import sqlalchemy as sa
 
-    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    migrate.upgrade(scratch, BEFORE_AUDIT_BY_PARCEL)
     with scratch.begin() as connection:
         _append_before(connection, ENTRIES_BEFORE[:3])
     expected = {1: A, 2: None, 3: A}
@@ -1148,7 +1149,7 @@ def test_audit_entries_by_parcel_runs_again_after_its_index_build_failed(
     ):
         migrate.upgrade(scratch, AUDIT_BY_PARCEL)
     with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {FLAGS_BY_PARCEL}
+        assert migrate.current_revisions(connection) == {BEFORE_AUDIT_BY_PARCEL}
         columns = {c["name"] for c in inspect(connection).get_columns("audit_entry")}
     if scratch.dialect.name == "postgresql":
         assert "tracking_no" in columns
@@ -1177,7 +1178,7 @@ def test_the_audit_backfill_runs_in_committed_batches(scratch: Engine) -> None:
     """The log takes every audited action's append: the backfill writes at most 10,000
     entries a statement, with no transaction held open between them, and each entry
     gets its parcel."""
-    migrate.upgrade(scratch, FLAGS_BY_PARCEL)
+    migrate.upgrade(scratch, BEFORE_AUDIT_BY_PARCEL)
     with scratch.begin() as connection:  # proofs read, a third of them of no parcel
         connection.execute(
             text(

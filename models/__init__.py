@@ -36,7 +36,7 @@ from models.scheduling import JobRun, SchedulerLease
 from models.security import RefreshTokenFamily, SignInAttempt
 from models.shift import Shift
 from models.station import Station
-from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
+from models.sync import DeviceSyncState, QuarantinedEvent, ScanEvent, SeqWriteOff, SyncBatch
 from models.user import User
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "Role",
     "ScanEvent",
     "SchedulerLease",
+    "SeqWriteOff",
     "ServiceClass",
     "Shift",
     "ShiftStatus",

@@ -200,6 +200,28 @@ class DeviceSyncState(Base):
     max_seq: Mapped[int] = mapped_column(BigId, default=0)
     # Gaps below max_seq as [[first, last], ...], ascending.
     missing_ranges: Mapped[list[list[int]]] = mapped_column(Document, default=list)
+    # Seqs a manager wrote off as lost (``sync.lost_seqs``), as [[first, last], ...]
+    # ascending: no longer in ``missing_ranges``, and none of them arrived since (one
+    # that does leaves them). NULL: none.
+    written_off_ranges: Mapped[list[list[int]] | None] = mapped_column(Document)
     clock_offset_ms: Mapped[int | None] = mapped_column(BigId)
     clock_measured_at: Mapped[dt.datetime | None]
     last_push_at: Mapped[dt.datetime | None]
+
+
+class SeqWriteOff(Base):
+    """A manager's write-off of seqs a PDA lost (a reset, a broken flash): who, when,
+    why, and the ranges as written off. The device's sync state keeps which of them
+    are still written off (``DeviceSyncState.written_off_ranges``)."""
+
+    __tablename__ = "seq_write_off"
+    # A device's write-offs, in order: what its shifts' balances read.
+    __table_args__ = (Index("ix_seq_write_off_device", "device_id", "id"),)
+
+    id: Mapped[big_pk]
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
+    station_id: Mapped[int] = mapped_column(ForeignKey("station.id"))
+    ranges: Mapped[list[list[int]]] = mapped_column(Document)  # [[first, last], ...]
+    reason: Mapped[str] = mapped_column(Text)
+    written_off_by: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    written_off_at: Mapped[timestamp]

@@ -8,7 +8,7 @@ as much as there are gaps, not as there are events, however long the history.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -70,3 +70,61 @@ class SeqTracker:
             if len(found) >= limit:
                 break
         return found
+
+
+# -- ranges of seqs, as the sync state keeps them: [[first, last], ...] ascending ----------
+
+Ranges = list[list[int]]
+
+
+def merged(ranges: Iterable[Sequence[int]]) -> Ranges:
+    """``ranges`` in any order, overlapping or touching ones joined: disjoint, ascending."""
+    out: Ranges = []
+    for first, last in sorted((int(r[0]), int(r[1])) for r in ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
+
+
+def overlap(ranges: Iterable[Sequence[int]], other: Iterable[Sequence[int]]) -> Ranges:
+    """The seqs in both, as disjoint ascending ranges."""
+    a, b = merged(ranges), merged(other)
+    out: Ranges = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        first, last = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if first <= last:
+            out.append([first, last])
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def without(ranges: Iterable[Sequence[int]], cut: Iterable[Sequence[int]]) -> Ranges:
+    """The seqs of ``ranges`` not in ``cut``, as disjoint ascending ranges."""
+    out: Ranges = []
+    cuts = merged(cut)
+    for first, last in merged(ranges):
+        at = first
+        for cut_first, cut_last in cuts:
+            if cut_last < at or cut_first > last:
+                continue
+            if cut_first > at:
+                out.append([at, cut_first - 1])
+            at = cut_last + 1
+        if at <= last:
+            out.append([at, last])
+    return out
+
+
+def seq_count(ranges: Iterable[Sequence[int]]) -> int:
+    return sum(last - first + 1 for first, last in ranges)
+
+
+def shown(ranges: Iterable[Sequence[int]]) -> str:
+    """``3-5, 9``: ranges as a message names them."""
+    return ", ".join(f"{f}" if f == last else f"{f}-{last}" for f, last in ranges)

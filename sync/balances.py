@@ -29,6 +29,7 @@ from models import (
     FlagStatus,
     ProofImage,
     ScanEvent,
+    SeqWriteOff,
     Shift,
     ShiftStatus,
     User,
@@ -55,6 +56,7 @@ from sync.handover import (
     ParcelTrail,
     ShiftEvent,
     ShiftSeqs,
+    WriteOff,
     balance_version,
     compute_balance,
     handover_flags_wanted,
@@ -221,6 +223,9 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
         )
     }
     next_starts, previous_ends = _neighbour_bounds(session, shifts, lowest)
+    write_offs = _write_offs(
+        session, sorted(d for d, state in states.items() if state.written_off_ranges)
+    )
     facts = {}
     for shift in shifts:
         state = states.get(shift.device_id)
@@ -241,9 +246,36 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
                 lowest_event_seq=lowest.get(shift.id),
                 next_shift_seq=next_starts.get(shift.id),
                 previous_shift_end=previous_ends.get(shift.id),
+                device_written_off=(state.written_off_ranges or []) if state else [],
+                write_offs=write_offs.get(shift.device_id, []),
             ),
         )
     return facts
+
+
+def _write_offs(session: Session, devices: Sequence[str]) -> dict[str, list[WriteOff]]:
+    """``{device: its write-offs of lost seqs, oldest first}``, for ``devices``: those
+    with seqs still written off (none: no query)."""
+    found: dict[str, list[WriteOff]] = defaultdict(list)
+    for chunk in chunks(devices):
+        rows = session.execute(
+            select(SeqWriteOff, User.username, User.full_name)
+            .join(User, User.id == SeqWriteOff.written_off_by)
+            .where(SeqWriteOff.device_id.in_(chunk))
+            .order_by(SeqWriteOff.id)
+        )
+        for write_off, username, full_name in rows:
+            found[write_off.device_id].append(
+                WriteOff(
+                    id=write_off.id,
+                    ranges=write_off.ranges,
+                    reason=write_off.reason,
+                    written_off_by=write_off.written_off_by,
+                    written_off_by_name=full_name or username,
+                    written_off_at=write_off.written_off_at,
+                )
+            )
+    return found
 
 
 def _neighbour_bounds(

@@ -34,6 +34,7 @@ LOCK_DEVICE_STATE = Prebuilt(
         select(
             _states.c.max_seq,
             _states.c.missing_ranges,
+            _states.c.written_off_ranges,
             _events.c.seq,
             _events.c.occurred_at_device,
             _events.c.tracking_no,
@@ -68,6 +69,8 @@ class DeviceState(NamedTuple):
     at_max_seq: Stamp | None = None
     # The device's last-seen time (``device.last_seen_at``), as read with the lock.
     device_seen_at: dt.datetime | None = None
+    # Seqs a manager wrote off as lost, none of which arrived since (``sync.lost_seqs``).
+    written_off_ranges: list[list[int]] = []
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -87,6 +90,7 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         row.missing_ranges or [],
         Stamp(row.occurred_at_device, row.tracking_no) if read else None,
         row.last_seen_at,
+        row.written_off_ranges or [],
     )
 
 

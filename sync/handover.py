@@ -19,13 +19,15 @@ typed in. Each parcel of the shift gets one outcome:
 The balance is *balanced* when nothing is missing and no discrepancy stands;
 *provisional* while sequence numbers the shift may own are still on the PDA
 (whatever the rest says: the events that would settle it have not arrived);
-*unbalanced* otherwise. A discrepancy is a fact about the shift's events, so a
-manager resolving its flag does not make the balance close; it lets them sign
-the handover off knowingly.
+*unbalanced* otherwise. Seqs a manager wrote off as lost (``sync.lost_seqs``) count
+as held for that, and the balance names them and the write-off instead. A
+discrepancy is a fact about the shift's events, so a manager resolving its flag does
+not make the balance close; it lets them sign the handover off knowingly.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections import defaultdict
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from models import EventType, FlagStatus, ShiftStatus
+from sync.acks import overlap
 from sync.projection import EventFact, ordered, voided_by
 from sync.rules import DELIVERIES, DROPS, FINAL_OUTCOMES
 
@@ -121,6 +124,18 @@ class ParcelOutcome:
     event_ids: tuple[int, ...]
 
 
+class WriteOff(NamedTuple):
+    """A manager's write-off of seqs its PDA lost (``models.SeqWriteOff``); on a
+    balance, ``ranges`` are those of the shift's seqs it still writes off."""
+
+    id: int
+    ranges: list[list[int]]
+    reason: str
+    written_off_by: int
+    written_off_by_name: str
+    written_off_at: dt.datetime
+
+
 @dataclass(frozen=True)
 class ShiftSeqs:
     """What the balance needs to know to tell whether events are still on the PDA."""
@@ -138,6 +153,10 @@ class ShiftSeqs:
     # shift): what a shift that declared no first_seq may own starts after it. None
     # when the previous shift declared none (what lies between is that one's).
     previous_shift_end: int | None = None
+    # Seqs below device_max_seq written off as lost and not arrived since, [first, last],
+    # and the device's write-offs that wrote them off.
+    device_written_off: Sequence[Sequence[int]] = ()
+    write_offs: Sequence[WriteOff] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,10 @@ class Balance:
     missing_seq_count: int
     parcels: list[ParcelOutcome] = field(default_factory=list)
     discrepancies: list[Discrepancy] = field(default_factory=list)
+    # Seqs of the shift written off as lost: held for its status, named here instead.
+    written_off_seqs: list[int] = field(default_factory=list)
+    written_off_seq_count: int = 0
+    write_offs: list[WriteOff] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Status and counts, as the station board shows them."""
@@ -180,6 +203,9 @@ class Balance:
                 for d in self.discrepancies
             ],
         }
+        if self.written_off_seq_count:  # (so a balance without keeps its version)
+            seen["written_off_seqs"] = self.written_off_seqs
+            seen["written_off_seq_count"] = self.written_off_seq_count
         if outcomes:
             seen[OUTCOMES_KEPT] = {
                 p.tracking_no: [p.outcome, p.outcome_event_id]
@@ -378,6 +404,7 @@ def compute_balance(
                     )
                 )
     missing_seqs, missing_count = shift_missing_seqs(seqs)
+    written_off_seqs, written_off_count, write_offs = shift_written_off_seqs(seqs)
     if missing_count:
         status = BalanceStatus.PROVISIONAL
     elif counts["missing"] or discrepancies:
@@ -392,6 +419,9 @@ def compute_balance(
         missing_seq_count=missing_count,
         parcels=outcomes,
         discrepancies=discrepancies,
+        written_off_seqs=written_off_seqs,
+        written_off_seq_count=written_off_count,
+        write_offs=write_offs,
     )
 
 
@@ -421,10 +451,35 @@ def shift_missing_seqs(seqs: ShiftSeqs) -> tuple[list[int], int]:
     span = owned_seqs(seqs)
     if span is None:
         return [], 0
-    low, high = span
     ranges = [(first, last) for first, last in seqs.device_missing]
-    if high > seqs.device_max_seq:
-        ranges.append((seqs.device_max_seq + 1, high))
+    if span[1] > seqs.device_max_seq:
+        ranges.append((seqs.device_max_seq + 1, span[1]))
+    return _seqs_within(span, ranges)
+
+
+def shift_written_off_seqs(seqs: ShiftSeqs) -> tuple[list[int], int, list[WriteOff]]:
+    """The seqs the shift may own that a manager wrote off as lost (the first
+    ``MISSING_SEQS_SHOWN``), how many, and each write-off of them with the ranges of
+    them it wrote off. Not missing (``shift_missing_seqs``): held, for its status."""
+    span = owned_seqs(seqs)
+    if span is None or not seqs.device_written_off:
+        return [], 0, []
+    shown, count = _seqs_within(span, seqs.device_written_off)
+    if not count:
+        return [], 0, []
+    standing = overlap([span], seqs.device_written_off)
+    write_offs = []
+    for write_off in seqs.write_offs:
+        ranges = overlap(write_off.ranges, standing)
+        if ranges:
+            write_offs.append(write_off._replace(ranges=ranges))
+    return shown, count, write_offs
+
+
+def _seqs_within(span: tuple[int, int], ranges: Iterable[Sequence[int]]) -> tuple[list[int], int]:
+    """The seqs of ``ranges`` (ascending) within ``span``: the first
+    ``MISSING_SEQS_SHOWN``, and how many."""
+    low, high = span
     shown: list[int] = []
     count = 0
     for first, last in ranges:

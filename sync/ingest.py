@@ -56,7 +56,7 @@ from models import (
 )
 from models.sync import DELIVERY_TYPES, DROP_TYPES
 from sync import audit, consents, outbox
-from sync.acks import SeqTracker
+from sync.acks import SeqTracker, without
 from sync.balances import closed_shifts_holding, refresh_handover_flags
 from sync.blobs import lock_digests
 from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
@@ -131,6 +131,7 @@ STORE_DEVICE_STATE = Prebuilt(
         columns=(
             "max_seq",
             "missing_ranges",
+            "written_off_ranges",
             "acked_through_seq",
             "clock_offset_ms",
             "clock_measured_at",
@@ -1189,7 +1190,13 @@ class _BatchIngest:
 
     def _update_device_state(self) -> SeqTracker:
         tracker = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
-        tracker.add_all(r.seq for r in self.results.values() if r.seq is not None)
+        arrived = [r.seq for r in self.results.values() if r.seq is not None]
+        tracker.add_all(arrived)
+        # A written-off seq that arrives after all is held like any other: its write-off
+        # is moot (``sync.lost_seqs``).
+        written_off = self.state.written_off_ranges
+        if written_off:
+            written_off = without(written_off, [[seq, seq] for seq in arrived])
         # Written past the ORM: a copy the session holds is flushed first, expired after.
         key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)
         held = self.session.identity_map.get(key)
@@ -1201,6 +1208,7 @@ class _BatchIngest:
                 "state_of": self.pusher.device_id,
                 "new_max_seq": tracker.max_seq,
                 "new_missing_ranges": tracker.missing,
+                "new_written_off_ranges": written_off,
                 "new_acked_through_seq": tracker.acked_through,
                 "new_clock_offset_ms": self.offset_ms,
                 "new_clock_measured_at": self.received_at,

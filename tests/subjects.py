@@ -281,6 +281,10 @@ REQUESTS: dict[str, Builder] = {
     ),
     "GET /api/v1/devices/{device_id}": _same(OWN("device_id")),
     "PATCH /api/v1/devices/{device_id}": _same(OWN("device_id"), json={"status": "active"}),
+    # COURIER's PDA: its rejected event at seq 900 left the seqs below it not pushed missing.
+    "POST /api/v1/devices/{device_id}/lost-seqs": _same(
+        lambda s: {"device_id": COURIER[1]}, json={"seqs": [899], "reason": "PDA reset"}
+    ),
     "POST /api/v1/parcels": _new_parcel,
     "GET /api/v1/parcels/{tracking_no}": _same(OWN("tracking_no")),
     "POST /api/v1/sync/push": _push,

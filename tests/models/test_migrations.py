@@ -1,5 +1,6 @@
 """The migrated schema is exactly what the models declare, on every backend."""
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -897,6 +898,79 @@ def test_flags_by_parcel_runs_again_after_its_index_build_failed(scratch: Engine
     assert parcels == expected
     if scratch.dialect.name == "postgresql":
         assert _index_valid(scratch, NAME_BY_PARCEL) is True
+
+
+LOST_SEQS = "a7d3e9f1c5b2"  # lost seqs written off
+NAME_LOST_SEQS = "ix_seq_write_off_device"
+
+
+def test_lost_seq_write_offs_run_again_after_their_index_build_failed(scratch: Engine) -> None:
+    """PostgreSQL commits the column and the table before it builds the index
+    CONCURRENTLY: an upgrade stopped there runs again to the end (no DuplicateColumn,
+    no DuplicateTable), keeping a write-off running code made meanwhile, and builds the
+    index anew. SQLite rolls the whole upgrade back: it runs again from the start. A
+    device's sync state is left as it was: no seq of it written off (no backfill)."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, f"{LOST_SEQS}-1")
+    with Session(scratch) as session:
+        station = factories.station(session)
+        user = factories.user(session, "manager1", "station_manager", station)
+        factories.device(session, "PDA-0001", station)
+        session.commit()
+        station_id, user_id = station.id, user.id
+    with scratch.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO device_sync_state (device_id, acked_through_seq, max_seq, "
+                "missing_ranges) VALUES ('PDA-0001', 2, 9, :missing)"
+            ),
+            {"missing": "[[3, 4], [7, 7]]"},
+        )
+
+    with (
+        pytest.raises(sa.exc.OperationalError),
+        index_build_fails(scratch, NAME_LOST_SEQS, table="seq_write_off"),
+    ):
+        migrate.upgrade(scratch, LOST_SEQS)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {FLAGS_BY_PARCEL}
+        columns = {c["name"] for c in inspect(connection).get_columns("device_sync_state")}
+        tables = set(inspect(connection).get_table_names())
+    expected_write_offs = []
+    if scratch.dialect.name == "postgresql":
+        assert "written_off_ranges" in columns and "seq_write_off" in tables
+        assert _index_valid(scratch, NAME_LOST_SEQS) is False
+        with scratch.begin() as connection:  # the new version, serving meanwhile
+            connection.execute(
+                text(
+                    "INSERT INTO seq_write_off (device_id, station_id, ranges, reason, "
+                    "written_off_by, written_off_at) VALUES ('PDA-0001', :station, "
+                    "'[[7, 7]]', 'lost', :user, now())"
+                ),
+                {"station": station_id, "user": user_id},
+            )
+        expected_write_offs = [("PDA-0001", [[7, 7]])]
+    else:
+        assert "written_off_ranges" not in columns  # rolled back with the rest
+        assert "seq_write_off" not in tables
+
+    migrate.upgrade(scratch, LOST_SEQS)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {LOST_SEQS}
+        state = connection.execute(
+            text("SELECT missing_ranges, written_off_ranges FROM device_sync_state")
+        ).one()
+        write_offs = connection.execute(text("SELECT device_id, ranges FROM seq_write_off"))
+        found = [(d, r if isinstance(r, list) else json.loads(r)) for d, r in write_offs]
+    missing = state[0] if isinstance(state[0], list) else json.loads(state[0])
+    assert (missing, state[1]) == ([[3, 4], [7, 7]], None)
+    assert found == expected_write_offs
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_LOST_SEQS) is True
 
 
 BACKFILLED_FLAGS = 25_000  # two full batches of 10,000 and a part of one

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync.acks import SeqTracker
+from sync.acks import SeqTracker, merged, overlap, seq_count, without
 
 
 def model(seqs: list[int]) -> tuple[int, list[int]]:
@@ -44,3 +44,29 @@ def test_a_huge_gap_costs_one_range_not_one_entry_per_seq() -> None:
     assert tracker.acked_through == 2
     assert tracker.missing_count == 1_999_999_997
     assert tracker.missing_seqs(3) == [3, 4, 5]
+
+
+pairs = st.lists(
+    st.tuples(st.integers(min_value=1, max_value=40), st.integers(min_value=0, max_value=6)).map(
+        lambda p: [p[0], p[0] + p[1]]
+    ),
+    max_size=8,
+)
+
+
+def seqs_of(ranges: list[list[int]]) -> set[int]:
+    return {s for first, last in ranges for s in range(first, last + 1)}
+
+
+@given(pairs, pairs)
+def test_ranges_of_seqs_merge_overlap_and_subtract_as_sets_do(a, b) -> None:
+    """What a write-off of lost seqs computes with (``sync.lost_seqs``): disjoint,
+    ascending, not touching ranges, holding the seqs the sets say."""
+    for ranges, expected in (
+        (merged(a), seqs_of(a)),
+        (overlap(a, b), seqs_of(a) & seqs_of(b)),
+        (without(a, b), seqs_of(a) - seqs_of(b)),
+    ):
+        assert seqs_of(ranges) == expected
+        assert seq_count(ranges) == len(expected)
+        assert all(x[1] + 1 < y[0] for x, y in zip(ranges, ranges[1:], strict=False))

@@ -11,13 +11,17 @@ from courier_api.api.devices.schemas import (
     DeviceOut,
     DevicePage,
     DeviceUpdate,
+    LostSeqsIn,
+    LostSeqsOut,
 )
 from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal, ensure_station_access, ensure_visible
 from courier_api.extensions import db
 from models import Device, Role
-from sync import directory
+from sync import directory, lost_seqs
+from sync.acks import SeqTracker, seq_count
 from sync.errors import InvalidInput
+from sync.handover import MISSING_SEQS_SHOWN
 
 blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
 MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
@@ -107,3 +111,56 @@ class DeviceById(MethodView):
         )
         db.session.commit()
         return device
+
+
+@blp.route("/<string:device_id>/lost-seqs")
+class LostSeqs(MethodView):
+    @blp.auth(*MANAGERS)
+    @blp.arguments(LostSeqsIn)
+    @blp.response(201, LostSeqsOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    def post(self, body: dict[str, Any], device_id: str) -> dict[str, Any]:
+        """Write off seqs a PDA lost
+
+        For a PDA that lost its storage (a reset, a broken flash): the seqs it never
+        sent stay missing for good otherwise, so `acked_through_seq` never passes the
+        first of them again (the PDA can prune nothing more) and every receipt and
+        the balance of every shift owning them names them as still on the PDA. A
+        manager of the device's station (or an admin) writes them off, saying why
+        (`reason`): they leave the device's missing seqs, `acked_through_seq` passes
+        them, and the balances of the shifts owning them are no longer provisional
+        for them but name them (`written_off_seqs`) and the write-off (`write_offs`:
+        by whom, when, why). Audit-logged (`lost_seqs_written_off`). Only seqs
+        missing now may be written off: any other is refused (422
+        `seqs_not_missing`, naming them). An event of a written-off seq that arrives
+        after all is taken as any late event, and its write-off is moot. A device of
+        another station answers a manager what an unknown id answers (404
+        `device_not_found`).
+        """
+        device = directory.get_device(session=db.session, device_id=device_id)
+        ensure_visible(device.station_id, directory.device_not_found(device_id))
+        ranges = lost_seqs.requested_ranges(
+            body["seqs"], [(r["first"], r["last"]) for r in body["ranges"]]
+        )
+        done = lost_seqs.write_off_lost_seqs(
+            session=db.session,
+            device=device,
+            ranges=ranges,
+            reason=body["reason"],
+            user_id=current_principal().user_id,
+        )
+        db.session.commit()
+        write_off = done.write_off
+        return {
+            "id": write_off.id,
+            "device_id": write_off.device_id,
+            "ranges": [{"first": first, "last": last} for first, last in write_off.ranges],
+            "seq_count": done.seq_count,
+            "reason": write_off.reason,
+            "written_off_by": write_off.written_off_by,
+            "written_off_at": write_off.written_off_at,
+            "acked_through_seq": done.acked_through_seq,
+            "missing_seqs": SeqTracker(0, done.missing_ranges).missing_seqs(MISSING_SEQS_SHOWN),
+            "missing_seq_count": seq_count(done.missing_ranges),
+        }

@@ -3,6 +3,8 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import Id, Text
 from models import DeviceStatus
+from sync.events import MAX_SEQ
+from sync.lost_seqs import MAX_REASON_LENGTH
 
 
 class DeviceOut(ma.Schema):
@@ -32,3 +34,54 @@ class DeviceListArgs(PageArgs):
 class DevicePage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(DeviceOut), required=True)
     next_after = ma.fields.String(allow_none=True, required=True)
+
+
+MAX_NAMED = 1000  # seqs, and ranges, one write-off names at most
+_seq = {"strict": True, "validate": ma.validate.Range(min=1, max=MAX_SEQ)}
+
+
+class SeqRange(ma.Schema):
+    first = ma.fields.Integer(required=True, **_seq)
+    last = ma.fields.Integer(required=True, **_seq)
+
+
+class LostSeqsIn(ma.Schema):
+    seqs = ma.fields.List(
+        ma.fields.Integer(**_seq),
+        load_default=list,
+        validate=ma.validate.Length(max=MAX_NAMED),
+        metadata={"description": f"Seqs to write off (at most {MAX_NAMED})", "example": [41]},
+    )
+    ranges = ma.fields.List(
+        ma.fields.Nested(SeqRange),
+        load_default=list,
+        validate=ma.validate.Length(max=MAX_NAMED),
+        metadata={
+            "description": f"Ranges of seqs to write off, both ends included (at most {MAX_NAMED})"
+        },
+    )
+    reason = Text(
+        required=True,
+        validate=ma.validate.Length(min=1, max=MAX_REASON_LENGTH),
+        metadata={"example": "PDA reset on 4 December: its unsent scans are gone"},
+    )
+
+
+class LostSeqsOut(ma.Schema):
+    id = ma.fields.Integer(required=True, metadata={"description": "The write-off's id"})
+    device_id = ma.fields.String(required=True)
+    ranges = ma.fields.List(ma.fields.Nested(SeqRange), required=True)
+    seq_count = ma.fields.Integer(required=True, metadata={"description": "Seqs written off"})
+    reason = ma.fields.String(required=True)
+    written_off_by = ma.fields.Integer(required=True)
+    written_off_at = ma.fields.AwareDateTime(required=True)
+    acked_through_seq = ma.fields.Integer(
+        required=True,
+        metadata={"description": "The device's, now: its next push's receipt says the same"},
+    )
+    missing_seqs = ma.fields.List(
+        ma.fields.Integer(),
+        required=True,
+        metadata={"description": "Still missing: the first 100"},
+    )
+    missing_seq_count = ma.fields.Integer(required=True)

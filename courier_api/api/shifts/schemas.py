@@ -187,6 +187,21 @@ class ParcelOutcomeOut(ma.Schema):
     event_ids = ma.fields.List(ma.fields.Integer(), required=True)
 
 
+class WriteOffOut(ma.Schema):
+    id = ma.fields.Integer(required=True, metadata={"description": "The write-off's id"})
+    ranges = ma.fields.Function(
+        lambda w: [{"first": first, "last": last} for first, last in w.ranges],
+        required=True,
+        metadata={
+            "description": "The shift's seqs it wrote off, not arrived since: [{first, last}, ...]"
+        },
+    )
+    reason = ma.fields.String(required=True)
+    written_off_by = ma.fields.Integer(required=True)
+    written_off_by_name = ma.fields.String(required=True)
+    written_off_at = ma.fields.AwareDateTime(required=True)
+
+
 class BalanceOut(BalanceCounts):
     shift_id = ma.fields.Integer(required=True)
     version = ma.fields.String(
@@ -217,6 +232,21 @@ class BalanceOut(BalanceCounts):
     )
     missing_seqs = ma.fields.List(
         ma.fields.Integer(), required=True, metadata={"description": "The first 100"}
+    )
+    written_off_seqs = ma.fields.List(
+        ma.fields.Integer(),
+        required=True,
+        metadata={
+            "description": "Seqs the shift may own that a manager wrote off as lost "
+            "(`POST /devices/{device_id}/lost-seqs`), the first 100: held for `status` "
+            "(not provisional for them), named here instead of in `missing_seqs`"
+        },
+    )
+    written_off_seq_count = _count("Seqs of the shift written off as lost")
+    write_offs = ma.fields.List(
+        ma.fields.Nested(WriteOffOut),
+        required=True,
+        metadata={"description": "The write-offs of those seqs: by whom, when, why"},
     )
     parcels = ma.fields.List(ma.fields.Nested(ParcelOutcomeOut), required=True)
     discrepancies = ma.fields.List(ma.fields.Nested(DiscrepancyOut), required=True)

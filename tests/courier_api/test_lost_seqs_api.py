@@ -1,0 +1,215 @@
+"""A manager writes off the seqs a PDA lost: receipts, balances and late arrivals after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import AuditEntry
+from sync.audit import verify
+from tests.conftest import Auth, World
+from tests.courier_api.test_shifts_api import Courier, balance, parcels, sign_off
+
+REASON = "PDA reset on 4 December: its unsent scans are gone"
+
+
+def lost_seqs(
+    client: FlaskClient, headers: dict[str, str], device_id: str = "PDA-0001", **body: Any
+) -> Any:
+    body.setdefault("reason", REASON)
+    return client.post(f"/api/v1/devices/{device_id}/lost-seqs", json=body, headers=headers)
+
+
+@pytest.fixture
+def pda(client: FlaskClient, auth: Auth, world: World) -> Courier:
+    return Courier(client, auth, "courier1", "PDA-0001")
+
+
+@pytest.fixture
+def manager(auth: Auth, world: World) -> dict[str, str]:
+    return auth.headers("manager1")
+
+
+def lost_in_the_middle(
+    session: Session, world: World, pda: Courier
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """A shift of seqs 1-6 whose PDA sent 1, 2, 5 and 6, then lost 3 and 4 in a reset:
+    the shift, its six events, the last receipt."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    events = [
+        pda.event(a),
+        pda.event(b),
+        pda.event(a, "delivered"),
+        pda.event(b, "returned_to_station"),
+        pda.event(a, "out_for_delivery"),
+        pda.event(b, "out_for_delivery"),
+    ]
+    pda.push(events[:2])
+    receipt = pda.push(events[4:])
+    assert pda.close(shift["id"], last_seq=6).status_code == 200
+    return shift, events, receipt
+
+
+def test_without_a_write_off_lost_seqs_hold_the_acknowledgement_back_for_good(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    shift, events, receipt = lost_in_the_middle(session, world, pda)
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [3, 4])
+    receipt = pda.push([pda.event(events[0]["tracking_no"], "out_for_delivery")])
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (2, [3, 4])
+    assert balance(client, shift["id"], manager)["status"] == "provisional"
+
+
+def test_a_manager_writes_lost_seqs_off_and_the_next_receipt_acknowledges_past_them(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    _, events, _ = lost_in_the_middle(session, world, pda)
+    response = lost_seqs(client, manager, seqs=[4], ranges=[{"first": 3, "last": 3}])
+    assert response.status_code == 201, response.get_json()
+    done = response.get_json()
+    assert done["ranges"] == [{"first": 3, "last": 4}]
+    assert (done["seq_count"], done["reason"], done["written_off_by"]) == (
+        2,
+        REASON,
+        world.manager.id,
+    )
+    assert (done["acked_through_seq"], done["missing_seqs"], done["missing_seq_count"]) == (
+        6,
+        [],
+        0,
+    )
+    receipt = pda.push([pda.event(events[0]["tracking_no"], "out_for_delivery")])
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (7, [])
+    assert receipt["missing_seq_count"] == 0
+
+
+def test_the_balance_names_written_off_seqs_and_is_no_longer_provisional_for_them(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    before = balance(client, shift["id"], manager)
+    assert (before["status"], before["missing_seqs"], before["written_off_seqs"]) == (
+        "provisional",
+        [3, 4],
+        [],
+    )
+    assert lost_seqs(client, manager, ranges=[{"first": 3, "last": 4}]).status_code == 201
+    after = balance(client, shift["id"], manager)
+    # Its parcels' outcomes were on the lost seqs: missing now, no longer provisional.
+    assert (after["status"], after["missing"], after["missing_seqs"]) == ("unbalanced", 2, [])
+    assert (after["written_off_seqs"], after["written_off_seq_count"]) == ([3, 4], 2)
+    (write_off,) = after["write_offs"]
+    assert write_off["ranges"] == [{"first": 3, "last": 4}]
+    assert (write_off["reason"], write_off["written_off_by"]) == (REASON, world.manager.id)
+    assert write_off["written_off_by_name"] and write_off["written_off_at"]
+    assert after["version"] != before["version"]
+    # Signed off now without forcing: nothing is provisional any more.
+    assert sign_off(client, shift["id"], manager, note="two parcels lost").status_code == 200
+
+
+def test_a_written_off_seq_that_arrives_after_all_is_taken_and_its_write_off_is_moot(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    shift, events, _ = lost_in_the_middle(session, world, pda)
+    assert lost_seqs(client, manager, ranges=[{"first": 3, "last": 4}]).status_code == 201
+    receipt = pda.push([events[2]])  # seq 3 was on a card the courier found after all
+    assert receipt["results"][0]["status"] == "applied"
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (6, [])
+    found = balance(client, shift["id"], manager)
+    assert (found["delivered"], found["written_off_seqs"]) == (1, [4])
+    assert found["write_offs"][0]["ranges"] == [{"first": 4, "last": 4}]
+    receipt = pda.push([events[3]])
+    assert receipt["results"][0]["status"] == "applied"
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["written_off_seqs"], found["write_offs"]) == (
+        "balanced",
+        [],
+        [],
+    )
+    assert found["written_off_seq_count"] == 0
+
+
+def test_a_write_off_is_audit_logged_in_the_chain(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    lost_in_the_middle(session, world, pda)
+    done = lost_seqs(client, manager, seqs=[3, 4]).get_json()
+    entry = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "lost_seqs_written_off")
+    ).one()
+    assert (entry.actor_id, entry.subject_type, entry.subject_key) == (
+        world.manager.id,
+        "device",
+        "PDA-0001",
+    )
+    assert entry.details == {
+        "station_id": world.station.id,
+        "write_off_id": done["id"],
+        "ranges": [[3, 4]],
+        "seq_count": 2,
+        "reason": REASON,
+        "acked_through_seq": 6,
+    }
+    assert verify(session=session).ok
+
+
+def test_only_missing_seqs_may_be_written_off(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    refused = lost_seqs(client, manager, seqs=[2, 3, 4, 9], ranges=[{"first": 11, "last": 12}])
+    assert refused.status_code == 422
+    body = refused.get_json()
+    assert (body["code"], list(body["errors"])) == ("seqs_not_missing", ["seqs"])
+    assert "seqs 2, 9, 11-12 of device PDA-0001 are not missing" in body["message"]
+    backwards = lost_seqs(client, manager, ranges=[{"first": 4, "last": 3}])
+    assert (backwards.status_code, backwards.get_json()["code"]) == (422, "invalid_range")
+    nothing = lost_seqs(client, manager)
+    assert (nothing.status_code, nothing.get_json()["code"]) == (422, "seqs_required")
+    # Nothing was written off by the refusals.
+    assert balance(client, shift["id"], manager)["missing_seqs"] == [3, 4]
+    assert (
+        session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "lost_seqs_written_off")
+        ).all()
+        == []
+    )
+
+
+def test_a_write_off_needs_a_reason(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    lost_in_the_middle(session, world, pda)
+    url = "/api/v1/devices/PDA-0001/lost-seqs"
+    missing = client.post(url, json={"seqs": [3]}, headers=manager)
+    assert missing.status_code == 422
+    assert "reason" in missing.get_json()["errors"]["json"]
+    blank = lost_seqs(client, manager, seqs=[3], reason="   ")
+    assert (blank.status_code, blank.get_json()["code"]) == (422, "reason_required")
+
+
+def test_only_a_manager_of_the_devices_station_or_an_admin_writes_seqs_off(
+    client: FlaskClient, session: Session, world: World, pda: Courier, auth: Auth
+) -> None:
+    lost_in_the_middle(session, world, pda)
+    other = lost_seqs(client, auth.headers("manager2"), seqs=[3])
+    # Another station's PDA answers what an unknown one does: it does not show it exists.
+    assert (other.status_code, other.get_json()["code"]) == (404, "device_not_found")
+    unknown = lost_seqs(client, auth.headers("manager1"), device_id="PDA-9999", seqs=[3])
+    assert (unknown.status_code, unknown.get_json()["code"]) == (404, "device_not_found")
+    courier = lost_seqs(client, pda.headers, seqs=[3])
+    assert courier.status_code == 403
+    auditor = lost_seqs(client, auth.headers("auditor1"), seqs=[3])
+    assert auditor.status_code == 403
+    admin = lost_seqs(client, auth.headers("admin"), seqs=[3])
+    assert admin.status_code == 201
+    assert admin.get_json()["missing_seqs"] == [4]

@@ -538,6 +538,6 @@ def sign_off_blocked(balance: Balance) -> str | None:
             shown += f" and {more} more"
         return (
             f"the balance is provisional: the PDA has not sent seq {shown}; "
-            "wait for them, or force the sign-off with a reason"
+            "wait for them, write off those its PDA lost, or force the sign-off with a reason"
         )
     return None

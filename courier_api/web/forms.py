@@ -18,6 +18,7 @@ from courier_api.api.shifts.schemas import CloseShiftIn
 from models import FlagSeverity, FlagStatus
 from sync.errors import InvalidInput
 from sync.flags import KINDS, MAX_NOTE_LENGTH
+from sync.lost_seqs import MAX_REASON_LENGTH
 from sync.proofs import METHODS, SEARCHABLE_FLAG_KINDS
 
 
@@ -87,6 +88,34 @@ class SignOffForm(_Form):
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     force_reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     balance_version = Text(load_default=None, validate=ma.validate.Length(max=64))
+
+
+class LostSeqsForm(_Form):
+    """The shift page's write-off of its PDA's lost seqs: ``3-4, 9`` and a reason."""
+
+    seqs = Text(load_default=None, validate=ma.validate.Length(max=2000))
+    reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_REASON_LENGTH))
+
+
+_SEQ_RANGE = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?")
+
+
+def seq_ranges_typed(text: str | None) -> list[tuple[int, int]]:
+    """``3-4, 9`` as ``[(3, 4), (9, 9)]``: seqs and ranges, by commas or spaces."""
+    found = []
+    for part in re.split(r"[,\s]+", re.sub(r"\s*-\s*", "-", (text or "").strip())):
+        if not part:
+            continue
+        match = _SEQ_RANGE.fullmatch(part)
+        if match is None:
+            raise InvalidInput(
+                f"seqs: {part!r} is no seq or range of seqs (write 3-4, 9)",
+                code="invalid_form",
+                field="seqs",
+            )
+        first = int(match[1])
+        found.append((first, int(match[2]) if match[2] else first))
+    return found
 
 
 class SignOffCleanForm(_Form):

@@ -54,11 +54,13 @@ from courier_api.web.forms import (
     DecisionForm,
     FlagFilter,
     LoginForm,
+    LostSeqsForm,
     ProofFilter,
     SignOffCleanForm,
     SignOffForm,
     checked_shifts,
     parse,
+    seq_ranges_typed,
 )
 from courier_api.web.session import (
     DECIDERS,
@@ -73,7 +75,7 @@ from courier_api.web.session import (
     sign_out_everywhere,
 )
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
-from sync import directory, flags, shifts, signoffs
+from sync import directory, flags, lost_seqs, shifts, signoffs
 from sync.balances import board_totals, station_board, waiting_from_earlier_days
 from sync.errors import (
     AuthenticationFailed,
@@ -471,6 +473,33 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
     if _decide(sign, done=f"Shift {shift_id} is signed off.", refused="Not signed off"):
         return redirect(url_for("web.shift", shift_id=shift_id))
     typed = {name: request.form.get(name, "") for name in ("note", "force_reason")}
+    return _shift_page(found, typed=typed)
+
+
+@bp.post("/shifts/<id:shift_id>/lost-seqs")
+@page(*DECIDERS)
+def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
+    """A manager writes off seqs the shift's PDA lost, as ``POST
+    /api/v1/devices/<id>/lost-seqs`` does. Refused, the page is shown again with the
+    seqs and the reason as they were typed."""
+    found = shifts.get_shift(session=db.session, shift_id=shift_id)
+    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
+
+    def write_off() -> None:
+        form = parse(LostSeqsForm(), request.form)
+        device = directory.get_device(session=db.session, device_id=found.device_id)
+        lost_seqs.write_off_lost_seqs(
+            session=db.session,
+            device=device,
+            ranges=lost_seqs.requested_ranges((), seq_ranges_typed(form.get("seqs"))),
+            reason=form.get("reason") or "",
+            user_id=current_principal().user_id,
+        )
+
+    done = f"The lost sequence numbers of {found.device_id} are written off."
+    if _decide(write_off, done=done, refused="Not written off"):
+        return redirect(url_for("web.shift", shift_id=shift_id))
+    typed = {name: request.form.get(name, "") for name in ("seqs", "reason")}
     return _shift_page(found, typed=typed)
 
 

@@ -220,6 +220,7 @@ MATRIX: dict[str, Row] = {
     "GET /web/shifts/{shift_id}":                             page(200, 200, 200, 404, **GET_PAGE),
     "POST /web/shifts/{shift_id}/close":                      page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "POST /web/shifts/{shift_id}/signoff":                    page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
+    "POST /web/shifts/{shift_id}/lost-seqs":                  page(302, 403, 302, 404, **POST_FORM),  # noqa: E501
     "POST /web/stations/{station_id}/signoffs":               page(200, 403, 200, 403, **POST_FORM),  # no box: the board again  # noqa: E501
     "GET /web/flags":                                         page(200, 200, 200, 403, **GET_PAGE),
     "GET /web/flags/{flag_id}":                               page(200, 200, 200, 404, **GET_PAGE),
@@ -253,6 +254,7 @@ def page_request(s: Subjects, path: str) -> tuple[str, dict[str, str] | None]:
         "signoff": {"note": "all good"},
         "signoffs": {"note": "all good"},
         "close": {},
+        "lost-seqs": {"seqs": "899", "reason": "PDA reset"},  # COURIER's PDA's (subjects)
         "acknowledge": {},
         "resolve": {"note": "found it"},
         "logout": {},
@@ -464,6 +466,7 @@ HIDDEN: dict[str, tuple[str, ...]] = {
     "GET /api/v1/reports/{report_id}": ("manager_other",),
     "GET /web/shifts/{shift_id}": ("manager_other",),
     "POST /web/shifts/{shift_id}/signoff": ("manager_other",),
+    "POST /web/shifts/{shift_id}/lost-seqs": ("manager_other",),
     "GET /web/flags/{flag_id}": ("manager_other",),
     "POST /web/flags/{flag_id}/acknowledge": ("manager_other",),
     "POST /web/flags/{flag_id}/resolve": ("manager_other",),

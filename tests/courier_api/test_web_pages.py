@@ -1404,6 +1404,38 @@ def test_a_refused_sign_off_keeps_the_note_and_the_reason_the_manager_typed(
     assert note not in pages.get(path)
 
 
+def test_a_manager_writes_off_the_lost_seqs_of_a_provisional_shift_on_its_page(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Seq 4 of the provisional shift never reached the server: the page offers the
+    write-off beside it; refused (a seq the server holds, no reason) it comes back with
+    what was typed; done, the page names the seqs written off, by whom and why, instead
+    of a provisional balance, and the sign-off needs no forcing."""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.provisional.id}"
+    page = pages.get(path)
+    assert 'id="write-off-lost-seqs"' in page and 'id="written-off-seqs"' not in page
+    read = signed_in(app, "auditor").get(path)  # the seqs missing, and no form
+    assert 'id="missing-seqs"' in read and 'id="write-off-lost-seqs"' not in read
+    refused = pages.post(f"{path}/lost-seqs", seqs="3-4", reason="PDA reset")
+    assert refused.status_code == 200
+    shown = refused.get_data(as_text=True)
+    assert "Not written off: seqs 3 of device PDA-PDG-03 are not missing" in shown
+    assert 'value="3-4"' in shown and ">PDA reset</textarea>" in shown
+    no_reason = pages.post(f"{path}/lost-seqs", seqs="4")
+    assert "Not written off: say why" in no_reason.get_data(as_text=True)
+    done = pages.submit(page, f"{path}/lost-seqs", seqs="4", reason="PDA reset at noon")
+    assert done.status_code == 302
+    page = pages.get(path)
+    assert "1 sequence number written off as lost" in page
+    written_off = re.search(r'id="written-off-seqs">(.*?)</div>', page, re.S)
+    assert written_off, page
+    manager = session.scalars(select(User).where(User.username == "manager")).one()
+    assert f"by {manager.full_name}: “PDA reset at noon”" in written_off.group(1)
+    assert 'id="missing-seqs"' not in page and "Reason to sign off now" not in page
+    assert [a for a, *_ in audit_actions(session)][-1] == "lost_seqs_written_off"
+
+
 @pytest.mark.parametrize("typed", ["0", "-1"], ids=["before its seqs held", "not a seq"])
 def test_a_refused_close_keeps_the_last_seq_the_manager_typed(
     app: Flask, session: Session, day: StationDay, typed: str

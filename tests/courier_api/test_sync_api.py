@@ -343,6 +343,35 @@ def test_seqs_written_with_a_fraction_are_held_and_acked(
     assert [r["status"] for r in again["results"]] == ["duplicate", "duplicate"]
 
 
+def test_an_event_rejected_seq_conflict_is_acknowledged_by_seq_and_taken_renumbered(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """README, "Read the results before you prune": a push in flight when the PDA was
+    reset lands after its new events took the same seqs. Their receipt acknowledges
+    their seqs (another event holds them) though the server holds nothing of them: a
+    PDA pruning up to ``acked_through_seq`` first would delete them. Given new seqs
+    after ``device_max_seq``, with the same ids, they are applied."""
+    landed_late = [ev(1, parcel.tracking_no), ev(2, parcel.tracking_no, "out_for_delivery")]
+    assert push(client, courier, landed_late).status_code == 200
+    after_reset = [
+        ev(
+            1,
+            parcel.tracking_no,
+            "delivery_attempt_failed",
+            reason="recipient_absent",
+            action="notice_left",
+        ),
+        ev(3, parcel.tracking_no, "out_for_delivery"),
+    ]
+    receipt = push(client, courier, after_reset).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["rejected", "applied"]
+    assert receipt["results"][0]["error"]["code"] == "seq_conflict"
+    assert receipt["acked_through_seq"] == 3  # past the seq of the event it did not take
+    again = push(client, courier, [{**after_reset[0], "seq": 4}]).get_json()
+    assert [r["status"] for r in again["results"]] == ["applied"]
+    assert again["acked_through_seq"] == 4
+
+
 def test_clock_skew_is_reported_and_flagged(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

@@ -9,10 +9,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from courier_api.api.webhooks.schemas import WebhookBalance
 from models import AuditEntry
 from sync.audit import verify
 from tests.conftest import Auth, World
 from tests.courier_api.test_shifts_api import Courier, balance, parcels, sign_off
+from tests.sync.test_consent_requests import messages, subscribe
 
 REASON = "PDA reset on 4 December: its unsent scans are gone"
 
@@ -213,3 +215,22 @@ def test_only_a_manager_of_the_devices_station_or_an_admin_writes_seqs_off(
     admin = lost_seqs(client, auth.headers("admin"), seqs=[3])
     assert admin.status_code == 201
     assert admin.get_json()["missing_seqs"] == [4]
+
+
+def test_a_shift_closed_after_a_write_off_announces_its_written_off_seqs(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """Written off while the shift is still open, the seqs are named in the balance of
+    ``shift.unbalanced`` (its webhook schema documents them), not as missing."""
+    subscribe(session, "shift.unbalanced")
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    events = [pda.event(a), pda.event(a, "delivered"), pda.event(a, "out_for_delivery")]
+    pda.push([events[0], events[2]])  # seq 2 was lost with the PDA's storage
+    assert lost_seqs(client, manager, seqs=[2]).status_code == 201
+    assert pda.close(shift["id"], last_seq=3).status_code == 200
+    [message] = messages(session, "shift.unbalanced")
+    balance = message.payload["balance"]
+    assert set(balance) <= set(WebhookBalance().fields)  # as documented
+    assert (balance["status"], balance["missing_seqs"]) == ("unbalanced", [])
+    assert (balance["written_off_seqs"], balance["written_off_seq_count"]) == ([2], 1)

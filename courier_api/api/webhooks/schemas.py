@@ -330,6 +330,14 @@ class WebhookBalance(ma.Schema):
     missing_seq_count = ma.fields.Integer(required=True)
     discrepancy_count = ma.fields.Integer(required=True)
     missing_seqs = ma.fields.List(ma.fields.Integer(), required=True)
+    written_off_seqs = ma.fields.List(
+        ma.fields.Integer(),
+        metadata={
+            "description": "Only when a manager wrote off seqs of the shift as lost: the "
+            "first 100 (held for `status`, not in `missing_seqs`)"
+        },
+    )
+    written_off_seq_count = ma.fields.Integer(metadata={"description": "Only with them"})
     discrepancies = ma.fields.List(ma.fields.Nested(WebhookDiscrepancy), required=True)
 
 

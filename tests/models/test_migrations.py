@@ -937,7 +937,7 @@ def test_lost_seq_write_offs_run_again_after_their_index_build_failed(scratch: E
     ):
         migrate.upgrade(scratch, LOST_SEQS)
     with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {FLAGS_BY_PARCEL}
+        assert migrate.current_revisions(connection) == {AUDIT_BY_PARCEL}
         columns = {c["name"] for c in inspect(connection).get_columns("device_sync_state")}
         tables = set(inspect(connection).get_table_names())
     expected_write_offs = []

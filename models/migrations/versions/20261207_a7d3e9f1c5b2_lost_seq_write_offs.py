@@ -23,7 +23,7 @@ SQLite does it all in the upgrade's one transaction (``batch_alter_table``): a f
 upgrade is rolled back whole, and runs again from the start.
 
 Revision ID: a7d3e9f1c5b2
-Revises: 3b6129cf67c6
+Revises: 9d4f2b7c1e63
 Create Date: 2026-12-07 09:00:00.000000
 """
 
@@ -35,7 +35,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "a7d3e9f1c5b2"
-down_revision: str | None = "3b6129cf67c6"
+down_revision: str | None = "9d4f2b7c1e63"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -219,15 +219,17 @@ def reopen_flag(*, session: Session, flag: Flag, note: str) -> Flag:
 
 # What a flag's evidence names its cause by, and so what a manager's decision covers
 # (``decided_on``): its events, by id or by their PDA's id for them (``clock_jump``,
-# ``seq_conflict``); the seqs of its PDA (``wrong_shift``) or of PDAs (a
-# ``time_inversion`` names its pairs so); the images a delivery lacks
-# (``pod_blob_missing``); and the silence a ``stale_device`` flag is about, its shift and
-# the PDA's last push. Lists (the events, seqs, images) are covered item by item, one
+# ``seq_conflict``); the rejected events of its PDA, by their quarantine id
+# (``late_event_after_signoff``: rejected after the sign-off); the seqs of its PDA
+# (``wrong_shift``) or of PDAs (a ``time_inversion`` names its pairs so); the images a
+# delivery lacks (``pod_blob_missing``); and the silence a ``stale_device`` flag is about,
+# its shift and the PDA's last push. Lists (the events, seqs, images) are covered item by item, one
 # value (the silence) as a whole. (Counts, times and measures it also holds, such as
 # ``clock_skew``'s offset, name nothing: they change with every push.)
 SEEN = (
     "event_ids",
     "client_event_ids",
+    "rejected_event_ids",
     "seqs",
     "device_seqs",
     "blobs",
@@ -237,7 +239,18 @@ SEEN = (
 DECISIONS = (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED)
 # The lists of a flag's evidence that grow as its cause recurs (``_merged``): the
 # events, pushes and seqs it names.
-ACCUMULATED = ("event_ids", "client_event_ids", "batch_ids", "seqs", "device_seqs")
+ACCUMULATED = (
+    "event_ids",
+    "client_event_ids",
+    "rejected_event_ids",
+    "batch_ids",
+    "seqs",
+    "device_seqs",
+)
+# Keys named later than the versions of flags without them: ``evidence_version`` reads
+# them only where a flag's evidence names some, so those versions stay as they were
+# read; and a decision recorded without them saw none (``covers``).
+NAMED_WHERE_HELD = frozenset({"rejected_event_ids"})
 
 
 def seen_in(evidence: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +267,8 @@ def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
     if decided_on is None:
         return False
     shown = [key for key in SEEN if key in decided_on] or ["event_ids"]
+    # Named in no evidence before: a decision that recorded none saw none.
+    shown += sorted(NAMED_WHERE_HELD.difference(shown))
     return all(
         key not in evidence or _within(cited_in(evidence, key), decided_on.get(key))
         for key in shown
@@ -298,9 +313,13 @@ def evidence_version(evidence: dict[str, Any]) -> str:
     version never comes back to one a manager read, whichever ids the latest raising
     named). (Other counts, times and measures the evidence holds are not in it: they
     change with every push, and name nothing new.)"""
-    named = sorted({*SEEN, *ACCUMULATED})
-    seen = {key: _in_order(cited_in(evidence, key, [])) for key in named}
     past = evidence.get(PAST_BOUND) or {}
+    named = sorted(
+        key
+        for key in {*SEEN, *ACCUMULATED}
+        if key not in NAMED_WHERE_HELD or cited_in(evidence, key)
+    )
+    seen = {key: _in_order(cited_in(evidence, key, [])) for key in named}
     if NAMED_PAST_BOUND in past:  # absent until the bound is reached: versions read before
         seen[NAMED_PAST_BOUND] = past[NAMED_PAST_BOUND]
     text = json.dumps(seen, sort_keys=True, separators=(",", ":"))

@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -57,7 +57,7 @@ from models import (
 from models.sync import DELIVERY_TYPES, DROP_TYPES
 from sync import audit, consents, outbox
 from sync.acks import SeqTracker, without
-from sync.balances import closed_shifts_holding, refresh_handover_flags
+from sync.balances import closed_shifts_holding, gather, refresh_handover_flags
 from sync.blobs import lock_digests
 from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
 from sync.device_state import DeviceState, lock_device_state
@@ -80,6 +80,7 @@ from sync.events import (
 )
 from sync.flags import FlagSubject, raise_flag
 from sync.inversions import Stamp, time_inversions
+from sync.quarantine import rejections_of_batch
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
     WRONG_SHIFT,
@@ -87,6 +88,7 @@ from sync.shifts import (
     ShiftFiler,
     ShiftRules,
     lock_shifts,
+    may_own_rejected,
     reopen_for_late_events,
 )
 from sync.sql import (
@@ -457,6 +459,8 @@ class _BatchIngest:
         # copy shares the first one's fate, also if the database refuses it.
         self.copies: list[tuple[int, int]] = []
         self.rejections: list[_Rejection] = list(validated.rejections)
+        # The rows this push quarantined: rejected events not sent (and kept) before.
+        self.quarantined: list[dict[str, Any]] = []
         self.raised: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
@@ -472,6 +476,8 @@ class _BatchIngest:
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
         # The shifts this push changes that are closed or signed off (_lock_shifts).
         self.shifts_not_open: dict[int, Shift] = {}
+        # Signed-off shifts that may own an event this push quarantined (_lock_shifts).
+        self.may_own_quarantined: list[Shift] = []
         # Parcels whose delivered_not_checked_out flag this push changed (_project).
         self.covering_changed: set[str] = set()
         # Each parcel's station and holder, as the projection left them (``_project``).
@@ -1147,6 +1153,7 @@ class _BatchIngest:
             )
         if rows:
             flushed_connection(self.session).execute(INSERT_QUARANTINED, rows)
+        self.quarantined = rows
 
     def _quarantined_answers(self, hashes: Sequence[str]) -> dict[str, EventRejected]:
         """What the events of this device with these payload hashes were answered when
@@ -1262,8 +1269,29 @@ class _BatchIngest:
                 )
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
-        self.shifts_not_open = lock_shifts(self.session, by_shift)
+        locked = lock_shifts(self.session, by_shift, also=self._owners_of_quarantined())
+        self.shifts_not_open = {i: shift for i, shift in locked.items() if i in by_shift}
+        self.may_own_quarantined = [
+            shift
+            for shift in locked.values()
+            if shift.status == ShiftStatus.SIGNED_OFF
+            and shift.station_id == self.pusher.station_id
+        ]
         return by_shift
+
+    def _owners_of_quarantined(self) -> ColumnElement[bool] | None:
+        """The shifts that may own what this push quarantined (``may_own_rejected``),
+        locked with its shifts: a rejected event of a signed-off shift reopens it as a
+        late one does (``_settle_shifts``). None when it quarantined nothing new: a
+        rejected event sent again was seen by whoever signed off after it first came."""
+        if not self.quarantined:
+            return None
+        rows = self.quarantined
+        return may_own_rejected(
+            self.pusher.device_id,
+            [row["seq"] for row in rows if row["seq"] is not None],
+            [row["tracking_no"] for row in rows if row["seq"] is None and row["tracking_no"]],
+        )
 
     def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:
         """A PDA naming a shift that is not its own is flagged; a signed-off shift that
@@ -1286,7 +1314,8 @@ class _BatchIngest:
             for shift in self.shifts_not_open.values()
             if shift.status == ShiftStatus.SIGNED_OFF
         ]
-        if signed_off:
+        rejected = self._quarantined_for_signed_off()
+        if signed_off or rejected:
             ids = self._event_ids([e for shift_id in signed_off for e in by_shift[shift_id]])
             flags = reopen_for_late_events(
                 session=self.session,
@@ -1295,8 +1324,25 @@ class _BatchIngest:
                     for shift_id in signed_off
                 },
                 now=self.received_at,
+                rejected=rejected,
             )
             self._report_raised(flags)
+
+    def _quarantined_for_signed_off(self) -> dict[int, list[int]]:
+        """``{signed-off shift id: ids of the rows this push quarantined that are its}``,
+        by the scope its page lists its rejected events by (``ShiftFacts.rejection_scope``,
+        ``sync.quarantine.RejectionScope``), pushed at its station. Read only for
+        those ``may_own_rejected`` found: rarely any."""
+        if not self.may_own_quarantined:
+            return {}
+        facts = gather(self.session, self.may_own_quarantined)
+        scopes = {shift_id: f.rejection_scope(f.balance()) for shift_id, f in facts.items()}
+        return rejections_of_batch(
+            session=self.session,
+            scopes=scopes,
+            batch_pk=self.batch_pk,
+            station_id=self.pusher.station_id,
+        )
 
     def _judge_handovers(self, by_shift: dict[int, list[ValidEvent]]) -> None:
         """Closed shifts that got events (a late batch) or lost one to a correction: their

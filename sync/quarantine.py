@@ -172,6 +172,36 @@ def rejection_counts(
     return found
 
 
+def rejections_of_batch(
+    *, session: Session, scopes: Mapping[int, RejectionScope], batch_pk: int, station_id: int
+) -> dict[int, list[int]]:
+    """Which rejected events of one push each shift has (``{shift id: quarantine ids}``,
+    those with none left out), as ``shift_rejections`` finds them, pushed at
+    ``station_id``: one statement, over the rows that push quarantined. What reopens a
+    signed-off shift whose PDA sent it a malformed event (``sync.ingest``)."""
+    owned = [
+        (shift_id, where)
+        for shift_id, scope in sorted(scopes.items())
+        if (where := _owned_by(session, scope)) is not None
+    ]
+    found: dict[int, list[int]] = {}
+    for chunk in chunks(owned, COUNTED_AT_ONCE):
+        rows = session.execute(
+            select(QuarantinedEvent.id, *(where for _, where in chunk))
+            .where(
+                QuarantinedEvent.batch_pk == batch_pk,
+                QuarantinedEvent.station_id == station_id,
+                or_(*(where for _, where in chunk)),
+            )
+            .order_by(QuarantinedEvent.id)
+        )
+        for row_id, *owners in rows:
+            for (shift_id, _), owns in zip(chunk, owners, strict=True):
+                if owns:
+                    found.setdefault(shift_id, []).append(row_id)
+    return found
+
+
 def shown_rejection(row: QuarantinedEvent, *, unmasked: bool) -> dict[str, Any]:
     """The rejected event as its reader is shown it: whole for an auditor
     (``unmasked``); for a manager or an admin a phone number in what the PDA sent (a

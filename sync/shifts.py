@@ -28,6 +28,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    false,
     func,
     or_,
     select,
@@ -208,6 +209,8 @@ OWN_SHIFTS_AMONG = Prebuilt(
 LATE_EVENT = "late_event_after_signoff"
 WRONG_SHIFT = "wrong_shift"
 LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift this time
+# Its evidence: the rejected events (quarantine ids) that reopened it (``sync.flags.SEEN``).
+REJECTED_IDS = "rejected_event_ids"
 NOT_CLOSED = "shift_not_closed"
 STALE_DEVICE = "stale_device"
 NO_OPEN_SHIFT = "the device has no open shift any more"
@@ -561,8 +564,8 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     # The events of its latest reopening: ``event_ids`` gathers every reopening's, and
     # the earlier ones were signed off since.
     latest = flag.evidence.get(LATEST_REOPENING) or flag.evidence
-    if not set(latest.get("event_ids", [])) <= moved:
-        return
+    if not set(latest.get("event_ids", [])) <= moved or latest.get(REJECTED_IDS):
+        return  # (a rejected event's reopening stands: no event moved it away)
     if not same_snapshot(
         shift_balance(session=session, shift=shift).snapshot(), shift.signoff_balance
     ):
@@ -961,6 +964,7 @@ def reopen_for_late_events(
     late: dict[int, list[int]],
     now: dt.datetime,
     details: dict[str, Any] | None = None,
+    rejected: dict[int, list[int]] | None = None,
 ) -> list[Flag]:
     """Events landed for signed-off shifts (``{shift id: event ids}``): each reopens.
 
@@ -968,18 +972,25 @@ def reopen_for_late_events(
     ``late_event_after_signoff`` flag names the events (opened again if a manager
     had acknowledged or resolved it after an earlier reopening: these events came
     after that decision and the sign-off since), and the audit log records it.
-    ``details`` go into the evidence too. Returns the flags raised.
+    ``details`` go into the evidence too. ``rejected``: ``{shift id: quarantine ids}``,
+    events its PDA sent that were rejected (``sync.quarantine.RejectionScope`` says
+    they are the shift's), named under ``REJECTED_IDS``: the sign-off never saw them
+    either, and a shift with a rejected event is no clean handover. Returns the flags
+    raised.
     """
     flags = []
-    for shift_id in sorted(late):
+    rejected = rejected or {}
+    for shift_id in sorted(late.keys() | rejected.keys()):
         shift = lock_shift(session, shift_id)
         if shift.status != ShiftStatus.SIGNED_OFF:
             continue
-        event_ids = sorted(late[shift_id])
+        event_ids = sorted(late.get(shift_id, ()))
+        refused = {REJECTED_IDS: sorted(rejected[shift_id])} if rejected.get(shift_id) else {}
         evidence = {
             "event_ids": event_ids,
+            **refused,
             # replaced at each reopening, where event_ids accumulate
-            LATEST_REOPENING: {"event_ids": event_ids, **(details or {})},
+            LATEST_REOPENING: {"event_ids": event_ids, **refused, **(details or {})},
             "signed_off_at": shift.signed_off_at.isoformat() if shift.signed_off_at else None,
             "signed_off_by": shift.signed_off_by,
         }
@@ -1324,9 +1335,14 @@ SHIFT_STATUSES_FOR_UPDATE = Prebuilt(
 )
 
 
-def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
+def lock_shifts(
+    session: Session, ids: Iterable[int], *, also: ColumnElement[bool] | None = None
+) -> dict[int, Shift]:
     """Lock shift rows in id order; return the locked ones that are no longer open
     (closed or signed off), as stored now: those a push must judge again.
+
+    ``also``: shifts found by a condition besides (``may_own_rejected``), locked in the
+    same statement, so still in id order with the others.
 
     Locked as plain rows of id and status: the shifts of a push are nearly always
     open, and then no entity is loaded. (PostgreSQL; SQLite's writers take turns
@@ -1337,11 +1353,17 @@ def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
     device's sync state, then the earlier shifts whose events or seqs it changes, in
     id order; closing and signing off take a shift first, then flags and the audit log.
     """
-    not_open = [
-        row.id
-        for row in rows_among(session, SHIFT_STATUSES_FOR_UPDATE, "ids", sorted(set(ids)))
-        if row.status != ShiftStatus.OPEN
-    ]
+    wanted = sorted(set(ids))
+    if also is None:
+        rows: Iterable[Any] = rows_among(session, SHIFT_STATUSES_FOR_UPDATE, "ids", wanted)
+    else:
+        rows = session.execute(
+            select(Shift.id, Shift.status)
+            .where(or_(Shift.id.in_(wanted), also) if wanted else also)
+            .order_by(Shift.id)
+            .with_for_update()
+        )
+    not_open = [row.id for row in rows if row.status != ShiftStatus.OPEN]
     return {
         shift.id: shift
         for chunk in chunks(not_open)
@@ -1352,6 +1374,55 @@ def lock_shifts(session: Session, ids: Iterable[int]) -> dict[int, Shift]:
             .execution_options(populate_existing=True)
         )
     }
+
+
+def may_own_rejected(
+    device_id: str, seqs: Sequence[int], tracking_nos: Sequence[str]
+) -> ColumnElement[bool]:
+    """The shifts of ``device_id`` that may own, as ``sync.quarantine.RejectionScope``
+    reads it, a rejected event with one of ``seqs`` or, one without a seq, naming one of
+    ``tracking_nos``: more than those (whose seqs it owns, ``sync.handover.owned_seqs``,
+    needs their events and their neighbours'), never fewer. A push that quarantines
+    events locks these with its shifts (``lock_shifts``), and asks the scope itself of
+    those signed off. Those whose seqs surely end before the lowest of ``seqs`` are left
+    out (their last seq declared below it; closed without one, the next shift on the PDA
+    declaring its first seq at or below it), and those whose seqs surely start after the
+    highest (a first seq declared above it, no event of theirs at or below it): a PDA's
+    signed-off shifts are not all read again at each malformed event of its open one."""
+    shift = _shifts.c
+    owning = []
+    if seqs:
+        lowest, highest = min(seqs), max(seqs)
+        next_first = adjacent_shift(_shifts, "first_seq", following=True, same_courier=False)
+        ends_at_or_after = or_(
+            shift.last_seq >= lowest,
+            and_(
+                shift.last_seq.is_(None),
+                or_(
+                    shift.status == ShiftStatus.OPEN,
+                    next_first.is_(None),
+                    next_first > lowest,
+                ),
+            ),
+        )
+        starts_at_or_before = or_(
+            shift.first_seq.is_(None),
+            shift.first_seq <= highest,
+            select(ScanEvent.id)
+            .where(ScanEvent.shift_id == shift.id, ScanEvent.seq <= highest)
+            .exists(),
+        )
+        owning.append(and_(ends_at_or_after, starts_at_or_before))
+    if tracking_nos:
+        owning.append(
+            select(ScanEvent.id)
+            .where(
+                ScanEvent.shift_id == shift.id,
+                ScanEvent.tracking_no.in_(sorted(set(tracking_nos))),
+            )
+            .exists()
+        )
+    return and_(shift.device_id == device_id, or_(*owning) if owning else false())
 
 
 def manager_text(value: str | None, field: str, *, required: bool) -> str | None:

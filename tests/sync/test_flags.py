@@ -31,6 +31,7 @@ from sync.flags import (
     list_flags,
     raise_flag,
     resolve_flag,
+    seen_in,
 )
 from tests import factories
 
@@ -612,3 +613,17 @@ def test_flag_changes_are_not_shared_between_flags(session: Session, setup: Setu
     acknowledge_flag(session=session, flag=a, user_id=setup.manager.id, note=None)
     assert len(history(session, a)) == 2 and len(history(session, b)) == 1
     assert session.scalars(select(FlagChange)).all()  # stored, not only pending
+
+
+def test_rejected_events_a_flag_names_are_seen_by_a_decision_and_change_its_version() -> None:
+    """``rejected_event_ids`` (a shift reopened by a rejected event) is what a decision
+    covers and ``evidence_version`` digests, as ``event_ids`` are; a flag naming none has
+    the version it had before the key was named, and a decision recorded without it saw
+    none."""
+    plain = {"event_ids": [1]}
+    assert evidence_version(plain) == evidence_version({**plain, "rejected_event_ids": []})
+    with_rejected = {**plain, "rejected_event_ids": [7]}
+    assert evidence_version(with_rejected) != evidence_version(plain)
+    assert not covers({"event_ids": [1]}, with_rejected)
+    assert covers({"event_ids": [1], "rejected_event_ids": [7]}, with_rejected)
+    assert seen_in(with_rejected) == {"event_ids": [1], "rejected_event_ids": [7]}

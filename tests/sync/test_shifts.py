@@ -2329,3 +2329,196 @@ def test_a_resolved_unknown_parcel_flag_closes_when_the_parcel_is_taken_in(
     assert flag.status == FlagStatus.CLOSED
     balance = shift_balance(session=session, shift=shift)
     assert (balance.status, balance.discrepancies) == ("balanced", [])
+
+
+# -- rejected events after a sign-off ----------------------------------------------------
+
+
+def late_flag(session: Session) -> Flag | None:
+    return session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).first()
+
+
+def quarantined_ids(session: Session) -> list[int]:
+    return list(session.scalars(select(QuarantinedEvent.id).order_by(QuarantinedEvent.id)))
+
+
+def malformed_drop(pda: Pda, tracking_no: str, **fields: Any) -> dict[str, Any]:
+    """A locker drop the PDA wrote without its locker: rejected, kept in quarantine."""
+    drop = pda.event(tracking_no, "delivered_to_locker", compartment="B07", **fields)
+    drop.pop("locker_id", None)
+    return drop
+
+
+def test_a_rejected_event_of_a_signed_off_shift_reopens_it_with_a_flag(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Signed off balanced, the parcel returned; the PDA then sends a locker drop of it
+    that is rejected (no locker). The shift owns its seq (closed without its last seq:
+    up to the PDA's highest), so its page lists it and the sign-off never saw it: the
+    shift reopens with a late_event_after_signoff flag citing the quarantined event."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    shift = sign_off(session, world, pda.close(shift))
+    assert shift.signoff_balance["status"] == "balanced"
+    receipt = pda.push([malformed_drop(pda, a)], received_at=NOW + dt.timedelta(hours=1))
+    assert receipt["results"][0]["status"] == "rejected"
+    [rejected] = quarantined_ids(session)
+    session.refresh(shift)
+    assert (shift.status, shift.reopened_count) == (ShiftStatus.CLOSED, 1)
+    flag = late_flag(session)
+    assert flag is not None and flag.shift_id == shift.id and flag.status == FlagStatus.OPEN
+    assert flag.evidence["rejected_event_ids"] == [rejected]
+    assert flag.evidence["event_ids"] == []
+    assert flag.evidence["latest_reopening"] == {"event_ids": [], "rejected_event_ids": [rejected]}
+    assert flag.id in {f["flag_id"] for f in receipt["flags_raised"]}
+    actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
+    assert actions == ["shift_signed_off", "shift_reopened"]
+
+
+def test_a_rejected_event_without_a_seq_naming_a_signed_off_shifts_parcel_reopens_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Closed with its last seq, the shift owns no later seq; a rejected event with no
+    valid seq is the shift's when it names one of its parcels (as its page lists it)."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    shift = sign_off(session, world, pda.close(shift, last_seq=2))
+    pda.push([{**malformed_drop(pda, a), "seq": "three"}], received_at=NOW + dt.timedelta(hours=1))
+    [rejected] = quarantined_ids(session)
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.CLOSED
+    flag = late_flag(session)
+    assert flag is not None and flag.evidence["rejected_event_ids"] == [rejected]
+
+
+def test_a_rejected_event_of_the_next_shift_leaves_the_signed_off_one_alone(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Seqs past the last seq declared are the next shift's: its rejected event is on the
+    next shift's page, and the one signed off stays so."""
+    (a, b) = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first, last_seq=2))
+    pda.open(first_seq=3, now=NOW + dt.timedelta(minutes=10))
+    pda.push(
+        [pda.event(b, occurred_at=NOW + dt.timedelta(minutes=11)), malformed_drop(pda, a)],
+        received_at=NOW + dt.timedelta(minutes=12),
+    )
+    assert len(quarantined_ids(session)) == 1
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 0)
+    assert late_flag(session) is None
+
+
+def test_a_rejected_event_sent_again_after_the_sign_off_reopens_nothing(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A rejected event sent again (same payload, another batch) is the one quarantined
+    before: kept once, answered as then. Quarantined before the sign-off, the manager
+    signing off had it on the shift's page; after a reopening and a new sign-off, it
+    does not reopen the shift again."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    drop = malformed_drop(pda, a)
+    pda.push([pda.event(a), drop, pda.event(a, "returned_to_station")])
+    shift = sign_off(session, world, pda.close(shift), note="the drop was refused; returned")
+    pda.push([drop], received_at=NOW + dt.timedelta(hours=1))
+    session.refresh(shift)
+    assert (shift.status, shift.reopened_count) == (ShiftStatus.SIGNED_OFF, 0)
+    assert late_flag(session) is None
+    # Rejected after the sign-off: it reopens once, and not again when sent again.
+    second = malformed_drop(pda, a)
+    pda.push([second], received_at=NOW + dt.timedelta(hours=2))
+    session.refresh(shift)
+    assert (shift.status, shift.reopened_count) == (ShiftStatus.CLOSED, 1)
+    sign_off(session, world, shift, note="seen the second drop")
+    pda.push([second], received_at=NOW + dt.timedelta(hours=3))
+    session.refresh(shift)
+    assert (shift.status, shift.reopened_count) == (ShiftStatus.SIGNED_OFF, 1)
+    assert len(quarantined_ids(session)) == 2
+
+
+def test_a_late_event_and_a_rejected_one_in_one_push_reopen_the_shift_once(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (a, b) = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "returned_to_station")])
+    shift = sign_off(session, world, pda.close(shift), note="b is missing; searching")
+    late = pda.event(b, "returned_to_station", shift_id=shift.id)
+    pda.push([late, malformed_drop(pda, a)], received_at=NOW + dt.timedelta(hours=1))
+    session.refresh(shift)
+    assert shift.reopened_count == 1
+    late_id = session.scalars(select(ScanEvent.id).where(ScanEvent.seq == late["seq"])).one()
+    flag = late_flag(session)
+    assert flag is not None
+    assert (flag.evidence["event_ids"], flag.evidence["rejected_event_ids"]) == (
+        [late_id],
+        quarantined_ids(session),
+    )
+
+
+def test_a_rejected_event_reopens_a_signed_off_shift_after_a_decision_on_its_late_events(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The late flag was resolved on the late events it named; a rejected event after the
+    next sign-off opens it again, its evidence_version changed: a decision on the version
+    read before it is refused."""
+    from sync.flags import evidence_version, resolve_flag
+
+    (a, b) = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "returned_to_station")])
+    shift = sign_off(session, world, pda.close(shift), note="b is missing; searching")
+    pda.push([pda.event(b, "returned_to_station", shift_id=shift.id)], received_at=at(300))
+    flag = late_flag(session)
+    assert flag is not None
+    read = evidence_version(flag.evidence)
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="b found")
+    session.commit()
+    sign_off(session, world, shift, note="found")
+    pda.push([malformed_drop(pda, a)], received_at=at(400))
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+    assert evidence_version(flag.evidence) != read
+    with pytest.raises(Conflict) as refused:
+        resolve_flag(
+            session=session, flag=flag, user_id=world.manager.id, note="seen", seen_version=read
+        )
+    assert refused.value.code == "evidence_changed"
+
+
+def test_a_push_quarantining_an_event_of_the_open_shift_costs_one_statement_at_most(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """What may own a quarantined event is found in the statement that locks the push's
+    shifts (``sync.shifts.may_own_rejected``): a push with valid events reads shifts in
+    as many statements with a rejected event as without; one with rejected events only,
+    in one. The shift signed off before is not read again (its last seq lies below),
+    nor is any shift's balance gathered."""
+    from tests.sync.test_ingest import statements_sent
+
+    (a, b) = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    sign_off(session, world, pda.close(first, last_seq=2))
+    later = NOW + dt.timedelta(minutes=10)
+    pda.open(first_seq=3, now=later)
+    pda.push([pda.event(b, occurred_at=later)], received_at=later)
+
+    def reading_shifts(events: list[dict[str, Any]]) -> list[str]:
+        with statements_sent(session) as statements:
+            pda.push(events, received_at=later + dt.timedelta(minutes=5))
+        gathered = [s for s in statements if "scan_event.shift_id IN" in s]
+        assert not gathered  # no shift's balance
+        return [s for s in statements if " FROM shift " in f"{' '.join(s.split())} "]
+
+    valid = reading_shifts([pda.event(b, "out_for_delivery", occurred_at=later)])
+    both = [pda.event(b, "out_for_delivery", occurred_at=later), malformed_drop(pda, a)]
+    assert len(reading_shifts(both)) == len(valid) == 2  # filing, locking
+    assert len(reading_shifts([malformed_drop(pda, b)])) == 1
+    assert len(quarantined_ids(session)) == 2
+    assert late_flag(session) is None

@@ -70,12 +70,13 @@ from sync.proofs import (
 from sync.quarantine import (
     SHIFT_REJECTIONS_SHOWN,
     list_quarantined,
+    rejections_by_id,
     shift_rejections,
     shown_rejection,
 )
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, Policy, counts_at_station
-from sync.shifts import LATE_EVENT, LATEST_REOPENING
+from sync.shifts import LATE_EVENT, LATEST_REOPENING, REJECTED_IDS
 from sync.sql import among, chunks
 from sync.status import load_events
 from sync.tracking import normalize
@@ -203,6 +204,9 @@ class ShiftFlag:
     events: list[ScanEvent]  # its evidence's events, in device order
     latest: frozenset[int]  # a reopening's flag: the events of the latest reopening
     voided_by: dict[int, int]  # those of its events a correction voided: the correction's id
+    # A reopening's flag: the rejected events it cites (quarantine ids), listed on the
+    # page with the shift's rejected events.
+    rejected: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -438,6 +442,7 @@ def _shift_flag(
         events=shown,
         latest=frozenset(i for i in latest if isinstance(i, int)),
         voided_by={e.id: voided[e.id] for e in shown if e.id in voided},
+        rejected=[i for i in cited_in(flag.evidence, REJECTED_IDS, ()) if isinstance(i, int)],
     )
 
 
@@ -564,9 +569,14 @@ class FlagPage:
     shifts: frozenset[int]  # the shifts of those events the reader may open
     proofs: frozenset[int]  # the deliveries among them whose proof the reader may open
     voided_by: dict[int, int]  # those of them a correction voided: the correction's id
+    # The rejected events it cites (``REJECTED_IDS``: a shift reopened by them), as
+    # ``shown_rejection`` shows them; those of another station left out.
+    rejections: list[dict[str, Any]] = field(default_factory=list)
 
 
-def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> FlagPage:
+def flag_page(
+    *, session: Session, flag: Flag, visible_station: int | None, unmasked: bool = False
+) -> FlagPage:
     """The flag, its history and its evidence's events, each leading to the shift it is
     filed under and, a delivery, to its proof: a parcel's rule flag names no shift of
     its own, and the shift page is where its consents on record and its photos are.
@@ -575,8 +585,10 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
     event pushed by another station's PDA (``wrong_station``) is filed under that
     station's shift, and a parcel's proof is its own station's (one never taken in is
     the recording station's, ``opens_proof``): neither is linked for a reader who would
-    get a 404 page. Five or six queries."""
+    get a 404 page. Its rejected events (``REJECTED_IDS``) are listed too, masked as on
+    the shift's page but for an auditor (``unmasked``). Five to seven queries."""
     changes = flag_changes(session=session, flag=flag)
+    rejected = [i for i in cited_in(flag.evidence, REJECTED_IDS, ()) if isinstance(i, int)]
     events = sorted(
         _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
     )
@@ -591,6 +603,10 @@ def flag_page(*, session: Session, flag: Flag, visible_station: int | None) -> F
         shifts=frozenset(e.shift_id for e in events if opens_shift(e, visible_station)),
         proofs=_proofs_opened(events, parcels, visible_station),
         voided_by=voided_among(session, events),
+        rejections=[
+            shown_rejection(row, unmasked=unmasked)
+            for row in rejections_by_id(session=session, ids=rejected, station_id=visible_station)
+        ],
     )
 
 

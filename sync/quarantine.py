@@ -172,6 +172,19 @@ def rejection_counts(
     return found
 
 
+def rejections_by_id(
+    *, session: Session, ids: Sequence[int], station_id: int | None
+) -> list[QuarantinedEvent]:
+    """The rejected events with these quarantine ids (a flag's ``rejected_event_ids``), in
+    id order; ``station_id``: only those pushed at that station (None: any)."""
+    if not ids:
+        return []
+    query = select(QuarantinedEvent).where(among_at_once(session, QuarantinedEvent.id, ids))
+    if station_id is not None:
+        query = query.where(QuarantinedEvent.station_id == station_id)
+    return list(session.scalars(query.order_by(QuarantinedEvent.id)))
+
+
 def rejections_of_batch(
     *, session: Session, scopes: Mapping[int, RejectionScope], batch_pk: int, station_id: int
 ) -> dict[int, list[int]]:

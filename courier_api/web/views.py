@@ -599,7 +599,10 @@ def flag(flag_id: int) -> ResponseReturnValue:
 def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseReturnValue:
     """The flag's page; ``typed`` as for ``_flag_queue_page``."""
     view = flag_page(
-        session=db.session, flag=found, visible_station=current_principal().station_filter(None)
+        session=db.session,
+        flag=found,
+        visible_station=current_principal().station_filter(None),
+        unmasked=current_principal().role == Role.AUDITOR,
     )
     # Its evidence's deliveries show their POD, as the shift page does: logged alike.
     proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
@@ -610,6 +613,13 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
             f"flag:{found.id}",
             {"event_ids": proofs_shown},
             tracking_no=found.tracking_no,  # a parcel's flag: its proofs
+        )
+    if view.rejections:  # unmasked to an auditor, as on the shift's page
+        record_auditor_read(
+            QUARANTINE_SEARCHED,
+            "quarantined_event",
+            f"flag:{found.id}",
+            {"ids": [r["id"] for r in view.rejections]},
         )
     station = (
         directory.get_station(session=db.session, station_id=found.station_id)

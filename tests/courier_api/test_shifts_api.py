@@ -1531,3 +1531,106 @@ def test_deliveries_recorded_while_the_pda_clock_was_reset_count_in_the_shift_it
     assert found["missing"] == 0 and found["status"] == "balanced", found["discrepancies"]
     flags = client.get("/api/v1/flags?kind=missing_at_handover", headers=manager).get_json()
     assert {f["status"] for f in flags["items"]} <= {"closed"}  # raised at close, if before
+
+
+def test_a_drop_rejected_after_a_balanced_sign_off_reopens_the_shift_with_a_flag(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """A station manager's case: yesterday's shift was signed off balanced, its parcel
+    returned; today the PDA pushes a locker drop of that parcel without its locker,
+    rejected. The shift owns the seq (closed without its last seq), so the drop is one
+    of its rejected events: the sign-off never saw it. Otherwise the shift stays signed
+    off with no flag, and today's board never shows it (its earlier days list only
+    shifts not signed off). It reopens with a late_event_after_signoff flag citing the
+    quarantined drop: the board lists it among the earlier days' waiting, the shift's
+    page and the flag's page show the drop."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    assert pda.close(shift["id"]).status_code == 200
+    assert balance(client, shift["id"], manager)["status"] == "balanced"
+    assert sign_off(client, shift["id"], manager, note="all back").status_code == 200
+    yesterday = session.get(Shift, shift["id"])
+    assert yesterday is not None
+    yesterday.work_date -= dt.timedelta(days=1)
+    session.commit()
+    drop = pda.event(a, "delivered_to_locker", compartment="B07")  # no locker_id
+
+    receipt = pda.push([drop])
+
+    assert receipt["results"][0]["status"] == "rejected"
+    [late] = [f for f in receipt["flags_raised"] if f["kind"] == "late_event_after_signoff"]
+    found = client.get(f"{SHIFTS}/{shift['id']}", headers=manager).get_json()
+    assert (found["status"], found["reopened_count"]) == ("closed", 1)
+    flag = client.get(f"/api/v1/flags/{late['flag_id']}", headers=manager).get_json()
+    quarantined = client.get(
+        "/api/v1/quarantine", query_string={"device_id": pda.device_id}, headers=manager
+    ).get_json()
+    [rejected] = [q["id"] for q in quarantined["items"]]
+    assert flag["status"] == "open" and flag["evidence"]["rejected_event_ids"] == [rejected]
+    pages = signed_in(app, "manager1")
+    board = pages.get("/web/board")
+    earlier = board[board.index('id="earlier-waiting"') :]
+    assert f'href="/web/shifts/{shift["id"]}"' in earlier and "reopened by late events" in earlier
+    html = pages.get(f"/web/shifts/{shift['id']}")
+    own_flags = html[html.index('id="flags-h"') : html.index('id="rejected-h"')]
+    assert f'href="#rejected-{rejected}"' in own_flags
+    assert f'id="rejected-{rejected}"' in html and drop["client_event_id"] in html
+    flag_html = pages.get(f"/web/flags/{late['flag_id']}")
+    cited = flag_html[flag_html.index('id="rejected-events"') :]
+    assert drop["client_event_id"] in cited and "locker_id" in cited
+    assert f'href="/web/shifts/{shift["id"]}#rejected-{rejected}"' in cited
+    auditor = signed_in(app, "auditor1").get(f"/web/flags/{late['flag_id']}")
+    assert drop["client_event_id"] in auditor[auditor.index('id="rejected-events"') :]
+    read = session.scalars(
+        select(AuditEntry).where(AuditEntry.subject_key == f"flag:{late['flag_id']}")
+    ).one()
+    assert (read.action, read.details) == ("quarantine_searched", {"ids": [rejected]})
+
+
+def test_a_decision_on_a_late_flag_read_before_a_rejected_event_reopened_it_is_refused(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """A manager reads the late flag (its evidence_version), the shift is signed off
+    again, and the PDA sends another malformed drop: the flag cites it, its version
+    changed, and the decision made on the earlier read is refused (409
+    evidence_changed). The same drop sent again after the next sign-off reopens
+    nothing: it was seen."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    pda.close(shift["id"])
+    assert sign_off(client, shift["id"], manager, note="all back").status_code == 200
+    pda.push([pda.event(a, "delivered_to_locker", compartment="B07")])
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    read = client.get(f"/api/v1/flags/{late.id}", headers=manager).get_json()
+    assert sign_off(client, shift["id"], manager, note="a drop refused").status_code == 200
+    second = pda.event(a, "delivered_to_locker", locker_id="L-7")  # no compartment
+    pda.push([second])
+    refused = client.post(
+        f"/api/v1/flags/{late.id}/resolve",
+        json={"note": "seen", "evidence_version": read["evidence_version"]},
+        headers=manager,
+    )
+    assert refused.status_code == 409 and refused.get_json()["code"] == "evidence_changed"
+    now_read = client.get(f"/api/v1/flags/{late.id}", headers=manager).get_json()
+    assert len(now_read["evidence"]["rejected_event_ids"]) == 2
+    resolved = client.post(
+        f"/api/v1/flags/{late.id}/resolve",
+        json={"note": "both drops refused", "evidence_version": now_read["evidence_version"]},
+        headers=manager,
+    )
+    assert resolved.status_code == 200
+    assert sign_off(client, shift["id"], manager, note="both seen").status_code == 200
+    again = pda.push([second])
+    assert again["results"][0]["status"] == "rejected" and not again["flags_raised"]
+    found = client.get(f"{SHIFTS}/{shift['id']}", headers=manager).get_json()
+    assert (found["status"], found["reopened_count"]) == ("signed_off", 2)
+    assert client.get(f"/api/v1/flags/{late.id}", headers=manager).get_json()["status"] == (
+        "resolved"
+    )

@@ -104,7 +104,8 @@ class FlagOut(ma.Schema):
         metadata={
             "description": "What that decision covered: what the evidence named when the "
             "manager decided, its `event_ids`, `client_event_ids` (a `clock_jump`'s "
-            "events), `seqs`, `device_seqs` (each with those under `past_bound`), "
+            "events), `rejected_event_ids` (quarantine ids: a `late_event_after_signoff` "
+            "of rejected events), `seqs`, `device_seqs` (each with those under `past_bound`), "
             "`blobs` (missing images), and a "
             "`stale_device`'s `shift_id` and `last_push_at` (the silence). Also in the "
             "decision's audit entry (`flag_acknowledged`, `flag_resolved`)"

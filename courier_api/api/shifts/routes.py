@@ -224,7 +224,10 @@ class SignOff(MethodView):
         balance that changed since, a push landing in between, is refused (409
         `balance_changed`): read it again. An event
         that lands after the sign-off reopens the shift (it goes back to
-        `closed`) and raises `late_event_after_signoff`. A shift of another
+        `closed`) and raises `late_event_after_signoff`; so does one rejected
+        after it that is the shift's (one of its seqs, or without a valid seq
+        naming one of its parcels: those its page lists), cited in the flag's
+        `rejected_event_ids`. A shift of another
         station answers a manager what an unknown id answers (404
         `shift_not_found`).
         """

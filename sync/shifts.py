@@ -1096,6 +1096,13 @@ def local_date(moment: dt.datetime, timezone: str) -> dt.date:
     return moment.astimezone(ZoneInfo(timezone)).date()
 
 
+def days_from(day: dt.date, moment: dt.datetime, timezone: str) -> int:
+    """How many days after ``day`` the station's calendar is at ``moment``: 0 on it, 1
+    for a shift of the day closed after local midnight, -1 for one filed under the day
+    that opened the evening before (its station's zone moved since)."""
+    return (local_date(moment, timezone) - day).days
+
+
 def station_clock(moment: dt.datetime, timezone: str) -> str:
     """``moment`` as a reason or a note written for a station's manager tells it: on the
     station's wall clock, to the second, with its offset (``2026-11-23T20:50:00+08:00``).

@@ -189,6 +189,22 @@ def local_time(moment: dt.datetime | None, timezone: str = "UTC") -> str:
         return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+@bp.app_template_filter("clock_on")
+def clock_on(moment: dt.datetime, day: dt.date, timezone: str) -> str:
+    """``moment`` on the station's wall clock as a row of ``day``'s board shows it: the
+    time alone on that day; off it, which day: ``00:40 (+1 day)`` for a shift closed after
+    local midnight (read ``17:00–00:40`` alone, its close looks earlier than its open),
+    ``23:30 (−1 day)``, and the date itself further off (a shift a manager closed days
+    later), where a count of days reads worse than the date."""
+    shown = moment.astimezone(ZoneInfo(timezone))
+    days = shifts.days_from(day, moment, timezone)
+    if days == 0:
+        return f"{shown:%H:%M}"
+    if abs(days) == 1:
+        return f"{shown:%H:%M} ({'+' if days > 0 else '−'}1 day)"
+    return f"{shown:%Y-%m-%d %H:%M}"
+
+
 # What a flag's decision forms send back: they decide on the evidence the page showed.
 bp.add_app_template_filter(flags.evidence_version, "evidence_version")
 

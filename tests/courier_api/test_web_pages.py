@@ -22,7 +22,7 @@ from werkzeug.test import TestResponse
 
 from courier_api.extensions import api
 from courier_api.web import session as web_session
-from courier_api.web.views import seq_ranges
+from courier_api.web.views import clock_on, seq_ranges
 from models import (
     AuditEntry,
     Blob,
@@ -585,6 +585,59 @@ def test_the_board_lists_each_shift_with_its_balance_and_the_days_totals(
     assert accounted == int(footer["Checked out"])
     empty = pages.get(f"/web/board?date={day.day - dt.timedelta(days=1)}")
     assert "No shift opened at PDG" in empty
+
+
+def test_the_board_dates_a_shift_closed_after_local_midnight(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Zhou Ning's evening shift opens at 17:00 and hands over at 00:40 the next day
+    (Asia/Shanghai). The board showed "17:00–00:40": the close read as earlier than the
+    open, within the day. The page says "+1 day", the API the day offsets, beside the
+    day's other shifts, which say nothing more."""
+    courier = factories.user(session, "zhouning", "courier", day.station)
+    pda = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    (parcel,) = [factories.parcel(session, day.station).tracking_no]
+    session.commit()
+    shift = pda.open(station_day.local(day.day, 17, 0))
+    checked_out = pda.event(station_day.local(day.day, 17, 5), parcel, "checked_out")
+    returned = pda.event(station_day.local(day.day, 23, 50), parcel, "returned_to_station")
+    pda.push([checked_out, returned], station_day.local(day.day, 23, 55))
+    after_midnight = day.day + dt.timedelta(days=1)
+    pda.close(shift, station_day.local(after_midnight, 0, 40))
+
+    html = signed_in(app, "manager").get(f"/web/board?date={day.day}")
+    row = html.split(f'id="shift-{shift.id}"')[1].split("</tr>")[0]
+    assert "17:00–00:40 (+1 day)" in row
+    balanced = html.split(f'id="shift-{day.balanced.id}"')[1].split("</tr>")[0]
+    assert "08:00–17:05<" in balanced
+
+    manager = Auth(app.test_client()).headers("manager")
+    board = app.test_client().get(
+        f"/api/v1/stations/{day.station.id}/handover?date={day.day}", headers=manager
+    )
+    assert board.status_code == 200, board.get_json()
+    rows = {r["shift_id"]: r for r in board.get_json()["shifts"]}
+    assert (rows[shift.id]["opened_day_offset"], rows[shift.id]["closed_day_offset"]) == (0, 1)
+    assert (
+        rows[day.balanced.id]["opened_day_offset"],
+        rows[day.balanced.id]["closed_day_offset"],
+    ) == (0, 0)
+    assert rows[day.open.id]["closed_day_offset"] is None
+
+
+@pytest.mark.parametrize(
+    ("local", "shown"),
+    [
+        ("2026-11-23T17:00", "17:00"),
+        ("2026-11-24T00:40", "00:40 (+1 day)"),
+        ("2026-11-22T23:30", "23:30 (−1 day)"),
+        ("2026-11-26T09:15", "2026-11-26 09:15"),
+    ],
+)
+def test_a_board_time_off_its_day_says_which_day(local: str, shown: str) -> None:
+    zone = "Asia/Shanghai"
+    moment = dt.datetime.fromisoformat(local).replace(tzinfo=ZoneInfo(zone)).astimezone(dt.UTC)
+    assert clock_on(moment, dt.date(2026, 11, 23), zone) == shown
 
 
 def board_footer(board: str) -> dict[str, str]:

@@ -332,8 +332,16 @@ class StationHandover(MethodView):
                     "device_id": row.shift.device_id,
                     "shift_status": row.shift.status,
                     "opened_at": row.shift.opened_at,
+                    "opened_day_offset": shifts.days_from(
+                        day, row.shift.opened_at, station.timezone
+                    ),
                     "planned_end_at": row.shift.planned_end_at,
                     "closed_at": row.shift.closed_at,
+                    "closed_day_offset": (
+                        shifts.days_from(day, row.shift.closed_at, station.timezone)
+                        if row.shift.closed_at
+                        else None
+                    ),
                     "signed_off_at": row.shift.signed_off_at,
                     "reopened_count": row.shift.reopened_count,
                     "reopened_at": row.shift.reopened_at,

@@ -285,8 +285,25 @@ class BoardShiftOut(ma.Schema):
     device_id = ma.fields.String(required=True)
     shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)
     opened_at = ma.fields.AwareDateTime(required=True)
+    opened_day_offset = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "Days from the board's `date` to the station's local date at "
+            "`opened_at`: 0, or -1 for a shift filed under the day that opened the evening "
+            "before (the station's time zone moved since)"
+        },
+    )
     planned_end_at = ma.fields.AwareDateTime(required=True)
     closed_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    closed_day_offset = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Days from the board's `date` to the station's local date at "
+            "`closed_at` (null while open): 1 for a shift closed after local midnight, whose "
+            "close reads earlier than its open on the wall clock alone"
+        },
+    )
     signed_off_at = ma.fields.AwareDateTime(
         allow_none=True,
         required=True,

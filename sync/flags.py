@@ -44,14 +44,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagChange, FlagSeverity, FlagStatus, utcnow
+from models import Flag, FlagChange, FlagSeverity, FlagStatus, User, utcnow
 from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
-from sync.sql import chunks
+from sync.sql import among, chunks
 from sync.tracking import normalize
 
 ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
@@ -560,6 +560,45 @@ def flag_changes(*, session: Session, flag: Flag) -> Sequence[FlagChange]:
     return session.scalars(
         select(FlagChange).where(FlagChange.flag_id == flag.id).order_by(FlagChange.id)
     ).all()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A manager's decision on a flag, from its history: acknowledged or resolved, by
+    whom, when, with what note."""
+
+    flag_id: int
+    status: FlagStatus  # acknowledged, resolved
+    by: User
+    at: dt.datetime
+    note: str | None
+
+
+def latest_decisions(*, session: Session, flags: Sequence[Flag]) -> dict[int, Decision]:
+    """Each of ``flags``' latest decision by a manager, by flag id: those never decided
+    have none. A flag opened again since (raised again on more than the decision
+    covered) keeps it, its status saying open. One query however many flags, with the
+    deciders (``ix_flag_change_flag_id``); none when none of them was ever decided."""
+    decided = sorted({flag.id for flag in flags if flag.decision is not None})
+    if not decided:
+        return {}
+    latest = (
+        select(func.max(FlagChange.id))
+        .where(
+            among(session, FlagChange.flag_id, decided),
+            FlagChange.by_user_id.is_not(None),
+            FlagChange.to_status.in_(DECISIONS),
+        )
+        .group_by(FlagChange.flag_id)
+    )
+    return {
+        change.flag_id: Decision(change.flag_id, change.to_status, user, change.at, change.note)
+        for change, user in session.execute(
+            select(FlagChange, User)
+            .join(User, User.id == FlagChange.by_user_id)
+            .where(FlagChange.id.in_(latest.scalar_subquery()))
+        )
+    }
 
 
 # -- managers' decisions ----------------------------------------------------------------------

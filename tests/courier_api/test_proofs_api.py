@@ -3,17 +3,20 @@
 import csv
 import datetime as dt
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session
 
 from courier_api.api.proofs import routes as proofs_routes
-from models import AuditEntry, Flag, QuarantinedEvent, ServiceClass
+from models import AuditEntry, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from sync.rules import RULE_KINDS
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -152,6 +155,120 @@ def test_a_proof_shows_the_chain_the_authorizing_consent_and_the_distance(
     assert signed["authorizing_consent"] is None and signed["judged_between"] is None
     assert 60 < signed["distance_m"] < 75
     assert [f["kind"] for f in signed["flags"]] == ["pod_blob_missing"]
+
+
+def test_a_proofs_flags_say_who_decided_them_when_and_with_what_note(
+    client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
+) -> None:
+    """An auditor settling a complaint read each flag's status in the proof, then called
+    GET /flags/<id> for each to learn whether a manager had acknowledged or resolved it,
+    who, when and with what note. Each flag now carries its latest decision; the note
+    masked but for auditors, the manager named as the proof page names them (another
+    station's user is an id only to a station manager)."""
+    auditor = auth.headers("auditor1")
+    manager = auth.headers("manager1")
+    items = client.get(URL, headers=auditor).get_json()["items"]
+    proof = f"{URL}/{items[0]['event_id']}"
+    [flag] = client.get(proof, headers=auditor).get_json()["flags"]
+    assert flag["kind"] == "pod_blob_missing" and flag["latest_decision"] is None
+
+    acked = client.post(
+        f"/api/v1/flags/{flag['id']}/acknowledge",
+        json={"note": "asked Li at +8613812345678"},
+        headers=manager,
+    )
+    assert acked.status_code == 200, acked.get_json()
+    [flag] = client.get(proof, headers=manager).get_json()["flags"]
+    named = {"id": world.manager.id, "username": "manager1", "full_name": world.manager.full_name}
+    assert flag["status"] == "acknowledged"
+    assert flag["latest_decision"] == {
+        "decision": "acknowledged",
+        "by": named,
+        "at": client.get(f"/api/v1/flags/{flag['id']}", headers=manager).get_json()["changes"][-1][
+            "at"
+        ],
+        "note": "asked Li at +**********678",
+    }
+
+    resolved = client.post(
+        f"/api/v1/flags/{flag['id']}/resolve",
+        json={"note": "signature re-sent, +8613812345678 confirmed"},
+        headers=manager,
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    [flag] = client.get(proof, headers=auditor).get_json()["flags"]
+    decision = flag["latest_decision"]
+    assert (decision["decision"], decision["by"]) == ("resolved", named)
+    assert decision["note"] == "signature re-sent, +8613812345678 confirmed"
+
+    # manager1 moved to ST2 since: ST1's new manager reads who decided as an id only.
+    factories.user(session, "manager3", "station_manager", world.station)
+    world.manager.station_id = world.other_station.id
+    session.commit()
+    [flag] = client.get(proof, headers=auth.headers("manager3")).get_json()["flags"]
+    assert flag["latest_decision"]["by"] == {
+        "id": world.manager.id,
+        "username": None,
+        "full_name": None,
+    }
+    [flag] = client.get(proof, headers=auditor).get_json()["flags"]
+    assert flag["latest_decision"]["by"] == named
+
+
+def test_a_proofs_flags_decisions_are_read_in_one_query_however_many_flags(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    connection: Connection,
+    world: World,
+    day: dict[str, Any],
+) -> None:
+    """A proof with one decided flag and then with five is read in as many statements:
+    the decisions and their managers are read for all its flags at once."""
+    auditor, manager = auth.headers("auditor1"), auth.headers("manager1")
+    item = client.get(URL, headers=auditor).get_json()["items"][1]  # the locker drop
+    counts = []
+    for kinds in (["far_from_address"], ["delivered_without_pod", *RULE_KINDS[6:]]):
+        for kind in kinds:
+            flag = Flag(
+                station_id=world.station.id,
+                kind=kind,
+                severity=FlagSeverity.WARNING,
+                subject_type="parcel",
+                subject_key=item["tracking_no"],
+                evidence={"event_ids": [item["event_id"]]},
+                raised_at=now(),
+            )
+            session.add(flag)
+            session.commit()
+            for action in ("acknowledge", "resolve"):
+                decided = client.post(
+                    f"/api/v1/flags/{flag.id}/{action}", json={"note": kind}, headers=manager
+                )
+                assert decided.status_code == 200, decided.get_json()
+        with counted(connection) as statements:
+            detail = client.get(f"{URL}/{item['event_id']}", headers=auditor).get_json()
+        counts.append(len(statements))
+        assert {f["latest_decision"]["decision"] for f in detail["flags"]} == {"resolved"}
+        assert [f["latest_decision"]["note"] for f in detail["flags"]] == [
+            f["kind"] for f in detail["flags"]
+        ]
+    assert len(detail["flags"]) == 5
+    assert counts[0] == counts[1], counts
+
+
+@contextmanager
+def counted(connection: Connection) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(connection, "before_cursor_execute", count)
+    try:
+        yield statements
+    finally:
+        event.remove(connection, "before_cursor_execute", count)
 
 
 def test_every_auditor_read_is_audit_logged(

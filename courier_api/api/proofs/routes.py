@@ -28,7 +28,9 @@ from courier_api.auth import (
 )
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import Parcel, Role
+from models import Flag, Parcel, Role, User
+from sync.flags import latest_decisions
+from sync.pages import sees_user
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
     MAX_PAGE_SIZE,
@@ -51,6 +53,7 @@ blp = ApiBlueprint(
     "proofs", __name__, url_prefix="/api/v1/proofs", description="Proofs of delivery"
 )
 READERS = (Role.AUDITOR, Role.ADMIN, Role.STATION_MANAGER)
+LATEST = "latest_decision"  # a flag's, read apart (``_flag_refs``)
 METHOD_OF = {event_type: name for name, event_type in METHODS.items()}
 CSV_COLUMNS = (
     "event_id",
@@ -295,10 +298,41 @@ class ProofById(MethodView):
                 tracking_no=detail.proof.event.tracking_no,
                 station_id=principal.station_filter(None),
             ),
-            "flags": [
-                {name: getattr(f, name) for name in FlagRef._declared_fields} for f in detail.flags
-            ],
+            "flags": _flag_refs(detail.flags, principal),
         }
+
+
+def _flag_refs(found: list[Flag], principal: Principal) -> list[dict[str, Any]]:
+    """The proof's flags, each with a manager's latest decision on it (all read in one
+    query): the manager named as the proof page names them (``sees_user``: another
+    station's user is only an id to a station manager), the note masked but for
+    auditors, as ``GET /flags/<id>`` shows it."""
+    decisions = latest_decisions(session=db.session, flags=found)
+    visible, auditor = principal.station_filter(None), principal.role == Role.AUDITOR
+    refs = []
+    for flag in found:
+        ref = {name: getattr(flag, name) for name in FlagRef._declared_fields if name != LATEST}
+        decision = decisions.get(flag.id)
+        ref[LATEST] = (
+            None
+            if decision is None
+            else {
+                "decision": decision.status.value,
+                "by": _user_ref(decision.by, sees_user(decision.by, visible)),
+                "at": decision.at,
+                "note": shown_text(decision.note, unmasked=auditor),
+            }
+        )
+        refs.append(ref)
+    return refs
+
+
+def _user_ref(user: User, named: bool) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "username": user.username if named else None,
+        "full_name": user.full_name if named else None,
+    }
 
 
 def _consent_ref(consent: Any, auditor: bool) -> dict[str, Any]:

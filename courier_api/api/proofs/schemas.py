@@ -167,6 +167,39 @@ class ProofPage(ma.Schema):
     next_after = ma.fields.Integer(allow_none=True, required=True)
 
 
+class UserRef(ma.Schema):
+    id = ma.fields.Integer(required=True)
+    username = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "null for a station manager when the user is another station's "
+            "(the proof page names them `user #<id>`)"
+        },
+    )
+    full_name = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "null as `username` is"}
+    )
+
+
+class FlagDecisionRef(ma.Schema):
+    decision = ma.fields.String(
+        required=True,
+        metadata={
+            "enum": ["acknowledged", "resolved"],
+            "description": "As the flag's `decision` (`POST /flags/{flag_id}/acknowledge`, "
+            "`/resolve`)",
+        },
+    )
+    by = ma.fields.Nested(UserRef, required=True, metadata={"description": "The manager"})
+    at = ma.fields.AwareDateTime(required=True)
+    note = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Phone numbers in it are masked except for auditors"},
+    )
+
+
 class FlagRef(ma.Schema):
     id = ma.fields.Integer(required=True)
     kind = ma.fields.String(required=True)
@@ -174,6 +207,16 @@ class FlagRef(ma.Schema):
     status = ma.fields.String(required=True)
     evidence = ma.fields.Dict(required=True)
     closed_reason = ma.fields.String(allow_none=True, required=True)
+    latest_decision = ma.fields.Nested(
+        FlagDecisionRef,
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A manager's latest decision on it, null if none; the flag keeps "
+            "it when opened again on evidence it did not cover (its `status` then says "
+            "open). Every change is at `GET /flags/{flag_id}`"
+        },
+    )
 
 
 class JudgedBetween(ma.Schema):

@@ -344,6 +344,7 @@ def answer_request(
             rules=rules,
             created_by=answered_by,
             now=now,
+            request_id=request.id,
         )
         request.status = ConsentRequestStatus.GRANTED
         request.consent_id = consent.id
@@ -396,6 +397,7 @@ def _audit_refusal(
         subject_type="consent_request",
         subject_key=str(request.id),
         details={
+            "request_id": request.id,  # as the grant's entry names it (its subject too)
             "tracking_no": request.tracking_no,
             "refused_at": audit.iso(at),
             "reason": request.status_reason,

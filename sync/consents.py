@@ -122,8 +122,11 @@ def grant(
     rules: ConsentRules,
     created_by: int | None,
     now: dt.datetime | None = None,
+    request_id: int | None = None,
 ) -> Consent:
-    """Record a consent from a recipient-facing channel (validated here)."""
+    """Record a consent from a recipient-facing channel (validated here). ``request_id``:
+    the courier's request it answers (``sync.consent_requests.answer``), named in its
+    audit entry: the consent's own evidence is the channel's text, which need not say."""
     now = now or utcnow()
     point_id = point_named(draft.method, draft.point_id)
     if draft.granted_at > now + FUTURE_TOLERANCE:
@@ -197,6 +200,7 @@ def grant(
             "address": consent.address,
             "station_id": consent.station_id,
             "evidence": consent.evidence,
+            **({} if request_id is None else {"request_id": request_id}),
         },
         tracking_no=consent.tracking_no,  # None: a standing consent, of no one parcel
     )

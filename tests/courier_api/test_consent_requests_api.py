@@ -673,6 +673,7 @@ def test_a_recipients_refusal_of_consent_is_on_the_audit_log(
     ).get_json()["items"]
     details = entry["details"]
     assert (details["tracking_no"], details["channel"]) == (parcel.tracking_no, "sms")
+    assert details["request_id"] == asked.get_json()["id"]  # as a grant's entry names it
     assert details["reason"] == "I am home, ring the bell or call 13912345678"
     assert dt.datetime.fromisoformat(details["refused_at"]) == dt.datetime.fromisoformat(
         refused.get_json()["answered_at"]
@@ -685,6 +686,54 @@ def test_a_recipients_refusal_of_consent_is_on_the_audit_log(
         headers=auth.headers("app1"),
     )
     assert len(session.scalars(select(AuditEntry)).all()) == len(entries)
+
+
+def test_a_consent_granted_in_answer_to_a_request_names_the_request_on_the_audit_log(
+    client: FlaskClient,
+    auth: Auth,
+    courier: dict[str, str],
+    channel: dict[str, str],
+    parcel: str,
+) -> None:
+    """The channel answers the courier's request "yes" with its own evidence (the SMS
+    as received). The `consent_granted` entry named the request only in the default
+    evidence, written when the channel sent none: with evidence of its own, nothing on
+    the tamper-evident log tied the consent to the question the courier asked (when,
+    for which point), which the request's row alone, changeable, still said. A consent
+    that answers no request names none."""
+    asked = ask(client, courier, parcel, channel="sms").get_json()
+    granted = client.post(
+        CONSENTS,
+        json={"request_id": asked["id"], "channel": "sms", "evidence": "SMS reply: YES"},
+        headers=channel,
+    )
+    assert granted.status_code == 201, granted.get_json()
+    auditor = auth.headers("auditor1")
+    query = {"action": "consent_granted", "subject_type": "consent"}
+    (entry,) = client.get(
+        "/api/v1/audit",
+        query_string={**query, "subject_key": str(granted.get_json()["id"])},
+        headers=auditor,
+    ).get_json()["items"]
+    assert entry["details"]["request_id"] == asked["id"]
+    assert entry["details"]["evidence"] == "SMS reply: YES"
+    unasked = client.post(
+        CONSENTS,
+        json={
+            "tracking_no": parcel,
+            "method": "any",
+            "channel": "app",
+            "granted_at": dt.datetime.now(dt.UTC).isoformat(),
+        },
+        headers=channel,
+    )
+    assert unasked.status_code == 201, unasked.get_json()
+    (entry,) = client.get(
+        "/api/v1/audit",
+        query_string={**query, "subject_key": str(unasked.get_json()["id"])},
+        headers=auditor,
+    ).get_json()["items"]
+    assert "request_id" not in entry["details"]
 
 
 def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(

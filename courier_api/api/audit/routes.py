@@ -61,8 +61,10 @@ class AuditEntries(MethodView):
         `shift_reopening_withdrawn`, `flag_acknowledged`, `flag_resolved` (each with
         what the decision covered, `decided_on`), consents recorded or
         revoked through the API (`consent_granted`, `consent_revoked`; subject
-        `consent` and its id), a recipient's refusal of a courier's request for
-        consent (`consent_refused`; subject `consent_request` and its id), each change
+        `consent` and its id; a grant answering a courier's request names it in
+        `request_id`), a recipient's refusal of a courier's request for
+        consent (`consent_refused`; subject `consent_request` and its id, also in
+        `request_id`), each change
         of a known parcel by an intake (`parcel_updated`; subject `parcel` and its
         tracking number: who, and each changed field from and to, as `POST /parcels`
         or `courier-api import-parcels`, whose entries name no actor, took it in),

@@ -104,7 +104,8 @@ class Consents(MethodView):
         now, `expires_at`, `evidence`); the parcel, method and point are the
         request's unless given (the method asked, restated without a point,
         keeps the point asked: the recipient agreed to that one); the answer
-        (201) carries the request too.
+        (201) carries the request too, and its audit entry (`consent_granted`)
+        names it (`request_id`).
         `granted: false` records a refusal (with an optional `reason`; on the
         audit log, `consent_refused`: it withdraws, for the parcel, the consents
         given before it) and answers 200 with the request; without a `request_id` it is a 422

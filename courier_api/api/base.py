@@ -8,7 +8,7 @@ from functools import wraps
 from typing import Any
 
 import marshmallow as ma
-from flask import Request, current_app, jsonify, request
+from flask import Flask, Request, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api, Blueprint, abort
 from webargs.flaskparser import FlaskParser, is_json_request
@@ -45,8 +45,28 @@ RATE_LIMITED: dict[str, Any] = {
 }
 
 
+# What the API answers is kept by no cache on the way (a station's proxy, a tool's HTTP
+# cache): parcels, proofs (an auditor's hold full phone numbers), exports, consents and
+# audit entries are personal data. Errors included, and paths no route matches.
+API_PATH_PREFIX = "/api/"
+NOT_KEPT = "no-store"
+
+
+def kept_by_no_cache(response: Response) -> Response:
+    """``Cache-Control: no-store`` on an API answer that sets no Cache-Control of its
+    own: a proof image keeps its ``private, max-age=31536000, immutable``
+    (``courier_api.api.blobs.routes.image_response``), a sign-in its ``Pragma`` too."""
+    if request.path.startswith(API_PATH_PREFIX) and "Cache-Control" not in response.headers:
+        response.headers["Cache-Control"] = NOT_KEPT
+    return response
+
+
 class CourierApi(Api):
     ERROR_SCHEMA = ErrorSchema
+
+    def init_app(self, app: Flask, *, spec_kwargs: dict[str, Any] | None = None) -> None:
+        super().init_app(app, spec_kwargs=spec_kwargs)
+        app.after_request(kept_by_no_cache)
 
     def handle_http_exception(self, error: HTTPException) -> ResponseReturnValue:
         body, headers = http_exception_body(error)

@@ -81,6 +81,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
+from werkzeug.test import TestResponse
 
 from courier_api.web.session import CSRF_KEY
 from models import Flag, ScanEvent, User
@@ -366,17 +367,7 @@ def call(app: Flask, s: Subjects, credentials: Credentials, endpoint: str, calle
     if session is not None and (caller == "cookie_only" or path.startswith("/web")):
         client.set_cookie(SESSION_COOKIE, session[0])
     if endpoint in subjects.REQUESTS:
-        request = subjects.REQUESTS[endpoint](s, IDENTITIES.get(caller, subjects.ADMIN))
-        content = {"json": request.json} if request.data is None else {"data": request.data}
-        if request.content_type:
-            headers["Content-Type"] = request.content_type
-        response = client.open(
-            path.format(**request.path),
-            method=method,
-            headers=headers,
-            query_string=request.query,
-            **content,
-        )
+        response = open_request(client, s, endpoint, caller, headers)
         if endpoint in ITEMIZED and response.status_code == 200:
             return Answer(f"200 {response.get_json()['results'][0]['status']}")
         if endpoint in WITH_STATUS and response.status_code == 201:
@@ -392,6 +383,24 @@ def call(app: Flask, s: Subjects, credentials: Credentials, endpoint: str, calle
     response = client.open(url, method=method, headers=headers, data=form)
     response.close()
     return Answer(response.status_code)
+
+
+def open_request(
+    client: FlaskClient, s: Subjects, endpoint: str, caller: str, headers: dict[str, str]
+) -> TestResponse:
+    """``endpoint``'s request for ``caller`` (``tests.subjects.REQUESTS``), sent."""
+    method, path = endpoint.split(" ", 1)
+    request = subjects.REQUESTS[endpoint](s, IDENTITIES.get(caller, subjects.ADMIN))
+    content = {"json": request.json} if request.data is None else {"data": request.data}
+    if request.content_type:
+        headers = headers | {"Content-Type": request.content_type}
+    return client.open(
+        path.format(**request.path),
+        method=method,
+        headers=headers,
+        query_string=request.query,
+        **content,
+    )
 
 
 def _sign_in_form(client: FlaskClient, credentials: Credentials, caller: str) -> int:
@@ -439,6 +448,62 @@ def test_every_caller_gets_what_the_matrix_says(
             if not got.matches(expected):
                 wrong.append(f"{endpoint} as {caller}: expected {expected}, got {got}")
     assert not wrong, "cells that differ from MATRIX:\n" + "\n".join(wrong)
+
+
+# -- no cache on the way keeps what the API answers ------------------------------------------
+
+IMAGE = "GET /api/v1/blobs/{sha256}"
+IMAGE_KEPT = "private, max-age=31536000, immutable"
+
+
+def test_no_api_answer_is_kept_by_a_cache_on_the_way_but_a_proof_image(
+    app: Flask, client: FlaskClient, session: Session, connection: Connection
+) -> None:
+    """Parcels, proofs (an auditor's hold full phone numbers), the CSV export, consents,
+    audit entries: every read of the API, as every caller, refusals and a path no route
+    matches too, is sent ``Cache-Control: no-store``, so no proxy or tool's cache on the
+    way keeps it; a proof image keeps its own header (SECURITY.md threat 9)."""
+    s = subjects.build(session, app, client)
+    credentials = sign_in_everyone(app, client)
+    reads = [e for e in MATRIX if e.startswith("GET /api/") and e in subjects.REQUESTS]
+    kept, statuses = [], {}
+    for endpoint in reads:
+        for caller in (*IDENTITIES, "no_token"):
+            token = credentials.tokens.get(caller)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            savepoint = connection.begin_nested()
+            try:
+                response = open_request(app.test_client(), s, endpoint, caller, headers)
+                response.get_data()  # a streamed export ends its request here
+                response.close()
+            finally:
+                savepoint.rollback()
+            statuses[endpoint, caller] = response.status_code
+            image = endpoint == IMAGE and response.status_code == 200
+            expected = IMAGE_KEPT if image else "no-store"
+            if response.headers.get("Cache-Control") != expected:
+                got = response.headers.get("Cache-Control")
+                kept.append(f"{endpoint} as {caller} ({response.status_code}): {got}")
+    assert not kept, "answers a cache may keep:\n" + "\n".join(kept)
+    # What the sample must hold: personal data read by each role, the export, the image.
+    for endpoint, caller in (
+        ("GET /api/v1/parcels/{tracking_no}", "manager_own"),
+        ("GET /api/v1/proofs/{event_id}", "auditor"),
+        ("GET /api/v1/proofs/export.csv", "auditor"),
+        ("GET /api/v1/consents", "admin"),
+        ("GET /api/v1/audit", "auditor"),
+        ("GET /api/v1/sync/pull", "courier_own"),
+        ("GET /api/v1/consents/{consent_id}", "integration"),
+        (IMAGE, "auditor"),
+    ):
+        assert statuses[endpoint, caller] == 200, (endpoint, caller)
+    admin = {"Authorization": f"Bearer {credentials.tokens['admin']}"}
+    for response in (
+        client.get("/api/v1/no-such-thing", headers=admin),
+        client.delete("/api/v1/audit", headers=admin),
+    ):
+        assert response.status_code in (404, 405)
+        assert response.headers.get("Cache-Control") == "no-store"
 
 
 # -- another station's objects do not exist for a station-bound caller ------------------------

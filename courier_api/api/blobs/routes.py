@@ -165,7 +165,8 @@ def image_response(sha256: str, principal: Principal) -> Response:
     )
     response = Response(data, mimetype=blob.media_type)
     response.headers["ETag"] = f'"{blob.sha256}"'
-    # The bytes under a digest never change: an API client keeps them. The pages
+    # The bytes under a digest never change: an API client keeps them, the one API
+    # answer that is not no-store (``courier_api.api.base.kept_by_no_cache``). The pages
     # answer no-store instead (``courier_api.web.views.security_headers``).
     response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
     response.headers["X-Content-Type-Options"] = "nosniff"

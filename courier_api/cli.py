@@ -358,6 +358,14 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
     run_gunicorn(app, host=host, port=port, workers=workers, threads=threads)
 
 
+def refuse_in_production(command: str, why: str) -> None:
+    """A command that creates accounts with published passwords (the README's, the
+    code's) stops before it does anything when ``APP_ENV=production``: such an account
+    is a way in for anyone who reads them."""
+    if current_app.config["APP_ENV"] == "production":
+        raise click.ClickException(f"{command} is refused with APP_ENV=production: {why}")
+
+
 @click.command("seed-demo")
 @click.option("--if-empty", is_flag=True, help="Do nothing when any station exists")
 @with_appcontext
@@ -368,11 +376,11 @@ def seed_demo(if_empty: bool) -> None:
     """
     from courier_api.demo import DEMO_LOGINS, database_is_empty, seed
 
-    if current_app.config["APP_ENV"] == "production":
-        raise click.ClickException(
-            "seed-demo is refused with APP_ENV=production: it creates accounts whose "
-            "passwords are published (admin-demo-pass, ...); create users with create-user"
-        )
+    refuse_in_production(
+        "seed-demo",
+        "it creates accounts whose passwords are published (admin-demo-pass, ...); "
+        "create users with create-user",
+    )
     if if_empty and not database_is_empty(db.session):
         click.echo("demo data not loaded: the database already has stations")
     else:
@@ -417,6 +425,8 @@ def simulate(
     granted while the courier waits, hours offline, a batch sent twice, a PDA
     with its clock fast, one that never sends its last batch, parcels that go
     missing. Prints a line per courier, then what the station should now show.
+
+    Refused with APP_ENV=production: its accounts' password is published.
     """
     import json
 
@@ -429,6 +439,11 @@ def simulate(
         plan_day,
     )
 
+    refuse_in_production(
+        "simulate",
+        "it creates accounts whose password is published (simulated-day-1); "
+        "play a day on a copy that is not production",
+    )
     if admin_password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:

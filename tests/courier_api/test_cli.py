@@ -21,7 +21,7 @@ from courier_api.cli import courier_cli
 from courier_api.config import masked_url
 from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
 from courier_api.extensions import db
-from models import AuditEntry, Device, DeviceStatus, Parcel, Role, User
+from models import AuditEntry, Device, DeviceStatus, Parcel, Role, Station, User
 from tests import factories
 from tests.conftest import World, make_test_app
 from tests.live_server import server_database
@@ -457,6 +457,28 @@ def test_seed_demo_is_refused_in_production(app_with: Any, session: Session) -> 
             "passwords are published (admin-demo-pass, ...); create users with create-user"
         ]
     assert session.scalar(select(func.count()).select_from(User)) == 0
+
+
+def test_simulate_is_refused_in_production(app_with: Any, session: Session) -> None:
+    """Its accounts' password is in the code and the README: never in a production
+    database, played in this process or against a server; refused before it asks for
+    the admin's password."""
+    factories.user(session, "sim-root", "admin")
+    session.flush()
+    users = session.scalar(select(func.count()).select_from(User))
+    runner = app_with(APP_ENV="production").test_cli_runner()
+    args = ["simulate", "--couriers", "2", "--parcels", "4", "--admin-user", "sim-root"]
+    for where in ([], ["--url", "http://127.0.0.1:9"]):
+        result = runner.invoke(args=[*args, *where], input=factories.PASSWORD + "\n")
+        assert result.exit_code == 1
+        assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+        assert result.output.splitlines() == [
+            "Error: simulate is refused with APP_ENV=production: it creates accounts whose "
+            "password is published (simulated-day-1); play a day on a copy that is not "
+            "production"
+        ]
+    assert session.scalar(select(func.count()).select_from(User)) == users
+    assert session.scalar(select(func.count()).select_from(Station)) == 0
 
 
 def test_a_command_on_a_database_not_migrated_says_to_run_db_upgrade(tmp_path: Path) -> None:

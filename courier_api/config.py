@@ -118,6 +118,10 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         ),
         "SIGN_IN_ATTEMPTS_PER_ADDRESS": _limit(environ, "SIGN_IN_ATTEMPTS_PER_ADDRESS", "300/60"),
         "SIGN_IN_FAILURES_PER_ADDRESS": _limit(environ, "SIGN_IN_FAILURES_PER_ADDRESS", "100/900"),
+        # Walks of the whole audit log (GET /audit/verify without a head) per user.
+        "AUDIT_FULL_VERIFICATIONS_PER_USER": _limit(
+            environ, "AUDIT_FULL_VERIFICATIONS_PER_USER", "4/3600"
+        ),
         "TRUSTED_PROXY_HOPS": _int(environ, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
         "METRICS_TOKEN": environ.get("METRICS_TOKEN", ""),
     }

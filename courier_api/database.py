@@ -121,6 +121,29 @@ class Database:
         self.session.info[_RECHECK] = check
         return result
 
+    def write_apart(self, write: Callable[[Session], T]) -> T:
+        """``write`` in a writing transaction of its own, committed before this returns:
+        for a request that only reads (``READS_ONLY``) and must note something short first
+        (a rate limit's count), without making its whole read a writer's (on a SQLite
+        file, the one writers' turn for as long as it reads).
+
+        The request's own transaction, if begun, ends first: on a SQLite file that could
+        not be put in WAL mode a writer's commit waits for the readers, this request's
+        too. In tests, on their shared connection, writes are allowed meanwhile.
+        """
+        state = self._state()
+        if "db_session" in g and g.db_session.in_transaction():
+            g.db_session.commit()  # it only read: nothing to write, its snapshot ends
+        refusing = state.test_connection if g.get("db_refused_writes", False) else None
+        if refusing is not None:
+            refuse_writes(refusing, False)
+        try:
+            with state.sessionmaker() as session, session.begin():
+                return write(session)
+        finally:
+            if refusing is not None:
+                refuse_writes(refusing, True)
+
     @staticmethod
     def checks_when_writing() -> bool:
         """Whether the current request's view sets ``SIGN_IN_CHECKED_WHEN_WRITING``:

@@ -27,7 +27,9 @@ class SignInAttempt(Base):
     at: Mapped[dt.datetime]
     username_key: Mapped[sha256_hex]
     address_key: Mapped[sha256_hex]
-    # pending (the password is being checked) | ok (right password) | failed | limited
+    # pending (the password is being checked) | ok (right password) | failed | limited;
+    # or a call limited per caller by the same windows (``sync.sign_in_limits.admit_call``:
+    # audit_verify), keyed by the caller in both key columns
     outcome: Mapped[str] = mapped_column(String(16))
 
 

@@ -22,6 +22,11 @@ counts what the window holds and stores the attempt as ``pending``, or refuses i
 username, so concurrent guesses cannot slip past the limit; on PostgreSQL the
 keys are locked (advisory locks) while counting, SQLite writes one at a time.
 Attempts older than the longest window are deleted as new ones arrive.
+
+Other costly calls are limited per caller by the same windows, in the same table
+(``admit_call``): their rows carry their own kind as outcome and the caller's key in
+place of both the username's and the address's, so no sign-in rule counts them, and
+each kind's rows are deleted by its own window.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ PENDING = "pending"
 OK = "ok"
 FAILED = "failed"
 LIMITED = "limited"
+SIGN_IN_OUTCOMES = (PENDING, OK, FAILED, LIMITED)
 PURGE_BATCH = 500  # old rows deleted per attempt at most (amortized: each row once)
 CODE = "too_many_sign_in_attempts"
 
@@ -148,7 +154,7 @@ def admit(
     address can never store more than that many rows per window.
     """
     _lock_keys(session, keys)
-    _purge(session, now - limits.longest_window)
+    _purge(session, now - limits.longest_window, SIGN_IN_OUTCOMES)
     address = SignInAttempt.address_key == keys.address
     username = SignInAttempt.username_key == keys.username
     failed_or_pending = SignInAttempt.outcome.in_((FAILED, PENDING))
@@ -194,8 +200,47 @@ def settle(*, session: Session, attempt_id: int, password_was_right: bool) -> No
     )
 
 
+def caller_key(*, secret: bytes, kind: str, caller: str) -> str:
+    """One caller (a user id) of calls of ``kind``, as ``admit_call`` keys it."""
+    return _keyed(secret, kind, caller)
+
+
+def admit_call(
+    *,
+    session: Session,
+    kind: str,
+    key: str,
+    limit: Limit,
+    now: dt.datetime,
+    what: str,
+    code: str,
+) -> RateLimited | None:
+    """A call of ``kind`` (at most 16 characters) by the caller ``key``
+    (``caller_key``): stored and let through while the caller made fewer than
+    ``limit.count`` in its window, refused otherwise (not stored: a refusal costs
+    nothing, and the caller may call again once the oldest call leaves the window).
+
+    Runs in the caller's transaction, which commits; the refusal is returned, to raise
+    once committed, as ``admit``'s. The caller's calls are counted one at a time
+    (PostgreSQL: an advisory lock on the key; SQLite writes one at a time).
+    """
+    _lock(session, (key,))
+    _purge(session, now - limit.window, (kind,))
+    where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
+    refusal = _check(session, limit, where, now, what, code=code)
+    if refusal is None:
+        session.add(SignInAttempt(at=now, username_key=key, address_key=key, outcome=kind))
+        session.flush()
+    return refusal
+
+
 def _check(
-    session: Session, limit: Limit | None, where: tuple, now: dt.datetime, what: str
+    session: Session,
+    limit: Limit | None,
+    where: tuple,
+    now: dt.datetime,
+    what: str,
+    code: str = CODE,
 ) -> RateLimited | None:
     """A refusal when the window already holds ``limit.count`` matching attempts."""
     if limit is None:
@@ -219,7 +264,7 @@ def _check(
         f"{what} (at most {limit.count} in {_span(limit.window)}); "
         f"try again in {retry_after} seconds",
         retry_after=retry_after,
-        code=CODE,
+        code=code,
     )
 
 
@@ -232,11 +277,16 @@ def _span(window: dt.timedelta) -> str:
 
 
 def _lock_keys(session: Session, keys: AttemptKeys) -> None:
-    """PostgreSQL: one attempt at a time per username and per address (transaction-scoped
-    advisory locks, taken in a fixed order so two attempts never wait on each other)."""
+    """PostgreSQL: one attempt at a time per username and per address."""
+    _lock(session, (keys.username, keys.address))
+
+
+def _lock(session: Session, keys: tuple[str, ...]) -> None:
+    """PostgreSQL: one transaction at a time per key (transaction-scoped advisory locks,
+    taken in a fixed order so two transactions never wait on each other)."""
     if session.get_bind().dialect.name != "postgresql":
         return  # SQLite: the transaction already holds the database's write lock
-    for key in sorted({_lock_id(keys.username), _lock_id(keys.address)}):
+    for key in sorted({_lock_id(key) for key in keys}):
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
@@ -244,12 +294,13 @@ def _lock_id(key: str) -> int:
     return int.from_bytes(bytes.fromhex(key[:16]), "big", signed=True)
 
 
-def _purge(session: Session, before: dt.datetime) -> None:
-    """Delete attempts no window counts any more (a batch at a time; rows another
-    transaction is deleting are skipped rather than waited for)."""
+def _purge(session: Session, before: dt.datetime, outcomes: tuple[str, ...]) -> None:
+    """Delete rows of ``outcomes`` no window counts any more (a batch at a time; rows
+    another transaction is deleting are skipped rather than waited for). Each kind by
+    its own window: a sign-in's shorter one must not delete the calls another counts."""
     old = (
         select(SignInAttempt.id)
-        .where(SignInAttempt.at <= before)
+        .where(SignInAttempt.at <= before, SignInAttempt.outcome.in_(outcomes))
         .order_by(SignInAttempt.at)
         .limit(PURGE_BATCH)
         .with_for_update(skip_locked=True)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from models import AuditEntry
+from courier_api.config import ConfigError, load_config
+from models import AuditEntry, SignInAttempt
 from sync import audit
+from sync.sign_in_limits import Limit
 from tests.conftest import Auth, World
 from tests.courier_api.test_shifts_api import Courier, parcels, sign_off
 from tests.sync.test_audit import tamper_details
@@ -481,6 +485,54 @@ def test_the_newest_entries_removed_show_against_the_head_recorded(
     head = {"head_id": first["head_id"], "head_hash": first["head_hash"]}
     body = client.get(VERIFY, query_string=head, headers=auth.headers("admin")).get_json()
     assert (body["intact"], body["broken_id"], body["problem"]) == (False, ids[2], "head_missing")
+
+
+def test_walks_of_the_whole_log_are_limited_per_user_and_free_again_after_the_window(
+    app_with: Any, session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SECURITY.md threat 4: a script verifying the whole log in a loop kept a worker and
+    the database busy. Its reader gets ``AUDIT_FULL_VERIFICATIONS_PER_USER`` walks in the
+    window, then 429 with Retry-After until the oldest leaves it; another reader and a
+    check from a recorded head are not held up."""
+    ids = chained(session, *({"action": "blob_read"} for _ in range(3)))
+    now = [START]
+    monkeypatch.setattr("courier_api.api.audit.routes.utcnow", lambda: now[0])
+    app: Flask = app_with(AUDIT_FULL_VERIFICATIONS_PER_USER=Limit.parse("2/600"))
+    client = app.test_client()
+    auditor, admin = Auth(client).headers("auditor1"), Auth(client).headers("admin")
+    assert client.get(VERIFY, headers=auditor).status_code == 200
+    now[0] += dt.timedelta(seconds=100)
+    first = client.get(VERIFY, headers=auditor)
+    assert first.status_code == 200
+
+    refused = client.get(VERIFY, headers=auditor)
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "500"
+    assert refused.get_json()["code"] == "too_many_verifications"
+    assert "head_id and head_hash" in refused.get_json()["message"]
+    assert refused.headers["Cache-Control"] == "no-store"
+    head = {"head_id": first.get_json()["head_id"], "head_hash": first.get_json()["head_hash"]}
+    from_head = client.get(VERIFY, query_string=head, headers=auditor)
+    assert (from_head.status_code, from_head.get_json()["head_id"]) == (200, ids[-1])
+    assert client.get(VERIFY, headers=admin).status_code == 200  # per user
+
+    now[0] += dt.timedelta(seconds=499)
+    assert client.get(VERIFY, headers=auditor).headers["Retry-After"] == "1"
+    now[0] += dt.timedelta(seconds=1)  # the first walk leaves the window
+    assert client.get(VERIFY, headers=auditor).get_json()["intact"] is True
+    assert client.get(VERIFY, headers=auditor).status_code == 429
+    # Counted apart from the log, in the sign-in attempts' table: the read is not logged.
+    assert session.scalar(select(func.count()).select_from(AuditEntry)) == 3
+    walks = select(func.count()).select_from(SignInAttempt)
+    assert session.scalar(walks.where(SignInAttempt.outcome == "audit_verify")) == 3
+
+
+def test_walks_of_the_whole_log_are_limited_by_default_and_may_not_be(tmp_path: Path) -> None:
+    name = "AUDIT_FULL_VERIFICATIONS_PER_USER"
+    assert load_config({}, tmp_path)[name] == Limit(4, dt.timedelta(hours=1))
+    assert load_config({name: "off"}, tmp_path)[name] is None
+    with pytest.raises(ConfigError, match=name):
+        load_config({name: "4 an hour"}, tmp_path)
 
 
 @pytest.mark.parametrize(

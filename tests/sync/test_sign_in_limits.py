@@ -16,6 +16,8 @@ from sync.sign_in_limits import (
     SignInLimits,
     address_scope,
     admit,
+    admit_call,
+    caller_key,
     settle,
 )
 
@@ -176,6 +178,48 @@ def test_old_attempts_are_purged_as_new_ones_arrive(session: Session) -> None:
         attempt(session, limits, T0 + i * MINUTE, right=False, username=f"old{i}")
     attempt(session, limits, T0 + 30 * MINUTE, right=True, username="new")
     assert session.scalar(select(func.count()).select_from(SignInAttempt)) == 1
+
+
+def test_a_call_limited_per_caller_shares_the_table_but_no_sign_in_rule(
+    session: Session,
+) -> None:
+    """``admit_call`` (the audit log's full walks): at most N per caller in its window,
+    refusals not stored, freed as the oldest leaves; its rows counted by no sign-in rule
+    (their address is the caller's key) and kept past the sign-ins' shorter window."""
+    hour = Limit(2, dt.timedelta(hours=1))
+    key = caller_key(secret=SECRET, kind="audit_verify", caller="7")
+
+    def call(at: dt.datetime, caller: str = key) -> int | None:
+        refusal = admit_call(
+            session=session,
+            kind="audit_verify",
+            key=caller,
+            limit=hour,
+            now=at,
+            what="too many walks",
+            code="too_many_verifications",
+        )
+        assert refusal is None or refusal.code == "too_many_verifications"
+        return None if refusal is None else refusal.retry_after
+
+    assert call(T0) is None and call(T0 + 10 * MINUTE) is None
+    assert call(T0 + 20 * MINUTE) == 40 * 60
+    assert (
+        call(T0 + 20 * MINUTE, caller_key(secret=SECRET, kind="audit_verify", caller="8")) is None
+    )
+    # A sign-in 30 minutes on purges what its 15-minute window no longer counts, and no
+    # more; the calls count towards no sign-in limit of any address.
+    every_attempt = SignInLimits(
+        failures_per_username=Limit(1, 15 * MINUTE),
+        attempts_per_address=Limit(1, 15 * MINUTE),
+        failures_per_address=Limit(1, 15 * MINUTE),
+    )
+    assert attempt(session, every_attempt, T0 + 30 * MINUTE, right=True) is None
+    assert call(T0 + 59 * MINUTE) == 60
+    assert call(T0 + 60 * MINUTE) is None  # the first left the window
+    assert call(T0 + 61 * MINUTE) == 9 * 60
+    outcomes = session.scalars(select(SignInAttempt.outcome)).all()
+    assert sorted(outcomes) == ["audit_verify"] * 3 + ["ok"]  # T0's purged, refusals not kept
 
 
 def test_no_limits_means_nothing_stored(session: Session) -> None:

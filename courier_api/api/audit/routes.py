@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from flask.views import MethodView
 
 from courier_api.api.audit.schemas import (
@@ -11,12 +12,12 @@ from courier_api.api.audit.schemas import (
     AuditVerifyArgs,
     AuditVerifyOut,
 )
-from courier_api.api.base import ApiBlueprint
+from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal
 from courier_api.extensions import db
-from models import AuditEntry, Role
-from sync import audit
+from models import AuditEntry, Role, utcnow
+from sync import audit, sign_in_limits
 from sync.phones import mask_phones_in_value
 
 blp = ApiBlueprint(
@@ -30,7 +31,10 @@ READERS = (Role.AUDITOR, Role.ADMIN)
 
 # Reading the log is not itself logged (SECURITY.md threat 4): it shows no proof or image,
 # and a read that wrote would take SQLite's writers' turn, holding up every push for as
-# long as a verification walks the log. Both views only read (READS_ONLY).
+# long as a verification walks the log. Both views only read (READS_ONLY); a walk of the
+# whole log counts against its reader's limit first, in a short transaction of its own.
+FULL_WALK = "audit_verify"  # its calls' kind in sync.sign_in_limits.admit_call
+TOO_MANY_FULL_WALKS = "too_many_verifications"
 
 
 @blp.route("")
@@ -105,6 +109,7 @@ class AuditVerification(MethodView):
     @blp.auth(*READERS)
     @blp.arguments(AuditVerifyArgs, location="query")
     @blp.response(200, AuditVerifyOut)
+    @blp.alt_response(429, **RATE_LIMITED)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Verify the audit log
 
@@ -121,8 +126,16 @@ class AuditVerification(MethodView):
         entry up to it was altered and the chain re-hashed), and only the entries
         after it are read. One without the other is a 422 (`head_hash_required`,
         `head_id_required`).
+
+        A walk of the whole log (no head given) keeps a worker and the database busy:
+        each user may start `AUDIT_FULL_VERIFICATIONS_PER_USER` of them (4 an hour
+        unless configured); beyond, 429 `too_many_verifications` with `Retry-After`,
+        the seconds until the oldest leaves the window. A check from a head is not
+        limited.
         """
         head = audit.recorded_head(args.get("head_id"), args.get("head_hash"))
+        if head is None:
+            _count_full_walk()
         result = audit.verify(session=db.session, from_head=head)
         return {
             "intact": result.ok,
@@ -133,6 +146,36 @@ class AuditVerification(MethodView):
             "head_id": result.head_id,
             "head_hash": result.head_hash,
         }
+
+
+def _count_full_walk() -> None:
+    """Count a walk of the whole log against its reader's limit, the sign-in attempts'
+    mechanism (``sync.sign_in_limits.admit_call``: shared by every worker and replica),
+    committed before the walk begins; ``RateLimited`` once the limit is reached."""
+    limit = current_app.config["AUDIT_FULL_VERIFICATIONS_PER_USER"]
+    if limit is None:
+        return
+    key = sign_in_limits.caller_key(
+        secret=current_app.config["JWT_SECRET"].encode(),
+        kind=FULL_WALK,
+        caller=str(current_principal().user_id),
+    )
+    refusal = db.write_apart(
+        lambda session: sign_in_limits.admit_call(
+            session=session,
+            kind=FULL_WALK,
+            key=key,
+            limit=limit,
+            now=utcnow(),
+            what=(
+                "too many verifications of the whole audit log by this account (a check "
+                "from a recorded head, head_id and head_hash, is not limited)"
+            ),
+            code=TOO_MANY_FULL_WALKS,
+        )
+    )
+    if refusal is not None:
+        raise refusal
 
 
 def _view(entry: AuditEntry, *, unmasked: bool) -> dict[str, Any]:

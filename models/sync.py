@@ -165,8 +165,9 @@ class QuarantinedEvent(Base):
         Index("ix_quarantined_event_device_seq", "device_id", "seq"),
         # The station's list, newest first.
         Index("ix_quarantined_event_station_newest", "station_id", "id"),
-        # A parcel's rejected events, newest first (``?tracking_no=``).
-        Index("ix_quarantined_event_tracking_no", "tracking_no", "id"),
+        # A parcel's rejected events, newest first (``?tracking_no=``), by the number
+        # normalized (``parcel_tracking_no``), however the PDA wrote it.
+        Index("ix_quarantined_event_parcel", "parcel_tracking_no", "id"),
     )
 
     id: Mapped[big_pk]
@@ -177,7 +178,11 @@ class QuarantinedEvent(Base):
     client_event_id: Mapped[str | None] = mapped_column(String(64))
     seq: Mapped[int | None]
     event_type: Mapped[str | None] = mapped_column(String(40))
-    tracking_no: Mapped[str | None] = mapped_column(String(40))
+    tracking_no: Mapped[str | None] = mapped_column(String(40))  # as the PDA wrote it
+    # The parcel it names: ``tracking_no`` normalized as parcels' numbers are stored
+    # (``sync.quarantine.parcel_named``), set on insert; what a parcel's rejected events
+    # are found and attributed to shifts by (``rr 4731 2482 9gb`` is RR473124829GB's).
+    parcel_tracking_no: Mapped[str | None] = mapped_column(String(40))
     error_code: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     field: Mapped[str | None] = mapped_column(String(64))

@@ -80,7 +80,7 @@ from sync.events import (
 )
 from sync.flags import FlagSubject, raise_flag
 from sync.inversions import Stamp, time_inversions
-from sync.quarantine import rejections_of_batch
+from sync.quarantine import parcel_named, rejections_of_batch
 from sync.rules import EventDetail, Policy
 from sync.shifts import (
     WRONG_SHIFT,
@@ -1176,6 +1176,7 @@ class _BatchIngest:
 
     def _quarantine_row(self, rejection: _Rejection) -> dict[str, Any]:
         raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
+        tracking_no = _storable(raw.get("tracking_no"), 40)
         return {
             "station_id": self.pusher.station_id,
             "device_id": self.pusher.device_id,
@@ -1184,7 +1185,8 @@ class _BatchIngest:
             "client_event_id": _storable(raw.get("client_event_id"), 64),
             "seq": whole_number(raw.get("seq")),
             "event_type": _storable(raw.get("type"), 40),
-            "tracking_no": _storable(raw.get("tracking_no"), 40),
+            "tracking_no": tracking_no,
+            "parcel_tracking_no": parcel_named(tracking_no),
             "error_code": rejection.error.code,
             "message": rejection.error.message,
             "field": _storable(rejection.error.field, 64),
@@ -1290,7 +1292,11 @@ class _BatchIngest:
         return may_own_rejected(
             self.pusher.device_id,
             [row["seq"] for row in rows if row["seq"] is not None],
-            [row["tracking_no"] for row in rows if row["seq"] is None and row["tracking_no"]],
+            [
+                row["parcel_tracking_no"]
+                for row in rows
+                if row["seq"] is None and row["parcel_tracking_no"]
+            ],
         )
 
     def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:

@@ -79,7 +79,6 @@ from sync.rules import DROPS, Policy, counts_at_station
 from sync.shifts import LATE_EVENT, LATEST_REOPENING, REJECTED_IDS
 from sync.sql import among, chunks
 from sync.status import load_events
-from sync.tracking import normalize
 
 WEEK_DAYS = 7
 # A proof's page lists this many of the rejected events naming its parcel at most, the
@@ -388,7 +387,7 @@ def shift_page(
         rejections=[
             shown_rejection(r, unmasked=unmasked)
             for r in shown_rejected
-            if _parcel_named(r) not in troubled
+            if r.parcel_tracking_no not in troubled
         ],
         more_rejections=len(rejected) > SHIFT_REJECTIONS_SHOWN,
         sign_off_blocked=sign_off_blocked(balance),
@@ -446,17 +445,11 @@ def _shift_flag(
     )
 
 
-def _parcel_named(rejected: QuarantinedEvent) -> str | None:
-    """The tracking number a rejected event names, as the parcel's is written."""
-    return normalize(rejected.tracking_no) if rejected.tracking_no else None
-
-
 def _by_parcel(rejected: Iterable[QuarantinedEvent]) -> dict[str, list[QuarantinedEvent]]:
     found: dict[str, list[QuarantinedEvent]] = defaultdict(list)
     for row in rejected:
-        named = _parcel_named(row)
-        if named is not None:
-            found[named].append(row)
+        if row.parcel_tracking_no is not None:  # as ``RejectionScope`` attributed it
+            found[row.parcel_tracking_no].append(row)
     return found
 
 
@@ -754,7 +747,7 @@ def parcel_rejections(
     ``GET /api/v1/quarantine?tracking_no=`` finds them for a reader of ``station_id``
     (pushed there; None: any station's): at most ``PROOF_REJECTIONS_SHOWN`` + 1 (one
     more tells the reader there are more). One query, along
-    ``ix_quarantined_event_tracking_no``."""
+    ``ix_quarantined_event_parcel``."""
     found = list_quarantined(
         session=session,
         station_id=station_id,

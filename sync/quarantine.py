@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import QuarantinedEvent, SyncBatch
@@ -28,6 +28,8 @@ SHIFT_REJECTIONS_SHOWN = 100
 # Shifts whose rejected events one statement counts (``rejection_counts``): a station's
 # day, well within SQLite's expression depth (1,000: each shift is a term of one OR).
 COUNTED_AT_ONCE = 200
+# The longest parcel number a rejected event is kept naming (its column's length).
+PARCEL_LENGTH = 40
 
 QUARANTINE_COLUMNS = (
     "id",
@@ -59,8 +61,8 @@ def list_quarantined(
 ) -> Sequence[tuple[QuarantinedEvent, uuid.UUID]]:
     """Newest first; ``before_id`` is the last id of the previous page.
 
-    ``tracking_no``: the events naming that parcel, as the PDA wrote the number or as
-    it reads normalized (the number a manager copies from a parcel's page)."""
+    ``tracking_no``: the events naming that parcel (``naming``), however the PDA wrote
+    the number and however it is asked for."""
     query = (
         select(QuarantinedEvent, SyncBatch.batch_id)
         .join(SyncBatch, SyncBatch.id == QuarantinedEvent.batch_pk)
@@ -78,10 +80,36 @@ def list_quarantined(
     return [(row, batch_id) for row, batch_id in session.execute(query)]
 
 
+def parcel_named(tracking_no: str | None) -> str | None:
+    """The parcel a rejected event names (``QuarantinedEvent.parcel_tracking_no``): the
+    number the PDA wrote (``tracking_no`` as kept: a string of at most 40 characters)
+    normalized as parcels' numbers are stored (``sync.tracking.normalize``: NFKC, no
+    spaces or dashes, upper case). A rejected event is where a badly typed number is
+    likely, and ``rr 4731 2482 9gb`` names RR473124829GB. None: it wrote none, or one
+    that normalizes to nothing, to more than the column holds (NFKC expands some
+    characters), or to what no column can store (a NUL, a lone surrogate).
+
+    Migration ``effb064af2ab`` computed the same for the rows kept before it, with a
+    frozen copy of this and of ``normalize``: a change to either needs a migration of
+    its own to compute the rows kept before it again."""
+    if tracking_no is None:
+        return None
+    parcel = normalize(tracking_no)
+    if not parcel or len(parcel) > PARCEL_LENGTH:
+        return None
+    if any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in parcel):
+        return None
+    return parcel
+
+
 def naming(tracking_no: str) -> ColumnElement[bool]:
-    """The rejected events naming the parcel ``tracking_no``, as the PDA wrote the number
-    or as it reads normalized: a range or two of ``ix_quarantined_event_tracking_no``."""
-    return QuarantinedEvent.tracking_no.in_(sorted({tracking_no, normalize(tracking_no)}))
+    """The rejected events naming the parcel ``tracking_no`` (``parcel_named``), however
+    the PDA wrote the number and however the reader writes it: a range of
+    ``ix_quarantined_event_parcel``."""
+    parcel = parcel_named(tracking_no)
+    if parcel is None:
+        return false()
+    return QuarantinedEvent.parcel_tracking_no == parcel
 
 
 def count_naming(*, session: Session, tracking_no: str, station_id: int | None) -> int:
@@ -98,7 +126,8 @@ class RejectionScope(NamedTuple):
     """Which of its PDA's rejected events are a shift's: those of ``device_id`` whose seq
     is among ``seqs`` (``(first, last)``, the seqs the shift owns,
     ``sync.handover.owned_seqs``; None: it owns none), and those without a seq that
-    name one of its parcels (``tracking_nos``)."""
+    name one of its parcels (``tracking_nos``, as parcels' are stored: matched to the
+    number each names, ``parcel_named``, however its PDA wrote it)."""
 
     device_id: str
     seqs: tuple[int, int] | None
@@ -117,7 +146,7 @@ def _owned_by(session: Session, scope: RejectionScope) -> ColumnElement[bool] | 
             and_(
                 device,
                 QuarantinedEvent.seq.is_(None),
-                among_at_once(session, QuarantinedEvent.tracking_no, scope.tracking_nos),
+                among_at_once(session, QuarantinedEvent.parcel_tracking_no, scope.tracking_nos),
             )
         )
     return or_(*owned) if owned else None

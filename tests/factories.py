@@ -78,6 +78,14 @@ def s10(prefix: str = "RR", country: str = "GB") -> str:
     return f"{prefix}{serial}{s10_check_digit(serial)}{country}"
 
 
+def typed_loosely(tracking_no: str, separator: str = " ") -> str:
+    """An S10 number as a person types it into a PDA: lower case, in groups
+    (``rr 4731 2482 9gb``, ``rr-4731-2482-9gb``), which ``sync.tracking.normalize``
+    reads back as the number."""
+    groups = (tracking_no[:2], tracking_no[2:6], tracking_no[6:10], tracking_no[10:])
+    return separator.join(groups).lower()
+
+
 def stored_image(session: Session, digest: str) -> Blob:
     """The row of an image the PDA uploaded (its bytes are not needed by the rules)."""
     blob = Blob(sha256=digest, media_type="image/png", size_bytes=100, width=10, height=10)

@@ -1233,6 +1233,56 @@ def test_an_auditor_reads_every_stations_rejected_events_of_the_parcel_and_it_is
     assert len(ids) == 2
 
 
+def test_the_proof_page_and_detail_find_the_rejected_drops_however_the_pda_wrote_the_number(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A dispute: the PDA tried twice to leave the parcel in a locker, its number typed
+    ``rr 4731 2482 9gb`` and ``RR-4731-2482-9GB`` (a rejected event is where a badly
+    typed number is likely), both refused for a missing compartment, before the courier
+    handed it over in person. The proof's page lists both, each with the number as the
+    PDA wrote it, and its detail counts them: the auditor reading the proof learns of
+    the PDA's attempts."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    tried = [
+        factories.event(
+            seq,
+            written,
+            "delivered_to_locker",
+            occurred_at=at + dt.timedelta(minutes=seq),
+            locker_id="L-7",
+        )  # fmt: skip
+        for seq, written in (
+            (2, factories.typed_loosely(parcel.tracking_no)),
+            (3, factories.typed_loosely(parcel.tracking_no, "-").upper()),
+        )
+    ]
+    delivered = factories.event(
+        4, parcel.tracking_no, "delivered", occurred_at=at + dt.timedelta(minutes=9), pod=SIGNED
+    )
+    receipt = auth.push(
+        [factories.event(1, parcel.tracking_no, occurred_at=at), *tried, delivered]
+    )
+    assert [r["status"] for r in receipt["results"]] == [
+        "applied",
+        "rejected",
+        "rejected",
+        "applied",
+    ]
+    [proof] = _items(client, auth, parcel.tracking_no)
+
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{proof['event_id']}")
+
+    rejected = _rejected_section(html)
+    assert "(2)" in rejected
+    for drop in tried:
+        assert drop["client_event_id"] in rejected
+        assert f'<td class="tn">{drop["tracking_no"]}</td>' in rejected
+    detail = client.get(f"{URL}/{proof['event_id']}", headers=auth.headers("auditor1"))
+    assert detail.get_json()["rejected_events"] == 2
+
+
 def test_the_proof_page_lists_the_newest_20_rejected_events_and_says_where_the_rest_are(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

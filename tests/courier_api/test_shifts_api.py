@@ -766,6 +766,39 @@ def test_a_missing_parcel_whose_drop_was_rejected_shows_the_rejected_drop_as_evi
     assert (logged.subject_key, len(logged.details["ids"])) == (f"shift:{shift['id']}", 2)
 
 
+def test_a_rejected_drop_without_a_seq_is_the_shifts_however_the_pda_wrote_the_number(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """A rejected event with no valid seq is the shift's when it names one of its
+    parcels: named ``rr 4731 2482 9gb`` (a badly typed number is likely where an event
+    was refused), it names the parcel counted missing. The shift's page shows it as the
+    missing parcel's evidence, with the number as the PDA wrote it, and the board counts
+    it on the shift's row."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    checkout = pda.event(a)
+    drop = pda.event(factories.typed_loosely(a), "delivered_to_locker", locker_id="L-7")
+    drop["seq"] = "two"  # no valid seq either: it is the shift's by the parcel it names
+    receipt = pda.push([checkout, drop])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected"]
+    assert pda.close(shift["id"], last_seq=1).status_code == 200
+
+    html = signed_in(app, "manager1").get(f"/web/shifts/{shift['id']}")
+
+    discrepancy = html[html.index('id="discrepancy-1"') : html.index("</article>")]
+    assert "missing at handover" in discrepancy
+    assert drop["client_event_id"] in discrepancy
+    assert f'<td class="tn">{drop["tracking_no"]}</td>' in discrepancy
+    board = client.get(f"/api/v1/stations/{world.station.id}/handover", headers=manager)
+    [row] = board.get_json()["shifts"]
+    assert row["rejected_events"] == 1
+
+
 def test_a_signed_off_balance_a_later_consent_changed_says_so_and_stays_signed_off(
     client: FlaskClient,
     session: Session,

@@ -18,6 +18,7 @@ from courier_api.extensions import db
 from models import AuditEntry, Parcel, ScanEvent, User
 from tests import factories
 from tests.conftest import Auth, World
+from tests.factories import typed_loosely
 
 PUSH = "/api/v1/sync/push"
 PULL = "/api/v1/sync/pull"
@@ -562,6 +563,31 @@ def test_the_quarantine_lists_the_rejected_events_naming_a_parcel(
         headers=auth.headers("manager2"),
     ).get_json()
     assert elsewhere["items"] == []
+
+
+def test_the_quarantine_finds_a_rejected_event_of_a_parcel_however_its_pda_wrote_the_number(
+    client: FlaskClient, auth: Auth, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A rejected event is where a badly typed number is likely: drops of the parcel
+    written ``rr 4731 2482 9gb`` and ``rr-4731-2482-9gb`` (each refused for its missing
+    compartment) are found by the number as stored, the one a manager copies from the
+    parcel's page, and by any other way of writing it; each is shown as the PDA wrote
+    it. Another parcel's is not."""
+    spaced = ev(2, typed_loosely(parcel.tracking_no), "delivered_to_locker", locker_id="L-7")
+    dashed = ev(3, typed_loosely(parcel.tracking_no, "-"), "delivered_to_locker", locker_id="L-7")
+    other = ev(4, "RR473124829GB", "delivered_to_locker", locker_id="L-7")
+    receipt = push(client, courier, [ev(1, parcel.tracking_no), spaced, dashed, other]).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied", *["rejected"] * 3]
+    for asked in (parcel.tracking_no, typed_loosely(parcel.tracking_no, "-").upper()):
+        listed = client.get(
+            "/api/v1/quarantine",
+            query_string={"tracking_no": asked},
+            headers=auth.headers("manager1"),
+        ).get_json()["items"]
+        assert [(i["client_event_id"], i["tracking_no"]) for i in listed] == [
+            (dashed["client_event_id"], dashed["tracking_no"]),
+            (spaced["client_event_id"], spaced["tracking_no"]),
+        ], asked
 
 
 def test_an_auditor_can_see_that_a_pda_sent_a_rejected_drop_of_the_parcel(

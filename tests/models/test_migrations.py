@@ -1291,3 +1291,202 @@ def test_the_audit_backfill_runs_in_committed_batches(scratch: Engine) -> None:
             )
         )
     assert wrong == 0
+
+
+QUARANTINE_BY_PARCEL = "effb064af2ab"  # rejected events keep the parcel they name, normalized
+BEFORE_QUARANTINE_BY_PARCEL = "a7d3e9f1c5b2"  # lost seqs written off
+NAME_QUARANTINE_BY_PARCEL = "ix_quarantined_event_parcel"
+NAME_QUARANTINE_AS_WRITTEN = "ix_quarantined_event_tracking_no"  # the one it replaces
+# Numbers as PDAs wrote them into rejected events, by row id, and the parcel each names:
+# what ``sync.tracking.normalize`` reads in them (NFKC, Unicode white space, dashes,
+# upper case beyond ASCII), which no SQL of both backends says alike.
+WRITTEN_BEFORE: dict[int, tuple[str | None, str | None]] = {
+    1: ("rr 4731 2482 9gb", "RR473124829GB"),
+    2: ("RR-4731-2482-9GB", "RR473124829GB"),
+    3: ("ＲＲ４７３１２４８２９ＧＢ", "RR473124829GB"),  # full-width, an East Asian keyboard
+    4: ("rr\u00a04731\u20032482\u30009gb", "RR473124829GB"),  # no-break, em, ideographic
+    5: ("RR473124829\x1cGB", "RR473124829GB"),  # a separator Python's \s matches
+    6: ("sf1300000000001", "SF1300000000001"),
+    7: ("zé-1", "ZÉ1"),  # not a number a parcel has: still what normalize makes of it
+    8: (" - ", None),  # nothing left
+    9: ("\u337f" * 11, None),  # ㍿ is four characters in NFKC: 44, over the column's 40
+    10: (None, None),  # the PDA sent none
+}
+
+
+def _quarantine_before(engine: Engine, written: dict[int, tuple[str | None, str | None]]) -> None:
+    """Rejected events kept as the version before kept them: the number as written only."""
+    import datetime as dt
+    import uuid
+
+    from sqlalchemy.orm import Session
+
+    from models import SyncBatch
+    from tests import factories
+
+    with Session(engine) as session:
+        if session.get(SyncBatch, 1) is None:
+            station = factories.station(session)
+            courier = factories.user(session, "courier1", "courier", station)
+            factories.device(session, "PDA-0001", station)
+            at = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
+            session.add(
+                SyncBatch(
+                    id=1, device_id="PDA-0001", batch_id=uuid.uuid4(), station_id=station.id,
+                    courier_id=courier.id, sent_at=at, received_at=at, clock_offset_ms=0,
+                    event_count=len(written), request_hash="0" * 64, receipt={},
+                )
+            )  # fmt: skip
+        session.commit()
+        station_id = session.scalar(text("SELECT id FROM station"))
+    with engine.begin() as connection:
+        for row_id, (tracking_no, _) in written.items():
+            connection.execute(
+                text(
+                    "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, "
+                    "position, seq, event_type, tracking_no, error_code, message, payload, "
+                    "payload_hash, received_at) VALUES (:id, :station, 'PDA-0001', 1, :id, "
+                    "NULL, 'delivered_to_locker', :tn, 'missing_field', 'locker_id is "
+                    "required', :payload, :hash, '2026-11-20 09:00:00+00')"
+                ),
+                {
+                    "id": row_id,
+                    "station": station_id,
+                    "tn": tracking_no,
+                    "payload": json.dumps({"tracking_no": tracking_no}),
+                    "hash": f"{row_id:064d}",
+                },
+            )
+
+
+def _parcels_of_rejected(engine: Engine) -> dict[int, str | None]:
+    with engine.connect() as connection:
+        return dict(
+            connection.execute(text("SELECT id, parcel_tracking_no FROM quarantined_event")).all()
+        )
+
+
+def test_a_rejected_event_gets_the_parcel_its_number_names_as_the_app_normalizes_it(
+    scratch: Engine,
+) -> None:
+    """Each rejected event kept before gets what running code sets on insert
+    (``sync.quarantine.parcel_named`` of the number as written): the migration's frozen
+    copy computes the same on both backends, and a parcel's rejected events are then
+    found by its number however their PDA wrote it."""
+    from sqlalchemy.orm import Session
+
+    from sync.quarantine import list_quarantined, parcel_named
+
+    migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
+    _quarantine_before(scratch, WRITTEN_BEFORE)
+    migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
+    filled = _parcels_of_rejected(scratch)
+    assert filled == {row_id: parcel for row_id, (_, parcel) in WRITTEN_BEFORE.items()}
+    assert filled == {row_id: parcel_named(tn) for row_id, (tn, _) in WRITTEN_BEFORE.items()}
+    migrate.upgrade(scratch)
+    with Session(scratch) as session:
+        found = list_quarantined(session=session, station_id=None, tracking_no="RR473124829GB")
+        assert [row.id for row, _ in found] == [5, 4, 3, 2, 1]
+    with scratch.connect() as connection:
+        indexes = {i["name"] for i in inspect(connection).get_indexes("quarantined_event")}
+    assert NAME_QUARANTINE_BY_PARCEL in indexes and NAME_QUARANTINE_AS_WRITTEN not in indexes
+    migrate.downgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
+    with scratch.connect() as connection:
+        indexes = {i["name"] for i in inspect(connection).get_indexes("quarantined_event")}
+        columns = {c["name"] for c in inspect(connection).get_columns("quarantined_event")}
+    assert NAME_QUARANTINE_AS_WRITTEN in indexes and NAME_QUARANTINE_BY_PARCEL not in indexes
+    assert "parcel_tracking_no" not in columns
+
+
+def test_rejected_events_by_parcel_runs_again_after_its_index_build_failed(
+    scratch: Engine,
+) -> None:
+    """As the flags': an upgrade stopped by a failed index build runs again to the end,
+    each rejected event with its parcel, one the new version quarantined meanwhile with
+    the one it set and one the version before quarantined with the one its number names;
+    the index on the number as written is dropped only once the new one is built."""
+    import sqlalchemy as sa
+
+    migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
+    _quarantine_before(scratch, {n: WRITTEN_BEFORE[n] for n in (1, 2, 8)})
+    expected = {1: "RR473124829GB", 2: "RR473124829GB", 8: None}
+
+    with (
+        pytest.raises(sa.exc.OperationalError),
+        index_build_fails(scratch, NAME_QUARANTINE_BY_PARCEL, "quarantined_event"),
+    ):
+        migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {BEFORE_QUARANTINE_BY_PARCEL}
+        columns = {c["name"] for c in inspect(connection).get_columns("quarantined_event")}
+    if scratch.dialect.name == "postgresql":
+        assert "parcel_tracking_no" in columns
+        assert _index_valid(scratch, NAME_QUARANTINE_BY_PARCEL) is False
+        assert _index_valid(scratch, NAME_QUARANTINE_AS_WRITTEN) is True  # still read
+        assert _parcels_of_rejected(scratch) == expected  # the backfill committed
+        _quarantine_before(scratch, {n: WRITTEN_BEFORE[n] for n in (3, 6)})  # both versions
+        with scratch.begin() as connection:
+            connection.execute(
+                text("UPDATE quarantined_event SET parcel_tracking_no = 'SF1' WHERE id = 6")
+            )
+        expected |= {3: "RR473124829GB", 6: "SF1"}  # what the new version set is kept
+    else:
+        assert "parcel_tracking_no" not in columns  # rolled back with the rest
+
+    migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {QUARANTINE_BY_PARCEL}
+    assert _parcels_of_rejected(scratch) == expected
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_QUARANTINE_BY_PARCEL) is True
+        assert _index_valid(scratch, NAME_QUARANTINE_AS_WRITTEN) is None
+
+
+BACKFILLED_REJECTIONS = 25_000  # two thirds name a parcel: a batch of 10,000 and a part of one
+
+
+@pytest.mark.postgres_only
+def test_the_quarantine_backfill_runs_in_committed_batches(scratch: Engine) -> None:
+    """Every push that rejects an event inserts into the quarantine: the backfill writes
+    at most 10,000 rows a statement, with no transaction held open between them, and
+    each row gets its parcel (a third of them named none)."""
+    migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
+    _quarantine_before(scratch, {})
+    with scratch.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, position, "
+                "tracking_no, error_code, message, payload, payload_hash, received_at) "
+                "SELECT n, (SELECT id FROM station), 'PDA-0001', 1, n, "
+                "CASE WHEN n % 3 = 0 THEN NULL ELSE 'rr ' || lpad(n::text, 9, '0') || ' gb' "
+                "END, 'missing_field', 'locker_id is required', '{}', lpad(to_hex(n), 64, '0'), "
+                "timestamptz '2026-11-20 09:00+00' FROM generate_series(1, :count) AS n"
+            ),
+            {"count": BACKFILLED_REJECTIONS},
+        )
+    written: list[int] = []
+    open_between: list[bool] = []
+
+    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("UPDATE quarantined_event"):
+            written.append(cursor.rowcount)
+            open_between.append(cursor.connection.info.transaction_status != 0)
+
+    event.listen(scratch, "after_cursor_execute", count)
+    try:
+        migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
+    finally:
+        event.remove(scratch, "after_cursor_execute", count)
+    named = BACKFILLED_REJECTIONS - BACKFILLED_REJECTIONS // 3
+    assert len(written) == 2 and max(written) <= 10_000, written  # 10,000 and the rest
+    assert sum(written) == named
+    assert not any(open_between), open_between  # autocommit: committed as it ran
+    with scratch.connect() as connection:
+        wrong = connection.scalar(
+            text(
+                "SELECT count(*) FROM quarantined_event WHERE parcel_tracking_no IS DISTINCT "
+                "FROM CASE WHEN id % 3 = 0 THEN NULL ELSE 'RR' || lpad(id::text, 9, '0') "
+                "|| 'GB' END"
+            )
+        )
+    assert wrong == 0

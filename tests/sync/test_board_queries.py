@@ -26,7 +26,7 @@ from sync.balances import board_totals, gather, station_board
 from sync.blobs import BlobReader, FileBlobStore
 from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
 from sync.proofs import get_proof
-from sync.quarantine import RejectionScope, rejection_counts, shift_rejections
+from sync.quarantine import RejectionScope, parcel_named, rejection_counts, shift_rejections
 from sync.rules import Policy
 from tests import factories
 
@@ -78,8 +78,8 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
         ],
     )
     # And each PDA with events rejected: two of the shift's (one with a seq it owns, one
-    # without a seq naming one of its parcels), and one without a seq naming no parcel
-    # of it, which is not.
+    # without a seq naming one of its parcels, its number typed ``rr 4731 2482 9gb``),
+    # and one without a seq naming no parcel of it, which is not.
     session.execute(
         insert(QuarantinedEvent),
         [
@@ -87,7 +87,7 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
             for shift in session.scalars(select(Shift).where(Shift.station_id == big))
             for seq, tracking_no in (
                 (5, None),
-                (None, _a_parcel_of(session, shift)),
+                (None, factories.typed_loosely(_a_parcel_of(session, shift))),
                 (None, "RR473124829GB"),
             )
         ],
@@ -173,6 +173,7 @@ def _rejected(
         "position": 0,
         "seq": seq,
         "tracking_no": tracking_no,
+        "parcel_tracking_no": parcel_named(tracking_no),  # as a push sets it
         "error_code": "missing_field",
         "message": "reason is required",
         "payload": "{}",
@@ -208,6 +209,7 @@ def _late_and_rejected(session: Session, shift: Shift, late: int, rejected: int)
                 "position": n,
                 "seq": n + 1,
                 "tracking_no": "RR473124829GB",
+                "parcel_tracking_no": "RR473124829GB",
                 "error_code": "missing_field",
                 "message": "compartment is required",
                 "payload": "{}",

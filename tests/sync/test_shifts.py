@@ -2376,16 +2376,22 @@ def test_a_rejected_event_of_a_signed_off_shift_reopens_it_with_a_flag(
     assert actions == ["shift_signed_off", "shift_reopened"]
 
 
+@pytest.mark.parametrize("separator", [None, " ", "-"])
 def test_a_rejected_event_without_a_seq_naming_a_signed_off_shifts_parcel_reopens_it(
-    session: Session, world: World, pda: Pda
+    session: Session, world: World, pda: Pda, separator: str | None
 ) -> None:
     """Closed with its last seq, the shift owns no later seq; a rejected event with no
-    valid seq is the shift's when it names one of its parcels (as its page lists it)."""
+    valid seq is the shift's when it names one of its parcels (as its page lists it),
+    however the PDA wrote the number (``rr 4731 2482 9gb``, ``rr-4731-2482-9gb``)."""
     (a,) = parcels(session, world, 1)
     shift = pda.open(first_seq=1)
     pda.push([pda.event(a), pda.event(a, "returned_to_station")])
     shift = sign_off(session, world, pda.close(shift, last_seq=2))
-    pda.push([{**malformed_drop(pda, a), "seq": "three"}], received_at=NOW + dt.timedelta(hours=1))
+    written = a if separator is None else factories.typed_loosely(a, separator)
+    pda.push(
+        [{**malformed_drop(pda, written), "seq": "three"}],
+        received_at=NOW + dt.timedelta(hours=1),
+    )
     [rejected] = quarantined_ids(session)
     session.refresh(shift)
     assert shift.status == ShiftStatus.CLOSED

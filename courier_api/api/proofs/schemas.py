@@ -245,7 +245,8 @@ class ProofDetailOut(ProofOut):
     rejected_events = ma.fields.Integer(
         required=True,
         metadata={
-            "description": "How many events naming the parcel PDAs sent that the server "
+            "description": "How many events naming the parcel (however the PDA wrote its "
+            "number: case, spaces, dashes) PDAs sent that the server "
             "rejected (kept in quarantine: a locker drop refused for a missing locker is "
             "another outcome a PDA tried to record), pushed at a station manager's own "
             "station (any station's for auditors and admins). "

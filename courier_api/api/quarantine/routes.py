@@ -37,9 +37,11 @@ class Quarantine(MethodView):
         raw payload, the error code and message, and the batch it came in.
         Managers see their own station whatever `station_id` says; auditors and
         admins every station's (a drop the PDA sent and the server refused is
-        evidence in a dispute). `tracking_no` lists those naming a parcel, as
-        the PDA wrote the number or normalized (a drop refused for a missing
-        compartment, of a parcel its shift counts as missing). A phone number
+        evidence in a dispute). `tracking_no` lists those naming a parcel (a
+        drop refused for a missing compartment, of a parcel its shift counts as
+        missing), by its number normalized (case, spaces, dashes): however the
+        PDA wrote it (`rr 4731 2482 9gb`) and however it is asked for; each is
+        shown with the number as the PDA wrote it. A phone number
         in the payload, the message or the event's fields as the PDA sent them
         (`tracking_no`, `event_type`, `client_event_id`, `field`) is masked
         except for auditors, whose read is audit-logged (`quarantine_searched`,

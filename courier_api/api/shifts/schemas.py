@@ -351,7 +351,8 @@ class BoardShiftOut(ma.Schema):
     rejected_events = _count(
         "Events of the handed-over shift's PDA that the server rejected (kept in quarantine, "
         "listed on the shift's page): those with one of the shift's seqs, or without a seq "
-        "naming one of its parcels. Its balance cannot show what they said (a correction "
+        "naming one of its parcels (however the PDA wrote the number: case, spaces, "
+        "dashes). Its balance cannot show what they said (a correction "
         "rejected voids nothing): a shift with any is no clean handover to sign off together"
     )
     corrections_to_review = ma.fields.List(

@@ -46,7 +46,7 @@ from sync.balances import (
 from sync.blobs import BlobReader, BlobStore, BytesAltered, readable_blobs
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
-from sync.flags import cited_in, flag_changes
+from sync.flags import Decision, cited_in, flag_changes, latest_decisions
 from sync.handover import (
     CONSENT_KINDS,
     HANDOVER_KINDS,
@@ -685,6 +685,9 @@ class ProofPage:
     # ``PROOF_REJECTIONS_SHOWN``.
     rejections: list[dict[str, Any]] = field(default_factory=list)
     more_rejections: bool = False  # more than those: the quarantine's list has them all
+    # Each of its flags' latest decision by a manager, by flag id, as the API's
+    # ``latest_decision`` gives it: the decider named through ``users`` like the others.
+    decisions: dict[int, Decision] = field(default_factory=dict)
 
     @property
     def rejections_shown(self) -> list[int]:
@@ -707,8 +710,9 @@ def proof_page(
     of another station (one who scanned the parcel mis-sorted) is not named to a
     station-bound reader, nor is another station's PDA's rejected event shown.
     ``unmasked``: the reader is an auditor, shown the phone numbers in those rejected
-    events whole. Two queries, and those of the consents on record for a drop none
-    authorized, however many rejected events name the parcel."""
+    events whole. Each flag's latest decision, its manager named as the others.
+    Three queries (two when no flag was decided), and those of the consents on record
+    for a drop none authorized, however many rejected events name the parcel."""
     parcel, drop = detail.proof.parcel, detail.drop
     unauthorized = drop is not None and drop.required and drop.consent is None
     on_record = (
@@ -727,12 +731,17 @@ def proof_page(
     rejected = parcel_rejections(
         session=session, tracking_no=detail.proof.event.tracking_no, station_id=visible_station
     )
+    decisions = latest_decisions(session=session, flags=detail.flags)
+    deciders = {d.by.id: d.by for d in decisions.values()}
     return ProofPage(
         detail=detail,
         consents_on_record=on_record,
         users={
-            i: u for i, u in users_by_id(session, named).items() if sees_user(u, visible_station)
+            i: u
+            for i, u in {**users_by_id(session, named), **deciders}.items()
+            if sees_user(u, visible_station)
         },
+        decisions=decisions,
         rejections=[
             shown_rejection(r, unmasked=unmasked) for r in rejected[:PROOF_REJECTIONS_SHOWN]
         ],

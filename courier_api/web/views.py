@@ -816,6 +816,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         consents_on_record=view.consents_on_record,
         rejections=view.rejections,
         more_rejections=view.more_rejections,
+        decisions=view.decisions,
         shift_shown=opens_shift(detail.proof.event, visible_station),
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],
         consent_required=detail.consent_required,

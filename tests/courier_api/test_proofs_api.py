@@ -215,6 +215,39 @@ def test_a_proofs_flags_say_who_decided_them_when_and_with_what_note(
     assert flag["latest_decision"]["by"] == named
 
 
+def test_a_proofs_page_says_who_decided_its_flags_when_and_with_what_note(
+    client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
+) -> None:
+    """The proof page listed each flag with its status badge only, where the API gives
+    its latest decision: the auditor at the page had to open each flag to learn who
+    resolved it and why. The note is masked but for auditors; the manager is named as
+    the page names the courier (another station's user is "user #N" to a manager)."""
+    items = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"]
+    event_id = items[0]["event_id"]
+    [flag] = client.get(f"{URL}/{event_id}", headers=auth.headers("auditor1")).get_json()["flags"]
+    page = f"/web/proofs/{event_id}"
+    assert 'class="decision"' not in signed_in(client.application, "auditor1").get(page)
+    resolved = client.post(
+        f"/api/v1/flags/{flag['id']}/resolve",
+        json={"note": "signature re-sent, +8613812345678 confirmed"},
+        headers=auth.headers("manager1"),
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+
+    def decision(username: str) -> str:
+        html = signed_in(client.application, username).get(page)
+        return html.split('class="decision">')[1].split("</span>")[0]
+
+    shown = decision("auditor1")
+    assert shown.startswith(f"resolved by {world.manager.full_name or 'manager1'} ")
+    assert "+8613812345678 confirmed" in shown
+    assert "+**********678 confirmed" in decision("manager1")
+    factories.user(session, "manager3", "station_manager", world.station)
+    world.manager.station_id = world.other_station.id  # moved to ST2 since
+    session.commit()
+    assert decision("manager3").startswith(f"resolved by user #{world.manager.id} ")
+
+
 def test_a_proofs_flags_decisions_are_read_in_one_query_however_many_flags(
     client: FlaskClient,
     auth: Auth,

@@ -789,6 +789,27 @@ def index_build_fails(engine: Engine, name: str, table: str = "flag") -> Iterato
         engine.dispose()  # no session keeps the lock_timeout
 
 
+def upgrade_stopped_by_index_build(
+    scratch: Engine,
+    revision: str,
+    before: str,
+    index: str,
+    *,
+    table: str,
+    columns_of: str | None = None,
+) -> set[str]:
+    """Upgrade to ``revision`` with the build of ``index`` on ``table`` failing: the
+    upgrade stops at ``before``, the revision before it; the columns of ``columns_of``
+    (default ``table``) as it left them."""
+    import sqlalchemy as sa
+
+    with pytest.raises(sa.exc.OperationalError), index_build_fails(scratch, index, table):
+        migrate.upgrade(scratch, revision)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {before}
+        return {c["name"] for c in inspect(connection).get_columns(columns_of or table)}
+
+
 def _column_default(engine: Engine, column: str) -> str | None:
     with engine.connect() as connection:
         default: str | None = connection.scalar(
@@ -825,11 +846,9 @@ def test_flags_keep_when_they_last_opened_runs_again_after_its_index_build_faile
         _add_change(connection, 3, "open", "closed", raised + 30 * hours)
     expected = {1: raised + 20 * hours, 2: raised + 2 * hours, 3: raised + 3 * hours}
 
-    with pytest.raises(sa.exc.OperationalError), index_build_fails(scratch, NAME_OPENED):
-        migrate.upgrade(scratch, OPENED_AT)
-    with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {BEFORE_OPENED_AT}
-        columns = {c["name"] for c in inspect(connection).get_columns("flag")}
+    columns = upgrade_stopped_by_index_build(
+        scratch, OPENED_AT, BEFORE_OPENED_AT, NAME_OPENED, table="flag"
+    )
     if scratch.dialect.name == "postgresql":
         assert "opened_at" in columns
         assert _index_valid(scratch, NAME_OPENED) is False
@@ -864,8 +883,6 @@ def test_flags_by_parcel_runs_again_after_its_index_build_failed(scratch: Engine
     none for a shift's), a flag running code raised meanwhile with the one it set."""
     import datetime as dt
 
-    import sqlalchemy as sa
-
     raised = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
     subjects = {1: "parcel RR473124829GB", 2: "shift 12:RR473124829GB", 3: "shift 12"}
     migrate.upgrade(scratch, f"{FLAGS_BY_PARCEL}-1")
@@ -874,11 +891,9 @@ def test_flags_by_parcel_runs_again_after_its_index_build_failed(scratch: Engine
             _add_flag(connection, flag_id, subject, raised, opened_at=raised)
     expected = {1: "RR473124829GB", 2: "RR473124829GB", 3: None}
 
-    with pytest.raises(sa.exc.OperationalError), index_build_fails(scratch, NAME_BY_PARCEL):
-        migrate.upgrade(scratch, FLAGS_BY_PARCEL)
-    with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {OPENED_AT}
-        columns = {c["name"] for c in inspect(connection).get_columns("flag")}
+    columns = upgrade_stopped_by_index_build(
+        scratch, FLAGS_BY_PARCEL, OPENED_AT, NAME_BY_PARCEL, table="flag"
+    )
     if scratch.dialect.name == "postgresql":
         assert "tracking_no" in columns
         assert _index_valid(scratch, NAME_BY_PARCEL) is False
@@ -910,7 +925,6 @@ def test_lost_seq_write_offs_run_again_after_their_index_build_failed(scratch: E
     no DuplicateTable), keeping a write-off running code made meanwhile, and builds the
     index anew. SQLite rolls the whole upgrade back: it runs again from the start. A
     device's sync state is left as it was: no seq of it written off (no backfill)."""
-    import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
     from tests import factories
@@ -931,14 +945,15 @@ def test_lost_seq_write_offs_run_again_after_their_index_build_failed(scratch: E
             {"missing": "[[3, 4], [7, 7]]"},
         )
 
-    with (
-        pytest.raises(sa.exc.OperationalError),
-        index_build_fails(scratch, NAME_LOST_SEQS, table="seq_write_off"),
-    ):
-        migrate.upgrade(scratch, LOST_SEQS)
+    columns = upgrade_stopped_by_index_build(
+        scratch,
+        LOST_SEQS,
+        AUDIT_BY_PARCEL,
+        NAME_LOST_SEQS,
+        table="seq_write_off",
+        columns_of="device_sync_state",
+    )
     with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {AUDIT_BY_PARCEL}
-        columns = {c["name"] for c in inspect(connection).get_columns("device_sync_state")}
         tables = set(inspect(connection).get_table_names())
     expected_write_offs = []
     if scratch.dialect.name == "postgresql":
@@ -1210,21 +1225,15 @@ def test_audit_entries_by_parcel_runs_again_after_its_index_build_failed(
     """As the flags': an upgrade stopped by a failed index build runs again to the end,
     each entry with its parcel, an entry the new version appended meanwhile with the
     one it set and one the version before appended with the one its details record."""
-    import sqlalchemy as sa
 
     migrate.upgrade(scratch, BEFORE_AUDIT_BY_PARCEL)
     with scratch.begin() as connection:
         _append_before(connection, ENTRIES_BEFORE[:3])
     expected = {1: A, 2: None, 3: A}
 
-    with (
-        pytest.raises(sa.exc.OperationalError),
-        index_build_fails(scratch, NAME_AUDIT_BY_PARCEL, "audit_entry"),
-    ):
-        migrate.upgrade(scratch, AUDIT_BY_PARCEL)
-    with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {BEFORE_AUDIT_BY_PARCEL}
-        columns = {c["name"] for c in inspect(connection).get_columns("audit_entry")}
+    columns = upgrade_stopped_by_index_build(
+        scratch, AUDIT_BY_PARCEL, BEFORE_AUDIT_BY_PARCEL, NAME_AUDIT_BY_PARCEL, table="audit_entry"
+    )
     if scratch.dialect.name == "postgresql":
         assert "tracking_no" in columns
         assert _index_valid(scratch, NAME_AUDIT_BY_PARCEL) is False
@@ -1405,20 +1414,18 @@ def test_rejected_events_by_parcel_runs_again_after_its_index_build_failed(
     each rejected event with its parcel, one the new version quarantined meanwhile with
     the one it set and one the version before quarantined with the one its number names;
     the index on the number as written is dropped only once the new one is built."""
-    import sqlalchemy as sa
 
     migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
     _quarantine_before(scratch, {n: WRITTEN_BEFORE[n] for n in (1, 2, 8)})
     expected = {1: "RR473124829GB", 2: "RR473124829GB", 8: None}
 
-    with (
-        pytest.raises(sa.exc.OperationalError),
-        index_build_fails(scratch, NAME_QUARANTINE_BY_PARCEL, "quarantined_event"),
-    ):
-        migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
-    with scratch.connect() as connection:
-        assert migrate.current_revisions(connection) == {BEFORE_QUARANTINE_BY_PARCEL}
-        columns = {c["name"] for c in inspect(connection).get_columns("quarantined_event")}
+    columns = upgrade_stopped_by_index_build(
+        scratch,
+        QUARANTINE_BY_PARCEL,
+        BEFORE_QUARANTINE_BY_PARCEL,
+        NAME_QUARANTINE_BY_PARCEL,
+        table="quarantined_event",
+    )
     if scratch.dialect.name == "postgresql":
         assert "parcel_tracking_no" in columns
         assert _index_valid(scratch, NAME_QUARANTINE_BY_PARCEL) is False

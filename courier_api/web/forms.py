@@ -101,9 +101,11 @@ _SEQ_RANGE = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?")
 
 
 def seq_ranges_typed(text: str | None) -> list[tuple[int, int]]:
-    """``3-4, 9`` as ``[(3, 4), (9, 9)]``: seqs and ranges, by commas or spaces."""
+    """``3-4, 9`` as ``[(3, 4), (9, 9)]``: seqs and ranges, by commas or spaces; a
+    range's dash a hyphen, or the en or em dash the page writes runs with
+    (``courier_api.web.views.seq_ranges``: 3–4), so that seqs copied from it are taken."""
     found = []
-    for part in re.split(r"[,\s]+", re.sub(r"\s*-\s*", "-", (text or "").strip())):
+    for part in re.split(r"[,\s]+", re.sub(r"\s*[-–—]\s*", "-", (text or "").strip())):
         if not part:
             continue
         match = _SEQ_RANGE.fullmatch(part)

@@ -22,6 +22,7 @@ from werkzeug.test import TestResponse
 
 from courier_api.extensions import api
 from courier_api.web import session as web_session
+from courier_api.web.forms import seq_ranges_typed
 from courier_api.web.views import clock_on, seq_ranges
 from models import (
     AuditEntry,
@@ -1925,6 +1926,17 @@ def test_an_auditor_reading_a_flag_page_that_shows_a_proof_is_audit_logged(
 )
 def test_missing_seqs_are_shown_as_runs(seqs: list[int], total: int | None, shown: str) -> None:
     assert seq_ranges(seqs, total) == shown
+
+
+@pytest.mark.parametrize(
+    "typed", ["3-5, 9, 11-12", "3–5, 9, 11–12", "3 — 5 9 11 - 12", "3-5,9,11–12"]
+)
+def test_the_write_off_form_takes_seqs_as_the_page_shows_them(typed: str) -> None:
+    """The page shows missing seqs as runs with an en dash (``seq_ranges``: 3–5); a
+    manager copying them into the write-off form was refused "no seq or range of
+    seqs", the form taking a hyphen only."""
+    assert seq_ranges_typed(typed) == [(3, 5), (9, 9), (11, 12)]
+    assert seq_ranges_typed(seq_ranges([3, 4, 5, 9, 11, 12])) == [(3, 5), (9, 9), (11, 12)]
 
 
 def _forged_consent_then_unasked_drop(

@@ -60,7 +60,7 @@ class SeqTracker:
 
     @property
     def missing_count(self) -> int:
-        return sum(last - first + 1 for first, last in self.missing)
+        return seq_count(self.missing)
 
     def missing_seqs(self, limit: int) -> list[int]:
         """The first ``limit`` missing sequence numbers, ascending."""

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from models import Device, DeviceSyncState, SeqWriteOff
 from sync import audit
-from sync.acks import Ranges, merged, seq_count, shown, without
+from sync.acks import Ranges, SeqTracker, merged, seq_count, shown, without
 from sync.device_state import lock_device_state
 from sync.errors import InvalidInput
 
@@ -93,7 +93,7 @@ def write_off_lost_seqs(
             field="seqs",
         )
     missing = without(state.missing_ranges, ranges)
-    acked = missing[0][0] - 1 if missing else state.max_seq
+    acked = SeqTracker(state.max_seq, missing).acked_through
     session.execute(
         update(_states)
         .where(_states.c.device_id == device.id)

@@ -1273,10 +1273,12 @@ class _BatchIngest:
                 by_shift.setdefault(shift_id, []).append(corrections[target])
         locked = lock_shifts(self.session, by_shift, also=self._owners_of_quarantined())
         self.shifts_not_open = {i: shift for i, shift in locked.items() if i in by_shift}
+        # None when it quarantined nothing new: its late events' shifts are no owners.
         self.may_own_quarantined = [
             shift
             for shift in locked.values()
-            if shift.status == ShiftStatus.SIGNED_OFF
+            if self.quarantined
+            and shift.status == ShiftStatus.SIGNED_OFF
             and shift.station_id == self.pusher.station_id
         ]
         return by_shift

@@ -2528,3 +2528,23 @@ def test_a_push_quarantining_an_event_of_the_open_shift_costs_one_statement_at_m
     assert len(reading_shifts([malformed_drop(pda, b)])) == 1
     assert len(quarantined_ids(session)) == 2
     assert late_flag(session) is None
+
+
+def test_a_late_push_quarantining_nothing_asks_for_no_rejected_events_of_the_shift(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A late event reopening a signed-off shift in a push that rejected nothing: no
+    rejected event of the push can be the shift's, so neither its facts are gathered
+    for a rejection scope nor the push's quarantined rows read (``rejections_of_batch``)."""
+    from tests.sync.test_ingest import statements_sent
+
+    (a, b) = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "returned_to_station")])
+    shift = sign_off(session, world, pda.close(shift), note="b is missing; searching")
+    late = pda.event(b, "returned_to_station", shift_id=shift.id)
+    with statements_sent(session) as statements:
+        pda.push([late], received_at=NOW + dt.timedelta(hours=1))
+    session.refresh(shift)
+    assert shift.reopened_count == 1
+    assert not [s for s in statements if "quarantined_event.batch_pk" in s]

@@ -247,6 +247,12 @@ ACCUMULATED = (
     "seqs",
     "device_seqs",
 )
+# Lists that accumulate as those do but name no cause of their own: what the events
+# the flag cites said (the shifts a ``wrong_shift``'s events named, each with a seq its
+# ``seqs`` cites). One is new only with a new event, so ``evidence_version`` and a
+# decision read the events, not these; but a later raising adds to them, never
+# replaces them, so what they say does not depend on how the events were batched.
+ACCOMPANYING = ("claimed_shift_ids",)
 # Keys named later than the versions of flags without them: ``evidence_version`` reads
 # them only where a flag's evidence names some, so those versions stay as they were
 # read; and a decision recorded without them saw none (``covers``).
@@ -281,7 +287,8 @@ def cited_in(evidence: dict[str, Any], key: str, default: Any = None) -> Any:
     (``_merged``), in ``_evidence_order``; another value as it is (``default`` if none).
     What a manager reads, a decision covers and a proof looks its delivery up in."""
     value = evidence.get(key, default)
-    past = (evidence.get(PAST_BOUND) or {}).get(key) if key in ACCUMULATED else None
+    listed = key in ACCUMULATED or key in ACCOMPANYING
+    past = (evidence.get(PAST_BOUND) or {}).get(key) if listed else None
     if not past:
         return value
     return sorted({*(value or ()), *past}, key=_evidence_order)
@@ -871,10 +878,11 @@ def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     ``evidence_version`` (the count only grows), and the flag names what reopened it:
     a manager finds the delivery, and its proof lists the flag. The row stays bounded
     (``MAX_EVIDENCE_IDS`` + ``LATEST_PAST_BOUND`` ids per list). Naming again only ids
-    it cites changes nothing (re-running a check)."""
+    it cites changes nothing (re-running a check). The ``ACCOMPANYING`` lists accumulate
+    so too, their ids past the bound uncounted (the events they go with are)."""
     merged = {**old, **new}
     past = dict(old.get(PAST_BOUND) or {})
-    for key in ACCUMULATED:
+    for key in (*ACCUMULATED, *ACCOMPANYING):
         if key in old or key in new:
             kept = set(old.get(key, []))
             added = [value for value in dict.fromkeys(new.get(key, [])) if value not in kept]
@@ -885,7 +893,8 @@ def _merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             if uncited:
                 latest = beyond[:LATEST_PAST_BOUND]
                 past[key] = sorted(latest, key=_evidence_order)
-                past[NAMED_PAST_BOUND] = past.get(NAMED_PAST_BOUND, 0) + len(uncited)
+                if key in ACCUMULATED:
+                    past[NAMED_PAST_BOUND] = past.get(NAMED_PAST_BOUND, 0) + len(uncited)
     if past:
         merged[PAST_BOUND] = past
     return merged

@@ -826,7 +826,9 @@ def _close_wrong_shift_if_taken(
     if flag is None:
         return
     seqs = cited_in(flag.evidence, "seqs", [])
-    named = {claims.get(seq) for seq in seqs} | set(flag.evidence.get("claimed_shift_ids", []))
+    named = {claims.get(seq) for seq in seqs} | set(
+        cited_in(flag.evidence, "claimed_shift_ids", [])
+    )
     if set(seqs) <= claims.keys() and named <= {shift.id}:
         close_flag(
             session=session,

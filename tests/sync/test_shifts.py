@@ -900,6 +900,21 @@ def test_a_shift_named_by_the_pda_that_is_not_its_own_is_flagged_and_filed_by_ti
     assert flag.id in {f["flag_id"] for f in receipt["flags_raised"]}
 
 
+def test_a_wrong_shift_flag_keeps_every_shift_its_pda_named_whatever_the_batching(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A PDA that named shift 999 999 in one push and 888 888 in the next: the flag's
+    ``claimed_shift_ids`` names both, as one push of both events gives (rule 3). The
+    later push used to overwrite the list, and the manager read only the latest."""
+    a, b = parcels(session, world, 2)
+    pda.open()
+    pda.push([pda.event(a, shift_id=999_999)])
+    pda.push([pda.event(b, shift_id=888_888)])
+    flag = session.scalars(select(Flag).where(Flag.kind == "wrong_shift")).one()
+    assert flag.evidence["claimed_shift_ids"] == [888_888, 999_999]
+    assert flag.evidence["seqs"] == [1, 2]
+
+
 def test_a_parcel_without_outcome_is_missing_at_handover(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -344,6 +344,29 @@ def test_every_kind_the_engine_raises_is_known() -> None:
     assert list(KINDS) == sorted(set(KINDS))
 
 
+def test_every_critical_kind_unbalances_the_handover_it_cites() -> None:
+    """A clean handover (``sync.signoffs``, the board's bulk sign-off) is refused while
+    its balance is not balanced; it does not read the parcels' other flags. That
+    refuses a shift with a critical flag of any kind only while each critical kind
+    is one the balance counts (rule 5: missing, no POD, an unauthorized drop, two
+    final outcomes): a kind raised critical outside the balance would be signed off
+    with the others, unseen. The warnings it lets through (``far_from_address``, a
+    PDA's clock) stay in the flag queue, which a sign-off settles nothing of."""
+    from sync import balances, handover, rules
+
+    critical = {
+        kind
+        for severities in (rules.SEVERITY, balances.HANDOVER_SEVERITY)
+        for kind, severity in severities.items()
+        if severity == FlagSeverity.CRITICAL
+    }
+    assert critical <= handover.BALANCE_RULE_KINDS | set(handover.HANDOVER_KINDS), critical
+    # No module raises a critical flag but through those two tables.
+    sync_dir = Path(rules.__file__).parent
+    naming = {p.name for p in sync_dir.glob("*.py") if "FlagSeverity.CRITICAL" in p.read_text()}
+    assert naming == {"rules.py", "balances.py"}, naming
+
+
 def _raised_again(
     session: Session, flag: Flag, station_id: int, event_ids: list[int] | None = None
 ) -> RaisedFlag:

@@ -34,6 +34,10 @@ class Shift(Base):
         Index("ix_shift_station_work_date", "station_id", "work_date"),
         # Filing an event under the shift its device had open at the time.
         Index("ix_shift_device_opened", "device_id", "opened_at"),
+        # A PDA's sign-in: the highest seqs its shifts declared, one index entry each
+        # (``sync.device_state.held_max_seq``), however many shifts it has worked.
+        Index("ix_shift_device_last_seq", "device_id", "last_seq"),
+        Index("ix_shift_device_first_seq", "device_id", "first_seq"),
         # Sweeps: open shifts past their planned end.
         Index("ix_shift_status_planned_end", "status", "planned_end_at"),
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy import ColumnElement, ScalarSelect, and_, bindparam, select
 from sqlalchemy.orm import Session
 
 from models import Device, DeviceSyncState, ScanEvent, Shift
@@ -94,16 +94,30 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
     )
 
 
-# In one statement (the sign-in's): the device's shifts through ``ix_shift_device_opened``,
-# one a day, and its sync state by its key.
+def _highest_declared(column: ColumnElement[int | None]) -> ScalarSelect[int | None]:
+    """The highest ``column`` (a seq) the device's shifts declared: the last entry of
+    its ``(device_id, column)`` index, one entry read however many shifts it has."""
+    return (
+        select(column)
+        .where(_shifts.c.device_id == bindparam("device_id"), column.is_not(None))
+        .order_by(column.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+# In one statement (the sign-in's and each refresh's): its sync state by its key, and
+# the highest seqs its shifts declared, through ``ix_shift_device_last_seq`` and
+# ``ix_shift_device_first_seq``: flat however many years of shifts (one a day) the PDA
+# has (tests/sync/test_shifts.py counts it, tests/courier_api/test_query_plans.py plans it).
 HELD_MAX_SEQ = Prebuilt(
     lambda _dialect: select(
         select(_states.c.max_seq)
         .where(_states.c.device_id == bindparam("device_id"))
         .scalar_subquery(),
-        func.max(_shifts.c.last_seq),
-        func.max(_shifts.c.first_seq),
-    ).where(_shifts.c.device_id == bindparam("device_id"))
+        _highest_declared(_shifts.c.last_seq),
+        _highest_declared(_shifts.c.first_seq),
+    )
 )
 
 

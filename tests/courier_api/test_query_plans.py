@@ -780,10 +780,26 @@ def test_opening_a_shift_reads_the_pdas_unfiled_events_not_its_history(world: Wo
     assert_indexed(opening)
 
 
-def test_a_pdas_sign_in_reads_its_shifts_through_the_devices_index(world: World) -> None:
-    """The sign-in's ``device_max_seq`` counts the seqs the PDA's shifts declared: it
-    reads that PDA's shifts (one a day) through their device's index, in the one
-    statement that reads its sync state (``sync.device_state.held_max_seq``)."""
+def _limited_scans(plan: dict[str, Any], table: str, limited: bool = False) -> list[tuple]:
+    """Each node of ``plan`` reading ``table``: its index, its direction and whether a
+    Limit above it stops it after its first rows."""
+    found = []
+    if plan.get("Relation Name") == table:
+        found.append((plan.get("Index Name"), plan.get("Scan Direction"), limited))
+    for child in plan.get("Plans", []):
+        found += _limited_scans(child, table, limited or plan["Node Type"] == "Limit")
+    return found
+
+
+def test_a_pdas_sign_in_reads_one_entry_of_its_shifts_whatever_their_number(
+    world: World,
+) -> None:
+    """The sign-in's ``device_max_seq`` counts the seqs the PDA's shifts declared: the
+    highest ``last_seq`` and ``first_seq``, each the last entry of the device's range of
+    its index (``ix_shift_device_last_seq``, ``ix_shift_device_first_seq``), read
+    backward under a Limit, in the one statement that reads its sync state
+    (``sync.device_state.held_max_seq``): one entry, not each of the shifts it worked
+    (one a day, years of them)."""
     with world.engine.connect() as connection:
         username = connection.scalar(
             text("SELECT username FROM app_user WHERE id = :id"), {"id": world.courier_id}
@@ -791,8 +807,12 @@ def test_a_pdas_sign_in_reads_its_shifts_through_the_devices_index(world: World)
     body = {"username": username, "password": factories.PASSWORD, "device_id": world.device_id}
     _, signing_in = run(world, "POST", "/api/v1/auth/token", json=body)
     [shifts] = reads(signing_in, "shift")
-    assert "ix_shift_device_opened" in shifts.indexes, shifts.plan
     assert "device_sync_state" in shifts.statement
+    scans = _limited_scans(shifts.plan[0]["Plan"], "shift")
+    assert sorted(scans) == [
+        ("ix_shift_device_first_seq", "Backward", True),
+        ("ix_shift_device_last_seq", "Backward", True),
+    ], shifts.plan
     assert_indexed(signing_in)
 
 

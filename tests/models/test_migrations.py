@@ -10,7 +10,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, inspect, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from models import Base, migrate
 from models.engine import make_engine
@@ -1497,3 +1497,31 @@ def test_the_quarantine_backfill_runs_in_committed_batches(scratch: Engine) -> N
             )
         )
     assert wrong == 0
+
+
+SHIFTS_BY_DECLARED_SEQS = "c4e8a1f6d273"  # a PDA's sign-in reads one entry of its shifts
+DECLARED_SEQ_INDEXES = ["ix_shift_device_last_seq", "ix_shift_device_first_seq"]
+
+
+@pytest.mark.postgres_only
+def test_the_declared_seq_indexes_are_built_and_dropped_concurrently(scratch: Engine) -> None:
+    """As the unfiled events' index: built without holding a close or an opening back
+    (a SHARE lock on shift), and an INVALID one left by a failed build built again."""
+    migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
+    with index_build_fails(scratch, DECLARED_SEQ_INDEXES[1], table="shift"):
+        with pytest.raises(OperationalError):
+            migrate.upgrade(scratch, SHIFTS_BY_DECLARED_SEQS)
+    assert _index_valid(scratch, DECLARED_SEQ_INDEXES[0]) is True
+    assert _index_valid(scratch, DECLARED_SEQ_INDEXES[1]) is False
+
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, SHIFTS_BY_DECLARED_SEQS)
+    created = [s for s in upgrading if s.startswith("CREATE INDEX")]
+    assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True] * 2, created
+    assert [_index_valid(scratch, name) for name in DECLARED_SEQ_INDEXES] == [True, True]
+
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, QUARANTINE_BY_PARCEL)
+    dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
+    assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True] * 2, dropped
+    assert [_index_valid(scratch, name) for name in DECLARED_SEQ_INDEXES] == [None, None]

@@ -1116,6 +1116,64 @@ def test_a_reset_pda_numbers_on_after_the_seqs_its_open_shift_did_not_yet_use(
     assert filed == second.id
 
 
+def _shifts_worked(session: Session, world: World, days: range) -> None:
+    """The PDA's closed shifts of ``days``, one a day, each declaring ten seqs; the
+    middle day's declared the most (a PDA's history need not rise day by day)."""
+    rows = []
+    for day in days:
+        opened = NOW - dt.timedelta(days=3000 - day)
+        first = day * 10 + 1 if day != 500 else 100_000
+        rows.append(
+            {
+                "station_id": world.station.id,
+                "courier_id": world.courier.id,
+                "device_id": world.device.id,
+                "status": ShiftStatus.CLOSED,
+                "work_date": opened.date(),
+                "opened_at": opened,
+                "planned_end_at": opened + dt.timedelta(hours=8),
+                "closed_at": opened + dt.timedelta(hours=8),
+                "first_seq": first,
+                "last_seq": first + 9,
+            }
+        )
+    session.execute(insert(Shift), rows)
+
+
+def test_a_pdas_sign_in_reads_as_much_after_years_of_shifts_as_after_days(
+    session: Session, world: World
+) -> None:
+    """``held_max_seq`` (each sign-in and refresh of a PDA's tokens) reads the highest
+    seq its shifts declared from the end of an index: the same work for a PDA with 30
+    shifts as for one with 1,000. SQLite's virtual machine steps count it; before, it
+    aggregated every shift of the PDA, a step per shift more each day. PostgreSQL's plan
+    is checked in tests/courier_api/test_query_plans.py."""
+    if session.get_bind().dialect.name != "sqlite":
+        pytest.skip("counts SQLite's steps: test_query_plans.py plans PostgreSQL's")
+    driver = session.connection().connection.driver_connection
+
+    def steps() -> tuple[int, int]:
+        counted = [0]
+
+        def step() -> int:
+            counted[0] += 1
+            return 0
+
+        driver.set_progress_handler(step, 1)
+        try:
+            found = held_max_seq(session, world.device.id)
+        finally:
+            driver.set_progress_handler(None, 1)
+        return found, counted[0]
+
+    _shifts_worked(session, world, range(470, 530))  # days 470..529, 500 declared the most
+    few = steps()
+    _shifts_worked(session, world, [*range(0, 470), *range(530, 1000)])
+    many = steps()
+    assert few[0] == many[0] == 100_009
+    assert many[1] == few[1], (few, many)
+
+
 # A PDA's clock after its battery died; a push corrects its times to a year before at most.
 FACTORY_DATE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 

@@ -202,6 +202,8 @@ class DeviceSyncState(Base):
 
     device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), primary_key=True)
     acked_through_seq: Mapped[int] = mapped_column(BigId, default=0)
+    # The highest seq held: arrived (stored or rejected), or written off as lost
+    # (``sync.lost_seqs``: a write-off may name seqs a shift declared above it).
     max_seq: Mapped[int] = mapped_column(BigId, default=0)
     # Gaps below max_seq as [[first, last], ...], ascending.
     missing_ranges: Mapped[list[list[int]]] = mapped_column(Document, default=list)

@@ -1,12 +1,23 @@
 """A manager writes off the seqs a PDA lost (a reset, a broken flash).
 
-Those seqs would stay in the device's missing ranges for good: the receipt's
-``acked_through_seq`` would never pass the first of them again, so a PDA that prunes
-only up to it (the contract) would never prune again and its storage would fill, and
-every receipt and every balance of the shifts owning them would name them as still on
-the PDA. Written off, they leave the missing ranges for ``written_off_ranges``: held
-for the acknowledgement and for a balance's status, and named on the balance with the
-write-off (who, when, why) instead. Only seqs missing now may be written off.
+Those seqs would stay missing for good: the receipt's ``acked_through_seq`` would never
+pass the first of them again, so a PDA that prunes only up to it (the contract) would
+never prune again and its storage would fill, and every receipt and every balance of
+the shifts owning them would name them as still on the PDA. Written off, they leave
+the missing ranges for ``written_off_ranges``: held for the acknowledgement and for a
+balance's status, and named on the balance with the write-off (who, when, why)
+instead.
+
+Any seq a balance may name as missing may be written off: a gap below the highest seq
+the server holds (the sync state's ``missing_ranges``), and a seq above it up to the
+highest a shift of the device declared used (``held_max_seq``: a ``last_seq`` given at
+a close, the seq before a ``first_seq`` given at an opening), as a shift closed online
+declares the seqs of a last batch that never came. Written off, those count as held:
+the device's ``max_seq`` moves up to the highest written off, and the seqs up to it
+neither held nor written off become gaps below it. The PDA, reset, numbers on after what
+its shifts declared (the sign-in's ``device_max_seq``), so its next event comes after
+them, not after a gap. Refused: seqs the server holds, seqs written off already, and
+seqs beyond anything declared (nobody knows they exist).
 
 An event of a written-off seq that arrives after all is taken as any late event
 (rule 1: nothing from the field is lost): the push takes its seq out of
@@ -23,8 +34,8 @@ from sqlalchemy.orm import Session
 
 from models import Device, DeviceSyncState, SeqWriteOff
 from sync import audit
-from sync.acks import Ranges, SeqTracker, merged, seq_count, shown, without
-from sync.device_state import lock_device_state
+from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
+from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput
 
 ACTION = "lost_seqs_written_off"
@@ -40,6 +51,26 @@ class WrittenOff(NamedTuple):
     seq_count: int
     acked_through_seq: int
     missing_ranges: Ranges
+
+
+class Seqs(NamedTuple):
+    """A device's seqs as its sync state keeps them (``DeviceSyncState``)."""
+
+    max_seq: int
+    missing_ranges: Ranges
+    written_off_ranges: Ranges
+
+    @property
+    def acked_through_seq(self) -> int:
+        return SeqTracker(self.max_seq, [list(r) for r in self.missing_ranges]).acked_through
+
+
+class Refused(NamedTuple):
+    """The seqs a write-off may not name, by why (disjoint ascending ranges each)."""
+
+    held: Ranges  # the server holds them (an event, or a rejection)
+    written_off: Ranges  # written off already, none arrived since
+    undeclared: Ranges  # beyond what the server holds and any shift declared
 
 
 def requested_ranges(seqs: Iterable[int], ranges: Iterable[Sequence[int]]) -> Ranges:
@@ -60,14 +91,72 @@ def requested_ranges(seqs: Iterable[int], ranges: Iterable[Sequence[int]]) -> Ra
     return merged(wanted)
 
 
+def refused_seqs(ranges: Ranges, seqs: Seqs, declared_max_seq: int) -> Refused:
+    """Which of ``ranges`` may not be written off, and why (pure). Allowed: the gaps
+    below ``max_seq`` and the seqs above it up to ``declared_max_seq`` (``held_max_seq``:
+    what the device's shifts declared used)."""
+    beyond_held = [[seqs.max_seq + 1, declared_max_seq]] if declared_max_seq > seqs.max_seq else []
+    refused = without(ranges, [*seqs.missing_ranges, *beyond_held])
+    undeclared = without(refused, [[1, max(seqs.max_seq, declared_max_seq)]])
+    written_off = overlap(refused, seqs.written_off_ranges)
+    held = without(refused, [*undeclared, *written_off])
+    return Refused(held, written_off, undeclared)
+
+
+def after_write_off(ranges: Ranges, seqs: Seqs) -> Seqs:
+    """The device's seqs once ``ranges`` (none refused) are written off (pure): they
+    count as held, so ``max_seq`` rises to the highest of them, and the seqs up to it
+    neither held nor written off are gaps below it. A reset PDA numbers on after what
+    its shifts declared: its next event comes after the written-off seqs, not after a
+    gap (``SeqTracker.add``)."""
+    top = max(seqs.max_seq, ranges[-1][1] if ranges else 0)
+    beyond_held = [[seqs.max_seq + 1, top]] if top > seqs.max_seq else []
+    return Seqs(
+        top,
+        without([*seqs.missing_ranges, *beyond_held], ranges),
+        merged([*seqs.written_off_ranges, *ranges]),
+    )
+
+
+def refusal(device_id: str, refused: Refused, declared_max_seq: int) -> InvalidInput:
+    """``seqs_not_missing``, naming each refused range with why it is refused."""
+    everything = merged([*refused.held, *refused.written_off, *refused.undeclared])
+    reasons = []
+    if refused.held:
+        reasons.append(f"the server holds {_named(refused.held)}")
+    if refused.written_off:
+        reasons.append(f"{_named(refused.written_off)} are written off already")
+    if refused.undeclared:
+        reasons.append(
+            f"{_named(refused.undeclared)} are beyond seq {declared_max_seq}, the highest "
+            "the server holds or a shift of the device declared: nobody knows they exist"
+        )
+    return InvalidInput(
+        f"seqs {_named(everything)} of device {device_id} are not missing: "
+        + "; ".join(reasons)
+        + ". Only seqs the device has not sent, up to the highest a shift of it declared, "
+        "may be written off",
+        code="seqs_not_missing",
+        field="seqs",
+    )
+
+
+def _named(ranges: Ranges) -> str:
+    named = shown(ranges[:RANGES_NAMED])
+    if len(ranges) > RANGES_NAMED:
+        named += f" and {len(ranges) - RANGES_NAMED} more ranges"
+    return named
+
+
 def write_off_lost_seqs(
     *, session: Session, device: Device, ranges: Ranges, reason: str, user_id: int
 ) -> WrittenOff:
     """Write off ``ranges`` (merged) of ``device``'s seqs as lost, in the caller's
     transaction, audit-logged (``lost_seqs_written_off``). Refused unless every one of
-    them is missing now (``seqs_not_missing``, naming those that are not), or without
-    a ``reason``. Takes the device's sync-state lock, as a push does: the two never
-    interleave."""
+    them is missing now, below the highest seq held or up to the highest a shift of
+    the device declared (``seqs_not_missing``, naming those that are not and why), or
+    without a ``reason``. Takes the device's sync-state lock, as a push does: the two
+    never interleave."""
     text = (reason or "").strip()
     if not text:
         raise InvalidInput(
@@ -80,26 +169,20 @@ def write_off_lost_seqs(
             field="reason",
         )
     state = lock_device_state(session, device.id)
-    not_missing = without(ranges, state.missing_ranges)
-    if not_missing:
-        named = shown(not_missing[:RANGES_NAMED])
-        if len(not_missing) > RANGES_NAMED:
-            named += f" and {len(not_missing) - RANGES_NAMED} more ranges"
-        raise InvalidInput(
-            f"seqs {named} of device {device.id} are not missing (the server holds "
-            "them, or they are beyond the highest seq it holds): only seqs the device "
-            "has not sent may be written off",
-            code="seqs_not_missing",
-            field="seqs",
-        )
-    missing = without(state.missing_ranges, ranges)
-    acked = SeqTracker(state.max_seq, missing).acked_through
+    before = Seqs(state.max_seq, state.missing_ranges, state.written_off_ranges)
+    declared = max(state.max_seq, held_max_seq(session, device.id))
+    refused = refused_seqs(ranges, before, declared)
+    if any(refused):
+        raise refusal(device.id, refused, declared)
+    after = after_write_off(ranges, before)
+    acked = after.acked_through_seq
     session.execute(
         update(_states)
         .where(_states.c.device_id == device.id)
         .values(
-            missing_ranges=missing,
-            written_off_ranges=merged([*state.written_off_ranges, *ranges]),
+            max_seq=after.max_seq,
+            missing_ranges=after.missing_ranges,
+            written_off_ranges=after.written_off_ranges,
             acked_through_seq=acked,
         )
     )
@@ -131,4 +214,4 @@ def write_off_lost_seqs(
             "acked_through_seq": acked,
         },
     )
-    return WrittenOff(write_off, count, acked, missing)
+    return WrittenOff(write_off, count, acked, after.missing_ranges)

@@ -173,6 +173,8 @@ def test_only_missing_seqs_may_be_written_off(
     body = refused.get_json()
     assert (body["code"], list(body["errors"])) == ("seqs_not_missing", ["seqs"])
     assert "seqs 2, 9, 11-12 of device PDA-0001 are not missing" in body["message"]
+    # Each refused range with why: held, or beyond the last_seq 6 the shift declared.
+    assert "the server holds 2; 9, 11-12 are beyond seq 6" in body["message"]
     backwards = lost_seqs(client, manager, ranges=[{"first": 4, "last": 3}])
     assert (backwards.status_code, backwards.get_json()["code"]) == (422, "invalid_range")
     nothing = lost_seqs(client, manager)

@@ -132,11 +132,17 @@ class LostSeqs(MethodView):
         them, and the balances of the shifts owning them are no longer provisional
         for them but name them (`written_off_seqs`) and the write-off (`write_offs`:
         by whom, when, why). Audit-logged (`lost_seqs_written_off`). Only seqs
-        missing now may be written off: any other is refused (422
-        `seqs_not_missing`, naming them). An event of a written-off seq that arrives
-        after all is taken as any late event, and its write-off is moot. A device of
-        another station answers a manager what an unknown id answers (404
-        `device_not_found`).
+        missing now may be written off: a gap below the highest seq the server holds,
+        or a seq above it up to the highest a shift of the PDA declared used (a
+        `last_seq` given at a close, the seq before a `first_seq`: a last batch that
+        never came); those count as received from then on, so the PDA's next seq
+        (numbered on from the sign-in's `device_max_seq`) comes after them, not after
+        a gap. Any other is refused (422 `seqs_not_missing`), the message naming each
+        refused range and why: the server holds it, it is written off already, or it
+        is beyond anything declared (nobody knows it exists). An event of a
+        written-off seq that arrives after all is taken as any late event, and its
+        write-off is moot. A device of another station answers a manager what an
+        unknown id answers (404 `device_not_found`).
         """
         device = directory.get_device(session=db.session, device_id=device_id)
         ensure_visible(device.station_id, directory.device_not_found(device_id))

@@ -1,0 +1,264 @@
+"""Writing off the seqs a PDA lost (``sync.lost_seqs``): which may be, and what follows.
+
+Above all the case a station manager meets at 19:00: the courier closed the shift
+online declaring its ``last_seq``, but the PDA's last batch never reached the server
+and the PDA was reset (or broke). The seqs of that batch lie above the highest seq the
+server holds: not a gap of the sync state, and yet named by the balance as still on
+the PDA. They may be written off like a gap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import DeviceSyncState, Flag, FlagStatus, Shift, ShiftStatus
+from sync import shifts
+from sync.balances import shift_balance
+from sync.device_state import held_max_seq
+from sync.errors import InvalidInput
+from sync.lost_seqs import (
+    Refused,
+    Seqs,
+    WrittenOff,
+    after_write_off,
+    refused_seqs,
+    write_off_lost_seqs,
+)
+from tests.conftest import World
+from tests.sync.test_shifts import NOW, Pda, parcels
+
+REASON = "PDA reset at 18:40: its last batch never left it"
+
+
+@pytest.fixture
+def pda(session: Session, world: World) -> Pda:
+    return Pda(session, world)
+
+
+def write_off(session: Session, world: World, *ranges: list[int]) -> WrittenOff:
+    done = write_off_lost_seqs(
+        session=session,
+        device=world.device,
+        ranges=list(ranges),
+        reason=REASON,
+        user_id=world.manager.id,
+    )
+    session.commit()
+    return done
+
+
+def state(session: Session, world: World) -> tuple[int, list, list, int]:
+    """The device's sync state: max_seq, missing, written off, acked_through_seq."""
+    row = session.get(DeviceSyncState, world.device.id)
+    assert row is not None
+    session.refresh(row)
+    return row.max_seq, row.missing_ranges, row.written_off_ranges or [], row.acked_through_seq
+
+
+def last_batch_lost(session: Session, world: World, pda: Pda) -> tuple[Shift, list[str], list]:
+    """A shift of seqs 1-6 closed online declaring last_seq 6; the server got 1-4 only:
+    the batch of 5 and 6 (two parcels returned) never got through, then the PDA was
+    reset. Its parcels, and the two lost events."""
+    a, b, c = parcels(session, world, 3)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(c), pda.event(a, "delivered")])
+    lost = [pda.event(b, "returned_to_station"), pda.event(c, "returned_to_station")]
+    return pda.close(shift, last_seq=6), [a, b, c], lost
+
+
+# -- the rule, pure -------------------------------------------------------------------------
+
+
+def test_a_write_off_may_name_gaps_and_seqs_up_to_the_highest_declared_and_nothing_else() -> None:
+    seqs = Seqs(max_seq=10, missing_ranges=[[3, 4]], written_off_ranges=[[6, 6]])
+    assert refused_seqs([[3, 4], [11, 15]], seqs, 15) == Refused([], [], [])
+    assert refused_seqs([[1, 20]], seqs, 15) == Refused(
+        held=[[1, 2], [5, 5], [7, 10]], written_off=[[6, 6]], undeclared=[[16, 20]]
+    )
+    # Nothing declared above the highest seq held: nothing above it may be named.
+    assert refused_seqs([[11, 11]], seqs, 10) == Refused([], [], [[11, 11]])
+
+
+def test_seqs_written_off_above_the_highest_held_count_as_held_up_to_the_highest_of_them() -> None:
+    """Written off, 13-15 move max_seq up to 15; 11 and 12, declared but neither held nor
+    written off, become a gap below it, as they would once the PDA sent seq 16."""
+    before = Seqs(max_seq=10, missing_ranges=[[3, 4]], written_off_ranges=[])
+    after = after_write_off([[13, 15]], before)
+    assert after == Seqs(15, [[3, 4], [11, 12]], [[13, 15]])
+    assert after.acked_through_seq == 2
+    everything = after_write_off([[3, 4], [11, 15]], before)
+    assert everything == Seqs(15, [], [[3, 4], [11, 15]])
+    assert everything.acked_through_seq == 15
+
+
+# -- beyond the highest seq held ------------------------------------------------------------
+
+
+def test_the_seqs_a_closed_shift_declared_beyond_the_highest_held_are_written_off(
+    session: Session, world: World, pda: Pda
+) -> None:
+    shift, (a, b, c), _ = last_batch_lost(session, world, pda)
+    before = shift_balance(session=session, shift=shift)
+    assert (before.status, before.missing_seqs) == ("provisional", [5, 6])
+    assert state(session, world) == (4, [], [], 4)  # not a gap of the sync state
+
+    done = write_off(session, world, [5, 6])
+
+    assert (done.seq_count, done.acked_through_seq, done.missing_ranges) == (2, 6, [])
+    assert state(session, world) == (6, [], [[5, 6]], 6)
+    after = shift_balance(session=session, shift=shift)
+    # Its two returns were on the lost seqs: missing now, and no longer provisional.
+    assert (after.status, after.missing_seqs, after.missing_seq_count) == ("unbalanced", [], 0)
+    assert (after.missing, after.written_off_seqs, after.written_off_seq_count) == (2, [5, 6], 2)
+    (named,) = after.write_offs
+    assert (named.ranges, named.reason, named.written_off_by) == (
+        [[5, 6]],
+        REASON,
+        world.manager.id,
+    )
+    assert named.written_off_by_name == (world.manager.full_name or world.manager.username)
+    # The sign-off needs no forcing any more.
+    signed = shifts.sign_off(
+        session=session, shift=shift, user_id=world.manager.id, note="b and c not back"
+    )
+    assert signed.status == ShiftStatus.SIGNED_OFF
+
+
+def test_the_reset_pdas_next_event_comes_after_the_written_off_seqs_not_after_a_gap(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The sign-in's device_max_seq is what the shift declared (6) before and after the
+    write-off; the reset PDA's next event, seq 7, leaves no gap: the receipt
+    acknowledges it, and nothing is missing."""
+    last_batch_lost(session, world, pda)
+    assert held_max_seq(session, world.device.id) == 6
+    write_off(session, world, [5, 6])
+    assert held_max_seq(session, world.device.id) == 6
+    pda.seq = held_max_seq(session, world.device.id)  # the reset PDA numbers on from here
+    (d,) = parcels(session, world, 1)
+    later = NOW + dt.timedelta(hours=14)
+    next_shift = pda.open(now=later)
+    receipt = pda.push(
+        [pda.event(d, occurred_at=later + dt.timedelta(minutes=1))],
+        received_at=later + dt.timedelta(minutes=2),
+    )
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (7, [])
+    assert state(session, world) == (7, [], [[5, 6]], 7)
+    assert shift_balance(session=session, shift=next_shift).missing_seq_count == 0
+
+
+def test_written_off_in_part_the_rest_of_the_last_batch_stays_missing(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Seq 5 may still come (another PDA in the courier's bag): only 6 is written off.
+    Below the new max_seq, 5 is a gap now, named by the receipts too."""
+    shift, _, lost = last_batch_lost(session, world, pda)
+    done = write_off(session, world, [6, 6])
+    assert (done.acked_through_seq, done.missing_ranges) == (4, [[5, 5]])
+    assert state(session, world) == (6, [[5, 5]], [[6, 6]], 4)
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.missing_seqs, balance.written_off_seqs) == (
+        "provisional",
+        [5],
+        [6],
+    )
+    receipt = pda.push([lost[0]])
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (6, [])
+
+
+def test_seqs_below_a_declared_first_seq_that_never_came_are_written_off(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift closed without a last_seq; the next opened declaring first_seq
+    6: seqs 3 to 5 were used, the server never got them, and the first shift's balance
+    waits for them. They lie above the highest seq held (2), below what was declared."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "delivered")])
+    first = pda.close(first)
+    pda.open(first_seq=6, now=NOW + dt.timedelta(hours=1))
+    assert shift_balance(session=session, shift=first).missing_seqs == [3, 4, 5]
+    refused = pytest.raises(InvalidInput, write_off, session, world, [3, 6])
+    assert "6 are beyond seq 5" in refused.value.message
+    write_off(session, world, [3, 5])
+    balance = shift_balance(session=session, shift=first)
+    assert (balance.status, balance.written_off_seqs) == ("balanced", [3, 4, 5])
+
+
+# -- refused --------------------------------------------------------------------------------
+
+
+def test_seqs_beyond_anything_declared_are_refused_saying_so(
+    session: Session, world: World, pda: Pda
+) -> None:
+    shift, _, _ = last_batch_lost(session, world, pda)
+    with pytest.raises(InvalidInput) as beyond:
+        write_off(session, world, [5, 9])
+    assert beyond.value.code == "seqs_not_missing" and beyond.value.field == "seqs"
+    assert beyond.value.message.startswith(
+        "seqs 7-9 of device PDA-0001 are not missing: 7-9 are beyond seq 6, the highest "
+        "the server holds or a shift of the device declared: nobody knows they exist."
+    )
+    with pytest.raises(InvalidInput) as both:
+        write_off(session, world, [2, 2], [5, 7])
+    assert both.value.message.startswith(
+        "seqs 2, 7 of device PDA-0001 are not missing: the server holds 2; 7 are beyond seq 6"
+    )
+    session.rollback()
+    assert state(session, world) == (4, [], [], 4)  # nothing written off
+    write_off(session, world, [5, 6])
+    with pytest.raises(InvalidInput) as again:
+        write_off(session, world, [6, 6])
+    assert again.value.message.startswith(
+        "seqs 6 of device PDA-0001 are not missing: 6 are written off already."
+    )
+    session.rollback()
+    assert shift_balance(session=session, shift=shift).written_off_seqs == [5, 6]
+
+
+# -- an event of a written-off seq that arrives after all -----------------------------------
+
+
+def test_a_written_off_seq_beyond_the_highest_held_arriving_after_all_is_a_late_event(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Seq 5 turns up after the write-off and the sign-off (the PDA was not reset after
+    all): it is applied as any late event, reopens the signed-off shift, and leaves the
+    write-off (6 stays written off); the acknowledgement does not move back."""
+    shift, (_, b, _), lost = last_batch_lost(session, world, pda)
+    write_off(session, world, [5, 6])
+    shifts.sign_off(session=session, shift=shift, user_id=world.manager.id, note="checked")
+    session.commit()
+    receipt = pda.push([lost[0]])
+    assert receipt["results"][0]["status"] == "applied"
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (6, [])
+    assert state(session, world) == (6, [], [[6, 6]], 6)
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.CLOSED  # reopened, waiting for a new sign-off
+    late = session.scalars(
+        select(Flag).where(Flag.kind == "late_event_after_signoff", Flag.shift_id == shift.id)
+    ).one()
+    assert late.status == FlagStatus.OPEN
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.returned, balance.missing, balance.written_off_seqs) == (1, 1, [6])
+    assert {p.tracking_no: p.outcome for p in balance.parcels}[b] == "returned"
+    assert balance.write_offs[0].ranges == [[6, 6]]
+
+
+def test_the_pair_around_written_off_seqs_beyond_the_highest_held_is_judged_for_inversion(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Rule 6 across the written-off seqs: the reset PDA's next event (seq 7) dated
+    before the last one the server holds (seq 4) is a time inversion; the seqs
+    between, written off, hide nothing."""
+    _, (a, _, _), _ = last_batch_lost(session, world, pda)
+    write_off(session, world, [5, 6])
+    pda.seq = held_max_seq(session, world.device.id)
+    backdated = pda.event(a, "returned_to_station", occurred_at=NOW - dt.timedelta(days=1))
+    pda.push([backdated])
+    inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert inversion.evidence == {"device_seqs": ["PDA-0001#4", "PDA-0001#7"]}

@@ -29,10 +29,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, SeqWriteOff
+from models import Device, DeviceSyncState, SeqWriteOff, User
 from sync import audit
 from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
 from sync.device_state import held_max_seq, lock_device_state
@@ -41,6 +41,7 @@ from sync.errors import InvalidInput
 ACTION = "lost_seqs_written_off"
 MAX_REASON_LENGTH = 2000
 RANGES_NAMED = 20  # in a refusal's message, at most
+MAX_PAGE_SIZE = 500  # write-offs listed at once, at most
 _states = DeviceSyncState.__table__
 
 
@@ -215,3 +216,30 @@ def write_off_lost_seqs(
         },
     )
     return WrittenOff(write_off, count, acked, after.missing_ranges)
+
+
+class WriteOffRecord(NamedTuple):
+    """A write-off as listed: who by name, and its ranges as written off."""
+
+    write_off: SeqWriteOff
+    written_off_by_name: str
+
+
+def list_write_offs(
+    *, session: Session, device_id: str, before_id: int | None = None, limit: int = 100
+) -> list[WriteOffRecord]:
+    """The device's write-offs, newest first; ``before_id`` is the last id of the
+    previous page (``ix_seq_write_off_device``)."""
+    query = (
+        select(SeqWriteOff, User.username, User.full_name)
+        .join(User, User.id == SeqWriteOff.written_off_by)
+        .where(SeqWriteOff.device_id == device_id)
+        .order_by(SeqWriteOff.id.desc())
+        .limit(min(limit, MAX_PAGE_SIZE))
+    )
+    if before_id is not None:
+        query = query.where(SeqWriteOff.id < before_id)
+    return [
+        WriteOffRecord(write_off, full_name or username)
+        for write_off, username, full_name in session.execute(query)
+    ]

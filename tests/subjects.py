@@ -281,6 +281,7 @@ REQUESTS: dict[str, Builder] = {
     ),
     "GET /api/v1/devices/{device_id}": _same(OWN("device_id")),
     "PATCH /api/v1/devices/{device_id}": _same(OWN("device_id"), json={"status": "active"}),
+    "GET /api/v1/devices/{device_id}/lost-seqs": _same(lambda s: {"device_id": COURIER[1]}),
     # COURIER's PDA: its rejected event at seq 900 left the seqs below it not pushed missing.
     "POST /api/v1/devices/{device_id}/lost-seqs": _same(
         lambda s: {"device_id": COURIER[1]}, json={"seqs": [899], "reason": "PDA reset"}

@@ -164,6 +164,7 @@ MATRIX: dict[str, Row] = {
     "POST /api/v1/devices":                                   api(201, 403, 403, 201, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/devices/{device_id}":                        api(200, 200, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "PATCH /api/v1/devices/{device_id}":                      api(200, 403, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
+    "GET /api/v1/devices/{device_id}/lost-seqs":              api(200, 200, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "POST /api/v1/devices/{device_id}/lost-seqs":             api(201, 403, 403, 201, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "POST /api/v1/parcels":                                   api("200 created", 403, "200 created", "200 created", "200 rejected", 403, 403, 403),  # noqa: E501
     "GET /api/v1/parcels/{tracking_no}":                      api(200, 200, 200, 200, "404 parcel_not_found", 200, 200, "404 parcel_not_found"),  # noqa: E501
@@ -515,6 +516,7 @@ HIDDEN: dict[str, tuple[str, ...]] = {
     "GET /api/v1/users/{user_id}": ("manager_other",),
     "GET /api/v1/devices/{device_id}": ("manager_other",),
     "PATCH /api/v1/devices/{device_id}": ("manager_other",),
+    "GET /api/v1/devices/{device_id}/lost-seqs": ("manager_other",),
     "POST /api/v1/devices/{device_id}/lost-seqs": ("manager_other",),
     "GET /api/v1/parcels/{tracking_no}": ("manager_other", "courier_other"),
     "GET /api/v1/blobs/{sha256}": ("manager_other", "courier_other"),

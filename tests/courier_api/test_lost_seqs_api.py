@@ -236,3 +236,93 @@ def test_a_shift_closed_after_a_write_off_announces_its_written_off_seqs(
     assert set(balance) <= set(WebhookBalance().fields)  # as documented
     assert (balance["status"], balance["missing_seqs"]) == ("unbalanced", [])
     assert (balance["written_off_seqs"], balance["written_off_seq_count"]) == ([2], 1)
+
+
+# -- GET /devices/<id>/lost-seqs: the PDA's write-offs ----------------------------------------
+
+
+def write_offs(
+    client: FlaskClient, headers: dict[str, str], device_id: str = "PDA-0001", **query: Any
+) -> Any:
+    return client.get(
+        f"/api/v1/devices/{device_id}/lost-seqs", query_string=query, headers=headers
+    )
+
+
+def test_a_pdas_write_offs_are_listed_newest_first_with_who_by_name(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """Each as written off, with who by name; a seq of it that arrived after all (3)
+    leaves it listed as it was: the list is the record of the decisions."""
+    world.manager.full_name = "Li Na"
+    session.commit()
+    _, events, _ = lost_in_the_middle(session, world, pda)
+    assert write_offs(client, manager).get_json() == {"items": [], "next_after": None}
+    first = lost_seqs(client, manager, seqs=[3]).get_json()
+    second = lost_seqs(client, auth.headers("admin"), seqs=[4], reason="flash broken").get_json()
+    pda.push([events[2]])  # seq 3 turns up after all
+    for reader in (manager, auth.headers("admin"), auth.headers("auditor1")):
+        response = write_offs(client, reader)
+        assert response.status_code == 200, response.get_json()
+        page = response.get_json()
+        assert [item["id"] for item in page["items"]] == [second["id"], first["id"]]
+        assert page["next_after"] is None
+    newest, oldest = page["items"]
+    assert newest == {
+        "id": second["id"],
+        "device_id": "PDA-0001",
+        "ranges": [{"first": 4, "last": 4}],
+        "seq_count": 1,
+        "reason": "flash broken",
+        "written_off_by": world.admin.id,
+        "written_off_by_name": "admin",  # no full name: the username
+        "written_off_at": second["written_off_at"],
+    }
+    assert (oldest["ranges"], oldest["seq_count"], oldest["reason"]) == (
+        [{"first": 3, "last": 3}],
+        1,
+        REASON,
+    )
+    assert (oldest["written_off_by"], oldest["written_off_by_name"]) == (world.manager.id, "Li Na")
+
+
+def test_a_pdas_write_offs_are_paginated_by_the_last_id_seen(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    lost_in_the_middle(session, world, pda)
+    ids = [lost_seqs(client, manager, seqs=[seq]).get_json()["id"] for seq in (3, 4)]
+    first = write_offs(client, manager, limit=1).get_json()
+    assert ([item["id"] for item in first["items"]], first["next_after"]) == ([ids[1]], ids[1])
+    second = write_offs(client, manager, limit=1, after=first["next_after"]).get_json()
+    assert ([item["id"] for item in second["items"]], second["next_after"]) == ([ids[0]], ids[0])
+    last = write_offs(client, manager, limit=1, after=second["next_after"]).get_json()
+    assert last == {"items": [], "next_after": None}
+    too_many = write_offs(client, manager, limit=501)
+    assert too_many.status_code == 422
+
+
+def test_a_pdas_write_offs_are_hidden_from_other_stations_and_refused_to_couriers(
+    client: FlaskClient, session: Session, world: World, pda: Courier, auth: Auth
+) -> None:
+    """Another station's manager gets what an unknown PDA answers, body and all (it does
+    not show the PDA exists), as the write-off itself answers them; a courier, even
+    the PDA's own, may not read them."""
+    lost_in_the_middle(session, world, pda)
+    assert lost_seqs(client, auth.headers("manager1"), seqs=[3]).status_code == 201
+    other = write_offs(client, auth.headers("manager2"))
+    unknown = write_offs(client, auth.headers("manager2"), device_id="PDA-9999")
+    assert (other.status_code, other.get_json()["code"]) == (404, "device_not_found")
+    assert (unknown.status_code, unknown.get_json()["code"]) == (404, "device_not_found")
+    assert other.get_json()["message"] == unknown.get_json()["message"].replace(
+        "PDA-9999", "PDA-0001"
+    )
+    courier = write_offs(client, pda.headers)
+    assert (courier.status_code, courier.get_json()["code"]) == (403, "role_forbidden")
+    # That manager reads their own station's PDA: it has none.
+    own = write_offs(client, auth.headers("manager2"), device_id="PDA-0002")
+    assert own.get_json() == {"items": [], "next_after": None}

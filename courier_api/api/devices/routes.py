@@ -13,11 +13,13 @@ from courier_api.api.devices.schemas import (
     DeviceUpdate,
     LostSeqsIn,
     LostSeqsOut,
+    WriteOffListArgs,
+    WriteOffPage,
 )
 from courier_api.api.pagination import keyset_page
 from courier_api.auth import current_principal, ensure_station_access, ensure_visible
 from courier_api.extensions import db
-from models import Device, Role
+from models import Device, Role, SeqWriteOff
 from sync import directory, lost_seqs
 from sync.acks import SeqTracker, seq_count
 from sync.errors import InvalidInput
@@ -115,6 +117,37 @@ class DeviceById(MethodView):
 
 @blp.route("/<string:device_id>/lost-seqs")
 class LostSeqs(MethodView):
+    READS_ONLY = True  # its GET: courier_api.database
+
+    @blp.auth(*MANAGERS, Role.AUDITOR)
+    @blp.arguments(WriteOffListArgs, location="query")
+    @blp.response(200, WriteOffPage)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, args: dict[str, Any], device_id: str) -> dict[str, Any]:
+        """List a PDA's write-offs of lost seqs
+
+        Newest first: each write-off's seqs as written off (`ranges`, `seq_count`),
+        its `reason`, who wrote them off (`written_off_by`, by name
+        `written_off_by_name`) and when. A seq whose event arrived after all stays
+        listed here (its write-off is moot: the balances no longer name it).
+        Managers read their station's PDAs, auditors and admins every station's; one
+        of another station answers a manager what an unknown id answers (404
+        `device_not_found`).
+        """
+        device = directory.get_device(session=db.session, device_id=device_id)
+        ensure_visible(device.station_id, directory.device_not_found(device_id))
+        records = lost_seqs.list_write_offs(
+            session=db.session,
+            device_id=device.id,
+            before_id=args["after"] or None,
+            limit=args["limit"],
+        )
+        items = [
+            {**_write_off_fields(r.write_off), "written_off_by_name": r.written_off_by_name}
+            for r in records
+        ]
+        return keyset_page(items, args["limit"], key=lambda item: item["id"])
+
     @blp.auth(*MANAGERS)
     @blp.arguments(LostSeqsIn)
     @blp.response(201, LostSeqsOut)
@@ -157,16 +190,22 @@ class LostSeqs(MethodView):
             user_id=current_principal().user_id,
         )
         db.session.commit()
-        write_off = done.write_off
         return {
-            "id": write_off.id,
-            "device_id": write_off.device_id,
-            "ranges": [{"first": first, "last": last} for first, last in write_off.ranges],
-            "seq_count": done.seq_count,
-            "reason": write_off.reason,
-            "written_off_by": write_off.written_off_by,
-            "written_off_at": write_off.written_off_at,
+            **_write_off_fields(done.write_off),
             "acked_through_seq": done.acked_through_seq,
             "missing_seqs": SeqTracker(0, done.missing_ranges).missing_seqs(MISSING_SEQS_SHOWN),
             "missing_seq_count": seq_count(done.missing_ranges),
         }
+
+
+def _write_off_fields(write_off: SeqWriteOff) -> dict[str, Any]:
+    """A write-off as both the write-off's answer and the list show it."""
+    return {
+        "id": write_off.id,
+        "device_id": write_off.device_id,
+        "ranges": [{"first": first, "last": last} for first, last in write_off.ranges],
+        "seq_count": seq_count(write_off.ranges),
+        "reason": write_off.reason,
+        "written_off_by": write_off.written_off_by,
+        "written_off_at": write_off.written_off_at,
+    }

@@ -1,7 +1,7 @@
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
-from courier_api.api.fields import Id, Text
+from courier_api.api.fields import After, Id, Text
 from models import DeviceStatus
 from sync.events import MAX_SEQ
 from sync.lost_seqs import MAX_REASON_LENGTH
@@ -67,14 +67,21 @@ class LostSeqsIn(ma.Schema):
     )
 
 
-class LostSeqsOut(ma.Schema):
+class WriteOffFields(ma.Schema):
     id = ma.fields.Integer(required=True, metadata={"description": "The write-off's id"})
     device_id = ma.fields.String(required=True)
-    ranges = ma.fields.List(ma.fields.Nested(SeqRange), required=True)
+    ranges = ma.fields.List(
+        ma.fields.Nested(SeqRange),
+        required=True,
+        metadata={"description": "The seqs written off, as written off: [{first, last}, ...]"},
+    )
     seq_count = ma.fields.Integer(required=True, metadata={"description": "Seqs written off"})
     reason = ma.fields.String(required=True)
     written_off_by = ma.fields.Integer(required=True)
     written_off_at = ma.fields.AwareDateTime(required=True)
+
+
+class LostSeqsOut(WriteOffFields):
     acked_through_seq = ma.fields.Integer(
         required=True,
         metadata={"description": "The device's, now: its next push's receipt says the same"},
@@ -85,3 +92,18 @@ class LostSeqsOut(ma.Schema):
         metadata={"description": "Still missing: the first 100"},
     )
     missing_seq_count = ma.fields.Integer(required=True)
+
+
+class WriteOffItem(WriteOffFields):
+    written_off_by_name = ma.fields.String(
+        required=True, metadata={"description": "Who wrote them off, by full name or username"}
+    )
+
+
+class WriteOffListArgs(PageArgs):
+    after = After()
+
+
+class WriteOffPage(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(WriteOffItem), required=True)
+    next_after = ma.fields.Integer(allow_none=True, required=True)

@@ -1490,6 +1490,34 @@ def test_a_manager_writes_off_the_lost_seqs_of_a_provisional_shift_on_its_page(
     assert [a for a, *_ in audit_actions(session)][-1] == "lost_seqs_written_off"
 
 
+def test_the_seqs_a_close_declared_beyond_the_highest_held_are_written_off_on_the_page(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The open shift's PDA pushed seqs 1-4; closed declaring last_seq 6, its last batch
+    (5 and 6) never came and the PDA was reset. The page names 5 and 6 as not received
+    and offers the write-off; seqs beyond the 6 declared are refused, saying so; 5-6
+    (copied from the page as 5–6) are written off, and the balance waits no more."""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.open.id}"
+    assert pages.post(f"{path}/close", last_seq="6").status_code == 302
+    page = pages.get(path)
+    missing = re.search(r'id="missing-seqs">(.*?)</div>', page, re.S)
+    assert missing and '<span class="seqs">5, 6</span>' in missing.group(1)
+    assert 'id="write-off-lost-seqs"' in page
+    refused = pages.post(f"{path}/lost-seqs", seqs="5-8", reason="PDA reset")
+    shown = refused.get_data(as_text=True)
+    assert f"Not written off: seqs 7-8 of device {day.open.device_id} are not missing" in shown
+    assert "7-8 are beyond seq 6" in shown and 'value="5-8"' in shown
+    done = pages.submit(page, f"{path}/lost-seqs", seqs="5–6", reason="PDA reset before upload")
+    assert done.status_code == 302
+    page = pages.get(path)
+    assert 'id="missing-seqs"' not in page and "2 sequence numbers written off as lost" in page
+    written_off = re.search(r'id="written-off-seqs">(.*?)</div>', page, re.S)
+    assert written_off and "5–6: written off" in written_off.group(1)
+    assert "“PDA reset before upload”" in written_off.group(1)
+    assert "Reason to sign off now" not in page
+
+
 @pytest.mark.parametrize("typed", ["0", "-1"], ids=["before its seqs held", "not a seq"])
 def test_a_refused_close_keeps_the_last_seq_the_manager_typed(
     app: Flask, session: Session, day: StationDay, typed: str

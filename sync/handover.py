@@ -100,7 +100,10 @@ class ParcelTrail:
     tracking_no: str
     on_manifest: bool  # checked out in this shift
     checkout_event_ids: tuple[int, ...]
-    final_event: EventFact | None  # the final outcome after the last check-out, if any
+    # The final outcome after the last check-out, if any: one outcome however often it
+    # was scanned (its latest scan: ``sync.rules.final_outcomes``; the rule flags cite
+    # every scan of it, so the flags judging this one judge the outcome).
+    final_event: EventFact | None
     final_event_ids: tuple[int, ...]  # every counting final outcome in the shift
     event_ids: tuple[int, ...]  # every counting event of the parcel in the shift
     last_type: EventType | None  # what the parcel's last counting event in the shift was

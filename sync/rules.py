@@ -141,10 +141,11 @@ def evaluate(
     voids = voided_by(e.fact for e in events)
     history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]
     counting = [e for e in history if e.fact.event_id not in voids]
+    outcomes = final_outcomes(counting)
     flags: dict[str, dict[str, Any]] = {}
-    _drops(parcel, counting, consents, policy, flags, history)
-    _proofs(parcel, counting, policy, stored_blobs, purged_blobs or {}, flags)
-    _outcomes(counting, flags)
+    _drops(parcel, outcomes, consents, policy, flags, history)
+    _proofs(parcel, counting, outcomes, policy, stored_blobs, purged_blobs or {}, flags)
+    _outcomes(counting, outcomes, flags)
     _corrections(history, voids, by_id, flags)
     return flags
 
@@ -220,7 +221,7 @@ def consents_matter(parcel: ParcelFacts, events: Sequence[EventDetail], policy: 
 
 def _drops(
     parcel: ParcelFacts,
-    counting: Sequence[EventDetail],
+    outcomes: Sequence[FinalOutcome],
     consents: Sequence[ConsentFact],
     policy: Policy,
     flags: dict[str, dict[str, Any]],
@@ -229,13 +230,20 @@ def _drops(
     """Rule 4: an unattended drop of a class that needs consent needs consent before it.
     ``history``: all the parcel's events, voided ones too (``drop_span``). A consent
     captured on a PDA of another station than the drop's counts neither as given before
-    nor after it; the flag names it (``captured_at_other_station``)."""
-    if not consents_matter(parcel, counting, policy):
+    nor after it; the flag names it (``captured_at_other_station``).
+
+    A drop scanned again (``final_outcomes``) is judged by its first scan, when the
+    parcel went in: a consent granted between the two came after the drop. Its flag
+    cites every scan of it."""
+    if not needs_consent(parcel.service_class, policy):
         return
     unauthorized: list[_Unauthorized] = []
     late: list[_Unauthorized] = []
     considered: set[int] = set()  # consents for this method and point that did not do
-    for drop in (e for e in counting if e.fact.type in DROPS):
+    for outcome in outcomes:
+        drop = outcome.first
+        if drop.fact.type not in DROPS:
+            continue
         matching = [c for c in consents if covers(c, drop)]
         considered.update(c.id for c in matching)
         if any(authorizes(c, drop, policy, history) for c in matching):
@@ -243,12 +251,12 @@ def _drops(
         here = [c for c in matching if counts_at_station(c, drop.fact.station_id)]
         elsewhere = [c.id for c in matching if c not in here]
         after = [c.id for c in here if not granted_before(c, drop, policy, history)]
-        judged = _Unauthorized(drop.fact.event_id, after, elsewhere)
+        judged = _Unauthorized(outcome.event_ids, after, elsewhere)
         (late if after else unauthorized).append(judged)
     if unauthorized:
         refused = sorted({c.refused_at for c in consents if c.id in considered and c.refused_at})
         flags["unauthorized_locker_drop"] = {
-            "event_ids": [u.event_id for u in unauthorized],
+            "event_ids": [i for u in unauthorized for i in u.event_ids],
             "consent_ids": sorted(considered),
             **_captured_elsewhere(unauthorized),
             # a consent the recipient's refusal withdrew for this parcel: why one on
@@ -257,7 +265,7 @@ def _drops(
         }
     if late:
         flags["consent_after_drop"] = {
-            "event_ids": [u.event_id for u in late],
+            "event_ids": [i for u in late for i in u.event_ids],
             "consent_ids": sorted({cid for u in late for cid in u.granted_after}),
             **_captured_elsewhere(late),
         }
@@ -265,10 +273,11 @@ def _drops(
 
 @dataclass(frozen=True)
 class _Unauthorized:
-    """A drop no consent authorized: the consents for its method and point granted after
-    it, and those captured on a PDA of another station than its own."""
+    """A drop no consent authorized (its scans: ``final_outcomes``): the consents for its
+    method and point granted after it, and those captured on a PDA of another station
+    than its own."""
 
-    event_id: int
+    event_ids: list[int]
     granted_after: list[int]
     captured_elsewhere: list[int]
 
@@ -428,11 +437,16 @@ def in_force_at(consent: ConsentFact, at: dt.datetime) -> bool:
 def _proofs(
     parcel: ParcelFacts,
     counting: Sequence[EventDetail],
+    outcomes: Sequence[FinalOutcome],
     policy: Policy,
     stored_blobs: frozenset[str],
     purged_blobs: Mapping[str, dt.datetime],
     flags: dict[str, dict[str, Any]],
 ) -> None:
+    """A delivery without a proof of the hand-over (``_has_pod``); one scanned again
+    (``final_outcomes``) was delivered once, with a proof if any of its scans has one,
+    and without, its flag cites every scan. Each scan's images and position are its
+    own: an image not uploaded, a scan far from the address."""
     without_pod, far, missing_blobs, naming_missing = [], [], [], []
 
     def lacking(digest: str, delivery: EventDetail) -> bool:
@@ -440,13 +454,13 @@ def _proofs(
         held_then = purged_at is not None and delivery.fact.occurred_at < purged_at
         return digest not in stored_blobs and not held_then
 
+    for outcome in outcomes:
+        if outcome.first.fact.type in DELIVERIES and not any(
+            _has_pod(parcel, scan, policy) for scan in outcome.scans
+        ):
+            without_pod += outcome.event_ids
     for delivery in (e for e in counting if e.fact.type in DELIVERIES):
         pod = delivery.details.get("pod") or {}
-        in_person = delivery.fact.type == EventType.DELIVERED
-        needs_signature = in_person and parcel.service_class in policy.signature_required
-        evidence = POD_IMAGES if in_person else DROP_POD_EVIDENCE
-        if not evidence.intersection(pod) or (needs_signature and "signature_sha256" not in pod):
-            without_pod.append(delivery.fact.event_id)
         missing = [
             pod[key] for key in sorted(POD_IMAGES) if key in pod and lacking(pod[key], delivery)
         ]
@@ -471,32 +485,118 @@ def _proofs(
         }
 
 
-def _outcomes(counting: Sequence[EventDetail], flags: dict[str, dict[str, Any]]) -> None:
+def _outcomes(
+    counting: Sequence[EventDetail],
+    outcomes: Sequence[FinalOutcome],
+    flags: dict[str, dict[str, Any]],
+) -> None:
     """Two final outcomes with no new check-out between them, or a delivery by a courier
     the parcel was not checked out to then (rule 1's example): the courier of its
     latest check-out, unless it was returned to the station since. A courier who once
-    held it, returned it, and saw another take it out does not hold it any more."""
+    held it, returned it, and saw another take it out does not hold it any more.
+
+    A scan repeating the outcome before it (``repeats``) is no second outcome: the
+    conflict cites every scan of the two outcomes that differ."""
     conflicting: list[int] = []
+    for outcome in outcomes:
+        if outcome.follows is not None:
+            conflicting += [*outcome.follows.event_ids, *outcome.event_ids]
+    if conflicting:
+        flags["conflicting_final_outcome"] = {"event_ids": sorted(set(conflicting))}
     not_checked_out: list[int] = []
-    last_outcome: EventDetail | None = None
     holder: int | None = None  # the courier the parcel is checked out to now
     for event in counting:
         kind = event.fact.type
         if kind == EventType.CHECKED_OUT:
             holder = event.fact.courier_id
-            last_outcome = None
         elif kind in FINAL_OUTCOMES:
-            if last_outcome is not None:
-                conflicting += [last_outcome.fact.event_id, event.fact.event_id]
             if kind in DELIVERIES and event.fact.courier_id != holder:
                 not_checked_out.append(event.fact.event_id)
             if kind == EventType.RETURNED_TO_STATION:
                 holder = None
-            last_outcome = event
-    if conflicting:
-        flags["conflicting_final_outcome"] = {"event_ids": sorted(set(conflicting))}
     if not_checked_out:
         flags["delivered_not_checked_out"] = {"event_ids": not_checked_out}
+
+
+@dataclass
+class FinalOutcome:
+    """One final outcome of a parcel, as scanned: its first scan, then each scan that
+    repeated it (``repeats``). ``follows``: the outcome before it with no check-out
+    between (a conflict, rule 5), or None."""
+
+    scans: list[EventDetail]
+    follows: FinalOutcome | None = None
+
+    @property
+    def first(self) -> EventDetail:
+        """The scan that recorded the outcome: when it happened, for rule 4."""
+        return self.scans[0]
+
+    @property
+    def event_ids(self) -> list[int]:
+        return [scan.fact.event_id for scan in self.scans]
+
+
+def final_outcomes(counting: Sequence[EventDetail]) -> list[FinalOutcome]:
+    """The parcel's final outcomes in projection order (``counting``: its events in that
+    order, voided ones left out), a repeated scan folded into the outcome it repeats.
+
+    A scanner that beeped twice, a cage of returns scanned and then each of its
+    parcels, a compartment tapped twice: the parcel was handled once, and a courier
+    flagged for a conflict there teaches the manager to ignore the flag. The order is
+    the projection's, so the folding does not depend on the order the scans arrived
+    in (rule 3)."""
+    outcomes: list[FinalOutcome] = []
+    last: FinalOutcome | None = None  # the latest outcome since the latest check-out
+    for event in counting:
+        if event.fact.type == EventType.CHECKED_OUT:
+            last = None
+        elif event.fact.type in FINAL_OUTCOMES:
+            if last is not None and repeats(event, last.scans[-1]):
+                last.scans.append(event)
+                continue
+            last = FinalOutcome([event], follows=last)
+            outcomes.append(last)
+    return outcomes
+
+
+def repeats(scan: EventDetail, previous: EventDetail) -> bool:
+    """Whether final outcome ``scan`` repeats ``previous``, the parcel's final outcome
+    before it with no check-out between: the same type, by the same courier, and for an
+    unattended drop at the same place (the same locker and compartment, the same
+    pickup point). Another type, place or courier is another outcome."""
+    return (
+        scan.fact.type == previous.fact.type
+        and scan.fact.courier_id == previous.fact.courier_id
+        and _place(scan) == _place(previous)
+    )
+
+
+def _place(scan: EventDetail) -> tuple[Any, ...]:
+    """Where a drop left the parcel (nothing for a delivery in person or a return)."""
+    if scan.fact.type == EventType.DELIVERED_TO_LOCKER:
+        return scan.details.get("locker_id"), scan.details.get("compartment")
+    if scan.fact.type == EventType.DELIVERED_TO_PICKUP_POINT:
+        return (scan.details.get("point_id"),)
+    return ()
+
+
+def judged_scan(scan: EventDetail, events: Sequence[EventDetail]) -> EventDetail:
+    """The scan rule 4 judges a final outcome ``scan`` by: the first scan of the outcome
+    it repeats (``final_outcomes``), else itself. ``events``: the parcel's. What a
+    proof shows of a repeated drop (its authorizing consent, when it may have happened)
+    is what the rules judged."""
+    voids = voided_by(e.fact for e in events)
+    if scan.fact.event_id in voids:
+        return scan
+    by_id = {e.fact.event_id: e for e in events}
+    counting = [
+        by_id[f.event_id] for f in ordered(e.fact for e in events) if f.event_id not in voids
+    ]
+    for outcome in final_outcomes(counting):
+        if scan.fact.event_id in outcome.event_ids:
+            return outcome.first
+    return scan
 
 
 def _corrections(
@@ -540,6 +640,18 @@ def _corrections(
             "event_ids": sorted({v for r in reviewed for v in r.values()}),
             "corrections": reviewed,
         }
+
+
+def _has_pod(parcel: ParcelFacts, delivery: EventDetail, policy: Policy) -> bool:
+    """Whether the delivery's proof shows the hand-over (``POD_IMAGES``,
+    ``DROP_POD_EVIDENCE``), with a signature where the class needs one in person."""
+    pod = delivery.details.get("pod") or {}
+    in_person = delivery.fact.type == EventType.DELIVERED
+    needs_signature = in_person and parcel.service_class in policy.signature_required
+    evidence = POD_IMAGES if in_person else DROP_POD_EVIDENCE
+    return bool(evidence.intersection(pod)) and not (
+        needs_signature and "signature_sha256" not in pod
+    )
 
 
 def _distance_m(parcel: ParcelFacts, event: EventDetail) -> float | None:

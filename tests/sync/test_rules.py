@@ -259,6 +259,143 @@ def test_delivered_and_returned_conflict_unless_checked_out_again_between() -> N
     assert kinds(next_day) == set()
 
 
+def by(courier_id: int, event: EventDetail) -> EventDetail:
+    """``event`` recorded by another courier (on the same PDA: a shared one)."""
+    return EventDetail(event.fact._replace(courier_id=courier_id), event.details)
+
+
+LOCKER_4 = {"locker_id": "L-1", "compartment": "4"}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "details"),
+    [
+        (EventType.RETURNED_TO_STATION, {}),
+        (EventType.DELIVERED, {"pod": {"signature_sha256": "b" * 64}}),
+        (EventType.DELIVERED_TO_LOCKER, {**LOCKER_4, **POD}),
+        (EventType.DELIVERED_TO_PICKUP_POINT, {"point_id": "PP-1", **POD}),
+    ],
+)
+def test_a_final_outcome_scanned_twice_is_one_outcome(
+    outcome: EventType, details: dict[str, Any]
+) -> None:
+    """The scanner beeped twice, or the courier scanned the cage and then each parcel, or
+    tapped the compartment twice: the parcel was handled once."""
+    events = [
+        ev(1, EventType.CHECKED_OUT),
+        ev(2, outcome, 30, **details),
+        ev(3, EventType.OUT_FOR_DELIVERY, 31),  # whatever comes between, but a check-out
+        ev(4, outcome, 32, **details),
+    ]
+    assert kinds(events, [consent(-10, ConsentMethod.ANY)]) == set()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (ev(2, EventType.DELIVERED_TO_LOCKER, 30, **LOCKER_4, **POD),
+         ev(3, EventType.DELIVERED_TO_LOCKER, 32, locker_id="L-1", compartment="5", **POD)),
+        (ev(2, EventType.DELIVERED_TO_LOCKER, 30, **LOCKER_4, **POD),
+         ev(3, EventType.DELIVERED_TO_LOCKER, 32, locker_id="L-2", compartment="4", **POD)),
+        (ev(2, EventType.DELIVERED_TO_PICKUP_POINT, 30, point_id="PP-1", **POD),
+         ev(3, EventType.DELIVERED_TO_PICKUP_POINT, 32, point_id="PP-2", **POD)),
+        (ev(2, EventType.RETURNED_TO_STATION, 30),
+         by(2, ev(3, EventType.RETURNED_TO_STATION, 32))),
+        (ev(2, EventType.DELIVERED_TO_LOCKER, 30, **LOCKER_4, **POD),
+         ev(3, EventType.DELIVERED_TO_PICKUP_POINT, 32, point_id="L-1", **POD)),
+    ],
+    ids=["another-compartment", "another-locker", "another-point", "another-courier",
+         "another-type"],
+)  # fmt: skip
+def test_the_same_type_elsewhere_or_by_another_courier_is_a_second_outcome(
+    first: EventDetail, second: EventDetail
+) -> None:
+    events = [ev(1, EventType.CHECKED_OUT), first, second]
+    flags = evaluate(
+        EXPRESS, events, [consent(-10, ConsentMethod.ANY)], POLICY, frozenset({"a" * 64})
+    )
+    assert set(flags) == {"conflicting_final_outcome"}
+    assert flags["conflicting_final_outcome"]["event_ids"] == [
+        first.fact.event_id,
+        second.fact.event_id,
+    ]
+
+
+def test_a_repeated_outcome_then_another_conflicts_citing_every_scan_of_both() -> None:
+    cage, parcel, delivered = (
+        ev(2, EventType.RETURNED_TO_STATION, 60),
+        ev(3, EventType.RETURNED_TO_STATION, 61),
+        ev(4, EventType.DELIVERED, 90, pod={"signature_sha256": "b" * 64}),
+    )
+    flags = evaluate(EXPRESS, [ev(1, EventType.CHECKED_OUT), cage, parcel, delivered], [], POLICY)
+    assert flags["conflicting_final_outcome"]["event_ids"] == [
+        e.fact.event_id for e in (cage, parcel, delivered)
+    ]
+
+
+def test_a_repeated_scan_voided_leaves_the_other_and_a_review() -> None:
+    first = ev(2, EventType.DELIVERED_TO_LOCKER, 30, **LOCKER_4, **POD)
+    again = ev(3, EventType.DELIVERED_TO_LOCKER, 31, **LOCKER_4, **POD)
+    events = [
+        ev(1, EventType.CHECKED_OUT),
+        first,
+        again,
+        ev(4, EventType.CORRECTION, 32, voids=first),
+    ]
+    flags = evaluate(EXPRESS, events, [], POLICY, frozenset({"a" * 64}))
+    assert set(flags) == {"unauthorized_locker_drop", "correction_review"}
+    assert flags["unauthorized_locker_drop"]["event_ids"] == [again.fact.event_id]
+
+
+def test_a_repeated_drop_without_consent_is_one_unauthorized_drop_citing_both_scans() -> None:
+    day = locker_day(**POD)
+    again = ev(4, EventType.DELIVERED_TO_LOCKER, 31, **LOCKER_4, **POD)
+    flags = evaluate(EXPRESS, [*day, again], [], POLICY, frozenset({"a" * 64}))
+    assert set(flags) == {"unauthorized_locker_drop"}
+    assert flags["unauthorized_locker_drop"]["event_ids"] == [
+        day[2].fact.event_id,
+        again.fact.event_id,
+    ]
+
+
+def test_a_drop_scanned_again_after_a_consent_was_made_before_it() -> None:
+    """The parcel went into the locker at the first scan: a consent granted before the
+    second came after the drop, and scanning again does not make it come first."""
+    day = locker_day(drop_minutes=30, **POD)
+    again = ev(4, EventType.DELIVERED_TO_LOCKER, 40, **LOCKER_4, **POD)
+    flags = evaluate(EXPRESS, [*day, again], [consent(35)], POLICY, frozenset({"a" * 64}))
+    assert set(flags) == {"consent_after_drop"}
+    assert flags["consent_after_drop"]["event_ids"] == [day[2].fact.event_id, again.fact.event_id]
+
+
+@pytest.mark.parametrize(
+    ("first_pod", "again_pod", "flagged"),
+    [
+        ({"signature_sha256": "b" * 64}, {}, set()),
+        ({}, {"signature_sha256": "b" * 64}, set()),
+        ({}, {"recipient_name": "Li"}, {"delivered_without_pod"}),
+        # express in person: a photo alone is no signature, whichever scan has it
+        ({"photo_sha256": "a" * 64}, {"recipient_name": "Li"}, {"delivered_without_pod"}),
+    ],
+    ids=["proof-then-none", "none-then-proof", "neither", "neither-complete"],
+)
+def test_a_delivery_scanned_twice_was_delivered_with_a_proof_if_one_scan_has_it(
+    first_pod: dict[str, Any], again_pod: dict[str, Any], flagged: set[str]
+) -> None:
+    """One hand-over, one proof: the repeated scan without one does not make the parcel
+    delivered without proof; with none on either, the flag cites both scans."""
+    first = ev(2, EventType.DELIVERED, 30, pod=first_pod)
+    again = ev(3, EventType.DELIVERED, 31, pod=again_pod)
+    flags = evaluate(EXPRESS, [ev(1, EventType.CHECKED_OUT), first, again], [], POLICY,
+                     frozenset({"a" * 64, "b" * 64}))  # fmt: skip
+    assert set(flags) == flagged
+    if flagged:
+        assert flags["delivered_without_pod"]["event_ids"] == [
+            first.fact.event_id,
+            again.fact.event_id,
+        ]
+
+
 def test_a_delivery_without_a_check_out_is_flagged() -> None:
     events = [ev(1, EventType.DELIVERED, 30, pod={"signature_sha256": "b" * 64})]
     assert kinds(events) == {"delivered_not_checked_out"}
@@ -547,3 +684,103 @@ def test_events_a_flag_cites_stay_with_its_station() -> None:
     judged = {"unauthorized_locker_drop": evaluate(EXPRESS, events, [], POLICY)[DROP]}
     assert set(by_station(judged, events, home=2)) == {(DROP, 1)}
     assert set(by_station(judged, events, home=2, cited={DROP: {drop: 2}})) == {(DROP, 2)}
+
+
+# None, a photo, a point's code, a signature never uploaded (pod_blob_missing)
+PODS_OR_NONE = [
+    {},
+    {"photo_sha256": "a" * 64},
+    {"pickup_code": "9"},
+    {"signature_sha256": "c" * 64},
+]
+FINAL_TYPES = [
+    EventType.DELIVERED,
+    EventType.DELIVERED_TO_LOCKER,
+    EventType.DELIVERED_TO_PICKUP_POINT,
+    EventType.RETURNED_TO_STATION,
+]
+
+
+@st.composite
+def parcel_days(draw: st.DrawFn) -> list[EventDetail]:
+    """A parcel's events on one PDA, shared by two couriers: check-outs, final outcomes
+    at two lockers' compartments and two points, with proofs or none, in person near
+    the address or far, dated anywhere in the hour (seqs even: room for a repeat)."""
+    types = [EventType.CHECKED_OUT, EventType.OUT_FOR_DELIVERY, *FINAL_TYPES * 2]
+    events = []
+    for seq in range(2, 2 * draw(st.integers(1, 7)) + 1, 2):
+        kind = draw(st.sampled_from(types))
+        details = {
+            "locker_id": draw(st.sampled_from(["L-1", "L-2"])),
+            "compartment": draw(st.sampled_from(["4", "5"])),
+            "point_id": draw(st.sampled_from(["PP-1", "PP-2"])),
+            "pod": draw(st.sampled_from(PODS_OR_NONE)),
+        }
+        lat = draw(st.sampled_from([31.2304, 31.2404]))
+        event = ev(seq, kind, draw(st.integers(0, 60)), lat=lat, lon=121.4737, **details)
+        events.append(by(draw(st.sampled_from([1, 2])), event))
+    return events
+
+
+def scanned_again(event: EventDetail) -> EventDetail:
+    """``event`` scanned again right after: the next seq, the same clock, courier, place,
+    proof and position."""
+    fact = event.fact._replace(
+        event_id=next(_ids), seq=event.fact.seq + 1, client_event_id=uuid.uuid4()
+    )
+    return EventDetail(fact, event.details, event.lat, event.lon)
+
+
+def folded(flags: dict[str, dict[str, Any]], again: int, first: int) -> dict[str, Any]:
+    """``flags`` as if the scan ``again`` were ``first`` it repeats."""
+
+    def fold(ids: list[int]) -> list[int]:
+        return list(dict.fromkeys(first if i == again else i for i in ids))
+
+    seen = {}
+    for kind, evidence in flags.items():
+        evidence = {**evidence, "event_ids": fold(evidence["event_ids"])}
+        if "distances_m" in evidence:
+            evidence["distances_m"] = [
+                d for d in evidence["distances_m"] if d["event_id"] != again
+            ]
+        seen[kind] = evidence
+    return seen
+
+
+@given(
+    day=parcel_days(),
+    which=st.integers(0, 6),
+    granted=st.lists(
+        st.tuples(st.integers(-10, 70), st.sampled_from(list(ConsentMethod))), max_size=2
+    ),
+    order=st.randoms(use_true_random=False),
+)
+def test_a_final_outcome_scanned_again_judges_as_scanned_once_whatever_the_order(
+    day: list[EventDetail],
+    which: int,
+    granted: list[tuple[int, ConsentMethod]],
+    order: Any,
+) -> None:
+    """Rule 3 for repeated scans: a final outcome scanned again changes no flag, its
+    evidence citing the repeat wherever it cites the scan it repeats, and the parcel's
+    events judge the same in whatever order they are handed over (the projection
+    orders them: arrival order, batches and duplicates never reach the rules)."""
+    finals = [e for e in day if e.fact.type in FINAL_TYPES]
+    consents = [consent(minutes, method) for minutes, method in granted]
+    blobs = frozenset({"a" * 64})
+    once = evaluate(EXPRESS, day, consents, POLICY, blobs)
+    if finals:
+        first = finals[which % len(finals)]
+        again = scanned_again(first)
+        twice_day = [*day, again]
+        twice = evaluate(EXPRESS, twice_day, consents, POLICY, blobs)
+        assert folded(twice, again.fact.event_id, first.fact.event_id) == once
+        cited = {k for k, e in twice.items() if first.fact.event_id in e["event_ids"]}
+        assert cited == {k for k, e in twice.items() if again.fact.event_id in e["event_ids"]}
+        day = twice_day
+    shuffled = list(day)
+    order.shuffle(shuffled)
+    assert evaluate(EXPRESS, shuffled, consents, POLICY, blobs) == evaluate(
+        EXPRESS, day, consents, POLICY, blobs
+    )

@@ -1393,6 +1393,69 @@ def test_rule_flags_unbalance_the_shift_that_holds_their_events(
     assert outcomes == balance.checked_out == 2
 
 
+def accounted(balance: Any) -> int:
+    """The outcomes the balance counts: each parcel checked out once, under one."""
+    return sum(
+        getattr(balance, name)
+        for name in (
+            "delivered",
+            "delivered_without_pod",
+            "unattended",
+            "unattended_without_consent",
+            "returned",
+            "missing",
+        )
+    )
+
+
+def test_a_final_outcome_scanned_twice_is_counted_once_and_balances(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The courier scans the cage of returns and then each parcel, taps a compartment
+    twice, and the scanner beeps twice at a door (the second time with no proof): each
+    parcel was handled once, and the handover closes."""
+    back, locker, door = parcels(session, world, 3, service_class=ServiceClass.PARCEL)
+    shift = pda.open()
+    drop = {"locker_id": "L1", "compartment": "2", "pod": {"pickup_code": "55"}}
+    pda.push(
+        [
+            *(pda.event(tn) for tn in (back, locker, door)),
+            pda.event(locker, "delivered_to_locker", **drop),
+            pda.event(locker, "delivered_to_locker", **drop),
+            pda.event(door, "delivered"),
+            pda.event(door, "delivered", pod={}),
+            pda.event(back, "returned_to_station"),
+            pda.event(back, "returned_to_station"),
+        ]
+    )
+    shift = pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.discrepancies) == ("balanced", [])
+    assert (balance.delivered, balance.unattended, balance.returned) == (1, 1, 1)
+    assert accounted(balance) == balance.checked_out == 3
+    raised = session.scalars(select(Flag.kind).where(Flag.status != FlagStatus.CLOSED)).all()
+    assert raised == ["pod_blob_missing"]  # the signature's image, not uploaded: a warning
+
+
+def test_an_express_drop_scanned_twice_without_consent_is_one_unauthorized_drop(
+    session: Session, world: World, pda: Pda
+) -> None:
+    (express,) = parcels(session, world, 1)
+    shift = pda.open()
+    drop = {"locker_id": "L1", "compartment": "2", "pod": {"pickup_code": "55"}}
+    checked_out = pda.event(express)
+    first, again = (pda.event(express, "delivered_to_locker", **drop) for _ in range(2))
+    pda.push([checked_out, first, again])
+    shift = pda.close(shift)
+    balance = shift_balance(session=session, shift=shift)
+    assert [d.kind for d in balance.discrepancies] == ["unauthorized_locker_drop"]
+    stored = dict(session.execute(select(ScanEvent.client_event_id, ScanEvent.id)).all())
+    scans = tuple(sorted(stored[uuid.UUID(e["client_event_id"])] for e in (first, again)))
+    assert balance.discrepancies[0].event_ids == scans
+    assert (balance.status, balance.unattended_without_consent) == ("unbalanced", 1)
+    assert accounted(balance) == balance.checked_out == 1
+
+
 def test_a_parcel_class_without_consent_rules_left_in_a_locker_is_unattended(
     session: Session, world: World, pda: Pda
 ) -> None:
@@ -2311,6 +2374,55 @@ def test_a_resolved_missing_flag_ends_the_same_however_the_late_events_are_pushe
         return flag.status
 
     n = len(kinds) + sum(voided)
+    assert run(draw_batchings(data, n)) == run([list(range(n))])
+
+
+REPEATABLE = ("returned_to_station", "delivered_to_locker", "delivered")
+
+
+@on_the_test_database()
+@given(data=st.data())
+def test_a_shift_with_repeated_outcomes_balances_the_same_however_they_are_pushed(
+    session: Session, world: World, data: st.DataObject
+) -> None:
+    """Rule 3: a shift's events with final outcomes scanned again (some in another
+    compartment: a second outcome), some voided, pushed in one batch or shuffled,
+    repeated and split into several: the same balance, its counts adding up."""
+    outcomes = data.draw(
+        st.lists(
+            st.tuples(st.sampled_from(REPEATABLE), st.sampled_from(["2", "3"]), st.booleans()),
+            min_size=1,
+            max_size=4,
+        ),
+        label="outcomes (type, compartment, voided)",
+    )
+
+    def run(batches: list[list[int]]) -> tuple[Any, ...]:
+        device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
+        (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+        pda = Pda(session, world)
+        pda.device = device
+        pda.pusher = Pusher(device.id, world.station.id, world.courier.id)
+        shift = pda.open(first_seq=1)
+        events = [pda.event(a)]
+        for kind, compartment, _ in outcomes:
+            place = {"locker_id": "L1", "compartment": compartment, "pod": {"pickup_code": "5"}}
+            events.append(pda.event(a, kind, **(place if kind == "delivered_to_locker" else {})))
+        for target, (*_, void) in zip(list(events[1:]), outcomes, strict=True):
+            if void:
+                events.append(pda.void(target))
+        for batch in batches:
+            pda.push([events[i] for i in batch])
+        shift = pda.close(shift, last_seq=len(events))
+        balance = shift_balance(session=session, shift=shift)
+        assert accounted(balance) == balance.checked_out == 1
+        return (
+            balance.summary(),
+            [(p.outcome, p.on_manifest) for p in balance.parcels],
+            sorted(d.kind for d in balance.discrepancies),
+        )
+
+    n = 1 + len(outcomes) + sum(void for *_, void in outcomes)
     assert run(draw_batchings(data, n)) == run([list(range(n))])
 
 

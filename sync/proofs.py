@@ -35,6 +35,7 @@ from sync.rules import (
     authorizes,
     drop_span,
     haversine_m,
+    judged_scan,
     needs_consent,
 )
 from sync.sql import among_at_once
@@ -335,10 +336,11 @@ def event_subject_keys(event: ScanEvent) -> list[str]:
 
 
 def _drop(proof: Proof, events: Sequence[EventDetail]) -> EventDetail | None:
-    """The proof's event as the rules read it, if it is a locker or pickup-point drop."""
+    """The proof's event as the rules read it, if it is a locker or pickup-point drop:
+    a drop scanned again is judged by its first scan (``sync.rules.judged_scan``)."""
     if proof.event.type not in DROPS:
         return None
-    return next(e for e in events if e.fact.event_id == proof.event.id)
+    return judged_scan(next(e for e in events if e.fact.event_id == proof.event.id), events)
 
 
 def proofs_consents(
@@ -372,7 +374,8 @@ def drop_consents(
     """``{drop event id: DropConsent}`` for ``(event id, parcel)`` pairs, in one to four
     queries for up to 450 parcels however many drops (parcels whose events are
     ``loaded`` already are not read again): covering the drop, granted before it, in
-    force then (rule 4). What a proof, a page of proofs and a shift's page show."""
+    force then (rule 4), a drop scanned again as at its first scan. What a proof, a page
+    of proofs and a shift's page show."""
     if not drops:
         return {}
     parcels = list({p.tracking_no: p for _, p in drops}.values())
@@ -385,6 +388,7 @@ def drop_consents(
         drop = next((e for e in events[parcel.tracking_no] if e.fact.event_id == event_id), None)
         if drop is None or drop.fact.type not in DROPS:
             continue
+        drop = judged_scan(drop, events[parcel.tracking_no])  # a repeated scan: its first
         chosen[event_id] = next(
             (
                 fact.id

@@ -520,6 +520,44 @@ def test_a_drop_a_correction_voided_is_not_shown_as_an_unauthorized_drop(
     assert "Voided by a correction: nothing to authorize" in html
 
 
+def test_a_drop_scanned_again_after_a_consent_shows_the_consent_as_after_the_drop(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The courier left an express parcel in a locker, called the recipient, captured
+    their consent and tapped the compartment again. The parcel went in at the first
+    scan: the rules judge both scans as that one drop (``consent_after_drop``, citing
+    both), and the proof of the second must not show the consent as authorizing it,
+    nor date it by its own scan."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    first = factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=1))
+    consent = factories.event(
+        3,
+        parcel.tracking_no,
+        "consent_captured",
+        occurred_at=at + dt.timedelta(minutes=2),
+        consent={"method": "locker", "channel": "phone_call"},
+    )
+    again = factories.locker_drop(4, parcel.tracking_no, at + dt.timedelta(minutes=3))
+    receipt = auth.push(
+        [factories.event(1, parcel.tracking_no, occurred_at=at), first, consent, again]
+    )
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["consent_after_drop"]
+    auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
+
+    items = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
+    details = [client.get(f"{URL}/{i['event_id']}", headers=auditor).get_json() for i in items]
+    export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
+    rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    assert len(items) == len(details) == len(rows) == 2
+    for shown in (*items, *details):
+        assert (shown["consent_required"], shown["authorizing_consent"]) == (True, None)
+    assert [row["authorizing_consent_id"] for row in rows] == ["", ""]
+    assert details[1]["judged_between"] == details[0]["judged_between"]
+    assert details[0]["judged_between"]["latest"] < details[1]["occurred_at"]
+
+
 def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_export(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

@@ -90,6 +90,8 @@ DELIVERIES = (
     EventType.DELIVERED_TO_LOCKER,
     EventType.DELIVERED_TO_PICKUP_POINT,
 )
+FINAL_OUTCOMES = {t.value for t in (*DELIVERIES, EventType.RETURNED_TO_STATION)}
+PLACE_FIELDS = ("locker_id", "compartment", "point_id")  # what a repeated scan repeats
 # Proofs of delivery: none, a pickup code, a signature never uploaded (pod_blob_missing).
 PODS = [{}, {"pickup_code": "1234"}, {"signature_sha256": "5" * 64}]
 # Clock offsets the PDA may have at send time; 4 minutes is beyond the 2-minute flag bound.
@@ -119,15 +121,26 @@ FACTORY_DATE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 @st.composite
 def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """A device's whole day: seq 1..n, some events malformed, some corrections."""
+    """A device's whole day: seq 1..n, some events malformed, some corrections, some
+    final outcomes scanned again (a scanner beeping twice; a locker drop perhaps in
+    another compartment, a second outcome)."""
     events: list[dict[str, Any]] = []
     for seq in range(1, draw(st.integers(1, 10)) + 1):
         kind = draw(
-            st.sampled_from(["status"] * 6 + ["consent", "request", "correction", "malformed"])
+            st.sampled_from(
+                ["status"] * 6 + ["consent", "request", "correction", "malformed", "again"]
+            )
         )
         tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN]))
         event_type = draw(st.sampled_from(STATUS_TYPES))
         extra = dict(EXTRA_FIELDS.get(event_type, {}))
+        finals = [e for e in events if e["type"] in FINAL_OUTCOMES and "colour" not in e]
+        if kind == "again" and finals:
+            scanned = draw(st.sampled_from(finals))
+            tracking_no, event_type = scanned["tracking_no"], EventType(scanned["type"])
+            extra = {k: v for k, v in scanned.items() if k in PLACE_FIELDS}
+        if event_type == EventType.DELIVERED_TO_LOCKER:
+            extra["compartment"] = draw(st.sampled_from([extra["compartment"]] * 3 + ["8"]))
         if kind in ("consent", "request"):
             event_type = (
                 EventType.CONSENT_CAPTURED if kind == "consent" else EventType.CONSENT_REQUESTED

@@ -510,32 +510,42 @@ def _optional(parse: Callable[[Any, str], Any]) -> tuple[bool, Callable[[Any, st
     return False, parse
 
 
-POD = _object(
-    {
-        "recipient_name": (False, _text_parser(200)),
-        "relation": (False, _text_parser(64)),
-        "signature_sha256": (False, _sha256),
-        "photo_sha256": (False, _sha256),
-        "pickup_code": (False, _text_parser(32)),
-    }
-)
-CONSENT = _object(
-    {
-        "method": (True, _choice(CONSENT_METHODS)),
-        "point_id": (False, _text_parser(64)),
-        "channel": (True, _choice(CONSENT_CHANNELS)),
-        "evidence": (False, _text_parser(500)),
-    }
-)
+# The objects an event may carry, each field (required, parser): kept as specs so that
+# the API's documentation of the push can be checked against them (``object_fields``).
+_POD_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
+    "recipient_name": (False, _text_parser(200)),
+    "relation": (False, _text_parser(64)),
+    "signature_sha256": (False, _sha256),
+    "photo_sha256": (False, _sha256),
+    "pickup_code": (False, _text_parser(32)),
+}
+_CONSENT_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
+    "method": (True, _choice(CONSENT_METHODS)),
+    "point_id": (False, _text_parser(64)),
+    "channel": (True, _choice(CONSENT_CHANNELS)),
+    "evidence": (False, _text_parser(500)),
+}
 # A consent asked for at the door: sent to the recipient, answered through the API.
-CONSENT_REQUEST = _object(
-    {
-        "method": (True, _choice(CONSENT_METHODS)),
-        "point_id": (False, _text_parser(64)),
-        "channel": (False, _choice(REQUEST_CHANNELS)),
-        "expires_at": (False, lambda raw, name: parse_time(raw, field=name).isoformat()),
+_CONSENT_REQUEST_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
+    "method": (True, _choice(CONSENT_METHODS)),
+    "point_id": (False, _text_parser(64)),
+    "channel": (False, _choice(REQUEST_CHANNELS)),
+    "expires_at": (False, lambda raw, name: parse_time(raw, field=name).isoformat()),
+}
+POD = _object(_POD_FIELDS)
+CONSENT = _object(_CONSENT_FIELDS)
+CONSENT_REQUEST = _object(_CONSENT_REQUEST_FIELDS)
+
+
+def object_fields() -> dict[str, dict[str, bool]]:
+    """The objects an event's type-specific fields may carry, by the field that holds
+    them: each of their fields and whether it is required."""
+    return {
+        "pod": {name: required for name, (required, _) in _POD_FIELDS.items()},
+        "consent": {name: required for name, (required, _) in _CONSENT_FIELDS.items()},
+        "request": {name: required for name, (required, _) in _CONSENT_REQUEST_FIELDS.items()},
     }
-)
+
 
 # Type-specific fields: name -> (required, parser). Parsed values go to ``details``.
 _TYPE_FIELDS: dict[EventType, dict[str, tuple[bool, Callable[[Any, str], Any]]]] = {

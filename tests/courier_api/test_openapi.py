@@ -1,12 +1,15 @@
 """The committed openapi/openapi.json is the API's reference: it must match the code."""
 
 import json
+import re
 from pathlib import Path
 
 from flask import Flask
 from flask.testing import FlaskClient
 
 from courier_api.extensions import api
+from models import EventType
+from sync.events import COMMON_FIELDS, object_fields, type_fields
 
 SPEC_FILE = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 
@@ -49,3 +52,49 @@ def test_every_protected_operation_documents_401_and_403(app: Flask) -> None:
         "post /api/v1/auth/token",
     ]
     assert len(protected) >= 12
+
+
+def _schema(spec: dict, node: dict) -> dict:
+    """A property's schema with its ``$ref`` (or a one-item ``allOf`` of it) followed."""
+    if "allOf" in node and len(node["allOf"]) == 1:
+        node = node["allOf"][0]
+    if "$ref" in node:
+        node = spec["components"]["schemas"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def _names_type(description: str, event_type: str) -> bool:
+    """A field's description names the event type carrying it, or a ``prefix*`` of it."""
+    words = re.findall(r"[a-z_]+\*?", description)
+    return any(
+        word == event_type or (word.endswith("*") and event_type.startswith(word[:-1]))
+        for word in words
+    )
+
+
+def test_the_push_documents_every_field_an_event_may_carry(app: Flask) -> None:
+    """A PDA developer writes events from ``ScanEventIn``: each field the engine takes is
+    there, with the event types that carry it, and each object's fields, required ones
+    marked. A ``consent_requested`` event's ``request`` was missing (the schema says
+    ``additionalProperties: false``), and ``collected_from_locker``'s ``locker_id`` and
+    ``compartment`` were described as a locker drop's only."""
+    with app.app_context():
+        spec = json.loads(json.dumps(api.spec.to_dict()))
+    event = spec["components"]["schemas"]["ScanEventIn"]
+    carried_by: dict[str, set[str]] = {}
+    for event_type in EventType:
+        for name in type_fields(event_type):
+            carried_by.setdefault(name, set()).add(event_type.value)
+    assert set(event["properties"]) == COMMON_FIELDS | set(carried_by)
+    undescribed = {
+        name: sorted(
+            t for t in types if not _names_type(event["properties"][name]["description"], t)
+        )
+        for name, types in carried_by.items()
+    }
+    assert {name: types for name, types in undescribed.items() if types} == {}
+    for name, fields in object_fields().items():
+        documented = _schema(spec, event["properties"][name])
+        assert set(documented["properties"]) == set(fields), name
+        required = {field for field, needed in fields.items() if needed}
+        assert set(documented.get("required", [])) == required, name

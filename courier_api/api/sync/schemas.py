@@ -19,6 +19,7 @@ from sync.events import (
     EXCEPTION_REASONS,
     FAILED_ATTEMPT_ACTIONS,
     FAILED_ATTEMPT_REASONS,
+    REQUEST_CHANNELS,
     EventRejected,
     parse_time,
 )
@@ -53,6 +54,26 @@ class CapturedConsent(ma.Schema):
     point_id = ma.fields.String()
     channel = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_CHANNELS)})
     evidence = ma.fields.String()
+
+
+class ConsentRequested(ma.Schema):
+    method = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_METHODS)})
+    point_id = ma.fields.String(
+        metadata={"description": "The locker or pickup point the courier proposes"}
+    )
+    channel = ma.fields.String(
+        metadata={
+            "enum": sorted(REQUEST_CHANNELS),
+            "description": "How to ask (the channel decides)",
+        }
+    )
+    expires_at = ma.fields.String(
+        metadata={
+            "format": "date-time",
+            "description": "Device clock, with an offset. Default: "
+            "CONSENT_REQUEST_TTL_MINUTES after the event; at most 24 h",
+        }
+    )
 
 
 class ScanEventIn(ma.Schema):
@@ -100,8 +121,12 @@ class ScanEventIn(ma.Schema):
             "description": "delivery_attempt_failed: " + ", ".join(sorted(FAILED_ATTEMPT_ACTIONS))
         }
     )
-    locker_id = ma.fields.String(metadata={"description": "delivered_to_locker"})
-    compartment = ma.fields.String(metadata={"description": "delivered_to_locker"})
+    locker_id = ma.fields.String(
+        metadata={"description": "delivered_to_locker; collected_from_locker (optional)"}
+    )
+    compartment = ma.fields.String(
+        metadata={"description": "delivered_to_locker; collected_from_locker (optional)"}
+    )
     point_id = ma.fields.String(metadata={"description": "delivered_to_pickup_point"})
     pod = ma.fields.Nested(
         ProofOfDelivery,
@@ -112,6 +137,13 @@ class ScanEventIn(ma.Schema):
         },
     )
     consent = ma.fields.Nested(CapturedConsent, metadata={"description": "consent_captured"})
+    request = ma.fields.Nested(
+        ConsentRequested,
+        metadata={
+            "description": "consent_requested: asks the recipient to agree to a locker or "
+            "pickup point; the answer comes back in the pull feed"
+        },
+    )
     voids_client_event_id = ma.fields.UUID(
         metadata={"description": "correction: an earlier event of this device"}
     )

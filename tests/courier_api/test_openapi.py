@@ -98,3 +98,16 @@ def test_the_push_documents_every_field_an_event_may_carry(app: Flask) -> None:
         assert set(documented["properties"]) == set(fields), name
         required = {field for field, needed in fields.items() if needed}
         assert set(documented.get("required", [])) == required, name
+
+
+def test_the_push_says_to_set_seq_conflicts_apart_before_pruning(app: Flask) -> None:
+    """A PDA pruning up to ``acked_through_seq`` as the reference said deleted the
+    events rejected ``seq_conflict``, which the server does not hold (their seq is
+    another event's): the push and its receipt's field say to set them apart first."""
+    with app.app_context():
+        spec = api.spec.to_dict()
+    push = spec["paths"]["/api/v1/sync/push"]["post"]["description"]
+    acked = spec["components"]["schemas"]["PushReceipt"]["properties"]["acked_through_seq"]
+    for text in (push, acked["description"]):
+        assert "seq_conflict" in text
+        assert re.search(r"set (it |them )?apart", " ".join(text.lower().split()))

@@ -373,6 +373,54 @@ def test_an_event_rejected_seq_conflict_is_acknowledged_by_seq_and_taken_renumbe
     assert again["acked_through_seq"] == 4
 
 
+def test_seq_conflicts_renumbered_from_device_max_seq_take_the_pdas_unsent_seqs(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """README, step 4 of "Read the results before you prune": the events set apart
+    take seqs after the higher of ``device_max_seq`` and the highest seq the PDA has
+    given. A scan recorded while the push was out (seq 3, not sent yet) is beyond
+    ``device_max_seq``: renumbered from ``device_max_seq + 1`` as the README said,
+    a set-apart event took its seq and one of the two was refused again."""
+    tn = parcel.tracking_no
+    assert push(client, courier, [ev(1, tn), ev(2, tn, "out_for_delivery")]).status_code == 200
+    set_apart = [ev(1, tn, "out_for_delivery"), ev(2, tn, "returned_to_station")]
+    receipt = push(client, courier, set_apart).get_json()
+    assert [r["error"]["code"] for r in receipt["results"]] == ["seq_conflict"] * 2
+    recorded_meanwhile = ev(3, tn, "exception", reason="damaged")
+    signed_in = client.post(
+        "/api/v1/auth/token",
+        json={"username": "courier1", "password": factories.PASSWORD, "device_id": "PDA-0001"},
+    ).get_json()
+    assert signed_in["device_max_seq"] == 2  # the PDA has given 3
+
+    from_device_max_seq = [{**e, "seq": 3 + i} for i, e in enumerate(set_apart)]
+    receipt = push(client, courier, from_device_max_seq).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    refused = push(client, courier, [recorded_meanwhile]).get_json()["results"][0]
+    assert refused["error"]["code"] == "seq_conflict"  # the README's old step 4
+
+
+def test_seq_conflicts_renumbered_after_the_highest_seq_given_keep_every_event(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """The same PDA following step 4 as it now reads: every event is applied once."""
+    tn = parcel.tracking_no
+    push(client, courier, [ev(1, tn), ev(2, tn, "out_for_delivery")])
+    set_apart = [ev(1, tn, "out_for_delivery"), ev(2, tn, "returned_to_station")]
+    push(client, courier, set_apart)
+    recorded_meanwhile = ev(3, tn, "exception", reason="damaged")
+    device_max_seq = client.post(
+        "/api/v1/auth/token",
+        json={"username": "courier1", "password": factories.PASSWORD, "device_id": "PDA-0001"},
+    ).get_json()["device_max_seq"]
+    highest_given = 3
+    start = max(device_max_seq, highest_given) + 1
+    renumbered = [{**e, "seq": start + i} for i, e in enumerate(set_apart)]
+    receipt = push(client, courier, [recorded_meanwhile, *renumbered]).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (5, [])
+
+
 def test_clock_skew_is_reported_and_flagged(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

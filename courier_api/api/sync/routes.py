@@ -72,11 +72,17 @@ class Push(MethodView):
         a batch with the same `batch_id` returns the same receipt and changes
         nothing; the same `batch_id` with other events is a 409 `batch_id_reused`.
 
-        The receipt is sent only after the batch is committed. Delete events from
-        the PDA only up to `acked_through_seq`; `missing_seqs` lists gaps the server
-        is still waiting for. On a 503 or no answer at all, keep everything and
-        send the same batch again: a replay is always safe. `clock_offset_ms` is
-        the PDA clock minus the server clock; event times are corrected by it.
+        The receipt is sent only after the batch is committed. Read its results
+        before pruning: an event rejected `seq_conflict` took a seq another event
+        of the PDA holds, so `acked_through_seq` may pass it though the server
+        holds nothing of it. Set it apart, sign in again and send it under a new
+        seq, after both the new `device_max_seq` and the highest seq the PDA has
+        given (it may keep its `client_event_id`). Drop every other rejected event.
+        Then delete events from the PDA only up to `acked_through_seq`;
+        `missing_seqs` lists gaps the server is still waiting for. On a 503 or no
+        answer at all, keep everything and send the same batch again: a replay is
+        always safe. `clock_offset_ms` is the PDA clock minus the server clock;
+        event times are corrected by it.
         """
         principal = current_principal()
         if body["device_id"] != principal.device_id:

@@ -208,7 +208,11 @@ class PushReceipt(ma.Schema):
     results = ma.fields.List(ma.fields.Nested(EventResult), required=True)
     acked_through_seq = ma.fields.Integer(
         required=True,
-        metadata={"description": "Every event up to this seq is held: prune up to it"},
+        metadata={
+            "description": "Every seq up to this one is held. Set apart the events "
+            "rejected seq_conflict first (their seq is another event's, which is what is "
+            "held; send them again under new seqs), then prune up to it"
+        },
     )
     missing_seqs = ma.fields.List(
         ma.fields.Integer(),

@@ -263,7 +263,11 @@ def _verify(token: str, secret: str) -> dict[str, Any]:
     except jwt.ExpiredSignatureError:
         raise _expired() from None
     except jwt.PyJWTError as exc:
-        raise AuthenticationFailed(f"the token is invalid: {exc}", code="token_invalid") from None
+        raise AuthenticationFailed(
+            f"the token is invalid ({exc}): send the access_token of a sign-in as it was "
+            "given, or sign in again",
+            code="token_invalid",
+        ) from None
     if (
         not str(claims["sub"]).isdigit()
         or claims["role"] not in ROLE_VALUES

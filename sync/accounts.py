@@ -122,12 +122,16 @@ def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) 
     device = session.get(Device, device_id)
     if device is None or device.station_id != user.station_id:
         raise PermissionDenied(
-            f"device {device_id} is not registered at your station", code="device_not_allowed"
+            f"device {device_id} is not registered at your station; sign in with the id "
+            "of a PDA of your station, as a manager registered it",
+            code="device_not_allowed",
+            field="device_id",
         )
     if device.status != DeviceStatus.ACTIVE:
         raise PermissionDenied(
             f"device {device_id} is {device.status.value} and cannot be used",
             code="device_not_active",
+            field="device_id",
         )
     return device
 

@@ -207,7 +207,7 @@ def validate_event(raw: Any, *, rules: EventRules) -> ValidEvent:
     if not raw.keys() <= _ALLOWED_FIELDS[event_type]:
         unknown = sorted(set(raw) - _ALLOWED_FIELDS[event_type])
         raise EventRejected(
-            f"unknown field {unknown[0]!r} for a {event_type.value} event",
+            f"unknown field {unknown[0]!r} for an event of type {event_type.value}",
             code="unknown_field",
             field=storable_name(str(unknown[0]))[:64],
         )

@@ -636,7 +636,9 @@ class _BatchIngest:
 
     def _seq_conflict(self, index: int, event: ValidEvent, owner: uuid.UUID) -> None:
         error = EventRejected(
-            f"seq {event.seq} already belongs to event {owner} of this device",
+            f"seq {event.seq} already belongs to event {owner} of this device, so this "
+            "event was not stored: keep it, sign in again and send it under a new seq, "
+            "after the new device_max_seq and the highest seq the PDA has given",
             code="seq_conflict",
             field="seq",
         )

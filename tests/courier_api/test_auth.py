@@ -114,6 +114,44 @@ def test_courier_cannot_use_an_unknown_device(client: FlaskClient, world: World)
     assert error_code(response) == "device_not_allowed"
 
 
+@pytest.mark.parametrize(
+    ("device_id", "status", "code"),
+    [
+        ("PDA-9999", None, "device_not_allowed"),
+        ("PDA-0002", None, "device_not_allowed"),
+        ("PDA-OLD", DeviceStatus.RETIRED, "device_not_active"),
+    ],
+)
+def test_a_device_refused_at_sign_in_is_named_as_the_field_at_fault(
+    client: FlaskClient,
+    world: World,
+    session: Session,
+    device_id: str,
+    status: DeviceStatus | None,
+    code: str,
+) -> None:
+    """A PDA developer reads ``errors`` for the field to fix: the device id typed or
+    configured on the PDA, not the password."""
+    if status is not None:
+        factories.device(session, device_id, world.station, status=status)
+        session.commit()
+    response = sign_in(client, username="courier1", device_id=device_id)
+    assert response.status_code == 403
+    body = response.get_json()
+    assert (body["code"], list(body["errors"])) == (code, ["device_id"])
+    assert device_id in body["errors"]["device_id"][0]
+
+
+def test_a_token_that_does_not_decode_says_to_send_it_as_given_or_sign_in_again(
+    client: FlaskClient, world: World
+) -> None:
+    """The library's reason alone ('Invalid header padding') told a PDA developer
+    nothing of what to do."""
+    response = client.get(PROTECTED_URL, headers=bearer("x.y.z"))
+    assert error_code(response) == "token_invalid"
+    assert "sign in again" in response.get_json()["message"]
+
+
 @pytest.mark.parametrize("status", [DeviceStatus.RETIRED, DeviceStatus.LOST])
 def test_retired_or_lost_device_gets_no_token(
     client: FlaskClient, world: World, session: Session, status: DeviceStatus

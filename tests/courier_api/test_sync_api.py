@@ -367,6 +367,7 @@ def test_an_event_rejected_seq_conflict_is_acknowledged_by_seq_and_taken_renumbe
     receipt = push(client, courier, after_reset).get_json()
     assert [r["status"] for r in receipt["results"]] == ["rejected", "applied"]
     assert receipt["results"][0]["error"]["code"] == "seq_conflict"
+    assert "not stored" in receipt["results"][0]["error"]["message"]  # so: keep it
     assert receipt["acked_through_seq"] == 3  # past the seq of the event it did not take
     again = push(client, courier, [{**after_reset[0], "seq": 4}]).get_json()
     assert [r["status"] for r in again["results"]] == ["applied"]

@@ -227,6 +227,15 @@ def test_a_correction_cannot_void_itself() -> None:
     assert rejection(raw) == ("correction_voids_itself", "voids_client_event_id")
 
 
+def test_an_unknown_field_is_named_with_the_type_that_does_not_take_it() -> None:
+    """It read 'unknown field 'locker_id' for a out_for_delivery event'."""
+    with pytest.raises(EventRejected) as refused:
+        validate_event(event(type="out_for_delivery", locker_id="L1"), rules=RULES)
+    assert refused.value.message == (
+        "unknown field 'locker_id' for an event of type out_for_delivery"
+    )
+
+
 @pytest.mark.parametrize(
     "occurred_at",
     [

@@ -1015,6 +1015,35 @@ def test_bad_open_requests_are_422_naming_the_field(
         assert response.get_json()["code"] == "invalid_planned_end"
 
 
+def test_a_pda_that_lost_its_storage_finds_its_shift_and_closes_it_balanced(
+    client: FlaskClient, auth: Auth, pda: Courier, session: Session, world: World
+) -> None:
+    """README, "A PDA that lost its storage": sign in, number on from
+    ``device_max_seq + 1``, find the open shift by the documented filters (the
+    README named them ``device`` and ``courier``, a 422 ``Unknown field``), go on with
+    it and close it with its ``last_seq``: the balance counts every event."""
+    parcels = [factories.parcel(session, world.station) for _ in range(2)]
+    session.commit()
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(p.tracking_no) for p in parcels])
+    reset = Courier(client, auth, "courier1", "PDA-0001")  # nothing kept on the PDA
+    signed_in = client.post(
+        "/api/v1/auth/token",
+        json={"username": "courier1", "password": factories.PASSWORD, "device_id": "PDA-0001"},
+    ).get_json()
+    reset.seq = signed_in["device_max_seq"]
+    found = client.get(
+        SHIFTS, query_string={"status": "open", "device_id": "PDA-0001"}, headers=reset.headers
+    )
+    assert found.status_code == 200, found.get_json()
+    assert [s["id"] for s in found.get_json()["items"]] == [shift["id"]]
+    reset.push([reset.event(p.tracking_no, "returned_to_station") for p in parcels])
+    assert reset.close(shift["id"], last_seq=reset.seq).status_code == 200
+    balance = client.get(f"{SHIFTS}/{shift['id']}/balance", headers=reset.headers).get_json()
+    assert (balance["status"], balance["checked_out"], balance["returned"]) == ("balanced", 2, 2)
+    assert balance["missing_seqs"] == []
+
+
 def test_first_seq_already_used_is_a_conflict(
     client: FlaskClient, session: Session, world: World, pda: Courier
 ) -> None:

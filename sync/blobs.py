@@ -213,11 +213,13 @@ def inspect_image(data: bytes) -> ImageInfo:
                 raise InvalidInput(
                     f"a {image.format} image is not accepted; send PNG, JPEG or WebP",
                     code="unsupported_image_type",
+                    field="body",
                 )
             if width * height > MAX_PIXELS:  # checked before decoding a pixel
                 raise InvalidInput(
                     f"the image has {width}x{height} pixels; the limit is {MAX_PIXELS:,}",
                     code="image_too_large",
+                    field="body",
                 )
             image.load()  # decode it all: a truncated or corrupt file fails here
     except InvalidInput:
@@ -231,7 +233,9 @@ def inspect_image(data: bytes) -> ImageInfo:
         Image.DecompressionBombWarning,
     ):
         raise InvalidInput(
-            "the bytes are not a readable PNG, JPEG or WebP image", code="not_an_image"
+            "the bytes are not a readable PNG, JPEG or WebP image",
+            code="not_an_image",
+            field="body",
         ) from None
     return ImageInfo(media_type, width, height)
 

@@ -27,7 +27,13 @@ class ErrorSchema(ma.Schema):
     status = ma.fields.Integer(required=True, metadata={"description": "HTTP status"})
     message = ma.fields.String(required=True, metadata={"description": "Human explanation"})
     errors = ma.fields.Dict(
-        metadata={"description": "Per-field messages, keyed by location then field"}
+        metadata={
+            "description": "The fields at fault, each with its messages. A 422 "
+            "validation_error (the request did not fit its schema) keys them by location, "
+            "then field (errors.json.password, errors.query.limit); any other error by the "
+            "field alone (errors.device_id, errors.sha256, errors.body). Absent when no one "
+            "field is at fault"
+        }
     )
 
 

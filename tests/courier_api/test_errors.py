@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+from tests import factories
 from tests.conftest import Auth, World, make_test_app
 
 
@@ -94,3 +95,24 @@ def failing_client(database_url: str, tmp_path: Path) -> FlaskClient:
 def test_500_is_json_and_hides_the_details(failing_client: FlaskClient) -> None:
     body = assert_error_shape(failing_client.get("/api/v1/_boom"), 500, "internal_error")
     assert "secret" not in body["message"]
+
+
+def test_errors_are_keyed_as_the_reference_says_by_location_or_by_field(
+    client: FlaskClient, world: World
+) -> None:
+    """The reference said every ``errors`` was keyed by location then field: a PDA
+    reading ``errors[location][field]`` broke on a domain error's flat
+    ``{"device_id": [...]}``. Both shapes are documented, each by its example."""
+    invalid = client.post("/api/v1/auth/token", json={"username": "courier1"})
+    assert_error_shape(invalid, 422, "validation_error")
+    assert list(invalid.get_json()["errors"]) == ["json"]
+    assert "password" in invalid.get_json()["errors"]["json"]
+    refused = client.post(
+        "/api/v1/auth/token",
+        json={"username": "courier1", "password": factories.PASSWORD},
+    )
+    assert_error_shape(refused, 422, "device_required")
+    assert isinstance(refused.get_json()["errors"]["device_id"], list)
+    spec = client.get("/openapi.json").get_json()
+    described = spec["components"]["schemas"]["Error"]["properties"]["errors"]["description"]
+    assert "errors.json.password" in described and "errors.device_id" in described

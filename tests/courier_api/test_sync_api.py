@@ -96,6 +96,25 @@ def test_a_batch_id_reused_with_other_events_is_409(
     assert response.get_json()["code"] == "batch_id_reused"
 
 
+def test_a_retry_with_its_events_in_another_order_is_409_and_sent_anew_loses_nothing(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """README, "Retry": a PDA rebuilding its unanswered batch from a query that
+    orders it otherwise gets a 409 (results are by index), and the documented way out,
+    a new ``batch_id``, stores nothing twice: the held events come back duplicate."""
+    tn = parcel.tracking_no
+    events = [ev(1, tn), ev(2, tn, "out_for_delivery")]
+    batch_id = str(uuid.uuid4())
+    assert push(client, courier, events, batch_id=batch_id).status_code == 200
+    reordered = push(client, courier, events[::-1], batch_id=batch_id)
+    assert reordered.status_code == 409
+    assert reordered.get_json()["code"] == "batch_id_reused"
+    anew = push(client, courier, [*events[::-1], ev(3, tn, "returned_to_station")]).get_json()
+    assert [r["status"] for r in anew["results"]] == ["duplicate", "duplicate", "applied"]
+    assert (anew["acked_through_seq"], anew["missing_seqs"]) == (3, [])
+    assert len(session.scalars(select(ScanEvent)).all()) == 3
+
+
 def test_a_duplicate_and_a_conflicting_duplicate(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

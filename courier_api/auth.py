@@ -246,7 +246,8 @@ def decode_token(token: str, *, expected_type: str) -> dict[str, Any]:
         verified.keep(token, secret, claims)
     if claims["typ"] != expected_type:
         raise AuthenticationFailed(
-            f"a {claims['typ']} token cannot be used here; send the {expected_type} token",
+            f"this is the {claims['typ']} token, which cannot be used here; send the "
+            f"{expected_type} token",
             code="wrong_token_type",
         )
     return claims

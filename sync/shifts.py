@@ -301,8 +301,10 @@ def _open_shift(
         used = max((u for u in (used, declared) if u is not None), default=None)
         if used is not None and first_seq <= used:
             raise Conflict(
-                f"first_seq {first_seq} is already used: this PDA's seq {used} belongs "
-                "to an earlier shift; declare the seq the shift's first event carries",
+                f"first_seq {first_seq} is already used: this PDA's seqs up to {used} "
+                "belong to earlier shifts; declare the seq the shift's first event will "
+                f"carry, after {used} (a PDA that lost its storage: the device_max_seq "
+                "of its sign-in + 1)",
                 code="first_seq_used",
                 field="first_seq",
             )

@@ -264,6 +264,7 @@ def test_refresh_token_is_not_an_access_token(
     response = client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["access_token"]})
     assert response.status_code == 401
     assert error_code(response) == "wrong_token_type"
+    assert response.get_json()["message"].startswith("this is the access token,")  # not "a access"
 
 
 def _claims_for(world: World, **changes) -> dict:

@@ -1053,6 +1053,9 @@ def test_first_seq_already_used_is_a_conflict(
     assert pda.close(earlier["id"]).status_code == 200
     response = client.post(SHIFTS, json={"first_seq": 2}, headers=pda.headers)
     assert response.status_code == 409 and response.get_json()["code"] == "first_seq_used"
+    # It says which seq to declare: it read "this PDA's seq 2 belongs to an earlier
+    # shift", as if seq 2 alone were taken.
+    assert "after 2" in response.get_json()["errors"]["first_seq"][0]
 
 
 def test_a_first_seq_another_shift_declared_its_own_is_a_conflict(

@@ -593,7 +593,9 @@ def _already_open(session: Session, current: Shift, *, courier_id: int) -> Confl
     station, which the PDA belongs to."""
     if current.courier_id == courier_id:
         return Conflict(
-            f"this PDA already has your shift {current.id} open; close it first",
+            f"this PDA already has your shift {current.id} open: go on with it (events "
+            "without a shift_id are filed under it), or, if its work is handed over, "
+            "close it first",
             code="shift_already_open",
         )
     holder = session.get(User, current.courier_id)

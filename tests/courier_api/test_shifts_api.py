@@ -968,6 +968,17 @@ def test_one_open_shift_per_pda(client: FlaskClient, pda: Courier) -> None:
     assert "close it first" in again.get_json()["message"]
 
 
+def test_a_pda_told_its_own_shift_is_open_is_told_to_go_on_with_it(
+    client: FlaskClient, pda: Courier
+) -> None:
+    """A PDA that lost its storage mid-shift and opens one is told of the shift it is
+    in: 'close it first' alone sent it to close the day's shift at noon, its parcels
+    still out then missing at handover."""
+    shift = pda.open()
+    message = client.post(SHIFTS, json={}, headers=pda.headers).get_json()["message"]
+    assert f"shift {shift['id']} open: go on with it" in message
+
+
 def test_the_next_courier_on_a_pda_left_with_an_open_shift_is_told_a_manager_closes_it(
     client: FlaskClient, session: Session, world: World, auth: Auth, pda: Courier
 ) -> None:

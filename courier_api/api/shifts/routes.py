@@ -57,8 +57,9 @@ class Shifts(MethodView):
 
         For the PDA the courier signed in with, at the station, before the day's
         check-outs. One shift may be open per PDA (409 `shift_already_open`:
-        the courier's own is theirs to close; another courier's, left open, a
-        manager's, and the message says which).
+        the courier's own is theirs to go on with, or to close at the handover; another
+        courier's, left open, a manager's, and the message says which). A PDA that
+        lost its storage finds its open shift with `GET /shifts?status=open&device_id=`.
         Scan events are filed under the shift the PDA names in `shift_id`, or
         else under the shift the PDA had open when they happened. Declaring
         `first_seq` (and `last_seq` when closing) lets the server tell which

@@ -265,8 +265,8 @@ def _verify(token: str, secret: str) -> dict[str, Any]:
         raise _expired() from None
     except jwt.PyJWTError as exc:
         raise AuthenticationFailed(
-            f"the token is invalid ({exc}): send the access_token of a sign-in as it was "
-            "given, or sign in again",
+            f"the token is invalid ({exc}): send the token exactly as the sign-in or "
+            "refresh gave it, or sign in again",
             code="token_invalid",
         ) from None
     if (

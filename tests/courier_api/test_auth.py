@@ -150,6 +150,9 @@ def test_a_token_that_does_not_decode_says_to_send_it_as_given_or_sign_in_again(
     response = client.get(PROTECTED_URL, headers=bearer("x.y.z"))
     assert error_code(response) == "token_invalid"
     assert "sign in again" in response.get_json()["message"]
+    refused = client.post("/api/v1/auth/refresh", json={"refresh_token": "x.y.z"})
+    assert error_code(refused) == "token_invalid"
+    assert "access_token" not in refused.get_json()["message"]  # a refresh sends the other
 
 
 @pytest.mark.parametrize("status", [DeviceStatus.RETIRED, DeviceStatus.LOST])

@@ -97,6 +97,8 @@ def http_exception_body(error: HTTPException) -> tuple[dict[str, Any], dict[str,
         headers.update((k, v) for k, v in error.get_headers() if k == "Allow")
     message = data.get("message") or _default_message(status, error)
     errors = data.get("errors") or data.get("messages")
+    if status == 413 and not errors:  # the field at fault is the body, as for an image
+        errors = {"body": [message]}
     return error_body(status, code=data.get("code"), message=message, errors=errors), headers
 
 
@@ -109,7 +111,10 @@ def _default_message(status: int, error: HTTPException) -> str:
             if has_request_context()
             else current_app.config.get("MAX_CONTENT_LENGTH")
         )
-        return f"request body is larger than the limit of {limit} bytes"
+        return (
+            f"request body is larger than the limit of {limit} bytes; nothing was stored: "
+            "send less in one request (a push: fewer events per batch)"
+        )
     return DEFAULT_MESSAGES.get(status) or error.description or HTTPStatus(status).phrase
 
 

@@ -69,6 +69,18 @@ def test_413_body_over_the_limit(database_url: str, tmp_path: Path) -> None:
     assert "1024" in body["message"]
 
 
+def test_413_names_the_body_and_says_to_send_less(database_url: str, tmp_path: Path) -> None:
+    """A PDA whose push is over the byte limit reads errors for the field at fault, as
+    for an image too large (errors.body), and learns nothing was stored: split it."""
+    app = make_test_app(database_url, tmp_path, MAX_CONTENT_LENGTH=1024)
+    response = app.test_client().post(
+        "/api/v1/auth/token", data="x" * 4096, content_type="application/json"
+    )
+    body = assert_error_shape(response, 413, "payload_too_large")
+    assert body["errors"] == {"body": [body["message"]]}
+    assert "nothing was stored" in body["message"]
+
+
 def test_422_names_the_field(client: FlaskClient, world: World, auth: Auth) -> None:
     response = client.post("/api/v1/stations", json={"code": "X1"}, headers=auth.headers("admin"))
     body = assert_error_shape(response, 422, "validation_error")

@@ -97,7 +97,8 @@ class Push(MethodView):
         limit = current_app.config["MAX_EVENTS_PER_PUSH"]
         if len(body["events"]) > limit:
             raise LimitExceeded(
-                f"{len(body['events'])} events in one push; the limit is {limit}",
+                f"{len(body['events'])} events in one push; the limit is {limit}; nothing "
+                "was stored: send them in smaller batches",
                 field="events",
             )
         assert principal.station_id is not None  # couriers always belong to a station

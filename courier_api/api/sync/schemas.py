@@ -184,8 +184,19 @@ class EventError(ma.Schema):
 
 
 class EventResult(ma.Schema):
-    index = ma.fields.Integer(required=True)
-    client_event_id = ma.fields.String(allow_none=True, required=True)
+    index = ma.fields.Integer(
+        required=True,
+        metadata={"description": "The event's position in the pushed events list, from 0"},
+    )
+    client_event_id = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The event's client_event_id as the PDA wrote it; null when the "
+            "event carried none that could be read (not an object, the id missing, or not a "
+            "string of up to 64 characters): find it by index"
+        },
+    )
     status = ma.fields.String(
         required=True, metadata={"enum": ["applied", "duplicate", "rejected"]}
     )
@@ -219,7 +230,13 @@ class PushReceipt(ma.Schema):
         required=True,
         metadata={"description": "The first 100 missing sequence numbers, ascending"},
     )
-    missing_seq_count = ma.fields.Integer(required=True)
+    missing_seq_count = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "How many seqs are missing in all, of which missing_seqs names "
+            "the first 100"
+        },
+    )
     flags_raised = ma.fields.List(ma.fields.Nested(RaisedFlag), required=True)
 
 

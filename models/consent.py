@@ -30,6 +30,15 @@ class Consent(Base):
             postgresql_where=text("expiry_announced_at IS NULL AND expires_at IS NOT NULL"),
             sqlite_where=text("expiry_announced_at IS NULL AND expires_at IS NOT NULL"),
         ),
+        # A channel's retry of the same consent finds the one recorded the first time.
+        Index(
+            "ix_consent_client_consent_id",
+            "created_by",
+            "client_consent_id",
+            unique=True,
+            postgresql_where=text("client_consent_id IS NOT NULL"),
+            sqlite_where=text("client_consent_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int_pk]
@@ -66,6 +75,9 @@ class Consent(Base):
     # courier whose PDA captured it.
     created_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     created_at: Mapped[timestamp]
+    # The recording channel's own id for it (its message or call id), unique per
+    # recording user: a retry of ``POST /consents`` with it records nothing new.
+    client_consent_id: Mapped[str | None] = mapped_column(String(64))
     # When the expiry sweep told the PDAs holding covered parcels that it lapsed.
     expiry_announced_at: Mapped[dt.datetime | None]
 

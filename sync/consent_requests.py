@@ -269,6 +269,8 @@ class Answer:
     point_id: str | None = None
     evidence: str | None = None
     reason: str | None = None  # a refusal's
+    # The channel's own id for the consent a grant records (``sync.consents.grant_once``)
+    client_consent_id: str | None = None
 
 
 def answer_request(
@@ -323,6 +325,7 @@ def answer_request(
         )
     consent = None
     if answer.granted:
+        _unused_client_consent_id(session, answer.client_consent_id, answered_by)
         # What the recipient agreed to: the request's method and point, unless the
         # answer names others (a point named alone keeps the method asked).
         method = answer.method or request.method
@@ -340,6 +343,7 @@ def answer_request(
                 point_id=answer.point_id if named else request.point_id,
                 expires_at=answer.expires_at,
                 evidence=answer.evidence or f"answer to consent request {request.id}",
+                client_consent_id=answer.client_consent_id,
             ),
             rules=rules,
             created_by=answered_by,
@@ -369,6 +373,23 @@ def answer_request(
     )
     session.flush()
     return request, consent, True
+
+
+def _unused_client_consent_id(
+    session: Session, client_consent_id: str | None, answered_by: int | None
+) -> None:
+    """An answer's consent may carry the channel's own id, unless the channel gave that
+    id to another consent already (a retry of this answer is told by its request)."""
+    if client_consent_id is None:
+        return
+    earlier = consents.recorded_as(session, answered_by, client_consent_id)
+    if earlier is not None:
+        raise Conflict(
+            f"client_consent_id {client_consent_id!r} was used for consent {earlier.id}: "
+            "a new consent needs a new id",
+            code="client_consent_id_reused",
+            field="client_consent_id",
+        )
 
 
 def _record_refusal(session: Session, tracking_no: str, at: dt.datetime) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, CompoundSelect, Row, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -39,7 +40,7 @@ from models import (
     utcnow,
 )
 from sync import audit
-from sync.errors import InvalidInput, NotFound
+from sync.errors import Conflict, InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
 from sync.rules import (
@@ -107,6 +108,8 @@ class ConsentDraft:
     expires_at: dt.datetime | None = None
     evidence: str | None = None
     station_id: int | None = None  # standing consents: limited to one station, or None
+    # The channel's own id for it: a retry with it records nothing new (``grant_once``).
+    client_consent_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,124 @@ def grant(
     the courier's request it answers (``sync.consent_requests.answer``), named in its
     audit entry: the consent's own evidence is the channel's text, which need not say."""
     now = now or utcnow()
+    consent = Consent(
+        **_stated(session, draft, rules, now),
+        client_consent_id=draft.client_consent_id,
+        created_by=created_by,
+        created_at=now,  # when it was recorded: the rules compare it with drops
+    )
+    session.add(consent)
+    session.flush()
+    audit.append(
+        session=session,
+        actor_id=created_by,
+        action="consent_granted",
+        subject_type="consent",
+        subject_key=str(consent.id),
+        details={
+            "scope": consent.scope.value,
+            "method": consent.method.value,
+            "point_id": consent.point_id,
+            "channel": consent.channel.value,
+            "granted_at": _iso(consent.granted_at),
+            "expires_at": _iso(consent.expires_at),
+            "recorded_at": _iso(consent.created_at),
+            "tracking_no": consent.tracking_no,
+            "recipient_phone": consent.recipient_phone,
+            "address": consent.address,
+            "station_id": consent.station_id,
+            "evidence": consent.evidence,
+            **({} if request_id is None else {"request_id": request_id}),
+            **(
+                {}
+                if consent.client_consent_id is None
+                else {"client_consent_id": consent.client_consent_id}
+            ),
+        },
+        tracking_no=consent.tracking_no,  # None: a standing consent, of no one parcel
+    )
+    return consent
+
+
+def grant_once(
+    *,
+    session: Session,
+    draft: ConsentDraft,
+    rules: ConsentRules,
+    created_by: int | None,
+    now: dt.datetime | None = None,
+) -> tuple[Consent, bool]:
+    """``grant``, once per ``draft.client_consent_id`` of a recording user: ``(consent,
+    new)``. A channel that got no answer sends the same consent again; with the id it
+    gave it, the retry gets the consent recorded the first time (``new`` False: nothing
+    recorded, nothing to judge again), so that revoking the one it heard of revokes the
+    only one. The same id with other content is a conflict, never an overwrite.
+
+    Two retries at once: the unique index makes the second insert wait for the first's
+    commit and fail; it then answers the first's consent (a savepoint keeps the rest of
+    the transaction)."""
+    if draft.client_consent_id is None:
+        return grant(
+            session=session, draft=draft, rules=rules, created_by=created_by, now=now
+        ), True
+    now = now or utcnow()
+    stated = _stated(session, draft, rules, now)  # a retry is validated as the first was
+    earlier = recorded_as(session, created_by, draft.client_consent_id)
+    if earlier is None:
+        try:
+            with session.begin_nested():
+                consent = grant(
+                    session=session, draft=draft, rules=rules, created_by=created_by, now=now
+                )
+            return consent, True
+        except IntegrityError:
+            earlier = recorded_as(session, created_by, draft.client_consent_id)
+            if earlier is None:
+                raise
+    differing = _differing(earlier, stated)
+    if differing:
+        raise Conflict(
+            f"client_consent_id {draft.client_consent_id!r} was used for consent "
+            f"{earlier.id}, whose {', '.join(differing)} differ: send the same consent "
+            "again, or a new consent with a new id",
+            code="client_consent_id_reused",
+            field="client_consent_id",
+        )
+    return earlier, False
+
+
+def recorded_as(
+    session: Session, created_by: int | None, client_consent_id: str
+) -> Consent | None:
+    """The consent ``created_by`` recorded with the channel's id ``client_consent_id``."""
+    return session.scalar(
+        select(Consent).where(
+            Consent.client_consent_id == client_consent_id,
+            Consent.created_by.is_(None)
+            if created_by is None
+            else Consent.created_by == created_by,
+        )
+    )
+
+
+def _differing(consent: Consent, stated: dict[str, Any]) -> list[str]:
+    """The fields of ``stated`` (``_stated``'s) that ``consent`` does not have alike. A
+    parcel consent's station is its parcel's, not the sender's word: not compared."""
+    return [
+        name
+        for name, value in stated.items()
+        if name != "address_key"
+        and not (name == "station_id" and consent.scope == ConsentScope.PARCEL)
+        and getattr(consent, name) != value
+    ]
+
+
+def _stated(
+    session: Session, draft: ConsentDraft, rules: ConsentRules, now: dt.datetime
+) -> dict[str, Any]:
+    """The consent's columns as ``draft`` states them, validated and normalized: its
+    parcel's tracking number and station, or a standing one's E.164 phone, address and
+    station."""
     point_id = point_named(draft.method, draft.point_id)
     if draft.granted_at > now + FUTURE_TOLERANCE:
         raise InvalidInput(
@@ -167,44 +288,16 @@ def grant(
             "address_key": address_key(draft.address),
             "station_id": draft.station_id,
         }
-    consent = Consent(
-        scope=draft.scope,
-        method=draft.method,
-        point_id=point_id,
-        channel=draft.channel,
-        granted_at=draft.granted_at,
-        expires_at=draft.expires_at,
-        evidence=draft.evidence,
-        created_by=created_by,
-        created_at=now,  # when it was recorded: the rules compare it with drops
+    return {
+        "scope": draft.scope,
+        "method": draft.method,
+        "point_id": point_id,
+        "channel": draft.channel,
+        "granted_at": draft.granted_at,
+        "expires_at": draft.expires_at,
+        "evidence": draft.evidence,
         **values,
-    )
-    session.add(consent)
-    session.flush()
-    audit.append(
-        session=session,
-        actor_id=created_by,
-        action="consent_granted",
-        subject_type="consent",
-        subject_key=str(consent.id),
-        details={
-            "scope": consent.scope.value,
-            "method": consent.method.value,
-            "point_id": consent.point_id,
-            "channel": consent.channel.value,
-            "granted_at": _iso(consent.granted_at),
-            "expires_at": _iso(consent.expires_at),
-            "recorded_at": _iso(consent.created_at),
-            "tracking_no": consent.tracking_no,
-            "recipient_phone": consent.recipient_phone,
-            "address": consent.address,
-            "station_id": consent.station_id,
-            "evidence": consent.evidence,
-            **({} if request_id is None else {"request_id": request_id}),
-        },
-        tracking_no=consent.tracking_no,  # None: a standing consent, of no one parcel
-    )
-    return consent
+    }
 
 
 def _iso(at: dt.datetime | None) -> str | None:

@@ -118,3 +118,41 @@ def test_a_consent_granted_while_the_manager_resolves_its_drops_flag_never_deadl
                 (tracking_no, granted.status_code, resolved.status_code, resolved.get_json())
             )
     assert failures == [], f"{len(failures)} of {rounds} rounds failed: {failures[:2]}"
+
+
+@pytest.mark.postgres_only
+def test_two_retries_of_a_consent_at_once_record_it_once(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's retry overtakes its first attempt: both look for the consent by
+    the channel's id before either has recorded it. The unique index makes the second
+    insert wait for the first's commit and fail; it answers the first's consent, and
+    one consent is recorded."""
+    headers, [(tracking_no, dropped_at, _)] = _dropped_without_consent(committed_app, 1)
+    looked_up = consents_module.recorded_as
+
+    def slow_to_find(*args: Any, **kwargs: Any) -> Any:
+        found = looked_up(*args, **kwargs)
+        if found is None:
+            time.sleep(0.5)  # both requests find nothing before either inserts
+        return found
+
+    monkeypatch.setattr(consents_module, "recorded_as", slow_to_find)
+    body = {
+        "tracking_no": tracking_no,
+        "method": "locker",
+        "channel": "sms",
+        "granted_at": (dropped_at - dt.timedelta(minutes=10)).isoformat(),
+        "client_consent_id": "sms-race-1",
+    }
+    answers = race_requests(committed_app, [("POST", CONSENTS, body, headers["integration"])] * 2)
+    assert [a.status_code for a in answers] == [201, 201], [a.get_json() for a in answers]
+    assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
+    with committed_app.app_context():
+        from models import AuditEntry, Consent
+
+        assert len(db.session.scalars(select(Consent.id)).all()) == 1
+        granted = select(AuditEntry.id).where(AuditEntry.action == "consent_granted")
+        assert len(db.session.scalars(granted).all()) == 1
+        flag = db.session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop"))
+        assert flag.one().status.value == "closed"

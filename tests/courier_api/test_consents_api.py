@@ -6,11 +6,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import Consent, Flag, FlagStatus, Parcel, ScanEvent
+from models import AuditEntry, Consent, Flag, FlagStatus, Parcel, ScanEvent
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_web_pages import signed_in
@@ -1079,3 +1079,101 @@ def test_a_consent_captured_on_a_pda_is_its_event_not_an_audit_entry(
         headers=auth.headers("auditor1"),
     ).get_json()["items"]  # fmt: skip
     assert entries == []
+
+
+# -- a channel's retries ----------------------------------------------------------------------
+
+
+def test_a_channels_retry_records_its_consent_once_and_revoking_that_one_ends_it(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """The SMS gateway records the recipient's consent; the answer is lost on the way
+    back, and the gateway sends the same POST again. Each attempt recorded a consent of
+    its own: the gateway heard of the second one only, revoked it when the recipient
+    said no, and the first went on authorizing drops. With its own id for the
+    consent, the retry answers the consent recorded the first time."""
+    body = {
+        "tracking_no": parcel.tracking_no,
+        "channel": "sms",
+        "granted_at": (now() - dt.timedelta(hours=1)).isoformat(),
+        "client_consent_id": "sms-7731",
+    }
+    first = grant(client, app1, **body)
+    assert first.status_code == 201, first.get_json()
+    retry = grant(client, app1, **{**body, "tracking_no": parcel.tracking_no.lower()})
+    assert retry.status_code == 201, retry.get_json()
+    assert retry.get_json() == first.get_json()
+    assert first.get_json()["client_consent_id"] == "sms-7731"
+    assert session.scalar(select(func.count()).select_from(Consent)) == 1
+    granted = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "consent_granted")
+    ).all()
+    assert [e.details["client_consent_id"] for e in granted] == ["sms-7731"]
+
+    revoked = client.post(f"{URL}/{retry.get_json()['id']}/revoke", json={}, headers=app1)
+    assert revoked.status_code == 200
+    receipt = push_drop(client, auth, parcel.tracking_no, now(), dt.timedelta(0))
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+    again = grant(client, app1, **body)  # a late retry: still the one, revoked
+    assert again.status_code == 201 and again.get_json()["revoked_at"] is not None
+
+
+def test_a_retry_of_a_standing_consent_may_write_the_phone_and_address_otherwise(
+    client: FlaskClient, app1: dict[str, str], parcel: Parcel
+) -> None:
+    body = {
+        "scope": "standing",
+        "address": parcel.address,
+        "client_consent_id": "app-standing-1",
+        "granted_at": (now() - dt.timedelta(hours=1)).isoformat(),
+    }
+    first = grant(client, app1, recipient_phone="+8613812345678", **body)
+    retry = grant(client, app1, recipient_phone="138 1234 5678", **body)
+    assert (first.status_code, retry.status_code) == (201, 201), retry.get_json()
+    assert retry.get_json()["id"] == first.get_json()["id"]
+
+
+def test_the_same_client_consent_id_for_another_consent_is_a_conflict(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    body = {"tracking_no": parcel.tracking_no, "client_consent_id": "call-42"}
+    granted_at = (now() - dt.timedelta(hours=1)).isoformat()
+    assert grant(client, app1, granted_at=granted_at, **body).status_code == 201
+    other = grant(client, app1, granted_at=granted_at, point_id="L-9", **body)
+    assert other.status_code == 409
+    error = other.get_json()
+    assert error["code"] == "client_consent_id_reused"
+    assert list(error["errors"]) == ["client_consent_id"]
+    assert "point_id" in error["message"]
+    session.expire_all()
+    assert session.scalars(select(Consent.point_id)).all() == [None]  # not overwritten
+    # Another channel's account keeps ids of its own.
+    factories.user(session, "gateway2", "integration")
+    session.commit()
+    theirs = grant(client, auth.headers("gateway2"), granted_at=granted_at, **body)
+    assert theirs.status_code == 201, theirs.get_json()
+
+
+def test_an_answer_to_a_request_keeps_the_channels_id_unless_it_was_used(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    courier = auth.headers("courier1", "PDA-0001")
+    asked = [
+        client.post(
+            f"{URL}/requests",
+            json={"tracking_no": parcel.tracking_no, "method": "locker"},
+            headers=courier,
+        ).get_json()
+        for _ in range(2)
+    ]
+    answer = {"request_id": asked[0]["id"], "channel": "sms", "client_consent_id": "sms-1"}
+    granted = client.post(URL, json=answer, headers=app1)
+    assert granted.status_code == 201, granted.get_json()
+    assert granted.get_json()["client_consent_id"] == "sms-1"
+    retry = client.post(URL, json=answer, headers=app1)  # known by its request
+    assert retry.status_code == 201 and retry.get_json()["id"] == granted.get_json()["id"]
+    reused = client.post(URL, json={**answer, "request_id": asked[1]["id"]}, headers=app1)
+    assert reused.status_code == 409, reused.get_json()
+    assert reused.get_json()["code"] == "client_consent_id_reused"
+    plain = grant(client, app1, tracking_no=parcel.tracking_no, client_consent_id="sms-1")
+    assert plain.status_code == 409 and plain.get_json()["code"] == "client_consent_id_reused"

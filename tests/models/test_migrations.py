@@ -772,7 +772,9 @@ def index_build_fails(engine: Engine, name: str, table: str = "flag") -> Iterato
     blocker = engine.connect() if engine.dialect.name == "postgresql" else None
 
     def fail(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        if not statement.startswith("CREATE INDEX") or name not in statement:
+        if not statement.startswith(("CREATE INDEX", "CREATE UNIQUE INDEX")) or (
+            name not in statement
+        ):
             return
         if blocker is None:
             raise OperationalError(statement, None, RuntimeError("interrupted"))
@@ -1525,3 +1527,54 @@ def test_the_declared_seq_indexes_are_built_and_dropped_concurrently(scratch: En
     dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
     assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True] * 2, dropped
     assert [_index_valid(scratch, name) for name in DECLARED_SEQ_INDEXES] == [None, None]
+
+
+CLIENT_CONSENT_IDS = "c4e8a1f3d7b9"  # consents keep the recording channel's own id
+NAME_CLIENT_CONSENT_IDS = "ix_consent_client_consent_id"
+
+
+def test_consents_keep_the_channels_id_runs_again_after_its_index_build_failed(
+    scratch: Engine,
+) -> None:
+    """An upgrade stopped by a failed build of the unique index runs again to the end
+    (PostgreSQL committed the column first: no DuplicateColumn), and the index then
+    holds: one channel's id names one consent of that channel's, another channel may
+    use it too, and consents without one are not limited."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, SHIFTS_BY_DECLARED_SEQS)
+    columns = upgrade_stopped_by_index_build(
+        scratch,
+        CLIENT_CONSENT_IDS,
+        SHIFTS_BY_DECLARED_SEQS,
+        NAME_CLIENT_CONSENT_IDS,
+        table="consent",
+    )
+    if scratch.dialect.name == "postgresql":
+        assert "client_consent_id" in columns
+        assert _index_valid(scratch, NAME_CLIENT_CONSENT_IDS) is False
+    else:
+        assert "client_consent_id" not in columns  # rolled back with the rest
+    migrate.upgrade(scratch, CLIENT_CONSENT_IDS)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {CLIENT_CONSENT_IDS}
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_CLIENT_CONSENT_IDS) is True
+
+    with Session(scratch) as session:
+        users = [factories.user(session, name, "integration").id for name in ("sms", "app")]
+        session.commit()
+    insert = text(
+        "INSERT INTO consent (scope, method, channel, granted_at, created_at, created_by, "
+        "client_consent_id) VALUES ('standing', 'any', 'sms', :at, :at, :by, :cid)"
+    )
+    at = dt.datetime(2026, 12, 1, 9, 0)
+    with scratch.begin() as connection:
+        for by, cid in [(users[0], "m-1"), (users[1], "m-1"), (users[0], None), (users[0], None)]:
+            connection.execute(insert, {"at": at, "by": by, "cid": cid})
+    with pytest.raises(IntegrityError), scratch.begin() as connection:
+        connection.execute(insert, {"at": at, "by": users[0], "cid": "m-1"})

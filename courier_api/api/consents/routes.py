@@ -99,6 +99,13 @@ class Consents(MethodView):
         unnecessary is closed, and the couriers holding them hear of it in
         their pull feed.
 
+        **Retries**: give each consent your own `client_consent_id` (your
+        message or call id). A POST whose answer was lost, sent again with the
+        same id and the same consent, answers the consent recorded the first
+        time (201, the same id) and records nothing; the same id with another
+        consent is a 409 `client_consent_id_reused`. Without it, each POST
+        records a consent of its own: revoking one leaves the others in force.
+
         **Answering a request** (`consent.requested` webhook): send its
         `request_id` with the `channel` (and optionally `granted_at`, default
         now, `expires_at`, `evidence`); the parcel, method and point are the
@@ -144,15 +151,16 @@ class Consents(MethodView):
         # The grant's audit entry is chained after the parcels are judged again (lock
         # order: flags, then the audit log), as for an answer to a request.
         with audit.deferred(db.session):
-            consent = consents.grant(
+            consent, new = consents.grant_once(
                 session=db.session,
                 draft=consents.ConsentDraft(**body, station_id=station_id),
                 rules=consent_rules(),
                 created_by=current_principal().user_id,
             )
-            rejudge_for_consent(
-                session=db.session, consent=consent, policy=policy_of(current_app.config)
-            )
+            if new:  # a retry's consent was judged when it was recorded
+                rejudge_for_consent(
+                    session=db.session, consent=consent, policy=policy_of(current_app.config)
+                )
         db.session.commit()
         return {**_view(consent), "request": None}, 201
 
@@ -294,6 +302,7 @@ def _answer_request(body: dict[str, Any]) -> Any:
                 point_id=body.get("point_id"),
                 evidence=body.get("evidence"),
                 reason=body.get("reason"),
+                client_consent_id=body.get("client_consent_id"),
             ),
             rules=consent_rules(),
             answered_by=current_principal().user_id,

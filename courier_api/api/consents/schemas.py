@@ -66,6 +66,15 @@ class ConsentIn(ma.Schema):
         validate=ma.validate.Length(max=500),
         metadata={"description": "A refusal's reason, as the recipient gave it"},
     )
+    client_consent_id = Text(
+        validate=ma.validate.Length(min=1, max=64),
+        metadata={
+            "description": "The channel's own id for this consent (its message or call id), "
+            "unique per integration account: sent again with the same consent (a retry "
+            "after a lost answer), it answers the consent recorded the first time and "
+            "records nothing; with another consent, 409 `client_consent_id_reused`"
+        },
+    )
 
 
 REQUEST_CHANNELS = (ConsentChannel.SMS, ConsentChannel.APP, ConsentChannel.PHONE_CALL)
@@ -227,6 +236,11 @@ class ConsentOut(ma.Schema):
             "description": "The user who recorded it: the channel's integration account or "
             "an admin, or the courier whose PDA captured it (`device_id`)"
         },
+    )
+    client_consent_id = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "The recording channel's own id for it, if it gave one"},
     )
 
 

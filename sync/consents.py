@@ -55,6 +55,10 @@ from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
 from sync.tracking import TrackingNumberPolicy, normalize
 
 _NOT_WORD = re.compile(r"[\W_]+")
+# Scripts written without spaces between words: Han (CJK ideographs, their extensions and
+# compatibility forms), hiragana and katakana.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_BESIDE_UNSPACED = re.compile(rf"(?<=[{_UNSPACED}]) | (?=[{_UNSPACED}])")
 # A consent granted "in the future" is a clock error of the channel, not a promise.
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 # What ``_fact`` reads of a consent (and ``consents_for`` of a standing one), read as
@@ -90,9 +94,15 @@ CONSENTS_OF_PARCELS = Prebuilt(
 
 
 def address_key(address: str) -> str:
-    """An address as compared: NFKC, case-folded, punctuation and spacing folded."""
+    """An address as compared: NFKC, case-folded, punctuation and spacing folded, and no
+    space beside a Chinese or Japanese character (``_BESIDE_UNSPACED``).
+
+    Chinese is written without spaces between words, and people and forms put them
+    anywhere ("北京市 朝阳区 建国路 1 号"): the sender's manifest and the recipient's app
+    need not agree. Between words in Latin letters a space still counts."""
     folded = unicodedata.normalize("NFKC", address).casefold()
-    return _NOT_WORD.sub(" ", folded).strip()[:400]
+    spaced = _NOT_WORD.sub(" ", folded).strip()
+    return _BESIDE_UNSPACED.sub("", spaced)[:400]
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,65 @@ def test_a_standing_consent_normalizes_the_phone_and_matches_the_address_loosely
 
 
 @pytest.mark.parametrize(
+    ("on_the_parcel", "in_the_app"),
+    [
+        ("北京市朝阳区建国路1号院3号楼", "北京市 朝阳区 建国路 1 号院 3 号楼"),
+        ("北京市 朝阳区 建国路１号院３号楼", "北京市朝阳区建国路1号院3号楼"),
+        ("上海市浦东新区世纪大道100号 A座", "上海市浦东新区世纪大道100号A座"),
+    ],
+    ids=["spaced-in-the-app", "spaced-and-full-width-on-the-parcel", "space-before-latin"],
+)
+def test_a_standing_consent_matches_a_chinese_address_however_it_is_spaced(
+    client: FlaskClient,
+    auth: Auth,
+    app1: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    on_the_parcel: str,
+    in_the_app: str,
+) -> None:
+    """Chinese is written without spaces between words, and people and forms put them
+    anywhere: the recipient's app recorded the standing consent with the address as
+    typed, spaced, the sender's manifest had it unspaced, and the consent the API had
+    accepted matched none of the recipient's parcels: every drop was flagged
+    ``unauthorized_locker_drop``."""
+    parcel.address = on_the_parcel
+    session.commit()
+    response = grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone="13812345678",
+        address=in_the_app,
+        method="locker",
+    )
+    assert response.status_code == 201, response.get_json()
+    receipt = push_drop(client, auth, parcel.tracking_no, now(), dt.timedelta(0))
+    assert receipt["flags_raised"] == []  # the standing consent covers the drop
+    covering = client.get(
+        URL, query_string={"covering": parcel.tracking_no, "active": "true"}, headers=app1
+    )
+    assert [c["id"] for c in covering.get_json()["items"]] == [response.get_json()["id"]]
+
+
+def test_a_standing_consent_still_tells_latin_words_apart(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    """Spaces between words written in Latin letters still count: "1 Century Ave" is
+    not "1 Centuryave"."""
+    grant(
+        client,
+        app1,
+        scope="standing",
+        recipient_phone="13812345678",
+        address="1 Centuryave",
+        method="locker",
+    )
+    receipt = push_drop(client, auth, parcel.tracking_no, now(), dt.timedelta(0))
+    assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
+
+
+@pytest.mark.parametrize(
     ("consent_minutes", "flagged"),
     [(-2, None), (2, "consent_after_drop")],
     ids=["granted-before", "granted-after"],

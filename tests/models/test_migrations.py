@@ -1578,3 +1578,53 @@ def test_consents_keep_the_channels_id_runs_again_after_its_index_build_failed(
             connection.execute(insert, {"at": at, "by": by, "cid": cid})
     with pytest.raises(IntegrityError), scratch.begin() as connection:
         connection.execute(insert, {"at": at, "by": users[0], "cid": "m-1"})
+
+
+ADDRESS_KEYS = "d5f9b2a4e8c1"  # standing consents' keys ignore spaces beside Chinese
+
+
+def test_standing_consents_get_the_address_key_running_code_computes(scratch: Engine) -> None:
+    """Each consent with an address gets the key ``sync.consents.address_key`` gives it
+    now (the migration's frozen copy computes the same), in batches; one without an
+    address is left alone; the downgrade gives back the spaced keys."""
+    import datetime as dt
+
+    from sync.consents import address_key
+
+    addresses = {
+        1: "北京市 朝阳区 建国路 1 号",
+        2: "1  CENTURY ave.",
+        3: "上海市浦东新区世纪大道100号 A座",
+        4: None,
+    }
+    before = {
+        1: "北京市 朝阳区 建国路 1 号",
+        2: "1 century ave",
+        3: "上海市浦东新区世纪大道100号 a座",
+    }
+    migrate.upgrade(scratch, CLIENT_CONSENT_IDS)
+    with scratch.begin() as connection:
+        for consent_id, address in addresses.items():
+            connection.execute(
+                text(
+                    "INSERT INTO consent (id, scope, method, channel, granted_at, created_at, "
+                    "address, address_key) VALUES (:id, 'standing', 'any', 'app', :at, :at, "
+                    ":address, :key)"
+                ),
+                {
+                    "id": consent_id,
+                    "at": dt.datetime(2026, 12, 1, 9, 0),
+                    "address": address,
+                    "key": before.get(consent_id),
+                },
+            )
+
+    def keys() -> dict[int, str | None]:
+        with scratch.connect() as connection:
+            return dict(connection.execute(text("SELECT id, address_key FROM consent")).all())
+
+    migrate.upgrade(scratch, ADDRESS_KEYS)
+    assert keys() == {i: address_key(a) if a else None for i, a in addresses.items()}
+    assert keys()[1] == "北京市朝阳区建国路1号" and keys()[2] == "1 century ave"
+    migrate.downgrade(scratch, CLIENT_CONSENT_IDS)
+    assert keys() == {**before, 4: None}

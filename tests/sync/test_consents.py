@@ -88,3 +88,11 @@ def test_each_refusal_withdraws_the_consents_given_before_it_from_then_on() -> N
         (3, at(9.5), None),
         (4, None, None),
     ]
+
+
+def test_an_address_key_ignores_spaces_beside_chinese_but_not_between_latin_words() -> None:
+    unspaced = address_key("北京市朝阳区建国路1号院3号楼")
+    for written in ("北京市 朝阳区 建国路 1 号院 3 号楼", "北京市朝阳区 建国路１号院３号楼。"):
+        assert address_key(written) == unspaced
+    assert address_key("世纪大道100号 A座") == address_key("世纪大道100号A座")
+    assert address_key("1 Century Ave") != address_key("1 CenturyAve")

@@ -27,7 +27,14 @@ class ConsentIn(ma.Schema):
         validate=ma.validate.Length(max=40),
         metadata={"description": "standing; normalised to E.164"},
     )
-    address = Text(validate=ma.validate.Length(max=2000), metadata={"description": "standing"})
+    address = Text(
+        validate=ma.validate.Length(max=2000),
+        metadata={
+            "description": "standing: compared with parcels' addresses with case, "
+            "punctuation, full-width forms and runs of spaces folded, and a space beside a "
+            "Chinese or Japanese character ignored"
+        },
+    )
     station = Text(
         metadata={"description": "standing: limit it to one station (code); default all"}
     )

@@ -169,6 +169,12 @@ def grant(
             "station_id": consent.station_id,
             "evidence": consent.evidence,
             **({} if request_id is None else {"request_id": request_id}),
+            # A time ahead of the recording, as the channel's clock said it (``granted_by``)
+            **(
+                {}
+                if consent.granted_at == draft.granted_at
+                else {"granted_at_sent": _iso(draft.granted_at)}
+            ),
             **(
                 {}
                 if consent.client_consent_id is None
@@ -215,6 +221,8 @@ def grant_once(
             earlier = recorded_as(session, created_by, draft.client_consent_id)
             if earlier is None:
                 raise
+    # The first attempt took a time ahead of its recording as its recording time.
+    stated["granted_at"] = granted_by(draft.granted_at, earlier.created_at)
     differing = _differing(earlier, stated)
     if differing:
         raise Conflict(
@@ -258,7 +266,7 @@ def _stated(
 ) -> dict[str, Any]:
     """The consent's columns as ``draft`` states them, validated and normalized: its
     parcel's tracking number and station, or a standing one's E.164 phone, address and
-    station."""
+    station, and when it was granted (``granted_by``)."""
     point_id = point_named(draft.method, draft.point_id)
     if draft.granted_at > now + FUTURE_TOLERANCE:
         raise InvalidInput(
@@ -303,7 +311,7 @@ def _stated(
         "method": draft.method,
         "point_id": point_id,
         "channel": draft.channel,
-        "granted_at": draft.granted_at,
+        "granted_at": granted_by(draft.granted_at, now),
         "expires_at": draft.expires_at,
         "evidence": draft.evidence,
         **values,
@@ -313,6 +321,15 @@ def _stated(
 def _iso(at: dt.datetime | None) -> str | None:
     """A time in an audit entry's details, spelt as the log spells its own."""
     return None if at is None else audit.iso(at)
+
+
+def granted_by(granted_at: dt.datetime, recorded_at: dt.datetime) -> dt.datetime:
+    """When a consent from a recipient channel was granted, at the latest: as the channel
+    says, but no later than it was recorded here. A time ahead of that (accepted up to
+    ``FUTURE_TOLERANCE``) is the channel's clock running ahead: kept as sent, the consent
+    was in force for no drop (nor on any PDA) until the server's clock caught up, and a
+    drop just after it was recorded was judged ``consent_after_drop``."""
+    return min(granted_at, recorded_at)
 
 
 def point_named(method: ConsentMethod, point_id: str | None) -> str | None:

@@ -51,7 +51,9 @@ class ConsentIn(ma.Schema):
     granted_at = UtcTime(
         metadata={
             "description": "When the recipient agreed. Required, except when answering a "
-            "request (default: now)"
+            "request (default: now). A time after this request arrives (a clock running "
+            "ahead, by up to 5 minutes; more is a 422 `granted_in_future`) is kept as its "
+            "arrival: the consent was given by then"
         }
     )
     expires_at = UtcTime(allow_none=True)

@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, Uuid
+from sqlalchemy import ForeignKey, Index, String, Text, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigId, Document, big_pk, int_pk, str_enum, timestamp
@@ -25,6 +25,15 @@ class ConsentRequest(Base):
     __table_args__ = (
         Index("ix_consent_request_station_id", "station_id", "id"),
         Index("ix_consent_request_tracking_no", "tracking_no"),
+        # A PDA's retry of an online request finds the one made the first time.
+        Index(
+            "ix_consent_request_client_request_id",
+            "device_id",
+            "client_request_id",
+            unique=True,
+            postgresql_where=text("client_request_id IS NOT NULL"),
+            sqlite_where=text("client_request_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int_pk]
@@ -34,6 +43,9 @@ class ConsentRequest(Base):
     device_id: Mapped[str | None] = mapped_column(ForeignKey("device.id"))
     event_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("scan_event.id"), unique=True)
     client_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
+    # Asked online: the PDA's own id for the request, unique per PDA (a retry of
+    # ``POST /consents/requests`` with it asks nothing again).
+    client_request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
     method: Mapped[ConsentMethod] = mapped_column(str_enum(ConsentMethod, "request_method"))
     point_id: Mapped[str | None] = mapped_column(String(64))
     # How to ask the recipient (the channel picks a default when None).

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import (
@@ -80,6 +81,7 @@ def request_consent(
     client_event_id: uuid.UUID | None = None,
     voided: bool = False,
     online: bool = False,
+    client_request_id: uuid.UUID | None = None,
 ) -> ConsentRequest:
     """Record a request and announce it to the recipient's channel.
 
@@ -108,6 +110,7 @@ def request_consent(
         device_id=asker.device_id,
         event_id=event_id,
         client_event_id=client_event_id,
+        client_request_id=client_request_id,
         method=draft.method,
         point_id=point_id,
         channel=draft.channel,
@@ -155,6 +158,77 @@ def request_consent(
                 now=now,
             )
     return request
+
+
+def request_once(
+    *,
+    session: Session,
+    draft: RequestDraft,
+    asker: Asker,
+    client_request_id: uuid.UUID,
+    ttl: dt.timedelta,
+    now: dt.datetime,
+) -> ConsentRequest:
+    """``request_consent`` online, once per ``client_request_id`` of the asking PDA: a
+    PDA that got no answer asks again with the same id, and gets the request made the
+    first time (as it is now: answered, maybe) instead of a second question to the
+    recipient. The same id with another request is a conflict.
+
+    Two attempts at once: the unique index makes the second insert wait for the first's
+    commit and fail; it then answers the first's request (a savepoint keeps the rest of
+    the transaction)."""
+    earlier = asked_as(session, asker.device_id, client_request_id)
+    if earlier is None:
+        try:
+            with session.begin_nested():
+                return request_consent(
+                    session=session,
+                    draft=draft,
+                    asker=asker,
+                    ttl=ttl,
+                    requested_at=now,
+                    now=now,
+                    online=True,
+                    client_request_id=client_request_id,
+                )
+        except IntegrityError:
+            earlier = asked_as(session, asker.device_id, client_request_id)
+            if earlier is None:
+                raise
+    differing = [
+        name
+        for name, asked, stored in (
+            ("courier", asker.courier_id, earlier.courier_id),
+            ("tracking_no", draft.tracking_no, earlier.tracking_no),
+            ("method", draft.method, earlier.method),
+            ("point_id", consents.point_named(draft.method, draft.point_id), earlier.point_id),
+            ("channel", draft.channel, earlier.channel),
+            ("expires_at", draft.expires_at or earlier.expires_at, earlier.expires_at),
+        )
+        if asked != stored
+    ]
+    if differing:
+        raise Conflict(
+            f"client_request_id {client_request_id} was used for consent request "
+            f"{earlier.id}, whose {', '.join(differing)} differ: ask again with a new id",
+            code="client_request_id_reused",
+            field="client_request_id",
+        )
+    return earlier
+
+
+def asked_as(
+    session: Session, device_id: str | None, client_request_id: uuid.UUID
+) -> ConsentRequest | None:
+    """The request the PDA ``device_id`` asked online with its id ``client_request_id``."""
+    if device_id is None:
+        return None
+    return session.scalar(
+        select(ConsentRequest).where(
+            ConsentRequest.device_id == device_id,
+            ConsentRequest.client_request_id == client_request_id,
+        )
+    )
 
 
 def requests_from_events(

@@ -156,3 +156,36 @@ def test_two_retries_of_a_consent_at_once_record_it_once(
         assert len(db.session.scalars(granted).all()) == 1
         flag = db.session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop"))
         assert flag.one().status.value == "closed"
+
+
+@pytest.mark.postgres_only
+def test_two_attempts_of_a_consent_request_at_once_ask_the_recipient_once(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PDA's retry overtakes its first attempt: both look for the request by the
+    PDA's id before either has made it. The second insert waits for the first's commit
+    and fails on the unique index; it answers the first's request."""
+    from models import ConsentRequest
+    from sync import consent_requests
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    looked_up = consent_requests.asked_as
+
+    def slow_to_find(*args: Any, **kwargs: Any) -> Any:
+        found = looked_up(*args, **kwargs)
+        if found is None:
+            time.sleep(0.5)  # both attempts find nothing before either inserts
+        return found
+
+    monkeypatch.setattr(consent_requests, "asked_as", slow_to_find)
+    body = {
+        "tracking_no": tracking_no,
+        "method": "locker",
+        "client_request_id": "2c1d4e8f-6a7b-4c3d-9e0f-1a2b3c4d5e6f",
+    }
+    attempt = ("POST", f"{CONSENTS}/requests", body, headers["courier"])
+    answers = race_requests(committed_app, [attempt] * 2)
+    assert [a.status_code for a in answers] == [201, 201], [a.get_json() for a in answers]
+    assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
+    with committed_app.app_context():
+        assert len(db.session.scalars(select(ConsentRequest.id)).all()) == 1

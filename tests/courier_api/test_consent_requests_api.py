@@ -781,3 +781,62 @@ def test_consents_in_force_for_a_parcel_leave_out_one_its_recipient_refused(
             CONSENTS, query_string=query, headers=auth.headers("auditor1")
         ).get_json()["items"]
         assert (listed["id"], listed["refused_at"]) == (standing, None)
+
+
+# -- a PDA's retries ----------------------------------------------------------------------------
+
+
+def test_a_pdas_retry_with_its_id_asks_the_recipient_once(
+    client: FlaskClient,
+    session: Session,
+    courier: dict[str, str],
+    channel: dict[str, str],
+    parcel: str,
+) -> None:
+    """At the door over a weak signal, the PDA's request reached the server but its
+    answer did not, and the PDA asked again: each attempt made a request of its own, and
+    the recipient got the question twice. With the PDA's own id for it, the retry
+    answers the request made the first time, as it is now."""
+    from models import WebhookDelivery
+    from sync.webhooks import create_subscription
+
+    create_subscription(
+        session=session,
+        url="http://127.0.0.1:9/sms",
+        topics=["consent.requested"],
+        production=False,
+    )
+    session.commit()
+    asking = {"client_request_id": "6f1c1f0e-3b52-4f47-9b7e-0d3c0a6c2a11", "channel": "sms"}
+    first = ask(client, courier, parcel, **asking)
+    assert first.status_code == 201, first.get_json()
+    assert first.get_json()["client_request_id"] == asking["client_request_id"]
+    retry = ask(client, courier, parcel.lower(), **asking)
+    assert retry.status_code == 201 and retry.get_json() == first.get_json()
+    questions = select(WebhookDelivery).where(WebhookDelivery.topic == "consent.requested")
+    assert len(session.scalars(questions).all()) == 1  # one SMS to the recipient
+    assert len(session.scalars(select(ConsentRequest)).all()) == 1
+
+    client.post(
+        CONSENTS, json={"request_id": first.get_json()["id"], "channel": "sms"}, headers=channel
+    )
+    late = ask(client, courier, parcel, **asking)  # answered meanwhile: as it is now
+    assert late.status_code == 201 and late.get_json()["status"] == "granted"
+
+    other = ask(client, courier, parcel, method="pickup_point", **asking)
+    assert other.status_code == 409, other.get_json()
+    assert other.get_json()["code"] == "client_request_id_reused"
+    assert list(other.get_json()["errors"]) == ["client_request_id"]
+    assert "method" in other.get_json()["message"]
+
+
+def test_a_retried_request_for_another_stations_parcel_stays_unsent(
+    client: FlaskClient, session: Session, world: World, courier: dict[str, str]
+) -> None:
+    foreign = factories.parcel(session, world.other_station).tracking_no
+    session.commit()
+    asking = {"client_request_id": "0b8f9a52-5d1e-4c0e-8a53-5a2f7d6c9e01"}
+    answers = [ask(client, courier, foreign, **asking) for _ in range(2)]
+    assert [a.status_code for a in answers] == [201, 201]
+    assert answers[0].get_json() == answers[1].get_json()
+    assert answers[0].get_json()["status"] == "unsent"

@@ -1628,3 +1628,63 @@ def test_standing_consents_get_the_address_key_running_code_computes(scratch: En
     assert keys()[1] == "北京市朝阳区建国路1号" and keys()[2] == "1 century ave"
     migrate.downgrade(scratch, CLIENT_CONSENT_IDS)
     assert keys() == {**before, 4: None}
+
+
+CLIENT_REQUEST_IDS = "e7a3c5d1f9b4"  # online consent requests keep the PDA's own id
+NAME_CLIENT_REQUEST_IDS = "ix_consent_request_client_request_id"
+
+
+def test_consent_requests_keep_the_pdas_id_runs_again_after_its_index_build_failed(
+    scratch: Engine,
+) -> None:
+    """As the consents' channel id: an upgrade stopped by a failed build of the unique
+    index runs again to the end, and the index then holds one PDA's id to one request."""
+    import datetime as dt
+    import uuid
+
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, ADDRESS_KEYS)
+    columns = upgrade_stopped_by_index_build(
+        scratch,
+        CLIENT_REQUEST_IDS,
+        ADDRESS_KEYS,
+        NAME_CLIENT_REQUEST_IDS,
+        table="consent_request",
+    )
+    if scratch.dialect.name == "postgresql":
+        assert "client_request_id" in columns
+        assert _index_valid(scratch, NAME_CLIENT_REQUEST_IDS) is False
+    else:
+        assert "client_request_id" not in columns  # rolled back with the rest
+    migrate.upgrade(scratch, CLIENT_REQUEST_IDS)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {CLIENT_REQUEST_IDS}
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, NAME_CLIENT_REQUEST_IDS) is True
+
+    with Session(scratch) as session:
+        station = factories.station(session)
+        courier = factories.user(session, "courier1", "courier", station)
+        for device_id in ("PDA-1", "PDA-2"):
+            factories.device(session, device_id, station)
+        session.commit()
+        station_id, courier_id = station.id, courier.id
+    insert = text(
+        "INSERT INTO consent_request (station_id, tracking_no, courier_id, device_id, "
+        "client_request_id, method, requested_at, expires_at, status, created_at) VALUES "
+        "(:station, 'RR473124829GB', :courier, :device, :cid, 'locker', :at, :at, "
+        "'pending', :at)"
+    )
+    same = uuid.uuid4().hex
+    rows = [("PDA-1", same), ("PDA-2", same), ("PDA-1", None), ("PDA-1", None)]
+    at = dt.datetime(2026, 12, 1, 9, 0)
+    with scratch.begin() as connection:
+        for device, cid in rows:
+            values = {"station": station_id, "courier": courier_id, "at": at}
+            connection.execute(insert, {**values, "device": device, "cid": cid})
+    with pytest.raises(IntegrityError), scratch.begin() as connection:
+        values = {"station": station_id, "courier": courier_id, "at": at}
+        connection.execute(insert, {**values, "device": "PDA-1", "cid": same})

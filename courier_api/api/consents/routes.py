@@ -343,6 +343,12 @@ class ConsentRequests(MethodView):
         event instead. A parcel the station has not taken in (one of another
         station is answered alike, so that it does not show it exists), or whose
         recipient has no phone, gives a request with status `unsent`.
+
+        **Retries**: give each request your own `client_request_id` (a UUID). A
+        POST whose answer was lost, sent again with it, answers the request made
+        the first time (as it is now) and asks the recipient nothing again; the
+        same id with another request is a 409 `client_request_id_reused`.
+        Without it, each POST asks the recipient once more.
         """
         principal = current_principal()
         assert principal.station_id is not None
@@ -351,23 +357,36 @@ class ConsentRequests(MethodView):
             current_app.config["DOMESTIC_TRACKING_PATTERNS"]
         )
         tracking_no = _validated_tracking_no(policy, body["tracking_no"])
-        request = consent_requests.request_consent(
-            session=db.session,
-            draft=consent_requests.RequestDraft(
-                tracking_no=tracking_no,
-                method=body["method"],
-                point_id=body.get("point_id"),
-                channel=body.get("channel"),
-                expires_at=body.get("expires_at"),
-            ),
-            asker=consent_requests.Asker(
-                principal.user_id, principal.station_id, principal.device_id
-            ),
-            ttl=dt.timedelta(minutes=current_app.config["CONSENT_REQUEST_TTL_MINUTES"]),
-            requested_at=now,
-            now=now,
-            online=True,
+        draft = consent_requests.RequestDraft(
+            tracking_no=tracking_no,
+            method=body["method"],
+            point_id=body.get("point_id"),
+            channel=body.get("channel"),
+            expires_at=body.get("expires_at"),
         )
+        asker = consent_requests.Asker(
+            principal.user_id, principal.station_id, principal.device_id
+        )
+        ttl = dt.timedelta(minutes=current_app.config["CONSENT_REQUEST_TTL_MINUTES"])
+        if body.get("client_request_id") is not None:
+            request = consent_requests.request_once(
+                session=db.session,
+                draft=draft,
+                asker=asker,
+                client_request_id=body["client_request_id"],
+                ttl=ttl,
+                now=now,
+            )
+        else:
+            request = consent_requests.request_consent(
+                session=db.session,
+                draft=draft,
+                asker=asker,
+                ttl=ttl,
+                requested_at=now,
+                now=now,
+                online=True,
+            )
         db.session.commit()
         return request_view(request, now, unmasked=_unmasked())
 

@@ -107,6 +107,14 @@ class ConsentRequestIn(ma.Schema):
     expires_at = UtcTime(
         metadata={"description": "Default: CONSENT_REQUEST_TTL_MINUTES from now; at most 24 h"}
     )
+    client_request_id = ma.fields.UUID(
+        metadata={
+            "description": "The PDA's own id for this request: sent again with the same "
+            "request (a retry after a lost answer), it answers the request made the first "
+            "time and asks the recipient nothing again; with another request, 409 "
+            "`client_request_id_reused`"
+        }
+    )
 
 
 class ConsentRequestOut(ma.Schema):
@@ -119,6 +127,11 @@ class ConsentRequestOut(ma.Schema):
         allow_none=True, required=True, metadata={"description": "Asked on a PDA: its event"}
     )
     client_event_id = ma.fields.UUID(allow_none=True, required=True)
+    client_request_id = ma.fields.UUID(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Asked online: the PDA's own id for it, if it gave one"},
+    )
     method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
     point_id = ma.fields.String(allow_none=True, required=True)
     channel = ma.fields.Enum(ConsentChannel, by_value=True, allow_none=True, required=True)

@@ -31,7 +31,7 @@ from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, ordered, voided_by
 from sync.rules import Policy
 from sync.sql import chunks
-from sync.status import STANDING, load_events, lock_parcels, reproject
+from sync.status import STANDING, ParcelChange, load_events, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
 
 # Fields of a parcel whose change means re-projecting and re-judging it.
@@ -168,7 +168,7 @@ def _intake(
     session.flush()
     feed.record(session, entries)
     updated = [r for r in results if r.changes]
-    who = _who(session, changed_by) if updated else ""
+    who, station_id = _who(session, changed_by) if updated else ("", None)
     _audit_updates(session, updated, changed_by, who)
     # New parcels may have events already (events can arrive first), and a new planned
     # courier changes who has the parcel unless a check-out decided it.
@@ -177,7 +177,7 @@ def _intake(
         tracking_nos=reassess,
         policy=rules.policy,
         changed={
-            r.tracking_no: f"{who} changed the parcel's {changed_what(r.changes)}" for r in updated
+            r.tracking_no: ParcelChange(who, station_id, changed_what(r.changes)) for r in updated
         },
     )
     # Whoever has an updated parcel now hears about its new data.
@@ -202,12 +202,16 @@ def _intake(
     return results
 
 
-def _who(session: Session, user_id: int | None) -> str:
-    """Who changed parcels, as a closed flag's reason and the audit entry name them."""
+def _who(session: Session, user_id: int | None) -> tuple[str, int | None]:
+    """Who changed parcels, as the audit entry and a closed flag's reason name them, and
+    their station (None: none, the command line's), which decides where a flag's reason
+    names them (``ParcelChange.reason``)."""
     if user_id is None:
-        return COMMAND_LINE
+        return COMMAND_LINE, None
     user = session.get(User, user_id)
-    return user.username if user is not None else f"user #{user_id}"
+    if user is None:
+        return f"user #{user_id}", None
+    return user.username, user.station_id
 
 
 def changed_what(changes: dict[str, tuple[Any, Any]]) -> str:

@@ -70,6 +70,26 @@ FAILS_AGAIN = "the rule fails again"  # a rule flag judged again, in its history
 # Why a rule flag whose cause went is closed, in its history and ``closed_reason``; after
 # what changed about its parcel when the caller knows (``reproject``'s ``changed``).
 RULE_HOLDS = "re-judged with the parcel's events and consents as they are now: the rule holds"
+ANOTHER_STATIONS_USER = "a user of another station"
+
+
+@dataclass(frozen=True)
+class ParcelChange:
+    """What a user changed about a parcel (an intake), for the reason its rule flags
+    closed by the change give."""
+
+    who: str  # their username (or the command line's)
+    station_id: int | None  # theirs: None for an admin, an integration, the command line
+    what: str  # ``sync.parcels.changed_what``
+
+    def reason(self, flag_station_id: int | None) -> str:
+        """As the flag of ``flag_station_id`` says it: who changed the parcel named only
+        when that station's manager may know them (``sync.pages.sees_user``). A parcel's
+        flags at another station (a courier there scanned it) are closed by its own
+        station's change, and for that station's manager its users do not exist
+        (SECURITY.md threat 3)."""
+        known = self.station_id in (None, flag_station_id)
+        return f"{self.who if known else ANOTHER_STATIONS_USER} changed the parcel's {self.what}"
 
 
 # The tracking number, then EventFact's fields in its order.
@@ -242,7 +262,7 @@ def reproject(
     tracking_nos: Iterable[str],
     policy: Policy = DEFAULT_POLICY,
     stored: Mapping[str, Sequence[EventDetail]] | None = None,
-    changed: Mapping[str, str] | None = None,
+    changed: Mapping[str, ParcelChange] | None = None,
 ) -> ReprojectOutcome:
     """Recompute the status (and holder) of these parcels from all their events.
 
@@ -253,7 +273,8 @@ def reproject(
     events of these parcels the caller has just stored (``stored_detail``), which
     are then not read back. ``changed``: what changed about some of these parcels, by
     tracking number ("manager1 changed the parcel's class from express to parcel"): a
-    rule flag of theirs closed now says so in its reason, not only that the rule holds.
+    rule flag of theirs closed now says so in its reason, not only that the rule holds
+    (``ParcelChange.reason``: who only where the flag's station may know them).
     """
     wanted = sorted(set(tracking_nos))
     outcome = ReprojectOutcome()
@@ -377,7 +398,7 @@ def apply_rule_flags(
     judged: dict[str, dict[str, dict[str, Any]]],
     events: dict[str, list[EventDetail]],
     couriers: dict[tuple[str, int], int | None],
-    changed: Mapping[str, str],
+    changed: Mapping[str, ParcelChange],
 ) -> tuple[list[Flag], list[Flag]]:
     """Raise the rule flags each parcel breaks now; close the ones it no longer breaks.
     Returns those raised (or opened again), and those closed, given back the status a
@@ -442,7 +463,11 @@ def apply_rule_flags(
                     rejudged.append(flag)
         for key, flag in existing[tn].items():
             if key not in wanted and flag.status in STANDING:
-                gone[flag.id] = f"{changed[tn]}; {RULE_HOLDS}" if tn in changed else RULE_HOLDS
+                gone[flag.id] = (
+                    f"{changed[tn].reason(flag.station_id)}; {RULE_HOLDS}"
+                    if tn in changed
+                    else RULE_HOLDS
+                )
     raised.extend(raise_new_flags(session=session, flags=new))
     rejudged += close_flags_by_id(
         session=session, flag_ids=list(gone), reason=RULE_HOLDS, reasons=gone, statuses=STANDING

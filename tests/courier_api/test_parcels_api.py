@@ -458,6 +458,53 @@ def test_a_class_changed_after_an_unauthorized_drop_is_on_the_audit_log_and_in_t
     )
 
 
+def test_a_flag_of_another_station_closed_by_a_parcels_change_does_not_name_who_changed_it(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """ST1's express parcel, mis-sorted, left in a locker by courier2 of ST2 without
+    consent: the flag is ST2's. ST1's manager takes the parcel in again as class
+    `parcel`, and ST2's flag closed with the reason "manager1 changed the parcel's
+    class ...": ST2's manager learned the name of another station's user (SECURITY.md
+    threat 3: for them ST1's users do not exist). ST2's flag says a user of another
+    station changed it; the audit log names manager1 to auditors, as ever."""
+    parcel = factories.parcel(session, world.station)  # express
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at)])
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at + dt.timedelta(minutes=1)),
+            factories.locker_drop(2, parcel.tracking_no, at + dt.timedelta(minutes=2)),
+        ],
+        username="courier2",
+        device_id="PDA-0002",
+    )
+    drops = select(Flag).where(
+        Flag.subject_key == parcel.tracking_no, Flag.kind == "unauthorized_locker_drop"
+    )
+    [theirs] = session.scalars(drops).all()
+    assert theirs.station_id == world.other_station.id
+    same = {"recipient_name": "Recipient", "address": "1 Century Ave"}
+    changed = client.post(
+        URL,
+        headers=auth.headers("manager1"),
+        json={
+            "parcels": [
+                item(parcel.tracking_no, service_class="parcel", lat=None, lon=None, **same)
+            ]
+        },
+    )
+    assert changed.get_json()["results"][0]["status"] == "updated"
+
+    read = client.get(f"/api/v1/flags/{theirs.id}", headers=auth.headers("manager2")).get_json()
+    assert read["status"] == "closed"
+    assert "manager1" not in read["closed_reason"], read["closed_reason"]
+    assert read["closed_reason"].startswith(
+        "a user of another station changed the parcel's class from express to parcel; "
+    )
+
+
 def test_a_recipients_phone_changed_to_match_a_standing_consent_is_logged_masked_for_admins(
     client: FlaskClient, world: World, auth: Auth, session: Session
 ) -> None:

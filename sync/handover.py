@@ -135,7 +135,9 @@ class WriteOff(NamedTuple):
     ranges: list[list[int]]
     reason: str
     written_off_by: int
-    written_off_by_name: str
+    # Full name, else username; None where the reader may not know them (another
+    # station's user to a station's manager: ``sync.pages.write_offs_named``).
+    written_off_by_name: str | None
     written_off_at: dt.datetime
 
 

@@ -222,7 +222,13 @@ class WriteOffRecord(NamedTuple):
     """A write-off as listed: who by name, and its ranges as written off."""
 
     write_off: SeqWriteOff
-    written_off_by_name: str
+    # Full name, else username; None where the reader may not know them
+    # (``sync.pages.write_offs_named``).
+    written_off_by_name: str | None
+
+    @property
+    def written_off_by(self) -> int:
+        return self.write_off.written_off_by
 
 
 def list_write_offs(

@@ -16,7 +16,7 @@ import enum
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, or_, select
@@ -212,8 +212,8 @@ class ShiftFlag:
 class ShiftPage:
     shift: Shift
     station: Station
-    # The courier, who closed and signed it off, and who recorded consents (those the
-    # reader may know: ``sees_user``).
+    # The courier, who closed and signed it off, who wrote off its PDA's lost seqs, and
+    # who recorded consents: those the reader may know (``sees_user``), others by id.
     users: dict[int, User]
     balance: Balance
     outcomes: list[tuple[str, list[ParcelOutcome]]]  # by outcome, in the balance's order
@@ -270,7 +270,9 @@ def shift_page(
     ``visible_station``: the one station whose parcels a station-bound reader sees
     (None: all). A parcel of another station that the shift's courier scanned (one
     mis-sorted) is shown by its tracking number only, as the API shows it: its
-    recipient, its consents and its proof belong to that station.
+    recipient, its consents and its proof belong to that station. Nor are its users
+    named to that reader when they are another station's (``sees_user``): one who
+    moved there since, the shift's own courier or manager too.
     ``unmasked``: the reader is an auditor, shown the phone numbers in the PDA's
     rejected events whole (``shown_rejection``).
 
@@ -320,12 +322,9 @@ def shift_page(
         *(i for d in consents.values() for i in consent_users(d.consent)),
         *(i for shown in on_record.values() for c in shown for i in consent_users(c.consent)),
     ]
-    staff = {shift.courier_id, shift.closed_by, shift.signed_off_by}
-    users = {
-        i: u
-        for i, u in users_by_id(session, [*staff, *recorders]).items()
-        if i in staff or sees_user(u, visible_station)
-    }
+    staff = [shift.courier_id, shift.closed_by, shift.signed_off_by]
+    writers = [w.written_off_by for w in balance.write_offs]
+    users = users_seen_by(session, [*staff, *writers, *recorders], visible_station)
     states = image_states(
         session=session,
         digests=[
@@ -527,6 +526,33 @@ def sees_user(user: User, visible_station: int | None) -> bool:
     return visible_station is None or user.station_id in (None, visible_station)
 
 
+class _WrittenOffBy(Protocol):
+    @property
+    def written_off_by(self) -> int: ...
+
+    @property
+    def written_off_by_name(self) -> str | None: ...
+
+    def _replace(self, **changes: Any) -> Any: ...
+
+
+W = TypeVar("W", bound=_WrittenOffBy)
+
+
+def write_offs_named(
+    session: Session, write_offs: Sequence[W], visible_station: int | None
+) -> list[W]:
+    """``write_offs`` (a balance's ``WriteOff``, a list's ``WriteOffRecord``) with who
+    wrote each off named only to a reader who may know them (``sees_user``): a manager
+    who moved to another station since is an id (``written_off_by``) to this station's,
+    as on a proof. One query, none without write-offs."""
+    named = users_seen_by(session, [w.written_off_by for w in write_offs], visible_station)
+    return [
+        w if w.written_off_by in named else w._replace(written_off_by_name=None)
+        for w in write_offs
+    ]
+
+
 def consent_users(consent: Consent | None) -> list[int | None]:
     """The users a page names with a consent: who recorded it and who revoked it."""
     return [] if consent is None else [consent.created_by, consent.revoked_by]
@@ -558,7 +584,8 @@ class FlagPage:
     flag: Flag
     changes: Sequence[FlagChange]
     events: list[ScanEvent]  # the evidence's events, in device order
-    users: dict[int, User]  # the courier and whoever changed the flag
+    # The courier and whoever changed the flag: those the reader may know (``sees_user``).
+    users: dict[int, User]
     shifts: frozenset[int]  # the shifts of those events the reader may open
     proofs: frozenset[int]  # the deliveries among them whose proof the reader may open
     voided_by: dict[int, int]  # those of them a correction voided: the correction's id
@@ -578,14 +605,18 @@ def flag_page(
     event pushed by another station's PDA (``wrong_station``) is filed under that
     station's shift, and a parcel's proof is its own station's (one never taken in is
     the recording station's, ``opens_proof``): neither is linked for a reader who would
-    get a 404 page. Its rejected events (``REJECTED_IDS``) are listed too, masked as on
-    the shift's page but for an auditor (``unmasked``). Five to seven queries."""
+    get a 404 page. Nor is a user of another station named to them (``sees_user``): the
+    flag's courier, or a manager who decided it, since moved there. Its rejected events
+    (``REJECTED_IDS``) are listed too, masked as on the shift's page but for an auditor
+    (``unmasked``). Five to seven queries."""
     changes = flag_changes(session=session, flag=flag)
     rejected = [i for i in cited_in(flag.evidence, REJECTED_IDS, ()) if isinstance(i, int)]
     events = sorted(
         _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
     )
-    users = users_by_id(session, [flag.courier_id, *(c.by_user_id for c in changes)])
+    users = users_seen_by(
+        session, [flag.courier_id, *(c.by_user_id for c in changes)], visible_station
+    )
     delivered = sorted({e.tracking_no for e in events if e.type in DELIVERY_TYPES})
     parcels = _parcels(session, delivered) if delivered else {}
     return FlagPage(

@@ -97,6 +97,7 @@ from sync.pages import (
     pod_digests,
     proof_page,
     proof_rows,
+    sees_user,
     shift_page,
     users_seen_by,
 )
@@ -329,6 +330,8 @@ def _board_page(
     (``shifts``), shown again when the sign-off was refused."""
     day = day or shifts.local_date(utcnow(), station.timezone)
     rows = station_board(session=db.session, station_id=station.id, work_date=day)
+    earlier = waiting_from_earlier_days(session=db.session, station_id=station.id, work_date=day)
+    visible = current_principal().station_filter(None)
     return render_template(
         "web/board.html",
         station=station,
@@ -336,9 +339,14 @@ def _board_page(
         day=day,
         rows=rows,
         totals=board_totals(rows),
-        earlier=waiting_from_earlier_days(
-            session=db.session, station_id=station.id, work_date=day
-        ),
+        earlier=earlier,
+        # The couriers the reader may know by name (``sees_user``): one who moved to
+        # another station since is "a courier of another station" to this one's manager.
+        named={
+            courier.id
+            for courier in [*(row.courier for row in rows), *(c for _, c in earlier)]
+            if sees_user(courier, visible)
+        },
         clean={
             row.shift.id
             for row in rows

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from courier_api.api.webhooks.schemas import WebhookBalance
 from models import AuditEntry
 from sync.audit import verify
+from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_shifts_api import Courier, balance, parcels, sign_off
 from tests.sync.test_consent_requests import messages, subscribe
@@ -289,6 +290,43 @@ def test_a_pdas_write_offs_are_listed_newest_first_with_who_by_name(
         REASON,
     )
     assert (oldest["written_off_by"], oldest["written_off_by_name"]) == (world.manager.id, "Li Na")
+
+
+def test_who_wrote_seqs_off_is_named_only_to_who_may_know_them(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """The balance and the write-off list named who wrote the seqs off whatever their
+    station: manager1 moved to ST2 since, and ST1's new manager still read "Li Na",
+    where a proof's detail gives another station's user by id only (SECURITY.md
+    threat 3). An admin who wrote some off is named to every reader, as on a proof; an
+    auditor reads every name."""
+    world.manager.full_name = "Li Na"
+    session.commit()
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    assert lost_seqs(client, manager, seqs=[3]).status_code == 201
+    assert lost_seqs(client, auth.headers("admin"), seqs=[4], reason="flash").status_code == 201
+    factories.user(session, "manager3", "station_manager", world.station)
+    world.manager.station_id = world.other_station.id
+    session.commit()
+
+    def names(username: str) -> tuple[list[Any], list[Any]]:
+        headers = auth.headers(username)
+        on_balance = balance(client, shift["id"], headers)["write_offs"]
+        listed = write_offs(client, headers).get_json()["items"]
+        return (
+            [(w["written_off_by"], w["written_off_by_name"]) for w in on_balance],
+            [(w["written_off_by"], w["written_off_by_name"]) for w in listed],
+        )
+
+    theirs, admin = (world.manager.id, None), (world.admin.id, "admin")
+    assert names("manager3") == ([theirs, admin], [admin, theirs])
+    named = (world.manager.id, "Li Na")
+    assert names("auditor1") == ([named, admin], [admin, named])
 
 
 def test_a_pdas_write_offs_are_paginated_by_the_last_id_seen(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, Flag, ScanEvent, Shift, User
@@ -940,6 +940,53 @@ def test_the_station_board_lists_the_days_shifts_with_their_balance(
         f"/api/v1/stations/{world.station.id}/handover?date={yesterday}", headers=manager
     ).get_json()
     assert empty["shifts"] == [] and empty["totals"]["shifts"] == 0
+
+
+def test_the_board_names_a_courier_of_another_station_only_to_who_may_know_them(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    pda: Courier,
+) -> None:
+    """courier1 moved to ST2 with a shift of yesterday still waiting at ST1 and one
+    open today: ST1's board named him to its new manager, on the API and the page,
+    where the proof page says "a courier of another station" (SECURITY.md threat 3).
+    The rows stay (they are ST1's shifts), the courier by id only; the auditor reads
+    his name."""
+    earlier = pda.open(first_seq=1)
+    pda.close(earlier["id"], last_seq=0)
+    today = session.get(Shift, earlier["id"]).work_date
+    session.execute(
+        update(Shift)
+        .where(Shift.id == earlier["id"])
+        .values(work_date=today - dt.timedelta(days=1))
+    )
+    session.commit()
+    pda.open(first_seq=1)
+    world.courier.full_name = "Wang Wei"
+    factories.user(session, "manager3", "station_manager", world.station)
+    world.courier.station_id = world.other_station.id
+    session.commit()
+
+    def couriers(username: str) -> list[Any]:
+        board = client.get(
+            f"/api/v1/stations/{world.station.id}/handover", headers=auth.headers(username)
+        ).get_json()
+        return [row["courier"] for row in [*board["shifts"], *board["earlier_waiting"]]]
+
+    def page(username: str) -> str:
+        return signed_in(app, username).get(f"/web/board?station={world.station.id}")
+
+    unnamed = {"id": world.courier.id, "username": None, "full_name": None}
+    assert couriers("manager3") == [unnamed, unnamed]
+    named = {"id": world.courier.id, "username": "courier1", "full_name": "Wang Wei"}
+    assert couriers("auditor1") == [named, named]
+    html = page("manager3")
+    assert "Wang Wei" not in html and "courier1" not in html
+    assert html.count("a courier of another station") == 2
+    assert page("auditor1").count("Wang Wei") == 2
 
 
 def test_shift_lists_are_scoped_to_the_caller(

@@ -1185,6 +1185,114 @@ def test_the_flag_page_marks_a_delivery_a_correction_voided(
     assert "voided by event" not in rows[correction_id]
 
 
+def _moved_to_another_station(session: Session, world: Any, *users: User) -> None:
+    """``users`` moved to ST2 since (as ``test_proofs_api`` moves a manager): ST1 has a
+    new manager, manager3, who never worked with them."""
+    factories.user(session, "manager3", "station_manager", world.station)
+    for user in users:
+        user.station_id = world.other_station.id
+    session.commit()
+
+
+def test_the_flag_page_names_another_stations_users_only_to_who_may_know_them(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """The flag's page named its courier and everyone who changed it whatever their
+    station, where the flag queue and the proof page tell a manager only that it was a
+    courier of another station, or another station's user by id (SECURITY.md threat 3:
+    for a manager another station's users do not exist). Here courier1's voided drop
+    was acknowledged by an admin and resolved by manager1; courier1 and manager1 then
+    moved to ST2. ST1's new manager reads that a courier of another station is
+    concerned, that an admin acknowledged (an admin works across stations, as the
+    proof page names them) and that user #N resolved; the auditor reads every name."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    drop = factories.locker_drop(2, parcel.tracking_no, occurred_at=at)
+    correction = factories.event(
+        3,
+        parcel.tracking_no,
+        "correction",
+        occurred_at=at + dt.timedelta(minutes=1),
+        voids_client_event_id=drop["client_event_id"],
+        reason="wrong parcel scanned",
+    )
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), drop, correction])
+    reviewed = (Flag.kind == "correction_review", Flag.subject_key == parcel.tracking_no)
+    flag = session.scalars(select(Flag).where(*reviewed)).one()
+    assert flag.courier_id == world.courier.id
+    url = f"/api/v1/flags/{flag.id}"
+    acked = client.post(f"{url}/acknowledge", json={}, headers=auth.headers("admin"))
+    assert acked.status_code == 200, acked.get_json()
+    resolved = client.post(
+        f"{url}/resolve", json={"note": "mis-tap"}, headers=auth.headers("manager1")
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    world.courier.full_name = "Wang Wei"
+    _moved_to_another_station(session, world, world.courier, world.manager)
+
+    def shown(username: str) -> tuple[str, list[str]]:
+        html = signed_in(app, username).get(f"/web/flags/{flag.id}")
+        [courier] = re.findall(r"<dt>Courier</dt><dd>(.*?)</dd>", html)
+        history = re.findall(r"→ <strong>\w+</strong> by (.*?)(?::|</li>)", html)
+        return courier, history
+
+    assert shown("manager3") == (
+        "a courier of another station",
+        ["the system", "admin", f"user #{world.manager.id}"],
+    )
+    assert shown("auditor1") == ("Wang Wei", ["the system", "admin", "manager1"])
+    queue = signed_in(app, "manager3").get(f"/web/flags?tracking_no={parcel.tracking_no}")
+    assert "Wang Wei" not in queue and "a courier of another station" in queue
+
+
+def test_the_shift_page_names_another_stations_users_only_to_who_may_know_them(
+    app: Flask, client: FlaskClient, session: Session, world: Any, auth: Auth
+) -> None:
+    """The shift's page named its courier, who closed it, who signed it off and who
+    wrote off its PDA's lost seqs whatever their station now: courier1 and manager1
+    moved to ST2, ST1's new manager read both names, where the proof page says "a
+    courier of another station" and "user #N" (SECURITY.md threat 3). The auditor
+    reads them all."""
+    from tests.courier_api.test_lost_seqs_api import lost_in_the_middle, lost_seqs
+    from tests.courier_api.test_shifts_api import Courier, sign_off
+
+    world.courier.full_name = "Wang Wei"
+    world.manager.full_name = "Li Na"
+    session.commit()
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    manager = auth.headers("manager1")
+    assert lost_seqs(client, manager, ranges=[{"first": 3, "last": 4}]).status_code == 201
+    assert sign_off(client, shift["id"], manager, note="two parcels lost").status_code == 200
+    _moved_to_another_station(session, world, world.courier, world.manager)
+
+    def shown(username: str) -> list[str]:
+        html = signed_in(app, username).get(f"/web/shifts/{shift['id']}")
+        return [
+            re.search(r"<h1>Shift \d+ · (.*?) · ", html).group(1),  # type: ignore[union-attr]
+            *re.findall(r"<dt>Courier</dt><dd>(.*?)</dd>", html),
+            *re.findall(r"<dt>Closed</dt><dd>.*? by (.*?)</dd>", html),
+            *re.findall(r"<dt>Signed off</dt><dd>.*? by (.*?): “", html),
+            *re.findall(r"<li>3–4: written off .*? by (.*?): “", html),
+        ]
+
+    theirs = "a courier of another station"
+    assert shown("manager3") == [
+        theirs,
+        theirs,
+        f"user #{world.courier.id}",
+        *[f"user #{world.manager.id}"] * 2,
+    ]
+    assert shown("auditor1") == [
+        "Wang Wei",
+        "Wang Wei (courier1)",
+        "courier1",
+        "manager1",
+        "Li Na",
+    ]
+
+
 def test_the_shift_page_links_the_proof_of_a_delivery_not_taken_in(
     app: Flask, session: Session, day: StationDay
 ) -> None:

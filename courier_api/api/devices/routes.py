@@ -24,6 +24,7 @@ from sync import directory, lost_seqs
 from sync.acks import SeqTracker, seq_count
 from sync.errors import InvalidInput
 from sync.handover import MISSING_SEQS_SHOWN
+from sync.pages import write_offs_named
 
 blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
 MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
@@ -128,7 +129,8 @@ class LostSeqs(MethodView):
 
         Newest first: each write-off's seqs as written off (`ranges`, `seq_count`),
         its `reason`, who wrote them off (`written_off_by`, by name
-        `written_off_by_name`) and when. A seq whose event arrived after all stays
+        `written_off_by_name`: null to a manager when they are now another
+        station's user) and when. A seq whose event arrived after all stays
         listed here (its write-off is moot: the balances no longer name it).
         Managers read their station's PDAs, auditors and admins every station's; one
         of another station answers a manager what an unknown id answers (404
@@ -136,11 +138,15 @@ class LostSeqs(MethodView):
         """
         device = directory.get_device(session=db.session, device_id=device_id)
         ensure_visible(device.station_id, directory.device_not_found(device_id))
-        records = lost_seqs.list_write_offs(
-            session=db.session,
-            device_id=device.id,
-            before_id=args["after"] or None,
-            limit=args["limit"],
+        records = write_offs_named(
+            db.session,
+            lost_seqs.list_write_offs(
+                session=db.session,
+                device_id=device.id,
+                before_id=args["after"] or None,
+                limit=args["limit"],
+            ),
+            current_principal().station_filter(None),
         )
         items = [
             {**_write_off_fields(r.write_off), "written_off_by_name": r.written_off_by_name}

@@ -96,7 +96,12 @@ class LostSeqsOut(WriteOffFields):
 
 class WriteOffItem(WriteOffFields):
     written_off_by_name = ma.fields.String(
-        required=True, metadata={"description": "Who wrote them off, by full name or username"}
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Who wrote them off, by full name or username; null to a "
+            "manager when they are now another station's user (`written_off_by` stays)"
+        },
     )
 
 

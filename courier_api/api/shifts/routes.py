@@ -24,7 +24,7 @@ from courier_api.api.shifts.schemas import (
 from courier_api.auth import Principal, current_principal, ensure_station_access, ensure_visible
 from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
-from models import Device, Role, Shift, utcnow
+from models import Device, Role, Shift, User, utcnow
 from sync import directory, shifts, signoffs
 from sync.balances import (
     board_totals,
@@ -36,6 +36,7 @@ from sync.balances import (
 )
 from sync.errors import PermissionDenied
 from sync.handover import balance_version
+from sync.pages import sees_user, write_offs_named
 
 blp = ApiBlueprint(
     "shifts", __name__, url_prefix="/api/v1", description="Shifts, handover balance, sign-off"
@@ -192,13 +193,16 @@ class ShiftBalance(MethodView):
         `changed_since_signoff` then says so, and `signed_off_version` is the
         `version` it was signed off with. Who may read it: as for the shift (a
         shift of another station is a 404 `shift_not_found` to couriers and
-        managers).
+        managers). A write-off's `written_off_by_name` is null to a station's
+        reader when whoever wrote the seqs off is now another station's user.
         """
         shift = _readable(shift_id)
         balance = shift_balance(session=db.session, shift=shift)
+        visible = current_principal().station_filter(None)
         return {
             **balance.summary(),
             **vars(balance),
+            "write_offs": write_offs_named(db.session, balance.write_offs, visible),
             "shift_status": shift.status,
             "version": balance_version(balance),
             "signed_off_version": signed_off_version(shift, balance),
@@ -317,19 +321,21 @@ class StationHandover(MethodView):
         Shifts of the two weeks before that still wait for
         the manager (open, or handed over and not signed off) are listed apart
         (`earlier_waiting`). Read in the same few queries however many shifts the
-        station runs.
+        station runs. A courier who is now another station's user is given to a
+        station's manager by id only (`username`, `full_name` null).
         """
         ensure_station_access(station_id)
         station = directory.get_station(session=db.session, station_id=station_id)
         day = args["date"] or shifts.local_date(utcnow(), station.timezone)
         rows = station_board(session=db.session, station_id=station_id, work_date=day)
+        visible = current_principal().station_filter(None)
         return {
             "station_id": station_id,
             "date": day,
             "shifts": [
                 {
                     "shift_id": row.shift.id,
-                    "courier": row.courier,
+                    "courier": _courier_ref(row.courier, visible),
                     "device_id": row.shift.device_id,
                     "shift_status": row.shift.status,
                     "opened_at": row.shift.opened_at,
@@ -362,7 +368,7 @@ class StationHandover(MethodView):
                 {
                     "shift_id": shift.id,
                     "date": shift.work_date,
-                    "courier": courier,
+                    "courier": _courier_ref(courier, visible),
                     "device_id": shift.device_id,
                     "shift_status": shift.status,
                     "reopened_count": shift.reopened_count,
@@ -372,6 +378,16 @@ class StationHandover(MethodView):
                 )
             ],
         }
+
+
+def _courier_ref(courier: User, visible_station: int | None) -> dict[str, Any]:
+    """A board row's courier, named only to a reader who may know them (``sees_user``)."""
+    named = sees_user(courier, visible_station)
+    return {
+        "id": courier.id,
+        "username": courier.username if named else None,
+        "full_name": courier.full_name if named else None,
+    }
 
 
 def _view(shift: Shift) -> dict[str, Any]:

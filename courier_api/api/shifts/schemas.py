@@ -198,7 +198,14 @@ class WriteOffOut(ma.Schema):
     )
     reason = ma.fields.String(required=True)
     written_off_by = ma.fields.Integer(required=True)
-    written_off_by_name = ma.fields.String(required=True)
+    written_off_by_name = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Full name, else username; null to a station's reader when "
+            "they are now another station's user (`written_off_by` stays)"
+        },
+    )
     written_off_at = ma.fields.AwareDateTime(required=True)
 
 
@@ -261,8 +268,17 @@ class BoardArgs(ma.Schema):
 
 class BoardCourierOut(ma.Schema):
     id = ma.fields.Integer(required=True)
-    username = ma.fields.String(required=True)
-    full_name = ma.fields.String(required=True)
+    username = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "null to a station's manager when the courier is now another "
+            "station's user (SECURITY.md threat 3): the row stays, the courier by id"
+        },
+    )
+    full_name = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "null as `username` is"}
+    )
 
 
 class BoardFlagOut(ma.Schema):

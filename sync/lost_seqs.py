@@ -21,7 +21,9 @@ seqs beyond anything declared (nobody knows they exist).
 
 An event of a written-off seq that arrives after all is taken as any late event
 (rule 1: nothing from the field is lost): the push takes its seq out of
-``written_off_ranges`` (``sync.ingest``), and the write-off of it is moot.
+``written_off_ranges`` (``sync.ingest``), and the write-off of it is moot. The list of
+write-offs keeps each as it was made and says what of it still stands
+(``still_standing``): which write-offs the PDA later disproved.
 """
 
 from __future__ import annotations
@@ -219,23 +221,45 @@ def write_off_lost_seqs(
 
 
 class WriteOffRecord(NamedTuple):
-    """A write-off as listed: who by name, and its ranges as written off."""
+    """A write-off as listed: who by name, its ranges as written off, and those of them
+    still written off now."""
 
     write_off: SeqWriteOff
     # Full name, else username; None where the reader may not know them
     # (``sync.pages.write_offs_named``).
     written_off_by_name: str | None
+    # Its ranges within the device's ``written_off_ranges`` now: none of their seqs
+    # arrived since. The others' events (or rejected events) came after all, and
+    # disproved that much of it (``still_standing``).
+    still_written_off: Ranges
 
     @property
     def written_off_by(self) -> int:
         return self.write_off.written_off_by
 
+    @property
+    def arrived_seq_count(self) -> int:
+        """How many of its seqs the PDA sent after all, since it was made."""
+        return seq_count(self.write_off.ranges) - seq_count(self.still_written_off)
+
+
+def still_standing(ranges: Ranges, written_off_now: Ranges) -> Ranges:
+    """What of a write-off of ``ranges`` still stands (pure): the seqs of it still in
+    the device's ``written_off_ranges``, which a push takes out as their events arrive.
+    Write-offs never share a seq (one written off already is refused), so each such
+    seq is this write-off's."""
+    return overlap(ranges, written_off_now)
+
 
 def list_write_offs(
     *, session: Session, device_id: str, before_id: int | None = None, limit: int = 100
 ) -> list[WriteOffRecord]:
-    """The device's write-offs, newest first; ``before_id`` is the last id of the
-    previous page (``ix_seq_write_off_device``)."""
+    """The device's write-offs, newest first, each with what of it still stands
+    (``still_standing``); ``before_id`` is the last id of the previous page
+    (``ix_seq_write_off_device``). Two queries."""
+    now = session.scalar(
+        select(_states.c.written_off_ranges).where(_states.c.device_id == device_id)
+    )
     query = (
         select(SeqWriteOff, User.username, User.full_name)
         .join(User, User.id == SeqWriteOff.written_off_by)
@@ -246,6 +270,8 @@ def list_write_offs(
     if before_id is not None:
         query = query.where(SeqWriteOff.id < before_id)
     return [
-        WriteOffRecord(write_off, full_name or username)
+        WriteOffRecord(
+            write_off, full_name or username, still_standing(write_off.ranges, now or [])
+        )
         for write_off, username, full_name in session.execute(query)
     ]

@@ -283,13 +283,49 @@ def test_a_pdas_write_offs_are_listed_newest_first_with_who_by_name(
         "written_off_by": world.admin.id,
         "written_off_by_name": "admin",  # no full name: the username
         "written_off_at": second["written_off_at"],
+        "still_written_off": [{"first": 4, "last": 4}],
+        "arrived_seq_count": 0,
     }
     assert (oldest["ranges"], oldest["seq_count"], oldest["reason"]) == (
         [{"first": 3, "last": 3}],
         1,
         REASON,
     )
+    assert (oldest["still_written_off"], oldest["arrived_seq_count"]) == ([], 1)
     assert (oldest["written_off_by"], oldest["written_off_by_name"]) == (world.manager.id, "Li Na")
+
+
+def test_the_write_off_list_says_which_seqs_the_pda_sent_after_all(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """Seqs 3-4 written off, then the PDA sent seq 3 after all (a card the courier
+    found): the list showed the write-off as made, so neither the manager nor an
+    auditor could tell which write-offs the PDA later disproved. Each item now says
+    what of it still stands (`still_written_off`: its ranges within the device's
+    written-off seqs now) and how many of its seqs arrived since, its `ranges` still
+    as written off."""
+    _, events, _ = lost_in_the_middle(session, world, pda)
+    assert lost_seqs(client, manager, ranges=[{"first": 3, "last": 4}]).status_code == 201
+
+    def listed(headers: dict[str, str]) -> list[tuple[Any, ...]]:
+        items = write_offs(client, headers).get_json()["items"]
+        return [
+            (w["ranges"], w["seq_count"], w["still_written_off"], w["arrived_seq_count"])
+            for w in items
+        ]
+
+    as_made = [{"first": 3, "last": 4}]
+    assert listed(manager) == [(as_made, 2, as_made, 0)]
+    pda.push([events[2]])  # seq 3
+    for reader in (manager, auth.headers("auditor1")):
+        assert listed(reader) == [(as_made, 2, [{"first": 4, "last": 4}], 1)]
+    pda.push([events[3]])  # seq 4: nothing of the write-off stands
+    assert listed(manager) == [(as_made, 2, [], 2)]
 
 
 def test_who_wrote_seqs_off_is_named_only_to_who_may_know_them(

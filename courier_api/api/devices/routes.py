@@ -131,7 +131,10 @@ class LostSeqs(MethodView):
         its `reason`, who wrote them off (`written_off_by`, by name
         `written_off_by_name`: null to a manager when they are now another
         station's user) and when. A seq whose event arrived after all stays
-        listed here (its write-off is moot: the balances no longer name it).
+        listed in `ranges` (its write-off of it is moot: the balances no longer
+        name it); `still_written_off` says which of them still stand and
+        `arrived_seq_count` how many the PDA sent after all: a write-off with
+        none still standing was disproved by the PDA.
         Managers read their station's PDAs, auditors and admins every station's; one
         of another station answers a manager what an unknown id answers (404
         `device_not_found`).
@@ -149,7 +152,14 @@ class LostSeqs(MethodView):
             current_principal().station_filter(None),
         )
         items = [
-            {**_write_off_fields(r.write_off), "written_off_by_name": r.written_off_by_name}
+            {
+                **_write_off_fields(r.write_off),
+                "written_off_by_name": r.written_off_by_name,
+                "still_written_off": [
+                    {"first": first, "last": last} for first, last in r.still_written_off
+                ],
+                "arrived_seq_count": r.arrived_seq_count,
+            }
             for r in records
         ]
         return keyset_page(items, args["limit"], key=lambda item: item["id"])

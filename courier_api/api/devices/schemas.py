@@ -95,6 +95,22 @@ class LostSeqsOut(WriteOffFields):
 
 
 class WriteOffItem(WriteOffFields):
+    still_written_off = ma.fields.List(
+        ma.fields.Nested(SeqRange),
+        required=True,
+        metadata={
+            "description": "Of `ranges`, those still written off now: [{first, last}, ...]. "
+            "A seq whose event the PDA sent after all (taken as any late event) leaves "
+            "them; empty once the PDA sent every one: the write-off is disproved"
+        },
+    )
+    arrived_seq_count = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "How many of its seqs the PDA sent after all since "
+            "(`seq_count` minus those still written off)"
+        },
+    )
     written_off_by_name = ma.fields.String(
         allow_none=True,
         required=True,

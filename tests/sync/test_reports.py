@@ -667,6 +667,45 @@ def test_on_time_rate_against_each_class_deadline(
     assert totals["on_time_rate"] == 1.0
 
 
+def test_a_delivery_scanned_again_is_timed_by_its_first_scan(
+    session: Session, world: World, pda_a: Pda
+) -> None:
+    """A final outcome scanned again is one outcome, made at its first scan
+    (``sync.rules.final_outcomes``): the beep a few minutes later, or the locker's
+    compartment tapped again, neither delays the delivery past its deadline nor adds to
+    the time it took. A drop in another compartment is a second outcome (a conflict),
+    timed as the latest."""
+    t = local(DAY, 9)
+    delivered_at = t + dt.timedelta(hours=1)
+    at_deadline = parcel(session, world, delivered_at - dt.timedelta(hours=24))
+    dropped = parcel(session, world, delivered_at - dt.timedelta(hours=24))
+    moved = parcel(session, world, delivered_at - dt.timedelta(hours=48))
+    again = delivered_at + dt.timedelta(minutes=4)
+    shift = pda_a.open(t)
+    pda_a.push(
+        [pda_a.event(tn, "checked_out", t) for tn in (at_deadline, dropped, moved)]
+        + [
+            pda_a.event(at_deadline, "delivered", delivered_at, pod=SIGNED),
+            pda_a.event(at_deadline, "delivered", again, pod=SIGNED),
+            pda_a.event(dropped, "delivered_to_pickup_point", delivered_at, point_id="PP-1"),
+            pda_a.event(dropped, "delivered_to_pickup_point", again, point_id="PP-1"),
+            pda_a.event(moved, "delivered_to_pickup_point", delivered_at, point_id="PP-1"),
+            pda_a.event(moved, "delivered_to_pickup_point", again, point_id="PP-2"),
+        ],
+        again,
+    )
+    pda_a.close(shift, again + dt.timedelta(hours=1))
+    totals = daily(session, world)["totals"]
+    assert (totals["delivered"], totals["unattended"] + totals["unattended_without_consent"]) == (
+        1,
+        2,
+    )
+    # at_deadline and dropped on time at their first scan; moved is 2 days late anyway
+    assert totals["on_time"]["express"] == {"measured": 3, "on_time": 2, "rate": 0.6667}
+    # 60, 60 and 64 minutes from the check-out
+    assert totals["avg_checkout_to_delivery_minutes"] == round((60 + 60 + 64) / 3, 1)
+
+
 def deliveries_at(session: Session, station: Station) -> dict[str, Any]:
     """The delivery measures of a station's daily report of DAY."""
     totals = reports.report(

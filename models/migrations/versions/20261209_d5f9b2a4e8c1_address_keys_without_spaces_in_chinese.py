@@ -21,6 +21,10 @@ space beside a Chinese character.
 On PostgreSQL each batch's UPDATEs commit on their own (an autocommit block): a
 revocation of a standing consent waits for no more than a batch.
 
+No parcel is judged again here: a drop judged unauthorized because its recipient's
+standing consent was keyed with the spaces stays flagged until ``courier-api rejudge``
+runs after the upgrade, with the new version serving.
+
 Revision ID: d5f9b2a4e8c1
 Revises: c4e8a1f3d7b9
 Create Date: 2026-12-09 10:00:00.000000

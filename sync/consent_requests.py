@@ -165,32 +165,39 @@ def request_once(
     session: Session,
     draft: RequestDraft,
     asker: Asker,
-    client_request_id: uuid.UUID,
+    client_request_id: uuid.UUID | None,
     ttl: dt.timedelta,
     now: dt.datetime,
 ) -> ConsentRequest:
-    """``request_consent`` online, once per ``client_request_id`` of the asking PDA: a
-    PDA that got no answer asks again with the same id, and gets the request made the
-    first time (as it is now: answered, maybe) instead of a second question to the
-    recipient. The same id with another request is a conflict.
+    """``request_consent`` online (``POST /consents/requests``), once per
+    ``client_request_id`` of the asking PDA: a PDA that got no answer asks again with
+    the same id, and gets the request made the first time (as it is now: answered,
+    maybe) instead of a second question to the recipient. The same id with another
+    request is a conflict. Without an id, each call asks.
 
     Two attempts at once: the unique index makes the second insert wait for the first's
     commit and fail; it then answers the first's request (a savepoint keeps the rest of
     the transaction)."""
+
+    def ask() -> ConsentRequest:
+        return request_consent(
+            session=session,
+            draft=draft,
+            asker=asker,
+            ttl=ttl,
+            requested_at=now,
+            now=now,
+            online=True,
+            client_request_id=client_request_id,
+        )
+
+    if client_request_id is None:
+        return ask()
     earlier = asked_as(session, asker.device_id, client_request_id)
     if earlier is None:
         try:
             with session.begin_nested():
-                return request_consent(
-                    session=session,
-                    draft=draft,
-                    asker=asker,
-                    ttl=ttl,
-                    requested_at=now,
-                    now=now,
-                    online=True,
-                    client_request_id=client_request_id,
-                )
+                return ask()
         except IntegrityError:
             earlier = asked_as(session, asker.device_id, client_request_id)
             if earlier is None:

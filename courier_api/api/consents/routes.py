@@ -368,25 +368,14 @@ class ConsentRequests(MethodView):
             principal.user_id, principal.station_id, principal.device_id
         )
         ttl = dt.timedelta(minutes=current_app.config["CONSENT_REQUEST_TTL_MINUTES"])
-        if body.get("client_request_id") is not None:
-            request = consent_requests.request_once(
-                session=db.session,
-                draft=draft,
-                asker=asker,
-                client_request_id=body["client_request_id"],
-                ttl=ttl,
-                now=now,
-            )
-        else:
-            request = consent_requests.request_consent(
-                session=db.session,
-                draft=draft,
-                asker=asker,
-                ttl=ttl,
-                requested_at=now,
-                now=now,
-                online=True,
-            )
+        request = consent_requests.request_once(
+            session=db.session,
+            draft=draft,
+            asker=asker,
+            client_request_id=body.get("client_request_id"),
+            ttl=ttl,
+            now=now,
+        )
         db.session.commit()
         return request_view(request, now, unmasked=_unmasked())
 

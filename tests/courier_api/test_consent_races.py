@@ -120,6 +120,21 @@ def test_a_consent_granted_while_the_manager_resolves_its_drops_flag_never_deadl
     assert failures == [], f"{len(failures)} of {rounds} rounds failed: {failures[:2]}"
 
 
+def _slow_to_find_none(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> None:
+    """``module.name``, a look-up of what a retry's id recorded, waits half a second
+    when it finds nothing: two attempts at once both find nothing before either
+    inserts."""
+    looked_up = getattr(module, name)
+
+    def slow_to_find(*args: Any, **kwargs: Any) -> Any:
+        found = looked_up(*args, **kwargs)
+        if found is None:
+            time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(module, name, slow_to_find)
+
+
 @pytest.mark.postgres_only
 def test_two_retries_of_a_consent_at_once_record_it_once(
     committed_app: Flask, monkeypatch: pytest.MonkeyPatch
@@ -129,15 +144,7 @@ def test_two_retries_of_a_consent_at_once_record_it_once(
     insert wait for the first's commit and fail; it answers the first's consent, and
     one consent is recorded."""
     headers, [(tracking_no, dropped_at, _)] = _dropped_without_consent(committed_app, 1)
-    looked_up = consents_module.recorded_as
-
-    def slow_to_find(*args: Any, **kwargs: Any) -> Any:
-        found = looked_up(*args, **kwargs)
-        if found is None:
-            time.sleep(0.5)  # both requests find nothing before either inserts
-        return found
-
-    monkeypatch.setattr(consents_module, "recorded_as", slow_to_find)
+    _slow_to_find_none(monkeypatch, consents_module, "recorded_as")
     body = {
         "tracking_no": tracking_no,
         "method": "locker",
@@ -169,15 +176,7 @@ def test_two_attempts_of_a_consent_request_at_once_ask_the_recipient_once(
     from sync import consent_requests
 
     headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
-    looked_up = consent_requests.asked_as
-
-    def slow_to_find(*args: Any, **kwargs: Any) -> Any:
-        found = looked_up(*args, **kwargs)
-        if found is None:
-            time.sleep(0.5)  # both attempts find nothing before either inserts
-        return found
-
-    monkeypatch.setattr(consent_requests, "asked_as", slow_to_find)
+    _slow_to_find_none(monkeypatch, consent_requests, "asked_as")
     body = {
         "tracking_no": tracking_no,
         "method": "locker",

@@ -705,22 +705,32 @@ def test_a_recipients_consent_history_by_phone_includes_the_consents_of_their_pa
     assert history(auth.headers("manager2")) == [standing["id"]]  # standing: every station
 
 
-def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask) -> None:
-    with committed_app.app_context():
+def _courier_pulling(app: Flask, code: str) -> tuple[FlaskClient, Auth, str, str]:
+    """A courier of a new station has checked a parcel out on their PDA and pulled:
+    the client, its ``Auth``, the parcel's tracking number and the pull's cursor.
+    ``code`` (lower case) names them: the station is its upper case, its integration
+    account ``<code>-app``, its courier ``<code>-courier`` on ``PDA-<code>``."""
+    with app.app_context():
         session = db.session
-        station = factories.station(session, code="CONS")
-        factories.user(session, "c-courier", "courier", station)
-        factories.user(session, "c-app", "integration")
-        factories.device(session, "PDA-C1", station)
+        station = factories.station(session, code=code.upper())
+        factories.user(session, f"{code}-courier", "courier", station)
+        factories.user(session, f"{code}-app", "integration")
+        factories.device(session, f"PDA-{code}", station)
         tracking_no = factories.parcel(session, station).tracking_no
         session.commit()
-    client = committed_app.test_client()
+    client = app.test_client()
     auth = Auth(client)
-    courier = auth.headers("c-courier", "PDA-C1")
-    body = factories.push_body("PDA-C1", [factories.event(1, tracking_no)])
+    courier = auth.headers(f"{code}-courier", f"PDA-{code}")
+    body = factories.push_body(f"PDA-{code}", [factories.event(1, tracking_no)])
     assert client.post("/api/v1/sync/push", json=body, headers=courier).status_code == 200
     cursor = client.get("/api/v1/sync/pull", headers=courier).get_json()["next_cursor"]
-    grant(client, auth.headers("c-app"), tracking_no=tracking_no, point_id="L-4")
+    return client, auth, tracking_no, cursor
+
+
+def test_the_courier_holding_the_parcel_pulls_its_consents(committed_app: Flask) -> None:
+    client, auth, tracking_no, cursor = _courier_pulling(committed_app, "cons")
+    courier = auth.headers("cons-courier", "PDA-cons")
+    grant(client, auth.headers("cons-app"), tracking_no=tracking_no, point_id="L-4")
     page = client.get("/api/v1/sync/pull", query_string={"cursor": cursor}, headers=courier)
     changes = page.get_json()["changes"]
     assert [(c["kind"], c["tracking_no"]) for c in changes] == [("consent", tracking_no)]
@@ -760,22 +770,10 @@ def test_a_consent_stamped_by_a_clock_running_ahead_is_in_force_once_recorded(
 def test_the_pda_pulls_a_consent_stamped_by_a_clock_running_ahead(committed_app: Flask) -> None:
     """The courier's PDA, pulling as soon as the consent is recorded, got no consent in
     force (its grant was minutes ahead) and was never told again."""
-    with committed_app.app_context():
-        session = db.session
-        station = factories.station(session, code="AHEAD")
-        factories.user(session, "a-courier", "courier", station)
-        factories.user(session, "a-app", "integration")
-        factories.device(session, "PDA-A1", station)
-        tracking_no = factories.parcel(session, station).tracking_no
-        session.commit()
-    client = committed_app.test_client()
-    auth = Auth(client)
-    courier = auth.headers("a-courier", "PDA-A1")
-    body = factories.push_body("PDA-A1", [factories.event(1, tracking_no)])
-    assert client.post("/api/v1/sync/push", json=body, headers=courier).status_code == 200
-    cursor = client.get("/api/v1/sync/pull", headers=courier).get_json()["next_cursor"]
+    client, auth, tracking_no, cursor = _courier_pulling(committed_app, "ahead")
+    courier = auth.headers("ahead-courier", "PDA-ahead")
     ahead = (now() + dt.timedelta(minutes=4)).isoformat()
-    assert grant(client, auth.headers("a-app"), tracking_no=tracking_no, granted_at=ahead)
+    assert grant(client, auth.headers("ahead-app"), tracking_no=tracking_no, granted_at=ahead)
     page = client.get("/api/v1/sync/pull", query_string={"cursor": cursor}, headers=courier)
     changes = page.get_json()["changes"]
     assert [(c["kind"], c["tracking_no"]) for c in changes] == [("consent", tracking_no)]

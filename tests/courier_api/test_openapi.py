@@ -111,3 +111,20 @@ def test_the_push_says_to_set_seq_conflicts_apart_before_pruning(app: Flask) -> 
     for text in (push, acked["description"]):
         assert "seq_conflict" in text
         assert re.search(r"set (it |them )?apart", " ".join(text.lower().split()))
+
+
+def test_a_proofs_consent_and_span_say_a_repeated_drop_is_judged_by_its_first_scan(
+    app: Flask,
+) -> None:
+    """The proof of a drop scanned again shows the consent and the span of its first
+    scan (``sync.rules.judged_scan``): an auditor reading the second scan's proof saw a
+    `judged_between` ending before the scan's own time, and the reference said it was
+    the scan's own."""
+    with app.app_context():
+        spec = api.spec.to_dict()
+    schemas = spec["components"]["schemas"]
+    consent = schemas["ProofOut"]["properties"]["authorizing_consent"]["description"]
+    span = schemas["ProofDetailOut"]["properties"]["judged_between"]["description"]
+    search = spec["paths"]["/api/v1/proofs"]["get"]["description"]
+    for text in (" ".join(t.split()) for t in (consent, span, search)):
+        assert "scanned again" in text and "first scan" in text, text

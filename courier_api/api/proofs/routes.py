@@ -195,7 +195,9 @@ class Proofs(MethodView):
         (`consent_required` and `authorizing_consent` null). A locker or
         pickup-point drop says where it was left, the consent that authorized it
         (null: none did), when and by whom that consent was recorded, and whether
-        its parcel's class needed one. A delivery of a tracking number never
+        its parcel's class needed one; a drop scanned again is judged by its first
+        scan, and every scan of it shows the consent the first was judged by. A
+        delivery of a tracking number never
         taken in (kept and flagged `unknown_parcel`) is listed with
         `parcel_taken_in: false` and the parcel's fields null; it is the
         station's where it was recorded. Recipient phone numbers are masked except

@@ -157,7 +157,10 @@ class ProofOut(ma.Schema):
         required=True,
         metadata={
             "description": "Drops only: the consent in force before it; null: none (or a "
-            "voided drop, not judged)"
+            "voided drop, not judged). A drop scanned again (the same locker and "
+            "compartment or pickup point, by the same courier, with no check-out "
+            "between) is judged by its first scan, when the parcel went in: this is the "
+            "consent in force before that one"
         },
     )
 
@@ -238,7 +241,9 @@ class ProofDetailOut(ProofOut):
             "arrived. A consent from a recipient channel or another PDA authorizes it "
             "only if granted at or before `earliest` (one captured on the drop's own PDA "
             "is ordered by seq instead) and in force at `latest`; one captured on a PDA "
-            "of another station than the drop's never does"
+            "of another station than the drop's never does. A drop scanned again is "
+            "judged by its first scan: the span is that scan's, and may end before this "
+            "one"
         },
     )
     timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)

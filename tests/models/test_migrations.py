@@ -1688,3 +1688,48 @@ def test_consent_requests_keep_the_pdas_id_runs_again_after_its_index_build_fail
     with pytest.raises(IntegrityError), scratch.begin() as connection:
         values = {"station": station_id, "courier": courier_id, "at": at}
         connection.execute(insert, {**values, "device": "PDA-1", "cid": same})
+
+
+REKEYED_CONSENTS = 2_500  # two batches of 1,000 and a part of one
+
+
+@pytest.mark.postgres_only
+def test_the_address_rekeying_runs_in_committed_batches(scratch: Engine) -> None:
+    """A revocation of a standing consent waits for no more than one batch of the
+    rekeying: its UPDATEs hold no transaction open between batches, and each consent
+    whose key keeps a space beside a Chinese character gets the key the code computes
+    (the others are not written)."""
+    from sync.consents import address_key
+
+    migrate.upgrade(scratch, CLIENT_CONSENT_IDS)
+    with scratch.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO consent (id, scope, method, channel, granted_at, created_at, "
+                "recipient_phone, address, address_key) "
+                "SELECT n, 'standing', 'any', 'app', t, t, '+8613800000000', a, a "
+                "FROM generate_series(1, :count) AS n, "
+                "LATERAL (SELECT timestamptz '2026-12-01 09:00+00' AS t, "
+                "CASE WHEN n % 5 = 0 THEN n::text || ' century ave' "
+                "ELSE '建国路 ' || n::text || ' 号' END AS a) AS v"
+            ),
+            {"count": REKEYED_CONSENTS},
+        )
+    written: list[int] = []
+    open_between: list[bool] = []
+
+    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("UPDATE consent SET address_key"):
+            written.append(cursor.rowcount)
+            open_between.append(cursor.connection.info.transaction_status != 0)
+
+    event.listen(scratch, "after_cursor_execute", count)
+    try:
+        migrate.upgrade(scratch, ADDRESS_KEYS)
+    finally:
+        event.remove(scratch, "after_cursor_execute", count)
+    assert sum(written) == REKEYED_CONSENTS - REKEYED_CONSENTS // 5, written
+    assert not any(open_between), open_between  # autocommit: committed as it ran
+    with scratch.connect() as connection:
+        rows = connection.execute(text("SELECT address, address_key FROM consent")).all()
+    assert [a for a, key in rows if key != address_key(a)] == []

@@ -90,6 +90,8 @@ from sync.shifts import (
     lock_shifts,
     may_own_rejected,
     reopen_for_late_events,
+    reopened_with_seqs_left_open,
+    withdraw_rejected_reopening,
 )
 from sync.sql import (
     Prebuilt,
@@ -471,6 +473,10 @@ class _BatchIngest:
 
     def _run(self) -> dict[str, Any]:
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift not this courier's (ShiftFiler)
+        # Did it file events under a shift whose seqs start at its events (``_file``)?
+        self.bounds_a_previous_shift = False
+        # Reopened shifts whose seqs its events may end sooner (``_lock_shifts``).
+        self.reopened_left_open: list[Shift] = []
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
@@ -515,6 +521,8 @@ class _BatchIngest:
         self._tell_holders_of_consents(stored, targets)
         self._settle_shifts(shifts)
         self._judge_handovers(shifts)
+        for shift in self.reopened_left_open:
+            withdraw_rejected_reopening(self.session, shift)
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
@@ -1108,6 +1116,9 @@ class _BatchIngest:
             row["shift_id"] = self.filed[event.client_event_id] = filer.file(filing)
             row["courier_id"] = filer.recorded_by(row["shift_id"]) or row["courier_id"]
         self.wrong_claims = filer.wrong_claims
+        self.bounds_a_previous_shift = any(
+            filer.starts_at_its_events(row["shift_id"]) for row in rows
+        )
 
     def _touch_device(self, connection: Connection) -> None:
         """The device's last-seen time, when a minute old (``TOUCH_DEVICE``, conditional);
@@ -1273,8 +1284,28 @@ class _BatchIngest:
                 )
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
-        locked = lock_shifts(self.session, by_shift, also=self._owners_of_quarantined())
+        also = [
+            where
+            for where in (
+                self._owners_of_quarantined(),
+                reopened_with_seqs_left_open(self.pusher.device_id)
+                if self.bounds_a_previous_shift
+                else None,
+            )
+            if where is not None
+        ]
+        locked = lock_shifts(self.session, by_shift, also=or_(*also) if also else None)
         self.shifts_not_open = {i: shift for i, shift in locked.items() if i in by_shift}
+        self.reopened_left_open = [
+            shift
+            for i, shift in locked.items()
+            if self.bounds_a_previous_shift
+            and i not in by_shift
+            and shift.device_id == self.pusher.device_id
+            and shift.status == ShiftStatus.CLOSED
+            and shift.signed_off_at is not None
+            and shift.last_seq is None
+        ]
         # None when it quarantined nothing new: its late events' shifts are no owners.
         self.may_own_quarantined = [
             shift

@@ -214,6 +214,22 @@ def rejections_by_id(
     return list(session.scalars(query.order_by(QuarantinedEvent.id)))
 
 
+def owned_rejections(*, session: Session, scope: RejectionScope, ids: Sequence[int]) -> list[int]:
+    """Which of the rejected events ``ids`` are the shift's (``scope``), as
+    ``shift_rejections`` finds them: whether those that reopened a signed-off shift
+    still are (``sync.shifts.withdraw_rejected_reopening``)."""
+    owned = _owned_by(session, scope)
+    if owned is None or not ids:
+        return []
+    return list(
+        session.scalars(
+            select(QuarantinedEvent.id)
+            .where(owned, QuarantinedEvent.id.in_(sorted(set(ids))))
+            .order_by(QuarantinedEvent.id)
+        )
+    )
+
+
 def rejections_of_batch(
     *, session: Session, scopes: Mapping[int, RejectionScope], batch_pk: int, station_id: int
 ) -> dict[int, list[int]]:

@@ -572,8 +572,16 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
         shift_balance(session=session, shift=shift).snapshot(), shift.signoff_balance
     ):
         return
-    reason = f"its late events were filed under shift {opened.id} when it opened"
+    _sign_off_again(
+        session, shift, f"its late events were filed under shift {opened.id} when it opened"
+    )
+
+
+def _sign_off_again(session: Session, shift: Shift, reason: str) -> None:
+    """Withdraw the reopening of ``shift`` (locked, its balance again the one signed off):
+    signed off again, its late flag closed with ``reason``, the withdrawal audit-logged."""
     shift.status = ShiftStatus.SIGNED_OFF
+    subject = FlagSubject("shift", str(shift.id))
     close_flag(session=session, kind=LATE_EVENT, subject=subject, reason=reason)
     audit.append(
         session=session,
@@ -583,6 +591,56 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
         subject_key=str(shift.id),
         details={"station_id": shift.station_id, "reason": reason},
     )
+
+
+def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
+    """The shifts of ``device_id`` reopened since their sign-off (closed again, signed
+    off before) that declared no last seq: they own the seqs up to where the next shift
+    on the PDA starts, which that shift's events may move down
+    (``sync.handover.owned_seqs``). A push filing events under a shift that declared no
+    first seq locks these with its shifts, for ``withdraw_rejected_reopening``."""
+    return and_(
+        Shift.device_id == device_id,
+        Shift.status == ShiftStatus.CLOSED,
+        Shift.signed_off_at.is_not(None),
+        Shift.last_seq.is_(None),
+    )
+
+
+def withdraw_rejected_reopening(session: Session, shift: Shift) -> bool:
+    """Sign ``shift`` (locked) off again if only rejected events reopened it after its
+    latest sign-off and none of them is its own any more, its balance again the one
+    signed off: a rejected event has only its seq, and a shift closed without its last
+    seq owned it only until the next shift's events showed where its seqs end. Pushed
+    in the other order, the event never reopened it (rule 3). Whether a withdrawal
+    happened."""
+    from sync.balances import gather
+    from sync.handover import same_snapshot
+    from sync.quarantine import owned_rejections
+
+    if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
+        return False
+    flag = session.scalar(
+        select(Flag).where(
+            Flag.kind == LATE_EVENT,
+            Flag.subject_type == "shift",
+            Flag.subject_key == str(shift.id),
+        )
+    )
+    latest = (flag.evidence.get(LATEST_REOPENING) or {}) if flag is not None else {}
+    rejected = latest.get(REJECTED_IDS) or []
+    if not rejected or latest.get("event_ids"):
+        return False
+    facts = gather(session, [shift])[shift.id]
+    balance = facts.balance()
+    if owned_rejections(session=session, scope=facts.rejection_scope(balance), ids=rejected):
+        return False
+    if not same_snapshot(balance.snapshot(), shift.signoff_balance):
+        return False
+    _sign_off_again(
+        session, shift, "its rejected late events are the next shift's: its seqs end before them"
+    )
+    return True
 
 
 def _already_open(session: Session, current: Shift, *, courier_id: int) -> Conflict:
@@ -1328,6 +1386,16 @@ class ShiftFiler:
             elif closed is not None and closed < occurred_at <= closed + self.grace:
                 near.append((occurred_at - closed, window.shift_id))
         return min(near)[1] if near else None
+
+    def starts_at_its_events(self, shift_id: int | None) -> bool:
+        """Whether ``shift_id`` (an event was filed under it) declared no first seq and
+        derives none: where its seqs start is its lowest event, which ends those of the
+        shift before it on the PDA if that one closed without its last seq
+        (``sync.handover.owned_seqs``)."""
+        for window in (*self.windows, *self.colleagues.values()):
+            if window.shift_id == shift_id:
+                return window.first_seq is None
+        return False
 
     def recorded_by(self, shift_id: int | None) -> int | None:
         """The courier who recorded an event filed under ``shift_id`` when that is

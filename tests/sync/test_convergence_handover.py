@@ -1,0 +1,476 @@
+"""Rule 3 across a PDA's two shifts, with a manager at work between its pushes.
+
+``test_convergence`` plays one shift against the engine; here a PDA worked two shifts
+(the second maybe another courier's, after a hand-over), each declaring its seqs or
+not, and its queue reaches the server split, reordered and repeated, with events
+rejected (with their seq), events the PDA lost for good, and corrections voiding
+events of either shift. Between two pushes a manager signs the first shift off
+(forced when provisional) and writes off the seqs missing then. The final state of
+both shifts (their balances with missing and written-off seqs, their flags, the
+parcels' statuses, where each event is filed, what was rejected) must be what one
+in-order push gives, with the same seqs written off and the first shift signed off
+afterwards; and the sign-off is reopened exactly when something the first shift owns
+in the end (an event filed under it, a correction voiding one, a rejected event with
+a seq it owns) first arrived after it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    DeviceSyncState,
+    Flag,
+    FlagStatus,
+    Parcel,
+    ScanEvent,
+    ServiceClass,
+    Shift,
+    ShiftStatus,
+)
+from sync import shifts
+from sync.balances import gather, shift_balance
+from sync.events import EventRules
+from sync.flags import ACTIVE_STATUSES
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.lost_seqs import write_off_lost_seqs
+from sync.quarantine import shift_rejections
+from sync.shifts import LATE_EVENT, ShiftRules
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+from tests.batchings import draw_batchings
+from tests.conftest import World
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+FIRST_OPENED = NOW - dt.timedelta(hours=8)
+FIRST_CLOSED = NOW - dt.timedelta(hours=5)
+SECOND_OPENED = NOW - dt.timedelta(hours=4)
+RULES = IngestRules(
+    events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+)
+POD = {"recipient_name": "Wang", "signature_sha256": "a" * 64}
+KINDS = [
+    "checked_out",
+    "checked_out",
+    "out_for_delivery",
+    "delivered",
+    "delivered_to_locker",
+    "returned_to_station",
+    "consent_captured",
+    "correction",
+    "rejected",
+    "rejected",
+    "unsequenced",
+]
+FIELDS: dict[str, dict[str, Any]] = {
+    "delivered": {"pod": POD},
+    "delivered_to_locker": {"locker_id": "L-1", "compartment": "3", "pod": {"pickup_code": "1"}},
+    "consent_captured": {"consent": {"method": "locker", "channel": "sms"}},
+    "rejected": {"colour": "red"},  # an unknown field: rejected, its seq kept
+}
+# Rejected events: with their seq, and without one (it names its parcel only).
+REJECTED = ("rejected", "unsequenced")
+
+
+@dataclass
+class Plan:
+    """What the PDA recorded and how the two shifts were declared."""
+
+    first_declares_first: bool
+    first_last_seq: int | None  # declared at its close
+    second_first_seq: int | None  # declared at its opening
+    second_is_colleagues: bool  # the PDA handed over to another courier
+    second_closed_before: bool  # else closed at the end, last seq declared or not
+    second_last_seq: int | None
+    # (seq, kind, parcel index, target seq for a correction), seq 1..n
+    events: list[tuple[int, str, int, int | None]]
+    in_first: int  # seqs 1..in_first recorded in the first shift
+    lost: set[int] = field(default_factory=set)  # never pushed
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> Plan:
+    n = draw(st.integers(2, 9), label="events")
+    in_first = draw(st.integers(1, n - 1), label="in the first shift")
+    events = []
+    for seq in range(1, n + 1):
+        kind = draw(st.sampled_from(KINDS))
+        parcel = draw(st.integers(0, 2))
+        target = None
+        if kind == "correction":
+            if seq == 1:
+                kind = "checked_out"
+            else:
+                target = draw(st.integers(1, seq - 1))
+        events.append((seq, kind, parcel, target))
+    lost = draw(st.sets(st.integers(1, n), max_size=1), label="lost")
+    # Seqs left undeclared more often: then where a shift's seqs end is its neighbour's
+    # events, and arrival order has more to change.
+    sometimes = st.sampled_from([True, False, False])
+    declares_last = draw(sometimes, label="first shift declares its last seq")
+    declares_first = draw(sometimes, label="second shift declares its first seq")
+    second_closed_before = draw(st.booleans())
+    second_declares_last = draw(st.booleans())
+    return Plan(
+        first_declares_first=draw(st.booleans()),
+        first_last_seq=in_first if declares_last else None,
+        second_first_seq=in_first + 1 if declares_first else None,
+        second_is_colleagues=draw(st.booleans(), label="another courier's"),
+        second_closed_before=second_closed_before,
+        second_last_seq=n if second_declares_last else None,
+        events=events,
+        in_first=in_first,
+        lost=lost,
+    )
+
+
+class Run:
+    """One PDA of the world working the plan's two shifts, and its manager."""
+
+    def __init__(self, session: Session, world: World, plan: Plan) -> None:
+        self.session, self.world, self.plan = session, world, plan
+        self.device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
+        classes = [ServiceClass.EXPRESS, ServiceClass.PARCEL, ServiceClass.PARCEL]
+        self.parcels = [
+            factories.parcel(session, world.station, service_class=c).tracking_no for c in classes
+        ]
+        colleague = factories.user(
+            session, f"colleague-{uuid.uuid4().hex[:8]}", "courier", world.station
+        )
+        self.second_courier = colleague.id if plan.second_is_colleagues else world.courier.id
+        self.first = shifts.open_shift(
+            session=session,
+            device=self.device,
+            courier_id=world.courier.id,
+            rules=ShiftRules(),
+            first_seq=1 if plan.first_declares_first else None,
+            now=FIRST_OPENED,
+        )
+        self.first = shifts.close_shift(
+            session=session,
+            shift=self.first,
+            closed_by=world.courier.id,
+            last_seq=plan.first_last_seq,
+            now=FIRST_CLOSED,
+        )
+        self.second = shifts.open_shift(
+            session=session,
+            device=self.device,
+            courier_id=self.second_courier,
+            rules=ShiftRules(),
+            first_seq=plan.second_first_seq,
+            now=SECOND_OPENED,
+        )
+        session.commit()
+        if plan.second_closed_before:
+            self.close_the_second()
+        self.events = self._recorded()
+        self.pushed: dict[str, int] = {}  # client event id -> the push first carrying it
+        self.pushes = 0
+        self.signed_off_before: int | None = None  # the push the sign-off came before
+
+    def _recorded(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for seq, kind, parcel, target in self.plan.events:
+            first = seq <= self.plan.in_first
+            when = (FIRST_OPENED if first else SECOND_OPENED) + dt.timedelta(minutes=seq)
+            fields = dict(FIELDS.get(kind, {}))
+            if kind == "correction":
+                fields = {
+                    "voids_client_event_id": events[target - 1]["client_event_id"],
+                    "reason": "mis-tap",
+                }
+            sent_type = "checked_out" if kind in REJECTED else kind
+            tracking_no = self.parcels[parcel]
+            if kind == "correction":
+                tracking_no = events[target - 1]["tracking_no"]
+            event = factories.event(seq, tracking_no, sent_type, occurred_at=when, **fields)
+            if kind == "unsequenced":
+                del event["seq"]
+            events.append(event)
+        return events
+
+    def close_the_second(self) -> None:
+        self.second = shifts.close_shift(
+            session=self.session,
+            shift=self.second,
+            closed_by=self.second_courier,
+            last_seq=self.plan.second_last_seq,
+            now=NOW - dt.timedelta(minutes=30),
+        )
+        self.session.commit()
+
+    def push(self, seqs: list[int]) -> None:
+        events = [self.events[s - 1] for s in seqs if s not in self.plan.lost]
+        if not events:
+            return
+        for event in events:
+            self.pushed.setdefault(event["client_event_id"], self.pushes)
+        self.pushes += 1
+        pusher = Pusher(self.device.id, self.world.station.id, self.second_courier)
+        ingest(
+            session=self.session,
+            batch=PushBatch(self.device.id, uuid.uuid4(), NOW, events),
+            pusher=pusher,
+            rules=RULES,
+            received_at=NOW,
+        )
+        self.session.commit()
+
+    def sign_off_the_first(self) -> None:
+        self.session.refresh(self.first)
+        balance = shift_balance(session=self.session, shift=self.first)
+        forced = "the PDA lost some" if balance.status == "provisional" else None
+        shifts.sign_off(
+            session=self.session,
+            shift=self.first,
+            user_id=self.world.manager.id,
+            note="checked",
+            force_reason=forced,
+            now=NOW,
+        )
+        self.session.commit()
+        self.signed_off_before = self.pushes
+
+    def write_off(self, ranges: list[list[int]] | None = None) -> None:
+        """The seqs missing now, or ``ranges``."""
+        state = self.session.get(DeviceSyncState, self.device.id)
+        self.session.refresh(state) if state is not None else None
+        ranges = ranges if ranges is not None else (state.missing_ranges if state else [])
+        if not ranges:
+            return
+        write_off_lost_seqs(
+            session=self.session,
+            device=self.device,
+            ranges=[list(r) for r in ranges],
+            reason="the PDA was reset",
+            user_id=self.world.manager.id,
+        )
+        self.session.commit()
+
+    # -- what it ends in ----------------------------------------------------------------
+
+    def label(self, shift_id: int | None) -> str | None:
+        return {self.first.id: "first", self.second.id: "second", None: None}.get(
+            shift_id, str(shift_id)
+        )
+
+    def parcel_index(self, tracking_no: str) -> Any:
+        return self.parcels.index(tracking_no) if tracking_no in self.parcels else tracking_no
+
+    def seq_of(self) -> dict[int, int]:
+        return dict(
+            self.session.execute(
+                select(ScanEvent.id, ScanEvent.seq).where(ScanEvent.device_id == self.device.id)
+            ).all()
+        )
+
+    def _subject(self, key: str) -> str:
+        head, sep, tail = key.partition(":")
+        if sep:
+            return f"{self.label(int(head)) if head.isdigit() else head}:{self.parcel_index(tail)}"
+        if key in self.parcels:
+            return f"parcel {self.parcels.index(key)}"
+        if key.isdigit() and int(key) in (self.first.id, self.second.id):
+            return f"shift {self.label(int(key))}"
+        return "the device" if key == self.device.id else key
+
+    def final_state(self) -> dict[str, Any]:
+        session = self.session
+        session.expire_all()
+        seqs = self.seq_of()
+        state = session.get(DeviceSyncState, self.device.id)
+        balances = {}
+        for name, shift in (("first", self.first), ("second", self.second)):
+            balance = shift_balance(session=session, shift=session.get(Shift, shift.id))
+            balances[name] = (
+                balance.summary(),
+                balance.missing_seqs,
+                balance.written_off_seqs,
+                sorted((self.parcel_index(p.tracking_no), p.outcome) for p in balance.parcels),
+                sorted(
+                    (d.kind, self.parcel_index(d.tracking_no), d.flag_status)
+                    for d in balance.discrepancies
+                ),
+            )
+        flags = sorted(
+            (
+                kind,
+                self._subject(key),
+                status,
+                sorted(seqs.get(i, -1) for i in (evidence or {}).get("event_ids", [])),
+            )
+            for kind, key, status, evidence in session.execute(
+                select(Flag.kind, Flag.subject_key, Flag.status, Flag.evidence).where(
+                    Flag.kind.not_in(["clock_skew", LATE_EVENT]),
+                    Flag.status.in_(ACTIVE_STATUSES),
+                    Flag.subject_key.contains(self.device.id)
+                    | Flag.shift_id.in_([self.first.id, self.second.id])
+                    | Flag.tracking_no.in_(self.parcels),
+                )
+            )
+        )
+        events = sorted(
+            (seq, self.label(shift_id), courier_id == self.world.courier.id)
+            for seq, shift_id, courier_id in session.execute(
+                select(ScanEvent.seq, ScanEvent.shift_id, ScanEvent.courier_id).where(
+                    ScanEvent.device_id == self.device.id
+                )
+            )
+        )
+        statuses = [
+            session.scalar(select(Parcel.status).where(Parcel.tracking_no == tn))
+            for tn in self.parcels
+        ]
+        return {
+            "balances": balances,
+            "flags": flags,
+            "events": events,
+            "statuses": statuses,
+            "rejected": [
+                sorted(self.seq_sent(q.client_event_id) for q in self.rejected_of(shift))
+                for shift in (self.first, self.second)
+            ],
+            "acks": (
+                state.acked_through_seq,
+                state.max_seq,
+                state.missing_ranges,
+                state.written_off_ranges,
+            ),
+        }
+
+    def rejected_of(self, shift: Shift) -> list[Any]:
+        shift = self.session.get(Shift, shift.id)
+        facts = gather(self.session, [shift])[shift.id]
+        scope = facts.rejection_scope(facts.balance())
+        return shift_rejections(session=self.session, scope=scope, station_id=None)
+
+    def seq_sent(self, client_event_id: Any) -> int:
+        """An event's place in the PDA's queue (its seq, sent or not)."""
+        ids = [e["client_event_id"] for e in self.events]
+        return ids.index(str(client_event_id)) + 1
+
+    def owned_late(self) -> list[int]:
+        """Seqs the first shift owns in the end that first arrived after its sign-off:
+        its events, corrections voiding them, its rejected events."""
+        if self.signed_off_before is None:
+            return []
+        rows = self.session.execute(
+            select(ScanEvent.client_event_id, ScanEvent.shift_id).where(
+                ScanEvent.device_id == self.device.id
+            )
+        ).all()
+        stored = {str(r.client_event_id) for r in rows}
+        its = {str(r.client_event_id) for r in rows if r.shift_id == self.first.id}
+        owned = set(its)
+        owned |= {
+            e["client_event_id"]
+            for e in self.events
+            if e.get("voids_client_event_id") in its and e["client_event_id"] in stored
+        }
+        owned |= {str(q.client_event_id) for q in self.rejected_of(self.first)}
+        return sorted(
+            self.seq_sent(i) for i in owned if self.pushed.get(i, -1) >= self.signed_off_before
+        )
+
+
+def on_the_test_database(examples: int) -> settings:
+    """At most ``examples`` (the profile's count if lower): each runs two PDAs' days."""
+    return settings(
+        max_examples=min(examples, settings.default.max_examples),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+@on_the_test_database(examples=150)
+@given(plan=plans(), data=st.data())
+def test_two_shifts_signed_off_and_written_off_between_pushes_converge(
+    session: Session, world: World, plan: Plan, data: st.DataObject
+) -> None:
+    """The final state does not depend on how the queue was pushed, nor on when between
+    pushes the manager signed the first shift off or wrote off the seqs missing then;
+    the sign-off is reopened exactly when what the first shift owns came after it."""
+    n = len(plan.events)
+    batches = [[s + 1 for s in batch] for batch in draw_batchings(data, n)]
+    sign_off_at = data.draw(st.integers(0, len(batches)), label="sign-off before push")
+    write_off_at = data.draw(
+        st.none() | st.integers(0, len(batches)), label="write-off before push"
+    )
+    note(f"{plan!r} pushes {batches}, sign-off before {sign_off_at}, write-off {write_off_at}")
+    run = Run(session, world, plan)
+    for index, batch in enumerate([*batches, []]):
+        if write_off_at == index:
+            run.write_off()
+        if sign_off_at == index:
+            run.sign_off_the_first()
+        run.push(batch)
+    if not plan.second_closed_before:
+        run.close_the_second()
+    session.refresh(run.first)
+    late = run.owned_late()
+    reopened = run.first.status == ShiftStatus.CLOSED
+    assert reopened == bool(late), (run.first.status, late)
+    reached = run.final_state()
+
+    reference = Run(session, world, plan)
+    reference.events = [
+        {**e, "tracking_no": reference.parcels[run.parcels.index(e["tracking_no"])]}
+        for e in run.events
+    ]
+    reference.push(list(range(1, n + 1)))
+    written_off = reached["acks"][3]
+    if written_off:
+        reference.write_off(written_off)
+    if not plan.second_closed_before:
+        reference.close_the_second()
+    reference.sign_off_the_first()
+    assert reached == reference.final_state()
+
+
+def test_a_rejected_event_the_next_shift_owns_in_the_end_withdraws_the_reopening_it_made(
+    session: Session, world: World
+) -> None:
+    """The first shift closed without its last seq, the next opened without its first:
+    the first owns seqs up to the next one's lowest event. Its seq 1 pushed, it was
+    signed off; then a rejected event, seq 3, arrived before the next shift's seq 2:
+    the first shift owned it then and reopened. Seq 2 shows it is the next shift's
+    (pushed in the other order, it never reopened the first): the reopening is
+    withdrawn, the first shift signed off again with its late flag closed."""
+    plan = Plan(
+        first_declares_first=False,
+        first_last_seq=None,
+        second_first_seq=None,
+        second_is_colleagues=False,
+        second_closed_before=False,
+        second_last_seq=None,
+        events=[
+            (1, "checked_out", 0, None),
+            (2, "checked_out", 1, None),
+            (3, "rejected", 1, None),
+        ],
+        in_first=1,
+    )
+    run = Run(session, world, plan)
+    run.push([1])
+    run.sign_off_the_first()
+    run.push([3])
+    session.refresh(run.first)
+    assert run.first.status == ShiftStatus.CLOSED  # the first's, as far as it is known
+    run.push([2])
+    session.refresh(run.first)
+    assert run.owned_late() == []
+    assert run.first.status == ShiftStatus.SIGNED_OFF
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == LATE_EVENT, Flag.shift_id == run.first.id)
+    ).one()
+    assert flag.status == FlagStatus.CLOSED
+    assert [run.seq_sent(q.client_event_id) for q in run.rejected_of(run.second)] == [3]

@@ -1,25 +1,24 @@
 """Rule 3, convergence: however a device's stream is split, reordered, repeated, lost
 in transit or retried, the server ends in the state one in-order push gives.
 
-A hypothesis state machine plays a PDA against the engine: pushes of arbitrary
-subsets in arbitrary order, responses lost after commit, retries of the same
-batch, pushes that fail before commit, clock changes and pulls, with proofs of
-delivery, consents (captured on the PDA, or granted through the API at any
-point) and consent requests in the mix, so the rule flags they decide must
-converge too. The PDA works in a shift opened before the day, which the courier
-may close at any point (the rest of the stream then lands in a closed shift),
-and hand to the next courier at any point, whose sign-in pushes the rest (a shift
-left open is closed by a manager at the end), so the shift's handover balance,
-flags and who recorded each event must converge as well. After every
-step, each event the server acknowledged is stored exactly once. At the end the
-PDA delivers everything still unacknowledged, and the final state (statuses,
-holders, acks, flags, quarantine, the shift's balance) is compared with a fresh
-database that got the whole stream in one in-order push from a PDA with the
-same clock, then closed the shift if the PDA did. (When the test changes the
-PDA's clock mid-day, events recorded before are corrected by the offset of the
-push that carries them, so only their corrected times may differ.) Some events are
-recorded on a clock reset to its factory date: the shift, opened without a first
-seq, holds them by their seqs whenever they come.
+A hypothesis state machine plays a PDA against the engine: pushes of arbitrary subsets
+in arbitrary order, responses lost after commit, retries of the same batch, pushes that
+fail before commit, clock changes and pulls, with proofs of delivery, consents (captured
+on the PDA, or granted through the API at any point, for good or for an hour, and maybe
+revoked later) and consent requests in the mix, so the rule flags they decide must
+converge too. The PDA works in a shift opened before the day, which the courier may
+close at any point (the rest of the stream then lands in a closed shift), and hand to
+the next courier at any point, whose sign-in pushes the rest (a shift left open is
+closed by a manager at the end), so the shift's handover balance, flags and who recorded
+each event must converge as well. After every step, each event the server acknowledged
+is stored exactly once. At the end the PDA delivers everything still unacknowledged, and
+the final state (statuses, holders, acks, flags, quarantine, the shift's balance) is
+compared with a fresh database that got the whole stream in one in-order push from a PDA
+with the same clock, then closed the shift if the PDA did. (When the test changes the
+PDA's clock mid-day, events recorded before are corrected by the offset of the push that
+carries them, so only their corrected times may differ.) Some events are recorded on a
+clock reset to its factory date: the shift, opened without a first seq, holds them by
+their seqs whenever they come.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ from models import (
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import feed
 from sync.balances import shift_balance
-from sync.consents import ConsentDraft, ConsentRules, grant
+from sync.consents import ConsentDraft, ConsentRules, Revocation, grant, revoke
 from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -113,6 +112,8 @@ DAY_START = NOW - dt.timedelta(hours=3)
 EVENT_GRID_MINUTES = 10
 CONSENT_GRANTED_AT = NOW - dt.timedelta(hours=2) + dt.timedelta(minutes=EVENT_GRID_MINUTES / 2)
 CONSENT_RECORDED_AT = CONSENT_GRANTED_AT + dt.timedelta(minutes=80)
+# A consent granted for an hour ends off the grid too (``recipient_consents``).
+CONSENT_EXPIRES_AT = CONSENT_GRANTED_AT + dt.timedelta(hours=1)
 # Some events are recorded after the PDA's battery died and it came back dated 2000: a
 # push corrects them to a year before it at most. Their time files them under no shift;
 # their seqs are the shift's (it declared no first seq: they count from 1).
@@ -285,12 +286,13 @@ class World:
         holds of the day is pushed under their sign-in."""
         self.pusher = Pusher(self.pusher.device_id, self.pusher.station_id, self.next_courier_id)
 
-    def recipient_consents(self) -> None:
+    def recipient_consents(self, expiring: bool = False) -> None:
         """The recipient of the first parcel agrees to locker delivery, through the app,
         mid-morning, and the server records it 80 minutes later: a drop in the first 20
         minutes after the grant is not authorized by it (recorded beyond the policy's
-        grace), a later one is. Whenever the rule runs, the consent is the same."""
-        consent = grant(
+        grace), a later one is. Whenever the rule runs, the consent is the same.
+        ``expiring``: for an hour (it ends off the grid too), so later drops are not."""
+        self.consent = consent = grant(
             session=self.session,
             draft=ConsentDraft(
                 scope=ConsentScope.PARCEL,
@@ -298,12 +300,24 @@ class World:
                 channel=ConsentChannel.APP,
                 granted_at=CONSENT_GRANTED_AT,
                 tracking_no=KNOWN[0],
+                expires_at=CONSENT_EXPIRES_AT if expiring else None,
             ),
             rules=ConsentRules(tracking=POLICY, phone_region="CN"),
             created_by=None,
             now=CONSENT_RECORDED_AT,
         )
         rejudge_for_consent(session=self.session, consent=consent, policy=RULES.policy)
+        self.session.commit()
+
+    def recipient_revokes(self) -> None:
+        """The recipient takes the consent back, now: after every drop of the day, so it
+        authorized those it did, and they stay authorized."""
+        revoke(
+            session=self.session,
+            consent=self.consent,
+            revocation=Revocation(None, "changed my mind", ConsentChannel.APP),
+        )
+        rejudge_for_consent(session=self.session, consent=self.consent, policy=RULES.policy)
         self.session.commit()
 
     def take_in_the_unknown_parcel(self) -> None:
@@ -332,6 +346,8 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.clock_was_changed = False
         self.taken_in = False
         self.consented = False
+        self.expiring = False
+        self.revoked = False
         self.closed = False
         self.handed_over = False
         self.skewed_push = False  # did any committed push carry an offset beyond the bound?
@@ -385,10 +401,17 @@ class PdaAgainstServer(RuleBasedStateMachine):
         assert self._stored_ids() == before
 
     @precondition(lambda self: not self.consented)
-    @rule()
-    def the_recipient_consents(self) -> None:
-        self.world.recipient_consents()
+    @rule(expiring=st.booleans())
+    def the_recipient_consents(self, expiring: bool) -> None:
+        self.world.recipient_consents(expiring)
         self.consented = True
+        self.expiring = expiring
+
+    @precondition(lambda self: self.consented and not self.revoked)
+    @rule()
+    def the_recipient_revokes(self) -> None:
+        self.world.recipient_revokes()
+        self.revoked = True
 
     @precondition(lambda self: not self.closed and bool(self.stream))
     @rule()
@@ -491,7 +514,9 @@ class PdaAgainstServer(RuleBasedStateMachine):
             if self.taken_in:
                 reference.take_in_the_unknown_parcel()
             if self.consented:
-                reference.recipient_consents()
+                reference.recipient_consents(self.expiring)
+            if self.revoked:
+                reference.recipient_revokes()
             if self.closed:
                 reference.close_the_shift(last_seq=len(self.stream))
             return reference.final_state()
@@ -524,6 +549,12 @@ def test_the_consent_leaves_every_outcome_of_a_drop_reachable_and_none_to_the_cl
         assert len(judged) == 1, (device_time, judged)
         seen |= judged
     assert seen == {"authorized", "granted after", "recorded too late"}
+
+
+def test_no_skew_moves_a_drop_of_the_grid_across_the_consents_expiry() -> None:
+    for step in range(13):  # event_streams' grid
+        device_time = DAY_START + dt.timedelta(minutes=EVENT_GRID_MINUTES * step)
+        assert len({device_time - skew < CONSENT_EXPIRES_AT for skew in SKEWS}) == 1
 
 
 def test_any_split_order_and_retry_converge_to_one_in_order_push(engine: Engine) -> None:

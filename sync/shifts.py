@@ -64,7 +64,7 @@ from sync.flags import (
 from sync.handover import Balance, first_seq_after
 from sync.rules import Policy
 from sync.sql import Prebuilt, among_param, chunks, rows_among
-from sync.status import DEFAULT_POLICY, reproject
+from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
@@ -848,7 +848,11 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> lis
         return []
     taken = session.execute(
         select(
-            ScanEvent.id, ScanEvent.seq, ScanEvent.tracking_no, ScanEvent.claimed_shift_id
+            ScanEvent.id,
+            ScanEvent.seq,
+            ScanEvent.tracking_no,
+            ScanEvent.claimed_shift_id,
+            ScanEvent.voids_client_event_id,
         ).where(
             ScanEvent.device_id == shift.device_id,
             ScanEvent.shift_id.is_(None),
@@ -861,9 +865,21 @@ def _take_unfiled_in_seqs(session: Session, shift: Shift, policy: Policy) -> lis
         update(ScanEvent),
         [{"id": row.id, "shift_id": shift.id, "courier_id": shift.courier_id} for row in taken],
     )
-    reproject(session=session, tracking_nos={row.tracking_no for row in taken}, policy=policy)
+    reproject(session=session, tracking_nos=_judged_again(session, shift, taken), policy=policy)
     _close_wrong_shift_if_taken(session, shift, {row.seq: row.claimed_shift_id for row in taken})
     return [row.id for row in sorted(taken, key=lambda row: row.seq)]
+
+
+def _judged_again(session: Session, shift: Shift, taken: Sequence[Any]) -> set[str]:
+    """The parcels of the events a close took, and those of the events their corrections
+    void: a correction may be filed under another tracking number than its target (as
+    ``sync.ingest`` knows), and whose it is decides its target parcel's
+    ``correction_by_another_courier``."""
+    judged = {row.tracking_no for row in taken}
+    voided = [row.voids_client_event_id for row in taken if row.voids_client_event_id]
+    if voided:
+        judged |= {t.tracking_no for t in targets_of_corrections(session, shift.device_id, voided)}
+    return judged
 
 
 def _close_wrong_shift_if_taken(

@@ -1461,6 +1461,52 @@ def test_a_handovers_queue_pushed_before_the_manager_closes_the_shift_is_filed_a
     assert [f["status"] for f in named] == ["closed"]
 
 
+def test_a_handovers_queued_correction_taken_by_the_close_is_judged_as_the_first_couriers(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """courier1 delivers a parcel, pushes it, then voids the delivery with a correction
+    recorded while the next parcel was in hand (filed under that parcel's number), and
+    hands the PDA over with the shift open. courier2's sign-in pushes the correction: as
+    courier2's, it voids courier1's delivery (`correction_by_another_courier`). The
+    manager's close declaring the last seq takes the correction as courier1's; the
+    delivery's parcel is judged again then, and the flag closes, as it never opens when
+    courier1's own sign-in pushes the correction (rule 3)."""
+    first, second = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(first), pda.event(second)])
+    delivered = pda.event(first, "delivered")
+    pda.push([delivered])
+    correction = pda.event(
+        second,
+        "correction",
+        voids_client_event_id=delivered["client_event_id"],
+        reason="tapped the wrong parcel",
+    )
+    factories.user(session, "courier2", "courier", world.station)
+    pda.headers = auth.headers("courier2", "PDA-0001")
+    pda.push([correction])
+
+    manager = auth.headers("manager1")
+
+    def foreign_corrections() -> list[str]:
+        listed = client.get(
+            "/api/v1/flags?kind=correction_by_another_courier", headers=manager
+        ).get_json()["items"]
+        return [f["status"] for f in listed]
+
+    assert foreign_corrections() == ["open"]  # as courier2's, before the close
+    closed = client.post(
+        f"/api/v1/shifts/{shift['id']}/close", json={"last_seq": pda.seq}, headers=manager
+    )
+    assert closed.status_code == 200, closed.get_json()
+    taken = session.scalar(select(ScanEvent).where(ScanEvent.seq == pda.seq))
+    assert taken is not None
+    session.refresh(taken)
+    assert taken.courier_id == world.courier.id
+    assert foreign_corrections() == ["closed"]
+
+
 def _closes_on_the_log(client: FlaskClient, auth: Auth, shift_id: int) -> list[dict[str, Any]]:
     """The shift's `shift_closed_for_courier` entries, as an auditor reads them."""
     answer = client.get(

@@ -353,6 +353,27 @@ def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     assert count(session, QuarantinedEvent) == 1
 
 
+def test_a_rejected_event_sent_again_corrected_under_its_id_and_seq_is_applied(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A courier mistypes a tracking number (its check digit is wrong): the event is
+    rejected and kept in quarantine. Retyped on the PDA and sent again under the same
+    id and seq, it is applied: the server holds no event of that id (a rejected event
+    is not stored), so it is no conflicting duplicate, and its seq is the one the
+    rejection held. The quarantine row stays, the record of what was first sent."""
+    typed = parcel.tracking_no[:10] + str((int(parcel.tracking_no[10]) + 1) % 10)
+    typed += parcel.tracking_no[11:]
+    mistyped = pda.event(1, typed)
+    first = pda.push([mistyped])
+    assert first["results"][0]["error"]["code"] == "invalid_check_digit"
+    retyped = {**mistyped, "tracking_no": parcel.tracking_no}
+    second = pda.push([retyped])
+    assert statuses(second) == ["applied"]
+    assert second["acked_through_seq"] == 1
+    assert count(session, ScanEvent) == 1
+    assert count(session, QuarantinedEvent) == 1
+
+
 def test_an_event_held_and_sent_again_31_days_on_is_a_duplicate_a_new_one_is_kept(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

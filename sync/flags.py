@@ -25,7 +25,8 @@ A rule flag (a parcel's, a shift's own) is judged again whenever its subject's e
 change, and its status is then a function of the events as they are and of the
 manager's latest decision (``judged_status``): closed while the rule holds, resolved
 or not; while it fails, the decision's status (acknowledged, resolved) if the rule
-fails only on the events the manager decided on, open if on any other. So any status
+fails only on the events the manager decided on, open if on any other (a scan
+repeating an outcome they decided on is no other: ``REPEATED_SCANS``). So any status
 may follow any other, by the system, and a decision stands, or comes back, however
 the later events were batched (rule 3); nothing the manager did not see is settled
 by it. Other kinds keep the life above, and the same rule: a decided flag raised again
@@ -253,6 +254,12 @@ ACCUMULATED = (
 # decision read the events, not these; but a later raising adds to them, never
 # replaces them, so what they say does not depend on how the events were batched.
 ACCOMPANYING = ("claimed_shift_ids",)
+# The scans a rule flag cites that repeat an outcome it cites by an earlier scan
+# (``sync.rules.JUDGING_OUTCOMES``): ``[{"event_id", "first_event_id"}]``. A repeat
+# changes nothing the flag judges, so it names no cause of its own (``causes``): a
+# decision on the outcome covers it and ``evidence_version`` leaves it out. Its
+# ``event_ids`` still cite it, as a proof and a shift's balance read them.
+REPEATED_SCANS = "repeated_scans"
 # Keys named later than the versions of flags without them: ``evidence_version`` reads
 # them only where a flag's evidence names some, so those versions stay as they were
 # read; and a decision recorded without them saw none (``covers``).
@@ -276,9 +283,20 @@ def covers(decided_on: dict[str, Any] | None, evidence: dict[str, Any]) -> bool:
     # Named in no evidence before: a decision that recorded none saw none.
     shown += sorted(NAMED_WHERE_HELD.difference(shown))
     return all(
-        key not in evidence or _within(cited_in(evidence, key), decided_on.get(key))
-        for key in shown
+        key not in evidence or _within(causes(evidence, key), decided_on.get(key)) for key in shown
     )
+
+
+def causes(evidence: dict[str, Any], key: str, default: Any = None) -> Any:
+    """What ``evidence`` names as a cause under ``key``: what it cites (``cited_in``),
+    less, among its events, each repeated scan of an outcome whose first scan it cites
+    (``REPEATED_SCANS``). What a decision must have seen, and ``evidence_version``
+    reads."""
+    named = cited_in(evidence, key, default)
+    if key != "event_ids" or not evidence.get(REPEATED_SCANS) or not isinstance(named, list):
+        return named
+    repeats = {r["event_id"] for r in evidence[REPEATED_SCANS] if r["first_event_id"] in named}
+    return [i for i in named if i not in repeats]
 
 
 def cited_in(evidence: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -308,7 +326,8 @@ def _copied(value: Any) -> Any:
 
 def evidence_version(evidence: dict[str, Any]) -> str:
     """A digest of what the flag's ``evidence`` names: what a decision covers
-    (``SEEN``: its events, seqs, missing images, a PDA's silence, ``cited_in``) and the
+    (``SEEN``: its events, seqs, missing images, a PDA's silence, ``causes``: not a
+    repeated scan of an outcome it cites) and the
     pushes it grows by, lists whatever their order, and, once its lists are past the
     bound, how many ids raisings named past it (``_merged``). A decision that names the
     version its manager was shown is refused once the evidence has changed since (a
@@ -326,7 +345,7 @@ def evidence_version(evidence: dict[str, Any]) -> str:
         for key in {*SEEN, *ACCUMULATED}
         if key not in NAMED_WHERE_HELD or cited_in(evidence, key)
     )
-    seen = {key: _in_order(cited_in(evidence, key, [])) for key in named}
+    seen = {key: _in_order(causes(evidence, key, [])) for key in named}
     if NAMED_PAST_BOUND in past:  # absent until the bound is reached: versions read before
         seen[NAMED_PAST_BOUND] = past[NAMED_PAST_BOUND]
     text = json.dumps(seen, sort_keys=True, separators=(",", ":"))

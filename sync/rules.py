@@ -18,6 +18,7 @@ from typing import Any
 
 from models import ConsentMethod, EventType, FlagSeverity, ServiceClass
 from sync.events import referenced_blobs
+from sync.flags import REPEATED_SCANS
 from sync.projection import EventFact, ordered, voided_by
 
 DROPS = {
@@ -46,6 +47,17 @@ SEVERITY = {
     "correction_by_another_courier": FlagSeverity.WARNING,
 }
 RULE_KINDS = tuple(SEVERITY)
+# The flags that judge a final outcome as one, however often it was scanned
+# (``final_outcomes``): each cites every scan of it, and names the scans that repeat one
+# it cites under ``REPEATED_SCANS`` (``_name_repeats``). The others judge each scan's own
+# facts (its position, the images it names, a correction of it).
+JUDGING_OUTCOMES = (
+    "unauthorized_locker_drop",
+    "consent_after_drop",
+    "delivered_without_pod",
+    "conflicting_final_outcome",
+    "delivered_not_checked_out",
+)
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,36 @@ def evaluate(
     _proofs(parcel, counting, outcomes, policy, stored_blobs, purged_blobs or {}, flags)
     _outcomes(counting, outcomes, flags)
     _corrections(history, voids, by_id, flags)
+    _name_repeats(outcomes, flags)
     return flags
+
+
+def _name_repeats(outcomes: Sequence[FinalOutcome], flags: dict[str, dict[str, Any]]) -> None:
+    """Name, in each flag judging outcomes (``JUDGING_OUTCOMES``), the scans it cites
+    that repeat a scan it also cites: ``{"event_id": the repeat, "first_event_id": the
+    outcome's first scan}``. A repeat changes nothing the flag judges, so a manager's
+    decision on the outcome covers it and the flag's ``evidence_version`` leaves it out
+    (``sync.flags.causes``): a second beep after the manager resolved the drop does not
+    send it back to their queue."""
+    first_of = {
+        scan.fact.event_id: outcome.first.fact.event_id
+        for outcome in outcomes
+        for scan in outcome.scans[1:]
+    }
+    if not first_of:
+        return
+    for kind in JUDGING_OUTCOMES:
+        evidence = flags.get(kind)
+        if evidence is None:
+            continue
+        cited = set(evidence["event_ids"])
+        repeats = [
+            {"event_id": i, "first_event_id": first_of[i]}
+            for i in evidence["event_ids"]
+            if i in first_of and first_of[i] in cited
+        ]
+        if repeats:
+            evidence[REPEATED_SCANS] = repeats
 
 
 def by_station(
@@ -204,6 +245,17 @@ def _evidence_of(
         part["distances_m"] = [d for d in evidence["distances_m"] if d["event_id"] in kept]
     if "corrections" in evidence:
         part["corrections"] = [c for c in evidence["corrections"] if c["voided_event_id"] in kept]
+    if REPEATED_SCANS in evidence:
+        # a repeat of a scan recorded at another station is new to this station's manager
+        repeats = [
+            r
+            for r in evidence[REPEATED_SCANS]
+            if r["event_id"] in kept and r["first_event_id"] in kept
+        ]
+        if repeats:
+            part[REPEATED_SCANS] = repeats
+        else:
+            del part[REPEATED_SCANS]
     if "blobs" in evidence:
         named = {b for e in events if e.fact.event_id in kept for b in referenced_blobs(e.details)}
         part["blobs"] = [b for b in evidence["blobs"] if b in named]
@@ -605,12 +657,16 @@ def _corrections(
     by_id: Mapping[int, EventDetail],
     flags: dict[str, dict[str, Any]],
 ) -> None:
-    """A final outcome amended by a correction waits for a manager's acknowledgement.
-    So does an event of such a parcel voided by a correction another courier pushed
-    (``correction_by_another_courier``, a warning): a PDA is named by its id, and on
-    one shared between shifts the next courier could undo what the one before
-    recorded (SECURITY.md threat 3), or push the one before's correction still queued
-    on it. Judged on the parcel's events, whichever arrived first."""
+    """A final outcome amended by a correction waits for a manager's acknowledgement,
+    but not a repeated scan of it voided while the outcome stands on an earlier scan
+    (``repeats_standing``): the outcome and when it is judged to have happened are
+    unchanged. Voiding its first scan moves that time, and voiding every scan undoes
+    it: both need review. So does an event of such a parcel (a repeat too) voided by a
+    correction another courier pushed (``correction_by_another_courier``, a warning):
+    a PDA is named by its id, and on one shared between shifts the next courier could
+    undo what the one before recorded (SECURITY.md threat 3), or push the one before's
+    correction still queued on it. Judged on the parcel's events, whichever arrived
+    first."""
     foreign = [
         {
             "voided_event_id": voided,
@@ -633,13 +689,32 @@ def _corrections(
     reviewed = [
         {"voided_event_id": voided, "correction_event_id": correction}
         for voided, correction in sorted(voids.items())
-        if voided in by_id and by_id[voided].fact.type in FINAL_OUTCOMES
+        if voided in by_id
+        and by_id[voided].fact.type in FINAL_OUTCOMES
+        and not repeats_standing(by_id[voided], history, voids)
     ]
     if reviewed:
         flags["correction_review"] = {
             "event_ids": sorted({v for r in reviewed for v in r.values()}),
             "corrections": reviewed,
         }
+
+
+def repeats_standing(
+    voided: EventDetail, history: Sequence[EventDetail], voids: Mapping[int, int]
+) -> bool:
+    """Whether the voided final outcome ``voided`` was a repeated scan (not the first)
+    of an outcome that still stands on an earlier scan: the parcel's counting events
+    (``history`` in projection order, less ``voids``) with it alone counted again fold
+    it into an outcome whose first scan is another. Whichever of its repeats are
+    voided, each is judged alone, on the events as they are: the answer does not
+    depend on the order they came in (rule 3)."""
+    voided_id = voided.fact.event_id
+    counting = [e for e in history if e.fact.event_id not in voids or e.fact.event_id == voided_id]
+    return any(
+        voided_id in outcome.event_ids and outcome.first.fact.event_id != voided_id
+        for outcome in final_outcomes(counting)
+    )
 
 
 def _has_pod(parcel: ParcelFacts, delivery: EventDetail, policy: Policy) -> bool:

@@ -124,8 +124,10 @@ FACTORY_DATE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     """A device's whole day: seq 1..n, some events malformed, some corrections, some
     final outcomes scanned again (a scanner beeping twice; a locker drop perhaps in
-    another compartment, a second outcome)."""
+    another compartment, a second outcome), and the corrections more often void such a
+    scan than another event (voiding a repeat needs no review, its first scan does)."""
     events: list[dict[str, Any]] = []
+    repeats: list[dict[str, Any]] = []  # the events scanned again, as drawn
     for seq in range(1, draw(st.integers(1, 10)) + 1):
         kind = draw(
             st.sampled_from(
@@ -148,7 +150,7 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             )
             extra = dict(EXTRA_FIELDS[event_type])
         elif kind == "correction" and events:
-            target = draw(st.sampled_from(events))
+            target = draw(st.sampled_from(events + repeats * 2))
             event_type = EventType.CORRECTION
             # Usually filed under its target's number; sometimes under another one.
             tracking_no = draw(st.sampled_from([target["tracking_no"]] * 3 + KNOWN))
@@ -169,6 +171,8 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
                 **extra,
             )
         )
+        if kind == "again" and finals:
+            repeats.append(events[-1])
     return events
 
 

@@ -20,9 +20,17 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Flag, FlagStatus, OutboxMessage, WebhookSubscription
+from models import Flag, FlagStatus, OutboxMessage, ScanEvent, WebhookSubscription
 from sync.events import EventRules
-from sync.flags import acknowledge_flag, covers, flag_changes, judged_status, resolve_flag
+from sync.flags import (
+    REPEATED_SCANS,
+    acknowledge_flag,
+    covers,
+    evidence_version,
+    flag_changes,
+    judged_status,
+    resolve_flag,
+)
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.outbox import TOPICS
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
@@ -105,6 +113,24 @@ def test_a_decision_stands_while_the_cause_is_only_on_what_the_manager_saw() -> 
     assert judged_status(None, None, {"event_ids": [1]}) == OPEN
 
 
+def test_a_repeated_scan_of_an_outcome_the_manager_saw_is_nothing_new() -> None:
+    def repeating(*pairs: tuple[int, int]) -> dict[str, Any]:
+        ids = sorted({i for pair in pairs for i in pair})
+        return {
+            "event_ids": ids,
+            REPEATED_SCANS: [{"event_id": r, "first_event_id": f} for r, f in pairs],
+        }
+
+    assert judged_status(RESOLVED, {"event_ids": [1]}, repeating((2, 1))) == RESOLVED
+    assert evidence_version(repeating((2, 1))) == evidence_version({"event_ids": [1]})
+    # Decided on scan 2 when it was the first: scan 1, an earlier one, is news.
+    assert judged_status(RESOLVED, {"event_ids": [2]}, repeating((2, 1))) == OPEN
+    # A repeat of a scan the evidence does not cite (another station's) is its own.
+    assert not covers({"event_ids": [1]}, {"event_ids": [1, 3], REPEATED_SCANS: [
+        {"event_id": 3, "first_event_id": 2}
+    ]})  # fmt: skip
+
+
 def test_a_missing_image_the_manager_did_not_see_is_new_too() -> None:
     seen = {"event_ids": [1], "blobs": ["a"]}
     assert covers(seen, {"event_ids": [1], "blobs": ["a"]})
@@ -128,13 +154,14 @@ def test_an_acknowledged_flag_opens_on_new_events_and_is_acknowledged_again_when
     session: Session, world: World
 ) -> None:
     """The manager acknowledged a delivery with no check-out. A second delivery, which
-    they never saw, joins the evidence: the flag is back in the open queue. Voided by
-    a correction, it leaves: acknowledged again, as if it had never come; the history
-    says why each time."""
+    they never saw (at a locker: another outcome, not the same scanned again), joins
+    the evidence: the flag is back in the open queue. Voided by a correction, it
+    leaves: acknowledged again, as if it had never come; the history says why each
+    time."""
     pda, tracking_no, flag = delivered_without_a_check_out(session, world)
     acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
     session.commit()
-    again = pda.event(3, tracking_no, "delivered")
+    again = pda.event(3, tracking_no, "delivered_to_locker")
     pda.push([again], NOW + dt.timedelta(minutes=1))
     session.refresh(flag)
     assert flag.status == OPEN
@@ -154,12 +181,13 @@ def test_an_acknowledged_flag_opens_on_new_events_and_is_acknowledged_again_when
 def test_a_manager_resolving_a_flag_opened_on_new_events_settles_those_too(
     session: Session, world: World
 ) -> None:
-    """Resolved, opened on a second delivery, resolved again by the manager: their new
-    decision covers the second delivery, and a third opens it once more."""
+    """Resolved, opened on a second delivery (at a locker: another outcome), resolved
+    again by the manager: their new decision covers the second delivery, and a third
+    (in person again) opens it once more."""
     pda, tracking_no, flag = delivered_without_a_check_out(session, world)
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="seen")
     session.commit()
-    pda.push([pda.event(3, tracking_no, "delivered")], NOW + dt.timedelta(minutes=1))
+    pda.push([pda.event(3, tracking_no, "delivered_to_locker")], NOW + dt.timedelta(minutes=1))
     session.refresh(flag)
     assert flag.status == OPEN
     resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="both seen")
@@ -172,6 +200,36 @@ def test_a_manager_resolving_a_flag_opened_on_new_events_settles_those_too(
     pda.push([pda.event(5, tracking_no, "delivered")], NOW + dt.timedelta(minutes=3))
     session.refresh(flag)
     assert flag.status == OPEN
+
+
+def test_a_scan_repeating_the_outcome_after_the_decision_leaves_it_standing(
+    session: Session, world: World
+) -> None:
+    """The scanner beeped again after the manager decided on the delivery's flags: the
+    same outcome, which they judged. Each flag stays as they left it, citing the repeat
+    as one, and its ``evidence_version`` is the one they read: a decision sent with it
+    is not refused as made on changed evidence."""
+    pda, tracking_no, flag = delivered_without_a_check_out(session, world)
+    flags = session.scalars(select(Flag).where(Flag.subject_key == tracking_no)).all()
+    others = [f for f in flags if f.id != flag.id]
+    assert others  # delivered_without_pod too: the express parcel has no proof
+    for other in others:
+        resolve_flag(session=session, flag=other, user_id=world.manager.id, note="seen")
+    session.commit()
+    read = evidence_version(flag.evidence)
+    again = pda.event(3, tracking_no, "delivered")
+    pda.push([again], NOW + dt.timedelta(minutes=1))
+    for other in others:
+        session.refresh(other)
+        assert other.status == RESOLVED
+    session.refresh(flag)
+    first_id, again_id = session.scalars(
+        select(ScanEvent.id).where(ScanEvent.tracking_no == tracking_no).order_by(ScanEvent.seq)
+    ).all()
+    assert flag.evidence["event_ids"] == [first_id, again_id]
+    assert flag.evidence[REPEATED_SCANS] == [{"event_id": again_id, "first_event_id": first_id}]
+    acknowledge_flag(session=session, flag=flag, user_id=world.manager.id, seen_version=read)
+    assert flag.status == ACK
 
 
 @settings(  # as many examples as the profile says (100; 300 in CI's SQLite pass)

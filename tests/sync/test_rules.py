@@ -10,8 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models import ConsentMethod, EventType, ServiceClass
+from sync.flags import REPEATED_SCANS, causes, covers, evidence_version, seen_in
 from sync.projection import EventFact
 from sync.rules import (
+    JUDGING_OUTCOMES,
     ConsentFact,
     EventDetail,
     ParcelFacts,
@@ -19,6 +21,7 @@ from sync.rules import (
     by_station,
     consents_matter,
     evaluate,
+    final_outcomes,
 )
 
 T = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
@@ -345,6 +348,56 @@ def test_a_repeated_scan_voided_leaves_the_other_and_a_review() -> None:
     flags = evaluate(EXPRESS, events, [], POLICY, frozenset({"a" * 64}))
     assert set(flags) == {"unauthorized_locker_drop", "correction_review"}
     assert flags["unauthorized_locker_drop"]["event_ids"] == [again.fact.event_id]
+
+
+def test_a_repeat_voided_is_no_correction_of_the_outcome_that_stands() -> None:
+    """The second beep corrected away: the drop stands on its first scan, judged at the
+    same time, and there is nothing for the manager to review."""
+    first = ev(2, EventType.DELIVERED_TO_LOCKER, 30, **LOCKER_4, **POD)
+    again = ev(3, EventType.DELIVERED_TO_LOCKER, 31, **LOCKER_4, **POD)
+    events = [
+        ev(1, EventType.CHECKED_OUT),
+        first,
+        again,
+        ev(4, EventType.CORRECTION, 32, voids=again),
+    ]
+    flags = evaluate(EXPRESS, events, [], POLICY, frozenset({"a" * 64}))
+    assert set(flags) == {"unauthorized_locker_drop"}
+    assert flags["unauthorized_locker_drop"] == {
+        "event_ids": [first.fact.event_id],
+        "consent_ids": [],
+    }
+
+
+def test_every_scan_of_an_outcome_voided_needs_review_citing_each() -> None:
+    first = ev(2, EventType.RETURNED_TO_STATION, 30)
+    again = ev(3, EventType.RETURNED_TO_STATION, 31)
+    undo_first, undo_again = (
+        ev(4, EventType.CORRECTION, 32, voids=first),
+        ev(5, EventType.CORRECTION, 33, voids=again),
+    )
+    events = [ev(1, EventType.CHECKED_OUT), first, again, undo_first, undo_again]
+    flags = evaluate(EXPRESS, events, [], POLICY)
+    assert set(flags) == {"correction_review"}
+    assert flags["correction_review"]["corrections"] == [
+        {"voided_event_id": first.fact.event_id, "correction_event_id": undo_first.fact.event_id},
+        {"voided_event_id": again.fact.event_id, "correction_event_id": undo_again.fact.event_id},
+    ]
+
+
+def test_a_repeat_voided_by_another_courier_is_still_flagged_as_theirs() -> None:
+    """Who voided whose scan still matters (``correction_by_another_courier``), though
+    the outcome needs no review."""
+    first = ev(2, EventType.DELIVERED, 30, pod={"signature_sha256": "b" * 64})
+    again = ev(3, EventType.DELIVERED, 31, pod={"signature_sha256": "b" * 64})
+    undo = by(2, ev(4, EventType.CORRECTION, 32, voids=again))
+    events = [ev(1, EventType.CHECKED_OUT), first, again, undo]
+    flags = evaluate(EXPRESS, events, [], POLICY, frozenset({"b" * 64}))
+    assert set(flags) == {"correction_by_another_courier"}
+    assert flags["correction_by_another_courier"]["event_ids"] == [
+        again.fact.event_id,
+        undo.fact.event_id,
+    ]
 
 
 def test_a_repeated_drop_without_consent_is_one_unauthorized_drop_citing_both_scans() -> None:
@@ -705,10 +758,10 @@ FINAL_TYPES = [
 def parcel_days(draw: st.DrawFn) -> list[EventDetail]:
     """A parcel's events on one PDA, shared by two couriers: check-outs, final outcomes
     at two lockers' compartments and two points, with proofs or none, in person near
-    the address or far, dated anywhere in the hour (seqs even: room for a repeat)."""
+    the address or far, dated anywhere in the hour (seqs 3 apart: room for two repeats)."""
     types = [EventType.CHECKED_OUT, EventType.OUT_FOR_DELIVERY, *FINAL_TYPES * 2]
     events = []
-    for seq in range(2, 2 * draw(st.integers(1, 7)) + 1, 2):
+    for seq in range(3, 3 * draw(st.integers(1, 7)) + 1, 3):
         kind = draw(st.sampled_from(types))
         details = {
             "locker_id": draw(st.sampled_from(["L-1", "L-2"])),
@@ -744,6 +797,11 @@ def folded(flags: dict[str, dict[str, Any]], again: int, first: int) -> dict[str
             evidence["distances_m"] = [
                 d for d in evidence["distances_m"] if d["event_id"] != again
             ]
+        if REPEATED_SCANS in evidence:
+            repeats = [r for r in evidence[REPEATED_SCANS] if r["event_id"] != again]
+            evidence[REPEATED_SCANS] = repeats
+            if not repeats:
+                del evidence[REPEATED_SCANS]
         seen[kind] = evidence
     return seen
 
@@ -778,9 +836,68 @@ def test_a_final_outcome_scanned_again_judges_as_scanned_once_whatever_the_order
         assert folded(twice, again.fact.event_id, first.fact.event_id) == once
         cited = {k for k, e in twice.items() if first.fact.event_id in e["event_ids"]}
         assert cited == {k for k, e in twice.items() if again.fact.event_id in e["event_ids"]}
+        # A flag judging the outcome names the repeat as one: a decision on the outcome
+        # covers it, and the flag's evidence version is the one the manager read.
+        for kind in cited & set(JUDGING_OUTCOMES):
+            repeats = {r["event_id"] for r in twice[kind][REPEATED_SCANS]}
+            assert again.fact.event_id in repeats
+            assert causes(twice[kind], "event_ids") == causes(once[kind], "event_ids")
+            assert evidence_version(twice[kind]) == evidence_version(once[kind])
+            assert covers(seen_in(once[kind]), twice[kind])
         day = twice_day
     shuffled = list(day)
     order.shuffle(shuffled)
     assert evaluate(EXPRESS, shuffled, consents, POLICY, blobs) == evaluate(
         EXPRESS, day, consents, POLICY, blobs
     )
+
+
+@given(
+    day=parcel_days(),
+    which=st.integers(0, 6),
+    times=st.integers(1, 2),
+    corrector=st.sampled_from([1, 2]),
+    granted=st.lists(
+        st.tuples(st.integers(-10, 70), st.sampled_from(list(ConsentMethod))), max_size=2
+    ),
+    order=st.randoms(use_true_random=False),
+)
+def test_a_final_outcome_scanned_again_and_the_repeats_voided_judges_as_scanned_once(
+    day: list[EventDetail],
+    which: int,
+    times: int,
+    corrector: int,
+    granted: list[tuple[int, ConsentMethod]],
+    order: Any,
+) -> None:
+    """Rule 3 for a repeated scan voided: scanned again (once or twice), and each repeat
+    voided by a correction, in whatever order the parcel's events are handed over, the
+    parcel judges as scanned once. No ``correction_review`` (the outcome stands on its
+    first scan, judged at the same time); a correction by another courier than the
+    scan's is still ``correction_by_another_courier``. Voiding the first scan as well
+    needs review, citing it."""
+    # the first scan of an outcome (the day's own scans may repeat one already)
+    finals = [outcome.first for outcome in final_outcomes(day)]
+    consents = [consent(minutes, method) for minutes, method in granted]
+    blobs = frozenset({"a" * 64})
+    if not finals:
+        return
+    first = finals[which % len(finals)]
+    repeats = [scanned_again(first)]
+    if times == 2:  # the third beep: its seq after the second, its time the same
+        third = scanned_again(repeats[0])
+        repeats.append(third)
+    # Corrections come last (seqs after the day's), late in the day: they bound no drop.
+    undo = [
+        by(corrector, ev(100 + k, EventType.CORRECTION, 120, voids=r))
+        for k, r in enumerate(repeats)
+    ]
+    events = [*day, *repeats, *undo]
+    order.shuffle(events)
+    judged = evaluate(EXPRESS, events, consents, POLICY, blobs)
+    foreign = judged.pop("correction_by_another_courier", None)
+    assert judged == evaluate(EXPRESS, day, consents, POLICY, blobs)
+    assert (foreign is not None) == (corrector != first.fact.courier_id)
+    undo_first = ev(200, EventType.CORRECTION, 121, voids=first)
+    reviewed = evaluate(EXPRESS, [*events, undo_first], consents, POLICY, blobs)
+    assert first.fact.event_id in reviewed["correction_review"]["event_ids"]

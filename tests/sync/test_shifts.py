@@ -1967,6 +1967,41 @@ def test_an_event_after_sign_off_reopens_the_shift_with_a_flag(
     assert session.get(Flag, flag.id).status == FlagStatus.OPEN
 
 
+def test_a_repeated_scan_after_sign_off_reopens_the_shift_but_no_flag_decided_on_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The express parcel left in the locker without consent: the manager resolved its
+    ``unauthorized_locker_drop`` and signed the shift off. The PDA then pushes the
+    compartment's second tap. The drop the manager judged is unchanged, so its flag
+    stays resolved (it cites the tap as a repeat); the shift reopens all the same (rule
+    5: an event after the sign-off reopens it; the balance signed off names the drop's
+    latest scan as the one settling the parcel)."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    drop = {"locker_id": "L-1", "compartment": "7", "pod": {"pickup_code": "1234"}}
+    pda.push([pda.event(a), pda.event(a, "delivered_to_locker", **drop)])
+    shift = pda.close(shift)
+    flag = session.scalars(select(Flag).where(Flag.kind == "unauthorized_locker_drop")).one()
+    from sync.flags import resolve_flag
+
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="called: agreed")
+    session.commit()
+    sign_off(session, world, shift, note="drop settled with the recipient")
+    pda.push(
+        [pda.event(a, "delivered_to_locker", shift_id=shift.id, **drop)],
+        received_at=NOW + dt.timedelta(hours=1),
+    )
+    session.refresh(flag)
+    assert flag.status == FlagStatus.RESOLVED
+    assert [r["event_id"] for r in flag.evidence["repeated_scans"]] == [
+        session.scalars(select(ScanEvent.id).where(ScanEvent.seq == pda.seq)).one()
+    ]
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.CLOSED and shift.reopened_count == 1
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert late.status == FlagStatus.OPEN
+
+
 NEIGHBOUR_SPECS = st.lists(
     st.tuples(
         st.integers(min_value=0, max_value=1),  # which of two PDAs

@@ -57,7 +57,11 @@ class FlagOut(ma.Schema):
             "description": "What the check found, e.g. event_ids. Lists gathered over "
             "every raising keep their first 200 ids; past them, `past_bound` names the "
             "ids of the latest raising that named more (up to 50 per list) and counts "
-            "in `named` the ids named past the 200 in all"
+            "in `named` the ids named past the 200 in all. A flag judging a final "
+            "outcome cites every scan of it, and names under `repeated_scans` each scan "
+            "repeating one it cites (`event_id`, `first_event_id`, the outcome's first "
+            "scan): a decision covering that scan covers its repeats, and "
+            "`evidence_version` leaves them out"
         },
     )
     status = ma.fields.Enum(FlagStatus, by_value=True, required=True)

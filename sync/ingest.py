@@ -89,9 +89,12 @@ from sync.shifts import (
     ShiftRules,
     lock_shifts,
     may_own_rejected,
+    may_own_revealed_gap,
+    name_late_events,
     reopen_for_late_events,
+    reopen_if_seqs_missing,
     reopened_with_seqs_left_open,
-    withdraw_rejected_reopening,
+    withdraw_reopening_without_events,
 )
 from sync.sql import (
     Prebuilt,
@@ -475,8 +478,15 @@ class _BatchIngest:
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift not this courier's (ShiftFiler)
         # Did it file events under a shift whose seqs start at its events (``_file``)?
         self.bounds_a_previous_shift = False
-        # Reopened shifts whose seqs its events may end sooner (``_lock_shifts``).
+        # Reopened shifts whose seqs its events may end sooner, or whose missing seqs
+        # they may bring (``_lock_shifts``).
         self.reopened_left_open: list[Shift] = []
+        # Its PDA's seqs it showed missing, above the highest held before it, and
+        # whether it brought some missing before (``_seqs_changed``).
+        self.gaps_shown: list[list[int]] = []
+        self.gap_filled = False
+        # Signed-off shifts that may own a seq it showed missing (``_lock_shifts``).
+        self.may_own_gap: list[Shift] = []
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
@@ -497,6 +507,7 @@ class _BatchIngest:
         self._quarantine()
         self._settle_copies()
         tracker = self._update_device_state()
+        self._seqs_changed(tracker)
         self._check_time_inversions(stored, tracker)
         touched = {event.tracking_no for _, event in stored} | self._bound_drops()
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
@@ -520,9 +531,10 @@ class _BatchIngest:
         self._project(touched)
         self._tell_holders_of_consents(stored, targets)
         self._settle_shifts(shifts)
+        self._reopen_for_gaps_shown()
         self._judge_handovers(shifts)
         for shift in self.reopened_left_open:
-            withdraw_rejected_reopening(self.session, shift)
+            withdraw_reopening_without_events(self.session, shift)
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
@@ -1254,6 +1266,16 @@ class _BatchIngest:
             )
         return tracker
 
+    def _seqs_changed(self, tracker: SeqTracker) -> None:
+        """What the push did to its PDA's gaps, read off the seqs held before and after
+        it, in memory: the seqs it showed missing (a seq arrived beyond the next one
+        expected), and whether it brought seqs that were missing. Only such a push looks
+        for the shifts a gap reopens or whose reopening it withdraws (``_lock_shifts``):
+        a PDA pushing its seqs in order pays nothing for them."""
+        before = self.state.missing_ranges
+        self.gaps_shown = without(tracker.missing, before)
+        self.gap_filled = bool(before) and bool(without(before, tracker.missing))
+
     # -- shifts ----------------------------------------------------------------------------
 
     def _lock_shifts(
@@ -1284,12 +1306,15 @@ class _BatchIngest:
                 )
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
+        device_id = self.pusher.device_id
+        may_withdraw = self.bounds_a_previous_shift or self.gap_filled
         also = [
             where
             for where in (
                 self._owners_of_quarantined(),
-                reopened_with_seqs_left_open(self.pusher.device_id)
-                if self.bounds_a_previous_shift
+                reopened_with_seqs_left_open(device_id) if may_withdraw else None,
+                may_own_revealed_gap(device_id, self.gaps_shown[0][0])
+                if self.gaps_shown
                 else None,
             )
             if where is not None
@@ -1299,19 +1324,30 @@ class _BatchIngest:
         self.reopened_left_open = [
             shift
             for i, shift in locked.items()
-            if self.bounds_a_previous_shift
+            if may_withdraw
             and i not in by_shift
             and shift.device_id == self.pusher.device_id
             and shift.status == ShiftStatus.CLOSED
             and shift.signed_off_at is not None
             and shift.last_seq is None
         ]
+        self.may_own_gap = [
+            shift
+            for i, shift in locked.items()
+            if self.gaps_shown
+            and i not in by_shift
+            and shift.device_id == device_id
+            and shift.status == ShiftStatus.SIGNED_OFF
+            and shift.last_seq is None
+        ]
         # None when it quarantined nothing new: its late events' shifts are no owners.
+        # Those reopened since their sign-off too: their reopening names what is theirs.
         self.may_own_quarantined = [
             shift
             for shift in locked.values()
             if self.quarantined
-            and shift.status == ShiftStatus.SIGNED_OFF
+            and shift.signed_off_at is not None
+            and shift.status in (ShiftStatus.SIGNED_OFF, ShiftStatus.CLOSED)
             and shift.station_id == self.pusher.station_id
         ]
         return by_shift
@@ -1336,8 +1372,9 @@ class _BatchIngest:
 
     def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:
         """A PDA naming a shift that is not its own is flagged; a signed-off shift that
-        gets events (or loses one to a correction) reopens. (The handover flags of closed
-        shifts were judged again with the parcels, in ``_project``.)"""
+        gets events (or loses one to a correction) reopens, and one reopened with no
+        event of its own named gets them named (``name_late_events``). (The handover
+        flags of closed shifts were judged again with the parcels, in ``_project``.)"""
         if self.wrong_claims:
             claims = self.wrong_claims
             self._flag(
@@ -1356,6 +1393,19 @@ class _BatchIngest:
             if shift.status == ShiftStatus.SIGNED_OFF
         ]
         rejected = self._quarantined_for_signed_off()
+        # Reopened since their sign-off and not signed off again: what of theirs this
+        # push brought is late too (rarely any such shift).
+        reopened = {
+            shift.id: shift
+            for shift in (*self.shifts_not_open.values(), *self.may_own_quarantined)
+            if shift.status == ShiftStatus.CLOSED and shift.signed_off_at is not None
+        }
+        for shift_id, shift in sorted(reopened.items()):
+            events = by_shift.get(shift_id, [])
+            ids = self._event_ids(events) if events else {}
+            late = [ids[e.client_event_id] for e in events]
+            named = name_late_events(self.session, shift, late, rejected.pop(shift_id, []))
+            self._report_raised(named)
         if signed_off or rejected:
             ids = self._event_ids([e for shift_id in signed_off for e in by_shift[shift_id]])
             flags = reopen_for_late_events(
@@ -1368,6 +1418,22 @@ class _BatchIngest:
                 rejected=rejected,
             )
             self._report_raised(flags)
+
+    def _reopen_for_gaps_shown(self) -> None:
+        """A signed-off shift that owns seqs this push showed missing (a gap its seqs
+        end in: the next shift's event arrived, its own still on the PDA) no longer has
+        the balance its manager signed off: it reopens, as the next shift's opening
+        reopens it for the same (``sync.shifts.reopen_if_seqs_missing``), whichever
+        came first (rule 3). Only a push showing a gap has any to judge."""
+        for shift in self.may_own_gap:
+            self._report_raised(
+                reopen_if_seqs_missing(
+                    session=self.session,
+                    shift=shift,
+                    now=self.received_at,
+                    details={"batch_id": str(self.batch.batch_id)},
+                )
+            )
 
     def _quarantined_for_signed_off(self) -> dict[int, list[int]]:
         """``{signed-off shift id: ids of the rows this push quarantined that are its}``,

@@ -39,6 +39,11 @@ from sync import audit
 from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
 from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput
+from sync.shifts import (
+    lock_shifts,
+    reopened_with_seqs_left_open,
+    withdraw_reopening_without_events,
+)
 
 ACTION = "lost_seqs_written_off"
 MAX_REASON_LENGTH = 2000
@@ -159,7 +164,32 @@ def write_off_lost_seqs(
     them is missing now, below the highest seq held or up to the highest a shift of
     the device declared (``seqs_not_missing``, naming those that are not and why), or
     without a ``reason``. Takes the device's sync-state lock, as a push does: the two
-    never interleave."""
+    never interleave.
+
+    A shift reopened after its sign-off only because seqs of it were still on the PDA
+    (``sync.shifts.reopen_if_seqs_missing``) is signed off again once they are written
+    off and its balance is again the one signed off
+    (``sync.shifts.withdraw_reopening_without_events``), after the write-off's entry in
+    the audit log."""
+    with audit.deferred(session):
+        written = _write_off(session, device, ranges, reason, user_id)
+        _withdraw_reopenings(session, device.id)
+    return written
+
+
+def _withdraw_reopenings(session: Session, device_id: str) -> None:
+    """Withdraw the reopenings of the device's shifts that the seqs just written off
+    made (``sync.shifts.withdraw_reopening_without_events``): those reopened since
+    their sign-off and closed without a last seq, locked after the device's sync state
+    (the service's lock order), rarely any."""
+    reopened = lock_shifts(session, [], also=reopened_with_seqs_left_open(device_id))
+    for shift in reopened.values():
+        withdraw_reopening_without_events(session, shift)
+
+
+def _write_off(
+    session: Session, device: Device, ranges: Ranges, reason: str, user_id: int
+) -> WrittenOff:
     text = (reason or "").strip()
     if not text:
         raise InvalidInput(

@@ -209,6 +209,9 @@ OWN_SHIFTS_AMONG = Prebuilt(
 LATE_EVENT = "late_event_after_signoff"
 WRONG_SHIFT = "wrong_shift"
 LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift this time
+# In it: the seqs the shift owns still on the PDA, for a reopening no event made
+# (``reopen_if_seqs_missing``).
+MISSING_SEQS = "missing_seqs"
 # Its evidence: the rejected events (quarantine ids) that reopened it (``sync.flags.SEEN``).
 REJECTED_IDS = "rejected_event_ids"
 NOT_CLOSED = "shift_not_closed"
@@ -491,31 +494,77 @@ def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
     """The shift opened just before ``opened`` on its PDA, if closed without its last
     seq, owns the seqs up to where ``opened`` starts (``sync.handover``): the opening
     may show seqs of it still on the PDA (or a gap not its own), its balance changing
-    with no event moving. Signed off, it then no longer has the balance its manager
-    signed off (a provisional one needs a reason): it reopens, naming the shift that
-    opened and the seqs missing now. Compared with the seqs missing when it was signed
-    off (those shown and how many), a change a push made since (a later seq showing a
-    gap in its seqs) reopens it here too; what the opening cannot change (a rule flag
-    closed since, which reopened nothing then) is left alone."""
+    with no event moving. Signed off, it then reopens (``reopen_if_seqs_missing``),
+    naming the shift that opened. A push showing a gap in its seqs reopens it too
+    (``sync.ingest``), so the order of the push and the opening decides nothing."""
+    shift = lock_shift(session, shift_id)
+    reopen_if_seqs_missing(
+        session=session, shift=shift, now=opened.opened_at, details={"next_shift_id": opened.id}
+    )
+
+
+def reopen_if_seqs_missing(
+    *, session: Session, shift: Shift, now: dt.datetime, details: dict[str, Any] | None = None
+) -> list[Flag]:
+    """Reopen ``shift`` (locked), signed off and closed without its last seq, if it owns
+    seqs the server lacks beyond those its manager signed off (``_missing_beyond_signed``):
+    an opening (``_reopen_if_bounded``) or a push (``sync.ingest``) showed seqs of it
+    still on the PDA, its balance turning provisional with no event of its own arriving
+    (a provisional balance needs a reason to be signed off). What neither can add (a
+    rule flag closed since, which reopened nothing then) is left alone, and so are fewer
+    seqs missing (the next shift's events end its seqs sooner): pushed before the
+    sign-off, they were never missing. The ``late_event_after_signoff`` flag names no
+    event: its latest reopening names the seqs missing now (with ``details``). Withdrawn
+    once they arrive under another shift or are written off
+    (``withdraw_reopening_without_events``). Returns the flags raised."""
     from sync.balances import shift_balance
 
-    shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.SIGNED_OFF or shift.last_seq is not None:
-        return
+        return []
     balance = shift_balance(session=session, shift=shift)
-    # The seqs it owns, as signed off: those shown (the first hundred) and how many.
-    now_missing = {
-        "missing_seqs": balance.missing_seqs,
-        "missing_seq_count": balance.missing_seq_count,
-    }
-    signed = {k: (shift.signoff_balance or {}).get(k, v) for k, v in now_missing.items()}
-    if signed == now_missing:
-        return
-    reopen_for_late_events(
+    if not _missing_beyond_signed(shift, balance):
+        return []
+    return reopen_for_late_events(
         session=session,
         late={shift.id: []},
-        now=opened.opened_at,
-        details={"next_shift_id": opened.id, "missing_seqs": balance.missing_seqs},
+        now=now,
+        details={**(details or {}), MISSING_SEQS: balance.missing_seqs},
+    )
+
+
+def _missing_beyond_signed(shift: Shift, balance: Balance) -> bool:
+    """Whether ``balance`` names seqs of ``shift`` still on the PDA that its sign-off did
+    not: more of them, or one it did not show (it shows the first hundred)."""
+    signed = shift.signoff_balance or {}
+    count = signed.get("missing_seq_count", balance.missing_seq_count)
+    shown = signed.get(MISSING_SEQS, balance.missing_seqs)
+    return balance.missing_seq_count > count or not set(balance.missing_seqs) <= set(shown)
+
+
+def may_own_revealed_gap(device_id: str, lowest: int) -> ColumnElement[bool]:
+    """The signed-off shifts of ``device_id`` that may own seq ``lowest`` or a later
+    one, which a push just showed missing (above the highest seq the server held
+    before it): closed without their last seq, they own the seqs up to where the next
+    shift on the PDA starts, its first seq or else its lowest event, or up to the
+    device's highest seq when it has neither (``sync.handover.owned_seqs``). A push
+    showing a gap locks these with its shifts (``lock_shifts``) and reopens those the
+    gap made provisional (``reopen_if_seqs_missing``): in practice the PDA's shift
+    before its current one, if any; a PDA's other signed-off shifts are not read."""
+    shift = _shifts.c
+    next_id = adjacent_shift(_shifts, "id", following=True, same_courier=False)
+    next_first = adjacent_shift(_shifts, "first_seq", following=True, same_courier=False)
+    # (Correlated to the locked shift's row across the EXISTS: not to one of its own.)
+    next_starts_at_or_before = (
+        select(ScanEvent.id)
+        .where(ScanEvent.shift_id == next_id.correlate(_shifts), ScanEvent.seq <= lowest)
+        .exists()
+    )
+    return and_(
+        shift.device_id == device_id,
+        shift.status == ShiftStatus.SIGNED_OFF,
+        shift.last_seq.is_(None),
+        or_(next_first.is_(None), next_first > lowest),
+        ~next_starts_at_or_before,
     )
 
 
@@ -597,8 +646,10 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     """The shifts of ``device_id`` reopened since their sign-off (closed again, signed
     off before) that declared no last seq: they own the seqs up to where the next shift
     on the PDA starts, which that shift's events may move down
-    (``sync.handover.owned_seqs``). A push filing events under a shift that declared no
-    first seq locks these with its shifts, for ``withdraw_rejected_reopening``."""
+    (``sync.handover.owned_seqs``), and the seqs of which a gap may have reopened them
+    (``reopen_if_seqs_missing``). A push filing events under a shift that declared no
+    first seq, or filling a gap of its PDA's seqs, locks these with its shifts, and a
+    write-off of lost seqs locks them too, for ``withdraw_reopening_without_events``."""
     return and_(
         Shift.device_id == device_id,
         Shift.status == ShiftStatus.CLOSED,
@@ -607,40 +658,102 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     )
 
 
-def withdraw_rejected_reopening(session: Session, shift: Shift) -> bool:
-    """Sign ``shift`` (locked) off again if only rejected events reopened it after its
-    latest sign-off and none of them is its own any more, its balance again the one
-    signed off: a rejected event has only its seq, and a shift closed without its last
-    seq owned it only until the next shift's events showed where its seqs end. Pushed
-    in the other order, the event never reopened it (rule 3). Whether a withdrawal
-    happened."""
+def withdraw_reopening_without_events(session: Session, shift: Shift) -> bool:
+    """Sign ``shift`` (locked) off again if no event of its own reopened it after its
+    latest sign-off, and nothing of what did still stands:
+
+    * rejected events, none of them its own any more, its balance again the one signed
+      off: a rejected event has only its seq, and a shift closed without its last seq
+      owned it only until the next shift's events showed where its seqs end;
+    * seqs of it still on the PDA (``reopen_if_seqs_missing``), none missing now beyond
+      those signed off: they arrived under another shift (the next one's, which ends
+      its seqs before them), or a manager wrote them off (``sync.lost_seqs``). Judged
+      on its missing seqs alone, as the reopening was: what else changed meanwhile
+      without an event of its own (fewer seqs missing, a consent arriving later) would
+      not have reopened it either.
+
+    Pushed in the other order, nothing reopened it (rule 3). Late events and rejected
+    events of its own arriving meanwhile are named by its reopening
+    (``name_late_events``): it then stands. Whether a withdrawal happened."""
     from sync.balances import gather
     from sync.handover import same_snapshot
     from sync.quarantine import owned_rejections
 
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
         return False
-    flag = session.scalar(
-        select(Flag).where(
-            Flag.kind == LATE_EVENT,
-            Flag.subject_type == "shift",
-            Flag.subject_key == str(shift.id),
-        )
-    )
+    flag = _late_flag(session, shift.id)
     latest = (flag.evidence.get(LATEST_REOPENING) or {}) if flag is not None else {}
     rejected = latest.get(REJECTED_IDS) or []
-    if not rejected or latest.get("event_ids"):
+    gap = MISSING_SEQS in latest
+    if latest.get("event_ids") or not (rejected or gap):
         return False
     facts = gather(session, [shift])[shift.id]
     balance = facts.balance()
-    if owned_rejections(session=session, scope=facts.rejection_scope(balance), ids=rejected):
+    if rejected and owned_rejections(
+        session=session, scope=facts.rejection_scope(balance), ids=rejected
+    ):
         return False
-    if not same_snapshot(balance.snapshot(), shift.signoff_balance):
+    if gap:
+        if _missing_beyond_signed(shift, balance):
+            return False
+    elif not same_snapshot(balance.snapshot(), shift.signoff_balance):
         return False
     _sign_off_again(
-        session, shift, "its rejected late events are the next shift's: its seqs end before them"
+        session,
+        shift,
+        "its rejected late events are the next shift's: its seqs end before them"
+        if rejected
+        else "the seqs it was missing arrived under another shift or were written off: "
+        "its balance is again the one signed off",
     )
     return True
+
+
+def name_late_events(
+    session: Session, shift: Shift, event_ids: Sequence[int], rejected: Sequence[int] = ()
+) -> list[Flag]:
+    """Events filed under ``shift`` (locked), and rejected events of its (quarantine
+    ids), that arrive while it stands reopened with no event of its own named (seqs of
+    it still on the PDA, rejected events): they came after its sign-off too, and its
+    reopening now names them, so it is never withdrawn as if nothing of it came late
+    (``withdraw_reopening_without_events``). A reopening that names events already is
+    left as it is. Returns the flag if it is open again (a manager had decided on it)."""
+    if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
+        return []
+    if not event_ids and not rejected:
+        return []
+    flag = _late_flag(session, shift.id)
+    if flag is None:
+        return []
+    latest = flag.evidence.get(LATEST_REOPENING) or {}
+    if latest.get("event_ids"):
+        return []
+    named: dict[str, Any] = {}
+    if event_ids:
+        named["event_ids"] = sorted(set(event_ids))
+    if rejected:
+        named[REJECTED_IDS] = sorted({*latest.get(REJECTED_IDS, []), *rejected})
+    raised = raise_flag(
+        session=session,
+        kind=LATE_EVENT,
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("shift", str(shift.id)),
+        station_id=shift.station_id,
+        evidence={**named, LATEST_REOPENING: {**latest, **named}},
+        again=AFTER_ANOTHER_SIGNOFF,
+    )
+    return [raised.flag] if raised.new else []
+
+
+def _late_flag(session: Session, shift_id: int) -> Flag | None:
+    """The shift's ``late_event_after_signoff`` flag, in whatever status."""
+    return session.scalar(
+        select(Flag).where(
+            Flag.kind == LATE_EVENT,
+            Flag.subject_type == "shift",
+            Flag.subject_key == str(shift_id),
+        )
+    )
 
 
 def _already_open(session: Session, current: Shift, *, courier_id: int) -> Conflict:

@@ -2768,3 +2768,195 @@ def test_a_late_push_quarantining_nothing_asks_for_no_rejected_events_of_the_shi
     session.refresh(shift)
     assert shift.reopened_count == 1
     assert not [s for s in statements if "quarantined_event.batch_pk" in s]
+
+
+# -- a gap a push shows after the sign-off -----------------------------------------------------
+
+NEXT_DAY = NOW + dt.timedelta(hours=12)
+
+
+def shift_actions(session: Session, shift: Shift) -> list[str]:
+    return list(
+        session.scalars(
+            select(AuditEntry.action)
+            .where(AuditEntry.subject_type == "shift", AuditEntry.subject_key == str(shift.id))
+            .order_by(AuditEntry.id)
+        )
+    )
+
+
+def signed_off_then_next_opened(session: Session, world: World, pda: Pda) -> tuple[Shift, str]:
+    """A shift opened declaring seq 1, its parcel checked out and returned (seqs 1 and 2),
+    closed without its last seq and signed off balanced; the next opened the next day
+    declaring no first seq: it bounds nothing yet, and nothing is missing. A parcel for
+    the next shift is returned too."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    assert (first.signoff_balance["status"], first.signoff_balance["missing_seqs"]) == (
+        "balanced",
+        [],
+    )
+    pda.open(now=NEXT_DAY)
+    assert session.get(Shift, first.id).status == ShiftStatus.SIGNED_OFF
+    return first, b
+
+
+def next_days(pda: Pda, minutes: int) -> dt.datetime:
+    return NEXT_DAY + dt.timedelta(minutes=minutes)
+
+
+def test_a_push_showing_seqs_of_a_signed_off_shift_still_on_the_pda_reopens_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift's seq 3 (a scan after its return) never arrived; the next day's
+    seq 4 does: seq 3 is missing, and the first shift owns it (closed without its last
+    seq, its seqs end where the next shift's events start). Its balance is provisional
+    now, one its manager never signed off: it reopens, as the next opening declaring
+    seq 4 would have reopened it, its late flag naming the seq still on the PDA."""
+    first, b = signed_off_then_next_opened(session, world, pda)
+    pda.seq = 3  # seq 3 stays on the PDA
+    receipt = pda.push(
+        [pda.event(b, occurred_at=next_days(pda, 1))], received_at=next_days(pda, 2)
+    )
+    assert receipt["missing_seqs"] == [3]
+    session.refresh(first)
+    balance = shift_balance(session=session, shift=first)
+    assert (balance.status, balance.missing_seqs) == ("provisional", [3])
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+    flag = late_flag(session)
+    assert flag is not None and flag.shift_id == first.id and flag.status == FlagStatus.OPEN
+    assert flag.evidence["latest_reopening"] == {
+        "event_ids": [],
+        "batch_id": receipt["batch_id"],
+        "missing_seqs": [3],
+    }
+    assert flag.id in {f["flag_id"] for f in receipt["flags_raised"]}
+    assert shift_actions(session, first) == ["shift_signed_off", "shift_reopened"]
+
+
+def test_a_reopening_for_a_gap_is_withdrawn_when_its_seqs_are_the_next_shifts(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The next shift's seq 4 arrived before its seq 3: the first shift owned seq 3 then,
+    and reopened. Seq 3 arrives, the next shift's: the first shift's seqs end at 2, its
+    balance is the one signed off again (pushed in order, it never reopened): the
+    reopening is withdrawn, the shift signed off again and its late flag closed."""
+    first, b = signed_off_then_next_opened(session, world, pda)
+    checked_out = pda.event(b, occurred_at=next_days(pda, 1))  # seq 3
+    returned = pda.event(b, "returned_to_station", occurred_at=next_days(pda, 2))  # seq 4
+    pda.push([returned], received_at=next_days(pda, 3))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    pda.push([checked_out], received_at=next_days(pda, 4))
+    session.refresh(first)
+    assert (first.status, first.reopened_count) == (ShiftStatus.SIGNED_OFF, 1)
+    flag = late_flag(session)
+    assert flag is not None and flag.status == FlagStatus.CLOSED
+    assert shift_actions(session, first) == [
+        "shift_signed_off",
+        "shift_reopened",
+        "shift_reopening_withdrawn",
+    ]
+
+
+def test_a_reopening_for_a_gap_is_withdrawn_when_its_seqs_are_written_off(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Seq 3 was lost with the PDA's storage: a manager writes it off. The first shift's
+    balance has no seq missing any more, the one signed off (naming the write-off): the
+    reopening is withdrawn, after the write-off in the audit log."""
+    from sync.lost_seqs import write_off_lost_seqs
+
+    first, b = signed_off_then_next_opened(session, world, pda)
+    pda.seq = 3
+    pda.push([pda.event(b, occurred_at=next_days(pda, 1))], received_at=next_days(pda, 2))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    write_off_lost_seqs(
+        session=session,
+        device=pda.device,
+        ranges=[[3, 3]],
+        reason="the PDA was reset",
+        user_id=world.manager.id,
+    )
+    session.commit()
+    session.refresh(first)
+    assert (first.status, shift_balance(session=session, shift=first).written_off_seqs) == (
+        ShiftStatus.SIGNED_OFF,
+        [3],
+    )
+    flag = late_flag(session)
+    assert flag is not None and flag.status == FlagStatus.CLOSED
+    actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
+    assert actions[-2:] == ["lost_seqs_written_off", "shift_reopening_withdrawn"]
+
+
+def test_a_reopening_for_a_gap_stands_once_the_missing_seq_arrives_as_the_shifts_own(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift reopened for seq 3; seq 3 arrives, a scan of the first shift (its
+    time): an event after its sign-off, which reopens it in any order. Its reopening
+    now names it, and stands when a later push fills another gap of the PDA."""
+    first, b = signed_off_then_next_opened(session, world, pda)
+    (a,) = parcels(session, world, 1)
+    lost = pda.event(a, "out_for_delivery")  # seq 3, in the first shift's time
+    pda.seq = 4
+    pda.push([pda.event(b, occurred_at=next_days(pda, 1))], received_at=next_days(pda, 2))
+    returned = pda.event(b, "returned_to_station", occurred_at=next_days(pda, 3))  # seq 6
+    pda.seq = 6
+    seven = pda.event(b, "out_for_delivery", occurred_at=next_days(pda, 4))
+    pda.push([seven], received_at=next_days(pda, 4))
+    pda.push([lost], received_at=next_days(pda, 5))
+    late_id = session.scalars(select(ScanEvent.id).where(ScanEvent.seq == 3)).one()
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    flag = late_flag(session)
+    assert flag is not None and flag.evidence["latest_reopening"]["event_ids"] == [late_id]
+    pda.push([returned], received_at=next_days(pda, 6))  # fills seq 6
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED and flag.status == FlagStatus.OPEN
+
+
+def test_a_reopening_for_a_gap_stands_once_a_rejected_event_of_the_shift_arrives(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Reopened for seq 3, the first shift then gets seq 3 rejected (a malformed locker
+    drop): no seq of it is missing any more, but its rejected event came after its
+    sign-off, which reopens it in any order. Its reopening names it, and stands."""
+    first, b = signed_off_then_next_opened(session, world, pda)
+    (a,) = parcels(session, world, 1)
+    drop = malformed_drop(pda, a)  # seq 3
+    pda.push([pda.event(b, occurred_at=next_days(pda, 1))], received_at=next_days(pda, 2))
+    pda.push([drop], received_at=next_days(pda, 3))
+    session.refresh(first)
+    assert shift_balance(session=session, shift=first).missing_seqs == []
+    assert first.status == ShiftStatus.CLOSED
+    flag = late_flag(session)
+    assert flag is not None and flag.status == FlagStatus.OPEN
+    assert flag.evidence["latest_reopening"]["rejected_event_ids"] == quarantined_ids(session)
+
+
+def test_a_push_showing_no_gap_pays_nothing_for_the_signed_off_shift_before_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Pushing seqs in order, a PDA whose previous shift was signed off without its last
+    seq reads shifts in two statements (filing, locking), its balance never gathered;
+    a push showing a gap, with no signed-off shift owning it, in as many."""
+    from tests.sync.test_ingest import statements_sent
+
+    first, b = signed_off_then_next_opened(session, world, pda)
+
+    def reading_shifts(events: list[dict[str, Any]]) -> list[str]:
+        with statements_sent(session) as statements:
+            pda.push(events, received_at=next_days(pda, 30))
+        assert not [s for s in statements if "scan_event.shift_id IN" in s]
+        return [s for s in statements if " FROM shift " in f"{' '.join(s.split())} "]
+
+    in_order = reading_shifts([pda.event(b, occurred_at=next_days(pda, 1))])  # seq 3
+    pda.seq = 5
+    with_a_gap = reading_shifts([pda.event(b, "out_for_delivery", occurred_at=next_days(pda, 2))])
+    assert len(in_order) == len(with_a_gap) == 2
+    session.refresh(first)
+    assert first.status == ShiftStatus.SIGNED_OFF

@@ -526,6 +526,17 @@ def sees_user(user: User, visible_station: int | None) -> bool:
     return visible_station is None or user.station_id in (None, visible_station)
 
 
+def user_ref(user: User, visible_station: int | None) -> dict[str, Any]:
+    """``user`` as the API gives them to a reader seeing ``visible_station``: by id, and
+    by name only where the reader may know them (``sees_user``)."""
+    named = sees_user(user, visible_station)
+    return {
+        "id": user.id,
+        "username": user.username if named else None,
+        "full_name": user.full_name if named else None,
+    }
+
+
 class _WrittenOffBy(Protocol):
     @property
     def written_off_by(self) -> int: ...

@@ -217,3 +217,21 @@ class PageArgs(ma.Schema):
         validate=ma.validate.Range(min=1, max=500),
         metadata={"description": "Items per page (1-500)"},
     )
+
+
+class UserRef(ma.Schema):
+    """A user as the reader may know them (``sync.pages.user_ref``)."""
+
+    id = ma.fields.Integer(required=True)
+    username = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "null to a station's manager when the user is now another "
+            "station's (SECURITY.md threat 3): known by `id` only, as the pages name "
+            'them `user #<id>` or "a courier of another station"'
+        },
+    )
+    full_name = ma.fields.String(
+        allow_none=True, required=True, metadata={"description": "null as `username` is"}
+    )

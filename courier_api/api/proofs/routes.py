@@ -28,9 +28,9 @@ from courier_api.auth import (
 )
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import Flag, Parcel, Role, User
+from models import Flag, Parcel, Role
 from sync.flags import latest_decisions
-from sync.pages import sees_user
+from sync.pages import user_ref
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
     MAX_PAGE_SIZE,
@@ -320,21 +320,13 @@ def _flag_refs(found: list[Flag], principal: Principal) -> list[dict[str, Any]]:
             if decision is None
             else {
                 "decision": decision.status.value,
-                "by": _user_ref(decision.by, sees_user(decision.by, visible)),
+                "by": user_ref(decision.by, visible),
                 "at": decision.at,
                 "note": shown_text(decision.note, unmasked=auditor),
             }
         )
         refs.append(ref)
     return refs
-
-
-def _user_ref(user: User, named: bool) -> dict[str, Any]:
-    return {
-        "id": user.id,
-        "username": user.username if named else None,
-        "full_name": user.full_name if named else None,
-    }
 
 
 def _consent_ref(consent: Any, auditor: bool) -> dict[str, Any]:

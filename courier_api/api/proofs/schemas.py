@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import marshmallow as ma
 
-from courier_api.api.base import PageArgs
+from courier_api.api.base import PageArgs, UserRef
 from courier_api.api.fields import After, Id, Text, UtcTime
 from courier_api.api.parcels.schemas import TimelineEvent
 from models import ServiceClass
@@ -168,21 +168,6 @@ class ProofOut(ma.Schema):
 class ProofPage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(ProofOut), required=True)
     next_after = ma.fields.Integer(allow_none=True, required=True)
-
-
-class UserRef(ma.Schema):
-    id = ma.fields.Integer(required=True)
-    username = ma.fields.String(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "null for a station manager when the user is another station's "
-            "(the proof page names them `user #<id>`)"
-        },
-    )
-    full_name = ma.fields.String(
-        allow_none=True, required=True, metadata={"description": "null as `username` is"}
-    )
 
 
 class FlagDecisionRef(ma.Schema):

@@ -24,7 +24,7 @@ from courier_api.api.shifts.schemas import (
 from courier_api.auth import Principal, current_principal, ensure_station_access, ensure_visible
 from courier_api.config import policy_of, shift_rules_of
 from courier_api.extensions import db
-from models import Device, Role, Shift, User, utcnow
+from models import Device, Role, Shift, utcnow
 from sync import directory, shifts, signoffs
 from sync.balances import (
     board_totals,
@@ -36,7 +36,7 @@ from sync.balances import (
 )
 from sync.errors import PermissionDenied
 from sync.handover import balance_version
-from sync.pages import sees_user, write_offs_named
+from sync.pages import user_ref, write_offs_named
 
 blp = ApiBlueprint(
     "shifts", __name__, url_prefix="/api/v1", description="Shifts, handover balance, sign-off"
@@ -335,7 +335,7 @@ class StationHandover(MethodView):
             "shifts": [
                 {
                     "shift_id": row.shift.id,
-                    "courier": _courier_ref(row.courier, visible),
+                    "courier": user_ref(row.courier, visible),
                     "device_id": row.shift.device_id,
                     "shift_status": row.shift.status,
                     "opened_at": row.shift.opened_at,
@@ -368,7 +368,7 @@ class StationHandover(MethodView):
                 {
                     "shift_id": shift.id,
                     "date": shift.work_date,
-                    "courier": _courier_ref(courier, visible),
+                    "courier": user_ref(courier, visible),
                     "device_id": shift.device_id,
                     "shift_status": shift.status,
                     "reopened_count": shift.reopened_count,
@@ -378,16 +378,6 @@ class StationHandover(MethodView):
                 )
             ],
         }
-
-
-def _courier_ref(courier: User, visible_station: int | None) -> dict[str, Any]:
-    """A board row's courier, named only to a reader who may know them (``sees_user``)."""
-    named = sees_user(courier, visible_station)
-    return {
-        "id": courier.id,
-        "username": courier.username if named else None,
-        "full_name": courier.full_name if named else None,
-    }
 
 
 def _view(shift: Shift) -> dict[str, Any]:

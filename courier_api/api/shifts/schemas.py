@@ -4,7 +4,7 @@ from typing import Any
 
 import marshmallow as ma
 
-from courier_api.api.base import PageArgs
+from courier_api.api.base import PageArgs, UserRef
 from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
 from models import FlagStatus, ShiftStatus
 from sync.balances import EARLIER_DAYS
@@ -266,21 +266,6 @@ class BoardArgs(ma.Schema):
     )
 
 
-class BoardCourierOut(ma.Schema):
-    id = ma.fields.Integer(required=True)
-    username = ma.fields.String(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "null to a station's manager when the courier is now another "
-            "station's user (SECURITY.md threat 3): the row stays, the courier by id"
-        },
-    )
-    full_name = ma.fields.String(
-        allow_none=True, required=True, metadata={"description": "null as `username` is"}
-    )
-
-
 class BoardFlagOut(ma.Schema):
     flag_id = ma.fields.Integer(required=True)
     kind = ma.fields.String(
@@ -297,7 +282,7 @@ class BoardFlagOut(ma.Schema):
 
 class BoardShiftOut(ma.Schema):
     shift_id = ma.fields.Integer(required=True)
-    courier = ma.fields.Nested(BoardCourierOut, required=True)
+    courier = ma.fields.Nested(UserRef, required=True)
     device_id = ma.fields.String(required=True)
     shift_status = ma.fields.Enum(ShiftStatus, by_value=True, required=True)
     opened_at = ma.fields.AwareDateTime(required=True)
@@ -409,7 +394,7 @@ class BoardTotalsOut(BalanceCounts):
 class EarlierShiftOut(ma.Schema):
     shift_id = ma.fields.Integer(required=True)
     date = ma.fields.Date(required=True, metadata={"description": "The day it opened on"})
-    courier = ma.fields.Nested(BoardCourierOut, required=True)
+    courier = ma.fields.Nested(UserRef, required=True)
     device_id = ma.fields.String(required=True)
     shift_status = ma.fields.Enum(
         ShiftStatus, by_value=True, required=True, metadata={"description": "open, closed"}

@@ -407,6 +407,18 @@ def test_a_phone_typed_in_another_scripts_digits_is_masked_except_for_auditors(
     assert "رقم ********٦٧٨ انتقل" in page and "١٣٨١٢٣٤" not in page
 
 
+def taken_in_as_class_parcel(client: FlaskClient, auth: Auth, tracking_no: str) -> None:
+    """ST1's manager takes the express parcel in again as class `parcel` (the rest as
+    ``item`` gave it): its drop needs no consent any more."""
+    same = {"recipient_name": "Recipient", "address": "1 Century Ave"}
+    changed = client.post(
+        URL,
+        headers=auth.headers("manager1"),
+        json={"parcels": [item(tracking_no, service_class="parcel", lat=None, lon=None, **same)]},
+    )
+    assert changed.get_json()["results"][0]["status"] == "updated"
+
+
 def test_a_class_changed_after_an_unauthorized_drop_is_on_the_audit_log_and_in_the_flag(
     client: FlaskClient, world: World, auth: Auth, session: Session
 ) -> None:
@@ -425,17 +437,7 @@ def test_a_class_changed_after_an_unauthorized_drop_is_on_the_audit_log_and_in_t
         ]
     )
     assert [f["kind"] for f in receipt["flags_raised"]] == ["unauthorized_locker_drop"]
-    same = {"recipient_name": "Recipient", "address": "1 Century Ave"}
-    changed = client.post(
-        URL,
-        headers=auth.headers("manager1"),
-        json={
-            "parcels": [
-                item(parcel.tracking_no, service_class="parcel", lat=None, lon=None, **same)
-            ]
-        },
-    )
-    assert changed.get_json()["results"][0]["status"] == "updated"
+    taken_in_as_class_parcel(client, auth, parcel.tracking_no)
 
     log = client.get(
         "/api/v1/audit",
@@ -485,17 +487,7 @@ def test_a_flag_of_another_station_closed_by_a_parcels_change_does_not_name_who_
     )
     [theirs] = session.scalars(drops).all()
     assert theirs.station_id == world.other_station.id
-    same = {"recipient_name": "Recipient", "address": "1 Century Ave"}
-    changed = client.post(
-        URL,
-        headers=auth.headers("manager1"),
-        json={
-            "parcels": [
-                item(parcel.tracking_no, service_class="parcel", lat=None, lon=None, **same)
-            ]
-        },
-    )
-    assert changed.get_json()["results"][0]["status"] == "updated"
+    taken_in_as_class_parcel(client, auth, parcel.tracking_no)
 
     read = client.get(f"/api/v1/flags/{theirs.id}", headers=auth.headers("manager2")).get_json()
     assert read["status"] == "closed"

@@ -1150,14 +1150,9 @@ def test_the_flag_page_of_a_parcel_not_taken_in_links_its_proof(
     assert f'href="/web/proofs/{event_id}"' in admin
 
 
-def test_the_flag_page_marks_a_delivery_a_correction_voided(
-    app: Flask, session: Session, world: Any, auth: Auth
-) -> None:
-    """A flag's page lists its evidence's events, a delivery linked as "(proof)", but
-    said nothing of a correction that voided one: the courier's locker drop, voided a
-    minute later as a mis-tap, stood on the flag's page as a delivery like any other,
-    where the proof page and the shift page say "voided by event ...". An auditor
-    reading the flag took the drop for one that stands."""
+def _drop_voided_for_review(session: Session, world: Any, auth: Auth) -> Flag:
+    """The courier's locker drop of an ST1 parcel, voided a minute later as a mis-tap:
+    the parcel's ``correction_review`` flag, citing the drop and the correction."""
     parcel = factories.parcel(session, world.station)
     session.commit()
     at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
@@ -1172,7 +1167,18 @@ def test_the_flag_page_marks_a_delivery_a_correction_voided(
     )
     auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), drop, correction])
     reviewed = (Flag.kind == "correction_review", Flag.subject_key == parcel.tracking_no)
-    flag = session.scalars(select(Flag).where(*reviewed)).one()
+    return session.scalars(select(Flag).where(*reviewed)).one()
+
+
+def test_the_flag_page_marks_a_delivery_a_correction_voided(
+    app: Flask, session: Session, world: Any, auth: Auth
+) -> None:
+    """A flag's page lists its evidence's events, a delivery linked as "(proof)", but
+    said nothing of a correction that voided one: the courier's locker drop, voided a
+    minute later as a mis-tap, stood on the flag's page as a delivery like any other,
+    where the proof page and the shift page say "voided by event ...". An auditor
+    reading the flag took the drop for one that stands."""
+    flag = _drop_voided_for_review(session, world, auth)
     drop_id, correction_id = flag.evidence["event_ids"]
 
     html = signed_in(app, "auditor1").get(f"/web/flags/{flag.id}")
@@ -1205,21 +1211,7 @@ def test_the_flag_page_names_another_stations_users_only_to_who_may_know_them(
     moved to ST2. ST1's new manager reads that a courier of another station is
     concerned, that an admin acknowledged (an admin works across stations, as the
     proof page names them) and that user #N resolved; the auditor reads every name."""
-    parcel = factories.parcel(session, world.station)
-    session.commit()
-    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
-    drop = factories.locker_drop(2, parcel.tracking_no, occurred_at=at)
-    correction = factories.event(
-        3,
-        parcel.tracking_no,
-        "correction",
-        occurred_at=at + dt.timedelta(minutes=1),
-        voids_client_event_id=drop["client_event_id"],
-        reason="wrong parcel scanned",
-    )
-    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), drop, correction])
-    reviewed = (Flag.kind == "correction_review", Flag.subject_key == parcel.tracking_no)
-    flag = session.scalars(select(Flag).where(*reviewed)).one()
+    flag = _drop_voided_for_review(session, world, auth)
     assert flag.courier_id == world.courier.id
     url = f"/api/v1/flags/{flag.id}"
     acked = client.post(f"{url}/acknowledge", json={}, headers=auth.headers("admin"))
@@ -1242,7 +1234,7 @@ def test_the_flag_page_names_another_stations_users_only_to_who_may_know_them(
         ["the system", "admin", f"user #{world.manager.id}"],
     )
     assert shown("auditor1") == ("Wang Wei", ["the system", "admin", "manager1"])
-    queue = signed_in(app, "manager3").get(f"/web/flags?tracking_no={parcel.tracking_no}")
+    queue = signed_in(app, "manager3").get(f"/web/flags?tracking_no={flag.tracking_no}")
     assert "Wang Wei" not in queue and "a courier of another station" in queue
 
 

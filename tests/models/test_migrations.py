@@ -645,6 +645,26 @@ def test_a_flag_gets_when_it_last_opened_from_its_history(scratch: Engine) -> No
 FLAGS_BY_PARCEL = "3b6129cf67c6"  # flags keep the parcel they are about
 
 
+def _updates_upgrading(engine: Engine, revision: str, prefix: str) -> tuple[list[int], list[bool]]:
+    """Upgrade ``engine`` to ``revision``, watching the statements starting with
+    ``prefix`` (whitespace folded): the rows each wrote, and whether a transaction was
+    open when it ran (a backfill in committed batches holds none open between them)."""
+    written: list[int] = []
+    open_between: list[bool] = []
+
+    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if " ".join(statement.split()).startswith(prefix):
+            written.append(cursor.rowcount)
+            open_between.append(cursor.connection.info.transaction_status != 0)
+
+    event.listen(engine, "after_cursor_execute", count)
+    try:
+        migrate.upgrade(engine, revision)
+    finally:
+        event.remove(engine, "after_cursor_execute", count)
+    return written, open_between
+
+
 def test_a_flag_gets_the_parcel_it_is_about_from_its_subject(scratch: Engine) -> None:
     """A parcel's own flag and its handover flags in shifts get its tracking number; a
     shift's, a PDA's or an event's own flag none. The queue then finds them by it."""
@@ -1278,19 +1298,9 @@ def test_the_audit_backfill_runs_in_committed_batches(scratch: Engine) -> None:
             ),
             {"count": BACKFILLED_ENTRIES},
         )
-    written: list[int] = []
-    open_between: list[bool] = []
-
-    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        if " ".join(statement.split()).startswith("UPDATE audit_entry SET tracking_no"):
-            written.append(cursor.rowcount)
-            open_between.append(cursor.connection.info.transaction_status != 0)
-
-    event.listen(scratch, "after_cursor_execute", count)
-    try:
-        migrate.upgrade(scratch, AUDIT_BY_PARCEL)
-    finally:
-        event.remove(scratch, "after_cursor_execute", count)
+    written, open_between = _updates_upgrading(
+        scratch, AUDIT_BY_PARCEL, "UPDATE audit_entry SET tracking_no"
+    )
     assert len(written) == 3 and max(written) <= 10_000, written
     assert sum(written) == BACKFILLED_ENTRIES - BACKFILLED_ENTRIES // 3
     assert not any(open_between), open_between  # autocommit: committed as it ran
@@ -1473,19 +1483,9 @@ def test_the_quarantine_backfill_runs_in_committed_batches(scratch: Engine) -> N
             ),
             {"count": BACKFILLED_REJECTIONS},
         )
-    written: list[int] = []
-    open_between: list[bool] = []
-
-    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("UPDATE quarantined_event"):
-            written.append(cursor.rowcount)
-            open_between.append(cursor.connection.info.transaction_status != 0)
-
-    event.listen(scratch, "after_cursor_execute", count)
-    try:
-        migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
-    finally:
-        event.remove(scratch, "after_cursor_execute", count)
+    written, open_between = _updates_upgrading(
+        scratch, QUARANTINE_BY_PARCEL, "UPDATE quarantined_event"
+    )
     named = BACKFILLED_REJECTIONS - BACKFILLED_REJECTIONS // 3
     assert len(written) == 2 and max(written) <= 10_000, written  # 10,000 and the rest
     assert sum(written) == named
@@ -1715,19 +1715,9 @@ def test_the_address_rekeying_runs_in_committed_batches(scratch: Engine) -> None
             ),
             {"count": REKEYED_CONSENTS},
         )
-    written: list[int] = []
-    open_between: list[bool] = []
-
-    def count(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.startswith("UPDATE consent SET address_key"):
-            written.append(cursor.rowcount)
-            open_between.append(cursor.connection.info.transaction_status != 0)
-
-    event.listen(scratch, "after_cursor_execute", count)
-    try:
-        migrate.upgrade(scratch, ADDRESS_KEYS)
-    finally:
-        event.remove(scratch, "after_cursor_execute", count)
+    written, open_between = _updates_upgrading(
+        scratch, ADDRESS_KEYS, "UPDATE consent SET address_key"
+    )
     assert sum(written) == REKEYED_CONSENTS - REKEYED_CONSENTS // 5, written
     assert not any(open_between), open_between  # autocommit: committed as it ran
     with scratch.connect() as connection:

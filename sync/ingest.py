@@ -476,7 +476,8 @@ class _BatchIngest:
 
     def _run(self) -> dict[str, Any]:
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift not this courier's (ShiftFiler)
-        # Did it file events under a shift whose seqs start at its events (``_file``)?
+        # Did it file events under a shift whose seqs start at its events, below the
+        # highest seq held before (``_file``)?
         self.bounds_a_previous_shift = False
         # Reopened shifts whose seqs its events may end sooner, or whose missing seqs
         # they may bring (``_lock_shifts``).
@@ -1128,8 +1129,11 @@ class _BatchIngest:
             row["shift_id"] = self.filed[event.client_event_id] = filer.file(filing)
             row["courier_id"] = filer.recorded_by(row["shift_id"]) or row["courier_id"]
         self.wrong_claims = filer.wrong_claims
+        # Only a seq below one the server had can end a previous shift's seqs before a
+        # rejected seq it held (``withdraw_rejected_reopening``): pushes in order do not.
         self.bounds_a_previous_shift = any(
-            filer.starts_at_its_events(row["shift_id"]) for row in rows
+            row["seq"] <= self.state.max_seq and filer.starts_at_its_events(row["shift_id"])
+            for row in rows
         )
 
     def _touch_device(self, connection: Connection) -> None:

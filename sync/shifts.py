@@ -593,7 +593,8 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     its sign-off were the ones just filed under the shift that opened, and its
     balance is again the one signed off: they were never its own, as they would not
     have been had they come after the opening. (A correction among them that voids
-    one of its events still changes its balance: then it stays reopened.) The
+    one of its events still changes its balance: then it stays reopened; so does an
+    event of its own that came with them or since, ``_events_since``.) The
     reopening stays in the audit log and in ``reopened_count``; its flag is closed
     with the reason."""
     from sync.balances import shift_balance
@@ -602,21 +603,22 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
         return
-    subject = FlagSubject("shift", str(shift.id))
-    flag = session.scalar(
-        select(Flag).where(
-            Flag.kind == LATE_EVENT,
-            Flag.subject_type == subject.type,
-            Flag.subject_key == subject.key,
-        )
-    )
+    flag = _late_flag(session, shift.id)
     if flag is None:
         return
     # The events of its latest reopening: ``event_ids`` gathers every reopening's, and
     # the earlier ones were signed off since.
     latest = flag.evidence.get(LATEST_REOPENING) or flag.evidence
-    if not set(latest.get("event_ids", [])) <= moved or latest.get(REJECTED_IDS):
+    reopened_by = latest.get("event_ids", [])
+    if not set(reopened_by) <= moved or latest.get(REJECTED_IDS):
         return  # (a rejected event's reopening stands: no event moved it away)
+    reopening = (
+        select(func.min(ScanEvent.batch_pk))
+        .where(ScanEvent.id.in_(sorted(reopened_by)))
+        .scalar_subquery()
+    )
+    if _events_since(session, shift, reopening):
+        return
     if not same_snapshot(
         shift_balance(session=session, shift=shift).snapshot(), shift.signoff_balance
     ):
@@ -647,8 +649,9 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     off before) that declared no last seq: they own the seqs up to where the next shift
     on the PDA starts, which that shift's events may move down
     (``sync.handover.owned_seqs``), and the seqs of which a gap may have reopened them
-    (``reopen_if_seqs_missing``). A push filing events under a shift that declared no
-    first seq, or filling a gap of its PDA's seqs, locks these with its shifts, and a
+    (``reopen_if_seqs_missing``). A push filing under a shift that declared no first seq
+    an event below the highest seq held before it (pushed in order, none can end their
+    seqs sooner), or filling a gap of its PDA's seqs, locks these with its shifts, and a
     write-off of lost seqs locks them too, for ``withdraw_reopening_without_events``."""
     return and_(
         Shift.device_id == device_id,
@@ -662,21 +665,22 @@ def withdraw_reopening_without_events(session: Session, shift: Shift) -> bool:
     """Sign ``shift`` (locked) off again if no event of its own reopened it after its
     latest sign-off, and nothing of what did still stands:
 
-    * rejected events, none of them its own any more, its balance again the one signed
-      off: a rejected event has only its seq, and a shift closed without its last seq
-      owned it only until the next shift's events showed where its seqs end;
-    * seqs of it still on the PDA (``reopen_if_seqs_missing``), none missing now beyond
-      those signed off: they arrived under another shift (the next one's, which ends
-      its seqs before them), or a manager wrote them off (``sync.lost_seqs``). Judged
-      on its missing seqs alone, as the reopening was: what else changed meanwhile
-      without an event of its own (fewer seqs missing, a consent arriving later) would
-      not have reopened it either.
+    * rejected events, none of them its own any more: a rejected event has only its
+      seq, and a shift closed without its last seq owned it only until the next
+      shift's events showed where its seqs end;
+    * seqs of it still on the PDA (``reopen_if_seqs_missing``): they arrived under
+      another shift (the next one's, which ends its seqs before them), or a manager
+      wrote them off (``sync.lost_seqs``).
+
+    Either way, none may be missing now beyond those signed off (that alone reopens
+    it, ``reopen_if_seqs_missing``). Judged on its missing seqs alone, not on its whole
+    balance: what else changed meanwhile without an event of its own (fewer seqs
+    missing, a consent arriving later) would not have reopened it either.
 
     Pushed in the other order, nothing reopened it (rule 3). Late events and rejected
     events of its own arriving meanwhile are named by its reopening
     (``name_late_events``): it then stands. Whether a withdrawal happened."""
     from sync.balances import gather
-    from sync.handover import same_snapshot
     from sync.quarantine import owned_rejections
 
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
@@ -693,10 +697,7 @@ def withdraw_reopening_without_events(session: Session, shift: Shift) -> bool:
         session=session, scope=facts.rejection_scope(balance), ids=rejected
     ):
         return False
-    if gap:
-        if _missing_beyond_signed(shift, balance):
-            return False
-    elif not same_snapshot(balance.snapshot(), shift.signoff_balance):
+    if _missing_beyond_signed(shift, balance):
         return False
     _sign_off_again(
         session,
@@ -743,6 +744,29 @@ def name_late_events(
         again=AFTER_ANOTHER_SIGNOFF,
     )
     return [raised.flag] if raised.new else []
+
+
+def _events_since(session: Session, shift: Shift, reopening: ScalarSelect[Any]) -> bool:
+    """Whether an event of ``shift`` now (filed under it, or a correction voiding one of
+    its events) came in push ``reopening`` (a batch's pk: the one that reopened it) or
+    one since. A late event landing on a shift already reopened reopens nothing and no
+    reopening names it, but the manager has not seen it either: had the events of the
+    reopening never come, it would have reopened the shift itself (rule 3). So a
+    reopening is withdrawn only if none came (``_withdraw_reopening``,
+    ``withdraw_rejected_reopening``)."""
+    its_events = select(ScanEvent.client_event_id).where(
+        ScanEvent.device_id == shift.device_id, ScanEvent.shift_id == shift.id
+    )
+    found = session.scalar(
+        select(ScanEvent.id)
+        .where(
+            ScanEvent.device_id == shift.device_id,
+            ScanEvent.batch_pk >= reopening,
+            or_(ScanEvent.shift_id == shift.id, ScanEvent.voids_client_event_id.in_(its_events)),
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def _late_flag(session: Session, shift_id: int) -> Flag | None:

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -525,3 +526,86 @@ def test_a_gap_the_next_shifts_event_shows_after_the_sign_off_reopens_the_first_
     session.refresh(run.first)
     assert (run.owned_late(), run.missing_since_signoff()) == ([], [2])
     assert run.first.status == ShiftStatus.CLOSED
+
+
+@pytest.mark.parametrize("late", ["out_for_delivery", "rejected"])
+def test_a_late_event_that_came_while_a_rejected_event_held_the_shift_reopened_keeps_it(
+    session: Session, world: World, late: str
+) -> None:
+    """As above, but between the rejected event (seq 4) and the next shift's first event
+    (seq 3) the first shift's own seq 2 arrived: late, after the sign-off, and the
+    first's in the end. Pushed after seq 3, it reopens the first shift (the manager
+    never saw it); so it must keep it reopened here, though the rejected event that
+    reopened it turns out the next shift's and the balance is the one signed off (an
+    out-for-delivery scan, or a rejected event, changes no count)."""
+    plan = Plan(
+        first_declares_first=False,
+        first_last_seq=None,
+        second_first_seq=None,
+        second_is_colleagues=False,
+        second_closed_before=False,
+        second_last_seq=None,
+        events=[
+            (1, "checked_out", 0, None),
+            (2, late, 0, None),
+            (3, "checked_out", 1, None),
+            (4, "rejected", 1, None),
+        ],
+        in_first=2,
+    )
+    run = Run(session, world, plan)
+    run.push([1])
+    run.sign_off_the_first()
+    run.push([4])
+    run.push([2])
+    run.push([3])
+    session.refresh(run.first)
+    assert run.owned_late() == [2]
+    assert run.first.status == ShiftStatus.CLOSED
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == LATE_EVENT, Flag.shift_id == run.first.id)
+    ).one()
+    assert flag.status == FlagStatus.OPEN
+
+
+def test_the_next_shifts_pushes_cost_nothing_more_while_the_first_waits_reopened(
+    session: Session, world: World
+) -> None:
+    """The first shift (closed without its last seq) was reopened by its own late scan
+    and waits for a new sign-off; the next shift (no first seq declared) pushes its
+    scans all day, each after the last. Such a push cannot show that a rejected event
+    was not the first shift's (that needs a seq below one the server has already had),
+    so it costs the statements it costs when the first shift is signed off."""
+    from tests.sync.test_ingest import statements_sent
+
+    def statements(reopened: bool) -> int:
+        plan = Plan(
+            first_declares_first=False,
+            first_last_seq=None,
+            second_first_seq=None,
+            second_is_colleagues=False,
+            second_closed_before=False,
+            second_last_seq=None,
+            events=[
+                (1, "checked_out", 0, None),
+                (2, "out_for_delivery", 0, None),
+                (3, "checked_out", 1, None),
+                (4, "out_for_delivery", 1, None),
+                (5, "out_for_delivery", 1, None),
+            ],
+            in_first=2,
+        )
+        run = Run(session, world, plan)
+        run.push([1] if reopened else [1, 2])
+        run.sign_off_the_first()
+        if reopened:
+            run.push([2])
+        run.push([3])
+        run.push([4])
+        session.refresh(run.first)
+        assert (run.first.status == ShiftStatus.CLOSED) == reopened
+        with statements_sent(session) as sent:
+            run.push([5])
+        return len(sent)
+
+    assert statements(reopened=True) == statements(reopened=False)

@@ -361,6 +361,34 @@ def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed
     )
 
 
+def test_a_late_scan_landing_on_a_shift_reopened_by_what_the_next_opening_takes_keeps_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """As above, pushed before the opening, but the PDA then pushed a scan of the shift
+    itself (an out-for-delivery of its returned parcel, named by the shift's id): late,
+    after the sign-off, and landing on a shift already reopened, it reopened nothing.
+    The opening takes the check-out: the reopening it made is no more, but the scan
+    still came after the sign-off, unseen, so the shift stays reopened (pushed after
+    the opening, the scan reopens it, rule 3)."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    late = pda.event(
+        a, "out_for_delivery", shift_id=first.id, occurred_at=NOW - dt.timedelta(minutes=30)
+    )
+    pda.push([late], received_at=NOW + dt.timedelta(minutes=4, seconds=40))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    pda.open(now=NOW + dt.timedelta(minutes=5))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    flag = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert flag.status == FlagStatus.OPEN
+
+
 @pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
 def test_a_correction_just_after_a_sign_off_keeps_the_shift_reopened_whatever_the_order(
     session: Session, world: World, pda: Pda, pushed: str

@@ -11,9 +11,20 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, Consent, Flag, FlagStatus, Parcel, ScanEvent, ServiceClass, User
+from models import (
+    AuditEntry,
+    Consent,
+    Flag,
+    FlagSeverity,
+    FlagStatus,
+    Parcel,
+    ScanEvent,
+    ServiceClass,
+    User,
+)
 from sync import rejudge
 from sync.events import EventRules
+from sync.flags import FlagSubject, raise_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
@@ -286,3 +297,41 @@ def test_a_batch_the_database_gives_up_for_another_transaction_is_tried_again(
     monkeypatch.setattr(rejudge, "reproject", broken)
     with pytest.raises(OperationalError):
         rejudge_parcels(session=session, policy=Policy())
+
+
+def test_a_repeat_flagged_as_a_second_outcome_by_the_version_before_is_cleared(
+    session: Session, world: World
+) -> None:
+    """The version before judged a return scanned twice as two final outcomes
+    (`conflicting_final_outcome`, critical: the handover unbalanced). This one judges
+    it one outcome; the flag it left open closes when ``rejudge`` runs, as README's
+    upgrade note says."""
+    parcel = factories.parcel(session, world.station)
+    at = NOW - dt.timedelta(hours=1)
+    events = [
+        factories.event(1, parcel.tracking_no, occurred_at=at),
+        factories.event(2, parcel.tracking_no, "returned_to_station", occurred_at=at),
+        factories.event(3, parcel.tracking_no, "returned_to_station", occurred_at=at),
+    ]
+    push(session, Pusher(world.device.id, world.station.id, world.courier.id), events)
+
+    def conflicts() -> list[FlagStatus]:
+        session.expire_all()
+        return list(
+            session.scalars(select(Flag.status).where(Flag.kind == "conflicting_final_outcome"))
+        )
+
+    assert conflicts() == []
+    event_ids = sorted(session.scalars(select(ScanEvent.id).where(ScanEvent.seq > 1)))
+    raise_flag(  # as the version before left it
+        session=session,
+        kind="conflicting_final_outcome",
+        severity=FlagSeverity.CRITICAL,
+        subject=FlagSubject("parcel", parcel.tracking_no),
+        station_id=world.station.id,
+        evidence={"event_ids": event_ids},
+    )
+    session.commit()
+    assert conflicts() == [FlagStatus.OPEN]
+    rejudge_parcels(session=session, policy=Policy())
+    assert conflicts() == [FlagStatus.CLOSED]

@@ -1130,7 +1130,7 @@ class _BatchIngest:
             row["courier_id"] = filer.recorded_by(row["shift_id"]) or row["courier_id"]
         self.wrong_claims = filer.wrong_claims
         # Only a seq below one the server had can end a previous shift's seqs before a
-        # rejected seq it held (``withdraw_rejected_reopening``): pushes in order do not.
+        # rejected seq it held (``withdraw_reopening_without_events``): pushes in order do not.
         self.bounds_a_previous_shift = any(
             row["seq"] <= self.state.max_seq and filer.starts_at_its_events(row["shift_id"])
             for row in rows

@@ -496,8 +496,18 @@ def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
     may show seqs of it still on the PDA (or a gap not its own), its balance changing
     with no event moving. Signed off, it then reopens (``reopen_if_seqs_missing``),
     naming the shift that opened. A push showing a gap in its seqs reopens it too
-    (``sync.ingest``), so the order of the push and the opening decides nothing."""
+    (``sync.ingest``), so the order of the push and the opening decides nothing.
+
+    The other way round, reopened by seqs missing or by rejected events a push brought
+    before the opening, it may own them no more (``opened`` declares a first seq at or
+    below them): its reopening is withdrawn as a push's would be
+    (``withdraw_reopening_without_events``). Opened before that push, the shift would
+    have owned them and it would never have reopened (rule 3)."""
     shift = lock_shift(session, shift_id)
+    if shift.status == ShiftStatus.CLOSED:
+        if shift.signed_off_at is not None and shift.last_seq is None:
+            withdraw_reopening_without_events(session, shift)
+        return
     reopen_if_seqs_missing(
         session=session, shift=shift, now=opened.opened_at, details={"next_shift_id": opened.id}
     )
@@ -752,8 +762,8 @@ def _events_since(session: Session, shift: Shift, reopening: ScalarSelect[Any]) 
     one since. A late event landing on a shift already reopened reopens nothing and no
     reopening names it, but the manager has not seen it either: had the events of the
     reopening never come, it would have reopened the shift itself (rule 3). So a
-    reopening is withdrawn only if none came (``_withdraw_reopening``,
-    ``withdraw_rejected_reopening``)."""
+    reopening is withdrawn only if none came (``_withdraw_reopening``; a reopening no
+    event made names them instead, ``name_late_events``)."""
     its_events = select(ScanEvent.client_event_id).where(
         ScanEvent.device_id == shift.device_id, ScanEvent.shift_id == shift.id
     )

@@ -2988,3 +2988,55 @@ def test_a_push_showing_no_gap_pays_nothing_for_the_signed_off_shift_before_it(
     assert len(in_order) == len(with_a_gap) == 2
     session.refresh(first)
     assert first.status == ShiftStatus.SIGNED_OFF
+
+
+def test_a_reopening_for_a_gap_is_withdrawn_when_the_next_opening_shows_the_seqs_its_own(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The next day's seq 4 is pushed before the next shift's opening reaches the server:
+    seq 3 is missing and the first shift owns it (nothing after it on the PDA starts
+    sooner), so it reopens. Then the opening arrives, declaring seq 3 its first: the
+    first shift's seqs end at 2, none missing, its balance the one signed off. Opened
+    before the push, the next shift owned seq 3 and the first never reopened (rule 3):
+    the reopening is withdrawn."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    pda.seq = 3  # seq 3 stays on the PDA (the next shift's, as its opening will say)
+    pda.push([pda.event(b, occurred_at=next_days(pda, 1))], received_at=next_days(pda, 2))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    pda.open(first_seq=3, now=NEXT_DAY)
+    session.refresh(first)
+    assert shift_balance(session=session, shift=first).missing_seqs == []
+    assert first.status == ShiftStatus.SIGNED_OFF
+    flag = late_flag(session)
+    assert flag is not None and flag.status == FlagStatus.CLOSED
+    assert shift_actions(session, first) == [
+        "shift_signed_off",
+        "shift_reopened",
+        "shift_reopening_withdrawn",
+    ]
+
+
+def test_a_rejected_reopening_is_withdrawn_when_the_next_opening_shows_the_seq_its_own(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """As above, but the next day's seq 3 is rejected (a malformed locker drop) before
+    the opening arrives: the first shift owned it then (up to the highest seq held), and
+    reopened. The opening declares seq 3 its first: the rejected event is the next
+    shift's, as it would have been had the opening come first; the reopening goes."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    pda.push([malformed_drop(pda, b)], received_at=next_days(pda, 2))  # seq 3
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    pda.open(first_seq=3, now=NEXT_DAY)
+    session.refresh(first)
+    assert first.status == ShiftStatus.SIGNED_OFF
+    flag = late_flag(session)
+    assert flag is not None and flag.status == FlagStatus.CLOSED
+    assert shift_actions(session, first)[-1] == "shift_reopening_withdrawn"

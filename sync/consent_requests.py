@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import (
@@ -44,7 +43,7 @@ from models import (
 from sync import audit, consents, feed, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.events import shifted
-from sync.sql import among, chunks
+from sync.sql import among, chunks, created_once
 from sync.tracking import normalize
 
 MAX_PAGE_SIZE = 500
@@ -175,9 +174,7 @@ def request_once(
     maybe) instead of a second question to the recipient. The same id with another
     request is a conflict. Without an id, each call asks.
 
-    Two attempts at once: the unique index makes the second insert wait for the first's
-    commit and fail; it then answers the first's request (a savepoint keeps the rest of
-    the transaction)."""
+    Two attempts at once: the second answers the first's request (``created_once``)."""
 
     def ask() -> ConsentRequest:
         return request_consent(
@@ -193,15 +190,12 @@ def request_once(
 
     if client_request_id is None:
         return ask()
-    earlier = asked_as(session, asker.device_id, client_request_id)
-    if earlier is None:
-        try:
-            with session.begin_nested():
-                return ask()
-        except IntegrityError:
-            earlier = asked_as(session, asker.device_id, client_request_id)
-            if earlier is None:
-                raise
+    request, new = created_once(
+        session, lambda: asked_as(session, asker.device_id, client_request_id), ask
+    )
+    if new:
+        return request
+    earlier = request
     differing = [
         name
         for name, asked, stored in (

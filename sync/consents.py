@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, CompoundSelect, Row, exists, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -51,7 +50,7 @@ from sync.rules import (
     in_force_at,
     parcel_stays,
 )
-from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks
+from sync.sql import IN_CHUNK, Prebuilt, among_param, chunks, created_once
 from sync.tracking import TrackingNumberPolicy, normalize
 
 _NOT_WORD = re.compile(r"[\W_]+")
@@ -200,27 +199,22 @@ def grant_once(
     recorded, nothing to judge again), so that revoking the one it heard of revokes the
     only one. The same id with other content is a conflict, never an overwrite.
 
-    Two retries at once: the unique index makes the second insert wait for the first's
-    commit and fail; it then answers the first's consent (a savepoint keeps the rest of
-    the transaction)."""
+    Two retries at once: the second answers the first's consent (``created_once``)."""
     if draft.client_consent_id is None:
         return grant(
             session=session, draft=draft, rules=rules, created_by=created_by, now=now
         ), True
     now = now or utcnow()
     stated = _stated(session, draft, rules, now)  # a retry is validated as the first was
-    earlier = recorded_as(session, created_by, draft.client_consent_id)
-    if earlier is None:
-        try:
-            with session.begin_nested():
-                consent = grant(
-                    session=session, draft=draft, rules=rules, created_by=created_by, now=now
-                )
-            return consent, True
-        except IntegrityError:
-            earlier = recorded_as(session, created_by, draft.client_consent_id)
-            if earlier is None:
-                raise
+    client_consent_id = draft.client_consent_id
+    consent, new = created_once(
+        session,
+        lambda: recorded_as(session, created_by, client_consent_id),
+        lambda: grant(session=session, draft=draft, rules=rules, created_by=created_by, now=now),
+    )
+    if new:
+        return consent, True
+    earlier = consent
     # The first attempt took a time ahead of its recording as its recording time.
     stated["granted_at"] = granted_by(draft.granted_at, earlier.created_at)
     differing = _differing(earlier, stated)

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from sync.direct import DirectStatement, Rows, ready
@@ -204,6 +205,7 @@ def among_at_once(
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 # Keys per IN list: well below SQLite's and PostgreSQL's bound-parameter limits.
 IN_CHUNK = 900
 
@@ -250,3 +252,24 @@ def rows_among(
             yield from query.execute(session, given)
         else:
             yield from plain_rows(session, query, given)
+
+
+def created_once(
+    session: Session, find: Callable[[], R | None], create: Callable[[], R]
+) -> tuple[R, bool]:
+    """What ``find`` finds, else what ``create`` makes: ``(row, made)``. For a row a
+    caller names by its own id (a channel's consent, a PDA's consent request) under a
+    unique index: a retry finds the first attempt's row. Two attempts at once: the index
+    makes the second insert wait for the first's commit and fail; it then answers the
+    first's row (a savepoint keeps the rest of the transaction)."""
+    earlier = find()
+    if earlier is not None:
+        return earlier, False
+    try:
+        with session.begin_nested():
+            return create(), True
+    except IntegrityError:
+        earlier = find()
+        if earlier is None:
+            raise
+        return earlier, False

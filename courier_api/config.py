@@ -71,6 +71,10 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "MAX_BLOB_BYTES": _int(environ, "MAX_BLOB_BYTES", 8 * 1024 * 1024),
         "CLOCK_SKEW_FLAG_SECONDS": _int(environ, "CLOCK_SKEW_FLAG_SECONDS", 120),
         "MAX_EVENT_AGE_DAYS": _int(environ, "MAX_EVENT_AGE_DAYS", 30),
+        # Small on purpose: a clock step, not a backdated consent (sync.inversions).
+        "TIME_INVERSION_TOLERANCE_SECONDS": _int(
+            environ, "TIME_INVERSION_TOLERANCE_SECONDS", 2, minimum=0, maximum=60
+        ),
         # Service classes, whitespace-separated.
         "CONSENT_REQUIRED_CLASSES": _classes(environ, "CONSENT_REQUIRED_CLASSES", "express"),
         "SIGNATURE_REQUIRED_CLASSES": _classes(environ, "SIGNATURE_REQUIRED_CLASSES", "express"),

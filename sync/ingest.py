@@ -221,6 +221,9 @@ NEAREST_ABOVE = _IN_RUN.order_by(_events.c.seq).limit(1)
 class IngestRules:
     events: EventRules
     clock_skew_bound: dt.timedelta = dt.timedelta(minutes=2)
+    # A later seq dated at most this before the one before it is no time_inversion
+    # (``sync.inversions``: a clock stepped back a second or two by NTP).
+    time_inversion_tolerance: dt.timedelta = dt.timedelta(seconds=2)
     missing_seqs_limit: int = 100
     policy: Policy = field(default_factory=Policy)
     shifts: ShiftRules = field(default_factory=ShiftRules)
@@ -734,8 +737,9 @@ class _BatchIngest:
         self, stored: list[tuple[int, ValidEvent]], tracker: SeqTracker
     ) -> None:
         """Rule 6 (``sync.inversions``): an event dated earlier than the event before it
-        on the same device (a consent "captured" before the drop it followed) is
-        flagged, whichever of the two arrived last, and whatever was rejected between."""
+        on the same device (a consent "captured" before the drop it followed), by more
+        than the tolerance, is flagged, whichever of the two arrived last, and whatever
+        was rejected between."""
         new = {e.seq: Stamp(e.occurred_at_device, e.tracking_no) for _, e in stored}
         rejected = {
             r.seq for r in self.results.values() if r.status == "rejected" and r.seq is not None
@@ -758,7 +762,9 @@ class _BatchIngest:
             row = plain_rows(self.session, query, {**device, "low": low, "high": high}).first()
             return None if row is None else (row.seq, Stamp(*row[1:]))
 
-        inverted = time_inversions(new, rejected, tracker, look_up, nearest)
+        inverted = time_inversions(
+            new, rejected, tracker, look_up, nearest, self.rules.time_inversion_tolerance
+        )
         for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
             self._flag(
                 "time_inversion",

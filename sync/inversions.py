@@ -9,6 +9,13 @@ seq still on the PDA leaves the pair unjudged until it comes, and the pair is
 judged by the push that completes it: one that stores either event, or rejects
 the last seq between them.
 
+A clock stepped back by less than the tolerance between two events (an NTP correction
+of a second or two, the PDA's clock put right) is no inversion: nothing was backdated
+that a seq does not already order (a consent captured on the drop's PDA is judged by
+seq, ``sync.rules.granted_before``), and a manager would get a warning for every step.
+The tolerance is kept small (``TIME_INVERSION_TOLERANCE_SECONDS``, at most a minute),
+so a consent backdated to before the drop it followed is still flagged.
+
 Known limit: a seq that arrives rejected and is later sent again, valid, splits a
 pair judged while it was a gap; a flag raised for that pair stays (flags are not
 withdrawn when their evidence is superseded), so the two orders differ by it.
@@ -45,10 +52,12 @@ def time_inversions(
     held: SeqTracker,
     look_up: LookUp,
     nearest: Nearest,
+    tolerance: dt.timedelta = dt.timedelta(0),
 ) -> dict[str, set[int]]:
     """``{tracking number: seqs}`` of the inverted pairs a push completes: ``new``,
     the events it stored; ``rejected``, the seqs it answered with a rejection;
-    ``held``, the device's seqs that arrived (this push's included).
+    ``held``, the device's seqs that arrived (this push's included). A pair is
+    inverted when the later seq is dated more than ``tolerance`` before the earlier.
 
     One look-up for the seqs next to each run of the push's seqs; then, only where a
     rejected seq of an earlier push lies next to a run, one search past the rejected
@@ -112,7 +121,7 @@ def time_inversions(
     for before, after in pairs:
         if before is None or after is None:
             continue
-        if known[after].occurred_at_device < known[before].occurred_at_device:
+        if known[after].occurred_at_device < known[before].occurred_at_device - tolerance:
             inverted.setdefault(known[after].tracking_no, set()).update((before, after))
     return inverted
 

@@ -59,6 +59,10 @@ def test_development_creates_a_secret_once_and_keeps_it(tmp_path: Path) -> None:
             {"REFRESH_REUSE_GRACE_SECONDS": "601"},
             "REFRESH_REUSE_GRACE_SECONDS must be at most 600",
         ),
+        (
+            {"TIME_INVERSION_TOLERANCE_SECONDS": "61"},
+            "TIME_INVERSION_TOLERANCE_SECONDS must be at most 60",
+        ),
         ({"DELIVERY_DEADLINE_HOURS": "express=24"}, "gives no deadline for parcel, registered"),
         ({"DELIVERY_DEADLINE_HOURS": "express=soon"}, "class=hours pairs"),
     ],

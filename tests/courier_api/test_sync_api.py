@@ -1148,3 +1148,25 @@ def test_a_consent_a_colleague_captured_and_then_voided_reaches_the_holders_pda(
     changes, _ = pull_all(client, holder, cursor)
     assert [c["tracking_no"] for c in changes] == [tn], "the holder keeps a voided consent"
     assert changes[-1]["parcel"]["consents"] == []
+
+
+@pytest.mark.parametrize(("tolerance", "flagged"), [(None, False), (0, True)])
+def test_the_time_inversion_tolerance_is_configured(
+    app_with: Callable[..., Flask],
+    world: World,
+    parcel: Parcel,
+    tolerance: int | None,
+    flagged: bool,
+) -> None:
+    """A scan dated a second before the one before it (NTP stepped the clock back): no
+    time_inversion by default (TIME_INVERSION_TOLERANCE_SECONDS is 2), one with 0."""
+    overrides = {} if tolerance is None else {"TIME_INVERSION_TOLERANCE_SECONDS": tolerance}
+    client = app_with(**overrides).test_client()
+    scan = now() - dt.timedelta(minutes=5)
+    events = [
+        ev(1, parcel.tracking_no, occurred_at=scan),
+        ev(2, parcel.tracking_no, "out_for_delivery", occurred_at=scan - dt.timedelta(seconds=1)),
+    ]
+    receipt = Auth(client).push(events)
+    kinds = {flag["kind"] for flag in receipt["flags_raised"]}
+    assert ("time_inversion" in kinds) is flagged, receipt["flags_raised"]

@@ -1225,6 +1225,55 @@ def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversio
     assert kinds == {"consent_after_drop"}
 
 
+@pytest.mark.parametrize(
+    ("stepped_back", "inverted"),
+    [(dt.timedelta(seconds=2), False), (dt.timedelta(seconds=2.5), True)],
+    ids=["within the tolerance", "beyond it"],
+)
+def test_a_clock_stepped_back_by_ntp_within_the_tolerance_is_no_time_inversion(
+    session: Session, pda: Pda, parcel: Parcel, stepped_back: dt.timedelta, inverted: bool
+) -> None:
+    """The courier scans the parcel out for delivery; NTP steps the PDA's clock back two
+    seconds; the failed attempt recorded a second later is dated a second before the
+    scan. A clock step of the tolerance (2 s by default) is no backdating: a manager
+    would get a time_inversion warning for every NTP correction between two scans at
+    the door. A step beyond it is flagged as ever."""
+    tn = parcel.tracking_no
+    scan = at(30)
+    pda.push(
+        [
+            pda.event(1, tn, occurred_at=at(10)),
+            pda.event(2, tn, "out_for_delivery", occurred_at=scan),
+            pda.event(
+                3,
+                tn,
+                "delivery_attempt_failed",
+                occurred_at=scan - stepped_back,
+                reason="recipient_absent",
+                action="retry_planned",
+            ),
+        ]
+    )
+    kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
+    assert ("time_inversion" in kinds) is inverted
+
+
+def test_a_consent_stamped_within_the_tolerance_before_the_drop_it_followed_stays_late(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Rule 6's intent under the tolerance: the consent recorded after the drop (seq 3)
+    but dated a second before it raises no time_inversion, yet authorizes nothing: a
+    consent captured on the drop's own PDA is judged by seq, so the drop is
+    consent_after_drop, whichever push arrives first."""
+    tn = parcel.tracking_no
+    drop = locker_drop(pda, 2, tn, at(60))
+    late = consent_in_person(pda, 3, tn, at(60) - dt.timedelta(seconds=1))
+    pda.push([late])
+    pda.push([pda.event(1, tn, occurred_at=at(10)), drop])
+    kinds = set(session.scalars(select(Flag.kind).where(Flag.subject_key == tn)))
+    assert kinds == {"consent_after_drop"}
+
+
 def test_a_consent_captured_then_voided_by_a_correction_authorizes_nothing(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

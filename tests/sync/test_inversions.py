@@ -122,3 +122,22 @@ def test_any_split_and_order_flags_the_pairs_of_the_whole_stream(
         if times[after] < times[before]:
             expected.setdefault(f"P{after}", set()).update((before, after))
     assert flagged == expected
+
+
+def test_a_later_seq_dated_within_the_tolerance_before_the_one_before_it_is_no_pair() -> None:
+    """A clock stepped back by NTP: seq 2 two seconds before seq 1 is no inversion with a
+    tolerance of 2 s; three seconds before is."""
+    held = SeqTracker()
+    held.add_all([1, 2, 3])
+    new = {
+        1: Stamp(T0, "P1"),
+        2: Stamp(T0 - dt.timedelta(seconds=2), "P2"),
+        3: Stamp(T0 - dt.timedelta(seconds=5), "P3"),
+    }
+    tolerance = dt.timedelta(seconds=2)
+    found = time_inversions(new, set(), held, lambda seqs: {}, lambda *_: None, tolerance)
+    assert found == {"P3": {2, 3}}
+    assert time_inversions(new, set(), held, lambda seqs: {}, lambda *_: None) == {
+        "P2": {1, 2},
+        "P3": {2, 3},
+    }

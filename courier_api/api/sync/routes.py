@@ -43,6 +43,7 @@ def ingest_rules() -> IngestRules:
             max_age=dt.timedelta(days=config["MAX_EVENT_AGE_DAYS"]),
         ),
         clock_skew_bound=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
+        time_inversion_tolerance=dt.timedelta(seconds=config["TIME_INVERSION_TOLERANCE_SECONDS"]),
         policy=policy_of(config),
         shifts=shift_rules_of(config),
         consent_request_ttl=dt.timedelta(minutes=config["CONSENT_REQUEST_TTL_MINUTES"]),

@@ -219,6 +219,7 @@ STALE_DEVICE = "stale_device"
 NO_OPEN_SHIFT = "the device has no open shift any more"
 # The audit log's entry for a shift closed by someone other than its courier (``close_shift``).
 CLOSED_FOR_COURIER = "shift_closed_for_courier"
+LAST_SEQ_DECLARED = "shift_last_seq_declared"
 
 
 @dataclass(frozen=True)
@@ -844,17 +845,21 @@ def close_shift(
     if last_seq is not None:  # the lock order: the device's sync state, then the shift
         lock_device_state(session, shift.device_id)
     shift = lock_shift(session, shift.id)
+    declared_late = False
     if shift.status != ShiftStatus.OPEN:
         if last_seq is None or last_seq == shift.last_seq:
             return shift
-        raise Conflict(
-            f"shift {shift.id} was closed with last_seq {shift.last_seq}; "
-            "it cannot be closed again with another"
-            if shift.last_seq is not None
-            else f"shift {shift.id} was closed without a last_seq; it cannot be given one now",
-            code="shift_already_closed",
-            field="last_seq",
-        )
+        declared_late = _may_declare_last_seq_late(session, shift, closed_by)
+        if not declared_late:
+            raise Conflict(
+                f"shift {shift.id} was closed with last_seq {shift.last_seq}; "
+                "it cannot be closed again with another"
+                if shift.last_seq is not None
+                else f"shift {shift.id} was closed without a last_seq; it can be given one "
+                "only by its courier's PDA, before a sign-off and before the PDA's next shift",
+                code="shift_already_closed",
+                field="last_seq",
+            )
     if last_seq is not None and shift.first_seq is not None and last_seq < shift.first_seq - 1:
         raise InvalidInput(
             f"last_seq {last_seq} is before the shift's first_seq {shift.first_seq}",
@@ -886,6 +891,15 @@ def close_shift(
                 code="invalid_last_seq",
                 field="last_seq",
             )
+    if declared_late:
+        shift.last_seq = last_seq
+        session.flush()
+        taken = _take_unfiled_in_seqs(session, shift, policy)
+        refresh_handover_flags(session=session, shifts=[shift])
+        _announce_if_unbalanced(session, shift)
+        if shift.closed_by != shift.courier_id:
+            _audit_last_seq_declared(session, shift, taken)
+        return shift
     state = session.get(DeviceSyncState, shift.device_id)
     shift.status = ShiftStatus.CLOSED
     shift.closed_at = now
@@ -914,6 +928,46 @@ def close_shift(
     if closed_by != shift.courier_id:
         _audit_close(session, shift, taken)
     return shift
+
+
+def _may_declare_last_seq_late(session: Session, shift: Shift, closed_by: int) -> bool:
+    """Whether ``closed_by`` may now declare the last seq of this closed ``shift``: its
+    courier (from its PDA: the route checks), when it was closed without one (a manager
+    closed it at 19:00 while the PDA was still out of range) and is not signed off, and
+    no later shift was opened on the PDA. The PDA's seqs are its causal order (rule 6):
+    its returns scanned at the counter after that close are the shift's, as they would
+    be had the PDA closed first (rule 3), not parcels missing at handover that nobody
+    can account for. After a sign-off or the PDA's next shift, what the shift owns is
+    settled by then, and the 409 stands."""
+    if shift.status != ShiftStatus.CLOSED or shift.last_seq is not None:
+        return False
+    if closed_by != shift.courier_id:
+        return False
+    following = adjacent_shift(_shifts, "id", following=True, same_courier=False)
+    return session.scalar(select(following).where(_shifts.c.id == shift.id)) is None
+
+
+def _audit_last_seq_declared(session: Session, shift: Shift, taken: list[int]) -> None:
+    """The ``shift_last_seq_declared`` entry: the courier's PDA declared the last seq of
+    a shift someone else closed without one, which changes what the logged close
+    (``shift_closed_for_courier``, ``last_seq`` null) decided the shift owns; the
+    events it took from under no shift (``taken``, their ids)."""
+    audit.append(
+        session=session,
+        actor_id=shift.courier_id,
+        action=LAST_SEQ_DECLARED,
+        subject_type="shift",
+        subject_key=str(shift.id),
+        details={
+            "station_id": shift.station_id,
+            "courier_id": shift.courier_id,
+            "device_id": shift.device_id,
+            "closed_by": shift.closed_by,
+            "last_seq": shift.last_seq,
+            "seq_at_close": shift.seq_at_close,
+            "events_taken": taken,
+        },
+    )
 
 
 def _audit_close(session: Session, shift: Shift, taken: list[int]) -> None:

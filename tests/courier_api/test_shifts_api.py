@@ -1702,6 +1702,58 @@ def test_deliveries_recorded_while_the_pda_clock_was_reset_count_in_the_shift_it
     assert {f["status"] for f in flags["items"]} <= {"closed"}  # raised at close, if before
 
 
+def test_returns_scanned_after_a_managers_early_close_count_once_the_pda_declares_its_last_seq(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """19:00: the manager closes the shifts still open, this one too, its PDA out of
+    range since noon. 19:20: the courier is back and scans the two parcels not delivered
+    in at the counter; the PDA pushes its queue and closes the shift with its last seq,
+    as README says. The close was refused (409) and the returns, more than five minutes
+    after the manager's close, were no shift's: two parcels missing at handover that the
+    courier had handed back. The PDA's last seq is taken, and the shift balances."""
+    delivered, back, other = parcels(session, world, 3)
+    shift = pda.open(first_seq=1)
+    stored = session.get(Shift, shift["id"])
+    assert stored is not None
+    stored.opened_at = now() - dt.timedelta(hours=8)
+    session.commit()
+    pda.push(
+        [pda.event(n, occurred_at=now() - dt.timedelta(hours=7)) for n in (delivered, back, other)]
+    )
+    queued = [pda.event(delivered, "delivered", occurred_at=now() - dt.timedelta(hours=2))]
+    assert (
+        client.post(f"{SHIFTS}/{shift['id']}/close", json={}, headers=manager).status_code == 200
+    )
+    session.execute(
+        update(Shift)
+        .where(Shift.id == shift["id"])
+        .values(closed_at=now() - dt.timedelta(minutes=40))
+    )
+    session.commit()
+    queued += [
+        pda.event(n, "returned_to_station", occurred_at=now() - dt.timedelta(minutes=20))
+        for n in (back, other)
+    ]
+    pda.push(queued)
+    closing = pda.close(shift["id"], last_seq=pda.seq)
+    assert closing.status_code == 200, closing.get_json()
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["returned"], found["missing"]) == ("balanced", 2, 0)
+    log = client.get(
+        "/api/v1/audit",
+        query_string={"action": "shift_last_seq_declared"},
+        headers=auth.headers("admin"),
+    ).get_json()["items"]
+    assert [(e["actor_id"], e["details"]["last_seq"]) for e in log] == [
+        (world.courier.id, pda.seq)
+    ]
+
+
 def test_a_drop_rejected_after_a_balanced_sign_off_reopens_the_shift_with_a_flag(
     app: Flask,
     client: FlaskClient,

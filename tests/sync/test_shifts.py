@@ -1906,17 +1906,74 @@ def test_closing_twice_is_idempotent_but_not_with_another_last_seq(
     assert info.value.code == "shift_already_closed"
 
 
-def test_a_last_seq_after_a_close_without_one_is_refused_saying_so(
+def close_for_courier(session: Session, world: World, shift: Shift, now: dt.datetime) -> Shift:
+    """A manager closes the shift of a PDA that has not come back (no last seq)."""
+    closed = shifts.close_shift(session=session, shift=shift, closed_by=world.manager.id, now=now)
+    session.commit()
+    return closed
+
+
+def test_a_pda_declares_its_last_seq_after_a_managers_close_and_its_late_returns_count(
     session: Session, world: World, pda: Pda
 ) -> None:
-    """A manager closed the shift of a dead PDA; the PDA, back, closes it with its last
-    seq: the refusal says the shift was closed without one, not "with last_seq None"."""
-    shift = pda.close(pda.open())
+    """At 12:00 a manager closed the shift of a PDA still out of range (no last seq);
+    at 12:20 the courier, back, scanned the two undelivered parcels in at the counter,
+    the PDA pushed them and closed the shift declaring its last seq. The returns came
+    more than five minutes after the close, so by time they are no shift's: the two
+    parcels showed missing_at_handover, and the PDA's close was refused (409), leaving
+    nobody a way to account for them. Had the PDA closed first, they were the shift's
+    by seq (rule 3). The PDA's last seq is taken: the returns are filed under the shift,
+    it balances, and the audit log says the courier declared it after the logged close."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b)])
+    closed_at = NOW - dt.timedelta(minutes=40)
+    close_for_courier(session, world, shift, closed_at)
+    assert shift_balance(session=session, shift=shift).missing == 2
+    returns = [
+        pda.event(n, "returned_to_station", occurred_at=closed_at + dt.timedelta(minutes=20))
+        for n in (a, b)
+    ]
+    pda.push(returns)
+    assert shift_balance(session=session, shift=shift).missing == 2  # no shift's, by time
+    closed = pda.close(shift, last_seq=4)
+    assert (closed.last_seq, closed.closed_by, closed.closed_at) == (
+        4,
+        world.manager.id,
+        closed_at,
+    )
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.status, balance.returned, balance.missing) == ("balanced", 2, 0)
+    flags = session.scalars(select(Flag.status).where(Flag.kind == MISSING_KIND)).all()
+    assert set(flags) == {FlagStatus.CLOSED}
+    entry = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == shifts.LAST_SEQ_DECLARED)
+    ).one()
+    assert entry.actor_id == world.courier.id
+    assert entry.details["last_seq"] == 4 and len(entry.details["events_taken"]) == 2
+    assert pda.close(shift, last_seq=4).last_seq == 4  # a retry answers the same
+    with pytest.raises(Conflict):
+        pda.close(shift, last_seq=5)
+
+
+@pytest.mark.parametrize("settled_by", ["sign-off", "next shift"])
+def test_a_last_seq_after_a_close_without_one_is_refused_once_the_shift_is_settled(
+    session: Session, world: World, pda: Pda, settled_by: str
+) -> None:
+    """A manager closed the shift of a dead PDA; the PDA declares its last seq only after
+    the shift was signed off, or after it opened its next shift: what the shift owns
+    was settled by then, and the refusal says when a last seq can still be given."""
+    shift = close_for_courier(session, world, pda.open(), NOW - dt.timedelta(hours=1))
+    if settled_by == "sign-off":
+        sign_off(session, world, shift)
+    else:
+        pda.open(now=NOW - dt.timedelta(minutes=30))
     with pytest.raises(Conflict) as info:
         pda.close(shift, last_seq=6)
     assert info.value.code == "shift_already_closed"
     assert info.value.message == (
-        f"shift {shift.id} was closed without a last_seq; it cannot be given one now"
+        f"shift {shift.id} was closed without a last_seq; it can be given one only by its "
+        "courier's PDA, before a sign-off and before the PDA's next shift"
     )
 
 

@@ -77,7 +77,9 @@ class AuditEntries(MethodView):
         subject `shift`: a shift page showing its discrepancies' recipients),
         `blob_read`, `quarantine_searched`), a shift closed by a manager or an admin
         for its courier (`shift_closed_for_courier`; subject `shift`: the `last_seq`
-        given, `seq_at_close`, the `events_taken` from under no shift), a change of a
+        given, `seq_at_close`, the `events_taken` from under no shift) and the
+        `last_seq` its courier's PDA declared for it afterwards
+        (`shift_last_seq_declared`; the courier as actor, with `closed_by`), a change of a
         station (`station_updated`; subject `station` and its id: its name or time zone)
         or of a PDA's status (`device_updated`; subject `device` and its id), with
         who (`by`, also for `courier-api retire-device`, whose entries name no actor)

@@ -503,6 +503,7 @@ def list_flags(
     kind: str | None = None,
     severity: FlagSeverity | None = None,
     status: FlagStatus | None = None,
+    standing: bool = False,
     courier_id: int | None = None,
     shift_id: int | None = None,
     tracking_no: str | None = None,
@@ -524,7 +525,10 @@ def list_flags(
     rule flags name no shift. ``tracking_no``: the parcel's flags, its own (rules,
     wrong station, not taken in) and its handovers' in every shift (``missing_at_handover``,
     ``not_on_manifest``), by ``Flag.tracking_no``'s index: a lost parcel has no proof
-    to list them.
+    to list them. ``standing``: only flags whose cause stands (open, acknowledged or
+    resolved), not those the system closed when it went away, as the reports count them
+    (``sync.reports``): a flag raised and closed only because a PDA's pushes arrived in
+    a given order is no news to a manager.
     """
     if raised_from is not None and raised_to is not None and raised_to <= raised_from:
         raise InvalidInput(
@@ -543,6 +547,8 @@ def list_flags(
         query = query.where(Flag.severity == severity)
     if status is not None:
         query = query.where(Flag.status == status)
+    if standing:
+        query = query.where(Flag.status != FlagStatus.CLOSED)
     if courier_id is not None:
         query = query.where(Flag.courier_id == courier_id)
     if shift_id is not None:

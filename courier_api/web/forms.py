@@ -53,11 +53,22 @@ class FlagKind(Text):
         return code
 
 
+# The flag queue's status choices beyond a flag's own: ``standing``, the default, every
+# flag whose cause stands (open, acknowledged, resolved), not those the system closed
+# because the cause went away (a drop's consent pushed after it, an image uploaded after
+# its delivery, a parcel a late batch accounted for at the handover); ``any``, all.
+STANDING = "standing"
+ANY_STATUS = "any"
+
+
 class FlagFilter(_Form):
     station = Id()
     kind = FlagKind()
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
-    status = ma.fields.Enum(FlagStatus, by_value=True)
+    status = ma.fields.String(
+        validate=ma.validate.OneOf([STANDING, ANY_STATUS, *(s.value for s in FlagStatus)]),
+        load_default=STANDING,
+    )
     courier_id = Id()
     shift_id = Id()
     tracking_no = Text(validate=ma.validate.Length(max=40))  # a parcel's flags

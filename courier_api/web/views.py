@@ -49,6 +49,8 @@ from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
 from courier_api.web import charts
 from courier_api.web.forms import (
+    ANY_STATUS,
+    STANDING,
     CloseShiftForm,
     DayArgs,
     DecisionForm,
@@ -566,12 +568,14 @@ def _flag_queue_page(
     raised_from, raised_to = local_range(
         args.get("raised_from"), args.get("raised_to"), station.timezone if station else "UTC"
     )
+    status = args["status"]
     items = flags.list_flags(
         session=db.session,
         station_id=station.id if station else None,
         kind=args.get("kind"),
         severity=args.get("severity"),
-        status=args.get("status"),
+        status=None if status in (STANDING, ANY_STATUS) else FlagStatus(status),
+        standing=status == STANDING,
         courier_id=args.get("courier_id"),
         shift_id=args.get("shift_id"),
         tracking_no=args.get("tracking_no") or None,
@@ -605,6 +609,7 @@ def _flag_queue_page(
         kind=args.get("kind"),
         severities=list(FlagSeverity),
         statuses=list(FlagStatus),
+        status=status,
         next_page=next_page,
         here=here,
         tz=station.timezone if station else "UTC",

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import AuditEntry, Flag, FlagSeverity, ScanEvent
+from models import AuditEntry, Flag, FlagSeverity, FlagStatus, ScanEvent
 from sync import audit
 from sync.flags import FlagSubject, close_flag, evidence_version, raise_flag
 from tests import factories
@@ -135,6 +135,26 @@ def test_list_filters(
         flags.skew.id
     ]
     assert listed(client, admin, "raised_from=2026-11-20T08:00:01Z") == [flags.there.id]
+
+
+def test_standing_leaves_out_the_flags_the_system_closed(
+    client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
+) -> None:
+    """A flag raised and closed only because a PDA's pushes came in a given order (the
+    parcel taken in after its scans) is not one a dashboard of what stands should show,
+    nor do the reports count it: ``standing=true`` lists the others, resolved ones too."""
+    close_flag(
+        session=session,
+        kind="unknown_parcel",
+        subject=FlagSubject("parcel", "RR1"),
+        reason="taken in",
+        station_id=world.station.id,
+    )
+    flags.skew.status = FlagStatus.RESOLVED
+    session.commit()
+    manager = auth.headers("manager1")
+    assert listed(client, manager) == [flags.skew.id, flags.here.id]
+    assert listed(client, manager, "standing=true") == [flags.skew.id]
 
 
 def test_a_shifts_own_flags_are_listed_by_its_id_at_the_readers_station(

@@ -59,6 +59,7 @@ class Flags(MethodView):
             kind=args.get("kind"),
             severity=args.get("severity"),
             status=args.get("status"),
+            standing=args["standing"],
             courier_id=args.get("courier_id"),
             shift_id=args.get("shift_id"),
             tracking_no=args.get("tracking_no"),

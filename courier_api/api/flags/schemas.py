@@ -18,6 +18,15 @@ class FlagListArgs(PageArgs):
     )
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
     status = ma.fields.Enum(FlagStatus, by_value=True)
+    standing = ma.fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Only flags whose cause stands (open, acknowledged or "
+            "resolved), as the reports count them: not those the system closed when their "
+            "cause went away (a drop's flag closed by its consent pushed after it, a "
+            "`pod_blob_missing` by its image uploaded after the delivery)"
+        },
+    )
     courier_id = Id(metadata={"description": "The courier concerned"})
     shift_id = Id(
         metadata={

@@ -1,0 +1,292 @@
+"""A PDA offline all afternoon, following README's PDA contract to the letter.
+
+Six hours of scans queued on the PDA (check-outs pushed in the morning; then
+deliveries with proof images, failed attempts, consents captured at the door,
+locker and pickup-point drops, returns), a PDA clock running seven minutes fast,
+an access token that expired meanwhile, a queue too big for one push (413: split),
+a push whose answer was lost (sent again under its batch id), parts sent out of
+order, images uploaded after their events, and a manager who closed the shift
+before the PDA came back. Nothing may be lost, doubled or misjudged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+from collections import Counter
+from typing import Any
+
+import jwt
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models import ScanEvent, ServiceClass, Shift
+from tests import factories
+from tests.conftest import TEST_JWT_SECRET, Auth, World
+
+PUSH = "/api/v1/sync/push"
+DRIFT = dt.timedelta(minutes=7)  # the PDA's clock runs this much ahead
+MAX_EVENTS = 250
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def image(n: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (n % 256, (n // 256) % 256, 7)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Pda:
+    """The PDA as README describes it: numbers events from 1 with no gap, stamps them
+    on its own clock, pushes in batches, refreshes its token on 401, splits on 413,
+    retries an unanswered batch under its batch id, prunes up to acked_through_seq."""
+
+    def __init__(self, client: FlaskClient, auth: Auth, username: str, device_id: str) -> None:
+        self.client = client
+        self.device_id = device_id
+        tokens = auth.tokens(username, device_id)
+        self.access, self.refresh = tokens["access_token"], tokens["refresh_token"]
+        self.seq = 0
+        self.queue: list[dict[str, Any]] = []  # recorded, not yet acknowledged
+        self.blobs: dict[str, bytes] = {}  # images not uploaded yet
+        self.receipts: list[dict[str, Any]] = []
+        self.splits = 0  # batches answered 413 and split
+
+    def clock(self, real: dt.datetime) -> dt.datetime:
+        return real + DRIFT
+
+    def record(self, tracking_no: str, type: str, at: dt.datetime, **fields: Any) -> dict:
+        self.seq += 1
+        event = factories.event(self.seq, tracking_no, type, occurred_at=self.clock(at), **fields)
+        self.queue.append(event)
+        return event
+
+    def photo(self, n: int) -> str:
+        data = image(n)
+        digest = hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return digest
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access}"}
+
+    def _refresh(self) -> None:
+        response = self.client.post("/api/v1/auth/refresh", json={"refresh_token": self.refresh})
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        self.access, self.refresh = body["access_token"], body["refresh_token"]
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        response = self.client.post(url, headers=self._headers(), **kwargs)
+        if response.status_code == 401 and response.get_json()["code"] == "token_expired":
+            self._refresh()
+            response = self.client.post(url, headers=self._headers(), **kwargs)
+        return response
+
+    def body(self, events: list[dict[str, Any]], batch_id: str | None = None) -> dict[str, Any]:
+        return factories.push_body(
+            self.device_id, events, batch_id=batch_id, sent_at=self.clock(now())
+        )
+
+    def push(self, events: list[dict[str, Any]], lose_answer: bool = False) -> dict[str, Any]:
+        """One batch: on 413 split it in halves; an answer lost is asked for again with
+        the same batch id and events (``sent_at`` refreshed)."""
+        body = self.body(events)
+        response = self.post(PUSH, json=body)
+        if response.status_code == 413:
+            assert response.get_json()["code"] == "payload_too_large"
+            self.splits += 1
+            half = len(events) // 2
+            self.push(events[:half])
+            return self.push(events[half:])
+        assert response.status_code == 200, response.get_json()
+        if lose_answer:
+            body["sent_at"] = self.clock(now()).isoformat()
+            response = self.post(PUSH, json=body)
+            assert response.status_code == 200, response.get_json()
+        receipt: dict[str, Any] = response.get_json()
+        self.read(receipt)
+        return receipt
+
+    def read(self, receipt: dict[str, Any]) -> None:
+        """README's reading order: no seq_conflict expected here; drop rejected events;
+        prune up to acked_through_seq."""
+        self.receipts.append(receipt)
+        statuses = Counter(r["status"] for r in receipt["results"])
+        assert set(statuses) <= {"applied", "duplicate"}, receipt["results"]
+        acked = receipt["acked_through_seq"]
+        self.queue = [e for e in self.queue if e["seq"] > acked]
+
+    def upload_images(self) -> None:
+        for digest, data in list(self.blobs.items()):
+            response = self.client.put(
+                f"/api/v1/blobs/{digest}",
+                data=data,
+                content_type="application/octet-stream",
+                headers=self._headers(),
+            )
+            assert response.status_code in (200, 201), response.get_json()
+            del self.blobs[digest]
+
+
+def expire(pda: Pda, world: World) -> None:
+    """The access token the PDA holds expired while it was offline."""
+    claims = jwt.decode(pda.access, TEST_JWT_SECRET, algorithms=["HS256"])
+    past = int((now() - dt.timedelta(hours=2)).timestamp())
+    claims.update(iat=past, exp=past + 3600)
+    pda.access = jwt.encode(claims, TEST_JWT_SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def app_small(app_with: Any) -> Flask:
+    app: Flask = app_with(MAX_EVENTS_PER_PUSH=MAX_EVENTS)
+    return app
+
+
+@pytest.mark.parametrize("order", ["in order", "last part first"])
+def test_an_afternoon_offline_is_pushed_whole_and_judged_as_recorded(
+    app_small: Flask, session: Session, world: World, order: str
+) -> None:
+    client = app_small.test_client()
+    auth = Auth(client)
+    manager = auth.headers("manager1")
+    express = [factories.parcel(session, world.station).tracking_no for _ in range(240)]
+    ordinary = [
+        factories.parcel(session, world.station, service_class=ServiceClass.PARCEL).tracking_no
+        for _ in range(60)
+    ]
+    session.commit()
+    pda = Pda(client, auth, "courier1", "PDA-0001")
+    opened = pda.post("/api/v1/shifts", json={"first_seq": 1})
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    morning = now() - dt.timedelta(hours=7)
+    stored = session.get(Shift, shift_id)
+    assert stored is not None
+    stored.opened_at = morning - dt.timedelta(minutes=5)
+    session.commit()
+
+    # Morning, online at the station: every parcel checked out, pushed at once.
+    everything = express + ordinary
+    for n, tracking_no in enumerate(everything):
+        pda.record(tracking_no, "checked_out", morning + dt.timedelta(seconds=n))
+    pda.push(list(pda.queue))
+    assert pda.queue == []
+
+    # The afternoon, offline: a parcel every minute or so.
+    start = now() - dt.timedelta(hours=6)
+    expected: dict[str, str] = {}
+    late_consent: list[str] = []
+    for n, tracking_no in enumerate(everything):
+        at = start + dt.timedelta(seconds=70 * n)
+        pda.record(tracking_no, "out_for_delivery", at)
+        kind = n % 6
+        if tracking_no in ordinary:
+            pda.record(
+                tracking_no,
+                "delivered_to_pickup_point",
+                at + dt.timedelta(seconds=20),
+                point_id="PP-9",
+                pod={"pickup_code": f"{n:06d}"},
+            )
+            expected[tracking_no] = "unattended"
+        elif kind in (0, 1):
+            pod = {"recipient_name": "Li", "signature_sha256": pda.photo(n)}
+            pod["photo_sha256"] = pda.photo(10_000 + n)
+            pda.record(tracking_no, "delivered", at + dt.timedelta(seconds=30), pod=pod)
+            expected[tracking_no] = "delivered"
+        elif kind == 2:
+            pda.record(
+                tracking_no,
+                "delivery_attempt_failed",
+                at + dt.timedelta(seconds=10),
+                reason="recipient_absent",
+                action="retry_planned",
+            )
+            expected[tracking_no] = "returned"
+        elif kind in (3, 4):
+            consent = {"method": "locker", "channel": "phone_call"}
+            pda.record(
+                tracking_no, "consent_captured", at + dt.timedelta(seconds=5), consent=consent
+            )
+            pda.record(
+                tracking_no,
+                "delivered_to_locker",
+                at + dt.timedelta(seconds=40),
+                locker_id="L-7",
+                compartment=str(n % 30),
+                pod={"pickup_code": f"{n:06d}"},
+            )
+            expected[tracking_no] = "unattended"
+        else:  # dropped first, the recipient's yes recorded after
+            pda.record(
+                tracking_no,
+                "delivered_to_locker",
+                at + dt.timedelta(seconds=10),
+                locker_id="L-7",
+                compartment=str(n % 30),
+                pod={"pickup_code": f"{n:06d}"},
+            )
+            consent = {"method": "locker", "channel": "phone_call"}
+            pda.record(
+                tracking_no, "consent_captured", at + dt.timedelta(seconds=50), consent=consent
+            )
+            expected[tracking_no] = "unattended_without_consent"
+            late_consent.append(tracking_no)
+    end = start + dt.timedelta(seconds=70 * len(everything))
+    for tracking_no, outcome in expected.items():
+        if outcome == "returned":
+            pda.record(tracking_no, "returned_to_station", end)
+    queued = list(pda.queue)
+    assert len(queued) > 2 * MAX_EVENTS
+
+    # Meanwhile, at 19:00, the manager closed the shift the PDA had not come back to:
+    # every parcel is missing at handover, for now.
+    closed = client.post(f"/api/v1/shifts/{shift_id}/close", json={}, headers=manager)
+    assert closed.status_code == 200, closed.get_json()
+
+    # Back in range: the token expired; the queue, too big for one push (413), is
+    # pushed in parts, one of whose answers is lost and asked for again.
+    expire(pda, world)
+    parts = [queued[i : i + 300] for i in range(0, len(queued), 300)]
+    pda.splits = 0
+    for index, part in enumerate(reversed(parts) if order == "last part first" else parts):
+        pda.push(part, lose_answer=index == 1)
+    assert pda.queue == []
+    assert pda.splits == sum(len(part) > MAX_EVENTS for part in parts)
+    sent_before = len(pda.receipts)
+    again = pda.push(queued)  # the whole queue again, as a PDA unsure of it rebuilds it
+    statuses = {r["status"] for receipt in pda.receipts[sent_before:] for r in receipt["results"]}
+    assert statuses == {"duplicate"}
+    pda.upload_images()  # after their events, as README allows
+    closing = pda.post(f"/api/v1/shifts/{shift_id}/close", json={"last_seq": pda.seq})
+    assert closing.status_code == 200, closing.get_json()
+
+    held = session.scalar(
+        select(func.count()).select_from(ScanEvent).where(ScanEvent.device_id == "PDA-0001")
+    )
+    assert held == pda.seq  # nothing lost, nothing doubled
+    assert (again["acked_through_seq"], again["missing_seqs"]) == (pda.seq, [])
+    found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    outcomes = {p["tracking_no"]: p["outcome"] for p in found["parcels"]}
+    assert outcomes == expected
+    assert (found["status"], found["missing"]) == ("unbalanced", 0)
+    assert {(d["kind"], d["tracking_no"]) for d in found["discrepancies"]} == {
+        ("consent_after_drop", n) for n in late_consent
+    }
+    flags = client.get(
+        "/api/v1/flags", query_string={"limit": 500, "status": "open"}, headers=manager
+    ).get_json()["items"]
+    # What stands: the drops whose consent came after them, and the PDA's clock.
+    assert Counter(f["kind"] for f in flags) == {
+        "consent_after_drop": len(late_consent),
+        "clock_skew": 1,
+    }

@@ -1274,6 +1274,20 @@ def test_a_consent_stamped_within_the_tolerance_before_the_drop_it_followed_stay
     assert kinds == {"consent_after_drop"}
 
 
+@pytest.mark.parametrize(("fast_by", "jumped"), [(5, False), (6, True)])
+def test_a_clock_put_right_by_ntp_just_before_the_push_is_a_jump_past_five_minutes(
+    session: Session, pda: Pda, parcel: Parcel, fast_by: int, jumped: bool
+) -> None:
+    """The PDA's clock ran fast all afternoon offline; back in range, NTP put it right
+    and the PDA pushed at once: its last scan is dated after the push was sent. Up to
+    five minutes after (``EventRules.future_tolerance``), README's clock_jump ("dated
+    after their push was sent") is not raised: the scan is taken on the push's clock."""
+    tn = parcel.tracking_no
+    scan = NOW - dt.timedelta(seconds=30) + dt.timedelta(minutes=fast_by)
+    pda.push([pda.event(1, tn, occurred_at=scan)], sent_at=NOW)
+    assert ("clock_jump" in set(session.scalars(select(Flag.kind)))) is jumped
+
+
 def test_a_consent_captured_then_voided_by_a_correction_authorizes_nothing(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

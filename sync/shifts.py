@@ -825,7 +825,9 @@ def close_shift(
     """Close the shift: the courier is back and hands over (归班交接).
 
     Closing again is answered with the shift as it is (a PDA retrying a close whose
-    answer it lost), unless it declares another ``last_seq``. The shift's handover
+    answer it lost), unless it declares another ``last_seq``; one closed without a
+    ``last_seq`` takes the one its courier's PDA declares later, while that is still
+    open to change (``_may_declare_last_seq_late``). The shift's handover
     discrepancies are judged now: what was checked out and has no outcome is missing.
     A ``last_seq`` also takes the PDA's events filed under no shift in the seqs it
     declares (``_take_unfiled_in_seqs``): the courier's own, recorded on a clock that

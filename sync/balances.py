@@ -60,16 +60,19 @@ from sync.handover import (
     balance_version,
     compute_balance,
     handover_flags_wanted,
+    may_repeat,
     owned_seqs,
     parcel_trails,
     same_snapshot,
+    signed_as,
     snapshot_version,
 )
 from sync.projection import EventFact, voided_in_sql
 from sync.quarantine import RejectionScope, rejection_counts
+from sync.rules import first_scans
 from sync.shifts import adjacent_shift
 from sync.sql import among, among_at_once, chunks, plain_rows
-from sync.status import FACT_COLUMNS
+from sync.status import FACT_COLUMNS, load_events
 
 # A parcel's rule flags that wait for a manager's look without unbalancing the handover:
 # a final outcome corrected (a drop made a return), by the courier or by another on the
@@ -121,9 +124,12 @@ class ShiftFacts:
     # Its parcels' ``REVIEW_KINDS`` flags not closed, by tracking number, whatever events
     # they cite (``review_flags`` keeps those citing the shift's).
     reviews: dict[str, list[FlagRef]] = field(default_factory=dict)
+    # {repeat's event id: its outcome's first scan}, for its parcels that may repeat one
+    # (``sync.handover.may_repeat``), read from their whole histories.
+    first_scans: dict[int, EventFact] = field(default_factory=dict)
 
     def trails(self) -> dict[str, ParcelTrail]:
-        return parcel_trails(self.events)
+        return parcel_trails(self.events, self.first_scans)
 
     def balance(self) -> Balance:
         return compute_balance(
@@ -162,7 +168,9 @@ class ShiftFacts:
 
 
 def gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
-    """The balance inputs of ``shifts``, in five to seven queries (per 900 shifts).
+    """The balance inputs of ``shifts``, in five to seven queries (per 900 shifts), and
+    one per 900 parcels that may have a final outcome scanned again (``_first_scans``;
+    none on most days).
 
     A few objects per event: built with the cyclic collector paused (``sync.collector``;
     ``balances`` also keeps it paused while computing from them)."""
@@ -213,6 +221,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             target = owner.get(voided)
             if target is not None and target != filed_in:
                 events[target].append(correction)
+    first_scans = _first_scans(session, events.values())
     rule_flags, reviews = _rule_flags(session, sorted(tracking_nos))
     handover, handover_stored = _handover_flags(session, ids)
     states = {
@@ -237,6 +246,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             reviews={tn: reviews[tn] for tn in tracking_nos if tn in reviews},
             handover_flags=handover[shift.id],
             handover_stored=handover_stored,
+            first_scans=first_scans,
             seqs=ShiftSeqs(
                 status=shift.status,
                 first_seq=shift.first_seq,
@@ -251,6 +261,24 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             ),
         )
     return facts
+
+
+def _first_scans(
+    session: Session, shifts_events: Iterable[Sequence[ShiftEvent]]
+) -> dict[int, EventFact]:
+    """``{repeat's event id: the first scan of the outcome it repeats}`` for the parcels
+    of these shifts that may have one (``may_repeat``), folded over each parcel's whole
+    history (``sync.rules.first_scans``) as the rules fold it: the scan that settles a
+    repeated outcome, and whether a shift's only outcome of a parcel repeats another
+    shift's, depend on the place of each scan and on events of other shifts."""
+    wanted = sorted({tn for events in shifts_events for tn in may_repeat(events)})
+    if not wanted:
+        return {}
+    return {
+        repeat: first.fact
+        for history in load_events(session, wanted).values()
+        for repeat, first in first_scans(history).items()
+    }
 
 
 def _write_offs(session: Session, devices: Sequence[str]) -> dict[str, list[WriteOff]]:
@@ -522,7 +550,7 @@ def changed_since_signoff(shift: Shift, balance: Balance) -> bool:
     sign-off stands, and with it the balance signed off (kept with the shift and in
     the audit log); a reader is told that the balance now differs."""
     signed = _signed_off_balance(shift)
-    return signed is not None and not same_snapshot(balance.snapshot(), signed)
+    return signed is not None and not signed_as(balance, signed)
 
 
 def signed_off_version(shift: Shift, balance: Balance) -> str | None:
@@ -532,8 +560,10 @@ def signed_off_version(shift: Shift, balance: Balance) -> str | None:
     signed = _signed_off_balance(shift)
     if signed is None:
         return None
-    if OUTCOMES_KEPT not in signed and same_snapshot(balance.snapshot(), signed):
-        return balance_version(balance)
+    if signed_as(balance, signed) and (
+        OUTCOMES_KEPT not in signed or not same_snapshot(balance.snapshot(), signed)
+    ):
+        return balance_version(balance)  # kept without the outcomes, or as they were named
     return snapshot_version(signed)
 
 

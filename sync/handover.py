@@ -100,13 +100,34 @@ class ParcelTrail:
     tracking_no: str
     on_manifest: bool  # checked out in this shift
     checkout_event_ids: tuple[int, ...]
-    # The final outcome after the last check-out, if any: one outcome however often it
-    # was scanned (its latest scan: ``sync.rules.final_outcomes``; the rule flags cite
-    # every scan of it, so the flags judging this one judge the outcome).
+    # The final outcome after the last check-out, if any, by the scan that settles it:
+    # one outcome however often it was scanned, settled by its first scan, as the rules
+    # judge it (``sync.rules.first_scans``; the rule flags cite every scan of it). None
+    # also off the manifest when the shift's scans only repeat an outcome another shift
+    # recorded: that one is the other shift's.
     final_event: EventFact | None
     final_event_ids: tuple[int, ...]  # every counting final outcome in the shift
     event_ids: tuple[int, ...]  # every counting event of the parcel in the shift
     last_type: EventType | None  # what the parcel's last counting event in the shift was
+    # The shift's scans that repeat an earlier scan of the same outcome, in projection
+    # order, each with that outcome's first scan (in this shift or another).
+    repeated_scans: tuple[RepeatedScan, ...] = ()
+
+    def judged_event_ids(self) -> set[int]:
+        """Its events whose rule flags are the shift's discrepancies: all but the scans
+        repeating an outcome first scanned in another shift (that shift's, with its
+        flags: a drop left unauthorized there unbalances it, not the shift that only
+        scanned it again)."""
+        own = set(self.event_ids)
+        return own - {r.event_id for r in self.repeated_scans if r.first_event_id not in own}
+
+
+class RepeatedScan(NamedTuple):
+    """A final outcome scanned again (``sync.rules.final_outcomes``) and the first scan of
+    the outcome it repeats, as the rule flags name it (``repeated_scans``)."""
+
+    event_id: int
+    first_event_id: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +146,7 @@ class ParcelOutcome:
     on_manifest: bool
     outcome_event_id: int | None
     event_ids: tuple[int, ...]
+    repeated_scans: tuple[RepeatedScan, ...] = ()
 
 
 class WriteOff(NamedTuple):
@@ -194,12 +216,14 @@ class Balance:
             "discrepancy_count": len(self.discrepancies),
         }
 
-    def snapshot(self, *, outcomes: bool = True) -> dict[str, Any]:
+    def snapshot(self, *, outcomes: bool = True, latest_scans: bool = False) -> dict[str, Any]:
         """What a manager signing off saw: the summary, the gaps, the discrepancies, and
         each parcel's outcome with the event that settles it (not those counted nowhere).
         Counts alone miss two parcels swapping outcomes (a mis-tapped delivery and return
         both corrected): the manager checked the other parcel at the counter.
-        ``outcomes=False``: without them (a webhook's balance, every parcel's left out)."""
+        ``outcomes=False``: without them (a webhook's balance, every parcel's left out).
+        ``latest_scans``: each outcome scanned again named by its latest scan in the
+        shift, as sign-offs kept it before the first scan settled it (``signed_as``)."""
         seen: dict[str, Any] = {
             **self.summary(),
             "missing_seqs": self.missing_seqs,
@@ -213,11 +237,31 @@ class Balance:
             seen["written_off_seq_count"] = self.written_off_seq_count
         if outcomes:
             seen[OUTCOMES_KEPT] = {
-                p.tracking_no: [p.outcome, p.outcome_event_id]
+                p.tracking_no: [p.outcome, _latest_scan(p) if latest_scans else p.outcome_event_id]
                 for p in self.parcels
                 if p.outcome != NO_OUTCOME
             }
         return seen
+
+
+def _latest_scan(parcel: ParcelOutcome) -> int | None:
+    """The latest of the shift's scans of the parcel's outcome (its first, or a repeat)."""
+    repeats = [
+        r.event_id for r in parcel.repeated_scans if r.first_event_id == parcel.outcome_event_id
+    ]
+    return repeats[-1] if repeats else parcel.outcome_event_id
+
+
+def signed_as(balance: Balance, signed: dict[str, Any] | None) -> bool:
+    """Whether ``balance`` says what the snapshot ``signed`` (kept with a sign-off) says.
+    A sign-off kept before an outcome scanned again was settled by its first scan named
+    the latest scan as the one settling it: such a balance, unchanged since, is compared
+    so too, so that the upgrade shows no shift's balance changed since its sign-off."""
+    now = balance.snapshot()
+    if same_snapshot(now, signed):
+        return True
+    before = balance.snapshot(latest_scans=True)
+    return before != now and same_snapshot(before, signed)
 
 
 # The snapshot's key of each parcel's outcome; sign-offs before it was kept have none.
@@ -270,13 +314,18 @@ COUNT_FIELDS = (
 )
 
 
-def parcel_trails(events: Iterable[ShiftEvent]) -> dict[str, ParcelTrail]:
+def parcel_trails(
+    events: Iterable[ShiftEvent], first_scans: Mapping[int, EventFact] | None = None
+) -> dict[str, ParcelTrail]:
     """Each parcel's story in this shift: its events in projection order, voids applied.
 
     ``events`` are the shift's events plus any correction (from anywhere) that voids
-    one of them.
+    one of them. ``first_scans``: ``{repeat's event id: the first scan of the outcome it
+    repeats}``, from the parcels' whole histories (``sync.rules.first_scans``), for the
+    parcels whose trail may hold a repeat (``may_repeat``); a parcel not in it has none.
     """
     events = list(events)
+    first_scans = first_scans or {}
     voids = voided_by(e.fact for e in events)
     by_parcel: dict[str, list[EventFact]] = defaultdict(list)
     for event in events:
@@ -290,7 +339,12 @@ def parcel_trails(events: Iterable[ShiftEvent]) -> dict[str, ParcelTrail]:
         checkouts = [i for i, f in enumerate(counting) if f.type == EventType.CHECKED_OUT]
         finals = [i for i, f in enumerate(counting) if f.type in FINAL_OUTCOMES]
         after = checkouts[-1] if checkouts else -1
-        final = counting[finals[-1]] if finals and finals[-1] > after else None
+        final = None
+        if finals and finals[-1] > after:
+            latest = counting[finals[-1]]
+            final = first_scans.get(latest.event_id, latest)
+            if not checkouts and final.event_id not in {f.event_id for f in counting}:
+                final = None  # it repeats another shift's outcome: that shift's
         trails[tracking_no] = ParcelTrail(
             tracking_no=tracking_no,
             on_manifest=bool(checkouts),
@@ -299,8 +353,29 @@ def parcel_trails(events: Iterable[ShiftEvent]) -> dict[str, ParcelTrail]:
             final_event_ids=tuple(counting[i].event_id for i in finals),
             event_ids=tuple(f.event_id for f in counting),
             last_type=counting[-1].type,
+            repeated_scans=tuple(
+                RepeatedScan(counting[i].event_id, first_scans[counting[i].event_id].event_id)
+                for i in finals
+                if counting[i].event_id in first_scans
+            ),
         )
     return trails
+
+
+def may_repeat(events: Iterable[ShiftEvent]) -> set[str]:
+    """The parcels of a shift's events whose trail may hold a repeated final outcome,
+    whose folding only their whole history tells (``parcel_trails``'s ``first_scans``):
+    more than one final outcome in the shift, or one with no check-out in it (it may
+    repeat an outcome of another shift). Voids left aside: a few parcels too many are
+    read, none too few. Most shifts have none."""
+    finals: dict[str, int] = defaultdict(int)
+    checked_out: set[str] = set()
+    for event in events:
+        if event.fact.type in FINAL_OUTCOMES:
+            finals[event.tracking_no] += 1
+        elif event.fact.type == EventType.CHECKED_OUT:
+            checked_out.add(event.tracking_no)
+    return {tn for tn, count in finals.items() if count > 1 or tn not in checked_out}
 
 
 def handover_flags_wanted(
@@ -360,7 +435,7 @@ def compute_balance(
     wanted = handover_flags_wanted(trails, rule_flags, shift_status=seqs.status)
     for tracking_no in sorted(trails):
         trail = trails[tracking_no]
-        shift_events = set(trail.event_ids)
+        shift_events = trail.judged_event_ids()
         # By id: the database hands them in no set order, and a signed-off shift's
         # balance is compared with the one signed off, discrepancies in order.
         cited = sorted(
@@ -384,6 +459,7 @@ def compute_balance(
                 on_manifest=trail.on_manifest,
                 outcome_event_id=trail.final_event.event_id if trail.final_event else None,
                 event_ids=trail.event_ids,
+                repeated_scans=trail.repeated_scans,
             )
         )
         for flag in cited:

@@ -498,7 +498,8 @@ class _BatchIngest:
         self.shifts_not_open: dict[int, Shift] = {}
         # Signed-off shifts that may own an event this push quarantined (_lock_shifts).
         self.may_own_quarantined: list[Shift] = []
-        # Parcels whose delivered_not_checked_out flag this push changed (_project).
+        # Parcels whose closed shifts this push may judge otherwise: their
+        # delivered_not_checked_out flag changed, or their outcomes' folding (_project).
         self.covering_changed: set[str] = set()
         # Each parcel's station and holder, as the projection left them (``_project``).
         self.holders: dict[str, tuple[int, int | None]] = {}
@@ -1466,8 +1467,10 @@ class _BatchIngest:
         handover flags are judged again (the parcel thought missing was returned). So
         are those holding events of a parcel whose ``delivered_not_checked_out`` flag
         this push raised, closed or gave other events (a check-out arrived after the
-        shift that delivered it closed): whether that shift's ``not_on_manifest`` is
-        wanted depends on it. A push that changes no such flag costs no query here."""
+        shift that delivered it closed), or whose earlier final outcomes it folded
+        otherwise (the first scan of an outcome another shift scanned again arrived):
+        whether that shift's ``not_on_manifest`` is wanted depends on it. A push that
+        changes neither costs no query here."""
         closed = dict(self.shifts_not_open) if by_shift else {}
         if self.covering_changed:
             for shift_id, shift in closed_shifts_holding(
@@ -1508,7 +1511,7 @@ class _BatchIngest:
         )
         self.session.flush()
         self._report_raised(outcome.raised)
-        self.covering_changed = outcome.not_checked_out_changed()
+        self.covering_changed = outcome.handovers_changed()
         self.holders = outcome.holders
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(

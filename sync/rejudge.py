@@ -11,8 +11,10 @@ them leaves the drops the version before stored meanwhile without them), in
 transactions of ``batch`` drops by device and seq, each holding those devices' locks
 (their pushes wait for it). Then each parcel's status, holder and rule flags are
 recomputed as a push recomputes them (``sync.status.reproject``), and the closed
-shifts holding parcels whose ``delivered_not_checked_out`` flag moved get their
-handover flags again, in transactions of ``batch`` parcels in tracking-number order.
+shifts holding parcels whose ``delivered_not_checked_out`` flag moved, or with a
+final outcome scanned again (a shift whose only scan of a parcel repeats another
+shift's outcome raises no ``not_on_manifest``), get their handover flags again, in
+transactions of ``batch`` parcels in tracking-number order.
 Each batch locks its parcels as a push does, so it is safe while the service runs
 (on SQLite, pushes wait for each batch), and safe to run again: a second run changes
 nothing.
@@ -145,7 +147,7 @@ def _judged_again(
     """One batch of parcels judged again, with the closed shifts that holds."""
     outcome = reproject(session=session, tracking_nos=numbers, policy=policy)
     handover = refresh_for_parcels(
-        session=session, tracking_nos=sorted(outcome.not_checked_out_changed())
+        session=session, tracking_nos=sorted(outcome.not_checked_out_changed() | outcome.repeated)
     )
     return outcome, handover
 

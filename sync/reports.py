@@ -40,9 +40,9 @@ each day's shifts are gathered (``sync.balances.gather``) and reduced to a small
 tally before the next day is read, so memory does not grow with the period and a
 weekly report, the daily reports of its days and the previous week's totals share
 the same per-day work within one call. The queries per day are bounded: the
-day's shifts with their couriers, ``gather``'s five, one per 900 delivered
-parcels (their class and intake time), and one per 900 parcels with more than one
-final outcome in a shift (their events: a repeated scan's place); the flags of the
+day's shifts with their couriers, ``gather``'s (five, and one per 900 parcels with
+more than one final outcome in a shift: their events, a repeated scan's place), and
+one per 900 delivered parcels (their class and intake time); the flags of the
 days read are one more query. (A month of 10 shifts x 100 parcels a day: about 1 s
 on SQLite, about 2 s with the previous month to compare with, a few MB at most.)
 """
@@ -54,7 +54,7 @@ import csv
 import datetime as dt
 import io
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,12 +79,10 @@ from sync import outbox
 from sync.balances import ShiftFacts, gather
 from sync.directory import get_station
 from sync.errors import InvalidInput, NotFound
-from sync.handover import COUNT_FIELDS, BalanceStatus, ParcelTrail, compute_balance
-from sync.rules import FINAL_OUTCOMES, judged_scan
+from sync.handover import COUNT_FIELDS, BalanceStatus, compute_balance
 from sync.shifts import day_bounds, local_date
 from sync.spreadsheets import as_text_cell
 from sync.sql import among, chunks
-from sync.status import load_events
 
 DELIVERY_OUTCOMES = frozenset(
     {"delivered", "delivered_without_pod", "unattended", "unattended_without_consent"}
@@ -351,15 +349,10 @@ class StationDays:
         for shift, username, full_name in rows:
             self.couriers[shift.courier_id] = CourierRef(shift.courier_id, username, full_name)
         facts = gather(self.session, [shift for shift, _, _ in rows])
-        trails = {shift_id: shift_facts.trails() for shift_id, shift_facts in facts.items()}
-        made_at = _outcomes_made_at(self.session, trails.values())
-        for shift_id, shift_facts in facts.items():
+        for shift_facts in facts.values():
             tally = couriers[shift_facts.shift.courier_id]
             tally.shifts += 1
-            deliveries.extend(
-                (tally, tn, at)
-                for tn, at in _shift_into(tally, shift_facts, trails[shift_id], made_at)
-            )
+            deliveries.extend((tally, tn, at) for tn, at in _shift_into(tally, shift_facts))
         self._measure_deadlines(deliveries)
         for courier_id, kinds in flags.items():
             if courier_id is not None:
@@ -388,38 +381,9 @@ class StationDays:
                 tally.on_time[service_class.value] += 1
 
 
-def _outcomes_made_at(
-    session: Session, shifts_trails: Iterable[Mapping[str, ParcelTrail]]
-) -> dict[int, dt.datetime]:
-    """``{final event id: when its outcome was made}`` for the final outcomes that may
-    have been scanned again (a parcel with more than one final outcome in a shift):
-    the corrected time of the outcome's first scan (``sync.rules.judged_scan``), whose
-    place (a locker's compartment, a pickup point) only the parcel's events tell. One
-    query per 900 such parcels (few: none on most days)."""
-    again = sorted(
-        {
-            tracking_no
-            for trails in shifts_trails
-            for tracking_no, trail in trails.items()
-            if trail.final_event is not None and len(trail.final_event_ids) > 1
-        }
-    )
-    made_at: dict[int, dt.datetime] = {}
-    for events in (load_events(session, again) if again else {}).values():
-        for event in events:
-            if event.fact.type in FINAL_OUTCOMES:
-                made_at[event.fact.event_id] = judged_scan(event, events).fact.occurred_at
-    return made_at
-
-
-def _shift_into(
-    tally: Tally,
-    facts: ShiftFacts,
-    trails: Mapping[str, ParcelTrail],
-    made_at: Mapping[int, dt.datetime],
-) -> Iterator[tuple[str, dt.datetime]]:
-    """Add one shift's balance and delivery times to ``tally``; yield its deliveries.
-    ``made_at``: when final outcomes scanned again were made (``_outcomes_made_at``)."""
+def _shift_into(tally: Tally, facts: ShiftFacts) -> Iterator[tuple[str, dt.datetime]]:
+    """Add one shift's balance and delivery times to ``tally``; yield its deliveries."""
+    trails = facts.trails()
     balance = compute_balance(
         shift_id=facts.shift.id,
         trails=trails,
@@ -437,8 +401,8 @@ def _shift_into(
             continue
         trail = trails[parcel.tracking_no]
         assert trail.final_event is not None and trail.checkout_event_ids
-        # The outcome's first scan, not a repeat of it (``sync.rules.final_outcomes``)
-        delivered_at = made_at.get(trail.final_event.event_id, trail.final_event.occurred_at)
+        # The outcome's first scan, not a repeat of it (``sync.handover.ParcelTrail``)
+        delivered_at = trail.final_event.occurred_at
         taken = delivered_at - occurred[trail.checkout_event_ids[-1]]
         tally.delivery_seconds += max(taken.total_seconds(), 0.0)
         tally.deliveries_timed += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -638,17 +638,53 @@ def judged_scan(scan: EventDetail, events: Sequence[EventDetail]) -> EventDetail
     it repeats (``final_outcomes``), else itself. ``events``: the parcel's. What a
     proof shows of a repeated drop (its authorizing consent, when it may have happened)
     is what the rules judged."""
+    return first_scans(events).get(scan.fact.event_id, scan)
+
+
+def first_scans(events: Sequence[EventDetail]) -> dict[int, EventDetail]:
+    """``{repeat's event id: the first scan of the outcome it repeats}`` over a parcel's
+    events (``events``: all of them, in any order, voided ones too; a voided scan
+    repeats nothing). The one folding of ``final_outcomes`` every reader of a final
+    outcome takes: the balance, the reports and the proofs settle a repeated outcome
+    by its first scan, as the rules judge it."""
+    return {
+        scan.fact.event_id: outcome.first
+        for outcome in _folded(events)
+        for scan in outcome.scans[1:]
+    }
+
+
+def _folded(events: Sequence[EventDetail]) -> list[FinalOutcome]:
+    """``final_outcomes`` of a parcel's events in any order, voided ones left out."""
+    if sum(e.fact.type in FINAL_OUTCOMES for e in events) < 2:
+        return []  # nothing to repeat (most parcels)
     voids = voided_by(e.fact for e in events)
-    if scan.fact.event_id in voids:
-        return scan
     by_id = {e.fact.event_id: e for e in events}
-    counting = [
-        by_id[f.event_id] for f in ordered(e.fact for e in events) if f.event_id not in voids
-    ]
-    for outcome in final_outcomes(counting):
-        if scan.fact.event_id in outcome.event_ids:
-            return outcome.first
-    return scan
+    return final_outcomes(
+        [by_id[f.event_id] for f in ordered(e.fact for e in events) if f.event_id not in voids]
+    )
+
+
+def refolded(events: Sequence[EventDetail], new: Set[int]) -> bool:
+    """Whether the events ``new`` among a parcel's ``events`` change which scan an
+    outcome scanned before them is settled by (``first_scans``): a scan that was an
+    outcome's first now repeats one (the first scan arrived after its repeat, or a
+    check-out between them was voided), or the other way round. A shift holding such a
+    scan is judged again: whether its outcome is its own depends on it."""
+    finals = [e for e in events if e.fact.type in FINAL_OUTCOMES]
+    if len(finals) < 2 or not any(e.fact.event_id in new for e in events):
+        return False
+    before = first_scans([e for e in events if e.fact.event_id not in new])
+    after = first_scans(events)
+
+    def first(folding: Mapping[int, EventDetail], event_id: int) -> int:
+        return folding[event_id].fact.event_id if event_id in folding else event_id
+
+    return any(
+        first(before, e.fact.event_id) != first(after, e.fact.event_id)
+        for e in finals
+        if e.fact.event_id not in new
+    )
 
 
 def _corrections(

@@ -475,13 +475,13 @@ def _reopen_if_changed(
     changed since the sign-off without reopening it (a rule flag closed by a consent
     that came later) is left alone, as ``_reopen_if_bounded`` leaves it."""
     from sync.balances import shift_balance
-    from sync.handover import same_snapshot
+    from sync.handover import same_snapshot, signed_as
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.SIGNED_OFF:
         return
-    now = shift_balance(session=session, shift=shift).snapshot()
-    if same_snapshot(now, shift.signoff_balance) or same_snapshot(now, before):
+    balance = shift_balance(session=session, shift=shift)
+    if signed_as(balance, shift.signoff_balance) or same_snapshot(balance.snapshot(), before):
         return
     reopen_for_late_events(
         session=session,
@@ -609,7 +609,7 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     reopening stays in the audit log and in ``reopened_count``; its flag is closed
     with the reason."""
     from sync.balances import shift_balance
-    from sync.handover import same_snapshot
+    from sync.handover import signed_as
 
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
@@ -630,9 +630,7 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
     )
     if _events_since(session, shift, reopening):
         return
-    if not same_snapshot(
-        shift_balance(session=session, shift=shift).snapshot(), shift.signoff_balance
-    ):
+    if not signed_as(shift_balance(session=session, shift=shift), shift.signoff_balance):
         return
     _sign_off_again(
         session, shift, f"its late events were filed under shift {opened.id} when it opened"

@@ -50,7 +50,9 @@ from sync.rules import (
     cited_events,
     consents_matter,
     evaluate,
+    first_scans,
     parcel_stays,
+    refolded,
     within,
 )
 from sync.sql import (
@@ -228,6 +230,10 @@ class ReprojectOutcome:
     rejudged: list[Flag] = field(default_factory=list)
     # Each parcel taken in: its station and its holder now, as written (``tell_holders``).
     holders: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    # Parcels whose final outcomes stored before were folded otherwise by the events
+    # just stored (``sync.rules.refolded``), and those with a final outcome scanned again.
+    refolded: set[str] = field(default_factory=set)
+    repeated: set[str] = field(default_factory=set)
 
     def not_checked_out_changed(self) -> set[str]:
         """Parcels whose ``delivered_not_checked_out`` flag was raised, closed or given
@@ -238,6 +244,13 @@ class ReprojectOutcome:
             for flag in (*self.raised, *self.rejudged)
             if flag.kind == NOT_CHECKED_OUT
         }
+
+    def handovers_changed(self) -> set[str]:
+        """Parcels whose closed shifts are judged again: ``not_checked_out_changed``, and
+        those whose outcomes the events just stored folded otherwise (``refolded``): a
+        shift's only scan of a parcel repeats another shift's outcome, and raises no
+        ``not_on_manifest``, only once that outcome's first scan has arrived."""
+        return self.not_checked_out_changed() | self.refolded
 
 
 def lock_parcels(session: Session, tracking_nos: Iterable[str]) -> None:
@@ -287,6 +300,7 @@ def reproject(
     events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
     judged = _judge(session, parcels, events, policy)
+    folding = {tn: first_scans(parcel_events) for tn, parcel_events in events.items()}
     # Whom a parcel's rule flag at a station concerns: at its own station its holder; at
     # another (it moved, or a courier there scanned it) that station's latest courier.
     couriers: dict[tuple[str, int], int | None] = {}
@@ -347,6 +361,9 @@ def reproject(
     outcome.raised, outcome.rejudged = apply_rule_flags(
         session, parcels, judged, events, couriers, changed or {}
     )
+    new = {event.fact.event_id for found in (stored or {}).values() for event in found}
+    outcome.refolded = {tn for tn in wanted if refolded(events[tn], new)}
+    outcome.repeated = {tn for tn in wanted if folding[tn]}
     return outcome
 
 

@@ -886,6 +886,7 @@ def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
         "on_manifest": False,
         "outcome_event_id": discrepancy["event_ids"][0],
         "event_ids": discrepancy["event_ids"],
+        "repeated_scans": [],
     }
 
 

@@ -335,3 +335,75 @@ def test_a_repeat_flagged_as_a_second_outcome_by_the_version_before_is_cleared(
     assert conflicts() == [FlagStatus.OPEN]
     rejudge_parcels(session=session, policy=Policy())
     assert conflicts() == [FlagStatus.CLOSED]
+
+
+def test_a_repeat_in_a_later_shift_flagged_not_on_manifest_by_the_version_before_is_cleared(
+    session: Session, world: World
+) -> None:
+    """The courier delivered the parcel in the morning shift and scanned the delivery
+    again in the afternoon one: the version before raised ``not_on_manifest`` on the
+    afternoon shift. This one takes the scan as a repeat of the morning's outcome; the
+    flag it left open closes when ``rejudge`` runs, as README's upgrade note says."""
+    from sync import shifts
+    from sync.balances import subject_of
+    from sync.shifts import ShiftRules
+
+    parcel = factories.parcel(session, world.station)
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    at = NOW - dt.timedelta(hours=6)
+
+    def shift(first_seq: int, events: list[dict[str, Any]], hours: int) -> int:
+        opened = shifts.open_shift(
+            session=session,
+            device=world.device,
+            courier_id=world.courier.id,
+            rules=ShiftRules(),
+            first_seq=first_seq,
+            now=at + dt.timedelta(hours=hours),
+        )
+        session.commit()
+        push(session, pusher, events)
+        shifts.close_shift(
+            session=session,
+            shift=opened,
+            closed_by=world.courier.id,
+            last_seq=first_seq + len(events) - 1,
+            now=at + dt.timedelta(hours=hours + 1),
+        )
+        session.commit()
+        return opened.id
+
+    pod = {"recipient_name": "Wang", "signature_sha256": "a" * 64}
+    shift(
+        1,
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=pod),
+        ],
+        0,
+    )
+    later = at + dt.timedelta(hours=2, minutes=5)
+    afternoon = shift(
+        3, [factories.event(3, parcel.tracking_no, "delivered", occurred_at=later)], 2
+    )
+    assert list(session.scalars(select(Flag.kind).where(Flag.shift_id == afternoon))) == []
+    repeat = session.scalars(select(ScanEvent.id).where(ScanEvent.seq == 3)).one()
+    raise_flag(  # as the version before left it
+        session=session,
+        kind="not_on_manifest",
+        severity=FlagSeverity.WARNING,
+        subject=subject_of(afternoon, parcel.tracking_no),
+        station_id=world.station.id,
+        shift_id=afternoon,
+        evidence={
+            "event_ids": [repeat],
+            "outcome": "delivered",
+            "tracking_no": parcel.tracking_no,
+        },
+    )
+    session.commit()
+    rejudge_parcels(session=session, policy=Policy())
+    session.expire_all()
+    assert list(session.scalars(select(Flag.status).where(Flag.shift_id == afternoon))) == [
+        FlagStatus.CLOSED
+    ]

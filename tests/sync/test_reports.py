@@ -667,6 +667,28 @@ def test_on_time_rate_against_each_class_deadline(
     assert totals["on_time_rate"] == 1.0
 
 
+def test_a_delivery_scanned_again_in_the_next_shift_is_counted_once(
+    session: Session, world: World, pda_a: Pda
+) -> None:
+    """Delivered in the morning shift, the delivery scanned again in the afternoon one
+    (no check-out between): one delivery, the morning's, and nothing the afternoon
+    did not check out."""
+    t = local(DAY, 9)
+    tn = parcel(session, world, t - dt.timedelta(hours=2))
+    morning = pda_a.open(t)
+    checked_out = pda_a.event(tn, "checked_out", t)
+    delivered = pda_a.event(tn, "delivered", t + dt.timedelta(hours=1), pod=SIGNED)
+    pda_a.push([checked_out, delivered], t + dt.timedelta(hours=1))
+    pda_a.close(morning, t + dt.timedelta(hours=2))
+    afternoon = pda_a.open(t + dt.timedelta(hours=3))
+    again = t + dt.timedelta(hours=4)
+    pda_a.push([pda_a.event(tn, "delivered", again, pod=SIGNED)], again)
+    pda_a.close(afternoon, again + dt.timedelta(hours=1))
+    totals = daily(session, world)["totals"]
+    assert (totals["checked_out"], totals["delivered"], totals["not_checked_out"]) == (1, 1, 0)
+    assert totals["avg_checkout_to_delivery_minutes"] == 60
+
+
 def test_a_delivery_scanned_again_is_timed_by_its_first_scan(
     session: Session, world: World, pda_a: Pda
 ) -> None:

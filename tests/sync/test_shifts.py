@@ -1484,6 +1484,119 @@ def test_an_express_drop_scanned_twice_without_consent_is_one_unauthorized_drop(
     assert accounted(balance) == balance.checked_out == 1
 
 
+def test_a_final_outcome_scanned_again_is_settled_by_its_first_scan_and_lists_its_repeats(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The rules judge a repeated outcome by its first scan; the balance names that scan
+    as the one settling the parcel (not the latest beep), and lists the others as
+    repeats of it."""
+    back, locker = parcels(session, world, 2, service_class=ServiceClass.PARCEL)
+    shift = pda.open()
+    drop = {"locker_id": "L1", "compartment": "2", "pod": {"pickup_code": "55"}}
+    checked_out = [pda.event(back), pda.event(locker)]
+    returns = [pda.event(back, "returned_to_station") for _ in range(3)]
+    drops = [pda.event(locker, "delivered_to_locker", **drop) for _ in range(2)]
+    pda.push([*checked_out, *returns, *drops])
+    balance = shift_balance(session=session, shift=pda.close(shift))
+    ids = dict(session.execute(select(ScanEvent.client_event_id, ScanEvent.id)).all())
+    back_ids, locker_ids = (
+        [ids[uuid.UUID(e["client_event_id"])] for e in s] for s in (returns, drops)
+    )
+    settled = {
+        p.tracking_no: (p.outcome, p.outcome_event_id, p.repeated_scans) for p in balance.parcels
+    }
+    assert settled == {
+        back: ("returned", back_ids[0], tuple((i, back_ids[0]) for i in back_ids[1:])),
+        locker: ("unattended", locker_ids[0], ((locker_ids[1], locker_ids[0]),)),
+    }
+    assert balance.snapshot()["outcomes"] == {
+        back: ["returned", back_ids[0]],
+        locker: ["unattended", locker_ids[0]],
+    }
+
+
+@pytest.mark.parametrize("next_shift_first", [False, True], ids=["in order", "next shift first"])
+def test_a_repeat_in_the_next_shift_is_the_first_shifts_outcome(
+    session: Session, world: World, pda: Pda, next_shift_first: bool
+) -> None:
+    """The courier delivered the parcel in the morning shift and, in the afternoon one
+    on the same PDA, scanned the delivery again (no check-out between): the afternoon
+    shift did not deliver it. It raises no ``not_on_manifest``, counts nothing for it
+    and lists the scan as a repeat of the morning's; the morning shift is settled by its
+    own scan. The same whichever shift's push arrives first (rule 3): the afternoon's
+    ``not_on_manifest`` raised before the morning's delivery arrived is closed by it."""
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    morning = pda.open(first_seq=1)
+    checked_out, delivered = pda.event(a), pda.event(a, "delivered")
+    for morning_event in (checked_out, delivered):
+        morning_event["shift_id"] = morning.id
+    if not next_shift_first:
+        pda.push([checked_out, delivered], received_at=at(20))
+    morning = pda.close(morning, last_seq=2, now=at(30))
+    afternoon = pda.open(first_seq=3, now=at(40))
+    again = pda.event(a, "delivered", pod={}, occurred_at=at(45))
+    pda.push([again], received_at=at(50))
+    afternoon = pda.close(afternoon, last_seq=3, now=at(60))
+    if next_shift_first:
+        pda.push([checked_out, delivered], received_at=at(70))
+    ids = dict(session.execute(select(ScanEvent.client_event_id, ScanEvent.id)).all())
+    first, repeat = (ids[uuid.UUID(e["client_event_id"])] for e in (delivered, again))
+    balance = shift_balance(session=session, shift=afternoon)
+    assert (balance.status, balance.discrepancies, balance.not_checked_out) == ("balanced", [], 0)
+    assert [(p.outcome, p.outcome_event_id, p.repeated_scans) for p in balance.parcels] == [
+        ("no_outcome", None, ((repeat, first),))
+    ]
+    standing = {
+        k: s for k, s in handover_flags(session, afternoon).items() if s != FlagStatus.CLOSED
+    }
+    assert standing == {}
+    balance = shift_balance(session=session, shift=morning)
+    assert (balance.status, balance.delivered, balance.checked_out) == ("balanced", 1, 1)
+    assert [(p.outcome_event_id, p.repeated_scans) for p in balance.parcels] == [(first, ())]
+
+
+def test_a_sign_off_kept_when_the_latest_scan_settled_a_repeat_is_of_the_same_balance(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The version before named a repeated outcome's latest scan as the one settling it,
+    and kept the balance signed off so. After the upgrade that balance, unchanged, is
+    still the one signed off: no shift with a double beep shows "changed since the
+    sign-off" (nor a version other than the one signed off) for it."""
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "delivered"), pda.event(a, "delivered")])
+    shift = sign_off(session, world, pda.close(shift, last_seq=3))
+    balance = balances_module.shift_balance(session=session, shift=shift)
+    (parcel,) = balance.parcels
+    assert parcel.outcome_event_id != parcel.repeated_scans[-1].event_id
+    for settled_by, changed in ((parcel.repeated_scans[-1].event_id, False), (None, True)):
+        kept = {**shift.signoff_balance, "outcomes": {a: ["delivered", settled_by]}}
+        session.execute(update(Shift).where(Shift.id == shift.id).values(signoff_balance=kept))
+        session.refresh(shift)
+        assert balances_module.changed_since_signoff(shift, balance) is changed
+        signed = balances_module.signed_off_version(shift, balance)
+        assert (signed != balances_module.balance_version(balance)) is changed
+
+
+def test_a_repeat_in_the_next_shift_after_the_first_ones_sign_off_changes_nothing_signed(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Rule 5 reopens the shift an event is filed under: the morning's repeat scanned in
+    the afternoon shift is the afternoon's event, so the signed-off morning shift stays
+    signed off with the balance signed off (its outcome is settled by its own scan)."""
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    morning = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "delivered")], received_at=at(20))
+    morning = sign_off(session, world, pda.close(morning, last_seq=2, now=at(30)))
+    afternoon = pda.open(first_seq=3, now=at(40))
+    pda.push([pda.event(a, "delivered", pod={}, occurred_at=at(45))], received_at=at(50))
+    pda.close(afternoon, last_seq=3, now=at(60))
+    session.refresh(morning)
+    assert morning.status == ShiftStatus.SIGNED_OFF and morning.reopened_count == 0
+    view = balances_module.shift_balance(session=session, shift=morning)
+    assert not balances_module.changed_since_signoff(morning, view)
+
+
 def test_a_parcel_class_without_consent_rules_left_in_a_locker_is_unattended(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -175,16 +175,44 @@ class DiscrepancyOut(ma.Schema):
     )
 
 
+class RepeatedScanOut(ma.Schema):
+    event_id = ma.fields.Integer(required=True, metadata={"description": "The repeat"})
+    first_event_id = ma.fields.Integer(
+        required=True, metadata={"description": "The first scan of the outcome it repeats"}
+    )
+
+
 class ParcelOutcomeOut(ma.Schema):
     tracking_no = ma.fields.String(required=True)
     outcome = ma.fields.String(
         required=True,
         validate=ma.validate.OneOf((*OUTCOMES, "no_outcome")),
-        metadata={"description": f"One of {', '.join(OUTCOMES)}; no_outcome off the manifest"},
+        metadata={
+            "description": f"One of {', '.join(OUTCOMES)}; no_outcome off the manifest with "
+            "no outcome of the shift's own (none, or only scans repeating another shift's: "
+            "`repeated_scans`)"
+        },
     )
     on_manifest = ma.fields.Boolean(required=True)
-    outcome_event_id = ma.fields.Integer(allow_none=True, required=True)
+    outcome_event_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The scan that settles the outcome: a final outcome scanned again "
+            "(the same type, courier and place, no check-out between) by its first scan, as "
+            "the rules judge it; null with no outcome of the shift's own"
+        },
+    )
     event_ids = ma.fields.List(ma.fields.Integer(), required=True)
+    repeated_scans = ma.fields.List(
+        ma.fields.Nested(RepeatedScanOut),
+        required=True,
+        metadata={
+            "description": "The shift's scans that repeat an earlier scan of the same final "
+            "outcome, each with that outcome's first scan (in this shift or, off the "
+            "manifest, in another shift whose outcome it is: then counted nowhere here)"
+        },
+    )
 
 
 class WriteOffOut(ma.Schema):

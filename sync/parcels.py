@@ -29,7 +29,7 @@ from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
 from sync.flags import FlagSubject, close_flags
 from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, ordered, voided_by
-from sync.rules import Policy
+from sync.rules import Policy, first_scans
 from sync.sql import chunks
 from sync.status import STANDING, ParcelChange, load_events, lock_parcels, reproject
 from sync.tracking import TrackingNumberPolicy, normalize
@@ -476,13 +476,18 @@ class TimelineEntry:
     # A correction: the id of the event it voids; None when it voids nothing (its PDA
     # sent no earlier event with the id it names, or that one is voided already).
     voids: int | None = None
+    # A final outcome scanned again: the first scan of the outcome it repeats
+    # (``sync.rules.first_scans``), which settles it; None for any other event.
+    repeats: int | None = None
 
 
 def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry]:
     """The parcel's events in projection order, each with its source batch and whether a
     correction voided it (voided events stay visible, marked). A correction filed under
     another tracking number shows in the timeline of the parcel whose event it voids."""
-    facts = [event.fact for event in load_events(session, [tracking_no])[tracking_no]]
+    history = load_events(session, [tracking_no])[tracking_no]
+    facts = [event.fact for event in history]
+    firsts = first_scans(history)
     rows = session.execute(
         select(ScanEvent, SyncBatch.batch_id, SyncBatch.courier_id)
         .join(SyncBatch, SyncBatch.id == ScanEvent.batch_pk)
@@ -499,6 +504,7 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
             emsevt=EMSEVT_CODE.get(fact.type),
             voided_by=voids.get(fact.event_id),
             voids=voided_by_correction.get(fact.event_id),
+            repeats=firsts[fact.event_id].fact.event_id if fact.event_id in firsts else None,
         )
         for fact in ordered(facts)
     ]

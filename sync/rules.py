@@ -645,8 +645,8 @@ def first_scans(events: Sequence[EventDetail]) -> dict[int, EventDetail]:
     """``{repeat's event id: the first scan of the outcome it repeats}`` over a parcel's
     events (``events``: all of them, in any order, voided ones too; a voided scan
     repeats nothing). The one folding of ``final_outcomes`` every reader of a final
-    outcome takes: the balance, the reports and the proofs settle a repeated outcome
-    by its first scan, as the rules judge it."""
+    outcome takes: the balance, the reports, the proofs and the parcel's status settle
+    a repeated outcome by its first scan, as the rules judge it."""
     return {
         scan.fact.event_id: outcome.first
         for outcome in _folded(events)

@@ -10,7 +10,7 @@ import datetime as dt
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, CompoundSelect, and_, exists, select, union_all
@@ -314,6 +314,9 @@ def reproject(
                 outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
             continue
         projection = project(facts[tracking_no], station_id=parcel.station_id)
+        first = folding[tracking_no].get(projection.status_event_id or 0)
+        if first is not None:  # a final outcome scanned again: since its first scan
+            projection = replace(projection, status_at=first.fact.occurred_at)
         holder = projection.holder_courier_id or parcel.planned_courier_id
         outcome.holders[tracking_no] = (parcel.station_id, holder)
         foreign = _scanned_elsewhere(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -1513,6 +1513,28 @@ def test_a_final_outcome_scanned_again_is_settled_by_its_first_scan_and_lists_it
         back: ["returned", back_ids[0]],
         locker: ["unattended", locker_ids[0]],
     }
+
+
+def test_a_parcel_delivered_and_scanned_again_has_its_status_since_the_first_scan(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The parcel's ``status_at`` and its timeline: delivered at the first beep, the
+    second marked as repeating it. The repeat moves no status: the PDAs' pull feed gets
+    no parcel update for it."""
+    from models import FeedChange, Parcel
+    from sync.parcels import parcel_timeline
+
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    pda.open()
+    checked_out, first, again = pda.event(a), pda.event(a, "delivered"), pda.event(a, "delivered")
+    pda.push([checked_out, first])
+    updates = session.scalar(select(func.count()).select_from(FeedChange))
+    pda.push([again])
+    assert session.scalar(select(func.count()).select_from(FeedChange)) == updates
+    parcel = session.scalars(select(Parcel).where(Parcel.tracking_no == a)).one()
+    assert parcel.status_at == at(2)
+    timeline = parcel_timeline(session=session, tracking_no=a)
+    assert [entry.repeats for entry in timeline] == [None, None, timeline[1].event.id]
 
 
 @pytest.mark.parametrize("next_shift_first", [False, True], ids=["in order", "next shift first"])

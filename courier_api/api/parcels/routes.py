@@ -169,4 +169,5 @@ def timeline_view(
         "voided": entry.voided_by is not None,
         "voided_by_event_id": entry.voided_by,
         "voids_event_id": entry.voids,
+        "repeats_event_id": entry.repeats,
     }

@@ -117,7 +117,14 @@ class ParcelOut(ma.Schema):
         required=True,
         metadata={"description": "Projected from the events; null before the first one"},
     )
-    status_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    status_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "When the status was reached (corrected clock): a final outcome "
+            "scanned again, at its first scan"
+        },
+    )
 
 
 class EventLocation(ma.Schema):
@@ -185,6 +192,16 @@ class TimelineEvent(ma.Schema):
             "and for a correction that voids nothing: its PDA sent no earlier event with "
             "the id it names (yet: one arriving later is voided then), or a correction "
             "before it voided that one already"
+        },
+    )
+    repeats_event_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A final outcome scanned again (the same type, courier and place "
+            "as the outcome before it, no check-out between: the scanner beeped twice): the "
+            "first scan of the outcome it repeats, which settles it (the parcel's "
+            "`status_at`, the balance, the reports). Null for any other event"
         },
     )
 

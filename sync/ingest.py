@@ -81,7 +81,13 @@ from sync.events import (
 from sync.flags import FlagSubject, raise_flag
 from sync.inversions import Stamp, time_inversions
 from sync.quarantine import parcel_named, rejections_of_batch
-from sync.rules import EventDetail, Policy
+from sync.rules import (
+    EventDetail,
+    Policy,
+    scans_ever,
+    scans_of_outcomes,
+    stands_on_another_scan,
+)
 from sync.shifts import (
     WRONG_SHIFT,
     Filing,
@@ -501,6 +507,8 @@ class _BatchIngest:
         # Parcels whose closed shifts this push may judge otherwise: their
         # delivered_not_checked_out flag changed, or their outcomes' folding (_project).
         self.covering_changed: set[str] = set()
+        # Each touched parcel's events, as the projection read them (``_project``).
+        self.histories: dict[str, list[EventDetail]] = {}
         # Each parcel's station and holder, as the projection left them (``_project``).
         self.holders: dict[str, tuple[int, int | None]] = {}
         new_events = self._deduplicate(self.validated.valid)
@@ -531,9 +539,10 @@ class _BatchIngest:
                 corrections=corrections,
                 now=self.received_at,
             )
-            self._retract_drops(corrections, stored, targets)
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
+        if voided:
+            self._retract_drops(corrections, stored, targets)
         self._tell_holders_of_consents(stored, targets)
         self._settle_shifts(shifts)
         self._reopen_for_gaps_shown()
@@ -871,7 +880,7 @@ class _BatchIngest:
         """Tell recipients where their parcel was left, and its pickup code (outbox). Not
         of a drop that a correction held already voids (sent in the same push, or before
         it): a mis-tap must not send the recipient to a locker, as a voided consent
-        request is never sent."""
+        request is never sent. A drop scanned again is told once (``_first_told``)."""
         drops = [e for _, e in stored if e.type in DROP_TOPICS]
         if not drops or not any(
             outbox.wanted(self.session, topic) for topic in set(DROP_TOPICS.values())
@@ -882,6 +891,7 @@ class _BatchIngest:
         if not drops:
             return
         ids = self._event_ids(drops)
+        drops = self._first_told(drops, ids)
         parcels = self._parcels_of({e.tracking_no for e in drops})
         for event in drops:
             parcel = parcels.get(event.tracking_no)
@@ -910,6 +920,24 @@ class _BatchIngest:
                 now=self.received_at,
             )
 
+    def _first_told(
+        self, drops: list[ValidEvent], ids: Mapping[uuid.UUID, int]
+    ) -> list[ValidEvent]:
+        """The drops that are the first arrived scan of their outcome: a compartment tapped
+        twice is one drop (``sync.rules.final_outcomes``), and its recipient is told of it
+        once, whichever of its scans arrived first (rule 3): not of a scan repeating one
+        held before this push, nor of one repeating another of this push's."""
+        new = set(self._stored_ids().values())
+        told = []
+        for drop in drops:
+            scans = scans_of_outcomes(self.histories.get(drop.tracking_no, ())).get(
+                ids[drop.client_event_id], [ids[drop.client_event_id]]
+            )
+            before = scans[: scans.index(ids[drop.client_event_id])]
+            if all(scan in new for scan in scans) and not before:
+                told.append(drop)
+        return told
+
     def _retract_drops(
         self,
         corrections: dict[uuid.UUID, int],
@@ -920,11 +948,19 @@ class _BatchIngest:
         correction says the parcel is not in that locker or at that point. Told only to
         the subscriptions its announcement went to (within the deliveries' retention,
         ``WEBHOOK_RETENTION_DAYS``) that want this too, and only the first time a
-        correction voids it."""
+        correction voids it. A drop scanned again is void once no scan of it stands (a
+        repeat voided, the parcel is still there): its recipient was told of it by the
+        scan that arrived first, whichever is voided last. After the projection, which
+        reads the parcel's events."""
         listeners = outbox.subscribers(self.session, DROP_VOIDED_TOPIC)
         if not listeners:
             return
-        drops = self._voided_now(corrections, targets)
+        drops = [
+            drop
+            for drop in self._voided_now(corrections, targets)
+            # the parcel is where it was told, on another scan of the drop
+            if not stands_on_another_scan(drop.id, self.histories.get(drop.tracking_no, ()))
+        ]
         announced = self._announced_to(drops, listeners) if drops else {}
         drops = [drop for drop in drops if drop.id in announced]
         if not drops:
@@ -1016,7 +1052,12 @@ class _BatchIngest:
         ordering key, on the deliveries' index, then the message's ``event_id``. The
         retraction names that station, not the parcel's now: a parcel re-routed since
         must not take it away from the station's subscriptions that were told."""
-        ids = {drop.id for drop in drops}
+        # A drop scanned again was announced by the scan that arrived first (``_first_told``)
+        told_by = {
+            scan: drop.id
+            for drop in drops
+            for scan in scans_ever(drop.id, self.histories.get(drop.tracking_no, ()))
+        }
         found: dict[int, set[int]] = defaultdict(set)
         named: dict[int, int | None] = {}
         for chunk in chunks(sorted({outbox.parcel_key(drop.tracking_no) for drop in drops})):
@@ -1033,9 +1074,10 @@ class _BatchIngest:
                     WebhookDelivery.topic.in_(sorted(set(DROP_TOPICS.values()))),
                 )
             ):
-                if payload.get("event_id") in ids:
-                    found[payload["event_id"]].add(subscription_id)
-                    named[payload["event_id"]] = station_id
+                drop_id = told_by.get(payload.get("event_id"))
+                if drop_id is not None:
+                    found[drop_id].add(subscription_id)
+                    named[drop_id] = station_id
         return {drop_id: (told, named[drop_id]) for drop_id, told in found.items()}
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
@@ -1512,6 +1554,7 @@ class _BatchIngest:
         self.session.flush()
         self._report_raised(outcome.raised)
         self.covering_changed = outcome.handovers_changed()
+        self.histories = outcome.events
         self.holders = outcome.holders
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(

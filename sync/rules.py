@@ -654,6 +654,43 @@ def first_scans(events: Sequence[EventDetail]) -> dict[int, EventDetail]:
     }
 
 
+def scans_of_outcomes(events: Sequence[EventDetail]) -> dict[int, list[int]]:
+    """``{scan's event id: every scan of its outcome, the first first}`` for the final
+    outcomes of a parcel's ``events`` scanned more than once (``first_scans``)."""
+    return {
+        scan.fact.event_id: outcome.event_ids
+        for outcome in _folded(events)
+        if len(outcome.scans) > 1
+        for scan in outcome.scans
+    }
+
+
+def stands_on_another_scan(voided: int, events: Sequence[EventDetail]) -> bool:
+    """Whether the final outcome the voided scan ``voided`` was a scan of still stands on
+    another of its scans (a repeat voided, or the first with a repeat left): the parcel
+    is where it was, only its scan was amended. Judged, as ``repeats_standing``, with
+    that scan alone counted again."""
+    if sum(e.fact.type in FINAL_OUTCOMES for e in events) < 2:
+        return False
+    by_id = {e.fact.event_id: e for e in events}
+    history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]
+    outcome = _counted_again(voided, history, voided_by(e.fact for e in events))
+    return outcome is not None and len(outcome.scans) > 1
+
+
+def scans_ever(scan: int, events: Sequence[EventDetail]) -> list[int]:
+    """Every scan of the final outcome ``scan`` is a scan of, voided scans of final
+    outcomes counted again: what its recipient may have been told of it by."""
+    voids = voided_by(e.fact for e in events)
+    by_id = {e.fact.event_id: e for e in events}
+    counting = [
+        by_id[f.event_id]
+        for f in ordered(e.fact for e in events)
+        if f.event_id not in voids or f.type in FINAL_OUTCOMES
+    ]
+    return next((o.event_ids for o in final_outcomes(counting) if scan in o.event_ids), [scan])
+
+
 def _folded(events: Sequence[EventDetail]) -> list[FinalOutcome]:
     """``final_outcomes`` of a parcel's events in any order, voided ones left out."""
     if sum(e.fact.type in FINAL_OUTCOMES for e in events) < 2:
@@ -746,11 +783,17 @@ def repeats_standing(
     voided, each is judged alone, on the events as they are: the answer does not
     depend on the order they came in (rule 3)."""
     voided_id = voided.fact.event_id
-    counting = [e for e in history if e.fact.event_id not in voids or e.fact.event_id == voided_id]
-    return any(
-        voided_id in outcome.event_ids and outcome.first.fact.event_id != voided_id
-        for outcome in final_outcomes(counting)
-    )
+    outcome = _counted_again(voided_id, history, voids)
+    return outcome is not None and outcome.first.fact.event_id != voided_id
+
+
+def _counted_again(
+    voided: int, history: Sequence[EventDetail], voids: Mapping[int, int]
+) -> FinalOutcome | None:
+    """The final outcome the voided scan ``voided`` folds into when it alone is counted
+    again among the parcel's counting events (``history`` in projection order)."""
+    counting = [e for e in history if e.fact.event_id not in voids or e.fact.event_id == voided]
+    return next((o for o in final_outcomes(counting) if voided in o.event_ids), None)
 
 
 def _has_pod(parcel: ParcelFacts, delivery: EventDetail, policy: Policy) -> bool:

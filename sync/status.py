@@ -234,6 +234,8 @@ class ReprojectOutcome:
     # just stored (``sync.rules.refolded``), and those with a final outcome scanned again.
     refolded: set[str] = field(default_factory=set)
     repeated: set[str] = field(default_factory=set)
+    # Each parcel's events, as judged (``load_events``).
+    events: dict[str, list[EventDetail]] = field(default_factory=dict)
 
     def not_checked_out_changed(self) -> set[str]:
         """Parcels whose ``delivered_not_checked_out`` flag was raised, closed or given
@@ -367,6 +369,7 @@ def reproject(
     new = {event.fact.event_id for found in (stored or {}).values() for event in found}
     outcome.refolded = {tn for tn in wanted if refolded(events[tn], new)}
     outcome.repeated = {tn for tn in wanted if folding[tn]}
+    outcome.events = events
     return outcome
 
 

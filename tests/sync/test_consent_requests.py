@@ -345,6 +345,49 @@ def test_a_drop_voided_after_it_was_announced_is_retracted_once(
     assert len(messages(session, "parcel.drop_voided")) == 1
 
 
+@pytest.mark.parametrize("pushes", [[[0, 1, 2]], [[0, 1], [2]], [[0, 2], [1]], [[2], [0, 1]]])
+def test_a_drop_scanned_again_is_announced_once_whichever_scan_arrives_first(
+    session: Session, pda: Pda, parcel: str, pushes: list[list[int]]
+) -> None:
+    """The courier tapped the compartment twice: one drop (``sync.rules.final_outcomes``),
+    and its recipient gets one message, however the PDA's queue was split and ordered
+    (rule 3): not one per beep."""
+    subscribe(session, "parcel.in_locker", "parcel.at_pickup_point")
+    place = {"locker_id": "L-2", "compartment": "11", "pod": {"pickup_code": "4711"}}
+    events = [
+        pda.event(parcel, "checked_out", 0),
+        pda.event(parcel, "delivered_to_locker", 10, **place),
+        pda.event(parcel, "delivered_to_locker", 11, **place),
+    ]
+    for minute, batch in enumerate(pushes):
+        pda.push([events[i] for i in batch], received_at=NOW + dt.timedelta(minutes=minute))
+    assert len(messages(session, "parcel.in_locker")) == 1
+
+
+def test_a_drop_scanned_again_is_retracted_only_once_no_scan_of_it_stands(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """The second tap voided (a mis-tap): the parcel is in the compartment all the same,
+    and its recipient is told nothing. The first voided too: the drop is undone, and the
+    recipient, told of it by the first scan, is told it is not there."""
+    subscribe(session, "parcel.in_locker", "parcel.at_pickup_point", "parcel.drop_voided")
+    place = {"locker_id": "L-2", "compartment": "11", "pod": {"pickup_code": "4711"}}
+    first = pda.event(parcel, "delivered_to_locker", 10, **place)
+    again = pda.event(parcel, "delivered_to_locker", 11, **place)
+    pda.push([pda.event(parcel, "checked_out", 0), first, again])
+    [announced] = messages(session, "parcel.in_locker")
+    for minute, target in enumerate((again, first), start=1):
+        fix = pda.event(
+            parcel, "correction", 11 + minute, voids_client_event_id=target["client_event_id"]
+        )
+        pda.push([{**fix, "reason": "mis-tap"}], received_at=NOW + dt.timedelta(minutes=minute))
+        if target is again:
+            assert messages(session, "parcel.drop_voided") == []
+    [retracted] = messages(session, "parcel.drop_voided")
+    assert retracted.ordering_key == announced.ordering_key
+    assert (retracted.payload["locker_id"], retracted.payload["compartment"]) == ("L-2", "11")
+
+
 def test_only_an_announced_drop_is_retracted(
     session: Session, world: World, pda: Pda, parcel: str
 ) -> None:

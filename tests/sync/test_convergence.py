@@ -234,11 +234,21 @@ class World:
         session = self.session
         state = session.get(DeviceSyncState, self.pusher.device_id)
         balance = shift_balance(session=session, shift=self.shift)
+        sent = dict(session.execute(select(ScanEvent.id, ScanEvent.client_event_id)).all())
         return {
             "balance": (
                 balance.summary(),
                 balance.missing_seqs,
-                sorted((p.tracking_no, p.outcome, p.on_manifest) for p in balance.parcels),
+                sorted(
+                    (
+                        p.tracking_no,
+                        p.outcome,
+                        p.on_manifest,
+                        sent.get(p.outcome_event_id or 0),  # a repeat: its first scan
+                        [(sent[r.event_id], sent[r.first_event_id]) for r in p.repeated_scans],
+                    )
+                    for p in balance.parcels
+                ),
                 sorted((d.kind, d.tracking_no, d.flag_status) for d in balance.discrepancies),
             ),
             # Ids differ between databases (PostgreSQL sequences survive rollbacks): a parcel

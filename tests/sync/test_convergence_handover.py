@@ -298,7 +298,15 @@ class Run:
                 balance.summary(),
                 balance.missing_seqs,
                 balance.written_off_seqs,
-                sorted((self.parcel_index(p.tracking_no), p.outcome) for p in balance.parcels),
+                sorted(
+                    (
+                        self.parcel_index(p.tracking_no),
+                        p.outcome,
+                        seqs.get(p.outcome_event_id or 0),
+                        [(seqs[r.event_id], seqs[r.first_event_id]) for r in p.repeated_scans],
+                    )
+                    for p in balance.parcels
+                ),
                 sorted(
                     (d.kind, self.parcel_index(d.tracking_no), d.flag_status)
                     for d in balance.discrepancies
@@ -330,7 +338,9 @@ class Run:
             )
         )
         statuses = [
-            session.scalar(select(Parcel.status).where(Parcel.tracking_no == tn))
+            session.execute(
+                select(Parcel.status, Parcel.status_at).where(Parcel.tracking_no == tn)
+            ).one()
             for tn in self.parcels
         ]
         return {
@@ -413,6 +423,58 @@ def test_two_shifts_signed_off_and_written_off_between_pushes_converge(
     pushes the manager signed the first shift off or wrote off the seqs missing then;
     the sign-off is reopened exactly when what the first shift owns came after it, or
     seqs it owns are still on the PDA that the manager did not see missing."""
+    converges(session, world, plan, data)
+
+
+@on_the_test_database(examples=60)
+@given(
+    declared=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    second_closed_before=st.booleans(),
+    data=st.data(),
+)
+def test_outcomes_scanned_again_in_the_next_shift_converge(
+    session: Session,
+    world: World,
+    declared: tuple[bool, bool, bool],
+    second_closed_before: bool,
+    data: st.DataObject,
+) -> None:
+    """The courier delivered a parcel and left the express one in a locker without
+    consent in the first shift, and scanned both again in the second (no check-out
+    between): the first shift's outcomes, the second counting nothing for them. However
+    the queue is pushed (the second shift's scans before the first's), the same final
+    state, the repeats named alike."""
+    first_last, second_first, second_last = declared
+    plan = Plan(
+        first_declares_first=True,
+        first_last_seq=4 if first_last else None,
+        second_first_seq=5 if second_first else None,
+        second_is_colleagues=False,
+        second_closed_before=second_closed_before,
+        second_last_seq=6 if second_last else None,
+        events=[
+            (1, "checked_out", 1, None),
+            (2, "checked_out", 0, None),
+            (3, "delivered", 1, None),
+            (4, "delivered_to_locker", 0, None),
+            (5, "delivered", 1, None),
+            (6, "delivered_to_locker", 0, None),
+        ],
+        in_first=4,
+    )
+    reached = converges(session, world, plan, data)
+    first, second = (reached["balances"][name] for name in ("first", "second"))
+    assert second[0]["not_checked_out"] == 0 and second[4] == []  # no discrepancy of its own
+    assert [r for *_, r in second[3]] == [[(6, 4)], [(5, 3)]]  # (repeat, first scan) by seq
+    assert [(outcome, settled) for _, outcome, settled, _ in first[3]] == [
+        ("unattended_without_consent", 4),
+        ("delivered", 3),
+    ]
+
+
+def converges(session: Session, world: World, plan: Plan, data: st.DataObject) -> dict[str, Any]:
+    """Play ``plan`` pushed as drawn, with the sign-off and write-off between pushes;
+    the final state, checked against one in-order push."""
     n = len(plan.events)
     batches = [[s + 1 for s in batch] for batch in draw_batchings(data, n)]
     sign_off_at = data.draw(st.integers(0, len(batches)), label="sign-off before push")
@@ -454,6 +516,7 @@ def test_two_shifts_signed_off_and_written_off_between_pushes_converge(
         reference.close_the_second()
     reference.sign_off_the_first()
     assert reached == reference.final_state()
+    return reached
 
 
 def test_a_rejected_event_the_next_shift_owns_in_the_end_withdraws_the_reopening_it_made(

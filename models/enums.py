@@ -124,6 +124,7 @@ class ConsentRequestStatus(enum.StrEnum):
     REFUSED = "refused"
     UNSENT = "unsent"  # nobody to ask: the parcel is not taken in, or has no phone
     CANCELLED = "cancelled"  # the PDA voided the request (a correction): no answer counts
+    REVOKED = "revoked"  # granted, and the consent that answered it was revoked since
 
 
 class DeliveryStatus(enum.StrEnum):

@@ -62,6 +62,8 @@ class ConsentRequest(Base):
     answered_at: Mapped[dt.datetime | None]
     answered_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
     consent_id: Mapped[int | None] = mapped_column(ForeignKey("consent.id"), unique=True)
+    # Status ``revoked``: when the consent that answered it was revoked (its ``revoked_at``).
+    revoked_at: Mapped[dt.datetime | None]
     created_at: Mapped[timestamp]
 
     def __repr__(self) -> str:

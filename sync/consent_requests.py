@@ -48,6 +48,12 @@ from sync.tracking import normalize
 
 MAX_PAGE_SIZE = 500
 MAX_TTL = dt.timedelta(hours=24)
+# A request the recipient answered: granted (revoked since, maybe) or refused.
+ANSWERED = (
+    ConsentRequestStatus.GRANTED,
+    ConsentRequestStatus.REVOKED,
+    ConsentRequestStatus.REFUSED,
+)
 
 
 @dataclass(frozen=True)
@@ -360,7 +366,8 @@ def answer_request(
     """Record the recipient's answer: ``(request, consent or None, new)``.
 
     The same answer sent again (a channel retrying) changes nothing and gives back
-    what the first one made; the other answer, one to a request that lapsed, or one
+    what the first one made (a grant's consent, revoked since: the request reads
+    ``revoked``); the other answer, one to a request that lapsed, or one
     to a request that was never sent is a conflict. A grant creates a parcel consent
     (the caller judges the parcel again); a refusal is kept with the parcel and written
     to the audit log. Either answer tells the courier's PDA; both write to the audit
@@ -369,8 +376,8 @@ def answer_request(
     """
     now = now or utcnow()
     request = _locked(session, request.id)
-    if request.status in (ConsentRequestStatus.GRANTED, ConsentRequestStatus.REFUSED):
-        if (request.status == ConsentRequestStatus.GRANTED) == answer.granted:
+    if request.status in ANSWERED:
+        if (request.status != ConsentRequestStatus.REFUSED) == answer.granted:
             consent = session.get(Consent, request.consent_id) if request.consent_id else None
             return request, consent, False
         raise Conflict(

@@ -32,13 +32,16 @@ from models import (
     Consent,
     ConsentChannel,
     ConsentMethod,
+    ConsentRequest,
+    ConsentRequestStatus,
     ConsentScope,
     EventType,
+    FeedKind,
     Parcel,
     ScanEvent,
     utcnow,
 )
-from sync import audit
+from sync import audit, feed
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
@@ -362,6 +365,9 @@ def revoke(*, session: Session, consent: Consent, revocation: Revocation) -> boo
     the second waits for the first's commit, then finds it revoked and changes
     nothing, so the time, reason, actor and channel stored are the first's and its
     parcels are judged again once. ``consent`` is refreshed to what is stored.
+
+    The courier's request it answered, if any, reads ``revoked`` from then on
+    (``revoked_requests``).
     """
     revoked = session.execute(
         update(Consent)
@@ -394,7 +400,31 @@ def revoke(*, session: Session, consent: Consent, revocation: Revocation) -> boo
         },
         tracking_no=consent.tracking_no,
     )
+    revoked_requests(session, consent)
     return True
+
+
+def revoked_requests(session: Session, consent: Consent) -> None:
+    """The request ``consent`` answered (``granted``) is ``revoked`` at the consent's
+    ``revoked_at``, and its courier's PDA hears of it in its pull feed (a
+    ``consent_request`` entry), as of the answer: the integrator reading the request and
+    the PDA must not be told the recipient agreed after they took it back."""
+    for station_id, courier_id, tracking_no in session.execute(
+        update(ConsentRequest)
+        .where(
+            ConsentRequest.consent_id == consent.id,
+            ConsentRequest.status == ConsentRequestStatus.GRANTED,
+        )
+        .values(status=ConsentRequestStatus.REVOKED, revoked_at=consent.revoked_at)
+        .returning(
+            ConsentRequest.station_id, ConsentRequest.courier_id, ConsentRequest.tracking_no
+        )
+        .execution_options(synchronize_session="fetch")
+    ):
+        feed.record(
+            session,
+            [feed.FeedEntry(station_id, courier_id, FeedKind.CONSENT_REQUEST, tracking_no)],
+        )
 
 
 def get(*, session: Session, consent_id: int) -> Consent:

@@ -339,6 +339,44 @@ def test_the_answer_appears_in_the_pdas_pull_feed(committed_app: Flask) -> None:
     assert entry["parcel"]["consents"][0]["method"] == "locker"
 
 
+def test_a_request_whose_consent_is_revoked_reads_revoked_to_the_channel_and_the_pda(
+    committed_app: Flask,
+) -> None:
+    """The recipient said yes, then took it back: the request no longer reads
+    ``granted`` (to the integrator listing requests nor in the PDA's pull feed, which
+    hears of it), but ``revoked`` at the consent's ``revoked_at``. The channel's retry
+    of its grant answers the same revoked consent; a refusal now is still a 409."""
+    client, courier, channel, parcel = _committed_world(committed_app)
+    push = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-WAIT", [factories.event(1, parcel)]),
+        headers=courier,
+    )
+    assert push.status_code == 200
+    request = ask(client, courier, parcel).get_json()
+    answer = {"request_id": request["id"], "channel": "sms"}
+    consent = client.post(CONSENTS, json=answer, headers=channel).get_json()
+    cursor = _drain(client, courier)
+    revoked = client.post(
+        f"{CONSENTS}/{consent['id']}/revoke", json={"reason": "at home"}, headers=channel
+    ).get_json()
+    seen = client.get(f"{REQUESTS}/{request['id']}", headers=channel).get_json()
+    assert (seen["status"], seen["revoked_at"]) == ("revoked", revoked["revoked_at"])
+    listed = client.get(f"{REQUESTS}?status=revoked", headers=channel).get_json()["items"]
+    assert [r["id"] for r in listed] == [request["id"]]
+    assert client.get(f"{REQUESTS}?status=granted", headers=channel).get_json()["items"] == []
+    page = client.get(f"{PULL}?cursor={cursor}", headers=courier).get_json()
+    entry = next(c for c in page["changes"] if c["kind"] == "consent_request")
+    [pda] = entry["parcel"]["consent_requests"]
+    assert (pda["status"], pda["revoked_at"]) == ("revoked", revoked["revoked_at"])
+    assert entry["parcel"]["consents"] == []
+    again = client.post(CONSENTS, json=answer, headers=channel)
+    assert again.status_code == 201 and again.get_json()["id"] == consent["id"]
+    assert again.get_json()["request"]["status"] == "revoked"
+    refusal = client.post(CONSENTS, json={**answer, "granted": False}, headers=channel)
+    assert refusal.get_json()["code"] == "consent_request_answered"
+
+
 def _committed_world(app: Flask) -> tuple[FlaskClient, dict[str, str], dict[str, str], str]:
     with app.app_context():
         session = db.session

@@ -1723,3 +1723,78 @@ def test_the_address_rekeying_runs_in_committed_batches(scratch: Engine) -> None
     with scratch.connect() as connection:
         rows = connection.execute(text("SELECT address, address_key FROM consent")).all()
     assert [a for a, key in rows if key != address_key(a)] == []
+
+
+REQUESTS_READ_REVOKED = "b6d2f8a4c1e7"  # a request reads revoked once its consent is
+
+
+def test_a_granted_request_whose_consent_was_revoked_reads_revoked(scratch: Engine) -> None:
+    """Of two granted requests, the one whose consent was revoked takes status
+    ``revoked`` and the consent's ``revoked_at``; the other, and a pending one, stay as
+    they were. The downgrade gives it back ``granted`` (the old CHECK allows nothing
+    else)."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, CLIENT_REQUEST_IDS)
+    with Session(scratch) as session:
+        station = factories.station(session)
+        courier = factories.user(session, "courier1", "courier", station)
+        session.commit()
+        station_id, courier_id = station.id, courier.id
+    granted_at = dt.datetime(2026, 12, 1, 9, 0)
+    revoked_at = dt.datetime(2026, 12, 1, 11, 0)
+    with scratch.begin() as connection:
+        for consent_id, revoked in ((1, revoked_at), (2, None)):
+            connection.execute(
+                text(
+                    "INSERT INTO consent (id, scope, method, channel, granted_at, created_at, "
+                    "tracking_no, revoked_at) VALUES (:id, 'parcel', 'locker', 'sms', :at, "
+                    ":at, 'RR473124829GB', :revoked)"
+                ),
+                {"id": consent_id, "at": granted_at, "revoked": revoked},
+            )
+        for request_id, status, consent_id in (
+            (1, "granted", 1),
+            (2, "granted", 2),
+            (3, "pending", None),
+        ):
+            connection.execute(
+                text(
+                    "INSERT INTO consent_request (id, station_id, tracking_no, courier_id, "
+                    "method, requested_at, expires_at, status, consent_id, created_at) VALUES "
+                    "(:id, :station, 'RR473124829GB', :courier, 'locker', :at, :at, :status, "
+                    ":consent, :at)"
+                ),
+                {
+                    "id": request_id,
+                    "station": station_id,
+                    "courier": courier_id,
+                    "at": granted_at,
+                    "status": status,
+                    "consent": consent_id,
+                },
+            )
+
+    def requests(columns: str = "status") -> dict[int, Any]:
+        with scratch.connect() as connection:
+            query = text(f"SELECT id, {columns} FROM consent_request")
+            return {row[0]: tuple(row[1:]) for row in connection.execute(query)}
+
+    migrate.upgrade(scratch, REQUESTS_READ_REVOKED)
+    found = requests("status, revoked_at")
+    assert {i: status for i, (status, _) in found.items()} == {
+        1: "revoked",
+        2: "granted",
+        3: "pending",
+    }
+    assert found[1][1] is not None and found[2][1] is None
+    migrate.downgrade(scratch, CLIENT_REQUEST_IDS)
+    assert {i: status for i, (status,) in requests().items()} == {
+        1: "granted",
+        2: "granted",
+        3: "pending",
+    }

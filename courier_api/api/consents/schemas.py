@@ -141,7 +141,9 @@ class ConsentRequestOut(ma.Schema):
         required=True,
         metadata={
             "description": "pending, granted, refused, expired (pending past its expiry), "
-            "or unsent (nobody to ask: parcel not taken in, or no phone)"
+            "unsent (nobody to ask: parcel not taken in, or no phone), cancelled (voided "
+            "by the courier's correction), or revoked (granted, and the consent that "
+            "answered it, `consent_id`, was revoked since, at `revoked_at`)"
         },
     )
     status_reason = ma.fields.String(
@@ -154,6 +156,11 @@ class ConsentRequestOut(ma.Schema):
     )
     answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     consent_id = ma.fields.Integer(allow_none=True, required=True)
+    revoked_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Status revoked: when the consent that answered it was"},
+    )
 
 
 class ConsentRequestListArgs(PageArgs):
@@ -163,7 +170,8 @@ class ConsentRequestListArgs(PageArgs):
         validate=ma.validate.OneOf(SHOWN_STATUSES),
         metadata={
             "description": "As each request shows it: `pending` is still waiting, "
-            "`expired` lapsed without an answer"
+            "`expired` lapsed without an answer, `revoked` was granted and its consent "
+            "revoked since"
         },
     )
     after = After()

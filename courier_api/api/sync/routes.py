@@ -261,6 +261,7 @@ def _pda_parcel(
                 "point_id": r.point_id,
                 "expires_at": r.expires_at,
                 "answered_at": r.answered_at,
+                "revoked_at": r.revoked_at,
             }
             for r in requests
         ],

@@ -270,12 +270,17 @@ class PdaConsentRequest(ma.Schema):
     )
     status = ma.fields.String(
         required=True,
-        metadata={"description": "pending, granted, refused, expired or unsent"},
+        metadata={
+            "description": "pending, granted, refused, expired, unsent, cancelled, or "
+            "revoked (granted, and the recipient revoked that consent since, at "
+            "`revoked_at`: it no longer authorizes a drop)"
+        },
     )
     method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
     point_id = ma.fields.String(allow_none=True, required=True)
     expires_at = ma.fields.AwareDateTime(required=True)
     answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
 
 
 class PdaParcel(ma.Schema):

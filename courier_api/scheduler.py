@@ -170,10 +170,10 @@ def _proof_retention_purge(config: Mapping[str, Any]) -> JobFunction:
 @register_job(
     "webhook_retention",
     interval_seconds=24 * HOUR,
-    description="Deletes webhook deliveries delivered more than WEBHOOK_RETENTION_DAYS ago, "
-    "the pending ones that old of a disabled or paused subscription, and the messages no "
-    "delivery needs any more (they hold recipients' phones and pickup codes); dead ones "
-    "stay until an admin replays or purges them.",
+    description="Deletes webhook deliveries delivered (or skipped) more than "
+    "WEBHOOK_RETENTION_DAYS ago, the pending ones that old of a disabled or paused "
+    "subscription, and the messages no delivery needs any more (they hold recipients' "
+    "phones and pickup codes); dead ones stay until an admin replays or purges them.",
 )
 def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
     days = dt.timedelta(days=config["WEBHOOK_RETENTION_DAYS"])
@@ -182,10 +182,13 @@ def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
         delivered = webhooks.purge_deliveries(
             session=session, status=DeliveryStatus.DELIVERED, before=now - days
         )
+        skipped = webhooks.purge_deliveries(
+            session=session, status=DeliveryStatus.SKIPPED, before=now - days
+        )
         waiting = webhooks.purge_waiting_for_stopped(session=session, before=now - days)
         return {
-            "deliveries": delivered["deliveries"],
-            "messages": delivered["messages"] + waiting["messages"],
+            "deliveries": delivered["deliveries"] + skipped["deliveries"],
+            "messages": delivered["messages"] + skipped["messages"] + waiting["messages"],
             "waiting_for_stopped": waiting["deliveries"],
         }
 

@@ -133,3 +133,4 @@ class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"  # waiting for its first or next attempt
     DELIVERED = "delivered"  # the receiver answered 2xx
     DEAD = "dead"  # attempts exhausted; parked with the last error, replayable
+    SKIPPED = "skipped"  # not sent: moot by the time it was due (``skipped_reason``)

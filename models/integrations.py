@@ -143,4 +143,6 @@ class WebhookDelivery(Base):
     last_status_code: Mapped[int | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None]
+    # Status ``skipped``: why it was not sent (a consent request answered or lapsed).
+    skipped_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[timestamp]

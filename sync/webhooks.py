@@ -67,6 +67,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
+    ConsentRequest,
     DeliveryStatus,
     FlagSeverity,
     OutboxMessage,
@@ -76,6 +77,7 @@ from models import (
     utcnow,
 )
 from sync import audit
+from sync.consent_requests import effective_status
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag
 from sync.outbox import TOPICS, covers, forget_subscriptions
@@ -94,7 +96,7 @@ MAX_PAGE_SIZE = 500
 # worker that dies leaves at most this many deliveries waiting for the claim to expire.
 CLAIM_BATCH = 10
 PER_SUBSCRIPTION = 3  # claimed at a time for one subscription
-SETTLED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEAD)
+SETTLED = (DeliveryStatus.DELIVERED, DeliveryStatus.DEAD, DeliveryStatus.SKIPPED)
 
 DELIVERY = WebhookDelivery.__table__
 SUBSCRIPTION = WebhookSubscription.__table__
@@ -937,6 +939,14 @@ def _claim(
                 "another station or topics while the messages were being written)",
                 len(left),
             )
+        moot = _moot(session, [(d, m) for d, m, _ in rows if d.id not in left], now)
+        for delivery, _, _ in rows:
+            if delivery.id in moot:
+                delivery.status = DeliveryStatus.SKIPPED
+                delivery.skipped_reason = moot[delivery.id]
+                delivery.claimed_until = None
+                delivery.claimed_by = None
+        left.extend(moot)
         return [
             ClaimedDelivery(
                 id=delivery.id,
@@ -952,6 +962,40 @@ def _claim(
             for delivery, message, subscription in rows
             if delivery.id not in left
         ], len(left)
+
+
+def _moot(
+    session: Session, rows: Sequence[tuple[WebhookDelivery, OutboxMessage]], now: dt.datetime
+) -> dict[int, str]:
+    """Of these deliveries about to be sent, those no longer worth sending, with why: a
+    ``consent.requested`` whose request is no longer pending (answered, lapsed,
+    cancelled) by the time it is due, after an outage of the receiver or the worker.
+    Asking the recipient then would get an answer that no longer counts; what became
+    of the request is what the integrator hears (its answer's reply, or the request
+    read through the API)."""
+    asked = {
+        delivery.id: message.payload["request_id"]
+        for delivery, message in rows
+        if message.topic == "consent.requested"
+    }
+    if not asked:
+        return {}
+    requests = {
+        request.id: request
+        for request in session.scalars(
+            select(ConsentRequest).where(ConsentRequest.id.in_(set(asked.values())))
+        )
+    }
+    moot = {}
+    for delivery_id, request_id in asked.items():
+        request = requests.get(request_id)
+        status = "gone" if request is None else effective_status(request, now)
+        if status != "pending":
+            moot[delivery_id] = (
+                f"consent request {request_id} was no longer pending when this was due "
+                f"({status}): the recipient is not asked"
+            )
+    return moot
 
 
 def release_claims(*, sessions: sessionmaker[Session], ids: Sequence[int], worker_id: str) -> None:
@@ -1415,8 +1459,9 @@ def message_of(*, session: Session, delivery: WebhookDelivery) -> OutboxMessage:
 def replay_delivery(
     *, session: Session, delivery: WebhookDelivery, now: dt.datetime, actor_id: int | None = None
 ) -> WebhookDelivery:
-    """Send a dead or delivered delivery again, from its first attempt, with the same
-    ``X-Courier-Delivery`` id (a receiver that has it already can tell)."""
+    """Send a dead, delivered or skipped delivery again, from its first attempt, with the
+    same ``X-Courier-Delivery`` id (a receiver that has it already can tell). One that
+    is still moot is skipped again (``_moot``)."""
     locked = session.get(
         WebhookDelivery, delivery.id, with_for_update=True, populate_existing=True
     )
@@ -1440,6 +1485,7 @@ def replay_delivery(
     delivery.attempts = 0
     delivery.next_attempt_at = now
     delivery.delivered_at = None
+    delivery.skipped_reason = None
     delivery.claimed_until = None
     delivery.claimed_by = None
     session.flush()
@@ -1524,14 +1570,15 @@ def purge_deliveries(
     before: dt.datetime,
     actor_id: int | None = None,
 ) -> dict[str, int]:
-    """Delete the ``delivered`` (or ``dead``) deliveries settled before ``before`` (by
-    their delivery, or their last attempt), then the messages created before it that no
-    delivery needs any more. Counted from when they settled, not from when they were
-    written: a paused receiver's backlog, delivered weeks late, is kept as long as any
-    (``parcel.drop_voided`` finds who was told of a drop by it)."""
+    """Delete the ``delivered`` (or ``dead``, or ``skipped``) deliveries settled before
+    ``before`` (by their delivery, or their last attempt, or else their creation), then
+    the messages created before it that no delivery needs any more. Counted from when
+    they settled, not from when they were written: a paused receiver's backlog,
+    delivered weeks late, is kept as long as any (``parcel.drop_voided`` finds who was
+    told of a drop by it)."""
     if status not in SETTLED:
         raise InvalidInput(
-            "only delivered or dead deliveries can be purged",
+            "only delivered, dead or skipped deliveries can be purged",
             code="invalid_status",
             field="status",
         )

@@ -29,6 +29,9 @@ from courier_api.config import load_config
 from courier_api.extensions import db
 from models import (
     AuditEntry,
+    ConsentMethod,
+    ConsentRequest,
+    ConsentRequestStatus,
     DeliveryStatus,
     Flag,
     FlagStatus,
@@ -37,9 +40,10 @@ from models import (
     WebhookDelivery,
     WebhookSubscription,
 )
-from sync import outbox, webhooks
+from sync import consent_requests, outbox, webhooks
 from sync.errors import Conflict, InvalidInput
 from sync.webhooks import DeliverySettings, HttpxSender, SendResult
+from tests import factories
 from tests.conftest import World
 from tests.webhook_receiver import Answer, Receiver, closed_port_url
 
@@ -1476,3 +1480,47 @@ def test_lookups_that_hang_hold_up_no_other_receivers_lookup(
             stream.close()
         finally:
             released.set()
+
+
+def test_a_consent_request_no_longer_pending_when_due_is_skipped_with_why(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    """The receiver was down while three couriers asked: by the time it is back, one
+    request lapsed and one was refused. Only the one still pending asks the recipient;
+    the others' deliveries are skipped, with why, and not retried; the parcel's next
+    message is not held back by them."""
+    subscribe(sessions, receiver.url, topics=("consent.requested", "parcel.in_locker"))
+    asker = consent_requests.Asker(world.courier.id, world.station.id, world.device.id)
+    with sessions.begin() as session:
+        parcels = [factories.parcel(session, world.station).tracking_no for _ in range(3)]
+        made = [
+            consent_requests.request_consent(
+                session=session,
+                draft=consent_requests.RequestDraft(
+                    tracking_no=tracking_no, method=ConsentMethod.LOCKER
+                ),
+                asker=asker,
+                ttl=dt.timedelta(minutes=minutes),
+                requested_at=T0,
+                now=T0,
+            )
+            for tracking_no, minutes in zip(parcels, (60, 10, 60), strict=True)
+        ]
+        pending, lapsed, refused = (r.id for r in made)
+        session.get_one(ConsentRequest, refused).status = ConsentRequestStatus.REFUSED
+    stats = deliver(sessions, sender, T0 + dt.timedelta(minutes=20))
+    assert stats["delivered"] == 1
+    [asked] = [json.loads(r.body)["data"]["request_id"] for r in receiver.requests]
+    assert asked == pending
+    skipped = [d for d in stored(sessions) if d.status == DeliveryStatus.SKIPPED]
+    assert [d.ordering_key for d in skipped] == parcels[1:]
+    assert [d.skipped_reason for d in skipped] == [
+        f"consent request {lapsed} was no longer pending when this was due (expired): "
+        "the recipient is not asked",
+        f"consent request {refused} was no longer pending when this was due (refused): "
+        "the recipient is not asked",
+    ]
+    assert all(d.attempts == 0 and d.claimed_by is None for d in skipped)
+    assert deliver(sessions, sender, T0 + LATER)["claimed"] == 0  # not retried
+    announce(sessions, parcels[1], now=T0 + LATER)  # the lapsed one's parcel, in a locker
+    assert deliver(sessions, sender, T0 + LATER)["delivered"] == 1

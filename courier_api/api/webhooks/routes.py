@@ -288,7 +288,10 @@ class Deliveries(MethodView):
 
         One delivery per message and subscription, newest first, matching every
         filter given: `pending` (waiting for its first or next attempt),
-        `delivered`, or `dead` (attempts exhausted; `last_error` says why). Pass
+        `delivered`, `dead` (attempts exhausted; `last_error` says why), or
+        `skipped` (not sent, moot by the time it was due: a `consent.requested`
+        whose request was answered, lapsed or cancelled; `skipped_reason` says
+        why). Pass
         the `next_after` of a page as `after` to get the next one. Admins only.
         """
         items = webhooks.list_deliveries(
@@ -328,7 +331,8 @@ class ReplayDelivery(MethodView):
     def post(self, delivery_id: int) -> WebhookDelivery:
         """Replay a webhook delivery
 
-        Sends a `dead` or `delivered` delivery again, from a first attempt, with the
+        Sends a `dead`, `delivered` or `skipped` delivery again (a skipped one
+        still moot is skipped again), from a first attempt, with the
         same `X-Courier-Delivery` id (a receiver that has it already can tell). It
         goes before any later message of its ordering key still pending. A pending
         delivery cannot be replayed (409 `delivery_pending`): it will be attempted
@@ -354,8 +358,9 @@ class PurgeDeliveries(MethodView):
     def post(self, body: dict[str, Any]) -> dict[str, int]:
         """Purge settled webhook deliveries
 
-        Deletes the deliveries with `status` (`delivered` or `dead`) settled before
-        `before` (delivered, or last attempted), then the messages that no delivery
+        Deletes the deliveries with `status` (`delivered`, `dead` or `skipped`)
+        settled before `before` (delivered, or last attempted, or else written),
+        then the messages that no delivery
         needs any more; answers how
         many of each. Pending deliveries are never purged. Recorded in the audit
         log. Admins only.

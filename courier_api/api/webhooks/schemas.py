@@ -164,6 +164,15 @@ class DeliveryOut(ma.Schema):
         },
     )
     delivered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    skipped_reason = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Status skipped: why it was not sent, e.g. a `consent.requested` "
+            "whose request was answered or lapsed by the time it was due (after an "
+            "outage): the recipient is not asked a question whose answer no longer counts"
+        },
+    )
     created_at = ma.fields.AwareDateTime(required=True)
 
 
@@ -177,8 +186,10 @@ class PurgeIn(ma.Schema):
         DeliveryStatus,
         by_value=True,
         required=True,
-        validate=ma.validate.OneOf([DeliveryStatus.DELIVERED, DeliveryStatus.DEAD]),
-        metadata={"description": "delivered or dead"},
+        validate=ma.validate.OneOf(
+            [DeliveryStatus.DELIVERED, DeliveryStatus.DEAD, DeliveryStatus.SKIPPED]
+        ),
+        metadata={"description": "delivered, dead or skipped"},
     )
     before = UtcTime(
         required=True, metadata={"description": "Purge deliveries created before this time"}
@@ -201,7 +212,9 @@ def _time(description: str | None = None, **kwargs: object) -> ma.fields.AwareDa
 
 
 class WebhookConsentRequested(ma.Schema):
-    """`consent.requested`: ask the recipient; answer with POST /consents and `request_id`."""
+    """`consent.requested`: ask the recipient; answer with POST /consents and `request_id`.
+    Sent only while the request is pending: one answered, lapsed or cancelled before
+    it was due is skipped."""
 
     request_id = ma.fields.Integer(required=True)
     tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -407,31 +407,24 @@ def answer_request(
         )
     consent = None
     if answer.granted:
-        _unused_client_consent_id(session, answer.client_consent_id, answered_by)
         # What the recipient agreed to: the request's method and point, unless the
         # answer names others (a point named alone keeps the method asked).
         method = answer.method or request.method
         # The request's point stands unless the answer names a point or another method
         # (restating the method asked is not a wider consent).
         named = answer.point_id is not None or method != request.method
-        consent = consents.grant(
-            session=session,
-            draft=consents.ConsentDraft(
-                scope=ConsentScope.PARCEL,
-                method=method,
-                channel=answer.channel,
-                granted_at=answer.granted_at or now,
-                tracking_no=request.tracking_no,
-                point_id=answer.point_id if named else request.point_id,
-                expires_at=answer.expires_at,
-                evidence=answer.evidence or f"answer to consent request {request.id}",
-                client_consent_id=answer.client_consent_id,
-            ),
-            rules=rules,
-            created_by=answered_by,
-            now=now,
-            request_id=request.id,
+        draft = consents.ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=method,
+            channel=answer.channel,
+            granted_at=answer.granted_at or now,
+            tracking_no=request.tracking_no,
+            point_id=answer.point_id if named else request.point_id,
+            expires_at=answer.expires_at,
+            evidence=answer.evidence or f"answer to consent request {request.id}",
+            client_consent_id=answer.client_consent_id,
         )
+        consent = _granted_once(session, request, draft, answer, rules, answered_by, now)
         request.status = ConsentRequestStatus.GRANTED
         request.consent_id = consent.id
     else:
@@ -457,21 +450,64 @@ def answer_request(
     return request, consent, True
 
 
-def _unused_client_consent_id(
-    session: Session, client_consent_id: str | None, answered_by: int | None
-) -> None:
-    """An answer's consent may carry the channel's own id, unless the channel gave that
-    id to another consent already (a retry of this answer is told by its request)."""
+def _granted_once(
+    session: Session,
+    request: ConsentRequest,
+    draft: consents.ConsentDraft,
+    answer: Answer,
+    rules: consents.ConsentRules,
+    answered_by: int | None,
+    now: dt.datetime,
+) -> Consent:
+    """The consent a grant answering ``request`` records, once per channel's id
+    (``draft.client_consent_id``), as ``sync.consents.grant_once`` records one: the
+    channel may have given that id to a consent already, by ``POST /consents`` without
+    the request, or by an answer racing this one (``created_once``). Then this answer
+    gets that consent if it states the same (what the answer leaves unsaid, when and
+    the evidence, is taken as that consent's) and it answers no other request; else
+    the 409 ``client_consent_id_reused``, naming the fields that differ. (A retry of
+    this very answer is told by its request, granted already.)"""
+
+    def grant() -> Consent:
+        return consents.grant(
+            session=session,
+            draft=draft,
+            rules=rules,
+            created_by=answered_by,
+            now=now,
+            request_id=request.id,
+        )
+
+    client_consent_id = draft.client_consent_id
     if client_consent_id is None:
-        return
-    earlier = consents.recorded_as(session, answered_by, client_consent_id)
-    if earlier is not None:
+        return grant()
+    consent, new = created_once(
+        session, lambda: consents.recorded_as(session, answered_by, client_consent_id), grant
+    )
+    if new:
+        return consent
+    stated = replace(
+        draft,
+        granted_at=answer.granted_at or consent.granted_at,
+        evidence=consent.evidence if answer.evidence is None else answer.evidence,
+    )
+    differing = consents.differing_from(session, consent, stated, rules, now)
+    answered = session.scalar(
+        select(ConsentRequest.id).where(ConsentRequest.consent_id == consent.id)
+    )
+    if differing or answered is not None:
+        why = (
+            f"whose {', '.join(differing)} differ"
+            if differing
+            else f"which answers consent request {answered}"
+        )
         raise Conflict(
-            f"client_consent_id {client_consent_id!r} was used for consent {earlier.id}: "
-            "a new consent needs a new id",
+            f"client_consent_id {client_consent_id!r} was used for consent {consent.id}, "
+            f"{why}: a new consent needs a new id",
             code="client_consent_id_reused",
             field="client_consent_id",
         )
+    return consent
 
 
 def _record_refusal(session: Session, tracking_no: str, at: dt.datetime) -> None:

@@ -208,7 +208,7 @@ def grant_once(
             session=session, draft=draft, rules=rules, created_by=created_by, now=now
         ), True
     now = now or utcnow()
-    stated = _stated(session, draft, rules, now)  # a retry is validated as the first was
+    _stated(session, draft, rules, now)  # a retry is validated as the first was
     client_consent_id = draft.client_consent_id
     consent, new = created_once(
         session,
@@ -217,19 +217,27 @@ def grant_once(
     )
     if new:
         return consent, True
-    earlier = consent
-    # The first attempt took a time ahead of its recording as its recording time.
-    stated["granted_at"] = granted_by(draft.granted_at, earlier.created_at)
-    differing = _differing(earlier, stated)
+    differing = differing_from(session, consent, draft, rules, now)
     if differing:
         raise Conflict(
             f"client_consent_id {draft.client_consent_id!r} was used for consent "
-            f"{earlier.id}, whose {', '.join(differing)} differ: send the same consent "
+            f"{consent.id}, whose {', '.join(differing)} differ: send the same consent "
             "again, or a new consent with a new id",
             code="client_consent_id_reused",
             field="client_consent_id",
         )
-    return earlier, False
+    return consent, False
+
+
+def differing_from(
+    session: Session, consent: Consent, draft: ConsentDraft, rules: ConsentRules, now: dt.datetime
+) -> list[str]:
+    """The fields ``draft`` (a retry's, validated) states otherwise than ``consent`` (the
+    first attempt's) recorded them."""
+    stated = _stated(session, draft, rules, now)
+    # The first attempt took a time ahead of its recording as its recording time.
+    stated["granted_at"] = granted_by(draft.granted_at, consent.created_at)
+    return _differing(consent, stated)
 
 
 def recorded_as(

@@ -188,3 +188,95 @@ def test_two_attempts_of_a_consent_request_at_once_ask_the_recipient_once(
     assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
     with committed_app.app_context():
         assert len(db.session.scalars(select(ConsentRequest.id)).all()) == 1
+
+
+@pytest.mark.postgres_only
+def test_an_answer_racing_the_same_consent_with_its_id_gets_it(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway sends the recipient's "yes" twice at once with one id: once alone,
+    then, a moment later, as the answer to the courier's request. Both look for the id
+    before either has recorded it; the answer, losing to the unique index, got its
+    generic 409. It now gets what a retry gets: the consent recorded alone, which
+    answers the request; one consent is recorded."""
+    from models import Consent, ConsentRequest
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    asked = (
+        committed_app.test_client()
+        .post(
+            f"{CONSENTS}/requests",
+            json={"tracking_no": tracking_no, "method": "locker"},
+            headers=headers["courier"],
+        )
+        .get_json()
+    )
+    _slow_to_find_none(monkeypatch, consents_module, "recorded_as")
+    granted_at = dt.datetime.now(dt.UTC).isoformat()
+    alone = {
+        "tracking_no": tracking_no,
+        "method": "locker",
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-race-2",
+    }
+    answer = {
+        "request_id": asked["id"],
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-race-2",
+    }
+    answers = race_requests(
+        committed_app,
+        [
+            ("POST", CONSENTS, alone, headers["integration"]),
+            ("POST", CONSENTS, answer, headers["integration"]),
+        ],
+        delays=[0, 0.25],  # both find nothing; the consent alone inserts first
+    )
+    assert [a.status_code for a in answers] == [201, 201], [a.get_json() for a in answers]
+    assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
+    with committed_app.app_context():
+        [consent_id] = db.session.scalars(select(Consent.id)).all()
+        request = db.session.get(ConsentRequest, asked["id"])
+        assert request is not None
+        assert (request.status.value, request.consent_id) == ("granted", consent_id)
+
+
+@pytest.mark.postgres_only
+def test_two_answers_racing_with_one_id_for_two_requests_give_the_loser_the_named_409(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The courier asked twice; the gateway answers both at once with one id. One
+    consent answers one request; the other answer gets the 409 a retry gets
+    (``client_consent_id_reused``, saying which request that consent answers), not
+    the generic one of the unique index."""
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    client = committed_app.test_client()
+    asked = [
+        client.post(
+            f"{CONSENTS}/requests",
+            json={"tracking_no": tracking_no, "method": "locker"},
+            headers=headers["courier"],
+        ).get_json()["id"]
+        for _ in range(2)
+    ]
+    _slow_to_find_none(monkeypatch, consents_module, "recorded_as")
+    answers = race_requests(
+        committed_app,
+        [
+            (
+                "POST",
+                CONSENTS,
+                {"request_id": request_id, "channel": "sms", "client_consent_id": "sms-race-3"},
+                headers["integration"],
+            )
+            for request_id in asked
+        ],
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201, 409], [a.get_json() for a in answers]
+    [won] = [a.get_json() for a in answers if a.status_code == 201]
+    [lost] = [a.get_json() for a in answers if a.status_code == 409]
+    assert lost["code"] == "client_consent_id_reused", lost
+    assert f"which answers consent request {won['request']['id']}" in lost["message"]

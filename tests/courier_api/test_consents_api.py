@@ -1289,3 +1289,45 @@ def test_an_answer_to_a_request_keeps_the_channels_id_unless_it_was_used(
     assert reused.get_json()["code"] == "client_consent_id_reused"
     plain = grant(client, app1, tracking_no=parcel.tracking_no, client_consent_id="sms-1")
     assert plain.status_code == 409 and plain.get_json()["code"] == "client_consent_id_reused"
+
+
+def test_an_answer_with_the_id_of_the_same_consent_recorded_alone_is_answered_by_it(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
+) -> None:
+    """The channel recorded the recipient's "yes" by itself (``POST /consents`` with its
+    id), then sent it again as the answer to the courier's request: the request is
+    answered by the consent recorded, as a retry of that consent would be, not a 409;
+    an answer saying something else with that id is the 409 naming what differs."""
+    courier = auth.headers("courier1", "PDA-0001")
+    asked = [
+        client.post(
+            f"{URL}/requests",
+            json={"tracking_no": parcel.tracking_no, "method": "locker"},
+            headers=courier,
+        ).get_json()
+        for _ in range(2)
+    ]
+    granted_at = now().isoformat()  # after the courier asked
+    alone = grant(
+        client,
+        app1,
+        tracking_no=parcel.tracking_no,
+        channel="sms",
+        granted_at=granted_at,
+        client_consent_id="sms-9",
+    ).get_json()
+    answer = {
+        "request_id": asked[0]["id"],
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-9",
+    }
+    answered = client.post(URL, json=answer, headers=app1)
+    assert answered.status_code == 201, answered.get_json()
+    assert answered.get_json()["id"] == alone["id"]
+    request = answered.get_json()["request"]
+    assert (request["status"], request["consent_id"]) == ("granted", alone["id"])
+    other = {**answer, "request_id": asked[1]["id"], "channel": "app", "method": "any"}
+    reused = client.post(URL, json=other, headers=app1).get_json()
+    assert reused["code"] == "client_consent_id_reused"
+    assert "method, channel differ" in reused["message"], reused

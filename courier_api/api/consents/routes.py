@@ -121,7 +121,11 @@ class Consents(MethodView):
         sent again changes
         nothing and answers the same; the other answer is a 409
         `consent_request_answered`; one after the request lapsed a 409
-        `consent_request_expired`.
+        `consent_request_expired`. A grant with a `client_consent_id` that a
+        consent has already (sent alone, or by another answer at the same
+        moment) is answered by that consent if it states the same and answers
+        no other request; otherwise a 409 `client_consent_id_reused` says what
+        differs or which request it answers.
         """
         if body.get("request_id") is not None:
             return _answer_request(body)

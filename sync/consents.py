@@ -43,6 +43,7 @@ from models import (
 )
 from sync import audit, feed
 from sync.errors import Conflict, InvalidInput, NotFound
+from sync.events import canonical_point
 from sync.phones import normalize_phone
 from sync.projection import voided_in_sql
 from sync.rules import (
@@ -61,6 +62,7 @@ _NOT_WORD = re.compile(r"[\W_]+")
 # compatibility forms), hiragana and katakana.
 _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _BESIDE_UNSPACED = re.compile(rf"(?<=[{_UNSPACED}]) | (?=[{_UNSPACED}])")
+MAX_POINT_LENGTH = 64  # a consent's or a request's point_id, as stored
 # A consent granted "in the future" is a clock error of the channel, not a promise.
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 # What ``_fact`` reads of a consent (and ``consents_for`` of a standing one), read as
@@ -338,15 +340,21 @@ def granted_by(granted_at: dt.datetime, recorded_at: dt.datetime) -> dt.datetime
 
 
 def point_named(method: ConsentMethod, point_id: str | None) -> str | None:
-    """A consent's (or a request's) point as a PDA's drop names it (``sync.events`` trims
-    every text a PDA sends), so that the rules find it the same point. A blank one names
-    none, and is refused rather than taken for any point of the method; a point needs a
-    method that has points."""
+    """A consent's (or a request's) point as a PDA's drop names it
+    (``sync.events.canonical_point``: trimmed, upper-case), so that the rules find it the
+    same point. A blank one names none, and is refused rather than taken for any point
+    of the method; a point needs a method that has points."""
     if point_id is None:
         return None
-    point = point_id.strip()
+    point = canonical_point(point_id)
     if not point:
         raise InvalidInput("point_id is blank", code="blank_point_id", field="point_id")
+    if len(point) > MAX_POINT_LENGTH:  # "ß" is "SS": upper case may be longer
+        raise InvalidInput(
+            f"point_id is longer than {MAX_POINT_LENGTH} characters in upper case",
+            code="text_too_long",
+            field="point_id",
+        )
     if method == ConsentMethod.ANY:
         raise InvalidInput(
             "a specific point needs method locker or pickup_point",

@@ -400,6 +400,28 @@ def _text_parser(max_length: int) -> Callable[[Any, str], str]:
     return lambda raw, name: _text(raw, name, max_length)
 
 
+def canonical_point(point: str) -> str:
+    """A locker's or pickup point's id as stored and compared: without surrounding
+    spaces, upper-case. A recipient's app, a PDA's keyboard and a locker's label need
+    not agree on case (``pp-12`` is the point ``PP-12``); a consent for a point must
+    authorize a drop there whichever spelt it."""
+    return point.strip().upper()
+
+
+def _point_parser(max_length: int) -> Callable[[Any, str], str]:
+    def parse(raw: Any, name: str) -> str:
+        point = canonical_point(_text(raw, name, max_length))
+        if len(point) > max_length:  # "ß" is "SS": upper case may be longer
+            raise EventRejected(
+                f"{name} is longer than {max_length} characters in upper case",
+                code="text_too_long",
+                field=name,
+            )
+        return point
+
+    return parse
+
+
 def _choice(choices: frozenset[str]) -> Callable[[Any, str], str]:
     def parse(raw: Any, name: str) -> str:
         if not isinstance(raw, str) or raw not in choices:
@@ -521,14 +543,14 @@ _POD_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
 }
 _CONSENT_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
     "method": (True, _choice(CONSENT_METHODS)),
-    "point_id": (False, _text_parser(64)),
+    "point_id": (False, _point_parser(64)),
     "channel": (True, _choice(CONSENT_CHANNELS)),
     "evidence": (False, _text_parser(500)),
 }
 # A consent asked for at the door: sent to the recipient, answered through the API.
 _CONSENT_REQUEST_FIELDS: dict[str, tuple[bool, Callable[[Any, str], Any]]] = {
     "method": (True, _choice(CONSENT_METHODS)),
-    "point_id": (False, _text_parser(64)),
+    "point_id": (False, _point_parser(64)),
     "channel": (False, _choice(REQUEST_CHANNELS)),
     "expires_at": (False, lambda raw, name: parse_time(raw, field=name).isoformat()),
 }
@@ -557,17 +579,17 @@ _TYPE_FIELDS: dict[EventType, dict[str, tuple[bool, Callable[[Any, str], Any]]]]
     },
     EventType.DELIVERED: {"pod": _optional(POD)},
     EventType.DELIVERED_TO_LOCKER: {
-        "locker_id": _required(_text_parser(64)),
+        "locker_id": _required(_point_parser(64)),
         "compartment": _required(_text_parser(32)),
         "pod": _optional(POD),
     },
     EventType.DELIVERED_TO_PICKUP_POINT: {
-        "point_id": _required(_text_parser(64)),
+        "point_id": _required(_point_parser(64)),
         "pod": _optional(POD),
     },
     EventType.RETURNED_TO_STATION: {},
     EventType.COLLECTED_FROM_LOCKER: {
-        "locker_id": _optional(_text_parser(64)),
+        "locker_id": _optional(_point_parser(64)),
         "compartment": _optional(_text_parser(32)),
     },
     EventType.EXCEPTION: {"reason": _required(_choice(EXCEPTION_REASONS))},

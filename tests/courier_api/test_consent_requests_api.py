@@ -89,9 +89,9 @@ def test_a_courier_asks_online_and_the_channel_grants(
 def test_the_point_asked_is_trimmed_as_a_pdas_drop_names_it(
     client: FlaskClient, courier: dict[str, str], channel: dict[str, str], parcel: str
 ) -> None:
-    """The consent answering the request keeps the point asked: " L-3 " would match no
-    drop, whose locker id the PDA sends trimmed."""
-    request = ask(client, courier, parcel, point_id=" L-3 ").get_json()
+    """The consent answering the request keeps the point asked: " l-3 " would match no
+    drop, whose locker id the PDA sends trimmed (and is stored upper-case)."""
+    request = ask(client, courier, parcel, point_id=" l-3 ").get_json()
     assert request["point_id"] == "L-3"
     granted = client.post(
         CONSENTS, json={"request_id": request["id"], "channel": "sms"}, headers=channel

@@ -435,6 +435,46 @@ def test_a_point_a_channel_sends_with_spaces_is_the_point_the_pda_names(
     assert blank.status_code == 422 and blank.get_json()["code"] == "blank_point_id"
 
 
+def test_point_ids_compare_whatever_their_case(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], session: Session, world: World
+) -> None:
+    """The recipient's app spelt the point ``pp-12``, the courier's PDA ``PP-12`` (or
+    the other way round, with spaces): the same point. Each is stored upper-case, and
+    the drop there is authorized."""
+    parcels = [factories.parcel(session, world.station).tracking_no for _ in range(2)]
+    session.commit()
+    for tracking_no, consented in zip(parcels, ("pp-12", " PP-12 "), strict=True):
+        consent = grant(
+            client, app1, tracking_no=tracking_no, method="pickup_point", point_id=consented
+        )
+        assert consent.get_json()["point_id"] == "PP-12"
+    at = now() - dt.timedelta(minutes=5)
+    events = [
+        factories.event(n + 1, tracking_no, occurred_at=at - dt.timedelta(hours=1))
+        for n, tracking_no in enumerate(parcels)
+    ] + [
+        factories.event(
+            n + 3,
+            tracking_no,
+            "delivered_to_pickup_point",
+            occurred_at=at,
+            point_id=dropped,
+            pod={"pickup_code": "4821"},
+        )
+        for n, (tracking_no, dropped) in enumerate(zip(parcels, ("PP-12", "pp-12 "), strict=True))
+    ]
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", events),
+        headers=auth.headers("courier1", "PDA-0001"),
+    ).get_json()
+    assert pushed["flags_raised"] == []
+    stored = session.scalars(
+        select(ScanEvent.details).where(ScanEvent.type == "delivered_to_pickup_point")
+    ).all()
+    assert [d["point_id"] for d in stored] == ["PP-12", "PP-12"]
+
+
 def test_consent_captured_on_the_pda_before_the_drop_authorizes_it(
     client: FlaskClient, auth: Auth, parcel: Parcel, session: Session
 ) -> None:

@@ -1798,3 +1798,124 @@ def test_a_granted_request_whose_consent_was_revoked_reads_revoked(scratch: Engi
         2: "granted",
         3: "pending",
     }
+
+
+DELIVERIES_SKIPPED = "c9e4a2d7f5b3"  # webhook deliveries may be skipped, with why
+POINT_IDS = "d8a5f1c3e6b9"  # locker and pickup-point ids trimmed and upper-case
+
+
+def test_point_ids_are_rewritten_upper_case_and_a_resent_event_stays_a_duplicate(
+    scratch: Engine,
+) -> None:
+    """Consents, requests and drops the version before stored with a point id in lower
+    case get it upper-case, as the code now writes it; a drop's ``content_hash`` is
+    computed again, as the code computes it, so that the PDA re-sending the drop as it
+    first sent it (lower case) is a duplicate, not a conflicting duplicate; a row
+    already upper-case is not written."""
+    import datetime as dt
+    import uuid
+    from dataclasses import replace
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from models import Consent, ConsentRequest, ScanEvent
+    from sync.events import EventRules, validate_event
+    from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+    from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+    from tests import factories
+
+    migrate.upgrade(scratch, DELIVERIES_SKIPPED)
+    rules = IngestRules(
+        events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+    )
+    at = dt.datetime(2026, 12, 1, 9, 0, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+    with Session(scratch, expire_on_commit=False) as session:
+        station = factories.station(session)
+        courier = factories.user(session, "courier1", "courier", station)
+        device = factories.device(session, "PDA-1", station)
+        parcel = factories.parcel(session, station).tracking_no
+        session.commit()
+        pusher = Pusher(device.id, station.id, courier.id)
+        sent = [
+            factories.event(
+                1,
+                parcel,
+                "delivered_to_pickup_point",
+                occurred_at=at,
+                point_id="pp-12",
+                location={"lat": 31.2304, "lon": 121.4737, "accuracy_m": 8.5},
+            ),
+            factories.event(
+                2,
+                parcel,
+                "consent_captured",
+                occurred_at=at,
+                consent={"method": "locker", "point_id": "L-3", "channel": "sms"},
+            ),
+        ]
+
+        def push(events: list[dict[str, Any]]) -> dict[str, Any]:
+            receipt = ingest(
+                session=session,
+                batch=PushBatch(device.id, uuid.uuid4(), at, events),
+                pusher=pusher,
+                rules=rules,
+                received_at=at,
+            )
+            session.commit()
+            return receipt
+
+        push(sent)
+        # As the version before stored them: the point as sent, hashed so.
+        drop = session.scalars(select(ScanEvent).where(ScanEvent.seq == 1)).one()
+        valid = validate_event(sent[0], rules=rules.events)
+        as_before = replace(valid, details={**valid.details, "point_id": "pp-12"})
+        drop.details = as_before.details
+        drop.content_hash = as_before.content_hash
+        session.add(
+            Consent(
+                scope="parcel",
+                station_id=station.id,
+                tracking_no=parcel,
+                method="pickup_point",
+                point_id="pp-12",
+                channel="app",
+                granted_at=at,
+                created_at=at,
+            )
+        )
+        session.add(
+            ConsentRequest(
+                station_id=station.id,
+                tracking_no=parcel,
+                courier_id=courier.id,
+                method="locker",
+                point_id="l-3",
+                requested_at=at,
+                expires_at=at,
+                created_at=at,
+            )
+        )
+        session.commit()
+        untouched = session.scalars(select(ScanEvent).where(ScanEvent.seq == 2)).one()
+        untouched_hash = untouched.content_hash
+
+    migrate.upgrade(scratch, POINT_IDS)
+    with Session(scratch) as session:
+        drop = session.scalars(select(ScanEvent).where(ScanEvent.seq == 1)).one()
+        assert drop.details["point_id"] == "PP-12"
+        assert drop.content_hash == valid.content_hash  # as the code hashes it now
+        assert session.scalars(select(ScanEvent.content_hash).where(ScanEvent.seq == 2)).one() == (
+            untouched_hash
+        )
+        assert session.scalars(select(Consent.point_id)).all() == ["L-3", "PP-12"]
+        assert session.scalars(select(ConsentRequest.point_id)).all() == ["L-3"]
+        receipt = ingest(
+            session=session,
+            batch=PushBatch("PDA-1", uuid.uuid4(), at, [sent[0]]),
+            pusher=Pusher("PDA-1", drop.station_id, drop.courier_id),
+            rules=rules,
+            received_at=at,
+        )
+        assert [r["status"] for r in receipt["results"]] == ["duplicate"], receipt

@@ -443,3 +443,25 @@ def test_every_optional_field_of_an_event_type_is_in_the_blank_field_test() -> N
             optional.add((event_type, (name,)))
     assert optional
     assert optional <= {(event_type, path[:1]) for event_type, path in OPTIONAL_FIELDS}
+
+
+def test_point_ids_are_upper_case_one_content_and_no_longer_than_stored() -> None:
+    """A locker or pickup point spelt in lower case is the same point, and the same
+    event content; one that upper case makes longer than a point id may be ("ß" is
+    "SS") is refused, naming the field."""
+    cid = str(uuid.uuid4())
+    lower = validate_event(
+        event(client_event_id=cid, type="delivered_to_pickup_point", point_id=" pp-12"),
+        rules=RULES,
+    )
+    upper = validate_event(
+        event(client_event_id=cid, type="delivered_to_pickup_point", point_id="PP-12"),
+        rules=RULES,
+    )
+    assert lower.details["point_id"] == "PP-12"
+    assert lower.content_hash == upper.content_hash
+    consent = {"method": "locker", "point_id": "l-3", "channel": "sms"}
+    captured = validate_event(event(type="consent_captured", consent=consent), rules=RULES)
+    assert captured.details["consent"]["point_id"] == "L-3"
+    long = event(type="delivered_to_locker", locker_id="ß" * 33, compartment="1")
+    assert rejection(long) == ("text_too_long", "locker_id")

@@ -45,7 +45,10 @@ class ConsentIn(ma.Schema):
     )
     point_id = Text(
         validate=ma.validate.Length(max=64),
-        metadata={"description": "A specific locker or pickup point; default any of the method"},
+        metadata={
+            "description": "A specific locker or pickup point; default any of the method. "
+            "Its id is stored and compared trimmed and upper-case (`pp-12` is `PP-12`)"
+        },
     )
     channel = ma.fields.Enum(ConsentChannel, by_value=True, required=True)
     granted_at = UtcTime(
@@ -94,7 +97,10 @@ class ConsentRequestIn(ma.Schema):
     method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
     point_id = Text(
         validate=ma.validate.Length(max=64),
-        metadata={"description": "The locker or pickup point the courier proposes"},
+        metadata={
+            "description": "The locker or pickup point the courier proposes (stored trimmed "
+            "and upper-case, as every point id)"
+        },
     )
     channel = ma.fields.Enum(
         ConsentChannel,

@@ -113,7 +113,10 @@ class ProofOut(ma.Schema):
     locker_id = ma.fields.String(
         allow_none=True,
         required=True,
-        metadata={"description": "A locker drop's locker, as the PDA sent it; null otherwise"},
+        metadata={
+            "description": "A locker drop's locker, as the PDA sent it (trimmed and "
+            "upper-case, as every point id); null otherwise"
+        },
     )
     compartment = ma.fields.String(
         allow_none=True,

@@ -51,7 +51,9 @@ class ProofOfDelivery(ma.Schema):
 
 class CapturedConsent(ma.Schema):
     method = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_METHODS)})
-    point_id = ma.fields.String()
+    point_id = ma.fields.String(
+        metadata={"description": "Stored trimmed and upper-case, as every point id"}
+    )
     channel = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_CHANNELS)})
     evidence = ma.fields.String()
 
@@ -59,7 +61,10 @@ class CapturedConsent(ma.Schema):
 class ConsentRequested(ma.Schema):
     method = ma.fields.String(required=True, metadata={"enum": sorted(CONSENT_METHODS)})
     point_id = ma.fields.String(
-        metadata={"description": "The locker or pickup point the courier proposes"}
+        metadata={
+            "description": "The locker or pickup point the courier proposes (stored "
+            "trimmed and upper-case, as every point id)"
+        }
     )
     channel = ma.fields.String(
         metadata={
@@ -122,12 +127,20 @@ class ScanEventIn(ma.Schema):
         }
     )
     locker_id = ma.fields.String(
-        metadata={"description": "delivered_to_locker; collected_from_locker (optional)"}
+        metadata={
+            "description": "delivered_to_locker; collected_from_locker (optional). Stored "
+            "and compared trimmed and upper-case (`l-3` is `L-3`), as a consent's point"
+        }
     )
     compartment = ma.fields.String(
         metadata={"description": "delivered_to_locker; collected_from_locker (optional)"}
     )
-    point_id = ma.fields.String(metadata={"description": "delivered_to_pickup_point"})
+    point_id = ma.fields.String(
+        metadata={
+            "description": "delivered_to_pickup_point. Stored and compared trimmed and "
+            "upper-case (`pp-12` is `PP-12`), as a consent's point"
+        }
+    )
     pod = ma.fields.Nested(
         ProofOfDelivery,
         metadata={

@@ -335,7 +335,30 @@ def cancel_voided(
             request.status_reason = "voided by a correction from the PDA"
             request.answered_at = now
             cancelled.append(request)
+            if now < request.expires_at:  # asked, and maybe shown: tell the channel
+                _announce_cancelled(session, request, now)
     return cancelled
+
+
+def _announce_cancelled(session: Session, request: ConsentRequest, now: dt.datetime) -> None:
+    """``consent.request_cancelled``: the channel stops asking the recipient a question
+    whose answer would be refused (``consent_request_cancelled``). After the request's
+    ``consent.requested`` for the same parcel; one not yet sent then is skipped
+    (``sync.webhooks``)."""
+    outbox.announce(
+        session=session,
+        topic="consent.request_cancelled",
+        ordering_key=outbox.parcel_key(request.tracking_no),
+        station_id=request.station_id,
+        data={
+            "request_id": request.id,
+            "tracking_no": request.tracking_no,
+            "station_id": request.station_id,
+            "cancelled_at": now,
+            "reason": request.status_reason,
+        },
+        now=now,
+    )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from models import OutboxMessage, WebhookDelivery, WebhookSubscription, utcnow
 # Every topic a subscription may ask for, with what its message says.
 TOPICS: dict[str, str] = {
     "consent.requested": "A courier asks a recipient to agree to unattended delivery",
+    "consent.request_cancelled": "The courier's PDA voided such a request (a correction) "
+    "while it waited: stop asking, no answer to it counts",
     "parcel.in_locker": "A parcel was left in a locker: where, and the pickup code",
     "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
     "parcel.drop_voided": "A courier's correction voided such a drop: the parcel is not "

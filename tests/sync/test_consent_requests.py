@@ -765,3 +765,38 @@ def test_a_drop_voided_by_a_correction_already_held_is_never_announced(
     pda.push([kept])
     [announced] = messages(session, "parcel.in_locker")
     assert announced.payload["locker_id"] == "L-3"
+
+
+def test_a_request_cancelled_while_it_waits_is_announced_to_the_channel(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The channel asked the recipient; the courier's correction voids the request: the
+    channel hears of it (``consent.request_cancelled``, after the question for that
+    parcel) and stops asking, rather than learning it from a 409 on the answer. A
+    request voided before it was ever sent is not announced as cancelled."""
+    subscribe(session, "consent.requested", "consent.request_cancelled")
+    asked = pda.event(parcel, "consent_requested", 50, request={"method": "locker"})
+    pda.push([asked])
+    fix = pda.event(
+        parcel, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="x"
+    )
+    pda.push([fix])
+    request = request_of(session)
+    [message] = messages(session, "consent.request_cancelled")
+    assert message.ordering_key == parcel
+    assert message.payload == {
+        "request_id": request.id,
+        "tracking_no": parcel,
+        "station_id": world.station.id,
+        "cancelled_at": NOW.isoformat(),
+        "reason": "voided by a correction from the PDA",
+    }
+    [question] = messages(session, "consent.requested")
+    deliveries = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    assert [d.message_id for d in deliveries] == [question.id, message.id]
+    again = pda.event(parcel, "consent_requested", 52, request={"method": "any"})
+    oops = pda.event(
+        parcel, "correction", 53, voids_client_event_id=again["client_event_id"], reason="x"
+    )
+    pda.push([again, oops])
+    assert len(messages(session, "consent.request_cancelled")) == 1

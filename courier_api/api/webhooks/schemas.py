@@ -241,6 +241,19 @@ class WebhookConsentRequested(ma.Schema):
     expires_at = _time("An answer after this time is refused")
 
 
+class WebhookConsentRequestCancelled(ma.Schema):
+    """`consent.request_cancelled`: the courier's PDA voided a pending request (a
+    correction): stop asking the recipient; an answer to it is a 409
+    `consent_request_cancelled`. Comes after its `consent.requested` (one not sent by
+    then is skipped)."""
+
+    request_id = ma.fields.Integer(required=True)
+    tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})
+    station_id = ma.fields.Integer(required=True)
+    cancelled_at = _time()
+    reason = ma.fields.String(required=True)
+
+
 class WebhookParcelInLocker(ma.Schema):
     """`parcel.in_locker`: tell the recipient where to collect the parcel."""
 
@@ -380,6 +393,7 @@ class WebhookReportReady(ma.Schema):
 # Each topic's data, in the order of sync.outbox.TOPICS.
 TOPIC_DATA: dict[str, type[ma.Schema]] = {
     "consent.requested": WebhookConsentRequested,
+    "consent.request_cancelled": WebhookConsentRequestCancelled,
     "parcel.in_locker": WebhookParcelInLocker,
     "parcel.at_pickup_point": WebhookParcelAtPickupPoint,
     "parcel.drop_voided": WebhookParcelDropVoided,

@@ -282,11 +282,21 @@ def still_standing(ranges: Ranges, written_off_now: Ranges) -> Ranges:
 
 
 def list_write_offs(
-    *, session: Session, device_id: str, before_id: int | None = None, limit: int = 100
+    *,
+    session: Session,
+    device_id: str,
+    station_id: int | None = None,
+    before_id: int | None = None,
+    limit: int = 100,
 ) -> list[WriteOffRecord]:
     """The device's write-offs, newest first, each with what of it still stands
     (``still_standing``); ``before_id`` is the last id of the previous page
-    (``ix_seq_write_off_device``). Two queries."""
+    (``ix_seq_write_off_device``). Two queries.
+
+    ``station_id`` keeps those made at that station (a manager's own: the write-offs of
+    their station's shifts); ``None``, every station's (auditors, admins). A PDA moved
+    to another station keeps its history, and the new station's manager reads its
+    write-offs from then on only, as the old station's shifts are not theirs."""
     now = session.scalar(
         select(_states.c.written_off_ranges).where(_states.c.device_id == device_id)
     )
@@ -299,6 +309,8 @@ def list_write_offs(
     )
     if before_id is not None:
         query = query.where(SeqWriteOff.id < before_id)
+    if station_id is not None:
+        query = query.where(SeqWriteOff.station_id == station_id)
     return [
         WriteOffRecord(
             write_off, full_name or username, still_standing(write_off.ranges, now or [])

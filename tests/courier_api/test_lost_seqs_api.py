@@ -365,6 +365,33 @@ def test_who_wrote_seqs_off_is_named_only_to_who_may_know_them(
     assert names("auditor1") == ([named, admin], [admin, named])
 
 
+def test_a_manager_lists_only_their_own_stations_write_offs_of_a_pda_moved_to_them(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """PDA-0001 wrote off seq 3 at ST1, then moved to ST2: ST2's manager listed ST1's
+    write-off, its reason and all, though ST1's shifts are not theirs (a manager sees
+    their own station's). Now they list those made at ST2 only; an auditor reads both."""
+    lost_in_the_middle(session, world, pda)
+    at_st1 = lost_seqs(client, manager, seqs=[3]).get_json()["id"]
+    world.device.station_id = world.other_station.id
+    session.commit()
+    moved = auth.headers("manager2")
+    at_st2 = lost_seqs(client, moved, seqs=[4], reason="found broken at ST2").get_json()["id"]
+
+    def listed(headers: dict[str, str]) -> list[int]:
+        response = write_offs(client, headers)
+        assert response.status_code == 200, response.get_json()
+        return [item["id"] for item in response.get_json()["items"]]
+
+    assert listed(moved) == [at_st2]
+    assert listed(auth.headers("auditor1")) == listed(auth.headers("admin")) == [at_st2, at_st1]
+
+
 def test_a_pdas_write_offs_are_paginated_by_the_last_id_seen(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

@@ -137,19 +137,23 @@ class LostSeqs(MethodView):
         none still standing was disproved by the PDA.
         Managers read their station's PDAs, auditors and admins every station's; one
         of another station answers a manager what an unknown id answers (404
-        `device_not_found`).
+        `device_not_found`). A manager reads the write-offs made at their own station
+        only (those of its shifts): a PDA moved from another station lists none of
+        that station's to them; auditors and admins read every station's.
         """
         device = directory.get_device(session=db.session, device_id=device_id)
         ensure_visible(device.station_id, directory.device_not_found(device_id))
+        station = current_principal().station_filter(None)
         records = write_offs_named(
             db.session,
             lost_seqs.list_write_offs(
                 session=db.session,
                 device_id=device.id,
+                station_id=station,
                 before_id=args["after"] or None,
                 limit=args["limit"],
             ),
-            current_principal().station_filter(None),
+            station,
         )
         items = [
             {

@@ -58,7 +58,7 @@ class Shift(Base):
     first_seq: Mapped[int | None] = mapped_column(BigId)
     last_seq: Mapped[int | None] = mapped_column(BigId)
     # The device's highest seq the server held when the shift closed: a record of what
-    # had arrived by the handover.
+    # had arrived by the handover (a seq written off as lost never arrived: not held).
     seq_at_close: Mapped[int | None] = mapped_column(BigId)
     closed_at: Mapped[dt.datetime | None]
     closed_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))

@@ -121,6 +121,14 @@ def without(ranges: Iterable[Sequence[int]], cut: Iterable[Sequence[int]]) -> Ra
     return out
 
 
+def highest_held(max_seq: int, missing: Ranges, written_off: Ranges) -> int:
+    """The highest seq whose event (or rejection) the server holds, 0 for none: a
+    device's ``max_seq`` counts written-off seqs as held (a write-off raises it over
+    seqs that never came), this one does not."""
+    held = without([[1, max_seq]], [*missing, *written_off]) if max_seq >= 1 else []
+    return held[-1][1] if held else 0
+
+
 def seq_count(ranges: Iterable[Sequence[int]]) -> int:
     return sum(last - first + 1 for first, last in ranges)
 

@@ -51,6 +51,7 @@ from models import (
     utcnow,
 )
 from sync import audit, outbox
+from sync.acks import highest_held
 from sync.device_state import lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
@@ -905,7 +906,11 @@ def close_shift(
     shift.closed_at = now
     shift.closed_by = closed_by
     shift.last_seq = last_seq
-    shift.seq_at_close = state.max_seq if state is not None else 0
+    shift.seq_at_close = (
+        highest_held(state.max_seq, state.missing_ranges, state.written_off_ranges or [])
+        if state is not None
+        else 0
+    )
     session.flush()
     taken = _take_unfiled_in_seqs(session, shift, policy) if last_seq is not None else []
     close_flag(

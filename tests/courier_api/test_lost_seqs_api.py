@@ -392,6 +392,31 @@ def test_a_manager_lists_only_their_own_stations_write_offs_of_a_pda_moved_to_th
     assert listed(auth.headers("auditor1")) == listed(auth.headers("admin")) == [at_st2, at_st1]
 
 
+def test_a_close_records_as_held_seq_at_close_the_seqs_that_arrived_not_those_written_off(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """The PDA sent seqs 1-2 of a shift closed at 4, and 3-4 were written off as lost;
+    the manager closed the next shift for its dead PDA, and the log's `seq_at_close`,
+    "the seq the server held from the PDA then", said 4: a write-off raises the
+    device's highest seq over seqs that never arrived. It says 2 now."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b)])
+    assert pda.close(shift["id"], last_seq=4).status_code == 200
+    assert lost_seqs(client, manager, ranges=[{"first": 3, "last": 4}]).status_code == 201
+    pda.seq = 4
+    following = pda.open(first_seq=5)
+    closed = client.post(f"/api/v1/shifts/{following['id']}/close", json={}, headers=manager)
+    assert closed.status_code == 200, closed.get_json()
+    entry = session.scalars(
+        select(AuditEntry).where(
+            AuditEntry.action == "shift_closed_for_courier",
+            AuditEntry.subject_key == str(following["id"]),
+        )
+    ).one()
+    assert entry.details["seq_at_close"] == 2
+
+
 def test_a_pdas_write_offs_are_paginated_by_the_last_id_seen(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

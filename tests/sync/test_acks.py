@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync.acks import SeqTracker, merged, overlap, seq_count, without
+from sync.acks import SeqTracker, highest_held, merged, overlap, seq_count, without
 
 
 def model(seqs: list[int]) -> tuple[int, list[int]]:
@@ -70,3 +70,10 @@ def test_ranges_of_seqs_merge_overlap_and_subtract_as_sets_do(a, b) -> None:
         assert seqs_of(ranges) == expected
         assert seq_count(ranges) == len(expected)
         assert all(x[1] + 1 < y[0] for x, y in zip(ranges, ranges[1:], strict=False))
+
+
+def test_the_highest_seq_held_leaves_out_seqs_missing_or_written_off() -> None:
+    assert highest_held(0, [], []) == 0
+    assert highest_held(6, [[3, 4]], []) == 6
+    assert highest_held(6, [[5, 5]], [[6, 6]]) == 4  # 6 written off, 5 still missing
+    assert highest_held(4, [], [[1, 4]]) == 0

@@ -77,7 +77,8 @@ class AuditEntries(MethodView):
         subject `shift`: a shift page showing its discrepancies' recipients),
         `blob_read`, `quarantine_searched`), a shift closed by a manager or an admin
         for its courier (`shift_closed_for_courier`; subject `shift`: the `last_seq`
-        given, `seq_at_close`, the `events_taken` from under no shift) and the
+        given, `seq_at_close` (the highest seq the server held from the PDA then, not
+        counting seqs written off as lost), the `events_taken` from under no shift) and the
         `last_seq` its courier's PDA declared for it afterwards
         (`shift_last_seq_declared`; the courier as actor, with `closed_by`), a change of a
         station (`station_updated`; subject `station` and its id: its name or time zone)

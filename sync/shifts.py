@@ -1222,7 +1222,6 @@ def record_sign_off(
     shift.signoff_note = note
     shift.signoff_forced_reason = forced_reason
     shift.signoff_balance = balance.snapshot()
-    session.flush()
     audit.append(
         session=session,
         actor_id=user_id,

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Shift, ShiftStatus, utcnow
+from sync import audit
 from sync.balances import OpenFlag, balances_and_rejections, images_lacking, open_own_flags
 from sync.errors import InvalidInput
 from sync.handover import Balance, BalanceStatus, balance_version
@@ -95,31 +96,34 @@ def sign_off_clean(
     waiting = open_own_flags(session, list(handed_over))
     lacking = images_lacking(session, list(handed_over))
     outcomes = []
-    for shift_id in ids:
-        refusal = _refusal(
-            shift_id,
-            seen[shift_id],
-            known=shift_id in of_station,
-            shift=handed_over.get(shift_id),
-            balance=judged.get(shift_id),
-            flags=waiting.get(shift_id, ()),
-            images_missing=len(lacking.get(shift_id, ())),
-            rejected_events=rejected.get(shift_id, 0),
-            reviews=reviews.get(shift_id, ()),
-        )
-        if refusal is not None:
-            outcomes.append(refusal)
-            continue
-        record_sign_off(
-            session=session,
-            shift=handed_over[shift_id],
-            balance=judged[shift_id],
-            user_id=user_id,
-            note=text,
-            forced_reason=None,
-            now=now,
-        )
-        outcomes.append(Outcome(shift_id, SIGNED_OFF))
+    # Every sign-off's entry chained at once, after its UPDATE: statements per request
+    # do not grow with the shifts signed off (record_sign_off does not flush).
+    with audit.deferred(session):
+        for shift_id in ids:
+            refusal = _refusal(
+                shift_id,
+                seen[shift_id],
+                known=shift_id in of_station,
+                shift=handed_over.get(shift_id),
+                balance=judged.get(shift_id),
+                flags=waiting.get(shift_id, ()),
+                images_missing=len(lacking.get(shift_id, ())),
+                rejected_events=rejected.get(shift_id, 0),
+                reviews=reviews.get(shift_id, ()),
+            )
+            if refusal is not None:
+                outcomes.append(refusal)
+                continue
+            record_sign_off(
+                session=session,
+                shift=handed_over[shift_id],
+                balance=judged[shift_id],
+                user_id=user_id,
+                note=text,
+                forced_reason=None,
+                now=now,
+            )
+            outcomes.append(Outcome(shift_id, SIGNED_OFF))
     return outcomes
 
 

@@ -18,16 +18,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import delete, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from models import EventType, Flag, QuarantinedEvent, ScanEvent, Shift, ShiftStatus, SyncBatch
+from models import (
+    AuditEntry,
+    EventType,
+    Flag,
+    QuarantinedEvent,
+    ScanEvent,
+    Shift,
+    ShiftStatus,
+    SyncBatch,
+)
+from sync.audit import verify
 from sync.balances import board_totals, gather, station_board
 from sync.blobs import BlobReader, FileBlobStore
 from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
 from sync.proofs import get_proof
 from sync.quarantine import RejectionScope, parcel_named, rejection_counts, shift_rejections
 from sync.rules import Policy
+from sync.signoffs import SIGNED_OFF, sign_off_clean
 from tests import factories
 
 DAY = dt.date(2026, 11, 23)
@@ -116,6 +127,55 @@ def test_the_board_reads_a_day_in_the_same_few_queries_for_10_or_100_shifts(
     # Nothing was written while reading.
     assert all(q.lstrip().upper().startswith("SELECT") for q in big_queries)
     assert session.scalar(select(Shift.id).where(Shift.station_id == big).limit(1)) is not None
+
+
+def test_the_clean_handovers_are_signed_off_together_in_the_same_statements_for_10_or_40(
+    session: Session,
+) -> None:
+    """At 19:00 the manager signs off 40 clean handovers at once: each sign-off wrote
+    its shift, read the audit log's head and wrote its entry, three statements a
+    shift, where the board that offered them reads in a fixed few. Now the shifts'
+    UPDATE goes in one statement and their entries are chained at once
+    (``audit.deferred``): on PostgreSQL the same statements for 10 or 40 shifts; on
+    SQLite each entry is still its own INSERT (its ids come back one by one)."""
+    admin = factories.user(session, "admin", "admin")
+    counts = []
+    for code, shifts in (("SMALL", 10), ("BIG", 40)):
+        station = factories.station_day(
+            session, code, shifts=shifts, parcels_per_shift=20, day=DAY
+        )
+        # Every parcel accounted for: the one missing of each shift was returned.
+        session.execute(
+            update(ScanEvent)
+            .where(ScanEvent.station_id == station, ScanEvent.type == EventType.EXCEPTION)
+            .values(type=EventType.RETURNED_TO_STATION)
+        )
+        session.execute(delete(Flag).where(Flag.station_id == station))
+        session.expire_all()
+        seen = {
+            row.shift.id: row.balance_version
+            for row in station_board(session=session, station_id=station, work_date=DAY)
+        }
+        session.expire_all()
+        with counted(session) as statements:
+            outcomes = sign_off_clean(
+                session=session, station_id=station, seen=seen, user_id=admin.id, note="ok"
+            )
+        assert [o.outcome for o in outcomes] == [SIGNED_OFF] * shifts
+        counts.append(statements)
+
+    def others(statements: list[str]) -> list[str]:
+        """The statements but the audit entries' INSERTs."""
+        return [q for q in statements if not q.lstrip().startswith("INSERT INTO audit_entry")]
+
+    small, big = counts
+    assert len(others(big)) == len(others(small)), others(big)
+    if session.get_bind().dialect.name == "postgresql":
+        assert len(big) == len(small), big
+    assert session.scalar(select(func.count()).select_from(AuditEntry)) == 50
+    signed_off = select(func.count()).where(Shift.status == ShiftStatus.SIGNED_OFF)
+    assert session.scalar(signed_off) == 50
+    assert verify(session=session).ok
 
 
 def test_rejected_events_are_counted_as_each_shift_page_lists_them_200_shifts_at_once(

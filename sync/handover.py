@@ -613,12 +613,47 @@ def first_seq_after(previous_shift_end: int | None) -> int | None:
 def sign_off_blocked(balance: Balance) -> str | None:
     """Why a sign-off must be forced, or None."""
     if balance.status == BalanceStatus.PROVISIONAL:
-        shown = ", ".join(str(s) for s in balance.missing_seqs[:20])
-        more = balance.missing_seq_count - min(20, len(balance.missing_seqs))
-        if more > 0:
-            shown += f" and {more} more"
         return (
-            f"the balance is provisional: the PDA has not sent seq {shown}; "
-            "wait for them, write off those its PDA lost, or force the sign-off with a reason"
+            f"{unsent_seqs_named(balance)}; wait for them, write off those its PDA lost, "
+            "or force the sign-off with a reason"
         )
     return None
+
+
+def unsent_seqs_named(balance: Balance) -> str:
+    """``the balance is provisional: the PDA has not sent seq 3, 4``, the first 20."""
+    shown = ", ".join(str(s) for s in balance.missing_seqs[:20])
+    more = balance.missing_seq_count - min(20, len(balance.missing_seqs))
+    if more > 0:
+        shown += f" and {more} more"
+    return f"the balance is provisional: the PDA has not sent seq {shown}"
+
+
+def counts_named(balance: Balance) -> str:
+    """``balanced, 12 checked out, 10 delivered, 2 returned``: the status and the counts
+    that are not nought, as the board row shows them."""
+    counts = [
+        f"{getattr(balance, name)} {name.replace('_', ' ')}"
+        for name in COUNT_FIELDS
+        if getattr(balance, name)
+    ]
+    return ", ".join([balance.status, *counts])
+
+
+DISCREPANCIES_NAMED = 3  # parcels of each kind a message names, at most
+
+
+def discrepancies_named(balance: Balance) -> str:
+    """``2 missing_at_handover (RR473124829GB, RR...), 1 not_on_manifest (...)``: the
+    discrepancies by kind, in the order the balance lists them, each kind's first
+    parcels by number: what the manager goes to find."""
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for d in balance.discrepancies:
+        by_kind[d.kind].append(d.tracking_no)
+    named = []
+    for kind, numbers in by_kind.items():
+        shown = ", ".join(numbers[:DISCREPANCIES_NAMED])
+        if len(numbers) > DISCREPANCIES_NAMED:
+            shown += f" and {len(numbers) - DISCREPANCIES_NAMED} more"
+        named.append(f"{len(numbers)} {kind} ({shown})")
+    return ", ".join(named)

@@ -25,7 +25,14 @@ from models import Shift, ShiftStatus, utcnow
 from sync import audit
 from sync.balances import OpenFlag, balances_and_rejections, images_lacking, open_own_flags
 from sync.errors import InvalidInput
-from sync.handover import Balance, BalanceStatus, balance_version
+from sync.handover import (
+    Balance,
+    BalanceStatus,
+    balance_version,
+    counts_named,
+    discrepancies_named,
+    unsent_seqs_named,
+)
 from sync.shifts import lock_shifts, manager_text, record_sign_off
 
 # Shifts signed off in one request: a station's day, with room to spare.
@@ -149,10 +156,17 @@ def not_clean(
         return Refusal("shift_open", "still open; it is signed off after it is closed")
     if shift.status == ShiftStatus.SIGNED_OFF:
         return Refusal("already_signed_off", "already signed off")
+    if balance.status == BalanceStatus.PROVISIONAL:
+        return Refusal(
+            "balance_provisional",
+            f"{unsent_seqs_named(balance)}: wait for them, write off those its PDA lost, or "
+            "sign it off on its own with a reason it cannot wait",
+        )
     if balance.status != BalanceStatus.BALANCED:
+        found = f": {discrepancies_named(balance)}" if balance.discrepancies else ""
         return Refusal(
             f"balance_{balance.status}",
-            f"the balance is {balance.status}: sign it off on its own, with a note on it",
+            f"the balance is {balance.status}{found}; sign it off on its own, with a note on it",
         )
     if rejected_events:
         were = "event of its PDA was" if rejected_events == 1 else "events of its PDA were"
@@ -206,8 +220,8 @@ def _refusal(
         if why is None and version != balance_version(balance):
             why = Refusal(
                 "balance_changed",
-                f"its balance changed since it was read ({len(balance.discrepancies)} "
-                "discrepancies now): read it again",
+                f"its balance changed since it was read (now {counts_named(balance)}): "
+                "read it again",
             )
     if why is None:
         return None

@@ -114,6 +114,17 @@ def test_the_clean_handovers_are_signed_off_together_and_the_others_refused_with
     assert (body["signed_off"], body["refused"]) == (1, 4)
     flagged_message = outcomes_message(body, shift[flagged])
     assert "blob_missing_at_handover" in flagged_message
+    # Each refusal says what the manager goes to find: the parcels at fault (it said
+    # "the balance is unbalanced" only), what the balance says now (it said "0
+    # discrepancies now", of a balance that had none before either).
+    assert outcomes_message(body, shift[unbalanced]) == (
+        f"shift {shift[unbalanced]}: the balance is unbalanced: 1 delivered_without_pod "
+        f"({b}), 1 missing_at_handover ({c}); sign it off on its own, with a note on it"
+    )
+    assert outcomes_message(body, shift[changed]) == (
+        f"shift {shift[changed]}: its balance changed since it was read (now balanced, "
+        "2 checked out, 2 returned): read it again"
+    )
 
     session.expire_all()
     stored = {s.id: s for s in session.scalars(select(Shift))}
@@ -175,6 +186,11 @@ def test_a_provisional_handover_is_left_for_a_sign_off_with_its_reason(
     )
     [outcome] = response.get_json()["outcomes"]
     assert (outcome["outcome"], outcome["code"]) == ("refused", "balance_provisional")
+    assert outcome["message"] == (
+        f"shift {shift_id}: the balance is provisional: the PDA has not sent seq 2: wait "
+        "for them, write off those its PDA lost, or sign it off on its own with a reason "
+        "it cannot wait"
+    )
     assert session.get(Shift, shift_id).status.value == "closed"
 
 

@@ -273,7 +273,9 @@ class CleanSignOffs(MethodView):
         outcome of its parcels still open for review (the row's
         `corrections_to_review`), every proof image uploaded, and its balance has
         not changed since it was read. Any other is refused with its reason
-        (`code`) and left for a sign-off of its own (`POST
+        (`code`, and a `message` naming what to look at: each discrepancy's parcels
+        by kind, the seqs still on the PDA, the flags' kinds, the balance as it
+        stands now) and left for a sign-off of its own (`POST
         /shifts/{shift_id}/signoff`), where an unbalanced or provisional handover
         gets a note about it; the rest are signed off all the same. Each sign-off
         goes to the audit log as a single one does. A shift of another station is

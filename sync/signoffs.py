@@ -23,7 +23,13 @@ from sqlalchemy.orm import Session
 
 from models import Shift, ShiftStatus, utcnow
 from sync import audit
-from sync.balances import OpenFlag, balances_and_rejections, images_lacking, open_own_flags
+from sync.balances import (
+    OpenFlag,
+    balances_and_rejections,
+    images_lacking,
+    open_own_flags,
+    signed_off_version,
+)
 from sync.errors import InvalidInput
 from sync.handover import (
     Balance,
@@ -107,6 +113,11 @@ def sign_off_clean(
     # do not grow with the shifts signed off (record_sign_off does not flush).
     with audit.deferred(session):
         for shift_id in ids:
+            if _retried(
+                handed_over.get(shift_id), judged.get(shift_id), seen[shift_id], user_id, text
+            ):
+                outcomes.append(Outcome(shift_id, SIGNED_OFF))
+                continue
             refusal = _refusal(
                 shift_id,
                 seen[shift_id],
@@ -134,6 +145,25 @@ def sign_off_clean(
     return outcomes
 
 
+def _retried(
+    shift: Shift | None, balance: Balance | None, version: str, user_id: int, note: str
+) -> bool:
+    """Whether ``shift`` stands signed off as this request signs it off: by the same
+    user, with the same note, on the balance version named, not forced. The request
+    repeated after its answer was lost (a dropped connection at 19:00) is answered as
+    the first time, ``signed_off``, and writes nothing; a sign-off that differs is
+    refused (``already_signed_off``)."""
+    return (
+        shift is not None
+        and balance is not None
+        and shift.status == ShiftStatus.SIGNED_OFF
+        and shift.signed_off_by == user_id
+        and shift.signoff_note == note
+        and shift.signoff_forced_reason is None
+        and signed_off_version(shift, balance) == version
+    )
+
+
 def not_clean(
     shift: Shift,
     balance: Balance,
@@ -155,7 +185,11 @@ def not_clean(
     if shift.status == ShiftStatus.OPEN:
         return Refusal("shift_open", "still open; it is signed off after it is closed")
     if shift.status == ShiftStatus.SIGNED_OFF:
-        return Refusal("already_signed_off", "already signed off")
+        return Refusal(
+            "already_signed_off",
+            "already signed off, by another sign-off than this one: its page shows whose, "
+            "when and with what note",
+        )
     if balance.status == BalanceStatus.PROVISIONAL:
         return Refusal(
             "balance_provisional",

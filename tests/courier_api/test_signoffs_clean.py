@@ -149,15 +149,52 @@ def test_the_clean_handovers_are_signed_off_together_and_the_others_refused_with
         world.station.id,
         manager,
         {
-            shift[clean]: seen[shift[clean]],
+            shift[clean]: rows[shift[clean]]["balance_version"],
             shift[changed]: rows[shift[changed]]["balance_version"],
         },
+        note="checked again",
     )
     assert again.status_code == 200, again.get_json()
     assert {o["shift_id"]: o["code"] for o in again.get_json()["outcomes"]} == {
         shift[clean]: "already_signed_off",
         shift[changed]: None,
     }
+
+
+def test_a_sign_off_together_sent_again_is_answered_as_the_first_time(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """The answer to the evening's sign-off was lost (the station's connection dropped)
+    and the manager sent it again: every shift signed off came back "refused:
+    already_signed_off", as if none had been. The same request (same manager, note and
+    versions) is now answered as the first time and writes nothing; another manager's,
+    or another note, is still refused."""
+    clean, other = couriers[:2]
+    manager = auth.headers("manager1")
+    a, b = parcels(session, world, 2)
+    shift = {}
+    for pda, parcel in ((clean, a), (other, b)):
+        shift[pda] = pda.open(first_seq=1)["id"]
+        pda.push([pda.event(parcel), pda.event(parcel, "returned_to_station")])
+        assert pda.close(shift[pda]).status_code == 200
+    rows = board(client, world, manager)
+    seen = {shift_id: row["balance_version"] for shift_id, row in rows.items()}
+    first = sign_off_clean(client, world.station.id, manager, seen)
+    assert first.status_code == 200, first.get_json()
+    assert first.get_json()["signed_off"] == 2
+    again = sign_off_clean(client, world.station.id, manager, seen)
+    assert again.status_code == 200, again.get_json()
+    assert again.get_json() == first.get_json()
+    signoffs = select(AuditEntry).where(AuditEntry.action == "shift_signed_off")
+    assert len(session.scalars(signoffs).all()) == 2
+
+    factories.user(session, "manager3", "station_manager", world.station)
+    session.commit()
+    for headers, note in ((auth.headers("manager3"), "all accounted for"), (manager, "ok")):
+        refused = sign_off_clean(client, world.station.id, headers, seen, note=note)
+        assert refused.get_json()["signed_off"] == 0
+        assert {o["code"] for o in refused.get_json()["outcomes"]} == {"already_signed_off"}
+    assert len(session.scalars(signoffs).all()) == 2
 
 
 def outcomes_message(body: dict[str, Any], shift_id: int) -> str:

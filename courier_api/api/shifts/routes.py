@@ -278,8 +278,11 @@ class CleanSignOffs(MethodView):
         stands now) and left for a sign-off of its own (`POST
         /shifts/{shift_id}/signoff`), where an unbalanced or provisional handover
         gets a note about it; the rest are signed off all the same. Each sign-off
-        goes to the audit log as a single one does. A shift of another station is
-        refused as `shift_not_found`.
+        goes to the audit log as a single one does. The same request sent again (its
+        answer lost: the same manager, `note` and versions) is answered as the first
+        time and writes nothing; a shift signed off otherwise (by another manager,
+        with another note) is refused as `already_signed_off`. A shift of another
+        station is refused as `shift_not_found`.
         """
         ensure_station_access(station_id)
         directory.get_station(session=db.session, station_id=station_id)

@@ -95,11 +95,49 @@ def http_exception_body(error: HTTPException) -> tuple[dict[str, Any], dict[str,
     headers = dict(data.get("headers") or {})
     if status == 405:
         headers.update((k, v) for k, v in error.get_headers() if k == "Allow")
-    message = data.get("message") or _default_message(status, error)
     errors = data.get("errors") or data.get("messages")
+    message = data.get("message") or (
+        validation_message(errors) if status == 422 and errors else None
+    )
+    message = message or _default_message(status, error)
     if status == 413 and not errors:  # the field at fault is the body, as for an image
         errors = {"body": [message]}
     return error_body(status, code=data.get("code"), message=message, errors=errors), headers
+
+
+# Where webargs says a field was read from: the top key of its ``errors``.
+LOCATIONS = frozenset({"json", "query", "querystring", "form", "headers", "cookies", "files"})
+FIELDS_NAMED = 3  # in a validation error's message, at most
+
+
+def validation_message(errors: Any) -> str:
+    """``the request did not validate: shifts[0].balance_version: Missing data for
+    required field.``: the message names the fields at fault and what is wrong with
+    each (the first few), so that a reader of the message alone (a manager's page, a
+    log line) knows what to change; ``errors`` has them all."""
+    named = [f"{path}: {text}" if path else text for path, text in _faults(errors, "")]
+    shown = "; ".join(named[:FIELDS_NAMED])
+    if len(named) > FIELDS_NAMED:
+        shown += f"; and {len(named) - FIELDS_NAMED} more (see errors)"
+    return f"the request did not validate: {shown}"
+
+
+def _faults(errors: Any, path: str) -> list[tuple[str, str]]:
+    """``(field path, message)`` for each message in a marshmallow/webargs error tree."""
+    if isinstance(errors, dict):
+        found = []
+        for key, value in errors.items():
+            key = str(key)
+            if not path and key in LOCATIONS or key == "_schema":
+                found += _faults(value, path)
+            elif key.isdigit():
+                found += _faults(value, f"{path}[{key}]")
+            else:
+                found += _faults(value, f"{path}.{key}" if path else key)
+        return found
+    if isinstance(errors, list | tuple):
+        return [fault for item in errors for fault in _faults(item, path)]
+    return [(path, str(errors))]
 
 
 def _default_message(status: int, error: HTTPException) -> str:

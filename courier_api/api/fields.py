@@ -65,7 +65,10 @@ class UtcTime(ma.fields.AwareDateTime):
     """An ISO 8601 time with an offset, given back in UTC; times that UTC cannot hold
     (year 1 east of Greenwich) are a 422, not an overflow."""
 
-    default_error_messages = {"out_of_range": "the time is out of range"}
+    default_error_messages = {
+        "out_of_range": "the time is out of range",
+        "invalid_awareness": "give the time with its offset: 2026-11-23T19:00:00+08:00, or Z",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         moment: dt.datetime = super()._deserialize(value, attr, data, **kwargs)

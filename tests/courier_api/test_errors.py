@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+from courier_api.errors import validation_message
 from tests import factories
 from tests.conftest import Auth, World, make_test_app
 
@@ -91,6 +92,43 @@ def test_422_unknown_query_argument_value(client: FlaskClient, world: World, aut
     response = client.get("/api/v1/users?limit=0", headers=auth.headers("admin"))
     body = assert_error_shape(response, 422, "validation_error")
     assert "limit" in body["errors"]["query"]
+
+
+def test_a_422s_message_names_each_field_at_fault_and_what_is_wrong(
+    client: FlaskClient, world: World, auth: Auth
+) -> None:
+    """The message said "the request did not validate; see errors" whatever the fault:
+    a manager's sign-off together naming a shift without its balance version, or a
+    flag queue filtered from a day without its offset, read only that. It names the
+    field (a list's item by its index) and what is wrong now; `errors` is unchanged."""
+    manager = auth.headers("manager1")
+    response = client.post(
+        f"/api/v1/stations/{world.station.id}/signoffs",
+        json={"note": "all accounted for", "shifts": [{"shift_id": 1}]},
+        headers=manager,
+    )
+    body = assert_error_shape(response, 422, "validation_error")
+    assert body["errors"] == {
+        "json": {"shifts": {"0": {"balance_version": ["Missing data for required field."]}}}
+    }
+    assert body["message"] == (
+        "the request did not validate: shifts[0].balance_version: Missing data for required field."
+    )
+    response = client.get("/api/v1/flags?raised_from=2026-11-23&limit=0", headers=manager)
+    body = assert_error_shape(response, 422, "validation_error")
+    assert body["message"].startswith("the request did not validate: ")
+    assert (
+        "raised_from: give the time with its offset: 2026-11-23T19:00:00+08:00"
+        in (body["message"])
+    )
+    assert "limit: Must be greater than or equal to 1" in body["message"]
+
+
+def test_a_422s_message_names_the_first_fields_and_counts_the_others() -> None:
+    errors = {"json": {"a": ["bad"], "b": {"c": ["worse"]}, "_schema": ["odd"], "d": ["x"]}}
+    assert validation_message(errors) == (
+        "the request did not validate: a: bad; b.c: worse; odd; and 1 more (see errors)"
+    )
 
 
 @pytest.fixture

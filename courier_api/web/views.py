@@ -506,14 +506,22 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
 @page(*DECIDERS)
 def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
     """A manager writes off seqs the shift's PDA lost, as ``POST
-    /api/v1/devices/<id>/lost-seqs`` does. Refused, the page is shown again with the
-    seqs and the reason as they were typed."""
+    /api/v1/devices/<id>/lost-seqs`` does, for the PDA's station only: a PDA moved to
+    another station since is that station's to write off, as the API has it (refused,
+    saying so). Refused, the page is shown again with the seqs and the reason as they
+    were typed."""
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
 
     def write_off() -> None:
         form = parse(LostSeqsForm(), request.form)
         device = directory.get_device(session=db.session, device_id=found.device_id)
+        if not current_principal().can_access_station(device.station_id):
+            raise Conflict(
+                f"PDA {device.id} is now another station's, whose manager writes its seqs "
+                "off; sign this shift off forced, with a reason naming the seqs lost",
+                code="device_moved",
+            )
         lost_seqs.write_off_lost_seqs(
             session=db.session,
             device=device,

@@ -35,6 +35,7 @@ from models import (
     Parcel,
     Role,
     ScanEvent,
+    SeqWriteOff,
     Shift,
     ShiftStatus,
     User,
@@ -1614,6 +1615,27 @@ def test_a_manager_writes_off_the_lost_seqs_of_a_provisional_shift_on_its_page(
     assert f"by {manager.full_name}: “PDA reset at noon”" in written_off.group(1)
     assert 'id="missing-seqs"' not in page and "Reason to sign off now" not in page
     assert [a for a, *_ in audit_actions(session)][-1] == "lost_seqs_written_off"
+
+
+def test_a_pda_moved_to_another_station_is_not_written_off_from_an_old_shifts_page(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The provisional shift's PDA moved to the other station since: its write-offs are
+    that station's (the API answers this manager as for an unknown PDA), yet the old
+    shift's page wrote its seqs off, filed under the other station, where this manager
+    cannot read the write-off they made. The page refuses now, saying what to do."""
+    device = session.get(Device, day.provisional.device_id)
+    assert device is not None
+    device.station_id = day.other_station.id
+    session.commit()
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.provisional.id}"
+    refused = pages.post(f"{path}/lost-seqs", seqs="4", reason="PDA reset at noon")
+    assert refused.status_code == 200
+    shown = refused.get_data(as_text=True)
+    assert f"Not written off: PDA {device.id} is now another station&#39;s" in shown
+    assert "sign this shift off forced" in shown
+    assert session.scalars(select(SeqWriteOff)).all() == []
 
 
 def test_the_seqs_a_close_declared_beyond_the_highest_held_are_written_off_on_the_page(

@@ -91,9 +91,21 @@ KINDS = (
 )
 
 
+# What a flag is about (``Flag.subject_type``), and what its ``subject_key`` is then.
+SUBJECT_KEYS = {
+    "parcel": "its tracking number",
+    "shift": "its id; a parcel's handover in it (missing_at_handover, not_on_manifest): "
+    "`<shift id>:<tracking no>`",
+    "device": "the PDA's id",
+    "event": "a held event of a PDA: `<device id>/<client event id>` (its id sent again "
+    "with other content) or `<device id>#<seq>` (its seq claimed by another event)",
+    "subscription": "a webhook subscription's id",
+}
+
+
 @dataclass(frozen=True)
 class FlagSubject:
-    type: str  # parcel | device | event
+    type: str  # one of SUBJECT_KEYS
     key: str
 
     @classmethod

@@ -1,7 +1,9 @@
 """GET /flags, GET /flags/<id>, POST /flags/<id>/acknowledge and /resolve, and who may."""
 
 import datetime as dt
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+import sync
 from courier_api.extensions import db
 from models import AuditEntry, Flag, FlagSeverity, FlagStatus, ScanEvent
 from sync import audit
@@ -795,3 +798,20 @@ def test_a_flag_resolution_in_the_audit_log_names_the_evidence_it_was_decided_on
         or logged.get("event_ids") == decided_on["event_ids"]
         or logged.get("evidence_version") == flag["evidence_version"]
     ), logged
+
+
+def test_the_spec_names_every_subject_a_flag_is_raised_about(client: FlaskClient) -> None:
+    """The spec said a flag's subject is a parcel, a device or an event, its key a
+    tracking number, a device id or an event id: a manager filtering the queue met
+    `shift` flags keyed `12:RR473124829GB` (a parcel's handover in shift 12) and
+    `subscription` ones it never named. Every subject ``sync`` raises a flag about is
+    named, with what its key is."""
+    sources = "".join(path.read_text() for path in Path(sync.__file__).parent.glob("*.py"))
+    raised = set(re.findall(r'(?:FlagSubject|cls)\("(\w+)"', sources))
+    assert {"parcel", "shift", "device", "event", "subscription"} <= raised
+    schema = client.get("/openapi.json").get_json()["components"]["schemas"]["FlagOut"]
+    types = {t.strip() for t in schema["properties"]["subject_type"]["description"].split(",")}
+    assert raised <= types
+    keys = schema["properties"]["subject_key"]["description"]
+    assert all(f"{kind}, " in keys for kind in raised)
+    assert "`<shift id>:<tracking no>`" in keys

@@ -3,7 +3,7 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import FlagSeverity, FlagStatus
-from sync.flags import KINDS, MAX_NOTE_LENGTH
+from sync.flags import KINDS, MAX_NOTE_LENGTH, SUBJECT_KEYS
 
 
 class FlagListArgs(PageArgs):
@@ -55,10 +55,14 @@ class FlagOut(ma.Schema):
     kind = ma.fields.String(required=True, metadata={"example": "unknown_parcel"})
     severity = ma.fields.Enum(FlagSeverity, by_value=True, required=True)
     subject_type = ma.fields.String(
-        required=True, metadata={"description": "parcel, device or event"}
+        required=True, metadata={"description": ", ".join(SUBJECT_KEYS)}
     )
     subject_key = ma.fields.String(
-        required=True, metadata={"description": "Tracking number, device id or event id"}
+        required=True,
+        metadata={
+            "description": "By subject_type: "
+            + "; ".join(f"{kind}, {key}" for kind, key in SUBJECT_KEYS.items())
+        },
     )
     evidence = ma.fields.Dict(
         required=True,

@@ -516,6 +516,7 @@ def list_flags(
     severity: FlagSeverity | None = None,
     status: FlagStatus | None = None,
     standing: bool = False,
+    waiting: bool = False,
     courier_id: int | None = None,
     shift_id: int | None = None,
     tracking_no: str | None = None,
@@ -532,7 +533,9 @@ def list_flags(
     ``after_id`` is the last id of the previous page (the next page holds the flags
     listed after it; one opened again meanwhile is listed again at the top; one not
     of ``station_id`` names no place, as an unknown id);
-    ``raised_from`` is inclusive and ``raised_to`` exclusive. ``shift_id``: that
+    ``raised_from`` is inclusive and ``raised_to`` exclusive. ``waiting``: those still
+    waiting for a manager's decision, open or acknowledged (``ACTIVE_STATUSES``), as the
+    board counts a shift's open flags. ``shift_id``: that
     shift's own flags (its handover discrepancies, sign-off and sweeps); a parcel's
     rule flags name no shift. ``tracking_no``: the parcel's flags, its own (rules,
     wrong station, not taken in) and its handovers' in every shift (``missing_at_handover``,
@@ -561,6 +564,8 @@ def list_flags(
         query = query.where(Flag.status == status)
     if standing:
         query = query.where(Flag.status != FlagStatus.CLOSED)
+    if waiting:
+        query = query.where(Flag.status.in_(ACTIVE_STATUSES))
     if courier_id is not None:
         query = query.where(Flag.courier_id == courier_id)
     if shift_id is not None:

@@ -59,6 +59,8 @@ class FlagKind(Text):
 # its delivery, a parcel a late batch accounted for at the handover); ``any``, all.
 STANDING = "standing"
 ANY_STATUS = "any"
+# ``waiting``: open or acknowledged, what a board row counts as its open flags.
+WAITING = "waiting"
 
 
 class FlagFilter(_Form):
@@ -66,7 +68,9 @@ class FlagFilter(_Form):
     kind = FlagKind()
     severity = ma.fields.Enum(FlagSeverity, by_value=True)
     status = ma.fields.String(
-        validate=ma.validate.OneOf([STANDING, ANY_STATUS, *(s.value for s in FlagStatus)]),
+        validate=ma.validate.OneOf(
+            [STANDING, WAITING, ANY_STATUS, *(s.value for s in FlagStatus)]
+        ),
         load_default=STANDING,
     )
     courier_id = Id()

@@ -51,6 +51,7 @@ from courier_api.web import charts
 from courier_api.web.forms import (
     ANY_STATUS,
     STANDING,
+    WAITING,
     CloseShiftForm,
     DayArgs,
     DecisionForm,
@@ -582,8 +583,9 @@ def _flag_queue_page(
         station_id=station.id if station else None,
         kind=args.get("kind"),
         severity=args.get("severity"),
-        status=None if status in (STANDING, ANY_STATUS) else FlagStatus(status),
+        status=None if status in (STANDING, WAITING, ANY_STATUS) else FlagStatus(status),
         standing=status == STANDING,
+        waiting=status == WAITING,
         courier_id=args.get("courier_id"),
         shift_id=args.get("shift_id"),
         tracking_no=args.get("tracking_no") or None,

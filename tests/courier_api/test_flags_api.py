@@ -160,6 +160,36 @@ def test_standing_leaves_out_the_flags_the_system_closed(
     assert listed(client, manager, "standing=true") == [flags.skew.id]
 
 
+def test_the_flags_still_waiting_for_a_decision_are_listed_together(
+    client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
+) -> None:
+    """At 19:00 the queue the manager works through is what still waits, open or
+    acknowledged, as a board row counts its open flags: `status` takes one value, so
+    they read two lists or every flag resolved and closed with them. `waiting=true`."""
+    manager = auth.headers("manager1")
+    close_flag(
+        session=session,
+        kind="clock_skew",
+        subject=FlagSubject("parcel", "RR2"),
+        reason="the PDA's clock is right again",
+    )
+    closed = make_flag(session, world.station.id, "RR4")
+    close_flag(
+        session=session,
+        kind="unknown_parcel",
+        subject=FlagSubject("parcel", "RR4"),
+        reason="taken in",
+    )
+    session.commit()
+    acknowledged = make_flag(session, world.station.id, "RR5")
+    response = client.post(f"{FLAGS}/{acknowledged.id}/acknowledge", json={}, headers=manager)
+    assert response.status_code == 200, response.get_json()
+    assert listed(client, manager) == [acknowledged.id, closed.id, flags.skew.id, flags.here.id]
+    assert listed(client, manager, "waiting=true") == [acknowledged.id, flags.here.id]
+    assert listed(client, manager, "waiting=true&status=acknowledged") == [acknowledged.id]
+    assert listed(client, manager, "waiting=false") == listed(client, manager)
+
+
 def test_a_shifts_own_flags_are_listed_by_its_id_at_the_readers_station(
     client: FlaskClient, auth: Auth, session: Session, world: World, flags: Flags
 ) -> None:

@@ -412,7 +412,8 @@ def test_the_board_names_a_balanced_shifts_own_open_flag(
     html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
     found = re.search(rf'<tr class="row-balanced" id="shift-{shift["id"]}">(.*?)</tr>', html, re.S)
     assert found is not None, html
-    assert f'<a href="/web/flags?shift_id={shift["id"]}">1 open flag</a>' in found.group(1)
+    link = f'<a href="/web/flags?shift_id={shift["id"]}&amp;status=waiting">1 open flag</a>'
+    assert link in found.group(1)
     assert f'<a href="/web/flags/{flag.id}">blob missing at handover</a>' in found.group(1)
     assert "1 shift with open flags" in html
 

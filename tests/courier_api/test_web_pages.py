@@ -41,7 +41,7 @@ from models import (
     User,
     utcnow,
 )
-from sync import sweeps
+from sync import flags, sweeps
 from sync.blobs import FileBlobStore
 from sync.proofs import drop_consents, get_proof
 from sync.rules import Policy
@@ -1014,6 +1014,31 @@ def test_the_flag_queue_leaves_out_by_default_the_flags_the_system_closed(
         listed = set(re.findall(r'<tr id="flag-(\d+)"', pages.get(f"/web/flags?status={status}")))
         assert str(closed.id) in listed
     assert "status" in pages.get("/web/flags?status=bogus", status=422)
+
+
+def test_a_board_rows_open_flags_lead_to_the_queue_of_what_still_waits(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The board row says "2 open flags" and linked to the queue of every flag of the
+    shift, those resolved or closed long ago with them. It leads to those waiting for a
+    decision, open or acknowledged (`status=waiting`), which the queue's filter offers."""
+    at = utcnow()
+    sweeps.shift_not_closed(session=session, now=at, settings=SweepSettings())
+    sweeps.stale_device(session=session, now=at, settings=SweepSettings())
+    session.commit()
+    own = session.scalars(select(Flag).where(Flag.shift_id == day.open.id).order_by(Flag.id)).all()
+    assert len(own) >= 2
+    flags.resolve_flag(session=session, flag=own[0], user_id=day.manager.id, note="seen")
+    session.commit()
+    pages = signed_in(app, "manager")
+    board = pages.get(f"/web/board?date={day.day}")
+    link = f"/web/flags?shift_id={day.open.id}&amp;status=waiting"
+    assert f'href="{link}"' in board
+    queue = pages.get(link.replace("&amp;", "&"))
+    assert set(re.findall(r'<tr id="flag-(\d+)"', queue)) == {str(f.id) for f in own[1:]}
+    assert '<option value="waiting" selected>' in queue
+    every = pages.get(f"/web/flags?shift_id={day.open.id}")
+    assert set(re.findall(r'<tr id="flag-(\d+)"', every)) == {str(f.id) for f in own}
 
 
 def test_the_flag_queue_pages_by_keyset(

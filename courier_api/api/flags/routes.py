@@ -42,6 +42,8 @@ class Flags(MethodView):
         then id): a flag opened again, its cause back or raised again on more
         than a manager's decision covered, is listed with the new ones, not where
         it was first raised; `after` goes on from where its flag stands now.
+        `waiting=true` lists those still waiting for a decision, open or
+        acknowledged, as a board row's `open_flags` counts them.
         `kind` is a kind's code (`unauthorized_locker_drop`); an
         unknown one is a 422 naming the kinds. `raised_from` is inclusive,
         `raised_to` exclusive; both
@@ -60,6 +62,7 @@ class Flags(MethodView):
             severity=args.get("severity"),
             status=args.get("status"),
             standing=args["standing"],
+            waiting=args["waiting"],
             courier_id=args.get("courier_id"),
             shift_id=args.get("shift_id"),
             tracking_no=args.get("tracking_no"),

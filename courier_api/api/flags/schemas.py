@@ -27,6 +27,13 @@ class FlagListArgs(PageArgs):
             "`pod_blob_missing` by its image uploaded after the delivery)"
         },
     )
+    waiting = ma.fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "true: only those still waiting for a decision, open or "
+            "acknowledged (a board row's `open_flags`)"
+        },
+    )
     courier_id = Id(metadata={"description": "The courier concerned"})
     shift_id = Id(
         metadata={

@@ -55,6 +55,34 @@ OUTCOME_KINDS = frozenset({"conflicting_final_outcome", "delivered_not_checked_o
 # class, no address) until it is, when the flag closes and its rule flags are raised.
 INTAKE_KINDS = frozenset({"unknown_parcel"})
 BALANCE_RULE_KINDS = POD_KINDS | CONSENT_KINDS | OUTCOME_KINDS | INTAKE_KINDS
+# What a manager does about each kind of discrepancy: the balance and the shift page
+# give it beside the flag and its evidence. Deciding on the flag records what was found;
+# only events (a late batch, a correction, an intake) change the balance.
+WHAT_TO_DO = {
+    MISSING: "Find the parcel: ask the courier, look in the cage of returns. Its return "
+    "scanned (a late batch from the PDA) closes the flag; lost, resolve the flag saying "
+    "so and sign the shift off with a note on it.",
+    NOT_ON_MANIFEST: "The shift has an outcome of a parcel it never checked out: ask the "
+    "courier where they took it from (the parcel's flags list its other shifts). A "
+    "check-out arriving late closes the flag; otherwise resolve it saying how they had it.",
+    "delivered_without_pod": "Get the proof from the courier: the PDA's photo or "
+    "signature arriving closes the flag. Without one, call the recipient and resolve the "
+    "flag with what they said.",
+    "unauthorized_locker_drop": "Call the recipient: have the parcel collected or fetched "
+    "back. Consent recorded now does not authorize the drop (it becomes "
+    "consent_after_drop); resolve the flag with the call's outcome.",
+    "consent_after_drop": "The consent came after the drop: check with the recipient "
+    "that they collected the parcel, and resolve the flag with what they said.",
+    "conflicting_final_outcome": "Two final outcomes: ask the courier which one "
+    "happened. The PDA's correction voiding the other closes the flag; otherwise resolve "
+    "it with the courier's answer.",
+    "delivered_not_checked_out": "Delivered though never checked out: find where the "
+    "parcel came from (another courier's cage, a mis-sort). A check-out arriving late "
+    "closes the flag; otherwise resolve it saying how the courier had it.",
+    "unknown_parcel": "The station has not taken the parcel in: take it in (POST "
+    "/parcels, or courier-api import-parcels). Intake closes the flag and judges its "
+    "scans.",
+}
 
 # A parcel the shift never checked out, with no final outcome in it either, is listed
 # as "no_outcome" (it is counted nowhere).

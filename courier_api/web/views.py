@@ -88,7 +88,7 @@ from sync.errors import (
     NotFound,
     RateLimited,
 )
-from sync.handover import OUTCOMES
+from sync.handover import OUTCOMES, WHAT_TO_DO
 from sync.pages import (
     consent_users,
     daily_monitoring,
@@ -448,7 +448,13 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
             f"shift:{found.id}",
             {"ids": view.rejections_shown},
         )
-    return render_template("web/shift.html", view=view, tz=view.station.timezone, typed=typed)
+    return render_template(
+        "web/shift.html",
+        view=view,
+        tz=view.station.timezone,
+        typed=typed,
+        what_to_do=WHAT_TO_DO,
+    )
 
 
 @bp.post("/shifts/<id:shift_id>/close")

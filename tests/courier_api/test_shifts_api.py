@@ -615,6 +615,25 @@ def test_the_spec_names_every_discrepancy_kind_a_balance_answers(
     assert kinds <= documented
 
 
+def test_each_discrepancy_says_what_the_manager_does_about_it(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """A discrepancy named its kind, its parcel, its flag and its scans, and left the
+    manager at 19:00 to know what each kind asks of them. Each says it (`what_to_do`):
+    a missing parcel is looked for, a delivery without proof asks the courier for it."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(b, "delivered", pod={"relation": "self"})])
+    assert pda.close(shift["id"], last_seq=3).status_code == 200
+    found = balance(client, shift["id"], manager)
+    todo = {d["kind"]: d["what_to_do"] for d in found["discrepancies"]}
+    assert set(todo) == {"missing_at_handover", "delivered_without_pod"}
+    assert todo["missing_at_handover"].startswith("Find the parcel")
+    assert "Get the proof from the courier" in todo["delivered_without_pod"]
+    page = signed_in(client.application, "manager1").get(f"/web/shifts/{shift['id']}")
+    assert todo["missing_at_handover"] in page
+
+
 def test_a_sequence_gap_is_provisional_until_the_late_batch_lands(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

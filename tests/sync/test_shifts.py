@@ -30,8 +30,17 @@ from sync.device_state import held_max_seq
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
 from sync.flags import close_flags_by_id
+from sync.handover import (
+    BALANCE_RULE_KINDS,
+    HANDOVER_KINDS,
+    WHAT_TO_DO,
+    FlagRef,
+    ShiftEvent,
+    ShiftSeqs,
+    compute_balance,
+    parcel_trails,
+)
 from sync.handover import MISSING as MISSING_KIND
-from sync.handover import FlagRef, ShiftEvent, ShiftSeqs, compute_balance, parcel_trails
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.projection import EventFact
@@ -3232,3 +3241,7 @@ def test_a_rejected_reopening_is_withdrawn_when_the_next_opening_shows_the_seq_i
     flag = late_flag(session)
     assert flag is not None and flag.status == FlagStatus.CLOSED
     assert shift_actions(session, first)[-1] == "shift_reopening_withdrawn"
+
+
+def test_every_discrepancy_kind_says_what_to_do() -> None:
+    assert set(WHAT_TO_DO) == {*HANDOVER_KINDS, *BALANCE_RULE_KINDS}

@@ -8,7 +8,7 @@ from courier_api.api.base import PageArgs, UserRef
 from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
 from models import FlagStatus, ShiftStatus
 from sync.balances import EARLIER_DAYS
-from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES
+from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES, WHAT_TO_DO
 from sync.phones import shown_text
 from sync.shifts import MAX_NOTE_LENGTH
 from sync.signoffs import MAX_SHIFTS
@@ -172,6 +172,11 @@ class DiscrepancyOut(ma.Schema):
     flag_status = ma.fields.Enum(FlagStatus, by_value=True, allow_none=True, required=True)
     event_ids = ma.fields.List(
         ma.fields.Integer(), required=True, metadata={"description": "The evidence: events"}
+    )
+    what_to_do = ma.fields.Function(
+        lambda d: WHAT_TO_DO[d.kind],
+        required=True,
+        metadata={"description": "What a manager does about it, for people"},
     )
 
 

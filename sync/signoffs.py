@@ -80,6 +80,8 @@ def sign_off_clean(
     outcome of its parcels still to review (``sync.balances.REVIEW_KINDS``), every proof
     image its deliveries name uploaded, and its balance still the version shown.
     The others are refused, each with its reason; outcomes come in shift id order.
+    A shift this same request signed off already (its answer lost, sent again) is
+    answered ``signed_off`` again, and nothing is written (``_retried``).
 
     The shifts are locked in id order (the service's lock order, ``lock_shifts``) and
     judged in a few queries however many there are. Each sign-off goes to the audit

@@ -454,7 +454,17 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
         tz=view.station.timezone,
         typed=typed,
         what_to_do=WHAT_TO_DO,
+        # Asked only of a page that offers the write-off (seqs missing).
+        pda_elsewhere=bool(view.balance.missing_seq_count) and _pda_elsewhere(found.device_id),
+        pda_elsewhere_text=PDA_ELSEWHERE,
     )
+
+
+def _pda_elsewhere(device_id: str) -> bool:
+    """Whether the PDA is now another station's than the reader's: its lost seqs are
+    that station's manager's to write off (``POST /api/v1/devices/<id>/lost-seqs``)."""
+    device = directory.get_device(session=db.session, device_id=device_id)
+    return not current_principal().can_access_station(device.station_id)
 
 
 @bp.post("/shifts/<id:shift_id>/close")
@@ -509,6 +519,12 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
     return _shift_page(found, typed=typed)
 
 
+PDA_ELSEWHERE = (
+    "PDA {device_id} is now another station's, whose manager writes its seqs off; sign "
+    "this shift off forced, with a reason naming the seqs lost"
+)
+
+
 @bp.post("/shifts/<id:shift_id>/lost-seqs")
 @page(*DECIDERS)
 def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
@@ -523,12 +539,8 @@ def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
     def write_off() -> None:
         form = parse(LostSeqsForm(), request.form)
         device = directory.get_device(session=db.session, device_id=found.device_id)
-        if not current_principal().can_access_station(device.station_id):
-            raise Conflict(
-                f"PDA {device.id} is now another station's, whose manager writes its seqs "
-                "off; sign this shift off forced, with a reason naming the seqs lost",
-                code="device_moved",
-            )
+        if _pda_elsewhere(device.id):
+            raise Conflict(PDA_ELSEWHERE.format(device_id=device.id), code="device_moved")
         lost_seqs.write_off_lost_seqs(
             session=db.session,
             device=device,

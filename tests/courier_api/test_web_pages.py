@@ -1648,13 +1648,17 @@ def test_a_pda_moved_to_another_station_is_not_written_off_from_an_old_shifts_pa
     """The provisional shift's PDA moved to the other station since: its write-offs are
     that station's (the API answers this manager as for an unknown PDA), yet the old
     shift's page wrote its seqs off, filed under the other station, where this manager
-    cannot read the write-off they made. The page refuses now, saying what to do."""
+    cannot read the write-off they made. The page offers no write-off now, and refuses
+    one, saying what to do; an admin still writes them off."""
     device = session.get(Device, day.provisional.device_id)
     assert device is not None
     device.station_id = day.other_station.id
     session.commit()
     pages = signed_in(app, "manager")
     path = f"/web/shifts/{day.provisional.id}"
+    page = pages.get(path)  # offers no write-off, and says why
+    assert 'id="write-off-lost-seqs"' not in page and 'id="pda-elsewhere"' in page
+    assert 'id="write-off-lost-seqs"' in signed_in(app, "admin").get(path)
     refused = pages.post(f"{path}/lost-seqs", seqs="4", reason="PDA reset at noon")
     assert refused.status_code == 200
     shown = refused.get_data(as_text=True)

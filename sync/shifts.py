@@ -1166,8 +1166,12 @@ def sign_off(
     ``balance_version`` the manager was shown), refused when the balance has changed
     since, so that nobody signs off a balance they did not see. The sign-off, with
     the balance, goes to the audit log.
+
+    The same sign-off sent again (its answer lost: the same manager, note, reason and
+    version) is answered with the shift as it stands, and writes nothing; any other
+    sign-off of a signed-off shift is refused (``already_signed_off``).
     """
-    from sync.balances import shift_balance
+    from sync.balances import shift_balance, signed_off_version
     from sync.handover import balance_version, sign_off_blocked
 
     now = now or utcnow()
@@ -1180,7 +1184,22 @@ def sign_off(
             code="shift_open",
         )
     if shift.status == ShiftStatus.SIGNED_OFF:
-        raise Conflict(f"shift {shift.id} is already signed off", code="already_signed_off")
+        if (
+            shift.signed_off_by == user_id
+            and shift.signoff_note == note_text
+            and shift.signoff_forced_reason in (None, reason)
+            and (
+                seen_version is None
+                or signed_off_version(shift, shift_balance(session=session, shift=shift))
+                == seen_version
+            )
+        ):
+            return shift  # this sign-off, sent again
+        raise Conflict(
+            f"shift {shift.id} is already signed off, by another sign-off than this one: "
+            "its page shows whose, when and with what note",
+            code="already_signed_off",
+        )
     balance = shift_balance(session=session, shift=shift)
     if seen_version is not None and seen_version != balance_version(balance):
         raise Conflict(

@@ -1178,8 +1178,44 @@ def test_sign_off_needs_a_closed_shift_and_a_note(
     blank = sign_off(client, shift["id"], manager, note="   ")
     assert blank.status_code == 422
     assert sign_off(client, shift["id"], manager).status_code == 200
-    twice = sign_off(client, shift["id"], manager)
-    assert twice.status_code == 409 and twice.get_json()["code"] == "already_signed_off"
+    other = sign_off(client, shift["id"], manager, note="checked again")
+    assert other.status_code == 409 and other.get_json()["code"] == "already_signed_off"
+
+
+def test_a_sign_off_sent_again_is_answered_as_the_first_time(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    auth: Auth,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The shift page's answer was lost and the manager sent the sign-off again: it was
+    a 409 "already signed off", as if it had failed, where a close sent again is
+    answered as the first time. The same sign-off (manager, note, version) is now; it
+    writes nothing. Another manager's, another note or another version is refused."""
+    shift = pda.open()
+    assert pda.close(shift["id"]).status_code == 200
+    version = balance(client, shift["id"], manager)["version"]
+    first = sign_off(client, shift["id"], manager, balance_version=version)
+    assert first.status_code == 200, first.get_json()
+    again = sign_off(client, shift["id"], manager, balance_version=version)
+    assert again.status_code == 200, again.get_json()
+    assert again.get_json() == first.get_json()
+    assert sign_off(client, shift["id"], manager).status_code == 200  # no version named
+    entries = select(AuditEntry).where(AuditEntry.action == "shift_signed_off")
+    assert len(session.scalars(entries).all()) == 1
+    factories.user(session, "manager3", "station_manager", world.station)
+    session.commit()
+    for headers, body in (
+        (auth.headers("manager3"), {}),
+        (manager, {"note": "recounted"}),
+        (manager, {"balance_version": "0" * 16}),
+    ):
+        refused = sign_off(client, shift["id"], headers, **body)
+        assert refused.status_code == 409, refused.get_json()
+        assert refused.get_json()["code"] == "already_signed_off"
+    assert len(session.scalars(entries).all()) == 1
 
 
 def test_a_phone_in_the_sign_off_is_masked_except_for_auditors(

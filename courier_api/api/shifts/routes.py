@@ -232,7 +232,10 @@ class SignOff(MethodView):
         missing seqs) unless `force_reason` says why it cannot wait. With
         `balance_version` (the balance's `version` as the manager read it), a
         balance that changed since, a push landing in between, is refused (409
-        `balance_changed`): read it again. An event
+        `balance_changed`): read it again. The same sign-off sent again (its
+        answer lost: the same manager, `note`, `force_reason` and `balance_version`)
+        is answered with the shift and writes nothing; another sign-off of a
+        signed-off shift is refused (409 `already_signed_off`). An event
         that lands after the sign-off reopens the shift (it goes back to
         `closed`) and raises `late_event_after_signoff`; so does one rejected
         after it that is the shift's (one of its seqs, or without a valid seq

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from functools import wraps
 from typing import Any
@@ -421,11 +421,13 @@ def record_auditor_read(
     details: dict[str, Any] | None = None,
     principal: Principal | None = None,
     tracking_no: str | None = None,
+    parcels: Iterable[str] = (),
 ) -> None:
     """DESIGN.md rule 7: an auditor's read of proofs, images or unmasked parcels is on
     record, committed, before the data goes out; other roles' reads are not recorded.
-    ``tracking_no``: the parcel read, when the read is of one parcel's (``GET
-    /audit?tracking_no=`` lists it with the parcel's other entries)."""
+    ``tracking_no``: the parcel read, when the read is of one parcel's; ``parcels``:
+    the parcels it showed, when it showed several (``GET /audit?tracking_no=`` lists it
+    with each one's other entries)."""
     principal = principal or current_principal()
     if principal.role != Role.AUDITOR:
         return
@@ -440,5 +442,6 @@ def record_auditor_read(
         subject_key=subject_key,
         details=details or {},
         tracking_no=tracking_no,
+        parcels=parcels,
     )
     db.session.commit()

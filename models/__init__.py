@@ -1,6 +1,6 @@
 """Typed SQLAlchemy 2.0 models and their Alembic migrations."""
 
-from models.audit import AuditEntry
+from models.audit import AuditEntry, AuditEntryParcel
 from models.base import Base, UTCDateTime, utcnow
 from models.blob import Blob, BlobUpload, ProofImage
 from models.consent import Consent
@@ -41,6 +41,7 @@ from models.user import User
 
 __all__ = [
     "AuditEntry",
+    "AuditEntryParcel",
     "Base",
     "Blob",
     "BlobUpload",

@@ -3,9 +3,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import ForeignKey, Index, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from models.base import Base, Document, big_pk, sha256_hex, timestamp
+from models.base import Base, BigId, Document, big_pk, sha256_hex, timestamp
 
 
 class AuditEntry(Base):
@@ -24,8 +24,7 @@ class AuditEntry(Base):
         Index("ix_audit_entry_action", "action", "id"),
         Index("ix_audit_entry_actor", "actor_id", "id"),
         Index("ix_audit_entry_at", "at"),
-        # A parcel's entries (``GET /audit?tracking_no=``), newest first.
-        Index("ix_audit_entry_tracking_no", "tracking_no", "id"),
+        # (A parcel's entries, ``GET /audit?tracking_no=``: ``AuditEntryParcel``'s key.)
     )
 
     id: Mapped[big_pk]
@@ -39,7 +38,23 @@ class AuditEntry(Base):
     prev_hash: Mapped[sha256_hex] = mapped_column(unique=True)
     entry_hash: Mapped[sha256_hex] = mapped_column(unique=True)
     # The parcel the entry is about, as the code appending it knew it (``sync.audit.
-    # append``): None for an entry about no parcel, or about several. A finding aid for
-    # ``GET /audit?tracking_no=``, outside ``entry_hash`` (migration ``9d4f2b7c1e63``
-    # says why): the hashed content is the record.
+    # append``): None for an entry about no parcel, or about several. Outside
+    # ``entry_hash`` (migration ``9d4f2b7c1e63`` says why): the hashed content is the
+    # record.
     tracking_no: Mapped[str | None] = mapped_column(String(40))
+    # Every parcel the entry concerns, that one or several (a sign-off's manifest, a
+    # search's proofs): what ``GET /audit?tracking_no=`` finds it by.
+    parcels: Mapped[list[AuditEntryParcel]] = relationship(lazy="raise")
+
+
+class AuditEntryParcel(Base):
+    """A parcel an audit entry concerns: the finding aid by which ``GET
+    /audit?tracking_no=`` lists a parcel's entries, those about it alone and those about
+    it among others (a bulk sign-off, a handover, a search's proofs), newest first along
+    the primary key. Outside the hash chain, as ``AuditEntry.tracking_no`` (migration
+    ``b1d7e3a9c5f2`` says why): written with the entry, never changed."""
+
+    __tablename__ = "audit_entry_parcel"
+
+    tracking_no: Mapped[str] = mapped_column(String(40), primary_key=True)
+    entry_id: Mapped[int] = mapped_column(BigId, ForeignKey("audit_entry.id"), primary_key=True)

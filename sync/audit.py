@@ -15,14 +15,14 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column, Text, select, text, type_coerce
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, utcnow
+from models import AuditEntry, AuditEntryParcel, utcnow
 from sync.errors import InvalidInput
 from sync.tracking import normalize
 
@@ -70,13 +70,16 @@ def append(
     subject_key: str,
     details: dict[str, Any],
     tracking_no: str | None = None,
+    parcels: Iterable[str] = (),
 ) -> AuditEntry:
     """Add an entry after the newest one, in the caller's transaction.
 
     ``tracking_no`` names the parcel the entry is about, when it is about one (its
-    proof read, its consent granted, a decision on its flag, ...): ``GET
-    /audit?tracking_no=`` finds the entry by it. It is kept beside the entry, not in
-    its hash (``AuditEntry.tracking_no``).
+    proof read, its consent granted, a decision on its flag, ...); ``parcels`` the
+    parcels it concerns when it is about several (a sign-off's manifest, the proofs a
+    search showed). ``GET /audit?tracking_no=`` finds the entry by any of them. They
+    are kept beside the entry, not in its hash (``AuditEntry.tracking_no``,
+    ``AuditEntryParcel``).
 
     Appends are serialized so that two of them never chain off the same entry: on
     PostgreSQL by a transaction-scoped advisory lock taken before the newest entry
@@ -92,6 +95,10 @@ def append(
         details=_plain(details),
         tracking_no=parcel_key(tracking_no),
     )
+    concerned = (parcel_key(number) for number in (tracking_no, *parcels) if number)
+    entry.parcels = [
+        AuditEntryParcel(tracking_no=number) for number in dict.fromkeys(concerned) if number
+    ]
     queue: list[AuditEntry] | None = session.info.get(_DEFERRED)
     if queue is not None:
         queue.append(entry)
@@ -210,7 +217,7 @@ def list_entries(
             code="invalid_tracking_no",
             field="tracking_no",
         )
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(min(limit, MAX_PAGE_SIZE))
+    query = select(AuditEntry).limit(min(limit, MAX_PAGE_SIZE))
     if action is not None:
         query = query.where(AuditEntry.action == action)
     if actor_id is not None:
@@ -219,15 +226,19 @@ def list_entries(
         query = query.where(AuditEntry.subject_type == subject_type)
     if subject_key is not None:
         query = query.where(AuditEntry.subject_key == subject_key)
-    if parcel is not None:
-        query = query.where(AuditEntry.tracking_no == parcel)
+    newest_first = AuditEntry.id
+    if parcel is not None:  # along the parcel's key, newest first
+        query = query.join(AuditEntryParcel, AuditEntryParcel.entry_id == AuditEntry.id).where(
+            AuditEntryParcel.tracking_no == parcel
+        )
+        newest_first = AuditEntryParcel.entry_id
     if at_from is not None:
         query = query.where(AuditEntry.at >= at_from)
     if at_to is not None:
         query = query.where(AuditEntry.at < at_to)
     if after_id:
-        query = query.where(AuditEntry.id < after_id)
-    return session.scalars(query).all()
+        query = query.where(newest_first < after_id)
+    return session.scalars(query.order_by(newest_first.desc())).all()
 
 
 @dataclass(frozen=True)

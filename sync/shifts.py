@@ -1255,6 +1255,9 @@ def record_sign_off(
             "forced_reason": shift.signoff_forced_reason,
             "balance": shift.signoff_balance,
         },
+        # the parcels the balance names: each one's audit history shows the sign-off
+        parcels=[p.tracking_no for p in balance.parcels]
+        + [d.tracking_no for d in balance.discrepancies if d.tracking_no],
     )
     return shift
 

@@ -435,11 +435,19 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
     proofs_shown = sorted({e.id for e in shown if e.type in DELIVERY_TYPES})
     if proofs_shown:
         record_auditor_read(
-            "proofs_searched", "proof", f"shift:{found.id}", {"event_ids": proofs_shown}
+            "proofs_searched",
+            "proof",
+            f"shift:{found.id}",
+            {"event_ids": proofs_shown},
+            parcels=[e.tracking_no for e in shown if e.type in DELIVERY_TYPES],
         )
     if view.recipients_shown:  # unmasked to an auditor, as GET /parcels/<tn> shows them
         record_auditor_read(
-            "parcel_read", "shift", str(found.id), {"tracking_nos": view.recipients_shown}
+            "parcel_read",
+            "shift",
+            str(found.id),
+            {"tracking_nos": view.recipients_shown},
+            parcels=view.recipients_shown,
         )
     if view.rejections_shown:
         record_auditor_read(
@@ -670,6 +678,7 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
             f"flag:{found.id}",
             {"event_ids": proofs_shown},
             tracking_no=found.tracking_no,  # a parcel's flag: its proofs
+            parcels=[e.tracking_no for e in view.events if e.type in DELIVERY_TYPES],
         )
     if view.rejections:  # unmasked to an auditor, as on the shift's page
         record_auditor_read(
@@ -765,6 +774,7 @@ def proofs() -> ResponseReturnValue:
         "search",
         {"event_ids": [p.event.id for p in found]},
         tracking_no=query.tracking_no,  # a search of one parcel's proofs
+        parcels=[p.event.tracking_no for p in found],
     )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
     rows = proof_rows(

@@ -13,7 +13,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from courier_api.config import ConfigError, load_config
-from models import AuditEntry, SignInAttempt
+from models import AuditEntry, AuditEntryParcel, SignInAttempt
 from sync import audit
 from sync.sign_in_limits import Limit
 from tests.conftest import Auth, World
@@ -52,9 +52,16 @@ def chained(session: Session, *entries: dict[str, Any]) -> list[int]:
         hashed = {name: value for name, value in row.items() if name != "tracking_no"}
         row["entry_hash"] = prev = audit.entry_hash(**hashed)
         rows.append(row)
-    ids = session.scalars(insert(AuditEntry).returning(AuditEntry.id), rows).all()
+    ids = sorted(session.scalars(insert(AuditEntry).returning(AuditEntry.id), rows).all())
+    concerned = [
+        {"tracking_no": row["tracking_no"], "entry_id": entry_id}
+        for entry_id, row in zip(ids, rows, strict=True)
+        if row.get("tracking_no")
+    ]
+    if concerned:  # as ``audit.append`` files an entry under its parcel
+        session.execute(insert(AuditEntryParcel), concerned)
     session.commit()
-    return sorted(ids)
+    return ids
 
 
 def listed(client: FlaskClient, headers: dict[str, str], **query: Any) -> list[dict[str, Any]]:
@@ -189,11 +196,12 @@ def test_a_parcels_entries_of_every_kind_are_listed_by_its_tracking_number(
     """An auditor settling a dispute about parcel ``a`` ("left in a locker although I
     said no") asks for its history by its number, as typed off the label: its consent
     granted and revoked, the recipient's refusal, the manager's resolution of its drop's
-    flag, the intake changing its class, the auditors' reads of its proof and record.
-    Those entries are keyed by a consent's, a request's, a flag's, a proof's id: by
-    subject they took every id to find. Parcel ``b``'s own (its consent, its handover
-    flag's acknowledgement, its read) and the parcel-less ones (a standing consent, the
-    sign-off) are not among them."""
+    flag, the sign-off of the handover it was in, the intake changing its class, the
+    auditors' reads of its proof and record and a search of every parcel's proofs that
+    showed it. Those entries are keyed by a consent's, a request's, a flag's, a proof's,
+    a shift's id: by subject they took every id to find. Parcel ``b``'s own (its
+    consent, its handover flag's acknowledgement, its read) are not among them; the
+    sign-off, of both, is in both lists; the standing consent in neither."""
     a, b = parcels(session, world, 2)  # express: a locker drop needs consent
     pda = Courier(client, auth, "courier1", "PDA-0001")
     app1, manager, auditor = (auth.headers(u) for u in ("app1", "manager1", "auditor1"))
@@ -239,35 +247,39 @@ def test_a_parcels_entries_of_every_kind_are_listed_by_its_tracking_number(
     assert [(e["action"], e["subject_type"]) for e in of_a] == [
         ("parcel_updated", "parcel"),
         ("quarantine_searched", "quarantined_event"),  # its rejected events, by its number
+        ("proofs_searched", "proof"),  # every parcel's proofs: its own among them
         ("parcel_read", "parcel"),
         ("proof_read", "proof"),
         ("proofs_searched", "proof"),  # the search by its number that found the proof
+        ("shift_signed_off", "shift"),  # the balance signed off names it
         ("flag_resolved", "flag"),
         ("consent_refused", "consent_request"),
         ("consent_revoked", "consent"),
         ("consent_granted", "consent"),
     ]
-    assert {e["tracking_no"] for e in of_a} == {a}
-    assert of_a[5]["subject_key"] == str(unauthorized["flag_id"])
+    # The entry's own parcel: none for an entry about several.
+    assert [e["tracking_no"] for e in of_a] == [a] * 2 + [None] + [a] * 3 + [None] + [a] * 4
+    assert of_a[7]["subject_key"] == str(unauthorized["flag_id"])
     of_b = listed(client, auditor, tracking_no=b)
     assert [(e["action"], e["subject_key"]) for e in of_b] == [
         ("parcel_read", b),
+        ("shift_signed_off", str(shift["id"])),
         ("flag_acknowledged", str(missing["id"])),
         ("consent_granted", str(consent_a["id"] + 1)),
     ]
     everything = listed(client, auditor)
-    # The standing consent, the sign-off, the search of every parcel's proofs.
-    assert len(everything) == len(of_a) + len(of_b) + 3
-    assert {e["action"] for e in everything} - {e["action"] for e in of_a + of_b} == {
-        "shift_signed_off"
-    }
+    assert {e["id"] for e in everything} - {e["id"] for e in of_a + of_b} == {
+        e["id"]
+        for e in everything
+        if e["action"] == "consent_granted" and e["tracking_no"] is None
+    }  # the standing consent, of no parcel
     # A page at a time, and with the other filters.
     first = client.get(AUDIT, query_string={"tracking_no": a, "limit": 3}, headers=auditor).json
     assert [e["id"] for e in first["items"]] == [e["id"] for e in of_a[:3]]
     rest = listed(client, auditor, tracking_no=a, after=first["next_after"])
     assert [e["id"] for e in rest] == [e["id"] for e in of_a[3:]]
-    assert listed(client, auditor, tracking_no=a, action="consent_revoked") == [of_a[7]]
-    assert listed(client, auditor, tracking_no=a, actor_id=world.auditor.id) == of_a[1:5]
+    assert listed(client, auditor, tracking_no=a, action="consent_revoked") == [of_a[9]]
+    assert listed(client, auditor, tracking_no=a, actor_id=world.auditor.id) == of_a[1:6]
     assert listed(client, auditor, tracking_no="RR473124829GB") == []  # a number with none
     assert client.get(VERIFY, headers=auditor).get_json()["intact"] is True
 

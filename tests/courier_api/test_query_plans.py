@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from courier_api.extensions import db
 from models import (
     AuditEntry,
+    AuditEntryParcel,
     DeviceSyncState,
     Flag,
     Parcel,
@@ -76,6 +77,7 @@ BIG_TABLES = {
     "consent",
     "blob",
     "audit_entry",
+    "audit_entry_parcel",
     "quarantined_event",
 }
 MIN_BIG_ROWS = 1000  # each big table has at least this many rows (most: thousands)
@@ -146,11 +148,19 @@ class History:
     def chain_audit_log(self) -> None:
         prev = audit.GENESIS_HASH
         for entry in sorted(self.entries, key=lambda e: e["at"]):
+            parcels = entry.pop("parcels", [])
             entry["prev_hash"] = prev
             hashed = {name: value for name, value in entry.items() if name != "tracking_no"}
             entry["entry_hash"] = prev = audit.entry_hash(**hashed)
             self.ids["audit_entry"] += 1
-            self.rows["audit_entry"].append({"id": self.ids["audit_entry"], **entry})
+            entry_id = self.ids["audit_entry"]
+            self.rows["audit_entry"].append({"id": entry_id, **entry})
+            # filed under every parcel it concerns, as ``audit.append`` files it
+            for number in dict.fromkeys([entry.get("tracking_no"), *parcels]):
+                if number:
+                    self.rows["audit_entry_parcel"].append(
+                        {"tracking_no": number, "entry_id": entry_id}
+                    )
 
     def write(self, connection: Any) -> None:
         self.chain_audit_log()
@@ -271,6 +281,7 @@ COPY_ORDER = [
     "blob",
     "device_sync_state",
     "audit_entry",
+    "audit_entry_parcel",
 ]
 
 
@@ -320,6 +331,7 @@ def _populate(engine: Engine) -> dict[str, Any]:
                 seq_at_close=first_seq + 3 * PARCELS_PER_SHIFT - 1,
                 reopened_count=0,
             )
+            numbers = [factories.s10() for _ in range(PARCELS_PER_SHIFT)]
             if day < DAYS - 1:
                 history.audit(
                     at=closed + dt.timedelta(hours=1),
@@ -334,8 +346,8 @@ def _populate(engine: Engine) -> dict[str, Any]:
                         "note": "checked at the counter",
                         "forced_reason": None,
                     },
+                    parcels=numbers,  # the balance names each of the shift's parcels
                 )
-            numbers = [factories.s10() for _ in range(PARCELS_PER_SHIFT)]
             delivered = {}
             for tn in numbers:
                 serial += 1
@@ -929,7 +941,13 @@ def test_audit_log_list_uses_indexes(world: World) -> None:
         read = connection.scalar(
             select(AuditEntry.tracking_no).where(AuditEntry.action == "proof_read").limit(1)
         )
-    assert read is not None
+        signed = connection.scalar(  # a parcel of a shift signed off: in its entry alone
+            select(AuditEntryParcel.tracking_no)
+            .join(AuditEntry, AuditEntry.id == AuditEntryParcel.entry_id)
+            .where(AuditEntry.action == "shift_signed_off")
+            .limit(1)
+        )
+    assert read is not None and signed is not None
 
     def between(start: dt.datetime) -> str:
         return f"at_from={start.isoformat()}&at_to={(start + dt.timedelta(days=1)).isoformat()}"
@@ -949,6 +967,8 @@ def test_audit_log_list_uses_indexes(world: World) -> None:
         f"/api/v1/audit?action=flag_resolved&at_to={a_year_ago.isoformat()}",
         f"/api/v1/audit?tracking_no={read.lower()}",  # a parcel's entries, whatever their kind
         f"/api/v1/audit?tracking_no={world.tracking_no}&action=proof_read",
+        f"/api/v1/audit?tracking_no={signed}",  # the sign-off of its shift, among others
+        f"/api/v1/audit?tracking_no={signed}&after=99999999",  # a page after a cursor
         "/api/v1/audit?tracking_no=RR473124829GB",  # a number with none
     ]
     explained = []
@@ -962,8 +982,10 @@ def test_audit_log_list_uses_indexes(world: World) -> None:
         "ix_audit_entry_action",
         "ix_audit_entry_actor",
         "ix_audit_entry_at",
-        "ix_audit_entry_tracking_no",
     } <= used, used
+    # A parcel's entries, those about it and those about it among others, along its key.
+    by_parcel = set().union(*(e.indexes for e in reads(explained, "audit_entry_parcel")))
+    assert "pk_audit_entry_parcel" in by_parcel, by_parcel
 
 
 def test_the_flag_queue_reads_its_page_through_the_stations_opened_index(world: World) -> None:

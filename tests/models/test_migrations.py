@@ -1237,8 +1237,10 @@ def test_an_audit_entry_gets_the_parcel_its_details_record(scratch: Engine) -> N
         result = audit.verify(session=session)
         assert (result.ok, result.checked) == (True, len(ENTRIES_BEFORE))
         found = audit.list_entries(session=session, tracking_no="rr 4731-24829 gb")
-        assert [e.id for e in found] == [8, 6, 5, 3, 1]
-        assert [e.id for e in audit.list_entries(session=session, tracking_no=B)] == [9, 7, 4]
+        # and by the parcels a shift page showed (``b1d7e3a9c5f2``)
+        assert [e.id for e in found] == [14, 8, 6, 5, 3, 1]
+        found = audit.list_entries(session=session, tracking_no=B)
+        assert [e.id for e in found] == [14, 9, 7, 4]
 
 
 def test_audit_entries_by_parcel_runs_again_after_its_index_build_failed(
@@ -1273,6 +1275,79 @@ def test_audit_entries_by_parcel_runs_again_after_its_index_build_failed(
     assert _parcels_of_entries(scratch) == expected
     if scratch.dialect.name == "postgresql":
         assert _index_valid(scratch, NAME_AUDIT_BY_PARCEL) is True
+
+
+EVERY_PARCEL = "b1d7e3a9c5f2"  # audit entries by every parcel they concern
+C = "RR473124832GB"
+# Entries as the version before wrote them (its parcel, set or not), and every parcel
+# each one concerns.
+CONCERNING: list[tuple[str, str, str, dict[str, Any], str | None, set[str]]] = [
+    ("proof_read", "proof", "7", {"tracking_no": A}, A, {A}),
+    ("parcel_read", "shift", "12", {"tracking_nos": [A, B]}, None, {A, B}),
+    (
+        "shift_signed_off",
+        "shift",
+        "12",
+        {
+            "note": "b missing",
+            "balance": {
+                "outcomes": {A: ["delivered", 7], C: ["returned", 9]},
+                "discrepancies": [{"kind": "missing_at_handover", "tracking_no": B}],
+            },
+        },
+        None,
+        {A, B, C},
+    ),
+    ("shift_signed_off", "shift", "13", {"note": "no balance kept"}, None, set()),
+    ("parcel_read", "shift", "14", {"tracking_nos": "not a list"}, None, set()),
+    ("proofs_searched", "proof", "search", {"event_ids": [7]}, None, set()),
+]
+
+
+def _entry_parcels(engine: Engine) -> dict[int, set[str]]:
+    with engine.connect() as connection:
+        found: dict[int, set[str]] = {}
+        for number, entry_id in connection.execute(
+            text("SELECT tracking_no, entry_id FROM audit_entry_parcel")
+        ):
+            found.setdefault(entry_id, set()).add(number)
+        return found
+
+
+def test_an_audit_entry_is_filed_under_every_parcel_it_records(scratch: Engine) -> None:
+    """An entry about several parcels (a sign-off's balance, a shift page's recipients)
+    is filed under each, one about one parcel under it, and a parcel's list has them
+    all, newest first; the chain verifies as before. Run again (an upgrade stopped
+    after the backfill), it files nothing twice."""
+    from sqlalchemy.orm import Session
+
+    from sync import audit
+
+    migrate.upgrade(scratch, CLIENT_REQUEST_IDS)
+    with scratch.begin() as connection:
+        _append_before(connection, CONCERNING)
+        for n, entry in enumerate(CONCERNING, start=1):
+            connection.execute(
+                text("UPDATE audit_entry SET tracking_no = :t WHERE id = :id"),
+                {"t": entry[4], "id": n},
+            )
+    migrate.upgrade(scratch, EVERY_PARCEL)
+    expected = {n: entry[5] for n, entry in enumerate(CONCERNING, start=1) if entry[5]}
+    assert _entry_parcels(scratch) == expected
+    if scratch.dialect.name == "postgresql":  # stopped before its revision was recorded
+        with scratch.begin() as connection:
+            connection.execute(
+                text("UPDATE alembic_version SET version_num = :v"), {"v": CLIENT_REQUEST_IDS}
+            )
+        migrate.upgrade(scratch, EVERY_PARCEL)
+        assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        listed = {
+            number: [e.id for e in audit.list_entries(session=session, tracking_no=number)]
+            for number in (A, B, C)
+        }
+        assert listed == {A: [3, 2, 1], B: [3, 2], C: [3]}
 
 
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one

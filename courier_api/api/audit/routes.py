@@ -56,11 +56,13 @@ class AuditEntries(MethodView):
         its proofs and its record read, its consents granted, revoked or refused,
         decisions on its flags (its own and its handovers'), its changes by an
         intake, and auditors' searches of its proofs or rejected events by its
-        number; normalized as everywhere (case, spaces, dashes), one that leaves
-        nothing is a 422 `invalid_tracking_no`. An entry naming several parcels
-        (a shift page's `parcel_read`, a search by anything else) is not among
-        them; entries written before the service kept the parcel are, where their
-        details name it. Sign-offs (`shift_signed_off`, each
+        number; and the entries that concern it among other parcels: the sign-off
+        of each handover whose balance names it, an auditor's read of a shift page
+        showing its recipient or its proof, a search, flag page or export part that
+        showed its proof. Normalized as everywhere (case, spaces, dashes), one that
+        leaves nothing is a 422 `invalid_tracking_no`. Entries written before the
+        service kept the parcels are among them where their details name them.
+        Sign-offs (`shift_signed_off`, each
         one, also of a shift reopened and signed off again), `shift_reopened`,
         `shift_reopening_withdrawn`, `flag_acknowledged`, `flag_resolved` (each with
         what the decision covered, `decided_on`), consents recorded or

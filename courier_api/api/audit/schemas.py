@@ -31,8 +31,10 @@ class AuditListArgs(PageArgs):
             "example": "RR473124829GB",
             "description": "A parcel's entries, whatever their subject: its proofs and "
             "its record read, its consents granted, revoked or refused, decisions on its "
-            "flags, its changes by an intake, searches of its proofs or rejected events. "
-            "Spaces, dashes and case as any tracking number in the API",
+            "flags, its changes by an intake, searches of its proofs or rejected events, "
+            "and those about it among other parcels (its handover's sign-off, a shift "
+            "page, search or export that showed it). Spaces, dashes and case as any "
+            "tracking number in the API",
         },
     )
     at_from = UtcTime(metadata={"description": "Recorded at or after this time"})

@@ -219,6 +219,7 @@ class Proofs(MethodView):
             "search",
             {"event_ids": [p.event.id for p in proofs]},
             tracking_no=args.get("tracking_no"),  # a search of one parcel's proofs
+            parcels=[p.event.tracking_no for p in proofs],
         )
         auditor = principal.role == Role.AUDITOR
         items = [_view(p, consents.get(p.event.id), auditor=auditor) for p in proofs]
@@ -369,6 +370,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
             {**logged, "part": part, "event_ids": [p.event.id for p in proofs]},
             principal=principal,
             tracking_no=filters.tracking_no,  # an export of one parcel's proofs
+            parcels=[p.event.tracking_no for p in proofs],
         )
         yield buffer.getvalue()
         buffer.seek(0)

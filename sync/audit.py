@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Text, select, text, type_coerce
+from sqlalchemy import Column, Text, event, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, AuditEntryParcel, utcnow
@@ -35,6 +35,7 @@ MAX_PAGE_SIZE = 500
 MAX_TRACKING_NO = 40  # characters: AuditEntry.tracking_no, as every table keeps one
 PROGRESS_EVERY = 10_000
 _DEFERRED = "audit_deferred"  # session.info key: the entries ``deferred`` holds back
+_AT_COMMIT = "audit_at_commit"  # and those ``append_at_commit`` holds for the commit
 
 
 def entry_hash(
@@ -87,24 +88,72 @@ def append(
     unique index on ``entry_hash`` is the backstop. Inside ``deferred`` the entry is
     chained when it ends (its id and hash are set then).
     """
-    entry = AuditEntry(
-        actor_id=actor_id,
-        action=action,
-        subject_type=subject_type,
-        subject_key=subject_key,
-        details=_plain(details),
-        tracking_no=parcel_key(tracking_no),
-    )
-    concerned = (parcel_key(number) for number in (tracking_no, *parcels) if number)
-    entry.parcels = [
-        AuditEntryParcel(tracking_no=number) for number in dict.fromkeys(concerned) if number
-    ]
+    entry = _entry(actor_id, action, subject_type, subject_key, details, tracking_no, parcels)
     queue: list[AuditEntry] | None = session.info.get(_DEFERRED)
     if queue is not None:
         queue.append(entry)
     else:
         _chain(session, entry)
     return entry
+
+
+def append_at_commit(
+    *,
+    session: Session,
+    actor_id: int | None,
+    action: str,
+    subject_type: str,
+    subject_key: str,
+    details: dict[str, Any],
+    tracking_no: str | None = None,
+) -> AuditEntry:
+    """``append``, the entry chained when the transaction commits (inside ``deferred``,
+    when that ends): for a change made deep inside other work, such as the system's
+    change of a flag's status, whose caller may lock more flags after it. The audit log
+    is then the last lock the transaction takes, whichever path made the change
+    (``deferred`` says why); a transaction rolled back chains nothing."""
+    entry = _entry(actor_id, action, subject_type, subject_key, details, tracking_no, ())
+    queue = session.info.get(_DEFERRED)
+    if queue is None:
+        queue = session.info.setdefault(_AT_COMMIT, [])
+    queue.append(entry)
+    return entry
+
+
+def _entry(
+    actor_id: int | None,
+    action: str,
+    subject_type: str,
+    subject_key: str,
+    details: dict[str, Any],
+    tracking_no: str | None,
+    parcels: Iterable[str],
+) -> AuditEntry:
+    """An entry to chain, filed under every parcel it concerns."""
+    concerned = (parcel_key(number) for number in (tracking_no, *parcels) if number)
+    return AuditEntry(
+        actor_id=actor_id,
+        action=action,
+        subject_type=subject_type,
+        subject_key=subject_key,
+        details=_plain(details),
+        tracking_no=parcel_key(tracking_no),
+        parcels=[
+            AuditEntryParcel(tracking_no=number) for number in dict.fromkeys(concerned) if number
+        ],
+    )
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_at_commit(session: Session) -> None:
+    if session.in_nested_transaction():  # a savepoint: its transaction's commit chains
+        return
+    _chain(session, *session.info.pop(_AT_COMMIT, ()))
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_at_rollback(session: Session) -> None:
+    session.info.pop(_AT_COMMIT, None)
 
 
 @contextlib.contextmanager

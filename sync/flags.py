@@ -823,12 +823,54 @@ def _record(
     )
     if to_status == FlagStatus.OPEN and from_status is not None:
         flag.opened_at = utcnow()  # opened again: back at the top of the queue
+    if by is None and from_status is not None:
+        _audit_system_change(session, flag, from_status, to_status, note)
     if to_status in ANNOUNCED:
         _announce(session, flag, to_status, by=by, note=note)
     elif from_status == FlagStatus.CLOSED:
         # Back from closed in the status a manager acknowledged it in (``rejudge``): a
         # station system that heard it closed hears it is back.
         _announce(session, flag, to_status, by=by, note=note, topic="flag.raised")
+
+
+SYSTEM_CHANGE = "flag_status_changed"  # the audit log's action for the system's changes
+
+
+def _audit_system_change(
+    session: Session,
+    flag: Flag,
+    from_status: FlagStatus,
+    to_status: FlagStatus,
+    reason: str | None,
+) -> None:
+    """The system's change of a raised flag's status on the audit log, as a manager's
+    decision is (``_audit_decision``), with no actor: closed (its cause gone: a consent
+    arrived, a sweep found the shift closed, a reopening withdrawn, a rejudge), open
+    again, or given back the status a manager decided while the cause stands only on
+    what they saw. An auditor asking why a flag is no longer open finds who, or what,
+    changed it, on the tamper-evident record; the flag's history (``FlagChange``) is not
+    that. A flag raised is not an entry: its row and history say so, and a push raising
+    flags takes no turn at the log for it. Chained when the transaction commits
+    (``audit.append_at_commit``): a sweep closes flags one after another."""
+    audit.append_at_commit(
+        session=session,
+        actor_id=None,
+        action=SYSTEM_CHANGE,
+        subject_type="flag",
+        subject_key=str(flag.id),
+        details={
+            "kind": flag.kind,
+            "subject_type": flag.subject_type,
+            "subject_key": flag.subject_key,
+            "station_id": flag.station_id,
+            "from_status": from_status.value,
+            "to_status": to_status.value,
+            "reason": reason,
+            "evidence_version": evidence_version(flag.evidence),
+            "decision": flag.decision.value if flag.decision is not None else None,
+        },
+        tracking_no=flag.tracking_no,
+    )
 
 
 # What a flag's change of status is announced as (every change but acknowledging it).

@@ -110,7 +110,9 @@ def test_an_auditor_can_read_and_verify_the_audit_log_through_the_api(
     assert verified.status_code == 200
     assert verified.get_json() | {"head_hash": None} == {
         "intact": True,
-        "checked": 5,  # two sign-offs, the reopening, the search and the read
+        # two sign-offs, the reopening, b's missing_at_handover closed by its return,
+        # the search and the read
+        "checked": 6,
         "broken_id": None,
         "problem": None,
         "message": None,
@@ -245,6 +247,7 @@ def test_a_parcels_entries_of_every_kind_are_listed_by_its_tracking_number(
 
     of_a = listed(client, auditor, tracking_no=typed(a))
     assert [(e["action"], e["subject_type"]) for e in of_a] == [
+        ("flag_status_changed", "flag"),  # the drop's flag closed: a class needing none
         ("parcel_updated", "parcel"),
         ("quarantine_searched", "quarantined_event"),  # its rejected events, by its number
         ("proofs_searched", "proof"),  # every parcel's proofs: its own among them
@@ -258,8 +261,13 @@ def test_a_parcels_entries_of_every_kind_are_listed_by_its_tracking_number(
         ("consent_granted", "consent"),
     ]
     # The entry's own parcel: none for an entry about several.
-    assert [e["tracking_no"] for e in of_a] == [a] * 2 + [None] + [a] * 3 + [None] + [a] * 4
-    assert of_a[7]["subject_key"] == str(unauthorized["flag_id"])
+    assert [e["tracking_no"] for e in of_a] == [a] * 3 + [None] + [a] * 3 + [None] + [a] * 4
+    assert of_a[8]["subject_key"] == of_a[0]["subject_key"] == str(unauthorized["flag_id"])
+    assert (of_a[0]["actor_id"], of_a[0]["details"]["from_status"]) == (None, "resolved")
+    assert (of_a[0]["details"]["to_status"], of_a[0]["details"]["decision"]) == (
+        "closed",
+        "resolved",
+    )
     of_b = listed(client, auditor, tracking_no=b)
     assert [(e["action"], e["subject_key"]) for e in of_b] == [
         ("parcel_read", b),
@@ -278,8 +286,8 @@ def test_a_parcels_entries_of_every_kind_are_listed_by_its_tracking_number(
     assert [e["id"] for e in first["items"]] == [e["id"] for e in of_a[:3]]
     rest = listed(client, auditor, tracking_no=a, after=first["next_after"])
     assert [e["id"] for e in rest] == [e["id"] for e in of_a[3:]]
-    assert listed(client, auditor, tracking_no=a, action="consent_revoked") == [of_a[9]]
-    assert listed(client, auditor, tracking_no=a, actor_id=world.auditor.id) == of_a[1:6]
+    assert listed(client, auditor, tracking_no=a, action="consent_revoked") == [of_a[10]]
+    assert listed(client, auditor, tracking_no=a, actor_id=world.auditor.id) == of_a[2:7]
     assert listed(client, auditor, tracking_no="RR473124829GB") == []  # a number with none
     assert client.get(VERIFY, headers=auditor).get_json()["intact"] is True
 

@@ -151,6 +151,62 @@ def test_close_flags_records_each_flag_it_closes(session: Session, setup: Setup)
     assert len(history(session, c)) == 1 and c.status == FlagStatus.OPEN
 
 
+def system_entries(session: Session) -> list[tuple[Any, ...]]:
+    return [
+        (e.actor_id, e.subject_key, e.details["from_status"], e.details["to_status"])
+        + (e.details["reason"], e.tracking_no)
+        for e in session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.action == "flag_status_changed")
+            .order_by(AuditEntry.id)
+        )
+    ]
+
+
+def test_every_change_the_system_makes_to_a_flag_is_audit_logged(
+    session: Session, setup: Setup
+) -> None:
+    """An auditor asking why a flag a manager acknowledged is closed, or open again, finds
+    it on the tamper-evident log, by the system (no actor) and why, as a manager's
+    decision is; it was in the flag's own history alone, which a writer to the database
+    rewrites unseen. A flag raised is no entry (its row says so); entries are chained
+    when the transaction commits, after every flag it locks, and none if it rolls back."""
+    f = flag(session, setup.station)
+    acknowledge_flag(session=session, flag=f, user_id=setup.manager.id, note="on it")
+    subject = FlagSubject("parcel", f.subject_key)
+    close_flag(session=session, kind=f.kind, subject=subject, reason="taken in")
+    raise_flag(
+        session=session,
+        kind=f.kind,
+        severity=f.severity,
+        subject=subject,
+        station_id=setup.station.id,
+        evidence={"event_ids": [2]},
+    )
+    assert system_entries(session) == []  # held for the commit
+    session.commit()
+    key = str(f.id)
+    assert system_entries(session) == [
+        (None, key, "acknowledged", "closed", "taken in", f.subject_key),
+        (None, key, "closed", "open", "raised again", f.subject_key),
+    ]
+    [first, _] = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action == "flag_status_changed")
+        .order_by(AuditEntry.id)
+    )
+    assert first.details["decision"] == "acknowledged"
+    assert first.details["evidence_version"] == evidence_version({"event_ids": [1]})
+    close_flag(session=session, kind=f.kind, subject=subject, reason="rolled back")
+    session.rollback()
+    session.commit()
+    assert len(system_entries(session)) == 2
+    assert audit.verify(session=session).ok
+    assert [e.id for e in audit.list_entries(session=session, tracking_no=f.subject_key)] == [
+        e.id for e in session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()))
+    ]
+
+
 # -- acknowledge and resolve ------------------------------------------------------------------
 
 

@@ -2179,7 +2179,8 @@ def test_an_event_after_sign_off_reopens_the_shift_with_a_flag(
     assert flag.id in {f["flag_id"] for f in receipt["flags_raised"]}
     assert shift_balance(session=session, shift=shift).status == "balanced"
     actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
-    assert actions == ["shift_signed_off", "shift_reopened"]
+    # and the missing parcel's flag closed by its return
+    assert actions == ["shift_signed_off", "shift_reopened", "flag_status_changed"]
     # Signed off again, then another late event: the resolved flag opens again.
     flags_resolved = session.get(Flag, flag.id)
     from sync.flags import resolve_flag
@@ -3119,7 +3120,11 @@ def test_a_reopening_for_a_gap_is_withdrawn_when_its_seqs_are_written_off(
     flag = late_flag(session)
     assert flag is not None and flag.status == FlagStatus.CLOSED
     actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
-    assert actions[-2:] == ["lost_seqs_written_off", "shift_reopening_withdrawn"]
+    assert actions[-3:] == [
+        "lost_seqs_written_off",
+        "flag_status_changed",  # the late flag, closed by the withdrawal
+        "shift_reopening_withdrawn",
+    ]
 
 
 def test_a_reopening_for_a_gap_stands_once_the_missing_seq_arrives_as_the_shifts_own(

@@ -54,8 +54,8 @@ class AuditEntries(MethodView):
         a kind of entry, filter by `action`). `tracking_no` lists every entry about
         one parcel, whatever its subject (a consent's, a flag's, a proof's id):
         its proofs and its record read, its consents granted, revoked or refused,
-        decisions on its flags (its own and its handovers'), its changes by an
-        intake, and auditors' searches of its proofs or rejected events by its
+        decisions on and changes of its flags (its own and its handovers'), its
+        changes by an intake, and auditors' searches of its proofs or rejected events by its
         number; and the entries that concern it among other parcels: the sign-off
         of each handover whose balance names it, an auditor's read of a shift page
         showing its recipient or its proof, a search, flag page or export part that
@@ -65,7 +65,10 @@ class AuditEntries(MethodView):
         Sign-offs (`shift_signed_off`, each
         one, also of a shift reopened and signed off again), `shift_reopened`,
         `shift_reopening_withdrawn`, `flag_acknowledged`, `flag_resolved` (each with
-        what the decision covered, `decided_on`), consents recorded or
+        what the decision covered, `decided_on`), every change the system makes to a
+        flag's status (`flag_status_changed`, no actor: closed as its cause went away,
+        opened again, or given back a manager's decision; `from_status`, `to_status`,
+        `reason`), consents recorded or
         revoked through the API (`consent_granted`, `consent_revoked`; subject
         `consent` and its id; a grant answering a courier's request names it in
         `request_id`), a recipient's refusal of a courier's request for

@@ -126,6 +126,8 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "AUDIT_FULL_VERIFICATIONS_PER_USER": _limit(
             environ, "AUDIT_FULL_VERIFICATIONS_PER_USER", "4/3600"
         ),
+        # Entries one GET /audit/verify reads at most (some 5 seconds per 100,000).
+        "AUDIT_VERIFY_MAX_ENTRIES": _int(environ, "AUDIT_VERIFY_MAX_ENTRIES", 100_000),
         "TRUSTED_PROXY_HOPS": _int(environ, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
         "METRICS_TOKEN": environ.get("METRICS_TOKEN", ""),
     }

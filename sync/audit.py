@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Text, event, select, text, type_coerce
+from sqlalchemy import Column, Text, event, func, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from models import AuditEntry, AuditEntryParcel, utcnow
@@ -298,6 +298,8 @@ class VerifyResult:
     message: str | None = None
     head_id: int | None = None  # the newest entry verified, and its hash
     head_hash: str | None = None
+    # False: the walk stopped at its bound with entries after ``head_id`` left to check
+    complete: bool = True
 
     @property
     def ok(self) -> bool:
@@ -349,9 +351,10 @@ def verify(
     *,
     session: Session,
     from_head: Head | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     progress_every: int = PROGRESS_EVERY,
     chunk_size: int = VERIFY_CHUNK,
+    limit: int | None = None,
 ) -> VerifyResult:
     """Recompute every entry's hash and link, in id order; stop at the first break.
 
@@ -363,7 +366,10 @@ def verify(
     recorded and is part of that hash.
 
     Rows are streamed ``chunk_size`` at a time, so a long log is never held in
-    memory. ``progress`` is called with the count checked every ``progress_every``.
+    memory. ``progress`` is called with the count checked and the id of the entry
+    reached every ``progress_every``. With ``limit``, at most that many entries are
+    read: a walk that stops there with entries left says so (``complete`` false), and
+    its head (the last entry checked) starts the next one, as a recorded head does.
     """
     # ``at`` and ``details`` come as the database gives them and are decoded row by row
     # below: SQLite keeps any value in any column, and one scribbled over must be named
@@ -395,8 +401,12 @@ def verify(
             head_hash=expected_prev if prev_id is not None else None,
         )
 
+    complete = True
     try:
         for row in rows:
+            if limit is not None and checked >= limit:
+                complete = False  # entries are left: the head so far starts the next walk
+                break
             if from_head is not None and prev_id is None:
                 if row.id != from_head.id:
                     break  # the recorded head is gone: reported below
@@ -441,7 +451,7 @@ def verify(
                 )
             expected_prev, prev_id = row.entry_hash, row.id
             if progress is not None and checked % progress_every == 0:
-                progress(checked)
+                progress(checked, row.id)
     finally:
         rows.close()
     if from_head is not None and prev_id is None:
@@ -455,7 +465,13 @@ def verify(
         checked=checked,
         head_id=prev_id,
         head_hash=expected_prev if prev_id is not None else None,
+        complete=complete,
     )
+
+
+def newest_id(session: Session) -> int | None:
+    """The id of the newest entry (None: the log is empty): where a walk will end."""
+    return session.scalar(select(func.max(AuditEntry.id)))
 
 
 _AT, _DETAILS = AuditEntry.__table__.c.at, AuditEntry.__table__.c.details

@@ -110,6 +110,7 @@ def test_an_auditor_can_read_and_verify_the_audit_log_through_the_api(
     assert verified.status_code == 200
     assert verified.get_json() | {"head_hash": None} == {
         "intact": True,
+        "complete": True,
         # two sign-offs, the reopening, b's missing_at_handover closed by its return,
         # the search and the read
         "checked": 6,
@@ -505,6 +506,57 @@ def test_the_newest_entries_removed_show_against_the_head_recorded(
     head = {"head_id": first["head_id"], "head_hash": first["head_hash"]}
     body = client.get(VERIFY, query_string=head, headers=auth.headers("admin")).get_json()
     assert (body["intact"], body["broken_id"], body["problem"]) == (False, ids[2], "head_missing")
+
+
+def test_a_check_from_a_head_recorded_long_ago_is_bounded_and_goes_on_from_where_it_stopped(
+    app_with: Any, session: Session, world: World
+) -> None:
+    """A head recorded a year ago is a walk of a year of entries, which was not limited
+    (only a walk without a head counted): one request held a worker and the database
+    for as long as it took, and a script looping from the oldest head it had walked the
+    whole log unlimited. Each request now reads at most ``AUDIT_VERIFY_MAX_ENTRIES``
+    and says whether it reached the newest entry; the head it reached goes on, and a
+    break past the bound is found by the request that reaches it."""
+    ids = chained(session, *({"action": "blob_read", "details": {"i": i}} for i in range(7)))
+    app: Flask = app_with(AUDIT_VERIFY_MAX_ENTRIES=3, AUDIT_FULL_VERIFICATIONS_PER_USER=None)
+    client = app.test_client()
+    auditor = Auth(client).headers("auditor1")
+    first = client.get(VERIFY, headers=auditor).get_json()
+    assert (first["intact"], first["complete"], first["checked"]) == (True, False, 3)
+    assert first["head_id"] == ids[2]
+    head = {"head_id": first["head_id"], "head_hash": first["head_hash"]}
+    second = client.get(VERIFY, query_string=head, headers=auditor).get_json()
+    # the head again, and two after it
+    assert (second["complete"], second["checked"], second["head_id"]) == (False, 3, ids[4])
+    session.execute(AuditEntry.__table__.delete().where(AuditEntry.id == ids[5]))
+    session.commit()
+    head = {"head_id": second["head_id"], "head_hash": second["head_hash"]}
+    third = client.get(VERIFY, query_string=head, headers=auditor).get_json()
+    assert (third["intact"], third["broken_id"], third["problem"]) == (
+        False,
+        ids[6],
+        "link_broken",
+    )
+    whole = app_with(AUDIT_FULL_VERIFICATIONS_PER_USER=None).test_client()
+    body = whole.get(VERIFY, headers=Auth(whole).headers("auditor1")).get_json()
+    assert (body["complete"], body["checked"], body["broken_id"]) == (True, 6, ids[6])
+
+
+def test_a_check_of_exactly_the_bound_is_complete(
+    app_with: Any, session: Session, world: World
+) -> None:
+    ids = chained(session, *({"action": "blob_read", "details": {"i": i}} for i in range(3)))
+    client = app_with(AUDIT_VERIFY_MAX_ENTRIES=3).test_client()
+    body = client.get(VERIFY, headers=Auth(client).headers("auditor1")).get_json()
+    assert (body["intact"], body["complete"], body["head_id"]) == (True, True, ids[-1])
+
+
+def test_the_bound_of_a_check_is_configured(tmp_path: Path) -> None:
+    assert load_config({}, tmp_path)["AUDIT_VERIFY_MAX_ENTRIES"] == 100_000
+    assert (
+        load_config({"AUDIT_VERIFY_MAX_ENTRIES": "5000"}, tmp_path)["AUDIT_VERIFY_MAX_ENTRIES"]
+        == 5000
+    )
 
 
 def test_walks_of_the_whole_log_are_limited_per_user_and_free_again_after_the_window(

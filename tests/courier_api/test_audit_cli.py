@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient, FlaskCliRunner
 from PIL import Image
-from sqlalchemy import insert, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -163,10 +163,45 @@ def test_progress_every_10000_entries(runner: FlaskCliRunner, session: Session) 
         rows.append(row)
     session.execute(insert(AuditEntry), rows)
     session.commit()
+    newest = session.scalar(select(func.max(AuditEntry.id)))
     result = runner.invoke(args=["audit", "verify"])
     assert result.exit_code == 0, result.output
-    assert result.stderr == "checked 10,000 entries\n"
+    # how far along, too: a long walk says how much is left
+    assert result.stderr == f"checked 10,000 entries, through entry {newest - 1} of {newest}\n"
     assert result.stdout.startswith("audit log intact: 10,001 entries;")
+
+
+def test_a_run_bounded_by_max_entries_says_where_to_go_on_from(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    """A head recorded long ago leaves every entry appended since to read in one run:
+    --max-entries stops after so many, says the check did not reach the end, and names
+    the head to go on from; the run from it reaches the end."""
+    for i in range(5):
+        audit.append(
+            session=session,
+            actor_id=None,
+            action="blob_read",
+            subject_type="blob",
+            subject_key=str(i),
+            details={},
+        )
+    session.commit()
+    ids = list(session.scalars(select(AuditEntry.id).order_by(AuditEntry.id)))
+    stopped = runner.invoke(args=["audit", "verify", "--max-entries", "3"])
+    assert stopped.exit_code == 0, stopped.output
+    head = session.get(AuditEntry, ids[2])
+    assert head is not None
+    assert stopped.stdout == (
+        f"audit log intact so far: 3 entries, through entry {ids[2]} of {ids[-1]}; NOT checked "
+        f"to the end: go on with --from-head {ids[2]} {head.entry_hash}\n"
+    )
+    rest = runner.invoke(
+        args=["audit", "verify", "--from-head", str(ids[2]), head.entry_hash, "--max-entries", "3"]
+    )
+    assert rest.exit_code == 0, rest.output
+    assert rest.stdout.startswith(f"audit log intact: 3 entries from entry {ids[2]}; head: entry")
+    assert runner.invoke(args=["audit", "verify", "--max-entries", "0"]).exit_code == 2
 
 
 # -- auditors' reads of proof images ----------------------------------------------------------

@@ -103,10 +103,32 @@ def test_a_deleted_row_is_named_by_the_entry_after_it(session: Session, position
 
 def test_verify_streams_in_chunks_and_reports_progress(session: Session) -> None:
     add(session, 7)
-    seen: list[int] = []
-    result = audit.verify(session=session, progress=seen.append, progress_every=3, chunk_size=2)
-    assert result.ok and result.checked == 7
-    assert seen == [3, 6]
+    seen: list[tuple[int, int]] = []
+    result = audit.verify(
+        session=session,
+        progress=lambda *at: seen.append(at),
+        progress_every=3,
+        chunk_size=2,
+    )
+    assert result.ok and result.checked == 7 and result.complete
+    ids = list(session.scalars(select(AuditEntry.id).order_by(AuditEntry.id)))
+    assert seen == [(3, ids[2]), (6, ids[5])]
+
+
+def test_verify_reads_at_most_its_limit_and_says_it_stopped(session: Session) -> None:
+    add(session, 5)
+    ids = list(session.scalars(select(AuditEntry.id).order_by(AuditEntry.id)))
+    stopped = audit.verify(session=session, limit=2)
+    assert (stopped.ok, stopped.complete, stopped.checked, stopped.head_id) == (
+        True,
+        False,
+        2,
+        ids[1],
+    )
+    assert stopped.head_hash is not None
+    head = audit.Head(id=ids[1], hash=stopped.head_hash)
+    rest = audit.verify(session=session, from_head=head, limit=4)
+    assert (rest.complete, rest.checked, rest.head_id) == (True, 4, ids[-1])
 
 
 def head_of(entry: AuditEntry) -> audit.Head:

@@ -125,12 +125,15 @@ class AuditVerification(MethodView):
         first, as `courier-api audit verify` does, and stops at the first entry
         that breaks the chain: `intact: false` with its id and why. `checked` says
         how many entries were read. The log is read a thousand entries at a time,
-        however long it is; a long one takes a while (some 5 seconds per 100,000
-        entries). Keep `head_id` and `head_hash` of an intact answer outside the
-        service: removing the newest entries breaks no link, and only a head
-        recorded earlier shows it. Given back as `head_id` and `head_hash`, they
-        start the next check there: that entry must still be in the log
-        (`head_missing` otherwise) with that hash (`head_changed` otherwise: an
+        and one request reads at most `AUDIT_VERIFY_MAX_ENTRIES` (100,000 unless
+        configured, some 5 seconds): a log, or the part of it after a head recorded
+        long ago, longer than that answers `complete: false` with the head it
+        reached (`head_id`, `head_hash`: intact up to there); give it back to go on
+        from there until `complete` is true. Keep `head_id` and `head_hash` of an
+        intact, complete answer outside the service: removing the newest entries
+        breaks no link, and only a head recorded earlier shows it. Given back as
+        `head_id` and `head_hash`, they start the next check there: that entry must
+        still be in the log (`head_missing` otherwise) with that hash (`head_changed` otherwise: an
         entry up to it was altered and the chain re-hashed), and only the entries
         after it are read. One without the other is a 422 (`head_hash_required`,
         `head_id_required`).
@@ -139,14 +142,19 @@ class AuditVerification(MethodView):
         each user may start `AUDIT_FULL_VERIFICATIONS_PER_USER` of them (4 an hour
         unless configured); beyond, 429 `too_many_verifications` with `Retry-After`,
         the seconds until the oldest leaves the window. A check from a head is not
-        limited.
+        limited: it is bounded as every check is.
         """
         head = audit.recorded_head(args.get("head_id"), args.get("head_hash"))
         if head is None:
             _count_full_walk()
-        result = audit.verify(session=db.session, from_head=head)
+        result = audit.verify(
+            session=db.session,
+            from_head=head,
+            limit=current_app.config["AUDIT_VERIFY_MAX_ENTRIES"],
+        )
         return {
             "intact": result.ok,
+            "complete": result.complete,
             "checked": result.checked,
             "broken_id": result.broken_id,
             "problem": result.problem,

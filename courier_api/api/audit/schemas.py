@@ -108,6 +108,14 @@ class AuditVerifyOut(ma.Schema):
             "entry and those after it)"
         },
     )
+    complete = ma.fields.Boolean(
+        required=True,
+        metadata={
+            "description": "false: the check stopped at its bound "
+            "(`AUDIT_VERIFY_MAX_ENTRIES`) with entries after `head_id` left to check; give "
+            "`head_id` and `head_hash` back to go on from there"
+        },
+    )
     broken_id = ma.fields.Integer(
         allow_none=True,
         required=True,

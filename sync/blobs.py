@@ -393,6 +393,18 @@ def readable_blobs(*, session: Session, digests: Iterable[str], reader: BlobRead
     return readable
 
 
+def blobs_by_digest(*, session: Session, digests: Iterable[str]) -> dict[str, Blob]:
+    """The images of ``digests`` the server holds (a row: uploaded once, maybe purged
+    since), by digest, in one query per ``chunks`` of them; one never uploaded is not
+    among them."""
+    found: dict[str, Blob] = {}
+    for chunk in chunks(sorted(set(digests))):
+        found.update(
+            (b.sha256, b) for b in session.scalars(select(Blob).where(Blob.sha256.in_(chunk)))
+        )
+    return found
+
+
 def get_blob(*, session: Session, digest: str) -> Blob:
     blob = session.get(Blob, check_digest(digest))
     if blob is None:

@@ -43,7 +43,7 @@ from sync.balances import (
     signoff_superseded,
     station_board,
 )
-from sync.blobs import BlobReader, BlobStore, BytesAltered, readable_blobs
+from sync.blobs import BlobReader, BlobStore, BytesAltered, blobs_by_digest, readable_blobs
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
 from sync.flags import Decision, cited_in, flag_changes, latest_decisions
@@ -64,6 +64,7 @@ from sync.proofs import (
     Proof,
     ProofDetail,
     drop_consents,
+    pod_digests,
     proof_station,
     proofs_consents,
 )
@@ -85,7 +86,6 @@ WEEK_DAYS = 7
 # newest (a broken PDA may send the same bad drop again and again); the list API
 # (``GET /api/v1/quarantine?tracking_no=``) has them all.
 PROOF_REJECTIONS_SHOWN = 20
-POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
 
 
 # -- who reads, and what they may see ---------------------------------------------------------
@@ -107,12 +107,6 @@ class ProofImageRef:
     state: ImageState
 
 
-def pod_digests(pod: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """``[(role, sha256)]`` of the images a POD names."""
-    pod = pod or {}
-    return [(role, pod[key]) for role, key in POD_IMAGES if isinstance(pod.get(key), str)]
-
-
 def image_states(
     *, session: Session, digests: Iterable[str], reader: BlobReader, store: BlobStore
 ) -> dict[str, ImageState]:
@@ -121,11 +115,7 @@ def image_states(
     blobs and one for who may read them; each readable image's file is hashed as it
     is read (``BlobStore.verify``), as serving it does."""
     wanted = sorted(set(digests))
-    blobs: dict[str, Blob] = {}
-    for chunk in chunks(wanted):
-        blobs.update(
-            (b.sha256, b) for b in session.scalars(select(Blob).where(Blob.sha256.in_(chunk)))
-        )
+    blobs = blobs_by_digest(session=session, digests=wanted)
     readable = readable_blobs(session=session, digests=blobs, reader=reader)
     states = {}
     for digest in wanted:

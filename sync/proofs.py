@@ -15,12 +15,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, String, and_, cast, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
+from sync.blobs import blobs_by_digest
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.flags import FlagSubject, cited_in
@@ -341,6 +343,51 @@ def _drop(proof: Proof, events: Sequence[EventDetail]) -> EventDetail | None:
     if proof.event.type not in DROPS:
         return None
     return judged_scan(next(e for e in events if e.fact.event_id == proof.event.id), events)
+
+
+# The images a POD names: the role each plays in it, and its key.
+POD_IMAGES = (("signature", "signature_sha256"), ("photo", "photo_sha256"))
+
+
+def pod_digests(pod: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """``[(role, sha256)]`` of the images a POD names."""
+    pod = pod or {}
+    return [(role, pod[key]) for role, key in POD_IMAGES if isinstance(pod.get(key), str)]
+
+
+@dataclass(frozen=True)
+class ProofImageState:
+    """An image a proof's POD names, and what the server holds of it: an auditor holds
+    the digest against the image, and needs to know whether the image ever arrived."""
+
+    role: str  # signature | photo
+    sha256: str
+    arrived_at: dt.datetime | None  # first uploaded; None: never arrived
+    purged_at: dt.datetime | None  # its bytes deleted by the retention purge
+
+
+def proofs_images(
+    *, session: Session, proofs: Sequence[Proof]
+) -> dict[int, list[ProofImageState]]:
+    """``{event id: its POD's images}`` for ``proofs`` (a page, an export's batch), in one
+    query however many: each image the POD names, signature first, with whether and when
+    it arrived and whether its bytes were purged since."""
+    named = {p.event.id: pod_digests(p.event.details.get("pod")) for p in proofs}
+    blobs = blobs_by_digest(
+        session=session, digests=[digest for images in named.values() for _, digest in images]
+    )
+    return {
+        event_id: [
+            ProofImageState(
+                role=role,
+                sha256=digest,
+                arrived_at=blobs[digest].uploaded_at if digest in blobs else None,
+                purged_at=blobs[digest].purged_at if digest in blobs else None,
+            )
+            for role, digest in images
+        ]
+        for event_id, images in named.items()
+    }
 
 
 def proofs_consents(

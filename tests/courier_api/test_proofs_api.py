@@ -1415,3 +1415,57 @@ def test_a_proof_with_no_rejected_event_says_none(
     assert "(0)" in _rejected_section(html) and "None." in _rejected_section(html)
     logged = session.scalars(select(AuditEntry.action)).all()
     assert "quarantine_searched" not in logged
+
+
+def test_a_proof_gives_an_auditor_its_clocks_its_seq_and_whether_its_images_arrived(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A recipient says the parcel never came; the courier's proof is a signature and a
+    photo. The auditor needs what the PDA's clock said and the correction applied (the
+    offset: a PDA 2 minutes fast), its seq (its place in the PDA's order, against a
+    consent's), and each image's digest with whether it ever arrived: the proof gave the
+    digests only, and a signature that never arrived looked like one held."""
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    photo = image_bytes()
+    pod = {"recipient_name": "Li", "relation": "self"}
+    pod |= {"signature_sha256": "c" * 64, "photo_sha256": digest(photo)}
+    fast = dt.timedelta(minutes=2)
+    at = now() - dt.timedelta(minutes=30)
+    events = [
+        factories.event(1, parcel.tracking_no, occurred_at=at + fast),
+        factories.event(2, parcel.tracking_no, "delivered", occurred_at=at + fast, pod=pod),
+    ]
+    headers = auth.headers("courier1", "PDA-0001")
+    body = factories.push_body("PDA-0001", events, sent_at=now() + fast)
+    assert client.post("/api/v1/sync/push", json=body, headers=headers).status_code == 200
+    put = client.put(f"/api/v1/blobs/{digest(photo)}", data=photo, headers=headers)
+    assert put.status_code in (200, 201), put.get_json()
+    auditor = auth.headers("auditor1")
+    [found] = client.get(URL, headers=auditor).get_json()["items"]
+    proof = client.get(f"{URL}/{found['event_id']}", headers=auditor).get_json()
+    for view in (found, proof):
+        assert view["seq"] == 2
+        assert abs(view["clock_offset_ms"] - 120_000) < 5_000  # the push's own estimate
+        device = dt.datetime.fromisoformat(view["occurred_at_device"])
+        corrected = dt.datetime.fromisoformat(view["occurred_at"])
+        applied = (device - corrected) / dt.timedelta(milliseconds=1)
+        assert abs(applied - view["clock_offset_ms"]) < 1  # in whole milliseconds
+        signature, image = view["images"]
+        assert (signature["role"], signature["sha256"], signature["arrived_at"]) == (
+            "signature",
+            "c" * 64,
+            None,  # never arrived
+        )
+        assert (image["role"], image["sha256"], image["purged_at"]) == (
+            "photo",
+            digest(photo),
+            None,
+        )
+        assert image["arrived_at"] is not None
+    [row] = _export(client, auth, {})
+    assert (row["seq"], row["clock_offset_ms"]) == ("2", str(found["clock_offset_ms"]))
+    assert row["signature_arrived_at"] == ""
+    assert row["photo_arrived_at"] == found["images"][1]["arrived_at"].replace("T", " ")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import uuid
 from collections.abc import Iterator
@@ -38,12 +39,14 @@ from sync.proofs import (
     DropConsent,
     Proof,
     ProofFilter,
+    ProofImageState,
     check_filters,
     get_proof,
     iter_proof_batches,
     list_proofs,
     proof_not_found,
     proofs_consents,
+    proofs_images,
 )
 from sync.quarantine import count_naming
 from sync.rules import Policy
@@ -89,6 +92,10 @@ CSV_COLUMNS = (
     "parcel_taken_in",
     "authorizing_consent_created_at",
     "authorizing_consent_created_by",
+    "seq",
+    "clock_offset_ms",
+    "signature_arrived_at",
+    "photo_arrived_at",
 )
 # Typed by a recipient, a sender or a courier (and the phone number): written as text
 # (``sync.spreadsheets``).
@@ -124,9 +131,16 @@ def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
     )
 
 
-def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str, Any]:
+def _view(
+    proof: Proof,
+    drop: DropConsent | None,
+    images: list[ProofImageState],
+    *,
+    auditor: bool,
+) -> dict[str, Any]:
     """``drop``: a locker or pickup-point drop's consent (``proofs_consents``); None: in
-    person, a parcel not taken in, or a drop a correction voided (not judged)."""
+    person, a parcel not taken in, or a drop a correction voided (not judged).
+    ``images``: its POD's (``proofs_images``)."""
     event, parcel = proof.event, proof.parcel
     consent = None if drop is None else drop.consent
     return {
@@ -140,10 +154,16 @@ def _view(proof: Proof, drop: DropConsent | None, *, auditor: bool) -> dict[str,
         "voided": proof.voided,
         "occurred_at": event.occurred_at,
         "occurred_at_device": event.occurred_at_device,
+        # the correction applied: the PDA's clock minus the server's, as estimated
+        "clock_offset_ms": round(
+            (event.occurred_at_device - event.occurred_at) / dt.timedelta(milliseconds=1)
+        ),
+        "seq": event.seq,
         "received_at": event.received_at,
         **_recipient(parcel, auditor=auditor),
         **{key: shown_text(event.details.get(key), unmasked=auditor) for key in DROP_PLACE},
         "pod": _pod(event.details.get("pod", {}), auditor=auditor),
+        "images": [vars(image) for image in images],
         "lat": event.lat,
         "lon": event.lon,
         "distance_m": None if proof.distance_m is None else round(proof.distance_m, 1),
@@ -188,7 +208,10 @@ class Proofs(MethodView):
         Deliveries in person, to a locker or to a pickup point, oldest first,
         filtered by station, tracking number, courier, corrected time
         (`occurred_from` inclusive, `occurred_to` exclusive), the kind of flag
-        their parcel has, and method. Auditors read across stations (each search
+        their parcel has, and method. Each says its PDA's `seq`, the time the
+        PDA's clock said and the corrected one with the correction applied
+        (`clock_offset_ms`), and the images its POD names with whether each
+        arrived (`images`). Auditors read across stations (each search
         is audit-logged); managers their own station. A delivery a later
         correction from the same PDA voided is listed with `voided: true`: it
         proves nothing, and a voided drop's consent is not judged
@@ -222,7 +245,10 @@ class Proofs(MethodView):
             parcels=[p.event.tracking_no for p in proofs],
         )
         auditor = principal.role == Role.AUDITOR
-        items = [_view(p, consents.get(p.event.id), auditor=auditor) for p in proofs]
+        images = proofs_images(session=db.session, proofs=proofs)
+        items = [
+            _view(p, consents.get(p.event.id), images[p.event.id], auditor=auditor) for p in proofs
+        ]
         return keyset_page(items, args["limit"], key=lambda item: item["event_id"])
 
 
@@ -236,7 +262,8 @@ class ProofExport(MethodView):
 
         The same filters as the search, every matching proof with the search's
         fields (the POD's in columns of their own, the authorizing consent's id,
-        channel, grant time, and when and by whom it was recorded), streamed in
+        channel, grant time, and when and by whom it was recorded, the `seq`, the
+        `clock_offset_ms`, and when the signature and the photo arrived), streamed in
         batches as they are read. For auditors each batch is audit-logged before
         it is sent, with the filters and the event ids it holds (`proofs_exported`,
         numbered `part`s of one `export_id`).
@@ -288,7 +315,12 @@ class ProofById(MethodView):
         )
         auditor = principal.role == Role.AUDITOR
         return {
-            **_view(detail.proof, detail.drop, auditor=auditor),
+            **_view(
+                detail.proof,
+                detail.drop,
+                proofs_images(session=db.session, proofs=[detail.proof])[detail.proof.event.id],
+                auditor=auditor,
+            ),
             "judged_between": None
             if detail.judged_between is None
             else dict(zip(("earliest", "latest"), detail.judged_between, strict=True)),
@@ -361,8 +393,12 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
     batches = iter_proof_batches(session=db.session, filters=filters, batch=EXPORT_BATCH)
     for part, proofs in enumerate(batches, start=1):
         consents = proofs_consents(session=db.session, proofs=proofs, policy=policy)
+        images = proofs_images(session=db.session, proofs=proofs)
         for proof in proofs:
-            writer.writerow(_csv_row(_view(proof, consents.get(proof.event.id), auditor=auditor)))
+            view = _view(
+                proof, consents.get(proof.event.id), images[proof.event.id], auditor=auditor
+            )
+            writer.writerow(_csv_row(view))
         record_auditor_read(
             "proofs_exported",
             "proof",
@@ -380,6 +416,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
 def _csv_row(view: dict[str, Any]) -> list[Any]:
     """A proof's view as a line of ``CSV_COLUMNS``."""
     pod, consent = view["pod"], view["authorizing_consent"] or {}
+    arrived = {image["role"]: image["arrived_at"] for image in view["images"]}
     row = {
         **view,
         "pod_recipient_name": pod.get("recipient_name"),
@@ -392,5 +429,8 @@ def _csv_row(view: dict[str, Any]) -> list[Any]:
         "authorizing_consent_granted_at": consent.get("granted_at"),
         "authorizing_consent_created_at": consent.get("created_at"),
         "authorizing_consent_created_by": consent.get("created_by"),
+        # when each image the POD names arrived (empty: never, or none named)
+        "signature_arrived_at": arrived.get("signature"),
+        "photo_arrived_at": arrived.get("photo"),
     }
     return [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]

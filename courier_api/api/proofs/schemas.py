@@ -66,6 +66,21 @@ class ConsentRef(ma.Schema):
     )
 
 
+class ProofImageOut(ma.Schema):
+    role = ma.fields.String(required=True, metadata={"enum": ["signature", "photo"]})
+    sha256 = ma.fields.String(required=True)
+    arrived_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={"description": "First uploaded; null: the image never arrived"},
+    )
+    purged_at = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Its bytes deleted by the retention purge (the record stays)"},
+    )
+
+
 class ProofOut(ma.Schema):
     event_id = ma.fields.Integer(required=True)
     tracking_no = ma.fields.String(required=True)
@@ -92,7 +107,20 @@ class ProofOut(ma.Schema):
         metadata={"description": "A later correction from the same PDA voided this delivery"},
     )
     occurred_at = ma.fields.AwareDateTime(required=True, metadata={"description": "Corrected"})
-    occurred_at_device = ma.fields.AwareDateTime(required=True)
+    occurred_at_device = ma.fields.AwareDateTime(
+        required=True, metadata={"description": "As the PDA's clock said"}
+    )
+    clock_offset_ms = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "The correction applied: the PDA's clock minus the server's, "
+            "as estimated from its pushes (`occurred_at_device` - `occurred_at`)"
+        },
+    )
+    seq = ma.fields.Integer(
+        required=True,
+        metadata={"description": "Its PDA's sequence number: its place in the PDA's order"},
+    )
     received_at = ma.fields.AwareDateTime(required=True)
     recipient_name = ma.fields.String(
         allow_none=True, required=True, metadata={"description": "Null: parcel not taken in"}
@@ -133,6 +161,15 @@ class ProofOut(ma.Schema):
         metadata={
             "description": "Signature and photo (blob sha256), name, ...; a phone number "
             "typed into the name or the relation is masked except for auditors"
+        },
+    )
+    images = ma.fields.List(
+        ma.fields.Nested(ProofImageOut),
+        required=True,
+        metadata={
+            "description": "The images the POD names (signature, photo), each with "
+            "whether it arrived: `arrived_at` null, never uploaded (`pod_blob_missing`); "
+            "`purged_at`, its bytes deleted by the retention purge since"
         },
     )
     lat = ma.fields.Float(allow_none=True, required=True)

@@ -1323,7 +1323,7 @@ def test_an_audit_entry_is_filed_under_every_parcel_it_records(scratch: Engine) 
 
     from sync import audit
 
-    migrate.upgrade(scratch, CLIENT_REQUEST_IDS)
+    migrate.upgrade(scratch, POINT_IDS)
     with scratch.begin() as connection:
         _append_before(connection, CONCERNING)
         for n, entry in enumerate(CONCERNING, start=1):
@@ -1337,7 +1337,7 @@ def test_an_audit_entry_is_filed_under_every_parcel_it_records(scratch: Engine) 
     if scratch.dialect.name == "postgresql":  # stopped before its revision was recorded
         with scratch.begin() as connection:
             connection.execute(
-                text("UPDATE alembic_version SET version_num = :v"), {"v": CLIENT_REQUEST_IDS}
+                text("UPDATE alembic_version SET version_num = :v"), {"v": POINT_IDS}
             )
         migrate.upgrade(scratch, EVERY_PARCEL)
         assert _entry_parcels(scratch) == expected

@@ -30,7 +30,7 @@ and takes the entries appended since the first. SQLite does it all in the upgrad
 one transaction.
 
 Revision ID: b1d7e3a9c5f2
-Revises: e7a3c5d1f9b4
+Revises: d8a5f1c3e6b9
 Create Date: 2026-12-10 09:00:00.000000
 """
 
@@ -41,7 +41,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b1d7e3a9c5f2"
-down_revision: str | None = "e7a3c5d1f9b4"
+down_revision: str | None = "d8a5f1c3e6b9"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

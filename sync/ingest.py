@@ -488,6 +488,7 @@ class _BatchIngest:
         # Did it file events under a shift whose seqs start at its events, below the
         # highest seq held before (``_file``)?
         self.bounds_a_previous_shift = False
+        self.unfiled_beyond_held = False  # events above the highest seq held, under no shift
         # Reopened shifts whose seqs its events may end sooner, or whose missing seqs
         # they may bring (``_lock_shifts``).
         self.reopened_left_open: list[Shift] = []
@@ -1184,6 +1185,14 @@ class _BatchIngest:
             row["seq"] <= self.state.max_seq and filer.starts_at_its_events(row["shift_id"])
             for row in rows
         )
+        # Seqs above the highest held that no shift takes may be ones a signed-off shift
+        # owned still on the PDA, as the next shift's declared first seq shows beyond the
+        # highest held: filed under none, they end its missing seqs without an event of
+        # its own (``withdraw_reopening_without_events``). Pushed in order under the open
+        # shift, none is.
+        self.unfiled_beyond_held = any(
+            row["shift_id"] is None and row["seq"] > self.state.max_seq for row in rows
+        )
 
     def _touch_device(self, connection: Connection) -> None:
         """The device's last-seen time, when a minute old (``TOUCH_DEVICE``, conditional);
@@ -1360,7 +1369,7 @@ class _BatchIngest:
             ):
                 by_shift.setdefault(shift_id, []).append(corrections[target])
         device_id = self.pusher.device_id
-        may_withdraw = self.bounds_a_previous_shift or self.gap_filled
+        may_withdraw = self.bounds_a_previous_shift or self.gap_filled or self.unfiled_beyond_held
         also = [
             where
             for where in (

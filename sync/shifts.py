@@ -661,7 +661,9 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     (``sync.handover.owned_seqs``), and the seqs of which a gap may have reopened them
     (``reopen_if_seqs_missing``). A push filing under a shift that declared no first seq
     an event below the highest seq held before it (pushed in order, none can end their
-    seqs sooner), or filling a gap of its PDA's seqs, locks these with its shifts, and a
+    seqs sooner), filling a gap of its PDA's seqs, or filing under no shift an event
+    above that seq (one the next shift's declared first seq showed missing), locks these
+    with its shifts, and a
     write-off of lost seqs locks them too, for ``withdraw_reopening_without_events``."""
     return and_(
         Shift.device_id == device_id,

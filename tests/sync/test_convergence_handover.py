@@ -4,7 +4,8 @@
 (the second maybe another courier's, after a hand-over), each declaring its seqs or
 not, and its queue reaches the server split, reordered and repeated, with events
 rejected (with their seq), events the PDA lost for good, and corrections voiding
-events of either shift. Between two pushes a manager signs the first shift off
+events of either shift. The second shift's opening arrives before any push, between
+two or after all. Between two pushes a manager signs the first shift off
 (forced when provisional) and writes off the seqs missing then. The final state of
 both shifts (their balances with missing and written-off seqs, their flags, the
 parcels' statuses, where each event is filed, what was rejected) must be what one
@@ -138,7 +139,11 @@ def plans(draw: st.DrawFn) -> Plan:
 class Run:
     """One PDA of the world working the plan's two shifts, and its manager."""
 
-    def __init__(self, session: Session, world: World, plan: Plan) -> None:
+    def __init__(
+        self, session: Session, world: World, plan: Plan, *, open_the_second: bool = True
+    ) -> None:
+        """``open_the_second``: the second shift opens now, before any push; else the
+        test opens it when it likes (``open_the_second``)."""
         self.session, self.world, self.plan = session, world, plan
         self.device = factories.device(session, f"PDA-{uuid.uuid4().hex[:12]}", world.station)
         classes = [ServiceClass.EXPRESS, ServiceClass.PARCEL, ServiceClass.PARCEL]
@@ -164,17 +169,10 @@ class Run:
             last_seq=plan.first_last_seq,
             now=FIRST_CLOSED,
         )
-        self.second = shifts.open_shift(
-            session=session,
-            device=self.device,
-            courier_id=self.second_courier,
-            rules=ShiftRules(),
-            first_seq=plan.second_first_seq,
-            now=SECOND_OPENED,
-        )
         session.commit()
-        if plan.second_closed_before:
-            self.close_the_second()
+        self._second: Shift | None = None
+        if open_the_second:
+            self.open_the_second()
         self.events = self._recorded()
         self.pushed: dict[str, int] = {}  # client event id -> the push first carrying it
         self.pushes = 0
@@ -201,8 +199,28 @@ class Run:
             events.append(event)
         return events
 
+    def open_the_second(self) -> None:
+        """The second shift opens (at its time, whenever its request arrives), closed
+        at once if the plan closes it before the pushes (those after the opening)."""
+        self._second = shifts.open_shift(
+            session=self.session,
+            device=self.device,
+            courier_id=self.second_courier,
+            rules=ShiftRules(),
+            first_seq=self.plan.second_first_seq,
+            now=SECOND_OPENED,
+        )
+        self.session.commit()
+        if self.plan.second_closed_before:
+            self.close_the_second()
+
+    @property
+    def second(self) -> Shift:
+        assert self._second is not None, "the second shift is not open yet"
+        return self._second
+
     def close_the_second(self) -> None:
-        self.second = shifts.close_shift(
+        self._second = shifts.close_shift(
             session=self.session,
             shift=self.second,
             closed_by=self.second_courier,
@@ -420,9 +438,11 @@ def test_two_shifts_signed_off_and_written_off_between_pushes_converge(
     session: Session, world: World, plan: Plan, data: st.DataObject
 ) -> None:
     """The final state does not depend on how the queue was pushed, nor on when between
-    pushes the manager signed the first shift off or wrote off the seqs missing then;
-    the sign-off is reopened exactly when what the first shift owns came after it, or
-    seqs it owns are still on the PDA that the manager did not see missing."""
+    pushes the second shift's opening arrived (before any, between two, after all; its
+    first seq declared or not), the manager signed the first shift off or wrote off the
+    seqs missing then; the sign-off is reopened exactly when what the first shift owns
+    came after it, or seqs it owns are still on the PDA that the manager did not see
+    missing."""
     converges(session, world, plan, data)
 
 
@@ -473,21 +493,30 @@ def test_outcomes_scanned_again_in_the_next_shift_converge(
 
 
 def converges(session: Session, world: World, plan: Plan, data: st.DataObject) -> dict[str, Any]:
-    """Play ``plan`` pushed as drawn, with the sign-off and write-off between pushes;
-    the final state, checked against one in-order push."""
+    """Play ``plan`` pushed as drawn, with the second shift's opening, the sign-off and
+    the write-off between pushes; the final state, checked against one in-order push."""
     n = len(plan.events)
     batches = [[s + 1 for s in batch] for batch in draw_batchings(data, n)]
     sign_off_at = data.draw(st.integers(0, len(batches)), label="sign-off before push")
     write_off_at = data.draw(
         st.none() | st.integers(0, len(batches)), label="write-off before push"
     )
-    note(f"{plan!r} pushes {batches}, sign-off before {sign_off_at}, write-off {write_off_at}")
-    run = Run(session, world, plan)
+    open_at = data.draw(st.integers(0, len(batches)), label="second opens before push")
+    opens_after_manager = data.draw(st.booleans(), label="opens after the manager's work")
+    note(
+        f"{plan!r} pushes {batches}, sign-off before {sign_off_at}, write-off "
+        f"{write_off_at}, opening before {open_at} (after the manager: {opens_after_manager})"
+    )
+    run = Run(session, world, plan, open_the_second=False)
     for index, batch in enumerate([*batches, []]):
+        if open_at == index and not opens_after_manager:
+            run.open_the_second()
         if write_off_at == index:
             run.write_off()
         if sign_off_at == index:
             run.sign_off_the_first()
+        if open_at == index and opens_after_manager:
+            run.open_the_second()
         run.push(batch)
     if not plan.second_closed_before:
         run.close_the_second()
@@ -672,3 +701,43 @@ def test_the_next_shifts_pushes_cost_nothing_more_while_the_first_waits_reopened
         return len(sent)
 
     assert statements(reopened=True) == statements(reopened=False)
+
+
+def test_seqs_an_opening_showed_missing_arriving_under_no_shift_withdraw_its_reopening(
+    session: Session, world: World
+) -> None:
+    """The first shift declared no seqs and was signed off before anything was pushed.
+    A colleague's shift opened declaring seq 2 its first: the first shift owns seq 1,
+    still on the PDA, and reopened for it (its sign-off saw none missing). Seq 1 then
+    arrives with the colleague's seqs, filed under no shift (another courier's shift
+    takes no event by time): nothing of the first shift is missing any more and none of
+    its events came late. Opened after that push, the shift never reopened (rule 3): the
+    reopening is withdrawn, as when a gap below the highest seq held is filled."""
+    plan = Plan(
+        first_declares_first=False,
+        first_last_seq=None,
+        second_first_seq=2,
+        second_is_colleagues=True,
+        second_closed_before=False,
+        second_last_seq=None,
+        events=[
+            (1, "checked_out", 0, None),
+            (2, "checked_out", 0, None),
+            (3, "checked_out", 0, None),
+        ],
+        in_first=1,
+    )
+    run = Run(session, world, plan, open_the_second=False)
+    run.sign_off_the_first()
+    run.open_the_second()
+    session.refresh(run.first)
+    assert run.missing_since_signoff() == [1]
+    assert run.first.status == ShiftStatus.CLOSED
+    run.push([1, 2, 3])
+    session.refresh(run.first)
+    assert (run.owned_late(), run.missing_since_signoff()) == ([], [])
+    assert run.first.status == ShiftStatus.SIGNED_OFF
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == LATE_EVENT, Flag.shift_id == run.first.id)
+    ).one()
+    assert flag.status == FlagStatus.CLOSED

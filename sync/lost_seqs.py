@@ -31,16 +31,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, SeqWriteOff, User
+from models import Device, DeviceSyncState, SeqWriteOff, ShiftStatus, User, utcnow
 from sync import audit
 from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
 from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput
 from sync.shifts import (
     lock_shifts,
+    may_own_revealed_gap,
+    reopen_if_seqs_missing,
     reopened_with_seqs_left_open,
     withdraw_reopening_without_events,
 )
@@ -170,26 +172,44 @@ def write_off_lost_seqs(
     (``sync.shifts.reopen_if_seqs_missing``) is signed off again once they are written
     off and its balance is again the one signed off
     (``sync.shifts.withdraw_reopening_without_events``), after the write-off's entry in
-    the audit log."""
+    the audit log. Seqs written off above the highest held leave the seqs below them
+    neither held nor written off as gaps: a signed-off shift owning some that its
+    sign-off did not see missing reopens, as when a push shows them."""
     with audit.deferred(session):
-        written = _write_off(session, device, ranges, reason, user_id)
-        _withdraw_reopenings(session, device.id)
+        written, revealed = _write_off(session, device, ranges, reason, user_id)
+        _judge_reopenings(session, device.id, revealed, written.write_off.id)
     return written
 
 
-def _withdraw_reopenings(session: Session, device_id: str) -> None:
-    """Withdraw the reopenings of the device's shifts that the seqs just written off
-    made (``sync.shifts.withdraw_reopening_without_events``): those reopened since
-    their sign-off and closed without a last seq, locked after the device's sync state
-    (the service's lock order), rarely any."""
-    reopened = lock_shifts(session, [], also=reopened_with_seqs_left_open(device_id))
-    for shift in reopened.values():
-        withdraw_reopening_without_events(session, shift)
+def _judge_reopenings(
+    session: Session, device_id: str, revealed: Ranges, write_off_id: int
+) -> None:
+    """Judge the device's signed-off shifts the write-off may change, locked after its
+    sync state (the service's lock order), rarely any: withdraw the reopenings the
+    seqs just written off made (``sync.shifts.withdraw_reopening_without_events``:
+    those reopened since their sign-off and closed without a last seq), and reopen
+    those owning the gaps it ``revealed`` (``sync.shifts.may_own_revealed_gap``), as a
+    push showing them would (``sync.shifts.reopen_if_seqs_missing``)."""
+    judged = reopened_with_seqs_left_open(device_id)
+    if revealed:
+        judged = or_(judged, may_own_revealed_gap(device_id, revealed[0][0]))
+    for shift in lock_shifts(session, [], also=judged).values():
+        if shift.status == ShiftStatus.SIGNED_OFF:
+            reopen_if_seqs_missing(
+                session=session,
+                shift=shift,
+                now=utcnow(),
+                details={"write_off_id": write_off_id},
+            )
+        else:
+            withdraw_reopening_without_events(session, shift)
 
 
 def _write_off(
     session: Session, device: Device, ranges: Ranges, reason: str, user_id: int
-) -> WrittenOff:
+) -> tuple[WrittenOff, Ranges]:
+    """The write-off, and the gaps it leaves below the seqs written off above the
+    highest held (none before it)."""
     text = (reason or "").strip()
     if not text:
         raise InvalidInput(
@@ -247,7 +267,8 @@ def _write_off(
             "acked_through_seq": acked,
         },
     )
-    return WrittenOff(write_off, count, acked, after.missing_ranges)
+    revealed = without(after.missing_ranges, before.missing_ranges)
+    return WrittenOff(write_off, count, acked, after.missing_ranges), revealed
 
 
 class WriteOffRecord(NamedTuple):

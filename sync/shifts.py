@@ -520,9 +520,10 @@ def reopen_if_seqs_missing(
 ) -> list[Flag]:
     """Reopen ``shift`` (locked), signed off and closed without its last seq, if it owns
     seqs the server lacks beyond those its manager signed off (``_missing_beyond_signed``):
-    an opening (``_reopen_if_bounded``) or a push (``sync.ingest``) showed seqs of it
-    still on the PDA, its balance turning provisional with no event of its own arriving
-    (a provisional balance needs a reason to be signed off). What neither can add (a
+    an opening (``_reopen_if_bounded``), a push (``sync.ingest``) or a write-off of seqs
+    above the highest held (``sync.lost_seqs``) showed seqs of it still on the PDA, its
+    balance turning provisional with no event of its own arriving (a provisional
+    balance needs a reason to be signed off). What none of them can add (a
     rule flag closed since, which reopened nothing then) is left alone, and so are fewer
     seqs missing (the next shift's events end its seqs sooner): pushed before the
     sign-off, they were never missing. The ``late_event_after_signoff`` flag names no
@@ -559,9 +560,10 @@ def may_own_revealed_gap(device_id: str, lowest: int) -> ColumnElement[bool]:
     before it): closed without their last seq, they own the seqs up to where the next
     shift on the PDA starts, its first seq or else its lowest event, or up to the
     device's highest seq when it has neither (``sync.handover.owned_seqs``). A push
-    showing a gap locks these with its shifts (``lock_shifts``) and reopens those the
-    gap made provisional (``reopen_if_seqs_missing``): in practice the PDA's shift
-    before its current one, if any; a PDA's other signed-off shifts are not read."""
+    showing a gap locks these with its shifts (``lock_shifts``), as a write-off leaving
+    one does (``sync.lost_seqs``), and reopens those the gap made provisional
+    (``reopen_if_seqs_missing``): in practice the PDA's shift before its current one,
+    if any; a PDA's other signed-off shifts are not read."""
     shift = _shifts.c
     next_id = adjacent_shift(_shifts, "id", following=True, same_courier=False)
     next_first = adjacent_shift(_shifts, "first_seq", following=True, same_courier=False)

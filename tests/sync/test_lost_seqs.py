@@ -262,3 +262,42 @@ def test_the_pair_around_written_off_seqs_beyond_the_highest_held_is_judged_for_
     pda.push([backdated])
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert inversion.evidence == {"device_seqs": ["PDA-0001#4", "PDA-0001#7"]}
+
+
+def test_gaps_a_write_off_above_the_highest_held_leaves_reopen_the_shift_owning_them(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The first shift closed without a last seq and was signed off with nothing
+    missing: it owns the seqs up to the highest held (2) while the next shift has no
+    event and declared no first seq. The next shift closed online declaring last seq
+    10, none of its events arrived, and a manager wrote seq 10 off: the seqs held now
+    reach 10, and 3 to 9 are gaps below it, still on the PDA as far as anyone knows,
+    which the first shift owns. Its balance turns provisional with seqs the sign-off
+    did not see missing: it reopens, as when a push shows such a gap (rule 5), the
+    write-off naming it; and once those seqs are written off too, it is signed off
+    again."""
+    (a,) = parcels(session, world, 1)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "delivered")])
+    first = pda.close(first)
+    shifts.sign_off(session=session, shift=first, user_id=world.manager.id, note="checked")
+    session.commit()
+    second = pda.open(now=NOW + dt.timedelta(hours=1))
+    pda.close(second, last_seq=10, now=NOW + dt.timedelta(hours=2))
+    done = write_off(session, world, [10, 10])
+    session.refresh(first)
+    assert shift_balance(session=session, shift=first).missing_seqs == list(range(3, 10))
+    assert first.status == ShiftStatus.CLOSED
+    late = session.scalars(
+        select(Flag).where(Flag.kind == "late_event_after_signoff", Flag.shift_id == first.id)
+    ).one()
+    assert late.status == FlagStatus.OPEN
+    assert late.evidence["latest_reopening"] == {
+        "event_ids": [],
+        "missing_seqs": list(range(3, 10)),
+        "write_off_id": done.write_off.id,
+    }
+    write_off(session, world, [3, 9])
+    session.refresh(first)
+    session.refresh(late)
+    assert (first.status, late.status) == (ShiftStatus.SIGNED_OFF, FlagStatus.CLOSED)

@@ -190,7 +190,13 @@ class LostSeqs(MethodView):
         `last_seq` given at a close, the seq before a `first_seq`: a last batch that
         never came); those count as received from then on, so the PDA's next seq
         (numbered on from the sign-in's `device_max_seq`) comes after them, not after
-        a gap. Any other is refused (422 `seqs_not_missing`), the message naming each
+        a gap, and the seqs up to them neither held nor written off become gaps below
+        them: a signed-off shift owning some that its sign-off did not see missing
+        reopens (`late_event_after_signoff`, its `latest_reopening` naming the
+        `missing_seqs` and the `write_off_id`), as when a push shows such a gap; one
+        that only seqs still on the PDA reopened, none missing now beyond those
+        signed off, is signed off again (`shift_reopening_withdrawn`).
+        Any other is refused (422 `seqs_not_missing`), the message naming each
         refused range and why: the server holds it, it is written off already, or it
         is beyond anything declared (nobody knows it exists). An event of a
         written-off seq that arrives after all is taken as any late event, and its

@@ -1297,14 +1297,13 @@ def reopen_for_late_events(
             continue
         event_ids = sorted(late.get(shift_id, ()))
         refused = {REJECTED_IDS: sorted(rejected[shift_id])} if rejected.get(shift_id) else {}
-        evidence = {
-            "event_ids": event_ids,
-            **refused,
-            # replaced at each reopening, where event_ids accumulate
-            LATEST_REOPENING: {"event_ids": event_ids, **refused, **(details or {})},
+        latest = {"event_ids": event_ids, **refused, **(details or {})}
+        signed = {
             "signed_off_at": shift.signed_off_at.isoformat() if shift.signed_off_at else None,
             "signed_off_by": shift.signed_off_by,
         }
+        # replaced at each reopening, where event_ids accumulate
+        evidence = {"event_ids": event_ids, **refused, LATEST_REOPENING: latest, **signed}
         shift.status = ShiftStatus.CLOSED
         shift.reopened_count += 1
         shift.reopened_at = now
@@ -1328,7 +1327,8 @@ def reopen_for_late_events(
             action="shift_reopened",
             subject_type="shift",
             subject_key=str(shift.id),
-            details={"station_id": shift.station_id, "reason": LATE_EVENT, **evidence},
+            # This reopening's, once: the flag's evidence repeats them to accumulate.
+            details={"station_id": shift.station_id, "reason": LATE_EVENT, **latest, **signed},
         )
     session.flush()
     return flags

@@ -2128,6 +2128,36 @@ def sign_off(session: Session, world: World, shift: Shift, **kw: Any) -> Shift:
     return signed
 
 
+def test_a_reopenings_audit_entry_names_what_reopened_it_once(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The ``shift_reopened`` entry records the events (and rejected events) that
+    reopened the shift, with the sign-off they came after, once each: it stored them
+    at the top and again under ``latest_reopening``, a copy of the same ids that the
+    chain hashes and an auditor reads twice."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open()
+    pda.push([pda.event(a)])
+    shift = sign_off(session, world, pda.close(shift), note="a is out")
+    pda.push(
+        [pda.event(a, "returned_to_station", shift_id=shift.id), pda.event(a, colour="red")],
+        received_at=NOW + dt.timedelta(hours=1),
+    )
+    late = session.scalars(select(ScanEvent.id).where(ScanEvent.seq == 2)).one()
+    flag = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    rejected = flag.evidence["rejected_event_ids"]
+    assert len(rejected) == 1
+    entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "shift_reopened")).one()
+    assert entry.details == {
+        "station_id": world.station.id,
+        "reason": "late_event_after_signoff",
+        "event_ids": [late],
+        "rejected_event_ids": rejected,
+        "signed_off_at": NOW.isoformat(),
+        "signed_off_by": world.manager.id,
+    }
+
+
 def test_sign_off_is_refused_while_open_and_while_provisional_unless_forced(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -289,10 +289,10 @@ def _open_shift(
         filed = select(func.max(ScanEvent.seq)).where(
             ScanEvent.device_id == device.id, ScanEvent.shift_id.is_not(None)
         )
-        if previous is not None and previous.first_seq < first_seq:
+        if previous is not None and (previous.first_seq or 0) < first_seq:
             # What the previous shift holds only because its seqs were left open (what
-            # came after its close) is this one's from its first seq on: moved below,
-            # not a conflict. What came before its close is its own.
+            # came after its close, by the grace or by seq) is this one's from its first
+            # seq on: moved below, not a conflict. What came before its close is its own.
             filed = filed.where(
                 ~and_(_refilable_from(previous.id), ScanEvent.occurred_at > previous.ended_at)
             )
@@ -375,23 +375,27 @@ def _open_shift(
 
 class _OpenSeqs(NamedTuple):
     id: int
-    first_seq: int
+    first_seq: int | None
     ended_at: dt.datetime  # its close, or its opening if a clock closed it "before"
 
 
 def _previous_with_open_seqs(
     session: Session, device_id: str, courier_id: int
 ) -> _OpenSeqs | None:
-    """The courier's last shift on the PDA, if it closed with a first seq and no last
-    seq: it holds by seq what came just after its close, up to where the next shift
-    starts (``_Window.holds_by_seq``), so it may hold events the opening now takes."""
+    """The courier's last shift on the PDA, if it closed with no last seq: it holds what
+    came just after its close, by seq up to where the next shift starts if it declared
+    its first (``_Window.holds_by_seq``), else by the filing grace (``ShiftFiler`` rule
+    4), so it may hold events the opening now takes. Pushed after the opening, those
+    the opening declares by its first seq, or (declaring none) that happened while it
+    was open or nearer its opening than that close, are the opening's; so they are
+    when pushed before it (rule 3)."""
     row = session.execute(
         select(Shift.id, Shift.first_seq, Shift.last_seq, Shift.opened_at, Shift.closed_at)
         .where(Shift.device_id == device_id, Shift.courier_id == courier_id)
         .order_by(Shift.opened_at.desc(), Shift.id.desc())
         .limit(1)
     ).first()
-    if row is None or row.first_seq is None or row.last_seq is not None:
+    if row is None or row.last_seq is not None or row.closed_at is None:
         return None
     return _OpenSeqs(row.id, row.first_seq, max(row.opened_at, row.closed_at))
 

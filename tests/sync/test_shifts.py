@@ -370,6 +370,45 @@ def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed
     )
 
 
+@pytest.mark.parametrize("first_seq", [3, None])
+@pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
+def test_a_scan_after_the_next_opening_is_the_next_shifts_though_pushed_before_it(
+    session: Session, world: World, pda: Pda, pushed: str, first_seq: int | None
+) -> None:
+    """The first shift declared no seqs and was signed off at the close; the next
+    opened four minutes later (its request reaching the server late), and the PDA's
+    check-out a minute after that, pushed before the opening arrived, lies in the
+    closed shift's grace: the time rules filed it there and it reopened the shift. It
+    is the next shift's: by the first seq it declares (3), as its seqs decide when the
+    scan is pushed after it; declaring none, by time, as the time rules file it then
+    (it happened while the next shift was open). The opening takes it, and was refused
+    (``first_seq_used``) when declaring its seq; the reopening is withdrawn. Either
+    way the shift ends signed off and the scan is the next shift's (rule 3)."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    opening = NOW + dt.timedelta(minutes=4)
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=5))
+    if pushed == "before the opening":
+        pda.push([check_out], received_at=NOW + dt.timedelta(minutes=5, seconds=30))
+        session.refresh(first)
+        assert first.status == ShiftStatus.CLOSED  # reopened by what looked late
+        second = pda.open(first_seq=first_seq, now=opening)
+    else:
+        second = pda.open(first_seq=first_seq, now=opening)
+        pda.push([check_out], received_at=NOW + dt.timedelta(minutes=5, seconds=30))
+    session.refresh(first)
+    assert first.status == ShiftStatus.SIGNED_OFF
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 3)).one() == (
+        second.id
+    )
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).all()
+    assert [flag.status for flag in late] == (
+        [FlagStatus.CLOSED] if pushed == "before the opening" else []
+    )
+
+
 def test_a_late_scan_landing_on_a_shift_reopened_by_what_the_next_opening_takes_keeps_it(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -65,7 +65,9 @@ class Shifts(MethodView):
         else under the shift the PDA had open when they happened. Declaring
         `first_seq` (and `last_seq` when closing) lets the server tell which
         missing sequence numbers hold this shift's events; a `first_seq` the
-        server already holds events at is a 409 `first_seq_used`.
+        server already holds events at is a 409 `first_seq_used`, except events the
+        courier's previous shift (closed without its `last_seq`) holds only because
+        they came just after its close: the opening takes those.
         """
         principal = current_principal()
         device = db.session.get(Device, principal.device_id)

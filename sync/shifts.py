@@ -421,7 +421,14 @@ def _refile_from_previous(
     events the previous shift held only because its seqs were left open: those pushed
     before this opening that would have been this shift's had they come after.
     ``also_lock`` (the shift ``_reopen_if_bounded`` judges next) is locked in id order
-    with the shifts the moves change, before their flags and audit entries."""
+    with the shifts the moves change, before their flags and audit entries.
+
+    Signed off, the previous shift is not reopened for losing them, whatever its
+    balance becomes (a return taken away leaves a parcel missing): its sign-off saw
+    more than it owns, not less, and with the opening arriving before the push that
+    brought them, the sign-off would have seen it without them and nothing would
+    reopen it (rule 3). Its balance says it changed since (``changed_since_signoff``).
+    A reopening those events made is withdrawn (``_withdraw_reopening``)."""
     from sync.balances import refresh_handover_flags
 
     rows = session.execute(
@@ -440,60 +447,14 @@ def _refile_from_previous(
     ]
     if not moved:
         return
-    # Its balance before the moves, if signed off: a change since the sign-off that
-    # reopened nothing (a rule flag closed) is not the opening's to reopen it for.
-    before = _signed_off_snapshot(session, previous.id)
     session.execute(update(ScanEvent), moved)  # by primary key
     # The previous shift lost events; one they moved to may be closed (clocks).
     judged = {previous.id, *(m["shift_id"] for m in moved if m["shift_id"] is not None)}
     order = sorted(judged if also_lock is None else judged | {also_lock})
     locked = [lock_shift(session, i) for i in order]
     refresh_handover_flags(session=session, shifts=[s for s in locked if s.id in judged])
-    _reopen_if_changed(session, previous.id, sorted(m["id"] for m in moved), opened, before)
     _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
     _reopen_where_filed(session, moved, previous.id, opened)
-
-
-def _signed_off_snapshot(session: Session, shift_id: int) -> dict[str, Any] | None:
-    """The balance of ``shift_id`` as it stands, if it is signed off (else None)."""
-    from sync.balances import shift_balance
-
-    shift = session.scalar(
-        select(Shift).where(Shift.id == shift_id).execution_options(populate_existing=True)
-    )
-    if shift is None or shift.status != ShiftStatus.SIGNED_OFF:
-        return None
-    return shift_balance(session=session, shift=shift).snapshot()
-
-
-def _reopen_if_changed(
-    session: Session,
-    shift_id: int,
-    moved: list[int],
-    opened: Shift,
-    before: dict[str, Any] | None,
-) -> None:
-    """A signed-off shift whose events the opening took (a return scanned in the grace
-    after its close) no longer has the balance its manager signed off: it reopens, as
-    for a late event, naming the events that left it and where they went. Only if
-    taking them changed its balance (``before``, as it stood before the moves): what
-    changed since the sign-off without reopening it (a rule flag closed by a consent
-    that came later) is left alone, as ``_reopen_if_bounded`` leaves it."""
-    from sync.balances import shift_balance
-    from sync.handover import same_snapshot, signed_as
-
-    shift = lock_shift(session, shift_id)
-    if shift.status != ShiftStatus.SIGNED_OFF:
-        return
-    balance = shift_balance(session=session, shift=shift)
-    if signed_as(balance, shift.signoff_balance) or same_snapshot(balance.snapshot(), before):
-        return
-    reopen_for_late_events(
-        session=session,
-        late={shift.id: moved},
-        now=opened.opened_at,
-        details={"filed_under_shift_id": opened.id},
-    )
 
 
 def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
@@ -608,16 +569,13 @@ def _reopen_where_filed(
 
 def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened: Shift) -> None:
     """Sign the previous shift off again if the only events that reopened it after
-    its sign-off were the ones just filed under the shift that opened, and its
-    balance is again the one signed off: they were never its own, as they would not
-    have been had they come after the opening. (A correction among them that voids
-    one of its events still changes its balance: then it stays reopened; so does an
-    event of its own that came with them or since, ``_events_since``.) The
-    reopening stays in the audit log and in ``reopened_count``; its flag is closed
-    with the reason."""
-    from sync.balances import shift_balance
-    from sync.handover import signed_as
-
+    its sign-off were the ones just filed under the shift that opened: they were never
+    its own, as they would not have been had they come after the opening. (A
+    correction among them that voids one of its events stays reopening it; so does an
+    event of its own that came with them or since, ``_events_since``.) Whatever its
+    balance now: the events the opening took away, pushed before the sign-off too,
+    reopen nothing (``_refile_from_previous``). The reopening stays in the audit log and
+    in ``reopened_count``; its flag is closed with the reason."""
     shift = lock_shift(session, shift_id)
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
         return
@@ -636,8 +594,6 @@ def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened
         .scalar_subquery()
     )
     if _events_since(session, shift, reopening):
-        return
-    if not signed_as(shift_balance(session=session, shift=shift), shift.signoff_balance):
         return
     _sign_off_again(
         session, shift, f"its late events were filed under shift {opened.id} when it opened"

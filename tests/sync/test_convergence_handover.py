@@ -57,6 +57,8 @@ NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 FIRST_OPENED = NOW - dt.timedelta(hours=8)
 FIRST_CLOSED = NOW - dt.timedelta(hours=5)
 SECOND_OPENED = NOW - dt.timedelta(hours=4)
+# Or just after the first's close: its first scans lie in the first's filing grace.
+SECOND_OPENED_SOON = FIRST_CLOSED + dt.timedelta(minutes=1)
 RULES = IngestRules(
     events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
 )
@@ -98,6 +100,11 @@ class Plan:
     events: list[tuple[int, str, int, int | None]]
     in_first: int  # seqs 1..in_first recorded in the first shift
     lost: set[int] = field(default_factory=set)  # never pushed
+    second_opens_soon: bool = False  # a minute after the first's close (else an hour)
+
+    @property
+    def second_opened(self) -> dt.datetime:
+        return SECOND_OPENED_SOON if self.second_opens_soon else SECOND_OPENED
 
 
 @st.composite
@@ -133,6 +140,7 @@ def plans(draw: st.DrawFn) -> Plan:
         events=events,
         in_first=in_first,
         lost=lost,
+        second_opens_soon=draw(st.booleans(), label="second opens just after the first closed"),
     )
 
 
@@ -182,7 +190,9 @@ class Run:
         events: list[dict[str, Any]] = []
         for seq, kind, parcel, target in self.plan.events:
             first = seq <= self.plan.in_first
-            when = (FIRST_OPENED if first else SECOND_OPENED) + dt.timedelta(minutes=seq)
+            when = (FIRST_OPENED if first else self.plan.second_opened) + dt.timedelta(
+                minutes=seq - (0 if first else self.plan.in_first)
+            )
             fields = dict(FIELDS.get(kind, {}))
             if kind == "correction":
                 fields = {
@@ -208,7 +218,7 @@ class Run:
             courier_id=self.second_courier,
             rules=ShiftRules(),
             first_seq=self.plan.second_first_seq,
-            now=SECOND_OPENED,
+            now=self.plan.second_opened,
         )
         self.session.commit()
         if self.plan.second_closed_before:
@@ -734,6 +744,49 @@ def test_seqs_an_opening_showed_missing_arriving_under_no_shift_withdraw_its_reo
     assert run.missing_since_signoff() == [1]
     assert run.first.status == ShiftStatus.CLOSED
     run.push([1, 2, 3])
+    session.refresh(run.first)
+    assert (run.owned_late(), run.missing_since_signoff()) == ([], [])
+    assert run.first.status == ShiftStatus.SIGNED_OFF
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == LATE_EVENT, Flag.shift_id == run.first.id)
+    ).one()
+    assert flag.status == FlagStatus.CLOSED
+
+
+def test_scans_the_next_opening_takes_from_a_signed_off_shift_reopen_nothing(
+    session: Session, world: World
+) -> None:
+    """The next shift opened a minute after the first's close, declaring seq 2 its
+    first, but its request reached the server late: its first scans (seqs 2 to 4, in
+    the first's grace) were filed under the first, which was signed off with them, and
+    seq 5 came after the sign-off, in the grace too, and reopened it. The opening takes
+    all four: the first owns seq 1 alone, as its sign-off would have seen had the
+    opening arrived in its place, and nothing of it came late. It ends signed off (the
+    reopening by seq 5 withdrawn, though its balance is not the one signed off)."""
+    plan = Plan(
+        first_declares_first=False,
+        first_last_seq=None,
+        second_first_seq=2,
+        second_is_colleagues=False,
+        second_closed_before=False,
+        second_last_seq=None,
+        events=[
+            (1, "checked_out", 0, None),
+            (2, "checked_out", 0, None),
+            (3, "checked_out", 0, None),
+            (4, "checked_out", 1, None),
+            (5, "checked_out", 0, None),
+        ],
+        in_first=1,
+        second_opens_soon=True,
+    )
+    run = Run(session, world, plan, open_the_second=False)
+    run.push([1, 2, 3, 4])
+    run.sign_off_the_first()
+    run.push([5])
+    session.refresh(run.first)
+    assert run.first.status == ShiftStatus.CLOSED  # seq 5, the first's by the grace
+    run.open_the_second()
     session.refresh(run.first)
     assert (run.owned_late(), run.missing_since_signoff()) == ([], [])
     assert run.first.status == ShiftStatus.SIGNED_OFF

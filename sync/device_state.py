@@ -28,7 +28,8 @@ _shifts = Shift.__table__
 # PDA's next scan, which the time-inversion rule compares it with. (On PostgreSQL a
 # push that waited for this lock gets the state row as now but the event from before
 # its wait: ``DeviceState.at_max_seq`` holds only an event whose seq is max_seq.) And
-# the device's last-seen time, which a push leaves alone within a minute of it.
+# the device's last-seen time, which a push leaves alone within a minute of it, and the
+# highest first seq its shifts declared (the last entry of ``ix_shift_device_first_seq``).
 LOCK_DEVICE_STATE = Prebuilt(
     lambda _dialect: (
         select(
@@ -39,6 +40,7 @@ LOCK_DEVICE_STATE = Prebuilt(
             _events.c.occurred_at_device,
             _events.c.tracking_no,
             _devices.c.last_seen_at,
+            _highest_declared(_shifts.c.first_seq).label("declared_first_seq"),
         )
         .select_from(
             _states.outerjoin(
@@ -71,6 +73,9 @@ class DeviceState(NamedTuple):
     device_seen_at: dt.datetime | None = None
     # Seqs a manager wrote off as lost, none of which arrived since (``sync.lost_seqs``).
     written_off_ranges: list[list[int]] = []
+    # The highest first seq a shift of the device declared: the seqs from above
+    # ``max_seq`` up to it are used, and a balance may name them missing.
+    declared_first_seq: int | None = None
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -91,6 +96,7 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         Stamp(row.occurred_at_device, row.tracking_no) if read else None,
         row.last_seen_at,
         row.written_off_ranges or [],
+        row.declared_first_seq,
     )
 
 

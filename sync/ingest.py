@@ -1185,13 +1185,13 @@ class _BatchIngest:
             row["seq"] <= self.state.max_seq and filer.starts_at_its_events(row["shift_id"])
             for row in rows
         )
-        # Seqs above the highest held that no shift takes may be ones a signed-off shift
-        # owned still on the PDA, as the next shift's declared first seq shows beyond the
-        # highest held: filed under none, they end its missing seqs without an event of
-        # its own (``withdraw_reopening_without_events``). Pushed in order under the open
-        # shift, none is.
+        # Seqs above the highest held and below a first seq a shift declared may be ones
+        # a signed-off shift owned still on the PDA (that first seq showed them used):
+        # filed under no shift, they end its missing seqs without an event of its own
+        # (``withdraw_reopening_without_events``). Pushed in order, none is.
+        declared = self.state.declared_first_seq or 0
         self.unfiled_beyond_held = any(
-            row["shift_id"] is None and row["seq"] > self.state.max_seq for row in rows
+            row["shift_id"] is None and self.state.max_seq < row["seq"] < declared for row in rows
         )
 
     def _touch_device(self, connection: Connection) -> None:

@@ -624,7 +624,7 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     (``reopen_if_seqs_missing``). A push filing under a shift that declared no first seq
     an event below the highest seq held before it (pushed in order, none can end their
     seqs sooner), filling a gap of its PDA's seqs, or filing under no shift an event
-    above that seq (one the next shift's declared first seq showed missing), locks these
+    above that seq and below a declared first seq (which showed it missing), locks these
     with its shifts, and a
     write-off of lost seqs locks them too, for ``withdraw_reopening_without_events``."""
     return and_(

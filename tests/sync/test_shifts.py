@@ -3047,7 +3047,7 @@ def test_a_push_quarantining_an_event_of_the_open_shift_costs_one_statement_at_m
             pda.push(events, received_at=later + dt.timedelta(minutes=5))
         gathered = [s for s in statements if "scan_event.shift_id IN" in s]
         assert not gathered  # no shift's balance
-        return [s for s in statements if " FROM shift " in f"{' '.join(s.split())} "]
+        return shift_reads(statements)
 
     valid = reading_shifts([pda.event(b, "out_for_delivery", occurred_at=later)])
     both = [pda.event(b, "out_for_delivery", occurred_at=later), malformed_drop(pda, a)]
@@ -3080,6 +3080,17 @@ def test_a_late_push_quarantining_nothing_asks_for_no_rejected_events_of_the_shi
 # -- a gap a push shows after the sign-off -----------------------------------------------------
 
 NEXT_DAY = NOW + dt.timedelta(hours=12)
+
+
+def shift_reads(statements: list[str]) -> list[str]:
+    """The statements reading shifts, but the device's sync-state lock: it reads the
+    highest first seq declared with it (one index entry, ``sync.device_state``)."""
+    return [
+        s
+        for s in statements
+        if " FROM shift " in f"{' '.join(s.split())} "
+        and not s.lstrip().startswith("SELECT device_sync_state")
+    ]
 
 
 def shift_actions(session: Session, shift: Shift) -> list[str]:
@@ -3263,7 +3274,7 @@ def test_a_push_showing_no_gap_pays_nothing_for_the_signed_off_shift_before_it(
         with statements_sent(session) as statements:
             pda.push(events, received_at=next_days(pda, 30))
         assert not [s for s in statements if "scan_event.shift_id IN" in s]
-        return [s for s in statements if " FROM shift " in f"{' '.join(s.split())} "]
+        return shift_reads(statements)
 
     in_order = reading_shifts([pda.event(b, occurred_at=next_days(pda, 1))])  # seq 3
     pda.seq = 5

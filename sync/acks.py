@@ -46,6 +46,10 @@ class SeqTracker:
         last = self.missing[index + 1][0] - 1 if index + 1 < len(self.missing) else self.max_seq
         return first, last
 
+    def holds_all(self, first: int, last: int) -> bool:
+        """Whether every seq from ``first`` to ``last`` arrived (none to hold: True)."""
+        return first > last or (self.holds(first) and self.held_run(first)[1] >= last)
+
     def holds(self, seq: int) -> bool:
         """Whether ``seq`` arrived: an event the server stored, or one it rejected."""
         if not 1 <= seq <= self.max_seq:

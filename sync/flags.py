@@ -499,6 +499,53 @@ def close_flags_by_id(
     return closed
 
 
+def withdraw_evidence(
+    *,
+    session: Session,
+    kind: str,
+    subject: FlagSubject,
+    key: str,
+    withdrawn: set[str],
+    reason: str,
+) -> list[Flag]:
+    """Take ``withdrawn`` out of what the subject's flags of this kind cite under
+    ``key`` (a list ``ACCUMULATED``), at every station: their cause no longer stands on
+    them. A flag left citing nothing there is closed by the system, ``reason`` saying
+    why, whatever its status (a decision on a cause that went away settles nothing). A
+    flag citing others keeps its status; its ``evidence_version`` changes. Returns the
+    flags closed."""
+    closed = []
+    flags = session.scalars(
+        select(Flag)
+        .where(
+            Flag.kind == kind,
+            Flag.subject_type == subject.type,
+            Flag.subject_key == subject.key,
+        )
+        .order_by(Flag.id)
+        .with_for_update()
+    ).all()
+    for flag in flags:
+        if withdrawn.isdisjoint(cited_in(flag.evidence, key, [])):
+            continue
+        flag.evidence = _without(flag.evidence, key, withdrawn)
+        if flag.status != FlagStatus.CLOSED and not cited_in(flag.evidence, key):
+            _close(session, flag, reason)
+            closed.append(flag)
+    return closed
+
+
+def _without(evidence: dict[str, Any], key: str, withdrawn: set[str]) -> dict[str, Any]:
+    """``evidence`` citing none of ``withdrawn`` under ``key``, past the bound either
+    (how many ids raisings named past it stays: the count only grows)."""
+    kept = {**evidence, key: [v for v in evidence.get(key, []) if v not in withdrawn]}
+    past = evidence.get(PAST_BOUND) or {}
+    if key in past:
+        rest = {**past, key: [v for v in past[key] if v not in withdrawn]}
+        kept[PAST_BOUND] = rest if rest[key] else {k: v for k, v in rest.items() if k != key}
+    return kept
+
+
 def _close(session: Session, flag: Flag, reason: str) -> None:
     _record(session, flag, flag.status, FlagStatus.CLOSED, note=reason)
     flag.status = FlagStatus.CLOSED

@@ -78,8 +78,8 @@ from sync.events import (
     whole_number,
     within_depth,
 )
-from sync.flags import FlagSubject, raise_flag
-from sync.inversions import Stamp, time_inversions
+from sync.flags import FlagSubject, raise_flag, withdraw_evidence
+from sync.inversions import Stamp, judge
 from sync.quarantine import parcel_named, rejections_of_batch
 from sync.rules import (
     EventDetail,
@@ -750,7 +750,9 @@ class _BatchIngest:
         """Rule 6 (``sync.inversions``): an event dated earlier than the event before it
         on the same device (a consent "captured" before the drop it followed), by more
         than the tolerance, is flagged, whichever of the two arrived last, and whatever
-        was rejected between."""
+        was rejected between. A pair an event stored now splits (it arrived rejected
+        before, or was written off) is judged again: its seqs no inverted pair names now
+        are withdrawn from their flag, closed when it names no other."""
         new = {e.seq: Stamp(e.occurred_at_device, e.tracking_no) for _, e in stored}
         rejected = {
             r.seq for r in self.results.values() if r.status == "rejected" and r.seq is not None
@@ -773,17 +775,42 @@ class _BatchIngest:
             row = plain_rows(self.session, query, {**device, "low": low, "high": high}).first()
             return None if row is None else (row.seq, Stamp(*row[1:]))
 
-        inverted = time_inversions(
-            new, rejected, tracker, look_up, nearest, self.rules.time_inversion_tolerance
+        held_before = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
+        judged = judge(
+            new,
+            rejected,
+            tracker,
+            look_up,
+            nearest,
+            self.rules.time_inversion_tolerance,
+            held_before,
         )
-        for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
+        for tracking_no, seqs in sorted(judged.inverted.items()):  # one flag per parcel
             self._flag(
                 "time_inversion",
                 FlagSeverity.WARNING,
                 FlagSubject("parcel", tracking_no),
                 # "device#seq": a parcel's flag gathers the inversions of every PDA
-                {"device_seqs": [f"{self.pusher.device_id}#{seq}" for seq in sorted(seqs)]},
+                {"device_seqs": self._device_seqs(seqs)},
             )
+        for tracking_no, seqs in sorted(judged.withdrawn.items()):
+            named = self._device_seqs(seqs)
+            withdraw_evidence(
+                session=self.session,
+                kind="time_inversion",
+                subject=FlagSubject("parcel", tracking_no),
+                key="device_seqs",
+                withdrawn=set(named),
+                reason=(
+                    f"{', '.join(named)}: no longer an inverted pair, an event stored since "
+                    "between them (a rejected seq sent again corrected, a written-off one "
+                    "that came) is their neighbour, in order"
+                ),
+            )
+
+    def _device_seqs(self, seqs: Iterable[int]) -> list[str]:
+        """Seqs of this push's PDA as a flag's evidence names them, ``device#seq``."""
+        return [f"{self.pusher.device_id}#{seq}" for seq in sorted(seqs)]
 
     def _stored_ids(self) -> dict[int, int]:
         """Row ids of the events this push stored, by seq (the bulk insert does not return

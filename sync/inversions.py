@@ -16,9 +16,14 @@ seq, ``sync.rules.granted_before``), and a manager would get a warning for every
 The tolerance is kept small (``TIME_INVERSION_TOLERANCE_SECONDS``, at most a minute),
 so a consent backdated to before the drop it followed is still flagged.
 
-Known limit: a seq that arrives rejected and is later sent again, valid, splits a
-pair judged while it was a gap; a flag raised for that pair stays (flags are not
-withdrawn when their evidence is superseded), so the two orders differ by it.
+A seq that held no event and gets one later (a rejected event sent again corrected
+under its id and seq, a written-off seq arriving after all) splits the pair judged
+across it: the events around it are no longer neighbours, and a flag raised for them
+would stand in one order of arrival only (rule 3). The push storing it judges that
+pair again (``Judgement.withdrawn``): each of its seqs that no pair of neighbours
+inverted now still names (for the later one's parcel) is withdrawn from the flag. A
+seq still on the PDA splits nothing: no pair was judged across it. Only a push
+storing a seq that arrived before pays for it (a search on each side of the pair).
 
 Pure: the caller hands in what the server holds (``SeqTracker``) and two look-ups.
 """
@@ -46,6 +51,15 @@ LookUp = Callable[[list[int]], Mapping[int, Stamp]]
 Nearest = Callable[[int, int, bool], tuple[int, Stamp] | None]
 
 
+class Judgement(NamedTuple):
+    """What a push changes of a device's inverted pairs, ``{tracking number: seqs}``
+    each: ``inverted``, the pairs it completes, to be flagged; ``withdrawn``, the seqs
+    flagged for a pair it split that no pair of neighbours inverted names any more."""
+
+    inverted: dict[str, set[int]]
+    withdrawn: dict[str, set[int]]
+
+
 def time_inversions(
     new: Mapping[int, Stamp],
     rejected: Collection[int],
@@ -54,19 +68,35 @@ def time_inversions(
     nearest: Nearest,
     tolerance: dt.timedelta = dt.timedelta(0),
 ) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` of the inverted pairs a push completes: ``new``,
-    the events it stored; ``rejected``, the seqs it answered with a rejection;
-    ``held``, the device's seqs that arrived (this push's included). A pair is
-    inverted when the later seq is dated more than ``tolerance`` before the earlier.
+    """``{tracking number: seqs}`` of the inverted pairs a push completes (``judge``)."""
+    return judge(new, rejected, held, look_up, nearest, tolerance).inverted
+
+
+def judge(
+    new: Mapping[int, Stamp],
+    rejected: Collection[int],
+    held: SeqTracker,
+    look_up: LookUp,
+    nearest: Nearest,
+    tolerance: dt.timedelta = dt.timedelta(0),
+    held_before: SeqTracker | None = None,
+) -> Judgement:
+    """The pairs a push completes and those it splits: ``new``, the events it stored;
+    ``rejected``, the seqs it answered with a rejection; ``held``, the device's seqs
+    that arrived (this push's included); ``held_before``, those that had arrived before
+    it (without it, no pair is taken as split). A pair is inverted when the later seq
+    is dated more than ``tolerance`` before the earlier.
 
     One look-up for the seqs next to each run of the push's seqs; then, only where a
     rejected seq of an earlier push lies next to a run, one search past the rejected
-    seqs, unless the seqs looked at already show the stored one beyond them.
+    seqs, unless the seqs looked at already show the stored one beyond them. A pair
+    split, inverted, costs a search on each side of it, for its events' other
+    neighbours.
     """
     known: dict[int, Stamp] = dict(new)
     anchors = set(known) | set(rejected)
     if not anchors:
-        return {}
+        return Judgement({}, {})
     probe = set(rejected) - set(known)
     for low, high in _runs(sorted(anchors)):
         probe.update((low - 1, high + 1))
@@ -117,13 +147,62 @@ def time_inversions(
             pairs.update(((below[seq], seq), (seq, above[seq])))
         else:
             pairs.add((below[seq], above[seq]))
-    inverted: dict[str, set[int]] = {}
-    for before, after in pairs:
-        if before is None or after is None:
+
+    def inverted_among(judged: Iterable[tuple[int | None, int | None]]) -> dict[str, set[int]]:
+        found: dict[str, set[int]] = {}
+        for before, after in judged:
+            if before is None or after is None:
+                continue
+            if known[after].occurred_at_device < known[before].occurred_at_device - tolerance:
+                found.setdefault(known[after].tracking_no, set()).update((before, after))
+        return found
+
+    inverted = inverted_among(pairs)
+    # The pairs split: the stored events around each chain of new neighbours, if every
+    # seq between them had arrived before this push (the pair was judged then).
+    split = [
+        (below[seq], end)
+        for seq, end in _chains(ordered, new, above).items()
+        if below[seq] is not None
+        and end is not None
+        and held_before is not None
+        and held_before.holds_all(below[seq] + 1, end - 1)
+    ]
+    split = [pair for pair in split if inverted_among([pair])]
+    if not split:
+        return Judgement(inverted, {})
+    # What else names their events now: the new pairs, and each one's other neighbour.
+    standing = inverted_among(
+        [
+            *pairs,
+            *((beyond(before - 1, downward=True), before) for before, _ in split),
+            *((after, beyond(after + 1, downward=False)) for _, after in split),
+        ]
+    )
+    withdrawn: dict[str, set[int]] = {}
+    for tracking_no, seqs in inverted_among(split).items():
+        gone = seqs - standing.get(tracking_no, set())
+        if gone:
+            withdrawn[tracking_no] = gone
+    return Judgement(inverted, withdrawn)
+
+
+def _chains(
+    ordered: list[int], new: Mapping[int, Stamp], above: Mapping[int, int | None]
+) -> dict[int, int | None]:
+    """``{first: the stored seq above the last}`` for each chain of new events that are
+    neighbours of one another (each the next one's ``below``), by its first seq."""
+    chains: dict[int, int | None] = {}
+    following = {seq: above[seq] for seq in ordered if seq in new}
+    inner = {after for after in following.values() if after in new}
+    for first in following:
+        if first in inner:
             continue
-        if known[after].occurred_at_device < known[before].occurred_at_device - tolerance:
-            inverted.setdefault(known[after].tracking_no, set()).update((before, after))
-    return inverted
+        end = following[first]
+        while end is not None and end in new:
+            end = following[end]
+        chains[first] = end
+    return chains
 
 
 def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:

@@ -34,6 +34,7 @@ from sync.errors import Conflict
 from sync.events import OUT_OF_WINDOW, EventRejected, EventRules
 from sync.flags import flag_changes, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.lost_seqs import write_off_lost_seqs
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels, parcel_timeline
 from sync.rules import Policy
 from sync.status import rejudge_for_consent
@@ -1210,6 +1211,127 @@ def test_an_event_not_yet_arrived_between_two_leaves_them_unjudged(
     pda.push([pda.event(3, tn, "out_for_delivery", occurred_at=at(70))])
     inversion = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
     assert inversion.evidence["device_seqs"] == ["PDA-0001#3", "PDA-0001#4"]
+
+
+def mistyped(tracking_no: str) -> str:
+    """``tracking_no`` with its check digit wrong: refused ``invalid_check_digit``."""
+    return tracking_no[:10] + str((int(tracking_no[10]) + 1) % 10) + tracking_no[11:]
+
+
+# Three scans of a PDA, seq 2 mistyped at first (rejected, then retyped and sent again
+# under its id and seq), as (parcel, PDA time) by seq, and the time_inversion flags the
+# three give taken in seq order: {parcel: its flag's seqs}.
+GAP_FILLED = {
+    # Seq 2 is another parcel's, dated before seq 1: that pair is the inversion, and
+    # seq 3, dated between them, follows seq 2 in order.
+    "another parcel's pair": (
+        [("P", at(30)), ("Q", at(10)), ("P", at(20))],
+        {"Q": ["#1", "#2"]},
+    ),
+    # One parcel: its flag names seqs 1 and 2; seq 3, named with seq 1 while seq 2 was
+    # rejected, is taken out of it, and the flag stands.
+    "the same parcel's pair": (
+        [("P", at(30)), ("P", at(10)), ("P", at(20))],
+        {"P": ["#1", "#2"]},
+    ),
+    # NTP stepped the clock back 1.5 s twice: within the tolerance each time, beyond it
+    # over the two.
+    "two clock steps within the tolerance": (
+        [
+            ("P", at(30)),
+            ("P", at(30) - dt.timedelta(seconds=1.5)),
+            ("P", at(30) - dt.timedelta(seconds=3)),
+        ],
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", list(GAP_FILLED))
+@pytest.mark.parametrize(
+    "order",
+    [
+        "in order, corrected from the start",
+        "corrected last",
+        "corrected first",
+        "corrected between its neighbours",
+        "never rejected, pushed last",
+    ],
+)
+def test_a_pair_across_a_gap_filled_later_is_judged_again(
+    session: Session, pda: Pda, world: World, scenario: str, order: str
+) -> None:
+    """Rule 6 judges seq-neighbours among the events the server holds, and rule 3 wants
+    the same flags whatever the order. Seq 2 is rejected at first (its tracking number
+    mistyped) and sent again corrected: while it was rejected, seqs 1 and 3 were
+    neighbours, and their pair flagged if inverted. Once seq 2 is stored, the pairs are
+    1-2 and 2-3: the flag raised for 1-3 is closed by the system (or the pair's seqs
+    withdrawn from a parcel's flag that still cites others), whichever of the three
+    arrived last, as if seq 2 had been sent corrected from the start. A seq still on
+    the PDA (never rejected) leaves 1-3 unjudged until it comes."""
+    scans, expected = GAP_FILLED[scenario]
+    parcels = {name: factories.parcel(session, world.station).tracking_no for name in "PQ"}
+    session.commit()
+    first, second, third = (
+        pda.event(seq, parcels[name], "out_for_delivery", occurred_at=when)
+        for seq, (name, when) in enumerate(scans, start=1)
+    )
+    rejected = {**second, "tracking_no": mistyped(second["tracking_no"])}
+    pushes = {
+        "in order, corrected from the start": [[first, second, third]],
+        "corrected last": [[first, rejected, third], [second]],
+        "corrected first": [[rejected], [second], [first, third]],
+        "corrected between its neighbours": [[first, rejected], [second], [third]],
+        "never rejected, pushed last": [[first, third], [second]],
+    }[order]
+    for push in pushes:
+        receipt = pda.push(push)
+        assert "applied" in statuses(receipt) or push == [rejected]
+    assert count(session, ScanEvent) == 3
+    standing = session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion", Flag.status != FlagStatus.CLOSED)
+    ).all()
+    named = {tn: name for name, tn in parcels.items()}
+    assert {
+        named[flag.subject_key]: [
+            s.removeprefix(world.device.id) for s in flag.evidence["device_seqs"]
+        ]
+        for flag in standing
+    } == expected
+    closed = session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion", Flag.status == FlagStatus.CLOSED)
+    ).all()
+    assert all("no longer an inverted pair" in (flag.closed_reason or "") for flag in closed)
+    assert bool(closed) == (order == "corrected last" and "P" not in expected)
+
+
+def test_a_written_off_seq_that_comes_after_all_splits_the_pair_judged_across_it(
+    session: Session, pda: Pda, world: World, parcel: Parcel
+) -> None:
+    """A manager writes seq 2 off as lost; seq 3 arrives, dated 3 s before seq 1 (NTP
+    stepped the clock back twice): the pair 1-3 is judged across the written-off seq
+    and flagged. Seq 2 comes after all, dated between them: the pairs 1-2 and 2-3 are
+    within the tolerance, and the flag is closed, as if the PDA had sent the three in
+    order."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn, occurred_at=at(30)), pda.event(4, tn, occurred_at=at(40))])
+    write_off_lost_seqs(
+        session=session,
+        device=world.device,
+        ranges=[[2, 2]],
+        reason="lost in a reset",
+        user_id=world.manager.id,
+    )
+    session.commit()
+    step = dt.timedelta(seconds=1.5)
+    pda.push([pda.event(3, tn, "out_for_delivery", occurred_at=at(30) - 2 * step)])
+    flag = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert (flag.status, flag.evidence["device_seqs"]) == (
+        FlagStatus.OPEN,
+        ["PDA-0001#1", "PDA-0001#3"],
+    )
+    pda.push([pda.event(2, tn, "out_for_delivery", occurred_at=at(30) - step)])
+    assert (flag.status, flag.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
 
 
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(

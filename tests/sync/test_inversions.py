@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.acks import SeqTracker
-from sync.inversions import Stamp, time_inversions
+from sync.inversions import Stamp, judge, time_inversions
 
 T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
 
@@ -22,6 +22,8 @@ class Device:
         self.held = SeqTracker()
         self.look_ups = 0
         self.searches = 0
+        # The flags the pushes raised, as the engine keeps them: {parcel: seqs}.
+        self.flagged: dict[str, set[int]] = {}
 
     def look_up(self, seqs: list[int]) -> dict[int, Stamp]:
         self.look_ups += 1
@@ -35,16 +37,29 @@ class Device:
         seq = max(seqs) if downward else min(seqs)
         return seq, self.stored[seq]
 
-    def push(self, events: dict[int, int], rejected: set[int]) -> dict[str, set[int]]:
-        """Store ``{seq: minutes}`` (parcel ``P<seq>``), reject ``rejected``; judge."""
+    def push(
+        self, events: dict[int, int], rejected: set[int], parcels: dict[int, str] | None = None
+    ) -> dict[str, set[int]]:
+        """Store ``{seq: minutes}`` (parcel ``P<seq>``, or as ``parcels`` names it),
+        reject ``rejected``; judge, and keep the flags (``flagged``) as the engine does:
+        the pairs the push completes raised, the seqs it withdraws taken out."""
         new = {}
         for seq, minutes in events.items():
             if seq in self.stored:
                 rejected = rejected | {seq}  # a re-used seq: answered with a rejection
                 continue
-            new[seq] = self.stored[seq] = Stamp(T0 + dt.timedelta(minutes=minutes), f"P{seq}")
+            tracking_no = (parcels or {}).get(seq, f"P{seq}")
+            new[seq] = self.stored[seq] = Stamp(T0 + dt.timedelta(minutes=minutes), tracking_no)
+        before = SeqTracker(self.held.max_seq, [list(r) for r in self.held.missing])
         self.held.add_all([*new, *rejected])
-        return time_inversions(new, rejected, self.held, self.look_up, self.nearest)
+        judged = judge(new, rejected, self.held, self.look_up, self.nearest, held_before=before)
+        for tracking_no, seqs in judged.inverted.items():
+            self.flagged.setdefault(tracking_no, set()).update(seqs)
+        for tracking_no, seqs in judged.withdrawn.items():
+            self.flagged[tracking_no] -= seqs
+            if not self.flagged[tracking_no]:
+                del self.flagged[tracking_no]
+        return judged.inverted
 
 
 def test_a_rejected_seq_between_two_events_is_skipped() -> None:
@@ -122,6 +137,57 @@ def test_any_split_and_order_flags_the_pairs_of_the_whole_stream(
         if times[after] < times[before]:
             expected.setdefault(f"P{after}", set()).update((before, after))
     assert flagged == expected
+
+
+@st.composite
+def corrected_streams(
+    draw: st.DrawFn,
+) -> tuple[dict[int, int], dict[int, str], set[int], list[list[tuple[int, bool]]]]:
+    """A PDA's seqs 1..n on two parcels, some rejected for good, some rejected at first
+    and sent again corrected (stored) in a later push or the same one, all cut into
+    pushes sent in some order: ``(times, parcels, rejected for good, pushes)``, each
+    push's seqs with whether they are sent as the rejected version."""
+    n = draw(st.integers(1, 12))
+    for_good = set(draw(st.sets(st.integers(1, n))))
+    corrected = set(draw(st.sets(st.integers(1, n)))) - for_good
+    times = {s: draw(st.integers(0, 30)) for s in range(1, n + 1) if s not in for_good}
+    parcels = {s: draw(st.sampled_from(["A", "B"])) for s in times}
+    sends = [(s, s in for_good) for s in range(1, n + 1)] + [(s, True) for s in corrected]
+    order = draw(st.permutations(sends))
+    for seq in corrected:  # the rejected version goes first
+        first, second = order.index((seq, True)), order.index((seq, False))
+        if second < first:
+            order[first], order[second] = order[second], order[first]
+    cuts = draw(st.sets(st.integers(1, len(order) - 1))) if len(order) > 1 else set()
+    pushes, start = [], 0
+    for cut in [*sorted(cuts), len(order)]:
+        pushes.append(order[start:cut])
+        start = cut
+    return times, parcels, for_good, pushes
+
+
+@given(corrected_streams())
+def test_rejected_seqs_sent_again_corrected_leave_the_flags_of_the_whole_stream(
+    stream: tuple[dict[int, int], dict[int, str], set[int], list[list[tuple[int, bool]]]],
+) -> None:
+    """Rule 3 for rule 6 when a rejected seq is sent again corrected: the pair judged
+    across it while it was rejected is judged again once it is stored, so the flags
+    kept over all pushes (raised, and withdrawn) are those of the stored events taken
+    in seq order, whatever the pushes."""
+    times, parcels, for_good, pushes = stream
+    device = Device()
+    for push in pushes:
+        device.push(
+            {s: times[s] for s, rejected in push if not rejected},
+            {s for s, rejected in push if rejected},
+            parcels,
+        )
+    ordered = sorted(times)
+    expected: dict[str, set[int]] = {}
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if times[after] < times[before]:
+            expected.setdefault(parcels[after], set()).update((before, after))
+    assert device.flagged == expected
 
 
 def test_a_later_seq_dated_within_the_tolerance_before_the_one_before_it_is_no_pair() -> None:

@@ -18,7 +18,14 @@ with the same clock, then closed the shift if the PDA did. (When the test change
 PDA's clock mid-day, events recorded before are corrected by the offset of the push that
 carries them, so only their corrected times may differ.) Some events are recorded on a
 clock reset to its factory date: the shift, opened without a first seq, holds them by
-their seqs whenever they come.
+their seqs whenever they come. A malformed event the PDA saw rejected may be corrected
+on it and sent again under its id and seq (README), then or before the last push: the
+reference gets those events first as rejected (kept in quarantine, no event stored
+around them), then the day as corrected in one push. Event times on the grid are in
+no order, so a pair judged across a rejected seq may be inverted; its time_inversion
+flag is compared with its pairs. Its times on the
+grid are in no order, so a pair judged across a rejected seq may be inverted, and is
+judged again once the seq is stored.
 """
 
 from __future__ import annotations
@@ -131,7 +138,8 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     for seq in range(1, draw(st.integers(1, 10)) + 1):
         kind = draw(
             st.sampled_from(
-                ["status"] * 6 + ["consent", "request", "correction", "malformed", "again"]
+                ["status"] * 6
+                + ["consent", "request", "correction", "malformed", "malformed", "again"]
             )
         )
         tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN]))
@@ -156,7 +164,8 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             tracking_no = draw(st.sampled_from([target["tracking_no"]] * 3 + KNOWN))
             extra = {"voids_client_event_id": target["client_event_id"], "reason": "mis-tap"}
         elif kind == "malformed":
-            extra = {"colour": "red"}  # an unknown field: quarantined
+            # An unknown field: quarantined; without it, valid (a correctable mistake).
+            extra["colour"] = "red"
         if event_type in DELIVERIES:
             extra["pod"] = draw(st.sampled_from(PODS))
         clock = draw(st.sampled_from([DAY_START] * 4 + [FACTORY_DATE]))
@@ -174,6 +183,10 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
         if kind == "again" and finals:
             repeats.append(events[-1])
     return events
+
+
+def _seq(event: dict[str, Any]) -> int:
+    return int(event["seq"])
 
 
 class World:
@@ -275,15 +288,20 @@ class World:
             # Active flags: a flag whose cause went away is closed, and whether it was
             # ever raised depends on arrival order. The clock_skew flag depends on the
             # clocks of all the pushes, not on the stream; it is checked separately.
+            # A time_inversion's pairs too: judged on the events held, as its status is.
             "flags": sorted(
-                (kind, self._subject(key), status)
-                for kind, key, status in session.execute(
-                    select(Flag.kind, Flag.subject_key, Flag.status).where(
+                (kind, self._subject(key), status, self._inverted_seqs(kind, evidence))
+                for kind, key, status, evidence in session.execute(
+                    select(Flag.kind, Flag.subject_key, Flag.status, Flag.evidence).where(
                         Flag.kind != "clock_skew", Flag.status.in_(ACTIVE_STATUSES)
                     )
                 )
             ),
         }
+
+    @staticmethod
+    def _inverted_seqs(kind: str, evidence: dict[str, Any]) -> list[str]:
+        return list(evidence["device_seqs"]) if kind == "time_inversion" else []
 
     def _subject(self, key: str) -> str:
         """A shift's flags name it by id, which differs between databases."""
@@ -366,14 +384,21 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.handed_over = False
         self.skewed_push = False  # did any committed push carry an offset beyond the bound?
         self.acknowledged: set[str] = set()
+        self.rejected_seen: set[str] = set()  # the events the PDA was told were rejected
+        self.retyped: list[dict[str, Any]] = []  # the rejected events corrected since
         self.sent: list[tuple[uuid.UUID, list[dict[str, Any]], dict[str, Any]]] = []
         self.cursor: feed.Cursor | None = None
 
-    @initialize(stream=event_streams(), skew=st.sampled_from(SKEWS))
-    def record_the_day(self, stream: list[dict[str, Any]], skew: dt.timedelta) -> None:
-        """The PDA's clock is off by ``skew`` all day (it may be 4 minutes off)."""
+    @initialize(stream=event_streams(), skew=st.sampled_from(SKEWS), retypes=st.booleans())
+    def record_the_day(
+        self, stream: list[dict[str, Any]], skew: dt.timedelta, retypes: bool
+    ) -> None:
+        """The PDA's clock is off by ``skew`` all day (it may be 4 minutes off).
+        ``retypes``: before its last push the courier corrects every event it was told
+        was rejected (``_correct``)."""
         self.stream = stream
         self.skew = self.day_skew = skew
+        self.retypes = retypes
 
     def _batch(self, data: st.DataObject) -> list[dict[str, Any]]:
         """Any events of the day, in any order, some twice (the PDA re-sends freely)."""
@@ -390,9 +415,29 @@ class PdaAgainstServer(RuleBasedStateMachine):
     @rule(data=st.data())
     def push(self, data: st.DataObject) -> None:
         receipt = self._commit_push(self._batch(data))
+        rejected = set()
         for result in receipt["results"]:
             if result["status"] in ("applied", "duplicate"):
                 self.acknowledged.add(result["client_event_id"])
+            elif result["status"] == "rejected":
+                rejected.add(result["client_event_id"])
+        self.rejected_seen |= rejected
+        malformed = self._malformed(rejected)
+        if malformed:
+            self._correct(data.draw(st.lists(st.sampled_from(malformed), unique_by=_seq)))
+
+    def _malformed(self, ids: set[str]) -> list[dict[str, Any]]:
+        """The PDA's malformed events of these ids."""
+        return [e for e in self.stream if "colour" in e and e["client_event_id"] in ids]
+
+    def _correct(self, malformed: list[dict[str, Any]]) -> None:
+        """The courier corrects events the PDA was told were rejected: each is sent from
+        now on under its id and seq, valid. Its seq held no event, and the pair judged
+        across it may have been inverted."""
+        for event in malformed:
+            corrected = {k: v for k, v in event.items() if k != "colour"}
+            self.stream = [corrected if e is event else e for e in self.stream]
+            self.retyped.append(event)
 
     @rule(data=st.data())
     def push_whose_response_is_lost(self, data: st.DataObject) -> None:
@@ -504,6 +549,8 @@ class PdaAgainstServer(RuleBasedStateMachine):
             assert reached == reference
 
     def _deliver_everything(self) -> dict[str, Any]:
+        if self.retypes:
+            self._correct(self._malformed(self.rejected_seen))
         self._commit_push(list(self.stream))  # the PDA finally delivers everything
         if self.handed_over and not self.closed:  # left open: a manager closes it
             self.world.close_the_shift(last_seq=len(self.stream))
@@ -513,7 +560,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
             select(func.count()).select_from(Flag).where(Flag.kind == "clock_skew")
         )
         assert bool(skew_flagged) == self.skewed_push
-        open_flags = {kind for kind, _, status in reached["flags"] if status == FlagStatus.OPEN}
+        open_flags = {kind for kind, _, status, _ in reached["flags"] if status == FlagStatus.OPEN}
         unknown_events = any(
             e["tracking_no"] == UNKNOWN and "colour" not in e for e in self.stream
         )
@@ -523,6 +570,9 @@ class PdaAgainstServer(RuleBasedStateMachine):
     def _one_in_order_push(self) -> dict[str, Any]:
         reference = World(self.engine)
         try:
+            if self.retyped:  # rejected before anything else: no pair is judged across them
+                reference.push(list(self.retyped), uuid.uuid4(), self.day_skew)
+                reference.session.commit()
             reference.push(list(self.stream), uuid.uuid4(), self.day_skew)
             reference.session.commit()
             if self.taken_in:

@@ -907,10 +907,12 @@ def _may_declare_last_seq_late(session: Session, shift: Shift, closed_by: int) -
     its returns scanned at the counter after that close are the shift's, as they would
     be had the PDA closed first (rule 3), not parcels missing at handover that nobody
     can account for. After a sign-off or the PDA's next shift, what the shift owns is
-    settled by then, and the 409 stands."""
+    settled by then, and the 409 stands; a shift reopened since its sign-off too (its
+    ``signed_off_at`` kept): declared before the push that reopened it, the last seq
+    was refused, so it is after it too (rule 3)."""
     if shift.status != ShiftStatus.CLOSED or shift.last_seq is not None:
         return False
-    if closed_by != shift.courier_id:
+    if shift.signed_off_at is not None or closed_by != shift.courier_id:
         return False
     following = adjacent_shift(_shifts, "id", following=True, same_courier=False)
     return session.scalar(select(following).where(_shifts.c.id == shift.id)) is None

@@ -2147,16 +2147,23 @@ def test_a_pda_declares_its_last_seq_after_a_managers_close_and_its_late_returns
         pda.close(shift, last_seq=5)
 
 
-@pytest.mark.parametrize("settled_by", ["sign-off", "next shift"])
+@pytest.mark.parametrize("settled_by", ["sign-off", "sign-off, then reopened", "next shift"])
 def test_a_last_seq_after_a_close_without_one_is_refused_once_the_shift_is_settled(
     session: Session, world: World, pda: Pda, settled_by: str
 ) -> None:
     """A manager closed the shift of a dead PDA; the PDA declares its last seq only after
     the shift was signed off, or after it opened its next shift: what the shift owns
-    was settled by then, and the refusal says when a last seq can still be given."""
+    was settled by then, and the refusal says when a last seq can still be given. A
+    shift reopened since its sign-off (a late event of its own) was signed off all the
+    same: declared before the late event's push, the last seq was refused (rule 3)."""
     shift = close_for_courier(session, world, pda.open(), NOW - dt.timedelta(hours=1))
-    if settled_by == "sign-off":
+    if settled_by.startswith("sign-off"):
         sign_off(session, world, shift)
+        if settled_by.endswith("reopened"):
+            (a,) = parcels(session, world, 1)
+            pda.push([pda.event(a, shift_id=shift.id)], received_at=NOW + dt.timedelta(hours=1))
+            session.refresh(shift)
+            assert (shift.status, shift.reopened_count) == (ShiftStatus.CLOSED, 1)
     else:
         pda.open(now=NOW - dt.timedelta(minutes=30))
     with pytest.raises(Conflict) as info:

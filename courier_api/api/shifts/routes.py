@@ -146,9 +146,9 @@ class CloseShift(MethodView):
         shift again answers the shift as it is (a retry), unless it names another
         `last_seq` (409 `shift_already_closed`). A shift closed without a
         `last_seq` (a manager closed it while the PDA was out of range) takes the
-        one its courier's PDA declares afterwards, until it is signed off or the
-        PDA opens its next shift: the events recorded up to it, returns scanned at
-        the counter after that close too, are the shift's (audit-logged as
+        one its courier's PDA declares afterwards, until it is signed off (reopened
+        since or not) or the PDA opens its next shift: the events recorded up to it,
+        returns scanned at the counter after that close too, are the shift's (audit-logged as
         `shift_last_seq_declared` when someone else closed it). A colleague's shift is a 403
         `not_your_shift`, even on the PDA it was opened on; a shift of another
         station answers, to a courier or a manager, what an unknown id answers

@@ -780,17 +780,25 @@ def _audit_decision(
         subject_type="flag",
         subject_key=str(flag.id),
         details={
-            "kind": flag.kind,
-            "subject_type": flag.subject_type,
-            "subject_key": flag.subject_key,
-            "station_id": flag.station_id,
-            "from_status": previous.value,
+            **_entry_details(flag, previous),
             "note": note,
             "evidence_version": evidence_version(flag.evidence),
             "decided_on": flag.decided_on,
         },
         tracking_no=flag.tracking_no,  # a parcel's own flag or its handover's
     )
+
+
+def _entry_details(flag: Flag, from_status: FlagStatus) -> dict[str, Any]:
+    """What every audit entry about a flag's status says first: the flag (its kind,
+    subject and station) and the status it left."""
+    return {
+        "kind": flag.kind,
+        "subject_type": flag.subject_type,
+        "subject_key": flag.subject_key,
+        "station_id": flag.station_id,
+        "from_status": from_status.value,
+    }
 
 
 def _decide(flag: Flag, decision: FlagStatus) -> None:
@@ -906,11 +914,7 @@ def _audit_system_change(
         subject_type="flag",
         subject_key=str(flag.id),
         details={
-            "kind": flag.kind,
-            "subject_type": flag.subject_type,
-            "subject_key": flag.subject_key,
-            "station_id": flag.station_id,
-            "from_status": from_status.value,
+            **_entry_details(flag, from_status),
             "to_status": to_status.value,
             "reason": reason,
             "evidence_version": evidence_version(flag.evidence),

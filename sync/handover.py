@@ -65,9 +65,10 @@ WHAT_TO_DO = {
     NOT_ON_MANIFEST: "The shift has an outcome of a parcel it never checked out: ask the "
     "courier where they took it from (the parcel's flags list its other shifts). A "
     "check-out arriving late closes the flag; otherwise resolve it saying how they had it.",
-    "delivered_without_pod": "Get the proof from the courier: the PDA's photo or "
-    "signature arriving closes the flag. Without one, call the recipient and resolve the "
-    "flag with what they said.",
+    "delivered_without_pod": "The scan names no proof (or not the signature the class "
+    "needs): have the courier scan the delivery again on the PDA with the signature or "
+    "photo; that scan closes the flag (an image uploaded does not: the scan never named "
+    "it). Without one, call the recipient and resolve the flag with what they said.",
     "unauthorized_locker_drop": "Call the recipient: have the parcel collected or fetched "
     "back. Consent recorded now does not authorize the drop (it becomes "
     "consent_after_drop); resolve the flag with the call's outcome.",

@@ -620,7 +620,8 @@ def test_each_discrepancy_says_what_the_manager_does_about_it(
 ) -> None:
     """A discrepancy named its kind, its parcel, its flag and its scans, and left the
     manager at 19:00 to know what each kind asks of them. Each says it (`what_to_do`):
-    a missing parcel is looked for, a delivery without proof asks the courier for it."""
+    a missing parcel is looked for, a delivery without proof is scanned again with one,
+    and doing so settles it (an image uploaded would not: the scan names none)."""
     a, b = parcels(session, world, 2)
     shift = pda.open(first_seq=1)
     pda.push([pda.event(a), pda.event(b), pda.event(b, "delivered", pod={"relation": "self"})])
@@ -629,9 +630,14 @@ def test_each_discrepancy_says_what_the_manager_does_about_it(
     todo = {d["kind"]: d["what_to_do"] for d in found["discrepancies"]}
     assert set(todo) == {"missing_at_handover", "delivered_without_pod"}
     assert todo["missing_at_handover"].startswith("Find the parcel")
-    assert "Get the proof from the courier" in todo["delivered_without_pod"]
+    assert "scan the delivery again on the PDA with the signature" in todo["delivered_without_pod"]
     page = signed_in(client.application, "manager1").get(f"/web/shifts/{shift['id']}")
     assert todo["missing_at_handover"] in page
+    # As it says: the courier scans the delivery again, with the signature.
+    pda.push([pda.event(b, "delivered", pod={"signature_sha256": "b" * 64})])
+    found = balance(client, shift["id"], manager)
+    assert {d["kind"] for d in found["discrepancies"]} == {"missing_at_handover"}
+    assert found["delivered"] == 1
 
 
 def test_a_sequence_gap_is_provisional_until_the_late_batch_lands(

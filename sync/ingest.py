@@ -93,14 +93,11 @@ from sync.shifts import (
     Filing,
     ShiftFiler,
     ShiftRules,
+    judge_reopening,
     lock_shifts,
     may_own_rejected,
     may_own_revealed_gap,
-    name_late_events,
-    reopen_for_late_events,
-    reopen_if_seqs_missing,
     reopened_with_seqs_left_open,
-    withdraw_reopening_without_events,
 )
 from sync.sql import (
     Prebuilt,
@@ -549,7 +546,7 @@ class _BatchIngest:
         self._reopen_for_gaps_shown()
         self._judge_handovers(shifts)
         for shift in self.reopened_left_open:
-            withdraw_reopening_without_events(self.session, shift)
+            judge_reopening(session=self.session, shift=shift, now=self.received_at)
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
@@ -1207,7 +1204,7 @@ class _BatchIngest:
             row["courier_id"] = filer.recorded_by(row["shift_id"]) or row["courier_id"]
         self.wrong_claims = filer.wrong_claims
         # Only a seq below one the server had can end a previous shift's seqs before a
-        # rejected seq it held (``withdraw_reopening_without_events``): pushes in order do not.
+        # rejected seq it held (``judge_reopening``): pushes in order do not.
         self.bounds_a_previous_shift = any(
             row["seq"] <= self.state.max_seq and filer.starts_at_its_events(row["shift_id"])
             for row in rows
@@ -1215,7 +1212,7 @@ class _BatchIngest:
         # Seqs above the highest held and below a first seq a shift declared may be ones
         # a signed-off shift owned still on the PDA (that first seq showed them used):
         # filed under no shift, they end its missing seqs without an event of its own
-        # (``withdraw_reopening_without_events``). Pushed in order, none is.
+        # (``judge_reopening``). Pushed in order, none is.
         declared = self.state.declared_first_seq or 0
         self.unfiled_beyond_held = any(
             row["shift_id"] is None and self.state.max_seq < row["seq"] < declared for row in rows
@@ -1462,7 +1459,7 @@ class _BatchIngest:
     def _settle_shifts(self, by_shift: dict[int, list[ValidEvent]]) -> None:
         """A PDA naming a shift that is not its own is flagged; a signed-off shift that
         gets events (or loses one to a correction) reopens, and one reopened with no
-        event of its own named gets them named (``name_late_events``). (The handover
+        event of its own named gets them named (``sync.shifts.judge_reopening``). (The handover
         flags of closed shifts were judged again with the parcels, in ``_project``.)"""
         if self.wrong_claims:
             claims = self.wrong_claims
@@ -1476,47 +1473,38 @@ class _BatchIngest:
                     "last_batch_id": str(self.batch.batch_id),
                 },
             )
-        signed_off = [
-            shift.id
-            for shift in self.shifts_not_open.values()
-            if shift.status == ShiftStatus.SIGNED_OFF
-        ]
         rejected = self._quarantined_for_signed_off()
-        # Reopened since their sign-off and not signed off again: what of theirs this
-        # push brought is late too (rarely any such shift).
-        reopened = {
+        # Signed off, or reopened since their sign-off and not signed off again (rarely
+        # any such shift): what of theirs this push brought came after the sign-off.
+        judged = {
             shift.id: shift
             for shift in (*self.shifts_not_open.values(), *self.may_own_quarantined)
-            if shift.status == ShiftStatus.CLOSED and shift.signed_off_at is not None
+            if shift.signed_off_at is not None and shift.status != ShiftStatus.OPEN
         }
-        for shift_id, shift in sorted(reopened.items()):
-            events = by_shift.get(shift_id, [])
-            ids = self._event_ids(events) if events else {}
-            late = [ids[e.client_event_id] for e in events]
-            named = name_late_events(self.session, shift, late, rejected.pop(shift_id, []))
-            self._report_raised(named)
-        if signed_off or rejected:
-            ids = self._event_ids([e for shift_id in signed_off for e in by_shift[shift_id]])
-            flags = reopen_for_late_events(
-                session=self.session,
-                late={
-                    shift_id: sorted({ids[e.client_event_id] for e in by_shift[shift_id]})
-                    for shift_id in signed_off
-                },
-                now=self.received_at,
-                rejected=rejected,
-            )
-            self._report_raised(flags)
+        brought = [e for shift_id in judged for e in by_shift.get(shift_id, [])]
+        ids = self._event_ids(brought) if brought else {}
+        for shift_id, shift in sorted(judged.items()):
+            arrived = [ids[e.client_event_id] for e in by_shift.get(shift_id, [])]
+            if arrived or rejected.get(shift_id):
+                self._report_raised(
+                    judge_reopening(
+                        session=self.session,
+                        shift=shift,
+                        now=self.received_at,
+                        arrived=arrived,
+                        rejected=rejected.get(shift_id, []),
+                    )
+                )
 
     def _reopen_for_gaps_shown(self) -> None:
         """A signed-off shift that owns seqs this push showed missing (a gap its seqs
         end in: the next shift's event arrived, its own still on the PDA) no longer has
         the balance its manager signed off: it reopens, as the next shift's opening
-        reopens it for the same (``sync.shifts.reopen_if_seqs_missing``), whichever
+        reopens it for the same (``sync.shifts.judge_reopening``), whichever
         came first (rule 3). Only a push showing a gap has any to judge."""
         for shift in self.may_own_gap:
             self._report_raised(
-                reopen_if_seqs_missing(
+                judge_reopening(
                     session=self.session,
                     shift=shift,
                     now=self.received_at,

@@ -34,17 +34,16 @@ from typing import NamedTuple
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, SeqWriteOff, ShiftStatus, User, utcnow
+from models import Device, DeviceSyncState, SeqWriteOff, User, utcnow
 from sync import audit
 from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
 from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput
 from sync.shifts import (
+    judge_reopening,
     lock_shifts,
     may_own_revealed_gap,
-    reopen_if_seqs_missing,
     reopened_with_seqs_left_open,
-    withdraw_reopening_without_events,
 )
 
 ACTION = "lost_seqs_written_off"
@@ -169,10 +168,9 @@ def write_off_lost_seqs(
     never interleave.
 
     A shift reopened after its sign-off only because seqs of it were still on the PDA
-    (``sync.shifts.reopen_if_seqs_missing``) is signed off again once they are written
-    off and its balance is again the one signed off
-    (``sync.shifts.withdraw_reopening_without_events``), after the write-off's entry in
-    the audit log. Seqs written off above the highest held leave the seqs below them
+    is signed off again once they are written off and its balance is again the one
+    signed off (``sync.shifts.judge_reopening``), after the write-off's entry in the
+    audit log. Seqs written off above the highest held leave the seqs below them
     neither held nor written off as gaps: a signed-off shift owning some that its
     sign-off did not see missing reopens, as when a push shows them."""
     with audit.deferred(session):
@@ -185,24 +183,17 @@ def _judge_reopenings(
     session: Session, device_id: str, revealed: Ranges, write_off_id: int
 ) -> None:
     """Judge the device's signed-off shifts the write-off may change, locked after its
-    sync state (the service's lock order), rarely any: withdraw the reopenings the
-    seqs just written off made (``sync.shifts.withdraw_reopening_without_events``:
-    those reopened since their sign-off and closed without a last seq), and reopen
-    those owning the gaps it ``revealed`` (``sync.shifts.may_own_revealed_gap``), as a
-    push showing them would (``sync.shifts.reopen_if_seqs_missing``)."""
+    sync state (the service's lock order), rarely any, by ``sync.shifts.judge_reopening``:
+    withdraw the reopenings the seqs just written off made (those reopened since their
+    sign-off and closed without a last seq), and reopen those owning the gaps it
+    ``revealed`` (``sync.shifts.may_own_revealed_gap``), as a push showing them would."""
     judged = reopened_with_seqs_left_open(device_id)
     if revealed:
         judged = or_(judged, may_own_revealed_gap(device_id, revealed[0][0]))
     for shift in lock_shifts(session, [], also=judged).values():
-        if shift.status == ShiftStatus.SIGNED_OFF:
-            reopen_if_seqs_missing(
-                session=session,
-                shift=shift,
-                now=utcnow(),
-                details={"write_off_id": write_off_id},
-            )
-        else:
-            withdraw_reopening_without_events(session, shift)
+        judge_reopening(
+            session=session, shift=shift, now=utcnow(), details={"write_off_id": write_off_id}
+        )
 
 
 def _write_off(

@@ -217,7 +217,7 @@ def rejections_by_id(
 def owned_rejections(*, session: Session, scope: RejectionScope, ids: Sequence[int]) -> list[int]:
     """Which of the rejected events ``ids`` are the shift's (``scope``), as
     ``shift_rejections`` finds them: whether those that reopened a signed-off shift
-    still are (``sync.shifts.withdraw_reopening_without_events``)."""
+    still are (``sync.shifts.signoff_delta``)."""
     owned = _owned_by(session, scope)
     if owned is None or not ids:
         return []

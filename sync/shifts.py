@@ -211,7 +211,7 @@ LATE_EVENT = "late_event_after_signoff"
 WRONG_SHIFT = "wrong_shift"
 LATEST_REOPENING = "latest_reopening"  # its evidence: what reopened the shift this time
 # In it: the seqs the shift owns still on the PDA, for a reopening no event made
-# (``reopen_if_seqs_missing``).
+# (``judge_reopening``).
 MISSING_SEQS = "missing_seqs"
 # Its evidence: the rejected events (quarantine ids) that reopened it (``sync.flags.SEEN``).
 REJECTED_IDS = "rejected_event_ids"
@@ -428,7 +428,7 @@ def _refile_from_previous(
     more than it owns, not less, and with the opening arriving before the push that
     brought them, the sign-off would have seen it without them and nothing would
     reopen it (rule 3). Its balance says it changed since (``changed_since_signoff``).
-    A reopening those events made is withdrawn (``_withdraw_reopening``)."""
+    A reopening those events made is withdrawn (``judge_reopening``)."""
     from sync.balances import refresh_handover_flags
 
     rows = session.execute(
@@ -453,7 +453,12 @@ def _refile_from_previous(
     order = sorted(judged if also_lock is None else judged | {also_lock})
     locked = [lock_shift(session, i) for i in order]
     refresh_handover_flags(session=session, shifts=[s for s in locked if s.id in judged])
-    _withdraw_reopening(session, previous.id, {m["id"] for m in moved}, opened)
+    judge_reopening(
+        session=session,
+        shift=lock_shift(session, previous.id),
+        now=opened.opened_at,
+        details={"next_shift_id": opened.id},
+    )
     _reopen_where_filed(session, moved, previous.id, opened)
 
 
@@ -461,52 +466,200 @@ def _reopen_if_bounded(session: Session, shift_id: int, opened: Shift) -> None:
     """The shift opened just before ``opened`` on its PDA, if closed without its last
     seq, owns the seqs up to where ``opened`` starts (``sync.handover``): the opening
     may show seqs of it still on the PDA (or a gap not its own), its balance changing
-    with no event moving. Signed off, it then reopens (``reopen_if_seqs_missing``),
-    naming the shift that opened. A push showing a gap in its seqs reopens it too
-    (``sync.ingest``), so the order of the push and the opening decides nothing.
-
-    The other way round, reopened by seqs missing or by rejected events a push brought
-    before the opening, it may own them no more (``opened`` declares a first seq at or
-    below them): its reopening is withdrawn as a push's would be
-    (``withdraw_reopening_without_events``). Opened before that push, the shift would
-    have owned them and it would never have reopened (rule 3)."""
-    shift = lock_shift(session, shift_id)
-    if shift.status == ShiftStatus.CLOSED:
-        if shift.signed_off_at is not None and shift.last_seq is None:
-            withdraw_reopening_without_events(session, shift)
-        return
-    reopen_if_seqs_missing(
-        session=session, shift=shift, now=opened.opened_at, details={"next_shift_id": opened.id}
+    with no event moving. Signed off, it then reopens, naming the shift that opened; a
+    push showing a gap in its seqs reopens it too (``sync.ingest``), so the order of
+    the push and the opening decides nothing. The other way round, reopened by seqs
+    missing or by rejected events a push brought before the opening, it may own them no
+    more (``opened`` declares a first seq at or below them): its reopening is
+    withdrawn, as it never reopened had the shift opened before that push (rule 3).
+    Both by ``judge_reopening``."""
+    judge_reopening(
+        session=session,
+        shift=lock_shift(session, shift_id),
+        now=opened.opened_at,
+        details={"next_shift_id": opened.id},
     )
 
 
-def reopen_if_seqs_missing(
-    *, session: Session, shift: Shift, now: dt.datetime, details: dict[str, Any] | None = None
-) -> list[Flag]:
-    """Reopen ``shift`` (locked), signed off and closed without its last seq, if it owns
-    seqs the server lacks beyond those its manager signed off (``_missing_beyond_signed``):
-    an opening (``_reopen_if_bounded``), a push (``sync.ingest``) or a write-off of seqs
-    above the highest held (``sync.lost_seqs``) showed seqs of it still on the PDA, its
-    balance turning provisional with no event of its own arriving (a provisional
-    balance needs a reason to be signed off). What none of them can add (a
-    rule flag closed since, which reopened nothing then) is left alone, and so are fewer
-    seqs missing (the next shift's events end its seqs sooner): pushed before the
-    sign-off, they were never missing. The ``late_event_after_signoff`` flag names no
-    event: its latest reopening names the seqs missing now (with ``details``). Withdrawn
-    once they arrive under another shift or are written off
-    (``withdraw_reopening_without_events``). Returns the flags raised."""
-    from sync.balances import shift_balance
+@dataclass(frozen=True)
+class Delta:
+    """What a shift owns now that its latest sign-off did not see (rule 5): the late
+    events (filed under it, or corrections voiding its events, arrived after the
+    sign-off), the late rejected events whose seqs it owns, and, when it owns seqs still
+    on the PDA that the sign-off did not name missing, the seqs missing now. What the
+    sign-off saw and the shift owns no more (the next shift's opening took its grace
+    scans, fewer seqs missing) is no delta: a shift that lost something is not
+    reopened for it, its balance says it changed since (``changed_since_signoff``)."""
 
-    if shift.status != ShiftStatus.SIGNED_OFF or shift.last_seq is not None:
+    late_event_ids: tuple[int, ...] = ()
+    late_rejected_ids: tuple[int, ...] = ()
+    unseen_missing_seqs: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.late_event_ids or self.late_rejected_ids or self.unseen_missing_seqs)
+
+
+def signoff_delta(session: Session, shift: Shift) -> Delta:
+    """``Delta`` of ``shift`` (locked, signed off at least once) from what is stored.
+
+    Signed off, nothing of it is known late but seqs missing: an event or a rejected
+    event arriving is late by its arrival, and its caller says so
+    (``judge_reopening``'s ``arrived``, ``rejected``). Reopened, the late events and
+    rejected events are those its latest reopening named that it still owns, and its
+    events (or corrections voiding them) pushed in that reopening's push or since
+    (``_events_since``). Seqs missing count for a shift closed without its last seq
+    only: one that declared it owned every seq of its range at its sign-off, and the
+    seqs held and written off only grow."""
+    latest = _latest_reopening(session, shift) if shift.status == ShiftStatus.CLOSED else None
+    return _delta(session, shift, latest or {})
+
+
+def _delta(session: Session, shift: Shift, latest: dict[str, Any]) -> Delta:
+    """``signoff_delta``, what its latest reopening named read (``latest``)."""
+    from sync.balances import gather
+    from sync.quarantine import owned_rejections
+
+    named = latest.get("event_ids") or []
+    late_events = _events_since(session, shift, named) if named else []
+    if late_events:  # (the rest is not needed to know the delta is not empty)
+        return Delta(late_event_ids=tuple(late_events))
+    rejected = latest.get(REJECTED_IDS) or []
+    if not rejected and shift.last_seq is not None:
+        return Delta()
+    facts = gather(session, [shift])[shift.id]
+    balance = facts.balance()
+    owned = (
+        owned_rejections(session=session, scope=facts.rejection_scope(balance), ids=rejected)
+        if rejected
+        else []
+    )
+    unseen = shift.last_seq is None and _missing_beyond_signed(shift, balance)
+    return Delta(
+        late_rejected_ids=tuple(owned),
+        unseen_missing_seqs=tuple(balance.missing_seqs) if unseen else (),
+    )
+
+
+def judge_reopening(
+    *,
+    session: Session,
+    shift: Shift,
+    now: dt.datetime,
+    details: dict[str, Any] | None = None,
+    arrived: Sequence[int] = (),
+    rejected: Sequence[int] = (),
+) -> list[Flag]:
+    """Reopen ``shift`` (locked) or withdraw its reopening, by its ``signoff_delta``: a
+    reopening stands exactly when the shift owns something its sign-off did not see.
+    The one place that decides it; its callers (a push, an opening, a close, a
+    write-off) only find which shifts to judge, by what they changed.
+
+    * Signed off, with events of it (or corrections voiding its events) that just
+      ``arrived``, or rejected events of it (quarantine ids) just ``rejected``: it
+      reopens, its ``late_event_after_signoff`` flag naming them (``details`` too).
+    * Signed off with a delta (seqs of it still on the PDA that its sign-off did not
+      name missing: an opening, a push or a write-off of seqs above the highest held
+      showed them): it reopens, its ``late_event_after_signoff`` flag naming no event,
+      its latest reopening the seqs missing now (with ``details``: what showed them).
+    * Reopened, with events or rejected events arriving: its reopening names them if
+      it named no event yet (``_name_late_events``), so that it is never withdrawn as
+      if nothing of it came late.
+    * Reopened, standing for seqs missing once the late events it named are the next
+      shift's: its flag names the seqs instead (``_rename_reopening``).
+    * Reopened with none left (its late events filed under the next shift that
+      opened, its rejected events the next shift's, its missing seqs arrived under
+      another shift or written off): it is signed off again
+      (``shift_reopening_withdrawn``), as it never reopened had these come in the other
+      order (rule 3). The reopening stays in the audit log and in ``reopened_count``.
+
+    Any other shift is left as it is. Returns the flags raised."""
+    if shift.signed_off_at is None or shift.status == ShiftStatus.OPEN:
         return []
-    balance = shift_balance(session=session, shift=shift)
-    if not _missing_beyond_signed(shift, balance):
+    if arrived or rejected:
+        if shift.status == ShiftStatus.CLOSED:
+            return _name_late_events(session, shift, arrived, rejected)
+        return reopen_for_late_events(
+            session=session,
+            late={shift.id: sorted(set(arrived))},
+            now=now,
+            details=details,
+            rejected={shift.id: sorted(set(rejected))} if rejected else None,
+        )
+    if shift.status == ShiftStatus.SIGNED_OFF:
+        if shift.last_seq is not None:
+            return []  # (it owned every seq of its range when signed off)
+        missing = signoff_delta(session, shift).unseen_missing_seqs
+        if not missing:
+            return []
+        return reopen_for_late_events(
+            session=session,
+            late={shift.id: []},
+            now=now,
+            details={**(details or {}), MISSING_SEQS: list(missing)},
+        )
+    latest = _latest_reopening(session, shift)
+    if latest is None:
         return []
-    return reopen_for_late_events(
+    delta = _delta(session, shift, latest)
+    if not delta:
+        _sign_off_again(session, shift, _withdrawn_because(latest))
+        return []
+    return _rename_reopening(session, shift, latest, delta, details)
+
+
+def _latest_reopening(session: Session, shift: Shift) -> dict[str, Any] | None:
+    """What the latest reopening of ``shift`` named, in its ``late_event_after_signoff``
+    flag's evidence: under ``LATEST_REOPENING``, or (a flag raised before that was kept)
+    at the top, where ``event_ids`` gathers every reopening's, the earlier ones signed
+    off since: more than the latest named, never fewer. None without the flag."""
+    flag = _late_flag(session, shift.id)
+    if flag is None:
+        return None
+    return flag.evidence.get(LATEST_REOPENING) or flag.evidence
+
+
+def _rename_reopening(
+    session: Session,
+    shift: Shift,
+    latest: dict[str, Any],
+    delta: Delta,
+    details: dict[str, Any] | None,
+) -> list[Flag]:
+    """A reopening that stands for another reason than the one it named: the late events
+    it named are another shift's now (the next shift's opening took them), and seqs of
+    it are still on the PDA that its sign-off did not name missing. Its flag's latest
+    reopening names the seqs (with ``details``: what changed), not events that are no
+    longer the shift's; the reopening is not written again (it still stands, one entry
+    in the audit log). Returns the flag if it is open again."""
+    if delta.late_event_ids or not latest.get("event_ids") or not delta.unseen_missing_seqs:
+        return []
+    named = {
+        **latest,
+        **(details or {}),
+        "event_ids": [],
+        MISSING_SEQS: list(delta.unseen_missing_seqs),
+    }
+    raised = raise_flag(
         session=session,
-        late={shift.id: []},
-        now=now,
-        details={**(details or {}), MISSING_SEQS: balance.missing_seqs},
+        kind=LATE_EVENT,
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("shift", str(shift.id)),
+        station_id=shift.station_id,
+        evidence={LATEST_REOPENING: named},
+        again=AFTER_ANOTHER_SIGNOFF,
+    )
+    return [raised.flag] if raised.new else []
+
+
+def _withdrawn_because(latest: dict[str, Any]) -> str:
+    """Why a reopening is withdrawn, by what it named (``latest``)."""
+    if latest.get("event_ids"):
+        return "its late events were filed under the next shift when it opened"
+    if latest.get(REJECTED_IDS):
+        return "its rejected late events are the next shift's: its seqs end before them"
+    return (
+        "the seqs it was missing arrived under another shift or were written off: "
+        "its balance is again the one signed off"
     )
 
 
@@ -527,7 +680,7 @@ def may_own_revealed_gap(device_id: str, lowest: int) -> ColumnElement[bool]:
     device's highest seq when it has neither (``sync.handover.owned_seqs``). A push
     showing a gap locks these with its shifts (``lock_shifts``), as a write-off leaving
     one does (``sync.lost_seqs``), and reopens those the gap made provisional
-    (``reopen_if_seqs_missing``): in practice the PDA's shift before its current one,
+    (``judge_reopening``): in practice the PDA's shift before its current one,
     if any; a PDA's other signed-off shifts are not read."""
     shift = _shifts.c
     next_id = adjacent_shift(_shifts, "id", following=True, same_courier=False)
@@ -553,51 +706,19 @@ def _reopen_where_filed(
     """A signed-off shift that the time rules now file some of the moved events under
     (clocks: a scan stamped before the previous shift opened) gained events after its
     sign-off, as from a late push (``sync.ingest``): it reopens, naming them and the
-    shift they came from."""
+    shift they came from (``judge_reopening``)."""
     gained: dict[int, list[int]] = {}
     for m in moved:
         if m["shift_id"] is not None and m["shift_id"] != opened.id:
             gained.setdefault(m["shift_id"], []).append(m["id"])
-    if gained:
-        reopen_for_late_events(
+    for shift_id, event_ids in sorted(gained.items()):
+        judge_reopening(
             session=session,
-            late=gained,
+            shift=lock_shift(session, shift_id),
             now=opened.opened_at,
             details={"filed_from_shift_id": previous_id},
+            arrived=event_ids,
         )
-
-
-def _withdraw_reopening(session: Session, shift_id: int, moved: set[int], opened: Shift) -> None:
-    """Sign the previous shift off again if the only events that reopened it after
-    its sign-off were the ones just filed under the shift that opened: they were never
-    its own, as they would not have been had they come after the opening. (A
-    correction among them that voids one of its events stays reopening it; so does an
-    event of its own that came with them or since, ``_events_since``.) Whatever its
-    balance now: the events the opening took away, pushed before the sign-off too,
-    reopen nothing (``_refile_from_previous``). The reopening stays in the audit log and
-    in ``reopened_count``; its flag is closed with the reason."""
-    shift = lock_shift(session, shift_id)
-    if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
-        return
-    flag = _late_flag(session, shift.id)
-    if flag is None:
-        return
-    # The events of its latest reopening: ``event_ids`` gathers every reopening's, and
-    # the earlier ones were signed off since.
-    latest = flag.evidence.get(LATEST_REOPENING) or flag.evidence
-    reopened_by = latest.get("event_ids", [])
-    if not set(reopened_by) <= moved or latest.get(REJECTED_IDS):
-        return  # (a rejected event's reopening stands: no event moved it away)
-    reopening = (
-        select(func.min(ScanEvent.batch_pk))
-        .where(ScanEvent.id.in_(sorted(reopened_by)))
-        .scalar_subquery()
-    )
-    if _events_since(session, shift, reopening):
-        return
-    _sign_off_again(
-        session, shift, f"its late events were filed under shift {opened.id} when it opened"
-    )
 
 
 def _sign_off_again(session: Session, shift: Shift, reason: str) -> None:
@@ -621,12 +742,12 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     off before) that declared no last seq: they own the seqs up to where the next shift
     on the PDA starts, which that shift's events may move down
     (``sync.handover.owned_seqs``), and the seqs of which a gap may have reopened them
-    (``reopen_if_seqs_missing``). A push filing under a shift that declared no first seq
+    (``judge_reopening``). A push filing under a shift that declared no first seq
     an event below the highest seq held before it (pushed in order, none can end their
     seqs sooner), filling a gap of its PDA's seqs, or filing under no shift an event
     above that seq and below a declared first seq (which showed it missing), locks these
     with its shifts, and a
-    write-off of lost seqs locks them too, for ``withdraw_reopening_without_events``."""
+    write-off of lost seqs locks them too, for ``judge_reopening``."""
     return and_(
         Shift.device_id == device_id,
         Shift.status == ShiftStatus.CLOSED,
@@ -635,63 +756,14 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
     )
 
 
-def withdraw_reopening_without_events(session: Session, shift: Shift) -> bool:
-    """Sign ``shift`` (locked) off again if no event of its own reopened it after its
-    latest sign-off, and nothing of what did still stands:
-
-    * rejected events, none of them its own any more: a rejected event has only its
-      seq, and a shift closed without its last seq owned it only until the next
-      shift's events showed where its seqs end;
-    * seqs of it still on the PDA (``reopen_if_seqs_missing``): they arrived under
-      another shift (the next one's, which ends its seqs before them), or a manager
-      wrote them off (``sync.lost_seqs``).
-
-    Either way, none may be missing now beyond those signed off (that alone reopens
-    it, ``reopen_if_seqs_missing``). Judged on its missing seqs alone, not on its whole
-    balance: what else changed meanwhile without an event of its own (fewer seqs
-    missing, a consent arriving later) would not have reopened it either.
-
-    Pushed in the other order, nothing reopened it (rule 3). Late events and rejected
-    events of its own arriving meanwhile are named by its reopening
-    (``name_late_events``): it then stands. Whether a withdrawal happened."""
-    from sync.balances import gather
-    from sync.quarantine import owned_rejections
-
-    if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
-        return False
-    flag = _late_flag(session, shift.id)
-    latest = (flag.evidence.get(LATEST_REOPENING) or {}) if flag is not None else {}
-    rejected = latest.get(REJECTED_IDS) or []
-    gap = MISSING_SEQS in latest
-    if latest.get("event_ids") or not (rejected or gap):
-        return False
-    facts = gather(session, [shift])[shift.id]
-    balance = facts.balance()
-    if rejected and owned_rejections(
-        session=session, scope=facts.rejection_scope(balance), ids=rejected
-    ):
-        return False
-    if _missing_beyond_signed(shift, balance):
-        return False
-    _sign_off_again(
-        session,
-        shift,
-        "its rejected late events are the next shift's: its seqs end before them"
-        if rejected
-        else "the seqs it was missing arrived under another shift or were written off: "
-        "its balance is again the one signed off",
-    )
-    return True
-
-
-def name_late_events(
+def _name_late_events(
     session: Session, shift: Shift, event_ids: Sequence[int], rejected: Sequence[int] = ()
 ) -> list[Flag]:
     """Events filed under ``shift`` (locked), and rejected events of its (quarantine
     ids), that arrive while it stands reopened with no event of its own named (seqs of
     it still on the PDA, rejected events): they came after its sign-off too, and its
     reopening now names them, so it is never withdrawn as if nothing of it came late
-    (``withdraw_reopening_without_events``). A reopening that names events already is
+    (``judge_reopening``). A reopening that names events already is
     left as it is. Returns the flag if it is open again (a manager had decided on it)."""
     if shift.status != ShiftStatus.CLOSED or shift.signed_off_at is None:
         return []
@@ -720,27 +792,36 @@ def name_late_events(
     return [raised.flag] if raised.new else []
 
 
-def _events_since(session: Session, shift: Shift, reopening: ScalarSelect[Any]) -> bool:
-    """Whether an event of ``shift`` now (filed under it, or a correction voiding one of
-    its events) came in push ``reopening`` (a batch's pk: the one that reopened it) or
-    one since. A late event landing on a shift already reopened reopens nothing and no
-    reopening names it, but the manager has not seen it either: had the events of the
-    reopening never come, it would have reopened the shift itself (rule 3). So a
-    reopening is withdrawn only if none came (``_withdraw_reopening``; a reopening no
-    event made names them instead, ``name_late_events``)."""
+def _events_since(session: Session, shift: Shift, named: Sequence[int]) -> list[int]:
+    """The events of ``shift`` now (filed under it, or corrections voiding its events)
+    that came in the push of the earliest of ``named`` (the events its latest reopening
+    named) or one since: those of ``named`` it still owns, and those that landed on it
+    reopened. Such a late event reopens nothing and no reopening names it, but the
+    manager has not seen it either: had the events of the reopening never come, it
+    would have reopened the shift itself (rule 3). (A reopening no event made names
+    them instead, ``_name_late_events``.)"""
+    reopening = (
+        select(func.min(ScanEvent.batch_pk))
+        .where(ScanEvent.id.in_(sorted(set(named))))
+        .scalar_subquery()
+    )
     its_events = select(ScanEvent.client_event_id).where(
         ScanEvent.device_id == shift.device_id, ScanEvent.shift_id == shift.id
     )
-    found = session.scalar(
-        select(ScanEvent.id)
-        .where(
-            ScanEvent.device_id == shift.device_id,
-            ScanEvent.batch_pk >= reopening,
-            or_(ScanEvent.shift_id == shift.id, ScanEvent.voids_client_event_id.in_(its_events)),
+    return list(
+        session.scalars(
+            select(ScanEvent.id)
+            .where(
+                ScanEvent.device_id == shift.device_id,
+                ScanEvent.batch_pk >= reopening,
+                or_(
+                    ScanEvent.shift_id == shift.id,
+                    ScanEvent.voids_client_event_id.in_(its_events),
+                ),
+            )
+            .order_by(ScanEvent.id)
         )
-        .limit(1)
     )
-    return found is not None
 
 
 def _late_flag(session: Session, shift_id: int) -> Flag | None:

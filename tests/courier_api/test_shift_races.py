@@ -239,14 +239,14 @@ def test_a_late_return_racing_the_managers_resolution_of_its_missing_flag_never_
     ``widened``: the push dawdles a moment between the two (as under load), so the
     manager's request lands in the window every round."""
     if widen:
-        reopen = ingest_module.reopen_for_late_events
+        reopen = ingest_module.judge_reopening
 
         def slow_reopen(**kwargs: Any) -> Any:
             flags = reopen(**kwargs)
             time.sleep(0.4)  # holding the audit log's lock
             return flags
 
-        monkeypatch.setattr(ingest_module, "reopen_for_late_events", slow_reopen)
+        monkeypatch.setattr(ingest_module, "judge_reopening", slow_reopen)
     rounds = 4 if widen else 20
     courier, manager, numbers = _setup(committed_app, 2 * rounds)
     pda = Pda()

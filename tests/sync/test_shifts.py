@@ -370,6 +370,42 @@ def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed
     )
 
 
+def test_a_reopening_whose_scan_the_next_shift_takes_stands_once_for_the_seq_still_on_the_pda(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Signed off at the close with seqs 1 and 2; a check-out four minutes later (seq 4)
+    is pushed before the next shift opens a minute after, seq 3 still on the PDA: the
+    scan is the closed shift's by the grace and reopens it. The opening takes the scan,
+    and the shift still owns seq 3, missing, which its sign-off never saw: its
+    reopening stands (rule 5), as it does had the opening come first. It was withdrawn
+    and written again (two more entries in the audit log, the flag closed and opened);
+    it now stands once, its flag naming the missing seq and the shift that opened, not
+    the scan that is the next shift's."""
+    a, b, c = parcels(session, world, 3)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    pda.event(c, occurred_at=NOW + dt.timedelta(minutes=3))  # seq 3, still on the PDA
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    session.refresh(first)
+    assert first.status == ShiftStatus.CLOSED
+    second = pda.open(now=NOW + dt.timedelta(minutes=5))
+    session.refresh(first)
+    assert session.scalars(select(ScanEvent.shift_id).where(ScanEvent.seq == 4)).one() == (
+        second.id
+    )
+    assert shift_balance(session=session, shift=first).missing_seqs == [3]
+    assert (first.status, first.reopened_count) == (ShiftStatus.CLOSED, 1)
+    assert shift_actions(session, first) == ["shift_signed_off", "shift_reopened"]
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert late.status == FlagStatus.OPEN
+    assert late.evidence["latest_reopening"]["event_ids"] == []
+    assert late.evidence["latest_reopening"]["missing_seqs"] == [3]
+    assert late.evidence["latest_reopening"]["next_shift_id"] == second.id
+    assert shifts.signoff_delta(session, first) == shifts.Delta(unseen_missing_seqs=(3,))
+
+
 @pytest.mark.parametrize("first_seq", [3, None])
 @pytest.mark.parametrize("pushed", ["before the opening", "after the opening"])
 def test_a_scan_after_the_next_opening_is_the_next_shifts_though_pushed_before_it(

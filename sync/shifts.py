@@ -578,12 +578,8 @@ def judge_reopening(
     if arrived or rejected:
         if shift.status == ShiftStatus.CLOSED:
             return _name_late_events(session, shift, arrived, rejected)
-        return reopen_for_late_events(
-            session=session,
-            late={shift.id: sorted(set(arrived))},
-            now=now,
-            details=details,
-            rejected={shift.id: sorted(set(rejected))} if rejected else None,
+        return _reopen(
+            session, shift, now=now, event_ids=arrived, rejected=rejected, details=details
         )
     if shift.status == ShiftStatus.SIGNED_OFF:
         if shift.last_seq is not None:
@@ -591,11 +587,8 @@ def judge_reopening(
         missing = signoff_delta(session, shift).unseen_missing_seqs
         if not missing:
             return []
-        return reopen_for_late_events(
-            session=session,
-            late={shift.id: []},
-            now=now,
-            details={**(details or {}), MISSING_SEQS: list(missing)},
+        return _reopen(
+            session, shift, now=now, details={**(details or {}), MISSING_SEQS: list(missing)}
         )
     latest = _latest_reopening(session, shift)
     if latest is None:
@@ -1312,69 +1305,62 @@ def record_sign_off(
 AFTER_ANOTHER_SIGNOFF = "events landed after another sign-off"
 
 
-def reopen_for_late_events(
-    *,
+def _reopen(
     session: Session,
-    late: dict[int, list[int]],
+    shift: Shift,
+    *,
     now: dt.datetime,
+    event_ids: Sequence[int] = (),
+    rejected: Sequence[int] = (),
     details: dict[str, Any] | None = None,
-    rejected: dict[int, list[int]] | None = None,
 ) -> list[Flag]:
-    """Events landed for signed-off shifts (``{shift id: event ids}``): each reopens.
+    """Reopen ``shift`` (locked, signed off), as ``judge_reopening`` decided.
 
     The shift goes back to closed, waiting for a new sign-off; a
-    ``late_event_after_signoff`` flag names the events (opened again if a manager
-    had acknowledged or resolved it after an earlier reopening: these events came
-    after that decision and the sign-off since), and the audit log records it.
-    ``details`` go into the evidence too. ``rejected``: ``{shift id: quarantine ids}``,
+    ``late_event_after_signoff`` flag names the late events (``event_ids``; opened
+    again if a manager had acknowledged or resolved it after an earlier reopening:
+    these events came after that decision and the sign-off since), and the audit log
+    records it. ``details`` go into the evidence too. ``rejected``: quarantine ids of
     events its PDA sent that were rejected (``sync.quarantine.RejectionScope`` says
     they are the shift's), named under ``REJECTED_IDS``: the sign-off never saw them
-    either, and a shift with a rejected event is no clean handover. Returns the flags
-    raised.
+    either, and a shift with a rejected event is no clean handover. Returns the flag.
     """
-    flags = []
-    rejected = rejected or {}
-    for shift_id in sorted(late.keys() | rejected.keys()):
-        shift = lock_shift(session, shift_id)
-        if shift.status != ShiftStatus.SIGNED_OFF:
-            continue
-        event_ids = sorted(late.get(shift_id, ()))
-        refused = {REJECTED_IDS: sorted(rejected[shift_id])} if rejected.get(shift_id) else {}
-        latest = {"event_ids": event_ids, **refused, **(details or {})}
-        signed = {
-            "signed_off_at": shift.signed_off_at.isoformat() if shift.signed_off_at else None,
-            "signed_off_by": shift.signed_off_by,
-        }
-        # replaced at each reopening, where event_ids accumulate
-        evidence = {"event_ids": event_ids, **refused, LATEST_REOPENING: latest, **signed}
-        shift.status = ShiftStatus.CLOSED
-        shift.reopened_count += 1
-        shift.reopened_at = now
-        raised = raise_flag(
-            session=session,
-            kind=LATE_EVENT,
-            severity=FlagSeverity.WARNING,
-            subject=FlagSubject("shift", str(shift.id)),
-            station_id=shift.station_id,
-            evidence=evidence,
-            courier_id=shift.courier_id,
-            shift_id=shift.id,
-            again=AFTER_ANOTHER_SIGNOFF,
-        )
-        if not raised.new:  # reopened, whatever the flag's evidence could still cite
-            reopen_flag(session=session, flag=raised.flag, note=AFTER_ANOTHER_SIGNOFF)
-        flags.append(raised.flag)
-        audit.append(
-            session=session,
-            actor_id=None,
-            action="shift_reopened",
-            subject_type="shift",
-            subject_key=str(shift.id),
-            # This reopening's, once: the flag's evidence repeats them to accumulate.
-            details={"station_id": shift.station_id, "reason": LATE_EVENT, **latest, **signed},
-        )
+    late = sorted(set(event_ids))
+    refused = {REJECTED_IDS: sorted(set(rejected))} if rejected else {}
+    latest = {"event_ids": late, **refused, **(details or {})}
+    signed = {
+        "signed_off_at": shift.signed_off_at.isoformat() if shift.signed_off_at else None,
+        "signed_off_by": shift.signed_off_by,
+    }
+    # replaced at each reopening, where event_ids accumulate
+    evidence = {"event_ids": late, **refused, LATEST_REOPENING: latest, **signed}
+    shift.status = ShiftStatus.CLOSED
+    shift.reopened_count += 1
+    shift.reopened_at = now
+    raised = raise_flag(
+        session=session,
+        kind=LATE_EVENT,
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("shift", str(shift.id)),
+        station_id=shift.station_id,
+        evidence=evidence,
+        courier_id=shift.courier_id,
+        shift_id=shift.id,
+        again=AFTER_ANOTHER_SIGNOFF,
+    )
+    if not raised.new:  # reopened, whatever the flag's evidence could still cite
+        reopen_flag(session=session, flag=raised.flag, note=AFTER_ANOTHER_SIGNOFF)
+    audit.append(
+        session=session,
+        actor_id=None,
+        action="shift_reopened",
+        subject_type="shift",
+        subject_key=str(shift.id),
+        # This reopening's, once: the flag's evidence repeats them to accumulate.
+        details={"station_id": shift.station_id, "reason": LATE_EVENT, **latest, **signed},
+    )
     session.flush()
-    return flags
+    return [raised.flag]
 
 
 # -- reading -----------------------------------------------------------------------------------

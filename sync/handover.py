@@ -394,15 +394,21 @@ def parcel_trails(
 def may_repeat(events: Iterable[ShiftEvent]) -> set[str]:
     """The parcels of a shift's events whose trail may hold a repeated final outcome,
     whose folding only their whole history tells (``parcel_trails``'s ``first_scans``):
-    more than one final outcome in the shift, or one with no check-out in it (it may
-    repeat an outcome of another shift). Voids left aside: a few parcels too many are
-    read, none too few. Most shifts have none."""
+    more than one final outcome in the shift, or one with no check-out standing in it (it
+    may repeat an outcome of another shift). Voided outcomes are counted: a few parcels
+    too many are read. Voided check-outs are not: one a correction voided leaves the
+    parcel's outcome free to repeat another shift's, and counted it left the parcel
+    unread, so the shift's outcome depended on which shifts were read with it (one
+    whose own outcome of the parcel had no check-out brought its history). Most shifts
+    have none."""
+    events = list(events)
+    voids = voided_by(e.fact for e in events)
     finals: dict[str, int] = defaultdict(int)
     checked_out: set[str] = set()
     for event in events:
         if event.fact.type in FINAL_OUTCOMES:
             finals[event.tracking_no] += 1
-        elif event.fact.type == EventType.CHECKED_OUT:
+        elif event.fact.type == EventType.CHECKED_OUT and event.fact.event_id not in voids:
             checked_out.add(event.tracking_no)
     return {tn for tn, count in finals.items() if count > 1 or tn not in checked_out}
 

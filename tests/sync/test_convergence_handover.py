@@ -456,6 +456,51 @@ def test_two_shifts_signed_off_and_written_off_between_pushes_converge(
     converges(session, world, plan, data)
 
 
+def test_a_return_scanned_again_after_a_voided_check_out_is_the_first_shifts_alike_split(
+    session: Session, world: World
+) -> None:
+    """Found by the property: parcel 1 returned in the first shift (seq 2), checked out
+    in the second by a mis-tap (seq 3, voided by seq 6) and returned again (seq 9): no
+    check-out stands between the returns, so seq 9 repeats seq 2 and the second shift
+    counts nothing for it. Pushed alone, seq 9 was judged with the second shift read
+    alone, which took the voided check-out for one and raised a ``not_on_manifest`` for
+    the return; in one push, read with the first shift, it folded (rule 3)."""
+    plan = Plan(
+        first_declares_first=False,
+        first_last_seq=2,
+        second_first_seq=3,
+        second_is_colleagues=False,
+        second_closed_before=True,
+        second_last_seq=None,
+        events=[
+            (1, "checked_out", 0, None),
+            (2, "returned_to_station", 1, None),
+            (3, "checked_out", 1, None),
+            (4, "checked_out", 0, None),
+            (5, "checked_out", 0, None),
+            (6, "correction", 0, 3),
+            (7, "checked_out", 0, None),
+            (8, "checked_out", 0, None),
+            (9, "returned_to_station", 1, None),
+        ],
+        in_first=2,
+    )
+    reached = converges_as(
+        session,
+        world,
+        plan,
+        [list(range(1, 9)), [9]],
+        sign_off_at=0,
+        write_off_at=None,
+        open_at=0,
+        opens_after_manager=False,
+    )
+    second = reached["balances"]["second"]
+    assert second[0]["not_checked_out"] == 0
+    assert (1, "no_outcome", None, [(9, 2)]) in second[3]  # (parcel, outcome, seq, repeats)
+    assert ("not_on_manifest", 1, FlagStatus.OPEN) not in second[4]
+
+
 @on_the_test_database(examples=60)
 @given(
     declared=st.tuples(st.booleans(), st.booleans(), st.booleans()),
@@ -517,6 +562,32 @@ def converges(session: Session, world: World, plan: Plan, data: st.DataObject) -
         f"{plan!r} pushes {batches}, sign-off before {sign_off_at}, write-off "
         f"{write_off_at}, opening before {open_at} (after the manager: {opens_after_manager})"
     )
+    return converges_as(
+        session,
+        world,
+        plan,
+        batches,
+        sign_off_at=sign_off_at,
+        write_off_at=write_off_at,
+        open_at=open_at,
+        opens_after_manager=opens_after_manager,
+    )
+
+
+def converges_as(
+    session: Session,
+    world: World,
+    plan: Plan,
+    batches: list[list[int]],
+    *,
+    sign_off_at: int,
+    write_off_at: int | None,
+    open_at: int,
+    opens_after_manager: bool,
+) -> dict[str, Any]:
+    """``converges`` for one drawing: ``batches`` of seqs pushed in turn, the sign-off,
+    the write-off (``None``: none) and the second shift's opening before the push of
+    that index (the number of pushes: after all)."""
     run = Run(session, world, plan, open_the_second=False)
     for index, batch in enumerate([*batches, []]):
         if open_at == index and not opens_after_manager:
@@ -547,7 +618,7 @@ def converges(session: Session, world: World, plan: Plan, data: st.DataObject) -
         {**e, "tracking_no": reference.parcels[run.parcels.index(e["tracking_no"])]}
         for e in run.events
     ]
-    reference.push(list(range(1, n + 1)))
+    reference.push(list(range(1, len(plan.events) + 1)))
     written_off = reached["acks"][3]
     if written_off:
         reference.write_off(written_off)

@@ -1669,6 +1669,46 @@ def test_a_repeat_in_the_next_shift_is_the_first_shifts_outcome(
     assert [(p.outcome_event_id, p.repeated_scans) for p in balance.parcels] == [(first, ())]
 
 
+@pytest.mark.parametrize("next_shift_first", [False, True], ids=["in order", "next shift first"])
+def test_a_repeat_after_a_voided_check_out_in_the_next_shift_is_the_first_shifts_outcome(
+    session: Session, world: World, pda: Pda, next_shift_first: bool
+) -> None:
+    """As above, with a check-out of the parcel between the two returns that the courier
+    voided at once (a mis-tap): nothing stands between them, so the afternoon's return
+    repeats the morning's. Read alone (the push brought only its events, a manager opens
+    its page), the afternoon shift took the voided check-out for one and its return for
+    its own outcome, a ``not_on_manifest`` raised; read with the morning shift (one push
+    of the whole queue), the repeat (rule 3). Either way now: no flag, nothing counted."""
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    morning = pda.open(first_seq=1)
+    morning_events = [pda.event(a), pda.event(a, "returned_to_station")]
+    if not next_shift_first:
+        pda.push(morning_events, received_at=at(20))
+    morning = pda.close(morning, last_seq=2, now=at(30))
+    afternoon = pda.open(first_seq=3, now=at(40))
+    mis_tap = pda.event(a, occurred_at=at(41))
+    void = pda.void(mis_tap)
+    void["occurred_at"] = at(42).isoformat()
+    again = pda.event(a, "returned_to_station", occurred_at=at(45))
+    afternoon = pda.close(afternoon, last_seq=5, now=at(60))
+    pda.push([mis_tap, void, again], received_at=at(65))
+    if next_shift_first:
+        pda.push(morning_events, received_at=at(70))
+    ids = dict(session.execute(select(ScanEvent.client_event_id, ScanEvent.id)).all())
+    first, repeat = (ids[uuid.UUID(e["client_event_id"])] for e in (morning_events[1], again))
+    balance = shift_balance(session=session, shift=afternoon)
+    assert (balance.status, balance.discrepancies, balance.not_checked_out) == ("balanced", [], 0)
+    assert [(p.outcome, p.outcome_event_id, p.repeated_scans) for p in balance.parcels] == [
+        ("no_outcome", None, ((repeat, first),))
+    ]
+    standing = {
+        k: s for k, s in handover_flags(session, afternoon).items() if s != FlagStatus.CLOSED
+    }
+    assert standing == {}
+    balance = shift_balance(session=session, shift=morning)
+    assert (balance.status, balance.returned, balance.checked_out) == ("balanced", 1, 1)
+
+
 def test_a_sign_off_kept_when_the_latest_scan_settled_a_repeat_is_of_the_same_balance(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -394,23 +394,31 @@ def parcel_trails(
 def may_repeat(events: Iterable[ShiftEvent]) -> set[str]:
     """The parcels of a shift's events whose trail may hold a repeated final outcome,
     whose folding only their whole history tells (``parcel_trails``'s ``first_scans``):
-    more than one final outcome in the shift, or one with no check-out standing in it (it
-    may repeat an outcome of another shift). Voided outcomes are counted: a few parcels
-    too many are read. Voided check-outs are not: one a correction voided leaves the
-    parcel's outcome free to repeat another shift's, and counted it left the parcel
-    unread, so the shift's outcome depended on which shifts were read with it (one
-    whose own outcome of the parcel had no check-out brought its history). Most shifts
-    have none."""
+    more than one final outcome in the shift, or one with no check-out standing before
+    it in the shift (it may repeat an outcome of another shift). Voided outcomes are
+    counted, and a check-out counts before an outcome only on the same PDA: a few
+    parcels too many are read. Voided check-outs are not counted, nor those after the
+    outcome: counted, they left the parcel unread, so the shift's trail depended on
+    which shifts were read with it (one whose own outcome of the parcel had no check-out
+    brought its history). Most shifts have none."""
     events = list(events)
     voids = voided_by(e.fact for e in events)
-    finals: dict[str, int] = defaultdict(int)
-    checked_out: set[str] = set()
+    finals: dict[str, list[EventFact]] = defaultdict(list)
+    # (parcel, device) -> the lowest seq of a check-out of the parcel standing there
+    first_checkout: dict[tuple[str, str], int] = {}
     for event in events:
-        if event.fact.type in FINAL_OUTCOMES:
-            finals[event.tracking_no] += 1
-        elif event.fact.type == EventType.CHECKED_OUT and event.fact.event_id not in voids:
-            checked_out.add(event.tracking_no)
-    return {tn for tn, count in finals.items() if count > 1 or tn not in checked_out}
+        fact = event.fact
+        if fact.type in FINAL_OUTCOMES:
+            finals[event.tracking_no].append(fact)
+        elif fact.type == EventType.CHECKED_OUT and fact.event_id not in voids:
+            key = (event.tracking_no, fact.device_id)
+            first_checkout[key] = min(fact.seq, first_checkout.get(key, fact.seq))
+    return {
+        tn
+        for tn, scans in finals.items()
+        if len(scans) > 1
+        or scans[0].seq < first_checkout.get((tn, scans[0].device_id), scans[0].seq + 1)
+    }
 
 
 def handover_flags_wanted(

@@ -1709,6 +1709,33 @@ def test_a_repeat_after_a_voided_check_out_in_the_next_shift_is_the_first_shifts
     assert (balance.status, balance.returned, balance.checked_out) == ("balanced", 1, 1)
 
 
+def test_a_repeat_before_a_check_out_in_the_next_shift_is_listed_however_the_shift_is_read(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The courier scanned a return in the morning shift and again at the start of the
+    afternoon one, then checked the parcel out: the afternoon's return repeats the
+    morning's. Its page (the shift read alone) listed no repeat, as the check-out
+    after it hid that the parcel's history was to be read; the station board (read
+    with the morning shift, whose return had no check-out) listed it. Both list it."""
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    morning = pda.open(first_seq=1)
+    returned = pda.event(a, "returned_to_station")
+    pda.push([returned], received_at=at(20))
+    morning = pda.close(morning, last_seq=1, now=at(30))
+    afternoon = pda.open(first_seq=2, now=at(40))
+    again = pda.event(a, "returned_to_station", occurred_at=at(41))
+    pda.push([again, pda.event(a, occurred_at=at(42))], received_at=at(50))
+    afternoon = pda.close(afternoon, last_seq=3, now=at(60))
+    ids = dict(session.execute(select(ScanEvent.client_event_id, ScanEvent.id)).all())
+    first, repeat = (ids[uuid.UUID(e["client_event_id"])] for e in (returned, again))
+    alone = shift_balance(session=session, shift=afternoon)
+    with_morning = balances(session=session, shifts=[morning, afternoon])[afternoon.id]
+    for balance in (alone, with_morning):
+        assert [(p.outcome, p.repeated_scans) for p in balance.parcels] == [
+            ("missing", ((repeat, first),))
+        ]
+
+
 def test_a_sign_off_kept_when_the_latest_scan_settled_a_repeat_is_of_the_same_balance(
     session: Session, world: World, pda: Pda
 ) -> None:

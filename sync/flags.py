@@ -717,6 +717,8 @@ def acknowledge_flag(
     """
     text = _note(note)
     flag = _lock(session, flag)
+    if _sent_again(session, flag, FlagStatus.ACKNOWLEDGED, user_id, text, seen_version):
+        return flag
     if flag.status != FlagStatus.OPEN:
         raise _status_conflict(flag, "acknowledged", "only an open flag can be acknowledged")
     _ensure_seen(flag, seen_version, "acknowledging")
@@ -748,6 +750,8 @@ def resolve_flag(
             "say how the flag was resolved in a note", code="note_required", field="note"
         )
     flag = _lock(session, flag)
+    if _sent_again(session, flag, FlagStatus.RESOLVED, user_id, text, seen_version):
+        return flag
     if flag.status not in ACTIVE_STATUSES:
         raise _status_conflict(
             flag, "resolved", "only an open or acknowledged flag can be resolved"
@@ -799,6 +803,35 @@ def _entry_details(flag: Flag, from_status: FlagStatus) -> dict[str, Any]:
         "station_id": flag.station_id,
         "from_status": from_status.value,
     }
+
+
+def _sent_again(
+    session: Session,
+    flag: Flag,
+    decision: FlagStatus,
+    user_id: int,
+    note: str | None,
+    seen_version: str | None,
+) -> bool:
+    """Whether this decision is the one the flag stands by: its latest change is this
+    manager's ``decision`` with this note, on the evidence named (if named). The same
+    request sent again after its answer was lost (a dropped connection at 19:00) is
+    answered as the first time and writes nothing, as a sign-off sent again is; any
+    other decision on a decided flag is refused (``flag_status_conflict``)."""
+    if flag.status != decision or seen_version not in (None, evidence_version(flag.evidence)):
+        return False
+    latest = session.scalar(
+        select(FlagChange)
+        .where(FlagChange.flag_id == flag.id)
+        .order_by(FlagChange.id.desc())
+        .limit(1)
+    )
+    return (
+        latest is not None
+        and latest.by_user_id == user_id
+        and latest.to_status == decision
+        and latest.note == note
+    )
 
 
 def _decide(flag: Flag, decision: FlagStatus) -> None:

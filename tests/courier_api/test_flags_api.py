@@ -514,6 +514,33 @@ def test_a_decision_the_status_forbids_is_409(
     assert response.get_json()["code"] == "flag_status_conflict"
 
 
+@pytest.mark.parametrize(
+    ("action", "note"), [("acknowledge", None), ("acknowledge", "on it"), ("resolve", "found")]
+)
+def test_a_decision_sent_again_is_answered_as_the_first_time(
+    client: FlaskClient, auth: Auth, session: Session, flags: Flags, action: str, note: str | None
+) -> None:
+    """The manager's answer was lost (a dropped connection at 19:00) and the same decision
+    goes again, on the same evidence version: answered as the first time, nothing written
+    twice. Another note, or another manager, is still refused."""
+    manager = auth.headers("manager1")
+    url = f"{FLAGS}/{flags.here.id}/{action}"
+    read = client.get(f"{FLAGS}/{flags.here.id}", headers=manager).get_json()
+    body = {"evidence_version": read["evidence_version"]}
+    if note is not None:
+        body["note"] = note
+    first = client.post(url, json=body, headers=manager)
+    again = client.post(url, json=body, headers=manager)
+    assert first.status_code == 200, first.get_json()
+    assert again.status_code == 200, again.get_json()
+    assert again.get_json() == first.get_json()
+    entries = session.scalars(select(AuditEntry)).all()
+    assert [e.action for e in entries] == [f"flag_{action}d"]
+    other = client.post(url, json={**body, "note": "another note"}, headers=manager)
+    assert other.status_code == 409
+    assert other.get_json()["code"] == "flag_status_conflict"
+
+
 @pytest.mark.parametrize(("action", "body"), [("acknowledge", {}), ("resolve", {"note": "x"})])
 def test_a_decision_on_evidence_that_changed_since_it_was_read_is_409(
     client: FlaskClient, auth: Auth, session: Session, flags: Flags, action: str, body: dict

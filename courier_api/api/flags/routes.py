@@ -109,7 +109,9 @@ class AcknowledgeFlag(MethodView):
         it; the optional `note` goes into its history, and the acknowledgement, with
         what it covers (`decided_on`), into the audit log (`flag_acknowledged`).
         Only an open flag can be acknowledged (409 `flag_status_conflict`
-        otherwise). With
+        otherwise), but the same request sent again after its answer was lost (the
+        same manager, `note` and `evidence_version`, the flag still as it left it) is
+        answered as the first time and writes nothing. With
         `evidence_version` (the flag's as the manager read it), a flag whose
         evidence changed since, a push landing in between, is refused (409
         `evidence_changed`): read it again. A flag of another station answers a
@@ -143,9 +145,12 @@ class ResolveFlag(MethodView):
         recorded in the flag's history and in the audit log (`flag_resolved`, with
         what it covers, `decided_on`, and the `evidence_version` it was made on). A
         flag that is already resolved, or that the system closed because its cause
-        went away, cannot be resolved (409 `flag_status_conflict`). The resolution
-        covers what the flag's evidence names (its events, seqs, missing images, a
-        PDA's silence; found again on more, the flag opens again): with
+        went away, cannot be resolved (409 `flag_status_conflict`), except by the
+        same request sent again after its answer was lost (the same manager, `note`
+        and `evidence_version`, the flag still as it left it): answered as the first
+        time, nothing written. The resolution covers what the flag's evidence names
+        (its events, seqs, missing images, a PDA's silence; found again on more, the
+        flag opens again): with
         `evidence_version` (the flag's as the manager read it), a flag whose
         evidence changed since, a push landing in between, is refused (409
         `evidence_changed`): read it again. A flag of another station answers a

@@ -1994,3 +1994,79 @@ def test_point_ids_are_rewritten_upper_case_and_a_resent_event_stays_a_duplicate
             received_at=at,
         )
         assert [r["status"] for r in receipt["results"]] == ["duplicate"], receipt
+
+
+@pytest.mark.postgres_only
+def test_a_migration_waiting_for_a_lock_gives_up_and_tries_again(scratch: Engine) -> None:
+    """A migration's statement waits at most the lock timeout for a table that a
+    transaction holds (an audit entry appended, not yet committed), instead of holding
+    every append queued behind it; the upgrade then tries again from that migration and
+    goes to the end once the transaction has ended."""
+    migrate.upgrade(scratch, POINT_IDS)
+    blocker = scratch.connect()
+    blocker.execute(text("LOCK TABLE audit_entry IN ROW EXCLUSIVE MODE"))  # as an append does
+    retries: list[tuple[int, str]] = []
+
+    def retrying(attempt: int, reason: str) -> None:
+        retries.append((attempt, reason))
+        if attempt == 2:
+            blocker.rollback()  # the transaction ends
+
+    try:
+        migrate.upgrade(
+            scratch,
+            EVERY_PARCEL,
+            lock_timeout_seconds=0.2,
+            attempts=5,
+            pause_seconds=0,
+            on_retry=retrying,
+        )
+    finally:
+        blocker.close()
+    assert [attempt for attempt, _ in retries] == [1, 2]
+    assert all("lock timeout" in reason for _, reason in retries)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {EVERY_PARCEL}
+
+
+@pytest.mark.postgres_only
+def test_an_upgrade_out_of_attempts_stops_where_it_waited_and_says_so(
+    scratch: Engine, tmp_path: Path
+) -> None:
+    """``db upgrade`` whose every attempt gave up waiting says, in one line, that the
+    migrations before are committed and what to do; the database stays at the revision
+    before the one that waited."""
+    from courier_api.cli import courier_cli
+    from courier_api.extensions import db
+    from tests.conftest import make_test_app
+
+    migrate.upgrade(scratch, POINT_IDS)
+    app = make_test_app(scratch.url.render_as_string(hide_password=False), tmp_path)
+    runner = app.test_cli_runner()
+    with scratch.connect() as blocker:
+        blocker.execute(text("LOCK TABLE audit_entry IN ROW EXCLUSIVE MODE"))
+        try:
+            result = runner.invoke(
+                courier_cli(), ["db", "upgrade", "--lock-timeout", "0.2", "--attempts", "2"]
+            )
+        finally:
+            db.engine_of(app).dispose()
+        blocker.rollback()
+    assert result.exit_code == 1, result.output
+    assert "trying again in 0.2 s (attempt 2 of 2)" in result.output
+    assert "gave up waiting for a lock" in result.output
+    assert "migrations before it are committed" in result.output
+    assert "Traceback" not in result.output
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {POINT_IDS}
+
+
+@pytest.mark.postgres_only
+def test_the_lock_timeout_is_set_back_before_the_connection_is_pooled(scratch: Engine) -> None:
+    """The session's ``lock_timeout`` is the migrations' alone: the connection they ran on
+    goes back to the pool with the server's default."""
+    with migrate.migrating(scratch, lock_timeout_seconds=1.5) as connection:
+        raw = connection.connection.driver_connection
+        assert connection.scalar(text("SHOW lock_timeout")) == "1500ms"
+        connection.rollback()
+    assert raw.execute("SHOW lock_timeout").fetchone()[0] == "0"

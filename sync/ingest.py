@@ -336,20 +336,34 @@ def request_hash(batch: PushBatch) -> str:
     )
 
 
-def content_digest(batch: PushBatch, validated: _Validated) -> str:
-    """What "the same batch" means: device, batch id and its events' content, each
-    valid one as a duplicate is compared (``ValidEvent.content_hash``: ``5.0`` or ``5``,
-    a blank field or none, ``+08:00`` or ``Z``), a malformed one as sent. Not
-    ``sent_at``, which a PDA refreshes on each attempt so the clock estimate stays
-    honest. A PDA that writes its retry anew (its time zone reset with its battery, say)
-    sends the same events: it gets its receipt, not a ``batch_id_reused``."""
+def event_contents(batch: PushBatch, validated: _Validated) -> list[str]:
+    """Each event's content, at its index: a valid one as a duplicate is compared
+    (``ValidEvent.content_hash``: ``5.0`` or ``5``, a blank field or none, ``+08:00`` or
+    ``Z``), a malformed one as sent."""
     contents: list[str] = [""] * len(batch.events)
     for index, event in validated.valid:
         contents[index] = event.content_hash
     for rejection in validated.rejections:
         contents[rejection.index] = sha256_json(rejection.raw)
+    return contents
+
+
+def content_digest(batch: PushBatch, contents: Sequence[str]) -> str:
+    """What "the same batch" means: device, batch id and its events' content
+    (``event_contents``), in any order. Not ``sent_at``, which a PDA refreshes on each
+    attempt so the clock estimate stays honest. A PDA that writes its retry anew (its
+    time zone reset with its battery, say), or rebuilds it from a store that orders it
+    otherwise, sends the same events: it gets its receipt, not a ``batch_id_reused``."""
     return sha256_json(
-        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": contents}
+        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": sorted(contents)}
+    )
+
+
+def ordered_content_digest(batch: PushBatch, contents: Sequence[str]) -> str:
+    """``content_digest`` as batches stored before 2026-12 have it: the events in the
+    order sent. Computed only for a retry whose digest differs from the stored one."""
+    return sha256_json(
+        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": list(contents)}
     )
 
 
@@ -372,7 +386,8 @@ def ingest(
     # Validated and hashed before the device's lock, which on SQLite is the writers' turn:
     # none of it reads what is stored.
     validated = _Validated.of(batch, rules.events, too_deep)
-    digest, sent = content_digest(batch, validated), request_hash(batch)
+    contents = event_contents(batch, validated)
+    digest, sent = content_digest(batch, contents), request_hash(batch)
     state = lock_device_state(session, pusher.device_id)
     batch_pk = _new_batch(session, batch, pusher, received_at, digest, sent)
     if batch_pk is None:
@@ -381,32 +396,89 @@ def ingest(
                 SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
             )
         ).one()
-        # The same events, however written; or the same bytes, whatever their validation
-        # makes of them now (a batch stored before content digests: its request_hash).
-        if digest != stored.request_hash and sent not in (stored.sent_hash, stored.request_hash):
-            raise Conflict(
-                f"batch {batch.batch_id} was already received with other events; "
-                "a new batch needs a new batch_id",
-                code="batch_id_reused",
-                field="batch_id",
-            )
-        return _named_as_sent(stored.receipt, batch)
+        # The same events, however written and in whatever order; or the same bytes,
+        # whatever their validation makes of them now (a batch stored before content
+        # digests: its request_hash; one stored before they ignored the order: its
+        # ordered digest).
+        in_order = sent in (stored.sent_hash, stored.request_hash)
+        if not in_order and digest != stored.request_hash:
+            in_order = ordered_content_digest(batch, contents) == stored.request_hash
+            if not in_order:
+                raise Conflict(
+                    f"batch {batch.batch_id} was already received with other events; "
+                    "a new batch needs a new batch_id",
+                    code="batch_id_reused",
+                    field="batch_id",
+                )
+        return _answered_as_sent(stored.receipt, batch, None if in_order else validated)
     return _BatchIngest(
         session, batch, pusher, rules, received_at, batch_pk, state, validated
     ).run()
 
 
-def _named_as_sent(receipt: dict[str, Any], batch: PushBatch) -> dict[str, Any]:
-    """The stored ``receipt`` of a batch sent again, each result naming its event as
-    this retry wrote its id (``_sent_id``), as every push's results do: a retry is the
-    same batch by its events' content, and a PDA that writes its ids anew (in capitals,
-    in braces) matches results by the ids it sent now."""
+def _answered_as_sent(
+    receipt: dict[str, Any], batch: PushBatch, reordered: _Validated | None
+) -> dict[str, Any]:
+    """The stored ``receipt`` of a batch sent again, its results at the indexes of this
+    retry and each naming its event as this retry wrote its id (``_sent_id``), as every
+    push's results do: a retry is the same batch by its events' content, and a PDA that
+    writes its ids anew (in capitals, in braces) or lists its events in another order
+    matches results by the ids it sent now. ``reordered``: the retry's events when they
+    may be in another order than the first attempt's (else they are in its order)."""
+    stored = receipt.get("results")
+    if not stored:
+        return receipt
+    order = range(len(stored)) if reordered is None else _retry_order(stored, batch, reordered)
     results = []
-    for result in receipt.get("results", ()):
-        index = result.get("index")
-        sent = _sent_id(batch.events[index]) if isinstance(index, int) else None
+    for index, stored_index in enumerate(order):
+        result = {**stored[stored_index], "index": index}
+        sent = _sent_id(batch.events[index])
         results.append(result if sent is None else {**result, "client_event_id": sent})
-    return {**receipt, "results": results} if results else receipt
+    return {**receipt, "results": results}
+
+
+def _retry_order(
+    stored: Sequence[dict[str, Any]], batch: PushBatch, validated: _Validated
+) -> list[int]:
+    """For each event of a retry, the index of its result in the stored receipt. The
+    retry holds the same events (``content_digest``), so each is found by its id
+    (``_id_key``), and among results of one id a malformed event by its error's code;
+    events of one id and content are alike, so which of them gets which result is the
+    first attempt's order (a batch retried in its order gets its results in place)."""
+    by_key: dict[str | None, list[int]] = defaultdict(list)
+    for stored_index, result in enumerate(stored):
+        by_key[_id_key(result.get("client_event_id"))].append(stored_index)
+    order: list[int | None] = [None] * len(batch.events)
+    # Malformed events first: each takes a rejection of its id with its code if any.
+    for rejection in validated.rejections:
+        raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
+        candidates = by_key[_id_key(_storable(raw.get("client_event_id"), 64))]
+        preferred = [
+            i
+            for i in candidates
+            if stored[i].get("status") == "rejected"
+            and (stored[i].get("error") or {}).get("code") == rejection.error.code
+        ]
+        chosen = (
+            preferred
+            or [i for i in candidates if stored[i].get("status") == "rejected"]
+            or candidates
+        )[0]
+        candidates.remove(chosen)
+        order[rejection.index] = chosen
+    for index, event in validated.valid:
+        order[index] = by_key[_id_key(str(event.client_event_id))].pop(0)
+    return [i for i in order if i is not None]
+
+
+def _id_key(client_event_id: str | None) -> str | None:
+    """An event id as a result names it, the same however a PDA spelt it."""
+    if client_event_id is None:
+        return None
+    try:
+        return str(uuid.UUID(client_event_id))
+    except ValueError:
+        return client_event_id
 
 
 def _new_batch(

@@ -277,6 +277,71 @@ def test_a_retry_writing_its_ids_anew_finds_its_results_under_them(
     assert count(session, ScanEvent) == 2
 
 
+def test_a_retry_listing_its_events_in_another_order_gets_the_receipt_at_its_indexes(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """DESIGN.md rule 2: re-sending a batch returns the same receipt. A PDA offline all
+    afternoon lost the answer to a batch and rebuilt the retry from its store, which
+    lists events by time, not by seq (and one id in capitals); it was refused 409
+    ``batch_id_reused`` as if other events had been sent. The same events in any order
+    are the same batch: the stored receipt comes back, each result at the retry's index
+    and naming the event as the retry wrote it, malformed events (no id at all) each
+    with its own error, and nothing is stored again."""
+    tn = parcel.tracking_no
+    checked_out, delivered = pda.event(1, tn), pda.event(2, tn, "delivered")
+    no_type = {k: v for k, v in pda.event(3, tn).items() if k not in ("type", "client_event_id")}
+    bad_seq = {**pda.event(4, tn), "seq": 0}
+    del bad_seq["client_event_id"]
+    batch_id = uuid.uuid4()
+    receipt = pda.push([checked_out, no_type, delivered, bad_seq], batch_id)
+    assert statuses(receipt) == ["applied", "rejected", "applied", "rejected"]
+    codes = {r["index"]: r["error"]["code"] for r in receipt["results"] if "error" in r}
+    assert codes[1] != codes[3]
+    rows = (count(session, ScanEvent), count(session, QuarantinedEvent))
+
+    upper = {**delivered, "client_event_id": delivered["client_event_id"].upper()}
+    retry = [bad_seq, upper, no_type, checked_out]  # [3, 2, 1, 0] of the first attempt
+    again = pda.push(retry, batch_id, received_at=NOW + dt.timedelta(hours=2))
+    first = receipt["results"]
+    assert again["results"] == [
+        {**first[3], "index": 0},
+        {**first[2], "index": 1, "client_event_id": upper["client_event_id"]},
+        {**first[1], "index": 2},
+        {**first[0], "index": 3},
+    ]
+    assert {**again, "results": first} == receipt
+    assert (count(session, ScanEvent), count(session, QuarantinedEvent)) == rows
+
+    with pytest.raises(Conflict) as refused:  # another event among them: other content
+        pda.push(
+            [bad_seq, pda.event(2, tn, "returned_to_station"), no_type, checked_out], batch_id
+        )
+    assert refused.value.code == "batch_id_reused"
+
+
+def test_a_batch_stored_with_its_ordered_digest_is_still_known_by_it(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A batch stored before digests ignored the order keeps its digest of the events in
+    order: its retry, written anew in that order, still gets its receipt."""
+    events = [pda.event(1, parcel.tracking_no), pda.event(2, parcel.tracking_no, "delivered")]
+    batch_id = uuid.uuid4()
+    receipt = pda.push(events, batch_id)
+    batch = PushBatch(pda.pusher.device_id, batch_id, NOW, events)
+    validated = ingest_module._Validated.of(batch, RULES.events, frozenset())
+    contents = ingest_module.event_contents(batch, validated)
+    ordered = ingest_module.ordered_content_digest(batch, contents)
+    assert ordered != ingest_module.content_digest(batch, contents)
+    session.execute(
+        update(SyncBatch)
+        .where(SyncBatch.batch_id == batch_id)
+        .values(request_hash=ordered, sent_hash="0" * 64)
+    )
+    session.commit()
+    anew = [{**e, "client_event_id": e["client_event_id"].upper()} for e in events]
+    assert {**pda.push(anew, batch_id), "results": receipt["results"]} == receipt
+
+
 def test_a_batch_id_reused_for_other_events_is_refused(pda: Pda, parcel: Parcel) -> None:
     batch_id = uuid.uuid4()
     pda.push([pda.event(1, parcel.tracking_no)], batch_id)

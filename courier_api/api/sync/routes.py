@@ -70,10 +70,10 @@ class Push(MethodView):
         order, as often as needed. Each event gets a result at its index:
         `applied`, `duplicate` (already held), or `rejected` with a code (kept in
         quarantine for the station; re-sending it gets the same answer). Re-sending
-        a batch with the same `batch_id` and its events in the same order returns
-        the same receipt and changes nothing; the same `batch_id` with other events,
-        or in another order, is a 409 `batch_id_reused`: send them under a new
-        `batch_id` (those already held come back `duplicate`).
+        a batch with the same `batch_id` and the same events, in any order, returns
+        the same receipt (each result at the event's index in the retry) and changes
+        nothing; the same `batch_id` with other events is a 409 `batch_id_reused`:
+        send them under a new `batch_id` (those already held come back `duplicate`).
 
         The receipt is sent only after the batch is committed. Read its results
         before pruning: an event rejected `seq_conflict` took a seq another event

@@ -1081,7 +1081,7 @@ class _BatchIngest:
             if parcel is None:  # pragma: no cover - announced, so it was taken in
                 continue
             details = drop.details
-            told, station_id = announced[drop.id]
+            told, station_id, announced_id = announced[drop.id]
             outbox.announce(
                 session=self.session,
                 topic=DROP_VOIDED_TOPIC,
@@ -1095,7 +1095,7 @@ class _BatchIngest:
                     "locker_id": details.get("locker_id"),
                     "compartment": details.get("compartment"),
                     "point_id": details.get("point_id"),
-                    "event_id": drop.id,
+                    "event_id": announced_id,  # what the recipient was told of
                     "correction_event_id": correction_ids[correction_of[drop.id].client_event_id],
                     "voided_at": self.received_at,
                 },
@@ -1143,12 +1143,14 @@ class _BatchIngest:
 
     def _announced_to(
         self, drops: Sequence[Any], listeners: set[int]
-    ) -> dict[int, tuple[set[int], int | None]]:
+    ) -> dict[int, tuple[set[int], int | None, int]]:
         """Which of ``listeners`` each drop's announcement went to (its delivery, whatever
-        became of it), and the station it named, by the drop's row id: by the parcel's
-        ordering key, on the deliveries' index, then the message's ``event_id``. The
-        retraction names that station, not the parcel's now: a parcel re-routed since
-        must not take it away from the station's subscriptions that were told."""
+        became of it), the station it named and the scan it named (``event_id``), by the
+        drop's row id: by the parcel's ordering key, on the deliveries' index, then the
+        message's ``event_id``. The retraction names that station, not the parcel's now:
+        a parcel re-routed since must not take it away from the station's subscriptions
+        that were told; and that scan, not the one voided last: a drop scanned twice was
+        announced by the scan that arrived first, which its receiver knows it by."""
         # A drop scanned again was announced by the scan that arrived first (``_first_told``)
         told_by = {
             scan: drop.id
@@ -1156,7 +1158,7 @@ class _BatchIngest:
             for scan in scans_ever(drop.id, self.histories.get(drop.tracking_no, ()))
         }
         found: dict[int, set[int]] = defaultdict(set)
-        named: dict[int, int | None] = {}
+        named: dict[int, tuple[int | None, int]] = {}
         for chunk in chunks(sorted({outbox.parcel_key(drop.tracking_no) for drop in drops})):
             for subscription_id, payload, station_id in self.session.execute(
                 select(
@@ -1174,8 +1176,8 @@ class _BatchIngest:
                 drop_id = told_by.get(payload.get("event_id"))
                 if drop_id is not None:
                     found[drop_id].add(subscription_id)
-                    named[drop_id] = station_id
-        return {drop_id: (told, named[drop_id]) for drop_id, told in found.items()}
+                    named[drop_id] = (station_id, payload["event_id"])
+        return {drop_id: (told, *named[drop_id]) for drop_id, told in found.items()}
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent (the PDA's clock went back in between), or

@@ -453,6 +453,8 @@ def _retry_order(
     for rejection in validated.rejections:
         raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
         candidates = by_key[_id_key(_storable(raw.get("client_event_id"), 64))]
+        if not candidates:  # pragma: no cover - the same contents name the same ids
+            continue
         preferred = [
             i
             for i in candidates
@@ -467,7 +469,10 @@ def _retry_order(
         candidates.remove(chosen)
         order[rejection.index] = chosen
     for index, event in validated.valid:
-        order[index] = by_key[_id_key(str(event.client_event_id))].pop(0)
+        candidates = by_key[_id_key(str(event.client_event_id))]
+        order[index] = candidates.pop(0) if candidates else None
+    if None in order:  # pragma: no cover - the same contents name the same ids
+        return list(range(len(stored)))
     return [i for i in order if i is not None]
 
 

@@ -410,14 +410,49 @@ def ingest(
                     code="batch_id_reused",
                     field="batch_id",
                 )
-        return _answered_as_sent(stored.receipt, batch, None if in_order else validated)
+        if in_order:
+            return _answered_as_sent(stored.receipt, batch, None)
+        held = _held_versions(session, pusher.device_id, validated)
+        return _answered_as_sent(stored.receipt, batch, _Reordered(validated, held))
     return _BatchIngest(
         session, batch, pusher, rules, received_at, batch_pk, state, validated
     ).run()
 
 
+@dataclass(frozen=True)
+class _Reordered:
+    """A retry's events, which may be in another order than the first attempt's, and the
+    content held for each id the retry sends in more than one version
+    (``_held_versions``)."""
+
+    validated: _Validated
+    held: Mapping[uuid.UUID, str]
+
+
+def _held_versions(
+    session: Session, device_id: str, validated: _Validated
+) -> dict[uuid.UUID, str]:
+    """The content held for each id a batch sends in more than one version (a PDA's
+    bug: one is applied, the others rejected ``conflicting_duplicate``), which alone
+    tells, in a retry in another order, which of them the ``applied`` result is for.
+    No query for a batch without such an id (every batch a PDA should send)."""
+    versions: dict[uuid.UUID, set[str]] = defaultdict(set)
+    for _, event in validated.valid:
+        versions[event.client_event_id].add(event.content_hash)
+    ids = [i for i, contents in versions.items() if len(contents) > 1]
+    return {
+        row.client_event_id: row.content_hash
+        for chunk in chunks(ids)
+        for row in session.execute(
+            select(ScanEvent.client_event_id, ScanEvent.content_hash).where(
+                ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk)
+            )
+        )
+    }
+
+
 def _answered_as_sent(
-    receipt: dict[str, Any], batch: PushBatch, reordered: _Validated | None
+    receipt: dict[str, Any], batch: PushBatch, reordered: _Reordered | None
 ) -> dict[str, Any]:
     """The stored ``receipt`` of a batch sent again, its results at the indexes of this
     retry and each naming its event as this retry wrote its id (``_sent_id``), as every
@@ -438,13 +473,15 @@ def _answered_as_sent(
 
 
 def _retry_order(
-    stored: Sequence[dict[str, Any]], batch: PushBatch, validated: _Validated
+    stored: Sequence[dict[str, Any]], batch: PushBatch, reordered: _Reordered
 ) -> list[int]:
     """For each event of a retry, the index of its result in the stored receipt. The
     retry holds the same events (``content_digest``), so each is found by its id
-    (``_id_key``), and among results of one id a malformed event by its error's code;
-    events of one id and content are alike, so which of them gets which result is the
-    first attempt's order (a batch retried in its order gets its results in place)."""
+    (``_id_key``); among results of one id a malformed event by its error's code, and
+    a version of an id sent in several by whether it is the one held (not rejected) or
+    not; events of one id and content are alike, so which of them gets which result is
+    the first attempt's order (a batch retried in its order gets its results in place)."""
+    validated = reordered.validated
     by_key: dict[str | None, list[int]] = defaultdict(list)
     for stored_index, result in enumerate(stored):
         by_key[_id_key(result.get("client_event_id"))].append(stored_index)
@@ -470,6 +507,10 @@ def _retry_order(
         order[rejection.index] = chosen
     for index, event in validated.valid:
         candidates = by_key[_id_key(str(event.client_event_id))]
+        held = reordered.held.get(event.client_event_id)
+        if held is not None and candidates:
+            rejected = event.content_hash != held
+            candidates.sort(key=lambda i: (stored[i].get("status") == "rejected") != rejected)
         order[index] = candidates.pop(0) if candidates else None
     if None in order:  # pragma: no cover - the same contents name the same ids
         return list(range(len(stored)))

@@ -319,6 +319,25 @@ def test_a_retry_listing_its_events_in_another_order_gets_the_receipt_at_its_ind
     assert refused.value.code == "batch_id_reused"
 
 
+def test_a_retry_in_another_order_answers_each_version_of_an_id_as_the_first_time(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A PDA's bug sent one id in two versions in a batch: the first applied, the other
+    rejected ``conflicting_duplicate``. Its retry in another order tells each version
+    what became of it (by the version held), not the applied result to the one that
+    was refused."""
+    held = pda.event(1, parcel.tracking_no, "delivered")
+    other = {**held, "pod": {"recipient_name": "Someone else"}}
+    batch_id = uuid.uuid4()
+    receipt = pda.push([held, other], batch_id)
+    assert statuses(receipt) == ["applied", "rejected"]
+    again = pda.push([other, held], batch_id, received_at=NOW + dt.timedelta(hours=1))
+    assert again["results"] == [
+        {**receipt["results"][1], "index": 0},
+        {**receipt["results"][0], "index": 1},
+    ]
+
+
 def test_a_batch_stored_with_its_ordered_digest_is_still_known_by_it(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

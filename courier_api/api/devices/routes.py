@@ -17,7 +17,12 @@ from courier_api.api.devices.schemas import (
     WriteOffPage,
 )
 from courier_api.api.pagination import keyset_page
-from courier_api.auth import current_principal, ensure_station_access, ensure_visible
+from courier_api.auth import (
+    current_principal,
+    ensure_station_access,
+    ensure_visible,
+    record_auditor_read,
+)
 from courier_api.extensions import db
 from models import Device, Role, SeqWriteOff
 from sync import directory, lost_seqs
@@ -28,6 +33,7 @@ from sync.pages import write_offs_named
 
 blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
 MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
+LOST_SEQS_READ = "lost_seqs_read"  # an auditor's read of a PDA's write-offs
 
 
 @blp.route("")
@@ -118,7 +124,7 @@ class DeviceById(MethodView):
 
 @blp.route("/<string:device_id>/lost-seqs")
 class LostSeqs(MethodView):
-    READS_ONLY = True  # its GET: courier_api.database
+    # Not READS_ONLY (courier_api.database): an auditor's read is written to the audit log.
 
     @blp.auth(*MANAGERS, Role.AUDITOR)
     @blp.arguments(WriteOffListArgs, location="query")
@@ -139,7 +145,10 @@ class LostSeqs(MethodView):
         of another station answers a manager what an unknown id answers (404
         `device_not_found`). A manager reads the write-offs made at their own station
         only (those of its shifts): a PDA moved from another station lists none of
-        that station's to them; auditors and admins read every station's.
+        that station's to them; auditors and admins read every station's. An
+        auditor's read is audit-logged (`lost_seqs_read`, subject the device, with
+        the page asked for and the write-off ids listed): the seqs a manager wrote
+        off are evidence of what a shift's balance no longer waits for.
         """
         device = directory.get_device(session=db.session, device_id=device_id)
         ensure_visible(device.station_id, directory.device_not_found(device_id))
@@ -154,6 +163,15 @@ class LostSeqs(MethodView):
                 limit=args["limit"],
             ),
             station,
+        )
+        record_auditor_read(
+            LOST_SEQS_READ,
+            "device",
+            device.id,
+            {
+                "after": args["after"] or None,
+                "ids": [r.write_off.id for r in records],
+            },
         )
         items = [
             {

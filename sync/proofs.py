@@ -36,6 +36,7 @@ from sync.rules import (
     Policy,
     authorizes,
     drop_span,
+    first_scans,
     haversine_m,
     judged_scan,
     needs_consent,
@@ -118,6 +119,9 @@ class ProofDetail:
     # arrival). A consent authorizes it only if granted before the first and in force
     # at the second: what an auditor needs when the drop's own stamp says otherwise.
     judged_between: tuple[dt.datetime, dt.datetime] | None = None
+    # A repeated scan of an outcome scanned before: that first scan's event id
+    # (``repeats_of``); None: a delivery of its own.
+    repeat_of: int | None = None
 
     @property
     def voided(self) -> bool:
@@ -272,6 +276,7 @@ def get_proof(
         drop=consents.get(event_id),
         flags=list(flags),
         judged_between=None if drop is None else drop_span(drop, policy, events),
+        repeat_of=repeats_of([proof], {tracking_no: events}).get(event_id),
     )
 
 
@@ -388,6 +393,28 @@ def proofs_images(
         ]
         for event_id, images in named.items()
     }
+
+
+def proofs_events(*, session: Session, proofs: Sequence[Proof]) -> dict[str, list[EventDetail]]:
+    """Every event of the parcels of ``proofs`` (a page, an export's batch), in one
+    statement per ``chunks`` of parcels: what ``repeats_of`` and ``proofs_consents``
+    (its ``loaded``) read."""
+    return load_events(session, sorted({p.event.tracking_no for p in proofs}))
+
+
+def repeats_of(
+    proofs: Sequence[Proof], events: Mapping[str, Sequence[EventDetail]]
+) -> dict[int, int]:
+    """``{event id: the first scan's event id}`` for the proofs among ``proofs`` that
+    repeat a final outcome scanned before (the same delivery scanned twice, no check-out
+    between: ``sync.rules.first_scans``), ``events`` holding their parcels' events. The
+    parcel was delivered once: an auditor counting proofs counts the first scan only,
+    as the balance, the reports and the rules do. A voided scan repeats nothing."""
+    firsts: dict[int, int] = {}
+    for tracking_no in {p.event.tracking_no for p in proofs}:
+        for repeat, first in first_scans(events[tracking_no]).items():
+            firsts[repeat] = first.fact.event_id
+    return {p.event.id: firsts[p.event.id] for p in proofs if p.event.id in firsts}
 
 
 def proofs_consents(

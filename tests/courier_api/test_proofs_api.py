@@ -1469,3 +1469,47 @@ def test_a_proof_gives_an_auditor_its_clocks_its_seq_and_whether_its_images_arri
     assert (row["seq"], row["clock_offset_ms"]) == ("2", str(found["clock_offset_ms"]))
     assert row["signature_arrived_at"] == ""
     assert row["photo_arrived_at"] == found["images"][1]["arrived_at"].replace("T", " ")
+
+
+def test_a_delivery_scanned_twice_is_listed_as_a_repeat_of_its_first_scan(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The scanner beeped twice at the door: one delivery, two scans. The balance folds
+    the second into the first (``repeated_scans``); an auditor counting proofs of a
+    disputed parcel must see that the second is no second delivery, in the search, the
+    detail and the export alike. A delivery after a new check-out is one of its own."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=2)
+    scans = [
+        factories.event(1, parcel.tracking_no, occurred_at=at),
+        factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=SIGNED),
+        factories.event(
+            3,
+            parcel.tracking_no,
+            "delivered",
+            occurred_at=at + dt.timedelta(seconds=4),
+            pod=SIGNED,
+        ),
+        factories.event(4, parcel.tracking_no, occurred_at=at + dt.timedelta(minutes=30)),
+        factories.event(
+            5,
+            parcel.tracking_no,
+            "delivered",
+            occurred_at=at + dt.timedelta(minutes=50),
+            pod=SIGNED,
+        ),
+    ]
+    auth.push(scans)
+    auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
+    items = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
+    first, again, later = (item["event_id"] for item in items)
+    assert [item["repeat_of"] for item in items] == [None, first, None]
+    details = [client.get(f"{URL}/{i}", headers=auditor).get_json() for i in (first, again)]
+    assert [d["repeat_of"] for d in details] == [None, first]
+    rows = _export(client, auth, query)
+    assert [(r["event_id"], r["repeat_of"]) for r in rows] == [
+        (str(first), ""),
+        (str(again), str(first)),
+        (str(later), ""),
+    ]

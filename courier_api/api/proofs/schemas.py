@@ -106,6 +106,16 @@ class ProofOut(ma.Schema):
         required=True,
         metadata={"description": "A later correction from the same PDA voided this delivery"},
     )
+    repeat_of = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A repeated scan (the same final outcome scanned again by the "
+            "same courier, no check-out between, as the shift's `repeated_scans` names it): "
+            "the event id of its first scan, the one delivery; count that one only. Null: "
+            "a delivery of its own"
+        },
+    )
     occurred_at = ma.fields.AwareDateTime(required=True, metadata={"description": "Corrected"})
     occurred_at_device = ma.fields.AwareDateTime(
         required=True, metadata={"description": "As the PDA's clock said"}

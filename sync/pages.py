@@ -43,7 +43,14 @@ from sync.balances import (
     signoff_superseded,
     station_board,
 )
-from sync.blobs import BlobReader, BlobStore, BytesAltered, blobs_by_digest, readable_blobs
+from sync.blobs import (
+    BlobReader,
+    BlobStore,
+    Integrity,
+    blobs_by_digest,
+    readable_blobs,
+    stored_integrity,
+)
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
 from sync.flags import Decision, cited_in, flag_changes, latest_decisions
@@ -131,14 +138,16 @@ def image_states(
     return states
 
 
+# What a page shows of an image not purged, by its bytes' ``Integrity``.
+_SHOWN_AS = {
+    Integrity.INTACT: ImageState.AVAILABLE,
+    Integrity.MISSING: ImageState.BYTES_MISSING,
+    Integrity.ALTERED: ImageState.BYTES_ALTERED,
+}
+
+
 def _stored_state(store: BlobStore, blob: Blob) -> ImageState:
-    try:
-        store.verify(blob.sha256, size=blob.size_bytes)
-    except FileNotFoundError:
-        return ImageState.BYTES_MISSING
-    except BytesAltered:
-        return ImageState.BYTES_ALTERED
-    return ImageState.AVAILABLE
+    return _SHOWN_AS[stored_integrity(store, blob)]
 
 
 def _images(

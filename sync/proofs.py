@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
-from sync.blobs import blobs_by_digest
+from sync.blobs import BlobStore, Integrity, blobs_by_digest, stored_integrity
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.flags import FlagSubject, cited_in
@@ -369,14 +369,19 @@ class ProofImageState:
     sha256: str
     arrived_at: dt.datetime | None  # first uploaded; None: never arrived
     purged_at: dt.datetime | None  # its bytes deleted by the retention purge
+    # Whether its stored bytes still hash to its digest; None: not checked (a list)
+    integrity: Integrity | None = None
 
 
 def proofs_images(
-    *, session: Session, proofs: Sequence[Proof]
+    *, session: Session, proofs: Sequence[Proof], store: BlobStore | None = None
 ) -> dict[int, list[ProofImageState]]:
     """``{event id: its POD's images}`` for ``proofs`` (a page, an export's batch), in one
     query however many: each image the POD names, signature first, with whether and when
-    it arrived and whether its bytes were purged since."""
+    it arrived and whether its bytes were purged since. With ``store`` (one proof's
+    read), each held image's file is hashed too (``integrity``): an auditor reads
+    whether the bytes are still the ones the PDA uploaded, not only that they arrived;
+    a page or an export would hash hundreds of photos, and does not."""
     named = {p.event.id: pod_digests(p.event.details.get("pod")) for p in proofs}
     blobs = blobs_by_digest(
         session=session, digests=[digest for images in named.values() for _, digest in images]
@@ -388,6 +393,7 @@ def proofs_images(
                 sha256=digest,
                 arrived_at=blobs[digest].uploaded_at if digest in blobs else None,
                 purged_at=blobs[digest].purged_at if digest in blobs else None,
+                integrity=None if store is None else stored_integrity(store, blobs.get(digest)),
             )
             for role, digest in images
         ]

@@ -15,7 +15,8 @@ from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session
 
 from courier_api.api.proofs import routes as proofs_routes
-from models import AuditEntry, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from models import AuditEntry, Blob, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from sync.blobs import FileBlobStore
 from sync.rules import RULE_KINDS
 from tests import factories
 from tests.conftest import Auth, World
@@ -1513,3 +1514,50 @@ def test_a_delivery_scanned_twice_is_listed_as_a_repeat_of_its_first_scan(
         (str(again), str(first)),
         (str(later), ""),
     ]
+
+
+def test_a_proofs_detail_says_whether_each_images_stored_bytes_are_still_the_image(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The recipient says the signature is not theirs. ``arrived_at`` said the image
+    arrived; whether the file in the store is still that image, the proof page knew
+    and the API did not. The detail hashes each image's file: the photo replaced in
+    the store reads ``altered``, the signature ``intact``; then, the signature's file
+    gone, ``missing``, the photo purged, ``purged``. The search does not hash."""
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    signature, photo = image_bytes(), image_bytes(size=(9, 7))
+    assert digest(signature) != digest(photo)
+    pod = {"recipient_name": "Li", "signature_sha256": digest(signature)}
+    pod |= {"photo_sha256": digest(photo)}
+    at = now() - dt.timedelta(minutes=30)
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=pod),
+        ]
+    )
+    headers = auth.headers("courier1", "PDA-0001")
+    for image in (signature, photo):
+        put = client.put(f"/api/v1/blobs/{digest(image)}", data=image, headers=headers)
+        assert put.status_code == 201, put.get_json()
+    auditor = auth.headers("auditor1")
+    [found] = client.get(URL, headers=auditor).get_json()["items"]
+    assert all("integrity" not in image for image in found["images"])
+
+    def integrity() -> list[tuple[str, str]]:
+        proof = client.get(f"{URL}/{found['event_id']}", headers=auditor).get_json()
+        return [(image["role"], image["integrity"]) for image in proof["images"]]
+
+    assert integrity() == [("signature", "intact"), ("photo", "intact")]
+    store = FileBlobStore(app.config["BLOB_DIR"])
+    store.path(digest(photo)).write_bytes(photo[:-1] + b"\x00")  # same length, other bytes
+    assert integrity() == [("signature", "intact"), ("photo", "altered")]
+    store.path(digest(signature)).unlink()
+    blob = session.get(Blob, digest(photo))
+    assert blob is not None
+    blob.purged_at = now()
+    session.commit()
+    assert integrity() == [("signature", "missing"), ("photo", "purged")]

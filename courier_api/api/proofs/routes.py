@@ -11,6 +11,7 @@ from flask import Response, current_app, stream_with_context
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
+from courier_api.api.blobs.routes import blob_store
 from courier_api.api.pagination import keyset_page
 from courier_api.api.parcels.routes import timeline_view
 from courier_api.api.proofs.schemas import (
@@ -310,10 +311,13 @@ class ProofById(MethodView):
         only), and how many events naming the parcel PDAs sent that the server
         rejected (`rejected_events`, as `GET /api/v1/quarantine?tracking_no=` lists
         them for the reader: a refused locker drop is evidence in a dispute).
-        Audit-logged for auditors. A delivery of another station's parcel
-        answers a manager what an unknown id answers (404 `proof_not_found`), so
-        that it does not show it exists; one of a parcel not taken in is the
-        station's where it was recorded.
+        Each image its POD names says whether the stored bytes still are the
+        image (`integrity`: `intact`, `altered` in the store since upload,
+        `missing`: never uploaded or its file gone, `purged`), its file hashed
+        now; the search and the export do not hash. Audit-logged for auditors.
+        A delivery of another station's parcel answers a manager what an unknown
+        id answers (404 `proof_not_found`), so that it does not show it exists;
+        one of a parcel not taken in is the station's where it was recorded.
         """
         principal = current_principal()
         detail = get_proof(
@@ -335,7 +339,9 @@ class ProofById(MethodView):
             **_view(
                 detail.proof,
                 detail.drop,
-                proofs_images(session=db.session, proofs=[detail.proof])[detail.proof.event.id],
+                proofs_images(session=db.session, proofs=[detail.proof], store=blob_store())[
+                    detail.proof.event.id
+                ],
                 auditor=auditor,
                 repeat_of=detail.repeat_of,
             ),

@@ -81,6 +81,21 @@ class ProofImageOut(ma.Schema):
     )
 
 
+class ProofImageCheckedOut(ProofImageOut):
+    integrity = ma.fields.String(
+        required=True,
+        metadata={
+            "enum": ["intact", "altered", "missing", "purged"],
+            "description": "Whether the stored bytes are still the image the digest names, "
+            "the file hashed as this proof was read: `intact`; `altered`, changed or "
+            "replaced in the store since it was verified on upload (not served: "
+            "`GET /blobs/<sha256>` answers 409 `blob_bytes_altered`); `missing`, never "
+            "uploaded (`arrived_at` null) or its file gone from the store; `purged`, "
+            "deleted by the retention purge",
+        },
+    )
+
+
 class ProofOut(ma.Schema):
     event_id = ma.fields.Integer(required=True)
     tracking_no = ma.fields.String(required=True)
@@ -179,7 +194,9 @@ class ProofOut(ma.Schema):
         metadata={
             "description": "The images the POD names (signature, photo), each with "
             "whether it arrived: `arrived_at` null, never uploaded (`pod_blob_missing`); "
-            "`purged_at`, its bytes deleted by the retention purge since"
+            "`purged_at`, its bytes deleted by the retention purge since. A list does "
+            "not hash the stored bytes: a proof's detail (`GET /proofs/<event_id>`) says "
+            "whether they are still the image (`integrity`)"
         },
     )
     lat = ma.fields.Float(allow_none=True, required=True)
@@ -263,6 +280,15 @@ class JudgedBetween(ma.Schema):
 
 
 class ProofDetailOut(ProofOut):
+    images = ma.fields.List(
+        ma.fields.Nested(ProofImageCheckedOut),
+        required=True,
+        metadata={
+            "description": "The images the POD names (signature, photo), each with "
+            "whether it arrived and whether its stored bytes are still the image "
+            "(`integrity`, the file hashed as the proof was read)"
+        },
+    )
     judged_between = ma.fields.Nested(
         JudgedBetween,
         allow_none=True,

@@ -33,6 +33,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -43,6 +44,7 @@ from models import (
     DeviceSyncState,
     Flag,
     FlagSeverity,
+    QuarantinedEvent,
     ScanEvent,
     Shift,
     ShiftStatus,
@@ -64,7 +66,7 @@ from sync.flags import (
 )
 from sync.handover import Balance, first_seq_after
 from sync.rules import Policy
-from sync.sql import Prebuilt, among_param, chunks, rows_among
+from sync.sql import Prebuilt, among_at_once, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 
 MAX_PAGE_SIZE = 500
@@ -595,7 +597,7 @@ def judge_reopening(
         return []
     delta = _delta(session, shift, latest)
     if not delta:
-        _sign_off_again(session, shift, _withdrawn_because(latest))
+        _sign_off_again(session, shift, _withdrawn_because(latest), latest)
         return []
     return _rename_reopening(session, shift, latest, delta, details)
 
@@ -714,9 +716,11 @@ def _reopen_where_filed(
         )
 
 
-def _sign_off_again(session: Session, shift: Shift, reason: str) -> None:
+def _sign_off_again(session: Session, shift: Shift, reason: str, latest: dict[str, Any]) -> None:
     """Withdraw the reopening of ``shift`` (locked, its balance again the one signed off):
-    signed off again, its late flag closed with ``reason``, the withdrawal audit-logged."""
+    signed off again, its late flag closed with ``reason``, the withdrawal audit-logged,
+    filed under the parcels of the events its reopening named (``latest``), as the
+    reopening's entry is (``parcels_named``)."""
     shift.status = ShiftStatus.SIGNED_OFF
     subject = FlagSubject("shift", str(shift.id))
     close_flag(session=session, kind=LATE_EVENT, subject=subject, reason=reason)
@@ -727,7 +731,48 @@ def _sign_off_again(session: Session, shift: Shift, reason: str) -> None:
         subject_type="shift",
         subject_key=str(shift.id),
         details={"station_id": shift.station_id, "reason": reason},
+        parcels=parcels_named(
+            session, latest.get("event_ids") or [], latest.get(REJECTED_IDS) or []
+        ),
     )
+
+
+def parcels_named(
+    session: Session, event_ids: Sequence[int], rejected_ids: Sequence[int] = ()
+) -> list[str]:
+    """The parcels of the events ``event_ids`` and of the rejected events
+    ``rejected_ids`` (quarantine ids; one naming no parcel adds none), in one statement:
+    what a reopening's entry, and its withdrawal's, is filed under in the audit log, so
+    that ``GET /audit?tracking_no=`` lists it with the parcel's sign-off. A reopening
+    by seqs still on the PDA names no parcel: the server holds nothing of them."""
+    parts = []
+    if event_ids:
+        parts.append(
+            select(ScanEvent.tracking_no).where(
+                among_at_once(session, ScanEvent.id, sorted(set(event_ids)))
+            )
+        )
+    if rejected_ids:
+        parts.append(
+            select(QuarantinedEvent.parcel_tracking_no).where(
+                among_at_once(session, QuarantinedEvent.id, sorted(set(rejected_ids))),
+                QuarantinedEvent.parcel_tracking_no.is_not(None),
+            )
+        )
+    if not parts:
+        return []
+    query = parts[0] if len(parts) == 1 else union_all(*parts)
+    return sorted({number for number in session.execute(query).scalars() if number})
+
+
+def shift_parcels(session: Session, shift_id: int) -> list[str]:
+    """The parcels of the events filed under the shift: its manifest (check-outs) and
+    every outcome it holds, in one statement by ``scan_event``'s shift index. What an
+    entry deciding the shift's seqs, hence its whole balance, is filed under (a close
+    for its courier, a last seq declared afterwards): each parcel's history in the
+    audit log then shows who closed the shift it was counted in."""
+    query = select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift_id).distinct()
+    return sorted(session.scalars(query))
 
 
 def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
@@ -1012,6 +1057,7 @@ def _audit_last_seq_declared(session: Session, shift: Shift, taken: list[int]) -
             "seq_at_close": shift.seq_at_close,
             "events_taken": taken,
         },
+        parcels=shift_parcels(session, shift.id),
     )
 
 
@@ -1039,6 +1085,7 @@ def _audit_close(session: Session, shift: Shift, taken: list[int]) -> None:
             "closed_at": audit.iso(shift.closed_at),
             "events_taken": taken,
         },
+        parcels=shift_parcels(session, shift.id),
     )
 
 
@@ -1358,6 +1405,7 @@ def _reopen(
         subject_key=str(shift.id),
         # This reopening's, once: the flag's evidence repeats them to accumulate.
         details={"station_id": shift.station_id, "reason": LATE_EVENT, **latest, **signed},
+        parcels=parcels_named(session, late, refused.get(REJECTED_IDS, [])),
     )
     session.flush()
     return [raised.flag]

@@ -621,3 +621,33 @@ def test_a_head_needs_its_id_and_its_hash(
     response = client.get(VERIFY, query_string=query, headers=auth.headers("auditor1"))
     assert response.status_code == 422
     assert response.get_json()["code"] == code
+
+
+def test_a_lost_parcels_history_has_the_close_for_its_courier_and_the_reopening_it_made(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An auditor settles a dispute about parcel b, missing at a handover a manager
+    closed for the courier and signed off, then returned late. ``GET /audit?
+    tracking_no=b`` listed the sign-off (its balance names b) but not the close that
+    decided the shift's seqs, nor the reopening b's late return made: those entries
+    named no parcel. The close is filed under every parcel of the shift (a's too), the
+    reopening under the late events' parcels (b only)."""
+    a, b = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    manager, auditor = auth.headers("manager1"), auth.headers("auditor1")
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    closed = client.post(f"/api/v1/shifts/{shift['id']}/close", json={}, headers=manager)
+    assert closed.status_code == 200, closed.get_json()
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    pda.push([pda.event(b, "returned_to_station", shift_id=shift["id"])])
+
+    def shift_entries(number: str) -> list[str]:
+        return [
+            e["action"]
+            for e in listed(client, auditor, tracking_no=number)
+            if (e["subject_type"], e["subject_key"]) == ("shift", str(shift["id"]))
+        ]
+
+    assert shift_entries(b) == ["shift_reopened", "shift_signed_off", "shift_closed_for_courier"]
+    assert shift_entries(a) == ["shift_signed_off", "shift_closed_for_courier"]

@@ -25,6 +25,7 @@ from models import (
 )
 from sync import balances as balances_module
 from sync import shifts
+from sync.audit import list_entries
 from sync.balances import balances, shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import Conflict, InvalidInput
@@ -368,6 +369,32 @@ def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed
     assert actions[1:] == (
         ["shift_reopened", "shift_reopening_withdrawn"] if pushed == "before the opening" else []
     )
+
+
+def test_a_reopening_and_its_withdrawal_are_filed_under_the_late_scans_parcel(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A check-out of b four minutes after the sign-off reopens the shift until the next
+    opening takes it. An auditor reading b's history (``GET /audit?tracking_no=``) sees
+    that it reopened a handover and that the reopening was withdrawn; a's history,
+    the shift's other parcel, names neither (its sign-off only)."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    pda.open(now=NOW + dt.timedelta(minutes=5))
+
+    def of_parcel(number: str) -> list[str]:
+        return [
+            entry.action
+            for entry in list_entries(session=session, tracking_no=number)
+            if (entry.subject_type, entry.subject_key) == ("shift", str(first.id))
+        ]
+
+    assert of_parcel(b) == ["shift_reopening_withdrawn", "shift_reopened"]
+    assert of_parcel(a) == ["shift_signed_off"]
 
 
 def test_a_reopening_whose_scan_the_next_shift_takes_stands_once_for_the_seq_still_on_the_pda(

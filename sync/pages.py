@@ -74,6 +74,8 @@ from sync.proofs import (
     pod_digests,
     proof_station,
     proofs_consents,
+    proofs_events,
+    repeats_of,
 )
 from sync.quarantine import (
     SHIFT_REJECTIONS_SHOWN,
@@ -708,6 +710,8 @@ class ProofRow:
     proof: Proof
     images: list[ProofImageRef]
     drop: DropConsent | None  # locker and pickup-point drops only
+    # A repeated scan: the first scan's event id (``sync.proofs.repeats_of``)
+    repeat_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -815,8 +819,11 @@ def proof_rows(
     reader: BlobReader,
     store: BlobStore,
 ) -> list[ProofRow]:
-    """A page of proofs with their images' states and each drop's consent."""
-    consents = proofs_consents(session=session, proofs=proofs, policy=policy)
+    """A page of proofs with their images' states, each drop's consent and whether it
+    repeats a scan before it (the same delivery scanned twice)."""
+    events = proofs_events(session=session, proofs=proofs)
+    consents = proofs_consents(session=session, proofs=proofs, policy=policy, loaded=events)
+    repeats = repeats_of(proofs, events)
     states = image_states(
         session=session,
         digests=[d for p in proofs for _, d in pod_digests(p.event.details.get("pod"))],
@@ -828,6 +835,7 @@ def proof_rows(
             proof=p,
             images=_images(p.event.details.get("pod"), states),
             drop=consents.get(p.event.id),
+            repeat_of=repeats.get(p.event.id),
         )
         for p in proofs
     ]

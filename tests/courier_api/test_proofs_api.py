@@ -1473,7 +1473,7 @@ def test_a_proof_gives_an_auditor_its_clocks_its_seq_and_whether_its_images_arri
 
 
 def test_a_delivery_scanned_twice_is_listed_as_a_repeat_of_its_first_scan(
-    client: FlaskClient, auth: Auth, session: Session, world: World
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:
     """The scanner beeped twice at the door: one delivery, two scans. The balance folds
     the second into the first (``repeated_scans``); an auditor counting proofs of a
@@ -1514,6 +1514,16 @@ def test_a_delivery_scanned_twice_is_listed_as_a_repeat_of_its_first_scan(
         (str(again), str(first)),
         (str(later), ""),
     ]
+    pages = signed_in(app, "auditor1")
+    listing = pages.get(f"/web/proofs?tracking_no={parcel.tracking_no}")
+    rows = {i: listing.split(f'id="proof-{i}"')[1].split("</tr>")[0] for i in (first, again)}
+    assert "scanned again" not in rows[first]
+    assert (
+        f'scanned again: the delivery of <a href="/web/proofs/{first}">#{first}</a>'
+        in (rows[again])
+    )
+    assert "scanned again" in pages.get(f"/web/proofs/{again}")
+    assert "scanned again" not in pages.get(f"/web/proofs/{first}")
 
 
 def test_a_proofs_detail_says_whether_each_images_stored_bytes_are_still_the_image(

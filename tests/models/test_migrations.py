@@ -1350,6 +1350,104 @@ def test_an_audit_entry_is_filed_under_every_parcel_it_records(scratch: Engine) 
         assert listed == {A: [3, 2, 1], B: [3, 2], C: [3]}
 
 
+BY_THEIR_PARCELS = "a3f7c9e1d5b8"  # reopenings and closes for the courier by their parcels
+
+
+def _rejected(engine: Engine, rows: dict[int, str | None]) -> None:
+    """Rejected events of the first batch, by id, each naming the parcel given (or none)."""
+    with engine.begin() as connection:
+        station_id, batch_pk, device_id = connection.execute(
+            text("SELECT station_id, id, device_id FROM sync_batch ORDER BY id LIMIT 1")
+        ).one()
+        for row_id, parcel in rows.items():
+            connection.execute(
+                text(
+                    "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, "
+                    "position, seq, event_type, tracking_no, parcel_tracking_no, error_code, "
+                    "message, payload, payload_hash, received_at) VALUES (:id, :station, "
+                    ":device, :batch, :id, NULL, 'delivered_to_locker', :tn, :tn, "
+                    "'missing_field', 'locker_id is required', '{}', :hash, "
+                    "'2026-11-20 09:00:00+00')"
+                ),
+                {
+                    "id": row_id,
+                    "station": station_id,
+                    "device": device_id,
+                    "batch": batch_pk,
+                    "tn": parcel,
+                    "hash": f"{row_id:064d}",
+                },
+            )
+
+
+def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
+    scratch: Engine,
+) -> None:
+    """A lost parcel's history (``GET /audit?tracking_no=``) lists the reopenings its
+    late scans or rejected events made, their withdrawals and the closes of its shift
+    for the courier: the entries the version before wrote get the parcels the service
+    now files them under. A reopening by seqs still on the PDA, and its withdrawal,
+    name none; a withdrawal with no reopening before it none. Run again, it files
+    nothing twice; the chain verifies as before."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from sync import audit
+    from tests import factories
+
+    migrate.upgrade(scratch, EVERY_PARCEL)
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=2, parcels_per_shift=3, day=dt.date(2026, 11, 20)
+        )
+        session.commit()
+    with scratch.connect() as connection:
+        events = connection.execute(
+            text("SELECT id, shift_id, tracking_no FROM scan_event ORDER BY id")
+        ).all()
+    first, second = sorted({event.shift_id for event in events})
+    of_shift = {
+        shift: {event.tracking_no for event in events if event.shift_id == shift}
+        for shift in (first, second)
+    }
+    x, y = sorted(of_shift[second])[:2]
+    late = [event.id for event in events if event.tracking_no == x]  # its two scans
+    _rejected(scratch, {1: y, 2: None})
+    with scratch.begin() as connection:
+        _append_before(
+            connection,
+            [
+                ("shift_signed_off", "shift", str(second), {"note": "y missing"}),
+                (
+                    "shift_reopened",
+                    "shift",
+                    str(second),
+                    {"event_ids": late, "rejected_event_ids": [1, 2]},
+                ),
+                ("shift_reopening_withdrawn", "shift", str(second), {"reason": "taken"}),
+                ("shift_reopened", "shift", str(first), {"event_ids": [], "missing_seqs": [3]}),
+                ("shift_reopening_withdrawn", "shift", str(first), {"reason": "written off"}),
+                ("shift_closed_for_courier", "shift", str(first), {"last_seq": None}),
+                ("shift_last_seq_declared", "shift", str(second), {"last_seq": 6}),
+                ("shift_reopening_withdrawn", "shift", "999", {"reason": "none before"}),
+            ],
+        )
+    expected = {2: {x, y}, 3: {x, y}, 6: of_shift[first], 7: of_shift[second]}
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    assert _entry_parcels(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": EVERY_PARCEL}
+        )
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        found = audit.list_entries(session=session, tracking_no=x)
+        assert [entry.id for entry in found] == [7, 3, 2]
+
+
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one
 
 

@@ -790,7 +790,24 @@ def _audit_decision(
             "decided_on": flag.decided_on,
         },
         tracking_no=flag.tracking_no,  # a parcel's own flag or its handover's
+        parcels=_parcels_cited(session, flag),
     )
+
+
+def _parcels_cited(session: Session, flag: Flag) -> list[str]:
+    """The parcels a flag of no one parcel (a shift's, a PDA's) cites by its events and
+    rejected events: a manager's decision on it (a shift's ``late_event_after_signoff``,
+    "the parcel came back late, checked") is a decision about each of them, which an
+    auditor settling a dispute about one finds in its history (``GET
+    /audit?tracking_no=``). One statement, for such a flag only."""
+    if flag.tracking_no is not None:
+        return []
+    evidence = flag.evidence
+    events = [i for i in cited_in(evidence, "event_ids", None) or () if isinstance(i, int)]
+    rejected = [
+        i for i in cited_in(evidence, "rejected_event_ids", None) or () if isinstance(i, int)
+    ]
+    return audit.parcels_of_events(session, events, rejected)
 
 
 def _entry_details(flag: Flag, from_status: FlagStatus) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    union_all,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -44,7 +43,6 @@ from models import (
     DeviceSyncState,
     Flag,
     FlagSeverity,
-    QuarantinedEvent,
     ScanEvent,
     Shift,
     ShiftStatus,
@@ -66,7 +64,7 @@ from sync.flags import (
 )
 from sync.handover import Balance, first_seq_after
 from sync.rules import Policy
-from sync.sql import Prebuilt, among_at_once, among_param, chunks, rows_among
+from sync.sql import Prebuilt, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 
 MAX_PAGE_SIZE = 500
@@ -720,7 +718,7 @@ def _sign_off_again(session: Session, shift: Shift, reason: str, latest: dict[st
     """Withdraw the reopening of ``shift`` (locked, its balance again the one signed off):
     signed off again, its late flag closed with ``reason``, the withdrawal audit-logged,
     filed under the parcels of the events its reopening named (``latest``), as the
-    reopening's entry is (``parcels_named``)."""
+    reopening's entry is (``audit.parcels_of_events``)."""
     shift.status = ShiftStatus.SIGNED_OFF
     subject = FlagSubject("shift", str(shift.id))
     close_flag(session=session, kind=LATE_EVENT, subject=subject, reason=reason)
@@ -731,38 +729,10 @@ def _sign_off_again(session: Session, shift: Shift, reason: str, latest: dict[st
         subject_type="shift",
         subject_key=str(shift.id),
         details={"station_id": shift.station_id, "reason": reason},
-        parcels=parcels_named(
+        parcels=audit.parcels_of_events(
             session, latest.get("event_ids") or [], latest.get(REJECTED_IDS) or []
         ),
     )
-
-
-def parcels_named(
-    session: Session, event_ids: Sequence[int], rejected_ids: Sequence[int] = ()
-) -> list[str]:
-    """The parcels of the events ``event_ids`` and of the rejected events
-    ``rejected_ids`` (quarantine ids; one naming no parcel adds none), in one statement:
-    what a reopening's entry, and its withdrawal's, is filed under in the audit log, so
-    that ``GET /audit?tracking_no=`` lists it with the parcel's sign-off. A reopening
-    by seqs still on the PDA names no parcel: the server holds nothing of them."""
-    parts = []
-    if event_ids:
-        parts.append(
-            select(ScanEvent.tracking_no).where(
-                among_at_once(session, ScanEvent.id, sorted(set(event_ids)))
-            )
-        )
-    if rejected_ids:
-        parts.append(
-            select(QuarantinedEvent.parcel_tracking_no).where(
-                among_at_once(session, QuarantinedEvent.id, sorted(set(rejected_ids))),
-                QuarantinedEvent.parcel_tracking_no.is_not(None),
-            )
-        )
-    if not parts:
-        return []
-    query = parts[0] if len(parts) == 1 else union_all(*parts)
-    return sorted({number for number in session.execute(query).scalars() if number})
 
 
 def shift_parcels(session: Session, shift_id: int) -> list[str]:
@@ -1405,7 +1375,7 @@ def _reopen(
         subject_key=str(shift.id),
         # This reopening's, once: the flag's evidence repeats them to accumulate.
         details={"station_id": shift.station_id, "reason": LATE_EVENT, **latest, **signed},
-        parcels=parcels_named(session, late, refused.get(REJECTED_IDS, [])),
+        parcels=audit.parcels_of_events(session, late, refused.get(REJECTED_IDS, [])),
     )
     session.flush()
     return [raised.flag]

@@ -1384,11 +1384,12 @@ def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
     scratch: Engine,
 ) -> None:
     """A lost parcel's history (``GET /audit?tracking_no=``) lists the reopenings its
-    late scans or rejected events made, their withdrawals and the closes of its shift
-    for the courier: the entries the version before wrote get the parcels the service
-    now files them under. A reopening by seqs still on the PDA, and its withdrawal,
-    name none; a withdrawal with no reopening before it none. Run again, it files
-    nothing twice; the chain verifies as before."""
+    late scans or rejected events made, their withdrawals, the closes of its shift for
+    the courier and a manager's decisions on the shift's flags citing its scans: the
+    entries the version before wrote get the parcels the service now files them under.
+    A reopening by seqs still on the PDA, and its withdrawal, name none; a withdrawal
+    with no reopening before it none; a decision on a parcel's own flag keeps its own.
+    Run again, it files nothing twice; the chain verifies as before."""
     import datetime as dt
 
     from sqlalchemy.orm import Session
@@ -1431,9 +1432,18 @@ def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
                 ("shift_closed_for_courier", "shift", str(first), {"last_seq": None}),
                 ("shift_last_seq_declared", "shift", str(second), {"last_seq": 6}),
                 ("shift_reopening_withdrawn", "shift", "999", {"reason": "none before"}),
+                (  # a manager's word on the shift's late_event_after_signoff flag
+                    "flag_resolved",
+                    "flag",
+                    "5",
+                    {"decided_on": {"event_ids": late, "rejected_event_ids": [1, 2]}},
+                ),
+                ("flag_resolved", "flag", "6", {"decided_on": {"event_ids": late}}),
             ],
         )
-    expected = {2: {x, y}, 3: {x, y}, 6: of_shift[first], 7: of_shift[second]}
+        # A decision on a parcel's own flag was filed under it (``b1d7e3a9c5f2``).
+        connection.execute(text("UPDATE audit_entry SET tracking_no = :t WHERE id = 10"), {"t": y})
+    expected = {2: {x, y}, 3: {x, y}, 6: of_shift[first], 7: of_shift[second], 9: {x, y}}
     migrate.upgrade(scratch, BY_THEIR_PARCELS)
     assert _entry_parcels(scratch) == expected
     with scratch.begin() as connection:  # stopped before its revision was recorded
@@ -1445,7 +1455,7 @@ def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
     with Session(scratch) as session:
         assert audit.verify(session=session).ok
         found = audit.list_entries(session=session, tracking_no=x)
-        assert [entry.id for entry in found] == [7, 3, 2]
+        assert [entry.id for entry in found] == [9, 7, 3, 2]
 
 
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one

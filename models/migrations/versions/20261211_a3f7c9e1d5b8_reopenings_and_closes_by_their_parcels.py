@@ -1,10 +1,12 @@
-"""Reopenings, their withdrawals and closes for the courier by the parcels they concern
+"""Reopenings, their withdrawals, closes for the courier and decisions on a shift's or a
+PDA's flags by the parcels they concern
 
 An auditor settling a dispute about a lost parcel lists ``GET /audit?tracking_no=``:
 the version before filed a shift's reopening (``shift_reopened``), its withdrawal
 (``shift_reopening_withdrawn``), a close by someone else than the courier
-(``shift_closed_for_courier``) and a last seq its PDA declared afterwards
-(``shift_last_seq_declared``) under no parcel, and the parcel's history missed them.
+(``shift_closed_for_courier``), a last seq its PDA declared afterwards
+(``shift_last_seq_declared``) and a manager's decision on a shift's or a PDA's flag
+citing its events under no parcel, and the parcel's history missed them.
 The service now files them as it appends them (``sync.shifts``); the entries written
 before get theirs here, in ``audit_entry_parcel``, from what they record:
 
@@ -14,7 +16,10 @@ before get theirs here, in ``audit_entry_parcel``, from what they record:
   ``shift_reopened`` entry before it (its details name no event);
 * a close for the courier and a last seq declared, every parcel of the shift's
   events, as the service files them: the shift's events now, which is what they were
-  then but for events filed under it since (a late push, a rejudge).
+  then but for events filed under it since (a late push, a rejudge);
+* a manager's acknowledgement or resolution of a flag of no one parcel (a shift's
+  ``late_event_after_signoff``, a PDA's), the parcels of the events and rejected events
+  it covered (``details.decided_on``).
 
 No schema changes; outside the hash chain, as ``b1d7e3a9c5f2``'s rows. Each statement
 reads only these entries (``ix_audit_entry_action``) and writes only rows not there
@@ -36,39 +41,48 @@ depends_on: str | Sequence[str] | None = None
 
 TABLE = "audit_entry_parcel"
 
-# (tracking_no, id) of each reopening's late events' parcels, then of its rejected events'.
-POSTGRESQL_REOPENINGS = [
-    """SELECT s.tracking_no AS tracking_no, e.id AS id FROM audit_entry e
+# (tracking_no, id) of the parcels of the scan events, then of the rejected events, an
+# entry cites: a reopening in its details, a decision on a flag of no one parcel in what
+# it covered (``decided_on``).
+CITING = (
+    ("e.action = 'shift_reopened'", ()),  # a reopening: in its details
+    (  # a decision on a flag of no one parcel: in what it covered
+        "e.action IN ('flag_acknowledged', 'flag_resolved') AND e.tracking_no IS NULL",
+        ("decided_on",),
+    ),
+)
+CITED = (  # the key, the table of the ids listed under it, the parcel's column there
+    ("event_ids", "scan_event", "s.tracking_no"),
+    ("rejected_event_ids", "quarantined_event", "s.parcel_tracking_no"),
+)
+POSTGRESQL_CITED = """SELECT {parcel} AS tracking_no, e.id AS id FROM audit_entry e
     CROSS JOIN LATERAL jsonb_array_elements(
-        CASE WHEN jsonb_typeof(e.details -> '{key}') = 'array'
-        THEN e.details -> '{key}' ELSE '[]'::jsonb END) AS n(value)
+        CASE WHEN jsonb_typeof(e.details #> '{path}') = 'array'
+        THEN e.details #> '{path}' ELSE '[]'::jsonb END) AS n(value)
     JOIN {table} s ON s.id = CASE WHEN jsonb_typeof(n.value) = 'number'
         THEN (n.value #>> '{{}}')::numeric::bigint END
-    WHERE e.action = 'shift_reopened' AND {parcel} IS NOT NULL""".format(**names)
-    for names in (
-        {"key": "event_ids", "table": "scan_event", "parcel": "s.tracking_no"},
-        {
-            "key": "rejected_event_ids",
-            "table": "quarantined_event",
-            "parcel": "s.parcel_tracking_no",
-        },
-    )
-]
-SQLITE_REOPENINGS = [
-    """SELECT {parcel} AS tracking_no, e.id AS id FROM audit_entry e,
-        json_each(e.details, '$.{key}') n
+    WHERE {where} AND {parcel} IS NOT NULL"""
+SQLITE_CITED = """SELECT {parcel} AS tracking_no, e.id AS id FROM audit_entry e,
+        json_each(e.details, '{path}') n
     JOIN {table} s ON s.id = n.value
-    WHERE e.action = 'shift_reopened' AND json_type(e.details, '$.{key}') = 'array'
-        AND n.type = 'integer' AND {parcel} IS NOT NULL""".format(**names)
-    for names in (
-        {"key": "event_ids", "table": "scan_event", "parcel": "s.tracking_no"},
-        {
-            "key": "rejected_event_ids",
-            "table": "quarantined_event",
-            "parcel": "s.parcel_tracking_no",
-        },
-    )
-]
+    WHERE {where} AND json_type(e.details, '{path}') = 'array'
+        AND n.type = 'integer' AND {parcel} IS NOT NULL"""
+
+
+def _cited(dialect: str) -> list[str]:
+    """The SELECTs of the parcels every citing entry cites, on ``dialect``."""
+    selects = []
+    for where, under in CITING:
+        for key, table, parcel in CITED:
+            keys = [*under, key]
+            if dialect == "postgresql":
+                path, template = "{" + ",".join(keys) + "}", POSTGRESQL_CITED
+            else:
+                path, template = "$." + ".".join(keys), SQLITE_CITED
+            selects.append(template.format(path=path, table=table, parcel=parcel, where=where))
+    return selects
+
+
 # A close for the courier's, a last seq declared's: the parcels of the shift's events.
 CLOSES = """SELECT s.tracking_no AS tracking_no, e.id AS id FROM audit_entry e
     JOIN scan_event s ON s.shift_id = {shift_id}
@@ -98,8 +112,7 @@ def _filed(parcels: str) -> str:
 
 def upgrade() -> None:
     dialect = "postgresql" if op.get_bind().dialect.name == "postgresql" else "sqlite"
-    reopenings = POSTGRESQL_REOPENINGS if dialect == "postgresql" else SQLITE_REOPENINGS
-    for parcels in (*reopenings, CLOSES.format(shift_id=SHIFT_ID[dialect]), WITHDRAWALS):
+    for parcels in (*_cited(dialect), CLOSES.format(shift_id=SHIFT_ID[dialect]), WITHDRAWALS):
         op.execute(_filed(parcels))
 
 

@@ -281,10 +281,12 @@ class ProofExport(MethodView):
         The same filters as the search, every matching proof with the search's
         fields (the POD's in columns of their own, the authorizing consent's id,
         channel, grant time, and when and by whom it was recorded, the `seq`, the
-        `clock_offset_ms`, and when the signature and the photo arrived), streamed in
-        batches as they are read. For auditors each batch is audit-logged before
-        it is sent, with the filters and the event ids it holds (`proofs_exported`,
-        numbered `part`s of one `export_id`).
+        `clock_offset_ms`, when the signature and the photo arrived, and the first
+        scan a repeated scan repeats, `repeat_of`; the images are not hashed: a
+        proof's detail says their `integrity`), streamed in batches as they are
+        read. For auditors each batch is audit-logged before it is sent, with the
+        filters and the event ids it holds (`proofs_exported`, numbered `part`s of
+        one `export_id`).
         """
         principal = current_principal()
         rows = csv_rows(

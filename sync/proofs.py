@@ -380,8 +380,8 @@ def proofs_images(
     query however many: each image the POD names, signature first, with whether and when
     it arrived and whether its bytes were purged since. With ``store`` (one proof's
     read), each held image's file is hashed too (``integrity``): an auditor reads
-    whether the bytes are still the ones the PDA uploaded, not only that they arrived;
-    a page or an export would hash hundreds of photos, and does not."""
+    whether the bytes are still the ones the PDA uploaded, not only that they arrived.
+    The API's search and the export do not hash (an export's batch is 500 proofs)."""
     named = {p.event.id: pod_digests(p.event.details.get("pod")) for p in proofs}
     blobs = blobs_by_digest(
         session=session, digests=[digest for images in named.values() for _, digest in images]

@@ -429,22 +429,36 @@ def refuse_in_production(command: str, why: str) -> None:
 
 
 @click.command("seed-demo")
-@click.option("--if-empty", is_flag=True, help="Do nothing when any station exists")
+@click.option(
+    "--if-empty",
+    is_flag=True,
+    help="Do nothing (exit status 0) when the database has any station or account",
+)
 @with_appcontext
 def seed_demo(if_empty: bool) -> None:
     """Load a demo station and play a simulated day at it; print the logins.
 
-    Refused with APP_ENV=production: its accounts' passwords are published.
+    Only into an empty database (no station, no account: the demo's accounts have
+    fixed names); refused otherwise, or skipped with --if-empty. Refused with
+    APP_ENV=production: its accounts' passwords are published.
     """
-    from courier_api.demo import DEMO_LOGINS, database_is_empty, seed
+    from courier_api.demo import DEMO_LOGINS, demo_is_loaded, seed, what_the_database_holds
 
     refuse_in_production(
         "seed-demo",
         "it creates accounts whose passwords are published (admin-demo-pass, ...); "
         "create users with create-user",
     )
-    if if_empty and not database_is_empty(db.session):
-        click.echo("demo data not loaded: the database already has stations")
+    held = what_the_database_holds(db.session)
+    if held is not None:
+        not_loaded = f"demo data not loaded: the database already has {held}"
+        if not if_empty:
+            raise click.ClickException(
+                f"{not_loaded}; seed-demo loads the demo into an empty database only"
+            )
+        click.echo(not_loaded)
+        if not demo_is_loaded(db.session):
+            return  # its logins would not work here
     else:
         summary = seed(
             current_app._get_current_object(),  # type: ignore[attr-defined]

@@ -289,7 +289,8 @@ def _stated(
     if draft.scope == ConsentScope.PARCEL:
         if not draft.tracking_no:
             raise InvalidInput(
-                "a parcel consent names its tracking number",
+                "a parcel consent names its tracking number; a standing one (every parcel "
+                'to a phone at an address) is sent with "scope": "standing"',
                 code="tracking_no_required",
                 field="tracking_no",
             )

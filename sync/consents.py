@@ -221,9 +221,11 @@ def grant_once(
         return consent, True
     differing = differing_from(session, consent, draft, rules, now)
     if differing:
+        differ = "differs" if len(differing) == 1 else "differ"
         raise Conflict(
             f"client_consent_id {draft.client_consent_id!r} was used for consent "
-            f"{consent.id}, whose {', '.join(differing)} differ: send the same consent "
+            f"{consent.id}, whose {', '.join(differing)} {differ}: "
+            "send the same consent "
             "again, or a new consent with a new id",
             code="client_consent_id_reused",
             field="client_consent_id",

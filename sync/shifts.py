@@ -1261,7 +1261,9 @@ def sign_off(
     if seen_version is not None and seen_version != balance_version(balance):
         raise Conflict(
             f"the balance of shift {shift.id} changed since it was read (now {balance.status}, "
-            f"{len(balance.discrepancies)} discrepancies): read it again before signing off",
+            f"{len(balance.discrepancies)} "
+            f"{'discrepancy' if len(balance.discrepancies) == 1 else 'discrepancies'}): "
+            "read it again before signing off",
             code="balance_changed",
             field="balance_version",
         )

@@ -1309,7 +1309,7 @@ def test_the_same_client_consent_id_for_another_consent_is_a_conflict(
     error = other.get_json()
     assert error["code"] == "client_consent_id_reused"
     assert list(error["errors"]) == ["client_consent_id"]
-    assert "point_id" in error["message"]
+    assert "whose point_id differs:" in error["message"]
     session.expire_all()
     assert session.scalars(select(Consent.point_id)).all() == [None]  # not overwritten
     # Another channel's account keeps ids of its own.

@@ -79,6 +79,7 @@ from sync.events import (
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag, withdraw_evidence
+from sync.inversion_flags import DEFAULT_TOLERANCE, NEAREST_ABOVE, NEAREST_BELOW
 from sync.inversions import Stamp, judge
 from sync.quarantine import parcel_named, rejections_of_batch
 from sync.rules import (
@@ -210,14 +211,6 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
 )
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
 TIMES_AT_SEQS = _columns_at_seqs(_events.c.occurred_at_device, _events.c.tracking_no)
-# The stored event nearest a seq, within a run of seqs that all arrived: past the
-# rejected ones, which hold no time (``sync.inversions``).
-_IN_RUN = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
-    _events.c.device_id == bindparam("device_id"),
-    _events.c.seq.between(bindparam("low"), bindparam("high")),
-)
-NEAREST_BELOW = _IN_RUN.order_by(_events.c.seq.desc()).limit(1)
-NEAREST_ABOVE = _IN_RUN.order_by(_events.c.seq).limit(1)
 
 
 @dataclass(frozen=True)
@@ -226,7 +219,7 @@ class IngestRules:
     clock_skew_bound: dt.timedelta = dt.timedelta(minutes=2)
     # A later seq dated at most this before the one before it is no time_inversion
     # (``sync.inversions``: a clock stepped back a second or two by NTP).
-    time_inversion_tolerance: dt.timedelta = dt.timedelta(seconds=2)
+    time_inversion_tolerance: dt.timedelta = DEFAULT_TOLERANCE
     missing_seqs_limit: int = 100
     policy: Policy = field(default_factory=Policy)
     shifts: ShiftRules = field(default_factory=ShiftRules)

@@ -1424,6 +1424,56 @@ def test_a_written_off_seq_that_comes_after_all_splits_the_pair_judged_across_it
     assert (flag.status, flag.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
 
 
+@pytest.mark.parametrize("written_off", ["before its neighbours", "between", "after both"])
+@pytest.mark.parametrize("lost", [[[2, 2]], [[2, 3]]])
+def test_a_pair_across_written_off_seqs_is_judged_whenever_the_write_off_comes(
+    session: Session, pda: Pda, world: World, parcel: Parcel, written_off: str, lost: list
+) -> None:
+    """The PDA lost seq 2 (or 2 and 3) in a reset, and a manager writes them off. Seq 1
+    and the next seq after them are neighbours for good, the later dated ten minutes
+    before the earlier (a consent backdated past the drop it followed): flagged
+    time_inversion, naming the two, whether the write-off came before either arrived,
+    between them, or after both (rule 3: it was judged only when a push completed the
+    pair). The seq after, dated after both, makes no other pair."""
+    tn = parcel.tracking_no
+    after = lost[0][1] + 1
+    first = [pda.event(1, tn, occurred_at=at(30))]
+    rest = [
+        pda.event(after, tn, "out_for_delivery", occurred_at=at(20)),
+        pda.event(after + 1, tn, "out_for_delivery", occurred_at=at(40)),
+    ]
+
+    def write_off() -> None:
+        write_off_lost_seqs(
+            session=session,
+            device=world.device,
+            ranges=lost,
+            reason="lost in a reset",
+            user_id=world.manager.id,
+        )
+        session.commit()
+
+    if written_off == "before its neighbours":
+        pda.push([pda.event(9, tn, "out_for_delivery", occurred_at=at(50))])
+        write_off()
+        pda.push(first)
+        pda.push(rest)
+    elif written_off == "between":
+        pda.push(first + [pda.event(9, tn, "out_for_delivery", occurred_at=at(50))])
+        write_off()
+        pda.push(rest)
+    else:
+        pda.push(first + rest + [pda.event(9, tn, "out_for_delivery", occurred_at=at(50))])
+        assert "time_inversion" not in set(session.scalars(select(Flag.kind)))
+        write_off()
+    flag = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert (flag.status, flag.evidence["device_seqs"], flag.station_id) == (
+        FlagStatus.OPEN,
+        ["PDA-0001#1", f"PDA-0001#{after}"],
+        world.station.id,
+    )
+
+
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
@@ -23,6 +24,7 @@ from courier_api.auth import (
     ensure_visible,
     record_auditor_read,
 )
+from courier_api.config import inversion_tolerance_of
 from courier_api.extensions import db
 from models import Device, Role, SeqWriteOff
 from sync import directory, lost_seqs
@@ -232,6 +234,7 @@ class LostSeqs(MethodView):
             ranges=ranges,
             reason=body["reason"],
             user_id=current_principal().user_id,
+            inversion_tolerance=inversion_tolerance_of(current_app.config),
         )
         db.session.commit()
         return {

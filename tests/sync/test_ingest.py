@@ -1424,6 +1424,59 @@ def test_a_written_off_seq_that_comes_after_all_splits_the_pair_judged_across_it
     assert (flag.status, flag.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
 
 
+@pytest.mark.parametrize("order", ["seq 4 last", "seq 4 first"])
+def test_a_resolved_time_inversion_stands_on_the_seqs_decided_whatever_the_order(
+    session: Session, pda: Pda, world: World, order: str
+) -> None:
+    """Parcel P's flag names the pairs 1-3 and 5-7, each judged across a rejected seq (2
+    and 6, another parcel's scans mistyped), seq 4 still on the PDA; the manager
+    resolves it. Seqs 2 and 6 sent again corrected split both pairs (their events in
+    order with P's), and seq 4, rejected, makes 3 and 5 neighbours, an inverted pair.
+    Whether 4 comes first or last, P's flag ends naming 3-5, seqs the manager decided
+    on, and resolved, as a rule flag is while its cause stands only on what the
+    manager saw (``judged_status``): closed when 2 and 6 had taken every seq out of it,
+    and raised again by seq 4 on seqs the decision covered, it was opened again."""
+    p, q = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    times = {1: (p, 30), 2: (q, 20), 3: (p, 20), 4: (p, 15), 5: (p, 10), 6: (q, 0), 7: (p, 0)}
+    scans = {
+        seq: pda.event(seq, tn, "out_for_delivery", occurred_at=at(minutes))
+        for seq, (tn, minutes) in times.items()
+    }
+    wrong = {
+        seq: {**scans[seq], "tracking_no": mistyped(scans[seq]["tracking_no"])}
+        for seq in (2, 4, 6)
+    }
+    pda.push([scans[1], wrong[2], scans[3], scans[5], wrong[6], scans[7]])
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion", Flag.subject_key == p)
+    ).one()
+    assert flag.evidence["device_seqs"] == [f"PDA-0001#{s}" for s in (1, 3, 5, 7)]
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="checked")
+    session.commit()
+    later = [[scans[2]], [scans[6]]]
+    if order == "seq 4 last":
+        for push in later:
+            pda.push(push)
+        session.refresh(flag)
+        assert (flag.status, flag.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
+        entry = session.scalars(
+            select(AuditEntry).where(
+                AuditEntry.action == "flag_status_changed", AuditEntry.subject_key == str(flag.id)
+            )
+        ).one()
+        assert (entry.details["from_status"], entry.details["to_status"]) == ("resolved", "closed")
+        pda.push([wrong[4]])
+    else:
+        for push in [[wrong[4]], *later]:
+            pda.push(push)
+    session.refresh(flag)
+    assert (flag.status, flag.evidence["device_seqs"]) == (
+        FlagStatus.RESOLVED,
+        ["PDA-0001#3", "PDA-0001#5"],
+    )
+
+
 @pytest.mark.parametrize("written_off", ["before its neighbours", "between", "after both"])
 @pytest.mark.parametrize("lost", [[[2, 2]], [[2, 3]]])
 def test_a_pair_across_written_off_seqs_is_judged_whenever_the_write_off_comes(

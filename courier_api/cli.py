@@ -601,11 +601,15 @@ def rejudge(station_code: str | None, batch: int) -> None:
     bounds by its PDA's other events are worked out again (an upgrade that brought
     them leaves the drops stored meanwhile without), each parcel's status, holder and
     rule flags are recomputed from its events and consents as a push would, and closed
-    shifts get their handover flags again where that changed them. One transaction
-    per --batch drops, then per --batch parcels, with a progress line after each;
-    safe while the service runs, and to run again. The run goes to the audit log.
+    shifts get their handover flags again where that changed them. Between the two,
+    time_inversion flags are judged again against their PDAs' stored events (seqs no
+    inverted pair names any more withdrawn, a flag naming none closed) and the pairs
+    across seqs written off as lost are judged, as a push and a write-off now do. One
+    transaction per --batch drops, time_inversion flags, PDAs, then parcels, with a
+    progress line after each; safe while the service runs, and to run again. The run
+    goes to the audit log.
     """
-    from courier_api.config import policy_of
+    from courier_api.config import inversion_tolerance_of, policy_of
     from sync.rejudge import rejudge_parcels
 
     station_id = None
@@ -617,6 +621,7 @@ def rejudge(station_code: str | None, batch: int) -> None:
         station_id=station_id,
         batch=batch,
         progress=lambda done: click.echo(f"... {done.summary()}", err=True),
+        inversion_tolerance=inversion_tolerance_of(current_app.config),
     )
     click.echo(totals.summary())
 

@@ -15,10 +15,10 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import String, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagSeverity, ScanEvent
+from models import Device, DeviceSyncState, Flag, FlagSeverity, Parcel, ScanEvent
 from sync.acks import SeqTracker
 from sync.device_state import lock_device_state
 from sync.flags import FlagSubject, cited_in, raise_flag, withdraw_evidence
@@ -121,6 +121,7 @@ def rejudge_flags(
     after_id: int,
     limit: int,
     tolerance: dt.timedelta,
+    station_id: int | None = None,
 ) -> tuple[Rejudged, int | None]:
     """Judge again the ``time_inversion`` flags after ``after_id`` (at most ``limit``,
     by id, any status) against their PDAs' stored events, as a push storing an event
@@ -130,15 +131,14 @@ def rejudge_flags(
     its audit entry as every system change's). Flags raised before a push rejudged
     the pairs it split (a pair judged across a rejected seq stored later) are so put
     right. The PDAs' sync states are locked first, in id order, as a push locks its
-    own before its flags. Returns what it did and the last id read (None: no more)."""
-    ids = list(
-        session.scalars(
-            select(Flag.id)
-            .where(Flag.kind == KIND, Flag.id > after_id)
-            .order_by(Flag.id)
-            .limit(limit)
-        )
-    )
+    own before its flags. ``station_id``: only the flags of parcels now at that
+    station (at any station). Returns what it did and the last id read (None: no
+    more)."""
+    query = select(Flag.id).where(Flag.kind == KIND, Flag.id > after_id)
+    if station_id is not None:
+        here = select(Parcel.tracking_no).where(Parcel.station_id == station_id)
+        query = query.where(Flag.tracking_no.in_(here))
+    ids = list(session.scalars(query.order_by(Flag.id).limit(limit)))
     if not ids:
         return Rejudged(0, 0, 0), None
     evidence = dict(session.execute(select(Flag.id, Flag.evidence).where(Flag.id.in_(ids))).all())
@@ -185,6 +185,50 @@ def rejudge_flags(
         )
     session.flush()
     return Rejudged(len(ids), withdrawn, closed), ids[-1]
+
+
+def rejudge_written_off(
+    *,
+    session: Session,
+    after_device: str,
+    limit: int,
+    tolerance: dt.timedelta,
+    station_id: int | None = None,
+) -> tuple[int, str | None]:
+    """Judge the pairs across the seqs written off of the devices after
+    ``after_device`` that have some (at most ``limit``, by id; of ``station_id``'s
+    devices only, if given), as a write-off now does (``judge_write_off``): those
+    written off before it did, once both neighbours had arrived, were never judged.
+    Each device's sync state is locked as a write-off locks it. Returns the flags
+    raised or opened again, and the last device read (None: no more)."""
+    written_off = func.coalesce(cast(DeviceSyncState.written_off_ranges, String), "null")
+    query = (
+        select(DeviceSyncState.device_id, Device.station_id)
+        .join(Device, Device.id == DeviceSyncState.device_id)
+        .where(DeviceSyncState.device_id > after_device, written_off.not_in(["[]", "null"]))
+    )
+    if station_id is not None:
+        query = query.where(Device.station_id == station_id)
+    devices = session.execute(query.order_by(DeviceSyncState.device_id).limit(limit)).all()
+    if not devices:
+        return 0, None
+    raised = 0
+    for device_id, device_station in devices:
+        state = lock_device_state(session, device_id)
+        if not state.written_off_ranges:
+            continue
+        raised += len(
+            judge_write_off(
+                session=session,
+                device_id=device_id,
+                station_id=device_station,
+                ranges=state.written_off_ranges,
+                held=SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges]),
+                tolerance=tolerance,
+            )
+        )
+    session.flush()
+    return raised, devices[-1][0]
 
 
 def _by_device(named: Iterable[Any]) -> dict[str, list[int]]:

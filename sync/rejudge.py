@@ -19,8 +19,17 @@ Each batch locks its parcels as a push does, so it is safe while the service run
 (on SQLite, pushes wait for each batch), and safe to run again: a second run changes
 nothing.
 
-Flags about the events as they arrived (clock, sequence numbers, a parcel not taken
-in, another station's scan) are not judged again: they say what the PDA sent. Run it
+Between the two, rule 6's ``time_inversion`` flags are judged again against their
+PDAs' stored events (``sync.inversion_flags``), in transactions of ``batch`` flags
+holding their PDAs' locks: a seq a flag names that no inverted pair of neighbours names
+now (a pair judged across a rejected seq stored since, before pushes judged such
+pairs again) is withdrawn, and a flag left naming none is closed, as a push now does;
+and the pairs across the seqs written off as lost are judged, in transactions of
+``batch`` PDAs, as a write-off now does (one made after both neighbours arrived judged
+none before).
+
+Other flags about the events as they arrived (clock, sequence numbers, a parcel not
+taken in, another station's scan) are not judged again: they say what the PDA sent. Run it
 once the serving processes have the new settings: until then their pushes judge the
 parcels they touch under the old ones. A batch that a live push or intake makes the
 database give up (a deadlock on PostgreSQL, as an intake can meet) is tried again.
@@ -29,6 +38,7 @@ database give up (a deadlock on PostgreSQL, as an intake can meet) is tried agai
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +54,7 @@ from models import Flag, Parcel
 from sync import audit
 from sync.balances import refresh_for_parcels
 from sync.drop_bounds import drops_after, rebound
+from sync.inversion_flags import DEFAULT_TOLERANCE, rejudge_flags, rejudge_written_off
 from sync.rules import Policy
 from sync.status import ReprojectOutcome, reproject
 
@@ -63,13 +74,21 @@ class RejudgeTotals:
     flags_rejudged: int = 0  # rule flags closed, resolved again, or given other evidence
     handover_flags_raised: int = 0  # of closed shifts (those whose cause went are closed)
     drop_bounds_changed: int = 0  # drops whose bounds (``sync.drop_bounds``) were repaired
+    # time_inversion flags (``sync.inversion_flags``): their seqs withdrawn, closed, and
+    # raised (or opened again) across seqs written off
+    inversion_seqs_withdrawn: int = 0
+    inversion_flags_closed: int = 0
+    inversion_flags_raised: int = 0
 
     def summary(self) -> str:
         return (
             f"{self.parcels} parcels judged again: {self.status_changed} changed status, "
             f"{self.flags_raised} rule flags raised, {self.flags_rejudged} closed or "
             f"changed, {self.handover_flags_raised} handover flags of closed shifts raised, "
-            f"{self.drop_bounds_changed} drops' bounds repaired"
+            f"{self.drop_bounds_changed} drops' bounds repaired; time_inversion flags "
+            f"judged again: {self.inversion_seqs_withdrawn} seqs withdrawn, "
+            f"{self.inversion_flags_closed} flags closed, {self.inversion_flags_raised} "
+            "raised across seqs written off"
         )
 
 
@@ -80,11 +99,13 @@ def rejudge_parcels(
     station_id: int | None = None,
     batch: int = 500,
     progress: Callable[[RejudgeTotals], None] | None = None,
+    inversion_tolerance: dt.timedelta = DEFAULT_TOLERANCE,
 ) -> RejudgeTotals:
     """Judge every parcel (of ``station_id``, or all) again; commits each batch. The
     audit log records the run as it starts, with the policy applied (a run that stops
     half way has changed what its batches committed), and its totals as it ends. Who
-    ran it is not known here: the command line."""
+    ran it is not known here: the command line. ``inversion_tolerance``: the
+    configured ``TIME_INVERSION_TOLERANCE_SECONDS``."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
     subject = {
@@ -95,7 +116,7 @@ def rejudge_parcels(
         session=session,
         actor_id=None,
         action=REJUDGE_STARTED_ACTION,
-        details={"policy": _settings(policy), "batch": batch},
+        details={"policy": _settings(policy, inversion_tolerance), "batch": batch},
         **subject,
     )
     session.commit()
@@ -108,6 +129,7 @@ def rejudge_parcels(
         bounded = (drops[-1].device_id, drops[-1].seq)
         if progress is not None:
             progress(totals)
+    _inversions_judged_again(session, totals, station_id, batch, inversion_tolerance, progress)
     after = ""
     while True:
         query = select(Parcel.tracking_no).where(Parcel.tracking_no > after)
@@ -131,11 +153,60 @@ def rejudge_parcels(
         session=session,
         actor_id=None,
         action=REJUDGED_ACTION,
-        details={**dataclasses.asdict(totals), "policy": _settings(policy)},
+        details={**dataclasses.asdict(totals), "policy": _settings(policy, inversion_tolerance)},
         **subject,
     )
     session.commit()
     return totals
+
+
+def _inversions_judged_again(
+    session: Session,
+    totals: RejudgeTotals,
+    station_id: int | None,
+    batch: int,
+    tolerance: dt.timedelta,
+    progress: Callable[[RejudgeTotals], None] | None,
+) -> None:
+    """The ``time_inversion`` flags judged again, then the pairs across seqs written
+    off, ``batch`` flags or PDAs per transaction, a progress line after each."""
+    after_id: int | None = 0
+    while after_id is not None:
+        start = after_id
+        done, after_id = _committed(
+            session,
+            partial(
+                rejudge_flags,
+                session=session,
+                after_id=start,
+                limit=batch,
+                tolerance=tolerance,
+                station_id=station_id,
+            ),
+            f"time_inversion flags after {start}",
+        )
+        totals.inversion_seqs_withdrawn += done.withdrawn
+        totals.inversion_flags_closed += done.closed
+        if after_id is not None and progress is not None:
+            progress(totals)
+    after_device: str | None = ""
+    while after_device is not None:
+        start_device = after_device
+        raised, after_device = _committed(
+            session,
+            partial(
+                rejudge_written_off,
+                session=session,
+                after_device=start_device,
+                limit=batch,
+                tolerance=tolerance,
+                station_id=station_id,
+            ),
+            f"seqs written off of the PDAs after {start_device!r}",
+        )
+        totals.inversion_flags_raised += raised
+        if after_device is not None and progress is not None:
+            progress(totals)
 
 
 T = TypeVar("T")
@@ -178,9 +249,10 @@ def _given_up_for_another(error: DBAPIError) -> bool:
     return isinstance(error, OperationalError) and "database is locked" in str(error.orig)
 
 
-def _settings(policy: Policy) -> dict[str, Any]:
+def _settings(policy: Policy, inversion_tolerance: dt.timedelta) -> dict[str, Any]:
     """The policy the parcels were judged under, as the audit log keeps it."""
     return {
+        "time_inversion_tolerance": str(inversion_tolerance),
         "consent_required": sorted(c.value for c in policy.consent_required),
         "signature_required": sorted(c.value for c in policy.signature_required),
         "far_from_address_m": str(policy.far_from_address_m),  # the audit chain: no floats

@@ -7,13 +7,14 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import (
     AuditEntry,
     Consent,
+    DeviceSyncState,
     Flag,
     FlagSeverity,
     FlagStatus,
@@ -24,7 +25,7 @@ from models import (
 )
 from sync import rejudge
 from sync.events import EventRules
-from sync.flags import FlagSubject, raise_flag
+from sync.flags import SYSTEM_CHANGE, FlagSubject, raise_flag, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
@@ -407,3 +408,117 @@ def test_a_repeat_in_a_later_shift_flagged_not_on_manifest_by_the_version_before
     assert list(session.scalars(select(Flag.status).where(Flag.shift_id == afternoon))) == [
         FlagStatus.CLOSED
     ]
+
+
+def inversion(session: Session, tracking_no: str) -> Flag:
+    session.expire_all()
+    return session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion", Flag.subject_key == tracking_no)
+    ).one()
+
+
+def test_time_inversion_flags_raised_across_a_seq_stored_since_are_judged_again(
+    session: Session, world: World
+) -> None:
+    """Before pushes judged again the pairs they split, a pair judged across a rejected
+    seq kept its flag once that seq was stored: parcel P's seqs 1 and 3, the clock
+    stepped back by NTP 1.5 s twice (no inversion with seq 2 between them), and seq 3
+    named in Q's flag too, whose pair 4-5 stands. Built here as such a version left
+    them, P's flag resolved by the manager since. ``rejudge`` judges each flag's seqs
+    against the events stored: P's names none now and is closed by the system, its
+    resolution settling nothing (a rule flag whose cause went away is closed resolved
+    or not), the change on the audit log; Q's keeps 4-5 and its status. A second run
+    changes nothing."""
+    p, q = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    step = dt.timedelta(seconds=1.5)
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    events = [
+        factories.event(1, p, occurred_at=at),
+        factories.event(2, p, "out_for_delivery", occurred_at=at - step),
+        factories.event(3, p, "out_for_delivery", occurred_at=at - 2 * step),
+        factories.event(4, q, occurred_at=at + dt.timedelta(minutes=10)),
+        factories.event(5, q, "out_for_delivery", occurred_at=at + dt.timedelta(minutes=5)),
+    ]
+    push(session, pusher, events)
+    pda = world.device.id
+    assert inversion(session, q).evidence["device_seqs"] == [f"{pda}#4", f"{pda}#5"]
+    for tracking_no, stale in ((p, ["#1", "#3"]), (q, ["#3"])):
+        raise_flag(
+            session=session,
+            kind="time_inversion",
+            severity=FlagSeverity.WARNING,
+            subject=FlagSubject("parcel", tracking_no),
+            station_id=world.station.id,
+            evidence={"device_seqs": [pda + seq for seq in stale]},
+        )
+    session.commit()
+    assert inversion(session, q).evidence["device_seqs"] == [f"{pda}#{s}" for s in (3, 4, 5)]
+    resolve_flag(
+        session=session,
+        flag=inversion(session, p),
+        user_id=world.manager.id,
+        note="NTP, checked",
+    )
+    session.commit()
+
+    totals = rejudge_parcels(session=session, policy=Policy())
+    stale_p, kept_q = inversion(session, p), inversion(session, q)
+    assert (stale_p.status, stale_p.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
+    assert "judged again against the events stored" in (stale_p.closed_reason or "")
+    assert (kept_q.status, kept_q.evidence["device_seqs"]) == (
+        FlagStatus.OPEN,
+        [f"{pda}#4", f"{pda}#5"],
+    )
+    assert (totals.inversion_seqs_withdrawn, totals.inversion_flags_closed) == (3, 1)
+    changes = session.scalars(
+        select(AuditEntry).where(
+            AuditEntry.action == SYSTEM_CHANGE, AuditEntry.subject_key == str(stale_p.id)
+        )
+    ).all()
+    assert [(c.details["from_status"], c.details["to_status"]) for c in changes] == [
+        ("resolved", "closed")
+    ]
+
+    again = rejudge_parcels(session=session, policy=Policy())
+    assert again == RejudgeTotals(parcels=again.parcels)
+    assert session.scalar(
+        select(func.count()).select_from(AuditEntry).where(AuditEntry.action == SYSTEM_CHANGE)
+    ) == len(changes)
+
+
+def test_a_pair_across_seqs_written_off_before_the_write_off_judged_it_is_flagged(
+    session: Session, world: World
+) -> None:
+    """Seq 3, a consent, dated ten minutes before seq 1; seq 2 lost and written off once
+    both had arrived by a version whose write-off judged no pair (the sync state as it
+    left it). ``rejudge`` judges the pair across it, at the PDA's station, as a write-off
+    now does; a second run raises nothing."""
+    p = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    events = [
+        factories.event(1, p, occurred_at=at),
+        factories.event(3, p, "out_for_delivery", occurred_at=at - dt.timedelta(minutes=10)),
+        factories.event(9, p, "out_for_delivery", occurred_at=at + dt.timedelta(minutes=5)),
+    ]
+    push(session, Pusher(world.device.id, world.station.id, world.courier.id), events)
+    session.execute(
+        update(DeviceSyncState)
+        .where(DeviceSyncState.device_id == world.device.id)
+        .values(missing_ranges=[[4, 8]], written_off_ranges=[[2, 2]], acked_through_seq=3)
+    )
+    session.commit()
+    assert session.scalar(select(func.count()).select_from(Flag)) == 0
+
+    totals = rejudge_parcels(session=session, policy=Policy(), station_id=world.station.id)
+    flag = inversion(session, p)
+    assert (flag.status, flag.evidence["device_seqs"], flag.station_id) == (
+        FlagStatus.OPEN,
+        [f"{world.device.id}#1", f"{world.device.id}#3"],
+        world.station.id,
+    )
+    assert totals.inversion_flags_raised == 1
+    again = rejudge_parcels(session=session, policy=Policy())
+    assert again == RejudgeTotals(parcels=again.parcels)

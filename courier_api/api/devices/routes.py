@@ -215,7 +215,10 @@ class LostSeqs(MethodView):
         reopens (`late_event_after_signoff`, its `latest_reopening` naming the
         `missing_seqs` and the `write_off_id`), as when a push shows such a gap; one
         that only seqs still on the PDA reopened, none missing now beyond those
-        signed off, is signed off again (`shift_reopening_withdrawn`).
+        signed off, is signed off again (`shift_reopening_withdrawn`). The events
+        stored on either side of the seqs written off are neighbours from then on:
+        their pair is flagged `time_inversion` if the later is dated before the
+        earlier (rule 6), as a push completing the pair flags it.
         Any other is refused (422 `seqs_not_missing`), the message naming each
         refused range and why: the server holds it, it is written off already, or it
         is beyond anything declared (nobody knows it exists). An event of a

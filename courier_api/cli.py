@@ -690,8 +690,9 @@ def deliver(once: bool) -> None:
     was; one log line per attempt. Failed attempts are retried with backoff; several
     deliverers (and web workers with SCHEDULER_IN_WEB) share the work safely.
     SIGTERM or Ctrl-C lets the attempt in progress finish, then stops. With --once,
-    each delivery due now is attempted once and the counts are printed (exit status
-    0 even when attempts failed: they will be retried).
+    each delivery due now is attempted once and the counts are printed, with those
+    skipped unsent as no longer worth sending (exit status 0 even when attempts failed:
+    they will be retried).
     """
     import signal
     from types import FrameType

@@ -801,20 +801,25 @@ def claim_due(
     limit: int = CLAIM_BATCH,
     skip_ids: Collection[int] = (),
     skip_subscriptions: Collection[int] = (),
+    skipped: list[int] | None = None,
 ) -> list[ClaimedDelivery]:
     """Claim up to ``limit`` deliveries due at ``due_at`` whose claim (if any) has expired
     by ``now``, of active subscriptions, that wait for no earlier delivery of their key,
     in one committed transaction; oldest first. ``skip_ids``: deliveries the caller
     attempted already; ``skip_subscriptions``: those it is sending to at the moment.
+    ``skipped``: the ids of the deliveries found moot and settled as ``skipped``
+    (``_moot``) are added to it, for the caller's counts.
 
     Never empty merely because its subscriptions no longer cover what it claimed: a
-    claim whose every delivery was dropped (see ``_claim``) is followed by another, as
-    the caller takes an empty answer for "nothing is due"."""
+    claim whose every delivery was dropped or skipped (see ``_claim``) is followed by
+    another, as the caller takes an empty answer for "nothing is due"."""
     while True:
-        claimed, dropped = _claim(
+        claimed, dropped, moot = _claim(
             sessions, due_at, now, settings, worker_id, limit, skip_ids, skip_subscriptions
         )
-        if claimed or not dropped:
+        if skipped is not None:
+            skipped.extend(moot)
+        if claimed or not (dropped or moot):
             return claimed
 
 
@@ -827,8 +832,9 @@ def _claim(
     limit: int,
     skip_ids: Collection[int],
     skip_subscriptions: Collection[int],
-) -> tuple[list[ClaimedDelivery], int]:
-    """One claim of ``claim_due``: what it claimed, and how many deliveries it dropped."""
+) -> tuple[list[ClaimedDelivery], int, list[int]]:
+    """One claim of ``claim_due``: what it claimed, how many deliveries it dropped (no
+    longer covered), and the ids of those it skipped (moot)."""
     earlier = aliased(WebhookDelivery)
     waits = exists().where(
         earlier.subscription_id == WebhookDelivery.subscription_id,
@@ -900,7 +906,7 @@ def _claim(
                 break
             passed_over.update(picked)
         if not candidates:
-            return [], 0
+            return [], 0, []
         until = now + dt.timedelta(seconds=settings.claim_seconds(len(candidates)))
         claimed = session.scalars(
             update(DELIVERY)
@@ -913,7 +919,7 @@ def _claim(
             .returning(DELIVERY.c.id)
         ).all()
         if not claimed:
-            return [], 0
+            return [], 0, []
         rows = session.execute(
             select(WebhookDelivery, OutboxMessage, WebhookSubscription)
             .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
@@ -946,22 +952,27 @@ def _claim(
                 delivery.skipped_reason = moot[delivery.id]
                 delivery.claimed_until = None
                 delivery.claimed_by = None
+        dropped = len(left)
         left.extend(moot)
-        return [
-            ClaimedDelivery(
-                id=delivery.id,
-                delivery_id=delivery.delivery_id,
-                subscription_id=delivery.subscription_id,
-                topic=delivery.topic,
-                ordering_key=delivery.ordering_key,
-                attempts=delivery.attempts,
-                url=subscription.url,
-                secret=subscription.secret,
-                envelope=envelope_of(message, delivery.delivery_id),
-            )
-            for delivery, message, subscription in rows
-            if delivery.id not in left
-        ], len(left)
+        return (
+            [
+                ClaimedDelivery(
+                    id=delivery.id,
+                    delivery_id=delivery.delivery_id,
+                    subscription_id=delivery.subscription_id,
+                    topic=delivery.topic,
+                    ordering_key=delivery.ordering_key,
+                    attempts=delivery.attempts,
+                    url=subscription.url,
+                    secret=subscription.secret,
+                    envelope=envelope_of(message, delivery.delivery_id),
+                )
+                for delivery, message, subscription in rows
+                if delivery.id not in left
+            ],
+            dropped,
+            sorted(moot),
+        )
 
 
 def _moot(
@@ -1175,7 +1186,8 @@ def deliver_due(
     and claims) is the time of this call.
 
     Returns the counts: ``claimed``, ``delivered``, ``failed`` (to be retried),
-    ``dead``, ``stale`` (see ``record_attempt``), and ``disabled``: the ids of the
+    ``dead``, ``stale`` (see ``record_attempt``), ``skipped`` (found moot when due and
+    not sent: ``_moot``; not counted as claimed), and ``disabled``: the ids of the
     subscriptions this call disabled.
     """
     rng = rng or random.Random()
@@ -1215,6 +1227,7 @@ def deliver_due(
         "failed": 0,
         "dead": 0,
         "stale": 0,
+        "skipped": 0,
         "disabled": [],
     }
 
@@ -1248,6 +1261,7 @@ def deliver_due(
         while True:
             room = min(CLAIM_BATCH - sum(map(len, in_flight.values())), limit - stats["claimed"])
             if room > 0 and not stopping():
+                skipped: list[int] = []
                 batch = claim_due(
                     sessions=sessions,
                     due_at=due_at or clock(),
@@ -1257,7 +1271,9 @@ def deliver_due(
                     limit=room,
                     skip_ids=attempted,
                     skip_subscriptions={lane[0].subscription_id for lane in in_flight.values()},
+                    skipped=skipped,
                 )
+                stats["skipped"] += len(skipped)
                 stats["claimed"] += len(batch)
                 attempted.update(claimed.id for claimed in batch)
                 by_subscription: dict[int, list[ClaimedDelivery]] = {}
@@ -1327,6 +1343,8 @@ def summary(stats: Mapping[str, Any]) -> str:
     )
     if stats.get("stale"):
         line += f", not recorded {stats['stale']}"
+    if stats.get("skipped"):
+        line += f", skipped {stats['skipped']} (no longer worth sending)"
     if stats.get("disabled"):
         line += f"; disabled subscriptions: {', '.join(map(str, stats['disabled']))}"
     return line

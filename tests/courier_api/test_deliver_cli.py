@@ -19,9 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
-from models import DeliveryStatus, WebhookDelivery, utcnow
+from models import ConsentMethod, DeliveryStatus, WebhookDelivery, utcnow
 from models.engine import make_engine
-from sync import outbox, webhooks
+from sync import consent_requests, outbox, webhooks
+from tests import factories
+from tests.conftest import World
 from tests.webhook_receiver import Answer, Receiver
 
 CLI = [sys.executable, "-m", "courier_api"]
@@ -66,6 +68,40 @@ def test_once_delivers_what_is_due_and_prints_the_counts(
     session.expire_all()
     statuses = session.scalars(select(WebhookDelivery.status).order_by(WebhookDelivery.id))
     assert list(statuses) == [DeliveryStatus.PENDING, DeliveryStatus.DELIVERED]
+
+
+def test_once_counts_the_deliveries_it_skipped(
+    runner: FlaskCliRunner, session: Session, world: World, receiver: Receiver
+) -> None:
+    """The deliverer was down while a courier asked; by then the request had lapsed. The
+    operator running ``deliver --once`` read "delivered 0, failed 0, dead 0" and could not
+    tell the backlog was settled rather than lost: the skipped delivery is counted."""
+    webhooks.create_subscription(
+        session=session, url=receiver.url, topics=["consent.requested"], production=False
+    )
+    asked_at = utcnow() - dt.timedelta(hours=2)
+    consent_requests.request_consent(
+        session=session,
+        draft=consent_requests.RequestDraft(
+            tracking_no=factories.parcel(session, world.station).tracking_no,
+            method=ConsentMethod.LOCKER,
+        ),
+        asker=consent_requests.Asker(world.courier.id, world.station.id, world.device.id),
+        ttl=dt.timedelta(minutes=30),
+        requested_at=asked_at,
+        now=asked_at,
+    )
+    session.commit()
+
+    result = runner.invoke(args=["deliver", "--once"])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == (
+        "delivered 0, failed 0 (to be retried), dead 0, skipped 1 (no longer worth sending)"
+    )
+    assert receiver.requests == []
+    session.expire_all()
+    assert session.scalars(select(WebhookDelivery.status)).all() == [DeliveryStatus.SKIPPED]
 
 
 def test_once_with_nothing_due(runner: FlaskCliRunner, session: Session) -> None:

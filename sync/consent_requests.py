@@ -446,7 +446,7 @@ def answer_request(
             tracking_no=request.tracking_no,
             point_id=answer.point_id if named else request.point_id,
             expires_at=answer.expires_at,
-            evidence=answer.evidence or f"answer to consent request {request.id}",
+            evidence=answer.evidence or consents.answer_evidence(request.id),
             client_consent_id=answer.client_consent_id,
         )
         consent = _granted_once(session, request, draft, answer, rules, answered_by, now)
@@ -491,7 +491,11 @@ def _granted_once(
     gets that consent if it states the same (what the answer leaves unsaid, when and
     the evidence, is taken as that consent's) and it answers no other request; else
     the 409 ``client_consent_id_reused``, naming the fields that differ. (A retry of
-    this very answer is told by its request, granted already.)"""
+    this very answer is told by its request, granted already.)
+
+    A consent taken so was recorded (``consent_granted``) without naming the request:
+    the answer writes ``consent_request_answered`` naming both, so that an auditor sees
+    which request it answered."""
 
     def grant() -> Consent:
         return consents.grant(
@@ -532,7 +536,43 @@ def _granted_once(
             code="client_consent_id_reused",
             field="client_consent_id",
         )
+    _audit_answered_by(session, request, consent, answer.channel, answered_by, now)
     return consent
+
+
+def _audit_answered_by(
+    session: Session,
+    request: ConsentRequest,
+    consent: Consent,
+    channel: ConsentChannel,
+    answered_by: int | None,
+    at: dt.datetime,
+) -> None:
+    """Write to the audit log that a grant answered ``request`` with ``consent``, recorded
+    before it (``consent_request_answered``): the consent's own ``consent_granted`` entry
+    does not name the request, and the request's row can be changed afterwards with
+    nothing to tell."""
+    audit.append(
+        session=session,
+        actor_id=answered_by,
+        action="consent_request_answered",
+        subject_type="consent_request",
+        subject_key=str(request.id),
+        details={
+            "request_id": request.id,
+            "consent_id": consent.id,
+            "tracking_no": request.tracking_no,
+            "answered_at": audit.iso(at),
+            "channel": channel.value,
+            "method": request.method.value,
+            "point_id": request.point_id,
+            "requested_at": audit.iso(request.requested_at),
+            "courier_id": request.courier_id,
+            "station_id": request.station_id,
+            "client_consent_id": consent.client_consent_id,
+        },
+        tracking_no=request.tracking_no,
+    )
 
 
 def _record_refusal(session: Session, tracking_no: str, at: dt.datetime) -> None:

@@ -190,6 +190,12 @@ def grant(
     return consent
 
 
+def answer_evidence(request_id: int) -> str:
+    """The evidence a consent answering a courier's request is recorded with when the
+    channel sends none: the server's words, not the channel's."""
+    return f"answer to consent request {request_id}"
+
+
 def grant_once(
     *,
     session: Session,
@@ -203,6 +209,12 @@ def grant_once(
     gave it, the retry gets the consent recorded the first time (``new`` False: nothing
     recorded, nothing to judge again), so that revoking the one it heard of revokes the
     only one. The same id with other content is a conflict, never an overwrite.
+
+    A consent recorded with that id by the channel's answer to a courier's request (an
+    answer that won a race with this POST, or came first) has the server's evidence
+    when the answer sent none (``answer_evidence``): a POST sending none states the same
+    there, and is answered as a retry (rule 2 compares what the channel said; the
+    server's words are not the channel's). Evidence the channel did send is compared.
 
     Two retries at once: the second answers the first's consent (``created_once``)."""
     if draft.client_consent_id is None:
@@ -219,6 +231,12 @@ def grant_once(
     )
     if new:
         return consent, True
+    if draft.evidence is None and consent.evidence is not None:
+        answered = session.scalar(
+            select(ConsentRequest.id).where(ConsentRequest.consent_id == consent.id)
+        )
+        if answered is not None and consent.evidence == answer_evidence(answered):
+            draft = replace(draft, evidence=consent.evidence)
     differing = differing_from(session, consent, draft, rules, now)
     if differing:
         differ = "differs" if len(differing) == 1 else "differ"

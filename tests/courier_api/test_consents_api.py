@@ -1344,6 +1344,104 @@ def test_an_answer_to_a_request_keeps_the_channels_id_unless_it_was_used(
     assert plain.status_code == 409 and plain.get_json()["code"] == "client_consent_id_reused"
 
 
+def test_an_answer_taking_a_consent_recorded_alone_is_on_the_audit_log_naming_both(
+    client: FlaskClient,
+    auth: Auth,
+    app1: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    world: World,
+) -> None:
+    """The gateway recorded the recipient's "yes" alone, then sent it as the answer to the
+    courier's request: the consent's ``consent_granted`` entry names no request, and the
+    auditor settling a dispute could not tell which request it answered. The answer
+    writes ``consent_request_answered``, naming the request and the consent, once."""
+    courier = auth.headers("courier1", "PDA-0001")
+    asked = client.post(
+        f"{URL}/requests",
+        json={"tracking_no": parcel.tracking_no, "method": "locker"},
+        headers=courier,
+    ).get_json()
+    granted_at = now().isoformat()
+    alone = grant(
+        client,
+        app1,
+        tracking_no=parcel.tracking_no,
+        channel="sms",
+        granted_at=granted_at,
+        client_consent_id="sms-11",
+    ).get_json()
+    answer = {
+        "request_id": asked["id"],
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-11",
+    }
+    assert client.post(URL, json=answer, headers=app1).status_code == 201
+    assert client.post(URL, json=answer, headers=app1).status_code == 201  # a retry
+    session.expire_all()
+    entries = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action.in_(["consent_granted", "consent_request_answered"]))
+        .order_by(AuditEntry.id)
+    ).all()
+    assert [(e.action, e.subject_type, e.subject_key) for e in entries] == [
+        ("consent_granted", "consent", str(alone["id"])),
+        ("consent_request_answered", "consent_request", str(asked["id"])),
+    ]
+    linked = entries[1]
+    assert (linked.details["request_id"], linked.details["consent_id"]) == (
+        asked["id"],
+        alone["id"],
+    )
+    assert (linked.actor_id, linked.tracking_no) == (world.integration.id, parcel.tracking_no)
+    by_parcel = client.get(
+        "/api/v1/audit",
+        query_string={"tracking_no": parcel.tracking_no},
+        headers=auth.headers("auditor1"),
+    ).get_json()
+    assert "consent_request_answered" in [e["action"] for e in by_parcel["items"]]
+
+
+def test_a_consent_sent_alone_after_the_answer_that_recorded_it_is_a_retry(
+    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    """The gateway sends the recipient's "yes" both ways with one id, the answer to the
+    request arriving first with no evidence: the consent it records has the server's
+    evidence ("answer to consent request N"), which the plain POST, also without
+    evidence, did not say otherwise. It is the same grant (rule 2): answered as a retry,
+    not a 409 "evidence differ"; a plain POST stating other evidence is still the 409."""
+    courier = auth.headers("courier1", "PDA-0001")
+    asked = client.post(
+        f"{URL}/requests",
+        json={"tracking_no": parcel.tracking_no, "method": "locker"},
+        headers=courier,
+    ).get_json()
+    granted_at = now().isoformat()
+    answered = client.post(
+        URL,
+        json={
+            "request_id": asked["id"],
+            "channel": "sms",
+            "granted_at": granted_at,
+            "client_consent_id": "sms-12",
+        },
+        headers=app1,
+    ).get_json()
+    alone = {
+        "tracking_no": parcel.tracking_no,
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-12",
+    }
+    plain = grant(client, app1, **alone)
+    assert plain.status_code == 201, plain.get_json()
+    assert plain.get_json()["id"] == answered["id"]
+    assert session.scalar(select(func.count()).select_from(Consent)) == 1
+    other = grant(client, app1, **alone, evidence="recording 77")
+    assert other.status_code == 409 and "evidence differ" in other.get_json()["message"]
+
+
 def test_an_answer_with_the_id_of_the_same_consent_recorded_alone_is_answered_by_it(
     client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
 ) -> None:

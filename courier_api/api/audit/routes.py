@@ -74,7 +74,9 @@ class AuditEntries(MethodView):
         `reason`), consents recorded or
         revoked through the API (`consent_granted`, `consent_revoked`; subject
         `consent` and its id; a grant answering a courier's request names it in
-        `request_id`), a recipient's refusal of a courier's request for
+        `request_id`; an answer taking a consent recorded before it, alone, writes
+        `consent_request_answered`, subject `consent_request` and its id, with the
+        `request_id` and the `consent_id`), a recipient's refusal of a courier's request for
         consent (`consent_refused`; subject `consent_request` and its id, also in
         `request_id`), each change
         of a known parcel by an intake (`parcel_updated`; subject `parcel` and its

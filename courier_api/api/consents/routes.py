@@ -124,8 +124,12 @@ class Consents(MethodView):
         `consent_request_expired`. A grant with a `client_consent_id` that a
         consent has already (sent alone, or by another answer at the same
         moment) is answered by that consent if it states the same and answers
-        no other request; otherwise a 409 `client_consent_id_reused` says what
-        differs or which request it answers.
+        no other request (audit-logged as `consent_request_answered`, naming the
+        request and the consent); otherwise a 409 `client_consent_id_reused` says
+        what differs or which request it answers. A consent sent alone with the
+        `client_consent_id` an answer recorded, without evidence where the answer
+        sent none (its evidence is then the server's, "answer to consent request
+        <id>"), is the same grant: a retry.
         """
         if body.get("request_id") is not None:
             return _answer_request(body)

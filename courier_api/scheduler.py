@@ -41,7 +41,7 @@ from courier_api import metrics
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import DeliveryStatus, utcnow
-from sync import refresh_tokens, reports, sweeps, webhooks
+from sync import consent_requests, refresh_tokens, reports, sweeps, webhooks
 from sync.blobs import FileBlobStore
 from sync.scheduling import (
     FAILED,
@@ -155,6 +155,16 @@ def _blob_missing_at_handover(config: Mapping[str, Any]) -> JobFunction:
 )
 def _consent_expiry(config: Mapping[str, Any]) -> JobFunction:
     return partial(sweeps.consent_expiry, settings=sweep_settings_of(config))
+
+
+@register_job(
+    "consent_requests_lapsed",
+    interval_seconds=MINUTE,
+    description="Announces consent requests that lapsed unanswered "
+    "(consent.request_lapsed), once each, so that the recipient's channel stops asking.",
+)
+def _consent_requests_lapsed(config: Mapping[str, Any]) -> JobFunction:
+    return consent_requests.announce_lapsed
 
 
 @register_job(

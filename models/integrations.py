@@ -34,6 +34,13 @@ class ConsentRequest(Base):
             postgresql_where=text("client_request_id IS NOT NULL"),
             sqlite_where=text("client_request_id IS NOT NULL"),
         ),
+        # The requests whose lapse the ``consent_requests_lapsed`` job has yet to announce.
+        Index(
+            "ix_consent_request_unannounced_lapse",
+            "expires_at",
+            postgresql_where=text("status = 'pending' AND lapse_announced_at IS NULL"),
+            sqlite_where=text("status = 'pending' AND lapse_announced_at IS NULL"),
+        ),
     )
 
     id: Mapped[int_pk]
@@ -64,6 +71,9 @@ class ConsentRequest(Base):
     consent_id: Mapped[int | None] = mapped_column(ForeignKey("consent.id"), unique=True)
     # Status ``revoked``: when the consent that answered it was revoked (its ``revoked_at``).
     revoked_at: Mapped[dt.datetime | None]
+    # When its lapse (pending at ``expires_at``) was announced (``consent.request_lapsed``):
+    # once. Set on the requests that had lapsed before this was kept, never announced.
+    lapse_announced_at: Mapped[dt.datetime | None]
     created_at: Mapped[timestamp]
 
     def __repr__(self) -> str:

@@ -14,6 +14,13 @@ A request for a parcel the station has not taken in, of another station, or
 whose recipient has no phone number, cannot be sent: it is kept as ``unsent``
 with the reason. A correction voiding the request's event cancels it: the
 recipient's answer no longer counts (one already given stands: it was theirs).
+
+The channel hears what became of each request it was asked, once, through the outbox
+and after its ``consent.requested`` (the parcel's ordering key): one topic per outcome,
+as ``consent.request_cancelled`` is one, each with its own facts (the consent that
+answers a grant, a refusal's reason): ``consent.request_granted``,
+``consent.request_refused``, ``consent.request_lapsed`` (pending at its expiry:
+``announce_lapsed``, a job) and ``consent.request_revoked`` (``sync.consents.revoke``).
 """
 
 from __future__ import annotations
@@ -339,6 +346,9 @@ def cancel_voided(
             cancelled.append(request)
             if now < request.expires_at:  # asked, and maybe shown: tell the channel
                 _announce_cancelled(session, request, now)
+            elif request.lapse_announced_at is None and request.created_at < request.expires_at:
+                # It lapsed first, asked: that is its end, as the channel hears it.
+                _announce_lapsed(session, request, now)
     return cancelled
 
 
@@ -347,20 +357,95 @@ def _announce_cancelled(session: Session, request: ConsentRequest, now: dt.datet
     whose answer would be refused (``consent_request_cancelled``). After the request's
     ``consent.requested`` for the same parcel; one not yet sent then is skipped
     (``sync.webhooks``)."""
-    outbox.announce(
-        session=session,
-        topic="consent.request_cancelled",
-        ordering_key=outbox.parcel_key(request.tracking_no),
-        station_id=request.station_id,
-        data={
-            "request_id": request.id,
-            "tracking_no": request.tracking_no,
-            "station_id": request.station_id,
-            "cancelled_at": now,
-            "reason": request.status_reason,
-        },
-        now=now,
+    consents.announce_outcome(
+        session,
+        request,
+        "consent.request_cancelled",
+        {"cancelled_at": now, "reason": request.status_reason},
+        now,
     )
+
+
+def _announce_granted(
+    session: Session,
+    request: ConsentRequest,
+    consent: Consent,
+    channel: ConsentChannel,
+    now: dt.datetime,
+) -> None:
+    """``consent.request_granted``: the recipient agreed; what, as the consent records it."""
+    consents.announce_outcome(
+        session,
+        request,
+        "consent.request_granted",
+        {
+            "consent_id": consent.id,
+            "method": consent.method,
+            "point_id": consent.point_id,
+            "channel": channel,
+            "granted_at": consent.granted_at,
+            "expires_at": consent.expires_at,
+            "answered_at": now,
+        },
+        now,
+    )
+
+
+def _announce_refused(
+    session: Session, request: ConsentRequest, channel: ConsentChannel, now: dt.datetime
+) -> None:
+    """``consent.request_refused``: the recipient said no (the courier rings the bell)."""
+    consents.announce_outcome(
+        session,
+        request,
+        "consent.request_refused",
+        {"channel": channel, "refused_at": now, "reason": request.status_reason},
+        now,
+    )
+
+
+def _announce_lapsed(session: Session, request: ConsentRequest, now: dt.datetime) -> None:
+    """``consent.request_lapsed``, once (``lapse_announced_at``)."""
+    request.lapse_announced_at = now
+    consents.announce_outcome(
+        session, request, "consent.request_lapsed", {"expires_at": request.expires_at}, now
+    )
+
+
+LAPSE_BATCH = 500
+
+
+def announce_lapsed(*, session: Session, now: dt.datetime) -> dict[str, Any]:
+    """The ``consent_requests_lapsed`` job: each request still pending at its expiry, not
+    announced yet, is announced as lapsed (``consent.request_lapsed``) and marked, so
+    that the channel stops showing the recipient a question no answer to counts. Not
+    one that lapsed before it reached the server (never sent). Committed batch by batch;
+    a request answered or cancelled meanwhile is passed over (read again under its
+    lock)."""
+    due = (
+        select(ConsentRequest)
+        .where(
+            ConsentRequest.status == ConsentRequestStatus.PENDING,
+            ConsentRequest.lapse_announced_at.is_(None),
+            ConsentRequest.expires_at <= now,
+        )
+        .order_by(ConsentRequest.expires_at, ConsentRequest.id)
+        .limit(LAPSE_BATCH)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    announced: list[int] = []
+    never_sent = 0
+    while batch := session.scalars(due).all():
+        for request in batch:
+            if request.created_at >= request.expires_at:  # lapsed on its way: not sent
+                request.lapse_announced_at = now
+                never_sent += 1
+                continue
+            _announce_lapsed(session, request, now)
+            announced.append(request.id)
+        session.commit()
+    return {"announced": len(announced), "never_sent": never_sent, "request_ids": announced[:100]}
 
 
 @dataclass(frozen=True)
@@ -458,8 +543,12 @@ def answer_request(
         _record_refusal(session, request.tracking_no, now)
     request.answered_at = now
     request.answered_by = answered_by
-    if not answer.granted:
+    if answer.granted:
+        assert consent is not None
+        _announce_granted(session, request, consent, answer.channel, now)
+    else:
         _audit_refusal(session, request, answer.channel, now)
+        _announce_refused(session, request, answer.channel, now)
     feed.record(
         session,
         [

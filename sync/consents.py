@@ -21,7 +21,7 @@ import datetime as dt
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +41,7 @@ from models import (
     ScanEvent,
     utcnow,
 )
-from sync import audit, feed
+from sync import audit, feed, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.events import canonical_point
 from sync.phones import normalize_phone
@@ -445,23 +445,66 @@ def revoked_requests(session: Session, consent: Consent) -> None:
     """The request ``consent`` answered (``granted``) is ``revoked`` at the consent's
     ``revoked_at``, and its courier's PDA hears of it in its pull feed (a
     ``consent_request`` entry), as of the answer: the integrator reading the request and
-    the PDA must not be told the recipient agreed after they took it back."""
-    for station_id, courier_id, tracking_no in session.execute(
+    the PDA must not be told the recipient agreed after they took it back. The channel
+    hears it too (``consent.request_revoked``)."""
+    for request in session.scalars(
         update(ConsentRequest)
         .where(
             ConsentRequest.consent_id == consent.id,
             ConsentRequest.status == ConsentRequestStatus.GRANTED,
         )
         .values(status=ConsentRequestStatus.REVOKED, revoked_at=consent.revoked_at)
-        .returning(
-            ConsentRequest.station_id, ConsentRequest.courier_id, ConsentRequest.tracking_no
-        )
+        .returning(ConsentRequest)
         .execution_options(synchronize_session="fetch")
     ):
         feed.record(
             session,
-            [feed.FeedEntry(station_id, courier_id, FeedKind.CONSENT_REQUEST, tracking_no)],
+            [
+                feed.FeedEntry(
+                    request.station_id,
+                    request.courier_id,
+                    FeedKind.CONSENT_REQUEST,
+                    request.tracking_no,
+                )
+            ],
         )
+        announce_outcome(
+            session,
+            request,
+            "consent.request_revoked",
+            {
+                "consent_id": consent.id,
+                "revoked_at": consent.revoked_at,
+                "reason": consent.revoked_reason,
+                "channel": consent.revoked_channel,
+            },
+            utcnow(),
+        )
+
+
+def announce_outcome(
+    session: Session,
+    request: ConsentRequest,
+    topic: str,
+    data: Mapping[str, Any],
+    now: dt.datetime,
+) -> None:
+    """Tell the channel what became of ``request`` (``topic``, one per outcome:
+    ``sync.consent_requests`` says which), after its ``consent.requested`` (the parcel's
+    ordering key)."""
+    outbox.announce(
+        session=session,
+        topic=topic,
+        ordering_key=outbox.parcel_key(request.tracking_no),
+        station_id=request.station_id,
+        data={
+            "request_id": request.id,
+            "tracking_no": request.tracking_no,
+            "station_id": request.station_id,
+            **data,
+        },
+        now=now,
+    )
 
 
 def get(*, session: Session, consent_id: int) -> Consent:

@@ -29,6 +29,12 @@ TOPICS: dict[str, str] = {
     "consent.requested": "A courier asks a recipient to agree to unattended delivery",
     "consent.request_cancelled": "The courier's PDA voided such a request (a correction) "
     "while it waited: stop asking, no answer to it counts",
+    "consent.request_granted": "The recipient agreed to such a request: the consent that "
+    "answers it",
+    "consent.request_refused": "The recipient refused such a request",
+    "consent.request_lapsed": "Such a request reached its expiry unanswered: stop asking, "
+    "an answer now is refused",
+    "consent.request_revoked": "The consent that answered such a request was revoked",
     "parcel.in_locker": "A parcel was left in a locker: where, and the pickup code",
     "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
     "parcel.drop_voided": "A courier's correction voided such a drop: the parcel is not "

@@ -37,6 +37,7 @@ EXPECTED_INTERVALS = {
     "stale_device": 300,
     "blob_missing_at_handover": 900,
     "consent_expiry": 300,
+    "consent_requests_lapsed": 60,
     "proof_retention_purge": 86400,
     "webhook_retention": 86400,
     "refresh_token_purge": 86400,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy import Engine, event, insert, inspect, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from models import Base, migrate
@@ -2068,8 +2068,9 @@ def test_point_ids_are_rewritten_upper_case_and_a_resent_event_stays_a_duplicate
                 created_at=at,
             )
         )
-        session.add(
-            ConsentRequest(
+        # Core, naming only the columns of this version (later ones add others).
+        session.execute(
+            insert(ConsentRequest.__table__).values(
                 station_id=station.id,
                 tracking_no=parcel,
                 courier_id=courier.id,
@@ -2178,3 +2179,60 @@ def test_the_lock_timeout_is_set_back_before_the_connection_is_pooled(scratch: E
         assert connection.scalar(text("SHOW lock_timeout")) == "1500ms"
         connection.rollback()
     assert raw.execute("SHOW lock_timeout").fetchone()[0] == "0"
+
+
+REQUESTS_ANNOUNCE_LAPSE = "f3b8d6a2c4e1"  # consent requests announce their lapse once
+
+
+def test_requests_lapsed_before_the_upgrade_are_never_announced(scratch: Engine) -> None:
+    """The pending requests that had lapsed before the version are marked as of their
+    expiry, so that the lapse job does not announce months of old questions; a pending
+    one still running, and an answered one, are left unmarked (the job reads only
+    pending ones). The downgrade drops the column."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    with Session(scratch) as session:
+        station = factories.station(session)
+        courier = factories.user(session, "courier1", "courier", station)
+        session.commit()
+        station_id, courier_id = station.id, courier.id
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # SQLite keeps naive UTC
+    requested = {1: now - dt.timedelta(days=30), 2: now, 3: now - dt.timedelta(days=30)}
+    with scratch.begin() as connection:
+        for request_id, status in ((1, "pending"), (2, "pending"), (3, "refused")):
+            connection.execute(
+                text(
+                    "INSERT INTO consent_request (id, station_id, tracking_no, courier_id, "
+                    "method, requested_at, expires_at, status, created_at) VALUES "
+                    "(:id, :station, 'RR473124829GB', :courier, 'locker', :at, :expires, "
+                    ":status, :at)"
+                ),
+                {
+                    "id": request_id,
+                    "station": station_id,
+                    "courier": courier_id,
+                    "at": requested[request_id],
+                    "expires": requested[request_id] + dt.timedelta(minutes=30),
+                    "status": status,
+                },
+            )
+
+    migrate.upgrade(scratch, REQUESTS_ANNOUNCE_LAPSE)
+    with scratch.connect() as connection:
+        marked = dict(
+            connection.execute(
+                text("SELECT id, lapse_announced_at IS NOT NULL FROM consent_request")
+            ).all()
+        )
+        indexes = {i["name"] for i in inspect(connection).get_indexes("consent_request")}
+    assert marked == {1: True, 2: False, 3: False}
+    assert "ix_consent_request_unannounced_lapse" in indexes
+    migrate.downgrade(scratch, BY_THEIR_PARCELS)
+    with scratch.connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("consent_request")}
+    assert "lapse_announced_at" not in columns

@@ -24,7 +24,7 @@ from models import (
     WebhookSubscription,
 )
 from models.enums import ConsentChannel, ConsentMethod, FlagSeverity, FlagStatus
-from sync import consent_requests, flags, shifts
+from sync import consent_requests, consents, flags, shifts
 from sync.consents import ConsentRules
 from sync.errors import Conflict
 from sync.events import EventRules
@@ -811,3 +811,123 @@ def test_a_request_cancelled_while_it_waits_is_announced_to_the_channel(
     )
     pda.push([again, oops])
     assert len(messages(session, "consent.request_cancelled")) == 1
+
+
+OUTCOMES = (
+    "consent.requested",
+    "consent.request_granted",
+    "consent.request_refused",
+    "consent.request_lapsed",
+    "consent.request_revoked",
+)
+
+
+def outcomes(session: Session) -> list[tuple[str, int]]:
+    """The outcome messages written, oldest first: (topic, request id)."""
+    return [
+        (m.topic, m.payload["request_id"])
+        for m in session.scalars(
+            select(OutboxMessage)
+            .where(OutboxMessage.topic.in_(OUTCOMES[1:]))
+            .order_by(OutboxMessage.created_at, OutboxMessage.topic)
+        )
+    ]
+
+
+def test_the_channel_hears_each_requests_outcome_once(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The SMS gateway asked the recipient and showed "waiting for your answer"; it heard
+    nothing when another channel's answer granted it, the recipient refused another,
+    a third lapsed unanswered or the consent granted was revoked, and kept showing the
+    stale question. Each outcome is announced once (retries of the answer, a revocation
+    sent twice, the lapse job run again announce nothing), after the question (the
+    parcel's key)."""
+    subscribe(session, *OUTCOMES)
+    pda.push(
+        [
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+            pda.event(parcel, "consent_requested", 52, request={"method": "locker"}),
+        ]
+    )
+    granted, refused, lapsed = session.scalars(
+        select(ConsentRequest).order_by(ConsentRequest.id)
+    ).all()
+    _, consent, _ = answer(session, granted, point_id="L-3")
+    answer(session, granted, point_id="L-3")  # the channel's retry
+    answer(session, refused, granted=False, reason="ring the bell")
+    answer(session, refused, granted=False, reason="ring the bell")
+    assert outcomes(session) == [
+        ("consent.request_granted", granted.id),
+        ("consent.request_refused", refused.id),
+    ]
+    [grant] = messages(session, "consent.request_granted")
+    assert grant.ordering_key == parcel and grant.station_id == world.station.id
+    assert grant.payload == {
+        "request_id": granted.id,
+        "tracking_no": parcel,
+        "station_id": world.station.id,
+        "consent_id": consent.id,
+        "method": "locker",
+        "point_id": "L-3",
+        "channel": "sms",
+        "granted_at": NOW.isoformat(),
+        "expires_at": None,
+        "answered_at": NOW.isoformat(),
+    }
+    [refusal] = messages(session, "consent.request_refused")
+    assert (refusal.payload["reason"], refusal.payload["refused_at"]) == (
+        "ring the bell",
+        NOW.isoformat(),
+    )
+
+    revocation = consents.Revocation(revoked_by=None, reason="changed my mind")
+    assert consents.revoke(session=session, consent=consent, revocation=revocation)
+    assert not consents.revoke(session=session, consent=consent, revocation=revocation)
+    session.commit()
+    [revoked] = messages(session, "consent.request_revoked")
+    assert revoked.payload["consent_id"] == consent.id
+    assert revoked.payload["reason"] == "changed my mind"
+    assert revoked.payload["revoked_at"] == consent.revoked_at.isoformat()
+
+    before = lapsed.expires_at - dt.timedelta(seconds=1)
+    assert consent_requests.announce_lapsed(session=session, now=before)["announced"] == 0
+    later = lapsed.expires_at + dt.timedelta(minutes=1)
+    run = consent_requests.announce_lapsed(session=session, now=later)
+    assert (run["announced"], run["request_ids"]) == (1, [lapsed.id])
+    assert consent_requests.announce_lapsed(session=session, now=later)["announced"] == 0
+    [lapse] = messages(session, "consent.request_lapsed")
+    assert lapse.payload == {
+        "request_id": lapsed.id,
+        "tracking_no": parcel,
+        "station_id": world.station.id,
+        "expires_at": lapsed.expires_at.isoformat(),
+    }
+    assert sorted(outcomes(session)) == sorted(
+        [
+            ("consent.request_granted", granted.id),
+            ("consent.request_refused", refused.id),
+            ("consent.request_revoked", granted.id),
+            ("consent.request_lapsed", lapsed.id),
+        ]
+    )
+    # Each after its question, for the same subscription and key.
+    questions = {m.id for m in messages(session, "consent.requested")}
+    deliveries = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    assert {d.message_id for d in deliveries[:3]} == questions
+    assert {d.ordering_key for d in deliveries} == {parcel}
+
+
+def test_a_request_never_sent_is_not_announced_as_lapsed(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """Lapsed before it reached the server (the PDA offline too long), the request was
+    never asked: the channel is not told it lapsed, and the job marks it done."""
+    subscribe(session, *OUTCOMES)
+    event = pda.event(parcel, "consent_requested", 5, request={"method": "locker"})
+    pda.push([event], received_at=NOW + dt.timedelta(hours=2))
+    run = consent_requests.announce_lapsed(session=session, now=NOW + dt.timedelta(hours=3))
+    assert (run["announced"], run["never_sent"]) == (0, 1)
+    assert messages(session, "consent.request_lapsed") == []
+    assert request_of(session).lapse_announced_at is not None

@@ -254,6 +254,66 @@ class WebhookConsentRequestCancelled(ma.Schema):
     reason = ma.fields.String(required=True)
 
 
+class _WebhookRequestOutcome(ma.Schema):
+    request_id = ma.fields.Integer(required=True)
+    tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})
+    station_id = ma.fields.Integer(required=True)
+
+
+class WebhookConsentRequestGranted(_WebhookRequestOutcome):
+    """`consent.request_granted`: the recipient agreed (an answer through POST /consents
+    with the `request_id`, this channel's or another's): stop asking, tell them it is
+    recorded. Once per request, after its `consent.requested`."""
+
+    consent_id = ma.fields.Integer(required=True)
+    method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)
+    point_id = ma.fields.String(allow_none=True, required=True)
+    channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        required=True,
+        metadata={"description": "The channel the answer came through"},
+    )
+    granted_at = _time()
+    expires_at = ma.fields.AwareDateTime(
+        allow_none=True, required=True, metadata={"description": "The consent's; null: none"}
+    )
+    answered_at = _time("When the answer reached the server")
+
+
+class WebhookConsentRequestRefused(_WebhookRequestOutcome):
+    """`consent.request_refused`: the recipient said no (the courier rings the bell;
+    their earlier consents no longer hold for this parcel). Once per request."""
+
+    channel = ma.fields.Enum(ConsentChannel, by_value=True, required=True)
+    refused_at = _time()
+    reason = ma.fields.String(allow_none=True, required=True)
+
+
+class WebhookConsentRequestLapsed(_WebhookRequestOutcome):
+    """`consent.request_lapsed`: the request reached its expiry unanswered: stop asking;
+    an answer now is a 409 `consent_request_expired`. Once per request, within a minute
+    or so of its expiry (a job); not for one that lapsed before it was sent."""
+
+    expires_at = _time()
+
+
+class WebhookConsentRequestRevoked(_WebhookRequestOutcome):
+    """`consent.request_revoked`: the consent that granted the request was revoked
+    (POST /consents/<id>/revoke): it no longer authorizes a drop. Once per request."""
+
+    consent_id = ma.fields.Integer(required=True)
+    revoked_at = _time()
+    reason = ma.fields.String(allow_none=True, required=True)
+    channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={"description": "How the recipient revoked, when the revocation said"},
+    )
+
+
 class WebhookParcelInLocker(ma.Schema):
     """`parcel.in_locker`: tell the recipient where to collect the parcel."""
 
@@ -394,6 +454,10 @@ class WebhookReportReady(ma.Schema):
 TOPIC_DATA: dict[str, type[ma.Schema]] = {
     "consent.requested": WebhookConsentRequested,
     "consent.request_cancelled": WebhookConsentRequestCancelled,
+    "consent.request_granted": WebhookConsentRequestGranted,
+    "consent.request_refused": WebhookConsentRequestRefused,
+    "consent.request_lapsed": WebhookConsentRequestLapsed,
+    "consent.request_revoked": WebhookConsentRequestRevoked,
     "parcel.in_locker": WebhookParcelInLocker,
     "parcel.at_pickup_point": WebhookParcelAtPickupPoint,
     "parcel.drop_voided": WebhookParcelDropVoided,

@@ -477,8 +477,10 @@ def answer_request(
 
     The same answer sent again (a channel retrying) changes nothing and gives back
     what the first one made (a grant's consent, revoked since: the request reads
-    ``revoked``); the other answer, one to a request that lapsed, or one
-    to a request that was never sent is a conflict. A grant creates a parcel consent
+    ``revoked``); the other answer, a grant stating another consent than the one
+    recorded (``_differing_grant``: rule 2, never the first grant passed off as this
+    one), one to a request that lapsed, or one to a request that was never sent is a
+    conflict. A grant creates a parcel consent
     (the caller judges the parcel again); a refusal is kept with the parcel and written
     to the audit log. Either answer tells the courier's PDA; both write to the audit
     log, which the caller may defer until it has judged the parcel (``audit.deferred``:
@@ -489,6 +491,16 @@ def answer_request(
     if request.status in ANSWERED:
         if (request.status != ConsentRequestStatus.REFUSED) == answer.granted:
             consent = session.get(Consent, request.consent_id) if request.consent_id else None
+            if consent is not None:
+                differing = _differing_grant(session, request, consent, answer, rules, now)
+                if differing:
+                    raise Conflict(
+                        f"consent request {request.id} was already granted by consent "
+                        f"{consent.id}, whose {', '.join(differing)} differ: send the "
+                        "same answer again, or ask the courier for a new request",
+                        code="consent_request_answered",
+                        field="request_id",
+                    )
             return request, consent, False
         raise Conflict(
             f"consent request {request.id} was already answered: {request.status.value}",
@@ -517,23 +529,7 @@ def answer_request(
         )
     consent = None
     if answer.granted:
-        # What the recipient agreed to: the request's method and point, unless the
-        # answer names others (a point named alone keeps the method asked).
-        method = answer.method or request.method
-        # The request's point stands unless the answer names a point or another method
-        # (restating the method asked is not a wider consent).
-        named = answer.point_id is not None or method != request.method
-        draft = consents.ConsentDraft(
-            scope=ConsentScope.PARCEL,
-            method=method,
-            channel=answer.channel,
-            granted_at=answer.granted_at or now,
-            tracking_no=request.tracking_no,
-            point_id=answer.point_id if named else request.point_id,
-            expires_at=answer.expires_at,
-            evidence=answer.evidence or consents.answer_evidence(request.id),
-            client_consent_id=answer.client_consent_id,
-        )
+        draft = _granted_draft(request, answer, now)
         consent = _granted_once(session, request, draft, answer, rules, answered_by, now)
         request.status = ConsentRequestStatus.GRANTED
         request.consent_id = consent.id
@@ -562,6 +558,53 @@ def answer_request(
     )
     session.flush()
     return request, consent, True
+
+
+def _granted_draft(
+    request: ConsentRequest, answer: Answer, now: dt.datetime
+) -> consents.ConsentDraft:
+    """The consent a grant answering ``request`` states."""
+    # What the recipient agreed to: the request's method and point, unless the answer
+    # names others (a point named alone keeps the method asked).
+    method = answer.method or request.method
+    # The request's point stands unless the answer names a point or another method
+    # (restating the method asked is not a wider consent).
+    named = answer.point_id is not None or method != request.method
+    return consents.ConsentDraft(
+        scope=ConsentScope.PARCEL,
+        method=method,
+        channel=answer.channel,
+        granted_at=answer.granted_at or now,
+        tracking_no=request.tracking_no,
+        point_id=answer.point_id if named else request.point_id,
+        expires_at=answer.expires_at,
+        evidence=answer.evidence or consents.answer_evidence(request.id),
+        client_consent_id=answer.client_consent_id,
+    )
+
+
+def _differing_grant(
+    session: Session,
+    request: ConsentRequest,
+    consent: Consent,
+    answer: Answer,
+    rules: consents.ConsentRules,
+    now: dt.datetime,
+) -> list[str]:
+    """The fields a grant sent again for ``request`` states otherwise than ``consent``,
+    the one that answered it, recorded them. What it leaves unsaid (when, the expiry,
+    the evidence, the channel's id) is taken as the consent's, as a retry of the
+    first answer may leave it out."""
+    stated = replace(
+        _granted_draft(request, answer, now),
+        granted_at=answer.granted_at or consent.granted_at,
+        expires_at=consent.expires_at if answer.expires_at is None else answer.expires_at,
+        evidence=consent.evidence if answer.evidence is None else answer.evidence,
+    )
+    differing = consents.differing_from(session, consent, stated, rules, now)
+    if answer.client_consent_id not in (None, consent.client_consent_id):
+        differing.append("client_consent_id")
+    return differing
 
 
 def _granted_once(

@@ -878,3 +878,35 @@ def test_a_retried_request_for_another_stations_parcel_stays_unsent(
     assert [a.status_code for a in answers] == [201, 201]
     assert answers[0].get_json() == answers[1].get_json()
     assert answers[0].get_json()["status"] == "unsent"
+
+
+def test_another_grant_sent_for_a_granted_request_is_a_conflict_not_the_first_grant(
+    client: FlaskClient, courier: dict[str, str], channel: dict[str, str], parcel: str
+) -> None:
+    """The recipient agreed to locker L-3; the app, its answer lost, then sent "pickup
+    point PP-9, until tonight" for the same request and read 201: the consent said L-3
+    and no expiry, and the app told the recipient otherwise. The same request id with
+    another grant is a conflict naming what differs (rule 2), never the first grant
+    passed off as this one; the same grant again, or one leaving out what the first
+    said, is a retry."""
+    request = ask(client, courier, parcel, point_id="L-3").get_json()
+    answer = {"request_id": request["id"], "channel": "app", "evidence": "app tap 5"}
+    first = client.post(CONSENTS, json=answer, headers=channel)
+    assert first.status_code == 201, first.get_json()
+    for retry in (answer, {"request_id": request["id"], "channel": "app"}):
+        again = client.post(CONSENTS, json=retry, headers=channel)
+        assert again.status_code == 201 and again.get_json()["id"] == first.get_json()["id"]
+    tonight = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=8)).isoformat()
+    other = client.post(
+        CONSENTS,
+        json={**answer, "method": "pickup_point", "point_id": "PP-9", "expires_at": tonight},
+        headers=channel,
+    )
+    assert other.status_code == 409, other.get_json()
+    error = other.get_json()
+    assert error["code"] == "consent_request_answered"
+    assert "method, point_id, expires_at differ" in error["message"], error
+    by_sms = client.post(CONSENTS, json={**answer, "channel": "sms"}, headers=channel)
+    assert by_sms.status_code == 409 and "channel differ" in by_sms.get_json()["message"]
+    consent = client.get(f"{CONSENTS}/{first.get_json()['id']}", headers=channel).get_json()
+    assert (consent["point_id"], consent["expires_at"]) == ("L-3", None)

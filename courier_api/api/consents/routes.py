@@ -119,8 +119,10 @@ class Consents(MethodView):
         `refusal_without_request` (nothing is recorded). The courier's PDA
         hears the answer in its pull feed (`consent_request`). The same answer
         sent again changes
-        nothing and answers the same; the other answer is a 409
-        `consent_request_answered`; one after the request lapsed a 409
+        nothing and answers the same (what a retried grant leaves out is taken
+        as the consent's); the other answer, or a grant stating another consent
+        (method, point, channel, times, evidence), is a 409
+        `consent_request_answered` naming what differs; one after the request lapsed a 409
         `consent_request_expired`. A grant with a `client_consent_id` that a
         consent has already (sent alone, or by another answer at the same
         moment) is answered by that consent if it states the same and answers

@@ -108,7 +108,8 @@ class Consents(MethodView):
 
         **Answering a request** (`consent.requested` webhook): send its
         `request_id` with the `channel` (and optionally `granted_at`, default
-        now, `expires_at`, `evidence`); the parcel, method and point are the
+        now, not before the request was made: else a 422
+        `granted_before_request`; `expires_at`, `evidence`); the parcel, method and point are the
         request's unless given (the method asked, restated without a point,
         keeps the point asked: the recipient agreed to that one); the answer
         (201) carries the request too, and its audit entry (`consent_granted`)

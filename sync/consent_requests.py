@@ -479,9 +479,9 @@ def answer_request(
     what the first one made (a grant's consent, revoked since: the request reads
     ``revoked``); the other answer, a grant stating another consent than the one
     recorded (``_differing_grant``: rule 2, never the first grant passed off as this
-    one), one to a request that lapsed, or one to a request that was never sent is a
-    conflict. A grant creates a parcel consent
-    (the caller judges the parcel again); a refusal is kept with the parcel and written
+    one), a refusal giving another reason, one to a request that lapsed, or one to a
+    request that was never sent is a conflict. A grant creates a parcel consent (the
+    caller judges the parcel again); a refusal is kept with the parcel and written
     to the audit log. Either answer tells the courier's PDA; both write to the audit
     log, which the caller may defer until it has judged the parcel (``audit.deferred``:
     the log's lock comes after the flags').
@@ -501,6 +501,13 @@ def answer_request(
                         code="consent_request_answered",
                         field="request_id",
                     )
+            elif answer.reason not in (None, request.status_reason):
+                raise Conflict(
+                    f"consent request {request.id} was already refused with another "
+                    "reason: send the same answer again",
+                    code="consent_request_answered",
+                    field="reason",
+                )
             return request, consent, False
         raise Conflict(
             f"consent request {request.id} was already answered: {request.status.value}",

@@ -931,3 +931,24 @@ def test_a_request_never_sent_is_not_announced_as_lapsed(
     assert (run["announced"], run["never_sent"]) == (0, 1)
     assert messages(session, "consent.request_lapsed") == []
     assert request_of(session).lapse_announced_at is not None
+
+
+def test_a_refusal_sent_again_with_another_reason_is_a_conflict(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """The recipient said "no, ring the bell"; the gateway, its answer lost, sent the
+    refusal again with "no, I am on holiday, return it" and was told it was recorded,
+    while the parcel keeps the first reason. The same refusal again (or without a
+    reason) is a retry; with another reason, a conflict (rule 2), the first kept."""
+    pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
+    request = request_of(session)
+    answer(session, request, granted=False, reason="ring the bell")
+    for same in ("ring the bell", None):
+        _, _, new = answer(session, request, granted=False, reason=same)
+        assert not new
+    with pytest.raises(Conflict) as info:
+        answer(session, request, granted=False, reason="on holiday, return it")
+    assert info.value.code == "consent_request_answered"
+    assert "refused with another reason" in info.value.message
+    session.rollback()
+    assert request_of(session).status_reason == "ring the bell"

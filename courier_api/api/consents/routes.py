@@ -122,8 +122,9 @@ class Consents(MethodView):
         sent again changes
         nothing and answers the same (what a retried grant leaves out is taken
         as the consent's); the other answer, or a grant stating another consent
-        (method, point, channel, times, evidence), is a 409
-        `consent_request_answered` naming what differs; one after the request lapsed a 409
+        (method, point, channel, times, evidence) or a refusal another
+        `reason`, is a 409 `consent_request_answered` naming what differs; one
+        after the request lapsed a 409
         `consent_request_expired`. A grant with a `client_consent_id` that a
         consent has already (sent alone, or by another answer at the same
         moment) is answered by that consent if it states the same and answers

@@ -244,6 +244,57 @@ def test_an_answer_racing_the_same_consent_with_its_id_gets_it(
 
 
 @pytest.mark.postgres_only
+def test_a_consent_alone_losing_the_race_to_the_answer_with_its_id_is_a_retry(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race the other way round, neither sending evidence: the answer inserts
+    first, its consent carrying the server's evidence ("answer to consent request N").
+    The plain POST, finding it after the unique index, was a 409 "evidence differ"; it
+    is the same grant and is answered as a retry (rule 2), one consent recorded."""
+    from models import Consent, ConsentRequest
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    asked = (
+        committed_app.test_client()
+        .post(
+            f"{CONSENTS}/requests",
+            json={"tracking_no": tracking_no, "method": "locker"},
+            headers=headers["courier"],
+        )
+        .get_json()
+    )
+    _slow_to_find_none(monkeypatch, consents_module, "recorded_as")
+    granted_at = dt.datetime.now(dt.UTC).isoformat()
+    answer = {
+        "request_id": asked["id"],
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-race-4",
+    }
+    alone = {
+        "tracking_no": tracking_no,
+        "method": "locker",
+        "channel": "sms",
+        "granted_at": granted_at,
+        "client_consent_id": "sms-race-4",
+    }
+    answers = race_requests(
+        committed_app,
+        [
+            ("POST", CONSENTS, answer, headers["integration"]),
+            ("POST", CONSENTS, alone, headers["integration"]),
+        ],
+        delays=[0, 0.25],  # both find nothing; the answer inserts first
+    )
+    assert [a.status_code for a in answers] == [201, 201], [a.get_json() for a in answers]
+    assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
+    with committed_app.app_context():
+        [consent_id] = db.session.scalars(select(Consent.id)).all()
+        request = db.session.get(ConsentRequest, asked["id"])
+        assert request is not None and request.consent_id == consent_id
+
+
+@pytest.mark.postgres_only
 def test_two_answers_racing_with_one_id_for_two_requests_give_the_loser_the_named_409(
     committed_app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -952,6 +952,14 @@ def _claim(
                 delivery.skipped_reason = moot[delivery.id]
                 delivery.claimed_until = None
                 delivery.claimed_by = None
+                log.info(
+                    "webhook delivery %s (%s, key %s) to subscription %s: skipped, %s",
+                    delivery.delivery_id,
+                    delivery.topic,
+                    delivery.ordering_key,
+                    delivery.subscription_id,
+                    moot[delivery.id],
+                )
         dropped = len(left)
         left.extend(moot)
         return (

@@ -1483,12 +1483,17 @@ def test_lookups_that_hang_hold_up_no_other_receivers_lookup(
 
 
 def test_a_consent_request_no_longer_pending_when_due_is_skipped_with_why(
-    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    sender: HttpxSender,
+    world: World,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The receiver was down while three couriers asked: by the time it is back, one
     request lapsed and one was refused. Only the one still pending asks the recipient;
     the others' deliveries are skipped, with why, and not retried; the parcel's next
     message is not held back by them."""
+    caplog.set_level(logging.INFO, logger="sync.webhooks")
     subscribe(sessions, receiver.url, topics=("consent.requested", "parcel.in_locker"))
     asker = consent_requests.Asker(world.courier.id, world.station.id, world.device.id)
     with sessions.begin() as session:
@@ -1521,6 +1526,9 @@ def test_a_consent_request_no_longer_pending_when_due_is_skipped_with_why(
         "the recipient is not asked",
     ]
     assert all(d.attempts == 0 and d.claimed_by is None for d in skipped)
+    logged = [r.getMessage() for r in caplog.records if ": skipped, " in r.getMessage()]
+    assert len(logged) == 2
+    assert all(str(d.delivery_id) in line for d, line in zip(skipped, logged, strict=True))
     assert deliver(sessions, sender, T0 + LATER)["claimed"] == 0  # not retried
     announce(sessions, parcels[1], now=T0 + LATER)  # the lapsed one's parcel, in a locker
     assert deliver(sessions, sender, T0 + LATER)["delivered"] == 1

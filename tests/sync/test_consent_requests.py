@@ -952,3 +952,26 @@ def test_a_refusal_sent_again_with_another_reason_is_a_conflict(
     assert "refused with another reason" in info.value.message
     session.rollback()
     assert request_of(session).status_reason == "ring the bell"
+
+
+def test_a_request_voided_after_it_lapsed_is_announced_as_lapsed_not_cancelled(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """The courier's correction of a request reached the server after the request had
+    lapsed, before the lapse job ran: its end, as the channel hears it, is the lapse,
+    once; not a cancellation of a question that was over."""
+    subscribe(session, *OUTCOMES, "consent.request_cancelled")
+    asked = pda.event(parcel, "consent_requested", 50, request={"method": "locker"})
+    pda.push([asked])
+    request = request_of(session)
+    fix = pda.event(
+        parcel, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="x"
+    )
+    pda.push([fix], received_at=request.expires_at + dt.timedelta(seconds=30))
+    assert request_of(session).status == ConsentRequestStatus.CANCELLED
+    assert messages(session, "consent.request_cancelled") == []
+    [lapse] = messages(session, "consent.request_lapsed")
+    assert lapse.payload["request_id"] == request.id
+    later = request.expires_at + dt.timedelta(minutes=5)
+    assert consent_requests.announce_lapsed(session=session, now=later)["announced"] == 0
+    assert len(messages(session, "consent.request_lapsed")) == 1

@@ -549,6 +549,12 @@ def answer_request(
     if answer.granted:
         assert consent is not None
         _announce_granted(session, request, consent, answer.channel, now)
+        if consent.revoked_at is not None:
+            # A consent the channel recorded alone and revoked before this answer took
+            # it: the request reads what that consent is, as if answered, then revoked.
+            request.status = ConsentRequestStatus.REVOKED
+            request.revoked_at = consent.revoked_at
+            consents.announce_revoked(session, request, consent, now)
     else:
         _audit_refusal(session, request, answer.channel, now)
         _announce_refused(session, request, answer.channel, now)

@@ -468,18 +468,25 @@ def revoked_requests(session: Session, consent: Consent) -> None:
                 )
             ],
         )
-        announce_outcome(
-            session,
-            request,
-            "consent.request_revoked",
-            {
-                "consent_id": consent.id,
-                "revoked_at": consent.revoked_at,
-                "reason": consent.revoked_reason,
-                "channel": consent.revoked_channel,
-            },
-            utcnow(),
-        )
+        announce_revoked(session, request, consent, utcnow())
+
+
+def announce_revoked(
+    session: Session, request: ConsentRequest, consent: Consent, now: dt.datetime
+) -> None:
+    """``consent.request_revoked``: the consent that answered ``request`` is revoked."""
+    announce_outcome(
+        session,
+        request,
+        "consent.request_revoked",
+        {
+            "consent_id": consent.id,
+            "revoked_at": consent.revoked_at,
+            "reason": consent.revoked_reason,
+            "channel": consent.revoked_channel,
+        },
+        now,
+    )
 
 
 def announce_outcome(

@@ -23,7 +23,7 @@ from models import (
     WebhookDelivery,
     WebhookSubscription,
 )
-from models.enums import ConsentChannel, ConsentMethod, FlagSeverity, FlagStatus
+from models.enums import ConsentChannel, ConsentMethod, ConsentScope, FlagSeverity, FlagStatus
 from sync import consent_requests, consents, flags, shifts
 from sync.consents import ConsentRules
 from sync.errors import Conflict
@@ -975,3 +975,41 @@ def test_a_request_voided_after_it_lapsed_is_announced_as_lapsed_not_cancelled(
     later = request.expires_at + dt.timedelta(minutes=5)
     assert consent_requests.announce_lapsed(session=session, now=later)["announced"] == 0
     assert len(messages(session, "consent.request_lapsed")) == 1
+
+
+def test_an_answer_taking_a_consent_revoked_since_reads_revoked(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The gateway recorded the recipient's "yes" alone, the recipient took it back, and
+    then the gateway sent the same "yes" as the answer to the courier's request: the
+    answer takes that consent (a retry of it), revoked. The request read ``granted``, and
+    the courier's PDA was told to leave the parcel in the locker, a drop then flagged
+    unauthorized. It reads ``revoked`` with the consent's time, and the channel hears
+    both, the grant and then the revocation."""
+    subscribe(session, *OUTCOMES)
+    pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
+    request = request_of(session)
+    alone, _ = consents.grant_once(
+        session=session,
+        draft=consents.ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=ConsentMethod.LOCKER,
+            channel=ConsentChannel.SMS,
+            granted_at=NOW,
+            tracking_no=parcel,
+            client_consent_id="sms-21",
+        ),
+        rules=CONSENT_RULES,
+        created_by=None,
+        now=NOW,
+    )
+    consents.revoke(session=session, consent=alone, revocation=consents.Revocation(None))
+    session.commit()
+    answered, consent, new = answer(session, request, client_consent_id="sms-21")
+    assert new and consent.id == alone.id
+    assert answered.status == ConsentRequestStatus.REVOKED
+    assert answered.revoked_at == alone.revoked_at
+    assert [t for t, _ in outcomes(session)] == [
+        "consent.request_granted",
+        "consent.request_revoked",
+    ]

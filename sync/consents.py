@@ -232,10 +232,8 @@ def grant_once(
     if new:
         return consent, True
     if draft.evidence is None and consent.evidence is not None:
-        answered = session.scalar(
-            select(ConsentRequest.id).where(ConsentRequest.consent_id == consent.id)
-        )
-        if answered is not None and consent.evidence == answer_evidence(answered):
+        answered = request_answered_by(session, consent.id)
+        if answered is not None and consent.evidence == answer_evidence(answered.id):
             draft = replace(draft, evidence=consent.evidence)
     differing = differing_from(session, consent, draft, rules, now)
     if differing:
@@ -249,6 +247,11 @@ def grant_once(
             field="client_consent_id",
         )
     return consent, False
+
+
+def request_answered_by(session: Session, consent_id: int) -> ConsentRequest | None:
+    """The courier's request that the consent ``consent_id`` answers, if any."""
+    return session.scalar(select(ConsentRequest).where(ConsentRequest.consent_id == consent_id))
 
 
 def differing_from(

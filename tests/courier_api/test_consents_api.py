@@ -1437,6 +1437,9 @@ def test_a_consent_sent_alone_after_the_answer_that_recorded_it_is_a_retry(
     plain = grant(client, app1, **alone)
     assert plain.status_code == 201, plain.get_json()
     assert plain.get_json()["id"] == answered["id"]
+    # The consent answers the request: the answer says so, as the answer's own did.
+    assert plain.get_json()["request"]["id"] == asked["id"]
+    assert plain.get_json()["request"]["status"] == "granted"
     assert session.scalar(select(func.count()).select_from(Consent)) == 1
     other = grant(client, app1, **alone, evidence="recording 77")
     assert other.status_code == 409 and "evidence differ" in other.get_json()["message"]

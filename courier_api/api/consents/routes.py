@@ -174,7 +174,14 @@ class Consents(MethodView):
                     session=db.session, consent=consent, policy=policy_of(current_app.config)
                 )
         db.session.commit()
-        return {**_view(consent), "request": None}, 201
+        # A retry may be of a consent an answer to a request recorded (its id's).
+        answered = None if new else consents.request_answered_by(db.session, consent.id)
+        return {
+            **_view(consent),
+            "request": None
+            if answered is None
+            else request_view(answered, utcnow(), unmasked=_unmasked()),
+        }, 201
 
     @blp.auth(*READERS)
     @blp.arguments(ConsentListArgs, location="query")

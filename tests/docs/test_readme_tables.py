@@ -11,7 +11,7 @@ from courier_api.scheduler import JOB_SPECS
 from sync.outbox import TOPICS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-EVERY = {"5 min": 300, "15 min": 900, "30 min": 1800, "daily": 86400}
+EVERY = {"1 min": 60, "5 min": 300, "15 min": 900, "30 min": 1800, "daily": 86400}
 
 
 def section(title: str, until: str) -> str:

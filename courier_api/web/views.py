@@ -528,8 +528,9 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
 
 
 PDA_ELSEWHERE = (
-    "PDA {device_id} is now another station's, whose manager writes its seqs off; sign "
-    "this shift off forced, with a reason naming the seqs lost"
+    "PDA {device_id} is now another station's: the seqs of this station's shifts it lost "
+    "are written off by an admin (its new station's manager writes off only its own); or "
+    "sign this shift off forced, with a reason naming the seqs lost"
 )
 
 
@@ -555,6 +556,7 @@ def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
             ranges=lost_seqs.requested_ranges((), seq_ranges_typed(form.get("seqs"))),
             reason=form.get("reason") or "",
             user_id=current_principal().user_id,
+            station_id=current_principal().station_filter(None),
         )
 
     done = f"The lost sequence numbers of {found.device_id} are written off."

@@ -379,9 +379,12 @@ def test_a_manager_lists_only_their_own_stations_write_offs_of_a_pda_moved_to_th
     lost_in_the_middle(session, world, pda)
     at_st1 = lost_seqs(client, manager, seqs=[3]).get_json()["id"]
     world.device.station_id = world.other_station.id
+    factories.user(session, "courier2", "courier", world.other_station)
     session.commit()
+    # ST2's first shift declares seq 8 its first: seq 7 is no shift's, ST2's to write off.
+    Courier(client, auth, "courier2", "PDA-0001").open(first_seq=8)
     moved = auth.headers("manager2")
-    at_st2 = lost_seqs(client, moved, seqs=[4], reason="found broken at ST2").get_json()["id"]
+    at_st2 = lost_seqs(client, moved, seqs=[7], reason="found broken at ST2").get_json()["id"]
 
     def listed(headers: dict[str, str]) -> list[int]:
         response = write_offs(client, headers)
@@ -452,3 +455,49 @@ def test_a_pdas_write_offs_are_hidden_from_other_stations_and_refused_to_courier
     # That manager reads their own station's PDA: it has none.
     own = write_offs(client, auth.headers("manager2"), device_id="PDA-0002")
     assert own.get_json() == {"items": [], "next_after": None}
+
+
+def test_a_manager_may_not_write_off_seqs_of_a_shift_of_the_station_a_pda_moved_from(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """PDA-0001 lost seqs 3 and 4 of a shift at ST1, then moved to ST2: ST2's manager
+    wrote them off, the write-off taking the PDA's station at the time, though the seqs
+    are ST1's shift's handover (rule 7: managers act on their own station). Refused
+    now, naming the seqs and the shift owning them; an admin may."""
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    world.device.station_id = world.other_station.id
+    session.commit()
+    refused = lost_seqs(client, auth.headers("manager2"), seqs=[3, 4])
+    assert refused.status_code == 403, refused.get_json()
+    body = refused.get_json()
+    assert body["code"] == "seqs_of_another_station"
+    assert f"shift {shift['id']} of station ST1" in body["message"]
+    assert "3-4" in body["message"]
+    assert balance(client, shift["id"], manager)["missing_seqs"] == [3, 4]
+    assert lost_seqs(client, auth.headers("admin"), seqs=[3, 4]).status_code == 201
+
+
+def test_a_manager_writes_off_seqs_of_no_shift_on_a_pda_moved_to_their_station(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    auth: Auth,
+) -> None:
+    """The seqs between ST1's last shift (declared to end at 6) and ST2's first
+    (declared to start at 10) belong to no shift: the PDA's station, ST2, writes them
+    off."""
+    lost_in_the_middle(session, world, pda)
+    world.device.station_id = world.other_station.id
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    Courier(client, auth, "courier2", "PDA-0001").open(first_seq=10)
+    response = lost_seqs(client, auth.headers("manager2"), ranges=[{"first": 7, "last": 9}])
+    assert response.status_code == 201, response.get_json()
+    refused = lost_seqs(client, auth.headers("manager2"), seqs=[3])
+    assert refused.get_json()["code"] == "seqs_of_another_station"

@@ -198,7 +198,12 @@ class LostSeqs(MethodView):
         signed off, is signed off again (`shift_reopening_withdrawn`).
         Any other is refused (422 `seqs_not_missing`), the message naming each
         refused range and why: the server holds it, it is written off already, or it
-        is beyond anything declared (nobody knows it exists). An event of a
+        is beyond anything declared (nobody knows it exists). A manager writes off
+        only their own station's seqs (rule 7): those a shift of their station owns,
+        or that no shift owns on their station's PDA; seqs a shift of another station
+        owns (the PDA moved since) are refused (403 `seqs_of_another_station`, naming
+        the ranges and the shift and station owning them): an admin writes them off,
+        or that shift is signed off forced. An event of a
         written-off seq that arrives after all is taken as any late event, and its
         write-off is moot. A device of another station answers a manager what an
         unknown id answers (404 `device_not_found`).
@@ -214,6 +219,7 @@ class LostSeqs(MethodView):
             ranges=ranges,
             reason=body["reason"],
             user_id=current_principal().user_id,
+            station_id=current_principal().station_filter(None),
         )
         db.session.commit()
         return {

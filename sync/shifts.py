@@ -1209,7 +1209,10 @@ def sign_off(
 
     The same sign-off sent again (its answer lost: the same manager, note, reason and
     version) is answered with the shift as it stands, and writes nothing; any other
-    sign-off of a signed-off shift is refused (``already_signed_off``).
+    sign-off of a signed-off shift is refused (``already_signed_off``), a retry giving
+    a ``force_reason`` the sign-off did not keep too: a reason is kept only where the
+    sign-off needed forcing, so a retry naming one where none was kept is not the
+    same request.
     """
     from sync.balances import shift_balance, signed_off_version
     from sync.handover import balance_version, sign_off_blocked
@@ -1227,7 +1230,7 @@ def sign_off(
         if (
             shift.signed_off_by == user_id
             and shift.signoff_note == note_text
-            and shift.signoff_forced_reason in (None, reason)
+            and shift.signoff_forced_reason == reason
             and (
                 seen_version is None
                 or signed_off_version(shift, shift_balance(session=session, shift=shift))
@@ -1235,11 +1238,7 @@ def sign_off(
             )
         ):
             return shift  # this sign-off, sent again
-        raise Conflict(
-            f"shift {shift.id} is already signed off, by another sign-off than this one: "
-            "its page shows whose, when and with what note",
-            code="already_signed_off",
-        )
+        raise Conflict(already_signed_off(session, shift, user_id), code="already_signed_off")
     balance = shift_balance(session=session, shift=shift)
     if seen_version is not None and seen_version != balance_version(balance):
         raise Conflict(
@@ -1259,6 +1258,21 @@ def sign_off(
         note=note_text,
         forced_reason=reason if blocked else None,
         now=now,
+    )
+
+
+def already_signed_off(session: Session, shift: Shift, user_id: int) -> str:
+    """Why a sign-off of a signed-off shift is refused, as the state says: by whom (the
+    caller themselves, or a user by id) and when, on the station's clock. A manager
+    whose answer was lost and who sent the sign-off again with another note, reason or
+    version reads that it was theirs, not someone else's."""
+    who = "you" if shift.signed_off_by == user_id else f"user #{shift.signed_off_by}"
+    assert shift.signed_off_at is not None  # signed off
+    when = station_clock(shift.signed_off_at, station_timezone(session, shift.station_id))
+    return (
+        f"shift {shift.id} is already signed off, by {who} at {when}, and not as this "
+        "sign-off says (its note, force_reason or balance_version differ): its page shows "
+        "the sign-off with its note"
     )
 
 

@@ -1224,6 +1224,37 @@ def test_a_sign_off_sent_again_is_answered_as_the_first_time(
     assert len(session.scalars(entries).all()) == 1
 
 
+def test_a_sign_off_sent_again_with_a_force_reason_it_did_not_keep_is_another_one(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The first sign-off needed no forcing and kept no reason; the manager sent it
+    again with a `force_reason` and was answered 200 as if it were the same request
+    (the kept reason was compared as "none or this one"). Now it is another sign-off:
+    refused, saying the shift is signed off by the caller and when. A forced sign-off
+    sent again with its reason is still the same; with another reason, it is not."""
+    shift = pda.open()
+    assert pda.close(shift["id"]).status_code == 200
+    assert sign_off(client, shift["id"], manager).status_code == 200
+    again = sign_off(client, shift["id"], manager, force_reason="PDA broken")
+    assert again.status_code == 409, again.get_json()
+    assert again.get_json()["code"] == "already_signed_off"
+    assert "signed off, by you at " in again.get_json()["message"]
+
+    forced = pda.open(first_seq=1)
+    pda.close(forced["id"], last_seq=2)  # seqs 1-2 still on the PDA: provisional
+    reason = "PDA broken, its scans are gone"
+    assert sign_off(client, forced["id"], manager, force_reason=reason).status_code == 200
+    assert sign_off(client, forced["id"], manager, force_reason=reason).status_code == 200
+    other = sign_off(client, forced["id"], manager, force_reason="another reason")
+    assert other.status_code == 409, other.get_json()
+    entries = select(AuditEntry).where(AuditEntry.action == "shift_signed_off")
+    assert len(session.scalars(entries).all()) == 2
+
+
 def test_a_phone_in_the_sign_off_is_masked_except_for_auditors(
     client: FlaskClient, auth: Auth, pda: Courier, manager: dict[str, str]
 ) -> None:

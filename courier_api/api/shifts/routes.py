@@ -237,7 +237,10 @@ class SignOff(MethodView):
         `balance_changed`): read it again. The same sign-off sent again (its
         answer lost: the same manager, `note`, `force_reason` and `balance_version`)
         is answered with the shift and writes nothing; another sign-off of a
-        signed-off shift is refused (409 `already_signed_off`). An event
+        signed-off shift is refused (409 `already_signed_off`, saying by whom and
+        when). A `force_reason` is kept only when the balance needed forcing: sent
+        again with a reason where the sign-off kept none (or with another reason),
+        it is another sign-off, refused so. An event
         that lands after the sign-off reopens the shift (it goes back to
         `closed`) and raises `late_event_after_signoff`; so does one rejected
         after it that is the shift's (one of its seqs, or without a valid seq

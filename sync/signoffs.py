@@ -2,7 +2,7 @@
 
 At 19:00 a manager has many shifts to sign off, and most of them need no other word
 than "all accounted for": handed over, balanced, with no event of their PDA rejected,
-no flag of their own waiting, no corrected outcome still to review and every proof image
+no flag naming them waiting, no corrected outcome still to review and every proof image
 uploaded. ``sign_off_clean`` signs
 those off with one note, each as ``sync.shifts.sign_off`` would with the balance
 version the manager was shown, and refuses any other with its reason: it gets a
@@ -27,8 +27,8 @@ from sync.balances import (
     OpenFlag,
     balances_and_rejections,
     images_lacking,
-    open_own_flags,
     signed_off_version,
+    waiting_flags,
 )
 from sync.errors import InvalidInput
 from sync.handover import (
@@ -76,7 +76,7 @@ def sign_off_clean(
     """Sign off, with ``note``, each of the station's shifts in ``seen`` (shift id:
     the balance ``version`` the manager was shown) that is a clean handover: closed,
     balanced, no event of its PDA rejected (``sync.balances.balances_and_rejections``),
-    no own flag open or acknowledged (``sync.balances.open_own_flags``), no corrected
+    no flag naming it open or acknowledged (``sync.balances.waiting_flags``), no corrected
     outcome of its parcels still to review (``sync.balances.REVIEW_KINDS``), every proof
     image its deliveries name uploaded, and its balance still the version shown.
     The others are refused, each with its reason; outcomes come in shift id order.
@@ -108,7 +108,7 @@ def sign_off_clean(
     judged, rejected, reviews = balances_and_rejections(
         session, list(handed_over.values()), station_id=station_id
     )
-    waiting = open_own_flags(session, list(handed_over))
+    waiting = waiting_flags(session, list(handed_over))
     lacking = images_lacking(session, list(handed_over))
     outcomes = []
     # Every sign-off's entry chained at once, after its UPDATE: statements per request
@@ -214,7 +214,7 @@ def not_clean(
         kinds = ", ".join(sorted({flag.kind for flag in flags}))
         return Refusal(
             "open_flags",
-            f"{len(flags)} flag{'' if len(flags) == 1 else 's'} of its own waiting ({kinds}): "
+            f"{len(flags)} flag{'' if len(flags) == 1 else 's'} of it waiting ({kinds}): "
             "decide on them, or sign it off on its own",
         )
     if reviews:

@@ -916,6 +916,46 @@ def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
     }
 
 
+def test_a_board_rows_open_flags_are_those_its_waiting_list_shows(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """A parcel not handed back is flagged missing_at_handover under the shift. The
+    board row said "0 open flags" (it counted the shift's own kinds only), while the
+    list it links to, `GET /flags?shift_id=&waiting=true`, listed that flag: the
+    manager at 19:00 counted one thing and found another. They agree now, while the
+    flag waits and once it is resolved."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    assert pda.close(shift["id"], last_seq=pda.seq).status_code == 200
+    board_url = f"/api/v1/stations/{world.station.id}/handover"
+    waiting_url = f"/api/v1/flags?shift_id={shift['id']}&waiting=true"
+
+    def counted() -> tuple[list[int], list[int], int]:
+        board = client.get(board_url, headers=manager).get_json()
+        [row] = board["shifts"]
+        assert row["open_flag_count"] == len(row["open_flags"])
+        listed = client.get(waiting_url, headers=manager).get_json()["items"]
+        return (
+            [f["flag_id"] for f in row["open_flags"]],
+            [f["id"] for f in listed],
+            board["totals"]["with_open_flags"],
+        )
+
+    row_flags, listed, with_open = counted()
+    assert len(listed) == 1 and row_flags == listed and with_open == 1
+    flag_id = listed[0]
+    resolved = client.post(
+        f"/api/v1/flags/{flag_id}/resolve", json={"note": "lost in the van"}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    assert counted() == ([], [], 0)
+
+
 def test_the_station_board_lists_the_days_shifts_with_their_balance(
     client: FlaskClient,
     session: Session,

@@ -328,10 +328,11 @@ class StationHandover(MethodView):
         its `signed_off_at` is then the superseded sign-off's. In the totals a
         shift still open counts as `open` and under no balance status, and its
         parcels without an outcome as `still_out`, not `missing`: the balance
-        totals are the handovers. Each row names the shift's own flags still open
-        or acknowledged (`open_flags`: proof images missing at handover, say),
-        which its balance does not count, and the totals count such shifts
-        (`with_open_flags`); a handed-over row counts its PDA's events the
+        totals are the handovers. Each row names the flags naming the shift still
+        open or acknowledged (`open_flags`), as `GET /flags?shift_id=&waiting=true`
+        lists them: its own (proof images missing at handover, say), which its
+        balance does not count, and its handover flags still to decide; the totals
+        count such shifts (`with_open_flags`); a handed-over row counts its PDA's events the
         server rejected (`rejected_events`), which its balance cannot show, and its
         parcels' corrected outcomes no manager has looked at yet
         (`corrections_to_review`: `correction_review`, `correction_by_another_courier`

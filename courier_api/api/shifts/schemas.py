@@ -368,14 +368,18 @@ class BoardShiftOut(ma.Schema):
         },
     )
     open_flag_count = _count(
-        "The shift's own flags still open or acknowledged (not its handover "
-        "discrepancies, which the balance counts): a balanced shift can have one, such as "
-        "proof images still missing at handover"
+        "The flags naming the shift still open or acknowledged, as `GET "
+        "/flags?shift_id=&waiting=true` lists them: its own (a balanced shift can have one, "
+        "such as proof images still missing at handover) and its handover discrepancies' "
+        "(`missing_at_handover`, `not_on_manifest`), which its balance also counts"
     )
     open_flags = ma.fields.List(
         ma.fields.Nested(BoardFlagOut),
         required=True,
-        metadata={"description": "Those flags, oldest first (`GET /flags?shift_id=` lists all)"},
+        metadata={
+            "description": "Those flags, oldest first (`GET /flags?shift_id=&waiting=true` "
+            "lists them; without `waiting`, decided ones too)"
+        },
     )
     images_missing = _count(
         "Proof images (signatures, photos) the handed-over shift's deliveries name that the "
@@ -420,7 +424,7 @@ class BoardTotalsOut(BalanceCounts):
         "Shifts signed off, then reopened by late events: closed, waiting for a new sign-off"
     )
     with_open_flags = _count(
-        "Shifts with an own flag open or acknowledged (`open_flag_count`), whatever their balance"
+        "Shifts with a flag open or acknowledged (`open_flag_count`), whatever their balance"
     )
 
 

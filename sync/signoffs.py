@@ -14,7 +14,7 @@ changed does not hold up the rest.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,6 +51,67 @@ REFUSED = "refused"
 class Refusal(NamedTuple):
     code: str
     message: str
+
+
+class Seen(NamedTuple):
+    """What the manager signing a shift off was shown of it, as they send it back; None:
+    not sent, not compared. The board row gives all three (``balance_version``,
+    ``rejected_events``, ``open_flags``), the shift's page too; a shift signed off with
+    others was clean when read: no event rejected, no flag waiting."""
+
+    balance_version: str | None
+    rejected_events: int | None = None  # its PDA's events rejected, as counted then
+    open_flags: Collection[int] | None = None  # ids of the flags naming it still waiting
+
+
+def changed_since_read(
+    seen: Seen, balance: Balance, rejected_events: int, flags: Sequence[OpenFlag]
+) -> Refusal | None:
+    """Whether the shift changed since the manager read it, in what they were shown and
+    would sign off without seeing again: its balance, its PDA's rejected events (which
+    the balance cannot show) and the flags naming it still waiting
+    (``sync.balances.waiting_flags``), or None. The one check of both sign-offs: a
+    single one (``sync.shifts.sign_off``) and those signed off together."""
+    if seen.balance_version is not None and seen.balance_version != balance_version(balance):
+        return Refusal(
+            "balance_changed",
+            f"its balance changed since it was read (now {counts_named(balance)}): read it again",
+        )
+    if seen.rejected_events is not None and seen.rejected_events != rejected_events:
+        return Refusal(
+            "rejected_events_changed",
+            f"{rejected_events} event{'' if rejected_events == 1 else 's'} of its PDA "
+            f"{'is' if rejected_events == 1 else 'are'} rejected now, not "
+            f"{seen.rejected_events} as when it was read: read its page again",
+        )
+    now = {flag.flag_id for flag in flags}
+    if seen.open_flags is not None and set(seen.open_flags) != now:
+        raised = sorted(now - set(seen.open_flags))
+        decided = sorted(set(seen.open_flags) - now)
+        changes = [
+            *([f"raised or reopened since: {_ids(raised)}"] if raised else []),
+            *([f"decided or closed since: {_ids(decided)}"] if decided else []),
+        ]
+        return Refusal(
+            "open_flags_changed",
+            f"the flags waiting on it changed since it was read ({'; '.join(changes)}): "
+            "read its page again",
+        )
+    return None
+
+
+def handover_seen(session: Session, shift: Shift) -> tuple[Balance, int, list[OpenFlag]]:
+    """One shift's balance, its PDA's rejected events and the flags naming it still
+    waiting, read as the board reads them (``sync.balances.balances_and_rejections``,
+    ``sync.balances.waiting_flags``): what a sign-off compares with what the manager
+    was shown."""
+    judged, rejected, _ = balances_and_rejections(session, [shift], station_id=shift.station_id)
+    flags = waiting_flags(session, [shift.id]).get(shift.id, [])
+    return judged[shift.id], rejected.get(shift.id, 0), flags
+
+
+def _ids(flag_ids: Sequence[int]) -> str:
+    return ", ".join(f"flag {i}" for i in flag_ids)
 
 
 @dataclass(frozen=True)
@@ -253,12 +314,8 @@ def _refusal(
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
         why = not_clean(shift, balance, flags, images_missing, rejected_events, reviews)
-        if why is None and version != balance_version(balance):
-            why = Refusal(
-                "balance_changed",
-                f"its balance changed since it was read (now {counts_named(balance)}): "
-                "read it again",
-            )
+        if why is None:  # clean when read too: no event rejected, no flag waiting
+            why = changed_since_read(Seen(version, 0, ()), balance, rejected_events, flags)
     if why is None:
         return None
     return Outcome(shift_id, REFUSED, why.code, f"shift {shift_id}: {why.message}")

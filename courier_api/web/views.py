@@ -518,6 +518,8 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
             note=form["note"],
             force_reason=form["force_reason"],
             seen_version=form["balance_version"],
+            seen_rejected_events=form["rejected_events"],
+            seen_open_flags=form["open_flags"],
             now=utcnow(),
         )
 

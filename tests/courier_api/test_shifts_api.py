@@ -916,6 +916,74 @@ def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
     }
 
 
+def test_a_single_sign_off_is_refused_when_what_the_manager_read_changed_since(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The manager read the board row (balanced, no event rejected, no flag waiting) and
+    signed the shift off on its own. Meanwhile the sweep flagged its signatures never
+    uploaded, and the PDA sent a scan of its parcel the server rejected; neither changes
+    the balance, so its version matched and the sign-off went through on what the
+    manager never saw, where signing off together refuses such a shift. Now a sign-off
+    naming what it was shown (`rejected_events`, `open_flags`: the board row's) is
+    refused when either changed, by the same check; read again, it is signed off. Left
+    out, they are not compared (as before)."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered"), pda.event(b, "delivered")])
+    pda.close(shift["id"], last_seq=pda.seq)
+    board_url = f"/api/v1/stations/{world.station.id}/handover"
+
+    def seen() -> dict[str, Any]:
+        [row] = client.get(board_url, headers=manager).get_json()["shifts"]
+        return {
+            "balance_version": row["balance_version"],
+            "rejected_events": row["rejected_events"],
+            "open_flags": [flag["flag_id"] for flag in row["open_flags"]],
+        }
+
+    read = seen()
+    assert (read["rejected_events"], read["open_flags"]) == (0, [])
+    blob_missing_at_handover(
+        session=session, now=now() + dt.timedelta(hours=2), settings=SweepSettings()
+    )
+    session.commit()
+    flag = session.scalars(select(Flag).where(Flag.shift_id == shift["id"])).one()
+    refused = sign_off(client, shift["id"], manager, **read)
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "open_flags_changed"
+    assert f"raised or reopened since: flag {flag.id}" in refused.get_json()["message"]
+
+    read = seen()
+    assert read["open_flags"] == [flag.id]
+    stray = pda.event(a, "delivered")
+    del stray["seq"]  # malformed: rejected, naming one of the shift's parcels
+    assert [r["status"] for r in pda.push([stray])["results"]] == ["rejected"]
+    refused = sign_off(client, shift["id"], manager, **read)
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "rejected_events_changed"
+    assert "1 event of its PDA is rejected now, not 0" in refused.get_json()["message"]
+    assert read["balance_version"] == seen()["balance_version"]  # the balance is the same
+
+    # The shift's page sends what it showed: read again, it signs off.
+    pages = signed_in(app, "manager1")
+    html = pages.get(f"/web/shifts/{shift['id']}")
+    assert 'name="rejected_events" value="1"' in html
+    assert f'name="open_flags" value="{flag.id}"' in html
+    form = re.search(r'class="signoff">(.*?)</form>', html, re.S)
+    assert form is not None
+    hidden = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form.group(1))
+    assert {"balance_version", "rejected_events", "open_flags"} <= dict(hidden).keys()
+    signed = pages.post(f"/web/shifts/{shift['id']}/signoff", **dict(hidden), note="checked")
+    assert signed.status_code == 302, signed.get_data(as_text=True)
+    session.expire_all()
+    assert session.get_one(Shift, shift["id"]).status.value == "signed_off"
+
+
 def test_a_board_rows_open_flags_are_those_its_waiting_list_shows(
     client: FlaskClient,
     session: Session,

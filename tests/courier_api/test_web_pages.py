@@ -1603,7 +1603,7 @@ def test_a_refused_sign_off_keeps_the_note_and_the_reason_the_manager_typed(
     refused = pages.post(f"{path}/signoff", note=note, force_reason=reason, balance_version=stale)
     assert refused.status_code == 200
     page = refused.get_data(as_text=True)
-    assert "Not signed off: the balance of shift" in page
+    assert f"Not signed off: shift {day.provisional.id}: its balance changed since" in page
     assert f">{note}</textarea>" in page and f">{reason}</textarea>" in page
     session.refresh(day.provisional)
     assert day.provisional.status == ShiftStatus.CLOSED
@@ -1721,7 +1721,7 @@ def test_the_sign_off_form_signs_only_the_balance_the_page_showed(
     stale = "0" * 16 if shown != "0" * 16 else "1" * 16  # a balance that changed since
     refused = pages.post(f"{path}/signoff", note="checked", balance_version=stale)
     assert refused.status_code == 200
-    assert "Not signed off: the balance of shift" in refused.get_data(as_text=True)
+    assert "its balance changed since it was read" in refused.get_data(as_text=True)
     session.refresh(day.balanced)
     assert day.balanced.status == ShiftStatus.CLOSED
     pages.post(f"{path}/signoff", note="checked", balance_version=shown)

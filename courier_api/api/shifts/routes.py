@@ -234,7 +234,14 @@ class SignOff(MethodView):
         missing seqs) unless `force_reason` says why it cannot wait. With
         `balance_version` (the balance's `version` as the manager read it), a
         balance that changed since, a push landing in between, is refused (409
-        `balance_changed`): read it again. The same sign-off sent again (its
+        `balance_changed`): read it again. So, with `rejected_events` and
+        `open_flags` (the board row's: its PDA's events rejected, which the
+        balance cannot show, and the ids of the flags naming it still waiting),
+        is one whose PDA had another event rejected since (409
+        `rejected_events_changed`) or whose flags were raised or decided since (409
+        `open_flags_changed`, naming them): the check the sign-off of clean
+        handovers together makes. Each is optional, and not compared when left
+        out. The same sign-off sent again (its
         answer lost: the same manager, `note`, `force_reason` and `balance_version`)
         is answered with the shift and writes nothing; another sign-off of a
         signed-off shift is refused (409 `already_signed_off`, saying by whom and
@@ -258,6 +265,8 @@ class SignOff(MethodView):
             note=body["note"],
             force_reason=body["force_reason"],
             seen_version=body["balance_version"],
+            seen_rejected_events=body["rejected_events"],
+            seen_open_flags=body["open_flags"],
             now=utcnow(),
         )
         db.session.commit()

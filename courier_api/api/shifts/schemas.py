@@ -66,6 +66,28 @@ class SignOffIn(ma.Schema):
             "`balance_changed`) if the balance has changed since"
         },
     )
+    rejected_events = ma.fields.Integer(
+        load_default=None,
+        validate=ma.validate.Range(min=0),
+        metadata={
+            "description": "How many events of its PDA the server had rejected when the "
+            "manager read the shift (the board row's `rejected_events`): the sign-off is "
+            "refused (409 `rejected_events_changed`) if that changed since. Optional: "
+            "not compared when left out"
+        },
+    )
+    open_flags = ma.fields.List(
+        ma.fields.Integer(),
+        load_default=None,
+        validate=ma.validate.Length(max=1000),
+        metadata={
+            "description": "The ids of the flags naming the shift still waiting when the "
+            "manager read it (the board row's `open_flags`, each `flag_id`; `[]` for "
+            "none): the sign-off is refused (409 `open_flags_changed`, naming the flags "
+            "raised or decided since) if they changed since. Optional: not compared when "
+            "left out"
+        },
+    )
 
 
 class ShiftListArgs(PageArgs):

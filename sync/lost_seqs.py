@@ -227,6 +227,21 @@ def ensure_own_station(
     )
 
 
+def ran_shifts_at(*, session: Session, device_id: str, station_id: int | None) -> bool:
+    """Whether the device ran a shift at ``station_id``: a PDA moved from there since
+    still has that station's shifts' lost seqs to write off. One query."""
+    if station_id is None:
+        return False
+    return (
+        session.scalar(
+            select(Shift.id)
+            .where(Shift.device_id == device_id, Shift.station_id == station_id)
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def _named(ranges: Ranges) -> str:
     named = shown(ranges[:RANGES_NAMED])
     if len(ranges) > RANGES_NAMED:
@@ -324,9 +339,12 @@ def _write_off(
     held = session.identity_map.get(session.identity_key(DeviceSyncState, device.id))
     if held is not None:
         session.expire(held)
+    # Made at the manager's station (their own shifts' seqs, also of a PDA moved since:
+    # ``list_write_offs`` lists it to them); an admin's, at the PDA's.
+    made_at = device.station_id if station_id is None else station_id
     write_off = SeqWriteOff(
         device_id=device.id,
-        station_id=device.station_id,
+        station_id=made_at,
         ranges=ranges,
         reason=text,
         written_off_by=user_id,
@@ -341,7 +359,7 @@ def _write_off(
         subject_type="device",
         subject_key=device.id,
         details={
-            "station_id": device.station_id,
+            "station_id": made_at,
             "write_off_id": write_off.id,
             "ranges": ranges,
             "seq_count": count,

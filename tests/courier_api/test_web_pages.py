@@ -1643,29 +1643,29 @@ def test_a_manager_writes_off_the_lost_seqs_of_a_provisional_shift_on_its_page(
     assert [a for a, *_ in audit_actions(session)][-1] == "lost_seqs_written_off"
 
 
-def test_a_pda_moved_to_another_station_is_not_written_off_from_an_old_shifts_page(
+def test_a_pda_moved_to_another_station_is_written_off_from_an_old_shifts_page_here(
     app: Flask, session: Session, day: StationDay
 ) -> None:
-    """The provisional shift's PDA moved to the other station since: its write-offs are
-    that station's (the API answers this manager as for an unknown PDA), yet the old
-    shift's page wrote its seqs off, filed under the other station, where this manager
-    cannot read the write-off they made. The page offers no write-off now, and refuses
-    one, saying what to do; an admin still writes them off."""
+    """The provisional shift's PDA moved to the other station since. Its page wrote its
+    seqs off filed under the other station, where this manager could not read the
+    write-off they made; then it offered none, sending the manager to the other
+    station, whose manager may not write off this station's shift's seqs (rule 7).
+    The seqs are this station's shift's: the page offers the write-off, saying whose
+    the PDA is now, and the write-off is made here, where this manager reads it."""
     device = session.get(Device, day.provisional.device_id)
     assert device is not None
     device.station_id = day.other_station.id
     session.commit()
     pages = signed_in(app, "manager")
     path = f"/web/shifts/{day.provisional.id}"
-    page = pages.get(path)  # offers no write-off, and says why
-    assert 'id="write-off-lost-seqs"' not in page and 'id="pda-elsewhere"' in page
-    assert 'id="write-off-lost-seqs"' in signed_in(app, "admin").get(path)
-    refused = pages.post(f"{path}/lost-seqs", seqs="4", reason="PDA reset at noon")
-    assert refused.status_code == 200
-    shown = refused.get_data(as_text=True)
-    assert f"Not written off: PDA {device.id} is now another station&#39;s" in shown
-    assert "sign this shift off forced" in shown
-    assert session.scalars(select(SeqWriteOff)).all() == []
+    page = pages.get(path)
+    assert 'id="write-off-lost-seqs"' in page and 'id="pda-elsewhere"' in page
+    missing = re.search(r'<span class="seqs">([^<]*)</span>', page)
+    assert missing is not None
+    done = pages.post(f"{path}/lost-seqs", seqs=missing.group(1), reason="PDA reset at noon")
+    assert done.status_code == 302, done.get_data(as_text=True)
+    [written] = session.scalars(select(SeqWriteOff)).all()
+    assert written.station_id == day.station.id
 
 
 def test_the_seqs_a_close_declared_beyond_the_highest_held_are_written_off_on_the_page(

@@ -202,14 +202,20 @@ class LostSeqs(MethodView):
         only their own station's seqs (rule 7): those a shift of their station owns,
         or that no shift owns on their station's PDA; seqs a shift of another station
         owns (the PDA moved since) are refused (403 `seqs_of_another_station`, naming
-        the ranges and the shift and station owning them): an admin writes them off,
-        or that shift is signed off forced. An event of a
+        the ranges and the shift and station owning them): that station's manager
+        writes those off (the PDA's shifts there make it known to them: a PDA that
+        never ran a shift at their station answers what an unknown id answers), or an
+        admin. The write-off is made at the manager's station (listed to them). An
+        event of a
         written-off seq that arrives after all is taken as any late event, and its
-        write-off is moot. A device of another station answers a manager what an
-        unknown id answers (404 `device_not_found`).
+        write-off is moot.
         """
         device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_visible(device.station_id, directory.device_not_found(device_id))
+        principal = current_principal()
+        if not principal.can_access_station(device.station_id) and not lost_seqs.ran_shifts_at(
+            session=db.session, device_id=device.id, station_id=principal.station_id
+        ):
+            raise directory.device_not_found(device_id)
         ranges = lost_seqs.requested_ranges(
             body["seqs"], [(r["first"], r["last"]) for r in body["ranges"]]
         )
@@ -218,8 +224,8 @@ class LostSeqs(MethodView):
             device=device,
             ranges=ranges,
             reason=body["reason"],
-            user_id=current_principal().user_id,
-            station_id=current_principal().station_filter(None),
+            user_id=principal.user_id,
+            station_id=principal.station_filter(None),
         )
         db.session.commit()
         return {

@@ -34,7 +34,16 @@ from typing import NamedTuple
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, SeqWriteOff, Shift, Station, User, utcnow
+from models import (
+    Device,
+    DeviceSyncState,
+    ScanEvent,
+    SeqWriteOff,
+    Shift,
+    Station,
+    User,
+    utcnow,
+)
 from sync import audit
 from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
 from sync.balances import gather
@@ -164,12 +173,19 @@ class Owned(NamedTuple):
 def seq_owners(session: Session, device_id: str, ranges: Ranges) -> list[Owned]:
     """The device's shifts owning any of ``ranges``, each with those it owns, in shift
     id order. Read as the balances read them (``sync.balances.gather``), for the shifts
-    that may own them only: those not declared to end below them."""
+    that may own them only: those not declared to end below them, nor to start above
+    them with no event below their first seq (a PDA's history of declared shifts is not
+    read whole for a write-off)."""
+    low, high = ranges[0][0], ranges[-1][1]
+    below_high = (
+        select(ScanEvent.id).where(ScanEvent.shift_id == Shift.id, ScanEvent.seq <= high).exists()
+    )
     candidates = session.scalars(
         select(Shift)
         .where(
             Shift.device_id == device_id,
-            or_(Shift.last_seq.is_(None), Shift.last_seq >= ranges[0][0]),
+            or_(Shift.last_seq.is_(None), Shift.last_seq >= low),
+            or_(Shift.first_seq.is_(None), Shift.first_seq <= high, below_high),
         )
         .order_by(Shift.id)
     ).all()

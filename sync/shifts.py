@@ -1280,18 +1280,26 @@ _SEEN_FIELDS = {
 }
 
 
-def already_signed_off(session: Session, shift: Shift, user_id: int) -> str:
+def already_signed_off(
+    session: Session,
+    shift: Shift,
+    user_id: int,
+    *,
+    compared: str = "note, force_reason or balance_version",
+    timezone: str | None = None,
+) -> str:
     """Why a sign-off of a signed-off shift is refused, as the state says: by whom (the
-    caller themselves, or a user by id) and when, on the station's clock. A manager
-    whose answer was lost and who sent the sign-off again with another note, reason or
-    version reads that it was theirs, not someone else's."""
+    caller themselves, or a user by id) and when, on the station's clock (``timezone``,
+    read when not given). A manager whose answer was lost and who sent the sign-off
+    again with another note, reason or version reads that it was theirs, not someone
+    else's. ``compared``: what of the request differs, as the request names it."""
     who = "you" if shift.signed_off_by == user_id else f"user #{shift.signed_off_by}"
     assert shift.signed_off_at is not None  # signed off
-    when = station_clock(shift.signed_off_at, station_timezone(session, shift.station_id))
+    zone = timezone or station_timezone(session, shift.station_id)
+    when = station_clock(shift.signed_off_at, zone)
     return (
         f"shift {shift.id} is already signed off, by {who} at {when}, and not as this "
-        "sign-off says (its note, force_reason or balance_version differ): its page shows "
-        "the sign-off with its note"
+        f"sign-off says (its {compared} differ): its page shows the sign-off with its note"
     )
 
 

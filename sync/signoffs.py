@@ -39,7 +39,13 @@ from sync.handover import (
     discrepancies_named,
     unsent_seqs_named,
 )
-from sync.shifts import lock_shifts, manager_text, record_sign_off
+from sync.shifts import (
+    already_signed_off,
+    lock_shifts,
+    manager_text,
+    record_sign_off,
+    station_timezone,
+)
 
 # Shifts signed off in one request: a station's day, with room to spare.
 MAX_SHIFTS = 200
@@ -172,6 +178,7 @@ def sign_off_clean(
     waiting = waiting_flags(session, list(handed_over))
     lacking = images_lacking(session, list(handed_over))
     outcomes = []
+    timezone: str | None = None  # the station's, read once a refusal names a time
     # Every sign-off's entry chained at once, after its UPDATE: statements per request
     # do not grow with the shifts signed off (record_sign_off does not flush).
     with audit.deferred(session):
@@ -192,6 +199,15 @@ def sign_off_clean(
                 rejected_events=rejected.get(shift_id, 0),
                 reviews=reviews.get(shift_id, ()),
             )
+            if refusal is not None and refusal.code == "already_signed_off":
+                # Said as the state says it: whose sign-off, and when (the request's
+                # own, sent again with another note, reads that it was theirs).
+                timezone = timezone or station_timezone(session, station_id)
+                shift = handed_over[shift_id]
+                said = already_signed_off(
+                    session, shift, user_id, compared="note or version", timezone=timezone
+                )
+                refusal = Outcome(shift_id, REFUSED, refusal.code, said)
             if refusal is not None:
                 outcomes.append(refusal)
                 continue

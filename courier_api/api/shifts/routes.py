@@ -298,7 +298,8 @@ class CleanSignOffs(MethodView):
         goes to the audit log as a single one does. The same request sent again (its
         answer lost: the same manager, `note` and versions) is answered as the first
         time and writes nothing; a shift signed off otherwise (by another manager,
-        with another note) is refused as `already_signed_off`. A shift of another
+        with another note) is refused as `already_signed_off`, saying by whom and
+        when. A shift of another
         station is refused as `shift_not_found`.
         """
         ensure_station_access(station_id)

@@ -510,6 +510,11 @@ def test_the_manager_of_the_station_a_pda_moved_from_writes_off_its_shifts_lost_
     assert (after["missing_seqs"], after["written_off_seqs"]) == ([], [3, 4])
     listed = write_offs(client, auth.headers("manager2")).get_json()["items"]
     assert listed == []
+    # ST1's manager lists the write-off they made (the PDA answered them 404).
+    mine = write_offs(client, manager)
+    assert mine.status_code == 200, mine.get_json()
+    assert [item["id"] for item in mine.get_json()["items"]] == [written.id]
+    assert write_offs(client, auth.headers("manager3")).status_code == 404
 
 
 def test_a_manager_writes_off_seqs_of_no_shift_on_a_pda_moved_to_their_station(

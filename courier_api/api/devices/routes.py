@@ -135,14 +135,15 @@ class LostSeqs(MethodView):
         name it); `still_written_off` says which of them still stand and
         `arrived_seq_count` how many the PDA sent after all: a write-off with
         none still standing was disproved by the PDA.
-        Managers read their station's PDAs, auditors and admins every station's; one
-        of another station answers a manager what an unknown id answers (404
-        `device_not_found`). A manager reads the write-offs made at their own station
-        only (those of its shifts): a PDA moved from another station lists none of
-        that station's to them; auditors and admins read every station's.
+        Managers read their station's PDAs, and those that ran shifts at their
+        station and moved since; auditors and admins every station's; another
+        answers a manager what an unknown id answers (404 `device_not_found`). A
+        manager reads the write-offs made at their own station only (those of its
+        shifts): a PDA moved from another station lists none of that station's to
+        them, and one moved away lists theirs; auditors and admins read every
+        station's.
         """
-        device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_visible(device.station_id, directory.device_not_found(device_id))
+        device = _write_offs_device(device_id)
         station = current_principal().station_filter(None)
         records = write_offs_named(
             db.session,
@@ -210,12 +211,8 @@ class LostSeqs(MethodView):
         written-off seq that arrives after all is taken as any late event, and its
         write-off is moot.
         """
-        device = directory.get_device(session=db.session, device_id=device_id)
+        device = _write_offs_device(device_id)
         principal = current_principal()
-        if not principal.can_access_station(device.station_id) and not lost_seqs.ran_shifts_at(
-            session=db.session, device_id=device.id, station_id=principal.station_id
-        ):
-            raise directory.device_not_found(device_id)
         ranges = lost_seqs.requested_ranges(
             body["seqs"], [(r["first"], r["last"]) for r in body["ranges"]]
         )
@@ -234,6 +231,19 @@ class LostSeqs(MethodView):
             "missing_seqs": SeqTracker(0, done.missing_ranges).missing_seqs(MISSING_SEQS_SHOWN),
             "missing_seq_count": seq_count(done.missing_ranges),
         }
+
+
+def _write_offs_device(device_id: str) -> Device:
+    """The device whose write-offs the caller reads or makes: their station's PDA, or
+    one that ran shifts at their station and moved since (its lost seqs of those shifts
+    are still their station's). Any other answers what an unknown id answers."""
+    device = directory.get_device(session=db.session, device_id=device_id)
+    principal = current_principal()
+    if not principal.can_access_station(device.station_id) and not lost_seqs.ran_shifts_at(
+        session=db.session, device_id=device.id, station_id=principal.station_id
+    ):
+        raise directory.device_not_found(device_id)
+    return device
 
 
 def _write_off_fields(write_off: SeqWriteOff) -> dict[str, Any]:

@@ -373,9 +373,9 @@ def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., A
             principal = checked_principal(claims)
             g.token_claims = claims  # a long request checks them again (the long pull)
             if allowed and principal.role not in allowed:
-                raise PermissionDenied(
-                    f"a {principal.role.value} may not do this", code="role_forbidden"
-                )
+                role = principal.role.value
+                article = "an" if role[0] in "aeiou" else "a"
+                raise PermissionDenied(f"{article} {role} may not do this", code="role_forbidden")
             g.principal = principal
             return view(*args, **kwargs)
 

@@ -69,6 +69,13 @@ def database_error_message(
         if password:
             reason = reason.replace(str(password), "***")
         return f"cannot reach the database at {masked_url(url)}: {reason}"
+    if migrating and isinstance(error, OperationalError) and migrations.lock_not_available(error):
+        return (
+            f"the upgrade of {masked_url(url)} stopped: a migration gave up waiting for a lock "
+            f"on its table ({' '.join(str(error.orig).split())}). The migrations before it are "
+            "committed. Run `courier-api db upgrade` again once no long transaction holds the "
+            "table (pg_stat_activity shows them), or with --lock-timeout 0 to wait for it"
+        )
     if not migrating and _names_a_missing_table(error) and not _schema_at_head(app):
         return f"the database at {masked_url(url)} is not migrated: run `courier-api db upgrade`"
     return None
@@ -164,9 +171,46 @@ db_cli = AppGroup("db", help="Database migrations.")
 
 @db_cli.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-def db_upgrade(revision: str) -> None:
-    """Migrate the database to the latest schema (or REVISION)."""
-    migrations.upgrade(db.engine, revision)
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="PostgreSQL: seconds a migration's statement waits for a table another "
+    "transaction holds before it gives up and tries again (0: wait as long as it takes).",
+)
+@click.option(
+    "--attempts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="PostgreSQL: tries in all when a migration gave up waiting for a lock.",
+)
+def db_upgrade(revision: str, lock_timeout: float, attempts: int) -> None:
+    """Migrate the database to the latest schema (or REVISION).
+
+    On PostgreSQL a migration that alters a table waits for the transactions holding
+    it while the station's pushes queue behind it: it waits at most --lock-timeout
+    seconds, then, as long again later, the upgrade tries again from that migration
+    (those before it are committed), --attempts times in all."""
+    pause_seconds = lock_timeout
+
+    def retrying(attempt: int, reason: str) -> None:
+        click.echo(
+            f"a migration gave up waiting for a lock after {lock_timeout:g} s ({reason}); "
+            f"trying again in {pause_seconds:g} s (attempt {attempt + 1} of {attempts}). "
+            "pg_stat_activity shows the transactions that hold its table",
+            err=True,
+        )
+
+    migrations.upgrade(
+        db.engine,
+        revision,
+        lock_timeout_seconds=lock_timeout or None,
+        attempts=attempts,
+        pause_seconds=pause_seconds,
+        on_retry=retrying,
+    )
     click.echo(f"database at {_safe_url()} is at {revision}")
 
 
@@ -385,22 +429,36 @@ def refuse_in_production(command: str, why: str) -> None:
 
 
 @click.command("seed-demo")
-@click.option("--if-empty", is_flag=True, help="Do nothing when any station exists")
+@click.option(
+    "--if-empty",
+    is_flag=True,
+    help="Do nothing (exit status 0) when the database has any station or account",
+)
 @with_appcontext
 def seed_demo(if_empty: bool) -> None:
     """Load a demo station and play a simulated day at it; print the logins.
 
-    Refused with APP_ENV=production: its accounts' passwords are published.
+    Only into an empty database (no station, no account: the demo's accounts have
+    fixed names); refused otherwise, or skipped with --if-empty. Refused with
+    APP_ENV=production: its accounts' passwords are published.
     """
-    from courier_api.demo import DEMO_LOGINS, database_is_empty, seed
+    from courier_api.demo import DEMO_LOGINS, demo_is_loaded, seed, what_the_database_holds
 
     refuse_in_production(
         "seed-demo",
         "it creates accounts whose passwords are published (admin-demo-pass, ...); "
         "create users with create-user",
     )
-    if if_empty and not database_is_empty(db.session):
-        click.echo("demo data not loaded: the database already has stations")
+    held = what_the_database_holds(db.session)
+    if held is not None:
+        not_loaded = f"demo data not loaded: the database already has {held}"
+        if not if_empty:
+            raise click.ClickException(
+                f"{not_loaded}; seed-demo loads the demo into an empty database only"
+            )
+        click.echo(not_loaded)
+        if not demo_is_loaded(db.session):
+            return  # its logins would not work here
     else:
         summary = seed(
             current_app._get_current_object(),  # type: ignore[attr-defined]

@@ -343,6 +343,12 @@ def policy_of(config: Mapping[str, Any]) -> Policy:
     )
 
 
+def inversion_tolerance_of(config: Mapping[str, Any]) -> dt.timedelta:
+    """How far a later seq may be dated before the one before it and be no
+    ``time_inversion`` (rule 6): a push's, a write-off's and a rejudge's."""
+    return dt.timedelta(seconds=config["TIME_INVERSION_TOLERANCE_SECONDS"])
+
+
 def _int(
     environ: Mapping[str, str],
     name: str,

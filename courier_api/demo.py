@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.simulation import InProcess, Names, Simulation, plan_day
-from models import DeviceStatus, Role, Station
+from models import DeviceStatus, Role, Station, User
 from sync import directory
 
 STATION_CODE = "DEMO"
@@ -58,8 +58,20 @@ DEMO_LOGINS = (
 )
 
 
-def database_is_empty(session: Session) -> bool:
-    return session.scalar(select(Station.id).limit(1)) is None
+def what_the_database_holds(session: Session) -> str | None:
+    """What keeps the demo out of this database (``"stations"``, ``"accounts"``), or
+    None when it is empty. The demo creates a station and accounts with fixed names
+    (``admin``, ``auditor``, ``manager``, ...): an account created before it, as
+    README's PostgreSQL steps create ``admin``, would collide with one of them."""
+    if session.scalar(select(Station.id).limit(1)) is not None:
+        return "stations"
+    if session.scalar(select(User.id).limit(1)) is not None:
+        return "accounts"
+    return None
+
+
+def demo_is_loaded(session: Session) -> bool:
+    return session.scalar(select(Station.id).where(Station.code == STATION_CODE)) is not None
 
 
 def seed(

@@ -6,7 +6,8 @@ package migrates the same way as a checkout (``courier-api db upgrade``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
@@ -15,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 SCRIPT_LOCATION = "models:migrations"
 
@@ -27,10 +29,44 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database behind ``engine`` up to ``revision``."""
-    with migrating(engine) as connection:
-        command.upgrade(alembic_config(connection), revision)
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
+
+
+def upgrade(
+    engine: Engine,
+    revision: str = "head",
+    *,
+    lock_timeout_seconds: float | None = None,
+    attempts: int = 1,
+    pause_seconds: float = 5.0,
+    on_retry: Callable[[int, str], None] | None = None,
+) -> None:
+    """Migrate the database behind ``engine`` up to ``revision``.
+
+    On PostgreSQL an ``ALTER TABLE`` waits for every transaction holding its table
+    (a long export, a transaction left open) while every push and read of that table
+    queues behind it: a station stands still for as long as the longest transaction.
+    With ``lock_timeout_seconds`` a statement gives up its wait after that long
+    instead; the upgrade, whose migrations commit one by one, then tries again from
+    the one that gave up, up to ``attempts`` times in all, ``pause_seconds`` apart
+    (``on_retry`` hears of each: the attempt that failed and why). SQLite waits as
+    it always does (its busy timeout).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with migrating(engine, lock_timeout_seconds=lock_timeout_seconds) as connection:
+                command.upgrade(alembic_config(connection), revision)
+            return
+        except OperationalError as error:
+            if attempt == attempts or not lock_not_available(error):
+                raise
+            if on_retry is not None:
+                on_retry(attempt, str(error.orig).strip().splitlines()[0])
+            time.sleep(pause_seconds)
+
+
+def lock_not_available(error: OperationalError) -> bool:
+    return getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 def downgrade(engine: Engine, revision: str) -> None:
@@ -39,7 +75,9 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 @contextmanager
-def migrating(engine: Engine) -> Iterator[Connection]:
+def migrating(
+    engine: Engine, *, lock_timeout_seconds: float | None = None
+) -> Iterator[Connection]:
     """A connection for the migrations to run on: on PostgreSQL, one transaction per
     migration; on SQLite, one transaction for them all.
 
@@ -54,7 +92,23 @@ def migrating(engine: Engine) -> Iterator[Connection]:
         # Not in a transaction: Alembic begins one per migration (``env.py``), which a
         # migration may leave for an autocommit block (CREATE INDEX CONCURRENTLY).
         with engine.connect() as connection:
-            yield connection
+            if lock_timeout_seconds is None:
+                yield connection
+                return
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            # For the session, so that every migration's transaction and autocommit
+            # block has it; set back before the connection returns to the pool.
+            raw.execute(f"SET lock_timeout = '{round(lock_timeout_seconds * 1000)}ms'")
+            raw.commit()
+            try:
+                yield connection
+            finally:
+                if connection.in_transaction():
+                    connection.rollback()
+                raw.rollback()
+                raw.execute("RESET lock_timeout")
+                raw.commit()
         return
     with engine.connect() as connection:
         raw = connection.connection.driver_connection

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Text, event, func, select, text, type_coerce
+from sqlalchemy import Column, Text, event, func, select, text, type_coerce, union_all
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, AuditEntryParcel, utcnow
+from models import AuditEntry, AuditEntryParcel, QuarantinedEvent, ScanEvent, utcnow
 from sync.errors import InvalidInput
+from sync.sql import among_at_once
 from sync.tracking import normalize
 
 GENESIS_HASH = "0" * 64
@@ -216,6 +217,35 @@ def parcel_key(tracking_no: str | None) -> str | None:
         return None
     number = normalize(tracking_no)
     return number if 0 < len(number) <= MAX_TRACKING_NO else None
+
+
+def parcels_of_events(
+    session: Session, event_ids: Sequence[int], rejected_ids: Sequence[int] = ()
+) -> list[str]:
+    """The parcels of the scan events ``event_ids`` and of the rejected events
+    ``rejected_ids`` (quarantine ids; one naming no parcel adds none), in one statement:
+    what an entry citing them as its evidence is filed under (``append``'s
+    ``parcels``), so that ``GET /audit?tracking_no=`` lists it with the parcel's other
+    entries: a shift's reopening by late events and its withdrawal, a manager's
+    decision on a flag of a shift or a PDA citing them."""
+    parts = []
+    if event_ids:
+        parts.append(
+            select(ScanEvent.tracking_no).where(
+                among_at_once(session, ScanEvent.id, sorted(set(event_ids)))
+            )
+        )
+    if rejected_ids:
+        parts.append(
+            select(QuarantinedEvent.parcel_tracking_no).where(
+                among_at_once(session, QuarantinedEvent.id, sorted(set(rejected_ids))),
+                QuarantinedEvent.parcel_tracking_no.is_not(None),
+            )
+        )
+    if not parts:
+        return []
+    query = parts[0] if len(parts) == 1 else union_all(*parts)
+    return sorted({number for number in session.execute(query).scalars() if number})
 
 
 def list_entries(

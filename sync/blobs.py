@@ -16,6 +16,7 @@ deletion of the same image happen one after the other, never interleaved.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import io
 import logging
@@ -439,6 +440,32 @@ def read_image(store: BlobStore, blob: Blob) -> bytes:
             "image again",
             code="blob_bytes_altered",
         ) from None
+
+
+class Integrity(enum.StrEnum):
+    """Whether the bytes stored for an image still are the image its digest names."""
+
+    INTACT = "intact"  # its file hashes to its digest
+    ALTERED = "altered"  # changed or replaced in the store since it was verified
+    MISSING = "missing"  # no bytes held: never uploaded, or its file gone from the store
+    PURGED = "purged"  # deleted by the retention purge (the record stays)
+
+
+def stored_integrity(store: BlobStore, blob: Blob | None) -> Integrity:
+    """``Integrity`` of ``blob`` (None: never uploaded), its file hashed a chunk at a time
+    (``BlobStore.verify``), as serving it checks it. A store that cannot be read raises
+    ``Unavailable``, as a read of the image does."""
+    if blob is None:
+        return Integrity.MISSING
+    if blob.purged_at is not None:
+        return Integrity.PURGED
+    try:
+        store.verify(blob.sha256, size=blob.size_bytes)
+    except FileNotFoundError:
+        return Integrity.MISSING
+    except BytesAltered:
+        return Integrity.ALTERED
+    return Integrity.INTACT
 
 
 def ensure_not_purged(blob: Blob) -> Blob:

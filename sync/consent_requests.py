@@ -215,9 +215,11 @@ def request_once(
         if asked != stored
     ]
     if differing:
+        differ = "differs" if len(differing) == 1 else "differ"
         raise Conflict(
             f"client_request_id {client_request_id} was used for consent request "
-            f"{earlier.id}, whose {', '.join(differing)} differ: ask again with a new id",
+            f"{earlier.id}, whose {', '.join(differing)} {differ}: "
+            "ask again with a new id",
             code="client_request_id_reused",
             field="client_request_id",
         )

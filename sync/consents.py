@@ -221,9 +221,11 @@ def grant_once(
         return consent, True
     differing = differing_from(session, consent, draft, rules, now)
     if differing:
+        differ = "differs" if len(differing) == 1 else "differ"
         raise Conflict(
             f"client_consent_id {draft.client_consent_id!r} was used for consent "
-            f"{consent.id}, whose {', '.join(differing)} differ: send the same consent "
+            f"{consent.id}, whose {', '.join(differing)} {differ}: "
+            "send the same consent "
             "again, or a new consent with a new id",
             code="client_consent_id_reused",
             field="client_consent_id",
@@ -289,7 +291,8 @@ def _stated(
     if draft.scope == ConsentScope.PARCEL:
         if not draft.tracking_no:
             raise InvalidInput(
-                "a parcel consent names its tracking number",
+                "a parcel consent names its tracking number; a standing one (every parcel "
+                'to a phone at an address) is sent with "scope": "standing"',
                 code="tracking_no_required",
                 field="tracking_no",
             )

@@ -33,6 +33,9 @@ by it. Other kinds keep the life above, and the same rule: a decided flag raised
 on evidence that names what its decision did not cover (``covers``: another event, seq
 or missing image, another silence of a PDA) is open again (``raise_flag``): a PDA's
 ``clock_jump`` resolved on one push's scans comes back when a later push jumps again.
+A ``time_inversion`` whose pairs later events show were none (``withdraw_evidence``)
+is judged as a rule flag is (``JUDGED_ON_EVIDENCE``): closed when it names none,
+resolved or not, and raised again on seqs the decision covered, given it back.
 """
 
 from __future__ import annotations
@@ -145,7 +148,8 @@ def raise_flag(
     latest one given wins. An acknowledged or resolved flag keeps its status while its
     evidence names nothing beyond what the decision covered (``covers``), and is open
     again, ``again`` saying why in its history, once it does: nothing the manager did
-    not see is settled by their decision.
+    not see is settled by their decision. A closed flag raised again is open, or, of a
+    kind ``JUDGED_ON_EVIDENCE``, given back the decision that covers its evidence.
     """
     flag = _locked(session, kind, subject, station_id)
     if flag is None:
@@ -175,10 +179,17 @@ def raise_flag(
     if courier_id is not None and courier_id != flag.courier_id:
         flag.courier_id = courier_id
     if flag.status == FlagStatus.CLOSED:
-        _record(session, flag, FlagStatus.CLOSED, FlagStatus.OPEN, note="raised again")
-        flag.status = FlagStatus.OPEN
+        status = FlagStatus.OPEN
+        if kind in JUDGED_ON_EVIDENCE and covers(flag.decided_on, evidence):
+            status = judged_status(flag.decision, flag.decided_on, flag.evidence)
+        note = "raised again"
+        if status != FlagStatus.OPEN:
+            note = f"raised again on the events a manager {status.value} it on"
+        _record(session, flag, FlagStatus.CLOSED, status, note=note)
+        flag.status = status
         flag.closed_reason = None
-        return RaisedFlag(flag, new=True)
+        # back as acknowledged is raised (announced so), as ``rejudge`` counts it
+        return RaisedFlag(flag, new=status != FlagStatus.RESOLVED)
     if flag.status in DECISIONS and not (
         # what it cites now, and what this raising named, cited or not (past the bound)
         covers(flag.decided_on, flag.evidence) and covers(flag.decided_on, evidence)
@@ -250,6 +261,15 @@ SEEN = (
     "last_push_at",
 )
 DECISIONS = (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED)
+# Kinds whose evidence the system withdraws when later events show it never was their
+# cause (``withdraw_evidence``: a ``time_inversion``'s pair split by a seq stored
+# between). Their status is a function of the evidence and the manager's latest
+# decision, as a rule flag's is (``judged_status``): closed when none is left, whatever
+# the decision, and raised again on evidence the decision covered, given it back. So
+# a flag resolved on seqs 1, 3, 5 and 7 ends resolved on 3 and 5 whether the seq that
+# made 3 and 5 neighbours came before or after those that split 1-3 and 5-7 (which
+# closed it for a while): rule 3.
+JUDGED_ON_EVIDENCE = frozenset({"time_inversion"})
 # The lists of a flag's evidence that grow as its cause recurs (``_merged``): the
 # events, pushes and seqs it names.
 ACCUMULATED = (
@@ -511,9 +531,11 @@ def withdraw_evidence(
     """Take ``withdrawn`` out of what the subject's flags of this kind cite under
     ``key`` (a list ``ACCUMULATED``), at every station: their cause no longer stands on
     them. A flag left citing nothing there is closed by the system, ``reason`` saying
-    why, whatever its status (a decision on a cause that went away settles nothing). A
-    flag citing others keeps its status; its ``evidence_version`` changes. Returns the
-    flags closed."""
+    why, whatever its status (a decision on a cause that went away settles nothing, as
+    for a rule flag), the change on the audit log; its decision is kept, and given back
+    should it be raised again on what the decision covered (``JUDGED_ON_EVIDENCE``). A
+    flag citing others keeps its status, acknowledged or resolved too (what it cites
+    now the decision saw); its ``evidence_version`` changes. Returns the flags closed."""
     closed = []
     flags = session.scalars(
         select(Flag)
@@ -790,7 +812,24 @@ def _audit_decision(
             "decided_on": flag.decided_on,
         },
         tracking_no=flag.tracking_no,  # a parcel's own flag or its handover's
+        parcels=_parcels_cited(session, flag),
     )
+
+
+def _parcels_cited(session: Session, flag: Flag) -> list[str]:
+    """The parcels a flag of no one parcel (a shift's, a PDA's) cites by its events and
+    rejected events: a manager's decision on it (a shift's ``late_event_after_signoff``,
+    "the parcel came back late, checked") is a decision about each of them, which an
+    auditor settling a dispute about one finds in its history (``GET
+    /audit?tracking_no=``). One statement, for such a flag only."""
+    if flag.tracking_no is not None:
+        return []
+    evidence = flag.evidence
+    events = [i for i in cited_in(evidence, "event_ids", None) or () if isinstance(i, int)]
+    rejected = [
+        i for i in cited_in(evidence, "rejected_event_ids", None) or () if isinstance(i, int)
+    ]
+    return audit.parcels_of_events(session, events, rejected)
 
 
 def _entry_details(flag: Flag, from_status: FlagStatus) -> dict[str, Any]:

@@ -365,13 +365,14 @@ def parcel_trails(
         counting = [f for f in ordered(facts) if f.event_id not in voids]
         if not counting:
             continue
+        repeats = _settled_in_shift(counting, first_scans)
         checkouts = [i for i, f in enumerate(counting) if f.type == EventType.CHECKED_OUT]
         finals = [i for i, f in enumerate(counting) if f.type in FINAL_OUTCOMES]
         after = checkouts[-1] if checkouts else -1
         final = None
         if finals and finals[-1] > after:
             latest = counting[finals[-1]]
-            final = first_scans.get(latest.event_id, latest)
+            final = repeats.get(latest.event_id, latest)
             if not checkouts and final.event_id not in {f.event_id for f in counting}:
                 final = None  # it repeats another shift's outcome: that shift's
         trails[tracking_no] = ParcelTrail(
@@ -383,12 +384,48 @@ def parcel_trails(
             event_ids=tuple(f.event_id for f in counting),
             last_type=counting[-1].type,
             repeated_scans=tuple(
-                RepeatedScan(counting[i].event_id, first_scans[counting[i].event_id].event_id)
+                RepeatedScan(counting[i].event_id, repeats[counting[i].event_id].event_id)
                 for i in finals
-                if counting[i].event_id in first_scans
+                if counting[i].event_id in repeats
             ),
         )
     return trails
+
+
+def _settled_in_shift(
+    counting: Sequence[EventFact], first_scans: Mapping[int, EventFact]
+) -> dict[int, EventFact]:
+    """``first_scans`` for one parcel's counting events in a shift, except the scans the
+    shift's own check-out settles: a scan after a check-out of the parcel standing in
+    the shift on the same PDA (a lower seq) is the shift's outcome of that check-out,
+    settled by the first such scan in the shift, even when a scan on another PDA filed
+    under another shift lies before it in projection order (a courier with two PDAs,
+    their clocks interleaved). That is what ``may_repeat`` assumes when it leaves such
+    a parcel's history unread, so the shift's trail is the same read alone (its page)
+    or with the other shift (the station board): read with it, the other PDA's scan
+    settled the check-out, the shift's own flags on the outcome were not its
+    discrepancies (a delivery without proof balanced), read alone they were. The other
+    shift keeps its scan as an outcome it never checked out (``not_on_manifest``)."""
+    if not first_scans:
+        return {}
+    own = {f.event_id for f in counting}
+    checked_out: dict[str, int] = {}  # device -> the lowest seq of a check-out there
+    for fact in counting:
+        if fact.type == EventType.CHECKED_OUT:
+            checked_out[fact.device_id] = min(fact.seq, checked_out.get(fact.device_id, fact.seq))
+    repeats: dict[int, EventFact] = {}
+    settling: dict[int, EventFact] = {}  # another shift's first scan -> the shift's own
+    for fact in counting:
+        first = first_scans.get(fact.event_id)
+        if first is None:
+            continue
+        if first.event_id in own or fact.seq < checked_out.get(fact.device_id, fact.seq + 1):
+            repeats[fact.event_id] = first
+        elif first.event_id in settling:
+            repeats[fact.event_id] = settling[first.event_id]
+        else:
+            settling[first.event_id] = fact
+    return repeats
 
 
 def may_repeat(events: Iterable[ShiftEvent]) -> set[str]:

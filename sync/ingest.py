@@ -79,6 +79,7 @@ from sync.events import (
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag, withdraw_evidence
+from sync.inversion_flags import DEFAULT_TOLERANCE, NEAREST_ABOVE, NEAREST_BELOW
 from sync.inversions import Stamp, judge
 from sync.quarantine import parcel_named, rejections_of_batch
 from sync.rules import (
@@ -210,14 +211,6 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
 )
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
 TIMES_AT_SEQS = _columns_at_seqs(_events.c.occurred_at_device, _events.c.tracking_no)
-# The stored event nearest a seq, within a run of seqs that all arrived: past the
-# rejected ones, which hold no time (``sync.inversions``).
-_IN_RUN = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
-    _events.c.device_id == bindparam("device_id"),
-    _events.c.seq.between(bindparam("low"), bindparam("high")),
-)
-NEAREST_BELOW = _IN_RUN.order_by(_events.c.seq.desc()).limit(1)
-NEAREST_ABOVE = _IN_RUN.order_by(_events.c.seq).limit(1)
 
 
 @dataclass(frozen=True)
@@ -226,7 +219,7 @@ class IngestRules:
     clock_skew_bound: dt.timedelta = dt.timedelta(minutes=2)
     # A later seq dated at most this before the one before it is no time_inversion
     # (``sync.inversions``: a clock stepped back a second or two by NTP).
-    time_inversion_tolerance: dt.timedelta = dt.timedelta(seconds=2)
+    time_inversion_tolerance: dt.timedelta = DEFAULT_TOLERANCE
     missing_seqs_limit: int = 100
     policy: Policy = field(default_factory=Policy)
     shifts: ShiftRules = field(default_factory=ShiftRules)
@@ -336,20 +329,34 @@ def request_hash(batch: PushBatch) -> str:
     )
 
 
-def content_digest(batch: PushBatch, validated: _Validated) -> str:
-    """What "the same batch" means: device, batch id and its events' content, each
-    valid one as a duplicate is compared (``ValidEvent.content_hash``: ``5.0`` or ``5``,
-    a blank field or none, ``+08:00`` or ``Z``), a malformed one as sent. Not
-    ``sent_at``, which a PDA refreshes on each attempt so the clock estimate stays
-    honest. A PDA that writes its retry anew (its time zone reset with its battery, say)
-    sends the same events: it gets its receipt, not a ``batch_id_reused``."""
+def event_contents(batch: PushBatch, validated: _Validated) -> list[str]:
+    """Each event's content, at its index: a valid one as a duplicate is compared
+    (``ValidEvent.content_hash``: ``5.0`` or ``5``, a blank field or none, ``+08:00`` or
+    ``Z``), a malformed one as sent."""
     contents: list[str] = [""] * len(batch.events)
     for index, event in validated.valid:
         contents[index] = event.content_hash
     for rejection in validated.rejections:
         contents[rejection.index] = sha256_json(rejection.raw)
+    return contents
+
+
+def content_digest(batch: PushBatch, contents: Sequence[str]) -> str:
+    """What "the same batch" means: device, batch id and its events' content
+    (``event_contents``), in any order. Not ``sent_at``, which a PDA refreshes on each
+    attempt so the clock estimate stays honest. A PDA that writes its retry anew (its
+    time zone reset with its battery, say), or rebuilds it from a store that orders it
+    otherwise, sends the same events: it gets its receipt, not a ``batch_id_reused``."""
     return sha256_json(
-        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": contents}
+        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": sorted(contents)}
+    )
+
+
+def ordered_content_digest(batch: PushBatch, contents: Sequence[str]) -> str:
+    """``content_digest`` as batches stored before 2026-12 have it: the events in the
+    order sent. Computed only for a retry whose digest differs from the stored one."""
+    return sha256_json(
+        {"device_id": batch.device_id, "batch_id": str(batch.batch_id), "events": list(contents)}
     )
 
 
@@ -372,7 +379,8 @@ def ingest(
     # Validated and hashed before the device's lock, which on SQLite is the writers' turn:
     # none of it reads what is stored.
     validated = _Validated.of(batch, rules.events, too_deep)
-    digest, sent = content_digest(batch, validated), request_hash(batch)
+    contents = event_contents(batch, validated)
+    digest, sent = content_digest(batch, contents), request_hash(batch)
     state = lock_device_state(session, pusher.device_id)
     batch_pk = _new_batch(session, batch, pusher, received_at, digest, sent)
     if batch_pk is None:
@@ -381,32 +389,135 @@ def ingest(
                 SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
             )
         ).one()
-        # The same events, however written; or the same bytes, whatever their validation
-        # makes of them now (a batch stored before content digests: its request_hash).
-        if digest != stored.request_hash and sent not in (stored.sent_hash, stored.request_hash):
-            raise Conflict(
-                f"batch {batch.batch_id} was already received with other events; "
-                "a new batch needs a new batch_id",
-                code="batch_id_reused",
-                field="batch_id",
-            )
-        return _named_as_sent(stored.receipt, batch)
+        # The same events, however written and in whatever order; or the same bytes,
+        # whatever their validation makes of them now (a batch stored before content
+        # digests: its request_hash; one stored before they ignored the order: its
+        # ordered digest).
+        in_order = sent in (stored.sent_hash, stored.request_hash)
+        if not in_order and digest != stored.request_hash:
+            in_order = ordered_content_digest(batch, contents) == stored.request_hash
+            if not in_order:
+                raise Conflict(
+                    f"batch {batch.batch_id} was already received with other events; "
+                    "a new batch needs a new batch_id",
+                    code="batch_id_reused",
+                    field="batch_id",
+                )
+        if in_order:
+            return _answered_as_sent(stored.receipt, batch, None)
+        held = _held_versions(session, pusher.device_id, validated)
+        return _answered_as_sent(stored.receipt, batch, _Reordered(validated, held))
     return _BatchIngest(
         session, batch, pusher, rules, received_at, batch_pk, state, validated
     ).run()
 
 
-def _named_as_sent(receipt: dict[str, Any], batch: PushBatch) -> dict[str, Any]:
-    """The stored ``receipt`` of a batch sent again, each result naming its event as
-    this retry wrote its id (``_sent_id``), as every push's results do: a retry is the
-    same batch by its events' content, and a PDA that writes its ids anew (in capitals,
-    in braces) matches results by the ids it sent now."""
+@dataclass(frozen=True)
+class _Reordered:
+    """A retry's events, which may be in another order than the first attempt's, and the
+    content held for each id the retry sends in more than one version
+    (``_held_versions``)."""
+
+    validated: _Validated
+    held: Mapping[uuid.UUID, str]
+
+
+def _held_versions(
+    session: Session, device_id: str, validated: _Validated
+) -> dict[uuid.UUID, str]:
+    """The content held for each id a batch sends in more than one version (a PDA's
+    bug: one is applied, the others rejected ``conflicting_duplicate``), which alone
+    tells, in a retry in another order, which of them the ``applied`` result is for.
+    No query for a batch without such an id (every batch a PDA should send)."""
+    versions: dict[uuid.UUID, set[str]] = defaultdict(set)
+    for _, event in validated.valid:
+        versions[event.client_event_id].add(event.content_hash)
+    ids = [i for i, contents in versions.items() if len(contents) > 1]
+    return {
+        row.client_event_id: row.content_hash
+        for chunk in chunks(ids)
+        for row in session.execute(
+            select(ScanEvent.client_event_id, ScanEvent.content_hash).where(
+                ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(chunk)
+            )
+        )
+    }
+
+
+def _answered_as_sent(
+    receipt: dict[str, Any], batch: PushBatch, reordered: _Reordered | None
+) -> dict[str, Any]:
+    """The stored ``receipt`` of a batch sent again, its results at the indexes of this
+    retry and each naming its event as this retry wrote its id (``_sent_id``), as every
+    push's results do: a retry is the same batch by its events' content, and a PDA that
+    writes its ids anew (in capitals, in braces) or lists its events in another order
+    matches results by the ids it sent now. ``reordered``: the retry's events when they
+    may be in another order than the first attempt's (else they are in its order)."""
+    stored = receipt.get("results")
+    if not stored:
+        return receipt
+    order = range(len(stored)) if reordered is None else _retry_order(stored, batch, reordered)
     results = []
-    for result in receipt.get("results", ()):
-        index = result.get("index")
-        sent = _sent_id(batch.events[index]) if isinstance(index, int) else None
+    for index, stored_index in enumerate(order):
+        result = {**stored[stored_index], "index": index}
+        sent = _sent_id(batch.events[index])
         results.append(result if sent is None else {**result, "client_event_id": sent})
-    return {**receipt, "results": results} if results else receipt
+    return {**receipt, "results": results}
+
+
+def _retry_order(
+    stored: Sequence[dict[str, Any]], batch: PushBatch, reordered: _Reordered
+) -> list[int]:
+    """For each event of a retry, the index of its result in the stored receipt. The
+    retry holds the same events (``content_digest``), so each is found by its id
+    (``_id_key``); among results of one id a malformed event by its error's code, and
+    a version of an id sent in several by whether it is the one held (not rejected) or
+    not; events of one id and content are alike, so which of them gets which result is
+    the first attempt's order (a batch retried in its order gets its results in place)."""
+    validated = reordered.validated
+    by_key: dict[str | None, list[int]] = defaultdict(list)
+    for stored_index, result in enumerate(stored):
+        by_key[_id_key(result.get("client_event_id"))].append(stored_index)
+    order: list[int | None] = [None] * len(batch.events)
+    # Malformed events first: each takes a rejection of its id with its code if any.
+    for rejection in validated.rejections:
+        raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
+        candidates = by_key[_id_key(_storable(raw.get("client_event_id"), 64))]
+        if not candidates:  # pragma: no cover - the same contents name the same ids
+            continue
+        preferred = [
+            i
+            for i in candidates
+            if stored[i].get("status") == "rejected"
+            and (stored[i].get("error") or {}).get("code") == rejection.error.code
+        ]
+        chosen = (
+            preferred
+            or [i for i in candidates if stored[i].get("status") == "rejected"]
+            or candidates
+        )[0]
+        candidates.remove(chosen)
+        order[rejection.index] = chosen
+    for index, event in validated.valid:
+        candidates = by_key[_id_key(str(event.client_event_id))]
+        held = reordered.held.get(event.client_event_id)
+        if held is not None and candidates:
+            rejected = event.content_hash != held
+            candidates.sort(key=lambda i: (stored[i].get("status") == "rejected") != rejected)
+        order[index] = candidates.pop(0) if candidates else None
+    if None in order:  # pragma: no cover - the same contents name the same ids
+        return list(range(len(stored)))
+    return [i for i in order if i is not None]
+
+
+def _id_key(client_event_id: str | None) -> str | None:
+    """An event id as a result names it, the same however a PDA spelt it."""
+    if client_event_id is None:
+        return None
+    try:
+        return str(uuid.UUID(client_event_id))
+    except ValueError:
+        return client_event_id
 
 
 def _new_batch(
@@ -1009,7 +1120,7 @@ class _BatchIngest:
             if parcel is None:  # pragma: no cover - announced, so it was taken in
                 continue
             details = drop.details
-            told, station_id = announced[drop.id]
+            told, station_id, announced_id = announced[drop.id]
             outbox.announce(
                 session=self.session,
                 topic=DROP_VOIDED_TOPIC,
@@ -1023,7 +1134,7 @@ class _BatchIngest:
                     "locker_id": details.get("locker_id"),
                     "compartment": details.get("compartment"),
                     "point_id": details.get("point_id"),
-                    "event_id": drop.id,
+                    "event_id": announced_id,  # what the recipient was told of
                     "correction_event_id": correction_ids[correction_of[drop.id].client_event_id],
                     "voided_at": self.received_at,
                 },
@@ -1071,12 +1182,14 @@ class _BatchIngest:
 
     def _announced_to(
         self, drops: Sequence[Any], listeners: set[int]
-    ) -> dict[int, tuple[set[int], int | None]]:
+    ) -> dict[int, tuple[set[int], int | None, int]]:
         """Which of ``listeners`` each drop's announcement went to (its delivery, whatever
-        became of it), and the station it named, by the drop's row id: by the parcel's
-        ordering key, on the deliveries' index, then the message's ``event_id``. The
-        retraction names that station, not the parcel's now: a parcel re-routed since
-        must not take it away from the station's subscriptions that were told."""
+        became of it), the station it named and the scan it named (``event_id``), by the
+        drop's row id: by the parcel's ordering key, on the deliveries' index, then the
+        message's ``event_id``. The retraction names that station, not the parcel's now:
+        a parcel re-routed since must not take it away from the station's subscriptions
+        that were told; and that scan, not the one voided last: a drop scanned twice was
+        announced by the scan that arrived first, which its receiver knows it by."""
         # A drop scanned again was announced by the scan that arrived first (``_first_told``)
         told_by = {
             scan: drop.id
@@ -1084,7 +1197,7 @@ class _BatchIngest:
             for scan in scans_ever(drop.id, self.histories.get(drop.tracking_no, ()))
         }
         found: dict[int, set[int]] = defaultdict(set)
-        named: dict[int, int | None] = {}
+        named: dict[int, tuple[int | None, int]] = {}
         for chunk in chunks(sorted({outbox.parcel_key(drop.tracking_no) for drop in drops})):
             for subscription_id, payload, station_id in self.session.execute(
                 select(
@@ -1102,8 +1215,8 @@ class _BatchIngest:
                 drop_id = told_by.get(payload.get("event_id"))
                 if drop_id is not None:
                     found[drop_id].add(subscription_id)
-                    named[drop_id] = station_id
-        return {drop_id: (told, named[drop_id]) for drop_id, told in found.items()}
+                    named[drop_id] = (station_id, payload["event_id"])
+        return {drop_id: (told, *named[drop_id]) for drop_id, told in found.items()}
 
     def _check_clock_jumps(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Events dated after the push was sent (the PDA's clock went back in between), or

@@ -25,13 +25,20 @@ inverted now still names (for the later one's parcel) is withdrawn from the flag
 seq still on the PDA splits nothing: no pair was judged across it. Only a push
 storing a seq that arrived before pays for it (a search on each side of the pair).
 
+A write-off makes neighbours too: seqs a manager declares lost count as held and hold
+no event, as rejected ones do, so the events around them are neighbours for good. A
+push storing one of those events judges the pair across them (it finds them held and
+empty); a write-off made once both had arrived judges it itself (``across_written_off``),
+or the flags would depend on whether the manager wrote the seqs off before or after
+the PDA's pushes (rule 3). It splits nothing: it stores no event.
+
 Pure: the caller hands in what the server holds (``SeqTracker``) and two look-ups.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from sync.acks import SeqTracker
@@ -185,6 +192,56 @@ def judge(
         if gone:
             withdrawn[tracking_no] = gone
     return Judgement(inverted, withdrawn)
+
+
+def across_written_off(
+    ranges: Iterable[Sequence[int]],
+    held: SeqTracker,
+    nearest: Nearest,
+    tolerance: dt.timedelta = dt.timedelta(0),
+) -> dict[str, set[int]]:
+    """``{tracking number: seqs}`` of the inverted pairs a write-off of ``ranges``
+    completes: for each range, the stored events nearest below and above it, past seqs
+    that arrived empty, when both are there (``held``: the device's seqs with the
+    write-off's counted as held). Two searches per range; write-offs are few."""
+    found: dict[str, set[int]] = {}
+    for first, last in ranges:
+        low, high = held.held_run(first)[0], held.held_run(last)[1]
+        below = nearest(low, first - 1, True) if low < first else None
+        above = nearest(last + 1, high, False) if last < high else None
+        if below is None or above is None:
+            continue
+        (before, earlier), (after, later) = below, above
+        if later.occurred_at_device < earlier.occurred_at_device - tolerance:
+            found.setdefault(later.tracking_no, set()).update((before, after))
+    return found
+
+
+def still_named(
+    seqs: Iterable[int],
+    held: SeqTracker,
+    look_up: LookUp,
+    nearest: Nearest,
+    tolerance: dt.timedelta = dt.timedelta(0),
+) -> dict[str, set[int]]:
+    """``{tracking number: seqs}`` that the inverted pairs of neighbours with an end
+    among ``seqs`` name now, judged on the events stored (``courier-api rejudge``: a
+    flag's seqs, some named for a pair that a seq stored since split). A seq with no
+    stored event names nothing. One look-up, two searches per seq stored."""
+    wanted = sorted(set(seqs))
+    stamps = dict(look_up(wanted)) if wanted else {}
+    named: dict[str, set[int]] = {}
+    for seq, stamp in sorted(stamps.items()):
+        low, high = held.held_run(seq)
+        pairs = []
+        if low < seq and (hit := nearest(low, seq - 1, True)) is not None:
+            pairs.append((hit, (seq, stamp)))
+        if seq < high and (hit := nearest(seq + 1, high, False)) is not None:
+            pairs.append(((seq, stamp), hit))
+        for (before, earlier), (after, later) in pairs:
+            if later.occurred_at_device < earlier.occurred_at_device - tolerance:
+                named.setdefault(later.tracking_no, set()).update((before, after))
+    return named
 
 
 def _chains(

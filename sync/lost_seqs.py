@@ -24,10 +24,17 @@ An event of a written-off seq that arrives after all is taken as any late event
 ``written_off_ranges`` (``sync.ingest``), and the write-off of it is moot. The list of
 write-offs keeps each as it was made and says what of it still stands
 (``still_standing``): which write-offs the PDA later disproved.
+
+Written off, seqs hold no event, as rejected ones: the events stored around them are
+neighbours for good, and their pair is judged for rule 6 (``time_inversion``) by the
+write-off when both had arrived before it (``sync.inversion_flags.judge_write_off``), as
+a push storing either after it judges it. A written-off seq arriving after all splits
+the pair again (``sync.ingest``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -50,6 +57,7 @@ from sync.balances import gather
 from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput, PermissionDenied
 from sync.handover import owned_seqs
+from sync.inversion_flags import DEFAULT_TOLERANCE, judge_write_off
 from sync.shifts import (
     judge_reopening,
     lock_shifts,
@@ -273,6 +281,7 @@ def write_off_lost_seqs(
     reason: str,
     user_id: int,
     station_id: int | None = None,
+    inversion_tolerance: dt.timedelta = DEFAULT_TOLERANCE,
 ) -> WrittenOff:
     """Write off ``ranges`` (merged) of ``device``'s seqs as lost, in the caller's
     transaction, audit-logged (``lost_seqs_written_off``). Refused unless every one of
@@ -288,9 +297,22 @@ def write_off_lost_seqs(
     signed off (``sync.shifts.judge_reopening``), after the write-off's entry in the
     audit log. Seqs written off above the highest held leave the seqs below them
     neither held nor written off as gaps: a signed-off shift owning some that its
-    sign-off did not see missing reopens, as when a push shows them."""
+    sign-off did not see missing reopens, as when a push shows them.
+
+    The events stored on either side of a range written off are neighbours now: their
+    pair is flagged ``time_inversion`` if the later seq is dated more than
+    ``inversion_tolerance`` before the earlier (``TIME_INVERSION_TOLERANCE_SECONDS``),
+    at the device's station, as a push storing either after the write-off flags it."""
     with audit.deferred(session):
-        written, revealed = _write_off(session, device, ranges, reason, user_id, station_id)
+        written, held, revealed = _write_off(session, device, ranges, reason, user_id, station_id)
+        judge_write_off(
+            session=session,
+            device_id=device.id,
+            station_id=device.station_id,
+            ranges=written.write_off.ranges,
+            held=held,
+            tolerance=inversion_tolerance,
+        )
         _judge_reopenings(session, device.id, revealed, written.write_off.id)
     return written
 
@@ -319,9 +341,9 @@ def _write_off(
     reason: str,
     user_id: int,
     station_id: int | None,
-) -> tuple[WrittenOff, Ranges]:
-    """The write-off, and the gaps it leaves below the seqs written off above the
-    highest held (none before it)."""
+) -> tuple[WrittenOff, SeqTracker, Ranges]:
+    """The write-off, the device's seqs held after it, and the gaps it leaves below the
+    seqs written off above the highest held (none before it)."""
     text = (reason or "").strip()
     if not text:
         raise InvalidInput(
@@ -352,9 +374,9 @@ def _write_off(
             acked_through_seq=acked,
         )
     )
-    held = session.identity_map.get(session.identity_key(DeviceSyncState, device.id))
-    if held is not None:
-        session.expire(held)
+    cached = session.identity_map.get(session.identity_key(DeviceSyncState, device.id))
+    if cached is not None:
+        session.expire(cached)
     # Made at the manager's station (their own shifts' seqs, also of a PDA moved since:
     # ``list_write_offs`` lists it to them); an admin's, at the PDA's.
     made_at = device.station_id if station_id is None else station_id
@@ -384,7 +406,8 @@ def _write_off(
         },
     )
     revealed = without(after.missing_ranges, before.missing_ranges)
-    return WrittenOff(write_off, count, acked, after.missing_ranges), revealed
+    held = SeqTracker(after.max_seq, [list(r) for r in after.missing_ranges])
+    return WrittenOff(write_off, count, acked, after.missing_ranges), held, revealed
 
 
 class WriteOffRecord(NamedTuple):

@@ -42,7 +42,14 @@ from sync.balances import (
     signoff_superseded,
     station_board,
 )
-from sync.blobs import BlobReader, BlobStore, BytesAltered, blobs_by_digest, readable_blobs
+from sync.blobs import (
+    BlobReader,
+    BlobStore,
+    Integrity,
+    blobs_by_digest,
+    readable_blobs,
+    stored_integrity,
+)
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
 from sync.flags import ACTIVE_STATUSES, Decision, cited_in, flag_changes, latest_decisions
@@ -66,6 +73,8 @@ from sync.proofs import (
     pod_digests,
     proof_station,
     proofs_consents,
+    proofs_events,
+    repeats_of,
 )
 from sync.quarantine import (
     SHIFT_REJECTIONS_SHOWN,
@@ -131,14 +140,16 @@ def image_states(
     return states
 
 
+# What a page shows of an image not purged, by its bytes' ``Integrity``.
+_SHOWN_AS = {
+    Integrity.INTACT: ImageState.AVAILABLE,
+    Integrity.MISSING: ImageState.BYTES_MISSING,
+    Integrity.ALTERED: ImageState.BYTES_ALTERED,
+}
+
+
 def _stored_state(store: BlobStore, blob: Blob) -> ImageState:
-    try:
-        store.verify(blob.sha256, size=blob.size_bytes)
-    except FileNotFoundError:
-        return ImageState.BYTES_MISSING
-    except BytesAltered:
-        return ImageState.BYTES_ALTERED
-    return ImageState.AVAILABLE
+    return _SHOWN_AS[stored_integrity(store, blob)]
 
 
 def _images(
@@ -714,6 +725,8 @@ class ProofRow:
     proof: Proof
     images: list[ProofImageRef]
     drop: DropConsent | None  # locker and pickup-point drops only
+    # A repeated scan: the first scan's event id (``sync.proofs.repeats_of``)
+    repeat_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -821,8 +834,11 @@ def proof_rows(
     reader: BlobReader,
     store: BlobStore,
 ) -> list[ProofRow]:
-    """A page of proofs with their images' states and each drop's consent."""
-    consents = proofs_consents(session=session, proofs=proofs, policy=policy)
+    """A page of proofs with their images' states, each drop's consent and whether it
+    repeats a scan before it (the same delivery scanned twice)."""
+    events = proofs_events(session=session, proofs=proofs)
+    consents = proofs_consents(session=session, proofs=proofs, policy=policy, loaded=events)
+    repeats = repeats_of(proofs, events)
     states = image_states(
         session=session,
         digests=[d for p in proofs for _, d in pod_digests(p.event.details.get("pod"))],
@@ -834,6 +850,7 @@ def proof_rows(
             proof=p,
             images=_images(p.event.details.get("pod"), states),
             drop=consents.get(p.event.id),
+            repeat_of=repeats.get(p.event.id),
         )
         for p in proofs
     ]

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
-from sync.blobs import blobs_by_digest
+from sync.blobs import BlobStore, Integrity, blobs_by_digest, stored_integrity
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.flags import FlagSubject, cited_in
@@ -36,6 +36,7 @@ from sync.rules import (
     Policy,
     authorizes,
     drop_span,
+    first_scans,
     haversine_m,
     judged_scan,
     needs_consent,
@@ -118,6 +119,9 @@ class ProofDetail:
     # arrival). A consent authorizes it only if granted before the first and in force
     # at the second: what an auditor needs when the drop's own stamp says otherwise.
     judged_between: tuple[dt.datetime, dt.datetime] | None = None
+    # A repeated scan of an outcome scanned before: that first scan's event id
+    # (``repeats_of``); None: a delivery of its own.
+    repeat_of: int | None = None
 
     @property
     def voided(self) -> bool:
@@ -272,6 +276,7 @@ def get_proof(
         drop=consents.get(event_id),
         flags=list(flags),
         judged_between=None if drop is None else drop_span(drop, policy, events),
+        repeat_of=repeats_of([proof], {tracking_no: events}).get(event_id),
     )
 
 
@@ -364,14 +369,19 @@ class ProofImageState:
     sha256: str
     arrived_at: dt.datetime | None  # first uploaded; None: never arrived
     purged_at: dt.datetime | None  # its bytes deleted by the retention purge
+    # Whether its stored bytes still hash to its digest; None: not checked (a list)
+    integrity: Integrity | None = None
 
 
 def proofs_images(
-    *, session: Session, proofs: Sequence[Proof]
+    *, session: Session, proofs: Sequence[Proof], store: BlobStore | None = None
 ) -> dict[int, list[ProofImageState]]:
     """``{event id: its POD's images}`` for ``proofs`` (a page, an export's batch), in one
     query however many: each image the POD names, signature first, with whether and when
-    it arrived and whether its bytes were purged since."""
+    it arrived and whether its bytes were purged since. With ``store`` (one proof's
+    read), each held image's file is hashed too (``integrity``): an auditor reads
+    whether the bytes are still the ones the PDA uploaded, not only that they arrived.
+    The API's search and the export do not hash (an export's batch is 500 proofs)."""
     named = {p.event.id: pod_digests(p.event.details.get("pod")) for p in proofs}
     blobs = blobs_by_digest(
         session=session, digests=[digest for images in named.values() for _, digest in images]
@@ -383,11 +393,34 @@ def proofs_images(
                 sha256=digest,
                 arrived_at=blobs[digest].uploaded_at if digest in blobs else None,
                 purged_at=blobs[digest].purged_at if digest in blobs else None,
+                integrity=None if store is None else stored_integrity(store, blobs.get(digest)),
             )
             for role, digest in images
         ]
         for event_id, images in named.items()
     }
+
+
+def proofs_events(*, session: Session, proofs: Sequence[Proof]) -> dict[str, list[EventDetail]]:
+    """Every event of the parcels of ``proofs`` (a page, an export's batch), in one
+    statement per ``chunks`` of parcels: what ``repeats_of`` and ``proofs_consents``
+    (its ``loaded``) read."""
+    return load_events(session, sorted({p.event.tracking_no for p in proofs}))
+
+
+def repeats_of(
+    proofs: Sequence[Proof], events: Mapping[str, Sequence[EventDetail]]
+) -> dict[int, int]:
+    """``{event id: the first scan's event id}`` for the proofs among ``proofs`` that
+    repeat a final outcome scanned before (the same delivery scanned twice, no check-out
+    between: ``sync.rules.first_scans``), ``events`` holding their parcels' events. The
+    parcel was delivered once: an auditor counting proofs counts the first scan only,
+    as the balance, the reports and the rules do. A voided scan repeats nothing."""
+    firsts: dict[int, int] = {}
+    for tracking_no in {p.event.tracking_no for p in proofs}:
+        for repeat, first in first_scans(events[tracking_no]).items():
+            firsts[repeat] = first.fact.event_id
+    return {p.event.id: firsts[p.event.id] for p in proofs if p.event.id in firsts}
 
 
 def proofs_consents(

@@ -595,7 +595,7 @@ def judge_reopening(
         return []
     delta = _delta(session, shift, latest)
     if not delta:
-        _sign_off_again(session, shift, _withdrawn_because(latest))
+        _sign_off_again(session, shift, _withdrawn_because(latest), latest)
         return []
     return _rename_reopening(session, shift, latest, delta, details)
 
@@ -714,9 +714,11 @@ def _reopen_where_filed(
         )
 
 
-def _sign_off_again(session: Session, shift: Shift, reason: str) -> None:
+def _sign_off_again(session: Session, shift: Shift, reason: str, latest: dict[str, Any]) -> None:
     """Withdraw the reopening of ``shift`` (locked, its balance again the one signed off):
-    signed off again, its late flag closed with ``reason``, the withdrawal audit-logged."""
+    signed off again, its late flag closed with ``reason``, the withdrawal audit-logged,
+    filed under the parcels of the events its reopening named (``latest``), as the
+    reopening's entry is (``audit.parcels_of_events``)."""
     shift.status = ShiftStatus.SIGNED_OFF
     subject = FlagSubject("shift", str(shift.id))
     close_flag(session=session, kind=LATE_EVENT, subject=subject, reason=reason)
@@ -727,7 +729,20 @@ def _sign_off_again(session: Session, shift: Shift, reason: str) -> None:
         subject_type="shift",
         subject_key=str(shift.id),
         details={"station_id": shift.station_id, "reason": reason},
+        parcels=audit.parcels_of_events(
+            session, latest.get("event_ids") or [], latest.get(REJECTED_IDS) or []
+        ),
     )
+
+
+def shift_parcels(session: Session, shift_id: int) -> list[str]:
+    """The parcels of the events filed under the shift: its manifest (check-outs) and
+    every outcome it holds, in one statement by ``scan_event``'s shift index. What an
+    entry deciding the shift's seqs, hence its whole balance, is filed under (a close
+    for its courier, a last seq declared afterwards): each parcel's history in the
+    audit log then shows who closed the shift it was counted in."""
+    query = select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift_id).distinct()
+    return sorted(session.scalars(query))
 
 
 def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
@@ -1012,6 +1027,7 @@ def _audit_last_seq_declared(session: Session, shift: Shift, taken: list[int]) -
             "seq_at_close": shift.seq_at_close,
             "events_taken": taken,
         },
+        parcels=shift_parcels(session, shift.id),
     )
 
 
@@ -1039,6 +1055,7 @@ def _audit_close(session: Session, shift: Shift, taken: list[int]) -> None:
             "closed_at": audit.iso(shift.closed_at),
             "events_taken": taken,
         },
+        parcels=shift_parcels(session, shift.id),
     )
 
 
@@ -1399,6 +1416,7 @@ def _reopen(
         subject_key=str(shift.id),
         # This reopening's, once: the flag's evidence repeats them to accumulate.
         details={"station_id": shift.station_id, "reason": LATE_EVENT, **latest, **signed},
+        parcels=audit.parcels_of_events(session, late, refused.get(REJECTED_IDS, [])),
     )
     session.flush()
     return [raised.flag]

@@ -118,6 +118,22 @@ class JsonParser(FlaskParser):
             return self._handle_invalid_json_error(error, req)  # type: ignore[arg-type]
         return document
 
+    def _handle_invalid_json_error(
+        self, error: Exception, req: Request, *_: Any, **__: Any
+    ) -> Any:
+        """A 400 whose message says what is wrong with the body (webargs' says only
+        "Invalid JSON body.", under werkzeug's "The browser (or proxy) sent a request
+        that this server could not understand.")."""
+        if isinstance(error, RecursionError):
+            why = "the body is JSON nested deeper than this service reads"
+        elif isinstance(error, UnicodeDecodeError):
+            why = "the body is not valid JSON: it is not UTF-8 text"
+        elif str(error).startswith("JSON nested deeper than"):
+            why = f"the body is {error}"
+        else:
+            why = f"the body is not valid JSON: {error}"
+        abort(400, exc=error, message=why, messages={"json": [why]})
+
 
 # No document of ours nests deeper than a few levels; far deeper ones would make
 # Python's JSON encoder (hashing, storing a rejected item) hit its recursion limit.

@@ -42,7 +42,7 @@ from courier_api.auth import (
     ensure_visible,
     record_auditor_read,
 )
-from courier_api.config import policy_of
+from courier_api.config import inversion_tolerance_of, policy_of
 from courier_api.database import only_reads
 from courier_api.errors import domain_status
 from courier_api.extensions import db
@@ -558,6 +558,7 @@ def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
             reason=form.get("reason") or "",
             user_id=current_principal().user_id,
             station_id=current_principal().station_filter(None),
+            inversion_tolerance=inversion_tolerance_of(current_app.config),
         )
 
     done = f"The lost sequence numbers of {found.device_id} are written off."

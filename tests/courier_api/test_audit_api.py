@@ -621,3 +621,56 @@ def test_a_head_needs_its_id_and_its_hash(
     response = client.get(VERIFY, query_string=query, headers=auth.headers("auditor1"))
     assert response.status_code == 422
     assert response.get_json()["code"] == code
+
+
+def test_a_lost_parcels_history_has_the_close_the_reopening_and_the_decision_on_it(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An auditor settles a dispute about parcel b, missing at a handover a manager
+    closed for the courier and signed off, then returned late. ``GET /audit?
+    tracking_no=b`` listed the sign-off (its balance names b) but not the close that
+    decided the shift's seqs, nor the reopening b's late return made, nor the manager's
+    resolution of the shift's ``late_event_after_signoff`` flag citing that return:
+    those entries named no parcel. The close is filed under every parcel of the shift
+    (a's too), the reopening and the decision under the late events' parcels (b only).
+    """
+    a, b = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    manager, auditor = auth.headers("manager1"), auth.headers("auditor1")
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    closed = client.post(f"/api/v1/shifts/{shift['id']}/close", json={}, headers=manager)
+    assert closed.status_code == 200, closed.get_json()
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    pda.push([pda.event(b, "returned_to_station", shift_id=shift["id"])])
+
+    def shift_entries(number: str) -> list[str]:
+        return [
+            e["action"]
+            for e in listed(client, auditor, tracking_no=number)
+            if (e["subject_type"], e["subject_key"]) == ("shift", str(shift["id"]))
+        ]
+
+    assert shift_entries(b) == ["shift_reopened", "shift_signed_off", "shift_closed_for_courier"]
+    assert shift_entries(a) == ["shift_signed_off", "shift_closed_for_courier"]
+    # The manager's word on the late return, a decision on the shift's flag citing it,
+    # is in b's history too.
+    [late] = client.get(
+        FLAGS,
+        query_string={"shift_id": shift["id"], "kind": "late_event_after_signoff"},
+        headers=manager,
+    ).json["items"]
+    resolved = client.post(
+        f"{FLAGS}/{late['id']}/resolve", json={"note": "b came back, checked"}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+
+    def late_flag_entries(number: str) -> list[tuple[str, int | None]]:
+        return [
+            (e["action"], e["actor_id"])
+            for e in listed(client, auditor, tracking_no=number)
+            if (e["subject_type"], e["subject_key"]) == ("flag", str(late["id"]))
+        ]
+
+    assert late_flag_entries(b) == [("flag_resolved", world.manager.id)]
+    assert late_flag_entries(a) == []

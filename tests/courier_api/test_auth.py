@@ -394,6 +394,25 @@ def test_role_outside_the_allowed_ones_gets_403(
     assert error_code(response) == "role_forbidden"
 
 
+@pytest.mark.parametrize(
+    ("username", "message"),
+    [
+        ("auditor1", "an auditor may not do this"),
+        ("app1", "an integration may not do this"),
+        ("manager1", "a station_manager may not do this"),
+    ],
+)
+def test_a_role_refused_is_named_in_plain_words(
+    client: FlaskClient, world: World, auth: Auth, username: str, message: str
+) -> None:
+    """An auditor's script read "a auditor may not do this"."""
+    response = client.post(
+        "/api/v1/stations", json={"code": "X1", "name": "X"}, headers=auth.headers(username)
+    )
+    assert response.status_code == 403
+    assert response.get_json()["message"] == message
+
+
 def test_a_password_change_ends_earlier_sessions(
     client: FlaskClient, world: World, auth: Auth
 ) -> None:

@@ -72,6 +72,29 @@ def test_json_python_cannot_parse_is_400(client: FlaskClient, body: str) -> None
     assert response.get_json()["code"] == "bad_request"
 
 
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ('{"username": "a",, "password": "b"}', "the body is not valid JSON: Expecting"),
+        ("[" * 40 + "]" * 40, "the body is JSON nested deeper than 32 levels"),
+        ("[" * 100_000 + "]" * 100_000, "the body is JSON nested deeper than"),
+    ],
+    ids=["syntax", "deeper-than-32", "deeper-than-the-parser"],
+)
+def test_a_body_that_is_not_json_we_read_says_why(
+    client: FlaskClient, body: str, said: str
+) -> None:
+    """A PDA developer's malformed body read "The browser (or proxy) sent a request that
+    this server could not understand.": DESIGN's errors have a human message naming the
+    field at fault. It says what is wrong with the body, under ``errors.json`` too."""
+    response = client.post("/api/v1/auth/token", data=body, content_type="application/json")
+    assert response.status_code == 400
+    error = response.get_json()
+    assert error["code"] == "bad_request"
+    assert error["message"].startswith(said), error
+    assert error["errors"] == {"json": [error["message"]]}
+
+
 @pytest.mark.parametrize("path", ["/api/v1/devices/PDA%00X", "/api/v1/parcels/RR%0012"])
 def test_nul_characters_in_paths_never_give_500(
     client: FlaskClient, world: World, auth: Auth, path: str

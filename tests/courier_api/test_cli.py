@@ -135,6 +135,32 @@ def test_seed_demo_gives_working_logins(committed_app: Flask) -> None:
     assert "courier1 /" in again.output
 
 
+def test_seed_demo_on_a_database_with_accounts_says_so_in_one_line(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    """README, "Against PostgreSQL": an operator ran ``db upgrade`` and ``create-user
+    admin``, then ``seed-demo --if-empty`` to try the demo there. The database had no
+    station, so it was taken as empty, and the demo's own ``admin`` ended the command
+    with a traceback (``user admin already exists``). A database holding accounts is not
+    empty: ``--if-empty`` leaves it as it is and says why (exit 0, no demo logins that
+    would not work), and ``seed-demo`` alone is refused in one line."""
+    created = runner.invoke(
+        args=["create-user", "admin", "--role", "admin", "--password-stdin"],
+        input="an-operators-password\n",
+    )
+    assert created.exit_code == 0, created.output
+    skipped = runner.invoke(args=["seed-demo", "--if-empty"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "demo data not loaded: the database already has accounts" in skipped.output
+    assert "Traceback" not in skipped.output and "courier1 /" not in skipped.output
+    refused = runner.invoke(args=["seed-demo"])
+    assert refused.exit_code == 1, refused.output
+    assert refused.output.startswith("Error: demo data not loaded: the database already has")
+    assert len(refused.output.strip().splitlines()) == 1, refused.output
+    assert session.scalar(select(func.count()).select_from(Station)) == 0
+    assert session.scalar(select(func.count()).select_from(User)) == 1
+
+
 def test_import_parcels_reports_progress_and_rejected_lines(
     runner: FlaskCliRunner, world: World, session: Session, tmp_path: Path
 ) -> None:

@@ -865,7 +865,7 @@ def test_a_pdas_retry_with_its_id_asks_the_recipient_once(
     assert other.status_code == 409, other.get_json()
     assert other.get_json()["code"] == "client_request_id_reused"
     assert list(other.get_json()["errors"]) == ["client_request_id"]
-    assert "method" in other.get_json()["message"]
+    assert "whose method differs:" in other.get_json()["message"]
 
 
 def test_a_retried_request_for_another_stations_parcel_stays_unsent(

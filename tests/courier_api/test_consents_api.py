@@ -574,6 +574,19 @@ def test_bad_consents_are_refused_naming_the_field(
         assert response.get_json()["code"] == code
 
 
+def test_a_standing_consent_sent_without_its_scope_is_told_to_name_it(
+    client: FlaskClient, app1: dict[str, str]
+) -> None:
+    """A recipient channel sending a standing consent (phone + address) as README's
+    table described it, without ``scope``, read "a parcel consent names its tracking
+    number": nothing said a consent is a parcel's unless ``scope`` says ``standing``."""
+    response = grant(client, app1, recipient_phone="13812345678", address="1 Road")
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["code"] == "tracking_no_required"
+    assert '"scope": "standing"' in body["message"]
+
+
 def test_times_must_make_sense(client: FlaskClient, app1: dict[str, str], parcel: Parcel) -> None:
     future = (now() + dt.timedelta(hours=1)).isoformat()
     response = grant(client, app1, tracking_no=parcel.tracking_no, granted_at=future)
@@ -1296,7 +1309,7 @@ def test_the_same_client_consent_id_for_another_consent_is_a_conflict(
     error = other.get_json()
     assert error["code"] == "client_consent_id_reused"
     assert list(error["errors"]) == ["client_consent_id"]
-    assert "point_id" in error["message"]
+    assert "whose point_id differs:" in error["message"]
     session.expire_all()
     assert session.scalars(select(Consent.point_id)).all() == [None]  # not overwritten
     # Another channel's account keeps ids of its own.

@@ -296,6 +296,38 @@ def test_a_pdas_write_offs_are_listed_newest_first_with_who_by_name(
     assert (oldest["written_off_by"], oldest["written_off_by_name"]) == (world.manager.id, "Li Na")
 
 
+def test_an_auditors_read_of_a_pdas_write_offs_is_audit_logged(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """Rule 7: the seqs a manager wrote off are evidence (what a balance no longer waits
+    for), read by an auditor as a proof is: on record, naming what was listed. A
+    manager's and an admin's reads are not."""
+    lost_in_the_middle(session, world, pda)
+    first = lost_seqs(client, manager, seqs=[3]).get_json()
+    second = lost_seqs(client, manager, seqs=[4]).get_json()
+    reads = select(AuditEntry).where(AuditEntry.action == "lost_seqs_read")
+    for reader in (manager, auth.headers("admin")):
+        assert write_offs(client, reader).status_code == 200
+    assert session.scalars(reads).all() == []
+    auditor = auth.headers("auditor1")
+    assert write_offs(client, auditor).status_code == 200
+    assert write_offs(client, auditor, limit=1, after=second["id"]).status_code == 200
+    entries = session.scalars(reads.order_by(AuditEntry.id)).all()
+    assert [(e.actor_id, e.subject_type, e.subject_key) for e in entries] == [
+        (world.auditor.id, "device", "PDA-0001")
+    ] * 2
+    assert [e.details for e in entries] == [
+        {"after": None, "ids": [second["id"], first["id"]]},
+        {"after": second["id"], "ids": [first["id"]]},
+    ]
+    assert verify(session=session).ok
+
+
 def test_the_write_off_list_says_which_seqs_the_pda_sent_after_all(
     client: FlaskClient,
     session: Session,

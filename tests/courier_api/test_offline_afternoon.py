@@ -290,3 +290,114 @@ def test_an_afternoon_offline_is_pushed_whole_and_judged_as_recorded(
         "consent_after_drop": len(late_consent),
         "clock_skew": 1,
     }
+
+
+@pytest.mark.parametrize("first_attempt", ["answer lost", "never arrived"])
+def test_an_afternoon_retried_otherwise_converges(
+    app_small: Flask, session: Session, world: World, first_attempt: str
+) -> None:
+    """Variants the PDA's afternoon may take: an image uploaded before its event; a
+    drop at the wrong locker corrected while the batch holding it waited for an answer,
+    the retry rebuilt from the PDA's store in another order (its answer lost: the retry
+    gets the receipt, one rebuilt with the correction in it is a 409 and nothing is
+    stored; never arrived: the retry lands after its correction and the rest); the rest
+    of the queue split one way, an answer lost, then split another way and pushed last
+    part first; the token expiring between parts. Nothing lost or doubled, and the shift
+    balances as recorded: the drop voided, the parcel returned."""
+    client = app_small.test_client()
+    auth = Auth(client)
+    manager = auth.headers("manager1")
+    tns = [
+        factories.parcel(session, world.station, service_class=ServiceClass.PARCEL).tracking_no
+        for _ in range(200)
+    ]
+    session.commit()
+    pda = Pda(client, auth, "courier1", "PDA-0001")
+    opened = pda.post("/api/v1/shifts", json={"first_seq": 1})
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    start = now() - dt.timedelta(hours=3)
+    for n, tn in enumerate(tns):
+        pda.record(tn, "checked_out", start + dt.timedelta(seconds=n))
+    pda.push(list(pda.queue))
+
+    # An image uploaded before the event naming it.
+    early = pda.photo(1)
+    pda.upload_images()
+    pda.record(
+        tns[0],
+        "delivered",
+        start + dt.timedelta(minutes=30),
+        pod={"recipient_name": "Li", "signature_sha256": early},
+    )
+    # A drop at the wrong locker, pushed; the answer lost.
+    drop = pda.record(
+        tns[1],
+        "delivered_to_locker",
+        start + dt.timedelta(minutes=31),
+        locker_id="L-1",
+        compartment="1",
+        pod={"pickup_code": "1"},
+    )
+    unanswered = pda.body(list(pda.queue))
+    if first_attempt == "answer lost":
+        assert pda.post(PUSH, json=unanswered).status_code == 200
+    # Corrected while the batch waits for its answer, the parcel taken back.
+    pda.record(
+        tns[1],
+        "correction",
+        start + dt.timedelta(minutes=32),
+        voids_client_event_id=drop["client_event_id"],
+        reason="wrong locker",
+    )
+    # The rest of the afternoon: more than MAX_EVENTS events.
+    for n, tn in enumerate(tns[2:], start=2):
+        at = start + dt.timedelta(minutes=40, seconds=30 * n)
+        pda.record(tn, "out_for_delivery", at)
+        pda.record(
+            tn,
+            "delivered_to_pickup_point",
+            at + dt.timedelta(seconds=20),
+            point_id="PP-1",
+            pod={"pickup_code": str(n)},
+        )
+    pda.record(tns[1], "returned_to_station", now() - dt.timedelta(minutes=5))
+    retry = {**unanswered, "events": unanswered["events"][::-1]}  # rebuilt otherwise
+    if first_attempt == "answer lost":
+        with_fix = {**retry, "events": [*retry["events"], pda.queue[len(retry["events"])]]}
+        refused = pda.post(PUSH, json=with_fix)
+        assert (refused.status_code, refused.get_json()["code"]) == (409, "batch_id_reused")
+        retry["sent_at"] = pda.clock(now()).isoformat()
+        expire(pda, world)
+        retried = pda.post(PUSH, json=retry)
+        assert retried.status_code == 200, retried.get_json()
+        pda.read(retried.get_json())
+    # The rest split one way, an answer lost, then another way.
+    sent = {e["client_event_id"] for e in unanswered["events"]}
+    queued = [e for e in pda.queue if e["client_event_id"] not in sent]
+    assert len(queued) > MAX_EVENTS
+    assert pda.post(PUSH, json=pda.body(queued[:200])).status_code == 200  # answer lost
+    expire(pda, world)
+    for part in [queued[i : i + 150] for i in range(0, len(queued), 150)][::-1]:
+        pda.push(part)
+    if first_attempt == "never arrived":
+        # acked below them only: the PDA keeps them and everything after
+        assert pda.queue == [*unanswered["events"], *queued]
+        retry["sent_at"] = pda.clock(now()).isoformat()
+        pda.read(pda.post(PUSH, json=retry).get_json())
+    assert pda.queue == []
+    closing = pda.post(f"/api/v1/shifts/{shift_id}/close", json={"last_seq": pda.seq})
+    assert closing.status_code == 200, closing.get_json()
+    held = session.scalar(
+        select(func.count()).select_from(ScanEvent).where(ScanEvent.device_id == "PDA-0001")
+    )
+    assert held == pda.seq
+    found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    outcomes = Counter(p["outcome"] for p in found["parcels"])
+    assert outcomes == {"delivered": 1, "returned": 1, "unattended": len(tns) - 2}, found
+    flags = client.get(
+        "/api/v1/flags", query_string={"limit": 500, "status": "open"}, headers=manager
+    ).get_json()["items"]
+    assert found["status"] == "balanced", found["discrepancies"]
+    # What stands: the corrected drop for a manager to see, and the PDA's clock.
+    assert Counter(f["kind"] for f in flags) == {"correction_review": 1, "clock_skew": 1}

@@ -15,7 +15,8 @@ from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session
 
 from courier_api.api.proofs import routes as proofs_routes
-from models import AuditEntry, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from models import AuditEntry, Blob, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from sync.blobs import FileBlobStore
 from sync.rules import RULE_KINDS
 from tests import factories
 from tests.conftest import Auth, World
@@ -1469,3 +1470,104 @@ def test_a_proof_gives_an_auditor_its_clocks_its_seq_and_whether_its_images_arri
     assert (row["seq"], row["clock_offset_ms"]) == ("2", str(found["clock_offset_ms"]))
     assert row["signature_arrived_at"] == ""
     assert row["photo_arrived_at"] == found["images"][1]["arrived_at"].replace("T", " ")
+
+
+def test_a_delivery_scanned_twice_is_listed_as_a_repeat_of_its_first_scan(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The scanner beeped twice at the door: one delivery, two scans. The balance folds
+    the second into the first (``repeated_scans``); an auditor counting proofs of a
+    disputed parcel must see that the second is no second delivery, in the search, the
+    detail and the export alike. A delivery after a new check-out is one of its own."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=2)
+    scans = [
+        factories.event(1, parcel.tracking_no, occurred_at=at),
+        factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=SIGNED),
+        factories.event(
+            3,
+            parcel.tracking_no,
+            "delivered",
+            occurred_at=at + dt.timedelta(seconds=4),
+            pod=SIGNED,
+        ),
+        factories.event(4, parcel.tracking_no, occurred_at=at + dt.timedelta(minutes=30)),
+        factories.event(
+            5,
+            parcel.tracking_no,
+            "delivered",
+            occurred_at=at + dt.timedelta(minutes=50),
+            pod=SIGNED,
+        ),
+    ]
+    auth.push(scans)
+    auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
+    items = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
+    first, again, later = (item["event_id"] for item in items)
+    assert [item["repeat_of"] for item in items] == [None, first, None]
+    details = [client.get(f"{URL}/{i}", headers=auditor).get_json() for i in (first, again)]
+    assert [d["repeat_of"] for d in details] == [None, first]
+    rows = _export(client, auth, query)
+    assert [(r["event_id"], r["repeat_of"]) for r in rows] == [
+        (str(first), ""),
+        (str(again), str(first)),
+        (str(later), ""),
+    ]
+    pages = signed_in(app, "auditor1")
+    listing = pages.get(f"/web/proofs?tracking_no={parcel.tracking_no}")
+    rows = {i: listing.split(f'id="proof-{i}"')[1].split("</tr>")[0] for i in (first, again)}
+    assert "scanned again" not in rows[first]
+    assert (
+        f'scanned again: the delivery of <a href="/web/proofs/{first}">#{first}</a>'
+        in (rows[again])
+    )
+    assert "scanned again" in pages.get(f"/web/proofs/{again}")
+    assert "scanned again" not in pages.get(f"/web/proofs/{first}")
+
+
+def test_a_proofs_detail_says_whether_each_images_stored_bytes_are_still_the_image(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The recipient says the signature is not theirs. ``arrived_at`` said the image
+    arrived; whether the file in the store is still that image, the proof page knew
+    and the API did not. The detail hashes each image's file: the photo replaced in
+    the store reads ``altered``, the signature ``intact``; then, the signature's file
+    gone, ``missing``, the photo purged, ``purged``. The search does not hash."""
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    signature, photo = image_bytes(), image_bytes(size=(9, 7))
+    assert digest(signature) != digest(photo)
+    pod = {"recipient_name": "Li", "signature_sha256": digest(signature)}
+    pod |= {"photo_sha256": digest(photo)}
+    at = now() - dt.timedelta(minutes=30)
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=pod),
+        ]
+    )
+    headers = auth.headers("courier1", "PDA-0001")
+    for image in (signature, photo):
+        put = client.put(f"/api/v1/blobs/{digest(image)}", data=image, headers=headers)
+        assert put.status_code == 201, put.get_json()
+    auditor = auth.headers("auditor1")
+    [found] = client.get(URL, headers=auditor).get_json()["items"]
+    assert all("integrity" not in image for image in found["images"])
+
+    def integrity() -> list[tuple[str, str]]:
+        proof = client.get(f"{URL}/{found['event_id']}", headers=auditor).get_json()
+        return [(image["role"], image["integrity"]) for image in proof["images"]]
+
+    assert integrity() == [("signature", "intact"), ("photo", "intact")]
+    store = FileBlobStore(app.config["BLOB_DIR"])
+    store.path(digest(photo)).write_bytes(photo[:-1] + b"\x00")  # same length, other bytes
+    assert integrity() == [("signature", "intact"), ("photo", "altered")]
+    store.path(digest(signature)).unlink()
+    blob = session.get(Blob, digest(photo))
+    assert blob is not None
+    blob.purged_at = now()
+    session.commit()
+    assert integrity() == [("signature", "missing"), ("photo", "purged")]

@@ -96,23 +96,28 @@ def test_a_batch_id_reused_with_other_events_is_409(
     assert response.get_json()["code"] == "batch_id_reused"
 
 
-def test_a_retry_with_its_events_in_another_order_is_409_and_sent_anew_loses_nothing(
+def test_a_retry_with_its_events_in_another_order_gets_the_original_receipt(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel, session: Session
 ) -> None:
     """README, "Retry": a PDA rebuilding its unanswered batch from a query that
-    orders it otherwise gets a 409 (results are by index), and the documented way out,
-    a new ``batch_id``, stores nothing twice: the held events come back duplicate."""
+    orders it otherwise gets the original receipt (DESIGN.md rule 2), each result at
+    the index of the retry; other events under the batch_id are still a 409."""
     tn = parcel.tracking_no
     events = [ev(1, tn), ev(2, tn, "out_for_delivery")]
     batch_id = str(uuid.uuid4())
-    assert push(client, courier, events, batch_id=batch_id).status_code == 200
+    first = push(client, courier, events, batch_id=batch_id).get_json()
     reordered = push(client, courier, events[::-1], batch_id=batch_id)
-    assert reordered.status_code == 409
-    assert reordered.get_json()["code"] == "batch_id_reused"
-    anew = push(client, courier, [*events[::-1], ev(3, tn, "returned_to_station")]).get_json()
-    assert [r["status"] for r in anew["results"]] == ["duplicate", "duplicate", "applied"]
-    assert (anew["acked_through_seq"], anew["missing_seqs"]) == (3, [])
-    assert len(session.scalars(select(ScanEvent)).all()) == 3
+    assert reordered.status_code == 200
+    answered = reordered.get_json()
+    assert [r["client_event_id"] for r in answered["results"]] == [
+        e["client_event_id"] for e in events[::-1]
+    ]
+    assert [r["index"] for r in answered["results"]] == [0, 1]
+    assert {**answered, "results": first["results"]} == first
+    other = push(client, courier, [events[1], ev(3, tn, "returned_to_station")], batch_id=batch_id)
+    assert other.status_code == 409
+    assert other.get_json()["code"] == "batch_id_reused"
+    assert len(session.scalars(select(ScanEvent)).all()) == 2
 
 
 def test_a_duplicate_and_a_conflicting_duplicate(

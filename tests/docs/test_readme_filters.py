@@ -65,3 +65,24 @@ def test_every_filter_the_readme_names_is_a_query_argument(app: Flask) -> None:
         if missing := [name for name in names if name not in taken]:
             unknown[path] = missing
     assert unknown == {}
+
+
+def test_every_list_pages_as_the_readme_says(app: Flask) -> None:
+    """README's "Lists page by keyset" gives one default and one largest ``limit``:
+    every endpoint taking a ``limit`` takes it so."""
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    sentence = text[text.index("Lists page by keyset") :].split(". ")[0]
+    default, most = map(int, re.search(r"default (\d+), at most (\d+)", sentence).groups())  # type: ignore[union-attr]
+    with app.app_context():
+        spec = api.spec.to_dict()
+    limits = {
+        f"{method.upper()} {path}": (schema.get("default"), schema.get("maximum"))
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if method in ("get", "post", "put", "patch", "delete")
+        for parameter in operation.get("parameters", [])
+        if parameter["name"] == "limit"
+        for schema in [parameter["schema"]]
+    }
+    assert len(limits) > 10
+    assert {key: value for key, value in limits.items() if value != (default, most)} == {}

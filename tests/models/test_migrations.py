@@ -1350,6 +1350,114 @@ def test_an_audit_entry_is_filed_under_every_parcel_it_records(scratch: Engine) 
         assert listed == {A: [3, 2, 1], B: [3, 2], C: [3]}
 
 
+BY_THEIR_PARCELS = "a3f7c9e1d5b8"  # reopenings and closes for the courier by their parcels
+
+
+def _rejected(engine: Engine, rows: dict[int, str | None]) -> None:
+    """Rejected events of the first batch, by id, each naming the parcel given (or none)."""
+    with engine.begin() as connection:
+        station_id, batch_pk, device_id = connection.execute(
+            text("SELECT station_id, id, device_id FROM sync_batch ORDER BY id LIMIT 1")
+        ).one()
+        for row_id, parcel in rows.items():
+            connection.execute(
+                text(
+                    "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, "
+                    "position, seq, event_type, tracking_no, parcel_tracking_no, error_code, "
+                    "message, payload, payload_hash, received_at) VALUES (:id, :station, "
+                    ":device, :batch, :id, NULL, 'delivered_to_locker', :tn, :tn, "
+                    "'missing_field', 'locker_id is required', '{}', :hash, "
+                    "'2026-11-20 09:00:00+00')"
+                ),
+                {
+                    "id": row_id,
+                    "station": station_id,
+                    "device": device_id,
+                    "batch": batch_pk,
+                    "tn": parcel,
+                    "hash": f"{row_id:064d}",
+                },
+            )
+
+
+def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
+    scratch: Engine,
+) -> None:
+    """A lost parcel's history (``GET /audit?tracking_no=``) lists the reopenings its
+    late scans or rejected events made, their withdrawals, the closes of its shift for
+    the courier and a manager's decisions on the shift's flags citing its scans: the
+    entries the version before wrote get the parcels the service now files them under.
+    A reopening by seqs still on the PDA, and its withdrawal, name none; a withdrawal
+    with no reopening before it none; a decision on a parcel's own flag keeps its own.
+    Run again, it files nothing twice; the chain verifies as before."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from sync import audit
+    from tests import factories
+
+    migrate.upgrade(scratch, EVERY_PARCEL)
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=2, parcels_per_shift=3, day=dt.date(2026, 11, 20)
+        )
+        session.commit()
+    with scratch.connect() as connection:
+        events = connection.execute(
+            text("SELECT id, shift_id, tracking_no FROM scan_event ORDER BY id")
+        ).all()
+    first, second = sorted({event.shift_id for event in events})
+    of_shift = {
+        shift: {event.tracking_no for event in events if event.shift_id == shift}
+        for shift in (first, second)
+    }
+    x, y = sorted(of_shift[second])[:2]
+    late = [event.id for event in events if event.tracking_no == x]  # its two scans
+    _rejected(scratch, {1: y, 2: None})
+    with scratch.begin() as connection:
+        _append_before(
+            connection,
+            [
+                ("shift_signed_off", "shift", str(second), {"note": "y missing"}),
+                (
+                    "shift_reopened",
+                    "shift",
+                    str(second),
+                    {"event_ids": late, "rejected_event_ids": [1, 2]},
+                ),
+                ("shift_reopening_withdrawn", "shift", str(second), {"reason": "taken"}),
+                ("shift_reopened", "shift", str(first), {"event_ids": [], "missing_seqs": [3]}),
+                ("shift_reopening_withdrawn", "shift", str(first), {"reason": "written off"}),
+                ("shift_closed_for_courier", "shift", str(first), {"last_seq": None}),
+                ("shift_last_seq_declared", "shift", str(second), {"last_seq": 6}),
+                ("shift_reopening_withdrawn", "shift", "999", {"reason": "none before"}),
+                (  # a manager's word on the shift's late_event_after_signoff flag
+                    "flag_resolved",
+                    "flag",
+                    "5",
+                    {"decided_on": {"event_ids": late, "rejected_event_ids": [1, 2]}},
+                ),
+                ("flag_resolved", "flag", "6", {"decided_on": {"event_ids": late}}),
+            ],
+        )
+        # A decision on a parcel's own flag was filed under it (``b1d7e3a9c5f2``).
+        connection.execute(text("UPDATE audit_entry SET tracking_no = :t WHERE id = 10"), {"t": y})
+    expected = {2: {x, y}, 3: {x, y}, 6: of_shift[first], 7: of_shift[second], 9: {x, y}}
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    assert _entry_parcels(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": EVERY_PARCEL}
+        )
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        found = audit.list_entries(session=session, tracking_no=x)
+        assert [entry.id for entry in found] == [9, 7, 3, 2]
+
+
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one
 
 
@@ -1994,3 +2102,79 @@ def test_point_ids_are_rewritten_upper_case_and_a_resent_event_stays_a_duplicate
             received_at=at,
         )
         assert [r["status"] for r in receipt["results"]] == ["duplicate"], receipt
+
+
+@pytest.mark.postgres_only
+def test_a_migration_waiting_for_a_lock_gives_up_and_tries_again(scratch: Engine) -> None:
+    """A migration's statement waits at most the lock timeout for a table that a
+    transaction holds (an audit entry appended, not yet committed), instead of holding
+    every append queued behind it; the upgrade then tries again from that migration and
+    goes to the end once the transaction has ended."""
+    migrate.upgrade(scratch, POINT_IDS)
+    blocker = scratch.connect()
+    blocker.execute(text("LOCK TABLE audit_entry IN ROW EXCLUSIVE MODE"))  # as an append does
+    retries: list[tuple[int, str]] = []
+
+    def retrying(attempt: int, reason: str) -> None:
+        retries.append((attempt, reason))
+        if attempt == 2:
+            blocker.rollback()  # the transaction ends
+
+    try:
+        migrate.upgrade(
+            scratch,
+            EVERY_PARCEL,
+            lock_timeout_seconds=0.2,
+            attempts=5,
+            pause_seconds=0,
+            on_retry=retrying,
+        )
+    finally:
+        blocker.close()
+    assert [attempt for attempt, _ in retries] == [1, 2]
+    assert all("lock timeout" in reason for _, reason in retries)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {EVERY_PARCEL}
+
+
+@pytest.mark.postgres_only
+def test_an_upgrade_out_of_attempts_stops_where_it_waited_and_says_so(
+    scratch: Engine, tmp_path: Path
+) -> None:
+    """``db upgrade`` whose every attempt gave up waiting says, in one line, that the
+    migrations before are committed and what to do; the database stays at the revision
+    before the one that waited."""
+    from courier_api.cli import courier_cli
+    from courier_api.extensions import db
+    from tests.conftest import make_test_app
+
+    migrate.upgrade(scratch, POINT_IDS)
+    app = make_test_app(scratch.url.render_as_string(hide_password=False), tmp_path)
+    runner = app.test_cli_runner()
+    with scratch.connect() as blocker:
+        blocker.execute(text("LOCK TABLE audit_entry IN ROW EXCLUSIVE MODE"))
+        try:
+            result = runner.invoke(
+                courier_cli(), ["db", "upgrade", "--lock-timeout", "0.2", "--attempts", "2"]
+            )
+        finally:
+            db.engine_of(app).dispose()
+        blocker.rollback()
+    assert result.exit_code == 1, result.output
+    assert "trying again in 0.2 s (attempt 2 of 2)" in result.output
+    assert "gave up waiting for a lock" in result.output
+    assert "migrations before it are committed" in result.output
+    assert "Traceback" not in result.output
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {POINT_IDS}
+
+
+@pytest.mark.postgres_only
+def test_the_lock_timeout_is_set_back_before_the_connection_is_pooled(scratch: Engine) -> None:
+    """The session's ``lock_timeout`` is the migrations' alone: the connection they ran on
+    goes back to the pool with the server's default."""
+    with migrate.migrating(scratch, lock_timeout_seconds=1.5) as connection:
+        raw = connection.connection.driver_connection
+        assert connection.scalar(text("SHOW lock_timeout")) == "1500ms"
+        connection.rollback()
+    assert raw.execute("SHOW lock_timeout").fetchone()[0] == "0"

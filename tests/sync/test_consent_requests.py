@@ -364,28 +364,39 @@ def test_a_drop_scanned_again_is_announced_once_whichever_scan_arrives_first(
     assert len(messages(session, "parcel.in_locker")) == 1
 
 
+@pytest.mark.parametrize("first_voided", ["again", "first"])
 def test_a_drop_scanned_again_is_retracted_only_once_no_scan_of_it_stands(
-    session: Session, pda: Pda, parcel: str
+    session: Session, pda: Pda, parcel: str, first_voided: str
 ) -> None:
-    """The second tap voided (a mis-tap): the parcel is in the compartment all the same,
-    and its recipient is told nothing. The first voided too: the drop is undone, and the
-    recipient, told of it by the first scan, is told it is not there."""
+    """One tap voided (a mis-tap): the parcel is in the compartment all the same, and its
+    recipient is told nothing. The other voided too: the drop is undone, and the
+    recipient, told of it by the first scan, is told it is not there, naming the drop as
+    it was told of it (``event_id``, the first scan's), whichever scan was voided last:
+    a receiver matching the retraction to the announcement by it found none when the
+    first scan was voided first."""
     subscribe(session, "parcel.in_locker", "parcel.at_pickup_point", "parcel.drop_voided")
     place = {"locker_id": "L-2", "compartment": "11", "pod": {"pickup_code": "4711"}}
     first = pda.event(parcel, "delivered_to_locker", 10, **place)
     again = pda.event(parcel, "delivered_to_locker", 11, **place)
     pda.push([pda.event(parcel, "checked_out", 0), first, again])
     [announced] = messages(session, "parcel.in_locker")
-    for minute, target in enumerate((again, first), start=1):
+    order = (again, first) if first_voided == "again" else (first, again)
+    for minute, target in enumerate(order, start=1):
         fix = pda.event(
             parcel, "correction", 11 + minute, voids_client_event_id=target["client_event_id"]
         )
         pda.push([{**fix, "reason": "mis-tap"}], received_at=NOW + dt.timedelta(minutes=minute))
-        if target is again:
+        if minute == 1:
             assert messages(session, "parcel.drop_voided") == []
     [retracted] = messages(session, "parcel.drop_voided")
     assert retracted.ordering_key == announced.ordering_key
     assert (retracted.payload["locker_id"], retracted.payload["compartment"]) == ("L-2", "11")
+    first_id = session.scalars(
+        select(ScanEvent.id).where(
+            ScanEvent.client_event_id == uuid.UUID(first["client_event_id"])
+        )
+    ).one()
+    assert announced.payload["event_id"] == retracted.payload["event_id"] == first_id
 
 
 def test_only_an_announced_drop_is_retracted(

@@ -101,6 +101,9 @@ class Plan:
     in_first: int  # seqs 1..in_first recorded in the first shift
     lost: set[int] = field(default_factory=set)  # never pushed
     second_opens_soon: bool = False  # a minute after the first's close (else an hour)
+    # A seq dated half a minute before the seq two before it, in its shift (rule 6: a
+    # time_inversion with either, which a write-off of the seq between may complete).
+    backdated: int | None = None
 
     @property
     def second_opened(self) -> dt.datetime:
@@ -130,6 +133,15 @@ def plans(draw: st.DrawFn) -> Plan:
     declares_first = draw(sometimes, label="second shift declares its first seq")
     second_closed_before = draw(st.booleans())
     second_declares_last = draw(st.booleans())
+    # Not a shift's first two: dated back, they would lie before the shift's opening.
+    may_be_backdated = [s for s in range(3, n + 1) if s not in (in_first + 1, in_first + 2)]
+    # Mostly the seq after the lost one: a pair across it, which a write-off completes.
+    after_lost = [s + 1 for s in lost if s + 1 in may_be_backdated]
+    backdated = (
+        draw(st.none() | st.sampled_from(after_lost * 3 + may_be_backdated), label="backdated")
+        if may_be_backdated
+        else None
+    )
     return Plan(
         first_declares_first=draw(st.booleans()),
         first_last_seq=in_first if declares_last else None,
@@ -141,6 +153,7 @@ def plans(draw: st.DrawFn) -> Plan:
         in_first=in_first,
         lost=lost,
         second_opens_soon=draw(st.booleans(), label="second opens just after the first closed"),
+        backdated=backdated,
     )
 
 
@@ -193,6 +206,8 @@ class Run:
             when = (FIRST_OPENED if first else self.plan.second_opened) + dt.timedelta(
                 minutes=seq - (0 if first else self.plan.in_first)
             )
+            if seq == self.plan.backdated:  # half a minute before the seq two before it
+                when -= dt.timedelta(seconds=150)
             fields = dict(FIELDS.get(kind, {}))
             if kind == "correction":
                 fields = {
@@ -346,6 +361,8 @@ class Run:
                 self._subject(key),
                 status,
                 sorted(seqs.get(i, -1) for i in (evidence or {}).get("event_ids", [])),
+                # A time_inversion's pairs: "device#seq".
+                sorted(int(s.rpartition("#")[2]) for s in (evidence or {}).get("device_seqs", [])),
             )
             for kind, key, status, evidence in session.execute(
                 select(Flag.kind, Flag.subject_key, Flag.status, Flag.evidence).where(
@@ -499,6 +516,49 @@ def test_a_return_scanned_again_after_a_voided_check_out_is_the_first_shifts_ali
     assert second[0]["not_checked_out"] == 0
     assert (1, "no_outcome", None, [(9, 2)]) in second[3]  # (parcel, outcome, seq, repeats)
     assert ("not_on_manifest", 1, FlagStatus.OPEN) not in second[4]
+
+
+@pytest.mark.parametrize("write_off_at", [0, 1, 2])
+def test_a_pair_across_a_lost_seq_is_flagged_whether_written_off_before_or_after(
+    session: Session, world: World, write_off_at: int
+) -> None:
+    """The PDA lost seq 2; seq 3 is dated half a minute before seq 1. Pushed as 1 and 4,
+    then 3 and 5, with the manager writing off what is missing between the two (seqs 2
+    and 3: seq 3 comes after all) or after both (seq 2): seqs 1 and 3 are neighbours
+    for good, and their time_inversion is flagged either way, as the reference (one
+    push in order, then the write-off) flags it. The write-off after both pushes judged
+    no pair, so the reference did not either (rule 3). Before the first push nothing is
+    missing: seq 2 stays on the PDA, and the pair unjudged."""
+    plan = Plan(
+        first_declares_first=True,
+        first_last_seq=None,
+        second_first_seq=None,
+        second_is_colleagues=False,
+        second_closed_before=True,
+        second_last_seq=None,
+        events=[
+            (1, "checked_out", 0, None),
+            (2, "checked_out", 1, None),
+            (3, "out_for_delivery", 0, None),
+            (4, "delivered", 0, None),
+            (5, "checked_out", 2, None),
+        ],
+        in_first=4,
+        lost={2},
+        backdated=3,
+    )
+    reached = converges_as(
+        session,
+        world,
+        plan,
+        [[1, 4], [3, 5]],
+        sign_off_at=2,
+        write_off_at=write_off_at,
+        open_at=0,
+        opens_after_manager=False,
+    )
+    inversion = ("time_inversion", "parcel 0", FlagStatus.OPEN, [], [1, 3])
+    assert (inversion in reached["flags"]) is (write_off_at > 0)
 
 
 @on_the_test_database(examples=60)

@@ -277,6 +277,96 @@ def test_a_retry_writing_its_ids_anew_finds_its_results_under_them(
     assert count(session, ScanEvent) == 2
 
 
+def test_a_retry_listing_its_events_in_another_order_gets_the_receipt_at_its_indexes(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """DESIGN.md rule 2: re-sending a batch returns the same receipt. A PDA offline all
+    afternoon lost the answer to a batch and rebuilt the retry from its store, which
+    lists events by time, not by seq (and one id in capitals); it was refused 409
+    ``batch_id_reused`` as if other events had been sent. The same events in any order
+    are the same batch: the stored receipt comes back, each result at the retry's index
+    and naming the event as the retry wrote it, malformed events (no id at all) each
+    with its own error, and nothing is stored again."""
+    tn = parcel.tracking_no
+    checked_out, delivered = pda.event(1, tn), pda.event(2, tn, "delivered")
+    no_type = {k: v for k, v in pda.event(3, tn).items() if k not in ("type", "client_event_id")}
+    bad_seq = {**pda.event(4, tn), "seq": 0}
+    del bad_seq["client_event_id"]
+    batch_id = uuid.uuid4()
+    receipt = pda.push([checked_out, no_type, delivered, bad_seq], batch_id)
+    assert statuses(receipt) == ["applied", "rejected", "applied", "rejected"]
+    codes = {r["index"]: r["error"]["code"] for r in receipt["results"] if "error" in r}
+    assert codes[1] != codes[3]
+    rows = (count(session, ScanEvent), count(session, QuarantinedEvent))
+
+    upper = {**delivered, "client_event_id": delivered["client_event_id"].upper()}
+    retry = [bad_seq, upper, no_type, checked_out]  # [3, 2, 1, 0] of the first attempt
+    again = pda.push(retry, batch_id, received_at=NOW + dt.timedelta(hours=2))
+    first = receipt["results"]
+    assert again["results"] == [
+        {**first[3], "index": 0},
+        {**first[2], "index": 1, "client_event_id": upper["client_event_id"]},
+        {**first[1], "index": 2},
+        {**first[0], "index": 3},
+    ]
+    assert {**again, "results": first} == receipt
+    assert (count(session, ScanEvent), count(session, QuarantinedEvent)) == rows
+
+    with pytest.raises(Conflict) as refused:  # another event among them: other content
+        pda.push(
+            [bad_seq, pda.event(2, tn, "returned_to_station"), no_type, checked_out], batch_id
+        )
+    assert refused.value.code == "batch_id_reused"
+
+
+def test_a_retry_in_another_order_answers_each_version_of_an_id_as_the_first_time(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A PDA's bug sent one id in two versions in a batch: the first applied, the other
+    rejected ``conflicting_duplicate``. Its retry in another order tells each version
+    what became of it (by the version held), not the applied result to the one that
+    was refused."""
+    held = pda.event(1, parcel.tracking_no, "delivered")
+    other = {**held, "pod": {"recipient_name": "Someone else"}}
+    batch_id = uuid.uuid4()
+    receipt = pda.push([held, other], batch_id)
+    assert statuses(receipt) == ["applied", "rejected"]
+    again = pda.push([other, held], batch_id, received_at=NOW + dt.timedelta(hours=1))
+    assert again["results"] == [
+        {**receipt["results"][1], "index": 0},
+        {**receipt["results"][0], "index": 1},
+    ]
+
+
+def test_a_batch_stored_with_its_ordered_digest_is_still_known_by_it(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A batch stored before digests ignored the order keeps its digest of the events in
+    order: its retry, written anew in that order, still gets its receipt."""
+    events = [pda.event(1, parcel.tracking_no), pda.event(2, parcel.tracking_no, "delivered")]
+    batch_id = uuid.uuid4()
+
+    def contents_of(events: list[dict[str, Any]]) -> tuple[PushBatch, list[str]]:
+        batch = PushBatch(pda.pusher.device_id, batch_id, NOW, events)
+        validated = ingest_module._Validated.of(batch, RULES.events, frozenset())
+        return batch, ingest_module.event_contents(batch, validated)
+
+    if contents_of(events)[1] == sorted(contents_of(events)[1]):
+        events.reverse()  # in an order the sorted digest does not keep
+    batch, contents = contents_of(events)
+    receipt = pda.push(events, batch_id)
+    ordered = ingest_module.ordered_content_digest(batch, contents)
+    assert ordered != ingest_module.content_digest(batch, contents)
+    session.execute(
+        update(SyncBatch)
+        .where(SyncBatch.batch_id == batch_id)
+        .values(request_hash=ordered, sent_hash="0" * 64)
+    )
+    session.commit()
+    anew = [{**e, "client_event_id": e["client_event_id"].upper()} for e in events]
+    assert {**pda.push(anew, batch_id), "results": receipt["results"]} == receipt
+
+
 def test_a_batch_id_reused_for_other_events_is_refused(pda: Pda, parcel: Parcel) -> None:
     batch_id = uuid.uuid4()
     pda.push([pda.event(1, parcel.tracking_no)], batch_id)
@@ -1332,6 +1422,109 @@ def test_a_written_off_seq_that_comes_after_all_splits_the_pair_judged_across_it
     )
     pda.push([pda.event(2, tn, "out_for_delivery", occurred_at=at(30) - step)])
     assert (flag.status, flag.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
+
+
+@pytest.mark.parametrize("order", ["seq 4 last", "seq 4 first"])
+def test_a_resolved_time_inversion_stands_on_the_seqs_decided_whatever_the_order(
+    session: Session, pda: Pda, world: World, order: str
+) -> None:
+    """Parcel P's flag names the pairs 1-3 and 5-7, each judged across a rejected seq (2
+    and 6, another parcel's scans mistyped), seq 4 still on the PDA; the manager
+    resolves it. Seqs 2 and 6 sent again corrected split both pairs (their events in
+    order with P's), and seq 4, rejected, makes 3 and 5 neighbours, an inverted pair.
+    Whether 4 comes first or last, P's flag ends naming 3-5, seqs the manager decided
+    on, and resolved, as a rule flag is while its cause stands only on what the
+    manager saw (``judged_status``): closed when 2 and 6 had taken every seq out of it,
+    and raised again by seq 4 on seqs the decision covered, it was opened again."""
+    p, q = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    times = {1: (p, 30), 2: (q, 20), 3: (p, 20), 4: (p, 15), 5: (p, 10), 6: (q, 0), 7: (p, 0)}
+    scans = {
+        seq: pda.event(seq, tn, "out_for_delivery", occurred_at=at(minutes))
+        for seq, (tn, minutes) in times.items()
+    }
+    wrong = {
+        seq: {**scans[seq], "tracking_no": mistyped(scans[seq]["tracking_no"])}
+        for seq in (2, 4, 6)
+    }
+    pda.push([scans[1], wrong[2], scans[3], scans[5], wrong[6], scans[7]])
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion", Flag.subject_key == p)
+    ).one()
+    assert flag.evidence["device_seqs"] == [f"PDA-0001#{s}" for s in (1, 3, 5, 7)]
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="checked")
+    session.commit()
+    later = [[scans[2]], [scans[6]]]
+    if order == "seq 4 last":
+        for push in later:
+            pda.push(push)
+        session.refresh(flag)
+        assert (flag.status, flag.evidence["device_seqs"]) == (FlagStatus.CLOSED, [])
+        entry = session.scalars(
+            select(AuditEntry).where(
+                AuditEntry.action == "flag_status_changed", AuditEntry.subject_key == str(flag.id)
+            )
+        ).one()
+        assert (entry.details["from_status"], entry.details["to_status"]) == ("resolved", "closed")
+        pda.push([wrong[4]])
+    else:
+        for push in [[wrong[4]], *later]:
+            pda.push(push)
+    session.refresh(flag)
+    assert (flag.status, flag.evidence["device_seqs"]) == (
+        FlagStatus.RESOLVED,
+        ["PDA-0001#3", "PDA-0001#5"],
+    )
+
+
+@pytest.mark.parametrize("written_off", ["before its neighbours", "between", "after both"])
+@pytest.mark.parametrize("lost", [[[2, 2]], [[2, 3]]])
+def test_a_pair_across_written_off_seqs_is_judged_whenever_the_write_off_comes(
+    session: Session, pda: Pda, world: World, parcel: Parcel, written_off: str, lost: list
+) -> None:
+    """The PDA lost seq 2 (or 2 and 3) in a reset, and a manager writes them off. Seq 1
+    and the next seq after them are neighbours for good, the later dated ten minutes
+    before the earlier (a consent backdated past the drop it followed): flagged
+    time_inversion, naming the two, whether the write-off came before either arrived,
+    between them, or after both (rule 3: it was judged only when a push completed the
+    pair). The seq after, dated after both, makes no other pair."""
+    tn = parcel.tracking_no
+    after = lost[0][1] + 1
+    first = [pda.event(1, tn, occurred_at=at(30))]
+    rest = [
+        pda.event(after, tn, "out_for_delivery", occurred_at=at(20)),
+        pda.event(after + 1, tn, "out_for_delivery", occurred_at=at(40)),
+    ]
+
+    def write_off() -> None:
+        write_off_lost_seqs(
+            session=session,
+            device=world.device,
+            ranges=lost,
+            reason="lost in a reset",
+            user_id=world.manager.id,
+        )
+        session.commit()
+
+    if written_off == "before its neighbours":
+        pda.push([pda.event(9, tn, "out_for_delivery", occurred_at=at(50))])
+        write_off()
+        pda.push(first)
+        pda.push(rest)
+    elif written_off == "between":
+        pda.push(first + [pda.event(9, tn, "out_for_delivery", occurred_at=at(50))])
+        write_off()
+        pda.push(rest)
+    else:
+        pda.push(first + rest + [pda.event(9, tn, "out_for_delivery", occurred_at=at(50))])
+        assert "time_inversion" not in set(session.scalars(select(Flag.kind)))
+        write_off()
+    flag = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).one()
+    assert (flag.status, flag.evidence["device_seqs"], flag.station_id) == (
+        FlagStatus.OPEN,
+        ["PDA-0001#1", f"PDA-0001#{after}"],
+        world.station.id,
+    )
 
 
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(

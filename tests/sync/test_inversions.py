@@ -7,8 +7,8 @@ import datetime as dt
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync.acks import SeqTracker
-from sync.inversions import Stamp, judge, time_inversions
+from sync.acks import SeqTracker, merged
+from sync.inversions import Stamp, across_written_off, judge, still_named, time_inversions
 
 T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
 
@@ -60,6 +60,15 @@ class Device:
             if not self.flagged[tracking_no]:
                 del self.flagged[tracking_no]
         return judged.inverted
+
+    def write_off(self, seqs: set[int]) -> dict[str, set[int]]:
+        """Write ``seqs`` off as lost (none of them arrived): held from now on, holding
+        no event; the pairs across them flagged, as ``sync.lost_seqs`` does."""
+        self.held.add_all(seqs)
+        found = across_written_off(merged([s, s] for s in seqs), self.held, self.nearest)
+        for tracking_no, named in found.items():
+            self.flagged.setdefault(tracking_no, set()).update(named)
+        return found
 
 
 def test_a_rejected_seq_between_two_events_is_skipped() -> None:
@@ -207,3 +216,76 @@ def test_a_later_seq_dated_within_the_tolerance_before_the_one_before_it_is_no_p
         "P2": {1, 2},
         "P3": {2, 3},
     }
+
+
+@st.composite
+def written_off_streams(
+    draw: st.DrawFn,
+) -> tuple[dict[int, int], set[int], set[int], list[list[int]], int, list[int]]:
+    """A PDA's seqs 1..n, some rejected, some lost and written off between two pushes,
+    of which some arrive after all (a push after the write-off); the others cut into
+    pushes sent in some order: ``(times, rejected, lost, pushes, write-off before push,
+    the lost ones arriving after it)``."""
+    n = draw(st.integers(2, 12))
+    lost = set(draw(st.sets(st.integers(1, n), min_size=1, max_size=n - 1)))
+    rejected = set(draw(st.sets(st.integers(1, n)))) - lost
+    times = {s: draw(st.integers(0, 30)) for s in range(1, n + 1) if s not in rejected}
+    order = draw(st.permutations(sorted(set(range(1, n + 1)) - lost)))
+    cuts = draw(st.sets(st.integers(1, len(order) - 1))) if len(order) > 1 else set()
+    pushes, start = [], 0
+    for cut in [*sorted(cuts), len(order)]:
+        pushes.append(order[start:cut])
+        start = cut
+    written_off_at = draw(st.integers(0, len(pushes)))
+    arriving = sorted(draw(st.sets(st.sampled_from(sorted(lost)))))
+    return times, rejected, lost, pushes, written_off_at, arriving
+
+
+@given(written_off_streams())
+def test_seqs_written_off_before_between_or_after_the_pushes_leave_the_flags_of_the_stream(
+    stream: tuple[dict[int, int], set[int], set[int], list[list[int]], int, list[int]],
+) -> None:
+    """Rule 3 for rule 6 with a manager's write-off: seqs written off hold no event, so
+    the events around them are neighbours; the flags kept over the pushes and the
+    write-off (which judges the pairs it completes) are those of the stored events in
+    seq order, wherever the write-off came, and whichever written-off seqs came after
+    all."""
+    times, rejected, lost, pushes, written_off_at, arriving = stream
+    device = Device()
+    for index, push in enumerate([*pushes, []]):
+        if index == written_off_at:
+            device.write_off(lost)
+        device.push({s: times[s] for s in push if s not in rejected}, set(push) & rejected)
+    device.push({s: times[s] for s in arriving}, set())
+    stored = sorted(s for s in times if s not in lost or s in arriving)
+    expected: dict[str, set[int]] = {}
+    for before, after in zip(stored, stored[1:], strict=False):
+        if times[after] < times[before]:
+            expected.setdefault(f"P{after}", set()).update((before, after))
+    assert device.flagged == expected
+
+
+def test_a_write_off_judges_each_range_with_two_searches_past_rejected_seqs() -> None:
+    """Seqs 3 and 6 to 7 written off, seq 2 and 8 rejected: the pairs across them are
+    1-4 (past 2 and 3) and 5-9 (past 6 to 8); a range next to a seq still on the PDA (11)
+    has no pair."""
+    device = Device()
+    device.push({1: 30, 4: 20, 5: 40, 9: 10, 10: 50, 12: 60}, {2, 8})
+    device.searches = 0
+    assert device.write_off({3, 6, 7}) == {"P4": {1, 4}, "P9": {5, 9}}
+    assert device.searches == 4
+    assert device.write_off({13}) == {}  # above the highest seq: nothing after it
+
+
+def test_a_flags_seqs_still_named_are_those_of_inverted_pairs_of_neighbours_now() -> None:
+    """``courier-api rejudge``: a flag named 1 and 3 (judged while 2 was rejected); 2 is
+    stored since, dated between them, another parcel's: 1-2 is inverted (named for 2's
+    parcel), 2-3 is not; 3-4 is inverted for 4's parcel. Nothing names 1 or 3 for
+    parcel P3 any more; 4 names 3 and 4 for P4. A seq with no event names nothing."""
+    device = Device()
+    device.push({1: 30, 2: 20, 3: 25, 4: 10}, set(), {1: "P1", 2: "P2", 3: "P3", 4: "P4"})
+    assert still_named([1, 3], device.held, device.look_up, device.nearest) == {
+        "P2": {1, 2},
+        "P4": {3, 4},
+    }
+    assert still_named([7], device.held, device.look_up, device.nearest) == {}

@@ -25,6 +25,7 @@ from models import (
 )
 from sync import balances as balances_module
 from sync import shifts
+from sync.audit import list_entries
 from sync.balances import balances, shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import Conflict, InvalidInput
@@ -368,6 +369,32 @@ def test_a_scan_just_after_a_sign_off_that_the_next_shift_takes_leaves_it_signed
     assert actions[1:] == (
         ["shift_reopened", "shift_reopening_withdrawn"] if pushed == "before the opening" else []
     )
+
+
+def test_a_reopening_and_its_withdrawal_are_filed_under_the_late_scans_parcel(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A check-out of b four minutes after the sign-off reopens the shift until the next
+    opening takes it. An auditor reading b's history (``GET /audit?tracking_no=``) sees
+    that it reopened a handover and that the reopening was withdrawn; a's history,
+    the shift's other parcel, names neither (its sign-off only)."""
+    a, b = parcels(session, world, 2)
+    first = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = sign_off(session, world, pda.close(first))
+    check_out = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=4))
+    pda.push([check_out], received_at=NOW + dt.timedelta(minutes=4, seconds=30))
+    pda.open(now=NOW + dt.timedelta(minutes=5))
+
+    def of_parcel(number: str) -> list[str]:
+        return [
+            entry.action
+            for entry in list_entries(session=session, tracking_no=number)
+            if (entry.subject_type, entry.subject_key) == ("shift", str(first.id))
+        ]
+
+    assert of_parcel(b) == ["shift_reopening_withdrawn", "shift_reopened"]
+    assert of_parcel(a) == ["shift_signed_off"]
 
 
 def test_a_reopening_whose_scan_the_next_shift_takes_stands_once_for_the_seq_still_on_the_pda(
@@ -1733,6 +1760,59 @@ def test_a_repeat_before_a_check_out_in_the_next_shift_is_listed_however_the_shi
     for balance in (alone, with_morning):
         assert [(p.outcome, p.repeated_scans) for p in balance.parcels] == [
             ("missing", ((repeat, first),))
+        ]
+
+
+def test_a_check_out_settled_on_its_pda_after_another_pdas_scan_is_the_shifts_own_outcome(
+    session: Session, world: World
+) -> None:
+    """A courier with two PDAs, their clocks interleaved: PDA B's shift checked the
+    parcel out (minute 5); PDA A, in a shift of its own, scanned the delivery first
+    (minute 10, no proof); B scanned it twice after (minutes 15 and 16, no proof either).
+    By the rules the three scans are one delivery without proof, first scanned on A.
+    B's balance read alone (its page) counted the check-out delivered_without_pod,
+    settled by its own scan, the flag its discrepancy; read with A's shift (the station
+    board) it was settled by A's scan, and the flag, citing B's scans only as repeats of
+    another shift's, was none of B's: balanced, a delivery without proof counted as
+    delivered. Decided (rule 5, as ``may_repeat`` already assumes): a scan after a
+    check-out standing in the shift on the same PDA is the shift's outcome of it,
+    settled by the first such scan however the shift is read; A's scan stays an outcome
+    A never checked out."""
+    (a,) = parcels(session, world, 1, service_class=ServiceClass.PARCEL)
+    second = factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    pda_a, pda_b = Pda(session, world), Pda(session, world)
+    pda_b.device = second
+    pda_b.pusher = Pusher(second.id, world.station.id, world.courier.id)
+    shift_a = pda_a.open(first_seq=1, now=at(0))
+    shift_b = pda_b.open(first_seq=1, now=at(0))
+    checked_out = pda_b.event(a, occurred_at=at(5))
+    first = pda_a.event(a, "delivered", occurred_at=at(10), pod={})
+    again = [pda_b.event(a, "delivered", occurred_at=at(m), pod={}) for m in (15, 16)]
+    pda_b.push([checked_out, *again], received_at=at(20))
+    pda_a.push([first], received_at=at(21))
+    shift_a = pda_a.close(shift_a, last_seq=1, now=at(30))
+    shift_b = pda_b.close(shift_b, last_seq=3, now=at(30))
+    ids = dict(session.execute(select(ScanEvent.client_event_id, ScanEvent.id)).all())
+    first_id, *again_ids = (ids[uuid.UUID(e["client_event_id"])] for e in (first, *again))
+    alone = shift_balance(session=session, shift=shift_b)
+    on_the_board = balances(session=session, shifts=[shift_a, shift_b])
+    for balance in (alone, on_the_board[shift_b.id]):
+        assert (balance.status, balance.checked_out, balance.delivered_without_pod) == (
+            "unbalanced",
+            1,
+            1,
+        )
+        assert [(p.outcome_event_id, p.repeated_scans) for p in balance.parcels] == [
+            (again_ids[0], ((again_ids[1], again_ids[0]),))
+        ]
+        assert [d.kind for d in balance.discrepancies] == ["delivered_without_pod"]
+        assert balances_module.balance_version(balance) == balances_module.balance_version(alone)
+    for balance in (shift_balance(session=session, shift=shift_a), on_the_board[shift_a.id]):
+        assert (balance.not_checked_out, balance.parcels[0].outcome_event_id) == (1, first_id)
+        assert sorted(d.kind for d in balance.discrepancies) == [
+            "delivered_without_pod",
+            "not_on_manifest",
         ]
 
 

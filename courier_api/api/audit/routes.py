@@ -54,10 +54,13 @@ class AuditEntries(MethodView):
         a kind of entry, filter by `action`). `tracking_no` lists every entry about
         one parcel, whatever its subject (a consent's, a flag's, a proof's id):
         its proofs and its record read, its consents granted, revoked or refused,
-        decisions on and changes of its flags (its own and its handovers'), its
+        decisions on and changes of its flags (its own and its handovers'),
+        decisions on a shift's or a PDA's flags citing its scans, its
         changes by an intake, and auditors' searches of its proofs or rejected events by its
         number; and the entries that concern it among other parcels: the sign-off
-        of each handover whose balance names it, an auditor's read of a shift page
+        of each handover whose balance names it, a reopening of it by its late
+        events and that reopening's withdrawal, a close of its shift for the
+        courier and a last seq declared afterwards, an auditor's read of a shift page
         showing its recipient or its proof, a search, flag page or export part that
         showed its proof. Normalized as everywhere (case, spaces, dashes), one that
         leaves nothing is a 422 `invalid_tracking_no`. Entries written before the
@@ -80,12 +83,13 @@ class AuditEntries(MethodView):
         auditors' reads
         (`proof_read`, `proofs_searched`, `proofs_exported`, `parcel_read` (also
         subject `shift`: a shift page showing its discrepancies' recipients),
-        `blob_read`, `quarantine_searched`), a shift closed by a manager or an admin
-        for its courier (`shift_closed_for_courier`; subject `shift`: the `last_seq`
-        given, `seq_at_close` (the highest seq the server held from the PDA then, not
-        counting seqs written off as lost), the `events_taken` from under no shift) and the
-        `last_seq` its courier's PDA declared for it afterwards
-        (`shift_last_seq_declared`; the courier as actor, with `closed_by`), a change of a
+        `blob_read`, `quarantine_searched`, `lost_seqs_read`), a shift closed by a
+        manager or an admin for its courier (`shift_closed_for_courier`; subject
+        `shift`: the `last_seq` given, `seq_at_close` (the highest seq the server
+        held from the PDA then, not counting seqs written off as lost), the
+        `events_taken` from under no shift) and the `last_seq` its courier's PDA
+        declared for it afterwards (`shift_last_seq_declared`; the courier as actor,
+        with `closed_by`), a change of a
         station (`station_updated`; subject `station` and its id: its name or time zone)
         or of a PDA's status (`device_updated`; subject `device` and its id), with
         who (`by`, also for `courier-api retire-device`, whose entries name no actor)

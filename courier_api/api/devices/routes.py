@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
@@ -17,7 +18,13 @@ from courier_api.api.devices.schemas import (
     WriteOffPage,
 )
 from courier_api.api.pagination import keyset_page
-from courier_api.auth import current_principal, ensure_station_access, ensure_visible
+from courier_api.auth import (
+    current_principal,
+    ensure_station_access,
+    ensure_visible,
+    record_auditor_read,
+)
+from courier_api.config import inversion_tolerance_of
 from courier_api.extensions import db
 from models import Device, Role, SeqWriteOff
 from sync import directory, lost_seqs
@@ -28,6 +35,7 @@ from sync.pages import write_offs_named
 
 blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
 MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
+LOST_SEQS_READ = "lost_seqs_read"  # an auditor's read of a PDA's write-offs
 
 
 @blp.route("")
@@ -118,7 +126,7 @@ class DeviceById(MethodView):
 
 @blp.route("/<string:device_id>/lost-seqs")
 class LostSeqs(MethodView):
-    READS_ONLY = True  # its GET: courier_api.database
+    # Not READS_ONLY (courier_api.database): an auditor's read is written to the audit log.
 
     @blp.auth(*MANAGERS, Role.AUDITOR)
     @blp.arguments(WriteOffListArgs, location="query")
@@ -141,7 +149,9 @@ class LostSeqs(MethodView):
         manager reads the write-offs made at their own station only (those of its
         shifts): a PDA moved from another station lists none of that station's to
         them, and one moved away lists theirs; auditors and admins read every
-        station's.
+        station's. An auditor's read is audit-logged (`lost_seqs_read`, subject the
+        device, with the page asked for and the write-off ids listed): the seqs a
+        manager wrote off are evidence of what a shift's balance no longer waits for.
         """
         device = _write_offs_device(device_id)
         station = current_principal().station_filter(None)
@@ -155,6 +165,15 @@ class LostSeqs(MethodView):
                 limit=args["limit"],
             ),
             station,
+        )
+        record_auditor_read(
+            LOST_SEQS_READ,
+            "device",
+            device.id,
+            {
+                "after": args["after"] or None,
+                "ids": [r.write_off.id for r in records],
+            },
         )
         items = [
             {
@@ -223,6 +242,7 @@ class LostSeqs(MethodView):
             reason=body["reason"],
             user_id=principal.user_id,
             station_id=principal.station_filter(None),
+            inversion_tolerance=inversion_tolerance_of(current_app.config),
         )
         db.session.commit()
         return {

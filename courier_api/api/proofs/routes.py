@@ -11,6 +11,7 @@ from flask import Response, current_app, stream_with_context
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
+from courier_api.api.blobs.routes import blob_store
 from courier_api.api.pagination import keyset_page
 from courier_api.api.parcels.routes import timeline_view
 from courier_api.api.proofs.schemas import (
@@ -46,7 +47,9 @@ from sync.proofs import (
     list_proofs,
     proof_not_found,
     proofs_consents,
+    proofs_events,
     proofs_images,
+    repeats_of,
 )
 from sync.quarantine import count_naming
 from sync.rules import Policy
@@ -96,6 +99,7 @@ CSV_COLUMNS = (
     "clock_offset_ms",
     "signature_arrived_at",
     "photo_arrived_at",
+    "repeat_of",
 )
 # Typed by a recipient, a sender or a courier (and the phone number): written as text
 # (``sync.spreadsheets``).
@@ -137,10 +141,12 @@ def _view(
     images: list[ProofImageState],
     *,
     auditor: bool,
+    repeat_of: int | None,
 ) -> dict[str, Any]:
     """``drop``: a locker or pickup-point drop's consent (``proofs_consents``); None: in
     person, a parcel not taken in, or a drop a correction voided (not judged).
-    ``images``: its POD's (``proofs_images``)."""
+    ``images``: its POD's (``proofs_images``); ``repeat_of``: the first scan of the
+    outcome it repeats (``repeats_of``)."""
     event, parcel = proof.event, proof.parcel
     consent = None if drop is None else drop.consent
     return {
@@ -152,6 +158,7 @@ def _view(
         "device_id": event.device_id,
         "method": METHOD_OF[event.type],
         "voided": proof.voided,
+        "repeat_of": repeat_of,
         "occurred_at": event.occurred_at,
         "occurred_at_device": event.occurred_at_device,
         # the correction applied: the PDA's clock minus the server's, as estimated
@@ -211,7 +218,9 @@ class Proofs(MethodView):
         their parcel has, and method. Each says its PDA's `seq`, the time the
         PDA's clock said and the corrected one with the correction applied
         (`clock_offset_ms`), and the images its POD names with whether each
-        arrived (`images`). Auditors read across stations (each search
+        arrived (`images`). A scan repeating an outcome scanned before (the
+        same delivery scanned twice) names its first scan (`repeat_of`): one
+        delivery, to count once. Auditors read across stations (each search
         is audit-logged); managers their own station. A delivery a later
         correction from the same PDA voided is listed with `voided: true`: it
         proves nothing, and a voided drop's consent is not judged
@@ -233,9 +242,11 @@ class Proofs(MethodView):
             after_id=args["after"],
             limit=args["limit"],
         )
+        events = proofs_events(session=db.session, proofs=proofs)
         consents = proofs_consents(
-            session=db.session, proofs=proofs, policy=policy_of(current_app.config)
+            session=db.session, proofs=proofs, policy=policy_of(current_app.config), loaded=events
         )
+        repeats = repeats_of(proofs, events)
         record_auditor_read(
             "proofs_searched",
             "proof",
@@ -247,7 +258,14 @@ class Proofs(MethodView):
         auditor = principal.role == Role.AUDITOR
         images = proofs_images(session=db.session, proofs=proofs)
         items = [
-            _view(p, consents.get(p.event.id), images[p.event.id], auditor=auditor) for p in proofs
+            _view(
+                p,
+                consents.get(p.event.id),
+                images[p.event.id],
+                auditor=auditor,
+                repeat_of=repeats.get(p.event.id),
+            )
+            for p in proofs
         ]
         return keyset_page(items, args["limit"], key=lambda item: item["event_id"])
 
@@ -263,10 +281,12 @@ class ProofExport(MethodView):
         The same filters as the search, every matching proof with the search's
         fields (the POD's in columns of their own, the authorizing consent's id,
         channel, grant time, and when and by whom it was recorded, the `seq`, the
-        `clock_offset_ms`, and when the signature and the photo arrived), streamed in
-        batches as they are read. For auditors each batch is audit-logged before
-        it is sent, with the filters and the event ids it holds (`proofs_exported`,
-        numbered `part`s of one `export_id`).
+        `clock_offset_ms`, when the signature and the photo arrived, and the first
+        scan a repeated scan repeats, `repeat_of`; the images are not hashed: a
+        proof's detail says their `integrity`), streamed in batches as they are
+        read. For auditors each batch is audit-logged before it is sent, with the
+        filters and the event ids it holds (`proofs_exported`, numbered `part`s of
+        one `export_id`).
         """
         principal = current_principal()
         rows = csv_rows(
@@ -293,10 +313,13 @@ class ProofById(MethodView):
         only), and how many events naming the parcel PDAs sent that the server
         rejected (`rejected_events`, as `GET /api/v1/quarantine?tracking_no=` lists
         them for the reader: a refused locker drop is evidence in a dispute).
-        Audit-logged for auditors. A delivery of another station's parcel
-        answers a manager what an unknown id answers (404 `proof_not_found`), so
-        that it does not show it exists; one of a parcel not taken in is the
-        station's where it was recorded.
+        Each image its POD names says whether the stored bytes still are the
+        image (`integrity`: `intact`, `altered` in the store since upload,
+        `missing`: never uploaded or its file gone, `purged`), its file hashed
+        now; the search and the export do not hash. Audit-logged for auditors.
+        A delivery of another station's parcel answers a manager what an unknown
+        id answers (404 `proof_not_found`), so that it does not show it exists;
+        one of a parcel not taken in is the station's where it was recorded.
         """
         principal = current_principal()
         detail = get_proof(
@@ -318,8 +341,11 @@ class ProofById(MethodView):
             **_view(
                 detail.proof,
                 detail.drop,
-                proofs_images(session=db.session, proofs=[detail.proof])[detail.proof.event.id],
+                proofs_images(session=db.session, proofs=[detail.proof], store=blob_store())[
+                    detail.proof.event.id
+                ],
                 auditor=auditor,
+                repeat_of=detail.repeat_of,
             ),
             "judged_between": None
             if detail.judged_between is None
@@ -392,11 +418,17 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
     writer.writerow(CSV_COLUMNS)
     batches = iter_proof_batches(session=db.session, filters=filters, batch=EXPORT_BATCH)
     for part, proofs in enumerate(batches, start=1):
-        consents = proofs_consents(session=db.session, proofs=proofs, policy=policy)
+        events = proofs_events(session=db.session, proofs=proofs)
+        consents = proofs_consents(session=db.session, proofs=proofs, policy=policy, loaded=events)
+        repeats = repeats_of(proofs, events)
         images = proofs_images(session=db.session, proofs=proofs)
         for proof in proofs:
             view = _view(
-                proof, consents.get(proof.event.id), images[proof.event.id], auditor=auditor
+                proof,
+                consents.get(proof.event.id),
+                images[proof.event.id],
+                auditor=auditor,
+                repeat_of=repeats.get(proof.event.id),
             )
             writer.writerow(_csv_row(view))
         record_auditor_read(

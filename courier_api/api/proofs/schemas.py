@@ -81,6 +81,21 @@ class ProofImageOut(ma.Schema):
     )
 
 
+class ProofImageCheckedOut(ProofImageOut):
+    integrity = ma.fields.String(
+        required=True,
+        metadata={
+            "enum": ["intact", "altered", "missing", "purged"],
+            "description": "Whether the stored bytes are still the image the digest names, "
+            "the file hashed as this proof was read: `intact`; `altered`, changed or "
+            "replaced in the store since it was verified on upload (not served: "
+            "`GET /blobs/<sha256>` answers 409 `blob_bytes_altered`); `missing`, never "
+            "uploaded (`arrived_at` null) or its file gone from the store; `purged`, "
+            "deleted by the retention purge",
+        },
+    )
+
+
 class ProofOut(ma.Schema):
     event_id = ma.fields.Integer(required=True)
     tracking_no = ma.fields.String(required=True)
@@ -105,6 +120,16 @@ class ProofOut(ma.Schema):
     voided = ma.fields.Boolean(
         required=True,
         metadata={"description": "A later correction from the same PDA voided this delivery"},
+    )
+    repeat_of = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A repeated scan (the same final outcome scanned again by the "
+            "same courier, no check-out between, as the shift's `repeated_scans` names it): "
+            "the event id of its first scan, the one delivery; count that one only. Null: "
+            "a delivery of its own"
+        },
     )
     occurred_at = ma.fields.AwareDateTime(required=True, metadata={"description": "Corrected"})
     occurred_at_device = ma.fields.AwareDateTime(
@@ -169,7 +194,9 @@ class ProofOut(ma.Schema):
         metadata={
             "description": "The images the POD names (signature, photo), each with "
             "whether it arrived: `arrived_at` null, never uploaded (`pod_blob_missing`); "
-            "`purged_at`, its bytes deleted by the retention purge since"
+            "`purged_at`, its bytes deleted by the retention purge since. A list does "
+            "not hash the stored bytes: a proof's detail (`GET /proofs/<event_id>`) says "
+            "whether they are still the image (`integrity`)"
         },
     )
     lat = ma.fields.Float(allow_none=True, required=True)
@@ -253,6 +280,15 @@ class JudgedBetween(ma.Schema):
 
 
 class ProofDetailOut(ProofOut):
+    images = ma.fields.List(
+        ma.fields.Nested(ProofImageCheckedOut),
+        required=True,
+        metadata={
+            "description": "The images the POD names (signature, photo), each with "
+            "whether it arrived and whether its stored bytes are still the image "
+            "(`integrity`, the file hashed as the proof was read)"
+        },
+    )
     judged_between = ma.fields.Nested(
         JudgedBetween,
         allow_none=True,

@@ -12,7 +12,7 @@ from courier_api import metrics
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
 from courier_api.auth import checked_principal, current_principal
-from courier_api.config import policy_of, shift_rules_of
+from courier_api.config import inversion_tolerance_of, policy_of, shift_rules_of
 from courier_api.extensions import db
 from models import Role, utcnow
 from sync import feed
@@ -43,7 +43,7 @@ def ingest_rules() -> IngestRules:
             max_age=dt.timedelta(days=config["MAX_EVENT_AGE_DAYS"]),
         ),
         clock_skew_bound=dt.timedelta(seconds=config["CLOCK_SKEW_FLAG_SECONDS"]),
-        time_inversion_tolerance=dt.timedelta(seconds=config["TIME_INVERSION_TOLERANCE_SECONDS"]),
+        time_inversion_tolerance=inversion_tolerance_of(config),
         policy=policy_of(config),
         shifts=shift_rules_of(config),
         consent_request_ttl=dt.timedelta(minutes=config["CONSENT_REQUEST_TTL_MINUTES"]),
@@ -70,10 +70,10 @@ class Push(MethodView):
         order, as often as needed. Each event gets a result at its index:
         `applied`, `duplicate` (already held), or `rejected` with a code (kept in
         quarantine for the station; re-sending it gets the same answer). Re-sending
-        a batch with the same `batch_id` and its events in the same order returns
-        the same receipt and changes nothing; the same `batch_id` with other events,
-        or in another order, is a 409 `batch_id_reused`: send them under a new
-        `batch_id` (those already held come back `duplicate`).
+        a batch with the same `batch_id` and the same events, in any order, returns
+        the same receipt (each result at the event's index in the retry) and changes
+        nothing; the same `batch_id` with other events is a 409 `batch_id_reused`:
+        send them under a new `batch_id` (those already held come back `duplicate`).
 
         The receipt is sent only after the batch is committed. Read its results
         before pruning: an event rejected `seq_conflict` took a seq another event

@@ -1,0 +1,197 @@
+"""Rule 6's ``time_inversion`` flags judged outside a push: by a write-off, which makes
+neighbours of the events around the seqs it declares lost, and by ``courier-api
+rejudge``, which judges the seqs a flag names against the events stored now.
+
+A push judges the pairs it completes and splits itself (``sync.ingest``, through
+``sync.inversions.judge``); these judge them as it would, so that the flags are the
+same whether the manager's write-off came before or after the PDA's pushes, and
+whether a flag was raised before or after the rejudging of split pairs existed
+(rule 3). A flag's evidence names each pair as ``device#seq``, one flag per parcel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
+from models import Flag, FlagSeverity, ScanEvent
+from sync.acks import SeqTracker
+from sync.device_state import lock_device_state
+from sync.flags import FlagSubject, cited_in, raise_flag, withdraw_evidence
+from sync.inversions import LookUp, Nearest, Stamp, across_written_off, still_named
+from sync.sql import plain_rows
+
+KIND = "time_inversion"
+EVIDENCE_KEY = "device_seqs"  # "device#seq", each end of each inverted pair
+# The default of ``TIME_INVERSION_TOLERANCE_SECONDS``: a clock stepped back by NTP.
+DEFAULT_TOLERANCE = dt.timedelta(seconds=2)
+
+_events = ScanEvent.__table__
+# The stored event nearest a seq, within a run of seqs that all arrived: past the
+# rejected and written-off ones, which hold no time (``sync.inversions``).
+_IN_RUN = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
+    _events.c.device_id == bindparam("device_id"),
+    _events.c.seq.between(bindparam("low"), bindparam("high")),
+)
+NEAREST_BELOW = _IN_RUN.order_by(_events.c.seq.desc()).limit(1)
+NEAREST_ABOVE = _IN_RUN.order_by(_events.c.seq).limit(1)
+
+
+def nearest_stored(session: Session, device_id: str) -> Nearest:
+    """``sync.inversions.Nearest`` over the device's stored events: one query a search."""
+
+    def nearest(low: int, high: int, downward: bool) -> tuple[int, Stamp] | None:
+        query = NEAREST_BELOW if downward else NEAREST_ABOVE
+        row = plain_rows(
+            session, query, {"device_id": device_id, "low": low, "high": high}
+        ).first()
+        return None if row is None else (row.seq, Stamp(row[1], row[2]))
+
+    return nearest
+
+
+def stored_at(session: Session, device_id: str) -> LookUp:
+    """``sync.inversions.LookUp`` over the device's stored events (a flag's few seqs)."""
+
+    def look_up(seqs: list[int]) -> dict[int, Stamp]:
+        query = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
+            _events.c.device_id == device_id, _events.c.seq.in_(seqs)
+        )
+        return {row.seq: Stamp(row[1], row[2]) for row in plain_rows(session, query)}
+
+    return look_up
+
+
+def device_seqs(device_id: str, seqs: Iterable[int]) -> list[str]:
+    """Seqs of a PDA as a flag's evidence names them, ``device#seq``."""
+    return [f"{device_id}#{seq}" for seq in sorted(seqs)]
+
+
+def judge_write_off(
+    *,
+    session: Session,
+    device_id: str,
+    station_id: int,
+    ranges: Sequence[Sequence[int]],
+    held: SeqTracker,
+    tolerance: dt.timedelta,
+) -> list[Flag]:
+    """Flag the inverted pairs across the seqs just written off (``ranges``), with the
+    device's sync state locked and ``held`` its seqs after the write-off: the events
+    around them, both stored before it, are neighbours now, and a push storing either
+    after it would have judged them so. Raised at the write-off's station, as a push
+    raises at its courier's. Returns the flags raised or opened again."""
+    inverted = across_written_off(ranges, held, nearest_stored(session, device_id), tolerance)
+    raised = []
+    for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
+        result = raise_flag(
+            session=session,
+            kind=KIND,
+            severity=FlagSeverity.WARNING,
+            subject=FlagSubject("parcel", tracking_no),
+            station_id=station_id,
+            evidence={EVIDENCE_KEY: device_seqs(device_id, seqs)},
+        )
+        if result.new:
+            raised.append(result.flag)
+    return raised
+
+
+class Rejudged(NamedTuple):
+    """What judging a batch of flags again did."""
+
+    judged: int  # flags read
+    withdrawn: int  # seqs taken out of them
+    closed: int  # flags closed, left naming none
+
+
+REJUDGED_REASON = (
+    "{seqs}: no longer an inverted pair, judged again against the events stored now "
+    "(an event stored since between them is their neighbour, in order)"
+)
+
+
+def rejudge_flags(
+    *,
+    session: Session,
+    after_id: int,
+    limit: int,
+    tolerance: dt.timedelta,
+) -> tuple[Rejudged, int | None]:
+    """Judge again the ``time_inversion`` flags after ``after_id`` (at most ``limit``,
+    by id, any status) against their PDAs' stored events, as a push storing an event
+    between a pair withdraws it (``sync.ingest``): each seq a flag names that no
+    inverted pair of neighbours names now for its parcel is withdrawn from it, and a
+    flag left naming none is closed by the system (``sync.flags.withdraw_evidence``,
+    its audit entry as every system change's). Flags raised before a push rejudged
+    the pairs it split (a pair judged across a rejected seq stored later) are so put
+    right. The PDAs' sync states are locked first, in id order, as a push locks its
+    own before its flags. Returns what it did and the last id read (None: no more)."""
+    ids = list(
+        session.scalars(
+            select(Flag.id)
+            .where(Flag.kind == KIND, Flag.id > after_id)
+            .order_by(Flag.id)
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return Rejudged(0, 0, 0), None
+    evidence = dict(session.execute(select(Flag.id, Flag.evidence).where(Flag.id.in_(ids))).all())
+    named = {flag_id: _by_device(cited_in(evidence[flag_id], EVIDENCE_KEY, [])) for flag_id in ids}
+    devices = sorted({device for by_device in named.values() for device in by_device})
+    held = {}
+    for device in devices:
+        state = lock_device_state(session, device)
+        held[device] = SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges])
+    flags = session.scalars(
+        select(Flag)
+        .where(Flag.id.in_(ids))
+        .order_by(Flag.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
+    withdrawn = closed = 0
+    for flag in flags:
+        by_device = _by_device(cited_in(flag.evidence, EVIDENCE_KEY, []))
+        gone: list[str] = []
+        for device, seqs in sorted(by_device.items()):
+            if device not in held:  # named by a push since the batch was read
+                continue
+            standing = still_named(
+                seqs,
+                held[device],
+                stored_at(session, device),
+                nearest_stored(session, device),
+                tolerance,
+            ).get(flag.subject_key, set())
+            gone += device_seqs(device, set(seqs) - standing)
+        if not gone:
+            continue
+        withdrawn += len(gone)
+        closed += len(
+            withdraw_evidence(
+                session=session,
+                kind=KIND,
+                subject=FlagSubject(flag.subject_type, flag.subject_key),
+                key=EVIDENCE_KEY,
+                withdrawn=set(gone),
+                reason=REJUDGED_REASON.format(seqs=", ".join(gone)),
+            )
+        )
+    session.flush()
+    return Rejudged(len(ids), withdrawn, closed), ids[-1]
+
+
+def _by_device(named: Iterable[Any]) -> dict[str, list[int]]:
+    """``{device: seqs}`` of a flag's ``device#seq`` ids."""
+    found: dict[str, list[int]] = {}
+    for value in named:
+        device, _, seq = str(value).rpartition("#")
+        if device and seq.isdigit():
+            found.setdefault(device, []).append(int(seq))
+    return found

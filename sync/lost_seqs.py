@@ -244,8 +244,8 @@ def ensure_own_station(
         f"seqs of device {device.id} are another station's to write off: "
         + "; ".join(named)
         + ". A manager writes off only seqs of their own station's shifts (or of no shift, "
-        "on their station's PDA): ask an admin, or sign the shift off forced with a reason "
-        "naming the seqs lost",
+        "on their station's PDA): write off those that are, and leave these to that "
+        "station's manager or an admin",
         code="seqs_of_another_station",
         field="seqs",
     )

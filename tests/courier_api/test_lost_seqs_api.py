@@ -511,6 +511,7 @@ def test_a_manager_may_not_write_off_seqs_of_a_shift_of_the_station_a_pda_moved_
     assert body["code"] == "seqs_of_another_station"
     assert f"shift {shift['id']} of station ST1" in body["message"]
     assert "3-4" in body["message"]
+    assert "leave these to that station's manager or an admin" in body["message"]
     assert balance(client, shift["id"], manager)["missing_seqs"] == [3, 4]
 
 

@@ -98,9 +98,10 @@ class StoredFlag(NamedTuple):
 
 
 class OpenFlag(NamedTuple):
-    """A shift's own flag still waiting for a manager (open or acknowledged): proof
-    images missing at handover, not closed in time, its PDA gone silent, reopened by
-    late events. Its balance does not count it: the board shows it beside the balance."""
+    """A flag naming a shift still waiting for a manager (open or acknowledged): its own
+    (proof images missing at handover, not closed in time, its PDA gone silent, reopened
+    by late events), which its balance does not count, or a handover flag of it, which
+    it counts as a discrepancy (``waiting_flags``)."""
 
     flag_id: int
     kind: str
@@ -512,7 +513,7 @@ class BoardRow:
     shift: Shift
     courier: User
     balance: Balance
-    open_flags: Sequence[OpenFlag] = ()  # oldest first
+    open_flags: Sequence[OpenFlag] = ()  # waiting for a manager (``waiting_flags``)
     # Proof images its deliveries name that the server lacks, once handed over: the
     # sweep's ``blob_missing_at_handover`` flags them only after its grace.
     images_missing: int = 0
@@ -589,7 +590,7 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
     computed, rejected, reviews = balances_and_rejections(
         session, [shift for shift, _ in rows], station_id=station_id
     )
-    flagged = open_own_flags(session, [shift.id for shift, _ in rows])
+    flagged = waiting_flags(session, [shift.id for shift, _ in rows])
     lacking = images_lacking(
         session, [shift.id for shift, _ in rows if shift.status != ShiftStatus.OPEN]
     )
@@ -648,19 +649,19 @@ def waiting_from_earlier_days(
     ]
 
 
-def open_own_flags(session: Session, shift_ids: Sequence[int]) -> dict[int, list[OpenFlag]]:
-    """The open or acknowledged own flags of these shifts, by shift, oldest first: one
-    query (per 900 shifts), through ``ix_flag_shift_id``. Not discrepancies: a shift
-    whose proof images never arrived balances, and has one (``blob_missing_at_handover``)."""
+def waiting_flags(session: Session, shift_ids: Sequence[int]) -> dict[int, list[OpenFlag]]:
+    """The flags naming these shifts still waiting for a manager (open or acknowledged),
+    by shift, oldest first: exactly what ``GET /flags?shift_id=&waiting=true`` lists for
+    each (``sync.flags.list_flags``), which a board row links to. Its own flags, which
+    its balance does not count (a shift whose proof images never arrived balances, and
+    has one: ``blob_missing_at_handover``), and its handover flags (``HANDOVER_KINDS``),
+    which it counts as discrepancies and which wait for a decision all the same. One
+    query (per 900 shifts), through ``ix_flag_shift_id``."""
     found: dict[int, list[OpenFlag]] = defaultdict(list)
     for chunk in chunks(sorted(shift_ids)):
         for flag_id, kind, status, shift_id in session.execute(
             select(Flag.id, Flag.kind, Flag.status, Flag.shift_id)
-            .where(
-                among(session, Flag.shift_id, chunk),
-                OWN_KINDS,
-                Flag.status.in_(ACTIVE_STATUSES),
-            )
+            .where(among(session, Flag.shift_id, chunk), Flag.status.in_(ACTIVE_STATUSES))
             .order_by(Flag.id)
         ):
             found[shift_id].append(OpenFlag(flag_id, kind, status))
@@ -673,8 +674,8 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
     A shift still open is counted under ``open`` and no balance status: its parcels
     without an outcome are out on the road (``still_out``), not missing, until the
     courier hands over. At 19:00 the balance totals are the handovers to look at.
-    ``with_open_flags`` counts the shifts, open or handed over, with an own flag still
-    waiting for a manager, whatever their balance.
+    ``with_open_flags`` counts the shifts, open or handed over, with a flag naming them
+    still waiting for a manager (``waiting_flags``), whatever their balance.
     """
     totals = dict.fromkeys(
         (*COUNT_FIELDS, "still_out", "missing_seq_count", "discrepancy_count"), 0

@@ -41,11 +41,22 @@ from typing import NamedTuple
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, SeqWriteOff, User, utcnow
+from models import (
+    Device,
+    DeviceSyncState,
+    ScanEvent,
+    SeqWriteOff,
+    Shift,
+    Station,
+    User,
+    utcnow,
+)
 from sync import audit
 from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
+from sync.balances import gather
 from sync.device_state import held_max_seq, lock_device_state
-from sync.errors import InvalidInput
+from sync.errors import InvalidInput, PermissionDenied
+from sync.handover import owned_seqs
 from sync.inversion_flags import DEFAULT_TOLERANCE, judge_write_off
 from sync.shifts import (
     judge_reopening,
@@ -158,6 +169,103 @@ def refusal(device_id: str, refused: Refused, declared_max_seq: int) -> InvalidI
     )
 
 
+class Owned(NamedTuple):
+    """Seqs of a write-off that a shift of the device owns (``sync.handover.owned_seqs``,
+    as its balance reads them)."""
+
+    ranges: Ranges
+    shift_id: int
+    station_id: int
+
+
+def seq_owners(session: Session, device_id: str, ranges: Ranges) -> list[Owned]:
+    """The device's shifts owning any of ``ranges``, each with those it owns, in shift
+    id order. Read as the balances read them (``sync.balances.gather``), for the shifts
+    that may own them only: those not declared to end below them, nor to start above
+    them with no event below their first seq (a PDA's history of declared shifts is not
+    read whole for a write-off)."""
+    low, high = ranges[0][0], ranges[-1][1]
+    below_high = (
+        select(ScanEvent.id).where(ScanEvent.shift_id == Shift.id, ScanEvent.seq <= high).exists()
+    )
+    candidates = session.scalars(
+        select(Shift)
+        .where(
+            Shift.device_id == device_id,
+            or_(Shift.last_seq.is_(None), Shift.last_seq >= low),
+            or_(Shift.first_seq.is_(None), Shift.first_seq <= high, below_high),
+        )
+        .order_by(Shift.id)
+    ).all()
+    found = []
+    for shift_id, facts in sorted(gather(session, candidates).items()):
+        span = owned_seqs(facts.seqs)
+        owned = overlap(ranges, [list(span)]) if span is not None else []
+        if owned:
+            found.append(Owned(owned, shift_id, facts.shift.station_id))
+    return found
+
+
+def ensure_own_station(
+    session: Session, device: Device, ranges: Ranges, station_id: int | None
+) -> None:
+    """Refuse a manager of ``station_id`` seqs that are not their station's (rule 7):
+    seqs a shift of another station owns (a PDA moved since: those are that station's
+    handover), or seqs no shift owns on a PDA of another station. ``None``: a
+    cross-station role (an admin), who may write off any. The refusal
+    (``seqs_of_another_station``, 403) names the ranges and the shifts owning them."""
+    if station_id is None:
+        return
+    owners = seq_owners(session, device.id, ranges)
+    foreign = [owned for owned in owners if owned.station_id != station_id]
+    unowned = without(ranges, [r for owned in owners for r in owned.ranges])
+    if device.station_id == station_id:
+        unowned = []
+    if not foreign and not unowned:
+        return
+    codes = dict(
+        session.execute(
+            select(Station.id, Station.code).where(
+                Station.id.in_({o.station_id for o in foreign} | {device.station_id})
+            )
+        ).all()
+    )
+    named = [
+        f"{_named(owned.ranges)} belong to shift {owned.shift_id} of station "
+        f"{codes[owned.station_id]}"
+        for owned in foreign
+    ]
+    if unowned:
+        named.append(
+            f"{_named(unowned)} belong to no shift, and PDA {device.id} is station "
+            f"{codes[device.station_id]}'s"
+        )
+    raise PermissionDenied(
+        f"seqs of device {device.id} are another station's to write off: "
+        + "; ".join(named)
+        + ". A manager writes off only seqs of their own station's shifts (or of no shift, "
+        "on their station's PDA): write off those that are, and leave these to that "
+        "station's manager or an admin",
+        code="seqs_of_another_station",
+        field="seqs",
+    )
+
+
+def ran_shifts_at(*, session: Session, device_id: str, station_id: int | None) -> bool:
+    """Whether the device ran a shift at ``station_id``: a PDA moved from there since
+    still has that station's shifts' lost seqs to write off. One query."""
+    if station_id is None:
+        return False
+    return (
+        session.scalar(
+            select(Shift.id)
+            .where(Shift.device_id == device_id, Shift.station_id == station_id)
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def _named(ranges: Ranges) -> str:
     named = shown(ranges[:RANGES_NAMED])
     if len(ranges) > RANGES_NAMED:
@@ -172,6 +280,7 @@ def write_off_lost_seqs(
     ranges: Ranges,
     reason: str,
     user_id: int,
+    station_id: int | None = None,
     inversion_tolerance: dt.timedelta = DEFAULT_TOLERANCE,
 ) -> WrittenOff:
     """Write off ``ranges`` (merged) of ``device``'s seqs as lost, in the caller's
@@ -179,7 +288,9 @@ def write_off_lost_seqs(
     them is missing now, below the highest seq held or up to the highest a shift of
     the device declared (``seqs_not_missing``, naming those that are not and why), or
     without a ``reason``. Takes the device's sync-state lock, as a push does: the two
-    never interleave.
+    never interleave. ``station_id``: the station of the manager writing them off, who
+    may write off only their own station's seqs (``ensure_own_station``); None: anyone's
+    (an admin).
 
     A shift reopened after its sign-off only because seqs of it were still on the PDA
     is signed off again once they are written off and its balance is again the one
@@ -193,7 +304,7 @@ def write_off_lost_seqs(
     ``inversion_tolerance`` before the earlier (``TIME_INVERSION_TOLERANCE_SECONDS``),
     at the device's station, as a push storing either after the write-off flags it."""
     with audit.deferred(session):
-        written, held, revealed = _write_off(session, device, ranges, reason, user_id)
+        written, held, revealed = _write_off(session, device, ranges, reason, user_id, station_id)
         judge_write_off(
             session=session,
             device_id=device.id,
@@ -224,7 +335,12 @@ def _judge_reopenings(
 
 
 def _write_off(
-    session: Session, device: Device, ranges: Ranges, reason: str, user_id: int
+    session: Session,
+    device: Device,
+    ranges: Ranges,
+    reason: str,
+    user_id: int,
+    station_id: int | None,
 ) -> tuple[WrittenOff, SeqTracker, Ranges]:
     """The write-off, the device's seqs held after it, and the gaps it leaves below the
     seqs written off above the highest held (none before it)."""
@@ -240,6 +356,7 @@ def _write_off(
             field="reason",
         )
     state = lock_device_state(session, device.id)
+    ensure_own_station(session, device, ranges, station_id)
     before = Seqs(state.max_seq, state.missing_ranges, state.written_off_ranges)
     declared = max(state.max_seq, held_max_seq(session, device.id))
     refused = refused_seqs(ranges, before, declared)
@@ -260,9 +377,12 @@ def _write_off(
     cached = session.identity_map.get(session.identity_key(DeviceSyncState, device.id))
     if cached is not None:
         session.expire(cached)
+    # Made at the manager's station (their own shifts' seqs, also of a PDA moved since:
+    # ``list_write_offs`` lists it to them); an admin's, at the PDA's.
+    made_at = device.station_id if station_id is None else station_id
     write_off = SeqWriteOff(
         device_id=device.id,
-        station_id=device.station_id,
+        station_id=made_at,
         ranges=ranges,
         reason=text,
         written_off_by=user_id,
@@ -277,7 +397,7 @@ def _write_off(
         subject_type="device",
         subject_key=device.id,
         details={
-            "station_id": device.station_id,
+            "station_id": made_at,
             "write_off_id": write_off.id,
             "ranges": ranges,
             "seq_count": count,

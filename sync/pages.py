@@ -37,7 +37,6 @@ from models import (
     User,
 )
 from sync.balances import (
-    OWN_KINDS,
     changed_since_signoff,
     gather,
     signoff_superseded,
@@ -53,7 +52,7 @@ from sync.blobs import (
 )
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
-from sync.flags import Decision, cited_in, flag_changes, latest_decisions
+from sync.flags import ACTIVE_STATUSES, Decision, cited_in, flag_changes, latest_decisions
 from sync.handover import (
     CONSENT_KINDS,
     HANDOVER_KINDS,
@@ -80,6 +79,7 @@ from sync.proofs import (
 from sync.quarantine import (
     SHIFT_REJECTIONS_SHOWN,
     list_quarantined,
+    rejection_counts,
     rejections_by_id,
     shift_rejections,
     shown_rejection,
@@ -231,6 +231,11 @@ class ShiftPage:
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
     balance_version: str  # sent back with a sign-off: refused if the balance changed
     changed_since_signoff: bool  # signed off, and the balance now differs (rule 5)
+    # Sent back with a sign-off too, refused if they changed (as the board row counts
+    # them, ``sync.signoffs.changed_since_read``): its PDA's events rejected, and the ids
+    # of the flags naming it still waiting.
+    rejected_events: int = 0
+    open_flag_ids: tuple[int, ...] = ()
 
     @property
     def reopening(self) -> Flag | None:
@@ -290,7 +295,7 @@ def shift_page(
     )
     parcels = {n: p for n, p in taken_in.items() if n not in elsewhere}
     reviews = [f.id for f in facts.review_flags()]
-    flags, own_flags = _flags(session, shift, balance, visible_station, reviews)
+    flags, own_flags, waiting = _flags(session, shift, balance, visible_station, reviews)
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
     events = _events(
@@ -337,9 +342,8 @@ def shift_page(
         reader=reader,
         store=store,
     )
-    rejected = shift_rejections(
-        session=session, scope=facts.rejection_scope(balance), station_id=visible_station
-    )
+    scope = facts.rejection_scope(balance)
+    rejected = shift_rejections(session=session, scope=scope, station_id=visible_station)
     shown_rejected = rejected[:SHIFT_REJECTIONS_SHOWN]
     rejections_of = _by_parcel(shown_rejected)
     discrepancies = []
@@ -393,6 +397,12 @@ def shift_page(
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),
         changed_since_signoff=changed_since_signoff(shift, balance),
+        rejected_events=len(rejected)
+        if visible_station == shift.station_id
+        else rejection_counts(  # counted as the board counts them: pushed at its station
+            session=session, scopes={shift.id: scope}, station_id=shift.station_id
+        ).get(shift.id, 0),
+        open_flag_ids=waiting,
     )
 
 
@@ -402,26 +412,31 @@ def _flags(
     balance: Balance,
     visible_station: int | None,
     reviews: Sequence[int] = (),
-) -> tuple[dict[int, Flag], list[Flag]]:
+) -> tuple[dict[int, Flag], list[Flag], tuple[int, ...]]:
     """In one query: the flags of the balance's discrepancies, by id, and the shift's
     own flags of the reader's station, oldest first: those naming it (``shift_id``)
     but its handover flags, which are discrepancies; and ``reviews``, its parcels'
     corrected outcomes citing its events (``ShiftFacts.review_flags``), which keep a
-    handover from being clean while open."""
+    handover from being clean while open. And the ids of the flags naming it still
+    waiting, as the board row lists them (``sync.balances.waiting_flags``), which its
+    sign-off sends back."""
 
     def own(flag: Flag) -> bool:
         return visible_station in (None, flag.station_id) and (
             flag.id in reviews or (flag.shift_id == shift.id and flag.kind not in HANDOVER_KINDS)
         )
 
-    own_in_sql = or_(and_(Flag.shift_id == shift.id, OWN_KINDS), Flag.id.in_(sorted(reviews)))
+    reviewed = Flag.id.in_(sorted(reviews))
     if visible_station is not None:
-        own_in_sql = and_(own_in_sql, Flag.station_id == visible_station)
+        reviewed = and_(reviewed, Flag.station_id == visible_station)
     cited = {d.flag_id for d in balance.discrepancies if d.flag_id}
     found = session.scalars(
-        select(Flag).where(or_(Flag.id.in_(sorted(cited)), own_in_sql)).order_by(Flag.id)
+        select(Flag)
+        .where(or_(Flag.id.in_(sorted(cited)), Flag.shift_id == shift.id, reviewed))
+        .order_by(Flag.id)
     ).all()
-    return {f.id: f for f in found if f.id in cited}, [f for f in found if own(f)]
+    waiting = tuple(f.id for f in found if f.shift_id == shift.id and f.status in ACTIVE_STATUSES)
+    return {f.id: f for f in found if f.id in cited}, [f for f in found if own(f)], waiting
 
 
 def _evidence_ids(flag: Flag) -> list[int]:

@@ -16,7 +16,7 @@ own is flagged (``wrong_shift``) and its event is filed by the other rules.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -1214,6 +1214,8 @@ def sign_off(
     note: str,
     force_reason: str | None = None,
     seen_version: str | None = None,
+    seen_rejected_events: int | None = None,
+    seen_open_flags: Collection[int] | None = None,
     now: dt.datetime | None = None,
 ) -> Shift:
     """A manager signs the handover off, with the balance as it stands.
@@ -1221,15 +1223,23 @@ def sign_off(
     Refused while the shift is open, and while its balance is provisional (events
     are still on the PDA) unless forced with a reason. With ``seen_version`` (the
     ``balance_version`` the manager was shown), refused when the balance has changed
-    since, so that nobody signs off a balance they did not see. The sign-off, with
+    since, so that nobody signs off a balance they did not see; with
+    ``seen_rejected_events`` and ``seen_open_flags`` (its PDA's rejected events and the
+    ids of the flags naming it still waiting, as the board row or the page showed
+    them), refused when those changed since too: the check the sign-off of clean
+    handovers together makes (``sync.signoffs.changed_since_read``). The sign-off, with
     the balance, goes to the audit log.
 
     The same sign-off sent again (its answer lost: the same manager, note, reason and
     version) is answered with the shift as it stands, and writes nothing; any other
-    sign-off of a signed-off shift is refused (``already_signed_off``).
+    sign-off of a signed-off shift is refused (``already_signed_off``), a retry giving
+    a ``force_reason`` the sign-off did not keep too: a reason is kept only where the
+    sign-off needed forcing, so a retry naming one where none was kept is not the
+    same request.
     """
     from sync.balances import shift_balance, signed_off_version
-    from sync.handover import balance_version, sign_off_blocked
+    from sync.handover import sign_off_blocked
+    from sync.signoffs import Seen, changed_since_read, handover_seen
 
     now = now or utcnow()
     note_text = manager_text(note, "note", required=True)
@@ -1244,7 +1254,7 @@ def sign_off(
         if (
             shift.signed_off_by == user_id
             and shift.signoff_note == note_text
-            and shift.signoff_forced_reason in (None, reason)
+            and shift.signoff_forced_reason == reason
             and (
                 seen_version is None
                 or signed_off_version(shift, shift_balance(session=session, shift=shift))
@@ -1252,20 +1262,18 @@ def sign_off(
             )
         ):
             return shift  # this sign-off, sent again
+        raise Conflict(already_signed_off(session, shift, user_id), code="already_signed_off")
+    seen = Seen(seen_version, seen_rejected_events, seen_open_flags)
+    if seen.rejected_events is None and seen.open_flags is None:
+        balance, rejected, flags = shift_balance(session=session, shift=shift), 0, []
+    else:  # two queries more, only for a sign-off that names them
+        balance, rejected, flags = handover_seen(session, shift)
+    changed = changed_since_read(seen, balance, rejected, flags)
+    if changed is not None:
         raise Conflict(
-            f"shift {shift.id} is already signed off, by another sign-off than this one: "
-            "its page shows whose, when and with what note",
-            code="already_signed_off",
-        )
-    balance = shift_balance(session=session, shift=shift)
-    if seen_version is not None and seen_version != balance_version(balance):
-        raise Conflict(
-            f"the balance of shift {shift.id} changed since it was read (now {balance.status}, "
-            f"{len(balance.discrepancies)} "
-            f"{'discrepancy' if len(balance.discrepancies) == 1 else 'discrepancies'}): "
-            "read it again before signing off",
-            code="balance_changed",
-            field="balance_version",
+            f"shift {shift.id}: {changed.message}",
+            code=changed.code,
+            field=_SEEN_FIELDS[changed.code],
         )
     blocked = sign_off_blocked(balance)
     if blocked and reason is None:
@@ -1278,6 +1286,37 @@ def sign_off(
         note=note_text,
         forced_reason=reason if blocked else None,
         now=now,
+    )
+
+
+# The field of a sign-off naming what changed since the manager read the shift.
+_SEEN_FIELDS = {
+    "balance_changed": "balance_version",
+    "rejected_events_changed": "rejected_events",
+    "open_flags_changed": "open_flags",
+}
+
+
+def already_signed_off(
+    session: Session,
+    shift: Shift,
+    user_id: int,
+    *,
+    compared: str = "note, force_reason or balance_version",
+    timezone: str | None = None,
+) -> str:
+    """Why a sign-off of a signed-off shift is refused, as the state says: by whom (the
+    caller themselves, or a user by id) and when, on the station's clock (``timezone``,
+    read when not given). A manager whose answer was lost and who sent the sign-off
+    again with another note, reason or version reads that it was theirs, not someone
+    else's. ``compared``: what of the request differs, as the request names it."""
+    who = "you" if shift.signed_off_by == user_id else f"user #{shift.signed_off_by}"
+    assert shift.signed_off_at is not None  # signed off
+    zone = timezone or station_timezone(session, shift.station_id)
+    when = station_clock(shift.signed_off_at, zone)
+    return (
+        f"shift {shift.id} is already signed off, by {who} at {when}, and not as this "
+        f"sign-off says (its {compared} differ): its page shows the sign-off with its note"
     )
 
 

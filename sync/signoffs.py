@@ -2,7 +2,7 @@
 
 At 19:00 a manager has many shifts to sign off, and most of them need no other word
 than "all accounted for": handed over, balanced, with no event of their PDA rejected,
-no flag of their own waiting, no corrected outcome still to review and every proof image
+no flag naming them waiting, no corrected outcome still to review and every proof image
 uploaded. ``sign_off_clean`` signs
 those off with one note, each as ``sync.shifts.sign_off`` would with the balance
 version the manager was shown, and refuses any other with its reason: it gets a
@@ -14,7 +14,7 @@ changed does not hold up the rest.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,8 +27,8 @@ from sync.balances import (
     OpenFlag,
     balances_and_rejections,
     images_lacking,
-    open_own_flags,
     signed_off_version,
+    waiting_flags,
 )
 from sync.errors import InvalidInput
 from sync.handover import (
@@ -39,7 +39,13 @@ from sync.handover import (
     discrepancies_named,
     unsent_seqs_named,
 )
-from sync.shifts import lock_shifts, manager_text, record_sign_off
+from sync.shifts import (
+    already_signed_off,
+    lock_shifts,
+    manager_text,
+    record_sign_off,
+    station_timezone,
+)
 
 # Shifts signed off in one request: a station's day, with room to spare.
 MAX_SHIFTS = 200
@@ -51,6 +57,67 @@ REFUSED = "refused"
 class Refusal(NamedTuple):
     code: str
     message: str
+
+
+class Seen(NamedTuple):
+    """What the manager signing a shift off was shown of it, as they send it back; None:
+    not sent, not compared. The board row gives all three (``balance_version``,
+    ``rejected_events``, ``open_flags``), the shift's page too; a shift signed off with
+    others was clean when read: no event rejected, no flag waiting."""
+
+    balance_version: str | None
+    rejected_events: int | None = None  # its PDA's events rejected, as counted then
+    open_flags: Collection[int] | None = None  # ids of the flags naming it still waiting
+
+
+def changed_since_read(
+    seen: Seen, balance: Balance, rejected_events: int, flags: Sequence[OpenFlag]
+) -> Refusal | None:
+    """Whether the shift changed since the manager read it, in what they were shown and
+    would sign off without seeing again: its balance, its PDA's rejected events (which
+    the balance cannot show) and the flags naming it still waiting
+    (``sync.balances.waiting_flags``), or None. The one check of both sign-offs: a
+    single one (``sync.shifts.sign_off``) and those signed off together."""
+    if seen.balance_version is not None and seen.balance_version != balance_version(balance):
+        return Refusal(
+            "balance_changed",
+            f"its balance changed since it was read (now {counts_named(balance)}): read it again",
+        )
+    if seen.rejected_events is not None and seen.rejected_events != rejected_events:
+        return Refusal(
+            "rejected_events_changed",
+            f"{rejected_events} event{'' if rejected_events == 1 else 's'} of its PDA "
+            f"{'is' if rejected_events == 1 else 'are'} rejected now, not "
+            f"{seen.rejected_events} as when it was read: read its page again",
+        )
+    now = {flag.flag_id for flag in flags}
+    if seen.open_flags is not None and set(seen.open_flags) != now:
+        raised = sorted(now - set(seen.open_flags))
+        decided = sorted(set(seen.open_flags) - now)
+        changes = [
+            *([f"raised or reopened since: {_ids(raised)}"] if raised else []),
+            *([f"decided or closed since: {_ids(decided)}"] if decided else []),
+        ]
+        return Refusal(
+            "open_flags_changed",
+            f"the flags waiting on it changed since it was read ({'; '.join(changes)}): "
+            "read its page again",
+        )
+    return None
+
+
+def handover_seen(session: Session, shift: Shift) -> tuple[Balance, int, list[OpenFlag]]:
+    """One shift's balance, its PDA's rejected events and the flags naming it still
+    waiting, read as the board reads them (``sync.balances.balances_and_rejections``,
+    ``sync.balances.waiting_flags``): what a sign-off compares with what the manager
+    was shown."""
+    judged, rejected, _ = balances_and_rejections(session, [shift], station_id=shift.station_id)
+    flags = waiting_flags(session, [shift.id]).get(shift.id, [])
+    return judged[shift.id], rejected.get(shift.id, 0), flags
+
+
+def _ids(flag_ids: Sequence[int]) -> str:
+    return ", ".join(f"flag {i}" for i in flag_ids)
 
 
 @dataclass(frozen=True)
@@ -76,7 +143,7 @@ def sign_off_clean(
     """Sign off, with ``note``, each of the station's shifts in ``seen`` (shift id:
     the balance ``version`` the manager was shown) that is a clean handover: closed,
     balanced, no event of its PDA rejected (``sync.balances.balances_and_rejections``),
-    no own flag open or acknowledged (``sync.balances.open_own_flags``), no corrected
+    no flag naming it open or acknowledged (``sync.balances.waiting_flags``), no corrected
     outcome of its parcels still to review (``sync.balances.REVIEW_KINDS``), every proof
     image its deliveries name uploaded, and its balance still the version shown.
     The others are refused, each with its reason; outcomes come in shift id order.
@@ -108,9 +175,10 @@ def sign_off_clean(
     judged, rejected, reviews = balances_and_rejections(
         session, list(handed_over.values()), station_id=station_id
     )
-    waiting = open_own_flags(session, list(handed_over))
+    waiting = waiting_flags(session, list(handed_over))
     lacking = images_lacking(session, list(handed_over))
     outcomes = []
+    timezone: str | None = None  # the station's, read once a refusal names a time
     # Every sign-off's entry chained at once, after its UPDATE: statements per request
     # do not grow with the shifts signed off (record_sign_off does not flush).
     with audit.deferred(session):
@@ -131,6 +199,15 @@ def sign_off_clean(
                 rejected_events=rejected.get(shift_id, 0),
                 reviews=reviews.get(shift_id, ()),
             )
+            if refusal is not None and refusal.code == "already_signed_off":
+                # Said as the state says it: whose sign-off, and when (the request's
+                # own, sent again with another note, reads that it was theirs).
+                timezone = timezone or station_timezone(session, station_id)
+                shift = handed_over[shift_id]
+                said = already_signed_off(
+                    session, shift, user_id, compared="note or version", timezone=timezone
+                )
+                refusal = Outcome(shift_id, REFUSED, refusal.code, said)
             if refusal is not None:
                 outcomes.append(refusal)
                 continue
@@ -214,7 +291,7 @@ def not_clean(
         kinds = ", ".join(sorted({flag.kind for flag in flags}))
         return Refusal(
             "open_flags",
-            f"{len(flags)} flag{'' if len(flags) == 1 else 's'} of its own waiting ({kinds}): "
+            f"{len(flags)} flag{'' if len(flags) == 1 else 's'} of it waiting ({kinds}): "
             "decide on them, or sign it off on its own",
         )
     if reviews:
@@ -253,12 +330,8 @@ def _refusal(
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
         why = not_clean(shift, balance, flags, images_missing, rejected_events, reviews)
-        if why is None and version != balance_version(balance):
-            why = Refusal(
-                "balance_changed",
-                f"its balance changed since it was read (now {counts_named(balance)}): "
-                "read it again",
-            )
+        if why is None:  # clean when read too: no event rejected, no flag waiting
+            why = changed_since_read(Seen(version, 0, ()), balance, rejected_events, flags)
     if why is None:
         return None
     return Outcome(shift_id, REFUSED, why.code, f"shift {shift_id}: {why.message}")

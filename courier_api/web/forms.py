@@ -100,9 +100,25 @@ class DecisionForm(_Form):
 
 
 class SignOffForm(_Form):
+    """The shift page's sign-off, with what the page showed: the balance's version, its
+    PDA's events rejected and the flags naming it still waiting (``open_flags``: their
+    ids, comma-separated, empty for none)."""
+
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     force_reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     balance_version = Text(load_default=None, validate=ma.validate.Length(max=64))
+    rejected_events = ma.fields.Integer(load_default=None, validate=ma.validate.Range(min=0))
+    open_flags = Text(load_default=None, validate=ma.validate.Length(max=20000))
+
+    @ma.post_load
+    def flag_ids(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        typed = data.get("open_flags")
+        if typed is not None:
+            parts = [part.strip() for part in typed.split(",") if part.strip()]
+            if not all(part.isdigit() for part in parts):
+                raise ma.ValidationError("flag ids, comma-separated", "open_flags")
+            data["open_flags"] = [int(part) for part in parts]
+        return data
 
 
 class LostSeqsForm(_Form):

@@ -86,6 +86,7 @@ from sync.errors import (
     DomainError,
     InvalidInput,
     NotFound,
+    PermissionDenied,
     RateLimited,
 )
 from sync.handover import OUTCOMES, WHAT_TO_DO
@@ -469,8 +470,9 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
 
 
 def _pda_elsewhere(device_id: str) -> bool:
-    """Whether the PDA is now another station's than the reader's: its lost seqs are
-    that station's manager's to write off (``POST /api/v1/devices/<id>/lost-seqs``)."""
+    """Whether the PDA is now another station's than the reader's: its lost seqs that
+    no shift owns are that station's manager's to write off, those of this station's
+    shifts still this one's (``sync.lost_seqs.ensure_own_station``)."""
     device = directory.get_device(session=db.session, device_id=device_id)
     return not current_principal().can_access_station(device.station_id)
 
@@ -518,6 +520,8 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
             note=form["note"],
             force_reason=form["force_reason"],
             seen_version=form["balance_version"],
+            seen_rejected_events=form["rejected_events"],
+            seen_open_flags=form["open_flags"],
             now=utcnow(),
         )
 
@@ -528,8 +532,8 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
 
 
 PDA_ELSEWHERE = (
-    "PDA {device_id} is now another station's, whose manager writes its seqs off; sign "
-    "this shift off forced, with a reason naming the seqs lost"
+    "PDA {device_id} is now another station's: write off here the seqs this station's "
+    "shifts own (this one's above); those of no shift are its new station's to write off"
 )
 
 
@@ -537,41 +541,47 @@ PDA_ELSEWHERE = (
 @page(*DECIDERS)
 def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
     """A manager writes off seqs the shift's PDA lost, as ``POST
-    /api/v1/devices/<id>/lost-seqs`` does, for the PDA's station only: a PDA moved to
-    another station since is that station's to write off, as the API has it (refused,
-    saying so). Refused, the page is shown again with the seqs and the reason as they
-    were typed."""
+    /api/v1/devices/<id>/lost-seqs`` does: those of their own station's shifts, also of
+    a PDA moved to another station since, and those of no shift on their station's PDA
+    (``sync.lost_seqs.ensure_own_station``). Refused, the page is shown again with the
+    seqs and the reason as they were typed."""
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
 
     def write_off() -> None:
         form = parse(LostSeqsForm(), request.form)
         device = directory.get_device(session=db.session, device_id=found.device_id)
-        if _pda_elsewhere(device.id):
-            raise Conflict(PDA_ELSEWHERE.format(device_id=device.id), code="device_moved")
         lost_seqs.write_off_lost_seqs(
             session=db.session,
             device=device,
             ranges=lost_seqs.requested_ranges((), seq_ranges_typed(form.get("seqs"))),
             reason=form.get("reason") or "",
             user_id=current_principal().user_id,
+            station_id=current_principal().station_filter(None),
             inversion_tolerance=inversion_tolerance_of(current_app.config),
         )
 
     done = f"The lost sequence numbers of {found.device_id} are written off."
-    if _decide(write_off, done=done, refused="Not written off"):
+    if _decide(write_off, done=done, refused="Not written off", also=(PermissionDenied,)):
         return redirect(url_for("web.shift", shift_id=shift_id))
     typed = {name: request.form.get(name, "") for name in ("seqs", "reason")}
     return _shift_page(found, typed=typed)
 
 
-def _decide(action: Callable[[], object], *, done: str, refused: str) -> bool:
+def _decide(
+    action: Callable[[], object],
+    *,
+    done: str,
+    refused: str,
+    also: tuple[type[DomainError], ...] = (),
+) -> bool:
     """Run a manager's decision: committed and told as ``done`` (True); or, refused by
-    the rules (a conflict, an invalid form), rolled back and told why (False: the page
-    is shown again with what was typed, not emptied)."""
+    the rules (a conflict, an invalid form, and the refusals ``also`` names, such as seqs
+    of another station's shift a write-off may not name), rolled back and told why
+    (False: the page is shown again with what was typed, not emptied)."""
     try:
         action()
-    except (Conflict, InvalidInput) as exc:
+    except (Conflict, InvalidInput, *also) as exc:
         db.session.rollback()
         flash(f"{refused}: {exc.message}", "error")
         return False

@@ -10,11 +10,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.api.webhooks.schemas import WebhookBalance
-from models import AuditEntry
+from models import AuditEntry, SeqWriteOff
 from sync.audit import verify
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_shifts_api import Courier, balance, parcels, sign_off
+from tests.courier_api.test_web_pages import signed_in
 from tests.sync.test_consent_requests import messages, subscribe
 
 REASON = "PDA reset on 4 December: its unsent scans are gone"
@@ -411,9 +412,12 @@ def test_a_manager_lists_only_their_own_stations_write_offs_of_a_pda_moved_to_th
     lost_in_the_middle(session, world, pda)
     at_st1 = lost_seqs(client, manager, seqs=[3]).get_json()["id"]
     world.device.station_id = world.other_station.id
+    factories.user(session, "courier2", "courier", world.other_station)
     session.commit()
+    # ST2's first shift declares seq 8 its first: seq 7 is no shift's, ST2's to write off.
+    Courier(client, auth, "courier2", "PDA-0001").open(first_seq=8)
     moved = auth.headers("manager2")
-    at_st2 = lost_seqs(client, moved, seqs=[4], reason="found broken at ST2").get_json()["id"]
+    at_st2 = lost_seqs(client, moved, seqs=[7], reason="found broken at ST2").get_json()["id"]
 
     def listed(headers: dict[str, str]) -> list[int]:
         response = write_offs(client, headers)
@@ -484,3 +488,102 @@ def test_a_pdas_write_offs_are_hidden_from_other_stations_and_refused_to_courier
     # That manager reads their own station's PDA: it has none.
     own = write_offs(client, auth.headers("manager2"), device_id="PDA-0002")
     assert own.get_json() == {"items": [], "next_after": None}
+
+
+def test_a_manager_may_not_write_off_seqs_of_a_shift_of_the_station_a_pda_moved_from(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """PDA-0001 lost seqs 3 and 4 of a shift at ST1, then moved to ST2: ST2's manager
+    wrote them off, the write-off taking the PDA's station at the time, though the seqs
+    are ST1's shift's handover (rule 7: managers act on their own station). Refused
+    now, naming the seqs and the shift owning them; an admin may."""
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    world.device.station_id = world.other_station.id
+    session.commit()
+    refused = lost_seqs(client, auth.headers("manager2"), seqs=[3, 4])
+    assert refused.status_code == 403, refused.get_json()
+    body = refused.get_json()
+    assert body["code"] == "seqs_of_another_station"
+    assert f"shift {shift['id']} of station ST1" in body["message"]
+    assert "3-4" in body["message"]
+    assert "leave these to that station's manager or an admin" in body["message"]
+    assert balance(client, shift["id"], manager)["missing_seqs"] == [3, 4]
+
+
+def test_the_manager_of_the_station_a_pda_moved_from_writes_off_its_shifts_lost_seqs(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+) -> None:
+    """Seqs 3-4 of ST1's shift are ST1's handover, also once the PDA moved to ST2: ST1's
+    manager writes them off (the PDA answered them 404, as another station's, and only
+    an admin could), the write-off made at ST1 (listed to ST1, not to ST2); seqs of no
+    shift stay ST2's. A manager whose station the PDA never ran a shift at is answered
+    what an unknown id answers."""
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    world.device.station_id = world.other_station.id
+    third = factories.station(session, code="ST3")
+    factories.user(session, "manager3", "station_manager", third)
+    session.commit()
+    unknown = lost_seqs(client, auth.headers("manager3"), seqs=[3, 4])
+    assert unknown.status_code == 404, unknown.get_json()
+    done = lost_seqs(client, manager, seqs=[3, 4])
+    assert done.status_code == 201, done.get_json()
+    written = session.get_one(SeqWriteOff, done.get_json()["id"])
+    assert written.station_id == world.station.id
+    after = balance(client, shift["id"], manager)
+    assert (after["missing_seqs"], after["written_off_seqs"]) == ([], [3, 4])
+    listed = write_offs(client, auth.headers("manager2")).get_json()["items"]
+    assert listed == []
+    # ST1's manager lists the write-off they made (the PDA answered them 404).
+    mine = write_offs(client, manager)
+    assert mine.status_code == 200, mine.get_json()
+    assert [item["id"] for item in mine.get_json()["items"]] == [written.id]
+    assert write_offs(client, auth.headers("manager3")).status_code == 404
+
+
+def test_a_manager_writes_off_seqs_of_no_shift_on_a_pda_moved_to_their_station(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    auth: Auth,
+) -> None:
+    """The seqs between ST1's last shift (declared to end at 6) and ST2's first
+    (declared to start at 10) belong to no shift: the PDA's station, ST2, writes them
+    off."""
+    lost_in_the_middle(session, world, pda)
+    world.device.station_id = world.other_station.id
+    factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    Courier(client, auth, "courier2", "PDA-0001").open(first_seq=10)
+    response = lost_seqs(client, auth.headers("manager2"), ranges=[{"first": 7, "last": 9}])
+    assert response.status_code == 201, response.get_json()
+    refused = lost_seqs(client, auth.headers("manager2"), seqs=[3])
+    assert refused.get_json()["code"] == "seqs_of_another_station"
+
+
+def test_the_shift_page_of_a_pda_moved_since_offers_its_lost_seqs_write_off(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """The page said the PDA's new station's manager writes the seqs off, and refused
+    the form (device_moved), though that manager may not (the seqs are this station's
+    shift's). It offers the form, saying so, and the write-off is made."""
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    world.device.station_id = world.other_station.id
+    session.commit()
+    pages = signed_in(client.application, "manager1")
+    html = pages.get(f"/web/shifts/{shift['id']}")
+    assert 'id="pda-elsewhere"' in html and 'id="write-off-lost-seqs"' in html
+    assert "write off here the seqs this station" in html
+    done = pages.post(f"/web/shifts/{shift['id']}/lost-seqs", seqs="3-4", reason=REASON)
+    assert done.status_code == 302, done.get_data(as_text=True)
+    assert balance(client, shift["id"], manager)["written_off_seqs"] == [3, 4]

@@ -916,6 +916,114 @@ def test_a_parcel_delivered_but_never_checked_out_is_a_discrepancy(
     }
 
 
+def test_a_single_sign_off_is_refused_when_what_the_manager_read_changed_since(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The manager read the board row (balanced, no event rejected, no flag waiting) and
+    signed the shift off on its own. Meanwhile the sweep flagged its signatures never
+    uploaded, and the PDA sent a scan of its parcel the server rejected; neither changes
+    the balance, so its version matched and the sign-off went through on what the
+    manager never saw, where signing off together refuses such a shift. Now a sign-off
+    naming what it was shown (`rejected_events`, `open_flags`: the board row's) is
+    refused when either changed, by the same check; read again, it is signed off. Left
+    out, they are not compared (as before)."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered"), pda.event(b, "delivered")])
+    pda.close(shift["id"], last_seq=pda.seq)
+    board_url = f"/api/v1/stations/{world.station.id}/handover"
+
+    def seen() -> dict[str, Any]:
+        [row] = client.get(board_url, headers=manager).get_json()["shifts"]
+        return {
+            "balance_version": row["balance_version"],
+            "rejected_events": row["rejected_events"],
+            "open_flags": [flag["flag_id"] for flag in row["open_flags"]],
+        }
+
+    read = seen()
+    assert (read["rejected_events"], read["open_flags"]) == (0, [])
+    blob_missing_at_handover(
+        session=session, now=now() + dt.timedelta(hours=2), settings=SweepSettings()
+    )
+    session.commit()
+    flag = session.scalars(select(Flag).where(Flag.shift_id == shift["id"])).one()
+    refused = sign_off(client, shift["id"], manager, **read)
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "open_flags_changed"
+    assert f"raised or reopened since: flag {flag.id}" in refused.get_json()["message"]
+
+    read = seen()
+    assert read["open_flags"] == [flag.id]
+    stray = pda.event(a, "delivered")
+    del stray["seq"]  # malformed: rejected, naming one of the shift's parcels
+    assert [r["status"] for r in pda.push([stray])["results"]] == ["rejected"]
+    refused = sign_off(client, shift["id"], manager, **read)
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "rejected_events_changed"
+    assert "1 event of its PDA is rejected now, not 0" in refused.get_json()["message"]
+    assert read["balance_version"] == seen()["balance_version"]  # the balance is the same
+
+    # The shift's page sends what it showed: read again, it signs off.
+    pages = signed_in(app, "manager1")
+    html = pages.get(f"/web/shifts/{shift['id']}")
+    assert 'name="rejected_events" value="1"' in html
+    assert f'name="open_flags" value="{flag.id}"' in html
+    form = re.search(r'class="signoff">(.*?)</form>', html, re.S)
+    assert form is not None
+    hidden = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form.group(1))
+    assert {"balance_version", "rejected_events", "open_flags"} <= dict(hidden).keys()
+    signed = pages.post(f"/web/shifts/{shift['id']}/signoff", **dict(hidden), note="checked")
+    assert signed.status_code == 302, signed.get_data(as_text=True)
+    session.expire_all()
+    assert session.get_one(Shift, shift["id"]).status.value == "signed_off"
+
+
+def test_a_board_rows_open_flags_are_those_its_waiting_list_shows(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """A parcel not handed back is flagged missing_at_handover under the shift. The
+    board row said "0 open flags" (it counted the shift's own kinds only), while the
+    list it links to, `GET /flags?shift_id=&waiting=true`, listed that flag: the
+    manager at 19:00 counted one thing and found another. They agree now, while the
+    flag waits and once it is resolved."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    assert pda.close(shift["id"], last_seq=pda.seq).status_code == 200
+    board_url = f"/api/v1/stations/{world.station.id}/handover"
+    waiting_url = f"/api/v1/flags?shift_id={shift['id']}&waiting=true"
+
+    def counted() -> tuple[list[int], list[int], int]:
+        board = client.get(board_url, headers=manager).get_json()
+        [row] = board["shifts"]
+        assert row["open_flag_count"] == len(row["open_flags"])
+        listed = client.get(waiting_url, headers=manager).get_json()["items"]
+        return (
+            [f["flag_id"] for f in row["open_flags"]],
+            [f["id"] for f in listed],
+            board["totals"]["with_open_flags"],
+        )
+
+    row_flags, listed, with_open = counted()
+    assert len(listed) == 1 and row_flags == listed and with_open == 1
+    flag_id = listed[0]
+    resolved = client.post(
+        f"/api/v1/flags/{flag_id}/resolve", json={"note": "lost in the van"}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    assert counted() == ([], [], 0)
+
+
 def test_the_station_board_lists_the_days_shifts_with_their_balance(
     client: FlaskClient,
     session: Session,
@@ -1222,6 +1330,37 @@ def test_a_sign_off_sent_again_is_answered_as_the_first_time(
         assert refused.status_code == 409, refused.get_json()
         assert refused.get_json()["code"] == "already_signed_off"
     assert len(session.scalars(entries).all()) == 1
+
+
+def test_a_sign_off_sent_again_with_a_force_reason_it_did_not_keep_is_another_one(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The first sign-off needed no forcing and kept no reason; the manager sent it
+    again with a `force_reason` and was answered 200 as if it were the same request
+    (the kept reason was compared as "none or this one"). Now it is another sign-off:
+    refused, saying the shift is signed off by the caller and when. A forced sign-off
+    sent again with its reason is still the same; with another reason, it is not."""
+    shift = pda.open()
+    assert pda.close(shift["id"]).status_code == 200
+    assert sign_off(client, shift["id"], manager).status_code == 200
+    again = sign_off(client, shift["id"], manager, force_reason="PDA broken")
+    assert again.status_code == 409, again.get_json()
+    assert again.get_json()["code"] == "already_signed_off"
+    assert "signed off, by you at " in again.get_json()["message"]
+
+    forced = pda.open(first_seq=1)
+    pda.close(forced["id"], last_seq=2)  # seqs 1-2 still on the PDA: provisional
+    reason = "PDA broken, its scans are gone"
+    assert sign_off(client, forced["id"], manager, force_reason=reason).status_code == 200
+    assert sign_off(client, forced["id"], manager, force_reason=reason).status_code == 200
+    other = sign_off(client, forced["id"], manager, force_reason="another reason")
+    assert other.status_code == 409, other.get_json()
+    entries = select(AuditEntry).where(AuditEntry.action == "shift_signed_off")
+    assert len(session.scalars(entries).all()) == 2
 
 
 def test_a_phone_in_the_sign_off_is_masked_except_for_auditors(

@@ -197,6 +197,32 @@ def test_a_sign_off_together_sent_again_is_answered_as_the_first_time(
     assert len(session.scalars(signoffs).all()) == 2
 
 
+def test_a_sign_off_together_refused_as_signed_off_says_by_whom_and_when(
+    client: FlaskClient, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """The manager's sign-off together went through, its answer lost; they sent it again
+    with the note edited, and read "already signed off, by another sign-off than this
+    one", as if a colleague had: it was theirs. The refusal says by whom ("you", or a
+    user by id) and when, as a single sign-off's does."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    [a] = parcels(session, world, 1)
+    shift_id = pda.open(first_seq=1)["id"]
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    assert pda.close(shift_id).status_code == 200
+    seen = {shift_id: board(client, world, manager)[shift_id]["balance_version"]}
+    assert sign_off_clean(client, world.station.id, manager, seen).get_json()["signed_off"] == 1
+    again = sign_off_clean(client, world.station.id, manager, seen, note="edited")
+    [outcome] = again.get_json()["outcomes"]
+    assert outcome["code"] == "already_signed_off"
+    assert f"shift {shift_id} is already signed off, by you at " in outcome["message"]
+    factories.user(session, "manager3", "station_manager", world.station)
+    session.commit()
+    other = sign_off_clean(client, world.station.id, auth.headers("manager3"), seen)
+    [outcome] = other.get_json()["outcomes"]
+    assert f"by user #{world.manager.id} at " in outcome["message"]
+
+
 def outcomes_message(body: dict[str, Any], shift_id: int) -> str:
     [message] = [o["message"] for o in body["outcomes"] if o["shift_id"] == shift_id]
     return message

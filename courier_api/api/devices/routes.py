@@ -143,17 +143,17 @@ class LostSeqs(MethodView):
         name it); `still_written_off` says which of them still stand and
         `arrived_seq_count` how many the PDA sent after all: a write-off with
         none still standing was disproved by the PDA.
-        Managers read their station's PDAs, auditors and admins every station's; one
-        of another station answers a manager what an unknown id answers (404
-        `device_not_found`). A manager reads the write-offs made at their own station
-        only (those of its shifts): a PDA moved from another station lists none of
-        that station's to them; auditors and admins read every station's. An
-        auditor's read is audit-logged (`lost_seqs_read`, subject the device, with
-        the page asked for and the write-off ids listed): the seqs a manager wrote
-        off are evidence of what a shift's balance no longer waits for.
+        Managers read their station's PDAs, and those that ran shifts at their
+        station and moved since; auditors and admins every station's; another
+        answers a manager what an unknown id answers (404 `device_not_found`). A
+        manager reads the write-offs made at their own station only (those of its
+        shifts): a PDA moved from another station lists none of that station's to
+        them, and one moved away lists theirs; auditors and admins read every
+        station's. An auditor's read is audit-logged (`lost_seqs_read`, subject the
+        device, with the page asked for and the write-off ids listed): the seqs a
+        manager wrote off are evidence of what a shift's balance no longer waits for.
         """
-        device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_visible(device.station_id, directory.device_not_found(device_id))
+        device = _write_offs_device(device_id)
         station = current_principal().station_filter(None)
         records = write_offs_named(
             db.session,
@@ -221,13 +221,20 @@ class LostSeqs(MethodView):
         earlier (rule 6), as a push completing the pair flags it.
         Any other is refused (422 `seqs_not_missing`), the message naming each
         refused range and why: the server holds it, it is written off already, or it
-        is beyond anything declared (nobody knows it exists). An event of a
+        is beyond anything declared (nobody knows it exists). A manager writes off
+        only their own station's seqs (rule 7): those a shift of their station owns,
+        or that no shift owns on their station's PDA; seqs a shift of another station
+        owns (the PDA moved since) are refused (403 `seqs_of_another_station`, naming
+        the ranges and the shift and station owning them): that station's manager
+        writes those off (the PDA's shifts there make it known to them: a PDA that
+        never ran a shift at their station answers what an unknown id answers), or an
+        admin. The write-off is made at the manager's station (listed to them). An
+        event of a
         written-off seq that arrives after all is taken as any late event, and its
-        write-off is moot. A device of another station answers a manager what an
-        unknown id answers (404 `device_not_found`).
+        write-off is moot.
         """
-        device = directory.get_device(session=db.session, device_id=device_id)
-        ensure_visible(device.station_id, directory.device_not_found(device_id))
+        device = _write_offs_device(device_id)
+        principal = current_principal()
         ranges = lost_seqs.requested_ranges(
             body["seqs"], [(r["first"], r["last"]) for r in body["ranges"]]
         )
@@ -236,7 +243,8 @@ class LostSeqs(MethodView):
             device=device,
             ranges=ranges,
             reason=body["reason"],
-            user_id=current_principal().user_id,
+            user_id=principal.user_id,
+            station_id=principal.station_filter(None),
             inversion_tolerance=inversion_tolerance_of(current_app.config),
         )
         db.session.commit()
@@ -246,6 +254,19 @@ class LostSeqs(MethodView):
             "missing_seqs": SeqTracker(0, done.missing_ranges).missing_seqs(MISSING_SEQS_SHOWN),
             "missing_seq_count": seq_count(done.missing_ranges),
         }
+
+
+def _write_offs_device(device_id: str) -> Device:
+    """The device whose write-offs the caller reads or makes: their station's PDA, or
+    one that ran shifts at their station and moved since (its lost seqs of those shifts
+    are still their station's). Any other answers what an unknown id answers."""
+    device = directory.get_device(session=db.session, device_id=device_id)
+    principal = current_principal()
+    if not principal.can_access_station(device.station_id) and not lost_seqs.ran_shifts_at(
+        session=db.session, device_id=device.id, station_id=principal.station_id
+    ):
+        raise directory.device_not_found(device_id)
+    return device
 
 
 def _write_off_fields(write_off: SeqWriteOff) -> dict[str, Any]:

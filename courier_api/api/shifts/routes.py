@@ -234,10 +234,20 @@ class SignOff(MethodView):
         missing seqs) unless `force_reason` says why it cannot wait. With
         `balance_version` (the balance's `version` as the manager read it), a
         balance that changed since, a push landing in between, is refused (409
-        `balance_changed`): read it again. The same sign-off sent again (its
+        `balance_changed`): read it again. So, with `rejected_events` and
+        `open_flags` (the board row's: its PDA's events rejected, which the
+        balance cannot show, and the ids of the flags naming it still waiting),
+        is one whose PDA had another event rejected since (409
+        `rejected_events_changed`) or whose flags were raised or decided since (409
+        `open_flags_changed`, naming them): the check the sign-off of clean
+        handovers together makes. Each is optional, and not compared when left
+        out. The same sign-off sent again (its
         answer lost: the same manager, `note`, `force_reason` and `balance_version`)
         is answered with the shift and writes nothing; another sign-off of a
-        signed-off shift is refused (409 `already_signed_off`). An event
+        signed-off shift is refused (409 `already_signed_off`, saying by whom and
+        when). A `force_reason` is kept only when the balance needed forcing: sent
+        again with a reason where the sign-off kept none (or with another reason),
+        it is another sign-off, refused so. An event
         that lands after the sign-off reopens the shift (it goes back to
         `closed`) and raises `late_event_after_signoff`; so does one rejected
         after it that is the shift's (one of its seqs, or without a valid seq
@@ -255,6 +265,8 @@ class SignOff(MethodView):
             note=body["note"],
             force_reason=body["force_reason"],
             seen_version=body["balance_version"],
+            seen_rejected_events=body["rejected_events"],
+            seen_open_flags=body["open_flags"],
             now=utcnow(),
         )
         db.session.commit()
@@ -286,7 +298,8 @@ class CleanSignOffs(MethodView):
         goes to the audit log as a single one does. The same request sent again (its
         answer lost: the same manager, `note` and versions) is answered as the first
         time and writes nothing; a shift signed off otherwise (by another manager,
-        with another note) is refused as `already_signed_off`. A shift of another
+        with another note) is refused as `already_signed_off`, saying by whom and
+        when. A shift of another
         station is refused as `shift_not_found`.
         """
         ensure_station_access(station_id)
@@ -325,10 +338,11 @@ class StationHandover(MethodView):
         its `signed_off_at` is then the superseded sign-off's. In the totals a
         shift still open counts as `open` and under no balance status, and its
         parcels without an outcome as `still_out`, not `missing`: the balance
-        totals are the handovers. Each row names the shift's own flags still open
-        or acknowledged (`open_flags`: proof images missing at handover, say),
-        which its balance does not count, and the totals count such shifts
-        (`with_open_flags`); a handed-over row counts its PDA's events the
+        totals are the handovers. Each row names the flags naming the shift still
+        open or acknowledged (`open_flags`), as `GET /flags?shift_id=&waiting=true`
+        lists them: its own (proof images missing at handover, say), which its
+        balance does not count, and its handover flags still to decide; the totals
+        count such shifts (`with_open_flags`); a handed-over row counts its PDA's events the
         server rejected (`rejected_events`), which its balance cannot show, and its
         parcels' corrected outcomes no manager has looked at yet
         (`corrections_to_review`: `correction_review`, `correction_by_another_courier`

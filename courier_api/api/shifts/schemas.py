@@ -66,6 +66,28 @@ class SignOffIn(ma.Schema):
             "`balance_changed`) if the balance has changed since"
         },
     )
+    rejected_events = ma.fields.Integer(
+        load_default=None,
+        validate=ma.validate.Range(min=0),
+        metadata={
+            "description": "How many events of its PDA the server had rejected when the "
+            "manager read the shift (the board row's `rejected_events`): the sign-off is "
+            "refused (409 `rejected_events_changed`) if that changed since. Optional: "
+            "not compared when left out"
+        },
+    )
+    open_flags = ma.fields.List(
+        ma.fields.Integer(),
+        load_default=None,
+        validate=ma.validate.Length(max=1000),
+        metadata={
+            "description": "The ids of the flags naming the shift still waiting when the "
+            "manager read it (the board row's `open_flags`, each `flag_id`; `[]` for "
+            "none): the sign-off is refused (409 `open_flags_changed`, naming the flags "
+            "raised or decided since) if they changed since. Optional: not compared when "
+            "left out"
+        },
+    )
 
 
 class ShiftListArgs(PageArgs):
@@ -368,14 +390,18 @@ class BoardShiftOut(ma.Schema):
         },
     )
     open_flag_count = _count(
-        "The shift's own flags still open or acknowledged (not its handover "
-        "discrepancies, which the balance counts): a balanced shift can have one, such as "
-        "proof images still missing at handover"
+        "The flags naming the shift still open or acknowledged, as `GET "
+        "/flags?shift_id=&waiting=true` lists them: its own (a balanced shift can have one, "
+        "such as proof images still missing at handover) and its handover discrepancies' "
+        "(`missing_at_handover`, `not_on_manifest`), which its balance also counts"
     )
     open_flags = ma.fields.List(
         ma.fields.Nested(BoardFlagOut),
         required=True,
-        metadata={"description": "Those flags, oldest first (`GET /flags?shift_id=` lists all)"},
+        metadata={
+            "description": "Those flags, oldest first (`GET /flags?shift_id=&waiting=true` "
+            "lists them; without `waiting`, decided ones too)"
+        },
     )
     images_missing = _count(
         "Proof images (signatures, photos) the handed-over shift's deliveries name that the "
@@ -420,7 +446,7 @@ class BoardTotalsOut(BalanceCounts):
         "Shifts signed off, then reopened by late events: closed, waiting for a new sign-off"
     )
     with_open_flags = _count(
-        "Shifts with an own flag open or acknowledged (`open_flag_count`), whatever their balance"
+        "Shifts with a flag open or acknowledged (`open_flag_count`), whatever their balance"
     )
 
 

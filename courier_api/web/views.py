@@ -779,6 +779,14 @@ def proofs() -> ResponseReturnValue:
     args = parse(ProofFilter(), request.args)
     query, station = _proof_query(args)
     found = list_proofs(session=db.session, filters=query, after_id=args["after"], limit=PAGE_SIZE)
+    # The images hashed before the search is put on record, as on a proof's page.
+    rows = proof_rows(
+        session=db.session,
+        proofs=found,
+        policy=policy_of(current_app.config),
+        reader=blob_reader(current_principal()),
+        store=blob_store(),
+    )
     record_auditor_read(
         "proofs_searched",
         "proof",
@@ -788,13 +796,6 @@ def proofs() -> ResponseReturnValue:
         parcels=[p.event.tracking_no for p in found],
     )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
-    rows = proof_rows(
-        session=db.session,
-        proofs=found,
-        policy=policy_of(current_app.config),
-        reader=blob_reader(current_principal()),
-        store=blob_store(),
-    )
     recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]
     return render_template(
         "web/proofs.html",
@@ -842,19 +843,21 @@ def proof(event_id: int) -> ResponseReturnValue:
         flags_of_station=current_principal().station_filter(None),
     )
     ensure_visible(detail.proof.station_id, proof_not_found(event_id))
+    pod = detail.proof.event.details.get("pod")
+    # Hashed before the read is put on record: a store that cannot be read (503) showed
+    # nothing, and its retry is the one read.
+    states = image_states(
+        session=db.session,
+        digests=[d for _, d in pod_digests(pod)],
+        reader=blob_reader(current_principal()),
+        store=blob_store(),
+    )
     record_auditor_read(
         "proof_read",
         "proof",
         str(event_id),
         {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
         tracking_no=detail.proof.event.tracking_no,
-    )
-    pod = detail.proof.event.details.get("pod")
-    states = image_states(
-        session=db.session,
-        digests=[d for _, d in pod_digests(pod)],
-        reader=blob_reader(current_principal()),
-        store=blob_store(),
     )
     station = directory.get_station(session=db.session, station_id=detail.proof.station_id)
     visible_station = current_principal().station_filter(None)

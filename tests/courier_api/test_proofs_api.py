@@ -1571,3 +1571,70 @@ def test_a_proofs_detail_says_whether_each_images_stored_bytes_are_still_the_ima
     blob.purged_at = now()
     session.commit()
     assert integrity() == [("signature", "missing"), ("photo", "purged")]
+
+
+def test_a_proof_read_the_image_store_failed_is_not_on_record_as_read(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store's disk fails (EIO) while an auditor opens a disputed proof: the detail
+    hashes its images and answers 503 ``blob_store_unavailable``, showing nothing. The
+    audit log recorded a ``proof_read`` for it all the same, then another on the retry
+    that showed the proof: two reads where the auditor read it once. As an image's own
+    read (``GET /blobs/<sha256>``), the store is read before the read is put on record;
+    the proof page likewise."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    signature = image_bytes()
+    pod = {"recipient_name": "Li", "signature_sha256": digest(signature)}
+    at = now() - dt.timedelta(minutes=30)
+    auth.push(
+        [
+            factories.event(1, parcel.tracking_no, occurred_at=at),
+            factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=pod),
+        ]
+    )
+    put = client.put(
+        f"/api/v1/blobs/{digest(signature)}",
+        data=signature,
+        headers=auth.headers("courier1", "PDA-0001"),
+    )
+    assert put.status_code == 201, put.get_json()
+    auditor = auth.headers("auditor1")
+    [found] = client.get(URL, headers=auditor).get_json()["items"]
+    pages = signed_in(app, "auditor1")
+
+    def reads(action: str = "proof_read") -> int:
+        query = select(AuditEntry).where(AuditEntry.action == action)
+        return len(session.scalars(query).all())
+
+    searches = reads("proofs_searched")
+
+    def open_file(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+
+    with monkeypatch.context() as broken:
+        broken.setattr(Path, "open", open_file)
+        failed = client.get(f"{URL}/{found['event_id']}", headers=auditor)
+        assert failed.status_code == 503, failed.get_json()
+        assert failed.get_json()["code"] == "blob_store_unavailable"
+        pages.get(f"/web/proofs/{found['event_id']}", status=503)
+        pages.get(f"/web/proofs?tracking_no={parcel.tracking_no}", status=503)
+    assert reads() == 0
+    assert reads("proofs_searched") == searches
+
+    read = client.get(f"{URL}/{found['event_id']}", headers=auditor)
+    assert read.status_code == 200
+    assert [image["integrity"] for image in read.get_json()["images"]] == ["intact"]
+    pages.get(f"/web/proofs/{found['event_id']}")
+    assert reads() == 2  # the retries that showed the proof, once each

@@ -302,6 +302,7 @@ class ProofById(MethodView):
     @blp.auth(*READERS)
     @blp.response(200, ProofDetailOut)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     def get(self, event_id: int) -> dict[str, Any]:
         """Get a proof of delivery with its evidence
 
@@ -316,7 +317,10 @@ class ProofById(MethodView):
         Each image its POD names says whether the stored bytes still are the
         image (`integrity`: `intact`, `altered` in the store since upload,
         `missing`: never uploaded or its file gone, `purged`), its file hashed
-        now; the search and the export do not hash. Audit-logged for auditors.
+        now; the search and the export do not hash. A store that cannot be read
+        answers 503 `blob_store_unavailable` (with `Retry-After`), before the read
+        is audit-logged: only a read that showed the proof is on record.
+        Audit-logged for auditors.
         A delivery of another station's parcel answers a manager what an unknown
         id answers (404 `proof_not_found`), so that it does not show it exists;
         one of a parcel not taken in is the station's where it was recorded.
@@ -329,6 +333,9 @@ class ProofById(MethodView):
             flags_of_station=principal.station_filter(None),
         )
         ensure_visible(detail.proof.station_id, proof_not_found(event_id))
+        # Hashed before the read is put on record, as an image's own read is: a store that
+        # cannot be read (503) showed nothing, and its retry is the one read.
+        images = proofs_images(session=db.session, proofs=[detail.proof], store=blob_store())
         record_auditor_read(
             "proof_read",
             "proof",
@@ -341,9 +348,7 @@ class ProofById(MethodView):
             **_view(
                 detail.proof,
                 detail.drop,
-                proofs_images(session=db.session, proofs=[detail.proof], store=blob_store())[
-                    detail.proof.event.id
-                ],
+                images[detail.proof.event.id],
                 auditor=auditor,
                 repeat_of=detail.repeat_of,
             ),

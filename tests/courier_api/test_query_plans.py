@@ -41,6 +41,8 @@ from models import (
     AuditEntryParcel,
     DeviceSyncState,
     Flag,
+    FlagSeverity,
+    FlagStatus,
     Parcel,
     QuarantinedEvent,
     ScanEvent,
@@ -1089,3 +1091,54 @@ def test_a_recipients_consents_by_phone_use_indexes(world: World) -> None:
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "consent")))
     assert {"ix_parcel_recipient_phone", "ix_consent_recipient"} <= used, used
+
+
+def test_entries_filed_under_their_parcels_find_them_through_indexes(world: World) -> None:
+    """A close a manager makes for the courier is filed under the parcels of the shift's
+    events (``sync.shifts.shift_parcels``: along ``ix_scan_event_shift_id``, not through
+    the PDA's year of events), a decision on a shift's flag under the parcels of the
+    events and rejected events it cites (``sync.audit.parcels_of_events``: by their
+    keys), and an auditor's read of a PDA's write-offs is logged (``lost_seqs_read``)."""
+    with Session(world.engine) as session:
+        still_open = session.scalar(
+            select(Shift.id).where(Shift.device_id == world.device_id, Shift.status == "open")
+        )
+        rejected = session.scalar(select(QuarantinedEvent.id).limit(1))
+        flag = Flag(
+            station_id=world.station_id,
+            kind="late_event_after_signoff",
+            severity=FlagSeverity.WARNING,
+            subject_type="shift",
+            subject_key=str(world.shift_id),
+            evidence={
+                "event_ids": [world.delivery_id],
+                "rejected_event_ids": [] if rejected is None else [rejected],
+            },
+            status=FlagStatus.OPEN,
+            shift_id=world.shift_id,
+            raised_at=dt.datetime.now(dt.UTC),
+        )
+        session.add(flag)
+        session.commit()
+        flag_id = flag.id
+    if still_open is None:  # the tests before it closed theirs
+        opened = world.client.post("/api/v1/shifts", json={}, headers=world.courier)
+        assert opened.status_code == 201, opened.get_json()
+        still_open = opened.get_json()["id"]
+    close = f"/api/v1/shifts/{still_open}/close"
+    _, closing = run(world, "POST", close, json={}, headers=world.manager)
+    resolve = f"/api/v1/flags/{flag_id}/resolve"
+    _, deciding = run(world, "POST", resolve, json={"note": "came back"}, headers=world.manager)
+    lost_seqs = f"/api/v1/devices/{world.device_id}/lost-seqs"
+    _, listing = run(world, "GET", lost_seqs, headers=world.auditor)
+    assert_indexed(closing + deciding + listing)
+    by_shift = [e for e in reads(closing, "scan_event") if "DISTINCT" in e.statement.upper()]
+    assert by_shift and all("ix_scan_event_shift_id" in e.indexes for e in by_shift), by_shift
+    assert reads(deciding, "scan_event"), [e.statement for e in deciding]
+    with world.engine.connect() as connection:
+        filed = connection.scalars(
+            select(AuditEntryParcel.tracking_no)
+            .join(AuditEntry, AuditEntry.id == AuditEntryParcel.entry_id)
+            .where(AuditEntry.action == "flag_resolved", AuditEntry.subject_key == str(flag_id))
+        ).all()
+    assert world.tracking_no in filed

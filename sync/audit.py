@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,14 +221,21 @@ def parcel_key(tracking_no: str | None) -> str | None:
 
 
 def parcels_of_events(
-    session: Session, event_ids: Sequence[int], rejected_ids: Sequence[int] = ()
+    session: Session,
+    event_ids: Sequence[int],
+    rejected_ids: Sequence[int] = (),
+    *,
+    device_id: str | None = None,
+    client_event_ids: Sequence[str] = (),
+    seqs: Sequence[int] = (),
 ) -> list[str]:
     """The parcels of the scan events ``event_ids`` and of the rejected events
-    ``rejected_ids`` (quarantine ids; one naming no parcel adds none), in one statement:
-    what an entry citing them as its evidence is filed under (``append``'s
-    ``parcels``), so that ``GET /audit?tracking_no=`` lists it with the parcel's other
-    entries: a shift's reopening by late events and its withdrawal, a manager's
-    decision on a flag of a shift or a PDA citing them."""
+    ``rejected_ids`` (quarantine ids; one naming no parcel adds none), and of the events
+    of the PDA ``device_id`` by its ids for them (``client_event_ids``) or their
+    ``seqs``, in one statement: what an entry citing them as its evidence is filed under
+    (``append``'s ``parcels``), so that ``GET /audit?tracking_no=`` lists it with the
+    parcel's other entries: a shift's reopening by late events and its withdrawal, a
+    manager's decision on a flag of a shift or a PDA citing them."""
     parts = []
     if event_ids:
         parts.append(
@@ -242,10 +250,33 @@ def parcels_of_events(
                 QuarantinedEvent.parcel_tracking_no.is_not(None),
             )
         )
+    client_ids = sorted(_uuids(client_event_ids))
+    if device_id is not None and client_ids:
+        parts.append(  # by uq_scan_event_device_event, one probe each
+            select(ScanEvent.tracking_no).where(
+                ScanEvent.device_id == device_id, ScanEvent.client_event_id.in_(client_ids)
+            )
+        )
+    if device_id is not None and seqs:
+        parts.append(
+            select(ScanEvent.tracking_no).where(
+                ScanEvent.device_id == device_id,
+                among_at_once(session, ScanEvent.seq, sorted(set(seqs))),
+            )
+        )
     if not parts:
         return []
     query = parts[0] if len(parts) == 1 else union_all(*parts)
     return sorted({number for number in session.execute(query).scalars() if number})
+
+
+def _uuids(values: Iterable[str]) -> set[uuid.UUID]:
+    """The well-formed UUIDs among ``values`` (evidence as stored: text)."""
+    found = set()
+    for value in values:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            found.add(uuid.UUID(value))
+    return found
 
 
 def list_entries(

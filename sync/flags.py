@@ -818,18 +818,41 @@ def _audit_decision(
 
 def _parcels_cited(session: Session, flag: Flag) -> list[str]:
     """The parcels a flag of no one parcel (a shift's, a PDA's) cites by its events and
-    rejected events: a manager's decision on it (a shift's ``late_event_after_signoff``,
-    "the parcel came back late, checked") is a decision about each of them, which an
-    auditor settling a dispute about one finds in its history (``GET
-    /audit?tracking_no=``). One statement, for such a flag only."""
+    rejected events, as a proof finds the flags citing its delivery
+    (``sync.proofs.cites``): by id, by the PDA's id for them (``clock_jump``,
+    ``seq_conflict``) or, a PDA's flag, by their seqs (``wrong_shift``). A manager's
+    decision on it (a shift's ``late_event_after_signoff``, "the parcel came back late,
+    checked"; a PDA's ``clock_jump``, "clock reset, the times are right") is a decision
+    about each of them, which an auditor settling a dispute about one finds in its
+    history (``GET /audit?tracking_no=``). One statement, for such a flag only."""
     if flag.tracking_no is not None:
         return []
     evidence = flag.evidence
-    events = [i for i in cited_in(evidence, "event_ids", None) or () if isinstance(i, int)]
-    rejected = [
-        i for i in cited_in(evidence, "rejected_event_ids", None) or () if isinstance(i, int)
-    ]
-    return audit.parcels_of_events(session, events, rejected)
+
+    def cited(key: str, kind: type) -> list[Any]:
+        found = cited_in(evidence, key, None) or ()
+        return [i for i in found if isinstance(i, kind) and not isinstance(i, bool)]
+
+    device = _device_of(flag.subject_type, flag.subject_key)
+    return audit.parcels_of_events(
+        session,
+        cited("event_ids", int),
+        cited("rejected_event_ids", int),
+        device_id=device,
+        client_event_ids=cited("client_event_ids", str),
+        seqs=cited("seqs", int) if flag.subject_type == "device" else (),
+    )
+
+
+def _device_of(subject_type: str, subject_key: str) -> str | None:
+    """The PDA a flag's subject is or is of (``FlagSubject``: a device, an event of a
+    device by its id or its seq); None for another subject."""
+    if subject_type == "device":
+        return subject_key
+    if subject_type == "event":
+        device, mark, _ = subject_key.rpartition("/" if "/" in subject_key else "#")
+        return device if mark else None
+    return None
 
 
 def _entry_details(flag: Flag, from_status: FlagStatus) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from models import (
     AuditEntry,
     EventType,
     Flag,
+    FlagSeverity,
     FlagStatus,
     QuarantinedEvent,
     ScanEvent,
@@ -30,7 +31,7 @@ from sync.balances import balances, shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import Conflict, InvalidInput
 from sync.events import EventRules
-from sync.flags import close_flags_by_id
+from sync.flags import FlagSubject, close_flags_by_id, raise_flag, resolve_flag
 from sync.handover import (
     BALANCE_RULE_KINDS,
     HANDOVER_KINDS,
@@ -395,6 +396,53 @@ def test_a_reopening_and_its_withdrawal_are_filed_under_the_late_scans_parcel(
 
     assert of_parcel(b) == ["shift_reopening_withdrawn", "shift_reopened"]
     assert of_parcel(a) == ["shift_signed_off"]
+
+
+def test_a_decision_on_a_pdas_flag_is_filed_under_the_parcels_it_cites_by_the_pdas_ids(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A PDA's ``clock_jump`` cites its jumped events by the PDA's ids for them
+    (``client_event_ids``), its ``wrong_shift`` by their seqs, and the proof of b's
+    delivery lists both as citing it (``sync.proofs.cites``). The manager's resolution
+    of each ("clock reset, the delivery time is right") is a decision about b, yet b's
+    history (``GET /audit?tracking_no=``) missed both: only ``event_ids`` were read.
+    So did a ``seq_conflict`` on the seq of b's delivery (subject the PDA's event by its
+    seq, evidence by the PDA's ids). None cites a, the PDA's other parcel."""
+    a, b = parcels(session, world, 2)
+    pda.open(first_seq=1)
+    delivery = pda.event(b, "delivered")
+    pda.push([pda.event(a), pda.event(b), delivery])
+    device = FlagSubject("device", world.device.id)
+    cited = [
+        ("clock_jump", device, {"client_event_ids": [delivery["client_event_id"]]}),
+        ("wrong_shift", device, {"seqs": [delivery["seq"]], "claimed_shift_ids": [999]}),
+        (  # b's delivery's seq claimed by an event the server refused
+            "seq_conflict",
+            FlagSubject.event_seq(world.device.id, delivery["seq"]),
+            {"client_event_ids": [delivery["client_event_id"], str(uuid.uuid4())]},
+        ),
+    ]
+    for kind, subject, evidence in cited:
+        raised = raise_flag(
+            session=session,
+            kind=kind,
+            severity=FlagSeverity.WARNING,
+            subject=subject,
+            station_id=world.station.id,
+            evidence=evidence,
+        )
+        resolve_flag(session=session, flag=raised.flag, user_id=world.manager.id, note="checked")
+    session.commit()
+
+    def decisions(number: str) -> list[str]:
+        return [
+            entry.details["kind"]
+            for entry in list_entries(session=session, tracking_no=number)
+            if entry.action == "flag_resolved"
+        ]
+
+    assert sorted(decisions(b)) == ["clock_jump", "seq_conflict", "wrong_shift"]
+    assert decisions(a) == []
 
 
 def test_a_reopening_whose_scan_the_next_shift_takes_stands_once_for_the_seq_still_on_the_pda(

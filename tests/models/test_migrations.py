@@ -1458,6 +1458,99 @@ def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
         assert [entry.id for entry in found] == [9, 7, 3, 2]
 
 
+BY_THE_PDAS_IDS = "c4e8b2f6a1d9"  # decisions on a PDA's flags by their parcels
+
+
+def test_decisions_on_a_pdas_flags_written_before_get_the_parcels_they_cite(
+    scratch: Engine,
+) -> None:
+    """A manager's decisions on a PDA's ``clock_jump`` (its events by the PDA's ids),
+    ``wrong_shift`` (by their seqs) and on a ``seq_conflict`` (subject the PDA's event
+    by its seq, evidence by the PDA's ids) get the parcels of the events they covered;
+    an id of no held event, a malformed one, a seq of another PDA's flag subject (a
+    shift's) and a decision on a parcel's own flag get none. Run again, it files
+    nothing twice; the chain verifies as before."""
+    import datetime as dt
+    import uuid
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from models import ScanEvent
+    from sync import audit
+    from tests import factories
+
+    migrate.upgrade(scratch, REQUESTS_ANNOUNCE_LAPSE)
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=1, parcels_per_shift=3, day=dt.date(2026, 11, 20)
+        )
+        session.commit()
+    with Session(scratch) as session:
+        held = session.scalars(select(ScanEvent).order_by(ScanEvent.seq)).all()
+    device = held[0].device_id
+    x, y = held[0].tracking_no, held[-1].tracking_no
+    assert x != y
+    by_id = [str(held[0].client_event_id), str(uuid.uuid4()), "not-an-id"]
+    with scratch.begin() as connection:
+        _append_before(
+            connection,
+            [
+                (
+                    "flag_resolved",
+                    "flag",
+                    "1",
+                    {
+                        "subject_type": "device",
+                        "subject_key": device,
+                        "decided_on": {"client_event_ids": by_id},
+                    },
+                ),
+                (
+                    "flag_acknowledged",
+                    "flag",
+                    "2",
+                    {
+                        "subject_type": "device",
+                        "subject_key": device,
+                        "decided_on": {"seqs": [held[-1].seq, 99_999]},
+                    },
+                ),
+                (
+                    "flag_resolved",
+                    "flag",
+                    "3",
+                    {
+                        "subject_type": "event",
+                        "subject_key": f"{device}#{held[0].seq}",
+                        "decided_on": {"client_event_ids": by_id[:1]},
+                    },
+                ),
+                (  # seqs of a shift's flag are not a PDA's
+                    "flag_resolved",
+                    "flag",
+                    "4",
+                    {
+                        "subject_type": "shift",
+                        "subject_key": "1",
+                        "decided_on": {"seqs": [held[-1].seq]},
+                    },
+                ),
+            ],
+        )
+    expected = {1: {x}, 2: {y}, 3: {x}}
+    migrate.upgrade(scratch, BY_THE_PDAS_IDS)
+    assert _entry_parcels(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": BY_THEIR_PARCELS}
+        )
+    migrate.upgrade(scratch, BY_THE_PDAS_IDS)
+    assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+
+
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one
 
 

@@ -1098,7 +1098,8 @@ def test_entries_filed_under_their_parcels_find_them_through_indexes(world: Worl
     events (``sync.shifts.shift_parcels``: along ``ix_scan_event_shift_id``, not through
     the PDA's year of events), a decision on a shift's flag under the parcels of the
     events and rejected events it cites (``sync.audit.parcels_of_events``: by their
-    keys), and an auditor's read of a PDA's write-offs is logged (``lost_seqs_read``)."""
+    keys), one on a PDA's flag by the PDA's keys for them, and an auditor's read of a
+    PDA's write-offs is logged (``lost_seqs_read``)."""
     with Session(world.engine) as session:
         still_open = session.scalar(
             select(Shift.id).where(Shift.device_id == world.device_id, Shift.status == "open")
@@ -1118,9 +1119,24 @@ def test_entries_filed_under_their_parcels_find_them_through_indexes(world: Worl
             shift_id=world.shift_id,
             raised_at=dt.datetime.now(dt.UTC),
         )
-        session.add(flag)
+        client_event_id, seq = session.execute(
+            select(ScanEvent.client_event_id, ScanEvent.seq).where(
+                ScanEvent.id == world.delivery_id
+            )
+        ).one()
+        pdas = Flag(  # a clock_jump's ids and a wrong_shift's seqs in one evidence
+            station_id=world.station_id,
+            kind="clock_jump",
+            severity=FlagSeverity.WARNING,
+            subject_type="device",
+            subject_key=world.device_id,
+            evidence={"client_event_ids": [str(client_event_id)], "seqs": [seq]},
+            status=FlagStatus.OPEN,
+            raised_at=dt.datetime.now(dt.UTC),
+        )
+        session.add_all([flag, pdas])
         session.commit()
-        flag_id = flag.id
+        flag_id, pdas_id = flag.id, pdas.id
     if still_open is None:  # the tests before it closed theirs
         opened = world.client.post("/api/v1/shifts", json={}, headers=world.courier)
         assert opened.status_code == 201, opened.get_json()
@@ -1129,6 +1145,11 @@ def test_entries_filed_under_their_parcels_find_them_through_indexes(world: Worl
     _, closing = run(world, "POST", close, json={}, headers=world.manager)
     resolve = f"/api/v1/flags/{flag_id}/resolve"
     _, deciding = run(world, "POST", resolve, json={"note": "came back"}, headers=world.manager)
+    resolve_pdas = f"/api/v1/flags/{pdas_id}/resolve"
+    _, on_pdas = run(world, "POST", resolve_pdas, json={"note": "reset"}, headers=world.manager)
+    by_pda = {i for e in reads(on_pdas, "scan_event") for i in e.indexes}
+    assert {"uq_scan_event_device_event", "uq_scan_event_device_id_seq"} <= by_pda, by_pda
+    deciding += on_pdas
     lost_seqs = f"/api/v1/devices/{world.device_id}/lost-seqs"
     _, listing = run(world, "GET", lost_seqs, headers=world.auditor)
     assert_indexed(closing + deciding + listing)
@@ -1136,9 +1157,12 @@ def test_entries_filed_under_their_parcels_find_them_through_indexes(world: Worl
     assert by_shift and all("ix_scan_event_shift_id" in e.indexes for e in by_shift), by_shift
     assert reads(deciding, "scan_event"), [e.statement for e in deciding]
     with world.engine.connect() as connection:
-        filed = connection.scalars(
-            select(AuditEntryParcel.tracking_no)
+        filed = connection.execute(
+            select(AuditEntry.subject_key, AuditEntryParcel.tracking_no)
             .join(AuditEntry, AuditEntry.id == AuditEntryParcel.entry_id)
-            .where(AuditEntry.action == "flag_resolved", AuditEntry.subject_key == str(flag_id))
+            .where(
+                AuditEntry.action == "flag_resolved",
+                AuditEntryParcel.tracking_no == world.tracking_no,
+            )
         ).all()
-    assert world.tracking_no in filed
+    assert {key for key, _ in filed} >= {str(flag_id), str(pdas_id)}, filed

@@ -1543,7 +1543,7 @@ def test_decisions_on_a_pdas_flags_written_before_get_the_parcels_they_cite(
     assert _entry_parcels(scratch) == expected
     with scratch.begin() as connection:  # stopped before its revision was recorded
         connection.execute(
-            text("UPDATE alembic_version SET version_num = :v"), {"v": BY_THEIR_PARCELS}
+            text("UPDATE alembic_version SET version_num = :v"), {"v": REQUESTS_ANNOUNCE_LAPSE}
         )
     migrate.upgrade(scratch, BY_THE_PDAS_IDS)
     assert _entry_parcels(scratch) == expected

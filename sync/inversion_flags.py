@@ -199,8 +199,9 @@ def rejudge_written_off(
     ``after_device`` that have some (at most ``limit``, by id; of ``station_id``'s
     devices only, if given), as a write-off now does (``judge_write_off``): those
     written off before it did, once both neighbours had arrived, were never judged.
-    Each device's sync state is locked as a write-off locks it. Returns the flags
-    raised or opened again, and the last device read (None: no more)."""
+    The devices' sync states are locked first, in id order, before any flag, as a push
+    locks its own. Returns the flags raised or opened again, and the last device read
+    (None: no more)."""
     written_off = func.coalesce(cast(DeviceSyncState.written_off_ranges, String), "null")
     query = (
         select(DeviceSyncState.device_id, Device.station_id)
@@ -212,9 +213,12 @@ def rejudge_written_off(
     devices = session.execute(query.order_by(DeviceSyncState.device_id).limit(limit)).all()
     if not devices:
         return 0, None
+    # Every state first, in id order, then the flags: a push holds its PDA's state while
+    # it waits for a flag, so a state locked after a flag of this batch could deadlock.
+    states = {device_id: lock_device_state(session, device_id) for device_id, _ in devices}
     raised = 0
     for device_id, device_station in devices:
-        state = lock_device_state(session, device_id)
+        state = states[device_id]
         if not state.written_off_ranges:
             continue
         raised += len(

@@ -23,7 +23,7 @@ from models import (
     ServiceClass,
     User,
 )
-from sync import rejudge
+from sync import inversion_flags, rejudge
 from sync.events import EventRules
 from sync.flags import SYSTEM_CHANGE, FlagSubject, raise_flag, resolve_flag
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -522,3 +522,56 @@ def test_a_pair_across_seqs_written_off_before_the_write_off_judged_it_is_flagge
     assert totals.inversion_flags_raised == 1
     again = rejudge_parcels(session=session, policy=Policy())
     assert again == RejudgeTotals(parcels=again.parcels)
+
+
+def test_rejudging_write_offs_locks_every_pda_of_its_batch_before_any_flag(
+    session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The push's lock order is its PDA's sync state, then flags. A batch of PDAs with
+    seqs written off that locked one PDA's state, raised its flag, then locked the next
+    PDA's state would hold parcel P's ``time_inversion`` flag while waiting for the
+    second PDA's state, which that PDA's push holds while it waits for P's flag: a
+    deadlock on PostgreSQL, the push given up. Every state of the batch is locked, in id
+    order, before a flag is touched, as the flags' rejudging does."""
+    p = factories.parcel(session, world.station).tracking_no
+    second = factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    for pda in (world.device.id, second.id):
+        events = [
+            factories.event(1, p, occurred_at=at),
+            factories.event(3, p, "out_for_delivery", occurred_at=at - dt.timedelta(minutes=10)),
+        ]
+        push(session, Pusher(pda, world.station.id, world.courier.id), events)
+        session.execute(
+            update(DeviceSyncState)
+            .where(DeviceSyncState.device_id == pda)
+            .values(missing_ranges=[], written_off_ranges=[[2, 2]], acked_through_seq=3)
+        )
+    session.commit()
+    calls: list[tuple[str, str]] = []
+    lock, raise_ = inversion_flags.lock_device_state, inversion_flags.raise_flag
+
+    def locking(session: Session, device_id: str) -> Any:
+        calls.append(("lock", device_id))
+        return lock(session, device_id)
+
+    def raising(**kwargs: Any) -> Any:
+        calls.append(("flag", kwargs["subject"].key))
+        return raise_(**kwargs)
+
+    monkeypatch.setattr(inversion_flags, "lock_device_state", locking)
+    monkeypatch.setattr(inversion_flags, "raise_flag", raising)
+    raised, _ = inversion_flags.rejudge_written_off(
+        session=session, after_device="", limit=10, tolerance=dt.timedelta(seconds=2)
+    )
+    assert raised == 1
+    assert calls == [
+        ("lock", world.device.id),
+        ("lock", second.id),
+        ("flag", p),
+        ("flag", p),
+    ]
+    assert inversion(session, p).evidence["device_seqs"] == [
+        f"{pda}#{seq}" for pda in (world.device.id, second.id) for seq in (1, 3)
+    ]

@@ -535,7 +535,11 @@ def withdraw_evidence(
     for a rule flag), the change on the audit log; its decision is kept, and given back
     should it be raised again on what the decision covered (``JUDGED_ON_EVIDENCE``). A
     flag citing others keeps its status, acknowledged or resolved too (what it cites
-    now the decision saw); its ``evidence_version`` changes. Returns the flags closed."""
+    now the decision saw); its ``evidence_version`` changes. One of a kind
+    ``JUDGED_ON_EVIDENCE`` that is open and now cites only what the manager's latest
+    decision covered is given it back (``judged_status``): opened by the evidence just
+    withdrawn, it stands where it would had that evidence never been named (rule 3).
+    Returns the flags closed."""
     closed = []
     flags = session.scalars(
         select(Flag)
@@ -554,6 +558,12 @@ def withdraw_evidence(
         if flag.status != FlagStatus.CLOSED and not cited_in(flag.evidence, key):
             _close(session, flag, reason)
             closed.append(flag)
+        elif flag.status == FlagStatus.OPEN and kind in JUDGED_ON_EVIDENCE:
+            status = judged_status(flag.decision, flag.decided_on, flag.evidence)
+            if status != FlagStatus.OPEN:
+                note = f"{reason}; left on the events a manager {status.value} it on"
+                _record(session, flag, FlagStatus.OPEN, status, note=note)
+                flag.status = status
     return closed
 
 

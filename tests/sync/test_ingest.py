@@ -1477,6 +1477,54 @@ def test_a_resolved_time_inversion_stands_on_the_seqs_decided_whatever_the_order
     )
 
 
+@pytest.mark.parametrize("seq_4", ["rejected, then sent again corrected", "right at once"])
+def test_a_resolved_time_inversion_reopened_by_a_pair_split_since_is_resolved_again(
+    session: Session, pda: Pda, world: World, seq_4: str
+) -> None:
+    """Parcel P's flag names the pair 1-2 (seq 2 dated ten minutes before seq 1), and
+    the manager resolves it. Seqs 3 to 5 are P's scans on a clock NTP stepped back 1.5 s
+    twice: no inversion in order. Seq 4 mistyped at first, rejected, made 3 and 5
+    neighbours, 3 s apart, an inverted pair beyond what the manager saw, and opened the
+    flag again; seq 4 sent again corrected splits it, and the flag names 1-2 again, only
+    what the manager resolved: resolved, as when seq 4 came right at once and the flag
+    never moved (rule 3; ``judged_status``), not left open for a decision already
+    taken."""
+    p = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    step = dt.timedelta(seconds=1.5)
+    pda.push(
+        [
+            pda.event(1, p, "out_for_delivery", occurred_at=at(30)),
+            pda.event(2, p, "out_for_delivery", occurred_at=at(20)),
+        ]
+    )
+    flag = session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion", Flag.subject_key == p)
+    ).one()
+    resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="checked")
+    session.commit()
+    scans = {
+        seq: pda.event(seq, p, "out_for_delivery", occurred_at=at(40) - (seq - 3) * step)
+        for seq in (3, 4, 5)
+    }
+    if seq_4 == "right at once":
+        pda.push(list(scans.values()))
+    else:
+        wrong = {**scans[4], "tracking_no": mistyped(p)}
+        pda.push([scans[3], wrong, scans[5]])
+        session.refresh(flag)
+        assert (flag.status, flag.evidence["device_seqs"]) == (
+            FlagStatus.OPEN,
+            [f"PDA-0001#{s}" for s in (1, 2, 3, 5)],
+        )
+        pda.push([scans[4]])
+    session.refresh(flag)
+    assert (flag.status, flag.evidence["device_seqs"]) == (
+        FlagStatus.RESOLVED,
+        ["PDA-0001#1", "PDA-0001#2"],
+    )
+
+
 @pytest.mark.parametrize("written_off", ["before its neighbours", "between", "after both"])
 @pytest.mark.parametrize("lost", [[[2, 2]], [[2, 3]]])
 def test_a_pair_across_written_off_seqs_is_judged_whenever_the_write_off_comes(

@@ -79,7 +79,14 @@ from sync.events import (
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag, withdraw_evidence
-from sync.inversion_flags import DEFAULT_TOLERANCE, NEAREST_ABOVE, NEAREST_BELOW
+from sync.inversion_flags import (
+    DEFAULT_TOLERANCE,
+    EVIDENCE_KEY,
+    KIND,
+    SPLIT_REASON,
+    device_seqs,
+    nearest_stored,
+)
 from sync.inversions import Stamp, judge
 from sync.quarantine import parcel_named, rejections_of_batch
 from sync.rules import (
@@ -865,7 +872,7 @@ class _BatchIngest:
         rejected = {
             r.seq for r in self.results.values() if r.status == "rejected" and r.seq is not None
         }
-        device = {"device_id": self.pusher.device_id}
+        device_id = self.pusher.device_id
 
         def look_up(seqs: list[int]) -> dict[int, Stamp]:
             # The event at the device's highest seq, when read with its lock: stored, it
@@ -878,47 +885,34 @@ class _BatchIngest:
             found.update((row.seq, Stamp(*row[1:])) for row in self._at_seqs(TIMES_AT_SEQS, seqs))
             return found
 
-        def nearest(low: int, high: int, downward: bool) -> tuple[int, Stamp] | None:
-            query = NEAREST_BELOW if downward else NEAREST_ABOVE
-            row = plain_rows(self.session, query, {**device, "low": low, "high": high}).first()
-            return None if row is None else (row.seq, Stamp(*row[1:]))
-
         held_before = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
         judged = judge(
             new,
             rejected,
             tracker,
             look_up,
-            nearest,
+            nearest_stored(self.session, device_id),
             self.rules.time_inversion_tolerance,
             held_before,
         )
         for tracking_no, seqs in sorted(judged.inverted.items()):  # one flag per parcel
             self._flag(
-                "time_inversion",
+                KIND,
                 FlagSeverity.WARNING,
                 FlagSubject("parcel", tracking_no),
                 # "device#seq": a parcel's flag gathers the inversions of every PDA
-                {"device_seqs": self._device_seqs(seqs)},
+                {EVIDENCE_KEY: device_seqs(device_id, seqs)},
             )
         for tracking_no, seqs in sorted(judged.withdrawn.items()):
-            named = self._device_seqs(seqs)
+            named = device_seqs(device_id, seqs)
             withdraw_evidence(
                 session=self.session,
-                kind="time_inversion",
+                kind=KIND,
                 subject=FlagSubject("parcel", tracking_no),
-                key="device_seqs",
+                key=EVIDENCE_KEY,
                 withdrawn=set(named),
-                reason=(
-                    f"{', '.join(named)}: no longer an inverted pair, an event stored since "
-                    "between them (a rejected seq sent again corrected, a written-off one "
-                    "that came) is their neighbour, in order"
-                ),
+                reason=SPLIT_REASON.format(seqs=", ".join(named)),
             )
-
-    def _device_seqs(self, seqs: Iterable[int]) -> list[str]:
-        """Seqs of this push's PDA as a flag's evidence names them, ``device#seq``."""
-        return [f"{self.pusher.device_id}#{seq}" for seq in sorted(seqs)]
 
     def _stored_ids(self) -> dict[int, int]:
         """Row ids of the events this push stored, by seq (the bulk insert does not return

@@ -109,6 +109,11 @@ class Rejudged(NamedTuple):
     closed: int  # flags closed, left naming none
 
 
+# Why a push withdraws seqs from a flag (``sync.ingest``): the pair it split.
+SPLIT_REASON = (
+    "{seqs}: no longer an inverted pair, an event stored since between them (a rejected "
+    "seq sent again corrected, a written-off one that came) is their neighbour, in order"
+)
 REJUDGED_REASON = (
     "{seqs}: no longer an inverted pair, judged again against the events stored now "
     "(an event stored since between them is their neighbour, in order)"

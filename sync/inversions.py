@@ -156,13 +156,14 @@ def judge(
             pairs.add((below[seq], above[seq]))
 
     def inverted_among(judged: Iterable[tuple[int | None, int | None]]) -> dict[str, set[int]]:
-        found: dict[str, set[int]] = {}
-        for before, after in judged:
-            if before is None or after is None:
-                continue
-            if known[after].occurred_at_device < known[before].occurred_at_device - tolerance:
-                found.setdefault(known[after].tracking_no, set()).update((before, after))
-        return found
+        return _inverted(
+            (
+                ((before, known[before]), (after, known[after]))
+                for before, after in judged
+                if before is not None and after is not None
+            ),
+            tolerance,
+        )
 
     inverted = inverted_among(pairs)
     # The pairs split: the stored events around each chain of new neighbours, if every
@@ -204,17 +205,14 @@ def across_written_off(
     completes: for each range, the stored events nearest below and above it, past seqs
     that arrived empty, when both are there (``held``: the device's seqs with the
     write-off's counted as held). Two searches per range; write-offs are few."""
-    found: dict[str, set[int]] = {}
+    pairs = []
     for first, last in ranges:
         low, high = held.held_run(first)[0], held.held_run(last)[1]
         below = nearest(low, first - 1, True) if low < first else None
         above = nearest(last + 1, high, False) if last < high else None
-        if below is None or above is None:
-            continue
-        (before, earlier), (after, later) = below, above
-        if later.occurred_at_device < earlier.occurred_at_device - tolerance:
-            found.setdefault(later.tracking_no, set()).update((before, after))
-    return found
+        if below is not None and above is not None:
+            pairs.append((below, above))
+    return _inverted(pairs, tolerance)
 
 
 def still_named(
@@ -230,18 +228,28 @@ def still_named(
     stored event names nothing. One look-up, two searches per seq stored."""
     wanted = sorted(set(seqs))
     stamps = dict(look_up(wanted)) if wanted else {}
-    named: dict[str, set[int]] = {}
+    pairs = []
     for seq, stamp in sorted(stamps.items()):
         low, high = held.held_run(seq)
-        pairs = []
         if low < seq and (hit := nearest(low, seq - 1, True)) is not None:
             pairs.append((hit, (seq, stamp)))
         if seq < high and (hit := nearest(seq + 1, high, False)) is not None:
             pairs.append(((seq, stamp), hit))
-        for (before, earlier), (after, later) in pairs:
-            if later.occurred_at_device < earlier.occurred_at_device - tolerance:
-                named.setdefault(later.tracking_no, set()).update((before, after))
-    return named
+    return _inverted(pairs, tolerance)
+
+
+def _inverted(
+    pairs: Iterable[tuple[tuple[int, Stamp], tuple[int, Stamp]]], tolerance: dt.timedelta
+) -> dict[str, set[int]]:
+    """``{tracking number: seqs}`` of the inverted ``pairs`` of neighbours, each
+    ``((seq, stamp), (later seq, stamp))``: the later dated more than ``tolerance``
+    before the earlier, named under the later one's parcel. The one test of rule 6 a
+    push, a write-off and ``rejudge`` all apply."""
+    found: dict[str, set[int]] = {}
+    for (before, earlier), (after, later) in pairs:
+        if later.occurred_at_device < earlier.occurred_at_device - tolerance:
+            found.setdefault(later.tracking_no, set()).update((before, after))
+    return found
 
 
 def _chains(

@@ -136,9 +136,9 @@ def rejudge_flags(
     its audit entry as every system change's). Flags raised before a push rejudged
     the pairs it split (a pair judged across a rejected seq stored later) are so put
     right. The PDAs' sync states are locked first, in id order, as a push locks its
-    own before its flags. ``station_id``: only the flags of parcels now at that
-    station (at any station). Returns what it did and the last id read (None: no
-    more)."""
+    own before its flags; then the flags, by parcel, as a push raises them.
+    ``station_id``: only the flags of parcels now at that station (at any station).
+    Returns what it did and the last id read (None: no more)."""
     query = select(Flag.id).where(Flag.kind == KIND, Flag.id > after_id)
     if station_id is not None:
         here = select(Parcel.tracking_no).where(Parcel.station_id == station_id)
@@ -153,10 +153,13 @@ def rejudge_flags(
     for device in devices:
         state = lock_device_state(session, device)
         held[device] = SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges])
+    # Locked by parcel, as a push and a write-off raise them (``sorted`` by tracking
+    # number): by id, it could hold Q's flag and wait for P's while another PDA's push
+    # held P's and waited for Q's, a deadlock on PostgreSQL.
     flags = session.scalars(
         select(Flag)
         .where(Flag.id.in_(ids))
-        .order_by(Flag.id)
+        .order_by(Flag.subject_key, Flag.id)
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 import uuid
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from models import (
     AuditEntry,
@@ -575,3 +577,81 @@ def test_rejudging_write_offs_locks_every_pda_of_its_batch_before_any_flag(
     assert inversion(session, p).evidence["device_seqs"] == [
         f"{pda}#{seq}" for pda in (world.device.id, second.id) for seq in (1, 3)
     ]
+
+
+@pytest.mark.postgres_only
+def test_rejudging_flags_while_another_pda_raises_two_of_them_deadlocks_neither(
+    committed_app: Any,
+) -> None:
+    """PostgreSQL, two connections. Parcels P and Q (P first by number) have
+    ``time_inversion`` flags naming PDA-A, Q's raised first (the lower id). PDA-B's push
+    (or a write-off of its seqs) raises both, as a push does: by parcel, P's then Q's.
+    ``rejudge`` locks PDA-A's state, then the batch's flags: by id, it took Q's and
+    waited for P's, held by the push, which then waited for Q's: a deadlock, one of them
+    given up (the courier's upload failed). In the push's order, by parcel, it waits for
+    P's holding no flag, and both finish."""
+    from courier_api.extensions import db
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        station = factories.station(setup, code="RACE")
+        for pda in ("PDA-A", "PDA-B"):
+            factories.device(setup, pda, station)
+        p, q = sorted(factories.parcel(setup, station).tracking_no for _ in range(2))
+        for tracking_no in (q, p):
+            raise_flag(
+                session=setup,
+                kind="time_inversion",
+                severity=FlagSeverity.WARNING,
+                subject=FlagSubject("parcel", tracking_no),
+                station_id=station.id,
+                evidence={"device_seqs": ["PDA-A#1", "PDA-A#3"]},
+            )
+        setup.commit()
+        station_id = station.id
+
+    def raise_for_b(session: Session, tracking_no: str) -> None:
+        raise_flag(
+            session=session,
+            kind="time_inversion",
+            severity=FlagSeverity.WARNING,
+            subject=FlagSubject("parcel", tracking_no),
+            station_id=station_id,
+            evidence={"device_seqs": ["PDA-B#7", "PDA-B#9"]},
+        )
+        session.flush()
+
+    failures: list[BaseException] = []
+
+    def rejudging() -> None:
+        try:
+            with sessions() as session:
+                inversion_flags.rejudge_flags(
+                    session=session, after_id=0, limit=10, tolerance=dt.timedelta(seconds=2)
+                )
+                session.commit()
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    with sessions() as pushing:
+        raise_for_b(pushing, p)
+        rejudge_thread = threading.Thread(target=rejudging)
+        rejudge_thread.start()
+        time.sleep(0.5)  # rejudge waits for P's flag, holding what it locked before
+        try:
+            raise_for_b(pushing, q)
+            pushing.commit()
+        except BaseException as error:  # noqa: BLE001
+            failures.append(error)
+            pushing.rollback()
+        rejudge_thread.join(timeout=30)
+    assert failures == []
+    with sessions() as check:
+        named = dict(
+            check.execute(
+                select(Flag.subject_key, Flag.evidence).where(Flag.kind == "time_inversion")
+            ).all()
+        )
+    assert {key: evidence["device_seqs"] for key, evidence in named.items()} == {
+        tracking_no: ["PDA-B#7", "PDA-B#9"] for tracking_no in (p, q)
+    }

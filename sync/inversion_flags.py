@@ -86,8 +86,19 @@ def judge_write_off(
     after it would have judged them so. Raised at the write-off's station, as a push
     raises at its courier's. Returns the flags raised or opened again."""
     inverted = across_written_off(ranges, held, nearest_stored(session, device_id), tolerance)
+    return _raised(
+        session,
+        [(tracking_no, device_id, station_id, seqs) for tracking_no, seqs in inverted.items()],
+    )
+
+
+def _raised(session: Session, pairs: list[tuple[str, str, int, set[int]]]) -> list[Flag]:
+    """Raise the flags of inverted ``pairs``, ``(tracking number, device, station,
+    seqs)``, one per parcel and station, by tracking number: the order a push raises its
+    own in, so that neither holds a flag the other waits for while waiting for one it
+    holds. Returns the flags raised or opened again."""
     raised = []
-    for tracking_no, seqs in sorted(inverted.items()):  # one flag per parcel
+    for tracking_no, device_id, station_id, seqs in sorted(pairs, key=lambda p: p[:3]):
         result = raise_flag(
             session=session,
             kind=KIND,
@@ -208,8 +219,8 @@ def rejudge_written_off(
     devices only, if given), as a write-off now does (``judge_write_off``): those
     written off before it did, once both neighbours had arrived, were never judged.
     The devices' sync states are locked first, in id order, before any flag, as a push
-    locks its own. Returns the flags raised or opened again, and the last device read
-    (None: no more)."""
+    locks its own; then the flags of every device's pairs, by parcel. Returns the flags
+    raised or opened again, and the last device read (None: no more)."""
     written_off = func.coalesce(cast(DeviceSyncState.written_off_ranges, String), "null")
     query = (
         select(DeviceSyncState.device_id, Device.station_id)
@@ -224,21 +235,16 @@ def rejudge_written_off(
     # Every state first, in id order, then the flags: a push holds its PDA's state while
     # it waits for a flag, so a state locked after a flag of this batch could deadlock.
     states = {device_id: lock_device_state(session, device_id) for device_id, _ in devices}
-    raised = 0
+    pairs = []
     for device_id, device_station in devices:
         state = states[device_id]
         if not state.written_off_ranges:
             continue
-        raised += len(
-            judge_write_off(
-                session=session,
-                device_id=device_id,
-                station_id=device_station,
-                ranges=state.written_off_ranges,
-                held=SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges]),
-                tolerance=tolerance,
-            )
-        )
+        held = SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges])
+        nearest = nearest_stored(session, device_id)
+        inverted = across_written_off(state.written_off_ranges, held, nearest, tolerance)
+        pairs += [(tn, device_id, device_station, seqs) for tn, seqs in inverted.items()]
+    raised = len(_raised(session, pairs))  # every PDA's, by parcel
     session.flush()
     return raised, devices[-1][0]
 

@@ -655,3 +655,44 @@ def test_rejudging_flags_while_another_pda_raises_two_of_them_deadlocks_neither(
     assert {key: evidence["device_seqs"] for key, evidence in named.items()} == {
         tracking_no: ["PDA-B#7", "PDA-B#9"] for tracking_no in (p, q)
     }
+
+
+def test_rejudging_write_offs_raises_a_batch_s_flags_by_parcel(
+    session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PDA-0001's pair across its seq written off is parcel Q's, PDA-0003's parcel P's
+    (P first by number). The batch raises P's flag, then Q's, as a push raises its
+    flags, whichever PDA each came from: PDA by PDA it took Q's and then P's, while
+    another PDA's push raising both took P's and waited for Q's (a deadlock on
+    PostgreSQL)."""
+    p, q = sorted(factories.parcel(session, world.station).tracking_no for _ in range(2))
+    second = factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    for pda, tracking_no in ((world.device.id, q), (second.id, p)):
+        events = [
+            factories.event(1, tracking_no, occurred_at=at),
+            factories.event(
+                3, tracking_no, "out_for_delivery", occurred_at=at - dt.timedelta(minutes=10)
+            ),
+        ]
+        push(session, Pusher(pda, world.station.id, world.courier.id), events)
+        session.execute(
+            update(DeviceSyncState)
+            .where(DeviceSyncState.device_id == pda)
+            .values(missing_ranges=[], written_off_ranges=[[2, 2]], acked_through_seq=3)
+        )
+    session.commit()
+    raised_for: list[str] = []
+    raise_ = inversion_flags.raise_flag
+
+    def raising(**kwargs: Any) -> Any:
+        raised_for.append(kwargs["subject"].key)
+        return raise_(**kwargs)
+
+    monkeypatch.setattr(inversion_flags, "raise_flag", raising)
+    raised, _ = inversion_flags.rejudge_written_off(
+        session=session, after_device="", limit=10, tolerance=dt.timedelta(seconds=2)
+    )
+    assert (raised, raised_for) == (2, [p, q])
+    assert inversion(session, p).evidence["device_seqs"] == [f"{second.id}#1", f"{second.id}#3"]

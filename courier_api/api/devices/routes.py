@@ -217,8 +217,9 @@ class LostSeqs(MethodView):
         that only seqs still on the PDA reopened, none missing now beyond those
         signed off, is signed off again (`shift_reopening_withdrawn`). The events
         stored on either side of the seqs written off are neighbours from then on:
-        their pair is flagged `time_inversion` if the later is dated before the
-        earlier (rule 6), as a push completing the pair flags it.
+        their pair is flagged `time_inversion` if the later is dated more than
+        `TIME_INVERSION_TOLERANCE_SECONDS` before the earlier (rule 6), as a push
+        completing the pair flags it.
         Any other is refused (422 `seqs_not_missing`), the message naming each
         refused range and why: the server holds it, it is written off already, or it
         is beyond anything declared (nobody knows it exists). A manager writes off

@@ -35,7 +35,9 @@ or missing image, another silence of a PDA) is open again (``raise_flag``): a PD
 ``clock_jump`` resolved on one push's scans comes back when a later push jumps again.
 A ``time_inversion`` whose pairs later events show were none (``withdraw_evidence``)
 is judged as a rule flag is (``JUDGED_ON_EVIDENCE``): closed when it names none,
-resolved or not, and raised again on seqs the decision covered, given it back.
+resolved or not, and raised again on seqs the decision covered, given it back; opened
+by seqs the decision did not cover and left, once those are withdrawn, on seqs it did,
+given it back too.
 """
 
 from __future__ import annotations
@@ -268,7 +270,8 @@ DECISIONS = (FlagStatus.ACKNOWLEDGED, FlagStatus.RESOLVED)
 # the decision, and raised again on evidence the decision covered, given it back. So
 # a flag resolved on seqs 1, 3, 5 and 7 ends resolved on 3 and 5 whether the seq that
 # made 3 and 5 neighbours came before or after those that split 1-3 and 5-7 (which
-# closed it for a while): rule 3.
+# closed it for a while), and one opened by a pair a later seq splits is resolved
+# again once that pair is withdrawn: rule 3.
 JUDGED_ON_EVIDENCE = frozenset({"time_inversion"})
 # The lists of a flag's evidence that grow as its cause recurs (``_merged``): the
 # events, pushes and seqs it names.

@@ -1166,3 +1166,35 @@ def test_entries_filed_under_their_parcels_find_them_through_indexes(world: Worl
             )
         ).all()
     assert {key for key, _ in filed} >= {str(flag_id), str(pdas_id)}, filed
+
+
+def test_a_write_off_judges_the_pair_across_it_through_the_pdas_seq_index(world: World) -> None:
+    """A write-off judges the pair across the seqs it writes off (rule 6): the PDA's
+    stored events nearest each end, searched through its (device, seq) index whatever
+    its history (thirty days of shifts here), not by reading the PDA's events."""
+    with Session(world.engine) as session:
+        last_seq = session.scalar(
+            select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == world.device_id)
+        )
+    late = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    body = factories.push_body(
+        world.device_id,
+        [factories.event(last_seq + 2, world.tracking_no, "out_for_delivery", occurred_at=late)],
+    )
+    pushed = world.client.post("/api/v1/sync/push", json=body, headers=world.courier)
+    assert pushed.status_code == 200, pushed.get_json()
+    assert pushed.get_json()["missing_seqs"] == [last_seq + 1]
+
+    written, explained = run(
+        world,
+        "POST",
+        f"/api/v1/devices/{world.device_id}/lost-seqs",
+        json={"seqs": [last_seq + 1], "reason": "lost in a reset"},
+        headers=world.manager,
+    )
+    assert written.get_json()["missing_seqs"] == []
+    assert_indexed(explained)
+    nearest = [e for e in explained if "ORDER BY scan_event.seq" in " ".join(e.statement.split())]
+    assert len(nearest) == 2, [e.statement for e in explained]  # one search each side
+    for search in nearest:
+        assert "uq_scan_event_device_id_seq" in search.indexes, search.plan

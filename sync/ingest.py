@@ -477,34 +477,36 @@ def _retry_order(
 ) -> list[int]:
     """For each event of a retry, the index of its result in the stored receipt. The
     retry holds the same events (``content_digest``), so each is found by its id
-    (``_id_key``); among results of one id a malformed event by its error's code, and
-    a version of an id sent in several by whether it is the one held (not rejected) or
-    not; events of one id and content are alike, so which of them gets which result is
-    the first attempt's order (a batch retried in its order gets its results in place)."""
+    (``_id_key``); among results of one id a malformed event by its error (its code
+    and message, else its code), and a version of an id sent in several by whether it
+    is the one held (not rejected) or not; events of one id and content are alike, so
+    which of them gets which result is the first attempt's order (a batch retried in
+    its order gets its results in place)."""
     validated = reordered.validated
     by_key: dict[str | None, list[int]] = defaultdict(list)
     for stored_index, result in enumerate(stored):
         by_key[_id_key(result.get("client_event_id"))].append(stored_index)
     order: list[int | None] = [None] * len(batch.events)
-    # Malformed events first: each takes a rejection of its id with its code if any.
-    for rejection in validated.rejections:
-        raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
-        candidates = by_key[_id_key(_storable(raw.get("client_event_id"), 64))]
-        if not candidates:  # pragma: no cover - the same contents name the same ids
-            continue
-        preferred = [
-            i
-            for i in candidates
-            if stored[i].get("status") == "rejected"
-            and (stored[i].get("error") or {}).get("code") == rejection.error.code
-        ]
-        chosen = (
-            preferred
-            or [i for i in candidates if stored[i].get("status") == "rejected"]
-            or candidates
-        )[0]
-        candidates.remove(chosen)
-        order[rejection.index] = chosen
+    # Malformed events first: each takes a rejection of its id with its error if any,
+    # else with its code (the first attempt may have been answered as its payload was
+    # quarantined before). The exact ones first, so that none is taken by another
+    # malformed event of that id (no id at all, say) only matching its code.
+    unmatched = list(validated.rejections)
+    for exact_only in (True, False):
+        left = []
+        for rejection in unmatched:
+            raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
+            candidates = by_key[_id_key(_storable(raw.get("client_event_id"), 64))]
+            if not candidates:  # pragma: no cover - the same contents name the same ids
+                continue
+            unlike = {i: _unlikeness(stored[i], rejection.error) for i in candidates}
+            chosen = min(candidates, key=unlike.__getitem__)
+            if exact_only and unlike[chosen] > 0:
+                left.append(rejection)
+                continue
+            candidates.remove(chosen)
+            order[rejection.index] = chosen
+        unmatched = left
     for index, event in validated.valid:
         candidates = by_key[_id_key(str(event.client_event_id))]
         held = reordered.held.get(event.client_event_id)
@@ -515,6 +517,21 @@ def _retry_order(
     if None in order:  # pragma: no cover - the same contents name the same ids
         return list(range(len(stored)))
     return [i for i in order if i is not None]
+
+
+def _unlikeness(result: Mapping[str, Any], error: EventRejected) -> int:
+    """How far a stored result is from telling a malformed event its ``error``: 0 the
+    same error, 1 its code, 2 another rejection, 3 not a rejection."""
+    if result.get("status") != "rejected":
+        return 3
+    told = result.get("error") or {}
+    if told.get("code") != error.code:
+        return 2
+    return (
+        0
+        if (told.get("message"), told.get("field")) == (error.message, error.field or None)
+        else 1
+    )
 
 
 def _id_key(client_event_id: str | None) -> str | None:

@@ -338,6 +338,30 @@ def test_a_retry_in_another_order_answers_each_version_of_an_id_as_the_first_tim
     ]
 
 
+def test_a_retry_in_another_order_tells_each_malformed_event_its_own_error(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Two malformed events no id tells apart (none sent) and refused with one code
+    but each its own message: a PDA typing event types by hand ("delivred", "returnd").
+    Its retry in another order gets each its own error, not the other's at its index."""
+    tn = parcel.tracking_no
+    typos = []
+    for seq, typo in ((1, "delivred"), (2, "returnd")):
+        event = {**pda.event(seq, tn), "type": typo}
+        del event["client_event_id"]
+        typos.append(event)
+    batch_id = uuid.uuid4()
+    receipt = pda.push(typos, batch_id)
+    errors = [r["error"] for r in receipt["results"]]
+    assert [e["code"] for e in errors] == ["unknown_event_type"] * 2
+    assert "delivred" in errors[0]["message"] and "returnd" in errors[1]["message"]
+    again = pda.push(typos[::-1], batch_id, received_at=NOW + dt.timedelta(hours=1))
+    assert again["results"] == [
+        {**receipt["results"][1], "index": 0},
+        {**receipt["results"][0], "index": 1},
+    ]
+
+
 def test_a_batch_stored_with_its_ordered_digest_is_still_known_by_it(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -6,16 +6,18 @@ package migrates the same way as a checkout (``courier-api db upgrade``).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 
 SCRIPT_LOCATION = "models:migrations"
@@ -29,6 +31,7 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
 
 
@@ -47,10 +50,11 @@ def upgrade(
     (a long export, a transaction left open) while every push and read of that table
     queues behind it: a station stands still for as long as the longest transaction.
     With ``lock_timeout_seconds`` a statement gives up its wait after that long
-    instead; the upgrade, whose migrations commit one by one, then tries again from
-    the one that gave up, up to ``attempts`` times in all, ``pause_seconds`` apart
-    (``on_retry`` hears of each: the attempt that failed and why). SQLite waits as
-    it always does (its busy timeout).
+    instead (not a CONCURRENTLY build, which queues no one: it waits as long as it
+    must); the upgrade, whose migrations commit one by one, then tries again from the
+    one that gave up, up to ``attempts`` times in all, ``pause_seconds`` apart
+    (``on_retry`` hears of each: the attempt that failed and why). SQLite waits as it
+    always does (its busy timeout).
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -99,11 +103,29 @@ def migrating(
             assert raw is not None
             # For the session, so that every migration's transaction and autocommit
             # block has it; set back before the connection returns to the pool.
-            raw.execute(f"SET lock_timeout = '{round(lock_timeout_seconds * 1000)}ms'")
+            timeout = f"SET lock_timeout = '{round(lock_timeout_seconds * 1000)}ms'"
+            raw.execute(timeout)
             raw.commit()
+            waiting = {"as long as it takes": False}
+
+            def none_for_concurrent_builds(
+                _connection: Connection, cursor: Any, statement: str, *_args: Any
+            ) -> None:
+                """A CONCURRENTLY build or drop queues no push or read behind it, so
+                it waits for the table's writers as long as they last, as it always
+                did; given up, it left an INVALID index to build again, and a busy
+                station's upgrade ran out of attempts where waiting held up no one.
+                (It runs in an autocommit block: each SET applies at once.)"""
+                concurrent = CONCURRENTLY.search(statement) is not None
+                if concurrent != waiting["as long as it takes"]:
+                    cursor.execute("SET lock_timeout = 0" if concurrent else timeout)
+                    waiting["as long as it takes"] = concurrent
+
+            event.listen(connection, "before_cursor_execute", none_for_concurrent_builds)
             try:
                 yield connection
             finally:
+                event.remove(connection, "before_cursor_execute", none_for_concurrent_builds)
                 if connection.in_transaction():
                     connection.rollback()
                 raw.rollback()

@@ -2264,6 +2264,44 @@ def test_an_upgrade_out_of_attempts_stops_where_it_waited_and_says_so(
 
 
 @pytest.mark.postgres_only
+def test_a_concurrent_index_build_waits_for_a_push_as_long_as_it_lasts(scratch: Engine) -> None:
+    """A CONCURRENTLY build queues no push behind it, so the lock timeout is not for it:
+    it waits for a transaction writing its table (a push, an export's long transaction)
+    as it always did. With it, the build gave up after the timeout, left an INVALID
+    index to drop and build again, and an upgrade on a busy station ran out of attempts
+    where waiting would have held up no one."""
+    import threading
+    import time
+
+    migrate.upgrade(scratch, HOT_INDEXES)
+    failures: list[BaseException] = []
+    with scratch.connect() as blocker:
+        blocker.execute(text("LOCK TABLE scan_event IN ROW EXCLUSIVE MODE"))  # as a push does
+
+        def upgrading() -> None:
+            try:
+                migrate.upgrade(
+                    scratch, UNFILED_INDEX, lock_timeout_seconds=0.2, attempts=1, pause_seconds=0
+                )
+            except BaseException as error:  # handed to the test's thread
+                failures.append(error)
+
+        thread = threading.Thread(target=upgrading)
+        thread.start()
+        time.sleep(1.0)  # five lock timeouts
+        blocker.rollback()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert failures == []
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {UNFILED_INDEX}
+        assert connection.scalar(
+            text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+            {"name": "ix_scan_event_unfiled"},
+        )
+
+
+@pytest.mark.postgres_only
 def test_the_lock_timeout_is_set_back_before_the_connection_is_pooled(scratch: Engine) -> None:
     """The session's ``lock_timeout`` is the migrations' alone: the connection they ran on
     goes back to the pool with the server's default."""

@@ -1222,6 +1222,7 @@ class _BatchIngest:
                     WebhookDelivery.ordering_key.in_(chunk),
                     WebhookDelivery.topic.in_(sorted(set(DROP_TOPICS.values()))),
                 )
+                .order_by(OutboxMessage.id)  # a drop announced again: the latest names it
             ):
                 drop_id = told_by.get(payload.get("event_id"))
                 if drop_id is not None:

@@ -521,7 +521,10 @@ def answer_request(
             code=f"consent_request_{request.status.value}",
             field="request_id",
         )
-    if now >= request.expires_at:
+    # Once its lapse is announced (``announce_lapsed``, on the scheduler's clock) the
+    # channel has stopped asking: an answer timed just before it (a clock behind, a wait
+    # for the job's lock) would follow ``consent.request_lapsed`` with a grant.
+    if now >= request.expires_at or request.lapse_announced_at is not None:
         raise Conflict(
             f"consent request {request.id} lapsed at {request.expires_at.isoformat()}; "
             "the courier has to ask again",
@@ -853,7 +856,10 @@ SHOWN_STATUSES = (*(s.value for s in ConsentRequestStatus), EXPIRED)
 
 
 def effective_status(request: ConsentRequest, now: dt.datetime) -> str:
-    """The status as a PDA should read it: a pending request past its expiry lapsed."""
-    if request.status == ConsentRequestStatus.PENDING and now >= request.expires_at:
+    """The status as a PDA should read it: a pending request past its expiry, or whose
+    lapse was announced (no answer counts then), lapsed."""
+    if request.status == ConsentRequestStatus.PENDING and (
+        now >= request.expires_at or request.lapse_announced_at is not None
+    ):
         return EXPIRED
     return request.status.value

@@ -1013,3 +1013,30 @@ def test_an_answer_taking_a_consent_revoked_since_reads_revoked(
         "consent.request_granted",
         "consent.request_revoked",
     ]
+
+
+@pytest.mark.parametrize("granted", [True, False])
+def test_no_answer_counts_once_the_lapse_was_announced(
+    session: Session, pda: Pda, parcel: str, granted: bool
+) -> None:
+    """The lapse job (the scheduler's clock) announced the request lapsed and the channel
+    stopped asking; an answer read its time just before (a web worker whose clock runs a
+    little behind, or one that waited for the job's lock on the request) and was then
+    recorded: the channel heard ``consent.request_lapsed`` and then
+    ``consent.request_granted`` for the same request, and the courier's PDA was told to
+    leave the parcel. Once the lapse is announced, an answer is the 409
+    ``consent_request_expired``, whatever its clock says, and the channel hears nothing
+    more."""
+    subscribe(session, *OUTCOMES)
+    pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
+    request = request_of(session)
+    run = consent_requests.announce_lapsed(session=session, now=request.expires_at)
+    assert run["announced"] == 1
+    just_before = request.expires_at - dt.timedelta(seconds=1)
+    with pytest.raises(Conflict) as info:
+        answer(session, request, granted=granted, now=just_before)
+    assert info.value.code == "consent_request_expired"
+    session.rollback()
+    assert request_of(session).status == ConsentRequestStatus.PENDING
+    assert consent_requests.effective_status(request_of(session), just_before) == "expired"
+    assert outcomes(session) == [("consent.request_lapsed", request.id)]

@@ -2367,3 +2367,59 @@ def test_requests_lapsed_before_the_upgrade_are_never_announced(scratch: Engine)
     with scratch.connect() as connection:
         columns = {c["name"] for c in inspect(connection).get_columns("consent_request")}
     assert "lapse_announced_at" not in columns
+
+
+MARKED_REQUESTS = 25_000  # lapsed unanswered before the version: a station's history
+
+
+@pytest.mark.postgres_only
+def test_the_lapse_marking_runs_in_committed_batches_and_the_index_concurrently(
+    scratch: Engine,
+) -> None:
+    """Every push that asks a recipient and every answer writes to ``consent_request``:
+    the upgrade held its ACCESS EXCLUSIVE lock (the column) and its SHARE lock (a plain
+    index build) through one UPDATE of every request that ever lapsed unanswered. The
+    column is committed alone, the marking writes at most 10,000 requests a statement
+    with no transaction open between them, and the index is built CONCURRENTLY."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    with Session(scratch) as session:
+        station = factories.station(session)
+        courier = factories.user(session, "courier1", "courier", station)
+        session.commit()
+        station_id, courier_id = station.id, courier.id
+    with scratch.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO consent_request (station_id, tracking_no, courier_id, method, "
+                "requested_at, expires_at, status, created_at) SELECT :station, "
+                "'RR473124829GB', :courier, 'locker', :at, :at + interval '30 minutes', "
+                "CASE WHEN n % 5 = 0 THEN 'refused' ELSE 'pending' END, :at "
+                "FROM generate_series(1, :count) AS n"
+            ),
+            {
+                "station": station_id,
+                "courier": courier_id,
+                "at": dt.datetime(2026, 11, 1, 9, tzinfo=dt.UTC),
+                "count": MARKED_REQUESTS,
+            },
+        )
+    with statements(scratch) as upgrading:
+        written, open_between = _updates_upgrading(
+            scratch, REQUESTS_ANNOUNCE_LAPSE, "UPDATE consent_request"
+        )
+    assert sum(written) == MARKED_REQUESTS - MARKED_REQUESTS // 5
+    assert len(written) == 3 and max(written) <= 10_000, written
+    assert not any(open_between), open_between  # autocommit: committed as it ran
+    created = [s for s in upgrading if s.startswith("CREATE INDEX")]
+    assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True], created
+    assert _index_valid(scratch, "ix_consent_request_unannounced_lapse") is True
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, BY_THEIR_PARCELS)
+    dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
+    assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True], dropped

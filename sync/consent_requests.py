@@ -344,9 +344,11 @@ def cancel_voided(
             request.status_reason = "voided by a correction from the PDA"
             request.answered_at = now
             cancelled.append(request)
-            if now < request.expires_at:  # asked, and maybe shown: tell the channel
+            if request.lapse_announced_at is not None:
+                pass  # its end, the lapse, was announced (on the job's clock): no more
+            elif now < request.expires_at:  # asked, and maybe shown: tell the channel
                 _announce_cancelled(session, request, now)
-            elif request.lapse_announced_at is None and request.created_at < request.expires_at:
+            elif request.created_at < request.expires_at:
                 # It lapsed first, asked: that is its end, as the channel hears it.
                 _announce_lapsed(session, request, now)
     return cancelled

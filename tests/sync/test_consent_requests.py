@@ -1040,3 +1040,26 @@ def test_no_answer_counts_once_the_lapse_was_announced(
     assert request_of(session).status == ConsentRequestStatus.PENDING
     assert consent_requests.effective_status(request_of(session), just_before) == "expired"
     assert outcomes(session) == [("consent.request_lapsed", request.id)]
+
+
+def test_a_request_voided_after_its_lapse_was_announced_is_not_announced_again(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """The lapse job announced the request lapsed; the courier's correction voiding it
+    reached a web worker whose clock reads a moment before the expiry: the channel was
+    then told ``consent.request_cancelled`` for a question whose end it had heard. The
+    request is cancelled (the PDA voided it), and the channel hears nothing more."""
+    subscribe(session, *OUTCOMES, "consent.request_cancelled")
+    asked = pda.event(parcel, "consent_requested", 50, request={"method": "locker"})
+    pda.push([asked])
+    request = request_of(session)
+    assert (
+        consent_requests.announce_lapsed(session=session, now=request.expires_at)["announced"] == 1
+    )
+    fix = pda.event(
+        parcel, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="x"
+    )
+    pda.push([fix], received_at=request.expires_at - dt.timedelta(seconds=1))
+    assert request_of(session).status == ConsentRequestStatus.CANCELLED
+    assert messages(session, "consent.request_cancelled") == []
+    assert outcomes(session) == [("consent.request_lapsed", request.id)]

@@ -798,6 +798,9 @@ def index_build_fails(engine: Engine, name: str, table: str = "flag") -> Iterato
             return
         if blocker is None:
             raise OperationalError(statement, None, RuntimeError("interrupted"))
+        # A migration holding the table itself (a plain build in its transaction) would
+        # keep the blocker waiting for ever: it gives up, failing the upgrade instead.
+        blocker.execute(text("SET lock_timeout = '5s'"))
         blocker.execute(text(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE"))  # as a push does
         cursor.execute("SET lock_timeout = '200ms'")
 
@@ -2423,3 +2426,23 @@ def test_the_lapse_marking_runs_in_committed_batches_and_the_index_concurrently(
         migrate.downgrade(scratch, BY_THEIR_PARCELS)
     dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
     assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True], dropped
+
+
+def test_the_lapse_migration_runs_again_after_its_index_build_failed(scratch: Engine) -> None:
+    """An upgrade stopped by a failed build of the partial index runs again to the end:
+    on PostgreSQL the column and the marking were committed (no DuplicateColumn), the
+    INVALID index is built anew; SQLite rolled back the whole version."""
+    migrate.upgrade(scratch, BY_THEIR_PARCELS)
+    columns = upgrade_stopped_by_index_build(
+        scratch,
+        REQUESTS_ANNOUNCE_LAPSE,
+        BY_THEIR_PARCELS,
+        "ix_consent_request_unannounced_lapse",
+        table="consent_request",
+    )
+    assert ("lapse_announced_at" in columns) == (scratch.dialect.name == "postgresql")
+    migrate.upgrade(scratch, REQUESTS_ANNOUNCE_LAPSE)
+    with scratch.connect() as connection:
+        assert migrate.current_revisions(connection) == {REQUESTS_ANNOUNCE_LAPSE}
+    if scratch.dialect.name == "postgresql":
+        assert _index_valid(scratch, "ix_consent_request_unannounced_lapse") is True

@@ -820,7 +820,10 @@ def list_requests(
     if tracking_no is not None:
         query = query.where(ConsentRequest.tracking_no == normalize(tracking_no))
     if status == EXPIRED or status == ConsentRequestStatus.PENDING:
-        lapsed = ConsentRequest.expires_at <= (now or utcnow())
+        lapsed = or_(
+            ConsentRequest.expires_at <= (now or utcnow()),
+            ConsentRequest.lapse_announced_at.is_not(None),
+        )
         query = query.where(
             ConsentRequest.status == ConsentRequestStatus.PENDING,
             lapsed if status == EXPIRED else ~lapsed,

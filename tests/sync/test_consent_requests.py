@@ -1039,6 +1039,9 @@ def test_no_answer_counts_once_the_lapse_was_announced(
     session.rollback()
     assert request_of(session).status == ConsentRequestStatus.PENDING
     assert consent_requests.effective_status(request_of(session), just_before) == "expired"
+    for status, listed in (("expired", [request.id]), ("pending", [])):
+        found = consent_requests.list_requests(session=session, status=status, now=just_before)
+        assert [r.id for r in found] == listed, status
     assert outcomes(session) == [("consent.request_lapsed", request.id)]
 
 

@@ -523,10 +523,7 @@ def answer_request(
             code=f"consent_request_{request.status.value}",
             field="request_id",
         )
-    # Once its lapse is announced (``announce_lapsed``, on the scheduler's clock) the
-    # channel has stopped asking: an answer timed just before it (a clock behind, a wait
-    # for the job's lock) would follow ``consent.request_lapsed`` with a grant.
-    if now >= request.expires_at or request.lapse_announced_at is not None:
+    if has_lapsed(request, now):
         raise Conflict(
             f"consent request {request.id} lapsed at {request.expires_at.isoformat()}; "
             "the courier has to ask again",
@@ -860,11 +857,18 @@ EXPIRED = "expired"
 SHOWN_STATUSES = (*(s.value for s in ConsentRequestStatus), EXPIRED)
 
 
+def has_lapsed(request: ConsentRequest, now: dt.datetime) -> bool:
+    """Whether ``request``'s time is over at ``now``: past its expiry, or its lapse was
+    announced (``announce_lapsed``, on the scheduler's clock). Once announced, the
+    channel has stopped asking: an answer timed a moment before (a web worker's clock
+    behind, a wait for the job's lock) must not follow ``consent.request_lapsed`` with a
+    grant."""
+    return now >= request.expires_at or request.lapse_announced_at is not None
+
+
 def effective_status(request: ConsentRequest, now: dt.datetime) -> str:
     """The status as a PDA should read it: a pending request past its expiry, or whose
     lapse was announced (no answer counts then), lapsed."""
-    if request.status == ConsentRequestStatus.PENDING and (
-        now >= request.expires_at or request.lapse_announced_at is not None
-    ):
+    if request.status == ConsentRequestStatus.PENDING and has_lapsed(request, now):
         return EXPIRED
     return request.status.value

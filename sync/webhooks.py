@@ -990,8 +990,9 @@ def _moot(
     ``consent.requested`` whose request is no longer pending (answered, lapsed,
     cancelled) by the time it is due, after an outage of the receiver or the worker.
     Asking the recipient then would get an answer that no longer counts; what became
-    of the request is what the integrator hears (its own answer's reply, a
-    ``consent.request_cancelled``, or the request read through the API)."""
+    of the request is what the integrator hears (its outcome's topic,
+    ``consent.request_granted``, ``_refused``, ``_lapsed`` or ``_cancelled``, its own
+    answer's reply, or the request read through the API)."""
     asked = {
         delivery.id: message.payload["request_id"]
         for delivery, message in rows

@@ -4,7 +4,8 @@ A database of its own (``tests.live_server.postgresql_database``) gets a realist
 history, bulk-inserted: ``STATIONS`` stations of ``DEVICES`` couriers with a PDA each,
 ``DAYS`` closed shifts per PDA of ``PARCELS_PER_SHIFT`` parcels (checked out, out for
 delivery, then delivered with a proof and its photo or a failed attempt), their feed
-entries, flags, consents and proof images: tens of thousands of rows per big table,
+entries, flags, consents, the couriers' consent requests and proof images: tens of
+thousands of rows per big table,
 and a year of older flags (over 100,000: flags are kept), and the audit log of that
 year (sign-offs, flag resolutions, an auditor's proof reads, the daily purges), then
 ``ANALYZE``, as autovacuum would. Then the real code paths run through the API
@@ -81,6 +82,7 @@ BIG_TABLES = {
     "audit_entry",
     "audit_entry_parcel",
     "quarantined_event",
+    "consent_request",
 }
 MIN_BIG_ROWS = 1000  # each big table has at least this many rows (most: thousands)
 RULE_FLAG_KINDS = [
@@ -280,6 +282,7 @@ COPY_ORDER = [
     "feed_change",
     "flag",
     "consent",
+    "consent_request",
     "blob",
     "device_sync_state",
     "audit_entry",
@@ -382,6 +385,21 @@ def _populate(engine: Engine) -> dict[str, Any]:
                         method="locker",
                         channel="sms",
                         granted_at=opened,
+                        created_at=opened,
+                    )
+                if serial % 3 == 0:  # express: the courier asked the recipient at the door
+                    answered = serial % 2 == 1
+                    history.add(
+                        "consent_request",
+                        station_id=station_id,
+                        tracking_no=tn,
+                        courier_id=courier_id,
+                        method="locker",
+                        requested_at=opened,
+                        expires_at=opened + dt.timedelta(minutes=30),
+                        status="refused" if answered else "pending",
+                        # unanswered: lapsed long ago, and announced
+                        lapse_announced_at=None if answered else opened + dt.timedelta(hours=1),
                         created_at=opened,
                     )
                 if serial % 4 == 0:  # a rule flag on one parcel in four
@@ -1198,3 +1216,21 @@ def test_a_write_off_judges_the_pair_across_it_through_the_pdas_seq_index(world:
     assert len(nearest) == 2, [e.statement for e in explained]  # one search each side
     for search in nearest:
         assert "uq_scan_event_device_id_seq" in search.indexes, search.plan
+
+
+def test_the_lapse_job_reads_the_unannounced_lapses_through_their_partial_index(
+    world: World,
+) -> None:
+    """``consent_requests_lapsed`` runs every minute: it reads the pending requests whose
+    lapse is still to announce through ``ix_consent_request_unannounced_lapse`` (a few
+    rows), not the station's history of requests answered or announced long ago."""
+    from sync import consent_requests
+
+    now = dt.datetime.now(dt.UTC)
+    with Capture(world.engine) as capture, Session(world.engine) as session:
+        run = consent_requests.announce_lapsed(session=session, now=now)
+    assert run["announced"] == 0  # the history's lapses were all announced
+    explained = explain(world.engine, capture.statements)
+    assert_indexed(explained)
+    [job] = [e for e in reads(explained, "consent_request") if "FOR UPDATE" in e.statement]
+    assert "ix_consent_request_unannounced_lapse" in job.indexes, job.indexes

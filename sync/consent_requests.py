@@ -711,15 +711,22 @@ def _audit_answered_by(
             "tracking_no": request.tracking_no,
             "answered_at": audit.iso(at),
             "channel": channel.value,
-            "method": request.method.value,
-            "point_id": request.point_id,
-            "requested_at": audit.iso(request.requested_at),
-            "courier_id": request.courier_id,
-            "station_id": request.station_id,
+            **_asked(request),
             "client_consent_id": consent.client_consent_id,
         },
         tracking_no=request.tracking_no,
     )
+
+
+def _asked(request: ConsentRequest) -> dict[str, Any]:
+    """What the courier asked, as an answer's and a refusal's audit entries record it."""
+    return {
+        "method": request.method.value,
+        "point_id": request.point_id,
+        "requested_at": audit.iso(request.requested_at),
+        "courier_id": request.courier_id,
+        "station_id": request.station_id,
+    }
 
 
 def _record_refusal(session: Session, tracking_no: str, at: dt.datetime) -> None:
@@ -753,11 +760,7 @@ def _audit_refusal(
             "refused_at": audit.iso(at),
             "reason": request.status_reason,
             "channel": channel.value,
-            "method": request.method.value,
-            "point_id": request.point_id,
-            "requested_at": audit.iso(request.requested_at),
-            "courier_id": request.courier_id,
-            "station_id": request.station_id,
+            **_asked(request),
         },
         tracking_no=request.tracking_no,
     )

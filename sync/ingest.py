@@ -86,6 +86,7 @@ from sync.inversion_flags import (
     SPLIT_REASON,
     device_seqs,
     nearest_stored,
+    stored_at,
 )
 from sync.inversions import Stamp, judge
 from sync.quarantine import parcel_named, rejections_of_batch
@@ -217,7 +218,6 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
     _events.c.seq.between(bindparam("low"), bindparam("high")),
 )
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
-TIMES_AT_SEQS = _columns_at_seqs(_events.c.occurred_at_device, _events.c.tracking_no)
 
 
 @dataclass(frozen=True)
@@ -899,7 +899,7 @@ class _BatchIngest:
             if at_max is not None and self.state.max_seq in seqs:
                 found[self.state.max_seq] = at_max
                 seqs = [seq for seq in seqs if seq != self.state.max_seq]
-            found.update((row.seq, Stamp(*row[1:])) for row in self._at_seqs(TIMES_AT_SEQS, seqs))
+            found.update(stored_at(self.session, device_id)(seqs))
             return found
 
         held_before = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])

@@ -23,7 +23,7 @@ from sync.acks import SeqTracker
 from sync.device_state import lock_device_state
 from sync.flags import FlagSubject, cited_in, raise_flag, withdraw_evidence
 from sync.inversions import LookUp, Nearest, Stamp, across_written_off, still_named
-from sync.sql import plain_rows
+from sync.sql import Prebuilt, among_param, plain_rows, rows_among
 
 KIND = "time_inversion"
 EVIDENCE_KEY = "device_seqs"  # "device#seq", each end of each inverted pair
@@ -31,9 +31,19 @@ EVIDENCE_KEY = "device_seqs"  # "device#seq", each end of each inverted pair
 DEFAULT_TOLERANCE = dt.timedelta(seconds=2)
 
 _events = ScanEvent.__table__
+# What the judging reads of a stored event: its seq and its ``Stamp``.
+_STAMPED = (_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no)
+# The stored events at the seqs given (through the unique index), the push's look-up
+# (``sync.ingest``) as rejudge's: a statement built once, as the push needs.
+TIMES_AT_SEQS = Prebuilt(
+    lambda dialect: select(*_STAMPED).where(
+        _events.c.device_id == bindparam("device_id"),
+        among_param(dialect, _events.c.seq, "seqs"),
+    )
+)
 # The stored event nearest a seq, within a run of seqs that all arrived: past the
 # rejected and written-off ones, which hold no time (``sync.inversions``).
-_IN_RUN = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
+_IN_RUN = select(*_STAMPED).where(
     _events.c.device_id == bindparam("device_id"),
     _events.c.seq.between(bindparam("low"), bindparam("high")),
 )
@@ -55,13 +65,12 @@ def nearest_stored(session: Session, device_id: str) -> Nearest:
 
 
 def stored_at(session: Session, device_id: str) -> LookUp:
-    """``sync.inversions.LookUp`` over the device's stored events (a flag's few seqs)."""
+    """``sync.inversions.LookUp`` over the device's stored events: one query (a chunk of
+    seqs each), none for no seqs."""
 
     def look_up(seqs: list[int]) -> dict[int, Stamp]:
-        query = select(_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no).where(
-            _events.c.device_id == device_id, _events.c.seq.in_(seqs)
-        )
-        return {row.seq: Stamp(row[1], row[2]) for row in plain_rows(session, query)}
+        rows = rows_among(session, TIMES_AT_SEQS, "seqs", seqs, {"device_id": device_id})
+        return {row.seq: Stamp(row[1], row[2]) for row in rows}
 
     return look_up
 

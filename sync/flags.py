@@ -121,7 +121,19 @@ class FlagSubject:
     @classmethod
     def event_seq(cls, device_id: str, seq: int) -> FlagSubject:
         """A held event's seq, claimed by another event of its PDA."""
-        return cls("event", f"{device_id}#{seq}")
+        return cls("event", device_seq(device_id, seq))
+
+
+def device_seq(device_id: str, seq: int) -> str:
+    """A seq of a PDA as flags name it, ``device#seq``: a held event's subject
+    (``FlagSubject.event_seq``), each end of a ``time_inversion``'s pairs."""
+    return f"{device_id}#{seq}"
+
+
+def split_device_seq(value: str) -> tuple[str, int] | None:
+    """A ``device_seq`` as its device and seq; None for another value."""
+    device, mark, seq = value.rpartition("#")
+    return (device, int(seq)) if mark and seq.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -1153,7 +1165,5 @@ def _evidence_order(value: Any) -> tuple[Any, ...]:
     number (``PDA-1#9`` before ``PDA-1#10``)."""
     if not isinstance(value, str):
         return (0, value)
-    device, mark, seq = value.rpartition("#")
-    if mark and seq.isdigit():
-        return (1, device, int(seq))
-    return (1, value, -1)
+    named = split_device_seq(value)
+    return (1, value, -1) if named is None else (1, *named)

@@ -21,7 +21,14 @@ from sqlalchemy.orm import Session
 from models import Device, DeviceSyncState, Flag, FlagSeverity, Parcel, ScanEvent
 from sync.acks import SeqTracker
 from sync.device_state import lock_device_state
-from sync.flags import FlagSubject, cited_in, raise_flag, withdraw_evidence
+from sync.flags import (
+    FlagSubject,
+    cited_in,
+    device_seq,
+    raise_flag,
+    split_device_seq,
+    withdraw_evidence,
+)
 from sync.inversions import LookUp, Nearest, Stamp, across_written_off, still_named
 from sync.sql import Prebuilt, among_param, plain_rows, rows_among
 
@@ -77,7 +84,7 @@ def stored_at(session: Session, device_id: str) -> LookUp:
 
 def device_seqs(device_id: str, seqs: Iterable[int]) -> list[str]:
     """Seqs of a PDA as a flag's evidence names them, ``device#seq``."""
-    return [f"{device_id}#{seq}" for seq in sorted(seqs)]
+    return [device_seq(device_id, seq) for seq in sorted(seqs)]
 
 
 def judge_write_off(
@@ -262,7 +269,7 @@ def _by_device(named: Iterable[Any]) -> dict[str, list[int]]:
     """``{device: seqs}`` of a flag's ``device#seq`` ids."""
     found: dict[str, list[int]] = {}
     for value in named:
-        device, _, seq = str(value).rpartition("#")
-        if device and seq.isdigit():
-            found.setdefault(device, []).append(int(seq))
+        split = split_device_seq(str(value))
+        if split is not None and split[0]:
+            found.setdefault(split[0], []).append(split[1])
     return found

@@ -241,23 +241,22 @@ class WebhookConsentRequested(ma.Schema):
     expires_at = _time("An answer after this time is refused")
 
 
-class WebhookConsentRequestCancelled(ma.Schema):
+class _WebhookRequestOutcome(ma.Schema):
+    """What every message on what became of a courier's request names: the request."""
+
+    request_id = ma.fields.Integer(required=True)
+    tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})
+    station_id = ma.fields.Integer(required=True)
+
+
+class WebhookConsentRequestCancelled(_WebhookRequestOutcome):
     """`consent.request_cancelled`: the courier's PDA voided a pending request (a
     correction): stop asking the recipient; an answer to it is a 409
     `consent_request_cancelled`. Comes after its `consent.requested` (one not sent by
     then is skipped)."""
 
-    request_id = ma.fields.Integer(required=True)
-    tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})
-    station_id = ma.fields.Integer(required=True)
     cancelled_at = _time()
     reason = ma.fields.String(required=True)
-
-
-class _WebhookRequestOutcome(ma.Schema):
-    request_id = ma.fields.Integer(required=True)
-    tracking_no = ma.fields.String(required=True, metadata={"example": "RR473124829GB"})
-    station_id = ma.fields.Integer(required=True)
 
 
 class WebhookConsentRequestGranted(_WebhookRequestOutcome):

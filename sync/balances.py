@@ -503,11 +503,6 @@ def balances_and_rejections(
 # -- the station board ------------------------------------------------------------------------
 
 
-# A shift's own flags, as its page lists them: those naming it (``Flag.shift_id``) but its
-# handover flags, which its balance counts as discrepancies.
-OWN_KINDS = Flag.kind.not_in(HANDOVER_KINDS)
-
-
 @dataclass(frozen=True)
 class BoardRow:
     shift: Shift

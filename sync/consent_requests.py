@@ -222,11 +222,9 @@ def request_once(
         if asked != stored
     ]
     if differing:
-        differ = "differs" if len(differing) == 1 else "differ"
         raise Conflict(
             f"client_request_id {client_request_id} was used for consent request "
-            f"{earlier.id}, whose {', '.join(differing)} {differ}: "
-            "ask again with a new id",
+            f"{earlier.id}, whose {consents.fields_differ(differing)}: ask again with a new id",
             code="client_request_id_reused",
             field="client_request_id",
         )
@@ -498,7 +496,7 @@ def answer_request(
                 if differing:
                     raise Conflict(
                         f"consent request {request.id} was already granted by consent "
-                        f"{consent.id}, whose {', '.join(differing)} differ: send the "
+                        f"{consent.id}, whose {consents.fields_differ(differing)}: send the "
                         "same answer again, or ask the courier for a new request",
                         code="consent_request_answered",
                         field="request_id",
@@ -673,7 +671,7 @@ def _granted_once(
     )
     if differing or answered is not None:
         why = (
-            f"whose {', '.join(differing)} differ"
+            f"whose {consents.fields_differ(differing)}"
             if differing
             else f"which answers consent request {answered}"
         )

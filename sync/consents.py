@@ -237,16 +237,20 @@ def grant_once(
             draft = replace(draft, evidence=consent.evidence)
     differing = differing_from(session, consent, draft, rules, now)
     if differing:
-        differ = "differs" if len(differing) == 1 else "differ"
         raise Conflict(
             f"client_consent_id {draft.client_consent_id!r} was used for consent "
-            f"{consent.id}, whose {', '.join(differing)} {differ}: "
-            "send the same consent "
+            f"{consent.id}, whose {fields_differ(differing)}: send the same consent "
             "again, or a new consent with a new id",
             code="client_consent_id_reused",
             field="client_consent_id",
         )
     return consent, False
+
+
+def fields_differ(fields: Sequence[str]) -> str:
+    """What a conflict says of the fields a request states otherwise than the record it
+    would repeat: ``"channel differs"``, ``"method, point_id differ"``."""
+    return f"{', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}"
 
 
 def request_answered_by(session: Session, consent_id: int) -> ConsentRequest | None:

@@ -907,6 +907,6 @@ def test_another_grant_sent_for_a_granted_request_is_a_conflict_not_the_first_gr
     assert error["code"] == "consent_request_answered"
     assert "method, point_id, expires_at differ" in error["message"], error
     by_sms = client.post(CONSENTS, json={**answer, "channel": "sms"}, headers=channel)
-    assert by_sms.status_code == 409 and "channel differ" in by_sms.get_json()["message"]
+    assert by_sms.status_code == 409 and "whose channel differs:" in by_sms.get_json()["message"]
     consent = client.get(f"{CONSENTS}/{first.get_json()['id']}", headers=channel).get_json()
     assert (consent["point_id"], consent["expires_at"]) == ("L-3", None)

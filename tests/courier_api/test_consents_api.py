@@ -1485,3 +1485,6 @@ def test_an_answer_with_the_id_of_the_same_consent_recorded_alone_is_answered_by
     reused = client.post(URL, json=other, headers=app1).get_json()
     assert reused["code"] == "client_consent_id_reused"
     assert "method, channel differ" in reused["message"], reused
+    by_app = {**answer, "request_id": asked[1]["id"], "channel": "app"}
+    one_field = client.post(URL, json=by_app, headers=app1).get_json()
+    assert "whose channel differs:" in one_field["message"], one_field

@@ -18,6 +18,13 @@ class SeqTracker:
     # Gaps below max_seq, as disjoint ascending [first, last] ranges.
     missing: list[list[int]] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, max_seq: int, missing: Iterable[Sequence[int]]) -> SeqTracker:
+        """A tracker of what a device's sync state records (``max_seq``, its
+        ``missing_ranges``), on its own copy of the ranges: adding to it changes
+        nothing stored or cached."""
+        return cls(max_seq, [list(r) for r in missing])
+
     def add(self, seq: int) -> None:
         if seq > self.max_seq:
             if seq > self.max_seq + 1:

@@ -902,7 +902,7 @@ class _BatchIngest:
             found.update(stored_at(self.session, device_id)(seqs))
             return found
 
-        held_before = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
+        held_before = SeqTracker.of(self.state.max_seq, self.state.missing_ranges)
         judged = judge(
             new,
             rejected,
@@ -1434,7 +1434,7 @@ class _BatchIngest:
     # -- device state: acknowledgements and clock -------------------------------------------
 
     def _update_device_state(self) -> SeqTracker:
-        tracker = SeqTracker(self.state.max_seq, [list(r) for r in self.state.missing_ranges])
+        tracker = SeqTracker.of(self.state.max_seq, self.state.missing_ranges)
         arrived = [r.seq for r in self.results.values() if r.seq is not None]
         tracker.add_all(arrived)
         # A written-off seq that arrives after all is held like any other: its write-off

@@ -179,7 +179,7 @@ def rejudge_flags(
     held = {}
     for device in devices:
         state = lock_device_state(session, device)
-        held[device] = SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges])
+        held[device] = SeqTracker.of(state.max_seq, state.missing_ranges)
     # Locked by parcel, as a push and a write-off raise them (``sorted`` by tracking
     # number): by id, it could hold Q's flag and wait for P's while another PDA's push
     # held P's and waited for Q's, a deadlock on PostgreSQL.
@@ -256,7 +256,7 @@ def rejudge_written_off(
         state = states[device_id]
         if not state.written_off_ranges:
             continue
-        held = SeqTracker(state.max_seq, [list(r) for r in state.missing_ranges])
+        held = SeqTracker.of(state.max_seq, state.missing_ranges)
         nearest = nearest_stored(session, device_id)
         inverted = across_written_off(state.written_off_ranges, held, nearest, tolerance)
         pairs += [(tn, device_id, device_station, seqs) for tn, seqs in inverted.items()]

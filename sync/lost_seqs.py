@@ -90,7 +90,7 @@ class Seqs(NamedTuple):
 
     @property
     def acked_through_seq(self) -> int:
-        return SeqTracker(self.max_seq, [list(r) for r in self.missing_ranges]).acked_through
+        return SeqTracker.of(self.max_seq, self.missing_ranges).acked_through
 
 
 class Refused(NamedTuple):
@@ -406,7 +406,7 @@ def _write_off(
         },
     )
     revealed = without(after.missing_ranges, before.missing_ranges)
-    held = SeqTracker(after.max_seq, [list(r) for r in after.missing_ranges])
+    held = SeqTracker.of(after.max_seq, after.missing_ranges)
     return WrittenOff(write_off, count, acked, after.missing_ranges), held, revealed
 
 

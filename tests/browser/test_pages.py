@@ -14,6 +14,8 @@ from playwright.sync_api import expect
 from courier_api.api.proofs.routes import CSV_COLUMNS
 from tests.browser.conftest import Site, Ui
 
+SHIFT_LINK = re.compile(r"^Shift \d+$")  # a board row's link to its shift's page
+
 pytestmark = pytest.mark.browser
 
 
@@ -67,7 +69,9 @@ def test_the_board_shows_every_shift_with_its_balance(ui: Ui, site: Site) -> Non
 def test_a_manager_drills_into_the_unbalanced_shift(ui: Ui, site: Site) -> None:
     ui.login("manager", then=board_path(site))
     page = ui.page
-    page.locator("table.board tbody tr", has_text="Zhang Min").get_by_role("link").click()
+    page.locator("table.board tbody tr", has_text="Zhang Min").get_by_role(
+        "link", name=SHIFT_LINK
+    ).click()
     expect(page).to_have_url(re.compile(rf"/web/shifts/{site.day.unbalanced.id}$"))
     expect(page.get_by_role("heading", level=1)).to_contain_text("unbalanced")
     drop = page.locator("article.discrepancy", has_text="unauthorized locker drop")
@@ -214,7 +218,9 @@ def test_the_pages_read_without_javascript(open_ui: Callable[..., Ui], site: Sit
     ui.login("manager", then=board_path(site))
     page = ui.page
     expect(page.locator("table.board tbody tr")).to_have_count(4)
-    page.locator("table.board tbody tr", has_text="Wang Qiang").get_by_role("link").click()
+    page.locator("table.board tbody tr", has_text="Wang Qiang").get_by_role(
+        "link", name=SHIFT_LINK
+    ).click()
     expect(page.locator("#missing-seqs")).to_contain_text("4")
     expect(page.locator("details.outcome-missing")).to_have_attribute("open", "")
     ui.go(f"/web/shifts/{site.day.unbalanced.id}")

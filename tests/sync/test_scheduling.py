@@ -414,6 +414,10 @@ def test_two_schedulers_started_at_once_run_each_job_once(
     """Both processes ask to run every due job at the same moment, with the real jobs
     on committed data: the lease lets one run each job, the other stands by."""
     jobs = jobs_of(committed_app.config)
+    # A lease shorter than the shortest interval (a minute): once it has expired, no job
+    # that ran at its start is due again yet.
+    lease = 30
+    assert all(job.interval > dt.timedelta(seconds=lease + 1) for job in jobs)
     holders = [A, B]
     results: dict[str, list[scheduling.RunResult]] = {}
     barrier = threading.Barrier(len(holders))
@@ -421,7 +425,7 @@ def test_two_schedulers_started_at_once_run_each_job_once(
     def scheduler(holder: str, now: dt.datetime) -> None:
         barrier.wait()
         results[holder] = run_jobs(
-            sessions=committed_sessions, jobs=jobs, holder=holder, now=now, lease_seconds=LEASE
+            sessions=committed_sessions, jobs=jobs, holder=holder, now=now, lease_seconds=lease
         )
 
     threads = [threading.Thread(target=scheduler, args=(holder, T0)) for holder in holders]
@@ -437,10 +441,11 @@ def test_two_schedulers_started_at_once_run_each_job_once(
     assert Counter(r.job for r in stored) == {job.name: 1 for job in jobs}
     assert {r.holder for r in stored} == {winner}
 
-    # A minute later the lease has expired: both try again at once, and since every
-    # job ran a minute ago, neither runs anything; one of them holds the lease now.
+    # Once the lease has expired both try again at once, and since every job ran less
+    # than its interval ago, neither runs anything; one of them holds the lease now.
     barrier.reset()
-    threads = [threading.Thread(target=scheduler, args=(holder, at(61))) for holder in holders]
+    again = at(lease + 1)
+    threads = [threading.Thread(target=scheduler, args=(holder, again)) for holder in holders]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -52,6 +52,7 @@ MAX_SHIFTS = 200
 
 SIGNED_OFF = "signed_off"
 REFUSED = "refused"
+ALREADY_SIGNED_OFF = "already_signed_off"
 
 
 class Refusal(NamedTuple):
@@ -188,26 +189,27 @@ def sign_off_clean(
             ):
                 outcomes.append(Outcome(shift_id, SIGNED_OFF))
                 continue
+            shift = handed_over.get(shift_id)
+            if shift is not None and shift.status == ShiftStatus.SIGNED_OFF:
+                # Said as the state says it: whose sign-off, and when (the request's
+                # own, sent again with another note, reads that it was theirs).
+                timezone = timezone or station_timezone(session, station_id)
+                said = already_signed_off(
+                    session, shift, user_id, compared="note or version", timezone=timezone
+                )
+                outcomes.append(Outcome(shift_id, REFUSED, ALREADY_SIGNED_OFF, said))
+                continue
             refusal = _refusal(
                 shift_id,
                 seen[shift_id],
                 known=shift_id in of_station,
-                shift=handed_over.get(shift_id),
+                shift=shift,
                 balance=judged.get(shift_id),
                 flags=waiting.get(shift_id, ()),
                 images_missing=len(lacking.get(shift_id, ())),
                 rejected_events=rejected.get(shift_id, 0),
                 reviews=reviews.get(shift_id, ()),
             )
-            if refusal is not None and refusal.code == "already_signed_off":
-                # Said as the state says it: whose sign-off, and when (the request's
-                # own, sent again with another note, reads that it was theirs).
-                timezone = timezone or station_timezone(session, station_id)
-                shift = handed_over[shift_id]
-                said = already_signed_off(
-                    session, shift, user_id, compared="note or version", timezone=timezone
-                )
-                refusal = Outcome(shift_id, REFUSED, refusal.code, said)
             if refusal is not None:
                 outcomes.append(refusal)
                 continue
@@ -264,11 +266,9 @@ def not_clean(
     if shift.status == ShiftStatus.OPEN:
         return Refusal("shift_open", "still open; it is signed off after it is closed")
     if shift.status == ShiftStatus.SIGNED_OFF:
-        return Refusal(
-            "already_signed_off",
-            "already signed off, by another sign-off than this one: its page shows whose, "
-            "when and with what note",
-        )
+        # No sign-off of it to offer; ``sign_off_clean`` tells a manager who names it
+        # whose sign-off it was, and when (``sync.shifts.already_signed_off``).
+        return Refusal(ALREADY_SIGNED_OFF, "already signed off")
     if balance.status == BalanceStatus.PROVISIONAL:
         return Refusal(
             "balance_provisional",

@@ -1482,14 +1482,6 @@ def list_shifts(
     return session.scalars(query.limit(min(limit, MAX_PAGE_SIZE))).all()
 
 
-def shifts_of_day(*, session: Session, station_id: int, work_date: dt.date) -> Sequence[Shift]:
-    return session.scalars(
-        select(Shift)
-        .where(Shift.station_id == station_id, Shift.work_date == work_date)
-        .order_by(Shift.opened_at, Shift.id)
-    ).all()
-
-
 def local_date(moment: dt.datetime, timezone: str) -> dt.date:
     """The calendar date at ``moment`` in a station's time zone."""
     return moment.astimezone(ZoneInfo(timezone)).date()

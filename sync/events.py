@@ -472,6 +472,13 @@ def _location(raw: Any) -> Location | None:
         )
     if all(absent(raw.get(key)) for key in ("lat", "lon", "accuracy_m")):
         return None
+    for key in ("lat", "lon"):
+        if absent(raw.get(key)):
+            raise EventRejected(
+                f"location.{key} is missing: a fix has both lat and lon (or send no location)",
+                code="missing_field",
+                field=f"location.{key}",
+            )
     accuracy = raw.get("accuracy_m")
     return Location(
         lat=_number(raw.get("lat"), "location.lat", -90, 90),

@@ -421,10 +421,19 @@ def test_a_location_with_every_field_blank_is_no_location(no_fix: dict[str, Any]
         ({"lat": 31.2, "lon": None, "accuracy_m": None}, "location.lon"),
         ({"lat": "", "lon": 121.5}, "location.lat"),
         ({"lat": None, "lon": None, "accuracy_m": 8}, "location.lat"),
+        ({"lon": 121.5}, "location.lat"),
+        ({"lat": 31.2}, "location.lon"),
     ],
 )
-def test_a_location_with_only_part_of_a_fix_is_refused(half: dict[str, Any], field: str) -> None:
-    assert rejection(event(location=half)) == ("invalid_number", field)
+def test_a_location_with_only_part_of_a_fix_is_refused_naming_what_is_missing(
+    half: dict[str, Any], field: str
+) -> None:
+    """A fix with lat alone was refused as "location.lon must be a number": the PDA's
+    developer read that lon was sent wrong, when it was not sent at all."""
+    with pytest.raises(EventRejected) as info:
+        validate_event(event(location=half), rules=RULES)
+    assert (info.value.code, info.value.field) == ("missing_field", field)
+    assert info.value.message.startswith(f"{field} is missing")
 
 
 def test_every_optional_field_of_an_event_type_is_in_the_blank_field_test() -> None:

@@ -106,7 +106,9 @@ def migrating(
             timeout = f"SET lock_timeout = '{round(lock_timeout_seconds * 1000)}ms'"
             raw.execute(timeout)
             raw.commit()
-            waiting = {"as long as it takes": False}
+            # Whether the session's lock_timeout is 0 (a CONCURRENTLY build's) or the
+            # timeout; None: not known, set before the next statement.
+            waits_for_ever: bool | None = False
 
             def none_for_concurrent_builds(
                 _connection: Connection, cursor: Any, statement: str, *_args: Any
@@ -116,16 +118,31 @@ def migrating(
                 did; given up, it left an INVALID index to build again, and a busy
                 station's upgrade ran out of attempts where waiting held up no one.
                 (It runs in an autocommit block: each SET applies at once.)"""
+                nonlocal waits_for_ever
                 concurrent = CONCURRENTLY.search(statement) is not None
-                if concurrent != waiting["as long as it takes"]:
+                if concurrent is not waits_for_ever:
                     cursor.execute("SET lock_timeout = 0" if concurrent else timeout)
-                    waiting["as long as it takes"] = concurrent
+                    waits_for_ever = concurrent
 
-            event.listen(connection, "before_cursor_execute", none_for_concurrent_builds)
+            def set_back(*_args: Any) -> None:
+                """A SET in a transaction (or savepoint) rolled back is undone with it:
+                the session has again whichever was set before, so the next statement
+                sets its own."""
+                nonlocal waits_for_ever
+                waits_for_ever = None
+
+            listeners: list[tuple[str, Callable[..., None]]] = [
+                ("before_cursor_execute", none_for_concurrent_builds),
+                ("rollback", set_back),
+                ("rollback_savepoint", set_back),
+            ]
+            for name, listener in listeners:
+                event.listen(connection, name, listener)
             try:
                 yield connection
             finally:
-                event.remove(connection, "before_cursor_execute", none_for_concurrent_builds)
+                for name, listener in listeners:
+                    event.remove(connection, name, listener)
                 if connection.in_transaction():
                     connection.rollback()
                 raw.rollback()

@@ -2315,6 +2315,23 @@ def test_the_lock_timeout_is_set_back_before_the_connection_is_pooled(scratch: E
     assert raw.execute("SHOW lock_timeout").fetchone()[0] == "0"
 
 
+@pytest.mark.postgres_only
+def test_a_lock_timeout_set_in_a_transaction_rolled_back_is_set_again(scratch: Engine) -> None:
+    """After a CONCURRENTLY build the session's lock_timeout is 0 (set in its autocommit
+    block, so kept); the next statement sets the timeout again, inside its transaction.
+    Rolled back, that transaction takes the SET with it: the session waits for ever
+    again, while ``migrating`` believed the timeout in force and set nothing, so the
+    next plain statement (an ALTER TABLE) would queue every push behind it for as long
+    as the longest transaction lasts."""
+    with migrate.migrating(scratch, lock_timeout_seconds=1.5) as connection:
+        connection.execute(text("SELECT 'as CREATE INDEX CONCURRENTLY does'"))
+        connection.commit()
+        connection.execute(text("SELECT 1"))  # the timeout, set in this transaction
+        connection.rollback()
+        assert connection.scalar(text("SHOW lock_timeout")) == "1500ms"
+        connection.rollback()
+
+
 REQUESTS_ANNOUNCE_LAPSE = "f3b8d6a2c4e1"  # consent requests announce their lapse once
 
 

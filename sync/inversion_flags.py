@@ -190,20 +190,31 @@ def rejudge_flags(
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
+    cited = {flag.id: _by_device(cited_in(flag.evidence, EVIDENCE_KEY, [])) for flag in flags}
+    # Each PDA's seqs named by the batch judged at once: a seq's pairs are its own
+    # whichever other seqs are judged with it, so a flag reads what it would alone.
+    asked: dict[str, set[int]] = {}
+    for by_device in cited.values():
+        for device, seqs in by_device.items():
+            if device in held:  # else named by a push since the batch was read
+                asked.setdefault(device, set()).update(seqs)
+    named_now = {
+        device: still_named(
+            seqs,
+            held[device],
+            stored_at(session, device),
+            nearest_stored(session, device),
+            tolerance,
+        )
+        for device, seqs in sorted(asked.items())
+    }
     withdrawn = closed = 0
     for flag in flags:
-        by_device = _by_device(cited_in(flag.evidence, EVIDENCE_KEY, []))
         gone: list[str] = []
-        for device, seqs in sorted(by_device.items()):
-            if device not in held:  # named by a push since the batch was read
+        for device, seqs in sorted(cited[flag.id].items()):
+            if device not in held:
                 continue
-            standing = still_named(
-                seqs,
-                held[device],
-                stored_at(session, device),
-                nearest_stored(session, device),
-                tolerance,
-            ).get(flag.subject_key, set())
+            standing = named_now[device].get(flag.subject_key, set())
             gone += device_seqs(device, set(seqs) - standing)
         if not gone:
             continue

@@ -225,17 +225,38 @@ def still_named(
     """``{tracking number: seqs}`` that the inverted pairs of neighbours with an end
     among ``seqs`` name now, judged on the events stored (``courier-api rejudge``: a
     flag's seqs, some named for a pair that a seq stored since split). A seq with no
-    stored event names nothing. One look-up, two searches per seq stored."""
+    stored event names nothing.
+
+    One look-up, of the seqs and those beside them: a stored seq's neighbour is nearly
+    always the seq beside it, stored too. A search only where that one has no event (a
+    seq rejected or written off between them), so a batch of flags costs a look-up
+    however many seqs they name."""
     wanted = sorted(set(seqs))
-    stamps = dict(look_up(wanted)) if wanted else {}
+    if not wanted:
+        return {}
+    beside = {seq + step for seq in wanted for step in (-1, 1) if seq + step >= 1}
+    stamps = dict(look_up(sorted(beside | set(wanted))))
     pairs = []
-    for seq, stamp in sorted(stamps.items()):
+    for seq in wanted:
+        stamp = stamps.get(seq)
+        if stamp is None:
+            continue
         low, high = held.held_run(seq)
-        if low < seq and (hit := nearest(low, seq - 1, True)) is not None:
+        if low < seq and (hit := _neighbour(stamps, seq - 1, nearest, low, True)) is not None:
             pairs.append((hit, (seq, stamp)))
-        if seq < high and (hit := nearest(seq + 1, high, False)) is not None:
+        if seq < high and (hit := _neighbour(stamps, seq + 1, nearest, high, False)) is not None:
             pairs.append(((seq, stamp), hit))
     return _inverted(pairs, tolerance)
+
+
+def _neighbour(
+    stamps: Mapping[int, Stamp], beside: int, nearest: Nearest, end: int, downward: bool
+) -> tuple[int, Stamp] | None:
+    """The stored event nearest ``beside`` (itself when stored: read already), searching
+    from it towards ``end`` of its run."""
+    if beside in stamps:
+        return beside, stamps[beside]
+    return nearest(end, beside, True) if downward else nearest(beside, end, False)
 
 
 def _inverted(

@@ -289,3 +289,45 @@ def test_a_flags_seqs_still_named_are_those_of_inverted_pairs_of_neighbours_now(
         "P4": {3, 4},
     }
     assert still_named([7], device.held, device.look_up, device.nearest) == {}
+
+
+def test_a_flags_seqs_beside_stored_ones_cost_one_look_up_and_no_search() -> None:
+    """``courier-api rejudge`` judges a batch of flags' seqs at once: the seqs beside them,
+    stored, are read in the same look-up, so it searched twice a seq for nothing. A
+    search is left only past a seq holding no event (rejected, here 6)."""
+    device = Device()
+    times = {seq: (seq * 10 if seq % 2 else seq * 10 - 15) for seq in range(1, 11) if seq != 6}
+    device.push(times, {6})
+    device.look_ups = device.searches = 0
+    assert still_named([1, 2, 3, 4], device.held, device.look_up, device.nearest) == {
+        "P2": {1, 2},
+        "P4": {3, 4},
+    }
+    assert (device.look_ups, device.searches) == (1, 0)
+    device.look_ups = device.searches = 0
+    assert still_named([5, 7], device.held, device.look_up, device.nearest) == {"P8": {7, 8}}
+    assert (device.look_ups, device.searches) == (1, 2)
+
+
+@given(streams(), st.sets(st.integers(1, 13)))
+def test_the_seqs_still_named_are_those_of_the_inverted_pairs_of_neighbours_stored(
+    stream: tuple[dict[int, int], set[int], list[list[int]]], asked: set[int]
+) -> None:
+    """Against the rule spelt out: each stored seq asked for and its nearest stored
+    neighbour on either side, within the run of seqs that all arrived, named under the
+    later one's parcel when the later is dated before the earlier."""
+    times, rejected, _ = stream
+    device = Device()
+    device.push(times, rejected)
+    expected: dict[str, set[int]] = {}
+    for seq in sorted(asked & set(device.stored)):
+        low, high = device.held.held_run(seq)
+        below = [s for s in device.stored if low <= s < seq]
+        above = [s for s in device.stored if seq < s <= high]
+        for earlier, later in ((max(below, default=None), seq), (seq, min(above, default=None))):
+            if earlier is None or later is None:
+                continue
+            first, second = device.stored[earlier], device.stored[later]
+            if second.occurred_at_device < first.occurred_at_device:
+                expected.setdefault(second.tracking_no, set()).update((earlier, later))
+    assert still_named(asked, device.held, device.look_up, device.nearest) == expected

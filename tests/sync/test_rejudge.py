@@ -696,3 +696,48 @@ def test_rejudging_write_offs_raises_a_batch_s_flags_by_parcel(
     )
     assert (raised, raised_for) == (2, [p, q])
     assert inversion(session, p).evidence["device_seqs"] == [f"{second.id}#1", f"{second.id}#3"]
+
+
+def test_judging_a_batch_of_time_inversion_flags_again_costs_no_statement_per_flag(
+    session: Session, world: World
+) -> None:
+    """A PDA's check-outs each followed by a scan dated five minutes before it: a
+    ``time_inversion`` flag per parcel, each still standing. ``rejudge`` read each
+    flag's seqs and searched each seq's neighbours on its own, three statements a flag
+    (a station's year of flags, a run of hours); a batch now reads its PDAs' seqs at
+    once, the same statements for 2 flags as for 12, and leaves each flag as it was."""
+    from tests.sync.test_ingest import statements_sent
+
+    def statements(flags: int) -> int:
+        parcels = sorted(
+            factories.parcel(session, world.station).tracking_no for _ in range(flags)
+        )
+        device = factories.device(session, f"PDA-9{flags:03d}", world.station)
+        session.commit()
+        at = NOW - dt.timedelta(hours=2)
+        events = []
+        for number, tracking_no in enumerate(parcels):
+            scanned = at + dt.timedelta(minutes=10 * number)
+            events.append(factories.event(2 * number + 1, tracking_no, occurred_at=scanned))
+            events.append(
+                factories.event(
+                    2 * number + 2,
+                    tracking_no,
+                    "out_for_delivery",
+                    occurred_at=scanned - dt.timedelta(minutes=5),
+                )
+            )
+        push(session, Pusher(device.id, world.station.id, world.courier.id), events)
+        first = min(inversion(session, tracking_no).id for tracking_no in parcels)
+        with statements_sent(session) as sent:
+            done, _ = inversion_flags.rejudge_flags(
+                session=session,
+                after_id=first - 1,
+                limit=flags,
+                tolerance=dt.timedelta(seconds=2),
+            )
+        assert done == (flags, 0, 0)
+        session.rollback()
+        return len(sent)
+
+    assert statements(2) == statements(12)

@@ -105,7 +105,7 @@ class JsonParser(FlaskParser):
                     f"the body must be JSON, sent as Content-Type: application/json "
                     f"(it came as {req.mimetype or 'no Content-Type'})"
                 ),
-                errors={"headers": {"Content-Type": ["must be application/json"]}},
+                errors={"Content-Type": ["must be application/json"]},
             )
         try:
             document = super()._raw_load_json(req)
@@ -123,7 +123,8 @@ class JsonParser(FlaskParser):
     ) -> Any:
         """A 400 whose message says what is wrong with the body (webargs' says only
         "Invalid JSON body.", under werkzeug's "The browser (or proxy) sent a request
-        that this server could not understand.")."""
+        that this server could not understand."), the body the field at fault
+        (``errors.body``), as for a body over the size limit."""
         if isinstance(error, RecursionError):
             why = "the body is JSON nested deeper than this service reads"
         elif isinstance(error, UnicodeDecodeError):
@@ -132,7 +133,7 @@ class JsonParser(FlaskParser):
             why = f"the body is {error}"
         else:
             why = f"the body is not valid JSON: {error}"
-        abort(400, exc=error, message=why, messages={"json": [why]})
+        abort(400, exc=error, message=why, errors={"body": [why]})
 
 
 # No document of ours nests deeper than a few levels; far deeper ones would make

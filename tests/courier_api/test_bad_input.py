@@ -86,13 +86,14 @@ def test_a_body_that_is_not_json_we_read_says_why(
 ) -> None:
     """A PDA developer's malformed body read "The browser (or proxy) sent a request that
     this server could not understand.": DESIGN's errors have a human message naming the
-    field at fault. It says what is wrong with the body, under ``errors.json`` too."""
+    field at fault. It says what is wrong with the body, under ``errors.body`` too (the
+    field at fault, as a body over the size limit names it)."""
     response = client.post("/api/v1/auth/token", data=body, content_type="application/json")
     assert response.status_code == 400
     error = response.get_json()
     assert error["code"] == "bad_request"
     assert error["message"].startswith(said), error
-    assert error["errors"] == {"json": [error["message"]]}
+    assert error["errors"] == {"body": [error["message"]]}
 
 
 @pytest.mark.parametrize("path", ["/api/v1/devices/PDA%00X", "/api/v1/parcels/RR%0012"])
@@ -154,7 +155,7 @@ def test_a_json_body_sent_as_something_else_is_415_naming_the_header(
     assert response.status_code == 415, response.get_json()
     answer = response.get_json()
     assert answer["code"] == "unsupported_media_type"
-    assert answer["errors"] == {"headers": {"Content-Type": ["must be application/json"]}}
+    assert answer["errors"] == {"Content-Type": ["must be application/json"]}
     assert "application/json" in answer["message"]
 
 

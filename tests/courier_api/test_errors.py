@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from courier_api.errors import validation_message
+from courier_api.errors import LOCATIONS, validation_message
 from tests import factories
 from tests.conftest import Auth, World, make_test_app
 
@@ -166,3 +166,62 @@ def test_errors_are_keyed_as_the_reference_says_by_location_or_by_field(
     spec = client.get("/openapi.json").get_json()
     described = spec["components"]["schemas"]["Error"]["properties"]["errors"]["description"]
     assert "errors.json.password" in described and "errors.device_id" in described
+
+
+def assert_fields_named_as_documented(body: dict) -> None:
+    """``errors`` as the reference keys it: a 422 ``validation_error`` by location, then
+    field; any other error by the field alone, each with its messages."""
+    errors = body.get("errors")
+    if errors is None:
+        return
+    if body["code"] == "validation_error":
+        assert set(errors) <= LOCATIONS, errors
+        assert all(isinstance(fields, dict) for fields in errors.values()), errors
+        return
+    for field, messages in errors.items():
+        assert field not in LOCATIONS, errors
+        assert isinstance(messages, list) and all(isinstance(m, str) for m in messages), errors
+
+
+def test_every_kind_of_error_names_its_field_as_the_reference_says(
+    client: FlaskClient, world: World, auth: Auth, database_url: str, tmp_path: Path
+) -> None:
+    """A body that was not JSON (400) said so under ``errors.json``, a location, and one
+    sent as another Content-Type (415) under ``errors.headers["Content-Type"]``: a client
+    reading a non-422 error's ``errors[field]`` as the reference says found a location,
+    or a dict where the messages should be. Each kind now keys its field alone: the
+    body (``errors.body``, as for a body over the size limit), the header."""
+    admin = auth.headers("admin")
+    courier = auth.headers("courier1", "PDA-0001")
+    small = make_test_app(database_url, tmp_path, MAX_CONTENT_LENGTH=64).test_client()
+    answers = {
+        "400": client.post("/api/v1/auth/token", data="{x", content_type="application/json"),
+        "401": client.get("/api/v1/users"),
+        "403": client.get(
+            f"/api/v1/stations/{world.other_station.id}", headers=auth.headers("manager1")
+        ),
+        "404": client.get("/api/v1/nothing-here"),
+        "404 domain": client.get("/api/v1/stations/999999", headers=admin),
+        "405": client.put("/api/v1/stations", headers=admin),
+        "409": client.post("/api/v1/stations", json={"code": "ST1", "name": "x"}, headers=admin),
+        "400 cursor": client.get("/api/v1/sync/pull?cursor=!!", headers=courier),
+        "413": small.post("/api/v1/auth/token", data="x" * 128, content_type="application/json"),
+        "415": client.post(
+            "/api/v1/stations", data="code=X", content_type="text/plain", headers=admin
+        ),
+        "422": client.post("/api/v1/stations", json={"code": 5}, headers=admin),
+        "422 query": client.get("/api/v1/users?limit=0", headers=admin),
+        "422 domain": client.post(
+            "/api/v1/auth/token", json={"username": "courier1", "password": factories.PASSWORD}
+        ),
+    }
+    for _ in range(11):
+        answers["429"] = client.post(
+            "/api/v1/auth/token", json={"username": "nobody", "password": "not it at all"}
+        )
+    for kind, response in answers.items():
+        body = assert_error_shape(response, response.status_code)
+        assert response.status_code == int(kind.split()[0]), (kind, body)
+        assert_fields_named_as_documented(body)
+    assert answers["400"].get_json()["errors"] == {"body": [answers["400"].get_json()["message"]]}
+    assert answers["415"].get_json()["errors"] == {"Content-Type": ["must be application/json"]}

@@ -6,19 +6,51 @@ state lives in ``app.extensions`` so that several apps (tests) never share it.
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.engine import has_own_readers, make_engine, reads_only, refuse_writes
+from sync.errors import Unavailable
 from sync.sql import flushed_connection
 
 EXTENSION_KEY = "courier_api.database"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# PostgreSQL's SQLSTATEs for a transaction it aborted to let another one go on:
+# serialization_failure and deadlock_detected. Run again from its start, the same
+# transaction may well succeed; nothing of the aborted one was kept.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+CONFLICT_RETRY_AFTER_SECONDS = 2
+
+
+def aborted_for_a_conflict(error: BaseException) -> bool:
+    """Whether ``error`` is PostgreSQL aborting the transaction to break a deadlock or a
+    serialization conflict (``TRANSIENT_SQLSTATES``). SQLite's errors never are: a busy
+    file has already been waited for (its busy timeout), and running again would only
+    wait as long once more."""
+    orig = getattr(error, "orig", None)
+    return (
+        isinstance(error, OperationalError)
+        and getattr(orig, "sqlstate", None) in TRANSIENT_SQLSTATES
+    )
+
+
+class TransactionConflict(Unavailable):
+    """The database aborted the request's transaction every time it was run (deadlocks
+    or serialization failures with concurrent work): nothing was stored, and the same
+    request may be sent again shortly."""
+
+    code = "transaction_conflict"
 
 
 @dataclass
@@ -161,6 +193,58 @@ class Database:
             check(flushed_connection(session))
         else:
             session.info[_RECHECK] = check
+
+    def committed_retrying_conflicts(self, work: Callable[[Session], T], *, attempts: int) -> T:
+        """``work`` in the request's session, then committed; when PostgreSQL aborts the
+        transaction for a deadlock or a serialization failure (``aborted_for_a_conflict``),
+        all of it again from the start, in a fresh session, up to ``attempts`` times in
+        all, a short random pause between. Then ``TransactionConflict`` (a 503 with
+        ``Retry-After``), nothing stored.
+
+        ``work`` must do nothing outside the transaction that a second run would do
+        twice: it is run again whole, seeing only what was committed. The sign-in check
+        waiting for the first statement (``check_when_writing``) is the first statement
+        of every attempt: a PDA reported lost meanwhile is stopped by the next one.
+        """
+        check = self.session.info.get(_RECHECK)
+        for attempt in range(1, attempts + 1):
+            session = self.session
+            if attempt > 1 and check is not None:
+                session.info[_RECHECK] = check
+            try:
+                result = work(session)
+                session.commit()
+                return result
+            except OperationalError as error:
+                if not aborted_for_a_conflict(error):
+                    raise
+                self._discard_session()
+                sqlstate = getattr(error.orig, "sqlstate", None)
+                if attempt == attempts:
+                    raise TransactionConflict(
+                        f"the database aborted this request {attempts} times to let "
+                        "concurrent work go on (a deadlock or a serialization failure); "
+                        "nothing was stored: send the same request again",
+                        retry_after=CONFLICT_RETRY_AFTER_SECONDS,
+                    ) from error
+                log.warning(
+                    "transaction aborted (SQLSTATE %s), attempt %d of %d: running it again",
+                    sqlstate,
+                    attempt,
+                    attempts,
+                )
+                time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
+        raise AssertionError("unreachable: attempts must be at least 1")
+
+    @staticmethod
+    def _discard_session() -> None:
+        """End the request's session, its transaction rolled back: the next use of
+        ``session`` opens a fresh one, with nothing of the old one's state (identity
+        map, ``info``) left over."""
+        session = g.pop("db_session", None)
+        if session is not None:
+            session.rollback()
+            session.close()
 
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:
         """Tests: run every session of ``app`` inside ``connection``'s outer transaction.

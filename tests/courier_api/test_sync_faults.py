@@ -3,17 +3,20 @@ nothing stored twice, and a pull that never skips a change written concurrently.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from courier_api.api.sync.routes import PUSH_ATTEMPTS
 from courier_api.extensions import db
 from models import (
     Device,
@@ -150,6 +153,97 @@ def test_database_down_mid_push_is_503_with_nothing_acknowledged(
     assert station.count(ScanEvent) == 0
     receipt = station.push(batch).get_json()  # the PDA kept everything and retries
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+
+
+def _aborted_by_postgresql(session: Session, errcode: str) -> None:
+    """What PostgreSQL does to a transaction it picks to break a deadlock (or a
+    serialization conflict): the statement fails with that SQLSTATE and the whole
+    transaction is aborted. Raised here by the server itself, through psycopg, as a
+    real one is; elsewhere the driver's exception is injected as the push's execute
+    would raise it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text(f"DO $$ BEGIN RAISE EXCEPTION 'forced' USING ERRCODE = '{errcode}'; END $$")
+        )
+    error = {
+        "deadlock_detected": psycopg.errors.DeadlockDetected,
+        "serialization_failure": psycopg.errors.SerializationFailure,
+    }[errcode]("forced")
+    raise OperationalError("INSERT", {}, error)
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("errcode", ["deadlock_detected", "serialization_failure"])
+def test_a_push_postgresql_aborts_once_is_run_again_and_applied_once(
+    station: Station, monkeypatch: pytest.MonkeyPatch, errcode: str
+) -> None:
+    """The PDA gets its receipt, not a 503 to send again: the whole push ran again in a
+    fresh transaction, after the first one had inserted its events and been aborted."""
+    batch = station.body(events(station, range(1, 5)) + [{"broken": True}])
+    insert = ingest._BatchIngest._insert
+    attempts: list[int] = []
+
+    def aborted_the_first_time(self: Any, fresh: Any) -> Any:
+        result = insert(self, fresh)
+        attempts.append(len(fresh))
+        if len(attempts) == 1:
+            _aborted_by_postgresql(self.session, errcode)
+        return result
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", aborted_the_first_time)
+    response = station.push(batch)
+    assert response.status_code == 200, response.get_json()
+    receipt = response.get_json()
+    assert attempts == [4, 4]
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 4 + ["rejected"]
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (4, [])
+    monkeypatch.undo()
+    counts = [station.count(m) for m in (ScanEvent, QuarantinedEvent, SyncBatch)]
+    assert counts == [4, 1, 1]
+    assert station.push(batch).get_json()["results"] == receipt["results"]  # a replay
+    assert [station.count(m) for m in (ScanEvent, QuarantinedEvent, SyncBatch)] == counts
+
+
+def test_a_push_aborted_every_time_is_a_503_to_send_again_with_nothing_stored(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = station.body(events(station, range(1, 4)))
+    insert = ingest._BatchIngest._insert
+    attempts: list[int] = []
+
+    def always_aborted(self: Any, fresh: Any) -> Any:
+        insert(self, fresh)
+        attempts.append(len(fresh))
+        _aborted_by_postgresql(self.session, "deadlock_detected")
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", always_aborted)
+    response = station.push(batch)
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "transaction_conflict"
+    assert "send the same request again" in response.get_json()["message"]
+    assert int(response.headers["Retry-After"]) >= 1
+    assert len(attempts) == PUSH_ATTEMPTS
+    monkeypatch.undo()
+    assert [station.count(m) for m in (ScanEvent, SyncBatch)] == [0, 0]
+    receipt = station.push(batch).get_json()  # the PDA kept everything and retries
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+
+
+def test_a_busy_sqlite_file_is_not_run_again(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite already waited its busy timeout: the push answers 503 at once, as before."""
+    batch = station.body(events(station, range(1, 4)))
+    attempts: list[int] = []
+
+    def locked(self: Any, fresh: Any) -> Any:
+        attempts.append(len(fresh))
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", locked)
+    response = station.push(batch)
+    assert (response.status_code, response.get_json()["code"]) == (503, "database_unavailable")
+    assert attempts == [3]
 
 
 def test_a_paginated_pull_while_another_thread_pushes_sees_every_change(

@@ -26,6 +26,7 @@ from sync.tracking import TrackingNumberPolicy
 
 blp = ApiBlueprint("sync", __name__, url_prefix="/api/v1/sync", description="PDA sync")
 PULL_POLL_SECONDS = 0.5  # how often a long pull looks for news
+PUSH_ATTEMPTS = 3  # runs of a push PostgreSQL aborts for a deadlock, before a 503
 
 
 @blp.before_request
@@ -103,23 +104,30 @@ class Push(MethodView):
                 field="events",
             )
         assert principal.station_id is not None  # couriers always belong to a station
-        receipt = ingest(
-            session=db.session,
-            batch=PushBatch(
-                device_id=body["device_id"],
-                batch_id=body["batch_id"],
-                sent_at=body["sent_at"],
-                events=body["events"],
-            ),
-            pusher=Pusher(
-                device_id=body["device_id"],
-                station_id=principal.station_id,
-                courier_id=principal.user_id,
-            ),
-            rules=ingest_rules(),
-            received_at=g.received_at,
+        batch = PushBatch(
+            device_id=body["device_id"],
+            batch_id=body["batch_id"],
+            sent_at=body["sent_at"],
+            events=body["events"],
         )
-        db.session.commit()
+        pusher = Pusher(
+            device_id=body["device_id"],
+            station_id=principal.station_id,
+            courier_id=principal.user_id,
+        )
+        rules = ingest_rules()
+        # PostgreSQL may abort the push to break a deadlock with concurrent work: the
+        # whole push is run again (exactly once still: nothing of the aborted one stays).
+        receipt = db.committed_retrying_conflicts(
+            lambda session: ingest(
+                session=session,
+                batch=batch,
+                pusher=pusher,
+                rules=rules,
+                received_at=g.received_at,
+            ),
+            attempts=PUSH_ATTEMPTS,
+        )
         # A replay is answered with the stored receipt, stamped with its first arrival.
         replayed = receipt.get("server_time") != g.received_at.isoformat()
         metrics.count_push(receipt, replayed=replayed)

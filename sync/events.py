@@ -362,6 +362,24 @@ def whole_number(raw: Any) -> int | None:
     return raw
 
 
+_SEQ_AS_TEXT = re.compile(r"\s*([0-9]{1,10})(?:\.0*)?\s*")
+
+
+def readable_seq(raw: Any) -> int | None:
+    """The seq a rejected event was given, as far as it can be read: a whole number
+    (``whole_number``), or one written as text (``"7"``, ``" 7 "``, ``"7.0"``: a PDA
+    serializer that quotes numbers). Such an event is still rejected ``invalid_seq``
+    (the contract's seq is a number), but the server holds it at that seq, in
+    quarantine, as every rejected event with a seq: its PDA's seqs show no gap the PDA
+    can never fill, and its shift's balance does not stay provisional for it. Anything
+    else (``null``, ``"seven"``, ``5.5``, ``true``) names no seq: None."""
+    seq = whole_number(raw)
+    if seq is not None or not isinstance(raw, str):
+        return seq
+    written = _SEQ_AS_TEXT.fullmatch(raw)
+    return whole_number(int(written.group(1))) if written else None
+
+
 def _seq(raw: Any) -> int:
     seq = whole_number(raw)
     if seq is None:

@@ -72,10 +72,10 @@ from sync.events import (
     PushClock,
     ValidEvent,
     nested_deeper_than,
+    readable_seq,
     referenced_blobs,
     sha256_json,
     validate_event,
-    whole_number,
     within_depth,
 )
 from sync.flags import FlagSubject, raise_flag, withdraw_evidence
@@ -1385,7 +1385,7 @@ class _BatchIngest:
                 _storable(raw.get("client_event_id"), 64),
                 "rejected",
                 rejection.error,
-                seq=whole_number(raw.get("seq")),
+                seq=readable_seq(raw.get("seq")),
             )
         if rows:
             flushed_connection(self.session).execute(INSERT_QUARANTINED, rows)
@@ -1419,7 +1419,7 @@ class _BatchIngest:
             "batch_pk": self.batch_pk,
             "position": rejection.index,
             "client_event_id": _storable(raw.get("client_event_id"), 64),
-            "seq": whole_number(raw.get("seq")),
+            "seq": readable_seq(raw.get("seq")),
             "event_type": _storable(raw.get("type"), 40),
             "tracking_no": tracking_no,
             "parcel_tracking_no": parcel_named(tracking_no),

@@ -368,6 +368,47 @@ def test_seqs_written_with_a_fraction_are_held_and_acked(
     assert [r["status"] for r in again["results"]] == ["duplicate", "duplicate"]
 
 
+def test_an_event_whose_seq_is_written_as_text_is_rejected_but_leaves_no_gap(
+    client: FlaskClient, courier: dict[str, str], auth: Auth, parcel: Parcel
+) -> None:
+    """A PDA serializer that quoted one seq ("2"): the event is rejected invalid_seq and
+    quarantined naming seq 2, so the PDA may prune past it and the shift's balance is
+    not provisional for ever on a seq that will never come (it was waiting for 2)."""
+    tn = parcel.tracking_no
+    shift_id = client.post("/api/v1/shifts", json={}, headers=courier).get_json()["id"]
+    quoted = {**ev(2, tn, "out_for_delivery"), "seq": " 2 "}
+    receipt = push(client, courier, [ev(1, tn), quoted, ev(3, tn, "returned_to_station")])
+    receipt = receipt.get_json()
+    assert receipt["results"][1]["status"] == "rejected"
+    assert receipt["results"][1]["error"]["code"] == "invalid_seq"
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (3, [])
+    manager = auth.headers("manager1")
+    (rejected,) = client.get("/api/v1/quarantine", headers=manager).get_json()["items"]
+    assert (rejected["seq"], rejected["error_code"]) == (2, "invalid_seq")
+    assert (
+        client.post(f"/api/v1/shifts/{shift_id}/close", json={}, headers=courier).status_code
+        == 200
+    )
+    balance = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    assert (balance["status"], balance["missing_seqs"]) == ("balanced", [])
+    again = push(client, courier, [{**quoted, "seq": 2}]).get_json()  # sent corrected
+    assert again["results"][0]["status"] == "applied"
+
+
+@pytest.mark.parametrize("seq", [None, "two", 2.5, True, "-2", "0x2"])
+def test_an_event_whose_seq_cannot_be_read_leaves_its_seq_missing(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, seq: Any
+) -> None:
+    """Nothing says which seq it was: the server waits for it (README: send it again
+    corrected, or a manager writes the seq off)."""
+    tn = parcel.tracking_no
+    bad = {**ev(2, tn, "out_for_delivery"), "seq": seq}
+    receipt = push(client, courier, [ev(1, tn), bad, ev(3, tn, "returned_to_station")])
+    receipt = receipt.get_json()
+    assert receipt["results"][1]["error"]["code"] == "invalid_seq"
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (1, [2])
+
+
 def test_an_event_rejected_seq_conflict_is_acknowledged_by_seq_and_taken_renumbered(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

@@ -288,6 +288,34 @@ def test_a_bad_envelope_is_422_naming_the_field(
     assert field in response.get_json()["errors"]["json"]
 
 
+def test_an_unknown_top_level_key_is_ignored_with_a_warning_and_the_events_taken(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel
+) -> None:
+    """A PDA app that sends one key more than the server knows (its version, a newer
+    contract's field) had every push refused 422: its events held on the PDA until
+    the server was upgraded, and lost by a PDA that drops a batch refused 4xx. The
+    events are taken; the receipt names the keys ignored; an event's unknown field
+    still rejects that event."""
+    tn = parcel.tracking_no
+    events = [ev(1, tn), {**ev(2, tn, "out_for_delivery"), "app_version": "3.2"}]
+    body = {**factories.push_body("PDA-0001", events), "app_version": "3.2", "zone": {}}
+    response = client.post(PUSH, json=body, headers=courier)
+    assert response.status_code == 200, response.get_json()
+    receipt = response.get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected"]
+    assert receipt["results"][1]["error"]["field"] == "app_version"
+    assert [(w["code"], w["field"]) for w in receipt["warnings"]] == [
+        ("unknown_field_ignored", "app_version"),
+        ("unknown_field_ignored", "zone"),
+    ]
+    assert "app_version" in receipt["warnings"][0]["message"]
+    replay = client.post(PUSH, json={**body, "zone": None, "more": 1}, headers=courier)
+    assert replay.get_json()["results"] == receipt["results"]  # the same batch
+    assert [w["field"] for w in replay.get_json()["warnings"]] == ["app_version", "more", "zone"]
+    plain = client.post(PUSH, json=factories.push_body("PDA-0001", events), headers=courier)
+    assert "warnings" not in plain.get_json()
+
+
 def test_events_must_be_a_list(client: FlaskClient, courier: dict[str, str]) -> None:
     body = factories.push_body("PDA-0001", [])
     body["events"] = {"seq": 1}

@@ -10,7 +10,14 @@ from flask.views import MethodView
 
 from courier_api import metrics
 from courier_api.api.base import ApiBlueprint
-from courier_api.api.sync.schemas import PullArgs, PullPage, PushReceipt, PushRequest
+from courier_api.api.sync.schemas import (
+    IGNORED_FIELDS,
+    IGNORED_FIELDS_NAMED,
+    PullArgs,
+    PullPage,
+    PushReceipt,
+    PushRequest,
+)
 from courier_api.auth import checked_principal, current_principal
 from courier_api.config import inversion_tolerance_of, policy_of, shift_rules_of
 from courier_api.extensions import db
@@ -75,6 +82,9 @@ class Push(MethodView):
         the same receipt (each result at the event's index in the retry) and changes
         nothing; the same `batch_id` with other events is a 409 `batch_id_reused`:
         send them under a new `batch_id` (those already held come back `duplicate`).
+        A top-level key the server does not know is ignored, not refused: the
+        receipt's `warnings` name it (`unknown_field_ignored`); an unknown field
+        inside an event still rejects that event.
 
         The receipt is sent only after the batch is committed. Read its results
         before pruning: an event rejected `seq_conflict` took a seq another event
@@ -131,9 +141,31 @@ class Push(MethodView):
         # A replay is answered with the stored receipt, stamped with its first arrival.
         replayed = receipt.get("server_time") != g.received_at.isoformat()
         metrics.count_push(receipt, replayed=replayed)
+        if body[IGNORED_FIELDS]:  # about this request, not the batch: never stored
+            receipt = {**receipt, "warnings": _ignored_field_warnings(body[IGNORED_FIELDS])}
         # The stored receipt as it is: a replay answers the same bytes, and a
         # 1,000-event receipt is not walked through the schema again.
         return jsonify(receipt)
+
+
+def _ignored_field_warnings(keys: list[str]) -> list[dict[str, str]]:
+    warnings = [
+        {
+            "code": "unknown_field_ignored",
+            "field": key[:64],
+            "message": f"the push has no field {key[:64]!r}: it was ignored (the events "
+            "were taken as usual)",
+        }
+        for key in keys[:IGNORED_FIELDS_NAMED]
+    ]
+    if len(keys) > IGNORED_FIELDS_NAMED:
+        warnings.append(
+            {
+                "code": "unknown_field_ignored",
+                "message": f"{len(keys) - IGNORED_FIELDS_NAMED} more unknown fields were ignored",
+            }
+        )
+    return warnings
 
 
 @blp.route("/pull")

@@ -171,7 +171,20 @@ class RawEvents(ma.fields.List):
         return value
 
 
+IGNORED_FIELDS = "ignored_fields"  # the key ``PushRequest`` loads them under
+IGNORED_FIELDS_NAMED = 20  # at most this many named in the warning, each cut to 64 chars
+
+
 class PushRequest(ma.Schema):
+    """The envelope. A top-level key it does not know is ignored, not refused: a PDA
+    whose app sends one more (an ``app_version``, a newer contract's field) before the
+    server knows it would otherwise have every push refused, its events held back on
+    the PDA until the server is upgraded. The receipt warns of it (``warnings``);
+    the events' own fields are as strict as ever (an unknown one rejects its event)."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+
     device_id = Text(required=True, validate=ma.validate.Length(min=1, max=64))
     batch_id = ma.fields.UUID(
         required=True, metadata={"description": "New for each batch; re-send it unchanged"}
@@ -189,11 +202,22 @@ class PushRequest(ma.Schema):
         metadata={"description": "Up to MAX_EVENTS_PER_PUSH events (default 5,000)"},
     )
 
+    @ma.post_load(pass_original=True)
+    def name_ignored_fields(self, data: dict[str, Any], original: Any, **_: Any) -> dict[str, Any]:
+        data[IGNORED_FIELDS] = sorted(str(key) for key in original if key not in self.fields)
+        return data
+
 
 class EventError(ma.Schema):
     code = ma.fields.String(required=True)
     message = ma.fields.String(required=True)
     field = ma.fields.String()
+
+
+class PushWarning(ma.Schema):
+    code = ma.fields.String(required=True, metadata={"enum": ["unknown_field_ignored"]})
+    message = ma.fields.String(required=True)
+    field = ma.fields.String(metadata={"description": "The top-level key ignored"})
 
 
 class EventResult(ma.Schema):
@@ -251,6 +275,14 @@ class PushReceipt(ma.Schema):
         },
     )
     flags_raised = ma.fields.List(ma.fields.Nested(RaisedFlag), required=True)
+    warnings = ma.fields.List(
+        ma.fields.Nested(PushWarning),
+        metadata={
+            "description": "Only when this request had something the server ignored: "
+            "each top-level key of the body it does not know (nothing of it was stored; "
+            "the events were taken as usual). A replay is warned of its own keys"
+        },
+    )
 
 
 class PullArgs(ma.Schema):

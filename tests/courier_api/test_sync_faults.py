@@ -229,6 +229,29 @@ def test_a_push_aborted_every_time_is_a_503_to_send_again_with_nothing_stored(
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
 
 
+@pytest.mark.postgres_only
+def test_a_pda_reported_lost_before_its_aborted_push_runs_again_is_stopped(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run of the push begins with the sign-in check: the PDA reported lost while
+    its first run was being aborted is refused by the second, nothing stored."""
+    batch = station.body(events(station, range(1, 4)))
+    insert = ingest._BatchIngest._insert
+
+    def reported_lost_then_aborted(self: Any, fresh: Any) -> Any:
+        insert(self, fresh)
+        with Session(db.engine_of(station.app)) as manager, manager.begin():
+            device = manager.get(Device, "PDA-F1")
+            assert device is not None
+            device.status = DeviceStatus.LOST
+        _aborted_by_postgresql(self.session, "deadlock_detected")
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", reported_lost_then_aborted)
+    response = station.push(batch)
+    assert (response.status_code, response.get_json()["code"]) == (401, "device_not_active")
+    assert [station.count(m) for m in (ScanEvent, SyncBatch)] == [0, 0]
+
+
 def test_a_busy_sqlite_file_is_not_run_again(
     station: Station, monkeypatch: pytest.MonkeyPatch
 ) -> None:

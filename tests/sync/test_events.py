@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from models import EventType
-from sync.events import EventRejected, EventRules, PushClock, type_fields, validate_event
+from sync.events import (
+    EventRejected,
+    EventRules,
+    PushClock,
+    readable_seq,
+    type_fields,
+    validate_event,
+)
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
 
@@ -66,6 +73,35 @@ def test_a_whole_number_written_with_a_fraction_is_that_number() -> None:
     assert (written.seq, written.shift_id) == (5, 7)
     assert type(written.seq) is int and type(written.shift_id) is int
     assert written.content_hash == plain.content_hash
+
+
+@pytest.mark.parametrize(
+    ("raw", "seq"),
+    [
+        (7, 7),
+        (7.0, 7),
+        ("7", 7),
+        (" 7 ", 7),
+        ("7.0", 7),
+        ("2147483647", 2**31 - 1),
+        ("2147483648", None),
+        ("99999999999", None),
+        ("0", None),
+        ("-7", None),
+        ("７", None),
+        ("7.5", None),
+        ("seven", None),
+        ("", None),
+        (None, None),
+        (True, None),
+        (7.5, None),
+        ([7], None),
+    ],
+)
+def test_the_seq_of_a_rejected_event_is_read_when_it_names_one(raw: Any, seq: int | None) -> None:
+    """Whatever is read here is still refused (``invalid_seq`` unless a number): only
+    the quarantine and the acknowledgements take the seq a quoted number names."""
+    assert readable_seq(raw) == seq
 
 
 @pytest.mark.parametrize(

@@ -190,12 +190,11 @@ def rejudge_flags(
         .with_for_update()
         .execution_options(populate_existing=True)
     ).all()
-    cited = {flag.id: _by_device(cited_in(flag.evidence, EVIDENCE_KEY, [])) for flag in flags}
     # Each PDA's seqs named by the batch judged at once: a seq's pairs are its own
     # whichever other seqs are judged with it, so a flag reads what it would alone.
     asked: dict[str, set[int]] = {}
-    for by_device in cited.values():
-        for device, seqs in by_device.items():
+    for flag in flags:
+        for device, seqs in _by_device(cited_in(flag.evidence, EVIDENCE_KEY, [])).items():
             if device in held:  # else named by a push since the batch was read
                 asked.setdefault(device, set()).update(seqs)
     named_now = {
@@ -210,8 +209,11 @@ def rejudge_flags(
     }
     withdrawn = closed = 0
     for flag in flags:
+        # What it names when its turn comes: a flag of its parcel at another station
+        # judged before it had the seqs withdrawn from it too (``withdraw_evidence``),
+        # counted once. Its seqs are among those judged above, whatever it names.
         gone: list[str] = []
-        for device, seqs in sorted(cited[flag.id].items()):
+        for device, seqs in sorted(_by_device(cited_in(flag.evidence, EVIDENCE_KEY, [])).items()):
             if device not in held:
                 continue
             standing = named_now[device].get(flag.subject_key, set())

@@ -741,3 +741,44 @@ def test_judging_a_batch_of_time_inversion_flags_again_costs_no_statement_per_fl
         return len(sent)
 
     assert statements(2) == statements(12)
+
+
+def test_a_parcel_s_flags_at_two_stations_count_the_seqs_withdrawn_once(
+    session: Session, world: World
+) -> None:
+    """A parcel's ``time_inversion`` flag at each of two stations (it moved, or a
+    write-off raised one at the PDA's), both naming seqs 1 and 3 of a pair a seq stored
+    since split. Withdrawing them from the first flag withdraws them from the second too
+    (``withdraw_evidence`` works at every station): the batch read both flags' seqs before
+    withdrawing any, and said 4 seqs withdrawn where 2 were, judging the second flag on
+    what it no longer named. Each flag is judged on what it names when its turn comes."""
+    p = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    step = dt.timedelta(seconds=1.5)
+    events = [
+        factories.event(1, p, occurred_at=at),
+        factories.event(2, p, "out_for_delivery", occurred_at=at - step),
+        factories.event(3, p, "out_for_delivery", occurred_at=at - 2 * step),
+    ]
+    push(session, Pusher(world.device.id, world.station.id, world.courier.id), events)
+    pda = world.device.id
+    for station in (world.station, world.other_station):
+        raise_flag(
+            session=session,
+            kind="time_inversion",
+            severity=FlagSeverity.WARNING,
+            subject=FlagSubject("parcel", p),
+            station_id=station.id,
+            evidence={"device_seqs": [f"{pda}#1", f"{pda}#3"]},
+        )
+    session.commit()
+
+    done, _ = inversion_flags.rejudge_flags(
+        session=session, after_id=0, limit=10, tolerance=dt.timedelta(seconds=2)
+    )
+    session.commit()
+    assert done == inversion_flags.Rejudged(judged=2, withdrawn=2, closed=2)
+    session.expire_all()
+    flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
+    assert [(f.status, f.evidence["device_seqs"]) for f in flags] == [(FlagStatus.CLOSED, [])] * 2

@@ -309,16 +309,27 @@ def test_a_flags_seqs_beside_stored_ones_cost_one_look_up_and_no_search() -> Non
     assert (device.look_ups, device.searches) == (1, 2)
 
 
-@given(streams(), st.sets(st.integers(1, 13)))
+@given(
+    streams(),
+    st.sets(st.integers(1, 13)),
+    st.sets(st.integers(1, 12), max_size=3),
+    st.sets(st.integers(1, 12), max_size=2),
+)
 def test_the_seqs_still_named_are_those_of_the_inverted_pairs_of_neighbours_stored(
-    stream: tuple[dict[int, int], set[int], list[list[int]]], asked: set[int]
+    stream: tuple[dict[int, int], set[int], list[list[int]]],
+    asked: set[int],
+    unsent: set[int],
+    lost: set[int],
 ) -> None:
     """Against the rule spelt out: each stored seq asked for and its nearest stored
     neighbour on either side, within the run of seqs that all arrived, named under the
-    later one's parcel when the later is dated before the earlier."""
+    later one's parcel when the later is dated before the earlier. Some seqs are still
+    on the PDA (``unsent``), some of those written off (``lost``): held, no event, as
+    a rejected one; a seq beside one asked for is then no neighbour, or not the one."""
     times, rejected, _ = stream
     device = Device()
-    device.push(times, rejected)
+    device.push({seq: at for seq, at in times.items() if seq not in unsent}, rejected - unsent)
+    device.write_off({seq for seq in unsent & lost if seq < device.held.max_seq})
     expected: dict[str, set[int]] = {}
     for seq in sorted(asked & set(device.stored)):
         low, high = device.held.held_run(seq)

@@ -39,6 +39,7 @@ LOCK_DEVICE_STATE = Prebuilt(
             _events.c.seq,
             _events.c.occurred_at_device,
             _events.c.tracking_no,
+            _events.c.station_id.label("pushed_at"),
             _devices.c.last_seen_at,
             _highest_declared(_shifts.c.first_seq).label("declared_first_seq"),
         )
@@ -93,7 +94,7 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
     return DeviceState(
         row.max_seq or 0,
         row.missing_ranges or [],
-        Stamp(row.occurred_at_device, row.tracking_no) if read else None,
+        Stamp(row.occurred_at_device, row.tracking_no, row.pushed_at) if read else None,
         row.last_seen_at,
         row.written_off_ranges or [],
         row.declared_first_seq,

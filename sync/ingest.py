@@ -885,7 +885,8 @@ class _BatchIngest:
         was rejected between. A pair an event stored now splits (it arrived rejected
         before, or was written off) is judged again: its seqs no inverted pair names now
         are withdrawn from their flag, closed when it names no other."""
-        new = {e.seq: Stamp(e.occurred_at_device, e.tracking_no) for _, e in stored}
+        station_id = self.pusher.station_id
+        new = {e.seq: Stamp(e.occurred_at_device, e.tracking_no, station_id) for _, e in stored}
         rejected = {
             r.seq for r in self.results.values() if r.status == "rejected" and r.seq is not None
         }
@@ -912,13 +913,19 @@ class _BatchIngest:
             self.rules.time_inversion_tolerance,
             held_before,
         )
-        for tracking_no, seqs in sorted(judged.inverted.items()):  # one flag per parcel
+        # One flag per parcel, at the station its pair's later event was pushed at (this
+        # push's courier's, unless the later one came from another station before it: a
+        # PDA moved since), as a write-off and rejudge raise it (``sync.inversion_flags``).
+        for (tracking_no, pushed_at), seqs in sorted(
+            judged.inverted_at.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+        ):
             self._flag(
                 KIND,
                 FlagSeverity.WARNING,
                 FlagSubject("parcel", tracking_no),
                 # "device#seq": a parcel's flag gathers the inversions of every PDA
                 {EVIDENCE_KEY: device_seqs(device_id, seqs)},
+                station_id=pushed_at,
             )
         for tracking_no, seqs in sorted(judged.withdrawn.items()):
             named = device_seqs(device_id, seqs)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import String, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
-from models import Device, DeviceSyncState, Flag, FlagSeverity, Parcel, ScanEvent
+from models import DeviceSyncState, Flag, FlagSeverity, Parcel, ScanEvent
 from sync.acks import SeqTracker
 from sync.device_state import lock_device_state
 from sync.flags import (
@@ -29,7 +29,7 @@ from sync.flags import (
     split_device_seq,
     withdraw_evidence,
 )
-from sync.inversions import LookUp, Nearest, Stamp, across_written_off, still_named
+from sync.inversions import LookUp, Nearest, Stamp, across_written_off_at, still_named
 from sync.sql import Prebuilt, among_param, plain_rows, rows_among
 
 KIND = "time_inversion"
@@ -39,7 +39,12 @@ DEFAULT_TOLERANCE = dt.timedelta(seconds=2)
 
 _events = ScanEvent.__table__
 # What the judging reads of a stored event: its seq and its ``Stamp``.
-_STAMPED = (_events.c.seq, _events.c.occurred_at_device, _events.c.tracking_no)
+_STAMPED = (
+    _events.c.seq,
+    _events.c.occurred_at_device,
+    _events.c.tracking_no,
+    _events.c.station_id,
+)
 # The stored events at the seqs given (through the unique index), the push's look-up
 # (``sync.ingest``) as rejudge's: a statement built once, as the push needs.
 TIMES_AT_SEQS = Prebuilt(
@@ -66,7 +71,7 @@ def nearest_stored(session: Session, device_id: str) -> Nearest:
         row = plain_rows(
             session, query, {"device_id": device_id, "low": low, "high": high}
         ).first()
-        return None if row is None else (row.seq, Stamp(row[1], row[2]))
+        return None if row is None else (row.seq, Stamp(row[1], row[2], row[3]))
 
     return nearest
 
@@ -77,7 +82,7 @@ def stored_at(session: Session, device_id: str) -> LookUp:
 
     def look_up(seqs: list[int]) -> dict[int, Stamp]:
         rows = rows_among(session, TIMES_AT_SEQS, "seqs", seqs, {"device_id": device_id})
-        return {row.seq: Stamp(row[1], row[2]) for row in rows}
+        return {row.seq: Stamp(row[1], row[2], row[3]) for row in rows}
 
     return look_up
 
@@ -91,7 +96,6 @@ def judge_write_off(
     *,
     session: Session,
     device_id: str,
-    station_id: int,
     ranges: Sequence[Sequence[int]],
     held: SeqTracker,
     tolerance: dt.timedelta,
@@ -99,13 +103,24 @@ def judge_write_off(
     """Flag the inverted pairs across the seqs just written off (``ranges``), with the
     device's sync state locked and ``held`` its seqs after the write-off: the events
     around them, both stored before it, are neighbours now, and a push storing either
-    after it would have judged them so. Raised at the write-off's station, as a push
-    raises at its courier's. Returns the flags raised or opened again."""
-    inverted = across_written_off(ranges, held, nearest_stored(session, device_id), tolerance)
-    return _raised(
-        session,
-        [(tracking_no, device_id, station_id, seqs) for tracking_no, seqs in inverted.items()],
-    )
+    after it would have judged them so. Each pair is raised at the station its later
+    event was pushed at (``sync.inversions.across_written_off_at``), as the push storing
+    it raised it at its courier's: not at the PDA's station now, which a PDA moved since
+    its shift does not share. Returns the flags raised or opened again."""
+    inverted = across_written_off_at(ranges, held, nearest_stored(session, device_id), tolerance)
+    return _raised(session, _pairs(device_id, inverted))
+
+
+def _pairs(
+    device_id: str, inverted: dict[tuple[str, int | None], set[int]], station_id: int | None = None
+) -> list[tuple[str, str, int, set[int]]]:
+    """``_raised``'s pairs of a device's ``inverted`` ones (``across_written_off_at``),
+    those of ``station_id`` only if given. A stored event always names its station."""
+    return [
+        (tracking_no, device_id, station, seqs)
+        for (tracking_no, station), seqs in inverted.items()
+        if station is not None and station_id in (None, station)
+    ]
 
 
 def _raised(session: Session, pairs: list[tuple[str, str, int, set[int]]]) -> list[Flag]:
@@ -244,38 +259,46 @@ def rejudge_written_off(
     station_id: int | None = None,
 ) -> tuple[int, str | None]:
     """Judge the pairs across the seqs written off of the devices after
-    ``after_device`` that have some (at most ``limit``, by id; of ``station_id``'s
-    devices only, if given), as a write-off now does (``judge_write_off``): those
-    written off before it did, once both neighbours had arrived, were never judged.
+    ``after_device`` that have some (at most ``limit``, by id), as a write-off now does
+    (``judge_write_off``): those written off before it did, once both neighbours had
+    arrived, were never judged. Each pair at its later event's station, as a write-off
+    raises it; with ``station_id``, only the pairs of that station, of the devices with
+    events pushed there (a PDA moved since leaves its old shifts' pairs there).
     The devices' sync states are locked first, in id order, before any flag, as a push
     locks its own; then the flags of every device's pairs, by parcel. Returns the flags
     raised or opened again, and the last device read (None: no more)."""
     written_off = func.coalesce(cast(DeviceSyncState.written_off_ranges, String), "null")
-    query = (
-        select(DeviceSyncState.device_id, Device.station_id)
-        .join(Device, Device.id == DeviceSyncState.device_id)
-        .where(DeviceSyncState.device_id > after_device, written_off.not_in(["[]", "null"]))
+    query = select(DeviceSyncState.device_id).where(
+        DeviceSyncState.device_id > after_device, written_off.not_in(["[]", "null"])
     )
-    if station_id is not None:
-        query = query.where(Device.station_id == station_id)
-    devices = session.execute(query.order_by(DeviceSyncState.device_id).limit(limit)).all()
+    if station_id is not None:  # devices with events pushed there, wherever they are now
+        pushed_there = (
+            select(_events.c.id)
+            .where(
+                _events.c.device_id == DeviceSyncState.device_id,
+                _events.c.station_id == station_id,
+            )
+            .exists()
+        )
+        query = query.where(pushed_there)
+    devices = list(session.scalars(query.order_by(DeviceSyncState.device_id).limit(limit)))
     if not devices:
         return 0, None
     # Every state first, in id order, then the flags: a push holds its PDA's state while
     # it waits for a flag, so a state locked after a flag of this batch could deadlock.
-    states = {device_id: lock_device_state(session, device_id) for device_id, _ in devices}
+    states = {device_id: lock_device_state(session, device_id) for device_id in devices}
     pairs = []
-    for device_id, device_station in devices:
+    for device_id in devices:
         state = states[device_id]
         if not state.written_off_ranges:
             continue
         held = SeqTracker.of(state.max_seq, state.missing_ranges)
         nearest = nearest_stored(session, device_id)
-        inverted = across_written_off(state.written_off_ranges, held, nearest, tolerance)
-        pairs += [(tn, device_id, device_station, seqs) for tn, seqs in inverted.items()]
+        inverted = across_written_off_at(state.written_off_ranges, held, nearest, tolerance)
+        pairs += _pairs(device_id, inverted, station_id)
     raised = len(_raised(session, pairs))  # every PDA's, by parcel
     session.flush()
-    return raised, devices[-1][0]
+    return raised, devices[-1]
 
 
 def _by_device(named: Iterable[Any]) -> dict[str, list[int]]:

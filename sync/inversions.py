@@ -45,10 +45,13 @@ from sync.acks import SeqTracker
 
 
 class Stamp(NamedTuple):
-    """What an inversion compares of a stored event: its time on the PDA's clock."""
+    """What an inversion compares of a stored event: its time on the PDA's clock; and
+    the station it was pushed at, whose flag the pair it ends is (``across_written_off``),
+    where known."""
 
     occurred_at_device: dt.datetime
     tracking_no: str
+    station_id: int | None = None
 
 
 # The stored events at these seqs: {seq: stamp}, for the seqs that have one.
@@ -61,10 +64,13 @@ Nearest = Callable[[int, int, bool], tuple[int, Stamp] | None]
 class Judgement(NamedTuple):
     """What a push changes of a device's inverted pairs, ``{tracking number: seqs}``
     each: ``inverted``, the pairs it completes, to be flagged; ``withdrawn``, the seqs
-    flagged for a pair it split that no pair of neighbours inverted names any more."""
+    flagged for a pair it split that no pair of neighbours inverted names any more.
+    ``inverted_at``: ``inverted`` by parcel and station, each pair its later event's
+    (``Stamp.station_id``), the station whose flag it is."""
 
     inverted: dict[str, set[int]]
     withdrawn: dict[str, set[int]]
+    inverted_at: dict[tuple[str, int | None], set[int]] = {}
 
 
 def time_inversions(
@@ -155,8 +161,10 @@ def judge(
         else:
             pairs.add((below[seq], above[seq]))
 
-    def inverted_among(judged: Iterable[tuple[int | None, int | None]]) -> dict[str, set[int]]:
-        return _inverted(
+    def inverted_at(
+        judged: Iterable[tuple[int | None, int | None]],
+    ) -> dict[tuple[str, int | None], set[int]]:
+        return _inverted_at(
             (
                 ((before, known[before]), (after, known[after]))
                 for before, after in judged
@@ -165,7 +173,11 @@ def judge(
             tolerance,
         )
 
-    inverted = inverted_among(pairs)
+    def inverted_among(judged: Iterable[tuple[int | None, int | None]]) -> dict[str, set[int]]:
+        return _by_parcel(inverted_at(judged))
+
+    completed = inverted_at(pairs)
+    inverted = _by_parcel(completed)
     # The pairs split: the stored events around each chain of new neighbours, if every
     # seq between them had arrived before this push (the pair was judged then).
     split = [
@@ -178,7 +190,7 @@ def judge(
     ]
     split = [pair for pair in split if inverted_among([pair])]
     if not split:
-        return Judgement(inverted, {})
+        return Judgement(inverted, {}, completed)
     # What else names their events now: the new pairs, and each one's other neighbour.
     standing = inverted_among(
         [
@@ -192,7 +204,7 @@ def judge(
         gone = seqs - standing.get(tracking_no, set())
         if gone:
             withdrawn[tracking_no] = gone
-    return Judgement(inverted, withdrawn)
+    return Judgement(inverted, withdrawn, completed)
 
 
 def across_written_off(
@@ -202,9 +214,23 @@ def across_written_off(
     tolerance: dt.timedelta = dt.timedelta(0),
 ) -> dict[str, set[int]]:
     """``{tracking number: seqs}`` of the inverted pairs a write-off of ``ranges``
-    completes: for each range, the stored events nearest below and above it, past seqs
-    that arrived empty, when both are there (``held``: the device's seqs with the
-    write-off's counted as held). Two searches per range; write-offs are few."""
+    completes (``across_written_off_at``, whatever their stations)."""
+    return _by_parcel(across_written_off_at(ranges, held, nearest, tolerance))
+
+
+def across_written_off_at(
+    ranges: Iterable[Sequence[int]],
+    held: SeqTracker,
+    nearest: Nearest,
+    tolerance: dt.timedelta = dt.timedelta(0),
+) -> dict[tuple[str, int | None], set[int]]:
+    """``{(tracking number, station): seqs}`` of the inverted pairs a write-off of
+    ``ranges`` completes: for each range, the stored events nearest below and above it,
+    past seqs that arrived empty, when both are there (``held``: the device's seqs with
+    the write-off's counted as held). Each pair is its later event's station's, the one
+    it was pushed at (``Stamp.station_id``), as the push storing it in order would have
+    raised it at its courier's: a PDA moved to another station since leaves its old
+    shifts' pairs to their station. Two searches per range; write-offs are few."""
     pairs = []
     for first, last in ranges:
         low, high = held.held_run(first)[0], held.held_run(last)[1]
@@ -212,7 +238,7 @@ def across_written_off(
         above = nearest(last + 1, high, False) if last < high else None
         if below is not None and above is not None:
             pairs.append((below, above))
-    return _inverted(pairs, tolerance)
+    return _inverted_at(pairs, tolerance)
 
 
 def still_named(
@@ -262,15 +288,30 @@ def _neighbour(
 def _inverted(
     pairs: Iterable[tuple[tuple[int, Stamp], tuple[int, Stamp]]], tolerance: dt.timedelta
 ) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` of the inverted ``pairs`` of neighbours, each
-    ``((seq, stamp), (later seq, stamp))``: the later dated more than ``tolerance``
-    before the earlier, named under the later one's parcel. The one test of rule 6 a
-    push, a write-off and ``rejudge`` all apply."""
-    found: dict[str, set[int]] = {}
+    """``{tracking number: seqs}`` of the inverted ``pairs`` of neighbours
+    (``_inverted_at``, whatever their stations)."""
+    return _by_parcel(_inverted_at(pairs, tolerance))
+
+
+def _inverted_at(
+    pairs: Iterable[tuple[tuple[int, Stamp], tuple[int, Stamp]]], tolerance: dt.timedelta
+) -> dict[tuple[str, int | None], set[int]]:
+    """``{(tracking number, station): seqs}`` of the inverted ``pairs`` of neighbours,
+    each ``((seq, stamp), (later seq, stamp))``: the later dated more than ``tolerance``
+    before the earlier, named under the later one's parcel and station. The one test of
+    rule 6 a push, a write-off and ``rejudge`` all apply."""
+    found: dict[tuple[str, int | None], set[int]] = {}
     for (before, earlier), (after, later) in pairs:
         if later.occurred_at_device < earlier.occurred_at_device - tolerance:
-            found.setdefault(later.tracking_no, set()).update((before, after))
+            found.setdefault((later.tracking_no, later.station_id), set()).update((before, after))
     return found
+
+
+def _by_parcel(found: Mapping[tuple[str, int | None], set[int]]) -> dict[str, set[int]]:
+    merged: dict[str, set[int]] = {}
+    for (tracking_no, _), seqs in found.items():
+        merged.setdefault(tracking_no, set()).update(seqs)
+    return merged
 
 
 def _chains(

@@ -302,13 +302,14 @@ def write_off_lost_seqs(
     The events stored on either side of a range written off are neighbours now: their
     pair is flagged ``time_inversion`` if the later seq is dated more than
     ``inversion_tolerance`` before the earlier (``TIME_INVERSION_TOLERANCE_SECONDS``),
-    at the device's station, as a push storing either after the write-off flags it."""
+    as a push storing either after the write-off flags it: at the station the later
+    event was pushed at, its courier's (a PDA moved since: its old station's), not the
+    PDA's station now."""
     with audit.deferred(session):
         written, held, revealed = _write_off(session, device, ranges, reason, user_id, station_id)
         judge_write_off(
             session=session,
             device_id=device.id,
-            station_id=device.station_id,
             ranges=written.write_off.ranges,
             held=held,
             tolerance=inversion_tolerance,

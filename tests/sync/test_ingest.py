@@ -1599,6 +1599,63 @@ def test_a_pair_across_written_off_seqs_is_judged_whenever_the_write_off_comes(
     )
 
 
+def test_a_write_off_after_the_pda_moved_raises_at_the_station_its_events_were_pushed_at(
+    session: Session, pda: Pda, world: World, parcel: Parcel
+) -> None:
+    """PDA-0001's courier at ST1 pushed seqs 1-3 and 5-9 of one parcel: 2 and 3 an
+    inverted pair (flagged at ST1 by the push), seq 4 lost. The PDA moved to ST2, and
+    seq 4 is written off: seqs 3 and 5, pushed at ST1 too, are an inverted pair. The
+    write-off raised it at the PDA's station now, ST2: a second time_inversion flag of
+    the parcel, on ST2's board, about ST1's shift. It goes to ST1's flag, as a push
+    storing seq 5 after the write-off would have raised it."""
+    tn = parcel.tracking_no
+    pda.push(
+        [
+            pda.event(1, tn, occurred_at=at(10)),
+            pda.event(2, tn, "out_for_delivery", occurred_at=at(30)),
+            pda.event(3, tn, "out_for_delivery", occurred_at=at(20)),
+            pda.event(5, tn, "out_for_delivery", occurred_at=at(5)),
+            pda.event(6, tn, "out_for_delivery", occurred_at=at(50)),
+        ]
+    )
+    world.device.station_id = world.other_station.id
+    session.commit()
+    write_off_lost_seqs(
+        session=session,
+        device=world.device,
+        ranges=[[4, 4]],
+        reason="lost in a reset",
+        user_id=world.admin.id,
+    )
+    session.commit()
+    flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
+    assert [(f.station_id, f.evidence["device_seqs"]) for f in flags] == [
+        (world.station.id, [f"PDA-0001#{s}" for s in (2, 3, 5)])
+    ]
+
+
+def test_a_pair_completed_after_the_pda_moved_is_the_station_of_its_later_event(
+    session: Session, pda: Pda, world: World, parcel: Parcel
+) -> None:
+    """At ST1 the PDA pushed seqs 1 and 3 of a parcel, seq 3 dated before seq 2, still
+    on the PDA. It moved to ST2, whose courier pushed seq 2 from it: the pair (2, 3) was
+    flagged at ST2, the pushing courier's station, though seq 2 pushed at ST1 first
+    would have had it flagged at ST1 (rule 3: the order of arrival decided the board).
+    The pair is its later event's station's, ST1, whichever arrives last."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn, occurred_at=at(10)), pda.event(3, tn, occurred_at=at(50))])
+    world.device.station_id = world.other_station.id
+    courier = factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    moved = Pda(session, world)
+    moved.pusher = Pusher(world.device.id, world.other_station.id, courier.id)
+    moved.push([moved.event(2, tn, "out_for_delivery", occurred_at=at(60))])
+    flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
+    assert [(f.station_id, f.evidence["device_seqs"]) for f in flags] == [
+        (world.station.id, ["PDA-0001#2", "PDA-0001#3"])
+    ]
+
+
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -526,6 +526,42 @@ def test_a_pair_across_seqs_written_off_before_the_write_off_judged_it_is_flagge
     assert again == RejudgeTotals(parcels=again.parcels)
 
 
+def test_a_pair_across_seqs_written_off_of_a_pda_moved_since_is_its_old_stations(
+    session: Session, world: World
+) -> None:
+    """As above, then the PDA moved to ST2. ``rejudge --station ST1`` judged only ST2's
+    PDAs now, and a run for every station raised the pair at ST2, the PDA's station now:
+    a flag about ST1's events on ST2's board, where a push raised it at ST1. Both raise
+    it at ST1 now, where its events were pushed; ``--station ST2`` raises nothing."""
+    p = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    events = [
+        factories.event(1, p, occurred_at=at),
+        factories.event(3, p, "out_for_delivery", occurred_at=at - dt.timedelta(minutes=10)),
+        factories.event(9, p, "out_for_delivery", occurred_at=at + dt.timedelta(minutes=5)),
+    ]
+    push(session, Pusher(world.device.id, world.station.id, world.courier.id), events)
+    session.execute(
+        update(DeviceSyncState)
+        .where(DeviceSyncState.device_id == world.device.id)
+        .values(missing_ranges=[[4, 8]], written_off_ranges=[[2, 2]], acked_through_seq=3)
+    )
+    world.device.station_id = world.other_station.id
+    session.commit()
+
+    st2 = world.other_station.id
+    elsewhere = rejudge_parcels(session=session, policy=Policy(), station_id=st2)
+    assert elsewhere.inversion_flags_raised == 0
+    totals = rejudge_parcels(session=session, policy=Policy(), station_id=world.station.id)
+    assert totals.inversion_flags_raised == 1
+    rejudge_parcels(session=session, policy=Policy())
+    flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
+    assert [(f.station_id, f.evidence["device_seqs"]) for f in flags] == [
+        (world.station.id, [f"{world.device.id}#1", f"{world.device.id}#3"])
+    ]
+
+
 def test_rejudging_write_offs_locks_every_pda_of_its_batch_before_any_flag(
     session: Session, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

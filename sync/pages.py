@@ -33,12 +33,14 @@ from models import (
     ReportKind,
     ScanEvent,
     Shift,
+    ShiftStatus,
     Station,
     User,
 )
 from sync.balances import (
     changed_since_signoff,
     gather,
+    images_lacking,
     signoff_superseded,
     station_board,
 )
@@ -232,10 +234,11 @@ class ShiftPage:
     balance_version: str  # sent back with a sign-off: refused if the balance changed
     changed_since_signoff: bool  # signed off, and the balance now differs (rule 5)
     # Sent back with a sign-off too, refused if they changed (as the board row counts
-    # them, ``sync.signoffs.changed_since_read``): its PDA's events rejected, and the ids
-    # of the flags naming it still waiting.
+    # them, ``sync.signoffs.changed_since_read``): its PDA's events rejected, the ids
+    # of the flags naming it still waiting, and the proof images its deliveries lack.
     rejected_events: int = 0
     open_flag_ids: tuple[int, ...] = ()
+    images_missing: int = 0
 
     @property
     def reopening(self) -> Flag | None:
@@ -403,6 +406,9 @@ def shift_page(
             session=session, scopes={shift.id: scope}, station_id=shift.station_id
         ).get(shift.id, 0),
         open_flag_ids=waiting,
+        images_missing=len(images_lacking(session, [shift.id]).get(shift.id, ()))
+        if shift.status != ShiftStatus.OPEN
+        else 0,
     )
 
 

@@ -1216,6 +1216,7 @@ def sign_off(
     seen_version: str | None = None,
     seen_rejected_events: int | None = None,
     seen_open_flags: Collection[int] | None = None,
+    seen_images_missing: int | None = None,
     now: dt.datetime | None = None,
 ) -> Shift:
     """A manager signs the handover off, with the balance as it stands.
@@ -1224,11 +1225,12 @@ def sign_off(
     are still on the PDA) unless forced with a reason. With ``seen_version`` (the
     ``balance_version`` the manager was shown), refused when the balance has changed
     since, so that nobody signs off a balance they did not see; with
-    ``seen_rejected_events`` and ``seen_open_flags`` (its PDA's rejected events and the
-    ids of the flags naming it still waiting, as the board row or the page showed
-    them), refused when those changed since too: the check the sign-off of clean
-    handovers together makes (``sync.signoffs.changed_since_read``). The sign-off, with
-    the balance, goes to the audit log.
+    ``seen_rejected_events``, ``seen_open_flags`` and ``seen_images_missing`` (its PDA's
+    rejected events, the ids of the flags naming it still waiting and the proof images
+    its deliveries lack, as the board row, the balance or the page showed them), refused
+    when those changed since too (more images missing, not fewer): the check the
+    sign-off of clean handovers together makes (``sync.signoffs.changed_since_read``).
+    The sign-off, with the balance, goes to the audit log.
 
     The same sign-off sent again (its answer lost: the same manager, note, reason and
     version) is answered with the shift as it stands, and writes nothing; any other
@@ -1237,7 +1239,7 @@ def sign_off(
     sign-off needed forcing, so a retry naming one where none was kept is not the
     same request.
     """
-    from sync.balances import shift_balance, signed_off_version
+    from sync.balances import HandoverRead, shift_balance, signed_off_version
     from sync.handover import sign_off_blocked
     from sync.signoffs import Seen, changed_since_read, handover_seen
 
@@ -1263,12 +1265,13 @@ def sign_off(
         ):
             return shift  # this sign-off, sent again
         raise Conflict(already_signed_off(session, shift, user_id), code="already_signed_off")
-    seen = Seen(seen_version, seen_rejected_events, seen_open_flags)
-    if seen.rejected_events is None and seen.open_flags is None:
-        balance, rejected, flags = shift_balance(session=session, shift=shift), 0, []
-    else:  # two queries more, only for a sign-off that names them
-        balance, rejected, flags = handover_seen(session, shift)
-    changed = changed_since_read(seen, balance, rejected, flags)
+    seen = Seen(seen_version, seen_rejected_events, seen_open_flags, seen_images_missing)
+    if seen[1:] == (None, None, None):
+        read = HandoverRead(shift_balance(session=session, shift=shift))
+    else:  # a few queries more, only for a sign-off that names them
+        read = handover_seen(session, shift)
+    balance = read.balance
+    changed = changed_since_read(seen, read)
     if changed is not None:
         raise Conflict(
             f"shift {shift.id}: {changed.message}",
@@ -1294,6 +1297,7 @@ _SEEN_FIELDS = {
     "balance_changed": "balance_version",
     "rejected_events_changed": "rejected_events",
     "open_flags_changed": "open_flags",
+    "images_missing_changed": "images_missing",
 }
 
 

@@ -23,13 +23,7 @@ from sqlalchemy.orm import Session
 
 from models import Shift, ShiftStatus, utcnow
 from sync import audit
-from sync.balances import (
-    OpenFlag,
-    balances_and_rejections,
-    images_lacking,
-    signed_off_version,
-    waiting_flags,
-)
+from sync.balances import HandoverRead, OpenFlag, read_handovers, signed_off_version
 from sync.errors import InvalidInput
 from sync.handover import (
     Balance,
@@ -62,23 +56,30 @@ class Refusal(NamedTuple):
 
 class Seen(NamedTuple):
     """What the manager signing a shift off was shown of it, as they send it back; None:
-    not sent, not compared. The board row gives all three (``balance_version``,
-    ``rejected_events``, ``open_flags``), the shift's page too; a shift signed off with
-    others was clean when read: no event rejected, no flag waiting."""
+    not sent, not compared. The board row gives all four (``balance_version``,
+    ``rejected_events``, ``open_flags``, ``images_missing``), the shift's balance and its
+    page too; a shift signed off with others was clean when read: no event rejected, no
+    flag waiting, no image missing."""
 
     balance_version: str | None
     rejected_events: int | None = None  # its PDA's events rejected, as counted then
     open_flags: Collection[int] | None = None  # ids of the flags naming it still waiting
+    images_missing: int | None = None  # proof images its deliveries lacked then
 
 
-def changed_since_read(
-    seen: Seen, balance: Balance, rejected_events: int, flags: Sequence[OpenFlag]
-) -> Refusal | None:
+# A shift signed off with others was read clean (``not_clean``).
+READ_CLEAN = {"rejected_events": 0, "open_flags": (), "images_missing": 0}
+
+
+def changed_since_read(seen: Seen, read: HandoverRead) -> Refusal | None:
     """Whether the shift changed since the manager read it, in what they were shown and
     would sign off without seeing again: its balance, its PDA's rejected events (which
-    the balance cannot show) and the flags naming it still waiting
-    (``sync.balances.waiting_flags``), or None. The one check of both sign-offs: a
-    single one (``sync.shifts.sign_off``) and those signed off together."""
+    the balance cannot show), the flags naming it still waiting
+    (``sync.balances.waiting_flags``) and, risen, the proof images its deliveries lack
+    (fewer is an image uploaded since: nothing the manager did not see), or None. The
+    one check of both sign-offs: a single one (``sync.shifts.sign_off``) and those signed
+    off together, each as ``sync.balances.read_handovers`` counts them."""
+    balance, rejected_events, flags = read.balance, read.rejected_events, read.open_flags
     if seen.balance_version is not None and seen.balance_version != balance_version(balance):
         return Refusal(
             "balance_changed",
@@ -104,17 +105,21 @@ def changed_since_read(
             f"the flags waiting on it changed since it was read ({'; '.join(changes)}): "
             "read its page again",
         )
+    lacking = read.images_missing
+    if seen.images_missing is not None and lacking > seen.images_missing:
+        return Refusal(
+            "images_missing_changed",
+            f"{lacking} proof image{'' if lacking == 1 else 's'} of its deliveries "
+            f"{'is' if lacking == 1 else 'are'} missing now, not {seen.images_missing} as "
+            "when it was read: read its page again",
+        )
     return None
 
 
-def handover_seen(session: Session, shift: Shift) -> tuple[Balance, int, list[OpenFlag]]:
-    """One shift's balance, its PDA's rejected events and the flags naming it still
-    waiting, read as the board reads them (``sync.balances.balances_and_rejections``,
-    ``sync.balances.waiting_flags``): what a sign-off compares with what the manager
-    was shown."""
-    judged, rejected, _ = balances_and_rejections(session, [shift], station_id=shift.station_id)
-    flags = waiting_flags(session, [shift.id]).get(shift.id, [])
-    return judged[shift.id], rejected.get(shift.id, 0), flags
+def handover_seen(session: Session, shift: Shift) -> HandoverRead:
+    """One shift's handover read as the board reads it (``sync.balances.read_handovers``):
+    what a sign-off compares with what the manager was shown."""
+    return read_handovers(session, [shift], station_id=shift.station_id)[shift.id]
 
 
 def _ids(flag_ids: Sequence[int]) -> str:
@@ -173,20 +178,16 @@ def sign_off_clean(
         session.scalars(select(Shift.id).where(Shift.id.in_(ids), Shift.station_id == station_id))
     )
     handed_over = lock_shifts(session, of_station)
-    judged, rejected, reviews = balances_and_rejections(
-        session, list(handed_over.values()), station_id=station_id
-    )
-    waiting = waiting_flags(session, list(handed_over))
-    lacking = images_lacking(session, list(handed_over))
+    read = read_handovers(session, list(handed_over.values()), station_id=station_id)
     outcomes = []
     timezone: str | None = None  # the station's, read once a refusal names a time
     # Every sign-off's entry chained at once, after its UPDATE: statements per request
     # do not grow with the shifts signed off (record_sign_off does not flush).
     with audit.deferred(session):
         for shift_id in ids:
-            if _retried(
-                handed_over.get(shift_id), judged.get(shift_id), seen[shift_id], user_id, text
-            ):
+            shift_read = read.get(shift_id)
+            balance = shift_read.balance if shift_read is not None else None
+            if _retried(handed_over.get(shift_id), balance, seen[shift_id], user_id, text):
                 outcomes.append(Outcome(shift_id, SIGNED_OFF))
                 continue
             shift = handed_over.get(shift_id)
@@ -204,19 +205,16 @@ def sign_off_clean(
                 seen[shift_id],
                 known=shift_id in of_station,
                 shift=shift,
-                balance=judged.get(shift_id),
-                flags=waiting.get(shift_id, ()),
-                images_missing=len(lacking.get(shift_id, ())),
-                rejected_events=rejected.get(shift_id, 0),
-                reviews=reviews.get(shift_id, ()),
+                read=shift_read,
             )
             if refusal is not None:
                 outcomes.append(refusal)
                 continue
+            assert balance is not None  # not refused: handed over
             record_sign_off(
                 session=session,
                 shift=handed_over[shift_id],
-                balance=judged[shift_id],
+                balance=balance,
                 user_id=user_id,
                 note=text,
                 forced_reason=None,
@@ -316,22 +314,25 @@ def _refusal(
     *,
     known: bool,
     shift: Shift | None,
-    balance: Balance | None,
-    flags: Sequence[OpenFlag],
-    images_missing: int,
-    rejected_events: int,
-    reviews: Sequence[OpenFlag],
+    read: HandoverRead | None,
 ) -> Outcome | None:
     """Why this shift of the request is not signed off, or None. ``shift`` and
-    ``balance`` are None for a shift still open (or not the station's: ``known``)."""
+    ``read`` are None for a shift still open (or not the station's: ``known``)."""
     if not known:
         why: Refusal | None = Refusal("shift_not_found", "no such shift at this station")
-    elif shift is None or balance is None:
+    elif shift is None or read is None:
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
-        why = not_clean(shift, balance, flags, images_missing, rejected_events, reviews)
-        if why is None:  # clean when read too: no event rejected, no flag waiting
-            why = changed_since_read(Seen(version, 0, ()), balance, rejected_events, flags)
+        why = not_clean(
+            shift,
+            read.balance,
+            read.open_flags,
+            read.images_missing,
+            read.rejected_events,
+            read.reviews,
+        )
+        if why is None:  # clean when read too: no event rejected, no flag, no image missing
+            why = changed_since_read(Seen(version, **READ_CLEAN), read)
     if why is None:
         return None
     return Outcome(shift_id, REFUSED, why.code, f"shift {shift_id}: {why.message}")

@@ -101,14 +101,15 @@ class DecisionForm(_Form):
 
 class SignOffForm(_Form):
     """The shift page's sign-off, with what the page showed: the balance's version, its
-    PDA's events rejected and the flags naming it still waiting (``open_flags``: their
-    ids, comma-separated, empty for none)."""
+    PDA's events rejected, the flags naming it still waiting (``open_flags``: their
+    ids, comma-separated, empty for none) and its proof images missing."""
 
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     force_reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
     balance_version = Text(load_default=None, validate=ma.validate.Length(max=64))
     rejected_events = ma.fields.Integer(load_default=None, validate=ma.validate.Range(min=0))
     open_flags = Text(load_default=None, validate=ma.validate.Length(max=20000))
+    images_missing = ma.fields.Integer(load_default=None, validate=ma.validate.Range(min=0))
 
     @ma.post_load
     def flag_ids(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:

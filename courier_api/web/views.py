@@ -522,6 +522,7 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
             seen_version=form["balance_version"],
             seen_rejected_events=form["rejected_events"],
             seen_open_flags=form["open_flags"],
+            seen_images_missing=form["images_missing"],
             now=utcnow(),
         )
 

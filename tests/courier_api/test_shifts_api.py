@@ -2057,3 +2057,100 @@ def test_a_decision_on_a_late_flag_read_before_a_rejected_event_reopened_it_is_r
     assert client.get(f"/api/v1/flags/{late.id}", headers=manager).get_json()["status"] == (
         "resolved"
     )
+
+
+def test_the_balance_gives_what_a_sign_off_sends_back_as_the_board_row_counts_it(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """A manager working from the shift's balance (`GET /shifts/<id>/balance`), not the
+    board, could not send `rejected_events` nor `open_flags` with the sign-off: the
+    balance did not give them. It gives them now, with `images_missing`, counted as
+    the board row counts them, and the sign-off sending them back goes through."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered"), pda.event(b, "delivered")])
+    pda.close(shift["id"], last_seq=pda.seq)
+    blob_missing_at_handover(
+        session=session, now=now() + dt.timedelta(hours=2), settings=SweepSettings()
+    )
+    session.commit()
+    stray = pda.event(a, "delivered")
+    del stray["seq"]  # malformed: rejected, naming one of the shift's parcels
+    assert [r["status"] for r in pda.push([stray])["results"]] == ["rejected"]
+
+    found = balance(client, shift["id"], manager)
+    board = f"/api/v1/stations/{world.station.id}/handover"
+    [row] = client.get(board, headers=manager).get_json()["shifts"]
+    assert found["open_flags"] == row["open_flags"] != []
+    assert (found["rejected_events"], found["images_missing"]) == (
+        row["rejected_events"],
+        row["images_missing"],
+    )
+    assert found["rejected_events"] == 1 and found["images_missing"] > 0
+    signed = sign_off(
+        client,
+        shift["id"],
+        manager,
+        balance_version=found["version"],
+        rejected_events=found["rejected_events"],
+        open_flags=[flag["flag_id"] for flag in found["open_flags"]],
+        images_missing=found["images_missing"],
+    )
+    assert signed.status_code == 200, signed.get_json()
+
+
+def test_a_single_sign_off_is_refused_when_more_proof_images_are_missing_than_were_read(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The courier scanned the delivered parcel again at the door, and the server
+    rejected that scan (its photo's digest mangled). The manager read the balance:
+    balanced, its signature not uploaded yet. Then the PDA sent the scan again
+    corrected, under its seq, with a photo it has not uploaded: the shift's balance is
+    the same (a repeat settles nothing), but two of its proof images are missing now.
+    Signed off together, the shift is refused for it; signed off on its own, naming the
+    balance and the images it was shown, it went through. It is refused now (409
+    `images_missing_changed`); read again it signs off, fewer missing being no refusal."""
+    [a] = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "delivered")])
+    again = pda.event(a, "delivered", pod={"recipient_name": "Wang", "photo_sha256": "x"})
+    assert [r["status"] for r in pda.push([again])["results"]] == ["rejected"]
+    pda.close(shift["id"], last_seq=pda.seq)
+    read = balance(client, shift["id"], manager)
+    assert (read["status"], read["images_missing"]) == ("balanced", 1)  # its signature
+
+    photo = "ab" * 32
+    again["pod"] = {"recipient_name": "Wang", "photo_sha256": photo}
+    assert [r["status"] for r in pda.push([again])["results"]] == ["applied"]
+    now_read = balance(client, shift["id"], manager)
+    assert (now_read["version"], now_read["images_missing"]) == (read["version"], 2)
+    refused = sign_off(
+        client,
+        shift["id"],
+        manager,
+        balance_version=read["version"],
+        images_missing=read["images_missing"],
+    )
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["code"] == "images_missing_changed"
+    assert (
+        "2 proof images of its deliveries are missing now, not 1" in refused.get_json()["message"]
+    )
+
+    # The shift's page shows them and sends them back with its sign-off.
+    html = signed_in(app, "manager1").get(f"/web/shifts/{shift['id']}")
+    assert 'name="images_missing" value="2"' in html
+    assert "2 proof images of its deliveries not uploaded yet" in html
+    signed = sign_off(
+        client, shift["id"], manager, balance_version=now_read["version"], images_missing=3
+    )
+    assert signed.status_code == 200, signed.get_json()

@@ -287,8 +287,10 @@ def _late_and_rejected(session: Session, shift: Shift, late: int, rejected: int)
 def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
     session: Session, tmp_path: Any
 ) -> None:
-    """With its own flags' events (and which of them a correction voided) and its
-    PDA's rejected events beside its balance, for a station's manager."""
+    """With its own flags' events (and which of them a correction voided), its PDA's
+    rejected events beside its balance, and the proof images its deliveries lack (three
+    statements, ``sync.balances.images_lacking``, counted as the board row counts them:
+    its sign-off sends the count back), for a station's manager."""
     counts = []
     for code, parcels, late, rejected in (("SMALL", 10, 2, 3), ("BIG", 150, 40, 120)):
         station = factories.station_day(
@@ -315,7 +317,7 @@ def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
         assert page.more_rejections == (rejected > 100)
         assert all(q.lstrip().upper().startswith("SELECT") for q in queries)
         counts.append(len(queries))
-    assert counts[0] == counts[1] <= 14, counts
+    assert counts[0] == counts[1] <= 17, counts
 
 
 def test_a_proof_page_reads_the_same_few_queries_for_3_or_30_rejected_events(

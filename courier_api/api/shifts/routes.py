@@ -29,7 +29,6 @@ from sync import directory, shifts, signoffs
 from sync.balances import (
     board_totals,
     changed_since_signoff,
-    shift_balance,
     signed_off_version,
     station_board,
     waiting_from_earlier_days,
@@ -202,13 +201,21 @@ class ShiftBalance(MethodView):
         shift of another station is a 404 `shift_not_found` to couriers and
         managers). A write-off's `written_off_by_name` is null to a station's
         reader when whoever wrote the seqs off is now another station's user.
+        With it, what the board row gives beside the balance and a sign-off may
+        send back to prove what was read: the flags naming the shift still waiting
+        (`open_flags`), its PDA's events rejected (`rejected_events`) and its proof
+        images missing (`images_missing`), counted as the board row counts them.
         """
         shift = _readable(shift_id)
-        balance = shift_balance(session=db.session, shift=shift)
+        read = signoffs.handover_seen(db.session, shift)
+        balance = read.balance
         visible = current_principal().station_filter(None)
         return {
             **balance.summary(),
             **vars(balance),
+            "open_flags": [flag._asdict() for flag in read.open_flags],
+            "rejected_events": read.rejected_events,
+            "images_missing": read.images_missing,
             "write_offs": write_offs_named(db.session, balance.write_offs, visible),
             "shift_status": shift.status,
             "version": balance_version(balance),
@@ -234,13 +241,15 @@ class SignOff(MethodView):
         missing seqs) unless `force_reason` says why it cannot wait. With
         `balance_version` (the balance's `version` as the manager read it), a
         balance that changed since, a push landing in between, is refused (409
-        `balance_changed`): read it again. So, with `rejected_events` and
-        `open_flags` (the board row's: its PDA's events rejected, which the
-        balance cannot show, and the ids of the flags naming it still waiting),
-        is one whose PDA had another event rejected since (409
-        `rejected_events_changed`) or whose flags were raised or decided since (409
-        `open_flags_changed`, naming them): the check the sign-off of clean
-        handovers together makes. Each is optional, and not compared when left
+        `balance_changed`): read it again. So, with `rejected_events`,
+        `open_flags` and `images_missing` (the board row's or the balance's: its
+        PDA's events rejected, which the balance cannot show, the ids of the flags
+        naming it still waiting, and its proof images missing), is one whose PDA
+        had another event rejected since (409 `rejected_events_changed`), whose
+        flags were raised or decided since (409 `open_flags_changed`, naming them)
+        or with more proof images missing now (409 `images_missing_changed`; fewer
+        is an image uploaded since): the check the sign-off of clean handovers
+        together makes. Each is optional, and not compared when left
         out. The same sign-off sent again (its
         answer lost: the same manager, `note`, `force_reason` and `balance_version`)
         is answered with the shift and writes nothing; another sign-off of a
@@ -267,6 +276,7 @@ class SignOff(MethodView):
             seen_version=body["balance_version"],
             seen_rejected_events=body["rejected_events"],
             seen_open_flags=body["open_flags"],
+            seen_images_missing=body["images_missing"],
             now=utcnow(),
         )
         db.session.commit()

@@ -71,7 +71,8 @@ class SignOffIn(ma.Schema):
         validate=ma.validate.Range(min=0),
         metadata={
             "description": "How many events of its PDA the server had rejected when the "
-            "manager read the shift (the board row's `rejected_events`): the sign-off is "
+            "manager read the shift (the board row's or the balance's `rejected_events`): "
+            "the sign-off is "
             "refused (409 `rejected_events_changed`) if that changed since. Optional: "
             "not compared when left out"
         },
@@ -82,10 +83,21 @@ class SignOffIn(ma.Schema):
         validate=ma.validate.Length(max=1000),
         metadata={
             "description": "The ids of the flags naming the shift still waiting when the "
-            "manager read it (the board row's `open_flags`, each `flag_id`; `[]` for "
+            "manager read it (the board row's or the balance's `open_flags`, each "
+            "`flag_id`; `[]` for "
             "none): the sign-off is refused (409 `open_flags_changed`, naming the flags "
             "raised or decided since) if they changed since. Optional: not compared when "
             "left out"
+        },
+    )
+    images_missing = ma.fields.Integer(
+        load_default=None,
+        validate=ma.validate.Range(min=0),
+        metadata={
+            "description": "How many proof images of its deliveries the server lacked when "
+            "the manager read the shift (the board row's or the balance's `images_missing`): "
+            "the sign-off is refused (409 `images_missing_changed`) if more are missing now "
+            "(fewer is an image uploaded since). Optional: not compared when left out"
         },
     )
 
@@ -264,6 +276,20 @@ class WriteOffOut(ma.Schema):
     written_off_at = ma.fields.AwareDateTime(required=True)
 
 
+class BoardFlagOut(ma.Schema):
+    flag_id = ma.fields.Integer(required=True)
+    kind = ma.fields.String(
+        required=True,
+        metadata={
+            "description": "blob_missing_at_handover, shift_not_closed, stale_device, "
+            "late_event_after_signoff, ..."
+        },
+    )
+    status = ma.fields.Enum(
+        FlagStatus, by_value=True, required=True, metadata={"description": "open, acknowledged"}
+    )
+
+
 class BalanceOut(BalanceCounts):
     shift_id = ma.fields.Integer(required=True)
     version = ma.fields.String(
@@ -312,26 +338,34 @@ class BalanceOut(BalanceCounts):
     )
     parcels = ma.fields.List(ma.fields.Nested(ParcelOutcomeOut), required=True)
     discrepancies = ma.fields.List(ma.fields.Nested(DiscrepancyOut), required=True)
+    # What a sign-off may send back (``POST /shifts/{shift_id}/signoff``), as the board
+    # row counts it (``sync.balances.read_handovers``).
+    open_flags = ma.fields.List(
+        ma.fields.Nested(BoardFlagOut),
+        required=True,
+        metadata={
+            "description": "The flags naming the shift still open or acknowledged, oldest "
+            "first, as its board row lists them (`GET /flags?shift_id=&waiting=true`): its "
+            "own, which the balance does not count, and its handover discrepancies'. Send "
+            "their ids back with the sign-off as `open_flags`"
+        },
+    )
+    rejected_events = _count(
+        "Events of the handed-over shift's PDA that the server rejected, as its board row "
+        "counts them (0 while open): what the balance cannot show. Send it back with the "
+        "sign-off as `rejected_events`"
+    )
+    images_missing = _count(
+        "Proof images the handed-over shift's deliveries name that the server lacks, as its "
+        "board row counts them (0 while open). Send it back with the sign-off as "
+        "`images_missing`"
+    )
 
 
 class BoardArgs(ma.Schema):
     date = ma.fields.Date(
         load_default=None,
         metadata={"description": "The station's local date; default: today there"},
-    )
-
-
-class BoardFlagOut(ma.Schema):
-    flag_id = ma.fields.Integer(required=True)
-    kind = ma.fields.String(
-        required=True,
-        metadata={
-            "description": "blob_missing_at_handover, shift_not_closed, stale_device, "
-            "late_event_after_signoff, ..."
-        },
-    )
-    status = ma.fields.Enum(
-        FlagStatus, by_value=True, required=True, metadata={"description": "open, acknowledged"}
     )
 
 

@@ -587,3 +587,34 @@ def test_the_shift_page_of_a_pda_moved_since_offers_its_lost_seqs_write_off(
     done = pages.post(f"/web/shifts/{shift['id']}/lost-seqs", seqs="3-4", reason=REASON)
     assert done.status_code == 302, done.get_data(as_text=True)
     assert balance(client, shift["id"], manager)["written_off_seqs"] == [3, 4]
+
+
+def test_a_phone_in_a_write_offs_reason_is_masked_except_for_auditors(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    auth: Auth,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The manager writes down the number of the recipient they called about the lost
+    scans; the courier reading their shift's balance, another manager, an admin and the
+    manager's own answer get it masked, as a note on a flag or a sign-off (rule 7)."""
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    typed = "PDA reset; recipient on +86 138 1234 5678 says parcel 2 came back"
+    shown = "PDA reset; recipient on +**********678 says parcel 2 came back"
+    done = lost_seqs(client, manager, seqs=[3, 4], reason=typed)
+    assert done.status_code == 201, done.get_json()
+    assert done.get_json()["reason"] == shown
+
+    def reasons(headers: dict[str, str]) -> list[str]:
+        listed = client.get("/api/v1/devices/PDA-0001/lost-seqs", headers=headers)
+        found = [item["reason"] for item in listed.get_json()["items"]]
+        return found + [w["reason"] for w in balance(client, shift["id"], headers)["write_offs"]]
+
+    assert reasons(auth.headers("auditor1")) == [typed, typed]
+    for reader in (manager, auth.headers("admin")):
+        assert reasons(reader) == [shown, shown]
+    assert [w["reason"] for w in balance(client, shift["id"], pda.headers)["write_offs"]] == [
+        shown
+    ]

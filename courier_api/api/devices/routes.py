@@ -32,6 +32,7 @@ from sync.acks import SeqTracker, seq_count
 from sync.errors import InvalidInput
 from sync.handover import MISSING_SEQS_SHOWN
 from sync.pages import write_offs_named
+from sync.phones import shown_text
 
 blp = ApiBlueprint("devices", __name__, url_prefix="/api/v1/devices", description="PDAs")
 MANAGERS = (Role.ADMIN, Role.STATION_MANAGER)
@@ -271,13 +272,15 @@ def _write_offs_device(device_id: str) -> Device:
 
 
 def _write_off_fields(write_off: SeqWriteOff) -> dict[str, Any]:
-    """A write-off as both the write-off's answer and the list show it."""
+    """A write-off as both the write-off's answer and the list show it: a phone number
+    in its reason masked for all but auditors (rule 7), as in a note on a flag."""
     return {
         "id": write_off.id,
         "device_id": write_off.device_id,
         "ranges": [{"first": first, "last": last} for first, last in write_off.ranges],
         "seq_count": seq_count(write_off.ranges),
-        "reason": write_off.reason,
+        # The recipient a manager called about the lost scans: whole for auditors only.
+        "reason": shown_text(write_off.reason, unmasked=current_principal().role == Role.AUDITOR),
         "written_off_by": write_off.written_off_by,
         "written_off_at": write_off.written_off_at,
     }

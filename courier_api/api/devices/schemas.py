@@ -76,7 +76,10 @@ class WriteOffFields(ma.Schema):
         metadata={"description": "The seqs written off, as written off: [{first, last}, ...]"},
     )
     seq_count = ma.fields.Integer(required=True, metadata={"description": "Seqs written off"})
-    reason = ma.fields.String(required=True)
+    reason = ma.fields.String(
+        required=True,
+        metadata={"description": "Phone numbers in it are masked except for auditors"},
+    )
     written_off_by = ma.fields.Integer(required=True)
     written_off_at = ma.fields.AwareDateTime(required=True)
 

@@ -36,6 +36,7 @@ from sync.balances import (
 from sync.errors import PermissionDenied
 from sync.handover import balance_version
 from sync.pages import user_ref, write_offs_named
+from sync.phones import shown_text
 
 blp = ApiBlueprint(
     "shifts", __name__, url_prefix="/api/v1", description="Shifts, handover balance, sign-off"
@@ -209,14 +210,21 @@ class ShiftBalance(MethodView):
         shift = _readable(shift_id)
         read = signoffs.handover_seen(db.session, shift)
         balance = read.balance
-        visible = current_principal().station_filter(None)
+        principal = current_principal()
+        unmasked = principal.role == Role.AUDITOR
+        write_offs = write_offs_named(
+            db.session, balance.write_offs, principal.station_filter(None)
+        )
         return {
             **balance.summary(),
             **vars(balance),
             "open_flags": [flag._asdict() for flag in read.open_flags],
             "rejected_events": read.rejected_events,
             "images_missing": read.images_missing,
-            "write_offs": write_offs_named(db.session, balance.write_offs, visible),
+            # A phone typed into a write-off's reason: whole for auditors only (rule 7).
+            "write_offs": [
+                w._replace(reason=shown_text(w.reason, unmasked=unmasked)) for w in write_offs
+            ],
             "shift_status": shift.status,
             "version": balance_version(balance),
             "signed_off_version": signed_off_version(shift, balance),

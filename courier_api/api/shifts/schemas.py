@@ -263,7 +263,10 @@ class WriteOffOut(ma.Schema):
             "description": "The shift's seqs it wrote off, not arrived since: [{first, last}, ...]"
         },
     )
-    reason = ma.fields.String(required=True)
+    reason = ma.fields.String(
+        required=True,
+        metadata={"description": "Phone numbers in it are masked except for auditors"},
+    )
     written_off_by = ma.fields.Integer(required=True)
     written_off_by_name = ma.fields.String(
         allow_none=True,

@@ -1244,3 +1244,52 @@ def test_the_time_inversion_tolerance_is_configured(
     receipt = Auth(client).push(events)
     kinds = {flag["kind"] for flag in receipt["flags_raised"]}
     assert ("time_inversion" in kinds) is flagged, receipt["flags_raised"]
+
+
+def test_a_pda_that_sent_every_other_seq_costs_its_next_push_no_more_than_its_gaps(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    courier: dict[str, str],
+    parcel: Parcel,
+) -> None:
+    """A PDA (a stolen one, a broken app) sending every other seq leaves a gap per event:
+    four pushes of 5,000 leave 20,000. Every later push compares the gaps before and
+    after it, and a manager's write-off compares the seqs named with them: compared each
+    with each, that cost a push some 40 s of a worker's processor while it held the PDA's
+    lock (on SQLite, every PDA's turn to write), a write-off as long. Each now costs time
+    linear in the gaps."""
+    from models import DeviceSyncState
+
+    assert push(client, courier, [ev(1, parcel.tracking_no)]).status_code == 200
+    gaps = 20_000
+    state = session.get(DeviceSyncState, "PDA-0001")
+    assert state is not None
+    state.max_seq = 2 * gaps + 1
+    state.missing_ranges = [[2 * n, 2 * n] for n in range(1, gaps + 1)]
+    state.acked_through_seq = 1
+    session.commit()
+
+    def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+        started = time.perf_counter()
+        response = call()
+        return response, time.perf_counter() - started
+
+    for seq in (2 * gaps + 2, 2):  # one beyond them all, one filling the first gap
+        event = ev(seq, parcel.tracking_no, "out_for_delivery")
+        response, elapsed = timed(lambda event=event: push(client, courier, [event]))
+        assert response.status_code == 200, response.get_json()
+        assert elapsed < 2.0, f"{elapsed:.1f} s for a push of one event"
+    receipt = response.get_json()
+    assert (receipt["acked_through_seq"], receipt["missing_seq_count"]) == (3, gaps - 1)
+    named = [4 * n for n in range(1, 1001)]  # 1,000 of the gaps, written off
+    response, elapsed = timed(
+        lambda: client.post(
+            "/api/v1/devices/PDA-0001/lost-seqs",
+            json={"seqs": named, "reason": "PDA reset"},
+            headers=auth.headers("manager1"),
+        )
+    )
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["missing_seq_count"] == gaps - 1 - len(named)
+    assert elapsed < 2.0, f"{elapsed:.1f} s for a write-off"

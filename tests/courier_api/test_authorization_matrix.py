@@ -770,3 +770,59 @@ def test_every_api_endpoint_refuses_a_query_parameter_it_does_not_know(
         if response.status_code != 422 or not refused:
             ignored.append(f"{endpoint} as {caller}: {response.status_code}")
     assert not ignored, "endpoints that ignore an unknown query parameter:\n" + "\n".join(ignored)
+
+
+# -- an auditor's call writes nothing but the audit log ---------------------------------------
+
+# What an auditor's call may write: the audit log (its reads of evidence, DESIGN.md rule 7),
+# the limiter's count of walks of the whole log (threat 4), and signing in and out of the
+# pages (the session's own account row).
+AUDITOR_MAY_WRITE = {"audit_entry", "audit_entry_parcel", "sign_in_attempt"}
+WRITTEN_TABLE = re.compile(
+    r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+\"?(\w+)\"?", re.IGNORECASE
+)
+
+
+def test_an_auditors_call_writes_nothing_but_the_audit_log(
+    app: Flask, client: FlaskClient, session: Session, connection: Connection
+) -> None:
+    """DESIGN.md rule 7: auditors read and never write. Every endpoint the matrix lets an
+    auditor call, called as the auditor, sends no INSERT, UPDATE or DELETE but to the
+    audit log (and the limiter's table)."""
+    from sqlalchemy import event
+
+    s = subjects.build(session, app, client)
+    credentials = sign_in_everyone(app, client)
+    written: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        match = WRITTEN_TABLE.match(statement)
+        if match:
+            written.append(match[1].lower())
+
+    wrote = []
+    # Signing in writes the limiter's attempts and a refresh token's family, whoever signs in.
+    sign_ins = {"POST /web/login", "POST /web/logout", "POST /api/v1/auth/token"}
+    sign_ins.add("POST /api/v1/auth/refresh")
+    logged = set()
+    for endpoint, row in MATRIX.items():
+        if endpoint == "GET /readyz" or endpoint in sign_ins:
+            continue
+        if not 200 <= int(str(row["auditor"]).split()[0]) < 400:
+            continue
+        written.clear()
+        savepoint = connection.begin_nested()
+        event.listen(connection.engine, "before_cursor_execute", note)
+        try:
+            got = call(app, s, credentials, endpoint, "auditor")
+        finally:
+            event.remove(connection.engine, "before_cursor_execute", note)
+            savepoint.rollback()
+        assert got.matches(row["auditor"]), (endpoint, got)
+        if "audit_entry" in written:
+            logged.add(endpoint)
+        others = sorted(set(written) - AUDITOR_MAY_WRITE)
+        if others:
+            wrote.append(f"{endpoint}: {others}")
+    assert "GET /api/v1/proofs/{event_id}" in logged, "no write seen: the test sees nothing"
+    assert not wrote, "an auditor's call wrote:\n" + "\n".join(wrote)

@@ -70,6 +70,13 @@ from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
+# Seqs a shift may declare used beyond the highest the server holds from its PDA (a
+# ``last_seq`` at its close, the seq before a ``first_seq`` at its opening): the events
+# still queued on the PDA, more than it records in days of work offline. Declared seqs
+# are the shift's for good (``_window``: an event of the PDA in them is filed under it,
+# whoever pushes it, and a closed shift's ``last_seq`` never changes), so an unbounded
+# one (a typo, 2**31 - 1) took every later courier's events of the PDA for this one.
+MAX_SEQS_DECLARED_AHEAD = 10_000
 _shifts = Shift.__table__
 
 
@@ -304,6 +311,7 @@ def _open_shift(
             select(func.max(Shift.last_seq)).where(Shift.device_id == device.id)
         )
         used = max((u for u in (used, declared) if u is not None), default=None)
+        _ensure_within_reach(session, device.id, first_seq - 1, "first_seq")
         if used is not None and first_seq <= used:
             raise Conflict(
                 f"first_seq {first_seq} is already used: this PDA's seqs up to {used} "
@@ -945,6 +953,9 @@ def close_shift(
                 code="invalid_last_seq",
                 field="last_seq",
             )
+        _ensure_within_reach(
+            session, shift.device_id, last_seq, "last_seq", floor=(shift.first_seq or 1) - 1
+        )
     if declared_late:
         shift.last_seq = last_seq
         session.flush()
@@ -986,6 +997,29 @@ def close_shift(
     if closed_by != shift.courier_id:
         _audit_close(session, shift, taken)
     return shift
+
+
+def _ensure_within_reach(
+    session: Session, device_id: str, declared: int, field: str, *, floor: int = 0
+) -> None:
+    """Refuse a shift's declaration of its PDA's seqs up to ``declared`` that reaches
+    more than ``MAX_SEQS_DECLARED_AHEAD`` beyond the highest seq the server holds from
+    the PDA (or ``floor``, what the shift declared at its opening): the PDA cannot hold
+    that many events unsent, and the seqs declared would file every later courier's
+    events of the PDA under this shift. The PDA's sync state is locked by the caller."""
+    held = session.scalar(
+        select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == device_id)
+    )
+    base = max(held or 0, floor)
+    if declared - base > MAX_SEQS_DECLARED_AHEAD:
+        raise InvalidInput(
+            f"{field} {declared + (field == 'first_seq')} is more than "
+            f"{MAX_SEQS_DECLARED_AHEAD:,} seqs beyond seq {base}, the highest the server "
+            f"holds from PDA {device_id}: a PDA does not hold that many events unsent. "
+            f"Check the number on the PDA; a shift may leave {field} out",
+            code="seq_too_far_ahead",
+            field=field,
+        )
 
 
 def _may_declare_last_seq_late(session: Session, shift: Shift, closed_by: int) -> bool:

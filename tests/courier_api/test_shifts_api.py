@@ -2154,3 +2154,59 @@ def test_a_single_sign_off_is_refused_when_more_proof_images_are_missing_than_we
         client, shift["id"], manager, balance_version=now_read["version"], images_missing=3
     )
     assert signed.status_code == 200, signed.get_json()
+
+
+def test_a_shift_declares_no_seqs_far_beyond_what_its_pda_sent(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    auth: Auth,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """Seqs a shift declares are its own for good: an event of its PDA in them is filed
+    under it whoever pushes it, and a closed shift's last_seq never changes. A close
+    declaring last_seq 2147483647 (a rogue courier, or a manager's typo reading the seq
+    off a broken PDA) took every later courier's events of the PDA, as that courier's,
+    under the closed shift, and no later shift could declare a first_seq. A declaration
+    reaching more than MAX_SEQS_DECLARED_AHEAD beyond the seqs the server holds from the
+    PDA is refused (422 seq_too_far_ahead) and changes nothing."""
+    from sync.shifts import MAX_SEQS_DECLARED_AHEAD
+
+    factories.user(session, "courier2", "courier", world.station)
+    session.commit()
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    for closer, last_seq in ((pda.headers, 2**31 - 1), (manager, 2 + MAX_SEQS_DECLARED_AHEAD + 1)):
+        refused = client.post(
+            f"{SHIFTS}/{shift['id']}/close", json={"last_seq": last_seq}, headers=closer
+        )
+        assert refused.status_code == 422, refused.get_json()
+        assert (refused.get_json()["code"], refused.get_json()["errors"]) == (
+            "seq_too_far_ahead",
+            {"last_seq": [refused.get_json()["message"]]},
+        )
+    assert client.get(f"{SHIFTS}/{shift['id']}", headers=manager).get_json()["status"] == "open"
+    assert pda.close(shift["id"], last_seq=2).status_code == 200
+
+    # The next courier on the PDA: their shift and their events are their own.
+    assert auth.tokens("courier2", "PDA-0001")["device_max_seq"] == 2
+    colleague = Courier(client, auth, "courier2", "PDA-0001")
+    colleague.seq = 2
+    far = client.post(
+        SHIFTS, json={"first_seq": 2 + MAX_SEQS_DECLARED_AHEAD + 2}, headers=colleague.headers
+    )
+    assert far.status_code == 422 and far.get_json()["code"] == "seq_too_far_ahead"
+    theirs = colleague.open(first_seq=3)
+    colleague.push([colleague.event(b), colleague.event(b, "returned_to_station")])
+    courier2 = session.scalars(select(User.id).where(User.username == "courier2")).one()
+    stored = session.execute(
+        select(ScanEvent.seq, ScanEvent.shift_id, ScanEvent.courier_id)
+        .where(ScanEvent.seq > 2)
+        .order_by(ScanEvent.seq)
+    ).all()
+    assert [tuple(row) for row in stored] == [
+        (3, theirs["id"], courier2),
+        (4, theirs["id"], courier2),
+    ]

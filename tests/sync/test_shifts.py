@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from models import (
     AuditEntry,
+    DeviceSyncState,
     EventType,
     Flag,
     FlagSeverity,
@@ -2054,6 +2055,12 @@ def test_a_push_reads_the_shifts_near_it_not_a_year_of_them(
             | {"status": ShiftStatus.SIGNED_OFF}
             for day in range(365)
         ],
+    )
+    # Their scans arrived: a first_seq reaches no further beyond them than a PDA's queue.
+    session.execute(
+        insert(DeviceSyncState).values(
+            device_id=pda.device.id, max_seq=36_500, acked_through_seq=36_500, missing_ranges=[]
+        )
     )
     pda.seq = 36_500
     today = pda.open(first_seq=36_501)

@@ -27,7 +27,9 @@ class OpenShiftIn(ma.Schema):
         validate=ma.validate.Range(min=1, max=MAX_ID),
         metadata={
             "description": "The seq the PDA's first event of this shift will carry. Optional, "
-            "recommended: it lets the server tell which missing seqs belong to the shift"
+            "recommended: it lets the server tell which missing seqs belong to the shift. At "
+            "most 10,000 beyond the highest seq the server holds from the PDA (422 "
+            "`seq_too_far_ahead`)"
         },
     )
 
@@ -38,7 +40,9 @@ class CloseShiftIn(ma.Schema):
         validate=ma.validate.Range(min=0, max=MAX_ID),
         metadata={
             "description": "The seq of the PDA's last event of this shift. Optional, "
-            "recommended: events up to it still on the PDA keep the balance provisional"
+            "recommended: events up to it still on the PDA keep the balance provisional. At "
+            "most 10,000 beyond the highest seq the server holds from the PDA (422 "
+            "`seq_too_far_ahead`): the seqs a shift declares are its own for good"
         },
     )
 

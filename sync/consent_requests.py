@@ -20,7 +20,9 @@ and after its ``consent.requested`` (the parcel's ordering key): one topic per o
 as ``consent.request_cancelled`` is one, each with its own facts (the consent that
 answers a grant, a refusal's reason): ``consent.request_granted``,
 ``consent.request_refused``, ``consent.request_lapsed`` (pending at its expiry:
-``announce_lapsed``, a job) and ``consent.request_revoked`` (``sync.consents.revoke``).
+``announce_lapsed``, a job) and ``consent.request_revoked`` (``sync.consents.revoke``,
+or the recipient's refusal of another request withdrawing the consent that granted it:
+``_withdraw_granted_before``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -555,9 +557,14 @@ def answer_request(
             request.status = ConsentRequestStatus.REVOKED
             request.revoked_at = consent.revoked_at
             consents.announce_revoked(session, request, consent, now)
+        elif refusal := _refusal_withdrawing(session, consent):
+            # Granted (as the channel says) before a refusal already recorded: withdrawn
+            # for the parcel by it, as if answered, then withdrawn.
+            _withdraw(session, request, consent, refusal, now)
     else:
         _audit_refusal(session, request, answer.channel, now)
         _announce_refused(session, request, answer.channel, now)
+        _withdraw_granted_before(session, request, answer.channel, now)
     feed.record(
         session,
         [
@@ -571,6 +578,114 @@ def answer_request(
     )
     session.flush()
     return request, consent, True
+
+
+def _withdrawn_reason(refusal: ConsentRequest) -> str:
+    """A request's ``status_reason`` (and its ``consent.request_revoked``'s ``reason``)
+    when the recipient's refusal of another request withdrew the consent answering it."""
+    return f"withdrawn by the recipient's refusal of consent request {refusal.id}"
+
+
+def _withdraw_granted_before(
+    session: Session, refusal: ConsentRequest, channel: ConsentChannel, now: dt.datetime
+) -> None:
+    """The parcel's requests granted by a consent given before ``refusal`` (just recorded)
+    read ``revoked`` at the refusal, as the rules weigh that consent for the parcel from
+    then on (``sync.consents.withdrawn_by_refusals``); their channel and courier's PDA hear
+    it, as of a revocation. One guarded update, as ``sync.consents.revoked_requests``: a
+    revocation of the consent at the same moment withdraws the request once, whichever
+    comes first (the second finds it ``revoked``)."""
+    assert refusal.answered_at is not None
+    withdrawn = session.scalars(
+        update(ConsentRequest)
+        .where(
+            ConsentRequest.tracking_no == refusal.tracking_no,
+            ConsentRequest.status == ConsentRequestStatus.GRANTED,
+            ConsentRequest.consent_id.in_(
+                select(Consent.id).where(
+                    Consent.tracking_no == refusal.tracking_no,
+                    Consent.granted_at < refusal.answered_at,
+                )
+            ),
+        )
+        .values(
+            status=ConsentRequestStatus.REVOKED,
+            revoked_at=refusal.answered_at,
+            status_reason=_withdrawn_reason(refusal),
+        )
+        .returning(ConsentRequest)
+        .execution_options(synchronize_session="fetch")
+    ).all()
+    for request in withdrawn:
+        consent = session.get(Consent, request.consent_id)
+        assert consent is not None
+        _announce_withdrawn(session, request, consent, refusal, channel, now)
+        feed.record(
+            session,
+            [
+                feed.FeedEntry(
+                    request.station_id,
+                    request.courier_id,
+                    FeedKind.CONSENT_REQUEST,
+                    request.tracking_no,
+                )
+            ],
+        )
+
+
+def _refusal_withdrawing(session: Session, consent: Consent) -> ConsentRequest | None:
+    """The first refusal of a request for ``consent``'s parcel recorded after the time it
+    was granted: the one that withdraws it for the parcel, if any."""
+    return session.scalar(
+        select(ConsentRequest)
+        .where(
+            ConsentRequest.tracking_no == consent.tracking_no,
+            ConsentRequest.status == ConsentRequestStatus.REFUSED,
+            ConsentRequest.answered_at > consent.granted_at,
+        )
+        .order_by(ConsentRequest.answered_at, ConsentRequest.id)
+        .limit(1)
+    )
+
+
+def _withdraw(
+    session: Session,
+    request: ConsentRequest,
+    consent: Consent,
+    refusal: ConsentRequest,
+    now: dt.datetime,
+) -> None:
+    """``request``, just granted by ``consent``, is withdrawn by ``refusal`` (earlier)."""
+    request.status = ConsentRequestStatus.REVOKED
+    request.revoked_at = refusal.answered_at
+    request.status_reason = _withdrawn_reason(refusal)
+    # The refusal's channel is on its audit entry and its message, not on its row.
+    _announce_withdrawn(session, request, consent, refusal, None, now)
+
+
+def _announce_withdrawn(
+    session: Session,
+    request: ConsentRequest,
+    consent: Consent,
+    refusal: ConsentRequest,
+    channel: ConsentChannel | None,
+    now: dt.datetime,
+) -> None:
+    """``consent.request_revoked`` for a request whose consent ``refusal`` withdrew: the
+    channel stops showing "you agreed"; revoked at the refusal, through ``channel``, the
+    refusal's (when known)."""
+    consents.announce_outcome(
+        session,
+        request,
+        "consent.request_revoked",
+        {
+            "consent_id": consent.id,
+            "revoked_at": refusal.answered_at,
+            "reason": request.status_reason,
+            "channel": channel,
+        },
+        now,
+    )
 
 
 def _granted_draft(

@@ -1066,3 +1066,87 @@ def test_a_request_voided_after_its_lapse_was_announced_is_not_announced_again(
     assert request_of(session).status == ConsentRequestStatus.CANCELLED
     assert messages(session, "consent.request_cancelled") == []
     assert outcomes(session) == [("consent.request_lapsed", request.id)]
+
+
+def test_a_later_refusal_withdrawing_the_consent_a_request_granted_revokes_that_request(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The recipient said yes to the courier's first request, then no ("ring the bell")
+    to a second one: the refusal withdraws, for the parcel, the consent that answered the
+    first (``sync.consents.withdrawn_by_refusals``), yet the first request kept reading
+    ``granted`` and the channel still showed "you agreed to the locker". It reads
+    ``revoked`` at the refusal's time, and the channel hears ``consent.request_revoked``,
+    once: a retry of the refusal or a revocation of the consent afterwards tells
+    nothing more."""
+    subscribe(session, *OUTCOMES)
+    pda.push(
+        [
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+        ]
+    )
+    first, second = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id)).all()
+    _, consent, _ = answer(session, first, now=NOW - dt.timedelta(minutes=5))
+    answer(session, second, granted=False, reason="ring the bell")
+    answer(session, second, granted=False, reason="ring the bell")  # the channel's retry
+    session.expire_all()
+    assert (first.status, first.revoked_at) == (ConsentRequestStatus.REVOKED, NOW)
+    assert outcomes(session) == [
+        ("consent.request_granted", first.id),
+        ("consent.request_refused", second.id),
+        ("consent.request_revoked", first.id),
+    ]
+    [revoked] = messages(session, "consent.request_revoked")
+    assert revoked.payload == {
+        "request_id": first.id,
+        "tracking_no": parcel,
+        "station_id": world.station.id,
+        "consent_id": consent.id,
+        "revoked_at": NOW.isoformat(),
+        "reason": f"withdrawn by the recipient's refusal of consent request {second.id}",
+        "channel": "sms",
+    }
+    courier_feed = session.scalars(
+        select(FeedChange.kind).where(FeedChange.courier_id == world.courier.id)
+    ).all()
+    assert courier_feed.count(FeedKind.CONSENT_REQUEST) >= 3  # grant, refusal, withdrawal
+    revocation = consents.Revocation(revoked_by=None, reason="changed my mind")
+    assert consents.revoke(session=session, consent=consent, revocation=revocation)
+    session.commit()
+    assert len(messages(session, "consent.request_revoked")) == 1
+    assert session.get(ConsentRequest, first.id).revoked_at == NOW
+
+
+def test_a_grant_given_before_a_refusal_already_recorded_reads_revoked(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The recipient replied "yes" by SMS to the first request, then "no" in the app to a
+    second; the SMS gateway's answer arrived last, with the time of the "yes". The consent
+    it records is withdrawn by the refusal after it, yet the request read ``granted``
+    and the PDA was told to use the locker. It reads ``revoked`` at the refusal, and the
+    channel hears the grant, then the revocation."""
+    subscribe(session, *OUTCOMES)
+    pda.push(
+        [
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+        ]
+    )
+    first, second = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id)).all()
+    answer(session, second, granted=False, reason="ring the bell", now=NOW)
+    said_yes = second.requested_at + dt.timedelta(seconds=30)
+    answered, consent, new = answer(
+        session, first, granted_at=said_yes, now=NOW + dt.timedelta(minutes=1)
+    )
+    assert new and consent.granted_at == said_yes
+    assert (answered.status, answered.revoked_at) == (ConsentRequestStatus.REVOKED, NOW)
+    assert outcomes(session) == [
+        ("consent.request_refused", second.id),
+        ("consent.request_granted", first.id),
+        ("consent.request_revoked", first.id),
+    ]
+    # A grant given after the refusal (they changed their mind) stands.
+    pda.push([pda.event(parcel, "consent_requested", 52, request={"method": "locker"})])
+    third = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
+    later, _, _ = answer(session, third, now=NOW + dt.timedelta(minutes=2))
+    assert later.status == ConsentRequestStatus.GRANTED

@@ -149,15 +149,17 @@ class ConsentRequestOut(ma.Schema):
             "description": "pending, granted, refused, expired (pending past its expiry), "
             "unsent (nobody to ask: parcel not taken in, or no phone), cancelled (voided "
             "by the courier's correction), or revoked (granted, and the consent that "
-            "answered it, `consent_id`, was revoked since, at `revoked_at`)"
+            "answered it, `consent_id`, was revoked since, at `revoked_at`, or withdrawn "
+            "for the parcel then by the recipient's refusal of another request)"
         },
     )
     status_reason = ma.fields.String(
         allow_none=True,
         required=True,
         metadata={
-            "description": "A refusal's, as the recipient gave it: a phone number in it "
-            "is masked except for auditors"
+            "description": "A refusal's, as the recipient gave it (a phone number in it "
+            "is masked except for auditors); an unsent or cancelled request's cause; a "
+            "revoked one's when a refusal withdrew it, naming the refused request"
         },
     )
     answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
@@ -165,7 +167,10 @@ class ConsentRequestOut(ma.Schema):
     revoked_at = ma.fields.AwareDateTime(
         allow_none=True,
         required=True,
-        metadata={"description": "Status revoked: when the consent that answered it was"},
+        metadata={
+            "description": "Status revoked: when the consent that answered it was "
+            "(or when the refusal that withdrew it was recorded)"
+        },
     )
 
 

@@ -299,7 +299,9 @@ class WebhookConsentRequestLapsed(_WebhookRequestOutcome):
 
 class WebhookConsentRequestRevoked(_WebhookRequestOutcome):
     """`consent.request_revoked`: the consent that granted the request was revoked
-    (POST /consents/<id>/revoke): it no longer authorizes a drop. Once per request."""
+    (POST /consents/<id>/revoke), or withdrawn for the parcel by the recipient's refusal
+    of a later request (`revoked_at` the refusal's, `reason` naming it): it no longer
+    authorizes a drop. Once per request."""
 
     consent_id = ma.fields.Integer(required=True)
     revoked_at = _time()

@@ -811,7 +811,8 @@ def _audit_answered_by(
     """Write to the audit log that a grant answered ``request`` with ``consent``, recorded
     before it (``consent_request_answered``): the consent's own ``consent_granted`` entry
     does not name the request, and the request's row can be changed afterwards with
-    nothing to tell."""
+    nothing to tell. ``method`` and ``point_id`` are the consent's; ``asked_method`` and
+    ``asked_point_id`` the request's."""
     audit.append(
         session=session,
         actor_id=answered_by,
@@ -825,6 +826,13 @@ def _audit_answered_by(
             "answered_at": audit.iso(at),
             "channel": channel.value,
             **_asked(request),
+            # What the consent says (the recipient may have agreed to more, or to
+            # another point), as its own ``consent_granted`` entry does; what was asked
+            # beside it, named so.
+            "method": consent.method.value,
+            "point_id": consent.point_id,
+            "asked_method": request.method.value,
+            "asked_point_id": request.point_id,
             "client_consent_id": consent.client_consent_id,
         },
         tracking_no=request.tracking_no,

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from courier_api.api.webhooks.schemas import WebhookBalance
 from models import (
+    AuditEntry,
     ConsentRequest,
     ConsentRequestStatus,
     FeedChange,
@@ -1150,3 +1151,46 @@ def test_a_grant_given_before_a_refusal_already_recorded_reads_revoked(
     third = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
     later, _, _ = answer(session, third, now=NOW + dt.timedelta(minutes=2))
     assert later.status == ConsentRequestStatus.GRANTED
+
+
+def test_an_answer_taking_a_consent_recorded_alone_logs_what_that_consent_says(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """Asked for locker L-1, the recipient agreed to any method; the gateway recorded that
+    alone, then sent it as the answer. The ``consent_request_answered`` entry recorded
+    ``locker`` and ``L-1``, what was asked, as if the consent said so: an auditor
+    settling a drop at a pickup point read a consent that did not cover it. The entry
+    records the consent's method and point, and what was asked beside, named so."""
+    pda.push(
+        [
+            pda.event(
+                parcel, "consent_requested", 50, request={"method": "locker", "point_id": "L-1"}
+            )
+        ]
+    )
+    request = request_of(session)
+    consents.grant_once(
+        session=session,
+        draft=consents.ConsentDraft(
+            scope=ConsentScope.PARCEL,
+            method=ConsentMethod.ANY,
+            channel=ConsentChannel.SMS,
+            granted_at=NOW,
+            tracking_no=parcel,
+            client_consent_id="sms-any",
+        ),
+        rules=CONSENT_RULES,
+        created_by=None,
+        now=NOW,
+    )
+    session.commit()
+    _, consent, new = answer(
+        session, request, method=ConsentMethod.ANY, granted_at=NOW, client_consent_id="sms-any"
+    )
+    assert new and (consent.method, consent.point_id) == (ConsentMethod.ANY, None)
+    [entry] = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "consent_request_answered")
+    ).all()
+    assert entry.details["consent_id"] == consent.id
+    assert (entry.details["method"], entry.details["point_id"]) == ("any", None)
+    assert (entry.details["asked_method"], entry.details["asked_point_id"]) == ("locker", "L-1")

@@ -76,9 +76,10 @@ class AuditEntries(MethodView):
         `consent` and its id; a grant answering a courier's request names it in
         `request_id`; an answer taking a consent recorded before it, alone, writes
         `consent_request_answered`, subject `consent_request` and its id, with the
-        `request_id` and the `consent_id`), a recipient's refusal of a courier's request for
-        consent (`consent_refused`; subject `consent_request` and its id, also in
-        `request_id`), each change
+        `request_id` and the `consent_id`, the consent's `method` and `point_id` and
+        the request's `asked_method` and `asked_point_id`), a recipient's refusal of a
+        courier's request for consent (`consent_refused`; subject `consent_request`
+        and its id, also in `request_id`), each change
         of a known parcel by an intake (`parcel_updated`; subject `parcel` and its
         tracking number: who, and each changed field from and to, as `POST /parcels`
         or `courier-api import-parcels`, whose entries name no actor, took it in),

@@ -337,6 +337,9 @@ def cancel_voided(
                 ConsentRequest.status == ConsentRequestStatus.PENDING,
             )
             .with_for_update(of=ConsentRequest)
+            # The row as locked, not a copy the session read before: a mark the lapse
+            # job committed since decides what the channel is told (``_locked``).
+            .execution_options(populate_existing=True)
         ):
             if seq >= corrections[target]:
                 continue

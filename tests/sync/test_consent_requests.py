@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from courier_api.api.webhooks.schemas import WebhookBalance
@@ -1194,3 +1194,29 @@ def test_an_answer_taking_a_consent_recorded_alone_logs_what_that_consent_says(
     assert entry.details["consent_id"] == consent.id
     assert (entry.details["method"], entry.details["point_id"]) == ("any", None)
     assert (entry.details["asked_method"], entry.details["asked_point_id"]) == ("locker", "L-1")
+
+
+def test_a_correction_reads_the_request_as_stored_not_as_its_session_last_saw_it(
+    session: Session, connection: Connection, pda: Pda, parcel: str
+) -> None:
+    """``cancel_voided`` judges the request it locked: a session that had read the request
+    before (its objects outlive commits here) and meanwhile missed the lapse job's mark,
+    committed by another session, took the stale copy and announced
+    ``consent.request_cancelled`` after ``consent.request_lapsed``: two ends for one
+    question."""
+    subscribe(session, *OUTCOMES, "consent.request_cancelled")
+    asked = pda.event(parcel, "consent_requested", 50, request={"method": "locker"})
+    pda.push([asked])
+    request = request_of(session)  # held by this session, as it is now
+    with Session(bind=connection, join_transaction_mode="create_savepoint") as job:
+        assert (
+            consent_requests.announce_lapsed(session=job, now=request.expires_at)["announced"] == 1
+        )
+    assert request.lapse_announced_at is None  # the stale copy
+    fix = pda.event(
+        parcel, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="x"
+    )
+    pda.push([fix], received_at=request.expires_at - dt.timedelta(seconds=1))
+    assert request_of(session).status == ConsentRequestStatus.CANCELLED
+    assert messages(session, "consent.request_cancelled") == []
+    assert outcomes(session) == [("consent.request_lapsed", request.id)]

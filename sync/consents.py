@@ -23,7 +23,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, CompoundSelect, Row, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
@@ -196,6 +196,15 @@ def answer_evidence(request_id: int) -> str:
     return f"answer to consent request {request_id}"
 
 
+class Recorded(NamedTuple):
+    """What ``grant_once`` answers: the consent, whether this call recorded it, and for a
+    retry the courier's request that consent answers, if any (read once)."""
+
+    consent: Consent
+    new: bool
+    answers: ConsentRequest | None = None
+
+
 def grant_once(
     *,
     session: Session,
@@ -203,9 +212,9 @@ def grant_once(
     rules: ConsentRules,
     created_by: int | None,
     now: dt.datetime | None = None,
-) -> tuple[Consent, bool]:
-    """``grant``, once per ``draft.client_consent_id`` of a recording user: ``(consent,
-    new)``. A channel that got no answer sends the same consent again; with the id it
+) -> Recorded:
+    """``grant``, once per ``draft.client_consent_id`` of a recording user (``Recorded``).
+    A channel that got no answer sends the same consent again; with the id it
     gave it, the retry gets the consent recorded the first time (``new`` False: nothing
     recorded, nothing to judge again), so that revoking the one it heard of revokes the
     only one. The same id with other content is a conflict, never an overwrite.
@@ -218,9 +227,10 @@ def grant_once(
 
     Two retries at once: the second answers the first's consent (``created_once``)."""
     if draft.client_consent_id is None:
-        return grant(
-            session=session, draft=draft, rules=rules, created_by=created_by, now=now
-        ), True
+        return Recorded(
+            grant(session=session, draft=draft, rules=rules, created_by=created_by, now=now),
+            True,
+        )
     now = now or utcnow()
     _stated(session, draft, rules, now)  # a retry is validated as the first was
     client_consent_id = draft.client_consent_id
@@ -230,10 +240,10 @@ def grant_once(
         lambda: grant(session=session, draft=draft, rules=rules, created_by=created_by, now=now),
     )
     if new:
-        return consent, True
-    if draft.evidence is None and consent.evidence is not None:
-        answered = request_answered_by(session, consent.id)
-        if answered is not None and consent.evidence == answer_evidence(answered.id):
+        return Recorded(consent, True)
+    answered = request_answered_by(session, consent.id)
+    if draft.evidence is None and answered is not None:
+        if consent.evidence == answer_evidence(answered.id):
             draft = replace(draft, evidence=consent.evidence)
     differing = differing_from(session, consent, draft, rules, now)
     if differing:
@@ -244,7 +254,7 @@ def grant_once(
             code="client_consent_id_reused",
             field="client_consent_id",
         )
-    return consent, False
+    return Recorded(consent, False, answered)
 
 
 def fields_differ(fields: Sequence[str]) -> str:

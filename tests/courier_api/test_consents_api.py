@@ -6,13 +6,14 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
 from models import AuditEntry, Consent, Flag, FlagStatus, Parcel, ScanEvent
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_proofs_api import counted
 from tests.courier_api.test_web_pages import signed_in
 
 URL = "/api/v1/consents"
@@ -1404,7 +1405,12 @@ def test_an_answer_taking_a_consent_recorded_alone_is_on_the_audit_log_naming_bo
 
 
 def test_a_consent_sent_alone_after_the_answer_that_recorded_it_is_a_retry(
-    client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel, session: Session
+    client: FlaskClient,
+    auth: Auth,
+    app1: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    connection: Connection,
 ) -> None:
     """The gateway sends the recipient's "yes" both ways with one id, the answer to the
     request arriving first with no evidence: the consent it records has the server's
@@ -1434,9 +1440,13 @@ def test_a_consent_sent_alone_after_the_answer_that_recorded_it_is_a_retry(
         "granted_at": granted_at,
         "client_consent_id": "sms-12",
     }
-    plain = grant(client, app1, **alone)
+    with counted(connection) as statements:
+        plain = grant(client, app1, **alone)
     assert plain.status_code == 201, plain.get_json()
     assert plain.get_json()["id"] == answered["id"]
+    # The request the consent answers is looked up once, not by the retry and its answer.
+    by_consent = "FROM consent_request \nWHERE consent_request.consent_id ="
+    assert sum(by_consent in s for s in statements) == 1, statements
     # The consent answers the request: the answer says so, as the answer's own did.
     assert plain.get_json()["request"]["id"] == asked["id"]
     assert plain.get_json()["request"]["status"] == "granted"

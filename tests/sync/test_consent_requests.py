@@ -990,7 +990,7 @@ def test_an_answer_taking_a_consent_revoked_since_reads_revoked(
     subscribe(session, *OUTCOMES)
     pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
     request = request_of(session)
-    alone, _ = consents.grant_once(
+    alone = consents.grant_once(
         session=session,
         draft=consents.ConsentDraft(
             scope=ConsentScope.PARCEL,
@@ -1003,7 +1003,7 @@ def test_an_answer_taking_a_consent_revoked_since_reads_revoked(
         rules=CONSENT_RULES,
         created_by=None,
         now=NOW,
-    )
+    ).consent
     consents.revoke(session=session, consent=alone, revocation=consents.Revocation(None))
     session.commit()
     answered, consent, new = answer(session, request, client_consent_id="sms-21")

@@ -163,7 +163,7 @@ class Consents(MethodView):
         # The grant's audit entry is chained after the parcels are judged again (lock
         # order: flags, then the audit log), as for an answer to a request.
         with audit.deferred(db.session):
-            consent, new = consents.grant_once(
+            consent, new, answered = consents.grant_once(
                 session=db.session,
                 draft=consents.ConsentDraft(**body, station_id=station_id),
                 rules=consent_rules(),
@@ -174,8 +174,8 @@ class Consents(MethodView):
                     session=db.session, consent=consent, policy=policy_of(current_app.config)
                 )
         db.session.commit()
-        # A retry may be of a consent an answer to a request recorded (its id's).
-        answered = None if new else consents.request_answered_by(db.session, consent.id)
+        # A retry may be of a consent an answer to a request recorded (its id's): the
+        # request it answers, as the retry found it (``answered``).
         return {
             **_view(consent),
             "request": None

@@ -108,8 +108,13 @@ class WebhookSubscription(Base):
     url: Mapped[str] = mapped_column(Text)
     topics: Mapped[list[str]] = mapped_column(Document)
     station_id: Mapped[int | None] = mapped_column(ForeignKey("station.id"))
-    # Signs every delivery (HMAC-SHA256); shown once, at creation, never again.
+    # Signs every delivery (HMAC-SHA256); shown once, at creation or rotation, never again.
     secret: Mapped[str] = mapped_column(String(128))
+    # The secret a rotation replaced: deliveries are signed with it too (a second ``v1``)
+    # until ``previous_secret_until``, so that the receiver can switch without refusing
+    # what is in flight (``sync.webhooks.rotate_secret``).
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_secret_until: Mapped[dt.datetime | None]
     description: Mapped[str] = mapped_column(String(200), default="")
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[timestamp]

@@ -337,6 +337,54 @@ def create_subscription(
     return subscription
 
 
+MAX_SECRET_GRACE = dt.timedelta(days=7)
+
+
+def rotate_secret(
+    *,
+    session: Session,
+    subscription: WebhookSubscription,
+    grace: dt.timedelta,
+    now: dt.datetime,
+    actor_id: int | None = None,
+) -> WebhookSubscription:
+    """Give ``subscription`` a fresh secret (on the returned object only: answer it once,
+    never log it). For ``grace`` after ``now`` every delivery is signed with the old
+    secret too (a second ``v1``, after the new one: ``request_headers``), so that the
+    receiver, switching to the new secret, refuses nothing in flight, and one still on
+    the old secret keeps accepting; ``grace`` zero drops the old one at once (a leaked
+    secret). A rotation within the grace of another forgets the secret before it."""
+    if not dt.timedelta() <= grace <= MAX_SECRET_GRACE:
+        raise InvalidInput(
+            f"the grace period is from 0 to {MAX_SECRET_GRACE.days * 24} hours",
+            code="invalid_grace",
+            field="grace_hours",
+        )
+    keep = grace > dt.timedelta()
+    subscription.previous_secret = subscription.secret if keep else None
+    subscription.previous_secret_until = now + grace if keep else None
+    subscription.secret = secrets.token_urlsafe(32)
+    session.flush()
+    audit.append(
+        session=session,
+        actor_id=actor_id,
+        action="webhook_secret_rotated",
+        subject_type="webhook_subscription",
+        subject_key=str(subscription.id),
+        details={"previous_secret_until": None if not keep else audit.iso(now + grace)},
+    )
+    return subscription
+
+
+def signing_secrets(subscription: WebhookSubscription, now: dt.datetime) -> tuple[str, ...]:
+    """The secrets a delivery to ``subscription`` is signed with at ``now``: its own, and
+    the one a rotation replaced while its grace lasts."""
+    until = subscription.previous_secret_until
+    if subscription.previous_secret and until is not None and now < until:
+        return (subscription.secret, subscription.previous_secret)
+    return (subscription.secret,)
+
+
 def get_subscription(*, session: Session, subscription_id: int) -> WebhookSubscription:
     subscription = session.get(WebhookSubscription, subscription_id)
     if subscription is None:
@@ -749,6 +797,8 @@ class ClaimedDelivery:
     url: str
     secret: str = field(repr=False)
     envelope: dict[str, Any] = field(repr=False)
+    # A rotation's old secret, while its grace lasts: signed with too (``signing_secrets``)
+    previous_secret: str | None = field(default=None, repr=False)
 
 
 def envelope_of(message: OutboxMessage, delivery_id: uuid.UUID) -> dict[str, Any]:
@@ -777,8 +827,18 @@ def request_headers(claimed: ClaimedDelivery, body: bytes, at: dt.datetime) -> d
         "X-Courier-Topic": claimed.topic,
         DELIVERY_HEADER: str(claimed.delivery_id),
         "X-Courier-Attempt": str(claimed.attempts + 1),
-        SIGNATURE_HEADER: sign(claimed.secret, int(at.timestamp()), body),
+        SIGNATURE_HEADER: signature(claimed, int(at.timestamp()), body),
     }
+
+
+def signature(claimed: ClaimedDelivery, timestamp: int, body: bytes) -> str:
+    """``sign`` with the subscription's secret, then, while a rotation's grace lasts,
+    another ``v1`` with the old one: ``t=<t>,v1=<new>,v1=<old>``. A receiver checks
+    every ``v1`` (``verify``); one that reads only the last still has the old secret's."""
+    signed = sign(claimed.secret, timestamp, body)
+    if claimed.previous_secret is None:
+        return signed
+    return f"{signed},v1={sign(claimed.previous_secret, timestamp, body).partition(',v1=')[2]}"
 
 
 def backoff_delay(
@@ -974,6 +1034,7 @@ def _claim(
                     url=subscription.url,
                     secret=subscription.secret,
                     envelope=envelope_of(message, delivery.delivery_id),
+                    previous_secret=next(iter(signing_secrets(subscription, now)[1:]), None),
                 )
                 for delivery, message, subscription in rows
                 if delivery.id not in left
@@ -1143,7 +1204,7 @@ _PHONE_LIKE = re.compile(r"\+?\d[\d -]{6,}\d")
 def _scrubbed(result: SendResult, *secret_texts: str) -> SendResult:
     """``result`` without the secret or the signature in what it quotes: a receiver that
     echoes the request must not make us store or log them."""
-    hidden = [part for text in secret_texts for part in (text, text.partition(",v1=")[2])]
+    hidden = [part for text in secret_texts for part in (text, *text.split(",v1=")[1:])]
 
     def scrub(value: str) -> str:
         for part in filter(None, hidden):
@@ -1226,7 +1287,15 @@ def deliver_due(
                 log.exception("webhook sender failed on delivery %s", claimed.delivery_id)
                 result = SendResult(error=f"{type(exc).__name__}: {exc}")
             outcomes.append(
-                (_scrubbed(result, claimed.secret, headers[SIGNATURE_HEADER]), clock())
+                (
+                    _scrubbed(
+                        result,
+                        claimed.secret,
+                        claimed.previous_secret or "",
+                        headers[SIGNATURE_HEADER],
+                    ),
+                    clock(),
+                )
             )
         return outcomes
 

@@ -117,6 +117,35 @@ def test_an_admin_creates_a_subscription_and_sees_its_secret_only_then(
     assert entry.details["host"] == "127.0.0.1" and secret not in json.dumps(entry.details)
 
 
+def test_an_admin_rotates_a_secret_keeping_the_old_one_for_a_grace_period(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """The channel's operator rotates its secret without a new subscription (which lost
+    what waited for the old one): the answer shows the new secret, once; the old one
+    signs too until ``rotation_grace_until``; a grace beyond a week is a 422."""
+    created = create(client, auth)
+    url = f"{SUBSCRIPTIONS}/{created['id']}/secret"
+    before = utcnow()
+    rotated = client.post(url, json={"grace_hours": 2}, headers=admin(auth))
+    assert rotated.status_code == 200, rotated.get_json()
+    body = rotated.get_json()
+    assert body["id"] == created["id"] and body["secret"] not in ("", created["secret"])
+    until = dt.datetime.fromisoformat(body["rotation_grace_until"])
+    assert before + dt.timedelta(hours=2) <= until <= utcnow() + dt.timedelta(hours=2)
+    shown = client.get(f"{SUBSCRIPTIONS}/{created['id']}", headers=admin(auth))
+    assert body["secret"] not in shown.get_data(as_text=True)
+    assert shown.get_json()["rotation_grace_until"] == body["rotation_grace_until"]
+    leaked = client.post(url, json={"grace_hours": 0}, headers=admin(auth)).get_json()
+    assert leaked["rotation_grace_until"] is None
+    too_long = client.post(url, json={"grace_hours": 169}, headers=admin(auth))
+    assert too_long.status_code == 422 and "grace_hours" in too_long.get_json()["errors"]["json"]
+    entries = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "webhook_secret_rotated")
+    ).all()
+    assert [e.actor_id for e in entries] == [world.admin.id, world.admin.id]
+    assert not any(body["secret"] in json.dumps(e.details) for e in entries)
+
+
 def test_subscriptions_are_listed_in_pages(client: FlaskClient, auth: Auth, world: World) -> None:
     ids = [create(client, auth)["id"] for _ in range(3)]
 
@@ -418,6 +447,7 @@ def test_bad_purges_are_422_naming_the_field(
     [
         ("GET", f"{SUBSCRIPTIONS}/999999"),
         ("PATCH", f"{SUBSCRIPTIONS}/999999"),
+        ("POST", f"{SUBSCRIPTIONS}/999999/secret"),
         ("GET", f"{DELIVERIES}/999999"),
         ("POST", f"{DELIVERIES}/999999/replay"),
         ("GET", f"{DELIVERIES}/99999999999999999999"),  # beyond 64 bits: no such route
@@ -442,6 +472,7 @@ ENDPOINTS = [
     ("POST", SUBSCRIPTIONS, {"url": URL, "topics": ["flag.raised"]}),
     ("GET", f"{SUBSCRIPTIONS}/1", None),
     ("PATCH", f"{SUBSCRIPTIONS}/1", {"active": False}),
+    ("POST", f"{SUBSCRIPTIONS}/1/secret", {}),
     ("GET", f"{BASE}/topics", None),
     ("GET", DELIVERIES, None),
     ("GET", f"{DELIVERIES}/1", None),

@@ -14,6 +14,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -1532,3 +1533,88 @@ def test_a_consent_request_no_longer_pending_when_due_is_skipped_with_why(
     assert deliver(sessions, sender, T0 + LATER)["claimed"] == 0  # not retried
     announce(sessions, parcels[1], now=T0 + LATER)  # the lapsed one's parcel, in a locker
     assert deliver(sessions, sender, T0 + LATER)["delivered"] == 1
+
+
+def test_a_rotated_secret_signs_beside_the_old_one_until_the_grace_ends(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
+) -> None:
+    """A channel's secret leaked, or its operator rotates secrets yearly: there was no way
+    but a new subscription, which lost the deliveries waiting for the old one. A rotation
+    gives a new secret and signs with the old one too during a grace period (a second
+    ``v1``, last: a receiver reading the last ``v1`` with the old secret still accepts),
+    so that what waited is delivered and accepted on either side of the receiver's
+    switch; after the grace, or with none, the new secret alone signs."""
+    sub = subscribe(sessions, receiver.url)
+    announce(sessions, station_id=world.station.id, pickup_code="1")  # waiting already
+    with sessions.begin() as session:
+        rotated = webhooks.rotate_secret(
+            session=session,
+            subscription=session.get(WebhookSubscription, sub.id),
+            grace=dt.timedelta(hours=24),
+            now=T0,
+        )
+        new_secret = rotated.secret
+    assert new_secret != sub.secret
+    assert deliver(sessions, sender, at(60))["delivered"] == 1
+    [first] = receiver.requests
+    header = first.headers["x-courier-signature"]
+    assert header.count("v1=") == 2
+    for secret in (new_secret, sub.secret):
+        assert webhooks.verify(secret, header, first.body, now=at(60))
+    last_v1 = header.rpartition(",v1=")[2]  # README's first snippet read only the last one
+    assert last_v1 == webhooks.sign(sub.secret, int(at(60).timestamp()), first.body)[-64:]
+
+    after_grace = T0 + dt.timedelta(hours=24, seconds=1)
+    announce(sessions, station_id=world.station.id, pickup_code="2", now=after_grace)
+    assert deliver(sessions, sender, after_grace)["delivered"] == 1
+    header = receiver.requests[-1].headers["x-courier-signature"]
+    assert header.count("v1=") == 1
+    assert webhooks.verify(new_secret, header, receiver.requests[-1].body, now=after_grace)
+    assert not webhooks.verify(sub.secret, header, receiver.requests[-1].body, now=after_grace)
+
+    with sessions.begin() as session:  # leaked: no grace
+        leaked = webhooks.rotate_secret(
+            session=session,
+            subscription=session.get(WebhookSubscription, sub.id),
+            grace=dt.timedelta(),
+            now=after_grace,
+        )
+        assert (leaked.previous_secret, leaked.previous_secret_until) == (None, None)
+        entries = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "webhook_secret_rotated")
+        ).all()
+        assert len(entries) == 2
+        assert all(new_secret not in json.dumps(e.details) for e in entries)
+
+
+def test_the_readme_receiver_accepts_either_signature_of_a_rotation() -> None:
+    """README's receiver snippet read the header into a dict, keeping the last ``v1``: a
+    receiver switched to a rotated secret refused every delivery of the grace period,
+    whose last ``v1`` is the old secret's. It accepts any ``v1`` that matches."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    snippet = next(
+        block.removeprefix("python\n")
+        for block in readme.split("```")
+        if "def verify(secret" in block
+    )
+    namespace: dict[str, Any] = {}
+    exec(snippet, namespace)
+    body = b'{"id":"1"}'
+    stamp = int(time.time())
+    claimed = webhooks.ClaimedDelivery(
+        id=1,
+        delivery_id=uuid.uuid4(),
+        subscription_id=1,
+        topic="flag.raised",
+        ordering_key="k",
+        attempts=0,
+        url="http://127.0.0.1:9/hook",
+        secret="new-secret",
+        envelope={},
+        previous_secret="old-secret",
+    )
+    header = webhooks.signature(claimed, stamp, body)
+    for secret in ("new-secret", "old-secret"):
+        assert namespace["verify"](secret, header, body), secret
+    assert not namespace["verify"]("other", header, body)
+    assert not namespace["verify"]("new-secret", header, body + b" ")

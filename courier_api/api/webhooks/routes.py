@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from flask import current_app
@@ -15,6 +16,7 @@ from courier_api.api.webhooks.schemas import (
     DeliveryPage,
     PurgeIn,
     PurgeOut,
+    SecretRotationIn,
     SubscriptionCreatedOut,
     SubscriptionIn,
     SubscriptionListArgs,
@@ -248,6 +250,39 @@ class SubscriptionById(MethodView):
             station_id=body.get("station_id", webhooks.KEEP),
             description=body.get("description"),
             active=body.get("active"),
+        )
+        db.session.commit()
+        return subscription
+
+
+@blp.route("/subscriptions/<id:subscription_id>/secret")
+class SubscriptionSecret(MethodView):
+    @blp.auth(Role.ADMIN)
+    @blp.arguments(SecretRotationIn)
+    @blp.response(200, SubscriptionCreatedOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def post(self, body: dict[str, Any], subscription_id: int) -> WebhookSubscription:
+        """Rotate a webhook subscription's secret
+
+        The answer holds the new `secret` (**only this answer shows it**). For
+        `grace_hours` (default 24, at most 168) every delivery is signed with the
+        old secret too: `X-Courier-Signature: t=<t>,v1=<new>,v1=<old>`, so that
+        nothing waiting or in flight is refused while your receiver switches
+        (accept a message when any `v1` matches the secret you hold); until
+        `rotation_grace_until`. `grace_hours: 0` drops the old secret at once (it
+        leaked): from then on deliveries carry the new secret's signature only.
+        Pending deliveries are kept either way, signed anew on each attempt. Audit-logged
+        (`webhook_secret_rotated`, never the secret). Admins only.
+        """
+        subscription = webhooks.get_subscription(
+            session=db.session, subscription_id=subscription_id
+        )
+        webhooks.rotate_secret(
+            session=db.session,
+            subscription=subscription,
+            grace=dt.timedelta(hours=body["grace_hours"]),
+            now=utcnow(),
+            actor_id=current_principal().user_id,
         )
         db.session.commit()
         return subscription

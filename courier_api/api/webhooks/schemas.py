@@ -89,6 +89,26 @@ class SubscriptionOut(ma.Schema):
     )
     created_at = ma.fields.AwareDateTime(required=True)
     created_by = ma.fields.Integer(allow_none=True, required=True)
+    rotation_grace_until = ma.fields.AwareDateTime(
+        attribute="previous_secret_until",
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "After a rotation of the secret: until when deliveries are "
+            "signed with the old secret too (a second v1); null: none"
+        },
+    )
+
+
+class SecretRotationIn(ma.Schema):
+    grace_hours = ma.fields.Integer(
+        load_default=24,
+        validate=ma.validate.Range(min=0, max=168),
+        metadata={
+            "description": "How long deliveries are signed with the old secret too, so "
+            "that the receiver can switch without refusing any; 0: drop it now (a leak)"
+        },
+    )
 
 
 class SubscriptionCreatedOut(SubscriptionOut):
@@ -96,7 +116,7 @@ class SubscriptionCreatedOut(SubscriptionOut):
         required=True,
         metadata={
             "description": "Signs every delivery (X-Courier-Signature). Shown in this "
-            "answer only: store it now, it is never given out again"
+            "answer only (or a rotation's): store it now, it is never given out again"
         },
     )
 

@@ -548,6 +548,9 @@ def answer_request(
     else:
         request.status = ConsentRequestStatus.REFUSED
         request.status_reason = answer.reason
+        # The requests it withdraws first, then the parcel: a revocation of their
+        # consent at the same moment takes them in that order too (no deadlock).
+        _withdraw_granted_before(session, request, answer.channel, now)
         _record_refusal(session, request.tracking_no, now)
     request.answered_at = now
     request.answered_by = answered_by
@@ -567,7 +570,6 @@ def answer_request(
     else:
         _audit_refusal(session, request, answer.channel, now)
         _announce_refused(session, request, answer.channel, now)
-        _withdraw_granted_before(session, request, answer.channel, now)
     feed.record(
         session,
         [
@@ -592,13 +594,14 @@ def _withdrawn_reason(refusal: ConsentRequest) -> str:
 def _withdraw_granted_before(
     session: Session, refusal: ConsentRequest, channel: ConsentChannel, now: dt.datetime
 ) -> None:
-    """The parcel's requests granted by a consent given before ``refusal`` (just recorded)
-    read ``revoked`` at the refusal, as the rules weigh that consent for the parcel from
-    then on (``sync.consents.withdrawn_by_refusals``); their channel and courier's PDA hear
-    it, as of a revocation. One guarded update, as ``sync.consents.revoked_requests``: a
-    revocation of the consent at the same moment withdraws the request once, whichever
-    comes first (the second finds it ``revoked``)."""
-    assert refusal.answered_at is not None
+    """The parcel's requests granted by a consent given before ``refusal`` (being recorded
+    at ``now``) read ``revoked`` at the refusal, as the rules weigh that consent for the
+    parcel from then on (``sync.consents.withdrawn_by_refusals``); their channel and
+    courier's PDA hear it, as of a revocation. One guarded update, as
+    ``sync.consents.revoked_requests``: a revocation of the consent at the same moment
+    withdraws the request once, whichever comes first (the second finds it
+    ``revoked``)."""
+    refusal.answered_at = now
     withdrawn = session.scalars(
         update(ConsentRequest)
         .where(
@@ -638,7 +641,12 @@ def _withdraw_granted_before(
 
 def _refusal_withdrawing(session: Session, consent: Consent) -> ConsentRequest | None:
     """The first refusal of a request for ``consent``'s parcel recorded after the time it
-    was granted: the one that withdraws it for the parcel, if any."""
+    was granted: the one that withdraws it for the parcel, if any. Read under the
+    parcel's lock, which a refusal takes to be kept (``_record_refusal``): one being
+    recorded at this moment is waited for, not missed."""
+    session.scalar(
+        select(Parcel.id).where(Parcel.tracking_no == consent.tracking_no).with_for_update()
+    )
     return session.scalar(
         select(ConsentRequest)
         .where(

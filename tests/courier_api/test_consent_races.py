@@ -12,7 +12,7 @@ from flask import Flask
 from sqlalchemy import select
 
 from courier_api.extensions import db
-from models import Flag
+from models import ConsentRequestStatus, Flag, OutboxMessage, WebhookSubscription
 from sync import consents as consents_module
 from tests import factories
 from tests.conftest import Auth
@@ -331,3 +331,77 @@ def test_two_answers_racing_with_one_id_for_two_requests_give_the_loser_the_name
     [lost] = [a.get_json() for a in answers if a.status_code == 409]
     assert lost["code"] == "client_consent_id_reused", lost
     assert f"which answers consent request {won['request']['id']}" in lost["message"]
+
+
+@pytest.mark.postgres_only
+def test_a_refusal_while_the_consent_it_withdraws_is_revoked_never_deadlocks(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipient granted the courier's first request, then, at the same moment,
+    revokes that consent in the app and refuses a second request by SMS. The revocation
+    marks the first request revoked, then judges the parcel (its lock); the refusal
+    locks the parcel to keep the refusal, and must mark the first request too: taken in
+    that order, each waited for the other and PostgreSQL failed one (a 503). The
+    refusal marks the request before it locks the parcel, as the revocation does:
+    both succeed, and the request is revoked once (by whichever came first)."""
+    from models import ConsentRequest
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    client = committed_app.test_client()
+    first, second = (
+        client.post(
+            f"{CONSENTS}/requests",
+            json={"tracking_no": tracking_no, "method": "locker"},
+            headers=headers["courier"],
+        ).get_json()["id"]
+        for _ in range(2)
+    )
+    granted = client.post(
+        CONSENTS, json={"request_id": first, "channel": "app"}, headers=headers["integration"]
+    )
+    assert granted.status_code == 201, granted.get_json()
+    with committed_app.app_context():
+        db.session.add(
+            WebhookSubscription(
+                url="http://127.0.0.1:9/hook",
+                topics=["consent.request_revoked"],
+                secret="s" * 43,
+            )
+        )
+        db.session.commit()
+    revoked_requests = consents_module.revoked_requests
+
+    def slow_revoked_requests(*args: Any, **kwargs: Any) -> None:
+        revoked_requests(*args, **kwargs)
+        time.sleep(0.6)  # the first request marked, the parcel not judged yet
+
+    monkeypatch.setattr(consents_module, "revoked_requests", slow_revoked_requests)
+    revocation, refusal = race_requests(
+        committed_app,
+        [
+            (
+                "POST",
+                f"{CONSENTS}/{granted.get_json()['id']}/revoke",
+                {"reason": "changed my mind"},
+                headers["integration"],
+            ),
+            (
+                "POST",
+                CONSENTS,
+                {"request_id": second, "channel": "sms", "granted": False},
+                headers["integration"],
+            ),
+        ],
+        delays=[0, 0.2],
+    )
+    assert (revocation.status_code, refusal.status_code) == (200, 200), (
+        revocation.get_json(),
+        refusal.get_json(),
+    )
+    with committed_app.app_context():
+        request = db.session.get(ConsentRequest, first)
+        assert request is not None and request.status == ConsentRequestStatus.REVOKED
+        told = db.session.scalars(
+            select(OutboxMessage).where(OutboxMessage.topic == "consent.request_revoked")
+        ).all()
+        assert len(told) == 1

@@ -344,6 +344,9 @@ REQUESTS: dict[str, Builder] = {
     "PATCH /api/v1/webhooks/subscriptions/{subscription_id}": _same(
         OWN("subscription_id"), json={"description": "renamed"}
     ),
+    "POST /api/v1/webhooks/subscriptions/{subscription_id}/secret": _same(
+        OWN("subscription_id"), json={"grace_hours": 1}
+    ),
     "GET /api/v1/webhooks/topics": _same(),
     "GET /api/v1/webhooks/deliveries": _same(),
     "GET /api/v1/webhooks/deliveries/{delivery_id}": _same(OWN("delivery_id")),

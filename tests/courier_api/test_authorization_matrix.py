@@ -209,6 +209,7 @@ MATRIX: dict[str, Row] = {
     "POST /api/v1/webhooks/subscriptions":                    api(201, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/webhooks/subscriptions/{subscription_id}":   api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "PATCH /api/v1/webhooks/subscriptions/{subscription_id}": api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
+    "POST /api/v1/webhooks/subscriptions/{subscription_id}/secret": api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/webhooks/deliveries":                        api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/webhooks/deliveries/{delivery_id}":          api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     "POST /api/v1/webhooks/deliveries/{delivery_id}/replay":  api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501

@@ -540,6 +540,7 @@ def answer_request(
             field="granted_at",
         )
     consent = None
+    withdrawn: Sequence[ConsentRequest] = ()
     if answer.granted:
         draft = _granted_draft(request, answer, now)
         consent = _granted_once(session, request, draft, answer, rules, answered_by, now)
@@ -550,7 +551,7 @@ def answer_request(
         request.status_reason = answer.reason
         # The requests it withdraws first, then the parcel: a revocation of their
         # consent at the same moment takes them in that order too (no deadlock).
-        _withdraw_granted_before(session, request, answer.channel, now)
+        withdrawn = _withdraw_granted_before(session, request, now)
         _record_refusal(session, request.tracking_no, now)
     request.answered_at = now
     request.answered_by = answered_by
@@ -570,6 +571,10 @@ def answer_request(
     else:
         _audit_refusal(session, request, answer.channel, now)
         _announce_refused(session, request, answer.channel, now)
+        for earlier in withdrawn:  # after the refusal that withdrew them
+            consent_of = session.get(Consent, earlier.consent_id)
+            assert consent_of is not None
+            _announce_withdrawn(session, earlier, consent_of, request, answer.channel, now)
     feed.record(
         session,
         [
@@ -592,12 +597,13 @@ def _withdrawn_reason(refusal: ConsentRequest) -> str:
 
 
 def _withdraw_granted_before(
-    session: Session, refusal: ConsentRequest, channel: ConsentChannel, now: dt.datetime
-) -> None:
+    session: Session, refusal: ConsentRequest, now: dt.datetime
+) -> Sequence[ConsentRequest]:
     """The parcel's requests granted by a consent given before ``refusal`` (being recorded
     at ``now``) read ``revoked`` at the refusal, as the rules weigh that consent for the
     parcel from then on (``sync.consents.withdrawn_by_refusals``); their channel and
-    courier's PDA hear it, as of a revocation. One guarded update, as
+    courier's PDA hear it, as of a revocation (the caller announces them after the
+    refusal: ``_announce_withdrawn``). One guarded update, as
     ``sync.consents.revoked_requests``: a revocation of the consent at the same moment
     withdraws the request once, whichever comes first (the second finds it
     ``revoked``)."""
@@ -623,9 +629,6 @@ def _withdraw_granted_before(
         .execution_options(synchronize_session="fetch")
     ).all()
     for request in withdrawn:
-        consent = session.get(Consent, request.consent_id)
-        assert consent is not None
-        _announce_withdrawn(session, request, consent, refusal, channel, now)
         feed.record(
             session,
             [
@@ -637,6 +640,7 @@ def _withdraw_granted_before(
                 )
             ],
         )
+    return withdrawn
 
 
 def _refusal_withdrawing(session: Session, consent: Consent) -> ConsentRequest | None:

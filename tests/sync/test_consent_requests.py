@@ -1097,6 +1097,9 @@ def test_a_later_refusal_withdrawing_the_consent_a_request_granted_revokes_that_
         ("consent.request_refused", second.id),
         ("consent.request_revoked", first.id),
     ]
+    # The channel hears the refusal before the revocation it caused (the parcel's order).
+    sent = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    assert [d.topic for d in sent][-2:] == ["consent.request_refused", "consent.request_revoked"]
     [revoked] = messages(session, "consent.request_revoked")
     assert revoked.payload == {
         "request_id": first.id,

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, true, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -617,6 +617,8 @@ def _withdraw_granted_before(
                 select(Consent.id).where(
                     Consent.tracking_no == refusal.tracking_no,
                     Consent.granted_at < refusal.answered_at,
+                    # One that expired before has nothing left to withdraw.
+                    or_(Consent.expires_at.is_(None), Consent.expires_at > refusal.answered_at),
                 )
             ),
         )
@@ -657,6 +659,9 @@ def _refusal_withdrawing(session: Session, consent: Consent) -> ConsentRequest |
             ConsentRequest.tracking_no == consent.tracking_no,
             ConsentRequest.status == ConsentRequestStatus.REFUSED,
             ConsentRequest.answered_at > consent.granted_at,
+            true()
+            if consent.expires_at is None
+            else ConsentRequest.answered_at < consent.expires_at,
         )
         .order_by(ConsentRequest.answered_at, ConsentRequest.id)
         .limit(1)

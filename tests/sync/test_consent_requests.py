@@ -1084,16 +1084,24 @@ def test_a_later_refusal_withdrawing_the_consent_a_request_granted_revokes_that_
         [
             pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
             pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+            pda.event(parcel, "consent_requested", 52, request={"method": "any"}),
         ]
     )
-    first, second = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id)).all()
+    first, second, lapsed = session.scalars(
+        select(ConsentRequest).order_by(ConsentRequest.id)
+    ).all()
     _, consent, _ = answer(session, first, now=NOW - dt.timedelta(minutes=5))
+    # Granted for two minutes only: expired before the refusal, nothing to withdraw.
+    expired_by_then = NOW - dt.timedelta(minutes=1)
+    answer(session, lapsed, now=NOW - dt.timedelta(minutes=3), expires_at=expired_by_then)
     answer(session, second, granted=False, reason="ring the bell")
     answer(session, second, granted=False, reason="ring the bell")  # the channel's retry
     session.expire_all()
     assert (first.status, first.revoked_at) == (ConsentRequestStatus.REVOKED, NOW)
+    assert session.get(ConsentRequest, lapsed.id).status == ConsentRequestStatus.GRANTED
     assert outcomes(session) == [
         ("consent.request_granted", first.id),
+        ("consent.request_granted", lapsed.id),
         ("consent.request_refused", second.id),
         ("consent.request_revoked", first.id),
     ]
@@ -1154,6 +1162,17 @@ def test_a_grant_given_before_a_refusal_already_recorded_reads_revoked(
     third = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
     later, _, _ = answer(session, third, now=NOW + dt.timedelta(minutes=2))
     assert later.status == ConsentRequestStatus.GRANTED
+    # One dated before the refusal but expired by then had nothing left to withdraw.
+    pda.push([pda.event(parcel, "consent_requested", 53, request={"method": "any"})])
+    fourth = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
+    brief, _, _ = answer(
+        session,
+        fourth,
+        granted_at=fourth.requested_at,
+        expires_at=fourth.requested_at + dt.timedelta(seconds=10),
+        now=NOW + dt.timedelta(minutes=3),
+    )
+    assert brief.status == ConsentRequestStatus.GRANTED
 
 
 def test_an_answer_taking_a_consent_recorded_alone_logs_what_that_consent_says(

@@ -16,15 +16,18 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from courier_api.api.sync import routes
 from courier_api.api.sync.routes import PUSH_ATTEMPTS
 from courier_api.extensions import db
 from models import (
+    AuditEntry,
     Device,
     DeviceStatus,
     DeviceSyncState,
     FeedChange,
     FeedKind,
     Flag,
+    OutboxMessage,
     Parcel,
     ParcelStatus,
     QuarantinedEvent,
@@ -227,6 +230,76 @@ def test_a_push_aborted_every_time_is_a_503_to_send_again_with_nothing_stored(
     assert [station.count(m) for m in (ScanEvent, SyncBatch)] == [0, 0]
     receipt = station.push(batch).get_json()  # the PDA kept everything and retries
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+
+
+def test_a_push_aborted_at_its_commit_keeps_and_counts_its_second_run_alone(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The latest PostgreSQL can abort a push: at its commit, once its first run had
+    chained its audit entry (deferred to the commit), noted its flags for the metrics
+    and written its webhook announcements. Only the second run is kept and counted:
+    its audit entries once and the chain intact, the late flag counted once, its
+    announcements written once, and a replay answered the receipt the PDA got."""
+    from courier_api import metrics
+    from sync.audit import verify
+    from tests.sync.test_consent_requests import subscribe
+
+    with station.app.app_context():
+        subscribe(db.session, "flag.raised")
+    shifts = "/api/v1/shifts"
+    shift = station.client.post(shifts, json={}, headers=station.headers).get_json()
+    a, b = station.parcels[:2]
+    station.push(station.body([factories.event(1, a), factories.event(2, b)]))
+    manager = Auth(station.client).headers("f-manager")
+    assert station.client.post(f"{shifts}/{shift['id']}/close", json={}, headers=station.headers)
+    signed = station.client.post(
+        f"{shifts}/{shift['id']}/signoff", json={"note": "b missing"}, headers=manager
+    )
+    assert signed.status_code == 200, signed.get_json()
+    late = station.body([factories.event(3, b, "returned_to_station", shift_id=shift["id"])])
+    flags_raised = metrics._metrics().flags.labels("late_event_after_signoff")
+    counted_before = flags_raised._value.get()
+    entries_before, announced_before = station.count(AuditEntry), station.count(OutboxMessage)
+    commits: list[int] = []
+
+    def aborted_at_the_first_commit(session: Session) -> None:
+        if session.info.get("push") and not session.in_nested_transaction():
+            commits.append(1)
+            if len(commits) == 1:
+                _aborted_by_postgresql(session, "deadlock_detected")
+
+    real_ingest = routes.ingest
+
+    def marked(**kwargs: Any) -> Any:
+        kwargs["session"].info["push"] = True
+        return real_ingest(**kwargs)
+
+    monkeypatch.setattr(routes, "ingest", marked)
+    event.listen(Session, "before_commit", aborted_at_the_first_commit)
+    try:
+        response = station.push(late)
+    finally:
+        event.remove(Session, "before_commit", aborted_at_the_first_commit)
+        monkeypatch.undo()
+    assert response.status_code == 200, response.get_json()
+    receipt = response.get_json()
+    assert len(commits) == 2
+    assert "late_event_after_signoff" in {f["kind"] for f in receipt["flags_raised"]}
+    assert flags_raised._value.get() - counted_before == 1
+    with station.app.app_context():
+        written = db.session.scalars(
+            select(AuditEntry.action).order_by(AuditEntry.id).offset(entries_before)
+        ).all()
+        assert verify(session=db.session).broken_id is None
+    # The reopening, and the missing parcel's flag closed by the return: each once.
+    assert sorted(written) == ["flag_status_changed", "shift_reopened"]
+    announced = station.count(OutboxMessage) - announced_before
+    assert announced == len(receipt["flags_raised"])
+    assert station.push(late).get_json() == receipt  # a replay: the same receipt
+    assert [station.count(m) for m in (AuditEntry, OutboxMessage)] == [
+        entries_before + 2,
+        announced_before + announced,
+    ]
 
 
 @pytest.mark.postgres_only

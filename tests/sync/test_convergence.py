@@ -18,7 +18,8 @@ with the same clock, then closed the shift if the PDA did. (When the test change
 PDA's clock mid-day, events recorded before are corrected by the offset of the push that
 carries them, so only their corrected times may differ.) Some events are recorded on a
 clock reset to its factory date: the shift, opened without a first seq, holds them by
-their seqs whenever they come. A malformed event the PDA saw rejected may be corrected
+their seqs whenever they come. A malformed event the PDA saw rejected (an unknown field,
+or its seq written as text, which the server holds it at all the same) may be corrected
 on it and sent again under its id and seq (README), then or before the last push: the
 reference gets those events first as rejected (kept in quarantine, no event stored
 around them), then the day as corrected in one push. Event times on the grid are in
@@ -144,9 +145,10 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             )
         )
         tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN]))
+        seq_as_text = False
         event_type = draw(st.sampled_from(STATUS_TYPES))
         extra = dict(EXTRA_FIELDS.get(event_type, {}))
-        finals = [e for e in events if e["type"] in FINAL_OUTCOMES and "colour" not in e]
+        finals = [e for e in events if e["type"] in FINAL_OUTCOMES and not _sent_malformed(e)]
         if kind == "again" and finals:
             scanned = draw(st.sampled_from(finals))
             tracking_no, event_type = scanned["tracking_no"], EventType(scanned["type"])
@@ -165,8 +167,11 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             tracking_no = draw(st.sampled_from([target["tracking_no"]] * 3 + KNOWN))
             extra = {"voids_client_event_id": target["client_event_id"], "reason": "mis-tap"}
         elif kind == "malformed":
-            # An unknown field: quarantined; without it, valid (a correctable mistake).
-            extra["colour"] = "red"
+            # An unknown field, or the seq written as text ("4"): quarantined (at its
+            # seq all the same); without it, or with the seq a number, valid.
+            seq_as_text = draw(st.booleans())
+            if not seq_as_text:
+                extra["colour"] = "red"
         if event_type in DELIVERIES:
             extra["pod"] = draw(st.sampled_from(PODS))
         clock = draw(st.sampled_from([DAY_START] * 4 + [FACTORY_DATE]))
@@ -181,9 +186,16 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
                 **extra,
             )
         )
+        if seq_as_text:
+            events[-1]["seq"] = str(seq)
         if kind == "again" and finals:
             repeats.append(events[-1])
     return events
+
+
+def _sent_malformed(event: dict[str, Any]) -> bool:
+    """A correctable mistake of ``event_streams``: an unknown field, or a quoted seq."""
+    return "colour" in event or isinstance(event["seq"], str)
 
 
 def _seq(event: dict[str, Any]) -> int:
@@ -429,7 +441,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
 
     def _malformed(self, ids: set[str]) -> list[dict[str, Any]]:
         """The PDA's malformed events of these ids."""
-        return [e for e in self.stream if "colour" in e and e["client_event_id"] in ids]
+        return [e for e in self.stream if _sent_malformed(e) and e["client_event_id"] in ids]
 
     def _correct(self, malformed: list[dict[str, Any]]) -> None:
         """The courier corrects events the PDA was told were rejected: each is sent from
@@ -437,6 +449,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         across it may have been inverted."""
         for event in malformed:
             corrected = {k: v for k, v in event.items() if k != "colour"}
+            corrected["seq"] = _seq(event)
             self.stream = [corrected if e is event else e for e in self.stream]
             self.retyped.append(event)
 
@@ -578,7 +591,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         assert bool(skew_flagged) == self.skewed_push
         open_flags = {kind for kind, _, status, _ in reached["flags"] if status == FlagStatus.OPEN}
         unknown_events = any(
-            e["tracking_no"] == UNKNOWN and "colour" not in e for e in self.stream
+            e["tracking_no"] == UNKNOWN and not _sent_malformed(e) for e in self.stream
         )
         assert ("unknown_parcel" in open_flags) == (unknown_events and not self.taken_in)
         return reached

@@ -251,7 +251,8 @@ def test_a_push_aborted_at_its_commit_keeps_and_counts_its_second_run_alone(
     a, b = station.parcels[:2]
     station.push(station.body([factories.event(1, a), factories.event(2, b)]))
     manager = Auth(station.client).headers("f-manager")
-    assert station.client.post(f"{shifts}/{shift['id']}/close", json={}, headers=station.headers)
+    closed = station.client.post(f"{shifts}/{shift['id']}/close", json={}, headers=station.headers)
+    assert closed.status_code == 200, closed.get_json()
     signed = station.client.post(
         f"{shifts}/{shift['id']}/signoff", json={"note": "b missing"}, headers=manager
     )

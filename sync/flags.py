@@ -54,7 +54,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagChange, FlagSeverity, FlagStatus, User, utcnow
+from models import Flag, FlagChange, FlagSeverity, FlagStatus, ScanEvent, User, utcnow
 from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.sql import among, chunks
@@ -843,29 +843,64 @@ def _audit_decision(
 
 def _parcels_cited(session: Session, flag: Flag) -> list[str]:
     """The parcels a flag of no one parcel (a shift's, a PDA's) cites by its events and
-    rejected events, as a proof finds the flags citing its delivery
-    (``sync.proofs.cites``): by id, by the PDA's id for them (``clock_jump``,
-    ``seq_conflict``) or, a PDA's flag, by their seqs (``wrong_shift``). A manager's
-    decision on it (a shift's ``late_event_after_signoff``, "the parcel came back late,
-    checked"; a PDA's ``clock_jump``, "clock reset, the times are right") is a decision
-    about each of them, which an auditor settling a dispute about one finds in its
-    history (``GET /audit?tracking_no=``). One statement, for such a flag only."""
+    rejected events (``cited_events``). A manager's decision on it (a shift's
+    ``late_event_after_signoff``, "the parcel came back late, checked"; a PDA's
+    ``clock_jump``, "clock reset, the times are right") is a decision about each of
+    them, which an auditor settling a dispute about one finds in its history
+    (``GET /audit?tracking_no=``). One statement, for such a flag only."""
     if flag.tracking_no is not None:
         return []
-    evidence = flag.evidence
-
-    def cited(key: str, kind: type) -> list[Any]:
-        found = cited_in(evidence, key, None) or ()
-        return [i for i in found if isinstance(i, kind) and not isinstance(i, bool)]
-
-    device = _device_of(flag.subject_type, flag.subject_key)
+    cited = cited_events(flag)
     return audit.parcels_of_events(
         session,
-        cited("event_ids", int),
-        cited("rejected_event_ids", int),
+        sorted(cited.event_ids),
+        sorted(cited.rejected_event_ids),
+        device_id=cited.device_id,
+        client_event_ids=sorted(cited.client_event_ids),
+        seqs=sorted(cited.seqs),
+    )
+
+
+@dataclass(frozen=True)
+class CitedEvents:
+    """The events a flag's evidence names (``cited_in``: past the bound of its lists
+    too): by id (``event_ids``), rejected ones by their quarantine id
+    (``rejected_event_ids``: ``late_event_after_signoff``), and, a flag of a PDA or of a
+    held event of it, by the PDA's id for them (``client_event_ids``: ``clock_jump``,
+    ``seq_conflict``) or, a PDA's own flag, by their seqs (``seqs``: ``wrong_shift``; a
+    PDA's seqs are its events' own). The one statement of what a flag cites, which a
+    proof (``sync.proofs.cites``), and a decision's audit entry (``_parcels_cited``) read."""
+
+    event_ids: frozenset[int]
+    rejected_event_ids: frozenset[int]
+    device_id: str | None  # whose events client_event_ids and seqs name
+    client_event_ids: frozenset[str]
+    seqs: frozenset[int]
+
+    def names(self, event: ScanEvent) -> bool:
+        """Whether these name the stored ``event``."""
+        return event.id in self.event_ids or (
+            event.device_id == self.device_id
+            and (str(event.client_event_id) in self.client_event_ids or event.seq in self.seqs)
+        )
+
+
+def cited_events(flag: Flag) -> CitedEvents:
+    """What ``flag``'s evidence cites of events (``CitedEvents``); values of another
+    type than the key's (evidence is stored JSON) name none."""
+    evidence = flag.evidence
+
+    def cited(key: str, kind: type) -> frozenset[Any]:
+        found = cited_in(evidence, key, None) or ()
+        return frozenset(i for i in found if isinstance(i, kind) and not isinstance(i, bool))
+
+    device = _device_of(flag.subject_type, flag.subject_key)
+    return CitedEvents(
+        event_ids=cited("event_ids", int),
+        rejected_event_ids=cited("rejected_event_ids", int),
         device_id=device,
-        client_event_ids=cited("client_event_ids", str),
-        seqs=cited("seqs", int) if flag.subject_type == "device" else (),
+        client_event_ids=cited("client_event_ids", str) if device is not None else frozenset(),
+        seqs=cited("seqs", int) if flag.subject_type == "device" else frozenset(),
     )
 
 

@@ -25,7 +25,7 @@ from models.sync import DELIVERY_TYPES
 from sync.blobs import BlobStore, Integrity, blobs_by_digest, stored_integrity
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
-from sync.flags import FlagSubject, cited_in
+from sync.flags import FlagSubject, cited_events
 from sync.handover import HANDOVER_KINDS
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
@@ -318,19 +318,8 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
 
 
 def cites(flag: Flag, event: ScanEvent) -> bool:
-    """Whether the flag's evidence names the event: by id (``event_ids``), by its PDA's
-    client event id (``client_event_ids``: ``clock_jump``), or, a flag of its PDA, by
-    its seq (``seqs``: ``wrong_shift``; a PDA's seqs are its events' own); past the
-    bound of its lists, among those of the latest raising (``sync.flags.cited_in``)."""
-    evidence = flag.evidence
-    return (
-        event.id in cited_in(evidence, "event_ids", ())
-        or str(event.client_event_id) in cited_in(evidence, "client_event_ids", ())
-        or (
-            (flag.subject_type, flag.subject_key) == ("device", event.device_id)
-            and event.seq in cited_in(evidence, "seqs", ())
-        )
-    )
+    """Whether the flag's evidence names the event (``sync.flags.cited_events``)."""
+    return cited_events(flag).names(event)
 
 
 def event_subject_keys(event: ScanEvent) -> list[str]:

@@ -54,7 +54,16 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagChange, FlagSeverity, FlagStatus, ScanEvent, User, utcnow
+from models import (
+    Flag,
+    FlagChange,
+    FlagSeverity,
+    FlagStatus,
+    QuarantinedEvent,
+    ScanEvent,
+    User,
+    utcnow,
+)
 from sync import audit, outbox
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.sql import among, chunks
@@ -634,7 +643,8 @@ def list_flags(
     rule flags name no shift. ``tracking_no``: the parcel's flags, its own (rules,
     wrong station, not taken in) and its handovers' in every shift (``missing_at_handover``,
     ``not_on_manifest``), by ``Flag.tracking_no``'s index: a lost parcel has no proof
-    to list them. ``standing``: only flags whose cause stands (open, acknowledged or
+    to list them; and those citing its events (``flags_citing_parcel``).
+    ``standing``: only flags whose cause stands (open, acknowledged or
     resolved), not those the system closed when it went away, as the reports count them
     (``sync.reports``): a flag raised and closed only because a PDA's pushes arrived in
     a given order is no news to a manager.
@@ -665,7 +675,10 @@ def list_flags(
     if shift_id is not None:
         query = query.where(Flag.shift_id == shift_id)
     if tracking_no is not None:
-        query = query.where(Flag.tracking_no == normalize(tracking_no))
+        number = normalize(tracking_no)
+        citing = flags_citing_parcel(session=session, tracking_no=number, station_id=station_id)
+        about = Flag.tracking_no == number
+        query = query.where(or_(about, Flag.id.in_(citing)) if citing else about)
     if raised_from is not None:
         query = query.where(Flag.raised_at >= raised_from)
     if raised_to is not None:
@@ -684,6 +697,61 @@ def list_flags(
             )
         )
     return session.scalars(query).all()
+
+
+def flags_citing_parcel(
+    *, session: Session, tracking_no: str, station_id: int | None = None
+) -> list[int]:
+    """The ids of the flags about a parcel's stored events that its number does not
+    file them under (``Flag.tracking_no`` is None): those of a held event of it
+    (``conflicting_duplicate``, ``seq_conflict``), and those of a shift its events were
+    filed under (``late_event_after_signoff``) or of their PDA (``clock_jump``,
+    ``wrong_shift``) that cite one of them or a rejected event naming the parcel
+    (``cited_events``). An auditor asking for "every flag about RR...GB" gets those
+    too, as its proof lists them. Read by indexes: the parcel's events and rejected
+    events by its number, then the flags of their shifts, PDAs and events by subject
+    (a few per shift or PDA: one per kind); at ``station_id`` only, if given."""
+    events = session.scalars(
+        select(ScanEvent).where(ScanEvent.tracking_no == tracking_no).order_by(ScanEvent.id)
+    ).all()
+    if not events:
+        return []
+    rejected = set(
+        session.scalars(
+            select(QuarantinedEvent.id).where(QuarantinedEvent.parcel_tracking_no == tracking_no)
+        )
+    )
+    devices = sorted({event.device_id for event in events})
+    shifts = sorted({str(event.shift_id) for event in events if event.shift_id is not None})
+    held = sorted(
+        {
+            key
+            for event in events
+            for key in (
+                FlagSubject.event_sent_again(event.device_id, event.client_event_id).key,
+                FlagSubject.event_seq(event.device_id, event.seq).key,
+            )
+        }
+    )
+    subjects = [
+        and_(Flag.subject_type == "event", Flag.subject_key.in_(held)),
+        and_(Flag.subject_type == "device", Flag.subject_key.in_(devices)),
+    ]
+    if shifts:
+        subjects.append(and_(Flag.subject_type == "shift", Flag.subject_key.in_(shifts)))
+    query = select(Flag).where(or_(*subjects))
+    if station_id is not None:
+        query = query.where(Flag.station_id == station_id)
+    found = []
+    for flag in session.scalars(query.order_by(Flag.id)):
+        cited = cited_events(flag)
+        if (
+            flag.subject_type == "event"
+            or not rejected.isdisjoint(cited.rejected_event_ids)
+            or any(cited.names(event) for event in events)
+        ):
+            found.append(flag.id)
+    return found
 
 
 def get_flag(*, session: Session, flag_id: int) -> Flag:
@@ -869,7 +937,8 @@ class CitedEvents:
     held event of it, by the PDA's id for them (``client_event_ids``: ``clock_jump``,
     ``seq_conflict``) or, a PDA's own flag, by their seqs (``seqs``: ``wrong_shift``; a
     PDA's seqs are its events' own). The one statement of what a flag cites, which a
-    proof (``sync.proofs.cites``), and a decision's audit entry (``_parcels_cited``) read."""
+    proof (``sync.proofs.cites``), a decision's audit entry (``_parcels_cited``) and a
+    parcel's flags (``flags_citing_parcel``) read."""
 
     event_ids: frozenset[int]
     rejected_event_ids: frozenset[int]

@@ -19,6 +19,7 @@ from sync import audit
 from sync.flags import FlagSubject, close_flag, evidence_version, raise_flag
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_shifts_api import Courier, parcels, sign_off
 from tests.threads import race
 
 FLAGS = "/api/v1/flags"
@@ -255,6 +256,45 @@ def test_a_lost_parcels_flags_are_listed_by_its_tracking_number_at_the_readers_s
     assert found("auditor1", flags.here.subject_key) == [
         (flags.here.kind, flags.here.subject_key, world.station.id)
     ]
+
+
+def test_a_parcels_flags_include_its_shifts_and_pdas_flags_citing_it(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An auditor settles a dispute about parcel b, missing at a handover the manager
+    signed off, returned late on a PDA whose clock had jumped. ``GET /flags?
+    tracking_no=b`` listed b's handover flag only: not the shift's
+    ``late_event_after_signoff`` citing b's late return, nor the PDA's ``clock_jump``
+    citing b's scans, flags the proof of a delivery lists when they cite it. Both are
+    listed for b now, for its station's manager too, and neither for a (whose events
+    they do not cite) nor for another station's manager."""
+    a, b = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    manager = auth.headers("manager1")
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    closed = client.post(f"/api/v1/shifts/{shift['id']}/close", json={}, headers=manager)
+    assert closed.status_code == 200, closed.get_json()
+    assert sign_off(client, shift["id"], manager, note="b missing").status_code == 200
+    jumped = now() - dt.timedelta(days=40)
+    receipt = pda.push(
+        [pda.event(b, "returned_to_station", shift_id=shift["id"], occurred_at=jumped)]
+    )
+    raised = {f["kind"] for f in receipt["flags_raised"]}
+    assert {"late_event_after_signoff", "clock_jump"} <= raised, raised
+
+    def kinds(number: str, username: str) -> list[str]:
+        response = client.get(
+            FLAGS, query_string={"tracking_no": number}, headers=auth.headers(username)
+        )
+        assert response.status_code == 200, response.get_json()
+        return sorted(f["kind"] for f in response.json["items"])
+
+    cited = {"clock_jump", "late_event_after_signoff", "missing_at_handover"}
+    for reader in ("auditor1", "manager1"):
+        assert cited <= set(kinds(b, reader)), kinds(b, reader)
+        assert cited.isdisjoint(kinds(a, reader)), kinds(a, reader)
+    assert kinds(b, "manager2") == []
 
 
 def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags) -> None:

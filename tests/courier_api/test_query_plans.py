@@ -1024,9 +1024,10 @@ def test_the_flag_queue_reads_its_page_through_the_stations_opened_index(world: 
 
 def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:
     """``GET /flags?tracking_no=``: a parcel's own flags and its handovers' (subject
-    ``<shift>:<tracking no>``), for an auditor and for its station's manager, and a
-    number with none: through ``ix_flag_tracking_no``, not along the station's queue
-    (a year of its flags) nor the whole table."""
+    ``<shift>:<tracking no>``), and those of its shifts and PDAs citing its events, for
+    an auditor and for its station's manager, and a number with none: through
+    ``ix_flag_tracking_no`` and ``ix_flag_subject``, not along the station's queue (a
+    year of its flags) nor the whole table."""
     with world.engine.connect() as connection:
         missing = connection.scalar(
             select(Flag.tracking_no).where(
@@ -1047,7 +1048,11 @@ def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:
             assert response.get_json()["items"], number
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "flag")))
-    assert used == {"ix_flag_tracking_no"}, used
+    # Its own by its number; its shifts', PDAs' and held events' citing its events by
+    # their subjects, found from its events and rejected events by its number.
+    assert used == {"ix_flag_tracking_no", "ix_flag_subject"}, used
+    events = set().union(*(e.indexes for e in reads(explained, "scan_event")))
+    assert events == {"ix_scan_event_tracking_no"}, events
 
 
 def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:

@@ -51,9 +51,11 @@ class Flags(MethodView):
         parcel's rule flags name no shift (`GET /shifts/{shift_id}/balance`
         lists those citing the shift's events). `tracking_no` finds a parcel's
         flags, its own and its handovers' in every shift: a lost parcel's, which
-        no proof lists. Managers see their own station
-        whatever `station_id` says (another station's shift has no flags for
-        them); admins and auditors see every station.
+        no proof lists; and, as a proof lists them, those of its held events and
+        of its shifts and PDAs citing its scans or rejected events (a shift's
+        `late_event_after_signoff`, a PDA's `clock_jump` or `wrong_shift`).
+        Managers see their own station whatever `station_id` says (another
+        station's shift has no flags for them); admins and auditors see every station.
         """
         items = flags.list_flags(
             session=db.session,

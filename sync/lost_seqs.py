@@ -63,6 +63,7 @@ from sync.shifts import (
     lock_shifts,
     may_own_revealed_gap,
     reopened_with_seqs_left_open,
+    shift_parcels,
 )
 
 ACTION = "lost_seqs_written_off"
@@ -204,6 +205,17 @@ def seq_owners(session: Session, device_id: str, ranges: Ranges) -> list[Owned]:
         if owned:
             found.append(Owned(owned, shift_id, facts.shift.station_id))
     return found
+
+
+def _parcels_of_owners(session: Session, device_id: str, ranges: Ranges) -> list[str]:
+    """The parcels of the shifts owning ``ranges`` once written off (``seq_owners``):
+    their manifests and every outcome they hold (``sync.shifts.shift_parcels``). A
+    write-off decides those shifts' balances (an outcome on a lost seq is missing for
+    good: the parcel is lost, not still on the PDA), as a close for the courier does,
+    and is filed under the same parcels, so that an auditor settling a dispute about
+    one finds it in its history (``GET /audit?tracking_no=``)."""
+    shift_ids = {owned.shift_id for owned in seq_owners(session, device_id, ranges)}
+    return sorted({number for i in shift_ids for number in shift_parcels(session, i)})
 
 
 def ensure_own_station(
@@ -405,6 +417,7 @@ def _write_off(
             "reason": text,
             "acked_through_seq": acked,
         },
+        parcels=_parcels_of_owners(session, device.id, ranges),
     )
     revealed = without(after.missing_ranges, before.missing_ranges)
     held = SeqTracker.of(after.max_seq, after.missing_ranges)

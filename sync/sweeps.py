@@ -25,6 +25,7 @@ from models import (
     DeviceSyncState,
     Flag,
     FlagSeverity,
+    ProofImage,
     Shift,
     ShiftStatus,
 )
@@ -437,6 +438,7 @@ def proof_retention_purge(
                     "cutoff": cutoff.isoformat(),
                     "retention_days": settings.proof_retention.days,
                 },
+                parcels=_parcels_of_images(session, due),
             )
             session.commit()  # the purge is on record before any byte goes
             purged += len(due)
@@ -458,6 +460,15 @@ def proof_retention_purge(
         if position is None
         else {"uploaded_at": position[0].isoformat(), "sha256": position[1]},
     }
+
+
+def _parcels_of_images(session: Session, digests: Sequence[str]) -> list[str]:
+    """The parcels whose proofs name any of ``digests`` (``ix_proof_image_sha256``): a
+    purge entry is filed under them, so that an auditor settling a dispute about one
+    reads in its history (``GET /audit?tracking_no=``) when and why its proof's images
+    went, not only that they are gone."""
+    query = select(ProofImage.tracking_no).where(ProofImage.sha256.in_(digests)).distinct()
+    return sorted(session.scalars(query))
 
 
 def _delete_purged_bytes(session: Session, store: BlobStore, digests: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import DeviceSyncState, Flag, FlagStatus, Shift, ShiftStatus
-from sync import shifts
+from sync import audit, shifts
 from sync.balances import shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import InvalidInput
@@ -68,6 +68,30 @@ def last_batch_lost(session: Session, world: World, pda: Pda) -> tuple[Shift, li
     pda.push([pda.event(a), pda.event(b), pda.event(c), pda.event(a, "delivered")])
     lost = [pda.event(b, "returned_to_station"), pda.event(c, "returned_to_station")]
     return pda.close(shift, last_seq=6), [a, b, c], lost
+
+
+def test_a_write_off_is_in_the_history_of_the_parcels_of_the_shift_owning_the_seqs(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """An auditor settles a dispute about parcel b, returned on a seq the PDA lost: the
+    write-off made it missing for good, no longer on the PDA. ``GET /audit?tracking_no=b``
+    did not list the write-off (subject the PDA, no parcel): it is filed under the
+    parcels of the shift owning the seqs, as a close for the courier is, and of no
+    other shift."""
+    shift, (a, b, c), _ = last_batch_lost(session, world, pda)
+    pda.open(first_seq=7)
+    (other,) = parcels(session, world, 1)
+    pda.push([pda.event(other)])
+
+    write_off(session, world, [5, 6])
+
+    def actions(number: str) -> list[str]:
+        return [e.action for e in audit.list_entries(session=session, tracking_no=number)]
+
+    for number in (a, b, c):
+        assert "lost_seqs_written_off" in actions(number), (number, actions(number))
+    assert "lost_seqs_written_off" not in actions(other)
+    assert audit.verify(session=session).ok
 
 
 # -- the rule, pure -------------------------------------------------------------------------

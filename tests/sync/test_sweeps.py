@@ -764,6 +764,40 @@ def test_a_new_proof_naming_a_purged_image_is_asked_for_again(
     assert flag.evidence["blobs"] == [photo]
 
 
+def test_a_purge_is_in_the_history_of_the_parcels_whose_proofs_named_its_images(
+    session: Session, world: World, pda: Pda, store: FileBlobStore
+) -> None:
+    """An auditor settles a dispute about parcel a a year on: its proof's photo is
+    gone. ``GET /audit?tracking_no=a`` did not list the purge that deleted it (the
+    entry named digests, no parcel), so the history did not say when or why. The
+    purge is filed under the parcels whose proofs name its images (a's, not b's)."""
+    a, b = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    photo, data = image((3, 33, 133))
+    record_blob(session, photo, data, uploaded_at=OPENED + minutes(20), store=store)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b)], at=OPENED + minutes(5))
+    pod = {"recipient_name": "Wang", "photo_sha256": photo}
+    pda.push([pda.event(a, "delivered", pod=pod)], at=OPENED + minutes(30))
+    pda.close(shift, at=NOW)
+
+    purge = sweep(
+        session,
+        sweeps.proof_retention_purge,
+        OPENED + dt.timedelta(days=400),
+        blob_store=store,
+    )
+
+    assert purge["purged"] == 1
+    [entry] = purge_entries(session)
+
+    def listed(number: str) -> list[int]:
+        return [e.id for e in audit.list_entries(session=session, tracking_no=number)]
+
+    assert entry.id in listed(a)
+    assert entry.id not in listed(b)
+    assert audit.verify(session=session).ok
+
+
 def test_purging_writes_one_audit_entry_per_batch(
     session: Session, world: World, store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

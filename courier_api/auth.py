@@ -427,21 +427,30 @@ def record_auditor_read(
     record, committed, before the data goes out; other roles' reads are not recorded.
     ``tracking_no``: the parcel read, when the read is of one parcel's; ``parcels``:
     the parcels it showed, when it showed several (``GET /audit?tracking_no=`` lists it
-    with each one's other entries)."""
+    with each one's other entries). A request that only reads (``READS_ONLY``) writes
+    the entry in a short transaction of its own (``Database.write_apart``), so that
+    its read holds no writers' turn: call it once the read is done, as it ends the
+    request's reading transaction."""
     principal = principal or current_principal()
     if principal.role != Role.AUDITOR:
         return
     # Imported here: courier_api.extensions imports the API base, which imports this module.
     from courier_api.extensions import db
 
-    audit.append(
-        session=db.session,
-        actor_id=principal.user_id,
-        action=action,
-        subject_type=subject_type,
-        subject_key=subject_key,
-        details=details or {},
-        tracking_no=tracking_no,
-        parcels=parcels,
-    )
+    def record(session: Session) -> None:
+        audit.append(
+            session=session,
+            actor_id=principal.user_id,
+            action=action,
+            subject_type=subject_type,
+            subject_key=subject_key,
+            details=details or {},
+            tracking_no=tracking_no,
+            parcels=parcels,
+        )
+
+    if db.request_only_reads():
+        db.write_apart(record)
+        return
+    record(db.session)
     db.session.commit()

@@ -177,6 +177,13 @@ class Database:
                 refuse_writes(refusing, True)
 
     @staticmethod
+    def request_only_reads() -> bool:
+        """Whether the current request runs in transactions that only read (its view
+        sets ``READS_ONLY``, a GET or HEAD): what it must write, it writes apart
+        (``write_apart``)."""
+        return _request_only_reads()
+
+    @staticmethod
     def checks_when_writing() -> bool:
         """Whether the current request's view sets ``SIGN_IN_CHECKED_WHEN_WRITING``:
         a view that writes in every request it answers with success, and does nothing

@@ -331,3 +331,65 @@ def test_two_revocations_of_one_consent_at_once_revoke_it_once(committed_app: Fl
 def _revocation(consent: dict[str, Any]) -> tuple[Any, ...]:
     """What a revocation stores of a consent."""
     return tuple(consent[name] for name in ("revoked_at", "revoked_reason", "revoked_channel"))
+
+
+def test_a_proof_hashing_its_images_for_an_auditor_holds_up_no_push(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An auditor opens a disputed proof: its detail hashes each image file it names
+    (``integrity``), a read of megabytes on a slow disk. On SQLite the request held the
+    writers' turn from its first statement (the read is audit-logged, so it wrote), and
+    every PDA's push waited for the hashing: here a write made while it hashes waited
+    out the busy timeout. The detail now reads, images hashed, in a reading transaction
+    and records the read apart, after it: the write goes through at once, and the read
+    is on record once."""
+    from sync import proofs as proofs_module
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="HASH")
+        factories.user(session, "hash-rider", "courier", station)
+        factories.user(session, "hash-auditor", "auditor")
+        factories.device(session, "PDA-HASH", station)
+        tracking_no = factories.parcel(session, station).tracking_no
+        session.commit()
+        station_id = station.id
+    client = committed_app.test_client()
+    auth = Auth(client)
+    courier = auth.headers("hash-rider", "PDA-HASH")
+    signature = image_bytes()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    pod = {"recipient_name": "Li", "signature_sha256": digest(signature)}
+    events = [
+        factories.event(1, tracking_no, occurred_at=at),
+        factories.event(2, tracking_no, "delivered", occurred_at=at, pod=pod),
+    ]
+    pushed = client.post(PUSH, json=factories.push_body("PDA-HASH", events), headers=courier)
+    assert pushed.status_code == 200, pushed.get_json()
+    put = client.put(f"/api/v1/blobs/{digest(signature)}", data=signature, headers=courier)
+    assert put.status_code == 201, put.get_json()
+    auditor = auth.headers("hash-auditor")
+    [found] = client.get("/api/v1/proofs", headers=auditor).get_json()["items"]
+    engine = db.engine_of(committed_app)
+    hashing = proofs_module.stored_integrity
+    waited: list[float] = []
+
+    def hashed_while_a_push_lands(store: Any, blob: Any) -> Any:
+        started = time.monotonic()
+        with engine.begin() as writer:  # another request's push, meanwhile
+            writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
+        waited.append(time.monotonic() - started)
+        return hashing(store, blob)
+
+    monkeypatch.setattr(proofs_module, "stored_integrity", hashed_while_a_push_lands)
+
+    read = client.get(f"/api/v1/proofs/{found['event_id']}", headers=auditor)
+
+    assert read.status_code == 200, read.get_json()
+    assert [image["integrity"] for image in read.get_json()["images"]] == ["intact"]
+    assert len(waited) == 1 and waited[0] < 2, waited
+    entries = client.get(
+        "/api/v1/audit", query_string={"action": "proof_read"}, headers=auditor
+    ).get_json()["items"]
+    assert [e["subject_key"] for e in entries] == [str(found["event_id"])]

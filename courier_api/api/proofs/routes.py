@@ -299,6 +299,10 @@ class ProofExport(MethodView):
 
 @blp.route("/<id:event_id>")
 class ProofById(MethodView):
+    # courier_api.database: its read, images hashed, holds no writers' turn; an
+    # auditor's read is recorded apart, after it (``record_auditor_read``)
+    READS_ONLY = True
+
     @blp.auth(*READERS)
     @blp.response(200, ProofDetailOut)
     @blp.alt_response(404, response="NOT_FOUND")
@@ -334,17 +338,11 @@ class ProofById(MethodView):
         )
         ensure_visible(detail.proof.station_id, proof_not_found(event_id))
         # Hashed before the read is put on record, as an image's own read is: a store that
-        # cannot be read (503) showed nothing, and its retry is the one read.
+        # cannot be read (503) showed nothing, and its retry is the one read. Read whole
+        # first: the record ends the request's reading transaction.
         images = proofs_images(session=db.session, proofs=[detail.proof], store=blob_store())
-        record_auditor_read(
-            "proof_read",
-            "proof",
-            str(event_id),
-            {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
-            tracking_no=detail.proof.event.tracking_no,
-        )
         auditor = principal.role == Role.AUDITOR
-        return {
+        shown = {
             **_view(
                 detail.proof,
                 detail.drop,
@@ -366,6 +364,14 @@ class ProofById(MethodView):
             ),
             "flags": _flag_refs(detail.flags, principal),
         }
+        record_auditor_read(
+            "proof_read",
+            "proof",
+            str(event_id),
+            {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
+            tracking_no=detail.proof.event.tracking_no,
+        )
+        return shown
 
 
 def _flag_refs(found: list[Flag], principal: Principal) -> list[dict[str, Any]]:

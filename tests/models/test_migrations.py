@@ -1554,6 +1554,68 @@ def test_decisions_on_a_pdas_flags_written_before_get_the_parcels_they_cite(
         assert audit.verify(session=session).ok
 
 
+PURGES_BY_PARCEL = "e2b6d4f8a1c3"  # retention purges by the parcels of their images
+
+
+def test_purges_written_before_get_the_parcels_whose_proofs_named_their_images(
+    scratch: Engine,
+) -> None:
+    """A retention purge written before is filed under the parcels whose proofs named
+    the digests it lists: one image named by two proofs, both parcels; a digest no
+    proof names, none; another action listing the same digest, none. Run again, it
+    files nothing twice; the chain verifies as before."""
+    import datetime as dt
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from models import ScanEvent
+    from sync import audit
+    from tests import factories
+
+    migrate.upgrade(scratch, BY_THE_PDAS_IDS)
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=1, parcels_per_shift=3, day=dt.date(2026, 11, 20)
+        )
+        session.commit()
+    with Session(scratch) as session:
+        held = session.scalars(select(ScanEvent).order_by(ScanEvent.seq)).all()
+    numbers = sorted({event.tracking_no for event in held})
+    x, y, z = numbers[:3]
+    shared, alone, unnamed = "a" * 64, "b" * 64, "c" * 64
+    by_number = {event.tracking_no: event.id for event in held}
+    with scratch.begin() as connection:
+        for number, sha256 in ((x, shared), (y, shared), (z, alone)):
+            connection.execute(
+                text(
+                    "INSERT INTO proof_image (event_id, sha256, tracking_no) VALUES (:e, :s, :t)"
+                ),
+                {"e": by_number[number], "s": sha256, "t": number},
+            )
+        _append_before(
+            connection,
+            [
+                ("proof_images_purged", "blob", shared, {"digests": [shared, unnamed]}),
+                ("proof_images_purged", "blob", alone, {"digests": [alone]}),
+                ("proof_images_purged", "blob", unnamed, {"digests": [unnamed]}),
+                ("blob_read", "blob", shared, {"digests": [shared]}),
+            ],
+        )
+    expected = {1: {x, y}, 2: {z}}
+    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    assert _entry_parcels(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": BY_THE_PDAS_IDS}
+        )
+    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        assert [e.id for e in audit.list_entries(session=session, tracking_no=x)] == [1]
+
+
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one
 
 

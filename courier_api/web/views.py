@@ -774,6 +774,7 @@ def _after_flag_decision(found: Flag, action: str, decided: bool) -> ResponseRet
 # -- proofs -----------------------------------------------------------------------------------
 
 
+@only_reads  # its images hashed holding up no push; an auditor's read recorded apart, last
 @bp.get("/proofs")
 @page()
 def proofs() -> ResponseReturnValue:
@@ -788,6 +789,14 @@ def proofs() -> ResponseReturnValue:
         reader=blob_reader(current_principal()),
         store=blob_store(),
     )
+    filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
+    recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]
+    users = users_seen_by(
+        db.session,
+        [*(p.event.courier_id for p in found), *recorders],
+        current_principal().station_filter(None),
+    )
+    couriers, stations = _couriers(station), _stations_to_pick()
     record_auditor_read(
         "proofs_searched",
         "proof",
@@ -796,20 +805,14 @@ def proofs() -> ResponseReturnValue:
         tracking_no=query.tracking_no,  # a search of one parcel's proofs
         parcels=[p.event.tracking_no for p in found],
     )
-    filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
-    recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]
     return render_template(
         "web/proofs.html",
         rows=rows,
-        users=users_seen_by(
-            db.session,
-            [*(p.event.courier_id for p in found), *recorders],
-            current_principal().station_filter(None),
-        ),
-        couriers=_couriers(station),
+        users=users,
+        couriers=couriers,
         args=filled,
         station=station,
-        stations=_stations_to_pick(),
+        stations=stations,
         methods=list(METHODS),
         flag_kinds=SEARCHABLE_FLAG_KINDS,
         flag_kind=args.get("flag_kind"),  # as its code, however it was typed
@@ -834,6 +837,7 @@ def export_proofs() -> ResponseReturnValue:
     return response
 
 
+@only_reads  # its images hashed holding up no push; an auditor's reads recorded apart, last
 @bp.get("/proofs/<id:event_id>")
 @page()
 def proof(event_id: int) -> ResponseReturnValue:
@@ -853,13 +857,6 @@ def proof(event_id: int) -> ResponseReturnValue:
         reader=blob_reader(current_principal()),
         store=blob_store(),
     )
-    record_auditor_read(
-        "proof_read",
-        "proof",
-        str(event_id),
-        {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
-        tracking_no=detail.proof.event.tracking_no,
-    )
     station = directory.get_station(session=db.session, station_id=detail.proof.station_id)
     visible_station = current_principal().station_filter(None)
     view = proof_page(
@@ -867,6 +864,13 @@ def proof(event_id: int) -> ResponseReturnValue:
         detail=detail,
         visible_station=visible_station,
         unmasked=current_principal().role == Role.AUDITOR,
+    )
+    record_auditor_read(
+        "proof_read",
+        "proof",
+        str(event_id),
+        {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
+        tracking_no=detail.proof.event.tracking_no,
     )
     if view.rejections_shown:  # as the shift page's: a read of the quarantine
         record_auditor_read(

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from courier_api.api.shifts import routes as shift_routes
 from courier_api.extensions import db
-from models import Flag, Parcel, Station
+from models import AuditEntry, Flag, Parcel, Station
 from sync import ingest as ingest_module
 from tests import factories
 from tests.conftest import Auth
@@ -333,17 +333,22 @@ def _revocation(consent: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(consent[name] for name in ("revoked_at", "revoked_reason", "revoked_channel"))
 
 
+@pytest.mark.parametrize(
+    "page",
+    ["api_detail", "web_detail", "web_search"],
+)
 def test_a_proof_hashing_its_images_for_an_auditor_holds_up_no_push(
-    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, page: str
 ) -> None:
-    """An auditor opens a disputed proof: its detail hashes each image file it names
+    """An auditor opens a disputed proof (its detail through the API, its page) or
+    searches proofs on the pages: each image file the answer names is hashed
     (``integrity``), a read of megabytes on a slow disk. On SQLite the request held the
     writers' turn from its first statement (the read is audit-logged, so it wrote), and
     every PDA's push waited for the hashing: here a write made while it hashes waited
-    out the busy timeout. The detail now reads, images hashed, in a reading transaction
-    and records the read apart, after it: the write goes through at once, and the read
-    is on record once."""
-    from sync import proofs as proofs_module
+    out the busy timeout (a 503). These now read, images hashed, in reading
+    transactions and record the read apart, after it: the write goes through at once,
+    and the read is on record once."""
+    from sync.blobs import FileBlobStore
     from tests.courier_api.test_blobs_api import digest, image_bytes
 
     with committed_app.app_context():
@@ -371,25 +376,44 @@ def test_a_proof_hashing_its_images_for_an_auditor_holds_up_no_push(
     assert put.status_code == 201, put.get_json()
     auditor = auth.headers("hash-auditor")
     [found] = client.get("/api/v1/proofs", headers=auditor).get_json()["items"]
+    pages = Pages(committed_app.test_client())
+    assert pages.login("hash-auditor").status_code == 302
     engine = db.engine_of(committed_app)
-    hashing = proofs_module.stored_integrity
+    hashing = FileBlobStore.verify
     waited: list[float] = []
 
-    def hashed_while_a_push_lands(store: Any, blob: Any) -> Any:
+    def hashed_while_a_push_lands(self: FileBlobStore, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         with engine.begin() as writer:  # another request's push, meanwhile
             writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
         waited.append(time.monotonic() - started)
-        return hashing(store, blob)
+        return hashing(self, *args, **kwargs)
 
-    monkeypatch.setattr(proofs_module, "stored_integrity", hashed_while_a_push_lands)
+    monkeypatch.setattr(FileBlobStore, "verify", hashed_while_a_push_lands)
+    action, read = {
+        "api_detail": (
+            "proof_read",
+            lambda: client.get(f"/api/v1/proofs/{found['event_id']}", headers=auditor),
+        ),
+        "web_detail": ("proof_read", lambda: pages.client.get(f"/web/proofs/{found['event_id']}")),
+        "web_search": (
+            "proofs_searched",
+            lambda: pages.client.get(f"/web/proofs?tracking_no={tracking_no}"),
+        ),
+    }[page]
+    with committed_app.app_context():
+        before = db.session.scalar(
+            select(func.count()).select_from(AuditEntry).where(AuditEntry.action == action)
+        )
 
-    read = client.get(f"/api/v1/proofs/{found['event_id']}", headers=auditor)
+    answer = read()
 
-    assert read.status_code == 200, read.get_json()
-    assert [image["integrity"] for image in read.get_json()["images"]] == ["intact"]
+    assert answer.status_code == 200, answer.get_data()[:300]
+    if page == "api_detail":
+        assert [image["integrity"] for image in answer.get_json()["images"]] == ["intact"]
     assert len(waited) == 1 and waited[0] < 2, waited
-    entries = client.get(
-        "/api/v1/audit", query_string={"action": "proof_read"}, headers=auditor
-    ).get_json()["items"]
-    assert [e["subject_key"] for e in entries] == [str(found["event_id"])]
+    with committed_app.app_context():
+        after = db.session.scalar(
+            select(func.count()).select_from(AuditEntry).where(AuditEntry.action == action)
+        )
+    assert after == before + 1

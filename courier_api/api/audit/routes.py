@@ -60,7 +60,8 @@ class AuditEntries(MethodView):
         number; and the entries that concern it among other parcels: the sign-off
         of each handover whose balance names it, a reopening of it by its late
         events and that reopening's withdrawal, a close of its shift for the
-        courier and a last seq declared afterwards, an auditor's read of a shift page
+        courier and a last seq declared afterwards, a write-off of seqs its shift's
+        PDA lost, a retention purge of its proof's images, an auditor's read of a shift page
         showing its recipient or its proof, a search, flag page or export part that
         showed its proof. Normalized as everywhere (case, spaces, dashes), one that
         leaves nothing is a 422 `invalid_tracking_no`. Entries written before the

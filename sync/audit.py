@@ -108,13 +108,14 @@ def append_at_commit(
     subject_key: str,
     details: dict[str, Any],
     tracking_no: str | None = None,
+    parcels: Iterable[str] = (),
 ) -> AuditEntry:
     """``append``, the entry chained when the transaction commits (inside ``deferred``,
     when that ends): for a change made deep inside other work, such as the system's
     change of a flag's status, whose caller may lock more flags after it. The audit log
     is then the last lock the transaction takes, whichever path made the change
     (``deferred`` says why); a transaction rolled back chains nothing."""
-    entry = _entry(actor_id, action, subject_type, subject_key, details, tracking_no, ())
+    entry = _entry(actor_id, action, subject_type, subject_key, details, tracking_no, parcels)
     queue = session.info.get(_DEFERRED)
     if queue is None:
         queue = session.info.setdefault(_AT_COMMIT, [])

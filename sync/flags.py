@@ -1130,7 +1130,10 @@ def _audit_system_change(
     changed it, on the tamper-evident record; the flag's history (``FlagChange``) is not
     that. A flag raised is not an entry: its row and history say so, and a push raising
     flags takes no turn at the log for it. Chained when the transaction commits
-    (``audit.append_at_commit``): a sweep closes flags one after another."""
+    (``audit.append_at_commit``): a sweep closes flags one after another. Filed, as a
+    decision is, under the parcels a shift's or a PDA's flag cites (``_parcels_cited``):
+    a PDA's ``clock_jump`` opened again on a parcel's scans is in that parcel's history
+    beside the resolution it undid."""
     audit.append_at_commit(
         session=session,
         actor_id=None,
@@ -1145,6 +1148,7 @@ def _audit_system_change(
             "decision": flag.decision.value if flag.decision is not None else None,
         },
         tracking_no=flag.tracking_no,
+        parcels=_parcels_cited(session, flag),
     )
 
 

@@ -789,6 +789,43 @@ def test_a_resolved_clock_jump_comes_back_when_the_pda_jumps_again(
     )
 
 
+def test_a_pdas_flag_opened_again_by_the_system_is_in_the_history_of_the_parcel_it_cites(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An auditor settles a dispute about parcel second, scanned on a PDA whose clock
+    had jumped. Its history (``GET /audit?tracking_no=``) listed the manager's
+    resolution of the PDA's ``clock_jump`` on first's scans (a decision on a PDA's flag
+    is filed under the parcels it cites) but not the system opening that flag again
+    when second's scans jumped too (``flag_status_changed``, no actor): that entry named
+    no parcel. It is filed under the parcels the flag cites then, as a decision is."""
+    first, second = (factories.parcel(session, world.station) for _ in range(2))
+    session.commit()
+    _jumped(auth, first.tracking_no, first_seq=1)
+    manager, auditor = auth.headers("manager1"), auth.headers("auditor1")
+    read = _flag_of(client, manager, "clock_jump")
+    resolved = client.post(
+        f"{FLAGS}/{read['id']}/resolve",
+        json={"note": "clock reset, courier told", "evidence_version": read["evidence_version"]},
+        headers=manager,
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    _jumped(auth, second.tracking_no, first_seq=3)
+    assert client.get(f"{FLAGS}/{read['id']}", headers=manager).json["status"] == "open"
+
+    def flag_entries(number: str) -> list[str]:
+        listed = client.get(
+            "/api/v1/audit", query_string={"tracking_no": number}, headers=auditor
+        ).get_json()["items"]
+        return [
+            e["action"]
+            for e in listed
+            if (e["subject_type"], e["subject_key"]) == ("flag", str(read["id"]))
+        ]
+
+    assert flag_entries(second.tracking_no) == ["flag_status_changed"]
+    assert flag_entries(first.tracking_no)[-1] == "flag_resolved"
+
+
 def test_a_clock_jump_at_its_bound_refuses_a_decision_read_before_the_next_jump(
     client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

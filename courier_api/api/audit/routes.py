@@ -55,7 +55,8 @@ class AuditEntries(MethodView):
         one parcel, whatever its subject (a consent's, a flag's, a proof's id):
         its proofs and its record read, its consents granted, revoked or refused,
         decisions on and changes of its flags (its own and its handovers'),
-        decisions on a shift's or a PDA's flags citing its scans, its
+        decisions on, and the system's changes of, a shift's or a PDA's flags
+        citing its scans, its
         changes by an intake, and auditors' searches of its proofs or rejected events by its
         number; and the entries that concern it among other parcels: the sign-off
         of each handover whose balance names it, a reopening of it by its late

@@ -1554,6 +1554,7 @@ def test_decisions_on_a_pdas_flags_written_before_get_the_parcels_they_cite(
         assert audit.verify(session=session).ok
 
 
+WEBHOOK_SECRETS_ROTATE = "e7b3d9a5c2f8"  # a webhook subscription keeps its previous secret
 PURGES_BY_PARCEL = "e2b6d4f8a1c3"  # retention purges by the parcels of their images
 
 
@@ -1573,7 +1574,7 @@ def test_purges_written_before_get_the_parcels_whose_proofs_named_their_images(
     from sync import audit
     from tests import factories
 
-    migrate.upgrade(scratch, BY_THE_PDAS_IDS)
+    migrate.upgrade(scratch, WEBHOOK_SECRETS_ROTATE)
     with Session(scratch) as session:
         factories.station_day(
             session, "ST1", shifts=1, parcels_per_shift=3, day=dt.date(2026, 11, 20)
@@ -1607,7 +1608,7 @@ def test_purges_written_before_get_the_parcels_whose_proofs_named_their_images(
     assert _entry_parcels(scratch) == expected
     with scratch.begin() as connection:  # stopped before its revision was recorded
         connection.execute(
-            text("UPDATE alembic_version SET version_num = :v"), {"v": BY_THE_PDAS_IDS}
+            text("UPDATE alembic_version SET version_num = :v"), {"v": WEBHOOK_SECRETS_ROTATE}
         )
     migrate.upgrade(scratch, PURGES_BY_PARCEL)
     assert _entry_parcels(scratch) == expected

@@ -14,7 +14,7 @@ digests), each statement its own transaction on PostgreSQL, so no append waits f
 more than one; only rows not there yet are written (run again, the same end).
 
 Revision ID: e2b6d4f8a1c3
-Revises: c4e8b2f6a1d9
+Revises: e7b3d9a5c2f8
 Create Date: 2026-12-13 09:00:00.000000
 """
 
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "e2b6d4f8a1c3"
-down_revision: str | None = "c4e8b2f6a1d9"
+down_revision: str | None = "e7b3d9a5c2f8"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

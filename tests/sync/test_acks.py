@@ -1,9 +1,13 @@
 """Acknowledgements: the highest contiguous seq, and the gaps, whatever the arrival order."""
 
+from collections.abc import Iterable, Sequence
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.acks import SeqTracker, highest_held, merged, overlap, seq_count, without
+from tests.range_reads import RangeReads
 
 
 def model(seqs: list[int]) -> tuple[int, list[int]]:
@@ -70,6 +74,70 @@ def test_ranges_of_seqs_merge_overlap_and_subtract_as_sets_do(a, b) -> None:
         assert seqs_of(ranges) == expected
         assert seq_count(ranges) == len(expected)
         assert all(x[1] + 1 < y[0] for x, y in zip(ranges, ranges[1:], strict=False))
+
+
+def without_each_with_each(
+    ranges: Iterable[Sequence[int]], cut: Iterable[Sequence[int]]
+) -> list[list[int]]:
+    """``without`` as it was before its single sweep (43987f0): each range compared with
+    every cut. Quadratic, and the definition the sweep must keep."""
+    out: list[list[int]] = []
+    cuts = merged(cut)
+    for first, last in merged(ranges):
+        at = first
+        for cut_first, cut_last in cuts:
+            if cut_last < at or cut_first > last:
+                continue
+            if cut_first > at:
+                out.append([at, cut_first - 1])
+            at = cut_last + 1
+        if at <= last:
+            out.append([at, last])
+    return out
+
+
+# Ranges of seqs as a PDA's gaps and write-offs are: many, in any order, overlapping or
+# touching, single seqs or a reset's billions; seqs too many to compare as sets.
+wide_ranges = st.lists(
+    st.tuples(
+        st.integers(min_value=1, max_value=2**31 - 1),
+        st.one_of(
+            st.integers(min_value=0, max_value=3), st.integers(min_value=0, max_value=2**31)
+        ),
+    ).map(lambda p: [p[0], min(p[0] + p[1], 2**31 - 1)]),
+    max_size=60,
+)
+dense_ranges = st.lists(
+    st.tuples(st.integers(min_value=1, max_value=200), st.integers(min_value=0, max_value=4)).map(
+        lambda p: [p[0], p[0] + p[1]]
+    ),
+    max_size=60,
+)
+
+
+@given(st.one_of(wide_ranges, dense_ranges), st.one_of(wide_ranges, dense_ranges))
+def test_the_sweep_of_without_gives_what_each_with_each_gave(a, b) -> None:
+    """The single sweep answers exactly (same ranges, same order) what comparing each
+    range with each cut did, on lists too many and too wide for the sets above."""
+    assert without(a, b) == without_each_with_each(a, b)
+
+
+def test_without_reads_each_range_a_few_times_not_once_per_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PDA sending every other seq has a gap per event; a push compares its gaps
+    before and after it. Counted, not timed, so no slow machine fails it."""
+    gaps = 20_000
+    before = [[2 * n, 2 * n] for n in range(1, gaps + 1)]
+    after = before[1:]
+    # Four reads a range a call, for the three calls: each with each reads 20,000².
+    reads = RangeReads(budget=4 * 2 * (len(before) + len(after) + 1)).start(monkeypatch)
+    assert without(before, after) == [[2, 2]]
+    assert without(after, before) == []
+    assert without([[1, 2 * gaps + 1]], before) == [
+        [2 * n + 1, 2 * n + 1] for n in range(gaps + 1)
+    ]
+    assert 0 < reads.count <= reads.budget, reads
 
 
 def test_the_highest_seq_held_leaves_out_seqs_missing_or_written_off() -> None:

@@ -1007,16 +1007,27 @@ def _ensure_within_reach(
     the PDA (or ``floor``, what the shift declared at its opening): the PDA cannot hold
     that many events unsent, and the seqs declared would file every later courier's
     events of the PDA under this shift. The PDA's sync state is locked by the caller."""
-    held = session.scalar(
-        select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == device_id)
+    held = (
+        session.scalar(
+            select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == device_id)
+        )
+        or 0
     )
-    base = max(held or 0, floor)
+    base = max(held, floor)
     if declared - base > MAX_SEQS_DECLARED_AHEAD:
+        # The manager or courier checks the number against the seq named: say which it
+        # is (a close is measured from its shift's first_seq when that is further).
+        measured_from = (
+            f"seq {base}, the highest the server holds from PDA {device_id}"
+            if base == held
+            else f"seq {base}, the seq before the shift's first_seq (the server holds "
+            f"seqs up to {held} from PDA {device_id})"
+        )
         raise InvalidInput(
             f"{field} {declared + (field == 'first_seq')} is more than "
-            f"{MAX_SEQS_DECLARED_AHEAD:,} seqs beyond seq {base}, the highest the server "
-            f"holds from PDA {device_id}: a PDA does not hold that many events unsent. "
-            f"Check the number on the PDA; a shift may leave {field} out",
+            f"{MAX_SEQS_DECLARED_AHEAD:,} seqs beyond {measured_from}: a PDA does not "
+            f"hold that many events unsent. Check the number on the PDA; a shift may "
+            f"leave {field} out",
             code="seq_too_far_ahead",
             field=field,
         )

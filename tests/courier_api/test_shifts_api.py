@@ -2210,3 +2210,35 @@ def test_a_shift_declares_no_seqs_far_beyond_what_its_pda_sent(
         (3, theirs["id"], courier2),
         (4, theirs["id"], courier2),
     ]
+
+
+def test_a_close_too_far_beyond_its_first_seq_names_the_seq_it_is_measured_from(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """A shift opened with its first_seq ahead of what the PDA sent (its earlier events
+    still queued) may declare a last_seq up to MAX_SEQS_DECLARED_AHEAD beyond its first
+    seq, not only beyond what the server holds. Refused beyond it, the manager checking
+    the number on the PDA was told the server held seqs up to that first seq, which it
+    never did: the message names the seq the bound is measured from for what it is."""
+    from sync.shifts import MAX_SEQS_DECLARED_AHEAD
+
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a)])  # the server holds seq 1 of the PDA
+    shift = pda.open(first_seq=5_001)  # seqs 2..5,000 still queued on the PDA
+    refused = client.post(
+        f"{SHIFTS}/{shift['id']}/close",
+        json={"last_seq": 5_000 + MAX_SEQS_DECLARED_AHEAD + 1},
+        headers=manager,
+    )
+    assert refused.status_code == 422, refused.get_json()
+    assert refused.get_json()["code"] == "seq_too_far_ahead"
+    message = refused.get_json()["message"]
+    assert "the highest the server holds" not in message, message
+    assert "seq 5000, the seq before the shift's first_seq" in message, message
+    assert "up to 1 from PDA PDA-0001" in message, message
+    closed = client.post(
+        f"{SHIFTS}/{shift['id']}/close",
+        json={"last_seq": 5_000 + MAX_SEQS_DECLARED_AHEAD},
+        headers=manager,
+    )
+    assert closed.status_code == 200, closed.get_json()

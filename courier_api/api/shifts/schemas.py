@@ -41,7 +41,8 @@ class CloseShiftIn(ma.Schema):
         metadata={
             "description": "The seq of the PDA's last event of this shift. Optional, "
             "recommended: events up to it still on the PDA keep the balance provisional. At "
-            "most 10,000 beyond the highest seq the server holds from the PDA (422 "
+            "most 10,000 beyond the highest seq the server holds from the PDA, or beyond the "
+            "seq before the shift's `first_seq` when that is higher (422 "
             "`seq_too_far_ahead`): the seqs a shift declares are its own for good"
         },
     )

@@ -618,3 +618,34 @@ def test_a_phone_in_a_write_offs_reason_is_masked_except_for_auditors(
     assert [w["reason"] for w in balance(client, shift["id"], pda.headers)["write_offs"]] == [
         shown
     ]
+
+
+def test_a_phone_in_a_write_offs_reason_is_masked_on_the_shift_page_and_in_the_audit_log(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    auth: Auth,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """The reason is also on the shift's page and in the write-off's audit entry (filed
+    under the PDA and the parcels of the shifts owning the seqs): masked for managers
+    and admins there too, whole for auditors (rule 7)."""
+    shift, _, _ = lost_in_the_middle(session, world, pda)
+    typed = "PDA reset; recipient on +86 138 1234 5678 says parcel 2 came back"
+    masked = "+**********678"
+    assert lost_seqs(client, manager, seqs=[3, 4], reason=typed).status_code == 201
+    page = f"/web/shifts/{shift['id']}"
+    manager_page = signed_in(client.application, "manager1").get(page)
+    assert masked in manager_page and "138 1234 5678" not in manager_page
+    assert typed in signed_in(client.application, "auditor1").get(page)
+
+    def reasons(username: str) -> list[str]:
+        listed = client.get(
+            "/api/v1/audit?action=lost_seqs_written_off", headers=auth.headers(username)
+        )
+        assert listed.status_code == 200, listed.get_json()
+        return [entry["details"]["reason"] for entry in listed.get_json()["items"]]
+
+    assert reasons("auditor1") == [typed]
+    assert reasons("admin") == [typed.replace("+86 138 1234 5678", masked)]

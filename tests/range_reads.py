@@ -30,14 +30,20 @@ class RangeReads:
         if self.count > self.budget:
             raise OverBudget(f"more than {self.budget:,} ranges read")
 
-    def start(self, monkeypatch: pytest.MonkeyPatch) -> RangeReads:
+    def __enter__(self) -> RangeReads:
+        """Count from here to the end of the ``with`` block (``merged`` patched in
+        ``sync.acks`` alone, where ``without`` and ``overlap`` look it up)."""
         real = sync.acks.merged
 
         def counted(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
             return _Counted(real(ranges), self)
 
-        monkeypatch.setattr(sync.acks, "merged", counted)
+        self._patch = pytest.MonkeyPatch()
+        self._patch.setattr(sync.acks, "merged", counted)
         return self
+
+    def __exit__(self, *_: object) -> None:
+        self._patch.undo()
 
     def __repr__(self) -> str:
         return f"{self.count:,} ranges read (budget {self.budget:,})"

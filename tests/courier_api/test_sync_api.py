@@ -1253,7 +1253,6 @@ def test_a_pda_that_sent_every_other_seq_costs_its_next_push_no_more_than_its_ga
     auth: Auth,
     courier: dict[str, str],
     parcel: Parcel,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A PDA (a stolen one, a broken app) sending every other seq leaves a gap per event:
     four pushes of 5,000 leave 20,000. Every later push compares the gaps before and
@@ -1275,11 +1274,8 @@ def test_a_pda_that_sent_every_other_seq_costs_its_next_push_no_more_than_its_ga
 
     def counted(call: Callable[[], Any]) -> tuple[Any, RangeReads]:
         # A few sweeps of the gaps (each range read three times a sweep), never gaps².
-        reads = RangeReads(budget=40 * gaps).start(monkeypatch)
-        try:
+        with RangeReads(budget=40 * gaps) as reads:
             response = call()
-        finally:
-            monkeypatch.undo()
         assert 0 < reads.count <= reads.budget, reads
         return response, reads
 

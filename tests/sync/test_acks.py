@@ -2,7 +2,6 @@
 
 from collections.abc import Iterable, Sequence
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -122,21 +121,19 @@ def test_the_sweep_of_without_gives_what_each_with_each_gave(a, b) -> None:
     assert without(a, b) == without_each_with_each(a, b)
 
 
-def test_without_reads_each_range_a_few_times_not_once_per_cut(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_without_reads_each_range_a_few_times_not_once_per_cut() -> None:
     """A PDA sending every other seq has a gap per event; a push compares its gaps
     before and after it. Counted, not timed, so no slow machine fails it."""
     gaps = 20_000
     before = [[2 * n, 2 * n] for n in range(1, gaps + 1)]
     after = before[1:]
     # Four reads a range a call, for the three calls: each with each reads 20,000².
-    reads = RangeReads(budget=4 * 2 * (len(before) + len(after) + 1)).start(monkeypatch)
-    assert without(before, after) == [[2, 2]]
-    assert without(after, before) == []
-    assert without([[1, 2 * gaps + 1]], before) == [
-        [2 * n + 1, 2 * n + 1] for n in range(gaps + 1)
-    ]
+    with RangeReads(budget=4 * 2 * (len(before) + len(after) + 1)) as reads:
+        assert without(before, after) == [[2, 2]]
+        assert without(after, before) == []
+        assert without([[1, 2 * gaps + 1]], before) == [
+            [2 * n + 1, 2 * n + 1] for n in range(gaps + 1)
+        ]
     assert 0 < reads.count <= reads.budget, reads
 
 

@@ -46,7 +46,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -551,18 +551,21 @@ def withdraw_evidence(
     key: str,
     withdrawn: set[str],
     reason: str,
+    standing: Mapping[int | None, Collection[str]] | None = None,
 ) -> list[Flag]:
     """Take ``withdrawn`` out of what the subject's flags of this kind cite under
     ``key`` (a list ``ACCUMULATED``), at every station: their cause no longer stands on
-    them. A flag left citing nothing there is closed by the system, ``reason`` saying
-    why, whatever its status (a decision on a cause that went away settles nothing, as
-    for a rule flag), the change on the audit log; its decision is kept, and given back
-    should it be raised again on what the decision covered (``JUDGED_ON_EVIDENCE``). A
-    flag citing others keeps its status, acknowledged or resolved too (what it cites
-    now the decision saw); its ``evidence_version`` changes. One of a kind
-    ``JUDGED_ON_EVIDENCE`` that is open and now cites only what the manager's latest
-    decision covered is given it back (``judged_status``): opened by the evidence just
-    withdrawn, it stands where it would had that evidence never been named (rule 3).
+    them. ``standing``: by station, what still stands on that station's flag (kept
+    there; a station not named keeps none of ``withdrawn``). A flag left citing nothing
+    there is closed by the system, ``reason`` saying why, whatever its status (a
+    decision on a cause that went away settles nothing, as for a rule flag), the change
+    on the audit log; its decision is kept, and given back should it be raised again on
+    what the decision covered (``JUDGED_ON_EVIDENCE``). A flag citing others keeps its
+    status, acknowledged or resolved too (what it cites now the decision saw); its
+    ``evidence_version`` changes. One of a kind ``JUDGED_ON_EVIDENCE`` that is open and
+    now cites only what the manager's latest decision covered is given it back
+    (``judged_status``): opened by the evidence just withdrawn, it stands where it would
+    had that evidence never been named (rule 3).
     Returns the flags closed."""
     closed = []
     flags = session.scalars(
@@ -576,9 +579,12 @@ def withdraw_evidence(
         .with_for_update()
     ).all()
     for flag in flags:
-        if withdrawn.isdisjoint(cited_in(flag.evidence, key, [])):
+        gone = withdrawn
+        if standing is not None:
+            gone = withdrawn - set(standing.get(flag.station_id, ()))
+        if gone.isdisjoint(cited_in(flag.evidence, key, [])):
             continue
-        flag.evidence = _without(flag.evidence, key, withdrawn)
+        flag.evidence = _without(flag.evidence, key, gone)
         if flag.status != FlagStatus.CLOSED and not cited_in(flag.evidence, key):
             _close(session, flag, reason)
             closed.append(flag)

@@ -927,7 +927,10 @@ class _BatchIngest:
                 {EVIDENCE_KEY: device_seqs(device_id, seqs)},
                 station_id=pushed_at,
             )
-        for tracking_no, seqs in sorted(judged.withdrawn.items()):
+        # A split pair's seqs leave each station's flag of the parcel that no pair of
+        # that station names now: one station's pair keeps a seq on its own flag only,
+        # as the events sent in order would have left it (a PDA moved between them).
+        for tracking_no, seqs in sorted(judged.split.items()):
             named = device_seqs(device_id, seqs)
             withdraw_evidence(
                 session=self.session,
@@ -936,6 +939,11 @@ class _BatchIngest:
                 key=EVIDENCE_KEY,
                 withdrawn=set(named),
                 reason=SPLIT_REASON.format(seqs=", ".join(named)),
+                standing={
+                    station: device_seqs(device_id, standing)
+                    for (standing_no, station), standing in judged.standing_at.items()
+                    if standing_no == tracking_no
+                },
             )
 
     def _stored_ids(self) -> dict[int, int]:

@@ -66,11 +66,17 @@ class Judgement(NamedTuple):
     each: ``inverted``, the pairs it completes, to be flagged; ``withdrawn``, the seqs
     flagged for a pair it split that no pair of neighbours inverted names any more.
     ``inverted_at``: ``inverted`` by parcel and station, each pair its later event's
-    (``Stamp.station_id``), the station whose flag it is."""
+    (``Stamp.station_id``), the station whose flag it is. ``split``: the seqs of the
+    pairs it split, by parcel; ``standing_at``: those of them some inverted pair still
+    names, by parcel and station. A station's flag keeps a split pair's seq only for a
+    pair of that station (``withdrawn`` is by parcel: a seq one station's pair names is
+    no reason to keep it on another's flag)."""
 
     inverted: dict[str, set[int]]
     withdrawn: dict[str, set[int]]
     inverted_at: dict[tuple[str, int | None], set[int]] = {}
+    split: dict[str, set[int]] = {}
+    standing_at: dict[tuple[str, int | None], set[int]] = {}
 
 
 def time_inversions(
@@ -192,19 +198,21 @@ def judge(
     if not split:
         return Judgement(inverted, {}, completed)
     # What else names their events now: the new pairs, and each one's other neighbour.
-    standing = inverted_among(
+    standing_at = inverted_at(
         [
             *pairs,
             *((beyond(before - 1, downward=True), before) for before, _ in split),
             *((after, beyond(after + 1, downward=False)) for _, after in split),
         ]
     )
+    standing = _by_parcel(standing_at)
+    split_seqs = inverted_among(split)
     withdrawn: dict[str, set[int]] = {}
-    for tracking_no, seqs in inverted_among(split).items():
+    for tracking_no, seqs in split_seqs.items():
         gone = seqs - standing.get(tracking_no, set())
         if gone:
             withdrawn[tracking_no] = gone
-    return Judgement(inverted, withdrawn, completed)
+    return Judgement(inverted, withdrawn, completed, split_seqs, standing_at)
 
 
 def across_written_off(

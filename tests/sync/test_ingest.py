@@ -1656,6 +1656,42 @@ def test_a_pair_completed_after_the_pda_moved_is_the_station_of_its_later_event(
     ]
 
 
+@pytest.mark.parametrize("order", ["in order", "seq 3 rejected at ST1, corrected at ST2"])
+def test_a_pair_split_after_the_pda_moved_leaves_each_station_its_own_pairs(
+    session: Session, pda: Pda, world: World, parcel: Parcel, order: str
+) -> None:
+    """At ST1 the PDA pushed seqs 1 and 2 of a parcel, 2 dated before 1: ST1's flag
+    names 1-2. Seq 3 was rejected there (mistyped). The PDA moved to ST2, whose courier
+    pushed seq 4, dated before 2: 2-4, across the rejected 3, on ST2's flag. Seq 3 sent
+    again corrected splits 2-4 into 2-3 (in order) and 3-4 (inverted). Seq 2 still
+    stood in ST1's pair 1-2, so it was left on ST2's flag too: ST2 read 2, 3, 4, where
+    the same events sent in order (3 and 4 from ST2) give ST2 3-4 alone (rule 3). A
+    split pair's seqs stay on a station's flag only for a pair of that station."""
+    tn = parcel.tracking_no
+    first = pda.event(1, tn, occurred_at=at(50))
+    second = pda.event(2, tn, "out_for_delivery", occurred_at=at(40))
+    third = pda.event(3, tn, "out_for_delivery", occurred_at=at(45))
+    fourth = pda.event(4, tn, "out_for_delivery", occurred_at=at(30))
+    rejected = {**third, "tracking_no": mistyped(tn)}
+    pda.push([first, second] if order == "in order" else [first, second, rejected])
+    world.device.station_id = world.other_station.id
+    courier = factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    moved = Pda(session, world)
+    moved.pusher = Pusher(world.device.id, world.other_station.id, courier.id)
+    for push in [[third, fourth]] if order == "in order" else [[fourth], [third]]:
+        assert "applied" in statuses(moved.push(push))
+    flags = session.scalars(
+        select(Flag)
+        .where(Flag.kind == "time_inversion", Flag.status != FlagStatus.CLOSED)
+        .order_by(Flag.station_id)
+    ).all()
+    assert [(f.station_id, f.evidence["device_seqs"]) for f in flags] == [
+        (world.station.id, ["PDA-0001#1", "PDA-0001#2"]),
+        (world.other_station.id, ["PDA-0001#3", "PDA-0001#4"]),
+    ]
+
+
 def test_a_consent_captured_after_the_drop_and_stamped_after_is_no_time_inversion(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

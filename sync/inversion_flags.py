@@ -29,7 +29,7 @@ from sync.flags import (
     split_device_seq,
     withdraw_evidence,
 )
-from sync.inversions import LookUp, Nearest, Stamp, across_written_off_at, still_named
+from sync.inversions import LookUp, Nearest, Stamp, across_written_off_at, still_named_at
 from sync.sql import Prebuilt, among_param, plain_rows, rows_among
 
 KIND = "time_inversion"
@@ -149,6 +149,7 @@ class Rejudged(NamedTuple):
     judged: int  # flags read
     withdrawn: int  # seqs taken out of them
     closed: int  # flags closed, left naming none
+    raised: int = 0  # flags raised or opened again at the station a pair is now
 
 
 # Why a push withdraws seqs from a flag (``sync.ingest``): the pair it split.
@@ -213,7 +214,7 @@ def rejudge_flags(
             if device in held:  # else named by a push since the batch was read
                 asked.setdefault(device, set()).update(seqs)
     named_now = {
-        device: still_named(
+        device: still_named_at(
             seqs,
             held[device],
             stored_at(session, device),
@@ -222,19 +223,32 @@ def rejudge_flags(
         )
         for device, seqs in sorted(asked.items())
     }
-    withdrawn = closed = 0
+    withdrawn = closed = raised = 0
     for flag in flags:
         # What it names when its turn comes: a flag of its parcel at another station
         # judged before it had the seqs withdrawn from it too (``withdraw_evidence``),
         # counted once. Its seqs are among those judged above, whatever it names.
+        # Each pair is its later event's station's (``sync.inversions``): one named
+        # here that stands at another station (raised by a push of a PDA moved since,
+        # before that rule) is raised there first, then withdrawn from this flag.
         gone: list[str] = []
+        standing: dict[int | None, list[str]] = {}
+        elsewhere: list[tuple[str, str, int, set[int]]] = []
         for device, seqs in sorted(_by_device(cited_in(flag.evidence, EVIDENCE_KEY, [])).items()):
             if device not in held:
                 continue
-            standing = named_now[device].get(flag.subject_key, set())
-            gone += device_seqs(device, set(seqs) - standing)
+            for (tracking_no, station), pair_seqs in named_now[device].items():
+                if tracking_no != flag.subject_key:
+                    continue
+                standing.setdefault(station, []).extend(device_seqs(device, pair_seqs))
+                if station is not None and station != flag.station_id:
+                    if not pair_seqs.isdisjoint(seqs):
+                        elsewhere.append((tracking_no, device, station, pair_seqs))
+            here = named_now[device].get((flag.subject_key, flag.station_id), set())
+            gone += device_seqs(device, set(seqs) - here)
         if not gone:
             continue
+        raised += len(_raised(session, elsewhere))
         withdrawn += len(gone)
         closed += len(
             withdraw_evidence(
@@ -244,10 +258,11 @@ def rejudge_flags(
                 key=EVIDENCE_KEY,
                 withdrawn=set(gone),
                 reason=REJUDGED_REASON.format(seqs=", ".join(gone)),
+                standing=standing,
             )
         )
     session.flush()
-    return Rejudged(len(ids), withdrawn, closed), ids[-1]
+    return Rejudged(len(ids), withdrawn, closed, raised), ids[-1]
 
 
 def rejudge_written_off(

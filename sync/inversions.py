@@ -256,10 +256,22 @@ def still_named(
     nearest: Nearest,
     tolerance: dt.timedelta = dt.timedelta(0),
 ) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` that the inverted pairs of neighbours with an end
-    among ``seqs`` name now, judged on the events stored (``courier-api rejudge``: a
-    flag's seqs, some named for a pair that a seq stored since split). A seq with no
-    stored event names nothing.
+    """``{tracking number: seqs}`` (``still_named_at``, whatever their stations)."""
+    return _by_parcel(still_named_at(seqs, held, look_up, nearest, tolerance))
+
+
+def still_named_at(
+    seqs: Iterable[int],
+    held: SeqTracker,
+    look_up: LookUp,
+    nearest: Nearest,
+    tolerance: dt.timedelta = dt.timedelta(0),
+) -> dict[tuple[str, int | None], set[int]]:
+    """``{(tracking number, station): seqs}`` that the inverted pairs of neighbours with
+    an end among ``seqs`` name now, each at its later event's station, judged on the
+    events stored (``courier-api rejudge``: a flag's seqs, some named for a pair that a
+    seq stored since split, or at another station than its later event's). A seq with
+    no stored event names nothing.
 
     One look-up, of the seqs and those beside them: a stored seq's neighbour is nearly
     always the seq beside it, stored too. A search only where that one has no event (a
@@ -280,7 +292,7 @@ def still_named(
             pairs.append((hit, (seq, stamp)))
         if seq < high and (hit := _neighbour(stamps, seq + 1, nearest, high, False)) is not None:
             pairs.append(((seq, stamp), hit))
-    return _inverted(pairs, tolerance)
+    return _inverted_at(pairs, tolerance)
 
 
 def _neighbour(
@@ -291,14 +303,6 @@ def _neighbour(
     if beside in stamps:
         return beside, stamps[beside]
     return nearest(end, beside, True) if downward else nearest(beside, end, False)
-
-
-def _inverted(
-    pairs: Iterable[tuple[tuple[int, Stamp], tuple[int, Stamp]]], tolerance: dt.timedelta
-) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` of the inverted ``pairs`` of neighbours
-    (``_inverted_at``, whatever their stations)."""
-    return _by_parcel(_inverted_at(pairs, tolerance))
 
 
 def _inverted_at(

@@ -187,6 +187,7 @@ def _inversions_judged_again(
         )
         totals.inversion_seqs_withdrawn += done.withdrawn
         totals.inversion_flags_closed += done.closed
+        totals.inversion_flags_raised += done.raised
         if after_id is not None and progress is not None:
             progress(totals)
     after_device: str | None = ""

@@ -562,6 +562,49 @@ def test_a_pair_across_seqs_written_off_of_a_pda_moved_since_is_its_old_stations
     ]
 
 
+def test_a_pair_flagged_at_another_station_than_its_later_event_goes_to_that_one(
+    session: Session, world: World
+) -> None:
+    """ST1's courier pushed seqs 1 and 3 of a parcel; the PDA moved to ST2, whose courier
+    pushed seq 2, dated after 3: the pair 2-3 was flagged at ST2, the pushing courier's
+    station, as the service did before a pair became its later event's station's (3:
+    ST1). ``rejudge`` judged the flag by parcel, found 2-3 still inverted, and left it on
+    ST2's board, where the push storing 2 first would have raised it at ST1. Now it
+    raises the pair at ST1 and withdraws it from ST2's flag (closed, naming none)."""
+    p = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    st1 = Pusher(world.device.id, world.station.id, world.courier.id)
+    push(
+        session,
+        st1,
+        [factories.event(1, p, occurred_at=at), factories.event(3, p, occurred_at=at)],
+    )
+    world.device.station_id = world.other_station.id
+    courier = factories.user(session, "courier2", "courier", world.other_station)
+    session.commit()
+    st2 = Pusher(world.device.id, world.other_station.id, courier.id)
+    later = at + dt.timedelta(minutes=10)
+    push(session, st2, [factories.event(2, p, "out_for_delivery", occurred_at=later)])
+    # As the service raised it before: at the station of the push completing the pair.
+    session.execute(
+        update(Flag).where(Flag.kind == "time_inversion").values(station_id=world.other_station.id)
+    )
+    session.commit()
+
+    totals = rejudge_parcels(session=session, policy=Policy())
+    assert (totals.inversion_flags_raised, totals.inversion_flags_closed) == (1, 1)
+    flags = session.scalars(
+        select(Flag).where(Flag.kind == "time_inversion").order_by(Flag.station_id)
+    ).all()
+    assert [(f.station_id, f.status, f.evidence["device_seqs"]) for f in flags] == [
+        (world.station.id, FlagStatus.OPEN, [f"{world.device.id}#2", f"{world.device.id}#3"]),
+        (world.other_station.id, FlagStatus.CLOSED, []),
+    ]
+    again = rejudge_parcels(session=session, policy=Policy())
+    assert (again.inversion_flags_raised, again.inversion_flags_closed) == (0, 0)
+
+
 def test_rejudging_write_offs_locks_every_pda_of_its_batch_before_any_flag(
     session: Session, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -772,7 +815,7 @@ def test_judging_a_batch_of_time_inversion_flags_again_costs_no_statement_per_fl
                 limit=flags,
                 tolerance=dt.timedelta(seconds=2),
             )
-        assert done == (flags, 0, 0)
+        assert done == (flags, 0, 0, 0)
         session.rollback()
         return len(sent)
 

@@ -235,7 +235,8 @@ class ShiftPage:
     changed_since_signoff: bool  # signed off, and the balance now differs (rule 5)
     # Sent back with a sign-off too, refused if they changed (as the board row counts
     # them, ``sync.signoffs.changed_since_read``): its PDA's events rejected, the ids
-    # of the flags naming it still waiting, and the proof images its deliveries lack.
+    # of the flags naming it still waiting, and the proof images its deliveries lack
+    # (counted only for a shift waiting for its sign-off, whose page has the form).
     rejected_events: int = 0
     open_flag_ids: tuple[int, ...] = ()
     images_missing: int = 0
@@ -406,8 +407,10 @@ def shift_page(
             session=session, scopes={shift.id: scope}, station_id=shift.station_id
         ).get(shift.id, 0),
         open_flag_ids=waiting,
+        # Only the sign-off form shows and sends it: a shift still open or signed off
+        # has none (its three statements spared on every page of a past handover).
         images_missing=len(images_lacking(session, [shift.id]).get(shift.id, ()))
-        if shift.status != ShiftStatus.OPEN
+        if shift.status == ShiftStatus.CLOSED
         else 0,
     )
 

@@ -553,6 +553,10 @@ def answer_request(
         # consent at the same moment takes them in that order too (no deadlock).
         withdrawn = _withdraw_granted_before(session, request, now)
         _record_refusal(session, request.tracking_no, now)
+        # Again under the parcel's lock: a grant holding it a moment ago read the
+        # refusals before this one was kept, and its request, not committed then, was
+        # not found above; it is now (``_refusal_withdrawing`` waits for this lock).
+        withdrawn = [*withdrawn, *_withdraw_granted_before(session, request, now)]
     request.answered_at = now
     request.answered_by = answered_by
     if answer.granted:

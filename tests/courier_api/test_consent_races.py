@@ -405,3 +405,72 @@ def test_a_refusal_while_the_consent_it_withdraws_is_revoked_never_deadlocks(
             select(OutboxMessage).where(OutboxMessage.topic == "consent.request_revoked")
         ).all()
         assert len(told) == 1
+
+
+@pytest.mark.postgres_only
+def test_a_grant_and_a_refusal_of_two_requests_at_once_never_leave_the_grant_standing(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The courier asked twice for the same parcel; the recipient says yes to the first
+    in the app and, a moment later, no to the second by SMS. The refusal withdraws the
+    consent just granted (granted before it), so the first request must read revoked and
+    its channel hear ``consent.request_revoked``. The refusal marked the requests
+    granted before it while the grant, holding the parcel's lock, was not committed yet
+    (nothing granted to mark), then waited for that lock; the grant had read the
+    refusals before the refusal was kept: each missed the other, and the first request
+    stayed ``granted`` by a consent the rules hold withdrawn. The refusal looks again
+    once it holds the parcel's lock, after which no grant can miss it."""
+    from models import ConsentRequest
+    from sync import consent_requests as requests_module
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    client = committed_app.test_client()
+    first, second = (
+        client.post(
+            f"{CONSENTS}/requests",
+            json={"tracking_no": tracking_no, "method": "locker"},
+            headers=headers["courier"],
+        ).get_json()["id"]
+        for _ in range(2)
+    )
+    with committed_app.app_context():
+        db.session.add(
+            WebhookSubscription(
+                url="http://127.0.0.1:9/hook",
+                topics=["consent.request_revoked"],
+                secret="s" * 43,
+            )
+        )
+        db.session.commit()
+    refusal_withdrawing = requests_module._refusal_withdrawing
+
+    def slow_refusal_withdrawing(*args: Any, **kwargs: Any) -> Any:
+        found = refusal_withdrawing(*args, **kwargs)
+        time.sleep(0.6)  # the parcel locked, the refusals read, not committed yet
+        return found
+
+    monkeypatch.setattr(requests_module, "_refusal_withdrawing", slow_refusal_withdrawing)
+    grant, refusal = race_requests(
+        committed_app,
+        [
+            ("POST", CONSENTS, {"request_id": first, "channel": "app"}, headers["integration"]),
+            (
+                "POST",
+                CONSENTS,
+                {"request_id": second, "channel": "sms", "granted": False},
+                headers["integration"],
+            ),
+        ],
+        delays=[0, 0.2],
+    )
+    assert (grant.status_code, refusal.status_code) == (201, 200), (
+        grant.get_json(),
+        refusal.get_json(),
+    )
+    with committed_app.app_context():
+        request = db.session.get(ConsentRequest, first)
+        assert request is not None and request.status == ConsentRequestStatus.REVOKED
+        told = db.session.scalars(
+            select(OutboxMessage).where(OutboxMessage.topic == "consent.request_revoked")
+        ).all()
+        assert len(told) == 1

@@ -353,7 +353,8 @@ def rotate_secret(
     secret too (a second ``v1``, after the new one: ``request_headers``), so that the
     receiver, switching to the new secret, refuses nothing in flight, and one still on
     the old secret keeps accepting; ``grace`` zero drops the old one at once (a leaked
-    secret). A rotation within the grace of another forgets the secret before it."""
+    secret). A rotation within the grace of another forgets the secret before it; two at
+    once take turns (the row is locked), the second keeping the first's new secret."""
     if not dt.timedelta() <= grace <= MAX_SECRET_GRACE:
         raise InvalidInput(
             f"the grace period is from 0 to {MAX_SECRET_GRACE.days * 24} hours",
@@ -361,6 +362,15 @@ def rotate_secret(
             field="grace_hours",
         )
     keep = grace > dt.timedelta()
+    # The row as stored, locked: a rotation sent again while the first runs keeps the
+    # first's new secret as the old one, rather than overwriting it with both having
+    # read the same (the secret the first answer showed would sign nothing).
+    session.scalar(
+        select(WebhookSubscription)
+        .where(WebhookSubscription.id == subscription.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
     subscription.previous_secret = subscription.secret if keep else None
     subscription.previous_secret_until = now + grace if keep else None
     subscription.secret = secrets.token_urlsafe(32)

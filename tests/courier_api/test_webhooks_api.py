@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -144,6 +145,48 @@ def test_an_admin_rotates_a_secret_keeping_the_old_one_for_a_grace_period(
     ).all()
     assert [e.actor_id for e in entries] == [world.admin.id, world.admin.id]
     assert not any(body["secret"] in json.dumps(e.details) for e in entries)
+
+
+@pytest.mark.postgres_only
+def test_two_rotations_at_once_keep_each_answered_secret_valid(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin's script times out on a rotation and sends it again while the first is
+    still running. Both read the secret before either wrote: the second kept the same
+    old secret as "previous" and overwrote the first's new one, so the secret the first
+    answer showed signed nothing, ever (a receiver switched to it refused every
+    delivery). The rotation locks the row and reads it again: the second keeps the
+    first's secret for the grace, and every secret shown is valid at least that long."""
+    from models import WebhookSubscription
+    from tests.threads import race_requests
+
+    with committed_app.app_context():
+        factories.user(db.session, "root", "admin")
+        subscription = WebhookSubscription(url=URL, topics=["flag.raised"], secret="s" * 43)
+        db.session.add(subscription)
+        db.session.commit()
+        subscription_id = subscription.id
+    headers = Auth(committed_app.test_client()).headers("root")
+    get_subscription = webhooks.get_subscription
+
+    def slow_get_subscription(**kwargs: Any) -> WebhookSubscription:
+        found = get_subscription(**kwargs)  # its secret read, as the rotation reads it
+        time.sleep(0.6)
+        return found
+
+    monkeypatch.setattr(webhooks, "get_subscription", slow_get_subscription)
+    url = f"{SUBSCRIPTIONS}/{subscription_id}/secret"
+    answers = race_requests(
+        committed_app,
+        [("POST", url, {"grace_hours": 24}, headers), ("POST", url, {"grace_hours": 24}, headers)],
+        delays=[0, 0.2],
+    )
+    assert [a.status_code for a in answers] == [200, 200], [a.get_json() for a in answers]
+    first, second = (a.get_json()["secret"] for a in answers)
+    with committed_app.app_context():
+        stored = db.session.get(WebhookSubscription, subscription_id)
+        assert stored is not None
+        assert (stored.secret, stored.previous_secret) == (second, first)
 
 
 def test_subscriptions_are_listed_in_pages(client: FlaskClient, auth: Auth, world: World) -> None:

@@ -579,15 +579,15 @@ def answer_request(
             consent_of = session.get(Consent, earlier.consent_id)
             assert consent_of is not None
             _announce_withdrawn(session, earlier, consent_of, request, answer.channel, now)
+    # The courier's PDA hears the answer, and each courier whose request it withdrew
+    # hears that: one entry each (the same courier asking both hears it once).
     feed.record(
         session,
         [
             feed.FeedEntry(
-                request.station_id,
-                request.courier_id,
-                FeedKind.CONSENT_REQUEST,
-                request.tracking_no,
+                asked.station_id, asked.courier_id, FeedKind.CONSENT_REQUEST, asked.tracking_no
             )
+            for asked in (request, *withdrawn)
         ],
     )
     session.flush()
@@ -607,10 +607,10 @@ def _withdraw_granted_before(
     at ``now``) read ``revoked`` at the refusal, as the rules weigh that consent for the
     parcel from then on (``sync.consents.withdrawn_by_refusals``); their channel and
     courier's PDA hear it, as of a revocation (the caller announces them after the
-    refusal: ``_announce_withdrawn``). One guarded update, as
-    ``sync.consents.revoked_requests``: a revocation of the consent at the same moment
-    withdraws the request once, whichever comes first (the second finds it
-    ``revoked``)."""
+    refusal, ``_announce_withdrawn``, and tells their couriers' PDAs with its own). One
+    guarded update, as ``sync.consents.revoked_requests``: a revocation of the consent
+    at the same moment withdraws the request once, whichever comes first (the second
+    finds it ``revoked``)."""
     refusal.answered_at = now
     withdrawn = session.scalars(
         update(ConsentRequest)
@@ -634,18 +634,6 @@ def _withdraw_granted_before(
         .returning(ConsentRequest)
         .execution_options(synchronize_session="fetch")
     ).all()
-    for request in withdrawn:
-        feed.record(
-            session,
-            [
-                feed.FeedEntry(
-                    request.station_id,
-                    request.courier_id,
-                    FeedKind.CONSENT_REQUEST,
-                    request.tracking_no,
-                )
-            ],
-        )
     return withdrawn
 
 

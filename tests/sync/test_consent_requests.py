@@ -1242,3 +1242,54 @@ def test_a_correction_reads_the_request_as_stored_not_as_its_session_last_saw_it
     assert request_of(session).status == ConsentRequestStatus.CANCELLED
     assert messages(session, "consent.request_cancelled") == []
     assert outcomes(session) == [("consent.request_lapsed", request.id)]
+
+
+def test_a_refusal_tells_each_courier_whose_request_it_withdrew_once(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The courier and a colleague at the door earlier each asked; the recipient granted
+    both, then refused the courier's third request. The colleague's PDA hears that its
+    granted request is withdrawn, and the courier's PDA hears the refusal and its own
+    withdrawn request in one entry: the refusal wrote one for the answer and another
+    for each request it withdrew, so the courier's next pull carried the parcel twice
+    for one change."""
+    colleague = factories.user(session, "colleague", "courier", world.station)
+    session.commit()
+    asked_earlier = consent_requests.request_consent(
+        session=session,
+        draft=consent_requests.RequestDraft(tracking_no=parcel, method=ConsentMethod.LOCKER),
+        asker=consent_requests.Asker(colleague.id, world.station.id),
+        ttl=dt.timedelta(minutes=30),
+        requested_at=NOW - dt.timedelta(minutes=10),
+        now=NOW - dt.timedelta(minutes=10),
+        online=True,
+    )
+    session.commit()
+    pda.push(
+        [
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+        ]
+    )
+    mine, refused = session.scalars(
+        select(ConsentRequest)
+        .where(ConsentRequest.courier_id == world.courier.id)
+        .order_by(ConsentRequest.id)
+    ).all()
+    answer(session, asked_earlier, now=NOW - dt.timedelta(minutes=5))
+    answer(session, mine, now=NOW - dt.timedelta(minutes=4))
+
+    def consent_request_entries() -> dict[int | None, int]:
+        rows = session.scalars(
+            select(FeedChange).where(FeedChange.kind == FeedKind.CONSENT_REQUEST)
+        ).all()
+        return {c: sum(1 for r in rows if r.courier_id == c) for c in {r.courier_id for r in rows}}
+
+    before = consent_request_entries()
+    answer(session, refused, granted=False, reason="ring the bell")
+    after = consent_request_entries()
+    session.expire_all()
+    assert session.get(ConsentRequest, asked_earlier.id).status == ConsentRequestStatus.REVOKED
+    assert session.get(ConsentRequest, mine.id).status == ConsentRequestStatus.REVOKED
+    assert after[colleague.id] - before[colleague.id] == 1
+    assert after[world.courier.id] - before[world.courier.id] == 1

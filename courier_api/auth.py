@@ -431,6 +431,29 @@ def record_auditor_read(
     the entry in a short transaction of its own (``Database.write_apart``), so that
     its read holds no writers' turn: call it once the read is done, as it ends the
     request's reading transaction."""
+    record_auditor_reads(
+        [AuditorRead(action, subject_type, subject_key, details or {}, tracking_no, parcels)],
+        principal,
+    )
+
+
+@dataclass(frozen=True)
+class AuditorRead:
+    """One read an answer shows, to put on record (``record_auditor_read``'s fields)."""
+
+    action: str
+    subject_type: str
+    subject_key: str
+    details: dict[str, Any]
+    tracking_no: str | None = None
+    parcels: Iterable[str] = ()
+
+
+def record_auditor_reads(reads: Iterable[AuditorRead], principal: Principal | None = None) -> None:
+    """``record_auditor_read`` for the reads one answer shows (a proof page: the proof
+    and the parcel's rejected events), in one transaction: all on record, or none when
+    the write fails and the answer is not given. Call it last, the answer built (a
+    page rendered), so that a request failing before it leaves no read on record."""
     principal = principal or current_principal()
     if principal.role != Role.AUDITOR:
         return
@@ -438,16 +461,17 @@ def record_auditor_read(
     from courier_api.extensions import db
 
     def record(session: Session) -> None:
-        audit.append(
-            session=session,
-            actor_id=principal.user_id,
-            action=action,
-            subject_type=subject_type,
-            subject_key=subject_key,
-            details=details or {},
-            tracking_no=tracking_no,
-            parcels=parcels,
-        )
+        for read in reads:
+            audit.append(
+                session=session,
+                actor_id=principal.user_id,
+                action=read.action,
+                subject_type=read.subject_type,
+                subject_key=read.subject_key,
+                details=read.details,
+                tracking_no=read.tracking_no,
+                parcels=read.parcels,
+            )
 
     if db.request_only_reads():
         db.write_apart(record)

@@ -37,10 +37,12 @@ from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
 from courier_api.api.proofs.routes import csv_rows
 from courier_api.api.quarantine.routes import QUARANTINE_SEARCHED
 from courier_api.auth import (
+    AuditorRead,
     current_principal,
     ensure_station_access,
     ensure_visible,
     record_auditor_read,
+    record_auditor_reads,
 )
 from courier_api.config import inversion_tolerance_of, policy_of
 from courier_api.database import only_reads
@@ -791,28 +793,18 @@ def proofs() -> ResponseReturnValue:
     )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
     recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]
-    users = users_seen_by(
-        db.session,
-        [*(p.event.courier_id for p in found), *recorders],
-        current_principal().station_filter(None),
-    )
-    couriers, stations = _couriers(station), _stations_to_pick()
-    record_auditor_read(
-        "proofs_searched",
-        "proof",
-        "search",
-        {"event_ids": [p.event.id for p in found]},
-        tracking_no=query.tracking_no,  # a search of one parcel's proofs
-        parcels=[p.event.tracking_no for p in found],
-    )
-    return render_template(
+    shown = render_template(
         "web/proofs.html",
         rows=rows,
-        users=users,
-        couriers=couriers,
+        users=users_seen_by(
+            db.session,
+            [*(p.event.courier_id for p in found), *recorders],
+            current_principal().station_filter(None),
+        ),
+        couriers=_couriers(station),
         args=filled,
         station=station,
-        stations=stations,
+        stations=_stations_to_pick(),
         methods=list(METHODS),
         flag_kinds=SEARCHABLE_FLAG_KINDS,
         flag_kind=args.get("flag_kind"),  # as its code, however it was typed
@@ -822,6 +814,16 @@ def proofs() -> ResponseReturnValue:
         else None,
         tz=station.timezone if station else "UTC",
     )
+    # Last, the page rendered: a page not shown leaves no read on record.
+    record_auditor_read(
+        "proofs_searched",
+        "proof",
+        "search",
+        {"event_ids": [p.event.id for p in found]},
+        tracking_no=query.tracking_no,  # a search of one parcel's proofs
+        parcels=[p.event.tracking_no for p in found],
+    )
+    return shown
 
 
 @bp.get("/proofs/export.csv")
@@ -865,22 +867,26 @@ def proof(event_id: int) -> ResponseReturnValue:
         visible_station=visible_station,
         unmasked=current_principal().role == Role.AUDITOR,
     )
-    record_auditor_read(
-        "proof_read",
-        "proof",
-        str(event_id),
-        {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
-        tracking_no=detail.proof.event.tracking_no,
-    )
-    if view.rejections_shown:  # as the shift page's: a read of the quarantine
-        record_auditor_read(
-            QUARANTINE_SEARCHED,
-            "quarantined_event",
-            f"proof:{event_id}",
-            {"tracking_no": detail.proof.event.tracking_no, "ids": view.rejections_shown},
+    reads = [
+        AuditorRead(
+            "proof_read",
+            "proof",
+            str(event_id),
+            {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
             tracking_no=detail.proof.event.tracking_no,
         )
-    return render_template(
+    ]
+    if view.rejections_shown:  # as the shift page's: a read of the quarantine
+        reads.append(
+            AuditorRead(
+                QUARANTINE_SEARCHED,
+                "quarantined_event",
+                f"proof:{event_id}",
+                {"tracking_no": detail.proof.event.tracking_no, "ids": view.rejections_shown},
+                tracking_no=detail.proof.event.tracking_no,
+            )
+        )
+    shown = render_template(
         "web/proof.html",
         detail=detail,
         consents_on_record=view.consents_on_record,
@@ -893,6 +899,9 @@ def proof(event_id: int) -> ResponseReturnValue:
         users=view.users,
         tz=station.timezone,
     )
+    # Last, the page rendered, and together: a page not shown leaves no read on record.
+    record_auditor_reads(reads)
+    return shown
 
 
 @bp.get("/images/<string:sha256>")

@@ -1305,6 +1305,57 @@ def test_an_auditor_reads_every_stations_rejected_events_of_the_parcel_and_it_is
     assert len(ids) == 2
 
 
+@pytest.mark.parametrize("failing", ["quarantine_record", "rendering", "search_rendering"])
+def test_an_auditors_proof_page_that_fails_after_its_reads_leaves_no_read_on_record(
+    app: Flask,
+    session: Session,
+    refused: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """An auditor opens the proof page of a parcel with rejected drops: two reads go on
+    record, the proof's (``proof_read``) and the quarantine's (``quarantine_searched``).
+    The page records them apart from its reading (``Database.write_apart``); recorded
+    one by one, the proof's read stayed on record when the second write failed (on a
+    SQLite file, the writers' turn taken again while PDAs push: busy, a 503) or the
+    page failed to render after them, and the auditor was shown nothing. Both are
+    recorded together, once the page is rendered: a page not shown leaves no read. So
+    is the proofs page's search (``proofs_searched``)."""
+    from sqlalchemy.exc import OperationalError
+
+    from courier_api.web import views
+    from sync import audit
+
+    appended = audit.append
+
+    def busy_at_the_second(**kwargs: Any) -> Any:
+        if kwargs["action"] == "quarantine_searched":
+            raise OperationalError("INSERT INTO audit_entry", {}, Exception("database is locked"))
+        return appended(**kwargs)
+
+    def broken(*_args: Any, **_kwargs: Any) -> str:
+        raise RuntimeError("the template failed")
+
+    pages = signed_in(app, "auditor1")
+    if failing == "quarantine_record":
+        monkeypatch.setattr(audit, "append", busy_at_the_second)
+    else:
+        monkeypatch.setattr(views, "render_template", broken)
+    before = session.scalars(select(AuditEntry.action)).all()
+
+    path = f"/web/proofs/{refused['proof']['event_id']}"
+    if failing == "search_rendering":
+        path = f"/web/proofs?tracking_no={refused['parcel'].tracking_no}"
+    try:
+        response = pages.client.get(path)
+        assert response.status_code >= 500, response.status_code
+    except RuntimeError as error:  # raised through the test client
+        assert failing != "quarantine_record", error
+
+    session.expire_all()
+    assert session.scalars(select(AuditEntry.action)).all() == before
+
+
 def test_the_proof_page_and_detail_find_the_rejected_drops_however_the_pda_wrote_the_number(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

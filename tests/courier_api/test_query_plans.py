@@ -33,7 +33,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from psycopg.types.json import Jsonb
-from sqlalchemy import Engine, event, insert, select, text
+from sqlalchemy import Engine, delete, event, insert, select, text
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
@@ -1027,7 +1027,10 @@ def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:
     ``<shift>:<tracking no>``), and those of its shifts and PDAs citing its events, for
     an auditor and for its station's manager, and a number with none: through
     ``ix_flag_tracking_no`` and ``ix_flag_subject``, not along the station's queue (a
-    year of its flags) nor the whole table."""
+    year of its flags) nor the whole table. A parcel whose shift's and PDA's flags cite
+    its delivery is asked for too, so that the page's read is planned with the ids of
+    those flags beside its number (``tracking_no = X OR id IN (...)``): without one,
+    the read with the OR was never explained."""
     with world.engine.connect() as connection:
         missing = connection.scalar(
             select(Flag.tracking_no).where(
@@ -1035,24 +1038,83 @@ def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:
             )
         )
     assert missing is not None
+    cited = _flags_citing_the_delivery(world)
     explained = []
-    for number, headers in (
-        (missing, world.auditor),
-        (missing, world.manager),
-        (world.tracking_no, world.manager),
-        ("RR000000000GB", world.auditor),
-    ):
-        response, plans = run(world, "GET", f"/api/v1/flags?tracking_no={number}", headers=headers)
-        explained += plans
-        if number == missing:
-            assert response.get_json()["items"], number
+    try:
+        for number, headers in (
+            (missing, world.auditor),
+            (missing, world.manager),
+            (world.tracking_no, world.manager),
+            (world.tracking_no, world.auditor),
+            ("RR000000000GB", world.auditor),
+        ):
+            response, plans = run(
+                world, "GET", f"/api/v1/flags?tracking_no={number}", headers=headers
+            )
+            explained += plans
+            listed = {item["id"] for item in response.get_json()["items"]}
+            if number == missing:
+                assert listed, number
+            if number == world.tracking_no:
+                assert set(cited) <= listed, (cited, listed)
+    finally:
+        with world.engine.begin() as connection:
+            connection.execute(delete(Flag).where(Flag.id.in_(cited)))
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "flag")))
     # Its own by its number; its shifts', PDAs' and held events' citing its events by
-    # their subjects, found from its events and rejected events by its number.
-    assert used == {"ix_flag_tracking_no", "ix_flag_subject"}, used
+    # their subjects, found from its events and rejected events by its number. Those
+    # citing it, beside its own, probed by their ids (the key, or the station's
+    # (station, id) index for its manager), never along the station's queue.
+    by_id = {"pk_flag", "ix_flag_station_id"}
+    assert used - by_id == {"ix_flag_tracking_no", "ix_flag_subject"}, used
+    pages = [e for e in reads(explained, "flag") if "flag.id IN" in e.statement]
+    assert len(pages) == 2, [e.statement for e in reads(explained, "flag")]
+    for page in pages:
+        assert "ix_flag_tracking_no" in page.indexes, page.plan
+        assert len(page.indexes & by_id) == 1 and page.indexes <= by_id | {
+            "ix_flag_tracking_no"
+        }, page.plan
     events = set().union(*(e.indexes for e in reads(explained, "scan_event")))
     assert events == {"ix_scan_event_tracking_no"}, events
+
+
+def _flags_citing_the_delivery(world: World) -> list[int]:
+    """A shift's ``late_event_after_signoff`` and its PDA's ``clock_jump`` citing the
+    world's delivery (by its id; by the PDA's id for it), as a late return on a PDA whose
+    clock jumped raises them: their ids (the caller deletes them, one of a kind and
+    subject at a station)."""
+    with Session(world.engine) as session:
+        client_event_id = session.scalar(
+            select(ScanEvent.client_event_id).where(ScanEvent.id == world.delivery_id)
+        )
+        raised = dt.datetime.now(dt.UTC)
+        flags = [
+            Flag(
+                station_id=world.station_id,
+                kind="late_event_after_signoff",
+                severity=FlagSeverity.WARNING,
+                subject_type="shift",
+                subject_key=str(world.shift_id),
+                evidence={"event_ids": [world.delivery_id]},
+                status=FlagStatus.OPEN,
+                shift_id=world.shift_id,
+                raised_at=raised,
+            ),
+            Flag(
+                station_id=world.station_id,
+                kind="clock_jump",
+                severity=FlagSeverity.WARNING,
+                subject_type="device",
+                subject_key=world.device_id,
+                evidence={"client_event_ids": [str(client_event_id)]},
+                status=FlagStatus.OPEN,
+                raised_at=raised,
+            ),
+        ]
+        session.add_all(flags)
+        session.commit()
+        return [flag.id for flag in flags]
 
 
 def test_the_quarantine_by_parcel_uses_indexes(world: World) -> None:

@@ -729,16 +729,7 @@ def flags_citing_parcel(
     )
     devices = sorted({event.device_id for event in events})
     shifts = sorted({str(event.shift_id) for event in events if event.shift_id is not None})
-    held = sorted(
-        {
-            key
-            for event in events
-            for key in (
-                FlagSubject.event_sent_again(event.device_id, event.client_event_id).key,
-                FlagSubject.event_seq(event.device_id, event.seq).key,
-            )
-        }
-    )
+    held = sorted({key for event in events for key in event_subject_keys(event)})
     subjects = [
         and_(Flag.subject_type == "event", Flag.subject_key.in_(held)),
         and_(Flag.subject_type == "device", Flag.subject_key.in_(devices)),
@@ -758,6 +749,15 @@ def flags_citing_parcel(
         ):
             found.append(flag.id)
     return found
+
+
+def event_subject_keys(event: ScanEvent) -> list[str]:
+    """The subject keys of the flags about a held event (``sync.ingest``): its id sent
+    again with other content, and its seq claimed by another event of its PDA."""
+    return [
+        FlagSubject.event_sent_again(event.device_id, event.client_event_id).key,
+        FlagSubject.event_seq(event.device_id, event.seq).key,
+    ]
 
 
 def get_flag(*, session: Session, flag_id: int) -> Flag:

@@ -25,7 +25,7 @@ from models.sync import DELIVERY_TYPES
 from sync.blobs import BlobStore, Integrity, blobs_by_digest, stored_integrity
 from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
-from sync.flags import FlagSubject, cited_events
+from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
@@ -320,15 +320,6 @@ def _flags_of(session: Session, proof: Proof, station_id: int | None) -> list[Fl
 def cites(flag: Flag, event: ScanEvent) -> bool:
     """Whether the flag's evidence names the event (``sync.flags.cited_events``)."""
     return cited_events(flag).names(event)
-
-
-def event_subject_keys(event: ScanEvent) -> list[str]:
-    """The subject keys of the flags about a held event (``sync.ingest``): its id sent
-    again with other content, and its seq claimed by another event of its PDA."""
-    return [
-        FlagSubject.event_sent_again(event.device_id, event.client_event_id).key,
-        FlagSubject.event_seq(event.device_id, event.seq).key,
-    ]
 
 
 def _drop(proof: Proof, events: Sequence[EventDetail]) -> EventDetail | None:

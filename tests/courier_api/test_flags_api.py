@@ -296,6 +296,20 @@ def test_a_parcels_flags_include_its_shifts_and_pdas_flags_citing_it(
         assert cited.isdisjoint(kinds(a, reader)), kinds(a, reader)
     assert kinds(b, "manager2") == []
 
+    # Page by page (the keyset after each page's last id), the same flags in the same
+    # order as in one page: its own and those citing it, none twice, none left out.
+    whole = client.get(FLAGS, query_string={"tracking_no": b}, headers=manager).json["items"]
+    paged: list[int] = []
+    after = None
+    while True:
+        query = {"tracking_no": b, "limit": 1} | ({"after": after} if after else {})
+        page = client.get(FLAGS, query_string=query, headers=manager).get_json()
+        paged += [f["id"] for f in page["items"]]
+        after = page.get("next_after")
+        if not page["items"] or after is None:
+            break
+    assert paged == [f["id"] for f in whole] and len(whole) >= 3, (paged, whole)
+
 
 def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags) -> None:
     admin = auth.headers("admin")

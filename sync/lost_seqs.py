@@ -62,8 +62,8 @@ from sync.shifts import (
     judge_reopening,
     lock_shifts,
     may_own_revealed_gap,
+    parcels_of_shifts,
     reopened_with_seqs_left_open,
-    shift_parcels,
 )
 
 ACTION = "lost_seqs_written_off"
@@ -207,34 +207,34 @@ def seq_owners(session: Session, device_id: str, ranges: Ranges) -> list[Owned]:
     return found
 
 
-def _parcels_of_owners(session: Session, device_id: str, ranges: Ranges) -> list[str]:
-    """The parcels of the shifts owning ``ranges`` once written off (``seq_owners``):
-    their manifests and every outcome they hold (``sync.shifts.shift_parcels``). A
-    write-off decides those shifts' balances (an outcome on a lost seq is missing for
-    good: the parcel is lost, not still on the PDA), as a close for the courier does,
-    and is filed under the same parcels, so that an auditor settling a dispute about
-    one finds it in its history (``GET /audit?tracking_no=``)."""
-    shift_ids = {owned.shift_id for owned in seq_owners(session, device_id, ranges)}
-    return sorted({number for i in shift_ids for number in shift_parcels(session, i)})
+def _parcels_of_owners(session: Session, owners: Sequence[Owned]) -> list[str]:
+    """The parcels of the shifts owning a write-off's seqs (``seq_owners``): their
+    manifests and every outcome they hold (``sync.shifts.parcels_of_shifts``, one
+    statement). A write-off decides those shifts' balances (an outcome on a lost seq is
+    missing for good: the parcel is lost, not still on the PDA), as a close for the
+    courier does, and is filed under the same parcels, so that an auditor settling a
+    dispute about one finds it in its history (``GET /audit?tracking_no=``)."""
+    return parcels_of_shifts(session, [owned.shift_id for owned in owners])
 
 
 def ensure_own_station(
     session: Session, device: Device, ranges: Ranges, station_id: int | None
-) -> None:
+) -> list[Owned] | None:
     """Refuse a manager of ``station_id`` seqs that are not their station's (rule 7):
     seqs a shift of another station owns (a PDA moved since: those are that station's
     handover), or seqs no shift owns on a PDA of another station. ``None``: a
     cross-station role (an admin), who may write off any. The refusal
-    (``seqs_of_another_station``, 403) names the ranges and the shifts owning them."""
+    (``seqs_of_another_station``, 403) names the ranges and the shifts owning them.
+    Returns the owners read (``seq_owners``), None for a cross-station role (none read)."""
     if station_id is None:
-        return
+        return None
     owners = seq_owners(session, device.id, ranges)
     foreign = [owned for owned in owners if owned.station_id != station_id]
     unowned = without(ranges, [r for owned in owners for r in owned.ranges])
     if device.station_id == station_id:
         unowned = []
     if not foreign and not unowned:
-        return
+        return owners
     codes = dict(
         session.execute(
             select(Station.id, Station.code).where(
@@ -369,7 +369,7 @@ def _write_off(
             field="reason",
         )
     state = lock_device_state(session, device.id)
-    ensure_own_station(session, device, ranges, station_id)
+    owners = ensure_own_station(session, device, ranges, station_id)
     before = Seqs(state.max_seq, state.missing_ranges, state.written_off_ranges)
     declared = max(state.max_seq, held_max_seq(session, device.id))
     refused = refused_seqs(ranges, before, declared)
@@ -417,7 +417,9 @@ def _write_off(
             "reason": text,
             "acked_through_seq": acked,
         },
-        parcels=_parcels_of_owners(session, device.id, ranges),
+        parcels=_parcels_of_owners(
+            session, seq_owners(session, device.id, ranges) if owners is None else owners
+        ),
     )
     revealed = without(after.missing_ranges, before.missing_ranges)
     held = SeqTracker.of(after.max_seq, after.missing_ranges)

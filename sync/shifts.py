@@ -64,7 +64,7 @@ from sync.flags import (
 )
 from sync.handover import Balance, first_seq_after
 from sync.rules import Policy
-from sync.sql import Prebuilt, among_param, chunks, rows_among
+from sync.sql import Prebuilt, among_at_once, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 
 MAX_PAGE_SIZE = 500
@@ -749,7 +749,19 @@ def shift_parcels(session: Session, shift_id: int) -> list[str]:
     entry deciding the shift's seqs, hence its whole balance, is filed under (a close
     for its courier, a last seq declared afterwards): each parcel's history in the
     audit log then shows who closed the shift it was counted in."""
-    query = select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift_id).distinct()
+    return parcels_of_shifts(session, [shift_id])
+
+
+def parcels_of_shifts(session: Session, shift_ids: Sequence[int]) -> list[str]:
+    """``shift_parcels`` of several shifts, in one statement however many (a write-off
+    of seqs several shifts own: ``sync.lost_seqs``)."""
+    if not shift_ids:
+        return []
+    query = (
+        select(ScanEvent.tracking_no)
+        .where(among_at_once(session, ScanEvent.shift_id, sorted(set(shift_ids))))
+        .distinct()
+    )
     return sorted(session.scalars(query))
 
 

@@ -94,6 +94,42 @@ def test_a_write_off_is_in_the_history_of_the_parcels_of_the_shift_owning_the_se
     assert audit.verify(session=session).ok
 
 
+def test_a_managers_write_off_reads_the_shifts_owning_the_seqs_once(
+    session: Session, world: World, pda: Pda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager writes off the seqs a PDA lost over a month (its ranges between many
+    shifts): the shifts that may own them are read as their balances read them, every
+    event of each (``sync.balances.gather``), to refuse another station's seqs; they
+    were read again, whole, for the parcels to file the entry under, and each owning
+    shift's parcels then read one statement a shift. Read once now, the parcels of the
+    owners in one statement; filed under the same parcels."""
+    from sync import lost_seqs
+
+    shift, (a, b, c), _ = last_batch_lost(session, world, pda)
+    gathered = lost_seqs.gather
+    calls: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return gathered(*args, **kwargs)
+
+    monkeypatch.setattr(lost_seqs, "gather", counted)
+    write_off_lost_seqs(
+        session=session,
+        device=world.device,
+        ranges=[[5, 6]],
+        reason=REASON,
+        user_id=world.manager.id,
+        station_id=world.station.id,
+    )
+    session.commit()
+
+    assert len(calls) == 1, calls
+    for number in (a, b, c):
+        listed = [e.action for e in audit.list_entries(session=session, tracking_no=number)]
+        assert "lost_seqs_written_off" in listed, (number, listed)
+
+
 # -- the rule, pure -------------------------------------------------------------------------
 
 

@@ -1356,6 +1356,37 @@ def test_an_auditors_proof_page_that_fails_after_its_reads_leaves_no_read_on_rec
     assert session.scalars(select(AuditEntry.action)).all() == before
 
 
+def test_an_auditors_proof_detail_whose_record_fails_is_not_given(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    refused: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GET /proofs/<id>`` builds its whole answer, images hashed, before it records an
+    auditor's read apart (``Database.write_apart``): a record that fails then (on a
+    SQLite file, the writers' turn not had within the busy timeout while PDAs push)
+    answers 503 ``database_unavailable``, the proof not shown, nothing on record."""
+    from sqlalchemy.exc import OperationalError
+
+    from sync import audit
+
+    def busy(**_kwargs: Any) -> Any:
+        raise OperationalError("INSERT INTO audit_entry", {}, Exception("database is locked"))
+
+    headers = auth.headers("auditor1")
+    before = session.scalars(select(AuditEntry.action)).all()
+    monkeypatch.setattr(audit, "append", busy)
+
+    answer = client.get(f"/api/v1/proofs/{refused['proof']['event_id']}", headers=headers)
+
+    assert answer.status_code == 503, answer.get_json()
+    assert answer.get_json()["code"] == "database_unavailable"
+    assert refused["parcel"].tracking_no not in answer.get_data(as_text=True)
+    session.expire_all()
+    assert session.scalars(select(AuditEntry.action)).all() == before
+
+
 def test_the_proof_page_and_detail_find_the_rejected_drops_however_the_pda_wrote_the_number(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

@@ -1617,6 +1617,55 @@ def test_purges_written_before_get_the_parcels_whose_proofs_named_their_images(
         assert [e.id for e in audit.list_entries(session=session, tracking_no=x)] == [1]
 
 
+def test_purges_written_before_are_filed_batch_by_batch(scratch: Engine) -> None:
+    """More purge entries than one statement files (``BATCH``, 500), among other
+    entries: each batch of purges is filed from where the one before ended, none left
+    out at a batch's edge, none filed twice."""
+    import datetime as dt
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from models import ScanEvent
+    from tests import factories
+
+    migrate.upgrade(scratch, WEBHOOK_SECRETS_ROTATE)
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=1, parcels_per_shift=2, day=dt.date(2026, 11, 20)
+        )
+        session.commit()
+    with Session(scratch) as session:
+        held = session.scalars(select(ScanEvent).order_by(ScanEvent.seq)).all()
+    by_number = {event.tracking_no: event.id for event in held}
+    x, y = sorted(by_number)[:2]
+    digests = {x: "d" * 64, y: "e" * 64}
+    entries = []
+    with scratch.begin() as connection:
+        for number, sha256 in digests.items():
+            connection.execute(
+                text(
+                    "INSERT INTO proof_image (event_id, sha256, tracking_no) VALUES (:e, :s, :t)"
+                ),
+                {"e": by_number[number], "s": sha256, "t": number},
+            )
+        for n in range(1203):  # 601 purges, each after another entry: 2 batches
+            number = x if n % 4 == 1 else y
+            if n % 2:
+                entries.append(
+                    ("proof_images_purged", "blob", "p", {"digests": [digests[number]]})
+                )
+            else:
+                entries.append(("blob_read", "blob", "r", {"digests": [digests[number]]}))
+        _append_before(connection, entries)
+    expected = {n + 1: {x if n % 4 == 1 else y} for n in range(len(entries)) if n % 2}
+    assert len(expected) == 601
+
+    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+
+    assert _entry_parcels(scratch) == expected
+
+
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from functools import wraps
 from typing import Any
@@ -449,7 +449,7 @@ class AuditorRead:
     parcels: Iterable[str] = ()
 
 
-def record_auditor_reads(reads: Iterable[AuditorRead], principal: Principal | None = None) -> None:
+def record_auditor_reads(reads: Sequence[AuditorRead], principal: Principal | None = None) -> None:
     """``record_auditor_read`` for the reads one answer shows (a proof page: the proof
     and the parcel's rejected events), in one transaction: all on record, or none when
     the write fails and the answer is not given. Call it last, the answer built (a

@@ -455,7 +455,7 @@ def record_auditor_reads(reads: Sequence[AuditorRead], principal: Principal | No
     the write fails and the answer is not given. Call it last, the answer built (a
     page rendered), so that a request failing before it leaves no read on record."""
     principal = principal or current_principal()
-    if principal.role != Role.AUDITOR:
+    if principal.role != Role.AUDITOR or not reads:
         return
     # Imported here: courier_api.extensions imports the API base, which imports this module.
     from courier_api.extensions import db

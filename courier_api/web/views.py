@@ -436,30 +436,37 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
         *(e for f in view.flags for e in f.events),
     ]
     proofs_shown = sorted({e.id for e in shown if e.type in DELIVERY_TYPES})
+    reads = []
     if proofs_shown:
-        record_auditor_read(
-            "proofs_searched",
-            "proof",
-            f"shift:{found.id}",
-            {"event_ids": proofs_shown},
-            parcels=[e.tracking_no for e in shown if e.type in DELIVERY_TYPES],
+        reads.append(
+            AuditorRead(
+                "proofs_searched",
+                "proof",
+                f"shift:{found.id}",
+                {"event_ids": proofs_shown},
+                parcels=[e.tracking_no for e in shown if e.type in DELIVERY_TYPES],
+            )
         )
     if view.recipients_shown:  # unmasked to an auditor, as GET /parcels/<tn> shows them
-        record_auditor_read(
-            "parcel_read",
-            "shift",
-            str(found.id),
-            {"tracking_nos": view.recipients_shown},
-            parcels=view.recipients_shown,
+        reads.append(
+            AuditorRead(
+                "parcel_read",
+                "shift",
+                str(found.id),
+                {"tracking_nos": view.recipients_shown},
+                parcels=view.recipients_shown,
+            )
         )
     if view.rejections_shown:
-        record_auditor_read(
-            QUARANTINE_SEARCHED,
-            "quarantined_event",
-            f"shift:{found.id}",
-            {"ids": view.rejections_shown},
+        reads.append(
+            AuditorRead(
+                QUARANTINE_SEARCHED,
+                "quarantined_event",
+                f"shift:{found.id}",
+                {"ids": view.rejections_shown},
+            )
         )
-    return render_template(
+    page = render_template(
         "web/shift.html",
         view=view,
         tz=view.station.timezone,
@@ -469,6 +476,9 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
         pda_elsewhere=bool(view.balance.missing_seq_count) and _pda_elsewhere(found.device_id),
         pda_elsewhere_text=PDA_ELSEWHERE,
     )
+    # Last, the page rendered, and together: a page not shown leaves no read on record.
+    record_auditor_reads(reads)
+    return page
 
 
 def _pda_elsewhere(device_id: str) -> bool:
@@ -685,34 +695,42 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
     )
     # Its evidence's deliveries show their POD, as the shift page does: logged alike.
     proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
+    reads = []
     if proofs_shown:
-        record_auditor_read(
-            "proofs_searched",
-            "proof",
-            f"flag:{found.id}",
-            {"event_ids": proofs_shown},
-            tracking_no=found.tracking_no,  # a parcel's flag: its proofs
-            parcels=[e.tracking_no for e in view.events if e.type in DELIVERY_TYPES],
+        reads.append(
+            AuditorRead(
+                "proofs_searched",
+                "proof",
+                f"flag:{found.id}",
+                {"event_ids": proofs_shown},
+                tracking_no=found.tracking_no,  # a parcel's flag: its proofs
+                parcels=[e.tracking_no for e in view.events if e.type in DELIVERY_TYPES],
+            )
         )
     if view.rejections:  # unmasked to an auditor, as on the shift's page
-        record_auditor_read(
-            QUARANTINE_SEARCHED,
-            "quarantined_event",
-            f"flag:{found.id}",
-            {"ids": [r["id"] for r in view.rejections]},
+        reads.append(
+            AuditorRead(
+                QUARANTINE_SEARCHED,
+                "quarantined_event",
+                f"flag:{found.id}",
+                {"ids": [r["id"] for r in view.rejections]},
+            )
         )
     station = (
         directory.get_station(session=db.session, station_id=found.station_id)
         if found.station_id
         else None
     )
-    return render_template(
+    page = render_template(
         "web/flag.html",
         view=view,
         here=url_for("web.flag", flag_id=found.id),
         tz=station.timezone if station else "UTC",
         typed=typed,
     )
+    # Last, the page rendered, and together: a page not shown leaves no read on record.
+    record_auditor_reads(reads)
+    return page
 
 
 @bp.post("/flags/<id:flag_id>/acknowledge")

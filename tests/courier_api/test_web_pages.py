@@ -1989,6 +1989,54 @@ def test_auditor_reads_are_audit_logged_and_managers_are_not(
     )
 
 
+@pytest.mark.parametrize("failing", ["second_record", "rendering"])
+def test_an_auditors_shift_or_flag_page_that_fails_after_its_reads_leaves_no_read_on_record(
+    app: Flask,
+    session: Session,
+    day: StationDay,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """An auditor opens the page of a shift with discrepancies: its proofs shown
+    (``proofs_searched``) and its recipients (``parcel_read``) go on record. Each was
+    committed on its own before the page was rendered, so a second write that failed
+    (on a SQLite file, the writers' turn taken again while PDAs push: a 503) or a page
+    that failed to render left a read on record of a page never shown. They are
+    recorded together once the page is rendered, as on a proof's page; so is a flag
+    page's read of its proofs."""
+    from sqlalchemy.exc import OperationalError
+
+    from courier_api.web import views
+    from sync import audit
+
+    appended = audit.append
+
+    def busy_at_the_second(**kwargs: Any) -> Any:
+        if kwargs["action"] == "parcel_read":
+            raise OperationalError("INSERT INTO audit_entry", {}, Exception("database is locked"))
+        return appended(**kwargs)
+
+    def broken(*_args: Any, **_kwargs: Any) -> str:
+        raise RuntimeError("the template failed")
+
+    auditor = signed_in(app, "auditor")
+    before = audit_actions(session)
+    if failing == "second_record":
+        monkeypatch.setattr(audit, "append", busy_at_the_second)
+        response = auditor.client.get(f"/web/shifts/{day.unbalanced.id}")
+        assert response.status_code == 503, response.status_code
+    else:
+        monkeypatch.setattr(views, "render_template", broken)
+        for path in (
+            f"/web/shifts/{day.unbalanced.id}",
+            f"/web/flags/{day.flag(session, 'unauthorized_locker_drop').id}",
+        ):
+            with pytest.raises(RuntimeError):
+                auditor.client.get(path)
+    session.expire_all()
+    assert audit_actions(session) == before
+
+
 def test_an_auditors_read_of_a_shift_page_showing_a_missing_parcels_recipient_is_logged(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -20,29 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.engine import has_own_readers, make_engine, reads_only, refuse_writes
 from sync.errors import Unavailable
-from sync.sql import flushed_connection
+from sync.sql import aborted_for_a_conflict, flushed_connection
 
 EXTENSION_KEY = "courier_api.database"
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# PostgreSQL's SQLSTATEs for a transaction it aborted to let another one go on:
-# serialization_failure and deadlock_detected. Run again from its start, the same
-# transaction may well succeed; nothing of the aborted one was kept.
-TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
 CONFLICT_RETRY_AFTER_SECONDS = 2
-
-
-def aborted_for_a_conflict(error: BaseException) -> bool:
-    """Whether ``error`` is PostgreSQL aborting the transaction to break a deadlock or a
-    serialization conflict (``TRANSIENT_SQLSTATES``). SQLite's errors never are: a busy
-    file has already been waited for (its busy timeout), and running again would only
-    wait as long once more."""
-    orig = getattr(error, "orig", None)
-    return (
-        isinstance(error, OperationalError)
-        and getattr(orig, "sqlstate", None) in TRANSIENT_SQLSTATES
-    )
 
 
 class TransactionConflict(Unavailable):

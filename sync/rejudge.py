@@ -56,6 +56,7 @@ from sync.balances import refresh_for_parcels
 from sync.drop_bounds import drops_after, rebound
 from sync.inversion_flags import DEFAULT_TOLERANCE, rejudge_flags, rejudge_written_off
 from sync.rules import Policy
+from sync.sql import aborted_for_a_conflict
 from sync.status import ReprojectOutcome, reproject
 
 REJUDGE_STARTED_ACTION = "parcels_rejudge_started"
@@ -245,7 +246,7 @@ def _committed(session: Session, work: Callable[[], T], what: str) -> T:
 
 
 def _given_up_for_another(error: DBAPIError) -> bool:
-    if getattr(error.orig, "sqlstate", None) in ("40P01", "40001"):
+    if aborted_for_a_conflict(error):
         return True
     return isinstance(error, OperationalError) and "database is locked" in str(error.orig)
 

@@ -25,10 +25,24 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from sync.direct import DirectStatement, Rows, ready
+
+# PostgreSQL's SQLSTATEs for a transaction it aborted to let another one go on:
+# serialization_failure and deadlock_detected. Run again from its start, the same
+# transaction may well succeed; nothing of the aborted one was kept.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def aborted_for_a_conflict(error: BaseException) -> bool:
+    """Whether ``error`` is PostgreSQL aborting the transaction to break a deadlock or a
+    serialization conflict (``CONFLICT_SQLSTATES``) with concurrent work: nothing of it
+    was stored, and the same work run again from its start may well succeed. SQLite's
+    errors never are: a busy file has already been waited for (its busy timeout)."""
+    orig = getattr(error, "orig", None)
+    return isinstance(error, DBAPIError) and getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES
 
 
 def among(

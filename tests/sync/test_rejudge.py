@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
 import time
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
@@ -32,6 +34,7 @@ from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.rejudge import REJUDGE_STARTED_ACTION, REJUDGED_ACTION, RejudgeTotals, rejudge_parcels
 from sync.rules import Policy
+from sync.sql import aborted_for_a_conflict
 from sync.status import reproject
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
@@ -266,6 +269,28 @@ def late(session: Session) -> set[str]:
 
 class _Deadlock(Exception):
     sqlstate = "40P01"  # as psycopg gives it
+
+
+@pytest.mark.parametrize(
+    ("orig", "conflict"),
+    [
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+        (psycopg.errors.SerializationFailure("could not serialize access"), True),
+        (psycopg.errors.LockNotAvailable("could not obtain lock"), False),
+        (psycopg.OperationalError("server closed the connection"), False),
+        (sqlite3.OperationalError("database is locked"), False),
+    ],
+    ids=["deadlock", "serialization", "lock timeout", "connection lost", "sqlite busy"],
+)
+def test_one_rule_says_which_errors_postgresql_aborted_for_a_conflict(
+    orig: Exception, conflict: bool
+) -> None:
+    """rejudge and the web edge tell a conflict (run it again: it may well pass) from an
+    outage by one rule (``sync.sql.aborted_for_a_conflict``), not two lists of SQLSTATEs
+    kept apart; rejudge also waits on SQLite's busy file."""
+    error = OperationalError("UPDATE ...", {}, orig)
+    assert aborted_for_a_conflict(error) is conflict
+    assert rejudge._given_up_for_another(error) is (conflict or isinstance(orig, sqlite3.Error))
 
 
 def test_a_batch_the_database_gives_up_for_another_transaction_is_tried_again(

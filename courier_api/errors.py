@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -18,6 +19,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from courier_api.database import CONFLICT_RETRY_AFTER_SECONDS, TransactionConflict
 from sync.errors import (
     AuthenticationFailed,
     Conflict,
@@ -32,6 +34,7 @@ from sync.errors import (
     RateLimited,
     Unavailable,
 )
+from sync.sql import aborted_for_a_conflict
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +206,49 @@ def handle_database_unavailable(error: OperationalError) -> ResponseReturnValue:
     from courier_api.extensions import db
 
     db.session.rollback()
-    if _written_while_reading(error):
+    if written_while_reading(error):
         raise error  # a view marked READS_ONLY wrote: a bug, a 500, not "retry later"
+    answer = database_refusal(error)
+    body = error_body(503, code=answer.code, message=answer.message)
+    return jsonify(body), 503, {"Retry-After": str(answer.retry_after)}
+
+
+@dataclass(frozen=True)
+class DatabaseRefusal:
+    """What a request the database failed is told, by the API and the pages alike."""
+
+    code: str
+    message: str
+    retry_after: int  # seconds
+
+
+TRANSACTION_CONFLICT_MESSAGE = (
+    "the database aborted this request to let concurrent work go on (a deadlock or a "
+    "serialization failure); nothing was stored: send the same request again"
+)
+
+
+def database_refusal(error: OperationalError) -> DatabaseRefusal:
+    """A transaction PostgreSQL aborted for a conflict with concurrent work is
+    ``transaction_conflict``: the database is fine, the request lost a race, and sent
+    again it may well pass (``aborted_for_a_conflict``; its transaction kept nothing).
+    Any other operational error is ``database_unavailable``. Logged for operators."""
+    if aborted_for_a_conflict(error):
+        log.warning("transaction aborted for a conflict: %s", error.orig)
+        return DatabaseRefusal(
+            code=TransactionConflict.code,
+            message=TRANSACTION_CONFLICT_MESSAGE,
+            retry_after=CONFLICT_RETRY_AFTER_SECONDS,
+        )
     log.error("database unavailable: %s", error.orig)
-    body = error_body(
-        503, code="database_unavailable", message="the database is unavailable; retry later"
+    return DatabaseRefusal(
+        code="database_unavailable",
+        message="the database is unavailable; retry later",
+        retry_after=5,
     )
-    return jsonify(body), 503, {"Retry-After": "5"}
 
 
-def _written_while_reading(error: OperationalError) -> bool:
+def written_while_reading(error: OperationalError) -> bool:
     """SQLite refused a write in a transaction that only reads (``PRAGMA query_only``;
     PostgreSQL's READ ONLY refusal is not an OperationalError and is a 500 anyway)."""
     return getattr(error.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY

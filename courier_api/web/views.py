@@ -30,6 +30,7 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import OperationalError
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -46,7 +47,7 @@ from courier_api.auth import (
 )
 from courier_api.config import inversion_tolerance_of, policy_of
 from courier_api.database import only_reads
-from courier_api.errors import domain_status
+from courier_api.errors import database_refusal, domain_status, written_while_reading
 from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
 from courier_api.web import charts
@@ -252,6 +253,38 @@ def domain_error_page(error: DomainError) -> ResponseReturnValue:
         return redirect(url_for("web.login"))
     status = domain_status(error)
     return render_template("web/error.html", status=status, message=error.message), status
+
+
+# What a page says when the database set a manager's action aside for another change
+# made at the same moment (``transaction_conflict``): the database is fine, and the
+# same form sent again may well pass.
+CONFLICT_NOT_SAVED = (
+    "Not saved: the database set this action aside for another change made at the same "
+    "moment. Nothing was changed: go back and submit the form again."
+)
+CONFLICT_NOT_READ = (
+    "The database set this page's reading aside for another change made at the same "
+    "moment: load the page again."
+)
+DATABASE_UNAVAILABLE = "The database is unavailable; nothing was saved. Try again later."
+
+
+@bp.errorhandler(OperationalError)
+def database_error_page(error: OperationalError) -> ResponseReturnValue:
+    """A page, not the API's JSON body, for a request the database failed; in words
+    that say whether the manager's action was saved and what to do."""
+    db.session.rollback()
+    if written_while_reading(error):
+        raise error  # a view marked READS_ONLY wrote: a bug, a 500
+    answer = database_refusal(error)
+    if answer.code != "transaction_conflict":
+        message = DATABASE_UNAVAILABLE
+    elif request.method == "POST":
+        message = CONFLICT_NOT_SAVED
+    else:
+        message = CONFLICT_NOT_READ
+    page_html = render_template("web/error.html", status=503, message=message)
+    return page_html, 503, {"Retry-After": str(answer.retry_after)}
 
 
 @bp.errorhandler(HTTPException)

@@ -200,6 +200,7 @@ def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
             "deliveries": delivered["deliveries"] + skipped["deliveries"],
             "messages": delivered["messages"] + skipped["messages"] + waiting["messages"],
             "waiting_for_stopped": waiting["deliveries"],
+            "old_secrets_forgotten": webhooks.forget_ended_graces(session=session, now=now),
         }
 
     return purge

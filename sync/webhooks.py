@@ -395,6 +395,41 @@ def signing_secrets(subscription: WebhookSubscription, now: dt.datetime) -> tupl
     return (subscription.secret,)
 
 
+def rotation_grace_until(
+    subscription: WebhookSubscription, now: dt.datetime
+) -> dt.datetime | None:
+    """When a rotation's old secret stops signing, while it still signs
+    (``signing_secrets``); None once that time is past, or with no old secret: the
+    stored time of an ended grace tells a reader nothing true."""
+    if len(signing_secrets(subscription, now)) > 1:
+        return subscription.previous_secret_until
+    return None
+
+
+def forget_ended_graces(*, session: Session, now: dt.datetime) -> int:
+    """Clear the old secret of every subscription whose rotation's grace has ended: it
+    signs nothing any more (``signing_secrets``), and a secret kept stored without use
+    is one more to leak. A subscription another transaction holds (a rotation now) is
+    skipped, for the next run. Returns how many were cleared."""
+    ended = (
+        select(SUBSCRIPTION.c.id)
+        .where(
+            SUBSCRIPTION.c.previous_secret.is_not(None),
+            SUBSCRIPTION.c.previous_secret_until <= now,
+        )
+        .with_for_update(skip_locked=True)
+    )
+    cleared = session.execute(
+        update(SUBSCRIPTION)
+        .where(
+            SUBSCRIPTION.c.id.in_(ended.scalar_subquery()),
+            SUBSCRIPTION.c.previous_secret_until <= now,  # a rotation since keeps its own
+        )
+        .values(previous_secret=None, previous_secret_until=None)
+    ).rowcount
+    return int(cleared or 0)
+
+
 def get_subscription(*, session: Session, subscription_id: int) -> WebhookSubscription:
     subscription = session.get(WebhookSubscription, subscription_id)
     if subscription is None:

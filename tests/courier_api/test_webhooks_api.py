@@ -15,7 +15,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from courier_api.extensions import api, db
-from models import AuditEntry, DeliveryStatus, OutboxMessage, WebhookDelivery, utcnow
+from models import (
+    AuditEntry,
+    DeliveryStatus,
+    OutboxMessage,
+    WebhookDelivery,
+    WebhookSubscription,
+    utcnow,
+)
 from sync import outbox, webhooks
 from sync.webhooks import DeliverySettings, SendResult
 from tests import factories
@@ -145,6 +152,52 @@ def test_an_admin_rotates_a_secret_keeping_the_old_one_for_a_grace_period(
     ).all()
     assert [e.actor_id for e in entries] == [world.admin.id, world.admin.id]
     assert not any(body["secret"] in json.dumps(e.details) for e in entries)
+
+
+def test_a_grace_that_has_ended_reads_null_and_its_old_secret_is_forgotten(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """Two hours after a rotation with ``grace_hours: 2`` the old secret signs nothing,
+    yet the subscription read ``rotation_grace_until`` two hours ago, and kept the old
+    secret stored until the next rotation: an admin checking that the grace was over
+    read a time, not null. It reads null once past; ``webhook_retention`` clears the
+    stored old secret, leaving a grace still running alone."""
+    from courier_api.scheduler import JOB_SPECS
+
+    ended = create(client, auth)
+    running = create(client, auth)
+    for created in (ended, running):
+        rotated = client.post(
+            f"{SUBSCRIPTIONS}/{created['id']}/secret", json={"grace_hours": 2}, headers=admin(auth)
+        )
+        assert rotated.get_json()["rotation_grace_until"] is not None
+    past = utcnow() - dt.timedelta(seconds=1)
+    stored = session.get(WebhookSubscription, ended["id"])
+    assert stored is not None and stored.previous_secret is not None
+    stored.previous_secret_until = past  # two hours have gone by
+    session.commit()
+
+    def shown(subscription_id: int) -> Any:
+        answer = client.get(f"{SUBSCRIPTIONS}/{subscription_id}", headers=admin(auth))
+        return answer.get_json()["rotation_grace_until"]
+
+    assert shown(ended["id"]) is None
+    assert shown(running["id"]) is not None
+    listed = client.get(SUBSCRIPTIONS, headers=admin(auth)).get_json()["items"]
+    assert {s["id"]: s["rotation_grace_until"] is None for s in listed} == {
+        ended["id"]: True,
+        running["id"]: False,
+    }
+    purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
+    assert purge(session=session, now=utcnow())["old_secrets_forgotten"] == 1
+    session.commit()
+    session.expire_all()
+    forgotten = session.get(WebhookSubscription, ended["id"])
+    kept = session.get(WebhookSubscription, running["id"])
+    assert forgotten is not None and kept is not None
+    assert (forgotten.previous_secret, forgotten.previous_secret_until) == (None, None)
+    assert kept.previous_secret is not None and shown(running["id"]) is not None
+    assert purge(session=session, now=utcnow())["old_secrets_forgotten"] == 0
 
 
 @pytest.mark.postgres_only

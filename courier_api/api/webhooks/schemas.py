@@ -1,10 +1,19 @@
+from typing import Any
+
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
-from models import ConsentChannel, ConsentMethod, DeliveryStatus, FlagSeverity, ReportKind
+from models import (
+    ConsentChannel,
+    ConsentMethod,
+    DeliveryStatus,
+    FlagSeverity,
+    ReportKind,
+    utcnow,
+)
 from sync.outbox import TOPICS
-from sync.webhooks import MAX_DESCRIPTION_LENGTH, MAX_URL_LENGTH
+from sync.webhooks import MAX_DESCRIPTION_LENGTH, MAX_URL_LENGTH, rotation_grace_until
 
 # Delivery ids are 64-bit (a delivery per message per subscription).
 MAX_BIG_ID = 2**63 - 1
@@ -20,6 +29,16 @@ def _topic(**kwargs: object) -> Text:
 
 
 # -- subscriptions ----------------------------------------------------------------------------
+
+
+class GraceUntil(ma.fields.AwareDateTime):
+    """A subscription's rotation grace as it stands now (``rotation_grace_until``): its
+    end while the old secret still signs, null once past (the time stored stays until
+    ``webhook_retention`` clears it, and read alone it told an admin the old secret was
+    still in use)."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return super()._serialize(rotation_grace_until(obj, utcnow()), attr, obj, **kwargs)
 
 
 class SubscriptionIn(ma.Schema):
@@ -89,13 +108,14 @@ class SubscriptionOut(ma.Schema):
     )
     created_at = ma.fields.AwareDateTime(required=True)
     created_by = ma.fields.Integer(allow_none=True, required=True)
-    rotation_grace_until = ma.fields.AwareDateTime(
+    rotation_grace_until = GraceUntil(
         attribute="previous_secret_until",
         allow_none=True,
         required=True,
         metadata={
             "description": "After a rotation of the secret: until when deliveries are "
-            "signed with the old secret too (a second v1); null: none"
+            "signed with the old secret too (a second v1); null: none, or that time "
+            "has passed"
         },
     )
 

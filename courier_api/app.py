@@ -23,9 +23,25 @@ docs_assets = Blueprint(
 API_VERSION = "1.0.0"
 
 
+# Runs of a request PostgreSQL aborts for a deadlock or a serialization failure.
+REQUEST_ATTEMPTS = 3
+
+
+class CourierFlask(Flask):
+    """Flask, its views run again when PostgreSQL aborted them for a conflict with
+    concurrent work and a second run is exactly the first's replacement
+    (``Database.dispatched_retrying_conflicts``): in one place, for every view."""
+
+    def dispatch_request(self) -> Any:
+        from courier_api.extensions import db
+
+        dispatch = super().dispatch_request
+        return db.dispatched_retrying_conflicts(dispatch, attempts=REQUEST_ATTEMPTS)
+
+
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """Build the app from the environment, then ``overrides`` (tests use them)."""
-    app = Flask(__name__, instance_relative_config=True)
+    app = CourierFlask(__name__, instance_relative_config=True)
     app.request_class = CourierRequest  # chunked bodies held to MAX_REQUEST_BYTES too
     instance_path = default_instance_path(app)
     app.instance_path = str(instance_path)

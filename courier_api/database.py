@@ -227,6 +227,40 @@ class Database:
                 time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
         raise AssertionError("unreachable: attempts must be at least 1")
 
+    def dispatched_retrying_conflicts(self, dispatch: Callable[[], T], *, attempts: int) -> T:
+        """The request's view (``dispatch``), run again whole in a fresh session when
+        PostgreSQL aborted its transaction for a deadlock or a serialization failure
+        (``aborted_for_a_conflict``), up to ``attempts`` runs in all; then the error
+        stands (a 503 ``transaction_conflict``: ``courier_api.errors``).
+
+        Only while a second run is the first one's exact replacement: nothing of the
+        request committed yet (its session's or one written apart), and the pages'
+        cookie session unchanged by the request (a flash, a sign-in, a new form token).
+        A run's effects beyond its transaction go through the outbox, written in it
+        (an image's bytes are content-addressed: put twice, the same file). The view's
+        sign-in check (``require_auth``, ``page``) runs again first, in the fresh
+        session: an account disabled or a PDA reported lost meanwhile stops it."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return dispatch()
+            except OperationalError as error:
+                if (
+                    attempt == attempts
+                    or not aborted_for_a_conflict(error)
+                    or g.get(_COMMITTED, False)
+                    or _cookie_session_changed()
+                ):
+                    raise
+                self._discard_session()
+                log.warning(
+                    "request aborted (SQLSTATE %s), run %d of %d: running it again",
+                    getattr(error.orig, "sqlstate", None),
+                    attempt,
+                    attempts,
+                )
+                time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
+        raise AssertionError("unreachable: attempts must be at least 1")
+
     @staticmethod
     def _discard_session() -> None:
         """End the request's session, its transaction rolled back: the next use of
@@ -284,6 +318,28 @@ def _refusal_stands(session: Session) -> None:
     refused = session.info.get(_REFUSED)
     if refused is not None:
         raise refused
+
+
+# ``g``: whether anything of the current request has committed (``dispatched_retrying_conflicts``).
+_COMMITTED = "db_committed"
+
+
+@event.listens_for(Session, "after_commit")
+def _note_commit(_session: Session) -> None:
+    if has_request_context():
+        g.db_committed = True
+
+
+def _cookie_session_changed() -> bool:
+    """Whether the request changed the pages' cookie session (read without marking it
+    accessed, which would add ``Vary: Cookie`` to every answer)."""
+    return bool(getattr(_request_ctx_session(), "modified", False))
+
+
+def _request_ctx_session() -> Any:
+    from flask.globals import request_ctx
+
+    return request_ctx.session if has_request_context() else None
 
 
 # Safe methods of views that set READS_ONLY = True: their whole request, signing-in

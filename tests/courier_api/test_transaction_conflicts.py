@@ -1,7 +1,10 @@
 """A request PostgreSQL aborts for a deadlock or a serialization failure, whatever its
-endpoint, is told so: 503 ``transaction_conflict`` with ``Retry-After``, nothing stored,
-and sent again it passes. The database was fine; the request lost a race. A page says
-it in words: the manager's action was not saved, submit it again."""
+endpoint, is run again whole by the server, in a fresh session, sign-in check first,
+while a second run is exactly the first's replacement (nothing of the request committed
+yet): its effect is stored once. Aborted every time, or after it committed something,
+it is told so: 503 ``transaction_conflict`` with ``Retry-After``, nothing stored by the
+aborted transaction, and sent again it passes. The database was fine; the request lost
+a race. A page says it in words: the manager's action was not saved, submit it again."""
 
 from __future__ import annotations
 
@@ -12,15 +15,18 @@ from typing import Any
 
 import psycopg
 import pytest
-from flask import Flask
+from flask import Flask, g
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, event, func, select
+from sqlalchemy import Connection, event, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from courier_api import database, errors
-from models import Consent, Shift, ShiftStatus
+from courier_api.app import REQUEST_ATTEMPTS
+from courier_api.database import Database
+from models import AuditEntry, Consent, Device, DeviceStatus, Shift, ShiftStatus
 from sync import sql
+from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
 from tests.conftest import Auth, World
@@ -39,20 +45,29 @@ def day(session: Session, app: Flask) -> StationDay:
 
 
 @contextmanager
-def aborted_on_first_write(connection: Connection, errcode: str) -> Iterator[list[str]]:
-    """The request's first writing statement fails as PostgreSQL fails the transaction
-    it picks to break a deadlock (or a serialization conflict): psycopg's error with
-    that SQLSTATE, wrapped by SQLAlchemy. Yields the statements so aborted."""
-    aborted: list[str] = []
+def aborted(
+    connection: Connection, errcode: str, *, runs: int | None = None, after_a_commit: bool = False
+) -> Iterator[list[str]]:
+    """The first writing statement of each of the request's first ``runs`` runs (every
+    run: None) fails as PostgreSQL fails the transaction it picks to break a deadlock
+    (or a serialization conflict): psycopg's error with that SQLSTATE, wrapped by
+    SQLAlchemy; with ``after_a_commit``, only a write after the request committed
+    something. Yields the statements so aborted."""
+    failed: list[str] = []
 
     def abort(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if not aborted and statement.lstrip().upper().startswith(WRITES):
-            aborted.append(statement)
-            raise OperationalError(statement, {}, ABORTS[errcode]("forced"))
+        if not statement.lstrip().upper().startswith(WRITES):
+            return
+        if runs is not None and len(failed) >= runs:
+            return
+        if after_a_commit and not g.get("db_committed", False):
+            return
+        failed.append(statement)
+        raise OperationalError(statement, {}, ABORTS[errcode]("forced"))
 
     event.listen(connection, "before_cursor_execute", abort)
     try:
-        yield aborted
+        yield failed
     finally:
         event.remove(connection, "before_cursor_execute", abort)
 
@@ -66,7 +81,7 @@ def assert_transaction_conflict(response: Any) -> None:
     assert int(response.headers["Retry-After"]) >= 1
 
 
-def consent_body(world: World) -> dict[str, Any]:
+def consent_body() -> dict[str, Any]:
     return {
         "scope": "standing",
         "recipient_phone": "+8613812345678",
@@ -77,8 +92,12 @@ def consent_body(world: World) -> dict[str, Any]:
     }
 
 
+def count(session: Session, model: Any, *where: Any) -> int:
+    return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
 @pytest.mark.parametrize("errcode", sorted(ABORTS))
-def test_a_consent_postgresql_aborts_is_a_conflict_to_send_again(
+def test_a_consent_postgresql_aborts_once_is_run_again_and_recorded_once(
     client: FlaskClient,
     world: World,
     auth: Auth,
@@ -86,29 +105,85 @@ def test_a_consent_postgresql_aborts_is_a_conflict_to_send_again(
     session: Session,
     errcode: str,
 ) -> None:
-    """A recipient channel's consent: before, 503 ``database_unavailable``, "the database
-    is unavailable", which sent its operators looking for an outage."""
+    """A recipient channel's consent lost a race with a push: before, 503
+    ``database_unavailable``, "the database is unavailable". The server runs the whole
+    request again in a fresh session: 201, one consent, one audit entry."""
     headers = auth.headers("app1")
-    with aborted_on_first_write(connection, errcode) as aborted:
-        response = client.post("/api/v1/consents", json=consent_body(world), headers=headers)
-    assert aborted
+    with aborted(connection, errcode, runs=1) as failed:
+        response = client.post("/api/v1/consents", json=consent_body(), headers=headers)
+    assert len(failed) == 1
+    assert response.status_code == 201, response.get_json()
+    assert count(session, Consent) == 1
+    assert count(session, AuditEntry, AuditEntry.action == "consent_granted") == 1
+
+
+def test_a_consent_aborted_every_time_is_a_conflict_to_send_again(
+    client: FlaskClient, world: World, auth: Auth, connection: Connection, session: Session
+) -> None:
+    headers = auth.headers("app1")
+    with aborted(connection, "deadlock_detected") as failed:
+        response = client.post("/api/v1/consents", json=consent_body(), headers=headers)
+    assert len(failed) == REQUEST_ATTEMPTS
     assert_transaction_conflict(response)
-    assert session.scalar(select(func.count()).select_from(Consent)) == 0
-    again = client.post("/api/v1/consents", json=consent_body(world), headers=headers)
+    assert count(session, Consent) == 0
+    again = client.post("/api/v1/consents", json=consent_body(), headers=headers)
     assert again.status_code == 201, again.get_json()
-    assert session.scalar(select(func.count()).select_from(Consent)) == 1
+    assert count(session, Consent) == 1
 
 
-def test_a_shift_opening_postgresql_aborts_is_a_conflict_to_send_again(
+def test_a_shift_opening_aborted_every_time_is_a_conflict_to_send_again(
     client: FlaskClient, world: World, auth: Auth, connection: Connection, session: Session
 ) -> None:
     headers = auth.headers("courier1", "PDA-0001")
-    with aborted_on_first_write(connection, "deadlock_detected") as aborted:
+    with aborted(connection, "serialization_failure") as failed:
         response = client.post("/api/v1/shifts", json={}, headers=headers)
-    assert aborted
+    assert len(failed) == REQUEST_ATTEMPTS
     assert_transaction_conflict(response)
-    assert session.scalar(select(func.count()).select_from(Shift)) == 0
+    assert count(session, Shift) == 0
     assert client.post("/api/v1/shifts", json={}, headers=headers).status_code == 201
+    assert count(session, Shift) == 1
+
+
+def test_a_pda_reported_lost_before_its_aborted_request_runs_again_is_stopped(
+    client: FlaskClient,
+    world: World,
+    auth: Auth,
+    connection: Connection,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each run begins with the view's sign-in check: a PDA reported lost while its
+    shift's opening was being aborted opens nothing on the second run."""
+    headers = auth.headers("courier1", "PDA-0001")
+    discard = Database._discard_session
+
+    def reported_lost_meanwhile() -> None:
+        discard()
+        connection.execute(
+            update(Device).where(Device.id == "PDA-0001").values(status=DeviceStatus.LOST)
+        )
+
+    monkeypatch.setattr(Database, "_discard_session", staticmethod(reported_lost_meanwhile))
+    with aborted(connection, "deadlock_detected", runs=1) as failed:
+        response = client.post("/api/v1/shifts", json={}, headers=headers)
+    assert len(failed) == 1
+    assert response.status_code == 401, response.get_json()
+    assert response.get_json()["code"] == "device_not_active"
+    assert count(session, Shift) == 0
+
+
+def test_a_request_that_committed_before_it_was_aborted_is_not_run_again(
+    client: FlaskClient, world: World, connection: Connection, session: Session
+) -> None:
+    """A sign-in commits its attempt (the rate limits' row) before it checks the
+    password: run again, it would count the attempt twice. Aborted after that commit,
+    it is answered 503 ``transaction_conflict`` at once."""
+    body = {"username": "app1", "password": factories.PASSWORD}
+    with aborted(connection, "deadlock_detected", after_a_commit=True) as failed:
+        response = client.post("/api/v1/auth/token", json=body)
+    assert len(failed) == 1
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "transaction_conflict"
 
 
 def test_a_busy_database_is_still_unavailable_not_a_conflict(
@@ -124,28 +199,42 @@ def test_a_busy_database_is_still_unavailable_not_a_conflict(
 
     event.listen(connection, "before_cursor_execute", unavailable)
     try:
-        response = client.post("/api/v1/consents", json=consent_body(world), headers=headers)
+        response = client.post("/api/v1/consents", json=consent_body(), headers=headers)
     finally:
         event.remove(connection, "before_cursor_execute", unavailable)
     assert response.status_code == 503
     assert response.get_json()["code"] == "database_unavailable"
 
 
-def test_a_managers_close_on_the_page_postgresql_aborts_says_it_was_not_saved(
-    app: Flask,
-    session: Session,
-    day: StationDay,
-    connection: Connection,
+def test_a_managers_close_on_the_page_aborted_once_is_closed_once(
+    app: Flask, session: Session, day: StationDay, connection: Connection
 ) -> None:
     """At 19:00 a manager closes a shift on its page while a push locks the same rows:
-    the page said nothing a manager could read (the API's JSON body, "the database is
-    unavailable"). It now says, as a page, that the close was not saved and to submit
-    it again; submitted again, the shift closes."""
+    run again, the shift is closed once, with one audit entry and one "closed" told."""
     pages = signed_in(app, "manager")
     path = f"/web/shifts/{day.open.id}/close"
-    with aborted_on_first_write(connection, "serialization_failure") as aborted:
+    with aborted(connection, "deadlock_detected", runs=1) as failed:
+        closed = pages.post(path, last_seq="6")
+    assert len(failed) == 1
+    assert closed.status_code == 302, closed.get_data(as_text=True)
+    session.refresh(day.open)
+    assert day.open.status != ShiftStatus.OPEN
+    assert count(session, AuditEntry, AuditEntry.action == "shift_closed_for_courier") == 1
+    page = pages.get(f"/web/shifts/{day.open.id}")
+    assert page.count(f"Shift {day.open.id} is closed.") == 1
+
+
+def test_a_managers_close_on_the_page_aborted_every_time_says_it_was_not_saved(
+    app: Flask, session: Session, day: StationDay, connection: Connection
+) -> None:
+    """The page said nothing a manager could read (the API's JSON body, "the database
+    is unavailable"). It now says, as a page, that the close was not saved and to
+    submit it again; submitted again, the shift closes."""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.open.id}/close"
+    with aborted(connection, "serialization_failure") as failed:
         refused = pages.post(path, last_seq="6")
-    assert aborted
+    assert len(failed) == REQUEST_ATTEMPTS
     assert refused.status_code == 503
     assert refused.mimetype == "text/html"
     assert int(refused.headers["Retry-After"]) >= 1

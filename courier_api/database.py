@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, has_request_context, request
+from flask import session as cookie_session
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -331,15 +332,9 @@ def _note_commit(_session: Session) -> None:
 
 
 def _cookie_session_changed() -> bool:
-    """Whether the request changed the pages' cookie session (read without marking it
-    accessed, which would add ``Vary: Cookie`` to every answer)."""
-    return bool(getattr(_request_ctx_session(), "modified", False))
-
-
-def _request_ctx_session() -> Any:
-    from flask.globals import request_ctx
-
-    return request_ctx.session if has_request_context() else None
+    """Whether the request changed the pages' cookie session (its ``modified`` read
+    alone: reading a key would mark it accessed, adding ``Vary: Cookie`` to answers)."""
+    return has_request_context() and bool(getattr(cookie_session, "modified", False))
 
 
 # Safe methods of views that set READS_ONLY = True: their whole request, signing-in

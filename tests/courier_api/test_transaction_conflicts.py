@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from flask import Flask, g
+from flask import Flask, flash, g
 from flask.testing import FlaskClient
 from sqlalchemy import Connection, event, func, select, update
 from sqlalchemy.exc import OperationalError
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from courier_api import database, errors
 from courier_api.app import REQUEST_ATTEMPTS
 from courier_api.database import Database
+from courier_api.extensions import db
 from models import AuditEntry, Consent, Device, DeviceStatus, Shift, ShiftStatus
 from sync import sql
 from tests import factories
@@ -272,3 +273,24 @@ def test_the_web_edge_tells_a_conflict_by_the_rule_sync_keeps() -> None:
     """One rule for rejudge's retries, the push's and the error answers."""
     assert database.aborted_for_a_conflict is sql.aborted_for_a_conflict
     assert errors.aborted_for_a_conflict is sql.aborted_for_a_conflict
+
+
+def test_a_run_that_changed_the_pages_cookie_session_is_not_run_again(app: Flask) -> None:
+    """A run that flashed a message (or signed someone in) before it was aborted would
+    flash it twice: run again only while the cookie session is as the request found it."""
+    runs: list[str] = []
+
+    def view(flashes: bool) -> Any:
+        runs.append("run")
+        if flashes:
+            flash("Shift 1 is closed.", "ok")
+        raise OperationalError("UPDATE shift", {}, ABORTS["deadlock_detected"]("forced"))
+
+    for flashes, expected in ((False, REQUEST_ATTEMPTS), (True, 1)):
+        runs.clear()
+        with app.test_request_context("/web/shifts/1/close", method="POST"):
+            with pytest.raises(OperationalError):
+                db.dispatched_retrying_conflicts(
+                    lambda flashes=flashes: view(flashes), attempts=REQUEST_ATTEMPTS
+                )
+        assert len(runs) == expected

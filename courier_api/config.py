@@ -122,6 +122,8 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         ),
         "SIGN_IN_ATTEMPTS_PER_ADDRESS": _limit(environ, "SIGN_IN_ATTEMPTS_PER_ADDRESS", "300/60"),
         "SIGN_IN_FAILURES_PER_ADDRESS": _limit(environ, "SIGN_IN_FAILURES_PER_ADDRESS", "100/900"),
+        # Consent requests sent to one parcel's recipient (each a message to their phone).
+        "CONSENT_REQUESTS_PER_PARCEL": _limit(environ, "CONSENT_REQUESTS_PER_PARCEL", "4/3600"),
         # Walks of the whole audit log (GET /audit/verify without a head) per user.
         "AUDIT_FULL_VERIFICATIONS_PER_USER": _limit(
             environ, "AUDIT_FULL_VERIFICATIONS_PER_USER", "4/3600"

@@ -28,12 +28,13 @@ or the recipient's refusal of another request withdrawing the consent that grant
 from __future__ import annotations
 
 import datetime as dt
+import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import or_, select, true, update
+from sqlalchemy import and_, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -50,8 +51,9 @@ from models import (
     utcnow,
 )
 from sync import audit, consents, feed, outbox
-from sync.errors import Conflict, InvalidInput, NotFound
+from sync.errors import Conflict, InvalidInput, NotFound, RateLimited
 from sync.events import shifted
+from sync.sign_in_limits import Limit, window_text
 from sync.sql import among, chunks, created_once
 from sync.tracking import normalize
 
@@ -182,14 +184,21 @@ def request_once(
     client_request_id: uuid.UUID | None,
     ttl: dt.timedelta,
     now: dt.datetime,
-) -> ConsentRequest:
-    """``request_consent`` online (``POST /consents/requests``), once per
-    ``client_request_id`` of the asking PDA: a PDA that got no answer asks again with
-    the same id, and gets the request made the first time (as it is now: answered,
-    maybe) instead of a second question to the recipient. The same id with another
-    request is a conflict. Without an id, each call asks.
+    per_parcel: Limit | None = None,
+) -> tuple[ConsentRequest, bool]:
+    """``request_consent`` online (``POST /consents/requests``): ``(request, pending)``,
+    ``pending`` True when the same question, pending, answers (``asking_bound``).
 
-    Two attempts at once: the second answers the first's request (``created_once``)."""
+    Once per ``client_request_id`` of the asking PDA: a PDA that got no answer asks
+    again with the same id, and gets the request made the first time (as it is now:
+    answered, maybe) instead of a second question to the recipient. The same id with
+    another request is a conflict. Two attempts at once: the second answers the
+    first's request (``created_once``).
+
+    Bounded for the recipient (``asking_bound``): the same question while one is
+    pending answers that one (the courier's own) or is a conflict naming it (a
+    colleague's), and at most ``per_parcel`` questions reach one parcel's recipient in
+    its window."""
 
     def ask() -> ConsentRequest:
         return request_consent(
@@ -203,14 +212,25 @@ def request_once(
             client_request_id=client_request_id,
         )
 
-    if client_request_id is None:
-        return ask()
-    request, new = created_once(
-        session, lambda: asked_as(session, asker.device_id, client_request_id), ask
+    earlier = (
+        None
+        if client_request_id is None
+        else asked_as(session, asker.device_id, client_request_id)
     )
-    if new:
-        return request
-    earlier = request
+    if earlier is None:
+        pending = asking_bound(
+            session=session, draft=draft, asker=asker, per_parcel=per_parcel, now=now
+        )
+        if pending is not None:
+            return pending, True
+        if client_request_id is None:
+            return ask(), False
+        request, new = created_once(
+            session, lambda: asked_as(session, asker.device_id, client_request_id), ask
+        )
+        if new:
+            return request, False
+        earlier = request
     differing = [
         name
         for name, asked, stored in (
@@ -230,7 +250,99 @@ def request_once(
             code="client_request_id_reused",
             field="client_request_id",
         )
-    return earlier
+    return earlier, False
+
+
+def asking_bound(
+    *,
+    session: Session,
+    draft: RequestDraft,
+    asker: Asker,
+    per_parcel: Limit | None,
+    now: dt.datetime,
+) -> ConsentRequest | None:
+    """What stops a courier (or a stolen PDA) from sending one recipient question after
+    question: each request sent is a message to their phone.
+
+    * The same question (parcel, method and point; the channel is only how it is put)
+      while one is pending, sent and neither answered, cancelled nor lapsed: the
+      courier's own pending request is the answer (returned: nothing is sent again);
+      a colleague's is a 409 ``consent_request_pending`` naming it (the consent it may
+      bring covers the parcel, whoever asked). Once it lapsed or was refused, or for
+      another method or point, the courier asks anew.
+    * At most ``per_parcel.count`` requests sent for the parcel in any
+      ``per_parcel.window``, by any courier, online or from a PDA's events: beyond, a
+      429 ``too_many_requests`` with the seconds until the oldest leaves the window.
+
+    Only a request that would be sent is bounded: one for a parcel of another station
+    or not taken in, or without a phone, is kept ``unsent`` as ever (its answer must
+    not tell the courier the parcel exists: SECURITY.md threat 3). Checked under the
+    parcel's lock, so that two requests at once take turns."""
+    parcel = session.scalar(
+        select(Parcel).where(Parcel.tracking_no == draft.tracking_no).with_for_update()
+    )
+    if parcel is None or parcel.station_id != asker.station_id or not parcel.recipient_phone:
+        return None
+    point_id = consents.point_named(draft.method, draft.point_id)
+    pending = session.scalar(
+        select(ConsentRequest)
+        .where(
+            ConsentRequest.tracking_no == parcel.tracking_no,
+            ConsentRequest.method == draft.method,
+            ConsentRequest.point_id.is_(None)
+            if point_id is None
+            else ConsentRequest.point_id == point_id,
+            _sent(),
+            ConsentRequest.status == ConsentRequestStatus.PENDING,
+            ConsentRequest.lapse_announced_at.is_(None),
+            ConsentRequest.expires_at > now,
+        )
+        .order_by(ConsentRequest.id.desc())
+        .limit(1)
+    )
+    if pending is not None:
+        if pending.courier_id == asker.courier_id:
+            return pending
+        raise Conflict(
+            f"consent request {pending.id}, another courier's, asks the recipient the same "
+            f"until {pending.expires_at.isoformat()}: its answer covers the parcel; ask "
+            "again once it lapsed or was refused",
+            code="consent_request_pending",
+            field="tracking_no",
+        )
+    if per_parcel is not None:
+        window = (
+            ConsentRequest.tracking_no == parcel.tracking_no,
+            _sent(),
+            ConsentRequest.created_at > now - per_parcel.window,
+        )
+        sent = session.scalars(
+            select(ConsentRequest.created_at).where(*window).order_by(ConsentRequest.created_at)
+        ).all()
+        if len(sent) >= per_parcel.count:
+            # Below the limit again when the (held - count + 1)-th oldest leaves it.
+            leaving = sent[len(sent) - per_parcel.count]
+            retry_after = max(1, math.ceil((leaving + per_parcel.window - now).total_seconds()))
+            raise RateLimited(
+                f"the recipient of {parcel.tracking_no} was asked for consent "
+                f"{len(sent)} times in the last {window_text(per_parcel.window)} (at most "
+                f"{per_parcel.count}); try again in {retry_after} seconds",
+                retry_after=retry_after,
+            )
+    return None
+
+
+def _sent() -> Any:
+    """A request whose question went to the recipient's channel: not ``unsent``, not
+    lapsed on its way to the server, not cancelled at arrival by a correction."""
+    return and_(
+        ConsentRequest.status != ConsentRequestStatus.UNSENT,
+        ConsentRequest.created_at < ConsentRequest.expires_at,
+        or_(
+            ConsentRequest.status != ConsentRequestStatus.CANCELLED,
+            ConsentRequest.answered_at.is_not(None),
+        ),
+    )
 
 
 def asked_as(

@@ -261,14 +261,14 @@ def _check(
     wait = (leaving + limit.window - now).total_seconds() if leaving else 1.0
     retry_after = max(1, math.ceil(wait))
     return RateLimited(
-        f"{what} (at most {limit.count} in {_span(limit.window)}); "
+        f"{what} (at most {limit.count} in {window_text(limit.window)}); "
         f"try again in {retry_after} seconds",
         retry_after=retry_after,
         code=code,
     )
 
 
-def _span(window: dt.timedelta) -> str:
+def window_text(window: dt.timedelta) -> str:
     seconds = int(window.total_seconds())
     if seconds % 60 == 0:
         minutes = seconds // 60

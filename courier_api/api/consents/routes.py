@@ -7,7 +7,7 @@ from typing import Any
 from flask import current_app, jsonify
 from flask.views import MethodView
 
-from courier_api.api.base import ApiBlueprint
+from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.api.consents.schemas import (
     AnsweredConsentOut,
     ConsentIn,
@@ -352,7 +352,14 @@ class ConsentRequests(MethodView):
     @blp.auth(Role.COURIER)
     @blp.arguments(ConsentRequestIn)
     @blp.response(201, ConsentRequestOut)
-    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+    @blp.alt_response(
+        200,
+        schema=ConsentRequestOut,
+        description="Your request asking the same is still pending: nothing sent again",
+    )
+    @blp.alt_response(409, response="CONFLICT")
+    @blp.alt_response(429, **RATE_LIMITED)
+    def post(self, body: dict[str, Any]) -> Any:
         """Ask a recipient for consent (online)
 
         The courier at the door, with the PDA online: the request is sent to the
@@ -367,7 +374,17 @@ class ConsentRequests(MethodView):
         POST whose answer was lost, sent again with it, answers the request made
         the first time (as it is now) and asks the recipient nothing again; the
         same id with another request is a 409 `client_request_id_reused`.
-        Without it, each POST asks the recipient once more.
+
+        **Asking again**: each request sent is a message to the recipient, so
+        the same question (parcel, method and point, whatever the channel)
+        while one is pending (sent, not answered, not lapsed) is not sent
+        again: your own pending request answers (200, as it is now), a
+        colleague's is a 409 `consent_request_pending` naming it (its answer
+        covers the parcel). Once it lapsed or was refused, or for another
+        method or point, ask anew. At most `CONSENT_REQUESTS_PER_PARCEL`
+        requests are sent for one parcel (4 an hour unless configured, by any
+        courier, online or offline); beyond, 429 `too_many_requests` with
+        `Retry-After`. A request that would be `unsent` is never refused so.
         """
         principal = current_principal()
         assert principal.station_id is not None
@@ -387,16 +404,20 @@ class ConsentRequests(MethodView):
             principal.user_id, principal.station_id, principal.device_id
         )
         ttl = dt.timedelta(minutes=current_app.config["CONSENT_REQUEST_TTL_MINUTES"])
-        request = consent_requests.request_once(
+        request, pending = consent_requests.request_once(
             session=db.session,
             draft=draft,
             asker=asker,
             client_request_id=body.get("client_request_id"),
             ttl=ttl,
             now=now,
+            per_parcel=current_app.config["CONSENT_REQUESTS_PER_PARCEL"],
         )
         db.session.commit()
-        return request_view(request, now, unmasked=_unmasked())
+        view = request_view(request, now, unmasked=_unmasked())
+        if pending:  # the same question, pending: nothing was sent again
+            return jsonify(ConsentRequestOut().dump(view)), 200
+        return view
 
     @blp.auth(Role.COURIER, *READERS)
     @blp.arguments(ConsentRequestListArgs, location="query")

@@ -1,0 +1,191 @@
+"""How often a recipient is asked for consent (SECURITY.md threat 1): each request sent
+is a message to their phone, so a courier, or a stolen PDA, asking again and again
+for one parcel without a ``client_request_id`` must not flood them. The same question
+while one is pending is not sent again; at most ``CONSENT_REQUESTS_PER_PARCEL`` are
+sent per parcel in its window. Asking again once the first lapsed or was refused, or
+another method or point, stays possible."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from models import ConsentRequest, OutboxMessage, WebhookSubscription
+from sync.sign_in_limits import Limit
+from tests import factories
+from tests.conftest import Auth, World
+
+REQUESTS = "/api/v1/consents/requests"
+CONSENTS = "/api/v1/consents"
+
+
+def ask(client: FlaskClient, headers: dict[str, str], tracking_no: str, **body: Any) -> Any:
+    body.setdefault("method", "locker")
+    return client.post(REQUESTS, json={"tracking_no": tracking_no, **body}, headers=headers)
+
+
+@pytest.fixture(autouse=True)
+def gateway(session: Session) -> None:
+    """The recipients' channel, subscribed to the questions put to them."""
+    session.add(
+        WebhookSubscription(
+            url="http://127.0.0.1:9/hook", topics=["consent.requested"], secret="s" * 43
+        )
+    )
+    session.commit()
+
+
+def messages(session: Session, tracking_no: str) -> int:
+    """``consent.requested`` messages written for the parcel's recipient."""
+    return session.scalar(
+        select(func.count())
+        .select_from(OutboxMessage)
+        .where(
+            OutboxMessage.topic == "consent.requested",
+            OutboxMessage.payload["tracking_no"].as_string() == tracking_no,
+        )
+    )
+
+
+def refuse(client: FlaskClient, channel: dict[str, str], request_id: int) -> None:
+    refused = client.post(
+        CONSENTS,
+        json={"request_id": request_id, "channel": "sms", "granted": False},
+        headers=channel,
+    )
+    assert refused.status_code == 200, refused.get_json()
+
+
+def test_the_same_question_pending_is_not_sent_again(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    first = ask(client, courier, tracking_no, point_id="L-3", channel="sms")
+    assert first.status_code == 201, first.get_json()
+    for again in (
+        ask(client, courier, tracking_no, point_id="L-3"),
+        ask(client, courier, tracking_no, point_id=" l-3 ", channel="app"),  # another channel
+    ):
+        assert again.status_code == 200, again.get_json()
+        assert again.get_json()["id"] == first.get_json()["id"]
+        assert again.get_json()["status"] == "pending"
+    assert messages(session, tracking_no) == 1
+    # Another method or another point is another question: sent.
+    for other in ({"point_id": "L-4"}, {"method": "pickup_point"}, {"method": "any"}):
+        asked = ask(client, courier, tracking_no, **other)
+        assert asked.status_code == 201, asked.get_json()
+        assert asked.get_json()["id"] != first.get_json()["id"]
+    assert messages(session, tracking_no) == 4
+
+
+def test_the_courier_asks_again_once_the_first_lapsed_or_was_refused(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    channel = auth.headers("app1")
+    first = ask(client, courier, tracking_no).get_json()
+    session.execute(
+        update(ConsentRequest)
+        .where(ConsentRequest.id == first["id"])
+        .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+    )
+    session.commit()
+    after_lapse = ask(client, courier, tracking_no)
+    assert after_lapse.status_code == 201, after_lapse.get_json()
+    second = after_lapse.get_json()
+    assert second["id"] != first["id"] and second["status"] == "pending"
+    refuse(client, channel, second["id"])
+    after_refusal = ask(client, courier, tracking_no)
+    assert after_refusal.status_code == 201, after_refusal.get_json()
+    assert after_refusal.get_json()["id"] not in (first["id"], second["id"])
+    assert messages(session, tracking_no) == 3
+
+
+def test_a_colleague_is_told_of_the_pending_request_and_the_courier_sees_it_on_any_pda(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """The bound is the recipient's (per parcel), the answer each asker's own: the same
+    courier on another PDA of the station gets their pending request; a colleague gets
+    a 409 naming it (a colleague's request is not theirs to read), and nothing is sent."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    first = ask(client, auth.headers("courier1", "PDA-0001"), tracking_no, point_id="L-3")
+    assert first.status_code == 201, first.get_json()
+    request_id = first.get_json()["id"]
+    other_pda = ask(client, auth.headers("courier1", "PDA-0003"), tracking_no, point_id="L-3")
+    assert other_pda.status_code == 200, other_pda.get_json()
+    assert other_pda.get_json()["id"] == request_id
+    assert other_pda.get_json()["device_id"] == "PDA-0001"  # asked there
+    colleague = ask(client, auth.headers("courier3", "PDA-0003"), tracking_no, point_id="L-3")
+    assert colleague.status_code == 409, colleague.get_json()
+    error = colleague.get_json()
+    assert error["code"] == "consent_request_pending"
+    assert f"consent request {request_id}" in error["message"]
+    assert messages(session, tracking_no) == 1
+    # A point of the colleague's own is another question.
+    own = ask(client, auth.headers("courier3", "PDA-0003"), tracking_no, point_id="L-9")
+    assert own.status_code == 201, own.get_json()
+
+
+def test_at_most_n_requests_are_sent_per_parcel_in_the_window(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("2/3600"))
+    client = app.test_client()
+    auth = Auth(client)
+    flooded, other = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    channel = auth.headers("app1")
+    first = ask(client, courier, flooded).get_json()
+    refuse(client, channel, first["id"])
+    second = ask(client, courier, flooded)  # asked again after the refusal
+    assert second.status_code == 201, second.get_json()
+    refuse(client, channel, second.get_json()["id"])
+    third = ask(client, courier, flooded, method="pickup_point")
+    assert third.status_code == 429, third.get_json()
+    assert third.get_json()["code"] == "too_many_requests"
+    assert 3590 <= int(third.headers["Retry-After"]) <= 3600
+    assert "at most 2" in third.get_json()["message"]
+    assert messages(session, flooded) == 2
+    # The recipient's bound: another parcel, another recipient, is asked.
+    assert ask(client, courier, other).status_code == 201
+    # The window moves on: once the oldest request is an hour old, one more is sent.
+    session.execute(
+        update(ConsentRequest)
+        .where(ConsentRequest.id == first["id"])
+        .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1, seconds=1))
+    )
+    session.commit()
+    assert ask(client, courier, flooded, method="pickup_point").status_code == 201
+    assert messages(session, flooded) == 3
+
+
+def test_a_request_that_would_be_unsent_is_not_bounded(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """An unknown parcel or another station's is answered ``unsent`` however often it is
+    asked for (a 409 or 429 would tell the courier it exists: threat 3)."""
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("1/3600"))
+    client = app.test_client()
+    theirs = factories.parcel(session, world.other_station).tracking_no
+    session.commit()
+    courier = Auth(client).headers("courier1", "PDA-0001")
+    for tracking_no in (theirs, factories.s10()):
+        for _ in range(3):
+            asked = ask(client, courier, tracking_no)
+            assert asked.status_code == 201, asked.get_json()
+            assert asked.get_json()["status"] == "unsent"

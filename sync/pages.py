@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from zoneinfo import ZoneInfo
@@ -109,6 +109,9 @@ class ImageState(enum.StrEnum):
     NOT_READABLE = "not_readable"  # uploaded at another station than the reader's
     BYTES_MISSING = "bytes_missing"  # recorded, but the file is gone from the store
     BYTES_ALTERED = "bytes_altered"  # the file is no longer the bytes its digest names
+    # Uploaded and readable, its file not hashed: a search lists it, the proof's page
+    # says whether its bytes are intact (``recorded_image_states``).
+    ON_RECORD = "on_record"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,27 @@ def image_states(
     broken image, nor one altered in the store as the genuine one: one query for the
     blobs and one for who may read them; each readable image's file is hashed as it
     is read (``BlobStore.verify``), as serving it does."""
+    return _image_states(session, digests, reader, lambda blob: _stored_state(store, blob))
+
+
+def recorded_image_states(
+    *, session: Session, digests: Iterable[str], reader: BlobReader
+) -> dict[str, ImageState]:
+    """``image_states`` as the records say, no file read: a readable image is
+    ``ON_RECORD``. For a search, which lists up to a page of proofs with two images each
+    (8 MiB each at most): hashing them all on every view let any signed-in reader make
+    the server read some 800 MiB a click. As the API's search and export, it leaves the
+    bytes' integrity to the proof's page (and to the image itself, checked as served)."""
+    return _image_states(session, digests, reader, lambda blob: ImageState.ON_RECORD)
+
+
+def _image_states(
+    session: Session,
+    digests: Iterable[str],
+    reader: BlobReader,
+    held: Callable[[Blob], ImageState],
+) -> dict[str, ImageState]:
+    """Each image's state from its record, ``held`` telling that of a readable one."""
     wanted = sorted(set(digests))
     blobs = blobs_by_digest(session=session, digests=wanted)
     readable = readable_blobs(session=session, digests=blobs, reader=reader)
@@ -138,7 +162,7 @@ def image_states(
         elif digest not in readable:
             states[digest] = ImageState.NOT_READABLE
         else:
-            states[digest] = _stored_state(store, blob)
+            states[digest] = held(blob)
     return states
 
 
@@ -841,18 +865,17 @@ def proof_rows(
     proofs: Sequence[Proof],
     policy: Policy,
     reader: BlobReader,
-    store: BlobStore,
 ) -> list[ProofRow]:
-    """A page of proofs with their images' states, each drop's consent and whether it
-    repeats a scan before it (the same delivery scanned twice)."""
+    """A page of proofs with their images' states as recorded (``recorded_image_states``:
+    no file hashed), each drop's consent and whether it repeats a scan before it (the
+    same delivery scanned twice)."""
     events = proofs_events(session=session, proofs=proofs)
     consents = proofs_consents(session=session, proofs=proofs, policy=policy, loaded=events)
     repeats = repeats_of(proofs, events)
-    states = image_states(
+    states = recorded_image_states(
         session=session,
         digests=[d for p in proofs for _, d in pod_digests(p.event.details.get("pod"))],
         reader=reader,
-        store=store,
     )
     return [
         ProofRow(

@@ -827,20 +827,21 @@ def _after_flag_decision(found: Flag, action: str, decided: bool) -> ResponseRet
 # -- proofs -----------------------------------------------------------------------------------
 
 
-@only_reads  # its images hashed holding up no push; an auditor's read recorded apart, last
+@only_reads  # an auditor's read recorded apart, last
 @bp.get("/proofs")
 @page()
 def proofs() -> ResponseReturnValue:
+    """Proofs matching the filters, a page at a time. Their images are listed as recorded,
+    not hashed (the proof's page, linked from each row, says whether they are intact):
+    as the API's search, so that a view costs no read of up to a page of image files."""
     args = parse(ProofFilter(), request.args)
     query, station = _proof_query(args)
     found = list_proofs(session=db.session, filters=query, after_id=args["after"], limit=PAGE_SIZE)
-    # The images hashed before the search is put on record, as on a proof's page.
     rows = proof_rows(
         session=db.session,
         proofs=found,
         policy=policy_of(current_app.config),
         reader=blob_reader(current_principal()),
-        store=blob_store(),
     )
     filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
     recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]

@@ -172,7 +172,9 @@ def test_an_auditor_searches_proofs_and_sees_the_consent_of_each_drop(ui: Ui, si
     expect(page).to_have_url(re.compile(r"method=in_person"))
     placeholder = page.locator(".thumb-missing", has_text="not uploaded yet")
     expect(placeholder).to_have_count(1)
-    assert ui.images_loaded("table.proofs img.thumb") >= 4
+    # No image is loaded (nor hashed) by a search: each links to its proof's page.
+    expect(page.locator("table.proofs img")).to_have_count(0)
+    assert page.locator("table.proofs a[href$='#images']").count() >= 4
     ui.assert_no_console_errors()
 
 

@@ -1956,6 +1956,38 @@ def test_a_proof_image_altered_in_the_store_is_shown_as_altered_not_served(
     assert auditor.client.get(f"/web/images/{photo}").status_code == 409
 
 
+def test_the_proof_search_hashes_no_image_and_leaves_integrity_to_the_proofs_page(
+    app: Flask, session: Session, day: StationDay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search page listed up to 50 proofs and hashed both images of each (8 MiB each at
+    most) on every view: any signed-in reader could make the server read some 800 MiB
+    a click. As the API's search, it reads no image file now; each image on record
+    links to its proof's page, which hashes that proof's images and says when one was
+    altered (and the image route refuses it: it is never shown as the genuine one)."""
+    hashed: list[int] = []  # bytes each read of the store hashes
+    for name in ("verify", "read"):
+        original = getattr(FileBlobStore, name)
+
+        def counted(self: Any, digest: str, *, size: int, _original: Any = original) -> Any:
+            hashed.append(size)
+            return _original(self, digest, size=size)
+
+        monkeypatch.setattr(FileBlobStore, name, counted)
+    proof = get_proof(session=session, event_id=day.drop_event_id, policy=Policy())
+    photo = proof.proof.event.details["pod"]["photo_sha256"]
+    FileBlobStore(app.config["BLOB_DIR"]).path(photo).write_bytes(b"\x89PNG not the photo")
+    auditor = signed_in(app, "auditor")
+    html = auditor.get(f"/web/proofs?station={day.station.id}")
+    assert hashed == []
+    row = html.split(f'id="proof-{day.drop_event_id}"')[1].split("</tr>")[0]
+    assert f'<a href="/web/proofs/{day.drop_event_id}#images">photo</a>' in row
+    assert f"/web/images/{photo}" not in html  # nothing loads it from the search
+    assert "photo: not uploaded yet" in html  # what the records say is still shown
+    detail = auditor.get(f"/web/proofs/{day.drop_event_id}")
+    assert hashed, "the proof's page checks its images"
+    assert 'id="images"' in detail and "file altered in the store: not shown" in detail
+
+
 def test_auditor_reads_are_audit_logged_and_managers_are_not(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -217,10 +217,14 @@ def request_once(
         if client_request_id is None
         else asked_as(session, asker.device_id, client_request_id)
     )
+    pending = None
     if earlier is None:
         pending = asking_bound(
             session=session, draft=draft, asker=asker, per_parcel=per_parcel, now=now
         )
+        if client_request_id is not None:  # an attempt with this id held the lock first
+            earlier = asked_as(session, asker.device_id, client_request_id)
+    if earlier is None:
         if pending is not None:
             return pending, True
         if client_request_id is None:

@@ -63,6 +63,42 @@ def _dropped_without_consent(app: Flask, rounds: int) -> tuple[dict[str, dict[st
     return headers, [(tn, dropped_at, flags[tn]) for tn in numbers]
 
 
+def _asked_twice(app: Flask, headers: dict[str, dict[str, str]], tracking_no: str) -> list[int]:
+    """Two pending requests of the courier for the same locker consent: one asked online,
+    then one from the PDA's ``consent_requested`` event (a second online one would be
+    answered by the first, pending: ``sync.consent_requests.asking_bound``)."""
+    client = app.test_client()
+    online = client.post(
+        f"{CONSENTS}/requests",
+        json={"tracking_no": tracking_no, "method": "locker"},
+        headers=headers["courier"],
+    )
+    assert online.status_code == 201, online.get_json()
+    asked_offline = factories.event(
+        3,  # after the check-out and the drop of ``_dropped_without_consent``'s one parcel
+        tracking_no,
+        "consent_requested",
+        occurred_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5),
+        request={"method": "locker"},
+    )
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-RACE", [asked_offline]),
+        headers=headers["courier"],
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    with app.app_context():
+        from models import ConsentRequest
+
+        ids = db.session.scalars(
+            select(ConsentRequest.id)
+            .where(ConsentRequest.tracking_no == tracking_no)
+            .order_by(ConsentRequest.id)
+        ).all()
+    assert len(ids) == 2 and ids[0] == online.get_json()["id"], ids
+    return list(ids)
+
+
 @pytest.mark.postgres_only
 def test_a_consent_granted_while_the_manager_resolves_its_drops_flag_never_deadlocks(
     committed_app: Flask, monkeypatch: pytest.MonkeyPatch
@@ -303,15 +339,7 @@ def test_two_answers_racing_with_one_id_for_two_requests_give_the_loser_the_name
     (``client_consent_id_reused``, saying which request that consent answers), not
     the generic one of the unique index."""
     headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
-    client = committed_app.test_client()
-    asked = [
-        client.post(
-            f"{CONSENTS}/requests",
-            json={"tracking_no": tracking_no, "method": "locker"},
-            headers=headers["courier"],
-        ).get_json()["id"]
-        for _ in range(2)
-    ]
+    asked = _asked_twice(committed_app, headers, tracking_no)
     _slow_to_find_none(monkeypatch, consents_module, "recorded_as")
     answers = race_requests(
         committed_app,
@@ -348,14 +376,7 @@ def test_a_refusal_while_the_consent_it_withdraws_is_revoked_never_deadlocks(
 
     headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
     client = committed_app.test_client()
-    first, second = (
-        client.post(
-            f"{CONSENTS}/requests",
-            json={"tracking_no": tracking_no, "method": "locker"},
-            headers=headers["courier"],
-        ).get_json()["id"]
-        for _ in range(2)
-    )
+    first, second = _asked_twice(committed_app, headers, tracking_no)
     granted = client.post(
         CONSENTS, json={"request_id": first, "channel": "app"}, headers=headers["integration"]
     )
@@ -424,15 +445,7 @@ def test_a_grant_and_a_refusal_of_two_requests_at_once_never_leave_the_grant_sta
     from sync import consent_requests as requests_module
 
     headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
-    client = committed_app.test_client()
-    first, second = (
-        client.post(
-            f"{CONSENTS}/requests",
-            json={"tracking_no": tracking_no, "method": "locker"},
-            headers=headers["courier"],
-        ).get_json()["id"]
-        for _ in range(2)
-    )
+    first, second = _asked_twice(committed_app, headers, tracking_no)
     with committed_app.app_context():
         db.session.add(
             WebhookSubscription(
@@ -474,3 +487,32 @@ def test_a_grant_and_a_refusal_of_two_requests_at_once_never_leave_the_grant_sta
             select(OutboxMessage).where(OutboxMessage.topic == "consent.request_revoked")
         ).all()
         assert len(told) == 1
+
+
+@pytest.mark.postgres_only
+def test_the_same_question_asked_twice_at_once_is_sent_once(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PDA (or a script with its token) posts the same question twice at once, without
+    a ``client_request_id``: both looked for a pending request before either had made
+    one, and the recipient got two messages. The bound is checked under the parcel's
+    lock: the second waits for the first's commit, and its pending request answers."""
+    from models import ConsentRequest
+    from sync import consent_requests
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    made = consent_requests.request_consent
+
+    def slow_to_make(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # after the look for a pending one, before the insert
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(consent_requests, "request_consent", slow_to_make)
+    body = {"tracking_no": tracking_no, "method": "locker"}
+    answers = race_requests(
+        committed_app, [("POST", f"{CONSENTS}/requests", body, headers["courier"])] * 2
+    )
+    assert sorted(a.status_code for a in answers) == [200, 201], [a.get_json() for a in answers]
+    assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
+    with committed_app.app_context():
+        assert len(db.session.scalars(select(ConsentRequest.id)).all()) == 1

@@ -1320,18 +1320,38 @@ def test_the_same_client_consent_id_for_another_consent_is_a_conflict(
     assert theirs.status_code == 201, theirs.get_json()
 
 
+def asked_twice(client: FlaskClient, auth: Auth, tracking_no: str) -> list[dict[str, Any]]:
+    """Two pending requests of courier1 for the same locker consent: one asked online,
+    one from the PDA's ``consent_requested`` event (a second online one would be
+    answered by the first, pending: ``sync.consent_requests.asking_bound``)."""
+    courier = auth.headers("courier1", "PDA-0001")
+    online = client.post(
+        f"{URL}/requests", json={"tracking_no": tracking_no, "method": "locker"}, headers=courier
+    )
+    assert online.status_code == 201, online.get_json()
+    auth.push(
+        [
+            factories.event(
+                1,
+                tracking_no,
+                "consent_requested",
+                occurred_at=now() - dt.timedelta(seconds=5),
+                request={"method": "locker"},
+            )
+        ]
+    )
+    listed = client.get(
+        f"{URL}/requests", query_string={"tracking_no": tracking_no}, headers=courier
+    ).get_json()["items"]
+    assert [r["status"] for r in listed] == ["pending", "pending"], listed
+    assert listed[0]["id"] == online.get_json()["id"]
+    return listed
+
+
 def test_an_answer_to_a_request_keeps_the_channels_id_unless_it_was_used(
     client: FlaskClient, auth: Auth, app1: dict[str, str], parcel: Parcel
 ) -> None:
-    courier = auth.headers("courier1", "PDA-0001")
-    asked = [
-        client.post(
-            f"{URL}/requests",
-            json={"tracking_no": parcel.tracking_no, "method": "locker"},
-            headers=courier,
-        ).get_json()
-        for _ in range(2)
-    ]
+    asked = asked_twice(client, auth, parcel.tracking_no)
     answer = {"request_id": asked[0]["id"], "channel": "sms", "client_consent_id": "sms-1"}
     granted = client.post(URL, json=answer, headers=app1)
     assert granted.status_code == 201, granted.get_json()
@@ -1462,15 +1482,7 @@ def test_an_answer_with_the_id_of_the_same_consent_recorded_alone_is_answered_by
     id), then sent it again as the answer to the courier's request: the request is
     answered by the consent recorded, as a retry of that consent would be, not a 409;
     an answer saying something else with that id is the 409 naming what differs."""
-    courier = auth.headers("courier1", "PDA-0001")
-    asked = [
-        client.post(
-            f"{URL}/requests",
-            json={"tracking_no": parcel.tracking_no, "method": "locker"},
-            headers=courier,
-        ).get_json()
-        for _ in range(2)
-    ]
+    asked = asked_twice(client, auth, parcel.tracking_no)
     granted_at = now().isoformat()  # after the courier asked
     alone = grant(
         client,

@@ -20,10 +20,11 @@ A seq that held no event and gets one later (a rejected event sent again correct
 under its id and seq, a written-off seq arriving after all) splits the pair judged
 across it: the events around it are no longer neighbours, and a flag raised for them
 would stand in one order of arrival only (rule 3). The push storing it judges that
-pair again (``Judgement.withdrawn``): each of its seqs that no pair of neighbours
-inverted now still names (for the later one's parcel) is withdrawn from the flag. A
-seq still on the PDA splits nothing: no pair was judged across it. Only a push
-storing a seq that arrived before pays for it (a search on each side of the pair).
+pair again (``Judgement.split``): each of its seqs that no pair of neighbours
+inverted now still names (for the later one's parcel, at the flag's station:
+``Judgement.standing_at``) is withdrawn from the flag. A seq still on the PDA splits
+nothing: no pair was judged across it. Only a push storing a seq that arrived before
+pays for it (a search on each side of the pair).
 
 A write-off makes neighbours too: seqs a manager declares lost count as held and hold
 no event, as rejected ones do, so the events around them are neighbours for good. A
@@ -62,18 +63,16 @@ Nearest = Callable[[int, int, bool], tuple[int, Stamp] | None]
 
 
 class Judgement(NamedTuple):
-    """What a push changes of a device's inverted pairs, ``{tracking number: seqs}``
-    each: ``inverted``, the pairs it completes, to be flagged; ``withdrawn``, the seqs
-    flagged for a pair it split that no pair of neighbours inverted names any more.
-    ``inverted_at``: ``inverted`` by parcel and station, each pair its later event's
-    (``Stamp.station_id``), the station whose flag it is. ``split``: the seqs of the
-    pairs it split, by parcel; ``standing_at``: those of them some inverted pair still
-    names, by parcel and station. A station's flag keeps a split pair's seq only for a
-    pair of that station (``withdrawn`` is by parcel: a seq one station's pair names is
-    no reason to keep it on another's flag)."""
+    """What a push changes of a device's inverted pairs: ``inverted``, the pairs it
+    completes, ``{tracking number: seqs}``; ``inverted_at``, the same by parcel and
+    station, each pair its later event's (``Stamp.station_id``), the station whose flag
+    it is, to be flagged. ``split``: the seqs of the pairs it split, by parcel;
+    ``standing_at``: those of them some inverted pair still names, by parcel and
+    station. A station's flag keeps a split pair's seq only for a pair of that station,
+    and loses the rest (``sync.ingest``): a seq one station's pair names is no reason to
+    keep it on another's flag."""
 
     inverted: dict[str, set[int]]
-    withdrawn: dict[str, set[int]]
     inverted_at: dict[tuple[str, int | None], set[int]] = {}
     split: dict[str, set[int]] = {}
     standing_at: dict[tuple[str, int | None], set[int]] = {}
@@ -115,7 +114,7 @@ def judge(
     known: dict[int, Stamp] = dict(new)
     anchors = set(known) | set(rejected)
     if not anchors:
-        return Judgement({}, {})
+        return Judgement({})
     probe = set(rejected) - set(known)
     for low, high in _runs(sorted(anchors)):
         probe.update((low - 1, high + 1))
@@ -196,7 +195,7 @@ def judge(
     ]
     split = [pair for pair in split if inverted_among([pair])]
     if not split:
-        return Judgement(inverted, {}, completed)
+        return Judgement(inverted, completed)
     # What else names their events now: the new pairs, and each one's other neighbour.
     standing_at = inverted_at(
         [
@@ -205,14 +204,7 @@ def judge(
             *((after, beyond(after + 1, downward=False)) for _, after in split),
         ]
     )
-    standing = _by_parcel(standing_at)
-    split_seqs = inverted_among(split)
-    withdrawn: dict[str, set[int]] = {}
-    for tracking_no, seqs in split_seqs.items():
-        gone = seqs - standing.get(tracking_no, set())
-        if gone:
-            withdrawn[tracking_no] = gone
-    return Judgement(inverted, withdrawn, completed, split_seqs, standing_at)
+    return Judgement(inverted, completed, inverted_among(split), standing_at)
 
 
 def across_written_off(

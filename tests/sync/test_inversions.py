@@ -53,10 +53,16 @@ class Device:
         before = SeqTracker(self.held.max_seq, [list(r) for r in self.held.missing])
         self.held.add_all([*new, *rejected])
         judged = judge(new, rejected, self.held, self.look_up, self.nearest, held_before=before)
-        for tracking_no, seqs in judged.inverted.items():
+        # As ``sync.ingest`` applies it, every event here pushed at one station (None):
+        # raised by parcel and station, a split pair's seqs withdrawn but those a pair
+        # of the flag's station still names.
+        for (tracking_no, _), seqs in judged.inverted_at.items():
             self.flagged.setdefault(tracking_no, set()).update(seqs)
-        for tracking_no, seqs in judged.withdrawn.items():
-            self.flagged[tracking_no] -= seqs
+        for tracking_no, seqs in judged.split.items():
+            gone = seqs - judged.standing_at.get((tracking_no, None), set())
+            if not gone:
+                continue
+            self.flagged[tracking_no] -= gone
             if not self.flagged[tracking_no]:
                 del self.flagged[tracking_no]
         return judged.inverted

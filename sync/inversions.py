@@ -29,9 +29,10 @@ pays for it (a search on each side of the pair).
 A write-off makes neighbours too: seqs a manager declares lost count as held and hold
 no event, as rejected ones do, so the events around them are neighbours for good. A
 push storing one of those events judges the pair across them (it finds them held and
-empty); a write-off made once both had arrived judges it itself (``across_written_off``),
-or the flags would depend on whether the manager wrote the seqs off before or after
-the PDA's pushes (rule 3). It splits nothing: it stores no event.
+empty); a write-off made once both had arrived judges it itself
+(``across_written_off_at``), or the flags would depend on whether the manager wrote the
+seqs off before or after the PDA's pushes (rule 3). It splits nothing: it stores no
+event.
 
 Pure: the caller hands in what the server holds (``SeqTracker``) and two look-ups.
 """
@@ -47,8 +48,8 @@ from sync.acks import SeqTracker
 
 class Stamp(NamedTuple):
     """What an inversion compares of a stored event: its time on the PDA's clock; and
-    the station it was pushed at, whose flag the pair it ends is (``across_written_off``),
-    where known."""
+    the station it was pushed at, where known: the pair it ends is that station's flag
+    (``across_written_off_at``)."""
 
     occurred_at_device: dt.datetime
     tracking_no: str
@@ -207,17 +208,6 @@ def judge(
     return Judgement(inverted, completed, inverted_among(split), standing_at)
 
 
-def across_written_off(
-    ranges: Iterable[Sequence[int]],
-    held: SeqTracker,
-    nearest: Nearest,
-    tolerance: dt.timedelta = dt.timedelta(0),
-) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` of the inverted pairs a write-off of ``ranges``
-    completes (``across_written_off_at``, whatever their stations)."""
-    return _by_parcel(across_written_off_at(ranges, held, nearest, tolerance))
-
-
 def across_written_off_at(
     ranges: Iterable[Sequence[int]],
     held: SeqTracker,
@@ -239,17 +229,6 @@ def across_written_off_at(
         if below is not None and above is not None:
             pairs.append((below, above))
     return _inverted_at(pairs, tolerance)
-
-
-def still_named(
-    seqs: Iterable[int],
-    held: SeqTracker,
-    look_up: LookUp,
-    nearest: Nearest,
-    tolerance: dt.timedelta = dt.timedelta(0),
-) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` (``still_named_at``, whatever their stations)."""
-    return _by_parcel(still_named_at(seqs, held, look_up, nearest, tolerance))
 
 
 def still_named_at(

@@ -8,9 +8,31 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.acks import SeqTracker, merged
-from sync.inversions import Stamp, across_written_off, judge, still_named, time_inversions
+from sync.inversions import (
+    LookUp,
+    Nearest,
+    Stamp,
+    across_written_off_at,
+    judge,
+    still_named_at,
+    time_inversions,
+)
 
 T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
+
+
+def by_parcel(found: dict[tuple[str, int | None], set[int]]) -> dict[str, set[int]]:
+    """``{(tracking number, station): seqs}`` of one station's events (None: every
+    event here is stamped without one) by parcel."""
+    assert all(station is None for _, station in found)
+    return {tracking_no: seqs for (tracking_no, _), seqs in found.items()}
+
+
+def still_named_here(
+    seqs: list[int], held: SeqTracker, look_up: LookUp, nearest: Nearest
+) -> dict[str, set[int]]:
+    """``still_named_at`` of one station's events, by parcel."""
+    return by_parcel(still_named_at(seqs, held, look_up, nearest))
 
 
 class Device:
@@ -71,7 +93,9 @@ class Device:
         """Write ``seqs`` off as lost (none of them arrived): held from now on, holding
         no event; the pairs across them flagged, as ``sync.lost_seqs`` does."""
         self.held.add_all(seqs)
-        found = across_written_off(merged([s, s] for s in seqs), self.held, self.nearest)
+        found = by_parcel(
+            across_written_off_at(merged([s, s] for s in seqs), self.held, self.nearest)
+        )
         for tracking_no, named in found.items():
             self.flagged.setdefault(tracking_no, set()).update(named)
         return found
@@ -290,11 +314,11 @@ def test_a_flags_seqs_still_named_are_those_of_inverted_pairs_of_neighbours_now(
     parcel P3 any more; 4 names 3 and 4 for P4. A seq with no event names nothing."""
     device = Device()
     device.push({1: 30, 2: 20, 3: 25, 4: 10}, set(), {1: "P1", 2: "P2", 3: "P3", 4: "P4"})
-    assert still_named([1, 3], device.held, device.look_up, device.nearest) == {
+    assert still_named_here([1, 3], device.held, device.look_up, device.nearest) == {
         "P2": {1, 2},
         "P4": {3, 4},
     }
-    assert still_named([7], device.held, device.look_up, device.nearest) == {}
+    assert still_named_here([7], device.held, device.look_up, device.nearest) == {}
 
 
 def test_a_flags_seqs_beside_stored_ones_cost_one_look_up_and_no_search() -> None:
@@ -305,13 +329,13 @@ def test_a_flags_seqs_beside_stored_ones_cost_one_look_up_and_no_search() -> Non
     times = {seq: (seq * 10 if seq % 2 else seq * 10 - 15) for seq in range(1, 11) if seq != 6}
     device.push(times, {6})
     device.look_ups = device.searches = 0
-    assert still_named([1, 2, 3, 4], device.held, device.look_up, device.nearest) == {
+    assert still_named_here([1, 2, 3, 4], device.held, device.look_up, device.nearest) == {
         "P2": {1, 2},
         "P4": {3, 4},
     }
     assert (device.look_ups, device.searches) == (1, 0)
     device.look_ups = device.searches = 0
-    assert still_named([5, 7], device.held, device.look_up, device.nearest) == {"P8": {7, 8}}
+    assert still_named_here([5, 7], device.held, device.look_up, device.nearest) == {"P8": {7, 8}}
     assert (device.look_ups, device.searches) == (1, 2)
 
 
@@ -347,4 +371,4 @@ def test_the_seqs_still_named_are_those_of_the_inverted_pairs_of_neighbours_stor
             first, second = device.stored[earlier], device.stored[later]
             if second.occurred_at_device < first.occurred_at_device:
                 expected.setdefault(second.tracking_no, set()).update((earlier, later))
-    assert still_named(asked, device.held, device.look_up, device.nearest) == expected
+    assert still_named_here(asked, device.held, device.look_up, device.nearest) == expected

@@ -338,6 +338,7 @@ def create_subscription(
 
 
 MAX_SECRET_GRACE = dt.timedelta(days=7)
+MAX_SECRET_GRACE_HOURS = MAX_SECRET_GRACE // dt.timedelta(hours=1)  # the API's bound
 
 
 def rotate_secret(
@@ -357,7 +358,7 @@ def rotate_secret(
     once take turns (the row is locked), the second keeping the first's new secret."""
     if not dt.timedelta() <= grace <= MAX_SECRET_GRACE:
         raise InvalidInput(
-            f"the grace period is from 0 to {MAX_SECRET_GRACE.days * 24} hours",
+            f"the grace period is from 0 to {MAX_SECRET_GRACE_HOURS} hours",
             code="invalid_grace",
             field="grace_hours",
         )

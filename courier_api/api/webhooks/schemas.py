@@ -13,7 +13,12 @@ from models import (
     utcnow,
 )
 from sync.outbox import TOPICS
-from sync.webhooks import MAX_DESCRIPTION_LENGTH, MAX_URL_LENGTH, rotation_grace_until
+from sync.webhooks import (
+    MAX_DESCRIPTION_LENGTH,
+    MAX_SECRET_GRACE_HOURS,
+    MAX_URL_LENGTH,
+    rotation_grace_until,
+)
 
 # Delivery ids are 64-bit (a delivery per message per subscription).
 MAX_BIG_ID = 2**63 - 1
@@ -123,7 +128,7 @@ class SubscriptionOut(ma.Schema):
 class SecretRotationIn(ma.Schema):
     grace_hours = ma.fields.Integer(
         load_default=24,
-        validate=ma.validate.Range(min=0, max=168),
+        validate=ma.validate.Range(min=0, max=MAX_SECRET_GRACE_HOURS),
         metadata={
             "description": "How long deliveries are signed with the old secret too, so "
             "that the receiver can switch without refusing any; 0: drop it now (a leak)"

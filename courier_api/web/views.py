@@ -35,7 +35,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
-from courier_api.api.proofs.routes import csv_rows
+from courier_api.api.proofs.routes import csv_rows, proof_read
 from courier_api.api.quarantine.routes import QUARANTINE_SEARCHED
 from courier_api.auth import (
     AuditorRead,
@@ -919,15 +919,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         visible_station=visible_station,
         unmasked=current_principal().role == Role.AUDITOR,
     )
-    reads = [
-        AuditorRead(
-            "proof_read",
-            "proof",
-            str(event_id),
-            {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
-            tracking_no=detail.proof.event.tracking_no,
-        )
-    ]
+    reads = [proof_read(event_id, detail)]
     if view.rejections_shown:  # as the shift page's: a read of the quarantine
         reads.append(
             AuditorRead(

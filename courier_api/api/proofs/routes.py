@@ -23,10 +23,12 @@ from courier_api.api.proofs.schemas import (
     ProofPage,
 )
 from courier_api.auth import (
+    AuditorRead,
     Principal,
     current_principal,
     ensure_visible,
     record_auditor_read,
+    record_auditor_reads,
 )
 from courier_api.config import policy_of
 from courier_api.extensions import db
@@ -39,6 +41,7 @@ from sync.proofs import (
     METHODS,
     DropConsent,
     Proof,
+    ProofDetail,
     ProofFilter,
     ProofImageState,
     check_filters,
@@ -364,14 +367,21 @@ class ProofById(MethodView):
             ),
             "flags": _flag_refs(detail.flags, principal),
         }
-        record_auditor_read(
-            "proof_read",
-            "proof",
-            str(event_id),
-            {"tracking_no": detail.proof.event.tracking_no, "event_ids": detail.proofs_shown},
-            tracking_no=detail.proof.event.tracking_no,
-        )
+        record_auditor_reads([proof_read(event_id, detail)])
         return shown
+
+
+def proof_read(event_id: int, detail: ProofDetail) -> AuditorRead:
+    """An auditor's read of one proof (``GET /proofs/<id>``, and its web page): the
+    proofs it showed, filed under their parcel."""
+    tracking_no = detail.proof.event.tracking_no
+    return AuditorRead(
+        "proof_read",
+        "proof",
+        str(event_id),
+        {"tracking_no": tracking_no, "event_ids": detail.proofs_shown},
+        tracking_no=tracking_no,
+    )
 
 
 def _flag_refs(found: list[Flag], principal: Principal) -> list[dict[str, Any]]:

@@ -319,6 +319,32 @@ def test_every_auditor_read_is_audit_logged(
     assert set(actions[:-3]) <= {"consent_granted"}
 
 
+def test_an_auditors_search_that_fails_after_its_read_leaves_no_read_on_record(
+    client: FlaskClient,
+    auth: Auth,
+    day: dict[str, Any],
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GET /proofs`` put the auditor's search on record (``proofs_searched``), then
+    read the proofs' images and built the page: a read failing after the record left a
+    search on record that the auditor was never shown. A read is on record when, and
+    only when, it is shown: recorded last, as the proof's page and its read are."""
+
+    def broken(**_kwargs: Any) -> Any:
+        raise RuntimeError("the images could not be read")
+
+    monkeypatch.setattr(proofs_routes, "proofs_images", broken)
+    before = session.scalars(select(AuditEntry.action)).all()
+    try:
+        response = client.get(URL, headers=auth.headers("auditor1"))
+        assert response.status_code >= 500, response.status_code
+    except RuntimeError:  # raised through the test client
+        pass
+    session.expire_all()
+    assert session.scalars(select(AuditEntry.action)).all() == before
+
+
 def test_an_auditors_read_of_a_proof_names_every_delivery_its_timeline_shows(
     app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:

@@ -250,14 +250,6 @@ class Proofs(MethodView):
             session=db.session, proofs=proofs, policy=policy_of(current_app.config), loaded=events
         )
         repeats = repeats_of(proofs, events)
-        record_auditor_read(
-            "proofs_searched",
-            "proof",
-            "search",
-            {"event_ids": [p.event.id for p in proofs]},
-            tracking_no=args.get("tracking_no"),  # a search of one parcel's proofs
-            parcels=[p.event.tracking_no for p in proofs],
-        )
         auditor = principal.role == Role.AUDITOR
         images = proofs_images(session=db.session, proofs=proofs)
         items = [
@@ -270,6 +262,15 @@ class Proofs(MethodView):
             )
             for p in proofs
         ]
+        # Last, the page built: a search that failed before it leaves no read on record.
+        record_auditor_read(
+            "proofs_searched",
+            "proof",
+            "search",
+            {"event_ids": [p.event.id for p in proofs]},
+            tracking_no=args.get("tracking_no"),  # a search of one parcel's proofs
+            parcels=[p.event.tracking_no for p in proofs],
+        )
         return keyset_page(items, args["limit"], key=lambda item: item["event_id"])
 
 

@@ -546,18 +546,11 @@ def read_handovers(
 
 
 @dataclass(frozen=True)
-class BoardRow:
-    shift: Shift
-    courier: User
-    balance: Balance
-    open_flags: Sequence[OpenFlag] = ()  # waiting for a manager (``waiting_flags``)
-    # Proof images its deliveries name that the server lacks, once handed over: the
-    # sweep's ``blob_missing_at_handover`` flags them only after its grace.
-    images_missing: int = 0
-    # Its PDA's events the server rejected, once handed over (``balances_and_rejections``).
-    rejected_events: int = 0
-    # Its parcels' corrections to review, citing its events, no manager has looked at.
-    reviews: Sequence[OpenFlag] = ()
+class BoardRow(HandoverRead):
+    """A shift of the board with its courier, and its handover as a sign-off reads it."""
+
+    shift: Shift = field(kw_only=True)
+    courier: User = field(kw_only=True)
 
     @property
     def balance_version(self) -> str:
@@ -626,16 +619,7 @@ def station_board(*, session: Session, station_id: int, work_date: dt.date) -> l
     ).all()
     read = read_handovers(session, [shift for shift, _ in rows], station_id=station_id)
     return [
-        BoardRow(
-            shift,
-            courier,
-            read[shift.id].balance,
-            read[shift.id].open_flags,
-            read[shift.id].images_missing,
-            read[shift.id].rejected_events,
-            read[shift.id].reviews,
-        )
-        for shift, courier in rows
+        BoardRow(**vars(read[shift.id]), shift=shift, courier=courier) for shift, courier in rows
     ]
 
 

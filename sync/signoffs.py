@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from models import Shift, ShiftStatus, utcnow
 from sync import audit
-from sync.balances import HandoverRead, OpenFlag, read_handovers, signed_off_version
+from sync.balances import HandoverRead, read_handovers, signed_off_version
 from sync.errors import InvalidInput
 from sync.handover import (
     Balance,
@@ -243,16 +243,10 @@ def _retried(
     )
 
 
-def not_clean(
-    shift: Shift,
-    balance: Balance,
-    flags: Sequence[OpenFlag],
-    images_missing: int,
-    rejected_events: int,
-    reviews: Sequence[OpenFlag] = (),
-) -> Refusal | None:
+def not_clean(shift: Shift, read: HandoverRead) -> Refusal | None:
     """Why this shift is no clean handover, to sign off with others, or None: the board
-    offers to sign off together exactly those it finds clean.
+    offers to sign off together exactly those it finds clean (its rows are the
+    ``HandoverRead`` a sign-off of them reads again).
 
     ``rejected_events``: its PDA's events the server rejected. The balance cannot show
     them (a refused correction voids nothing: the balance still counts what it meant to
@@ -261,6 +255,8 @@ def not_clean(
     (``sync.balances.REVIEW_KINDS``, open): the balance counts the outcome as corrected,
     a drop made a return balancing as well as the return, so the manager sees the
     correction before the handover is signed off."""
+    balance, flags, reviews = read.balance, read.open_flags, read.reviews
+    images_missing, rejected_events = read.images_missing, read.rejected_events
     if shift.status == ShiftStatus.OPEN:
         return Refusal("shift_open", "still open; it is signed off after it is closed")
     if shift.status == ShiftStatus.SIGNED_OFF:
@@ -323,14 +319,7 @@ def _refusal(
     elif shift is None or read is None:
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
-        why = not_clean(
-            shift,
-            read.balance,
-            read.open_flags,
-            read.images_missing,
-            read.rejected_events,
-            read.reviews,
-        )
+        why = not_clean(shift, read)
         if why is None:  # clean when read too: no event rejected, no flag, no image missing
             why = changed_since_read(Seen(version, **READ_CLEAN), read)
     if why is None:

@@ -386,19 +386,7 @@ def _board_page(
             for courier in [*(row.courier for row in rows), *(c for _, c in earlier)]
             if sees_user(courier, visible)
         },
-        clean={
-            row.shift.id
-            for row in rows
-            if signoffs.not_clean(
-                row.shift,
-                row.balance,
-                row.open_flags,
-                row.images_missing,
-                row.rejected_events,
-                row.reviews,
-            )
-            is None
-        },
+        clean={row.shift.id for row in rows if signoffs.not_clean(row.shift, row) is None},
         typed=typed,
     )
 

@@ -1323,7 +1323,7 @@ def sign_off(
             return shift  # this sign-off, sent again
         raise Conflict(already_signed_off(session, shift, user_id), code="already_signed_off")
     seen = Seen(seen_version, seen_rejected_events, seen_open_flags, seen_images_missing)
-    if seen[1:] == (None, None, None):
+    if all(shown is None for shown in seen[1:]):  # the balance's version at most
         read = HandoverRead(shift_balance(session=session, shift=shift))
     else:  # a few queries more, only for a sign-off that names them
         read = handover_seen(session, shift)

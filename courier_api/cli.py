@@ -603,8 +603,9 @@ def rejudge(station_code: str | None, batch: int) -> None:
     rule flags are recomputed from its events and consents as a push would, and closed
     shifts get their handover flags again where that changed them. Between the two,
     time_inversion flags are judged again against their PDAs' stored events (seqs no
-    inverted pair names any more withdrawn, a flag naming none closed) and the pairs
-    across seqs written off as lost are judged, as a push and a write-off now do. One
+    inverted pair names any more withdrawn, a flag naming none closed; a pair on another
+    station's flag than its later event's raised there) and the pairs across seqs
+    written off as lost are judged, as a push and a write-off now do. One
     transaction per --batch drops, time_inversion flags, PDAs, then parcels, with a
     progress line after each; safe while the service runs, and to run again. The run
     goes to the audit log.

@@ -76,7 +76,8 @@ class RejudgeTotals:
     handover_flags_raised: int = 0  # of closed shifts (those whose cause went are closed)
     drop_bounds_changed: int = 0  # drops whose bounds (``sync.drop_bounds``) were repaired
     # time_inversion flags (``sync.inversion_flags``): their seqs withdrawn, closed, and
-    # raised (or opened again) across seqs written off
+    # raised (or opened again): across seqs written off, and at the station a pair's later
+    # event was pushed at when another station's flag named it (``Rejudged.raised``)
     inversion_seqs_withdrawn: int = 0
     inversion_flags_closed: int = 0
     inversion_flags_raised: int = 0
@@ -89,7 +90,7 @@ class RejudgeTotals:
             f"{self.drop_bounds_changed} drops' bounds repaired; time_inversion flags "
             f"judged again: {self.inversion_seqs_withdrawn} seqs withdrawn, "
             f"{self.inversion_flags_closed} flags closed, {self.inversion_flags_raised} "
-            "raised across seqs written off"
+            "raised (across seqs written off, or at their later event's station)"
         )
 
 

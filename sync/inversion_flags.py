@@ -174,9 +174,11 @@ def rejudge_flags(
     """Judge again the ``time_inversion`` flags after ``after_id`` (at most ``limit``,
     by id, any status) against their PDAs' stored events, as a push storing an event
     between a pair withdraws it (``sync.ingest``): each seq a flag names that no
-    inverted pair of neighbours names now for its parcel is withdrawn from it, and a
-    flag left naming none is closed by the system (``sync.flags.withdraw_evidence``,
-    its audit entry as every system change's). Flags raised before a push rejudged
+    inverted pair of neighbours names now for its parcel at its station is withdrawn
+    from it (a pair its later event's station owns, named on another station's flag,
+    raised there first: ``Rejudged.raised``), and a flag left naming none is closed by
+    the system (``sync.flags.withdraw_evidence``, its audit entry as every system
+    change's). Flags raised before a push rejudged
     the pairs it split (a pair judged across a rejected seq stored later) are so put
     right. The PDAs' sync states are locked first, in id order, as a push locks its
     own before its flags; then the flags, by parcel, as a push raises them.

@@ -34,7 +34,8 @@ TOPICS: dict[str, str] = {
     "consent.request_refused": "The recipient refused such a request",
     "consent.request_lapsed": "Such a request reached its expiry unanswered: stop asking, "
     "an answer now is refused",
-    "consent.request_revoked": "The consent that answered such a request was revoked",
+    "consent.request_revoked": "The consent that answered such a request was revoked, or "
+    "withdrawn for the parcel by the recipient's refusal of a later request",
     "parcel.in_locker": "A parcel was left in a locker: where, and the pickup code",
     "parcel.at_pickup_point": "A parcel was left at a pickup point, and its pickup code",
     "parcel.drop_voided": "A courier's correction voided such a drop: the parcel is not "

@@ -118,7 +118,8 @@ def changed_since_read(seen: Seen, read: HandoverRead) -> Refusal | None:
 
 def handover_seen(session: Session, shift: Shift) -> HandoverRead:
     """One shift's handover read as the board reads it (``sync.balances.read_handovers``):
-    what a sign-off compares with what the manager was shown."""
+    what its balance shows beside the balance (``GET /shifts/<id>/balance``), and what a
+    sign-off compares with what the manager was shown."""
     return read_handovers(session, [shift], station_id=shift.station_id)[shift.id]
 
 

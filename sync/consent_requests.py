@@ -268,12 +268,14 @@ def asking_bound(
     """What stops a courier (or a stolen PDA) from sending one recipient question after
     question: each request sent is a message to their phone.
 
-    * The same question (parcel, method and point; the channel is only how it is put)
-      while one is pending, sent and neither answered, cancelled nor lapsed: the
-      courier's own pending request is the answer (returned: nothing is sent again);
+    * The same question (parcel, method, point and channel) while one is pending,
+      sent and neither answered, cancelled nor lapsed: the courier's own pending
+      request is the answer (returned: nothing is sent again);
       a colleague's is a 409 ``consent_request_pending`` naming it (the consent it may
       bring covers the parcel, whoever asked). Once it lapsed or was refused, or for
-      another method or point, the courier asks anew.
+      another method or point, the courier asks anew; by another channel too (the
+      recipient did not get the SMS: the courier at the door has them called, instead
+      of waiting for the SMS request to lapse).
     * At most ``per_parcel.count`` requests sent for the parcel in any
       ``per_parcel.window``, by any courier, online or from a PDA's events: beyond, a
       429 ``too_many_requests`` with the seconds until the oldest leaves the window.
@@ -296,6 +298,9 @@ def asking_bound(
             ConsentRequest.point_id.is_(None)
             if point_id is None
             else ConsentRequest.point_id == point_id,
+            ConsentRequest.channel.is_(None)
+            if draft.channel is None
+            else ConsentRequest.channel == draft.channel,
             _sent(),
             ConsentRequest.status == ConsentRequestStatus.PENDING,
             ConsentRequest.lapse_announced_at.is_(None),

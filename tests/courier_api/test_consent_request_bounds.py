@@ -72,8 +72,8 @@ def test_the_same_question_pending_is_not_sent_again(
     first = ask(client, courier, tracking_no, point_id="L-3", channel="sms")
     assert first.status_code == 201, first.get_json()
     for again in (
-        ask(client, courier, tracking_no, point_id="L-3"),
-        ask(client, courier, tracking_no, point_id=" l-3 ", channel="app"),  # another channel
+        ask(client, courier, tracking_no, point_id="L-3", channel="sms"),
+        ask(client, courier, tracking_no, point_id=" l-3 ", channel="sms"),
     ):
         assert again.status_code == 200, again.get_json()
         assert again.get_json()["id"] == first.get_json()["id"]
@@ -189,3 +189,33 @@ def test_a_request_that_would_be_unsent_is_not_bounded(
             asked = ask(client, courier, tracking_no)
             assert asked.status_code == 201, asked.get_json()
             assert asked.get_json()["status"] == "unsent"
+
+
+def test_the_courier_at_the_door_asks_by_another_channel(
+    client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """The recipient did not get the SMS: the courier at the door asks again by a phone
+    call. That is a new attempt to reach them, not the same question posed twice: it is
+    sent (within the parcel's bound), instead of answering the SMS request for the 30
+    minutes it stays pending while the courier waits. Asking by the call again answers
+    the call's request; a colleague asking by the call is told of it."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    by_sms = ask(client, courier, tracking_no, channel="sms")
+    assert by_sms.status_code == 201, by_sms.get_json()
+    by_call = ask(client, courier, tracking_no, channel="phone_call")
+    assert by_call.status_code == 201, by_call.get_json()
+    call = by_call.get_json()
+    assert call["id"] != by_sms.get_json()["id"] and call["channel"] == "phone_call"
+    assert messages(session, tracking_no) == 2
+    again = ask(client, courier, tracking_no, channel="phone_call")
+    assert again.status_code == 200 and again.get_json()["id"] == call["id"]
+    colleague = ask(
+        client, auth.headers("courier3", "PDA-0003"), tracking_no, channel="phone_call"
+    )
+    assert colleague.status_code == 409, colleague.get_json()
+    assert colleague.get_json()["code"] == "consent_request_pending"
+    assert messages(session, tracking_no) == 2

@@ -376,15 +376,16 @@ class ConsentRequests(MethodView):
         same id with another request is a 409 `client_request_id_reused`.
 
         **Asking again**: each request sent is a message to the recipient, so
-        the same question (parcel, method and point, whatever the channel)
-        while one is pending (sent, not answered, not lapsed) is not sent
-        again: your own pending request answers (200, as it is now), a
-        colleague's is a 409 `consent_request_pending` naming it (its answer
-        covers the parcel). Once it lapsed or was refused, or for another
-        method or point, ask anew. At most `CONSENT_REQUESTS_PER_PARCEL`
-        requests are sent for one parcel (4 an hour unless configured, by any
-        courier, online or offline); beyond, 429 `too_many_requests` with
-        `Retry-After`. A request that would be `unsent` is never refused so.
+        the same question (parcel, method, point and channel) while one is
+        pending (sent, not answered, not lapsed) is not sent again: your own
+        pending request answers (200, as it is now), a colleague's is a 409
+        `consent_request_pending` naming it (its answer covers the parcel).
+        Once it lapsed or was refused, or for another method, point or channel
+        (the SMS did not arrive: ask by phone_call), ask anew. At most
+        `CONSENT_REQUESTS_PER_PARCEL` requests are sent for one parcel (4 an
+        hour unless configured, by any courier, online or offline); beyond, 429
+        `too_many_requests` with `Retry-After`. A request that would be
+        `unsent` is never refused so.
         """
         principal = current_principal()
         assert principal.station_id is not None

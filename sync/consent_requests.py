@@ -98,6 +98,7 @@ def request_consent(
     voided: bool = False,
     online: bool = False,
     client_request_id: uuid.UUID | None = None,
+    held_back: str | None = None,
 ) -> ConsentRequest:
     """Record a request and announce it to the recipient's channel.
 
@@ -107,6 +108,8 @@ def request_consent(
     API, where a parcel of another station is one not taken in (the answer must not
     tell the courier it exists: SECURITY.md threat 3); from a PDA's event it is kept,
     unsent, at the parcel's station, whose manager sees a courier asked for it.
+    ``held_back``: why a request that would be sent is kept ``unsent`` instead (a
+    PDA's beyond the parcel's bound, ``requests_from_events``).
     """
     point_id = consents.point_named(draft.method, draft.point_id)
     expires_at = draft.expires_at or requested_at + ttl
@@ -147,6 +150,9 @@ def request_consent(
     elif not parcel.recipient_phone:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = "the parcel's recipient has no phone number"
+    elif held_back is not None and now < expires_at:
+        request.status = ConsentRequestStatus.UNSENT
+        request.status_reason = held_back
     session.add(request)
     session.flush()
     if parcel is not None and request.status == ConsentRequestStatus.PENDING:
@@ -320,25 +326,39 @@ def asking_bound(
             field="tracking_no",
         )
     if per_parcel is not None:
-        window = (
-            ConsentRequest.tracking_no == parcel.tracking_no,
-            _sent(),
-            ConsentRequest.created_at > now - per_parcel.window,
-        )
-        sent = session.scalars(
-            select(ConsentRequest.created_at).where(*window).order_by(ConsentRequest.created_at)
-        ).all()
+        sent = _sent_in_window(session, parcel.tracking_no, per_parcel, now)
         if len(sent) >= per_parcel.count:
             # Below the limit again when the (held - count + 1)-th oldest leaves it.
             leaving = sent[len(sent) - per_parcel.count]
             retry_after = max(1, math.ceil((leaving + per_parcel.window - now).total_seconds()))
             raise RateLimited(
-                f"the recipient of {parcel.tracking_no} was asked for consent "
-                f"{len(sent)} times in the last {window_text(per_parcel.window)} (at most "
-                f"{per_parcel.count}); try again in {retry_after} seconds",
+                f"{_asked_text(parcel.tracking_no, len(sent), per_parcel)}; "
+                f"try again in {retry_after} seconds",
                 retry_after=retry_after,
             )
     return None
+
+
+def _sent_in_window(
+    session: Session, tracking_no: str, per_parcel: Limit, now: dt.datetime
+) -> Sequence[dt.datetime]:
+    """When each request sent for the parcel in ``per_parcel``'s window was, oldest first."""
+    return session.scalars(
+        select(ConsentRequest.created_at)
+        .where(
+            ConsentRequest.tracking_no == tracking_no,
+            _sent(),
+            ConsentRequest.created_at > now - per_parcel.window,
+        )
+        .order_by(ConsentRequest.created_at)
+    ).all()
+
+
+def _asked_text(tracking_no: str, sent: int, per_parcel: Limit) -> str:
+    return (
+        f"the recipient of {tracking_no} was asked for consent {sent} times in the last "
+        f"{window_text(per_parcel.window)} (at most {per_parcel.count})"
+    )
 
 
 def _sent() -> Any:
@@ -369,11 +389,23 @@ def asked_as(
 
 
 def requests_from_events(
-    *, session: Session, events: Iterable[dict[str, Any]], ttl: dt.timedelta, now: dt.datetime
+    *,
+    session: Session,
+    events: Iterable[dict[str, Any]],
+    ttl: dt.timedelta,
+    now: dt.datetime,
+    per_parcel: Limit | None = None,
 ) -> list[ConsentRequest]:
     """Requests made on PDAs: one per stored ``consent_requested`` event (row dicts as
     ``sync.ingest.event_row`` builds them, with their ``id``). The request's own
-    ``expires_at``, on the PDA's clock, is corrected by the same offset as the event."""
+    ``expires_at``, on the PDA's clock, is corrected by the same offset as the event.
+
+    Never refused (the event is the field's record), but one beyond ``per_parcel``
+    sent for its parcel in the window is kept ``unsent``, saying so: else a PDA (a
+    stolen one, an app in a loop) pushing question after question went round the
+    bound ``asking_bound`` puts on ``POST /consents/requests``. Counted in arrival
+    order, this push's own included; pushes of several PDAs at the same instant may
+    each send up to the bound (no parcel lock is taken in a push)."""
     rows = [row for row in events if row["type"] == EventType.CONSENT_REQUESTED]
     voided = voided_at_arrival(session, rows)
     made = []
@@ -408,9 +440,22 @@ def requests_from_events(
                 event_id=row["id"],
                 client_event_id=row["client_event_id"],
                 voided=(row["device_id"], row["client_event_id"]) in voided,
+                held_back=_held_back(session, row["tracking_no"], per_parcel, now),
             )
         )
     return made
+
+
+def _held_back(
+    session: Session, tracking_no: str, per_parcel: Limit | None, now: dt.datetime
+) -> str | None:
+    """Why a PDA's request for the parcel is not sent: its bound is reached."""
+    if per_parcel is None:
+        return None
+    sent = len(_sent_in_window(session, tracking_no, per_parcel, now))
+    if sent < per_parcel.count:
+        return None
+    return f"not sent: {_asked_text(tracking_no, sent, per_parcel)}"
 
 
 def voided_at_arrival(

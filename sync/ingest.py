@@ -108,6 +108,7 @@ from sync.shifts import (
     may_own_revealed_gap,
     reopened_with_seqs_left_open,
 )
+from sync.sign_in_limits import Limit
 from sync.sql import (
     Prebuilt,
     among,
@@ -231,6 +232,9 @@ class IngestRules:
     policy: Policy = field(default_factory=Policy)
     shifts: ShiftRules = field(default_factory=ShiftRules)
     consent_request_ttl: dt.timedelta = dt.timedelta(minutes=30)
+    # Consent requests sent per parcel in a window (``CONSENT_REQUESTS_PER_PARCEL``):
+    # a PDA's requests beyond are kept, not sent (``sync.consent_requests``).
+    consent_requests_per_parcel: Limit | None = None
 
 
 @dataclass(frozen=True)
@@ -1021,6 +1025,7 @@ class _BatchIngest:
             events=({**self.rows[e.client_event_id], "id": ids[e.client_event_id]} for e in asked),
             ttl=self.rules.consent_request_ttl,
             now=self.received_at,
+            per_parcel=self.rules.consent_requests_per_parcel,
         )
 
     def _tell_holders_of_consents(

@@ -219,3 +219,39 @@ def test_the_courier_at_the_door_asks_by_another_channel(
     assert colleague.status_code == 409, colleague.get_json()
     assert colleague.get_json()["code"] == "consent_request_pending"
     assert messages(session, tracking_no) == 2
+
+
+def test_a_pda_pushing_question_after_question_floods_no_recipient(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """A stolen PDA, or a PDA app in a loop, pushing ``consent_requested`` events for one
+    parcel: each is stored and its request kept (nothing from the field is lost), but
+    beyond ``CONSENT_REQUESTS_PER_PARCEL`` sent in the window none reaches the recipient
+    (the bound online is not one a push goes round). They are ``unsent``, saying why."""
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("2/3600"))
+    client = app.test_client()
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = Auth(client).headers("courier1", "PDA-0001")
+    asked_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    events = [
+        factories.event(
+            seq, tracking_no, "consent_requested", occurred_at=asked_at, request={"method": m}
+        )
+        for seq, m in enumerate(["locker", "pickup_point", "any", "locker", "locker"], 1)
+    ]
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    requests = session.scalars(
+        select(ConsentRequest)
+        .where(ConsentRequest.tracking_no == tracking_no)
+        .order_by(ConsentRequest.id)
+    ).all()
+    assert len(requests) == 5  # every event's request is kept
+    assert messages(session, tracking_no) == 2
+    assert [r.status.value for r in requests] == ["pending"] * 2 + ["unsent"] * 3
+    assert all("at most 2" in (r.status_reason or "") for r in requests[2:])
+    # The online door stays shut too: the window is full.
+    assert ask(client, courier, tracking_no, method="any").status_code == 429

@@ -384,7 +384,8 @@ class ConsentRequests(MethodView):
         (the SMS did not arrive: ask by phone_call), ask anew. At most
         `CONSENT_REQUESTS_PER_PARCEL` requests are sent for one parcel (4 an
         hour unless configured, by any courier, online or offline); beyond, 429
-        `too_many_requests` with `Retry-After`. A request that would be
+        `too_many_requests` with `Retry-After` (a PDA's `consent_requested`
+        event beyond is stored, its request kept `unsent`). A request that would be
         `unsent` is never refused so.
         """
         principal = current_principal()

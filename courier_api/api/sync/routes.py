@@ -55,6 +55,7 @@ def ingest_rules() -> IngestRules:
         policy=policy_of(config),
         shifts=shift_rules_of(config),
         consent_request_ttl=dt.timedelta(minutes=config["CONSENT_REQUEST_TTL_MINUTES"]),
+        consent_requests_per_parcel=config["CONSENT_REQUESTS_PER_PARCEL"],
     )
 
 

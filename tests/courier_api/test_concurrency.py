@@ -333,18 +333,15 @@ def _revocation(consent: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(consent[name] for name in ("revoked_at", "revoked_reason", "revoked_channel"))
 
 
-@pytest.mark.parametrize(
-    "page",
-    ["api_detail", "web_detail", "web_search"],
-)
+@pytest.mark.parametrize("page", ["api_detail", "web_detail"])
 def test_a_proof_hashing_its_images_for_an_auditor_holds_up_no_push(
     committed_app: Flask, monkeypatch: pytest.MonkeyPatch, page: str
 ) -> None:
-    """An auditor opens a disputed proof (its detail through the API, its page) or
-    searches proofs on the pages: each image file the answer names is hashed
-    (``integrity``), a read of megabytes on a slow disk. On SQLite the request held the
-    writers' turn from its first statement (the read is audit-logged, so it wrote), and
-    every PDA's push waited for the hashing: here a write made while it hashes waited
+    """An auditor opens a disputed proof (its detail through the API, its page): each
+    image file the answer names is hashed (``integrity``), a read of megabytes on a
+    slow disk (a search hashes none: ``test_web_pages.py``). On SQLite the request held
+    the writers' turn from its first statement (the read is audit-logged, so it wrote),
+    and every PDA's push waited for the hashing: here a write made while it hashes waited
     out the busy timeout (a 503). These now read, images hashed, in reading
     transactions and record the read apart, after it: the write goes through at once,
     and the read is on record once."""
@@ -396,10 +393,6 @@ def test_a_proof_hashing_its_images_for_an_auditor_holds_up_no_push(
             lambda: client.get(f"/api/v1/proofs/{found['event_id']}", headers=auditor),
         ),
         "web_detail": ("proof_read", lambda: pages.client.get(f"/web/proofs/{found['event_id']}")),
-        "web_search": (
-            "proofs_searched",
-            lambda: pages.client.get(f"/web/proofs?tracking_no={tracking_no}"),
-        ),
     }[page]
     with committed_app.app_context():
         before = db.session.scalar(

@@ -146,11 +146,16 @@ class Database:
 
         The request's own transaction, if begun, ends first: on a SQLite file that could
         not be put in WAL mode a writer's commit waits for the readers, this request's
-        too. In tests, on their shared connection, writes are allowed meanwhile.
+        too. In tests, on their shared connection, writes are allowed meanwhile. Ending
+        that reading transaction stores nothing of the request: ``write`` aborted for a
+        conflict still has the whole request run again (``dispatched_retrying_conflicts``).
         """
         state = self._state()
         if "db_session" in g and g.db_session.in_transaction():
+            stored_before = g.get(_COMMITTED, False)
             g.db_session.commit()  # it only read: nothing to write, its snapshot ends
+            if _request_only_reads():  # nothing stored: a conflict may still run it again
+                setattr(g, _COMMITTED, stored_before)
         refusing = state.test_connection if g.get("db_refused_writes", False) else None
         if refusing is not None:
             refuse_writes(refusing, False)

@@ -20,6 +20,7 @@ from sync.blobs import FileBlobStore
 from sync.rules import RULE_KINDS
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_transaction_conflicts import aborted
 from tests.courier_api.test_web_pages import signed_in
 
 URL = "/api/v1/proofs"
@@ -1411,6 +1412,31 @@ def test_an_auditors_proof_detail_whose_record_fails_is_not_given(
     assert refused["parcel"].tracking_no not in answer.get_data(as_text=True)
     session.expire_all()
     assert session.scalars(select(AuditEntry.action)).all() == before
+
+
+def test_an_auditors_proof_detail_whose_record_postgresql_aborts_once_is_run_again(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    connection: Connection,
+    refused: dict[str, Any],
+) -> None:
+    """The auditor's read, recorded apart once the answer is built, lost a race on the
+    audit log (PostgreSQL aborted it for a deadlock). Nothing of the request was stored:
+    ending its reading transaction first stored nothing. So the server runs it again
+    (``Database.dispatched_retrying_conflicts``), as any request so aborted: 200, the
+    read on record once. It answered 503 ``transaction_conflict``, the ended read
+    counted as something of the request committed."""
+    headers = auth.headers("auditor1")
+    event_id = refused["proof"]["event_id"]
+
+    with aborted(connection, "deadlock_detected", runs=1) as failed:
+        answer = client.get(f"/api/v1/proofs/{event_id}", headers=headers)
+
+    assert len(failed) == 1
+    assert answer.status_code == 200, answer.get_json()
+    read = (AuditEntry.action == "proof_read", AuditEntry.subject_key == str(event_id))
+    assert len(session.scalars(select(AuditEntry.id).where(*read)).all()) == 1
 
 
 def test_the_proof_page_and_detail_find_the_rejected_drops_however_the_pda_wrote_the_number(

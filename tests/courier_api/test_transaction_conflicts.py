@@ -249,6 +249,29 @@ def test_a_managers_close_on_the_page_aborted_every_time_says_it_was_not_saved(
     assert day.open.status != ShiftStatus.OPEN
 
 
+def test_an_auditors_proof_page_aborted_every_time_says_to_load_it_again(
+    app: Flask, session: Session, day: StationDay, connection: Connection
+) -> None:
+    """A page that only reads, its auditor's read recorded apart once it is rendered:
+    aborted, it is run again as any request (ending its reading transaction stored
+    nothing; it answered the 503 after one run). Aborted every time, a page with
+    ``Retry-After`` saying to load it again (a GET: no form was lost), nothing on record."""
+    pages = signed_in(app, "auditor")
+    path = f"/web/proofs/{day.authorized_drop_event_id}"
+    pages.get(path)
+    read = AuditEntry.action == "proof_read"
+    before = count(session, AuditEntry, read)
+    with aborted(connection, "deadlock_detected") as failed:
+        refused = pages.client.get(path)
+    assert len(failed) == REQUEST_ATTEMPTS
+    assert (refused.status_code, refused.mimetype) == (503, "text/html")
+    assert int(refused.headers["Retry-After"]) >= 1
+    page = refused.get_data(as_text=True)
+    assert "load the page again" in page
+    assert "Not saved" not in page and "unavailable" not in page
+    assert count(session, AuditEntry, read) == before
+
+
 def test_a_page_the_database_is_unavailable_for_is_a_page(
     app: Flask,
     day: StationDay,

@@ -404,9 +404,14 @@ def requests_from_events(
     sent for its parcel in the window is kept ``unsent``, saying so: else a PDA (a
     stolen one, an app in a loop) pushing question after question went round the
     bound ``asking_bound`` puts on ``POST /consents/requests``. Counted in arrival
-    order, this push's own included; pushes of several PDAs at the same instant may
-    each send up to the bound (no parcel lock is taken in a push)."""
-    rows = [row for row in events if row["type"] == EventType.CONSENT_REQUESTED]
+    order, this push's own included, and within the push in its PDA's seq order (the
+    order the courier asked in, whatever order the push lists them in: rule 3); pushes
+    of several PDAs at the same instant may each send up to the bound (no parcel lock
+    is taken in a push)."""
+    rows = sorted(
+        (row for row in events if row["type"] == EventType.CONSENT_REQUESTED),
+        key=lambda row: (row["device_id"], row["seq"]),
+    )
     voided = voided_at_arrival(session, rows)
     made = []
     for row in rows:

@@ -255,3 +255,42 @@ def test_a_pda_pushing_question_after_question_floods_no_recipient(
     assert all("at most 2" in (r.status_reason or "") for r in requests[2:])
     # The online door stays shut too: the window is full.
     assert ask(client, courier, tracking_no, method="any").status_code == 429
+
+
+def test_which_of_a_pdas_requests_are_held_back_does_not_depend_on_their_order(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """Rule 3 (convergence): a PDA sending the same events in another order (its queue
+    reordered, a retry of a lost batch built anew) gets the same requests sent. Those
+    within the bound are the earliest by the PDA's seq, the order the courier asked in,
+    not the order of the events in the push."""
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("2/3600"))
+    client = app.test_client()
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = Auth(client).headers("courier1", "PDA-0001")
+    asked_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    events = [
+        factories.event(
+            seq, tracking_no, "consent_requested", occurred_at=asked_at, request={"method": m}
+        )
+        for seq, m in enumerate(["locker", "pickup_point", "any"], 1)
+    ]
+    pushed = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-0001", list(reversed(events))),
+        headers=courier,
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    statuses = dict(
+        session.execute(
+            select(ConsentRequest.method, ConsentRequest.status).where(
+                ConsentRequest.tracking_no == tracking_no
+            )
+        ).all()
+    )
+    assert {m.value: s.value for m, s in statuses.items()} == {
+        "locker": "pending",
+        "pickup_point": "pending",
+        "any": "unsent",
+    }

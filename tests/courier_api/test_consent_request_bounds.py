@@ -294,3 +294,55 @@ def test_which_of_a_pdas_requests_are_held_back_does_not_depend_on_their_order(
         "pickup_point": "pending",
         "any": "unsent",
     }
+
+
+def test_a_request_voided_after_it_was_sent_still_counts_toward_the_bound(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """A correction voiding a request already sent cancels it, but the message reached
+    the recipient's phone: it keeps its place in the window (else a PDA asking and voiding
+    in turn would send question after question). One voided in the push that brings it
+    was never sent, and takes none."""
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("2/3600"))
+    client = app.test_client()
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = Auth(client).headers("courier1", "PDA-0001")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+
+    def asked(seq: int, method: str) -> dict[str, Any]:
+        return factories.event(
+            seq, tracking_no, "consent_requested", occurred_at=at, request={"method": method}
+        )
+
+    def voiding(seq: int, target: dict[str, Any]) -> dict[str, Any]:
+        return factories.event(
+            seq,
+            tracking_no,
+            "correction",
+            occurred_at=at,
+            voids_client_event_id=target["client_event_id"],
+            reason="asked by mistake",
+        )
+
+    def push(events: list[dict[str, Any]]) -> None:
+        pushed = client.post(
+            "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+
+    at_once = asked(1, "locker")
+    push([at_once, voiding(2, at_once)])  # voided as it arrives: never sent
+    sent_then_voided = asked(3, "pickup_point")
+    push([sent_then_voided])
+    push([voiding(4, sent_then_voided), asked(5, "any"), asked(6, "locker")])
+    statuses = [
+        s.value
+        for s in session.scalars(
+            select(ConsentRequest.status)
+            .where(ConsentRequest.tracking_no == tracking_no)
+            .order_by(ConsentRequest.id)
+        )
+    ]
+    assert statuses == ["cancelled", "cancelled", "pending", "unsent"]
+    assert messages(session, tracking_no) == 2

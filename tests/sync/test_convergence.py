@@ -51,6 +51,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from models import (
+    ConsentRequest,
     DeviceSyncState,
     EventType,
     Flag,
@@ -297,6 +298,21 @@ class World:
                 )
             ),
             "quarantine": sorted(session.scalars(select(QuarantinedEvent.payload_hash))),
+            # A consent request per consent_requested event stored, cancelled whether its
+            # correction came in its push or a later one (no per-parcel bound here: which
+            # requests it sends follows arrival, README, CONSENT_REQUESTS_PER_PARCEL). Why
+            # one is unsent depends on the parcel at its arrival (the unknown parcel not
+            # taken in yet, or taken in without a phone): its reason is not compared.
+            "requests": sorted(
+                (str(client_event_id), status.value, None if status.value == "unsent" else reason)
+                for client_event_id, status, reason in session.execute(
+                    select(
+                        ConsentRequest.client_event_id,
+                        ConsentRequest.status,
+                        ConsentRequest.status_reason,
+                    )
+                )
+            ),
             "acks": (state.acked_through_seq, state.max_seq, state.missing_ranges),
             # Active flags: a flag whose cause went away is closed, and whether it was
             # ever raised depends on arrival order. The clock_skew flag depends on the

@@ -331,8 +331,10 @@ _COMMITTED = "db_committed"
 
 
 @event.listens_for(Session, "after_commit")
-def _note_commit(_session: Session) -> None:
-    if has_request_context():
+def _note_commit(session: Session) -> None:
+    """A savepoint released (``begin_nested``) commits nothing: PostgreSQL may still
+    abort the whole transaction, which a second run then replaces exactly."""
+    if has_request_context() and not session.in_nested_transaction():
         g.db_committed = True
 
 

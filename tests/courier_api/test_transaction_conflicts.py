@@ -25,7 +25,7 @@ from courier_api import database, errors
 from courier_api.app import REQUEST_ATTEMPTS
 from courier_api.database import Database
 from courier_api.extensions import db
-from models import AuditEntry, Consent, Device, DeviceStatus, Shift, ShiftStatus
+from models import AuditEntry, Blob, BlobUpload, Consent, Device, DeviceStatus, Shift, ShiftStatus
 from sync import sql
 from tests import factories
 from tests.browser import station_day
@@ -47,17 +47,25 @@ def day(session: Session, app: Flask) -> StationDay:
 
 @contextmanager
 def aborted(
-    connection: Connection, errcode: str, *, runs: int | None = None, after_a_commit: bool = False
+    connection: Connection,
+    errcode: str,
+    *,
+    runs: int | None = None,
+    after_a_commit: bool = False,
+    into: str | None = None,
 ) -> Iterator[list[str]]:
     """The first writing statement of each of the request's first ``runs`` runs (every
     run: None) fails as PostgreSQL fails the transaction it picks to break a deadlock
     (or a serialization conflict): psycopg's error with that SQLSTATE, wrapped by
     SQLAlchemy; with ``after_a_commit``, only a write after the request committed
-    something. Yields the statements so aborted."""
+    something; with ``into``, only an insert into that table. Yields the statements so
+    aborted."""
     failed: list[str] = []
 
     def abort(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if not statement.lstrip().upper().startswith(WRITES):
+            return
+        if into is not None and not statement.lstrip().startswith(f"INSERT INTO {into} "):
             return
         if runs is not None and len(failed) >= runs:
             return
@@ -185,6 +193,26 @@ def test_a_request_that_committed_before_it_was_aborted_is_not_run_again(
     assert len(failed) == 1
     assert response.status_code == 503
     assert response.get_json()["code"] == "transaction_conflict"
+
+
+def test_a_request_aborted_after_a_savepoint_it_released_is_run_again(
+    client: FlaskClient, world: World, auth: Auth, connection: Connection, session: Session
+) -> None:
+    """Releasing a savepoint commits nothing: the whole transaction is still PostgreSQL's
+    to abort. A new image's upload releases one for its row, then inserts its uploader;
+    aborted there, it answered 503 ``transaction_conflict`` as if something of it had
+    committed (so did any request writing in a savepoint first: a push, a flag raised).
+    Run again: 201, the image and its uploader stored once."""
+    from tests.courier_api.test_blobs_api import digest, image_bytes, put
+
+    data = image_bytes()
+    headers = auth.headers("courier1", "PDA-0001")
+    with aborted(connection, "deadlock_detected", runs=1, into="blob_upload") as failed:
+        response = put(client, headers, data)
+    assert len(failed) == 1
+    assert response.status_code == 201, response.get_json()
+    assert count(session, Blob, Blob.sha256 == digest(data)) == 1
+    assert count(session, BlobUpload, BlobUpload.sha256 == digest(data)) == 1
 
 
 def test_a_busy_database_is_still_unavailable_not_a_conflict(

@@ -20,22 +20,18 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.engine import has_own_readers, make_engine, reads_only, refuse_writes
-from sync.errors import Unavailable
 from sync.sql import aborted_for_a_conflict, flushed_connection
 
 EXTENSION_KEY = "courier_api.database"
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# The answer's code when PostgreSQL aborted the request's transaction every time it was
+# run (deadlocks or serialization failures with concurrent work,
+# ``dispatched_retrying_conflicts``): nothing was stored, and the same request may be
+# sent again after CONFLICT_RETRY_AFTER_SECONDS.
+TRANSACTION_CONFLICT = "transaction_conflict"
 CONFLICT_RETRY_AFTER_SECONDS = 2
-
-
-class TransactionConflict(Unavailable):
-    """The database aborted the request's transaction every time it was run (deadlocks
-    or serialization failures with concurrent work): nothing was stored, and the same
-    request may be sent again shortly."""
-
-    code = "transaction_conflict"
 
 
 @dataclass
@@ -190,48 +186,6 @@ class Database:
             check(flushed_connection(session))
         else:
             session.info[_RECHECK] = check
-
-    def committed_retrying_conflicts(self, work: Callable[[Session], T], *, attempts: int) -> T:
-        """``work`` in the request's session, then committed; when PostgreSQL aborts the
-        transaction for a deadlock or a serialization failure (``aborted_for_a_conflict``),
-        all of it again from the start, in a fresh session, up to ``attempts`` times in
-        all, a short random pause between. Then ``TransactionConflict`` (a 503 with
-        ``Retry-After``), nothing stored.
-
-        ``work`` must do nothing outside the transaction that a second run would do
-        twice: it is run again whole, seeing only what was committed. The sign-in check
-        waiting for the first statement (``check_when_writing``) is the first statement
-        of every attempt: a PDA reported lost meanwhile is stopped by the next one.
-        """
-        check = self.session.info.get(_RECHECK)
-        for attempt in range(1, attempts + 1):
-            session = self.session
-            if attempt > 1 and check is not None:
-                session.info[_RECHECK] = check
-            try:
-                result = work(session)
-                session.commit()
-                return result
-            except OperationalError as error:
-                if not aborted_for_a_conflict(error):
-                    raise
-                self._discard_session()
-                sqlstate = getattr(error.orig, "sqlstate", None)
-                if attempt == attempts:
-                    raise TransactionConflict(
-                        f"the database aborted this request {attempts} times to let "
-                        "concurrent work go on (a deadlock or a serialization failure); "
-                        "nothing was stored: send the same request again",
-                        retry_after=CONFLICT_RETRY_AFTER_SECONDS,
-                    ) from error
-                log.warning(
-                    "transaction aborted (SQLSTATE %s), attempt %d of %d: running it again",
-                    sqlstate,
-                    attempt,
-                    attempts,
-                )
-                time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
-        raise AssertionError("unreachable: attempts must be at least 1")
 
     def dispatched_retrying_conflicts(self, dispatch: Callable[[], T], *, attempts: int) -> T:
         """The request's view (``dispatch``), run again whole in a fresh session when

@@ -19,7 +19,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from courier_api.database import CONFLICT_RETRY_AFTER_SECONDS, TransactionConflict
+from courier_api.database import CONFLICT_RETRY_AFTER_SECONDS, TRANSACTION_CONFLICT
 from sync.errors import (
     AuthenticationFailed,
     Conflict,
@@ -236,7 +236,7 @@ def database_refusal(error: OperationalError) -> DatabaseRefusal:
     if aborted_for_a_conflict(error):
         log.warning("transaction aborted for a conflict: %s", error.orig)
         return DatabaseRefusal(
-            code=TransactionConflict.code,
+            code=TRANSACTION_CONFLICT,
             message=TRANSACTION_CONFLICT_MESSAGE,
             retry_after=CONFLICT_RETRY_AFTER_SECONDS,
         )

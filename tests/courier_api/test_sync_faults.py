@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from courier_api.api.sync import routes
-from courier_api.api.sync.routes import PUSH_ATTEMPTS
+from courier_api.app import REQUEST_ATTEMPTS
 from courier_api.extensions import db
 from models import (
     AuditEntry,
@@ -225,11 +225,43 @@ def test_a_push_aborted_every_time_is_a_503_to_send_again_with_nothing_stored(
     assert response.get_json()["code"] == "transaction_conflict"
     assert "send the same request again" in response.get_json()["message"]
     assert int(response.headers["Retry-After"]) >= 1
-    assert len(attempts) == PUSH_ATTEMPTS
+    assert len(attempts) == REQUEST_ATTEMPTS
     monkeypatch.undo()
     assert [station.count(m) for m in (ScanEvent, SyncBatch)] == [0, 0]
     receipt = station.push(batch).get_json()  # the PDA kept everything and retries
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+
+
+def test_each_run_of_an_aborted_push_is_a_run_of_its_whole_request(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One retry loop, every request's (``CourierFlask.dispatch_request``): each time
+    PostgreSQL aborts the push, the whole view runs again, its sign-in check and body
+    first, and ingests the batch once. A loop of the push's own inside it would ingest
+    several times in one run of the view; anything of the push counted as committed
+    before the abort (a savepoint released) would leave it at one run."""
+    batch = station.body(events(station, range(1, 4)))
+    view_runs: list[int] = []
+    ingested_in_run: list[int] = []
+    post = routes.Push.post
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        view_runs.append(1)
+        return post(self, *args, **kwargs)
+
+    insert = ingest._BatchIngest._insert
+
+    def always_aborted(self: Any, fresh: Any) -> Any:
+        insert(self, fresh)
+        ingested_in_run.append(len(view_runs))
+        _aborted_by_postgresql(self.session, "serialization_failure")
+
+    monkeypatch.setattr(routes.Push, "post", counted)
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", always_aborted)
+    response = station.push(batch)
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "transaction_conflict"
+    assert ingested_in_run == list(range(1, REQUEST_ATTEMPTS + 1))
 
 
 def test_a_push_aborted_at_its_commit_keeps_and_counts_its_second_run_alone(
@@ -312,12 +344,17 @@ def test_a_pda_reported_lost_before_its_aborted_push_runs_again_is_stopped(
     batch = station.body(events(station, range(1, 4)))
     insert = ingest._BatchIngest._insert
 
-    def reported_lost_then_aborted(self: Any, fresh: Any) -> Any:
-        insert(self, fresh)
+    def report_lost() -> None:  # the manager's request, in a thread of its own
         with Session(db.engine_of(station.app)) as manager, manager.begin():
             device = manager.get(Device, "PDA-F1")
             assert device is not None
             device.status = DeviceStatus.LOST
+
+    def reported_lost_then_aborted(self: Any, fresh: Any) -> Any:
+        insert(self, fresh)
+        manager = threading.Thread(target=report_lost)
+        manager.start()
+        manager.join()
         _aborted_by_postgresql(self.session, "deadlock_detected")
 
     monkeypatch.setattr(ingest._BatchIngest, "_insert", reported_lost_then_aborted)

@@ -197,7 +197,8 @@ class Database:
         request committed yet (its session's or one written apart), and the pages'
         cookie session unchanged by the request (a flash, a sign-in, a new form token).
         A run's effects beyond its transaction go through the outbox, written in it
-        (an image's bytes are content-addressed: put twice, the same file). The view's
+        (an image's bytes are content-addressed: put twice, the same file; what a run found
+        there and put right is kept for the next, ``kept_across_runs``). The view's
         sign-in check (``require_auth``, ``page``) runs again first, in the fresh
         session: an account disabled or a PDA reported lost meanwhile stops it."""
         for attempt in range(1, attempts + 1):
@@ -220,6 +221,15 @@ class Database:
                 )
                 time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
         raise AssertionError("unreachable: attempts must be at least 1")
+
+    @staticmethod
+    def kept_across_runs(name: str) -> dict[Any, Any]:
+        """A dict that every run of the current request shares (``dispatched_retrying_conflicts``
+        runs it again in a fresh session, not in a fresh request): what a run did beyond
+        its transaction, that the run after it finds done and must still put on record
+        (an image's bytes put back: the next run finds them whole)."""
+        kept: dict[Any, Any] = g.setdefault(f"{_KEPT_ACROSS_RUNS}.{name}", {})
+        return kept
 
     @staticmethod
     def _discard_session() -> None:
@@ -279,6 +289,9 @@ def _refusal_stands(session: Session) -> None:
     if refused is not None:
         raise refused
 
+
+# ``g``: the dicts of ``Database.kept_across_runs``, by name.
+_KEPT_ACROSS_RUNS = "courier_api.kept_across_runs"
 
 # ``g``: whether anything of the current request has committed (``dispatched_retrying_conflicts``).
 _COMMITTED = "db_committed"

@@ -16,13 +16,14 @@ deletion of the same image happen one after the other, never interleaved.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -268,9 +269,16 @@ def store_blob(
     max_bytes: int,
     station_id: int | None,
     uploaded_by: int,
+    found_before: MutableMapping[str, str] | None = None,
 ) -> StoredImage:
     """Verify and store an image. Idempotent; each uploader is recorded once
-    (``BlobUpload``), which is what lets them read it back."""
+    (``BlobUpload``), which is what lets them read it back.
+
+    ``found_before``: what earlier runs of the same upload found and put right, by
+    digest ("missing" or "altered"), kept across them by the caller. The bytes are put
+    back outside the transaction: a run aborted after that (PostgreSQL, for a conflict)
+    and run again finds them whole, and its ``BYTES_RESTORED`` entry would be lost with
+    the aborted transaction, the only trace of the file's loss or alteration."""
     check_digest(digest)
     if len(data) > max_bytes:
         raise LimitExceeded(
@@ -284,6 +292,11 @@ def store_blob(
             field="sha256",
         )
     stored = _stored(session, store, digest, data)
+    if found_before is not None:
+        if stored.replaced is not None:
+            found_before[digest] = stored.replaced
+        elif digest in found_before and not stored.arrived:
+            stored = dataclasses.replace(stored, replaced=found_before[digest])
     _record_upload(session, digest, station_id, uploaded_by)
     if stored.replaced is not None:
         audit.append(

@@ -12,12 +12,13 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from models import AuditEntry, Flag, FlagStatus
 from sync.blobs import FileBlobStore
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_transaction_conflicts import aborted
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (8, 6)) -> bytes:
@@ -194,6 +195,45 @@ def test_a_proof_photo_altered_on_disk_is_not_served_as_the_genuine_one(
     assert (restored.subject_type, restored.subject_key) == ("blob", name)
     assert restored.details["found"] == "altered" and restored.actor_id is not None
     # Uploaded again while intact: nothing to restore, nothing more on the log.
+    assert put(client, courier, genuine).status_code == 200
+    assert (
+        session.scalar(select(func.count()).where(AuditEntry.action == "blob_bytes_restored")) == 1
+    )
+
+
+@pytest.mark.parametrize("found", ["missing", "altered"])
+def test_bytes_restored_by_an_upload_postgresql_aborts_are_on_record_once(
+    app: Flask,
+    client: FlaskClient,
+    session: Any,
+    connection: Connection,
+    courier: dict[str, str],
+    found: str,
+) -> None:
+    """An upload puts the genuine bytes back, then PostgreSQL aborts it (at its audit
+    entry, the first write) and the server runs it again. The bytes were put back
+    outside the transaction: the second run found the file whole and kept no
+    ``blob_bytes_restored``, erasing the only trace that the file had been altered (or
+    lost). The finding of the aborted run is carried to the run after it: on record
+    once."""
+    genuine = image_bytes()
+    name = digest(genuine)
+    assert put(client, courier, genuine).status_code == 201
+    path = FileBlobStore(app.config["BLOB_DIR"]).path(name)
+    if found == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(genuine[:-1] + bytes([genuine[-1] ^ 1]))
+    with aborted(connection, "deadlock_detected", runs=1, into="audit_entry") as failed:
+        response = put(client, courier, genuine)
+    assert len(failed) == 1
+    assert response.status_code == 200, response.get_json()
+    assert path.read_bytes() == genuine
+    restored = session.scalars(
+        select(AuditEntry.details).where(AuditEntry.action == "blob_bytes_restored")
+    ).all()
+    assert [details["found"] for details in restored] == [found]
+    # Uploaded again, whole: nothing more on record (no finding carried to another request).
     assert put(client, courier, genuine).status_code == 200
     assert (
         session.scalar(select(func.count()).where(AuditEntry.action == "blob_bytes_restored")) == 1

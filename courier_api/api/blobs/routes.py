@@ -87,6 +87,7 @@ class BlobBySha256(MethodView):
             max_bytes=current_app.config["MAX_BLOB_BYTES"],
             station_id=principal.station_id,
             uploaded_by=principal.user_id,
+            found_before=db.kept_across_runs("blob_bytes_found"),
         )
         blob, created = stored.blob, stored.created
         if stored.arrived:  # new, or back after the retention purge deleted it

@@ -201,6 +201,8 @@ class Database:
         there and put right is kept for the next, ``kept_across_runs``). The view's
         sign-in check (``require_auth``, ``page``) runs again first, in the fresh
         session: an account disabled or a PDA reported lost meanwhile stops it."""
+        # Kept for this request's runs alone, even in an app context several share (tests).
+        setattr(g, _KEPT_ACROSS_RUNS, {})
         for attempt in range(1, attempts + 1):
             try:
                 return dispatch()
@@ -228,7 +230,7 @@ class Database:
         runs it again in a fresh session, not in a fresh request): what a run did beyond
         its transaction, that the run after it finds done and must still put on record
         (an image's bytes put back: the next run finds them whole)."""
-        kept: dict[Any, Any] = g.setdefault(f"{_KEPT_ACROSS_RUNS}.{name}", {})
+        kept: dict[Any, Any] = g.setdefault(_KEPT_ACROSS_RUNS, {}).setdefault(name, {})
         return kept
 
     @staticmethod

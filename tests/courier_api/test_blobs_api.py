@@ -240,6 +240,23 @@ def test_bytes_restored_by_an_upload_postgresql_aborts_are_on_record_once(
     )
 
 
+def test_bytes_restored_are_carried_to_the_runs_of_their_own_request_alone(
+    app: Flask, client: FlaskClient, session: Any, courier: dict[str, str]
+) -> None:
+    """Two uploads under one app context (as a test or a CLI may hold it): the finding
+    of the first, which put altered bytes back, is not the second's, which finds them
+    whole. One ``blob_bytes_restored``."""
+    genuine = image_bytes()
+    assert put(client, courier, genuine).status_code == 201
+    path = FileBlobStore(app.config["BLOB_DIR"]).path(digest(genuine))
+    path.write_bytes(genuine[:-1] + bytes([genuine[-1] ^ 1]))
+    with app.app_context():
+        assert put(client, courier, genuine).status_code == 200
+        assert put(client, courier, genuine).status_code == 200
+    restored = AuditEntry.action == "blob_bytes_restored"
+    assert session.scalar(select(func.count()).where(restored)) == 1
+
+
 def test_the_same_image_uploaded_at_two_stations_is_readable_at_both(
     client: FlaskClient, auth: Auth, session: Any, world: World, courier: dict[str, str]
 ) -> None:

@@ -64,31 +64,17 @@ Nearest = Callable[[int, int, bool], tuple[int, Stamp] | None]
 
 
 class Judgement(NamedTuple):
-    """What a push changes of a device's inverted pairs: ``inverted``, the pairs it
-    completes, ``{tracking number: seqs}``; ``inverted_at``, the same by parcel and
-    station, each pair its later event's (``Stamp.station_id``), the station whose flag
-    it is, to be flagged. ``split``: the seqs of the pairs it split, by parcel;
-    ``standing_at``: those of them some inverted pair still names, by parcel and
-    station. A station's flag keeps a split pair's seq only for a pair of that station,
-    and loses the rest (``sync.ingest``): a seq one station's pair names is no reason to
-    keep it on another's flag."""
+    """What a push changes of a device's inverted pairs: ``inverted_at``, the pairs it
+    completes, ``{(tracking number, station): seqs}``, each pair its later event's
+    station (``Stamp.station_id``), the station whose flag it is, to be flagged.
+    ``split``: the seqs of the pairs it split, by parcel; ``standing_at``: those of them
+    some inverted pair still names, by parcel and station. A station's flag keeps a split
+    pair's seq only for a pair of that station, and loses the rest (``sync.ingest``): a
+    seq one station's pair names is no reason to keep it on another's flag."""
 
-    inverted: dict[str, set[int]]
-    inverted_at: dict[tuple[str, int | None], set[int]] = {}
+    inverted_at: dict[tuple[str, int | None], set[int]]
     split: dict[str, set[int]] = {}
     standing_at: dict[tuple[str, int | None], set[int]] = {}
-
-
-def time_inversions(
-    new: Mapping[int, Stamp],
-    rejected: Collection[int],
-    held: SeqTracker,
-    look_up: LookUp,
-    nearest: Nearest,
-    tolerance: dt.timedelta = dt.timedelta(0),
-) -> dict[str, set[int]]:
-    """``{tracking number: seqs}`` of the inverted pairs a push completes (``judge``)."""
-    return judge(new, rejected, held, look_up, nearest, tolerance).inverted
 
 
 def judge(
@@ -183,7 +169,6 @@ def judge(
         return _by_parcel(inverted_at(judged))
 
     completed = inverted_at(pairs)
-    inverted = _by_parcel(completed)
     # The pairs split: the stored events around each chain of new neighbours, if every
     # seq between them had arrived before this push (the pair was judged then).
     split = [
@@ -196,7 +181,7 @@ def judge(
     ]
     split = [pair for pair in split if inverted_among([pair])]
     if not split:
-        return Judgement(inverted, completed)
+        return Judgement(completed)
     # What else names their events now: the new pairs, and each one's other neighbour.
     standing_at = inverted_at(
         [
@@ -205,7 +190,7 @@ def judge(
             *((after, beyond(after + 1, downward=False)) for _, after in split),
         ]
     )
-    return Judgement(inverted, completed, inverted_among(split), standing_at)
+    return Judgement(completed, inverted_among(split), standing_at)
 
 
 def across_written_off_at(

@@ -15,7 +15,6 @@ from sync.inversions import (
     across_written_off_at,
     judge,
     still_named_at,
-    time_inversions,
 )
 
 T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
@@ -87,7 +86,7 @@ class Device:
             self.flagged[tracking_no] -= gone
             if not self.flagged[tracking_no]:
                 del self.flagged[tracking_no]
-        return judged.inverted
+        return by_parcel(judged.inverted_at)
 
     def write_off(self, seqs: set[int]) -> dict[str, set[int]]:
         """Write ``seqs`` off as lost (none of them arrived): held from now on, holding
@@ -240,9 +239,9 @@ def test_a_later_seq_dated_within_the_tolerance_before_the_one_before_it_is_no_p
         3: Stamp(T0 - dt.timedelta(seconds=5), "P3"),
     }
     tolerance = dt.timedelta(seconds=2)
-    found = time_inversions(new, set(), held, lambda seqs: {}, lambda *_: None, tolerance)
-    assert found == {"P3": {2, 3}}
-    assert time_inversions(new, set(), held, lambda seqs: {}, lambda *_: None) == {
+    found = judge(new, set(), held, lambda seqs: {}, lambda *_: None, tolerance)
+    assert by_parcel(found.inverted_at) == {"P3": {2, 3}}
+    assert by_parcel(judge(new, set(), held, lambda seqs: {}, lambda *_: None).inverted_at) == {
         "P2": {1, 2},
         "P3": {2, 3},
     }

@@ -30,7 +30,6 @@ from sync.sql import Prebuilt
 
 _CURSOR = re.compile(r"(s\.)?([0-9]{1,19})\.([0-9]{1,19})(?:\.([0-9]{1,19}))?")
 _INT64_MAX = 2**63 - 1
-MAX_PAGE = 500
 # On PostgreSQL the transaction id is written by the insert itself, not asked for first:
 # one round trip fewer on every push.
 INSERT_CHANGES = Prebuilt(

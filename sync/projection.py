@@ -65,20 +65,6 @@ class EventFact(NamedTuple):
     station_id: int | None = None  # the station of the device that recorded it
 
 
-def fact_of(event: ScanEvent) -> EventFact:
-    return EventFact(
-        event_id=event.id,
-        device_id=event.device_id,
-        seq=event.seq,
-        type=event.type,
-        occurred_at=event.occurred_at,
-        client_event_id=event.client_event_id,
-        courier_id=event.courier_id,
-        voids_client_event_id=event.voids_client_event_id,
-        station_id=event.station_id,
-    )
-
-
 @dataclass(frozen=True)
 class Projection:
     status: ParcelStatus | None

@@ -122,13 +122,6 @@ def sign_out_everywhere() -> None:
     sign_out()
 
 
-def current_viewer() -> Viewer:
-    viewer: Viewer | None = g.get("viewer")
-    if viewer is None:
-        raise RuntimeError("current_viewer() outside a view decorated with page()")
-    return viewer
-
-
 def _load_viewer() -> Viewer | None:
     """The signed-in account, checked again now; None (and the session ended) if it no
     longer may use the pages."""

@@ -89,13 +89,13 @@ def shift_not_closed(
     is seen (else the flag would be raised for a closed shift, and stay); and the
     flags of shifts that are no longer open are closed, whatever closed them.
     """
-    overdue = select(Shift).where(
+    overdue = select(Shift.id).where(
         Shift.status == ShiftStatus.OPEN,
         Shift.planned_end_at < now - settings.shift_close_grace,
     )
     count, raised = 0, []
-    for shifts in _batches(session, overdue, Shift.id, settings.batch_size):
-        for candidate in shifts:
+    for rows in _row_batches(session, overdue, Shift.id, settings.batch_size):
+        for candidate in rows:
             shift = lock_shift(session, candidate.id)
             if shift.status != ShiftStatus.OPEN:
                 continue
@@ -507,25 +507,11 @@ def _purged_through(session: Session) -> tuple[dt.datetime, str] | None:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _batches(session: Session, query: Select[Any], key: Any, size: int) -> Iterator[Sequence[Any]]:
-    """The entities ``query`` selects, ``size`` at a time, by keyset on ``key``."""
-    after = None
-    while True:
-        page = query.order_by(key).limit(size)
-        if after is not None:
-            page = page.where(key > after)
-        items = session.scalars(page).all()
-        if items:
-            yield items
-        if len(items) < size:
-            return
-        after = getattr(items[-1], key.key)
-
-
 def _row_batches(
     session: Session, query: Select[Any], key: Any, size: int
 ) -> Iterator[Sequence[Row[Any]]]:
-    """The rows ``query`` selects (its first column is ``key``), ``size`` at a time."""
+    """The rows ``query`` selects (its first column is ``key``), ``size`` at a time, by
+    keyset on ``key``."""
     after = None
     while True:
         page = query.order_by(key).limit(size)

@@ -174,7 +174,16 @@ def mask_phones_in_value(value: Any) -> Any:
     return _masked_value(value, keys=False)
 
 
-def _masked_value(value: Any, *, keys: bool) -> Any:
+def mask_phones_in_message(data: Any) -> Any:
+    """A webhook message's data as an admin is shown it: each ``recipient_phone`` masked
+    as a phone number (``mask_phone``), any number typed into the rest (a manager's note
+    on a flag resolved) as in free text (``mask_phones_in_value``)."""
+    return _masked_value(data, keys=False, numbers=frozenset({"recipient_phone"}))
+
+
+def _masked_value(value: Any, *, keys: bool, numbers: frozenset[str] = frozenset()) -> Any:
+    """``value`` with phone numbers masked in its strings and integers, and in its keys
+    if ``keys``; the values of the keys in ``numbers`` are phone numbers (``mask_phone``)."""
     if isinstance(value, str):
         return mask_phones_in(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -183,9 +192,13 @@ def _masked_value(value: Any, *, keys: bool) -> Any:
         return value if masked == written else masked
     if isinstance(value, dict):
         return {
-            mask_phones_in(key) if keys else key: _masked_value(item, keys=keys)
+            mask_phones_in(key) if keys else key: (
+                mask_phone(item)
+                if key in numbers
+                else _masked_value(item, keys=keys, numbers=numbers)
+            )
             for key, item in value.items()
         }
     if isinstance(value, list):
-        return [_masked_value(item, keys=keys) for item in value]
+        return [_masked_value(item, keys=keys, numbers=numbers) for item in value]
     return value

@@ -6,7 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync.errors import InvalidInput
-from sync.phones import mask_phone, mask_phones_in, normalize_phone, shown_text
+from sync.phones import (
+    mask_phone,
+    mask_phones_in,
+    mask_phones_in_message,
+    normalize_phone,
+    shown_text,
+)
 
 
 def test_numbers_are_stored_in_e164() -> None:
@@ -24,6 +30,23 @@ def test_invalid_numbers_name_the_field() -> None:
 def test_masking_keeps_country_code_and_last_four_digits() -> None:
     assert mask_phone("+8613812345678") == "+86*******5678"
     assert mask_phone(None) is None
+
+
+def test_a_webhook_message_masks_its_recipient_phone_as_a_number_and_the_rest_as_text() -> None:
+    """An admin reading a delivery: the recipient's phone keeps its country code and last
+    four digits, wherever it stands; a number typed into a note, its last three."""
+    data = {
+        "recipient_phone": "+8613812345678",
+        "note": "rang her on 138 1234 5678",
+        "parcels": [{"recipient_phone": "+442079460958", "seq": 3}],
+        "consent": {"recipient_phone": None, "granted": True},
+    }
+    assert mask_phones_in_message(data) == {
+        "recipient_phone": "+86*******5678",
+        "note": "rang her on ********678",
+        "parcels": [{"recipient_phone": "+44******0958", "seq": 3}],
+        "consent": {"recipient_phone": None, "granted": True},
+    }
 
 
 # -- phone numbers in free text ---------------------------------------------------------------

@@ -31,7 +31,7 @@ from courier_api.extensions import db
 from models import Role, WebhookDelivery, WebhookSubscription, utcnow
 from sync import webhooks
 from sync.outbox import TOPICS
-from sync.phones import mask_phone, mask_phones_in_value
+from sync.phones import mask_phones_in_message
 
 blp = ApiBlueprint(
     "webhooks",
@@ -419,20 +419,8 @@ def _with_message(delivery: WebhookDelivery) -> dict[str, Any]:
             "topic": message.topic,
             "created_at": message.created_at,
             "station_id": message.station_id,
-            # Recipients' phones are masked for everyone but auditors (DESIGN.md rule 7).
-            "data": _masked(message.payload),
+            # Recipients' phones are masked: only auditors see them (DESIGN.md rule 7), and
+            # deliveries are read by admins alone.
+            "data": mask_phones_in_message(message.payload),
         }
     }
-
-
-def _masked(value: Any) -> Any:
-    """A message as an admin is shown it: the recipient's phone masked, and any number
-    typed into free text (a manager's note on a flag resolved), as everywhere else."""
-    if isinstance(value, dict):
-        return {
-            key: mask_phone(item) if key == "recipient_phone" else _masked(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [_masked(item) for item in value]
-    return mask_phones_in_value(value)

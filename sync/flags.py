@@ -65,6 +65,7 @@ from models import (
     utcnow,
 )
 from sync import audit, outbox
+from sync.acks import merged
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.sql import among, chunks
 from sync.tracking import normalize
@@ -711,29 +712,43 @@ def flags_citing_parcel(
     """The ids of the flags about a parcel's stored events that its number does not
     file them under (``Flag.tracking_no`` is None): those of a held event of it
     (``conflicting_duplicate``, ``seq_conflict``), and those of a shift its events were
-    filed under (``late_event_after_signoff``) or of their PDA (``clock_jump``,
-    ``wrong_shift``) that cite one of them or a rejected event naming the parcel
-    (``cited_events``). An auditor asking for "every flag about RR...GB" gets those
-    too, as its proof lists them. Read by indexes: the parcel's events and rejected
-    events by its number, then the flags of their shifts, PDAs and events by subject
-    (a few per shift or PDA: one per kind); at ``station_id`` only, if given."""
+    filed under or whose seqs its rejected events hold (``late_event_after_signoff``:
+    a shift owns its PDA's seqs, arrived, missing or rejected,
+    ``sync.lost_seqs.seq_owners``) or of their PDA (``clock_jump``, ``wrong_shift``)
+    that cite one of them or a rejected event naming the parcel (``cited_events``). An
+    auditor asking for "every flag about RR...GB" gets those too, as its proof lists
+    them, and as ``GET /audit?tracking_no=`` lists the entries citing them: a parcel
+    whose every event was rejected (a drop refused after the sign-off) has its shift's
+    flag too. Read by indexes: the parcel's events and rejected events by its number,
+    the shifts owning the rejected events' seqs, then the flags of their shifts, PDAs
+    and events by subject (a few per shift or PDA: one per kind); at ``station_id``
+    only, if given."""
+    from sync.lost_seqs import seq_owners  # sync.lost_seqs reads balances, which read flags
+
     events = session.scalars(
         select(ScanEvent).where(ScanEvent.tracking_no == tracking_no).order_by(ScanEvent.id)
     ).all()
-    if not events:
-        return []
-    rejected = set(
-        session.scalars(
-            select(QuarantinedEvent.id).where(QuarantinedEvent.parcel_tracking_no == tracking_no)
+    rejections = session.execute(
+        select(QuarantinedEvent.id, QuarantinedEvent.device_id, QuarantinedEvent.seq).where(
+            QuarantinedEvent.parcel_tracking_no == tracking_no
         )
-    )
-    devices = sorted({event.device_id for event in events})
-    shifts = sorted({str(event.shift_id) for event in events if event.shift_id is not None})
+    ).all()
+    if not events and not rejections:
+        return []
+    rejected = {row.id for row in rejections}
+    devices = sorted({event.device_id for event in events} | {row.device_id for row in rejections})
+    shift_ids = {event.shift_id for event in events if event.shift_id is not None}
+    rejected_seqs: dict[str, list[list[int]]] = {}
+    for row in rejections:
+        if row.seq is not None:
+            rejected_seqs.setdefault(row.device_id, []).append([row.seq, row.seq])
+    for device_id, seqs in sorted(rejected_seqs.items()):
+        shift_ids.update(owned.shift_id for owned in seq_owners(session, device_id, merged(seqs)))
+    shifts = sorted(str(shift_id) for shift_id in shift_ids)
     held = sorted({key for event in events for key in event_subject_keys(event)})
-    subjects = [
-        and_(Flag.subject_type == "event", Flag.subject_key.in_(held)),
-        and_(Flag.subject_type == "device", Flag.subject_key.in_(devices)),
-    ]
+    subjects = [and_(Flag.subject_type == "device", Flag.subject_key.in_(devices))]
+    if held:
+        subjects.append(and_(Flag.subject_type == "event", Flag.subject_key.in_(held)))
     if shifts:
         subjects.append(and_(Flag.subject_type == "shift", Flag.subject_key.in_(shifts)))
     query = select(Flag).where(or_(*subjects))

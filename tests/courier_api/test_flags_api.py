@@ -311,6 +311,53 @@ def test_a_parcels_flags_include_its_shifts_and_pdas_flags_citing_it(
     assert paged == [f["id"] for f in whole] and len(whole) >= 3, (paged, whole)
 
 
+def test_a_parcels_flags_include_its_shifts_flag_citing_only_its_rejected_event(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A dispute about parcel b: the PDA sent a locker drop of it after the shift was
+    signed off, without its locker, and the server refused it. The shift owns the
+    drop's seq (closed without its last seq), so it reopened with a
+    ``late_event_after_signoff`` citing the refused drop, the only event of b: ``GET
+    /audit?tracking_no=b`` lists the reopening, ``GET /flags?tracking_no=b`` listed
+    nothing, as it found b's shifts by b's stored events only. It lists the flag now,
+    and still once a colleague's PDA has scanned b in a shift of its own (b's stored
+    events then name that shift, not the one whose seq the drop holds)."""
+    a, b = parcels(session, world, 2)
+    factories.user(session, "courier3", "courier", world.station)
+    factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    manager = auth.headers("manager1")
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    assert pda.close(shift["id"]).status_code == 200
+    assert sign_off(client, shift["id"], manager, note="all back").status_code == 200
+    receipt = pda.push([pda.event(b, "delivered_to_locker", compartment="B07")])
+    assert receipt["results"][0]["status"] == "rejected"
+    [late] = [f["flag_id"] for f in receipt["flags_raised"]]
+    flag = session.get(Flag, late)
+    assert flag is not None and flag.kind == "late_event_after_signoff"
+    auditor = auth.headers("auditor1")
+    audited = client.get("/api/v1/audit", query_string={"tracking_no": b}, headers=auditor)
+    assert "shift_reopened" in {e["action"] for e in audited.json["items"]}, audited.json
+
+    def found(username: str, number: str = b) -> list[int]:
+        response = client.get(
+            FLAGS, query_string={"tracking_no": number}, headers=auth.headers(username)
+        )
+        assert response.status_code == 200, response.get_json()
+        return [f["id"] for f in response.json["items"]]
+
+    assert late in found("auditor1") and late in found("manager1")
+    assert found("manager2") == []
+    assert late not in found("auditor1", a)
+
+    colleague = Courier(client, auth, "courier3", "PDA-0003")
+    colleague.open()
+    colleague.push([colleague.event(b)])
+    assert late in found("auditor1") and late in found("manager1")
+
+
 def test_the_list_pages_by_keyset(client: FlaskClient, auth: Auth, flags: Flags) -> None:
     admin = auth.headers("admin")
     first = client.get(f"{FLAGS}?limit=2", headers=admin).get_json()

@@ -9,6 +9,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from courier_api.api.devices import routes as devices_routes
 from courier_api.api.webhooks.schemas import WebhookBalance
 from models import AuditEntry, SeqWriteOff
 from sync.audit import verify
@@ -326,6 +327,36 @@ def test_an_auditors_read_of_a_pdas_write_offs_is_audit_logged(
         {"after": second["id"], "ids": [first["id"]]},
     ]
     assert verify(session=session).ok
+
+
+def test_an_auditors_read_of_write_offs_failing_after_its_record_leaves_none(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+    auth: Auth,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GET /devices/<id>/lost-seqs`` put the auditor's read on record
+    (``lost_seqs_read``), then built the answer from the write-offs: a read failing
+    after the record left a read on record that the auditor was never shown. A read is
+    on record when, and only when, it is shown: recorded last, as a proof's is."""
+    lost_in_the_middle(session, world, pda)
+    assert lost_seqs(client, manager, seqs=[3]).status_code == 201
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("the write-off could not be shown")
+
+    monkeypatch.setattr(devices_routes, "_write_off_fields", broken)
+    before = session.scalars(select(AuditEntry.action)).all()
+    try:
+        response = write_offs(client, auth.headers("auditor1"))
+        assert response.status_code >= 500, response.status_code
+    except RuntimeError:  # raised through the test client
+        pass
+    session.expire_all()
+    assert session.scalars(select(AuditEntry.action)).all() == before
 
 
 def test_the_write_off_list_says_which_seqs_the_pda_sent_after_all(

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session
 
+from courier_api.api.parcels import routes as parcels_routes
 from courier_api.api.proofs import routes as proofs_routes
 from models import AuditEntry, Blob, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
 from sync.blobs import FileBlobStore
@@ -500,6 +501,33 @@ def test_an_auditor_reading_a_parcel_is_audit_logged(
     entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "parcel_read")).one()
     assert entry.subject_key == tracking_no
     assert shown and entry.details == {"event_ids": shown}
+
+
+def test_an_auditors_read_of_a_parcel_failing_after_its_record_leaves_none(
+    client: FlaskClient,
+    auth: Auth,
+    day: dict[str, Any],
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GET /parcels/<tracking_no>`` put the auditor's read on record (``parcel_read``),
+    then built its timeline: a read failing after the record left on record a parcel,
+    and its proofs, that the auditor was never shown. Recorded last, as a proof's is."""
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("the timeline could not be shown")
+
+    monkeypatch.setattr(parcels_routes, "timeline_view", broken)
+    before = session.scalars(select(AuditEntry.action)).all()
+    try:
+        response = client.get(
+            f"/api/v1/parcels/{day['signed'].tracking_no}", headers=auth.headers("auditor1")
+        )
+        assert response.status_code >= 500, response.status_code
+    except RuntimeError:  # raised through the test client
+        pass
+    session.expire_all()
+    assert session.scalars(select(AuditEntry.action)).all() == before
 
 
 def test_a_drop_a_correction_voided_is_not_shown_as_an_unauthorized_drop(

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Connection, event, func, select
 from sqlalchemy.orm import Session
 
+from courier_api.api.quarantine import routes as quarantine_routes
 from courier_api.extensions import db
 from models import AuditEntry, Parcel, ScanEvent, User
 from tests import factories
@@ -770,6 +771,34 @@ def test_an_auditor_can_see_that_a_pda_sent_a_rejected_drop_of_the_parcel(
     assert logged.actor_id == session.scalar(select(User.id).where(User.username == "auditor1"))
     client.get("/api/v1/quarantine", headers=auth.headers("manager1"))
     assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1  # auditors' only
+
+
+def test_an_auditors_quarantine_search_failing_after_its_record_leaves_none(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    courier: dict[str, str],
+    parcel: Parcel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GET /quarantine`` put the auditor's search on record (``quarantine_searched``),
+    then built the answer from the rejected events: a read failing after the record
+    left a search on record that the auditor was never shown. A read is on record
+    when, and only when, it is shown: recorded last, as a proof's is."""
+    push(client, courier, [ev(1, parcel.tracking_no, "delivered_to_locker", locker_id="L-7")])
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("the rejected event could not be shown")
+
+    monkeypatch.setattr(quarantine_routes, "shown_rejection", broken)
+    before = session.scalars(select(AuditEntry.action)).all()
+    try:
+        response = client.get("/api/v1/quarantine", headers=auth.headers("auditor1"))
+        assert response.status_code >= 500, response.status_code
+    except RuntimeError:  # raised through the test client
+        pass
+    session.expire_all()
+    assert session.scalars(select(AuditEntry.action)).all() == before
 
 
 def test_quarantine_pages_newest_first(

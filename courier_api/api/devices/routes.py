@@ -167,15 +167,6 @@ class LostSeqs(MethodView):
             ),
             station,
         )
-        record_auditor_read(
-            LOST_SEQS_READ,
-            "device",
-            device.id,
-            {
-                "after": args["after"] or None,
-                "ids": [r.write_off.id for r in records],
-            },
-        )
         items = [
             {
                 **_write_off_fields(r.write_off),
@@ -187,7 +178,15 @@ class LostSeqs(MethodView):
             }
             for r in records
         ]
-        return keyset_page(items, args["limit"], key=lambda item: item["id"])
+        page = keyset_page(items, args["limit"], key=lambda item: item["id"])
+        # Last, the answer built: a read failing before it leaves no read on record.
+        record_auditor_read(
+            LOST_SEQS_READ,
+            "device",
+            device.id,
+            {"after": args["after"] or None, "ids": [item["id"] for item in items]},
+        )
+        return page
 
     @blp.auth(*MANAGERS)
     @blp.arguments(LostSeqsIn)

@@ -89,8 +89,20 @@ class ParcelByTrackingNo(MethodView):
         role = principal.role
         view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
         timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
+        # A locker's pickup code opens the compartment: other couriers have no use for it.
+        hide_codes = role == Role.COURIER
+        unmasked = role == Role.AUDITOR
+        visible_station = principal.station_filter(None)
+        answer = {
+            **view,
+            "timeline": [
+                timeline_view(e, hide_codes, unmasked, visible_station=visible_station)
+                for e in timeline
+            ],
+        }
         # Rule 7: its proofs and the unmasked phone go out logged, naming the deliveries
-        # whose POD the timeline shows, as a proof's read does.
+        # whose POD the timeline shows, as a proof's read does. Last, the answer built: a
+        # read failing before it leaves no read on record.
         shown = sorted(e.event.id for e in timeline if (e.event.details or {}).get("pod"))
         record_auditor_read(
             "parcel_read",
@@ -100,17 +112,7 @@ class ParcelByTrackingNo(MethodView):
             principal=principal,
             tracking_no=parcel.tracking_no,
         )
-        # A locker's pickup code opens the compartment: other couriers have no use for it.
-        hide_codes = role == Role.COURIER
-        unmasked = role == Role.AUDITOR
-        visible_station = principal.station_filter(None)
-        return {
-            **view,
-            "timeline": [
-                timeline_view(e, hide_codes, unmasked, visible_station=visible_station)
-                for e in timeline
-            ],
-        }
+        return answer
 
 
 def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:

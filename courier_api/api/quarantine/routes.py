@@ -56,20 +56,22 @@ class Quarantine(MethodView):
             before_id=args["after"] or None,
             limit=args["limit"],
         )
+        unmasked = principal.role == Role.AUDITOR
+        items = [
+            {**shown_rejection(row, unmasked=unmasked), "batch_id": str(batch_id)}
+            for row, batch_id in rows
+        ]
+        page = keyset_page(items, args["limit"], key=lambda item: item["id"])
+        # Last, the answer built: a read failing before it leaves no read on record.
         record_auditor_read(
             QUARANTINE_SEARCHED,
             "quarantined_event",
             "search",
             {
                 **{k: args[k] for k in FILTERS if args.get(k) is not None},
-                "ids": [row.id for row, _ in rows],
+                "ids": [item["id"] for item in items],
             },
             principal=principal,
             tracking_no=args.get("tracking_no"),  # a search of one parcel's rejected events
         )
-        unmasked = principal.role == Role.AUDITOR
-        items = [
-            {**shown_rejection(row, unmasked=unmasked), "batch_id": str(batch_id)}
-            for row, batch_id in rows
-        ]
-        return keyset_page(items, args["limit"], key=lambda item: item["id"])
+        return page

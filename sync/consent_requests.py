@@ -749,6 +749,7 @@ def answer_request(
         for earlier in withdrawn:  # after the refusal that withdrew them
             consent_of = session.get(Consent, earlier.consent_id)
             assert consent_of is not None
+            _audit_withdrawn(session, earlier, consent_of, request, answer.channel, answered_by)
             _announce_withdrawn(session, earlier, consent_of, request, answer.channel, now)
     # The courier's PDA hears the answer, and each courier whose request it withdrew
     # hears that: one entry each (the same courier asking both hears it once).
@@ -843,7 +844,43 @@ def _withdraw(
     request.revoked_at = refusal.answered_at
     request.status_reason = _withdrawn_reason(refusal)
     # The refusal's channel is on its audit entry and its message, not on its row.
+    _audit_withdrawn(session, request, consent, refusal, None, request.answered_by)
     _announce_withdrawn(session, request, consent, refusal, None, now)
+
+
+def _audit_withdrawn(
+    session: Session,
+    request: ConsentRequest,
+    consent: Consent,
+    refusal: ConsentRequest,
+    channel: ConsentChannel | None,
+    actor_id: int | None,
+) -> None:
+    """Write to the audit log that ``refusal`` withdrew the consent granting ``request``
+    (``consent_request_withdrawn``, subject the withdrawn request): its row now reads
+    ``revoked`` and the consent authorizes no drop of the parcel after the refusal, a
+    change the refusal's own entry (``consent_refused``, of another request) does not
+    name, and that a consent revoked through the API has on the log
+    (``consent_revoked``). An auditor reading the granted request's history sees it end
+    here; one its row set back to ``granted`` afterwards no longer matches. ``actor_id``:
+    who sent the answer that withdrew it (the refusal, or a grant arriving after it)."""
+    audit.append(
+        session=session,
+        actor_id=actor_id,
+        action="consent_request_withdrawn",
+        subject_type="consent_request",
+        subject_key=str(request.id),
+        details={
+            "request_id": request.id,
+            "consent_id": consent.id,
+            "tracking_no": request.tracking_no,
+            "withdrawn_at": audit.iso(refusal.answered_at),
+            "refusal_request_id": refusal.id,
+            "reason": request.status_reason,
+            "channel": channel.value if channel is not None else None,
+        },
+        tracking_no=request.tracking_no,
+    )
 
 
 def _announce_withdrawn(

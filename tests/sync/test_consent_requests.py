@@ -25,7 +25,7 @@ from models import (
     WebhookSubscription,
 )
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope, FlagSeverity, FlagStatus
-from sync import consent_requests, consents, flags, shifts
+from sync import audit, consent_requests, consents, flags, shifts
 from sync.consents import ConsentRules
 from sync.errors import Conflict
 from sync.events import EventRules
@@ -1128,6 +1128,73 @@ def test_a_later_refusal_withdrawing_the_consent_a_request_granted_revokes_that_
     session.commit()
     assert len(messages(session, "consent.request_revoked")) == 1
     assert session.get(ConsentRequest, first.id).revoked_at == NOW
+
+
+def test_a_request_withdrawn_by_a_refusal_is_on_the_audit_log(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """An auditor settling whether a locker drop was authorized reads the history of the
+    request the recipient granted: ``consent_granted`` and nothing after it, though a
+    later refusal withdrew that consent for the parcel and the request reads
+    ``revoked``. The withdrawal was only an outbox event (``consent.request_revoked``),
+    not on the log, so the request's row set back to ``granted`` showed nothing; a
+    revocation through the API is on the log (``consent_revoked``). Each withdrawal now
+    writes ``consent_request_withdrawn`` under the withdrawn request and the parcel,
+    once (the channel's retry writes none), whether the refusal came after the grant
+    or the grant's answer arrived after the refusal."""
+    pda.push(
+        [
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+            pda.event(parcel, "consent_requested", 52, request={"method": "pickup_point"}),
+        ]
+    )
+    first, second, late = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id)).all()
+    _, consent, _ = answer(session, first, now=NOW - dt.timedelta(minutes=5))
+    answer(session, second, granted=False, reason="ring the bell")
+    answer(session, second, granted=False, reason="ring the bell")  # the channel's retry
+    said_yes = late.requested_at + dt.timedelta(seconds=30)
+    _, late_consent, _ = answer(
+        session, late, granted_at=said_yes, now=NOW + dt.timedelta(minutes=1)
+    )
+
+    entries = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action == "consent_request_withdrawn")
+        .order_by(AuditEntry.id)
+    ).all()
+    reason = f"withdrawn by the recipient's refusal of consent request {second.id}"
+    assert [(e.subject_type, e.subject_key, e.details) for e in entries] == [
+        (
+            "consent_request",
+            str(first.id),
+            {
+                "request_id": first.id,
+                "consent_id": consent.id,
+                "tracking_no": parcel,
+                "withdrawn_at": audit.iso(NOW),
+                "refusal_request_id": second.id,
+                "reason": reason,
+                "channel": "sms",
+            },
+        ),
+        (
+            "consent_request",
+            str(late.id),
+            {
+                "request_id": late.id,
+                "consent_id": late_consent.id,
+                "tracking_no": parcel,
+                "withdrawn_at": audit.iso(NOW),
+                "refusal_request_id": second.id,
+                "reason": reason,
+                "channel": None,
+            },
+        ),
+    ]
+    history = audit.list_entries(session=session, tracking_no=parcel)
+    assert {e.id for e in entries} <= {e.id for e in history}
+    assert audit.verify(session=session).ok
 
 
 def test_a_grant_given_before_a_refusal_already_recorded_reads_revoked(

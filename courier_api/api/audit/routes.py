@@ -53,7 +53,8 @@ class AuditEntries(MethodView):
         together (422 `subject_type_required` or `subject_key_required`; to list
         a kind of entry, filter by `action`). `tracking_no` lists every entry about
         one parcel, whatever its subject (a consent's, a flag's, a proof's id):
-        its proofs and its record read, its consents granted, revoked or refused,
+        its proofs and its record read, its consents granted, revoked, refused
+        or withdrawn by a refusal,
         decisions on and changes of its flags (its own and its handovers'),
         decisions on, and the system's changes of, a shift's or a PDA's flags
         citing its scans, its
@@ -81,7 +82,10 @@ class AuditEntries(MethodView):
         `request_id` and the `consent_id`, the consent's `method` and `point_id` and
         the request's `asked_method` and `asked_point_id`), a recipient's refusal of a
         courier's request for consent (`consent_refused`; subject `consent_request`
-        and its id, also in `request_id`), each change
+        and its id, also in `request_id`) and each granted request whose consent it
+        withdrew for the parcel (`consent_request_withdrawn`; subject the withdrawn
+        `consent_request` and its id, with its `consent_id`, `withdrawn_at` and the
+        refused request's `refusal_request_id`), each change
         of a known parcel by an intake (`parcel_updated`; subject `parcel` and its
         tracking number: who, and each changed field from and to, as `POST /parcels`
         or `courier-api import-parcels`, whose entries name no actor, took it in),

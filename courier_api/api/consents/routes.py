@@ -116,7 +116,9 @@ class Consents(MethodView):
         names it (`request_id`).
         `granted: false` records a refusal (with an optional `reason`; on the
         audit log, `consent_refused`: it withdraws, for the parcel, the consents
-        given before it) and answers 200 with the request; without a `request_id` it is a 422
+        given before it, each request they granted on the audit log as
+        `consent_request_withdrawn`) and answers 200 with the request; without a
+        `request_id` it is a 422
         `refusal_without_request` (nothing is recorded). The courier's PDA
         hears the answer in its pull feed (`consent_request`). The same answer
         sent again changes

@@ -1,6 +1,7 @@
 """The migrated schema is exactly what the models declare, on every backend."""
 
 import json
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -1664,6 +1665,135 @@ def test_purges_written_before_are_filed_batch_by_batch(scratch: Engine) -> None
     migrate.upgrade(scratch, PURGES_BY_PARCEL)
 
     assert _entry_parcels(scratch) == expected
+
+
+WRITE_OFFS_BY_PARCEL = "b5c1e8d3f7a2"  # write-offs by the parcels of their shifts
+
+
+def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_seqs(
+    scratch: Engine,
+) -> None:
+    """A PDA ran three shifts: A declared no seqs (it owns up to where B starts), B
+    declared its first seq and no last (it owns up to where C starts), C both. Seqs 7-8
+    (A's) and 10-11 (B's) were lost and written off, each on its own. The service files
+    each write-off under the parcels of the shifts owning its seqs; entries written
+    before were filed under none. Emptied of their parcels, as the version before left
+    them, they get back exactly what the service files: A's parcels, then B's, never
+    C's nor another PDA's. Run again, it files nothing twice; the chain verifies."""
+    import datetime as dt
+
+    from sqlalchemy import delete, insert, select, update
+    from sqlalchemy.orm import Session
+
+    from models import (
+        AuditEntry,
+        AuditEntryParcel,
+        Device,
+        DeviceSyncState,
+        ScanEvent,
+        Shift,
+        Station,
+    )
+    from sync import audit
+    from sync.lost_seqs import write_off_lost_seqs
+    from tests import factories
+
+    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=2, parcels_per_shift=3, day=dt.date(2026, 11, 20)
+        )
+        admin = factories.user(session, "admin", "admin")
+        session.commit()
+        device = "ST1-000"
+        first = session.scalars(select(Shift).where(Shift.device_id == device)).one()
+        template = session.scalars(
+            select(ScanEvent).where(ScanEvent.device_id == device).order_by(ScanEvent.seq)
+        ).first()
+        assert template is not None
+        later: dict[int, str] = {}
+        for hours, first_seq, last_seq in ((24, 9, None), (48, 12, 12)):
+            parcel = factories.parcel(session, session.get(Station, first.station_id))
+            shift_id = session.execute(
+                insert(Shift)
+                .values(
+                    station_id=first.station_id,
+                    courier_id=first.courier_id,
+                    device_id=device,
+                    status="closed",
+                    work_date=first.work_date + dt.timedelta(days=hours // 24),
+                    opened_at=first.opened_at + dt.timedelta(hours=hours),
+                    planned_end_at=first.opened_at + dt.timedelta(hours=hours + 10),
+                    closed_at=first.opened_at + dt.timedelta(hours=hours + 9),
+                    first_seq=first_seq,
+                    last_seq=last_seq,
+                )
+                .returning(Shift.id)
+            ).scalar_one()
+            at = first.opened_at + dt.timedelta(hours=hours, minutes=1)
+            session.execute(
+                insert(ScanEvent).values(
+                    station_id=first.station_id,
+                    device_id=device,
+                    courier_id=first.courier_id,
+                    batch_pk=template.batch_pk,
+                    client_event_id=uuid.uuid4(),
+                    seq=first_seq,
+                    type="checked_out",
+                    tracking_no=parcel.tracking_no,
+                    occurred_at_device=at,
+                    occurred_at=at,
+                    received_at=at,
+                    shift_id=shift_id,
+                    details={},
+                    content_hash=f"{first_seq:064d}",
+                )
+            )
+            later[shift_id] = parcel.tracking_no
+        session.execute(
+            update(DeviceSyncState)
+            .where(DeviceSyncState.device_id == device)
+            .values(max_seq=12, acked_through_seq=6, missing_ranges=[[7, 8], [10, 11]])
+        )
+        session.commit()
+        a_parcels = set(
+            session.scalars(select(ScanEvent.tracking_no).where(ScanEvent.shift_id == first.id))
+        )
+        for lost in ([[7, 8]], [[10, 11]]):
+            write_off_lost_seqs(
+                session=session,
+                device=session.get(Device, device),
+                ranges=lost,
+                reason="flash broken",
+                user_id=admin.id,
+            )
+            session.commit()
+        entries = session.scalars(
+            select(AuditEntry.id)
+            .where(AuditEntry.action == "lost_seqs_written_off")
+            .order_by(AuditEntry.id)
+        ).all()
+    filed = _entry_parcels(scratch)
+    [b_parcel, _c_parcel] = later.values()
+    assert [filed.get(entry) for entry in entries] == [a_parcels, {b_parcel}]
+    with scratch.begin() as connection:  # as the version before left them
+        connection.execute(delete(AuditEntryParcel).where(AuditEntryParcel.entry_id.in_(entries)))
+    assert not set(entries) & set(_entry_parcels(scratch))
+
+    migrate.upgrade(scratch, WRITE_OFFS_BY_PARCEL)
+
+    assert _entry_parcels(scratch) == filed
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": PURGES_BY_PARCEL}
+        )
+    migrate.upgrade(scratch, WRITE_OFFS_BY_PARCEL)
+    assert _entry_parcels(scratch) == filed
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        assert entries[1] in {
+            e.id for e in audit.list_entries(session=session, tracking_no=b_parcel)
+        }
 
 
 BACKFILLED_ENTRIES = 25_000  # two full batches of 10,000 and a part of one

@@ -773,6 +773,40 @@ def test_an_auditor_can_see_that_a_pda_sent_a_rejected_drop_of_the_parcel(
     assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1  # auditors' only
 
 
+def test_an_auditors_quarantine_search_by_pda_is_in_each_shown_parcels_history(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    courier: dict[str, str],
+    parcel: Parcel,
+    world: World,
+) -> None:
+    """An auditor lists a PDA's rejected events (by ``device_id``, not by a parcel's
+    number) and is shown the refused locker drop of the parcel, its payload unmasked.
+    The read was on record, but filed under no parcel, so ``GET /audit?tracking_no=``
+    of that parcel did not list it, where a proof search by station that showed the
+    parcel's proof is listed: who was shown the parcel's rejected drop is now in its
+    history too, and in no other parcel's."""
+    other = factories.parcel(session, world.station)
+    session.commit()
+    push(client, courier, [ev(1, parcel.tracking_no, "delivered_to_locker", locker_id="L-7")])
+    auditor = auth.headers("auditor1")
+    listed = client.get(
+        "/api/v1/quarantine", query_string={"device_id": "PDA-0001"}, headers=auditor
+    )
+    assert listed.status_code == 200 and len(listed.get_json()["items"]) == 1
+
+    def history(number: str) -> list[str]:
+        response = client.get(
+            "/api/v1/audit", query_string={"tracking_no": number}, headers=auditor
+        )
+        assert response.status_code == 200, response.get_json()
+        return [e["action"] for e in response.get_json()["items"]]
+
+    assert "quarantine_searched" in history(parcel.tracking_no)
+    assert "quarantine_searched" not in history(other.tracking_no)
+
+
 def test_an_auditors_quarantine_search_failing_after_its_record_leaves_none(
     client: FlaskClient,
     auth: Auth,

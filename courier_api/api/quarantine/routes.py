@@ -62,6 +62,10 @@ class Quarantine(MethodView):
             for row, batch_id in rows
         ]
         page = keyset_page(items, args["limit"], key=lambda item: item["id"])
+        # The parcels the rejected events shown name, as a proof search is filed under
+        # the parcels of the proofs it showed: a search by PDA or station is in each
+        # one's history (``GET /audit?tracking_no=``), not only a search by its number.
+        parcels = sorted({row.parcel_tracking_no for row, _ in rows if row.parcel_tracking_no})
         # Last, the answer built: a read failing before it leaves no read on record.
         record_auditor_read(
             QUARANTINE_SEARCHED,
@@ -73,5 +77,6 @@ class Quarantine(MethodView):
             },
             principal=principal,
             tracking_no=args.get("tracking_no"),  # a search of one parcel's rejected events
+            parcels=parcels,
         )
         return page

@@ -214,6 +214,24 @@ def rejections_by_id(
     return list(session.scalars(query.order_by(QuarantinedEvent.id)))
 
 
+def parcels_named_by(*, session: Session, ids: Sequence[int]) -> list[str]:
+    """The parcels the rejected events ``ids`` name (``parcel_tracking_no``; those naming
+    none add none), by their primary key: what a page showing them files an auditor's
+    read under, as a proof search is filed under its proofs' parcels."""
+    if not ids:
+        return []
+    return sorted(
+        set(
+            session.scalars(
+                select(QuarantinedEvent.parcel_tracking_no).where(
+                    among_at_once(session, QuarantinedEvent.id, sorted(set(ids))),
+                    QuarantinedEvent.parcel_tracking_no.is_not(None),
+                )
+            )
+        )
+    )
+
+
 def owned_rejections(*, session: Session, scope: RejectionScope, ids: Sequence[int]) -> list[int]:
     """Which of the rejected events ``ids`` are the shift's (``scope``), as
     ``shift_rejections`` finds them: whether those that reopened a signed-off shift

@@ -81,7 +81,7 @@ from courier_api.web.session import (
     sign_out_everywhere,
 )
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
-from sync import directory, flags, lost_seqs, shifts, signoffs
+from sync import directory, flags, lost_seqs, quarantine, shifts, signoffs
 from sync.balances import board_totals, station_board, waiting_from_earlier_days
 from sync.errors import (
     AuthenticationFailed,
@@ -485,6 +485,7 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
                 "quarantined_event",
                 f"shift:{found.id}",
                 {"ids": view.rejections_shown},
+                parcels=_parcels_of_rejections(view.rejections_shown),
             )
         )
     page = render_template(
@@ -500,6 +501,15 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
     # Last, the page rendered, and together: a page not shown leaves no read on record.
     record_auditor_reads(reads)
     return page
+
+
+def _parcels_of_rejections(ids: list[int]) -> list[str]:
+    """The parcels the rejected events a page shows name, for an auditor's read of them
+    (``QUARANTINE_SEARCHED``), so that each parcel's history lists it, as ``GET
+    /quarantine`` files it; read for an auditor only (no one else's read is recorded)."""
+    if current_principal().role != Role.AUDITOR:
+        return []
+    return quarantine.parcels_named_by(session=db.session, ids=ids)
 
 
 def _pda_elsewhere(device_id: str) -> bool:
@@ -735,6 +745,7 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
                 "quarantined_event",
                 f"flag:{found.id}",
                 {"ids": [r["id"] for r in view.rejections]},
+                parcels=_parcels_of_rejections([r["id"] for r in view.rejections]),
             )
         )
     station = (

@@ -2016,6 +2016,49 @@ def test_a_drop_rejected_after_a_balanced_sign_off_reopens_the_shift_with_a_flag
     assert (read.action, read.details) == ("quarantine_searched", {"ids": [rejected]})
 
 
+def test_an_auditors_pages_showing_a_rejected_drop_are_in_its_parcels_history(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> None:
+    """A drop of parcel b refused after the sign-off reopens the shift; an auditor opens
+    the late flag's page and the shift's page, each showing the refused drop whole, and
+    each read is on record (``quarantine_searched``), but under no parcel: ``GET
+    /audit?tracking_no=b`` did not list them, as it lists a page that showed b's proof.
+    Both are in b's history now, and not in a's (a parcel of the shift the drop does
+    not name)."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    assert pda.close(shift["id"]).status_code == 200
+    assert sign_off(client, shift["id"], manager, note="all back").status_code == 200
+    receipt = pda.push([pda.event(b, "delivered_to_locker", compartment="B07")])
+    assert receipt["results"][0]["status"] == "rejected"
+    [late] = [f["flag_id"] for f in receipt["flags_raised"]]
+    pages = signed_in(app, "auditor1")
+    pages.get(f"/web/flags/{late}")
+    pages.get(f"/web/shifts/{shift['id']}")
+    auditor = auth.headers("auditor1")
+
+    def searched(number: str) -> list[str]:
+        response = client.get(
+            "/api/v1/audit", query_string={"tracking_no": number}, headers=auditor
+        )
+        assert response.status_code == 200, response.get_json()
+        return sorted(
+            e["subject_key"]
+            for e in response.get_json()["items"]
+            if e["action"] == "quarantine_searched"
+        )
+
+    assert searched(b) == [f"flag:{late}", f"shift:{shift['id']}"]
+    assert searched(a) == []
+
+
 def test_a_decision_on_a_late_flag_read_before_a_rejected_event_reopened_it_is_refused(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

@@ -65,7 +65,8 @@ class AuditEntries(MethodView):
         courier and a last seq declared afterwards, a write-off of seqs its shift's
         PDA lost, a retention purge of its proof's images, an auditor's read of a shift page
         showing its recipient or its proof, a search, flag page or export part that
-        showed its proof, a search of rejected events that showed one naming it.
+        showed its proof, a search of rejected events (or a shift or flag page) that
+        showed one naming it.
         Normalized as everywhere (case, spaces, dashes), one that leaves nothing
         is a 422 `invalid_tracking_no`. Entries written before the
         service kept the parcels are among them where their details name them.

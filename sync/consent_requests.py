@@ -295,26 +295,7 @@ def asking_bound(
     )
     if parcel is None or parcel.station_id != asker.station_id or not parcel.recipient_phone:
         return None
-    point_id = consents.point_named(draft.method, draft.point_id)
-    pending = session.scalar(
-        select(ConsentRequest)
-        .where(
-            ConsentRequest.tracking_no == parcel.tracking_no,
-            ConsentRequest.method == draft.method,
-            ConsentRequest.point_id.is_(None)
-            if point_id is None
-            else ConsentRequest.point_id == point_id,
-            ConsentRequest.channel.is_(None)
-            if draft.channel is None
-            else ConsentRequest.channel == draft.channel,
-            _sent(),
-            ConsentRequest.status == ConsentRequestStatus.PENDING,
-            ConsentRequest.lapse_announced_at.is_(None),
-            ConsentRequest.expires_at > now,
-        )
-        .order_by(ConsentRequest.id.desc())
-        .limit(1)
-    )
+    pending = _same_question_pending(session, draft, now)
     if pending is not None:
         if pending.courier_id == asker.courier_id:
             return pending
@@ -337,6 +318,33 @@ def asking_bound(
                 retry_after=retry_after,
             )
     return None
+
+
+def _same_question_pending(
+    session: Session, draft: RequestDraft, now: dt.datetime
+) -> ConsentRequest | None:
+    """The latest request asking the recipient ``draft``'s question (parcel, method,
+    point and channel) that is pending: sent, neither answered, cancelled nor lapsed."""
+    point_id = consents.point_named(draft.method, draft.point_id)
+    return session.scalar(
+        select(ConsentRequest)
+        .where(
+            ConsentRequest.tracking_no == draft.tracking_no,
+            ConsentRequest.method == draft.method,
+            ConsentRequest.point_id.is_(None)
+            if point_id is None
+            else ConsentRequest.point_id == point_id,
+            ConsentRequest.channel.is_(None)
+            if draft.channel is None
+            else ConsentRequest.channel == draft.channel,
+            _sent(),
+            ConsentRequest.status == ConsentRequestStatus.PENDING,
+            ConsentRequest.lapse_announced_at.is_(None),
+            ConsentRequest.expires_at > now,
+        )
+        .order_by(ConsentRequest.id.desc())
+        .limit(1)
+    )
 
 
 def _sent_in_window(
@@ -428,27 +436,60 @@ def requests_from_events(
             # An expiry the PDA set before the request or a day on: the event stays
             # stored (nothing from the field is lost); the request lapses after the TTL.
             expires_at = None
+        draft = RequestDraft(
+            tracking_no=row["tracking_no"],
+            method=ConsentMethod(asked["method"]),
+            point_id=asked.get("point_id"),
+            channel=ConsentChannel(asked["channel"]) if "channel" in asked else None,
+            expires_at=expires_at,
+        )
+        asker = Asker(row["courier_id"], row["station_id"], row["device_id"])
+        is_voided = (row["device_id"], row["client_event_id"]) in voided
+        online = (
+            None
+            if is_voided or now >= (expires_at or row["occurred_at"] + ttl)
+            else _asked_online_pending(session, draft, asker, now)
+        )
+        if online is not None:
+            # The courier asked the same online, then their PDA recorded it offline:
+            # the event's request is that one, as the online door answers the courier
+            # with the event's pending request when the event came first (nothing sent).
+            online.event_id = row["id"]
+            online.client_event_id = row["client_event_id"]
+            made.append(online)
+            continue
         made.append(
             request_consent(
                 session=session,
-                draft=RequestDraft(
-                    tracking_no=row["tracking_no"],
-                    method=ConsentMethod(asked["method"]),
-                    point_id=asked.get("point_id"),
-                    channel=ConsentChannel(asked["channel"]) if "channel" in asked else None,
-                    expires_at=expires_at,
-                ),
-                asker=Asker(row["courier_id"], row["station_id"], row["device_id"]),
+                draft=draft,
+                asker=asker,
                 ttl=ttl,
                 requested_at=row["occurred_at"],
                 now=now,
                 event_id=row["id"],
                 client_event_id=row["client_event_id"],
-                voided=(row["device_id"], row["client_event_id"]) in voided,
+                voided=is_voided,
                 held_back=_held_back(session, row["tracking_no"], per_parcel, now),
             )
         )
     return made
+
+
+def _asked_online_pending(
+    session: Session, draft: RequestDraft, asker: Asker, now: dt.datetime
+) -> ConsentRequest | None:
+    """The courier's own pending request asking ``draft``'s question, made online (no
+    event of its own), that a PDA's event asking the same is: the recipient is asked once
+    whichever arrives first (``asking_bound`` answers the online ask with the event's
+    request the other way round). Only for a request the event would send: for the
+    parcel of the asker's station, with a phone (else it would be ``unsent``)."""
+    parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == draft.tracking_no))
+    if parcel is None or parcel.station_id != asker.station_id or not parcel.recipient_phone:
+        return None
+    pending = _same_question_pending(session, draft, now)
+    if pending is None or pending.event_id is not None or pending.courier_id != asker.courier_id:
+        return None
+    return pending
 
 
 def _held_back(

@@ -65,8 +65,9 @@ def _dropped_without_consent(app: Flask, rounds: int) -> tuple[dict[str, dict[st
 
 def _asked_twice(app: Flask, headers: dict[str, dict[str, str]], tracking_no: str) -> list[int]:
     """Two pending requests of the courier for the same locker consent: one asked online,
-    then one from the PDA's ``consent_requested`` event (a second online one would be
-    answered by the first, pending: ``sync.consent_requests.asking_bound``)."""
+    then one from the PDA's ``consent_requested`` event asking by phone call (the same
+    question again, online or from the PDA, would be answered by the first, pending:
+    ``sync.consent_requests.asking_bound``)."""
     client = app.test_client()
     online = client.post(
         f"{CONSENTS}/requests",
@@ -79,7 +80,7 @@ def _asked_twice(app: Flask, headers: dict[str, dict[str, str]], tracking_no: st
         tracking_no,
         "consent_requested",
         occurred_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5),
-        request={"method": "locker"},
+        request={"method": "locker", "channel": "phone_call"},
     )
     pushed = client.post(
         "/api/v1/sync/push",

@@ -346,3 +346,59 @@ def test_a_request_voided_after_it_was_sent_still_counts_toward_the_bound(
     ]
     assert statuses == ["cancelled", "cancelled", "pending", "unsent"]
     assert messages(session, tracking_no) == 2
+
+
+@pytest.mark.parametrize("online_first", [True, False])
+def test_the_same_question_asked_online_and_on_the_pda_is_sent_once(
+    client: FlaskClient, auth: Auth, world: World, session: Session, online_first: bool
+) -> None:
+    """The courier asks online, then the PDA pushes the ``consent_requested`` it recorded
+    offline for the same question (parcel, method, point, channel), or the other way
+    round: the recipient gets one message, and the event's request is the one pending
+    (as the online door answers the courier's own pending request, 200), whichever
+    arrived first. A correction voiding the event cancels that request in both orders."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    question = {"method": "locker", "point_id": "L-3", "channel": "sms"}
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    offline = factories.event(
+        1, tracking_no, "consent_requested", occurred_at=at, request=question
+    )
+
+    def push(events: list[dict[str, Any]]) -> None:
+        pushed = client.post(
+            "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+        assert [r["status"] for r in pushed.get_json()["results"]] == ["applied"] * len(events)
+
+    if online_first:
+        online = ask(client, courier, tracking_no, **question)
+        assert online.status_code == 201, online.get_json()
+        push([offline])
+    else:
+        push([offline])
+        online = ask(client, courier, tracking_no, **question)
+        assert online.status_code == 200, online.get_json()
+    assert messages(session, tracking_no) == 1
+    requests = session.scalars(
+        select(ConsentRequest).where(ConsentRequest.tracking_no == tracking_no)
+    ).all()
+    assert [(r.id, str(r.client_event_id), r.status.value) for r in requests] == [
+        (online.get_json()["id"], offline["client_event_id"], "pending")
+    ]
+    push(
+        [
+            factories.event(
+                2,
+                tracking_no,
+                "correction",
+                occurred_at=at,
+                voids_client_event_id=offline["client_event_id"],
+                reason="asked by mistake",
+            )
+        ]
+    )
+    session.expire_all()
+    assert session.get(ConsentRequest, online.get_json()["id"]).status.value == "cancelled"

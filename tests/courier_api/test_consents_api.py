@@ -1322,8 +1322,9 @@ def test_the_same_client_consent_id_for_another_consent_is_a_conflict(
 
 def asked_twice(client: FlaskClient, auth: Auth, tracking_no: str) -> list[dict[str, Any]]:
     """Two pending requests of courier1 for the same locker consent: one asked online,
-    one from the PDA's ``consent_requested`` event (a second online one would be
-    answered by the first, pending: ``sync.consent_requests.asking_bound``)."""
+    one from the PDA's ``consent_requested`` event asking by phone call (the same
+    question again, online or from the PDA, would be answered by the first, pending:
+    ``sync.consent_requests.asking_bound``)."""
     courier = auth.headers("courier1", "PDA-0001")
     online = client.post(
         f"{URL}/requests", json={"tracking_no": tracking_no, "method": "locker"}, headers=courier
@@ -1336,7 +1337,7 @@ def asked_twice(client: FlaskClient, auth: Auth, tracking_no: str) -> list[dict[
                 tracking_no,
                 "consent_requested",
                 occurred_at=now() - dt.timedelta(seconds=5),
-                request={"method": "locker"},
+                request={"method": "locker", "channel": "phone_call"},
             )
         ]
     )

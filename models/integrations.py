@@ -68,6 +68,12 @@ class ConsentRequest(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     answered_at: Mapped[dt.datetime | None]
     answered_by: Mapped[int | None] = mapped_column(ForeignKey("app_user.id"))
+    # How the recipient answered (the grant's or the refusal's channel): a refusal's names
+    # the channel of a ``consent.request_revoked`` for the grants it withdraws, a grant
+    # recorded after it too. None for requests answered before this was kept.
+    answered_channel: Mapped[ConsentChannel | None] = mapped_column(
+        str_enum(ConsentChannel, "request_answered_channel")
+    )
     consent_id: Mapped[int | None] = mapped_column(ForeignKey("consent.id"), unique=True)
     # Status ``revoked``: when the consent that answered it was revoked (its ``revoked_at``).
     revoked_at: Mapped[dt.datetime | None]

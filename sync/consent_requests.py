@@ -771,6 +771,7 @@ def answer_request(
         withdrawn = [*withdrawn, *_withdraw_granted_before(session, request, now)]
     request.answered_at = now
     request.answered_by = answered_by
+    request.answered_channel = answer.channel
     if answer.granted:
         assert consent is not None
         _announce_granted(session, request, consent, answer.channel, now)
@@ -884,9 +885,11 @@ def _withdraw(
     request.status = ConsentRequestStatus.REVOKED
     request.revoked_at = refusal.answered_at
     request.status_reason = _withdrawn_reason(refusal)
-    # The refusal's channel is on its audit entry and its message, not on its row.
-    _audit_withdrawn(session, request, consent, refusal, None, request.answered_by)
-    _announce_withdrawn(session, request, consent, refusal, None, now)
+    # The refusal's channel, as its row keeps it (null for one answered before it was).
+    _audit_withdrawn(
+        session, request, consent, refusal, refusal.answered_channel, request.answered_by
+    )
+    _announce_withdrawn(session, request, consent, refusal, refusal.answered_channel, now)
 
 
 def _audit_withdrawn(
@@ -934,7 +937,7 @@ def _announce_withdrawn(
 ) -> None:
     """``consent.request_revoked`` for a request whose consent ``refusal`` withdrew: the
     channel stops showing "you agreed"; revoked at the refusal, through ``channel``, the
-    refusal's (when known)."""
+    refusal's (null for a refusal answered before its channel was kept)."""
     consents.announce_outcome(
         session,
         request,

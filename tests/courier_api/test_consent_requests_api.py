@@ -140,6 +140,8 @@ def test_a_refusal_answers_200_with_the_request(
         "refused",
         "no",
     )
+    assert refused.get_json()["answered_channel"] == "app"
+    assert request["answered_channel"] is None  # not answered yet
 
 
 @pytest.mark.parametrize(

@@ -1243,6 +1243,42 @@ def test_a_grant_given_before_a_refusal_already_recorded_reads_revoked(
     assert brief.status == ConsentRequestStatus.GRANTED
 
 
+def test_a_grant_withdrawn_by_a_refusal_recorded_before_it_names_the_refusals_channel(
+    session: Session, pda: Pda, parcel: str
+) -> None:
+    """README: a ``consent.request_revoked`` for a consent a refusal withdrew names the
+    refusal's ``channel``. When the grant's answer arrives after the refusal (the SMS
+    gateway's "yes" late, the "no" given in the app), its announcement said null: the
+    refusal's channel was on its audit entry and its message, not on its row."""
+    subscribe(session, *OUTCOMES)
+    pda.push(
+        [
+            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
+        ]
+    )
+    first, second = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id)).all()
+    consent_requests.answer_request(
+        session=session,
+        request=second,
+        answer=consent_requests.Answer(granted=False, channel=ConsentChannel.APP),
+        rules=CONSENT_RULES,
+        answered_by=None,
+        now=NOW,
+    )
+    session.commit()
+    answer(
+        session,
+        first,
+        granted_at=second.requested_at + dt.timedelta(seconds=30),
+        now=NOW + dt.timedelta(minutes=1),
+    )
+    (revoked,) = messages(session, "consent.request_revoked")
+    assert revoked.payload["request_id"] == first.id
+    assert revoked.payload["channel"] == "app"
+    assert revoked.payload["revoked_at"] == NOW.isoformat()
+
+
 def test_an_answer_taking_a_consent_recorded_alone_logs_what_that_consent_says(
     session: Session, pda: Pda, parcel: str
 ) -> None:

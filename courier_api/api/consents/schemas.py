@@ -163,6 +163,16 @@ class ConsentRequestOut(ma.Schema):
         },
     )
     answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    answered_channel = ma.fields.Enum(
+        ConsentChannel,
+        by_value=True,
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "How the recipient answered (the grant's or the refusal's "
+            "channel); null while unanswered, or for one answered before this was kept"
+        },
+    )
     consent_id = ma.fields.Integer(allow_none=True, required=True)
     revoked_at = ma.fields.AwareDateTime(
         allow_none=True,

@@ -356,7 +356,11 @@ class WebhookConsentRequestRevoked(_WebhookRequestOutcome):
         by_value=True,
         allow_none=True,
         required=True,
-        metadata={"description": "How the recipient revoked, when the revocation said"},
+        metadata={
+            "description": "How the recipient revoked, when the revocation said; for a "
+            "refusal's withdrawal, the refusal's channel (null for a refusal recorded "
+            "before the server kept it)"
+        },
     )
 
 

@@ -75,6 +75,9 @@ class ConsentRequest(Base):
         str_enum(ConsentChannel, "request_answered_channel")
     )
     consent_id: Mapped[int | None] = mapped_column(ForeignKey("consent.id"), unique=True)
+    # The expiry of the consent that answered it (a copy: a consent's expiry never
+    # changes), past which a granted request reads ``expired`` (``effective_status``).
+    consent_expires_at: Mapped[dt.datetime | None]
     # Status ``revoked``: when the consent that answered it was revoked (its ``revoked_at``).
     revoked_at: Mapped[dt.datetime | None]
     # When its lapse (pending at ``expires_at``) was announced (``consent.request_lapsed``):

@@ -758,6 +758,7 @@ def answer_request(
         consent = _granted_once(session, request, draft, answer, rules, answered_by, now)
         request.status = ConsentRequestStatus.GRANTED
         request.consent_id = consent.id
+        request.consent_expires_at = consent.expires_at
     else:
         request.status = ConsentRequestStatus.REFUSED
         request.status_reason = answer.reason
@@ -1204,14 +1205,26 @@ def list_requests(
         query = query.where(ConsentRequest.courier_id == courier_id)
     if tracking_no is not None:
         query = query.where(ConsentRequest.tracking_no == normalize(tracking_no))
-    if status == EXPIRED or status == ConsentRequestStatus.PENDING:
-        lapsed = or_(
-            ConsentRequest.expires_at <= (now or utcnow()),
-            ConsentRequest.lapse_announced_at.is_not(None),
-        )
+    now = now or utcnow()
+    lapsed = and_(
+        ConsentRequest.status == ConsentRequestStatus.PENDING,
+        or_(ConsentRequest.expires_at <= now, ConsentRequest.lapse_announced_at.is_not(None)),
+    )
+    consent_lapsed = and_(
+        ConsentRequest.status == ConsentRequestStatus.GRANTED,
+        ConsentRequest.consent_expires_at <= now,
+    )
+    if status == EXPIRED:
+        query = query.where(or_(lapsed, consent_lapsed))
+    elif status == ConsentRequestStatus.PENDING:
+        query = query.where(ConsentRequest.status == ConsentRequestStatus.PENDING, ~lapsed)
+    elif status == ConsentRequestStatus.GRANTED:
         query = query.where(
-            ConsentRequest.status == ConsentRequestStatus.PENDING,
-            lapsed if status == EXPIRED else ~lapsed,
+            ConsentRequest.status == ConsentRequestStatus.GRANTED,
+            or_(
+                ConsentRequest.consent_expires_at.is_(None),
+                ConsentRequest.consent_expires_at > now,
+            ),
         )
     elif status is not None:
         query = query.where(ConsentRequest.status == ConsentRequestStatus(status))
@@ -1239,7 +1252,8 @@ def latest_for(
     return found
 
 
-# What a pending request past its expiry shows (it is never stored: it lapses by itself).
+# What a pending request past its expiry shows, and a granted one past its consent's
+# (never stored: each lapses by itself).
 EXPIRED = "expired"
 # Every status a request shows, stored or lapsed.
 SHOWN_STATUSES = (*(s.value for s in ConsentRequestStatus), EXPIRED)
@@ -1256,7 +1270,15 @@ def has_lapsed(request: ConsentRequest, now: dt.datetime) -> bool:
 
 def effective_status(request: ConsentRequest, now: dt.datetime) -> str:
     """The status as a PDA should read it: a pending request past its expiry, or whose
-    lapse was announced (no answer counts then), lapsed."""
+    lapse was announced (no answer counts then), lapsed; a granted one whose consent
+    expired too: that consent authorizes no drop any more (rule 4), and "granted" would
+    send the courier to the locker (they ask again, as after a revocation)."""
     if request.status == ConsentRequestStatus.PENDING and has_lapsed(request, now):
+        return EXPIRED
+    if (
+        request.status == ConsentRequestStatus.GRANTED
+        and request.consent_expires_at is not None
+        and request.consent_expires_at <= now
+    ):
         return EXPIRED
     return request.status.value

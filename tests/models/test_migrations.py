@@ -2705,3 +2705,67 @@ def test_the_lapse_migration_runs_again_after_its_index_build_failed(scratch: En
         assert migrate.current_revisions(connection) == {REQUESTS_ANNOUNCE_LAPSE}
     if scratch.dialect.name == "postgresql":
         assert _index_valid(scratch, "ix_consent_request_unannounced_lapse") is True
+
+
+ANSWER_CHANNELS = "a9c4e2f7b1d3"  # consent requests keep how the recipient answered
+CONSENT_EXPIRIES = "b3f8d1a6c9e2"  # consent requests keep their consent's expiry
+
+
+def test_a_granted_request_gets_its_consents_expiry(scratch: Engine) -> None:
+    """Dropping the column and adding it back fills it from each request's consent: an
+    expiring one's expiry, a lasting one's none, and none for a request unanswered."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import (
+        Consent,
+        ConsentChannel,
+        ConsentMethod,
+        ConsentRequest,
+        ConsentRequestStatus,
+        ConsentScope,
+    )
+    from tests import factories
+
+    migrate.upgrade(scratch)
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+    until = now + dt.timedelta(hours=2)
+    with Session(scratch) as session:
+        station = factories.station(session, code="ST1")
+        courier = factories.user(session, "courier1", "courier", station)
+        parcel = factories.parcel(session, station)
+        for expires_at in (until, None, "unanswered"):
+            consent = None
+            if expires_at != "unanswered":
+                consent = Consent(
+                    scope=ConsentScope.PARCEL,
+                    tracking_no=parcel.tracking_no,
+                    method=ConsentMethod.LOCKER,
+                    channel=ConsentChannel.SMS,
+                    granted_at=now,
+                    expires_at=expires_at,
+                )
+                session.add(consent)
+                session.flush()
+            session.add(
+                ConsentRequest(
+                    station_id=station.id,
+                    tracking_no=parcel.tracking_no,
+                    courier_id=courier.id,
+                    method=ConsentMethod.LOCKER,
+                    requested_at=now - dt.timedelta(minutes=5),
+                    expires_at=now + dt.timedelta(minutes=25),
+                    status=ConsentRequestStatus.GRANTED
+                    if consent
+                    else ConsentRequestStatus.PENDING,
+                    consent_id=consent.id if consent else None,
+                )
+            )
+        session.commit()
+    kept = sa.select(ConsentRequest.consent_expires_at).order_by(ConsentRequest.id)
+    migrate.downgrade(scratch, ANSWER_CHANNELS)
+    migrate.upgrade(scratch, CONSENT_EXPIRIES)
+    with scratch.connect() as connection:
+        assert connection.execute(kept).scalars().all() == [until, None, None]

@@ -1397,3 +1397,37 @@ def test_a_refusal_tells_each_courier_whose_request_it_withdrew_once(
     assert session.get(ConsentRequest, mine.id).status == ConsentRequestStatus.REVOKED
     assert after[colleague.id] - before[colleague.id] == 1
     assert after[world.courier.id] - before[world.courier.id] == 1
+
+
+def test_a_request_whose_consent_expired_since_reads_expired_not_granted(
+    session: Session, world: World, pda: Pda, parcel: str
+) -> None:
+    """The recipient agreed for ten minutes. Past them the consent authorizes no drop
+    (rule 4) and leaves the parcel's ``consents``, yet the request still read
+    ``granted``: a PDA showing "the recipient agreed" sent the courier to the locker for
+    an ``unauthorized_locker_drop``. It reads ``expired`` from then on, as a revoked one
+    reads ``revoked`` (the courier asks again); listing by status agrees."""
+    pda.push([pda.event(parcel, "consent_requested", 50, request={"method": "locker"})])
+    request = request_of(session)
+    until = NOW + dt.timedelta(minutes=10)
+    answered, consent, _ = answer(session, request, granted_at=NOW, expires_at=until)
+    assert consent is not None and consent.expires_at == until
+
+    def listed(status: str, at: dt.datetime) -> list[int]:
+        return [
+            r.id
+            for r in consent_requests.list_requests(
+                session=session, tracking_no=parcel, status=status, now=at
+            )
+        ]
+
+    before = until - dt.timedelta(seconds=1)
+    assert consent_requests.effective_status(answered, before) == "granted"
+    assert (listed("granted", before), listed("expired", before)) == ([answered.id], [])
+    assert consent_requests.effective_status(answered, until) == "expired"
+    assert (listed("granted", until), listed("expired", until)) == ([], [answered.id])
+    # A consent without an expiry stays granted.
+    pda.push([pda.event(parcel, "consent_requested", 51, request={"method": "any"})])
+    lasting = session.scalars(select(ConsentRequest).order_by(ConsentRequest.id.desc())).first()
+    answered, _, _ = answer(session, lasting, now=NOW + dt.timedelta(minutes=1))
+    assert consent_requests.effective_status(answered, NOW + dt.timedelta(days=30)) == "granted"

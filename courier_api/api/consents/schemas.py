@@ -146,7 +146,9 @@ class ConsentRequestOut(ma.Schema):
     status = ma.fields.String(
         required=True,
         metadata={
-            "description": "pending, granted, refused, expired (pending past its expiry), "
+            "description": "pending, granted, refused, expired (pending past its expiry, "
+            "or granted and the consent that answered it, `consent_id`, expired since: it "
+            "no longer authorizes a drop), "
             "unsent (nobody to ask: parcel not taken in, or no phone), cancelled (voided "
             "by the courier's correction), or revoked (granted, and the consent that "
             "answered it, `consent_id`, was revoked since, at `revoked_at`, or withdrawn "
@@ -191,8 +193,9 @@ class ConsentRequestListArgs(PageArgs):
         validate=ma.validate.OneOf(SHOWN_STATUSES),
         metadata={
             "description": "As each request shows it: `pending` is still waiting, "
-            "`expired` lapsed without an answer, `revoked` was granted and its consent "
-            "revoked since"
+            "`expired` lapsed without an answer or was granted by a consent expired "
+            "since, `granted` by a consent still unexpired, `revoked` was granted and its "
+            "consent revoked since"
         },
     )
     after = After()

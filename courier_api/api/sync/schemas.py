@@ -316,9 +316,11 @@ class PdaConsentRequest(ma.Schema):
     status = ma.fields.String(
         required=True,
         metadata={
-            "description": "pending, granted, refused, expired, unsent, cancelled, or "
-            "revoked (granted, and the recipient revoked that consent since, at "
-            "`revoked_at`: it no longer authorizes a drop)"
+            "description": "pending, granted, refused, expired (unanswered in time, or "
+            "granted by a consent whose own expiry has passed since: it no longer "
+            "authorizes a drop, ask again), unsent, cancelled, or revoked (granted, and "
+            "the recipient revoked that consent since, at `revoked_at`: it no longer "
+            "authorizes a drop)"
         },
     )
     method = ma.fields.Enum(ConsentMethod, by_value=True, required=True)

@@ -402,3 +402,47 @@ def test_the_same_question_asked_online_and_on_the_pda_is_sent_once(
     )
     session.expire_all()
     assert session.get(ConsentRequest, online.get_json()["id"]).status.value == "cancelled"
+
+
+def test_the_bound_is_the_recipients_a_colleague_shares_it_and_still_gets_consent(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """SECURITY.md threat 1: the bound is per parcel (the recipient's phone), not per
+    courier, so a courier who used it up leaves a colleague now holding the parcel a
+    429 until the window moves on (a bound per courier would let every courier of the
+    station send its own). The colleague is not kept from a consent: one captured on
+    their PDA (a phone call) is never bounded, and authorizes their drop."""
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("2/3600"))
+    client = app.test_client()
+    auth = Auth(client)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    first = auth.headers("courier1", "PDA-0001")
+    for method in ("locker", "pickup_point"):
+        assert ask(client, first, tracking_no, method=method).status_code == 201
+    colleague = auth.headers("courier3", "PDA-0003")
+    blocked = ask(client, colleague, tracking_no, method="any")
+    assert blocked.status_code == 429, blocked.get_json()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    captured = factories.event(
+        1,
+        tracking_no,
+        "consent_captured",
+        occurred_at=at,
+        consent={"method": "locker", "channel": "phone_call"},
+    )
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0003", [captured]), headers=colleague
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    assert pushed.get_json()["results"][0]["status"] == "applied"
+    listed = client.get(
+        CONSENTS,
+        query_string={"covering": tracking_no, "active": "true"},
+        headers=auth.headers("app1"),
+    )
+    assert listed.status_code == 200, listed.get_json()
+    assert [c["channel"] for c in listed.get_json()["items"]] == ["phone_call"]
+    assert messages(session, tracking_no) == 2

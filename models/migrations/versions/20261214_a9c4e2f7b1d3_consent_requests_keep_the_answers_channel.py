@@ -10,7 +10,7 @@ Nullable, nothing filled in: requests answered before this migration keep null (
 refusals' later withdrawals still say null, as before).
 
 Revision ID: a9c4e2f7b1d3
-Revises: e2b6d4f8a1c3
+Revises: b5c1e8d3f7a2
 Create Date: 2026-12-14 10:00:00.000000
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "a9c4e2f7b1d3"
-down_revision: str | None = "e2b6d4f8a1c3"
+down_revision: str | None = "b5c1e8d3f7a2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1188,7 +1188,7 @@ def test_a_request_withdrawn_by_a_refusal_is_on_the_audit_log(
                 "withdrawn_at": audit.iso(NOW),
                 "refusal_request_id": second.id,
                 "reason": reason,
-                "channel": None,
+                "channel": "sms",  # the refusal's, as its row keeps it
             },
         ),
     ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -475,7 +475,11 @@ class HandoverReads(NamedTuple):
 
 
 def balances_and_rejections(
-    session: Session, shifts: Sequence[Shift], *, station_id: int
+    session: Session,
+    shifts: Sequence[Shift],
+    *,
+    station_id: int,
+    gathered: Mapping[int, ShiftFacts] | None = None,
 ) -> HandoverReads:
     """Each shift's balance, and for each shift handed over how many of its PDA's events
     pushed at ``station_id`` the server rejected (those with none left out), counted as
@@ -483,9 +487,10 @@ def balances_and_rejections(
     happened that the balance cannot show (a correction refused voids nothing). One
     query more than ``balances`` (per ``sync.quarantine.COUNTED_AT_ONCE`` shifts). And its
     parcels' corrections to review still open (``ShiftFacts.reviews_waiting``), read with
-    the balance's own flags."""
+    the balance's own flags. ``gathered``: the shifts' facts, when the caller has
+    gathered them already (a shift's page)."""
     with collector_paused():
-        facts = gather(session, shifts)
+        facts = gathered if gathered is not None else gather(session, shifts)
         judged = {shift_id: f.balance() for shift_id, f in facts.items()}
         reviews = {
             shift_id: waiting for shift_id, f in facts.items() if (waiting := f.reviews_waiting())
@@ -518,14 +523,21 @@ class HandoverRead:
 
 
 def read_handovers(
-    session: Session, shifts: Sequence[Shift], *, station_id: int
+    session: Session,
+    shifts: Sequence[Shift],
+    *,
+    station_id: int,
+    gathered: Mapping[int, ShiftFacts] | None = None,
 ) -> dict[int, HandoverRead]:
     """Each shift's ``HandoverRead``, by id: its balance and rejected events
     (``balances_and_rejections``, those pushed at ``station_id``), the flags naming it
     still waiting and the proof images its deliveries lack once handed over. The one
-    count of them the board, the balance and both sign-offs read, in the same few
-    queries however many shifts."""
-    computed, rejected, reviews = balances_and_rejections(session, shifts, station_id=station_id)
+    count of them the board, the balance, a shift's page and both sign-offs read, in
+    the same few queries however many shifts (``gathered``: their facts, read
+    already)."""
+    computed, rejected, reviews = balances_and_rejections(
+        session, shifts, station_id=station_id, gathered=gathered
+    )
     flagged = waiting_flags(session, [shift.id for shift in shifts])
     lacking = images_lacking(
         session, [shift.id for shift in shifts if shift.status != ShiftStatus.OPEN]

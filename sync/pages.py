@@ -38,9 +38,11 @@ from models import (
     User,
 )
 from sync.balances import (
+    HandoverRead,
+    ShiftFacts,
     changed_since_signoff,
     gather,
-    images_lacking,
+    read_handovers,
     signoff_superseded,
     station_board,
 )
@@ -54,7 +56,7 @@ from sync.blobs import (
 )
 from sync.consents import consents_by_id, consents_for
 from sync.directory import get_station
-from sync.flags import ACTIVE_STATUSES, Decision, cited_in, flag_changes, latest_decisions
+from sync.flags import Decision, cited_in, flag_changes, latest_decisions
 from sync.handover import (
     CONSENT_KINDS,
     HANDOVER_KINDS,
@@ -81,7 +83,6 @@ from sync.proofs import (
 from sync.quarantine import (
     SHIFT_REJECTIONS_SHOWN,
     list_quarantined,
-    rejection_counts,
     rejections_by_id,
     shift_rejections,
     shown_rejection,
@@ -315,7 +316,8 @@ def shift_page(
     """
     station = get_station(session=session, station_id=shift.station_id)
     facts = gather(session, [shift])[shift.id]
-    balance = facts.balance()
+    read = _handover_read(session, shift, facts)
+    balance = read.balance
     numbers = sorted({p.tracking_no for p in balance.parcels})
     taken_in = _parcels(session, numbers)
     elsewhere = frozenset(
@@ -323,7 +325,7 @@ def shift_page(
     )
     parcels = {n: p for n, p in taken_in.items() if n not in elsewhere}
     reviews = [f.id for f in facts.review_flags()]
-    flags, own_flags, waiting = _flags(session, shift, balance, visible_station, reviews)
+    flags, own_flags = _flags(session, shift, balance, visible_station, reviews)
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
     events = _events(
@@ -425,18 +427,25 @@ def shift_page(
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),
         changed_since_signoff=changed_since_signoff(shift, balance),
-        rejected_events=len(rejected)
-        if visible_station == shift.station_id
-        else rejection_counts(  # counted as the board counts them: pushed at its station
-            session=session, scopes={shift.id: scope}, station_id=shift.station_id
-        ).get(shift.id, 0),
-        open_flag_ids=waiting,
-        # Only the sign-off form shows and sends it: a shift still open or signed off
-        # has none (its three statements spared on every page of a past handover).
-        images_missing=len(images_lacking(session, [shift.id]).get(shift.id, ()))
-        if shift.status == ShiftStatus.CLOSED
-        else 0,
+        rejected_events=read.rejected_events,
+        open_flag_ids=tuple(flag.flag_id for flag in read.open_flags),
+        images_missing=read.images_missing,
     )
+
+
+def _handover_read(session: Session, shift: Shift, facts: ShiftFacts) -> HandoverRead:
+    """The shift's handover as its sign-off form sends it back: counted as the board,
+    the balance and the sign-off count it (``read_handovers``, pushed at the shift's
+    station), whoever reads the page; a page lists at most ``SHIFT_REJECTIONS_SHOWN`` of
+    its rejected events, and a manager of another station sees none of those. Only a
+    shift waiting for its sign-off has the form: a page of a shift still open or signed
+    off counts nothing beside its balance (the statements spared on every page of a past
+    handover)."""
+    if shift.status != ShiftStatus.CLOSED:
+        return HandoverRead(facts.balance())
+    return read_handovers(
+        session, [shift], station_id=shift.station_id, gathered={shift.id: facts}
+    )[shift.id]
 
 
 def _flags(
@@ -445,14 +454,12 @@ def _flags(
     balance: Balance,
     visible_station: int | None,
     reviews: Sequence[int] = (),
-) -> tuple[dict[int, Flag], list[Flag], tuple[int, ...]]:
+) -> tuple[dict[int, Flag], list[Flag]]:
     """In one query: the flags of the balance's discrepancies, by id, and the shift's
     own flags of the reader's station, oldest first: those naming it (``shift_id``)
     but its handover flags, which are discrepancies; and ``reviews``, its parcels'
     corrected outcomes citing its events (``ShiftFacts.review_flags``), which keep a
-    handover from being clean while open. And the ids of the flags naming it still
-    waiting, as the board row lists them (``sync.balances.waiting_flags``), which its
-    sign-off sends back."""
+    handover from being clean while open."""
 
     def own(flag: Flag) -> bool:
         return visible_station in (None, flag.station_id) and (
@@ -468,8 +475,7 @@ def _flags(
         .where(or_(Flag.id.in_(sorted(cited)), Flag.shift_id == shift.id, reviewed))
         .order_by(Flag.id)
     ).all()
-    waiting = tuple(f.id for f in found if f.shift_id == shift.id and f.status in ACTIVE_STATUSES)
-    return {f.id: f for f in found if f.id in cited}, [f for f in found if own(f)], waiting
+    return {f.id: f for f in found if f.id in cited}, [f for f in found if own(f)]
 
 
 def _evidence_ids(flag: Flag) -> list[int]:

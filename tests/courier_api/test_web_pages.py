@@ -33,17 +33,20 @@ from models import (
     FlagSeverity,
     FlagStatus,
     Parcel,
+    QuarantinedEvent,
     Role,
     ScanEvent,
     SeqWriteOff,
     Shift,
     ShiftStatus,
+    SyncBatch,
     User,
     utcnow,
 )
 from sync import flags, sweeps
 from sync.blobs import FileBlobStore
 from sync.proofs import drop_consents, get_proof
+from sync.quarantine import parcel_named
 from sync.rules import Policy
 from sync.shifts import day_bounds
 from sync.sweeps import SweepSettings
@@ -2361,3 +2364,55 @@ def test_the_shift_page_marks_a_late_drop_a_correction_voided(
     flags = html[html.index("late event after signoff") :]
     assert f"voided by event {correction_id}" in _events_table_row(flags, drop["seq"])
     assert "voided by event" not in _events_table_row(flags, correction["seq"])
+
+
+def test_the_sign_off_form_of_a_shift_with_more_rejected_events_than_it_lists_signs_off(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Li Wei's PDA sent 120 events the server refused (a broken app sending the same bad
+    scan again and again): the page lists the first 100, and its sign-off form sent back
+    the count it listed (101, one more telling there are more), so the sign-off compared
+    it with the 120 the board and the balance count and refused it for ever
+    (``rejected_events_changed``, "read its page again"). The page counts them as the
+    balance does (``sync.balances.read_handovers``): the manager who read them signs off."""
+    shift = day.balanced
+    tracking_no = session.scalars(
+        select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift.id).limit(1)
+    ).one()
+    batch_pk = session.scalars(
+        select(SyncBatch.id).where(SyncBatch.device_id == shift.device_id).limit(1)
+    ).one()
+    session.execute(
+        sqlalchemy.insert(QuarantinedEvent),
+        [
+            {
+                "station_id": shift.station_id,
+                "device_id": shift.device_id,
+                "batch_pk": batch_pk,
+                "position": n,
+                "tracking_no": tracking_no,
+                "parcel_tracking_no": parcel_named(tracking_no),
+                "error_code": "missing_field",
+                "message": "compartment is required",
+                "payload": "{}",
+                "payload_hash": f"{n:064d}",
+            }
+            for n in range(120)
+        ],
+    )
+    session.flush()
+    client = app.test_client()
+    balance = client.get(
+        f"/api/v1/shifts/{shift.id}/balance", headers=Auth(client).headers("manager")
+    ).get_json()
+    assert balance["rejected_events"] == 120
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{shift.id}"
+    html = pages.get(path)
+    assert 'name="rejected_events" value="120"' in html
+    form = html[html.index(f'action="{path}/signoff"') :].split("</form>")[0]
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+    signed = pages.client.post(f"{path}/signoff", data=hidden | {"note": "refused scans read"})
+    assert signed.status_code == 302, signed.get_data(as_text=True)[-2000:]
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.SIGNED_OFF

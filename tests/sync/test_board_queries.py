@@ -39,7 +39,7 @@ from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
 from sync.proofs import get_proof
 from sync.quarantine import RejectionScope, parcel_named, rejection_counts, shift_rejections
 from sync.rules import Policy
-from sync.signoffs import SIGNED_OFF, sign_off_clean
+from sync.signoffs import SIGNED_OFF, handover_seen, sign_off_clean
 from tests import factories
 
 DAY = dt.date(2026, 11, 23)
@@ -290,11 +290,12 @@ def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
     session: Session, tmp_path: Any, status: ShiftStatus
 ) -> None:
     """With its own flags' events (and which of them a correction voided), its PDA's
-    rejected events beside its balance, and, for a shift waiting for its sign-off, the
-    proof images its deliveries lack (three statements, ``sync.balances.images_lacking``,
-    counted as the board row counts them: its sign-off form sends the count back), for
-    a station's manager. A signed-off shift's page has no sign-off form: it reads
-    no image count (an auditor reading last month's handovers, three statements each)."""
+    rejected events beside its balance, and, for a shift waiting for its sign-off, what
+    its sign-off form sends back counted as the board row and the balance count it
+    (``sync.balances.read_handovers``: its rejected events, however many more than the
+    page lists, the flags waiting, and the proof images its deliveries lack), for a
+    station's manager. A signed-off shift's page has no sign-off form: it counts none of
+    them (an auditor reading last month's handovers, five statements each)."""
     counts = []
     for code, parcels, late, rejected in (("SMALL", 10, 2, 3), ("BIG", 150, 40, 120)):
         station = factories.station_day(
@@ -322,7 +323,12 @@ def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
         assert page.more_rejections == (rejected > 100)
         assert all(q.lstrip().upper().startswith("SELECT") for q in queries)
         counts.append(len(queries))
-    assert counts[0] == counts[1] <= (17 if status == ShiftStatus.CLOSED else 14), counts
+        if status == ShiftStatus.CLOSED:  # as the board and the balance count them
+            read = handover_seen(session, shift)
+            assert page.rejected_events == read.rejected_events == rejected
+            assert page.open_flag_ids == tuple(f.flag_id for f in read.open_flags)
+            assert page.images_missing == read.images_missing
+    assert counts[0] == counts[1] <= (19 if status == ShiftStatus.CLOSED else 14), counts
 
 
 def test_a_proof_page_reads_the_same_few_queries_for_3_or_30_rejected_events(

@@ -432,6 +432,7 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
 # -- a shift ----------------------------------------------------------------------------------
 
 
+@only_reads  # the page at 19:00, its images hashed, holds up no push; reads recorded apart
 @bp.get("/shifts/<id:shift_id>")
 @page()
 def shift(shift_id: int) -> ResponseReturnValue:

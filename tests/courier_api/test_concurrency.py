@@ -410,3 +410,63 @@ def test_a_proof_hashing_its_images_for_an_auditor_holds_up_no_push(
             select(func.count()).select_from(AuditEntry).where(AuditEntry.action == action)
         )
     assert after == before + 1
+
+
+def test_a_shift_page_hashing_its_discrepancies_images_holds_up_no_push(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 19:00 a manager opens the page of a handover that does not balance: an express
+    parcel left in a locker without consent, its photo shown beside the drop, hashed as
+    the page is read (``sync.pages.image_states``). The page was no reading view: on
+    SQLite it held the writers' turn from its first statement to its last, so every PDA's
+    push waited for the whole page, its images' hashing too; here a write made while it
+    hashes waited out the busy timeout (a 503). The page now reads in a reading
+    transaction (an auditor's reads recorded apart, last, as a proof's page does)."""
+    from sync.blobs import FileBlobStore
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="EVE")
+        factories.user(session, "eve-rider", "courier", station)
+        factories.user(session, "eve-manager", "station_manager", station)
+        factories.device(session, "PDA-EVE", station)
+        tracking_no = factories.parcel(session, station).tracking_no  # express
+        session.commit()
+        station_id = station.id
+    client = committed_app.test_client()
+    courier = Auth(client).headers("eve-rider", "PDA-EVE")
+    opened = client.post("/api/v1/shifts", json={}, headers=courier)
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    photo = image_bytes()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    drop = factories.locker_drop(2, tracking_no, at)
+    drop["pod"] |= {"photo_sha256": digest(photo)}
+    events = [factories.event(1, tracking_no, occurred_at=at - dt.timedelta(minutes=5)), drop]
+    pushed = client.post(PUSH, json=factories.push_body("PDA-EVE", events), headers=courier)
+    assert pushed.status_code == 200, pushed.get_json()
+    put = client.put(f"/api/v1/blobs/{digest(photo)}", data=photo, headers=courier)
+    assert put.status_code == 201, put.get_json()
+    closed = client.post(f"/api/v1/shifts/{shift_id}/close", json={}, headers=courier)
+    assert closed.status_code == 200, closed.get_json()
+    pages = Pages(committed_app.test_client())
+    assert pages.login("eve-manager").status_code == 302
+    engine = db.engine_of(committed_app)
+    hashing = FileBlobStore.verify
+    waited: list[float] = []
+
+    def hashed_while_a_push_lands(self: FileBlobStore, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        with engine.begin() as writer:  # another request's push, meanwhile
+            writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
+        waited.append(time.monotonic() - started)
+        return hashing(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileBlobStore, "verify", hashed_while_a_push_lands)
+
+    answer = pages.client.get(f"/web/shifts/{shift_id}")
+
+    assert answer.status_code == 200, answer.get_data()[:300]
+    assert "unauthorized locker drop" in answer.get_data(as_text=True)
+    assert len(waited) == 1 and waited[0] < 2, waited

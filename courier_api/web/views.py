@@ -948,6 +948,7 @@ def proof(event_id: int) -> ResponseReturnValue:
     return shown
 
 
+@only_reads  # read and hashed as served, holding up no push; an auditor's read apart
 @bp.get("/images/<string:sha256>")
 @page()
 def image(sha256: str) -> ResponseReturnValue:

@@ -470,3 +470,56 @@ def test_a_shift_page_hashing_its_discrepancies_images_holds_up_no_push(
     assert answer.status_code == 200, answer.get_data()[:300]
     assert "unauthorized locker drop" in answer.get_data(as_text=True)
     assert len(waited) == 1 and waited[0] < 2, waited
+
+
+@pytest.mark.parametrize("route", ["api", "web"])
+def test_a_proof_image_read_and_hashed_as_served_holds_up_no_push(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """A shift's page at 19:00 shows each discrepancy's photos as thumbnails, each one a
+    request for the image (``/web/images/<sha256>``, as ``GET /api/v1/blobs/<sha256>``),
+    its file read and hashed as it is served (up to 8 MiB). Neither was a reading view: on
+    SQLite each held the writers' turn while it read the file, and a PDA's push meanwhile
+    waited out the busy timeout (the image answered 503). They read in a reading
+    transaction now, an auditor's read recorded apart before the bytes go out."""
+    from sync.blobs import FileBlobStore
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="IMG")
+        factories.user(session, "img-rider", "courier", station)
+        factories.user(session, "img-manager", "station_manager", station)
+        factories.device(session, "PDA-IMG", station)
+        session.commit()
+        station_id = station.id
+    client = committed_app.test_client()
+    photo = image_bytes()
+    courier = Auth(client).headers("img-rider", "PDA-IMG")
+    put = client.put(f"/api/v1/blobs/{digest(photo)}", data=photo, headers=courier)
+    assert put.status_code == 201, put.get_json()
+    engine = db.engine_of(committed_app)
+    reading = FileBlobStore.read
+    waited: list[float] = []
+
+    def read_while_a_push_lands(self: FileBlobStore, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        with engine.begin() as writer:  # another request's push, meanwhile
+            writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
+        waited.append(time.monotonic() - started)
+        return reading(self, *args, **kwargs)
+
+    if route == "api":
+        headers = Auth(client).headers("img-manager")
+        get = lambda: client.get(f"/api/v1/blobs/{digest(photo)}", headers=headers)  # noqa: E731
+    else:
+        pages = Pages(committed_app.test_client())
+        assert pages.login("img-manager").status_code == 302
+        get = lambda: pages.client.get(f"/web/images/{digest(photo)}")  # noqa: E731
+    monkeypatch.setattr(FileBlobStore, "read", read_while_a_push_lands)
+
+    answer = get()
+
+    assert answer.status_code == 200, answer.get_data()[:300]
+    assert answer.get_data() == photo
+    assert len(waited) == 1 and waited[0] < 2, waited

@@ -50,6 +50,11 @@ SHA256_PARAMETER = {
 
 @blp.route("/<string:sha256>", parameters=[SHA256_PARAMETER])
 class BlobBySha256(MethodView):
+    # courier_api.database: its GET, the file read and hashed as served, holds no
+    # writers' turn (a shift page's thumbnails at 19:00); an auditor's read is recorded
+    # apart, before the bytes go out (``record_auditor_read``). Its PUT writes as ever.
+    READS_ONLY = True
+
     @blp.auth(Role.COURIER, Role.STATION_MANAGER, Role.ADMIN, Role.INTEGRATION)
     @blp.doc(requestBody=IMAGE_BODY)
     @blp.response(200, BlobOut, description="Already stored, and the caller reads it")

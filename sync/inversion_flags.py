@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import String, bindparam, cast, func, select
+from sqlalchemy import String, bindparam, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import DeviceSyncState, Flag, FlagSeverity, Parcel, ScanEvent
@@ -182,12 +182,14 @@ def rejudge_flags(
     the pairs it split (a pair judged across a rejected seq stored later) are so put
     right. The PDAs' sync states are locked first, in id order, as a push locks its
     own before its flags; then the flags, by parcel, as a push raises them.
-    ``station_id``: only the flags of parcels now at that station (at any station).
-    Returns what it did and the last id read (None: no more)."""
+    ``station_id``: only the flags on that station's board and those of its parcels now
+    (at any station): a parcel moved to another station since (an intake's) leaves its
+    flag on the board of the station its pair was pushed at, which a run for that station
+    puts right. Returns what it did and the last id read (None: no more)."""
     query = select(Flag.id).where(Flag.kind == KIND, Flag.id > after_id)
     if station_id is not None:
         here = select(Parcel.tracking_no).where(Parcel.station_id == station_id)
-        query = query.where(Flag.tracking_no.in_(here))
+        query = query.where(or_(Flag.station_id == station_id, Flag.tracking_no.in_(here)))
     ids = list(session.scalars(query.order_by(Flag.id).limit(limit)))
     if not ids:
         return Rejudged(0, 0, 0), None

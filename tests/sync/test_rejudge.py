@@ -886,3 +886,50 @@ def test_a_parcel_s_flags_at_two_stations_count_the_seqs_withdrawn_once(
     session.expire_all()
     flags = session.scalars(select(Flag).where(Flag.kind == "time_inversion")).all()
     assert [(f.status, f.evidence["device_seqs"]) for f in flags] == [(FlagStatus.CLOSED, [])] * 2
+
+
+def test_a_stations_run_judges_the_flags_on_its_board_of_a_parcel_moved_elsewhere_since(
+    session: Session, world: World
+) -> None:
+    """ST1's courier scanned parcel P: seqs 1 and 3, the clock stepped back by NTP 1.5 s
+    twice (no inversion with seq 2 between them), flagged across seq 2 by a version
+    before (as ``time_inversion_flags_raised_across_a_seq_stored_since`` builds it), on
+    ST1's board. An intake then moved P to ST2 (it was mis-sorted). ``rejudge --station
+    ST1`` picked the time_inversion flags by their parcel's station now, so it left the
+    stale flag on ST1's board, the one its manager asked to have put right, and only a
+    run for ST2 would close it. A station's run now judges the flags on its board too,
+    and its parcels' flags wherever they stand, as before."""
+    p = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    at = NOW - dt.timedelta(hours=1)
+    step = dt.timedelta(seconds=1.5)
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    events = [
+        factories.event(1, p, occurred_at=at),
+        factories.event(2, p, "out_for_delivery", occurred_at=at - step),
+        factories.event(3, p, "out_for_delivery", occurred_at=at - 2 * step),
+    ]
+    push(session, pusher, events)
+    pda = world.device.id
+    raise_flag(
+        session=session,
+        kind="time_inversion",
+        severity=FlagSeverity.WARNING,
+        subject=FlagSubject("parcel", p),
+        station_id=world.station.id,
+        evidence={"device_seqs": [f"{pda}#1", f"{pda}#3"]},
+    )
+    session.execute(
+        update(Parcel).where(Parcel.tracking_no == p).values(station_id=world.other_station.id)
+    )
+    session.commit()
+
+    totals = rejudge_parcels(session=session, policy=Policy(), station_id=world.station.id)
+
+    stale = inversion(session, p)
+    assert (stale.station_id, stale.status, stale.evidence["device_seqs"]) == (
+        world.station.id,
+        FlagStatus.CLOSED,
+        [],
+    )
+    assert (totals.inversion_seqs_withdrawn, totals.inversion_flags_closed) == (2, 1)

@@ -523,3 +523,53 @@ def test_a_proof_image_read_and_hashed_as_served_holds_up_no_push(
     assert answer.status_code == 200, answer.get_data()[:300]
     assert answer.get_data() == photo
     assert len(waited) == 1 and waited[0] < 2, waited
+
+
+def test_a_shifts_page_and_a_flags_page_answer_while_a_writer_holds_the_database(
+    committed_app: Flask,
+) -> None:
+    """At 19:00 a manager goes from a shift's page to each of its flags and back while
+    the PDAs push. Neither page was a reading view: on SQLite each queued for the one
+    writers' turn behind the pushes to read a few rows, and answered 503 after the busy
+    timeout of 10 s when a push held it that long. They read the last commit at once
+    now, as the board does (an auditor's reads recorded apart, once rendered)."""
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="QUEUE")
+        factories.user(session, "queue-boss", "station_manager", station)
+        factories.user(session, "queue-rider", "courier", station)
+        factories.device(session, "PDA-QUEUE", station)
+        session.commit()
+        station_id = station.id
+    client = committed_app.test_client()
+    courier = Auth(client).headers("queue-rider", "PDA-QUEUE")
+    opened = client.post("/api/v1/shifts", json={"first_seq": 1}, headers=courier)
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    with committed_app.app_context():
+        flag = Flag(
+            station_id=station_id,
+            kind="shift_not_closed",
+            severity="warning",
+            subject_type="shift",
+            subject_key=str(shift_id),
+            evidence={},
+            shift_id=shift_id,
+        )
+        db.session.add(flag)
+        db.session.commit()
+        flag_id = flag.id
+    pages = Pages(committed_app.test_client())
+    assert pages.login("queue-boss").status_code == 302
+    engine = db.engine_of(committed_app)
+    with engine.begin() as writer:  # a push in progress: on SQLite, the writers' turn
+        writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
+        started = time.monotonic()
+        answers = [
+            pages.client.get(f"/web/shifts/{shift_id}"),
+            pages.client.get(f"/web/flags/{flag_id}"),
+        ]
+        waited = time.monotonic() - started
+    assert [a.status_code for a in answers] == [200, 200], [a.get_data()[:300] for a in answers]
+    assert waited < 6
+    assert "Busy" not in answers[0].get_data(as_text=True)  # not the uncommitted name

@@ -573,3 +573,40 @@ def test_a_shifts_page_and_a_flags_page_answer_while_a_writer_holds_the_database
     assert [a.status_code for a in answers] == [200, 200], [a.get_data()[:300] for a in answers]
     assert waited < 6
     assert "Busy" not in answers[0].get_data(as_text=True)  # not the uncommitted name
+
+
+def test_a_pdas_rejected_events_are_listed_while_a_writer_holds_the_database(
+    committed_app: Flask,
+) -> None:
+    """A shift's page lists at most 100 of its PDA's rejected events and sends the
+    manager to ``GET /api/v1/quarantine?device_id=`` for the rest. That list queued for
+    SQLite's one writers' turn behind the pushes (an auditor's read is audit-logged), and
+    answered 503 after the busy timeout when a push held it that long. It reads the last
+    commit at once now, an auditor's read recorded apart, before the list goes out."""
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="QUAR")
+        factories.user(session, "quar-boss", "station_manager", station)
+        factories.user(session, "quar-auditor", "auditor")
+        session.commit()
+        station_id = station.id
+    client = committed_app.test_client()
+    auth = Auth(client)
+    manager, auditor = auth.headers("quar-boss"), auth.headers("quar-auditor")
+    with committed_app.app_context():
+        before = db.session.scalar(select(func.count()).select_from(AuditEntry))
+    engine = db.engine_of(committed_app)
+    with engine.begin() as writer:  # a push in progress: on SQLite, the writers' turn
+        writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
+        started = time.monotonic()
+        listed = client.get("/api/v1/quarantine?device_id=PDA-QUAR", headers=manager)
+        waited = time.monotonic() - started
+    assert listed.status_code == 200, listed.get_json()
+    assert waited < 6
+    read = client.get("/api/v1/quarantine?device_id=PDA-QUAR", headers=auditor)
+    assert read.status_code == 200, read.get_json()
+    with committed_app.app_context():
+        entries = db.session.scalars(
+            select(AuditEntry).where(AuditEntry.id > before).order_by(AuditEntry.id)
+        ).all()
+    assert [e.action for e in entries] == ["quarantine_searched"]

@@ -72,6 +72,10 @@ class _Metrics:
             "Committed pushes: stored, or replayed (answered with the stored receipt)",
             ["outcome"],
         )
+        self.unknown_field_pushes = Counter(
+            "courier_sync_unknown_field_pushes",
+            "Push requests with top-level keys the server does not know (ignored)",
+        )
         self.flags = Counter(
             "courier_flags_raised", "Flags raised or raised again (committed), by kind", ["kind"]
         )
@@ -143,6 +147,12 @@ def count_push(receipt: Mapping[str, Any], *, replayed: bool) -> None:
         counts[key] = counts.get(key, 0) + 1
     for (outcome, reason), count in counts.items():
         metrics.events.labels(outcome, reason).inc(count)
+
+
+def unknown_field_push() -> None:
+    """A push request whose body had keys the server ignored (no key as a label: the
+    PDA chooses them, and every label value is a series)."""
+    _metrics().unknown_field_pushes.inc()
 
 
 def job_run(job: str, outcome: str) -> None:

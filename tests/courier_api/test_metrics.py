@@ -139,6 +139,22 @@ def test_events_and_batches_by_outcome_counted_once_committed(metered: Flask) ->
     assert metrics.moved("courier_flags_raised_total", kind="conflicting_duplicate") == 1
 
 
+def test_pushes_with_unknown_top_level_keys_are_counted(metered: Flask) -> None:
+    """The keys are ignored with a receipt warning only the PDA reads: an operator
+    sees in the count that PDAs send what this server does not know (an app a release
+    ahead, a misspelt field whose value is lost), each request once, replays too."""
+    client = metered.test_client()
+    courier = Auth(client).headers("courier1", "PDA-0001")
+    metrics = Metrics(client)
+    body = factories.push_body("PDA-0001", [factories.event(1, factories.s10())])
+    unknown = {**body, "app_version": "3.2", "zone": {}}
+    assert client.post("/api/v1/sync/push", json=unknown, headers=courier).status_code == 200
+    assert client.post("/api/v1/sync/push", json=unknown, headers=courier).status_code == 200
+    plain = factories.push_body("PDA-0001", [factories.event(2, factories.s10())])
+    assert client.post("/api/v1/sync/push", json=plain, headers=courier).status_code == 200
+    assert metrics.moved("courier_sync_unknown_field_pushes_total") == 2
+
+
 def test_a_push_that_fails_counts_nothing(metered: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
     client = metered.test_client()
     courier = Auth(client).headers("courier1", "PDA-0001")

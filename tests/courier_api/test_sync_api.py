@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import logging
 import threading
 import time
 import uuid
@@ -316,6 +317,32 @@ def test_an_unknown_top_level_key_is_ignored_with_a_warning_and_the_events_taken
     assert [w["field"] for w in replay.get_json()["warnings"]] == ["app_version", "more", "zone"]
     plain = client.post(PUSH, json=factories.push_body("PDA-0001", events), headers=courier)
     assert "warnings" not in plain.get_json()
+
+
+def test_an_unknown_top_level_key_is_logged_for_operators_without_its_value(
+    client: FlaskClient, courier: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the PDA read the receipt's warning: a field the server drops (a misspelt
+    one whose value is lost) went unseen at the station. One warning line per push
+    names the device, the batch and the keys (never their values)."""
+    body = {
+        **factories.push_body("PDA-0001", []),
+        "app_version": "3.2",
+        "recipient_phone": "+8613800138000",
+        "line\nbreak": 1,
+    }
+    body.update({f"zz_{i:02}": i for i in range(25)})
+    with caplog.at_level(logging.WARNING, logger="courier_api.api.sync.routes"):
+        assert client.post(PUSH, json=body, headers=courier).status_code == 200
+    [record] = [r for r in caplog.records if r.name == "courier_api.api.sync.routes"]
+    line = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "PDA-0001" in line and body["batch_id"] in line
+    assert "28 unknown top-level fields" in line
+    assert "'app_version'" in line and "'recipient_phone'" in line and "'line\\nbreak'" in line
+    assert "\n" not in line  # a key cannot forge a second line
+    assert "8 more" in line  # the first 20 named, as in the receipt
+    assert "13800138000" not in caplog.text and "3.2" not in caplog.text
 
 
 def test_events_must_be_a_list(client: FlaskClient, courier: dict[str, str]) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.phones import mask_phone
 from sync.tracking import TrackingNumberPolicy
 
+log = logging.getLogger(__name__)
 blp = ApiBlueprint("sync", __name__, url_prefix="/api/v1/sync", description="PDA sync")
 PULL_POLL_SECONDS = 0.5  # how often a long pull looks for news
 
@@ -137,10 +139,31 @@ class Push(MethodView):
         replayed = receipt.get("server_time") != g.received_at.isoformat()
         metrics.count_push(receipt, replayed=replayed)
         if body[IGNORED_FIELDS]:  # about this request, not the batch: never stored
+            _note_ignored_fields(body)
             receipt = {**receipt, "warnings": _ignored_field_warnings(body[IGNORED_FIELDS])}
         # The stored receipt as it is: a replay answers the same bytes, and a
         # 1,000-event receipt is not walked through the schema again.
         return jsonify(receipt)
+
+
+def _note_ignored_fields(body: dict[str, Any]) -> None:
+    """Tell operators what the receipt's warnings tell the PDA: a field the server drops
+    may be a misspelt one whose value is lost, or a fleet a release ahead. The keys are
+    named as in the warnings (each quoted, so no key writes a line of its own), never
+    their values."""
+    keys = body[IGNORED_FIELDS]
+    named = ", ".join(repr(key[:64]) for key in keys[:IGNORED_FIELDS_NAMED])
+    more = len(keys) - IGNORED_FIELDS_NAMED
+    log.warning(
+        "push of batch %s from device %s: %d unknown top-level field%s ignored: %s%s",
+        body["batch_id"],
+        body["device_id"],
+        len(keys),
+        "" if len(keys) == 1 else "s",
+        named,
+        f" and {more} more" if more > 0 else "",
+    )
+    metrics.unknown_field_push()
 
 
 def _ignored_field_warnings(keys: list[str]) -> list[dict[str, str]]:

@@ -2022,6 +2022,118 @@ def test_the_quarantine_backfill_runs_in_committed_batches(scratch: Engine) -> N
     assert wrong == 0
 
 
+SEQS_AS_TEXT = "f1c7a3e9b5d2"  # rejected events keep a seq their PDA wrote as text
+# The seq of rejected events as their PDAs sent it, by row id, and what the row keeps:
+# what ``sync.events.readable_seq`` reads in it on insert now.
+SEQS_SENT: dict[int, tuple[Any, int | None]] = {
+    1: ("2", 2),
+    2: (" 7 ", 7),
+    3: ("7.0", 7),
+    4: ("0012", 12),
+    5: ("five", None),
+    6: (None, None),
+    7: (5.5, None),
+    8: ("\u0662", None),  # an Arabic-Indic two: not a seq a PDA writes
+    9: ("-3", None),
+    10: (str(2**31), None),  # beyond the column's integer
+    11: (True, None),
+    12: (3.0, 3),  # a whole number with a fraction, kept with none by an older version
+}
+
+
+def _quarantine_with_seqs(engine: Engine, payloads: dict[int, Any]) -> None:
+    """Rejected events kept as versions before kept them: no seq, the event as received."""
+    _quarantine_before(engine, {})
+    with engine.begin() as connection:
+        for row_id, payload in payloads.items():
+            connection.execute(
+                text(
+                    "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, "
+                    "position, seq, error_code, message, payload, payload_hash, received_at) "
+                    "VALUES (:id, (SELECT id FROM station), 'PDA-0001', 1, :id, NULL, "
+                    "'invalid_seq', 'seq must be an integer', :payload, :hash, "
+                    "'2026-11-20 09:00:00+00')"
+                ),
+                {"id": row_id, "payload": payload, "hash": f"{row_id:064d}"},
+            )
+
+
+def _seqs_of_rejected(engine: Engine) -> dict[int, int | None]:
+    with engine.connect() as connection:
+        return dict(connection.execute(text("SELECT id, seq FROM quarantined_event")).all())
+
+
+def test_a_rejected_event_gets_the_seq_its_pda_wrote_as_text(scratch: Engine) -> None:
+    """Each rejected event kept with no seq gets the seq running code reads in the event
+    as received (``sync.events.readable_seq``), on both backends: a quoted whole number
+    names one, anything else none. A seq nested deeper, a payload not an object and a
+    row already holding a seq are left alone; run again, the same end; downgraded, the
+    seqs stay. The station's quarantine then lists the event at its seq."""
+    from sqlalchemy.orm import Session
+
+    from sync.events import readable_seq
+    from sync.quarantine import list_quarantined
+
+    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    payloads = {
+        row_id: json.dumps({"seq": sent, "type": "checked_out"}, sort_keys=True)
+        for row_id, (sent, _) in SEQS_SENT.items()
+    }
+    payloads |= {
+        20: json.dumps({"location": {"seq": "3"}}),  # not the event's seq
+        21: json.dumps(["seq", "4"]),  # not an object
+        22: json.dumps({"seq": "5"}),  # a row that keeps a seq of its own
+        23: json.dumps({"seq": "6"})[:-3],  # not JSON (cut short)
+    }
+    _quarantine_with_seqs(scratch, payloads)
+    with scratch.begin() as connection:
+        connection.execute(text("UPDATE quarantined_event SET seq = 9 WHERE id = 22"))
+    expected = {row_id: seq for row_id, (_, seq) in SEQS_SENT.items()}
+    expected |= {20: None, 21: None, 22: 9, 23: None}
+    assert expected == {
+        **{row_id: readable_seq(sent) for row_id, (sent, _) in SEQS_SENT.items()},
+        **{n: expected[n] for n in (20, 21, 22, 23)},
+    }
+
+    migrate.upgrade(scratch, SEQS_AS_TEXT)
+    assert _seqs_of_rejected(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": PURGES_BY_PARCEL}
+        )
+    migrate.upgrade(scratch, SEQS_AS_TEXT)
+    assert _seqs_of_rejected(scratch) == expected
+    migrate.upgrade(scratch)
+    with Session(scratch) as session:
+        listed = {row.id: row.seq for row, _ in list_quarantined(session=session, station_id=None)}
+    assert listed == expected
+    migrate.downgrade(scratch, PURGES_BY_PARCEL)
+    assert _seqs_of_rejected(scratch) == expected
+
+
+def test_rejected_events_get_their_seqs_batch_by_batch(scratch: Engine) -> None:
+    """More rows than one statement writes (``BATCH``, 1,000), among rows naming no
+    readable seq: each batch goes on from where the one before ended, none left out at
+    a batch's edge; on PostgreSQL no transaction is held open between them."""
+    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    count = 2_500
+    payloads = {
+        n: json.dumps({"seq": str(n) if n % 3 else "n/a", "tracking_no": "RR473124829GB"})
+        for n in range(1, count + 1)
+    }
+    _quarantine_with_seqs(scratch, payloads)
+    if scratch.dialect.name == "postgresql":
+        written, open_between = _updates_upgrading(
+            scratch, SEQS_AS_TEXT, "UPDATE quarantined_event"
+        )
+        assert len(written) == 3 and max(written) <= 1_000, written
+        assert sum(written) == count - count // 3
+        assert not any(open_between), open_between  # autocommit: committed as it ran
+    else:  # the upgrade's one transaction
+        migrate.upgrade(scratch, SEQS_AS_TEXT)
+    assert _seqs_of_rejected(scratch) == {n: n if n % 3 else None for n in payloads}
+
+
 SHIFTS_BY_DECLARED_SEQS = "c4e8a1f6d273"  # a PDA's sign-in reads one entry of its shifts
 DECLARED_SEQ_INDEXES = ["ix_shift_device_last_seq", "ix_shift_device_first_seq"]
 

@@ -52,7 +52,7 @@ from models import (
 )
 from sync import audit, outbox
 from sync.acks import highest_held
-from sync.device_state import lock_device_state
+from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
     ACTIVE_STATUSES,
@@ -70,9 +70,10 @@ from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
-# Seqs a shift may declare used beyond the highest the server holds from its PDA (a
-# ``last_seq`` at its close, the seq before a ``first_seq`` at its opening): the events
-# still queued on the PDA, more than it records in days of work offline. Declared seqs
+# Seqs a shift may declare used beyond the highest the server holds from its PDA or an
+# earlier shift of it declared (a ``last_seq`` at its close, the seq before a
+# ``first_seq`` at its opening): the events still queued on the PDA, more than it
+# records in days of work offline. Declared seqs
 # are the shift's for good (``_Window``: an event of the PDA in them is filed under it,
 # whoever pushes it, and a closed shift's ``last_seq`` never changes), so an unbounded
 # one (a typo, 2**31 - 1) took every later courier's events of the PDA for this one.
@@ -311,7 +312,7 @@ def _open_shift(
             select(func.max(Shift.last_seq)).where(Shift.device_id == device.id)
         )
         used = max((u for u in (used, declared) if u is not None), default=None)
-        _ensure_within_reach(session, device.id, first_seq - 1, "first_seq")
+        _ensure_within_reach(session, device.id, first_seq - 1, "first_seq", floor=0)
         if used is not None and first_seq <= used:
             raise Conflict(
                 f"first_seq {first_seq} is already used: this PDA's seqs up to {used} "
@@ -1012,29 +1013,40 @@ def close_shift(
 
 
 def _ensure_within_reach(
-    session: Session, device_id: str, declared: int, field: str, *, floor: int = 0
+    session: Session, device_id: str, declared: int, field: str, *, floor: int
 ) -> None:
     """Refuse a shift's declaration of its PDA's seqs up to ``declared`` that reaches
     more than ``MAX_SEQS_DECLARED_AHEAD`` beyond the highest seq the server holds from
-    the PDA (or ``floor``, what the shift declared at its opening): the PDA cannot hold
-    that many events unsent, and the seqs declared would file every later courier's
-    events of the PDA under this shift. The PDA's sync state is locked by the caller."""
+    the PDA, or one its shifts declared (``held_max_seq``: the sign-in's
+    ``device_max_seq``, from which the PDA numbers on), or ``floor`` (what the shift
+    declared at its opening): the PDA cannot hold that many events unsent, and the seqs
+    declared would file every later courier's events of the PDA under this shift.
+    Measured from the seqs held alone, a shift that used its allowance (a first_seq
+    ahead, then a last_seq beyond it) left the next one no first_seq it could declare:
+    those up to its last_seq are used. The PDA's sync state is locked by the caller."""
     held = (
         session.scalar(
             select(DeviceSyncState.max_seq).where(DeviceSyncState.device_id == device_id)
         )
         or 0
     )
-    base = max(held, floor)
+    known = held_max_seq(session, device_id)
+    base = max(known, floor)
     if declared - base > MAX_SEQS_DECLARED_AHEAD:
         # The manager or courier checks the number against the seq named: say which it
         # is (a close is measured from its shift's first_seq when that is further).
-        measured_from = (
-            f"seq {base}, the highest the server holds from PDA {device_id}"
-            if base == held
-            else f"seq {base}, the seq before the shift's first_seq (the server holds "
-            f"seqs up to {held} from PDA {device_id})"
-        )
+        if base == held:
+            measured_from = f"seq {base}, the highest the server holds from PDA {device_id}"
+        elif base == floor:
+            measured_from = (
+                f"seq {base}, the seq before the shift's first_seq (the server holds "
+                f"seqs up to {held} from PDA {device_id})"
+            )
+        else:
+            measured_from = (
+                f"seq {base}, the highest seq a shift of PDA {device_id} declared used "
+                f"(the server holds seqs up to {held}; the sign-in's device_max_seq)"
+            )
         raise InvalidInput(
             f"{field} {declared + (field == 'first_seq')} is more than "
             f"{MAX_SEQS_DECLARED_AHEAD:,} seqs beyond {measured_from}: a PDA does not "

@@ -2255,6 +2255,58 @@ def test_a_shift_declares_no_seqs_far_beyond_what_its_pda_sent(
     ]
 
 
+def test_the_next_shift_declares_the_seqs_after_what_earlier_shifts_declared(
+    client: FlaskClient, session: Session, world: World, auth: Auth, pda: Courier
+) -> None:
+    """A shift that used its allowance (opened with a first_seq ahead, its events still
+    queued, and closed with a last_seq beyond that) declared seqs up to 20,000 beyond
+    what the server held. The next courier's PDA, told by its sign-in to number on from
+    device_max_seq, had every first_seq refused seq_too_far_ahead (the bound was
+    measured from the seqs held alone, and the seqs before were first_seq_used), and
+    a shift opened without one could not close with its last_seq either. The bound is
+    measured from the highest seq the server holds or a shift of the PDA declared:
+    device_max_seq + 1 is always a first_seq, and a typo far beyond it is refused."""
+    from sync.shifts import MAX_SEQS_DECLARED_AHEAD
+
+    factories.user(session, "courier2", "courier", world.station)
+    session.commit()
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a)])  # the server holds seq 1
+    first = pda.open(first_seq=1 + MAX_SEQS_DECLARED_AHEAD + 1)
+    declared = 1 + 2 * MAX_SEQS_DECLARED_AHEAD
+    assert pda.close(first["id"], last_seq=declared).status_code == 200
+
+    device_max_seq = auth.tokens("courier2", "PDA-0001")["device_max_seq"]
+    assert device_max_seq == declared
+    colleague = Courier(client, auth, "courier2", "PDA-0001")
+    too_far = client.post(
+        SHIFTS,
+        json={"first_seq": declared + MAX_SEQS_DECLARED_AHEAD + 2},
+        headers=colleague.headers,
+    )
+    assert too_far.status_code == 422 and too_far.get_json()["code"] == "seq_too_far_ahead"
+    message = too_far.get_json()["message"]
+    assert f"seq {declared}, the highest seq a shift of PDA PDA-0001 declared" in message
+    opened = client.post(SHIFTS, json={"first_seq": declared + 1}, headers=colleague.headers)
+    assert opened.status_code == 201, opened.get_json()
+    closed = client.post(
+        f"{SHIFTS}/{opened.get_json()['id']}/close",
+        json={"last_seq": declared + 50},
+        headers=colleague.headers,
+    )
+    assert closed.status_code == 200, closed.get_json()
+
+    # Opened without a first_seq, the shift after still closes with its last_seq.
+    third = client.post(SHIFTS, json={}, headers=colleague.headers)
+    assert third.status_code == 201, third.get_json()
+    closed = client.post(
+        f"{SHIFTS}/{third.get_json()['id']}/close",
+        json={"last_seq": declared + 100},
+        headers=colleague.headers,
+    )
+    assert closed.status_code == 200, closed.get_json()
+
+
 def test_a_close_too_far_beyond_its_first_seq_names_the_seq_it_is_measured_from(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

@@ -28,8 +28,9 @@ class OpenShiftIn(ma.Schema):
         metadata={
             "description": "The seq the PDA's first event of this shift will carry. Optional, "
             "recommended: it lets the server tell which missing seqs belong to the shift. At "
-            "most 10,000 beyond the highest seq the server holds from the PDA (422 "
-            "`seq_too_far_ahead`)"
+            "most 10,000 beyond the highest seq the server holds from the PDA or its shifts "
+            "declared, the sign-in's `device_max_seq` (422 `seq_too_far_ahead`): "
+            "`device_max_seq` + 1 is always within it"
         },
     )
 
@@ -41,8 +42,8 @@ class CloseShiftIn(ma.Schema):
         metadata={
             "description": "The seq of the PDA's last event of this shift. Optional, "
             "recommended: events up to it still on the PDA keep the balance provisional. At "
-            "most 10,000 beyond the highest seq the server holds from the PDA, or beyond the "
-            "seq before the shift's `first_seq` when that is higher (422 "
+            "most 10,000 beyond the highest seq the server holds from the PDA or its shifts "
+            "declared, or beyond the seq before the shift's `first_seq` when that is higher (422 "
             "`seq_too_far_ahead`): the seqs a shift declares are its own for good"
         },
     )

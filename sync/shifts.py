@@ -307,11 +307,17 @@ def _open_shift(
         used = session.scalar(filed)
         # Seqs an earlier shift declared its own at closing are used too, though their
         # events may still be queued (a handover's): another shift taking them would
-        # take them only if it came first.
-        declared = session.scalar(
-            select(func.max(Shift.last_seq)).where(Shift.device_id == device.id)
-        )
-        used = max((u for u in (used, declared) if u is not None), default=None)
+        # take them only if it came first. So are those before an earlier shift's
+        # first_seq (the seqs are the PDA's causal order): a first_seq before it left
+        # that shift no seq, and its queued events were filed under this one. Its
+        # first_seq itself is the sign-in's device_max_seq + 1 a reset PDA declares.
+        declared, declared_first = session.execute(
+            select(func.max(Shift.last_seq), func.max(Shift.first_seq)).where(
+                Shift.device_id == device.id
+            )
+        ).one()
+        before_first = declared_first - 1 if declared_first is not None else None
+        used = max((u for u in (used, declared, before_first) if u is not None), default=None)
         _ensure_within_reach(session, device.id, first_seq - 1, "first_seq", floor=0)
         if used is not None and first_seq <= used:
             raise Conflict(

@@ -2307,6 +2307,31 @@ def test_the_next_shift_declares_the_seqs_after_what_earlier_shifts_declared(
     assert closed.status_code == 200, closed.get_json()
 
 
+def test_a_first_seq_before_an_earlier_shifts_first_seq_is_used(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """A PDA's seqs are its causal order (rule 6): an earlier shift that declared its
+    first_seq (its events from it still queued, closed by a manager without a last_seq)
+    owns the seqs from it. A later shift declaring a first_seq before it was taken, so
+    the earlier shift owned no seq at all: its queued events, pushed later, were filed
+    under the later shift as the later courier's, and its balance said balanced with
+    nothing. The seqs before an earlier shift's first_seq are used (as the sign-in's
+    device_max_seq says); its first_seq itself is still the device_max_seq + 1 a PDA
+    that lost its storage declares."""
+    (a,) = parcels(session, world, 1)
+    pda.push([pda.event(a)])  # the server holds seq 1
+    earlier = pda.open(first_seq=100)
+    assert (
+        client.post(f"{SHIFTS}/{earlier['id']}/close", json={}, headers=manager).status_code == 200
+    )
+    before = client.post(SHIFTS, json={"first_seq": 50}, headers=pda.headers)
+    assert before.status_code == 409, before.get_json()
+    assert before.get_json()["code"] == "first_seq_used"
+    assert "first_seq" in before.get_json()["errors"]
+    assert "up to 99" in before.get_json()["message"]
+    assert client.post(SHIFTS, json={"first_seq": 100}, headers=pda.headers).status_code == 201
+
+
 def test_a_close_too_far_beyond_its_first_seq_names_the_seq_it_is_measured_from(
     client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
 ) -> None:

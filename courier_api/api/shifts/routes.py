@@ -65,9 +65,11 @@ class Shifts(MethodView):
         else under the shift the PDA had open when they happened. Declaring
         `first_seq` (and `last_seq` when closing) lets the server tell which
         missing sequence numbers hold this shift's events; a `first_seq` the
-        server already holds events at is a 409 `first_seq_used`, except events the
-        courier's previous shift (closed without its `last_seq`) holds only because
-        they came just after its close: the opening takes those.
+        server already holds events at, or that an earlier shift declared used (up to
+        its `last_seq`, or before its `first_seq`), is a 409 `first_seq_used`, except
+        events the courier's previous shift (closed without its `last_seq`) holds only
+        because they came just after its close: the opening takes those. The sign-in's
+        `device_max_seq` + 1 is never used.
         """
         principal = current_principal()
         device = db.session.get(Device, principal.device_id)

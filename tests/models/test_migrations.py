@@ -2074,7 +2074,7 @@ def test_a_rejected_event_gets_the_seq_its_pda_wrote_as_text(scratch: Engine) ->
     from sync.events import readable_seq
     from sync.quarantine import list_quarantined
 
-    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    migrate.upgrade(scratch, CONSENT_EXPIRIES)
     payloads = {
         row_id: json.dumps({"seq": sent, "type": "checked_out"}, sort_keys=True)
         for row_id, (sent, _) in SEQS_SENT.items()
@@ -2099,7 +2099,7 @@ def test_a_rejected_event_gets_the_seq_its_pda_wrote_as_text(scratch: Engine) ->
     assert _seqs_of_rejected(scratch) == expected
     with scratch.begin() as connection:  # stopped before its revision was recorded
         connection.execute(
-            text("UPDATE alembic_version SET version_num = :v"), {"v": PURGES_BY_PARCEL}
+            text("UPDATE alembic_version SET version_num = :v"), {"v": CONSENT_EXPIRIES}
         )
     migrate.upgrade(scratch, SEQS_AS_TEXT)
     assert _seqs_of_rejected(scratch) == expected
@@ -2107,7 +2107,7 @@ def test_a_rejected_event_gets_the_seq_its_pda_wrote_as_text(scratch: Engine) ->
     with Session(scratch) as session:
         listed = {row.id: row.seq for row, _ in list_quarantined(session=session, station_id=None)}
     assert listed == expected
-    migrate.downgrade(scratch, PURGES_BY_PARCEL)
+    migrate.downgrade(scratch, CONSENT_EXPIRIES)
     assert _seqs_of_rejected(scratch) == expected
 
 
@@ -2115,7 +2115,7 @@ def test_rejected_events_get_their_seqs_batch_by_batch(scratch: Engine) -> None:
     """More rows than one statement writes (``BATCH``, 1,000), among rows naming no
     readable seq: each batch goes on from where the one before ended, none left out at
     a batch's edge; on PostgreSQL no transaction is held open between them."""
-    migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    migrate.upgrade(scratch, CONSENT_EXPIRIES)
     count = 2_500
     payloads = {
         n: json.dumps({"seq": str(n) if n % 3 else "n/a", "tracking_no": "RR473124829GB"})

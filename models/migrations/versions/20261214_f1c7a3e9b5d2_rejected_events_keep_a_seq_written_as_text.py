@@ -23,7 +23,7 @@ own transaction, so no push quarantining an event waits for more than one. Downg
 leaves the seqs in place: the version before reads and writes the column as it is.
 
 Revision ID: f1c7a3e9b5d2
-Revises: e2b6d4f8a1c3
+Revises: b3f8d1a6c9e2
 Create Date: 2026-12-14 09:00:00.000000
 """
 
@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "f1c7a3e9b5d2"
-down_revision: str | None = "e2b6d4f8a1c3"
+down_revision: str | None = "b3f8d1a6c9e2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

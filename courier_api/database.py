@@ -52,6 +52,7 @@ class Database:
             reader=reads_only(engine),
         )
         app.teardown_appcontext(self._close_session)
+        app.teardown_request(self._forget_commits)
 
     @staticmethod
     def _state(app: Flask | None = None) -> _State:
@@ -253,6 +254,13 @@ class Database:
             bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
         state.test_connection = connection
+
+    @staticmethod
+    def _forget_commits(_exc: BaseException | None) -> None:
+        """Whether the request committed something is its own: ``g`` outlives the
+        request when an app context holds several (a test's, a CLI's), and the next
+        one, finding it set, would not be run again after a conflict."""
+        g.pop(_COMMITTED, None)
 
     @classmethod
     def _close_session(cls, _exc: BaseException | None) -> None:

@@ -195,6 +195,28 @@ def test_a_request_that_committed_before_it_was_aborted_is_not_run_again(
     assert response.get_json()["code"] == "transaction_conflict"
 
 
+def test_a_request_after_one_that_committed_under_the_same_app_context_is_run_again(
+    app: Flask,
+    client: FlaskClient,
+    world: World,
+    auth: Auth,
+    connection: Connection,
+    session: Session,
+) -> None:
+    """Whether the request committed something is the request's own: two requests under
+    one app context (a test's, a CLI's) share ``g``, and the first one's commit stopped
+    the second from being run again, a 503 ``transaction_conflict`` after one run."""
+    headers = auth.headers("app1")
+    with app.app_context():
+        first = client.post("/api/v1/consents", json=consent_body(), headers=headers)
+        assert first.status_code == 201, first.get_json()
+        with aborted(connection, "deadlock_detected", runs=1) as failed:
+            response = client.post("/api/v1/consents", json=consent_body(), headers=headers)
+    assert len(failed) == 1
+    assert response.status_code == 201, response.get_json()
+    assert count(session, Consent) == 2
+
+
 def test_a_request_aborted_after_a_savepoint_it_released_is_run_again(
     client: FlaskClient, world: World, auth: Auth, connection: Connection, session: Session
 ) -> None:

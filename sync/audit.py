@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column, Text, event, func, select, text, type_coerce, union_all
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from models import AuditEntry, AuditEntryParcel, QuarantinedEvent, ScanEvent, utcnow
 from sync.errors import InvalidInput
@@ -118,8 +118,11 @@ def append_at_commit(
     entry = _entry(actor_id, action, subject_type, subject_key, details, tracking_no, parcels)
     queue = session.info.get(_DEFERRED)
     if queue is None:
-        queue = session.info.setdefault(_AT_COMMIT, [])
-    queue.append(entry)
+        # Held with the savepoint it was made in: rolled back, that savepoint takes it.
+        held = session.info.setdefault(_AT_COMMIT, [])
+        held.append((session.get_nested_transaction(), entry))
+    else:
+        queue.append(entry)
     return entry
 
 
@@ -151,12 +154,30 @@ def _entry(
 def _chain_at_commit(session: Session) -> None:
     if session.in_nested_transaction():  # a savepoint: its transaction's commit chains
         return
-    _chain(session, *session.info.pop(_AT_COMMIT, ()))
+    _chain(session, *(entry for _, entry in session.info.pop(_AT_COMMIT, ())))
 
 
-@event.listens_for(Session, "after_rollback")
-def _forget_at_rollback(session: Session) -> None:
-    session.info.pop(_AT_COMMIT, None)
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_at_rollback(session: Session, previous: SessionTransaction) -> None:
+    """A transaction rolled back chains nothing it held; a savepoint rolled back, only
+    what was held in it (``after_rollback`` fires for a savepoint too: the entries held
+    before it went with it, a flag's closing by the system off the record while the
+    flag stayed closed)."""
+    held = session.info.get(_AT_COMMIT)
+    if not held:
+        return
+    if not previous.nested:
+        session.info.pop(_AT_COMMIT, None)
+        return
+
+    def undone(where: SessionTransaction | None) -> bool:
+        while where is not None:
+            if where is previous:
+                return True
+            where = where.parent
+        return False
+
+    session.info[_AT_COMMIT] = [(where, entry) for where, entry in held if not undone(where)]
 
 
 @contextlib.contextmanager

@@ -322,3 +322,33 @@ def test_concurrent_appends_never_chain_off_the_same_entry(committed_app: Flask)
     assert result.ok, result.message
     assert result.checked == threads_count * per_thread
     assert len(set(prev_hashes)) == len(prev_hashes)
+
+
+def test_an_entry_held_for_the_commit_outlives_a_savepoint_rolled_back_after_it(
+    session: Session,
+) -> None:
+    """``append_at_commit`` holds an entry until the transaction commits (a system change
+    of a flag's status). A savepoint rolled back after it (a flag raised by a concurrent
+    transaction a moment ago, its insert undone) undoes nothing of the entry's change;
+    an entry held inside that savepoint goes with it."""
+
+    def held(key: str) -> None:
+        audit.append_at_commit(
+            session=session,
+            actor_id=None,
+            action="flag_status_changed",
+            subject_type="flag",
+            subject_key=key,
+            details={},
+        )
+
+    session.execute(select(1))  # the transaction begun
+    held("before")
+    with pytest.raises(InvalidInput), session.begin_nested():
+        held("undone")
+        raise InvalidInput("undone with its savepoint")
+    with session.begin_nested():
+        held("released")
+    session.commit()
+    keys = session.scalars(select(AuditEntry.subject_key).order_by(AuditEntry.id)).all()
+    assert keys == ["before", "released"]

@@ -215,8 +215,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False, default=str)
 
 
+# What a line of the text format never holds as written: C0 and C1 control characters
+# (a newline in anyone's request path began a record the service never made; ESC drives
+# the terminal showing the log) and the Unicode line and paragraph separators. Each is
+# shown escaped, as Python writes it in a string: ``\n``, ``\x1b``, ``\u2028``.
+_ESCAPED = {
+    code: repr(chr(code))[1:-1]
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+    if code != ord("\t")
+}
+_INDENT = "    "
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, its control characters shown escaped (``_ESCAPED``)."""
+    return text.translate(_ESCAPED)
+
+
 class TextFormatter(logging.Formatter):
-    """``2026-11-30 03:09:28,123 INFO name [request id]: message`` for people."""
+    """``2026-11-30 03:09:28,123 INFO name [request id]: message`` for people.
+
+    One record's first line is its only one beginning with a time: the message is
+    written on one line (``one_line``), and each line of a traceback or stack after it
+    is indented, so that nothing a caller sent (a path, a receiver's answer quoted in an
+    exception) reads as a record of its own."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s")
@@ -224,7 +246,16 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
         record.request = f" [{request_id}]" if request_id else ""
-        return super().format(record)
+        record.message = one_line(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for more in (record.exc_text, record.stack_info):
+            if more:
+                lines = more.splitlines() or [""]
+                text += "".join(f"\n{_INDENT}{one_line(line)}" for line in lines)
+        return text
 
 
 class _StandardError(logging.StreamHandler):  # type: ignore[type-arg]

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from courier_api.config import ConfigError, load_config, validate_config
-from courier_api.logs import REQUEST_ID_HEADER, configure_logging, redact
+from courier_api.logs import REQUEST_ID_HEADER, configure_logging, make_handler, redact
 from courier_api.scheduler import delivery_loop_for
 from models import User, utcnow
 from sync import consents, outbox
@@ -128,6 +128,62 @@ def test_text_format_for_people(app: Flask) -> None:
         r"GET /healthz/nothing 404 \d+\.\d ms",
         line,
     ), line
+
+
+@pytest.fixture
+def text_log() -> Iterator[io.StringIO]:
+    """Everything logged at INFO in the text format, as ``make run`` writes it."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    configure_logging("INFO", "text", stream=stream, force=True)
+    yield stream
+    for handler in [h for h in root.handlers if getattr(h, "_courier_api_handler", False)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+def test_a_path_sent_by_anyone_forges_no_line_of_the_text_log(
+    text_log: io.StringIO, client: FlaskClient
+) -> None:
+    """Anyone's request path is in its access line. Decoded, ``%0A`` in it was a newline
+    written as it came: the text log showed a record the service never made (here an
+    admin signing in), and ``%1B`` drove the terminal showing the log. Each record is one
+    line, its control characters shown escaped."""
+    forged = "2026-12-05 02:20:00,000 WARNING courier_api.auth: admin signed in"
+    response = client.get("/api/v1/x%0D%0A" + forged.replace(" ", "%20") + "%1B[2J%E2%80%A8")
+    assert response.status_code == 404
+    lines = text_log.getvalue().splitlines()
+    assert all(RECORD_START.match(line) for line in lines), lines
+    access = [line for line in lines if " courier_api.access " in line]
+    assert access and "/api/v1/x\\r\\n2026-12-05" in access[-1], access
+    assert "\x1b" not in access[-1] and "\\x1b[2J\\u2028" in access[-1]
+
+
+def test_an_exception_in_the_text_log_keeps_its_lines_under_its_record() -> None:
+    """A traceback is many lines, its last the exception's text, which may hold what a
+    caller sent (a receiver's answer, a value refused): every line after a record's
+    first is indented, so none of them reads as a record of its own."""
+    stream = io.StringIO()
+    logger = logging.getLogger("tests.text_log")
+    handler = make_handler("text", stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("bad\n2026-12-05 02:20:00,000 INFO courier_api.auth: forged")
+        except ValueError:
+            logger.exception("it failed\nagain")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    first, *rest = stream.getvalue().splitlines()
+    assert RECORD_START.match(first) and first.endswith("it failed\\nagain"), first
+    assert rest and all(line.startswith(" ") for line in rest), rest
+    assert rest[-1].strip().startswith("2026-12-05 02:20:00,000 INFO"), rest
 
 
 def test_log_format_is_checked_at_start_up(tmp_path: Any) -> None:

@@ -67,7 +67,7 @@ from sync.handover import (
     balance_version,
     sign_off_blocked,
 )
-from sync.projection import voided_by
+from sync.projection import corrects, voided_by
 from sync.proofs import (
     DELIVERY_TYPES,
     DropConsent,
@@ -528,11 +528,7 @@ def voided_among(session: Session, events: Iterable[ScanEvent]) -> dict[int, int
             select(ScanEvent.id, correction.id, correction.seq)
             .join(
                 correction,
-                and_(
-                    correction.device_id == ScanEvent.device_id,
-                    correction.voids_client_event_id == ScanEvent.client_event_id,
-                    correction.seq > ScanEvent.seq,
-                ),
+                and_(*corrects(correction, ScanEvent)),
             )
             .where(ScanEvent.id.in_(chunk))
         )

@@ -1803,3 +1803,72 @@ def test_a_proof_read_the_image_store_failed_is_not_on_record_as_read(
     assert [image["integrity"] for image in read.get_json()["images"]] == ["intact"]
     pages.get(f"/web/proofs/{found['event_id']}")
     assert reads() == 2  # the retries that showed the proof, once each
+
+
+@contextmanager
+def sent_with_parameters(connection: Connection) -> Iterator[list[tuple[str, Any]]]:
+    statements: list[tuple[str, Any]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        yield statements
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+
+
+def test_a_pda_flooding_its_history_costs_no_read_of_a_proof_a_walk_of_it(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    session: Session,
+    connection: Connection,
+) -> None:
+    """Whether a correction voided an event (a delivery, a captured consent) is one
+    probe of the index of the PDA's corrections (``ix_scan_event_voids``). SQLite, which
+    keeps no statistics, took the PDA's (device, seq) key instead and read every event
+    the PDA recorded after each one: a courier's PDA that pushed 25,000 events (5,000 a
+    push, one parcel's consents and drops, each stored by rule 1) made a search of that
+    parcel's proofs take two minutes of a worker, a page of 5 of them one. Every statement
+    the reads of a proof send (the search, the detail, the proof's page, the shift's
+    balance) looks corrections up through that index. (PostgreSQL's plans, with its
+    statistics, are tests/courier_api/test_query_plans.py's.)"""
+    if connection.dialect.name != "sqlite":
+        pytest.skip("SQLite's planner: PostgreSQL's plans are test_query_plans.py's")
+    tn = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    shift_id = client.post("/api/v1/shifts", headers=auth.headers("courier1", "PDA-0001"))
+    captured = factories.event(
+        2, tn, "consent_captured", consent={"method": "any", "channel": "in_person"}
+    )
+    auth.push(
+        [
+            factories.event(1, tn),
+            captured,
+            factories.locker_drop(3, tn, dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)),
+            factories.event(
+                4, tn, "correction", voids_client_event_id=captured["client_event_id"], reason="x"
+            ),
+        ]
+    )
+    auditor = auth.headers("auditor1")
+    with sent_with_parameters(connection) as sent:
+        found = client.get(URL, headers=auditor, query_string={"tracking_no": tn}).get_json()
+        (proof,) = found["items"]
+        assert client.get(f"{URL}/{proof['event_id']}", headers=auditor).status_code == 200
+        signed_in(app, "auditor1").get(f"/web/proofs/{proof['event_id']}")
+        balance = f"/api/v1/shifts/{shift_id.get_json()['id']}/balance"
+        assert client.get(balance, headers=auth.headers("manager1")).status_code == 200
+    probes = [
+        (row[3], statement)
+        for statement, parameters in sent
+        if "voids_client_event_id" in statement
+        for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+        if " correction " in f" {row[3]} "
+    ]
+    assert probes, "no statement looked up a correction"
+    walks = [(plan, statement) for plan, statement in probes if "ix_scan_event_voids" not in plan]
+    assert not walks, [(p, s[:60], s[-160:]) for p, s in walks]

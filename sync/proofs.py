@@ -443,17 +443,26 @@ def drop_consents(
     unread = [p.tracking_no for p in parcels if p.tracking_no not in loaded]
     events = {**loaded, **(load_events(session, unread) if unread else {})}
     facts = consents_for(session, parcels)
+    # Each parcel's history is indexed, folded and its consents sorted once, however many
+    # of its drops are asked about: once a drop, a PDA that flooded one parcel with
+    # events made a page of its proofs fold the whole history for every proof.
+    histories = {p.tracking_no: events[p.tracking_no] for p in parcels}
+    by_id = {tn: {e.fact.event_id: e for e in history} for tn, history in histories.items()}
+    firsts = {tn: first_scans(history) for tn, history in histories.items()}
+    by_grant = {tn: sorted(facts.get(tn, []), key=lambda c: c.granted_at) for tn in histories}
     chosen: dict[int, int | None] = {}
     for event_id, parcel in drops:
-        drop = next((e for e in events[parcel.tracking_no] if e.fact.event_id == event_id), None)
+        tn = parcel.tracking_no
+        drop = by_id[tn].get(event_id)
         if drop is None or drop.fact.type not in DROPS:
             continue
-        drop = judged_scan(drop, events[parcel.tracking_no])  # a repeated scan: its first
+        drop = firsts[tn].get(event_id, drop)  # a repeated scan: its first (judged_scan)
+        span = drop_span(drop, policy, histories[tn]) if by_grant[tn] else None
         chosen[event_id] = next(
             (
                 fact.id
-                for fact in sorted(facts.get(parcel.tracking_no, []), key=lambda c: c.granted_at)
-                if authorizes(fact, drop, policy, events[parcel.tracking_no])
+                for fact in by_grant[tn]
+                if authorizes(fact, drop, policy, histories[tn], span)
             ),
             None,
         )

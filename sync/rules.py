@@ -298,11 +298,13 @@ def _drops(
             continue
         matching = [c for c in consents if covers(c, drop)]
         considered.update(c.id for c in matching)
-        if any(authorizes(c, drop, policy, history) for c in matching):
+        # Once a drop, not once a consent: it reads the parcel's whole history.
+        span = drop_span(drop, policy, history) if matching else None
+        if any(authorizes(c, drop, policy, history, span) for c in matching):
             continue
         here = [c for c in matching if counts_at_station(c, drop.fact.station_id)]
         elsewhere = [c.id for c in matching if c not in here]
-        after = [c.id for c in here if not granted_before(c, drop, policy, history)]
+        after = [c.id for c in here if not granted_before(c, drop, policy, history, span)]
         judged = _Unauthorized(outcome.event_ids, after, elsewhere)
         (late if after else unauthorized).append(judged)
     if unauthorized:
@@ -342,26 +344,29 @@ def _captured_elsewhere(drops: Sequence[_Unauthorized]) -> dict[str, list[int]]:
     return {"captured_at_other_station": ids} if ids else {}
 
 
+Span = tuple[dt.datetime, dt.datetime]  # a drop's earliest and latest times (drop_span)
+
+
 def authorizes(
     consent: ConsentFact,
     drop: EventDetail,
     policy: Policy,
     history: Sequence[EventDetail],
+    span: Span | None = None,
 ) -> bool:
     """Rule 4: the consent covers the drop, was captured at the drop's station if on a
     PDA, was granted before it and was in force at it (whenever in its ``drop_span`` it
-    happened). ``history``: the parcel's events."""
+    happened). ``history``: the parcel's events; ``span``: the drop's ``drop_span``
+    when the caller judges it against several consents (it reads the whole history)."""
     return (
         covers(consent, drop)
         and counts_at_station(consent, drop.fact.station_id)
-        and granted_before(consent, drop, policy, history)
-        and in_force_at(consent, drop_span(drop, policy, history)[1])
+        and granted_before(consent, drop, policy, history, span)
+        and in_force_at(consent, (span or drop_span(drop, policy, history))[1])
     )
 
 
-def drop_span(
-    drop: EventDetail, policy: Policy, history: Sequence[EventDetail]
-) -> tuple[dt.datetime, dt.datetime]:
+def drop_span(drop: EventDetail, policy: Policy, history: Sequence[EventDetail]) -> Span:
     """The earliest and the latest time the drop may have happened: its corrected time,
     unless its PDA time is further from it than ``policy.clock_uncertainty``. The offset
     that corrects it was measured at the push, and a clock set back (or forward) between
@@ -430,6 +435,7 @@ def granted_before(
     drop: EventDetail,
     policy: Policy,
     history: Sequence[EventDetail],
+    span: Span | None = None,
 ) -> bool:
     """Granted before the drop. A consent captured on the drop's own PDA is ordered by
     sequence number, not by time: a higher seq stamped earlier is a backdated consent.
@@ -440,7 +446,7 @@ def granted_before(
     happened (``drop_span``)."""
     if consent.device_id == drop.fact.device_id and consent.seq is not None:
         return consent.seq < drop.fact.seq
-    at = drop_span(drop, policy, history)[0]
+    at = (span or drop_span(drop, policy, history))[0]
     if consent.granted_at > at:
         return False
     return (

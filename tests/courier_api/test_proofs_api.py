@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from courier_api.api.parcels import routes as parcels_routes
 from courier_api.api.proofs import routes as proofs_routes
 from models import AuditEntry, Blob, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from sync import proofs, rules
 from sync.blobs import FileBlobStore
 from sync.rules import RULE_KINDS
 from tests import factories
@@ -1872,3 +1873,61 @@ def test_a_pda_flooding_its_history_costs_no_read_of_a_proof_a_walk_of_it(
     assert probes, "no statement looked up a correction"
     walks = [(plan, statement) for plan, statement in probes if "ix_scan_event_voids" not in plan]
     assert not walks, [(p, s[:60], s[-160:]) for p, s in walks]
+
+
+def test_a_page_of_one_parcels_proofs_folds_its_history_once_not_once_a_proof(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Which scan a drop is judged by (the first of the outcome it repeats,
+    ``sync.rules.first_scans``) folds the parcel's whole history, and a drop's span
+    (``sync.rules.drop_span``) reads it too. A page of proofs folded it again for each
+    drop on it, and worked each span out again for each consent judged against the
+    drop: a PDA that pushed 25,000 events of one parcel, its drops among them, made the
+    default page of 100 of that parcel's proofs take two minutes of a worker. The history
+    is folded once a parcel now, and a drop's span worked out once."""
+    tn = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    drops = [
+        factories.event(
+            seq,
+            tn,
+            "delivered_to_locker",
+            occurred_at=start + dt.timedelta(minutes=seq),
+            locker_id="L-1",
+            compartment=str(seq),  # another place each time: another outcome, not a repeat
+        )
+        for seq in range(2, 8)
+    ]
+    auth.push([factories.event(1, tn, occurred_at=start), *drops])
+    app1 = auth.headers("app1")
+    now = dt.datetime.now(dt.UTC).isoformat()
+    for _ in range(3):  # consents given after the drops: each judged against each drop
+        consent = {"tracking_no": tn, "method": "locker", "channel": "app", "granted_at": now}
+        assert client.post("/api/v1/consents", json=consent, headers=app1).status_code == 201
+    folded: list[int] = []
+    spans: list[int] = []
+    real_folded, real_span = rules._folded, rules.drop_span
+
+    def counted_folded(events: Any) -> Any:
+        folded.append(len(events))
+        return real_folded(events)
+
+    def counted_span(drop: Any, policy: Any, history: Any) -> Any:
+        spans.append(drop.fact.event_id)
+        return real_span(drop, policy, history)
+
+    monkeypatch.setattr(rules, "_folded", counted_folded)
+    monkeypatch.setattr(rules, "drop_span", counted_span)
+    monkeypatch.setattr(proofs, "drop_span", counted_span)
+    found = client.get(URL, headers=auth.headers("auditor1"), query_string={"tracking_no": tn})
+    page = found.get_json()["items"]
+    assert len(page) == len(drops) and not any(p["authorizing_consent"] for p in page)
+    # One fold for the repeats the page shows, one for the drops' consents; each drop's
+    # span (its PDA's events around it) worked out once, not once per consent.
+    assert len(folded) <= 2, folded
+    assert sorted(spans) == sorted(p["event_id"] for p in page), spans

@@ -121,8 +121,14 @@ class RequestContext(logging.Filter):
 
 _KEYWORDS = r"password|passwd|pwd|secret|token|api[_-]?key|authorization|signature|cookie"
 _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
-    # JSON Web Tokens (three base64url parts, the first a JSON object: "eyJ").
-    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[jwt]"),
+    # JSON Web Tokens (three base64url parts, the first a JSON object: "eyJ"), read from
+    # the start of a run of base64url only: from each "eyJ" inside one, a run of them
+    # without a dot ("eyJeyJ...", anyone's path) was read to its end again, time
+    # quadratic in its length. One glued to a word is caught as a random string (_RANDOM).
+    (
+        re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*"),
+        "[jwt]",
+    ),
     # Authorization header values.
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 [redacted]"),
     # key: value and key=value, quoted or not, for secret-sounding keys. The key is a
@@ -138,8 +144,13 @@ _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
         ),
         r"\1[redacted]",
     ),
-    # werkzeug password hashes.
-    (re.compile(r"\b(?:pbkdf2|scrypt)(?::[\w]+)*\$[^\s$]+\$[0-9a-fA-F]+"), "[password hash]"),
+    # werkzeug password hashes: a method and at most four parameters (``scrypt:32768:8:1``),
+    # so that a run of methods never ending in "$" ("pbkdf2:pbkdf2:...") is not read to
+    # its end again from each of them.
+    (
+        re.compile(r"\b(?:pbkdf2|scrypt)(?::\w++){0,4}+\$[^\s$]+\$[0-9a-fA-F]+"),
+        "[password hash]",
+    ),
     # Webhook signatures (X-Courier-Signature: t=...,v1=<hex>).
     (re.compile(r"\bv1=[0-9a-fA-F]{16,}"), "v1=[redacted]"),
 ]

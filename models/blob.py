@@ -37,6 +37,9 @@ class BlobUpload(Base):
     __table_args__ = (
         UniqueConstraint("sha256", "uploaded_by", name="uq_blob_upload_sha256_user"),
         Index("ix_blob_upload_sha256_station", "sha256", "station_id"),
+        # An account's latest uploads: what it uploaded that no event names yet
+        # (``sync.blobs.UNNAMED_BYTES_PER_UPLOADER``).
+        Index("ix_blob_upload_uploader_time", "uploaded_by", "uploaded_at"),
     )
 
     id: Mapped[int_pk]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import enum
 import hashlib
 import io
@@ -29,13 +30,21 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Blob, BlobUpload, utcnow
+from models import Blob, BlobUpload, ProofImage, utcnow
 from sync import audit
-from sync.errors import Conflict, Gone, InvalidInput, LimitExceeded, NotFound, Unavailable
+from sync.errors import (
+    Conflict,
+    Gone,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+    RateLimited,
+    Unavailable,
+)
 from sync.events import SHA256_HEX
 from sync.sql import advisory_locks, chunks
 
@@ -45,6 +54,13 @@ MAX_PIXELS = 40_000_000  # a 40-megapixel photo; larger is a decompression bomb,
 log = logging.getLogger(__name__)
 # The audit action of an upload that replaced stored bytes found missing or altered.
 BYTES_RESTORED = "blob_bytes_restored"
+# What one account may upload in a day of images that no event names (yet): a PDA may
+# upload a delivery's photos before the push that names them (offline all day, a day's
+# photos at once), but a stolen PDA, or a script with a courier's token, uploading image
+# after image that no delivery names filled the store's disk, for every station.
+UNNAMED_WINDOW = dt.timedelta(hours=24)
+UNNAMED_BYTES_PER_UPLOADER = 1024**3
+TOO_MANY_UNNAMED = "too_many_unnamed_images"
 
 
 class BlobStore(Protocol):
@@ -291,6 +307,8 @@ def store_blob(
             code="digest_mismatch",
             field="sha256",
         )
+    if session.get(Blob, digest) is None:  # new bytes for the store
+        check_unnamed_uploads(session=session, uploaded_by=uploaded_by, size=len(data))
     stored = _stored(session, store, digest, data)
     if found_before is not None:
         if stored.replaced is not None:
@@ -308,6 +326,45 @@ def store_blob(
             details={"found": stored.replaced, "station_id": station_id},
         )
     return stored
+
+
+def check_unnamed_uploads(
+    *, session: Session, uploaded_by: int, size: int, now: dt.datetime | None = None
+) -> None:
+    """``RateLimited`` (429 ``too_many_unnamed_images``) when a new image of ``size``
+    bytes would take what ``uploaded_by`` uploaded in the last ``UNNAMED_WINDOW`` that no
+    event names beyond ``UNNAMED_BYTES_PER_UPLOADER``; ``Retry-After``: until enough of
+    it leaves the window. An image counts until an event names it: the PDA pushing the
+    deliveries its photos belong to makes room again (and keeps the images meanwhile:
+    nothing from the field is lost)."""
+    now = now or utcnow()
+    since = now - UNNAMED_WINDOW
+    uploads = session.execute(
+        select(BlobUpload.uploaded_at, Blob.size_bytes)
+        .join(Blob, Blob.sha256 == BlobUpload.sha256)
+        .where(
+            BlobUpload.uploaded_by == uploaded_by,
+            BlobUpload.uploaded_at > since,
+            ~exists().where(ProofImage.sha256 == BlobUpload.sha256),
+        )
+        .order_by(BlobUpload.uploaded_at)
+    ).all()
+    held = sum(size_bytes for _, size_bytes in uploads)
+    if held + size <= UNNAMED_BYTES_PER_UPLOADER:
+        return
+    freed_at = now + UNNAMED_WINDOW
+    for uploaded_at, size_bytes in uploads:  # oldest first: they leave the window first
+        held -= size_bytes
+        if held + size <= UNNAMED_BYTES_PER_UPLOADER:
+            freed_at = uploaded_at + UNNAMED_WINDOW
+            break
+    raise RateLimited(
+        f"this account uploaded {UNNAMED_BYTES_PER_UPLOADER // 2**20:,} MiB of images "
+        f"that no event names in the last {UNNAMED_WINDOW.total_seconds() / 3600:g} hours: "
+        "push the events that name them, or upload this one later",
+        retry_after=max(1, int((freed_at - now).total_seconds()) + 1),
+        code=TOO_MANY_UNNAMED,
+    )
 
 
 def lock_digests(session: Session, digests: Iterable[str]) -> None:

@@ -14,7 +14,8 @@ from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import Connection, func, select
 
-from models import AuditEntry, Flag, FlagStatus
+from models import AuditEntry, Blob, Flag, FlagStatus
+from sync import blobs
 from sync.blobs import FileBlobStore
 from tests import factories
 from tests.conftest import Auth, World
@@ -323,3 +324,44 @@ def test_uploading_another_stations_image_answers_as_uploading_a_new_one(
         assert put(client, headers, theirs).status_code == 200, username  # theirs now
     assert put(client, courier, theirs).status_code == 200
     assert put(client, auth.headers("manager1"), theirs).status_code == 200  # its station's
+
+
+def test_images_no_event_names_are_bounded_per_account_and_a_push_naming_them_makes_room(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    courier: dict[str, str],
+    session: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stolen PDA (or a script with a courier's token) uploaded image after image that
+    no delivery named, each stored for the retention's year: 20 random 3 MiB PNGs were
+    60 MiB on disk in seconds, without end, and a full store refuses every station's
+    proofs. An account's images no event names are bounded per day
+    (``UNNAMED_BYTES_PER_UPLOADER``, here three images' worth); beyond, 429 with
+    ``Retry-After`` and nothing stored. A push naming them makes room again, and an
+    image already named by an event (the PDA pushed first) never counts."""
+    images = [image_bytes(size=(8, 6 + n)) for n in range(6)]
+    monkeypatch.setattr(blobs, "UNNAMED_BYTES_PER_UPLOADER", sum(map(len, images[:3])) + 2)
+    for data in images[:3]:
+        assert put(client, courier, data).status_code == 201
+    refused = put(client, courier, images[3])
+    assert refused.status_code == 429, refused.get_json()
+    assert refused.get_json()["code"] == "too_many_unnamed_images"
+    assert 0 < int(refused.headers["Retry-After"]) <= 24 * 3600
+    assert session.get(Blob, digest(images[3])) is None  # nothing stored
+    assert put(client, courier, images[0]).status_code == 200  # one held: uploaded again
+    # Another account is not held back by this one's uploads.
+    assert put(client, auth.headers("manager1"), images[3]).status_code == 201
+    # The PDA pushes the deliveries its first two photos belong to: room for two more.
+    tn = [factories.parcel(session, world.station).tracking_no for _ in range(3)]
+    session.commit()
+    delivered = [
+        factories.event(2 * n + 2, tn[n], "delivered", pod={"photo_sha256": digest(images[n])})
+        for n in range(2)
+    ]
+    auth.push([factories.event(1, tn[0]), factories.event(3, tn[1]), *delivered])
+    assert put(client, courier, images[4]).status_code == 201
+    # An image an event names before it arrives never counts.
+    auth.push([factories.event(6, tn[2], "delivered", pod={"photo_sha256": digest(images[5])})])
+    assert put(client, courier, images[5]).status_code == 201

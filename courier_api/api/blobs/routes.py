@@ -6,7 +6,7 @@ from flask import Response, current_app, request
 from flask.views import MethodView
 from sqlalchemy import select
 
-from courier_api.api.base import ApiBlueprint
+from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.api.blobs.schemas import BlobOut
 from courier_api.auth import Principal, current_principal, record_auditor_read
 from courier_api.config import policy_of
@@ -61,6 +61,7 @@ class BlobBySha256(MethodView):
     @blp.alt_response(201, schema=BlobOut, description="Stored")
     @blp.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
     @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    @blp.alt_response(429, **RATE_LIMITED)
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     def put(self, sha256: str) -> tuple[Blob | dict[str, Any], int]:
         """Upload a proof image
@@ -73,6 +74,11 @@ class BlobBySha256(MethodView):
         stored by others the caller may not read (another station's) answers as
         a new one would, 201 and uploaded now, so that it does not show it
         exists; from then on the caller reads it too.
+
+        An account may upload at most 1 GiB a day of new images that no event names
+        (yet): beyond, 429 `too_many_unnamed_images` with `Retry-After`, nothing stored.
+        Push the events that name the images already uploaded (they then count no
+        more), or keep the image and upload it later.
 
         A 503 `blob_store_unavailable` (with `Retry-After`) means the server cannot
         store images right now: nothing was stored; keep the image and upload it

@@ -11,7 +11,7 @@ INVALID index left by a failed build is dropped and built again); SQLite builds
 it plainly.
 
 Revision ID: a9c3e5f7b1d2
-Revises: e2b6d4f8a1c3
+Revises: f1c7a3e9b5d2
 Create Date: 2026-12-14 09:00:00.000000
 """
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "a9c3e5f7b1d2"
-down_revision: str | None = "e2b6d4f8a1c3"
+down_revision: str | None = "f1c7a3e9b5d2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -280,11 +280,11 @@ def audit_verify(from_head: tuple[int, str] | None, max_entries: int | None) -> 
     newest = audit.newest_id(db.session)
 
     def progress(checked: int, entry_id: int) -> None:
-        click.echo(f"checked {checked:,} entries, through entry {entry_id} of {newest}", err=True)
+        click.echo(f"checked {_entries(checked)}, through entry {entry_id} of {newest}", err=True)
 
     result = audit.verify(session=db.session, from_head=head, progress=progress, limit=max_entries)
     if not result.ok:
-        click.echo(f"audit log BROKEN: {result.message} ({result.checked:,} entries read)")
+        click.echo(f"audit log BROKEN: {result.message} ({_entries(result.checked)} read)")
         sys.exit(1)
     if result.head_id is None:
         click.echo("audit log is empty: nothing to verify")
@@ -292,15 +292,25 @@ def audit_verify(from_head: tuple[int, str] | None, max_entries: int | None) -> 
     since = f" from entry {head.id}" if head else ""
     if not result.complete:
         click.echo(
-            f"audit log intact so far: {result.checked:,} entries{since}, through entry "
+            f"audit log intact so far: {_entries(result.checked)}{since}, through entry "
             f"{result.head_id} of {newest}; NOT checked to the end: go on with "
             f"--from-head {result.head_id} {result.head_hash}"
         )
         return
-    click.echo(
-        f"audit log intact: {result.checked:,} entries{since}; "
-        f"head: entry {result.head_id} {result.head_hash}"
-    )
+    if head is not None and result.head_id == head.id:
+        # Only the recorded head was read: "1 entries from entry N" read as if one new
+        # entry had been checked, where none was appended.
+        checked = (
+            f"entry {head.id} still carries the hash recorded for it, and no entry was "
+            "appended after it"
+        )
+    else:
+        checked = f"{_entries(result.checked)}{since}"
+    click.echo(f"audit log intact: {checked}; head: entry {result.head_id} {result.head_hash}")
+
+
+def _entries(count: int) -> str:
+    return f"{count:,} entry" if count == 1 else f"{count:,} entries"
 
 
 # -- directory --------------------------------------------------------------------------------

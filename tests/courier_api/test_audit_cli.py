@@ -123,6 +123,46 @@ def test_from_the_head_an_earlier_run_printed_only_the_newer_entries_are_read(
     )
 
 
+def test_counts_name_one_entry_and_a_head_with_nothing_after_it(
+    runner: FlaskCliRunner, session: Session
+) -> None:
+    """An operator re-checking the head with nothing appended since is told so, not
+    "1 entries": the head itself is the only entry read. Every count a run prints is
+    "1 entry", "N entries"."""
+    (entry,) = append(session, 1)
+    whole = runner.invoke(args=["audit", "verify"])
+    assert (
+        whole.stdout == f"audit log intact: 1 entry; head: entry {entry.id} {entry.entry_hash}\n"
+    )
+    again = runner.invoke(args=["audit", "verify", "--from-head", str(entry.id), entry.entry_hash])
+    assert again.exit_code == 0, again.output
+    assert again.stdout == (
+        f"audit log intact: entry {entry.id} still carries the hash recorded for it, and no "
+        f"entry was appended after it; head: entry {entry.id} {entry.entry_hash}\n"
+    )
+    newer = append(session, 1)[0]
+    bounded = runner.invoke(
+        args=[
+            "audit",
+            "verify",
+            "--from-head",
+            str(entry.id),
+            entry.entry_hash,
+            "--max-entries",
+            "1",
+        ]
+    )
+    assert bounded.stdout.startswith(
+        f"audit log intact so far: 1 entry from entry {entry.id}, through entry {entry.id} of "
+        f"{newer.id}; NOT checked to the end"
+    )
+    session.execute(text("UPDATE audit_entry SET action = 'x' WHERE id = :id"), {"id": entry.id})
+    session.commit()
+    broken = runner.invoke(args=["audit", "verify"])
+    assert broken.exit_code == 1
+    assert broken.stdout.rstrip().endswith("(1 entry read)")
+
+
 def test_the_newest_entries_removed_exit_1_from_the_head_recorded(
     runner: FlaskCliRunner, session: Session
 ) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from courier_api.config import masked_url
 from courier_api.extensions import db
+from courier_api.logs import ACCESS_LOGGER
 from models import DeviceStatus, Role
 from models import migrate as migrations
 from sync import audit, directory
@@ -470,12 +472,13 @@ def seed_demo(if_empty: bool) -> None:
         if not demo_is_loaded(db.session):
             return  # its logins would not work here
     else:
-        summary = seed(
-            current_app._get_current_object(),  # type: ignore[attr-defined]
-            db.session,
-            password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
-            progress=lambda line: click.echo(f"  {line}", err=True),
-        )
+        with _each_request_unlogged():
+            summary = seed(
+                current_app._get_current_object(),  # type: ignore[attr-defined]
+                db.session,
+                password_hash_method=current_app.config["PASSWORD_HASH_METHOD"],
+                progress=lambda line: click.echo(f"  {line}", err=True),
+            )
         db.session.commit()
         click.echo(summary)
     click.echo("demo logins (username / password [device]):")
@@ -549,17 +552,34 @@ def simulate(
         raise click.UsageError(str(error)) from None
     transport = OverHttp(url) if url else InProcess(current_app._get_current_object())  # type: ignore[attr-defined]
     try:
-        result = Simulation(
-            transport,
-            plan,
-            admin=(admin_user, password),
-            progress=lambda line: click.echo(line, err=True),
-        ).run()
+        with _each_request_unlogged():
+            result = Simulation(
+                transport,
+                plan,
+                admin=(admin_user, password),
+                progress=lambda line: click.echo(line, err=True),
+            ).run()
     except SimulationError as error:
         raise click.ClickException(str(error)) from None
     finally:
         transport.close()
     click.echo(json.dumps(result.expected.as_dict(), indent=2))
+
+
+@contextlib.contextmanager
+def _each_request_unlogged() -> Iterator[None]:
+    """A simulated day sends hundreds of requests: a person running ``simulate`` or
+    ``seed-demo`` reads its progress lines, not an INFO line for each request (httpx's
+    over --url, the app's own access line in this process). Warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("httpx", ACCESS_LOGGER)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @click.command("import-parcels")

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -21,6 +22,7 @@ from courier_api.cli import courier_cli
 from courier_api.config import masked_url
 from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
 from courier_api.extensions import db
+from courier_api.logs import ACCESS_LOGGER
 from models import AuditEntry, Device, DeviceStatus, Parcel, Role, Station, User
 from tests import factories
 from tests.conftest import World, make_test_app
@@ -102,13 +104,18 @@ def test_cli_errors_are_one_clear_line(runner: FlaskCliRunner, world: World) -> 
     assert result.exit_code == 1 and "no device 'NOPE'" in result.output
 
 
-def test_seed_demo_gives_working_logins(committed_app: Flask) -> None:
+def test_seed_demo_gives_working_logins(
+    committed_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
     """(Real commits: on PostgreSQL the feed shows a PDA only committed answers, and the
-    demo's couriers wait at doors for them.)"""
+    demo's couriers wait at doors for them.) `make run` shows its lines per courier and
+    the logins, not an access line for each of the day's requests."""
     runner = committed_app.test_cli_runner()
     client = committed_app.test_client()
-    result = runner.invoke(args=["seed-demo", "--if-empty"])
+    with caplog.at_level("INFO"):
+        result = runner.invoke(args=["seed-demo", "--if-empty"])
     assert result.exit_code == 0, result.output
+    assert [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER] == []
     assert "demo station DEMO loaded" in result.output
     assert f"courier1 / {PASSWORDS[Role.COURIER]}" in result.output
     ok = client.post(
@@ -470,6 +477,39 @@ def test_simulate_plays_a_day_and_prints_what_the_station_should_show(
         args=["simulate", "--couriers", "5", "--parcels", "2", "--admin-user", "x"], input="p\n"
     )
     assert bad.exit_code == 2 and "a parcel per courier" in bad.output
+
+
+def test_simulate_over_http_prints_progress_not_a_line_per_request(
+    committed_app: Flask, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person running `simulate --url` (or `seed-demo`, in this process) reads a line
+    per courier, not hundreds of INFO lines, one for each request the day sends: httpx's
+    over --url and the app's own access lines in this process. Here --url reaches the
+    app through httpx's WSGI transport, so both would be logged."""
+    import httpx
+
+    from courier_api.simulation import client as simulation_client
+
+    with committed_app.app_context():
+        factories.user(db.session, "sim-root", "admin")
+        db.session.commit()
+    wsgi, real_client = httpx.WSGITransport(app=committed_app), httpx.Client
+    monkeypatch.setattr(
+        simulation_client.httpx, "Client", lambda **kwargs: real_client(transport=wsgi, **kwargs)
+    )
+    runner = committed_app.test_cli_runner()
+    args = ["simulate", "--couriers", "1", "--parcels", "3", "--seed", "2", "--station", "qq"]
+    with caplog.at_level("INFO"):
+        result = runner.invoke(
+            args=[*args, "--url", "http://sim.test", "--admin-user", "sim-root"],
+            input=factories.PASSWORD + "\n",
+        )
+    assert result.exit_code == 0, result.output
+    per_request = [r.getMessage() for r in caplog.records if r.name in ("httpx", ACCESS_LOGGER)]
+    assert per_request == []
+    assert result.stderr.splitlines()[0].startswith("station QQ: ")
+    assert result.stderr.splitlines()[1].startswith("courier 1/1 qq-courier1")
+    assert logging.getLogger(ACCESS_LOGGER).level == logging.NOTSET  # put back
 
 
 def test_seed_demo_is_refused_in_production(app_with: Any, session: Session) -> None:

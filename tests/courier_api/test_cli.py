@@ -507,8 +507,11 @@ def test_simulate_over_http_prints_progress_not_a_line_per_request(
     assert result.exit_code == 0, result.output
     per_request = [r.getMessage() for r in caplog.records if r.name in ("httpx", ACCESS_LOGGER)]
     assert per_request == []
-    assert result.stderr.splitlines()[0].startswith("station QQ: ")
-    assert result.stderr.splitlines()[1].startswith("courier 1/1 qq-courier1")
+    assert result.stderr.splitlines() == [  # counts of one say "1 courier", "1 shift"
+        "station QQ: 1 courier, 3 parcels taken in",
+        "courier 1/1 qq-courier1 (retries): 3 parcels, 6 events in 2 pushes",
+        "manager signed off 1 balanced shift",
+    ]
     assert logging.getLogger(ACCESS_LOGGER).level == logging.NOTSET  # put back
 
 

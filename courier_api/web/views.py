@@ -129,7 +129,7 @@ bp = Blueprint(
 
 PAGE_SIZE = 50
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'none'; "
     "frame-ancestors 'none'; form-action 'self'"
 )
 COURIER_REFUSED = (
@@ -167,7 +167,7 @@ def security_headers(response: Response) -> Response:
     if request.endpoint != "web.static":
         # Pages, exports and proof images hold recipients' data: not kept by the browser
         # after signing out (a station's shared computer). The API's images may be cached
-        # (``image_response``); the pages' own stylesheet and scripts may too.
+        # (``image_response``); the pages' own stylesheet may too.
         response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -1,9 +1,9 @@
 """One JSON error body for everything the API answers with an error.
 
-``{"code": "token_expired", "status": 401, "message": "...", "errors": {...}}``:
+``{"code": "validation_error", "status": 422, "message": "...", "errors": {...}}``:
 ``code`` is stable and meant for machines, ``message`` for people, and
-``errors`` names the fields at fault. Domain errors (``sync.errors``) map to
-their HTTP status here and nowhere else.
+``errors`` names the fields at fault (absent when none is: a 401, a 429, ...).
+Domain errors (``sync.errors``) map to their HTTP status here and nowhere else.
 """
 
 from __future__ import annotations

@@ -112,16 +112,11 @@ def _schema_at_head(app: Flask) -> bool:
     table is a bug to show, not a migration to run."""
     if has_app_context():  # Flask's group keeps it until the end: so the command's session
         db.session.rollback()  # and its transaction (SQLite's write lock with it)
-    alembic_log = logging.getLogger("alembic.runtime.migration")
-    level = alembic_log.level
-    alembic_log.setLevel(logging.WARNING)  # its "Context impl ..." lines: not for here
     try:
         with db.engine_of(app).connect() as connection:
             current = set(migrations.current_revisions(connection))
     except DBAPIError:
         return False
-    finally:
-        alembic_log.setLevel(level)
     return current == set(migrations.head_revisions())
 
 

@@ -6,10 +6,12 @@ package migrates the same way as a checkout (``courier-api db upgrade``).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
@@ -21,6 +23,21 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 
 SCRIPT_LOCATION = "models:migrations"
+
+# Reading the current revision (/readyz, every few seconds from a load balancer; each
+# CLI command's check) builds a MigrationContext, which logs "Context impl ..." and
+# "Will assume ... DDL." at INFO: lines for a migration run, not for a read. A context
+# variable, not the logger's level, so that a read on one thread hides nothing another
+# thread's migration logs.
+_READING_REVISIONS: ContextVar[bool] = ContextVar("reading_revisions", default=False)
+
+
+class _NotWhileReadingRevisions(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _READING_REVISIONS.get()
+
+
+logging.getLogger("alembic.runtime.migration").addFilter(_NotWhileReadingRevisions())
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -170,7 +187,11 @@ def head_revisions() -> frozenset[str]:
 
 
 def current_revisions(connection: Connection) -> set[str]:
-    return set(MigrationContext.configure(connection).get_current_heads())
+    reading = _READING_REVISIONS.set(True)
+    try:
+        return set(MigrationContext.configure(connection).get_current_heads())
+    finally:
+        _READING_REVISIONS.reset(reading)
 
 
 def autogenerate_revision(engine: Engine, message: str) -> None:

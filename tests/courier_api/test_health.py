@@ -1,3 +1,4 @@
+import pytest
 from flask.testing import FlaskClient
 
 
@@ -14,6 +15,17 @@ def test_readyz_reports_database_and_migration_head(client: FlaskClient) -> None
     assert body["status"] == "ready"
     assert body["migrations"]["current"] == body["migrations"]["head"]
     assert body["migrations"]["head"]
+
+
+def test_a_ready_probe_logs_nothing_at_info(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load balancer asks every few seconds: a ready answer is logged at DEBUG only
+    (README), so alembic's "Context impl PostgresqlImpl." and "Will assume
+    transactional DDL." lines, written each time the revision is read, are not either."""
+    with caplog.at_level("INFO"):
+        assert client.get("/readyz").status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"] == []
 
 
 def test_a_probe_with_a_cache_buster_is_answered(client: FlaskClient) -> None:

@@ -35,7 +35,8 @@ class ImportOutcome:
         parts = ", ".join(
             f"{self.counts[s]} {s}" for s in ("created", "updated", "unchanged", "rejected")
         )
-        return f"parcels: {self.rows} rows read, {parts}"
+        rows = "1 row" if self.rows == 1 else f"{self.rows} rows"
+        return f"parcels: {rows} read, {parts}"
 
 
 def import_csv(

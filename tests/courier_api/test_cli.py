@@ -197,6 +197,18 @@ def test_import_parcels_reports_progress_and_rejected_lines(
     assert {"RR473124829GB", "EE471108151FR"} <= numbers
 
 
+def test_import_parcels_of_one_row_says_1_row(
+    runner: FlaskCliRunner, world: World, tmp_path: Path
+) -> None:
+    csv_file = tmp_path / "one.csv"
+    csv_file.write_text(
+        "tracking_no,service_class,recipient_name,address\nRR473124829GB,express,Li Lei,1 Ave\n"
+    )
+    result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "parcels: 1 row read, 1 created, 0 updated, 0 unchanged, 0 rejected\n"
+
+
 def test_import_parcels_of_a_file_without_its_header_line_echoes_no_phone(
     runner: FlaskCliRunner, world: World, tmp_path: Path
 ) -> None:

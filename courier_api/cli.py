@@ -449,7 +449,13 @@ def seed_demo(if_empty: bool) -> None:
     fixed names); refused otherwise, or skipped with --if-empty. Refused with
     APP_ENV=production: its accounts' passwords are published.
     """
-    from courier_api.demo import DEMO_LOGINS, demo_is_loaded, seed, what_the_database_holds
+    from courier_api.demo import (
+        DEMO_LOGINS,
+        STATION_CODE,
+        demo_is_loaded,
+        seed,
+        what_the_database_holds,
+    )
 
     refuse_in_production(
         "seed-demo",
@@ -463,9 +469,11 @@ def seed_demo(if_empty: bool) -> None:
             raise click.ClickException(
                 f"{not_loaded}; seed-demo loads the demo into an empty database only"
             )
-        click.echo(not_loaded)
         if not demo_is_loaded(db.session):
+            click.echo(not_loaded)
             return  # its logins would not work here
+        # make run a second time: the demo is there (its logins follow), not missing.
+        click.echo(f"demo station {STATION_CODE} already loaded: left as it is")
     else:
         with _each_request_unlogged():
             summary = seed(

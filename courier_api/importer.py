@@ -102,7 +102,7 @@ def _import_rows(
                 reason = mask_phones_in(_describe(row["error"]))
                 progress(f"line {line}: {row['tracking_no'] or '?'}: {reason}")
         outcome.rows += len(batch)
-        progress(outcome.summary())
+        progress(f"... {outcome.summary()}")  # so far: the last one repeats the summary
         batch.clear()
         line_numbers.clear()
 

@@ -191,7 +191,7 @@ def test_import_parcels_reports_progress_and_rejected_lines(
     assert "0013" not in result.output and "3 800" not in result.output
     assert "line 3: RB123456786US" in result.output
     assert "line 5: SF1300000000001: service_class" in result.output
-    assert "parcels: 2 rows read" in result.output  # progress after the first batch
+    assert "... parcels: 2 rows read" in result.stderr  # progress after the first batch
     assert "parcels: 5 rows read, 2 created, 0 updated, 0 unchanged, 3 rejected" in result.output
     numbers = set(
         session.scalars(select(Parcel.tracking_no).where(Parcel.station_id == world.station.id))
@@ -208,7 +208,10 @@ def test_import_parcels_of_one_row_says_1_row(
     )
     result = runner.invoke(args=["import-parcels", str(csv_file), "--station", "ST1"])
     assert result.exit_code == 0, result.output
-    assert result.stdout == "parcels: 1 row read, 1 created, 0 updated, 0 unchanged, 0 rejected\n"
+    summary = "parcels: 1 row read, 1 created, 0 updated, 0 unchanged, 0 rejected"
+    assert result.stdout == f"{summary}\n"
+    # The progress after the batch is told apart from the summary, as rejudge's is.
+    assert result.stderr == f"... {summary}\n"
 
 
 def test_import_parcels_of_a_file_without_its_header_line_echoes_no_phone(

@@ -11,6 +11,7 @@ that the server, which knows none of this, shows exactly that.
 from __future__ import annotations
 
 import enum
+import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -141,13 +142,16 @@ class DayPlan:
         return [p for courier in self.couriers for p in courier.parcels]
 
 
+SERIALS = range(10_000_000, 99_999_999)  # the 8 digits of an S10 number
+
+
 def plan_day(*, couriers: int, parcels: int, seed: int, names: Names | None = None) -> DayPlan:
     """Who works, with what PDA, and what becomes of each of ``parcels`` parcels."""
     if couriers < 1 or parcels < couriers:
         raise ValueError("a day needs at least one courier and a parcel per courier")
     names = names or Names()
     rng = random.Random(seed)
-    serials = rng.sample(range(10_000_000, 99_999_999), parcels)
+    serials = _at_station(rng.sample(SERIALS, parcels), names.station_code)
     shares = [parcels // couriers + (1 if n < parcels % couriers else 0) for n in range(couriers)]
     planned = []
     taken = 0
@@ -172,6 +176,16 @@ def plan_day(*, couriers: int, parcels: int, seed: int, names: Names | None = No
             )
         )
     return DayPlan(seed=seed, names=names, couriers=tuple(planned))
+
+
+def _at_station(serials: list[int], station_code: str) -> list[int]:
+    """The day's serials moved along by an amount of the station's own: another day at
+    another station with the same seed draws other tracking numbers (the same ones would
+    be taken in again there, moving the first station's parcels), while the day drawn
+    from the seed, every fate, stays the same."""
+    digest = hashlib.sha256(station_code.encode()).digest()
+    shift = int.from_bytes(digest[:8], "big") % len(SERIALS)
+    return [SERIALS[(SERIALS.index(s) + shift) % len(SERIALS)] for s in serials]
 
 
 def _draw_fate(rng: random.Random, traits: frozenset[Trait], *, last: bool, careful: bool) -> Fate:

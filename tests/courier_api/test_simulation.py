@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 
 from courier_api.extensions import db
 from courier_api.simulation import InProcess, Simulation, SimulationError, plan_day
-from courier_api.simulation.plan import COUNTS, DayPlan, Fate, Trait
+from courier_api.simulation.plan import COUNTS, DayPlan, Fate, Names, Trait
 from models.base import utcnow
 from sync.shifts import local_date
 from tests import factories
@@ -112,6 +112,34 @@ def test_a_station_that_exists_already_is_refused_with_a_clear_error(
     Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
     with pytest.raises(SimulationError, match="409"):
         Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
+
+
+def test_another_day_at_another_station_with_the_same_seed_is_played_too(
+    committed_app: Flask,
+) -> None:
+    """README: `simulate --station CODE` plays another such day at a new station. With
+    the default seed both days drew the same tracking numbers: the second station's
+    intake moved the first one's parcels (delivered, returned, ...) to it, and its
+    couriers pulled none of them ("pulled 0 parcels, 20 were planned")."""
+    _admin(committed_app)
+    first, second = (
+        plan_day(couriers=1, parcels=3, seed=1, names=names)
+        for names in (
+            Names(
+                station_code=code,
+                manager=f"{code.lower()}-manager",
+                integration=f"{code.lower()}-gateway",
+                courier_prefix=f"{code.lower()}-courier",
+                device_prefix=f"PDA-{code}-",
+            )
+            for code in ("ONE", "TWO")
+        )
+    )
+    assert [p.fate for p in first.parcels] == [p.fate for p in second.parcels]  # one day
+    assert not {p.tracking_no for p in first.parcels} & {p.tracking_no for p in second.parcels}
+    for plan in (first, second):
+        result = Simulation(InProcess(committed_app), plan, admin=ADMIN).run()
+        assert result.expected.as_dict()["parcels"] == 3
 
 
 class BoardTable(HTMLParser):

@@ -1,0 +1,36 @@
+"""README.md's "Try it" block is the first thing a new user runs after `make run`: on
+the demo it loads, each of its requests must answer as README implies (the health
+check, the manager's sign-in with the password it prints, the station's board)."""
+
+import json
+import re
+from pathlib import Path
+
+from flask import Flask
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def try_it_block() -> str:
+    text = README.read_text(encoding="utf-8")
+    found = re.search(r"Try it:\n\n```sh\n(.*?)```", text, re.S)
+    assert found, "README has no Try it block"
+    return found.group(1)
+
+
+def test_the_try_it_requests_answer_on_the_demo(committed_app: Flask) -> None:
+    block = try_it_block()
+    paths = re.findall(r"curl -s (?:-X POST )?localhost:8000(/\S+)", block)
+    health, sign_in, board = paths
+    body = json.loads(re.search(r"-d '(\{.*?\})'", block).group(1))
+    seeded = committed_app.test_cli_runner().invoke(args=["seed-demo", "--if-empty"])
+    assert seeded.exit_code == 0, seeded.output
+    client = committed_app.test_client()
+    assert client.get(health).get_json() == {"status": "ok"}
+    token = client.post(sign_in, json=body).get_json()["access_token"]  # as README reads it
+    answer = client.get(board, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.get_json()
+    shifts = answer.get_json()["shifts"]
+    assert len(shifts) == 6  # the demo's six couriers' shifts
+    statuses = sorted(row["balance"]["status"] for row in shifts)
+    assert statuses == ["balanced"] * 3 + ["provisional"] + ["unbalanced"] * 2

@@ -416,6 +416,13 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
     from courier_api.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
     from courier_api.serve import serve as run_gunicorn
 
+    in_use = _cannot_listen(host, port)
+    if in_use is not None:
+        # gunicorn would try five times over five seconds, after "serving on" was printed.
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {in_use} (another server? choose another "
+            "port: --port, or make run PORT=...)"
+        )
     # /metrics adds up every worker's values, written to this directory (emptied now);
     # it must be set before the app, and so prometheus_client, is loaded.
     prepare_multiprocess_dir(
@@ -425,6 +432,27 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
     base = f"http://{host}:{port}"
     click.echo(f"serving on {base}/  (pages: {base}/web/login, API docs: {base}/docs)")
     run_gunicorn(app, host=host, port=port, workers=workers, threads=threads)
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (another server holds it), or None.
+    A name that does not resolve is left to gunicorn to report."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror:
+        return None
+    with socket.socket(family, kind, proto) as probe:
+        # As gunicorn binds: a port left in TIME_WAIT by a server just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 def refuse_in_production(command: str, why: str) -> None:

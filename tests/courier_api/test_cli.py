@@ -532,6 +532,36 @@ def test_simulate_over_http_prints_progress_not_a_line_per_request(
     assert logging.getLogger(ACCESS_LOGGER).level == logging.NOTSET  # put back
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    """`make run` with port 8000 taken (another server of the user's) printed "serving on
+    http://127.0.0.1:8000/" and then gunicorn's "Connection in use" five times over five
+    seconds: it now stops at once, naming the port and how to choose another."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "APP_ENV": "development",
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "courier_api", "serve", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "serving on" not in result.stdout
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
+        "server? choose another port: --port, or make run PORT=...)"
+    )
+    assert "Connection in use" not in result.stderr
+
+
 def test_seed_demo_is_refused_in_production(app_with: Any, session: Session) -> None:
     """Its accounts' passwords are in the README: never in a production database."""
     runner = app_with(APP_ENV="production").test_cli_runner()

@@ -73,10 +73,10 @@ MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
 # Seqs a shift may declare used beyond the highest the server holds from its PDA or an
 # earlier shift of it declared (a ``last_seq`` at its close, the seq before a
 # ``first_seq`` at its opening): the events still queued on the PDA, more than it
-# records in days of work offline. Declared seqs
-# are the shift's for good (``_Window``: an event of the PDA in them is filed under it,
-# whoever pushes it, and a closed shift's ``last_seq`` never changes), so an unbounded
-# one (a typo, 2**31 - 1) took every later courier's events of the PDA for this one.
+# records in days of work offline. Declared seqs are the shift's for good (``_Window``:
+# an event of the PDA in them is filed under it, whoever pushes it, and a closed
+# shift's ``last_seq`` never changes), so an unbounded one (a typo, 2**31 - 1) took
+# every later courier's events of the PDA for this one.
 MAX_SEQS_DECLARED_AHEAD = 10_000
 _shifts = Shift.__table__
 

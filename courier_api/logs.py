@@ -13,7 +13,8 @@
   duration, and the user, role, station and device when known.
 * ``Redactor``, a filter on that handler, rewrites every record before it is
   written, whichever logger it comes from: bearer tokens and JWT-looking strings,
-  values of ``password``/``secret``/``token``-like keys, password hashes, webhook
+  values of ``password``/``secret``/``token``-like keys (not plurals: ``tokens``,
+  ``old_secrets_forgotten`` name counts or descriptions), password hashes, webhook
   signatures, long random-looking strings, and phone numbers (all but their last
   3 digits, in any script's digits: ``sync.phones.mask_phones_in``, the pattern the
   API masks free text with). It is defense in depth: the code logs none of these on
@@ -137,9 +138,14 @@ _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
     # key that could begin at any word boundary of the run, and end anywhere in it,
     # cost time quadratic in the run's length, and a request's path is such a run
     # whoever sends it ("token-token-...": half a minute for the 4 KB gunicorn reads).
+    # A keyword in the plural ("tokens", "old_secrets_forgotten") names many of them, a
+    # count or a description, not one value that is a secret: the migration's "Password
+    # change revokes tokens: app_user.credentials_version", the retention job's
+    # "old_secrets_forgotten":1 were hidden. Secrets themselves stay hidden wherever they
+    # are written (a JWT, a generated secret: the rules above and ``_RANDOM``).
     (
         re.compile(
-            rf"(?i)((?<![\w-])(?=[\w-]*?(?:{_KEYWORDS}))[\w-]*+[\"']?\s*+[:=]\s*)"
+            rf"(?i)((?<![\w-])(?=[\w-]*?(?:{_KEYWORDS})(?!s(?![a-z])))[\w-]*+[\"']?\s*+[:=]\s*)"
             r"(\"[^\"]*\"|'[^']*'|[^\s,;&\"'}\])]+)"
         ),
         r"\1[redacted]",

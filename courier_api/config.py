@@ -128,6 +128,11 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "AUDIT_FULL_VERIFICATIONS_PER_USER": _limit(
             environ, "AUDIT_FULL_VERIFICATIONS_PER_USER", "4/3600"
         ),
+        # Entries each user's GET /audit/verify read, from a head or not, in thousands:
+        # as many as the four walks of the whole log above may read.
+        "AUDIT_VERIFY_ENTRIES_PER_USER": _limit(
+            environ, "AUDIT_VERIFY_ENTRIES_PER_USER", "400000/3600"
+        ),
         # Entries one GET /audit/verify reads at most (some 5 seconds per 100,000).
         "AUDIT_VERIFY_MAX_ENTRIES": _int(environ, "AUDIT_VERIFY_MAX_ENTRIES", 100_000),
         "TRUSTED_PROXY_HOPS": _int(environ, "TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),

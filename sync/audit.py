@@ -24,7 +24,9 @@ from sqlalchemy import Column, Text, event, func, select, text, type_coerce, uni
 from sqlalchemy.orm import Session, SessionTransaction
 
 from models import AuditEntry, AuditEntryParcel, QuarantinedEvent, ScanEvent, utcnow
+from sync import sign_in_limits
 from sync.errors import InvalidInput
+from sync.sign_in_limits import Limit
 from sync.sql import among_at_once
 from sync.tracking import normalize
 
@@ -550,6 +552,72 @@ def verify(
         head_hash=expected_prev if prev_id is not None else None,
         complete=complete,
     )
+
+
+# A reader's budget of entries verified through the API is spent in units of this many
+# (what one query of the walk fetches): a check costs the entries it may read, rounded up,
+# so that one reading the few entries after a recent head costs a unit, and a reader's
+# window holds a row per unit, not per entry.
+BUDGET_UNIT = VERIFY_CHUNK
+BUDGET_KIND = "audit_entries"  # its units' kind in sync.sign_in_limits.admit_cost
+
+
+def admit_check(
+    *,
+    session: Session,
+    caller_key: str,
+    budget: Limit,
+    from_head: Head | None,
+    max_entries: int,
+    now: dt.datetime,
+    code: str,
+) -> int:
+    """Charge a check (from ``from_head``, or of the whole log) to its reader's budget
+    of entries read per window (``budget``, in entries; ``caller_key`` keys the reader,
+    ``sign_in_limits.caller_key`` of ``BUDGET_KIND``): the most it may then read, at
+    most ``max_entries``. ``RateLimited`` (``code``) once the budget is spent.
+
+    The budget bounds what a reader's checks cost, however they are asked: a head
+    is anyone's to read from the log (its first entry's hash is the walk of the whole
+    log again), and a long log legitimately takes checks continued from head to head.
+    Each is charged what it will read (the entries there are from its head, counted
+    before it starts, up to what is left of the budget), in ``BUDGET_UNIT``s rounded up,
+    and is given no more to read, so that the budget is never overspent, by concurrent
+    checks either (``admit_cost`` counts a reader's at a time): a check the budget cuts
+    short answers ``complete: false`` with its head, to go on from when the window frees
+    units.
+    """
+    units = Limit(max(1, budget.count // BUDGET_UNIT), budget.window)
+
+    def cost(left: int) -> int:
+        there = entries_from(session, from_head, at_most=min(max_entries, left * BUDGET_UNIT))
+        return -(-there // BUDGET_UNIT)  # rounded up; admit_cost charges at least one
+
+    charge = sign_in_limits.admit_cost(
+        session=session,
+        kind=BUDGET_KIND,
+        key=caller_key,
+        limit=units,
+        now=now,
+        cost=cost,
+        what=(
+            "too many thousands of audit entries verified by this account, checks from "
+            "a recorded head included"
+        ),
+        code=code,
+    )
+    if charge.refusal is not None:
+        raise charge.refusal
+    return min(max_entries, charge.units * BUDGET_UNIT)
+
+
+def entries_from(session: Session, from_head: Head | None, *, at_most: int) -> int:
+    """How many entries a check from ``from_head`` (None: the whole log) reads, the
+    head itself included, counting no further than ``at_most`` (along the primary key)."""
+    query = select(AuditEntry.id).order_by(AuditEntry.id).limit(at_most)
+    if from_head is not None:
+        query = query.where(AuditEntry.id >= from_head.id)
+    return session.scalar(select(func.count()).select_from(query.subquery())) or 0
 
 
 def newest_id(session: Session) -> int | None:

@@ -26,7 +26,9 @@ Attempts older than the longest window are deleted as new ones arrive.
 Other costly calls are limited per caller by the same windows, in the same table
 (``admit_call``): their rows carry their own kind as outcome and the caller's key in
 place of both the username's and the address's, so no sign-in rule counts them, and
-each kind's rows are deleted by its own window.
+each kind's rows are deleted by its own window. A call that costs more than others
+(a verification reading thousands of audit entries) spends units of a budget, a row
+each (``admit_cost``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import hashlib
 import hmac
 import ipaddress
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from models import SignInAttempt
@@ -224,14 +227,60 @@ def admit_call(
     once committed, as ``admit``'s. The caller's calls are counted one at a time
     (PostgreSQL: an advisory lock on the key; SQLite writes one at a time).
     """
+    charge = admit_cost(
+        session=session,
+        kind=kind,
+        key=key,
+        limit=limit,
+        now=now,
+        cost=lambda left: 1,
+        what=what,
+        code=code,
+    )
+    return charge.refusal
+
+
+@dataclass(frozen=True)
+class Charge:
+    """The units a call was charged, or the refusal to raise (nothing charged)."""
+
+    units: int
+    refusal: RateLimited | None = None
+
+
+def admit_cost(
+    *,
+    session: Session,
+    kind: str,
+    key: str,
+    limit: Limit,
+    now: dt.datetime,
+    cost: Callable[[int], int],
+    what: str,
+    code: str,
+) -> Charge:
+    """``admit_call`` for a call that costs more than one: ``limit.count`` units of a
+    budget per window. While the caller's window holds fewer, ``cost`` is asked what
+    the call costs given the units left (at least one), and that many units (from one
+    to those left) are stored, one row each, so that the window frees them as it frees
+    calls; refused otherwise, nothing stored. ``cost`` runs under the caller's lock:
+    two calls of one caller never both spend the same units left."""
     _lock(session, (key,))
     _purge(session, now - limit.window, (kind,))
     where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
     refusal = _check(session, limit, where, now, what, code=code)
-    if refusal is None:
-        session.add(SignInAttempt(at=now, username_key=key, address_key=key, outcome=kind))
-        session.flush()
-    return refusal
+    if refusal is not None:
+        return Charge(0, refusal)
+    held = session.scalar(
+        select(func.count())
+        .select_from(SignInAttempt)
+        .where(*where, SignInAttempt.at > now - limit.window)
+    )
+    left = limit.count - (held or 0)
+    units = min(max(cost(left), 1), left)
+    row = {"at": now, "username_key": key, "address_key": key, "outcome": kind}
+    session.execute(insert(SignInAttempt), [row] * units)
+    return Charge(units)
 
 
 def _check(

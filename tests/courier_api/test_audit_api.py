@@ -607,6 +607,129 @@ def test_walks_of_the_whole_log_are_limited_by_default_and_may_not_be(tmp_path: 
         load_config({name: "4 an hour"}, tmp_path)
 
 
+LONG_LOG = 1_500  # entries: a check of it costs two of the budget's units of a thousand
+
+
+def long_log(session: Session) -> list[int]:
+    return chained(
+        session, *({"action": "blob_read", "details": {"i": i}} for i in range(LONG_LOG))
+    )
+
+
+def head_of(body: dict[str, Any]) -> dict[str, Any]:
+    return {"head_id": body["head_id"], "head_hash": body["head_hash"]}
+
+
+def test_a_check_from_the_first_entrys_head_is_no_way_round_the_limit(
+    app_with: Any, session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a security review (SECURITY.md threat 4): the first entry's head, which
+    any reader reads from ``GET /audit``, started a check that walked the whole log and
+    counted against nothing: once the walks allowed were spent (429), the same walk
+    from that head was answered in full, as often as asked. Every check now spends its
+    reader's budget of entries (``AUDIT_VERIFY_ENTRIES_PER_USER``), a head given or not,
+    and the walks allowed had spent it."""
+    ids = long_log(session)
+    now = [START]
+    monkeypatch.setattr("courier_api.api.audit.routes.utcnow", lambda: now[0])
+    app: Flask = app_with(
+        AUDIT_FULL_VERIFICATIONS_PER_USER=Limit.parse("2/600"),
+        AUDIT_VERIFY_ENTRIES_PER_USER=Limit.parse("4000/600"),
+    )
+    client = app.test_client()
+    auditor, admin = Auth(client).headers("auditor1"), Auth(client).headers("admin")
+    for _ in range(2):
+        walk = client.get(VERIFY, headers=auditor).get_json()
+        assert (walk["intact"], walk["complete"], walk["checked"]) == (True, True, LONG_LOG)
+    assert client.get(VERIFY, headers=auditor).status_code == 429
+
+    [first] = listed(client, auditor, at_to=(START + dt.timedelta(seconds=1)).isoformat())
+    assert first["id"] == ids[0]
+    from_first = {"head_id": first["id"], "head_hash": first["entry_hash"]}
+    refused = client.get(VERIFY, query_string=from_first, headers=auditor)
+    assert refused.status_code == 429, refused.get_json()  # was 200: 1,500 entries checked
+    assert refused.get_json()["code"] == "too_many_verifications"
+    assert "recorded head included" in refused.get_json()["message"]
+    assert refused.headers["Retry-After"] == "600"
+    # the budget is spent: a check of the newest entry alone waits too
+    newest = client.get(VERIFY, query_string=head_of(walk), headers=auditor)
+    assert newest.status_code == 429
+    assert client.get(VERIFY, query_string=from_first, headers=admin).status_code == 200
+
+    now[0] += dt.timedelta(seconds=600)  # the walks leave the window, and what they spent
+    again = client.get(VERIFY, query_string=from_first, headers=auditor).get_json()
+    assert (again["intact"], again["complete"], again["checked"]) == (True, True, LONG_LOG)
+    spent = select(func.count()).select_from(SignInAttempt)
+    # in units of a thousand, the last check's 2: those out of the window are deleted
+    assert session.scalar(spent.where(SignInAttempt.outcome == "audit_entries")) == 2
+    assert session.scalar(select(func.count()).select_from(AuditEntry)) == LONG_LOG
+
+
+def test_an_auditor_checks_a_long_log_from_head_to_head_within_the_budget(
+    app_with: Any, session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log longer than a request reads is checked by checks continued from the head
+    each reached: each costs what it reads, so an auditor whose budget covers the log
+    checks it whole, and is refused only past it. Operators' ``courier-api audit
+    verify`` has no limit, from a head or not."""
+    ids = long_log(session)
+    now = [START]
+    monkeypatch.setattr("courier_api.api.audit.routes.utcnow", lambda: now[0])
+    app: Flask = app_with(
+        AUDIT_VERIFY_MAX_ENTRIES=1000, AUDIT_VERIFY_ENTRIES_PER_USER=Limit.parse("2000/600")
+    )
+    client = app.test_client()
+    auditor = Auth(client).headers("auditor1")
+    body = client.get(VERIFY, headers=auditor).get_json()
+    assert (body["complete"], body["checked"], body["head_id"]) == (False, 1000, ids[999])
+    body = client.get(VERIFY, query_string=head_of(body), headers=auditor).get_json()
+    assert (body["intact"], body["complete"], body["checked"]) == (True, True, 501)
+    assert body["head_id"] == ids[-1]
+    assert client.get(VERIFY, query_string=head_of(body), headers=auditor).status_code == 429
+
+    cli = app.test_cli_runner()
+    first = session.get(AuditEntry, ids[0])
+    assert first is not None
+    for args in [["audit", "verify"]] * 5 + [
+        ["audit", "verify", "--from-head", str(ids[0]), first.entry_hash]
+    ] * 5:
+        result = cli.invoke(args=args)
+        assert result.exit_code == 0, result.output
+        assert "audit log intact" in result.output
+
+
+def test_a_check_the_budget_cuts_short_goes_on_from_its_head_once_the_window_frees_it(
+    app_with: Any, session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check is given no more to read than its reader's budget has left (concurrent
+    ones either: each is charged before it reads), and says where it stopped."""
+    ids = long_log(session)
+    now = [START]
+    monkeypatch.setattr("courier_api.api.audit.routes.utcnow", lambda: now[0])
+    app: Flask = app_with(AUDIT_VERIFY_ENTRIES_PER_USER=Limit.parse("1000/600"))
+    client = app.test_client()
+    auditor = Auth(client).headers("auditor1")
+    body = client.get(VERIFY, headers=auditor).get_json()
+    assert (body["intact"], body["complete"], body["head_id"]) == (True, False, ids[999])
+    refused = client.get(VERIFY, query_string=head_of(body), headers=auditor)
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, "600")
+    assert client.get(VERIFY, headers=auditor).status_code == 429
+    walks = select(func.count()).select_from(SignInAttempt)
+    # the walk the budget refused is not one of the walks allowed
+    assert session.scalar(walks.where(SignInAttempt.outcome == "audit_verify")) == 1
+    now[0] += dt.timedelta(seconds=600)
+    body = client.get(VERIFY, query_string=head_of(body), headers=auditor).get_json()
+    assert (body["intact"], body["complete"], body["checked"]) == (True, True, 501)
+
+
+def test_the_entries_verified_are_limited_by_default_and_may_not_be(tmp_path: Path) -> None:
+    name = "AUDIT_VERIFY_ENTRIES_PER_USER"
+    assert load_config({}, tmp_path)[name] == Limit(400_000, dt.timedelta(hours=1))
+    assert load_config({name: "off"}, tmp_path)[name] is None
+    with pytest.raises(ConfigError, match=name):
+        load_config({name: "400000 an hour"}, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("query", "code"),
     [

@@ -17,6 +17,7 @@ from sync.sign_in_limits import (
     address_scope,
     admit,
     admit_call,
+    admit_cost,
     caller_key,
     settle,
 )
@@ -220,6 +221,47 @@ def test_a_call_limited_per_caller_shares_the_table_but_no_sign_in_rule(
     assert call(T0 + 61 * MINUTE) == 9 * 60
     outcomes = session.scalars(select(SignInAttempt.outcome)).all()
     assert sorted(outcomes) == ["audit_verify"] * 3 + ["ok"]  # T0's purged, refusals not kept
+
+
+def test_a_call_costing_units_spends_a_budget_and_is_given_no_more_than_is_left(
+    session: Session,
+) -> None:
+    """``admit_cost`` (the audit log's checks, in entries read): a call is charged what
+    it asks, at least one unit and at most those left; refused, nothing charged, once
+    none are left, until the window frees the oldest call's units."""
+    budget = Limit(5, dt.timedelta(hours=1))
+    key = caller_key(secret=SECRET, kind="audit_entries", caller="7")
+    offered: list[int] = []
+
+    def call(at: dt.datetime, wants: int) -> int | None:
+        def cost(left: int) -> int:
+            offered.append(left)
+            return wants
+
+        charge = admit_cost(
+            session=session,
+            kind="audit_entries",
+            key=key,
+            limit=budget,
+            now=at,
+            cost=cost,
+            what="too many entries",
+            code="too_many_verifications",
+        )
+        if charge.refusal is not None:
+            assert charge.units == 0 and charge.refusal.code == "too_many_verifications"
+            return -charge.refusal.retry_after
+        return charge.units
+
+    assert call(T0, 3) == 3
+    assert call(T0 + 10 * MINUTE, 0) == 1  # a call costs something
+    assert call(T0 + 20 * MINUTE, 4) == 1  # no more than is left
+    assert offered == [5, 2, 1]
+    assert call(T0 + 30 * MINUTE, 1) == -30 * 60  # until T0's three leave the window
+    assert offered == [5, 2, 1]  # a refused call is not asked its cost
+    assert call(T0 + 60 * MINUTE, 9) == 3
+    rows = select(func.count()).select_from(SignInAttempt)
+    assert session.scalar(rows.where(SignInAttempt.outcome == "audit_entries")) == 5
 
 
 def test_no_limits_means_nothing_stored(session: Session) -> None:

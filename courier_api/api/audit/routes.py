@@ -4,6 +4,7 @@ from typing import Any
 
 from flask import current_app
 from flask.views import MethodView
+from sqlalchemy.orm import Session
 
 from courier_api.api.audit.schemas import (
     AuditEntryOut,
@@ -31,8 +32,8 @@ READERS = (Role.AUDITOR, Role.ADMIN)
 
 # Reading the log is not itself logged (SECURITY.md threat 4): it shows no proof or image,
 # and a read that wrote would take SQLite's writers' turn, holding up every push for as
-# long as a verification walks the log. Both views only read (READS_ONLY); a walk of the
-# whole log counts against its reader's limit first, in a short transaction of its own.
+# long as a verification walks the log. Both views only read (READS_ONLY); a check counts
+# against its reader's limits first, in a short transaction of its own.
 FULL_WALK = "audit_verify"  # its calls' kind in sync.sign_in_limits.admit_call
 TOO_MANY_FULL_WALKS = "too_many_verifications"
 
@@ -155,17 +156,19 @@ class AuditVerification(MethodView):
 
         A walk of the whole log (no head given) keeps a worker and the database busy:
         each user may start `AUDIT_FULL_VERIFICATIONS_PER_USER` of them (4 an hour
-        unless configured); beyond, 429 `too_many_verifications` with `Retry-After`,
-        the seconds until the oldest leaves the window. A check from a head is not
-        limited: it is bounded as every check is.
+        unless configured). Every check, from a head or not, spends its user's
+        `AUDIT_VERIFY_ENTRIES_PER_USER` (400,000 entries an hour unless configured):
+        it is charged, before it starts, the entries there are to read from its head,
+        in thousands rounded up, and reads no more than is left (`complete: false`
+        and the head reached when that cuts it short). Beyond either, 429
+        `too_many_verifications` with `Retry-After`, the seconds until the oldest
+        leaves the window.
         """
         head = audit.recorded_head(args.get("head_id"), args.get("head_hash"))
-        if head is None:
-            _count_full_walk()
         result = audit.verify(
             session=db.session,
             from_head=head,
-            limit=current_app.config["AUDIT_VERIFY_MAX_ENTRIES"],
+            limit=db.write_apart(lambda session: _admit(session, head)),
         )
         return {
             "intact": result.ok,
@@ -179,34 +182,45 @@ class AuditVerification(MethodView):
         }
 
 
-def _count_full_walk() -> None:
-    """Count a walk of the whole log against its reader's limit, the sign-in attempts'
-    mechanism (``sync.sign_in_limits.admit_call``: shared by every worker and replica),
-    committed before the walk begins; ``RateLimited`` once the limit is reached."""
-    limit = current_app.config["AUDIT_FULL_VERIFICATIONS_PER_USER"]
-    if limit is None:
-        return
-    key = sign_in_limits.caller_key(
-        secret=current_app.config["JWT_SECRET"].encode(),
-        kind=FULL_WALK,
-        caller=str(current_principal().user_id),
-    )
-    refusal = db.write_apart(
-        lambda session: sign_in_limits.admit_call(
+def _admit(session: Session, head: audit.Head | None) -> int:
+    """Count a check against its reader's limits, in a transaction of its own committed
+    before the walk begins (the sign-in attempts' mechanism,
+    ``sync.sign_in_limits``: shared by every worker and replica): a walk of the whole
+    log against the walks, every check against the budget of entries
+    (``audit.admit_check``); the most it may read. ``RateLimited`` once either is
+    reached, nothing counted then."""
+    config = current_app.config
+    user = str(current_principal().user_id)
+    secret = config["JWT_SECRET"].encode()
+    walks = config["AUDIT_FULL_VERIFICATIONS_PER_USER"]
+    if head is None and walks is not None:
+        refusal = sign_in_limits.admit_call(
             session=session,
             kind=FULL_WALK,
-            key=key,
-            limit=limit,
+            key=sign_in_limits.caller_key(secret=secret, kind=FULL_WALK, caller=user),
+            limit=walks,
             now=utcnow(),
             what=(
                 "too many verifications of the whole audit log by this account (a check "
-                "from a recorded head, head_id and head_hash, is not limited)"
+                "from a recorded head, head_id and head_hash, counts only the entries it "
+                "reads)"
             ),
             code=TOO_MANY_FULL_WALKS,
         )
+        if refusal is not None:
+            raise refusal
+    budget = config["AUDIT_VERIFY_ENTRIES_PER_USER"]
+    if budget is None:
+        return config["AUDIT_VERIFY_MAX_ENTRIES"]
+    return audit.admit_check(  # refused, its RateLimited rolls the walk's count back
+        session=session,
+        caller_key=sign_in_limits.caller_key(secret=secret, kind=audit.BUDGET_KIND, caller=user),
+        budget=budget,
+        from_head=head,
+        max_entries=config["AUDIT_VERIFY_MAX_ENTRIES"],
+        now=utcnow(),
+        code=TOO_MANY_FULL_WALKS,
     )
-    if refusal is not None:
-        raise refusal
 
 
 def _view(entry: AuditEntry, *, unmasked: bool) -> dict[str, Any]:

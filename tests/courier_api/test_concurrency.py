@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from courier_api.api.shifts import routes as shift_routes
 from courier_api.extensions import db
-from models import AuditEntry, Flag, Parcel, Station
+from models import AuditEntry, AuditEntryParcel, Flag, Parcel, Station
 from sync import ingest as ingest_module
 from tests import factories
 from tests.conftest import Auth
@@ -610,3 +610,86 @@ def test_a_pdas_rejected_events_are_listed_while_a_writer_holds_the_database(
             select(AuditEntry).where(AuditEntry.id > before).order_by(AuditEntry.id)
         ).all()
     assert [e.action for e in entries] == ["quarantine_searched"]
+
+
+def test_an_auditors_reads_of_the_reading_views_are_each_recorded_once_under_their_parcels(
+    committed_app: Flask,
+) -> None:
+    """The shift's and the flags' pages, a proof image (page and API) and ``GET
+    /quarantine`` read in a reading transaction (on PostgreSQL a ``READ ONLY`` one, which
+    the rolled-back tests' shared connection is not) and record an auditor's read apart,
+    last (``Database.write_apart``). With real commits: each answer is given and each
+    read is on record once, filed under the parcels it showed: the delivery's proof under
+    its parcel, the refused drop under the parcel it names, not under the other."""
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="AUDR")
+        factories.user(session, "audr-rider", "courier", station)
+        factories.user(session, "audr-auditor", "auditor")
+        factories.device(session, "PDA-AUDR", station)
+        delivered = factories.parcel(session, station).tracking_no  # express
+        refused = factories.parcel(session, station).tracking_no
+        session.commit()
+    client = committed_app.test_client()
+    courier = Auth(client).headers("audr-rider", "PDA-AUDR")
+    opened = client.post("/api/v1/shifts", json={}, headers=courier)
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    photo = image_bytes()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    drop = factories.locker_drop(2, delivered, at)
+    drop["pod"] |= {"photo_sha256": digest(photo)}
+    no_compartment = factories.event(
+        3, refused, "delivered_to_locker", occurred_at=at, locker_id="L-1"
+    )
+    events = [factories.event(1, delivered, occurred_at=at - dt.timedelta(minutes=5)), drop]
+    body = factories.push_body("PDA-AUDR", [*events, no_compartment])
+    pushed = client.post(PUSH, json=body, headers=courier)
+    assert [r["status"] for r in pushed.get_json()["results"]] == ["applied"] * 2 + ["rejected"]
+    put = client.put(f"/api/v1/blobs/{digest(photo)}", data=photo, headers=courier)
+    assert put.status_code == 201, put.get_json()
+    closed = client.post(f"/api/v1/shifts/{shift_id}/close", json={}, headers=courier)
+    assert closed.status_code == 200, closed.get_json()
+    with committed_app.app_context():
+        flag_ids = db.session.scalars(select(Flag.id).order_by(Flag.id)).all()
+        before = db.session.scalar(select(func.max(AuditEntry.id))) or 0
+    assert flag_ids
+    pages = Pages(committed_app.test_client())
+    assert pages.login("audr-auditor").status_code == 302
+    auditor = Auth(client).headers("audr-auditor")
+    answers = [
+        pages.client.get(f"/web/shifts/{shift_id}"),
+        *(pages.client.get(f"/web/flags/{flag_id}") for flag_id in flag_ids),
+        pages.client.get(f"/web/images/{digest(photo)}"),
+        client.get(f"/api/v1/blobs/{digest(photo)}", headers=auditor),
+        client.get("/api/v1/quarantine", query_string={"device_id": "PDA-AUDR"}, headers=auditor),
+    ]
+
+    assert [a.status_code for a in answers] == [200] * len(answers), [
+        a.get_data()[:300] for a in answers if a.status_code != 200
+    ]
+    with committed_app.app_context():
+        entries = db.session.execute(
+            select(AuditEntry.id, AuditEntry.action, AuditEntry.subject_key)
+            .where(AuditEntry.id > before)
+            .order_by(AuditEntry.id)
+        ).all()
+        filed: dict[int, list[str]] = {}
+        for entry_id, number in db.session.execute(
+            select(AuditEntryParcel.entry_id, AuditEntryParcel.tracking_no).where(
+                AuditEntryParcel.entry_id > before
+            )
+        ):
+            filed.setdefault(entry_id, []).append(number)
+    shown = [(action, key, sorted(filed.get(entry_id, []))) for entry_id, action, key in entries]
+    assert shown == [
+        ("proofs_searched", f"shift:{shift_id}", [delivered]),
+        ("parcel_read", str(shift_id), [delivered]),
+        ("quarantine_searched", f"shift:{shift_id}", [refused]),
+        *(("proofs_searched", f"flag:{flag_id}", [delivered]) for flag_id in flag_ids),
+        ("blob_read", digest(photo), []),
+        ("blob_read", digest(photo), []),
+        ("quarantine_searched", "search", [refused]),
+    ], shown

@@ -395,6 +395,11 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> Sto
         try:
             store.verify(digest, size=existing.size_bytes)
         except FileNotFoundError:
+            log.warning(
+                "the file of blob %s was missing from the store; replaced by the same "
+                "image uploaded again",
+                digest,
+            )
             store.put(digest, data)  # the file was lost; these bytes are verified
             return StoredImage(existing, created=False, replaced="missing")
         except BytesAltered as altered:

@@ -139,13 +139,26 @@ def test_auditors_cannot_upload(client: FlaskClient, auth: Auth, world: World) -
 
 
 def test_a_lost_file_is_restored_by_uploading_again(
-    app: Flask, client: FlaskClient, session: Any, courier: dict[str, str]
+    app: Flask,
+    client: FlaskClient,
+    session: Any,
+    courier: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Put back, on the audit log and in the server's log at WARNING, as a file found
+    altered is: a file gone from the store is lost data, or deleted by someone."""
     data = image_bytes()
     put(client, courier, data)
     store = FileBlobStore(app.config["BLOB_DIR"])
     store.path(digest(data)).unlink()
-    assert put(client, courier, data).status_code == 200
+    with caplog.at_level(logging.WARNING, logger="sync.blobs"):
+        assert put(client, courier, data).status_code == 200
+    assert any(
+        r.levelno == logging.WARNING
+        and digest(data) in r.getMessage()
+        and "missing" in r.getMessage()
+        for r in caplog.records
+    )
     assert store.read(digest(data), size=len(data)) == data
     found = session.scalars(
         select(AuditEntry.details).where(AuditEntry.action == "blob_bytes_restored")

@@ -24,6 +24,9 @@ from sync.sql import aborted_for_a_conflict, flushed_connection
 
 EXTENSION_KEY = "courier_api.database"
 T = TypeVar("T")
+# ``Database.kept_across_runs``: writes what the request's runs kept (the dict), in the
+# session given, when no run stored it.
+KeptWriter = Callable[[Session, dict[Any, Any]], None]
 log = logging.getLogger(__name__)
 
 # The answer's code when PostgreSQL aborted the request's transaction every time it was
@@ -199,11 +202,22 @@ class Database:
         cookie session unchanged by the request (a flash, a sign-in, a new form token).
         A run's effects beyond its transaction go through the outbox, written in it
         (an image's bytes are content-addressed: put twice, the same file; what a run found
-        there and put right is kept for the next, ``kept_across_runs``). The view's
+        there and put right is kept for the next, ``kept_across_runs``, and written apart
+        if no run stores it). The view's
         sign-in check (``require_auth``, ``page``) runs again first, in the fresh
         session: an account disabled or a PDA reported lost meanwhile stops it."""
         # Kept for this request's runs alone, even in an app context several share (tests).
         setattr(g, _KEPT_ACROSS_RUNS, {})
+        setattr(g, _IF_NOTHING_STORED, {})
+        try:
+            result = self._runs(dispatch, attempts)
+        except Exception:
+            self._write_what_runs_kept()
+            raise
+        self._write_what_runs_kept()
+        return result
+
+    def _runs(self, dispatch: Callable[[], T], attempts: int) -> T:
         for attempt in range(1, attempts + 1):
             try:
                 return dispatch()
@@ -226,13 +240,48 @@ class Database:
         raise AssertionError("unreachable: attempts must be at least 1")
 
     @staticmethod
-    def kept_across_runs(name: str) -> dict[Any, Any]:
+    def kept_across_runs(
+        name: str, *, if_nothing_stored: KeptWriter | None = None
+    ) -> dict[Any, Any]:
         """A dict that every run of the current request shares (``dispatched_retrying_conflicts``
         runs it again in a fresh session, not in a fresh request): what a run did beyond
         its transaction, that the run after it finds done and must still put on record
-        (an image's bytes put back: the next run finds them whole)."""
+        (an image's bytes put back: the next run finds them whole).
+
+        ``if_nothing_stored`` puts it on record when no run did: each run writes what it
+        keeps in the transaction it commits, so when the runs are over (the last one
+        aborted too, a 503; an error not run again; an answer without a commit) with
+        nothing of the request committed and the dict not empty, it is called once, with
+        the dict and a session of its own committed after it (``write_apart``); the
+        request's own session is discarded first, uncommitted. Each run passes the same
+        writer; the first one's is kept."""
+        if if_nothing_stored is not None:
+            g.setdefault(_IF_NOTHING_STORED, {}).setdefault(name, if_nothing_stored)
         kept: dict[Any, Any] = g.setdefault(_KEPT_ACROSS_RUNS, {}).setdefault(name, {})
         return kept
+
+    def _write_what_runs_kept(self) -> None:
+        """The ``if_nothing_stored`` writers of ``kept_across_runs``, once the request's
+        runs are over, if nothing of it committed. One that fails (the database still
+        gone) is logged with what it would have written: the server's log then holds
+        what the database does not."""
+        writers = g.pop(_IF_NOTHING_STORED, {})
+        if not writers or g.get(_COMMITTED, False):
+            return
+        kept_by_name = g.get(_KEPT_ACROSS_RUNS, {})
+        pending = [
+            (write, kept_by_name[name])
+            for name, write in writers.items()
+            if kept_by_name.get(name)
+        ]
+        if not pending:
+            return
+        self._discard_session()  # nothing of it is stored: write_apart must not commit it
+        for write, kept in pending:
+            try:
+                self.write_apart(lambda session, write=write, kept=kept: write(session, kept))
+            except Exception:
+                log.exception("what the request's runs found could not be recorded: %s", kept)
 
     @staticmethod
     def _discard_session() -> None:
@@ -300,8 +349,10 @@ def _refusal_stands(session: Session) -> None:
         raise refused
 
 
-# ``g``: the dicts of ``Database.kept_across_runs``, by name.
+# ``g``: the dicts of ``Database.kept_across_runs``, by name, and their writers for a
+# request that stores nothing.
 _KEPT_ACROSS_RUNS = "courier_api.kept_across_runs"
+_IF_NOTHING_STORED = "courier_api.if_nothing_stored"
 
 # ``g``: whether anything of the current request has committed (``dispatched_retrying_conflicts``).
 _COMMITTED = "db_committed"

@@ -24,7 +24,7 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -294,7 +294,9 @@ def store_blob(
     digest ("missing" or "altered"), kept across them by the caller. The bytes are put
     back outside the transaction: a run aborted after that (PostgreSQL, for a conflict)
     and run again finds them whole, and its ``BYTES_RESTORED`` entry would be lost with
-    the aborted transaction, the only trace of the file's loss or alteration."""
+    the aborted transaction, the only trace of the file's loss or alteration. When no
+    run commits (every one aborted), the caller writes them in a transaction of its own
+    (``record_bytes_restored``)."""
     check_digest(digest)
     if len(data) > max_bytes:
         raise LimitExceeded(
@@ -317,15 +319,30 @@ def store_blob(
             stored = dataclasses.replace(stored, replaced=found_before[digest])
     _record_upload(session, digest, station_id, uploaded_by)
     if stored.replaced is not None:
+        record_bytes_restored(
+            session=session,
+            found={digest: stored.replaced},
+            uploaded_by=uploaded_by,
+            station_id=station_id,
+        )
+    return stored
+
+
+def record_bytes_restored(
+    *, session: Session, found: Mapping[str, str], uploaded_by: int, station_id: int | None
+) -> None:
+    """``BYTES_RESTORED`` for each image of ``found`` (digest: "missing" or "altered"),
+    by its uploader: in the upload's transaction, or in one of its own when every run of
+    the upload was aborted after one put the bytes back (``found_before``)."""
+    for digest, what in sorted(found.items()):
         audit.append(
             session=session,
             actor_id=uploaded_by,
             action=BYTES_RESTORED,
             subject_type="blob",
             subject_key=digest,
-            details={"found": stored.replaced, "station_id": station_id},
+            details={"found": what, "station_id": station_id},
         )
-    return stored
 
 
 def check_unnamed_uploads(

@@ -6,20 +6,23 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
+from sqlalchemy.exc import OperationalError
 
-from models import AuditEntry, Blob, Flag, FlagStatus
-from sync import blobs
+from courier_api.app import REQUEST_ATTEMPTS
+from models import AuditEntry, Blob, Flag, FlagStatus, User
+from sync import audit, blobs
 from sync.blobs import FileBlobStore
 from tests import factories
 from tests.conftest import Auth, World
-from tests.courier_api.test_transaction_conflicts import aborted
+from tests.courier_api.test_transaction_conflicts import aborted, assert_transaction_conflict
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (8, 6)) -> bytes:
@@ -252,6 +255,119 @@ def test_bytes_restored_by_an_upload_postgresql_aborts_are_on_record_once(
     assert (
         session.scalar(select(func.count()).where(AuditEntry.action == "blob_bytes_restored")) == 1
     )
+
+
+def alter(path: Path, genuine: bytes, found: str) -> None:
+    """The stored file of ``genuine`` lost (``missing``) or one bit changed (``altered``)."""
+    if found == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(genuine[:-1] + bytes([genuine[-1] ^ 1]))
+
+
+@pytest.mark.parametrize("found", ["missing", "altered"])
+@pytest.mark.parametrize("aborted_runs", [REQUEST_ATTEMPTS - 1, REQUEST_ATTEMPTS])
+def test_bytes_restored_by_an_upload_postgresql_aborts_every_time_are_on_record_once(
+    app: Flask,
+    client: FlaskClient,
+    session: Any,
+    connection: Connection,
+    world: World,
+    courier: dict[str, str],
+    found: str,
+    aborted_runs: int,
+) -> None:
+    """Every run of the upload PostgreSQL aborts, at its audit entry: the server gives
+    up, a 503 ``transaction_conflict``, with the genuine bytes put back by the first run
+    (outside the transaction). Nothing of the request's transaction is kept, yet what its
+    runs found must be: the upload sent again finds the file whole, and the tampering
+    (or the loss) would be on record nowhere. Written in a transaction of its own when
+    the server gives up: once, as a run that succeeds after aborted ones writes it once
+    (with its upload)."""
+    genuine = image_bytes()
+    name = digest(genuine)
+    assert put(client, courier, genuine).status_code == 201
+    path = FileBlobStore(app.config["BLOB_DIR"]).path(name)
+    alter(path, genuine, found)
+    with aborted(connection, "deadlock_detected", runs=aborted_runs, into="audit_entry") as failed:
+        response = put(client, courier, genuine)
+    assert len(failed) == aborted_runs
+    if aborted_runs == REQUEST_ATTEMPTS:
+        assert_transaction_conflict(response)
+    else:
+        assert response.status_code == 200, response.get_json()
+    assert path.read_bytes() == genuine
+    restored = AuditEntry.action == "blob_bytes_restored"
+    [entry] = session.scalars(select(AuditEntry).where(restored)).all()
+    uploader = session.scalar(select(User.id).where(User.username == "courier1"))
+    assert (entry.actor_id, entry.subject_key) == (uploader, name)
+    assert entry.details == {"found": found, "station_id": world.station.id}
+    assert audit.verify(session=session).ok
+    # Sent again, the file whole: nothing more on record.
+    assert put(client, courier, genuine).status_code == 200
+    assert session.scalar(select(func.count()).where(restored)) == 1
+
+
+def test_bytes_restored_by_an_upload_the_database_then_fails_are_on_record(
+    app: Flask,
+    client: FlaskClient,
+    session: Any,
+    connection: Connection,
+    courier: dict[str, str],
+) -> None:
+    """An error that is no conflict (the connection lost, a busy SQLite file) is not run
+    again: the upload's one run is a 503 ``database_unavailable`` after it put altered
+    bytes back. What it found is written apart all the same."""
+    genuine = image_bytes()
+    assert put(client, courier, genuine).status_code == 201
+    path = FileBlobStore(app.config["BLOB_DIR"]).path(digest(genuine))
+    alter(path, genuine, "altered")
+    failed: list[str] = []
+
+    def lost(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO audit_entry ") and not failed:
+            failed.append(statement)
+            raise OperationalError(statement, {}, Exception("server closed the connection"))
+
+    event.listen(connection, "before_cursor_execute", lost)
+    try:
+        response = put(client, courier, genuine)
+    finally:
+        event.remove(connection, "before_cursor_execute", lost)
+    assert len(failed) == 1
+    assert (response.status_code, response.get_json()["code"]) == (503, "database_unavailable")
+    restored = AuditEntry.action == "blob_bytes_restored"
+    [details] = session.scalars(select(AuditEntry.details).where(restored)).all()
+    assert details["found"] == "altered"
+
+
+def test_bytes_restored_that_cannot_be_recorded_at_all_are_in_the_server_log(
+    app: Flask,
+    client: FlaskClient,
+    session: Any,
+    connection: Connection,
+    courier: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every run aborted, and the write apart too: the finding is logged at ERROR with
+    the image it is about, the one trace left of it."""
+    genuine = image_bytes()
+    name = digest(genuine)
+    assert put(client, courier, genuine).status_code == 201
+    alter(FileBlobStore(app.config["BLOB_DIR"]).path(name), genuine, "altered")
+    with (
+        caplog.at_level(logging.ERROR, logger="courier_api.database"),
+        aborted(connection, "deadlock_detected", into="audit_entry") as failed,
+    ):
+        response = put(client, courier, genuine)
+    assert len(failed) == REQUEST_ATTEMPTS + 1  # the runs, then the write apart
+    assert_transaction_conflict(response)
+    assert any(
+        r.levelno == logging.ERROR and name in r.getMessage() and "altered" in r.getMessage()
+        for r in caplog.records
+    )
+    restored = AuditEntry.action == "blob_bytes_restored"
+    assert session.scalar(select(func.count()).where(restored)) == 0
 
 
 def test_bytes_restored_are_carried_to_the_runs_of_their_own_request_alone(

@@ -20,6 +20,7 @@ from sync.blobs import (
     get_blob,
     may_read_blob,
     read_image,
+    record_bytes_restored,
     store_blob,
 )
 from sync.status import rejudge_after_upload
@@ -98,7 +99,16 @@ class BlobBySha256(MethodView):
             max_bytes=current_app.config["MAX_BLOB_BYTES"],
             station_id=principal.station_id,
             uploaded_by=principal.user_id,
-            found_before=db.kept_across_runs("blob_bytes_found"),
+            # Put on record apart if every run is aborted after one put the bytes back.
+            found_before=db.kept_across_runs(
+                "blob_bytes_found",
+                if_nothing_stored=lambda session, found: record_bytes_restored(
+                    session=session,
+                    found=found,
+                    uploaded_by=principal.user_id,
+                    station_id=principal.station_id,
+                ),
+            ),
         )
         blob, created = stored.blob, stored.created
         if stored.arrived:  # new, or back after the retention purge deleted it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jwt as pyjwt
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -245,6 +247,30 @@ def test_redaction(text: str, hidden: list[str], kept: list[str]) -> None:
         assert secret not in clean, clean
     for part in kept:
         assert part in clean, clean
+
+
+def _token_signed_without_a_digit() -> str:
+    """A real HS256 token whose signature holds no digit (one in some 1,400 does): the
+    random-string pattern (``_RANDOM``) takes only strings of upper, lower and digits."""
+    for n in itertools.count():
+        token = pyjwt.encode({"sub": "1", "n": n}, TEST_JWT_SECRET, algorithm="HS256")
+        if not any(c.isdigit() for c in token.rsplit(".", 1)[1]):
+            return token
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("glued_to", ["id_", "reset-", "x", "7", "a_b-"])
+def test_a_jwt_glued_to_a_word_is_redacted_whole(glued_to: str) -> None:
+    """A JWT right after a letter, a digit, "_" or "-" (a path ``/reset-<token>``, a
+    field ``id_<token>``) is redacted as one standing alone is: read only from the start
+    of a base64url run, it was left to the random-string pattern, which keeps a part
+    with no digit in it (a signature, one token in some 1,400) or shorter than 32
+    characters (a small payload), so the log kept what signs the token."""
+    token = _token_signed_without_a_digit()
+    header, payload, signature = token.split(".")
+    clean = redact(f"GET /{glued_to}{token}/next 404")
+    assert signature not in clean and payload not in clean, clean
+    assert clean == f"GET /{glued_to}[jwt]/next 404"
 
 
 @pytest.mark.parametrize(

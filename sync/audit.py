@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from models import AuditEntry, AuditEntryParcel, QuarantinedEvent, ScanEvent, utcnow
 from sync import sign_in_limits
 from sync.errors import InvalidInput
+from sync.paging import MAX_PAGE_SIZE
 from sync.sign_in_limits import Limit
 from sync.sql import among_at_once
 from sync.tracking import normalize
@@ -35,7 +36,6 @@ GENESIS_HASH = "0" * 64
 # that no other lock of this database uses; this one spells "audit" in ASCII).
 APPEND_LOCK_KEY = 0x6175646974
 VERIFY_CHUNK = 1000  # rows fetched at a time while verifying
-MAX_PAGE_SIZE = 500
 MAX_TRACKING_NO = 40  # characters: AuditEntry.tracking_no, as every table keeps one
 PROGRESS_EVERY = 10_000
 _DEFERRED = "audit_deferred"  # session.info key: the entries ``deferred`` holds back

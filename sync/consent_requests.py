@@ -53,11 +53,11 @@ from models import (
 from sync import audit, consents, feed, outbox
 from sync.errors import Conflict, InvalidInput, NotFound, RateLimited
 from sync.events import shifted
+from sync.paging import MAX_PAGE_SIZE
 from sync.sign_in_limits import Limit, window_text
 from sync.sql import among, chunks, created_once
 from sync.tracking import normalize
 
-MAX_PAGE_SIZE = 500
 MAX_TTL = dt.timedelta(hours=24)
 # A request the recipient answered: granted (revoked since, maybe) or refused.
 ANSWERED = (

@@ -15,11 +15,11 @@ from models import Device, DeviceStatus, Role, Station, User, utcnow
 from sync import audit
 from sync.accounts import DEFAULT_PASSWORD_HASH_METHOD, hash_password
 from sync.errors import Conflict, InvalidInput, NotFound
+from sync.paging import MAX_PAGE_SIZE
 
 STATION_CODE = re.compile(r"[A-Z0-9][A-Z0-9_-]{1,31}")
 USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
-MAX_PAGE_SIZE = 500
 # The audit log's entries for a station's or a PDA's change (``_audit_changes``).
 STATION_UPDATED = "station_updated"
 DEVICE_UPDATED = "device_updated"

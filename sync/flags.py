@@ -67,11 +67,11 @@ from models import (
 from sync import audit, outbox
 from sync.acks import merged
 from sync.errors import Conflict, InvalidInput, NotFound
+from sync.paging import MAX_PAGE_SIZE
 from sync.sql import among, chunks
 from sync.tracking import normalize
 
 ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
-MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 
 # Every kind of flag there is, as the modules raising them name them (``sync.ingest``,

@@ -58,6 +58,7 @@ from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput, PermissionDenied
 from sync.handover import owned_seqs
 from sync.inversion_flags import DEFAULT_TOLERANCE, judge_write_off
+from sync.paging import MAX_PAGE_SIZE
 from sync.shifts import (
     judge_reopening,
     lock_shifts,
@@ -69,7 +70,6 @@ from sync.shifts import (
 ACTION = "lost_seqs_written_off"
 MAX_REASON_LENGTH = 2000
 RANGES_NAMED = 20  # in a refusal's message, at most
-MAX_PAGE_SIZE = 500  # write-offs listed at once, at most
 _states = DeviceSyncState.__table__
 
 

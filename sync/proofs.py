@@ -27,6 +27,7 @@ from sync.consents import consents_by_id, consents_for
 from sync.errors import InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
+from sync.paging import MAX_PAGE_SIZE
 from sync.parcels import TimelineEntry, parcel_timeline
 from sync.projection import voided_in_sql
 from sync.rules import (
@@ -61,7 +62,6 @@ METHODS = {
     "locker": EventType.DELIVERED_TO_LOCKER,
     "pickup_point": EventType.DELIVERED_TO_PICKUP_POINT,
 }
-MAX_PAGE_SIZE = 500
 
 
 @dataclass(frozen=True)

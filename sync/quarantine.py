@@ -17,11 +17,11 @@ from sqlalchemy import ColumnElement, and_, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import QuarantinedEvent, SyncBatch
+from sync.paging import MAX_PAGE_SIZE
 from sync.phones import mask_phones_in, mask_phones_in_json, shown_text
 from sync.sql import among_at_once, chunks
 from sync.tracking import normalize
 
-MAX_PAGE_SIZE = 500
 # A shift's page lists this many of its PDA's rejected events at most (a broken PDA
 # may send thousands); the list API has them all.
 SHIFT_REJECTIONS_SHOWN = 100

@@ -80,6 +80,7 @@ from sync.balances import ShiftFacts, gather
 from sync.directory import get_station
 from sync.errors import InvalidInput, NotFound
 from sync.handover import COUNT_FIELDS, BalanceStatus, compute_balance
+from sync.paging import MAX_PAGE_SIZE
 from sync.shifts import day_bounds, local_date
 from sync.spreadsheets import as_text_cell
 from sync.sql import among, chunks
@@ -93,7 +94,6 @@ SETTLE_TIME = dt.timedelta(hours=24)
 # Periods before this are refused: nothing was recorded then, and date arithmetic
 # near year 1 overflows.
 EARLIEST = dt.date(2000, 1, 1)
-MAX_PAGE_SIZE = 500
 # The query argument that names each kind's period, for errors about it.
 PERIOD_FIELD = {ReportKind.DAILY: "date", ReportKind.WEEKLY: "week", ReportKind.MONTHLY: "month"}
 SCALAR_METRICS = (

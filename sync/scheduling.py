@@ -38,6 +38,7 @@ from sqlalchemy import case, delete, event, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import JobRun, SchedulerLease
+from sync.paging import MAX_PAGE_SIZE
 from sync.sql import insert_ignoring_conflict
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ NOT_DUE, STANDBY = "not_due", "standby"
 # full interval ago counts as due, so timer jitter never skips a run.
 DUE_SLACK = 0.1
 MAX_ERROR_LENGTH = 4000
-MAX_PAGE_SIZE = 500
 
 LEASE = SchedulerLease.__table__
 RUNS = JobRun.__table__

@@ -63,11 +63,11 @@ from sync.flags import (
     reopen_flag,
 )
 from sync.handover import Balance, first_seq_after
+from sync.paging import MAX_PAGE_SIZE
 from sync.rules import Policy
 from sync.sql import Prebuilt, among_at_once, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 
-MAX_PAGE_SIZE = 500
 MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
 # Seqs a shift may declare used beyond the highest the server holds from its PDA or an

@@ -81,6 +81,7 @@ from sync.consent_requests import effective_status
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag
 from sync.outbox import TOPICS, covers, forget_subscriptions
+from sync.paging import MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ MAX_URL_LENGTH = 2000
 MAX_DESCRIPTION_LENGTH = 200
 MAX_ERROR_BODY = 500  # characters of a failed answer's body kept in last_error
 MAX_ERROR_LENGTH = 1000
-MAX_PAGE_SIZE = 500
 # Deliveries claimed at a time: each claim lasts as long as its sends may take, so a
 # worker that dies leaves at most this many deliveries waiting for the claim to expire.
 CLAIM_BATCH = 10

@@ -18,6 +18,7 @@ from courier_api.auth import require_auth
 from courier_api.errors import http_exception_body
 from models import Role
 from sync.events import nested_deeper_than
+from sync.paging import MAX_PAGE_SIZE
 
 
 class ErrorSchema(ma.Schema):
@@ -231,8 +232,8 @@ class PageArgs(ma.Schema):
 
     limit = ma.fields.Integer(
         load_default=100,
-        validate=ma.validate.Range(min=1, max=500),
-        metadata={"description": "Items per page (1-500)"},
+        validate=ma.validate.Range(min=1, max=MAX_PAGE_SIZE),
+        metadata={"description": f"Items per page (1-{MAX_PAGE_SIZE})"},
     )
 
 

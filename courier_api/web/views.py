@@ -108,6 +108,7 @@ from sync.pages import (
     shift_page,
     users_seen_by,
 )
+from sync.paging import MAX_PAGE_SIZE
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
     DELIVERY_TYPES,
@@ -1045,7 +1046,7 @@ def _couriers(station: Station | None) -> list[User]:
         return []
     return list(
         directory.list_users(
-            session=db.session, station_id=station.id, role=Role.COURIER, limit=500
+            session=db.session, station_id=station.id, role=Role.COURIER, limit=MAX_PAGE_SIZE
         )
     )
 
@@ -1053,7 +1054,7 @@ def _couriers(station: Station | None) -> list[User]:
 def _stations_to_pick() -> list[Station]:
     if not current_principal().is_cross_station:
         return []
-    return list(directory.list_stations(session=db.session, limit=500))
+    return list(directory.list_stations(session=db.session, limit=MAX_PAGE_SIZE))
 
 
 def _proof_query(args: dict[str, Any]) -> tuple[ProofQuery, Station | None]:

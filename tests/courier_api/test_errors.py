@@ -2,10 +2,14 @@
 
 from pathlib import Path
 
+import marshmallow as ma
 import pytest
 from flask.testing import FlaskClient
 
+from courier_api.api.base import PageArgs
+from courier_api.api.sync.schemas import PullArgs
 from courier_api.errors import LOCATIONS, validation_message
+from sync.paging import MAX_PAGE_SIZE
 from tests import factories
 from tests.conftest import Auth, World, make_test_app
 
@@ -225,3 +229,13 @@ def test_every_kind_of_error_names_its_field_as_the_reference_says(
         assert_fields_named_as_documented(body)
     assert answers["400"].get_json()["errors"] == {"body": [answers["400"].get_json()["message"]]}
     assert answers["415"].get_json()["errors"] == {"Content-Type": ["must be application/json"]}
+
+
+@pytest.mark.parametrize("schema", [PageArgs, PullArgs], ids=["page", "pull"])
+def test_a_page_is_bounded_by_the_services_page_size(schema: type[ma.Schema]) -> None:
+    """The API's bound on ``limit`` is the page size the services clamp to
+    (``sync.paging``): asking for the most they give is taken, one more refused."""
+    assert schema().load({"limit": str(MAX_PAGE_SIZE)})["limit"] == MAX_PAGE_SIZE
+    with pytest.raises(ma.ValidationError) as refused:
+        schema().load({"limit": str(MAX_PAGE_SIZE + 1)})
+    assert "limit" in refused.value.messages

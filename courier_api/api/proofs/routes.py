@@ -35,9 +35,9 @@ from courier_api.extensions import db
 from models import Flag, Parcel, Role
 from sync.flags import latest_decisions
 from sync.pages import user_ref
+from sync.paging import MAX_PAGE_SIZE
 from sync.phones import mask_phone, shown_text
 from sync.proofs import (
-    MAX_PAGE_SIZE,
     METHODS,
     DropConsent,
     Proof,

@@ -23,6 +23,7 @@ from sync.events import (
     EventRejected,
     parse_time,
 )
+from sync.paging import MAX_PAGE_SIZE
 
 
 class DeviceTime(ma.fields.String):
@@ -289,7 +290,9 @@ class PullArgs(ma.Schema):
     cursor = ma.fields.String(
         metadata={"description": "next_cursor of the previous page; omit to start over"}
     )
-    limit = ma.fields.Integer(load_default=100, validate=ma.validate.Range(min=1, max=500))
+    limit = ma.fields.Integer(
+        load_default=100, validate=ma.validate.Range(min=1, max=MAX_PAGE_SIZE)
+    )
     wait = ma.fields.Integer(
         load_default=0,
         validate=ma.validate.Range(min=0, max=3600),

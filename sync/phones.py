@@ -161,6 +161,12 @@ def mask_phones_in_json(document: str) -> str:
     return json.dumps(_masked_value(value, keys=True), ensure_ascii=True, sort_keys=True)
 
 
+def shown_phone(e164: str | None, *, unmasked: bool) -> str | None:
+    """A phone number as its reader may see it: whole for an auditor (``unmasked``),
+    else masked (``mask_phone``; rule 7)."""
+    return e164 if unmasked else mask_phone(e164)
+
+
 def shown_text(text: str | None, *, unmasked: bool) -> str | None:
     """Free text as its reader may see it: whole for an auditor (``unmasked``), else with
     every phone number in it masked (rule 7)."""

@@ -109,7 +109,7 @@ from sync.pages import (
     users_seen_by,
 )
 from sync.paging import MAX_PAGE_SIZE
-from sync.phones import mask_phone, shown_text
+from sync.phones import shown_phone, shown_text
 from sync.proofs import (
     DELIVERY_TYPES,
     METHODS,
@@ -176,12 +176,13 @@ def security_headers(response: Response) -> Response:
 @bp.context_processor
 def page_context() -> dict[str, Any]:
     viewer = g.get("viewer")
+    unmasked = bool(viewer and viewer.is_auditor)
     return {
         "viewer": viewer,
         "csrf_token": csrf_token,
-        "shown_phone": lambda e164: e164 if viewer and viewer.is_auditor else mask_phone(e164),
+        "shown_phone": lambda e164: shown_phone(e164, unmasked=unmasked),
         # Free text (a courier's reason): a phone number typed into it is masked alike.
-        "shown_text": lambda text: shown_text(text, unmasked=bool(viewer and viewer.is_auditor)),
+        "shown_text": lambda text: shown_text(text, unmasked=unmasked),
         "outcome_labels": OUTCOME_LABELS,
     }
 

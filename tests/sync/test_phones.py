@@ -11,6 +11,7 @@ from sync.phones import (
     mask_phones_in,
     mask_phones_in_message,
     normalize_phone,
+    shown_phone,
     shown_text,
 )
 
@@ -30,6 +31,17 @@ def test_invalid_numbers_name_the_field() -> None:
 def test_masking_keeps_country_code_and_last_four_digits() -> None:
     assert mask_phone("+8613812345678") == "+86*******5678"
     assert mask_phone(None) is None
+
+
+def test_a_phone_number_is_shown_whole_to_an_auditor_only() -> None:
+    """Rule 7: the recipient's number as each reader is shown it, wherever it is shown
+    (a parcel, a proof, a consent, a page)."""
+    assert shown_phone("+8613812345678", unmasked=True) == "+8613812345678"
+    assert shown_phone("+8613812345678", unmasked=False) == "+86*******5678"
+    assert shown_phone("+442079460958", unmasked=False) == mask_phone("+442079460958")
+    for unmasked in (True, False):
+        assert shown_phone(None, unmasked=unmasked) is None  # none on record
+        assert shown_phone("", unmasked=unmasked) == ""
 
 
 def test_a_webhook_message_masks_its_recipient_phone_as_a_number_and_the_rest_as_text() -> None:

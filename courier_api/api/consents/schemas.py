@@ -9,7 +9,7 @@ from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import ConsentChannel, ConsentMethod, ConsentScope
 from sync.consent_requests import SHOWN_STATUSES, effective_status
-from sync.phones import mask_phone, shown_text
+from sync.phones import shown_phone, shown_text
 
 
 class ConsentIn(ma.Schema):
@@ -350,8 +350,7 @@ def consent_view(consent: Any, *, unmasked: bool, voided: bool) -> dict[str, Any
         name: getattr(consent, name) for name in ConsentOut._declared_fields if name != "voided"
     }
     view["voided"] = voided
-    if not unmasked:
-        view["recipient_phone"] = mask_phone(consent.recipient_phone)
+    view["recipient_phone"] = shown_phone(consent.recipient_phone, unmasked=unmasked)
     # Free text: a courier or a channel may have written the number in it.
     for name in ("evidence", "revoked_reason"):
         view[name] = shown_text(view[name], unmasked=unmasked)

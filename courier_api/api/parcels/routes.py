@@ -20,7 +20,7 @@ from sync.parcels import (
     parcel_not_found,
     parcel_timeline,
 )
-from sync.phones import mask_phone, mask_phones_in_value
+from sync.phones import mask_phones_in_value, shown_phone
 
 blp = ApiBlueprint("parcels", __name__, url_prefix="/api/v1/parcels", description="Parcels")
 
@@ -121,9 +121,7 @@ def parcel_view(parcel: Parcel, *, unmasked: bool) -> dict[str, Any]:
         "service_class": parcel.service_class,
         "station_id": parcel.station_id,
         "recipient_name": parcel.recipient_name,
-        "recipient_phone": parcel.recipient_phone
-        if unmasked
-        else mask_phone(parcel.recipient_phone),
+        "recipient_phone": shown_phone(parcel.recipient_phone, unmasked=unmasked),
         "address": parcel.address,
         "lat": parcel.lat,
         "lon": parcel.lon,

@@ -36,7 +36,7 @@ from models import Flag, Parcel, Role
 from sync.flags import latest_decisions
 from sync.pages import user_ref
 from sync.paging import MAX_PAGE_SIZE
-from sync.phones import mask_phone, shown_text
+from sync.phones import shown_phone, shown_text
 from sync.proofs import (
     METHODS,
     DropConsent,
@@ -186,10 +186,9 @@ def _recipient(parcel: Parcel | None, *, auditor: bool) -> dict[str, Any]:
     """The parcel's own fields of a proof: all null for a parcel not taken in."""
     if parcel is None:
         return dict.fromkeys(("recipient_name", "recipient_phone", "address", "service_class"))
-    phone = parcel.recipient_phone
     return {
         "recipient_name": parcel.recipient_name,
-        "recipient_phone": phone if auditor else mask_phone(phone),
+        "recipient_phone": shown_phone(parcel.recipient_phone, unmasked=auditor),
         "address": parcel.address,
         "service_class": parcel.service_class,
     }

@@ -772,43 +772,36 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
 @bp.post("/flags/<id:flag_id>/acknowledge")
 @page(*DECIDERS)
 def acknowledge_flag(flag_id: int) -> ResponseReturnValue:
-    found = flags.get_flag(session=db.session, flag_id=flag_id)
-    ensure_visible(found.station_id, flags.flag_not_found(flag_id))
-
-    def acknowledge() -> None:
-        form = parse(DecisionForm(), request.form)
-        flags.acknowledge_flag(
-            session=db.session,
-            flag=found,
-            user_id=current_principal().user_id,
-            note=form["note"],
-            seen_version=form["evidence_version"],
-        )
-
-    decided = _decide(
-        acknowledge, done=f"Flag {flag_id} is acknowledged.", refused="Not acknowledged"
-    )
-    return _after_flag_decision(found, "acknowledge", decided)
+    return _decide_flag(flag_id, "acknowledge", flags.acknowledge_flag, done="acknowledged")
 
 
 @bp.post("/flags/<id:flag_id>/resolve")
 @page(*DECIDERS)
 def resolve_flag(flag_id: int) -> ResponseReturnValue:
+    return _decide_flag(flag_id, "resolve", flags.resolve_flag, done="resolved")
+
+
+def _decide_flag(
+    flag_id: int, action: str, decision: Callable[..., Flag], *, done: str
+) -> ResponseReturnValue:
+    """A flag's ``action`` form sent: ``decision`` (``flags.acknowledge_flag`` or
+    ``flags.resolve_flag``) taken on the evidence the page showed, the page then saying
+    the flag is ``done`` or why it is not (``_after_flag_decision``)."""
     found = flags.get_flag(session=db.session, flag_id=flag_id)
     ensure_visible(found.station_id, flags.flag_not_found(flag_id))
 
-    def resolve() -> None:
+    def decide() -> None:
         form = parse(DecisionForm(), request.form)
-        flags.resolve_flag(
+        decision(
             session=db.session,
             flag=found,
             user_id=current_principal().user_id,
-            note=form["note"] or "",
+            note=form["note"] or "",  # left empty: no note (``flags`` reads "" as none)
             seen_version=form["evidence_version"],
         )
 
-    decided = _decide(resolve, done=f"Flag {flag_id} is resolved.", refused="Not resolved")
-    return _after_flag_decision(found, "resolve", decided)
+    decided = _decide(decide, done=f"Flag {flag_id} is {done}.", refused=f"Not {done}")
+    return _after_flag_decision(found, action, decided)
 
 
 def _after_flag_decision(found: Flag, action: str, decided: bool) -> ResponseReturnValue:

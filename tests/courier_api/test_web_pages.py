@@ -1426,6 +1426,7 @@ def test_a_manager_acknowledges_then_resolves_a_flag_and_returns_to_the_queue(
     back = "/web/flags?kind=unauthorized_locker_drop"
     response = pages.post(f"/web/flags/{flag.id}/acknowledge", note="on it", next=back)
     assert response.status_code == 302 and response.location == back
+    assert f"Flag {flag.id} is acknowledged." in pages.get(back)
     response = pages.post(f"/web/flags/{flag.id}/resolve", note="", next=back)
     # Refused: the queue again, as filtered, its forms coming back to it.
     assert response.status_code == 200

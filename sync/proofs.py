@@ -90,6 +90,14 @@ class Proof:
         """Whose proof it is (``proof_station``)."""
         return proof_station(self.event, self.parcel)
 
+    @property
+    def clock_offset_ms(self) -> int:
+        """The correction its time was given, in whole milliseconds: its PDA's clock
+        minus the server's, as estimated from the PDA's pushes (``occurred_at_device`` -
+        ``occurred_at``)."""
+        gap = self.event.occurred_at_device - self.event.occurred_at
+        return round(gap / dt.timedelta(milliseconds=1))
+
 
 def proof_station(event: ScanEvent, parcel: Parcel | None) -> int:
     """Whose proof a delivery is: its parcel's station, or for a tracking number not

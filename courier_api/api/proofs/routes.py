@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import uuid
 from collections.abc import Iterator
@@ -164,10 +163,7 @@ def _view(
         "repeat_of": repeat_of,
         "occurred_at": event.occurred_at,
         "occurred_at_device": event.occurred_at_device,
-        # the correction applied: the PDA's clock minus the server's, as estimated
-        "clock_offset_ms": round(
-            (event.occurred_at_device - event.occurred_at) / dt.timedelta(milliseconds=1)
-        ),
+        "clock_offset_ms": proof.clock_offset_ms,
         "seq": event.seq,
         "received_at": event.received_at,
         **_recipient(parcel, auditor=auditor),

@@ -58,6 +58,7 @@ from sync.inversion_flags import DEFAULT_TOLERANCE, rejudge_flags, rejudge_writt
 from sync.rules import Policy
 from sync.sql import aborted_for_a_conflict
 from sync.status import ReprojectOutcome, reproject
+from sync.wording import counted
 
 REJUDGE_STARTED_ACTION = "parcels_rejudge_started"
 REJUDGED_ACTION = "parcels_rejudged"
@@ -83,14 +84,18 @@ class RejudgeTotals:
     inversion_flags_raised: int = 0
 
     def summary(self) -> str:
+        bounds = counted(self.drop_bounds_changed, "drop's bounds", "drops' bounds")
         return (
-            f"{self.parcels} parcels judged again: {self.status_changed} changed status, "
-            f"{self.flags_raised} rule flags raised, {self.flags_rejudged} closed or "
-            f"changed, {self.handover_flags_raised} handover flags of closed shifts raised, "
-            f"{self.drop_bounds_changed} drops' bounds repaired; time_inversion flags "
-            f"judged again: {self.inversion_seqs_withdrawn} seqs withdrawn, "
-            f"{self.inversion_flags_closed} flags closed, {self.inversion_flags_raised} "
-            "raised (across seqs written off, or at their later event's station)"
+            f"{counted(self.parcels, 'parcel')} judged again: {self.status_changed} changed "
+            f"status, {counted(self.flags_raised, 'rule flag')} raised, {self.flags_rejudged} "
+            f"closed or changed, {counted(self.handover_flags_raised, 'handover flag')} of "
+            "closed shifts raised, "
+            f"{bounds} repaired; "
+            "time_inversion flags judged again: "
+            f"{counted(self.inversion_seqs_withdrawn, 'seq')} withdrawn, "
+            f"{counted(self.inversion_flags_closed, 'flag')} closed, "
+            f"{self.inversion_flags_raised} raised (across seqs written off, or at their later "
+            "event's station)"
         )
 
 

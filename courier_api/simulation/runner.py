@@ -37,6 +37,7 @@ from courier_api.simulation.plan import (
     expected_outcome,
 )
 from models import ServiceClass, utcnow
+from sync.wording import counted
 
 DAY_LENGTH = dt.timedelta(minutes=35)  # the span the day's events are dated over
 DAY_ENDS_BEFORE_NOW = dt.timedelta(minutes=10)
@@ -86,8 +87,8 @@ class Simulation:
         self.channel = self._sign_in(self.names.integration, self.names.integration_password)
         self._take_in()
         self.progress(
-            f"station {self.names.station_code}: {_counted(len(self.plan.couriers), 'courier')}, "
-            f"{_counted(len(self.plan.parcels), 'parcel')} taken in"
+            f"station {self.names.station_code}: {counted(len(self.plan.couriers), 'courier')}, "
+            f"{counted(len(self.plan.parcels), 'parcel')} taken in"
         )
         start = utcnow() - DAY_ENDS_BEFORE_NOW - DAY_LENGTH
         lost: dict[str, int] = {}
@@ -101,12 +102,12 @@ class Simulation:
             self.progress(
                 f"courier {courier.index}/{len(self.plan.couriers)} {courier.username}"
                 f"{' (' + ', '.join(sorted(courier.traits)) + ')' if courier.traits else ''}: "
-                f"{_counted(len(courier.parcels), 'parcel')}, {_counted(pda.seq, 'event')} in "
-                f"{_counted(pda.pushes, 'push')}"
+                f"{counted(len(courier.parcels), 'parcel')}, {counted(pda.seq, 'event')} in "
+                f"{counted(pda.pushes, 'push')}"
                 f"{f', {len(pda.never_sent)} never sent' if pda.never_sent else ''}"
             )
         signed = self._sign_off_what_balances()
-        self.progress(f"manager signed off {_counted(signed, 'balanced shift')}")
+        self.progress(f"manager signed off {counted(signed, 'balanced shift')}")
         return Result(self.plan, expected_outcome(self.plan, lost), self.station_id, shift_ids)
 
     def _set_up(self, admin: str) -> int:
@@ -471,13 +472,6 @@ class Pda:
 
     def _code(self, n: int) -> dict[str, Any]:
         return {"pickup_code": f"{(7919 * (n + 1) + self.plan.index) % 10_000:04d}"}
-
-
-def _counted(count: int, noun: str) -> str:
-    """``1 parcel``, ``2 parcels``, ``2 pushes``: the progress lines a person reads."""
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun}{'es' if noun.endswith(('sh', 'ch', 's')) else 's'}"
 
 
 def _signature(tracking_no: str) -> bytes:

@@ -251,6 +251,23 @@ def test_rejudge_reports_each_batch_then_the_totals(
     assert refused.exit_code == 2 and "--batch" in refused.output
 
 
+def test_rejudge_counts_one_as_one(runner: FlaskCliRunner, world: World, session: Session) -> None:
+    """A station of one parcel was told '1 parcels judged again', as import-parcels said
+    '1 rows read' and audit verify '1 entries': every count of one is singular."""
+    factories.parcel(session, world.station)
+    session.commit()
+    result = runner.invoke(args=["rejudge", "--station", "st1"])
+    assert result.exit_code == 0, result.output
+    summary = (
+        "1 parcel judged again: 0 changed status, 0 rule flags raised, 0 closed or changed, "
+        "0 handover flags of closed shifts raised, 0 drops' bounds repaired; time_inversion "
+        "flags judged again: 0 seqs withdrawn, 0 flags closed, 0 raised (across seqs "
+        "written off, or at their later event's station)"
+    )
+    assert result.stdout == f"{summary}\n"
+    assert result.stderr == f"... {summary}\n"
+
+
 def test_import_parcels_refuses_a_wrong_header(
     runner: FlaskCliRunner, world: World, tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import sqlite3
 import threading
@@ -933,3 +934,22 @@ def test_a_stations_run_judges_the_flags_on_its_board_of_a_parcel_moved_elsewher
         [],
     )
     assert (totals.inversion_seqs_withdrawn, totals.inversion_flags_closed) == (2, 1)
+
+
+def test_the_totals_count_one_of_each_as_one() -> None:
+    """Each count of one reads singular ('1 rule flag raised', '1 drop's bounds'), each
+    other count plural, as the other commands' progress lines and summaries do."""
+    ones = RejudgeTotals(**{f.name: 1 for f in dataclasses.fields(RejudgeTotals)})
+    assert ones.summary() == (
+        "1 parcel judged again: 1 changed status, 1 rule flag raised, 1 closed or changed, "
+        "1 handover flag of closed shifts raised, 1 drop's bounds repaired; time_inversion "
+        "flags judged again: 1 seq withdrawn, 1 flag closed, 1 raised (across seqs "
+        "written off, or at their later event's station)"
+    )
+    twos = RejudgeTotals(**{f.name: 2 for f in dataclasses.fields(RejudgeTotals)})
+    assert twos.summary() == (
+        "2 parcels judged again: 2 changed status, 2 rule flags raised, 2 closed or changed, "
+        "2 handover flags of closed shifts raised, 2 drops' bounds repaired; time_inversion "
+        "flags judged again: 2 seqs withdrawn, 2 flags closed, 2 raised (across seqs "
+        "written off, or at their later event's station)"
+    )

@@ -436,22 +436,23 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
 
 def _cannot_listen(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on (another server holds it), or None.
-    A name that does not resolve is left to gunicorn to report."""
+    Tried as gunicorn binds it: over IPv6 for an IPv6 address only, else over IPv4 (a
+    name such as localhost is its IPv4 address, though getaddrinfo may answer ::1
+    first), with SO_REUSEADDR, so a port left in TIME_WAIT by a server just stopped is
+    free. A name that does not resolve is left to gunicorn to report."""
     import socket
 
+    from gunicorn.util import is_ipv6
+
+    family = socket.AF_INET6 if is_ipv6(host) else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     except socket.gaierror:
         return None
-    with socket.socket(family, kind, proto) as probe:
-        # As gunicorn binds: a port left in TIME_WAIT by a server just stopped is free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            return error.strerror or str(error)
+    except OSError as error:
+        return error.strerror or str(error)
     return None
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from courier_api.cli import _cannot_listen as cannot_listen
 from courier_api.cli import courier_cli
 from courier_api.config import masked_url
 from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
@@ -577,6 +578,36 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
         "server? choose another port: --port, or make run PORT=...)"
     )
     assert "Connection in use" not in result.stderr
+
+
+def test_serve_checks_the_port_as_gunicorn_binds_a_host_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gunicorn binds a host name (`make run HOST=localhost`) over IPv4. Where /etc/hosts
+    names `::1 localhost` (most Linux systems, Docker's containers, macOS), getaddrinfo
+    answers ::1 first, and the check tried [::1]: it refused a port that only a server
+    on [::1] held (a Node dev server binds localhost there), which gunicorn takes, and
+    in a container without IPv6 it refused every port ('Cannot assign requested
+    address')."""
+    real = socket.getaddrinfo
+
+    def ipv6_first(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        loopback = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))
+        return [loopback, *real("127.0.0.1", port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    with socket.socket(socket.AF_INET6) as on_ipv6:
+        on_ipv6.bind(("::1", 0))
+        on_ipv6.listen()
+        port = on_ipv6.getsockname()[1]
+        assert cannot_listen("localhost", port) is None
+        with socket.socket() as as_gunicorn:  # gunicorn's TCPSocket: IPv4, SO_REUSEADDR
+            as_gunicorn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            as_gunicorn.bind(("localhost", port))
+            as_gunicorn.listen()
+            assert cannot_listen("localhost", port) == "Address already in use"
 
 
 def test_seed_demo_is_refused_in_production(app_with: Any, session: Session) -> None:

@@ -416,13 +416,10 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
     from courier_api.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
     from courier_api.serve import serve as run_gunicorn
 
-    in_use = _cannot_listen(host, port)
-    if in_use is not None:
+    refused = _cannot_listen(host, port)
+    if refused is not None:
         # gunicorn would try five times over five seconds, after "serving on" was printed.
-        raise click.ClickException(
-            f"cannot listen on {host}:{port}: {in_use} (another server? choose another "
-            "port: --port, or make run PORT=...)"
-        )
+        raise click.ClickException(f"cannot listen on {host}:{port}: {refused}")
     # /metrics adds up every worker's values, written to this directory (emptied now);
     # it must be set before the app, and so prometheus_client, is loaded.
     prepare_multiprocess_dir(
@@ -435,11 +432,13 @@ def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) ->
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on (another server holds it), or None.
+    """Why ``host:port`` cannot be listened on (another server holds it, the address is
+    not this machine's), with what to do, or None.
     Tried as gunicorn binds it: over IPv6 for an IPv6 address only, else over IPv4 (a
     name such as localhost is its IPv4 address, though getaddrinfo may answer ::1
     first), with SO_REUSEADDR, so a port left in TIME_WAIT by a server just stopped is
     free. A name that does not resolve is left to gunicorn to report."""
+    import errno
     import socket
 
     from gunicorn.util import is_ipv6
@@ -452,7 +451,15 @@ def _cannot_listen(host: str, port: int) -> str | None:
     except socket.gaierror:
         return None
     except OSError as error:
-        return error.strerror or str(error)
+        why = error.strerror or str(error)
+        if error.errno == errno.EADDRINUSE:
+            return f"{why} (another server? choose another port: --port, or make run PORT=...)"
+        if error.errno == errno.EADDRNOTAVAIL:
+            return (
+                f"{why} (no network interface of this machine has that address: choose "
+                "another host: --host, or make run HOST=...)"
+            )
+        return why
     return None
 
 

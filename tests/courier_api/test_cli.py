@@ -580,6 +580,32 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     assert "Connection in use" not in result.stderr
 
 
+def test_serve_on_an_address_this_machine_lacks_names_the_host_not_the_port(
+    tmp_path: Path,
+) -> None:
+    """`make run HOST=<an address copied from another machine>`: no port is free there,
+    and the line sent the person to choose another port ('another server?')."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "APP_ENV": "development",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "courier_api", "serve", "--host", "192.0.2.1", "--port", "8000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "Error: cannot listen on 192.0.2.1:8000: Cannot assign requested address (no "
+        "network interface of this machine has that address: choose another host: --host, "
+        "or make run HOST=...)"
+    )
+
+
 def test_serve_checks_the_port_as_gunicorn_binds_a_host_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -607,7 +633,7 @@ def test_serve_checks_the_port_as_gunicorn_binds_a_host_name(
             as_gunicorn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             as_gunicorn.bind(("localhost", port))
             as_gunicorn.listen()
-            assert cannot_listen("localhost", port) == "Address already in use"
+            assert cannot_listen("localhost", port).startswith("Address already in use")
 
 
 def test_seed_demo_is_refused_in_production(app_with: Any, session: Session) -> None:

@@ -34,6 +34,14 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
         return self.application
 
 
+def bind_address(host: str, port: int) -> str:
+    """gunicorn's ``bind`` for ``host`` and ``port``: an IPv6 literal in brackets, as
+    gunicorn reads ``::1:8000`` as no host and no port and refuses to start."""
+    from gunicorn.util import is_ipv6
+
+    return f"[{host}]:{port}" if is_ipv6(host) else f"{host}:{port}"
+
+
 def serve(
     app: Flask, *, host: str, port: int, workers: int, threads: int = 8, timeout: int = 60
 ) -> None:
@@ -44,7 +52,7 @@ def serve(
     GunicornServer(
         app,
         {
-            "bind": f"{host}:{port}",
+            "bind": bind_address(host, port),
             "workers": workers,
             "worker_class": "gthread",
             "threads": threads,

@@ -807,3 +807,16 @@ def test_a_migration_that_fails_on_a_missing_table_keeps_its_traceback(tmp_path:
     assert "not migrated" not in result.output
     assert isinstance(result.exception, OperationalError)
     assert "no such table: flag_change" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("host", "port"), [("127.0.0.1", 8000), ("localhost", 5077), ("::1", 8000), ("::", 80)]
+)
+def test_serve_binds_gunicorn_to_the_host_and_port_asked_for(host: str, port: int) -> None:
+    """``serve --host ::1`` gave gunicorn ``::1:8000``, which it reads as host '' and port
+    '' and refuses to start on; an IPv6 literal goes in brackets."""
+    from gunicorn.util import parse_address
+
+    from courier_api.serve import bind_address
+
+    assert parse_address(bind_address(host, port)) == (host, port)

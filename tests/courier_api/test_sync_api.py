@@ -339,10 +339,36 @@ def test_an_unknown_top_level_key_is_logged_for_operators_without_its_value(
     assert record.levelno == logging.WARNING
     assert "PDA-0001" in line and body["batch_id"] in line
     assert "28 unknown top-level fields" in line
-    assert "'app_version'" in line and "'recipient_phone'" in line and "'line\\nbreak'" in line
+    assert "'app_version'" in line and "'recipient_phone'" in line
+    assert "1 not named" in line and "break" not in line  # not a field's name
     assert "\n" not in line  # a key cannot forge a second line
     assert "8 more" in line  # the first 20 named, as in the receipt
     assert "13800138000" not in caplog.text and "3.2" not in caplog.text
+
+
+def test_an_unknown_key_that_is_not_a_fields_name_is_counted_in_the_log_not_named(
+    client: FlaskClient, courier: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PDA chooses the keys, and a key may be data: a map keyed by a recipient's
+    phone or a token sent one level too high. The log's filter masks a phone standing
+    alone, not one inside a word ('phone_13800138000'), nor a short random secret. A
+    key is named in the log only when it reads as a field's name (letters, digits and
+    '_', '-', '.', no run of 4 digits, not a random-looking mix); the others are
+    counted. The receipt, the PDA's own, still names them all."""
+    secrets = ["phone_13800138000", "x13800138000", "Xy7Zk9Qw2Lm4Np6R", "a b", "pin:4821"]
+    body = {**factories.push_body("PDA-0001", []), "app_version": "3.2"}
+    body.update(dict.fromkeys(secrets, 1))
+    with caplog.at_level(logging.WARNING, logger="courier_api.api.sync.routes"):
+        response = client.post(PUSH, json=body, headers=courier)
+    assert response.status_code == 200
+    [record] = [r for r in caplog.records if r.name == "courier_api.api.sync.routes"]
+    line = record.getMessage()
+    assert "6 unknown top-level fields" in line and "'app_version'" in line
+    assert "5 not named" in line
+    assert not [key for key in secrets if key in line], line
+    assert "13800138000" not in line and "4821" not in line
+    warned = [w.get("field") for w in response.get_json()["warnings"]]
+    assert set(secrets) <= set(warned)
 
 
 def test_events_must_be_a_list(client: FlaskClient, courier: dict[str, str]) -> None:

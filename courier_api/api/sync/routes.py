@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -35,6 +36,9 @@ from sync.tracking import TrackingNumberPolicy
 log = logging.getLogger(__name__)
 blp = ApiBlueprint("sync", __name__, url_prefix="/api/v1/sync", description="PDA sync")
 PULL_POLL_SECONDS = 0.5  # how often a long pull looks for news
+# An unknown push key the log names: one that reads as a field's name (``_field_like``).
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_DIGIT_RUN = re.compile(r"[0-9]{4}")
 
 
 @blp.before_request
@@ -150,20 +154,36 @@ def _note_ignored_fields(body: dict[str, Any]) -> None:
     """Tell operators what the receipt's warnings tell the PDA: a field the server drops
     may be a misspelt one whose value is lost, or a fleet a release ahead. The keys are
     named as in the warnings (each quoted, so no key writes a line of its own), never
-    their values."""
+    their values, and only those that read as a field's name (``_field_like``): the PDA
+    chooses the keys, and one may be data (a phone, a token) the log's filter does not
+    find inside a word. The others are counted."""
     keys = body[IGNORED_FIELDS]
-    named = ", ".join(repr(key[:64]) for key in keys[:IGNORED_FIELDS_NAMED])
-    more = len(keys) - IGNORED_FIELDS_NAMED
+    shown = keys[:IGNORED_FIELDS_NAMED]
+    named = [repr(key) for key in shown if _field_like(key)]
+    hidden = len(shown) - len(named)
+    more = len(keys) - len(shown)
     log.warning(
-        "push of batch %s from device %s: %d unknown top-level field%s ignored: %s%s",
+        "push of batch %s from device %s: %d unknown top-level field%s ignored: %s%s%s",
         body["batch_id"],
         body["device_id"],
         len(keys),
         "" if len(keys) == 1 else "s",
-        named,
+        ", ".join(named) or "none named",
+        f"; {hidden} not named (not a field's name)" if hidden else "",
         f" and {more} more" if more > 0 else "",
     )
     metrics.unknown_field_push()
+
+
+def _field_like(key: str) -> bool:
+    """Whether ``key`` reads as a field's name, to be named in the log: letters, digits
+    and ``_ - .``, at most 64, no run of 4 digits (a phone, a PIN, a pickup code) and
+    not a random-looking mix of upper and lower case and digits of 16 or more (a token).
+    """
+    if not _FIELD_NAME.fullmatch(key) or _DIGIT_RUN.search(key):
+        return False
+    mixed = any(c.isupper() for c in key) and any(c.islower() for c in key)
+    return not (len(key) >= 16 and mixed and any(c.isdigit() for c in key))
 
 
 def _ignored_field_warnings(keys: list[str]) -> list[dict[str, str]]:

@@ -66,7 +66,9 @@ class SeqTracker:
 
     @property
     def acked_through(self) -> int:
-        """The highest seq up to which every event is held: the PDA may prune up to it."""
+        """The highest seq up to which every seq is held or written off (a device's
+        ``acked_through_seq`` is ``acknowledged_through``: written-off seqs the PDA may
+        still hold are not passed)."""
         return self.missing[0][0] - 1 if self.missing else self.max_seq
 
     @property
@@ -156,3 +158,21 @@ def seq_count(ranges: Iterable[Sequence[int]]) -> int:
 def shown(ranges: Iterable[Sequence[int]]) -> str:
     """``3-5, 9``: ranges as a message names them."""
     return ", ".join(f"{f}" if f == last else f"{f}-{last}" for f, last in ranges)
+
+
+def acknowledged_through(max_seq: int, missing: Ranges, written_off: Ranges) -> int:
+    """A device's ``acked_through_seq``: the highest seq up to which every seq is held
+    or written off, and no further than the highest seq the server holds.
+
+    The PDA deletes its copies up to it. A manager writes seqs off as lost when the
+    PDA lost them (a reset), or when they only look lost: a PDA offline all afternoon
+    still holds them, unsent. Passed before the PDA sends them, they would be deleted
+    by the first receipt it gets back online (a batch of the first of them): scans lost
+    for good. So written-off seqs are passed only below a seq the server holds: the
+    PDA numbered on past them and sent that (a reset PDA's next event, numbered from
+    the sign-in's ``device_max_seq``), or, sending its queue oldest first, sent every
+    seq before it."""
+    acked = missing[0][0] - 1 if missing else max_seq
+    if not written_off:
+        return acked
+    return min(acked, highest_held(max_seq, missing, written_off))

@@ -56,7 +56,7 @@ from models import (
 )
 from models.sync import DELIVERY_TYPES, DROP_TYPES
 from sync import audit, consents, outbox
-from sync.acks import SeqTracker, without
+from sync.acks import SeqTracker, acknowledged_through, without
 from sync.balances import closed_shifts_holding, gather, refresh_handover_flags
 from sync.blobs import lock_digests
 from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
@@ -612,6 +612,8 @@ class _BatchIngest:
         # The rows this push quarantined: rejected events not sent (and kept) before.
         self.quarantined: list[dict[str, Any]] = []
         self.raised: list[dict[str, Any]] = []
+        # The device's acked_through_seq after this push (``_update_device_state``).
+        self.acked_through_seq = 0
 
     def run(self) -> dict[str, Any]:
         # The audit entries of the shifts it reopens are written last: the push judges
@@ -1462,6 +1464,10 @@ class _BatchIngest:
         written_off = self.state.written_off_ranges
         if written_off:
             written_off = without(written_off, [[seq, seq] for seq in arrived])
+        # Not past written-off seqs the PDA may still hold unsent (``acknowledged_through``).
+        self.acked_through_seq = acknowledged_through(
+            tracker.max_seq, tracker.missing, written_off
+        )
         # Written past the ORM: a copy the session holds is flushed first, expired after.
         key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)
         held = self.session.identity_map.get(key)
@@ -1474,7 +1480,7 @@ class _BatchIngest:
                 "new_max_seq": tracker.max_seq,
                 "new_missing_ranges": tracker.missing,
                 "new_written_off_ranges": written_off,
-                "new_acked_through_seq": tracker.acked_through,
+                "new_acked_through_seq": self.acked_through_seq,
                 "new_clock_offset_ms": self.offset_ms,
                 "new_clock_measured_at": self.received_at,
                 "new_last_push_at": self.received_at,
@@ -1789,7 +1795,7 @@ class _BatchIngest:
             "server_time": self.received_at.isoformat(),
             "clock_offset_ms": self.offset_ms,
             "results": results,
-            "acked_through_seq": tracker.acked_through,
+            "acked_through_seq": self.acked_through_seq,
             "missing_seqs": tracker.missing_seqs(self.rules.missing_seqs_limit),
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,

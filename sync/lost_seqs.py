@@ -4,9 +4,11 @@ Those seqs would stay missing for good: the receipt's ``acked_through_seq`` woul
 pass the first of them again, so a PDA that prunes only up to it (the contract) would
 never prune again and its storage would fill, and every receipt and every balance of
 the shifts owning them would name them as still on the PDA. Written off, they leave
-the missing ranges for ``written_off_ranges``: held for the acknowledgement and for a
-balance's status, and named on the balance with the write-off (who, when, why)
-instead.
+the missing ranges for ``written_off_ranges``: held for a balance's status, and named
+on the balance with the write-off (who, when, why) instead; held for the
+acknowledgement once the server holds a seq after them (``sync.acks.acknowledged_through``:
+a PDA only out of range still holds them, and would delete them on a receipt passing
+them).
 
 Any seq a balance may name as missing may be written off: a gap below the highest seq
 the server holds (the sync state's ``missing_ranges``), and a seq above it up to the
@@ -52,7 +54,16 @@ from models import (
     utcnow,
 )
 from sync import audit
-from sync.acks import Ranges, SeqTracker, merged, overlap, seq_count, shown, without
+from sync.acks import (
+    Ranges,
+    SeqTracker,
+    acknowledged_through,
+    merged,
+    overlap,
+    seq_count,
+    shown,
+    without,
+)
 from sync.balances import gather
 from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput, PermissionDenied
@@ -91,7 +102,7 @@ class Seqs(NamedTuple):
 
     @property
     def acked_through_seq(self) -> int:
-        return SeqTracker.of(self.max_seq, self.missing_ranges).acked_through
+        return acknowledged_through(self.max_seq, self.missing_ranges, self.written_off_ranges)
 
 
 class Refused(NamedTuple):

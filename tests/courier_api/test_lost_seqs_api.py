@@ -680,3 +680,39 @@ def test_a_phone_in_a_write_offs_reason_is_masked_on_the_shift_page_and_in_the_a
 
     assert reasons("auditor1") == [typed]
     assert reasons("admin") == [typed.replace("+86 138 1234 5678", masked)]
+
+
+def test_seqs_written_off_while_still_on_the_pda_are_not_acknowledged_before_it_sends_them(
+    client: FlaskClient, session: Session, world: World, pda: Courier, manager: dict[str, str]
+) -> None:
+    """A PDA offline all afternoon holds seqs 3-6 unsent; its shift was closed with
+    last_seq 6, and at 19:00 the manager wrote 3-6 off as lost. Written-off seqs counted
+    as held for the acknowledgement, so the receipt of the PDA's first batch back online
+    (3 and 4) said acked_through_seq 6, and a PDA pruning up to it, as the contract says,
+    deleted 5 and 6, never sent: two scans lost for good. The acknowledgement passes
+    written-off seqs only below a seq the server holds (a reset PDA numbers on after
+    them, and its next event acknowledges them)."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b)])
+    queued = [
+        pda.event(a, "out_for_delivery"),
+        pda.event(b, "out_for_delivery"),
+        pda.event(a, "delivered"),
+        pda.event(b, "returned_to_station"),
+    ]
+    closed = client.post(
+        f"/api/v1/shifts/{shift['id']}/close", json={"last_seq": 6}, headers=manager
+    )
+    assert closed.status_code == 200, closed.get_json()
+    done = lost_seqs(client, manager, ranges=[{"first": 3, "last": 6}])
+    assert done.status_code == 201, done.get_json()
+    assert done.get_json()["acked_through_seq"] == 2  # the server holds nothing after 2
+
+    receipt = pda.push(queued[:2])
+    assert receipt["acked_through_seq"] == 4  # 5 and 6 are still on the PDA: keep them
+    receipt = pda.push(queued[2:])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "applied"]
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (6, [])
+    found = balance(client, shift["id"], manager)
+    assert (found["status"], found["delivered"], found["returned"]) == ("balanced", 1, 1)

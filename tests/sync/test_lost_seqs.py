@@ -145,14 +145,17 @@ def test_a_write_off_may_name_gaps_and_seqs_up_to_the_highest_declared_and_nothi
 
 def test_seqs_written_off_above_the_highest_held_count_as_held_up_to_the_highest_of_them() -> None:
     """Written off, 13-15 move max_seq up to 15; 11 and 12, declared but neither held nor
-    written off, become a gap below it, as they would once the PDA sent seq 16."""
+    written off, become a gap below it, as they would once the PDA sent seq 16. The
+    acknowledgement passes no written-off seq above 10, the highest held: the PDA may
+    hold them still, unsent (``acknowledged_through``)."""
     before = Seqs(max_seq=10, missing_ranges=[[3, 4]], written_off_ranges=[])
     after = after_write_off([[13, 15]], before)
     assert after == Seqs(15, [[3, 4], [11, 12]], [[13, 15]])
     assert after.acked_through_seq == 2
     everything = after_write_off([[3, 4], [11, 15]], before)
     assert everything == Seqs(15, [], [[3, 4], [11, 15]])
-    assert everything.acked_through_seq == 15
+    assert everything.acked_through_seq == 10
+    assert Seqs(16, [], [[3, 4], [11, 15]]).acked_through_seq == 16  # seq 16 held after them
 
 
 # -- beyond the highest seq held ------------------------------------------------------------
@@ -168,8 +171,9 @@ def test_the_seqs_a_closed_shift_declared_beyond_the_highest_held_are_written_of
 
     done = write_off(session, world, [5, 6])
 
-    assert (done.seq_count, done.acked_through_seq, done.missing_ranges) == (2, 6, [])
-    assert state(session, world) == (6, [], [[5, 6]], 6)
+    # Not acknowledged before a seq after them arrives: the PDA may hold them still.
+    assert (done.seq_count, done.acked_through_seq, done.missing_ranges) == (2, 4, [])
+    assert state(session, world) == (6, [], [[5, 6]], 4)
     after = shift_balance(session=session, shift=shift)
     # Its two returns were on the lost seqs: missing now, and no longer provisional.
     assert (after.status, after.missing_seqs, after.missing_seq_count) == ("unbalanced", [], 0)
@@ -227,7 +231,8 @@ def test_written_off_in_part_the_rest_of_the_last_batch_stays_missing(
         [6],
     )
     receipt = pda.push([lost[0]])
-    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (6, [])
+    # 6, written off, may be on the PDA too: acknowledged once a seq after it arrives.
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (5, [])
 
 
 def test_seqs_below_a_declared_first_seq_that_never_came_are_written_off(
@@ -288,15 +293,16 @@ def test_a_written_off_seq_beyond_the_highest_held_arriving_after_all_is_a_late_
 ) -> None:
     """Seq 5 turns up after the write-off and the sign-off (the PDA was not reset after
     all): it is applied as any late event, reopens the signed-off shift, and leaves the
-    write-off (6 stays written off); the acknowledgement does not move back."""
+    write-off (6 stays written off). The acknowledgement stops at 5: the PDA that sent
+    5 may hold 6 too, unsent, and would delete it on a receipt passing it."""
     shift, (_, b, _), lost = last_batch_lost(session, world, pda)
     write_off(session, world, [5, 6])
     shifts.sign_off(session=session, shift=shift, user_id=world.manager.id, note="checked")
     session.commit()
     receipt = pda.push([lost[0]])
     assert receipt["results"][0]["status"] == "applied"
-    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (6, [])
-    assert state(session, world) == (6, [], [[6, 6]], 6)
+    assert (receipt["acked_through_seq"], receipt["missing_seqs"]) == (5, [])
+    assert state(session, world) == (6, [], [[6, 6]], 5)
     session.refresh(shift)
     assert shift.status == ShiftStatus.CLOSED  # reopened, waiting for a new sign-off
     late = session.scalars(

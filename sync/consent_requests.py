@@ -447,8 +447,8 @@ def requests_from_events(
         is_voided = (row["device_id"], row["client_event_id"]) in voided
         online = (
             None
-            if is_voided or now >= (expires_at or row["occurred_at"] + ttl)
-            else _asked_online_pending(session, draft, asker, now)
+            if now >= (expires_at or row["occurred_at"] + ttl)
+            else _asked_online_pending(session, draft, asker, now, lock=is_voided)
         )
         if online is not None:
             # The courier asked the same online, then their PDA recorded it offline:
@@ -456,6 +456,11 @@ def requests_from_events(
             # with the event's pending request when the event came first (nothing sent).
             online.event_id = row["id"]
             online.client_event_id = row["client_event_id"]
+            if is_voided:
+                # Its correction came first or in the same push: it cancels that request
+                # as it does when it comes later (``cancel_voided``), however the PDA
+                # split its stream (rule 3).
+                _cancel(session, online, now)
             made.append(online)
             continue
         made.append(
@@ -476,7 +481,7 @@ def requests_from_events(
 
 
 def _asked_online_pending(
-    session: Session, draft: RequestDraft, asker: Asker, now: dt.datetime
+    session: Session, draft: RequestDraft, asker: Asker, now: dt.datetime, *, lock: bool = False
 ) -> ConsentRequest | None:
     """The courier's own pending request asking ``draft``'s question, made online (no
     event of its own), that a PDA's event asking the same is: the recipient is asked once
@@ -489,6 +494,15 @@ def _asked_online_pending(
     pending = _same_question_pending(session, draft, now)
     if pending is None or pending.event_id is not None or pending.courier_id != asker.courier_id:
         return None
+    if lock:  # to be cancelled: as locked, still pending (an answer may have come meanwhile)
+        pending = session.scalar(
+            select(ConsentRequest)
+            .where(ConsentRequest.id == pending.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        if pending.status != ConsentRequestStatus.PENDING or has_lapsed(pending, now):
+            return None
     return pending
 
 
@@ -555,18 +569,23 @@ def cancel_voided(
         ):
             if seq >= corrections[target]:
                 continue
-            request.status = ConsentRequestStatus.CANCELLED
-            request.status_reason = "voided by a correction from the PDA"
-            request.answered_at = now
+            _cancel(session, request, now)
             cancelled.append(request)
-            if request.lapse_announced_at is not None:
-                pass  # its end, the lapse, was announced (on the job's clock): no more
-            elif now < request.expires_at:  # asked, and maybe shown: tell the channel
-                _announce_cancelled(session, request, now)
-            elif request.created_at < request.expires_at:
-                # It lapsed first, asked: that is its end, as the channel hears it.
-                _announce_lapsed(session, request, now)
     return cancelled
+
+
+def _cancel(session: Session, request: ConsentRequest, now: dt.datetime) -> None:
+    """A pending ``request``, sent, whose event a correction voids, is cancelled (locked)."""
+    request.status = ConsentRequestStatus.CANCELLED
+    request.status_reason = "voided by a correction from the PDA"
+    request.answered_at = now
+    if request.lapse_announced_at is not None:
+        pass  # its end, the lapse, was announced (on the job's clock): no more
+    elif now < request.expires_at:  # asked, and maybe shown: tell the channel
+        _announce_cancelled(session, request, now)
+    elif request.created_at < request.expires_at:
+        # It lapsed first, asked: that is its end, as the channel hears it.
+        _announce_lapsed(session, request, now)
 
 
 def _announce_cancelled(session: Session, request: ConsentRequest, now: dt.datetime) -> None:

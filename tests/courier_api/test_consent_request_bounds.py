@@ -446,3 +446,52 @@ def test_the_bound_is_the_recipients_a_colleague_shares_it_and_still_gets_consen
     assert listed.status_code == 200, listed.get_json()
     assert [c["channel"] for c in listed.get_json()["items"]] == ["phone_call"]
     assert messages(session, tracking_no) == 2
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_an_online_request_the_pdas_voided_event_asked_too_ends_alike_however_pushed(
+    client: FlaskClient, auth: Auth, world: World, session: Session, split: bool
+) -> None:
+    """The courier asks online; their PDA then pushes the ``consent_requested`` it
+    recorded for the same question and the correction voiding it, in two pushes or in
+    one. The event's request is the online one in both (rule 3: how the PDA split its
+    stream changes nothing): the correction cancels it, the recipient is asked once, and
+    no second request is made."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    question = {"method": "locker", "point_id": "L-3", "channel": "sms"}
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    offline = factories.event(
+        1, tracking_no, "consent_requested", occurred_at=at, request=question
+    )
+    correction = factories.event(
+        2,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=offline["client_event_id"],
+        reason="asked by mistake",
+    )
+
+    def push(events: list[dict[str, Any]]) -> None:
+        pushed = client.post(
+            "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+
+    online = ask(client, courier, tracking_no, **question)
+    assert online.status_code == 201, online.get_json()
+    if split:
+        push([offline])
+        push([correction])
+    else:
+        push([offline, correction])
+    session.expire_all()
+    requests = session.scalars(
+        select(ConsentRequest).where(ConsentRequest.tracking_no == tracking_no)
+    ).all()
+    assert [(r.id, str(r.client_event_id), r.status.value) for r in requests] == [
+        (online.get_json()["id"], offline["client_event_id"], "cancelled")
+    ]
+    assert messages(session, tracking_no) == 1

@@ -64,7 +64,7 @@ from sync.acks import (
     shown,
     without,
 )
-from sync.balances import gather
+from sync.balances import shift_seqs
 from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput, PermissionDenied
 from sync.handover import owned_seqs
@@ -192,7 +192,7 @@ class Owned(NamedTuple):
 
 def seq_owners(session: Session, device_id: str, ranges: Ranges) -> list[Owned]:
     """The device's shifts owning any of ``ranges``, each with those it owns, in shift
-    id order. Read as the balances read them (``sync.balances.gather``), for the shifts
+    id order. Read as the balances read them (``sync.balances.shift_seqs``), for the shifts
     that may own them only: those not declared to end below them, nor to start above
     them with no event below their first seq (a PDA's history of declared shifts is not
     read whole for a write-off)."""
@@ -209,12 +209,13 @@ def seq_owners(session: Session, device_id: str, ranges: Ranges) -> list[Owned]:
         )
         .order_by(Shift.id)
     ).all()
+    station_of = {shift.id: shift.station_id for shift in candidates}
     found = []
-    for shift_id, facts in sorted(gather(session, candidates).items()):
-        span = owned_seqs(facts.seqs)
+    for shift_id, seqs in sorted(shift_seqs(session, candidates).items()):
+        span = owned_seqs(seqs)
         owned = overlap(ranges, [list(span)]) if span is not None else []
         if owned:
-            found.append(Owned(owned, shift_id, facts.shift.station_id))
+            found.append(Owned(owned, shift_id, station_of[shift_id]))
     return found
 
 

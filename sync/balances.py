@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from sqlalchemy import ScalarSelect, and_, case, func, or_, select
@@ -225,13 +225,7 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
     first_scans = _first_scans(session, events.values())
     rule_flags, reviews = _rule_flags(session, sorted(tracking_nos))
     handover, handover_stored = _handover_flags(session, ids)
-    states = {
-        state.device_id: state
-        for chunk in chunks(devices)
-        for state in session.scalars(
-            select(DeviceSyncState).where(DeviceSyncState.device_id.in_(chunk))
-        )
-    }
+    states = _device_states(session, devices)
     next_starts, previous_ends = _neighbour_bounds(session, shifts, lowest)
     write_offs = _write_offs(
         session, sorted(d for d, state in states.items() if state.written_off_ranges)
@@ -248,15 +242,8 @@ def _gather(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftFacts]:
             handover_flags=handover[shift.id],
             handover_stored=handover_stored,
             first_scans=first_scans,
-            seqs=ShiftSeqs(
-                status=shift.status,
-                first_seq=shift.first_seq,
-                last_seq=shift.last_seq,
-                device_max_seq=state.max_seq if state else 0,
-                device_missing=state.missing_ranges if state else [],
-                lowest_event_seq=lowest.get(shift.id),
-                next_shift_seq=next_starts.get(shift.id),
-                previous_shift_end=previous_ends.get(shift.id),
+            seqs=replace(
+                _seqs_of(shift, state, lowest, next_starts, previous_ends),
                 device_written_off=(state.written_off_ranges or []) if state else [],
                 write_offs=write_offs.get(shift.device_id, []),
             ),
@@ -284,29 +271,45 @@ def shift_seqs(session: Session, shifts: Sequence[Shift]) -> dict[int, ShiftSeqs
         ):
             if device_id == device_of[shift_id]:
                 lowest[shift_id] = seq
-    devices = sorted({shift.device_id for shift in shifts})
-    states = {
+    states = _device_states(session, sorted({shift.device_id for shift in shifts}))
+    next_starts, previous_ends = _neighbour_bounds(session, shifts, lowest)
+    return {
+        shift.id: _seqs_of(shift, states.get(shift.device_id), lowest, next_starts, previous_ends)
+        for shift in shifts
+    }
+
+
+def _device_states(session: Session, devices: Sequence[str]) -> dict[str, DeviceSyncState]:
+    """``{device id: its sync state}`` for those of ``devices`` that have one."""
+    return {
         state.device_id: state
         for chunk in chunks(devices)
         for state in session.scalars(
             select(DeviceSyncState).where(DeviceSyncState.device_id.in_(chunk))
         )
     }
-    next_starts, previous_ends = _neighbour_bounds(session, shifts, lowest)
-    found = {}
-    for shift in shifts:
-        state = states.get(shift.device_id)
-        found[shift.id] = ShiftSeqs(
-            status=shift.status,
-            first_seq=shift.first_seq,
-            last_seq=shift.last_seq,
-            device_max_seq=state.max_seq if state else 0,
-            device_missing=state.missing_ranges if state else [],
-            lowest_event_seq=lowest.get(shift.id),
-            next_shift_seq=next_starts.get(shift.id),
-            previous_shift_end=previous_ends.get(shift.id),
-        )
-    return found
+
+
+def _seqs_of(
+    shift: Shift,
+    state: DeviceSyncState | None,
+    lowest: Mapping[int, int],
+    next_starts: Mapping[int, int],
+    previous_ends: Mapping[int, int],
+) -> ShiftSeqs:
+    """What decides the seqs ``shift`` owns (``sync.handover.owned_seqs``), from its PDA's
+    ``state`` (None: the PDA never synced) and its neighbours' bounds: without the PDA's
+    write-offs, which ``gather`` adds for the balance (they decide no seq's owner)."""
+    return ShiftSeqs(
+        status=shift.status,
+        first_seq=shift.first_seq,
+        last_seq=shift.last_seq,
+        device_max_seq=state.max_seq if state else 0,
+        device_missing=state.missing_ranges if state else [],
+        lowest_event_seq=lowest.get(shift.id),
+        next_shift_seq=next_starts.get(shift.id),
+        previous_shift_end=previous_ends.get(shift.id),
+    )
 
 
 def _first_scans(

@@ -288,7 +288,10 @@ def store_blob(
     found_before: MutableMapping[str, str] | None = None,
 ) -> StoredImage:
     """Verify and store an image. Idempotent; each uploader is recorded once
-    (``BlobUpload``), which is what lets them read it back.
+    (``BlobUpload``), which is what lets them read it back. Bytes the store does not
+    hold yet count against the uploader's images that no event names
+    (``check_unnamed_uploads``: ``RateLimited`` past them); an image held already
+    costs nothing.
 
     ``found_before``: what earlier runs of the same upload found and put right, by
     digest ("missing" or "altered"), kept across them by the caller. The bytes are put

@@ -162,9 +162,9 @@ def _chain_at_commit(session: Session) -> None:
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_at_rollback(session: Session, previous: SessionTransaction) -> None:
     """A transaction rolled back chains nothing it held; a savepoint rolled back, only
-    what was held in it (``after_rollback`` fires for a savepoint too: the entries held
-    before it went with it, a flag's closing by the system off the record while the
-    flag stayed closed)."""
+    what was held in it, ``previous`` or a savepoint inside it. The entries held before
+    the savepoint stay: dropped with it, a flag's closing by the system would go off the
+    record while the flag stayed closed."""
     held = session.info.get(_AT_COMMIT)
     if not held:
         return

@@ -128,8 +128,8 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "AUDIT_FULL_VERIFICATIONS_PER_USER": _limit(
             environ, "AUDIT_FULL_VERIFICATIONS_PER_USER", "4/3600"
         ),
-        # Entries each user's GET /audit/verify read, from a head or not, in thousands:
-        # as many as the four walks of the whole log above may read.
+        # Entries each user's GET /audit/verify read, from a head or not (each check
+        # charged in thousands, rounded up): as many as the four walks above may read.
         "AUDIT_VERIFY_ENTRIES_PER_USER": _limit(
             environ, "AUDIT_VERIFY_ENTRIES_PER_USER", "400000/3600"
         ),

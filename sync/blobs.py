@@ -501,6 +501,15 @@ def blobs_by_digest(*, session: Session, digests: Iterable[str]) -> dict[str, Bl
     return found
 
 
+def parcels_naming(*, session: Session, digest: str) -> list[str]:
+    """The parcels whose proofs name the image ``digest`` (``proof_image``, by
+    ``ix_proof_image_sha256``): an auditor's read of it is filed under them, so that a
+    parcel's history (``GET /audit?tracking_no=``) says who looked at its delivery's
+    signature or photo, as a retention purge of it is filed (``sync.sweeps``)."""
+    query = select(ProofImage.tracking_no).where(ProofImage.sha256 == digest).distinct()
+    return sorted(session.scalars(query))
+
+
 def get_blob(*, session: Session, digest: str) -> Blob:
     blob = session.get(Blob, check_digest(digest))
     if blob is None:

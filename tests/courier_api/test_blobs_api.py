@@ -23,6 +23,7 @@ from sync.blobs import FileBlobStore
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_transaction_conflicts import aborted, assert_transaction_conflict
+from tests.courier_api.test_web_pages import signed_in
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (8, 6)) -> bytes:
@@ -426,6 +427,73 @@ def test_uploading_a_proof_image_closes_the_flag_of_the_parcel_waiting_for_it(
     flag = session.scalars(select(Flag).where(Flag.kind == "pod_blob_missing")).one()
     session.refresh(flag)
     assert flag.status == FlagStatus.CLOSED
+
+
+def test_an_auditors_read_of_a_proof_image_is_in_its_parcels_history(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    session: Any,
+    world: World,
+    courier: dict[str, str],
+) -> None:
+    """Parcels a and b were delivered with the same signature (one image named by both
+    proofs), c with a photo of its own. An auditor settling a dispute over a looks at
+    its signature, through the API and the proof page's image: each read is on record
+    (``blob_read``), but was filed under no parcel, so ``GET /audit?tracking_no=a`` did
+    not say who had looked at it. Both are in a's and b's histories now, not in c's; a
+    manager's read is on record nowhere, as before."""
+    a, b, c = (factories.parcel(session, world.station).tracking_no for _ in range(3))
+    session.commit()
+    signature, photo = image_bytes(), image_bytes(size=(9, 7))
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    events = []
+    for seq, (number, pod) in enumerate(
+        [
+            (a, {"signature_sha256": digest(signature)}),
+            (b, {"signature_sha256": digest(signature)}),
+            (c, {"photo_sha256": digest(photo)}),
+        ]
+    ):
+        at = when + dt.timedelta(minutes=seq)
+        events += [
+            factories.event(2 * seq + 1, number, occurred_at=at),
+            factories.event(
+                2 * seq + 2,
+                number,
+                "delivered",
+                occurred_at=at + dt.timedelta(seconds=30),
+                pod=pod,
+            ),
+        ]
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    assert put(client, courier, signature).status_code == 201
+    assert put(client, courier, photo).status_code == 201
+    name = digest(signature)
+    auditor = auth.headers("auditor1")
+    assert client.get(f"/api/v1/blobs/{name}", headers=auditor).status_code == 200
+    assert client.get(f"/api/v1/blobs/{name}", headers=auth.headers("manager1")).status_code == 200
+    pages = signed_in(app, "auditor1")
+    assert pages.client.get(f"/web/images/{name}").status_code == 200
+
+    def reads_in_history(number: str) -> list[tuple[str, int | None]]:
+        response = client.get(
+            "/api/v1/audit", query_string={"tracking_no": number}, headers=auditor
+        )
+        assert response.status_code == 200, response.get_json()
+        return [
+            (e["subject_key"], e["actor_id"])
+            for e in response.get_json()["items"]
+            if e["action"] == "blob_read"
+        ]
+
+    auditor_id = session.scalar(select(User.id).where(User.username == "auditor1"))
+    assert reads_in_history(a) == [(name, auditor_id)] * 2
+    assert reads_in_history(b) == [(name, auditor_id)] * 2
+    assert reads_in_history(c) == []
 
 
 def test_uploading_another_stations_image_answers_as_uploading_a_new_one(

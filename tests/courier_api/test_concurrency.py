@@ -619,8 +619,9 @@ def test_an_auditors_reads_of_the_reading_views_are_each_recorded_once_under_the
     /quarantine`` read in a reading transaction (on PostgreSQL a ``READ ONLY`` one, which
     the rolled-back tests' shared connection is not) and record an auditor's read apart,
     last (``Database.write_apart``). With real commits: each answer is given and each
-    read is on record once, filed under the parcels it showed: the delivery's proof under
-    its parcel, the refused drop under the parcel it names, not under the other."""
+    read is on record once, filed under the parcels it showed: the delivery's proof and
+    its photo under its parcel, the refused drop under the parcel it names, not under
+    the other."""
     from tests.courier_api.test_blobs_api import digest, image_bytes
 
     with committed_app.app_context():
@@ -689,7 +690,7 @@ def test_an_auditors_reads_of_the_reading_views_are_each_recorded_once_under_the
         ("parcel_read", str(shift_id), [delivered]),
         ("quarantine_searched", f"shift:{shift_id}", [refused]),
         *(("proofs_searched", f"flag:{flag_id}", [delivered]) for flag_id in flag_ids),
-        ("blob_read", digest(photo), []),
-        ("blob_read", digest(photo), []),
+        ("blob_read", digest(photo), [delivered]),
+        ("blob_read", digest(photo), [delivered]),
         ("quarantine_searched", "search", [refused]),
     ], shown

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import random
 import uuid
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from PIL import Image
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine, delete, event, insert, select, text
 from sqlalchemy.orm import Session
@@ -45,6 +47,7 @@ from models import (
     FlagSeverity,
     FlagStatus,
     Parcel,
+    ProofImage,
     QuarantinedEvent,
     ScanEvent,
     Shift,
@@ -1301,3 +1304,38 @@ def test_the_lapse_job_reads_the_unannounced_lapses_through_their_partial_index(
     assert_indexed(explained)
     [job] = [e for e in reads(explained, "consent_request") if "FOR UPDATE" in e.statement]
     assert "ix_consent_request_unannounced_lapse" in job.indexes, job.indexes
+
+
+def test_an_auditors_image_read_is_filed_under_its_parcels_through_the_digest_index(
+    world: World,
+) -> None:
+    """An auditor's read of a proof image (``blob_read``) is filed under the parcels
+    whose proofs name it (``sync.blobs.parcels_naming``): one look-up of ``proof_image``
+    by the digest's index, not the year of proofs."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 4), (10, 120, 200)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    name = hashlib.sha256(data).hexdigest()
+    stored = world.client.put(
+        f"/api/v1/blobs/{name}",
+        data=data,
+        content_type="application/octet-stream",
+        headers=world.courier,
+    )
+    assert stored.status_code == 201, stored.get_json()
+    with Session(world.engine) as session:
+        session.add(
+            ProofImage(event_id=world.delivery_id, sha256=name, tracking_no=world.tracking_no)
+        )
+        session.commit()
+    _, explained = run(world, "GET", f"/api/v1/blobs/{name}", headers=world.auditor)
+    assert_indexed(explained)
+    [lookup] = reads(explained, "proof_image")
+    assert "ix_proof_image_sha256" in lookup.indexes, lookup.plan
+    with world.engine.connect() as connection:
+        filed = connection.scalars(
+            select(AuditEntryParcel.tracking_no)
+            .join(AuditEntry, AuditEntry.id == AuditEntryParcel.entry_id)
+            .where(AuditEntry.action == "blob_read", AuditEntry.subject_key == name)
+        ).all()
+    assert filed == [world.tracking_no]

@@ -19,6 +19,7 @@ from sync.blobs import (
     ensure_not_purged,
     get_blob,
     may_read_blob,
+    parcels_naming,
     read_image,
     record_bytes_restored,
     store_blob,
@@ -172,7 +173,8 @@ def image_response(sha256: str, principal: Principal) -> Response:
     Read only when they may (``may_read_blob``: not found otherwise, so an image
     of another station does not even show it exists), refused once purged or when
     its bytes are missing or altered (``read_image``), and, for an auditor, on record
-    in the audit log before it goes out (DESIGN.md rule 7).
+    in the audit log before it goes out (DESIGN.md rule 7), filed under the parcels
+    whose proofs name it.
     """
     blob = get_blob(session=db.session, digest=sha256)
     if not may_read_blob(session=db.session, digest=blob.sha256, reader=blob_reader(principal)):
@@ -184,6 +186,11 @@ def image_response(sha256: str, principal: Principal) -> Response:
         blob.sha256,
         {"media_type": blob.media_type, "size_bytes": blob.size_bytes},
         principal,
+        # Filed under the parcels whose proofs name it (their history says who looked at
+        # it); read for an auditor only, whose reads alone are recorded.
+        parcels=parcels_naming(session=db.session, digest=blob.sha256)
+        if principal.role == Role.AUDITOR
+        else (),
     )
     response = Response(data, mimetype=blob.media_type)
     response.headers["ETag"] = f'"{blob.sha256}"'

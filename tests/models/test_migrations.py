@@ -2881,3 +2881,119 @@ def test_a_granted_request_gets_its_consents_expiry(scratch: Engine) -> None:
     migrate.upgrade(scratch, CONSENT_EXPIRIES)
     with scratch.connect() as connection:
         assert connection.execute(kept).scalars().all() == [until, None, None]
+
+
+UPLOADS_BY_UPLOADER = "a9c3e5f7b1d2"  # uploads by uploader, by day
+IMAGE_READS_BY_PARCEL = "d7e1a5c9b3f4"  # auditors' image reads by the parcels of their proofs
+
+
+def _image_proofs(scratch: Engine, named: dict[str, tuple[str, Any]]) -> None:
+    """Proofs naming images: each parcel of ``named`` (a station day's, at the version
+    before) names its digest, its events received at the time given."""
+    import sqlalchemy as sa
+
+    from models import UTCDateTime
+
+    received_at = text("UPDATE scan_event SET received_at = :r WHERE tracking_no = :t")
+    received_at = received_at.bindparams(sa.bindparam("r", type_=UTCDateTime()))
+    with scratch.begin() as connection:
+        by_number = dict(connection.execute(text("SELECT tracking_no, id FROM scan_event")).all())
+        for number, (sha256, received) in named.items():
+            connection.execute(received_at, {"r": received, "t": number})
+            connection.execute(
+                text(
+                    "INSERT INTO proof_image (event_id, sha256, tracking_no) VALUES (:e, :s, :t)"
+                ),
+                {"e": by_number[number], "s": sha256, "t": number},
+            )
+
+
+def _station_day_numbers(scratch: Engine, parcels: int) -> list[str]:
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    with Session(scratch) as session:
+        factories.station_day(
+            session, "ST1", shifts=1, parcels_per_shift=parcels, day=dt.date(2026, 11, 20)
+        )
+        session.commit()
+    with scratch.connect() as connection:
+        return sorted(connection.scalars(text("SELECT DISTINCT tracking_no FROM scan_event")))
+
+
+def test_image_reads_written_before_get_the_parcels_whose_proofs_named_the_image(
+    scratch: Engine,
+) -> None:
+    """An auditor's read of a proof image written before is filed under the parcels whose
+    proofs named the image when it was read, as the service files one now: one image
+    named by two proofs, both parcels; an image whose proof arrived after a read, none
+    for that read and its parcel for a read after it; an image no proof names, none;
+    another action about the same image, none. Run again, it files nothing twice; the
+    chain verifies as before."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from sync import audit
+
+    migrate.upgrade(scratch, UPLOADS_BY_UPLOADER)
+    x, y, z = _station_day_numbers(scratch, 3)[:3]
+    shared, later, unnamed = "a" * 64, "b" * 64, "c" * 64
+    early = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
+    # ``_append_before`` writes the n-th entry at 09:00 and n minutes: z's proof
+    # arrives between the second entry and the fourth.
+    between = dt.datetime(2026, 11, 20, 9, 2, 30, tzinfo=dt.UTC)
+    _image_proofs(scratch, {x: (shared, early), y: (shared, early), z: (later, between)})
+    with scratch.begin() as connection:
+        _append_before(
+            connection,
+            [
+                ("blob_read", "blob", shared, {"media_type": "image/png", "size_bytes": 9}),
+                ("blob_read", "blob", later, {"media_type": "image/png", "size_bytes": 9}),
+                ("proof_images_purged", "blob", shared, {"digests": [shared]}),
+                ("blob_read", "blob", later, {"media_type": "image/png", "size_bytes": 9}),
+                ("blob_read", "blob", unnamed, {"media_type": "image/png", "size_bytes": 9}),
+            ],
+        )
+    expected = {1: {x, y}, 4: {z}}
+    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    assert _entry_parcels(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": UPLOADS_BY_UPLOADER}
+        )
+    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        assert [e.id for e in audit.list_entries(session=session, tracking_no=x)] == [1]
+        assert [e.id for e in audit.list_entries(session=session, tracking_no=z)] == [4]
+
+
+def test_image_reads_written_before_are_filed_batch_by_batch(scratch: Engine) -> None:
+    """More image reads than one statement files (``BATCH``, 2,000), among other
+    entries: each batch of reads is filed from where the one before ended, none left out
+    at a batch's edge, none filed twice."""
+    migrate.upgrade(scratch, UPLOADS_BY_UPLOADER)
+    import datetime as dt
+
+    x, y = _station_day_numbers(scratch, 2)[:2]
+    digests = {x: "d" * 64, y: "e" * 64}
+    early = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
+    _image_proofs(scratch, {number: (sha256, early) for number, sha256 in digests.items()})
+    entries = []
+    for n in range(4003):  # 2,001 reads, each after another entry: 2 batches
+        number = x if n % 4 == 1 else y
+        action = "blob_read" if n % 2 else "blob_bytes_restored"
+        entries.append((action, "blob", digests[number], {"found": "missing"}))
+    with scratch.begin() as connection:
+        _append_before(connection, entries)
+    expected = {n + 1: {x if n % 4 == 1 else y} for n in range(len(entries)) if n % 2}
+    assert len(expected) == 2001
+
+    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+
+    assert _entry_parcels(scratch) == expected

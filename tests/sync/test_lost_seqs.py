@@ -13,11 +13,14 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from models import DeviceSyncState, Flag, FlagStatus, Shift, ShiftStatus
 from sync import audit, shifts
+from sync.acks import SeqTracker, merged, without
 from sync.balances import gather, shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import InvalidInput
@@ -202,6 +205,91 @@ def test_seqs_written_off_above_the_highest_held_count_as_held_up_to_the_highest
     assert everything == Seqs(15, [], [[3, 4], [11, 15]])
     assert everything.acked_through_seq == 10
     assert Seqs(16, [], [[3, 4], [11, 15]]).acked_through_seq == 16  # seq 16 held after them
+
+
+# A PDA numbers 1..PDA_SEQS; its shifts may declare seqs up to ``declared`` used.
+PDA_SEQS = 30
+write_offs = st.tuples(st.just("off"), st.integers(1, PDA_SEQS), st.integers(0, 5))
+
+
+def _arrive(seqs: Seqs, seq: int) -> Seqs:
+    """``seqs`` once ``seq`` arrives, as a push stores it (``sync.ingest``)."""
+    tracker = SeqTracker.of(seqs.max_seq, seqs.missing_ranges)
+    tracker.add(seq)
+    return Seqs(tracker.max_seq, tracker.missing, without(seqs.written_off_ranges, [[seq, seq]]))
+
+
+def _written_off(seqs: Seqs, first: int, more: int, declared: int) -> Seqs:
+    """``seqs`` once a manager writes off ``first``..``first + more``, if allowed."""
+    ranges = [[first, first + more]]
+    if any(refused_seqs(ranges, seqs, max(declared, seqs.max_seq))):
+        return seqs
+    return after_write_off(ranges, seqs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.tuples(st.just("send"), st.integers(1, PDA_SEQS)), write_offs)),
+    st.integers(1, PDA_SEQS),
+)
+def test_the_acknowledgement_never_goes_back(ops: list[tuple[Any, ...]], declared: int) -> None:
+    """Whatever arrives in whatever order and whatever a manager writes off, no receipt
+    acknowledges less than one before it: a PDA that pruned must never be asked for
+    what it deleted."""
+    seqs, acked = Seqs(0, [], []), 0
+    for op in ops:
+        seqs = _arrive(seqs, op[1]) if op[0] == "send" else _written_off(seqs, *op[1:], declared)
+        assert seqs.acked_through_seq >= acked, (op, seqs)
+        acked = seqs.acked_through_seq
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.tuples(st.just("send"), st.integers(1, 5)), write_offs)),
+    st.integers(1, PDA_SEQS),
+)
+def test_a_pda_sending_oldest_first_is_never_told_to_prune_what_it_has_not_sent(
+    ops: list[tuple[Any, ...]], declared: int
+) -> None:
+    """The PDA sends its queue oldest first, a few at a time; a manager writes off any
+    seqs it may meanwhile (the PDA only out of range). No receipt passes a seq the PDA
+    has not sent, and once it has sent them all its receipt acknowledges them all."""
+    seqs, unsent = Seqs(0, [], []), 1
+    for op in ops:
+        if op[0] == "send":
+            last = min(PDA_SEQS, unsent + op[1] - 1)
+            for seq in range(unsent, last + 1):
+                seqs = _arrive(seqs, seq)
+            unsent = last + 1
+        else:
+            seqs = _written_off(seqs, *op[1:], declared)
+        assert seqs.acked_through_seq < unsent, (op, seqs)
+    for seq in range(unsent, PDA_SEQS + 1):
+        seqs = _arrive(seqs, seq)
+    assert seqs.acked_through_seq == PDA_SEQS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.integers(1, PDA_SEQS)), st.integers(1, PDA_SEQS))
+def test_a_reset_pdas_next_event_acknowledges_every_seq_written_off(
+    arrived: set[int], declared: int
+) -> None:
+    """A PDA reset with seqs unsent: a manager writes off every seq still missing, and
+    the reset PDA's first event, numbered from the new ``device_max_seq + 1``, drains
+    the acknowledgement past all of them (its storage does not fill)."""
+    seqs = Seqs(0, [], [])
+    for seq in sorted(arrived):
+        seqs = _arrive(seqs, seq)
+    declared = max(declared, seqs.max_seq)
+    lost = merged(
+        [*seqs.missing_ranges, *([[seqs.max_seq + 1, declared]] * (declared > seqs.max_seq))]
+    )
+    if lost:
+        assert not any(refused_seqs(lost, seqs, declared))
+        seqs = after_write_off(lost, seqs)
+    device_max_seq = max(seqs.max_seq, declared)
+    seqs = _arrive(seqs, device_max_seq + 1)
+    assert seqs.acked_through_seq == device_max_seq + 1
 
 
 # -- beyond the highest seq held ------------------------------------------------------------

@@ -90,13 +90,7 @@ from sync.inversion_flags import (
 )
 from sync.inversions import Stamp, judge
 from sync.quarantine import parcel_named, rejections_of_batch
-from sync.rules import (
-    EventDetail,
-    Policy,
-    scans_ever,
-    scans_of_outcomes,
-    stands_on_another_scan,
-)
+from sync.rules import EventDetail, History, Policy
 from sync.shifts import (
     WRONG_SHIFT,
     Filing,
@@ -646,8 +640,9 @@ class _BatchIngest:
         # Parcels whose closed shifts this push may judge otherwise: their
         # delivered_not_checked_out flag changed, or their outcomes' folding (_project).
         self.covering_changed: set[str] = set()
-        # Each touched parcel's events, as the projection read them (``_project``).
-        self.histories: dict[str, list[EventDetail]] = {}
+        # Each touched parcel's events, as the projection read and ordered them
+        # (``_project``): the drops told or taken back are folded on them, not anew.
+        self.histories: dict[str, History] = {}
         # Each parcel's station and holder, as the projection left them (``_project``).
         self.holders: dict[str, tuple[int, int | None]] = {}
         new_events = self._deduplicate(self.validated.valid)
@@ -1099,7 +1094,7 @@ class _BatchIngest:
         new = set(self._stored_ids().values())
         told = []
         for drop in drops:
-            scans = scans_of_outcomes(self.histories.get(drop.tracking_no, ())).get(
+            scans = self._history(drop.tracking_no).scans_of_outcomes.get(
                 ids[drop.client_event_id], [ids[drop.client_event_id]]
             )
             before = scans[: scans.index(ids[drop.client_event_id])]
@@ -1128,7 +1123,7 @@ class _BatchIngest:
             drop
             for drop in self._voided_now(corrections, targets)
             # the parcel is where it was told, on another scan of the drop
-            if not stands_on_another_scan(drop.id, self.histories.get(drop.tracking_no, ()))
+            if not self._history(drop.tracking_no).stands_on_another_scan(drop.id)
         ]
         announced = self._announced_to(drops, listeners) if drops else {}
         drops = [drop for drop in drops if drop.id in announced]
@@ -1227,7 +1222,7 @@ class _BatchIngest:
         told_by = {
             scan: drop.id
             for drop in drops
-            for scan in scans_ever(drop.id, self.histories.get(drop.tracking_no, ()))
+            for scan in self._history(drop.tracking_no).scans_ever(drop.id)
         }
         found: dict[int, set[int]] = defaultdict(set)
         named: dict[int, tuple[int | None, int]] = {}
@@ -1729,7 +1724,7 @@ class _BatchIngest:
         self.session.flush()
         self._report_raised(outcome.raised)
         self.covering_changed = outcome.handovers_changed()
-        self.histories = outcome.events
+        self.histories = outcome.histories
         self.holders = outcome.holders
         for tracking_no, (station_id, event_ids) in sorted(outcome.foreign.items()):
             self._flag(
@@ -1746,6 +1741,10 @@ class _BatchIngest:
                 FlagSubject("parcel", tracking_no),
                 {"event_ids": event_ids, "device_id": self.pusher.device_id},
             )
+
+    def _history(self, tracking_no: str) -> History:
+        """The parcel's events as the projection read them (``_project``)."""
+        return self.histories.get(tracking_no) or History(())
 
     def _flag(
         self,

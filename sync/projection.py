@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -135,17 +135,26 @@ def ordered(facts: Iterable[EventFact]) -> list[EventFact]:
     return [item[3] for item in keyed]
 
 
-def project(facts: Sequence[EventFact], *, station_id: int | None = None) -> Projection:
+def project(
+    facts: Sequence[EventFact],
+    *,
+    station_id: int | None = None,
+    in_order: Sequence[EventFact] | None = None,
+    voids: Mapping[int, int] | None = None,
+) -> Projection:
     """The parcel's status from its events (and the corrections that target them).
 
     Only a check-out at the parcel's own ``station_id`` makes its courier the holder: a
     courier of another station scanning the parcel records what happened (it counts
     for the status, and is flagged) but does not take the parcel over.
+
+    ``in_order`` and ``voids``: ``ordered(facts)`` and ``voided_by(facts)``, when the
+    caller has them (a push judges the parcel's rules on them too: ``sync.rules.History``).
     """
-    voids = voided_by(facts)
+    voids = dict(voided_by(facts) if voids is None else voids)
     status_event: EventFact | None = None
     holder: int | None = None
-    in_order = ordered(facts)
+    in_order = ordered(facts) if in_order is None else in_order
     for fact in in_order:
         if fact.event_id in voids or fact.type not in STATUS_OF_EVENT:
             continue

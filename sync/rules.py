@@ -14,6 +14,7 @@ import datetime as dt
 import math
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from models import ConsentMethod, EventType, FlagSeverity, ServiceClass
@@ -141,24 +142,24 @@ def evaluate(
     policy: Policy,
     stored_blobs: frozenset[str] = frozenset(),
     purged_blobs: Mapping[str, dt.datetime] | None = None,
+    history: History | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{flag kind: evidence}`` for every rule the parcel breaks now.
 
     ``stored_blobs``: the proof images the server holds; ``purged_blobs``: those the
     retention purge deleted, and when. A purged image was there for a delivery made
-    before the purge; one made since names an image the server no longer has."""
+    before the purge; one made since names an image the server no longer has.
+    ``history``: the ``History`` of ``events``, when the caller has it."""
     if not any(e.fact.type in FINAL_OUTCOMES for e in events):
         return {}  # every rule judges a delivery, a drop or a return
+    history = history or History(events)
     by_id = {e.fact.event_id: e for e in events}
-    voids = voided_by(e.fact for e in events)
-    history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]
-    counting = [e for e in history if e.fact.event_id not in voids]
-    outcomes = final_outcomes(counting)
+    voids, counting, outcomes = history.voids, history.counting, history.outcomes
     flags: dict[str, dict[str, Any]] = {}
-    _drops(parcel, outcomes, consents, policy, flags, history)
+    _drops(parcel, outcomes, consents, policy, flags, history.in_order)
     _proofs(parcel, counting, outcomes, policy, stored_blobs, purged_blobs or {}, flags)
     _outcomes(counting, outcomes, flags)
-    _corrections(history, voids, by_id, flags)
+    _corrections(history.in_order, voids, by_id, flags)
     _name_repeats(outcomes, flags)
     return flags
 
@@ -639,6 +640,95 @@ def _place(scan: EventDetail) -> tuple[Any, ...]:
     return ()
 
 
+class History:
+    """A parcel's events as the rules read them: in projection order
+    (``sync.projection.ordered``), its corrections' voids (``voided_by``), its final
+    outcomes folded (``final_outcomes``), each worked out once, when first asked for. A
+    push reads all of them for each parcel it touches (its status, ``evaluate``,
+    ``first_scans``, ``refolded``, the drops told or taken back), and each sorted the
+    whole history anew: a PDA that pushed 25,000 events of one parcel made each later
+    push of it, its honest courier's scan too, sort them six times in SQLite's writers'
+    turn. ``events``: all of the parcel's, in any order, voided ones too.
+    ``voids``: their ``voided_by``, when the caller knows it already."""
+
+    def __init__(
+        self, events: Sequence[EventDetail], voids: Mapping[int, int] | None = None
+    ) -> None:
+        self.events = events
+        if voids is not None:
+            self.voids = voids
+
+    @cached_property
+    def voids(self) -> Mapping[int, int]:
+        """``{voided event id: correction event id}`` (``voided_by``)."""
+        return voided_by(e.fact for e in self.events)
+
+    @cached_property
+    def in_order(self) -> list[EventDetail]:
+        """The events in projection order, voided ones too."""
+        by_id = {e.fact.event_id: e for e in self.events}
+        return [by_id[f.event_id] for f in ordered(e.fact for e in self.events)]
+
+    @cached_property
+    def counting(self) -> list[EventDetail]:
+        """``in_order`` less the voided events."""
+        return [e for e in self.in_order if e.fact.event_id not in self.voids]
+
+    @cached_property
+    def outcomes(self) -> list[FinalOutcome]:
+        """``final_outcomes`` of the counting events."""
+        return final_outcomes(self.counting)
+
+    @cached_property
+    def folded(self) -> list[FinalOutcome]:
+        """``outcomes``, or none when fewer than two events are final outcomes: nothing
+        repeats then, and most parcels' history need not be ordered for it."""
+        if sum(e.fact.type in FINAL_OUTCOMES for e in self.events) < 2:
+            return []
+        return self.outcomes
+
+    @cached_property
+    def first_scans(self) -> dict[int, EventDetail]:
+        """``first_scans`` of the events."""
+        return {
+            scan.fact.event_id: outcome.first
+            for outcome in self.folded
+            for scan in outcome.scans[1:]
+        }
+
+    @cached_property
+    def scans_of_outcomes(self) -> dict[int, list[int]]:
+        """``scans_of_outcomes`` of the events."""
+        return {
+            scan.fact.event_id: outcome.event_ids
+            for outcome in self.folded
+            if len(outcome.scans) > 1
+            for scan in outcome.scans
+        }
+
+    def stands_on_another_scan(self, voided: int) -> bool:
+        """``stands_on_another_scan`` over the events."""
+        if sum(e.fact.type in FINAL_OUTCOMES for e in self.events) < 2:
+            return False
+        outcome = _counted_again(voided, self.in_order, self.voids)
+        return outcome is not None and len(outcome.scans) > 1
+
+    def scans_ever(self, scan: int) -> list[int]:
+        """``scans_ever`` over the events."""
+        return next((o.event_ids for o in self._outcomes_ever if scan in o.event_ids), [scan])
+
+    @cached_property
+    def _outcomes_ever(self) -> list[FinalOutcome]:
+        """``final_outcomes`` with the voided scans of final outcomes counted again."""
+        return final_outcomes(
+            [
+                e
+                for e in self.in_order
+                if e.fact.event_id not in self.voids or e.fact.type in FINAL_OUTCOMES
+            ]
+        )
+
+
 def judged_scan(scan: EventDetail, events: Sequence[EventDetail]) -> EventDetail:
     """The scan rule 4 judges a final outcome ``scan`` by: the first scan of the outcome
     it repeats (``final_outcomes``), else itself. ``events``: the parcel's. What a
@@ -663,12 +753,7 @@ def first_scans(events: Sequence[EventDetail]) -> dict[int, EventDetail]:
 def scans_of_outcomes(events: Sequence[EventDetail]) -> dict[int, list[int]]:
     """``{scan's event id: every scan of its outcome, the first first}`` for the final
     outcomes of a parcel's ``events`` scanned more than once (``first_scans``)."""
-    return {
-        scan.fact.event_id: outcome.event_ids
-        for outcome in _folded(events)
-        if len(outcome.scans) > 1
-        for scan in outcome.scans
-    }
+    return History(events).scans_of_outcomes
 
 
 def stands_on_another_scan(voided: int, events: Sequence[EventDetail]) -> bool:
@@ -676,49 +761,41 @@ def stands_on_another_scan(voided: int, events: Sequence[EventDetail]) -> bool:
     another of its scans (a repeat voided, or the first with a repeat left): the parcel
     is where it was, only its scan was amended. Judged, as ``repeats_standing``, with
     that scan alone counted again."""
-    if sum(e.fact.type in FINAL_OUTCOMES for e in events) < 2:
-        return False
-    by_id = {e.fact.event_id: e for e in events}
-    history = [by_id[f.event_id] for f in ordered(e.fact for e in events)]
-    outcome = _counted_again(voided, history, voided_by(e.fact for e in events))
-    return outcome is not None and len(outcome.scans) > 1
+    return History(events).stands_on_another_scan(voided)
 
 
 def scans_ever(scan: int, events: Sequence[EventDetail]) -> list[int]:
     """Every scan of the final outcome ``scan`` is a scan of, voided scans of final
     outcomes counted again: what its recipient may have been told of it by."""
-    voids = voided_by(e.fact for e in events)
-    by_id = {e.fact.event_id: e for e in events}
-    counting = [
-        by_id[f.event_id]
-        for f in ordered(e.fact for e in events)
-        if f.event_id not in voids or f.type in FINAL_OUTCOMES
-    ]
-    return next((o.event_ids for o in final_outcomes(counting) if scan in o.event_ids), [scan])
+    return History(events).scans_ever(scan)
 
 
 def _folded(events: Sequence[EventDetail]) -> list[FinalOutcome]:
     """``final_outcomes`` of a parcel's events in any order, voided ones left out."""
-    if sum(e.fact.type in FINAL_OUTCOMES for e in events) < 2:
-        return []  # nothing to repeat (most parcels)
-    voids = voided_by(e.fact for e in events)
-    by_id = {e.fact.event_id: e for e in events}
-    return final_outcomes(
-        [by_id[f.event_id] for f in ordered(e.fact for e in events) if f.event_id not in voids]
-    )
+    return History(events).folded
 
 
-def refolded(events: Sequence[EventDetail], new: Set[int]) -> bool:
+def refolded(events: Sequence[EventDetail], new: Set[int], history: History | None = None) -> bool:
     """Whether the events ``new`` among a parcel's ``events`` change which scan an
     outcome scanned before them is settled by (``first_scans``): a scan that was an
     outcome's first now repeats one (the first scan arrived after its repeat, or a
     check-out between them was voided), or the other way round. A shift holding such a
-    scan is judged again: whether its outcome is its own depends on it."""
+    scan is judged again: whether its outcome is its own depends on it. ``history``:
+    the ``History`` of ``events``, when the caller has it."""
     finals = [e for e in events if e.fact.type in FINAL_OUTCOMES]
     if len(finals) < 2 or not any(e.fact.event_id in new for e in events):
         return False
-    before = first_scans([e for e in events if e.fact.event_id not in new])
-    after = first_scans(events)
+    after = (history or History(events)).first_scans
+    # Without the new events. Their corrections aside, the same corrections void the
+    # same events (a device's client event ids are its own): the voids need not be
+    # worked out again.
+    old = [e for e in events if e.fact.event_id not in new]
+    voids = None
+    if history is not None and not any(
+        e.fact.type == EventType.CORRECTION for e in events if e.fact.event_id in new
+    ):
+        voids = {t: c for t, c in history.voids.items() if t not in new}
+    before = History(old, voids).first_scans
 
     def first(folding: Mapping[int, EventDetail], event_id: int) -> int:
         return folding[event_id].fact.event_id if event_id in folding else event_id

@@ -44,13 +44,13 @@ from sync.rules import (
     RULE_KINDS,
     SEVERITY,
     EventDetail,
+    History,
     ParcelFacts,
     Policy,
     by_station,
     cited_events,
     consents_matter,
     evaluate,
-    first_scans,
     parcel_stays,
     refolded,
     within,
@@ -234,8 +234,8 @@ class ReprojectOutcome:
     # just stored (``sync.rules.refolded``), and those with a final outcome scanned again.
     refolded: set[str] = field(default_factory=set)
     repeated: set[str] = field(default_factory=set)
-    # Each parcel's events, as judged (``load_events``).
-    events: dict[str, list[EventDetail]] = field(default_factory=dict)
+    # Each parcel's events, as judged (``load_events``), ordered and folded once.
+    histories: dict[str, History] = field(default_factory=dict)
 
     def not_checked_out_changed(self) -> set[str]:
         """Parcels whose ``delivered_not_checked_out`` flag was raised, closed or given
@@ -301,8 +301,11 @@ def reproject(
     }
     events = load_events(session, wanted, stored or {})
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
-    judged = _judge(session, parcels, events, policy)
-    folding = {tn: first_scans(parcel_events) for tn, parcel_events in events.items()}
+    # Each parcel's history ordered, its voids and its outcomes worked out once, for its
+    # status, its rules and its repeats alike (``History``).
+    histories = {tn: History(parcel_events) for tn, parcel_events in events.items()}
+    judged = _judge(session, parcels, events, policy, histories)
+    folding = {tn: history.first_scans for tn, history in histories.items()}
     # Whom a parcel's rule flag at a station concerns: at its own station its holder; at
     # another (it moved, or a courier there scanned it) that station's latest courier.
     couriers: dict[tuple[str, int], int | None] = {}
@@ -315,7 +318,13 @@ def reproject(
             if facts[tracking_no]:
                 outcome.unknown[tracking_no] = sorted(f.event_id for f in facts[tracking_no])
             continue
-        projection = project(facts[tracking_no], station_id=parcel.station_id)
+        history = histories[tracking_no]
+        projection = project(
+            facts[tracking_no],
+            station_id=parcel.station_id,
+            in_order=[event.fact for event in history.in_order],
+            voids=history.voids,
+        )
         first = folding[tracking_no].get(projection.status_event_id or 0)
         if first is not None:  # a final outcome scanned again: since its first scan
             projection = replace(projection, status_at=first.fact.occurred_at)
@@ -367,9 +376,9 @@ def reproject(
         session, parcels, judged, events, couriers, changed or {}
     )
     new = {event.fact.event_id for found in (stored or {}).values() for event in found}
-    outcome.refolded = {tn for tn in wanted if refolded(events[tn], new)}
+    outcome.refolded = {tn for tn in wanted if refolded(events[tn], new, histories[tn])}
     outcome.repeated = {tn for tn in wanted if folding[tn]}
-    outcome.events = events
+    outcome.histories = histories
     return outcome
 
 
@@ -392,8 +401,10 @@ def _judge(
     parcels: dict[str, Any],
     events: dict[str, list[EventDetail]],
     policy: Policy,
+    histories: Mapping[str, History] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """The rule flags each parcel should have now (``sync.rules.evaluate``), by kind."""
+    """The rule flags each parcel should have now (``sync.rules.evaluate``), by kind.
+    ``histories``: the parcels' ``History``, when the caller has them."""
     facts = {
         tn: ParcelFacts(parcel.service_class, parcel.lat, parcel.lon)
         for tn, parcel in parcels.items()
@@ -409,8 +420,17 @@ def _judge(
     rows = list(rows_among(session, BLOBS_HELD, "digests", sorted(referenced)))
     stored = frozenset(row.sha256 for row in rows if row.purged_at is None)
     purged = {row.sha256: row.purged_at for row in rows if row.purged_at is not None}
+    histories = histories or {}
     return {
-        tn: evaluate(facts[tn], events[tn], consents.get(tn, []), policy, stored, purged)
+        tn: evaluate(
+            facts[tn],
+            events[tn],
+            consents.get(tn, []),
+            policy,
+            stored,
+            purged,
+            histories.get(tn),
+        )
         for tn in parcels
     }
 

@@ -20,14 +20,16 @@ from models import (
     FeedKind,
     Flag,
     FlagStatus,
+    OutboxMessage,
     Parcel,
     ParcelStatus,
     QuarantinedEvent,
     ScanEvent,
     SyncBatch,
+    WebhookSubscription,
 )
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope
-from sync import audit
+from sync import audit, handover, projection, rules, status
 from sync import ingest as ingest_module
 from sync.consents import ConsentDraft, ConsentRules, grant
 from sync.errors import Conflict
@@ -2256,3 +2258,93 @@ def test_a_resolved_flag_from_before_flags_had_a_station_each_stays_resolved(
     assert [(f.station_id, f.status, f.closed_reason) for f in found] == [
         (world.station.id, FlagStatus.RESOLVED, None)
     ]
+
+
+def test_a_push_on_a_parcel_of_a_long_history_orders_it_once_not_once_a_rule(
+    session: Session, world: World, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push judges each parcel it touches on the parcel's whole history: its status
+    (``sync.projection.project``), its rule flags (``sync.rules.evaluate``), which scans
+    repeat an outcome (``first_scans``), whether the events just stored fold its outcomes
+    otherwise (``refolded``), which drops to tell recipients of or take back. Each sorted
+    the whole history into projection order (``sync.projection.ordered``) again: a PDA
+    that pushed 25,000 events of one parcel (each stored, rule 1) made every later push
+    of it, its honest courier's scan too, sort them six times, 12 to 16 s in SQLite's
+    writers' turn under load, and the station's other PDAs got 503s. Ordered once now;
+    once more, without the events just stored, where they may fold its outcomes
+    otherwise (``refolded``)."""
+    tn = parcel.tracking_no
+    topics = [ingest_module.DROP_VOIDED_TOPIC, *ingest_module.DROP_TOPICS.values()]
+    session.add(WebhookSubscription(url="http://127.0.0.1:9/hook", topics=topics, secret="s" * 43))
+    courier = factories.user(session, "courier2", "courier", world.station)
+    factories.device(session, "PDA-0003", world.station)
+    session.commit()
+    flood: list[dict[str, Any]] = []  # consents, drops, corrections, check-outs
+    for seq in range(1, 301):
+        when = NOW - dt.timedelta(hours=3) + dt.timedelta(seconds=seq)
+        if seq % 4 == 1:
+            consent = {"method": "any", "channel": "in_person"}
+            flood.append(pda.event(seq, tn, "consent_captured", occurred_at=when, consent=consent))
+        elif seq % 4 == 2:
+            drop = {"locker_id": "L-1", "compartment": str(seq), "pod": {"pickup_code": "1"}}
+            flood.append(pda.event(seq, tn, "delivered_to_locker", occurred_at=when, **drop))
+        elif seq % 4 == 3:
+            voided = flood[-2]["client_event_id"]
+            flood.append(
+                pda.event(
+                    seq,
+                    tn,
+                    "correction",
+                    occurred_at=when,
+                    voids_client_event_id=voided,
+                    reason="x",
+                )
+            )
+        else:
+            flood.append(pda.event(seq, tn, occurred_at=when))
+    assert statuses(pda.push(flood)) == ["applied"] * len(flood)
+    honest = Pda(session, world)
+    honest.pusher = Pusher("PDA-0003", world.station.id, courier.id)
+    sorts: list[int] = []
+    real = projection.ordered
+
+    def counted(facts: Any) -> Any:
+        facts = list(facts)
+        sorts.append(len(facts))
+        return real(facts)
+
+    for module in (projection, rules, status, handover):
+        monkeypatch.setattr(module, "ordered", counted)
+    later = NOW - dt.timedelta(hours=2)
+    drop = {"locker_id": "L-2", "compartment": "1", "pod": {"pickup_code": "2"}}
+    voided = flood[-3]["client_event_id"]  # a drop, announced
+    pushes = {
+        "the honest courier's drop": (
+            honest,
+            [honest.event(1, tn, "delivered_to_locker", occurred_at=later, **drop)],
+        ),
+        "the flooding PDA's correction of its drop": (
+            pda,
+            [
+                pda.event(
+                    301,
+                    tn,
+                    "correction",
+                    occurred_at=later,
+                    voids_client_event_id=voided,
+                    reason="mis-tap",
+                )
+            ],
+        ),
+    }
+    for what, (device, events) in pushes.items():
+        sorts.clear()
+        assert statuses(device.push(events)) == ["applied"] * len(events), what
+        whole = [n for n in sorts if n >= len(flood)]
+        assert 1 <= len(whole) <= 2, (what, sorts)
+    told = {
+        (m.topic, m.payload["locker_id"], m.payload["compartment"])
+        for m in session.scalars(select(OutboxMessage))
+    }
+    assert ("parcel.in_locker", "L-2", "1") in told  # the courier's drop
+    assert ("parcel.drop_voided", "L-1", "298") in told  # the one a correction took back

@@ -166,6 +166,27 @@ class Database:
             if refusing is not None:
                 refuse_writes(refusing, True)
 
+    def reads_from_here(self) -> None:
+        """The rest of the request only reads, as a view that sets ``READS_ONLY`` does: for
+        a writing request whose action was refused (rolled back) that shows a page read
+        anew, so that on a SQLite file the page's reads (a shift's, its images hashed)
+        hold no writers' turn. The request's transaction ends, rolled back (on SQLite, the
+        turn given back at once), and its session reads on as a reading view's: on the
+        reading engine (in tests, the shared connection refusing writes until the request
+        ends). The objects it loaded (the viewer's account) stay in it, read again from
+        the reading transaction when used."""
+        setattr(g, _READS_FROM_HERE, True)
+        session = g.get("db_session")
+        if session is None:
+            return  # opened as a reading view's on first use
+        session.rollback()
+        state = self._state()
+        if state.test_connection is None:
+            session.bind = state.reader
+        else:
+            refuse_writes(state.test_connection, True)
+            g.db_refused_writes = True
+
     @staticmethod
     def request_only_reads() -> bool:
         """Whether the current request runs in transactions that only read (its view
@@ -230,6 +251,7 @@ class Database:
                 ):
                     raise
                 self._discard_session()
+                g.pop(_READS_FROM_HERE, None)  # run again whole: from its start, writing
                 log.warning(
                     "request aborted (SQLSTATE %s), run %d of %d: running it again",
                     getattr(error.orig, "sqlstate", None),
@@ -306,10 +328,12 @@ class Database:
 
     @staticmethod
     def _forget_commits(_exc: BaseException | None) -> None:
-        """Whether the request committed something is its own: ``g`` outlives the
-        request when an app context holds several (a test's, a CLI's), and the next
-        one, finding it set, would not be run again after a conflict."""
+        """Whether the request committed something (and whether it only reads from
+        some point on) is its own: ``g`` outlives the request when an app context holds
+        several (a test's, a CLI's), and the next one, finding it set, would not be run
+        again after a conflict (or would read only)."""
         g.pop(_COMMITTED, None)
+        g.pop(_READS_FROM_HERE, None)
 
     @classmethod
     def _close_session(cls, _exc: BaseException | None) -> None:
@@ -356,6 +380,8 @@ _IF_NOTHING_STORED = "courier_api.if_nothing_stored"
 
 # ``g``: whether anything of the current request has committed (``dispatched_retrying_conflicts``).
 _COMMITTED = "db_committed"
+# ``g``: whether the rest of the current request only reads (``Database.reads_from_here``).
+_READS_FROM_HERE = "db_reads_from_here"
 
 
 @event.listens_for(Session, "after_commit")
@@ -378,7 +404,11 @@ _READING_METHODS = frozenset({"GET", "HEAD"})
 
 
 def _request_only_reads() -> bool:
-    if not has_request_context() or request.method not in _READING_METHODS:
+    if not has_request_context():
+        return False
+    if g.get(_READS_FROM_HERE, False):
+        return True
+    if request.method not in _READING_METHODS:
         return False
     return _view_says("READS_ONLY")
 

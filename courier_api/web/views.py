@@ -438,9 +438,24 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
 @bp.get("/shifts/<id:shift_id>")
 @page()
 def shift(shift_id: int) -> ResponseReturnValue:
+    return _shift_page(_visible_shift(shift_id))
+
+
+def _visible_shift(shift_id: int) -> Shift:
+    """The shift, if the viewer may see it (else a 404, as an unknown id's)."""
     found = shifts.get_shift(session=db.session, shift_id=shift_id)
     ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
-    return _shift_page(found)
+    return found
+
+
+def _shift_page_again(shift_id: int, *, typed: dict[str, str]) -> ResponseReturnValue:
+    """The shift's page after an action on it was refused (rolled back): read anew, as
+    its GET reads it, in a reading transaction (``reads_from_here``), with the refusal
+    flashed and what was typed. Not in the POST's writing transaction: on SQLite that
+    held the one writers' turn while the whole page was read and its discrepancies'
+    images hashed, and every PDA's push at 19:00 waited behind a refused sign-off."""
+    db.reads_from_here()
+    return _shift_page(_visible_shift(shift_id), typed=typed)
 
 
 def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> ResponseReturnValue:
@@ -529,8 +544,7 @@ def close_shift(shift_id: int) -> ResponseReturnValue:
     """A manager closes a shift its courier cannot close from the PDA (a PDA that died),
     as ``POST /api/v1/shifts/<id>/close`` does for them. Refused, the page is shown
     again with the last seq as it was typed."""
-    found = shifts.get_shift(session=db.session, shift_id=shift_id)
-    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
+    found = _visible_shift(shift_id)
 
     def close() -> None:
         form = parse(CloseShiftForm(), request.form)
@@ -545,7 +559,7 @@ def close_shift(shift_id: int) -> ResponseReturnValue:
 
     if _decide(close, done=f"Shift {shift_id} is closed.", refused="Not closed"):
         return redirect(url_for("web.shift", shift_id=shift_id))
-    return _shift_page(found, typed={"last_seq": request.form.get("last_seq", "")})
+    return _shift_page_again(shift_id, typed={"last_seq": request.form.get("last_seq", "")})
 
 
 @bp.post("/shifts/<id:shift_id>/signoff")
@@ -554,8 +568,7 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
     """A refused sign-off shows the page again, read anew, with the note and the reason
     as they were typed (not redirected: a note of 2,000 characters does not fit in the
     session's cookie)."""
-    found = shifts.get_shift(session=db.session, shift_id=shift_id)
-    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
+    found = _visible_shift(shift_id)
 
     def sign() -> None:
         form = parse(SignOffForm(), request.form)
@@ -575,7 +588,7 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
     if _decide(sign, done=f"Shift {shift_id} is signed off.", refused="Not signed off"):
         return redirect(url_for("web.shift", shift_id=shift_id))
     typed = {name: request.form.get(name, "") for name in ("note", "force_reason")}
-    return _shift_page(found, typed=typed)
+    return _shift_page_again(shift_id, typed=typed)
 
 
 PDA_ELSEWHERE = (
@@ -592,8 +605,7 @@ def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
     a PDA moved to another station since, and those of no shift on their station's PDA
     (``sync.lost_seqs.ensure_own_station``). Refused, the page is shown again with the
     seqs and the reason as they were typed."""
-    found = shifts.get_shift(session=db.session, shift_id=shift_id)
-    ensure_visible(found.station_id, shifts.shift_not_found(shift_id))
+    found = _visible_shift(shift_id)
 
     def write_off() -> None:
         form = parse(LostSeqsForm(), request.form)
@@ -612,7 +624,7 @@ def write_off_lost_seqs(shift_id: int) -> ResponseReturnValue:
     if _decide(write_off, done=done, refused="Not written off", also=(PermissionDenied,)):
         return redirect(url_for("web.shift", shift_id=shift_id))
     typed = {name: request.form.get(name, "") for name in ("seqs", "reason")}
-    return _shift_page(found, typed=typed)
+    return _shift_page_again(shift_id, typed=typed)
 
 
 def _decide(

@@ -422,6 +422,73 @@ def test_a_shift_page_hashing_its_discrepancies_images_holds_up_no_push(
     push waited for the whole page, its images' hashing too; here a write made while it
     hashes waited out the busy timeout (a 503). The page now reads in a reading
     transaction (an auditor's reads recorded apart, last, as a proof's page does)."""
+    shift_id, pages, waited = _unbalanced_shift_hashed_while_a_push_lands(
+        committed_app, monkeypatch
+    )
+
+    answer = pages.client.get(f"/web/shifts/{shift_id}")
+
+    assert answer.status_code == 200, answer.get_data()[:300]
+    assert "unauthorized locker drop" in answer.get_data(as_text=True)
+    assert len(waited) == 1 and waited[0] < 2, waited
+
+
+@pytest.mark.parametrize(
+    ("action", "form", "refused", "typed"),
+    [
+        (
+            "signoff",
+            {"note": "checked the locker", "rejected_events": "7"},
+            "Not signed off: shift ",  # its refused scans changed since
+            'placeholder="What you checked">checked the locker</textarea>',
+        ),
+        # A closed shift's (its close form not offered again: it is closed).
+        ("close", {"last_seq": "2"}, "Not closed: ", ""),
+        # Seqs mistyped (the form is not offered again: none is missing).
+        ("lost-seqs", {"seqs": "three", "reason": "PDA reset"}, "Not written off: ", ""),
+    ],
+    ids=["sign-off", "close", "write-off"],
+)
+def test_a_refused_action_shows_the_shift_page_again_holding_up_no_push(
+    committed_app: Flask,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+    form: dict[str, str],
+    refused: str,
+    typed: str,
+) -> None:
+    """At 19:00 a manager's sign-off of a handover that does not balance is refused (the
+    PDA's refused scans changed since the page was read; or a close of a closed shift, a
+    write-off of seqs mistyped): the page is shown again, read anew, its discrepancies'
+    images hashed. It was rendered in the POST's writing transaction, rolled back and
+    begun again by its first read: on SQLite the writers' turn held for the whole page,
+    and a PDA's push meanwhile waited out the busy timeout (the page answered 503). The
+    refused action gives its transaction back and the page is read as the GET reads it,
+    in a reading transaction; the manager sees the same page, the refusal and what they
+    typed."""
+    shift_id, pages, waited = _unbalanced_shift_hashed_while_a_push_lands(
+        committed_app, monkeypatch
+    )
+
+    answer = pages.post(f"/web/shifts/{shift_id}/{action}", **form)
+
+    assert answer.status_code == 200, answer.get_data()[:300]
+    page = answer.get_data(as_text=True)
+    assert refused in page and "unauthorized locker drop" in page
+    assert typed in page
+    assert len(waited) == 1 and waited[0] < 2, waited
+    with committed_app.app_context():
+        station = db.session.scalars(select(Station).where(Station.code == "EVE")).one()
+        assert station.name == "Busy"  # the push, applied
+
+
+def _unbalanced_shift_hashed_while_a_push_lands(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, Pages, list[float]]:
+    """A closed shift with an express parcel left in a locker without consent, its photo
+    stored; its station's manager signed in to the pages. Each image the pages hash from
+    then on has another request's write land as it is hashed: how long that write waited
+    is appended to the list returned."""
     from sync.blobs import FileBlobStore
     from tests.courier_api.test_blobs_api import digest, image_bytes
 
@@ -464,12 +531,7 @@ def test_a_shift_page_hashing_its_discrepancies_images_holds_up_no_push(
         return hashing(self, *args, **kwargs)
 
     monkeypatch.setattr(FileBlobStore, "verify", hashed_while_a_push_lands)
-
-    answer = pages.client.get(f"/web/shifts/{shift_id}")
-
-    assert answer.status_code == 200, answer.get_data()[:300]
-    assert "unauthorized locker drop" in answer.get_data(as_text=True)
-    assert len(waited) == 1 and waited[0] < 2, waited
+    return shift_id, pages, waited
 
 
 @pytest.mark.parametrize("route", ["api", "web"])

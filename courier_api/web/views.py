@@ -417,7 +417,7 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
             now=utcnow(),
         )
     except InvalidInput as exc:
-        db.session.rollback()
+        db.reads_from_here()  # rolled back: the board read again holds up no push
         flash(f"Nothing signed off: {exc.message}", "error")
         return _board_page(station, day, typed=typed)
     back = url_for("web.board", station=station.id, date=day)
@@ -428,7 +428,10 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
     refused = [outcome for outcome in outcomes if outcome.outcome == signoffs.REFUSED]
     for outcome in refused:
         flash(f"Not signed off: {outcome.message}", "error")
-    return _board_page(station, day, typed=typed) if refused else redirect(back)
+    if not refused:
+        return redirect(back)
+    db.reads_from_here()  # what was signed off is committed: the board is only read
+    return _board_page(station, day, typed=typed)
 
 
 # -- a shift ----------------------------------------------------------------------------------
@@ -818,11 +821,12 @@ def _decide_flag(
 
 def _after_flag_decision(found: Flag, action: str, decided: bool) -> ResponseReturnValue:
     """Back to the page the decision was made on (``next``: the queue as filtered, or
-    the flag's page). Refused, that page is shown again, read anew, with the note typed
-    into that flag's ``action`` form."""
+    the flag's page). Refused, that page is shown again, read anew as its GET reads it
+    (in a reading transaction), with the note typed into that flag's ``action`` form."""
     back = safe_next(request.form.get("next"))
     if decided:
         return redirect(back or url_for("web.flag", flag_id=found.id))
+    db.reads_from_here()  # rolled back: the page read again holds up no push
     typed = {"flag_id": found.id, "action": action, "note": request.form.get("note", "")}
     if back is not None:
         target = urlsplit(back)

@@ -756,3 +756,69 @@ def test_an_auditors_reads_of_the_reading_views_are_each_recorded_once_under_the
         ("blob_read", digest(photo), [delivered]),
         ("quarantine_searched", "search", [refused]),
     ], shown
+
+
+@pytest.mark.parametrize("page", ["board", "flag"])
+def test_a_refused_decision_shows_its_page_again_holding_up_no_push(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, page: str
+) -> None:
+    """A manager's clean sign-off from the board with no box checked, or a flag resolved
+    without a note, is refused and its page shown again, read anew. It was read in the
+    POST's writing transaction, begun again after the rollback: on SQLite the board (every
+    shift of the day) or the flag's page read holding the writers' turn, and a PDA's push
+    meanwhile waited out the busy timeout (the page answered 503). The refused decision
+    is rolled back and its page read as its GET reads it."""
+    from courier_api.web import views
+
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="REDO")
+        factories.user(session, "redo-boss", "station_manager", station)
+        factories.user(session, "redo-rider", "courier", station)
+        factories.device(session, "PDA-REDO", station)
+        session.commit()
+        station_id = station.id
+    client = committed_app.test_client()
+    courier = Auth(client).headers("redo-rider", "PDA-REDO")
+    opened = client.post("/api/v1/shifts", json={"first_seq": 1}, headers=courier)
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    with committed_app.app_context():
+        flag = Flag(
+            station_id=station_id,
+            kind="shift_not_closed",
+            severity="warning",
+            subject_type="shift",
+            subject_key=str(shift_id),
+            evidence={},
+            shift_id=shift_id,
+        )
+        db.session.add(flag)
+        db.session.commit()
+        flag_id = flag.id
+    pages = Pages(committed_app.test_client())
+    assert pages.login("redo-boss").status_code == 302
+    engine = db.engine_of(committed_app)
+    waited: list[float] = []
+    read = {"board": "station_board", "flag": "flag_page"}[page]
+    reading = getattr(views, read)
+
+    def read_while_a_push_lands(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        with engine.begin() as writer:  # another request's push, meanwhile
+            writer.execute(update(Station).where(Station.id == station_id).values(name="Busy"))
+        waited.append(time.monotonic() - started)
+        return reading(*args, **kwargs)
+
+    monkeypatch.setattr(views, read, read_while_a_push_lands)
+
+    if page == "board":
+        answer = pages.post(f"/web/stations/{station_id}/signoffs", note="all clean")
+        refused = "Nothing signed off: "
+    else:
+        answer = pages.post(f"/web/flags/{flag_id}/resolve", note="")
+        refused = "Not resolved: say how the flag was resolved in a note"
+
+    assert answer.status_code == 200, answer.get_data()[:300]
+    assert refused in answer.get_data(as_text=True)
+    assert len(waited) == 1 and waited[0] < 2, waited

@@ -608,7 +608,9 @@ def admit_check(
     )
     if charge.refusal is not None:
         raise charge.refusal
-    return min(max_entries, charge.units * BUDGET_UNIT)
+    # A budget of fewer entries than a unit is one unit a window (``units``), charged as a
+    # unit, but read no further than its entries: 300 an hour must not read a thousand.
+    return min(max_entries, charge.units * BUDGET_UNIT, budget.count)
 
 
 def entries_from(session: Session, from_head: Head | None, *, at_most: int) -> int:

@@ -722,6 +722,27 @@ def test_a_check_the_budget_cuts_short_goes_on_from_its_head_once_the_window_fre
     assert (body["intact"], body["complete"], body["checked"]) == (True, True, 501)
 
 
+def test_a_budget_smaller_than_a_unit_is_never_overspent(
+    app_with: Any, session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget of fewer entries than a unit (``audit.BUDGET_UNIT``) is one unit a
+    window, charged as a thousand, but its reader reads no more than the entries
+    configured: 300 an hour read 1,000 with the unit's worth of reading."""
+    ids = long_log(session)
+    now = [START]
+    monkeypatch.setattr("courier_api.api.audit.routes.utcnow", lambda: now[0])
+    app: Flask = app_with(AUDIT_VERIFY_ENTRIES_PER_USER=Limit.parse("300/600"))
+    client = app.test_client()
+    auditor = Auth(client).headers("auditor1")
+    body = client.get(VERIFY, headers=auditor).get_json()
+    assert (body["intact"], body["complete"], body["checked"]) == (True, False, 300)
+    assert body["head_id"] == ids[299]
+    assert client.get(VERIFY, query_string=head_of(body), headers=auditor).status_code == 429
+    now[0] += dt.timedelta(seconds=600)
+    body = client.get(VERIFY, query_string=head_of(body), headers=auditor).get_json()
+    assert (body["complete"], body["checked"], body["head_id"]) == (False, 300, ids[598])
+
+
 def test_the_entries_verified_are_limited_by_default_and_may_not_be(tmp_path: Path) -> None:
     name = "AUDIT_VERIFY_ENTRIES_PER_USER"
     assert load_config({}, tmp_path)[name] == Limit(400_000, dt.timedelta(hours=1))

@@ -2,7 +2,7 @@
 
 from models.audit import AuditEntry, AuditEntryParcel
 from models.base import Base, UTCDateTime, utcnow
-from models.blob import Blob, BlobUpload, ProofImage
+from models.blob import Blob, BlobUpload, ProofImage, RejectedImage
 from models.consent import Consent
 from models.device import Device
 from models.enums import (
@@ -69,6 +69,7 @@ __all__ = [
     "ProofImage",
     "QuarantinedEvent",
     "RefreshTokenFamily",
+    "RejectedImage",
     "ReportKind",
     "Role",
     "ScanEvent",

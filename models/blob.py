@@ -63,3 +63,23 @@ class ProofImage(Base):
     event_id: Mapped[int] = mapped_column(BigId, ForeignKey("scan_event.id"))
     sha256: Mapped[str] = mapped_column(String(64))  # the blob may arrive later
     tracking_no: Mapped[str] = mapped_column(String(40))
+
+
+class RejectedImage(Base):
+    """A proof image named by the POD of an event the server rejected (kept in
+    quarantine), with the parcel that event names: an auditor's read of the image is
+    filed under that parcel (``sync.blobs.parcels_naming``), as a proof's is, since a drop
+    the server refused is evidence in a dispute and its photo may be the only one."""
+
+    __tablename__ = "rejected_image"
+    __table_args__ = (
+        UniqueConstraint(
+            "quarantined_event_id", "sha256", name="uq_rejected_image_quarantined_event_sha256"
+        ),
+        Index("ix_rejected_image_sha256", "sha256"),
+    )
+
+    id: Mapped[int_pk]
+    quarantined_event_id: Mapped[int] = mapped_column(BigId, ForeignKey("quarantined_event.id"))
+    sha256: Mapped[str] = mapped_column(String(64))  # the blob may arrive later, or never
+    tracking_no: Mapped[str] = mapped_column(String(40))  # its ``parcel_tracking_no``

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, union
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import Blob, BlobUpload, ProofImage, utcnow
+from models import Blob, BlobUpload, ProofImage, RejectedImage, utcnow
 from sync import audit
 from sync.errors import (
     Conflict,
@@ -503,10 +503,15 @@ def blobs_by_digest(*, session: Session, digests: Iterable[str]) -> dict[str, Bl
 
 def parcels_naming(*, session: Session, digest: str) -> list[str]:
     """The parcels whose proofs name the image ``digest`` (``proof_image``, by
-    ``ix_proof_image_sha256``): an auditor's read of it is filed under them, so that a
-    parcel's history (``GET /audit?tracking_no=``) says who looked at its delivery's
-    signature or photo, as a retention purge of it is filed (``sync.sweeps``)."""
-    query = select(ProofImage.tracking_no).where(ProofImage.sha256 == digest).distinct()
+    ``ix_proof_image_sha256``), and those named by rejected events whose POD names it
+    (``rejected_image``, by ``ix_rejected_image_sha256``: a refused drop's photo is
+    evidence in a dispute too), in one statement: an auditor's read of it is filed under
+    them, so that a parcel's history (``GET /audit?tracking_no=``) says who looked at its
+    delivery's signature or photo, as a retention purge of it is filed (``sync.sweeps``)."""
+    query = union(
+        select(ProofImage.tracking_no).where(ProofImage.sha256 == digest),
+        select(RejectedImage.tracking_no).where(RejectedImage.sha256 == digest),
+    )
     return sorted(session.scalars(query))
 
 

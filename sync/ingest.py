@@ -47,6 +47,7 @@ from models import (
     Parcel,
     ProofImage,
     QuarantinedEvent,
+    RejectedImage,
     ScanEvent,
     Shift,
     ShiftStatus,
@@ -89,7 +90,7 @@ from sync.inversion_flags import (
     stored_at,
 )
 from sync.inversions import Stamp, judge
-from sync.quarantine import parcel_named, rejections_of_batch
+from sync.quarantine import images_named, parcel_named, rejections_of_batch
 from sync.rules import EventDetail, History, Policy
 from sync.shifts import (
     WRONG_SHIFT,
@@ -1389,6 +1390,7 @@ class _BatchIngest:
             rejection.payload_hash = sha256_json(rejection.raw)
         answered = self._quarantined_answers([r.payload_hash for r in self.rejections])
         rows = []
+        new: dict[str, Any] = {}  # what the PDA sent of each row, by payload hash
         for rejection in self.rejections:
             previous = answered.get(rejection.payload_hash)
             if previous is not None:
@@ -1396,6 +1398,7 @@ class _BatchIngest:
             else:
                 answered[rejection.payload_hash] = rejection.error
                 rows.append(self._quarantine_row(rejection))
+                new[rejection.payload_hash] = rejection.raw
             raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
             self.results[rejection.index] = _Result(
                 rejection.index,
@@ -1406,7 +1409,37 @@ class _BatchIngest:
             )
         if rows:
             flushed_connection(self.session).execute(INSERT_QUARANTINED, rows)
+            self._link_rejected_images(rows, new)
         self.quarantined = rows
+
+    def _link_rejected_images(self, rows: list[dict[str, Any]], sent: Mapping[str, Any]) -> None:
+        """Record the images named by the PODs of the events just quarantined (``rows``;
+        ``sent``: what the PDA sent of each, by payload hash), with the parcel each event
+        names (``RejectedImage``): an auditor's read of such an image is filed under that
+        parcel. Their ids are read back by payload hash (the rows went in without them)
+        only when one names an image and a parcel: a rare push."""
+        parcels = {row["payload_hash"]: row["parcel_tracking_no"] for row in rows}
+        named = {
+            payload_hash: digests
+            for payload_hash, parcel in parcels.items()
+            if parcel is not None and (digests := images_named(sent[payload_hash]))
+        }
+        if not named:
+            return
+        ids = self.session.execute(
+            select(QuarantinedEvent.payload_hash, QuarantinedEvent.id).where(
+                QuarantinedEvent.device_id == self.pusher.device_id,
+                QuarantinedEvent.payload_hash.in_(sorted(named)),
+            )
+        )
+        self.session.execute(
+            insert(RejectedImage),
+            [
+                {"quarantined_event_id": row_id, "sha256": digest, "tracking_no": parcels[key]}
+                for key, row_id in ids
+                for digest in named[key]
+            ],
+        )
 
     def _quarantined_answers(self, hashes: Sequence[str]) -> dict[str, EventRejected]:
         """What the events of this device with these payload hashes were answered when

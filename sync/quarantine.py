@@ -9,6 +9,7 @@ auditor's read is audit-logged there (``quarantine_searched``).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -100,6 +101,24 @@ def parcel_named(tracking_no: str | None) -> str | None:
     if any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in parcel):
         return None
     return parcel
+
+
+def images_named(raw: Any) -> list[str]:
+    """The proof images a rejected event's POD names (``pod.signature_sha256``,
+    ``pod.photo_sha256``), as images are named: 64 hexadecimal digits, lower case. An
+    auditor's read of one is filed under the parcel the event names (``RejectedImage``).
+
+    Migration ``e8c2a6f4d1b7`` computed the same for the rows kept before it, with a
+    frozen copy of this: a change here needs a migration of its own."""
+    pod = raw.get("pod") if isinstance(raw, Mapping) else None
+    if not isinstance(pod, Mapping):
+        return []
+    named = (pod.get(key) for key in ("signature_sha256", "photo_sha256"))
+    digests = (value.lower() for value in named if isinstance(value, str))
+    return list(dict.fromkeys(d for d in digests if _DIGEST.fullmatch(d)))
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def naming(tracking_no: str) -> ColumnElement[bool]:

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, event, func, select
 from sqlalchemy.exc import OperationalError
 
 from courier_api.app import REQUEST_ATTEMPTS
-from models import AuditEntry, Blob, Flag, FlagStatus, User
+from models import AuditEntry, AuditEntryParcel, Blob, Flag, FlagStatus, User
 from sync import audit, blobs
 from sync.blobs import FileBlobStore
 from tests import factories
@@ -494,6 +494,63 @@ def test_an_auditors_read_of_a_proof_image_is_in_its_parcels_history(
     assert reads_in_history(a) == [(name, auditor_id)] * 2
     assert reads_in_history(b) == [(name, auditor_id)] * 2
     assert reads_in_history(c) == []
+
+
+def test_an_auditors_read_of_an_image_a_rejected_drop_names_is_in_its_parcels_history(
+    client: FlaskClient, auth: Auth, session: Any, world: World, courier: dict[str, str]
+) -> None:
+    """A PDA sent a drop into a locker with a photo of the compartment, but without the
+    locker's id: the server refused it (kept in quarantine, listed on the parcel's proof
+    and shift page), and the photo was uploaded. An auditor settling "never delivered"
+    looks at that photo: the read is on record (``blob_read``) but was filed under no
+    parcel, as no accepted proof names the image, so ``GET /audit?tracking_no=`` did not
+    say who had looked at the only evidence of the drop. It is in the parcel's history
+    now, and in no other's; an image named by a rejected event without a parcel number
+    files its read under none."""
+    a, b = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    session.commit()
+    photo, other = image_bytes(), image_bytes(size=(9, 7))
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    refused_drop = factories.event(
+        2, a.lower(), "delivered_to_locker", occurred_at=when, pod={"photo_sha256": digest(photo)}
+    )
+    unnamed = factories.event(
+        3, "", "delivered", occurred_at=when, pod={"photo_sha256": digest(other)}
+    )
+    events = [
+        factories.event(1, a, occurred_at=when - dt.timedelta(minutes=1)),
+        refused_drop,
+        unnamed,
+    ]
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    statuses = [r["status"] for r in pushed.get_json()["results"]]
+    assert statuses == ["applied", "rejected", "rejected"], pushed.get_json()
+    assert put(client, courier, photo).status_code == 201
+    assert put(client, courier, other).status_code == 201
+    auditor = auth.headers("auditor1")
+    for image in (photo, other):
+        assert client.get(f"/api/v1/blobs/{digest(image)}", headers=auditor).status_code == 200
+
+    def reads_in_history(number: str) -> list[str]:
+        response = client.get(
+            "/api/v1/audit", query_string={"tracking_no": number}, headers=auditor
+        )
+        assert response.status_code == 200, response.get_json()
+        return [
+            e["subject_key"] for e in response.get_json()["items"] if e["action"] == "blob_read"
+        ]
+
+    assert reads_in_history(a) == [digest(photo)]
+    assert reads_in_history(b) == []
+    filed = session.execute(
+        select(AuditEntry.subject_key, AuditEntryParcel.tracking_no)
+        .outerjoin(AuditEntryParcel, AuditEntryParcel.entry_id == AuditEntry.id)
+        .where(AuditEntry.action == "blob_read")
+    ).all()
+    assert sorted(filed) == sorted([(digest(photo), a), (digest(other), None)])
 
 
 def test_uploading_another_stations_image_answers_as_uploading_a_new_one(

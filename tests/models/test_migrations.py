@@ -2973,6 +2973,96 @@ def test_image_reads_written_before_get_the_parcels_whose_proofs_named_the_image
         assert [e.id for e in audit.list_entries(session=session, tracking_no=z)] == [4]
 
 
+REJECTED_IMAGES = "e8c2a6f4d1b7"  # images rejected events name, and reads of them by parcel
+
+
+def test_images_rejected_events_name_get_their_parcels_and_reads_of_them_are_filed(
+    scratch: Engine,
+) -> None:
+    """A rejected event whose POD names an image is kept with the image and the parcel
+    it names (``rejected_image``), as the service now keeps one as it quarantines, and
+    an auditor's read of the image written before is filed under that parcel when the
+    event had arrived by then: a read before, none; one naming no parcel, a POD that is
+    no mapping or a digest that is none, nothing. Run again, the same end; the chain
+    verifies as before."""
+    import datetime as dt
+    import json
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from models import UTCDateTime
+    from sync import audit
+
+    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    x, y = _station_day_numbers(scratch, 2)[:2]
+    shared, later, unnamed = "a" * 64, "b" * 64, "c" * 64
+    early = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
+    between = dt.datetime(2026, 11, 20, 9, 2, 30, tzinfo=dt.UTC)  # after entry 2
+    sent = [
+        (x, {"pod": {"photo_sha256": shared.upper(), "signature_sha256": "not-a-digest"}}, early),
+        (y, {"pod": {"signature_sha256": later}}, between),
+        (None, {"pod": {"photo_sha256": unnamed}}, early),
+        (x, {"pod": f"photo_sha256={unnamed}"}, early),
+    ]
+    insert = sa.text(
+        "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, position, "
+        "event_type, tracking_no, parcel_tracking_no, error_code, message, payload, "
+        "payload_hash, received_at) VALUES (:id, :station, :device, :batch, :id, "
+        "'delivered_to_locker', :tn, :tn, 'missing_field', 'locker_id is required', "
+        ":payload, :hash, :received)"
+    ).bindparams(sa.bindparam("received", type_=UTCDateTime()))
+    with scratch.begin() as connection:
+        station_id, batch_pk, device_id = connection.execute(
+            text("SELECT station_id, id, device_id FROM sync_batch ORDER BY id LIMIT 1")
+        ).one()
+        for row_id, (parcel, payload, received) in enumerate(sent, start=1):
+            connection.execute(
+                insert,
+                {
+                    "id": row_id,
+                    "station": station_id,
+                    "device": device_id,
+                    "batch": batch_pk,
+                    "tn": parcel,
+                    "payload": json.dumps(payload),
+                    "hash": f"{row_id:064d}",
+                    "received": received,
+                },
+            )
+        read = {"media_type": "image/png", "size_bytes": 9}
+        _append_before(
+            connection,
+            [
+                ("blob_read", "blob", shared, read),
+                ("blob_read", "blob", later, read),
+                ("proof_images_purged", "blob", shared, {"digests": [shared]}),
+                ("blob_read", "blob", later, read),
+                ("blob_read", "blob", unnamed, read),
+            ],
+        )
+
+    def linked() -> set[tuple[int, str, str]]:
+        with scratch.connect() as connection:
+            query = "SELECT quarantined_event_id, sha256, tracking_no FROM rejected_image"
+            return {tuple(row) for row in connection.execute(text(query))}
+
+    expected = {1: {x}, 4: {y}}
+    migrate.upgrade(scratch, REJECTED_IMAGES)
+    assert linked() == {(1, shared, x), (2, later, y)}
+    assert _entry_parcels(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": IMAGE_READS_BY_PARCEL}
+        )
+    migrate.upgrade(scratch, REJECTED_IMAGES)
+    assert linked() == {(1, shared, x), (2, later, y)}
+    assert _entry_parcels(scratch) == expected
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok
+        assert [e.id for e in audit.list_entries(session=session, tracking_no=y)] == [4]
+
+
 def test_image_reads_written_before_are_filed_batch_by_batch(scratch: Engine) -> None:
     """More image reads than one statement files (``BATCH``, 2,000), among other
     entries: each batch of reads is filed from where the one before ended, none left out

@@ -67,8 +67,8 @@ class AuditEntries(MethodView):
         PDA lost, a retention purge of its proof's images, an auditor's read of a shift page
         showing its recipient or its proof, a search, flag page or export part that
         showed its proof, a search of rejected events (or a shift or flag page) that
-        showed one naming it, an auditor's read of an image its proof names
-        (`blob_read`).
+        showed one naming it, an auditor's read of an image its proof or one of its
+        rejected events names (`blob_read`).
         Normalized as everywhere (case, spaces, dashes), one that leaves nothing
         is a 422 `invalid_tracking_no`. Entries written before the
         service kept the parcels are among them where their details name them.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, or_, select, update
+from sqlalchemy import Row, Select, and_, or_, select, union, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -26,6 +26,7 @@ from models import (
     Flag,
     FlagSeverity,
     ProofImage,
+    RejectedImage,
     Shift,
     ShiftStatus,
 )
@@ -463,11 +464,16 @@ def proof_retention_purge(
 
 
 def _parcels_of_images(session: Session, digests: Sequence[str]) -> list[str]:
-    """The parcels whose proofs name any of ``digests`` (``ix_proof_image_sha256``): a
-    purge entry is filed under them, so that an auditor settling a dispute about one
-    reads in its history (``GET /audit?tracking_no=``) when and why its proof's images
-    went, not only that they are gone."""
-    query = select(ProofImage.tracking_no).where(ProofImage.sha256.in_(digests)).distinct()
+    """The parcels whose proofs name any of ``digests`` (``ix_proof_image_sha256``), or
+    whose rejected events do (``ix_rejected_image_sha256``), as an auditor's read of one
+    is filed (``sync.blobs.parcels_naming``): a purge entry is filed under them, so that
+    an auditor settling a dispute about one reads in its history (``GET
+    /audit?tracking_no=``) when and why its proof's images went, not only that they are
+    gone."""
+    query = union(
+        select(ProofImage.tracking_no).where(ProofImage.sha256.in_(digests)),
+        select(RejectedImage.tracking_no).where(RejectedImage.sha256.in_(digests)),
+    )
     return sorted(session.scalars(query))
 
 

@@ -2983,8 +2983,9 @@ def test_images_rejected_events_name_get_their_parcels_and_reads_of_them_are_fil
     it names (``rejected_image``), as the service now keeps one as it quarantines, and
     an auditor's read of the image written before is filed under that parcel when the
     event had arrived by then: a read before, none; one naming no parcel, a POD that is
-    no mapping or a digest that is none, nothing. Run again, the same end; the chain
-    verifies as before."""
+    no mapping or a digest that is none, nothing. A retention purge written before is
+    filed under the parcels of the rejected events naming the images it lists. Run
+    again, the same end; the chain verifies as before."""
     import datetime as dt
     import json
 
@@ -3039,6 +3040,7 @@ def test_images_rejected_events_name_get_their_parcels_and_reads_of_them_are_fil
                 ("proof_images_purged", "blob", shared, {"digests": [shared]}),
                 ("blob_read", "blob", later, read),
                 ("blob_read", "blob", unnamed, read),
+                ("proof_images_purged", "blob", later, {"digests": [later, unnamed]}),
             ],
         )
 
@@ -3047,7 +3049,7 @@ def test_images_rejected_events_name_get_their_parcels_and_reads_of_them_are_fil
             query = "SELECT quarantined_event_id, sha256, tracking_no FROM rejected_image"
             return {tuple(row) for row in connection.execute(text(query))}
 
-    expected = {1: {x}, 4: {y}}
+    expected = {1: {x}, 3: {x}, 4: {y}, 6: {y}}
     migrate.upgrade(scratch, REJECTED_IMAGES)
     assert linked() == {(1, shared, x), (2, later, y)}
     assert _entry_parcels(scratch) == expected
@@ -3060,7 +3062,7 @@ def test_images_rejected_events_name_get_their_parcels_and_reads_of_them_are_fil
     assert _entry_parcels(scratch) == expected
     with Session(scratch) as session:
         assert audit.verify(session=session).ok
-        assert [e.id for e in audit.list_entries(session=session, tracking_no=y)] == [4]
+        assert [e.id for e in audit.list_entries(session=session, tracking_no=y)] == [6, 4]
 
 
 def test_image_reads_written_before_are_filed_batch_by_batch(scratch: Engine) -> None:

@@ -798,6 +798,37 @@ def test_a_purge_is_in_the_history_of_the_parcels_whose_proofs_named_its_images(
     assert audit.verify(session=session).ok
 
 
+def test_a_purge_is_in_the_history_of_the_parcels_whose_rejected_events_named_its_images(
+    session: Session, world: World, pda: Pda, store: FileBlobStore
+) -> None:
+    """Parcel a's drop into a locker was sent without its locker and refused (kept in
+    quarantine), its photo uploaded: an auditor's read of that photo is filed under a,
+    and so is the purge that deleted it, so that a's history says when and why the only
+    picture of the drop went. Not b's."""
+    a, b = (factories.parcel(session, world.station).tracking_no for _ in range(2))
+    photo, data = image((4, 44, 144))
+    record_blob(session, photo, data, uploaded_at=OPENED + minutes(20), store=store)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b)], at=OPENED + minutes(5))
+    refused = pda.event(a, "delivered_to_locker", pod={"photo_sha256": photo})
+    receipt = pda.push([refused], at=OPENED + minutes(30))
+    assert [r["status"] for r in receipt["results"]] == ["rejected"], receipt
+    pda.close(shift, at=NOW)
+
+    purge = sweep(
+        session, sweeps.proof_retention_purge, OPENED + dt.timedelta(days=400), blob_store=store
+    )
+
+    assert purge["purged"] == 1
+    [entry] = purge_entries(session)
+
+    def listed(number: str) -> list[int]:
+        return [e.id for e in audit.list_entries(session=session, tracking_no=number)]
+
+    assert entry.id in listed(a)
+    assert entry.id not in listed(b)
+
+
 def test_purging_writes_one_audit_entry_per_batch(
     session: Session, world: World, store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

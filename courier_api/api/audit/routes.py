@@ -64,7 +64,8 @@ class AuditEntries(MethodView):
         of each handover whose balance names it, a reopening of it by its late
         events and that reopening's withdrawal, a close of its shift for the
         courier and a last seq declared afterwards, a write-off of seqs its shift's
-        PDA lost, a retention purge of its proof's images, an auditor's read of a shift page
+        PDA lost, a retention purge of its proof's images (or of those its rejected
+        events name), an auditor's read of a shift page
         showing its recipient or its proof, a search, flag page or export part that
         showed its proof, a search of rejected events (or a shift or flag page) that
         showed one naming it, an auditor's read of an image its proof or one of its

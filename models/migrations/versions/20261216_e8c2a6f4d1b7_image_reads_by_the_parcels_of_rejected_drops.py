@@ -1,4 +1,4 @@
-"""Proof images named by rejected events, and auditors' reads of them by their parcels
+"""Proof images named by rejected events; auditors' reads and purges of them by parcel
 
 An event the server rejected (kept in quarantine: a drop into a locker sent without the
 locker's id, say) may name a proof image in its POD, uploaded like any other. Such a
@@ -13,10 +13,13 @@ parcels too.
 Here the rows already in quarantine get theirs, from the payload kept as sent (with a
 frozen copy of ``images_named``), and auditors' reads written before are filed under
 the parcels of the rejected events naming the image that the server held when the read
-was made (received by then), as ``d7e1a5c9b3f4`` filed them under proofs' parcels.
+was made (received by then), as ``d7e1a5c9b3f4`` filed them under proofs' parcels; so are
+retention purges of such images (``proof_images_purged``, by the ``digests`` they list,
+as ``e2b6d4f8a1c3`` filed them), which the service now files so too
+(``sync.sweeps._parcels_of_images``).
 
 Outside the hash chain, as every ``audit_entry_parcel`` row. Quarantined events are read
-``BATCH`` at a time by key, and reads filed ``BATCH`` at a time by
+``BATCH`` at a time by key, and reads and purges filed ``BATCH`` at a time by
 ``ix_audit_entry_action``, each statement its own transaction on PostgreSQL; only rows not
 there yet are written (run again, the same end).
 
@@ -49,15 +52,35 @@ LINKED = sa.text(
     f"""INSERT INTO {TABLE} (quarantined_event_id, sha256, tracking_no)
     VALUES (:quarantined_event_id, :sha256, :tracking_no) ON CONFLICT DO NOTHING"""
 )
-FILED = sa.text(
-    f"""INSERT INTO audit_entry_parcel (tracking_no, entry_id)
-    SELECT DISTINCT r.tracking_no, e.id FROM audit_entry e
-    JOIN {TABLE} r ON r.sha256 = e.subject_key
+# The entries of ``:action`` with ids in (``:after``, ``:through``] filed under the parcels
+# of the rejected events, received by then, naming the images the entry is about
+# (``{digest}``: a read's subject key, or each of a purge's ``details.digests``).
+FILED = f"""INSERT INTO audit_entry_parcel (tracking_no, entry_id)
+    SELECT DISTINCT r.tracking_no, e.id FROM audit_entry e{{digests}}
+    JOIN {TABLE} r ON r.sha256 = {{digest}}
     JOIN quarantined_event q ON q.id = r.quarantined_event_id AND q.received_at <= e.at
     WHERE e.action = :action AND e.subject_type = 'blob'
-    AND e.id > :after AND e.id <= :through
+    AND e.id > :after AND e.id <= :through{{filter}}
     AND NOT EXISTS (SELECT 1 FROM audit_entry_parcel x
         WHERE x.tracking_no = r.tracking_no AND x.entry_id = e.id)"""
+READS = sa.text(FILED.format(digests="", digest="e.subject_key", filter=""))
+# A purge's digests, as ``e2b6d4f8a1c3`` reads them.
+PURGE = "proof_images_purged"
+PURGED_POSTGRESQL = sa.text(
+    FILED.format(
+        digests=""" CROSS JOIN LATERAL jsonb_array_elements_text(
+    CASE WHEN jsonb_typeof(e.details -> 'digests') = 'array'
+    THEN e.details -> 'digests' ELSE '[]'::jsonb END) AS d(value)""",
+        digest="d.value",
+        filter="",
+    )
+)
+PURGED_SQLITE = sa.text(
+    FILED.format(
+        digests=", json_each(e.details, '$.digests') d",
+        digest="d.value",
+        filter=" AND json_type(e.details, '$.digests') = 'array' AND d.type = 'text'",
+    )
 )
 
 
@@ -101,7 +124,9 @@ def upgrade() -> None:
         )
         op.create_index(INDEX, TABLE, ["sha256"], unique=False, if_not_exists=True)
         _link_images()
-        _file_reads()
+        postgresql = op.get_bind().dialect.name == "postgresql"
+        _file(ACTION, READS)
+        _file(PURGE, PURGED_POSTGRESQL if postgresql else PURGED_SQLITE)
 
 
 def _link_images() -> None:
@@ -135,9 +160,9 @@ def _link_images() -> None:
         after = rows[-1][0]
 
 
-def _file_reads() -> None:
-    """Auditors' image reads filed under the parcels of the rejected events naming the
-    image, received by the time of the read, ``BATCH`` reads a statement."""
+def _file(action: str, filed: sa.TextClause) -> None:
+    """The entries of ``action`` filed by ``filed`` (``FILED``), ``BATCH`` entries a
+    statement."""
     bind = op.get_bind()
     after = 0
     while True:
@@ -146,11 +171,11 @@ def _file_reads() -> None:
                 "SELECT max(id) FROM (SELECT id FROM audit_entry WHERE action = :action "
                 "AND id > :after ORDER BY id LIMIT :batch) b"
             ),
-            {"action": ACTION, "after": after, "batch": BATCH},
+            {"action": action, "after": after, "batch": BATCH},
         )
         if through is None:
             return
-        bind.execute(FILED, {"action": ACTION, "after": after, "through": through})
+        bind.execute(filed, {"action": action, "after": after, "through": through})
         after = through
 
 

@@ -397,7 +397,10 @@ class Head:
 
     Recorded outside the service, it is what shows that the newest entries were
     removed (no link breaks then), and a later verification can start from it: the
-    entries up to it cannot change without changing its hash.
+    entries up to it cannot be altered and re-hashed without changing its hash. One
+    before it altered in place (its hash left as it was), or removed, changes neither
+    it nor anything after it: a verification from it vouches for the entries from it on,
+    and only a walk of the whole log finds that.
     """
 
     id: int

@@ -212,6 +212,20 @@ def test_an_entry_before_the_head_altered_and_the_chain_rehashed_is_caught(
     assert "re-hashed" in result.message and result.head_id is None
 
 
+def test_a_check_from_a_head_vouches_for_the_entries_from_it_on_only(session: Session) -> None:
+    """An entry before the head altered in place (its hash left as it was) changes
+    neither the head nor what follows it: a check from the head reads from there and
+    says intact of what it read (``checked``), as README and SECURITY.md now say; the
+    walk of the whole log names the entry."""
+    entries = add(session, 5)
+    head = head_of(entries[3])
+    tamper_details(session, entries[0].id, {"i": 0, "note": "forged"})
+    from_head = audit.verify(session=session, from_head=head)
+    assert (from_head.ok, from_head.checked, from_head.head_id) == (True, 2, entries[4].id)
+    whole = audit.verify(session=session)
+    assert (whole.broken_id, whole.problem) == (entries[0].id, "altered")
+
+
 @pytest.mark.parametrize("offset", [0, 1], ids=["the head", "after it"])
 def test_an_entry_from_the_head_on_altered_is_named(session: Session, offset: int) -> None:
     entries = add(session, 5)

@@ -153,8 +153,11 @@ class AuditVerification(MethodView):
         `head_id` and `head_hash`, they start the next check there: that entry must
         still be in the log (`head_missing` otherwise) with that hash (`head_changed` otherwise: an
         entry up to it was altered and the chain re-hashed), and only the entries
-        after it are read. One without the other is a 422 (`head_hash_required`,
-        `head_id_required`).
+        after it are read: its `intact` vouches for those alone. An entry before the
+        head altered in place (its hash left as it was) or removed changes neither the
+        head nor any entry after it; only a walk of the whole log (no head) finds it,
+        so walk it whole now and then. One without the other is a 422
+        (`head_hash_required`, `head_id_required`).
 
         A walk of the whole log (no head given) keeps a worker and the database busy:
         each user may start `AUDIT_FULL_VERIFICATIONS_PER_USER` of them (4 an hour

@@ -51,6 +51,17 @@ QUARANTINE_COLUMNS = (
 SENT_BY_THE_PDA = ("client_event_id", "event_type", "tracking_no", "field")
 
 
+class PushedIn(NamedTuple):
+    """The push a rejected event came in: its ``batch_id``, the courier signed in on the
+    PDA who pushed it (``courier_id``, as a timeline's ``pushed_by``), and the PDA's
+    clock offset the server estimated for it (``clock_offset_ms``, the PDA's clock minus
+    the server's), by which the time the PDA wrote is put on the server's clock."""
+
+    batch_id: uuid.UUID
+    courier_id: int
+    clock_offset_ms: int
+
+
 def list_quarantined(
     *,
     session: Session,
@@ -59,13 +70,16 @@ def list_quarantined(
     tracking_no: str | None = None,
     before_id: int | None = None,
     limit: int = 100,
-) -> Sequence[tuple[QuarantinedEvent, uuid.UUID]]:
-    """Newest first; ``before_id`` is the last id of the previous page.
+) -> Sequence[tuple[QuarantinedEvent, PushedIn]]:
+    """Newest first, each with the push it came in; ``before_id`` is the last id of the
+    previous page.
 
     ``tracking_no``: the events naming that parcel (``naming``), however the PDA wrote
     the number and however it is asked for."""
     query = (
-        select(QuarantinedEvent, SyncBatch.batch_id)
+        select(
+            QuarantinedEvent, SyncBatch.batch_id, SyncBatch.courier_id, SyncBatch.clock_offset_ms
+        )
         .join(SyncBatch, SyncBatch.id == QuarantinedEvent.batch_pk)
         .order_by(QuarantinedEvent.id.desc())
         .limit(min(limit, MAX_PAGE_SIZE))
@@ -78,7 +92,7 @@ def list_quarantined(
         query = query.where(naming(tracking_no))
     if before_id is not None:
         query = query.where(QuarantinedEvent.id < before_id)
-    return [(row, batch_id) for row, batch_id in session.execute(query)]
+    return [(row, PushedIn(*pushed)) for row, *pushed in session.execute(query)]
 
 
 def parcel_named(tracking_no: str | None) -> str | None:

@@ -826,6 +826,47 @@ def test_an_auditor_can_see_that_a_pda_sent_a_rejected_drop_of_the_parcel(
     assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1  # auditors' only
 
 
+def test_a_rejected_drop_says_who_pushed_it_and_the_clock_it_was_written_on(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    courier: dict[str, str],
+    parcel: Parcel,
+) -> None:
+    """A PDA whose clock runs ten minutes fast sent a locker drop without its
+    compartment: refused, kept in quarantine. An auditor settling "never delivered"
+    read it with its PDA and the time its PDA wrote, but not who was signed in on the
+    PDA when it was pushed (the timeline names that, ``pushed_by_courier_id``, for every
+    accepted event) nor the clock offset the server estimated for that push (the
+    timeline's corrected times come from it), so the refused drop could be put neither
+    on a courier nor on the server's clock. Both are listed now, as the receipt said."""
+    fast = dt.timedelta(minutes=10)
+    drop = ev(
+        2,
+        parcel.tracking_no,
+        "delivered_to_locker",
+        locker_id="L-7",
+        occurred_at=dt.datetime.now(dt.UTC) + fast - dt.timedelta(minutes=5),
+    )
+    receipt = push(
+        client,
+        courier,
+        [ev(1, parcel.tracking_no, occurred_at=dt.datetime.now(dt.UTC) + fast), drop],
+        sent_at=dt.datetime.now(dt.UTC) + fast,
+    ).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected"], receipt
+    listed = client.get(
+        "/api/v1/quarantine",
+        query_string={"tracking_no": parcel.tracking_no},
+        headers=auth.headers("auditor1"),
+    ).get_json()["items"]
+    courier_id = session.scalar(select(User.id).where(User.username == "courier1"))
+    assert [(i["pushed_by_courier_id"], i["clock_offset_ms"]) for i in listed] == [
+        (courier_id, receipt["clock_offset_ms"])
+    ]
+    assert receipt["clock_offset_ms"] > 9 * 60_000
+
+
 def test_an_auditors_quarantine_search_by_pda_is_in_each_shown_parcels_history(
     client: FlaskClient,
     auth: Auth,

@@ -37,7 +37,11 @@ class Quarantine(MethodView):
         """List rejected events
 
         Events PDAs sent that could not be accepted, newest first, each with its
-        raw payload, the error code and message, and the batch it came in.
+        raw payload, the error code and message, and the batch it came in: who was
+        signed in on the PDA when it was pushed (`pushed_by_courier_id`, as a
+        parcel's timeline names it) and the PDA's clock offset the server estimated
+        for that push (`clock_offset_ms`, the PDA's clock minus the server's, by which
+        the push's accepted events were given their corrected time).
         Managers see their own station whatever `station_id` says; auditors and
         admins every station's (a drop the PDA sent and the server refused is
         evidence in a dispute). `tracking_no` lists those naming a parcel (a
@@ -61,8 +65,13 @@ class Quarantine(MethodView):
         )
         unmasked = principal.role == Role.AUDITOR
         items = [
-            {**shown_rejection(row, unmasked=unmasked), "batch_id": str(batch_id)}
-            for row, batch_id in rows
+            {
+                **shown_rejection(row, unmasked=unmasked),
+                "batch_id": str(pushed.batch_id),
+                "pushed_by_courier_id": pushed.courier_id,
+                "clock_offset_ms": pushed.clock_offset_ms,
+            }
+            for row, pushed in rows
         ]
         page = keyset_page(items, args["limit"], key=lambda item: item["id"])
         # The parcels the rejected events shown name, as a proof search is filed under

@@ -32,6 +32,17 @@ class QuarantinedEventOut(ma.Schema):
         metadata={"description": "The event as received, as JSON text, phone numbers masked"},
     )
     received_at = ma.fields.AwareDateTime(required=True)
+    pushed_by_courier_id = ma.fields.Integer(
+        required=True,
+        metadata={"description": "The courier signed in on the PDA when it was pushed"},
+    )
+    clock_offset_ms = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "The PDA's clock minus the server's, as estimated for the push "
+            "it came in"
+        },
+    )
 
 
 class QuarantinePage(ma.Schema):

@@ -13,8 +13,9 @@
   duration, and the user, role, station and device when known.
 * ``Redactor``, a filter on that handler, rewrites every record before it is
   written, whichever logger it comes from: bearer tokens and JWT-looking strings,
-  values of ``password``/``secret``/``token``-like keys (not plurals: ``tokens``,
-  ``old_secrets_forgotten`` name counts or descriptions), password hashes, webhook
+  values of ``password``/``secret``/``token``-like keys, plurals too (``tokens=abc``;
+  only a whole number under a plural stays: ``"old_secrets_forgotten":1``), a quoted,
+  listed or bracketed value whole, password hashes, webhook
   signatures, long random-looking strings, and phone numbers (all but their last
   3 digits, in any script's digits: ``sync.phones.mask_phones_in``, the pattern the
   API masks free text with). It is defense in depth: the code logs none of these on
@@ -146,6 +147,20 @@ def _jwts(run: str) -> str:
 
 
 _KEYWORDS = r"password|passwd|pwd|secret|token|api[_-]?key|authorization|signature|cookie"
+_KEYWORD_IN_KEY = re.compile(rf"(?i)(?:{_KEYWORDS})(s(?![a-z]))?")
+
+
+def _valued(match: re.Match[str]) -> str:
+    """A secret-sounding key's value as ``[redacted]``, but a count under a key naming
+    many of them (``"old_secrets_forgotten":1``, the webhook retention job's summary):
+    an unquoted whole number after a key whose every keyword is a plural."""
+    key, value = match.group(2), match.group(3)
+    if value.isascii() and value.isdigit():
+        if all(found.group(1) for found in _KEYWORD_IN_KEY.finditer(key)):
+            return match.group(0)
+    return f"{match.group(1)}[redacted]"
+
+
 _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
     # JSON Web Tokens (``_jwts``): each run of base64url and dots holding "eyJ", read
     # from its start only (the lookahead finds "eyJ" in it; the possessive run never
@@ -162,17 +177,19 @@ _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
     # key that could begin at any word boundary of the run, and end anywhere in it,
     # cost time quadratic in the run's length, and a request's path is such a run
     # whoever sends it ("token-token-...": half a minute for the 4 KB gunicorn reads).
-    # A keyword in the plural ("tokens", "old_secrets_forgotten") names many of them, a
-    # count or a description, not one value that is a secret: the migration's "Password
-    # change revokes tokens: app_user.credentials_version", the retention job's
-    # "old_secrets_forgotten":1 were hidden. Secrets themselves stay hidden wherever they
-    # are written (a JWT, a generated secret: the rules above and ``_RANDOM``).
+    # A key in the plural is hidden too ("tokens=abc", "passwords: ['a', 'b']"): left
+    # readable, it let a short secret through; only a count under it stays (``_valued``).
+    # The value is a quoted string to its closing quote (escaped quotes in it, or the
+    # line's end when it is never closed), a JSON list or object to its first closing
+    # bracket, or a bare word: a list's first item, or what followed an escaped quote,
+    # was left readable.
     (
         re.compile(
-            rf"(?i)((?<![\w-])(?=[\w-]*?(?:{_KEYWORDS})(?!s(?![a-z])))[\w-]*+[\"']?\s*+[:=]\s*)"
-            r"(\"[^\"]*\"|'[^']*'|[^\s,;&\"'}\])]+)"
+            rf"(?i)((?<![\w-])(?=[\w-]*?(?:{_KEYWORDS}))([\w-]*+)[\"']?\s*+[:=]\s*)"
+            r"(\"(?:[^\"\\]|\\.)*+\"?|'(?:[^'\\]|\\.)*+'?|\[[^\]]*+\]?|\{[^}]*+\}?"
+            r"|[^\s,;&\"'}\])]+)"
         ),
-        r"\1[redacted]",
+        _valued,
     ),
     # werkzeug password hashes: a method and at most four parameters (``scrypt:32768:8:1``),
     # so that a run of methods never ending in "$" ("pbkdf2:pbkdf2:...") is not read to

@@ -239,6 +239,19 @@ JWT = (
         # Many of them named (a plural key): a secret value in it is still hidden as such.
         (f"tokens: {JWT}", [JWT], ["tokens: "]),
         ("refresh_tokens=Wq3xK9_pL2mN8vB4cX7zA1sD5fG6hJ0kQeRtYuIoP", ["Wq3xK9_pL2mN8"], []),
+        # A short secret under a plural key, or in a list, an object or a string with an
+        # escaped quote in it, or a string never closed: each was left readable.
+        ("tokens=abc1 next", ["abc1"], ["tokens=[redacted] next"]),
+        ("passwords: hunter2", ["hunter2"], []),
+        ("secrets=s3cr3t&x=1", ["s3cr3t"], ["x=1"]),
+        ("refresh_tokens=abcdef", ["abcdef"], []),
+        ("api_keys=k1;", ["k1"], [";"]),
+        ("cookies: session=abc", ["abc"], []),
+        ('{"password": ["hunter2", "x"], "user": "ana"}', ["hunter2", '"x"'], ['"ana"']),
+        ('{"tokens": ["abc", "def"]}', ["abc", "def"], []),
+        ('{"secrets": {"old": "s1x"}}', ["s1x"], []),
+        ('password="a\\" b-rest" next', ["b-rest"], ["next"]),
+        ('password="never-closed', ["never-closed"], []),
     ],
 )
 def test_redaction(text: str, hidden: list[str], kept: list[str]) -> None:
@@ -282,10 +295,11 @@ def test_a_jwt_glued_to_a_word_is_redacted_whole(glued_to: str) -> None:
         "the token has expired; refresh it or sign in again",
         "wrong username or password",
         "POST /api/v1/auth/token 401 12.5 ms",
-        # A plural key names a count or a description, not a secret: Alembic's line for a
-        # migration, the webhook retention job's counts.
-        "Running upgrade bf7c3cf65a5c -> 942ecdcc96bf, Password change revokes tokens: "
-        "app_user.credentials_version",
+        # A count under a plural key is not a secret: the webhook retention job's counts,
+        # Alembic's line for a migration (its title names the column in brackets).
+        "Running upgrade bf7c3cf65a5c -> 942ecdcc96bf, Password change revokes tokens "
+        "(app_user.credentials_version)",
+        "purged tokens_revoked=3 families=12",
         'webhook_retention ok in 12 ms {"deliveries":0,"messages":0,'
         '"waiting_for_stopped":0,"old_secrets_forgotten":1}',
     ],
@@ -301,6 +315,9 @@ def test_what_is_not_secret_stays_readable(text: str) -> None:
         "pbkdf2:",  # a password hash's method, its parameters never ending in "$"
         "scrypt:1:",
         "token-",
+        "tokens=[",
+        'password="\\',
+        "tokens-=1 ",
         "aA1-",
         "v1=",
         "+1 ",

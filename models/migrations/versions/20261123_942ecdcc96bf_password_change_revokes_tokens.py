@@ -1,4 +1,4 @@
-"""Password change revokes tokens: app_user.credentials_version
+"""Password change revokes tokens (app_user.credentials_version)
 
 Revision ID: 942ecdcc96bf
 Revises: bf7c3cf65a5c

@@ -61,6 +61,10 @@ BYTES_RESTORED = "blob_bytes_restored"
 UNNAMED_WINDOW = dt.timedelta(hours=24)
 UNNAMED_BYTES_PER_UPLOADER = 1024**3
 TOO_MANY_UNNAMED = "too_many_unnamed_images"
+# The longest ``Retry-After`` of that refusal: a push naming the images held makes room
+# at once, so the window's end (up to a day away) told a PDA that honours the header to
+# keep the photo of its next delivery for hours after the push that freed the room.
+UNNAMED_RETRY_AFTER_SECONDS = 60
 
 
 class BlobStore(Protocol):
@@ -353,10 +357,11 @@ def check_unnamed_uploads(
 ) -> None:
     """``RateLimited`` (429 ``too_many_unnamed_images``) when a new image of ``size``
     bytes would take what ``uploaded_by`` uploaded in the last ``UNNAMED_WINDOW`` that no
-    event names beyond ``UNNAMED_BYTES_PER_UPLOADER``; ``Retry-After``: until enough of
-    it leaves the window. An image counts until an event names it: the PDA pushing the
-    deliveries its photos belong to makes room again (and keeps the images meanwhile:
-    nothing from the field is lost)."""
+    event names beyond ``UNNAMED_BYTES_PER_UPLOADER``. An image counts until an event
+    names it: the PDA pushing the deliveries its photos belong to makes room again at
+    once (and keeps the images meanwhile: nothing from the field is lost), so
+    ``Retry-After`` is at most ``UNNAMED_RETRY_AFTER_SECONDS``; the message says when
+    enough leaves the window by itself."""
     now = now or utcnow()
     since = now - UNNAMED_WINDOW
     uploads = session.execute(
@@ -378,11 +383,14 @@ def check_unnamed_uploads(
         if held + size <= UNNAMED_BYTES_PER_UPLOADER:
             freed_at = uploaded_at + UNNAMED_WINDOW
             break
+    freed_in = max(1, int((freed_at - now).total_seconds()) + 1)
+    frees_by = (now + dt.timedelta(seconds=freed_in)).astimezone(dt.UTC)
     raise RateLimited(
         f"this account uploaded {UNNAMED_BYTES_PER_UPLOADER // 2**20:,} MiB of images "
         f"that no event names in the last {UNNAMED_WINDOW.total_seconds() / 3600:g} hours: "
-        "push the events that name them, or upload this one later",
-        retry_after=max(1, int((freed_at - now).total_seconds()) + 1),
+        "push the events that name them, then upload this one again; room frees by "
+        f"itself by {frees_by:%Y-%m-%d %H:%M} UTC",
+        retry_after=min(freed_in, UNNAMED_RETRY_AFTER_SECONDS),
         code=TOO_MANY_UNNAMED,
     )
 

@@ -60,6 +60,11 @@ BYTES_RESTORED = "blob_bytes_restored"
 # after image that no delivery names filled the store's disk, for every station.
 UNNAMED_WINDOW = dt.timedelta(hours=24)
 UNNAMED_BYTES_PER_UPLOADER = 1024**3
+# And how many of them: bytes alone let 1 GiB be a dozen million 84-byte PNGs, each a
+# file (an inode, a disk block: some 50 GB), a ``blob`` and a ``blob_upload`` row, and
+# each upload read every row counted before it. An honest PDA's day is a few hundred
+# deliveries, a signature and a photo each.
+UNNAMED_IMAGES_PER_UPLOADER = 5_000
 TOO_MANY_UNNAMED = "too_many_unnamed_images"
 # The longest ``Retry-After`` of that refusal: a push naming the images held makes room
 # at once, so the window's end (up to a day away) told a PDA that honours the header to
@@ -357,11 +362,12 @@ def check_unnamed_uploads(
 ) -> None:
     """``RateLimited`` (429 ``too_many_unnamed_images``) when a new image of ``size``
     bytes would take what ``uploaded_by`` uploaded in the last ``UNNAMED_WINDOW`` that no
-    event names beyond ``UNNAMED_BYTES_PER_UPLOADER``. An image counts until an event
-    names it: the PDA pushing the deliveries its photos belong to makes room again at
-    once (and keeps the images meanwhile: nothing from the field is lost), so
-    ``Retry-After`` is at most ``UNNAMED_RETRY_AFTER_SECONDS``; the message says when
-    enough leaves the window by itself."""
+    event names beyond ``UNNAMED_BYTES_PER_UPLOADER``, or beyond
+    ``UNNAMED_IMAGES_PER_UPLOADER`` images. An image counts until an event names it: the
+    PDA pushing the deliveries its photos belong to makes room again at once (and keeps
+    the images meanwhile: nothing from the field is lost), so ``Retry-After`` is at most
+    ``UNNAMED_RETRY_AFTER_SECONDS``; the message says when enough leaves the window by
+    itself."""
     now = now or utcnow()
     since = now - UNNAMED_WINDOW
     uploads = session.execute(
@@ -374,22 +380,28 @@ def check_unnamed_uploads(
         )
         .order_by(BlobUpload.uploaded_at)
     ).all()
-    held = sum(size_bytes for _, size_bytes in uploads)
-    if held + size <= UNNAMED_BYTES_PER_UPLOADER:
+    held, count = sum(size_bytes for _, size_bytes in uploads), len(uploads)
+
+    def room() -> bool:
+        return (
+            held + size <= UNNAMED_BYTES_PER_UPLOADER and count + 1 <= UNNAMED_IMAGES_PER_UPLOADER
+        )
+
+    if room():
         return
     freed_at = now + UNNAMED_WINDOW
     for uploaded_at, size_bytes in uploads:  # oldest first: they leave the window first
-        held -= size_bytes
-        if held + size <= UNNAMED_BYTES_PER_UPLOADER:
+        held, count = held - size_bytes, count - 1
+        if room():
             freed_at = uploaded_at + UNNAMED_WINDOW
             break
     freed_in = max(1, int((freed_at - now).total_seconds()) + 1)
     frees_by = (now + dt.timedelta(seconds=freed_in)).astimezone(dt.UTC)
     raise RateLimited(
-        f"this account uploaded {UNNAMED_BYTES_PER_UPLOADER // 2**20:,} MiB of images "
-        f"that no event names in the last {UNNAMED_WINDOW.total_seconds() / 3600:g} hours: "
-        "push the events that name them, then upload this one again; room frees by "
-        f"itself by {frees_by:%Y-%m-%d %H:%M} UTC",
+        f"this account uploaded {UNNAMED_BYTES_PER_UPLOADER // 2**20:,} MiB or "
+        f"{UNNAMED_IMAGES_PER_UPLOADER:,} images that no event names in the last "
+        f"{UNNAMED_WINDOW.total_seconds() / 3600:g} hours: push the events that name them, "
+        f"then upload this one again; room frees by itself by {frees_by:%Y-%m-%d %H:%M} UTC",
         retry_after=min(freed_in, UNNAMED_RETRY_AFTER_SECONDS),
         code=TOO_MANY_UNNAMED,
     )

@@ -622,3 +622,38 @@ def test_images_no_event_names_are_bounded_per_account_and_a_push_naming_them_ma
     # An image an event names before it arrives never counts.
     auth.push([factories.event(6, tn[2], "delivered", pod={"photo_sha256": digest(images[5])})])
     assert put(client, courier, images[5]).status_code == 201
+
+
+def test_tiny_images_no_event_names_are_bounded_by_their_number_too(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    courier: dict[str, str],
+    session: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bounded by bytes alone, 1 GiB a day was a dozen million 84-byte PNGs for one
+    stolen token: each a file (an inode and a disk block: some 50 GB, not 1 GiB), two
+    rows, and a longer read for each upload after it. The images no event names are
+    bounded by their number as well (``UNNAMED_IMAGES_PER_UPLOADER``, here three);
+    beyond, the same 429, nothing stored, and a push naming one makes room again."""
+    images = [image_bytes(size=(1, 1 + n)) for n in range(5)]
+    monkeypatch.setattr(blobs, "UNNAMED_IMAGES_PER_UPLOADER", 3, raising=False)
+    for data in images[:3]:
+        assert put(client, courier, data).status_code == 201
+    refused = put(client, courier, images[3])
+    assert refused.status_code == 429, refused.get_json()
+    assert refused.get_json()["code"] == "too_many_unnamed_images"
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert session.get(Blob, digest(images[3])) is None  # nothing stored
+    assert put(client, courier, images[0]).status_code == 200  # held already: no new file
+    tn = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    auth.push(
+        [
+            factories.event(1, tn),
+            factories.event(2, tn, "delivered", pod={"photo_sha256": digest(images[0])}),
+        ]
+    )
+    assert put(client, courier, images[3]).status_code == 201
+    assert put(client, courier, images[4]).status_code == 429

@@ -77,11 +77,11 @@ class BlobBySha256(MethodView):
         a new one would, 201 and uploaded now, so that it does not show it
         exists; from then on the caller reads it too.
 
-        An account may upload at most 1 GiB a day of new images that no event names
-        (yet): beyond, 429 `too_many_unnamed_images` with `Retry-After` (at most 60
-        seconds), nothing stored. Push the events that name the images already
-        uploaded (they then count no more at once), then upload it again; the message
-        says when room frees by itself.
+        An account may upload at most 1 GiB, and 5,000 images, a day of new images
+        that no event names (yet): beyond, 429 `too_many_unnamed_images` with
+        `Retry-After` (at most 60 seconds), nothing stored. Push the events that
+        name the images already uploaded (they then count no more at once), then
+        upload it again; the message says when room frees by itself.
 
         A 503 `blob_store_unavailable` (with `Retry-After`) means the server cannot
         store images right now: nothing was stored; keep the image and upload it

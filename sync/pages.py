@@ -81,10 +81,9 @@ from sync.proofs import (
     repeats_of,
 )
 from sync.quarantine import (
-    SHIFT_REJECTIONS_SHOWN,
     list_quarantined,
     rejections_by_id,
-    shift_rejections,
+    shift_rejections_counted,
     shown_rejection,
 )
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
@@ -255,6 +254,10 @@ class ShiftPage:
     # are with it).
     rejections: list[dict[str, Any]]
     more_rejections: bool  # more than ``SHIFT_REJECTIONS_SHOWN``: the API lists them all
+    # How many rejected events of the shift there are for this reader, those listed with
+    # a discrepancy and those past ``SHIFT_REJECTIONS_SHOWN`` too: the count the board
+    # shows (``sync.balances.read_handovers``) for the shift's station's reader.
+    rejected_total: int
     sign_off_blocked: str | None  # why a sign-off must be forced, or None
     balance_version: str  # sent back with a sign-off: refused if the balance changed
     changed_since_signoff: bool  # signed off, and the balance now differs (rule 5)
@@ -373,8 +376,9 @@ def shift_page(
         store=store,
     )
     scope = facts.rejection_scope(balance)
-    rejected = shift_rejections(session=session, scope=scope, station_id=visible_station)
-    shown_rejected = rejected[:SHIFT_REJECTIONS_SHOWN]
+    shown_rejected, rejected_total = shift_rejections_counted(
+        session=session, scope=scope, station_id=visible_station
+    )
     rejections_of = _by_parcel(shown_rejected)
     discrepancies = []
     for d in balance.discrepancies:
@@ -423,7 +427,8 @@ def shift_page(
             for r in shown_rejected
             if r.parcel_tracking_no not in troubled
         ],
-        more_rejections=len(rejected) > SHIFT_REJECTIONS_SHOWN,
+        more_rejections=rejected_total > len(shown_rejected),
+        rejected_total=rejected_total,
         sign_off_blocked=sign_off_blocked(balance),
         balance_version=balance_version(balance),
         changed_since_signoff=changed_since_signoff(shift, balance),

@@ -210,6 +210,32 @@ def shift_rejections(
     return list(session.scalars(query))
 
 
+def shift_rejections_counted(
+    *,
+    session: Session,
+    scope: RejectionScope,
+    station_id: int | None,
+    limit: int = SHIFT_REJECTIONS_SHOWN,
+) -> tuple[list[QuarantinedEvent], int]:
+    """The first ``limit`` rejected events ``shift_rejections`` lists, and how many there
+    are in all, in the same one statement (a count over the rows before the limit): a
+    shift's page lists the first ones and says how many there are, as the board counts
+    them (``rejection_counts``), with no statement more for a PDA that sent thousands."""
+    owned = _owned_by(session, scope)
+    if owned is None:
+        return [], 0
+    query = (
+        select(QuarantinedEvent, func.count().over())
+        .where(owned)
+        .order_by(QuarantinedEvent.seq.nulls_last(), QuarantinedEvent.id)
+        .limit(limit)
+    )
+    if station_id is not None:
+        query = query.where(QuarantinedEvent.station_id == station_id)
+    rows = session.execute(query).all()
+    return [row for row, _ in rows], rows[0][1] if rows else 0
+
+
 def rejection_counts(
     *, session: Session, scopes: Mapping[int, RejectionScope], station_id: int
 ) -> dict[int, int]:

@@ -321,6 +321,7 @@ def test_a_shift_page_reads_the_same_few_queries_for_10_or_150_parcels(
         assert len(flag.events) == late
         assert len(page.rejections) == min(rejected, 100)
         assert page.more_rejections == (rejected > 100)
+        assert page.rejected_total == rejected  # in the same statement that lists them
         assert all(q.lstrip().upper().startswith("SELECT") for q in queries)
         counts.append(len(queries))
         if status == ShiftStatus.CLOSED:  # as the board and the balance count them

@@ -217,7 +217,12 @@ class DiscrepancyEvidence:
     consents_on_record: list[ConsentOnRecord]  # consent kinds: every one that could cover it
     # The PDA's rejected events of the shift naming this parcel (``shown_rejection``):
     # a drop refused for a missing compartment is why a parcel in a locker is missing.
+    # Listed with the parcel's first discrepancy only: a parcel with two (delivered
+    # without proof, then dropped in a locker) lists each rejected event once.
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    # A later discrepancy of the same parcel: the position (from 1, as the page numbers
+    # them) of the one its rejected events are listed with; None otherwise.
+    rejections_listed_with: int | None = None
 
 
 @dataclass(frozen=True)
@@ -380,8 +385,10 @@ def shift_page(
         session=session, scope=scope, station_id=visible_station
     )
     rejections_of = _by_parcel(shown_rejected)
+    first_of_parcel: dict[str, int] = {}  # the position of each parcel's first discrepancy
     discrepancies = []
-    for d in balance.discrepancies:
+    for position, d in enumerate(balance.discrepancies, start=1):
+        listed_with = first_of_parcel.setdefault(d.tracking_no, position)
         shown = sorted(
             (events[i] for i in d.event_ids if i in events), key=lambda e: (e.device_id, e.seq)
         )
@@ -401,7 +408,12 @@ def shift_page(
                 rejections=[
                     shown_rejection(r, unmasked=unmasked)
                     for r in rejections_of.get(d.tracking_no, [])
-                ],
+                ]
+                if listed_with == position
+                else [],
+                rejections_listed_with=listed_with
+                if listed_with != position and rejections_of.get(d.tracking_no)
+                else None,
             )
         )
     grouped: dict[str, list[ParcelOutcome]] = defaultdict(list)

@@ -2494,3 +2494,64 @@ def _a_parcel_of(session: Session, shift: Shift) -> str:
     return session.scalars(
         select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift.id).limit(1)
     ).one()
+
+
+def test_a_parcel_with_two_discrepancies_lists_its_rejected_events_once(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """An express parcel handed over without a signature, then left in a locker without
+    consent, has three discrepancies (delivered without proof, unauthorized drop, two
+    final outcomes); the drop the PDA sent first, refused for its missing compartment,
+    was listed under each of them (the same row three times, its anchor ``rejected-N``
+    three times, and an auditor's read of it logged with the id three times). Listed
+    once now, with the parcel's first discrepancy; the others link to it."""
+    courier = factories.user(session, "sunhao", "courier", day.station)
+    pda = station_day.Pda(session, factories.device(session, "PDA-PDG-41", day.station), courier)
+    tracking_no = factories.parcel(session, day.station).tracking_no
+    session.commit()
+    shift = pda.open(station_day.local(day.day, 17, 0))
+    refused = pda.event(
+        station_day.local(day.day, 17, 20), tracking_no, "delivered_to_locker", locker_id="L-7"
+    )
+    receipt = pda.push(
+        [
+            pda.event(station_day.local(day.day, 17, 5), tracking_no, "checked_out"),
+            refused,
+            pda.event(station_day.local(day.day, 17, 25), tracking_no, "delivered"),
+            pda.event(
+                station_day.local(day.day, 17, 30),
+                tracking_no,
+                "delivered_to_locker",
+                locker_id="L-7",
+                compartment="3",
+                pod={"pickup_code": "4711"},
+            ),
+        ],
+        station_day.local(day.day, 17, 35),
+    )
+    assert [r["status"] for r in receipt["results"]] == [
+        "applied",
+        "rejected",
+        "applied",
+        "applied",
+    ]
+    pda.close(shift, station_day.local(day.day, 17, 40))
+    (rejected_id,) = session.scalars(
+        select(QuarantinedEvent.id).where(QuarantinedEvent.device_id == "PDA-PDG-41")
+    ).all()
+
+    html = signed_in(app, "manager").get(f"/web/shifts/{shift.id}")
+    kinds = re.findall(r'<article class="discrepancy" id="discrepancy-\d+">\s*<h3>([^·]*)·', html)
+    assert len(kinds) == 3, kinds
+    assert html.count(f'id="rejected-{rejected_id}"') == 1
+    assert html.count('class="muted rejections-elsewhere"') == len(kinds) - 1
+    assert _rejected_heading(html) == "Rejected events of this shift (1)"
+
+    signed_in(app, "auditor").get(f"/web/shifts/{shift.id}")
+    read = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action == "quarantine_searched")
+        .order_by(AuditEntry.id.desc())
+        .limit(1)
+    ).one()
+    assert read.details["ids"] == [rejected_id]

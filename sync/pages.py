@@ -64,6 +64,7 @@ from sync.handover import (
     Balance,
     Discrepancy,
     ParcelOutcome,
+    WriteOff,
     balance_version,
     sign_off_blocked,
 )
@@ -282,6 +283,17 @@ class ShiftPage:
     @property
     def signoff_superseded(self) -> bool:
         return signoff_superseded(self.shift)
+
+    @property
+    def written_off_since_signoff(self) -> list[WriteOff]:
+        """The write-offs of its PDA's lost seqs made after its sign-off, when its balance
+        changed since: a sign-off forced while seqs were missing, then those seqs written
+        off, changes the balance with no event of the shift arriving (nothing reopens it),
+        and its page names the write-off as what changed it."""
+        signed_at = self.shift.signed_off_at
+        if not self.changed_since_signoff or signed_at is None:
+            return []
+        return [w for w in self.balance.write_offs if w.written_off_at > signed_at]
 
     @property
     def recipients_shown(self) -> list[str]:

@@ -2555,3 +2555,28 @@ def test_a_parcel_with_two_discrepancies_lists_its_rejected_events_once(
         .limit(1)
     ).one()
     assert read.details["ids"] == [rejected_id]
+
+
+def test_a_signed_off_shift_whose_lost_seqs_were_written_off_since_says_that_changed_it(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Wang Qiang's PDA never sent seq 4: Wang Fang forces the sign-off at 19:00 (the PDA
+    is dead), then writes seq 4 off as lost on the same page. The balance is no longer
+    the one signed off (provisional, now unbalanced), and the page said "No event of this
+    shift arrived since; something else changed it (a consent, another shift's events, a
+    parcel taken in)", and "1 sequence numbers missing": the manager went looking for a
+    consent or a parcel taken in. It names the write-off that changed it."""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.provisional.id}"
+    signed = pages.post(f"{path}/signoff", note="checked", force_reason="PDA dead")
+    assert signed.status_code == 302, signed.get_data(as_text=True)[-2000:]
+    written = pages.post(f"{path}/lost-seqs", seqs="4", reason="PDA reset")
+    assert written.status_code == 302, written.get_data(as_text=True)[-2000:]
+
+    html = pages.get(path)
+    assert "The balance has changed since the sign-off" in html
+    assert "<li>Signed off: provisional, 1 sequence number missing: " in html
+    since = re.search(r'<p id="written-off-since-signoff">(.*?)</p>', html, re.S)
+    assert since is not None, html[html.index('id="changed-since-signoff"') :][:2000]
+    assert "written off as lost changed it: 4 by Wang Fang at " in since.group(1)
+    assert "something else changed it" not in html

@@ -122,6 +122,17 @@ class SignOffForm(_Form):
         return data
 
 
+def open_flags_seen(loaded: Mapping[str, Any], sent: Mapping[str, str]) -> list[int] | None:
+    """The flags a sign-off's page showed waiting (``SignOffForm.open_flags``), as the
+    sign-off compares them: sent empty, none waited (``[]``), compared all the same. Not
+    None, which ``parse`` makes of an empty field and which compares nothing: a page
+    that showed no flag waiting signed off past a flag raised since."""
+    if loaded.get("open_flags") is None and "open_flags" in sent:
+        return []
+    flag_ids: list[int] | None = loaded.get("open_flags")
+    return flag_ids
+
+
 class LostSeqsForm(_Form):
     """The shift page's write-off of its PDA's lost seqs: ``3-4, 9`` and a reason."""
 

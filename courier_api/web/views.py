@@ -65,6 +65,7 @@ from courier_api.web.forms import (
     SignOffCleanForm,
     SignOffForm,
     checked_shifts,
+    open_flags_seen,
     parse,
     seq_ranges_typed,
 )
@@ -583,7 +584,7 @@ def sign_off(shift_id: int) -> ResponseReturnValue:
             force_reason=form["force_reason"],
             seen_version=form["balance_version"],
             seen_rejected_events=form["rejected_events"],
-            seen_open_flags=form["open_flags"],
+            seen_open_flags=open_flags_seen(form, request.form),
             seen_images_missing=form["images_missing"],
             now=utcnow(),
         )

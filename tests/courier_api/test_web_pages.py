@@ -2580,3 +2580,40 @@ def test_a_signed_off_shift_whose_lost_seqs_were_written_off_since_says_that_cha
     assert since is not None, html[html.index('id="changed-since-signoff"') :][:2000]
     assert "written off as lost changed it: 4 by Wang Fang at " in since.group(1)
     assert "something else changed it" not in html
+
+
+def test_a_sign_off_from_a_page_that_showed_no_flag_waiting_is_refused_once_one_is_raised(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Wang Fang resolved Zhang Min's missing parcel as lost at 18:50, and at 19:00 her
+    shift's page shows no flag waiting on it: the sign-off form sends ``open_flags``
+    empty, which the form read as not sent, so the flags were not compared at all. The
+    sweep then flagged the delivery photo the PDA never uploaded
+    (``blob_missing_at_handover``), and her sign-off went through on a page that never
+    listed that flag, where the API's sign-off with ``open_flags: []`` and the board's
+    are refused. An empty list sent is compared as none waiting."""
+    missing = session.scalars(
+        select(Flag).where(Flag.kind == "missing_at_handover", Flag.shift_id == day.unbalanced.id)
+    ).one()
+    flags.resolve_flag(session=session, flag=missing, user_id=day.manager.id, note="lost")
+    session.commit()
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.unbalanced.id}"
+    html = pages.get(path)
+    form = html[html.index(f'action="{path}/signoff"') :].split("</form>")[0]
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+    assert hidden["open_flags"] == ""
+    swept = sweeps.blob_missing_at_handover(
+        session=session, now=utcnow(), settings=SweepSettings()
+    )
+    session.commit()
+    assert swept["flags_raised"], swept
+
+    refused = pages.client.post(f"{path}/signoff", data=hidden | {"note": "checked at 19:00"})
+
+    assert refused.status_code == 200, refused.location
+    again = refused.get_data(as_text=True)
+    assert "the flags waiting on it changed since it was read" in again
+    assert "<h3>blob missing at handover</h3>" in again  # listed on the page shown again
+    session.refresh(day.unbalanced)
+    assert day.unbalanced.status == ShiftStatus.CLOSED

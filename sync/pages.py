@@ -82,7 +82,7 @@ from sync.proofs import (
     repeats_of,
 )
 from sync.quarantine import (
-    list_quarantined,
+    naming_counted,
     rejections_by_id,
     shift_rejections_counted,
     shown_rejection,
@@ -809,6 +809,8 @@ class ProofPage:
     # ``PROOF_REJECTIONS_SHOWN``.
     rejections: list[dict[str, Any]] = field(default_factory=list)
     more_rejections: bool = False  # more than those: the quarantine's list has them all
+    # How many there are in all, as the proof's detail counts them (``rejected_events``).
+    rejected_total: int = 0
     # Each of its flags' latest decision by a manager, by flag id, as the API's
     # ``latest_decision`` gives it: the decider named through ``users`` like the others.
     decisions: dict[int, Decision] = field(default_factory=dict)
@@ -852,7 +854,7 @@ def proof_page(
         *consent_users(detail.authorizing_consent),
         *(i for c in on_record for i in consent_users(c.consent)),
     ]
-    rejected = parcel_rejections(
+    rejected, rejected_total = parcel_rejections(
         session=session, tracking_no=detail.proof.event.tracking_no, station_id=visible_station
     )
     decisions = latest_decisions(session=session, flags=detail.flags)
@@ -866,28 +868,26 @@ def proof_page(
             if sees_user(u, visible_station)
         },
         decisions=decisions,
-        rejections=[
-            shown_rejection(r, unmasked=unmasked) for r in rejected[:PROOF_REJECTIONS_SHOWN]
-        ],
-        more_rejections=len(rejected) > PROOF_REJECTIONS_SHOWN,
+        rejections=[shown_rejection(r, unmasked=unmasked) for r in rejected],
+        more_rejections=rejected_total > len(rejected),
+        rejected_total=rejected_total,
     )
 
 
 def parcel_rejections(
     *, session: Session, tracking_no: str, station_id: int | None
-) -> list[QuarantinedEvent]:
+) -> tuple[list[QuarantinedEvent], int]:
     """The rejected events naming the parcel, newest first, as
     ``GET /api/v1/quarantine?tracking_no=`` finds them for a reader of ``station_id``
-    (pushed there; None: any station's): at most ``PROOF_REJECTIONS_SHOWN`` + 1 (one
-    more tells the reader there are more). One query, along
-    ``ix_quarantined_event_parcel``."""
-    found = list_quarantined(
+    (pushed there; None: any station's): at most ``PROOF_REJECTIONS_SHOWN``, and how many
+    there are in all, as the proof's detail counts them (``count_naming``). One query,
+    along ``ix_quarantined_event_parcel``."""
+    return naming_counted(
         session=session,
-        station_id=station_id,
         tracking_no=tracking_no,
-        limit=PROOF_REJECTIONS_SHOWN + 1,
+        station_id=station_id,
+        limit=PROOF_REJECTIONS_SHOWN,
     )
-    return [row for row, _ in found]
 
 
 def proof_rows(

@@ -155,6 +155,25 @@ def count_naming(*, session: Session, tracking_no: str, station_id: int | None) 
     return session.scalar(query) or 0
 
 
+def naming_counted(
+    *, session: Session, tracking_no: str, station_id: int | None, limit: int
+) -> tuple[list[QuarantinedEvent], int]:
+    """The newest ``limit`` rejected events naming the parcel (``naming``), pushed at
+    ``station_id`` (None: any station's), and how many there are in all (``count_naming``),
+    in one statement (a count over the rows before the limit): a proof's page lists the
+    newest and says how many, as its detail in the API counts them."""
+    query = (
+        select(QuarantinedEvent, func.count().over())
+        .where(naming(tracking_no))
+        .order_by(QuarantinedEvent.id.desc())
+        .limit(limit)
+    )
+    if station_id is not None:
+        query = query.where(QuarantinedEvent.station_id == station_id)
+    rows = session.execute(query).all()
+    return [row for row, _ in rows], rows[0][1] if rows else 0
+
+
 class RejectionScope(NamedTuple):
     """Which of its PDA's rejected events are a shift's: those of ``device_id`` whose seq
     is among ``seqs`` (``(first, last)``, the seqs the shift owns,

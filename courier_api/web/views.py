@@ -949,6 +949,7 @@ def proof(event_id: int) -> ResponseReturnValue:
         consents_on_record=view.consents_on_record,
         rejections=view.rejections,
         more_rejections=view.more_rejections,
+        rejected_total=view.rejected_total,
         decisions=view.decisions,
         shift_shown=opens_shift(detail.proof.event, visible_station),
         images=[(role, digest, states[digest]) for role, digest in pod_digests(pod)],

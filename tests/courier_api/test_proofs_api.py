@@ -1553,7 +1553,8 @@ def test_the_proof_page_lists_the_newest_20_rejected_events_and_says_where_the_r
 ) -> None:
     """A broken PDA sends the same bad drop again and again: the page lists the newest
     20 and points to the quarantine's list for the rest, rather than growing without
-    bound."""
+    bound. Its heading counts them all, as the proof's detail does: it said "(20 and
+    more)" where the API said 25, to an auditor settling a dispute with both."""
     parcel = factories.parcel(session, world.station)
     session.commit()
     at = now() - dt.timedelta(hours=1)
@@ -1569,7 +1570,10 @@ def test_the_proof_page_lists_the_newest_20_rejected_events_and_says_where_the_r
     html = signed_in(app, "auditor1").get(f"/web/proofs/{event_id}")
 
     rejected = _rejected_section(html)
-    assert "(20 and more)" in rejected
+    assert "Rejected events naming the parcel (25)" in rejected
+    assert "The newest 20 are listed, 5 more are not" in rejected
+    detail = client.get(f"{URL}/{event_id}", headers=auth.headers("auditor1"))
+    assert detail.get_json()["rejected_events"] == 25
     assert [e["client_event_id"] in rejected for e in bad] == [False] * 5 + [True] * 20
     assert f"GET /api/v1/quarantine?tracking_no={parcel.tracking_no}" in rejected
     [read] = session.scalars(

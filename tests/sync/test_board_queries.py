@@ -365,6 +365,7 @@ def test_a_proof_page_reads_the_same_few_queries_for_3_or_30_rejected_events(
             )
         shown = min(rejected, PROOF_REJECTIONS_SHOWN)
         assert len(page.rejections) == shown and page.more_rejections == (rejected > shown)
+        assert page.rejected_total == rejected  # in the same statement that lists them
         assert {r["station_id"] for r in page.rejections} == {station}
         ids = [r["id"] for r in page.rejections]
         assert ids == sorted(ids, reverse=True)  # newest first

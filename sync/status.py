@@ -13,7 +13,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, CompoundSelect, and_, exists, select, union_all
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    and_,
+    case,
+    exists,
+    literal_column,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -41,6 +50,7 @@ from sync.flags import (
 from sync.handover import NOT_CHECKED_OUT
 from sync.projection import EventFact, ordered, project
 from sync.rules import (
+    FINAL_OUTCOMES,
     RULE_KINDS,
     SEVERITY,
     EventDetail,
@@ -116,6 +126,24 @@ FACT_COLUMNS = (
     ScanEvent.earliest_of_later_seqs,
 )
 _FACT_FIELDS = len(EventFact._fields)
+# The columns after EventFact's: an event's payload, which the rules read of its final
+# outcomes only (``sync.rules``: a delivery's proof and position, a drop's place and the
+# times that bound it, ``drop_span``; the folding of repeats, ``_place``).
+PAYLOAD_COLUMNS = FACT_COLUMNS[1 + _FACT_FIELDS :]
+# As SQL literals, so that the prebuilt statement binds nothing for them (``sync.direct``).
+_JUDGED_TYPES = [literal_column(f"'{kind.value}'") for kind in sorted(FINAL_OUTCOMES)]
+
+
+def _payloads_judged(columns: Sequence[Any]) -> list[Any]:
+    """``columns`` with the payload's read only for final outcomes, NULL for the rest
+    (``load_events(judged_only=True)``)."""
+    judged = ScanEvent.type.in_(_JUDGED_TYPES)
+    return [
+        *columns[: 1 + _FACT_FIELDS],
+        *(case((judged, c), else_=None).label(c.key) for c in PAYLOAD_COLUMNS),
+    ]
+
+
 PARCEL_COLUMNS = (
     Parcel.id,
     Parcel.tracking_no,
@@ -160,18 +188,22 @@ PARCELS_FOR_UPDATE = Prebuilt(
 )
 
 
-def _events_of_parcels(dialect: str, *, but_given: bool = False) -> CompoundSelect:
+def _events_of_parcels(
+    dialect: str, *, but_given: bool = False, judged_only: bool = False
+) -> CompoundSelect:
     """The events of the parcels given as parameter ``numbers`` (but those whose ids
     are given as ``given``), then the corrections filed under another tracking number
     that void one of them, as their target's parcel's: a correction voids its target
     wherever it was filed. In one statement: most devices never send a correction, and
-    the second half is then an index probe per event that finds nothing."""
-    own = select(*FACT_COLUMNS).where(among_param(dialect, ScanEvent.tracking_no, "numbers"))
+    the second half is then an index probe per event that finds nothing. ``judged_only``:
+    the payload of final outcomes only (``_payloads_judged``)."""
+    columns = _payloads_judged(FACT_COLUMNS) if judged_only else FACT_COLUMNS
+    own = select(*columns).where(among_param(dialect, ScanEvent.tracking_no, "numbers"))
     if but_given:
         own = own.where(not_among_param(dialect, ScanEvent.id, "given"))
     target = aliased(ScanEvent, name="target")
     elsewhere = (
-        select(target.tracking_no, *FACT_COLUMNS[1:])
+        select(target.tracking_no, *columns[1:])
         .join_from(
             target,
             ScanEvent,
@@ -193,6 +225,12 @@ def _events_of_parcels(dialect: str, *, but_given: bool = False) -> CompoundSele
 EVENTS_OF_PARCELS = Prebuilt(_events_of_parcels)
 EVENTS_OF_PARCELS_BUT = Prebuilt(  # ... but those given
     lambda dialect: _events_of_parcels(dialect, but_given=True)
+)
+JUDGED_EVENTS_OF_PARCELS = Prebuilt(  # ... with the payloads the rules read
+    lambda dialect: _events_of_parcels(dialect, judged_only=True)
+)
+JUDGED_EVENTS_OF_PARCELS_BUT = Prebuilt(
+    lambda dialect: _events_of_parcels(dialect, but_given=True, judged_only=True)
 )
 BLOBS_HELD = Prebuilt(  # and those purged, with when
     lambda dialect: select(Blob.sha256, Blob.purged_at).where(
@@ -299,7 +337,7 @@ def reproject(
     parcels = {
         row.tracking_no: row for row in rows_among(session, PARCELS_FOR_UPDATE, "numbers", wanted)
     }
-    events = load_events(session, wanted, stored or {})
+    events = load_events(session, wanted, stored or {}, judged_only=True)
     facts = {tn: [event.fact for event in parcel_events] for tn, parcel_events in events.items()}
     # Each parcel's history ordered, its voids and its outcomes worked out once, for its
     # status, its rules and its repeats alike (``History``).
@@ -522,15 +560,29 @@ def load_events(
     session: Session,
     tracking_nos: Sequence[str],
     stored: Mapping[str, Sequence[EventDetail]] | None = None,
+    *,
+    judged_only: bool = False,
 ) -> dict[str, list[EventDetail]]:
     """Each parcel's events, plus corrections sent under another tracking number that
     void one of them (``EVENTS_OF_PARCELS``). Events in ``stored`` (by tracking number,
-    with their row ids) are taken as given."""
+    with their row ids) are taken as given.
+
+    ``judged_only``: the payload (details, position, PDA time, time of receipt, drop
+    bounds) read only of the final outcomes, whose payload the rules read; the other
+    events' come back empty (``{}`` and None). A PDA that scanned one parcel 25,000
+    times made each later push of it convert every one of those columns of every event
+    in SQLite's writers' turn (the details' JSON, three times, a position), half of the
+    push's time. ``reproject`` judges with that; a caller that shows or exports events
+    reads them whole (``sync.parcels.timeline_page`` orders them with it, and reads the
+    rows of the page it shows)."""
     stored = stored or {}
     events: dict[str, list[EventDetail]] = {tn: list(stored.get(tn, ())) for tn in tracking_nos}
     for chunk in chunks(tracking_nos):
         given = [event.fact.event_id for tn in chunk for event in stored.get(tn, ())]
-        query = EVENTS_OF_PARCELS_BUT if given else EVENTS_OF_PARCELS
+        if judged_only:
+            query = JUDGED_EVENTS_OF_PARCELS_BUT if given else JUDGED_EVENTS_OF_PARCELS
+        else:
+            query = EVENTS_OF_PARCELS_BUT if given else EVENTS_OF_PARCELS
         for row in query.execute(session, {"numbers": list(chunk), "given": given}):
             events[row[0]].append(_detail(row))
     return events
@@ -560,7 +612,12 @@ def stored_detail(row: Mapping[str, Any], event_id: int) -> EventDetail:
 
 
 def _detail(row: Any) -> EventDetail:
-    return EventDetail(EventFact(*row[1 : 1 + _FACT_FIELDS]), *row[1 + _FACT_FIELDS :])
+    details = row[1 + _FACT_FIELDS]  # NULL: not read (``judged_only``)
+    return EventDetail(
+        EventFact._make(row[1 : 1 + _FACT_FIELDS]),
+        {} if details is None else details,
+        *row[2 + _FACT_FIELDS :],
+    )
 
 
 def targets_of_corrections(

@@ -21,7 +21,7 @@ from sync.feed import INSERT_CHANGES
 from sync.ingest import INSERT_ONE_EVENT
 from sync.shifts import SHIFT_WINDOWS, ShiftRules, open_shift
 from sync.sql import Prebuilt, flushed_connection
-from sync.status import BLOBS_HELD, EVENTS_OF_PARCELS_BUT, PARCELS_FOR_UPDATE
+from sync.status import BLOBS_HELD, JUDGED_EVENTS_OF_PARCELS_BUT, PARCELS_FOR_UPDATE
 from tests import factories
 from tests.conftest import World
 from tests.sync.test_ingest import Pda, at, consent_in_person, locker_drop
@@ -96,7 +96,8 @@ def test_the_selects_of_pushes_give_what_sqlalchemy_gives(
     # shift opened), the blobs once, for the delivery.
     for statement in (LOCK_DEVICE_STATE, SHIFT_WINDOWS, PARCELS_FOR_UPDATE):
         assert rows_seen(statement) >= len(scans), statement
-    assert rows_seen(EVENTS_OF_PARCELS_BUT) == (0 + 1 + 2) * 2  # those before, for each scan
+    # those before, for each scan (their payloads read for a final outcome only)
+    assert rows_seen(JUDGED_EVENTS_OF_PARCELS_BUT) == (0 + 1 + 2) * 2
     assert rows_seen(BLOBS_HELD) == 1
     assert rows_seen(CONSENTS_OF_PARCELS) >= 1
 

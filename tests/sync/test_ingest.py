@@ -2348,3 +2348,57 @@ def test_a_push_on_a_parcel_of_a_long_history_orders_it_once_not_once_a_rule(
     }
     assert ("parcel.in_locker", "L-2", "1") in told  # the courier's drop
     assert ("parcel.drop_voided", "L-1", "298") in told  # the one a correction took back
+
+
+def test_a_push_judges_a_parcels_history_reading_payloads_only_of_its_final_outcomes(
+    session: Session, world: World, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push judges each parcel it touches on its whole history, read back from the
+    database. Every event's payload came with it (details, position, PDA time, time of
+    receipt, drop bounds) and was converted, though the rules read it of final outcomes
+    only: a PDA that scanned one parcel 25,000 times made each later push of it, its
+    honest courier's too, convert them all in SQLite's writers' turn. Now the events
+    before the push carry their facts alone, but the final outcomes, whose payload is
+    read whole; the status and the flags are those the whole history gives."""
+    tn = parcel.tracking_no
+    failed = {"reason": "recipient_absent", "action": "notice_left"}
+    before = [
+        pda.event(1, tn, location={"lat": 31.2, "lon": 121.5}),
+        pda.event(2, tn, "delivery_attempt_failed", **failed),
+        pda.event(3, tn, "out_for_delivery"),
+        pda.event(4, tn, "delivered", pod={"recipient_name": "Li"}),  # no image: flagged
+        pda.event(5, tn, "delivered", pod={"recipient_name": "Li"}),  # a repeat of it
+    ]
+    assert statuses(pda.push(before)) == ["applied"] * len(before)
+    judged: list[list[Any]] = []
+
+    class Spied(rules.History):
+        def __init__(self, events: Any, voids: Any = None) -> None:
+            judged.append(list(events))
+            super().__init__(events, voids)
+
+    monkeypatch.setattr(status, "History", Spied)
+    assert statuses(pda.push([pda.event(6, tn, "out_for_delivery")])) == ["applied"]
+    (history,) = judged
+    read_back = {e.fact.seq: e for e in history if e.fact.seq < 6}
+    assert sorted(read_back) == [1, 2, 3, 4, 5]
+    for seq in (1, 2, 3):
+        event = read_back[seq]
+        assert event.details == {}, seq
+        assert (event.lat, event.lon, event.occurred_at_device, event.received_at) == (None,) * 4
+    for seq in (4, 5):
+        event = read_back[seq]
+        assert event.details == {"pod": {"recipient_name": "Li"}}
+        assert event.occurred_at_device == at(seq) and event.received_at == NOW
+    # Judged on these, the parcel is what its whole history makes it.
+    whole = status.load_events(session, [tn])[tn]
+    assert whole[1].details == failed and whole[0].lat == 31.2
+    facts = rules.ParcelFacts(parcel.service_class, parcel.lat, parcel.lon)
+    lean = status.load_events(session, [tn], judged_only=True)[tn]
+    assert rules.evaluate(facts, lean, [], rules.Policy()) == rules.evaluate(
+        facts, whole, [], rules.Policy()
+    )
+    assert "delivered_without_pod" in rules.evaluate(facts, lean, [], rules.Policy())
+    assert projection.project([e.fact for e in lean]) == projection.project(
+        [e.fact for e in whole]
+    )

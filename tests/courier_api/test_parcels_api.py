@@ -563,3 +563,61 @@ def test_a_recipients_phone_changed_to_match_a_standing_consent_is_logged_masked
     assert flag.closed_reason is not None
     assert flag.closed_reason.startswith("manager1 changed the parcel's recipient's phone;")
     assert "5678" not in flag.closed_reason
+
+
+def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """A PDA that scanned one parcel 25,000 times made its timeline one answer of 15 MB
+    (14 s, every event read twice). A timeline no longer than a page (most) still comes
+    whole, ``next_after`` null; a longer one comes ``limit`` events at a time, each page
+    leading to the next, and the pages add up to the whole timeline, in its order, each
+    entry as the whole shows it (voids, repeats). An ``after`` that is no event of the
+    timeline is a 422 naming it."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    pod = {"recipient_name": "Li", "pickup_code": "1"}
+    events = [factories.event(1, tn, occurred_at=start)]
+    events += [
+        factories.event(seq, tn, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=seq))
+        for seq in range(2, 10)
+    ]
+    drop = {"locker_id": "L-1", "compartment": "1", "pod": pod}
+    events += [
+        factories.event(
+            seq, tn, "delivered_to_locker", occurred_at=start + dt.timedelta(minutes=seq), **drop
+        )
+        for seq in (10, 11)
+    ]
+    events.append(
+        factories.event(12, tn, "correction", occurred_at=start + dt.timedelta(minutes=12),
+                        voids_client_event_id=events[3]["client_event_id"], reason="mis-tap")
+    )  # fmt: skip
+    auth.push(events)
+    headers = auth.headers("manager1")
+    whole = client.get(f"{URL}/{tn}", headers=headers).json
+    assert len(whole["timeline"]) == len(events) and whole["next_after"] is None
+    assert any(e["repeats_event_id"] for e in whole["timeline"])
+    assert any(e["voided"] for e in whole["timeline"])
+    pages, after = [], 0
+    while True:
+        page = client.get(
+            f"{URL}/{tn}", query_string={"limit": 5, "after": after}, headers=headers
+        ).json
+        pages.append(page["timeline"])
+        assert {k: v for k, v in page.items() if k not in ("timeline", "next_after")} == {
+            k: v for k, v in whole.items() if k not in ("timeline", "next_after")
+        }
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+        assert after == page["timeline"][-1]["event_id"]
+    assert [len(p) for p in pages] == [5, 5, 2]
+    assert [e for p in pages for e in p] == whole["timeline"]
+    unknown = client.get(f"{URL}/{tn}", query_string={"after": 10**9}, headers=headers)
+    assert unknown.status_code == 422
+    assert list(unknown.json["errors"]) == ["after"]
+    too_long = client.get(f"{URL}/{tn}", query_string={"limit": 501}, headers=headers)
+    assert too_long.status_code == 422

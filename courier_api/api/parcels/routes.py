@@ -7,7 +7,12 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.parcels.intake import count_statuses, take_in_and_commit
-from courier_api.api.parcels.schemas import ParcelDetail, ParcelIntakeRequest, ParcelIntakeResponse
+from courier_api.api.parcels.schemas import (
+    ParcelDetail,
+    ParcelIntakeRequest,
+    ParcelIntakeResponse,
+    TimelineArgs,
+)
 from courier_api.auth import current_principal, ensure_visible, record_auditor_read
 from courier_api.extensions import db
 from models import Parcel, Role
@@ -18,7 +23,7 @@ from sync.parcels import (
     TimelineEntry,
     get_parcel,
     parcel_not_found,
-    parcel_timeline,
+    timeline_page,
 )
 from sync.phones import mask_phones_in_value, shown_phone
 
@@ -65,9 +70,11 @@ class Parcels(MethodView):
 @blp.route("/<string:tracking_no>")
 class ParcelByTrackingNo(MethodView):
     @blp.auth()
+    @blp.arguments(TimelineArgs, location="query")
     @blp.response(200, ParcelDetail)
     @blp.alt_response(404, response="NOT_FOUND")
-    def get(self, tracking_no: str) -> dict[str, Any]:
+    @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
+    def get(self, args: dict[str, Any], tracking_no: str) -> dict[str, Any]:
         """Get a parcel and its timeline
 
         The status is projected from the scan events, whatever order they
@@ -82,13 +89,27 @@ class ParcelByTrackingNo(MethodView):
         another station answers what an unknown tracking number answers (404
         `parcel_not_found`), so that it does not show it exists. Admins,
         auditors and integrations read every station's.
+
+        The timeline comes in pages of `limit` events (default and at most 500):
+        a parcel's whole timeline in one when it is no longer (most are), and
+        `next_after` null. A longer one (a PDA that scanned it thousands of
+        times) gives `next_after`: pass it as `after` for the next page, in the
+        same order. An event arriving meanwhile may be ordered before the page
+        reached: read from the start again to see it. An `after` that is not an
+        event of the parcel's timeline is a 422 naming the field.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_visible(parcel.station_id, parcel_not_found(tracking_no))
         principal = current_principal()
         role = principal.role
         view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
-        timeline = parcel_timeline(session=db.session, tracking_no=parcel.tracking_no)
+        page = timeline_page(
+            session=db.session,
+            tracking_no=parcel.tracking_no,
+            after=args["after"],
+            limit=args["limit"],
+        )
+        timeline = page.entries
         # A locker's pickup code opens the compartment: other couriers have no use for it.
         hide_codes = role == Role.COURIER
         unmasked = role == Role.AUDITOR
@@ -99,6 +120,7 @@ class ParcelByTrackingNo(MethodView):
                 timeline_view(e, hide_codes, unmasked, visible_station=visible_station)
                 for e in timeline
             ],
+            "next_after": page.next_after,
         }
         # Rule 7: its proofs and the unmasked phone go out logged, naming the deliveries
         # whose POD the timeline shows, as a proof's read does. Last, the answer built: a

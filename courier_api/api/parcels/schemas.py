@@ -5,8 +5,10 @@ from typing import Any
 
 import marshmallow as ma
 
-from courier_api.api.fields import Text
+from courier_api.api.base import PageArgs
+from courier_api.api.fields import After, Text
 from models import EventType, ParcelStatus, ServiceClass
+from sync.paging import MAX_PAGE_SIZE
 from sync.parcels import ParcelDraft
 
 
@@ -206,9 +208,38 @@ class TimelineEvent(ma.Schema):
     )
 
 
+class TimelineArgs(PageArgs):
+    """A page of the timeline: ``limit`` entries, by default as many as a page may hold,
+    so that a parcel's whole timeline comes at once as before unless it is that long."""
+
+    limit = ma.fields.Integer(
+        load_default=MAX_PAGE_SIZE,
+        validate=ma.validate.Range(min=1, max=MAX_PAGE_SIZE),
+        metadata={"description": f"Events per page (1-{MAX_PAGE_SIZE}, default {MAX_PAGE_SIZE})"},
+    )
+    after = After(
+        metadata={
+            "description": "The last event id of the previous page (its `next_after`); "
+            "0, the default, for the first"
+        }
+    )
+
+
 class ParcelDetail(ParcelOut):
     timeline = ma.fields.List(
         ma.fields.Nested(TimelineEvent),
         required=True,
-        metadata={"description": "Seq order within a device, corrected time across devices"},
+        metadata={
+            "description": "Seq order within a device, corrected time across devices: "
+            "the whole timeline when it has no more than `limit` events (most parcels), "
+            "its first `limit` otherwise, the rest on the pages `next_after` leads to"
+        },
+    )
+    next_after = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "When more events follow in the timeline: pass it as `after` "
+            "for the next page. Null on its last page"
+        },
     )

@@ -231,12 +231,9 @@ class Database:
         setattr(g, _KEPT_ACROSS_RUNS, {})
         setattr(g, _IF_NOTHING_STORED, {})
         try:
-            result = self._runs(dispatch, attempts)
-        except Exception:
+            return self._runs(dispatch, attempts)
+        finally:
             self._write_what_runs_kept()
-            raise
-        self._write_what_runs_kept()
-        return result
 
     def _runs(self, dispatch: Callable[[], T], attempts: int) -> T:
         for attempt in range(1, attempts + 1):
@@ -272,9 +269,10 @@ class Database:
 
         ``if_nothing_stored`` puts it on record when no run did: each run writes what it
         keeps in the transaction it commits, so when the runs are over (the last one
-        aborted too, a 503; an error not run again; an answer without a commit) with
-        nothing of the request committed and the dict not empty, it is called once, with
-        the dict and a session of its own committed after it (``write_apart``); the
+        aborted too, a 503; an error not run again; a ``SystemExit`` or ``KeyboardInterrupt``
+        in the request's thread; an answer without a commit) with nothing of the request
+        committed and the dict not empty, it is called once, with the dict and a session
+        of its own committed after it (``write_apart``); the
         request's own session is discarded first, uncommitted. Each run passes the same
         writer; the first one's is kept."""
         if if_nothing_stored is not None:

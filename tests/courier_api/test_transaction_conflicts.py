@@ -367,3 +367,26 @@ def test_a_run_that_changed_the_pages_cookie_session_is_not_run_again(app: Flask
                     lambda flashes=flashes: view(flashes), attempts=REQUEST_ATTEMPTS
                 )
         assert len(runs) == expected
+
+
+@pytest.mark.parametrize("stop", [ValueError, SystemExit, KeyboardInterrupt])
+def test_what_the_runs_kept_is_put_on_record_however_the_request_ends(
+    app: Flask, stop: type[BaseException]
+) -> None:
+    """An upload that put a proof image's altered bytes back keeps that to put on record
+    if no run stores it; the record is written whatever ends the request: an error, or a
+    ``SystemExit`` or ``KeyboardInterrupt`` raised in its thread (Ctrl-C on a one-thread
+    server), which let the altered file go unrecorded."""
+    recorded: list[dict[Any, Any]] = []
+
+    def view() -> Any:
+        kept = db.kept_across_runs(
+            "bytes_found", if_nothing_stored=lambda session, kept: recorded.append(dict(kept))
+        )
+        kept["a" * 64] = "put back"
+        raise stop()
+
+    with app.test_request_context("/api/v1/blobs/" + "a" * 64, method="PUT"):
+        with pytest.raises(stop):
+            db.dispatched_retrying_conflicts(view, attempts=REQUEST_ATTEMPTS)
+    assert recorded == [{"a" * 64: "put back"}]

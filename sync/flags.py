@@ -67,12 +67,12 @@ from models import (
 from sync import audit, outbox
 from sync.acks import merged
 from sync.errors import Conflict, InvalidInput, NotFound
+from sync.manager_text import manager_text
 from sync.paging import MAX_PAGE_SIZE
 from sync.sql import among, chunks
 from sync.tracking import normalize
 
 ACTIVE_STATUSES = (FlagStatus.OPEN, FlagStatus.ACKNOWLEDGED)
-MAX_NOTE_LENGTH = 2000
 
 # Every kind of flag there is, as the modules raising them name them (``sync.ingest``,
 # ``sync.rules``, ``sync.handover``, ``sync.parcels``, ``sync.shifts``, ``sync.sweeps``,
@@ -851,7 +851,7 @@ def acknowledge_flag(
     over later evidence it covers as a resolution does (``judged_status``), so it is
     written to the audit log too (action ``flag_acknowledged``, ``_audit_decision``).
     """
-    text = _note(note)
+    text = manager_text(note, "note", required=False)
     flag = _lock(session, flag)
     if _sent_again(session, flag, FlagStatus.ACKNOWLEDGED, user_id, text, seen_version):
         return flag
@@ -880,11 +880,9 @@ def resolve_flag(
     when the evidence has changed since (``_ensure_seen``). The resolution is also
     written to the audit log (action ``flag_resolved``, ``_audit_decision``).
     """
-    text = _note(note)
-    if text is None:
-        raise InvalidInput(
-            "say how the flag was resolved in a note", code="note_required", field="note"
-        )
+    text = manager_text(
+        note, "note", required=True, missing="say how the flag was resolved in a note"
+    )
     flag = _lock(session, flag)
     if _sent_again(session, flag, FlagStatus.RESOLVED, user_id, text, seen_version):
         return flag
@@ -1090,17 +1088,6 @@ def _status_conflict(flag: Flag, wanted: str, rule: str) -> Conflict:
     return Conflict(
         f"flag {flag.id} cannot be {wanted}: {why}; {rule}", code="flag_status_conflict"
     )
-
-
-def _note(note: str | None) -> str | None:
-    text = (note or "").strip()
-    if len(text) > MAX_NOTE_LENGTH:
-        raise InvalidInput(
-            f"the note is longer than {MAX_NOTE_LENGTH} characters",
-            code="note_too_long",
-            field="note",
-        )
-    return text or None
 
 
 def _record(

@@ -69,6 +69,7 @@ from sync.device_state import held_max_seq, lock_device_state
 from sync.errors import InvalidInput, PermissionDenied
 from sync.handover import owned_seqs
 from sync.inversion_flags import DEFAULT_TOLERANCE, judge_write_off
+from sync.manager_text import manager_text
 from sync.paging import MAX_PAGE_SIZE
 from sync.shifts import (
     judge_reopening,
@@ -79,7 +80,6 @@ from sync.shifts import (
 )
 
 ACTION = "lost_seqs_written_off"
-MAX_REASON_LENGTH = 2000
 RANGES_NAMED = 20  # in a refusal's message, at most
 _states = DeviceSyncState.__table__
 
@@ -369,17 +369,10 @@ def _write_off(
 ) -> tuple[WrittenOff, SeqTracker, Ranges]:
     """The write-off, the device's seqs held after it, and the gaps it leaves below the
     seqs written off above the highest held (none before it)."""
-    text = (reason or "").strip()
-    if not text:
-        raise InvalidInput(
-            "say why the seqs are lost in a reason", code="reason_required", field="reason"
-        )
-    if len(text) > MAX_REASON_LENGTH:
-        raise InvalidInput(
-            f"the reason is longer than {MAX_REASON_LENGTH} characters",
-            code="reason_too_long",
-            field="reason",
-        )
+    text = manager_text(
+        reason, "reason", required=True, missing="say why the seqs are lost in a reason"
+    )
+    assert text is not None  # required
     state = lock_device_state(session, device.id)
     owners = ensure_own_station(session, device, ranges, station_id)
     before = Seqs(state.max_seq, state.missing_ranges, state.written_off_ranges)

@@ -63,12 +63,12 @@ from sync.flags import (
     reopen_flag,
 )
 from sync.handover import Balance, first_seq_after
+from sync.manager_text import manager_text
 from sync.paging import MAX_PAGE_SIZE
 from sync.rules import Policy
 from sync.sql import Prebuilt, among_at_once, among_param, chunks, rows_among
 from sync.status import DEFAULT_POLICY, reproject, targets_of_corrections
 
-MAX_NOTE_LENGTH = 2000
 MAX_SHIFT_LENGTH = dt.timedelta(hours=24)
 # Seqs a shift may declare used beyond the highest the server holds from its PDA or an
 # earlier shift of it declared (a ``last_seq`` at its close, the seq before a
@@ -1910,19 +1910,3 @@ def may_own_rejected(
             .exists()
         )
     return and_(shift.device_id == device_id, or_(*owning) if owning else false())
-
-
-def manager_text(value: str | None, field: str, *, required: bool) -> str | None:
-    """A manager's note or reason, trimmed; blank is absent (refused when required)."""
-    text = (value or "").strip()
-    if not text:
-        if required:
-            raise InvalidInput(f"{field} is required", code=f"{field}_required", field=field)
-        return None
-    if len(text) > MAX_NOTE_LENGTH:
-        raise InvalidInput(
-            f"{field} is longer than {MAX_NOTE_LENGTH} characters",
-            code=f"{field}_too_long",
-            field=field,
-        )
-    return text

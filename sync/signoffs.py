@@ -33,10 +33,10 @@ from sync.handover import (
     discrepancies_named,
     unsent_seqs_named,
 )
+from sync.manager_text import manager_text
 from sync.shifts import (
     already_signed_off,
     lock_shifts,
-    manager_text,
     record_sign_off,
     station_timezone,
 )

@@ -17,8 +17,8 @@ from courier_api.api.fields import MAX_ID, After, Id, Text
 from courier_api.api.shifts.schemas import CloseShiftIn
 from models import FlagSeverity, FlagStatus
 from sync.errors import InvalidInput
-from sync.flags import KINDS, MAX_NOTE_LENGTH
-from sync.lost_seqs import MAX_REASON_LENGTH
+from sync.flags import KINDS
+from sync.manager_text import MAX_NOTE_LENGTH
 from sync.proofs import METHODS, SEARCHABLE_FLAG_KINDS
 
 
@@ -137,7 +137,7 @@ class LostSeqsForm(_Form):
     """The shift page's write-off of its PDA's lost seqs: ``3-4, 9`` and a reason."""
 
     seqs = Text(load_default=None, validate=ma.validate.Length(max=2000))
-    reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_REASON_LENGTH))
+    reason = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
 
 
 _SEQ_RANGE = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?")

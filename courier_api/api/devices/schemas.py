@@ -4,7 +4,7 @@ from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text
 from models import DeviceStatus
 from sync.events import MAX_SEQ
-from sync.lost_seqs import MAX_REASON_LENGTH
+from sync.manager_text import MAX_NOTE_LENGTH
 
 
 class DeviceOut(ma.Schema):
@@ -62,7 +62,7 @@ class LostSeqsIn(ma.Schema):
     )
     reason = Text(
         required=True,
-        validate=ma.validate.Length(min=1, max=MAX_REASON_LENGTH),
+        validate=ma.validate.Length(min=1, max=MAX_NOTE_LENGTH),
         metadata={"example": "PDA reset on 4 December: its unsent scans are gone"},
     )
 

@@ -3,7 +3,8 @@ import marshmallow as ma
 from courier_api.api.base import PageArgs
 from courier_api.api.fields import After, Id, Text, UtcTime
 from models import FlagSeverity, FlagStatus
-from sync.flags import KINDS, MAX_NOTE_LENGTH, SUBJECT_KEYS
+from sync.flags import KINDS, SUBJECT_KEYS
+from sync.manager_text import MAX_NOTE_LENGTH
 
 
 class FlagListArgs(PageArgs):

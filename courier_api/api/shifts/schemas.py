@@ -9,8 +9,8 @@ from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
 from models import FlagStatus, ShiftStatus
 from sync.balances import EARLIER_DAYS
 from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES, WHAT_TO_DO
+from sync.manager_text import MAX_NOTE_LENGTH
 from sync.phones import shown_text
-from sync.shifts import MAX_NOTE_LENGTH
 from sync.signoffs import MAX_SHIFTS
 
 BALANCE_STATUSES = ("balanced", "unbalanced", "provisional")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask.views import MethodView
@@ -119,17 +120,7 @@ class AcknowledgeFlag(MethodView):
         `evidence_changed`): read it again. A flag of another station answers a
         manager what an unknown id answers (404 `flag_not_found`).
         """
-        flag = flags.get_flag(session=db.session, flag_id=flag_id)
-        ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
-        flag = flags.acknowledge_flag(
-            session=db.session,
-            flag=flag,
-            user_id=current_principal().user_id,
-            note=body["note"],
-            seen_version=body["evidence_version"],
-        )
-        db.session.commit()
-        return _with_history(flag)
+        return _decided(flag_id, body, flags.acknowledge_flag)
 
 
 @blp.route("/<id:flag_id>/resolve")
@@ -158,17 +149,24 @@ class ResolveFlag(MethodView):
         `evidence_changed`): read it again. A flag of another station answers a
         manager what an unknown id answers (404 `flag_not_found`).
         """
-        flag = flags.get_flag(session=db.session, flag_id=flag_id)
-        ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
-        flag = flags.resolve_flag(
-            session=db.session,
-            flag=flag,
-            user_id=current_principal().user_id,
-            note=body["note"],
-            seen_version=body["evidence_version"],
-        )
-        db.session.commit()
-        return _with_history(flag)
+        return _decided(flag_id, body, flags.resolve_flag)
+
+
+def _decided(flag_id: int, body: dict[str, Any], decide: Callable[..., Flag]) -> dict[str, Any]:
+    """``decide`` (``flags.acknowledge_flag`` or ``flags.resolve_flag``) taken by the
+    caller on a flag of their station with the note and ``evidence_version`` sent,
+    committed; the flag answered with its history."""
+    flag = flags.get_flag(session=db.session, flag_id=flag_id)
+    ensure_visible(flag.station_id, flags.flag_not_found(flag_id))
+    flag = decide(
+        session=db.session,
+        flag=flag,
+        user_id=current_principal().user_id,
+        note=body["note"],
+        seen_version=body["evidence_version"],
+    )
+    db.session.commit()
+    return _with_history(flag)
 
 
 def _with_history(flag: Flag) -> dict[str, Any]:

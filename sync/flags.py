@@ -48,7 +48,7 @@ import json
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -852,18 +852,7 @@ def acknowledge_flag(
     written to the audit log too (action ``flag_acknowledged``, ``_audit_decision``).
     """
     text = manager_text(note, "note", required=False)
-    flag = _lock(session, flag)
-    if _sent_again(session, flag, FlagStatus.ACKNOWLEDGED, user_id, text, seen_version):
-        return flag
-    if flag.status != FlagStatus.OPEN:
-        raise _status_conflict(flag, "acknowledged", "only an open flag can be acknowledged")
-    _ensure_seen(flag, seen_version, "acknowledging")
-    previous = flag.status
-    _record(session, flag, previous, FlagStatus.ACKNOWLEDGED, by=user_id, note=text)
-    _decide(flag, FlagStatus.ACKNOWLEDGED)
-    session.flush()
-    _audit_decision(session, flag, "flag_acknowledged", user_id, previous, text)
-    return flag
+    return _take_decision(session, flag, FlagStatus.ACKNOWLEDGED, user_id, text, seen_version)
 
 
 def resolve_flag(
@@ -883,19 +872,61 @@ def resolve_flag(
     text = manager_text(
         note, "note", required=True, missing="say how the flag was resolved in a note"
     )
+    return _take_decision(session, flag, FlagStatus.RESOLVED, user_id, text, seen_version)
+
+
+class _DecisionRule(NamedTuple):
+    """What a manager's decision may follow, and the words it is refused and logged in."""
+
+    taken_from: tuple[FlagStatus, ...]
+    done: str  # "acknowledged": refused, the flag "cannot be acknowledged"
+    rule: str  # the rule a refusal quotes
+    doing: str  # "acknowledging": read the flag again before acknowledging it
+    action: str  # the audit log's
+
+
+_DECISION_RULES = {
+    FlagStatus.ACKNOWLEDGED: _DecisionRule(
+        taken_from=(FlagStatus.OPEN,),
+        done="acknowledged",
+        rule="only an open flag can be acknowledged",
+        doing="acknowledging",
+        action="flag_acknowledged",
+    ),
+    FlagStatus.RESOLVED: _DecisionRule(
+        taken_from=ACTIVE_STATUSES,
+        done="resolved",
+        rule="only an open or acknowledged flag can be resolved",
+        doing="resolving",
+        action="flag_resolved",
+    ),
+}
+
+
+def _take_decision(
+    session: Session,
+    flag: Flag,
+    decision: FlagStatus,
+    user_id: int,
+    text: str | None,
+    seen_version: str | None,
+) -> Flag:
+    """A manager's ``decision`` on the flag, locked: the same request sent again is
+    answered as the first time (``_sent_again``); else refused from a status it may not
+    follow or on evidence changed since (``_ensure_seen``), or recorded in the flag's
+    history and the audit log."""
+    rule = _DECISION_RULES[decision]
     flag = _lock(session, flag)
-    if _sent_again(session, flag, FlagStatus.RESOLVED, user_id, text, seen_version):
+    if _sent_again(session, flag, decision, user_id, text, seen_version):
         return flag
-    if flag.status not in ACTIVE_STATUSES:
-        raise _status_conflict(
-            flag, "resolved", "only an open or acknowledged flag can be resolved"
-        )
-    _ensure_seen(flag, seen_version, "resolving")
+    if flag.status not in rule.taken_from:
+        raise _status_conflict(flag, rule.done, rule.rule)
+    _ensure_seen(flag, seen_version, rule.doing)
     previous = flag.status
-    _record(session, flag, previous, FlagStatus.RESOLVED, by=user_id, note=text)
-    _decide(flag, FlagStatus.RESOLVED)
+    _record(session, flag, previous, decision, by=user_id, note=text)
+    _decide(flag, decision)
     session.flush()
-    _audit_decision(session, flag, "flag_resolved", user_id, previous, text)
+    _audit_decision(session, flag, rule.action, user_id, previous, text)
     return flag
 
 

@@ -1030,6 +1030,19 @@ def test_no_report_for_periods_before_the_station_existed(session: Session, worl
 # -- CSV --------------------------------------------------------------------------------------
 
 
+def test_csv_has_a_flags_column_for_each_kind_the_period_or_the_one_before_raised(
+    session: Session, world: World, crafted: CraftedDay
+) -> None:
+    """README: two reports' CSV may have different ``flags_<kind>`` columns (match them
+    by name): a column for each kind raised in the period or the one before, no other."""
+    body = daily(session, world)
+    header = next(csv.reader(io.StringIO(reports.report_csv(body))))
+    raised = {*body["totals"]["flags_by_kind"], *body["previous"]["totals"]["flags_by_kind"]}
+    columns = {name.removeprefix("flags_") for name in header if name.startswith("flags_")}
+    assert raised and len(raised) < len(flags.KINDS)
+    assert columns == raised | {"total"}
+
+
 def test_csv_has_a_header_and_one_row_per_scope(
     session: Session, world: World, crafted: CraftedDay
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, event, insert, inspect, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -30,6 +31,16 @@ def test_database_is_at_the_single_head(engine: Engine) -> None:
         current = migrate.current_revisions(connection)
     assert len(migrate.head_revisions()) == 1
     assert current == set(migrate.head_revisions())
+
+
+def test_each_migration_is_named_in_one_line() -> None:
+    """``db upgrade`` logs each migration by its docstring's first paragraph; one written
+    over two lines showed on ``make run`` as ``... decisions on a shift's or a\\nPDA's
+    flags``, the log escaping its newline."""
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    names = {script.revision: script.doc for script in scripts.walk_revisions()}
+    assert len(names) > 40  # every migration
+    assert {revision: doc for revision, doc in names.items() if "\n" in doc} == {}
 
 
 @pytest.fixture

@@ -1,5 +1,4 @@
-"""Reopenings, their withdrawals, closes for the courier and decisions on a shift's or a
-PDA's flags by the parcels they concern
+"""Reopenings, closes for the courier and decisions on shift or PDA flags, by their parcels
 
 An auditor settling a dispute about a lost parcel lists ``GET /audit?tracking_no=``:
 the version before filed a shift's reopening (``shift_reopened``), its withdrawal

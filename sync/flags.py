@@ -924,7 +924,11 @@ def _take_decision(
     _ensure_seen(flag, seen_version, rule.doing)
     previous = flag.status
     _record(session, flag, previous, decision, by=user_id, note=text)
-    _decide(flag, decision)
+    # On the evidence the manager sees: it stands while the flag's cause stands on no
+    # more than that (``judged_status``).
+    flag.status = decision
+    flag.decision = decision
+    flag.decided_on = seen_in(flag.evidence)
     session.flush()
     _audit_decision(session, flag, rule.action, user_id, previous, text)
     return flag
@@ -1073,14 +1077,6 @@ def _sent_again(
         and latest.to_status == decision
         and latest.note == note
     )
-
-
-def _decide(flag: Flag, decision: FlagStatus) -> None:
-    """The manager's decision, on the evidence they see: it stands while the flag's
-    cause stands on no more than that (``judged_status``)."""
-    flag.status = decision
-    flag.decision = decision
-    flag.decided_on = seen_in(flag.evidence)
 
 
 def _ensure_seen(flag: Flag, seen_version: str | None, deciding: str) -> None:

@@ -296,6 +296,14 @@ class ShiftPage:
         return [w for w in self.balance.write_offs if w.written_off_at > signed_at]
 
     @property
+    def seqs_written_off_since_signoff(self) -> int:
+        """How many of the shift's seqs ``written_off_since_signoff`` writes off: its
+        page names them as "the sequence number" or "the sequence numbers"."""
+        return sum(
+            last - first + 1 for w in self.written_off_since_signoff for first, last in w.ranges
+        )
+
+    @property
     def recipients_shown(self) -> list[str]:
         """The tracking numbers of the discrepancies' parcels whose recipient the page
         shows (name, phone, address): a missing parcel's, with no delivery among its

@@ -2578,8 +2578,50 @@ def test_a_signed_off_shift_whose_lost_seqs_were_written_off_since_says_that_cha
     assert "<li>Signed off: provisional, 1 sequence number missing: " in html
     since = re.search(r'<p id="written-off-since-signoff">(.*?)</p>', html, re.S)
     assert since is not None, html[html.index('id="changed-since-signoff"') :][:2000]
-    assert "written off as lost changed it: 4 by Wang Fang at " in since.group(1)
+    assert (
+        "the sequence number of its PDA written off as lost since changed it: 4 by Wang Fang at "
+        in since.group(1)
+    )
     assert "something else changed it" not in html
+
+
+def test_a_signed_off_shift_changed_by_two_seqs_written_off_since_names_them_in_the_plural(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA sent seqs 1, 2 and 5 of her shift; 3 and 4 never came. Wang Fang
+    forces the sign-off, then writes 3-4 off as lost: the page names "the sequence
+    numbers" written off, and for seq 4 alone of Wang Qiang's "the sequence number"
+    (``test_a_signed_off_shift_whose_lost_seqs_were_written_off_since_says_that_changed_it``):
+    it said "sequence numbers" for one as for two."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    pda = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    tracking_no = factories.parcel(session, day.station).tracking_no
+    session.commit()
+    shift = pda.open(station_day.local(day.day, 17, 0))
+    sent = [
+        pda.event(station_day.local(day.day, 17, 5), tracking_no, "checked_out"),
+        pda.event(station_day.local(day.day, 17, 10), tracking_no, "out_for_delivery"),
+        pda.event(station_day.local(day.day, 17, 15), tracking_no, "delivery_attempt_failed"),
+        pda.event(station_day.local(day.day, 17, 20), tracking_no, "delivery_attempt_failed"),
+        pda.event(station_day.local(day.day, 17, 30), tracking_no, "returned_to_station"),
+    ]
+    pda.push([sent[0], sent[1], sent[4]], station_day.local(day.day, 17, 35))
+    pda.close(shift, station_day.local(day.day, 17, 40))
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{shift.id}"
+    signed = pages.post(f"{path}/signoff", note="checked", force_reason="PDA dead")
+    assert signed.status_code == 302, signed.get_data(as_text=True)[-2000:]
+    written = pages.post(f"{path}/lost-seqs", seqs="3-4", reason="PDA reset")
+    assert written.status_code == 302, written.get_data(as_text=True)[-2000:]
+
+    html = pages.get(path)
+    assert "<li>Signed off: provisional, 2 sequence numbers missing</li>" in html
+    since = re.search(r'<p id="written-off-since-signoff">(.*?)</p>', html, re.S)
+    assert since is not None, html[html.index('id="changed-since-signoff"') :][:2000]
+    assert (
+        "the sequence numbers of its PDA written off as lost since changed it: 3–4 by Wang "
+        "Fang at " in since.group(1)
+    )
 
 
 def test_a_sign_off_from_a_page_that_showed_no_flag_waiting_is_refused_once_one_is_raised(

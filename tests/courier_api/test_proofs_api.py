@@ -1582,6 +1582,28 @@ def test_the_proof_page_lists_the_newest_20_rejected_events_and_says_where_the_r
     assert len(read.details["ids"]) == 20
 
 
+def test_the_proof_page_says_one_rejected_event_past_the_newest_20_in_the_singular(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """21 rejected drops: the page said "The newest 20 are listed, 1 more are not"."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    bad = [
+        factories.event(seq, parcel.tracking_no, "delivered_to_locker", occurred_at=at)
+        for seq in range(2, 23)
+    ]
+    delivered = factories.event(23, parcel.tracking_no, "delivered", occurred_at=at, pod=SIGNED)
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), *bad, delivered])
+    [proof] = _items(client, auth, parcel.tracking_no)
+
+    rejected = _rejected_section(
+        signed_in(app, "auditor1").get(f"/web/proofs/{proof['event_id']}")
+    )
+    assert "Rejected events naming the parcel (21)" in rejected
+    assert "The newest 20 are listed, 1 more is not:" in rejected
+
+
 def test_a_proofs_detail_counts_the_rejected_events_naming_its_parcel_as_the_reader_may_list(
     client: FlaskClient, auth: Auth, session: Session, refused: dict[str, Any]
 ) -> None:

@@ -2490,6 +2490,17 @@ def test_the_shift_page_counts_its_rejected_events_as_the_board_does(
     assert _rejected_heading(one) == "Rejected events of this shift (1)"
 
 
+def test_the_shift_page_says_one_rejected_event_past_the_first_100_in_the_singular(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """101 rejected events of Li Wei's PDA: the page said "...; 1 more are not"."""
+    _rejected_rows(session, day.balanced, _a_parcel_of(session, day.balanced), 101)
+    html = signed_in(app, "manager").get(f"/web/shifts/{day.balanced.id}")
+    assert _rejected_heading(html) == "Rejected events of this shift (101)"
+    assert "The first 100 by sequence number are listed" in html
+    assert "; 1 more is not:" in html
+
+
 def _a_parcel_of(session: Session, shift: Shift) -> str:
     return session.scalars(
         select(ScanEvent.tracking_no).where(ScanEvent.shift_id == shift.id).limit(1)

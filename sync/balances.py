@@ -531,7 +531,7 @@ def balances_and_rejections(
 ) -> HandoverReads:
     """Each shift's balance, and for each shift handed over how many of its PDA's events
     pushed at ``station_id`` the server rejected (those with none left out), counted as
-    its page lists them (``sync.quarantine.shift_rejections``): what the PDA says
+    its page lists them (``sync.quarantine.shift_rejections_counted``): what the PDA says
     happened that the balance cannot show (a correction refused voids nothing). One
     query more than ``balances`` (per ``sync.quarantine.COUNTED_AT_ONCE`` shifts). And its
     parcels' corrections to review still open (``ShiftFacts.reviews_waiting``), read with

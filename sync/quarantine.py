@@ -204,31 +204,6 @@ def _owned_by(session: Session, scope: RejectionScope) -> ColumnElement[bool] | 
     return or_(*owned) if owned else None
 
 
-def shift_rejections(
-    *,
-    session: Session,
-    scope: RejectionScope,
-    station_id: int | None,
-    limit: int = SHIFT_REJECTIONS_SHOWN,
-) -> list[QuarantinedEvent]:
-    """A shift's PDA's rejected events that were the shift's (``scope``). In seq order,
-    at most ``limit`` + 1 (one more tells the reader there are more); one query, along
-    ``ix_quarantined_event_device_seq``. ``station_id``: only what was pushed at that
-    station (None: any)."""
-    owned = _owned_by(session, scope)
-    if owned is None:
-        return []
-    query = (
-        select(QuarantinedEvent)
-        .where(owned)
-        .order_by(QuarantinedEvent.seq.nulls_last(), QuarantinedEvent.id)
-        .limit(limit + 1)
-    )
-    if station_id is not None:
-        query = query.where(QuarantinedEvent.station_id == station_id)
-    return list(session.scalars(query))
-
-
 def shift_rejections_counted(
     *,
     session: Session,
@@ -236,10 +211,12 @@ def shift_rejections_counted(
     station_id: int | None,
     limit: int = SHIFT_REJECTIONS_SHOWN,
 ) -> tuple[list[QuarantinedEvent], int]:
-    """The first ``limit`` rejected events ``shift_rejections`` lists, and how many there
-    are in all, in the same one statement (a count over the rows before the limit): a
+    """A shift's PDA's rejected events that were the shift's (``scope``): the first
+    ``limit`` in seq order, and how many there are in all, in one statement (a count
+    over the rows before the limit), along ``ix_quarantined_event_device_seq``: a
     shift's page lists the first ones and says how many there are, as the board counts
-    them (``rejection_counts``), with no statement more for a PDA that sent thousands."""
+    them (``rejection_counts``), with no statement more for a PDA that sent thousands.
+    ``station_id``: only what was pushed at that station (None: any)."""
     owned = _owned_by(session, scope)
     if owned is None:
         return [], 0
@@ -259,7 +236,7 @@ def rejection_counts(
     *, session: Session, scopes: Mapping[int, RejectionScope], station_id: int
 ) -> dict[int, int]:
     """How many rejected events each shift has (``{shift id: count}``, those with none
-    left out), as ``shift_rejections`` finds them, pushed at ``station_id``. One
+    left out), as ``shift_rejections_counted`` finds them, pushed at ``station_id``. One
     statement per ``COUNTED_AT_ONCE`` shifts: a count per shift over the rows its own
     scope picks, of the rows any scope picks (a row two shifts own counts for both, as
     each one's page lists it)."""
@@ -312,7 +289,7 @@ def parcels_named_by(*, session: Session, ids: Sequence[int]) -> list[str]:
 
 def owned_rejections(*, session: Session, scope: RejectionScope, ids: Sequence[int]) -> list[int]:
     """Which of the rejected events ``ids`` are the shift's (``scope``), as
-    ``shift_rejections`` finds them: whether those that reopened a signed-off shift
+    ``shift_rejections_counted`` finds them: whether those that reopened a signed-off shift
     still are (``sync.shifts.signoff_delta``)."""
     owned = _owned_by(session, scope)
     if owned is None or not ids:
@@ -330,7 +307,7 @@ def rejections_of_batch(
     *, session: Session, scopes: Mapping[int, RejectionScope], batch_pk: int, station_id: int
 ) -> dict[int, list[int]]:
     """Which rejected events of one push each shift has (``{shift id: quarantine ids}``,
-    those with none left out), as ``shift_rejections`` finds them, pushed at
+    those with none left out), as ``shift_rejections_counted`` finds them, pushed at
     ``station_id``: one statement, over the rows that push quarantined. What reopens a
     signed-off shift whose PDA sent it a malformed event (``sync.ingest``)."""
     owned = [

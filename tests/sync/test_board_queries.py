@@ -37,7 +37,12 @@ from sync.balances import board_totals, gather, station_board
 from sync.blobs import BlobReader, FileBlobStore
 from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
 from sync.proofs import get_proof
-from sync.quarantine import RejectionScope, parcel_named, rejection_counts, shift_rejections
+from sync.quarantine import (
+    RejectionScope,
+    parcel_named,
+    rejection_counts,
+    shift_rejections_counted,
+)
 from sync.rules import Policy
 from sync.signoffs import SIGNED_OFF, handover_seen, sign_off_clean
 from tests import factories
@@ -186,9 +191,10 @@ def test_the_clean_handovers_are_signed_off_together_in_the_same_statements_for_
 def test_rejected_events_are_counted_as_each_shift_page_lists_them_200_shifts_at_once(
     session: Session,
 ) -> None:
-    """``rejection_counts`` counts for every shift what ``shift_rejections`` lists on its
-    page, the seq-less rejections naming its parcels too, in one statement per 200
-    shifts: past about 500, one statement of them all would be too deep for SQLite."""
+    """``rejection_counts`` counts for every shift what ``shift_rejections_counted`` lists
+    and counts on its page, the seq-less rejections naming its parcels too, in one
+    statement per 200 shifts: past about 500, one statement of them all would be too
+    deep for SQLite."""
     station = factories.station_day(session, "REJ", shifts=2, parcels_per_shift=10, day=DAY)
     first, second = session.scalars(select(Shift).where(Shift.station_id == station)).all()
     session.execute(
@@ -205,10 +211,12 @@ def test_rejected_events_are_counted_as_each_shift_page_lists_them_200_shifts_at
     session.flush()
     facts = gather(session, [first, second])
     scopes = {i: f.rejection_scope(f.balance()) for i, f in facts.items()}
-    listed = {
-        i: len(shift_rejections(session=session, scope=scope, station_id=station))
+    read = {
+        i: shift_rejections_counted(session=session, scope=scope, station_id=station)
         for i, scope in scopes.items()
     }
+    assert {i: len(rows) for i, (rows, _) in read.items()} == {first.id: 3, second.id: 1}
+    listed = {i: total for i, (_, total) in read.items()}
     assert listed == {first.id: 3, second.id: 1}
     # And 448 shifts of PDAs with nothing rejected.
     elsewhere = {-n: RejectionScope(f"PDA-{n}", (1, 300), ["RR473124829GB"]) for n in range(448)}

@@ -46,7 +46,7 @@ from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.lost_seqs import write_off_lost_seqs
-from sync.quarantine import shift_rejections
+from sync.quarantine import shift_rejections_counted
 from sync.shifts import LATE_EVENT, ShiftRules
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
@@ -409,7 +409,8 @@ class Run:
         shift = self.session.get(Shift, shift.id)
         facts = gather(self.session, [shift])[shift.id]
         scope = facts.rejection_scope(facts.balance())
-        return shift_rejections(session=self.session, scope=scope, station_id=None)
+        rejected, _ = shift_rejections_counted(session=self.session, scope=scope, station_id=None)
+        return rejected
 
     def seq_sent(self, client_event_id: Any) -> int:
         """An event's place in the PDA's queue (its seq, sent or not)."""

@@ -13,8 +13,9 @@
   duration, and the user, role, station and device when known.
 * ``Redactor``, a filter on that handler, rewrites every record before it is
   written, whichever logger it comes from: bearer tokens and JWT-looking strings,
-  values of ``password``/``secret``/``token``-like keys, plurals too (``tokens=abc``;
-  only a whole number under a plural stays: ``"old_secrets_forgotten":1``), a quoted,
+  values of ``password``/``secret``/``token``-like keys, plurals too (``tokens=abc``,
+  ``passwords=123456``; only a whole number under a key naming a count of them stays:
+  ``"old_secrets_forgotten":1``, ``tokens_revoked=3``), a quoted,
   listed or bracketed value whole, password hashes, webhook
   signatures, long random-looking strings, and phone numbers (all but their last
   3 digits, in any script's digits: ``sync.phones.mask_phones_in``, the pattern the
@@ -148,16 +149,32 @@ def _jwts(run: str) -> str:
 
 _KEYWORDS = r"password|passwd|pwd|secret|token|api[_-]?key|authorization|signature|cookie"
 _KEYWORD_IN_KEY = re.compile(rf"(?i)(?:{_KEYWORDS})(s(?![a-z]))?")
+# A word of a key that makes it a count of the things it names: a count's own name, or
+# a participle saying what befell them (``tokens_revoked``, ``old_secrets_forgotten``).
+_COUNT_WORD = re.compile(r"count|total|num|number|n|[a-z]+(?:ed|en)")
+
+
+def _names_a_count(key: str) -> bool:
+    """Whether ``key`` names a count of secrets, not the secrets: its every keyword a
+    plural and a word of it a count word (``_COUNT_WORD``). A plural alone
+    (``passwords``, ``refresh_tokens``, ``api_keys``) may hold the values themselves,
+    and a numeric password or PIN is a whole number."""
+    keywords = list(_KEYWORD_IN_KEY.finditer(key))
+    if not all(found.group(1) for found in keywords):
+        return False
+    return any(
+        _COUNT_WORD.fullmatch(word) and not _KEYWORD_IN_KEY.search(word)
+        for word in re.split(r"[_-]+", key.lower())
+    )
 
 
 def _valued(match: re.Match[str]) -> str:
     """A secret-sounding key's value as ``[redacted]``, but a count under a key naming
-    many of them (``"old_secrets_forgotten":1``, the webhook retention job's summary):
-    an unquoted whole number after a key whose every keyword is a plural."""
+    one (``_names_a_count``: ``"old_secrets_forgotten":1``, the webhook retention job's
+    summary): an unquoted whole number."""
     key, value = match.group(2), match.group(3)
-    if value.isascii() and value.isdigit():
-        if all(found.group(1) for found in _KEYWORD_IN_KEY.finditer(key)):
-            return match.group(0)
+    if value.isascii() and value.isdigit() and _names_a_count(key):
+        return match.group(0)
     return f"{match.group(1)}[redacted]"
 
 
@@ -178,7 +195,8 @@ _REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
     # cost time quadratic in the run's length, and a request's path is such a run
     # whoever sends it ("token-token-...": half a minute for the 4 KB gunicorn reads).
     # A key in the plural is hidden too ("tokens=abc", "passwords: ['a', 'b']"): left
-    # readable, it let a short secret through; only a count under it stays (``_valued``).
+    # readable, it let a short secret through; only a count under a key naming one stays
+    # (``_valued``).
     # The value is a quoted string to its closing quote (escaped quotes in it, or the
     # line's end when it is never closed), a JSON list or object to its first closing
     # bracket, or a bare word: a list's first item, or what followed an escaped quote,

@@ -252,6 +252,14 @@ JWT = (
         ('{"secrets": {"old": "s1x"}}', ["s1x"], []),
         ('password="a\\" b-rest" next', ["b-rest"], ["next"]),
         ('password="never-closed', ["never-closed"], []),
+        # A numeric password or PIN under a plural key is a whole number too: kept as a
+        # count, it was written as it was. Only a key naming a count keeps its number.
+        ("passwords=123456 ok", ["123456"], ["passwords=[redacted] ok"]),
+        ('{"passwords": 123456, "user": "ana"}', ["123456"], ['"ana"']),
+        ("refresh_tokens=987654", ["987654"], []),
+        ("old_passwords: 4321", ["4321"], []),
+        ("api_keys=202611", ["202611"], []),
+        ("tokens=1234", ["1234"], []),
     ],
 )
 def test_redaction(text: str, hidden: list[str], kept: list[str]) -> None:
@@ -300,6 +308,7 @@ def test_a_jwt_glued_to_a_word_is_redacted_whole(glued_to: str) -> None:
         "Running upgrade bf7c3cf65a5c -> 942ecdcc96bf, Password change revokes tokens "
         "(app_user.credentials_version)",
         "purged tokens_revoked=3 families=12",
+        "n_tokens=3 secrets_count=2 passwords_total=7",
         'webhook_retention ok in 12 ms {"deliveries":0,"messages":0,'
         '"waiting_for_stopped":0,"old_secrets_forgotten":1}',
     ],

@@ -10,8 +10,9 @@ import datetime as dt
 from dataclasses import dataclass
 from functools import cache
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from models import Device, DeviceStatus, Role, User, utcnow
@@ -101,7 +102,7 @@ def authenticate(
     device = _device_for_sign_in(session=session, user=user, device_id=device_id)
     if device is not None:
         device.last_seen_at = utcnow()
-    _rehash_in(user, password, password_hash_method)
+    _rehash_in(session, user, password, password_hash_method)
     return SignIn(user=user, device=device)
 
 
@@ -111,16 +112,30 @@ def _method_of(password_hash: str) -> str:
     return password_hash.split("$", 1)[0]
 
 
-def _rehash_in(user: User, password: str, method: str) -> None:
+def _rehash_in(session: Session, user: User, password: str, method: str) -> None:
     """The account's password hashed again with the configured method when it was hashed
     with another: a wrong password then costs what a wrong username costs (the unknown
     username's check is of the configured method, ``_dummy_hash``). Hashes kept from
     before ``PASSWORD_HASH_METHOD`` changed (scrypt, 0.2 s, beside pbkdf2's 0.6 s) told
     every such account from a name nobody has. The password is the same: not a change
     of it (``credentials_version`` stays, no token is revoked, nothing is audit-logged).
-    """
-    if _method_of(user.password_hash) != _method_of(_dummy_hash(method)):
-        user.password_hash = generate_password_hash(password, method=method)
+
+    Written only over the hash that was checked: a password changed meanwhile (committed
+    during the check, PostgreSQL) was written over with the old one, which signed in
+    again though the change had been made to shut it out. Then the new hash stays, and
+    this sign-in's tokens carry the ``credentials_version`` the change left behind."""
+    checked = user.password_hash
+    if _method_of(checked) == _method_of(_dummy_hash(method)):
+        return
+    rehashed = generate_password_hash(password, method=method)
+    written = session.execute(
+        update(User)
+        .where(User.id == user.id, User.password_hash == checked)
+        .values(password_hash=rehashed)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if written:
+        set_committed_value(user, "password_hash", rehashed)
 
 
 def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) -> Device | None:

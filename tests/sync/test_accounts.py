@@ -1,8 +1,11 @@
+from typing import Any
+
 import pytest
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 import sync.accounts as accounts
-from models import DeviceStatus
+from models import DeviceStatus, User
+from sync import directory
 from sync.errors import AuthenticationFailed, InvalidInput
 from tests import factories
 
@@ -74,6 +77,57 @@ def test_a_hash_of_another_method_is_made_again_on_sign_in_so_a_wrong_password_c
     assert checked == [configured, configured]  # the same work, known name or not
     sign_in("m1", factories.PASSWORD)
     assert user.password_hash.startswith(f"{configured}$")
+
+
+@pytest.mark.postgres_only
+def test_a_password_changed_while_a_sign_in_checks_the_old_one_is_not_written_over(
+    committed_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL, two connections. A manager signs in with the old password (an account
+    hashed with another method than the configured one) while an admin sets a new one,
+    say because the old one leaked: the admin's change commits during the sign-in's
+    hash check (a second or so of scrypt or pbkdf2). The sign-in hashed the old password
+    again and wrote it over the new hash, so the old password signed in again and the
+    new one was refused, though the change was audit-logged and revoked the tokens. The
+    sign-in's hash is written only over the hash it checked."""
+    from courier_api.extensions import db
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        station = factories.station(setup, code="RHSH")
+        user_id = factories.user(setup, "rehashed", "station_manager", station).id
+        admin_id = factories.user(setup, "rehash-admin", "admin").id
+        setup.commit()
+    new_password = "changed-after-a-leak-1"
+    real_check = accounts.check_password_hash
+
+    def check_while_the_admin_changes_it(pwhash: str, password: str) -> bool:
+        with sessions() as admin:
+            directory.update_user(
+                session=admin,
+                user=admin.get_one(User, user_id),
+                changed_by=admin_id,
+                password=new_password,
+                password_hash_method="pbkdf2:sha256:1000",
+            )
+            admin.commit()
+        return real_check(pwhash, password)
+
+    monkeypatch.setattr(accounts, "check_password_hash", check_while_the_admin_changes_it)
+    with sessions() as signing_in:
+        accounts.authenticate(
+            session=signing_in,
+            username="rehashed",
+            password=factories.PASSWORD,
+            device_id=None,
+            password_hash_method="pbkdf2:sha256:1500",
+        )
+        signing_in.commit()
+    monkeypatch.undo()
+    with sessions() as check:
+        stored = check.get_one(User, user_id).password_hash
+    assert accounts.check_password_hash(stored, new_password)
+    assert not accounts.check_password_hash(stored, factories.PASSWORD)
 
 
 def test_short_passwords_are_refused() -> None:

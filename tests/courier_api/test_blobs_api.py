@@ -4,6 +4,7 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,10 @@ from sqlalchemy import Connection, event, func, select
 from sqlalchemy.exc import OperationalError
 
 from courier_api.app import REQUEST_ATTEMPTS
-from models import AuditEntry, AuditEntryParcel, Blob, Flag, FlagStatus, User
+from models import AuditEntry, AuditEntryParcel, Blob, BlobUpload, Flag, FlagStatus, User
 from sync import audit, blobs
 from sync.blobs import FileBlobStore
+from sync.errors import RateLimited
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_transaction_conflicts import aborted, assert_transaction_conflict
@@ -657,3 +659,37 @@ def test_tiny_images_no_event_names_are_bounded_by_their_number_too(
     )
     assert put(client, courier, images[3]).status_code == 201
     assert put(client, courier, images[4]).status_code == 429
+
+
+def test_the_time_room_frees_by_itself_is_not_before_it_frees(
+    session: Any, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal says by when room frees by itself; written to the minute, it gave the
+    minute the oldest image leaves the window begins in (12:00 for 12:00:30), so a
+    courier uploading again at 12:00 was refused again. It gives the minute after."""
+    monkeypatch.setattr(blobs, "UNNAMED_IMAGES_PER_UPLOADER", 1)
+    now = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
+    frees_at = now + dt.timedelta(seconds=30)
+    session.add(Blob(sha256="a" * 64, media_type="image/png", size_bytes=84, width=1, height=1))
+    session.flush()
+    session.add(
+        BlobUpload(
+            sha256="a" * 64,
+            station_id=world.station.id,
+            uploaded_by=world.courier.id,
+            uploaded_at=frees_at - blobs.UNNAMED_WINDOW,
+        )
+    )
+    session.flush()
+    with pytest.raises(RateLimited) as refused:
+        blobs.check_unnamed_uploads(
+            session=session, uploaded_by=world.courier.id, size=84, now=now
+        )
+    said = re.search(r"by itself by (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", refused.value.message)
+    assert said is not None, refused.value.message
+    assert dt.datetime.strptime(said[1], "%Y-%m-%d %H:%M").replace(tzinfo=dt.UTC) >= frees_at
+    assert said[1] == "2026-12-05 12:01"
+    # Still within the window's check a minute later: the oldest image has left it.
+    blobs.check_unnamed_uploads(
+        session=session, uploaded_by=world.courier.id, size=84, now=now + dt.timedelta(minutes=1)
+    )

@@ -34,8 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import and_, or_, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, or_, select, true, update
+from sqlalchemy.orm import Session, aliased
 
 from models import (
     Consent,
@@ -159,27 +159,34 @@ def request_consent(
         if expires_at <= now:
             request.status_reason = "lapsed before it reached the server: not sent"
         else:
-            outbox.announce(
-                session=session,
-                topic="consent.requested",
-                ordering_key=outbox.parcel_key(parcel.tracking_no),
-                station_id=parcel.station_id,
-                data={
-                    "request_id": request.id,
-                    "tracking_no": parcel.tracking_no,
-                    "station_id": parcel.station_id,
-                    "recipient_name": parcel.recipient_name,
-                    "recipient_phone": parcel.recipient_phone,
-                    "address": parcel.address,
-                    "method": request.method,
-                    "point_id": request.point_id,
-                    "channel": request.channel,
-                    "requested_at": request.requested_at,
-                    "expires_at": request.expires_at,
-                },
-                now=now,
-            )
+            _announce_requested(session, parcel, request, now)
     return request
+
+
+def _announce_requested(
+    session: Session, parcel: Parcel, request: ConsentRequest, now: dt.datetime
+) -> None:
+    """``consent.requested``: the recipient's channel asks them ``request``'s question."""
+    outbox.announce(
+        session=session,
+        topic="consent.requested",
+        ordering_key=outbox.parcel_key(parcel.tracking_no),
+        station_id=parcel.station_id,
+        data={
+            "request_id": request.id,
+            "tracking_no": parcel.tracking_no,
+            "station_id": parcel.station_id,
+            "recipient_name": parcel.recipient_name,
+            "recipient_phone": parcel.recipient_phone,
+            "address": parcel.address,
+            "method": request.method,
+            "point_id": request.point_id,
+            "channel": request.channel,
+            "requested_at": request.requested_at,
+            "expires_at": request.expires_at,
+        },
+        now=now,
+    )
 
 
 def request_once(
@@ -408,10 +415,12 @@ def requests_from_events(
     ``sync.ingest.event_row`` builds them, with their ``id``). The request's own
     ``expires_at``, on the PDA's clock, is corrected by the same offset as the event.
 
-    Never refused (the event is the field's record), but one beyond ``per_parcel``
-    sent for its parcel in the window is kept ``unsent``, saying so: else a PDA (a
-    stolen one, an app in a loop) pushing question after question went round the
-    bound ``asking_bound`` puts on ``POST /consents/requests``. Counted in arrival
+    Never refused (the event is the field's record), but one asking the same question
+    as a request pending (from this PDA, another of the courier's, or a colleague's), or
+    beyond ``per_parcel`` sent for its parcel in the window, is kept ``unsent``, saying
+    so (``_held_back``): else a PDA (a stolen one, an app in a loop, a courier tapping
+    twice) pushing question after question went round the bound ``asking_bound`` puts
+    on ``POST /consents/requests``. Counted in arrival
     order, this push's own included, and within the push in its PDA's seq order (the
     order the courier asked in, whatever order the push lists them in: rule 3); pushes
     of several PDAs at the same instant may each send up to the bound (no parcel lock
@@ -460,7 +469,7 @@ def requests_from_events(
                 # Its correction came first or in the same push: it cancels that request
                 # as it does when it comes later (``cancel_voided``), however the PDA
                 # split its stream (rule 3).
-                _cancel(session, online, now)
+                _cancel(session, online, now, per_parcel)
             made.append(online)
             continue
         made.append(
@@ -474,7 +483,7 @@ def requests_from_events(
                 event_id=row["id"],
                 client_event_id=row["client_event_id"],
                 voided=is_voided,
-                held_back=_held_back(session, row["tracking_no"], per_parcel, now),
+                held_back=None if is_voided else _held_back(session, draft, per_parcel, now),
             )
         )
     return made
@@ -507,15 +516,84 @@ def _asked_online_pending(
 
 
 def _held_back(
-    session: Session, tracking_no: str, per_parcel: Limit | None, now: dt.datetime
+    session: Session, draft: RequestDraft, per_parcel: Limit | None, now: dt.datetime
 ) -> str | None:
-    """Why a PDA's request for the parcel is not sent: its bound is reached."""
+    """Why a PDA's request for the parcel is not sent, as ``asking_bound`` refuses to send
+    one online: the same question is pending (asked by this courier, on this or another
+    of their PDAs, or by a colleague: its answer covers the parcel whoever asked), or the
+    parcel's bound is reached. Its event is stored all the same (rule 1)."""
+    pending = _same_question_pending(session, draft, now)
+    if pending is not None:
+        return (
+            f"{HELD_BACK}consent request {pending.id} asks the recipient the same until "
+            f"{pending.expires_at.isoformat()}; its answer covers the parcel"
+        )
     if per_parcel is None:
         return None
-    sent = len(_sent_in_window(session, tracking_no, per_parcel, now))
+    sent = len(_sent_in_window(session, draft.tracking_no, per_parcel, now))
     if sent < per_parcel.count:
         return None
-    return f"not sent: {_asked_text(tracking_no, sent, per_parcel)}"
+    return f"{HELD_BACK}{_asked_text(draft.tracking_no, sent, per_parcel)}"
+
+
+# How the reason of a PDA's request held back (``_held_back``) begins: one that would have
+# been sent, unlike the other ``unsent`` (nobody to ask), which no cancellation changes.
+HELD_BACK = "not sent: "
+
+
+def _send_held_back(
+    session: Session,
+    cancelled: ConsentRequest,
+    per_parcel: Limit | None,
+    now: dt.datetime,
+) -> ConsentRequest | None:
+    """A PDA's request held back because ``cancelled`` asked the same question is sent
+    once ``cancelled`` is (its event voided), as it would have been had the correction
+    arrived with or before the first event (rule 3: the courier's PDA still asks it;
+    voided at arrival, ``cancelled`` never stood in its way). The earliest such request
+    still standing (its own event not voided, not lapsed), within the parcel's bound
+    as when it arrived (``_held_back``); the others stay held behind it."""
+    voiding = aliased(ScanEvent)
+    held = session.scalars(
+        select(ConsentRequest)
+        .join(ScanEvent, ScanEvent.id == ConsentRequest.event_id)
+        .where(
+            ConsentRequest.tracking_no == cancelled.tracking_no,
+            ConsentRequest.method == cancelled.method,
+            ConsentRequest.point_id.is_(None)
+            if cancelled.point_id is None
+            else ConsentRequest.point_id == cancelled.point_id,
+            ConsentRequest.channel.is_(None)
+            if cancelled.channel is None
+            else ConsentRequest.channel == cancelled.channel,
+            ConsentRequest.status == ConsentRequestStatus.UNSENT,
+            ConsentRequest.status_reason.startswith(HELD_BACK, autoescape=True),
+            ConsentRequest.created_at < ConsentRequest.expires_at,
+            ConsentRequest.expires_at > now,
+            ~exists().where(
+                voiding.device_id == ScanEvent.device_id,
+                voiding.voids_client_event_id == ScanEvent.client_event_id,
+                voiding.seq > ScanEvent.seq,
+            ),
+        )
+        .order_by(ConsentRequest.requested_at, ConsentRequest.id)
+        .limit(1)
+        .with_for_update(of=ConsentRequest)
+    ).first()
+    if held is None:
+        return None
+    parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == held.tracking_no))
+    if parcel is None or parcel.station_id != held.station_id or not parcel.recipient_phone:
+        return None
+    draft = RequestDraft(held.tracking_no, held.method, held.point_id, held.channel)
+    still_held = _held_back(session, draft, per_parcel, now)
+    if still_held is not None:
+        held.status_reason = still_held
+        return None
+    held.status = ConsentRequestStatus.PENDING
+    held.status_reason = None
+    _announce_requested(session, parcel, held, now)
+    return held
 
 
 def voided_at_arrival(
@@ -547,11 +625,13 @@ def cancel_voided(
     device_id: str,
     corrections: Mapping[uuid.UUID, int],
     now: dt.datetime,
+    per_parcel: Limit | None = None,
 ) -> list[ConsentRequest]:
     """Pending requests whose events these corrections void (``{voided client event id:
     the highest seq of a correction naming it}``; only an earlier event can be voided)
-    are cancelled. (Found by their events' row ids, through the indexes of both tables:
-    a request from a PDA names its event both ways.)"""
+    are cancelled, and a request held back behind each is sent, within ``per_parcel``
+    (``_send_held_back``). (Found by their events' row ids, through the indexes of both
+    tables: a request from a PDA names its event both ways.)"""
     cancelled = []
     for chunk in chunks(list(corrections)):
         for request, target, seq in session.execute(
@@ -566,16 +646,19 @@ def cancel_voided(
             # The row as locked, not a copy the session read before: a mark the lapse
             # job committed since decides what the channel is told (``_locked``).
             .execution_options(populate_existing=True)
-        ):
+        ).all():  # read whole: a cancellation may send another request (more statements)
             if seq >= corrections[target]:
                 continue
-            _cancel(session, request, now)
+            _cancel(session, request, now, per_parcel)
             cancelled.append(request)
     return cancelled
 
 
-def _cancel(session: Session, request: ConsentRequest, now: dt.datetime) -> None:
-    """A pending ``request``, sent, whose event a correction voids, is cancelled (locked)."""
+def _cancel(
+    session: Session, request: ConsentRequest, now: dt.datetime, per_parcel: Limit | None
+) -> None:
+    """A pending ``request``, sent, whose event a correction voids, is cancelled (locked);
+    a PDA's request held back behind it is sent (``_send_held_back``)."""
     request.status = ConsentRequestStatus.CANCELLED
     request.status_reason = "voided by a correction from the PDA"
     request.answered_at = now
@@ -583,6 +666,7 @@ def _cancel(session: Session, request: ConsentRequest, now: dt.datetime) -> None
         pass  # its end, the lapse, was announced (on the job's clock): no more
     elif now < request.expires_at:  # asked, and maybe shown: tell the channel
         _announce_cancelled(session, request, now)
+        _send_held_back(session, request, per_parcel, now)
     elif request.created_at < request.expires_at:
         # It lapsed first, asked: that is its end, as the channel hears it.
         _announce_lapsed(session, request, now)

@@ -673,6 +673,7 @@ class _BatchIngest:
                 device_id=self.pusher.device_id,
                 corrections=corrections,
                 now=self.received_at,
+                per_parcel=self.rules.consent_requests_per_parcel,
             )
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)

@@ -252,7 +252,12 @@ def test_a_pda_pushing_question_after_question_floods_no_recipient(
     assert len(requests) == 5  # every event's request is kept
     assert messages(session, tracking_no) == 2
     assert [r.status.value for r in requests] == ["pending"] * 2 + ["unsent"] * 3
-    assert all("at most 2" in (r.status_reason or "") for r in requests[2:])
+    assert "at most 2" in requests[2].status_reason
+    # The locker asked again while the first locker request is pending: that one asks.
+    assert all(
+        f"consent request {requests[0].id} asks the recipient the same" in r.status_reason
+        for r in requests[3:]
+    )
     # The online door stays shut too: the window is full.
     assert ask(client, courier, tracking_no, method="any").status_code == 429
 
@@ -446,6 +451,101 @@ def test_the_bound_is_the_recipients_a_colleague_shares_it_and_still_gets_consen
     assert listed.status_code == 200, listed.get_json()
     assert [c["channel"] for c in listed.get_json()["items"]] == ["phone_call"]
     assert messages(session, tracking_no) == 2
+
+
+@pytest.mark.parametrize("asker", ["same_push", "later_push", "colleague"])
+def test_the_same_question_from_pdas_events_is_sent_once(
+    client: FlaskClient, auth: Auth, world: World, session: Session, asker: str
+) -> None:
+    """Two ``consent_requested`` events asking the same question (parcel, method, point,
+    channel) while the first's request is pending, from the same PDA (the courier tapped
+    twice, in one push or two) or a colleague's PDA: the recipient gets one message, as
+    the online door answers such a question with the pending request. The second event
+    is stored (rule 1) and its request kept ``unsent``, naming the request that asks."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    question = {"method": "locker", "point_id": "L-3", "channel": "sms"}
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+
+    def asked(seq: int) -> dict[str, Any]:
+        return factories.event(
+            seq, tracking_no, "consent_requested", occurred_at=at, request=question
+        )
+
+    def push(device: str, user: str, events: list[dict[str, Any]]) -> None:
+        pushed = client.post(
+            "/api/v1/sync/push",
+            json=factories.push_body(device, events),
+            headers=auth.headers(user, device),
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+        assert [r["status"] for r in pushed.get_json()["results"]] == ["applied"] * len(events)
+
+    if asker == "same_push":
+        push("PDA-0001", "courier1", [asked(1), asked(2)])
+    elif asker == "later_push":
+        push("PDA-0001", "courier1", [asked(1)])
+        push("PDA-0001", "courier1", [asked(2)])
+    else:
+        push("PDA-0001", "courier1", [asked(1)])
+        push("PDA-0003", "courier3", [asked(1)])
+    assert messages(session, tracking_no) == 1
+    first, second = session.scalars(
+        select(ConsentRequest)
+        .where(ConsentRequest.tracking_no == tracking_no)
+        .order_by(ConsentRequest.id)
+    ).all()
+    assert (first.status.value, second.status.value) == ("pending", "unsent")
+    assert f"consent request {first.id} asks the recipient the same" in second.status_reason
+
+
+@pytest.mark.parametrize("pushes", [[[0], [1], [2]], [[0, 1], [2]], [[0, 1, 2]], [[0], [1, 2]]])
+def test_a_request_held_back_behind_one_voided_since_is_sent_however_pushed(
+    client: FlaskClient, auth: Auth, world: World, session: Session, pushes: list[list[int]]
+) -> None:
+    """The PDA asks twice the same question, then voids the first ask (a mis-tap): its
+    courier still asks, so the recipient is asked once the first is cancelled, whether
+    the correction came in the same push (the first never sent) or later (the second,
+    held back behind the first, is sent then). Rule 3: each event's request ends alike
+    however the PDA split its stream."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    question = {"method": "locker", "channel": "sms"}
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    first = factories.event(1, tracking_no, "consent_requested", occurred_at=at, request=question)
+    again = factories.event(2, tracking_no, "consent_requested", occurred_at=at, request=question)
+    voiding = factories.event(
+        3,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=first["client_event_id"],
+        reason="tapped twice",
+    )
+    stream = [first, again, voiding]
+    for batch in pushes:
+        pushed = client.post(
+            "/api/v1/sync/push",
+            json=factories.push_body("PDA-0001", [stream[i] for i in batch]),
+            headers=courier,
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+    session.expire_all()
+    statuses = {
+        str(r.client_event_id): (r.status.value, r.status_reason)
+        for r in session.scalars(
+            select(ConsentRequest).where(ConsentRequest.tracking_no == tracking_no)
+        )
+    }
+    assert statuses == {
+        first["client_event_id"]: ("cancelled", "voided by a correction from the PDA"),
+        again["client_event_id"]: ("pending", None),
+    }
+    # Sent once the first was cancelled (twice in all when the first was sent before).
+    assert messages(session, tracking_no) == (1 if 2 in pushes[0] else 2)
 
 
 @pytest.mark.parametrize("split", [True, False])

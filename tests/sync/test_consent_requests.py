@@ -849,7 +849,7 @@ def test_the_channel_hears_each_requests_outcome_once(
         [
             pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
             pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
-            pda.event(parcel, "consent_requested", 52, request={"method": "locker"}),
+            pda.event(parcel, "consent_requested", 52, request={"method": "pickup_point"}),
         ]
     )
     granted, refused, lapsed = session.scalars(
@@ -1084,7 +1084,7 @@ def test_a_later_refusal_withdrawing_the_consent_a_request_granted_revokes_that_
         [
             pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
             pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
-            pda.event(parcel, "consent_requested", 52, request={"method": "any"}),
+            pda.event(parcel, "consent_requested", 52, request={"method": "pickup_point"}),
         ]
     )
     first, second, lapsed = session.scalars(
@@ -1371,7 +1371,14 @@ def test_a_refusal_tells_each_courier_whose_request_it_withdrew_once(
     session.commit()
     pda.push(
         [
-            pda.event(parcel, "consent_requested", 50, request={"method": "locker"}),
+            # By phone: the colleague's SMS question is another one (asked the same, the
+            # courier's would be kept unsent: the colleague's answer covers the parcel).
+            pda.event(
+                parcel,
+                "consent_requested",
+                50,
+                request={"method": "locker", "channel": "phone_call"},
+            ),
             pda.event(parcel, "consent_requested", 51, request={"method": "any"}),
         ]
     )

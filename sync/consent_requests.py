@@ -56,6 +56,7 @@ from sync.events import shifted
 from sync.paging import MAX_PAGE_SIZE
 from sync.sign_in_limits import Limit, window_text
 from sync.sql import among, chunks, created_once
+from sync.status import lock_parcels
 from sync.tracking import normalize
 
 MAX_TTL = dt.timedelta(hours=24)
@@ -296,7 +297,10 @@ def asking_bound(
     Only a request that would be sent is bounded: one for a parcel of another station
     or not taken in, or without a phone, is kept ``unsent`` as ever (its answer must
     not tell the courier the parcel exists: SECURITY.md threat 3). Checked under the
-    parcel's lock, so that two requests at once take turns."""
+    parcel's lock, so that two requests at once take turns: its number's first
+    (``sync.status.lock_parcels``), which a push holds while it makes its PDA's requests
+    (``requests_from_events``), then its row."""
+    lock_parcels(session, [draft.tracking_no])
     parcel = session.scalar(
         select(Parcel).where(Parcel.tracking_no == draft.tracking_no).with_for_update()
     )
@@ -422,9 +426,10 @@ def requests_from_events(
     twice) pushing question after question went round the bound ``asking_bound`` puts
     on ``POST /consents/requests``. Counted in arrival
     order, this push's own included, and within the push in its PDA's seq order (the
-    order the courier asked in, whatever order the push lists them in: rule 3); pushes
-    of several PDAs at the same instant may each send up to the bound (no parcel lock
-    is taken in a push)."""
+    order the courier asked in, whatever order the push lists them in: rule 3). Made
+    under the parcels' locks the push's projection took (``sync.status.lock_parcels``),
+    as ``asking_bound`` takes them: an online ask or another PDA's push at the same
+    instant waits, and sees these requests."""
     rows = sorted(
         (row for row in events if row["type"] == EventType.CONSENT_REQUESTED),
         key=lambda row: (row["device_id"], row["seq"]),

@@ -650,7 +650,6 @@ class _BatchIngest:
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
         self._capture_consents(stored)
-        self._request_consents(stored)
         self._link_proof_images(stored)
         self._quarantine()
         self._settle_copies()
@@ -677,6 +676,7 @@ class _BatchIngest:
             )
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
+        self._request_consents(stored)
         if voided:
             self._retract_drops(corrections, stored, targets)
         self._tell_holders_of_consents(stored, targets)
@@ -1014,7 +1014,11 @@ class _BatchIngest:
 
     def _request_consents(self, stored: list[tuple[int, ValidEvent]]) -> None:
         """Consent asked for at the door: each request is recorded and announced to the
-        recipient's channel (``sync.consent_requests``)."""
+        recipient's channel (``sync.consent_requests``). After the projection, which
+        locked the pushed parcels' numbers (``sync.status.lock_parcels``): an online
+        ask for one of them (``asking_bound`` takes that lock too) and another PDA's
+        push wait for this one's commit, and find its request pending, instead of each
+        sending the recipient the same question."""
         asked = [e for _, e in stored if e.type == EventType.CONSENT_REQUESTED]
         if not asked:
             return

@@ -12,7 +12,7 @@ from flask import Flask
 from sqlalchemy import select
 
 from courier_api.extensions import db
-from models import ConsentRequestStatus, Flag, OutboxMessage, WebhookSubscription
+from models import ConsentRequestStatus, Flag, OutboxMessage, Station, WebhookSubscription
 from sync import consents as consents_module
 from tests import factories
 from tests.conftest import Auth
@@ -517,3 +517,73 @@ def test_the_same_question_asked_twice_at_once_is_sent_once(
     assert answers[0].get_json()["id"] == answers[1].get_json()["id"]
     with committed_app.app_context():
         assert len(db.session.scalars(select(ConsentRequest.id)).all()) == 1
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("pda", ["own", "colleague"])
+def test_a_push_and_an_online_ask_of_the_same_question_at_once_send_it_once(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, pda: str
+) -> None:
+    """The courier asks online while a PDA pushes a ``consent_requested`` asking the same
+    question: their own PDA (recorded offline a moment before) or a colleague's. Each
+    looked for a pending request before the other had made one, and the recipient got
+    the question twice. The push makes its requests under the parcels' locks, which the
+    online ask takes too: the second waits for the first's commit and finds its request
+    pending (the online ask answered with it, or the event's request that one, or kept
+    ``unsent`` behind a colleague's)."""
+    from models import ConsentRequest
+    from sync import consent_requests
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    with committed_app.app_context():
+        if pda == "colleague":
+            station = db.session.scalars(select(Station).where(Station.code == "RACE")).one()
+            factories.user(db.session, "mate", "courier", station)
+            factories.device(db.session, "PDA-MATE", station)
+        db.session.add(
+            WebhookSubscription(
+                url="http://127.0.0.1:9/hook", topics=["consent.requested"], secret="s" * 43
+            )
+        )
+        db.session.commit()
+    device, pusher = (
+        ("PDA-RACE", headers["courier"])
+        if pda == "own"
+        else ("PDA-MATE", Auth(committed_app.test_client()).headers("mate", "PDA-MATE"))
+    )
+    made = consent_requests.request_consent
+
+    def slow_to_make(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # after the look for a pending one, before the insert
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(consent_requests, "request_consent", slow_to_make)
+    question = {"method": "locker", "channel": "sms"}
+    asked_offline = factories.event(
+        3 if pda == "own" else 1,  # after ``_dropped_without_consent``'s two events
+        tracking_no,
+        "consent_requested",
+        occurred_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5),
+        request=question,
+    )
+    answers = race_requests(
+        committed_app,
+        [
+            (
+                "POST",
+                f"{CONSENTS}/requests",
+                {"tracking_no": tracking_no, **question},
+                headers["courier"],
+            ),
+            ("POST", "/api/v1/sync/push", factories.push_body(device, [asked_offline]), pusher),
+        ],
+    )
+    assert answers[1].status_code == 200, answers[1].get_json()
+    assert answers[0].status_code in (200, 201, 409), answers[0].get_json()
+    with committed_app.app_context():
+        sent = db.session.scalars(
+            select(OutboxMessage.id).where(OutboxMessage.topic == "consent.requested")
+        ).all()
+        statuses = db.session.scalars(select(ConsentRequest.status)).all()
+    assert len(sent) == 1
+    assert sorted(s.value for s in statuses).count("pending") == 1, statuses

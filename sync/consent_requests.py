@@ -47,6 +47,7 @@ from models import (
     EventType,
     FeedKind,
     Parcel,
+    ParcelStatus,
     ScanEvent,
     utcnow,
 )
@@ -60,6 +61,10 @@ from sync.status import lock_parcels
 from sync.tracking import normalize
 
 MAX_TTL = dt.timedelta(hours=24)
+# A parcel in its recipient's hands: delivered in person, or collected from the locker.
+# Asking them to agree to leave it in a locker tells them something false.
+HANDED_OVER = (ParcelStatus.DELIVERED, ParcelStatus.COLLECTED)
+HANDED_OVER_REASON = "the parcel was handed over to the recipient: nothing to ask"
 # A request the recipient answered: granted (revoked since, maybe) or refused.
 ANSWERED = (
     ConsentRequestStatus.GRANTED,
@@ -151,6 +156,11 @@ def request_consent(
     elif not parcel.recipient_phone:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = "the parcel's recipient has no phone number"
+    elif parcel.status in HANDED_OVER:
+        # Cancelled, not sent, as it is once the delivery arrives after it was sent
+        # (``cancel_for_handed_over``): the same end whichever arrives first (rule 3).
+        request.status = ConsentRequestStatus.CANCELLED
+        request.status_reason = HANDED_OVER_REASON
     elif held_back is not None and now < expires_at:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = held_back
@@ -588,7 +598,12 @@ def _send_held_back(
     if held is None:
         return None
     parcel = session.scalar(select(Parcel).where(Parcel.tracking_no == held.tracking_no))
-    if parcel is None or parcel.station_id != held.station_id or not parcel.recipient_phone:
+    if (
+        parcel is None
+        or parcel.station_id != held.station_id
+        or not parcel.recipient_phone
+        or parcel.status in HANDED_OVER
+    ):
         return None
     draft = RequestDraft(held.tracking_no, held.method, held.point_id, held.channel)
     still_held = _held_back(session, draft, per_parcel, now)
@@ -660,12 +675,17 @@ def cancel_voided(
 
 
 def _cancel(
-    session: Session, request: ConsentRequest, now: dt.datetime, per_parcel: Limit | None
+    session: Session,
+    request: ConsentRequest,
+    now: dt.datetime,
+    per_parcel: Limit | None,
+    reason: str = "voided by a correction from the PDA",
 ) -> None:
-    """A pending ``request``, sent, whose event a correction voids, is cancelled (locked);
-    a PDA's request held back behind it is sent (``_send_held_back``)."""
+    """A pending ``request``, sent, whose event a correction voids (or whose parcel was
+    handed over since), is cancelled (locked); a PDA's request held back behind it is
+    sent (``_send_held_back``)."""
     request.status = ConsentRequestStatus.CANCELLED
-    request.status_reason = "voided by a correction from the PDA"
+    request.status_reason = reason
     request.answered_at = now
     if request.lapse_announced_at is not None:
         pass  # its end, the lapse, was announced (on the job's clock): no more
@@ -675,6 +695,44 @@ def _cancel(
     elif request.created_at < request.expires_at:
         # It lapsed first, asked: that is its end, as the channel hears it.
         _announce_lapsed(session, request, now)
+
+
+def cancel_for_handed_over(
+    *, session: Session, tracking_nos: Iterable[str], now: dt.datetime
+) -> list[ConsentRequest]:
+    """The pending requests of these parcels that are in their recipients' hands now
+    (``HANDED_OVER``: a push brought the delivery in person, or the collection from the
+    locker) are cancelled: the channel stops asking the recipient to agree to leave
+    in a locker a parcel they hold (``consent.request_cancelled``, with the reason),
+    and the courier who asked hears it in the pull feed. A request asked after the
+    delivery arrived is cancelled as it is made (``request_consent``)."""
+    cancelled: list[ConsentRequest] = []
+    for chunk in chunks(sorted(set(tracking_nos))):
+        cancelled.extend(
+            session.scalars(
+                select(ConsentRequest)
+                .join(Parcel, Parcel.tracking_no == ConsentRequest.tracking_no)
+                .where(
+                    among(session, ConsentRequest.tracking_no, chunk),
+                    ConsentRequest.status == ConsentRequestStatus.PENDING,
+                    Parcel.status.in_(HANDED_OVER),
+                )
+                .order_by(ConsentRequest.id)
+                .with_for_update(of=ConsentRequest)
+                .execution_options(populate_existing=True)
+            ).all()
+        )
+    for request in cancelled:
+        _cancel(session, request, now, None, HANDED_OVER_REASON)
+    if cancelled:
+        feed.record(
+            session,
+            [
+                feed.FeedEntry(r.station_id, r.courier_id, FeedKind.CONSENT_REQUEST, r.tracking_no)
+                for r in cancelled
+            ],
+        )
+    return cancelled
 
 
 def _announce_cancelled(session: Session, request: ConsentRequest, now: dt.datetime) -> None:

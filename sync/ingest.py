@@ -60,7 +60,12 @@ from sync import audit, consents, outbox
 from sync.acks import SeqTracker, acknowledged_through, without
 from sync.balances import closed_shifts_holding, gather, refresh_handover_flags
 from sync.blobs import lock_digests
-from sync.consent_requests import cancel_voided, requests_from_events, voided_at_arrival
+from sync.consent_requests import (
+    cancel_for_handed_over,
+    cancel_voided,
+    requests_from_events,
+    voided_at_arrival,
+)
 from sync.device_state import DeviceState, lock_device_state
 from sync.direct import undone_if_refused
 from sync.drop_bounds import EventTime, bound_drops
@@ -677,6 +682,7 @@ class _BatchIngest:
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         self._request_consents(stored)
+        self._cancel_requests_handed_over(stored)
         if voided:
             self._retract_drops(corrections, stored, targets)
         self._tell_holders_of_consents(stored, targets)
@@ -1030,6 +1036,18 @@ class _BatchIngest:
             now=self.received_at,
             per_parcel=self.rules.consent_requests_per_parcel,
         )
+
+    def _cancel_requests_handed_over(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """A parcel delivered in person (or collected from its locker) ends the questions
+        still put to its recipient about it (``sync.consent_requests``). Only parcels
+        this push brought such a scan of are looked at: no statement for the others."""
+        handed = {
+            e.tracking_no
+            for _, e in stored
+            if e.type in (EventType.DELIVERED, EventType.COLLECTED_FROM_LOCKER)
+        }
+        if handed:
+            cancel_for_handed_over(session=self.session, tracking_nos=handed, now=self.received_at)
 
     def _tell_holders_of_consents(
         self, stored: list[tuple[int, ValidEvent]], targets: Sequence[Any]

@@ -27,8 +27,9 @@ from models import OutboxMessage, WebhookDelivery, WebhookSubscription, utcnow
 # Every topic a subscription may ask for, with what its message says.
 TOPICS: dict[str, str] = {
     "consent.requested": "A courier asks a recipient to agree to unattended delivery",
-    "consent.request_cancelled": "The courier's PDA voided such a request (a correction) "
-    "while it waited: stop asking, no answer to it counts",
+    "consent.request_cancelled": "The courier's PDA voided such a request (a correction), "
+    "or the parcel was handed over to the recipient, while it waited: stop asking, no "
+    "answer to it counts",
     "consent.request_granted": "The recipient agreed to such a request: the consent that "
     "answers it",
     "consent.request_refused": "The recipient refused such a request",

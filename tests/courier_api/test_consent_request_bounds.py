@@ -595,3 +595,65 @@ def test_an_online_request_the_pdas_voided_event_asked_too_ends_alike_however_pu
         (online.get_json()["id"], offline["client_event_id"], "cancelled")
     ]
     assert messages(session, tracking_no) == 1
+
+
+@pytest.mark.parametrize("pushes", [[[0], [1]], [[0, 1]], [[1], [0]]])
+def test_no_question_stands_for_a_parcel_delivered_in_person_however_pushed(
+    client: FlaskClient, auth: Auth, world: World, session: Session, pushes: list[list[int]]
+) -> None:
+    """The courier asked at the door (nobody home), then the recipient came back and
+    took the parcel in person: the recipient's phone kept asking them to agree to a
+    locker for a parcel in their hands, or was asked it after the delivery was known.
+    The delivery cancels the question (``consent.request_cancelled``, with why), and a
+    question arriving with or after it is cancelled unsent: the same end whichever the
+    PDA pushed first (rule 3). The online door does not send it either."""
+    session.add(
+        WebhookSubscription(
+            url="http://127.0.0.1:9/hook",
+            topics=["consent.request_cancelled"],
+            secret="s" * 43,
+        )
+    )
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    asked = factories.event(
+        1, tracking_no, "consent_requested", occurred_at=at, request={"method": "locker"}
+    )
+    delivered = factories.event(
+        2,
+        tracking_no,
+        "delivered",
+        occurred_at=at + dt.timedelta(minutes=5),
+        pod={"recipient_name": "Li Hua", "relation": "self"},
+    )
+    stream = [asked, delivered]
+    for batch in pushes:
+        pushed = client.post(
+            "/api/v1/sync/push",
+            json=factories.push_body("PDA-0001", [stream[i] for i in batch]),
+            headers=courier,
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+    session.expire_all()
+    [request] = session.scalars(
+        select(ConsentRequest).where(ConsentRequest.tracking_no == tracking_no)
+    ).all()
+    assert (request.status.value, request.status_reason) == (
+        "cancelled",
+        "the parcel was handed over to the recipient: nothing to ask",
+    )
+    sent = messages(session, tracking_no)
+    cancellations = session.scalars(
+        select(OutboxMessage.payload).where(OutboxMessage.topic == "consent.request_cancelled")
+    ).all()
+    if pushes[0] == [0]:  # asked before the delivery arrived: sent, then called back
+        assert sent == 1
+        assert [c["reason"] for c in cancellations] == [request.status_reason]
+    else:
+        assert (sent, cancellations) == (0, [])
+    online = ask(client, courier, tracking_no, method="pickup_point")
+    assert online.status_code == 201, online.get_json()
+    assert online.get_json()["status"] == "cancelled"
+    assert messages(session, tracking_no) == sent

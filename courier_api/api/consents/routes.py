@@ -370,7 +370,9 @@ class ConsentRequests(MethodView):
         `GET /sync/pull?wait=`). Offline, the PDA sends a `consent_requested`
         event instead. A parcel the station has not taken in (one of another
         station is answered alike, so that it does not show it exists), or whose
-        recipient has no phone, gives a request with status `unsent`.
+        recipient has no phone, gives a request with status `unsent`; a parcel
+        delivered in person or collected from its locker (in the recipient's hands:
+        nothing to ask) one with status `cancelled`, saying so, never sent.
 
         **Retries**: give each request your own `client_request_id` (a UUID). A
         POST whose answer was lost, sent again with it, answers the request made

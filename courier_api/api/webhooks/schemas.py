@@ -296,9 +296,10 @@ class _WebhookRequestOutcome(ma.Schema):
 
 class WebhookConsentRequestCancelled(_WebhookRequestOutcome):
     """`consent.request_cancelled`: the courier's PDA voided a pending request (a
-    correction): stop asking the recipient; an answer to it is a 409
-    `consent_request_cancelled`. Comes after its `consent.requested` (one not sent by
-    then is skipped)."""
+    correction), or the parcel was delivered to the recipient in person or collected
+    from its locker (`reason` says which): stop asking the recipient; an answer to it
+    is a 409 `consent_request_cancelled`. Comes after its `consent.requested` (one not
+    sent by then is skipped)."""
 
     cancelled_at = _time()
     reason = ma.fields.String(required=True)

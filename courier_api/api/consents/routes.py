@@ -389,8 +389,8 @@ class ConsentRequests(MethodView):
         `CONSENT_REQUESTS_PER_PARCEL` requests are sent for one parcel (4 an
         hour unless configured, by any courier, online or offline); beyond, 429
         `too_many_requests` with `Retry-After` (a PDA's `consent_requested`
-        event beyond is stored, its request kept `unsent`). A request that would be
-        `unsent` is never refused so.
+        event beyond, or asking a question pending, is stored, its request kept
+        `unsent`, naming why). A request that would be `unsent` is never refused so.
         """
         principal = current_principal()
         assert principal.station_id is not None

@@ -613,6 +613,15 @@ def _send_held_back(
     held.status = ConsentRequestStatus.PENDING
     held.status_reason = None
     _announce_requested(session, parcel, held, now)
+    # Its courier's PDA read it ``unsent``: it hears that it was sent after all.
+    feed.record(
+        session,
+        [
+            feed.FeedEntry(
+                held.station_id, held.courier_id, FeedKind.CONSENT_REQUEST, held.tracking_no
+            )
+        ],
+    )
     return held
 
 

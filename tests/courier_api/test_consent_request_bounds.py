@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from models import ConsentRequest, OutboxMessage, WebhookSubscription
+from models import ConsentRequest, FeedChange, FeedKind, OutboxMessage, WebhookSubscription
 from sync.sign_in_limits import Limit
 from tests import factories
 from tests.conftest import Auth, World
@@ -546,6 +546,14 @@ def test_a_request_held_back_behind_one_voided_since_is_sent_however_pushed(
     }
     # Sent once the first was cancelled (twice in all when the first was sent before).
     assert messages(session, tracking_no) == (1 if 2 in pushes[0] else 2)
+    # A PDA that read the second ``unsent`` hears it was sent after all (its pull feed).
+    heard = session.scalars(
+        select(FeedChange.courier_id).where(
+            FeedChange.kind == FeedKind.CONSENT_REQUEST, FeedChange.tracking_no == tracking_no
+        )
+    ).all()
+    held_first = pushes in ([[0], [1], [2]], [[0, 1], [2]])
+    assert heard == ([world.courier.id] if held_first else [])
 
 
 @pytest.mark.parametrize("split", [True, False])

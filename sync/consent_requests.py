@@ -519,13 +519,21 @@ def _asked_online_pending(
     if pending is None or pending.event_id is not None or pending.courier_id != asker.courier_id:
         return None
     if lock:  # to be cancelled: as locked, still pending (an answer may have come meanwhile)
+        # Not waited for: the push holds the parcel's locks by now, which an answer
+        # holding this row takes after it (``answer_request``). One being answered at
+        # this instant is taken as answered first (the event gets its own request,
+        # cancelled), as when the answer commits before the push.
         pending = session.scalar(
             select(ConsentRequest)
             .where(ConsentRequest.id == pending.id)
-            .with_for_update()
+            .with_for_update(skip_locked=True)
             .execution_options(populate_existing=True)
         )
-        if pending.status != ConsentRequestStatus.PENDING or has_lapsed(pending, now):
+        if (
+            pending is None
+            or pending.status != ConsentRequestStatus.PENDING
+            or has_lapsed(pending, now)
+        ):
             return None
     return pending
 

@@ -4,12 +4,13 @@ settle, with real commits (racing on PostgreSQL)."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from courier_api.extensions import db
 from models import ConsentRequestStatus, Flag, OutboxMessage, Station, WebhookSubscription
@@ -587,3 +588,69 @@ def test_a_push_and_an_online_ask_of_the_same_question_at_once_send_it_once(
         statuses = db.session.scalars(select(ConsentRequest.status)).all()
     assert len(sent) == 1
     assert sorted(s.value for s in statuses).count("pending") == 1, statuses
+
+
+@pytest.mark.postgres_only
+def test_a_push_voiding_the_ask_of_a_request_being_answered_waits_for_no_answer(
+    committed_app: Flask, engine: Engine
+) -> None:
+    """The courier asked online; their PDA pushes the ``consent_requested`` it recorded
+    for the same question and the correction voiding it, while the recipient's answer
+    to the online request holds its row (and would next lock the parcel's, which the
+    push holds by then: a deadlock, PostgreSQL failing one of them). The push does not
+    wait for that row: the answer is taken as first, the event's request is its own,
+    cancelled, and the online request is the answer's to settle."""
+    from models import ConsentRequest
+
+    headers, [(tracking_no, _, _)] = _dropped_without_consent(committed_app, 1)
+    client = committed_app.test_client()
+    question = {"method": "locker", "channel": "sms"}
+    online = client.post(
+        f"{CONSENTS}/requests",
+        json={"tracking_no": tracking_no, **question},
+        headers=headers["courier"],
+    )
+    assert online.status_code == 201, online.get_json()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    asked = factories.event(3, tracking_no, "consent_requested", occurred_at=at, request=question)
+    voiding = factories.event(
+        4,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=asked["client_event_id"],
+        reason="asked by mistake",
+    )
+    answers: list[Any] = []
+
+    def push() -> None:
+        answers.append(
+            committed_app.test_client().post(
+                "/api/v1/sync/push",
+                json=factories.push_body("PDA-RACE", [asked, voiding]),
+                headers=headers["courier"],
+            )
+        )
+
+    with engine.connect() as answering:  # an answer holding the online request's row
+        answering.execute(
+            select(ConsentRequest.id)
+            .where(ConsentRequest.id == online.get_json()["id"])
+            .with_for_update()
+        )
+        pushing = threading.Thread(target=push)
+        pushing.start()
+        pushing.join(timeout=10)
+        waited = pushing.is_alive()
+        answering.rollback()  # the answer goes on (here: gives up), releasing the row
+    pushing.join(timeout=60)
+    assert not waited, "the push waited for the answer's row"
+    [pushed] = answers
+    assert pushed.status_code == 200, pushed.get_json()
+    with committed_app.app_context():
+        requests = {
+            r.id: (r.status, str(r.client_event_id) if r.client_event_id else None)
+            for r in db.session.scalars(select(ConsentRequest))
+        }
+    assert requests.pop(online.get_json()["id"]) == (ConsentRequestStatus.PENDING, None)
+    assert list(requests.values()) == [(ConsentRequestStatus.CANCELLED, asked["client_event_id"])]

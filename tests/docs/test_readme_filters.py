@@ -69,10 +69,12 @@ def test_every_filter_the_readme_names_is_a_query_argument(app: Flask) -> None:
 
 def test_every_list_pages_as_the_readme_says(app: Flask) -> None:
     """README's "Lists page by keyset" gives one default and one largest ``limit``:
-    every endpoint taking a ``limit`` takes it so."""
+    every endpoint taking a ``limit`` takes it so, but a parcel's timeline, whose own
+    default the same sentence gives."""
     text = " ".join(README.read_text(encoding="utf-8").split())
     sentence = text[text.index("Lists page by keyset") :].split(". ")[0]
     default, most = map(int, re.search(r"default (\d+), at most (\d+)", sentence).groups())  # type: ignore[union-attr]
+    timeline_default = int(re.search(r"a parcel's timeline \(default (\d+)", sentence).group(1))  # type: ignore[union-attr]
     with app.app_context():
         spec = api.spec.to_dict()
     limits = {
@@ -85,4 +87,5 @@ def test_every_list_pages_as_the_readme_says(app: Flask) -> None:
         for schema in [parameter["schema"]]
     }
     assert len(limits) > 10
+    assert limits.pop("GET /api/v1/parcels/{tracking_no}") == (timeline_default, most)
     assert {key: value for key, value in limits.items() if value != (default, most)} == {}

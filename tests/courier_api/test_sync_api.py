@@ -323,7 +323,7 @@ def test_an_unknown_top_level_key_is_logged_for_operators_without_its_value(
     client: FlaskClient, courier: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Only the PDA read the receipt's warning: a field the server drops (a misspelt
-    one whose value is lost) went unseen at the station. One warning line per push
+    one whose value is lost) went unseen at the station. A warning line
     names the device, the batch and the keys (never their values)."""
     body = {
         **factories.push_body("PDA-0001", []),
@@ -344,6 +344,33 @@ def test_an_unknown_top_level_key_is_logged_for_operators_without_its_value(
     assert "\n" not in line  # a key cannot forge a second line
     assert "8 more" in line  # the first 20 named, as in the receipt
     assert "13800138000" not in caplog.text and "3.2" not in caplog.text
+
+
+def test_an_unknown_key_set_is_logged_once_per_device_not_on_each_push_or_replay(
+    client: FlaskClient, courier: dict[str, str], parcel: Parcel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PDA a release ahead sends its app_version with every push, and a PDA that got
+    no answer sends its batch again: each push wrote a warning line, so one PDA pushing
+    each scan wrote a line a scan and the key went unseen in the flood. The set of keys
+    is logged the first time a device sends it; a new key is logged again. The receipt
+    warns every time, as the PDA reads only its own."""
+    tn = parcel.tracking_no
+    first = {**factories.push_body("PDA-0001", [ev(1, tn)]), "app_version": "3.2"}
+    later = {
+        **factories.push_body("PDA-0001", [ev(2, tn, "out_for_delivery")]),
+        "app_version": "3.2",
+    }
+    newer = {**factories.push_body("PDA-0001", []), "app_version": "3.3", "zone": "A"}
+    with caplog.at_level(logging.WARNING, logger="courier_api.api.sync.routes"):
+        receipts = [
+            client.post(PUSH, json=body, headers=courier).get_json()
+            for body in (first, first, later, newer, later)
+        ]
+    lines = [r.getMessage() for r in caplog.records if r.name == "courier_api.api.sync.routes"]
+    assert len(lines) == 2, lines
+    assert first["batch_id"] in lines[0] and "'app_version'" in lines[0]
+    assert newer["batch_id"] in lines[1] and "'zone'" in lines[1]
+    assert all(r["warnings"][0]["field"] == "app_version" for r in receipts)
 
 
 def test_an_unknown_key_that_is_not_a_fields_name_is_counted_in_the_log_not_named(

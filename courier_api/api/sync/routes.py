@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from flask import Response, current_app, g, jsonify
@@ -39,6 +42,9 @@ PULL_POLL_SECONDS = 0.5  # how often a long pull looks for news
 # An unknown push key the log names: one that reads as a field's name (``_field_like``).
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _DIGIT_RUN = re.compile(r"[0-9]{4}")
+# How many (device, unknown key set) pairs each server process remembers having logged:
+# a fleet a release ahead sends the same keys on every push.
+LOGGED_KEY_SETS_KEPT = 10_000
 
 
 @blp.before_request
@@ -143,7 +149,9 @@ class Push(MethodView):
         replayed = receipt.get("server_time") != g.received_at.isoformat()
         metrics.count_push(receipt, replayed=replayed)
         if body[IGNORED_FIELDS]:  # about this request, not the batch: never stored
-            _note_ignored_fields(body)
+            metrics.unknown_field_push()
+            if _first_sight_of_key_set(body["device_id"], body[IGNORED_FIELDS]):
+                _note_ignored_fields(body)
             receipt = {**receipt, "warnings": _ignored_field_warnings(body[IGNORED_FIELDS])}
         # The stored receipt as it is: a replay answers the same bytes, and a
         # 1,000-event receipt is not walked through the schema again.
@@ -172,7 +180,32 @@ def _note_ignored_fields(body: dict[str, Any]) -> None:
         f"; {hidden} not named (not a field's name)" if hidden else "",
         f" and {more} more" if more > 0 else "",
     )
-    metrics.unknown_field_push()
+
+
+def _first_sight_of_key_set(device_id: str, keys: list[str]) -> bool:
+    """Whether this process has not logged these unknown keys of this device yet.
+
+    A PDA a release ahead sends its ``app_version`` with every push, and a PDA that got
+    no answer sends the same batch again: logged each time, one such PDA pushing each
+    scan wrote a warning line a scan, and a fleet of them buried the log it was meant
+    to show. Each device's key set is logged once per server process (the counter
+    still counts every request); a new key, or another device, is logged again. The
+    keys are remembered by digest, the latest ``LOGGED_KEY_SETS_KEPT`` pairs."""
+    seen: OrderedDict[bytes, None] = current_app.extensions.setdefault(
+        "courier_api.logged_key_sets", OrderedDict()
+    )
+    lock: threading.Lock = current_app.extensions.setdefault(
+        "courier_api.logged_key_sets_lock", threading.Lock()
+    )
+    digest = hashlib.sha256(json.dumps([device_id, keys]).encode()).digest()
+    with lock:
+        if digest in seen:
+            seen.move_to_end(digest)
+            return False
+        seen[digest] = None
+        if len(seen) > LOGGED_KEY_SETS_KEPT:
+            seen.popitem(last=False)
+        return True
 
 
 def _field_like(key: str) -> bool:

@@ -414,10 +414,11 @@ def ingest(
                     code="batch_id_reused",
                     field="batch_id",
                 )
+        receipt = _acknowledging_no_further(stored.receipt, state)
         if in_order:
-            return _answered_as_sent(stored.receipt, batch, None)
+            return _answered_as_sent(receipt, batch, None)
         held = _held_versions(session, pusher.device_id, validated)
-        return _answered_as_sent(stored.receipt, batch, _Reordered(validated, held))
+        return _answered_as_sent(receipt, batch, _Reordered(validated, held))
     return _BatchIngest(
         session, batch, pusher, rules, received_at, batch_pk, state, validated
     ).run()
@@ -453,6 +454,22 @@ def _held_versions(
             )
         )
     }
+
+
+def _acknowledging_no_further(receipt: dict[str, Any], state: DeviceState) -> dict[str, Any]:
+    """The stored ``receipt`` of a batch sent again, its ``acked_through_seq`` no further
+    than the device's acknowledgement now.
+
+    A receipt stored before ``acknowledged_through`` stopped at the highest seq held
+    passed seqs a manager had written off, which a PDA only out of range still held
+    unsent: its retry after a timeout got that receipt back, and the PDA pruned them.
+    The acknowledgement never goes back, so a receipt stored since is never above the
+    device's now, and is answered as stored."""
+    now = acknowledged_through(state.max_seq, state.missing_ranges, state.written_off_ranges)
+    stored = receipt.get("acked_through_seq")
+    if not isinstance(stored, int) or stored <= now:
+        return receipt
+    return {**receipt, "acked_through_seq": now}
 
 
 def _answered_as_sent(

@@ -10,6 +10,7 @@ the PDA. They may be written off like a gap.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 import pytest
@@ -18,13 +19,14 @@ from hypothesis import strategies as st
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from models import DeviceSyncState, Flag, FlagStatus, Shift, ShiftStatus
+from models import DeviceSyncState, Flag, FlagStatus, Shift, ShiftStatus, SyncBatch
 from sync import audit, shifts
 from sync.acks import SeqTracker, merged, without
 from sync.balances import gather, shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import InvalidInput
 from sync.handover import owned_seqs
+from sync.ingest import PushBatch, ingest
 from sync.lost_seqs import (
     Refused,
     Seqs,
@@ -35,7 +37,7 @@ from sync.lost_seqs import (
     write_off_lost_seqs,
 )
 from tests.conftest import World
-from tests.sync.test_shifts import NOW, Pda, at, parcels
+from tests.sync.test_shifts import NOW, RULES, Pda, at, parcels
 
 REASON = "PDA reset at 18:40: its last batch never left it"
 
@@ -290,6 +292,37 @@ def test_a_reset_pdas_next_event_acknowledges_every_seq_written_off(
     device_max_seq = max(seqs.max_seq, declared)
     seqs = _arrive(seqs, device_max_seq + 1)
     assert seqs.acked_through_seq == device_max_seq + 1
+
+
+def test_a_receipt_stored_passing_written_off_seqs_is_answered_to_a_retry_stopping_before_them(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Receipts stored before the acknowledgement stopped at the highest seq held passed
+    seqs written off as lost. A PDA only out of range, its seqs 3-6 written off at 19:00,
+    sent 3 and 4, got no answer (a timeout after the commit) and sent the batch again:
+    the stored receipt told it to prune through 6, and it deleted 5 and 6, never sent.
+    The retry's receipt stops at 4, the highest seq held; its results are as stored."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "out_for_delivery")])
+    pda.close(shift, last_seq=6)
+    write_off(session, world, [3, 6])
+    sent = PushBatch(world.device.id, uuid.uuid4(), NOW, [pda.event(a, "delivered"), pda.event(a)])
+    first = ingest(session=session, batch=sent, pusher=pda.pusher, rules=RULES, received_at=NOW)
+    session.commit()
+    assert first["acked_through_seq"] == 4
+    # As the version before stored it: the seqs written off counted as held.
+    stored = session.scalars(select(SyncBatch).where(SyncBatch.batch_id == sent.batch_id)).one()
+    stored.receipt = {**first, "acked_through_seq": 6}
+    session.commit()
+    retry = ingest(session=session, batch=sent, pusher=pda.pusher, rules=RULES, received_at=NOW)
+    session.commit()
+    assert retry["acked_through_seq"] == 4
+    assert retry["results"] == first["results"] and retry["server_time"] == first["server_time"]
+    # Once the PDA sent 5 and 6 after all, the retry is answered as stored.
+    pda.push([pda.event(a, "returned_to_station"), pda.event(a, "out_for_delivery")])
+    retry = ingest(session=session, batch=sent, pusher=pda.pusher, rules=RULES, received_at=NOW)
+    assert retry["acked_through_seq"] == 6
 
 
 # -- beyond the highest seq held ------------------------------------------------------------

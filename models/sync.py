@@ -211,6 +211,10 @@ class DeviceSyncState(Base):
     # ascending: no longer in ``missing_ranges``, and none of them arrived since (one
     # that does leaves them). NULL: none.
     written_off_ranges: Mapped[list[list[int]] | None] = mapped_column(Document)
+    # The highest seq held (an event or a rejection, not a seq written off) when a
+    # manager last wrote off seqs of the device: seqs written off are acknowledged only
+    # below a seq held above it, one that came after the write-off (``sync.acks``).
+    held_at_write_off: Mapped[int] = mapped_column(BigId, server_default="0")
     clock_offset_ms: Mapped[int | None] = mapped_column(BigId)
     clock_measured_at: Mapped[dt.datetime | None]
     last_push_at: Mapped[dt.datetime | None]

@@ -160,19 +160,32 @@ def shown(ranges: Iterable[Sequence[int]]) -> str:
     return ", ".join(f"{f}" if f == last else f"{f}-{last}" for f, last in ranges)
 
 
-def acknowledged_through(max_seq: int, missing: Ranges, written_off: Ranges) -> int:
+def acknowledged_through(
+    max_seq: int,
+    missing: Ranges,
+    written_off: Ranges,
+    *,
+    held_at_write_off: int = 0,
+    acknowledged_before: int = 0,
+) -> int:
     """A device's ``acked_through_seq``: the highest seq up to which every seq is held
-    or written off, and no further than the highest seq the server holds.
+    or written off, and no further than the highest seq the server holds; never below
+    ``acknowledged_before`` (the device's acknowledgement so far: a PDA that pruned is
+    never asked for what it deleted).
 
     The PDA deletes its copies up to it. A manager writes seqs off as lost when the
     PDA lost them (a reset), or when they only look lost: a PDA offline all afternoon
     still holds them, unsent. Passed before the PDA sends them, they would be deleted
     by the first receipt it gets back online (a batch of the first of them): scans lost
-    for good. So written-off seqs are passed only below a seq the server holds: the
-    PDA numbered on past them and sent that (a reset PDA's next event, numbered from
-    the sign-in's ``device_max_seq``), or, sending its queue oldest first, sent every
-    seq before it."""
+    for good. So written-off seqs are passed only below a seq the server holds that
+    came after the write-off, one above ``held_at_write_off`` (the highest seq it held
+    when a manager last wrote off seqs of the device): the PDA numbered on past them and
+    sent that (a reset PDA's next event, numbered from the sign-in's ``device_max_seq``),
+    or, sending its queue oldest first, sent every seq before it. A seq held before the
+    write-off passes nothing: a PDA that sent its newer scans before its older ones
+    (then written off) still holds those older ones, unsent."""
     acked = missing[0][0] - 1 if missing else max_seq
-    if not written_off:
-        return acked
-    return min(acked, highest_held(max_seq, missing, written_off))
+    if written_off:
+        top = highest_held(max_seq, missing, written_off)
+        acked = min(acked, top if top > held_at_write_off else written_off[0][0] - 1)
+    return max(acked, acknowledged_before)

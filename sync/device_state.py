@@ -36,6 +36,8 @@ LOCK_DEVICE_STATE = Prebuilt(
             _states.c.max_seq,
             _states.c.missing_ranges,
             _states.c.written_off_ranges,
+            _states.c.held_at_write_off,
+            _states.c.acked_through_seq,
             _events.c.seq,
             _events.c.occurred_at_device,
             _events.c.tracking_no,
@@ -77,6 +79,11 @@ class DeviceState(NamedTuple):
     # The highest first seq a shift of the device declared: the seqs from above
     # ``max_seq`` up to it are used, and a balance may name them missing.
     declared_first_seq: int | None = None
+    # The highest seq held when a manager last wrote off seqs of the device: the
+    # acknowledgement passes them only below a seq held above it (``acknowledged_through``).
+    held_at_write_off: int = 0
+    # The device's acknowledgement so far, which it never goes back from.
+    acked_through_seq: int = 0
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -98,6 +105,8 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         row.last_seen_at,
         row.written_off_ranges or [],
         row.declared_first_seq,
+        row.held_at_write_off or 0,
+        row.acked_through_seq or 0,
     )
 
 

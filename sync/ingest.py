@@ -465,7 +465,13 @@ def _acknowledging_no_further(receipt: dict[str, Any], state: DeviceState) -> di
     unsent: its retry after a timeout got that receipt back, and the PDA pruned them.
     The acknowledgement never goes back, so a receipt stored since is never above the
     device's now, and is answered as stored."""
-    now = acknowledged_through(state.max_seq, state.missing_ranges, state.written_off_ranges)
+    now = acknowledged_through(
+        state.max_seq,
+        state.missing_ranges,
+        state.written_off_ranges,
+        held_at_write_off=state.held_at_write_off,
+        acknowledged_before=state.acked_through_seq,
+    )
     stored = receipt.get("acked_through_seq")
     if not isinstance(stored, int) or stored <= now:
         return receipt
@@ -1534,7 +1540,11 @@ class _BatchIngest:
             written_off = without(written_off, [[seq, seq] for seq in arrived])
         # Not past written-off seqs the PDA may still hold unsent (``acknowledged_through``).
         self.acked_through_seq = acknowledged_through(
-            tracker.max_seq, tracker.missing, written_off
+            tracker.max_seq,
+            tracker.missing,
+            written_off,
+            held_at_write_off=self.state.held_at_write_off,
+            acknowledged_before=self.state.acked_through_seq,
         )
         # Written past the ORM: a copy the session holds is flushed first, expired after.
         key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)

@@ -58,6 +58,7 @@ from sync.acks import (
     Ranges,
     SeqTracker,
     acknowledged_through,
+    highest_held,
     merged,
     overlap,
     seq_count,
@@ -99,10 +100,33 @@ class Seqs(NamedTuple):
     max_seq: int
     missing_ranges: Ranges
     written_off_ranges: Ranges
+    # The highest seq held at the last write-off, and the acknowledgement so far
+    # (``acknowledged_through``).
+    held_at_write_off: int = 0
+    acknowledged_before: int = 0
 
     @property
     def acked_through_seq(self) -> int:
-        return acknowledged_through(self.max_seq, self.missing_ranges, self.written_off_ranges)
+        return acknowledged_through(
+            self.max_seq,
+            self.missing_ranges,
+            self.written_off_ranges,
+            held_at_write_off=self.held_at_write_off,
+            acknowledged_before=self.acknowledged_before,
+        )
+
+    def arrived(self, seq: int) -> Seqs:
+        """These seqs once ``seq`` arrives, as a push stores them (``sync.ingest``): a
+        written-off seq that arrives is held like any other, and the acknowledgement
+        then is the one the next never goes below."""
+        tracker = SeqTracker.of(self.max_seq, self.missing_ranges)
+        tracker.add(seq)
+        moved = self._replace(
+            max_seq=tracker.max_seq,
+            missing_ranges=tracker.missing,
+            written_off_ranges=without(self.written_off_ranges, [[seq, seq]]),
+        )
+        return moved._replace(acknowledged_before=moved.acked_through_seq)
 
 
 class Refused(NamedTuple):
@@ -151,10 +175,13 @@ def after_write_off(ranges: Ranges, seqs: Seqs) -> Seqs:
     gap (``SeqTracker.add``)."""
     top = max(seqs.max_seq, ranges[-1][1] if ranges else 0)
     beyond_held = [[seqs.max_seq + 1, top]] if top > seqs.max_seq else []
+    held = highest_held(seqs.max_seq, seqs.missing_ranges, seqs.written_off_ranges)
     return Seqs(
         top,
         without([*seqs.missing_ranges, *beyond_held], ranges),
         merged([*seqs.written_off_ranges, *ranges]),
+        max(seqs.held_at_write_off, held),
+        seqs.acked_through_seq,
     )
 
 
@@ -375,7 +402,13 @@ def _write_off(
     assert text is not None  # required
     state = lock_device_state(session, device.id)
     owners = ensure_own_station(session, device, ranges, station_id)
-    before = Seqs(state.max_seq, state.missing_ranges, state.written_off_ranges)
+    before = Seqs(
+        state.max_seq,
+        state.missing_ranges,
+        state.written_off_ranges,
+        state.held_at_write_off,
+        state.acked_through_seq,
+    )
     declared = max(state.max_seq, held_max_seq(session, device.id))
     refused = refused_seqs(ranges, before, declared)
     if any(refused):
@@ -389,6 +422,7 @@ def _write_off(
             max_seq=after.max_seq,
             missing_ranges=after.missing_ranges,
             written_off_ranges=after.written_off_ranges,
+            held_at_write_off=after.held_at_write_off,
             acked_through_seq=acked,
         )
     )

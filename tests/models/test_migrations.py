@@ -1681,6 +1681,20 @@ def test_purges_written_before_are_filed_batch_by_batch(scratch: Engine) -> None
 WRITE_OFFS_BY_PARCEL = "b5c1e8d3f7a2"  # write-offs by the parcels of their shifts
 
 
+def _columns_running_code_reads(engine: Engine) -> None:
+    """Running code (a push, a write-off) used at an older revision to write the rows a
+    migration takes up reads a device's sync state whole, with the columns later
+    revisions added: added here by hand, as ``c8f2a4d6e1b9`` adds its column only where
+    it is not there yet."""
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "ALTER TABLE device_sync_state "
+                "ADD COLUMN held_at_write_off BIGINT NOT NULL DEFAULT 0"
+            )
+        )
+
+
 def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_seqs(
     scratch: Engine,
 ) -> None:
@@ -1710,6 +1724,7 @@ def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_se
     from tests import factories
 
     migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    _columns_running_code_reads(scratch)
     with Session(scratch) as session:
         factories.station_day(
             session, "ST1", shifts=2, parcels_per_shift=3, day=dt.date(2026, 11, 20)
@@ -2470,6 +2485,7 @@ def test_point_ids_are_rewritten_upper_case_and_a_resent_event_stays_a_duplicate
     from tests import factories
 
     migrate.upgrade(scratch, DELIVERIES_SKIPPED)
+    _columns_running_code_reads(scratch)
     rules = IngestRules(
         events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
     )
@@ -3100,3 +3116,73 @@ def test_image_reads_written_before_are_filed_batch_by_batch(scratch: Engine) ->
     migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
 
     assert _entry_parcels(scratch) == expected
+
+
+HELD_AT_WRITE_OFF = "c8f2a4d6e1b9"  # write-offs remember the highest seq held then
+
+
+def _sync_states(engine: Engine) -> dict[str, tuple[int, int | None]]:
+    """Each device's ``acked_through_seq`` and ``held_at_write_off`` (None: no column)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as connection:
+        table = sa.Table("device_sync_state", sa.MetaData(), autoload_with=connection)
+        rows = connection.execute(sa.select(table)).mappings().all()
+    return {r["device_id"]: (r["acked_through_seq"], r.get("held_at_write_off")) for r in rows}
+
+
+def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_come_down(
+    scratch: Engine,
+) -> None:
+    """The acknowledgement so far is now its floor (``sync.acks.acknowledged_through``):
+    one a version before stored past seqs written off above the highest seq held (the
+    PDA may hold them unsent) is brought down to that seq, not kept. Others stay; every
+    device's ``held_at_write_off`` is 0 (its write-offs judged as before); run again,
+    the same end; downgraded, the column goes."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from tests import factories
+
+    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    with Session(scratch) as session:
+        station = factories.station(session)
+        for device in ("PDA-0001", "PDA-0002", "PDA-0003", "PDA-0004"):
+            factories.device(session, device, station)
+        session.commit()
+    with scratch.begin() as connection:
+        table = sa.Table("device_sync_state", sa.MetaData(), autoload_with=connection)
+        connection.execute(
+            table.insert(),
+            [
+                # 1-4 held, 5 and 6 (a closed shift's last seqs) written off: stored past them.
+                {"device_id": "PDA-0001", "max_seq": 6, "missing_ranges": [],
+                 "written_off_ranges": [[5, 6]], "acked_through_seq": 6},
+                # No write-off: as stored.
+                {"device_id": "PDA-0002", "max_seq": 9, "missing_ranges": [],
+                 "written_off_ranges": None, "acked_through_seq": 9},
+                # 3 and 4 written off below 5 and 6, held: as the version before judged it.
+                {"device_id": "PDA-0003", "max_seq": 6, "missing_ranges": [],
+                 "written_off_ranges": [[3, 4]], "acked_through_seq": 6},
+                # A gap at 7 below 8, 9 written off above 8: stored past the gap.
+                {"device_id": "PDA-0004", "max_seq": 9, "missing_ranges": [[7, 7]],
+                 "written_off_ranges": [[9, 9]], "acked_through_seq": 9},
+            ],
+        )  # fmt: skip
+    expected = {
+        "PDA-0001": (4, 0),
+        "PDA-0002": (9, 0),
+        "PDA-0003": (6, 0),
+        "PDA-0004": (6, 0),
+    }
+    migrate.upgrade(scratch, HELD_AT_WRITE_OFF)
+    assert _sync_states(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": IMAGE_READS_BY_PARCEL}
+        )
+    migrate.upgrade(scratch, HELD_AT_WRITE_OFF)
+    assert _sync_states(scratch) == expected
+    migrate.downgrade(scratch, IMAGE_READS_BY_PARCEL)
+    assert _sync_states(scratch) == {k: (acked, None) for k, (acked, _) in expected.items()}
+    migrate.upgrade(scratch)

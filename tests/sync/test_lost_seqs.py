@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from models import DeviceSyncState, Flag, FlagStatus, Shift, ShiftStatus, SyncBatch
 from sync import audit, shifts
-from sync.acks import SeqTracker, merged, without
+from sync.acks import merged
 from sync.balances import gather, shift_balance
 from sync.device_state import held_max_seq
 from sync.errors import InvalidInput
@@ -198,15 +198,17 @@ def test_seqs_written_off_above_the_highest_held_count_as_held_up_to_the_highest
     """Written off, 13-15 move max_seq up to 15; 11 and 12, declared but neither held nor
     written off, become a gap below it, as they would once the PDA sent seq 16. The
     acknowledgement passes no written-off seq above 10, the highest held: the PDA may
-    hold them still, unsent (``acknowledged_through``)."""
+    hold them still, unsent (``acknowledged_through``). Nor 3 and 4, below seqs held
+    before the write-off (5-10): a PDA that sent those first may hold 3 and 4 unsent.
+    Seq 16, held after the write-off, passes them all."""
     before = Seqs(max_seq=10, missing_ranges=[[3, 4]], written_off_ranges=[])
     after = after_write_off([[13, 15]], before)
-    assert after == Seqs(15, [[3, 4], [11, 12]], [[13, 15]])
+    assert after == Seqs(15, [[3, 4], [11, 12]], [[13, 15]], 10, 2)
     assert after.acked_through_seq == 2
     everything = after_write_off([[3, 4], [11, 15]], before)
-    assert everything == Seqs(15, [], [[3, 4], [11, 15]])
-    assert everything.acked_through_seq == 10
-    assert Seqs(16, [], [[3, 4], [11, 15]]).acked_through_seq == 16  # seq 16 held after them
+    assert everything == Seqs(15, [], [[3, 4], [11, 15]], 10, 2)
+    assert everything.acked_through_seq == 2
+    assert everything.arrived(16).acked_through_seq == 16  # seq 16 held after them
 
 
 # A PDA numbers 1..PDA_SEQS; its shifts may declare seqs up to ``declared`` used.
@@ -216,9 +218,7 @@ write_offs = st.tuples(st.just("off"), st.integers(1, PDA_SEQS), st.integers(0, 
 
 def _arrive(seqs: Seqs, seq: int) -> Seqs:
     """``seqs`` once ``seq`` arrives, as a push stores it (``sync.ingest``)."""
-    tracker = SeqTracker.of(seqs.max_seq, seqs.missing_ranges)
-    tracker.add(seq)
-    return Seqs(tracker.max_seq, tracker.missing, without(seqs.written_off_ranges, [[seq, seq]]))
+    return seqs.arrived(seq)
 
 
 def _written_off(seqs: Seqs, first: int, more: int, declared: int) -> Seqs:
@@ -268,6 +268,52 @@ def test_a_pda_sending_oldest_first_is_never_told_to_prune_what_it_has_not_sent(
         assert seqs.acked_through_seq < unsent, (op, seqs)
     for seq in range(unsent, PDA_SEQS + 1):
         seqs = _arrive(seqs, seq)
+    assert seqs.acked_through_seq == PDA_SEQS
+
+
+def test_a_pda_that_sent_newer_seqs_first_is_not_told_to_prune_older_ones_written_off() -> None:
+    """A PDA out of range all afternoon got seqs 5 and 6 through before 3 and 4 (a
+    newest-first queue, or a batch that timed out and waits for its retry); at 19:00
+    a manager wrote 3 and 4 off as lost. The write-off's answer and every receipt
+    after it acknowledged through 6, and the PDA pruned 3 and 4, never sent. Now the
+    acknowledgement stops before them until they come, or a seq after 6 does."""
+    seqs = Seqs(0, [], [])
+    for seq in (1, 2, 5, 6):
+        seqs = seqs.arrived(seq)
+    assert seqs.acked_through_seq == 2
+    seqs = after_write_off([[3, 4]], seqs)
+    assert seqs.acked_through_seq == 2
+    assert seqs.arrived(6).acked_through_seq == 2  # its retry of 5 and 6
+    assert seqs.arrived(3).acked_through_seq == 3
+    assert seqs.arrived(3).arrived(4).acked_through_seq == 6
+    assert seqs.arrived(7).acked_through_seq == 7  # a reset PDA's next event
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.permutations(list(range(1, PDA_SEQS + 1))), st.data())
+def test_a_pda_sending_any_order_until_a_write_off_is_never_told_to_prune_what_it_holds(
+    order: list[int], data: st.DataObject
+) -> None:
+    """The PDA sends its queue (1..PDA_SEQS) in any order until a manager writes off seqs
+    the server still waits for, then the rest oldest first. No receipt passes a seq it
+    has not sent, and once it has sent them all its receipt acknowledges them all."""
+    sent_before = data.draw(st.integers(0, PDA_SEQS), label="sent before the write-off")
+    seqs = Seqs(0, [], [])
+    for seq in order[:sent_before]:
+        seqs = seqs.arrived(seq)
+        assert seqs.acked_through_seq < min(set(order[sent_before:]) | {PDA_SEQS + 1})
+    unsent = sorted(order[sent_before:])
+    lost = merged([[seq, seq] for seq in unsent if seq < seqs.max_seq])
+    if lost:
+        wanted = data.draw(st.sets(st.sampled_from([r[0] for r in lost])), label="written off")
+        ranges = [r for r in lost if r[0] in wanted]
+        if ranges:
+            assert not any(refused_seqs(ranges, seqs, seqs.max_seq))
+            seqs = after_write_off(ranges, seqs)
+    for index, seq in enumerate(unsent):
+        assert seqs.acked_through_seq < seq, (seq, seqs)
+        seqs = seqs.arrived(seq)
+        assert seqs.acked_through_seq < min(unsent[index + 1 :] or [PDA_SEQS + 1])
     assert seqs.acked_through_seq == PDA_SEQS
 
 

@@ -202,8 +202,10 @@ class LostSeqs(MethodView):
         the balance of every shift owning them names them as still on the PDA. A
         manager of the device's station (or an admin) writes them off, saying why
         (`reason`): they leave the device's missing seqs, `acked_through_seq` passes
-        them once the server holds a seq of the PDA after them (the reset PDA's next
-        event: a PDA only out of range may still hold them, unsent), and the
+        them once the server holds a seq of the PDA after them that came after the
+        write-off, above every seq it held then (the reset PDA's next event: a PDA
+        only out of range may still hold them, unsent, also behind newer scans it
+        got through first), and the
         balances of the shifts owning them are no longer provisional for them but
         name them (`written_off_seqs`) and the write-off (`write_offs`:
         by whom, when, why). Audit-logged (`lost_seqs_written_off`). Only seqs

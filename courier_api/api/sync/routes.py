@@ -107,8 +107,9 @@ class Push(MethodView):
         Then delete events from the PDA only up to `acked_through_seq`;
         `missing_seqs` lists gaps the server is still waiting for. Send your queue
         oldest first: a manager may write off as lost seqs the server is waiting for
-        (a PDA reset), and once it holds a later seq the acknowledgement passes them,
-        so older events still unsent behind a later one sent would be pruned. On a 503 or no
+        (a PDA reset), and once it holds a seq above all it held at the write-off,
+        the acknowledgement passes them, so older events still unsent behind such a
+        newer one sent would be pruned. On a 503 or no
         answer at all, keep everything and send the same batch again: a replay is
         always safe. `clock_offset_ms` is the PDA clock minus the server clock;
         event times are corrected by it.

@@ -1,0 +1,112 @@
+"""Write-offs remember the highest seq held then: device_sync_state.held_at_write_off
+
+A PDA that sent its newer scans before older ones (a newest-first queue, a batch that
+got through while an earlier one timed out), whose older seqs a manager then wrote off
+as lost, was told by the next receipt (and the write-off's own answer) to prune through
+its newer scans, the older ones still unsent on it: ``acked_through_seq`` passed seqs
+written off below any seq the server held. It now passes them only below a seq held
+above the highest held at the write-off (``sync.acks.acknowledged_through``): one that
+came after it, such as a reset PDA's next event. And it never goes below the device's
+acknowledgement so far (its ``acked_through_seq``, read as the floor).
+
+The column is 0 on existing rows: their write-offs are judged as before. Since the
+floor is the stored ``acked_through_seq``, a device's stored acknowledgement that
+passes written-off seqs beyond the highest seq held (as versions before ``6280097``
+stored it, which every push since recomputes, but not a device that has not pushed)
+is brought down to the highest seq held here, so it is not kept as the floor. Only rows
+with write-offs are read (few: a device with lost seqs); each is read and updated by
+key, and the rule is computed here, not imported.
+
+On PostgreSQL the column is added on its own and committed at once (``IF NOT
+EXISTS``, a constant default: no rewrite), so the ACCESS EXCLUSIVE lock every push
+waits for is held for the catalog change alone; the rows are then updated in their
+own transaction. Run again, the same end (on either backend, the column is added only
+where it is not there yet).
+
+Revision ID: c8f2a4d6e1b9
+Revises: d7e1a5c9b3f4
+Create Date: 2026-12-16 09:00:00.000000
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = "c8f2a4d6e1b9"
+down_revision: str | None = "d7e1a5c9b3f4"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+STATE = "device_sync_state"
+COLUMN = "held_at_write_off"
+DOCUMENT = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
+_states = sa.table(
+    STATE,
+    sa.column("device_id", sa.String()),
+    sa.column("max_seq", sa.BigInteger()),
+    sa.column("missing_ranges", DOCUMENT),
+    sa.column("written_off_ranges", DOCUMENT),
+    sa.column("acked_through_seq", sa.BigInteger()),
+)
+
+
+def _postgresql() -> bool:
+    return op.get_bind().dialect.name == "postgresql"
+
+
+def upgrade() -> None:
+    if _postgresql():
+        with op.get_context().autocommit_block():
+            op.execute(
+                f"ALTER TABLE {STATE} ADD COLUMN IF NOT EXISTS {COLUMN} BIGINT NOT NULL DEFAULT 0"
+            )
+    elif COLUMN not in {c["name"] for c in sa.inspect(op.get_bind()).get_columns(STATE)}:
+        with op.batch_alter_table(STATE, schema=None) as batch_op:
+            batch_op.add_column(
+                sa.Column(COLUMN, sa.Integer(), nullable=False, server_default="0")
+            )
+    _bring_down_acknowledgements()
+
+
+def _bring_down_acknowledgements() -> None:
+    connection = op.get_bind()
+    rows = connection.execute(
+        sa.select(
+            _states.c.device_id,
+            _states.c.max_seq,
+            _states.c.missing_ranges,
+            _states.c.written_off_ranges,
+            _states.c.acked_through_seq,
+        ).where(_states.c.written_off_ranges.is_not(None))
+    ).all()
+    for row in rows:
+        acked = _acknowledged(row.max_seq or 0, row.missing_ranges or [], row.written_off_ranges)
+        if (row.acked_through_seq or 0) > acked:
+            connection.execute(
+                sa.update(_states)
+                .where(_states.c.device_id == row.device_id)
+                .values(acked_through_seq=acked)
+            )
+
+
+def _acknowledged(max_seq: int, missing: list[Any], written_off: list[Any]) -> int:
+    """What ``sync.acks.acknowledged_through`` made of a device's seqs at ``6280097``:
+    held or written off without a gap, and no further than the highest seq held."""
+    acked = int(missing[0][0]) - 1 if missing else max_seq
+    if not written_off:
+        return acked
+    highest = max_seq
+    for first, last in sorted(
+        ((int(r[0]), int(r[1])) for r in [*missing, *written_off]), reverse=True
+    ):
+        if first <= highest <= last:
+            highest = first - 1
+    return min(acked, max(highest, 0))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table(STATE, schema=None) as batch_op:
+        batch_op.drop_column(COLUMN)

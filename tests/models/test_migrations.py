@@ -3144,7 +3144,7 @@ def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_c
 
     from tests import factories
 
-    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    migrate.upgrade(scratch, REJECTED_IMAGES)
     with Session(scratch) as session:
         station = factories.station(session)
         for device in ("PDA-0001", "PDA-0002", "PDA-0003", "PDA-0004"):
@@ -3179,10 +3179,10 @@ def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_c
     assert _sync_states(scratch) == expected
     with scratch.begin() as connection:  # stopped before its revision was recorded
         connection.execute(
-            text("UPDATE alembic_version SET version_num = :v"), {"v": IMAGE_READS_BY_PARCEL}
+            text("UPDATE alembic_version SET version_num = :v"), {"v": REJECTED_IMAGES}
         )
     migrate.upgrade(scratch, HELD_AT_WRITE_OFF)
     assert _sync_states(scratch) == expected
-    migrate.downgrade(scratch, IMAGE_READS_BY_PARCEL)
+    migrate.downgrade(scratch, REJECTED_IMAGES)
     assert _sync_states(scratch) == {k: (acked, None) for k, (acked, _) in expected.items()}
     migrate.upgrade(scratch)

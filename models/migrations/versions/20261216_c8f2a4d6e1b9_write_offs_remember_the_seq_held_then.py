@@ -24,7 +24,7 @@ own transaction. Run again, the same end (on either backend, the column is added
 where it is not there yet).
 
 Revision ID: c8f2a4d6e1b9
-Revises: d7e1a5c9b3f4
+Revises: e8c2a6f4d1b7
 Create Date: 2026-12-16 09:00:00.000000
 """
 
@@ -36,7 +36,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "c8f2a4d6e1b9"
-down_revision: str | None = "d7e1a5c9b3f4"
+down_revision: str | None = "e8c2a6f4d1b7"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -15,8 +15,17 @@ LOG_FORMAT ?= text
 
 install: $(VENV)/.installed
 
+# .venv is built with PYTHON when it has no interpreter of 3.11+: one an older python3
+# left is built again (the venv module run over it would keep its interpreter), and an
+# older PYTHON builds none, saying how to name another.
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
+
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
+	@if ! $(BIN)/python -c '$(NEW_ENOUGH)' 2>/dev/null; then \
+	  $(PYTHON) -c '$(NEW_ENOUGH)' || { echo "$(PYTHON) is not Python 3.11+, which the service needs: name one, make run PYTHON=python3.12" >&2; exit 1; }; \
+	  clear=; if [ -e $(BIN)/python ] || [ -L $(BIN)/python ]; then clear=--clear; fi; \
+	  echo "$(PYTHON) -m venv $$clear $(VENV)"; $(PYTHON) -m venv $$clear $(VENV); \
+	fi
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@

@@ -85,6 +85,7 @@ BIG_TABLES = {
     "audit_entry",
     "audit_entry_parcel",
     "quarantined_event",
+    "rejected_image",
     "consent_request",
 }
 MIN_BIG_ROWS = 1000  # each big table has at least this many rows (most: thousands)
@@ -186,6 +187,11 @@ class History:
                 "INSERT INTO proof_image (event_id, sha256, tracking_no) "
                 "SELECT id, details->'pod'->>'photo_sha256', tracking_no FROM scan_event "
                 "WHERE type = 'delivered'"
+            )
+            cursor.execute(
+                "INSERT INTO rejected_image (quarantined_event_id, sha256, tracking_no) "
+                "SELECT id, payload::jsonb->'pod'->>'photo_sha256', parcel_tracking_no "
+                "FROM quarantined_event"
             )
 
 
@@ -494,7 +500,15 @@ def _populate(engine: Engine) -> dict[str, Any]:
                 if step == "outcome":  # a drop the PDA sent without its compartment
                     # Its number as typed: every other one ``rr 4731 2482 9gb``.
                     written = factories.typed_loosely(numbers[1]) if shift_id % 2 else numbers[1]
-                    raw = f'{{"seq": {seq}, "tracking_no": "{written}", "locker_id": "L-1"}}'
+                    # With its photo: ``rejected_image`` names it (``sync.blobs.parcels_naming``).
+                    raw = json.dumps(
+                        {
+                            "seq": seq,
+                            "tracking_no": written,
+                            "locker_id": "L-1",
+                            "pod": {"photo_sha256": _photo(f"{device_id}-{seq}-refused")},
+                        }
+                    )
                     history.add(
                         "quarantined_event",
                         station_id=station_id,
@@ -1310,8 +1324,10 @@ def test_an_auditors_image_read_is_filed_under_its_parcels_through_the_digest_in
     world: World,
 ) -> None:
     """An auditor's read of a proof image (``blob_read``) is filed under the parcels
-    whose proofs name it (``sync.blobs.parcels_naming``): one look-up of ``proof_image``
-    by the digest's index, not the year of proofs."""
+    whose proofs name it, and those of the rejected events whose POD names it
+    (``sync.blobs.parcels_naming``): in one statement, a look-up of ``proof_image`` and
+    one of ``rejected_image`` each by its digest's index, not the year of proofs or of
+    refused drops."""
     buffer = io.BytesIO()
     Image.new("RGB", (5, 4), (10, 120, 200)).save(buffer, format="PNG")
     data = buffer.getvalue()
@@ -1332,6 +1348,8 @@ def test_an_auditors_image_read_is_filed_under_its_parcels_through_the_digest_in
     assert_indexed(explained)
     [lookup] = reads(explained, "proof_image")
     assert "ix_proof_image_sha256" in lookup.indexes, lookup.plan
+    [rejected] = reads(explained, "rejected_image")
+    assert "ix_rejected_image_sha256" in rejected.indexes, rejected.plan
     with world.engine.connect() as connection:
         filed = connection.scalars(
             select(AuditEntryParcel.tracking_no)

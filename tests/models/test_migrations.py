@@ -3186,3 +3186,74 @@ def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_c
     migrate.downgrade(scratch, REJECTED_IMAGES)
     assert _sync_states(scratch) == {k: (acked, None) for k, (acked, _) in expected.items()}
     migrate.upgrade(scratch)
+
+
+def test_rejected_events_images_and_reads_of_them_are_filed_batch_by_batch(
+    scratch: Engine,
+) -> None:
+    """More rejected events naming images than one statement reads (``BATCH``, 2,000),
+    and more image reads and purges than one files, among other entries: each batch
+    goes on from where the one before ended, no rejected event's image and no read
+    left out at a batch's edge, none filed twice; a purge listing images of both
+    sides of the first batch's edge is filed under both their parcels."""
+    import datetime as dt
+    import json
+
+    import sqlalchemy as sa
+
+    from models import UTCDateTime
+
+    migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    x, y = _station_day_numbers(scratch, 2)[:2]
+    rejected = 2003  # 2 batches of rejected events, 2 of reads
+
+    def parcel(n: int) -> str:
+        return x if n % 2 else y
+
+    def photo(n: int) -> str:
+        return f"{n:064x}"
+
+    with scratch.begin() as connection:
+        station_id, batch_pk, device_id = connection.execute(
+            text("SELECT station_id, id, device_id FROM sync_batch ORDER BY id LIMIT 1")
+        ).one()
+        connection.execute(
+            sa.text(
+                "INSERT INTO quarantined_event (id, station_id, device_id, batch_pk, position, "
+                "event_type, tracking_no, parcel_tracking_no, error_code, message, payload, "
+                "payload_hash, received_at) VALUES (:id, :station, :device, :batch, :id, "
+                "'delivered_to_locker', :tn, :tn, 'missing_field', 'locker_id is required', "
+                ":payload, :hash, :received)"
+            ).bindparams(sa.bindparam("received", type_=UTCDateTime())),
+            [
+                {
+                    "id": n,
+                    "station": station_id,
+                    "device": device_id,
+                    "batch": batch_pk,
+                    "tn": parcel(n),
+                    "payload": json.dumps({"pod": {"photo_sha256": photo(n)}}),
+                    "hash": f"{n:064d}",
+                    "received": dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC),
+                }
+                for n in range(1, rejected + 1)
+            ],
+        )
+        entries = []
+        for n in range(1, rejected + 1):  # each read after another entry
+            entries.append(("blob_bytes_restored", "blob", photo(n), {"found": "missing"}))
+            entries.append(("blob_read", "blob", photo(n), {"media_type": "image/png"}))
+        edge = [photo(n) for n in (1999, 2000, 2001, 2002)]
+        entries.append(("proof_images_purged", "blob", edge[0], {"digests": edge}))
+        _append_before(connection, entries)
+    expected = {2 * n: {parcel(n)} for n in range(1, rejected + 1)}
+    expected[len(entries)] = {x, y}
+
+    migrate.upgrade(scratch, REJECTED_IMAGES)
+
+    with scratch.connect() as connection:
+        linked = connection.execute(
+            text("SELECT quarantined_event_id, sha256, tracking_no FROM rejected_image")
+        ).all()
+    assert sorted(linked) == [(n, photo(n), parcel(n)) for n in range(1, rejected + 1)]
+    assert _entry_parcels(scratch) == expected

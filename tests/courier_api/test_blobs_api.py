@@ -5,6 +5,7 @@ import hashlib
 import io
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,16 @@ from sqlalchemy import Connection, event, func, select
 from sqlalchemy.exc import OperationalError
 
 from courier_api.app import REQUEST_ATTEMPTS
-from models import AuditEntry, AuditEntryParcel, Blob, BlobUpload, Flag, FlagStatus, User
+from models import (
+    AuditEntry,
+    AuditEntryParcel,
+    Blob,
+    BlobUpload,
+    Flag,
+    FlagStatus,
+    RejectedImage,
+    User,
+)
 from sync import audit, blobs
 from sync.blobs import FileBlobStore
 from sync.errors import RateLimited
@@ -553,6 +563,43 @@ def test_an_auditors_read_of_an_image_a_rejected_drop_names_is_in_its_parcels_hi
         .where(AuditEntry.action == "blob_read")
     ).all()
     assert sorted(filed) == sorted([(digest(photo), a), (digest(other), None)])
+
+
+def test_a_push_of_more_rejected_drops_naming_photos_than_sqlite_takes_variables_is_stored(
+    request: pytest.FixtureRequest,
+    client: FlaskClient,
+    session: Any,
+    connection: Connection,
+    world: World,
+    courier: dict[str, str],
+) -> None:
+    """A PDA whose app sent every locker drop without its locker's id pushed 1,000 of
+    them after a day offline, each with its photo: refused, kept in quarantine. Their
+    ids were read back by their payloads' hashes in one ``IN`` list of 1,000, more than
+    the SQLite before 3.32 that many systems ship takes (999 variables), so the whole
+    push failed and the PDA could never deliver its day. Now read in one parameter, the
+    rejections and their photos are kept (``rejected_image``), each under its parcel."""
+    if connection.dialect.name == "sqlite":  # as a SQLite built before 3.32 allows
+        raw = connection.connection.driver_connection
+        before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        # The pooled connection serves the next tests: given back its bound after this one.
+        request.addfinalizer(lambda: raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before))
+    a = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    drops = [
+        factories.event(
+            seq, a, "delivered_to_locker", occurred_at=when, pod={"photo_sha256": f"{seq:064x}"}
+        )
+        for seq in range(1, 1001)
+    ]
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", drops), headers=courier
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    assert {r["status"] for r in pushed.get_json()["results"]} == {"rejected"}
+    kept = session.execute(select(RejectedImage.sha256, RejectedImage.tracking_no)).all()
+    assert sorted(kept) == [(f"{seq:064x}", a) for seq in range(1, 1001)]
 
 
 def test_uploading_another_stations_image_answers_as_uploading_a_new_one(

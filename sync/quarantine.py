@@ -106,7 +106,8 @@ def parcel_named(tracking_no: str | None) -> str | None:
 
     Migration ``effb064af2ab`` computed the same for the rows kept before it, with a
     frozen copy of this and of ``normalize``: a change to either needs a migration of
-    its own to compute the rows kept before it again."""
+    its own to compute the rows kept before it again, and ``rejected_image.tracking_no``
+    with them (a copy of it, ``sync.ingest``)."""
     if tracking_no is None:
         return None
     parcel = normalize(tracking_no)

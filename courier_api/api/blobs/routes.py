@@ -175,7 +175,7 @@ def image_response(sha256: str, principal: Principal) -> Response:
     of another station does not even show it exists), refused once purged or when
     its bytes are missing or altered (``read_image``), and, for an auditor, on record
     in the audit log before it goes out (DESIGN.md rule 7), filed under the parcels
-    whose proofs name it.
+    whose proofs, or whose rejected events' PODs, name it (``parcels_naming``).
     """
     blob = get_blob(session=db.session, digest=sha256)
     if not may_read_blob(session=db.session, digest=blob.sha256, reader=blob_reader(principal)):
@@ -187,8 +187,8 @@ def image_response(sha256: str, principal: Principal) -> Response:
         blob.sha256,
         {"media_type": blob.media_type, "size_bytes": blob.size_bytes},
         principal,
-        # Filed under the parcels whose proofs name it (their history says who looked at
-        # it); read for an auditor only, whose reads alone are recorded.
+        # Filed under the parcels whose proofs or rejected events name it (their history
+        # says who looked at it); read for an auditor only, whose reads alone are recorded.
         parcels=parcels_naming(session=db.session, digest=blob.sha256)
         if principal.role == Role.AUDITOR
         else (),

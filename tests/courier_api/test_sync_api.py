@@ -1482,3 +1482,38 @@ def test_a_pda_that_sent_every_other_seq_costs_its_next_push_no_more_than_its_ga
     assert response.status_code == 201, (response.get_json(), reads)
     assert response.get_json()["missing_seq_count"] == gaps - 1 - len(named)
     assert reads.count >= gaps, reads
+
+
+def test_the_push_rules_are_built_once_and_again_when_a_setting_changes(
+    app: Flask,
+    client: FlaskClient,
+    courier: dict[str, str],
+    parcel: Parcel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from courier_api.api.sync import routes
+    from sync.tracking import TrackingNumberPolicy
+
+    built: list[object] = []
+    from_patterns = TrackingNumberPolicy.from_patterns
+
+    def counted(patterns: Any) -> TrackingNumberPolicy:
+        built.append(patterns)
+        return from_patterns(patterns)
+
+    monkeypatch.setattr(routes.TrackingNumberPolicy, "from_patterns", counted)
+    domestic = "ZX12345"  # no default pattern takes it
+    first = push(client, courier, [ev(1, parcel.tracking_no), ev(2, domestic)]).get_json()
+    second = push(client, courier, [ev(3, parcel.tracking_no, "out_for_delivery")]).get_json()
+    assert [r["status"] for r in first["results"] + second["results"]] == [
+        "applied",
+        "rejected",
+        "applied",
+    ]
+    assert first["results"][1]["error"]["code"] == "invalid_tracking_no"
+    assert len(built) == 1  # not once a push
+
+    app.config["DOMESTIC_TRACKING_PATTERNS"] = (r"ZX\d{5}",)
+    third = push(client, courier, [ev(4, domestic)]).get_json()
+    assert len(built) == 2
+    assert [r["status"] for r in third["results"]] == ["applied"]

@@ -348,3 +348,27 @@ def test_an_update_fills_in_the_columns_onupdate(session: Session, world: World)
     session.expire(flag)
     assert flag.status == FlagStatus.RESOLVED
     assert flag.updated_at > dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+
+
+def test_a_row_visits_only_its_columns_with_a_conversion(
+    session: Session, world: World, shadowed: list[Any]
+) -> None:
+    """A parcel's row has a dozen columns and few to convert (its enums, its times):
+    the others are taken as the driver gave them, never looked at one by one, and the
+    row is what SQLAlchemy gives (``shadowed``)."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    params = {"numbers": [parcel.tracking_no]}
+    [row] = PARCELS_FOR_UPDATE.execute(session, params)
+    assert row.tracking_no == parcel.tracking_no
+    statement = PARCELS_FOR_UPDATE._direct[session.get_bind().dialect]
+    template = statement.template(params)
+    assert template is not None
+    converted = [index for index, _, _ in template.converting]
+    assert converted == [
+        index
+        for index, processor in enumerate(template.result_processors)
+        if processor is not None
+    ]
+    assert 0 < len(converted) < len(row)
+    assert shadowed  # compared with SQLAlchemy's row

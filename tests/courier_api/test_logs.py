@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -485,3 +486,28 @@ def test_no_password_token_secret_or_phone_reaches_the_log(
     for written, e164 in phones.items():
         for form in (written, e164, e164.lstrip("+"), e164[3:]):
             assert form not in output, form
+
+
+def test_a_path_seen_again_is_redacted_once_and_hidden_each_time(
+    log_output: io.StringIO, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every push's access line names the same path: its redaction is remembered, not
+    done again (some 20 us a push); a long path (anyone's) is redacted each time."""
+    from courier_api import logs
+
+    redacted: list[str] = []
+
+    def counted(text: str) -> str:
+        redacted.append(text)
+        return redact(text)
+
+    monkeypatch.setattr(logs, "redact", counted)
+    short = f"/nothing-{uuid.uuid4().hex}/x-api-key=s3cr3t-value"
+    long = f"/{uuid.uuid4().hex}" + "-x" * 200 + "/x-api-key=s3cr3t-value"
+    for path in (short, short, long, long):
+        assert client.get(path).status_code == 404
+    lines = access_lines(log_output)[-4:]
+    assert [line["path"].endswith("x-api-key=[redacted]") for line in lines] == [True] * 4
+    assert all("s3cr3t-value" not in line["message"] for line in lines)
+    assert redacted.count(short) == 1
+    assert redacted.count(long) == 2

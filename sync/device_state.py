@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, ScalarSelect, and_, bindparam, select
+from sqlalchemy import ColumnElement, ScalarSelect, and_, bindparam, inspect, select
 from sqlalchemy.orm import Session
 
 from models import Device, DeviceSyncState, ScanEvent, Shift
@@ -62,6 +62,18 @@ NEW_DEVICE_STATE = Prebuilt(
         acked_through_seq=0, max_seq=0, missing_ranges=[]
     )
 )
+
+
+def held_state(session: Session, device_id: str) -> DeviceSyncState | None:
+    """The device's sync state row as ``session`` holds it, if it does: to be expired
+    after a statement wrote past the ORM. Its key made as the mapper makes it;
+    ``Session.identity_key`` finds the mapper again each time, some 20 us, 1 % of a
+    one-scan push."""
+    held = session.identity_map.get(_STATE_MAPPER.identity_key_from_primary_key((device_id,)))
+    return held if isinstance(held, DeviceSyncState) else None
+
+
+_STATE_MAPPER = inspect(DeviceSyncState)
 
 
 class DeviceState(NamedTuple):

@@ -66,7 +66,7 @@ from sync.consent_requests import (
     requests_from_events,
     voided_at_arrival,
 )
-from sync.device_state import DeviceState, lock_device_state
+from sync.device_state import DeviceState, held_state, lock_device_state
 from sync.direct import undone_if_refused
 from sync.drop_bounds import EventTime, bound_drops
 from sync.errors import Conflict
@@ -1550,8 +1550,7 @@ class _BatchIngest:
             acknowledged_before=self.state.acked_through_seq,
         )
         # Written past the ORM: a copy the session holds is flushed first, expired after.
-        key = self.session.identity_key(DeviceSyncState, self.pusher.device_id)
-        held = self.session.identity_map.get(key)
+        held = held_state(self.session, self.pusher.device_id)
         self.session.flush()  # whatever the session's autoflush says
         connection = self.session.connection()
         STORE_DEVICE_STATE.run(

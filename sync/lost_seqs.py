@@ -66,7 +66,7 @@ from sync.acks import (
     without,
 )
 from sync.balances import shift_seqs
-from sync.device_state import held_max_seq, lock_device_state
+from sync.device_state import held_max_seq, held_state, lock_device_state
 from sync.errors import InvalidInput, PermissionDenied
 from sync.handover import owned_seqs
 from sync.inversion_flags import DEFAULT_TOLERANCE, judge_write_off
@@ -426,7 +426,7 @@ def _write_off(
             acked_through_seq=acked,
         )
     )
-    cached = session.identity_map.get(session.identity_key(DeviceSyncState, device.id))
+    cached = held_state(session, device.id)
     if cached is not None:
         session.expire(cached)
     # Made at the manager's station (their own shifts' seqs, also of a PDA moved since:

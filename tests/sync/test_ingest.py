@@ -2402,3 +2402,25 @@ def test_a_push_judges_a_parcels_history_reading_payloads_only_of_its_final_outc
     assert projection.project([e.fact for e in lean]) == projection.project(
         [e.fact for e in whole]
     )
+
+
+def test_a_push_expires_the_device_state_the_session_holds_without_asking_for_its_mapper(
+    session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state row is written past the ORM: a copy the session holds is expired, and
+    read again says what the push wrote. Its key is made by the mapper kept once, not
+    by ``Session.identity_key`` (which finds the mapper again, some 20 us a push)."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    pda = Pda(session, world)
+    pda.push([pda.event(1, parcel.tracking_no)], commit=False)
+    held = session.get(DeviceSyncState, world.device.id)
+    assert held is not None and held.max_seq == 1
+
+    def refused(*_: Any, **__: Any) -> Any:
+        raise AssertionError("Session.identity_key asked during a push")
+
+    monkeypatch.setattr(Session, "identity_key", refused)
+    pda.push([pda.event(2, parcel.tracking_no, "out_for_delivery")], commit=False)
+    assert held.max_seq == 2
+    session.commit()

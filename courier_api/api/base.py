@@ -177,6 +177,21 @@ class ApiBlueprint(Blueprint):
 
         return documented
 
+    def alt_response(
+        self, status_code: Any, **kwargs: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """flask-smorest's, the response documented on the view itself rather than on one
+        more wrapper around it: the wrapper only calls the view again (through
+        ``current_app.ensure_sync``), and a push went through eight of them, some 10 us
+        of its processor time. The documentation is flask-smorest's own, a copy."""
+        documenting = super().alt_response(status_code, **kwargs)
+
+        def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+            view._apidoc = documenting(view)._apidoc  # type: ignore[attr-defined]
+            return view
+
+        return decorator
+
     def auth(self, *roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Require a valid access token (and one of ``roles`` when given); document 401/403."""
 

@@ -128,3 +128,22 @@ def test_a_proofs_consent_and_span_say_a_repeated_drop_is_judged_by_its_first_sc
     search = spec["paths"]["/api/v1/proofs"]["get"]["description"]
     for text in (" ".join(t.split()) for t in (consent, span, search)):
         assert "scanned again" in text and "first scan" in text, text
+
+
+def test_a_documented_response_adds_no_layer_around_its_view(app: Flask) -> None:
+    """The push's eight documented refusals (400, 401, 403, 409, 413, 415, 422, 503)
+    are in the spec, and a push calls through none of flask-smorest's alt_response
+    wrappers, each of which only called the view again."""
+    from courier_api.api.sync.routes import Push
+
+    with app.app_context():
+        spec = api.spec.to_dict()  # type: ignore[union-attr]
+    documented = spec["paths"]["/api/v1/sync/push"]["post"]["responses"]
+    assert {"400", "401", "403", "409", "413", "415", "422", "503"} <= set(documented)
+    layers = []
+    view = Push.post
+    while view is not None:
+        layers.append(view.__code__.co_qualname)
+        view = getattr(view, "__wrapped__", None)
+    assert layers[-1] == "Push.post"
+    assert not [layer for layer in layers if "alt_response" in layer], layers

@@ -13,15 +13,18 @@ from models import ConsentMethod, EventType, ServiceClass
 from sync.flags import REPEATED_SCANS, causes, covers, evidence_version, seen_in
 from sync.projection import EventFact
 from sync.rules import (
+    FINAL_OUTCOMES,
     JUDGING_OUTCOMES,
     ConsentFact,
     EventDetail,
+    History,
     ParcelFacts,
     Policy,
     by_station,
     consents_matter,
     evaluate,
     final_outcomes,
+    refolded,
 )
 
 T = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
@@ -901,3 +904,95 @@ def test_a_final_outcome_scanned_again_and_the_repeats_voided_judges_as_scanned_
     undo_first = ev(200, EventType.CORRECTION, 121, voids=first)
     reviewed = evaluate(EXPRESS, [*events, undo_first], consents, POLICY, blobs)
     assert first.fact.event_id in reviewed["correction_review"]["event_ids"]
+
+
+def read_judged_only(event: EventDetail) -> EventDetail:
+    """``event`` as a push reads it back (``sync.status.load_events(judged_only=True)``):
+    a final outcome whole, any other event its facts alone."""
+    return event if event.fact.type in FINAL_OUTCOMES else EventDetail(event.fact)
+
+
+@st.composite
+def days_with_payloads(draw: st.DrawFn) -> list[EventDetail]:
+    """``parcel_days`` whose events all carry a payload, those that are no final outcome
+    too: a position near the address or far, a PDA time off the corrected one, the time
+    of receipt, the bounds a drop keeps, a locker, a point, a proof; with a captured
+    consent, a failed attempt, an exception and corrections voiding any of them."""
+    day = draw(parcel_days())
+    others = [
+        EventType.CONSENT_CAPTURED,
+        EventType.DELIVERY_ATTEMPT_FAILED,
+        EventType.EXCEPTION,
+        EventType.COLLECTED_FROM_LOCKER,
+        EventType.OUT_FOR_DELIVERY,
+    ]
+    for seq in range(2, 3 * draw(st.integers(1, 7)) + 1, 3):  # the seqs parcel_days skips
+        kind = draw(st.sampled_from(others))
+        details = {"locker_id": "L-1", "compartment": "4", "point_id": "PP-1", **POD}
+        day.append(by(draw(st.sampled_from([1, 2])), ev(seq, kind, draw(st.integers(0, 60)))))
+        day[-1] = dataclasses.replace(day[-1], details=details)
+    voided = st.lists(st.sampled_from(day), max_size=2, unique_by=lambda e: e.fact.event_id)
+    for k, target in enumerate(draw(voided) if day else []):
+        day.append(ev(100 + k, EventType.CORRECTION, 90, voids=target, reason="mis-tap"))
+    skews = st.sampled_from([0, -45, 45])
+    return [
+        dataclasses.replace(
+            event,
+            lat=draw(st.sampled_from([31.2304, 31.2404])),
+            lon=121.4737,
+            occurred_at_device=event.fact.occurred_at + dt.timedelta(minutes=draw(skews)),
+            received_at=T + dt.timedelta(minutes=draw(st.sampled_from([61, 200]))),
+            latest_of_earlier_seqs=draw(st.sampled_from([None, T + dt.timedelta(minutes=70)])),
+            earliest_of_later_seqs=draw(st.sampled_from([None, T - dt.timedelta(minutes=10)])),
+        )
+        for event in day
+    ]
+
+
+@given(
+    day=days_with_payloads(),
+    granted=st.lists(
+        st.tuples(st.integers(-10, 70), st.sampled_from(list(ConsentMethod)), st.integers(0, 90)),
+        max_size=2,
+    ),
+    service_class=st.sampled_from([ServiceClass.EXPRESS, ServiceClass.PARCEL]),
+)
+def test_the_rules_read_the_payload_of_final_outcomes_alone(
+    day: list[EventDetail],
+    granted: list[tuple[int, ConsentMethod, int]],
+    service_class: ServiceClass,
+) -> None:
+    """A push judges a parcel on its history read back with the payload of its final
+    outcomes alone (``load_events(judged_only=True)``: a PDA that scanned it 25,000 times
+    made each push convert every column of every event). That is sound only while no
+    rule, and nothing a push works out from the history after them (the folding of
+    repeats, which scans an outcome's recipient was told of), reads the position, the
+    details or the times of any other event: a rule that did would judge on ``{}`` and
+    None, silently. Every such reading here is the same on both."""
+    parcel = ParcelFacts(service_class, lat=31.2304, lon=121.4737)
+    consents = [
+        consent(minutes, method, revoked_at=T + dt.timedelta(minutes=minutes + lasted))
+        for minutes, method, lasted in granted
+    ]
+    blobs = frozenset({"a" * 64})
+    lean = [read_judged_only(e) for e in day]
+    assert evaluate(parcel, lean, consents, POLICY, blobs) == evaluate(
+        parcel, day, consents, POLICY, blobs
+    )
+    whole, judged = History(day), History(lean)
+    assert judged.voids == whole.voids
+
+    def ids(folding: dict[int, EventDetail]) -> dict[int, int]:
+        return {scan: first.fact.event_id for scan, first in folding.items()}
+
+    assert ids(judged.first_scans) == ids(whole.first_scans)
+    assert judged.scans_of_outcomes == whole.scans_of_outcomes
+    for event in day:
+        event_id = event.fact.event_id
+        assert judged.scans_ever(event_id) == whole.scans_ever(event_id)
+        if event_id in whole.voids:
+            assert judged.stands_on_another_scan(event_id) == whole.stands_on_another_scan(
+                event_id
+            )
+    new = {e.fact.event_id for e in day[-2:]}
+    assert refolded(lean, new) == refolded(day, new)

@@ -505,8 +505,11 @@ def timeline_page(
     scan repeats an outcome); each entry's row is read for the page alone. A PDA that
     scanned one parcel 25,000 times made its timeline a 15 MB answer of 14 s, every
     event read twice. A page follows the timeline as it is when asked: a late event
-    ordered before ``after`` (or moving its device's later ones: ``ordered``) shows when
-    the timeline is read again from its start."""
+    ordered before ``after`` shows when the timeline is read again from its start, and
+    so do the events a late event moves: one of a lower seq dated after its device's
+    later events moves them after it (``ordered``), ``after`` among them, so the next
+    page repeats those it passes and leaves out those it passed. Nothing from the
+    ``after`` alone tells which events its page was ordered with."""
     history = load_events(session, [tracking_no], judged_only=True)[tracking_no]
     facts = [event.fact for event in history]
     in_order = ordered(facts)

@@ -621,3 +621,47 @@ def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
     assert list(unknown.json["errors"]) == ["after"]
     too_long = client.get(f"{URL}/{tn}", query_string={"limit": 501}, headers=headers)
     assert too_long.status_code == 422
+
+
+def test_a_page_after_a_late_event_may_repeat_or_leave_out_events_as_readme_says(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """A page follows the timeline as it is when asked, and ``after`` is an event, not
+    a place in the order the page before was read in. A late event of a lower seq dated
+    after its PDA's later events moves them after it (projection order): the next page
+    shows again those moved past ``after``, and leaves out those ``after`` itself was
+    moved past, ending all the same; the timeline read from the start has every event
+    once. README and the API's text say so: an auditor paging a parcel must not take
+    the last page for proof of the whole."""
+    parcel = factories.parcel(session, world.station)
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+
+    def scan(seq: int, minutes: int) -> dict:
+        return factories.event(
+            seq, tn, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=minutes)
+        )
+
+    auth.push([scan(2, 0)])  # its seq 1 still on the PDA
+    auth.push([scan(1, 3), scan(2, 20)], "courier3", "PDA-0003")
+    headers = auth.headers("manager1")
+
+    def page(limit: int, after: int = 0) -> dict:
+        query = {"limit": limit, "after": after}
+        return client.get(f"{URL}/{tn}", query_string=query, headers=headers).json
+
+    def seqs(answer: dict) -> list[tuple[str, int]]:
+        return [(e["device_id"], e["seq"]) for e in answer["timeline"]]
+
+    one, two = page(1), page(2)
+    assert seqs(two) == [("PDA-0001", 2), ("PDA-0003", 1)]
+    auth.push([scan(1, 10)])  # seq 1 arrives, dated after seq 2: both after PDA-0003's 1
+    whole = [("PDA-0003", 1), ("PDA-0001", 1), ("PDA-0001", 2), ("PDA-0003", 2)]
+    assert seqs(page(500)) == whole
+    left_out = page(500, one["next_after"])
+    assert seqs(left_out) == [("PDA-0003", 2)] and left_out["next_after"] is None
+    repeated = page(500, two["next_after"])
+    assert seqs(repeated) == [("PDA-0001", 1), ("PDA-0001", 2), ("PDA-0003", 2)]

@@ -94,9 +94,14 @@ class ParcelByTrackingNo(MethodView):
         a parcel's whole timeline in one when it is no longer (most are), and
         `next_after` null. A longer one (a PDA that scanned it thousands of
         times) gives `next_after`: pass it as `after` for the next page, in the
-        same order. An event arriving meanwhile may be ordered before the page
-        reached: read from the start again to see it. An `after` that is not an
-        event of the parcel's timeline is a 422 naming the field.
+        same order. A page follows the timeline as it is when asked: an event
+        arriving meanwhile may be ordered before the page reached, and one its
+        PDA recorded before others already held (a lower `seq`) but dated after
+        them moves those after it, so the next page may show again an event
+        already shown, or leave out one the page before had not reached, and
+        still end with `next_after` null: read from the start again to see the
+        timeline whole. An `after` that is not an event of the parcel's
+        timeline is a 422 naming the field.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_visible(parcel.station_id, parcel_not_found(tracking_no))

@@ -14,7 +14,10 @@ Prints, as medians over those pushes: this process's CPU per push (all of SQLite
 work, none of PostgreSQL's), wall time per push, and on SQLite the writers' turn it
 held (``BEGIN IMMEDIATE`` to its release: what every other PDA's push waits for).
 Then ``--reads`` times ``GET /parcels/<tracking_no>`` as the courier asks it, without
-a query (what a client that knows of no pages gets): wall, CPU and the answer's size.
+a query (what a client that knows of no pages gets), and as often an auditor's
+``GET /proofs/<event_id>`` of one of the parcel's deliveries (its answer holds the
+parcel's whole timeline, as the web page of a proof shows it): wall, CPU and the
+answer's size.
 ``--profile``: cProfile over one more such push, the project's code by cumulative time.
 
 SQLite runs on a temporary file; ``--database-url`` names a PostgreSQL database whose
@@ -38,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from ingest import (
+    PASSWORD,
+    PASSWORD_HASH_METHOD,
     PDA_CLOCK,
     Bench,
     BenchFailure,
@@ -50,9 +55,13 @@ from ingest import (
     scratch_app,
 )
 from scans import TurnTimer
+from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from courier_api.extensions import db  # noqa: E402
 from courier_api.serve import freeze_startup_objects  # noqa: E402
+from models import EventType, Role, ScanEvent, User  # noqa: E402
+from sync.accounts import hash_password  # noqa: E402
 
 FLOOD_BATCH = 5_000  # the default push limit: what one PDA push may carry
 
@@ -115,6 +124,45 @@ def read_parcel(bench: Bench, pda: Pda, tracking_no: str) -> tuple[float, float,
     return wall, cpu, len(response.data)
 
 
+def read_proof(
+    bench: Bench, headers: dict[str, str], tracking_no: str
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds of an auditor's ``GET /proofs/<event_id>`` of the parcel's
+    first delivery, and the answer's size."""
+    with bench.app.app_context():
+        delivery = db.session.scalar(
+            select(ScanEvent.id)
+            .where(ScanEvent.tracking_no == tracking_no, ScanEvent.type == EventType.DELIVERED)
+            .order_by(ScanEvent.id)
+            .limit(1)
+        )
+    cpu, wall = time.process_time(), time.perf_counter()
+    response = bench.client.get(f"/api/v1/proofs/{delivery}", headers=headers)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if response.status_code != 200:
+        raise BenchFailure(f"GET proof: {response.status_code} {response.text[:500]}")
+    return wall, cpu, len(response.data)
+
+
+def auditor_headers(bench: Bench) -> dict[str, str]:
+    """An auditor signed in through the API."""
+    with bench.app.app_context():
+        db.session.add(
+            User(
+                username="auditor-flood",
+                role=Role.AUDITOR,
+                password_hash=hash_password(PASSWORD, method=PASSWORD_HASH_METHOD),
+            )
+        )
+        db.session.commit()
+    response = bench.client.post(
+        "/api/v1/auth/token", json={"username": "auditor-flood", "password": PASSWORD}
+    )
+    if response.status_code != 200:
+        raise BenchFailure(f"auditor's sign-in: {response.status_code} {response.text}")
+    return {"Authorization": f"Bearer {response.get_json()['access_token']}"}
+
+
 def run(url: str, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-flood-") as scratch:
         instance = Path(scratch)
@@ -141,6 +189,8 @@ def run(url: str, args: argparse.Namespace) -> None:
                     walls.append(wall)
                     cpus.append(cpu)
             reads = [read_parcel(bench, honest, tracking_no) for _ in range(args.reads)]
+            auditor = auditor_headers(bench) if args.reads else {}
+            proofs = [read_proof(bench, auditor, tracking_no) for _ in range(args.reads)]
             print(f"\n{label}: one-event pushes on a parcel of {args.flood:,} events, medians")
             print(f"  process CPU per push, s   {statistics.median(cpus):8.3f}")
             print(f"  wall time per push, s     {statistics.median(walls):8.3f}")
@@ -150,6 +200,11 @@ def run(url: str, args: argparse.Namespace) -> None:
                 wall, cpu, size = (statistics.median(r[i] for r in reads) for i in range(3))
                 print(
                     f"  GET /parcels/<tn>: wall {wall:.3f} s, CPU {cpu:.3f} s, {size:,.0f} bytes"
+                )
+            if proofs:
+                wall, cpu, size = (statistics.median(r[i] for r in proofs) for i in range(3))
+                print(
+                    f"  GET /proofs/<id>:  wall {wall:.3f} s, CPU {cpu:.3f} s, {size:,.0f} bytes"
                 )
             if args.profile:
                 profiler = cProfile.Profile()
@@ -171,7 +226,9 @@ def main() -> int:
     parser.add_argument("--database-url", default="sqlite")
     parser.add_argument("--flood", type=int, default=25_000)
     parser.add_argument("--pushes", type=int, default=5)
-    parser.add_argument("--reads", type=int, default=3, help="GETs of the parcel timed")
+    parser.add_argument(
+        "--reads", type=int, default=3, help="GETs of the parcel, and of a proof, timed"
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     try:

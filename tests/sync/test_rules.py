@@ -267,7 +267,7 @@ def test_delivered_and_returned_conflict_unless_checked_out_again_between() -> N
 
 def by(courier_id: int, event: EventDetail) -> EventDetail:
     """``event`` recorded by another courier (on the same PDA: a shared one)."""
-    return EventDetail(event.fact._replace(courier_id=courier_id), event.details)
+    return dataclasses.replace(event, fact=event.fact._replace(courier_id=courier_id))
 
 
 LOCKER_4 = {"locker_id": "L-1", "compartment": "4"}

@@ -11,7 +11,7 @@ both shifts (their balances with missing and written-off seqs, their flags, the
 parcels' statuses, where each event is filed, what was rejected) must be what one
 in-order push gives, with the same seqs written off and the first shift signed off
 afterwards (the acknowledgement alone may be further on, as a seq that arrived after a
-write-off passes the seqs written off: ``converges_as`` bounds it); and the sign-off
+write-off passes the seqs written off: ``converges_as`` names which); and the sign-off
 is reopened exactly when something the first shift owns in the end (an event filed
 under it, a correction voiding one, a rejected event with a seq it owns) first arrived
 after it, or when it owns in the end seqs still on the PDA
@@ -43,7 +43,7 @@ from models import (
     ShiftStatus,
 )
 from sync import shifts
-from sync.acks import acknowledged_through
+from sync.acks import highest_held
 from sync.balances import gather, shift_balance
 from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
@@ -692,13 +692,23 @@ def converges_as(
     referred = reference.final_state()
     # The acknowledgement alone depends on when seqs were written off: a seq held before
     # the write-off passes none of them (the PDA may hold them unsent behind it), one
-    # held after it passes them (``sync.acks.acknowledged_through``). So it lies between
-    # the reference's, written off once all arrived, and the one a seq held after every
-    # write-off gives; without a write-off, it is the same.
-    (acked, *seqs), (least, *same) = reached["acks"], referred["acks"]
-    most = acknowledged_through(*seqs[:3])
-    assert least <= acked <= most and (acked == least or written_off), (acked, least, most)
-    assert seqs == same
+    # held after it, above every seq held then, passes them
+    # (``sync.acks.acknowledged_through``). So it is the reference's (written off once
+    # all arrived: stopping before the first seq written off) unless such a seq came
+    # after the write-off: then it stops at the highest seq held.
+    (acked, max_seq, missing, _), (least, *same) = reached["acks"], referred["acks"]
+    held_through = missing[0][0] - 1 if missing else max_seq
+    held_then = max((s for batch in batches[:write_off_at] for s in batch), default=0)
+    came_after = [s for batch in batches[write_off_at:] for s in batch]
+    if not written_off:
+        assert acked == least == held_through, (acked, least, held_through)
+    else:
+        before_them = min(held_through, written_off[0][0] - 1)
+        assert least == before_them, (least, before_them)
+        passed = max(came_after, default=0) > held_then
+        expected = min(held_through, highest_held(max_seq, missing, written_off))
+        assert acked == (expected if passed else before_them), (acked, held_then, came_after)
+    assert [max_seq, missing, written_off] == same
     assert {**reached, "acks": None} == {**referred, "acks": None}
     return reached
 

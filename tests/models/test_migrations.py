@@ -3131,17 +3131,21 @@ def _sync_states(engine: Engine) -> dict[str, tuple[int, int | None]]:
     return {r["device_id"]: (r["acked_through_seq"], r.get("held_at_write_off")) for r in rows}
 
 
-def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_come_down(
+def test_stored_acknowledgements_past_seqs_written_off_come_down_to_the_rule_now(
     scratch: Engine,
 ) -> None:
-    """The acknowledgement so far is now its floor (``sync.acks.acknowledged_through``):
-    one a version before stored past seqs written off above the highest seq held (the
-    PDA may hold them unsent) is brought down to that seq, not kept. Others stay; every
-    device's ``held_at_write_off`` is 0 (its write-offs judged as before); run again,
+    """The acknowledgement so far is now its floor (``sync.acks.acknowledged_through``),
+    and a write-off passes no seq written off below a seq held then. A write-off made
+    before the upgrade is taken as made at the highest seq held now: the PDA only out of
+    range at 19:00, its 5 and 6 sent before 3 and 4 (written off), offline at the
+    upgrade, was told by its first receipt back (seq 3) to prune through 6, 4 never
+    sent. Its first receipt now stops at 3. A stored acknowledgement past seqs written
+    off above the highest held comes down too; one without write-offs stays; run again,
     the same end; downgraded, the column goes."""
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
+    from sync.lost_seqs import Seqs
     from tests import factories
 
     migrate.upgrade(scratch, REJECTED_IMAGES)
@@ -3161,7 +3165,7 @@ def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_c
                 # No write-off: as stored.
                 {"device_id": "PDA-0002", "max_seq": 9, "missing_ranges": [],
                  "written_off_ranges": None, "acked_through_seq": 9},
-                # 3 and 4 written off below 5 and 6, held: as the version before judged it.
+                # 3 and 4 written off below 5 and 6, held: the PDA may hold 3 and 4 unsent.
                 {"device_id": "PDA-0003", "max_seq": 6, "missing_ranges": [],
                  "written_off_ranges": [[3, 4]], "acked_through_seq": 6},
                 # A gap at 7 below 8, 9 written off above 8: stored past the gap.
@@ -3170,13 +3174,16 @@ def test_stored_acknowledgements_past_seqs_written_off_beyond_the_highest_held_c
             ],
         )  # fmt: skip
     expected = {
-        "PDA-0001": (4, 0),
+        "PDA-0001": (4, 4),
         "PDA-0002": (9, 0),
-        "PDA-0003": (6, 0),
-        "PDA-0004": (6, 0),
+        "PDA-0003": (2, 6),
+        "PDA-0004": (6, 8),
     }
     migrate.upgrade(scratch, HELD_AT_WRITE_OFF)
     assert _sync_states(scratch) == expected
+    acked, held_then = expected["PDA-0003"]
+    back_online = Seqs(6, [], [[3, 4]], held_then, acked).arrived(3)  # as a push stores it
+    assert back_online.acked_through_seq == 3
     with scratch.begin() as connection:  # stopped before its revision was recorded
         connection.execute(
             text("UPDATE alembic_version SET version_num = :v"), {"v": REJECTED_IMAGES}

@@ -9,13 +9,19 @@ above the highest held at the write-off (``sync.acks.acknowledged_through``): on
 came after it, such as a reset PDA's next event. And it never goes below the device's
 acknowledgement so far (its ``acked_through_seq``, read as the floor).
 
-The column is 0 on existing rows: their write-offs are judged as before. Since the
-floor is the stored ``acked_through_seq``, a device's stored acknowledgement that
-passes written-off seqs beyond the highest seq held (as versions before ``6280097``
-stored it, which every push since recomputes, but not a device that has not pushed)
-is brought down to the highest seq held here, so it is not kept as the floor. Only rows
-with write-offs are read (few: a device with lost seqs); each is read and updated by
-key, and the rule is computed here, not imported.
+The column is 0 on existing rows, save those of devices with seqs written off: a
+write-off made before this version was judged by the rule before, so a PDA only out of
+range that had sent newer scans before its older ones written off (and has not pushed
+since: it was offline at the upgrade) would still be told by its first receipt back to
+prune them. Its ``held_at_write_off`` is the highest seq held now (whether a seq held
+came after the write-off is not known here: taken as before it), and its stored
+``acked_through_seq``, read as the floor, comes down to the rule's (it passes no seq
+written off below the highest held, nor, as versions before ``6280097`` stored it,
+above). A reset PDA whose next events already came is acknowledged again past its
+written-off seqs by its next push (numbered on, above the highest held); a lower
+acknowledgement meanwhile has it keep copies it may delete, never delete one. Only
+rows with write-offs are read (few: a device with lost seqs); each is read and updated
+by key, and the rule is computed here, not imported.
 
 On PostgreSQL the column is added on its own and committed at once (``IF NOT
 EXISTS``, a constant default: no rewrite), so the ACCESS EXCLUSIVE lock every push
@@ -50,6 +56,7 @@ _states = sa.table(
     sa.column("missing_ranges", DOCUMENT),
     sa.column("written_off_ranges", DOCUMENT),
     sa.column("acked_through_seq", sa.BigInteger()),
+    sa.column(COLUMN, sa.BigInteger()),
 )
 
 
@@ -80,31 +87,38 @@ def _bring_down_acknowledgements() -> None:
             _states.c.missing_ranges,
             _states.c.written_off_ranges,
             _states.c.acked_through_seq,
-        ).where(_states.c.written_off_ranges.is_not(None))
+        ).where(_states.c.written_off_ranges.is_not(None), _states.c[COLUMN] == 0)
     ).all()
     for row in rows:
-        acked = _acknowledged(row.max_seq or 0, row.missing_ranges or [], row.written_off_ranges)
-        if (row.acked_through_seq or 0) > acked:
-            connection.execute(
-                sa.update(_states)
-                .where(_states.c.device_id == row.device_id)
-                .values(acked_through_seq=acked)
-            )
+        missing, written_off = row.missing_ranges or [], row.written_off_ranges or []
+        if not written_off:
+            continue
+        held = _highest_held(row.max_seq or 0, missing, written_off)
+        acked = _acknowledged(row.max_seq or 0, missing, written_off)
+        connection.execute(
+            sa.update(_states)
+            .where(_states.c.device_id == row.device_id)
+            .values({COLUMN: held, "acked_through_seq": min(row.acked_through_seq or 0, acked)})
+        )
 
 
-def _acknowledged(max_seq: int, missing: list[Any], written_off: list[Any]) -> int:
-    """What ``sync.acks.acknowledged_through`` made of a device's seqs at ``6280097``:
-    held or written off without a gap, and no further than the highest seq held."""
-    acked = int(missing[0][0]) - 1 if missing else max_seq
-    if not written_off:
-        return acked
+def _highest_held(max_seq: int, missing: list[Any], written_off: list[Any]) -> int:
+    """``sync.acks.highest_held``: the highest seq neither missing nor written off."""
     highest = max_seq
     for first, last in sorted(
         ((int(r[0]), int(r[1])) for r in [*missing, *written_off]), reverse=True
     ):
         if first <= highest <= last:
             highest = first - 1
-    return min(acked, max(highest, 0))
+    return max(highest, 0)
+
+
+def _acknowledged(max_seq: int, missing: list[Any], written_off: list[Any]) -> int:
+    """What ``sync.acks.acknowledged_through`` makes of a device's seqs when its
+    ``held_at_write_off`` is its highest seq held: held or written off without a gap, and
+    no further than the first seq written off."""
+    acked = int(missing[0][0]) - 1 if missing else max_seq
+    return max(min(acked, min(int(r[0]) for r in written_off) - 1), 0)
 
 
 def downgrade() -> None:

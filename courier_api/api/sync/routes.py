@@ -142,9 +142,10 @@ class Push(MethodView):
         (a PDA reset), and once it holds a seq above all it held at the write-off,
         the acknowledgement passes them, so older events still unsent behind such a
         newer one sent would be pruned. On a 503 or no
-        answer at all, keep everything and send the same batch again: a replay is
-        always safe. `clock_offset_ms` is the PDA clock minus the server clock;
-        event times are corrected by it.
+        answer at all, keep everything and send the same batch again, before any
+        newer batch (its events are the older: a newer batch's receipt may pass those
+        of them written off meanwhile): a replay is always safe. `clock_offset_ms`
+        is the PDA clock minus the server clock; event times are corrected by it.
         """
         principal = current_principal()
         if body["device_id"] != principal.device_id:

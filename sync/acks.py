@@ -183,9 +183,12 @@ def acknowledged_through(
     sent that (a reset PDA's next event, numbered from the sign-in's ``device_max_seq``),
     or, sending its queue oldest first, sent every seq before it. A seq held before the
     write-off passes nothing: a PDA that sent its newer scans before its older ones
-    (then written off) still holds those older ones, unsent."""
+    (then written off) still holds those older ones, unsent. Seqs written off that the
+    acknowledgement already passed (a reset PDA's, last week) hold nothing back: the PDA
+    pruned them, and a later write-off whose seqs all came after all is no gap."""
     acked = missing[0][0] - 1 if missing else max_seq
-    if written_off:
+    ahead = [r for r in written_off if r[1] > acknowledged_before]
+    if ahead:
         top = highest_held(max_seq, missing, written_off)
-        acked = min(acked, top if top > held_at_write_off else written_off[0][0] - 1)
+        acked = min(acked, top if top > held_at_write_off else ahead[0][0] - 1)
     return max(acked, acknowledged_before)

@@ -289,6 +289,24 @@ def test_a_pda_that_sent_newer_seqs_first_is_not_told_to_prune_older_ones_writte
     assert seqs.arrived(7).acked_through_seq == 7  # a reset PDA's next event
 
 
+def test_seqs_written_off_long_passed_hold_back_no_later_write_off_that_all_came() -> None:
+    """A PDA reset last week: 3 and 4 written off, passed by its next event (7). Today,
+    out of range all afternoon, its seq 9 stuck behind 10; at 19:00 a manager wrote 9
+    off. The PDA sent 9 after all: every seq is held or long passed, yet the receipt
+    stopped at 8, the seqs written off last week counted as ahead of a write-off made
+    since, so the PDA kept 9 and 10 until its next scan (tomorrow's). It says 10."""
+    seqs = Seqs(0, [], [])
+    for seq in (1, 2, 5, 6):
+        seqs = seqs.arrived(seq)
+    seqs = after_write_off([[3, 4]], seqs).arrived(7)
+    assert seqs.acked_through_seq == 7
+    seqs = seqs.arrived(8).arrived(10)
+    seqs = after_write_off([[9, 9]], seqs)
+    assert seqs.acked_through_seq == 8  # 9 may be on the PDA, unsent, behind 10
+    assert seqs.arrived(9).acked_through_seq == 10
+    assert seqs.arrived(11).acked_through_seq == 11
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.permutations(list(range(1, PDA_SEQS + 1))), st.data())
 def test_a_pda_sending_any_order_until_a_write_off_is_never_told_to_prune_what_it_holds(

@@ -70,8 +70,17 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
 
 
 def error_body(
-    status: int, *, code: str | None = None, message: str | None = None, errors: Any = None
+    status: int,
+    *,
+    code: str | None = None,
+    message: str | None = None,
+    errors: Any = None,
+    limit: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
+    """The one error body. ``limit``: for a 413, how many of what one request may carry
+    (``(5000, "events")``), as ``{"max", "unit"}``: a PDA refused its queue splits it by
+    that number at once, rather than halving it blind, sending the whole body again
+    over a weak signal at each refusal."""
     body: dict[str, Any] = {
         "code": code
         or DEFAULT_CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_")),
@@ -80,6 +89,8 @@ def error_body(
     }
     if errors:
         body["errors"] = errors
+    if limit is not None:
+        body["limit"] = {"max": limit[0], "unit": limit[1]}
     return body
 
 
@@ -103,9 +114,13 @@ def http_exception_body(error: HTTPException) -> tuple[dict[str, Any], dict[str,
         validation_message(errors) if status == 422 and errors else None
     )
     message = message or _default_message(status, error)
-    if status == 413 and not errors:  # the field at fault is the body, as for an image
-        errors = {"body": [message]}
-    return error_body(status, code=data.get("code"), message=message, errors=errors), headers
+    limit = None
+    if status == 413:
+        limit = (_body_limit(), "bytes")
+        if not errors:  # the field at fault is the body, as for an image
+            errors = {"body": [message]}
+    body = error_body(status, code=data.get("code"), message=message, errors=errors, limit=limit)
+    return body, headers
 
 
 # Where webargs says a field was read from: the top key of its ``errors``.
@@ -143,17 +158,22 @@ def _faults(errors: Any, path: str) -> list[tuple[str, str]]:
     return [(path, str(errors))]
 
 
+def _body_limit() -> int:
+    """The largest request body, in bytes (``MAX_REQUEST_BYTES``)."""
+    limit = (
+        request.max_content_length
+        if has_request_context()
+        else current_app.config.get("MAX_CONTENT_LENGTH")
+    )
+    return int(limit or 0)
+
+
 def _default_message(status: int, error: HTTPException) -> str:
     if status >= 500:
         return INTERNAL_ERROR_MESSAGE  # never the exception's own text
     if status == 413:
-        limit = (
-            request.max_content_length
-            if has_request_context()
-            else current_app.config.get("MAX_CONTENT_LENGTH")
-        )
         return (
-            f"request body is larger than the limit of {limit} bytes; nothing was stored: "
+            f"request body is larger than the limit of {_body_limit()} bytes; nothing was stored: "
             "send less in one request (a push: fewer events per batch)"
         )
     return DEFAULT_MESSAGES.get(status) or error.description or HTTPStatus(status).phrase
@@ -176,7 +196,8 @@ def handle_domain_error(error: DomainError) -> ResponseReturnValue:
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    body = error_body(status, code=error.code, message=error.message, errors=errors)
+    limit = (error.limit, error.unit) if isinstance(error, LimitExceeded) else None
+    body = error_body(status, code=error.code, message=error.message, errors=errors, limit=limit)
     return jsonify(body), status, headers
 
 

@@ -312,7 +312,10 @@ def store_blob(
     check_digest(digest)
     if len(data) > max_bytes:
         raise LimitExceeded(
-            f"the image has {len(data):,} bytes; the limit is {max_bytes:,}", field="body"
+            f"the image has {len(data):,} bytes; the limit is {max_bytes:,}",
+            limit=max_bytes,
+            unit="bytes",
+            field="body",
         )
     actual = hashlib.sha256(data).hexdigest()
     if actual != digest:

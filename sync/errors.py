@@ -41,9 +41,15 @@ class AuthenticationFailed(DomainError):
 
 
 class LimitExceeded(DomainError):
-    """More items than one request may carry."""
+    """More items than one request may carry. ``limit`` and ``unit`` say how many fit
+    (``5000``, ``"events"``): a client splits by them without reading the message."""
 
     code = "payload_too_large"
+
+    def __init__(self, message: str, *, limit: int, unit: str, field: str | None = None):
+        super().__init__(message, field=field)
+        self.limit = limit
+        self.unit = unit
 
 
 class Gone(DomainError):

@@ -21,6 +21,16 @@ from sync.events import nested_deeper_than
 from sync.paging import MAX_PAGE_SIZE
 
 
+class LimitSchema(ma.Schema):
+    max = ma.fields.Integer(
+        required=True, metadata={"description": "How many one request may carry"}
+    )
+    unit = ma.fields.String(
+        required=True,
+        metadata={"description": "Of what: events (a push), parcels (an intake) or bytes"},
+    )
+
+
 class ErrorSchema(ma.Schema):
     code = ma.fields.String(
         required=True, metadata={"description": "Stable machine code, e.g. token_expired"}
@@ -35,6 +45,13 @@ class ErrorSchema(ma.Schema):
             "field alone (errors.device_id, errors.sha256, errors.body). Absent when no one "
             "field is at fault"
         }
+    )
+    limit = ma.fields.Nested(
+        LimitSchema,
+        metadata={
+            "description": "A 413 payload_too_large only: the limit the request went over, "
+            "to split it by (errors names the field: events, parcels or body)"
+        },
     )
 
 

@@ -128,6 +128,7 @@ def test_an_image_over_the_blob_limit_is_413_with_the_limit(
     )
     assert response.status_code == 413
     assert "limit is 100" in response.get_json()["message"]
+    assert response.get_json()["limit"] == {"max": 100, "unit": "bytes"}
 
 
 def test_who_may_read_an_image(client: FlaskClient, auth: Auth, courier: dict[str, str]) -> None:

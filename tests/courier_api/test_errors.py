@@ -18,7 +18,10 @@ def assert_error_shape(response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status
     assert response.mimetype == "application/json", response.data[:200]
     body = response.get_json()
-    assert set(body) <= {"code", "status", "message", "errors"}
+    # ``limit``: a 413's only, how many one request may carry.
+    assert set(body) <= {"code", "status", "message", "errors"} | (
+        {"limit"} if status == 413 else set()
+    )
     assert body["status"] == status
     assert isinstance(body["code"], str) and body["code"]
     assert isinstance(body["message"], str) and body["message"]
@@ -84,6 +87,7 @@ def test_413_names_the_body_and_says_to_send_less(database_url: str, tmp_path: P
     body = assert_error_shape(response, 413, "payload_too_large")
     assert body["errors"] == {"body": [body["message"]]}
     assert "nothing was stored" in body["message"]
+    assert body["limit"] == {"max": 1024, "unit": "bytes"}
 
 
 def test_422_names_the_field(client: FlaskClient, world: World, auth: Auth) -> None:

@@ -162,6 +162,7 @@ def test_too_many_items_is_413_with_the_limit(
     body = response.get_json()
     assert body["code"] == "payload_too_large"
     assert "limit is 2" in body["message"]
+    assert body["limit"] == {"max": 2, "unit": "parcels"}
 
 
 def test_empty_or_missing_list_is_422(client: FlaskClient, world: World, auth: Auth) -> None:

@@ -49,6 +49,7 @@ def assert_too_large(response: TestResponse, limit: int = LIMIT) -> None:
     body = response.get_json()
     assert body["code"] == "payload_too_large" and body["status"] == 413
     assert f"{limit} bytes" in body["message"]
+    assert body["limit"] == {"max": limit, "unit": "bytes"}
     assert response.headers["X-Request-Id"]
 
 

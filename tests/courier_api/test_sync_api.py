@@ -415,6 +415,29 @@ def test_more_events_than_the_limit_is_413_with_the_limit(
     response = push(client, headers, [ev(i, tn) for i in range(1, 5)])
     assert response.status_code == 413
     assert "limit is 3" in response.get_json()["message"]
+    assert response.get_json()["limit"] == {"max": 3, "unit": "events"}
+
+
+def test_a_queue_refused_for_its_size_is_split_once_by_the_limit_the_413_names(
+    app_with: Callable[..., Flask], world: World
+) -> None:
+    """A PDA back after a day offline pushes its whole queue; refused, it reads how many
+    events one push takes from the answer, not from its prose, and sends the queue in
+    parts of that size, oldest first, each under a batch id of its own: one refusal,
+    then every event applied and acknowledged."""
+    client = app_with(MAX_EVENTS_PER_PUSH=4).test_client()
+    headers = Auth(client).headers("courier1", "PDA-0001")
+    tn = factories.s10()
+    queue = [ev(i, tn, "out_for_delivery" if i > 1 else "checked_out") for i in range(1, 11)]
+    refused = push(client, headers, queue)
+    assert (refused.status_code, refused.get_json()["code"]) == (413, "payload_too_large")
+    limit = refused.get_json()["limit"]
+    assert limit["unit"] == "events"
+    size = limit["max"]
+    receipts = [push(client, headers, queue[i : i + size]) for i in range(0, len(queue), size)]
+    assert [r.status_code for r in receipts] == [200, 200, 200]
+    assert {r["status"] for rc in receipts for r in rc.get_json()["results"]} == {"applied"}
+    assert receipts[-1].get_json()["acked_through_seq"] == 10
 
 
 def test_a_body_over_the_size_limit_is_413(app_with: Callable[..., Flask], world: World) -> None:
@@ -424,6 +447,7 @@ def test_a_body_over_the_size_limit_is_413(app_with: Callable[..., Flask], world
     response = push(client, headers, [ev(i, tn) for i in range(1, 40)])
     assert response.status_code == 413
     assert "2000 bytes" in response.get_json()["message"]
+    assert response.get_json()["limit"] == {"max": 2000, "unit": "bytes"}
 
 
 def test_a_courier_pushes_only_for_the_device_of_their_token(

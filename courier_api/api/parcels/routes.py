@@ -52,7 +52,10 @@ class Parcels(MethodView):
         limit = current_app.config["MAX_PARCELS_PER_INTAKE"]
         if len(items) > limit:
             raise LimitExceeded(
-                f"{len(items)} parcels in one call; the limit is {limit}", field="parcels"
+                f"{len(items)} parcels in one call; the limit is {limit}",
+                limit=limit,
+                unit="parcels",
+                field="parcels",
             )
         principal = current_principal()
         scope = IntakeScope(

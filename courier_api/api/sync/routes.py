@@ -128,7 +128,9 @@ class Push(MethodView):
         send them under a new `batch_id` (those already held come back `duplicate`).
         A top-level key the server does not know is ignored, not refused: the
         receipt's `warnings` name it (`unknown_field_ignored`); an unknown field
-        inside an event still rejects that event.
+        inside an event still rejects that event. A 413 (too many events, or a body too
+        large: nothing stored) names the limit in `limit` (`max`, `unit`): split the
+        queue into parts that fit, oldest first, each under a new `batch_id`.
 
         The receipt is sent only after the batch is committed. Read its results
         before pruning: an event rejected `seq_conflict` took a seq another event
@@ -160,6 +162,8 @@ class Push(MethodView):
             raise LimitExceeded(
                 f"{len(body['events'])} events in one push; the limit is {limit}; nothing "
                 "was stored: send them in smaller batches",
+                limit=limit,
+                unit="events",
                 field="events",
             )
         assert principal.station_id is not None  # couriers always belong to a station

@@ -97,16 +97,21 @@ class Pda:
         )
 
     def push(self, events: list[dict[str, Any]], lose_answer: bool = False) -> dict[str, Any]:
-        """One batch: on 413 split it in halves; an answer lost is asked for again with
+        """One batch: on 413 split it into parts of the limit the answer names, oldest
+        first, each under a batch id of its own; an answer lost is asked for again with
         the same batch id and events (``sent_at`` refreshed)."""
         body = self.body(events)
         response = self.post(PUSH, json=body)
         if response.status_code == 413:
-            assert response.get_json()["code"] == "payload_too_large"
+            refused = response.get_json()
+            assert refused["code"] == "payload_too_large"
+            assert refused["limit"] == {"max": MAX_EVENTS, "unit": "events"}
             self.splits += 1
-            half = len(events) // 2
-            self.push(events[:half])
-            return self.push(events[half:])
+            size = refused["limit"]["max"]
+            parts = [events[i : i + size] for i in range(0, len(events), size)]
+            for part in parts[:-1]:
+                self.push(part)
+            return self.push(parts[-1])
         assert response.status_code == 200, response.get_json()
         if lose_answer:
             body["sent_at"] = self.clock(now()).isoformat()

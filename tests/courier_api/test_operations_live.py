@@ -153,6 +153,7 @@ def test_two_workers_add_up_in_metrics_and_log_json(tmp_path: Path) -> None:
         too_large = post_chunked(port, "/api/v1/auth/token", [chunk] * (BODY_LIMIT // 8192 + 2))
         assert too_large.status == 413, too_large.payload
         assert too_large.payload["code"] == "payload_too_large"
+        assert too_large.payload["limit"] == {"max": BODY_LIMIT, "unit": "bytes"}
         assert too_large.headers["X-Request-Id"]
         deep = post_chunked(port, "/api/v1/auth/token", [b"[" * 20000, b"]" * 20000])
         assert deep.status == 400 and deep.payload["code"] == "bad_request"

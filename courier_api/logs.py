@@ -224,6 +224,21 @@ def _bracketed_end(text: str, start: int) -> int:
     return len(text)
 
 
+_LINE_END = re.compile(r"[\r\n]")
+
+
+def _cookie_header_end(text: str, match: re.Match[str], redacted: str) -> int | None:
+    """Where a cookie header's bare value ends: at its line's end, not at the first
+    ";". A ``Cookie:`` header is ``a=1; session=...``: read as a bare word, only its
+    first cookie was hidden, and the session after it written as it was. None for any
+    other value (quoted ones already run to their closing quote)."""
+    value = match.group(3)
+    if "cookie" not in match.group(2).lower() or value[0] in "\"'" or redacted == match.group(0):
+        return None
+    found = _LINE_END.search(text, match.end())
+    return found.start() if found is not None else len(text)
+
+
 def _keyed_values(text: str) -> str:
     """``text`` with each secret-sounding key's value redacted (``_KEYED``, ``_valued``).
     Each character is read once: the search goes on after the value it redacted."""
@@ -231,9 +246,12 @@ def _keyed_values(text: str) -> str:
     position = 0
     while (match := _KEYED.search(text, position)) is not None:
         end = match.end()
+        redacted = _valued(match)
         if match.group(3) in _CLOSING:
             end = _bracketed_end(text, match.start(3))
-        kept += [text[position : match.start()], _valued(match)]
+        elif (cookies_end := _cookie_header_end(text, match, redacted)) is not None:
+            end = cookies_end
+        kept += [text[position : match.start()], redacted]
         position = end
     return "".join(kept) + text[position:]
 

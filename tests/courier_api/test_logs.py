@@ -277,6 +277,29 @@ def test_redaction(text: str, hidden: list[str], kept: list[str]) -> None:
         assert part in clean, clean
 
 
+@pytest.mark.parametrize(
+    ("text", "hidden", "kept"),
+    [
+        ("Cookie: a=1; courier_session=eyJx.abc; theme=dark", ["eyJx.abc", "theme"], []),
+        ("cookie: lang=en;session=s3cr3t\nnext line", ["s3cr3t"], ["\nnext line"]),
+        ("Set-Cookie: courier_session=s3cr3t; Path=/; HttpOnly", ["s3cr3t"], []),
+        ("headers cookies=a=1; b=s3cr3t\r\nHost: x", ["s3cr3t"], ["Host: x"]),
+        ('{"cookie": "a=1; session=s3cr3t", "n": 1}', ["s3cr3t"], ['"n": 1']),
+    ],
+)
+def test_a_cookie_headers_every_cookie_is_redacted(
+    text: str, hidden: list[str], kept: list[str]
+) -> None:
+    """A cookie header holds its cookies separated by "; ": its value was read as a bare
+    word, to the first ";", so every cookie after the first (the pages' session, signed
+    in) was written as it was. A bare cookie value is hidden to the end of its line."""
+    clean = redact(text)
+    for secret in hidden:
+        assert secret not in clean, clean
+    for part in kept:
+        assert part in clean, clean
+
+
 def _token_signed_without_a_digit() -> str:
     """A real HS256 token whose signature holds no digit (one in some 1,400 does): the
     random-string pattern (``_RANDOM``) takes only strings of upper, lower and digits."""
@@ -340,6 +363,7 @@ def test_what_is_not_secret_stays_readable(text: str) -> None:
         "aA1-",
         "v1=",
         "+1 ",
+        "cookie=a;\n",
     ],
 )
 def test_redaction_takes_time_linear_in_the_lines_length(run: str) -> None:

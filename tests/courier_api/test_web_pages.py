@@ -2162,6 +2162,22 @@ def test_pages_send_security_headers(app: Flask, day: StationDay) -> None:
     css.close()
 
 
+def test_no_page_lets_a_browser_frame_it(app: Flask, day: StationDay) -> None:
+    """Clickjacking: a site framing the sign-off form under a decoy button. The CSP's
+    ``frame-ancestors 'none'`` stops browsers that read it; one that does not (CSP
+    level 1, an embedded browser on a station's terminal) framed the pages as it was
+    told nothing: ``X-Frame-Options: DENY`` tells it, on every page and error page."""
+    pages = Pages(app.test_client())
+    assert pages.client.get("/web/login").headers.get("X-Frame-Options") == "DENY"
+    pages.login("manager")
+    shift_id = day.unbalanced.id
+    for path in (f"/web/board?date={day.day}", f"/web/shifts/{shift_id}", "/web/no-such-page"):
+        assert pages.client.get(path).headers.get("X-Frame-Options") == "DENY", path
+    forged = pages.client.post(f"/web/shifts/{shift_id}/signoff", data={"note": "ok"})
+    assert forged.status_code == 400
+    assert forged.headers.get("X-Frame-Options") == "DENY"
+
+
 def test_the_pages_hold_no_script_for_their_policy_to_refuse() -> None:
     """The pages work without JavaScript (the browser tests drive them with it off too),
     so their policy allows no script at all: one injected into a page runs nowhere, not

@@ -167,8 +167,10 @@ def check_url(url: str, *, production: bool) -> str:
     An absolute http(s) URL with a host, no user name or password, no fragment, at
     most 2000 characters. In production only ``https``, and never to an address
     literal that is not public (loopback, private, link-local, reserved). Elsewhere
-    ``http`` too, but only to loopback hosts (localhost, 127.0.0.0/8, ::1): a receiver
-    on the developer's machine or in a test.
+    loopback too (localhost, 127.0.0.0/8, ::1: a receiver on the developer's machine or
+    in a test), over ``http`` as well, but no other address that is not public: a
+    development server (the demo, whose admin password is published) reaches no more
+    of its network than a production one.
     """
 
     def refuse(why: str) -> typing.NoReturn:
@@ -194,14 +196,16 @@ def check_url(url: str, *, production: bool) -> str:
     except ValueError:
         refuse("its port is not a number from 0 to 65535")
     loopback = is_loopback_host(host)
+    literal = _ip_literal(host)
     if production:
         if scheme != "https":
             refuse("production receivers must use https")
-        literal = _ip_literal(host)
         if loopback or (literal is not None and not is_public_address(literal)):
             refuse(f"{host} is not a public address")
     elif scheme == "http" and not loopback:
         refuse("http is allowed only to loopback hosts (localhost, 127.0.0.0/8, ::1); use https")
+    elif not loopback and literal is not None and not is_public_address(literal):
+        refuse(f"{host} is not a public address (outside production, loopback ones are)")
     return url
 
 
@@ -634,18 +638,23 @@ class Sender(Protocol):
 class _GuardedBackend(httpcore.SyncBackend):
     """Resolves the host itself and connects to the address it checked.
 
-    In production it refuses a host with any address that is not public (loopback,
-    private, link-local, reserved...): a subscription must not make the server post
-    into its own network. Connecting to the checked address, rather than letting the
-    socket resolve the name again, leaves no room for a DNS answer that changes in
-    between. TLS still verifies the certificate against the host name.
+    It refuses a host with any address that is not public (private, link-local,
+    reserved..., and loopback in production): a subscription must not make the server
+    post into its own network. Outside production loopback is allowed (a receiver on
+    the developer's machine, a test's), nothing else of the network. Connecting to the
+    checked address, rather than letting the socket resolve the name again, leaves no
+    room for a DNS answer that changes in between. TLS still verifies the certificate
+    against the host name.
     """
 
-    def __init__(self, *, public_only: bool) -> None:
-        self.public_only = public_only
+    def __init__(self, *, loopback_allowed: bool) -> None:
+        self.loopback_allowed = loopback_allowed
         # The deadline of the attempt each thread has in progress (the worker sends to
         # several receivers at once, one attempt per thread).
         self._attempt = threading.local()
+
+    def _may_connect(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return is_public_address(address) or (self.loopback_allowed and address.is_loopback)
 
     @property
     def deadline(self) -> float | None:
@@ -682,12 +691,11 @@ class _GuardedBackend(httpcore.SyncBackend):
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
-        if self.public_only:
-            refused = [a for a in addresses if not is_public_address(ipaddress.ip_address(a))]
-            if refused:
-                raise httpcore.ConnectError(
-                    f"refused: {host} resolves to {', '.join(refused)}, not a public address"
-                )
+        refused = [a for a in addresses if not self._may_connect(ipaddress.ip_address(a))]
+        if refused:
+            raise httpcore.ConnectError(
+                f"refused: {host} resolves to {', '.join(refused)}, not a public address"
+            )
         error: Exception = httpcore.ConnectError(f"no address for {host}")
         for address in addresses:
             try:
@@ -764,7 +772,7 @@ class HttpxSender:
         transport = httpx.HTTPTransport(trust_env=False, retries=0)
         # httpx takes no network backend of its own: give its connection pool one that
         # vets addresses (httpx is pinned < 0.29; the SSRF test fails if this breaks).
-        self._backend = _GuardedBackend(public_only=settings.production)
+        self._backend = _GuardedBackend(loopback_allowed=not settings.production)
         transport._pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False),
             network_backend=self._backend,

@@ -605,6 +605,12 @@ def test_a_subscription_made_in_the_same_transaction_gets_the_next_announcement(
         ("https://hooks.example.com/courier", False, None),
         ("http://hooks.example.com/courier", False, "only to loopback"),
         ("http://10.1.2.3/hook", False, "only to loopback"),
+        # Outside production too (the demo, whose admin password is published): the
+        # machine's own network is no receiver, the machine itself is.
+        ("https://169.254.169.254/latest", False, "not a public address"),
+        ("https://10.1.2.3/hook", False, "not a public address"),
+        ("https://[fd00::1]/hook", False, "not a public address"),
+        ("https://127.0.0.1/hook", False, None),
         ("https://user:pw@hooks.example.com/", True, "user name or password"),
         ("http://user@localhost/", False, "user name or password"),
         ("https://hooks.example.com/#frag", True, "fragment"),
@@ -685,6 +691,37 @@ def test_in_production_hosts_resolving_to_private_addresses_are_refused(
     )
     assert plain.error is not None and "production receivers must use https" in plain.error
     assert receiver.requests == []
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "10.0.0.1", "192.168.1.1", "fd00::1"])
+def test_outside_production_hosts_resolving_into_the_network_are_refused_too(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A development server (``make run``: the demo, its admin password published) took
+    any https URL and connected wherever its name resolved: the cloud's metadata service,
+    the station's own network. Outside production a receiver is public or this machine."""
+    real = socket.getaddrinfo
+    connected: list[Any] = []
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example.test":
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(
+        webhooks.httpcore.SyncBackend,
+        "connect_tcp",
+        lambda self, host, *args, **kwargs: connected.append(host) or pytest.fail("connected"),
+    )
+    with HttpxSender(replace(SETTINGS, production=False)) as sender:
+        result = sender.send(url="https://hooks.example.test/hook", body=b"{}", headers={})
+    assert result.error is not None and not result.ok
+    assert f"refused: hooks.example.test resolves to {address}, not a public address" in (
+        result.error
+    )
+    assert connected == []
 
 
 def test_public_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1469,7 +1506,7 @@ def test_lookups_that_hang_hold_up_no_other_receivers_lookup(
         return resolve(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    backend = webhooks._GuardedBackend(public_only=False)
+    backend = webhooks._GuardedBackend(loopback_allowed=True)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()

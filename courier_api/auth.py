@@ -2,7 +2,8 @@
 
 Access tokens carry ``sub`` (user id), ``role``, ``station`` (station id or
 null), ``device`` (couriers), ``iat``, ``exp``, ``jti``, ``typ`` and ``ver``
-(the account's credentials version). What a
+(the account's credentials version), and ``fam``, their sign-in's family, whose
+revocation stops them (``sync.accounts``). What a
 token was issued for is re-checked on every request, so retiring a device or
 disabling an account takes effect at once. Refresh tokens carry the same and
 ``fam``, their family: each is exchanged once (``exchange_refresh_token``,
@@ -114,7 +115,9 @@ def issue_tokens(
     jti = refresh_jti or refresh_tokens.new_jti()
     family = family or jti
     return TokenPair(
-        access_token=_encode(user, device, ACCESS, access_ttl),
+        # The access token names its sign-in's family too: a reuse that revokes the
+        # family stops it at once (``sync.accounts``), not when its hour is up.
+        access_token=_encode(user, device, ACCESS, access_ttl, family=family),
         refresh_token=_encode(user, device, REFRESH, refresh_ttl, jti=jti, family=family),
         expires_in=access_ttl,
         refresh_expires_in=refresh_ttl,
@@ -296,6 +299,9 @@ def _subject_of(claims: dict[str, Any]) -> dict[str, Any]:
         "device_id": claims.get("device"),
         "credentials_version": claims["ver"],
         "issued_at": dt.datetime.fromtimestamp(claims["iat"], dt.UTC),
+        # An access token's family is checked on every request; a refresh token's is
+        # judged by its exchange (``sync.refresh_tokens``), which says reused or revoked.
+        "family": claims.get("fam") if claims["typ"] == ACCESS else None,
     }
 
 

@@ -15,17 +15,22 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from models import Device, DeviceStatus, Role, User, utcnow
+from models import Device, DeviceStatus, RefreshTokenFamily, Role, User, utcnow
 from sync.errors import AuthenticationFailed, InvalidInput, PermissionDenied
 from sync.sql import Prebuilt
 
-# Built once (``sync.sql.Prebuilt`` says why): every request a PDA makes runs it.
+# Built once (``sync.sql.Prebuilt`` says why): every request a PDA makes runs it. The
+# token's sign-in family, when it names one, is looked up by its key in the same query:
+# a family revoked by a reuse stops its access tokens too (``_check_subject``).
 USER_AND_DEVICE = (
-    select(User, Device)
+    select(User, Device, RefreshTokenFamily.revoked_at)
+    .select_from(User)
     .outerjoin(Device, Device.id == bindparam("device_id"))
+    .outerjoin(RefreshTokenFamily, RefreshTokenFamily.id == bindparam("family"))
     .where(User.id == bindparam("user_id"))
 )
 _users, _devices = User.__table__, Device.__table__
+_families = RefreshTokenFamily.__table__
 # ``USER_AND_DEVICE`` as plain rows (``check_token_subject``).
 SUBJECT_ROWS = Prebuilt(
     lambda _dialect: (
@@ -38,9 +43,11 @@ SUBJECT_ROWS = Prebuilt(
             _devices.c.station_id.label("device_station_id"),
             _devices.c.status.label("device_status"),
             _devices.c.status_changed_at.label("device_status_changed_at"),
+            _families.c.revoked_at.label("family_revoked_at"),
         )
         .select_from(_users)
         .outerjoin(_devices, _devices.c.id == bindparam("device_id"))
+        .outerjoin(_families, _families.c.id == bindparam("family"))
         .where(_users.c.id == bindparam("user_id"))
     )
 )
@@ -171,15 +178,18 @@ def _device_for_sign_in(*, session: Session, user: User, device_id: str | None) 
 
 
 def _user_and_device(
-    session: Session, user_id: int, device_id: str | None
-) -> tuple[User | None, Device | None]:
-    """One query for both: every request a PDA makes starts here."""
-    if not device_id:
-        return session.get(User, user_id), None
+    session: Session, user_id: int, device_id: str | None, family: str | None
+) -> tuple[User | None, Device | None, bool]:
+    """One query for the three (the user, the device, whether the token's sign-in
+    family was revoked): every request a PDA makes starts here."""
+    if not device_id and not family:
+        return session.get(User, user_id), None, False
     found = session.execute(
-        USER_AND_DEVICE, {"user_id": user_id, "device_id": device_id}
+        USER_AND_DEVICE, {"user_id": user_id, "device_id": device_id or "", "family": family}
     ).one_or_none()
-    return (found[0], found[1]) if found is not None else (None, None)
+    if found is None:
+        return None, None, False
+    return found[0], found[1], found[2] is not None
 
 
 def load_token_subject(
@@ -189,6 +199,7 @@ def load_token_subject(
     device_id: str | None,
     credentials_version: int,
     issued_at: dt.datetime | None = None,
+    family: str | None = None,
 ) -> tuple[User, Device | None]:
     """Re-check on every request what a token was issued for.
 
@@ -196,10 +207,12 @@ def load_token_subject(
     password, a device reported lost or retired, must stop it at once, not at expiry;
     and a device found again does not bring back the tokens issued before it was
     reported (a thief's copies). ``credentials_version`` is the account's version the
-    token was issued with, ``issued_at`` when (a device's token; to the second).
+    token was issued with, ``issued_at`` when (a device's token; to the second),
+    ``family`` the sign-in it belongs to (its ``fam``): a reuse of one of its refresh
+    tokens revoked them all, the access tokens with them.
     """
-    user, device = _user_and_device(session, user_id, device_id)
-    _check_subject(user, device, credentials_version, issued_at)
+    user, device, family_revoked = _user_and_device(session, user_id, device_id, family)
+    _check_subject(user, device, credentials_version, issued_at, family_revoked)
     assert user is not None
     return user, device if user.role == Role.COURIER else None
 
@@ -250,6 +263,7 @@ def check_token_subject(
     device_id: str | None,
     credentials_version: int,
     issued_at: dt.datetime | None = None,
+    family: str | None = None,
 ) -> TokenSubject:
     """``load_token_subject``'s checks on one plain row, in ``connection``'s transaction,
     without the ORM's entities: for a request whose sign-in check reads apart from its
@@ -257,7 +271,7 @@ def check_token_subject(
     (``courier_api.database.Database.read_apart``), so that an account disabled or a
     device reported lost meanwhile stops it still."""
     row = SUBJECT_ROWS.run(
-        connection, {"user_id": user_id, "device_id": device_id or ""}
+        connection, {"user_id": user_id, "device_id": device_id or "", "family": family}
     ).one_or_none()
     if row is None:
         _check_subject(None, None, credentials_version, issued_at)
@@ -270,7 +284,7 @@ def check_token_subject(
         if row.device_id is not None
         else None
     )
-    _check_subject(user, device, credentials_version, issued_at)
+    _check_subject(user, device, credentials_version, issued_at, row.family_revoked_at is not None)
     courier_device = device is not None and row.role == Role.COURIER
     return TokenSubject(
         user_id=user_id,
@@ -305,6 +319,7 @@ def _check_subject(
     device: Device | _Device | None,
     credentials_version: int,
     issued_at: dt.datetime | None,
+    family_revoked: bool = False,
 ) -> None:
     if user is None or not user.active:
         raise AuthenticationFailed("the account of this token is disabled", code="token_revoked")
@@ -313,9 +328,20 @@ def _check_subject(
             "the password was changed after this token was issued; sign in again",
             code="token_revoked",
         )
-    if user.role != Role.COURIER:
-        return
-    if device is None or device.station_id != user.station_id:
+    if user.role == Role.COURIER:
+        _check_device(device, user.station_id, issued_at)
+    if family_revoked:
+        raise AuthenticationFailed(
+            "a refresh token of this sign-in was used twice (a copy of it, or of the PDA's), "
+            "so all its tokens are revoked; sign in again",
+            code="token_revoked",
+        )
+
+
+def _check_device(
+    device: Device | _Device | None, station_id: int | None, issued_at: dt.datetime | None
+) -> None:
+    if device is None or device.station_id != station_id:
         raise AuthenticationFailed(
             "this token's device is not registered at the courier's station", code="token_revoked"
         )

@@ -37,10 +37,9 @@ the first token's row is inserted ``ON CONFLICT DO NOTHING`` before it is locked
 so two first refreshes at once find one row. Without a grace, the second of two
 refreshes sent together is a reuse; within it, both get the same next token.
 
-Access tokens are not looked up per request (that would cost every push a query):
-revoking a family stops its refreshes, and the access tokens already issued last
-their hour (or stop at once when the device is reported lost, the account disabled
-or its password changed: ``sync.accounts``).
+Access tokens name their family too (``fam``): the query that checks a token's account
+and device on every request reads the family's row by its key (``sync.accounts``), so
+revoking a family stops its access tokens at once, not only its refreshes.
 
 Rows stay bounded: one per family that refreshed at least once, until its newest
 token has expired (``expires_at``, plus ``PURGE_MARGIN``); ``purge_expired``

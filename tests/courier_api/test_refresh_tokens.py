@@ -78,7 +78,7 @@ def test_a_sign_in_starts_a_family_and_each_refresh_rotates_within_it(
     signed_in = auth.tokens("courier1", "PDA-0001")
     first = claims(signed_in["refresh_token"])
     assert first["fam"] == first["jti"]  # a family is named after its first token
-    assert "fam" not in claims(signed_in["access_token"])
+    assert claims(signed_in["access_token"])["fam"] == first["fam"]  # checked per request
     clock.advance(3600)
     second = refreshed(client, signed_in["refresh_token"])
     clock.advance(3600)
@@ -107,8 +107,11 @@ def test_a_used_refresh_token_is_refused_and_ends_its_family(
     newest = refresh(client, courier["refresh_token"])
     assert refused(newest) == (401, "refresh_token_revoked")
     assert "sign in again" in newest.get_json()["message"]
-    # Access tokens are not looked up per request: the one already issued lasts its hour.
-    assert client.get(PROTECTED_URL, headers=bearer(courier["access_token"])).status_code == 200
+    # The family's access tokens end with it, not when their hour is up.
+    assert refused(client.get(PROTECTED_URL, headers=bearer(courier["access_token"]))) == (
+        401,
+        "token_revoked",
+    )
     # Signing in again starts a new family, which works.
     fresh = auth.tokens("courier1", "PDA-0001")
     assert claims(fresh["refresh_token"])["fam"] != claims(stolen)["fam"]
@@ -123,6 +126,36 @@ def test_the_thief_using_it_first_ends_the_couriers_session_too(
     clock.advance(1800)
     assert refused(refresh(client, stolen)) == (401, "refresh_token_reused")  # the courier
     assert refused(refresh(client, thief["refresh_token"])) == (401, "refresh_token_revoked")
+
+
+def test_a_revoked_familys_access_tokens_stop_at_once(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    """A thief who refreshed first with a copied refresh token holds an access token of
+    the family; the courier's refresh then shows the reuse and revokes the family. The
+    thief's access token still pushed invented deliveries for the rest of its hour: an
+    access token names its family (``fam``), and every request refuses one revoked."""
+    courier = auth.tokens("courier1", "PDA-0001")
+    thief = refreshed(client, courier["refresh_token"])
+    assert claims(thief["access_token"])["fam"] == claims(courier["refresh_token"])["fam"]
+    assert client.get(PROTECTED_URL, headers=bearer(thief["access_token"])).status_code == 200
+    clock.advance(1800)
+    assert refused(refresh(client, courier["refresh_token"])) == (401, "refresh_token_reused")
+    for access in (thief["access_token"], courier["access_token"]):
+        assert refused(client.get(PROTECTED_URL, headers=bearer(access))) == (
+            401,
+            "token_revoked",
+        )
+        invented = factories.event(1, "RR473124829GB", "delivered")
+        pushed = client.post(
+            "/api/v1/sync/push",
+            json=factories.push_body("PDA-0001", [invented]),
+            headers=bearer(access),
+        )
+        assert refused(pushed) == (401, "token_revoked")
+    # The courier signs in again, a family of its own, and works on.
+    again = auth.tokens("courier1", "PDA-0001")
+    assert client.get(PROTECTED_URL, headers=bearer(again["access_token"])).status_code == 200
 
 
 def test_a_pda_that_lost_the_answer_may_send_the_same_refresh_again_within_the_grace(

@@ -193,8 +193,10 @@ def page(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 def safe_next(target: str | None) -> str | None:
-    """``target`` if it is a page of ours (no open redirect), else None."""
-    if not target or "\\" in target:
+    """``target`` if it is a page of ours (no open redirect), else None. Not one with a
+    control character either: a line break cannot go into the redirect's header, and
+    the redirect failed with a 500 after signing in."""
+    if not target or "\\" in target or any(ord(ch) < 32 or ord(ch) == 127 for ch in target):
         return None
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or not parts.path.startswith("/web/"):

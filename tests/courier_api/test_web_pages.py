@@ -167,6 +167,20 @@ def test_signing_in_returns_to_the_page_asked_for_and_never_off_site(
         assert other.login("manager", next=target).location == "/web/board"
 
 
+@pytest.mark.parametrize("target", ["/web/board\r\nX-Injected: 1", "/web/board\n", "/web/\x00"])
+def test_a_return_address_with_a_line_break_is_no_error_after_signing_in(
+    app: Flask, day: StationDay, target: str
+) -> None:
+    """A link to the sign-in page whose ``next`` held a line break (``%0d%0a``) passed as a
+    page of ours, and the redirect to it failed (a header may hold no line break): the
+    manager, signed in, got the 500 page and the log an error with its traceback, from
+    a link anyone may send. Such a ``next`` is ignored, as one off the site is."""
+    pages = Pages(app.test_client())
+    assert pages.login("manager", next=target).location == "/web/board"
+    response = pages.client.get("/web/login", query_string={"next": target})
+    assert (response.status_code, response.location) == (302, "/web/board")
+
+
 @pytest.mark.parametrize(
     ("username", "password", "status", "message"),
     [

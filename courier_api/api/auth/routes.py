@@ -78,8 +78,8 @@ class Refresh(MethodView):
         A refresh token sent again after it was used is refused (401
         `refresh_token_reused`): someone else may hold a copy, so the sign-in it
         belongs to is ended, and its newest refresh token is refused too (401
-        `refresh_token_revoked`). Sign in again. Access tokens already issued
-        last until they expire. Except: within `REFRESH_REUSE_GRACE_SECONDS`
+        `refresh_token_revoked`). Sign in again. The sign-in's access tokens end
+        with it (401 `token_revoked`). Except: within `REFRESH_REUSE_GRACE_SECONDS`
         (default 60) of its first use, the token used last gets a new pair
         again, for a client whose answer was lost; its refresh token is the same
         next token again (the same `jti`), so either copy may be exchanged, once.

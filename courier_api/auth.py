@@ -190,6 +190,26 @@ def exchange_refresh_token(token: str) -> tuple[User, Device | None, TokenPair]:
     return user, device, pair
 
 
+def end_sign_in(token: str) -> None:
+    """``POST /auth/logout``: verify the refresh ``token`` and end its sign-in's family
+    (``sync.refresh_tokens.end_family``): its refresh and access tokens stop at once.
+    Commits."""
+    from courier_api.extensions import db
+
+    claims = decode_token(token, expected_type=REFRESH)
+    refresh_tokens.end_family(
+        session=db.session,
+        presented=refresh_tokens.Presented(
+            family=claims.get("fam"),
+            jti=claims["jti"],
+            user_id=int(claims["sub"]),
+            expires_at=dt.datetime.fromtimestamp(claims["exp"], dt.UTC),
+        ),
+        now=utcnow(),
+    )
+    db.session.commit()
+
+
 class VerifiedTokens:
     """The tokens this app verified lately, with their claims: a PDA sends the same
     access token with every push, and verifying it (the signature, and PyJWT's checks

@@ -178,6 +178,24 @@ def exchange(
     return Exchange(verdict, family_id, family.current_jti)
 
 
+def end_family(*, session: Session, presented: Presented, now: dt.datetime) -> None:
+    """Sign out: revoke ``presented``'s family, in the caller's transaction, so that its
+    refresh tokens and access tokens stop now, copies included (a backup of the PDA, a
+    token read off it), rather than work on for up to ``JWT_REFRESH_TTL_SECONDS`` after
+    the courier signed out. A sign-in that never refreshed gets its row here. Whoever
+    holds a token of the family may end it, as presenting a used one does; ending a
+    family already revoked changes nothing."""
+    _start_family(session, presented)
+    family = session.scalar(
+        select(RefreshTokenFamily)
+        .where(RefreshTokenFamily.id == presented.family_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if family is not None and family.revoked_at is None:
+        family.revoked_at = now
+
+
 def _start_family(session: Session, presented: Presented) -> None:
     """The family's row, its first token current, unless it is stored already."""
     dialect = session.get_bind().dialect.name

@@ -259,6 +259,7 @@ REQUESTS: dict[str, Builder] = {
     "GET /readyz": _same(),
     "POST /api/v1/auth/token": _same(json={"username": ADMIN[0], "password": factories.PASSWORD}),
     "POST /api/v1/auth/refresh": _with_refresh_token,
+    "POST /api/v1/auth/logout": _with_refresh_token,
     "GET /api/v1/stations": _same(),
     "POST /api/v1/stations": _same(json={"code": "NEW1", "name": "New station"}),
     "GET /api/v1/stations/{station_id}": _same(OWN("station_id")),

@@ -148,6 +148,7 @@ MATRIX: dict[str, Row] = {
     "GET /static/{filename}":                                 public(200),
     "POST /api/v1/auth/token":                                public(200),  # admin's password
     "POST /api/v1/auth/refresh":                              public(200),  # admin's refresh token
+    "POST /api/v1/auth/logout":                               public(204),  # admin's refresh token
     # -- operations: the scraper's METRICS_TOKEN or an admin's token -------------------------
     "GET /metrics":                                           api(200, 403, 403, 403, 403, 403, 403, 403),  # noqa: E501
     # -- the API: api(admin, auditor, integration, manager_own, manager_other, courier_own,
@@ -804,7 +805,7 @@ def test_an_auditors_call_writes_nothing_but_the_audit_log(
     wrote = []
     # Signing in writes the limiter's attempts and a refresh token's family, whoever signs in.
     sign_ins = {"POST /web/login", "POST /web/logout", "POST /api/v1/auth/token"}
-    sign_ins.add("POST /api/v1/auth/refresh")
+    sign_ins |= {"POST /api/v1/auth/refresh", "POST /api/v1/auth/logout"}
     logged = set()
     for endpoint, row in MATRIX.items():
         if endpoint == "GET /readyz" or endpoint in sign_ins:

@@ -158,6 +158,47 @@ def test_a_revoked_familys_access_tokens_stop_at_once(
     assert client.get(PROTECTED_URL, headers=bearer(again["access_token"])).status_code == 200
 
 
+LOGOUT_URL = "/api/v1/auth/logout"
+
+
+def sign_out(client: FlaskClient, token: str) -> Any:
+    return client.post(LOGOUT_URL, json={"refresh_token": token})
+
+
+def test_signing_out_ends_the_sign_in_and_every_copy_of_its_tokens(
+    client: FlaskClient, world: World, auth: Auth, clock: Clock
+) -> None:
+    """A courier signing out of the PDA (the app drops its tokens) left them working on
+    the server: a copy (a backup of the PDA, a token read off it) refreshed for 14 days,
+    unseen, since nobody else used the family to show the reuse. Signing out ends the
+    sign-in: its refresh and access tokens, copies included, are refused from then on."""
+    kept = auth.tokens("courier1", "PDA-0001")  # another sign-in, on the courier's phone
+    signed_in = auth.tokens("courier1", "PDA-0001")
+    copy = dict(signed_in)
+    newest = refreshed(client, signed_in["refresh_token"])
+    out = sign_out(client, newest["refresh_token"])
+    assert out.status_code == 204 and out.headers["Cache-Control"] == "no-store"
+    assert refused(refresh(client, newest["refresh_token"])) == (401, "refresh_token_revoked")
+    for access in (copy["access_token"], newest["access_token"]):
+        assert refused(client.get(PROTECTED_URL, headers=bearer(access))) == (401, "token_revoked")
+    # Signing out again, with any token of the sign-in, changes nothing.
+    assert (
+        client.post(LOGOUT_URL, json={"refresh_token": copy["refresh_token"]}).status_code == 204
+    )
+    # A sign-in that never refreshed ends too; other sign-ins go on.
+    fresh = auth.tokens("courier1", "PDA-0001")
+    assert (
+        client.post(LOGOUT_URL, json={"refresh_token": fresh["refresh_token"]}).status_code == 204
+    )
+    assert refused(refresh(client, fresh["refresh_token"])) == (401, "refresh_token_revoked")
+    assert refused(client.get(PROTECTED_URL, headers=bearer(fresh["access_token"])))[0] == 401
+    assert client.get(PROTECTED_URL, headers=bearer(kept["access_token"])).status_code == 200
+    assert refresh(client, kept["refresh_token"]).status_code == 200
+    # Only a refresh token signs out (an access token is refused as the wrong type).
+    wrong = sign_out(client, kept["access_token"])
+    assert refused(wrong) == (401, "wrong_token_type")
+
+
 def test_a_pda_that_lost_the_answer_may_send_the_same_refresh_again_within_the_grace(
     client: FlaskClient, world: World, auth: Auth, clock: Clock
 ) -> None:

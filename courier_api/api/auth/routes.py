@@ -6,7 +6,7 @@ from flask.views import MethodView
 
 from courier_api.api.auth.schemas import RefreshRequest, TokenRequest, TokenResponse
 from courier_api.api.base import RATE_LIMITED, ApiBlueprint
-from courier_api.auth import TokenPair, exchange_refresh_token, issue_tokens
+from courier_api.auth import TokenPair, end_sign_in, exchange_refresh_token, issue_tokens
 from courier_api.extensions import db
 from courier_api.sign_in import sign_in_with_password
 from models import Device, User
@@ -86,3 +86,22 @@ class Refresh(MethodView):
         """
         user, device, pair = exchange_refresh_token(body["refresh_token"])
         return _token_response(user, device, pair), 200, NOT_KEPT
+
+
+@blp.route("/logout")
+class Logout(MethodView):
+    @blp.public
+    @blp.arguments(RefreshRequest)
+    @blp.response(204)
+    @blp.alt_response(401, response="UNAUTHORIZED")
+    def post(self, body: dict[str, Any]) -> tuple[str, int, dict[str, str]]:
+        """Sign out
+
+        Ends the sign-in the refresh token belongs to: its refresh tokens and its
+        access tokens are refused from now on (401 `refresh_token_revoked`,
+        `token_revoked`), copies of them too (a backup of the PDA), rather than
+        working until they expire. Send it when the courier signs out of the PDA or
+        hands it over. Ending a sign-in already ended answers 204 again.
+        """
+        end_sign_in(body["refresh_token"])
+        return "", 204, NOT_KEPT

@@ -332,8 +332,8 @@ def _check_subject(
         _check_device(device, user.station_id, issued_at)
     if family_revoked:
         raise AuthenticationFailed(
-            "a refresh token of this sign-in was used twice (a copy of it, or of the PDA's), "
-            "so all its tokens are revoked; sign in again",
+            "this sign-in was ended (signed out, or one of its refresh tokens was used "
+            "twice: someone may hold a copy), and its tokens with it; sign in again",
             code="token_revoked",
         )
 

@@ -229,7 +229,8 @@ def _reused() -> AuthenticationFailed:
 
 def _revoked() -> AuthenticationFailed:
     return AuthenticationFailed(
-        "this sign-in was ended because one of its refresh tokens was used twice; sign in again",
+        "this sign-in was ended (signed out, or one of its refresh tokens was used twice: "
+        "someone may hold a copy); sign in again",
         code="refresh_token_revoked",
     )
 

@@ -178,7 +178,9 @@ def test_signing_out_ends_the_sign_in_and_every_copy_of_its_tokens(
     newest = refreshed(client, signed_in["refresh_token"])
     out = sign_out(client, newest["refresh_token"])
     assert out.status_code == 204 and out.headers["Cache-Control"] == "no-store"
-    assert refused(refresh(client, newest["refresh_token"])) == (401, "refresh_token_revoked")
+    after = refresh(client, newest["refresh_token"])
+    assert refused(after) == (401, "refresh_token_revoked")
+    assert "signed out" in after.get_json()["message"]  # not only "used twice"
     for access in (copy["access_token"], newest["access_token"]):
         assert refused(client.get(PROTECTED_URL, headers=bearer(access))) == (401, "token_revoked")
     # Signing out again, with any token of the sign-in, changes nothing.

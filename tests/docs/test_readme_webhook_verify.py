@@ -36,3 +36,7 @@ def test_the_readme_receiver_accepts_what_the_service_signs_and_nothing_else() -
     )
     assert verify("new-secret", rotating, body) and verify("old-secret", rotating, body)
     assert not verify("s3cret-of-the-subscription", "t=abc,v1=00", body)
+    # A stamp too long for a float, or for int() (4,300 digits), is refused, not raised:
+    # a stranger's header made the receiver answer 500.
+    for digits in (400, 5000):
+        assert not verify("s3cret-of-the-subscription", f"t={'9' * digits},v1=00", body)

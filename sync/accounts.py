@@ -21,7 +21,7 @@ from sync.sql import Prebuilt
 
 # Built once (``sync.sql.Prebuilt`` says why): every request a PDA makes runs it. The
 # token's sign-in family, when it names one, is looked up by its key in the same query:
-# a family revoked by a reuse stops its access tokens too (``_check_subject``).
+# a family revoked (by a reuse, or signed out) stops its access tokens too.
 USER_AND_DEVICE = (
     select(User, Device, RefreshTokenFamily.revoked_at)
     .select_from(User)
@@ -209,7 +209,7 @@ def load_token_subject(
     reported (a thief's copies). ``credentials_version`` is the account's version the
     token was issued with, ``issued_at`` when (a device's token; to the second),
     ``family`` the sign-in it belongs to (its ``fam``): a reuse of one of its refresh
-    tokens revoked them all, the access tokens with them.
+    tokens, or signing out, revoked them all, the access tokens with them.
     """
     user, device, family_revoked = _user_and_device(session, user_id, device_id, family)
     _check_subject(user, device, credentials_version, issued_at, family_revoked)

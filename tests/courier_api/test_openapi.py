@@ -48,6 +48,7 @@ def test_every_protected_operation_documents_401_and_403(app: Flask) -> None:
     assert sorted(public) == [
         "get /healthz",
         "get /readyz",
+        "post /api/v1/auth/logout",
         "post /api/v1/auth/refresh",
         "post /api/v1/auth/token",
     ]

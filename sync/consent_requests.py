@@ -722,7 +722,11 @@ def cancel_for_handed_over(
     locker) are cancelled: the channel stops asking the recipient to agree to leave
     in a locker a parcel they hold (``consent.request_cancelled``, with the reason),
     and the courier who asked hears it in the pull feed. A request asked after the
-    delivery arrived is cancelled as it is made (``request_consent``)."""
+    delivery arrived is cancelled as it is made (``request_consent``).
+
+    Run after the projection, holding the parcels' locks: a request locked by an answer
+    at this instant (which locks the parcel next: waiting would deadlock) is passed over,
+    the answer taken as first, as when it commits before the push."""
     cancelled: list[ConsentRequest] = []
     for chunk in chunks(sorted(set(tracking_nos))):
         cancelled.extend(
@@ -735,7 +739,7 @@ def cancel_for_handed_over(
                     Parcel.status.in_(HANDED_OVER),
                 )
                 .order_by(ConsentRequest.id)
-                .with_for_update(of=ConsentRequest)
+                .with_for_update(of=ConsentRequest, skip_locked=True)
                 .execution_options(populate_existing=True)
             ).all()
         )

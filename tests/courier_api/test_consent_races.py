@@ -654,3 +654,59 @@ def test_a_push_voiding_the_ask_of_a_request_being_answered_waits_for_no_answer(
         }
     assert requests.pop(online.get_json()["id"]) == (ConsentRequestStatus.PENDING, None)
     assert list(requests.values()) == [(ConsentRequestStatus.CANCELLED, asked["client_event_id"])]
+
+
+@pytest.mark.postgres_only
+def test_a_push_handing_over_a_parcel_whose_request_is_being_answered_waits_for_no_answer(
+    committed_app: Flask, engine: Engine
+) -> None:
+    """The courier asked online; the recipient answers it (the answer holds the request's
+    row, and locks the parcel's next) while the PDA pushes the parcel's collection from
+    the locker, which cancels the parcel's pending requests after its projection, holding
+    the parcel's locks: each waited for the other, a deadlock PostgreSQL broke by failing
+    one (the push, run again by the server a second later, or the recipient's answer).
+    The push passes over the request the answer holds: the answer is taken as first, as
+    when it commits before the push."""
+    from models import ConsentRequest, Parcel
+
+    headers, [(tracking_no, dropped_at, _)] = _dropped_without_consent(committed_app, 1)
+    client = committed_app.test_client()
+    online = client.post(
+        f"{CONSENTS}/requests",
+        json={"tracking_no": tracking_no, "method": "locker", "channel": "sms"},
+        headers=headers["courier"],
+    )
+    assert online.status_code == 201, online.get_json()
+    collected = factories.event(
+        3, tracking_no, "collected_from_locker", occurred_at=dropped_at + dt.timedelta(minutes=5)
+    )
+    answers: list[Any] = []
+
+    def push() -> None:
+        answers.append(
+            committed_app.test_client().post(
+                "/api/v1/sync/push",
+                json=factories.push_body("PDA-RACE", [collected]),
+                headers=headers["courier"],
+            )
+        )
+
+    with engine.connect() as answering:  # an answer holding the online request's row
+        answering.execute(
+            select(ConsentRequest.id)
+            .where(ConsentRequest.id == online.get_json()["id"])
+            .with_for_update()
+        )
+        pushing = threading.Thread(target=push)
+        pushing.start()
+        pushing.join(timeout=10)
+        waited = pushing.is_alive()
+        answering.rollback()  # the answer goes on (here: gives up), releasing the row
+    pushing.join(timeout=60)
+    assert not waited, "the push waited for the answer's row"
+    [pushed] = answers
+    assert pushed.status_code == 200, pushed.get_json()
+    assert [r["status"] for r in pushed.get_json()["results"]] == ["applied"]
+    with committed_app.app_context():
+        parcel = db.session.scalar(select(Parcel).where(Parcel.tracking_no == tracking_no))
+        assert parcel is not None and parcel.status.value == "collected"

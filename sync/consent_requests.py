@@ -65,6 +65,7 @@ MAX_TTL = dt.timedelta(hours=24)
 # Asking them to agree to leave it in a locker tells them something false.
 HANDED_OVER = (ParcelStatus.DELIVERED, ParcelStatus.COLLECTED)
 HANDED_OVER_REASON = "the parcel was handed over to the recipient: nothing to ask"
+VOIDED_REASON = "voided by a correction from the PDA"
 # A request the recipient answered: granted (revoked since, maybe) or refused.
 ANSWERED = (
     ConsentRequestStatus.GRANTED,
@@ -146,7 +147,7 @@ def request_consent(
     )
     if voided:
         request.status = ConsentRequestStatus.CANCELLED
-        request.status_reason = "voided by a correction from the PDA"
+        request.status_reason = VOIDED_REASON
     elif parcel is None:
         request.status = ConsentRequestStatus.UNSENT
         request.status_reason = "the parcel is not taken in at this station: nobody to ask"
@@ -480,11 +481,11 @@ def requests_from_events(
             # with the event's pending request when the event came first (nothing sent).
             online.event_id = row["id"]
             online.client_event_id = row["client_event_id"]
-            if is_voided:
+            if is_voided and _cancel(session, online, now):
                 # Its correction came first or in the same push: it cancels that request
                 # as it does when it comes later (``cancel_voided``), however the PDA
                 # split its stream (rule 3).
-                _cancel(session, online, now, per_parcel)
+                _send_held_back(session, online, per_parcel, now)
             made.append(online)
             continue
         made.append(
@@ -589,8 +590,7 @@ def _send_held_back(
             ConsentRequest.channel.is_(None)
             if cancelled.channel is None
             else ConsentRequest.channel == cancelled.channel,
-            ConsentRequest.status == ConsentRequestStatus.UNSENT,
-            ConsentRequest.status_reason.startswith(HELD_BACK, autoescape=True),
+            _is_held_back(),
             ConsentRequest.created_at < ConsentRequest.expires_at,
             ConsentRequest.expires_at > now,
             ~exists().where(
@@ -601,7 +601,10 @@ def _send_held_back(
         )
         .order_by(ConsentRequest.requested_at, ConsentRequest.id)
         .limit(1)
-        .with_for_update(of=ConsentRequest)
+        # Not waited for: a held-back request locked now is one its own PDA's push is
+        # cancelling (``cancel_voided``, before that push's parcel locks, which this
+        # one holds: waiting would deadlock); the next one held stands in its place.
+        .with_for_update(of=ConsentRequest, skip_locked=True)
     ).first()
     if held is None:
         return None
@@ -662,14 +665,16 @@ def cancel_voided(
     device_id: str,
     corrections: Mapping[uuid.UUID, int],
     now: dt.datetime,
-    per_parcel: Limit | None = None,
 ) -> list[ConsentRequest]:
-    """Pending requests whose events these corrections void (``{voided client event id:
-    the highest seq of a correction naming it}``; only an earlier event can be voided)
-    are cancelled, and a request held back behind each is sent, within ``per_parcel``
-    (``_send_held_back``). (Found by their events' row ids, through the indexes of both
-    tables: a request from a PDA names its event both ways.)"""
-    cancelled = []
+    """Requests whose events these corrections void (``{voided client event id: the
+    highest seq of a correction naming it}``; only an earlier event can be voided) are
+    cancelled: a pending one, and one held back (``_held_back``), which ends as it does
+    when its correction comes in its push (rule 3), not ``unsent`` behind a question
+    its PDA no longer asks. Returns the pending ones, which stood in the way of requests
+    held back behind them: the caller sends those once it holds the parcels' locks
+    (``send_held_back_behind``). (Found by their events' row ids, through the indexes of
+    both tables: a request from a PDA names its event both ways.)"""
+    freed = []
     for chunk in chunks(list(corrections)):
         for request, target, seq in session.execute(
             select(ConsentRequest, ScanEvent.client_event_id, ScanEvent.seq)
@@ -677,41 +682,70 @@ def cancel_voided(
             .where(
                 ScanEvent.device_id == device_id,
                 ScanEvent.client_event_id.in_(chunk),
-                ConsentRequest.status == ConsentRequestStatus.PENDING,
+                or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
             )
             .with_for_update(of=ConsentRequest)
             # The row as locked, not a copy the session read before: a mark the lapse
             # job committed since decides what the channel is told (``_locked``).
             .execution_options(populate_existing=True)
-        ).all():  # read whole: a cancellation may send another request (more statements)
+        ).all():
             if seq >= corrections[target]:
                 continue
-            _cancel(session, request, now, per_parcel)
-            cancelled.append(request)
-    return cancelled
+            if request.status == ConsentRequestStatus.UNSENT:  # held back: never asked
+                request.status = ConsentRequestStatus.CANCELLED
+                request.status_reason = VOIDED_REASON
+            elif _cancel(session, request, now):
+                freed.append(request)
+    return freed
+
+
+def send_held_back_behind(
+    *,
+    session: Session,
+    cancelled: Sequence[ConsentRequest],
+    per_parcel: Limit | None,
+    now: dt.datetime,
+) -> None:
+    """For each request just cancelled (``cancel_voided``), the request held back behind
+    it is sent (``_send_held_back``). Run by a push after its projection: under the
+    parcels' locks, which an online ask of the same question takes too (one of them is
+    sent), and on the parcels' statuses with this push's events (none is sent for a
+    parcel it hands over)."""
+    for request in cancelled:
+        _send_held_back(session, request, per_parcel, now)
+
+
+def _is_held_back() -> Any:
+    """A PDA's request kept ``unsent`` although it would have been sent (``_held_back``),
+    told by its reason: the other ``unsent`` (nobody to ask) never begin so."""
+    return and_(
+        ConsentRequest.status == ConsentRequestStatus.UNSENT,
+        ConsentRequest.status_reason.startswith(HELD_BACK, autoescape=True),
+    )
 
 
 def _cancel(
     session: Session,
     request: ConsentRequest,
     now: dt.datetime,
-    per_parcel: Limit | None,
-    reason: str = "voided by a correction from the PDA",
-) -> None:
+    reason: str = VOIDED_REASON,
+) -> bool:
     """A pending ``request``, sent, whose event a correction voids (or whose parcel was
-    handed over since), is cancelled (locked); a PDA's request held back behind it is
-    sent (``_send_held_back``)."""
+    handed over since), is cancelled (locked). True when it was still asking the
+    recipient: a PDA's request held back behind it may be sent now
+    (``_send_held_back``)."""
     request.status = ConsentRequestStatus.CANCELLED
     request.status_reason = reason
     request.answered_at = now
     if request.lapse_announced_at is not None:
-        pass  # its end, the lapse, was announced (on the job's clock): no more
-    elif now < request.expires_at:  # asked, and maybe shown: tell the channel
+        return False  # its end, the lapse, was announced (on the job's clock): no more
+    if now < request.expires_at:  # asked, and maybe shown: tell the channel
         _announce_cancelled(session, request, now)
-        _send_held_back(session, request, per_parcel, now)
-    elif request.created_at < request.expires_at:
+        return True
+    if request.created_at < request.expires_at:
         # It lapsed first, asked: that is its end, as the channel hears it.
         _announce_lapsed(session, request, now)
+    return False
 
 
 def cancel_for_handed_over(
@@ -721,8 +755,10 @@ def cancel_for_handed_over(
     (``HANDED_OVER``: a push brought the delivery in person, or the collection from the
     locker) are cancelled: the channel stops asking the recipient to agree to leave
     in a locker a parcel they hold (``consent.request_cancelled``, with the reason),
-    and the courier who asked hears it in the pull feed. A request asked after the
-    delivery arrived is cancelled as it is made (``request_consent``).
+    and the courier who asked hears it in the pull feed. So are the requests held back
+    behind them (never sent: nothing to tell the channel), as one arriving after the
+    delivery is cancelled as it is made (``request_consent``): the same end whichever
+    the PDA pushed first (rule 3), not ``unsent`` behind a request cancelled.
 
     Run after the projection, holding the parcels' locks: a request locked by an answer
     at this instant (which locks the parcel next: waiting would deadlock) is passed over,
@@ -735,7 +771,7 @@ def cancel_for_handed_over(
                 .join(Parcel, Parcel.tracking_no == ConsentRequest.tracking_no)
                 .where(
                     among(session, ConsentRequest.tracking_no, chunk),
-                    ConsentRequest.status == ConsentRequestStatus.PENDING,
+                    or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
                     Parcel.status.in_(HANDED_OVER),
                 )
                 .order_by(ConsentRequest.id)
@@ -744,7 +780,11 @@ def cancel_for_handed_over(
             ).all()
         )
     for request in cancelled:
-        _cancel(session, request, now, None, HANDED_OVER_REASON)
+        if request.status == ConsentRequestStatus.UNSENT:  # held back: never asked
+            request.status = ConsentRequestStatus.CANCELLED
+            request.status_reason = HANDED_OVER_REASON
+        else:
+            _cancel(session, request, now, HANDED_OVER_REASON)
     if cancelled:
         feed.record(
             session,

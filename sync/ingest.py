@@ -64,6 +64,7 @@ from sync.consent_requests import (
     cancel_for_handed_over,
     cancel_voided,
     requests_from_events,
+    send_held_back_behind,
     voided_at_arrival,
 )
 from sync.device_state import DeviceState, held_state, lock_device_state
@@ -688,6 +689,7 @@ class _BatchIngest:
         touched = {event.tracking_no for _, event in stored} | self._bound_drops()
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         targets: Sequence[Any] = []
+        freed: Sequence[Any] = []  # requests a correction cancelled, asking the recipient
         if voided:  # a correction may be filed under another tracking number than its target
             targets = targets_of_corrections(self.session, self.pusher.device_id, voided)
             touched |= {target.tracking_no for target in targets}
@@ -696,15 +698,22 @@ class _BatchIngest:
                 if event.voids_client_event_id:
                     target = event.voids_client_event_id
                     corrections[target] = max(event.seq, corrections.get(target, 0))
-            cancel_voided(
+            # Before any parcel lock: an answer holds its request, then locks the parcel.
+            freed = cancel_voided(
                 session=self.session,
                 device_id=self.pusher.device_id,
                 corrections=corrections,
                 now=self.received_at,
-                per_parcel=self.rules.consent_requests_per_parcel,
             )
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
+        if freed:  # after the projection: under its parcels' locks, on their statuses
+            send_held_back_behind(
+                session=self.session,
+                cancelled=freed,
+                per_parcel=self.rules.consent_requests_per_parcel,
+                now=self.received_at,
+            )
         self._request_consents(stored)
         self._cancel_requests_handed_over(stored)
         if voided:

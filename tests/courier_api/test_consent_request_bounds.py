@@ -665,3 +665,114 @@ def test_no_question_stands_for_a_parcel_delivered_in_person_however_pushed(
     assert online.status_code == 201, online.get_json()
     assert online.get_json()["status"] == "cancelled"
     assert messages(session, tracking_no) == sent
+
+
+def _push_split(
+    client: FlaskClient, headers: dict[str, str], stream: list[Any], pushes: list[list[int]]
+) -> None:
+    for batch in pushes:
+        pushed = client.post(
+            "/api/v1/sync/push",
+            json=factories.push_body("PDA-0001", [stream[i] for i in batch]),
+            headers=headers,
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+
+
+def _requests_by_event(session: Session, tracking_no: str) -> dict[str, tuple[str, str | None]]:
+    session.expire_all()
+    return {
+        str(r.client_event_id): (r.status.value, r.status_reason)
+        for r in session.scalars(
+            select(ConsentRequest).where(ConsentRequest.tracking_no == tracking_no)
+        )
+    }
+
+
+@pytest.mark.parametrize(
+    ("pushes", "sent"),
+    [
+        ([[0, 1], [2, 3]], 1),
+        ([[0, 1], [3], [2]], 1),
+        ([[0, 1, 2, 3]], 0),
+        # The correction in a push of its own, before the delivery was known: the second
+        # was sent then (a message sent cannot be called back).
+        ([[0, 1], [2], [3]], 2),
+    ],
+)
+def test_a_request_held_back_ends_with_the_delivery_however_pushed(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    session: Session,
+    pushes: list[list[int]],
+    sent: int,
+) -> None:
+    """The PDA asks twice the same question (the second held back), voids the first
+    ask, and the recipient takes the parcel in person. The second ask ends cancelled,
+    the parcel handed over, whichever the PDA pushed first (rule 3): it stayed
+    ``unsent`` behind the first when the delivery came before the correction, and when
+    both came in one push it was sent to the recipient (the correction, judged before
+    the delivery was projected, sent it) and cancelled again a moment later."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    question = {"method": "locker", "channel": "sms"}
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+    first = factories.event(1, tracking_no, "consent_requested", occurred_at=at, request=question)
+    again = factories.event(2, tracking_no, "consent_requested", occurred_at=at, request=question)
+    voiding = factories.event(
+        3,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=first["client_event_id"],
+        reason="tapped twice",
+    )
+    delivered = factories.event(
+        4,
+        tracking_no,
+        "delivered",
+        occurred_at=at + dt.timedelta(minutes=1),
+        pod={"recipient_name": "Li Hua", "relation": "self"},
+    )
+    _push_split(client, courier, [first, again, voiding, delivered], pushes)
+    requests = _requests_by_event(session, tracking_no)
+    assert requests[again["client_event_id"]] == (
+        "cancelled",
+        "the parcel was handed over to the recipient: nothing to ask",
+    )
+    assert requests[first["client_event_id"]][0] == "cancelled"
+    assert messages(session, tracking_no) == sent
+
+
+@pytest.mark.parametrize("pushes", [[[0], [1], [2]], [[0, 1], [2]], [[0, 1, 2]], [[1], [0], [2]]])
+def test_a_request_held_back_then_voided_ends_cancelled_however_pushed(
+    client: FlaskClient, auth: Auth, world: World, session: Session, pushes: list[list[int]]
+) -> None:
+    """The PDA asks twice the same question, then voids the second ask (a double tap).
+    The second ends cancelled, voided, as when the correction came in its push, whichever
+    was held back (rule 3); it stayed ``unsent``, its reason naming the first as pending,
+    when it was held back before its correction came."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    question = {"method": "locker", "channel": "sms"}
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    first = factories.event(1, tracking_no, "consent_requested", occurred_at=at, request=question)
+    again = factories.event(2, tracking_no, "consent_requested", occurred_at=at, request=question)
+    voiding = factories.event(
+        3,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=again["client_event_id"],
+        reason="tapped twice",
+    )
+    _push_split(client, courier, [first, again, voiding], pushes)
+    assert _requests_by_event(session, tracking_no) == {
+        first["client_event_id"]: ("pending", None),
+        again["client_event_id"]: ("cancelled", "voided by a correction from the PDA"),
+    }
+    # Twice only when the second arrived first (sent) and the first was held behind it.
+    assert messages(session, tracking_no) == (2 if pushes[0] == [1] else 1)

@@ -776,3 +776,41 @@ def test_a_request_held_back_then_voided_ends_cancelled_however_pushed(
     }
     # Twice only when the second arrived first (sent) and the first was held behind it.
     assert messages(session, tracking_no) == (2 if pushes[0] == [1] else 1)
+
+
+@pytest.mark.parametrize(
+    ("pushes", "status"), [([[0, 1, 2]], "pending"), ([[0], [1], [2]], "cancelled")]
+)
+def test_a_delivery_voided_after_it_ended_the_question_does_not_bring_it_back(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    session: Session,
+    pushes: list[list[int]],
+    status: str,
+) -> None:
+    """README's bounded exception to rule 3: the courier asked, scanned the parcel
+    delivered by mistake and voided that scan. Voided in the push that brought it, the
+    delivery never ended the question; voided later, the question it cancelled (the
+    recipient was told) stays cancelled, and the courier asks again."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2)
+    asked = factories.event(
+        1, tracking_no, "consent_requested", occurred_at=at, request={"method": "locker"}
+    )
+    delivered = factories.event(
+        2, tracking_no, "delivered", occurred_at=at, pod={"recipient_name": "Li Hua"}
+    )
+    voiding = factories.event(
+        3,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=delivered["client_event_id"],
+        reason="wrong parcel scanned",
+    )
+    _push_split(client, courier, [asked, delivered, voiding], pushes)
+    assert [s for s, _ in _requests_by_event(session, tracking_no).values()] == [status]
+    assert ask(client, courier, tracking_no).status_code == (200 if status == "pending" else 201)

@@ -135,6 +135,8 @@ DROP_TOPICS = {
     EventType.DELIVERED_TO_PICKUP_POINT: "parcel.at_pickup_point",
 }
 DROP_VOIDED_TOPIC = "parcel.drop_voided"
+# Scans whose voiding leaves a parcel's status as it was (``_cancel_requests_handed_over``).
+_NOT_STATUS = (EventType.CONSENT_REQUESTED, EventType.CONSENT_CAPTURED, EventType.CORRECTION)
 
 LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
 # A Core insert: events are written in bulk, never loaded back as ORM objects here.
@@ -715,7 +717,7 @@ class _BatchIngest:
                 now=self.received_at,
             )
         self._request_consents(stored)
-        self._cancel_requests_handed_over(stored)
+        self._cancel_requests_handed_over(stored, targets)
         if voided:
             self._retract_drops(corrections, stored, targets)
         self._tell_holders_of_consents(stored, targets)
@@ -1070,15 +1072,20 @@ class _BatchIngest:
             per_parcel=self.rules.consent_requests_per_parcel,
         )
 
-    def _cancel_requests_handed_over(self, stored: list[tuple[int, ValidEvent]]) -> None:
+    def _cancel_requests_handed_over(
+        self, stored: list[tuple[int, ValidEvent]], targets: Sequence[Any]
+    ) -> None:
         """A parcel delivered in person (or collected from its locker) ends the questions
         still put to its recipient about it (``sync.consent_requests``). Only parcels
-        this push brought such a scan of are looked at: no statement for the others."""
+        this push brought such a scan of are looked at, and those whose scan it voids
+        (a failed attempt after the delivery, a mis-tap voided: the parcel is back in the
+        recipient's hands, as one push of the whole stream leaves it): no statement for
+        the others, nor for a push voiding only asks for consent."""
         handed = {
             e.tracking_no
             for _, e in stored
             if e.type in (EventType.DELIVERED, EventType.COLLECTED_FROM_LOCKER)
-        }
+        } | {target.tracking_no for target in targets if target.type not in _NOT_STATUS}
         if handed:
             cancel_for_handed_over(session=self.session, tracking_nos=handed, now=self.received_at)
 

@@ -814,3 +814,49 @@ def test_a_delivery_voided_after_it_ended_the_question_does_not_bring_it_back(
     _push_split(client, courier, [asked, delivered, voiding], pushes)
     assert [s for s, _ in _requests_by_event(session, tracking_no).values()] == [status]
     assert ask(client, courier, tracking_no).status_code == (200 if status == "pending" else 201)
+
+
+@pytest.mark.parametrize("pushes", [[[0, 1, 2, 3]], [[0, 1], [2], [3]], [[0, 1, 2], [3]]])
+def test_a_correction_putting_the_parcel_back_in_its_recipients_hands_ends_the_question(
+    client: FlaskClient, auth: Auth, world: World, session: Session, pushes: list[list[int]]
+) -> None:
+    """The recipient took the parcel in person; the courier then mis-tapped a failed
+    attempt on it, asked for a locker, and voided the failed attempt. Pushed whole, the
+    question is cancelled as it is made (the parcel is delivered); pushed before the
+    correction, it was sent and stayed pending after the correction put the parcel back
+    in the recipient's hands (only a push bringing the delivery scan looked). It ends
+    cancelled either way (rule 3)."""
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    delivered = factories.event(
+        1, tracking_no, "delivered", occurred_at=at, pod={"recipient_name": "Li Hua"}
+    )
+    failed = factories.event(
+        2,
+        tracking_no,
+        "delivery_attempt_failed",
+        occurred_at=at + dt.timedelta(minutes=1),
+        reason="recipient_absent",
+        action="notice_left",
+    )
+    asked = factories.event(
+        3,
+        tracking_no,
+        "consent_requested",
+        occurred_at=at + dt.timedelta(minutes=2),
+        request={"method": "locker"},
+    )
+    voiding = factories.event(
+        4,
+        tracking_no,
+        "correction",
+        occurred_at=at + dt.timedelta(minutes=3),
+        voids_client_event_id=failed["client_event_id"],
+        reason="wrong parcel",
+    )
+    _push_split(client, courier, [delivered, failed, asked, voiding], pushes)
+    assert list(_requests_by_event(session, tracking_no).values()) == [
+        ("cancelled", "the parcel was handed over to the recipient: nothing to ask")
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from models import (
 )
 from sync import audit, feed
 from sync.balances import refresh_for_parcels
-from sync.errors import DomainError, InvalidInput, NotFound, PermissionDenied
+from sync.errors import (
+    CursorReset,
+    DomainError,
+    InvalidCursor,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+)
 from sync.flags import FlagSubject, close_flags
 from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, ordered, voided_by
@@ -488,42 +496,105 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
     return timeline_page(session=session, tracking_no=tracking_no).entries
 
 
+_TIMELINE_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})")
+
+
+@dataclass(frozen=True)
+class TimelineCursor:
+    """Where a walk through a timeline stands, ``as_of.count.after``: the walk reads the
+    timeline as it was at its first page, the events whose id is at most ``as_of``
+    (``count`` of them), and goes on after the event ``after``, the last one shown."""
+
+    as_of: int
+    count: int
+    after: int
+
+    def __str__(self) -> str:
+        return f"{self.as_of}.{self.count}.{self.after}"
+
+    @classmethod
+    def parse(cls, raw: str | None) -> TimelineCursor | None:
+        """The cursor, or None for a walk's first page."""
+        if raw is None or raw == "":
+            return None
+        match = _TIMELINE_CURSOR.fullmatch(raw)
+        if match is None or max(int(n) for n in match.groups()) > _INT64_MAX:
+            raise InvalidCursor(
+                "the cursor is malformed; send back a next_cursor exactly as received",
+                field="cursor",
+            )
+        return cls(int(match[1]), int(match[2]), int(match[3]))
+
+
+_INT64_MAX = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class TimelinePage:
     entries: list[TimelineEntry]
-    next_after: int | None  # the last entry's event id when more follow it
+    # The highest event id of the timeline the walk reads: its first page's, every page.
+    as_of: int
+    # Where the walk goes on; None on its last page.
+    next_cursor: TimelineCursor | None
+    # Events of the parcel with an id above ``as_of``: arrived since the walk began, in
+    # no page of it.
+    arrived_since: int
 
 
 def timeline_page(
-    *, session: Session, tracking_no: str, after: int = 0, limit: int | None = None
+    *,
+    session: Session,
+    tracking_no: str,
+    cursor: TimelineCursor | None = None,
+    limit: int | None = None,
 ) -> TimelinePage:
-    """``parcel_timeline`` from the entry after the event ``after`` (0: from the start),
-    at most ``limit`` entries (None: all of them).
+    """``parcel_timeline`` a page at a time: at most ``limit`` entries (None: all of them)
+    from the start, or from where ``cursor`` (a page's ``next_cursor``) stands.
 
-    The order is the projection's, worked out on the whole history: the events' facts
-    and the final outcomes' payloads (``load_events(judged_only=True)``, what says which
-    scan repeats an outcome); each entry's row is read for the page alone. A PDA that
-    scanned one parcel 25,000 times made its timeline a 15 MB answer of 14 s, every
-    event read twice. A page follows the timeline as it is when asked: a late event
-    ordered before ``after`` shows when the timeline is read again from its start, and
-    so do the events a late event moves: one of a lower seq dated after its device's
-    later events moves them after it (``ordered``), ``after`` among them, so the next
-    page repeats those it passes and leaves out those it passed. Nothing from the
-    ``after`` alone tells which events its page was ordered with."""
+    A walk reads one timeline, the one there was at its first page: the parcel's
+    events whose id is at most the highest there was then (``as_of``), ordered, voided
+    and folded among themselves alone, so its pages add up to that timeline, each event
+    once. A page read the timeline as it was when asked, and went on after an event: a
+    late event of a lower seq dated after its PDA's later events moves them (projection
+    order, ``ordered``), so the next page repeated those it moved past that event and
+    left out those it moved that event past, and still ended. Events arriving during
+    the walk get higher ids; they are counted (``arrived_since``) and shown by a walk
+    begun after them. One of two PDAs' pushes of the parcel may commit after the other's
+    higher ids were read: the walk's ``count`` finds it, and the walk is refused
+    (``CursorReset``) rather than ordered anew under it.
+
+    The order is the projection's, worked out on the events' facts and the final
+    outcomes' payloads (``load_events(judged_only=True)``, what says which scan repeats
+    an outcome); each entry's row is read for the page alone. A PDA that scanned one
+    parcel 25,000 times made its timeline a 15 MB answer of 14 s, every event read
+    twice."""
     history = load_events(session, [tracking_no], judged_only=True)[tracking_no]
-    facts = [event.fact for event in history]
+    # By id, so that the order (stable sorts) is the same on every page of a walk.
+    history.sort(key=lambda event: event.fact.event_id)
+    newest = history[-1].fact.event_id if history else 0
+    as_of = newest if cursor is None else cursor.as_of
+    walked = [event for event in history if event.fact.event_id <= as_of]
+    if cursor is not None:
+        if all(event.fact.event_id != cursor.after for event in walked):
+            raise InvalidCursor(
+                f"the cursor is not one of a walk through the timeline of {tracking_no}",
+                field="cursor",
+            )
+        if len(walked) != cursor.count:
+            raise CursorReset(
+                f"events of {tracking_no} were stored under this walk's last event id "
+                "after it began (two PDAs' pushes ending at once); read the timeline "
+                "again from the start",
+                field="cursor",
+            )
+    facts = [event.fact for event in walked]
     in_order = ordered(facts)
     start = 0
-    if after:
-        position = next((i for i, f in enumerate(in_order) if f.event_id == after), None)
-        if position is None:
-            raise InvalidInput(
-                f"event {after} is not in the timeline of {tracking_no}", field="after"
-            )
-        start = position + 1
+    if cursor is not None:
+        start = next(i for i, f in enumerate(in_order) if f.event_id == cursor.after) + 1
     end = len(in_order) if limit is None else min(len(in_order), start + limit)
     shown = in_order[start:end]
-    firsts = first_scans(history)
+    firsts = first_scans(walked)
     events: dict[int, Any] = {}
     for chunk in chunks([fact.event_id for fact in shown]):
         rows = session.execute(
@@ -546,4 +617,10 @@ def timeline_page(
         )
         for fact in shown
     ]
-    return TimelinePage(entries, shown[-1].event_id if shown and end < len(in_order) else None)
+    more = bool(shown) and end < len(in_order)
+    return TimelinePage(
+        entries=entries,
+        as_of=as_of,
+        next_cursor=TimelineCursor(as_of, len(walked), shown[-1].event_id) if more else None,
+        arrived_since=len(history) - len(walked),
+    )

@@ -571,11 +571,12 @@ def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
 ) -> None:
     """A PDA that scanned one parcel 25,000 times made its timeline one answer of 15 MB
     (14 s, every event read twice). A timeline no longer than a page (most) still comes
-    whole, ``next_after`` null; a longer one comes ``limit`` events at a time, each page
+    whole, ``next_cursor`` null; a longer one comes ``limit`` events at a time, each page
     leading to the next, and the pages add up to the whole timeline, in its order, each
-    entry as the whole shows it (voids, repeats). An ``after`` that is no event of the
-    timeline is a 422 naming it."""
+    entry as the whole shows it (voids, repeats). A cursor that is malformed, or of
+    another parcel's timeline, is a 400."""
     parcel = factories.parcel(session, world.station)
+    other = factories.parcel(session, world.station, tracking_no="RB123456785GB")
     session.commit()
     tn = parcel.tracking_no
     start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
@@ -599,41 +600,48 @@ def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
     auth.push(events)
     headers = auth.headers("manager1")
     whole = client.get(f"{URL}/{tn}", headers=headers).json
-    assert len(whole["timeline"]) == len(events) and whole["next_after"] is None
+    assert len(whole["timeline"]) == len(events) and whole["next_cursor"] is None
+    assert whole["as_of"] == max(e["event_id"] for e in whole["timeline"])
+    assert whole["arrived_since"] == 0
     assert any(e["repeats_event_id"] for e in whole["timeline"])
     assert any(e["voided"] for e in whole["timeline"])
-    pages, after = [], 0
+    pages, query = [], {"limit": 5}
     while True:
-        page = client.get(
-            f"{URL}/{tn}", query_string={"limit": 5, "after": after}, headers=headers
-        ).json
+        page = client.get(f"{URL}/{tn}", query_string=query, headers=headers).json
         pages.append(page["timeline"])
-        assert {k: v for k, v in page.items() if k not in ("timeline", "next_after")} == {
-            k: v for k, v in whole.items() if k not in ("timeline", "next_after")
+        assert {k: v for k, v in page.items() if k not in ("timeline", "next_cursor")} == {
+            k: v for k, v in whole.items() if k not in ("timeline", "next_cursor")
         }
-        if page["next_after"] is None:
+        if page["next_cursor"] is None:
             break
-        after = page["next_after"]
-        assert after == page["timeline"][-1]["event_id"]
+        query = {"limit": 5, "cursor": page["next_cursor"]}
     assert [len(p) for p in pages] == [5, 5, 2]
     assert [e for p in pages for e in p] == whole["timeline"]
-    unknown = client.get(f"{URL}/{tn}", query_string={"after": 10**9}, headers=headers)
-    assert unknown.status_code == 422
-    assert list(unknown.json["errors"]) == ["after"]
+    cursor = client.get(f"{URL}/{tn}", query_string={"limit": 5}, headers=headers).json[
+        "next_cursor"
+    ]
+    for wrong in ("5", "1.2.x", f"{10**20}.1.1"):
+        malformed = client.get(f"{URL}/{tn}", query_string={"cursor": wrong}, headers=headers)
+        assert malformed.status_code == 400, wrong
+        assert malformed.json["code"] == "cursor_malformed"
+    elsewhere = client.get(
+        f"{URL}/{other.tracking_no}", query_string={"cursor": cursor}, headers=headers
+    )
+    assert elsewhere.status_code == 400 and elsewhere.json["code"] == "cursor_malformed"
     too_long = client.get(f"{URL}/{tn}", query_string={"limit": 501}, headers=headers)
     assert too_long.status_code == 422
 
 
-def test_a_page_after_a_late_event_may_repeat_or_leave_out_events_as_readme_says(
+def test_a_walk_through_a_timeline_adds_up_to_it_as_it_was_when_a_late_event_moves_it(
     client: FlaskClient, world: World, auth: Auth, session: Session
 ) -> None:
-    """A page follows the timeline as it is when asked, and ``after`` is an event, not
-    a place in the order the page before was read in. A late event of a lower seq dated
-    after its PDA's later events moves them after it (projection order): the next page
-    shows again those moved past ``after``, and leaves out those ``after`` itself was
-    moved past, ending all the same; the timeline read from the start has every event
-    once. README and the API's text say so: an auditor paging a parcel must not take
-    the last page for proof of the whole."""
+    """A page followed the timeline as it was when asked, after an event: a late event
+    of a lower seq dated after its PDA's later events moved them (projection order), and
+    the next page left out an event there from the start (or repeated one), and ended
+    all the same; an auditor took the last page for the whole. The pages of one walk
+    now add up exactly to the timeline as it was at its first page (``as_of``), each
+    event once, in that order; each page says how many events arrived since
+    (``arrived_since``), and a walk begun again shows them in their place."""
     parcel = factories.parcel(session, world.station)
     factories.device(session, "PDA-0003", world.station)
     factories.user(session, "courier3", "courier", world.station)
@@ -650,19 +658,63 @@ def test_a_page_after_a_late_event_may_repeat_or_leave_out_events_as_readme_says
     auth.push([scan(1, 3), scan(2, 20)], "courier3", "PDA-0003")
     headers = auth.headers("manager1")
 
-    def page(limit: int, after: int = 0) -> dict:
-        query = {"limit": limit, "after": after}
-        return client.get(f"{URL}/{tn}", query_string=query, headers=headers).json
+    def page(limit: int, cursor: str | None = None) -> dict:
+        query: dict = {"limit": limit} if cursor is None else {"limit": limit, "cursor": cursor}
+        answer = client.get(f"{URL}/{tn}", query_string=query, headers=headers)
+        assert answer.status_code == 200, answer.json
+        return answer.json
 
-    def seqs(answer: dict) -> list[tuple[str, int]]:
-        return [(e["device_id"], e["seq"]) for e in answer["timeline"]]
+    def seqs(timeline: list[dict]) -> list[tuple[str, int]]:
+        return [(e["device_id"], e["seq"]) for e in timeline]
 
-    one, two = page(1), page(2)
-    assert seqs(two) == [("PDA-0001", 2), ("PDA-0003", 1)]
+    before = page(500)
+    assert seqs(before["timeline"]) == [("PDA-0001", 2), ("PDA-0003", 1), ("PDA-0003", 2)]
+    walks = {limit: [page(limit)] for limit in (1, 2)}
     auth.push([scan(1, 10)])  # seq 1 arrives, dated after seq 2: both after PDA-0003's 1
-    whole = [("PDA-0003", 1), ("PDA-0001", 1), ("PDA-0001", 2), ("PDA-0003", 2)]
-    assert seqs(page(500)) == whole
-    left_out = page(500, one["next_after"])
-    assert seqs(left_out) == [("PDA-0003", 2)] and left_out["next_after"] is None
-    repeated = page(500, two["next_after"])
-    assert seqs(repeated) == [("PDA-0001", 1), ("PDA-0001", 2), ("PDA-0003", 2)]
+    for limit, pages in walks.items():
+        while pages[-1]["next_cursor"] is not None:
+            pages.append(page(limit, pages[-1]["next_cursor"]))
+        walked = [e for p in pages for e in p["timeline"]]
+        assert walked == before["timeline"], limit
+        assert {p["as_of"] for p in pages} == {before["as_of"]}
+        assert [p["arrived_since"] for p in pages] == [0] + [1] * (len(pages) - 1)
+    again = page(500)
+    assert seqs(again["timeline"]) == [
+        ("PDA-0003", 1),
+        ("PDA-0001", 1),
+        ("PDA-0001", 2),
+        ("PDA-0003", 2),
+    ]
+    assert again["arrived_since"] == 0 and again["as_of"] > before["as_of"]
+
+
+def test_a_walk_that_events_joined_below_its_as_of_is_refused_not_ordered_anew(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """Two PDAs' pushes of one parcel may commit out of their ids' order: a walk begun
+    between them would read, on a later page, an event below its ``as_of`` that its
+    first page was ordered without. The cursor carries how many events the walk reads;
+    a page that finds another number is a 410 ``cursor_reset``, start again, never a
+    page of another order. (Here the walk's first page is read as if that event had
+    not been committed yet: its cursor counts one event fewer.)"""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    scan_at = [start + dt.timedelta(minutes=seq) for seq in (1, 2, 3)]
+    auth.push(
+        [
+            factories.event(seq, tn, "out_for_delivery", occurred_at=when)
+            for seq, when in enumerate(scan_at, start=1)
+        ]
+    )
+    headers = auth.headers("manager1")
+    first = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
+    as_of, count, after = first["next_cursor"].split(".")
+    assert (int(as_of), int(count)) == (first["as_of"], 3)
+    joined = client.get(
+        f"{URL}/{tn}", query_string={"limit": 1, "cursor": f"{as_of}.2.{after}"}, headers=headers
+    )
+    assert joined.status_code == 410
+    assert joined.json["code"] == "cursor_reset"
+    assert list(joined.json["errors"]) == ["cursor"]

@@ -20,6 +20,7 @@ from sync.errors import LimitExceeded
 from sync.pages import opens_shift
 from sync.parcels import (
     IntakeScope,
+    TimelineCursor,
     TimelineEntry,
     get_parcel,
     parcel_not_found,
@@ -75,7 +76,9 @@ class ParcelByTrackingNo(MethodView):
     @blp.auth()
     @blp.arguments(TimelineArgs, location="query")
     @blp.response(200, ParcelDetail)
+    @blp.alt_response(400, response="BAD_REQUEST")
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(410, response="GONE")
     @blp.alt_response(422, response="UNPROCESSABLE_ENTITY")
     def get(self, args: dict[str, Any], tracking_no: str) -> dict[str, Any]:
         """Get a parcel and its timeline
@@ -95,16 +98,19 @@ class ParcelByTrackingNo(MethodView):
 
         The timeline comes in pages of `limit` events (default and at most 500):
         a parcel's whole timeline in one when it is no longer (most are), and
-        `next_after` null. A longer one (a PDA that scanned it thousands of
-        times) gives `next_after`: pass it as `after` for the next page, in the
-        same order. A page follows the timeline as it is when asked: an event
-        arriving meanwhile may be ordered before the page reached, and one its
-        PDA recorded before others already held (a lower `seq`) but dated after
-        them moves those after it, so the next page may show again an event
-        already shown, or leave out one the page before had not reached, and
-        still end with `next_after` null: read from the start again to see the
-        timeline whole. An `after` that is not an event of the parcel's
-        timeline is a 422 naming the field.
+        `next_cursor` null. A longer one (a PDA that scanned it thousands of
+        times) gives `next_cursor`: pass it as `cursor` for the next page. The
+        pages of one walk read the timeline as it was at its first page, its
+        events up to `as_of` (the highest event id then, the same on every
+        page), ordered, voided and folded among themselves: they add up to that
+        timeline exactly, each event once, even when an event arrives meanwhile
+        that moves others in the order. Events that arrived since are in no page
+        of the walk: `arrived_since` counts them on each page (0: the walk is the
+        timeline as it is now); read it again from the start, without a cursor,
+        to see them in their place. A cursor that is malformed or not of this
+        parcel's timeline is a 400 (`cursor_malformed`); a 410 `cursor_reset`
+        means events the walk began without were stored below `as_of` (two
+        PDAs' pushes of the parcel ending at once): start the walk again.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_visible(parcel.station_id, parcel_not_found(tracking_no))
@@ -114,7 +120,7 @@ class ParcelByTrackingNo(MethodView):
         page = timeline_page(
             session=db.session,
             tracking_no=parcel.tracking_no,
-            after=args["after"],
+            cursor=TimelineCursor.parse(args.get("cursor")),
             limit=args["limit"],
         )
         timeline = page.entries
@@ -128,7 +134,9 @@ class ParcelByTrackingNo(MethodView):
                 timeline_view(e, hide_codes, unmasked, visible_station=visible_station)
                 for e in timeline
             ],
-            "next_after": page.next_after,
+            "as_of": page.as_of,
+            "arrived_since": page.arrived_since,
+            "next_cursor": None if page.next_cursor is None else str(page.next_cursor),
         }
         # Rule 7: its proofs and the unmasked phone go out logged, naming the deliveries
         # whose POD the timeline shows, as a proof's read does. Last, the answer built: a

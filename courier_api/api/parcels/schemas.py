@@ -6,7 +6,7 @@ from typing import Any
 import marshmallow as ma
 
 from courier_api.api.base import PageArgs
-from courier_api.api.fields import After, Text
+from courier_api.api.fields import Text
 from models import EventType, ParcelStatus, ServiceClass
 from sync.paging import MAX_PAGE_SIZE
 from sync.parcels import ParcelDraft
@@ -217,10 +217,10 @@ class TimelineArgs(PageArgs):
         validate=ma.validate.Range(min=1, max=MAX_PAGE_SIZE),
         metadata={"description": f"Events per page (1-{MAX_PAGE_SIZE}, default {MAX_PAGE_SIZE})"},
     )
-    after = After(
+    cursor = Text(
         metadata={
-            "description": "The last event id of the previous page (its `next_after`); "
-            "0, the default, for the first"
+            "description": "The previous page's `next_cursor`, as received; omit it for "
+            "a walk's first page"
         }
     )
 
@@ -232,14 +232,31 @@ class ParcelDetail(ParcelOut):
         metadata={
             "description": "Seq order within a device, corrected time across devices: "
             "the whole timeline when it has no more than `limit` events (most parcels), "
-            "its first `limit` otherwise, the rest on the pages `next_after` leads to"
+            "its first `limit` otherwise, the rest on the pages `next_cursor` leads to, "
+            "each page of one walk of the timeline as it was at its first (`as_of`)"
         },
     )
-    next_after = ma.fields.Integer(
+    as_of = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "The highest event id of the timeline this walk reads, the "
+            "same on each of its pages: the timeline as it was at its first page (0: no "
+            "events). Its pages add up to that timeline, each event once"
+        },
+    )
+    arrived_since = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "Events of the parcel stored since the walk began (an id "
+            "above `as_of`), counted when this page was read: in no page of this walk; "
+            "read the timeline again without a cursor to see them in their place"
+        },
+    )
+    next_cursor = ma.fields.String(
         allow_none=True,
         required=True,
         metadata={
-            "description": "When more events follow in the timeline: pass it as `after` "
-            "for the next page. Null on its last page"
+            "description": "When more events of the walk's timeline follow: pass it as "
+            "`cursor` for the next page. Null on its last page"
         },
     )

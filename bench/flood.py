@@ -16,8 +16,8 @@ held (``BEGIN IMMEDIATE`` to its release: what every other PDA's push waits for)
 Then ``--reads`` times ``GET /parcels/<tracking_no>`` as the courier asks it, without
 a query (what a client that knows of no pages gets), and as often an auditor's
 ``GET /proofs/<event_id>`` of one of the parcel's deliveries (its answer holds the
-parcel's whole timeline, as the web page of a proof shows it): wall, CPU and the
-answer's size.
+500 events of the parcel's timeline nearest it, as the web page of a proof shows
+them): wall, CPU and the answer's size.
 ``--profile``: cProfile over one more such push, the project's code by cumulative time.
 
 SQLite runs on a temporary file; ``--database-url`` names a PostgreSQL database whose

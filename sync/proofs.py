@@ -28,7 +28,7 @@ from sync.errors import InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
 from sync.paging import MAX_PAGE_SIZE
-from sync.parcels import TimelineEntry, parcel_timeline
+from sync.parcels import TimelineEntry, timeline_around
 from sync.projection import voided_in_sql
 from sync.rules import (
     DROPS,
@@ -130,6 +130,11 @@ class ProofDetail:
     # A repeated scan of an outcome scanned before: that first scan's event id
     # (``repeats_of``); None: a delivery of its own.
     repeat_of: int | None = None
+    # Where ``timeline`` starts in the parcel's whole timeline (0: its first event), and
+    # how many events that holds: all of them when no more than a page, else the page's
+    # worth nearest the delivery (``sync.parcels.timeline_around``).
+    timeline_offset: int = 0
+    timeline_total: int = 0
 
     @property
     def voided(self) -> bool:
@@ -278,9 +283,12 @@ def get_proof(
     consents = proofs_consents(
         session=session, proofs=[proof], policy=policy, loaded={tracking_no: events}
     )
+    window = timeline_around(session=session, event_id=event_id, history=events)
     return ProofDetail(
         proof=proof,
-        timeline=parcel_timeline(session=session, tracking_no=tracking_no),
+        timeline=window.entries,
+        timeline_offset=window.offset,
+        timeline_total=window.total,
         drop=consents.get(event_id),
         flags=list(flags),
         judged_between=None if drop is None else drop_span(drop, policy, events),

@@ -2019,3 +2019,58 @@ def test_a_page_of_one_parcels_proofs_folds_its_history_once_not_once_a_proof(
     # span (its PDA's events around it) worked out once, not once per consent.
     assert len(folded) <= 2, folded
     assert sorted(spans) == sorted(p["event_id"] for p in page), spans
+
+
+def test_a_proof_of_a_flooded_parcel_answers_the_stretch_of_its_timeline_around_it(
+    app: Flask, client: FlaskClient, auth: Auth, world: World, session: Session
+) -> None:
+    """A proof answered its parcel's whole timeline: 14.7 MB for a parcel a PDA scanned
+    25,000 times (docs/BENCHMARKS.md, "A flooded parcel"), each event read twice. A
+    timeline of no more than a page (500 events: every parcel but such a one) is still
+    answered whole; a longer one, the 500 events nearest the delivery, as many before it
+    as after, saying where they start (``timeline_offset``) and how many there are
+    (``timeline_total``): the same entries the parcel's own pages hold there. The web
+    page of the proof says so too."""
+    tn = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    scans = [
+        factories.event(
+            seq,
+            tn,
+            "checked_out" if seq == 1 else "out_for_delivery",
+            occurred_at=start + dt.timedelta(seconds=seq),
+        )
+        for seq in range(1, 701)
+    ]
+    scans[399] = factories.event(
+        400,
+        tn,
+        "delivered",
+        occurred_at=start + dt.timedelta(seconds=400),
+        pod={"recipient_name": "Li Lei", "relation": "self"},
+    )
+    auth.push(scans)
+    auditor = auth.headers("auditor1")
+    whole: list[dict] = []
+    query: dict[str, Any] = {}
+    while True:
+        page = client.get(f"/api/v1/parcels/{tn}", query_string=query, headers=auditor).json
+        whole += page["timeline"]
+        if page["next_cursor"] is None:
+            break
+        query = {"cursor": page["next_cursor"]}
+    assert len(whole) == 700
+    (delivered,) = [e for e in whole if e["type"] == "delivered"]
+    proof = client.get(f"{URL}/{delivered['event_id']}", headers=auditor).json
+    assert (proof["timeline_offset"], proof["timeline_total"]) == (149, 700)
+    assert proof["timeline"] == whole[149:649]
+    assert proof["timeline"][250]["event_id"] == delivered["event_id"]
+    first = client.get(f"{URL}/{delivered['event_id']}", headers=auditor).json
+    assert first["timeline"] == proof["timeline"]
+    html = signed_in(app, "auditor1").get(f"/web/proofs/{delivered['event_id']}")
+    text = " ".join(html.split())
+    assert (
+        "The 500 events nearest this delivery are listed, 150 to 649 of the parcel's 700" in text
+    )
+    assert text.count('<td class="received">') == 500

@@ -309,8 +309,12 @@ class ProofById(MethodView):
     def get(self, event_id: int) -> dict[str, Any]:
         """Get a proof of delivery with its evidence
 
-        The delivery, its POD and distance from the address, the parcel's whole
-        event chain (device, corrected and receive times), whether a correction
+        The delivery, its POD and distance from the address, the parcel's
+        event chain (device, corrected and receive times: the whole timeline when
+        it has no more than 500 events, as every parcel but one a PDA scanned
+        hundreds of times, else the 500 nearest the delivery in its order, from
+        `timeline_offset` of `timeline_total`; `GET /api/v1/parcels/<tracking_no>`
+        pages through it all), whether a correction
         voided it, for a locker or pickup-point drop the consent that authorized
         it (null: none did), and the parcel's flags and those citing the delivery,
         its PDA's `clock_jump` among them (a station manager's: their station's
@@ -356,6 +360,8 @@ class ProofById(MethodView):
                 timeline_view(e, False, auditor, visible_station=principal.station_filter(None))
                 for e in detail.timeline
             ],
+            "timeline_offset": detail.timeline_offset,
+            "timeline_total": detail.timeline_total,
             "rejected_events": count_naming(
                 session=db.session,
                 tracking_no=detail.proof.event.tracking_no,

@@ -6,6 +6,7 @@ from courier_api.api.base import PageArgs, UserRef
 from courier_api.api.fields import After, Id, Text, UtcTime
 from courier_api.api.parcels.schemas import TimelineEvent
 from models import ServiceClass
+from sync.paging import MAX_PAGE_SIZE
 from sync.proofs import METHODS, SEARCHABLE_FLAG_KINDS
 
 
@@ -307,7 +308,31 @@ class ProofDetailOut(ProofOut):
             "one"
         },
     )
-    timeline = ma.fields.List(ma.fields.Nested(TimelineEvent), required=True)
+    timeline = ma.fields.List(
+        ma.fields.Nested(TimelineEvent),
+        required=True,
+        metadata={
+            "description": "The parcel's timeline in projection order: whole when it has "
+            f"no more than {MAX_PAGE_SIZE} events (every parcel but one a PDA scanned "
+            f"hundreds of times), else the {MAX_PAGE_SIZE} nearest this delivery, from "
+            "`timeline_offset` of its `timeline_total` events; "
+            "`GET /api/v1/parcels/{tracking_no}` pages through them all"
+        },
+    )
+    timeline_offset = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "Where `timeline` starts in the parcel's whole timeline (0: "
+            "at its first event)"
+        },
+    )
+    timeline_total = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "Events in the parcel's whole timeline: `timeline` is all of "
+            "it when it holds as many"
+        },
+    )
     rejected_events = ma.fields.Integer(
         required=True,
         metadata={

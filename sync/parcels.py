@@ -583,7 +583,7 @@ def timeline_page(
             )
         if len(walked) != cursor.count:
             raise CursorReset(
-                f"events of {tracking_no} were stored under this walk's last event id "
+                f"events of {tracking_no} with ids below this walk's as_of were stored "
                 "after it began (two PDAs' pushes ending at once); read the timeline "
                 "again from the start",
                 field="cursor",
@@ -647,10 +647,6 @@ class TimelineWindow:
     entries: list[TimelineEntry]
     offset: int
     total: int
-
-    @property
-    def whole(self) -> bool:
-        return self.offset == 0 and len(self.entries) == self.total
 
 
 def timeline_around(

@@ -4,10 +4,10 @@ from collections.abc import Callable
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagStatus
+from models import Flag, FlagStatus, ScanEvent
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
@@ -691,30 +691,38 @@ def test_a_walk_through_a_timeline_adds_up_to_it_as_it_was_when_a_late_event_mov
 def test_a_walk_that_events_joined_below_its_as_of_is_refused_not_ordered_anew(
     client: FlaskClient, world: World, auth: Auth, session: Session
 ) -> None:
-    """Two PDAs' pushes of one parcel may commit out of their ids' order: a walk begun
-    between them would read, on a later page, an event below its ``as_of`` that its
-    first page was ordered without. The cursor carries how many events the walk reads;
-    a page that finds another number is a 410 ``cursor_reset``, start again, never a
-    page of another order. (Here the walk's first page is read as if that event had
-    not been committed yet: its cursor counts one event fewer.)"""
+    """Two PDAs' pushes of one parcel may commit out of their ids' order (PostgreSQL): a
+    walk begun between them would read, on a later page, an event below its ``as_of``
+    that its first page was ordered without. The cursor carries how many events the
+    walk reads; a page that finds another number is a 410 ``cursor_reset``, start
+    again, never a page of another order. (Here an event of another parcel, its id
+    between the parcel's, is filed under it after the walk's first page: the parcel
+    gains an event below ``as_of``, as a late commit makes it.)"""
     parcel = factories.parcel(session, world.station)
+    other = factories.parcel(session, world.station, tracking_no="RB123456785GB")
     session.commit()
     tn = parcel.tracking_no
     start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
-    scan_at = [start + dt.timedelta(minutes=seq) for seq in (1, 2, 3)]
-    auth.push(
-        [
-            factories.event(seq, tn, "out_for_delivery", occurred_at=when)
-            for seq, when in enumerate(scan_at, start=1)
-        ]
-    )
+
+    def scan(seq: int, tracking_no: str = tn) -> dict:
+        when = start + dt.timedelta(minutes=seq)
+        return factories.event(seq, tracking_no, "out_for_delivery", occurred_at=when)
+
+    auth.push([scan(1), scan(2)])
+    auth.push([scan(3, other.tracking_no)])
+    auth.push([scan(4)])
     headers = auth.headers("manager1")
     first = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
-    as_of, count, after = first["next_cursor"].split(".")
-    assert (int(as_of), int(count)) == (first["as_of"], 3)
+    assert first["next_cursor"] == f"{first['as_of']}.3.{first['timeline'][0]['event_id']}"
+    session.execute(
+        update(ScanEvent).where(ScanEvent.tracking_no == other.tracking_no).values(tracking_no=tn)
+    )
+    session.commit()
     joined = client.get(
-        f"{URL}/{tn}", query_string={"limit": 1, "cursor": f"{as_of}.2.{after}"}, headers=headers
+        f"{URL}/{tn}", query_string={"limit": 1, "cursor": first["next_cursor"]}, headers=headers
     )
     assert joined.status_code == 410
     assert joined.json["code"] == "cursor_reset"
     assert list(joined.json["errors"]) == ["cursor"]
+    again = client.get(f"{URL}/{tn}", headers=headers).json
+    assert [e["seq"] for e in again["timeline"]] == [1, 2, 3, 4]

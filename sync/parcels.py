@@ -576,6 +576,7 @@ def timeline_page(
     as_of = newest if cursor is None else cursor.as_of
     walked = [event for event in history if event.fact.event_id <= as_of]
     if cursor is not None:
+        walked = _without_joined_corrections(session, tracking_no, walked, history, as_of)
         if all(event.fact.event_id != cursor.after for event in walked):
             raise InvalidCursor(
                 f"the cursor is not one of a walk through the timeline of {tracking_no}",
@@ -603,6 +604,42 @@ def timeline_page(
         next_cursor=TimelineCursor(as_of, len(walked), shown[-1].event_id) if more else None,
         arrived_since=len(history) - len(walked),
     )
+
+
+def _without_joined_corrections(
+    session: Session,
+    tracking_no: str,
+    walked: list[EventDetail],
+    history: Sequence[EventDetail],
+    as_of: int,
+) -> list[EventDetail]:
+    """``walked`` but the corrections filed under another tracking number whose target
+    arrived after ``as_of``: such a correction joins this parcel's history with its
+    target (``load_events``), so a PDA that pushed it before the scan it voids (a lower
+    seq sent late) brought it under a walk's ``as_of`` when that scan arrived, and the
+    walk's count, changed, refused it (410) for two pushes ending at once, which none
+    did. It belongs to the walk only with its target; both show once read again."""
+    beyond = {
+        (event.fact.device_id, event.fact.client_event_id)
+        for event in history
+        if event.fact.event_id > as_of
+    }
+    joined = [
+        event.fact.event_id
+        for event in walked
+        if event.fact.voids_client_event_id is not None
+        and (event.fact.device_id, event.fact.voids_client_event_id) in beyond
+    ]
+    if not joined:  # the usual case: no statement
+        return walked
+    elsewhere = set(
+        session.scalars(
+            select(ScanEvent.id).where(
+                ScanEvent.id.in_(joined), ScanEvent.tracking_no != tracking_no
+            )
+        )
+    )
+    return [event for event in walked if event.fact.event_id not in elsewhere]
 
 
 def _entries(

@@ -726,3 +726,63 @@ def test_a_walk_that_events_joined_below_its_as_of_is_refused_not_ordered_anew(
     assert list(joined.json["errors"]) == ["cursor"]
     again = client.get(f"{URL}/{tn}", headers=headers).json
     assert [e["seq"] for e in again["timeline"]] == [1, 2, 3, 4]
+
+
+def test_a_walk_is_not_refused_for_a_correction_filed_elsewhere_whose_target_came_after(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """A correction filed under another tracking number joins the parcel's timeline when
+    its target arrives (``load_events`` files it under its target's parcel). A PDA that
+    pushed the correction before the scan it voids (a lower seq sent late) brought that
+    correction, stored long before, under a walk's ``as_of`` once the scan arrived during
+    the walk: the walk's count changed and every later page was a 410 ``cursor_reset``
+    blaming two pushes ending at once. The correction belongs to the walk only with its
+    target: the walk goes on, as it was, and a walk begun again shows both."""
+    parcel = factories.parcel(session, world.station)
+    other = factories.parcel(session, world.station, tracking_no="RB123456785GB")
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    target = factories.event(
+        1, tn, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=10)
+    )
+    correction = factories.event(
+        2,
+        other.tracking_no,
+        "correction",
+        occurred_at=start + dt.timedelta(minutes=11),
+        voids_client_event_id=target["client_event_id"],
+        reason="mis-scanned",
+    )
+    receipt = auth.push([correction], "courier3", "PDA-0003")  # its seq 1 still on the PDA
+    assert receipt["results"][0]["status"] == "applied", receipt
+    auth.push(
+        [
+            factories.event(
+                seq, tn, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=seq)
+            )
+            for seq in (1, 2, 3)
+        ]
+    )
+    headers = auth.headers("manager1")
+    pages = [client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json]
+    assert pages[0]["as_of"] > 0
+    auth.push([target], "courier3", "PDA-0003")
+    while pages[-1]["next_cursor"] is not None:
+        answer = client.get(
+            f"{URL}/{tn}",
+            query_string={"limit": 1, "cursor": pages[-1]["next_cursor"]},
+            headers=headers,
+        )
+        assert answer.status_code == 200, answer.json
+        pages.append(answer.json)
+    assert [e["seq"] for p in pages for e in p["timeline"]] == [1, 2, 3]
+    # The scan and its correction: both new to the parcel's timeline, in no page of it.
+    assert [p["arrived_since"] for p in pages] == [0, 2, 2]
+    again = client.get(f"{URL}/{tn}", headers=headers).json
+    assert [(e["device_id"], e["seq"], e["voided"]) for e in again["timeline"]][-2:] == [
+        ("PDA-0003", 1, True),
+        ("PDA-0003", 2, False),
+    ]

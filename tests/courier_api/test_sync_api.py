@@ -1541,3 +1541,24 @@ def test_the_push_rules_are_built_once_and_again_when_a_setting_changes(
     third = push(client, courier, [ev(4, domestic)]).get_json()
     assert len(built) == 2
     assert [r["status"] for r in third["results"]] == ["applied"]
+
+
+def test_the_push_rules_read_no_setting_they_are_not_built_again_for(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules are kept until one of ``_INGEST_SETTINGS`` changes: a rule made to read
+    one more setting, not added to the list, would keep its first value in every test
+    that changes it (and pass for the wrong reason). It is refused when built."""
+    from courier_api.api.sync import routes
+
+    policy_of = routes.policy_of
+
+    def reading_one_more(config: Any) -> Any:
+        config["DRIVING_SPEED_KMH"]  # noqa: B018 - read, as a new rule would
+        return policy_of(config)
+
+    monkeypatch.setattr(routes, "policy_of", reading_one_more)
+    app.config["DRIVING_SPEED_KMH"] = 40
+    app.extensions.pop("courier_api.ingest_rules", None)
+    with app.app_context(), pytest.raises(KeyError, match="DRIVING_SPEED_KMH"):
+        routes.ingest_rules()

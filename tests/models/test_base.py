@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import TypeDecorator
@@ -29,6 +29,7 @@ def two_steps(dialect: sa.Dialect) -> object:
     return TypeDecorator.bind_processor(UTCDateTime().dialect_impl(dialect), dialect)
 
 
+@settings(deadline=None)  # a loaded CI machine: the check, not its speed
 @given(aware)
 def test_sqlite_binds_in_one_step_the_text_of_the_two_steps(value: dt.datetime) -> None:
     one_step = UTCDateTime().dialect_impl(SQLITE).bind_processor(SQLITE)

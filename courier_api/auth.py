@@ -208,6 +208,14 @@ def end_sign_in(token: str) -> None:
         now=utcnow(),
     )
     db.session.commit()
+    # As a reuse is: a PDA whose pushes then meet 401 ``token_revoked`` mid-shift (a
+    # copy of its refresh token is enough to sign it out) shows here which it was.
+    log.info(
+        "signed out: sign-in family %s of user %s on device %s ended",
+        claims.get("fam") or claims["jti"],
+        claims["sub"],
+        claims.get("device") or "-",
+    )
 
 
 class VerifiedTokens:

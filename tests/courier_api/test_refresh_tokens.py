@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -199,6 +200,23 @@ def test_signing_out_ends_the_sign_in_and_every_copy_of_its_tokens(
     # Only a refresh token signs out (an access token is refused as the wrong type).
     wrong = sign_out(client, kept["access_token"])
     assert refused(wrong) == (401, "wrong_token_type")
+
+
+def test_a_sign_out_is_logged_naming_the_user_and_the_pda_never_the_token(
+    client: FlaskClient, world: World, auth: Auth, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone holding a copy of a refresh token may sign its PDA out, and the courier's
+    pushes then meet 401 ``token_revoked`` mid-shift. A reuse was logged; a sign-out
+    left no trace, so the station could not tell which ended the sign-in."""
+    tokens = auth.tokens("courier1", "PDA-0001")
+    with caplog.at_level(logging.INFO, logger="courier_api.auth"):
+        assert sign_out(client, tokens["refresh_token"]).status_code == 204
+    said = [r.getMessage() for r in caplog.records if r.name == "courier_api.auth"]
+    family = claims(tokens["refresh_token"])["fam"]
+    assert said == [
+        f"signed out: sign-in family {family} of user {world.courier.id} on device PDA-0001 ended"
+    ]
+    assert tokens["refresh_token"] not in caplog.text
 
 
 def test_a_pda_that_lost_the_answer_may_send_the_same_refresh_again_within_the_grace(

@@ -748,6 +748,29 @@ def _cancel(
     return False
 
 
+def lock_for_handover(*, session: Session, tracking_nos: Iterable[str]) -> None:
+    """The requests of these parcels that a handover would cancel (pending, or held back)
+    are locked, waiting for an answer holding one: run by a push bringing the parcels'
+    deliveries before it takes any parcel lock (an answer holds its request, then locks
+    the parcel), so that ``cancel_for_handed_over``, under the parcels' locks, finds them
+    as the answer left them. Passed over there, a request whose answer gave up (a
+    ``granted_at`` before the question, a conflict) stayed pending on a parcel in its
+    recipient's hands, the channel asking them until it lapsed. PostgreSQL only: SQLite
+    has no row locks (a writer holds the whole database)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for chunk in chunks(sorted(set(tracking_nos))):
+        session.execute(
+            select(ConsentRequest.id)
+            .where(
+                ConsentRequest.tracking_no.in_(chunk),
+                or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
+            )
+            .order_by(ConsentRequest.id)
+            .with_for_update()
+        ).all()
+
+
 def cancel_for_handed_over(
     *, session: Session, tracking_nos: Iterable[str], now: dt.datetime
 ) -> list[ConsentRequest]:
@@ -760,9 +783,10 @@ def cancel_for_handed_over(
     delivery is cancelled as it is made (``request_consent``): the same end whichever
     the PDA pushed first (rule 3), not ``unsent`` behind a request cancelled.
 
-    Run after the projection, holding the parcels' locks: a request locked by an answer
-    at this instant (which locks the parcel next: waiting would deadlock) is passed over,
-    the answer taken as first, as when it commits before the push."""
+    Run after the projection, holding the parcels' locks, the requests locked before them
+    (``lock_for_handover``): one made since and locked by an answer at this instant (which
+    locks the parcel next: waiting would deadlock) is passed over, the answer taken as
+    first, as when it commits before the push."""
     cancelled: list[ConsentRequest] = []
     for chunk in chunks(sorted(set(tracking_nos))):
         cancelled.extend(

@@ -63,6 +63,7 @@ from sync.blobs import lock_digests
 from sync.consent_requests import (
     cancel_for_handed_over,
     cancel_voided,
+    lock_for_handover,
     requests_from_events,
     send_held_back_behind,
     voided_at_arrival,
@@ -135,7 +136,7 @@ DROP_TOPICS = {
     EventType.DELIVERED_TO_PICKUP_POINT: "parcel.at_pickup_point",
 }
 DROP_VOIDED_TOPIC = "parcel.drop_voided"
-# Scans whose voiding leaves a parcel's status as it was (``_cancel_requests_handed_over``).
+# Scans whose voiding leaves a parcel's status as it was (``_handed_over``).
 _NOT_STATUS = (EventType.CONSENT_REQUESTED, EventType.CONSENT_CAPTURED, EventType.CORRECTION)
 
 LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
@@ -707,6 +708,9 @@ class _BatchIngest:
                 corrections=corrections,
                 now=self.received_at,
             )
+        handed = self._handed_over(stored, targets)
+        if handed:  # before any parcel lock too, as ``cancel_voided``
+            lock_for_handover(session=self.session, tracking_nos=handed)
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         if freed:  # after the projection: under its parcels' locks, on their statuses
@@ -717,7 +721,8 @@ class _BatchIngest:
                 now=self.received_at,
             )
         self._request_consents(stored)
-        self._cancel_requests_handed_over(stored, targets)
+        if handed:
+            cancel_for_handed_over(session=self.session, tracking_nos=handed, now=self.received_at)
         if voided:
             self._retract_drops(corrections, stored, targets)
         self._tell_holders_of_consents(stored, targets)
@@ -1072,22 +1077,19 @@ class _BatchIngest:
             per_parcel=self.rules.consent_requests_per_parcel,
         )
 
-    def _cancel_requests_handed_over(
-        self, stored: list[tuple[int, ValidEvent]], targets: Sequence[Any]
-    ) -> None:
-        """A parcel delivered in person (or collected from its locker) ends the questions
-        still put to its recipient about it (``sync.consent_requests``). Only parcels
-        this push brought such a scan of are looked at, and those whose scan it voids
-        (a failed attempt after the delivery, a mis-tap voided: the parcel is back in the
-        recipient's hands, as one push of the whole stream leaves it): no statement for
-        the others, nor for a push voiding only asks for consent."""
-        handed = {
+    @staticmethod
+    def _handed_over(stored: list[tuple[int, ValidEvent]], targets: Sequence[Any]) -> set[str]:
+        """The parcels this push may put in their recipients' hands, which ends the
+        questions still put to them about them (``sync.consent_requests``): those it
+        brought a delivery in person (or a collection from the locker) of, and those
+        whose scan it voids (a failed attempt after the delivery, a mis-tap voided: the
+        parcel is back in the recipient's hands, as one push of the whole stream leaves
+        it). Empty, no statement: nor for a push voiding only asks for consent."""
+        return {
             e.tracking_no
             for _, e in stored
             if e.type in (EventType.DELIVERED, EventType.COLLECTED_FROM_LOCKER)
         } | {target.tracking_no for target in targets if target.type not in _NOT_STATUS}
-        if handed:
-            cancel_for_handed_over(session=self.session, tracking_nos=handed, now=self.received_at)
 
     def _tell_holders_of_consents(
         self, stored: list[tuple[int, ValidEvent]], targets: Sequence[Any]

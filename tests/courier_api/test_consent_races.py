@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from courier_api.extensions import db
 from models import ConsentRequestStatus, Flag, OutboxMessage, Station, WebhookSubscription
@@ -657,17 +657,20 @@ def test_a_push_voiding_the_ask_of_a_request_being_answered_waits_for_no_answer(
 
 
 @pytest.mark.postgres_only
-def test_a_push_handing_over_a_parcel_whose_request_is_being_answered_waits_for_no_answer(
+def test_a_push_handing_over_a_parcel_whose_request_is_being_answered_ends_it_if_the_answer_fails(
     committed_app: Flask, engine: Engine
 ) -> None:
     """The courier asked online; the recipient answers it (the answer holds the request's
     row, and locks the parcel's next) while the PDA pushes the parcel's collection from
-    the locker, which cancels the parcel's pending requests after its projection, holding
-    the parcel's locks: each waited for the other, a deadlock PostgreSQL broke by failing
-    one (the push, run again by the server a second later, or the recipient's answer).
-    The push passes over the request the answer holds: the answer is taken as first, as
-    when it commits before the push."""
+    the locker. The push cancelled the parcel's pending requests after its projection,
+    holding the parcel's locks: waiting for the answer's row there deadlocked (PostgreSQL
+    failed one of them); passing over it left the request pending, on a parcel in its
+    recipient's hands, when the answer then gave up (a ``granted_at`` before the
+    question, a conflict): the channel asked them until it lapsed. The push now locks the
+    parcel's requests before any parcel lock: it waits for the answer, which takes the
+    parcel's lock (no deadlock), and cancels the request the answer left pending."""
     from models import ConsentRequest, Parcel
+    from sync.consent_requests import HANDED_OVER_REASON
 
     headers, [(tracking_no, dropped_at, _)] = _dropped_without_consent(committed_app, 1)
     client = committed_app.test_client()
@@ -699,14 +702,23 @@ def test_a_push_handing_over_a_parcel_whose_request_is_being_answered_waits_for_
         )
         pushing = threading.Thread(target=push)
         pushing.start()
-        pushing.join(timeout=10)
-        waited = pushing.is_alive()
-        answering.rollback()  # the answer goes on (here: gives up), releasing the row
+        pushing.join(timeout=2)  # the push reaches the request
+        answering.execute(text("SET LOCAL lock_timeout = '10s'"))
+        # The parcel, as an answer locks it next: taken, not deadlocked (nor timed out).
+        answering.execute(
+            select(Parcel.id).where(Parcel.tracking_no == tracking_no).with_for_update()
+        )
+        answering.rollback()  # the answer gives up, the request as it was: pending
     pushing.join(timeout=60)
-    assert not waited, "the push waited for the answer's row"
     [pushed] = answers
     assert pushed.status_code == 200, pushed.get_json()
     assert [r["status"] for r in pushed.get_json()["results"]] == ["applied"]
     with committed_app.app_context():
         parcel = db.session.scalar(select(Parcel).where(Parcel.tracking_no == tracking_no))
         assert parcel is not None and parcel.status.value == "collected"
+        request = db.session.get(ConsentRequest, online.get_json()["id"])
+        assert request is not None
+        assert (request.status, request.status_reason) == (
+            ConsentRequestStatus.CANCELLED,
+            HANDED_OVER_REASON,
+        )

@@ -4,6 +4,7 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import random
 import re
 import sqlite3
 import time
@@ -128,6 +129,23 @@ def test_an_image_over_the_blob_limit_is_413_with_the_limit(
     )
     assert response.status_code == 413
     assert "limit is 100" in response.get_json()["message"]
+    assert response.get_json()["limit"] == {"max": 100, "unit": "bytes"}
+
+
+def test_an_image_over_the_request_limit_too_is_413_with_the_image_limit(
+    app_with: Callable[..., Flask], world: World
+) -> None:
+    """An image larger than MAX_REQUEST_BYTES as well as MAX_BLOB_BYTES named the request
+    body's limit: a PDA that shrank the photo to fit it uploaded it again over a weak
+    signal to learn the image's, lower. It is refused by the image's limit at once (by
+    its length, unread)."""
+    client = app_with(MAX_BLOB_BYTES=100, MAX_CONTENT_LENGTH=1000).test_client()
+    buffer = io.BytesIO()  # a photo's noise: no PNG makes it small
+    Image.frombytes("RGB", (32, 32), random.Random(7).randbytes(3072)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert len(data) > 1000
+    response = put(client, Auth(client).headers("courier1", "PDA-0001"), data)
+    assert response.status_code == 413
     assert response.get_json()["limit"] == {"max": 100, "unit": "bytes"}
 
 

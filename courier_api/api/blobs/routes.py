@@ -24,6 +24,7 @@ from sync.blobs import (
     record_bytes_restored,
     store_blob,
 )
+from sync.errors import LimitExceeded
 from sync.status import rejudge_after_upload
 
 blp = ApiBlueprint("blobs", __name__, url_prefix="/api/v1/blobs", description="Proof images")
@@ -48,6 +49,23 @@ SHA256_PARAMETER = {
     "description": "The image's sha256, lowercase hex (anything else is a 422 `invalid_digest`)",
     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
 }
+
+
+@blp.before_request
+def _image_limit() -> None:
+    """An upload whose length says it is over ``MAX_BLOB_BYTES`` is refused by that limit
+    at once, unread: one over ``MAX_REQUEST_BYTES`` too named the request's limit, and a
+    PDA that shrank the photo to fit it uploaded it again over a weak signal, to be
+    refused by the image's, lower (``store_blob`` holds a body of no stated length)."""
+    size = request.content_length
+    limit = current_app.config["MAX_BLOB_BYTES"]
+    if request.method == "PUT" and size is not None and size > limit:
+        raise LimitExceeded(
+            f"the image has {size:,} bytes; the limit is {limit:,}",
+            limit=limit,
+            unit="bytes",
+            field="body",
+        )
 
 
 @blp.route("/<string:sha256>", parameters=[SHA256_PARAMETER])

@@ -749,14 +749,16 @@ def _cancel(
 
 
 def lock_for_handover(*, session: Session, tracking_nos: Iterable[str]) -> None:
-    """The requests of these parcels that a handover would cancel (pending, or held back)
-    are locked, waiting for an answer holding one: run by a push bringing the parcels'
-    deliveries before it takes any parcel lock (an answer holds its request, then locks
-    the parcel), so that ``cancel_for_handed_over``, under the parcels' locks, finds them
-    as the answer left them. Passed over there, a request whose answer gave up (a
-    ``granted_at`` before the question, a conflict) stayed pending on a parcel in its
-    recipient's hands, the channel asking them until it lapsed. PostgreSQL only: SQLite
-    has no row locks (a writer holds the whole database)."""
+    """The pending requests of these parcels are locked, waiting for an answer holding
+    one: run by a push bringing the parcels' deliveries before it takes any parcel lock
+    (an answer holds its request, then locks the parcel), so that
+    ``cancel_for_handed_over``, under the parcels' locks, finds them as the answer left
+    them. Passed over there, a request whose answer gave up (a ``granted_at`` before the
+    question, a conflict) stayed pending on a parcel in its recipient's hands, the
+    channel asking them until it lapsed. Not the held-back ones, which no answer holds:
+    locked here, another push sending one behind a request it cancels would pass over it
+    (``_send_held_back``), and this push may not hand the parcel over after all.
+    PostgreSQL only: SQLite has no row locks (a writer holds the whole database)."""
     if session.get_bind().dialect.name != "postgresql":
         return
     for chunk in chunks(sorted(set(tracking_nos))):
@@ -764,7 +766,7 @@ def lock_for_handover(*, session: Session, tracking_nos: Iterable[str]) -> None:
             select(ConsentRequest.id)
             .where(
                 ConsentRequest.tracking_no.in_(chunk),
-                or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
+                ConsentRequest.status == ConsentRequestStatus.PENDING,
             )
             .order_by(ConsentRequest.id)
             .with_for_update()

@@ -120,11 +120,14 @@ def test_the_sign_in_check_reads_what_sqlalchemy_reads(session: Session, world: 
         credentials_version=world.courier.credentials_version,
     )
     assert (subject.station_id, subject.device_id) == (world.station.id, world.device.id)
-    params = {"user_id": world.courier.id, "device_id": world.device.id}
-    direct = SUBJECT_ROWS.run(connection, params)
-    expected = connection.execute(SUBJECT_ROWS(session), params).all()
-    assert direct == [tuple(row) for row in expected]
-    assert direct[0]._fields == expected[0]._fields
+    # The token's sign-in family: none (a token issued before access tokens named it),
+    # and one that is no family here (the outer join gives no revocation).
+    for family in (None, "no-such-family"):
+        params = {"user_id": world.courier.id, "device_id": world.device.id, "family": family}
+        direct = SUBJECT_ROWS.run(connection, params)
+        expected = connection.execute(SUBJECT_ROWS(session), params).all()
+        assert direct == [tuple(row) for row in expected]
+        assert direct[0]._fields == expected[0]._fields
 
 
 def test_an_insert_fills_in_the_defaults_sqlalchemy_would(session: Session, world: World) -> None:

@@ -2392,7 +2392,8 @@ def test_a_push_judges_a_parcels_history_reading_payloads_only_of_its_final_outc
         assert event.occurred_at_device == at(seq) and event.received_at == NOW
     # Judged on these, the parcel is what its whole history makes it.
     whole = status.load_events(session, [tn])[tn]
-    assert whole[1].details == failed and whole[0].lat == 31.2
+    by_seq = {e.fact.seq: e for e in whole}  # read in no promised order: by seq
+    assert by_seq[2].details == failed and by_seq[1].lat == 31.2
     facts = rules.ParcelFacts(parcel.service_class, parcel.lat, parcel.lon)
     lean = status.load_events(session, [tn], judged_only=True)[tn]
     assert rules.evaluate(facts, lean, [], rules.Policy()) == rules.evaluate(

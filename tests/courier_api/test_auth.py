@@ -1,6 +1,8 @@
 import base64
 import datetime as dt
+import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -47,6 +49,70 @@ def test_manager_token_carries_the_documented_claims(client: FlaskClient, world:
     assert claims["ver"] == 0
     assert len(claims["jti"]) == 32
     assert client.get(PROTECTED_URL, headers=bearer(body["access_token"])).status_code == 200
+
+
+def test_sign_in_announces_the_limits_its_413s_enforce(
+    app_with: Callable[..., Flask], world: World
+) -> None:
+    """A PDA developer sizes batches and photos from the sign-in, not from a 413: the
+    sign-in (and a refresh) states the limits in force, the very values the 413s name,
+    and a push or an image just within them is taken."""
+    client = app_with(
+        MAX_EVENTS_PER_PUSH=3, MAX_CONTENT_LENGTH=8192, MAX_BLOB_BYTES=2048
+    ).test_client()
+    tokens = sign_in(client, username="courier1", device_id="PDA-0001").get_json()
+    limits = tokens["limits"]
+    assert limits == {
+        "max_events_per_push": 3,
+        "max_request_bytes": 8192,
+        "max_image_bytes": 2048,
+    }
+    refreshed = client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+    )
+    assert refreshed.get_json()["limits"] == limits
+    assert sign_in(client, username="manager1").get_json()["limits"] == limits
+    headers = bearer(refreshed.get_json()["access_token"])
+    tn = factories.s10()
+    events = [factories.event(seq, tn) for seq in range(1, limits["max_events_per_push"] + 2)]
+    too_many = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=headers
+    )
+    assert too_many.status_code == 413
+    assert too_many.get_json()["limit"] == {"max": limits["max_events_per_push"], "unit": "events"}
+    fits = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events[:-1]), headers=headers
+    )
+    assert fits.status_code == 200, fits.get_json()
+    body = json.dumps(factories.push_body("PDA-0001", events[:1])).encode()
+    body += b" " * (limits["max_request_bytes"] + 1 - len(body))
+    too_large = client.post(
+        "/api/v1/sync/push", data=body, headers=headers, content_type="application/json"
+    )
+    assert too_large.status_code == 413
+    assert too_large.get_json()["limit"] == {"max": limits["max_request_bytes"], "unit": "bytes"}
+    image = b"\x89PNG\r\n\x1a\n" + b"\0" * limits["max_image_bytes"]
+    path = f"/api/v1/blobs/{hashlib.sha256(image).hexdigest()}"
+    refused = client.put(path, data=image, headers=headers, content_type="image/png")
+    assert refused.status_code == 413
+    assert refused.get_json()["limit"] == {"max": limits["max_image_bytes"], "unit": "bytes"}
+
+
+def test_the_announced_image_limit_is_the_body_limit_when_that_is_lower(
+    app_with: Callable[..., Flask], world: World
+) -> None:
+    """An image is a request body too: with MAX_BLOB_BYTES above MAX_REQUEST_BYTES, the
+    largest image stored is the body limit, and that is what the sign-in states."""
+    client = app_with(MAX_CONTENT_LENGTH=4096, MAX_BLOB_BYTES=1 << 20).test_client()
+    tokens = sign_in(client, username="courier1", device_id="PDA-0001").get_json()
+    assert tokens["limits"]["max_image_bytes"] == 4096
+    image = b"\x89PNG\r\n\x1a\n" + b"\0" * 4096
+    path = f"/api/v1/blobs/{hashlib.sha256(image).hexdigest()}"
+    refused = client.put(
+        path, data=image, headers=bearer(tokens["access_token"]), content_type="image/png"
+    )
+    assert refused.status_code == 413
+    assert refused.get_json()["limit"] == {"max": 4096, "unit": "bytes"}
 
 
 def test_courier_signs_in_with_an_active_device_of_their_station(

@@ -8,6 +8,7 @@ from courier_api.api.auth.schemas import RefreshRequest, TokenRequest, TokenResp
 from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.auth import TokenPair, end_sign_in, exchange_refresh_token, issue_tokens
 from courier_api.extensions import db
+from courier_api.limits import request_limits
 from courier_api.sign_in import sign_in_with_password
 from models import Device, User
 from sync.device_state import held_max_seq
@@ -30,6 +31,7 @@ def _token_response(user: User, device: Device | None, pair: TokenPair) -> dict[
         "station_id": user.station_id,
         "device_id": device.id if device else None,
         "device_max_seq": max_seq,
+        "limits": request_limits().announced(),
     }
 
 
@@ -47,6 +49,12 @@ class Token(MethodView):
         Couriers also send `device_id`: a token is issued only for an active
         device registered at the courier's own station, and stops working when
         that device is retired or reported lost.
+
+        The answer states the limits the server enforces on one request
+        (`limits`: events per push, bytes per request body, bytes per proof
+        image), the values its 413 `payload_too_large` names: a PDA sizes its
+        batches and photos by them before sending, and reads them again at every
+        sign-in and refresh (an operator may change them).
 
         Rate limited (429 `too_many_sign_in_attempts`, with `Retry-After` in
         seconds): after too many failed sign-ins for a username, every attempt

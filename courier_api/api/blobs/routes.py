@@ -11,6 +11,7 @@ from courier_api.api.blobs.schemas import BlobOut
 from courier_api.auth import Principal, current_principal, record_auditor_read
 from courier_api.config import policy_of
 from courier_api.extensions import db
+from courier_api.limits import request_limits
 from models import Blob, BlobUpload, Role
 from sync.blobs import (
     BlobReader,
@@ -58,7 +59,7 @@ def _image_limit() -> None:
     PDA that shrank the photo to fit it uploaded it again over a weak signal, to be
     refused by the image's, lower (``store_blob`` holds a body of no stated length)."""
     size = request.content_length
-    limit = current_app.config["MAX_BLOB_BYTES"]
+    limit = request_limits().max_blob_bytes
     if request.method == "PUT" and size is not None and size > limit:
         raise LimitExceeded(
             f"the image has {size:,} bytes; the limit is {limit:,}",
@@ -116,7 +117,7 @@ class BlobBySha256(MethodView):
             store=blob_store(),
             digest=sha256,
             data=request.get_data(),  # read before the sign-in check (``require_auth``)
-            max_bytes=current_app.config["MAX_BLOB_BYTES"],
+            max_bytes=request_limits().max_blob_bytes,
             station_id=principal.station_id,
             uploaded_by=principal.user_id,
             # Put on record apart if every run is aborted after one put the bytes back.

@@ -28,6 +28,7 @@ from courier_api.api.sync.schemas import (
 from courier_api.auth import checked_principal, current_principal
 from courier_api.config import inversion_tolerance_of, policy_of, shift_rules_of
 from courier_api.extensions import db
+from courier_api.limits import request_limits
 from models import Role, utcnow
 from sync import feed
 from sync.consent_requests import effective_status, latest_for
@@ -161,7 +162,7 @@ class Push(MethodView):
                 code="device_mismatch",
                 field="device_id",
             )
-        limit = current_app.config["MAX_EVENTS_PER_PUSH"]
+        limit = request_limits().max_events_per_push
         if len(body["events"]) > limit:
             raise LimitExceeded(
                 f"{len(body['events'])} events in one push; the limit is {limit}; nothing "

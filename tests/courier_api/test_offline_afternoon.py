@@ -406,3 +406,117 @@ def test_an_afternoon_retried_otherwise_converges(
     assert found["status"] == "balanced", found["discrepancies"]
     # What stands: the corrected drop for a manager to see, and the PDA's clock.
     assert Counter(f["kind"] for f in flags) == {"correction_review": 1, "clock_skew": 1}
+
+
+def test_an_afternoon_through_a_reboot_an_update_and_clock_jumps_is_held_once(
+    app_small: Flask, session: Session, world: World
+) -> None:
+    """Five hours offline, a thousand events queued behind a morning of check-outs: the
+    battery dies mid-round (the clock comes back at its factory date for twenty parcels),
+    NTP puts the clock right later on, the PDA reboots and its app numbers from 1 again
+    (a bug: those seqs are the morning's), and an app update sends an `app_version` with
+    every push. The queue goes in parts too big for one push (413: split), one answer
+    lost and asked for again. Following README, the events rejected `seq_conflict` are
+    set apart, numbered on after the sign-in's `device_max_seq` and sent again under
+    their ids: every event is held once, the acknowledgement reaches the last seq with no
+    gap, and the shift balances as recorded."""
+    client = app_small.test_client()
+    auth = Auth(client)
+    manager = auth.headers("manager1")
+    tns = [
+        factories.parcel(session, world.station, service_class=ServiceClass.PARCEL).tracking_no
+        for _ in range(500)
+    ]
+    session.commit()
+    pda = Pda(client, auth, "courier1", "PDA-0001")
+    opened = pda.post("/api/v1/shifts", json={"first_seq": 1})
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    start = now() - dt.timedelta(hours=6)
+    for n, tn in enumerate(tns):
+        pda.record(tn, "checked_out", start + dt.timedelta(seconds=n))
+    pda.push(list(pda.queue))
+    assert pda.queue == []
+
+    afternoon = start + dt.timedelta(minutes=20)
+    fast = pda.clock
+    factory = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    given = 0
+    for n, tn in enumerate(tns):
+        at = afternoon + dt.timedelta(seconds=40 * n)
+        if n == 200:  # the battery died: the clock came back at its factory date
+            pda.clock = lambda real: factory + (real - afternoon)  # type: ignore[method-assign]
+        elif n == 220:  # set right by hand, as fast as before
+            pda.clock = fast  # type: ignore[method-assign]
+        elif n == 300:  # NTP: right from here on
+            pda.clock = lambda real: real  # type: ignore[method-assign]
+        elif n == 350:  # a reboot: the app numbers from 1 again
+            given, pda.seq = pda.seq, 0
+        pda.record(tn, "out_for_delivery", at)
+        pda.record(
+            tn,
+            "delivered_to_pickup_point",
+            at + dt.timedelta(seconds=20),
+            point_id="PP-1",
+            pod={"pickup_code": str(n)},
+        )
+    recorded = list(pda.queue)
+    assert len(recorded) == 1000
+    expire(pda, world)
+
+    set_apart: list[dict[str, Any]] = []
+
+    def read(receipt: dict[str, Any]) -> None:
+        """README's order, for a PDA whose seqs restarted: set apart what was rejected
+        `seq_conflict` (nothing else may be), then drop what the receipt holds (by id:
+        pruned by seq, the restarted events would go unsent)."""
+        rejected = [r for r in receipt["results"] if r["status"] == "rejected"]
+        assert {r["error"]["code"] for r in rejected} <= {"seq_conflict"}, rejected
+        conflicts = {r["client_event_id"] for r in rejected}
+        set_apart.extend(e for e in pda.queue if e["client_event_id"] in conflicts)
+        sent = {r["client_event_id"] for r in receipt["results"]}
+        pda.queue = [e for e in pda.queue if e["client_event_id"] not in sent]
+
+    def push(events: list[dict[str, Any]], lose_answer: bool = False) -> None:
+        body = {**pda.body(events), "app_version": "2.0"}
+        response = pda.post(PUSH, json=body)
+        if response.status_code == 413:
+            size = response.get_json()["limit"]["max"]
+            for part in [events[i : i + size] for i in range(0, len(events), size)]:
+                push(part, lose_answer)
+                lose_answer = False
+            return
+        assert response.status_code == 200, response.get_json()
+        if lose_answer:
+            body["sent_at"] = pda.clock(now()).isoformat()
+            response = pda.post(PUSH, json=body)
+            assert response.status_code == 200, response.get_json()
+        assert [w["field"] for w in response.get_json()["warnings"]] == ["app_version"]
+        read(response.get_json())
+
+    for index, part in enumerate([recorded[i : i + 400] for i in range(0, 1000, 400)]):
+        push(part, lose_answer=index == 1)
+    assert pda.queue == []
+    assert len(set_apart) == pda.seq  # every restarted seq was the morning's
+
+    tokens = auth.tokens("courier1", "PDA-0001")
+    pda.access = tokens["access_token"]
+    pda.seq = max(tokens["device_max_seq"], given)
+    for event in set_apart:
+        pda.seq += 1
+        event["seq"] = pda.seq
+    pda.queue = list(set_apart)
+    push(set_apart)
+    assert pda.queue == []
+
+    held = session.scalar(
+        select(func.count()).select_from(ScanEvent).where(ScanEvent.device_id == "PDA-0001")
+    )
+    assert held == len(tns) + len(recorded) == pda.seq  # nothing lost, nothing doubled
+    last = pda.post(PUSH, json=pda.body([])).get_json()
+    assert (last["acked_through_seq"], last["missing_seqs"]) == (pda.seq, [])
+    closing = pda.post(f"/api/v1/shifts/{shift_id}/close", json={"last_seq": pda.seq})
+    assert closing.status_code == 200, closing.get_json()
+    found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    assert found["status"] == "balanced", found["discrepancies"]
+    assert Counter(p["outcome"] for p in found["parcels"]) == {"unattended": len(tns)}

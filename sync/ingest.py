@@ -376,6 +376,19 @@ def ordered_content_digest(batch: PushBatch, contents: Sequence[str]) -> str:
     )
 
 
+def batch_received(session: Session, device_id: str, batch_id: uuid.UUID) -> bool:
+    """Whether this device's batch is stored already: a retry of it is answered with its
+    receipt (``ingest``) whatever limit it is over now (the push limit lowered since,
+    or another server's behind the same balancer), never refused as if nothing had been
+    stored."""
+    found = session.scalar(
+        select(SyncBatch.id).where(
+            SyncBatch.device_id == device_id, SyncBatch.batch_id == batch_id
+        )
+    )
+    return found is not None
+
+
 def ingest(
     *,
     session: Session,

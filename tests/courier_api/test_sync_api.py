@@ -406,6 +406,34 @@ def test_events_must_be_a_list(client: FlaskClient, courier: dict[str, str]) -> 
     assert "events" in response.get_json()["errors"]["json"]
 
 
+def test_a_retry_of_a_batch_stored_before_the_limit_was_lowered_gets_its_receipt(
+    app_with: Callable[..., Flask], world: World
+) -> None:
+    """A PDA whose answer was lost retries its batch, as README says, after an operator
+    lowered MAX_EVENTS_PER_PUSH (or on a server behind the same balancer configured
+    lower). The batch is stored: a 413 saying "nothing was stored" would be false, and
+    would have the PDA split it into new batches. It gets the original receipt; a new
+    batch that size is still refused."""
+    before = app_with(MAX_EVENTS_PER_PUSH=10).test_client()
+    headers = Auth(before).headers("courier1", "PDA-0001")
+    tn = factories.s10()
+    body = factories.push_body("PDA-0001", [ev(i, tn) for i in range(1, 9)])
+    first = before.post(PUSH, json=body, headers=headers)
+    assert first.status_code == 200, first.get_json()
+    after = app_with(MAX_EVENTS_PER_PUSH=5).test_client()
+    retry = after.post(PUSH, json={**body, "events": body["events"][::-1]}, headers=headers)
+    assert retry.status_code == 200, retry.get_json()
+    receipt = retry.get_json()
+    assert receipt["batch_id"] == body["batch_id"]
+    assert receipt["server_time"] == first.get_json()["server_time"]  # the stored receipt
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 8
+    assert receipt["acked_through_seq"] == 8
+    new = factories.push_body("PDA-0001", [ev(i, tn) for i in range(9, 17)])
+    refused = after.post(PUSH, json=new, headers=headers)
+    assert refused.status_code == 413
+    assert refused.get_json()["limit"] == {"max": 5, "unit": "events"}
+
+
 def test_more_events_than_the_limit_is_413_with_the_limit(
     app_with: Callable[..., Flask], world: World
 ) -> None:

@@ -35,7 +35,7 @@ from sync.consent_requests import effective_status, latest_for
 from sync.consents import in_force
 from sync.errors import LimitExceeded, PermissionDenied
 from sync.events import EventRules
-from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.ingest import IngestRules, PushBatch, Pusher, batch_received, ingest
 from sync.phones import mask_phone
 from sync.tracking import TrackingNumberPolicy
 
@@ -135,7 +135,10 @@ class Push(MethodView):
         receipt's `warnings` name it (`unknown_field_ignored`); an unknown field
         inside an event still rejects that event. A 413 (too many events, or a body too
         large: nothing stored) names the limit in `limit` (`max`, `unit`): split the
-        queue into parts that fit, oldest first, each under a new `batch_id`.
+        queue into parts that fit, oldest first, each under a new `batch_id`. The
+        sign-in states the limits beforehand (`limits`). A retry of a batch stored
+        already gets its receipt even when it has more events than a limit lowered
+        since.
 
         The receipt is sent only after the batch is committed. Read its results
         before pruning: an event rejected `seq_conflict` took a seq another event
@@ -163,7 +166,10 @@ class Push(MethodView):
                 field="device_id",
             )
         limit = request_limits().max_events_per_push
-        if len(body["events"]) > limit:
+        # A retry of a batch stored under a higher limit (lowered since) gets its receipt.
+        if len(body["events"]) > limit and not batch_received(
+            db.session, body["device_id"], body["batch_id"]
+        ):
             raise LimitExceeded(
                 f"{len(body['events'])} events in one push; the limit is {limit}; nothing "
                 "was stored: send them in smaller batches",

@@ -684,6 +684,11 @@ def cancel_voided(
                 ScanEvent.client_event_id.in_(chunk),
                 or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
             )
+            # Locked in the requests' order, as a push handing their parcels over locks
+            # them (``lock_for_handover``) at the same point: in the plan's order (by the
+            # events' ids or times through an index, the heap's), two such pushes at once
+            # could each hold a request the other waited for.
+            .order_by(ConsentRequest.id)
             .with_for_update(of=ConsentRequest)
             # The row as locked, not a copy the session read before: a mark the lapse
             # job committed since decides what the channel is told (``_locked``).

@@ -722,3 +722,228 @@ def test_a_push_handing_over_a_parcel_whose_request_is_being_answered_ends_it_if
             ConsentRequestStatus.CANCELLED,
             HANDED_OVER_REASON,
         )
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("voided", ["pending", "held back"])
+def test_a_push_voiding_asks_and_a_colleagues_delivering_their_parcels_at_once_never_deadlock(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, voided: str
+) -> None:
+    """Two PDAs asked the same questions about the same parcels: one's requests were sent
+    (pending), the other's held back behind them. Then, at the same instant, one PDA
+    pushes the corrections voiding its asks (``voided``: the pending ones, which frees
+    the held-back ones, or the held-back ones) while the other pushes the parcels'
+    deliveries in person. The voiding push locks the requests it cancels
+    (``cancel_voided``), the delivering push the parcels' pending requests
+    (``lock_for_handover``), both before any parcel lock: taken in two orders (the
+    first by its corrections' event ids, the second by the requests' ids), two parcels'
+    requests deadlocked, PostgreSQL aborting one push, run again. Each run is allowed
+    once here, so that a deadlock is a 503, not hidden by the run again. Many rounds,
+    several parcels each; in every one, each parcel ends delivered with no question
+    left asking its recipient."""
+    from courier_api import app as app_module
+    from models import ConsentRequest, Parcel, ParcelStatus
+
+    monkeypatch.setattr(app_module, "REQUEST_ATTEMPTS", 1)
+    rounds, per_round = 12, 3
+    with committed_app.app_context():
+        session = db.session
+        _, numbers = factories.station_with_pdas(
+            session,
+            "RACE",
+            {"asker": "PDA-ASK", "mate": "PDA-MATE"},
+            parcels=rounds * per_round,
+        )
+        session.add(
+            WebhookSubscription(
+                url="http://127.0.0.1:9/hook",
+                topics=["consent.requested", "consent.request_cancelled"],
+                secret="s" * 43,
+            )
+        )
+        session.commit()
+    auth = Auth(committed_app.test_client())
+    headers = {
+        "PDA-ASK": auth.headers("asker", "PDA-ASK"),
+        "PDA-MATE": auth.headers("mate", "PDA-MATE"),
+    }
+    seqs = {"PDA-ASK": 0, "PDA-MATE": 0}
+
+    def events(device: str, made: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        out = []
+        for tracking_no, kind, fields in made:
+            seqs[device] += 1
+            at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+            out.append(factories.event(seqs[device], tracking_no, kind, occurred_at=at, **fields))
+        return out
+
+    def push(device: str, batch: list[dict[str, Any]]) -> None:
+        pushed = committed_app.test_client().post(
+            "/api/v1/sync/push", json=factories.push_body(device, batch), headers=headers[device]
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+
+    question = {"method": "locker", "channel": "sms"}
+    voider, deliverer = ("PDA-ASK", "PDA-MATE") if voided == "pending" else ("PDA-MATE", "PDA-ASK")
+    failures = []
+    for round_ in range(rounds):
+        parcels = numbers[round_ * per_round : (round_ + 1) * per_round]
+        asks = {}
+        for device in ("PDA-ASK", "PDA-MATE"):  # the first's sent, the second's held back
+            asks[device] = events(
+                device, [(tn, "consent_requested", {"request": question}) for tn in parcels]
+            )
+            push(device, asks[device])
+        voiding = events(
+            voider,
+            [
+                (
+                    ask["tracking_no"],
+                    "correction",
+                    {
+                        "voids_client_event_id": ask["client_event_id"],
+                        "reason": "asked by mistake",
+                    },
+                )
+                for ask in reversed(asks[voider])  # not in the order they were asked
+            ],
+        )
+        delivering = events(
+            deliverer,
+            [
+                (tn, "delivered", {"pod": {"recipient_name": "Li Hua", "relation": "self"}})
+                for tn in parcels
+            ],
+        )
+        answers = race_requests(
+            committed_app,
+            [
+                (
+                    "POST",
+                    "/api/v1/sync/push",
+                    factories.push_body(voider, voiding),
+                    headers[voider],
+                ),
+                (
+                    "POST",
+                    "/api/v1/sync/push",
+                    factories.push_body(deliverer, delivering),
+                    headers[deliverer],
+                ),
+            ],
+        )
+        codes = [a.status_code for a in answers]
+        if codes != [200, 200]:
+            failures.append((round_, codes, [a.get_json().get("code") for a in answers]))
+    assert failures == [], f"{len(failures)} of {rounds} rounds failed: {failures[:3]}"
+    with committed_app.app_context():
+        session = db.session
+        assert set(session.scalars(select(Parcel.status)).all()) == {ParcelStatus.DELIVERED}
+        statuses = session.scalars(select(ConsentRequest.status)).all()
+        assert len(statuses) == 2 * rounds * per_round
+        assert set(statuses) == {ConsentRequestStatus.CANCELLED}
+        told = {
+            topic: sorted(
+                session.scalars(
+                    select(OutboxMessage.payload["request_id"].as_integer()).where(
+                        OutboxMessage.topic == topic
+                    )
+                ).all()
+            )
+            for topic in ("consent.requested", "consent.request_cancelled")
+        }
+    # Each question asked was called off: none left asking the recipient.
+    assert told["consent.requested"] == told["consent.request_cancelled"]
+
+
+def _asked_by_two_pdas(app: Flask, parcels: int) -> tuple[dict[str, dict[str, str]], list[dict]]:
+    """A station with two PDAs (``PDA-ASK``, ``PDA-MATE``) that each asked the same
+    question about the same ``parcels`` parcels, ``PDA-ASK`` first (its requests sent, the
+    colleague's held back behind them): the headers by device and ``PDA-ASK``'s asks."""
+    with app.app_context():
+        _, numbers = factories.station_with_pdas(
+            db.session, "ORDER", {"asker": "PDA-ASK", "mate": "PDA-MATE"}, parcels=parcels
+        )
+        db.session.commit()
+    auth = Auth(app.test_client())
+    headers = {
+        "PDA-ASK": auth.headers("asker", "PDA-ASK"),
+        "PDA-MATE": auth.headers("mate", "PDA-MATE"),
+    }
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    question = {"method": "locker", "channel": "sms"}
+    asked = {}
+    for device in headers:
+        asked[device] = [
+            factories.event(seq, tn, "consent_requested", occurred_at=at, request=question)
+            for seq, tn in enumerate(numbers, start=1)
+        ]
+        pushed = app.test_client().post(
+            "/api/v1/sync/push",
+            json=factories.push_body(device, asked[device]),
+            headers=headers[device],
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+    return headers, asked["PDA-ASK"]
+
+
+@pytest.mark.postgres_only
+def test_the_pushes_ending_questions_lock_the_requests_in_one_order(committed_app: Flask) -> None:
+    """A push voiding its PDA's asks locks the requests it cancels before any parcel lock
+    (``cancel_voided``), as a colleague's push handing the parcels over locks their
+    pending requests (``lock_for_handover``). The second locked them by id, the first in
+    whatever order the plan read them (by the events' client ids or times through an
+    index, or the heap's order once rows were updated): with two requests taken in two
+    orders, the two pushes at once could deadlock (the race above does not meet it on
+    small tables, where the plan happens to follow the ids). Every statement of these
+    pushes locking several requests locks them by id; one locking at most one row
+    (``LIMIT``) has no order to keep."""
+    from sqlalchemy import event
+
+    headers, asks = _asked_by_two_pdas(committed_app, 3)
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=20)
+    voiding = [
+        factories.event(
+            4 + n,
+            ask["tracking_no"],
+            "correction",
+            occurred_at=at,
+            voids_client_event_id=ask["client_event_id"],
+            reason="asked by mistake",
+        )
+        for n, ask in enumerate(reversed(asks))
+    ]
+    delivering = [
+        factories.event(
+            4 + n,
+            ask["tracking_no"],
+            "delivered",
+            occurred_at=at,
+            pod={"recipient_name": "Li Hua", "relation": "self"},
+        )
+        for n, ask in enumerate(asks)
+    ]
+    locking: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        flat = " ".join(statement.split())
+        if "FOR UPDATE" in flat and " FROM consent_request" in flat:
+            locking.append(flat)
+
+    engine = db.engine_of(committed_app)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for device, batch in (("PDA-ASK", voiding), ("PDA-MATE", delivering)):
+            pushed = committed_app.test_client().post(
+                "/api/v1/sync/push",
+                json=factories.push_body(device, batch),
+                headers=headers[device],
+            )
+            assert pushed.status_code == 200, pushed.get_json()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(locking) >= 2, locking  # cancel_voided's and lock_for_handover's at least
+    unordered = [
+        s for s in locking if " LIMIT " not in s and "ORDER BY consent_request.id" not in s
+    ]
+    assert unordered == []

@@ -83,6 +83,8 @@ class ConsentRequest(Base):
     # When its lapse (pending at ``expires_at``) was announced (``consent.request_lapsed``):
     # once. Set on the requests that had lapsed before this was kept, never announced.
     lapse_announced_at: Mapped[dt.datetime | None]
+    # When it reached the server; a PDA's request held back then (``unsent``, "not sent:
+    # ..."), when it was sent at last: the parcel's window counts the messages sent.
     created_at: Mapped[timestamp]
 
     def __repr__(self) -> str:

@@ -372,7 +372,9 @@ def _same_question_pending(
 def _sent_in_window(
     session: Session, tracking_no: str, per_parcel: Limit, now: dt.datetime
 ) -> Sequence[dt.datetime]:
-    """When each request sent for the parcel in ``per_parcel``'s window was, oldest first."""
+    """When each request sent for the parcel in ``per_parcel``'s window was, oldest first:
+    its ``created_at``, when it reached the server, or, held back then, when it was sent at
+    last (``_send_held_back``)."""
     return session.scalars(
         select(ConsentRequest.created_at)
         .where(
@@ -623,6 +625,9 @@ def _send_held_back(
         return None
     held.status = ConsentRequestStatus.PENDING
     held.status_reason = None
+    # Sent now: the parcel's window counts it from now (``_sent_in_window``), not from its
+    # arrival, which an hour behind would have it forgotten as its message goes out.
+    held.created_at = now
     _announce_requested(session, parcel, held, now)
     # Its courier's PDA read it ``unsent``: it hears that it was sent after all.
     feed.record(

@@ -8,6 +8,7 @@ another method or point, stays possible."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -860,3 +861,67 @@ def test_a_correction_putting_the_parcel_back_in_its_recipients_hands_ends_the_q
     assert list(_requests_by_event(session, tracking_no).values()) == [
         ("cancelled", "the parcel was handed over to the recipient: nothing to ask")
     ]
+
+
+def test_a_request_held_back_counts_toward_the_bound_from_when_it_was_sent(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """The PDA asked the same question twice (the second held back behind the first);
+    both reached the server an hour ago. The courier voids the first ask now: the second
+    is sent now, a message to the recipient's phone this minute. It kept its arrival time
+    for the window, which forgot it at once: two more questions went out within the
+    minute, three messages in the hour where the bound allows two. The window counts it
+    from when it was sent."""
+    app = app_with(CONSENT_REQUESTS_PER_PARCEL=Limit.parse("2/3600"))
+    client = app.test_client()
+    auth = Auth(client)
+    tracking_no = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    courier = auth.headers("courier1", "PDA-0001")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    question = {
+        "method": "locker",
+        "channel": "sms",
+        "expires_at": (at + dt.timedelta(hours=3)).isoformat(),
+    }
+    first = factories.event(1, tracking_no, "consent_requested", occurred_at=at, request=question)
+    again = factories.event(2, tracking_no, "consent_requested", occurred_at=at, request=question)
+    voiding = factories.event(
+        3,
+        tracking_no,
+        "correction",
+        occurred_at=at,
+        voids_client_event_id=first["client_event_id"],
+        reason="tapped twice",
+    )
+
+    def push(events: list[dict[str, Any]]) -> None:
+        pushed = client.post(
+            "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+        )
+        assert pushed.status_code == 200, pushed.get_json()
+
+    push([first, again])
+    # Both reached the server an hour and a minute ago (the first sent then).
+    session.execute(
+        update(ConsentRequest)
+        .where(ConsentRequest.tracking_no == tracking_no)
+        .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1, minutes=1))
+    )
+    session.commit()
+    push([voiding])
+    session.expire_all()
+    held = session.scalar(
+        select(ConsentRequest).where(
+            ConsentRequest.client_event_id == uuid.UUID(again["client_event_id"])
+        )
+    )
+    assert held is not None and held.status.value == "pending"  # sent now
+    assert messages(session, tracking_no) == 2
+    # In the last hour: the second ask, sent now. One more is within the bound...
+    assert ask(client, courier, tracking_no, method="pickup_point").status_code == 201
+    # ... and the next is not, until the second ask is an hour old.
+    beyond = ask(client, courier, tracking_no, method="any")
+    assert beyond.status_code == 429, beyond.get_json()
+    assert 3590 <= int(beyond.headers["Retry-After"]) <= 3600
+    assert messages(session, tracking_no) == 3

@@ -931,16 +931,29 @@ def announce_lapsed(*, session: Session, now: dt.datetime) -> dict[str, Any]:
     one that lapsed before it reached the server (never sent). Committed batch by batch;
     a request answered or cancelled meanwhile is passed over (read again under its
     lock)."""
+    unannounced = (
+        ConsentRequest.status == ConsentRequestStatus.PENDING,
+        ConsentRequest.lapse_announced_at.is_(None),
+        ConsentRequest.expires_at <= now,
+    )
+    # Picked by expiry (the partial index), locked by id: the order in which a push
+    # handing their parcels over locks them (``lock_for_handover``), and a push voiding
+    # their asks (``cancel_voided``). Locked by expiry, two requests whose expiries run
+    # against their ids deadlocked with such a push.
     due = (
         select(ConsentRequest)
         .where(
-            ConsentRequest.status == ConsentRequestStatus.PENDING,
-            ConsentRequest.lapse_announced_at.is_(None),
-            ConsentRequest.expires_at <= now,
+            ConsentRequest.id.in_(
+                select(ConsentRequest.id)
+                .where(*unannounced)
+                .order_by(ConsentRequest.expires_at, ConsentRequest.id)
+                .limit(LAPSE_BATCH)
+                .scalar_subquery()
+            ),
+            *unannounced,  # again under the lock: answered or cancelled meanwhile
         )
-        .order_by(ConsentRequest.expires_at, ConsentRequest.id)
-        .limit(LAPSE_BATCH)
-        .with_for_update()
+        .order_by(ConsentRequest.id)
+        .with_for_update(of=ConsentRequest)
         .execution_options(populate_existing=True)
     )
     announced: list[int] = []

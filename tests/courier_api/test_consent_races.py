@@ -947,3 +947,74 @@ def test_the_pushes_ending_questions_lock_the_requests_in_one_order(committed_ap
         s for s in locking if " LIMIT " not in s and "ORDER BY consent_request.id" not in s
     ]
     assert unordered == []
+
+
+@pytest.mark.postgres_only
+def test_the_lapse_job_and_a_push_handing_the_parcels_over_never_deadlock(
+    committed_app: Flask, engine: Engine
+) -> None:
+    """Two requests lapsed unannounced: the first asked until later than the second. The
+    ``consent_requests_lapsed`` job locks them by expiry (the second first), a push
+    bringing their parcels' deliveries by id (``lock_for_handover``: the first first):
+    each held the request the other waited for, PostgreSQL aborting one (the push run
+    again, or the job's run lost). The job picks them by expiry and locks them by id.
+    Here a connection takes the push's turn: it holds the first request, and takes the
+    second while the job waits."""
+    from sqlalchemy.orm import Session as OrmSession
+
+    from models import ConsentRequest
+    from sync import consent_requests
+
+    with committed_app.app_context():
+        _, numbers = factories.station_with_pdas(
+            db.session, "LAPSE", {"asker": "PDA-ASK"}, parcels=2
+        )
+        db.session.commit()
+    courier = Auth(committed_app.test_client()).headers("asker", "PDA-ASK")
+    now = dt.datetime.now(dt.UTC)
+    ids = []
+    for tracking_no, minutes in zip(numbers, (20, 10), strict=True):
+        asked = committed_app.test_client().post(
+            f"{CONSENTS}/requests",
+            json={
+                "tracking_no": tracking_no,
+                "method": "locker",
+                "expires_at": (now + dt.timedelta(minutes=minutes)).isoformat(),
+            },
+            headers=courier,
+        )
+        assert asked.status_code == 201, asked.get_json()
+        ids.append(asked.get_json()["id"])
+    outcome: list[Any] = []
+
+    def lapse() -> None:
+        try:
+            with OrmSession(engine) as session:
+                outcome.append(
+                    consent_requests.announce_lapsed(
+                        session=session, now=now + dt.timedelta(minutes=30)
+                    )
+                )
+        except Exception as error:  # reported below
+            outcome.append(error)
+
+    with engine.connect() as pushing:
+        pushing.execute(text("SET LOCAL lock_timeout = '10s'"))
+        pushing.execute(
+            select(ConsentRequest.id).where(ConsentRequest.id == ids[0]).with_for_update()
+        )
+        job = threading.Thread(target=lapse)
+        job.start()
+        job.join(timeout=2)  # the job reaches the first request, held here
+        try:
+            pushing.execute(
+                select(ConsentRequest.id).where(ConsentRequest.id == ids[1]).with_for_update()
+            )
+            took = None
+        except Exception as error:  # reported below
+            took = error
+        pushing.rollback()
+    job.join(timeout=60)
+    assert took is None, took
+    [ran] = outcome
+    assert isinstance(ran, dict) and ran["announced"] == 2, ran

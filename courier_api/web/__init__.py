@@ -16,17 +16,34 @@ from courier_api.config import ensure_secret_key
 
 # A page session lasts a working day; the cookie's signature carries its age.
 SESSION_LIFETIME = dt.timedelta(hours=12)
+SESSION_COOKIE = "courier_session"
+# Served over HTTPS (production), the cookie's name carries the ``__Host-`` prefix: a
+# browser then takes it only Secure, for the whole host (Path=/) and no other (no
+# Domain), so neither a sibling subdomain nor a page over plain http can plant one.
+SECURE_SESSION_COOKIE = "__Host-" + SESSION_COOKIE
+# The sign-in form's CSRF secret, kept apart from the session (``web.session``).
+LOGIN_COOKIE = "courier_login"
+SECURE_LOGIN_COOKIE = "__Host-" + LOGIN_COOKIE
 
 
 def init_app(app: Flask) -> None:
     from courier_api.web.views import bp
 
     ensure_secret_key(app.config)
+    https = app.config["APP_ENV"] == "production"
     app.config.update(
-        SESSION_COOKIE_NAME="courier_session",
+        # Development (``make run``) is plain http, where a browser refuses a Secure
+        # cookie and so a ``__Host-`` one.
+        SESSION_COOKIE_NAME=SECURE_SESSION_COOKIE if https else SESSION_COOKIE,
+        LOGIN_COOKIE_NAME=SECURE_LOGIN_COOKIE if https else LOGIN_COOKIE,
         SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=app.config["APP_ENV"] == "production",
+        # Strict, not Lax: a link on another site (a mail, a chat) opening a proof's page
+        # comes without the session, so it cannot record a ``proof_read`` in the
+        # auditor's name; the auditor signs in, and the page opens then.
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=https,
+        SESSION_COOKIE_PATH="/",
+        SESSION_COOKIE_DOMAIN=None,
         PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
     )
     app.register_blueprint(bp)

@@ -1,15 +1,24 @@
 """Signing in to the pages: a signed session cookie, re-checked on every page, and CSRF.
 
-The session is Flask's signed cookie (``SECRET_KEY``; HttpOnly, SameSite=Lax, Secure
-in production). It holds the user id, the account's credentials version (the
-``ver`` of tokens) and a per-session CSRF secret. Every page loads the account
+The session is Flask's signed cookie (``SECRET_KEY``; HttpOnly, SameSite=Strict, and in
+production, served over HTTPS, Secure and named ``__Host-courier_session``). It holds
+the user id, the account's credentials version (the ``ver`` of tokens) and a
+per-session CSRF secret. Every page loads the account
 again through ``sync.accounts.load_token_subject``, as every API request does with
 its token: a disabled account or a changed password ends the session at once.
 
 Every POST form carries the session's CSRF secret in a hidden field; a POST
 without it, or with another value, is refused (400) before anything else runs.
-SameSite=Lax already keeps the cookie off cross-site POSTs; the token also covers
+SameSite=Strict already keeps the cookie off cross-site requests; the token also covers
 browsers that ignore it and same-site attackers (another app on the same host).
+
+SameSite=Strict, not Lax: a link on another site to a page (a proof's, whose reading an
+auditor's session puts on record) comes without the session, so the browser lands on
+the sign-in page. That page must not answer with a session cookie, which would replace
+the session the browser holds but withheld (every link from elsewhere would sign its
+viewer out): the sign-in form's CSRF secret is a cookie of its own
+(``LOGIN_COOKIE_NAME``, a double-submit token: SameSite=Strict, and ``__Host-`` in
+production so that no sibling host can plant one), the session is left alone.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from functools import wraps
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import flash, g, redirect, request, session, url_for
+from flask import Response, current_app, flash, g, redirect, request, session, url_for
 from werkzeug.exceptions import BadRequest
 
 from courier_api.auth import Principal
@@ -88,7 +97,56 @@ def csrf_token() -> str:
 
 
 def check_csrf() -> None:
-    expected = session.get(CSRF_KEY) or ""
+    _compare(session.get(CSRF_KEY) or "")
+
+
+def login_csrf_token() -> str:
+    """The sign-in form's CSRF secret: the browser's login cookie, or a new one that
+    ``keep_login_csrf`` sets on the answer. The session is not touched (see above)."""
+    token = request.cookies.get(current_app.config["LOGIN_COOKIE_NAME"]) or g.get("login_csrf")
+    if not token:
+        token = g.login_csrf = secrets.token_urlsafe(32)
+    return token
+
+
+def keep_login_csrf(response: Response) -> None:
+    """Set the login cookie made for this answer's form, if one was."""
+    token = g.get("login_csrf")
+    if token:
+        response.set_cookie(
+            current_app.config["LOGIN_COOKIE_NAME"],
+            token,
+            max_age=int(SESSION_LIFETIME.total_seconds()),
+            path="/",
+            secure=current_app.config["SESSION_COOKIE_SECURE"],
+            httponly=True,
+            samesite="Strict",
+        )
+
+
+def check_login_csrf() -> None:
+    """The sign-in form's secret is its login cookie's; a form posted from a page of a
+    session (signed in already, in another tab) may carry the session's."""
+    kept = request.cookies.get(current_app.config["LOGIN_COOKIE_NAME"]) or ""
+    sent = request.form.get(CSRF_FIELD, "")
+    if kept and hmac.compare_digest(sent.encode(), kept.encode()):
+        return
+    check_csrf()
+
+
+def forget_login_csrf(response: Response) -> None:
+    """Signed in: the login cookie has served."""
+    config = current_app.config
+    response.delete_cookie(
+        config["LOGIN_COOKIE_NAME"],
+        path="/",
+        secure=config["SESSION_COOKIE_SECURE"],
+        httponly=True,
+        samesite="Strict",
+    )
+
+
+def _compare(expected: str) -> None:
     sent = request.form.get(CSRF_FIELD, "")
     if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
         raise CsrfRefused()

@@ -74,7 +74,11 @@ from courier_api.web.session import (
     PAGE_ROLES,
     USER_KEY,
     check_csrf,
+    check_login_csrf,
     csrf_token,
+    forget_login_csrf,
+    keep_login_csrf,
+    login_csrf_token,
     page,
     safe_next,
     sign_in,
@@ -157,7 +161,11 @@ OUTCOME_LABELS = {
 
 @bp.before_request
 def refuse_forged_posts() -> None:
-    if request.method == "POST":
+    if request.method != "POST":
+        return
+    if request.endpoint == "web.login_submit":  # no session yet: the form's own cookie
+        check_login_csrf()
+    else:
         check_csrf()
 
 
@@ -168,6 +176,7 @@ def security_headers(response: Response) -> Response:
     response.headers["Referrer-Policy"] = "same-origin"
     # ``frame-ancestors 'none'`` above, for browsers that read no CSP level 2.
     response.headers["X-Frame-Options"] = "DENY"
+    keep_login_csrf(response)
     if request.endpoint != "web.static":
         # Pages, exports and proof images hold recipients' data: not kept by the browser
         # after signing out (a station's shared computer). The API's images may be cached
@@ -183,6 +192,7 @@ def page_context() -> dict[str, Any]:
     return {
         "viewer": viewer,
         "csrf_token": csrf_token,
+        "login_csrf_token": login_csrf_token,
         "shown_phone": lambda e164: shown_phone(e164, unmasked=unmasked),
         # Free text (a courier's reason): a phone number typed into it is masked alike.
         "shown_text": lambda text: shown_text(text, unmasked=unmasked),
@@ -342,7 +352,9 @@ def login_submit() -> ResponseReturnValue:
     if signed_in.user.role not in PAGE_ROLES:
         return refused(OTHER_ROLE_REFUSED, 403)
     sign_in(signed_in.user)
-    return redirect(target or url_for("web.board"))
+    response = redirect(target or url_for("web.board"))
+    forget_login_csrf(response)
+    return response
 
 
 @bp.post("/logout")

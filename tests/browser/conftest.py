@@ -71,6 +71,7 @@ def chromium() -> str:
 class Site:
     base_url: str
     day: station_day.StationDay
+    database_url: str
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +89,7 @@ def site(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
     thread = threading.Thread(target=server.serve_forever, name="pages-server", daemon=True)
     thread.start()
     try:
-        yield Site(base_url=f"http://127.0.0.1:{server.server_port}", day=day)
+        yield Site(base_url=f"http://127.0.0.1:{server.server_port}", day=day, database_url=url)
     finally:
         server.shutdown()
         thread.join(timeout=10)

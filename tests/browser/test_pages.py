@@ -9,9 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Route, expect
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from courier_api.api.proofs.routes import CSV_COLUMNS
+from models import AuditEntry
+from models.engine import make_engine
 from tests.browser.conftest import Site, Ui
 
 SHIFT_LINK = re.compile(r"^Shift \d+$")  # a board row's link to its shift's page
@@ -227,4 +231,45 @@ def test_the_pages_read_without_javascript(open_ui: Callable[..., Ui], site: Sit
     expect(page.locator("details.outcome-missing")).to_have_attribute("open", "")
     ui.go(f"/web/shifts/{site.day.unbalanced.id}")
     expect(page.locator("article.discrepancy")).to_have_count(2)
+    ui.assert_no_console_errors()
+
+
+def proof_reads(site: Site, event_id: int) -> int:
+    engine = make_engine(site.database_url)
+    try:
+        with Session(engine) as session:
+            return session.scalar(
+                select(func.count())
+                .select_from(AuditEntry)
+                .where(AuditEntry.action == "proof_read", AuditEntry.subject_key == str(event_id))
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_link_on_another_site_reads_no_proof_in_the_auditors_name(ui: Ui, site: Site) -> None:
+    """A page elsewhere (a mail, a forum) linking to a proof's page: the auditor signed in
+    who follows it must not put a read of that proof on record unknowingly. The session
+    cookie is SameSite=Strict: the navigation from the other site comes without it (Lax
+    sent it with every top-level navigation, and the read was recorded), so the link
+    lands on the sign-in page, and signing in opens the proof."""
+    event_id = site.day.drop_event_id
+    proof = f"{site.base_url}/web/proofs/{event_id}"
+    ui.login("auditor")
+    before = proof_reads(site, event_id)
+
+    def elsewhere(route: Route) -> None:
+        route.fulfill(content_type="text/html", body=f'<a id="bait" href="{proof}">news</a>')
+
+    page = ui.page
+    page.route("http://elsewhere.example/**", elsewhere)
+    page.goto("http://elsewhere.example/")
+    page.locator("#bait").click()
+    page.wait_for_load_state()
+    expect(page).to_have_url(re.compile(r"/web/login\?next="))
+    assert proof_reads(site, event_id) == before
+
+    ui.go(f"/web/proofs/{event_id}")  # the auditor's own navigation: the session comes
+    expect(page).to_have_url(re.compile(rf"/web/proofs/{event_id}$"))
+    assert proof_reads(site, event_id) == before + 1
     ui.assert_no_console_errors()

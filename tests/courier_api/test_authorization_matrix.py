@@ -103,6 +103,7 @@ BAD = ("no_token", "expired", "tampered", "alg_none", "refresh_token", "forged_r
 CALLERS = (*IDENTITIES, *BAD, "cookie_only")
 PAGE_USERS = ("admin", "auditor", "manager_own", "manager_other")  # may sign in to pages
 SESSION_COOKIE = "courier_session"
+LOGIN_FORM_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 PARAMETER = re.compile(r"<(?:[^<>]*:)?(\w+)>")  # <converter(args):name> in a Flask rule
 
 
@@ -317,9 +318,7 @@ def sign_in_everyone(app: Flask, client: FlaskClient) -> Credentials:
     sessions = {}
     for caller in PAGE_USERS:
         browser = app.test_client()
-        browser.get("/web/login")
-        with browser.session_transaction() as session:
-            csrf = session[CSRF_KEY]
+        csrf = login_form_token(browser)
         form = {"csrf_token": csrf, "username": IDENTITIES[caller][0]}
         answer = browser.post("/web/login", data=form | {"password": factories.PASSWORD})
         assert answer.status_code == 302, (caller, answer.get_data(as_text=True))
@@ -406,6 +405,13 @@ def open_request(
     )
 
 
+def login_form_token(client: FlaskClient) -> str:
+    """The CSRF token the login form carries (its own cookie's, not a session's)."""
+    token = LOGIN_FORM_TOKEN.search(client.get("/web/login").get_data(as_text=True))
+    assert token is not None
+    return token.group(1)
+
+
 def _sign_in_form(client: FlaskClient, credentials: Credentials, caller: str) -> int:
     """The login form with its CSRF token: each identity with its own password, the bad
     credentials as the admin with a wrong one."""
@@ -413,9 +419,7 @@ def _sign_in_form(client: FlaskClient, credentials: Credentials, caller: str) ->
     if session is not None:
         csrf = session[1]
     else:
-        client.get("/web/login")
-        with client.session_transaction() as cookie_session:
-            csrf = cookie_session[CSRF_KEY]
+        csrf = login_form_token(client)
     if caller in IDENTITIES:
         form = {"username": IDENTITIES[caller][0], "password": factories.PASSWORD}
     else:

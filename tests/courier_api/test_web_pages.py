@@ -140,8 +140,9 @@ def test_a_manager_signs_in_and_gets_a_hardened_session_cookie(
     response = pages.login("manager")
     assert response.status_code == 302 and response.location == "/web/board"
     cookie = next(c for c in response.headers.getlist("Set-Cookie") if "courier_session=" in c)
-    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert "Secure" not in cookie  # only when APP_ENV=production
+    assert cookie.startswith("courier_session=")  # plain http (make run): no __Host-
     board = pages.get("/web/board")
     assert "Wang Fang · station manager" in board
 
@@ -151,6 +152,30 @@ def test_the_session_cookie_is_secure_in_production(app_with: Any) -> None:
     assert production.config["SESSION_COOKIE_SECURE"] is True
     assert len(production.config["SECRET_KEY"]) == 64  # derived from JWT_SECRET by HMAC
     assert production.config["SECRET_KEY"] != production.config["JWT_SECRET"]
+
+
+def test_in_production_the_session_cookie_is_a_host_cookie_sent_same_site_only(
+    app_with: Any, session: Session
+) -> None:
+    """Over HTTPS the cookie is ``__Host-`` (Secure, Path=/, no Domain: a browser takes
+    it so or not at all, and no sibling subdomain can plant or shadow one) and
+    SameSite=Strict: a link from another site (a mail) opening a proof's page comes
+    without it, so it cannot record a read of the proof in an auditor's name (Lax sent
+    the cookie with every top-level navigation)."""
+    production = app_with(APP_ENV="production")
+    station_day.build(session, production.config["BLOB_DIR"], history_days=0)
+    client = production.test_client()
+    client.environ_base["wsgi.url_scheme"] = "https"  # served over HTTPS, as a browser sees it
+    pages = Pages(client)
+    response = pages.login("auditor")
+    assert response.status_code == 302, response.get_data(as_text=True)
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if "courier_session=" in c)
+    attributes = [part.strip() for part in cookie.split(";")]
+    assert attributes[0].startswith("__Host-courier_session=")
+    assert {"Secure", "HttpOnly", "Path=/", "SameSite=Strict"} <= set(attributes)
+    assert not any(part.lower().startswith("domain=") for part in attributes)
+    board = pages.client.get("/web/board")
+    assert board.status_code == 200, board.location  # the session came back under its name
 
 
 def test_signing_in_returns_to_the_page_asked_for_and_never_off_site(
@@ -384,6 +409,42 @@ def test_a_post_without_the_session_csrf_token_is_refused(
     assert response.status_code == 400
     session.refresh(flag)
     assert flag.status == FlagStatus.OPEN
+
+
+def test_the_sign_in_page_leaves_the_session_alone_and_its_form_has_a_cookie_of_its_own(
+    app: Flask, day: StationDay
+) -> None:
+    """A link from another site comes without the SameSite=Strict session, and lands on
+    the sign-in page: had that page answered with a session cookie (its form's CSRF
+    secret), it would have replaced the session the browser held, and any link from
+    elsewhere signed its viewer out. Its secret is a login cookie of its own, bound to
+    the browser: another browser's token is refused."""
+    withheld = app.test_client()  # a browser whose session was not sent
+    login = withheld.get("/web/login")
+    set_cookies = login.headers.getlist("Set-Cookie")
+    assert not any(c.startswith("courier_session=") for c in set_cookies), set_cookies
+    login_cookie = next(c for c in set_cookies if c.startswith("courier_login="))
+    assert "HttpOnly" in login_cookie and "SameSite=Strict" in login_cookie
+
+    other = Pages(app.test_client())
+    their_token = CSRF.search(other.client.get("/web/login").get_data(as_text=True))
+    assert their_token
+    mine = Pages(withheld)
+    forged = mine.client.post(
+        "/web/login",
+        data={
+            "csrf_token": their_token.group(1),
+            "username": "manager",
+            "password": factories.PASSWORD,
+        },
+    )
+    assert forged.status_code == 400
+    signed = mine.login("manager")
+    assert signed.status_code == 302 and signed.location == "/web/board"
+    assert any(
+        c.startswith("courier_login=;") for c in signed.headers.getlist("Set-Cookie")
+    )  # spent
+    assert mine.get("/web/board")
 
 
 # -- access -----------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ RETRY_STORE_AFTER_SECONDS = 60
 # Images' digests' two-key advisory locks, beside ``sync.status.LOCK_SPACE`` (tracking
 # numbers): ``sync.sql.advisory_locks``.
 DIGEST_LOCK_SPACE = 0x5CA8
+# Uploaders' (user ids') two-key advisory locks: an account's new images are counted
+# against ``UNNAMED_IMAGES_PER_UPLOADER`` one upload at a time (``store_blob``).
+UPLOADER_LOCK_SPACE = 0x5CA9
 
 
 def store_unavailable(action: str) -> Unavailable:
@@ -325,6 +328,11 @@ def store_blob(
             field="sha256",
         )
     if session.get(Blob, digest) is None:  # new bytes for the store
+        # The count and the new image's rows in one turn per account (PostgreSQL; SQLite's
+        # writers take turns): side by side, two uploads each counted the other's image as
+        # not there yet, and both were stored past the bound. Held to the commit, before
+        # the digest's lock (``lock_digests``), which pushes take without this one.
+        advisory_locks(session, UPLOADER_LOCK_SPACE, [str(uploaded_by)])
         check_unnamed_uploads(session=session, uploaded_by=uploaded_by, size=len(data))
     stored = _stored(session, store, digest, data)
     if found_before is not None:

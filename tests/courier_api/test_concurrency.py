@@ -15,10 +15,12 @@ from sqlalchemy.orm import Session
 
 from courier_api.api.shifts import routes as shift_routes
 from courier_api.extensions import db
-from models import AuditEntry, AuditEntryParcel, Flag, Parcel, Station
+from models import AuditEntry, AuditEntryParcel, Blob, Flag, Parcel, Station
+from sync import blobs as blobs_module
 from sync import ingest as ingest_module
 from tests import factories
 from tests.conftest import Auth
+from tests.courier_api.test_blobs_api import image_bytes, put
 from tests.courier_api.test_web_pages import Pages
 from tests.threads import race, race_requests
 
@@ -822,3 +824,46 @@ def test_a_refused_decision_shows_its_page_again_holding_up_no_push(
     assert answer.status_code == 200, answer.get_data()[:300]
     assert refused in answer.get_data(as_text=True)
     assert len(waited) == 1 and waited[0] < 2, waited
+
+
+def test_two_uploads_at_once_take_no_more_unnamed_images_than_the_bound(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An account's images that no event names are bounded (``UNNAMED_IMAGES_PER_UPLOADER``,
+    here one). Two uploads of new images at once each counted what was committed, found
+    room, and both were stored (on PostgreSQL): a script with a stolen token sending its
+    uploads side by side took the bound as often as it sent them at once. The count and
+    the new image's rows are one turn per account: one is stored, the other refused."""
+    with committed_app.app_context():
+        station = factories.station(db.session, code="PICS")
+        factories.user(db.session, "snapper", "courier", station)
+        factories.device(db.session, "PDA-PICS", station)
+        db.session.commit()
+    headers = Auth(committed_app.test_client()).headers("snapper", "PDA-PICS")
+    monkeypatch.setattr(blobs_module, "UNNAMED_IMAGES_PER_UPLOADER", 1)
+    decoded = blobs_module.inspect_image
+
+    def slow_decode(data: bytes) -> Any:  # after the count, before the image's rows
+        time.sleep(0.5)
+        return decoded(data)
+
+    monkeypatch.setattr(blobs_module, "inspect_image", slow_decode)
+    images = [image_bytes(size=(4, 4 + n)) for n in range(2)]
+    barrier = threading.Barrier(len(images))
+    answers: list[Any] = [None] * len(images)
+
+    def upload(index: int) -> None:
+        client = committed_app.test_client()
+        barrier.wait()
+        answers[index] = put(client, headers, images[index])
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201, 429], [a.get_json() for a in answers]
+    with committed_app.app_context():
+        stored = db.session.scalar(select(func.count()).select_from(Blob))
+    assert stored == 1

@@ -374,7 +374,8 @@ def check_unnamed_uploads(
     """``RateLimited`` (429 ``too_many_unnamed_images``) when a new image of ``size``
     bytes would take what ``uploaded_by`` uploaded in the last ``UNNAMED_WINDOW`` that no
     event names beyond ``UNNAMED_BYTES_PER_UPLOADER``, or beyond
-    ``UNNAMED_IMAGES_PER_UPLOADER`` images. An image counts until an event names it: the
+    ``UNNAMED_IMAGES_PER_UPLOADER`` images. An image counts until an event names it (a
+    delivery's POD, or the POD of an event refused and kept in quarantine): the
     PDA pushing the deliveries its photos belong to makes room again at once (and keeps
     the images meanwhile: nothing from the field is lost), so ``Retry-After`` is at most
     ``UNNAMED_RETRY_AFTER_SECONDS``; the message says when enough leaves the window by
@@ -388,6 +389,9 @@ def check_unnamed_uploads(
             BlobUpload.uploaded_by == uploaded_by,
             BlobUpload.uploaded_at > since,
             ~exists().where(ProofImage.sha256 == BlobUpload.sha256),
+            # Named by a refused event's POD (kept in quarantine with its parcel): named
+            # too. The PDA pushed it; its photo is evidence of the drop it claims.
+            ~exists().where(RejectedImage.sha256 == BlobUpload.sha256),
         )
         .order_by(BlobUpload.uploaded_at)
     ).all()

@@ -727,6 +727,36 @@ def test_tiny_images_no_event_names_are_bounded_by_their_number_too(
     assert put(client, courier, images[4]).status_code == 429
 
 
+def test_an_image_a_rejected_event_names_counts_as_named(
+    client: FlaskClient,
+    auth: Auth,
+    world: World,
+    courier: dict[str, str],
+    session: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A drop the server refused (here for a missing compartment) is kept in quarantine
+    with the images its POD names (``RejectedImage``): evidence in a dispute, its photo
+    maybe the only one. Its photo counted as one no event named, and the PDA, told to
+    "push the events that name them", had pushed it: each retry, a minute apart, was
+    refused again for a day. An image a rejected event names counts as named, as a
+    proof's does (the event is stored, attributed to its PDA, and seen in quarantine)."""
+    images = [image_bytes(size=(2, 1 + n)) for n in range(3)]
+    monkeypatch.setattr(blobs, "UNNAMED_IMAGES_PER_UPLOADER", 1)
+    assert put(client, courier, images[0]).status_code == 201
+    assert put(client, courier, images[1]).status_code == 429
+    tn = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    drop = factories.event(
+        2, tn, "delivered_to_locker", locker_id="L-7", pod={"photo_sha256": digest(images[0])}
+    )
+    drop.pop("compartment", None)
+    receipt = auth.push([factories.event(1, tn), drop])
+    assert [r["status"] for r in receipt["results"]] == ["applied", "rejected"], receipt
+    assert put(client, courier, images[1]).status_code == 201
+    assert put(client, courier, images[2]).status_code == 429  # the bound still holds
+
+
 def test_the_time_room_frees_by_itself_is_not_before_it_frees(
     session: Any, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -404,11 +404,15 @@ def retire_device(device_id: str, lost: bool) -> None:
 )
 @pass_script_info
 def serve(info: ScriptInfo, host: str, port: int, workers: int, threads: int) -> None:
-    """Serve the API with gunicorn.
+    """Serve the API with gunicorn, threaded workers, on --host and --port.
 
+    A port another server holds, or an address not this machine's, stops it at once,
+    saying which.
+    \f
     Not an ``app.cli`` command: Flask pushes a new app context (and so a new
     database session) for a request only when none is active, and the context
-    Flask's CLI pushes around its commands would be shared by every request.
+    Flask's CLI pushes around its commands would be shared by every request. (Click
+    shows ``--help`` the docstring down to the form feed above, not this.)
     """
     import os
 
@@ -657,8 +661,9 @@ def import_parcels(
     default=500,
     show_default=True,
     type=click.IntRange(1, 2_000),
-    help="Drops, then parcels, per transaction (each holds a lock per device of the "
-    "drops, then per parcel, on PostgreSQL)",
+    help="Drops, time_inversion flags, PDAs with seqs written off, then parcels, per "
+    "transaction (each holds the locks of the PDAs or the parcels it judges, on "
+    "PostgreSQL)",
 )
 @with_appcontext
 @domain_errors_as_messages

@@ -269,6 +269,25 @@ def test_rejudge_counts_one_as_one(runner: FlaskCliRunner, world: World, session
     assert result.stderr == f"... {summary}\n"
 
 
+def test_rejudge_help_names_every_kind_of_batch(runner: FlaskCliRunner) -> None:
+    """``--batch`` sets the size of the time_inversion flags' and the written-off PDAs'
+    transactions too (``sync.rejudge``); its help named only drops and parcels."""
+    result = runner.invoke(args=["rejudge", "--help"])
+    assert result.exit_code == 0, result.output
+    batch_help = " ".join(result.output[result.output.index("--batch") :].split())
+    assert "Drops, time_inversion flags, PDAs with seqs written off, then parcels" in batch_help
+
+
+def test_serve_help_is_written_for_operators(app: Flask) -> None:
+    """``courier-api serve --help`` showed the docstring's note for developers (why it is
+    not an ``app.cli`` command: app contexts, database sessions) as its description."""
+    result = app.test_cli_runner().invoke(courier_cli(), ["serve", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Serve the API with gunicorn" in result.output
+    assert "app context" not in result.output and "app.cli" not in result.output
+    assert "another server holds" in result.output
+
+
 def test_import_parcels_refuses_a_wrong_header(
     runner: FlaskCliRunner, world: World, tmp_path: Path
 ) -> None:

@@ -31,7 +31,16 @@ def main() -> None:
 
 def courier_cli(create_app: Callable[[], Flask] | None = None) -> FlaskGroup:
     """The ``courier-api`` group (``create_app``: tests give their app)."""
-    cli = CourierCli(create_app=create_app or _create_app, help="Courier field API.")
+    cli = CourierCli(
+        create_app=create_app or _create_app,
+        help="Courier field API.",
+        add_version_option=False,  # Flask's prints Flask's version, not the service's
+    )
+    # Flask's -e/--env-file needs python-dotenv, which the service does not install: the
+    # option only ever answered that it must be installed. Settings come from the
+    # environment (README, Configuration).
+    cli.params = [param for param in cli.params if param.name != "env_file"]
+    click.version_option(package_name="courier-api", prog_name="courier-api")(cli)
     # On the group itself, not app.cli: Flask pushes an app context around every
     # app.cli command, and a server must not run inside one (see serve()).
     cli.add_command(serve)

@@ -278,6 +278,22 @@ def test_rejudge_help_names_every_kind_of_batch(runner: FlaskCliRunner) -> None:
     assert "Drops, time_inversion flags, PDAs with seqs written off, then parcels" in batch_help
 
 
+def test_the_group_offers_only_what_works(app: Flask) -> None:
+    """``courier-api --version`` printed Flask's and Werkzeug's versions, and ``--help``
+    offered Flask's ``-e/--env-file``, which only ever answered that python-dotenv (not
+    installed with the service) must be installed."""
+    runner = app.test_cli_runner()
+    version = runner.invoke(courier_cli(), ["--version"])
+    assert version.exit_code == 0, version.output
+    assert version.output.startswith("courier-api, version ")
+    assert "Flask" not in version.output
+    shown = runner.invoke(courier_cli(), ["--help"])
+    assert shown.exit_code == 0, shown.output
+    assert "--env-file" not in shown.output and "--version" in shown.output
+    refused = runner.invoke(courier_cli(), ["-e", "settings.env", "db", "current"])
+    assert refused.exit_code == 2 and "No such option '-e'" in refused.output
+
+
 def test_serve_help_is_written_for_operators(app: Flask) -> None:
     """``courier-api serve --help`` showed the docstring's note for developers (why it is
     not an ``app.cli`` command: app contexts, database sessions) as its description."""

@@ -701,10 +701,7 @@ def cancel_voided(
         ).all():
             if seq >= corrections[target]:
                 continue
-            if request.status == ConsentRequestStatus.UNSENT:  # held back: never asked
-                request.status = ConsentRequestStatus.CANCELLED
-                request.status_reason = VOIDED_REASON
-            elif _cancel(session, request, now):
+            if _cancel_pending_or_held_back(session, request, now, VOIDED_REASON):
                 freed.append(request)
     return freed
 
@@ -756,6 +753,20 @@ def _cancel(
         # It lapsed first, asked: that is its end, as the channel hears it.
         _announce_lapsed(session, request, now)
     return False
+
+
+def _cancel_pending_or_held_back(
+    session: Session, request: ConsentRequest, now: dt.datetime, reason: str
+) -> bool:
+    """A locked request, pending or held back (``_is_held_back``), is cancelled for
+    ``reason``: a held-back one was never asked, so there is nothing to tell the channel;
+    a pending one ends as ``_cancel`` says. True when it was still asking the recipient
+    (``_cancel``)."""
+    if request.status == ConsentRequestStatus.UNSENT:  # held back: never asked
+        request.status = ConsentRequestStatus.CANCELLED
+        request.status_reason = reason
+        return False
+    return _cancel(session, request, now, reason)
 
 
 def lock_for_handover(*, session: Session, tracking_nos: Iterable[str]) -> None:
@@ -845,11 +856,7 @@ def cancel_for_handed_over(
             ).all()
         )
     for request in cancelled:
-        if request.status == ConsentRequestStatus.UNSENT:  # held back: never asked
-            request.status = ConsentRequestStatus.CANCELLED
-            request.status_reason = HANDED_OVER_REASON
-        else:
-            _cancel(session, request, now, HANDED_OVER_REASON)
+        _cancel_pending_or_held_back(session, request, now, HANDED_OVER_REASON)
     if cancelled:
         feed.record(
             session,

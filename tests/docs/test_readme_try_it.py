@@ -40,3 +40,14 @@ def test_the_try_it_requests_answer_on_the_demo(committed_app: Flask) -> None:
     assert len(shifts) == 6  # the demo's six couriers' shifts
     statuses = sorted(row["balance"]["status"] for row in shifts)
     assert statuses == ["balanced"] * 3 + ["provisional"] + ["unbalanced"] * 2
+
+
+def test_the_readme_says_where_courier_api_is_before_writing_it_bare() -> None:
+    """``make run`` puts ``courier-api`` in ``.venv/bin``, not on the PATH: a new user
+    typing README's first ``courier-api simulate ...`` as written got "command not
+    found", README saying where the command is only in its last sections."""
+    text = README.read_text(encoding="utf-8")
+    bare = re.search(r"(?<![\w/.-])courier-api (?=[a-z])", text)
+    assert bare, "README writes no courier-api command"
+    assert "`.venv/bin/courier-api`" in text[: bare.start()]
+    assert "`. .venv/bin/activate`" in text[: bare.start()]

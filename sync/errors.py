@@ -59,13 +59,18 @@ class Gone(DomainError):
 
 
 class InvalidCursor(DomainError):
-    """A pull cursor that this server never handed out in that form."""
+    """A cursor this server never handed out in that form: a pull's (``sync.feed``), or
+    a walk through a parcel's timeline's, malformed or of another parcel's walk
+    (``sync.parcels``)."""
 
     code = "cursor_malformed"
 
 
 class CursorReset(DomainError):
-    """The cursor is unknown here (another database, or expired): pull again from scratch."""
+    """The cursor cannot be gone on from: a pull's is unknown here (another database, or
+    expired): pull again from scratch (``sync.feed``); a timeline walk's parcel gained
+    events below its ``as_of`` since it began: walk again from the start
+    (``sync.parcels``)."""
 
     code = "cursor_reset"
 

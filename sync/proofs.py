@@ -1,7 +1,8 @@
 """Proofs of delivery, as an auditor settling a complaint reads them.
 
 A proof is a delivery event (in person, to a locker, to a pickup point) with
-its POD, the parcel's whole event chain, the consent that authorized an
+its POD, the parcel's event chain (whole up to 500 events, else the 500 nearest the
+delivery: ``sync.parcels.timeline_around``), the consent that authorized an
 unattended drop (or that none did) and the parcel's flags. A page of proofs or an
 export's batch gets each drop's consent at once (``proofs_consents``).
 

@@ -487,9 +487,14 @@ def record_auditor_reads(reads: Sequence[AuditorRead], principal: Principal | No
     """``record_auditor_read`` for the reads one answer shows (a proof page: the proof
     and the parcel's rejected events), in one transaction: all on record, or none when
     the write fails and the answer is not given. Call it last, the answer built (a
-    page rendered), so that a request failing before it leaves no read on record."""
+    page rendered), so that a request failing before it leaves no read on record.
+
+    A ``HEAD`` is not a read: Flask answers it with the GET view's headers and no body,
+    so nothing was seen (an image's type and length, its digest already known), and the
+    log says who saw what: recorded, an auditor's tool checking a link or a cache would
+    put on record an image or a proof nobody looked at, beside the reads of a dispute."""
     principal = principal or current_principal()
-    if principal.role != Role.AUDITOR or not reads:
+    if principal.role != Role.AUDITOR or not reads or request.method == "HEAD":
         return
     # Imported here: courier_api.extensions imports the API base, which imports this module.
     from courier_api.extensions import db

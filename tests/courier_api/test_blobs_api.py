@@ -789,3 +789,48 @@ def test_the_time_room_frees_by_itself_is_not_before_it_frees(
     blobs.check_unnamed_uploads(
         session=session, uploaded_by=world.courier.id, size=84, now=now + dt.timedelta(minutes=1)
     )
+
+
+def test_a_head_of_an_image_or_a_proof_puts_no_read_on_record(
+    client: FlaskClient, auth: Auth, session: Any, world: World, courier: dict[str, str]
+) -> None:
+    """The audit log says who saw what. A ``HEAD`` (Flask answers it with the GET view's
+    headers and no body) put on record a ``blob_read`` of an image, or a ``proof_read``,
+    that the auditor never saw: an auditor's tool checking its links filled a dispute's
+    history with reads of images nobody looked at. A HEAD still answers as the GET does,
+    without the bytes; the GET that follows is on record, once."""
+    parcel = factories.parcel(session, world.station).tracking_no
+    session.commit()
+    photo = image_bytes()
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    events = [
+        factories.event(1, parcel, occurred_at=at),
+        factories.event(
+            2, parcel, "delivered", occurred_at=at + dt.timedelta(minutes=1),
+            pod={"photo_sha256": digest(photo)},
+        ),
+    ]  # fmt: skip
+    pushed = client.post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-0001", events), headers=courier
+    )
+    assert pushed.status_code == 200, pushed.get_json()
+    assert put(client, courier, photo).status_code == 201
+    delivery = pushed.get_json()["results"][1]
+    assert delivery["status"] == "applied", delivery
+    auditor = auth.headers("auditor1")
+    proofs = client.get("/api/v1/proofs", query_string={"tracking_no": parcel}, headers=auditor)
+    event_id = proofs.get_json()["items"][0]["event_id"]
+
+    def actions() -> list[str]:
+        session.expire_all()
+        return list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
+
+    before = actions()
+    image = client.head(f"/api/v1/blobs/{digest(photo)}", headers=auditor)
+    assert image.status_code == 200 and image.data == b""
+    assert image.mimetype == "image/png" and image.content_length == len(photo)
+    proof = client.head(f"/api/v1/proofs/{event_id}", headers=auditor)
+    assert proof.status_code == 200 and proof.data == b""
+    assert actions() == before
+    assert client.get(f"/api/v1/blobs/{digest(photo)}", headers=auditor).data == photo
+    assert actions() == [*before, "blob_read"]

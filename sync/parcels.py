@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -37,7 +39,7 @@ from sync.errors import (
 from sync.flags import FlagSubject, close_flags
 from sync.paging import MAX_PAGE_SIZE
 from sync.phones import normalize_phone
-from sync.projection import EMSEVT_CODE, EventFact, ordered, voided_by
+from sync.projection import EMSEVT_CODE, EventFact, ordered, project, voided_by
 from sync.rules import EventDetail, Policy, first_scans
 from sync.sql import chunks
 from sync.status import STANDING, ParcelChange, load_events, lock_parcels, reproject
@@ -497,21 +499,30 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
     return timeline_page(session=session, tracking_no=tracking_no).entries
 
 
-_TIMELINE_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})")
+_TIMELINE_CURSOR = re.compile(
+    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})(?:\.([0-9]{1,19})\.([0-9a-f]{16}))?"
+)
 
 
 @dataclass(frozen=True)
 class TimelineCursor:
-    """Where a walk through a timeline stands, ``as_of.count.after``: the walk reads the
-    timeline as it was at its first page, the events whose id is at most ``as_of``
-    (``count`` of them), and goes on after the event ``after``, the last one shown."""
+    """Where a walk through a timeline stands, ``as_of.count.after.updated.record``: the
+    walk reads the timeline as it was at its first page, the events whose id is at most
+    ``as_of`` (``count`` of them), and goes on after the event ``after``, the last one
+    shown. ``updated`` (microseconds since 1970, UTC) and ``record`` (``record_key``)
+    are the parcel's ``updated_at`` and record as the first page showed them: each page
+    shows the parcel as it was then (``WalkHeader``). None in a cursor handed out before
+    they were kept (three numbers)."""
 
     as_of: int
     count: int
     after: int
+    updated: int | None = None
+    record: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.as_of}.{self.count}.{self.after}"
+        walk = f"{self.as_of}.{self.count}.{self.after}"
+        return walk if self.record is None else f"{walk}.{self.updated}.{self.record}"
 
     @classmethod
     def parse(cls, raw: str | None) -> TimelineCursor | None:
@@ -519,12 +530,50 @@ class TimelineCursor:
         if raw is None or raw == "":
             return None
         match = _TIMELINE_CURSOR.fullmatch(raw)
-        if match is None or max(int(n) for n in match.groups()) > _INT64_MAX:
+        numbers = [int(n) for n in match.groups()[:4] if n is not None] if match else []
+        if match is None or max(numbers) > _INT64_MAX:
             raise InvalidCursor(
                 "the cursor is malformed; send back a next_cursor exactly as received",
                 field="cursor",
             )
-        return cls(int(match[1]), int(match[2]), int(match[3]))
+        updated = None if match[4] is None else int(match[4])
+        return cls(int(match[1]), int(match[2]), int(match[3]), updated, match[5])
+
+
+@dataclass(frozen=True)
+class WalkHeader:
+    """What a page of a walk shows of the parcel's record that its events move: as it
+    was at the walk's first page, as its timeline is."""
+
+    status: Any
+    status_at: dt.datetime | None
+    courier_id: int | None
+    updated_at: dt.datetime
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _microseconds(at: dt.datetime) -> int:
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+    return (aware - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def record_key(parcel: Parcel) -> str:
+    """A digest of what of ``parcel`` an intake changes (its class, station, recipient,
+    phone, address, position, planned courier), no event: 16 hex digits."""
+    fields = [
+        str(parcel.service_class),
+        parcel.station_id,
+        parcel.recipient_name,
+        parcel.recipient_phone,
+        parcel.address,
+        None if parcel.lat is None else repr(parcel.lat),
+        None if parcel.lon is None else repr(parcel.lon),
+        parcel.planned_courier_id,
+    ]
+    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 _INT64_MAX = 2**63 - 1
@@ -540,6 +589,10 @@ class TimelinePage:
     # Events of the parcel with an id above ``as_of``: arrived since the walk began, in
     # no page of it.
     arrived_since: int
+    # The position in the walk of the page's first entry (0: the walk's first).
+    offset: int = 0
+    # The parcel as the walk's first page showed it, when ``timeline_page`` was given it.
+    header: WalkHeader | None = None
 
 
 def timeline_page(
@@ -548,6 +601,7 @@ def timeline_page(
     tracking_no: str,
     cursor: TimelineCursor | None = None,
     limit: int | None = None,
+    parcel: Parcel | None = None,
 ) -> TimelinePage:
     """``parcel_timeline`` a page at a time: at most ``limit`` entries (None: all of them)
     from the start, or from where ``cursor`` (a page's ``next_cursor``) stands.
@@ -568,7 +622,12 @@ def timeline_page(
     outcomes' payloads (``load_events(judged_only=True)``, what says which scan repeats
     an outcome); each entry's row is read for the page alone. A PDA that scanned one
     parcel 25,000 times made its timeline a 15 MB answer of 14 s, every event read
-    twice."""
+    twice.
+
+    ``parcel``: its row, read before; the page then shows it as the walk's first page did
+    (``header``): that page's own, and each later page's as it was then, so that an
+    auditor reading page 3 reads its status beside the timeline it is projected from,
+    not one events arrived since moved (``_header``)."""
     history = load_events(session, [tracking_no], judged_only=True)[tracking_no]
     # By id, so that the order (stable sorts) is the same on every page of a walk.
     history.sort(key=lambda event: event.fact.event_id)
@@ -598,11 +657,65 @@ def timeline_page(
     shown = in_order[start:end]
     entries = _entries(session, walked, facts, shown)
     more = bool(shown) and end < len(in_order)
+    header = None if parcel is None else _header(parcel, cursor, walked, facts, in_order)
+    updated, record = (None, None)
+    if parcel is not None:
+        updated, record = _microseconds(header.updated_at), record_key(parcel)
     return TimelinePage(
         entries=entries,
         as_of=as_of,
-        next_cursor=TimelineCursor(as_of, len(walked), shown[-1].event_id) if more else None,
+        next_cursor=TimelineCursor(as_of, len(walked), shown[-1].event_id, updated, record)
+        if more
+        else None,
         arrived_since=len(history) - len(walked),
+        offset=start,
+        header=header,
+    )
+
+
+def _header(
+    parcel: Parcel,
+    cursor: TimelineCursor | None,
+    walked: Sequence[EventDetail],
+    facts: Sequence[EventFact],
+    in_order: Sequence[EventFact],
+) -> WalkHeader:
+    """The parcel as the walk's first page showed it. Its status, time and courier are
+    what its events make them (``sync.status.reproject``): those of the walk's own
+    events when events arriving since moved them (its ``updated_at`` too, then, as the
+    first page gave it). What an intake changed since (class, recipient, address,
+    station, planned courier) cannot be put back: a 410 ``cursor_reset``, as for two
+    pushes ending at once, the walk to begin again (intakes of a known parcel are rare,
+    and each is on the audit log, ``parcel_updated``)."""
+    current = WalkHeader(parcel.status, parcel.status_at, parcel.courier_id, parcel.updated_at)
+    if cursor is None:
+        return current
+    if cursor.record is None:
+        raise CursorReset(
+            "the walk was begun by an earlier version of the server, which did not keep "
+            f"the record of {parcel.tracking_no} its pages show; read the timeline again "
+            "from the start",
+            field="cursor",
+        )
+    if cursor.record != record_key(parcel):
+        raise CursorReset(
+            f"the record of {parcel.tracking_no} (its class, recipient, address, station "
+            "or planned courier) was changed since this walk began; read the timeline "
+            "again from the start",
+            field="cursor",
+        )
+    if cursor.updated == _microseconds(parcel.updated_at):
+        return current  # unchanged since the walk began
+    projection = project(facts, station_id=parcel.station_id, in_order=in_order)
+    status_at = projection.status_at
+    first = first_scans(walked).get(projection.status_event_id or 0)
+    if first is not None:  # a final outcome scanned again: since its first scan
+        status_at = first.fact.occurred_at
+    return WalkHeader(
+        status=projection.status,
+        status_at=status_at,
+        courier_id=projection.holder_courier_id or parcel.planned_courier_id,
+        updated_at=_EPOCH + dt.timedelta(microseconds=cursor.updated or 0),
     )
 
 

@@ -7,7 +7,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import Flag, FlagStatus, ScanEvent
+from models import AuditEntry, Flag, FlagStatus, ScanEvent
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
@@ -713,7 +713,8 @@ def test_a_walk_that_events_joined_below_its_as_of_is_refused_not_ordered_anew(
     auth.push([scan(4)])
     headers = auth.headers("manager1")
     first = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
-    assert first["next_cursor"] == f"{first['as_of']}.3.{first['timeline'][0]['event_id']}"
+    walk = f"{first['as_of']}.3.{first['timeline'][0]['event_id']}."
+    assert first["next_cursor"].startswith(walk)
     session.execute(
         update(ScanEvent).where(ScanEvent.tracking_no == other.tracking_no).values(tracking_no=tn)
     )
@@ -786,3 +787,93 @@ def test_a_walk_is_not_refused_for_a_correction_filed_elsewhere_whose_target_cam
         ("PDA-0003", 1, True),
         ("PDA-0003", 2, False),
     ]
+
+
+def test_each_page_of_a_walk_shows_the_parcel_as_its_first_page_did(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """A walk's pages read its timeline as it was at its first page, but each page's
+    parcel was the parcel as it was when asked: a delivery arriving during the walk, in
+    no page of it, made page 2 say `delivered` beside a timeline ending out for
+    delivery, and an auditor settling a dispute read a status the timeline shown did not
+    make. Each page now shows the status, its time, the courier and `updated_at` of the
+    walk's own events; a walk begun again shows the delivery. An intake changing the
+    parcel's record during the walk (its recipient here), which its events cannot put
+    back, makes the walk's next page a 410 `cursor_reset`."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    at = [start + dt.timedelta(minutes=seq) for seq in range(4)]
+    auth.push(
+        [factories.event(seq, tn, "out_for_delivery", occurred_at=at[seq]) for seq in (1, 2, 3)]
+    )
+    headers = auth.headers("auditor1")
+    header = ("status", "status_at", "courier_id", "updated_at", "recipient_name")
+
+    def read(cursor: str | None = None) -> dict:
+        query = {"limit": 1} if cursor is None else {"limit": 1, "cursor": cursor}
+        answer = client.get(f"{URL}/{tn}", query_string=query, headers=headers)
+        assert answer.status_code == 200, answer.json
+        return answer.json
+
+    pages = [read()]
+    assert pages[0]["status"] == "out_for_delivery"
+    delivered = start + dt.timedelta(minutes=10)
+    auth.push(
+        [factories.event(4, tn, "delivered", occurred_at=delivered, pod={"recipient_name": "Li"})]
+    )
+    while pages[-1]["next_cursor"] is not None:
+        pages.append(read(pages[-1]["next_cursor"]))
+    assert len(pages) == 3 and [p["arrived_since"] for p in pages] == [0, 1, 1]
+    for page in pages[1:]:
+        assert {k: page[k] for k in header} == {k: pages[0][k] for k in header}
+    again = client.get(f"{URL}/{tn}", headers=headers).json
+    assert again["status"] == "delivered" and again["updated_at"] > pages[0]["updated_at"]
+    walk = read()
+    intake = client.post(
+        URL,
+        json={"parcels": [item(tn, recipient_name="Someone Else")]},
+        headers=auth.headers("manager1"),
+    )
+    assert intake.json["results"][0]["status"] == "updated", intake.json
+    changed = client.get(
+        f"{URL}/{tn}", query_string={"limit": 1, "cursor": walk["next_cursor"]}, headers=headers
+    )
+    assert changed.status_code == 410 and changed.json["code"] == "cursor_reset"
+    assert list(changed.json["errors"]) == ["cursor"]
+
+
+def test_an_auditors_read_of_a_page_of_a_walk_records_which_page_of_which_walk(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """``parcel_read`` named only the deliveries whose proof the page showed: an auditor's
+    walk through a long timeline was a row of entries alike, and what the auditor saw
+    on each page (as of when, from where) could not be told. Each entry now names the
+    cursor sent, the walk's ``as_of``, the page's ``offset`` and ``entries``,
+    ``arrived_since``, the ``next_cursor`` given and the status shown."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    at = [start + dt.timedelta(minutes=seq) for seq in range(4)]
+    auth.push(
+        [factories.event(seq, tn, "out_for_delivery", occurred_at=at[seq]) for seq in (1, 2, 3)]
+    )
+    headers = auth.headers("auditor1")
+    first = client.get(f"{URL}/{tn}", query_string={"limit": 2}, headers=headers).json
+    second = client.get(
+        f"{URL}/{tn}", query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=headers
+    ).json
+    assert second["next_cursor"] is None
+    session.expire_all()
+    entries = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "parcel_read").order_by(AuditEntry.id)
+    ).all()
+    walk = {"as_of": first["as_of"], "arrived_since": 0, "status": "out_for_delivery"}
+    assert [e.details for e in entries] == [
+        {"event_ids": [], "cursor": None, "offset": 0, "entries": 2,
+         "next_cursor": first["next_cursor"], **walk},
+        {"event_ids": [], "cursor": first["next_cursor"], "offset": 2, "entries": 1,
+         "next_cursor": None, **walk},
+    ]  # fmt: skip

@@ -107,22 +107,39 @@ class ParcelByTrackingNo(MethodView):
         that moves others in the order. Events that arrived since are in no page
         of the walk: `arrived_since` counts them on each page (0: the walk is the
         timeline as it is now); read it again from the start, without a cursor,
-        to see them in their place. A cursor that is malformed or not of this
-        parcel's timeline is a 400 (`cursor_malformed`); a 410 `cursor_reset`
-        means events the walk began without were stored below `as_of` (two
-        PDAs' pushes of the parcel ending at once): start the walk again.
+        to see them in their place. Each page shows the parcel as the first page
+        did: its `status`, `status_at`, `courier_id` and `updated_at` those of the
+        walk's own events, not those of events arrived since. A cursor that is
+        malformed or not of this parcel's timeline is a 400 (`cursor_malformed`);
+        a 410 `cursor_reset` means events the walk began without were stored
+        below `as_of` (two PDAs' pushes of the parcel ending at once), or an
+        intake changed the parcel's class, recipient, address, station or planned
+        courier since the walk began: start the walk again.
+
+        An auditor's read is on the audit log (`parcel_read`), naming the
+        deliveries whose proof the page shows and the page of the walk: the
+        `cursor` sent, `as_of`, the page's `offset` in the walk and its
+        `entries`, `arrived_since`, `next_cursor` and the `status` shown.
         """
         parcel = get_parcel(session=db.session, tracking_no=tracking_no)
         ensure_visible(parcel.station_id, parcel_not_found(tracking_no))
         principal = current_principal()
         role = principal.role
-        view = parcel_view(parcel, unmasked=role == Role.AUDITOR)
         page = timeline_page(
             session=db.session,
             tracking_no=parcel.tracking_no,
             cursor=TimelineCursor.parse(args.get("cursor")),
             limit=args["limit"],
+            parcel=parcel,
         )
+        # The parcel as the walk's first page showed it, as its timeline is.
+        assert page.header is not None
+        view = parcel_view(parcel, unmasked=role == Role.AUDITOR) | {
+            "status": page.header.status,
+            "status_at": page.header.status_at,
+            "courier_id": page.header.courier_id,
+            "updated_at": page.header.updated_at,
+        }
         timeline = page.entries
         # A locker's pickup code opens the compartment: other couriers have no use for it.
         hide_codes = role == Role.COURIER
@@ -139,14 +156,25 @@ class ParcelByTrackingNo(MethodView):
             "next_cursor": None if page.next_cursor is None else str(page.next_cursor),
         }
         # Rule 7: its proofs and the unmasked phone go out logged, naming the deliveries
-        # whose POD the timeline shows, as a proof's read does. Last, the answer built: a
-        # read failing before it leaves no read on record.
+        # whose POD the timeline shows, as a proof's read does, and which page of which
+        # walk it was: the walk's timeline is the events up to ``as_of``, and the page
+        # its ``entries`` from ``offset``, so what the auditor saw can be shown again.
+        # Last, the answer built: a read failing before it leaves no read on record.
         shown = sorted(e.event.id for e in timeline if (e.event.details or {}).get("pod"))
         record_auditor_read(
             "parcel_read",
             "parcel",
             parcel.tracking_no,
-            {"event_ids": shown},
+            {
+                "event_ids": shown,
+                "cursor": args.get("cursor") or None,
+                "as_of": page.as_of,
+                "offset": page.offset,
+                "entries": len(timeline),
+                "arrived_since": page.arrived_since,
+                "next_cursor": answer["next_cursor"],
+                "status": None if page.header.status is None else str(page.header.status),
+            },
             principal=principal,
             tracking_no=parcel.tracking_no,
         )

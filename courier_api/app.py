@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, redirect
+from flask import Blueprint, Flask, redirect, request
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -14,6 +14,7 @@ from courier_api import logs, metrics
 from courier_api.api.fields import IdConverter, id_converter_schema
 from courier_api.bodies import CourierRequest
 from courier_api.config import ensure_jwt_secret, load_config, validate_config
+from sync import audit
 
 API_TITLE = "Courier field API"
 
@@ -77,6 +78,9 @@ def register_extensions(app: Flask) -> None:
     from courier_api.extensions import api, db
 
     logs.init_app(app)  # request ids, one access line per request
+    # Every audit entry a request writes keeps its client's address (sync.audit.CLIENT_IP).
+    app.before_request(_audit_client_ip)
+    app.teardown_request(_no_audit_client_ip)
     metrics.init_app(app)  # /metrics
     db.init_app(app)
     app.url_map.converters["id"] = IdConverter
@@ -85,6 +89,15 @@ def register_extensions(app: Flask) -> None:
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     )
+
+
+def _audit_client_ip() -> None:
+    audit.CLIENT_IP.set(audit.client_ip(request.remote_addr))
+
+
+def _no_audit_client_ip(_error: BaseException | None = None) -> None:
+    """Out of a request (the next one on this thread sets its own), no address."""
+    audit.CLIENT_IP.set(None)
 
 
 def register_blueprints(app: Flask) -> None:

@@ -34,6 +34,12 @@ class AuditEntry(Base):
     subject_type: Mapped[str] = mapped_column(String(32))
     subject_key: Mapped[str] = mapped_column(String(160))
     details: Mapped[dict[str, Any]] = mapped_column(Document)
+    # The address of the client whose request wrote the entry (a read's, a sign-off's:
+    # where it came from matters in a dispute), as the web edge saw it (behind
+    # ``TRUSTED_PROXY_HOPS`` proxies, the one they name); None for the command line, the
+    # scheduler and every entry written before migration ``f4a8c2e6b1d3``. In
+    # ``entry_hash`` when set (``sync.audit.entry_hash``).
+    client_ip: Mapped[str | None] = mapped_column(String(64))
     # Unique: two entries chained onto one predecessor (a fork) cannot both be stored.
     prev_hash: Mapped[sha256_hex] = mapped_column(unique=True)
     entry_hash: Mapped[sha256_hex] = mapped_column(unique=True)

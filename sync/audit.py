@@ -2,17 +2,22 @@
 
 Each entry's ``entry_hash`` is the sha256 of a canonical JSON document holding its
 content and ``prev_hash``, the hash of the entry before it (64 zeros for the
-first). Changing a row breaks its own hash; removing one breaks the next entry's
-link; ``verify`` walks the log in id order and names the first entry where either
-happens. Removing the newest entries leaves no broken link: compare the head that
-``verify`` reports with one recorded earlier to catch that.
+first), and the address of the client whose request wrote it when there was one
+(``client_ip``; entries written before it was kept, and those of the command line and
+the scheduler, hash the document they always did). Changing a row breaks its own hash;
+removing one breaks the next entry's link; ``verify`` walks the log in id order and
+names the first entry where either happens. Removing the newest entries leaves no
+broken link: compare the head that ``verify`` reports with one recorded earlier to
+catch that.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import re
 import uuid
@@ -40,6 +45,24 @@ MAX_TRACKING_NO = 40  # characters: AuditEntry.tracking_no, as every table keeps
 PROGRESS_EVERY = 10_000
 _DEFERRED = "audit_deferred"  # session.info key: the entries ``deferred`` holds back
 _AT_COMMIT = "audit_at_commit"  # and those ``append_at_commit`` holds for the commit
+MAX_CLIENT_IP = 64  # characters: AuditEntry.client_ip (an IPv6 address with its zone)
+# The address of the client whose request is being served, set by the web edge for the
+# request's length (``courier_api.app``); None outside one (the command line, the
+# scheduler). Every entry appended meanwhile keeps it, in its hash (``entry_hash``).
+CLIENT_IP: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "audit_client_ip", default=None
+)
+
+
+def client_ip(address: str | None) -> str | None:
+    """``address`` (a request's remote address) as an entry keeps it: an IP address in
+    its one spelling (``ipaddress``), or None for anything else (none, a proxy's header
+    that names no address)."""
+    try:
+        spelled = str(ipaddress.ip_address((address or "").strip()))
+    except ValueError:
+        return None
+    return spelled if len(spelled) <= MAX_CLIENT_IP else None
 
 
 def entry_hash(
@@ -51,9 +74,15 @@ def entry_hash(
     subject_type: str,
     subject_key: str,
     details: dict[str, Any],
+    client_ip: str | None = None,
 ) -> str:
-    """The hash an entry with this content, chained after ``prev_hash``, must carry."""
-    document = [
+    """The hash an entry with this content, chained after ``prev_hash``, must carry.
+
+    ``client_ip``, when the entry has one, is hashed after the rest; an entry without
+    one (all those written before it was kept, migration ``f4a8c2e6b1d3``) hashes the
+    document it always did, so every existing hash still verifies, and an address
+    removed from an entry, or put on one, changes the hash verified."""
+    document: list[Any] = [
         prev_hash,
         iso(at),
         actor_id,
@@ -62,6 +91,8 @@ def entry_hash(
         subject_key,
         details,
     ]
+    if client_ip is not None:
+        document.append(client_ip)
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -141,6 +172,7 @@ def _entry(
     concerned = (parcel_key(number) for number in (tracking_no, *parcels) if number)
     return AuditEntry(
         actor_id=actor_id,
+        client_ip=CLIENT_IP.get(),
         action=action,
         subject_type=subject_type,
         subject_key=subject_key,
@@ -229,6 +261,7 @@ def _chain(session: Session, *entries: AuditEntry) -> None:
             subject_type=entry.subject_type,
             subject_key=entry.subject_key,
             details=entry.details,
+            client_ip=entry.client_ip,
         )
     session.add_all(entries)
     session.flush()
@@ -473,6 +506,7 @@ def verify(
         type_coerce(_DETAILS, Text).label("details"),
         AuditEntry.prev_hash,
         AuditEntry.entry_hash,
+        AuditEntry.client_ip,
     ).order_by(AuditEntry.id)
     if from_head is not None:
         query = query.where(AuditEntry.id >= from_head.id)
@@ -526,6 +560,7 @@ def verify(
                     subject_type=row.subject_type,
                     subject_key=row.subject_key,
                     details=read_details(row.details),
+                    client_ip=row.client_ip,
                 )
             # json's decoding errors are ValueErrors; a document nested past Python's
             # recursion limit is a RecursionError

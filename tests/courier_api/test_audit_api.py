@@ -149,6 +149,7 @@ def test_entries_come_newest_first_a_page_at_a_time(
         "subject_key": "1",
         "details": {},
         "tracking_no": None,
+        "client_ip": None,  # written with no request
         "prev_hash": audit.GENESIS_HASH,
         "entry_hash": entry.entry_hash,
     }
@@ -818,3 +819,35 @@ def test_a_lost_parcels_history_has_the_close_the_reopening_and_the_decision_on_
 
     assert late_flag_entries(b) == [("flag_resolved", world.manager.id)]
     assert late_flag_entries(a) == []
+
+
+def test_entries_a_request_writes_keep_where_it_came_from_and_the_chain_verifies(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An auditor settling a dispute asks where a read came from; the log named who and
+    when only. An entry a request writes keeps its client's address (``client_ip``,
+    hashed with it), shown by ``GET /audit``; an entry without one (written before, or
+    by the command line) still verifies beside it."""
+    chained(session, {"action": "blob_read", "subject_type": "blob", "subject_key": "old",
+                      "details": {}})  # fmt: skip
+    a, b = parcels(session, world, 2)
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    auditor = auth.headers("auditor1")
+    read = client.get(
+        f"/api/v1/parcels/{a}", headers=auditor, environ_base={"REMOTE_ADDR": "203.0.113.7"}
+    )
+    assert read.status_code == 200, read.get_json()
+    assert shift["id"]
+    entries = listed(client, auditor, action="parcel_read")
+    assert [e["client_ip"] for e in entries] == ["203.0.113.7"]
+    old = listed(client, auditor, action="blob_read")
+    assert [(e["subject_key"], e["client_ip"]) for e in old] == [("old", None)]
+    verified = client.get(f"{AUDIT}/verify", headers=auditor)
+    assert verified.status_code == 200, verified.get_json()
+    assert verified.get_json()["intact"] is True
+    session.expire_all()
+    stored = session.scalars(select(AuditEntry).where(AuditEntry.action == "parcel_read")).one()
+    assert stored.client_ip == "203.0.113.7"
+    assert audit.CLIENT_IP.get() is None  # not carried past the request

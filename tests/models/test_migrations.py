@@ -1339,6 +1339,7 @@ def test_an_audit_entry_is_filed_under_every_parcel_it_records(scratch: Engine) 
     from sync import audit
 
     migrate.upgrade(scratch, POINT_IDS)
+    _audit_client_ip_running_code_writes(scratch)
     with scratch.begin() as connection:
         _append_before(connection, CONCERNING)
         for n, entry in enumerate(CONCERNING, start=1):
@@ -1413,6 +1414,7 @@ def test_reopenings_and_closes_for_the_courier_written_before_get_their_parcels(
     from tests import factories
 
     migrate.upgrade(scratch, EVERY_PARCEL)
+    _audit_client_ip_running_code_writes(scratch)
     with Session(scratch) as session:
         factories.station_day(
             session, "ST1", shifts=2, parcels_per_shift=3, day=dt.date(2026, 11, 20)
@@ -1496,6 +1498,7 @@ def test_decisions_on_a_pdas_flags_written_before_get_the_parcels_they_cite(
     from tests import factories
 
     migrate.upgrade(scratch, REQUESTS_ANNOUNCE_LAPSE)
+    _audit_client_ip_running_code_writes(scratch)
     with Session(scratch) as session:
         factories.station_day(
             session, "ST1", shifts=1, parcels_per_shift=3, day=dt.date(2026, 11, 20)
@@ -1587,6 +1590,7 @@ def test_purges_written_before_get_the_parcels_whose_proofs_named_their_images(
     from tests import factories
 
     migrate.upgrade(scratch, WEBHOOK_SECRETS_ROTATE)
+    _audit_client_ip_running_code_writes(scratch)
     with Session(scratch) as session:
         factories.station_day(
             session, "ST1", shifts=1, parcels_per_shift=3, day=dt.date(2026, 11, 20)
@@ -1678,6 +1682,14 @@ def test_purges_written_before_are_filed_batch_by_batch(scratch: Engine) -> None
     assert _entry_parcels(scratch) == expected
 
 
+def _audit_client_ip_running_code_writes(engine: Engine) -> None:
+    """Running code (an entry appended, the log verified) used at an older revision reads
+    and writes ``audit_entry.client_ip``, which ``f4a8c2e6b1d3`` adds: added here by hand,
+    as that migration adds it only where it is not there yet."""
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE audit_entry ADD COLUMN client_ip VARCHAR(64)"))
+
+
 WRITE_OFFS_BY_PARCEL = "b5c1e8d3f7a2"  # write-offs by the parcels of their shifts
 
 
@@ -1724,6 +1736,7 @@ def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_se
     from tests import factories
 
     migrate.upgrade(scratch, PURGES_BY_PARCEL)
+    _audit_client_ip_running_code_writes(scratch)
     _columns_running_code_reads(scratch)
     with Session(scratch) as session:
         factories.station_day(
@@ -2967,6 +2980,7 @@ def test_image_reads_written_before_get_the_parcels_whose_proofs_named_the_image
     from sync import audit
 
     migrate.upgrade(scratch, UPLOADS_BY_UPLOADER)
+    _audit_client_ip_running_code_writes(scratch)
     x, y, z = _station_day_numbers(scratch, 3)[:3]
     shared, later, unnamed = "a" * 64, "b" * 64, "c" * 64
     early = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
@@ -3023,6 +3037,7 @@ def test_images_rejected_events_name_get_their_parcels_and_reads_of_them_are_fil
     from sync import audit
 
     migrate.upgrade(scratch, IMAGE_READS_BY_PARCEL)
+    _audit_client_ip_running_code_writes(scratch)
     x, y = _station_day_numbers(scratch, 2)[:2]
     shared, later, unnamed = "a" * 64, "b" * 64, "c" * 64
     early = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
@@ -3264,3 +3279,59 @@ def test_rejected_events_images_and_reads_of_them_are_filed_batch_by_batch(
         ).all()
     assert sorted(linked) == [(n, photo(n), parcel(n)) for n in range(1, rejected + 1)]
     assert _entry_parcels(scratch) == expected
+
+
+AUDIT_CLIENT_IP = "f4a8c2e6b1d3"  # audit entries keep their client's address
+
+
+def test_entries_before_the_clients_address_was_kept_verify_beside_those_that_keep_it(
+    scratch: Engine,
+) -> None:
+    """The column comes empty: the entries written before keep their hashes (none is
+    re-hashed) and verify beside those appended after with an address, which is in
+    their hash. Run again, the same end; a downgrade that would drop addresses the
+    hashes cover is refused, one with none drops the column."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from sync import audit
+
+    migrate.upgrade(scratch, HELD_AT_WRITE_OFF)
+    with scratch.begin() as connection:
+        _append_before(
+            connection,
+            [("blob_read", "blob", "a" * 64, {"media_type": "image/png"}),
+             ("parcel_read", "parcel", "RR473124829GB", {"event_ids": [7]})],
+        )  # fmt: skip
+    with scratch.connect() as connection:
+        hashes = connection.execute(text("SELECT id, entry_hash FROM audit_entry")).all()
+    migrate.upgrade(scratch, AUDIT_CLIENT_IP)
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": HELD_AT_WRITE_OFF}
+        )
+    migrate.upgrade(scratch, AUDIT_CLIENT_IP)
+    with scratch.connect() as connection:
+        assert connection.execute(text("SELECT id, entry_hash FROM audit_entry")).all() == hashes
+    migrate.downgrade(scratch, HELD_AT_WRITE_OFF)  # no address kept yet: the column goes
+    assert "client_ip" not in {c["name"] for c in inspect(scratch).get_columns("audit_entry")}
+    migrate.upgrade(scratch)
+    with Session(scratch) as session:
+        token = audit.CLIENT_IP.set("203.0.113.7")
+        try:
+            audit.append(session=session, actor_id=None, action="proof_read",
+                         subject_type="proof", subject_key="9", details={})  # fmt: skip
+        finally:
+            audit.CLIENT_IP.reset(token)
+        session.commit()
+        result = audit.verify(session=session)
+        assert result.ok and result.checked == 3, result.message
+        assert session.scalars(
+            sa.select(sa.column("client_ip"))
+            .select_from(sa.table("audit_entry"))
+            .order_by(sa.column("id"))
+        ).all() == [None, None, "203.0.113.7"]
+    with pytest.raises(RuntimeError, match="1 audit entries keep their client's address"):
+        migrate.downgrade(scratch, HELD_AT_WRITE_OFF)
+    with Session(scratch) as session:
+        assert audit.verify(session=session).ok

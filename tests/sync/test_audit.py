@@ -1,5 +1,6 @@
 """The hash-chained audit log: appends chain, verify names the first altered or missing entry."""
 
+import hashlib
 import json
 import threading
 
@@ -366,3 +367,57 @@ def test_an_entry_held_for_the_commit_outlives_a_savepoint_rolled_back_after_it(
     session.commit()
     keys = session.scalars(select(AuditEntry.subject_key).order_by(AuditEntry.id)).all()
     assert keys == ["before", "released"]
+
+
+def test_entries_keep_their_clients_address_in_their_hash_and_old_ones_still_verify(
+    session: Session,
+) -> None:
+    """A dispute asks where a read came from; the log said who and when only. An entry
+    appended while a client's address is known (``CLIENT_IP``, set by the web edge)
+    keeps it, in its hash; one without (every entry written before, the command line's)
+    hashes the document it always did, so a log of both verifies, and an address put
+    on an old entry, changed on a new one or taken off it reads as altered."""
+    old = add(session, 2)
+    token = audit.CLIENT_IP.set(audit.client_ip(" 2001:DB8::0:1 "))
+    try:
+        new = add(session, 2)
+    finally:
+        audit.CLIENT_IP.reset(token)
+    assert [e.client_ip for e in old + new] == [None, None, "2001:db8::1", "2001:db8::1"]
+    # The old document, unchanged: seven fields, no address.
+    first = old[0]
+    document = [first.prev_hash, audit.iso(first.at), None, first.action, first.subject_type,
+                first.subject_key, first.details]  # fmt: skip
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert first.entry_hash == hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    assert new[0].entry_hash != audit.entry_hash(
+        prev_hash=new[0].prev_hash, at=new[0].at, actor_id=None, action=new[0].action,
+        subject_type=new[0].subject_type, subject_key=new[0].subject_key,
+        details=new[0].details,
+    )  # fmt: skip
+    result = audit.verify(session=session)
+    assert result.ok and result.checked == 4, result.message
+    for victim, address in ((old[1], "192.0.2.9"), (new[0], "192.0.2.9"), (new[1], None)):
+        kept = victim.client_ip
+        session.execute(
+            text("UPDATE audit_entry SET client_ip = :ip WHERE id = :id"),
+            {"ip": address, "id": victim.id},
+        )
+        result = audit.verify(session=session)
+        assert (result.broken_id, result.problem) == (victim.id, "altered"), address
+        session.execute(
+            text("UPDATE audit_entry SET client_ip = :ip WHERE id = :id"),
+            {"ip": kept, "id": victim.id},
+        )
+    assert audit.verify(session=session).ok
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("203.0.113.7", "203.0.113.7"), ("::ffff:203.0.113.7", "::ffff:cb00:7107"),
+     (None, None), ("", None), ("unknown", None), ("203.0.113.7, 10.0.0.1", None)],
+)  # fmt: skip
+def test_a_clients_address_is_kept_in_one_spelling_or_not_at_all(
+    sent: str | None, kept: str | None
+) -> None:
+    assert audit.client_ip(sent) == kept

@@ -84,11 +84,24 @@ class AuditEntryOut(ma.Schema):
             "covered by `entry_hash`"
         },
     )
+    client_ip = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The address of the client whose request wrote the entry (behind "
+            "TRUSTED_PROXY_HOPS proxies, the one they name); null for the command line, the "
+            "scheduler and entries written before it was kept. Covered by `entry_hash` when "
+            "set"
+        },
+    )
     prev_hash = ma.fields.String(
         required=True, metadata={"description": "`entry_hash` of the entry before it"}
     )
     entry_hash = ma.fields.String(
-        required=True, metadata={"description": "sha256 over this entry and `prev_hash`"}
+        required=True,
+        metadata={
+            "description": "sha256 over this entry (`client_ip` too when set) and `prev_hash`"
+        },
     )
 
 

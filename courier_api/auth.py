@@ -500,6 +500,16 @@ def record_auditor_reads(reads: Sequence[AuditorRead], principal: Principal | No
     from courier_api.extensions import db
 
     def record(session: Session) -> None:
+        # The request's client, set again here: a streamed answer (the CSV export)
+        # records its parts after the view returned, outside the context its request's
+        # before_request set it in (``courier_api.app``), which then reads none.
+        address = audit.CLIENT_IP.set(audit.client_ip(request.remote_addr))
+        try:
+            _append_reads(session)
+        finally:
+            audit.CLIENT_IP.reset(address)
+
+    def _append_reads(session: Session) -> None:
         for read in reads:
             audit.append(
                 session=session,

@@ -2074,3 +2074,18 @@ def test_a_proof_of_a_flooded_parcel_answers_the_stretch_of_its_timeline_around_
         "The 500 events nearest this delivery are listed, 150 to 649 of the parcel's 700" in text
     )
     assert text.count('<td class="received">') == 500
+
+
+def test_each_part_of_a_streamed_export_keeps_where_the_auditor_read_it_from(
+    client: FlaskClient, auth: Auth, day: dict[str, Any], session: Session
+) -> None:
+    """The export writes its audit entries as it streams, after the view has returned:
+    each part keeps the client's address as a search does (``client_ip``), not none."""
+    address = {"REMOTE_ADDR": "198.51.100.23"}
+    response = client.get(
+        f"{URL}/export.csv", headers=auth.headers("auditor1"), environ_base=address
+    )
+    assert response.status_code == 200 and response.data
+    session.expire_all()
+    parts = session.scalars(select(AuditEntry).where(AuditEntry.action == "proofs_exported"))
+    assert [e.client_ip for e in parts] == ["198.51.100.23"]

@@ -2089,3 +2089,39 @@ def test_each_part_of_a_streamed_export_keeps_where_the_auditor_read_it_from(
     session.expire_all()
     parts = session.scalars(select(AuditEntry).where(AuditEntry.action == "proofs_exported"))
     assert [e.client_ip for e in parts] == ["198.51.100.23"]
+
+
+def test_the_export_says_when_a_proofs_images_were_purged(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """After the retention purge an image's bytes are gone (its read a 410 `blob_purged`),
+    which the search and the proof say (`purged_at`); the export said only when each
+    image arrived, so an auditor working from the CSV took a purged photo for one still
+    held. It now says when each was purged (`signature_purged_at`, `photo_purged_at`,
+    empty while held), in columns added last."""
+    from tests.courier_api.test_blobs_api import digest, image_bytes
+
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    signature, photo = image_bytes(), image_bytes(size=(9, 7))
+    pod = {"signature_sha256": digest(signature), "photo_sha256": digest(photo)}
+    at = now() - dt.timedelta(minutes=30)
+    events = [
+        factories.event(1, parcel.tracking_no, occurred_at=at),
+        factories.event(2, parcel.tracking_no, "delivered", occurred_at=at, pod=pod),
+    ]
+    headers = auth.headers("courier1", "PDA-0001")
+    body = factories.push_body("PDA-0001", events)
+    assert client.post("/api/v1/sync/push", json=body, headers=headers).status_code == 200
+    for image in (signature, photo):
+        put = client.put(f"/api/v1/blobs/{digest(image)}", data=image, headers=headers)
+        assert put.status_code == 201, put.get_json()
+    purged = now().replace(microsecond=0)
+    session.get(Blob, digest(photo)).purged_at = purged
+    session.commit()
+    [found] = client.get(URL, headers=auth.headers("auditor1")).get_json()["items"]
+    assert [image["purged_at"] for image in found["images"]] == [None, purged.isoformat()]
+    [row] = _export(client, auth, {})
+    assert list(row)[-2:] == ["signature_purged_at", "photo_purged_at"]
+    assert row["signature_purged_at"] == ""
+    assert row["photo_purged_at"] == purged.isoformat().replace("T", " ")

@@ -102,6 +102,8 @@ CSV_COLUMNS = (
     "signature_arrived_at",
     "photo_arrived_at",
     "repeat_of",
+    "signature_purged_at",
+    "photo_purged_at",
 )
 # Typed by a recipient, a sender or a courier (and the phone number): written as text
 # (``sync.spreadsheets``).
@@ -280,8 +282,10 @@ class ProofExport(MethodView):
         The same filters as the search, every matching proof with the search's
         fields (the POD's in columns of their own, the authorizing consent's id,
         channel, grant time, and when and by whom it was recorded, the `seq`, the
-        `clock_offset_ms`, when the signature and the photo arrived, and the first
-        scan a repeated scan repeats, `repeat_of`; the images are not hashed: a
+        `clock_offset_ms`, when the signature and the photo arrived, the first
+        scan a repeated scan repeats, `repeat_of`, and when the retention purge
+        deleted the signature's and the photo's bytes, `signature_purged_at` and
+        `photo_purged_at`; the images are not hashed: a
         proof's detail says their `integrity`), streamed in batches as they are
         read. For auditors each batch is audit-logged before it is sent, with the
         filters and the event ids it holds (`proofs_exported`, numbered `part`s of
@@ -472,6 +476,7 @@ def _csv_row(view: dict[str, Any]) -> list[Any]:
     """A proof's view as a line of ``CSV_COLUMNS``."""
     pod, consent = view["pod"], view["authorizing_consent"] or {}
     arrived = {image["role"]: image["arrived_at"] for image in view["images"]}
+    purged = {image["role"]: image["purged_at"] for image in view["images"]}
     row = {
         **view,
         "pod_recipient_name": pod.get("recipient_name"),
@@ -487,5 +492,8 @@ def _csv_row(view: dict[str, Any]) -> list[Any]:
         # when each image the POD names arrived (empty: never, or none named)
         "signature_arrived_at": arrived.get("signature"),
         "photo_arrived_at": arrived.get("photo"),
+        # when the retention purge deleted its bytes (empty: held, or never arrived)
+        "signature_purged_at": purged.get("signature"),
+        "photo_purged_at": purged.get("photo"),
     }
     return [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]

@@ -3316,6 +3316,9 @@ def test_entries_before_the_clients_address_was_kept_verify_beside_those_that_ke
     migrate.downgrade(scratch, HELD_AT_WRITE_OFF)  # no address kept yet: the column goes
     assert "client_ip" not in {c["name"] for c in inspect(scratch).get_columns("audit_entry")}
     migrate.upgrade(scratch)
+    if scratch.dialect.name == "postgresql":  # the entries above were given their ids
+        with scratch.begin() as connection:
+            connection.execute(text("SELECT setval('audit_entry_id_seq', 2)"))
     with Session(scratch) as session:
         token = audit.CLIENT_IP.set("203.0.113.7")
         try:

@@ -38,10 +38,14 @@ this one waits for the disk, and writers of one process that committed during a 
 share the next one (group commit): ``FULL`` would hold the turn through each sync.
 A file SQLite could not put in WAL mode has no WAL file to sync: its connections
 commit with ``EXTRA`` (``TurnstileConnection.syncs_wal``, set by ``models.engine``).
+A WAL file deleted under the service is copied into the database by the next commit,
+and the process then refuses writes until it restarts
+(``TurnstileConnection._save_a_deleted_wal``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -85,6 +89,9 @@ class Turnstile:
         self._others_wait_since: float | None = None  # as first seen by this process
         self._setup = threading.Lock()
         self._durable: WalSync  # made per process, by the first writer (_this_process)
+        # Why this process's writers are refused their turn until a restart (its WAL
+        # file deleted under it: ``TurnstileConnection._save_a_deleted_wal``).
+        self._refused: OSError | None = None
         _TURNSTILES.add(self)
 
     def _this_process(self) -> None:
@@ -100,6 +107,7 @@ class Turnstile:
                 self._waiting_fd = self._open(self.waiting_path)
                 self._others_waited = False
                 self._others_wait_since = None
+                self._refused = None
                 for fd in (self._fd, self._waiting_fd):  # its engine is gone: so are they
                     weakref.finalize(self, os.close, fd)
                 self._pid = os.getpid()
@@ -115,6 +123,8 @@ class Turnstile:
 
     def enter(self) -> None:
         self._this_process()
+        if self._refused is not None:
+            raise OperationalError("BEGIN IMMEDIATE", None, self._refused) from None
         deadline = time.monotonic() + self.timeout
         if not self._lock.acquire(timeout=self.timeout):
             raise _locked()
@@ -198,11 +208,28 @@ class Turnstile:
     def make_durable(self, ticket: int) -> None:
         self._durable.make_durable(ticket)
 
-    def wal_too_large(self) -> bool:
+    def wal_size(self) -> int | None:
+        """The WAL file's size; None when it is gone. Asked after a commit, the turn
+        held: the committing connection has the file open, and SQLite deletes it only
+        once the last connection to the database closes, so it is gone only if
+        something else deleted it (an operator cleaning up, a backup script moving
+        ``*-wal`` away)."""
         try:
-            return os.stat(self.wal).st_size > WAL_RESTART_BYTES
+            return os.stat(self.wal).st_size
+        except FileNotFoundError:
+            return None
         except OSError:
-            return False
+            return 0
+
+    def refuse_writes(self, error: OSError) -> None:
+        """No writer of this process gets the turn from now on (``enter`` raises)."""
+        self._refused = error
+
+    def wal_lost(self, covered: int, error: OSError) -> None:
+        """The WAL file was deleted, and the commits up to ``covered`` were copied into
+        the database file and synced: they are on disk; later ones are refused."""
+        self._durable.covered_elsewhere(covered)
+        self.refuse_writes(error)
 
 
 class WalSync:
@@ -249,8 +276,15 @@ class WalSync:
                 covered = 0
         if covered:
             self._sync(covered)
-        if self._failure is not None:
+        if self._failure is not None and self._synced < ticket:
             raise OperationalError("sync the WAL file", None, self._failure) from None
+
+    def covered_elsewhere(self, covered: int) -> None:
+        """The commits up to ``covered`` are on disk by other means (copied into the
+        database file by a checkpoint, and synced): their writers need no sync."""
+        with self._changed:
+            self._synced = max(self._synced, covered)
+            self._changed.notify_all()
 
     def _sync(self, covered: int) -> None:
         """Whatever ends it, the writers waiting for it are told (one of them syncs
@@ -337,18 +371,65 @@ class TurnstileConnection(sqlite3.Connection):
             if self.holds_turn and self.syncs_wal:
                 assert self.turnstile is not None
                 ticket = self.turnstile.committed()
-                self._truncate_a_large_wal()
+                size = self.turnstile.wal_size()
+                if size is None:
+                    self._save_a_deleted_wal(ticket)
+                elif size > WAL_RESTART_BYTES:
+                    self._truncate_a_large_wal()
         finally:
             self.give_turn()
         if ticket:
             assert self.turnstile is not None
             self.turnstile.make_durable(ticket)
 
-    def _truncate_a_large_wal(self) -> None:
-        """After a commit, the turn still held: never raises (the commit is done)."""
+    def _save_a_deleted_wal(self, ticket: int) -> None:
+        """After a commit, the turn still held, the WAL file found deleted: its frames,
+        every commit since the last checkpoint (acknowledged ones among them), live only
+        in the deleted file the connections of the service hold open, and a SIGKILL or a
+        power cut would lose them, and a connection opened anew would start a WAL of its
+        own beside it. A checkpoint through this connection copies them into the
+        database file, which it syncs (``synchronous = NORMAL``); the file is synced
+        again here. The commits up to ``ticket`` are then on disk; no writer of this
+        process gets the turn again until a restart (503 ``database_unavailable``,
+        nothing written). Should the checkpoint not finish, the commits stay unsynced:
+        this commit and every later one fail, and only a clean stop of the service
+        (SQLite checkpoints as its last connection closes) keeps them."""
         assert self.turnstile is not None
-        if not self.turnstile.wal_too_large():
+        wal = self.turnstile.wal
+        gone = FileNotFoundError(
+            errno.ENOENT, "the WAL file was deleted while the service had it open", str(wal)
+        )
+        try:
+            busy, frames, copied = self.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+            if busy or copied < frames:
+                raise OSError(errno.EBUSY, f"checkpoint copied {copied} of {frames} frames")
+            database = os.open(wal.with_name(wal.name[: -len("-wal")]), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(database)
+            finally:
+                os.close(database)
+        except (sqlite3.Error, OSError) as error:
+            log.critical(
+                "the WAL file %s was deleted while in use, and its commits could not be "
+                "copied into the database (%s): writes are refused; stop the service "
+                "cleanly (SIGTERM), never with SIGKILL, to keep them",
+                wal,
+                error,
+            )
+            self.turnstile.refuse_writes(gone)
             return
+        log.critical(
+            "the WAL file %s was deleted while in use: its %d frames were copied into the "
+            "database and synced; writes are refused until the service restarts",
+            wal,
+            frames,
+        )
+        self.turnstile.wal_lost(ticket, gone)
+
+    def _truncate_a_large_wal(self) -> None:
+        """After a commit, the turn still held, the WAL file beyond
+        ``WAL_RESTART_BYTES``: never raises (the commit is done)."""
+        assert self.turnstile is not None
         try:
             busy = self.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as error:

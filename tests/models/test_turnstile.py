@@ -462,6 +462,39 @@ def test_a_failed_sync_fails_its_commit_and_every_later_one(
     assert "could not sync the WAL file" in caplog.text
 
 
+def test_a_wal_file_deleted_under_the_service_is_saved_into_the_database_and_writes_stop(
+    database: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone deletes ``-wal`` (a clean-up, a backup script) while the service runs:
+    its commits since the last checkpoint, acknowledged ones among them, lived only in
+    that deleted file, which the service's connections held open, and a SIGKILL (or a
+    power cut) then lost them all (500 acknowledged events in a run of the server).
+    The next commit finds the file gone and checkpoints through its own connection:
+    the database file alone holds every commit, and later writes are refused (a 503,
+    nothing written) rather than made in a WAL no new connection would see."""
+    engine = _engine(database)
+    wal = database.with_name(database.name + "-wal")
+    try:
+        with engine.begin() as connection:  # acknowledged: its frames in the WAL only
+            connection.execute(text("INSERT INTO note VALUES (1)"))
+        wal.unlink()
+        with engine.begin() as connection:  # the commit that finds the file gone
+            connection.execute(text("INSERT INTO note VALUES (2)"))
+        with pytest.raises(OperationalError, match="WAL file was deleted"):
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO note VALUES (3)"))
+        with reads_only(engine).connect() as connection:  # reads go on
+            assert connection.execute(text("SELECT count(*) FROM note")).scalar_one() == 2
+        # What a SIGKILL leaves: the database file, without the deleted WAL.
+        copy = tmp_path / "after-a-kill.db"
+        copy.write_bytes(database.read_bytes())
+        with sqlite3.connect(copy) as check:
+            assert check.execute("SELECT n FROM note ORDER BY n").fetchall() == [(1,), (2,)]
+    finally:
+        engine.dispose()
+    assert "was deleted while in use" in caplog.text
+
+
 def test_a_failed_probe_for_other_processes_still_gives_the_turn_back(
     database: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

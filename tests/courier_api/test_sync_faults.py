@@ -158,6 +158,38 @@ def test_database_down_mid_push_is_503_with_nothing_acknowledged(
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
 
 
+@pytest.mark.postgres_only
+def test_a_push_cancelled_by_a_statement_timeout_is_503_with_nothing_stored(
+    station: Station, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's ``statement_timeout`` (``options=-c statement_timeout=...`` in the
+    URL) cancels a push's statement that waits too long (a lock held elsewhere, a slow
+    disk): PostgreSQL's cancellation (57014) aborts the transaction and is answered as
+    the database's refusal, a 503 to send again, never run again in the request (it is
+    no conflict) nor a 500; the retry applies the batch once."""
+    batch = station.body(events(station, range(1, 4)))
+    insert = ingest._BatchIngest._insert
+    runs = []
+
+    def cancelled(self: Any, fresh: Any) -> Any:
+        runs.append(1)
+        insert(self, fresh)
+        self.session.execute(text("SET LOCAL statement_timeout = 10"))
+        self.session.execute(text("SELECT pg_sleep(1)"))
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", cancelled)
+    response = station.push(batch)
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["code"] == "database_unavailable"
+    assert response.headers["Retry-After"]
+    assert runs == [1]
+    monkeypatch.undo()
+    assert station.count(ScanEvent) == 0
+    receipt = station.push(batch).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+    assert station.count(ScanEvent) == 3
+
+
 def _aborted_by_postgresql(session: Session, errcode: str) -> None:
     """What PostgreSQL does to a transaction it picks to break a deadlock (or a
     serialization conflict): the statement fails with that SQLSTATE and the whole

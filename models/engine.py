@@ -48,6 +48,8 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
             kwargs["connect_args"] = connect_args(kwargs.get("connect_args"))
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine, in_memory=in_memory, begin=sqlite_begin, turnstile=turnstile)
+        if turnstile is not None:
+            _TURNSTILES[engine] = turnstile
         if not in_memory:
             _SQLITE_FILES[engine] = (url, reader_kwargs)
             event.listen(engine, "engine_disposed", _dispose_reader)
@@ -95,6 +97,15 @@ def reads_only(engine: Engine) -> Engine:
     return engine.execution_options(**options)
 
 
+def writes_refused(engine: Engine) -> OSError | None:
+    """Why this process's writes on ``engine``'s SQLite file fail until it restarts (its
+    WAL file deleted under it, or a failed sync of it: ``Turnstile.refusal``), asked
+    without waiting for the writers' turn; None when they do not, or for a database
+    other than a SQLite file."""
+    turnstile = _TURNSTILES.get(engine)
+    return None if turnstile is None else turnstile.refusal()
+
+
 def has_own_readers(engine: Engine) -> bool:
     """Whether ``reads_only(engine)`` has connections of its own (a SQLite file's), not
     the engine's pool with options."""
@@ -106,6 +117,7 @@ _SQLITE_FILES: weakref.WeakKeyDictionary[Engine, tuple[str, dict[str, Any]]] = (
     weakref.WeakKeyDictionary()
 )
 _SQLITE_READERS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_TURNSTILES: weakref.WeakKeyDictionary[Engine, Turnstile] = weakref.WeakKeyDictionary()
 _READER_SETUP = threading.Lock()
 
 

@@ -221,6 +221,13 @@ class Turnstile:
         except OSError:
             return 0
 
+    def refusal(self) -> OSError | None:
+        """Why this process's writes fail until it restarts (its WAL file deleted, a
+        failed sync of it), or None: what ``/readyz`` tells the load balancer."""
+        if self._pid != os.getpid():
+            return None  # no writer of this process yet
+        return self._refused or self._durable.failure
+
     def refuse_writes(self, error: OSError) -> None:
         """No writer of this process gets the turn from now on (``enter`` raises)."""
         self._refused = error
@@ -258,6 +265,11 @@ class WalSync:
         self._failure: OSError | None = None
         self._file = _WalFile(wal)  # open from the first sync on (one syncer at a time)
         weakref.finalize(self, self._file.close)
+
+    @property
+    def failure(self) -> OSError | None:
+        """The failed sync every later commit of this process fails for, if any."""
+        return self._failure
 
     def committed(self) -> int:
         self._committed += 1

@@ -50,3 +50,71 @@ def test_root_sends_a_browser_to_the_docs(client: FlaskClient) -> None:
     response = client.get("/")
     assert response.status_code == 302
     assert response.headers["Location"].endswith("/docs")
+
+
+def test_readyz_is_503_while_a_worker_refuses_writes_for_a_deleted_wal_file(tmp_path) -> None:
+    """A worker whose SQLite WAL file was deleted under it saves what the file held and
+    refuses every write until it restarts (``models.turnstile``): the load balancer
+    must hear it, or it keeps sending pushes to a worker that answers each with a 503.
+    """
+    from sqlalchemy import text
+
+    from courier_api.extensions import db
+    from models import migrate
+    from models.engine import make_engine
+    from tests.conftest import make_test_app
+
+    path = tmp_path / "service.db"
+    setup = make_engine(f"sqlite:///{path}")
+    migrate.upgrade(setup)
+    setup.dispose()
+    app = make_test_app(f"sqlite:///{path}", tmp_path)
+    client = app.test_client()
+    try:
+        assert client.get("/readyz").status_code == 200
+        with app.app_context():
+            with db.engine.begin() as connection:  # a write: the WAL file is open
+                connection.execute(text("UPDATE alembic_version SET version_num = version_num"))
+            path.with_name(path.name + "-wal").unlink()
+            with db.engine.begin() as connection:  # the commit that finds it gone
+                connection.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        response = client.get("/readyz")
+        body = response.get_json()
+        assert response.status_code == 503, body
+        assert body["status"] == "not_ready"
+        assert body["database"].startswith("writes refused until a restart")
+        assert "WAL file was deleted" in body["database"]
+    finally:
+        db.engine_of(app).dispose()
+
+
+def test_readyz_answers_at_once_while_a_writer_holds_the_database(tmp_path) -> None:
+    """The probe reads the migrations' revision: on SQLite it queued for the writers'
+    turn behind the pushes, and answered 503 after the busy timeout (10 s) when a push
+    held it that long, so a load balancer took a busy worker out of service."""
+    import time
+
+    from sqlalchemy import text
+
+    from courier_api.extensions import db
+    from models import migrate
+    from models.engine import make_engine
+    from tests.conftest import make_test_app
+
+    path = tmp_path / "service.db"
+    setup = make_engine(f"sqlite:///{path}")
+    migrate.upgrade(setup)
+    setup.dispose()
+    app = make_test_app(f"sqlite:///{path}", tmp_path)
+    client = app.test_client()
+    try:
+        with db.engine_of(app).begin() as writer:  # a push in progress: the writers' turn
+            writer.execute(text("UPDATE alembic_version SET version_num = version_num"))
+            started = time.monotonic()
+            response = client.get("/readyz")
+            waited = time.monotonic() - started
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["status"] == "ready"
+        assert waited < 2, waited
+    finally:
+        db.engine_of(app).dispose()

@@ -8,6 +8,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.extensions import db
+from models.engine import reads_only, writes_refused
 from models.migrate import current_revisions, head_revisions
 
 blp = ApiBlueprint("health", __name__, description="Liveness and readiness probes")
@@ -39,10 +40,15 @@ class Readyz(MethodView):
     @blp.alt_response(503, schema=Readiness, description="Not ready: see database/migrations")
     def get(self) -> tuple[dict[str, Any], int]:
         """The database answers and its schema is at the migrations' head"""
+        # Read without the writers' turn: on SQLite the probe queued behind the pushes
+        # and, past the busy timeout, took the worker out of service for being busy.
+        # And this worker may write: on a SQLite file whose WAL file was deleted, or
+        # failed to sync, it refuses every write until it restarts.
         head = sorted(head_revisions())
         try:
-            with db.engine.connect() as connection:
+            with reads_only(db.engine).connect() as connection:
                 current = sorted(current_revisions(connection))
+            refused = writes_refused(db.engine)
         except SQLAlchemyError as exc:
             body = {
                 "status": "not_ready",
@@ -50,10 +56,10 @@ class Readyz(MethodView):
                 "migrations": {"current": [], "head": head},
             }
             return body, 503
-        ready = current == head
+        ready = current == head and refused is None
         body = {
             "status": "ready" if ready else "not_ready",
-            "database": "ok",
+            "database": "ok" if refused is None else f"writes refused until a restart: {refused}",
             "migrations": {"current": current, "head": head},
         }
         return body, 200 if ready else 503

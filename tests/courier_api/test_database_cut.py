@@ -203,13 +203,14 @@ def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
             server.kill()
         elapsed = time.monotonic() - started
         connections = proxy.connections
-    # Requests whose connection was severed while in use (mid-transaction), not at connect.
-    in_use = [
+    unavailable = [
         line
         for path in server.log_paths
         for line in path.read_text(errors="replace").splitlines()
-        if "database unavailable" in line and "connection failed:" not in line
+        if "database unavailable" in line
     ]
+    # Requests whose connection was severed while in use (mid-transaction), not at connect.
+    in_use = [line for line in unavailable if "connection failed:" not in line]
 
     if load.errors:
         raise load.errors[0]
@@ -255,6 +256,7 @@ def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
     assert in_use, context  # cut in the middle of requests, not only between them
     assert max(recoveries) < RECOVERY_BOUND_SECONDS, context
     assert server.unexpected_log_lines(expected=("database unavailable",)) == [], context
+    assert len(unavailable) == statuses[503], context  # one line per 503, each told
 
     ledger = Ledger(cut_database)
     try:

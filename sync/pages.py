@@ -88,7 +88,7 @@ from sync.quarantine import (
     shown_rejection,
 )
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
-from sync.rules import DROPS, Policy, counts_at_station
+from sync.rules import DROPS, FINAL_OUTCOMES, Policy, counts_at_station
 from sync.shifts import LATE_EVENT, LATEST_REOPENING, REJECTED_IDS
 from sync.sql import among, chunks
 from sync.status import load_events
@@ -224,6 +224,30 @@ class DiscrepancyEvidence:
     # A later discrepancy of the same parcel: the position (from 1, as the page numbers
     # them) of the one its rejected events are listed with; None otherwise.
     rejections_listed_with: int | None = None
+    # A parcel missing at handover, or off the manifest: its check-outs and outcomes
+    # filed under other shifts of the station (``scans_elsewhere``), oldest first.
+    elsewhere: list[ScanElsewhere] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScanElsewhere:
+    """A check-out or a final outcome of a discrepancy's parcel filed under another
+    shift of the shift's station: a courier whose PDA died delivers on a spare one the
+    parcels checked out on the first, and the first shift's page says where they went
+    (its "missing" parcel was delivered at 12:00 under shift 7) instead of sending the
+    manager to look for them in the cage of returns."""
+
+    event_id: int
+    type: EventType
+    occurred_at: dt.datetime  # corrected
+    shift_id: int
+    courier_id: int
+    device_id: str
+
+
+# At most this many of a parcel's latest check-outs and final outcomes are looked up
+# under other shifts (a PDA that scanned a parcel 25,000 times lists no page of them).
+SCANS_ELSEWHERE_READ = 20
 
 
 @dataclass(frozen=True)
@@ -356,15 +380,24 @@ def shift_page(
     flags, own_flags = _flags(session, shift, balance, visible_station, reviews)
     outcome_ids = [p.outcome_event_id for p in balance.parcels if p.outcome_event_id]
     evidence_ids = {i for d in balance.discrepancies for i in d.event_ids}
-    events = _events(
-        session, [*outcome_ids, *evidence_ids, *(i for f in own_flags for i in _evidence_ids(f))]
-    )
-    flag_voids = voided_among(
-        session, (events[i] for f in own_flags for i in _evidence_ids(f) if i in events)
-    )
     troubled = sorted({d.tracking_no for d in balance.discrepancies})
     facts_of = load_events(session, troubled) if troubled else {}
     voids = voided_by(e.fact for found in facts_of.values() for e in found)
+    lost = {d.tracking_no for d in balance.discrepancies if d.kind in HANDOVER_KINDS}
+    scanned = scans_of_interest({n: facts_of.get(n, []) for n in sorted(lost)}, voids)
+    events = _events(
+        session,
+        [
+            *outcome_ids,
+            *evidence_ids,
+            *(i for f in own_flags for i in _evidence_ids(f)),
+            *(i for ids in scanned.values() for i in ids),
+        ],
+    )
+    elsewhere_of = scans_elsewhere(shift, scanned, events)
+    flag_voids = voided_among(
+        session, (events[i] for f in own_flags for i in _evidence_ids(f) if i in events)
+    )
     drops = [
         (event_id, parcels[events[event_id].tracking_no])
         for event_id in sorted(evidence_ids)
@@ -388,7 +421,8 @@ def shift_page(
     ]
     staff = [shift.courier_id, shift.closed_by, shift.signed_off_by]
     writers = [w.written_off_by for w in balance.write_offs]
-    users = users_seen_by(session, [*staff, *writers, *recorders], visible_station)
+    others = [scan.courier_id for found in elsewhere_of.values() for scan in found]
+    users = users_seen_by(session, [*staff, *writers, *recorders, *others], visible_station)
     states = image_states(
         session=session,
         digests=[
@@ -434,6 +468,7 @@ def shift_page(
                 rejections_listed_with=listed_with
                 if listed_with != position and rejections_of.get(d.tracking_no)
                 else None,
+                elsewhere=elsewhere_of.get(d.tracking_no, []) if d.kind in HANDOVER_KINDS else [],
             )
         )
     grouped: dict[str, list[ParcelOutcome]] = defaultdict(list)
@@ -468,6 +503,56 @@ def shift_page(
         open_flag_ids=tuple(flag.flag_id for flag in read.open_flags),
         images_missing=read.images_missing,
     )
+
+
+def scans_of_interest(
+    histories: Mapping[str, Sequence[Any]], voids: Mapping[int, int]
+) -> dict[str, list[int]]:
+    """The ids of each parcel's latest ``SCANS_ELSEWHERE_READ`` check-outs and final
+    outcomes not voided, from its history as ``load_events`` read it."""
+    wanted = {EventType.CHECKED_OUT, *FINAL_OUTCOMES}
+    chosen: dict[str, list[int]] = {}
+    for tracking_no, found in histories.items():
+        scans = sorted(
+            (e.fact for e in found if e.fact.type in wanted and e.fact.event_id not in voids),
+            key=lambda f: (f.occurred_at, f.event_id),
+        )
+        chosen[tracking_no] = [f.event_id for f in scans[-SCANS_ELSEWHERE_READ:]]
+    return chosen
+
+
+def scans_elsewhere(
+    shift: Shift, scanned: Mapping[str, Sequence[int]], events: Mapping[int, ScanEvent]
+) -> dict[str, list[ScanElsewhere]]:
+    """Of the scans ``scans_of_interest`` chose (read in ``events``), those filed under
+    another shift of ``shift``'s station (pushed there: another station's shift is not
+    named on its pages), oldest first, by parcel."""
+    found: dict[str, list[ScanElsewhere]] = {}
+    for tracking_no, ids in scanned.items():
+        rows = sorted(
+            (
+                events[i]
+                for i in ids
+                if i in events
+                and events[i].shift_id not in (None, shift.id)
+                and events[i].station_id == shift.station_id
+            ),
+            key=lambda e: (e.occurred_at, e.id),
+        )
+        if rows:
+            found[tracking_no] = [
+                ScanElsewhere(
+                    e.id,
+                    e.type,
+                    e.occurred_at.astimezone(dt.UTC),
+                    e.shift_id,
+                    e.courier_id,
+                    e.device_id,
+                )
+                for e in rows
+                if e.shift_id is not None
+            ]
+    return found
 
 
 def _handover_read(session: Session, shift: Shift, facts: ShiftFacts) -> HandoverRead:

@@ -5,6 +5,7 @@ shows, the images route, audit logging and the CSV export (the browser tests in
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from models import (
     User,
     utcnow,
 )
-from sync import flags, sweeps
+from sync import flags, shifts, sweeps
 from sync.blobs import FileBlobStore
 from sync.proofs import drop_consents, get_proof
 from sync.quarantine import parcel_named
@@ -2761,3 +2762,76 @@ def test_a_sign_off_from_a_page_that_showed_no_flag_waiting_is_refused_once_one_
     assert "<h3>blob missing at handover</h3>" in again  # listed on the page shown again
     session.refresh(day.unbalanced)
     assert day.unbalanced.status == ShiftStatus.CLOSED
+
+
+def test_a_shift_page_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A courier's PDA dies at 11:00 with three parcels checked out on it; they go on
+    with a spare PDA, delivering two and returning the third, and the manager closes
+    the dead PDA's shift at 19:00. That shift's page called the three parcels missing
+    at handover, each with "look in the cage of returns", and the spare PDA's called
+    them outcomes never checked out, "ask the courier where they took it from", with
+    nothing on either page saying the other shift held them: the manager looked for
+    parcels delivered hours before. Each discrepancy now lists the parcel's check-outs
+    and outcomes filed under the station's other shifts, each linking its shift."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    courier.full_name = "Sun Li"
+    dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    spare = station_day.Pda(session, factories.device(session, "PDA-PDG-10", day.station), courier)
+    numbers = [factories.parcel(session, day.station).tracking_no for _ in range(4)]
+    session.commit()
+    at = functools.partial(station_day.local, day.day)
+    first = dead.open(at(8, 0))
+    pod = {"recipient_name": "Mr Wu", "signature_sha256": day.uploaded[0]}
+    dead.push(
+        [
+            *(dead.event(at(8, 5), tn, "checked_out") for tn in numbers),
+            dead.event(at(9, 0), numbers[0], "delivered", pod=pod),
+        ],
+        at(9, 5),
+    )
+    second = spare.open(at(11, 0))
+    spare.push(
+        [
+            spare.event(at(12, 0), numbers[1], "delivered", pod=pod),
+            spare.event(at(12, 30), numbers[2], "delivered", pod=pod),
+            spare.event(at(16, 0), numbers[3], "returned_to_station"),
+        ],
+        at(16, 5),
+    )
+    spare.close(second, at(17, 0))
+    shifts.close_shift(
+        session=session, shift=first, closed_by=day.manager.id, last_seq=None, now=at(19, 0)
+    )
+    session.commit()
+    pages = signed_in(app, "manager")
+
+    def discrepancies(shift_id: int) -> dict[str, str]:
+        html = pages.get(f"/web/shifts/{shift_id}")
+        found = re.findall(r'<article class="discrepancy".*?</article>', html, re.S)
+        return {re.search(r"<h3>[^<]*· (\w+)</h3>", a).group(1): a for a in found}  # type: ignore[union-attr]
+
+    lacking = discrepancies(first.id)
+    assert sorted(lacking) == sorted(numbers[1:])
+    scanned = (("delivered", "12:00"), ("delivered", "12:30"), ("returned to station", "16:00"))
+    for tn, (outcome, clock) in zip(numbers[1:], scanned, strict=True):
+        assert "missing at handover" in lacking[tn]
+        [scan] = re.findall(r'<ul class="scans-elsewhere">(.*?)</ul>', lacking[tn], re.S)
+        assert f"{outcome} {day.day} {clock}:00" in scan
+        assert f'href="/web/shifts/{second.id}">Shift {second.id}</a>' in scan
+        assert "Sun Li" in scan and "PDA-PDG-10" in scan
+
+    unlisted = discrepancies(second.id)
+    assert sorted(unlisted) == sorted(numbers[1:])
+    for tn in numbers[1:]:
+        assert "not on manifest" in unlisted[tn]
+        [scan] = re.findall(r'<ul class="scans-elsewhere">(.*?)</ul>', unlisted[tn], re.S)
+        assert f"checked out {day.day} 08:05:00" in scan
+        assert f'href="/web/shifts/{first.id}">Shift {first.id}</a>' in scan
+        assert "PDA-PDG-09" in scan
+
+    # A parcel missing with no scan elsewhere lists none.
+    html = pages.get(f"/web/shifts/{day.unbalanced.id}")
+    assert day.missing_parcel in html
+    assert "scans-elsewhere" not in html

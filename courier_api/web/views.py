@@ -411,22 +411,26 @@ def _board_page(
 @bp.post("/stations/<id:station_id>/signoffs")
 @page(*DECIDERS)
 def sign_off_clean(station_id: int) -> ResponseReturnValue:
-    """The board's checked clean handovers signed off with one note, as
-    ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told with its reason.
-    A request refused as a whole (no box checked, say), or a shift of it refused (its
-    balance changed since the page was read), shows the board again, read anew, with the
-    note and the boxes as they were (not redirected: a note of 2,000 characters does not
-    fit in the session's cookie): the manager signs the refused rows off again once read,
-    without typing the note again."""
+    """The board's checked clean handovers (or all of them: ``every_clean``) signed off
+    with one note, as ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told
+    with its reason. A request refused as a whole (no box checked, say), or a shift of it
+    refused (its balance changed since the page was read), shows the board again, read
+    anew, with the note and the boxes as they were (not redirected: a note of 2,000
+    characters does not fit in the session's cookie): the manager signs the refused rows
+    off again once read, without typing the note again."""
     station = _chosen_station(station_id)
     day = parse(DayArgs(only=("date",)), request.form).get("date")  # the board's, hidden
     typed = {"note": request.form.get("note", ""), "shifts": request.form.getlist("shift")}
+    # "Sign off all N clean handovers": every clean row's box as the page wrote it (its
+    # hidden ``clean`` fields), not only those checked: 30 clean rows at 19:00 are one
+    # click, not 30.
+    boxes = "clean" if request.form.get("every_clean") else "shift"
     try:
         form = parse(SignOffCleanForm(), request.form)
         outcomes = signoffs.sign_off_clean(
             session=db.session,
             station_id=station.id,
-            seen=checked_shifts(request.form.getlist("shift")),
+            seen=checked_shifts(request.form.getlist(boxes)),
             user_id=current_principal().user_id,
             note=form.get("note") or "",
             now=utcnow(),

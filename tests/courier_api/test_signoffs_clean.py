@@ -713,3 +713,55 @@ def test_a_board_box_naming_no_shift_id_is_refused_as_no_board_row_not_an_error(
     )
     assert response.status_code == 200
     assert "Nothing signed off: shift: not a board row" in response.get_data(as_text=True)
+
+
+def test_the_board_signs_off_every_clean_handover_in_one_click(
+    app: Flask, session: Session, auth: Auth, world: World, couriers: list[Courier]
+) -> None:
+    """19:00, 40 shifts handed over, 30 of them clean: the board made the manager check
+    30 boxes one by one (the pages have no script to check them all) before pressing
+    "Sign off the checked shifts". "Sign off all N clean handovers" signs off every row
+    that had a box, each at the balance the page showed, with the note; the others are
+    left for their own pages, and a clean row whose balance changed since the page was
+    read is refused as a checked one is."""
+    ids = []
+    for n, (pda, parcel) in enumerate(zip(couriers[:4], parcels(session, world, 4), strict=True)):
+        ids.append(pda.open(first_seq=1)["id"])
+        pda.push([pda.event(parcel)] + ([pda.event(parcel, "returned_to_station")] if n else []))
+        pda.close(ids[-1], last_seq=pda.seq)
+    unbalanced, clean = ids[0], ids[1:]
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    assert (
+        '<button type="submit" name="every_clean" value="1" title="Every clean handover of '
+        'this page, each as the page shows it: no box to check">Sign off all 3 clean '
+        "handovers</button>"
+    ) in html
+    every = re.findall(r'<input type="hidden" name="clean" value="(\d+:\w+)">', html)
+    assert f'aria-label="Sign off shift {unbalanced}"' not in html
+    assert [box.partition(":")[0] for box in every] == [str(i) for i in clean]
+    changed = f"{clean[2]}:{'0' * 16}"  # its row as read before a push changed it
+
+    response = page.client.post(
+        f"/web/stations/{world.station.id}/signoffs",
+        data={
+            "csrf_token": page.token(),
+            "note": "all on the shelf",
+            "clean": [*every[:2], changed],
+            "every_clean": "1",
+            "date": "",
+        },
+    )
+
+    shown = response.get_data(as_text=True)
+    assert "2 shifts signed off" in shown, shown
+    assert f"shift {clean[2]}: its balance changed since it was read" in shown
+    session.expire_all()
+    states = {i: session.get_one(Shift, i) for i in ids}
+    assert [states[i].status.value for i in ids] == [
+        "closed",
+        "signed_off",
+        "signed_off",
+        "closed",
+    ]
+    assert states[clean[0]].signoff_note == states[clean[1]].signoff_note == "all on the shelf"

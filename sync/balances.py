@@ -788,6 +788,30 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
     return {**totals, **tally}
 
 
+def handed_over_since(rows: Sequence[BoardRow]) -> dict[int, Shift]:
+    """For each shift of the board still open, the latest shift its courier opened after
+    it on another PDA and has handed over since, if any: the courier is back. A PDA that
+    died at 11:00 leaves its shift open while its courier goes on with a spare one and
+    hands that over at 17:00: the board called the first "on the road", its parcels
+    "still out", and the manager at 19:00 waited for a courier who was in the station,
+    the shift to be closed by a manager (``POST /shifts/<id>/close``)."""
+    back: dict[int, Shift] = {}
+    for row in rows:
+        if row.shift.status != ShiftStatus.OPEN:
+            continue
+        later = [
+            other.shift
+            for other in rows
+            if other.shift.courier_id == row.shift.courier_id
+            and other.shift.device_id != row.shift.device_id
+            and other.shift.status != ShiftStatus.OPEN
+            and other.shift.opened_at > row.shift.opened_at
+        ]
+        if later:
+            back[row.shift.id] = max(later, key=lambda s: (s.opened_at, s.id))
+    return back
+
+
 def missing_images(
     session: Session, shift_ids: Sequence[int], *, arrived_before: dt.datetime | None = None
 ) -> tuple[dict[int, tuple[set[str], set[int]]], set[int]]:

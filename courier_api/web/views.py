@@ -87,7 +87,12 @@ from courier_api.web.session import (
 )
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
 from sync import directory, flags, lost_seqs, quarantine, shifts, signoffs
-from sync.balances import board_totals, station_board, waiting_from_earlier_days
+from sync.balances import (
+    board_totals,
+    handed_over_since,
+    station_board,
+    waiting_from_earlier_days,
+)
 from sync.errors import (
     AuthenticationFailed,
     Conflict,
@@ -395,6 +400,7 @@ def _board_page(
         day=day,
         rows=rows,
         totals=board_totals(rows),
+        back=handed_over_since(rows),
         earlier=earlier,
         # The couriers the reader may know by name (``sees_user``): one who moved to
         # another station since is "a courier of another station" to this one's manager.

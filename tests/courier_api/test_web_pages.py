@@ -2764,17 +2764,10 @@ def test_a_sign_off_from_a_page_that_showed_no_flag_waiting_is_refused_once_one_
     assert day.unbalanced.status == ShiftStatus.CLOSED
 
 
-def test_a_shift_page_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
-    app: Flask, session: Session, day: StationDay
-) -> None:
-    """A courier's PDA dies at 11:00 with three parcels checked out on it; they go on
-    with a spare PDA, delivering two and returning the third, and the manager closes
-    the dead PDA's shift at 19:00. That shift's page called the three parcels missing
-    at handover, each with "look in the cage of returns", and the spare PDA's called
-    them outcomes never checked out, "ask the courier where they took it from", with
-    nothing on either page saying the other shift held them: the manager looked for
-    parcels delivered hours before. Each discrepancy now lists the parcel's check-outs
-    and outcomes filed under the station's other shifts, each linking its shift."""
+def _spare_pda(session: Session, day: StationDay) -> tuple[Shift, Shift, list[str]]:
+    """Sun Li's PDA-PDG-09 dies at 11:00 with three of its four parcels checked out and
+    no outcome; she goes on with PDA-PDG-10, delivers two (12:00, 12:30), returns the
+    third (16:00) and hands that shift over at 17:00. The dead PDA's shift stays open."""
     courier = factories.user(session, "sunli", "courier", day.station)
     courier.full_name = "Sun Li"
     dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
@@ -2801,6 +2794,22 @@ def test_a_shift_page_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
         at(16, 5),
     )
     spare.close(second, at(17, 0))
+    return first, second, numbers
+
+
+def test_a_shift_page_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A courier's PDA dies at 11:00 with three parcels checked out on it; they go on
+    with a spare PDA, delivering two and returning the third, and the manager closes
+    the dead PDA's shift at 19:00. That shift's page called the three parcels missing
+    at handover, each with "look in the cage of returns", and the spare PDA's called
+    them outcomes never checked out, "ask the courier where they took it from", with
+    nothing on either page saying the other shift held them: the manager looked for
+    parcels delivered hours before. Each discrepancy now lists the parcel's check-outs
+    and outcomes filed under the station's other shifts, each linking its shift."""
+    first, second, numbers = _spare_pda(session, day)
+    at = functools.partial(station_day.local, day.day)
     shifts.close_shift(
         session=session, shift=first, closed_by=day.manager.id, last_seq=None, now=at(19, 0)
     )
@@ -2835,3 +2844,26 @@ def test_a_shift_page_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
     html = pages.get(f"/web/shifts/{day.unbalanced.id}")
     assert day.missing_parcel in html
     assert "scans-elsewhere" not in html
+
+
+def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The dead PDA's shift stays open while its courier hands over the spare PDA's at
+    17:00: the board at 19:00 called it "on the road" with its parcels "still out", and
+    the manager waited for a courier who was in the station. Its row now says the
+    courier is back, which shift they handed over, and that this one is to close; the
+    courier's shift on the road with no later handover says nothing of the kind."""
+    first, second, _ = _spare_pda(session, day)
+
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={day.day}")
+
+    row = re.search(rf'<tr class="row-open" id="shift-{first.id}">(.*?)</tr>', html, re.S)
+    assert row, html
+    assert (
+        '<span class="courier-back count-provisional">Courier back: handed over '
+        f'<a href="/web/shifts/{second.id}">shift {second.id}</a> on PDA-PDG-10 at 17:00; '
+        "close this one</span>"
+    ) in row.group(1)
+    still_out = re.search(rf'id="shift-{day.open.id}">(.*?)</tr>', html, re.S)
+    assert still_out and "courier-back" not in still_out.group(1)

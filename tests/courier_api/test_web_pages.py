@@ -2867,3 +2867,52 @@ def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
     ) in row.group(1)
     still_out = re.search(rf'id="shift-{day.open.id}">(.*?)</tr>', html, re.S)
     assert still_out and "courier-back" not in still_out.group(1)
+
+
+def test_the_daily_report_page_counts_outcomes_of_parcels_not_checked_out(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li delivers two parcels and returns a third on a spare PDA, whose shift never
+    checked them out. The report (``GET .../reports/daily``) counts them as
+    ``not_checked_out``, but its page showed no such number, in the day's totals, Sun
+    Li's row or the last 7 days: her row read one delivered and nothing returned, and
+    three outcomes of the day were on no line of the page. They are now, under "Not
+    checked out", as the board shows them."""
+    first, _, _ = _spare_pda(session, day)
+    shifts.close_shift(
+        session=session,
+        shift=first,
+        closed_by=day.manager.id,
+        last_seq=None,
+        now=station_day.local(day.day, 19, 0),
+    )
+    session.commit()
+    pages = signed_in(app, "manager")
+    api = pages.client.get(
+        f"/api/v1/stations/{day.station.id}/reports/daily?date={day.day}",
+        headers=Auth(app.test_client()).headers("manager"),
+    ).get_json()
+
+    html = pages.get(f"/web/reports/daily?station={day.station.id}&date={day.day}")
+
+    total = api["totals"]["not_checked_out"]
+    assert total == 3
+    metrics = html.split('<dl class="metrics">')[1].split("</dl>")[0]
+    assert (
+        '<dt title="Outcomes recorded for parcels their shift never checked out">'
+        f"Not checked out</dt><dd>{total}</dd>"
+    ) in metrics
+
+    def cells(table: str, first_cell: str) -> dict[str, str]:
+        heads = re.findall(r'<th scope="col"[^>]*>([^<]+)</th>', table)
+        row = re.search(rf"<tr><th scope=\"row\">{first_cell}</th>(.*?)</tr>", table, re.S)
+        assert row, table
+        values = re.findall(r'<td class="num">([^<]*)</td>', row.group(1))
+        return dict(zip(heads[1:], values, strict=True))
+
+    couriers = html.split('id="couriers-h"')[1].split("</section>")[0]
+    sun_li = cells(couriers, "Sun Li")
+    assert sun_li["Not checked out"] == "3"
+    assert sun_li["Delivered"] == "1" and sun_li["Missing"] == "3"
+    week = html.split('id="week-h"')[1].split("</section>")[0]
+    assert cells(week, rf'<a href="[^"]+">{day.day}</a>')["Not checked out"] == str(total)

@@ -2868,6 +2868,16 @@ def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
     still_out = re.search(rf'id="shift-{day.open.id}">(.*?)</tr>', html, re.S)
     assert still_out and "courier-back" not in still_out.group(1)
 
+    # The API's board row says so too, for the same shifts.
+    response = app.test_client().get(
+        f"/api/v1/stations/{day.station.id}/handover?date={day.day}",
+        headers=Auth(app.test_client()).headers("manager"),
+    )
+    assert response.status_code == 200, response.get_json()
+    back = {row["shift_id"]: row["courier_back_shift_id"] for row in response.get_json()["shifts"]}
+    assert back[first.id] == second.id
+    assert back[day.open.id] is None and back[second.id] is None
+
 
 def test_the_daily_report_page_counts_outcomes_of_parcels_not_checked_out(
     app: Flask, session: Session, day: StationDay

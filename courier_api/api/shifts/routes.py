@@ -29,6 +29,7 @@ from sync import directory, shifts, signoffs
 from sync.balances import (
     board_totals,
     changed_since_signoff,
+    handed_over_since,
     signed_off_version,
     station_board,
     waiting_from_earlier_days,
@@ -366,8 +367,10 @@ class StationHandover(MethodView):
         server rejected (`rejected_events`), which its balance cannot show, and its
         parcels' corrected outcomes no manager has looked at yet
         (`corrections_to_review`: `correction_review`, `correction_by_another_courier`
-        flags citing its events, still open), which it balances as corrected.
-        Shifts of the two weeks before that still wait for
+        flags citing its events, still open), which it balances as corrected. A
+        shift still open whose courier has handed over a later shift on another
+        PDA names it (`courier_back_shift_id`): the courier is back, the shift
+        theirs to close. Shifts of the two weeks before that still wait for
         the manager (open, or handed over and not signed off) are listed apart
         (`earlier_waiting`). Read in the same few queries however many shifts the
         station runs. A courier who is now another station's user is given to a
@@ -378,6 +381,7 @@ class StationHandover(MethodView):
         day = args["date"] or shifts.local_date(utcnow(), station.timezone)
         rows = station_board(session=db.session, station_id=station_id, work_date=day)
         visible = current_principal().station_filter(None)
+        back = handed_over_since(rows)
         return {
             "station_id": station_id,
             "date": day,
@@ -409,6 +413,9 @@ class StationHandover(MethodView):
                     "images_missing": row.images_missing,
                     "rejected_events": row.rejected_events,
                     "corrections_to_review": [flag._asdict() for flag in row.reviews],
+                    "courier_back_shift_id": back[row.shift.id].id
+                    if row.shift.id in back
+                    else None,
                 }
                 for row in rows
             ],

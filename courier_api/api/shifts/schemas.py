@@ -458,6 +458,16 @@ class BoardShiftOut(ma.Schema):
         "dashes). Its balance cannot show what they said (a correction "
         "rejected voids nothing): a shift with any is no clean handover to sign off together"
     )
+    courier_back_shift_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A shift still open whose courier has handed over a shift they "
+            "opened after it on another PDA: the latest such shift (a PDA that died at "
+            "11:00, its courier gone on with a spare one and back): close this one for them "
+            "(`POST /shifts/{shift_id}/close`). Null otherwise"
+        },
+    )
     corrections_to_review = ma.fields.List(
         ma.fields.Nested(BoardFlagOut),
         required=True,

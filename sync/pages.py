@@ -394,7 +394,7 @@ def shift_page(
             *(i for ids in scanned.values() for i in ids),
         ],
     )
-    elsewhere_of = scans_elsewhere(shift, scanned, events)
+    elsewhere_of = scans_elsewhere(shift.id, shift.station_id, scanned, events)
     flag_voids = voided_among(
         session, (events[i] for f in own_flags for i in _evidence_ids(f) if i in events)
     )
@@ -522,11 +522,14 @@ def scans_of_interest(
 
 
 def scans_elsewhere(
-    shift: Shift, scanned: Mapping[str, Sequence[int]], events: Mapping[int, ScanEvent]
+    shift_id: int,
+    station_id: int,
+    scanned: Mapping[str, Sequence[int]],
+    events: Mapping[int, ScanEvent],
 ) -> dict[str, list[ScanElsewhere]]:
     """Of the scans ``scans_of_interest`` chose (read in ``events``), those filed under
-    another shift of ``shift``'s station (pushed there: another station's shift is not
-    named on its pages), oldest first, by parcel."""
+    another shift than ``shift_id`` of ``station_id`` (pushed there: another station's
+    shift is not named on its pages), oldest first, by parcel."""
     found: dict[str, list[ScanElsewhere]] = {}
     for tracking_no, ids in scanned.items():
         rows = sorted(
@@ -534,8 +537,8 @@ def scans_elsewhere(
                 events[i]
                 for i in ids
                 if i in events
-                and events[i].shift_id not in (None, shift.id)
-                and events[i].station_id == shift.station_id
+                and events[i].shift_id not in (None, shift_id)
+                and events[i].station_id == station_id
             ),
             key=lambda e: (e.occurred_at, e.id),
         )
@@ -776,6 +779,9 @@ class FlagPage:
     # The rejected events it cites (``REJECTED_IDS``: a shift reopened by them), as
     # ``shown_rejection`` shows them; those of another station left out.
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    # A parcel missing at handover, or off the manifest: its check-outs and outcomes
+    # under the station's other shifts, as the shift's page lists them.
+    elsewhere: list[ScanElsewhere] = field(default_factory=list)
 
 
 def flag_page(
@@ -792,14 +798,18 @@ def flag_page(
     get a 404 page. Nor is a user of another station named to them (``sees_user``): the
     flag's courier, or a manager who decided it, since moved there. Its rejected events
     (``REJECTED_IDS``) are listed too, masked as on the shift's page but for an auditor
-    (``unmasked``). Five to seven queries."""
+    (``unmasked``). Five to seven queries; two more for a handover flag, whose
+    parcel's scans under the station's other shifts it lists (``scans_elsewhere``)."""
     changes = flag_changes(session=session, flag=flag)
     rejected = [i for i in cited_in(flag.evidence, REJECTED_IDS, ()) if isinstance(i, int)]
     events = sorted(
         _events(session, _evidence_ids(flag)).values(), key=lambda e: (e.device_id, e.seq)
     )
+    elsewhere = _flag_scans_elsewhere(session, flag)
     users = users_seen_by(
-        session, [flag.courier_id, *(c.by_user_id for c in changes)], visible_station
+        session,
+        [flag.courier_id, *(c.by_user_id for c in changes), *(s.courier_id for s in elsewhere)],
+        visible_station,
     )
     delivered = sorted({e.tracking_no for e in events if e.type in DELIVERY_TYPES})
     parcels = _parcels(session, delivered) if delivered else {}
@@ -815,7 +825,23 @@ def flag_page(
             shown_rejection(row, unmasked=unmasked)
             for row in rejections_by_id(session=session, ids=rejected, station_id=visible_station)
         ],
+        elsewhere=elsewhere,
     )
+
+
+def _flag_scans_elsewhere(session: Session, flag: Flag) -> list[ScanElsewhere]:
+    """A handover flag's parcel's check-outs and outcomes under the station's other
+    shifts (``scans_elsewhere``): two statements, for those flags only."""
+    if flag.kind not in HANDOVER_KINDS or not flag.tracking_no or flag.shift_id is None:
+        return []
+    history = load_events(session, [flag.tracking_no])
+    voids = voided_by(e.fact for e in history[flag.tracking_no])
+    scanned = scans_of_interest(history, voids)
+    if not scanned[flag.tracking_no]:
+        return []
+    events = _events(session, scanned[flag.tracking_no])
+    found = scans_elsewhere(flag.shift_id, flag.station_id, scanned, events)
+    return found.get(flag.tracking_no, [])
 
 
 def opens_shift(event: ScanEvent, visible_station: int | None) -> bool:

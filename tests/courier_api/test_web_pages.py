@@ -2926,3 +2926,31 @@ def test_the_daily_report_page_counts_outcomes_of_parcels_not_checked_out(
     assert sun_li["Delivered"] == "1" and sun_li["Missing"] == "3"
     week = html.split('id="week-h"')[1].split("</section>")[0]
     assert cells(week, rf'<a href="[^"]+">{day.day}</a>')["Not checked out"] == str(total)
+
+
+def test_a_missing_parcels_flag_page_says_where_it_was_scanned_on_a_spare_pda(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The manager resolving the dead PDA's ``missing_at_handover`` flags from the flag
+    queue reads each flag's page: like the shift's page, it now lists the parcel's
+    outcome under the spare PDA's shift, linking it, where it said nothing of it. A
+    flag of another kind lists none."""
+    first, second, numbers = _spare_pda(session, day)
+    shifts.close_shift(
+        session=session,
+        shift=first,
+        closed_by=day.manager.id,
+        last_seq=None,
+        now=station_day.local(day.day, 19, 0),
+    )
+    session.commit()
+    flag = day.flag(session, "missing_at_handover", subject_key=f"{first.id}:{numbers[3]}")
+    pages = signed_in(app, "manager")
+
+    html = pages.get(f"/web/flags/{flag.id}")
+
+    [scan] = re.findall(r'<ul class="scans-elsewhere">(.*?)</ul>', html, re.S)
+    assert f"returned to station {day.day} 16:00:00" in scan
+    assert f'href="/web/shifts/{second.id}">Shift {second.id}</a> · Sun Li · PDA-PDG-10' in scan
+    drop = day.flag(session, "unauthorized_locker_drop")
+    assert "scans-elsewhere" not in pages.get(f"/web/flags/{drop.id}")

@@ -1315,6 +1315,26 @@ def test_an_online_pdas_next_scan_is_compared_with_the_one_before_read_with_its_
     assert inversion.evidence["device_seqs"] == ["PDA-0001#1", f"PDA-0001#{3 if between else 2}"]
 
 
+def test_a_delivery_of_a_parcel_never_asked_about_reads_its_requests_once(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A push bringing a delivery asks whether the parcel has a consent request a
+    hand-over may end (``REQUESTS_A_HAND_OVER_MAY_END``) and, none, goes no further: the
+    query cancelling them (joined to the parcel, locking) is neither built nor run. On
+    PostgreSQL the pending requests are locked first (``lock_for_handover``), one select."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(1, tn), pda.event(2, tn, "out_for_delivery")])
+    with statements_sent(session) as sent:
+        receipt = pda.push([pda.event(3, tn, "delivered", pod={"recipient_name": "Ann"})])
+    assert statuses(receipt) == ["applied"]
+    assert session.scalar(select(Parcel.status).where(Parcel.id == parcel.id)) == "delivered"
+    requests_read = [" ".join(s.split()) for s in sent if "FROM consent_request" in s]
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    assert len(requests_read) == (2 if postgresql else 1)
+    assert not [s for s in requests_read if "JOIN parcel" in s]
+    assert requests_read[-1].startswith("SELECT consent_request.id FROM consent_request")
+
+
 def test_an_event_not_yet_arrived_between_two_leaves_them_unjudged(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

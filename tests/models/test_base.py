@@ -1,6 +1,7 @@
 """The column types every model shares."""
 
 import datetime as dt
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -10,6 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import TypeDecorator
 
 from models import UTCDateTime
+from models import base as base_module
 
 SQLITE = sqlite.dialect()
 offsets = st.builds(
@@ -73,3 +75,25 @@ def test_a_time_written_and_read_on_sqlite_is_the_same_instant() -> None:
         assert connection.scalar(sa.text("SELECT at FROM t")) == "2026-12-05 05:40:01.000007"
         assert connection.scalar(sa.select(table.c.at)) == at
     engine.dispose()
+
+
+def test_sqlite_keeps_the_text_of_a_recent_utc_time_and_no_other_zones() -> None:
+    """A push binds the same few UTC times again and again: their text is made once.
+    A time in another zone is converted each time: in one zone, a repeated hour's two
+    instants (``fold``) compare equal, and must not share a text."""
+    bind = UTCDateTime().dialect_impl(SQLITE).bind_processor(SQLITE)
+    assert bind is not None
+    at = dt.datetime(2026, 12, 5, 5, 40, 1, 560667, tzinfo=dt.UTC)
+    first = bind(at)
+    assert first == "2026-12-05 05:40:01.560667"
+    assert bind(at + dt.timedelta()) is first  # an equal time: the text kept
+    new_york = ZoneInfo("America/New_York")
+    earlier = dt.datetime(2026, 11, 1, 1, 30, tzinfo=new_york)  # EDT, then EST again
+    later = earlier.replace(fold=1)
+    assert earlier == later  # one zone: compared by the wall clock
+    assert bind(earlier) == "2026-11-01 05:30:00.000000"
+    assert bind(later) == "2026-11-01 06:30:00.000000"
+    for minute in range(500):  # the kept texts stay few
+        bind(at + dt.timedelta(minutes=minute))
+    assert bind(at + dt.timedelta(minutes=499)) == "2026-12-05 13:59:01.560667"
+    assert len(base_module._UTC_TEXTS) <= base_module._UTC_TEXTS_KEPT

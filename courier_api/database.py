@@ -85,17 +85,19 @@ class Database:
     def session(self) -> Session:
         """The session of the current request (or CLI command), opened on first use:
         on the reading engine for a view that declares it only reads (``READS_ONLY``)."""
-        if "db_session" not in g:
+        # ``g`` out of its proxy once: ``courier_api.logs._start_request`` says why.
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
+        session: Session | None = ctx.get("db_session")
+        if session is None:
             state = self._state()
             if not _request_only_reads():
-                g.db_session = state.sessionmaker()
+                session = ctx.db_session = state.sessionmaker()
             elif state.test_connection is None:
-                g.db_session = state.sessionmaker(bind=state.reader)
+                session = ctx.db_session = state.sessionmaker(bind=state.reader)
             else:  # tests: the shared connection refuses writes while the request runs
                 refuse_writes(state.test_connection, True)
-                g.db_refused_writes = True
-                g.db_session = state.sessionmaker()
-        session: Session = g.db_session
+                ctx.db_refused_writes = True
+                session = ctx.db_session = state.sessionmaker()
         return session
 
     def read_apart(self, read: Callable[[Session], T], check: Callable[[Connection], T]) -> T:
@@ -330,15 +332,17 @@ class Database:
         some point on) is its own: ``g`` outlives the request when an app context holds
         several (a test's, a CLI's), and the next one, finding it set, would not be run
         again after a conflict (or would read only)."""
-        g.pop(_COMMITTED, None)
-        g.pop(_READS_FROM_HERE, None)
+        ctx = g._get_current_object()  # type: ignore[attr-defined]  # once (``session``)
+        ctx.pop(_COMMITTED, None)
+        ctx.pop(_READS_FROM_HERE, None)
 
     @classmethod
     def _close_session(cls, _exc: BaseException | None) -> None:
-        session = g.pop("db_session", None)
+        ctx = g._get_current_object()  # type: ignore[attr-defined]  # once (``session``)
+        session = ctx.pop("db_session", None)
         if session is not None:
             session.close()
-        if g.pop("db_refused_writes", False):  # only ever set on a test's connection
+        if ctx.pop("db_refused_writes", False):  # only ever set on a test's connection
             connection = cls._state().test_connection
             assert connection is not None
             refuse_writes(connection, False)
@@ -404,9 +408,9 @@ _READING_METHODS = frozenset({"GET", "HEAD"})
 def _request_only_reads() -> bool:
     if not has_request_context():
         return False
-    if g.get(_READS_FROM_HERE, False):
+    if g._get_current_object().get(_READS_FROM_HERE, False):  # type: ignore[attr-defined]
         return True
-    if request.method not in _READING_METHODS:
+    if request._get_current_object().method not in _READING_METHODS:  # type: ignore[attr-defined]
         return False
     return _view_says("READS_ONLY")
 
@@ -416,7 +420,8 @@ def _view_says(flag: str) -> bool:
     sets ``flag``."""
     if not has_request_context():
         return False
-    view = current_app.view_functions.get(request.endpoint or "")
+    endpoint = request._get_current_object().endpoint  # type: ignore[attr-defined]
+    view = current_app._get_current_object().view_functions.get(endpoint or "")  # type: ignore[attr-defined]
     return bool(
         getattr(view, flag, False) or getattr(getattr(view, "view_class", None), flag, False)
     )

@@ -80,7 +80,8 @@ def kept_by_no_cache(response: Response) -> Response:
     """``Cache-Control: no-store`` on an API answer that sets no Cache-Control of its
     own: a proof image keeps its ``private, max-age=31536000, immutable``
     (``courier_api.api.blobs.routes.image_response``), a sign-in its ``Pragma`` too."""
-    if request.path.startswith(API_PATH_PREFIX) and "Cache-Control" not in response.headers:
+    path = request._get_current_object().path  # type: ignore[attr-defined]  # once: see logs
+    if path.startswith(API_PATH_PREFIX) and "Cache-Control" not in response.headers:
         response.headers["Cache-Control"] = NOT_KEPT
     return response
 
@@ -164,7 +165,9 @@ def _depth_judged_per_item(req: Request) -> bool:
     check depth per item: one item nested too deep must not make its whole batch a
     400 that a PDA would send again forever. Past what the JSON parser itself can
     read (a ``RecursionError``, near Python's recursion limit), the body is a 400."""
-    view = current_app.view_functions.get(req.endpoint or "")
+    # Out of their proxies (webargs passes ``request``'s): see ``courier_api.logs``.
+    endpoint = getattr(req, "_get_current_object", lambda: req)().endpoint
+    view = current_app._get_current_object().view_functions.get(endpoint or "")  # type: ignore[attr-defined]
     return bool(getattr(getattr(view, "view_class", None), "JSON_DEPTH_PER_ITEM", False))
 
 

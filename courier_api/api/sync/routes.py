@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Response, current_app, g, jsonify
+from flask import Flask, Response, current_app, g, jsonify
 from flask.views import MethodView
 
 from courier_api import metrics
@@ -74,14 +74,15 @@ _INGEST_SETTINGS = (
 _INGEST_RULES = "courier_api.ingest_rules"  # the app's extensions: (settings, rules)
 
 
-def ingest_rules() -> IngestRules:
+def ingest_rules(app: Flask | None = None) -> IngestRules:
     """The push's rules from the app's settings, built once per process: building them
     (the domestic tracking patterns compiled, five rule objects) took about 40 us, 2 %
     of a one-scan push. Built again when a setting they read changed (tests change
     them), compared with a copy, so that a list changed in place counts too. They are
     built from that copy alone: a setting read but not in ``_INGEST_SETTINGS`` is a
-    ``KeyError`` at the first push, not rules kept after it changed."""
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    ``KeyError`` at the first push, not rules kept after it changed. ``app``: the
+    current one by default."""
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     settings = tuple(app.config.get(name) for name in _INGEST_SETTINGS)
     kept = app.extensions.get(_INGEST_RULES)
     if kept is not None and kept[0] == settings:
@@ -165,7 +166,9 @@ class Push(MethodView):
                 code="device_mismatch",
                 field="device_id",
             )
-        limit = request_limits().max_events_per_push
+        # Out of their proxies once: ``courier_api.logs._start_request`` says why.
+        app, ctx = current_app._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        limit = request_limits(app).max_events_per_push
         # A retry of a batch stored under a higher limit (lowered since) gets its receipt.
         if len(body["events"]) > limit and not batch_received(
             db.session, body["device_id"], body["batch_id"]
@@ -189,16 +192,20 @@ class Push(MethodView):
             station_id=principal.station_id,
             courier_id=principal.user_id,
         )
-        rules = ingest_rules()
+        rules = ingest_rules(app)
         # PostgreSQL may abort the push to break a deadlock with concurrent work: the
         # whole request is run again, as every request is (``CourierFlask.dispatch_request``),
         # exactly once still: nothing of the aborted run stays.
         receipt = ingest(
-            session=db.session, batch=batch, pusher=pusher, rules=rules, received_at=g.received_at
+            session=db.session,
+            batch=batch,
+            pusher=pusher,
+            rules=rules,
+            received_at=ctx.received_at,
         )
         db.session.commit()
         # A replay is answered with the stored receipt, stamped with its first arrival.
-        replayed = receipt.get("server_time") != g.received_at.isoformat()
+        replayed = receipt.get("server_time") != ctx.received_at.isoformat()
         metrics.count_push(receipt, replayed=replayed)
         if body[IGNORED_FIELDS]:  # about this request, not the batch: never stored
             metrics.unknown_field_push()

@@ -42,6 +42,7 @@ from courier_api import metrics
 from sync.phones import mask_phones_in
 
 REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")  # as WSGI names it
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 ACCESS_LOGGER = "courier_api.access"
 # Probes and scrapes that succeed are logged at DEBUG: they come every few seconds.
@@ -81,7 +82,9 @@ def init_app(app: Flask) -> None:
 def _start_request() -> None:
     req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
     ctx.request_started = time.perf_counter()
-    incoming = req.headers.get(REQUEST_ID_HEADER, "")
+    # From the environ: ``headers.get`` raises and catches a ``KeyError`` when a request
+    # sends no id (nearly all of them).
+    incoming = req.environ.get(_REQUEST_ID_ENVIRON, "")
     ctx.request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
 
 

@@ -1,4 +1,6 @@
 import pytest
+from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
 from flask.testing import FlaskClient
 
 
@@ -118,3 +120,22 @@ def test_readyz_answers_at_once_while_a_writer_holds_the_database(tmp_path) -> N
         assert waited < 2, waited
     finally:
         db.engine_of(app).dispose()
+def test_a_request_without_a_session_cookie_builds_no_signing_serializer(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every API request (a PDA's push) sends no session cookie: its empty session is
+    given without Flask's signing serializer (``courier_api.web.CookieSessions``). One
+    with a cookie gets it read as Flask reads it."""
+    built: list[object] = []
+    serializer = SecureCookieSessionInterface.get_signing_serializer
+
+    def counted(self: SecureCookieSessionInterface, app: Flask) -> object:
+        built.append(app)
+        return serializer(self, app)
+
+    monkeypatch.setattr(SecureCookieSessionInterface, "get_signing_serializer", counted)
+    assert client.get("/healthz").status_code == 200
+    assert built == []
+    client.set_cookie("courier_session", "not-a-signed-value")
+    assert client.get("/healthz").status_code == 200
+    assert len(built) == 1

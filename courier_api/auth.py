@@ -425,7 +425,7 @@ def require_auth(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., A
 
 
 def current_principal() -> Principal:
-    principal: Principal | None = g.get("principal")
+    principal: Principal | None = g._get_current_object().get("principal")  # type: ignore[attr-defined]
     if principal is None:
         raise RuntimeError("current_principal() outside a view decorated with require_auth")
     return principal

@@ -287,7 +287,7 @@ class Database:
         runs are over, if nothing of it committed. One that fails (the database still
         gone) is logged with what it would have written: the server's log then holds
         what the database does not."""
-        writers = g.pop(_IF_NOTHING_STORED, {})
+        writers = g._get_current_object().pop(_IF_NOTHING_STORED, {})  # type: ignore[attr-defined]
         if not writers or g.get(_COMMITTED, False):
             return
         kept_by_name = g.get(_KEPT_ACROSS_RUNS, {})

@@ -116,6 +116,8 @@ class JsonParser(FlaskParser):
     }
 
     def _raw_load_json(self, req: Request) -> Any:
+        # webargs passes ``request``: out of its proxy once (``courier_api.logs`` says why).
+        req = getattr(req, "_get_current_object", lambda: req)()
         if not is_json_request(req) and req.get_data(cache=True):
             # Else webargs reads no body at all, and every required field is "missing".
             abort(
@@ -255,8 +257,9 @@ def _taking_query(decorator: Callable[..., Any]) -> Callable[..., Any]:
 def _refusing_query(view: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(view)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        if request.query_string and request.args:
-            abort(422, errors={"query": {name: ["Unknown field."] for name in request.args}})
+        req = request._get_current_object()  # type: ignore[attr-defined]  # once: see logs
+        if req.query_string and req.args:
+            abort(422, errors={"query": {name: ["Unknown field."] for name in req.args}})
         return view(*args, **kwargs)
 
     return checked

@@ -75,8 +75,9 @@ def init_app(app: Flask) -> None:
 
 # The request and ``g`` are taken out of their context proxies once per function here
 # and on the push's path: each name looked up through a proxy (``request.path``) first
-# fails on the proxy itself, an ``AttributeError`` made and its message formatted,
-# about 3,000 instructions (a one-scan push looked up 53).
+# fails on the proxy itself, an ``AttributeError`` made and its message formatted:
+# about 9,000 instructions a name with the proxy's own work (a one-scan push looked up
+# 53; 33 fewer saved it 295,000, ``docs/BENCHMARKS.md``, stop 48).
 
 
 def _start_request() -> None:

@@ -1598,7 +1598,7 @@ def test_a_one_scan_push_looks_few_names_up_through_flasks_context_proxies(
 ) -> None:
     """``request.path``, ``g.x``, ``current_app.config``: each name looked up through a
     context proxy first fails on the proxy (an ``AttributeError`` made, its message
-    formatted) before its ``__getattr__`` finds it, some 3,000 instructions; a one-scan
+    formatted) before its ``__getattr__`` finds it, some 9,000 instructions; a one-scan
     push looked up 53. The push's own code takes the objects out of their proxies once."""
     push(client, courier, [ev(1, parcel.tracking_no)])
     looked_up: list[str] = []

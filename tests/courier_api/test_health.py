@@ -120,6 +120,8 @@ def test_readyz_answers_at_once_while_a_writer_holds_the_database(tmp_path) -> N
         assert waited < 2, waited
     finally:
         db.engine_of(app).dispose()
+
+
 def test_a_request_without_a_session_cookie_builds_no_signing_serializer(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

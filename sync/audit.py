@@ -57,11 +57,20 @@ CLIENT_IP: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def client_ip(address: str | None) -> str | None:
     """``address`` (a request's remote address) as an entry keeps it: an IP address in
     its one spelling (``ipaddress``), or None for anything else (none, a proxy's header
-    that names no address)."""
+    that names no address).
+
+    An IPv4 client reached through an IPv6 socket (a dual-stack listener, or a proxy's
+    header naming it so: ``::ffff:203.0.113.7``) is kept by its IPv4 address: it is
+    that client, and ``ipaddress`` spells the mapped form as ``::ffff:cb00:7107`` up to
+    Python 3.12 and ``::ffff:203.0.113.7`` from 3.13, neither of which an auditor
+    looking for ``203.0.113.7`` (the client's entries over IPv4, a ticket) would find."""
     try:
-        spelled = str(ipaddress.ip_address((address or "").strip()))
+        parsed = ipaddress.ip_address((address or "").strip())
     except ValueError:
         return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    spelled = str(parsed)
     return spelled if len(spelled) <= MAX_CLIENT_IP else None
 
 

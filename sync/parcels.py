@@ -686,10 +686,17 @@ def _header(
     first page gave it). What an intake changed since (class, recipient, address,
     station, planned courier) cannot be put back: a 410 ``cursor_reset``, as for two
     pushes ending at once, the walk to begin again (intakes of a known parcel are rare,
-    and each is on the audit log, ``parcel_updated``)."""
+    and each is on the audit log, ``parcel_updated``).
+
+    The first page projects them from its events too: ``parcel`` was read before them,
+    in a statement of its own (PostgreSQL's READ COMMITTED), so a push of the parcel
+    committed in between put its events in the page's timeline and ``as_of`` but not
+    its status in ``parcel``, and the page said ``out_for_delivery`` beside a timeline
+    ending ``delivered`` (its later pages, the row then newer than the cursor's, said
+    ``delivered``). When the row is the walk's (the usual case), both agree."""
     current = WalkHeader(parcel.status, parcel.status_at, parcel.courier_id, parcel.updated_at)
     if cursor is None:
-        return current
+        return _projected(parcel, walked, facts, in_order, parcel.updated_at)
     if cursor.record is None:
         raise CursorReset(
             "the walk was begun by an earlier version of the server, which did not keep "
@@ -705,7 +712,22 @@ def _header(
             field="cursor",
         )
     if cursor.updated == _microseconds(parcel.updated_at):
-        return current  # unchanged since the walk began
+        # Unchanged since the walk's first page read it: events stored since moved
+        # nothing, those of its walk included (a push that did would have set it).
+        return current
+    updated_at = _EPOCH + dt.timedelta(microseconds=cursor.updated or 0)
+    return _projected(parcel, walked, facts, in_order, updated_at)
+
+
+def _projected(
+    parcel: Parcel,
+    walked: Sequence[EventDetail],
+    facts: Sequence[EventFact],
+    in_order: Sequence[EventFact],
+    updated_at: dt.datetime,
+) -> WalkHeader:
+    """The status, its time and the courier the walk's events give ``parcel``, as
+    ``sync.status.reproject`` sets them from all its events."""
     projection = project(facts, station_id=parcel.station_id, in_order=in_order)
     status_at = projection.status_at
     first = first_scans(walked).get(projection.status_event_id or 0)
@@ -715,7 +737,7 @@ def _header(
         status=projection.status,
         status_at=status_at,
         courier_id=projection.holder_courier_id or parcel.planned_courier_id,
-        updated_at=_EPOCH + dt.timedelta(microseconds=cursor.updated or 0),
+        updated_at=updated_at,
     )
 
 

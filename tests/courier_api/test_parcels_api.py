@@ -6,8 +6,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from models import AuditEntry, Flag, FlagStatus, ScanEvent
+from courier_api.api.parcels import routes as parcel_routes
+from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
@@ -877,3 +879,59 @@ def test_an_auditors_read_of_a_page_of_a_walk_records_which_page_of_which_walk(
         {"event_ids": [], "cursor": first["next_cursor"], "offset": 2, "entries": 1,
          "next_cursor": None, **walk},
     ]  # fmt: skip
+
+
+def test_a_walks_first_page_shows_the_status_its_timeline_makes_when_a_push_came_between(
+    client: FlaskClient, world: World, auth: Auth, session: Session, monkeypatch
+) -> None:
+    """A page reads the parcel's row, then its events, each in a statement of its own
+    (PostgreSQL's READ COMMITTED): a push of the parcel committed between the two reads
+    put its delivery in the first page's timeline and ``as_of``, but not in the status
+    read before it, and the page said ``out_for_delivery`` beside a timeline ending
+    ``delivered``, while the walk's next pages (the row newer than the cursor's) said
+    ``delivered``. The row here is held as it was before the push, as such a read
+    gives it; every page of the walk now shows the status its timeline makes."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    at = [start + dt.timedelta(minutes=seq) for seq in range(4)]
+    auth.push(
+        [factories.event(seq, tn, "out_for_delivery", occurred_at=at[seq]) for seq in (1, 2, 3)]
+    )
+    session.expire_all()
+    row = session.scalars(select(Parcel).where(Parcel.tracking_no == tn)).one()
+    held = {
+        name: getattr(row, name) for name in ("status", "status_at", "courier_id", "updated_at")
+    }
+    assert str(held["status"]) == "out_for_delivery"
+    delivered = start + dt.timedelta(minutes=10)
+    auth.push(
+        [factories.event(4, tn, "delivered", occurred_at=delivered, pod={"recipient_name": "Li"})]
+    )
+    read_row = parcel_routes.get_parcel
+
+    def read_before_the_push(*, session: Session, tracking_no: str) -> Parcel:
+        parcel = read_row(session=session, tracking_no=tracking_no)
+        for name, value in held.items():
+            set_committed_value(parcel, name, value)
+        return parcel
+
+    headers = auth.headers("auditor1")
+
+    def read(cursor: str | None = None) -> dict:
+        query = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        answer = client.get(f"{URL}/{tn}", query_string=query, headers=headers)
+        assert answer.status_code == 200, answer.json
+        return answer.json
+
+    monkeypatch.setattr(parcel_routes, "get_parcel", read_before_the_push)
+    pages = [read()]
+    monkeypatch.undo()
+    while pages[-1]["next_cursor"] is not None:
+        pages.append(read(pages[-1]["next_cursor"]))
+    assert len(pages) == 2 and pages[0]["arrived_since"] == 0
+    assert pages[-1]["timeline"][-1]["type"] == "delivered"
+    shown = [(p["status"], p["status_at"], p["courier_id"]) for p in pages]
+    assert [status for status, _, _ in shown] == ["delivered", "delivered"]
+    assert shown[0] == shown[1]

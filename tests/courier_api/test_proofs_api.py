@@ -11,12 +11,22 @@ from zoneinfo import ZoneInfo
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, event, select, update
 from sqlalchemy.orm import Session
 
 from courier_api.api.parcels import routes as parcels_routes
 from courier_api.api.proofs import routes as proofs_routes
-from models import AuditEntry, Blob, Flag, FlagSeverity, QuarantinedEvent, ServiceClass
+from models import (
+    AuditEntry,
+    Blob,
+    EventType,
+    Flag,
+    FlagSeverity,
+    QuarantinedEvent,
+    ScanEvent,
+    ServiceClass,
+)
+from models.engine import refuse_writes
 from sync import proofs, rules
 from sync.blobs import FileBlobStore
 from sync.rules import RULE_KINDS
@@ -2125,3 +2135,66 @@ def test_the_export_says_when_a_proofs_images_were_purged(
     assert list(row)[-2:] == ["signature_purged_at", "photo_purged_at"]
     assert row["signature_purged_at"] == ""
     assert row["photo_purged_at"] == purged.isoformat().replace("T", " ")
+
+
+def test_an_export_holds_a_delivery_committed_late_below_an_id_it_read_already(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    connection: Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivery's id is taken when its push stores it, not when the push commits: on
+    PostgreSQL a push committing late holds a lower id than deliveries the export read
+    already, and the export's next batch, read by id after them, skipped it. The export
+    left out a delivery stored before it ended, which an auditor took for none. Here the
+    first delivery is not one yet (as a push not committed) when the first batch is
+    read, and becomes one (the push commits) right after: it comes in a last part,
+    audit-logged as every part is."""
+    parcels = [factories.parcel(session, world.station) for _ in range(3)]
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    auth.push(
+        [factories.event(seq, p.tracking_no, occurred_at=at) for seq, p in enumerate(parcels, 1)]
+        + [
+            factories.event(seq, p.tracking_no, "delivered", occurred_at=at, pod={})
+            for seq, p in enumerate(parcels, 4)
+        ]
+    )
+    delivered = session.scalars(
+        select(ScanEvent.id).where(ScanEvent.type == EventType.DELIVERED).order_by(ScanEvent.id)
+    ).all()
+    late = delivered[0]
+
+    def commit_late(event_type: EventType) -> None:
+        connection.execute(update(ScanEvent).where(ScanEvent.id == late).values(type=event_type))
+
+    commit_late(EventType.OUT_FOR_DELIVERY)  # stored, not committed yet
+    session.commit()
+    monkeypatch.setattr(proofs_routes, "EXPORT_BATCH", 1)
+    list_proofs = proofs.list_proofs
+    batches: list[list[int]] = []
+
+    def listing(**kwargs: Any) -> list[proofs.Proof]:
+        page = list_proofs(**kwargs)
+        batches.append([p.event.id for p in page])
+        if len(batches) == 1:  # the push commits once the first batch is read
+            refusing = connection.connection.info.get("query_only", False)  # SQLite
+            refuse_writes(connection, False)
+            commit_late(EventType.DELIVERED)
+            refuse_writes(connection, refusing)
+        return page
+
+    monkeypatch.setattr(proofs, "list_proofs", listing)
+    export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
+    assert export.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    assert batches[0] == [delivered[1]]
+    assert [int(row["event_id"]) for row in rows] == [delivered[1], delivered[2], late]
+    session.expire_all()
+    parts = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proofs_exported").order_by(AuditEntry.id)
+    ).all()
+    assert [e.details["event_ids"] for e in parts] == [[delivered[1]], [delivered[2]], [late]]
+    assert [e.details["part"] for e in parts] == [1, 2, 3]

@@ -287,9 +287,12 @@ class ProofExport(MethodView):
         deleted the signature's and the photo's bytes, `signature_purged_at` and
         `photo_purged_at`; the images are not hashed: a
         proof's detail says their `integrity`), streamed in batches as they are
-        read. For auditors each batch is audit-logged before it is sent, with the
-        filters and the event ids it holds (`proofs_exported`, numbered `part`s of
-        one `export_id`).
+        read, by event id, then in a last batch any delivery stored meanwhile
+        with an id below those sent (a push committing late holds a lower id than
+        deliveries stored after it): every matching delivery committed before the
+        export's last read is in it once. For auditors each batch is audit-logged
+        before it is sent, with the filters and the event ids it holds
+        (`proofs_exported`, numbered `part`s of one `export_id`).
         """
         principal = current_principal()
         rows = csv_rows(

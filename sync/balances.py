@@ -794,21 +794,30 @@ def handed_over_since(rows: Sequence[BoardRow]) -> dict[int, Shift]:
     died at 11:00 leaves its shift open while its courier goes on with a spare one and
     hands that over at 17:00: the board called the first "on the road", its parcels
     "still out", and the manager at 19:00 waited for a courier who was in the station,
-    the shift to be closed by a manager (``POST /shifts/<id>/close``)."""
+    the shift to be closed by a manager (``POST /shifts/<id>/close``). A courier who
+    went out again since, a shift opened after that handover still open on a third PDA,
+    is on the road, not back: none is named until that one is handed over too."""
     back: dict[int, Shift] = {}
     for row in rows:
         if row.shift.status != ShiftStatus.OPEN:
             continue
-        later = [
+        since = [
             other.shift
             for other in rows
             if other.shift.courier_id == row.shift.courier_id
             and other.shift.device_id != row.shift.device_id
-            and other.shift.status != ShiftStatus.OPEN
             and other.shift.opened_at > row.shift.opened_at
         ]
-        if later:
-            back[row.shift.id] = max(later, key=lambda s: (s.opened_at, s.id))
+        handed = [s for s in since if s.status != ShiftStatus.OPEN]
+        if not handed:
+            continue
+        latest = max(handed, key=lambda s: (s.opened_at, s.id))
+        if any(
+            s.status == ShiftStatus.OPEN and (s.opened_at, s.id) > (latest.opened_at, latest.id)
+            for s in since
+        ):
+            continue  # out again on another PDA
+        back[row.shift.id] = latest
     return back
 
 

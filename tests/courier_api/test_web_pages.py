@@ -2879,6 +2879,46 @@ def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
     assert back[day.open.id] is None and back[second.id] is None
 
 
+def test_the_board_says_no_courier_is_back_who_went_out_again_on_a_third_pda(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA died at 11:00, she handed the spare PDA's shift over at 17:00 and went
+    out again at 17:30 with a third PDA, still on the road at 19:00. The board said of the
+    dead PDA's shift "Courier back: handed over shift N at 17:00", and the API gave that
+    shift as its ``courier_back_shift_id``: the manager went looking for a courier who
+    was out. She is back only when no shift of hers opened after that handover is still
+    open; the dead PDA's shift and the third are both on the road, neither says back."""
+    first, second, _ = _spare_pda(session, day)
+    third_pda = station_day.Pda(
+        session,
+        factories.device(session, "PDA-PDG-11", day.station),
+        session.get_one(User, second.courier_id),
+    )
+    third = third_pda.open(station_day.local(day.day, 17, 30))
+
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={day.day}")
+
+    assert f'id="shift-{third.id}"' in html
+    assert "courier-back" not in html, html
+    response = app.test_client().get(
+        f"/api/v1/stations/{day.station.id}/handover?date={day.day}",
+        headers=Auth(app.test_client()).headers("manager"),
+    )
+    assert response.status_code == 200, response.get_json()
+    back = {row["shift_id"]: row["courier_back_shift_id"] for row in response.get_json()["shifts"]}
+    assert back[first.id] is None and back[third.id] is None and back[second.id] is None
+
+    # Handed over at 18:40, the third shift is the one she is back from.
+    third_pda.close(third, station_day.local(day.day, 18, 40))
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={day.day}")
+    row = re.search(rf'<tr class="row-open" id="shift-{first.id}">(.*?)</tr>', html, re.S)
+    assert row, html
+    assert (
+        f'<a href="/web/shifts/{third.id}">shift {third.id}</a> on PDA-PDG-11 at 18:40'
+        in row.group(1)
+    )
+
+
 def test_the_daily_report_page_counts_outcomes_of_parcels_not_checked_out(
     app: Flask, session: Session, day: StationDay
 ) -> None:

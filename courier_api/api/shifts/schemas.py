@@ -465,7 +465,8 @@ class BoardShiftOut(ma.Schema):
             "description": "A shift still open whose courier has handed over a shift they "
             "opened after it on another PDA: the latest such shift (a PDA that died at "
             "11:00, its courier gone on with a spare one and back): close this one for them "
-            "(`POST /shifts/{shift_id}/close`). Null otherwise"
+            "(`POST /shifts/{shift_id}/close`). Null otherwise, and while a shift the courier "
+            "opened after that one is still open (out again on a third PDA)"
         },
     )
     corrections_to_review = ma.fields.List(

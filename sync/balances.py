@@ -59,6 +59,7 @@ from sync.handover import (
     WriteOff,
     balance_version,
     compute_balance,
+    discrepancies_decided,
     handover_flags_wanted,
     may_repeat,
     owned_seqs,
@@ -616,6 +617,12 @@ class BoardRow(HandoverRead):
     def balance_version(self) -> str:
         """What a sign-off of this row sends back (``sync.handover.balance_version``)."""
         return balance_version(self.balance)
+
+    @property
+    def discrepancies_decided(self) -> int:
+        """How many of its discrepancies a manager resolved: all of them, the shift waits
+        only for its sign-off (``sync.handover.discrepancies_decided``)."""
+        return len(discrepancies_decided(self.balance))
 
     @property
     def changed_since_signoff(self) -> bool:

@@ -690,6 +690,30 @@ def first_seq_after(previous_shift_end: int | None) -> int | None:
     return None if previous_shift_end is None else previous_shift_end + 1
 
 
+def discrepancies_decided(balance: Balance) -> list[int]:
+    """The flags of the balance's discrepancies a manager resolved, by id. A resolved flag
+    still stands as a discrepancy (resolving records a decision, it does not change what
+    happened: the balance stays unbalanced); a shift all of whose discrepancies are
+    decided waits for nothing more of the manager but a sign-off, which the board offers
+    together (``sync.signoffs.sign_off_clean`` with ``decided``). An acknowledged flag is
+    still to decide, as the board's waiting flags count it."""
+    return [
+        d.flag_id
+        for d in balance.discrepancies
+        if d.flag_id is not None and d.flag_status == FlagStatus.RESOLVED
+    ]
+
+
+def all_discrepancies_decided(balance: Balance) -> bool:
+    """Unbalanced only by discrepancies each resolved by a manager (none without a flag,
+    none open or acknowledged), its events all on the server."""
+    return (
+        balance.status == BalanceStatus.UNBALANCED
+        and bool(balance.discrepancies)
+        and len(discrepancies_decided(balance)) == len(balance.discrepancies)
+    )
+
+
 def sign_off_blocked(balance: Balance) -> str | None:
     """Why a sign-off must be forced, or None."""
     if balance.status == BalanceStatus.PROVISIONAL:

@@ -1408,10 +1408,13 @@ def record_sign_off(
     note: str,
     forced_reason: str | None,
     now: dt.datetime,
+    decided_flags: Sequence[int] | None = None,
 ) -> Shift:
     """Mark a locked shift, whose sign-off the rules allow, signed off with ``balance``
     as it stands, and write it to the audit log: ``sign_off`` and
-    ``sync.signoffs.sign_off_clean`` decide, this records."""
+    ``sync.signoffs.sign_off_clean`` decide, this records. ``decided_flags``: signed
+    off with others as unbalanced only by discrepancies a manager resolved, the flags of
+    those decisions (the entry's ``discrepancies_decided``)."""
     shift.status = ShiftStatus.SIGNED_OFF
     shift.signed_off_at = now
     shift.signed_off_by = user_id
@@ -1431,6 +1434,11 @@ def record_sign_off(
             "note": note,
             "forced_reason": shift.signoff_forced_reason,
             "balance": shift.signoff_balance,
+            **(
+                {"discrepancies_decided": sorted(decided_flags)}
+                if decided_flags is not None
+                else {}
+            ),
         },
         # the parcels the balance names: each one's audit history shows the sign-off
         parcels=[p.tracking_no for p in balance.parcels]

@@ -8,7 +8,9 @@ those off with one note, each as ``sync.shifts.sign_off`` would with the balance
 version the manager was shown, and refuses any other with its reason: it gets a
 sign-off of its own, with a note about what is wrong (and a forced reason where the
 balance is provisional). The others are signed off all the same: one shift that
-changed does not hold up the rest.
+changed does not hold up the rest. Asked to (``decided``), it also signs off the shifts
+unbalanced only by discrepancies a manager has each resolved, whose decisions carry
+their notes: the board offers those apart from the clean ones.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from sync.errors import InvalidInput
 from sync.handover import (
     Balance,
     BalanceStatus,
+    all_discrepancies_decided,
     balance_version,
     counts_named,
+    discrepancies_decided,
     discrepancies_named,
     unsent_seqs_named,
 )
@@ -146,6 +150,7 @@ def sign_off_clean(
     user_id: int,
     note: str,
     now: dt.datetime | None = None,
+    decided: bool = False,
 ) -> list[Outcome]:
     """Sign off, with ``note``, each of the station's shifts in ``seen`` (shift id:
     the balance ``version`` the manager was shown) that is a clean handover: closed,
@@ -156,6 +161,13 @@ def sign_off_clean(
     The others are refused, each with its reason; outcomes come in shift id order.
     A shift this same request signed off already (its answer lost, sent again) is
     answered ``signed_off`` again, and nothing is written (``_retried``).
+
+    ``decided``: a shift unbalanced only by discrepancies a manager has each resolved
+    (``sync.handover.all_discrepancies_decided``) is signed off too, as clean in all else
+    (the board's "Sign off all N handovers with every discrepancy decided"): each
+    decision carries its own note, and the sign-off's audit entry names the flags it
+    rested on (``discrepancies_decided``). One whose flag was opened again, or whose
+    balance changed, since it was read is refused as any other.
 
     The shifts are locked in id order (the service's lock order, ``lock_shifts``) and
     judged in a few queries however many there are. Each sign-off goes to the audit
@@ -207,6 +219,7 @@ def sign_off_clean(
                 known=shift_id in of_station,
                 shift=shift,
                 read=shift_read,
+                decided=decided,
             )
             if refusal is not None:
                 outcomes.append(refusal)
@@ -220,6 +233,7 @@ def sign_off_clean(
                 note=text,
                 forced_reason=None,
                 now=now,
+                decided_flags=discrepancies_decided(balance) if decided else None,
             )
             outcomes.append(Outcome(shift_id, SIGNED_OFF))
     return outcomes
@@ -244,7 +258,7 @@ def _retried(
     )
 
 
-def not_clean(shift: Shift, read: HandoverRead) -> Refusal | None:
+def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Refusal | None:
     """Why this shift is no clean handover, to sign off with others, or None: the board
     offers to sign off together exactly those it finds clean (its rows are the
     ``HandoverRead`` a sign-off of them reads again).
@@ -255,7 +269,8 @@ def not_clean(shift: Shift, read: HandoverRead) -> Refusal | None:
     ``reviews``: its parcels' corrected outcomes no manager has looked at
     (``sync.balances.REVIEW_KINDS``, open): the balance counts the outcome as corrected,
     a drop made a return balancing as well as the return, so the manager sees the
-    correction before the handover is signed off."""
+    correction before the handover is signed off. ``decided``: unbalanced only by
+    discrepancies each resolved by a manager passes too (``all_discrepancies_decided``)."""
     balance, flags, reviews = read.balance, read.open_flags, read.reviews
     images_missing, rejected_events = read.images_missing, read.rejected_events
     if shift.status == ShiftStatus.OPEN:
@@ -270,7 +285,17 @@ def not_clean(shift: Shift, read: HandoverRead) -> Refusal | None:
             f"{unsent_seqs_named(balance)}: wait for them, write off those its PDA lost, or "
             "sign it off on its own with a reason it cannot wait",
         )
-    if balance.status != BalanceStatus.BALANCED:
+    if balance.status != BalanceStatus.BALANCED and not (
+        decided and all_discrepancies_decided(balance)
+    ):
+        if decided and balance.discrepancies:
+            waiting = len(balance.discrepancies) - len(discrepancies_decided(balance))
+            return Refusal(
+                "discrepancies_to_decide",
+                f"{waiting} of its {len(balance.discrepancies)} discrepancies still to "
+                f"decide ({discrepancies_named(balance)}): decide on them on its page, or "
+                "sign it off on its own",
+            )
         found = f": {discrepancies_named(balance)}" if balance.discrepancies else ""
         return Refusal(
             f"balance_{balance.status}",
@@ -312,6 +337,7 @@ def _refusal(
     known: bool,
     shift: Shift | None,
     read: HandoverRead | None,
+    decided: bool = False,
 ) -> Outcome | None:
     """Why this shift of the request is not signed off, or None. ``shift`` and
     ``read`` are None for a shift still open (or not the station's: ``known``)."""
@@ -320,7 +346,7 @@ def _refusal(
     elif shift is None or read is None:
         why = Refusal("shift_open", "still open; it is signed off after it is closed")
     else:
-        why = not_clean(shift, read)
+        why = not_clean(shift, read, decided=decided)
         if why is None:  # clean when read too: no event rejected, no flag, no image missing
             why = changed_since_read(Seen(version, **READ_CLEAN), read)
     if why is None:

@@ -393,6 +393,13 @@ def _board_page(
     rows = station_board(session=db.session, station_id=station.id, work_date=day)
     earlier = waiting_from_earlier_days(session=db.session, station_id=station.id, work_date=day)
     visible = current_principal().station_filter(None)
+    clean = {row.shift.id for row in rows if signoffs.not_clean(row.shift, row) is None}
+    # Unbalanced only by discrepancies each resolved: offered to sign off together, apart.
+    decided = {
+        row.shift.id
+        for row in rows
+        if row.shift.id not in clean and signoffs.not_clean(row.shift, row, decided=True) is None
+    }
     return render_template(
         "web/board.html",
         station=station,
@@ -409,7 +416,8 @@ def _board_page(
             for courier in [*(row.courier for row in rows), *(c for _, c in earlier)]
             if sees_user(courier, visible)
         },
-        clean={row.shift.id for row in rows if signoffs.not_clean(row.shift, row) is None},
+        clean=clean,
+        decided=decided,
         typed=typed,
     )
 
@@ -417,20 +425,24 @@ def _board_page(
 @bp.post("/stations/<id:station_id>/signoffs")
 @page(*DECIDERS)
 def sign_off_clean(station_id: int) -> ResponseReturnValue:
-    """The board's checked clean handovers (or all of them: ``every_clean``) signed off
-    with one note, as ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told
-    with its reason. A request refused as a whole (no box checked, say), or a shift of it
-    refused (its balance changed since the page was read), shows the board again, read
-    anew, with the note and the boxes as they were (not redirected: a note of 2,000
-    characters does not fit in the session's cookie): the manager signs the refused rows
-    off again once read, without typing the note again."""
+    """The board's checked clean handovers (or all of them: ``every_clean``; or, apart, all
+    those whose discrepancies are all decided: ``every_decided``) signed off with one note,
+    as ``POST /api/v1/stations/<id>/signoffs`` does; each refusal is told with its
+    reason. A request refused as a whole (no box checked, say), or a shift of it refused
+    (its balance changed since the page was read), shows the board again, read anew,
+    with the note and the boxes as they were (not redirected: a note of 2,000 characters
+    does not fit in the session's cookie): the manager signs the refused rows off again
+    once read, without typing the note again."""
     station = _chosen_station(station_id)
     day = parse(DayArgs(only=("date",)), request.form).get("date")  # the board's, hidden
     typed = {"note": request.form.get("note", ""), "shifts": request.form.getlist("shift")}
     # "Sign off all N clean handovers": every clean row's box as the page wrote it (its
     # hidden ``clean`` fields), not only those checked: 30 clean rows at 19:00 are one
     # click, not 30.
-    boxes = "clean" if request.form.get("every_clean") else "shift"
+    # "Sign off all N handovers with every discrepancy decided": those rows (hidden
+    # ``decided`` fields), each still refused if a decision was undone since.
+    decided = bool(request.form.get("every_decided"))
+    boxes = "decided" if decided else "clean" if request.form.get("every_clean") else "shift"
     try:
         form = parse(SignOffCleanForm(), request.form)
         outcomes = signoffs.sign_off_clean(
@@ -440,6 +452,7 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
             user_id=current_principal().user_id,
             note=form.get("note") or "",
             now=utcnow(),
+            decided=decided,
         )
     except InvalidInput as exc:
         db.reads_from_here()  # rolled back: the board read again holds up no push

@@ -15,7 +15,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import AuditEntry, ServiceClass, Shift
+from models import AuditEntry, Flag, FlagStatus, ServiceClass, Shift
+from sync import flags
 from sync.sweeps import SweepSettings, blob_missing_at_handover
 from tests import factories
 from tests.browser.station_day import doorstep_png
@@ -765,3 +766,160 @@ def test_the_board_signs_off_every_clean_handover_in_one_click(
         "closed",
     ]
     assert states[clean[0]].signoff_note == states[clean[1]].signoff_note == "all on the shelf"
+
+
+def test_the_board_signs_off_apart_the_handovers_whose_discrepancies_are_all_decided(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """A manager resolved every discrepancy flag of an unbalanced shift (the parcel found
+    damaged in the cage, say): the balance stays unbalanced, as DESIGN wants (resolving
+    records a decision, it does not change what happened), but the board showed the
+    row as any other unbalanced one, "1" discrepancy and nothing more, and offered no
+    sign-off with the clean ones: at 19:00 the manager opened each page again to find
+    which were decided. The row (page and API) now says "all 1 decided" apart from "1
+    open" (an acknowledged flag is still to decide), and "Sign off all N handovers with
+    every discrepancy decided" signs those off together, apart from the clean ones, each
+    refused if a decision was undone since the page was read; the sign-off's audit entry
+    names the decisions it rested on."""
+    clean, decided, half, acked, undone = couriers
+    manager = auth.headers("manager1")
+    a, b, c, d, e, f = parcels(session, world, 6)
+    ids = {}
+    for pda, checked_out in (
+        (clean, [a]),
+        (decided, [b]),
+        (half, [c, d]),
+        (acked, [e]),
+        (undone, [f]),
+    ):
+        ids[pda] = pda.open(first_seq=1)["id"]
+        pda.push(
+            [pda.event(parcel) for parcel in checked_out]
+            + ([pda.event(a, "returned_to_station")] if pda is clean else [])
+        )
+        assert pda.close(ids[pda], last_seq=pda.seq).status_code == 200
+    rows = board(client, world, manager)
+    flag_of = {
+        pda: [flag["flag_id"] for flag in rows[ids[pda]]["open_flags"]]
+        for pda in (decided, half, acked, undone)
+    }
+    for pda, flag_ids in flag_of.items():
+        for flag_id in flag_ids[:1]:
+            flag = session.get_one(Flag, flag_id)
+            if pda is acked:
+                flags.acknowledge_flag(session=session, flag=flag, user_id=world.manager.id)
+            else:
+                flags.resolve_flag(
+                    session=session, flag=flag, user_id=world.manager.id, note="in the cage"
+                )
+    session.commit()
+
+    rows = board(client, world, manager)
+    assert {pda: rows[ids[pda]]["discrepancies_decided"] for pda in couriers} == {
+        clean: 0,
+        decided: 1,
+        half: 1,
+        acked: 0,
+        undone: 1,
+    }
+    assert rows[ids[decided]]["balance"]["status"] == "unbalanced"  # as DESIGN wants
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    cell = {
+        pda: re.search(rf'id="shift-{ids[pda]}">.*?</tr>', html, re.S).group(0)  # type: ignore[union-attr]
+        for pda in couriers
+    }
+    assert ">all 1 decided</span>" in cell[decided]
+    assert ">1 open</span>" in cell[half] and "decided</span>" not in cell[half]
+    assert ">1 open</span>" in cell[acked]
+    assert "decided</span>" not in cell[clean] and "open</span>" not in cell[clean]
+    assert (
+        '<button type="submit" name="every_decided" value="1" title="Every unbalanced '
+        "handover of this page whose discrepancies are all decided, each as the page shows "
+        'it">Sign off all 2 handovers with every discrepancy decided</button>'
+    ) in html
+    offered = re.findall(r'<input type="hidden" name="decided" value="(\d+):(\w+)">', html)
+    assert [int(i) for i, _ in offered] == [ids[decided], ids[undone]]
+    # After the read, the last shift's decision is undone (its flag opened again).
+    session.execute(
+        update(Flag).where(Flag.id == flag_of[undone][0]).values(status=FlagStatus.OPEN)
+    )
+    session.commit()
+
+    response = page.client.post(
+        f"/web/stations/{world.station.id}/signoffs",
+        data={
+            "csrf_token": page.token(),
+            "note": "decided on each",
+            "decided": [f"{i}:{v}" for i, v in offered],
+            "clean": re.findall(r'<input type="hidden" name="clean" value="(\d+:\w+)">', html),
+            "every_decided": "1",
+            "date": "",
+        },
+    )
+
+    shown = response.get_data(as_text=True)
+    assert "1 shift signed off" in shown, shown
+    assert (
+        f"shift {ids[undone]}: 1 of its 1 discrepancies still to decide (1 missing_at_handover"
+    ) in shown
+    session.expire_all()
+    status = {pda: session.get_one(Shift, ids[pda]).status.value for pda in couriers}
+    assert status == {
+        clean: "closed",  # the clean ones are their own button's
+        decided: "signed_off",
+        half: "closed",
+        acked: "closed",
+        undone: "closed",
+    }
+    entry = session.scalars(
+        select(AuditEntry).where(
+            AuditEntry.action == "shift_signed_off", AuditEntry.subject_key == str(ids[decided])
+        )
+    ).one()
+    assert entry.details["discrepancies_decided"] == flag_of[decided]
+    assert entry.details["note"] == "decided on each"
+    assert entry.details["balance"]["status"] == "unbalanced"
+
+    # The API signs them off together when asked, and refuses those still to decide.
+    rows = board(client, world, manager)
+    seen = {ids[pda]: rows[ids[pda]]["balance_version"] for pda in (half, acked)}
+    response = client.post(
+        f"/api/v1/stations/{world.station.id}/signoffs",
+        json={
+            "note": "decided",
+            "discrepancies_decided": True,
+            "shifts": [{"shift_id": i, "balance_version": v} for i, v in seen.items()],
+        },
+        headers=manager,
+    )
+    assert response.status_code == 200, response.get_json()
+    assert [(o["outcome"], o["code"]) for o in response.get_json()["outcomes"]] == [
+        ("refused", "discrepancies_to_decide")
+    ] * 2
+    # Without it, a decided shift is refused as unbalanced, as before.
+    undone_seen = {ids[undone]: rows[ids[undone]]["balance_version"]}
+    flags.resolve_flag(
+        session=session,
+        flag=session.get_one(Flag, flag_of[undone][0]),
+        user_id=world.manager.id,
+        note="found",
+    )
+    session.commit()
+    body = sign_off_clean(client, world.station.id, manager, undone_seen).get_json()
+    assert body["outcomes"][0]["code"] == "balance_unbalanced"
+    body = client.post(
+        f"/api/v1/stations/{world.station.id}/signoffs",
+        json={
+            "note": "decided",
+            "discrepancies_decided": True,
+            "shifts": [{"shift_id": ids[undone], "balance_version": undone_seen[ids[undone]]}],
+        },
+        headers=manager,
+    ).get_json()
+    assert body["signed_off"] == 1, body

@@ -26,6 +26,7 @@ from models import (
     AuditEntry,
     EventType,
     Flag,
+    FlagStatus,
     QuarantinedEvent,
     ScanEvent,
     Shift,
@@ -384,3 +385,57 @@ def test_a_proof_page_reads_the_same_few_queries_for_3_or_30_rejected_events(
         )
         assert other in {r["station_id"] for r in everywhere.rejections}
     assert counts[0] == counts[1] <= 3, counts
+
+
+def test_handovers_with_every_discrepancy_decided_are_signed_off_together_in_flat_statements(
+    session: Session,
+) -> None:
+    """At 19:00 the manager signs off at once the shifts whose discrepancies they have
+    each resolved (``decided``): the same statements for 10 or 40 shifts on PostgreSQL,
+    as for the clean ones, and the board that offers them reads no more for it."""
+    admin = factories.user(session, "admin", "admin")
+    counts = []
+    for code, shifts in (("SMALL", 10), ("BIG", 40)):
+        station = factories.station_day(
+            session, code, shifts=shifts, parcels_per_shift=20, day=DAY
+        )
+        # Every handover flag (the parcel missing of each shift) resolved by a manager;
+        # the shifts' own flags gone, so nothing else waits.
+        session.execute(
+            update(Flag)
+            .where(Flag.station_id == station, Flag.kind == "missing_at_handover")
+            .values(status=FlagStatus.RESOLVED)
+        )
+        session.execute(
+            delete(Flag).where(Flag.station_id == station, Flag.kind != "missing_at_handover")
+        )
+        session.expire_all()
+        with counted(session) as board_queries:
+            rows = station_board(session=session, station_id=station, work_date=DAY)
+        assert len(board_queries) <= 12, board_queries
+        assert all(row.balance.status == "unbalanced" for row in rows)
+        assert all(row.discrepancies_decided == len(row.balance.discrepancies) > 0 for row in rows)
+        seen = {row.shift.id: row.balance_version for row in rows}
+        session.expire_all()
+        with counted(session) as statements:
+            outcomes = sign_off_clean(
+                session=session,
+                station_id=station,
+                seen=seen,
+                user_id=admin.id,
+                note="each decided",
+                decided=True,
+            )
+        assert [o.outcome for o in outcomes] == [SIGNED_OFF] * shifts, outcomes
+        counts.append(statements)
+
+    def others(statements: list[str]) -> list[str]:
+        return [q for q in statements if not q.lstrip().startswith("INSERT INTO audit_entry")]
+
+    small, big = counts
+    assert len(others(big)) == len(others(small)), others(big)
+    if session.get_bind().dialect.name == "postgresql":
+        assert len(big) == len(small), big
+    entries = session.scalars(select(AuditEntry).where(AuditEntry.action == "shift_signed_off"))
+    assert all(entry.details["discrepancies_decided"] for entry in entries)
+    assert verify(session=session).ok

@@ -321,7 +321,11 @@ class CleanSignOffs(MethodView):
         time and writes nothing; a shift signed off otherwise (by another manager,
         with another note) is refused as `already_signed_off`, saying by whom and
         when. A shift of another
-        station is refused as `shift_not_found`.
+        station is refused as `shift_not_found`. With `discrepancies_decided`, a
+        shift unbalanced only by discrepancies a manager has each resolved (the
+        board row's `discrepancies_decided`) is signed off too, clean in all else;
+        one with any still open or acknowledged is refused as
+        `discrepancies_to_decide`.
         """
         ensure_station_access(station_id)
         directory.get_station(session=db.session, station_id=station_id)
@@ -332,6 +336,7 @@ class CleanSignOffs(MethodView):
             user_id=current_principal().user_id,
             note=body["note"],
             now=utcnow(),
+            decided=body["discrepancies_decided"],
         )
         db.session.commit()
         return {
@@ -412,6 +417,7 @@ class StationHandover(MethodView):
                     "open_flags": [flag._asdict() for flag in row.open_flags],
                     "images_missing": row.images_missing,
                     "rejected_events": row.rejected_events,
+                    "discrepancies_decided": row.discrepancies_decided,
                     "corrections_to_review": [flag._asdict() for flag in row.reviews],
                     "courier_back_shift_id": back[row.shift.id].id
                     if row.shift.id in back

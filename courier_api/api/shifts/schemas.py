@@ -458,6 +458,12 @@ class BoardShiftOut(ma.Schema):
         "dashes). Its balance cannot show what they said (a correction "
         "rejected voids nothing): a shift with any is no clean handover to sign off together"
     )
+    discrepancies_decided = _count(
+        "Its discrepancies (`balance.discrepancy_count`) whose flag a manager resolved: each "
+        "still stands in the balance, which stays unbalanced. All of them: the shift waits "
+        "only for its sign-off, which `POST /stations/{station_id}/signoffs` with "
+        "`discrepancies_decided` gives it together with others"
+    )
     courier_back_shift_id = ma.fields.Integer(
         allow_none=True,
         required=True,
@@ -554,6 +560,16 @@ class SignOffCleanIn(ma.Schema):
         validate=ma.validate.Length(min=1, max=MAX_SHIFTS),
         metadata={"description": f"At most {MAX_SHIFTS}, each shift once"},
     )
+    discrepancies_decided = ma.fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Also sign off a shift unbalanced only by discrepancies a manager "
+            "has each resolved (its board row's `discrepancies_decided` equal to its "
+            "`discrepancy_count`), clean in all else; one with any still to decide is refused "
+            "as `discrepancies_to_decide`. The sign-off's audit entry names the resolved "
+            "flags it rested on (`discrepancies_decided`)"
+        },
+    )
 
     @ma.validates("shifts")
     def _each_once(self, value: list[dict[str, Any]], **_: Any) -> None:
@@ -571,9 +587,9 @@ class SignOffOutcomeOut(ma.Schema):
         required=True,
         metadata={
             "description": "Why it was refused: shift_not_found, shift_open, "
-            "already_signed_off, balance_unbalanced, balance_provisional, open_flags, "
-            "images_missing, rejected_events, corrections_to_review, balance_changed; null "
-            "when signed off"
+            "already_signed_off, balance_unbalanced, discrepancies_to_decide (with "
+            "`discrepancies_decided`), balance_provisional, open_flags, images_missing, "
+            "rejected_events, corrections_to_review, balance_changed; null when signed off"
         },
     )
     message = ma.fields.String(allow_none=True, required=True)

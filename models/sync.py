@@ -190,6 +190,10 @@ class QuarantinedEvent(Base):
     payload: Mapped[str] = mapped_column(Text)
     payload_hash: Mapped[sha256_hex]
     received_at: Mapped[timestamp]
+    # Rejected ``seq_conflict`` (its seq another event's), then sent again by its PDA
+    # under this seq, the same event otherwise (README's recovery), and held: the
+    # rejection is settled (``sync.ingest``). None: not (yet), or another rejection.
+    resent_seq: Mapped[int | None]
 
 
 class DeviceSyncState(Base):
@@ -215,6 +219,10 @@ class DeviceSyncState(Base):
     # manager last wrote off seqs of the device: seqs written off are acknowledged only
     # below a seq held above it, one that came after the write-off (``sync.acks``).
     held_at_write_off: Mapped[int] = mapped_column(BigId, server_default="0")
+    # How many of the device's rejected events are ``seq_conflict`` ones not settled
+    # (``QuarantinedEvent.resent_seq``): only while some are does a push look for them
+    # among the events it stores (``sync.ingest``), recounting them as it does.
+    unsettled_seq_conflicts: Mapped[int] = mapped_column(server_default="0")
     clock_offset_ms: Mapped[int | None] = mapped_column(BigId)
     clock_measured_at: Mapped[dt.datetime | None]
     last_push_at: Mapped[dt.datetime | None]

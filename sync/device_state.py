@@ -38,6 +38,7 @@ LOCK_DEVICE_STATE = Prebuilt(
             _states.c.written_off_ranges,
             _states.c.held_at_write_off,
             _states.c.acked_through_seq,
+            _states.c.unsettled_seq_conflicts,
             _events.c.seq,
             _events.c.occurred_at_device,
             _events.c.tracking_no,
@@ -96,6 +97,9 @@ class DeviceState(NamedTuple):
     held_at_write_off: int = 0
     # The device's acknowledgement so far, which it never goes back from.
     acked_through_seq: int = 0
+    # Its ``seq_conflict`` rejections not settled yet (``sync.ingest``): while some are,
+    # a push storing events looks for them among the events held.
+    unsettled_seq_conflicts: int = 0
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -119,6 +123,7 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         row.declared_first_seq,
         row.held_at_write_off or 0,
         row.acked_through_seq or 0,
+        row.unsettled_seq_conflicts or 0,
     )
 
 

@@ -43,6 +43,7 @@ from models import (
     EventType,
     Flag,
     FlagSeverity,
+    FlagStatus,
     OutboxMessage,
     Parcel,
     ProofImage,
@@ -86,7 +87,15 @@ from sync.events import (
     validate_event,
     within_depth,
 )
-from sync.flags import FlagSubject, raise_flag, withdraw_evidence
+from sync.flags import (
+    ACTIVE_STATUSES,
+    FlagSubject,
+    close_flags_by_id,
+    device_seq,
+    raise_flag,
+    split_device_seq,
+    withdraw_evidence,
+)
 from sync.inversion_flags import (
     DEFAULT_TOLERANCE,
     EVIDENCE_KEY,
@@ -158,6 +167,7 @@ STORE_DEVICE_STATE = Prebuilt(
             "missing_ranges",
             "written_off_ranges",
             "acked_through_seq",
+            "unsettled_seq_conflicts",
             "clock_offset_ms",
             "clock_measured_at",
             "last_push_at",
@@ -224,6 +234,20 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
     _events.c.seq.between(bindparam("low"), bindparam("high")),
 )
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
+SEQ_CONFLICT = "seq_conflict"
+# A rejection ``seq_conflict`` whose event is held now under another seq (README's
+# recovery): the seq it is held under.
+SETTLE_SEQ_CONFLICT = (
+    update(_quarantined)
+    .where(_quarantined.c.id == bindparam("row_id"))
+    .values(resent_seq=bindparam("resent"))
+)
+SEQ_CONFLICT_SETTLED = (
+    "every event refused this seq was sent again under a new seq of its own and is held "
+    "(pushed by the courier who pushed the event holding the seq)"
+)
+# Flags whose cause stands, decided on or not: a settled seq_conflict's is closed.
+STANDING = (*ACTIVE_STATUSES, FlagStatus.RESOLVED)
 
 
 @dataclass(frozen=True)
@@ -653,6 +677,11 @@ class _BatchIngest:
         # The rows this push quarantined: rejected events not sent (and kept) before.
         self.quarantined: list[dict[str, Any]] = []
         self.raised: list[dict[str, Any]] = []
+        # The device's seq_conflict rejections not settled after this push, and the
+        # (station, seq) of the flags it settled every rejection of
+        # (``_settle_seq_conflicts``).
+        self.unsettled_seq_conflicts = state.unsettled_seq_conflicts
+        self.seq_conflicts_settled: set[tuple[int, int]] = set()
         # The device's acked_through_seq after this push (``_update_device_state``).
         self.acked_through_seq = 0
 
@@ -699,6 +728,7 @@ class _BatchIngest:
         self._link_proof_images(stored)
         self._quarantine()
         self._settle_copies()
+        self._settle_seq_conflicts(stored)
         tracker = self._update_device_state()
         self._seqs_changed(tracker)
         self._check_time_inversions(stored, tracker)
@@ -744,6 +774,7 @@ class _BatchIngest:
         self._judge_handovers(shifts)
         for shift in self.reopened_left_open:
             judge_reopening(session=self.session, shift=shift, now=self.received_at)
+        self._close_settled_seq_conflicts()
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
         self.session.flush()
@@ -1540,6 +1571,130 @@ class _BatchIngest:
             if self.results[first].status == "rejected":
                 self.results[index] = dataclasses.replace(self.results[first], index=index)
 
+    def _settle_seq_conflicts(self, stored: list[tuple[int, ValidEvent]]) -> None:
+        """Settle the device's ``seq_conflict`` rejections whose event it now holds under
+        another seq: README's recovery, the PDA sending each event set apart again under
+        a new seq, the same event otherwise (its ``client_event_id`` and content). Its
+        quarantine row names that seq (``resent_seq``), and the seq's flag is closed
+        once every rejection of the seq at its station is settled
+        (``_close_settled_seq_conflicts``).
+
+        Looked for only by a push storing events while the device has rejections not
+        settled (``DeviceState.unsettled_seq_conflicts``, this push's own included): a
+        PDA without any pays no statement. Every such rejection is compared with the
+        event its id holds now (one sent again by an earlier push too, before this
+        version), and the count left is stored with the device's state."""
+        new = sum(1 for row in self.quarantined if row["error_code"] == SEQ_CONFLICT)
+        self.unsettled_seq_conflicts = self.state.unsettled_seq_conflicts + new
+        if not self.unsettled_seq_conflicts or not stored:
+            return
+        rows = self.session.execute(
+            select(
+                QuarantinedEvent.id,
+                QuarantinedEvent.station_id,
+                QuarantinedEvent.seq,
+                QuarantinedEvent.payload,
+            ).where(
+                QuarantinedEvent.device_id == self.pusher.device_id,
+                QuarantinedEvent.error_code == SEQ_CONFLICT,
+                QuarantinedEvent.resent_seq.is_(None),
+            )
+        ).all()
+        refused = []
+        for row in rows:
+            try:
+                event = validate_event(json.loads(row.payload), rules=self.rules.events)
+            except (EventRejected, ValueError, TypeError):
+                continue  # not valid now (the rules changed): no event held is the same
+            refused.append((row, event))
+        held = {
+            found.client_event_id: found
+            for chunk in chunks(sorted({event.client_event_id for _, event in refused}))
+            for found in self.session.execute(
+                select(ScanEvent.client_event_id, ScanEvent.seq, ScanEvent.content_hash).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                )
+            )
+        }
+        settled = []
+        for row, event in refused:
+            found = held.get(event.client_event_id)
+            if (
+                found is not None
+                and found.seq != row.seq
+                and dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash
+            ):
+                settled.append((row, found.seq))
+        self.unsettled_seq_conflicts = len(rows) - len(settled)
+        if not settled:
+            return
+        flushed_connection(self.session).execute(
+            SETTLE_SEQ_CONFLICT, [{"row_id": row.id, "resent": seq} for row, seq in settled]
+        )
+        done = {row.id for row, _ in settled}
+        left = {(row.station_id, row.seq) for row in rows if row.id not in done}
+        self.seq_conflicts_settled = {(row.station_id, row.seq) for row, _ in settled} - left
+
+    def _close_settled_seq_conflicts(self) -> None:
+        """Close the ``seq_conflict`` flags of the seqs every rejection of which this
+        push settled (``_settle_seq_conflicts``), at the station of those rejections,
+        whatever their status (their cause, an event the server held nothing of, is
+        gone), the system's change on the audit log with the reason.
+
+        Only where every event refused the seq was pushed by the courier who pushed the
+        event holding it: a PDA that numbered from 1 again. One pushed by another
+        courier is what a colleague signed in with the PDA's id leaves, taking seqs the
+        PDA had yet to push (SECURITY.md): that flag stays for the manager to see,
+        whatever the PDA's recovery did."""
+        if not self.seq_conflicts_settled:
+            return
+        seqs = sorted({seq for _, seq in self.seq_conflicts_settled})
+        pushers: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for row in self.session.execute(
+            select(QuarantinedEvent.station_id, QuarantinedEvent.seq, SyncBatch.courier_id)
+            .join(SyncBatch, SyncBatch.id == QuarantinedEvent.batch_pk)
+            .where(
+                QuarantinedEvent.device_id == self.pusher.device_id,
+                QuarantinedEvent.seq.in_(seqs),
+                QuarantinedEvent.error_code == SEQ_CONFLICT,
+            )
+        ):
+            pushers[(row.station_id, row.seq)].add(row.courier_id)
+        holders = {
+            row.seq: row.courier_id
+            for row in self.session.execute(
+                select(ScanEvent.seq, ScanEvent.courier_id).where(
+                    ScanEvent.device_id == self.pusher.device_id, ScanEvent.seq.in_(seqs)
+                )
+            )
+        }
+        settled = {
+            (station_id, seq)
+            for station_id, seq in self.seq_conflicts_settled
+            if pushers[(station_id, seq)] <= {holders.get(seq)}
+        }
+        if not settled:
+            return
+        keys = {device_seq(self.pusher.device_id, seq) for _, seq in settled}
+        found = self.session.execute(
+            select(Flag.id, Flag.station_id, Flag.subject_key).where(
+                Flag.kind == SEQ_CONFLICT,
+                Flag.subject_type == "event",
+                Flag.subject_key.in_(sorted(keys)),
+                Flag.status.in_(STANDING),
+            )
+        ).all()
+        ids = [
+            flag.id
+            for flag in found
+            if (named := split_device_seq(flag.subject_key)) is not None
+            and (flag.station_id, named[1]) in settled
+        ]
+        close_flags_by_id(
+            session=self.session, flag_ids=ids, reason=SEQ_CONFLICT_SETTLED, statuses=STANDING
+        )
+
     def _quarantine_row(self, rejection: _Rejection) -> dict[str, Any]:
         raw = rejection.raw if isinstance(rejection.raw, Mapping) else {}
         tracking_no = _storable(raw.get("tracking_no"), 40)
@@ -1592,6 +1747,7 @@ class _BatchIngest:
                 "new_missing_ranges": tracker.missing,
                 "new_written_off_ranges": written_off,
                 "new_acked_through_seq": self.acked_through_seq,
+                "new_unsettled_seq_conflicts": self.unsettled_seq_conflicts,
                 "new_clock_offset_ms": self.offset_ms,
                 "new_clock_measured_at": self.received_at,
                 "new_last_push_at": self.received_at,

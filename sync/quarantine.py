@@ -46,6 +46,7 @@ QUARANTINE_COLUMNS = (
     "field",
     "payload",
     "received_at",
+    "resent_seq",
 )
 # Copied from the rejected event as the PDA sent it (or named after a key it sent).
 SENT_BY_THE_PDA = ("client_event_id", "event_type", "tracking_no", "field")

@@ -520,3 +520,15 @@ def test_an_afternoon_through_a_reboot_an_update_and_clock_jumps_is_held_once(
     found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
     assert found["status"] == "balanced", found["discrepancies"]
     assert Counter(p["outcome"] for p in found["parcels"]) == {"unattended": len(tns)}
+    # Each event set apart is held under its new seq: its rejection says so, and the
+    # manager at 19:00 finds no seq_conflict flag left open, one per restarted seq.
+    conflicts = client.get(
+        "/api/v1/flags", query_string={"limit": 500, "kind": "seq_conflict"}, headers=manager
+    ).get_json()["items"]
+    assert len(conflicts) == len(set_apart)
+    assert {f["status"] for f in conflicts} == {"closed"}
+    rejected = client.get(
+        "/api/v1/quarantine", query_string={"limit": 500}, headers=manager
+    ).get_json()["items"]
+    assert {r["error_code"] for r in rejected} == {"seq_conflict"}
+    assert sorted(r["resent_seq"] for r in rejected) == [e["seq"] for e in set_apart]

@@ -3338,3 +3338,74 @@ def test_entries_before_the_clients_address_was_kept_verify_beside_those_that_ke
         migrate.downgrade(scratch, HELD_AT_WRITE_OFF)
     with Session(scratch) as session:
         assert audit.verify(session=session).ok
+
+
+SEQ_CONFLICTS_SETTLED = "f5a1c7e3b9d4"  # seq conflicts settled by their events sent again
+
+
+def _unsettled(engine: Engine) -> dict[str, int | None]:
+    """Each device's ``unsettled_seq_conflicts`` (None: no column)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as connection:
+        table = sa.Table("device_sync_state", sa.MetaData(), autoload_with=connection)
+        rows = connection.execute(sa.select(table)).mappings().all()
+    return {r["device_id"]: r.get("unsettled_seq_conflicts") for r in rows}
+
+
+def test_seq_conflicts_kept_before_are_counted_unsettled_for_their_device(
+    scratch: Engine,
+) -> None:
+    """A PDA's ``seq_conflict`` rejections kept before the version that settles them are
+    counted unsettled (its next push storing events looks them up among the events it
+    holds: those sent again already are settled then); its other rejections, and other
+    PDAs, count none. Run again, the same end; downgraded, the columns go."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from models import UTCDateTime
+
+    migrate.upgrade(scratch, AUDIT_CLIENT_IP)
+    _station_day_numbers(scratch, 2)
+    with scratch.begin() as connection:
+        station_id, batch_pk, device_id = connection.execute(
+            text("SELECT station_id, id, device_id FROM sync_batch ORDER BY id LIMIT 1")
+        ).one()
+        connection.execute(
+            sa.text(
+                "INSERT INTO quarantined_event (station_id, device_id, batch_pk, position, "
+                "seq, error_code, message, payload, payload_hash, received_at) VALUES "
+                "(:station, :device, :batch, :n, 1, :code, 'refused', '{}', :hash, :received)"
+            ).bindparams(sa.bindparam("received", type_=UTCDateTime())),
+            [
+                {
+                    "station": station_id,
+                    "device": device_id,
+                    "batch": batch_pk,
+                    "n": n,
+                    "code": code,
+                    "hash": f"{n:064d}",
+                    "received": dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC),
+                }
+                for n, code in enumerate(["seq_conflict", "seq_conflict", "invalid_seq"])
+            ],
+        )
+    before = _unsettled(scratch)
+    assert before and set(before.values()) == {None}
+    expected = {device: 2 if device == device_id else 0 for device in before}
+
+    migrate.upgrade(scratch, SEQ_CONFLICTS_SETTLED)
+    assert _unsettled(scratch) == expected
+    with scratch.connect() as connection:
+        resent = connection.scalars(text("SELECT resent_seq FROM quarantined_event")).all()
+    assert resent == [None, None, None]
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": AUDIT_CLIENT_IP}
+        )
+    migrate.upgrade(scratch, SEQ_CONFLICTS_SETTLED)
+    assert _unsettled(scratch) == expected
+    migrate.downgrade(scratch, AUDIT_CLIENT_IP)
+    assert _unsettled(scratch) == before
+    migrate.upgrade(scratch)

@@ -460,6 +460,117 @@ def test_two_events_claiming_one_seq_keep_the_first(
     assert "seq_conflict" in set(session.scalars(select(Flag.kind)))
 
 
+def _seq_conflict_flag(session: Session, pda: Pda, seq: int) -> Flag:
+    return session.scalars(
+        select(Flag).where(
+            Flag.kind == "seq_conflict", Flag.subject_key == f"{pda.pusher.device_id}#{seq}"
+        )
+    ).one()
+
+
+def _rejected_at(session: Session, client_event_id: str) -> QuarantinedEvent:
+    return session.scalars(
+        select(QuarantinedEvent).where(QuarantinedEvent.client_event_id == client_event_id)
+    ).one()
+
+
+def test_a_seq_conflict_is_settled_once_its_event_is_held_under_a_new_seq(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """README's recovery: a PDA whose app numbered from 1 again sets apart the events
+    rejected ``seq_conflict`` and sends them again under new seqs, same ids. The server
+    then holds each such event: its rejection is settled (the quarantine says under
+    which seq it is held), and the flag, whose cause was an event the server held
+    nothing of, is closed by the system, on the audit log with why, as an
+    ``unknown_parcel`` flag is once its parcel is taken in. A reboot left the station's
+    manager one open flag per restarted seq, long after every event was held."""
+    pda.push([pda.event(1, parcel.tracking_no), pda.event(2, parcel.tracking_no)])
+    restarted = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    receipt = pda.push([restarted])
+    assert receipt["results"][0]["error"]["code"] == "seq_conflict"
+    flag = _seq_conflict_flag(session, pda, 1)
+    assert flag.status == FlagStatus.OPEN
+    assert _rejected_at(session, restarted["client_event_id"]).resent_seq is None
+
+    resent = pda.push([{**restarted, "seq": 3}])
+    assert statuses(resent) == ["applied"]
+    assert resent["acked_through_seq"] == 3
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    assert "sent again under a new seq" in (flag.closed_reason or "")
+    assert _rejected_at(session, restarted["client_event_id"]).resent_seq == 3
+    [entry] = session.scalars(
+        select(AuditEntry).where(
+            AuditEntry.action == "flag_status_changed", AuditEntry.subject_key == str(flag.id)
+        )
+    ).all()
+    assert entry.actor_id is None
+    assert (entry.details["from_status"], entry.details["to_status"]) == ("open", "closed")
+    assert entry.details["reason"] == flag.closed_reason
+    assert audit.verify(session=session).ok
+    # Settled, the PDA's next pushes read no rejected event for it.
+    with statements_sent(session) as statements:
+        pda.push([pda.event(4, parcel.tracking_no, "delivered")])
+    assert not [s for s in statements if "quarantined_event" in s], statements
+
+
+def test_a_seq_conflict_flag_stays_open_until_every_event_refused_its_seq_is_held(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Two events refused one seq (two restarts) are one flag: it closes when both are
+    held, not when the first is; an event sent again under its id but with other
+    content is not the event refused, which stays unsettled (and its flag open)."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    first = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    second = pda.event(1, parcel.tracking_no, "delivered", occurred_at=at(9))
+    pda.push([first])
+    pda.push([second])
+    flag = _seq_conflict_flag(session, pda, 1)
+    assert len(flag.evidence["client_event_ids"]) == 3
+    pda.push([{**first, "seq": 2}])
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+    assert _rejected_at(session, first["client_event_id"]).resent_seq == 2
+    assert _rejected_at(session, second["client_event_id"]).resent_seq is None
+    other = {**second, "seq": 3, "occurred_at": at(30).isoformat()}  # not the event refused
+    assert statuses(pda.push([other])) == ["applied"]
+    session.refresh(flag)
+    assert flag.status == FlagStatus.OPEN
+    assert _rejected_at(session, second["client_event_id"]).resent_seq is None
+
+
+def test_a_seq_conflict_with_a_seq_another_courier_pushed_keeps_its_flag_open(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """A colleague signed in with the PDA's id took seqs the PDA had yet to push
+    (SECURITY.md): the PDA's own events are refused ``seq_conflict``. Sent again under
+    new seqs they are held, and their rejections say so, but the flag is what tells
+    the manager another courier pushed as this PDA: it stays open."""
+    colleague = Pda(session, world)
+    other = factories.user(session, "courier9", "courier", world.station)
+    session.commit()
+    colleague.pusher = Pusher(world.device.id, world.station.id, other.id)
+    colleague.push([colleague.event(1, parcel.tracking_no)])
+    own = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    assert statuses(pda.push([own])) == ["rejected"]
+    assert statuses(pda.push([{**own, "seq": 2}])) == ["applied"]
+    assert _rejected_at(session, own["client_event_id"]).resent_seq == 2
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.OPEN
+
+
+def test_a_seq_conflict_resent_in_the_same_push_is_settled(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """A PDA that resends a set-apart event in the push where an older copy of it is
+    refused again (its queue rebuilt): the event is held, the refusal settled at once."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    restarted = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    receipt = pda.push([restarted, {**restarted, "seq": 2}])
+    assert statuses(receipt) == ["rejected", "applied"]
+    assert _rejected_at(session, restarted["client_event_id"]).resent_seq == 2
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
+
+
 def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

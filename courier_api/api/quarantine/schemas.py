@@ -32,6 +32,15 @@ class QuarantinedEventOut(ma.Schema):
         metadata={"description": "The event as received, as JSON text, phone numbers masked"},
     )
     received_at = ma.fields.AwareDateTime(required=True)
+    resent_seq = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Rejected `seq_conflict`, then sent again by its PDA under this "
+            "seq, the same event otherwise (same `client_event_id` and content), and held: "
+            "settled, nothing lost. Null for any other rejection, or one not sent again yet"
+        },
+    )
     pushed_by_courier_id = ma.fields.Integer(
         required=True,
         metadata={"description": "The courier signed in on the PDA when it was pushed"},

@@ -1581,9 +1581,10 @@ class _BatchIngest:
 
         Looked for only by a push storing events while the device has rejections not
         settled (``DeviceState.unsettled_seq_conflicts``, this push's own included): a
-        PDA without any pays no statement. Every such rejection is compared with the
-        event its id holds now (one sent again by an earlier push too, before this
-        version), and the count left is stored with the device's state."""
+        PDA without any pays no statement. Each rejection whose id the device holds now
+        at another seq (sent again by this push or an earlier one, before this version
+        too) is validated again and compared with it, the seq aside; the count left is
+        stored with the device's state."""
         new = sum(1 for row in self.quarantined if row["error_code"] == SEQ_CONFLICT)
         self.unsettled_seq_conflicts = self.state.unsettled_seq_conflicts + new
         if not self.unsettled_seq_conflicts or not stored:
@@ -1593,6 +1594,7 @@ class _BatchIngest:
                 QuarantinedEvent.id,
                 QuarantinedEvent.station_id,
                 QuarantinedEvent.seq,
+                QuarantinedEvent.client_event_id,
                 QuarantinedEvent.payload,
             ).where(
                 QuarantinedEvent.device_id == self.pusher.device_id,
@@ -1600,16 +1602,10 @@ class _BatchIngest:
                 QuarantinedEvent.resent_seq.is_(None),
             )
         ).all()
-        refused = []
-        for row in rows:
-            try:
-                event = validate_event(json.loads(row.payload), rules=self.rules.events)
-            except (EventRejected, ValueError, TypeError):
-                continue  # not valid now (the rules changed): no event held is the same
-            refused.append((row, event))
+        ids = {row.id: _parsed_id(row.client_event_id) for row in rows}
         held = {
             found.client_event_id: found
-            for chunk in chunks(sorted({event.client_event_id for _, event in refused}))
+            for chunk in chunks(sorted({i for i in ids.values() if i is not None}))
             for found in self.session.execute(
                 select(ScanEvent.client_event_id, ScanEvent.seq, ScanEvent.content_hash).where(
                     ScanEvent.device_id == self.pusher.device_id,
@@ -1618,13 +1614,16 @@ class _BatchIngest:
             )
         }
         settled = []
-        for row, event in refused:
-            found = held.get(event.client_event_id)
-            if (
-                found is not None
-                and found.seq != row.seq
-                and dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash
-            ):
+        for row in rows:
+            parsed = ids[row.id]
+            found = held.get(parsed) if parsed is not None else None
+            if found is None or found.seq == row.seq:
+                continue  # not sent again (yet): only those held are validated again
+            try:
+                event = validate_event(json.loads(row.payload), rules=self.rules.events)
+            except (EventRejected, ValueError, TypeError):
+                continue  # not valid now (the rules changed): no event held is the same
+            if dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash:
                 settled.append((row, found.seq))
         self.unsettled_seq_conflicts = len(rows) - len(settled)
         if not settled:
@@ -2071,6 +2070,15 @@ class _BatchIngest:
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,
         }
+
+
+def _parsed_id(sent: str | None) -> uuid.UUID | None:
+    """A rejected event's ``client_event_id`` as kept (as its PDA wrote it), read as
+    validation reads it; None if it reads as no UUID."""
+    try:
+        return uuid.UUID(sent) if sent is not None else None
+    except ValueError:
+        return None
 
 
 def _sent_id(raw: Any) -> str | None:

@@ -539,6 +539,31 @@ def test_a_seq_conflict_flag_stays_open_until_every_event_refused_its_seq_is_hel
     assert _rejected_at(session, second["client_event_id"]).resent_seq is None
 
 
+def test_a_seq_conflict_sent_again_before_the_upgrade_is_settled_by_the_next_push(
+    session: Session, world: World, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rejection whose event the version before already held under a new seq: the
+    migration counts it unsettled, and the PDA's next push storing events settles it
+    and closes its flag, though that push brings no event of it."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    restarted = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    pda.push([restarted])
+    forgotten = update(DeviceSyncState).values(unsettled_seq_conflicts=0)
+    session.execute(forgotten)  # as the version before kept it: no count
+    session.commit()
+    monkeypatch.setattr(ingest_module._BatchIngest, "_settle_seq_conflicts", lambda *_: None)
+    pda.push([{**restarted, "seq": 2}])  # the version before: held, nothing settled
+    monkeypatch.undo()
+    assert _rejected_at(session, restarted["client_event_id"]).resent_seq is None
+    session.execute(update(DeviceSyncState).values(unsettled_seq_conflicts=1))  # migrated
+    session.commit()
+    pda.push([pda.event(3, parcel.tracking_no, "delivered")])
+    assert _rejected_at(session, restarted["client_event_id"]).resent_seq == 2
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
+    state = session.get(DeviceSyncState, world.device.id)
+    assert state is not None and state.unsettled_seq_conflicts == 0
+
+
 def test_a_seq_conflict_with_a_seq_another_courier_pushed_keeps_its_flag_open(
     session: Session, world: World, pda: Pda, parcel: Parcel
 ) -> None:

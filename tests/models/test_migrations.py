@@ -1696,8 +1696,8 @@ WRITE_OFFS_BY_PARCEL = "b5c1e8d3f7a2"  # write-offs by the parcels of their shif
 def _columns_running_code_reads(engine: Engine) -> None:
     """Running code (a push, a write-off) used at an older revision to write the rows a
     migration takes up reads a device's sync state whole, with the columns later
-    revisions added: added here by hand, as ``c8f2a4d6e1b9`` adds its column only where
-    it is not there yet."""
+    revisions added: added here by hand, as ``c8f2a4d6e1b9`` and ``f5a1c7e3b9d4`` add
+    their columns only where they are not there yet."""
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -1705,6 +1705,13 @@ def _columns_running_code_reads(engine: Engine) -> None:
                 "ADD COLUMN held_at_write_off BIGINT NOT NULL DEFAULT 0"
             )
         )
+        connection.execute(
+            text(
+                "ALTER TABLE device_sync_state "
+                "ADD COLUMN unsettled_seq_conflicts INTEGER NOT NULL DEFAULT 0"
+            )
+        )
+        connection.execute(text("ALTER TABLE quarantined_event ADD COLUMN resent_seq INTEGER"))
 
 
 def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_seqs(

@@ -18,7 +18,9 @@ the sign-in page. That page must not answer with a session cookie, which would r
 the session the browser holds but withheld (every link from elsewhere would sign its
 viewer out): the sign-in form's CSRF secret is a cookie of its own
 (``LOGIN_COOKIE_NAME``, a double-submit token: SameSite=Strict, and ``__Host-`` in
-production so that no sibling host can plant one), the session is left alone.
+production so that no sibling host can plant one), the session is left alone. Signing
+in there keeps the CSRF secret of the same account's session the browser still holds
+(``sign_in``): the forms open in its other tabs still go through.
 """
 
 from __future__ import annotations
@@ -101,16 +103,19 @@ def check_csrf() -> None:
 
 
 def login_csrf_token() -> str:
-    """The sign-in form's CSRF secret: the browser's login cookie, or a new one that
-    ``keep_login_csrf`` sets on the answer. The session is not touched (see above)."""
+    """The sign-in form's CSRF secret: the browser's login cookie, or a new one; either
+    is set on the answer by ``keep_login_csrf``, for ``SESSION_LIFETIME`` from now. The
+    session is not touched (see above). Renewed, not only reused: a cookie set by a
+    sign-in page shown nearly that long ago (a link from elsewhere, its viewer signed in
+    already) expired as the password was typed into the form shown at the session's end.
+    """
     token = request.cookies.get(current_app.config["LOGIN_COOKIE_NAME"]) or g.get("login_csrf")
-    if not token:
-        token = g.login_csrf = secrets.token_urlsafe(32)
+    token = g.login_csrf = token or secrets.token_urlsafe(32)
     return token
 
 
 def keep_login_csrf(response: Response) -> None:
-    """Set the login cookie made for this answer's form, if one was."""
+    """Set the login cookie of this answer's form, if it has one."""
     token = g.get("login_csrf")
     if token:
         response.set_cookie(
@@ -126,24 +131,17 @@ def keep_login_csrf(response: Response) -> None:
 
 def check_login_csrf() -> None:
     """The sign-in form's secret is its login cookie's; a form posted from a page of a
-    session (signed in already, in another tab) may carry the session's."""
+    session (signed in already, in another tab) may carry the session's.
+
+    The login cookie outlives a sign-in (it expires by itself): two tabs showing the
+    sign-in form (a session over at 19:00) both sign in, the second's form no longer
+    refused for a cookie the first had spent. It only ever lets a same-site form sign
+    in (SameSite=Strict, ``__Host-`` in production)."""
     kept = request.cookies.get(current_app.config["LOGIN_COOKIE_NAME"]) or ""
     sent = request.form.get(CSRF_FIELD, "")
     if kept and hmac.compare_digest(sent.encode(), kept.encode()):
         return
     check_csrf()
-
-
-def forget_login_csrf(response: Response) -> None:
-    """Signed in: the login cookie has served."""
-    config = current_app.config
-    response.delete_cookie(
-        config["LOGIN_COOKIE_NAME"],
-        path="/",
-        secure=config["SESSION_COOKIE_SECURE"],
-        httponly=True,
-        samesite="Strict",
-    )
 
 
 def _compare(expected: str) -> None:
@@ -153,14 +151,34 @@ def _compare(expected: str) -> None:
 
 
 def sign_in(user: User) -> None:
-    """A new session for ``user``: nothing from the anonymous one survives (fixation)."""
+    """A new session for ``user``: nothing from the anonymous one survives (fixation).
+
+    But the CSRF secret of a session of ``user``'s own that the browser sent, still
+    good: signing in on the page a link from elsewhere landed on (the SameSite=Strict
+    session withheld from that link, sent with the form), the forms open in the
+    browser's other tabs (a sign-off note typed out) go through still; a new secret
+    refused each with a 400 page. Another account's, or a session ended, gives none."""
+    held = session.get(CSRF_KEY) if _still_signed_in_as(user) else None
     session.clear()
     session.permanent = True
     session[USER_KEY] = user.id
     session[VERSION_KEY] = user.credentials_version
     start = page_session_start(user, dt.datetime.fromtimestamp(time.time(), dt.UTC))
     session[SIGNED_IN_KEY] = start.timestamp()  # to the microsecond: see sign_out
-    session[CSRF_KEY] = secrets.token_urlsafe(32)
+    session[CSRF_KEY] = held if isinstance(held, str) and held else secrets.token_urlsafe(32)
+
+
+def _still_signed_in_as(user: User) -> bool:
+    """Whether the session sent is ``user``'s, and ``_load_viewer`` would take it: the
+    same credentials, within its working day, not ended by a sign-out since."""
+    if session.get(USER_KEY) != user.id or session.get(VERSION_KEY) != user.credentials_version:
+        return False
+    started = session.get(SIGNED_IN_KEY)
+    if not isinstance(started, int | float):
+        return False
+    if time.time() - started > SESSION_LIFETIME.total_seconds():
+        return False
+    return not page_session_ended(user, dt.datetime.fromtimestamp(started, dt.UTC))
 
 
 def sign_out() -> None:

@@ -76,7 +76,6 @@ from courier_api.web.session import (
     check_csrf,
     check_login_csrf,
     csrf_token,
-    forget_login_csrf,
     keep_login_csrf,
     login_csrf_token,
     page,
@@ -357,9 +356,7 @@ def login_submit() -> ResponseReturnValue:
     if signed_in.user.role not in PAGE_ROLES:
         return refused(OTHER_ROLE_REFUSED, 403)
     sign_in(signed_in.user)
-    response = redirect(target or url_for("web.board"))
-    forget_login_csrf(response)
-    return response
+    return redirect(target or url_for("web.board"))
 
 
 @bp.post("/logout")

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from courier_api.api.proofs.routes import CSV_COLUMNS
 from models import AuditEntry
 from models.engine import make_engine
+from tests import factories
 from tests.browser.conftest import Site, Ui
 
 SHIFT_LINK = re.compile(r"^Shift \d+$")  # a board row's link to its shift's page
@@ -272,4 +273,39 @@ def test_a_link_on_another_site_reads_no_proof_in_the_auditors_name(ui: Ui, site
     ui.go(f"/web/proofs/{event_id}")  # the auditor's own navigation: the session comes
     expect(page).to_have_url(re.compile(rf"/web/proofs/{event_id}$"))
     assert proof_reads(site, event_id) == before + 1
+    ui.assert_no_console_errors()
+
+
+def test_signing_in_where_a_link_from_elsewhere_landed_keeps_the_other_tabs_forms(
+    ui: Ui, site: Site
+) -> None:
+    """A manager with the board open follows a link in a mail in another tab: Chromium
+    withholds the SameSite=Strict session, the link lands on the sign-in page, and the
+    manager signs in there. The board's forms, written before, still go through: that
+    sign-in gave the session a new CSRF secret, and the board's next form (a sign-off, a
+    sign-out) was refused with a 400 page."""
+    ui.login("manager")
+    ui.go(board_path(site))
+    board = ui.page
+    mail = board.context.new_page()
+    target = f"{site.base_url}{board_path(site)}"
+
+    def elsewhere(route: Route) -> None:
+        route.fulfill(content_type="text/html", body=f'<a id="link" href="{target}">board</a>')
+
+    mail.route("http://elsewhere.example/**", elsewhere)
+    mail.goto("http://elsewhere.example/")
+    mail.locator("#link").click()
+    mail.wait_for_load_state()
+    expect(mail).to_have_url(re.compile(r"/web/login\?next="))
+    mail.get_by_label("Username").fill("manager")
+    mail.get_by_label("Password").fill(factories.PASSWORD)
+    mail.get_by_role("button", name="Sign in").click()
+    mail.wait_for_load_state()
+    expect(mail).to_have_url(target)
+
+    board.get_by_role("button", name="Sign out").click()  # the form written before
+    board.wait_for_load_state()
+    expect(board).to_have_url(re.compile(r"/web/login$"))
+    expect(board.locator(".flash")).to_contain_text("You are signed out.")
     ui.assert_no_console_errors()

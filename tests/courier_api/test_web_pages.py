@@ -442,10 +442,102 @@ def test_the_sign_in_page_leaves_the_session_alone_and_its_form_has_a_cookie_of_
     assert forged.status_code == 400
     signed = mine.login("manager")
     assert signed.status_code == 302 and signed.location == "/web/board"
-    assert any(
-        c.startswith("courier_login=;") for c in signed.headers.getlist("Set-Cookie")
-    )  # spent
     assert mine.get("/web/board")
+
+
+def test_signing_in_after_a_link_from_elsewhere_keeps_the_forms_open_in_other_tabs(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A manager with the board open in one tab follows a link in a mail to a flag: the
+    SameSite=Strict session is withheld, the link lands on the sign-in page, and the
+    manager signs in there. The session the browser held is the same account's, still
+    good: its forms, open in the other tab (a sign-off note typed out), still go through.
+    A new CSRF secret at that sign-in refused each of them with a 400 page."""
+    pages = signed_in(app, "manager")
+    board = pages.get("/web/board")
+    flag = day.flag(session, "unauthorized_locker_drop")
+    flag_page = pages.get(f"/web/flags/{flag.id}")  # the other tab
+
+    held = pages.client.get_cookie("courier_session")
+    assert held is not None
+    pages.client.delete_cookie("courier_session")  # withheld: the link came from elsewhere
+    landed = pages.client.get(f"/web/flags/{flag.id}")
+    assert landed.status_code == 302 and landed.location.startswith("/web/login?next=")
+    form = pages.client.get(landed.location).get_data(as_text=True)
+    pages.client.set_cookie("courier_session", held.value)  # the form is sent same-site
+    token = CSRF.search(form)
+    assert token
+    signed = pages.client.post(
+        "/web/login",
+        data={
+            "csrf_token": token.group(1),
+            "username": "manager",
+            "password": factories.PASSWORD,
+            "next": f"/web/flags/{flag.id}",
+        },
+    )
+    assert signed.status_code == 302 and signed.location == f"/web/flags/{flag.id}"
+
+    resolved = pages.submit(flag_page, f"/web/flags/{flag.id}/resolve", note="parcel found")
+    assert resolved.status_code == 302, resolved.get_data(as_text=True)
+    session.refresh(flag)
+    assert flag.status == FlagStatus.RESOLVED
+    signed_out = pages.submit(board, "/web/logout")
+    assert signed_out.status_code == 302 and signed_out.location == "/web/login"
+
+
+def test_signing_in_again_as_someone_else_gives_the_session_a_new_csrf_secret(
+    app: Flask, day: StationDay
+) -> None:
+    """The secret kept at a sign-in is the same account's only, from a session still
+    good: another account's, or a signed-out one's, is not carried over."""
+    pages = signed_in(app, "manager")
+    before = pages.token()
+    admin = {"username": "admin", "password": factories.PASSWORD}
+    assert pages.post("/web/login", **admin).status_code == 302  # from a tab of the session
+    assert pages.token() != before
+    again = pages.token()
+    held = pages.client.get_cookie("courier_session")
+    assert held is not None
+    assert pages.post("/web/logout").status_code == 302  # ends the sessions begun before
+    pages.client.set_cookie("courier_session", held.value)  # a copy of the one signed out
+    assert pages.post("/web/login", csrf_token=again, **admin).status_code == 302
+    assert pages.token() != again
+
+
+def test_two_tabs_on_the_sign_in_page_both_sign_in(app: Flask, day: StationDay) -> None:
+    """At 19:00 two tabs of an expired session both show the sign-in page: signing in
+    in the first must not refuse the second's form with a 400 page (its login cookie
+    was dropped at the first sign-in), nor end the first's forms."""
+    pages = Pages(app.test_client())
+    first = CSRF.search(pages.client.get("/web/login").get_data(as_text=True))
+    second = CSRF.search(pages.client.get("/web/login").get_data(as_text=True))
+    assert first and second
+    credentials = {"username": "manager", "password": factories.PASSWORD}
+    assert (
+        pages.client.post("/web/login", data={"csrf_token": first.group(1)} | credentials)
+    ).status_code == 302
+    board = pages.get("/web/board")
+    answer = pages.client.post("/web/login", data={"csrf_token": second.group(1)} | credentials)
+    assert answer.status_code == 302, answer.get_data(as_text=True)
+    assert pages.submit(board, "/web/logout").status_code == 302
+
+
+def test_the_sign_in_form_renews_its_cookie_for_as_long_as_the_form_may_take(
+    app: Flask, day: StationDay
+) -> None:
+    """The form's token lives as long as its cookie. A cookie set by a sign-in page shown
+    nearly 12 hours before (a link from elsewhere, the viewer signed in already) must
+    not be reused as it is: the form shown at the session's end would be refused a
+    minute later, its cookie expired as the password was typed."""
+    browser = app.test_client()
+    browser.set_cookie("courier_login", "set-by-a-sign-in-page-this-morning", max_age=60)
+    page = browser.get("/web/login")
+    token = CSRF.search(page.get_data(as_text=True))
+    assert token and token.group(1) == "set-by-a-sign-in-page-this-morning"
+    renewed = next(c for c in page.headers.getlist("Set-Cookie") if c.startswith("courier_login="))
+    assert renewed.startswith("courier_login=set-by-a-sign-in-page-this-morning;")
+    assert "Max-Age=43200" in renewed and "SameSite=Strict" in renewed
 
 
 # -- access -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ from sync.accounts import (
 )
 from sync.errors import AuthenticationFailed, PermissionDenied
 
+log = logging.getLogger(__name__)
+
 USER_KEY = "user_id"
 VERSION_KEY = "credentials_version"
 SIGNED_IN_KEY = "signed_in_at"  # seconds since the epoch: the session's start
@@ -66,6 +69,19 @@ class CsrfRefused(BadRequest):
         "This form was refused: its security token is missing or out of date (the "
         "session may have ended in the meantime). Go back, reload the page and send "
         "it again."
+    )
+
+
+class SignInCookieNotKept(CsrfRefused):
+    """The sign-in form came back without its cookie over plain http, in production:
+    the browser keeps no Secure (``__Host-``) cookie there, so reloading changes
+    nothing, and "out of date" would send the viewer round in circles."""
+
+    description = (
+        "This browser sent back no sign-in cookie. With APP_ENV=production the pages' "
+        "cookies are Secure: a browser keeps them only over HTTPS, and this page was "
+        "reached over plain http. Open the pages at their https:// address (behind a "
+        "proxy terminating TLS, set TRUSTED_PROXY_HOPS); cookies must be allowed too."
     )
 
 
@@ -141,7 +157,17 @@ def check_login_csrf() -> None:
     sent = request.form.get(CSRF_FIELD, "")
     if kept and hmac.compare_digest(sent.encode(), kept.encode()):
         return
-    check_csrf()
+    try:
+        check_csrf()
+    except CsrfRefused:
+        if not kept and current_app.config["SESSION_COOKIE_SECURE"] and not request.is_secure:
+            log.warning(
+                "a sign-in form came back without its cookie over plain http with "
+                "APP_ENV=production: browsers keep the pages' Secure cookies over HTTPS "
+                "only (behind a proxy terminating TLS, set TRUSTED_PROXY_HOPS)"
+            )
+            raise SignInCookieNotKept() from None
+        raise
 
 
 def _compare(expected: str) -> None:

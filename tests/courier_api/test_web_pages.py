@@ -540,6 +540,36 @@ def test_the_sign_in_form_renews_its_cookie_for_as_long_as_the_form_may_take(
     assert "Max-Age=43200" in renewed and "SameSite=Strict" in renewed
 
 
+def test_in_production_a_sign_in_over_plain_http_says_the_pages_need_https(
+    app_with: Any, session: Session
+) -> None:
+    """APP_ENV=production served over plain http: the browser keeps none of the pages'
+    Secure (``__Host-``) cookies, so every sign-in came back refused as "missing or out
+    of date", reloading changing nothing. The refusal says what is wrong."""
+    production = app_with(APP_ENV="production")
+    station_day.build(session, production.config["BLOB_DIR"], history_days=0)
+    browser = production.test_client()  # http, as the test client is by default
+    form = browser.get("/web/login").get_data(as_text=True)
+    token = CSRF.search(form)
+    assert token
+    browser._cookies.clear()  # what a browser over http does with a Secure cookie
+    answer = browser.post(
+        "/web/login",
+        data={"csrf_token": token.group(1), "username": "manager", "password": factories.PASSWORD},
+    )
+    assert answer.status_code == 400
+    text = answer.get_data(as_text=True)
+    assert "HTTPS" in text and "APP_ENV=production" in text
+
+    refused = production.test_client().post(
+        "/web/login",
+        base_url="https://localhost",
+        data={"csrf_token": token.group(1), "username": "manager", "password": "x"},
+    )
+    assert refused.status_code == 400  # over HTTPS, a token refused is refused as before
+    assert "security token is missing or out of date" in refused.get_data(as_text=True)
+
+
 # -- access -----------------------------------------------------------------------------------
 
 

@@ -92,6 +92,10 @@ class ProofFilter(_Form):
     after = After()
 
 
+# An id as the pages write it: ASCII digits, no more than an id column holds.
+_TYPED_ID = re.compile(r"[0-9]{1,10}")
+
+
 class DecisionForm(_Form):
     """Acknowledge or resolve a flag, on the evidence the page showed."""
 
@@ -116,7 +120,9 @@ class SignOffForm(_Form):
         typed = data.get("open_flags")
         if typed is not None:
             parts = [part.strip() for part in typed.split(",") if part.strip()]
-            if not all(part.isdigit() for part in parts):
+            # ASCII digits, as the page writes ids: ``str.isdigit`` takes a superscript
+            # for one, which ``int`` refuses (a 500 page), as it does thousands of digits.
+            if not all(_TYPED_ID.fullmatch(part) and int(part) <= MAX_ID for part in parts):
                 raise ma.ValidationError("flag ids, comma-separated", "open_flags")
             data["open_flags"] = [int(part) for part in parts]
         return data
@@ -170,7 +176,7 @@ class SignOffCleanForm(_Form):
     note = Text(load_default=None, validate=ma.validate.Length(max=MAX_NOTE_LENGTH))
 
 
-_SHIFT_ID = re.compile(r"[0-9]{1,10}")  # as the board writes it: ASCII digits
+_SHIFT_ID = _TYPED_ID  # as the board writes it
 
 
 def checked_shifts(boxes: Sequence[str]) -> dict[int, str]:

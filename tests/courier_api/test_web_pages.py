@@ -2849,6 +2849,28 @@ def test_a_signed_off_shift_changed_by_two_seqs_written_off_since_names_them_in_
     )
 
 
+@pytest.mark.parametrize("typed", ["²", "12,³", "٣", "9" * 5000])
+def test_a_sign_off_naming_no_flag_id_in_open_flags_is_refused_as_a_form_error(
+    app: Flask, day: StationDay, typed: str
+) -> None:
+    """The shift page's sign-off sends the flags it showed waiting (``open_flags``).
+    A forged value, a superscript digit (which ``str.isdigit`` takes for one, and
+    ``int`` refuses) or a number of thousands of digits (past ``int``'s limit), is said
+    like any bad field, on the page shown again: it was a 500 page, the form's checks
+    raising past the form (a digit of another script was taken for a flag id)."""
+    pages = signed_in(app, "manager")
+    path = f"/web/shifts/{day.unbalanced.id}"
+    html = pages.get(path)
+    form = html[html.index(f'action="{path}/signoff"') :].split("</form>")[0]
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form))
+    refused = pages.client.post(
+        f"{path}/signoff", data=hidden | {"note": "checked at 19:00", "open_flags": typed}
+    )
+    assert refused.status_code == 200, refused.status_code  # the page again, told why
+    assert "flag ids, comma-separated" in refused.get_data(as_text=True)
+    assert day.unbalanced.status == ShiftStatus.CLOSED
+
+
 def test_a_sign_off_from_a_page_that_showed_no_flag_waiting_is_refused_once_one_is_raised(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -333,7 +333,12 @@ def store_blob(
         # not there yet, and both were stored past the bound. Held to the commit, before
         # the digest's lock (``lock_digests``), which pushes take without this one.
         advisory_locks(session, UPLOADER_LOCK_SPACE, [str(uploaded_by)])
-        check_unnamed_uploads(session=session, uploaded_by=uploaded_by, size=len(data))
+        # Looked for again once it is our turn: the same image sent again while its
+        # first upload was in flight (a PDA giving up over a weak signal) waited for
+        # that upload, which stored it; held now, it costs nothing, and was refused 429
+        # at the bound for an image the server holds.
+        if session.get(Blob, digest) is None:
+            check_unnamed_uploads(session=session, uploaded_by=uploaded_by, size=len(data))
     stored = _stored(session, store, digest, data)
     if found_before is not None:
         if stored.replaced is not None:

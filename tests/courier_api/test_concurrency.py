@@ -867,3 +867,48 @@ def test_two_uploads_at_once_take_no_more_unnamed_images_than_the_bound(
     with committed_app.app_context():
         stored = db.session.scalar(select(func.count()).select_from(Blob))
     assert stored == 1
+
+
+def test_an_image_sent_again_while_its_first_upload_is_in_flight_is_not_refused(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PDA over a weak signal gives up on an upload and sends the same image again
+    while the first is still being stored. The second waits for the account's turn
+    (``UPLOADER_LOCK_SPACE``); by then the first has stored the image, which costs
+    nothing more. It counted the image against the account's bound all the same, and at
+    the bound answered 429 "push the events that name them, then upload this one
+    again" for an image the server held (PostgreSQL; before that lock, it found the
+    image stored and answered 200)."""
+    with committed_app.app_context():
+        station = factories.station(db.session, code="AGAIN")
+        factories.user(db.session, "resender", "courier", station)
+        factories.device(db.session, "PDA-AGAIN", station)
+        db.session.commit()
+    headers = Auth(committed_app.test_client()).headers("resender", "PDA-AGAIN")
+    monkeypatch.setattr(blobs_module, "UNNAMED_IMAGES_PER_UPLOADER", 1)
+    decoded = blobs_module.inspect_image
+
+    def slow_decode(data: bytes) -> Any:  # after the count, before the image's rows
+        time.sleep(0.5)
+        return decoded(data)
+
+    monkeypatch.setattr(blobs_module, "inspect_image", slow_decode)
+    image = image_bytes(size=(5, 7))
+    barrier = threading.Barrier(2)
+    answers: list[Any] = [None, None]
+
+    def upload(index: int) -> None:
+        client = committed_app.test_client()
+        barrier.wait()
+        answers[index] = put(client, headers, image)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    # Stored, both: 201, or 200 for the one that found it readable already.
+    assert all(a.status_code in (200, 201) for a in answers), [a.get_json() for a in answers]
+    with committed_app.app_context():
+        stored = db.session.scalar(select(func.count()).select_from(Blob))
+    assert stored == 1

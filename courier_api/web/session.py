@@ -264,19 +264,37 @@ def _load_viewer() -> Viewer | None:
     return Viewer(user=user, principal=Principal.of(user))
 
 
+# What a browser's ``Sec-Fetch-Site`` says of a request another site started: a link or
+# an image on a page of another site, or of a sibling host of the same site (another
+# subdomain), which SameSite=Strict does not tell from ours.
+STARTED_ELSEWHERE = frozenset({"same-site", "cross-site"})
+
+
+def started_elsewhere() -> bool:
+    """Whether the browser says another site started this request (fetch metadata; a
+    browser that sends none is taken at its cookies, SameSite=Strict)."""
+    return request.headers.get("Sec-Fetch-Site", "").lower() in STARTED_ELSEWHERE
+
+
 def page(*roles: Role) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Require a signed-in viewer (and one of ``roles`` when given).
 
     Not signed in: to the login page, coming back here afterwards (GET). A role that
     may not do this: 403. ``ensure_station_access`` and ``ensure_visible`` work in these
     views as in the API's: the viewer is ``g.principal`` too.
+
+    A request another site started (``started_elsewhere``) is answered as one without a
+    session, whatever cookie came: SameSite=Strict keeps the session off a link from
+    another site, not off one from a sibling host of the same site (another subdomain),
+    nor an image its page embeds, and an auditor following one put a read of a proof
+    on record in their name unknowingly. The page opens once they sign in.
     """
     allowed = frozenset(roles) or PAGE_ROLES
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            viewer = _load_viewer()
+            viewer = None if started_elsewhere() else _load_viewer()
             if viewer is None:
                 target = request.full_path.rstrip("?") if request.method == "GET" else None
                 return redirect(url_for("web.login", next=target))

@@ -83,6 +83,7 @@ from courier_api.web.session import (
     sign_in,
     sign_out,
     sign_out_everywhere,
+    started_elsewhere,
 )
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
 from sync import directory, flags, lost_seqs, quarantine, shifts, signoffs
@@ -324,7 +325,9 @@ def home() -> ResponseReturnValue:
 @bp.get("/login")
 def login() -> ResponseReturnValue:
     target = safe_next(request.args.get("next"))
-    if session.get(USER_KEY) is not None:
+    # Back to the page only on our own navigation: another site's (``page``) was sent
+    # here, and back there would be sent here again.
+    if session.get(USER_KEY) is not None and not started_elsewhere():
         return redirect(target or url_for("web.board"))
     return render_template("web/login.html", next=target)
 

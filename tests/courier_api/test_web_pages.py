@@ -2192,6 +2192,49 @@ def test_the_proof_search_hashes_no_image_and_leaves_integrity_to_the_proofs_pag
     assert 'id="images"' in detail and "file altered in the store: not shown" in detail
 
 
+@pytest.mark.parametrize("started", ["same-site", "cross-site"])
+def test_a_page_another_site_sends_the_browser_to_reads_nothing_in_the_auditors_name(
+    app: Flask, session: Session, day: StationDay, started: str
+) -> None:
+    """SameSite=Strict keeps the session off a link from another site, but not off one
+    from a sibling host of the same site (a chat or a wiki at another subdomain), nor
+    an image such a page embeds: the auditor following it put a ``proof_read`` (or a
+    ``blob_read``, a ``parcel_read``) on record in their name without knowing, which
+    SECURITY.md says a link from elsewhere cannot. A request the browser says another
+    site started (``Sec-Fetch-Site``) is answered as one without a session: the sign-in
+    page, which does not send it back on its own, and the page opens once signed in."""
+    auditor = signed_in(app, "auditor")
+    before = len(audit_actions(session))
+    elsewhere = {"Sec-Fetch-Site": started}
+    for path in (
+        f"/web/proofs/{day.drop_event_id}",
+        f"/web/shifts/{day.unbalanced.id}",
+        f"/web/images/{day.uploaded[0]}",
+    ):
+        landed = auditor.client.get(path, headers=elsewhere)
+        assert landed.status_code == 302 and landed.location.startswith("/web/login?next="), (
+            path,
+            landed.status_code,
+        )
+        login = auditor.client.get(landed.location, headers=elsewhere)
+        assert login.status_code == 200  # the form, not back to the page (a loop)
+    assert len(audit_actions(session)) == before
+
+    own = auditor.client.get(
+        f"/web/proofs/{day.drop_event_id}", headers={"Sec-Fetch-Site": "same-origin"}
+    )
+    assert own.status_code == 200
+    typed = auditor.client.get(
+        f"/web/shifts/{day.unbalanced.id}", headers={"Sec-Fetch-Site": "none"}
+    )
+    assert typed.status_code == 200  # typed in, or a bookmark
+    assert [action for action, *_ in audit_actions(session)[before:]] == [
+        "proof_read",
+        "proofs_searched",
+        "parcel_read",
+    ]
+
+
 def test_auditor_reads_are_audit_logged_and_managers_are_not(
     app: Flask, session: Session, day: StationDay
 ) -> None:

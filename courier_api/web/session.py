@@ -160,7 +160,7 @@ def check_login_csrf() -> None:
     try:
         check_csrf()
     except CsrfRefused:
-        if not kept and current_app.config["SESSION_COOKIE_SECURE"] and not request.is_secure:
+        if not kept and current_app.config["SESSION_COOKIE_SECURE"] and not _over_https():
             log.warning(
                 "a sign-in form came back without its cookie over plain http with "
                 "APP_ENV=production: browsers keep the pages' Secure cookies over HTTPS "
@@ -168,6 +168,15 @@ def check_login_csrf() -> None:
             )
             raise SignInCookieNotKept() from None
         raise
+
+
+def _over_https() -> bool:
+    """Whether the browser reached us over HTTPS, as far as a message can tell: the
+    request's scheme, or a proxy's ``X-Forwarded-Proto`` (read here to choose words, not
+    trusted for anything; ``TRUSTED_PROXY_HOPS`` unset, the scheme says http behind a
+    proxy terminating TLS, where the cookie missing is something else)."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
+    return request.is_secure or forwarded == "https"
 
 
 def _compare(expected: str) -> None:

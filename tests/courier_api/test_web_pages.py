@@ -568,6 +568,12 @@ def test_in_production_a_sign_in_over_plain_http_says_the_pages_need_https(
     )
     assert refused.status_code == 400  # over HTTPS, a token refused is refused as before
     assert "security token is missing or out of date" in refused.get_data(as_text=True)
+    proxied = production.test_client().post(  # behind a TLS proxy, TRUSTED_PROXY_HOPS unset
+        "/web/login",
+        headers={"X-Forwarded-Proto": "https"},
+        data={"csrf_token": token.group(1), "username": "manager", "password": "x"},
+    )
+    assert "security token is missing or out of date" in proxied.get_data(as_text=True)
 
 
 # -- access -----------------------------------------------------------------------------------

@@ -689,10 +689,8 @@ def cancel_voided(
                 ScanEvent.client_event_id.in_(chunk),
                 or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
             )
-            # Locked in the requests' order, as a push handing their parcels over locks
-            # them (``lock_for_handover``) at the same point: in the plan's order (by the
-            # events' ids or times through an index, the heap's), two such pushes at once
-            # could each hold a request the other waited for.
+            # Locked already, with the parcels' requests a push hands over, in one order
+            # (``lock_requests_to_end``); again by id, as that order has it.
             .order_by(ConsentRequest.id)
             .with_for_update(of=ConsentRequest)
             # The row as locked, not a copy the session read before: a mark the lapse
@@ -769,32 +767,66 @@ def _cancel_pending_or_held_back(
     return _cancel(session, request, now, reason)
 
 
-def lock_for_handover(*, session: Session, tracking_nos: Iterable[str]) -> None:
-    """The pending requests of these parcels are locked, waiting for an answer holding
-    one: run by a push bringing the parcels' deliveries before it takes any parcel lock
-    (an answer holds its request, then locks the parcel), so that
+def lock_requests_to_end(
+    *,
+    session: Session,
+    device_id: str,
+    voided: Iterable[uuid.UUID],
+    tracking_nos: Iterable[str],
+) -> None:
+    """The requests a push may end are locked, all in one order, by id: run before it takes
+    any parcel lock (an answer holds its request, then locks the parcel), as the
+    ``consent_requests_lapsed`` job locks its batch. Those its corrections void (the
+    client event ids ``voided`` of this PDA's asks, pending or held back), which
+    ``cancel_voided`` then cancels as locked; and the pending ones of the parcels it may
+    hand over (``tracking_nos``), waited for while an answer holds one, so that
     ``cancel_for_handed_over``, under the parcels' locks, finds them as the answer left
     them. Passed over there, a request whose answer gave up (a ``granted_at`` before the
     question, a conflict) stayed pending on a parcel in its recipient's hands, the
-    channel asking them until it lapsed. Not the held-back ones, which no answer holds:
-    locked here, another push sending one behind a request it cancels would pass over it
-    (``_send_held_back``), and this push may not hand the parcel over after all.
-    PostgreSQL only: SQLite has no row locks (a writer holds the whole database)."""
+    channel asking them until it lapsed. Not the held-back ones of those parcels, which
+    no answer holds: locked here, another push sending one behind a request it cancels
+    would pass over it (``_send_held_back``), and this push may not hand the parcel over
+    after all.
+
+    Found first, then locked by their sorted ids: locked by each chunk of keys (900
+    corrections or tracking numbers, ``sync.sql.chunks``), then the handed-over parcels'
+    after the voided ones, a push ending more than 900 questions, or voiding one ask and
+    delivering another parcel, took a later request before an earlier one, and
+    deadlocked with a push or the job taking both by id. PostgreSQL only: SQLite has no
+    row locks (a writer holds the whole database)."""
     if session.get_bind().dialect.name != "postgresql":
         return
+    ids: set[int] = set()
+    for chunk in chunks(list(voided)):
+        ids.update(
+            session.scalars(
+                select(ConsentRequest.id)
+                .join(ScanEvent, ScanEvent.id == ConsentRequest.event_id)
+                .where(
+                    ScanEvent.device_id == device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                    or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
+                )
+            )
+        )
     for chunk in chunks(sorted(set(tracking_nos))):
-        PENDING_REQUESTS_LOCKED.execute(session, {"numbers": chunk})
+        ids.update(id_ for (id_,) in PENDING_REQUESTS.execute(session, {"numbers": chunk}))
+    for chunk in chunks(sorted(ids)):
+        REQUESTS_LOCKED.execute(session, {"ids": chunk})
 
 
 # Built once (``sync.sql.Prebuilt`` says why): every push bringing a delivery runs it on
 # PostgreSQL, and building it cost as much as ``cancel_for_handed_over``'s query did.
-PENDING_REQUESTS_LOCKED = Prebuilt(
+PENDING_REQUESTS = Prebuilt(
+    lambda dialect: select(ConsentRequest.id).where(
+        among_param(dialect, ConsentRequest.tracking_no, "numbers"),
+        ConsentRequest.status == ConsentRequestStatus.PENDING,
+    )
+)
+REQUESTS_LOCKED = Prebuilt(
     lambda dialect: (
         select(ConsentRequest.id)
-        .where(
-            among_param(dialect, ConsentRequest.tracking_no, "numbers"),
-            ConsentRequest.status == ConsentRequestStatus.PENDING,
-        )
+        .where(among_param(dialect, ConsentRequest.id, "ids"))
         .order_by(ConsentRequest.id)
         .with_for_update()
     )
@@ -833,7 +865,7 @@ def cancel_for_handed_over(
     the PDA pushed first (rule 3), not ``unsent`` behind a request cancelled.
 
     Run after the projection, holding the parcels' locks, the requests locked before them
-    (``lock_for_handover``): one made since and locked by an answer at this instant (which
+    (``lock_requests_to_end``): one made since and locked by an answer at this instant (which
     locks the parcel next: waiting would deadlock) is passed over, the answer taken as
     first, as when it commits before the push."""
     cancelled: list[ConsentRequest] = []
@@ -944,7 +976,7 @@ def announce_lapsed(*, session: Session, now: dt.datetime) -> dict[str, Any]:
         ConsentRequest.expires_at <= now,
     )
     # Picked by expiry (the partial index), locked by id: the order in which a push
-    # handing their parcels over locks them (``lock_for_handover``), and a push voiding
+    # handing their parcels over locks them (``lock_requests_to_end``), and a push voiding
     # their asks (``cancel_voided``). Locked by expiry, two requests whose expiries run
     # against their ids deadlocked with such a push.
     due = (

@@ -64,7 +64,7 @@ from sync.blobs import lock_digests
 from sync.consent_requests import (
     cancel_for_handed_over,
     cancel_voided,
-    lock_for_handover,
+    lock_requests_to_end,
     requests_from_events,
     send_held_back_behind,
     voided_at_arrival,
@@ -736,24 +736,31 @@ class _BatchIngest:
         voided = [e.voids_client_event_id for _, e in stored if e.voids_client_event_id]
         targets: Sequence[Any] = []
         freed: Sequence[Any] = []  # requests a correction cancelled, asking the recipient
+        corrections: dict[uuid.UUID, int] = {}
         if voided:  # a correction may be filed under another tracking number than its target
             targets = targets_of_corrections(self.session, self.pusher.device_id, voided)
             touched |= {target.tracking_no for target in targets}
-            corrections: dict[uuid.UUID, int] = {}
             for _, event in stored:
                 if event.voids_client_event_id:
                     target = event.voids_client_event_id
                     corrections[target] = max(event.seq, corrections.get(target, 0))
+        handed = self._handed_over(stored, targets)
+        if corrections or handed:
             # Before any parcel lock: an answer holds its request, then locks the parcel.
+            # Those voided and those of the parcels handed over, in one order.
+            lock_requests_to_end(
+                session=self.session,
+                device_id=self.pusher.device_id,
+                voided=corrections,
+                tracking_nos=handed,
+            )
+        if corrections:
             freed = cancel_voided(
                 session=self.session,
                 device_id=self.pusher.device_id,
                 corrections=corrections,
                 now=self.received_at,
             )
-        handed = self._handed_over(stored, targets)
-        if handed:  # before any parcel lock too, as ``cancel_voided``
-            lock_for_handover(session=self.session, tracking_nos=handed)
         shifts = self._lock_shifts(stored, voided)
         self._project(touched)
         if freed:  # after the projection: under its parcels' locks, on their statuses

@@ -735,7 +735,7 @@ def test_a_push_voiding_asks_and_a_colleagues_delivering_their_parcels_at_once_n
     the held-back ones, or the held-back ones) while the other pushes the parcels'
     deliveries in person. The voiding push locks the requests it cancels
     (``cancel_voided``), the delivering push the parcels' pending requests
-    (``lock_for_handover``), both before any parcel lock: taken in two orders (the
+    (``lock_requests_to_end``), both before any parcel lock: taken in two orders (the
     first by its corrections' event ids, the second by the requests' ids), two parcels'
     requests deadlocked, PostgreSQL aborting one push, run again. Each run is allowed
     once here, so that a deadlock is a 503, not hidden by the run again. Many rounds,
@@ -891,7 +891,7 @@ def _asked_by_two_pdas(app: Flask, parcels: int) -> tuple[dict[str, dict[str, st
 def test_the_pushes_ending_questions_lock_the_requests_in_one_order(committed_app: Flask) -> None:
     """A push voiding its PDA's asks locks the requests it cancels before any parcel lock
     (``cancel_voided``), as a colleague's push handing the parcels over locks their
-    pending requests (``lock_for_handover``). The second locked them by id, the first in
+    pending requests (``lock_requests_to_end``). The second locked them by id, the first in
     whatever order the plan read them (by the events' client ids or times through an
     index, or the heap's order once rows were updated): with two requests taken in two
     orders, the two pushes at once could deadlock (the race above does not meet it on
@@ -942,7 +942,7 @@ def test_the_pushes_ending_questions_lock_the_requests_in_one_order(committed_ap
             assert pushed.status_code == 200, pushed.get_json()
     finally:
         event.remove(engine, "before_cursor_execute", record)
-    assert len(locking) >= 2, locking  # cancel_voided's and lock_for_handover's at least
+    assert len(locking) >= 2, locking  # cancel_voided's and lock_requests_to_end's at least
     unordered = [
         s for s in locking if " LIMIT " not in s and "ORDER BY consent_request.id" not in s
     ]
@@ -955,7 +955,7 @@ def test_the_lapse_job_and_a_push_handing_the_parcels_over_never_deadlock(
 ) -> None:
     """Two requests lapsed unannounced: the first asked until later than the second. The
     ``consent_requests_lapsed`` job locks them by expiry (the second first), a push
-    bringing their parcels' deliveries by id (``lock_for_handover``: the first first):
+    bringing their parcels' deliveries by id (``lock_requests_to_end``: the first first):
     each held the request the other waited for, PostgreSQL aborting one (the push run
     again, or the job's run lost). The job picks them by expiry and locks them by id.
     Here a connection takes the push's turn: it holds the first request, and takes the
@@ -1018,3 +1018,112 @@ def test_the_lapse_job_and_a_push_handing_the_parcels_over_never_deadlock(
     assert took is None, took
     [ran] = outcome
     assert isinstance(ran, dict) and ran["announced"] == 2, ran
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("push", ["voiding", "delivering", "voiding and delivering"])
+def test_a_push_ending_many_questions_locks_them_all_in_one_order(
+    committed_app: Flask, engine: Engine, monkeypatch: pytest.MonkeyPatch, push: str
+) -> None:
+    """A push locks the requests it may end before any parcel lock: those its corrections
+    void, and the pending ones of the parcels it hands over. It took them in two steps
+    (``cancel_voided``, then ``lock_for_handover``), each statement locking its rows by
+    id, but its keys went in chunks of 900 (by corrections, by tracking numbers), and the
+    two sets one after the other: a push voiding or delivering more than 900
+    (``MAX_EVENTS_PER_PUSH`` is 5000), or voiding one ask and delivering another parcel,
+    took a later request before an earlier one, and deadlocked with any push or lapse
+    job taking them by id (now one step, ``lock_requests_to_end``, by the sorted ids of
+    both sets). Chunks of
+    one key here stand for the 900: the PDA asked about parcel ``b`` (the first request)
+    then ``a`` (the second, its tracking number sorting first); the push names ``a``
+    first. A connection takes the turn of another push: it holds the first request and
+    takes the second while the push waits; every push is allowed one run."""
+    from courier_api import app as app_module
+    from models import ConsentRequest
+    from sync import consent_requests
+    from sync.sql import chunks
+
+    monkeypatch.setattr(app_module, "REQUEST_ATTEMPTS", 1)
+    monkeypatch.setattr(consent_requests, "chunks", lambda items: chunks(items, 1))
+    with committed_app.app_context():
+        _, numbers = factories.station_with_pdas(
+            db.session, "CHUNK", {"asker": "PDA-ASK"}, parcels=2
+        )
+        db.session.commit()
+    a, b = sorted(numbers)
+    courier = Auth(committed_app.test_client()).headers("asker", "PDA-ASK")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    question = {"method": "locker", "channel": "sms"}
+    asks = [
+        factories.event(seq, tn, "consent_requested", occurred_at=at, request=question)
+        for seq, tn in ((1, b), (2, a))
+    ]
+    asked = committed_app.test_client().post(
+        "/api/v1/sync/push", json=factories.push_body("PDA-ASK", asks), headers=courier
+    )
+    assert asked.status_code == 200, asked.get_json()
+    with committed_app.app_context():
+        ids = {
+            request.tracking_no: request.id
+            for request in db.session.scalars(select(ConsentRequest))
+        }
+    assert ids[b] < ids[a], ids
+
+    def voiding(seq: int, ask: dict[str, Any]) -> dict[str, Any]:
+        return factories.event(
+            seq,
+            ask["tracking_no"],
+            "correction",
+            occurred_at=at,
+            voids_client_event_id=ask["client_event_id"],
+            reason="asked by mistake",
+        )
+
+    def delivering(seq: int, tracking_no: str) -> dict[str, Any]:
+        return factories.event(
+            seq,
+            tracking_no,
+            "delivered",
+            occurred_at=at,
+            pod={"recipient_name": "Li Hua", "relation": "self"},
+        )
+
+    batch = {
+        "voiding": [voiding(3, asks[1]), voiding(4, asks[0])],
+        "delivering": [delivering(3, a), delivering(4, b)],
+        "voiding and delivering": [voiding(3, asks[1]), delivering(4, b)],
+    }[push]
+    answers: list[Any] = []
+
+    def send() -> None:
+        answers.append(
+            committed_app.test_client().post(
+                "/api/v1/sync/push", json=factories.push_body("PDA-ASK", batch), headers=courier
+            )
+        )
+
+    with engine.connect() as other:
+        other.execute(text("SET LOCAL lock_timeout = '10s'"))
+        other.execute(
+            select(ConsentRequest.id).where(ConsentRequest.id == ids[b]).with_for_update()
+        )
+        pushing = threading.Thread(target=send)
+        pushing.start()
+        pushing.join(timeout=2)  # the push reaches the first request, held here
+        try:
+            other.execute(
+                select(ConsentRequest.id).where(ConsentRequest.id == ids[a]).with_for_update()
+            )
+            took = None
+        except Exception as error:  # reported below
+            took = error
+        other.rollback()
+    pushing.join(timeout=60)
+    assert took is None, took
+    [answer] = answers
+    assert answer.status_code == 200, answer.get_json()
+    with committed_app.app_context():
+        statuses = dict(
+            db.session.execute(select(ConsentRequest.tracking_no, ConsentRequest.status)).all()
+        )
+    assert statuses == {a: ConsentRequestStatus.CANCELLED, b: ConsentRequestStatus.CANCELLED}

@@ -1457,7 +1457,8 @@ def test_a_delivery_of_a_parcel_never_asked_about_reads_its_requests_once(
     """A push bringing a delivery asks whether the parcel has a consent request a
     hand-over may end (``REQUESTS_A_HAND_OVER_MAY_END``) and, none, goes no further: the
     query cancelling them (joined to the parcel, locking) is neither built nor run. On
-    PostgreSQL the pending requests are locked first (``lock_for_handover``), one select."""
+    PostgreSQL the pending requests are found first (``lock_requests_to_end``), one select;
+    none, none locked."""
     tn = parcel.tracking_no
     pda.push([pda.event(1, tn), pda.event(2, tn, "out_for_delivery")])
     with statements_sent(session) as sent:

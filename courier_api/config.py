@@ -112,6 +112,11 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "WEBHOOK_TIMEOUT_SECONDS": _int(environ, "WEBHOOK_TIMEOUT_SECONDS", 10),
         "WEBHOOK_MAX_RESPONSE_BYTES": _int(environ, "WEBHOOK_MAX_RESPONSE_BYTES", 65536),
         "WEBHOOK_DISABLE_AFTER_FAILURES": _int(environ, "WEBHOOK_DISABLE_AFTER_FAILURES", 20),
+        # And the first of those failures this long ago: a receiver's deploy or outage of
+        # an hour or two is waited for, however many messages fail meanwhile.
+        "WEBHOOK_DISABLE_AFTER_SECONDS": _int(
+            environ, "WEBHOOK_DISABLE_AFTER_SECONDS", 4 * 3600, minimum=0
+        ),
         "WEBHOOK_POLL_SECONDS": _int(environ, "WEBHOOK_POLL_SECONDS", 1),
         "WEBHOOK_RETENTION_DAYS": _int(environ, "WEBHOOK_RETENTION_DAYS", 30, maximum=36500),
         "LOG_LEVEL": environ.get("LOG_LEVEL", "INFO").upper(),

@@ -133,6 +133,9 @@ class WebhookSubscription(Base):
     disabled_at: Mapped[dt.datetime | None]
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     consecutive_failures: Mapped[int] = mapped_column(default=0)
+    # The first failed attempt of the failures in a row (null after a success): disabled
+    # only once they have gone on long enough (``sync.webhooks._count_failure``).
+    failing_since: Mapped[dt.datetime | None]
 
     def __repr__(self) -> str:
         return f"<WebhookSubscription {self.id} active={self.active}>"

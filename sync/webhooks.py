@@ -26,10 +26,13 @@ worker here (``deliver_due``) posts them:
   "equal jitter", up to ``max_attempts``; then the delivery is *dead*, with the last
   error, until an admin replays it.
 * **Disabling.** Every failed attempt counts against the subscription, every success
-  resets the count; after ``disable_after_failures`` failures in a row the
-  subscription is disabled (its deliveries wait, up to the retention:
-  ``purge_waiting_for_stopped``) and flagged ``webhook_subscription_disabled``.
-  Re-enabling it (``active: true``) resumes them.
+  resets the count; after ``disable_after_failures`` failures in a row, the first of
+  them at least ``disable_after_seconds`` before (``failing_since``), the subscription
+  is disabled (its deliveries wait, up to the retention: ``purge_waiting_for_stopped``)
+  and flagged ``webhook_subscription_disabled``. Both, because the count alone grows
+  with the traffic: a message every 5 minutes had a receiver redeploying for 15
+  disabled, nothing flowing until an admin came. Re-enabling it (``active: true``)
+  resumes them.
 
 Requests are signed (``sign``/``verify``): ``X-Courier-Signature: t=<unix
 seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``. Secrets are never logged and
@@ -63,7 +66,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
@@ -130,6 +133,11 @@ class DeliverySettings:
     timeout_seconds: float = 10
     max_response_bytes: int = 65536
     disable_after_failures: int = 20
+    # Four hours: longer than a receiver's deploy or outage of an hour or two (its
+    # messages retried meanwhile, as ``max_attempts`` allows, 5 to 10 hours by default),
+    # and shorter than the first of its deliveries takes to die, so that a receiver
+    # down for good is disabled and its deliveries wait for it (not parked as dead).
+    disable_after_seconds: float = 4 * 3600
     poll_seconds: float = 1
     production: bool = False
 
@@ -142,6 +150,7 @@ class DeliverySettings:
             timeout_seconds=config["WEBHOOK_TIMEOUT_SECONDS"],
             max_response_bytes=config["WEBHOOK_MAX_RESPONSE_BYTES"],
             disable_after_failures=config["WEBHOOK_DISABLE_AFTER_FAILURES"],
+            disable_after_seconds=config["WEBHOOK_DISABLE_AFTER_SECONDS"],
             poll_seconds=config["WEBHOOK_POLL_SECONDS"],
             production=config["APP_ENV"] == "production",
         )
@@ -521,6 +530,7 @@ def _enable_again(session: Session, subscription: WebhookSubscription, now: dt.d
     subscription.disabled_at = None
     subscription.disabled_reason = None
     subscription.consecutive_failures = 0
+    subscription.failing_since = None
     close_flag(
         session=session,
         kind=SUBSCRIPTION_DISABLED,
@@ -1198,7 +1208,7 @@ def record_attempt(
             session.execute(
                 update(SUBSCRIPTION)
                 .where(SUBSCRIPTION.c.id == claimed.subscription_id)
-                .values(consecutive_failures=0)
+                .values(consecutive_failures=0, failing_since=None)
             )
             return Recorded(DELIVERED, delivery.attempts)
         error = result.describe()
@@ -1225,20 +1235,37 @@ def _count_failure(
     at: dt.datetime,
     settings: DeliverySettings,
 ) -> bool:
-    """One more failure in a row for the subscription; disable and flag it at the limit.
-    True when this failure disabled it."""
-    failures, disabled_at = session.execute(
+    """One more failure in a row for the subscription (the first of them, at ``at``, is
+    ``failing_since``); disable and flag it at the limit: ``disable_after_failures`` in a
+    row over ``disable_after_seconds`` at least. True when this failure disabled it."""
+    failures, failing_since, disabled_at = session.execute(
         update(SUBSCRIPTION)
         .where(SUBSCRIPTION.c.id == claimed.subscription_id)
-        .values(consecutive_failures=SUBSCRIPTION.c.consecutive_failures + 1)
-        .returning(SUBSCRIPTION.c.consecutive_failures, SUBSCRIPTION.c.disabled_at)
+        .values(
+            consecutive_failures=SUBSCRIPTION.c.consecutive_failures + 1,
+            failing_since=func.coalesce(
+                SUBSCRIPTION.c.failing_since, literal(at, SUBSCRIPTION.c.failing_since.type)
+            ),
+        )
+        .returning(
+            SUBSCRIPTION.c.consecutive_failures,
+            SUBSCRIPTION.c.failing_since,
+            SUBSCRIPTION.c.disabled_at,
+        )
     ).one()
-    if failures < settings.disable_after_failures or disabled_at is not None:
+    if (
+        failures < settings.disable_after_failures
+        or at - failing_since < dt.timedelta(seconds=settings.disable_after_seconds)
+        or disabled_at is not None
+    ):
         return False
     subscription = session.get(WebhookSubscription, claimed.subscription_id)
     assert subscription is not None
     subscription.disabled_at = at
-    subscription.disabled_reason = f"{failures} delivery attempts failed in a row; last: {error}"
+    subscription.disabled_reason = (
+        f"{failures} delivery attempts failed in a row since "
+        f"{failing_since:%Y-%m-%d %H:%M:%S} UTC; last: {error}"
+    )
     raise_flag(
         session=session,
         kind=SUBSCRIPTION_DISABLED,
@@ -1249,6 +1276,7 @@ def _count_failure(
             "host": url_host(subscription.url),
             "last_error": error,
             "consecutive_failures": failures,
+            "failing_since": failing_since.isoformat(),
         },
     )
     return True

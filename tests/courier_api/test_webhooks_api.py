@@ -284,7 +284,7 @@ def test_patch_active_enables_a_disabled_subscription_again(
 ) -> None:
     created = create(client, auth)
     announce(session, "RR000000001GB")
-    settings = DeliverySettings(max_attempts=5, disable_after_failures=1)
+    settings = DeliverySettings(max_attempts=5, disable_after_failures=1, disable_after_seconds=0)
     stats = webhooks.deliver_due(
         sessions=db.sessionmaker_of(app),
         now=utcnow(),
@@ -300,8 +300,10 @@ def test_patch_active_enables_a_disabled_subscription_again(
 
     enabled = client.patch(url, json={"active": True}, headers=admin(auth)).get_json()
 
+    assert disabled["failing_since"] is not None
     assert enabled["disabled_at"] is None and enabled["disabled_reason"] is None
     assert enabled["consecutive_failures"] == 0 and enabled["active"] is True
+    assert enabled["failing_since"] is None
 
 
 def test_topics_are_listed_with_their_descriptions(

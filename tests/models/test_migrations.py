@@ -3416,3 +3416,52 @@ def test_seq_conflicts_kept_before_are_counted_unsettled_for_their_device(
     migrate.downgrade(scratch, AUDIT_CLIENT_IP)
     assert _unsettled(scratch) == before
     migrate.upgrade(scratch)
+
+
+FAILING_SINCE = "a4d8f2c6e0b3"  # webhook failures remember when they began
+
+
+def test_a_subscription_failing_at_the_upgrade_has_its_run_start_at_its_next_failure(
+    scratch: Engine,
+) -> None:
+    """``webhook_subscription.failing_since`` is added null on every row, a subscription
+    failing at the upgrade included (its run counted from its next failure: a later
+    disabling, never an earlier one); its count and its disabling stay as they were.
+    Downgraded, the column goes."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    created = dt.datetime(2026, 11, 20, 8, 0, tzinfo=dt.UTC)
+    migrate.upgrade(scratch, SEQ_CONFLICTS_SETTLED)
+    with scratch.begin() as connection:
+        table = sa.Table("webhook_subscription", sa.MetaData(), autoload_with=connection)
+        connection.execute(
+            table.insert(),
+            [
+                {"url": "https://hooks.example.com/a", "topics": ["flag.raised"],
+                 "secret": "s" * 43, "description": "", "active": True,
+                 "consecutive_failures": 7, "created_at": created},
+                {"url": "https://hooks.example.com/b", "topics": ["flag.raised"],
+                 "secret": "t" * 43, "description": "", "active": True,
+                 "consecutive_failures": 0, "created_at": created},
+            ],
+        )  # fmt: skip
+
+    def rows() -> list[dict[str, Any]]:
+        with scratch.connect() as connection:
+            table = sa.Table("webhook_subscription", sa.MetaData(), autoload_with=connection)
+            found = connection.execute(sa.select(table).order_by(table.c.url)).mappings()
+            return [
+                {k: row.get(k, "absent") for k in ("consecutive_failures", "failing_since")}
+                for row in found
+            ]
+
+    migrate.upgrade(scratch, FAILING_SINCE)
+    assert rows() == [
+        {"consecutive_failures": 7, "failing_since": None},
+        {"consecutive_failures": 0, "failing_since": None},
+    ]
+    migrate.downgrade(scratch, SEQ_CONFLICTS_SETTLED)
+    assert [row["failing_since"] for row in rows()] == ["absent", "absent"]
+    migrate.upgrade(scratch)

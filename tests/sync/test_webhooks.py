@@ -453,7 +453,7 @@ def test_each_subscription_has_its_own_order(
 def test_a_subscription_failing_too_often_in_a_row_is_disabled_flagged_and_enabled_again(
     sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
 ) -> None:
-    settings = replace(SETTINGS, disable_after_failures=3)
+    settings = replace(SETTINGS, disable_after_failures=3, disable_after_seconds=0)
     sub = subscribe(sessions, closed_port_url(), station_id=world.station.id)
     for n in range(3):
         announce(sessions, f"RR00000000{n}GB", station_id=world.station.id)
@@ -489,13 +489,113 @@ def test_a_subscription_failing_too_often_in_a_row_is_disabled_flagged_and_enabl
         )
     enabled = subscription(sessions, sub.id)
     assert enabled.disabled_at is None and enabled.disabled_reason is None
-    assert enabled.consecutive_failures == 0
+    assert enabled.consecutive_failures == 0 and enabled.failing_since is None
     with sessions() as session:
         assert session.get(Flag, flag.id).status == FlagStatus.CLOSED
     assert all(d.next_attempt_at <= at(60) for d in stored(sessions))  # due at once
 
     assert deliver(sessions, sender, at(60), settings=settings)["delivered"] == 4
     assert len(receiver.messages) == 4
+
+
+def _outage(
+    sessions: sessionmaker[Session],
+    sender: HttpxSender,
+    receiver: Receiver,
+    settings: DeliverySettings,
+    minutes: int,
+) -> tuple[list[dt.datetime], int]:
+    """A receiver answering 503 for ``minutes`` from ``T0``, a parcel's message written
+    every 5 minutes meanwhile, the worker polling every 30 seconds: the instants it
+    disabled the subscription at, and the most failures in a row it counted."""
+    receiver.default = Answer(503)
+    disabled_at, most = [], 0
+    sub_id = subscription_ids(sessions)[0]
+    for step in range(minutes * 2):
+        now = at(30 * step)
+        if step % 10 == 0:
+            announce(sessions, f"RR{step:09d}GB", now=now)
+        if deliver(sessions, sender, now, settings=settings)["disabled"]:
+            disabled_at.append(now)
+        most = max(most, subscription(sessions, sub_id).consecutive_failures)
+    return disabled_at, most
+
+
+def subscription_ids(sessions: sessionmaker[Session]) -> list[int]:
+    with sessions() as session:
+        return list(session.scalars(select(WebhookSubscription.id)))
+
+
+def test_a_receiver_redeploying_for_15_minutes_is_not_disabled_and_gets_every_message(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    """A message every 5 minutes, the receiver answering 503 for 15 (a redeploy): more
+    than ``WEBHOOK_DISABLE_AFTER_FAILURES`` (20) attempts fail in a row, every message
+    retried with the default backoff. Disabled on the count alone after 14 minutes,
+    nothing flowed until an admin enabled it again (a ``consent.requested`` of a request
+    lapsing meanwhile skipped: its recipient never asked). The first failure is not
+    ``WEBHOOK_DISABLE_AFTER_SECONDS`` (4 hours) old: once the receiver answers, every
+    message arrives and the run of failures is over."""
+    settings = replace(SETTINGS, max_attempts=20, disable_after_failures=20)
+    assert settings.disable_after_seconds == 4 * 3600  # the default
+    sub = subscribe(sessions, receiver.url)
+
+    disabled_at, most = _outage(sessions, sender, receiver, settings, minutes=15)
+
+    assert most >= settings.disable_after_failures  # the count alone would have disabled it
+    assert disabled_at == []
+    failing = subscription(sessions, sub.id)
+    assert failing.disabled_at is None and failing.failing_since is not None
+    assert T0 <= failing.failing_since < at(1)  # its first failure, when it was tried
+    receiver.default = Answer(200)
+    later = at(15 * 60) + LATER
+    assert deliver(sessions, sender, later, settings=settings)["delivered"] == 3
+    assert len(receiver.messages) == 3
+    recovered = subscription(sessions, sub.id)
+    assert recovered.consecutive_failures == 0 and recovered.failing_since is None
+    with sessions() as session:
+        assert (
+            session.scalars(select(Flag).where(Flag.kind == webhooks.SUBSCRIPTION_DISABLED)).all()
+            == []
+        )
+
+
+def test_a_receiver_failing_for_hours_is_disabled_once_its_first_failure_is_old_enough(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    """The receiver answers 503 for an hour and a half, ``WEBHOOK_DISABLE_AFTER_SECONDS``
+    an hour here: the count passes 20 within the first quarter hour, but the
+    subscription is disabled (and flagged, saying since when) only at the first failure
+    an hour after the first one; then it is sent nothing more. A failure before, ended
+    by a success, does not count: the run starts over."""
+    settings = replace(SETTINGS, max_attempts=20, disable_after_seconds=3600)
+    sub = subscribe(sessions, receiver.url)
+    announce(sessions, "RR000000001GB", now=at(-600))
+    receiver.answer(Answer(503))
+    deliver(sessions, sender, at(-600), settings=settings)  # one failure, then a success
+    first = subscription(sessions, sub.id).failing_since
+    assert first is not None and at(-600) <= first < at(-599)
+    assert deliver(sessions, sender, at(-540), settings=settings)["delivered"] == 1
+    assert subscription(sessions, sub.id).failing_since is None
+
+    disabled_at, most = _outage(sessions, sender, receiver, settings, minutes=90)
+
+    assert most >= settings.disable_after_failures
+    [when] = disabled_at
+    assert at(3600) <= when <= at(3600 + 60)
+    disabled = subscription(sessions, sub.id)
+    assert disabled.disabled_at is not None and when <= disabled.disabled_at < when + dt.timedelta(
+        seconds=1
+    )
+    assert disabled.failing_since is not None and T0 <= disabled.failing_since < at(1)
+    assert disabled.disabled_reason is not None
+    assert " failed in a row since 2026-11-30 08:00:00 UTC; last: " in disabled.disabled_reason
+    with sessions() as session:
+        [flag] = session.scalars(select(Flag).where(Flag.kind == webhooks.SUBSCRIPTION_DISABLED))
+    assert flag.evidence["failing_since"] == disabled.failing_since.isoformat()
+    sent = len(receiver.requests)
+    assert deliver(sessions, sender, when + LATER, settings=settings)["claimed"] == 0
+    assert len(receiver.requests) == sent
 
 
 def test_an_inactive_subscription_gets_no_new_messages_and_sends_none(

@@ -184,7 +184,8 @@ class Subscriptions(MethodView):
         were written; a dead one does not hold back those after it.
 
         **Disabling.** After WEBHOOK_DISABLE_AFTER_FAILURES (20) failed attempts in
-        a row the subscription is disabled (its messages wait, up to
+        a row, the first of them WEBHOOK_DISABLE_AFTER_SECONDS (4 hours) before
+        (`failing_since`), the subscription is disabled (its messages wait, up to
         WEBHOOK_RETENTION_DAYS (30) after they were written) and a
         `webhook_subscription_disabled` flag is raised; PATCH `active: true` once
         the receiver works again.

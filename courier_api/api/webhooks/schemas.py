@@ -103,13 +103,23 @@ class SubscriptionOut(ma.Schema):
         required=True,
         metadata={
             "description": "When the worker disabled it after too many failures in a row "
-            "(its deliveries wait, up to WEBHOOK_RETENTION_DAYS after they were written); "
-            "PATCH active: true enables it again"
+            "(WEBHOOK_DISABLE_AFTER_FAILURES, the first of them "
+            "WEBHOOK_DISABLE_AFTER_SECONDS before; its deliveries wait, up to "
+            "WEBHOOK_RETENTION_DAYS after they were written); PATCH active: true enables "
+            "it again"
         },
     )
     disabled_reason = ma.fields.String(allow_none=True, required=True)
     consecutive_failures = ma.fields.Integer(
         required=True, metadata={"description": "Failed attempts since the last success"}
+    )
+    failing_since = ma.fields.AwareDateTime(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The first of those failed attempts (null: the last attempt "
+            "succeeded, or none failed since it was enabled)"
+        },
     )
     created_at = ma.fields.AwareDateTime(required=True)
     created_by = ma.fields.Integer(allow_none=True, required=True)

@@ -61,7 +61,8 @@ class Gone(DomainError):
 class InvalidCursor(DomainError):
     """A cursor this server never handed out in that form: a pull's (``sync.feed``), or
     a walk through a parcel's timeline's, malformed or of another parcel's walk
-    (``sync.parcels``)."""
+    (``sync.parcels``); a proof search's, malformed or of other filters
+    (``sync.proofs``)."""
 
     code = "cursor_malformed"
 
@@ -70,7 +71,8 @@ class CursorReset(DomainError):
     """The cursor cannot be gone on from: a pull's is unknown here (another database, or
     expired): pull again from scratch (``sync.feed``); a timeline walk's parcel gained
     events below its ``as_of`` since it began: walk again from the start
-    (``sync.parcels``)."""
+    (``sync.parcels``); a proof search's walk found deliveries below the pages it showed
+    that it did not show (a push committed late): search again (``sync.proofs``)."""
 
     code = "cursor_reset"
 

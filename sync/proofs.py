@@ -14,6 +14,9 @@ or address, and belongs to the station where it was recorded, as its flag does.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,7 @@ from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
 from sync.blobs import BlobStore, Integrity, blobs_by_digest, stored_integrity
 from sync.consents import consents_by_id, consents_for
-from sync.errors import InvalidInput, NotFound
+from sync.errors import CursorReset, InvalidCursor, InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
 from sync.paging import MAX_PAGE_SIZE
@@ -243,6 +246,152 @@ def list_proofs(
         .limit(min(limit, MAX_PAGE_SIZE))
     )
     return _proofs(session, session.execute(query).all())
+
+
+_SEARCH_CURSOR = re.compile(
+    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9a-f]{16})"
+)
+_INT64_MAX = 2**63 - 1
+
+
+def search_key(filters: ProofFilter) -> str:
+    """A digest of what a search matches (its filters, the reader's station among them, a
+    tracking number as normalized): 16 hex digits. A walk's cursor carries it, so that a
+    cursor sent with other filters is refused rather than gone on from elsewhere."""
+    values = {name: None if v is None else str(v) for name, v in vars(filters).items()}
+    if filters.tracking_no:
+        values["tracking_no"] = normalize(filters.tracking_no)
+    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SearchCursor:
+    """Where a walk through a proof search stands, ``as_of.offset.after.shown.search``:
+    the walk reads the deliveries matching the search whose id is at most ``as_of``, the
+    highest there was at its first page, by id; ``offset`` of them were shown, the last
+    being ``after``, and ``shown`` is the sum of their ids; ``search`` is the search's
+    ``search_key``."""
+
+    as_of: int
+    offset: int
+    after: int
+    shown: int
+    search: str
+
+    def __str__(self) -> str:
+        return f"{self.as_of}.{self.offset}.{self.after}.{self.shown}.{self.search}"
+
+    @classmethod
+    def parse(cls, raw: str | None) -> SearchCursor | None:
+        """The cursor, or None for a walk's first page."""
+        if raw is None or raw == "":
+            return None
+        match = _SEARCH_CURSOR.fullmatch(raw)
+        numbers = [int(n) for n in match.groups()[:4]] if match else []
+        if (
+            match is None
+            or max(numbers) > _INT64_MAX
+            or not 0 < numbers[2] <= numbers[0]  # after: a delivery of the walk
+            or not 0 < numbers[1] <= numbers[3]  # each shown id is at least 1
+        ):
+            raise InvalidCursor(
+                "the cursor is malformed; send back a next_cursor exactly as received",
+                field="cursor",
+            )
+        return cls(*numbers, search=match[5])
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    proofs: list[Proof]
+    # The highest id of a delivery the walk reads: its first page's, every page.
+    as_of: int
+    # Where the walk goes on; None on its last page.
+    next_cursor: SearchCursor | None
+    # Deliveries matching the search with an id above ``as_of``: stored since the walk
+    # began, in no page of it.
+    arrived_since: int
+    # How many deliveries the walk showed before this page.
+    offset: int = 0
+
+
+def search_page(
+    *, session: Session, filters: ProofFilter, cursor: SearchCursor | None, limit: int
+) -> SearchPage:
+    """A page of a walk through the proofs matching ``filters``: at most ``limit``, by id,
+    from the start or from where ``cursor`` (a page's ``next_cursor``) stands.
+
+    A walk reads the deliveries matching the search whose id is at most ``as_of``, the
+    highest there was at its first page; later ones are counted (``arrived_since``). An
+    id is taken when a push stores the event, not when it commits: on PostgreSQL a push
+    committing late holds a lower id than deliveries already shown, and a page read by
+    id after them never saw it (paging by ``after_id`` skips it, and an auditor takes
+    its absence for none). One committed late above the last shown comes in a later
+    page, as any does; below it, the walk's last page finds it: it counts the matching
+    deliveries up to ``as_of`` and sums their ids (one statement, no rows) against those
+    the walk showed (the cursor carries both), and a difference is a ``CursorReset`` (a
+    410: search again) rather than a last page of a walk that left one out. So every
+    matching delivery with an id up to ``as_of`` committed before the walk's last page
+    was read is in exactly one page of it, or that page is refused. The same happens
+    when what matches changed below it (a flag of ``flag_kind`` raised or closed, a
+    parcel moved to another station). Pages before the last read only their rows."""
+    limit = min(limit, MAX_PAGE_SIZE)
+    key = search_key(filters)
+    if cursor is not None and cursor.search != key:
+        raise InvalidCursor(
+            "the cursor is of another search (other filters, or another station's); send "
+            "it back with the filters of the page that gave it",
+            field="cursor",
+        )
+    query = _query(filters).order_by(ScanEvent.id).limit(limit + 1)
+    if cursor is None:
+        rows = session.execute(query).all()
+        as_of = rows[-1][0].id if rows else 0
+        if len(rows) > limit:  # more follow: the walk reads up to the highest there is
+            highest = _query(filters).with_only_columns(func.max(ScanEvent.id))
+            as_of = max(as_of, session.scalar(highest) or 0)
+        offset, shown_before = 0, 0
+    else:
+        as_of, offset, shown_before = cursor.as_of, cursor.offset, cursor.shown
+        rows = session.execute(
+            query.where(ScanEvent.id > cursor.after, ScanEvent.id <= as_of)
+        ).all()
+    page = _proofs(session, rows[:limit])
+    ids = [proof.event.id for proof in page]
+    more = len(rows) > limit
+    if cursor is not None and not more:
+        _check_walk(session, filters, as_of, offset + len(ids), shown_before + sum(ids))
+    arrived = _query(filters).with_only_columns(func.count(ScanEvent.id))
+    return SearchPage(
+        proofs=page,
+        as_of=as_of,
+        next_cursor=SearchCursor(as_of, offset + len(ids), ids[-1], shown_before + sum(ids), key)
+        if more
+        else None,
+        arrived_since=session.scalar(arrived.where(ScanEvent.id > as_of)) or 0,
+        offset=offset,
+    )
+
+
+def _check_walk(
+    session: Session, filters: ProofFilter, as_of: int, count: int, id_sum: int
+) -> None:
+    """Refuse a walk's last page when the deliveries matching ``filters`` up to ``as_of``
+    are not the ``count`` the walk showed, whose ids sum to ``id_sum``."""
+    found = session.execute(
+        _query(filters)
+        .with_only_columns(func.count(ScanEvent.id), func.coalesce(func.sum(ScanEvent.id), 0))
+        .where(ScanEvent.id <= as_of)
+    ).one()
+    if (found[0], int(found[1])) != (count, id_sum):
+        raise CursorReset(
+            "deliveries matching this search with ids below those its pages showed were "
+            "stored after the walk passed them (a push committing late), or came to match "
+            "it or stopped matching it (a flag raised or closed, a parcel moved to another "
+            "station); search again from the start",
+            field="cursor",
+        )
 
 
 def iter_proof_batches(

@@ -2198,3 +2198,199 @@ def test_an_export_holds_a_delivery_committed_late_below_an_id_it_read_already(
     ).all()
     assert [e.details["event_ids"] for e in parts] == [[delivered[1]], [delivered[2]], [late]]
     assert [e.details["part"] for e in parts] == [1, 2, 3]
+
+
+def delivered_ids(session: Session) -> list[int]:
+    return list(
+        session.scalars(
+            select(ScanEvent.id)
+            .where(ScanEvent.type == EventType.DELIVERED)
+            .order_by(ScanEvent.id)
+        )
+    )
+
+
+def deliveries(auth: Auth, session: Session, world: World, count: int) -> list[int]:
+    """``count`` parcels of ST1 checked out and delivered in person, in one push: the
+    deliveries' event ids, in order."""
+    parcels = [factories.parcel(session, world.station) for _ in range(count)]
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    auth.push(
+        [factories.event(seq, p.tracking_no, occurred_at=at) for seq, p in enumerate(parcels, 1)]
+        + [
+            factories.event(seq, p.tracking_no, "delivered", occurred_at=at, pod={})
+            for seq, p in enumerate(parcels, count + 1)
+        ]
+    )
+    return delivered_ids(session)
+
+
+def walk_page(
+    client: FlaskClient, headers: dict[str, str], cursor: str | None = None, **query: Any
+) -> Any:
+    """A page of a walk through the search (``cursor`` None: its first)."""
+    return client.get(
+        URL, query_string={**query, **({} if cursor is None else {"cursor": cursor})},
+        headers=headers,
+    )  # fmt: skip
+
+
+def committed_late(session: Session, event_id: int, event_type: EventType) -> None:
+    """The event becomes ``event_type`` and commits: a delivery whose push commits now,
+    its id taken when the push stored it (as ``test_an_export_holds_a_delivery_...``)."""
+    session.execute(update(ScanEvent).where(ScanEvent.id == event_id).values(type=event_type))
+    session.commit()
+
+
+def test_a_search_walk_refuses_its_last_page_when_a_delivery_committed_late_below_it(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An id is taken when a push stores the event, not when it commits: on PostgreSQL a
+    push committing late holds a lower id than deliveries a search's page showed already,
+    and the next page, read by id after them (``after``), never saw it: a walk through
+    the search ended without it, and an auditor who searched every proof of the station
+    that day took its absence for none. A walk by ``cursor`` counts, at its last page,
+    the matching deliveries up to its ``as_of`` against those it showed: a 410
+    ``cursor_reset``, search again, and the walk begun again holds it. Pages read by the
+    deprecated ``after`` still miss it."""
+    delivered = deliveries(auth, session, world, 3)
+    late = delivered[0]
+    committed_late(session, late, EventType.OUT_FOR_DELIVERY)  # stored, not committed yet
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=1).json
+    assert [i["event_id"] for i in first["items"]] == [delivered[1]]
+    assert first["as_of"] == delivered[2] and first["arrived_since"] == 0
+    committed_late(session, late, EventType.DELIVERED)  # the push commits
+    second = walk_page(client, headers, first["next_cursor"], limit=1)
+    assert second.status_code == 410, second.json
+    assert second.json["code"] == "cursor_reset"
+    assert list(second.json["errors"]) == ["cursor"]
+    again, pages = walk_page(client, headers, limit=1).json, []
+    while True:
+        pages.append([i["event_id"] for i in again["items"]])
+        if again["next_cursor"] is None:
+            break
+        again = walk_page(client, headers, again["next_cursor"], limit=1).json
+    assert pages == [[late], [delivered[1]], [delivered[2]]]
+    # The deprecated ``after``: reads after the page shown, never below it.
+    by_after = client.get(
+        URL, query_string={"limit": 1, "after": first["next_after"]}, headers=headers
+    ).json
+    assert [i["event_id"] for i in by_after["items"]] == [delivered[2]]
+    assert by_after["next_cursor"] is None and by_after["as_of"] is None
+
+
+def test_a_search_walk_holds_a_delivery_committed_late_above_the_pages_it_showed(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A delivery committed late with an id above those shown comes in a later page, as
+    any does: the walk is not refused for it. One stored after the walk began (an id
+    above ``as_of``) is in none of its pages, and each page counts it
+    (``arrived_since``)."""
+    delivered = deliveries(auth, session, world, 3)
+    committed_late(session, delivered[1], EventType.OUT_FOR_DELIVERY)
+    headers = auth.headers("manager1")
+    first = walk_page(client, headers, limit=1).json
+    committed_late(session, delivered[1], EventType.DELIVERED)
+    newer = factories.parcel(session, world.station)
+    session.commit()
+    auth.push([factories.event(7, newer.tracking_no, "delivered", pod={})])
+    pages = [first]
+    while pages[-1]["next_cursor"] is not None:
+        answer = walk_page(client, headers, pages[-1]["next_cursor"], limit=1)
+        assert answer.status_code == 200, answer.json
+        pages.append(answer.json)
+    assert [i["event_id"] for p in pages for i in p["items"]] == delivered
+    assert {p["as_of"] for p in pages} == {delivered[2]}
+    assert [p["arrived_since"] for p in pages] == [0, 1, 1]
+    whole = walk_page(client, headers).json
+    assert len(whole["items"]) == 4 and whole["arrived_since"] == 0
+    assert whole["as_of"] == whole["items"][-1]["event_id"] and whole["next_cursor"] is None
+
+
+def test_a_search_walk_is_refused_when_a_late_delivery_came_as_another_stopped_matching(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The last page checks the sum of the ids as well as their number: a delivery
+    committed late below the pages shown while one shown stops matching (here no longer
+    a delivery; a flag of ``flag_kind`` closed does it) leaves the number as it was, and
+    the walk would have ended without the late one."""
+    delivered = deliveries(auth, session, world, 4)
+    committed_late(session, delivered[0], EventType.OUT_FOR_DELIVERY)
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=2).json
+    assert [i["event_id"] for i in first["items"]] == delivered[1:3]
+    committed_late(session, delivered[0], EventType.DELIVERED)
+    committed_late(session, delivered[1], EventType.OUT_FOR_DELIVERY)
+    last = walk_page(client, headers, first["next_cursor"], limit=2)
+    assert last.status_code == 410 and last.json["code"] == "cursor_reset"
+
+
+def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A cursor this server did not hand out, or one sent with other filters than the page
+    that gave it (another station's reader's included), is a 400 ``cursor_malformed``,
+    never a page of another walk; ``after`` with ``cursor`` is a 422."""
+    delivered = deliveries(auth, session, world, 2)
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=1, method="in_person").json
+    cursor = first["next_cursor"]
+    as_of, offset, after, shown, key = cursor.split(".")
+    assert (int(as_of), int(offset), int(after), int(shown)) == (
+        delivered[1], 1, delivered[0], delivered[0]
+    )  # fmt: skip
+    for wrong in (
+        "5",
+        f"{as_of}.1.{after}.{shown}",
+        f"{as_of}.1.{after}.{shown}.{key}x",
+        f"{as_of}.1.{after}.{shown}.{key.upper()}",
+        f"{10**20}.1.{after}.{shown}.{key}",
+        f"{after}.1.{as_of}.{shown}.{key}",  # after beyond as_of
+        f"{as_of}.0.{after}.{shown}.{key}",  # after, but nothing shown
+    ):
+        malformed = walk_page(client, headers, wrong, limit=1, method="in_person")
+        assert malformed.status_code == 400, wrong
+        assert malformed.json["code"] == "cursor_malformed"
+        assert list(malformed.json["errors"]) == ["cursor"]
+    for other in ({"method": "locker"}, {}, {"station_id": world.station.id}):
+        elsewhere = walk_page(client, headers, cursor, limit=1, **other)
+        assert elsewhere.status_code == 400, other
+        assert elsewhere.json["code"] == "cursor_malformed"
+    manager = walk_page(client, auth.headers("manager1"), cursor, limit=1, method="in_person")
+    assert manager.status_code == 400 and manager.json["code"] == "cursor_malformed"
+    both = client.get(URL, query_string={"cursor": cursor, "after": delivered[0]}, headers=headers)
+    assert both.status_code == 422 and both.json["code"] == "cursor_and_after"
+    going_on = walk_page(client, headers, cursor, limit=1, method="in_person")
+    assert going_on.status_code == 200
+    assert [i["event_id"] for i in going_on.json["items"]] == [delivered[1]]
+
+
+def test_an_auditors_search_records_which_page_of_which_walk(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """``proofs_searched`` named only the deliveries a page showed: an auditor's walk
+    through a search was a row of entries alike, and which walk each page was of, and
+    where in it, could not be told. Each entry now names the cursor sent, the walk's
+    ``as_of``, the page's ``offset`` and ``entries``, ``arrived_since`` and the
+    ``next_cursor`` given, as ``parcel_read`` does a timeline's; a page read by the
+    deprecated ``after``, that ``after`` and the ``next_after`` given."""
+    delivered = deliveries(auth, session, world, 3)
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=2).json
+    second = walk_page(client, headers, first["next_cursor"], limit=2).json
+    assert second["next_cursor"] is None
+    client.get(URL, query_string={"limit": 2, "after": delivered[0]}, headers=headers)
+    session.expire_all()
+    entries = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proofs_searched").order_by(AuditEntry.id)
+    ).all()
+    walk = {"as_of": delivered[2], "arrived_since": 0}
+    assert [e.details for e in entries] == [
+        {"event_ids": delivered[:2], "cursor": None, "offset": 0, "entries": 2,
+         "next_cursor": first["next_cursor"], **walk},
+        {"event_ids": delivered[2:], "cursor": first["next_cursor"], "offset": 2,
+         "entries": 1, "next_cursor": None, **walk},
+        {"event_ids": delivered[1:], "after": delivered[0], "next_after": delivered[2]},
+    ]  # fmt: skip

@@ -32,6 +32,7 @@ from courier_api.auth import (
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Flag, Parcel, Role
+from sync.errors import InvalidInput
 from sync.flags import latest_decisions
 from sync.pages import user_ref
 from sync.paging import MAX_PAGE_SIZE
@@ -43,6 +44,7 @@ from sync.proofs import (
     ProofDetail,
     ProofFilter,
     ProofImageState,
+    SearchCursor,
     check_filters,
     get_proof,
     iter_proof_batches,
@@ -52,6 +54,7 @@ from sync.proofs import (
     proofs_events,
     proofs_images,
     repeats_of,
+    search_page,
 )
 from sync.quarantine import count_naming
 from sync.rules import Policy
@@ -209,6 +212,8 @@ class Proofs(MethodView):
     @blp.auth(*READERS)
     @blp.arguments(ProofListArgs, location="query")
     @blp.response(200, ProofPage)
+    @blp.alt_response(400, response="BAD_REQUEST")
+    @blp.alt_response(410, response="GONE")
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Search proofs of delivery
 
@@ -234,14 +239,53 @@ class Proofs(MethodView):
         `parcel_taken_in: false` and the parcel's fields null; it is the
         station's where it was recorded. Recipient phone numbers are masked except
         for auditors.
+
+        The deliveries come in pages of `limit`, by event id: pass a page's
+        `next_cursor` as `cursor`, with the same filters, for the next (null on
+        the last). The pages of one walk read the matching deliveries up to
+        `as_of` (the highest event id of one when it began), each once: an event's
+        id is taken when its push stores it, not when the push commits, so on
+        PostgreSQL a push committing late holds an id below deliveries already
+        shown; above the last shown it comes in a later page, below it the walk's
+        last page finds it (it counts the matching deliveries up to `as_of`) and
+        answers 410 `cursor_reset`: search again from the start. It does so too
+        when what matches changed below the pages shown (a flag of `flag_kind`
+        raised or closed, a parcel moved to another station). A walk that ends
+        with a page of `next_cursor` null held every matching delivery up to
+        `as_of` committed before that page was read. Deliveries stored since it
+        began are in none of its pages: `arrived_since` counts them on each page. A
+        cursor that is malformed or of other filters is a 400 `cursor_malformed`.
+        `after` (the last event id of the page before, its `next_after`) is
+        deprecated: such a page is read as before, and can miss a delivery
+        committed late below the pages read (`as_of`, `arrived_since` and
+        `next_cursor` null); `after` with `cursor` is a 422 `cursor_and_after`.
+        An auditor's search is on the audit log (`proofs_searched`), naming the
+        deliveries shown and the page of the walk: the `cursor` sent, `as_of`, the
+        page's `offset` in the walk and its `entries`, `arrived_since` and the
+        `next_cursor` given (a page read with `after`: that `after` and the
+        `next_after` given).
         """
         principal = current_principal()
-        proofs = list_proofs(
-            session=db.session,
-            filters=_filters(args, principal),
-            after_id=args["after"],
-            limit=args["limit"],
-        )
+        filters, sent = _filters(args, principal), args.get("cursor") or None
+        if sent is not None and args["after"]:
+            raise InvalidInput(
+                "send cursor or after, not both (after is deprecated: use cursor)",
+                code="cursor_and_after",
+                field="after",
+            )
+        walk = None
+        if args["after"]:  # deprecated: a page by id, which can miss a late commit
+            proofs = list_proofs(
+                session=db.session, filters=filters, after_id=args["after"], limit=args["limit"]
+            )
+        else:
+            walk = search_page(
+                session=db.session,
+                filters=filters,
+                cursor=SearchCursor.parse(sent),
+                limit=args["limit"],
+            )
+            proofs = walk.proofs
         events = proofs_events(session=db.session, proofs=proofs)
         consents = proofs_consents(
             session=db.session, proofs=proofs, policy=policy_of(current_app.config), loaded=events
@@ -259,16 +303,38 @@ class Proofs(MethodView):
             )
             for p in proofs
         ]
+        answer = {
+            **keyset_page(items, args["limit"], key=lambda item: item["event_id"]),
+            "as_of": None if walk is None else walk.as_of,
+            "arrived_since": None if walk is None else walk.arrived_since,
+            "next_cursor": None if walk is None or walk.next_cursor is None
+            else str(walk.next_cursor),
+        }  # fmt: skip
+        # Which page of which walk it was, as ``parcel_read`` records a timeline's: the
+        # walk's deliveries are those up to ``as_of``, the page its ``entries`` from
+        # ``offset``. A page read by ``after`` says so.
+        paging = (
+            {"after": args["after"], "next_after": answer["next_after"]}
+            if walk is None
+            else {
+                "cursor": sent,
+                "as_of": walk.as_of,
+                "offset": walk.offset,
+                "entries": len(items),
+                "arrived_since": walk.arrived_since,
+                "next_cursor": answer["next_cursor"],
+            }
+        )
         # Last, the page built: a search that failed before it leaves no read on record.
         record_auditor_read(
             "proofs_searched",
             "proof",
             "search",
-            {"event_ids": [p.event.id for p in proofs]},
+            {"event_ids": [p.event.id for p in proofs], **paging},
             tracking_no=args.get("tracking_no"),  # a search of one parcel's proofs
             parcels=[p.event.tracking_no for p in proofs],
         )
-        return keyset_page(items, args["limit"], key=lambda item: item["event_id"])
+        return answer
 
 
 @blp.route("/export.csv")

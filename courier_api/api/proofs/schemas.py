@@ -31,7 +31,21 @@ class ProofArgs(ma.Schema):
 
 
 class ProofListArgs(ProofArgs, PageArgs):
-    after = After(metadata={"description": "Last event id of the previous page"})
+    cursor = Text(
+        metadata={
+            "description": "The previous page's `next_cursor`, as received, with the same "
+            "filters; omit it for a walk's first page"
+        }
+    )
+    after = After(
+        metadata={
+            "deprecated": True,
+            "description": "Deprecated, use `cursor`: the last event id of the previous "
+            "page (its `next_after`). Pages read so can miss a delivery: a push "
+            "committing late holds a lower id than deliveries already read (PostgreSQL), "
+            "and no page after them reads it. Not with `cursor`",
+        }
+    )
 
 
 class ConsentRef(ma.Schema):
@@ -235,7 +249,42 @@ class ProofOut(ma.Schema):
 
 class ProofPage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(ProofOut), required=True)
-    next_after = ma.fields.Integer(allow_none=True, required=True)
+    next_cursor = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "When more deliveries of the walk follow: pass it as `cursor`, "
+            "with the same filters, for the next page. Null on its last page, and on a "
+            "page read with `after`"
+        },
+    )
+    as_of = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The highest event id of a matching delivery when the walk "
+            "began, the same on each of its pages: the walk reads the matching deliveries "
+            "up to it (0: none then). Null on a page read with `after`"
+        },
+    )
+    arrived_since = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Matching deliveries stored since the walk began (an id above "
+            "`as_of`), counted when this page was read: in no page of this walk; search "
+            "again without a cursor to see them. Null on a page read with `after`"
+        },
+    )
+    next_after = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "deprecated": True,
+            "description": "Deprecated, use `next_cursor`: the last event id of a full "
+            "page, to pass as `after` (which can miss a delivery committed late)",
+        },
+    )
 
 
 class FlagDecisionRef(ma.Schema):

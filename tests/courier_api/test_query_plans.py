@@ -936,6 +936,18 @@ def test_proof_search_uses_indexes(world: World) -> None:
     for url in searches:
         response, plans = run(world, "GET", url.replace("+", "%2B"), headers=world.auditor)
         explained += plans
+    # A walk by cursor of a station's day to its last page, which counts the day's
+    # matching deliveries against those the walk showed (``sync.proofs._check_walk``).
+    walk = searches[6].replace("+", "%2B") + "&limit=1"
+    response, plans = run(world, "GET", walk, headers=world.auditor)
+    explained += plans
+    pages = 1
+    while (cursor := response.get_json()["next_cursor"]) is not None:
+        page = walk.replace("limit=1", "limit=500") + f"&cursor={cursor}"
+        response, plans = run(world, "GET", page, headers=world.auditor)
+        explained += plans
+        pages += 1
+    assert pages > 1, "the day's search should take more than one page of 1"
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in explained))
     assert {"ix_scan_event_delivery_time", "ix_flag_subject"} <= used

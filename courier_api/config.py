@@ -54,6 +54,11 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
     return {
         "APP_ENV": env,
         "DATABASE_URL": environ.get("DATABASE_URL") or f"sqlite:///{instance_path / 'courier.db'}",
+        # PostgreSQL: a web request's statement cancelled past this (503), its answer
+        # awaited 5 s longer at most (a hung server); 0: none (models.engine).
+        "DATABASE_STATEMENT_TIMEOUT_SECONDS": _int(
+            environ, "DATABASE_STATEMENT_TIMEOUT_SECONDS", 30, minimum=0, maximum=3600
+        ),
         "JWT_SECRET": environ.get("JWT_SECRET", ""),
         # Signs the web pages' session cookie; empty: derived from JWT_SECRET.
         "SECRET_KEY": environ.get("SECRET_KEY", ""),

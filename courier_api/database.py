@@ -19,7 +19,13 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.engine import has_own_readers, make_engine, reads_only, refuse_writes
+from models.engine import (
+    has_own_readers,
+    make_engine,
+    reads_only,
+    refuse_writes,
+    set_statement_timeout,
+)
 from sync.sql import aborted_for_a_conflict, flushed_connection
 
 EXTENSION_KEY = "courier_api.database"
@@ -56,6 +62,8 @@ class Database:
         )
         app.teardown_appcontext(self._close_session)
         app.teardown_request(self._forget_commits)
+        app.before_request(_bound_statements)
+        app.teardown_request(_unbound_statements)
 
     @staticmethod
     def _state(app: Flask | None = None) -> _State:
@@ -435,3 +443,17 @@ def only_reads(view: View) -> View:
     put it above the route decorator."""
     view.READS_ONLY = True  # type: ignore[attr-defined]
     return view
+
+
+def _bound_statements() -> None:
+    """A web request's statements on PostgreSQL get ``DATABASE_STATEMENT_TIMEOUT_SECONDS``
+    (``models.engine.bounded_statements``): a courier's PDA gets a 503 to send again,
+    not an answer that never comes, from a database that stopped answering. Every
+    statement of the slowest requests (an audit walk, an export) reads a thousand rows
+    at most, well within it; CLI commands, migrations and the scheduler are unbounded."""
+    seconds = current_app.config.get("DATABASE_STATEMENT_TIMEOUT_SECONDS", 0)
+    set_statement_timeout(seconds or None)
+
+
+def _unbound_statements(_error: BaseException | None) -> None:
+    set_statement_timeout(None)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -18,6 +22,29 @@ BUSY_TIMEOUT_MS = 10_000  # how long a SQLite writer waits for its turn (then a 
 READS_ONLY = "courier_reads_only"
 
 log = logging.getLogger(__name__)
+
+# libpq's settings against a PostgreSQL that vanishes without closing its connections
+# (its host down, packets dropped): a connection attempt gives up after 10 s (libpq
+# has no bound, psycopg 130 s), an idle connection is probed after 30 s and given up
+# after 3 unanswered probes, and data sent and not acknowledged for 30 s ends the
+# connection. The URL's own values (``?keepalives_idle=...``) win.
+POSTGRESQL_CONNECT_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+# How much longer than its statement timeout a bounded statement waits for PostgreSQL's
+# answer (its own cancellation, normally) before giving the connection up: a server
+# that is hung, or a network that holds the packets, answers nothing at all.
+REPLY_MARGIN_SECONDS = 5.0
+# The statement timeout of the statements run in this context, in seconds
+# (``bounded_statements``); None: none of ours.
+_STATEMENT_TIMEOUT: ContextVar[float | None] = ContextVar(
+    "courier_statement_timeout", default=None
+)
 
 
 def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> Engine:
@@ -55,10 +82,87 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
             event.listen(engine, "engine_disposed", _dispose_reader)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    postgresql = parsed.get_backend_name() == "postgresql"
+    if postgresql:
+        given = kwargs.get("connect_args") or {}
+        defaults = {
+            key: value
+            for key, value in POSTGRESQL_CONNECT_DEFAULTS.items()
+            if key not in parsed.query and key not in given
+        }
+        kwargs["connect_args"] = {**defaults, **given}
     engine = create_engine(url, **kwargs)
-    if parsed.get_backend_name() == "postgresql":
+    if postgresql:
+        event.listen(engine, "do_connect", _bounded_connection)
         event.listen(engine, "connect", _utc_session)
+        event.listen(engine, "checkout", _statement_timeout_on_checkout)
     return engine
+
+
+@contextmanager
+def bounded_statements(seconds: float | None) -> Iterator[None]:
+    """Statements run on PostgreSQL in this context (a web request: ``courier_api``)
+    get ``statement_timeout`` = ``seconds`` (PostgreSQL cancels one that runs or waits
+    for a lock longer: 57014, a 503 with nothing stored), and their answers are awaited
+    ``REPLY_MARGIN_SECONDS`` longer at most: past that, a server that answers nothing
+    (hung, or packets held on the way) costs the connection, closed, and the statement
+    fails as a lost connection does. None, and outside any such context (migrations,
+    CLI commands, the scheduler): no bound of ours, the server's or the URL's
+    ``statement_timeout`` alone."""
+    token = _STATEMENT_TIMEOUT.set(seconds)
+    try:
+        yield
+    finally:
+        _STATEMENT_TIMEOUT.reset(token)
+
+
+def set_statement_timeout(seconds: float | None) -> None:
+    """``bounded_statements`` for the rest of this context (a request's hooks: its
+    teardown may run in another context than its start, for a streamed answer)."""
+    _STATEMENT_TIMEOUT.set(seconds)
+
+
+class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
+    """A psycopg connection whose waits for the server's answers are bounded in a
+    ``bounded_statements`` context; ``statement_timeout`` is the one the session has
+    now (set by ``_statement_timeout_on_checkout``; None: the server's own)."""
+
+    statement_timeout: float | None = None
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        seconds = _STATEMENT_TIMEOUT.get()
+        if seconds is None or args or "timeout" in kwargs:
+            return super().wait(gen, *args, **kwargs)
+        bound = seconds + REPLY_MARGIN_SECONDS
+        try:
+            return super().wait(gen, *args, timeout=bound, **kwargs)
+        except psycopg.errors._WaitTimeout:
+            # Half a conversation: the connection cannot be used again. Closed, the
+            # pool throws it away (``connection.closed``) and the error is the lost
+            # connection's (503 ``database_unavailable``).
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"no answer from the database in {bound:g} s: connection closed"
+            ) from None
+
+
+def _bounded_connection(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    return BoundedConnection.connect(*cargs, **cparams)
+
+
+def _statement_timeout_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """The session's ``statement_timeout`` made the context's (``bounded_statements``)
+    when it is not already: once per connection in a server's worker, whose requests
+    all have the same; ``RESET`` (the URL's or the server's) outside one."""
+    seconds = _STATEMENT_TIMEOUT.get()
+    if getattr(dbapi_connection, "statement_timeout", None) == seconds:
+        return
+    if seconds is None:
+        dbapi_connection.execute("RESET statement_timeout")
+    else:
+        dbapi_connection.execute(f"SET statement_timeout = {round(seconds * 1000)}")
+    dbapi_connection.commit()  # a SET rolled back with the request's work is undone
+    dbapi_connection.statement_timeout = seconds
 
 
 def reads_only(engine: Engine) -> Engine:

@@ -350,6 +350,8 @@ class TcpProxy:
     ``cut()`` severs every connection through it at once (a reset towards the client,
     a close towards the server: what a failing network or a database restart does) and
     refuses new connections (accepted and reset at once) until ``restore()``.
+    ``stall()`` forwards nothing more, either way, on the connections open or new ones,
+    closing none (a hung server, packets held on the way) until ``restore()``.
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -359,6 +361,8 @@ class TcpProxy:
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.refusing = False
+        self.flowing = threading.Event()  # cleared while stalled
+        self.flowing.set()
         self.connections = 0  # accepted and forwarded
         self.severed = 0  # cut while open
         self.refused = 0  # accepted and reset during a cut
@@ -398,7 +402,9 @@ class TcpProxy:
                 self.pairs.append((client, server))
                 self.connections += 1
             for source, target in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(source, target), daemon=True).start()
+                threading.Thread(
+                    target=_pump, args=(source, target, self.flowing), daemon=True
+                ).start()
 
     def cut(self) -> int:
         """Sever every open connection and refuse new ones; how many were severed."""
@@ -413,13 +419,20 @@ class TcpProxy:
             server.close()
         return len(pairs)
 
+    def stall(self) -> None:
+        self.flowing.clear()
+
     def restore(self) -> None:
         with self.lock:
             self.refusing = False
+        self.flowing.set()
 
     def close(self) -> None:
         self.closed = True
         self.cut()
+        self.flowing.set()  # the stalled pumps end on the severed sockets
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close does not)
         self.listener.close()
         self.thread.join(timeout=5)
 
@@ -433,10 +446,11 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _pump(source: socket.socket, target: socket.socket) -> None:
+def _pump(source: socket.socket, target: socket.socket, flowing: threading.Event) -> None:
     try:
         while True:
             data = source.recv(65536)
+            flowing.wait()  # held while stalled, the end of the stream too
             if not data:
                 break
             target.sendall(data)

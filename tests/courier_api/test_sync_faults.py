@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from flask import Flask
-from sqlalchemy import event, func, select, text
+from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+import models.engine
 from courier_api.api.sync import routes
 from courier_api.app import REQUEST_ATTEMPTS
 from courier_api.extensions import db
 from models import (
     AuditEntry,
+    Base,
     Device,
     DeviceStatus,
     DeviceSyncState,
@@ -40,7 +45,8 @@ from sync import feed, ingest
 from sync.parcels import IntakeRules, IntakeScope, ParcelDraft, intake_parcels
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
-from tests.conftest import Auth
+from tests.conftest import Auth, make_test_app
+from tests.live_server import TcpProxy
 from tests.threads import race
 
 PUSH = "/api/v1/sync/push"
@@ -188,6 +194,100 @@ def test_a_push_cancelled_by_a_statement_timeout_is_503_with_nothing_stored(
     receipt = station.push(batch).get_json()
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
     assert station.count(ScanEvent) == 3
+
+
+@pytest.mark.postgres_only
+def test_a_web_requests_statement_past_its_timeout_is_cancelled_and_a_commands_is_not(
+    database_url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DATABASE_STATEMENT_TIMEOUT_SECONDS`` is the ``statement_timeout`` of a web
+    request's statements: one that waits longer (a lock held elsewhere, a slow disk) is
+    cancelled by PostgreSQL, a 503 with nothing stored, in the timeout and not in the
+    client's longer bound; a CLI command's or a job's statements on the same pooled
+    connections keep the server's (no timeout here)."""
+    app = make_test_app(database_url, tmp_path, DATABASE_STATEMENT_TIMEOUT_SECONDS=1)
+    try:
+        station = Station(app)
+        batch = station.body(events(station, range(1, 4)))
+        insert = ingest._BatchIngest._insert
+
+        def slow(self: Any, fresh: Any) -> Any:
+            inserted = insert(self, fresh)
+            self.session.execute(text("SELECT pg_sleep(3)"))
+            return inserted
+
+        monkeypatch.setattr(ingest._BatchIngest, "_insert", slow)
+        started = time.monotonic()
+        response = station.push(batch)
+        waited = time.monotonic() - started
+        assert response.status_code == 503, response.get_json()
+        assert response.get_json()["code"] == "database_unavailable"
+        assert 1 <= waited < 2.5, waited
+        monkeypatch.undo()
+        assert station.count(ScanEvent) == 0
+        with app.app_context():  # outside a request: the server's own, on every connection
+            for _ in range(3):
+                with db.engine.connect() as connection:
+                    shown = connection.execute(text("SHOW statement_timeout")).scalar_one()
+                    assert shown == "0", shown
+        receipt = station.push(batch).get_json()
+        assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+    finally:
+        db.engine_of(app).dispose()
+        with engine.begin() as connection:
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(table.delete())
+
+
+@pytest.mark.postgres_only
+def test_a_push_to_a_database_that_stops_answering_is_a_503_within_its_bound(
+    database_url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL stops answering without closing its connections (a hung server,
+    packets held on the way: a proxy that forwards nothing more). The push waited for
+    an answer for ever, gunicorn's worker reporting alive all along (100 s and more in
+    a run), and the courier's PDA with it. Each answer is now awaited the statement
+    timeout and ``REPLY_MARGIN_SECONDS`` at most (a new connection ``connect_timeout``):
+    a 503 to send again, nothing stored, and the retry applies the batch once the
+    database answers again."""
+    monkeypatch.setattr(models.engine, "REPLY_MARGIN_SECONDS", 0.5, raising=False)
+    parsed = make_url(database_url)
+    with TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432)) as proxy:
+        proxied = parsed.set(
+            host="127.0.0.1", port=proxy.port, query={**parsed.query, "connect_timeout": "2"}
+        )
+        app = make_test_app(
+            proxied.render_as_string(hide_password=False),
+            tmp_path,
+            DATABASE_STATEMENT_TIMEOUT_SECONDS=1,
+        )
+        answers: list[Any] = []
+        try:
+            station = Station(app)
+            batch = station.body(events(station, range(1, 4)))
+            proxy.stall()
+            started = time.monotonic()
+            pushing = threading.Thread(target=lambda: answers.append(station.push(batch)))
+            pushing.start()
+            pushing.join(timeout=10)
+            waited = time.monotonic() - started
+            assert answers, "no answer in 10 s from a database that stopped answering"
+            response = answers[0]
+            assert response.status_code == 503, response.get_json()
+            assert response.get_json()["code"] == "database_unavailable"
+            assert response.headers["Retry-After"]
+            assert waited < 6, waited  # 1.5 s for the pooled connection, 2 s for a new one
+        finally:
+            proxy.restore()
+            pushing.join(timeout=30)
+        assert station.count(ScanEvent) == 0
+        receipt = station.push(batch).get_json()
+        assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+        assert station.count(ScanEvent) == 3
+        db.engine_of(app).dispose()
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
 
 
 def _aborted_by_postgresql(session: Session, errcode: str) -> None:

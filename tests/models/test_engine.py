@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import InternalError, OperationalError
 
-from models.engine import BUSY_TIMEOUT_MS, make_engine, reads_only
+from models.engine import BUSY_TIMEOUT_MS, POSTGRESQL_CONNECT_DEFAULTS, make_engine, reads_only
 from models.turnstile import TurnstileConnection
 
 
@@ -215,3 +215,31 @@ def test_a_sqlite_file_left_out_of_wal_mode_still_commits_each_write_synced(
     assert not database.with_name(database.name + "-wal").exists()
     warnings = [r for r in caplog.records if "rollback journal" in r.getMessage()]
     assert len(warnings) == 1 and str(database) in warnings[0].getMessage()
+
+
+def test_postgresql_connections_give_up_on_a_vanished_server_unless_the_url_says(
+    engine: Engine,
+) -> None:
+    """libpq waits for ever on a server that vanished without closing its connections
+    (its host down, packets dropped): each connection gets a connect timeout,
+    keepalives and ``tcp_user_timeout`` (``POSTGRESQL_CONNECT_DEFAULTS``), and what the
+    URL or ``connect_args`` say instead is kept."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("libpq's connection settings")
+    url = engine.url.update_query_dict({"keepalives_idle": "5"})
+    own = make_engine(
+        url.render_as_string(hide_password=False), connect_args={"keepalives_count": 9}
+    )
+    try:
+        with own.connect() as connection:
+            parameters = connection.connection.dbapi_connection.info.get_parameters()
+    finally:
+        own.dispose()
+    assert {key: parameters.get(key) for key in POSTGRESQL_CONNECT_DEFAULTS} == {
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "keepalives_idle": "5",
+        "keepalives_interval": "10",
+        "keepalives_count": "9",
+        "tcp_user_timeout": "30000",
+    }

@@ -312,8 +312,8 @@ class WalSync:
         finally:
             with self._changed:
                 self._syncing = False
-                if synced:
-                    self._synced = covered
+                if synced:  # never back: a checkpoint may have covered more meanwhile
+                    self._synced = max(self._synced, covered)
                 elif failure is not None:
                     self._failure = failure
                 self._changed.notify_all()

@@ -434,6 +434,50 @@ def test_commits_during_a_sync_share_the_next_one_and_none_returns_unsynced(
     assert len(syncs) < 40, len(syncs)  # 80 commits; one sync each would be 80
 
 
+def test_a_sync_ending_after_a_deleted_wals_checkpoint_leaves_its_commits_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer syncs commit 1 while the WAL file is deleted; the next commit finds it
+    gone, and its checkpoint puts commits 1 and 2 in the database file, synced
+    (``covered_elsewhere``). The first sync ending only then counted its own commit as
+    the last one synced, so commit 2, durable, synced the file again: gone, it failed
+    (a 503 for a push on disk) and every later sync with it."""
+    wal_sync = turnstile_module.WalSync(tmp_path / "x.db-wal")
+    syncing = threading.Event()
+    release = threading.Event()
+    calls: list[int] = []
+
+    def sync_file(_file: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the file was there: the sync goes through, slowly
+            syncing.set()
+            assert release.wait(10)
+            return
+        raise FileNotFoundError(2, "No such file or directory")  # deleted since
+
+    monkeypatch.setattr(turnstile_module._WalFile, "sync", sync_file)
+    first = wal_sync.committed()
+    errors: list[BaseException] = []
+
+    def durable() -> None:
+        try:
+            wal_sync.make_durable(first)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=durable)
+    thread.start()
+    assert syncing.wait(10)
+    second = wal_sync.committed()
+    wal_sync.covered_elsewhere(second)  # the checkpoint of the deleted WAL's frames
+    release.set()
+    thread.join(10)
+    assert errors == []
+    wal_sync.make_durable(second)  # on disk already: no sync, no failure
+    assert calls == [1]
+    assert wal_sync.failure is None
+
+
 def test_a_failed_sync_fails_its_commit_and_every_later_one(
     database: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

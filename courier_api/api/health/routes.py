@@ -57,9 +57,12 @@ class Readyz(MethodView):
             }
             return body, 503
         ready = current == head and refused is None
+        # Why, without the file's path (the probe answers anyone, as the reason a
+        # database is unreachable is its error's type alone); the log names the file.
+        why = None if refused is None else refused.strerror or type(refused).__name__
         body = {
             "status": "ready" if ready else "not_ready",
-            "database": "ok" if refused is None else f"writes refused until a restart: {refused}",
+            "database": "ok" if why is None else f"writes refused until a restart: {why}",
             "migrations": {"current": current, "head": head},
         }
         return body, 200 if ready else 503

@@ -62,8 +62,9 @@ class Database:
         )
         app.teardown_appcontext(self._close_session)
         app.teardown_request(self._forget_commits)
-        app.before_request(_bound_statements)
-        app.teardown_request(_unbound_statements)
+        seconds = app.config.get("DATABASE_STATEMENT_TIMEOUT_SECONDS", 0)
+        if engine.dialect.name == "postgresql" and seconds:
+            _bound_statements(app, seconds)
 
     @staticmethod
     def _state(app: Flask | None = None) -> _State:
@@ -445,15 +446,12 @@ def only_reads(view: View) -> View:
     return view
 
 
-def _bound_statements() -> None:
+def _bound_statements(app: Flask, seconds: int) -> None:
     """A web request's statements on PostgreSQL get ``DATABASE_STATEMENT_TIMEOUT_SECONDS``
-    (``models.engine.bounded_statements``): a courier's PDA gets a 503 to send again,
+    (``models.engine.set_statement_timeout``): a courier's PDA gets a 503 to send again,
     not an answer that never comes, from a database that stopped answering. Every
     statement of the slowest requests (an audit walk, an export) reads a thousand rows
-    at most, well within it; CLI commands, migrations and the scheduler are unbounded."""
-    seconds = current_app.config.get("DATABASE_STATEMENT_TIMEOUT_SECONDS", 0)
-    set_statement_timeout(seconds or None)
-
-
-def _unbound_statements(_error: BaseException | None) -> None:
-    set_statement_timeout(None)
+    at most, well within it; CLI commands, migrations and the scheduler are unbounded.
+    (SQLite has its busy timeout, and no hooks here: they cost every request.)"""
+    app.before_request(lambda: set_statement_timeout(seconds))
+    app.teardown_request(lambda _error: set_statement_timeout(None))

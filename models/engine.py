@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ POSTGRESQL_CONNECT_DEFAULTS: dict[str, int] = {
 # that is hung, or a network that holds the packets, answers nothing at all.
 REPLY_MARGIN_SECONDS = 5.0
 # The statement timeout of the statements run in this context, in seconds
-# (``bounded_statements``); None: none of ours.
+# (``set_statement_timeout``); None: none of ours.
 _STATEMENT_TIMEOUT: ContextVar[float | None] = ContextVar(
     "courier_statement_timeout", default=None
 )
@@ -99,32 +97,21 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
     return engine
 
 
-@contextmanager
-def bounded_statements(seconds: float | None) -> Iterator[None]:
-    """Statements run on PostgreSQL in this context (a web request: ``courier_api``)
-    get ``statement_timeout`` = ``seconds`` (PostgreSQL cancels one that runs or waits
-    for a lock longer: 57014, a 503 with nothing stored), and their answers are awaited
-    ``REPLY_MARGIN_SECONDS`` longer at most: past that, a server that answers nothing
-    (hung, or packets held on the way) costs the connection, closed, and the statement
-    fails as a lost connection does. None, and outside any such context (migrations,
-    CLI commands, the scheduler): no bound of ours, the server's or the URL's
-    ``statement_timeout`` alone."""
-    token = _STATEMENT_TIMEOUT.set(seconds)
-    try:
-        yield
-    finally:
-        _STATEMENT_TIMEOUT.reset(token)
-
-
 def set_statement_timeout(seconds: float | None) -> None:
-    """``bounded_statements`` for the rest of this context (a request's hooks: its
-    teardown may run in another context than its start, for a streamed answer)."""
+    """Statements run on PostgreSQL from now on in this context (a web request's, set
+    and cleared by its hooks: ``courier_api.database``) get ``statement_timeout`` =
+    ``seconds`` (PostgreSQL cancels one that runs or waits for a lock longer: 57014, a
+    503 with nothing stored), and their answers are awaited ``REPLY_MARGIN_SECONDS``
+    longer at most: past that, a server that answers nothing (hung, or packets held on
+    the way) costs the connection, closed, and the statement fails as a lost
+    connection does. None, and in any other context (migrations, CLI commands, the
+    scheduler): no bound of ours, the server's or the URL's ``statement_timeout``."""
     _STATEMENT_TIMEOUT.set(seconds)
 
 
 class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
     """A psycopg connection whose waits for the server's answers are bounded in a
-    ``bounded_statements`` context; ``statement_timeout`` is the one the session has
+    ``set_statement_timeout`` context; ``statement_timeout`` is the one the session has
     now (set by ``_statement_timeout_on_checkout``; None: the server's own)."""
 
     statement_timeout: float | None = None
@@ -151,7 +138,7 @@ def _bounded_connection(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -
 
 
 def _statement_timeout_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """The session's ``statement_timeout`` made the context's (``bounded_statements``)
+    """The session's ``statement_timeout`` made the context's (``set_statement_timeout``)
     when it is not already: once per connection in a server's worker, whose requests
     all have the same; ``RESET`` (the URL's or the server's) outside one."""
     seconds = _STATEMENT_TIMEOUT.get()

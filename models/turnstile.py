@@ -432,7 +432,10 @@ class TurnstileConnection(sqlite3.Connection):
             return
         log.critical(
             "the WAL file %s was deleted while in use: its %d frames were copied into the "
-            "database and synced; writes are refused until the service restarts",
+            "database and synced; writes are refused until the service restarts: stop "
+            "every process using the database (the service, its scheduler, any command) "
+            "before starting one again, as one started while another still holds the "
+            "deleted file writes to a new WAL file the others do not see",
             wal,
             frames,
         )

@@ -704,6 +704,14 @@ def discrepancies_decided(balance: Balance) -> list[int]:
     ]
 
 
+def discrepancies_to_decide(balance: Balance) -> list[Discrepancy]:
+    """The balance's discrepancies no manager has resolved (open or acknowledged, or
+    without a flag), in the order it lists them: what a sign-off of those whose
+    discrepancies are all decided tells the manager to go and decide."""
+    decided = set(discrepancies_decided(balance))
+    return [d for d in balance.discrepancies if d.flag_id is None or d.flag_id not in decided]
+
+
 def all_discrepancies_decided(balance: Balance) -> bool:
     """Unbalanced only by discrepancies each resolved by a manager (none without a flag,
     none open or acknowledged), its events all on the server."""
@@ -747,12 +755,15 @@ def counts_named(balance: Balance) -> str:
 DISCREPANCIES_NAMED = 3  # parcels of each kind a message names, at most
 
 
-def discrepancies_named(balance: Balance) -> str:
+def discrepancies_named(
+    balance: Balance, discrepancies: Iterable[Discrepancy] | None = None
+) -> str:
     """``2 missing_at_handover (RR473124829GB, RR...), 1 not_on_manifest (...)``: the
     discrepancies by kind, in the order the balance lists them, each kind's first
-    parcels by number: what the manager goes to find."""
+    parcels by number: what the manager goes to find. ``discrepancies``: only those of
+    the balance (``discrepancies_to_decide``), not all of them."""
     by_kind: dict[str, list[str]] = defaultdict(list)
-    for d in balance.discrepancies:
+    for d in balance.discrepancies if discrepancies is None else discrepancies:
         by_kind[d.kind].append(d.tracking_no)
     named = []
     for kind, numbers in by_kind.items():

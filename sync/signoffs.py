@@ -35,6 +35,7 @@ from sync.handover import (
     counts_named,
     discrepancies_decided,
     discrepancies_named,
+    discrepancies_to_decide,
     unsent_seqs_named,
 )
 from sync.manager_text import manager_text
@@ -289,12 +290,14 @@ def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Ref
         decided and all_discrepancies_decided(balance)
     ):
         if decided and balance.discrepancies:
-            waiting = len(balance.discrepancies) - len(discrepancies_decided(balance))
+            # Named are those still to decide: the resolved ones beside them sent the
+            # manager to open a decided flag first.
+            waiting = discrepancies_to_decide(balance)
             return Refusal(
                 "discrepancies_to_decide",
-                f"{waiting} of its {len(balance.discrepancies)} discrepancies still to "
-                f"decide ({discrepancies_named(balance)}): decide on them on its page, or "
-                "sign it off on its own",
+                f"{len(waiting)} of its {len(balance.discrepancies)} discrepancies still to "
+                f"decide ({discrepancies_named(balance, waiting)}): decide on them on its "
+                "page, or sign it off on its own",
             )
         found = f": {discrepancies_named(balance)}" if balance.discrepancies else ""
         return Refusal(

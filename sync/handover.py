@@ -693,10 +693,11 @@ def first_seq_after(previous_shift_end: int | None) -> int | None:
 def discrepancies_decided(balance: Balance) -> list[int]:
     """The flags of the balance's discrepancies a manager resolved, by id. A resolved flag
     still stands as a discrepancy (resolving records a decision, it does not change what
-    happened: the balance stays unbalanced); a shift all of whose discrepancies are
-    decided waits for nothing more of the manager but a sign-off, which the board offers
-    together (``sync.signoffs.sign_off_clean`` with ``decided``). An acknowledged flag is
-    still to decide, as the board's waiting flags count it."""
+    happened: the balance stays unbalanced); a shift closed all of whose
+    discrepancies are decided, not provisional and clean in all else
+    (``sync.signoffs.not_clean``), waits for nothing more of the manager but a sign-off,
+    which the board offers together (``sync.signoffs.sign_off_clean`` with ``decided``).
+    An acknowledged flag is still to decide, as the board's waiting flags count it."""
     return [
         d.flag_id
         for d in balance.discrepancies

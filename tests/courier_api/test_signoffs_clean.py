@@ -21,7 +21,7 @@ from sync.sweeps import SweepSettings, blob_missing_at_handover
 from tests import factories
 from tests.browser.station_day import doorstep_png
 from tests.conftest import Auth, World
-from tests.courier_api.test_shifts_api import Courier, now, parcels, sign_off
+from tests.courier_api.test_shifts_api import Courier, balance, now, parcels, sign_off
 from tests.courier_api.test_web_pages import signed_in
 
 
@@ -923,3 +923,53 @@ def test_the_board_signs_off_apart_the_handovers_whose_discrepancies_are_all_dec
         headers=manager,
     ).get_json()
     assert body["signed_off"] == 1, body
+
+
+def test_the_board_says_a_decided_shift_waits_only_for_its_sign_off_when_it_does(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """A delivery without its signature at 10:00, the recipient called and the flag
+    resolved at 11:00: the row of the shift still on the road said "all 1 decided",
+    titled "the shift waits only for its sign-off" (and the API's field said as much of
+    every row whose discrepancies are all resolved), while the courier was out and the
+    shift could not be signed off at all. Only a handover offered for a sign-off of
+    those decided says so; the others say what is decided, no more."""
+    on_road, handed_over = couriers[:2]
+    manager = auth.headers("manager1")
+    a, b = parcels(session, world, 2)
+    ids = {}
+    for pda, parcel in ((on_road, a), (handed_over, b)):
+        ids[pda] = pda.open(first_seq=1)["id"]
+        pda.push(
+            [
+                pda.event(parcel),
+                pda.event(parcel, "delivered", pod={"recipient_name": "Li", "relation": "self"}),
+            ]
+        )
+    assert handed_over.close(ids[handed_over], last_seq=handed_over.seq).status_code == 200
+    for pda in (on_road, handed_over):
+        [found] = balance(client, ids[pda], manager)["discrepancies"]
+        assert found["kind"] == "delivered_without_pod"
+        flags.resolve_flag(
+            session=session,
+            flag=session.get_one(Flag, found["flag_id"]),
+            user_id=world.manager.id,
+            note="recipient called: signed for it",
+        )
+    session.commit()
+
+    rows = board(client, world, manager)
+    assert [rows[ids[pda]]["discrepancies_decided"] for pda in (on_road, handed_over)] == [1, 1]
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    cell = {
+        pda: re.search(rf'id="shift-{ids[pda]}">.*?</tr>', html, re.S).group(0)  # type: ignore[union-attr]
+        for pda in (on_road, handed_over)
+    }
+    assert all(">all 1 decided</span>" in found for found in cell.values())
+    assert "waits only for its sign-off" not in cell[on_road]
+    assert "waits only for its sign-off" in cell[handed_over]

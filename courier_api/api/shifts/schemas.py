@@ -460,9 +460,13 @@ class BoardShiftOut(ma.Schema):
     )
     discrepancies_decided = _count(
         "Its discrepancies (`balance.discrepancy_count`) whose flag a manager resolved: each "
-        "still stands in the balance, which stays unbalanced. All of them: the shift waits "
-        "only for its sign-off, which `POST /stations/{station_id}/signoffs` with "
-        "`discrepancies_decided` gives it together with others"
+        "still stands in the balance, which stays unbalanced. All of them, on a shift "
+        "closed (not signed off yet), not provisional and clean in all else (no event of "
+        "its PDA rejected, no flag of its own waiting, no corrected outcome to review, "
+        "every proof image uploaded): the shift waits only for its sign-off, which "
+        "`POST /stations/{station_id}/signoffs` with `discrepancies_decided` gives it "
+        "together with others. A shift still open, or provisional, may have all its "
+        "discrepancies decided and still wait for more"
     )
     courier_back_shift_id = ma.fields.Integer(
         allow_none=True,

@@ -973,3 +973,55 @@ def test_the_board_says_a_decided_shift_waits_only_for_its_sign_off_when_it_does
     assert all(">all 1 decided</span>" in found for found in cell.values())
     assert "waits only for its sign-off" not in cell[on_road]
     assert "waits only for its sign-off" in cell[handed_over]
+
+
+def test_a_decision_a_late_event_undoes_refuses_the_decided_sign_off_at_the_same_balance(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """A parcel missing at handover, resolved "lost"; the board offers the shift to sign
+    off with every discrepancy decided. Before the click, the PDA sends a failed attempt
+    at that parcel: the system opens the flag again (the decision did not see it), but
+    the balance (still 1 missing, the same flag) keeps its version. The sign-off reads
+    the flag as it is, and refuses the shift: no version check would."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    returned, lost = parcels(session, world, 2)
+    shift_id = pda.open(first_seq=1)["id"]
+    pda.push([pda.event(returned), pda.event(lost), pda.event(returned, "returned_to_station")])
+    assert pda.close(shift_id).status_code == 200  # no last seq: a later one is its own
+    [found] = balance(client, shift_id, manager)["discrepancies"]
+    flag = session.get_one(Flag, found["flag_id"])
+    flags.resolve_flag(session=session, flag=flag, user_id=world.manager.id, note="lost")
+    session.commit()
+    row = board(client, world, manager)[shift_id]
+    assert row["discrepancies_decided"] == row["balance"]["discrepancy_count"] == 1
+
+    pda.push(
+        [
+            pda.event(
+                lost, "delivery_attempt_failed", reason="recipient_absent", action="retry_planned"
+            )
+        ]
+    )
+
+    now = board(client, world, manager)[shift_id]
+    assert now["balance_version"] == row["balance_version"]
+    assert now["discrepancies_decided"] == 0
+    body = client.post(
+        f"/api/v1/stations/{world.station.id}/signoffs",
+        json={
+            "note": "each decided",
+            "discrepancies_decided": True,
+            "shifts": [{"shift_id": shift_id, "balance_version": row["balance_version"]}],
+        },
+        headers=manager,
+    ).get_json()
+    assert [(o["outcome"], o["code"]) for o in body["outcomes"]] == [
+        ("refused", "discrepancies_to_decide")
+    ], body
+    session.expire_all()
+    assert session.get_one(Shift, shift_id).status.value == "closed"

@@ -843,6 +843,10 @@ def test_the_board_signs_off_apart_the_handovers_whose_discrepancies_are_all_dec
         "handover of this page whose discrepancies are all decided, each as the page shows "
         'it">Sign off all 2 handovers with every discrepancy decided</button>'
     ) in html
+    # Enter in the note field must sign nothing off: a browser submits through the form's
+    # first button, which is disabled, not the first sign-off button.
+    form = html[html.index('id="sign-off-clean"') :]
+    assert "disabled" in re.search(r"<button[^>]*>", form).group(0)  # type: ignore[union-attr]
     offered = re.findall(r'<input type="hidden" name="decided" value="(\d+):(\w+)">', html)
     assert [int(i) for i, _ in offered] == [ids[decided], ids[undone]]
     # After the read, the last shift's decision is undone (its flag opened again).

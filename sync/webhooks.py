@@ -32,7 +32,8 @@ worker here (``deliver_due``) posts them:
   and flagged ``webhook_subscription_disabled``. Both, because the count alone grows
   with the traffic: a message every 5 minutes had a receiver redeploying for 15
   disabled, nothing flowing until an admin came. Re-enabling it (``active: true``)
-  resumes them.
+  resumes them; so does resuming one an admin paused, the run of failures started
+  over in both cases (nothing is tried while paused: no failing).
 
 Requests are signed (``sign``/``verify``): ``X-Courier-Signature: t=<unix
 seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``. Secrets are never logged and
@@ -487,7 +488,9 @@ def update_subscription(
 
     ``active: true`` on a subscription the worker disabled enables it again: its
     failure count starts over, its flag is closed, and its waiting deliveries are due
-    at once (not after the backoff they had reached).
+    at once (not after the backoff they had reached). On one an admin paused, it
+    resumes it: its failure count starts over too (``failing_since`` cleared), the
+    time it was paused being no failing.
     """
     changed: dict[str, Any] = {}
     if url is not None:
@@ -506,6 +509,13 @@ def update_subscription(
         if active and subscription.disabled_at is not None:
             _enable_again(session, subscription, now)
             changed["enabled_again"] = True
+        elif active and not subscription.active:
+            # Resumed: nothing was tried while it was paused, so those hours were no
+            # failing; its run of failures starts over, as an enabled-again one's does.
+            # Kept, it was disabled at its first failure after a pause longer than
+            # ``disable_after_seconds`` (``_count_failure``).
+            subscription.consecutive_failures = 0
+            subscription.failing_since = None
         subscription.active = active
         changed["active"] = active
     session.flush()

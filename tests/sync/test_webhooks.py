@@ -1767,3 +1767,50 @@ def test_the_readme_receiver_accepts_either_signature_of_a_rotation() -> None:
         assert namespace["verify"](secret, header, body), secret
     assert not namespace["verify"]("other", header, body)
     assert not namespace["verify"]("new-secret", header, body + b" ")
+
+
+def test_a_subscription_paused_while_failing_starts_its_run_over_when_resumed(
+    sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender
+) -> None:
+    """An admin pauses a failing subscription (``active: false``) while its receiver is
+    being mended, and resumes it hours later. Nothing was tried meanwhile: the hours it
+    was paused are no failing. The run of failures kept its ``failing_since`` from
+    before the pause, so the first failure after resuming (a receiver warming up)
+    disabled and flagged it at once, its count reached and its first failure "hours"
+    old, where a receiver failing since the resumption is waited for
+    ``WEBHOOK_DISABLE_AFTER_SECONDS``, as one enabled again is."""
+    settings = replace(
+        SETTINGS, max_attempts=20, disable_after_failures=3, disable_after_seconds=3600
+    )
+    sub = subscribe(sessions, receiver.url)
+    for n in range(3):
+        announce(sessions, f"RR00000000{n}GB")
+    receiver.default = Answer(503)
+    assert deliver(sessions, sender, T0, settings=settings)["failed"] == 3
+    failing = subscription(sessions, sub.id)
+    assert failing.consecutive_failures == 3 and failing.failing_since is not None
+    assert failing.disabled_at is None  # the count reached, not the hour
+
+    def patch(now: dt.datetime, active: bool) -> None:
+        with sessions.begin() as session:
+            webhooks.update_subscription(
+                session=session,
+                subscription=session.get(WebhookSubscription, sub.id),
+                production=False,
+                now=now,
+                active=active,
+            )
+
+    patch(at(60), active=False)
+    assert deliver(sessions, sender, at(3 * 3600), settings=settings)["claimed"] == 0
+    resumed = at(5 * 3600)
+    patch(resumed, active=True)
+
+    stats = deliver(sessions, sender, resumed, settings=settings)
+
+    assert stats["failed"] == 3 and stats["disabled"] == []
+    after = subscription(sessions, sub.id)
+    assert after.disabled_at is None
+    assert after.failing_since is not None and after.failing_since >= resumed
+    # Failing an hour after the resumption, it is disabled as any receiver failing so long.
+    assert deliver(sessions, sender, resumed + LATER, settings=settings)["disabled"] == [sub.id]

@@ -111,14 +111,18 @@ class SubscriptionOut(ma.Schema):
     )
     disabled_reason = ma.fields.String(allow_none=True, required=True)
     consecutive_failures = ma.fields.Integer(
-        required=True, metadata={"description": "Failed attempts since the last success"}
+        required=True,
+        metadata={
+            "description": "Failed attempts since the last success (or since an admin "
+            "last set it active: enabled again or resumed)"
+        },
     )
     failing_since = ma.fields.AwareDateTime(
         allow_none=True,
         required=True,
         metadata={
             "description": "The first of those failed attempts (null: the last attempt "
-            "succeeded, or none failed since it was enabled)"
+            "succeeded, or none failed since it was enabled, enabled again or resumed)"
         },
     )
     created_at = ma.fields.AwareDateTime(required=True)

@@ -792,8 +792,10 @@ def lock_requests_to_end(
     corrections or tracking numbers, ``sync.sql.chunks``), then the handed-over parcels'
     after the voided ones, a push ending more than 900 questions, or voiding one ask and
     delivering another parcel, took a later request before an earlier one, and
-    deadlocked with a push or the job taking both by id. PostgreSQL only: SQLite has no
-    row locks (a writer holds the whole database)."""
+    deadlocked with a push or the job taking both by id. Locked only if still pending
+    or held back then (``REQUESTS_LOCKED``): one answered since it was found is not the
+    push's to hold. PostgreSQL only: SQLite has no row locks (a writer holds the whole
+    database)."""
     if session.get_bind().dialect.name != "postgresql":
         return
     ids: set[int] = set()
@@ -823,10 +825,18 @@ PENDING_REQUESTS = Prebuilt(
         ConsentRequest.status == ConsentRequestStatus.PENDING,
     )
 )
+# Those still to end only, as found under the lock: one answered since it was found
+# (granted, committed) is left alone. Held, a refusal of another of the parcel's
+# requests withdrawing that grant (it holds the refused request, then updates the
+# granted one: ``_withdraw_granted_before``) waited for this push, which waited for
+# the refused one, next by id: a deadlock.
 REQUESTS_LOCKED = Prebuilt(
     lambda dialect: (
         select(ConsentRequest.id)
-        .where(among_param(dialect, ConsentRequest.id, "ids"))
+        .where(
+            among_param(dialect, ConsentRequest.id, "ids"),
+            or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
+        )
         .order_by(ConsentRequest.id)
         .with_for_update()
     )

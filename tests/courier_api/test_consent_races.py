@@ -1127,3 +1127,87 @@ def test_a_push_ending_many_questions_locks_them_all_in_one_order(
             db.session.execute(select(ConsentRequest.tracking_no, ConsentRequest.status)).all()
         )
     assert statuses == {a: ConsentRequestStatus.CANCELLED, b: ConsentRequestStatus.CANCELLED}
+
+
+@pytest.mark.postgres_only
+def test_a_push_locks_no_request_answered_between_finding_and_locking_it(
+    committed_app: Flask, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push handing a parcel over finds the parcel's pending requests without locking
+    them, then locks them by id (``lock_requests_to_end``). One answered in between (the
+    recipient's grant, committed) is pending no more: the push locked it all the same,
+    holding a granted request to its commit. A refusal of another of the parcel's
+    requests withdrawing that grant (``_withdraw_granted_before``: it holds the refused
+    request, then updates the granted one) and this push (holding the granted one, the
+    refused one next by id) then each waited for the other: a deadlock, as a
+    revocation of that consent waited for the push. It locks only those still pending
+    (or held back), as the single locking statement before it did."""
+    from models import ConsentRequest
+    from sync import consent_requests
+
+    headers, [(tracking_no, dropped_at, _)] = _dropped_without_consent(committed_app, 1)
+    asked = committed_app.test_client().post(
+        f"{CONSENTS}/requests",
+        json={"tracking_no": tracking_no, "method": "locker", "channel": "sms"},
+        headers=headers["courier"],
+    )
+    assert asked.status_code == 201, asked.get_json()
+    request_id = asked.get_json()["id"]
+    answered: list[Any] = []
+    probed: list[Any] = []
+    finding, locking = consent_requests.PENDING_REQUESTS, consent_requests.REQUESTS_LOCKED
+
+    class AnsweredOnceFound:
+        """The find, then the recipient's grant, committed before the push locks."""
+
+        def execute(self, session: Any, params: Any) -> Any:
+            found = finding.execute(session, params)
+            answering = threading.Thread(
+                target=lambda: answered.append(
+                    committed_app.test_client().post(
+                        CONSENTS,
+                        json={"request_id": request_id, "channel": "sms"},
+                        headers=headers["integration"],
+                    )
+                )
+            )
+            answering.start()
+            answering.join(timeout=30)
+            return found
+
+    class ProbedOnceLocked:
+        """The lock, then another connection asks for the answered request at once."""
+
+        def execute(self, session: Any, params: Any) -> Any:
+            locked = locking.execute(session, params)
+            with engine.connect() as other:
+                try:
+                    other.execute(
+                        select(ConsentRequest.id)
+                        .where(ConsentRequest.id == request_id)
+                        .with_for_update(nowait=True)
+                    )
+                    probed.append(None)
+                except Exception as error:  # reported below
+                    probed.append(error)
+                other.rollback()
+            return locked
+
+    monkeypatch.setattr(consent_requests, "PENDING_REQUESTS", AnsweredOnceFound())
+    monkeypatch.setattr(consent_requests, "REQUESTS_LOCKED", ProbedOnceLocked())
+    collected = factories.event(
+        3, tracking_no, "collected_from_locker", occurred_at=dropped_at + dt.timedelta(minutes=5)
+    )
+    pushed = committed_app.test_client().post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-RACE", [collected]),
+        headers=headers["courier"],
+    )
+
+    assert pushed.status_code == 200, pushed.get_json()
+    [answer] = answered
+    assert answer.status_code in (200, 201), answer.get_json()
+    assert probed in ([], [None]), probed  # not locked by the push (nothing left to lock)
+    with committed_app.app_context():
+        request = db.session.get(ConsentRequest, request_id)
+        assert request is not None and request.status == ConsentRequestStatus.GRANTED

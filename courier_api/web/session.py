@@ -85,6 +85,20 @@ class SignInCookieNotKept(CsrfRefused):
     )
 
 
+class SignInFormReplaced(CsrfRefused):
+    """A sign-in form whose token is not the login cookie the browser holds: two tabs
+    asked for the sign-in page at once (a browser restoring its tabs the morning
+    after), neither holding a login cookie yet, so each form got a token of its own and
+    the browser kept the last answer's cookie. The form is shown again with that
+    cookie's token (``views.refuse_forged_posts``), nobody signed in by it: "go back,
+    reload" lost what was typed, and the tab in front is seldom the last one loaded."""
+
+    description = (
+        "This sign-in form was out of date: the sign-in page was opened again in another "
+        "tab. Type the password again here."
+    )
+
+
 @dataclass(frozen=True)
 class Viewer:
     """Who is looking at a page."""
@@ -152,7 +166,10 @@ def check_login_csrf() -> None:
     The login cookie outlives a sign-in (it expires by itself): two tabs showing the
     sign-in form (a session over at 19:00) both sign in, the second's form no longer
     refused for a cookie the first had spent. It only ever lets a same-site form sign
-    in (SameSite=Strict, ``__Host-`` in production)."""
+    in (SameSite=Strict, ``__Host-`` in production).
+
+    A form whose token is not the cookie the browser holds (two tabs asked for the
+    sign-in page at once) is ``SignInFormReplaced``: shown again, not signed in."""
     kept = request.cookies.get(current_app.config["LOGIN_COOKIE_NAME"]) or ""
     sent = request.form.get(CSRF_FIELD, "")
     if kept and hmac.compare_digest(sent.encode(), kept.encode()):
@@ -167,6 +184,8 @@ def check_login_csrf() -> None:
                 "only (behind a proxy terminating TLS, set TRUSTED_PROXY_HOPS)"
             )
             raise SignInCookieNotKept() from None
+        if kept:
+            raise SignInFormReplaced() from None
         raise
 
 

@@ -73,6 +73,7 @@ from courier_api.web.session import (
     DECIDERS,
     PAGE_ROLES,
     USER_KEY,
+    SignInFormReplaced,
     check_csrf,
     check_login_csrf,
     csrf_token,
@@ -165,13 +166,25 @@ OUTCOME_LABELS = {
 
 
 @bp.before_request
-def refuse_forged_posts() -> None:
+def refuse_forged_posts() -> ResponseReturnValue | None:
     if request.method != "POST":
-        return
+        return None
     if request.endpoint == "web.login_submit":  # no session yet: the form's own cookie
-        check_login_csrf()
+        try:
+            check_login_csrf()
+        except SignInFormReplaced as replaced:
+            # Another tab's sign-in page set the cookie: this form again, with its token.
+            typed = request.form.get("username", "").strip()[:64]
+            page = render_template(
+                "web/login.html",
+                next=safe_next(request.form.get("next")),
+                error=replaced.description,
+                username=typed,
+            )
+            return page, 400
     else:
         check_csrf()
+    return None
 
 
 @bp.after_request

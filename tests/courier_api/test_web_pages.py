@@ -523,6 +523,43 @@ def test_two_tabs_on_the_sign_in_page_both_sign_in(app: Flask, day: StationDay) 
     assert pages.submit(board, "/web/logout").status_code == 302
 
 
+def test_two_tabs_opening_the_sign_in_page_at_once_both_sign_in(
+    app: Flask, day: StationDay
+) -> None:
+    """The morning after, the browser restores the board and a flag's page at once: the
+    session over, both land on the sign-in page together, each asked before either
+    answer set a login cookie, so each form got a token of its own and the browser kept
+    the last one's cookie. The password typed into the other tab's form was refused with
+    a 400 page ("go back, reload"): that form is shown again, with the cookie's token and
+    the username typed, and signs in."""
+    pages = Pages(app.test_client())
+    first = CSRF.search(pages.client.get("/web/login?next=/web/flags").get_data(as_text=True))
+    pages.client.delete_cookie("courier_login")  # asked before the first answer came
+    second = CSRF.search(pages.client.get("/web/login").get_data(as_text=True))
+    assert first and second and first.group(1) != second.group(1)
+    credentials = {"username": "manager", "password": factories.PASSWORD}
+    refused = pages.client.post(
+        "/web/login", data={"csrf_token": first.group(1), "next": "/web/flags"} | credentials
+    )
+    assert refused.status_code == 400
+    again = refused.get_data(as_text=True)
+    assert "opened again in another tab" in again
+    assert 'value="manager"' in again and 'name="next" value="/web/flags"' in again
+    token = CSRF.search(again)
+    assert token and token.group(1) == second.group(1)  # the cookie the browser holds
+    assert pages.client.get_cookie("courier_session") is None  # not signed in by it
+    answer = pages.client.post(
+        "/web/login", data={"csrf_token": token.group(1), "next": "/web/flags"} | credentials
+    )
+    assert answer.status_code == 302 and answer.location == "/web/flags"
+
+    forged = Pages(app.test_client()).client.post(  # no login cookie: refused as before
+        "/web/login", data={"csrf_token": first.group(1)} | credentials
+    )
+    assert forged.status_code == 400
+    assert "security token is missing or out of date" in forged.get_data(as_text=True)
+
+
 def test_the_sign_in_form_renews_its_cookie_for_as_long_as_the_form_may_take(
     app: Flask, day: StationDay
 ) -> None:

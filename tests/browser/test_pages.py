@@ -59,7 +59,9 @@ def test_the_board_shows_every_shift_with_its_balance(ui: Ui, site: Site) -> Non
     missing_seqs = rows.filter(has_text="Wang Qiang").locator("td").nth(12)
     expect(missing_seqs).to_have_text("14")  # how many, then which: seq 4
     expect(missing_seqs.locator(".seqs")).to_have_text("4")
-    expect(rows.filter(has_text="Zhang Min").locator("td").nth(13)).to_have_text("2")
+    discrepancies = rows.filter(has_text="Zhang Min").locator("td").nth(13)
+    expect(discrepancies).to_have_text(re.compile(r"^2\s*2 open$"))  # how many, then undecided
+    expect(discrepancies.locator(".discrepancies-open")).to_have_text("2 open")
     expect(rows.filter(has_text="Chen Lu").locator("td").nth(2)).to_contain_text("open")
     expect(page.locator(".summary")).to_contain_text(
         "1 on the road (2 parcels still out); handed over: 1 balanced, 1 unbalanced, 1 provisional"

@@ -68,7 +68,8 @@ class Database:
 
     @staticmethod
     def _state(app: Flask | None = None) -> _State:
-        state: _State = (app or current_app).extensions[EXTENSION_KEY]
+        # Out of its proxy: ``courier_api.logs._start_request`` says why.
+        state: _State = (app or current_app._get_current_object()).extensions[EXTENSION_KEY]  # type: ignore[attr-defined]
         return state
 
     @property

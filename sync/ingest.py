@@ -9,7 +9,9 @@ not stored (DESIGN.md, PDA sync contract). What it guarantees:
   message. One bad event never blocks its siblings.
 * **Exactly once.** A batch id seen before returns its stored receipt and
   changes nothing. ``(device, client_event_id)`` is unique forever; the same
-  id with other content is rejected as ``conflicting_duplicate`` and flagged.
+  id with other content is rejected as ``conflicting_duplicate`` and flagged, but
+  for a ``seq_conflict`` settled (its event held since under a new seq) sent again
+  at the seq refused: the same event but for its seq, it gets its first answer.
 * **One device at a time.** The device's row is locked (``FOR UPDATE`` on
   PostgreSQL; SQLite transactions are serial), so pushes of one device are
   serialized while other devices go on.
@@ -802,9 +804,13 @@ class _BatchIngest:
         held_by_id = self._held_by_id([event.client_event_id for event in old])
         held_by_seq = self._held_by_seq([event.seq for event in old])
         valid = self._not_rejected_before(valid, held_by_id, held_by_seq)
+        settled = self._settled_before(valid, held_by_id, held_by_seq)
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh = []
         for index, event in valid:
+            if index in settled:  # answered as the first time, nothing raised
+                self._reject(index, self.batch.events[index], settled[index])
+                continue
             content_hash = event.content_hash
             held = held_by_id.get(event.client_event_id)
             earlier = in_batch.get(event.client_event_id)
@@ -860,12 +866,68 @@ class _BatchIngest:
             self._reject(index, self.batch.events[index], answered[candidates[index]])
         return [(index, event) for index, event in valid if index not in again]
 
+    def _settled_before(
+        self,
+        valid: list[tuple[int, ValidEvent]],
+        held_by_id: Mapping[uuid.UUID, Any],
+        held_by_seq: Mapping[int, uuid.UUID],
+    ) -> dict[int, EventRejected]:
+        """The events of ``valid`` that are a ``seq_conflict`` rejection settled before,
+        sent again at the seq refused (a PDA's copy of an event it set apart, kept after
+        README's recovery held it under a new seq), by index, with their first answer: a
+        rejected event gets the same answer every time it is sent. Not a
+        ``conflicting_duplicate`` of the event held under the new seq: it is that event
+        but for its seq, and raises nothing (the settled flag stays closed).
+
+        Only an event whose id is held at another seq, the same content but the seq, at
+        a seq another event holds is looked up: a usual push costs no query."""
+        candidates = {}
+        for index, event in valid:
+            held = held_by_id.get(event.client_event_id)
+            owner = held_by_seq.get(event.seq)
+            if (
+                held is not None
+                and held.seq != event.seq
+                and owner is not None
+                and owner != event.client_event_id
+                and dataclasses.replace(event, seq=held.seq).content_hash == held.content_hash
+            ):
+                candidates[index] = (event.client_event_id, event.seq, held.seq)
+        if not candidates:
+            return {}
+        answers = {
+            (_parsed_id(row.client_event_id), row.seq, row.resent_seq): EventRejected(
+                row.message, code=row.error_code, field=row.field
+            )
+            for row in self.session.execute(
+                select(
+                    QuarantinedEvent.client_event_id,
+                    QuarantinedEvent.seq,
+                    QuarantinedEvent.resent_seq,
+                    QuarantinedEvent.message,
+                    QuarantinedEvent.error_code,
+                    QuarantinedEvent.field,
+                ).where(
+                    QuarantinedEvent.device_id == self.pusher.device_id,
+                    QuarantinedEvent.error_code == SEQ_CONFLICT,
+                    QuarantinedEvent.seq.in_(sorted({seq for _, seq, _ in candidates.values()})),
+                    QuarantinedEvent.resent_seq.is_not(None),
+                )
+            )
+        }
+        return {index: answers[key] for index, key in candidates.items() if key in answers}
+
     def _held_by_id(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
         return {
             row.client_event_id: row
             for chunk in chunks(ids)
             for row in self.session.execute(
-                select(ScanEvent.client_event_id, ScanEvent.content_hash, ScanEvent.id).where(
+                select(
+                    ScanEvent.client_event_id,
+                    ScanEvent.content_hash,
+                    ScanEvent.id,
+                    ScanEvent.seq,
+                ).where(
                     ScanEvent.device_id == self.pusher.device_id,
                     ScanEvent.client_event_id.in_(chunk),
                 )
@@ -1586,15 +1648,17 @@ class _BatchIngest:
         once every rejection of the seq at its station is settled
         (``_close_settled_seq_conflicts``).
 
-        Looked for only by a push storing events while the device has rejections not
-        settled (``DeviceState.unsettled_seq_conflicts``, this push's own included): a
-        PDA without any pays no statement. Each rejection whose id the device holds now
+        Looked for only by a push storing events, or quarantining a ``seq_conflict``
+        (the copy of an event held already, at its old seq, written otherwise:
+        ``_settled_before``), while the device has rejections not settled
+        (``DeviceState.unsettled_seq_conflicts``, this push's own included): a PDA
+        without any pays no statement. Each rejection whose id the device holds now
         at another seq (sent again by this push or an earlier one, before this version
         too) is validated again and compared with it, the seq aside; the count left is
         stored with the device's state."""
         new = sum(1 for row in self.quarantined if row["error_code"] == SEQ_CONFLICT)
         self.unsettled_seq_conflicts = self.state.unsettled_seq_conflicts + new
-        if not self.unsettled_seq_conflicts or not stored:
+        if not self.unsettled_seq_conflicts or not (stored or new):
             return
         rows = self.session.execute(
             select(

@@ -596,6 +596,40 @@ def test_a_seq_conflict_resent_in_the_same_push_is_settled(
     assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
 
 
+def test_a_set_apart_event_sent_again_at_its_old_seq_after_the_recovery_gets_the_same_answer(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """README: a rejected event gets the same answer every time it is sent. A PDA whose
+    recovery is done (the event held under a new seq, its refusal settled) that sends
+    the set-apart copy again at its old seq, in a new batch (a queue rebuilt from a
+    copy it kept), is answered ``seq_conflict`` as the first time: not a
+    ``conflicting_duplicate`` with a flag of its own, nor the settled flag opened
+    again, for the manager at 19:00 with nothing lost. Written otherwise (its id in
+    capitals), the same event: kept in quarantine as sent, settled at once."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    restarted = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    first = pda.push([restarted])
+    assert statuses(pda.push([{**restarted, "seq": 2}])) == ["applied"]
+    flag = _seq_conflict_flag(session, pda, 1)
+    assert flag.status == FlagStatus.CLOSED
+
+    again = pda.push([restarted])
+    assert again["results"] == first["results"]
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    assert set(session.scalars(select(Flag.kind))) == {"seq_conflict"}
+    capitals = {**restarted, "client_event_id": restarted["client_event_id"].upper()}
+    [result] = pda.push([capitals])["results"]
+    assert (result["status"], result["error"]["code"]) == ("rejected", "seq_conflict")
+    session.refresh(flag)
+    assert flag.status == FlagStatus.CLOSED
+    assert set(session.scalars(select(Flag.kind))) == {"seq_conflict"}
+    rows = session.scalars(select(QuarantinedEvent).order_by(QuarantinedEvent.id)).all()
+    assert [row.resent_seq for row in rows] == [2, 2]
+    state = session.get(DeviceSyncState, world.device.id)
+    assert state is not None and state.unsettled_seq_conflicts == 0
+
+
 def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

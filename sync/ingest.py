@@ -119,6 +119,7 @@ from sync.shifts import (
     lock_shifts,
     may_own_rejected,
     may_own_revealed_gap,
+    reopened_since_signoff,
     reopened_with_seqs_left_open,
 )
 from sync.sign_in_limits import Limit
@@ -684,6 +685,8 @@ class _BatchIngest:
         # (``_settle_seq_conflicts``).
         self.unsettled_seq_conflicts = state.unsettled_seq_conflicts
         self.seq_conflicts_settled: set[tuple[int, int]] = set()
+        # Whether it settled any: a reopening they made may be withdrawn (_lock_shifts).
+        self.settled_any = False
         # The device's acked_through_seq after this push (``_update_device_state``).
         self.acked_through_seq = 0
 
@@ -1702,6 +1705,7 @@ class _BatchIngest:
         flushed_connection(self.session).execute(
             SETTLE_SEQ_CONFLICT, [{"row_id": row.id, "resent": seq} for row, seq in settled]
         )
+        self.settled_any = True
         done = {row.id for row, _ in settled}
         left = {(row.station_id, row.seq) for row in rows if row.id not in done}
         self.seq_conflicts_settled = {(row.station_id, row.seq) for row, _ in settled} - left
@@ -1890,20 +1894,22 @@ class _BatchIngest:
                 may_own_revealed_gap(device_id, self.gaps_shown[0][0])
                 if self.gaps_shown
                 else None,
+                reopened_since_signoff(device_id) if self.settled_any else None,
             )
             if where is not None
         ]
         locked = lock_shifts(self.session, by_shift, also=or_(*also) if also else None)
         self.shifts_not_open = {i: shift for i, shift in locked.items() if i in by_shift}
+        # A rejected event of its settled (``_settle_seq_conflicts``) is no reopened
+        # shift's any more: a reopening it made alone is withdrawn.
         self.reopened_left_open = [
             shift
             for i, shift in locked.items()
-            if may_withdraw
+            if (may_withdraw and shift.last_seq is None or self.settled_any)
             and i not in by_shift
             and shift.device_id == self.pusher.device_id
             and shift.status == ShiftStatus.CLOSED
             and shift.signed_off_at is not None
-            and shift.last_seq is None
         ]
         self.may_own_gap = [
             shift

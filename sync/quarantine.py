@@ -194,7 +194,15 @@ def _owned_by(session: Session, scope: RejectionScope) -> ColumnElement[bool] | 
     device = QuarantinedEvent.device_id == scope.device_id
     owned = []
     if scope.seqs is not None:
-        owned.append(and_(device, QuarantinedEvent.seq.between(*scope.seqs)))
+        # Not a seq_conflict settled: its event is held under a new seq, that seq's
+        # shift's (``sync.ingest``), so nothing of this one's was lost.
+        owned.append(
+            and_(
+                device,
+                QuarantinedEvent.seq.between(*scope.seqs),
+                QuarantinedEvent.resent_seq.is_(None),
+            )
+        )
     if scope.tracking_nos:
         owned.append(
             and_(

@@ -43,6 +43,7 @@ from models import (
     DeviceSyncState,
     Flag,
     FlagSeverity,
+    QuarantinedEvent,
     ScanEvent,
     Shift,
     ShiftStatus,
@@ -610,7 +611,7 @@ def judge_reopening(
         return []
     delta = _delta(session, shift, latest)
     if not delta:
-        _sign_off_again(session, shift, _withdrawn_because(latest), latest)
+        _sign_off_again(session, shift, _withdrawn_because(session, latest), latest)
         return []
     return _rename_reopening(session, shift, latest, delta, details)
 
@@ -659,11 +660,22 @@ def _rename_reopening(
     return [raised.flag] if raised.new else []
 
 
-def _withdrawn_because(latest: dict[str, Any]) -> str:
+def _withdrawn_because(session: Session, latest: dict[str, Any]) -> str:
     """Why a reopening is withdrawn, by what it named (``latest``)."""
     if latest.get("event_ids"):
         return "its late events were filed under the next shift when it opened"
-    if latest.get(REJECTED_IDS):
+    if rejected := latest.get(REJECTED_IDS):
+        settled = session.scalar(
+            select(func.count()).where(
+                QuarantinedEvent.id.in_(sorted(set(rejected))),
+                QuarantinedEvent.resent_seq.is_not(None),
+            )
+        )
+        if settled == len(set(rejected)):
+            return (
+                "its rejected late events were refused seq_conflict and are held since "
+                "under new seqs, sent again by the PDA: nothing of it was lost"
+            )
         return "its rejected late events are the next shift's: its seqs end before them"
     return (
         "the seqs it was missing arrived under another shift or were written off: "
@@ -788,6 +800,18 @@ def reopened_with_seqs_left_open(device_id: str) -> ColumnElement[bool]:
         Shift.status == ShiftStatus.CLOSED,
         Shift.signed_off_at.is_not(None),
         Shift.last_seq.is_(None),
+    )
+
+
+def reopened_since_signoff(device_id: str) -> ColumnElement[bool]:
+    """The shifts of ``device_id`` reopened since their sign-off (closed again, signed
+    off before), whatever seqs they declared: a push settling a ``seq_conflict`` (its
+    event held under a new seq, ``sync.ingest``) locks them with its shifts, for
+    ``judge_reopening``, as the rejected event it settled is no shift's any more."""
+    return and_(
+        Shift.device_id == device_id,
+        Shift.status == ShiftStatus.CLOSED,
+        Shift.signed_off_at.is_not(None),
     )
 
 

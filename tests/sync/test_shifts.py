@@ -3219,6 +3219,50 @@ def test_a_rejected_event_sent_again_after_the_sign_off_reopens_nothing(
     assert len(quarantined_ids(session)) == 2
 
 
+def test_a_seq_conflict_settled_by_the_recovery_withdraws_the_reopening_it_made(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A PDA numbered from 1 again after the morning's shift was signed off: its first
+    event of the afternoon is refused ``seq_conflict`` at a seq the morning's shift
+    declared, which reopens that shift (a rejected event of it). README's recovery sends
+    the event again under a new seq: held, filed under the afternoon's shift, its refusal
+    settled. Nothing of the morning was lost: its reopening is withdrawn, and its page
+    and board count no rejected event of it, as had the PDA numbered on; the manager at
+    19:00 is not left a signed-off shift to sign off again for nothing. Refused and sent
+    again in one push, it reopens nothing."""
+    (a, b, c) = parcels(session, world, 3)
+    morning = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    morning = sign_off(session, world, pda.close(morning, last_seq=2))
+    pda.open(now=NOW + dt.timedelta(minutes=10))
+    pda.seq = 0  # the app numbered from 1 again
+    refused = pda.event(b, occurred_at=NOW + dt.timedelta(minutes=11))
+    receipt = pda.push([refused], received_at=NOW + dt.timedelta(minutes=12))
+    assert receipt["results"][0]["error"]["code"] == "seq_conflict"
+    session.refresh(morning)
+    assert (morning.status, morning.reopened_count) == (ShiftStatus.CLOSED, 1)
+
+    resent = pda.push([{**refused, "seq": 3}], received_at=NOW + dt.timedelta(minutes=13))
+    assert [r["status"] for r in resent["results"]] == ["applied"]
+    session.refresh(morning)
+    assert (morning.status, morning.reopened_count) == (ShiftStatus.SIGNED_OFF, 1)
+    flag = late_flag(session)
+    assert flag is not None and flag.status == FlagStatus.CLOSED
+    actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.id)))
+    assert actions[-2:] == ["shift_reopening_withdrawn", "flag_status_changed"]
+    [withdrawn] = list_entries(session=session, action="shift_reopening_withdrawn")
+    assert "held since under new seqs" in withdrawn.details["reason"], withdrawn.details
+    read = balances_module.read_handovers(session, [morning], station_id=world.station.id)
+    assert read[morning.id].rejected_events == 0
+
+    pda.seq = 1  # again, refused and sent again in one push
+    again = pda.event(c, occurred_at=NOW + dt.timedelta(minutes=14))
+    both = pda.push([again, {**again, "seq": 4}], received_at=NOW + dt.timedelta(minutes=15))
+    assert [r["status"] for r in both["results"]] == ["rejected", "applied"]
+    session.refresh(morning)
+    assert (morning.status, morning.reopened_count) == (ShiftStatus.SIGNED_OFF, 1)
+
+
 def test_a_late_event_and_a_rejected_one_in_one_push_reopen_the_shift_once(
     session: Session, world: World, pda: Pda
 ) -> None:

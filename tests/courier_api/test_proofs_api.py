@@ -2394,3 +2394,54 @@ def test_an_auditors_search_records_which_page_of_which_walk(
          "entries": 1, "next_cursor": None, **walk},
         {"event_ids": delivered[1:], "after": delivered[0], "next_after": delivered[2]},
     ]  # fmt: skip
+
+
+def test_an_auditors_search_records_its_filters_as_the_export_does(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """``proofs_searched`` named the deliveries a page showed and where in the walk it
+    was, not what was searched: an auditor reading the log could not tell a search of
+    one parcel's proofs, or of one courier's locker drops, from one of every proof, and
+    a search that found nothing left an entry saying nothing at all. It records the
+    filters set, as the export's entries (``proofs_exported``) record them."""
+    delivered = deliveries(auth, session, world, 2)
+    tracking_no = session.get(ScanEvent, delivered[0]).tracking_no
+    typed = tracking_no.lower()  # as typed: normalized to search, recorded as typed
+    filters = {
+        "station_id": world.station.id,
+        "tracking_no": typed,
+        "method": "in_person",
+        "occurred_from": "2020-01-01T00:00:00+00:00",
+    }
+    headers = auth.headers("auditor1")
+    found = client.get(URL, query_string=filters, headers=headers)
+    assert [i["event_id"] for i in found.json["items"]] == delivered[:1]
+    none = client.get(URL, query_string={**filters, "method": "locker"}, headers=headers)
+    assert none.json["items"] == []
+    client.get(f"{URL}/export.csv", query_string=filters, headers=headers).close()
+    session.expire_all()
+
+    def logged(action: str) -> list[dict[str, Any]]:
+        return [
+            e.details
+            for e in session.scalars(
+                select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
+            )
+        ]
+
+    searched = logged("proofs_searched")
+    expected = {
+        "station_id": str(world.station.id),
+        "tracking_no": typed,
+        "method": "in_person",
+        "occurred_from": "2020-01-01 00:00:00+00:00",
+    }
+    assert [{k: d.get(k) for k in expected} for d in searched] == [
+        expected,
+        {**expected, "method": "locker"},
+    ]
+    assert searched[1]["event_ids"] == []
+    (export,) = logged("proofs_exported")
+    assert {k: v for k, v in export.items() if k not in ("export_id", "part", "event_ids")} == {
+        k: v for k, v in searched[0].items() if k in expected
+    }

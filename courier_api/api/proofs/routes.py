@@ -45,6 +45,7 @@ from sync.proofs import (
     ProofFilter,
     ProofImageState,
     SearchCursor,
+    SearchPage,
     check_filters,
     get_proof,
     iter_proof_batches,
@@ -259,11 +260,12 @@ class Proofs(MethodView):
         deprecated: such a page is read as before, and can miss a delivery
         committed late below the pages read (`as_of`, `arrived_since` and
         `next_cursor` null); `after` with `cursor` is a 422 `cursor_and_after`.
-        An auditor's search is on the audit log (`proofs_searched`), naming the
-        deliveries shown and the page of the walk: the `cursor` sent, `as_of`, the
-        page's `offset` in the walk and its `entries`, `arrived_since` and the
-        `next_cursor` given (a page read with `after`: that `after` and the
-        `next_after` given).
+        An auditor's search is on the audit log (`proofs_searched`), naming its
+        filters (those set, as the export's entries name them: a tracking number as
+        typed, the times as instants), the deliveries shown and the page of the
+        walk: the `cursor` sent, `as_of`, the page's `offset` in the walk and its
+        `entries`, `arrived_since` and the `next_cursor` given (a page read with
+        `after`: that `after` and the `next_after` given).
         """
         principal = current_principal()
         filters, sent = _filters(args, principal), args.get("cursor") or None
@@ -316,21 +318,14 @@ class Proofs(MethodView):
         paging = (
             {"after": args["after"], "next_after": answer["next_after"]}
             if walk is None
-            else {
-                "cursor": sent,
-                "as_of": walk.as_of,
-                "offset": walk.offset,
-                "entries": len(items),
-                "arrived_since": walk.arrived_since,
-                "next_cursor": answer["next_cursor"],
-            }
+            else walk_logged(walk, sent)
         )
         # Last, the page built: a search that failed before it leaves no read on record.
         record_auditor_read(
             "proofs_searched",
             "proof",
             "search",
-            {"event_ids": [p.event.id for p in proofs], **paging},
+            {"event_ids": [p.event.id for p in proofs], **filters_logged(filters), **paging},
             tracking_no=args.get("tracking_no"),  # a search of one parcel's proofs
             parcels=[p.event.tracking_no for p in proofs],
         )
@@ -492,6 +487,29 @@ def _consent_ref(consent: Any, auditor: bool) -> dict[str, Any]:
     return ref
 
 
+def filters_logged(filters: ProofFilter) -> dict[str, str]:
+    """The filters of a search or an export as an auditor's entry records them (the
+    search's ``proofs_searched``, the export's ``proofs_exported``): those set, as
+    typed (a tracking number) or as read (the reader's station, the times as instants),
+    so that the log says what was searched, not only what it showed."""
+    return {k: str(v) for k, v in vars(filters).items() if v is not None}
+
+
+def walk_logged(walk: SearchPage, sent: str | None) -> dict[str, Any]:
+    """Which page of which walk through a search ``walk`` was, as ``proofs_searched``
+    records it (the API's search and the pages' alike): the ``cursor`` sent (None: a
+    first page), the walk's ``as_of``, the page's ``offset`` in it and its ``entries``,
+    ``arrived_since`` and the ``next_cursor`` given."""
+    return {
+        "cursor": sent,
+        "as_of": walk.as_of,
+        "offset": walk.offset,
+        "entries": len(walk.proofs),
+        "arrived_since": walk.arrived_since,
+        "next_cursor": None if walk.next_cursor is None else str(walk.next_cursor),
+    }
+
+
 def csv_rows(filters: ProofFilter, *, principal: Principal, policy: Policy) -> Iterator[str]:
     """The export's CSV, a batch of lines at a time as the proofs are read (the API's and
     the pages' export are this one). The filters are checked now, before the first
@@ -507,7 +525,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
     auditor = principal.role == Role.AUDITOR
     logged = {
         "export_id": uuid.uuid4().hex,  # ties the parts of one export together
-        **{k: str(v) for k, v in vars(filters).items() if v is not None},
+        **filters_logged(filters),
     }
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -35,7 +35,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
-from courier_api.api.proofs.routes import csv_rows, proof_read
+from courier_api.api.proofs.routes import csv_rows, filters_logged, proof_read, walk_logged
 from courier_api.api.quarantine.routes import QUARANTINE_SEARCHED
 from courier_api.auth import (
     AuditorRead,
@@ -97,6 +97,7 @@ from sync.balances import (
 from sync.errors import (
     AuthenticationFailed,
     Conflict,
+    CursorReset,
     DomainError,
     InvalidInput,
     NotFound,
@@ -125,9 +126,10 @@ from sync.proofs import (
     DELIVERY_TYPES,
     METHODS,
     SEARCHABLE_FLAG_KINDS,
+    SearchCursor,
     get_proof,
-    list_proofs,
     proof_not_found,
+    search_page,
 )
 from sync.proofs import ProofFilter as ProofQuery
 
@@ -896,49 +898,87 @@ def _after_flag_decision(found: Flag, action: str, decided: bool) -> ResponseRet
 def proofs() -> ResponseReturnValue:
     """Proofs matching the filters, a page at a time. Their images are listed as recorded,
     not hashed (the proof's page, linked from each row, says whether they are intact):
-    as the API's search, so that a view costs no read of up to a page of image files."""
+    as the API's search, so that a view costs no read of up to a page of image files.
+    Its next page goes on by the search's cursor, as the API's does (``search_page``):
+    by id (``after``), a delivery whose push committed late below the pages shown was
+    in none of them; the walk's last page finds it and the page says so (a 410: search
+    again), showing no proof and putting no read on record."""
     args = parse(ProofFilter(), request.args)
     query, station = _proof_query(args)
-    found = list_proofs(session=db.session, filters=query, after_id=args["after"], limit=PAGE_SIZE)
+    filled = {k: v for k, v in request.args.items() if v.strip() and k not in ("after", "cursor")}
+    sent = args.get("cursor") or None
+    try:
+        walk = search_page(
+            session=db.session, filters=query, cursor=SearchCursor.parse(sent), limit=PAGE_SIZE
+        )
+    except CursorReset:
+        # Deliveries of the search committed late below the pages shown (or it changed
+        # there): its last page would have said "that is all" without them.
+        reset = render_template(
+            "web/proofs.html",
+            **_proofs_page_context(args, station, filled),
+            rows=[],
+            users={},
+            walk_reset=True,
+            next_page=None,
+            arrived_since=0,
+        )
+        return reset, 410
+    found = walk.proofs
     rows = proof_rows(
         session=db.session,
         proofs=found,
         policy=policy_of(current_app.config),
         reader=blob_reader(current_principal()),
     )
-    filled = {k: v for k, v in request.args.items() if v.strip() and k != "after"}
     recorders = [i for r in rows if r.drop for i in consent_users(r.drop.consent)]
     shown = render_template(
         "web/proofs.html",
+        **_proofs_page_context(args, station, filled),
         rows=rows,
         users=users_seen_by(
             db.session,
             [*(p.event.courier_id for p in found), *recorders],
             current_principal().station_filter(None),
         ),
-        couriers=_couriers(station),
-        args=filled,
-        station=station,
-        stations=_stations_to_pick(),
-        methods=list(METHODS),
-        flag_kinds=SEARCHABLE_FLAG_KINDS,
-        flag_kind=args.get("flag_kind"),  # as its code, however it was typed
-        export_url=url_for("web.export_proofs", **filled),
-        next_page=url_for("web.proofs", **filled, after=found[-1].event.id)
-        if len(found) == PAGE_SIZE
-        else None,
-        tz=station.timezone if station else "UTC",
+        walk_reset=False,
+        next_page=None
+        if walk.next_cursor is None
+        else url_for("web.proofs", **filled, cursor=str(walk.next_cursor)),
+        arrived_since=walk.arrived_since,
     )
     # Last, the page rendered: a page not shown leaves no read on record.
     record_auditor_read(
         "proofs_searched",
         "proof",
         "search",
-        {"event_ids": [p.event.id for p in found]},
+        {
+            "event_ids": [p.event.id for p in found],
+            **filters_logged(query),
+            **walk_logged(walk, sent),
+        },
         tracking_no=query.tracking_no,  # a search of one parcel's proofs
         parcels=[p.event.tracking_no for p in found],
     )
     return shown
+
+
+def _proofs_page_context(
+    args: dict[str, Any], station: Station | None, filled: dict[str, str]
+) -> dict[str, Any]:
+    """What the proofs page shows around its rows: the filters as typed and the export."""
+    return {
+        "couriers": _couriers(station),
+        "args": filled,
+        "station": station,
+        "stations": _stations_to_pick(),
+        "methods": list(METHODS),
+        "flag_kinds": SEARCHABLE_FLAG_KINDS,
+        "flag_kind": args.get("flag_kind"),  # as its code, however it was typed
+        "export_url": url_for("web.export_proofs", **filled),
+        "search_again": url_for("web.proofs", **filled),
+        "tz": station.timezone if station else "UTC",
+    }
 
 
 @bp.get("/proofs/export.csv")

@@ -3,6 +3,7 @@
 import csv
 import datetime as dt
 import io
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -2445,3 +2446,66 @@ def test_an_auditors_search_records_its_filters_as_the_export_does(
     assert {k: v for k, v in export.items() if k not in ("export_id", "part", "event_ids")} == {
         k: v for k, v in searched[0].items() if k in expected
     }
+
+
+def test_the_proofs_page_walks_by_cursor_and_says_when_a_delivery_committed_late_below_it(
+    app: Flask,
+    auth: Auth,
+    session: Session,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proofs page's "Next page" went on by id (``after``) as the API's deprecated
+    search does: a delivery whose push committed late below the page shown was in none
+    of the pages that followed, and an auditor who clicked through a station's proofs
+    to the last page took its absence for none. The page walks by the search's cursor:
+    its last page finds the delivery it missed and says so (a 410 page: search again),
+    putting no read on record; searched again, the walk holds it."""
+    monkeypatch.setattr("courier_api.web.views.PAGE_SIZE", 1)
+    delivered = deliveries(auth, session, world, 3)
+    late = delivered[0]
+    committed_late(session, late, EventType.OUT_FOR_DELIVERY)  # stored, not committed yet
+    pages = signed_in(app, "auditor1")
+
+    def shown(html: str) -> list[int]:
+        return [int(i) for i in re.findall(r'<tr id="proof-(\d+)"', html)]
+
+    def next_link(html: str) -> str | None:
+        found = re.search(r'<a href="([^"]+)" rel="next">', html)
+        return None if found is None else found.group(1).replace("&amp;", "&")
+
+    search = f"/web/proofs?station={world.station.id}"
+    first = pages.get(search)
+    assert shown(first) == [delivered[1]]
+    link = next_link(first)
+    assert link is not None and "cursor=" in link and "after=" not in link
+    assert f"station={world.station.id}" in link
+    committed_late(session, late, EventType.DELIVERED)  # the push commits
+    session.expire_all()
+    searches = len(session.scalars(select(AuditEntry.id)).all())
+    refused = pages.get(link, status=410)
+    assert "Deliveries arrived during your walk" in refused
+    assert shown(refused) == [] and next_link(refused) is None
+    assert f'<a href="{search}">search again</a>' in refused
+    session.expire_all()
+    assert len(session.scalars(select(AuditEntry.id)).all()) == searches  # nothing shown
+    walked, html = [], pages.get(search)
+    while True:
+        walked.append(shown(html))
+        link = next_link(html)
+        if link is None:
+            break
+        html = pages.get(link)
+    assert walked == [[late], [delivered[1]], [delivered[2]]]
+    session.expire_all()
+    entries = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proofs_searched").order_by(AuditEntry.id)
+    ).all()
+    last = entries[-1].details
+    assert last["event_ids"] == [delivered[2]] and last["station_id"] == str(world.station.id)
+    assert (last["as_of"], last["offset"], last["entries"], last["next_cursor"]) == (
+        delivered[2],
+        2,
+        1,
+        None,
+    )

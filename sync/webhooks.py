@@ -492,6 +492,9 @@ def update_subscription(
     resumes it: its failure count starts over too (``failing_since`` cleared), the
     time it was paused being no failing.
     """
+    # The subscription first, then its deliveries (``_enable_again``, ``_drop_uncovered``):
+    # the order of a worker recording an attempt (``record_attempt``).
+    _lock_subscription(session, subscription.id)
     changed: dict[str, Any] = {}
     if url is not None:
         subscription.url = check_url(url.strip(), production=production)
@@ -534,6 +537,21 @@ def update_subscription(
             details=changed,
         )
     return subscription
+
+
+def _lock_subscription(session: Session, subscription_id: int) -> None:
+    """Lock the subscription's row, before any of its deliveries: every path that locks
+    both (an admin's change, an attempt recorded) takes them in this order. Read again
+    under the lock: what a worker committed while the caller waited (a failure counted,
+    the subscription disabled) is what the caller changes. ``FOR NO KEY UPDATE``, as an
+    update of it takes: a push writing deliveries for it (a foreign key check, ``FOR KEY
+    SHARE``) is not waited for."""
+    session.scalar(
+        select(WebhookSubscription)
+        .where(WebhookSubscription.id == subscription_id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
 
 
 def _enable_again(session: Session, subscription: WebhookSubscription, now: dt.datetime) -> None:
@@ -1195,8 +1213,13 @@ def record_attempt(
     replayed or purged it meanwhile), or when this worker's claim expired and another
     worker took the delivery over and this attempt failed: the other worker's attempt
     is the one that counts. A success is always stored: the receiver has it.
+
+    The subscription is locked first, then the delivery: the order of an admin's change
+    (``update_subscription`` locks the subscription, then its deliveries), else each
+    waited for the other on PostgreSQL and one failed.
     """
     with sessions.begin() as session:
+        _lock_subscription(session, claimed.subscription_id)
         delivery = session.get(
             WebhookDelivery, claimed.id, with_for_update=True, populate_existing=True
         )
@@ -1705,8 +1728,8 @@ def purge_waiting_for_stopped(*, session: Session, before: dt.datetime) -> dict[
 
     Rows another transaction holds are skipped, and go in the next run: an admin
     enabling the subscription at this moment (``_enable_again`` locks it and its
-    deliveries) keeps them, and a worker recording an attempt (the delivery, then its
-    subscription) is never waited for in the opposite order."""
+    deliveries) keeps them, and a worker recording an attempt (the subscription, then
+    the delivery) is never waited for."""
     stopped = select(SUBSCRIPTION.c.id).where(~SENDING).with_for_update(skip_locked=True)
     due = (
         select(DELIVERY.c.id)

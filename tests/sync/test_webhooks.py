@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from sqlalchemy import Connection, select, update
+from sqlalchemy import text as sql
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.config import load_config
@@ -1172,6 +1173,121 @@ def test_the_retention_purge_leaves_a_subscription_being_enabled_at_that_moment_
     with sessions.begin() as session:
         assert webhooks.purge_waiting_for_stopped(session=session, before=later)["deliveries"] == 0
     assert [d.ordering_key for d in stored(sessions)] == ["RR-1"]
+
+
+def _waiting_on_a_lock(sessions: sessionmaker[Session]) -> bool:
+    """Whether a backend of this database waits for a row another transaction holds."""
+    with sessions() as session:
+        return bool(
+            session.scalar(
+                sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+        )
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize(
+    "change",
+    [
+        # The worker's clock a minute ahead of the API's: the delivery in flight is
+        # "not yet due" by the admin's clock, so enabling makes it due at once.
+        {"active": True},
+        # The delivery in flight is of a topic the admin drops: deleted as uncovered.
+        {"topics": ["parcel.at_pickup_point"]},
+    ],
+    ids=["enabled_again", "topic_dropped"],
+)
+def test_an_admin_change_while_an_attempt_is_being_recorded_never_deadlocks(
+    committed_app: Flask, monkeypatch: pytest.MonkeyPatch, change: dict[str, Any]
+) -> None:
+    """A worker records a failed attempt (``record_attempt``) while an admin enables the
+    disabled subscription again, or drops the topic of the delivery in flight
+    (``update_subscription``). The admin's change locked the subscription, then its
+    deliveries; the worker locked the delivery, then the subscription to count the
+    failure: each waited for the other and PostgreSQL failed one (a 503, or an attempt
+    not recorded). Both now lock the subscription first. The worker holds its locks
+    until the admin's change is seen waiting for one of them, every round."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    sub = subscribe(sessions, "http://127.0.0.1:9/down")
+    announce(sessions, "RR-1")
+    worker_clock = T0 + dt.timedelta(minutes=1)
+    [claimed] = webhooks.claim_due(
+        sessions=sessions, due_at=worker_clock, now=worker_clock, settings=SETTINGS, worker_id="w"
+    )
+    with sessions.begin() as session:
+        session.get(WebhookSubscription, sub.id).disabled_at = T0  # another attempt's failure
+    admin_clock = T0 + dt.timedelta(seconds=30)
+    with sessions.begin() as session:  # due by the worker's clock, not yet by the admin's
+        session.get(WebhookDelivery, claimed.id).next_attempt_at = worker_clock
+    locked, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    count_failure = webhooks._count_failure
+
+    def held(*args: Any, **kwargs: Any) -> bool:
+        locked.set()
+        go.wait(timeout=10)
+        return count_failure(*args, **kwargs)
+
+    monkeypatch.setattr(webhooks, "_count_failure", held)
+
+    def record() -> None:
+        try:
+            webhooks.record_attempt(
+                sessions=sessions,
+                claimed=claimed,
+                result=SendResult(status_code=503),
+                at=worker_clock,
+                settings=SETTINGS,
+                worker_id="w",
+                rng=random.Random(7),
+            )
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def patch() -> None:
+        try:
+            with sessions.begin() as session:
+                webhooks.update_subscription(
+                    session=session,
+                    subscription=session.get(WebhookSubscription, sub.id),
+                    production=False,
+                    now=admin_clock,
+                    **change,
+                )
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=record)
+    admin = threading.Thread(target=patch)
+    worker.start()
+    try:
+        assert locked.wait(timeout=10)
+        admin.start()
+        deadline = time.monotonic() + 10
+        while not _waiting_on_a_lock(sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting_on_a_lock(sessions), errors  # the admin waits for the worker's lock
+    finally:
+        go.set()
+        worker.join(timeout=30)
+        if admin.ident is not None:  # started
+            admin.join(timeout=30)
+
+    assert errors == []
+    after = subscription(sessions, sub.id)
+    assert after.consecutive_failures == (0 if "active" in change else 1)
+    deliveries = stored(sessions)
+    if "active" in change:
+        # The failure recorded first, then enabled again: due at once, its attempt kept.
+        assert after.disabled_at is None
+        [delivery] = deliveries
+        assert delivery.attempts == 1 and delivery.status == DeliveryStatus.PENDING
+        assert delivery.next_attempt_at == admin_clock
+    else:
+        assert deliveries == []
 
 
 @pytest.mark.postgres_only

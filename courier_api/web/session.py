@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Response, current_app, flash, g, redirect, request, session, url_for
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, Forbidden
 
 from courier_api.auth import Principal
 from courier_api.extensions import db
@@ -96,6 +96,20 @@ class SignInFormReplaced(CsrfRefused):
     description = (
         "This sign-in form was out of date: the sign-in page was opened again in another "
         "tab. Type the password again here."
+    )
+
+
+class PostedFromElsewhere(Forbidden):
+    """A form the browser says another site posted (``started_elsewhere``): refused
+    whatever token it carries. Over plain http the login cookie is no ``__Host-``
+    cookie, so a sibling host (another app at another subdomain, same-site to a
+    browser) could set one with a value of its own and post it with its account's
+    password: the browser signed in as that account (a sign-in CSRF). Our own pages'
+    forms are ``same-origin``."""
+
+    description = (
+        "This form was refused: the browser says it was started on another site, not "
+        "on these pages. Open the pages yourself and send the form from there."
     )
 
 

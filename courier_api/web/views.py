@@ -73,6 +73,7 @@ from courier_api.web.session import (
     DECIDERS,
     PAGE_ROLES,
     USER_KEY,
+    PostedFromElsewhere,
     SignInFormReplaced,
     check_csrf,
     check_login_csrf,
@@ -171,6 +172,8 @@ OUTCOME_LABELS = {
 def refuse_forged_posts() -> ResponseReturnValue | None:
     if request.method != "POST":
         return None
+    if started_elsewhere():  # a sibling host's form with a login cookie it planted
+        raise PostedFromElsewhere()
     if request.endpoint == "web.login_submit":  # no session yet: the form's own cookie
         try:
             check_login_csrf()

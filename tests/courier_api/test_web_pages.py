@@ -3224,3 +3224,50 @@ def test_a_missing_parcels_flag_page_says_where_it_was_scanned_on_a_spare_pda(
     assert f'href="/web/shifts/{second.id}">Shift {second.id}</a> · Sun Li · PDA-PDG-10' in scan
     drop = day.flag(session, "unauthorized_locker_drop")
     assert "scans-elsewhere" not in pages.get(f"/web/flags/{drop.id}")
+
+
+@pytest.mark.parametrize("started", ["same-site", "cross-site"])
+def test_a_sign_in_form_another_site_posts_signs_nobody_in(
+    app: Flask, session: Session, day: StationDay, started: str
+) -> None:
+    """A sign-in CSRF from a sibling host: over plain http (``make run``) the login
+    cookie is ``courier_login``, not ``__Host-``, so another app at a sibling subdomain
+    sets one of its own for the whole site (``Domain=``), with a value it knows, and
+    has the browser post that value with its own account's password: SameSite=Strict
+    sends a sibling's (same-site) post its cookies, and the browser was signed in as
+    the attacker, whose pages then recorded what the victim did and read. A POST the
+    browser says another site started is refused before anything runs, whatever its
+    token; the pages' own forms (``same-origin``) sign in as before."""
+    pages = Pages(app.test_client())
+    pages.client.set_cookie("courier_login", "planted-by-a-sibling-host")
+    forged = pages.client.post(
+        "/web/login",
+        data={
+            "csrf_token": "planted-by-a-sibling-host",
+            "username": "manager",
+            "password": factories.PASSWORD,
+        },
+        headers={"Sec-Fetch-Site": started},
+    )
+    assert forged.status_code == 403, forged.get_data(as_text=True)
+    assert "started on another site" in forged.get_data(as_text=True)
+    assert pages.client.get_cookie("courier_session") is None
+    assert pages.client.get("/web/board").status_code == 302  # not signed in
+
+    own = Pages(app.test_client())
+    form = own.client.get("/web/login").get_data(as_text=True)
+    token = CSRF.search(form)
+    assert token
+    answer = own.client.post(
+        "/web/login",
+        data={"csrf_token": token.group(1), "username": "manager", "password": factories.PASSWORD},
+        headers={"Sec-Fetch-Site": "same-origin"},
+    )
+    assert answer.status_code == 302
+    board = own.get("/web/board")
+    # Nor does any other form of the pages go through from elsewhere, its token right.
+    sign_out = own.client.post(
+        "/web/logout", data={"csrf_token": own.token()}, headers={"Sec-Fetch-Site": started}
+    )
+    assert sign_out.status_code == 403
+    assert own.get("/web/board") and board

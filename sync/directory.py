@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -12,9 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Device, DeviceStatus, Role, Station, User, utcnow
-from sync import audit
+from sync import audit, sign_in_limits
 from sync.accounts import DEFAULT_PASSWORD_HASH_METHOD, hash_password
-from sync.errors import Conflict, InvalidInput, NotFound
+from sync.errors import Conflict, InvalidInput, NotFound, RateLimited
 from sync.paging import MAX_PAGE_SIZE
 
 STATION_CODE = re.compile(r"[A-Z0-9][A-Z0-9_-]{1,31}")
@@ -28,6 +30,15 @@ DEVICE_UPDATED = "device_updated"
 USER_CREATED = "user_created"
 USER_UPDATED = "user_updated"
 COMMAND_LINE = "the command line"  # who changed it, when no user is known
+# A manager's registration of a PDA id another station's PDA holds: on record, and bounded.
+DEVICE_REGISTRATION_REFUSED = "device_registration_refused"
+DEVICE_IDS_TAKEN = "device_taken"  # its calls' kind in sync.sign_in_limits
+DEVICE_IDS_TAKEN_PER_MANAGER = sign_in_limits.Limit(10, dt.timedelta(hours=24))
+TOO_MANY_DEVICE_IDS_TAKEN = "too_many_device_ids_taken"
+TAKEN_TOO_OFTEN = (
+    "too many registrations of PDA ids already registered, by this account (an admin "
+    "registers a PDA whose id is taken)"
+)
 
 
 # -- stations ---------------------------------------------------------------------------------
@@ -233,7 +244,43 @@ def _check_role_station(role: Role, station: Station | None) -> None:
 # -- devices ----------------------------------------------------------------------------------
 
 
-def register_device(*, session: Session, device_id: str, station: Station) -> Device:
+@dataclass(frozen=True)
+class Registrar:
+    """A manager registering PDAs at their own station, who may not know other
+    stations' PDAs: ``user_id``, and their key for ``sign_in_limits`` (``caller_key`` of
+    ``DEVICE_IDS_TAKEN``)."""
+
+    user_id: int
+    key: str
+    limit: sign_in_limits.Limit = DEVICE_IDS_TAKEN_PER_MANAGER
+
+
+class DeviceIdTaken(Conflict):
+    """A manager's registration refused for an id another station's PDA holds: its
+    count and its audit entry are to be committed before the refusal is answered."""
+
+
+def register_device(
+    *,
+    session: Session,
+    device_id: str,
+    station: Station,
+    registrar: Registrar | None = None,
+) -> Device:
+    """Register a PDA at ``station``.
+
+    Device ids are unique across stations, so a 409 ``device_exists`` for an id
+    another station's PDA holds tells the manager asking that it exists: a curious
+    manager could probe for other stations' PDAs. With ``registrar`` (a manager, not
+    an admin, who sees every station) each such refusal is on the audit log
+    (``device_registration_refused``: who, the id, the station asked for and the
+    station holding it, for an admin to see and settle) and counted: once a manager
+    has met ``registrar.limit`` of them in its window, every registration of theirs is
+    refused (429 ``too_many_device_ids_taken``), a free id's too, so that the refusal
+    says nothing of the id and probing yields a handful of ids a day, each on record.
+    ``DeviceIdTaken`` is raised then, for the caller to commit before answering. The
+    refusal's words are those of an id of the manager's own station.
+    """
     device_id = device_id.strip()
     if not DEVICE_ID.fullmatch(device_id):
         raise InvalidInput(
@@ -241,14 +288,54 @@ def register_device(*, session: Session, device_id: str, station: Station) -> De
             code="invalid_device_id",
             field="device_id",
         )
-    if session.get(Device, device_id) is not None:
-        raise Conflict(
+    now = utcnow()
+    if registrar is not None:
+        refusal = _registrar_refusal(session, registrar, now)
+        if refusal is not None:
+            raise refusal
+    held = session.get(Device, device_id)
+    if held is not None:
+        taken = Conflict(
             f"device {device_id} is already registered", code="device_exists", field="device_id"
         )
+        if registrar is None or held.station_id == station.id:
+            raise taken
+        sign_in_limits.admit_call(
+            session=session,
+            kind=DEVICE_IDS_TAKEN,
+            key=registrar.key,
+            limit=registrar.limit,
+            now=now,
+            what=TAKEN_TOO_OFTEN,
+            code=TOO_MANY_DEVICE_IDS_TAKEN,
+        )
+        audit.append(
+            session=session,
+            actor_id=registrar.user_id,
+            action=DEVICE_REGISTRATION_REFUSED,
+            subject_type="device",
+            subject_key=device_id,
+            details={"station_id": station.id, "held_by_station_id": held.station_id},
+        )
+        raise DeviceIdTaken(taken.message, code=taken.code, field="device_id")
     device = Device(id=device_id, station_id=station.id, status=DeviceStatus.ACTIVE)
     session.add(device)
     session.flush()
     return device
+
+
+def _registrar_refusal(
+    session: Session, registrar: Registrar, now: dt.datetime
+) -> RateLimited | None:
+    return sign_in_limits.refusal_of(
+        session=session,
+        kind=DEVICE_IDS_TAKEN,
+        key=registrar.key,
+        limit=registrar.limit,
+        now=now,
+        what=TAKEN_TOO_OFTEN,
+        code=TOO_MANY_DEVICE_IDS_TAKEN,
+    )
 
 
 def get_device(*, session: Session, device_id: str) -> Device:

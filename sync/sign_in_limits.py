@@ -240,6 +240,26 @@ def admit_call(
     return charge.refusal
 
 
+def refusal_of(
+    *,
+    session: Session,
+    kind: str,
+    key: str,
+    limit: Limit,
+    now: dt.datetime,
+    what: str,
+    code: str,
+) -> RateLimited | None:
+    """The refusal ``admit_call`` would return, nothing stored: for a call counted only
+    by how it ends (``sync.directory``: a PDA id found in use at another station), whose
+    caller is refused every call once its window is full, the one that would not count
+    too. Takes the caller's lock (PostgreSQL), held to the transaction's end."""
+    _lock(session, (key,))
+    _purge(session, now - limit.window, (kind,))
+    where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
+    return _check(session, limit, where, now, what, code=code)
+
+
 @dataclass(frozen=True)
 class Charge:
     """The units a call was charged, or the refusal to raise (nothing charged)."""

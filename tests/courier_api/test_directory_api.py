@@ -1,10 +1,15 @@
 """Admin endpoints for stations, users and devices, and who may use them."""
 
+import json
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from models import AuditEntry
+from sync import directory
 from tests.conftest import Auth, World
 
 
@@ -389,3 +394,63 @@ def test_a_password_alone_set_again_is_on_the_audit_log(
         "changes": {},
         "password_changed": True,
     }
+
+
+def test_probing_for_another_stations_pda_ids_is_on_record_and_bounded(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """Device ids are unique across stations, so a manager registering an id another
+    station's PDA holds gets a 409 ``device_exists``, and their own list (or a 404 for
+    ``GET /devices/<id>``) then tells them that station has it: a curious manager could
+    try id after id (``PDA-SH-0001``, ``PDA-SH-0002``...) and learn every other
+    station's PDAs, each refusal free and unseen. Each is now on the audit log, and once
+    a manager met ``DEVICE_IDS_TAKEN_PER_MANAGER`` of them in a day every registration
+    of theirs is a 429, a free id's too (the answer then says nothing of the id). Their
+    own station's id refused, and an admin's refusals, count for nothing: those PDAs
+    are theirs to know."""
+    manager = auth.headers("manager1")
+    bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    own = client.post("/api/v1/devices", json={"device_id": "PDA-0001"}, headers=manager)
+    assert (own.status_code, own.get_json()["code"]) == (409, "device_exists")
+    for _ in range(bound):
+        probe = client.post("/api/v1/devices", json={"device_id": "PDA-0002"}, headers=manager)
+        # In the words of an id of their own station's: the station is named nowhere.
+        said = json.loads(probe.get_data(as_text=True).replace("PDA-0002", "PDA-0001"))
+        assert (probe.status_code, said) == (409, own.get_json())
+    refused = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "device_registration_refused")
+    ).all()
+    assert [(e.actor_id, e.subject_type, e.subject_key) for e in refused] == [
+        (world.manager.id, "device", "PDA-0002")
+    ] * bound
+    assert refused[0].details == {
+        "station_id": world.station.id,
+        "held_by_station_id": world.other_station.id,
+    }
+
+    free = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
+    assert (free.status_code, free.get_json()["code"]) == (429, "too_many_device_ids_taken")
+    assert 0 < int(free.headers["Retry-After"]) <= 24 * 3600
+    taken = client.post("/api/v1/devices", json={"device_id": "PDA-0002"}, headers=manager)
+    assert taken.get_json() == free.get_json()  # the same whatever the id
+    assert client.get("/api/v1/devices/PDA-0777", headers=manager).status_code == 404
+    assert (
+        session.scalar(
+            select(func.count())
+            .select_from(AuditEntry)
+            .where(AuditEntry.action == "device_registration_refused")
+        )
+        == bound
+    )
+
+    # Another manager, and an admin, register as before.
+    other = auth.headers("manager2")
+    assert (
+        client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=other).status_code
+        == 201
+    )
+    admin = auth.headers("admin")
+    body = {"device_id": "PDA-0002", "station_id": world.station.id}
+    assert client.post("/api/v1/devices", json=body, headers=admin).status_code == 409
+    body = {"device_id": "PDA-0779", "station_id": world.station.id}
+    assert client.post("/api/v1/devices", json=body, headers=admin).status_code == 201

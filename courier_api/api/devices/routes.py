@@ -5,7 +5,7 @@ from typing import Any
 from flask import current_app
 from flask.views import MethodView
 
-from courier_api.api.base import ApiBlueprint
+from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.api.devices.schemas import (
     DeviceCreate,
     DeviceListArgs,
@@ -27,7 +27,7 @@ from courier_api.auth import (
 from courier_api.config import inversion_tolerance_of
 from courier_api.extensions import db
 from models import Device, Role, SeqWriteOff
-from sync import directory, lost_seqs
+from sync import directory, lost_seqs, sign_in_limits
 from sync.acks import SeqTracker, seq_count
 from sync.errors import InvalidInput
 from sync.handover import MISSING_SEQS_SHOWN
@@ -66,8 +66,18 @@ class Devices(MethodView):
     @blp.response(201, DeviceOut)
     @blp.alt_response(409, response="CONFLICT")
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(429, **RATE_LIMITED)
     def post(self, body: dict[str, Any]) -> Device:
-        """Register a PDA at a station (admin, or a manager for their own station)"""
+        """Register a PDA at a station (admin, or a manager for their own station)
+
+        An id already registered is a 409 `device_exists`, whichever station's PDA holds
+        it. Ids are unique across stations, so a manager's registration refused for an
+        id another station's PDA holds is on the audit log
+        (`device_registration_refused`: who, the id, and both stations, for an admin to
+        settle), and a manager who met 10 such refusals in 24 hours has every
+        registration refused (429 `too_many_device_ids_taken`, `Retry-After`) until the
+        oldest leaves the window: another station's PDAs are not theirs to probe for.
+        """
         station_id = body.get("station_id", current_principal().station_id)
         if station_id is None:
             raise InvalidInput(
@@ -75,9 +85,16 @@ class Devices(MethodView):
             )
         ensure_station_access(station_id)
         station = directory.get_station(session=db.session, station_id=station_id)
-        device = directory.register_device(
-            session=db.session, device_id=body["device_id"], station=station
-        )
+        try:
+            device = directory.register_device(
+                session=db.session,
+                device_id=body["device_id"],
+                station=station,
+                registrar=_registrar(),
+            )
+        except directory.DeviceIdTaken:
+            db.session.commit()  # the refusal counted and on the audit log
+            raise
         db.session.commit()
         return device
 
@@ -259,6 +276,20 @@ class LostSeqs(MethodView):
             "missing_seqs": SeqTracker(0, done.missing_ranges).missing_seqs(MISSING_SEQS_SHOWN),
             "missing_seq_count": seq_count(done.missing_ranges),
         }
+
+
+def _registrar() -> directory.Registrar | None:
+    """The caller as ``directory.register_device`` bounds them: a manager, who may not
+    know other stations' PDAs; None for an admin, who sees every station's."""
+    principal = current_principal()
+    if principal.is_cross_station:
+        return None
+    key = sign_in_limits.caller_key(
+        secret=current_app.config["JWT_SECRET"].encode(),
+        kind=directory.DEVICE_IDS_TAKEN,
+        caller=str(principal.user_id),
+    )
+    return directory.Registrar(user_id=principal.user_id, key=key)
 
 
 def _write_offs_device(device_id: str) -> Device:

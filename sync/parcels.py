@@ -37,7 +37,7 @@ from sync.errors import (
     PermissionDenied,
 )
 from sync.flags import FlagSubject, close_flags
-from sync.paging import MAX_PAGE_SIZE
+from sync.paging import MAX_PAGE_SIZE, dotted_parts, malformed_cursor
 from sync.phones import normalize_phone
 from sync.projection import EMSEVT_CODE, EventFact, ordered, project, voided_by
 from sync.rules import EventDetail, Policy, first_scans
@@ -526,18 +526,16 @@ class TimelineCursor:
 
     @classmethod
     def parse(cls, raw: str | None) -> TimelineCursor | None:
-        """The cursor, or None for a walk's first page."""
+        """The cursor, or None for a walk's first page. Its ``updated`` is a time a
+        page can show (at most the end of year 9999): a cursor naming a later one made
+        the page after a push a 500 (``_header``'s ``OverflowError``)."""
         if raw is None or raw == "":
             return None
-        match = _TIMELINE_CURSOR.fullmatch(raw)
-        numbers = [int(n) for n in match.groups()[:4] if n is not None] if match else []
-        if match is None or max(numbers) > _INT64_MAX:
-            raise InvalidCursor(
-                "the cursor is malformed; send back a next_cursor exactly as received",
-                field="cursor",
-            )
-        updated = None if match[4] is None else int(match[4])
-        return cls(int(match[1]), int(match[2]), int(match[3]), updated, match[5])
+        (as_of, count, after, updated), (record,) = dotted_parts(raw, _TIMELINE_CURSOR, numbers=4)
+        assert as_of is not None and count is not None and after is not None
+        if updated is not None and updated > _MAX_MICROSECONDS:
+            raise malformed_cursor()
+        return cls(as_of, count, after, updated, record)
 
 
 @dataclass(frozen=True)
@@ -552,6 +550,10 @@ class WalkHeader:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# The latest time a cursor's ``updated`` may name, in microseconds since ``_EPOCH``.
+_MAX_MICROSECONDS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(
+    microseconds=1
+)
 
 
 def _microseconds(at: dt.datetime) -> int:
@@ -574,9 +576,6 @@ def record_key(parcel: Parcel) -> str:
     ]
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from sync.consents import consents_by_id, consents_for
 from sync.errors import CursorReset, InvalidCursor, InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
-from sync.paging import MAX_PAGE_SIZE
+from sync.paging import MAX_PAGE_SIZE, dotted_parts, malformed_cursor
 from sync.parcels import TimelineEntry, timeline_around
 from sync.projection import voided_in_sql
 from sync.rules import (
@@ -251,7 +251,6 @@ def list_proofs(
 _SEARCH_CURSOR = re.compile(
     r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9a-f]{16})"
 )
-_INT64_MAX = 2**63 - 1
 
 
 def search_key(filters: ProofFilter) -> str:
@@ -287,19 +286,14 @@ class SearchCursor:
         """The cursor, or None for a walk's first page."""
         if raw is None or raw == "":
             return None
-        match = _SEARCH_CURSOR.fullmatch(raw)
-        numbers = [int(n) for n in match.groups()[:4]] if match else []
-        if (
-            match is None
-            or max(numbers) > _INT64_MAX
-            or not 0 < numbers[2] <= numbers[0]  # after: a delivery of the walk
-            or not 0 < numbers[1] <= numbers[3]  # each shown id is at least 1
-        ):
-            raise InvalidCursor(
-                "the cursor is malformed; send back a next_cursor exactly as received",
-                field="cursor",
-            )
-        return cls(*numbers, search=match[5])
+        (as_of, offset, after, shown), (search,) = dotted_parts(raw, _SEARCH_CURSOR, numbers=4)
+        assert as_of is not None and offset is not None and after is not None
+        assert shown is not None and search is not None
+        if not 0 < after <= as_of:  # after: a delivery of the walk
+            raise malformed_cursor()
+        if not 0 < offset <= shown:  # each shown id is at least 1
+            raise malformed_cursor()
+        return cls(as_of, offset, after, shown, search)
 
 
 @dataclass(frozen=True)

@@ -622,10 +622,23 @@ def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
     cursor = client.get(f"{URL}/{tn}", query_string={"limit": 5}, headers=headers).json[
         "next_cursor"
     ]
-    for wrong in ("5", "1.2.x", f"{10**20}.1.1"):
+    as_of, count, after, updated, record = cursor.split(".")
+    for wrong in (
+        "5",
+        "1.2.x",
+        f"{10**20}.1.1",
+        f"{2**63}.1.1",  # 19 digits, beyond a BIGINT
+        f"{as_of}.{count}.{after}.{updated}",
+        f"{as_of}.{count}.{after}.{updated}.{record.upper()}",
+        f"{as_of}.{count}.{after}.{updated}.{record}0",
+        f"{as_of}.{count}.{after}.{2**63}.{record}",
+        # A time no page can show (after year 9999): it was a 500 (OverflowError).
+        f"{as_of}.{count}.{after}.{2**63 - 1}.{record}",
+    ):
         malformed = client.get(f"{URL}/{tn}", query_string={"cursor": wrong}, headers=headers)
         assert malformed.status_code == 400, wrong
         assert malformed.json["code"] == "cursor_malformed"
+        assert list(malformed.json["errors"]) == ["cursor"]
     elsewhere = client.get(
         f"{URL}/{other.tracking_no}", query_string={"cursor": cursor}, headers=headers
     )

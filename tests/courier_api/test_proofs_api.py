@@ -2348,6 +2348,8 @@ def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
         f"{as_of}.1.{after}.{shown}.{key}x",
         f"{as_of}.1.{after}.{shown}.{key.upper()}",
         f"{10**20}.1.{after}.{shown}.{key}",
+        f"{2**63}.1.{after}.{shown}.{key}",  # 19 digits, beyond a BIGINT
+        f"{as_of}.1.{after}.{2**63}.{key}",
         f"{after}.1.{as_of}.{shown}.{key}",  # after beyond as_of
         f"{as_of}.0.{after}.{shown}.{key}",  # after, but nothing shown
     ):

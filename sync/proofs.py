@@ -17,7 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,8 +249,14 @@ def list_proofs(
 
 
 _SEARCH_CURSOR = re.compile(
-    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9a-f]{16})"
+    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9a-f]{16})\.([0-9a-f]{16})"
 )
+# A cursor of a walk begun before ``walked`` replaced the sum of the ids it showed.
+_SUMMED_SEARCH_CURSOR = re.compile(
+    r"[0-9]{1,19}\.[0-9]{1,19}\.[0-9]{1,19}\.[0-9]{1,19}\.[0-9a-f]{16}"
+)
+# ``walked`` of a walk that showed nothing yet.
+NOTHING_WALKED = "0" * 16
 
 
 def search_key(filters: ProofFilter) -> str:
@@ -266,34 +272,53 @@ def search_key(filters: ProofFilter) -> str:
 
 @dataclass(frozen=True)
 class SearchCursor:
-    """Where a walk through a proof search stands, ``as_of.offset.after.shown.search``:
+    """Where a walk through a proof search stands, ``as_of.offset.after.walked.search``:
     the walk reads the deliveries matching the search whose id is at most ``as_of``, the
     highest there was at its first page, by id; ``offset`` of them were shown, the last
-    being ``after``, and ``shown`` is the sum of their ids; ``search`` is the search's
-    ``search_key``."""
+    being ``after``, and ``walked`` is the digest of their ids in that order
+    (``walk_digest``); ``search`` is the search's ``search_key``."""
 
     as_of: int
     offset: int
     after: int
-    shown: int
+    walked: str
     search: str
 
     def __str__(self) -> str:
-        return f"{self.as_of}.{self.offset}.{self.after}.{self.shown}.{self.search}"
+        return f"{self.as_of}.{self.offset}.{self.after}.{self.walked}.{self.search}"
 
     @classmethod
     def parse(cls, raw: str | None) -> SearchCursor | None:
-        """The cursor, or None for a walk's first page."""
+        """The cursor, or None for a walk's first page. One handed out before the walk
+        kept the digest of its ids (it kept their sum) is a 410: search again."""
         if raw is None or raw == "":
             return None
-        (as_of, offset, after, shown), (search,) = dotted_parts(raw, _SEARCH_CURSOR, numbers=4)
+        if not _SEARCH_CURSOR.fullmatch(raw) and _SUMMED_SEARCH_CURSOR.fullmatch(raw):
+            raise CursorReset(
+                "the walk was begun by an earlier version of the server; search again from "
+                "the start",
+                field="cursor",
+            )
+        (as_of, offset, after), (walked, search) = dotted_parts(raw, _SEARCH_CURSOR, numbers=3)
         assert as_of is not None and offset is not None and after is not None
-        assert shown is not None and search is not None
-        if not 0 < after <= as_of:  # after: a delivery of the walk
+        assert walked is not None and search is not None
+        if not 0 < after <= as_of or offset < 1:  # after: a delivery of the walk, shown
             raise malformed_cursor()
-        if not 0 < offset <= shown:  # each shown id is at least 1
-            raise malformed_cursor()
-        return cls(as_of, offset, after, shown, search)
+        return cls(as_of, offset, after, walked, search)
+
+
+def walk_digest(ids: Iterable[int], walked: str = NOTHING_WALKED) -> str:
+    """The digest of a walk's ids, in order, going on from ``walked`` (that of the ids
+    before them): 16 hex digits, each id chained onto the digest of those before it, so
+    that the pages of a walk, each going on from the one before, and one statement
+    reading every id of the walk, give the same digest when, and only when, they hold
+    the same ids. A sum of the ids (with their number) did not tell two deliveries that
+    stopped matching from two that came to match with the same sum (ids 3 and 6 shown,
+    4 and 5 matching at the last page), and the walk ended short of both."""
+    digest = bytes.fromhex(walked)
+    for event_id in ids:
+        digest = hashlib.sha256(digest + event_id.to_bytes(8, "big")).digest()[:8]
+    return digest.hex()
 
 
 @dataclass(frozen=True)
@@ -323,9 +348,10 @@ def search_page(
     id after them never saw it (paging by ``after_id`` skips it, and an auditor takes
     its absence for none). One committed late above the last shown comes in a later
     page, as any does; below it, the walk's last page finds it: it counts the matching
-    deliveries up to ``as_of`` and sums their ids (one statement, no rows) against those
-    the walk showed (the cursor carries both), and a difference is a ``CursorReset`` (a
-    410: search again) rather than a last page of a walk that left one out. So every
+    deliveries up to ``as_of`` (one statement, their ids alone) against those the walk
+    showed (the cursor carries their number and their digest, ``walk_digest``), and a
+    difference is a ``CursorReset`` (a 410: search again, naming how many the walk
+    showed and how many match) rather than a last page of a walk that left one out. So every
     matching delivery with an id up to ``as_of`` committed before the walk's last page
     was read is in exactly one page of it, or that page is refused. The same happens
     when what matches changed below it (a flag of ``flag_kind`` raised or closed, a
@@ -345,45 +371,48 @@ def search_page(
         if len(rows) > limit:  # more follow: the walk reads up to the highest there is
             highest = _query(filters).with_only_columns(func.max(ScanEvent.id))
             as_of = max(as_of, session.scalar(highest) or 0)
-        offset, shown_before = 0, 0
+        offset, walked = 0, NOTHING_WALKED
     else:
-        as_of, offset, shown_before = cursor.as_of, cursor.offset, cursor.shown
+        as_of, offset, walked = cursor.as_of, cursor.offset, cursor.walked
         rows = session.execute(
             query.where(ScanEvent.id > cursor.after, ScanEvent.id <= as_of)
         ).all()
     page = _proofs(session, rows[:limit])
     ids = [proof.event.id for proof in page]
+    walked = walk_digest(ids, walked)
     more = len(rows) > limit
     if cursor is not None and not more:
-        _check_walk(session, filters, as_of, offset + len(ids), shown_before + sum(ids))
+        _check_walk(session, filters, as_of, offset + len(ids), walked)
     arrived = _query(filters).with_only_columns(func.count(ScanEvent.id))
     return SearchPage(
         proofs=page,
         as_of=as_of,
-        next_cursor=SearchCursor(as_of, offset + len(ids), ids[-1], shown_before + sum(ids), key)
-        if more
-        else None,
+        next_cursor=SearchCursor(as_of, offset + len(ids), ids[-1], walked, key) if more else None,
         arrived_since=session.scalar(arrived.where(ScanEvent.id > as_of)) or 0,
         offset=offset,
     )
 
 
 def _check_walk(
-    session: Session, filters: ProofFilter, as_of: int, count: int, id_sum: int
+    session: Session, filters: ProofFilter, as_of: int, count: int, walked: str
 ) -> None:
     """Refuse a walk's last page when the deliveries matching ``filters`` up to ``as_of``
-    are not the ``count`` the walk showed, whose ids sum to ``id_sum``."""
-    found = session.execute(
-        _query(filters)
-        .with_only_columns(func.count(ScanEvent.id), func.coalesce(func.sum(ScanEvent.id), 0))
-        .where(ScanEvent.id <= as_of)
-    ).one()
-    if (found[0], int(found[1])) != (count, id_sum):
+    are not the ``count`` the walk showed, whose ids' digest is ``walked``: their ids
+    read in order (an index's, no row), a thousand at a time."""
+    query = _query(filters).with_only_columns(ScanEvent.id).where(ScanEvent.id <= as_of)
+    found, digest = 0, NOTHING_WALKED
+    ids = session.scalars(query.order_by(ScanEvent.id).execution_options(yield_per=1000))
+    for chunk in ids.partitions():
+        found += len(chunk)
+        digest = walk_digest(chunk, digest)
+    if (found, digest) != (count, walked):
         raise CursorReset(
-            "deliveries matching this search with ids below those its pages showed were "
-            "stored after the walk passed them (a push committing late), or came to match "
-            "it or stopped matching it (a flag raised or closed, a parcel moved to another "
-            "station); search again from the start",
+            f"this walk showed {count} deliveries matching the search up to event "
+            f"{as_of}; {found} match now{', not the same ones' if found == count else ''}: "
+            "deliveries with ids below those its pages showed were stored after the walk "
+            "passed them (a push committing late), or came to match it or stopped "
+            "matching it (a flag raised or closed, a parcel moved to another station); "
+            "search again from the start",
             field="cursor",
         )
 

@@ -30,6 +30,7 @@ from models import (
 from models.engine import refuse_writes
 from sync import proofs, rules
 from sync.blobs import FileBlobStore
+from sync.proofs import walk_digest
 from sync.rules import RULE_KINDS
 from tests import factories
 from tests.conftest import Auth, World
@@ -2313,7 +2314,7 @@ def test_a_search_walk_holds_a_delivery_committed_late_above_the_pages_it_showed
 def test_a_search_walk_is_refused_when_a_late_delivery_came_as_another_stopped_matching(
     client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:
-    """The last page checks the sum of the ids as well as their number: a delivery
+    """The last page checks which ids match as well as their number: a delivery
     committed late below the pages shown while one shown stops matching (here no longer
     a delivery; a flag of ``flag_kind`` closed does it) leaves the number as it was, and
     the walk would have ended without the late one."""
@@ -2328,6 +2329,37 @@ def test_a_search_walk_is_refused_when_a_late_delivery_came_as_another_stopped_m
     assert last.status_code == 410 and last.json["code"] == "cursor_reset"
 
 
+def test_a_search_walk_is_refused_when_deliveries_swapped_in_and_out_with_the_same_sum(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The last page compared the number and the sum of the ids matching up to ``as_of``
+    with those the walk showed: two deliveries committed late below the pages shown
+    while two shown stopped matching (a flag of ``flag_kind`` closed does it; here no
+    longer deliveries), their ids summing to the same (1 + 4 = 2 + 3), left both as they
+    were, and the walk ended without the two late ones: an auditor took their absence
+    for none. The cursor now carries a digest of the ids shown, compared with that of
+    those matching: a 410 that says how many the walk showed and how many match."""
+    delivered = deliveries(auth, session, world, 5)
+    assert delivered == list(range(delivered[0], delivered[0] + 5))  # one push: in a row
+    late = delivered[1:3]
+    for event_id in late:
+        committed_late(session, event_id, EventType.OUT_FOR_DELIVERY)
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=2).json
+    shown = [i["event_id"] for i in first["items"]]
+    assert shown == [delivered[0], delivered[3]] and sum(shown) == sum(late)
+    for event_id in late:
+        committed_late(session, event_id, EventType.DELIVERED)
+    for event_id in shown:
+        committed_late(session, event_id, EventType.OUT_FOR_DELIVERY)
+    last = walk_page(client, headers, first["next_cursor"], limit=2)
+    assert last.status_code == 410, last.json
+    assert last.json["code"] == "cursor_reset" and list(last.json["errors"]) == ["cursor"]
+    message = last.json["message"]
+    assert f"showed 3 deliveries matching the search up to event {delivered[4]}" in message
+    assert "3 match now, not the same ones" in message
+
+
 def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
     client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:
@@ -2338,25 +2370,33 @@ def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
     headers = auth.headers("auditor1")
     first = walk_page(client, headers, limit=1, method="in_person").json
     cursor = first["next_cursor"]
-    as_of, offset, after, shown, key = cursor.split(".")
-    assert (int(as_of), int(offset), int(after), int(shown)) == (
-        delivered[1], 1, delivered[0], delivered[0]
+    as_of, offset, after, walked, key = cursor.split(".")
+    assert (int(as_of), int(offset), int(after), walked) == (
+        delivered[1], 1, delivered[0], walk_digest([delivered[0]])
     )  # fmt: skip
     for wrong in (
         "5",
-        f"{as_of}.1.{after}.{shown}",
-        f"{as_of}.1.{after}.{shown}.{key}x",
-        f"{as_of}.1.{after}.{shown}.{key.upper()}",
-        f"{10**20}.1.{after}.{shown}.{key}",
-        f"{2**63}.1.{after}.{shown}.{key}",  # 19 digits, beyond a BIGINT
-        f"{as_of}.1.{after}.{2**63}.{key}",
-        f"{after}.1.{as_of}.{shown}.{key}",  # after beyond as_of
-        f"{as_of}.0.{after}.{shown}.{key}",  # after, but nothing shown
+        f"{as_of}.1.{after}.{walked}",
+        f"{as_of}.1.{after}.{walked}.{key}x",
+        f"{as_of}.1.{after}.{walked}.{key.upper()}",
+        f"{as_of}.1.{after}.{walked.upper()}.{key}",
+        f"{as_of}.1.{after}.{walked[1:]}.{key}",
+        f"{10**20}.1.{after}.{walked}.{key}",
+        f"{2**63}.1.{after}.{walked}.{key}",  # 19 digits, beyond a BIGINT
+        f"{as_of}.{2**63}.{after}.{walked}.{key}",
+        f"{after}.1.{as_of}.{walked}.{key}",  # after beyond as_of
+        f"{as_of}.1.0.{walked}.{key}",  # after: no delivery
+        f"{as_of}.0.{after}.{walked}.{key}",  # after, but nothing shown
     ):
         malformed = walk_page(client, headers, wrong, limit=1, method="in_person")
         assert malformed.status_code == 400, wrong
         assert malformed.json["code"] == "cursor_malformed"
         assert list(malformed.json["errors"]) == ["cursor"]
+    # A cursor handed out before the walk kept its ids' digest (it kept their sum).
+    summed = walk_page(
+        client, headers, f"{as_of}.1.{after}.{after}.{key}", limit=1, method="in_person"
+    )
+    assert summed.status_code == 410 and summed.json["code"] == "cursor_reset"
     for other in ({"method": "locker"}, {}, {"station_id": world.station.id}):
         elsewhere = walk_page(client, headers, cursor, limit=1, **other)
         assert elsewhere.status_code == 400, other

@@ -10,7 +10,7 @@ import sync
 from sync.errors import InvalidCursor
 from sync.paging import INT64_MAX, dotted_parts, malformed_cursor
 from sync.parcels import TimelineCursor
-from sync.proofs import SearchCursor
+from sync.proofs import SearchCursor, walk_digest
 
 ASSIGNED = re.compile(r"^MAX_PAGE_SIZE\b.*=", re.MULTILINE)
 
@@ -47,3 +47,16 @@ def test_a_cursor_is_read_by_one_parser_of_dotted_numbers() -> None:
     timeline = TimelineCursor(7, 3, 5, 1_700_000_000_000_000, "0123456789abcdef")
     assert TimelineCursor.parse(str(timeline)) == timeline
     assert TimelineCursor.parse("7.3.5") == TimelineCursor(7, 3, 5)
+    search = SearchCursor(9, 2, 5, walk_digest([3, 5]), "0123456789abcdef")
+    assert SearchCursor.parse(str(search)) == search
+
+
+def test_a_walks_digest_is_that_of_its_ids_whatever_its_pages() -> None:
+    """The pages of a proof search's walk chain their ids' digest on from the page
+    before; its last page reads every id of the walk in one statement: both give one
+    digest when they hold the same ids in the same order, and another for ids of the
+    same number and sum."""
+    ids = [3, 6, 8, 11]
+    assert walk_digest(ids[2:], walk_digest(ids[:2])) == walk_digest(ids)
+    assert walk_digest([4, 5, 8, 11]) != walk_digest(ids)
+    assert walk_digest([]) == "0" * 16 != walk_digest([0])

@@ -248,7 +248,8 @@ class Proofs(MethodView):
         id is taken when its push stores it, not when the push commits, so on
         PostgreSQL a push committing late holds an id below deliveries already
         shown; above the last shown it comes in a later page, below it the walk's
-        last page finds it (it counts the matching deliveries up to `as_of`) and
+        last page finds it (it compares the ids of the matching deliveries up to
+        `as_of` with those shown, and its message says how many of each) and
         answers 410 `cursor_reset`: search again from the start. It does so too
         when what matches changed below the pages shown (a flag of `flag_kind`
         raised or closed, a parcel moved to another station). A walk that ends

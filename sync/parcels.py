@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from models import (
+    AuditEntry,
     FeedKind,
     Parcel,
     Role,
@@ -561,21 +562,75 @@ def _microseconds(at: dt.datetime) -> int:
     return (aware - _EPOCH) // dt.timedelta(microseconds=1)
 
 
+# The fields of a parcel's record (``record_key``), in the digest's order.
+RECORD_FIELDS = (
+    "service_class",
+    "station_id",
+    "recipient_name",
+    "recipient_phone",
+    "address",
+    "lat",
+    "lon",
+    "planned_courier_id",
+)
+
+
 def record_key(parcel: Parcel) -> str:
     """A digest of what of ``parcel`` an intake changes (its class, station, recipient,
     phone, address, position, planned courier), no event: 16 hex digits."""
-    fields = [
-        str(parcel.service_class),
-        parcel.station_id,
-        parcel.recipient_name,
-        parcel.recipient_phone,
-        parcel.address,
-        None if parcel.lat is None else repr(parcel.lat),
-        None if parcel.lon is None else repr(parcel.lon),
-        parcel.planned_courier_id,
-    ]
-    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    return _record_key({name: _shown(getattr(parcel, name)) for name in RECORD_FIELDS})
+
+
+def _record_key(record: Mapping[str, Any]) -> str:
+    """``record_key`` of a record given as the audit log's ``parcel_updated`` entries
+    show its fields (``_shown``): a class by its value, a position as text."""
+    text = json.dumps(
+        [record[name] for name in RECORD_FIELDS], ensure_ascii=False, separators=(",", ":")
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# How many of a parcel's latest ``parcel_updated`` entries a refused walk reads back to
+# find the record it began with (``record_changes``): intakes of a known parcel are rare.
+RECORD_CHANGES_READ = 20
+
+
+def record_changes(*, session: Session, parcel: Parcel, record: str) -> str | None:
+    """What intakes changed of ``parcel`` since its record was the one whose
+    ``record_key`` is ``record``, as a sentence names it (``changed_what``) with when:
+    ``recipient's name (changed at 2026-11-23T10:00:00+00:00)``. Found by undoing its
+    latest ``parcel_updated`` entries, newest first, until the record is that one; None
+    when they do not lead back to it (a change not made by an intake)."""
+    current = {name: _shown(getattr(parcel, name)) for name in RECORD_FIELDS}
+    entries = session.execute(
+        select(AuditEntry.at, AuditEntry.details)
+        .where(
+            AuditEntry.subject_type == "parcel",
+            AuditEntry.subject_key == parcel.tracking_no,
+            AuditEntry.action == PARCEL_UPDATED,
+        )
+        .order_by(AuditEntry.id.desc())
+        .limit(RECORD_CHANGES_READ)
+    ).all()
+    earlier = dict(current)
+    times: list[dt.datetime] = []
+    for at, details in entries:
+        changes = details.get("changes", {})
+        for name, change in changes.items():
+            if name in earlier:
+                earlier[name] = change.get("from")
+        times.append(at)
+        if _record_key(earlier) == record:
+            changed = {
+                name: (earlier[name], current[name])
+                for name in RECORD_FIELDS
+                if earlier[name] != current[name]
+            }
+            if not changed:
+                return None
+            when = ", ".join(audit.iso(at) for at in reversed(times))
+            return f"{changed_what(changed)} (changed at {when})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -656,7 +711,7 @@ def timeline_page(
     shown = in_order[start:end]
     entries = _entries(session, walked, facts, shown)
     more = bool(shown) and end < len(in_order)
-    header = None if parcel is None else _header(parcel, cursor, walked, facts, in_order)
+    header = None if parcel is None else _header(session, parcel, cursor, walked, facts, in_order)
     updated, record = (None, None)
     if parcel is not None:
         updated, record = _microseconds(header.updated_at), record_key(parcel)
@@ -673,6 +728,7 @@ def timeline_page(
 
 
 def _header(
+    session: Session,
     parcel: Parcel,
     cursor: TimelineCursor | None,
     walked: Sequence[EventDetail],
@@ -685,7 +741,9 @@ def _header(
     first page gave it). What an intake changed since (class, recipient, address,
     station, planned courier) cannot be put back: a 410 ``cursor_reset``, as for two
     pushes ending at once, the walk to begin again (intakes of a known parcel are rare,
-    and each is on the audit log, ``parcel_updated``).
+    and each is on the audit log, ``parcel_updated``, which says what changed and when:
+    the 410 names them, ``record_changes``, so that an auditor sees what of the record
+    the pages read so far showed is no longer so).
 
     The first page projects them from its events too: ``parcel`` was read before them,
     in a statement of its own (PostgreSQL's READ COMMITTED), so a push of the parcel
@@ -704,10 +762,15 @@ def _header(
             field="cursor",
         )
     if cursor.record != record_key(parcel):
+        changed = record_changes(session=session, parcel=parcel, record=cursor.record)
+        what = (
+            " (its class, recipient, address, station or planned courier) was changed "
+            "since this walk began"
+            if changed is None
+            else f" was changed since this walk began: its {changed}"
+        )
         raise CursorReset(
-            f"the record of {parcel.tracking_no} (its class, recipient, address, station "
-            "or planned courier) was changed since this walk began; read the timeline "
-            "again from the start",
+            f"the record of {parcel.tracking_no}{what}; read the timeline again from the start",
             field="cursor",
         )
     if cursor.updated == _microseconds(parcel.updated_at):

@@ -10,6 +10,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from courier_api.api.parcels import routes as parcel_routes
 from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent
+from sync.audit import iso
 from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
@@ -857,6 +858,68 @@ def test_each_page_of_a_walk_shows_the_parcel_as_its_first_page_did(
     )
     assert changed.status_code == 410 and changed.json["code"] == "cursor_reset"
     assert list(changed.json["errors"]) == ["cursor"]
+
+
+def test_a_walk_refused_for_an_intake_says_what_the_intake_changed_and_when(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """An intake changing the parcel's record during a walk makes its next page a 410
+    `cursor_reset`, which said only that its class, recipient, address, station or
+    planned courier was changed: an auditor settling a dispute, told the pages read so
+    far showed a record no longer so, could not tell which of it. The 410 names the
+    fields the intakes changed since the walk began and when, from their
+    `parcel_updated` entries (a class with its values; a phone or an address not, as a
+    flag's reason names them), and the walk begun again goes through."""
+    tn = "RR473124829GB"
+    headers, manager = auth.headers("auditor1"), auth.headers("manager1")
+    taken = client.post(URL, json={"parcels": [item(tn)]}, headers=manager)
+    assert taken.json["results"][0]["status"] == "created", taken.json
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    auth.push(
+        [
+            factories.event(
+                seq, tn, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=seq)
+            )
+            for seq in (1, 2, 3)
+        ]
+    )
+    walk = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
+    for changes in (
+        {"recipient_name": "Someone Else"},
+        {
+            "recipient_name": "Someone Else",
+            "service_class": "parcel",
+            "recipient_phone": "139 8765 4321",
+        },
+    ):
+        intake = client.post(URL, json={"parcels": [item(tn, **changes)]}, headers=manager)
+        assert intake.json["results"][0]["status"] == "updated", intake.json
+    times = session.scalars(
+        select(AuditEntry.at)
+        .where(AuditEntry.action == "parcel_updated", AuditEntry.subject_key == tn)
+        .order_by(AuditEntry.id)
+    ).all()
+    assert len(times) == 2
+    changed = client.get(
+        f"{URL}/{tn}", query_string={"limit": 1, "cursor": walk["next_cursor"]}, headers=headers
+    )
+    assert changed.status_code == 410 and changed.json["code"] == "cursor_reset"
+    message = changed.json["message"]
+    assert (
+        "was changed since this walk began: its class from express to parcel, recipient's "
+        "name and recipient's phone (changed at "
+        f"{iso(times[0])}, {iso(times[1])})"
+    ) in message, message
+    assert "8765" not in message and "Someone" not in message
+    again = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
+    while again["next_cursor"] is not None:
+        page = client.get(
+            f"{URL}/{tn}",
+            query_string={"limit": 1, "cursor": again["next_cursor"]},
+            headers=headers,
+        )
+        assert page.status_code == 200, page.json
+        again = page.json
 
 
 def test_an_auditors_read_of_a_page_of_a_walk_records_which_page_of_which_walk(

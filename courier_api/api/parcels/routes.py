@@ -114,7 +114,8 @@ class ParcelByTrackingNo(MethodView):
         a 410 `cursor_reset` means events the walk began without were stored
         below `as_of` (two PDAs' pushes of the parcel ending at once), or an
         intake changed the parcel's class, recipient, address, station or planned
-        courier since the walk began: start the walk again.
+        courier since the walk began (its message names what and when, from the
+        intakes' `parcel_updated` entries): start the walk again.
 
         An auditor's read is on the audit log (`parcel_read`), naming the
         deliveries whose proof the page shows and the page of the walk: the

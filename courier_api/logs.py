@@ -10,7 +10,8 @@
   sane (1-128 characters of ``A-Z a-z 0-9 . _ : -``), else a new one. It is sent back
   in ``X-Request-Id`` on every response, errors included, and one access line is
   logged per request (``courier_api.access``): method, path, url rule, status,
-  duration, and the user, role, station and device when known.
+  duration, the client's address as the request's audit entries name it, and the
+  user, role, station and device when known.
 * ``Redactor``, a filter on that handler, rewrites every record before it is
   written, whichever logger it comes from: bearer tokens and JWT-looking strings,
   values of ``password``/``secret``/``token``-like keys, plurals too (``tokens=abc``,
@@ -39,6 +40,7 @@ from typing import IO, Any
 from flask import Flask, Response, g, has_request_context, request
 
 from courier_api import metrics
+from sync import audit
 from sync.phones import mask_phones_in
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -113,10 +115,19 @@ def _finish_request(response: Response) -> Response:
             "rule": rule,
             "status": status,
             "duration_ms": round(duration * 1000, 1),
-            "client": req.remote_addr,
+            "client": _client(req.remote_addr),
         },
     )
     return response
+
+
+def _client(address: str | None) -> str | None:
+    """The request's client as the audit entries it writes name it (``sync.audit.
+    client_ip``: an IPv4 client reached over IPv6 by its IPv4 address, one spelling of
+    an IPv6 one, None for what names no address), so that an auditor finds a read's
+    access line by the address its entry gives. The web edge set it for the request
+    (``courier_api.app``), worked out once; worked out here when that has not run."""
+    return audit.CLIENT_IP.get() or audit.client_ip(address)
 
 
 class RequestContext(logging.Filter):

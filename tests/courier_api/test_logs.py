@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from courier_api.config import ConfigError, load_config, validate_config
 from courier_api.logs import REQUEST_ID_HEADER, configure_logging, make_handler, redact
 from courier_api.scheduler import delivery_loop_for
-from models import User, utcnow
+from models import AuditEntry, User, utcnow
 from sync import consents, outbox
 from tests import factories
 from tests.conftest import TEST_JWT_SECRET, Auth, World
@@ -535,3 +535,44 @@ def test_a_path_seen_again_is_redacted_once_and_hidden_each_time(
     assert all("s3cr3t-value" not in line["message"] for line in lines)
     assert redacted.count(short) == 1
     assert redacted.count(long) == 2
+
+
+def test_the_access_line_names_the_client_as_the_audit_entry_of_its_request_does(
+    log_output: io.StringIO, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """An audit entry keeps its client's address in one spelling (``sync.audit.
+    client_ip``: an IPv4 client reached over IPv6 by its IPv4 address, an IPv6 one
+    compressed, in lower case); the access line kept the address as the socket or the
+    proxy spelled it, so an auditor matching log lines to an auditor's reads by address
+    (where did this read come from, what else did that client ask for) found none of a
+    dual-stack listener's IPv4 clients, nor an IPv6 one a proxy spelled otherwise. Both
+    now name it alike, by one normaliser."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    headers = auth.headers("auditor1")
+    log_output.truncate(0)
+    log_output.seek(0)
+    for sent, kept in (
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:DB8::0:1", "2001:db8::1"),
+        ("198.51.100.23", "198.51.100.23"),
+    ):
+        read = client.get(
+            f"/api/v1/parcels/{parcel.tracking_no}",
+            headers=headers,
+            environ_base={"REMOTE_ADDR": sent},
+        )
+        assert read.status_code == 200, read.get_json()
+        session.expire_all()
+        entry = session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.action == "parcel_read")
+            .order_by(AuditEntry.id.desc())
+            .limit(1)
+        ).one()
+        (line,) = [
+            a
+            for a in access_lines(log_output)
+            if a.get("request_id") == read.headers[REQUEST_ID_HEADER]
+        ]
+        assert (line["client"], entry.client_ip) == (kept, kept), sent

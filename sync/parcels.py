@@ -615,9 +615,11 @@ def record_changes(*, session: Session, parcel: Parcel, record: str) -> str | No
     earlier = dict(current)
     times: list[dt.datetime] = []
     for at, details in entries:
-        changes = details.get("changes", {})
+        changes = details.get("changes") if isinstance(details, dict) else None
+        if not isinstance(changes, dict):  # not an entry ``_audit_updates`` wrote
+            return None
         for name, change in changes.items():
-            if name in earlier:
+            if name in earlier and isinstance(change, dict):
                 earlier[name] = change.get("from")
         times.append(at)
         if _record_key(earlier) == record:

@@ -10,6 +10,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from courier_api.api.parcels import routes as parcel_routes
 from models import AuditEntry, Flag, FlagStatus, Parcel, ScanEvent
+from sync import audit
 from sync.audit import iso
 from tests import factories
 from tests.browser import station_day
@@ -920,6 +921,44 @@ def test_a_walk_refused_for_an_intake_says_what_the_intake_changed_and_when(
         )
         assert page.status_code == 200, page.json
         again = page.json
+
+
+def test_a_walk_refused_for_a_change_no_intake_entry_explains_keeps_the_plain_410(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """The 410 names what changed from the parcel's ``parcel_updated`` entries; one of
+    another shape than an intake writes (hand-written), or a change with no entry,
+    leaves it the message it had: a 410, never a 500."""
+    tn = "RR473124829GB"
+    manager = auth.headers("manager1")
+    assert client.post(URL, json={"parcels": [item(tn)]}, headers=manager).status_code == 200
+    auth.push([factories.event(seq, tn, "out_for_delivery") for seq in (1, 2)])
+    headers = auth.headers("auditor1")
+    walk = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
+    session.execute(update(Parcel).where(Parcel.tracking_no == tn).values(address="elsewhere"))
+    session.commit()
+    for details in (None, {"changes": ["address"]}):
+        if details is not None:
+            audit.append(
+                session=session,
+                actor_id=None,
+                action="parcel_updated",
+                subject_type="parcel",
+                subject_key=tn,
+                details=details,
+                tracking_no=tn,
+            )
+            session.commit()
+        changed = client.get(
+            f"{URL}/{tn}",
+            query_string={"limit": 1, "cursor": walk["next_cursor"]},
+            headers=headers,
+        )
+        assert changed.status_code == 410 and changed.json["code"] == "cursor_reset", details
+        assert (
+            "(its class, recipient, address, station or planned courier)"
+            in (changed.json["message"])
+        )
 
 
 def test_an_auditors_read_of_a_page_of_a_walk_records_which_page_of_which_walk(

@@ -697,11 +697,15 @@ def timeline_page(
                 f"the cursor is not one of a walk through the timeline of {tracking_no}",
                 field="cursor",
             )
-        if len(walked) != cursor.count:
+        if len(walked) < cursor.count:  # none is ever deleted: no walk of this timeline
+            raise InvalidCursor(
+                f"the cursor is not one of a walk through the timeline of {tracking_no}",
+                field="cursor",
+            )
+        if len(walked) > cursor.count:
             raise CursorReset(
-                f"events of {tracking_no} with ids below this walk's as_of were stored "
-                "after it began (two PDAs' pushes ending at once); read the timeline "
-                "again from the start",
+                f"{_joined(len(walked) - cursor.count, tracking_no, as_of)}; read the "
+                "timeline again from the start",
                 field="cursor",
             )
     facts = [event.fact for event in walked]
@@ -726,6 +730,19 @@ def timeline_page(
         arrived_since=len(history) - len(walked),
         offset=start,
         header=header,
+    )
+
+
+def _joined(count: int, tracking_no: str, as_of: int) -> str:
+    """What a walk refused for ``count`` events stored below its ``as_of`` after it began
+    says of them: how many, so that an auditor knows the pages read so far lacked some."""
+    if count == 1:
+        events = f"1 event of {tracking_no} with an id below this walk's as_of ({as_of}) was"
+    else:
+        events = f"{count} events of {tracking_no} with ids below this walk's as_of ({as_of}) were"
+    return (
+        f"{events} stored after it began (two PDAs' pushes ending at once): the pages read "
+        f"so far were ordered without {'it' if count == 1 else 'them'}"
     )
 
 

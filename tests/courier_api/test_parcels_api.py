@@ -636,6 +636,8 @@ def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
         f"{as_of}.{count}.{after}.{2**63}.{record}",
         # A time no page can show (after year 9999): it was a 500 (OverflowError).
         f"{as_of}.{count}.{after}.{2**63 - 1}.{record}",
+        # More events than the walk's timeline holds: none is ever deleted.
+        f"{as_of}.{int(count) + 1}.{after}.{updated}.{record}",
     ):
         malformed = client.get(f"{URL}/{tn}", query_string={"cursor": wrong}, headers=headers)
         assert malformed.status_code == 400, wrong
@@ -742,6 +744,10 @@ def test_a_walk_that_events_joined_below_its_as_of_is_refused_not_ordered_anew(
     assert joined.status_code == 410
     assert joined.json["code"] == "cursor_reset"
     assert list(joined.json["errors"]) == ["cursor"]
+    # It says how many joined the walk, so that an auditor knows what the pages missed.
+    assert joined.json["message"].startswith(
+        f"1 event of {tn} with an id below this walk's as_of ({first['as_of']}) was stored"
+    ), joined.json["message"]
     again = client.get(f"{URL}/{tn}", headers=headers).json
     assert [e["seq"] for e in again["timeline"]] == [1, 2, 3, 4]
 

@@ -13,7 +13,7 @@ import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from models.turnstile import Turnstile, connect_args
+from models.turnstile import Turnstile, connect_args, wal_identity
 
 BUSY_TIMEOUT_MS = 10_000  # how long a SQLite writer waits for its turn (then a 503)
 # Execution option of transactions that only read (``reads_only``).
@@ -269,6 +269,8 @@ def _configure_sqlite(
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             if turnstile is not None:
                 dbapi_connection.syncs_wal = wal
+                if wal:  # the pragma opened the WAL file (when the database had one)
+                    dbapi_connection.wal_identity = wal_identity(turnstile.wal)
         cursor.close()
 
     @event.listens_for(engine, "begin")

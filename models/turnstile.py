@@ -38,8 +38,9 @@ this one waits for the disk, and writers of one process that committed during a 
 share the next one (group commit): ``FULL`` would hold the turn through each sync.
 A file SQLite could not put in WAL mode has no WAL file to sync: its connections
 commit with ``EXTRA`` (``TurnstileConnection.syncs_wal``, set by ``models.engine``).
-A WAL file deleted under the service is copied into the database by the next commit,
-and the process then refuses writes until it restarts
+A WAL file deleted under the service, or replaced (deleted, then made anew by a process
+that opened the database since), is copied into the database by the next commit, and
+the process then refuses writes until it restarts
 (``TurnstileConnection._save_a_deleted_wal``).
 """
 
@@ -54,7 +55,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.exc import OperationalError
 
@@ -208,18 +209,21 @@ class Turnstile:
     def make_durable(self, ticket: int) -> None:
         self._durable.make_durable(ticket)
 
-    def wal_size(self) -> int | None:
-        """The WAL file's size; None when it is gone. Asked after a commit, the turn
-        held: the committing connection has the file open, and SQLite deletes it only
-        once the last connection to the database closes, so it is gone only if
-        something else deleted it (an operator cleaning up, a backup script moving
-        ``*-wal`` away)."""
+    def wal_file(self) -> WalFound | None:
+        """The file the WAL's path names now; None when there is none. Asked after a
+        commit, the turn held: the committing connection has the file open, and SQLite
+        deletes it only once the last connection to the database closes, so it is gone
+        only if something else deleted it (an operator cleaning up, a backup script
+        moving ``*-wal`` away), and another file than the connection's only if a
+        process opened the database after that (``TurnstileConnection.wal_identity``).
+        A file that cannot be asked about is taken as the connection's, of size 0."""
         try:
-            return os.stat(self.wal).st_size
+            found = os.stat(self.wal)
         except FileNotFoundError:
             return None
         except OSError:
-            return 0
+            return WalFound(None, 0)
+        return WalFound((found.st_dev, found.st_ino), found.st_size)
 
     def refusal(self) -> OSError | None:
         """Why this process's writes fail until it restarts (its WAL file deleted, a
@@ -237,6 +241,22 @@ class Turnstile:
         the database file and synced: they are on disk; later ones are refused."""
         self._durable.covered_elsewhere(covered)
         self.refuse_writes(error)
+
+
+class WalFound(NamedTuple):
+    """The file a WAL's path names: its device and inode (None: unknown), its size."""
+
+    identity: tuple[int, int] | None
+    size: int
+
+
+def wal_identity(wal: Path) -> tuple[int, int] | None:
+    """The device and inode of the file the WAL's path names now; None: no file."""
+    try:
+        found = os.stat(wal)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
 
 
 class WalSync:
@@ -364,6 +384,12 @@ class TurnstileConnection(sqlite3.Connection):
     # (``synchronous = NORMAL``); set on connecting (``models.engine``). Not: SQLite
     # syncs each commit itself (``EXTRA``), and there is no WAL file to sync.
     syncs_wal: bool = False
+    # The WAL file this connection has open, by device and inode: the one its path named
+    # once SQLite had opened it (set on connecting, or at the first commit of a file
+    # that had no WAL yet). SQLite neither deletes nor makes that file anew while the
+    # connection is open, so a commit finding another file there finds the WAL replaced
+    # (deleted, then made anew by a process opening the database since).
+    wal_identity: tuple[int, int] | None = None
 
     def take_turn(self) -> None:
         if self.turnstile is not None and not self.holds_turn:
@@ -383,10 +409,12 @@ class TurnstileConnection(sqlite3.Connection):
             if self.holds_turn and self.syncs_wal:
                 assert self.turnstile is not None
                 ticket = self.turnstile.committed()
-                size = self.turnstile.wal_size()
-                if size is None:
-                    self._save_a_deleted_wal(ticket)
-                elif size > WAL_RESTART_BYTES:
+                found = self.turnstile.wal_file()
+                if found is None:
+                    self._save_a_deleted_wal(ticket, replaced=False)
+                elif self._wal_replaced(found):
+                    self._save_a_deleted_wal(ticket, replaced=True)
+                elif found.size > WAL_RESTART_BYTES:
                     self._truncate_a_large_wal()
         finally:
             self.give_turn()
@@ -394,8 +422,21 @@ class TurnstileConnection(sqlite3.Connection):
             assert self.turnstile is not None
             self.turnstile.make_durable(ticket)
 
-    def _save_a_deleted_wal(self, ticket: int) -> None:
-        """After a commit, the turn still held, the WAL file found deleted: its frames,
+    def _wal_replaced(self, found: WalFound) -> bool:
+        """Whether the WAL's path names another file than the one this connection has
+        open (the first commit of a connection made before the file existed learns it)."""
+        if found.identity is None:
+            return False
+        if self.wal_identity is None:
+            self.wal_identity = found.identity
+            return False
+        return found.identity != self.wal_identity
+
+    def _save_a_deleted_wal(self, ticket: int, *, replaced: bool) -> None:
+        """After a commit, the turn still held, the WAL file found deleted (or replaced:
+        deleted, then made anew by a process that opened the database since, such as a
+        second service started beside this one, whose WAL this connection does not
+        write to): its frames,
         every commit since the last checkpoint (acknowledged ones among them), live only
         in the deleted file the connections of the service hold open, and a SIGKILL or a
         power cut would lose them, and a connection opened anew would start a WAL of its
@@ -408,8 +449,9 @@ class TurnstileConnection(sqlite3.Connection):
         (SQLite checkpoints as its last connection closes) keeps them."""
         assert self.turnstile is not None
         wal = self.turnstile.wal
+        what = "deleted" if not replaced else "replaced by another file"
         gone = FileNotFoundError(
-            errno.ENOENT, "the WAL file was deleted while the service had it open", str(wal)
+            errno.ENOENT, f"the WAL file was {what} while the service had it open", str(wal)
         )
         try:
             busy, frames, copied = self.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
@@ -422,21 +464,23 @@ class TurnstileConnection(sqlite3.Connection):
                 os.close(database)
         except (sqlite3.Error, OSError) as error:
             log.critical(
-                "the WAL file %s was deleted while in use, and its commits could not be "
+                "the WAL file %s was %s while in use, and its commits could not be "
                 "copied into the database (%s): writes are refused; stop the service "
                 "cleanly (SIGTERM), never with SIGKILL, to keep them",
                 wal,
+                what,
                 error,
             )
             self.turnstile.refuse_writes(gone)
             return
         log.critical(
-            "the WAL file %s was deleted while in use: its %d frames were copied into the "
+            "the WAL file %s was %s while in use: its %d frames were copied into the "
             "database and synced; writes are refused until the service restarts: stop "
             "every process using the database (the service, its scheduler, any command) "
             "before starting one again, as one started while another still holds the "
             "deleted file writes to a new WAL file the others do not see",
             wal,
+            what,
             frames,
         )
         self.turnstile.wal_lost(ticket, gone)

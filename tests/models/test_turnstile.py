@@ -7,6 +7,8 @@ import gc
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from models import turnstile as turnstile_module
-from models.engine import make_engine, reads_only
+from models.engine import make_engine, reads_only, writes_refused
 from models.turnstile import Turnstile, TurnstileConnection
 
 
@@ -537,6 +539,75 @@ def test_a_wal_file_deleted_under_the_service_is_saved_into_the_database_and_wri
     finally:
         engine.dispose()
     assert "was deleted while in use" in caplog.text
+
+
+def test_a_wal_file_replaced_under_the_service_is_saved_into_the_database_and_writes_stop(
+    database: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The WAL file deleted, then made anew before a commit of the service looks: an
+    operator starts a second service (or runs a command) on the database meanwhile,
+    whose connection makes a new, empty ``-wal``. The path names a file again, but not
+    the one the service's connections write to: their commits since the last
+    checkpoint still live only in the deleted file, and a SIGKILL lost them. The next
+    commit tells the file is not its connection's (device and inode) and saves them as
+    for a deletion; later writes are refused."""
+    engine = _engine(database)
+    wal = database.with_name(database.name + "-wal")
+    try:
+        with engine.begin() as connection:  # acknowledged: its frames in the WAL only
+            connection.execute(text("INSERT INTO note VALUES (1)"))
+        before = wal.stat().st_ino
+        wal.unlink()
+        # Another process opens the database: SQLite makes the WAL file anew (its read
+        # then fails, the index naming frames of the deleted file).
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sqlite3; sqlite3.connect({str(database)!r})"
+                ".execute('SELECT count(*) FROM note')",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        assert wal.exists() and wal.stat().st_ino != before
+        with engine.begin() as connection:  # the commit that finds another file there
+            connection.execute(text("INSERT INTO note VALUES (2)"))
+        with pytest.raises(OperationalError, match="WAL file was replaced"):
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO note VALUES (3)"))
+        assert writes_refused(engine) is not None  # what /readyz answers 503 for
+        # What a SIGKILL leaves: the database file, without the deleted WAL.
+        copy = tmp_path / "after-a-kill.db"
+        copy.write_bytes(database.read_bytes())
+        with sqlite3.connect(copy) as check:
+            assert check.execute("SELECT n FROM note ORDER BY n").fetchall() == [(1,), (2,)]
+    finally:
+        engine.dispose()
+    assert "was replaced by another file while in use" in caplog.text
+
+
+def test_a_wal_file_sqlite_makes_anew_once_every_connection_closed_is_no_replacement(
+    database: Path,
+) -> None:
+    """SQLite deletes the WAL file when the last connection to the database closes and
+    makes it anew at the next one's: connections made then know the new file, and
+    commit on."""
+    engine = _engine(database)
+    wal = database.with_name(database.name + "-wal")
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO note VALUES (1)"))
+        engine.dispose()  # the last connection closes: SQLite deletes the WAL file
+        assert not wal.exists()
+        for value in (2, 3):
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO note VALUES (:v)"), {"v": value})
+        assert writes_refused(engine) is None
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM note")).scalar_one() == 3
+    finally:
+        engine.dispose()
 
 
 def test_a_failed_probe_for_other_processes_still_gives_the_turn_back(

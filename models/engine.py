@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from contextvars import ContextVar
 from pathlib import Path
@@ -121,9 +122,12 @@ class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
         if seconds is None or args or "timeout" in kwargs:
             return super().wait(gen, *args, **kwargs)
         bound = seconds + REPLY_MARGIN_SECONDS
+        deadline = time.monotonic() + bound
         try:
             return super().wait(gen, *args, timeout=bound, **kwargs)
-        except psycopg.errors._WaitTimeout:
+        except psycopg.OperationalError as error:
+            if not _no_answer_in_time(error, deadline):
+                raise
             # Half a conversation: the connection cannot be used again. Closed, the
             # pool throws it away (``connection.closed``) and the error is the lost
             # connection's (503 ``database_unavailable``).
@@ -131,6 +135,16 @@ class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
             raise psycopg.OperationalError(
                 f"no answer from the database in {bound:g} s: connection closed"
             ) from None
+
+
+def _no_answer_in_time(error: psycopg.OperationalError, deadline: float) -> bool:
+    """Whether psycopg's wait gave up at its timeout: an error of the client's (no
+    SQLSTATE: not the server's, such as its own cancellation, 57014) once the deadline
+    has passed. Told by these public marks, not by the class psycopg raises
+    (``psycopg.errors._WaitTimeout``, private: renamed or gone in any release, an
+    ``except`` naming it would itself fail, an ``AttributeError`` where a 503 was due).
+    A connection lost at that very moment reads the same, and is closed the same."""
+    return error.sqlstate is None and time.monotonic() >= deadline
 
 
 def _bounded_connection(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:

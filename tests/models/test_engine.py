@@ -5,15 +5,28 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
+import psycopg.waiting
 import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import InternalError, OperationalError
 
-from models.engine import BUSY_TIMEOUT_MS, POSTGRESQL_CONNECT_DEFAULTS, make_engine, reads_only
+from models import engine as engine_module
+from models.engine import (
+    BUSY_TIMEOUT_MS,
+    POSTGRESQL_CONNECT_DEFAULTS,
+    BoundedConnection,
+    make_engine,
+    reads_only,
+    set_statement_timeout,
+)
 from models.turnstile import TurnstileConnection
 
 
@@ -243,3 +256,107 @@ def test_postgresql_connections_give_up_on_a_vanished_server_unless_the_url_says
         "keepalives_count": "9",
         "tcp_user_timeout": "30000",
     }
+
+
+class _StalledPgconn:
+    """What ``psycopg.Connection.wait`` asks of its connection: a socket (one end of a
+    pair nothing is ever written to, a server that answers nothing) and its state."""
+
+    transaction_status = psycopg.pq.TransactionStatus.IDLE
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock.fileno()
+        self.finished = False
+
+    @property
+    def status(self) -> psycopg.pq.ConnStatus:
+        return psycopg.pq.ConnStatus.BAD if self.finished else psycopg.pq.ConnStatus.OK
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def _connection_to(sock: socket.socket) -> BoundedConnection:
+    """A ``BoundedConnection`` whose libpq connection is a ``_StalledPgconn``."""
+    connection = BoundedConnection.__new__(BoundedConnection)
+    connection._pool = None  # type: ignore[attr-defined]  # no warning when collected
+    connection.pgconn = _StalledPgconn(sock)  # type: ignore[assignment]
+    return connection
+
+
+def _an_answer_never_coming() -> Iterator[psycopg.waiting.Wait]:
+    while True:
+        yield psycopg.waiting.Wait.R
+
+
+def _wait_on_a_stalled_server(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, float]:
+    """``BoundedConnection.wait`` on a server that answers nothing, bounded at 0.1 s:
+    the connection stand-in, and how long the wait took."""
+    monkeypatch.setattr(engine_module, "REPLY_MARGIN_SECONDS", 0.05)
+    ours, theirs = socket.socketpair()
+    connection = _connection_to(ours)
+    set_statement_timeout(0.05)
+    start = time.monotonic()
+    try:
+        with pytest.raises(psycopg.OperationalError, match="no answer from the database in"):
+            connection.wait(_an_answer_never_coming())  # type: ignore[arg-type]
+    finally:
+        set_statement_timeout(None)
+        ours.close()
+        theirs.close()
+    return connection, time.monotonic() - start
+
+
+def test_a_bounded_wait_on_a_server_answering_nothing_closes_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """psycopg's own wait, as installed, given up at the bound: the connection closed
+    and the error a lost connection's (a 503), without a PostgreSQL server."""
+    connection, took = _wait_on_a_stalled_server(monkeypatch)
+    assert connection.pgconn.finished  # type: ignore[attr-defined]
+    assert 0.1 <= took < 2
+
+
+def test_a_bounded_wait_needs_no_private_name_of_psycopg(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """psycopg's wait raises ``psycopg.errors._WaitTimeout`` at its timeout, a private
+    class that any release may rename or make public: renamed, an ``except`` naming it
+    raised ``AttributeError`` when a server stopped answering (a 500, the half-read
+    connection left in the pool) instead of closing the connection (a 503)."""
+
+    class WaitTimeout(psycopg.OperationalError):
+        """The class under another name."""
+
+    def renamed(self: Any, gen: Any, *args: Any, timeout: float, **kwargs: Any) -> Any:
+        time.sleep(timeout)  # what psycopg's wait does then, under the new name
+        raise WaitTimeout("wait timeout expired")
+
+    monkeypatch.setattr(psycopg.Connection, "wait", renamed)
+    monkeypatch.delattr(psycopg.errors, "_WaitTimeout")
+    monkeypatch.setattr(psycopg.errors, "WaitTimeout", WaitTimeout, raising=False)
+    connection, _took = _wait_on_a_stalled_server(monkeypatch)
+    assert connection.pgconn.finished  # type: ignore[attr-defined]
+
+
+def test_a_server_error_within_the_bound_is_passed_on_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL's own cancellation (57014), or any error with a SQLSTATE, is the
+    server's answer: the connection stays usable and the error is not renamed."""
+
+    def cancelled(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+
+    monkeypatch.setattr(psycopg.Connection, "wait", cancelled)
+    ours, theirs = socket.socketpair()
+    connection = _connection_to(ours)
+    set_statement_timeout(0.05)
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            connection.wait(_an_answer_never_coming())  # type: ignore[arg-type]
+    finally:
+        set_statement_timeout(None)
+        ours.close()
+        theirs.close()
+    assert not connection.pgconn.finished  # type: ignore[attr-defined]

@@ -101,26 +101,31 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
 def set_statement_timeout(seconds: float | None) -> None:
     """Statements run on PostgreSQL from now on in this context (a web request's, set
     and cleared by its hooks: ``courier_api.database``) get ``statement_timeout`` =
-    ``seconds`` (PostgreSQL cancels one that runs or waits for a lock longer: 57014, a
-    503 with nothing stored), and their answers are awaited ``REPLY_MARGIN_SECONDS``
-    longer at most: past that, a server that answers nothing (hung, or packets held on
-    the way) costs the connection, closed, and the statement fails as a lost
-    connection does. None, and in any other context (migrations, CLI commands, the
-    scheduler): no bound of ours, the server's or the URL's ``statement_timeout``."""
+    ``seconds``, or the session's own when smaller (an operator's, the URL's say:
+    ``_own_statement_timeout``): PostgreSQL cancels one that runs or waits for a lock
+    longer (57014, a 503 with nothing stored). Their answers are awaited
+    ``REPLY_MARGIN_SECONDS`` longer at most: past that, a server that answers nothing
+    (hung, or packets held on the way) costs the connection, closed, and the statement
+    fails as a lost connection does. None, and in any other context (migrations, CLI
+    commands, the scheduler): no bound of ours, the session's own alone."""
     _STATEMENT_TIMEOUT.set(seconds)
 
 
 class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
     """A psycopg connection whose waits for the server's answers are bounded in a
     ``set_statement_timeout`` context; ``statement_timeout`` is the one the session has
-    now (set by ``_statement_timeout_on_checkout``; None: the server's own)."""
+    now (set by ``_statement_timeout_on_checkout``; None: the session's own)."""
 
     statement_timeout: float | None = None
+    # The session's own (``_own_statement_timeout``), once read.
+    own_statement_timeout: float | None
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         seconds = _STATEMENT_TIMEOUT.get()
         if seconds is None or args or "timeout" in kwargs:
             return super().wait(gen, *args, **kwargs)
+        if self.statement_timeout is not None:  # the session's own, smaller
+            seconds = min(seconds, self.statement_timeout)
         bound = seconds + REPLY_MARGIN_SECONDS
         deadline = time.monotonic() + bound
         try:
@@ -152,10 +157,15 @@ def _bounded_connection(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -
 
 
 def _statement_timeout_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """The session's ``statement_timeout`` made the context's (``set_statement_timeout``)
-    when it is not already: once per connection in a server's worker, whose requests
-    all have the same; ``RESET`` (the URL's or the server's) outside one."""
+    """The session's ``statement_timeout`` made the context's (``set_statement_timeout``),
+    or the session's own when that is smaller, when it is not already: once per
+    connection in a server's worker, whose requests all have the same; ``RESET`` (the
+    session's own) outside one."""
     seconds = _STATEMENT_TIMEOUT.get()
+    if seconds is not None:
+        own = _own_statement_timeout(dbapi_connection)
+        if own is not None:
+            seconds = min(seconds, own)
     if getattr(dbapi_connection, "statement_timeout", None) == seconds:
         return
     if seconds is None:
@@ -164,6 +174,27 @@ def _statement_timeout_on_checkout(dbapi_connection: Any, _record: Any, _proxy: 
         dbapi_connection.execute(f"SET statement_timeout = {round(seconds * 1000)}")
     dbapi_connection.commit()  # a SET rolled back with the request's work is undone
     dbapi_connection.statement_timeout = seconds
+
+
+def _own_statement_timeout(dbapi_connection: Any) -> float | None:
+    """The ``statement_timeout`` the session has without ours, in seconds (None: none):
+    an operator's, from the URL's ``options=-c statement_timeout=...``, ``PGOPTIONS``,
+    the role's or the database's setting or the server's. Read once per connection,
+    before any ``SET`` of ours (``RESET`` goes back to it). An operator who set it
+    smaller than ``DATABASE_STATEMENT_TIMEOUT_SECONDS`` meant it for every statement:
+    a request's bound is the smaller of the two, never a longer one of ours."""
+    own = getattr(dbapi_connection, "own_statement_timeout", _UNREAD)
+    if own is _UNREAD:
+        (milliseconds,) = dbapi_connection.execute(
+            "SELECT setting::float8 FROM pg_settings WHERE name = 'statement_timeout'"
+        ).fetchone()
+        dbapi_connection.commit()
+        own = milliseconds / 1000 if milliseconds else None
+        dbapi_connection.own_statement_timeout = own
+    return own  # type: ignore[no-any-return]
+
+
+_UNREAD = object()
 
 
 def reads_only(engine: Engine) -> Engine:

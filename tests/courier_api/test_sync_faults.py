@@ -240,6 +240,66 @@ def test_a_web_requests_statement_past_its_timeout_is_cancelled_and_a_commands_i
 
 
 @pytest.mark.postgres_only
+@pytest.mark.parametrize(
+    ("url_ms", "ours", "cancelled_after"),
+    [(500, 30, 0.5), (60_000, 1, 1.0)],
+    ids=["the_operators_smaller", "ours_smaller"],
+)
+def test_a_web_requests_statement_timeout_is_the_smaller_of_the_operators_and_ours(
+    database_url: str,
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    url_ms: int,
+    ours: int,
+    cancelled_after: float,
+) -> None:
+    """An operator's ``statement_timeout`` in the URL (``options=-c
+    statement_timeout=500``) bounds a web request's statements when it is smaller than
+    ``DATABASE_STATEMENT_TIMEOUT_SECONDS``: the service's ``SET`` replaced it with its
+    own 30 s, and a push the operator meant cancelled at 0.5 s waited its 3 s and was
+    applied. The smaller of the two is the bound; outside a request the session keeps
+    the operator's."""
+    url = make_url(database_url).update_query_dict({"options": f"-c statement_timeout={url_ms}"})
+    app = make_test_app(
+        url.render_as_string(hide_password=False),
+        tmp_path,
+        DATABASE_STATEMENT_TIMEOUT_SECONDS=ours,
+    )
+    try:
+        station = Station(app)
+        batch = station.body(events(station, range(1, 4)))
+        insert = ingest._BatchIngest._insert
+
+        def slow(self: Any, fresh: Any) -> Any:
+            inserted = insert(self, fresh)
+            self.session.execute(text("SELECT pg_sleep(3)"))
+            return inserted
+
+        monkeypatch.setattr(ingest._BatchIngest, "_insert", slow)
+        started = time.monotonic()
+        response = station.push(batch)
+        waited = time.monotonic() - started
+        assert response.status_code == 503, response.get_json()
+        assert response.get_json()["code"] == "database_unavailable"
+        assert cancelled_after <= waited < cancelled_after + 1.5, waited
+        monkeypatch.undo()
+        assert station.count(ScanEvent) == 0
+        with app.app_context():  # outside a request: the operator's, on every connection
+            for _ in range(3):
+                with db.engine.connect() as connection:
+                    shown = connection.execute(text("SHOW statement_timeout")).scalar_one()
+                    assert shown == ("500ms" if url_ms == 500 else "1min"), shown
+        receipt = station.push(batch).get_json()
+        assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
+    finally:
+        db.engine_of(app).dispose()
+        with engine.begin() as connection:
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(table.delete())
+
+
+@pytest.mark.postgres_only
 def test_a_push_to_a_database_that_stops_answering_is_a_503_within_its_bound(
     database_url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -435,18 +435,18 @@ class TurnstileConnection(sqlite3.Connection):
     def _save_a_deleted_wal(self, ticket: int, *, replaced: bool) -> None:
         """After a commit, the turn still held, the WAL file found deleted (or replaced:
         deleted, then made anew by a process that opened the database since, such as a
-        second service started beside this one, whose WAL this connection does not
-        write to): its frames,
-        every commit since the last checkpoint (acknowledged ones among them), live only
-        in the deleted file the connections of the service hold open, and a SIGKILL or a
-        power cut would lose them, and a connection opened anew would start a WAL of its
-        own beside it. A checkpoint through this connection copies them into the
-        database file, which it syncs (``synchronous = NORMAL``); the file is synced
-        again here. The commits up to ``ticket`` are then on disk; no writer of this
-        process gets the turn again until a restart (503 ``database_unavailable``,
-        nothing written). Should the checkpoint not finish, the commits stay unsynced:
-        this commit and every later one fail, and only a clean stop of the service
-        (SQLite checkpoints as its last connection closes) keeps them."""
+        second service started beside this one, a WAL this connection does not write
+        to): its frames, every commit since the last checkpoint (acknowledged ones
+        among them), live only in the deleted file the connections of the service hold
+        open, and a SIGKILL or a power cut would lose them, and a connection opened anew
+        would start a WAL of its own beside it. A checkpoint through this connection
+        copies them into the database file, which it syncs (``synchronous = NORMAL``);
+        the file is synced again here. The commits up to ``ticket`` are then on disk;
+        no writer of this process gets the turn again until a restart (503
+        ``database_unavailable``, nothing written). Should the checkpoint not finish,
+        the commits stay unsynced: this commit and every later one fail, and only a
+        clean stop of the service (SQLite checkpoints as its last connection closes)
+        keeps them."""
         assert self.turnstile is not None
         wal = self.turnstile.wal
         what = "deleted" if not replaced else "replaced by another file"

@@ -314,7 +314,7 @@ def test_a_bounded_wait_on_a_server_answering_nothing_closes_its_connection(
     and the error a lost connection's (a 503), without a PostgreSQL server."""
     connection, took = _wait_on_a_stalled_server(monkeypatch)
     assert connection.pgconn.finished  # type: ignore[attr-defined]
-    assert 0.1 <= took < 2
+    assert 0.1 <= took < 10  # bounded, with room for a loaded machine
 
 
 def test_a_bounded_wait_needs_no_private_name_of_psycopg(

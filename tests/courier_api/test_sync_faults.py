@@ -282,7 +282,7 @@ def test_a_web_requests_statement_timeout_is_the_smaller_of_the_operators_and_ou
         waited = time.monotonic() - started
         assert response.status_code == 503, response.get_json()
         assert response.get_json()["code"] == "database_unavailable"
-        assert cancelled_after <= waited < cancelled_after + 1.5, waited
+        assert cancelled_after <= waited < 3, waited  # before the 3 s statement ended
         monkeypatch.undo()
         assert station.count(ScanEvent) == 0
         with app.app_context():  # outside a request: the operator's, on every connection

@@ -140,6 +140,7 @@ class ShiftFacts:
             rule_flags=self.rule_flags,
             handover_flags=self.handover_flags,
             seqs=self.seqs,
+            station_id=self.shift.station_id,
         )
 
     def review_flags(self) -> list[FlagRef]:
@@ -460,8 +461,10 @@ def _rule_flags(
     reviews: dict[str, list[FlagRef]] = defaultdict(list)
     if not tracking_nos:
         return found, reviews
-    for flag_id, kind, status, key, evidence in session.execute(
-        select(Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence).where(
+    for flag_id, kind, status, key, evidence, station_id in session.execute(
+        select(
+            Flag.id, Flag.kind, Flag.status, Flag.subject_key, Flag.evidence, Flag.station_id
+        ).where(
             Flag.subject_type == "parcel",
             among_at_once(session, Flag.subject_key, tracking_nos),
             Flag.kind.in_(sorted(BALANCE_RULE_KINDS | REVIEW_KINDS)),
@@ -469,7 +472,7 @@ def _rule_flags(
         )
     ):
         (reviews if kind in REVIEW_KINDS else found)[key].append(
-            _ref(flag_id, kind, status, evidence)
+            _ref(flag_id, kind, status, evidence, station_id)
         )
     return found, reviews
 
@@ -498,8 +501,14 @@ def _handover_flags(
     return found, stored
 
 
-def _ref(flag_id: int, kind: str, status: FlagStatus, evidence: dict[str, Any]) -> FlagRef:
-    return FlagRef(flag_id, kind, status, frozenset(evidence.get("event_ids") or ()))
+def _ref(
+    flag_id: int,
+    kind: str,
+    status: FlagStatus,
+    evidence: dict[str, Any],
+    station_id: int | None = None,
+) -> FlagRef:
+    return FlagRef(flag_id, kind, status, frozenset(evidence.get("event_ids") or ()), station_id)
 
 
 def balances(session: Session, shifts: Sequence[Shift]) -> dict[int, Balance]:

@@ -120,6 +120,7 @@ class FlagRef:
     kind: str
     status: FlagStatus
     event_ids: frozenset[int] = frozenset()
+    station_id: int | None = None  # the station whose manager decides it
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ class Discrepancy:
     flag_id: int | None
     flag_status: FlagStatus | None
     event_ids: tuple[int, ...]
+    # Its flag is another station's than the shift's: that station's manager decides it,
+    # the shift's neither sees nor decides it (``discrepancies_decided``). A flag raised
+    # before flags had a station each sits at the parcel's station whoever's events it
+    # cites (``sync.rules.by_station``), and a PDA or courier moved to another station
+    # with a shift open pushes under that station's flags into it.
+    flag_elsewhere: bool = False
 
 
 @dataclass(frozen=True)
@@ -501,11 +508,14 @@ def compute_balance(
     rule_flags: Mapping[str, Sequence[FlagRef]],
     handover_flags: Mapping[tuple[str, str], FlagRef],
     seqs: ShiftSeqs,
+    station_id: int | None = None,
 ) -> Balance:
     """The balance of one shift from its parcels' trails and the flags that judge them.
 
     ``rule_flags``: each parcel's rule flags that are not closed (their cause
     stands); ``handover_flags``: the shift's own flags by (kind, tracking number).
+    ``station_id``: the shift's; a rule flag of another station is a discrepancy all
+    the same, marked ``flag_elsewhere`` (None: none is).
     A discrepancy is listed from the facts, with its flag when it has one (a flag is
     raised in the transaction that causes it; a read never writes).
     """
@@ -550,6 +560,8 @@ def compute_balance(
                     flag.id,
                     flag.status,
                     tuple(sorted(flag.event_ids & shift_events)),
+                    flag_elsewhere=station_id is not None
+                    and flag.station_id not in (None, station_id),
                 )
             )
         for kind in HANDOVER_KINDS:
@@ -697,12 +709,31 @@ def discrepancies_decided(balance: Balance) -> list[int]:
     discrepancies are decided, not provisional and clean in all else
     (``sync.signoffs.not_clean``), waits for nothing more of the manager but a sign-off,
     which the board offers together (``sync.signoffs.sign_off_clean`` with ``decided``).
-    An acknowledged flag is still to decide, as the board's waiting flags count it."""
+    An acknowledged flag is still to decide, as the board's waiting flags count it.
+
+    Not decided for this shift's station, resolved or not (``undecidable``): a flag of
+    another station (``flag_elsewhere``), whose decision is that station's manager's,
+    not this one's to sign off on; and an ``unknown_parcel`` (``INTAKE_KINDS``), which
+    stands for the rules not judged yet, not for a fault found (DESIGN rule 5 lists
+    none such): until the parcel is taken in, its delivery's proof and its drop's
+    consent are unchecked, and resolving the flag checks neither (intake closes it)."""
     return [
         d.flag_id
         for d in balance.discrepancies
-        if d.flag_id is not None and d.flag_status == FlagStatus.RESOLVED
+        if d.flag_id is not None
+        and d.flag_status == FlagStatus.RESOLVED
+        and undecidable(d) is None
     ]
+
+
+def undecidable(discrepancy: Discrepancy) -> str | None:
+    """Why no decision of this station's manager settles ``discrepancy`` for a sign-off
+    of those decided, or None (``discrepancies_decided``)."""
+    if discrepancy.kind in INTAKE_KINDS:
+        return "take the parcel in: intake judges its scans"
+    if discrepancy.flag_elsewhere:
+        return "its flag is another station's: that station's manager decides it"
+    return None
 
 
 def discrepancies_to_decide(balance: Balance) -> list[Discrepancy]:

@@ -23,19 +23,21 @@ from typing import NamedTuple
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Shift, ShiftStatus, utcnow
+from models import FlagStatus, Shift, ShiftStatus, utcnow
 from sync import audit
 from sync.balances import HandoverRead, read_handovers, signed_off_version
 from sync.errors import InvalidInput
 from sync.handover import (
     Balance,
     BalanceStatus,
+    Discrepancy,
     all_discrepancies_decided,
     balance_version,
     counts_named,
     discrepancies_decided,
     discrepancies_named,
     discrepancies_to_decide,
+    undecidable,
     unsent_seqs_named,
 )
 from sync.manager_text import manager_text
@@ -296,8 +298,8 @@ def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Ref
             return Refusal(
                 "discrepancies_to_decide",
                 f"{len(waiting)} of its {len(balance.discrepancies)} discrepancies still to "
-                f"decide ({discrepancies_named(balance, waiting)}): decide on them on its "
-                "page, or sign it off on its own",
+                f"decide ({discrepancies_named(balance, waiting)}){_resolved_in_vain(waiting)}: "
+                "decide on them on its page, or sign it off on its own",
             )
         found = f": {discrepancies_named(balance)}" if balance.discrepancies else ""
         return Refusal(
@@ -331,6 +333,17 @@ def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Ref
             "deliveries not uploaded: wait for them, or sign it off on its own",
         )
     return None
+
+
+def _resolved_in_vain(waiting: Sequence[Discrepancy]) -> str:
+    """``; unknown_parcel (PAR1) is resolved, but take the parcel in: ...``: why a
+    resolved flag among ``waiting`` does not count as decided (``undecidable``), which
+    the manager who resolved it would not guess."""
+    return "".join(
+        f"; {d.kind} ({d.tracking_no}) is resolved, but {why}"
+        for d in waiting
+        if d.flag_status == FlagStatus.RESOLVED and (why := undecidable(d)) is not None
+    )
 
 
 def _refusal(

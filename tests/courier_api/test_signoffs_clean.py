@@ -1029,3 +1029,148 @@ def test_a_decision_a_late_event_undoes_refuses_the_decided_sign_off_at_the_same
     ], body
     session.expire_all()
     assert session.get_one(Shift, shift_id).status.value == "closed"
+
+
+def decided_sign_off(
+    client: FlaskClient, world: World, headers: dict[str, str], row: dict[str, Any]
+) -> dict[str, Any]:
+    response = client.post(
+        f"/api/v1/stations/{world.station.id}/signoffs",
+        json={
+            "note": "each decided",
+            "discrepancies_decided": True,
+            "shifts": [{"shift_id": row["shift_id"], "balance_version": row["balance_version"]}],
+        },
+        headers=headers,
+    )
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_a_resolved_unknown_parcel_is_no_decided_discrepancy(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """A courier delivered, in a locker, a parcel the station never took in; the manager
+    resolved its ``unknown_parcel`` flag ("intake data comes tomorrow"), and the board
+    called the shift "all 1 decided" and signed it off with the decided ones. But that
+    flag is no fault found: it says the rules have not judged the parcel's scans (no
+    class: no consent or proof checked, DESIGN rule 4 and 5). Resolving it checks
+    nothing; only intake does. It is still to decide, on the board and at the sign-off."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    unknown = factories.s10()
+    shift_id = pda.open(first_seq=1)["id"]
+    pda.push(
+        [
+            pda.event(unknown),
+            pda.event(unknown, "delivered_to_locker", locker_id="L-1", compartment="7"),
+        ]
+    )
+    assert pda.close(shift_id, last_seq=pda.seq).status_code == 200
+    found = balance(client, shift_id, manager)["discrepancies"]
+    assert [d["kind"] for d in found] == ["unknown_parcel"], found
+    [found] = found
+    flags.resolve_flag(
+        session=session,
+        flag=session.get_one(Flag, found["flag_id"]),
+        user_id=world.manager.id,
+        note="intake data comes tomorrow",
+    )
+    session.commit()
+
+    row = board(client, world, manager)[shift_id]
+    assert row["balance"]["discrepancy_count"] == 1
+    assert row["discrepancies_decided"] == 0
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    cell = re.search(rf'id="shift-{shift_id}">.*?</tr>', html, re.S).group(0)  # type: ignore[union-attr]
+    assert "decided</span>" not in cell and ">1 open</span>" in cell
+    assert "with every discrepancy decided" not in html
+    body = decided_sign_off(client, world, manager, row)
+    [outcome] = body["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "discrepancies_to_decide")
+    assert f"unknown_parcel ({unknown}) is resolved, but take the parcel in" in outcome["message"]
+    session.expire_all()
+    assert session.get_one(Shift, shift_id).status.value == "closed"
+
+
+def test_another_stations_decision_is_no_decided_discrepancy_of_this_station(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """A delivery without its signature in this station's shift, flagged at another
+    station: a flag raised before flags had a station each sits at the parcel's station
+    whoever's events it cites (``sync.rules.by_station``), here a parcel of the other
+    station that this station's courier delivered. That station's manager resolved it.
+    This station's board counted it "all 1 decided" and its manager signed the handover
+    off on a decision they cannot even read (the flag is a 404 to them). It is still to
+    decide here: the shift is signed off on its own, with a note."""
+    pda = couriers[0]
+    manager = auth.headers("manager1")
+    theirs = factories.parcel(session, world.other_station).tracking_no
+    session.commit()
+    shift_id = pda.open(first_seq=1)["id"]
+    pda.push(
+        [
+            pda.event(theirs),
+            pda.event(theirs, "delivered", pod={"recipient_name": "Li", "relation": "self"}),
+        ]
+    )
+    assert pda.close(shift_id, last_seq=pda.seq).status_code == 200
+    found = [
+        d
+        for d in balance(client, shift_id, manager)["discrepancies"]
+        if d["kind"] == "delivered_without_pod"
+    ]
+    assert len(found) == 1
+    flag = session.get_one(Flag, found[0]["flag_id"])
+    assert flag.station_id == world.station.id  # raised today at the scan's station
+    # As a flag of the parcel raised before flags had a station each stands:
+    session.execute(
+        update(Flag).where(Flag.id == flag.id).values(station_id=world.other_station.id)
+    )
+    session.commit()
+    session.expire_all()
+    for d in balance(client, shift_id, manager)["discrepancies"]:
+        if d["flag_id"] is not None and d["flag_id"] != flag.id:
+            flags.resolve_flag(
+                session=session,
+                flag=session.get_one(Flag, d["flag_id"]),
+                user_id=world.manager.id,
+                note="decided here",
+            )
+    flags.resolve_flag(
+        session=session,
+        flag=session.get_one(Flag, flag.id),
+        user_id=world.other_manager.id,
+        note="recipient called by the other station",
+    )
+    session.commit()
+    assert client.get(f"/api/v1/flags/{flag.id}", headers=manager).status_code == 404
+
+    row = board(client, world, manager)[shift_id]
+    count = row["balance"]["discrepancy_count"]
+    assert row["discrepancies_decided"] == count - 1
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    assert "with every discrepancy decided" not in html
+    body = decided_sign_off(client, world, manager, row)
+    [outcome] = body["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "discrepancies_to_decide")
+    assert (
+        f"delivered_without_pod ({theirs}) is resolved, but its flag is another station's"
+    ) in outcome["message"]
+    session.expire_all()
+    assert session.get_one(Shift, shift_id).status.value == "closed"
+    # On its own, with a note, the manager signs it off knowingly.
+    assert (
+        sign_off(client, shift_id, manager, balance_version=row["balance_version"]).status_code
+        == 200
+    )

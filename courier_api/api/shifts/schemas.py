@@ -460,7 +460,9 @@ class BoardShiftOut(ma.Schema):
     )
     discrepancies_decided = _count(
         "Its discrepancies (`balance.discrepancy_count`) whose flag a manager resolved: each "
-        "still stands in the balance, which stays unbalanced. All of them, on a shift "
+        "still stands in the balance, which stays unbalanced (not counted: a resolved "
+        "`unknown_parcel`, whose scans only intake judges, and a flag of another station, "
+        "which that station's manager decides). All of them, on a shift "
         "closed (not signed off yet), not provisional and clean in all else (no event of "
         "its PDA rejected, no flag of its own waiting, no corrected outcome to review, "
         "every proof image uploaded): the shift waits only for its sign-off, which "

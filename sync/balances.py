@@ -716,28 +716,58 @@ def _days_before(day: dt.date, days: int) -> dt.date:
     return day - dt.timedelta(days=min(days, (day - dt.date.min).days))
 
 
+class EarlierWaiting(NamedTuple):
+    """What a day's board reads of the days before it (``waiting_from_earlier_days``)."""
+
+    # The shifts of those days still waiting for the manager, oldest first, with their
+    # couriers.
+    shifts: list[tuple[Shift, User]]
+    # The station's shifts of those days and of the board's, whatever their state, of
+    # the couriers with one of those still open: where a courier whose PDA died went on
+    # (``handed_over_since``, ``also_open``), a spare PDA's shift signed off already.
+    couriers_shifts: list[Shift]
+
+
 def waiting_from_earlier_days(
     *, session: Session, station_id: int, work_date: dt.date, days: int = EARLIER_DAYS
-) -> list[tuple[Shift, User]]:
+) -> EarlierWaiting:
     """The station's shifts of the ``days`` days before ``work_date`` not signed off,
     oldest first, with their couriers: still open (a PDA that died, a courier who never
     closed) or handed over and waiting for a sign-off (late events that reopened one
     today). A day's board lists that day's shifts; these are the ones from before that
-    still need the manager. One query, through ``ix_shift_station_work_date``."""
-    return [
-        (shift, courier)
-        for shift, courier in session.execute(
-            select(Shift, User)
-            .join(User, User.id == Shift.courier_id)
-            .where(
-                Shift.station_id == station_id,
-                Shift.work_date >= _days_before(work_date, days),
-                Shift.work_date < work_date,
-                Shift.status != ShiftStatus.SIGNED_OFF,
-            )
-            .order_by(Shift.work_date, Shift.opened_at, Shift.id)
+    still need the manager. With them, in the same statement, the shifts of those days
+    and ``work_date`` of the couriers with one of them still open, whatever their state:
+    the spare PDA's shift handed over (and signed off) the day the first PDA died. One
+    query, through ``ix_shift_station_work_date``."""
+    start = _days_before(work_date, days)
+    in_window = (
+        Shift.station_id == station_id,
+        Shift.work_date >= start,
+    )
+    still_open_earlier = select(Shift.courier_id).where(
+        *in_window, Shift.work_date < work_date, Shift.status == ShiftStatus.OPEN
+    )
+    found = session.execute(
+        select(Shift, User)
+        .join(User, User.id == Shift.courier_id)
+        .where(
+            *in_window,
+            Shift.work_date <= work_date,
+            or_(
+                and_(Shift.work_date < work_date, Shift.status != ShiftStatus.SIGNED_OFF),
+                Shift.courier_id.in_(still_open_earlier),
+            ),
         )
-    ]
+        .order_by(Shift.work_date, Shift.opened_at, Shift.id)
+    ).all()
+    return EarlierWaiting(
+        [
+            (shift, courier)
+            for shift, courier in found
+            if shift.work_date < work_date and shift.status != ShiftStatus.SIGNED_OFF
+        ],
+        [shift for shift, _ in found],
+    )
 
 
 def waiting_flags(session: Session, shift_ids: Sequence[int]) -> dict[int, list[OpenFlag]]:
@@ -804,7 +834,9 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
     return {**totals, **tally}
 
 
-def handed_over_since(rows: Sequence[BoardRow]) -> dict[int, Shift]:
+def handed_over_since(
+    rows: Sequence[BoardRow], earlier: EarlierWaiting | None = None
+) -> dict[int, Shift]:
     """For each shift of the board still open, the latest shift its courier opened after
     it on another PDA and has handed over since, if any: the courier is back. A PDA that
     died at 11:00 leaves its shift open while its courier goes on with a spare one and
@@ -812,17 +844,36 @@ def handed_over_since(rows: Sequence[BoardRow]) -> dict[int, Shift]:
     "still out", and the manager at 19:00 waited for a courier who was in the station,
     the shift to be closed by a manager (``POST /shifts/<id>/close``). A courier who
     went out again since, a shift opened after that handover still open on a third PDA,
-    is on the road, not back: none is named until that one is handed over too."""
+    is on the road, not back: none is named until that one is handed over too.
+
+    ``earlier``: the shifts of earlier days still waiting are named as well, those still
+    open judged against their couriers' shifts up to the board's day (a PDA that died
+    yesterday, its spare's shift signed off last night)."""
+    day = [row.shift for row in rows]
+    back = _courier_back(day, day)
+    if earlier is not None:
+        pool = _by_id([*day, *earlier.couriers_shifts])
+        back.update(_courier_back([shift for shift, _ in earlier.shifts], pool))
+    return back
+
+
+def _by_id(shifts: Iterable[Shift]) -> list[Shift]:
+    return list({shift.id: shift for shift in shifts}.values())
+
+
+def _courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int, Shift]:
+    """``handed_over_since`` for the ``candidates`` still open, among the shifts of
+    ``pool``."""
     back: dict[int, Shift] = {}
-    for row in rows:
-        if row.shift.status != ShiftStatus.OPEN:
+    for shift in candidates:
+        if shift.status != ShiftStatus.OPEN:
             continue
         since = [
-            other.shift
-            for other in rows
-            if other.shift.courier_id == row.shift.courier_id
-            and other.shift.device_id != row.shift.device_id
-            and other.shift.opened_at > row.shift.opened_at
+            other
+            for other in pool
+            if other.courier_id == shift.courier_id
+            and other.device_id != shift.device_id
+            and other.opened_at > shift.opened_at
         ]
         handed = [s for s in since if s.status != ShiftStatus.OPEN]
         if not handed:
@@ -833,8 +884,41 @@ def handed_over_since(rows: Sequence[BoardRow]) -> dict[int, Shift]:
             for s in since
         ):
             continue  # out again on another PDA
-        back[row.shift.id] = latest
+        back[shift.id] = latest
     return back
+
+
+def also_open(
+    rows: Sequence[BoardRow], earlier: EarlierWaiting | None = None
+) -> dict[int, list[Shift]]:
+    """For each shift still open of the board (its day's and its earlier days' still
+    waiting), its courier's other shifts still open on another PDA, oldest first. A
+    courier opens a second shift on another PDA while the first is open, and nothing
+    refuses it: a PDA that died is the normal reason. But the first then stays open,
+    "on the road", until someone closes it, and a courier with two PDAs in use scans
+    parcels checked out on one under the other's shift: the board says so of both, for
+    the manager to close the one no longer used. Every open shift of the window is on
+    the board (open shifts are never signed off): no query of its own."""
+    shifts = _by_id(
+        [
+            *(row.shift for row in rows),
+            *(earlier.couriers_shifts if earlier is not None else ()),
+            *(shift for shift, _ in (earlier.shifts if earlier is not None else ())),
+        ]
+    )
+    still_open = sorted(
+        (s for s in shifts if s.status == ShiftStatus.OPEN), key=lambda s: (s.opened_at, s.id)
+    )
+    found: dict[int, list[Shift]] = {}
+    for shift in still_open:
+        others = [
+            other
+            for other in still_open
+            if other.courier_id == shift.courier_id and other.device_id != shift.device_id
+        ]
+        if others:
+            found[shift.id] = others
+    return found
 
 
 def missing_images(

@@ -90,6 +90,7 @@ from courier_api.web.session import (
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
 from sync import directory, flags, lost_seqs, quarantine, shifts, signoffs
 from sync.balances import (
+    also_open,
     board_totals,
     handed_over_since,
     station_board,
@@ -409,7 +410,8 @@ def _board_page(
     (``shifts``), shown again when the sign-off was refused."""
     day = day or shifts.local_date(utcnow(), station.timezone)
     rows = station_board(session=db.session, station_id=station.id, work_date=day)
-    earlier = waiting_from_earlier_days(session=db.session, station_id=station.id, work_date=day)
+    before = waiting_from_earlier_days(session=db.session, station_id=station.id, work_date=day)
+    earlier = before.shifts
     visible = current_principal().station_filter(None)
     clean = {row.shift.id for row in rows if signoffs.not_clean(row.shift, row) is None}
     # Unbalanced only by discrepancies each resolved: offered to sign off together, apart.
@@ -425,7 +427,8 @@ def _board_page(
         day=day,
         rows=rows,
         totals=board_totals(rows),
-        back=handed_over_since(rows),
+        back=handed_over_since(rows, before),
+        also=also_open(rows, before),
         earlier=earlier,
         # The couriers the reader may know by name (``sees_user``): one who moved to
         # another station since is "a courier of another station" to this one's manager.

@@ -3149,6 +3149,113 @@ def test_the_board_says_no_courier_is_back_who_went_out_again_on_a_third_pda(
     )
 
 
+def _board_api(app: Flask, day: StationDay, date: dt.date) -> dict[str, Any]:
+    response = app.test_client().get(
+        f"/api/v1/stations/{day.station.id}/handover?date={date}",
+        headers=Auth(app.test_client()).headers("manager"),
+    )
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def test_an_earlier_days_shift_left_open_on_a_dead_pda_says_the_courier_is_back(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA died yesterday at 11:00; she handed the spare PDA's shift over at
+    17:00 and the manager signed it off. Today's board lists yesterday's dead-PDA shift
+    under "earlier days still wait", "still open", with no word of her being back: the
+    manager took it for a courier still out since yesterday. It now says, as a row of
+    the day does, "Courier back: handed over shift N ...; close this one", and the API's
+    ``earlier_waiting`` entry names that shift (``courier_back_shift_id``)."""
+    first, second, _ = _spare_pda(session, day)
+    shifts.sign_off(
+        session=session,
+        shift=session.get_one(Shift, second.id),
+        user_id=day.manager.id,
+        note="spare PDA's handover checked",
+    )
+    session.commit()
+    today = day.day + dt.timedelta(days=1)
+
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={today}")
+
+    earlier = re.search(
+        r'<div class="callout callout-provisional" id="earlier-waiting">(.*?)</div>', html, re.S
+    )
+    assert earlier, html
+    entry = re.search(rf'<li><a href="/web/shifts/{first.id}">.*?</li>', earlier.group(1), re.S)
+    assert entry, earlier.group(1)
+    assert (
+        '<span class="courier-back count-provisional">Courier back: handed over '
+        f'<a href="/web/shifts/{second.id}">shift {second.id}</a> on PDA-PDG-10 at 17:00 '
+    ) in entry.group(0)
+    still_out = re.search(
+        rf'<li><a href="/web/shifts/{day.open.id}">.*?</li>', earlier.group(1), re.S
+    )
+    assert still_out and "courier-back" not in still_out.group(0)
+    board = _board_api(app, day, today)
+    back = {e["shift_id"]: e["courier_back_shift_id"] for e in board["earlier_waiting"]}
+    assert back[first.id] == second.id
+    assert back[day.open.id] is None
+
+
+def test_the_board_says_when_a_courier_has_a_second_shift_open_on_another_pda(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA died at 11:00 and she opened a shift on a spare one, still on the road
+    at 19:00: nothing refuses a second shift on another PDA (a PDA that died is the normal
+    reason), and nothing said so either. The board showed two shifts of hers "on the
+    road", the dead PDA's parcels "still out", and the manager learnt of the dead PDA only
+    when the spare's shift came back with parcels it never checked out. Each of the two
+    rows now names the other, still open (page and API: ``courier_also_open_shift_ids``);
+    and yesterday's shift left open on a PDA does so from the earlier days' list."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    spare = station_day.Pda(session, factories.device(session, "PDA-PDG-10", day.station), courier)
+    session.commit()
+    first = dead.open(station_day.local(day.day, 8))
+    second = spare.open(station_day.local(day.day, 11))
+
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={day.day}")
+
+    for shift, other, device, since in (
+        (first, second, "PDA-PDG-10", "11:00"),
+        (second, first, "PDA-PDG-09", "08:00"),
+    ):
+        row = re.search(rf'id="shift-{shift.id}">(.*?)</tr>', html, re.S)
+        assert row, html
+        assert (
+            '<span class="also-open count-provisional" title="Opening a second shift on '
+            "another PDA is not refused: a PDA that died is the usual reason. Close the one "
+            f'no longer used.">Courier also has <a href="/web/shifts/{other.id}">shift '
+            f"{other.id}</a> open on {device} (since {since})</span>"
+        ) in row.group(1)
+    alone = re.search(rf'id="shift-{day.open.id}">(.*?)</tr>', html, re.S)
+    assert alone and "also-open" not in alone.group(1)
+    board = _board_api(app, day, day.day)
+    also = {r["shift_id"]: r["courier_also_open_shift_ids"] for r in board["shifts"]}
+    assert also[first.id] == [second.id] and also[second.id] == [first.id]
+    assert also[day.open.id] == [] and also[day.balanced.id] == []
+
+    # The next day, the spare's shift handed over, a third PDA opened: yesterday's dead
+    # PDA's shift, still open, and today's name each other.
+    spare.close(second, station_day.local(day.day, 17))
+    tomorrow = day.day + dt.timedelta(days=1)
+    third_pda = station_day.Pda(
+        session, factories.device(session, "PDA-PDG-11", day.station), courier
+    )
+    session.commit()
+    third = third_pda.open(station_day.local(tomorrow, 8))
+    board = _board_api(app, day, tomorrow)
+    earlier = {e["shift_id"]: e for e in board["earlier_waiting"]}
+    assert earlier[first.id]["courier_also_open_shift_ids"] == [third.id]
+    assert earlier[first.id]["courier_back_shift_id"] is None  # out again on a third PDA
+    also = {r["shift_id"]: r["courier_also_open_shift_ids"] for r in board["shifts"]}
+    assert also[third.id] == [first.id]
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={tomorrow}")
+    assert f'Courier also has <a href="/web/shifts/{third.id}">shift {third.id}</a>' in html
+
+
 def test_the_daily_report_page_counts_outcomes_of_parcels_not_checked_out(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from models import (
     AuditEntry,
+    Device,
     EventType,
     Flag,
     FlagStatus,
@@ -34,7 +35,14 @@ from models import (
     SyncBatch,
 )
 from sync.audit import verify
-from sync.balances import board_totals, gather, station_board
+from sync.balances import (
+    also_open,
+    board_totals,
+    gather,
+    handed_over_since,
+    station_board,
+    waiting_from_earlier_days,
+)
 from sync.blobs import BlobReader, FileBlobStore
 from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
 from sync.proofs import get_proof
@@ -439,3 +447,46 @@ def test_handovers_with_every_discrepancy_decided_are_signed_off_together_in_fla
     entries = session.scalars(select(AuditEntry).where(AuditEntry.action == "shift_signed_off"))
     assert all(entry.details["discrepancies_decided"] for entry in entries)
     assert verify(session=session).ok
+
+
+def test_the_earlier_days_and_their_couriers_shifts_are_one_statement_for_10_or_100(
+    session: Session,
+) -> None:
+    """The shifts of earlier days still waiting, and where their couriers went on (the
+    spare PDA's shift handed over and signed off: ``handed_over_since``; another still
+    open: ``also_open``), are read in one statement however many there are: yesterday's
+    shifts all left open on dead PDAs, each courier on a spare PDA since, half of them
+    handed over and signed off already."""
+    yesterday = DAY - dt.timedelta(days=1)
+    counts = {}
+    for code, size in (("SMALL", 10), ("BIG", 100)):
+        station = factories.station_day(
+            session, code, shifts=size, parcels_per_shift=1, day=yesterday
+        )
+        dead = session.scalars(select(Shift).where(Shift.station_id == station)).all()
+        for n, shift in enumerate(dead):
+            shift.status = ShiftStatus.OPEN
+            spare = shift.device_id + "-SPARE"
+            session.execute(insert(Device).values(id=spare, station_id=station))
+            session.add(
+                Shift(
+                    station_id=station,
+                    courier_id=shift.courier_id,
+                    device_id=spare,
+                    status=ShiftStatus.SIGNED_OFF if n % 2 else ShiftStatus.OPEN,
+                    work_date=yesterday,
+                    opened_at=shift.opened_at + dt.timedelta(hours=2),
+                    planned_end_at=shift.planned_end_at,
+                    closed_at=shift.closed_at if n % 2 else None,
+                )
+            )
+        session.flush()
+        session.expire_all()
+        with counted(session) as statements:
+            before = waiting_from_earlier_days(session=session, station_id=station, work_date=DAY)
+            back = handed_over_since([], before)
+            also = also_open([], before)
+        counts[size] = len(statements)
+        assert len(before.shifts) == size + size // 2  # the spares still open wait too
+        assert len(back) == size // 2 and len(also) == size  # each open pair names the other
+    assert counts[10] == counts[100] == 1, counts

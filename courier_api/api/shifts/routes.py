@@ -27,6 +27,7 @@ from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
 from sync import directory, shifts, signoffs
 from sync.balances import (
+    also_open,
     board_totals,
     changed_since_signoff,
     handed_over_since,
@@ -375,9 +376,12 @@ class StationHandover(MethodView):
         flags citing its events, still open), which it balances as corrected. A
         shift still open whose courier has handed over a later shift on another
         PDA names it (`courier_back_shift_id`): the courier is back, the shift
-        theirs to close. Shifts of the two weeks before that still wait for
-        the manager (open, or handed over and not signed off) are listed apart
-        (`earlier_waiting`). Read in the same few queries however many shifts the
+        theirs to close; one whose courier has another shift still open on
+        another PDA names those (`courier_also_open_shift_ids`): a second shift is
+        not refused (a PDA that died), but one of them is likely no longer used.
+        Shifts of the two weeks before that still wait for the manager (open, or
+        handed over and not signed off) are listed apart (`earlier_waiting`), with
+        the same two hints. Read in the same few queries however many shifts the
         station runs. A courier who is now another station's user is given to a
         station's manager by id only (`username`, `full_name` null).
         """
@@ -386,7 +390,11 @@ class StationHandover(MethodView):
         day = args["date"] or shifts.local_date(utcnow(), station.timezone)
         rows = station_board(session=db.session, station_id=station_id, work_date=day)
         visible = current_principal().station_filter(None)
-        back = handed_over_since(rows)
+        before = waiting_from_earlier_days(
+            session=db.session, station_id=station_id, work_date=day
+        )
+        back = handed_over_since(rows, before)
+        also = also_open(rows, before)
         return {
             "station_id": station_id,
             "date": day,
@@ -422,6 +430,7 @@ class StationHandover(MethodView):
                     "courier_back_shift_id": back[row.shift.id].id
                     if row.shift.id in back
                     else None,
+                    "courier_also_open_shift_ids": [s.id for s in also.get(row.shift.id, ())],
                 }
                 for row in rows
             ],
@@ -434,10 +443,10 @@ class StationHandover(MethodView):
                     "device_id": shift.device_id,
                     "shift_status": shift.status,
                     "reopened_count": shift.reopened_count,
+                    "courier_back_shift_id": back[shift.id].id if shift.id in back else None,
+                    "courier_also_open_shift_ids": [s.id for s in also.get(shift.id, ())],
                 }
-                for shift, courier in waiting_from_earlier_days(
-                    session=db.session, station_id=station_id, work_date=day
-                )
+                for shift, courier in before.shifts
             ],
         }
 

@@ -180,6 +180,20 @@ def _count(description: str) -> ma.fields.Integer:
     return ma.fields.Integer(required=True, metadata={"description": description})
 
 
+def _also_open_ids() -> ma.fields.List:
+    return ma.fields.List(
+        ma.fields.Integer(),
+        required=True,
+        metadata={
+            "description": "A shift still open: its courier's other shifts still open on "
+            "another PDA (of `date` or of the earlier days listed), oldest first. Opening a "
+            "second shift on another PDA is not refused (a PDA that died is the normal "
+            "reason), but one of them is then likely no longer used: close it. Empty "
+            "otherwise"
+        },
+    )
+
+
 class BalanceCounts(ma.Schema):
     status = ma.fields.String(
         required=True,
@@ -481,6 +495,7 @@ class BoardShiftOut(ma.Schema):
             "opened after that one is still open (out again on a third PDA)"
         },
     )
+    courier_also_open_shift_ids = _also_open_ids()
     corrections_to_review = ma.fields.List(
         ma.fields.Nested(BoardFlagOut),
         required=True,
@@ -527,6 +542,16 @@ class EarlierShiftOut(ma.Schema):
     reopened_count = ma.fields.Integer(
         required=True, metadata={"description": "Times an event after a sign-off reopened it"}
     )
+    courier_back_shift_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Still open, its courier has handed over a shift opened after it "
+            "on another PDA since, up to `date` (signed off or not): as a board row's "
+            "`courier_back_shift_id`"
+        },
+    )
+    courier_also_open_shift_ids = _also_open_ids()
 
 
 class BoardOut(ma.Schema):

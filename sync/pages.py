@@ -16,7 +16,7 @@ import enum
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, or_, select
@@ -68,7 +68,7 @@ from sync.handover import (
     balance_version,
     sign_off_blocked,
 )
-from sync.projection import corrects, voided_by
+from sync.projection import corrects, voided_by, voided_in_sql
 from sync.proofs import (
     DELIVERY_TYPES,
     DropConsent,
@@ -90,7 +90,7 @@ from sync.quarantine import (
 from sync.reports import EARLIEST, OnTimeDeadlines, StationDays, report
 from sync.rules import DROPS, FINAL_OUTCOMES, Policy, counts_at_station
 from sync.shifts import LATE_EVENT, LATEST_REOPENING, REJECTED_IDS
-from sync.sql import among, chunks
+from sync.sql import among, among_at_once, chunks
 from sync.status import load_events
 
 WEEK_DAYS = 7
@@ -525,7 +525,7 @@ def scans_elsewhere(
     shift_id: int,
     station_id: int,
     scanned: Mapping[str, Sequence[int]],
-    events: Mapping[int, ScanEvent],
+    events: Mapping[int, ScanEvent] | Mapping[int, ScanRow],
 ) -> dict[str, list[ScanElsewhere]]:
     """Of the scans ``scans_of_interest`` chose (read in ``events``), those filed under
     another shift than ``shift_id`` of ``station_id`` (pushed there: another station's
@@ -556,6 +556,66 @@ def scans_elsewhere(
                 if e.shift_id is not None
             ]
     return found
+
+
+class ScanRow(NamedTuple):
+    """A scan as ``scans_elsewhere`` reads it: what it needs of a ``ScanEvent``."""
+
+    id: int
+    tracking_no: str
+    type: EventType
+    occurred_at: dt.datetime
+    shift_id: int | None
+    courier_id: int
+    device_id: str
+    station_id: int
+
+
+def handover_scans_elsewhere(
+    session: Session, shift: Shift, balance: Balance
+) -> dict[str, list[ScanElsewhere]]:
+    """For each parcel of the balance's handover discrepancies (``HANDOVER_KINDS``), its
+    check-outs and final outcomes filed under the station's other shifts, oldest first:
+    what the shift's page lists with each (``scans_of_interest`` then
+    ``scans_elsewhere``: the latest ``SCANS_ELSEWHERE_READ`` of them not voided, those
+    of another shift of the station), for ``GET /shifts/<id>/balance``. One statement,
+    none without such a discrepancy: the page reads the parcels' histories for their
+    evidence anyway, the balance reads only these scans, a correction voiding one found
+    as the projection finds it (``voided_in_sql``)."""
+    lost = sorted({d.tracking_no for d in balance.discrepancies if d.kind in HANDOVER_KINDS})
+    if not lost:
+        return {}
+    rows = [
+        ScanRow(*row)
+        for row in session.execute(
+            select(
+                ScanEvent.id,
+                ScanEvent.tracking_no,
+                ScanEvent.type,
+                ScanEvent.occurred_at,
+                ScanEvent.shift_id,
+                ScanEvent.courier_id,
+                ScanEvent.device_id,
+                ScanEvent.station_id,
+            ).where(
+                among_at_once(session, ScanEvent.tracking_no, lost),
+                ScanEvent.type.in_(sorted({EventType.CHECKED_OUT, *FINAL_OUTCOMES})),
+                ~voided_in_sql(ScanEvent),
+            )
+        )
+    ]
+    by_parcel: dict[str, list[ScanRow]] = defaultdict(list)
+    for row in rows:
+        by_parcel[row.tracking_no].append(row)
+    chosen = {
+        tracking_no: [r.id for r in sorted(found, key=_scan_order)[-SCANS_ELSEWHERE_READ:]]
+        for tracking_no, found in by_parcel.items()
+    }
+    return scans_elsewhere(shift.id, shift.station_id, chosen, {r.id: r for r in rows})
+
+
+def _scan_order(row: ScanRow) -> tuple[dt.datetime, int]:
+    return row.occurred_at, row.id
 
 
 def _handover_read(session: Session, shift: Shift, facts: ShiftFacts) -> HandoverRead:

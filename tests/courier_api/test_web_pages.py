@@ -3076,6 +3076,53 @@ def test_a_shift_page_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
     assert "scans-elsewhere" not in html
 
 
+def test_the_balance_api_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The shift's page and the flag's page list, with a parcel missing at handover (or
+    off the manifest), its scans under the station's other shifts: the spare PDA's
+    delivery of the dead PDA's "missing" parcel. ``GET /shifts/<id>/balance`` did not,
+    so a client of the API sent the manager to the cage of returns for a parcel
+    delivered at 12:00. Each such discrepancy now lists them (``elsewhere``), as the
+    page does (in one statement more: ``tests/sync/test_board_queries.py``)."""
+    first, second, numbers = _spare_pda(session, day)
+    at = functools.partial(station_day.local, day.day)
+    shifts.close_shift(
+        session=session, shift=first, closed_by=day.manager.id, last_seq=None, now=at(19, 0)
+    )
+    session.commit()
+    client = app.test_client()
+    headers = Auth(client).headers("manager")
+
+    def balance_of(shift_id: int) -> dict[str, Any]:
+        response = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=headers)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    lacking = balance_of(first.id)
+    by_parcel = {d["tracking_no"]: d for d in lacking["discrepancies"]}
+    assert sorted(by_parcel) == sorted(numbers[1:])
+    scanned = (("delivered", 12, 0), ("delivered", 12, 30), ("returned_to_station", 16, 0))
+    for tn, (outcome, hour, minute) in zip(numbers[1:], scanned, strict=True):
+        assert by_parcel[tn]["kind"] == "missing_at_handover"
+        [scan] = by_parcel[tn]["elsewhere"]
+        assert (scan["type"], scan["shift_id"], scan["device_id"]) == (
+            outcome,
+            second.id,
+            "PDA-PDG-10",
+        )
+        assert scan["courier_id"] == second.courier_id
+        assert dt.datetime.fromisoformat(scan["occurred_at"]) == at(hour, minute)
+    unlisted = balance_of(second.id)
+    for d in unlisted["discrepancies"]:
+        assert d["kind"] == "not_on_manifest"
+        assert [(s["type"], s["shift_id"]) for s in d["elsewhere"]] == [("checked_out", first.id)]
+    # A parcel missing with no scan elsewhere lists none.
+    missing = balance_of(day.unbalanced.id)
+    assert all(d["elsewhere"] == [] for d in missing["discrepancies"])
+    assert any(d["kind"] == "missing_at_handover" for d in missing["discrepancies"])
+
+
 def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -16,6 +16,7 @@ import datetime as dt
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -44,7 +45,13 @@ from sync.balances import (
     waiting_from_earlier_days,
 )
 from sync.blobs import BlobReader, FileBlobStore
-from sync.pages import PROOF_REJECTIONS_SHOWN, proof_page, shift_page
+from sync.handover import Discrepancy
+from sync.pages import (
+    PROOF_REJECTIONS_SHOWN,
+    handover_scans_elsewhere,
+    proof_page,
+    shift_page,
+)
 from sync.proofs import get_proof
 from sync.quarantine import (
     RejectionScope,
@@ -490,3 +497,28 @@ def test_the_earlier_days_and_their_couriers_shifts_are_one_statement_for_10_or_
         assert len(before.shifts) == size + size // 2  # the spares still open wait too
         assert len(back) == size // 2 and len(also) == size  # each open pair names the other
     assert counts[10] == counts[100] == 1, counts
+
+
+def test_a_balances_scans_elsewhere_are_one_statement_for_1_or_30_parcels(
+    session: Session,
+) -> None:
+    """``GET /shifts/<id>/balance`` lists, with each parcel missing at handover, its
+    scans under the station's other shifts (``sync.pages.handover_scans_elsewhere``):
+    one statement however many such parcels, none for a balance without one."""
+    station = factories.station_day(session, "ELSE", shifts=1, parcels_per_shift=150, day=DAY)
+    session.flush()
+    shift = session.scalars(select(Shift).where(Shift.station_id == station)).one()
+    balance = gather(session, [shift])[shift.id].balance()
+    counts = []
+    for lost in (1, 30):
+        missing = [
+            Discrepancy("missing_at_handover", p.tracking_no, None, None, ())
+            for p in balance.parcels[:lost]
+        ]
+        with counted(session) as statements:
+            handover_scans_elsewhere(session, shift, replace(balance, discrepancies=missing))
+        counts.append(len(statements))
+    assert counts == [1, 1], counts
+    with counted(session) as statements:
+        handover_scans_elsewhere(session, shift, replace(balance, discrepancies=[]))
+    assert statements == []

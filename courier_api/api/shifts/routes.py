@@ -36,8 +36,8 @@ from sync.balances import (
     waiting_from_earlier_days,
 )
 from sync.errors import PermissionDenied
-from sync.handover import balance_version
-from sync.pages import user_ref, write_offs_named
+from sync.handover import HANDOVER_KINDS, balance_version
+from sync.pages import handover_scans_elsewhere, user_ref, write_offs_named
 from sync.phones import shown_text
 
 blp = ApiBlueprint(
@@ -206,7 +206,11 @@ class ShiftBalance(MethodView):
         shift of another station is a 404 `shift_not_found` to couriers and
         managers). A write-off's `written_off_by_name` is null to a station's
         reader when whoever wrote the seqs off is now another station's user.
-        With it, what the board row gives beside the balance and a sign-off may
+        A parcel missing at handover, or off the manifest, lists with its
+        discrepancy its check-outs and final outcomes filed under the station's
+        other shifts (`elsewhere`, as the shift's page does): a courier whose PDA
+        died went on with a spare one, and the "missing" parcel was delivered under
+        that shift. With it, what the board row gives beside the balance and a sign-off may
         send back to prove what was read: the flags naming the shift still waiting
         (`open_flags`), its PDA's events rejected (`rejected_events`) and its proof
         images missing (`images_missing`), counted as the board row counts them.
@@ -219,9 +223,16 @@ class ShiftBalance(MethodView):
         write_offs = write_offs_named(
             db.session, balance.write_offs, principal.station_filter(None)
         )
+        elsewhere = handover_scans_elsewhere(db.session, shift, balance)
         return {
             **balance.summary(),
             **vars(balance),
+            "discrepancies": [
+                {**vars(d), "elsewhere": elsewhere.get(d.tracking_no, [])}
+                if d.kind in HANDOVER_KINDS
+                else {**vars(d), "elsewhere": []}
+                for d in balance.discrepancies
+            ],
             "open_flags": [flag._asdict() for flag in read.open_flags],
             "rejected_events": read.rejected_events,
             "images_missing": read.images_missing,

@@ -6,7 +6,7 @@ import marshmallow as ma
 
 from courier_api.api.base import PageArgs, UserRef
 from courier_api.api.fields import MAX_ID, After, Id, Text, UtcTime
-from models import FlagStatus, ShiftStatus
+from models import EventType, FlagStatus, ShiftStatus
 from sync.balances import EARLIER_DAYS
 from sync.handover import BALANCE_RULE_KINDS, HANDOVER_KINDS, OUTCOMES, WHAT_TO_DO
 from sync.manager_text import MAX_NOTE_LENGTH
@@ -215,6 +215,17 @@ class BalanceCounts(ma.Schema):
     discrepancy_count = _count("Discrepancies, each with its flag")
 
 
+class ScanElsewhereOut(ma.Schema):
+    event_id = ma.fields.Integer(required=True)
+    type = ma.fields.Enum(EventType, by_value=True, required=True)
+    occurred_at = ma.fields.AwareDateTime(
+        required=True, metadata={"description": "Corrected time"}
+    )
+    shift_id = ma.fields.Integer(required=True, metadata={"description": "Filed under"})
+    courier_id = ma.fields.Integer(required=True)
+    device_id = ma.fields.String(required=True)
+
+
 class DiscrepancyOut(ma.Schema):
     kind = ma.fields.String(
         required=True,
@@ -228,9 +239,19 @@ class DiscrepancyOut(ma.Schema):
         ma.fields.Integer(), required=True, metadata={"description": "The evidence: events"}
     )
     what_to_do = ma.fields.Function(
-        lambda d: WHAT_TO_DO[d.kind],
+        lambda d: WHAT_TO_DO[d["kind"]],
         required=True,
         metadata={"description": "What a manager does about it, for people"},
+    )
+    elsewhere = ma.fields.List(
+        ma.fields.Nested(ScanElsewhereOut),
+        required=True,
+        metadata={
+            "description": "A `missing_at_handover` or `not_on_manifest` parcel's check-outs "
+            "and final outcomes filed under the station's other shifts (of its latest 20 "
+            "not voided), oldest first, as the shift's page lists them: a courier whose PDA "
+            "died went on with a spare one. Empty for other kinds"
+        },
     )
 
 

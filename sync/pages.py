@@ -298,6 +298,9 @@ class ShiftPage:
     rejected_events: int = 0
     open_flag_ids: tuple[int, ...] = ()
     images_missing: int = 0
+    # A shift still open: its courier's other shifts still open on another PDA, oldest
+    # first (``also_open_of``).
+    also_open: list[Shift] = field(default_factory=list)
 
     @property
     def reopening(self) -> Flag | None:
@@ -502,6 +505,29 @@ def shift_page(
         rejected_events=read.rejected_events,
         open_flag_ids=tuple(flag.flag_id for flag in read.open_flags),
         images_missing=read.images_missing,
+        also_open=also_open_of(session, shift),
+    )
+
+
+def also_open_of(session: Session, shift: Shift) -> list[Shift]:
+    """For a shift still open, its courier's other shifts still open on another PDA,
+    oldest first, as the board names them (``sync.balances.also_open``): a second shift
+    on another PDA is not refused (a PDA that died), but one of them is then likely no
+    longer used. One statement, for an open shift only (through
+    ``ix_shift_status_planned_end``: the open shifts)."""
+    if shift.status != ShiftStatus.OPEN:
+        return []
+    return list(
+        session.scalars(
+            select(Shift)
+            .where(
+                Shift.status == ShiftStatus.OPEN,
+                Shift.station_id == shift.station_id,  # another's is not shown here
+                Shift.courier_id == shift.courier_id,
+                Shift.device_id != shift.device_id,
+            )
+            .order_by(Shift.opened_at, Shift.id)
+        )
     )
 
 

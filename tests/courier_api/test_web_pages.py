@@ -3254,8 +3254,9 @@ def test_the_board_says_when_a_courier_has_a_second_shift_open_on_another_pda(
     reason), and nothing said so either. The board showed two shifts of hers "on the
     road", the dead PDA's parcels "still out", and the manager learnt of the dead PDA only
     when the spare's shift came back with parcels it never checked out. Each of the two
-    rows now names the other, still open (page and API: ``courier_also_open_shift_ids``);
-    and yesterday's shift left open on a PDA does so from the earlier days' list."""
+    rows now names the other, still open (page and API: ``courier_also_open_shift_ids``),
+    as each shift's page does; and yesterday's shift left open on a PDA does so from the
+    earlier days' list."""
     courier = factories.user(session, "sunli", "courier", day.station)
     dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
     spare = station_day.Pda(session, factories.device(session, "PDA-PDG-10", day.station), courier)
@@ -3279,6 +3280,13 @@ def test_the_board_says_when_a_courier_has_a_second_shift_open_on_another_pda(
         ) in row.group(1)
     alone = re.search(rf'id="shift-{day.open.id}">(.*?)</tr>', html, re.S)
     assert alone and "also-open" not in alone.group(1)
+    # The shift's page says so too, of an open shift.
+    page = signed_in(app, "manager").get(f"/web/shifts/{first.id}")
+    assert (
+        f'Its courier also has <a href="/web/shifts/{second.id}">shift {second.id}</a> open '
+        f"on PDA-PDG-10 (since {day.day} 11:00:00)"
+    ) in page
+    assert 'id="also-open"' not in signed_in(app, "manager").get(f"/web/shifts/{day.open.id}")
     board = _board_api(app, day, day.day)
     also = {r["shift_id"]: r["courier_also_open_shift_ids"] for r in board["shifts"]}
     assert also[first.id] == [second.id] and also[second.id] == [first.id]

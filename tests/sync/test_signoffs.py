@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from models import FlagStatus, Shift, ShiftStatus
 from sync.balances import HandoverRead
-from sync.handover import Balance, BalanceStatus, Discrepancy
+from sync.handover import Balance, BalanceStatus, Discrepancy, discrepancies_decided
 from sync.signoffs import not_clean
 
 
@@ -53,3 +53,32 @@ def test_a_refusal_for_discrepancies_still_to_decide_names_those_not_the_decided
     plain = not_clean(shift, HandoverRead(balance))
     assert plain is not None and plain.code == "balance_unbalanced"
     assert "1 delivered_without_pod (PAR1)" in plain.message
+
+
+def test_a_resolved_unknown_parcel_or_another_stations_flag_is_not_decided_here() -> None:
+    """Resolved, neither counts as decided for a sign-off of those decided: an
+    ``unknown_parcel`` stands for scans not judged yet (intake judges them), and another
+    station's flag is that station's manager's decision. The refusal says why of each."""
+    balance = unbalanced(
+        Discrepancy("delivered_without_pod", "PAR1", 11, FlagStatus.RESOLVED, (1,)),
+        Discrepancy("unknown_parcel", "PAR2", 12, FlagStatus.RESOLVED, (2,)),
+        Discrepancy(
+            "delivered_without_pod", "PAR3", 13, FlagStatus.RESOLVED, (3,), flag_elsewhere=True
+        ),
+    )
+    shift = Shift(id=7, status=ShiftStatus.CLOSED)
+
+    assert discrepancies_decided(balance) == [11]
+    refusal = not_clean(shift, HandoverRead(balance), decided=True)
+
+    assert refusal is not None and refusal.code == "discrepancies_to_decide"
+    assert refusal.message == (
+        "2 of its 3 discrepancies still to decide (1 unknown_parcel (PAR2), "
+        "1 delivered_without_pod (PAR3)); unknown_parcel (PAR2) is resolved, but take the "
+        "parcel in: intake judges its scans; delivered_without_pod (PAR3) is resolved, but "
+        "its flag is another station's: that station's manager decides it: decide on them "
+        "on its page, or sign it off on its own"
+    )
+    # Only the decidable ones resolved: signed off with the others decided.
+    decided_here = unbalanced(balance.discrepancies[0])
+    assert not_clean(shift, HandoverRead(decided_here), decided=True) is None

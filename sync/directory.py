@@ -272,11 +272,13 @@ def register_device(
     Device ids are unique across stations, so a 409 ``device_exists`` for an id
     another station's PDA holds tells the manager asking that it exists: a curious
     manager could probe for other stations' PDAs. With ``registrar`` (a manager, not
-    an admin, who sees every station) each such refusal is on the audit log
+    an admin, who sees every station) each id so refused is on the audit log
     (``device_registration_refused``: who, the id, the station asked for and the
-    station holding it, for an admin to see and settle) and counted: once a manager
-    has met ``registrar.limit`` of them in its window, every registration of theirs is
-    refused (429 ``too_many_device_ids_taken``), a free id's too, so that the refusal
+    station holding it, for an admin to see and settle) and counted, once per window:
+    the same id tried again (a retry, a second click on a PDA another station still
+    holds) tells nothing more and is answered alike, uncounted and not logged again.
+    Once a manager has met ``registrar.limit`` ids in its window, every registration
+    of theirs is refused (429 ``too_many_device_ids_taken``), a free id's too, so that the refusal
     says nothing of the id and probing yields a handful of ids a day, each on record.
     ``DeviceIdTaken`` is raised then, for the caller to commit before answering. The
     refusal's words are those of an id of the manager's own station.
@@ -300,15 +302,20 @@ def register_device(
         )
         if registrar is None or held.station_id == station.id:
             raise taken
-        sign_in_limits.admit_call(
+        charge = sign_in_limits.admit_once(
             session=session,
             kind=DEVICE_IDS_TAKEN,
             key=registrar.key,
+            subject=device_id,
             limit=registrar.limit,
             now=now,
             what=TAKEN_TOO_OFTEN,
             code=TOO_MANY_DEVICE_IDS_TAKEN,
         )
+        if charge.refusal is not None:
+            raise charge.refusal
+        if charge.units == 0:  # tried again: its first refusal is counted and on record
+            raise taken
         audit.append(
             session=session,
             actor_id=registrar.user_id,

@@ -28,7 +28,8 @@ Other costly calls are limited per caller by the same windows, in the same table
 place of both the username's and the address's, so no sign-in rule counts them, and
 each kind's rows are deleted by its own window. A call that costs more than others
 (a verification reading thousands of audit entries) spends units of a budget, a row
-each (``admit_cost``).
+each (``admit_cost``). A call about a subject (a PDA id) is counted once per window
+however often it comes (``admit_once``).
 """
 
 from __future__ import annotations
@@ -258,6 +259,43 @@ def refusal_of(
     _purge(session, now - limit.window, (kind,))
     where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
     return _check(session, limit, where, now, what, code=code)
+
+
+def admit_once(
+    *,
+    session: Session,
+    kind: str,
+    key: str,
+    subject: str,
+    limit: Limit,
+    now: dt.datetime,
+    what: str,
+    code: str,
+) -> Charge:
+    """``admit_call`` for a call about ``subject``, counted once per window: while the
+    window is not full, a call about a subject it holds already is let through and
+    charged nothing (``Charge(0)``), as it tells the caller nothing the first did
+    (``sync.directory``: a PDA id found in use at another station, tried again). The
+    row stands for the subject by a hash keyed with the caller's key in place of the
+    address's."""
+    _lock(session, (key,))
+    _purge(session, now - limit.window, (kind,))
+    where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
+    refusal = _check(session, limit, where, now, what, code=code)
+    if refusal is not None:  # a counted subject's call too: refused alike, whatever it is
+        return Charge(0, refusal)
+    subject_key = _keyed(key.encode(), kind, subject)
+    counted = session.scalar(
+        select(SignInAttempt.id)
+        .where(*where, SignInAttempt.address_key == subject_key)
+        .where(SignInAttempt.at > now - limit.window)
+        .limit(1)
+    )
+    if counted is not None:
+        return Charge(0)
+    row = {"at": now, "username_key": key, "address_key": subject_key, "outcome": kind}
+    session.execute(insert(SignInAttempt), [row])
+    return Charge(1)
 
 
 @dataclass(frozen=True)

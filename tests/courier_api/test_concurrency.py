@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from courier_api.api.shifts import routes as shift_routes
 from courier_api.extensions import db
-from models import AuditEntry, AuditEntryParcel, Blob, Flag, Parcel, Station
+from models import AuditEntry, AuditEntryParcel, Blob, Flag, Parcel, SignInAttempt, Station
 from sync import blobs as blobs_module
+from sync import directory
 from sync import ingest as ingest_module
 from tests import factories
 from tests.conftest import Auth
@@ -912,3 +913,39 @@ def test_an_image_sent_again_while_its_first_upload_is_in_flight_is_not_refused(
     with committed_app.app_context():
         stored = db.session.scalar(select(func.count()).select_from(Blob))
     assert stored == 1
+
+
+def test_a_taken_pda_id_tried_at_once_from_several_tabs_is_counted_once(
+    committed_app: Flask,
+) -> None:
+    """A manager's tries of one PDA id another station holds, sent at once (a double
+    click, two tabs, a script's retries): each is a 409, and the id is counted and
+    logged once, whichever try commits first: the caller's lock (PostgreSQL; SQLite's
+    one writer) makes the later ones find the first's row."""
+    with committed_app.app_context():
+        session: Session = db.session
+        own = factories.station(session, code="OWN")
+        other = factories.station(session, code="OTHER")
+        factories.user(session, "registrar", "station_manager", own)
+        factories.device(session, "PDA-OTHER-1", other)
+        session.commit()
+    headers = Auth(committed_app.test_client()).headers("registrar")
+
+    responses = race(committed_app, "/api/v1/devices", [{"device_id": "PDA-OTHER-1"}] * 4, headers)
+
+    assert [(r.status_code, r.get_json()["code"]) for r in responses] == [
+        (409, "device_exists")
+    ] * 4
+    with committed_app.app_context():
+        session = db.session
+        logged = session.scalar(
+            select(func.count())
+            .select_from(AuditEntry)
+            .where(AuditEntry.action == "device_registration_refused")
+        )
+        counted = session.scalar(
+            select(func.count())
+            .select_from(SignInAttempt)
+            .where(SignInAttempt.outcome == directory.DEVICE_IDS_TAKEN)
+        )
+    assert (logged, counted) == (1, 1)

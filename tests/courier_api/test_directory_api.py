@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from models import AuditEntry
 from sync import directory
+from tests import factories
 from tests.conftest import Auth, World
 
 
@@ -410,19 +411,23 @@ def test_probing_for_another_stations_pda_ids_is_on_record_and_bounded(
     are theirs to know."""
     manager = auth.headers("manager1")
     bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    probed = ["PDA-0002", *(f"PDA-9{n:03d}" for n in range(1, bound))]
+    for device_id in probed[1:]:
+        factories.device(session, device_id, world.other_station)
+    session.commit()
     own = client.post("/api/v1/devices", json={"device_id": "PDA-0001"}, headers=manager)
     assert (own.status_code, own.get_json()["code"]) == (409, "device_exists")
-    for _ in range(bound):
-        probe = client.post("/api/v1/devices", json={"device_id": "PDA-0002"}, headers=manager)
+    for device_id in probed:
+        probe = client.post("/api/v1/devices", json={"device_id": device_id}, headers=manager)
         # In the words of an id of their own station's: the station is named nowhere.
-        said = json.loads(probe.get_data(as_text=True).replace("PDA-0002", "PDA-0001"))
+        said = json.loads(probe.get_data(as_text=True).replace(device_id, "PDA-0001"))
         assert (probe.status_code, said) == (409, own.get_json())
     refused = session.scalars(
         select(AuditEntry).where(AuditEntry.action == "device_registration_refused")
     ).all()
     assert [(e.actor_id, e.subject_type, e.subject_key) for e in refused] == [
-        (world.manager.id, "device", "PDA-0002")
-    ] * bound
+        (world.manager.id, "device", device_id) for device_id in probed
+    ]
     assert refused[0].details == {
         "station_id": world.station.id,
         "held_by_station_id": world.other_station.id,
@@ -454,3 +459,38 @@ def test_probing_for_another_stations_pda_ids_is_on_record_and_bounded(
     assert client.post("/api/v1/devices", json=body, headers=admin).status_code == 409
     body = {"device_id": "PDA-0779", "station_id": world.station.id}
     assert client.post("/api/v1/devices", json=body, headers=admin).status_code == 201
+
+
+def test_a_manager_trying_one_taken_id_again_is_counted_once(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """A manager at 07:00 registers the PDA handed over from another station, still
+    registered there: 409 ``device_exists``, and they try again (a second click, their
+    script's retry, a colleague's try). The id told them all it could the first time, so
+    the tries after it count for nothing and add no audit entry of their own: a day's
+    bound of another station's ids is spent on that many ids, not on one id tried
+    that many times, and the manager then registers their new PDAs. Other ids of other
+    stations still count each, so the bound still holds."""
+    manager = auth.headers("manager1")
+    bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    for _ in range(bound + 2):
+        again = client.post("/api/v1/devices", json={"device_id": "PDA-0002"}, headers=manager)
+        assert (again.status_code, again.get_json()["code"]) == (409, "device_exists")
+    new = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
+    assert new.status_code == 201, new.get_json()
+    refused = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "device_registration_refused")
+    ).all()
+    assert [(e.actor_id, e.subject_key) for e in refused] == [(world.manager.id, "PDA-0002")]
+
+    # Other stations' ids, each counted once: the bound's worth, and then a 429.
+    admin = auth.headers("admin")
+    for n in range(1, bound):
+        body = {"device_id": f"PDA-9{n:03d}", "station_id": world.other_station.id}
+        assert client.post("/api/v1/devices", json=body, headers=admin).status_code == 201
+        taken = client.post(
+            "/api/v1/devices", json={"device_id": f"PDA-9{n:03d}"}, headers=manager
+        )
+        assert taken.status_code == 409
+    late = client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=manager)
+    assert (late.status_code, late.get_json()["code"]) == (429, "too_many_device_ids_taken")

@@ -18,6 +18,7 @@ from sync.sign_in_limits import (
     admit,
     admit_call,
     admit_cost,
+    admit_once,
     caller_key,
     settle,
 )
@@ -262,6 +263,41 @@ def test_a_call_costing_units_spends_a_budget_and_is_given_no_more_than_is_left(
     assert call(T0 + 60 * MINUTE, 9) == 3
     rows = select(func.count()).select_from(SignInAttempt)
     assert session.scalar(rows.where(SignInAttempt.outcome == "audit_entries")) == 5
+
+
+def test_a_call_about_one_subject_is_counted_once_per_window(session: Session) -> None:
+    """``admit_once`` (a PDA id found at another station): a subject the caller's window
+    holds already is let through uncharged, however often it comes; another subject is
+    charged, up to the limit, then every call is refused, a counted subject's too; a
+    subject whose row left the window is charged again. Another caller's rows are theirs."""
+    day = Limit(2, dt.timedelta(hours=24))
+    key = caller_key(secret=SECRET, kind="device_taken", caller="7")
+
+    def call(at: dt.datetime, subject: str, caller: str = key) -> int:
+        charge = admit_once(
+            session=session,
+            kind="device_taken",
+            key=caller,
+            subject=subject,
+            limit=day,
+            now=at,
+            what="too many ids taken",
+            code="too_many_device_ids_taken",
+        )
+        if charge.refusal is not None:
+            assert charge.units == 0 and charge.refusal.code == "too_many_device_ids_taken"
+            return -charge.refusal.retry_after
+        return charge.units
+
+    assert [call(T0 + n * MINUTE, "PDA-A") for n in range(5)] == [1, 0, 0, 0, 0]
+    assert call(T0 + 10 * MINUTE, "PDA-B") == 1
+    assert call(T0 + 11 * MINUTE, "PDA-A") == -(24 * 60 - 11) * 60  # full: refused alike
+    assert call(T0 + 11 * MINUTE, "PDA-C") == -(24 * 60 - 11) * 60
+    other = caller_key(secret=SECRET, kind="device_taken", caller="8")
+    assert call(T0 + 12 * MINUTE, "PDA-A", other) == 1
+    assert call(T0 + 24 * 60 * MINUTE, "PDA-A") == 1  # its first row left the window
+    rows = select(func.count()).select_from(SignInAttempt)
+    assert session.scalar(rows.where(SignInAttempt.outcome == "device_taken")) == 3
 
 
 def test_no_limits_means_nothing_stored(session: Session) -> None:

@@ -74,9 +74,11 @@ class Devices(MethodView):
         it. Ids are unique across stations, so a manager's registration refused for an
         id another station's PDA holds is on the audit log
         (`device_registration_refused`: who, the id, and both stations, for an admin to
-        settle), and a manager who met 10 such refusals in 24 hours has every
-        registration refused (429 `too_many_device_ids_taken`, `Retry-After`) until the
-        oldest leaves the window: another station's PDAs are not theirs to probe for.
+        settle), once per id in 24 hours (the same id tried again is answered alike,
+        neither counted nor logged again), and a manager who met 10 such ids in 24
+        hours has every registration refused (429 `too_many_device_ids_taken`,
+        `Retry-After`) until the oldest leaves the window: another station's PDAs are
+        not theirs to probe for.
         """
         station_id = body.get("station_id", current_principal().station_id)
         if station_id is None:

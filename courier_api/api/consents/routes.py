@@ -206,9 +206,19 @@ class Consents(MethodView):
         station's consents, those for the parcels their station holds (a consent
         captured on a PDA before its parcel was taken in keeps the PDA's
         station) and the standing ones that hold at every station. Recipient
-        phone numbers are masked except for auditors.
+        phone numbers are masked except for auditors, and a manager may not search
+        by `recipient_phone` (403 `role_forbidden`): a full phone tried against the
+        standing consents every station lists, masked, would tell its hidden digits.
+        A parcel's consents are theirs by `covering`.
         """
         phone = args.get("recipient_phone")
+        if phone and not current_principal().is_cross_station:
+            raise PermissionDenied(
+                "a station manager may not search consents by recipient_phone: phone "
+                "numbers are shown to them masked (a parcel's consents: covering)",
+                code="role_forbidden",
+                field="recipient_phone",
+            )
         listing = consents.list_consents(
             session=db.session,
             station_id=current_principal().station_filter(args.get("station_id")),

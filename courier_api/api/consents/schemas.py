@@ -313,7 +313,8 @@ class ConsentListArgs(PageArgs):
         metadata={
             "description": "A recipient's consents: the standing ones for this phone and "
             "those of the parcels addressed to it (given through a channel or captured on "
-            "a PDA)"
+            "a PDA). Not a station manager's (403 `role_forbidden`): they see phones "
+            "masked"
         }
     )
     active = ma.fields.Boolean(

@@ -1658,7 +1658,9 @@ class _BatchIngest:
         without any pays no statement. Each rejection whose id the device holds now
         at another seq (sent again by this push or an earlier one, before this version
         too) is validated again and compared with it, the seq aside; the count left is
-        stored with the device's state."""
+        stored with the device's state. Only those rejections' payloads are read: a
+        PDA that never recovers pays the ids and seqs of its rejections on each push,
+        not what it sent."""
         new = sum(1 for row in self.quarantined if row["error_code"] == SEQ_CONFLICT)
         self.unsettled_seq_conflicts = self.state.unsettled_seq_conflicts + new
         if not self.unsettled_seq_conflicts or not (stored or new):
@@ -1669,7 +1671,6 @@ class _BatchIngest:
                 QuarantinedEvent.station_id,
                 QuarantinedEvent.seq,
                 QuarantinedEvent.client_event_id,
-                QuarantinedEvent.payload,
             ).where(
                 QuarantinedEvent.device_id == self.pusher.device_id,
                 QuarantinedEvent.error_code == SEQ_CONFLICT,
@@ -1687,28 +1688,43 @@ class _BatchIngest:
                 )
             )
         }
+        resent = {
+            row.id: found
+            for row in rows
+            if (parsed := ids[row.id]) is not None
+            and (found := held.get(parsed)) is not None
+            and found.seq != row.seq  # else not sent again (yet)
+        }
         settled = []
-        for row in rows:
-            parsed = ids[row.id]
-            found = held.get(parsed) if parsed is not None else None
-            if found is None or found.seq == row.seq:
-                continue  # not sent again (yet): only those held are validated again
+        for row_id, payload in self._payloads_of(sorted(resent)):
+            found = resent[row_id]
             try:
-                event = validate_event(json.loads(row.payload), rules=self.rules.events)
+                event = validate_event(json.loads(payload), rules=self.rules.events)
             except (EventRejected, ValueError, TypeError):
                 continue  # not valid now (the rules changed): no event held is the same
             if dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash:
-                settled.append((row, found.seq))
+                settled.append((row_id, found.seq))
         self.unsettled_seq_conflicts = len(rows) - len(settled)
         if not settled:
             return
         flushed_connection(self.session).execute(
-            SETTLE_SEQ_CONFLICT, [{"row_id": row.id, "resent": seq} for row, seq in settled]
+            SETTLE_SEQ_CONFLICT, [{"row_id": row_id, "resent": seq} for row_id, seq in settled]
         )
         self.settled_any = True
-        done = {row.id for row, _ in settled}
+        done = {row_id for row_id, _ in settled}
         left = {(row.station_id, row.seq) for row in rows if row.id not in done}
-        self.seq_conflicts_settled = {(row.station_id, row.seq) for row, _ in settled} - left
+        self.seq_conflicts_settled = {
+            (row.station_id, row.seq) for row in rows if row.id in done
+        } - left
+
+    def _payloads_of(self, row_ids: Sequence[int]) -> Iterator[tuple[int, str]]:
+        """The payloads of these quarantined events of the device, by row id."""
+        for chunk in chunks(row_ids):
+            yield from self.session.execute(
+                select(QuarantinedEvent.id, QuarantinedEvent.payload).where(
+                    QuarantinedEvent.id.in_(chunk)
+                )
+            )
 
     def _close_settled_seq_conflicts(self) -> None:
         """Close the ``seq_conflict`` flags of the seqs every rejection of which this

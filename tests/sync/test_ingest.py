@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import datetime as dt
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -108,6 +109,22 @@ def statements_sent(session: Session) -> Iterator[list[str]]:
 
     def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         sent.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        yield sent
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+
+
+@contextlib.contextmanager
+def statements_with_parameters(session: Session) -> Iterator[list[tuple[str, Any]]]:
+    """The SQL the session's connection sends meanwhile, with its parameters, in order."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        sent.append((statement, parameters))
 
     connection = session.connection()
     event.listen(connection, "before_cursor_execute", capture)
@@ -628,6 +645,46 @@ def test_a_set_apart_event_sent_again_at_its_old_seq_after_the_recovery_gets_the
     assert [row.resent_seq for row in rows] == [2, 2]
     state = session.get(DeviceSyncState, world.device.id)
     assert state is not None and state.unsettled_seq_conflicts == 0
+
+
+def _payloads_read(statements: list[tuple[str, Any]]) -> list[Any]:
+    """The parameters of each statement that read rejected events' payloads."""
+    return [
+        parameters
+        for sql, parameters in statements
+        if re.search(r"quarantined_event\.payload\b", sql) and sql.lstrip().startswith("SELECT")
+    ]
+
+
+def test_a_pda_that_never_recovers_reads_no_payload_of_its_seq_conflicts_on_each_push(
+    session: Session, pda: Pda, parcel: Parcel
+) -> None:
+    """Each push storing events while seq_conflict rejections are unsettled looks for
+    those whose event is held now under another seq. A PDA that never sends them
+    again (never recovers) paid, on every push, the payloads of all of them: the
+    look-up reads the rejections' ids and seqs, and a payload only of a rejection
+    whose event is held at another seq, the only ones it may settle."""
+    tn = parcel.tracking_no
+    pda.push([pda.event(seq, tn) for seq in range(1, 6)])
+    restarted = [
+        pda.event(seq, tn, "out_for_delivery", occurred_at=at(9 + seq)) for seq in range(1, 6)
+    ]
+    assert statuses(pda.push(restarted)) == ["rejected"] * 5
+    with statements_with_parameters(session) as statements:
+        assert statuses(pda.push([pda.event(6, tn, "delivered")])) == ["applied"]
+    assert any("quarantined_event" in sql for sql, _ in statements)  # still looked for
+    assert _payloads_read(statements) == []
+
+    with statements_with_parameters(session) as statements:
+        assert statuses(pda.push([{**restarted[2], "seq": 7}])) == ["applied"]
+    [parameters] = _payloads_read(statements)
+    settling = _rejected_at(session, restarted[2]["client_event_id"])
+    assert settling.resent_seq == 7
+    assert list(parameters.values() if isinstance(parameters, dict) else parameters) == [
+        settling.id
+    ]
+    assert _seq_conflict_flag(session, pda, 3).status == FlagStatus.CLOSED
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.OPEN
 
 
 def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(

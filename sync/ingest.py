@@ -808,7 +808,9 @@ class _BatchIngest:
         held_by_seq = self._held_by_seq([event.seq for event in old])
         valid = self._not_rejected_before(valid, held_by_id, held_by_seq)
         settled = self._settled_before(valid, held_by_id, held_by_seq)
+        owners_before = dict(held_by_seq)  # the seqs' events held before this push
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
+        fresh_at: dict[int, ValidEvent] = {}  # this push's new events, by index
         fresh = []
         for index, event in valid:
             if index in settled:  # answered as the first time, nothing raised
@@ -819,10 +821,20 @@ class _BatchIngest:
             earlier = in_batch.get(event.client_event_id)
             known_hash = held.content_hash if held else earlier[0] if earlier else None
             if known_hash is not None:
+                owner = owners_before.get(event.seq)
                 if known_hash == content_hash:
                     self._answer(index, event, "duplicate")
                     if earlier is not None:
                         self.copies.append((index, earlier[1]))
+                elif (
+                    held is None
+                    and earlier is not None
+                    and owner not in (None, event.client_event_id)
+                    and _but_for_seq(event, fresh_at[earlier[1]])
+                ):
+                    # Its copy at a seq another event holds, after it under its new seq
+                    # (README's recovery, sent at once): as in the other order.
+                    self._seq_conflict(index, event, owner)
                 else:
                     self._conflicting_duplicate(index, event, held.id if held else None)
                 continue
@@ -832,6 +844,7 @@ class _BatchIngest:
                 continue
             in_batch[event.client_event_id] = (content_hash, index)
             held_by_seq[event.seq] = event.client_event_id
+            fresh_at[index] = event
             fresh.append((index, event))
         return fresh
 
@@ -2163,6 +2176,14 @@ class _BatchIngest:
             "missing_seq_count": tracker.missing_count,
             "flags_raised": self.raised,
         }
+
+
+def _but_for_seq(event: ValidEvent, other: ValidEvent) -> bool:
+    """Whether ``event`` is ``other`` sent at another seq: its id and content the same."""
+    return (
+        event.seq != other.seq
+        and dataclasses.replace(event, seq=other.seq).content_hash == other.content_hash
+    )
 
 
 def _parsed_id(sent: str | None) -> uuid.UUID | None:

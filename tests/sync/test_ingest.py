@@ -613,6 +613,34 @@ def test_a_seq_conflict_resent_in_the_same_push_is_settled(
     assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
 
 
+@pytest.mark.parametrize("refused_before", [False, True], ids=["first sent", "refused before"])
+@pytest.mark.parametrize("old_copy_first", [True, False], ids=["old copy first", "new seq first"])
+def test_an_event_sent_under_its_new_seq_and_at_its_old_one_in_one_push_is_one_answer(
+    session: Session, pda: Pda, parcel: Parcel, refused_before: bool, old_copy_first: bool
+) -> None:
+    """A PDA whose queue holds an event set apart both as sent (its old seq, another
+    event's) and under its new seq (README's recovery: a queue rebuilt from a copy
+    kept) pushes both at once: the copy at the old seq is answered ``seq_conflict``,
+    settled by the event held under its new seq, whichever of the two comes first in
+    the batch (rule 3). With the new seq first, the copy was taken for a
+    ``conflicting_duplicate`` of it, flagged for the manager for nothing lost."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    restarted = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    if refused_before:
+        assert statuses(pda.push([restarted])) == ["rejected"]
+    resent = {**restarted, "seq": 2}
+    batch = [restarted, resent] if old_copy_first else [resent, restarted]
+    receipt = pda.push(batch)
+    by_seq = {
+        event["seq"]: result for event, result in zip(batch, receipt["results"], strict=True)
+    }
+    assert by_seq[2]["status"] == "applied"
+    assert (by_seq[1]["status"], by_seq[1]["error"]["code"]) == ("rejected", "seq_conflict")
+    assert set(session.scalars(select(Flag.kind))) == {"seq_conflict"}
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
+    assert _rejected_at(session, restarted["client_event_id"]).resent_seq == 2
+
+
 def test_a_set_apart_event_sent_again_at_its_old_seq_after_the_recovery_gets_the_same_answer(
     session: Session, world: World, pda: Pda, parcel: Parcel
 ) -> None:

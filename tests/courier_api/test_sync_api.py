@@ -18,7 +18,7 @@ from werkzeug.local import LocalProxy
 
 from courier_api.api.quarantine import routes as quarantine_routes
 from courier_api.extensions import db
-from models import AuditEntry, Parcel, ScanEvent, User
+from models import AuditEntry, Flag, Parcel, ScanEvent, User
 from tests import factories
 from tests.conftest import Auth, World
 from tests.factories import typed_loosely
@@ -433,6 +433,45 @@ def test_a_retry_of_a_batch_stored_before_the_limit_was_lowered_gets_its_receipt
     refused = after.post(PUSH, json=new, headers=headers)
     assert refused.status_code == 413
     assert refused.get_json()["limit"] == {"max": 5, "unit": "events"}
+
+
+def test_a_retry_over_a_body_limit_lowered_since_is_split_and_loses_nothing(
+    app_with: Callable[..., Flask], world: World, session: Session
+) -> None:
+    """A retry over a MAX_REQUEST_BYTES lowered since (or a server behind the same
+    balancer configured lower) cannot get its receipt, as one over MAX_EVENTS_PER_PUSH
+    does: the body is refused unread, so the server cannot know which batch it is. It
+    is a 413 naming the bytes; the PDA splits its batch as README says, each part a
+    new batch: every event held comes back ``duplicate``, the one refused
+    ``seq_conflict`` the first time is refused so again (the PDA sets it apart, as
+    step 1 says), nothing is stored twice and no flag is raised again."""
+    before = app_with(MAX_CONTENT_LENGTH=20_000).test_client()
+    headers = Auth(before).headers("courier1", "PDA-0001")
+    tn = factories.s10()
+    assert push(before, headers, [ev(1, tn)]).status_code == 200
+    events = [ev(1, tn, "out_for_delivery"), *[ev(i, tn) for i in range(2, 9)]]
+    body = factories.push_body("PDA-0001", events)
+    first = before.post(PUSH, json=body, headers=headers).get_json()
+    assert [r["status"] for r in first["results"]] == ["rejected"] + ["applied"] * 7
+    assert first["results"][0]["error"]["code"] == "seq_conflict"
+    flags_before = session.scalar(select(func.count()).select_from(Flag))
+    size = len(json.dumps(body))
+    after = app_with(MAX_CONTENT_LENGTH=size // 2 + 200).test_client()
+    retry = after.post(PUSH, json=body, headers=headers)
+    assert retry.status_code == 413
+    assert retry.get_json()["limit"]["unit"] == "bytes"
+    parts = [
+        after.post(PUSH, json=factories.push_body("PDA-0001", part), headers=headers)
+        for part in (events[:4], events[4:])
+    ]
+    assert [p.status_code for p in parts] == [200, 200]
+    results = [r for p in parts for r in p.get_json()["results"]]
+    assert [r["status"] for r in results] == ["rejected"] + ["duplicate"] * 7
+    assert results[0]["error"] == first["results"][0]["error"]
+    assert parts[-1].get_json()["acked_through_seq"] == first["acked_through_seq"] == 8
+    assert all(p.get_json()["flags_raised"] == [] for p in parts)
+    assert session.scalar(select(func.count()).select_from(ScanEvent)) == 8
+    assert session.scalar(select(func.count()).select_from(Flag)) == flags_before
 
 
 def test_more_events_than_the_limit_is_413_with_the_limit(

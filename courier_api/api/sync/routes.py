@@ -139,7 +139,9 @@ class Push(MethodView):
         queue into parts that fit, oldest first, each under a new `batch_id`. The
         sign-in states the limits beforehand (`limits`). A retry of a batch stored
         already gets its receipt even when it has more events than a limit lowered
-        since.
+        since; not a body over a byte limit lowered since, refused unread: split it
+        as for any 413, and the events stored already come back `duplicate`, those
+        refused with their first answer.
 
         The receipt is sent only after the batch is committed. Read its results
         before pruning: an event rejected `seq_conflict` took a seq another event

@@ -149,7 +149,9 @@ class Push(MethodView):
         holds nothing of it. Set it apart, sign in again and send it under a new
         seq, after both the new `device_max_seq` and the highest seq the PDA has
         given (it may keep its `client_event_id`). Drop every other rejected event.
-        Then delete events from the PDA only up to `acked_through_seq`;
+        Then delete events from the PDA only up to `acked_through_seq`, and only
+        events sent (one not sent yet at a seq up to it, numbered from 1 again, is not
+        held: another event holds its seq);
         `missing_seqs` lists gaps the server is still waiting for. Send your queue
         oldest first: a manager may write off as lost seqs the server is waiting for
         (a PDA reset), and once it holds a seq above all it held at the write-off,

@@ -136,6 +136,7 @@ from sync.sql import (
     updating,
 )
 from sync.status import reproject, stored_detail, targets_of_corrections, tell_holders
+from sync.tracking import TrackingNumberPolicy
 
 log = logging.getLogger(__name__)
 TOO_DEEP = EventRejected(
@@ -238,6 +239,9 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
 )
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
 SEQ_CONFLICT = "seq_conflict"
+# Tracking numbers of any domestic format (an S10 number is judged as ever): what an
+# event held under a format dropped since is compared with (``_held_though_refused_now``).
+ANY_DOMESTIC_NUMBER = TrackingNumberPolicy.from_patterns([r".+"])
 # A rejection ``seq_conflict`` whose event is held now under another seq (README's
 # recovery): the seq it is held under.
 SETTLE_SEQ_CONFLICT = (
@@ -726,6 +730,7 @@ class _BatchIngest:
         self.histories: dict[str, History] = {}
         # Each parcel's station and holder, as the projection left them (``_project``).
         self.holders: dict[str, tuple[int, int | None]] = {}
+        self._held_though_refused_now()
         new_events = self._deduplicate(self.validated.valid)
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
@@ -847,6 +852,45 @@ class _BatchIngest:
             fresh_at[index] = event
             fresh.append((index, event))
         return fresh
+
+    def _held_though_refused_now(self) -> None:
+        """Answer ``duplicate`` the events refused for their tracking number alone that
+        the device holds, the same event: held under a domestic format the station has
+        dropped since, one sent again in a new batch (a retry split after a 413, a queue
+        rebuilt) is held, not refused and quarantined beside the event holding it.
+        Such a refusal is the only one a setting decides (``DOMESTIC_TRACKING_PATTERNS``);
+        only a push with one at a seq held looks anything up."""
+        candidates: dict[int, uuid.UUID] = {}
+        for rejection in self.rejections:
+            raw = rejection.raw
+            if rejection.error.code != "invalid_tracking_no" or not isinstance(raw, Mapping):
+                continue
+            event_id = raw.get("client_event_id")
+            seq = readable_seq(raw.get("seq"))
+            parsed = _parsed_id(event_id) if isinstance(event_id, str) else None
+            if parsed is not None and seq is not None and seq <= self.state.max_seq:
+                candidates[rejection.index] = parsed
+        if not candidates:
+            return
+        held = self._held_by_id(sorted(set(candidates.values())))
+        answered = set()
+        for rejection in self.rejections:
+            event_id = candidates.get(rejection.index)
+            found = held.get(event_id) if event_id is not None else None
+            if found is None:
+                continue
+            try:
+                event = validate_event(rejection.raw, rules=self._any_domestic_number())
+            except EventRejected:
+                continue
+            if event.content_hash == found.content_hash:
+                self._answer(rejection.index, event, "duplicate")
+                answered.add(rejection.index)
+        self.rejections = [r for r in self.rejections if r.index not in answered]
+
+    def _any_domestic_number(self) -> EventRules:
+        """The push's event rules taking any tracking number of no S10 shape."""
+        return dataclasses.replace(self.rules.events, tracking=ANY_DOMESTIC_NUMBER)
 
     def _not_rejected_before(
         self,

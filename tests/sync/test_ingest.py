@@ -715,6 +715,30 @@ def test_a_pda_that_never_recovers_reads_no_payload_of_its_seq_conflicts_on_each
     assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.OPEN
 
 
+def test_an_event_held_sent_again_after_the_domestic_patterns_narrowed_is_a_duplicate(
+    session: Session, pda: Pda
+) -> None:
+    """README: an event already held comes back ``duplicate``. One held under a
+    domestic format the station has since dropped (a carrier's numbers no longer
+    taken in), sent again in a new batch (a retry split after a 413, a queue rebuilt),
+    was validated anew and answered ``rejected`` ``invalid_tracking_no``, and kept in
+    quarantine beside the event holding it: the PDA was told its scan was refused, and
+    the station shown a rejection of a scan it holds. A new event of that number is
+    still refused."""
+    domestic = "SF1234567890"
+    held = pda.event(1, domestic)
+    assert statuses(pda.push([held])) == ["applied"]
+    narrowed = IngestRules(
+        events=EventRules(tracking=TrackingNumberPolicy.from_patterns([r"JD\d{10}"]))
+    )
+    again = pda.push([held, pda.event(2, domestic)], rules=narrowed)
+    assert statuses(again) == ["duplicate", "rejected"]
+    assert again["results"][1]["error"]["code"] == "invalid_tracking_no"
+    assert again["acked_through_seq"] == 2
+    assert session.scalars(select(QuarantinedEvent.seq)).all() == [2]
+    assert count(session, ScanEvent) == 1
+
+
 def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -539,14 +539,14 @@ def update_subscription(
     return subscription
 
 
-def _lock_subscription(session: Session, subscription_id: int) -> None:
+def _lock_subscription(session: Session, subscription_id: int) -> WebhookSubscription | None:
     """Lock the subscription's row, before any of its deliveries: every path that locks
     both (an admin's change, an attempt recorded) takes them in this order. Read again
     under the lock: what a worker committed while the caller waited (a failure counted,
     the subscription disabled) is what the caller changes. ``FOR NO KEY UPDATE``, as an
     update of it takes: a push writing deliveries for it (a foreign key check, ``FOR KEY
-    SHARE``) is not waited for."""
-    session.scalar(
+    SHARE``) is not waited for. The subscription as read under the lock (None: gone)."""
+    return session.scalar(
         select(WebhookSubscription)
         .where(WebhookSubscription.id == subscription_id)
         .with_for_update(key_share=True)
@@ -1674,7 +1674,12 @@ def replay_delivery(
 ) -> WebhookDelivery:
     """Send a dead, delivered or skipped delivery again, from its first attempt, with the
     same ``X-Courier-Delivery`` id (a receiver that has it already can tell). One that
-    is still moot is skipped again (``_moot``)."""
+    is still moot is skipped again (``_moot``).
+
+    The subscription is locked first, then the delivery (``_lock_subscription``): an
+    admin pausing it at this moment is waited for, and the replay refused, rather than
+    read as active from before the pause and answered as sent again."""
+    subscription = _lock_subscription(session, delivery.subscription_id)
     locked = session.get(
         WebhookDelivery, delivery.id, with_for_update=True, populate_existing=True
     )
@@ -1686,7 +1691,6 @@ def replay_delivery(
             "a replay",
             code="delivery_pending",
         )
-    subscription = session.get(WebhookSubscription, delivery.subscription_id)
     if subscription is None or not is_sending(subscription):
         raise Conflict(
             f"subscription {delivery.subscription_id} is paused or disabled: nothing is "

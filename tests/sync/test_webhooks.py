@@ -1291,6 +1291,62 @@ def test_an_admin_change_while_an_attempt_is_being_recorded_never_deadlocks(
 
 
 @pytest.mark.postgres_only
+def test_a_replay_while_an_admin_pauses_the_subscription_waits_and_is_refused(
+    committed_app: Flask,
+) -> None:
+    """An admin pauses a subscription (``update_subscription`` holds its row) while
+    another replays one of its dead deliveries. The replay read the subscription without
+    a lock, saw it active, and answered that the delivery would be sent again, while the
+    pause committed: a replay of a paused subscription's delivery, which is refused
+    (``subscription_stopped``) when the two do not overlap. The replay now locks the
+    subscription first, as every path locking it and a delivery does: it waits for the
+    pause, and is refused."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    sub = subscribe(sessions, "http://127.0.0.1:9/down")
+    announce(sessions, "RR-1")
+    [delivery] = stored(sessions)
+    with sessions.begin() as session:
+        session.get(WebhookDelivery, delivery.id).status = DeliveryStatus.DEAD
+    outcome: list[BaseException | WebhookDelivery] = []
+
+    def replay() -> None:
+        try:
+            with sessions.begin() as session:
+                outcome.append(
+                    webhooks.replay_delivery(
+                        session=session,
+                        delivery=session.get(WebhookDelivery, delivery.id),
+                        now=at(60),
+                    )
+                )
+        except BaseException as exc:  # asserted below
+            outcome.append(exc)
+
+    pausing = sessions()
+    replaying = threading.Thread(target=replay)
+    try:
+        webhooks.update_subscription(
+            session=pausing,
+            subscription=pausing.get(WebhookSubscription, sub.id),
+            production=False,
+            now=at(60),
+            active=False,
+        )
+        replaying.start()
+        deadline = time.monotonic() + 10
+        while not outcome and not _waiting_on_a_lock(sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pausing.commit()
+    finally:
+        pausing.close()
+        replaying.join(timeout=30)
+
+    [result] = outcome
+    assert isinstance(result, Conflict) and result.code == "subscription_stopped", result
+    assert stored(sessions)[0].status == DeliveryStatus.DEAD
+
+
+@pytest.mark.postgres_only
 def test_two_workers_at_once_never_send_one_delivery_twice(
     committed_app: Flask, receiver: Receiver
 ) -> None:

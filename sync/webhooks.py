@@ -565,15 +565,16 @@ def _enable_again(session: Session, subscription: WebhookSubscription, now: dt.d
         subject=FlagSubject("subscription", str(subscription.id)),
         reason="the subscription was enabled again",
     )
-    session.execute(
-        update(DELIVERY)
-        .where(
-            DELIVERY.c.subscription_id == subscription.id,
-            DELIVERY.c.status == DeliveryStatus.PENDING.value,
-            DELIVERY.c.next_attempt_at > now,
-        )
-        .values(next_attempt_at=now)
+    waiting = _lock_deliveries(
+        session,
+        DELIVERY.c.subscription_id == subscription.id,
+        DELIVERY.c.status == DeliveryStatus.PENDING.value,
+        DELIVERY.c.next_attempt_at > now,
     )
+    if waiting:
+        session.execute(
+            update(DELIVERY).where(DELIVERY.c.id.in_(waiting)).values(next_attempt_at=now)
+        )
 
 
 def _drop_uncovered(session: Session, subscription: WebhookSubscription) -> int:
@@ -592,14 +593,15 @@ def _drop_uncovered(session: Session, subscription: WebhookSubscription) -> int:
             ),
         )
         uncovered = or_(uncovered, other_station)
-    deleted = session.execute(
-        delete(DELIVERY).where(
-            DELIVERY.c.subscription_id == subscription.id,
-            DELIVERY.c.status == DeliveryStatus.PENDING.value,
-            uncovered,
-        )
-    ).rowcount
-    return int(deleted or 0)
+    dropped = _lock_deliveries(
+        session,
+        DELIVERY.c.subscription_id == subscription.id,
+        DELIVERY.c.status == DeliveryStatus.PENDING.value,
+        uncovered,
+    )
+    if dropped:
+        session.execute(delete(DELIVERY).where(DELIVERY.c.id.in_(dropped)))
+    return len(dropped)
 
 
 def _topics(topics: Iterable[str]) -> list[str]:
@@ -1174,15 +1176,34 @@ def _moot(
 
 
 def release_claims(*, sessions: sessionmaker[Session], ids: Sequence[int], worker_id: str) -> None:
-    """Give back claims that will not be sent (the worker is stopping)."""
+    """Give back claims that will not be sent (the worker is stopping). Locked by id
+    (``_lock_deliveries``)."""
     if not ids:
         return
     with sessions.begin() as session:
-        session.execute(
-            update(DELIVERY)
-            .where(DELIVERY.c.id.in_(ids), DELIVERY.c.claimed_by == worker_id)
-            .values(claimed_until=None, claimed_by=None)
+        held = _lock_deliveries(
+            session, DELIVERY.c.id.in_(ids), DELIVERY.c.claimed_by == worker_id
         )
+        if held:
+            session.execute(
+                update(DELIVERY)
+                .where(DELIVERY.c.id.in_(held), DELIVERY.c.claimed_by == worker_id)
+                .values(claimed_until=None, claimed_by=None)
+            )
+
+
+def _lock_deliveries(session: Session, *where: Any) -> list[int]:
+    """Lock the deliveries matching ``where`` in the order of their ids, and return
+    those ids: every path that locks several deliveries takes them in this order (a
+    claim, ``claim_due``, too), after their subscription when it locks that. An UPDATE
+    or DELETE alone locks them in the order its plan meets them (on a small table,
+    where they lie on disk), and two such transactions, each holding a row the other
+    wants next, deadlock on PostgreSQL."""
+    return list(
+        session.scalars(
+            select(DELIVERY.c.id).where(*where).order_by(DELIVERY.c.id).with_for_update()
+        )
+    )
 
 
 # Outcomes of recording an attempt.

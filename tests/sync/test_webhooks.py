@@ -1347,6 +1347,57 @@ def test_a_replay_while_an_admin_pauses_the_subscription_waits_and_is_refused(
 
 
 @pytest.mark.postgres_only
+def test_a_worker_giving_back_its_claims_locks_them_in_id_order(committed_app: Flask) -> None:
+    """``release_claims`` updated its deliveries in the order the plan met them (on a
+    small table, where they lie on disk: a row updated since lies after the others),
+    as did an admin's change deleting or rescheduling a subscription's waiting ones
+    (``_drop_uncovered``, ``_enable_again``), the claims taking them by id: two such
+    transactions, each holding one row the other wants, deadlock. All now lock by id
+    (``_lock_deliveries``). A transaction holds
+    the first delivery by id; the release waits for it holding nothing, so the last
+    one is still free for a third transaction."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    subscribe(sessions, "http://127.0.0.1:9/down")
+    for key in ("RR-1", "RR-2", "RR-3"):
+        announce(sessions, key)
+    claimed = webhooks.claim_due(
+        sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+    )
+    ids = [c.id for c in claimed]
+    assert len(ids) == 3
+    with sessions.begin() as session:  # the first row, updated since, now lies last
+        session.get(WebhookDelivery, ids[0]).last_error = "moved"
+    errors: list[BaseException] = []
+
+    def release() -> None:
+        try:
+            webhooks.release_claims(sessions=sessions, ids=ids, worker_id="w")
+        except BaseException as exc:  # asserted below
+            errors.append(exc)
+
+    holding = sessions()
+    releasing = threading.Thread(target=release)
+    try:
+        holding.get(WebhookDelivery, ids[0], with_for_update=True)
+        releasing.start()
+        deadline = time.monotonic() + 10
+        while not _waiting_on_a_lock(sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting_on_a_lock(sessions)
+        with sessions() as other:
+            other.execute(sql("SET LOCAL lock_timeout = '1s'"))
+            # Taken by the release before the first: this waits, and fails.
+            assert other.get(WebhookDelivery, ids[-1], with_for_update=True) is not None
+            other.rollback()
+    finally:
+        holding.rollback()
+        holding.close()
+        releasing.join(timeout=30)
+    assert errors == []
+    assert all(d.claimed_by is None for d in stored(sessions))
+
+
+@pytest.mark.postgres_only
 def test_two_workers_at_once_never_send_one_delivery_twice(
     committed_app: Flask, receiver: Receiver
 ) -> None:

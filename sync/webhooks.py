@@ -24,7 +24,9 @@ worker here (``deliver_due``) posts them:
 * **Retries.** A failed attempt (not 2xx, 3xx included: redirects are never followed;
   a timeout; a refused connection) is retried after an exponential backoff with
   "equal jitter", up to ``max_attempts``; then the delivery is *dead*, with the last
-  error, until an admin replays it.
+  error, until an admin replays it. A message with a deadline (``DEADLINES``: a
+  ``consent.requested``, its request's expiry) waits at most a quarter of the time it
+  has left, and is tried until then whatever its attempts (``retry_at``).
 * **Disabling.** Every failed attempt counts against the subscription, every success
   resets the count; after ``disable_after_failures`` failures in a row, the first of
   them at least ``disable_after_seconds`` before (``failing_since``), the subscription
@@ -947,6 +949,51 @@ def backoff_delay(
     return dt.timedelta(seconds=ceiling / 2 + rng.uniform(0, ceiling / 2))
 
 
+# Topics whose message stops being worth sending at a time its data names: the field.
+# A consent.requested asks a question the courier waits for at the door, until the
+# request's expiry (``_moot`` skips it once the request is no longer pending).
+DEADLINES = {"consent.requested": "expires_at"}
+# Of the time a deadline leaves, the share a retry may wait at most.
+DEADLINE_SHARE = 0.25
+
+
+def deadline_of(topic: str, data: Mapping[str, Any]) -> dt.datetime | None:
+    """When a message of ``topic`` with ``data`` stops being worth sending (``DEADLINES``),
+    or None."""
+    name = DEADLINES.get(topic)
+    value = data.get(name) if name is not None else None
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def retry_at(
+    failures: int,
+    *,
+    at: dt.datetime,
+    deadline: dt.datetime | None,
+    settings: DeliverySettings,
+    rng: random.Random,
+) -> dt.datetime:
+    """When a delivery that failed its ``failures``-th attempt at ``at`` is tried again:
+    after the backoff (``backoff_delay``), bounded, for a message with a deadline, by a
+    quarter of the time it has left (never below ``backoff_seconds``). The backoff alone
+    made a 30-minute consent request's retry after a 15-minute outage come 10 to 20
+    minutes later, past its expiry: the recipient was never asked while the courier
+    waited. Bounded, the question goes within minutes of the receiver's return, and its
+    retries come ever closer together towards the expiry, never after it (but within
+    the last ``4 * backoff_seconds``)."""
+    maximum = settings.backoff_max_seconds
+    if deadline is not None:
+        left = (deadline - at).total_seconds()
+        maximum = min(maximum, max(left * DEADLINE_SHARE, settings.backoff_seconds))
+    return at + backoff_delay(failures, base=settings.backoff_seconds, maximum=maximum, rng=rng)
+
+
 def claim_due(
     *,
     sessions: sessionmaker[Session],
@@ -1267,14 +1314,18 @@ def record_attempt(
             return Recorded(DELIVERED, delivery.attempts)
         error = result.describe()
         delivery.last_error = error
-        if delivery.attempts >= settings.max_attempts:
+        deadline = deadline_of(claimed.topic, claimed.envelope.get("data") or {})
+        # A message with a deadline is tried until then, whatever its attempts: the next
+        # claim past it skips it (``_moot``), and its retries are bounded (``retry_at``).
+        if delivery.attempts >= settings.max_attempts and (deadline is None or at >= deadline):
             delivery.status = DeliveryStatus.DEAD
             outcome = DEAD
         else:
-            delivery.next_attempt_at = at + backoff_delay(
+            delivery.next_attempt_at = retry_at(
                 delivery.attempts,
-                base=settings.backoff_seconds,
-                maximum=settings.backoff_max_seconds,
+                at=at,
+                deadline=deadline,
+                settings=settings,
                 rng=rng,
             )
             outcome = RETRY

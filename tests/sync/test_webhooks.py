@@ -1907,6 +1907,85 @@ def test_a_consent_request_no_longer_pending_when_due_is_skipped_with_why(
     assert deliver(sessions, sender, T0 + LATER)["delivered"] == 1
 
 
+@pytest.mark.parametrize(
+    ("outage_minutes", "max_attempts"), [(10, 20), (15, 20), (20, 20), (25, 20), (29, 20), (25, 8)]
+)
+def test_a_consent_ask_retried_after_a_short_outage_reaches_the_recipient_before_it_lapses(
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    world: World,
+    outage_minutes: int,
+    max_attempts: int,
+) -> None:
+    """A courier at the door asks (a 30-minute request, the default TTL) while the
+    recipient channel's gateway is down for a quarter of an hour. With the default
+    backoff the retry after the failure at 10 minutes came 10 to 20 minutes later, often
+    past the expiry: the delivery was skipped (``_moot``), and the recipient was never
+    asked while the courier waited. A ``consent.requested``'s retries are bounded by its
+    request's expiry (each waits at most a quarter of the time left): asked within
+    minutes of the gateway's return, while an answer still counts. Nor is it dead
+    after ``WEBHOOK_MAX_ATTEMPTS`` (its 20th attempt came some 28 minutes in) while its
+    request still waits for the answer."""
+    settings = replace(
+        DeliverySettings.from_config(load_config({}, tmp_path)), max_attempts=max_attempts
+    )
+    subscribe(sessions, "http://127.0.0.1:9/hook", topics=("consent.requested",))
+    with sessions.begin() as session:
+        request = consent_requests.request_consent(
+            session=session,
+            draft=consent_requests.RequestDraft(
+                tracking_no=factories.parcel(session, world.station).tracking_no,
+                method=ConsentMethod.LOCKER,
+            ),
+            asker=consent_requests.Asker(world.courier.id, world.station.id, world.device.id),
+            ttl=dt.timedelta(minutes=30),
+            requested_at=T0,
+            now=T0,
+        )
+        expires_at = request.expires_at
+    back = T0 + dt.timedelta(minutes=outage_minutes)
+    receiver = DownUntil(back)
+    for second in range(0, 40 * 60, 20):  # a deliverer polling past the expiry
+        receiver.now = T0 + dt.timedelta(seconds=second)
+        webhooks.deliver_due(
+            sessions=sessions,
+            now=receiver.now,
+            settings=settings,
+            sender=receiver,
+            worker_id="w",
+            rng=random.Random(outage_minutes),
+        )
+    [delivery] = stored(sessions)
+    assert delivery.status == DeliveryStatus.DELIVERED, delivery.skipped_reason
+    assert len(receiver.received) == 1
+    assert delivery.delivered_at is not None
+    assert back <= delivery.delivered_at < expires_at
+    assert delivery.delivered_at - back <= (expires_at - back) / 4 + dt.timedelta(seconds=20)
+
+
+def test_a_consent_asks_retry_is_never_due_after_its_expiry() -> None:
+    """The bound alone, over many draws of the jitter and failures: each retry of a
+    ``consent.requested`` is due before its request's expiry, within a quarter of the
+    time left; other topics keep their backoff."""
+    settings = DeliverySettings()
+    expires_at = T0 + dt.timedelta(minutes=30)
+    rng = random.Random(3)
+    for failures in range(1, 20):
+        for elapsed in range(0, 1800 - 4 * 5, 37):
+            failed_at = at(elapsed)
+            retry = webhooks.retry_at(
+                failures,
+                at=failed_at,
+                deadline=expires_at,
+                settings=settings,
+                rng=rng,
+            )
+            assert failed_at < retry < expires_at
+            assert retry - failed_at <= max((expires_at - failed_at) / 4, dt.timedelta(seconds=5))
+    unbounded = webhooks.retry_at(10, at=T0, deadline=None, settings=settings, rng=rng)
+    assert unbounded - T0 >= dt.timedelta(seconds=1280)
+
+
 def test_a_rotated_secret_signs_beside_the_old_one_until_the_grace_ends(
     sessions: sessionmaker[Session], receiver: Receiver, sender: HttpxSender, world: World
 ) -> None:

@@ -136,6 +136,9 @@ class WebhookSubscription(Base):
     # The first failed attempt of the failures in a row (null after a success): disabled
     # only once they have gone on long enough (``sync.webhooks._count_failure``).
     failing_since: Mapped[dt.datetime | None]
+    # When the latest successful attempt was made (not recorded): a failure made before
+    # it, recorded after it, is no failure in a row (``sync.webhooks.record_attempt``).
+    last_delivered_at: Mapped[dt.datetime | None]
 
     def __repr__(self) -> str:
         return f"<WebhookSubscription {self.id} active={self.active}>"

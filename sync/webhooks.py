@@ -69,7 +69,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import and_, delete, exists, func, literal, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
@@ -1306,11 +1306,7 @@ def record_attempt(
             delivery.status = DeliveryStatus.DELIVERED
             delivery.delivered_at = at
             delivery.last_error = None
-            session.execute(
-                update(SUBSCRIPTION)
-                .where(SUBSCRIPTION.c.id == claimed.subscription_id)
-                .values(consecutive_failures=0, failing_since=None)
-            )
+            _count_success(session, claimed.subscription_id, at)
             return Recorded(DELIVERED, delivery.attempts)
         error = result.describe()
         delivery.last_error = error
@@ -1333,6 +1329,30 @@ def record_attempt(
         return Recorded(outcome, delivery.attempts, delivery.next_attempt_at, disabled)
 
 
+def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> None:
+    """A success made at ``at`` ends the subscription's run of failures, unless the run
+    began after it (a later failure recorded first: the success is older news), and is
+    the subscription's ``last_delivered_at`` unless a later one is. Attempts are
+    recorded in the order their lanes end, by one worker or several, not in the order
+    they were made. (A run begun before ``at`` is ended whole: failures made after
+    ``at`` and recorded before it are not told apart, a count short by them, never a
+    subscription disabled early.)"""
+    moment = literal(at, SUBSCRIPTION.c.failing_since.type)
+    last = SUBSCRIPTION.c.last_delivered_at
+    run_begun_later = SUBSCRIPTION.c.failing_since > moment
+    session.execute(
+        update(SUBSCRIPTION)
+        .where(SUBSCRIPTION.c.id == subscription_id)
+        .values(
+            consecutive_failures=case(
+                (run_begun_later, SUBSCRIPTION.c.consecutive_failures), else_=0
+            ),
+            failing_since=case((run_begun_later, SUBSCRIPTION.c.failing_since), else_=None),
+            last_delivered_at=case((or_(last.is_(None), last < moment), moment), else_=last),
+        )
+    )
+
+
 def _count_failure(
     session: Session,
     claimed: ClaimedDelivery,
@@ -1342,22 +1362,33 @@ def _count_failure(
 ) -> bool:
     """One more failure in a row for the subscription (the first of them, at ``at``, is
     ``failing_since``); disable and flag it at the limit: ``disable_after_failures`` in a
-    row over ``disable_after_seconds`` at least. True when this failure disabled it."""
-    failures, failing_since, disabled_at = session.execute(
+    row over ``disable_after_seconds`` at least. True when this failure disabled it.
+
+    A failure made before the subscription's last success (``last_delivered_at``) and
+    recorded after it is no failure in a row: not counted. One made before the run's
+    first failure recorded so far, and after that success, dates the run back to it."""
+    moment = literal(at, SUBSCRIPTION.c.failing_since.type)
+    last = SUBSCRIPTION.c.last_delivered_at
+    since = SUBSCRIPTION.c.failing_since
+    counted = session.execute(
         update(SUBSCRIPTION)
-        .where(SUBSCRIPTION.c.id == claimed.subscription_id)
+        .where(
+            SUBSCRIPTION.c.id == claimed.subscription_id,
+            or_(last.is_(None), last < moment),
+        )
         .values(
             consecutive_failures=SUBSCRIPTION.c.consecutive_failures + 1,
-            failing_since=func.coalesce(
-                SUBSCRIPTION.c.failing_since, literal(at, SUBSCRIPTION.c.failing_since.type)
-            ),
+            failing_since=case((or_(since.is_(None), since > moment), moment), else_=since),
         )
         .returning(
             SUBSCRIPTION.c.consecutive_failures,
             SUBSCRIPTION.c.failing_since,
             SUBSCRIPTION.c.disabled_at,
         )
-    ).one()
+    ).one_or_none()
+    if counted is None:  # older than the last success
+        return False
+    failures, failing_since, disabled_at = counted
     if (
         failures < settings.disable_after_failures
         or at - failing_since < dt.timedelta(seconds=settings.disable_after_seconds)

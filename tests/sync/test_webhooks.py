@@ -499,6 +499,97 @@ def test_a_subscription_failing_too_often_in_a_row_is_disabled_flagged_and_enabl
     assert len(receiver.messages) == 4
 
 
+def _record(
+    sessions: sessionmaker[Session],
+    claimed: webhooks.ClaimedDelivery,
+    result: SendResult,
+    seconds: float,
+    settings: DeliverySettings = SETTINGS,
+) -> webhooks.Recorded:
+    return webhooks.record_attempt(
+        sessions=sessions,
+        claimed=claimed,
+        result=result,
+        at=at(seconds),
+        settings=settings,
+        worker_id="w",
+        rng=random.Random(7),
+    )
+
+
+def test_the_run_of_failures_is_the_same_whichever_attempt_is_recorded_first(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Two workers (or two lanes) record their attempts to one receiver in another order
+    than they were made. A failure made before a success and recorded after it started a
+    run of failures "since" a moment the receiver then answered (``failing_since``, what
+    the disabling measures and an admin reads), and a success recorded after a later
+    failure wiped that failure's run. Each now counts by when it was made: a failure
+    older than the last success is no failure in a row, and a success older than the
+    run's first failure does not end it."""
+    sub = subscribe(sessions, "http://127.0.0.1:9/hook")
+    for key in ("RR-1", "RR-2", "RR-3", "RR-4"):
+        announce(sessions, key)
+    one, two, three, four = [  # three at a time for one subscription (PER_SUBSCRIPTION)
+        *webhooks.claim_due(
+            sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+        ),
+        *webhooks.claim_due(
+            sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+        ),
+    ]
+    _record(sessions, two, SendResult(status_code=200), 20)
+    assert _record(sessions, one, SendResult(status_code=503), 10).outcome == webhooks.RETRY
+    failing = subscription(sessions, sub.id)
+    assert (failing.consecutive_failures, failing.failing_since) == (0, None)
+    assert failing.last_delivered_at == at(20)
+
+    _record(sessions, three, SendResult(status_code=503), 40)
+    _record(sessions, four, SendResult(status_code=200), 30)
+    failing = subscription(sessions, sub.id)
+    assert (failing.consecutive_failures, failing.failing_since) == (1, at(40))
+    assert failing.last_delivered_at == at(30)
+    delivery_one = next(d for d in stored(sessions) if d.id == one.id)
+    assert delivery_one.attempts == 1 and delivery_one.last_status_code == 503  # kept
+
+
+def test_a_failure_recorded_late_does_not_date_the_run_back_past_a_success(
+    sessions: sessionmaker[Session],
+) -> None:
+    """What the misdating did: a failure made just before a success and recorded after
+    it, then hours of nothing to send, then a receiver redeploying for a minute. The
+    run's first failure read as hours old, and the redeploy's failures disabled the
+    subscription at once; counted from the redeploy, it is not."""
+    settings = replace(SETTINGS, disable_after_failures=3, disable_after_seconds=3600)
+    sub = subscribe(sessions, "http://127.0.0.1:9/hook")
+    for key in ("RR-1", "RR-2"):
+        announce(sessions, key)
+    late, ok = webhooks.claim_due(
+        sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+    )
+    _record(sessions, ok, SendResult(status_code=200), 20, settings)
+    with sessions.begin() as session:  # its last attempt: dead, nothing retries it
+        session.get_one(WebhookDelivery, late.id).attempts = settings.max_attempts - 1
+    assert _record(sessions, late, SendResult(status_code=400), 10, settings).outcome == "dead"
+    redeploy = 3 * 3600
+    for key in ("RR-3", "RR-4", "RR-5"):
+        announce(sessions, key, now=at(redeploy))
+    claimed = webhooks.claim_due(
+        sessions=sessions,
+        due_at=at(redeploy),
+        now=at(redeploy),
+        settings=settings,
+        worker_id="w",
+    )
+    outcomes = [
+        _record(sessions, c, SendResult(status_code=503), redeploy + n, settings)
+        for n, c in enumerate(claimed)
+    ]
+    assert len(outcomes) == 3 and not any(r.disabled_subscription for r in outcomes)
+    after = subscription(sessions, sub.id)
+    assert after.disabled_at is None and after.failing_since == at(redeploy)
+
+
 def _outage(
     sessions: sessionmaker[Session],
     sender: HttpxSender,

@@ -35,7 +35,9 @@ worker here (``deliver_due``) posts them:
   with the traffic: a message every 5 minutes had a receiver redeploying for 15
   disabled, nothing flowing until an admin came. Re-enabling it (``active: true``)
   resumes them; so does resuming one an admin paused, the run of failures started
-  over in both cases (nothing is tried while paused: no failing).
+  over in both cases (nothing is tried while paused: no failing). Attempts count by
+  when they were made, not recorded (``_count_success``, ``_count_failure``): a failure
+  older than the last success (``last_delivered_at``) is no failure in a row.
 
 Requests are signed (``sign``/``verify``): ``X-Courier-Signature: t=<unix
 seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``. Secrets are never logged and

@@ -338,16 +338,10 @@ def _canonical(snapshot: dict[str, Any], keys: Iterable[str] | None = None) -> d
     return kept
 
 
-COUNT_FIELDS = (
-    "checked_out",
-    "delivered",
-    "delivered_without_pod",
-    "unattended",
-    "unattended_without_consent",
-    "returned",
-    "missing",
-    "not_checked_out",
-)
+# A balance's counts: what was checked out, each outcome (rule 5's right-hand side), and
+# what was scanned off the manifest. Built from ``OUTCOMES``, so an outcome added there
+# is counted (the board, the reports' columns, the simulation's) without a second list.
+COUNT_FIELDS = ("checked_out", *OUTCOMES, "not_checked_out")
 
 
 def parcel_trails(

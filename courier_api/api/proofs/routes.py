@@ -3,7 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flask import Response, current_app, stream_with_context
@@ -141,6 +141,26 @@ def _filters(args: dict[str, Any], principal: Principal) -> ProofFilter:
         method=args.get("method"),
         flags_of_station=principal.station_filter(None),
     )
+
+
+def _views(proofs: Sequence[Proof], *, auditor: bool, policy: Policy) -> list[dict[str, Any]]:
+    """A page of the search, or a batch of the export, as each shows its proofs: their
+    drops' consents, the scans they repeat and their images' states as recorded, read
+    for all of them at once (no image hashed: ``proofs_images`` without a store)."""
+    events = proofs_events(session=db.session, proofs=proofs)
+    consents = proofs_consents(session=db.session, proofs=proofs, policy=policy, loaded=events)
+    repeats = repeats_of(proofs, events)
+    images = proofs_images(session=db.session, proofs=proofs)
+    return [
+        _view(
+            p,
+            consents.get(p.event.id),
+            images[p.event.id],
+            auditor=auditor,
+            repeat_of=repeats.get(p.event.id),
+        )
+        for p in proofs
+    ]
 
 
 def _view(
@@ -289,23 +309,9 @@ class Proofs(MethodView):
                 limit=args["limit"],
             )
             proofs = walk.proofs
-        events = proofs_events(session=db.session, proofs=proofs)
-        consents = proofs_consents(
-            session=db.session, proofs=proofs, policy=policy_of(current_app.config), loaded=events
+        items = _views(
+            proofs, auditor=principal.role == Role.AUDITOR, policy=policy_of(current_app.config)
         )
-        repeats = repeats_of(proofs, events)
-        auditor = principal.role == Role.AUDITOR
-        images = proofs_images(session=db.session, proofs=proofs)
-        items = [
-            _view(
-                p,
-                consents.get(p.event.id),
-                images[p.event.id],
-                auditor=auditor,
-                repeat_of=repeats.get(p.event.id),
-            )
-            for p in proofs
-        ]
         answer = {
             **keyset_page(items, args["limit"], key=lambda item: item["event_id"]),
             "as_of": None if walk is None else walk.as_of,
@@ -533,19 +539,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
     writer.writerow(CSV_COLUMNS)
     batches = iter_proof_batches(session=db.session, filters=filters, batch=EXPORT_BATCH)
     for part, proofs in enumerate(batches, start=1):
-        events = proofs_events(session=db.session, proofs=proofs)
-        consents = proofs_consents(session=db.session, proofs=proofs, policy=policy, loaded=events)
-        repeats = repeats_of(proofs, events)
-        images = proofs_images(session=db.session, proofs=proofs)
-        for proof in proofs:
-            view = _view(
-                proof,
-                consents.get(proof.event.id),
-                images[proof.event.id],
-                auditor=auditor,
-                repeat_of=repeats.get(proof.event.id),
-            )
-            writer.writerow(_csv_row(view))
+        writer.writerows(_csv_row(view) for view in _views(proofs, auditor=auditor, policy=policy))
         record_auditor_read(
             "proofs_exported",
             "proof",

@@ -965,40 +965,8 @@ def close_shift(
                 code="shift_already_closed",
                 field="last_seq",
             )
-    if last_seq is not None and shift.first_seq is not None and last_seq < shift.first_seq - 1:
-        raise InvalidInput(
-            f"last_seq {last_seq} is before the shift's first_seq {shift.first_seq}",
-            code="invalid_last_seq",
-            field="last_seq",
-        )
-    if last_seq is not None and shift.first_seq is None:
-        # Undeclared, its seqs start after the last seq the PDA's previous shift
-        # declared (``sync.handover``): a last_seq before that leaves it none.
-        before = adjacent_shift(_shifts, "last_seq", following=False, same_courier=False)
-        previous_last = session.scalar(select(before).where(_shifts.c.id == shift.id))
-        if previous_last is not None and last_seq < previous_last:
-            raise InvalidInput(
-                f"last_seq {last_seq} is before seq {previous_last}, the last_seq this "
-                "PDA's previous shift declared",
-                code="invalid_last_seq",
-                field="last_seq",
-            )
     if last_seq is not None:
-        held = session.scalar(
-            select(func.max(ScanEvent.seq)).where(
-                ScanEvent.shift_id == shift.id, ScanEvent.device_id == shift.device_id
-            )
-        )
-        if held is not None and last_seq < held:
-            raise InvalidInput(
-                f"last_seq {last_seq} is before seq {held}, an event of this shift the "
-                "server already holds",
-                code="invalid_last_seq",
-                field="last_seq",
-            )
-        _ensure_within_reach(
-            session, shift.device_id, last_seq, "last_seq", floor=(shift.first_seq or 1) - 1
-        )
+        _check_last_seq(session, shift, last_seq)
     if declared_late:
         shift.last_seq = last_seq
         session.flush()
@@ -1085,6 +1053,47 @@ def _ensure_within_reach(
             code="seq_too_far_ahead",
             field=field,
         )
+
+
+def _check_last_seq(session: Session, shift: Shift, last_seq: int) -> None:
+    """Refuse a ``last_seq`` the shift cannot end at (422): before its ``first_seq``
+    (less one: a shift may end holding none), before the last seq its PDA's previous
+    shift declared (a shift that declared no ``first_seq``), or before an event of the
+    shift the server holds (``invalid_last_seq``); or further ahead than a PDA holds
+    events unsent (``seq_too_far_ahead``, ``_ensure_within_reach``)."""
+    if shift.first_seq is not None and last_seq < shift.first_seq - 1:
+        raise InvalidInput(
+            f"last_seq {last_seq} is before the shift's first_seq {shift.first_seq}",
+            code="invalid_last_seq",
+            field="last_seq",
+        )
+    if shift.first_seq is None:
+        # Undeclared, its seqs start after the last seq the PDA's previous shift
+        # declared (``sync.handover``): a last_seq before that leaves it none.
+        before = adjacent_shift(_shifts, "last_seq", following=False, same_courier=False)
+        previous_last = session.scalar(select(before).where(_shifts.c.id == shift.id))
+        if previous_last is not None and last_seq < previous_last:
+            raise InvalidInput(
+                f"last_seq {last_seq} is before seq {previous_last}, the last_seq this "
+                "PDA's previous shift declared",
+                code="invalid_last_seq",
+                field="last_seq",
+            )
+    held = session.scalar(
+        select(func.max(ScanEvent.seq)).where(
+            ScanEvent.shift_id == shift.id, ScanEvent.device_id == shift.device_id
+        )
+    )
+    if held is not None and last_seq < held:
+        raise InvalidInput(
+            f"last_seq {last_seq} is before seq {held}, an event of this shift the "
+            "server already holds",
+            code="invalid_last_seq",
+            field="last_seq",
+        )
+    _ensure_within_reach(
+        session, shift.device_id, last_seq, "last_seq", floor=(shift.first_seq or 1) - 1
+    )
 
 
 def _may_declare_last_seq_late(session: Session, shift: Shift, closed_by: int) -> bool:

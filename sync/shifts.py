@@ -295,40 +295,7 @@ def _open_shift(
         raise _already_open(session, current, courier_id=courier_id)
     previous = _previous_with_open_seqs(session, device.id, courier_id)
     if first_seq is not None:
-        filed = select(func.max(ScanEvent.seq)).where(
-            ScanEvent.device_id == device.id, ScanEvent.shift_id.is_not(None)
-        )
-        if previous is not None and (previous.first_seq or 0) < first_seq:
-            # What the previous shift holds only because its seqs were left open (what
-            # came after its close, by the grace or by seq) is this one's from its first
-            # seq on: moved below, not a conflict. What came before its close is its own.
-            filed = filed.where(
-                ~and_(_refilable_from(previous.id), ScanEvent.occurred_at > previous.ended_at)
-            )
-        used = session.scalar(filed)
-        # Seqs an earlier shift declared its own at closing are used too, though their
-        # events may still be queued (a handover's): another shift taking them would
-        # take them only if it came first. So are those before an earlier shift's
-        # first_seq (the seqs are the PDA's causal order): a first_seq before it left
-        # that shift no seq, and its queued events were filed under this one. Its
-        # first_seq itself is the sign-in's device_max_seq + 1 a reset PDA declares.
-        declared, declared_first = session.execute(
-            select(func.max(Shift.last_seq), func.max(Shift.first_seq)).where(
-                Shift.device_id == device.id
-            )
-        ).one()
-        before_first = declared_first - 1 if declared_first is not None else None
-        used = max((u for u in (used, declared, before_first) if u is not None), default=None)
-        _ensure_within_reach(session, device.id, first_seq - 1, "first_seq", floor=0)
-        if used is not None and first_seq <= used:
-            raise Conflict(
-                f"first_seq {first_seq} is already used: this PDA's seqs up to {used} "
-                "belong to earlier shifts; declare the seq the shift's first event will "
-                f"carry, after {used} (a PDA that lost its storage: the device_max_seq "
-                "of its sign-in + 1)",
-                code="first_seq_used",
-                field="first_seq",
-            )
+        _check_first_seq(session, device.id, first_seq, previous)
     station = session.get(Station, device.station_id)
     assert station is not None
     shift = Shift(
@@ -414,6 +381,50 @@ def _previous_with_open_seqs(
     if row is None or row.last_seq is not None or row.closed_at is None:
         return None
     return _OpenSeqs(row.id, row.first_seq, max(row.opened_at, row.closed_at))
+
+
+def _check_first_seq(
+    session: Session, device_id: str, first_seq: int, previous: _OpenSeqs | None
+) -> None:
+    """Refuse a ``first_seq`` the PDA's earlier shifts used (409 ``first_seq_used``):
+    at or below a seq filed under one of them, one declared at a close, or one before an
+    earlier shift's ``first_seq``; or further ahead than a PDA holds events unsent (422
+    ``seq_too_far_ahead``). ``previous``: the courier's shift whose seqs were left open
+    (``_previous_with_open_seqs``), whose events after its close are the new shift's."""
+    filed = select(func.max(ScanEvent.seq)).where(
+        ScanEvent.device_id == device_id, ScanEvent.shift_id.is_not(None)
+    )
+    if previous is not None and (previous.first_seq or 0) < first_seq:
+        # What the previous shift holds only because its seqs were left open (what
+        # came after its close, by the grace or by seq) is this one's from its first
+        # seq on: moved below, not a conflict. What came before its close is its own.
+        filed = filed.where(
+            ~and_(_refilable_from(previous.id), ScanEvent.occurred_at > previous.ended_at)
+        )
+    used = session.scalar(filed)
+    # Seqs an earlier shift declared its own at closing are used too, though their
+    # events may still be queued (a handover's): another shift taking them would
+    # take them only if it came first. So are those before an earlier shift's
+    # first_seq (the seqs are the PDA's causal order): a first_seq before it left
+    # that shift no seq, and its queued events were filed under this one. Its
+    # first_seq itself is the sign-in's device_max_seq + 1 a reset PDA declares.
+    declared, declared_first = session.execute(
+        select(func.max(Shift.last_seq), func.max(Shift.first_seq)).where(
+            Shift.device_id == device_id
+        )
+    ).one()
+    before_first = declared_first - 1 if declared_first is not None else None
+    used = max((u for u in (used, declared, before_first) if u is not None), default=None)
+    _ensure_within_reach(session, device_id, first_seq - 1, "first_seq", floor=0)
+    if used is not None and first_seq <= used:
+        raise Conflict(
+            f"first_seq {first_seq} is already used: this PDA's seqs up to {used} "
+            "belong to earlier shifts; declare the seq the shift's first event will "
+            f"carry, after {used} (a PDA that lost its storage: the device_max_seq "
+            "of its sign-in + 1)",
+            code="first_seq_used",
+            field="first_seq",
+        )
 
 
 def _refilable_from(shift_id: int) -> ColumnElement[bool]:

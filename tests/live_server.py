@@ -106,15 +106,28 @@ def request(
 
 
 def call(
-    port: int, method: str, path: str, body: bytes | None = None, token: str | None = None
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    token: str | None = None,
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
 ) -> tuple[int, Any]:
-    reply = request(port, method, path, body, token)
+    reply = request(port, method, path, body, token, timeout)
     return reply.status, reply.payload
 
 
-def sign_in(port: int, username: str, password: str, device_id: str) -> str:
+def sign_in(
+    port: int,
+    username: str,
+    password: str,
+    device_id: str,
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+) -> str:
     body = {"username": username, "password": password, "device_id": device_id}
-    status, tokens = call(port, "POST", "/api/v1/auth/token", json.dumps(body).encode())
+    status, tokens = call(
+        port, "POST", "/api/v1/auth/token", json.dumps(body).encode(), timeout=timeout
+    )
     assert status == 200, tokens
     return str(tokens["access_token"])
 

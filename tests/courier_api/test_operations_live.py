@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import (
+    START_DEADLINE_SECONDS,
     Reply,
     Server,
     call,
@@ -40,10 +41,19 @@ METRICS_TOKEN = "live-scraper-token-" + "m" * 32
 ADMIN_PASSWORD = "live-admin-password-1"
 BODY_LIMIT = 65536
 REQUESTS_PER_ROUND = 20
+# How long a client of these tests waits for an answer: a guard against hangs only,
+# long enough for a loaded CI machine (a load average of 12 on 2 cores), where a
+# worker's first answers can take seconds. What is checked about time is told apart
+# by the server's own waits (``LONG_WAIT_SECONDS``), not by seconds of this machine.
+CLIENT_TIMEOUT_SECONDS = 60.0
+# A long pull's wait: a pull answered before it could have ended was answered at once,
+# not made to wait; /healthz answered before it could have ended was answered while
+# the pull waited. The server is killed long before it ends.
+LONG_WAIT_SECONDS = 120
 
 
 def scrape(port: int, token: str) -> str:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_SECONDS)
     try:
         connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
         response = connection.getresponse()
@@ -55,7 +65,7 @@ def scrape(port: int, token: str) -> str:
 
 
 def post_chunked(port: int, path: str, chunks: list[bytes]) -> Reply:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_SECONDS)
     try:
         connection.putrequest("POST", path)
         connection.putheader("Content-Type", "application/json")
@@ -90,7 +100,9 @@ def worker_pids(server: Server) -> set[int]:
 
 
 def wait_for_workers(server: Server, booted: int) -> None:
-    deadline = time.monotonic() + 20
+    """Until gunicorn logged ``booted`` workers' starts: a guard against hangs only, as
+    long as a start of the server may take."""
+    deadline = time.monotonic() + START_DEADLINE_SECONDS
     while len(worker_pids(server)) < booted:
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.05)
@@ -122,7 +134,8 @@ def test_two_workers_add_up_in_metrics_and_log_json(tmp_path: Path) -> None:
         count = "courier_http_request_duration_seconds_count"
         labels = {"method": "GET", "rule": "/api/v1/stations", "status": "401"}
         for _ in range(REQUESTS_PER_ROUND):
-            assert request(port, "GET", "/api/v1/stations").status == 401
+            reply = request(port, "GET", "/api/v1/stations", timeout=CLIENT_TIMEOUT_SECONDS)
+            assert reply.status == 401
         wait_for_workers(server, 2)
         served = {r["pid"] for r in log_records(server) if r.get("path") == "/api/v1/stations"}
         # End a worker that served some of them: gunicorn starts another; what the dead
@@ -131,12 +144,14 @@ def test_two_workers_add_up_in_metrics_and_log_json(tmp_path: Path) -> None:
         os.kill(victim, signal.SIGTERM)
         wait_for_workers(server, 3)
         for _ in range(REQUESTS_PER_ROUND):
-            assert request(port, "GET", "/api/v1/stations").status == 401
+            reply = request(port, "GET", "/api/v1/stations", timeout=CLIENT_TIMEOUT_SECONDS)
+            assert reply.status == 401
         signed_in = request(
             port,
             "POST",
             "/api/v1/auth/token",
             json.dumps({"username": "admin", "password": ADMIN_PASSWORD}).encode(),
+            timeout=CLIENT_TIMEOUT_SECONDS,
         )
         assert signed_in.status == 200, signed_in.payload
 
@@ -180,35 +195,61 @@ def test_two_workers_add_up_in_metrics_and_log_json(tmp_path: Path) -> None:
 def test_long_pulls_leave_a_thread_of_each_worker_to_health_checks_and_pushes(
     tmp_path: Path,
 ) -> None:
-    """``--threads 2`` with ``MAX_PULL_WAITERS=4``: one long pull waits, the next is
-    answered at once, and /healthz is answered while the first still waits (a worker
-    whose every thread held a waiting pull would answer nothing until one ended)."""
-    env = server_env(tmp_path, f"sqlite:///{tmp_path / 'pulls.db'}", MAX_PULL_WAITERS="4")
+    """``--threads 2`` with ``MAX_PULL_WAITERS=4``: of two long pulls one waits, the
+    other is answered at once, and /healthz is answered while the first still waits (a
+    worker whose every thread held a waiting pull would answer nothing until one
+    ended). Told by the pulls' wait, not by seconds of this machine: answered before a
+    wait could have ended, whichever of the two pulls reached the server first (the
+    second sent may arrive first on a loaded machine: it then waits, and the first is
+    answered at once)."""
+    env = server_env(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'pulls.db'}",
+        MAX_PULL_WAITERS="4",
+        MAX_PULL_WAIT_SECONDS=str(LONG_WAIT_SECONDS),
+    )
     prepare_station(env, "ST1", [("courier1", "courier-password-1", "PDA-1")])
     server = Server(env, free_port(), tmp_path, workers=1, threads=2)
     server.start()
-    answered: dict[str, float] = {}
+    sent: dict[str, float] = {}
+    answered: dict[str, float] = {}  # when each pull's answer came (monotonic)
+    guard = LONG_WAIT_SECONDS + CLIENT_TIMEOUT_SECONDS
     try:
-        token = sign_in(server.port, "courier1", "courier-password-1", "PDA-1")
-        status, first = call(server.port, "GET", "/api/v1/sync/pull", token=token)
+        token = sign_in(
+            server.port, "courier1", "courier-password-1", "PDA-1", CLIENT_TIMEOUT_SECONDS
+        )
+        status, first = call(
+            server.port, "GET", "/api/v1/sync/pull", token=token, timeout=CLIENT_TIMEOUT_SECONDS
+        )
         assert status == 200, first
-        long_pull = f"/api/v1/sync/pull?cursor={first['next_cursor']}&wait=20"
+        long_pull = f"/api/v1/sync/pull?cursor={first['next_cursor']}&wait={LONG_WAIT_SECONDS}"
 
         def pull(name: str) -> None:
-            started = time.monotonic()
+            sent[name] = time.monotonic()
             with contextlib.suppress(OSError, http.client.HTTPException):  # killed at the end
-                request(server.port, "GET", long_pull, token=token, timeout=30)
-                answered[name] = time.monotonic() - started
+                request(server.port, "GET", long_pull, token=token, timeout=guard)
+                answered[name] = time.monotonic()
 
-        waiting = threading.Thread(target=pull, args=("waiting",), daemon=True)
-        waiting.start()
-        time.sleep(1)  # it holds one of the two threads now
-        pull("second")
-        assert answered["second"] < 5  # no place in the waiting room: answered at once
-        started = time.monotonic()
-        assert request(server.port, "GET", "/healthz", timeout=30).status == 200
-        assert time.monotonic() - started < 5
-        assert "waiting" not in answered  # the first pull still waits
+        pulls = [threading.Thread(target=pull, args=(name,), daemon=True) for name in "AB"]
+        pulls[0].start()
+        time.sleep(1)  # A most likely holds one of the two threads now
+        pulls[1].start()
+        until = time.monotonic() + guard
+        while not answered and time.monotonic() < until:
+            time.sleep(0.02)
+        assert answered, f"neither long pull answered in {guard:.0f} s"
+        ((at_once, at), *others) = dict(answered).items()  # a copy: a thread may add
+        assert not others, (answered, sent)
+        waiting = "B" if at_once == "A" else "A"
+        # No place in the waiting room: answered before a wait could have ended.
+        assert at - sent[at_once] < LONG_WAIT_SECONDS, (at_once, at - sent[at_once])
+        reply = request(server.port, "GET", "/healthz", timeout=guard)
+        healthz_at = time.monotonic()
+        assert reply.status == 200, reply
+        # Answered while the other pull waits: before its wait could have ended (a
+        # worker with no free thread answers once it ends), and it still waits.
+        assert healthz_at - sent[waiting] < LONG_WAIT_SECONDS, healthz_at - sent[waiting]
+        assert waiting not in answered
     finally:
         server.kill()
     warnings = [r for r in log_records(server) if r["logger"] == "courier_api.serve"]

@@ -37,7 +37,8 @@ worker here (``deliver_due``) posts them:
   resumes them; so does resuming one an admin paused, the run of failures started
   over in both cases (nothing is tried while paused: no failing). Attempts count by
   when they were made, not recorded (``_count_success``, ``_count_failure``): a failure
-  older than the last success (``last_delivered_at``) is no failure in a row.
+  older than the last success (``last_delivered_at``) is no failure in a row, and a
+  success older than the failure that disabled the subscription undoes the disabling.
 
 Requests are signed (``sign``/``verify``): ``X-Courier-Signature: t=<unix
 seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``. Secrets are never logged and
@@ -1337,8 +1338,13 @@ def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> N
     the subscription's ``last_delivered_at`` unless a later one is. Attempts are
     recorded in the order their lanes end, by one worker or several, not in the order
     they were made. (A run begun before ``at`` is ended whole: failures made after
-    ``at`` and recorded before it are not told apart, a count short by them, never a
-    subscription disabled early.)"""
+    ``at`` and recorded before it are not told apart, a count short by them.)
+
+    A run it ends that disabled the subscription with a failure made after ``at`` (at
+    a receiver's return, an attempt begun while it was down ended just after another's
+    success, and was recorded first) is undone too: counted in the order they were
+    made, that failure began a new run and disabled nothing (``_undo_disabling``)."""
+    _undo_disabling(session, subscription_id, at)
     moment = literal(at, SUBSCRIPTION.c.failing_since.type)
     last = SUBSCRIPTION.c.last_delivered_at
     run_begun_later = SUBSCRIPTION.c.failing_since > moment
@@ -1352,6 +1358,38 @@ def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> N
             failing_since=case((run_begun_later, SUBSCRIPTION.c.failing_since), else_=None),
             last_delivered_at=case((or_(last.is_(None), last < moment), moment), else_=last),
         )
+    )
+
+
+def _undo_disabling(session: Session, subscription_id: int, at: dt.datetime) -> None:
+    """Enable the subscription again when a failure made after a success at ``at``
+    disabled it, counting a run begun before ``at`` (see ``_count_success``): its flag
+    closed, its deliveries due as they were. Not one an admin enabled since (no longer
+    disabled), nor one a run begun after ``at`` disabled."""
+    subscription = session.get(WebhookSubscription, subscription_id)
+    if (
+        subscription is None
+        or subscription.disabled_at is None
+        or subscription.disabled_at < at
+        or subscription.failing_since is None
+        or subscription.failing_since > at
+    ):
+        return
+    log.warning(
+        "webhook subscription %s enabled again: the failure at %s that disabled it came "
+        "after a success at %s, recorded later",
+        subscription_id,
+        subscription.disabled_at.isoformat(),
+        at.isoformat(),
+    )
+    subscription.disabled_at = None
+    subscription.disabled_reason = None
+    session.flush()
+    close_flag(
+        session=session,
+        kind=SUBSCRIPTION_DISABLED,
+        subject=FlagSubject("subscription", str(subscription_id)),
+        reason="a success made before the failure that disabled it was recorded after it",
     )
 
 

@@ -590,6 +590,45 @@ def test_a_failure_recorded_late_does_not_date_the_run_back_past_a_success(
     assert after.disabled_at is None and after.failing_since == at(redeploy)
 
 
+def test_a_success_recorded_after_the_failure_that_disabled_it_enables_it_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A receiver failing for over an hour comes back: one worker's attempt succeeds,
+    another's, started while it was down, ends a moment later as a failure and is
+    recorded first. Counted in the order they were made, that failure is the first of a
+    new run (the success ended the old one) and disables nothing; recorded first, it
+    completed the old run and disabled the subscription, and the success recorded next
+    left it disabled, nothing sent until an admin came. The success now undoes a
+    disabling by a run it ended: the same whichever is recorded first."""
+    settings = replace(SETTINGS, disable_after_failures=3, disable_after_seconds=3600)
+    sub = subscribe(sessions, "http://127.0.0.1:9/hook")
+    for key in ("RR-1", "RR-2", "RR-3", "RR-4"):
+        announce(sessions, key)
+    first, second, third, back = [  # three at a time for one subscription
+        *webhooks.claim_due(
+            sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+        ),
+        *webhooks.claim_due(
+            sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+        ),
+    ]
+    _record(sessions, first, SendResult(status_code=503), 0, settings)
+    _record(sessions, second, SendResult(status_code=503), 10, settings)
+    # Made at 4001, after the success made at 4000, and recorded before it.
+    assert _record(sessions, third, SendResult(status_code=503), 4001, settings).outcome == (
+        webhooks.RETRY
+    )
+    assert _record(sessions, back, SendResult(status_code=200), 4000, settings).outcome == (
+        webhooks.DELIVERED
+    )
+    after = subscription(sessions, sub.id)
+    assert after.disabled_at is None and after.disabled_reason is None
+    assert after.last_delivered_at == at(4000)
+    with sessions() as session:
+        flags = session.scalars(select(Flag).where(Flag.kind == webhooks.SUBSCRIPTION_DISABLED))
+        assert all(flag.status == FlagStatus.CLOSED for flag in flags)
+
+
 def _outage(
     sessions: sessionmaker[Session],
     sender: HttpxSender,

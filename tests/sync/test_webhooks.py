@@ -590,8 +590,12 @@ def test_a_failure_recorded_late_does_not_date_the_run_back_past_a_success(
     assert after.disabled_at is None and after.failing_since == at(redeploy)
 
 
+@pytest.mark.parametrize(
+    ("success_at", "enabled_again"),
+    [(4000, True), (4001, True), (4002, False), (-5, False)],
+)
 def test_a_success_recorded_after_the_failure_that_disabled_it_enables_it_again(
-    sessions: sessionmaker[Session],
+    sessions: sessionmaker[Session], success_at: int, enabled_again: bool
 ) -> None:
     """A receiver failing for over an hour comes back: one worker's attempt succeeds,
     another's, started while it was down, ends a moment later as a failure and is
@@ -599,7 +603,9 @@ def test_a_success_recorded_after_the_failure_that_disabled_it_enables_it_again(
     new run (the success ended the old one) and disables nothing; recorded first, it
     completed the old run and disabled the subscription, and the success recorded next
     left it disabled, nothing sent until an admin came. The success now undoes a
-    disabling by a run it ended: the same whichever is recorded first."""
+    disabling by a run it ended: the same whichever is recorded first. Not one made
+    after the failure that disabled it (an attempt in flight then), nor one made before
+    the run began."""
     settings = replace(SETTINGS, disable_after_failures=3, disable_after_seconds=3600)
     sub = subscribe(sessions, "http://127.0.0.1:9/hook")
     for key in ("RR-1", "RR-2", "RR-3", "RR-4"):
@@ -614,19 +620,20 @@ def test_a_success_recorded_after_the_failure_that_disabled_it_enables_it_again(
     ]
     _record(sessions, first, SendResult(status_code=503), 0, settings)
     _record(sessions, second, SendResult(status_code=503), 10, settings)
-    # Made at 4001, after the success made at 4000, and recorded before it.
-    assert _record(sessions, third, SendResult(status_code=503), 4001, settings).outcome == (
-        webhooks.RETRY
-    )
-    assert _record(sessions, back, SendResult(status_code=200), 4000, settings).outcome == (
+    # Made at 4001, and recorded before the success.
+    assert _record(
+        sessions, third, SendResult(status_code=503), 4001, settings
+    ).disabled_subscription
+    assert _record(sessions, back, SendResult(status_code=200), success_at, settings).outcome == (
         webhooks.DELIVERED
     )
     after = subscription(sessions, sub.id)
-    assert after.disabled_at is None and after.disabled_reason is None
-    assert after.last_delivered_at == at(4000)
+    assert (after.disabled_at is None) is enabled_again
+    assert (after.disabled_reason is None) is enabled_again
+    assert after.last_delivered_at == at(success_at)
     with sessions() as session:
-        flags = session.scalars(select(Flag).where(Flag.kind == webhooks.SUBSCRIPTION_DISABLED))
-        assert all(flag.status == FlagStatus.CLOSED for flag in flags)
+        [flag] = session.scalars(select(Flag).where(Flag.kind == webhooks.SUBSCRIPTION_DISABLED))
+        assert (flag.status == FlagStatus.CLOSED) is enabled_again
 
 
 def _outage(

@@ -227,6 +227,13 @@ class DiscrepancyEvidence:
     # A parcel missing at handover, or off the manifest: its check-outs and outcomes
     # filed under other shifts of the station (``scans_elsewhere``), oldest first.
     elsewhere: list[ScanElsewhere] = field(default_factory=list)
+    # Its flag's station when that is another than the shift's (a flag raised before
+    # flags had a station each, at the parcel's station): its manager decides it, and
+    # no decision counts here (``sync.handover.undecidable``). None otherwise.
+    flag_station: Station | None = None
+    # Whether the reader may open its flag's page: not a station's reader another
+    # station's flag (a 404 to them).
+    flag_readable: bool = True
 
 
 @dataclass(frozen=True)
@@ -442,6 +449,9 @@ def shift_page(
         session=session, scope=scope, station_id=visible_station
     )
     rejections_of = _by_parcel(shown_rejected)
+    flag_stations = _stations(
+        session, {f.station_id for f in flags.values() if f.station_id != shift.station_id}
+    )
     first_of_parcel: dict[str, int] = {}  # the position of each parcel's first discrepancy
     discrepancies = []
     for position, d in enumerate(balance.discrepancies, start=1):
@@ -472,6 +482,9 @@ def shift_page(
                 if listed_with != position and rejections_of.get(d.tracking_no)
                 else None,
                 elsewhere=elsewhere_of.get(d.tracking_no, []) if d.kind in HANDOVER_KINDS else [],
+                **_flag_whose(
+                    flags.get(d.flag_id) if d.flag_id else None, flag_stations, visible_station
+                ),
             )
         )
     grouped: dict[str, list[ParcelOutcome]] = defaultdict(list)
@@ -507,6 +520,27 @@ def shift_page(
         images_missing=read.images_missing,
         also_open=also_open_of(session, shift),
     )
+
+
+def _stations(session: Session, station_ids: Iterable[int | None]) -> dict[int, Station]:
+    """These stations by id: one statement, none for no station."""
+    wanted = sorted(i for i in station_ids if i is not None)
+    if not wanted:
+        return {}
+    return {s.id: s for s in session.scalars(select(Station).where(Station.id.in_(wanted)))}
+
+
+def _flag_whose(
+    flag: Flag | None, stations: Mapping[int, Station], visible_station: int | None
+) -> dict[str, Any]:
+    """A discrepancy's ``flag_station`` and ``flag_readable`` (``DiscrepancyEvidence``):
+    a flag of another station is named without a link to a reader of this one."""
+    if flag is None:
+        return {}
+    return {
+        "flag_station": stations.get(flag.station_id) if flag.station_id is not None else None,
+        "flag_readable": visible_station is None or flag.station_id == visible_station,
+    }
 
 
 def also_open_of(session: Session, shift: Shift) -> list[Shift]:

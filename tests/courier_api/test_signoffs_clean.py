@@ -1113,8 +1113,43 @@ def test_another_stations_decision_is_no_decided_discrepancy_of_this_station(
     This station's board counted it "all 1 decided" and its manager signed the handover
     off on a decision they cannot even read (the flag is a 404 to them). It is still to
     decide here: the shift is signed off on its own, with a note."""
-    pda = couriers[0]
     manager = auth.headers("manager1")
+    shift_id, flag, theirs = _decided_by_the_other_station(
+        client, session, world, couriers[0], manager
+    )
+    assert client.get(f"/api/v1/flags/{flag.id}", headers=manager).status_code == 404
+
+    row = board(client, world, manager)[shift_id]
+    count = row["balance"]["discrepancy_count"]
+    assert row["discrepancies_decided"] == count - 1
+    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
+    assert "with every discrepancy decided" not in html
+    body = decided_sign_off(client, world, manager, row)
+    [outcome] = body["outcomes"]
+    assert (outcome["outcome"], outcome["code"]) == ("refused", "discrepancies_to_decide")
+    assert (
+        f"delivered_without_pod ({theirs}) is resolved, but its flag is another station's"
+    ) in outcome["message"]
+    session.expire_all()
+    assert session.get_one(Shift, shift_id).status.value == "closed"
+    # On its own, with a note, the manager signs it off knowingly.
+    assert (
+        sign_off(client, shift_id, manager, balance_version=row["balance_version"]).status_code
+        == 200
+    )
+
+
+def _decided_by_the_other_station(
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    pda: Courier,
+    manager: dict[str, str],
+) -> tuple[int, Flag, str]:
+    """A closed shift of this station whose discrepancies are each resolved, one of them
+    a delivery without its signature of a parcel of the other station, on a flag of the
+    other station (raised before flags had a station each) that its manager resolved:
+    the shift's id, that flag and the parcel's number."""
     theirs = factories.parcel(session, world.other_station).tracking_no
     session.commit()
     shift_id = pda.open(first_seq=1)["id"]
@@ -1154,23 +1189,43 @@ def test_another_stations_decision_is_no_decided_discrepancy_of_this_station(
         note="recipient called by the other station",
     )
     session.commit()
-    assert client.get(f"/api/v1/flags/{flag.id}", headers=manager).status_code == 404
+    return shift_id, flag, theirs
 
-    row = board(client, world, manager)[shift_id]
-    count = row["balance"]["discrepancy_count"]
-    assert row["discrepancies_decided"] == count - 1
-    html = signed_in(app, "manager1").get(f"/web/board?station={world.station.id}")
-    assert "with every discrepancy decided" not in html
-    body = decided_sign_off(client, world, manager, row)
-    [outcome] = body["outcomes"]
-    assert (outcome["outcome"], outcome["code"]) == ("refused", "discrepancies_to_decide")
+
+def test_a_shift_page_shows_another_stations_flag_without_a_link_and_says_whose(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """The shift's page linked a discrepancy's flag of another station like any other:
+    its manager followed it to a 404 (the flag is that station's to read and decide),
+    and nothing said why this "resolved" flag kept the handover from the sign-off of
+    those decided. It is named without a link, as the other station's, by its code; an
+    admin, who reads every station's flags, still gets the link."""
+    manager = auth.headers("manager1")
+    shift_id, flag, _ = _decided_by_the_other_station(client, session, world, couriers[0], manager)
+
+    html = signed_in(app, "manager1").get(f"/web/shifts/{shift_id}")
+    assert f'href="/web/flags/{flag.id}"' not in html
+    assert signed_in(app, "manager1").client.get(f"/web/flags/{flag.id}").status_code == 404
+    theirs = re.search(rf"Flag #{flag.id} .*?</p>", html, re.S)
+    assert theirs is not None, html
     assert (
-        f"delivered_without_pod ({theirs}) is resolved, but its flag is another station's"
-    ) in outcome["message"]
-    session.expire_all()
-    assert session.get_one(Shift, shift_id).status.value == "closed"
-    # On its own, with a note, the manager signs it off knowingly.
-    assert (
-        sign_off(client, shift_id, manager, balance_version=row["balance_version"]).status_code
-        == 200
-    )
+        f"of station {world.other_station.code}: its manager decides it, and it does not "
+        "count as decided here"
+    ) in theirs.group(0)
+    # This station's flags of its discrepancies keep their link, and say nothing of it.
+    ours = [
+        d["flag_id"]
+        for d in balance(client, shift_id, manager)["discrepancies"]
+        if d["flag_id"] not in (None, flag.id)
+    ]
+    assert all(f'href="/web/flags/{i}"' in html for i in ours)
+    assert html.count("its manager decides it") == 1
+
+    admin = signed_in(app, "admin").get(f"/web/shifts/{shift_id}")
+    assert f'href="/web/flags/{flag.id}"' in admin
+    assert f"of station {world.other_station.code}: its manager decides it" in admin

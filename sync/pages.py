@@ -632,7 +632,7 @@ class ScanRow(NamedTuple):
 
 
 def handover_scans_elsewhere(
-    session: Session, shift: Shift, balance: Balance
+    session: Session, shift: Shift, balance: Balance, *, courier_id: int | None = None
 ) -> dict[str, list[ScanElsewhere]]:
     """For each parcel of the balance's handover discrepancies (``HANDOVER_KINDS``), its
     check-outs and final outcomes filed under the station's other shifts, oldest first:
@@ -641,7 +641,11 @@ def handover_scans_elsewhere(
     of another shift of the station), for ``GET /shifts/<id>/balance``. One statement,
     none without such a discrepancy: the page reads the parcels' histories for their
     evidence anyway, the balance reads only these scans, a correction voiding one found
-    as the projection finds it (``voided_in_sql``)."""
+    as the projection finds it (``voided_in_sql``).
+
+    ``courier_id``: only the scans of that courier's shifts (a courier reading their own
+    balance: another courier's shifts, their ids, users and PDAs are not theirs to read,
+    DESIGN rule 7); None: every one of the station's."""
     lost = sorted({d.tracking_no for d in balance.discrepancies if d.kind in HANDOVER_KINDS})
     if not lost:
         return {}
@@ -671,7 +675,11 @@ def handover_scans_elsewhere(
         tracking_no: [r.id for r in sorted(found, key=_scan_order)[-SCANS_ELSEWHERE_READ:]]
         for tracking_no, found in by_parcel.items()
     }
-    return scans_elsewhere(shift.id, shift.station_id, chosen, {r.id: r for r in rows})
+    found = scans_elsewhere(shift.id, shift.station_id, chosen, {r.id: r for r in rows})
+    if courier_id is None:
+        return found
+    own = {n: [s for s in scans if s.courier_id == courier_id] for n, scans in found.items()}
+    return {n: scans for n, scans in own.items() if scans}
 
 
 def _scan_order(row: ScanRow) -> tuple[dt.datetime, int]:

@@ -3123,6 +3123,57 @@ def test_the_balance_api_says_where_a_parcel_it_lacks_was_scanned_on_a_spare_pda
     assert any(d["kind"] == "missing_at_handover" for d in missing["discrepancies"])
 
 
+def test_a_courier_reading_their_balance_is_told_only_of_their_own_shifts_elsewhere(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li returned the dead PDA's fourth parcel at 16:00 on her spare PDA; Wang Wei
+    checked it out at 16:30 and delivered it at 17:30. The manager reading the dead
+    PDA's balance is told of all three scans (``elsewhere``). Sun Li reading her own
+    balance was told of Wang Wei's too: his shift's id, his user id and his PDA, a shift
+    she cannot open (another courier's), which a courier reads only of their own (DESIGN
+    rule 7). She is told of hers alone: where her own parcels went."""
+    first, second, numbers = _spare_pda(session, day)
+    at = functools.partial(station_day.local, day.day)
+    colleague = factories.user(session, "wangwei", "courier", day.station)
+    other = station_day.Pda(
+        session, factories.device(session, "PDA-PDG-11", day.station), colleague
+    )
+    session.commit()
+    theirs = other.open(at(16, 20))
+    pod = {"recipient_name": "Ms Zhao", "signature_sha256": day.uploaded[0]}
+    other.push(
+        [
+            other.event(at(16, 30), numbers[3], "checked_out"),
+            other.event(at(17, 30), numbers[3], "delivered", pod=pod),
+        ],
+        at(17, 35),
+    )
+    other.close(theirs, at(18, 0))
+    shifts.close_shift(
+        session=session, shift=first, closed_by=day.manager.id, last_seq=None, now=at(19, 0)
+    )
+    session.commit()
+    client = app.test_client()
+
+    def elsewhere(headers: dict[str, str]) -> list[tuple[str, int]]:
+        response = client.get(f"/api/v1/shifts/{first.id}/balance", headers=headers)
+        assert response.status_code == 200, response.get_json()
+        [found] = [
+            d for d in response.get_json()["discrepancies"] if d["tracking_no"] == numbers[3]
+        ]
+        assert found["kind"] == "missing_at_handover"
+        return [(s["type"], s["shift_id"]) for s in found["elsewhere"]]
+
+    assert elsewhere(Auth(client).headers("manager")) == [
+        ("returned_to_station", second.id),
+        ("checked_out", theirs.id),
+        ("delivered", theirs.id),
+    ]
+    assert elsewhere(Auth(client).headers("sunli", "PDA-PDG-10")) == [
+        ("returned_to_station", second.id)
+    ]
+
+
 def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
     app: Flask, session: Session, day: StationDay
 ) -> None:

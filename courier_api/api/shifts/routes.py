@@ -210,8 +210,9 @@ class ShiftBalance(MethodView):
         discrepancy its check-outs and final outcomes filed under the station's
         other shifts (`elsewhere`, as the shift's page does): a courier whose PDA
         died went on with a spare one, and the "missing" parcel was delivered under
-        that shift. With it, what the board row gives beside the balance and a sign-off may
-        send back to prove what was read: the flags naming the shift still waiting
+        that shift (to a courier, only those under their own shifts). With it,
+        what the board row gives beside the balance and a sign-off may send back
+        to prove what was read: the flags naming the shift still waiting
         (`open_flags`), its PDA's events rejected (`rejected_events`) and its proof
         images missing (`images_missing`), counted as the board row counts them.
         """
@@ -223,7 +224,12 @@ class ShiftBalance(MethodView):
         write_offs = write_offs_named(
             db.session, balance.write_offs, principal.station_filter(None)
         )
-        elsewhere = handover_scans_elsewhere(db.session, shift, balance)
+        elsewhere = handover_scans_elsewhere(
+            db.session,
+            shift,
+            balance,
+            courier_id=principal.user_id if principal.role == Role.COURIER else None,
+        )
         return {
             **balance.summary(),
             **vars(balance),

@@ -250,7 +250,9 @@ class DiscrepancyOut(ma.Schema):
             "description": "A `missing_at_handover` or `not_on_manifest` parcel's check-outs "
             "and final outcomes filed under the station's other shifts (of its latest 20 "
             "not voided), oldest first, as the shift's page lists them: a courier whose PDA "
-            "died went on with a spare one. Empty for other kinds"
+            "died went on with a spare one. To a courier reading their own balance, only "
+            "those under their own shifts (another courier's are not theirs to read). Empty "
+            "for other kinds"
         },
     )
 

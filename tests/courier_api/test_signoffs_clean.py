@@ -1229,3 +1229,24 @@ def test_a_shift_page_shows_another_stations_flag_without_a_link_and_says_whose(
     admin = signed_in(app, "admin").get(f"/web/shifts/{shift_id}")
     assert f'href="/web/flags/{flag.id}"' in admin
     assert f"of station {world.other_station.code}: its manager decides it" in admin
+
+
+def test_the_balance_api_says_which_discrepancys_flag_is_another_stations(
+    client: FlaskClient,
+    session: Session,
+    auth: Auth,
+    world: World,
+    couriers: list[Courier],
+) -> None:
+    """The board's ``discrepancies_decided`` leaves out a resolved flag of another
+    station, and ``GET /flags/<id>`` answers it 404 to this station's manager: a client
+    reading the balance saw every flag resolved, one not counted, and no way to tell
+    which or why. Each discrepancy says whether its flag is another station's
+    (``flag_elsewhere``), as the shift's page does."""
+    manager = auth.headers("manager1")
+    shift_id, flag, _ = _decided_by_the_other_station(client, session, world, couriers[0], manager)
+
+    found = balance(client, shift_id, manager)["discrepancies"]
+    assert {d["flag_id"]: d["flag_elsewhere"] for d in found if d["flag_id"]}[flag.id] is True
+    assert [d["flag_id"] for d in found if d["flag_elsewhere"]] == [flag.id]
+    assert all(d["flag_status"] == "resolved" for d in found if d["flag_id"])

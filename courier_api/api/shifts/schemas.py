@@ -235,6 +235,16 @@ class DiscrepancyOut(ma.Schema):
     tracking_no = ma.fields.String(required=True)
     flag_id = ma.fields.Integer(allow_none=True, required=True)
     flag_status = ma.fields.Enum(FlagStatus, by_value=True, allow_none=True, required=True)
+    flag_elsewhere = ma.fields.Boolean(
+        required=True,
+        metadata={
+            "description": "Its flag is another station's than the shift's (one raised "
+            "before flags had a station each sits at the parcel's station): that "
+            "station's manager decides it (`GET /flags/{flag_id}` is a 404 to this "
+            "station's), and resolved or not it does not count in the board row's "
+            "`discrepancies_decided`"
+        },
+    )
     event_ids = ma.fields.List(
         ma.fields.Integer(), required=True, metadata={"description": "The evidence: events"}
     )

@@ -643,7 +643,7 @@ def handover_scans_elsewhere(
     evidence anyway, the balance reads only these scans, a correction voiding one found
     as the projection finds it (``voided_in_sql``).
 
-    ``courier_id``: only the scans of that courier's shifts (a courier reading their own
+    ``courier_id``: only the scans that courier made (a courier reading their own
     balance: another courier's shifts, their ids, users and PDAs are not theirs to read,
     DESIGN rule 7); None: every one of the station's."""
     lost = sorted({d.tracking_no for d in balance.discrepancies if d.kind in HANDOVER_KINDS})

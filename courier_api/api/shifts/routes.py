@@ -210,7 +210,7 @@ class ShiftBalance(MethodView):
         discrepancy its check-outs and final outcomes filed under the station's
         other shifts (`elsewhere`, as the shift's page does): a courier whose PDA
         died went on with a spare one, and the "missing" parcel was delivered under
-        that shift (to a courier, only those under their own shifts). With it,
+        that shift (to a courier, only their own scans). With it,
         what the board row gives beside the balance and a sign-off may send back
         to prove what was read: the flags naming the shift still waiting
         (`open_flags`), its PDA's events rejected (`rejected_events`) and its proof

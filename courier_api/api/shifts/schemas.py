@@ -261,7 +261,7 @@ class DiscrepancyOut(ma.Schema):
             "and final outcomes filed under the station's other shifts (of its latest 20 "
             "not voided), oldest first, as the shift's page lists them: a courier whose PDA "
             "died went on with a spare one. To a courier reading their own balance, only "
-            "those under their own shifts (another courier's are not theirs to read). Empty "
+            "their own scans (another courier's shifts are not theirs to read). Empty "
             "for other kinds"
         },
     )

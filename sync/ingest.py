@@ -28,6 +28,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import operator
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -730,8 +731,10 @@ class _BatchIngest:
         self.histories: dict[str, History] = {}
         # Each parcel's station and holder, as the projection left them (``_project``).
         self.holders: dict[str, tuple[int, int | None]] = {}
-        self._held_though_refused_now()
-        new_events = self._deduplicate(self.validated.valid)
+        copies = self._held_though_refused_now()
+        new_events = self._deduplicate(
+            sorted([*self.validated.valid, *copies], key=operator.itemgetter(0))
+        )
         stored = self._insert(new_events)
         self._check_clock_jumps(stored)
         self._capture_consents(stored)
@@ -853,13 +856,18 @@ class _BatchIngest:
             fresh.append((index, event))
         return fresh
 
-    def _held_though_refused_now(self) -> None:
+    def _held_though_refused_now(self) -> list[tuple[int, ValidEvent]]:
         """Answer ``duplicate`` the events refused for their tracking number alone that
         the device holds, the same event: held under a domestic format the station has
         dropped since, one sent again in a new batch (a retry split after a 413, a queue
         rebuilt) is held, not refused and quarantined beside the event holding it.
         Such a refusal is the only one a setting decides (``DOMESTIC_TRACKING_PATTERNS``);
-        only a push with one at a seq held looks anything up."""
+        only a push with one at a seq held looks anything up.
+
+        Returned, to be judged as valid events are (``_deduplicate``): those that are a
+        held event but for its seq, a copy of an event set apart at the seq it was
+        refused (README's recovery), which gets its first answer, ``seq_conflict``,
+        however it is spelt, as it would with its format still taken."""
         candidates: dict[int, uuid.UUID] = {}
         for rejection in self.rejections:
             raw = rejection.raw
@@ -871,9 +879,10 @@ class _BatchIngest:
             if parsed is not None and seq is not None and seq <= self.state.max_seq:
                 candidates[rejection.index] = parsed
         if not candidates:
-            return
+            return []
         held = self._held_by_id(sorted(set(candidates.values())))
         answered = set()
+        copies = []
         for rejection in self.rejections:
             event_id = candidates.get(rejection.index)
             found = held.get(event_id) if event_id is not None else None
@@ -885,8 +894,13 @@ class _BatchIngest:
                 continue
             if event.content_hash == found.content_hash:
                 self._answer(rejection.index, event, "duplicate")
-                answered.add(rejection.index)
+            elif dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash:
+                copies.append((rejection.index, event))
+            else:
+                continue
+            answered.add(rejection.index)
         self.rejections = [r for r in self.rejections if r.index not in answered]
+        return copies
 
     def _any_domestic_number(self) -> EventRules:
         """The push's event rules taking any tracking number of no S10 shape."""
@@ -1714,7 +1728,9 @@ class _BatchIngest:
         (``DeviceState.unsettled_seq_conflicts``, this push's own included): a PDA
         without any pays no statement. Each rejection whose id the device holds now
         at another seq (sent again by this push or an earlier one, before this version
-        too) is validated again and compared with it, the seq aside; the count left is
+        too) is validated again, any domestic tracking number taken (the event held
+        passed the patterns of its day), and compared with it, the seq aside; the count
+        left is
         stored with the device's state. Only those rejections' payloads are read: a
         PDA that never recovers pays the ids and seqs of its rejections on each push,
         not what it sent."""
@@ -1755,8 +1771,8 @@ class _BatchIngest:
         settled = []
         for row_id, payload in self._payloads_of(sorted(resent)):
             found = resent[row_id]
-            try:
-                event = validate_event(json.loads(payload), rules=self.rules.events)
+            try:  # any domestic number: the event held may be of a format dropped since
+                event = validate_event(json.loads(payload), rules=self._any_domestic_number())
             except (EventRejected, ValueError, TypeError):
                 continue  # not valid now (the rules changed): no event held is the same
             if dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash:

@@ -739,6 +739,49 @@ def test_an_event_held_sent_again_after_the_domestic_patterns_narrowed_is_a_dupl
     assert count(session, ScanEvent) == 1
 
 
+@pytest.mark.parametrize("held", ["by this version", "before this version"])
+def test_a_settled_events_copy_written_otherwise_after_its_format_was_dropped_is_a_seq_conflict(
+    session: Session, pda: Pda, held: str
+) -> None:
+    """README's recovery: a copy of an event set apart, sent again at the seq it was
+    refused (a queue rebuilt), gets its first answer, ``seq_conflict``, however it is
+    written (its id in capitals), and raises nothing. Its domestic format dropped since,
+    it was answered ``invalid_tracking_no`` and quarantined anew beside the event held
+    under its new seq. And a rejection whose event was held under its new seq before
+    this version (settled by the next push storing events) was left unsettled for good
+    when that push came after its format was dropped, its flag open, its payload read
+    again on every push."""
+    domestic = "SF1234567890"
+    narrowed = IngestRules(
+        events=EventRules(tracking=TrackingNumberPolicy.from_patterns([r"JD\d{10}"]))
+    )
+    assert statuses(pda.push([pda.event(1, domestic)])) == ["applied"]
+    restarted = pda.event(1, domestic, "out_for_delivery", occurred_at=at(5))
+    assert statuses(pda.push([restarted])) == ["rejected"]
+    resent = {**restarted, "seq": 2}
+    assert statuses(pda.push([resent])) == ["applied"]
+    if held == "before this version":  # unsettled: the next push storing events settles it
+        session.execute(update(QuarantinedEvent).values(resent_seq=None))
+        session.execute(update(DeviceSyncState).values(unsettled_seq_conflicts=1))
+        session.execute(update(Flag).values(status=FlagStatus.OPEN, closed_reason=None))
+        session.commit()
+        pushed = pda.push([pda.event(3, "JD1234567890")], rules=narrowed)
+        assert statuses(pushed) == ["applied"]
+    written_otherwise = {**restarted, "client_event_id": restarted["client_event_id"].upper()}
+    receipt = pda.push([written_otherwise, resent], rules=narrowed)
+    assert statuses(receipt) == ["rejected", "duplicate"]
+    assert receipt["results"][0]["error"]["code"] == "seq_conflict"
+    assert receipt["flags_raised"] == []
+    # Its own row (sent otherwise), settled: each row of the event names the seq it is held
+    rejections = select(QuarantinedEvent.error_code, QuarantinedEvent.resent_seq)
+    assert session.execute(rejections).all() == [("seq_conflict", 2)] * 2
+    state = session.get(DeviceSyncState, pda.pusher.device_id)
+    assert state is not None
+    session.refresh(state)
+    assert state.unsettled_seq_conflicts == 0
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
+
+
 def test_a_rejected_event_resent_gets_the_same_answer_and_one_quarantine_row(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -148,7 +148,10 @@ class Push(MethodView):
         of the PDA holds, so `acked_through_seq` may pass it though the server
         holds nothing of it. Set it apart, sign in again and send it under a new
         seq, after both the new `device_max_seq` and the highest seq the PDA has
-        given (it may keep its `client_event_id`). Drop every other rejected event.
+        given (it may keep its `client_event_id`); a copy of an event sent so already,
+        refused `seq_conflict` again at its old seq (a queue rebuilt), is dropped: the
+        server holds it under its new seq (another new seq would make it a
+        `conflicting_duplicate`). Drop every other rejected event.
         Then delete events from the PDA only up to `acked_through_seq`, and only
         events sent (one not sent yet at a seq up to it, numbered from 1 again, is not
         held: another event holds its seq);

@@ -241,7 +241,8 @@ IDS_IN_SEQ_RANGE = select(_events.c.seq, _events.c.id).where(
 OWNERS_OF_SEQS = _columns_at_seqs(_events.c.client_event_id)
 SEQ_CONFLICT = "seq_conflict"
 # Tracking numbers of any domestic format (an S10 number is judged as ever): what an
-# event held under a format dropped since is compared with (``_held_though_refused_now``).
+# event held under a format dropped since is compared with (``_held_though_refused_now``,
+# ``_settle_seq_conflicts``).
 ANY_DOMESTIC_NUMBER = TrackingNumberPolicy.from_patterns([r".+"])
 # A rejection ``seq_conflict`` whose event is held now under another seq (README's
 # recovery): the seq it is held under.

@@ -161,7 +161,16 @@ class ProofDetail:
         """Ids of the deliveries whose POD this detail shows: its own and, in the parcel's
         timeline, any other (a mis-tap voided, the delivery after it): an auditor's read
         names them all."""
-        return sorted(e.event.id for e in self.timeline if e.event.type in DELIVERY_TYPES)
+        return deliveries_shown(e.event for e in self.timeline)
+
+
+def deliveries_shown(events: Iterable[ScanEvent]) -> list[int]:
+    """The ids of the deliveries among ``events`` (in person, locker, pickup point), in
+    order, once each: the proofs a read showing them shows, as an auditor's entry names
+    them (a proof's, a parcel's timeline's, a shift's or a flag's page). Every delivery,
+    with a POD or without: one sent without (``delivered_without_pod``) is a proof the
+    search lists all the same, and the read showed it."""
+    return sorted({event.id for event in events if event.type in DELIVERY_TYPES})
 
 
 def check_filters(filters: ProofFilter) -> None:

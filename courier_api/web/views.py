@@ -129,6 +129,7 @@ from sync.proofs import (
     METHODS,
     SEARCHABLE_FLAG_KINDS,
     SearchCursor,
+    deliveries_shown,
     get_proof,
     proof_not_found,
     search_page,
@@ -536,7 +537,7 @@ def _shift_page(found: Shift, *, typed: dict[str, str] | None = None) -> Respons
         *(e.event for d in view.discrepancies for e in d.events),
         *(e for f in view.flags for e in f.events),
     ]
-    proofs_shown = sorted({e.id for e in shown if e.type in DELIVERY_TYPES})
+    proofs_shown = deliveries_shown(shown)
     reads = []
     if proofs_shown:
         reads.append(
@@ -803,7 +804,7 @@ def _flag_page(found: Flag, *, typed: dict[str, Any] | None = None) -> ResponseR
         unmasked=current_principal().role == Role.AUDITOR,
     )
     # Its evidence's deliveries show their POD, as the shift page does: logged alike.
-    proofs_shown = sorted(e.id for e in view.events if e.type in DELIVERY_TYPES)
+    proofs_shown = deliveries_shown(view.events)
     reads = []
     if proofs_shown:
         reads.append(

@@ -1002,6 +1002,42 @@ def test_an_auditors_read_of_a_page_of_a_walk_records_which_page_of_which_walk(
     ]  # fmt: skip
 
 
+def test_an_auditors_read_names_every_delivery_it_shows_as_a_proofs_read_does(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """``parcel_read`` named the deliveries whose event carried a ``pod`` key, while a
+    proof's read (``proof_read``) names every delivery of the parcel's timeline: a
+    delivery sent without a POD (flagged ``delivered_without_pod``, a proof the search
+    lists all the same) was shown to an auditor by the timeline and missing from its
+    entry. One rule names the deliveries a read shows (``sync.proofs.deliveries_shown``)."""
+    parcel = factories.parcel(session, world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    auth.push(
+        [
+            factories.event(1, tn, "out_for_delivery", occurred_at=start),
+            factories.event(2, tn, "delivered", occurred_at=start + dt.timedelta(minutes=5)),
+        ]
+    )
+    delivery = session.scalar(
+        select(ScanEvent.id).where(ScanEvent.tracking_no == tn, ScanEvent.type == "delivered")
+    )
+    headers = auth.headers("auditor1")
+    read = client.get(f"{URL}/{tn}", headers=headers)
+    assert read.status_code == 200, read.json
+    proof = client.get(f"/api/v1/proofs/{delivery}", headers=headers)
+    assert proof.status_code == 200, proof.json
+    session.expire_all()
+    named = {
+        entry.action: entry.details["event_ids"]
+        for entry in session.scalars(
+            select(AuditEntry).where(AuditEntry.action.in_(["parcel_read", "proof_read"]))
+        )
+    }
+    assert named == {"parcel_read": [delivery], "proof_read": [delivery]}
+
+
 def test_a_walks_first_page_shows_the_status_its_timeline_makes_when_a_push_came_between(
     client: FlaskClient, world: World, auth: Auth, session: Session, monkeypatch
 ) -> None:

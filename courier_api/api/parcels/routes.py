@@ -27,6 +27,7 @@ from sync.parcels import (
     timeline_page,
 )
 from sync.phones import mask_phones_in_value, shown_phone
+from sync.proofs import deliveries_shown
 
 blp = ApiBlueprint("parcels", __name__, url_prefix="/api/v1/parcels", description="Parcels")
 
@@ -161,7 +162,7 @@ class ParcelByTrackingNo(MethodView):
         # walk it was: the walk's timeline is the events up to ``as_of``, and the page
         # its ``entries`` from ``offset``, so what the auditor saw can be shown again.
         # Last, the answer built: a read failing before it leaves no read on record.
-        shown = sorted(e.event.id for e in timeline if (e.event.details or {}).get("pod"))
+        shown = deliveries_shown(e.event for e in timeline)
         record_auditor_read(
             "parcel_read",
             "parcel",

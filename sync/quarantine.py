@@ -9,16 +9,20 @@ auditor's read is audit-logged there (``quarantine_searched``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, and_, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import QuarantinedEvent, SyncBatch
-from sync.paging import MAX_PAGE_SIZE
+from sync.errors import CursorReset, InvalidCursor
+from sync.paging import MAX_PAGE_SIZE, NOTHING_WALKED, WalkCursor, walk_digest
 from sync.phones import mask_phones_in, mask_phones_in_json, shown_text
 from sync.sql import among_at_once, chunks
 from sync.tracking import normalize
@@ -63,6 +67,28 @@ class PushedIn(NamedTuple):
     clock_offset_ms: int
 
 
+@dataclass(frozen=True)
+class QuarantineFilter:
+    """What a list of rejected events is of: a station's (None: every station's), a
+    PDA's, those naming a parcel."""
+
+    station_id: int | None = None
+    device_id: str | None = None
+    tracking_no: str | None = None
+
+
+def _matching(filters: QuarantineFilter) -> list[ColumnElement[bool]]:
+    """The conditions a rejected event matching ``filters`` meets."""
+    conditions: list[ColumnElement[bool]] = []
+    if filters.station_id is not None:
+        conditions.append(QuarantinedEvent.station_id == filters.station_id)
+    if filters.device_id is not None:
+        conditions.append(QuarantinedEvent.device_id == filters.device_id)
+    if filters.tracking_no is not None:
+        conditions.append(naming(filters.tracking_no))
+    return conditions
+
+
 def list_quarantined(
     *,
     session: Session,
@@ -71,29 +97,135 @@ def list_quarantined(
     tracking_no: str | None = None,
     before_id: int | None = None,
     limit: int = 100,
+    as_of: int | None = None,
 ) -> Sequence[tuple[QuarantinedEvent, PushedIn]]:
     """Newest first, each with the push it came in; ``before_id`` is the last id of the
-    previous page.
+    previous page; ``as_of``: none above it.
 
     ``tracking_no``: the events naming that parcel (``naming``), however the PDA wrote
     the number and however it is asked for."""
+    filters = QuarantineFilter(station_id, device_id, tracking_no)
     query = (
         select(
             QuarantinedEvent, SyncBatch.batch_id, SyncBatch.courier_id, SyncBatch.clock_offset_ms
         )
         .join(SyncBatch, SyncBatch.id == QuarantinedEvent.batch_pk)
+        .where(*_matching(filters))
         .order_by(QuarantinedEvent.id.desc())
         .limit(min(limit, MAX_PAGE_SIZE))
     )
-    if station_id is not None:
-        query = query.where(QuarantinedEvent.station_id == station_id)
-    if device_id is not None:
-        query = query.where(QuarantinedEvent.device_id == device_id)
-    if tracking_no is not None:
-        query = query.where(naming(tracking_no))
     if before_id is not None:
         query = query.where(QuarantinedEvent.id < before_id)
+    if as_of is not None:
+        query = query.where(QuarantinedEvent.id <= as_of)
     return [(row, PushedIn(*pushed)) for row, *pushed in session.execute(query)]
+
+
+def search_key(filters: QuarantineFilter) -> str:
+    """A digest of what a list of rejected events matches (its filters, the reader's
+    station among them, a parcel's number as ``naming`` reads it): 16 hex digits. A
+    walk's cursor carries it, so that one sent with other filters is refused."""
+    values = {
+        "station_id": filters.station_id,
+        "device_id": filters.device_id,
+        "parcel": None if filters.tracking_no is None else parcel_named(filters.tracking_no),
+        "named": filters.tracking_no is not None,
+    }
+    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class QuarantineWalkPage:
+    rows: Sequence[tuple[QuarantinedEvent, PushedIn]]
+    # The highest id of a rejected event the walk reads: its first page's, every page.
+    as_of: int
+    # Where the walk goes on; None on its last page.
+    next_cursor: WalkCursor | None
+    # Rejected events matching with an id above ``as_of``: stored since the walk began.
+    arrived_since: int
+    # How many rejected events the walk showed before this page.
+    offset: int = 0
+
+
+def walk_quarantined(
+    *, session: Session, filters: QuarantineFilter, cursor: WalkCursor | None, limit: int
+) -> QuarantineWalkPage:
+    """A page of a walk through the rejected events matching ``filters``, newest first:
+    at most ``limit``, from the start or from where ``cursor`` (a page's
+    ``next_cursor``) stands.
+
+    As a proof search's walk (``sync.proofs.search_page``): the walk reads the rejected
+    events with an id up to ``as_of``, the highest at its first page. An id is taken when
+    a push stores the event, not when it commits: on PostgreSQL a push committing late
+    holds an id among those already shown, and a page read by ``before_id`` below them
+    never saw it (an auditor took its absence for none). Its last page reads the ids of
+    every matching rejected event up to ``as_of`` (one statement, an index's) and
+    compares their number and digest with those the walk showed: a difference is a
+    ``CursorReset`` (410: search again) rather than a last page of a walk that left one
+    out. Later ones are counted (``arrived_since``)."""
+    limit = min(limit, MAX_PAGE_SIZE)
+    key = search_key(filters)
+    if cursor is not None and cursor.search != key:
+        raise InvalidCursor(
+            "the cursor is of another list (other filters, or another station's); send it "
+            "back with the filters of the page that gave it",
+            field="cursor",
+        )
+    listed = {
+        "session": session,
+        "station_id": filters.station_id,
+        "device_id": filters.device_id,
+        "tracking_no": filters.tracking_no,
+        "limit": limit + 1,
+    }
+    if cursor is None:
+        rows = list_quarantined(**listed)
+        as_of, offset, walked = (rows[0][0].id if rows else 0), 0, NOTHING_WALKED
+    else:
+        as_of, offset, walked = cursor.as_of, cursor.offset, cursor.walked
+        rows = list_quarantined(**listed, before_id=cursor.after, as_of=as_of)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    ids = [row.id for row, _ in rows]
+    walked = walk_digest(ids, walked)
+    if cursor is not None and not more:
+        _check_walk(session, filters, as_of, offset + len(ids), walked)
+    arrived = select(func.count(QuarantinedEvent.id)).where(
+        *_matching(filters), QuarantinedEvent.id > as_of
+    )
+    return QuarantineWalkPage(
+        rows=rows,
+        as_of=as_of,
+        next_cursor=WalkCursor(as_of, offset + len(ids), ids[-1], walked, key) if more else None,
+        arrived_since=session.scalar(arrived) or 0,
+        offset=offset,
+    )
+
+
+def _check_walk(
+    session: Session, filters: QuarantineFilter, as_of: int, count: int, walked: str
+) -> None:
+    """Refuse a walk's last page when the rejected events matching ``filters`` up to
+    ``as_of`` are not the ``count`` the walk showed, newest first, whose ids' digest is
+    ``walked``."""
+    query = (
+        select(QuarantinedEvent.id)
+        .where(*_matching(filters), QuarantinedEvent.id <= as_of)
+        .order_by(QuarantinedEvent.id.desc())
+    )
+    found, digest = 0, NOTHING_WALKED
+    for chunk in session.scalars(query.execution_options(yield_per=1000)).partitions():
+        found += len(chunk)
+        digest = walk_digest(chunk, digest)
+    if (found, digest) != (count, walked):
+        raise CursorReset(
+            f"this walk showed {count} rejected events up to id {as_of}; {found} match "
+            f"now{', not the same ones' if found == count else ''}: rejected events with "
+            "ids among those its pages showed were stored after the walk passed them (a "
+            "push committing late); list them again from the start",
+            field="cursor",
+        )
 
 
 def parcel_named(tracking_no: str | None) -> str | None:

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, event, func, select
+from sqlalchemy import Connection, event, func, insert, inspect, select
 from sqlalchemy.orm import Session
 from werkzeug.local import LocalProxy
 
 from courier_api.api.quarantine import routes as quarantine_routes
 from courier_api.extensions import db
-from models import AuditEntry, Flag, Parcel, ScanEvent, User
+from models import AuditEntry, Flag, Parcel, QuarantinedEvent, ScanEvent, User
 from tests import factories
 from tests.conftest import Auth, World
 from tests.factories import typed_loosely
@@ -939,7 +939,11 @@ def test_an_auditor_can_see_that_a_pda_sent_a_rejected_drop_of_the_parcel(
         select(AuditEntry).where(AuditEntry.action == "quarantine_searched")
     ).one()
     assert (logged.subject_type, logged.subject_key) == ("quarantined_event", "search")
-    assert logged.details == {"tracking_no": parcel.tracking_no, "ids": [item["id"]]}
+    assert logged.details == {
+        "tracking_no": parcel.tracking_no, "ids": [item["id"]], "cursor": None,
+        "as_of": item["id"], "offset": 0, "entries": 1, "arrived_since": 0,
+        "next_cursor": None,
+    }  # fmt: skip
     assert logged.actor_id == session.scalar(select(User.id).where(User.username == "auditor1"))
     client.get("/api/v1/quarantine", headers=auth.headers("manager1"))
     assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1  # auditors' only
@@ -1062,6 +1066,71 @@ def test_quarantine_pages_newest_first(
     positions = [i["position"] for i in first["items"] + rest["items"]]
     assert positions == [4, 3, 2, 1, 0]
     assert rest["next_after"] is None
+
+
+def test_a_quarantine_walk_refuses_its_last_page_when_a_rejection_committed_late_among_it(
+    client: FlaskClient, auth: Auth, session: Session, courier: dict[str, str]
+) -> None:
+    """An id is taken when a push stores its rejected events, not when it commits: on
+    PostgreSQL a push committing late holds an id among those a page (newest first)
+    showed already, and the next page, read by id below them (``after``), never saw it:
+    an auditor listing a PDA's rejected drops to the end took its absence for none. A
+    walk by ``cursor`` compares, at its last page, the rejected events up to its
+    ``as_of`` with those it showed: a 410 ``cursor_reset``, list again, and the walk
+    begun again holds it. Pages read by the deprecated ``after`` still miss it."""
+    push(client, courier, [{"n": i} for i in range(5)])
+    ids = sorted(session.scalars(select(QuarantinedEvent.id)), reverse=True)
+    late = session.get(QuarantinedEvent, ids[1])
+    assert late is not None
+    row = {a.columns[0].name: getattr(late, a.key) for a in inspect(QuarantinedEvent).column_attrs}
+    session.delete(late)  # stored, its push not committed yet
+    session.commit()
+    headers = auth.headers("auditor1")
+    url = "/api/v1/quarantine"
+    first = client.get(url, query_string={"limit": 2}, headers=headers).get_json()
+    assert [i["id"] for i in first["items"]] == [ids[0], ids[2]]
+    assert first["as_of"] == ids[0] and first["arrived_since"] == 0
+    assert first["next_after"] == ids[2] and first["next_cursor"] is not None
+    session.execute(insert(QuarantinedEvent.__table__).values(**row))  # the push commits
+    session.commit()
+    by_after = client.get(
+        url, query_string={"limit": 2, "after": first["next_after"]}, headers=headers
+    ).get_json()
+    assert [i["id"] for i in by_after["items"]] == ids[3:]  # the deprecated way misses it
+    assert by_after["next_cursor"] is None and by_after["as_of"] is None
+    last = client.get(
+        url, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=headers
+    )
+    assert last.status_code == 410, last.get_json()
+    assert last.get_json()["code"] == "cursor_reset"
+    assert "this walk showed 4 rejected events" in last.get_json()["message"]
+    again, cursor, pages = None, None, 0
+    walked: list[int] = []
+    while again is None or cursor is not None:
+        query = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        again = client.get(url, query_string=query, headers=headers)
+        assert again.status_code == 200, again.get_json()
+        walked += [i["id"] for i in again.get_json()["items"]]
+        cursor, pages = again.get_json()["next_cursor"], pages + 1
+    assert walked == ids and pages == 3
+    both = client.get(
+        url, query_string={"cursor": first["next_cursor"], "after": ids[2]}, headers=headers
+    )
+    assert both.status_code == 422 and both.get_json()["code"] == "cursor_and_after"
+    other = client.get(
+        url, query_string={"cursor": first["next_cursor"], "device_id": "PDA-9"}, headers=headers
+    )
+    assert other.status_code == 400 and other.get_json()["code"] == "cursor_malformed"
+    logged = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.action == "quarantine_searched")
+        .order_by(AuditEntry.id)
+    ).all()
+    assert logged[0].details == {
+        "ids": [ids[0], ids[2]], "cursor": None, "as_of": ids[0], "offset": 0, "entries": 2,
+        "arrived_since": 0, "next_cursor": first["next_cursor"],
+    }  # fmt: skip
+    assert logged[1].details == {"ids": ids[3:], "after": ids[2], "next_after": ids[4]}
 
 
 def test_the_app_fixture_is_not_shared(app: Flask) -> None:

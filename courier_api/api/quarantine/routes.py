@@ -10,7 +10,14 @@ from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
 from courier_api.auth import current_principal, record_auditor_read
 from courier_api.extensions import db
 from models import Role
-from sync.quarantine import list_quarantined, shown_rejection
+from sync.errors import InvalidInput
+from sync.paging import WalkCursor
+from sync.quarantine import (
+    QuarantineFilter,
+    list_quarantined,
+    shown_rejection,
+    walk_quarantined,
+)
 
 READERS = (Role.STATION_MANAGER, Role.ADMIN, Role.AUDITOR)
 # The audit log's action for an auditor's read of rejected events, here and on a shift's
@@ -52,17 +59,57 @@ class Quarantine(MethodView):
         in the payload, the message or the event's fields as the PDA sent them
         (`tracking_no`, `event_type`, `client_event_id`, `field`) is masked
         except for auditors, whose read is audit-logged (`quarantine_searched`,
-        with the filters given and the ids listed).
+        with the filters given, the ids listed and the page of the walk: the
+        `cursor` sent, `as_of`, the page's `offset` and `entries`, `arrived_since`
+        and the `next_cursor` given; a page read with `after`: that `after` and the
+        `next_after` given).
+
+        In pages of `limit`, newest first: pass a page's `next_cursor` as `cursor`,
+        with the same filters, for the next, null on the last. The pages of one
+        walk read the rejected events up to `as_of` (the highest id of one when it
+        began), each once: on PostgreSQL a push committing late holds an id among
+        those already shown; the walk's last page reads the ids of those matching up
+        to `as_of` and compares them with those shown (their number and a digest the
+        cursor carries), and answers a 410 `cursor_reset`, list again, when they
+        differ, so a walk ending with `next_cursor` null held every matching rejected
+        event up to `as_of` committed before its last page was read. Those stored
+        since it began are counted (`arrived_since`). A malformed cursor, or one sent
+        with other filters, is a 400 `cursor_malformed`. `after` (a page's
+        `next_after`) is deprecated: such a page is read by id as before and can
+        miss a rejected event committed late (`as_of`, `arrived_since` and
+        `next_cursor` null); with `cursor` it is a 422 `cursor_and_after`.
         """
         principal = current_principal()
-        rows = list_quarantined(
-            session=db.session,
+        filters = QuarantineFilter(
             station_id=principal.station_filter(args.get("station_id")),
             device_id=args.get("device_id"),
             tracking_no=args.get("tracking_no"),
-            before_id=args["after"] or None,
-            limit=args["limit"],
         )
+        sent = args.get("cursor") or None
+        if sent is not None and args["after"]:
+            raise InvalidInput(
+                "send cursor or after, not both (after is deprecated: use cursor)",
+                code="cursor_and_after",
+                field="after",
+            )
+        walk = None
+        if args["after"]:  # deprecated: a page by id, which can miss a late commit
+            rows = list_quarantined(
+                session=db.session,
+                station_id=filters.station_id,
+                device_id=filters.device_id,
+                tracking_no=filters.tracking_no,
+                before_id=args["after"],
+                limit=args["limit"],
+            )
+        else:
+            walk = walk_quarantined(
+                session=db.session,
+                filters=filters,
+                cursor=WalkCursor.parse(sent),
+                limit=args["limit"],
+            )
+            rows = walk.rows
         unmasked = principal.role == Role.AUDITOR
         items = [
             {
@@ -73,7 +120,27 @@ class Quarantine(MethodView):
             }
             for row, pushed in rows
         ]
-        page = keyset_page(items, args["limit"], key=lambda item: item["id"])
+        page = {
+            **keyset_page(items, args["limit"], key=lambda item: item["id"]),
+            "as_of": None if walk is None else walk.as_of,
+            "arrived_since": None if walk is None else walk.arrived_since,
+            "next_cursor": None if walk is None or walk.next_cursor is None
+            else str(walk.next_cursor),
+        }  # fmt: skip
+        # Which page of which walk it was, as a proof search's entry says (a page read
+        # by ``after`` says so).
+        paging = (
+            {"after": args["after"], "next_after": page["next_after"]}
+            if walk is None
+            else {
+                "cursor": sent,
+                "as_of": walk.as_of,
+                "offset": walk.offset,
+                "entries": len(items),
+                "arrived_since": walk.arrived_since,
+                "next_cursor": page["next_cursor"],
+            }
+        )
         # The parcels the rejected events shown name, as a proof search is filed under
         # the parcels of the proofs it showed: a search by PDA or station is in each
         # one's history (``GET /audit?tracking_no=``), not only a search by its number.
@@ -86,6 +153,7 @@ class Quarantine(MethodView):
             {
                 **{k: args[k] for k in FILTERS if args.get(k) is not None},
                 "ids": [item["id"] for item in items],
+                **paging,
             },
             principal=principal,
             tracking_no=args.get("tracking_no"),  # a search of one parcel's rejected events

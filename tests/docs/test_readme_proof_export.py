@@ -4,9 +4,7 @@ times are answered in ISO 8601 (`2026-11-23T19:00:00+08:00`), which the export's
 `2026-12-04 09:12:00.123456+00:00` is not to a strict parser (a space for the `T`),
 nor did it say how a true, a false or a null is written."""
 
-import csv
 import datetime as dt
-import io
 import re
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from tests import factories
 from tests.conftest import Auth, World
+from tests.exports import exported
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TIMES = ("occurred_at", "occurred_at_device", "received_at")
@@ -55,7 +54,7 @@ def test_the_export_writes_its_cells_as_the_readme_says(
     auditor, query = auth.headers("auditor1"), {"tracking_no": parcel.tracking_no}
     [item] = client.get("/api/v1/proofs", query_string=query, headers=auditor).get_json()["items"]
     export = client.get("/api/v1/proofs/export.csv", query_string=query, headers=auditor)
-    [row] = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
+    [row] = exported(export.get_data(as_text=True))
 
     for column in TIMES:
         assert shape(example).fullmatch(row[column]), (column, row[column])

@@ -131,7 +131,7 @@ class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
         try:
             return super().wait(gen, *args, timeout=bound, **kwargs)
         except psycopg.OperationalError as error:
-            if not _no_answer_in_time(error, deadline):
+            if not _no_answer_in_time(error, deadline, self.pgconn.status):
                 raise
             # Half a conversation: the connection cannot be used again. Closed, the
             # pool throws it away (``connection.closed``) and the error is the lost
@@ -139,17 +139,26 @@ class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
             self.pgconn.finish()
             raise psycopg.OperationalError(
                 f"no answer from the database in {bound:g} s: connection closed"
-            ) from None
+            ) from error
 
 
-def _no_answer_in_time(error: psycopg.OperationalError, deadline: float) -> bool:
+def _no_answer_in_time(
+    error: psycopg.OperationalError, deadline: float, status: psycopg.pq.ConnStatus
+) -> bool:
     """Whether psycopg's wait gave up at its timeout: an error of the client's (no
     SQLSTATE: not the server's, such as its own cancellation, 57014) once the deadline
-    has passed. Told by these public marks, not by the class psycopg raises
-    (``psycopg.errors._WaitTimeout``, private: renamed or gone in any release, an
-    ``except`` naming it would itself fail, an ``AttributeError`` where a 503 was due).
-    A connection lost at that very moment reads the same, and is closed the same."""
-    return error.sqlstate is None and time.monotonic() >= deadline
+    has passed, on a connection libpq still holds as good (``status``). Told by these
+    public marks, not by the class psycopg raises (``psycopg.errors._WaitTimeout``,
+    private: renamed or gone in any release, an ``except`` naming it would itself
+    fail, an ``AttributeError`` where a 503 was due). A connection that broke (reset,
+    closed by the server: libpq then marks it bad) is no silence, even when its error
+    comes past the deadline (a thread held up on a loaded machine): its own error is
+    passed on, naming the true cause, a lost connection's all the same (a 503)."""
+    return (
+        error.sqlstate is None
+        and status == psycopg.pq.ConnStatus.OK
+        and time.monotonic() >= deadline
+    )
 
 
 def _bounded_connection(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:

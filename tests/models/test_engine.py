@@ -16,6 +16,7 @@ import psycopg
 import psycopg.waiting
 import pytest
 from sqlalchemy import Engine, event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InternalError, OperationalError
 
 from models import engine as engine_module
@@ -267,10 +268,12 @@ class _StalledPgconn:
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock.fileno()
         self.finished = False
+        self.broken = False  # as libpq marks a connection it lost (reset, closed)
 
     @property
     def status(self) -> psycopg.pq.ConnStatus:
-        return psycopg.pq.ConnStatus.BAD if self.finished else psycopg.pq.ConnStatus.OK
+        bad = self.finished or self.broken
+        return psycopg.pq.ConnStatus.BAD if bad else psycopg.pq.ConnStatus.OK
 
     def finish(self) -> None:
         self.finished = True
@@ -360,3 +363,73 @@ def test_a_server_error_within_the_bound_is_passed_on_as_it_is(
         ours.close()
         theirs.close()
     assert not connection.pgconn.finished  # type: ignore[attr-defined]
+
+
+LOST = "consuming input failed: server closed the connection unexpectedly"
+
+
+def test_a_connection_lost_whose_error_comes_past_the_bound_keeps_its_cause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that closed the connection is no silence: when its error reaches the
+    waiting thread only past the bound (held up on a loaded machine), the error is
+    still the lost connection's own, not "no answer from the database in 0.1 s", which
+    sent operators after a hung server (and the true cause was dropped)."""
+    monkeypatch.setattr(engine_module, "REPLY_MARGIN_SECONDS", 0.05)
+    ours, theirs = socket.socketpair()
+    connection = _connection_to(ours)
+    theirs.close()  # the server's end goes: ours reads its end at once
+
+    def lost_late() -> Iterator[psycopg.waiting.Wait]:
+        yield psycopg.waiting.Wait.R
+        time.sleep(0.15)  # the thread held up past the bound before it reads
+        connection.pgconn.broken = True  # type: ignore[attr-defined]  # as libpq does
+        raise psycopg.OperationalError(LOST)
+
+    set_statement_timeout(0.05)
+    try:
+        with pytest.raises(psycopg.OperationalError) as raised:
+            connection.wait(lost_late())  # type: ignore[arg-type]
+    finally:
+        set_statement_timeout(None)
+        ours.close()
+    assert str(raised.value) == LOST
+
+
+@pytest.mark.postgres_only
+def test_a_postgresql_connection_reset_past_the_bound_is_told_as_lost(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """The same with libpq and a real connection, reset by a proxy (``TcpProxy``) while
+    the waiting thread is held up past the bound: libpq's own error is raised, the
+    connection is closed (a lost connection's 503), not renamed a silence."""
+    from tests.live_server import TcpProxy
+
+    monkeypatch.setattr(engine_module, "REPLY_MARGIN_SECONDS", 0.2)
+    direct = make_url(database_url)
+    installed = psycopg.waiting.wait
+    held_up = []
+
+    with TcpProxy((direct.host or "127.0.0.1", direct.port or 5432)) as proxy:
+
+        def reset_while_held_up(gen: Any, fileno: int, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("timeout") is not None and not held_up:
+                held_up.append(proxy.cut())  # the connection reset...
+                time.sleep(kwargs["timeout"] + 0.05)  # ...the thread held up past the bound
+            return installed(gen, fileno, *args, **kwargs)
+
+        libpq_url = direct.set(drivername="postgresql", host="127.0.0.1", port=proxy.port)
+        connection = BoundedConnection.connect(
+            libpq_url.render_as_string(hide_password=False), autocommit=True
+        )
+        try:
+            monkeypatch.setattr(psycopg.waiting, "wait", reset_while_held_up)
+            set_statement_timeout(0.2)
+            with pytest.raises(psycopg.OperationalError) as raised:
+                connection.execute("SELECT 1")
+        finally:
+            set_statement_timeout(None)
+            connection.close()
+    assert held_up == [1]
+    assert "no answer from the database" not in str(raised.value), raised.value
+    assert raised.value.sqlstate is None and connection.broken

@@ -28,6 +28,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -53,8 +54,6 @@ from tests.live_server import (
     sign_in,
 )
 
-pytestmark = pytest.mark.postgres_only
-
 PDAS = 2
 BATCHES = 16  # per PDA: more than the cuts leave time for, however fast the pushes
 BATCH_SIZE = 200
@@ -77,6 +76,14 @@ STALL_FACTOR = 20.0
 # measured and judged by them, not dropped by the client as a lost connection.
 CLIENT_TIMEOUT_SECONDS = 120.0
 RETRY_PAUSE_SECONDS = 0.05
+# The test's own watch on its threads (``_join_watched``): a PDA checks its batch's
+# guard between attempts only, so one whose batch outlived the guard by more than an
+# attempt (``CLIENT_TIMEOUT_SECONDS``) and this margin is stuck, not slow; the cutter
+# ends within a cut once the PDAs have (it stops when one is done or failed). A stuck
+# thread fails the test within about 3 minutes on an idle machine, where joining each
+# thread for its 16 batches' guards took up to 48 minutes per thread.
+WATCH_MARGIN_SECONDS = 10.0
+CUTTER_GRACE_SECONDS = CUT_SECONDS + 10.0
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Load:
     lock: threading.Lock = field(default_factory=threading.Lock)
     attempts: list[Attempt] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
+    # The PDAs still pushing: when each began its current batch (its first attempt).
+    batch_started: dict[str, tuple[int, float]] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     pace: Pace = field(default_factory=Pace)  # of the pushes answered 200
 
@@ -111,6 +120,26 @@ class Load:
         """The PDAs that got a 200 for a push sent after ``moment``."""
         with self.lock:
             return {a.device for a in self.attempts if a.started > moment and a.status == 200}
+
+    def stuck(self) -> str | None:
+        """A PDA still pushing a batch past the moment its own guard would have ended
+        it (the guard, then one attempt, then ``WATCH_MARGIN_SECONDS``): its thread is
+        stuck. None when none is."""
+        limit = (
+            self.pace.bound(STALL_FLOOR_SECONDS, STALL_FACTOR)
+            + CLIENT_TIMEOUT_SECONDS
+            + WATCH_MARGIN_SECONDS
+        )
+        now = time.monotonic()
+        with self.lock:
+            pushing = dict(self.batch_started)
+        for device, (batch, started) in sorted(pushing.items()):
+            if now - started > limit:
+                return (
+                    f"{device}: batch {batch} pushed for {now - started:.0f} s, past its "
+                    f"guard and an attempt ({limit:.0f} s): the thread is stuck ({self.pace})"
+                )
+        return None
 
 
 def _device(n: int) -> str:
@@ -123,6 +152,8 @@ def _pda(port: int, token: str, device: str, bodies: list[dict[str, Any]], load:
         for number, body in enumerate(bodies):
             data = json.dumps(body).encode()
             first_attempt = time.monotonic()
+            with load.lock:
+                load.batch_started[device] = (number, first_attempt)
             while True:
                 bound = load.pace.bound(STALL_FLOOR_SECONDS, STALL_FACTOR)
                 if time.monotonic() - first_attempt >= bound:
@@ -151,6 +182,9 @@ def _pda(port: int, token: str, device: str, bodies: list[dict[str, Any]], load:
             load.done.add(device)
     except BaseException as exc:
         load.errors.append(exc)
+    finally:
+        with load.lock:
+            load.batch_started.pop(device, None)
 
 
 def _cutter(proxy: TcpProxy, load: Load, cuts: list[Cut], rng: random.Random) -> None:
@@ -173,6 +207,25 @@ def _cutter(proxy: TcpProxy, load: Load, cuts: list[Cut], rng: random.Random) ->
         load.errors.append(exc)
 
 
+def _join_watched(
+    pdas: list[threading.Thread], cutter: threading.Thread, load: Load, server: Server
+) -> None:
+    """Wait for the PDAs, then the cutter, failing as soon as one is stuck: a PDA past
+    its batch's guard and an attempt (``Load.stuck``), the cutter still running
+    ``CUTTER_GRACE_SECONDS`` after the PDAs ended. Each PDA ends by its batches' guards
+    however long a slow machine takes, so the wait has no bound of its own in seconds."""
+    for thread in pdas:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            reason = load.stuck()
+            assert reason is None, f"{reason}\n{server.log_tail()}"
+    cutter.join(timeout=CUTTER_GRACE_SECONDS)
+    assert not cutter.is_alive(), (
+        f"the cutter still runs {CUTTER_GRACE_SECONDS:.1f} s after the PDAs ended\n"
+        f"{server.log_tail()}"
+    )
+
+
 @pytest.fixture
 def cut_database() -> Any:
     base = postgresql_test_url()
@@ -181,6 +234,7 @@ def cut_database() -> Any:
         yield url
 
 
+@pytest.mark.postgres_only
 def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
     tmp_path: Path, cut_database: str
 ) -> None:
@@ -213,9 +267,7 @@ def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
             )
             for thread in [*pdas, cutter]:
                 thread.start()
-            for thread in [*pdas, cutter]:  # each PDA ends by its batches' guard
-                thread.join(timeout=BATCHES * (STALL_FLOOR_SECONDS + CLIENT_TIMEOUT_SECONDS))
-                assert not thread.is_alive(), f"{thread.name} still running\n{server.log_tail()}"
+            _join_watched(pdas, cutter, load, server)
         finally:
             proxy.restore()
             server.kill()
@@ -291,3 +343,79 @@ def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
         ledger.assert_exactly_once(pushed, context)
     finally:
         ledger.close()
+
+
+def _watch(
+    tmp_path: Path, pushing: Any, cutting: Any, load: Load
+) -> tuple[BaseException | None, float]:
+    """``_join_watched`` on a PDA thread running ``pushing`` and a cutter running
+    ``cutting`` (no server: its log is never read); what it raised and how long it took."""
+    pda = threading.Thread(target=pushing, daemon=True)
+    cutter = threading.Thread(target=cutting, daemon=True)
+    pda.start()
+    cutter.start()
+    started = time.monotonic()
+    try:
+        _join_watched([pda], cutter, load, Server({}, 0, tmp_path))
+    except AssertionError as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+@pytest.fixture
+def short_guards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch's bounds in tenths of a second: a PDA is stuck 0.5 s into a batch."""
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "STALL_FLOOR_SECONDS", 0.2)
+    monkeypatch.setattr(module, "CLIENT_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(module, "WATCH_MARGIN_SECONDS", 0.1)
+    monkeypatch.setattr(module, "CUTTER_GRACE_SECONDS", 0.3)
+
+
+@pytest.mark.usefixtures("short_guards")
+def test_a_stuck_pda_fails_the_test_past_its_guard_and_an_attempt(tmp_path: Path) -> None:
+    """A PDA thread that never comes back from a batch fails the test once its guard
+    and an attempt have passed, not after every batch's guard (48 minutes a thread)."""
+    load = Load()
+    release = threading.Event()
+
+    def stuck() -> None:
+        with load.lock:
+            load.batch_started[_device(0)] = (3, time.monotonic())
+        release.wait()
+
+    try:
+        error, took = _watch(tmp_path, stuck, lambda: None, load)
+    finally:
+        release.set()
+    assert error is not None and f"{_device(0)}: batch 3 pushed" in str(error), error
+    assert 0.5 <= took < 5
+
+
+@pytest.mark.usefixtures("short_guards")
+def test_a_stuck_cutter_fails_the_test_soon_after_the_pdas_end(tmp_path: Path) -> None:
+    release = threading.Event()
+    try:
+        error, took = _watch(tmp_path, lambda: None, release.wait, Load())
+    finally:
+        release.set()
+    assert error is not None and "the cutter still runs" in str(error), error
+    assert took < 5
+
+
+@pytest.mark.usefixtures("short_guards")
+def test_a_slow_pda_going_from_batch_to_batch_is_not_stuck(tmp_path: Path) -> None:
+    """Batches of 0.2 s each for 1.5 s in all, three times a stuck batch's 0.5 s: the
+    watch is per batch, not per run."""
+    load = Load()
+
+    def slow() -> None:
+        for number in range(8):
+            with load.lock:
+                load.batch_started[_device(0)] = (number, time.monotonic())
+            time.sleep(0.2)
+        with load.lock:
+            load.batch_started.pop(_device(0))
+
+    error, took = _watch(tmp_path, slow, lambda: None, load)
+    assert error is None and took >= 1.5

@@ -50,6 +50,8 @@ from tests.conftest import FAST_PASSWORD_HASH, TEST_JWT_SECRET
 # For one start of the server: a guard against hangs only, as the start is waited for
 # by its condition (``/healthz`` answers), so a loaded machine's slow start passes.
 START_DEADLINE_SECONDS = 60.0
+# For a SIGKILL: the master's exit, then the port's release (each waited for this long).
+KILL_DEADLINE_SECONDS = 10.0
 REQUEST_TIMEOUT_SECONDS = 15.0
 
 
@@ -300,6 +302,9 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
         self.log: TextIO | None = None
         self.ready_at = 0.0  # when it last answered /healthz after a start (monotonic)
+        # When its last kill began, until a start has it answer again (a restart in
+        # progress: ``ready_at`` is the previous start's then); None while it runs.
+        self.down_since: float | None = None
 
     @property
     def log_paths(self) -> list[Path]:
@@ -342,6 +347,7 @@ class Server:
             try:
                 if call(self.port, "GET", "/healthz")[0] == 200:
                     self.ready_at = time.monotonic()
+                    self.down_since = None
                     return
             except (OSError, http.client.HTTPException):
                 pass
@@ -354,16 +360,17 @@ class Server:
         process, self.process = self.process, None
         if process is None:
             return
+        self.down_since = time.monotonic()
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        process.wait(timeout=10)
+        process.wait(timeout=KILL_DEADLINE_SECONDS)
         if self.log is not None:
             self.log.close()
             self.log = None
         # The workers die with the master; their copies of the listening socket go with them.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + KILL_DEADLINE_SECONDS
         while not port_is_closed(self.port):
             if time.monotonic() > deadline:
                 raise AssertionError(f"port {self.port} still accepts after the SIGKILL")

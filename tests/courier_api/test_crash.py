@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 from tests.live_server import (
+    KILL_DEADLINE_SECONDS,
     START_DEADLINE_SECONDS,
     Ledger,
     Pace,
@@ -67,11 +68,15 @@ USERNAME = "crash-courier"
 PASSWORD = "crash-courier-password-1"
 DEVICE = "PDA-CRASH-01"
 # A guard against hangs: a batch unacknowledged this long since its first attempt or
-# the server's last start, whichever came later, or this many median pushes on a
-# machine slower than that (``Pace``). It bounded the whole run (90 s) and failed runs
-# that held on a loaded machine, where every push, kill and restart is slower.
+# the end of the server's last restart, whichever came later, or this many median
+# pushes on a machine slower than that (``Pace``). It bounded the whole run (90 s) and
+# failed runs that held on a loaded machine, where every push, kill and restart is
+# slower. A restart in progress is not counted (its start may take
+# ``START_DEADLINE_SECONDS``, more than the floor): it has a guard of its own, the
+# kill's waits and the start's, and this margin for the look at the database between.
 STALL_FLOOR_SECONDS = 60.0
 STALL_FACTOR = 20.0
+RESTART_GUARD_SECONDS = 2 * KILL_DEADLINE_SECONDS + START_DEADLINE_SECONDS + 30.0
 COMMIT_POLL_SECONDS = 0.001  # well below the time from commit to sent receipt
 RETRY_PAUSE_SECONDS = 0.05
 
@@ -151,6 +156,24 @@ def _killer(
             progress.condition.notify_all()
 
 
+def _stall(first_attempt: float, server: Server, pace: Pace) -> str | None:
+    """Why the batch first attempted at ``first_attempt`` counts as stuck now, or None:
+    unacknowledged past its guard since that attempt or the end of the server's last
+    restart, whichever came later; or the server down, in a restart, past
+    ``RESTART_GUARD_SECONDS`` (the killer's own deadlines fail it sooner)."""
+    now = time.monotonic()
+    down_since = server.down_since
+    if down_since is not None:
+        if now - down_since < RESTART_GUARD_SECONDS:
+            return None
+        return f"the server down for {now - down_since:.0f} s, in a restart"
+    stalled = now - max(first_attempt, server.ready_at)
+    bound = pace.bound(STALL_FLOOR_SECONDS, STALL_FACTOR)
+    if stalled < bound:
+        return None
+    return f"not acknowledged in {bound:.0f} s ({pace})"
+
+
 @pytest.fixture
 def crash_database(tmp_path: Path) -> Any:
     with server_database(tmp_path, "crash") as url:
@@ -188,10 +211,9 @@ def test_pushes_survive_sigkill_of_the_server_without_losing_or_doubling_events(
             first_attempt = time.monotonic()
             while True:
                 assert not progress.killer_errors, "the killer thread failed"
-                stalled = time.monotonic() - max(first_attempt, server.ready_at)
-                bound = pace.bound(STALL_FLOOR_SECONDS, STALL_FACTOR)
-                assert stalled < bound, (
-                    f"batch {number} not acknowledged in {bound:.0f} s ({pace}; seed {seed}); "
+                stall = _stall(first_attempt, server, pace)
+                assert stall is None, (
+                    f"batch {number}: {stall} (seed {seed}); "
                     f"failures {failures[-5:]}\n{server.log_tail()}"
                 )
                 with progress.condition:
@@ -275,3 +297,24 @@ def test_pushes_survive_sigkill_of_the_server_without_losing_or_doubling_events(
         ledger.assert_exactly_once({DEVICE: bodies}, context)
     finally:
         ledger.close()
+
+
+def test_a_batch_is_not_counted_stuck_while_the_server_restarts(tmp_path: Path) -> None:
+    """A restart may take ``START_DEADLINE_SECONDS`` (60 s) on a loaded machine, more
+    than the stall guard's floor: counted from the batch's first attempt before the
+    kill (``ready_at`` still the previous start's meanwhile), a restart within its own
+    deadline failed the test. The guard counts from the restart's end; the restart has
+    its own."""
+    server = Server({}, 0, tmp_path)
+    pace = Pace()
+    now = time.monotonic()
+    server.ready_at = now - 200.0  # the previous start
+    first_attempt = now - 70.0  # then the server was killed, and restarts since
+    server.down_since = now - 69.0
+    assert _stall(first_attempt, server, pace) is None
+    server.down_since, server.ready_at = None, now - 1.0  # up again a second ago
+    assert _stall(first_attempt, server, pace) is None
+    server.ready_at = now - STALL_FLOOR_SECONDS - 1.0  # up since, the batch unanswered
+    assert "not acknowledged in 60 s" in (_stall(first_attempt, server, pace) or "")
+    server.down_since = now - RESTART_GUARD_SECONDS - 1.0  # a restart that never ends
+    assert "in a restart" in (_stall(first_attempt, server, pace) or "")

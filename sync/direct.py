@@ -182,7 +182,10 @@ class DirectStatement:
         for value in params.values():  # a loop: any() over a generator costs twice this
             if isinstance(value, (list, tuple)) and len(value) > LONGEST_LIST:
                 return None
-        shape = (*params, *(len(params[name]) for name in self.expanding if name in params))
+        if self.expanding:
+            shape = (*params, *(len(params[name]) for name in self.expanding if name in params))
+        else:  # most statements: no generator made for lists they have none of
+            shape = (*params,)
         try:
             return self._templates[shape]
         except KeyError:
@@ -289,7 +292,8 @@ def _on_cursor(
     cursor = None
     try:
         made = parameters()
-        cursor = connection.connection.cursor()
+        # The driver's own, not through the pool's proxy (``cursor`` there is that call).
+        cursor = connection.connection.dbapi_connection.cursor()
         if dispatch.before_cursor_execute:
             dispatch.before_cursor_execute(connection, cursor, sql, made, None, False)
         cursor.execute(sql, made)

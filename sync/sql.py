@@ -115,6 +115,10 @@ class Prebuilt(Generic[S]):
         self._direct: weakref.WeakKeyDictionary[Dialect, DirectStatement] = (
             weakref.WeakKeyDictionary()
         )
+        # The dialect last run on and its statement: a service has one, and looking it
+        # up in ``_direct`` (a weak reference made per look-up) cost each statement of
+        # the writers' turn more than this. Holds that one dialect alive, no more.
+        self._last: tuple[Dialect, DirectStatement] | None = None
 
     def __call__(self, session: Session) -> S:
         return self._for(session.get_bind().dialect.name)
@@ -141,9 +145,15 @@ class Prebuilt(Generic[S]):
         """Run it once with ``params``, on the driver's cursor (``sync.direct``) unless
         SQLAlchemy must do it; the rows it returns, if any."""
         dialect = connection.dialect
-        direct = self._direct.get(dialect)
-        if direct is None:
-            direct = self._direct[dialect] = DirectStatement(self._for(dialect.name), dialect)
+        last = self._last
+        if last is not None and last[0] is dialect:
+            direct = last[1]
+        else:
+            found = self._direct.get(dialect)
+            if found is None:
+                found = self._direct[dialect] = DirectStatement(self._for(dialect.name), dialect)
+            direct = found
+            self._last = (dialect, direct)
         template = direct.template(params)
         if template is not None and ready(connection):
             return direct.run(connection, template, params)

@@ -8,11 +8,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import CompoundSelect, Connection, Engine, Select, bindparam, event, select, update
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Engine,
+    Select,
+    bindparam,
+    event,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, PendingRollbackError, StatementError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import _ConnectionFairy
 
 from models import FeedChange, FeedKind, Flag, FlagSeverity, FlagStatus, Parcel
+from models.engine import make_engine
 from sync import direct as direct_module
 from sync.accounts import SUBJECT_ROWS, check_token_subject
 from sync.consents import CONSENTS_OF_PARCELS
@@ -375,3 +386,48 @@ def test_a_row_visits_only_its_columns_with_a_conversion(
     ]
     assert 0 < len(converted) < len(row)
     assert shadowed  # compared with SQLAlchemy's row
+
+
+class _NoLookUp(dict[Any, Any]):
+    def get(self, key: Any, default: Any = None) -> Any:
+        raise AssertionError("looked up by dialect")
+
+
+def test_a_statement_run_again_on_its_last_dialect_is_not_looked_up(
+    session: Session, world: World, database_url: str
+) -> None:
+    """A service runs on one database: the statement kept for the dialect it last ran on
+    is used without the weak dictionary's look-up (a weak reference made each time, in
+    the writers' turn). Another dialect still gets a statement of its own."""
+    params = {"device_id": world.device.id}
+    first = LOCK_DEVICE_STATE.execute(session, params)
+    kept = LOCK_DEVICE_STATE._direct
+    LOCK_DEVICE_STATE._direct = _NoLookUp()  # type: ignore[assignment]
+    try:
+        assert LOCK_DEVICE_STATE.execute(session, params) == first
+    finally:
+        LOCK_DEVICE_STATE._direct = kept
+    other = make_engine(database_url, sqlite_begin="DEFERRED")  # a dialect of its own
+    try:
+        with other.connect() as connection:
+            assert LOCK_DEVICE_STATE.run(connection, {"device_id": "no-such-device"}) == []
+            assert LOCK_DEVICE_STATE._last is not None
+            assert LOCK_DEVICE_STATE._last[0] is other.dialect
+    finally:
+        other.dispose()
+    assert LOCK_DEVICE_STATE.execute(session, params) == first
+    assert LOCK_DEVICE_STATE._last[0] is session.get_bind().dialect
+
+
+def test_statements_run_directly_take_the_drivers_cursor_itself(
+    session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not through the pool's proxy of the connection, one call more per statement."""
+
+    def proxied(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a cursor made through the pool's proxy")
+
+    params = {"device_id": world.device.id}
+    expected = session.connection().execute(LOCK_DEVICE_STATE(session), params).all()
+    monkeypatch.setattr(_ConnectionFairy, "cursor", proxied)
+    assert LOCK_DEVICE_STATE.execute(session, params) == expected

@@ -132,6 +132,7 @@ from sync.sql import (
     chunks,
     flushed_connection,
     insert_ignoring_conflict,
+    json_text_param,
     plain_rows,
     rows_among,
     updating,
@@ -209,18 +210,32 @@ QUARANTINED = Prebuilt(
         among_param(dialect, _quarantined.c.payload_hash, "hashes"),
     )
 )
+# A receipt's JSON text, stored with its batch and sent as it is (``Receipt``): keys
+# sorted, compact, ASCII only, as Flask's JSON responses are outside debug mode.
+RECEIPT_JSON = json.JSONEncoder(ensure_ascii=True, sort_keys=True, separators=(",", ":"))
 NEW_BATCH = Prebuilt(
-    lambda dialect: insert_ignoring_conflict(
-        dialect, _batches, on=["device_id", "batch_id"]
-    ).returning(_batches.c.id)
-)
-STORE_RECEIPT = Prebuilt(
-    lambda _dialect: (
-        update(_batches)
-        .where(_batches.c.id == bindparam("batch_pk"))
-        .values(receipt=bindparam("receipt"))
+    lambda dialect: (
+        insert_ignoring_conflict(dialect, _batches, on=["device_id", "batch_id"])
+        .values(receipt=json_text_param(dialect, "receipt"))
+        .returning(_batches.c.id)
     )
 )
+STORE_RECEIPT = Prebuilt(
+    lambda dialect: (
+        update(_batches)
+        .where(_batches.c.id == bindparam("batch_pk"))
+        .values(receipt=json_text_param(dialect, "receipt"))
+    )
+)
+
+
+class Receipt(dict[str, Any]):
+    """A new batch's receipt, with ``encoded``, its JSON text as stored (``RECEIPT_JSON``):
+    encoded once, in the writers' turn, for the batch's row and for the answer, which
+    ``courier_api.api.sync.routes`` sends as it is. A receipt changed after it is made
+    is a plain ``dict`` (``{**receipt, ...}``), never this one changed in place."""
+
+    encoded: str
 
 
 def _columns_at_seqs(*columns: Any) -> Prebuilt[Select[Any]]:
@@ -645,7 +660,7 @@ def _new_batch(
             "event_count": len(batch.events),
             "request_hash": digest,
             "sent_hash": sent,
-            "receipt": {},
+            "receipt": "{}",  # the receipt comes last (``STORE_RECEIPT``)
         },
     ).scalar()
     return batch_pk
@@ -798,8 +813,11 @@ class _BatchIngest:
         self._close_settled_seq_conflicts()
         self._announce_drops(stored)
         receipt = self._receipt(tracker)
+        receipt.encoded = RECEIPT_JSON.encode(receipt)
         self.session.flush()
-        STORE_RECEIPT.execute(self.session, {"batch_pk": self.batch_pk, "receipt": receipt})
+        STORE_RECEIPT.execute(
+            self.session, {"batch_pk": self.batch_pk, "receipt": receipt.encoded}
+        )
         return receipt
 
     # -- classification ---------------------------------------------------------------------
@@ -2213,7 +2231,7 @@ class _BatchIngest:
 
     # -- receipt ---------------------------------------------------------------------------
 
-    def _receipt(self, tracker: SeqTracker) -> dict[str, Any]:
+    def _receipt(self, tracker: SeqTracker) -> Receipt:
         results = []
         for index in range(len(self.batch.events)):
             result = self.results[index]
@@ -2227,16 +2245,16 @@ class _BatchIngest:
                 if result.error.field:
                     item["error"]["field"] = result.error.field
             results.append(item)
-        return {
-            "batch_id": str(self.batch.batch_id),
-            "server_time": self.received_at.isoformat(),
-            "clock_offset_ms": self.offset_ms,
-            "results": results,
-            "acked_through_seq": self.acked_through_seq,
-            "missing_seqs": tracker.missing_seqs(self.rules.missing_seqs_limit),
-            "missing_seq_count": tracker.missing_count,
-            "flags_raised": self.raised,
-        }
+        return Receipt(
+            batch_id=str(self.batch.batch_id),
+            server_time=self.received_at.isoformat(),
+            clock_offset_ms=self.offset_ms,
+            results=results,
+            acked_through_seq=self.acked_through_seq,
+            missing_seqs=tracker.missing_seqs(self.rules.missing_seqs_limit),
+            missing_seq_count=tracker.missing_count,
+            flags_raised=self.raised,
+        )
 
 
 def _but_for_seq(event: ValidEvent, other: ValidEvent) -> bool:

@@ -12,10 +12,12 @@ from sqlalchemy import (
     Connection,
     CursorResult,
     Select,
+    Text,
     Update,
     all_,
     any_,
     bindparam,
+    cast,
     func,
     literal,
     select,
@@ -23,7 +25,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -80,6 +82,16 @@ def _among(
         return column != all_(array) if negated else column == any_(array)
     listed = bindparam(name, type_=column.type, expanding=True, **given)
     return column.not_in(listed) if negated else column.in_(listed)
+
+
+def json_text_param(dialect: str, name: str) -> ColumnElement[Any]:
+    """A JSON document's column set from the text given as parameter ``name``, already
+    encoded (``CAST(:name AS JSONB)`` on PostgreSQL, the text as it is on SQLite), for
+    a statement built once: the column's own type would encode it again."""
+    given = bindparam(name, type_=Text())
+    if dialect == "postgresql":
+        return cast(given, JSONB)
+    return given
 
 
 def updating(table: Any, *, by: str, param: str, columns: Sequence[str]) -> Update:

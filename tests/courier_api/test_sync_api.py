@@ -18,7 +18,7 @@ from werkzeug.local import LocalProxy
 
 from courier_api.api.quarantine import routes as quarantine_routes
 from courier_api.extensions import db
-from models import AuditEntry, Flag, Parcel, QuarantinedEvent, ScanEvent, User
+from models import AuditEntry, Flag, Parcel, QuarantinedEvent, ScanEvent, SyncBatch, User
 from tests import factories
 from tests.conftest import Auth, World
 from tests.factories import typed_loosely
@@ -88,6 +88,56 @@ def test_replaying_a_batch_returns_the_identical_receipt(
     assert second.status_code == 200
     assert second.get_data() == first.get_data()
     assert len(session.scalars(select(ScanEvent)).all()) == 1
+
+
+def stored_receipt(session: Session, batch_id: str) -> Any:
+    return session.scalar(
+        select(SyncBatch.receipt).where(SyncBatch.batch_id == uuid.UUID(batch_id))
+    )
+
+
+def test_a_new_batchs_receipt_is_encoded_once_and_sent_as_stored(
+    app: Flask,
+    client: FlaskClient,
+    courier: dict[str, str],
+    parcel: Parcel,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its JSON text is made once, in the writers' turn, for its row and for the answer:
+    the answer is those bytes, as ``jsonify`` writes the stored receipt, and a replay
+    (the stored receipt read back, then ``jsonify``) answers the same."""
+    encoded: list[Any] = []
+    dumps = app.json.dumps
+
+    def counted(obj: Any, **kwargs: Any) -> str:
+        if isinstance(obj, dict) and "results" in obj:  # a receipt, not a request's body
+            encoded.append(obj)
+        return dumps(obj, **kwargs)
+
+    monkeypatch.setattr(app.json, "dumps", counted)
+    body = factories.push_body("PDA-0001", [ev(1, parcel.tracking_no)])
+    first = client.post(PUSH, json=body, headers=courier)
+    assert first.status_code == 200
+    assert encoded == []  # not encoded again for the answer
+    stored = stored_receipt(session, body["batch_id"])
+    assert first.get_data() == app.json.response(stored).get_data()
+    replayed = client.post(PUSH, json=body, headers=courier)
+    assert replayed.get_data() == first.get_data()
+    assert len(encoded) == 2  # the replay's answer, by jsonify (and the check above)
+
+
+def test_in_debug_mode_a_new_batchs_receipt_is_indented_as_jsonify_writes_it(
+    app: Flask, client: FlaskClient, courier: dict[str, str], parcel: Parcel, session: Session
+) -> None:
+    app.debug = True
+    body = factories.push_body("PDA-0001", [ev(1, parcel.tracking_no)])
+    first = client.post(PUSH, json=body, headers=courier)
+    assert first.status_code == 200
+    assert first.get_data().startswith(b'{\n  "acked_through_seq": 1,\n')
+    assert (
+        first.get_data() == app.json.response(stored_receipt(session, body["batch_id"])).get_data()
+    )
 
 
 def test_a_batch_id_reused_with_other_events_is_409(

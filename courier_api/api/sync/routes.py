@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, current_app, g
+from flask.json.provider import DefaultJSONProvider
 from flask.views import MethodView
 
 from courier_api import metrics
@@ -220,9 +221,27 @@ class Push(MethodView):
                 _note_ignored_fields(body)
             receipt = {**receipt, "warnings": _ignored_field_warnings(body[IGNORED_FIELDS])}
         # The stored receipt as it is: a replay answers the same bytes, and a
-        # 1,000-event receipt is not walked through the schema again. ``jsonify``, its
-        # app already out of ``current_app``.
+        # 1,000-event receipt is not walked through the schema again. A new batch's is
+        # sent as its text was stored, when that is what ``jsonify`` would send (the
+        # same bytes, not encoded a second time); else ``jsonify``, its app already
+        # out of ``current_app``.
+        encoded = getattr(receipt, "encoded", None)
+        if encoded is not None and _sends_json_as_stored(app):
+            return app.response_class(f"{encoded}\n", mimetype=app.json.mimetype)
         return app.json.response(receipt)
+
+
+def _sends_json_as_stored(app: Flask) -> bool:
+    """Whether ``app``'s JSON responses are written as ``sync.ingest.RECEIPT_JSON``
+    writes a receipt: Flask's own provider, keys sorted, ASCII only, compact (not
+    indented, as in debug mode)."""
+    provider = app.json
+    return bool(
+        type(provider) is DefaultJSONProvider
+        and provider.sort_keys
+        and provider.ensure_ascii
+        and (provider.compact or (provider.compact is None and not app.debug))
+    )
 
 
 def _note_ignored_fields(body: dict[str, Any]) -> None:

@@ -115,14 +115,23 @@ def test_a_class_that_needs_no_consent_is_clean_without_one() -> None:
     assert kinds(locker_day(**POD), parcel=parcel) == set()
 
 
-@pytest.mark.parametrize(("revoked", "flagged"), [(25, {"unauthorized_locker_drop"}), (35, set())])
+@pytest.mark.parametrize(
+    ("revoked", "flagged"),
+    [(25, {"unauthorized_locker_drop"}), (30, {"unauthorized_locker_drop"}), (35, set())],
+)
 def test_revoked_consent_counts_only_until_revoked(revoked: float, flagged: set[str]) -> None:
+    """Revoked at the drop's very instant (30) it was no longer in force: "not revoked
+    at that time" (DESIGN.md rule 4) leaves no tie to the courier."""
     revoked_at = T + dt.timedelta(minutes=revoked)
     assert kinds(locker_day(**POD), [consent(10, revoked_at=revoked_at)]) == flagged
 
 
-@pytest.mark.parametrize(("expires", "flagged"), [(20, {"unauthorized_locker_drop"}), (40, set())])
+@pytest.mark.parametrize(
+    ("expires", "flagged"),
+    [(20, {"unauthorized_locker_drop"}), (30, {"unauthorized_locker_drop"}), (40, set())],
+)
 def test_expired_consent_does_not_authorize(expires: float, flagged: set[str]) -> None:
+    """Expiring at the drop's very instant (30), it no longer authorizes it."""
     expires_at = T + dt.timedelta(minutes=expires)
     assert kinds(locker_day(**POD), [consent(10, expires_at=expires_at)]) == flagged
 

@@ -220,6 +220,21 @@ def test_a_clean_shift_balances(session: Session, world: World, pda: Pda) -> Non
     assert handover_flags(session, shift) == {}
 
 
+def test_an_open_shift_with_a_parcel_still_out_does_not_balance(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """Missing > 0 unbalances the balance (DESIGN.md rule 5) before the courier is back
+    too, while no ``missing_at_handover`` flag is raised yet: a manager watching the
+    shift sees a parcel unaccounted for, not a shift that balances."""
+    a, b = parcels(session, world, 2)
+    shift = pda.open()
+    pda.push([pda.event(a), pda.event(b), pda.event(a, "delivered")])
+    balance = shift_balance(session=session, shift=shift)
+    assert (balance.checked_out, balance.delivered, balance.missing) == (2, 1, 1)
+    assert balance.missing_seqs == [] and balance.discrepancies == []
+    assert balance.status == "unbalanced"
+
+
 def test_events_are_filed_under_the_shift_open_when_they_happened(
     session: Session, world: World, pda: Pda
 ) -> None:

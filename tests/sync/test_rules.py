@@ -651,6 +651,21 @@ def test_a_delivery_by_a_courier_who_returned_it_before_another_took_it_is_flagg
     assert kinds(events) == {"delivered_not_checked_out"}
 
 
+def test_a_delivery_after_its_courier_returned_it_unchecked_out_again_is_flagged() -> None:
+    """Returned to the station, the parcel is checked out to no one: the same courier
+    delivering it afterwards without a new check-out delivered a parcel not checked out
+    to them (rule 1's example), besides the two final outcomes (rule 5)."""
+    signed = {"pod": {"signature_sha256": "b" * 64}}
+    events = [
+        ev(1, EventType.CHECKED_OUT, 0),
+        ev(2, EventType.RETURNED_TO_STATION, 60),
+        ev(3, EventType.DELIVERED, 120, **signed),
+    ]
+    flags = evaluate(EXPRESS, events, [], POLICY, frozenset({"b" * 64}))
+    assert set(flags) == {"conflicting_final_outcome", "delivered_not_checked_out"}
+    assert flags["delivered_not_checked_out"] == {"event_ids": [events[2].fact.event_id]}
+
+
 def test_consents_matter_to_a_drop_of_a_class_that_needs_them() -> None:
     assert consents_matter(EXPRESS, locker_day(**POD), POLICY)
     assert not consents_matter(ParcelFacts(ServiceClass.PARCEL), locker_day(**POD), POLICY)

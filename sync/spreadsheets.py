@@ -5,7 +5,8 @@ A cell a spreadsheet would run as a formula begins with one of ``FORMULA_STARTS`
 manager is written with a leading apostrophe there, which spreadsheets show as text
 and do not display. So is a phone number: "+8613800001234" would open as the number
 8.6E+12, a masked one as a formula that fails. The proof export and the station
-reports' CSV both write their text cells through ``as_text_cell``.
+reports' CSV both write their cells through ``csv_cell``, their text cells through
+``as_text_cell``.
 
 A spreadsheet whose list separator is ";" (Excel in most of continental Europe, where
 an auditor may open the export) splits each line of a comma-separated file at every
@@ -19,6 +20,7 @@ them too) gets the same apostrophe.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
@@ -36,3 +38,21 @@ def as_text_cell(value: Any) -> Any:
     if value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def csv_cell(value: Any, *, text: bool = False) -> Any:
+    """``value`` as every CSV the service writes holds it: as its JSON answers write it,
+    so that a script can match a row to them by text and a strict ISO 8601 parser reads
+    its times. A time in ISO 8601 with a ``T``, in UTC (``2026-12-04T09:12:00+00:00``,
+    a fraction only off a whole second), a date ``YYYY-MM-DD``, ``true`` or ``false``,
+    an empty cell for null, not Python's ``str`` (a space for the ``T``, ``True``).
+    ``text``: typed by a person, never run as a formula (``as_text_cell``)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return as_text_cell(value) if text else value

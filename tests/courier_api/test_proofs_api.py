@@ -39,6 +39,7 @@ from tests.conftest import Auth, World
 from tests.courier_api.test_transaction_conflicts import aborted
 from tests.courier_api.test_web_pages import signed_in
 from tests.exports import exported
+from tests.sync.test_spreadsheets import json_text
 
 URL = "/api/v1/proofs"
 SIGNED = {"recipient_name": "Li", "relation": "self", "signature_sha256": "b" * 64}
@@ -668,7 +669,7 @@ def test_a_delivery_voided_by_a_correction_is_marked_in_the_search_and_the_expor
     assert detail["voided"] is True
     export = client.get(f"{URL}/export.csv", query_string=query, headers=auditor)
     rows = exported(export.get_data(as_text=True))
-    assert [(r["tracking_no"], r["voided"]) for r in rows] == [(parcel.tracking_no, "True")]
+    assert [(r["tracking_no"], r["voided"]) for r in rows] == [(parcel.tracking_no, "true")]
     html = signed_in(app, "auditor1").get(f"/web/proofs?tracking_no={parcel.tracking_no}")
     row = html.split(f'id="proof-{items[0]["event_id"]}"')[1].split("</tr>")[0]
     assert "voided by a correction" in row and "nothing to authorize" in row
@@ -1019,8 +1020,8 @@ def test_the_search_and_the_export_name_the_locker_and_the_compartment(
     ]
     rows = _export(client, auth, {"tracking_no": dispute["parcel"].tracking_no})
     assert [(r["locker_id"], r["compartment"], r["point_id"], r["voided"]) for r in rows] == [
-        ("L-1", "3", "", "True"),
-        ("L-1", "5", "", "False"),
+        ("L-1", "3", "", "true"),
+        ("L-1", "5", "", "false"),
     ]
 
 
@@ -1041,6 +1042,56 @@ def test_the_search_and_the_export_say_which_consent_authorized_each_drop(
         row["authorizing_consent_channel"],
         dt.datetime.fromisoformat(row["authorizing_consent_granted_at"]),
     ) == (str(consent["id"]), "sms", dt.datetime.fromisoformat(consent["granted_at"]))
+
+
+# A time as the JSON answers write it, which a strict ISO 8601 parser (Java's
+# OffsetDateTime.parse) reads: a `T`, in UTC, a fraction only off a whole second.
+STRICT_UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?\+00:00")
+
+
+# The authorizing consent's fields the export writes, each as `authorizing_consent_<name>`.
+CONSENT_NAMED = ("id", "channel", "granted_at", "created_at", "created_by")
+TYPED = proofs_routes.TEXT_COLUMNS
+TIME = ("_at", "_at_device")  # how the export's time columns' names end
+
+
+def test_the_export_writes_each_cell_as_the_search_answers_it(
+    client: FlaskClient, auth: Auth, dispute: dict[str, Any]
+) -> None:
+    """An auditor's script matched the export's rows to the search's items by text, and
+    read their times with a strict ISO 8601 parser: the export wrote Python's own
+    (`2026-12-04 09:12:00.123456+00:00`, a space for the `T`; `True`, `False`), which
+    matched nothing and did not parse. Each cell of a field the search answers holds
+    the JSON's text, a null an empty cell."""
+    tracking_no = dispute["parcel"].tracking_no
+    items, rows = (
+        _items(client, auth, tracking_no),
+        _export(client, auth, {"tracking_no": tracking_no}),
+    )
+    assert [(i["voided"], r["voided"]) for i, r in zip(items, rows, strict=True)] == [
+        (True, "true"),
+        (False, "false"),
+    ]
+    for item, row in zip(items, rows, strict=True):
+        consent = item["authorizing_consent"] or {}
+        answered = {
+            **{c: item[c] for c in proofs_routes.CSV_COLUMNS if c in item and c not in TYPED},
+            **{f"authorizing_consent_{name}": consent.get(name) for name in CONSENT_NAMED},
+            **{f"{i['role']}_arrived_at": i["arrived_at"] for i in item["images"]},
+        }
+        assert {column: row[column] for column in answered} == {
+            column: json_text(value) for column, value in answered.items()
+        }
+        # Typed by a person, and the phone: as text, never a formula (an apostrophe).
+        assert row["recipient_phone"] == "'" + item["recipient_phone"]
+        times = {c for c in proofs_routes.CSV_COLUMNS if c.endswith(TIME) and row[c]}
+        assert {"occurred_at", "occurred_at_device", "received_at"} <= times
+        for column in times:
+            assert STRICT_UTC_TIME.fullmatch(row[column]), (column, row[column])
+    assert (
+        rows[-1]["authorizing_consent_granted_at"]
+        == items[-1]["authorizing_consent"]["granted_at"]
+    )  # the drop's consent's times too
 
 
 def test_a_proof_says_whether_its_drop_needed_a_consent(
@@ -1077,8 +1128,8 @@ def test_a_proof_says_whether_its_drop_needed_a_consent(
             row["consent_required"],
         )
     assert seen == {
-        ("locker", "express"): (True, "True"),
-        ("locker", "parcel"): (False, "False"),
+        ("locker", "express"): (True, "true"),
+        ("locker", "parcel"): (False, "false"),
         ("in_person", "express"): (None, ""),  # not left unattended: no consent to need
     }
 
@@ -1267,7 +1318,7 @@ def test_a_delivery_of_a_parcel_not_taken_in_is_a_proof_of_the_station_that_reco
         assert [e["event_id"] for e in detail["timeline"]][1:] == [item["event_id"]]
     assert signed[0]["pod"]["signature_sha256"] == "b" * 64
     (row,) = _export(client, auth, {"tracking_no": signed_no})
-    assert (row["parcel_taken_in"], row["signature_sha256"]) == ("False", "b" * 64)
+    assert (row["parcel_taken_in"], row["signature_sha256"]) == ("false", "b" * 64)
     # The recording station's manager sees them; another station's is told nothing.
     mine = {"station_id": world.station.id, "method": "in_person"}
     listed = client.get(URL, query_string=mine, headers=auth.headers("manager1")).get_json()
@@ -1789,7 +1840,7 @@ def test_a_proof_gives_an_auditor_its_clocks_its_seq_and_whether_its_images_arri
     [row] = _export(client, auth, {})
     assert (row["seq"], row["clock_offset_ms"]) == ("2", str(found["clock_offset_ms"]))
     assert row["signature_arrived_at"] == ""
-    assert row["photo_arrived_at"] == found["images"][1]["arrived_at"].replace("T", " ")
+    assert row["photo_arrived_at"] == found["images"][1]["arrived_at"]
 
 
 def test_a_delivery_scanned_twice_is_listed_as_a_repeat_of_its_first_scan(
@@ -2193,7 +2244,7 @@ def test_the_export_says_when_a_proofs_images_were_purged(
     [row] = _export(client, auth, {})
     assert list(row)[-2:] == ["signature_purged_at", "photo_purged_at"]
     assert row["signature_purged_at"] == ""
-    assert row["photo_purged_at"] == purged.isoformat().replace("T", " ")
+    assert row["photo_purged_at"] == purged.isoformat()
 
 
 def test_an_export_holds_a_delivery_committed_late_below_an_id_it_read_already(

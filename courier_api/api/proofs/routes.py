@@ -59,7 +59,7 @@ from sync.proofs import (
 )
 from sync.quarantine import count_naming
 from sync.rules import Policy
-from sync.spreadsheets import as_text_cell
+from sync.spreadsheets import csv_cell
 
 blp = ApiBlueprint(
     "proofs", __name__, url_prefix="/api/v1/proofs", description="Proofs of delivery"
@@ -574,7 +574,8 @@ def export_complete(proofs: int, export_id: str) -> str:
 
 
 def _csv_row(view: dict[str, Any]) -> list[Any]:
-    """A proof's view as a line of ``CSV_COLUMNS``."""
+    """A proof's view as a line of ``CSV_COLUMNS``, its cells as the search's JSON writes
+    them (``csv_cell``)."""
     pod, consent = view["pod"], view["authorizing_consent"] or {}
     arrived = {image["role"]: image["arrived_at"] for image in view["images"]}
     purged = {image["role"]: image["purged_at"] for image in view["images"]}
@@ -597,4 +598,4 @@ def _csv_row(view: dict[str, Any]) -> list[Any]:
         "signature_purged_at": purged.get("signature"),
         "photo_purged_at": purged.get("photo"),
     }
-    return [as_text_cell(row[c]) if c in TEXT_COLUMNS else row[c] for c in CSV_COLUMNS]
+    return [csv_cell(row[c], text=c in TEXT_COLUMNS) for c in CSV_COLUMNS]

@@ -82,7 +82,7 @@ from sync.errors import InvalidInput, NotFound
 from sync.handover import COUNT_FIELDS, BalanceStatus, compute_balance
 from sync.paging import MAX_PAGE_SIZE
 from sync.shifts import day_bounds, local_date
-from sync.spreadsheets import as_text_cell
+from sync.spreadsheets import csv_cell
 from sync.sql import among, chunks
 
 DELIVERY_OUTCOMES = frozenset(
@@ -535,7 +535,8 @@ def report_rows(body: Mapping[str, Any]) -> Iterator[list[Any]]:
     with shifts in the period), ``previous`` (the previous period's totals) and
     ``change`` (total minus previous). Flags have one column per kind that occurs.
     Names as they were typed (a courier's, a station's code) are text cells a
-    spreadsheet never runs as a formula (``sync.spreadsheets``).
+    spreadsheet never runs as a formula; every cell is written as the report's JSON
+    writes it (``sync.spreadsheets.csv_cell``).
     """
     rows: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
     station, period = body["station_code"], body["period"]
@@ -571,10 +572,10 @@ def report_rows(body: Mapping[str, Any]) -> Iterator[list[Any]]:
     yield header
     for key, metrics in rows:
         yield [
-            *(as_text_cell(key.get(column)) for column in ROW_COLUMNS),
-            *(metrics[name] for name in SCALAR_METRICS),
-            *(metrics["on_time"][c][part] for c in classes for part in ON_TIME_COLUMNS),
-            *(metrics["flags_by_kind"].get(kind, 0) for kind in kinds),
+            *(csv_cell(key.get(column), text=True) for column in ROW_COLUMNS),
+            *(csv_cell(metrics[name]) for name in SCALAR_METRICS),
+            *(csv_cell(metrics["on_time"][c][part]) for c in classes for part in ON_TIME_COLUMNS),
+            *(csv_cell(metrics["flags_by_kind"].get(kind, 0)) for kind in kinds),
         ]
 
 

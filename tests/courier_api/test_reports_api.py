@@ -26,6 +26,7 @@ from tests.sync.test_reports import (  # noqa: F401 (uploaded_photo: autouse fix
     parcel,
     uploaded_photo,
 )
+from tests.sync.test_spreadsheets import json_text
 
 
 def url(station_id: int, kind: str = "") -> str:
@@ -110,6 +111,42 @@ def test_daily_report_csv(client: FlaskClient, auth: Auth, world: World, day: No
     assert [row["scope"] for row in rows] == ["total", "day", "courier", "previous", "change"]
     assert rows[0]["checked_out"] == "2" and rows[0]["information_loss_rate"] == "0.5"
     assert rows[2]["courier_username"] == "courier1"
+
+
+def test_the_report_csv_writes_each_cell_as_the_json_answers_it(
+    client: FlaskClient, auth: Auth, world: World, day: None
+) -> None:
+    """Every CSV the service writes holds what its JSON says as the JSON writes it (a
+    rate, a mean, a null as an empty cell), as the proof export does: a script
+    reading both matches them by text (``sync.spreadsheets.csv_cell``)."""
+    path, headers = url(world.station.id, "daily"), auth.headers("manager1")
+    body = get(client, path, headers, date="2026-11-23").get_json()
+    rows = table(get(client, path, headers, date="2026-11-23", format="csv"))
+    answered = [
+        body["totals"],
+        *body["days"],
+        *body["couriers"],
+        body["previous"]["totals"],
+        body["change"],
+    ]
+    assert [row["scope"] for row in rows] == ["total", "day", "courier", "previous", "change"]
+    kinds: set[type] = set()
+    for row, metrics in zip(rows, answered, strict=True):
+        cells = {
+            **{name: metrics[name] for name in reports.SCALAR_METRICS},
+            **{
+                f"{column}_{service_class}": on_time[part]
+                for service_class, on_time in metrics["on_time"].items()
+                for part, column in reports.ON_TIME_COLUMNS.items()
+            },
+        }
+        assert {name: row[name] for name in cells} == {
+            name: json_text(value) for name, value in cells.items()
+        }
+        kinds |= {type(value) for value in cells.values()}
+    # a null among them (a class's on-time rate with none measured), a float, an integer
+    assert kinds == {type(None), float, int}
+    assert rows[1]["date"] == body["days"][0]["date"] == "2026-11-23"
 
 
 def test_the_report_csv_never_hands_a_spreadsheet_a_formula(

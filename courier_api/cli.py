@@ -21,7 +21,7 @@ from courier_api.extensions import db
 from courier_api.logs import ACCESS_LOGGER
 from models import DeviceStatus, Role
 from models import migrate as migrations
-from sync import audit, directory
+from sync import audit, device_moves, directory
 from sync.errors import DomainError
 
 
@@ -147,6 +147,7 @@ def register_commands(app: Flask) -> None:
         create_user,
         register_device,
         retire_device,
+        move_device,
         seed_demo,
         simulate,
         import_parcels,
@@ -395,6 +396,21 @@ def retire_device(device_id: str, lost: bool) -> None:
     directory.set_device_status(session=db.session, device=device, status=status, changed_by=None)
     db.session.commit()
     click.echo(f"device {device.id} is now {status.value}")
+
+
+@click.command("move-device")
+@click.argument("device_id")
+@click.option("--station", "station_code", required=True, help="Code of the station it went to")
+@with_appcontext
+@domain_errors_as_messages
+def move_device(device_id: str, station_code: str) -> None:
+    """Move the PDA DEVICE_ID to another station (one sent there); its tokens stop
+    working. Refused while it has a shift open or seqs not pushed at its old station."""
+    device = directory.get_device(session=db.session, device_id=device_id)
+    station = directory.get_station_by_code(session=db.session, code=station_code)
+    device_moves.move_device(session=db.session, device=device, station=station, moved_by=None)
+    db.session.commit()
+    click.echo(f"device {device.id} moved to {station.code}")
 
 
 # -- serving and data -------------------------------------------------------------------------

@@ -23,6 +23,9 @@ class Device(Base):
     last_seen_at: Mapped[dt.datetime | None]
     registered_at: Mapped[timestamp]
     status_changed_at: Mapped[dt.datetime | None]
+    # When an admin last moved it to another station (``sync.device_moves``): tokens
+    # issued before it no longer work, it signs in anew at its new station.
+    moved_at: Mapped[dt.datetime | None]
 
     station: Mapped[Station] = relationship(lazy="raise")
 

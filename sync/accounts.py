@@ -43,6 +43,7 @@ SUBJECT_ROWS = Prebuilt(
             _devices.c.station_id.label("device_station_id"),
             _devices.c.status.label("device_status"),
             _devices.c.status_changed_at.label("device_status_changed_at"),
+            _devices.c.moved_at.label("device_moved_at"),
             _families.c.revoked_at.label("family_revoked_at"),
         )
         .select_from(_users)
@@ -279,7 +280,11 @@ def check_token_subject(
     user = _User(row.active, row.credentials_version, row.role, row.station_id)
     device = (
         _Device(
-            row.device_id, row.device_station_id, row.device_status, row.device_status_changed_at
+            row.device_id,
+            row.device_station_id,
+            row.device_status,
+            row.device_status_changed_at,
+            row.device_moved_at,
         )
         if row.device_id is not None
         else None
@@ -312,6 +317,7 @@ class _Device:
     station_id: int
     status: DeviceStatus
     status_changed_at: dt.datetime | None
+    moved_at: dt.datetime | None
 
 
 def _check_subject(
@@ -361,4 +367,13 @@ def _check_device(
             f"device {device.id} was reported lost or retired after this token was "
             "issued; sign in again",
             code="device_not_active",
+        )
+    moved = device.moved_at
+    # A courier of the station it left fails the station check above; this stops the
+    # tokens of one it moves back to, and of the station it left if it moves there again.
+    if issued_at is not None and moved is not None and issued_at < moved.replace(microsecond=0):
+        raise AuthenticationFailed(
+            f"device {device.id} was moved to another station after this token was "
+            "issued; sign in again",
+            code="token_revoked",
         )

@@ -25,6 +25,7 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 # The audit log's entries for a station's or a PDA's change (``_audit_changes``).
 STATION_UPDATED = "station_updated"
 DEVICE_UPDATED = "device_updated"
+DEVICE_MOVED = "device_moved"  # an admin moved a PDA to another station (sync.device_moves)
 # An account created or changed by an admin (or the command line): who may act, and as
 # whom; a password changed is noted, never its hash.
 USER_CREATED = "user_created"
@@ -36,8 +37,8 @@ DEVICE_IDS_TAKEN = "device_taken"  # its calls' kind in sync.sign_in_limits
 DEVICE_IDS_TAKEN_PER_MANAGER = sign_in_limits.Limit(10, dt.timedelta(hours=24))
 TOO_MANY_DEVICE_IDS_TAKEN = "too_many_device_ids_taken"
 TAKEN_TOO_OFTEN = (
-    "too many registrations of PDA ids already registered, by this account (an admin "
-    "registers a PDA whose id is taken)"
+    "too many registrations of PDA ids already registered, by this account (a PDA sent "
+    "here from another station is not registered again: an admin moves it here)"
 )
 
 
@@ -298,7 +299,11 @@ def register_device(
     held = session.get(Device, device_id)
     if held is not None:
         taken = Conflict(
-            f"device {device_id} is already registered", code="device_exists", field="device_id"
+            f"device {device_id} is already registered; a PDA sent here from another "
+            "station is not registered again: an admin moves it here (POST "
+            f"/api/v1/devices/{device_id}/move, or courier-api move-device)",
+            code="device_exists",
+            field="device_id",
         )
         if registrar is None or held.station_id == station.id:
             raise taken
@@ -375,6 +380,25 @@ def set_device_status(
             session, DEVICE_UPDATED, "device", device.id, device.station_id, changes, changed_by
         )
     return device
+
+
+def record_device_moved(
+    *, session: Session, device: Device, old: Station, moved_by: int | None
+) -> None:
+    """The audit entry of ``device``'s move from ``old`` to the station it is at now
+    (``device_moved``: who, and the station from and to, by id and by code)."""
+    new = session.get(Station, device.station_id)
+    assert new is not None
+    _audit_changes(
+        session,
+        DEVICE_MOVED,
+        "device",
+        device.id,
+        old.id,
+        {"station_id": (old.id, new.id)},
+        moved_by,
+        noted={"from_station": old.code, "to_station": new.code},
+    )
 
 
 def list_devices(

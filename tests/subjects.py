@@ -282,6 +282,10 @@ REQUESTS: dict[str, Builder] = {
     ),
     "GET /api/v1/devices/{device_id}": _same(OWN("device_id")),
     "PATCH /api/v1/devices/{device_id}": _same(OWN("device_id"), json={"status": "active"}),
+    # The spare PDA, sent to the other station (MHG): no shift, nothing unsent.
+    "POST /api/v1/devices/{device_id}/move": lambda s, caller: Request(
+        OWN("device_id")(s), json={"station_id": s.day.other_station.id}
+    ),
     "GET /api/v1/devices/{device_id}/lost-seqs": _same(lambda s: {"device_id": COURIER[1]}),
     # COURIER's PDA: its rejected event at seq 900 left the seqs below it not pushed missing.
     "POST /api/v1/devices/{device_id}/lost-seqs": _same(

@@ -165,6 +165,7 @@ MATRIX: dict[str, Row] = {
     "POST /api/v1/devices":                                   api(201, 403, 403, 201, 403, 403, 403, 403),  # noqa: E501
     "GET /api/v1/devices/{device_id}":                        api(200, 200, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "PATCH /api/v1/devices/{device_id}":                      api(200, 403, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
+    "POST /api/v1/devices/{device_id}/move":                  api(200, "403 role_forbidden", 403, "403 role_forbidden", "403 role_forbidden", 403, 403, 403),  # noqa: E501
     "GET /api/v1/devices/{device_id}/lost-seqs":              api(200, 200, 403, 200, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "POST /api/v1/devices/{device_id}/lost-seqs":             api(201, 403, 403, 201, "404 device_not_found", 403, 403, 403),  # noqa: E501
     "POST /api/v1/parcels":                                   api("200 created", 403, "200 created", "200 created", "200 rejected", 403, 403, 403),  # noqa: E501

@@ -967,6 +967,7 @@ def test_lost_seq_write_offs_run_again_after_their_index_build_failed(scratch: E
     from tests import factories
 
     migrate.upgrade(scratch, f"{LOST_SEQS}-1")
+    _device_moved_at_running_code_writes(scratch)
     with Session(scratch) as session:
         station = factories.station(session)
         user = factories.user(session, "manager1", "station_manager", station)
@@ -1682,6 +1683,15 @@ def test_purges_written_before_are_filed_batch_by_batch(scratch: Engine) -> None
     assert _entry_parcels(scratch) == expected
 
 
+def _device_moved_at_running_code_writes(engine: Engine) -> None:
+    """Running code (a PDA registered) used at an older revision writes ``device.moved_at``,
+    which ``b7e2c4a9d1f6`` adds: added here by hand, as that migration adds it only where
+    it is not there yet."""
+    kind = "TIMESTAMP WITH TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
+    with engine.begin() as connection:
+        connection.execute(text(f"ALTER TABLE device ADD COLUMN moved_at {kind}"))
+
+
 def _audit_client_ip_running_code_writes(engine: Engine) -> None:
     """Running code (an entry appended, the log verified) used at an older revision reads
     and writes ``audit_entry.client_ip``, which ``f4a8c2e6b1d3`` adds: added here by hand,
@@ -1745,6 +1755,7 @@ def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_se
     migrate.upgrade(scratch, PURGES_BY_PARCEL)
     _audit_client_ip_running_code_writes(scratch)
     _columns_running_code_reads(scratch)
+    _device_moved_at_running_code_writes(scratch)
     with Session(scratch) as session:
         factories.station_day(
             session, "ST1", shifts=2, parcels_per_shift=3, day=dt.date(2026, 11, 20)
@@ -1966,6 +1977,7 @@ def test_a_rejected_event_gets_the_parcel_its_number_names_as_the_app_normalizes
     from sync.quarantine import list_quarantined, parcel_named
 
     migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
+    _device_moved_at_running_code_writes(scratch)
     _quarantine_before(scratch, WRITTEN_BEFORE)
     migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
     filled = _parcels_of_rejected(scratch)
@@ -1995,6 +2007,7 @@ def test_rejected_events_by_parcel_runs_again_after_its_index_build_failed(
     the index on the number as written is dropped only once the new one is built."""
 
     migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
+    _device_moved_at_running_code_writes(scratch)
     _quarantine_before(scratch, {n: WRITTEN_BEFORE[n] for n in (1, 2, 8)})
     expected = {1: "RR473124829GB", 2: "RR473124829GB", 8: None}
 
@@ -2121,6 +2134,7 @@ def test_a_rejected_event_gets_the_seq_its_pda_wrote_as_text(scratch: Engine) ->
     from sync.quarantine import list_quarantined
 
     migrate.upgrade(scratch, CONSENT_EXPIRIES)
+    _device_moved_at_running_code_writes(scratch)
     payloads = {
         row_id: json.dumps({"seq": sent, "type": "checked_out"}, sort_keys=True)
         for row_id, (sent, _) in SEQS_SENT.items()
@@ -2162,6 +2176,7 @@ def test_rejected_events_get_their_seqs_batch_by_batch(scratch: Engine) -> None:
     readable seq: each batch goes on from where the one before ended, none left out at
     a batch's edge; on PostgreSQL no transaction is held open between them."""
     migrate.upgrade(scratch, CONSENT_EXPIRIES)
+    _device_moved_at_running_code_writes(scratch)
     count = 2_500
     payloads = {
         n: json.dumps({"seq": str(n) if n % 3 else "n/a", "tracking_no": "RR473124829GB"})
@@ -2326,6 +2341,7 @@ def test_consent_requests_keep_the_pdas_id_runs_again_after_its_index_build_fail
     from tests import factories
 
     migrate.upgrade(scratch, ADDRESS_KEYS)
+    _device_moved_at_running_code_writes(scratch)
     columns = upgrade_stopped_by_index_build(
         scratch,
         CLIENT_REQUEST_IDS,
@@ -2506,6 +2522,7 @@ def test_point_ids_are_rewritten_upper_case_and_a_resent_event_stays_a_duplicate
 
     migrate.upgrade(scratch, DELIVERIES_SKIPPED)
     _columns_running_code_reads(scratch)
+    _device_moved_at_running_code_writes(scratch)
     rules = IngestRules(
         events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
     )
@@ -3171,6 +3188,7 @@ def test_stored_acknowledgements_past_seqs_written_off_come_down_to_the_rule_now
     from tests import factories
 
     migrate.upgrade(scratch, REJECTED_IMAGES)
+    _device_moved_at_running_code_writes(scratch)
     with Session(scratch) as session:
         station = factories.station(session)
         for device in ("PDA-0001", "PDA-0002", "PDA-0003", "PDA-0004"):

@@ -9,6 +9,7 @@ from courier_api.api.base import RATE_LIMITED, ApiBlueprint
 from courier_api.api.devices.schemas import (
     DeviceCreate,
     DeviceListArgs,
+    DeviceMove,
     DeviceOut,
     DevicePage,
     DeviceUpdate,
@@ -27,7 +28,7 @@ from courier_api.auth import (
 from courier_api.config import inversion_tolerance_of
 from courier_api.extensions import db
 from models import Device, Role, SeqWriteOff
-from sync import directory, lost_seqs, sign_in_limits
+from sync import device_moves, directory, lost_seqs, sign_in_limits
 from sync.acks import SeqTracker, seq_count
 from sync.errors import InvalidInput
 from sync.handover import MISSING_SEQS_SHOWN
@@ -139,6 +140,42 @@ class DeviceById(MethodView):
             device=device,
             status=body["status"],
             changed_by=current_principal().user_id,
+        )
+        db.session.commit()
+        return device
+
+
+@blp.route("/<string:device_id>/move")
+class DeviceMoveView(MethodView):
+    @blp.auth(Role.ADMIN)
+    @blp.arguments(DeviceMove)
+    @blp.response(200, DeviceOut)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
+    def post(self, body: dict[str, Any], device_id: str) -> Device:
+        """Move a PDA to another station (admin)
+
+        For a PDA sent from one station to another: ids are unique across stations,
+        so it is moved, not registered again (which is a 409 `device_exists`). What
+        it did at its old station stays there: its shifts, events, proofs, flags and
+        write-offs keep their station, so the old station's board and reports are
+        unchanged and the new station's hold what it does from the move on. Refused
+        (409) while anything of the old station is still under way on it: a shift
+        open (`device_has_open_shift`: it is handed over and closed there first), or
+        seqs the server does not hold (`device_has_unsynced_seqs`, naming them:
+        events still on the PDA, pushed at the old station or written off as lost
+        by its manager first). An unknown station is a 404 `station_not_found`. Its
+        tokens stop working (`token_revoked`): it signs in anew at its new station.
+        On the audit log (`device_moved`: who, the station from and to). To the
+        station it is at already, nothing changes.
+        """
+        device = directory.get_device(session=db.session, device_id=device_id)
+        station = directory.get_station(session=db.session, station_id=body["station_id"])
+        device_moves.move_device(
+            session=db.session,
+            device=device,
+            station=station,
+            moved_by=current_principal().user_id,
         )
         db.session.commit()
         return device

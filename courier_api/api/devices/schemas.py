@@ -25,6 +25,10 @@ class DeviceUpdate(ma.Schema):
     status = ma.fields.Enum(DeviceStatus, by_value=True, required=True)
 
 
+class DeviceMove(ma.Schema):
+    station_id = Id(required=True, metadata={"description": "The station the PDA was sent to"})
+
+
 class DeviceListArgs(PageArgs):
     station_id = Id()
     status = ma.fields.Enum(DeviceStatus, by_value=True)

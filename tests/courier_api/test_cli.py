@@ -79,6 +79,24 @@ def test_retire_device_writes_the_change_to_the_audit_log(
     assert result.exit_code == 0 and "audit log intact" in result.output, result.output
 
 
+def test_move_device_moves_a_pda_sent_to_another_station(
+    runner: FlaskCliRunner, session: Session, world: World
+) -> None:
+    """As `POST /devices/<id>/move` does, naming no actor; refused in one line while the
+    PDA's old station has a shift open on it."""
+    result = runner.invoke(args=["move-device", "PDA-0001", "--station", "ST2"])
+    assert result.exit_code == 0 and "device PDA-0001 moved to ST2" in result.output
+    session.expire_all()
+    assert session.get(Device, "PDA-0001").station_id == world.other_station.id
+    [entry] = session.scalars(select(AuditEntry).where(AuditEntry.action == "device_moved"))
+    assert (entry.actor_id, entry.details["by"]) == (None, "the command line")
+    assert entry.details["changes"] == {
+        "station_id": {"from": world.station.id, "to": world.other_station.id}
+    }
+    result = runner.invoke(args=["move-device", "PDA-0001", "--station", "NOPE"])
+    assert result.exit_code == 1 and "no station with code 'NOPE'" in result.output
+
+
 def test_cli_errors_are_one_clear_line(runner: FlaskCliRunner, world: World) -> None:
     result = runner.invoke(args=["create-station", "ST1", "--name", "Again"])
     assert result.exit_code == 1

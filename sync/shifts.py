@@ -289,7 +289,15 @@ def _open_shift(
             field="planned_end_at",
         )
     # Pushes of this PDA wait for the opening, or it for them: each sees the other.
-    lock_device_state(session, device.id)
+    state = lock_device_state(session, device.id)
+    if state.device_station_id is not None and state.device_station_id != device.station_id:
+        # Moved by an admin while this opening waited for the lock (the courier's token
+        # was checked before): no shift of the old station opens on a PDA that left it.
+        raise Conflict(
+            f"device {device.id} was moved to another station; sign in again",
+            code="device_moved",
+            field="device_id",
+        )
     current = open_shift_of(session=session, device_id=device.id)
     if current is not None:
         raise _already_open(session, current, courier_id=courier_id)

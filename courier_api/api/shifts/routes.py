@@ -71,7 +71,8 @@ class Shifts(MethodView):
         its `last_seq`, or before its `first_seq`), is a 409 `first_seq_used`, except
         events the courier's previous shift (closed without its `last_seq`) holds only
         because they came just after its close: the opening takes those. The sign-in's
-        `device_max_seq` + 1 is never used.
+        `device_max_seq` + 1 is never used. A PDA an admin moved to another station
+        while the opening waited for it is a 409 `device_moved`: sign in again there.
         """
         principal = current_principal()
         device = db.session.get(Device, principal.device_id)

@@ -50,12 +50,15 @@ def move_device(
     Refused (409) while it has a shift open (``device_has_open_shift``) or seqs not
     pushed (``device_has_unsynced_seqs``): both belong to its old station. Takes the
     device's sync-state lock first, as a push and a shift's opening do, so that
-    neither slips in between the checks and the move. To the station it is at
-    already, nothing changes and nothing is logged.
+    neither slips in between the checks and the move, and two moves take turns (the
+    second moves it from where the first left it). To the station it is at already,
+    nothing changes and nothing is logged.
     """
+    state = lock_device_state(session, device.id)
+    if state.device_station_id != device.station_id:
+        session.refresh(device)  # another admin's move committed while this one waited
     if device.station_id == station.id:
         return device
-    state = lock_device_state(session, device.id)
     old = session.get(Station, device.station_id)
     assert old is not None
     shift = open_shift_of(session=session, device_id=device.id)

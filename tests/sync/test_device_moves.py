@@ -4,11 +4,12 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import Device, Shift
+from models import AuditEntry, Device, Shift
 from sync import shifts
-from sync.device_moves import unsynced_seqs
+from sync.device_moves import move_device, unsynced_seqs
 from sync.errors import Conflict
 from sync.shifts import ShiftRules
+from tests import factories
 from tests.conftest import World
 
 
@@ -39,3 +40,24 @@ def test_a_shift_opening_that_waited_for_a_move_does_not_open_at_the_old_station
         )
     assert refused.value.code == "device_moved"
     assert session.scalars(select(Shift)).all() == []
+
+
+def test_a_move_that_waited_for_another_moves_the_pda_from_where_that_one_left_it(
+    session: Session, world: World
+) -> None:
+    """Two admins move the same PDA at once, to ST2 and to ST3: the second, which loaded
+    the PDA at ST1 before it had the lock, moves it from ST2, and says so."""
+    third = factories.station(session, code="ST3")
+    device = world.device  # as the second move's request loaded it, at ST1
+    session.execute(
+        update(Device.__table__)
+        .where(Device.__table__.c.id == device.id)
+        .values(station_id=world.other_station.id)
+    )
+    move_device(session=session, device=device, station=third, moved_by=world.admin.id)
+    assert device.station_id == third.id
+    (entry,) = session.scalars(select(AuditEntry).where(AuditEntry.action == "device_moved"))
+    assert entry.details["changes"] == {
+        "station_id": {"from": world.other_station.id, "to": third.id}
+    }
+    assert (entry.details["from_station"], entry.details["to_station"]) == ("ST2", "ST3")

@@ -72,8 +72,10 @@ class Devices(MethodView):
         """Register a PDA at a station (admin, or a manager for their own station)
 
         An id already registered is a 409 `device_exists`, whichever station's PDA holds
-        it. Ids are unique across stations, so a manager's registration refused for an
-        id another station's PDA holds is on the audit log
+        it: a PDA sent from another station is moved by an admin
+        (`POST /devices/<id>/move`), not registered again. Ids are unique across
+        stations, so a manager's registration refused for an id another station's PDA
+        holds is on the audit log
         (`device_registration_refused`: who, the id, and both stations, for an admin to
         settle), once per id in 24 hours (the same id tried again is answered alike,
         neither counted nor logged again), and a manager who met 10 such ids in 24

@@ -1686,10 +1686,11 @@ def test_purges_written_before_are_filed_batch_by_batch(scratch: Engine) -> None
 def _device_moved_at_running_code_writes(engine: Engine) -> None:
     """Running code (a PDA registered) used at an older revision writes ``device.moved_at``,
     which ``b7e2c4a9d1f6`` adds: added here by hand, as that migration adds it only where
-    it is not there yet."""
+    it is not there yet. Added once: called again, nothing changes."""
     kind = "TIMESTAMP WITH TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
     with engine.begin() as connection:
-        connection.execute(text(f"ALTER TABLE device ADD COLUMN moved_at {kind}"))
+        if "moved_at" not in {c["name"] for c in inspect(connection).get_columns("device")}:
+            connection.execute(text(f"ALTER TABLE device ADD COLUMN moved_at {kind}"))
 
 
 def _audit_client_ip_running_code_writes(engine: Engine) -> None:
@@ -1923,6 +1924,7 @@ def _quarantine_before(engine: Engine, written: dict[int, tuple[str | None, str 
     from models import SyncBatch
     from tests import factories
 
+    _device_moved_at_running_code_writes(engine)
     with Session(engine) as session:
         if session.get(SyncBatch, 1) is None:
             station = factories.station(session)
@@ -1977,7 +1979,6 @@ def test_a_rejected_event_gets_the_parcel_its_number_names_as_the_app_normalizes
     from sync.quarantine import list_quarantined, parcel_named
 
     migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
-    _device_moved_at_running_code_writes(scratch)
     _quarantine_before(scratch, WRITTEN_BEFORE)
     migrate.upgrade(scratch, QUARANTINE_BY_PARCEL)
     filled = _parcels_of_rejected(scratch)
@@ -2007,7 +2008,6 @@ def test_rejected_events_by_parcel_runs_again_after_its_index_build_failed(
     the index on the number as written is dropped only once the new one is built."""
 
     migrate.upgrade(scratch, BEFORE_QUARANTINE_BY_PARCEL)
-    _device_moved_at_running_code_writes(scratch)
     _quarantine_before(scratch, {n: WRITTEN_BEFORE[n] for n in (1, 2, 8)})
     expected = {1: "RR473124829GB", 2: "RR473124829GB", 8: None}
 
@@ -2134,7 +2134,6 @@ def test_a_rejected_event_gets_the_seq_its_pda_wrote_as_text(scratch: Engine) ->
     from sync.quarantine import list_quarantined
 
     migrate.upgrade(scratch, CONSENT_EXPIRIES)
-    _device_moved_at_running_code_writes(scratch)
     payloads = {
         row_id: json.dumps({"seq": sent, "type": "checked_out"}, sort_keys=True)
         for row_id, (sent, _) in SEQS_SENT.items()
@@ -2176,7 +2175,6 @@ def test_rejected_events_get_their_seqs_batch_by_batch(scratch: Engine) -> None:
     readable seq: each batch goes on from where the one before ended, none left out at
     a batch's edge; on PostgreSQL no transaction is held open between them."""
     migrate.upgrade(scratch, CONSENT_EXPIRIES)
-    _device_moved_at_running_code_writes(scratch)
     count = 2_500
     payloads = {
         n: json.dumps({"seq": str(n) if n % 3 else "n/a", "tracking_no": "RR473124829GB"})

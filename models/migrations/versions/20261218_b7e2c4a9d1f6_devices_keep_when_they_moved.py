@@ -10,7 +10,7 @@ moved before (there was no way to). Added only where it is not there yet: runnin
 used at an older revision (tests/models/test_migrations.py) writes it.
 
 Revision ID: b7e2c4a9d1f6
-Revises: a4d8f2c6e0b3
+Revises: c44a2b76db50
 Create Date: 2026-12-18 09:00:00.000000
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b7e2c4a9d1f6"
-down_revision: str | None = "a4d8f2c6e0b3"
+down_revision: str | None = "c44a2b76db50"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

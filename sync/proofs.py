@@ -30,7 +30,15 @@ from sync.consents import consents_by_id, consents_for
 from sync.errors import CursorReset, InvalidCursor, InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
-from sync.paging import MAX_PAGE_SIZE, NOTHING_WALKED, WalkCursor, walk_digest
+from sync.paging import (
+    MAX_PAGE_SIZE,
+    NOTHING_WALKED,
+    WalkCursor,
+    WalkDigest,
+    summed_walk,
+    walk_digest,
+    walk_sums,
+)
 from sync.parcels import TimelineEntry, timeline_around
 from sync.projection import voided_in_sql
 from sync.rules import (
@@ -299,12 +307,13 @@ def search_page(
     id after them never saw it (paging by ``after_id`` skips it, and an auditor takes
     its absence for none). One committed late above the last shown comes in a later
     page, as any does; below it, the walk's last page finds it: it counts the matching
-    deliveries up to ``as_of`` (one statement, their ids alone) against those the walk
-    showed (the cursor carries their number and their digest, ``walk_digest``), and a
-    difference is a ``CursorReset`` (a 410: search again, naming how many the walk
-    showed and how many match) rather than a last page of a walk that left one out. So every
-    matching delivery with an id up to ``as_of`` committed before the walk's last page
-    was read is in exactly one page of it, or that page is refused. The same happens
+    deliveries up to ``as_of`` (one statement summing a mix of their ids, an index's)
+    against those the walk showed (the cursor carries their number and their digest,
+    ``walk_digest``), and a difference is a ``CursorReset`` (a 410: search again,
+    naming how many the walk showed and how many match) rather than a last page of a
+    walk that left one out. So every matching delivery with an id up to ``as_of``
+    committed before the walk's last page was read is in exactly one page of it, or
+    that page is refused. The same happens
     when what matches changed below it (a flag of ``flag_kind`` raised or closed, a
     parcel moved to another station). Pages before the last read only their rows."""
     limit = min(limit, MAX_PAGE_SIZE)
@@ -345,17 +354,14 @@ def search_page(
 
 
 def _check_walk(
-    session: Session, filters: ProofFilter, as_of: int, count: int, walked: str
+    session: Session, filters: ProofFilter, as_of: int, count: int, walked: WalkDigest
 ) -> None:
     """Refuse a walk's last page when the deliveries matching ``filters`` up to ``as_of``
-    are not the ``count`` the walk showed, whose ids' digest is ``walked``: their ids
-    read in order (an index's, no row), a thousand at a time."""
-    query = _query(filters).with_only_columns(ScanEvent.id).where(ScanEvent.id <= as_of)
-    found, digest = 0, NOTHING_WALKED
-    ids = session.scalars(query.order_by(ScanEvent.id).execution_options(yield_per=1000))
-    for chunk in ids.partitions():
-        found += len(chunk)
-        digest = walk_digest(chunk, digest)
+    are not the ``count`` the walk showed, whose ids' digest is ``walked``: their number
+    and digest summed in SQL, one statement (an index's, no row), so that the last page
+    of a walk through a year costs no reading of its million ids into Python."""
+    query = _query(filters).with_only_columns(*walk_sums(ScanEvent.id))
+    found, digest = summed_walk(session.execute(query.where(ScanEvent.id <= as_of)).one())
     if (found, digest) != (count, walked):
         raise CursorReset(
             f"this walk showed {count} deliveries matching the search up to event "

@@ -22,7 +22,15 @@ from sqlalchemy.orm import Session
 
 from models import QuarantinedEvent, SyncBatch
 from sync.errors import CursorReset, InvalidCursor
-from sync.paging import MAX_PAGE_SIZE, NOTHING_WALKED, WalkCursor, walk_digest
+from sync.paging import (
+    MAX_PAGE_SIZE,
+    NOTHING_WALKED,
+    WalkCursor,
+    WalkDigest,
+    summed_walk,
+    walk_digest,
+    walk_sums,
+)
 from sync.phones import mask_phones_in, mask_phones_in_json, shown_text
 from sync.sql import among_at_once, chunks
 from sync.tracking import normalize
@@ -156,14 +164,14 @@ def walk_quarantined(
     ``next_cursor``) stands.
 
     As a proof search's walk (``sync.proofs.search_page``): the walk reads the rejected
-    events with an id up to ``as_of``, the highest at its first page. An id is taken when
-    a push stores the event, not when it commits: on PostgreSQL a push committing late
-    holds an id among those already shown, and a page read by ``before_id`` below them
-    never saw it (an auditor took its absence for none). Its last page reads the ids of
-    every matching rejected event up to ``as_of`` (one statement, an index's) and
-    compares their number and digest with those the walk showed: a difference is a
-    ``CursorReset`` (410: search again) rather than a last page of a walk that left one
-    out. Later ones are counted (``arrived_since``)."""
+    events with an id up to ``as_of``, the highest at its first page. An id is taken
+    when a push stores the event, not when it commits: on PostgreSQL a push committing
+    late holds an id among those already shown, and a page read by ``before_id`` below
+    them never saw it (an auditor took its absence for none). Its last page counts the
+    matching rejected events up to ``as_of`` and sums a mix of their ids (one statement,
+    an index's) to compare their number and digest with those the walk showed: a
+    difference is a ``CursorReset`` (410: search again) rather than a last page of a
+    walk that left one out. Later ones are counted (``arrived_since``)."""
     limit = min(limit, MAX_PAGE_SIZE)
     key = search_key(filters)
     if cursor is not None and cursor.search != key:
@@ -204,20 +212,15 @@ def walk_quarantined(
 
 
 def _check_walk(
-    session: Session, filters: QuarantineFilter, as_of: int, count: int, walked: str
+    session: Session, filters: QuarantineFilter, as_of: int, count: int, walked: WalkDigest
 ) -> None:
     """Refuse a walk's last page when the rejected events matching ``filters`` up to
-    ``as_of`` are not the ``count`` the walk showed, newest first, whose ids' digest is
-    ``walked``."""
-    query = (
-        select(QuarantinedEvent.id)
-        .where(*_matching(filters), QuarantinedEvent.id <= as_of)
-        .order_by(QuarantinedEvent.id.desc())
+    ``as_of`` are not the ``count`` the walk showed, whose ids' digest is ``walked``:
+    their number and digest summed in SQL, one statement (an index's)."""
+    query = select(*walk_sums(QuarantinedEvent.id)).where(
+        *_matching(filters), QuarantinedEvent.id <= as_of
     )
-    found, digest = 0, NOTHING_WALKED
-    for chunk in session.scalars(query.execution_options(yield_per=1000)).partitions():
-        found += len(chunk)
-        digest = walk_digest(chunk, digest)
+    found, digest = summed_walk(session.execute(query).one())
     if (found, digest) != (count, walked):
         raise CursorReset(
             f"this walk showed {count} rejected events up to id {as_of}; {found} match "

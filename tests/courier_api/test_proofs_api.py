@@ -2478,8 +2478,9 @@ def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
     headers = auth.headers("auditor1")
     first = walk_page(client, headers, limit=1, method="in_person").json
     cursor = first["next_cursor"]
-    as_of, offset, after, walked, key = cursor.split(".")
-    assert (int(as_of), int(offset), int(after), walked) == (
+    as_of, offset, after, first_sum, second_sum, key = cursor.split(".")
+    walked = f"{first_sum}.{second_sum}"
+    assert (int(as_of), int(offset), int(after), (int(first_sum), int(second_sum))) == (
         delivered[1], 1, delivered[0], walk_digest([delivered[0]])
     )  # fmt: skip
     for wrong in (
@@ -2487,8 +2488,8 @@ def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
         f"{as_of}.1.{after}.{walked}",
         f"{as_of}.1.{after}.{walked}.{key}x",
         f"{as_of}.1.{after}.{walked}.{key.upper()}",
-        f"{as_of}.1.{after}.{walked.upper()}.{key}",
-        f"{as_of}.1.{after}.{walked[1:]}.{key}",
+        f"{as_of}.1.{after}.{first_sum}.{2**31}.{key}",  # beyond a digest's sum
+        f"{as_of}.1.{after}.{first_sum}.{second_sum}0000000000.{key}",
         f"{10**20}.1.{after}.{walked}.{key}",
         f"{2**63}.1.{after}.{walked}.{key}",  # 19 digits, beyond a BIGINT
         f"{as_of}.{2**63}.{after}.{walked}.{key}",
@@ -2500,11 +2501,11 @@ def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(
         assert malformed.status_code == 400, wrong
         assert malformed.json["code"] == "cursor_malformed"
         assert list(malformed.json["errors"]) == ["cursor"]
-    # A cursor handed out before the walk kept its ids' digest (it kept their sum).
-    summed = walk_page(
-        client, headers, f"{as_of}.1.{after}.{after}.{key}", limit=1, method="in_person"
-    )
-    assert summed.status_code == 410 and summed.json["code"] == "cursor_reset"
+    # A cursor handed out before the walk kept its ids' digest summed as now: it kept
+    # their sum, then a digest of them chained in order.
+    for earlier in (f"{as_of}.1.{after}.{after}.{key}", f"{as_of}.1.{after}.{key}.{key}"):
+        summed = walk_page(client, headers, earlier, limit=1, method="in_person")
+        assert summed.status_code == 410 and summed.json["code"] == "cursor_reset"
     for other in ({"method": "locker"}, {}, {"station_id": world.station.id}):
         elsewhere = walk_page(client, headers, cursor, limit=1, **other)
         assert elsewhere.status_code == 400, other

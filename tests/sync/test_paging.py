@@ -1,14 +1,26 @@
 """One page size for every list: the services' clamp is the API's bound; one parser
 of walks' cursors."""
 
+import random
 import re
 from pathlib import Path
 
 import pytest
+from sqlalchemy import BigInteger, Column, MetaData, Table, insert, select
+from sqlalchemy.orm import Session
 
 import sync
-from sync.errors import InvalidCursor
-from sync.paging import INT64_MAX, dotted_parts, malformed_cursor
+from sync.errors import CursorReset, InvalidCursor
+from sync.paging import (
+    DIGEST_PRIME,
+    INT64_MAX,
+    NOTHING_WALKED,
+    WalkCursor,
+    dotted_parts,
+    malformed_cursor,
+    summed_walk,
+    walk_sums,
+)
 from sync.parcels import TimelineCursor
 from sync.proofs import SearchCursor, walk_digest
 
@@ -52,11 +64,63 @@ def test_a_cursor_is_read_by_one_parser_of_dotted_numbers() -> None:
 
 
 def test_a_walks_digest_is_that_of_its_ids_whatever_its_pages() -> None:
-    """The pages of a proof search's walk chain their ids' digest on from the page
-    before; its last page reads every id of the walk in one statement: both give one
-    digest when they hold the same ids in the same order, and another for ids of the
-    same number and sum."""
+    """The pages of a walk go on from the digest of the page before; its last page sums
+    every id of the walk in one statement: both give one digest when they hold the same
+    ids, in whatever order, and another for ids of the same number and the same sum
+    (1 + 4 = 2 + 3), the same sum of squares (1 + 64 = 16 + 49), or the same sums of
+    their first three powers ({1, 5, 6} and {2, 3, 7})."""
     ids = [3, 6, 8, 11]
     assert walk_digest(ids[2:], walk_digest(ids[:2])) == walk_digest(ids)
+    assert walk_digest(reversed(ids)) == walk_digest(ids)
     assert walk_digest([4, 5, 8, 11]) != walk_digest(ids)
-    assert walk_digest([]) == "0" * 16 != walk_digest([0])
+    assert walk_digest([]) == NOTHING_WALKED != walk_digest([0]) != walk_digest([1])
+    for shown, matching in (
+        ([1, 4], [2, 3]),
+        ([1, 8], [4, 7]),
+        ([1, 5, 6], [2, 3, 7]),
+        ([10**6 + 1, 10**6 + 4], [10**6 + 2, 10**6 + 3]),
+        ([5, 5 + 2_147_483_629], [5 + 2_147_483_587, 5 + 2 * 2_147_483_629]),
+    ):
+        assert walk_digest(shown) != walk_digest(matching), (shown, matching)
+
+
+def test_a_walk_summed_in_sql_has_the_digest_its_pages_keep(session: Session) -> None:
+    """The last page of a walk sums a mix of the ids matching, in SQL (``walk_sums``),
+    the pages summed the same mix of those shown in Python (``walk_digest``): on SQLite
+    as on PostgreSQL, for ids anywhere up to the highest a BIGINT holds, each
+    intermediate below 2**63 (SQLite makes an overflowing product a float, and its
+    ``sum`` refuses to overflow), the same number and digest, or a walk holding every
+    matching id would be refused at its last page."""
+    table = Table("walk_ids", MetaData(), Column("id", BigInteger), prefixes=["TEMPORARY"])
+    table.create(session.connection())
+    draw = random.Random(20261205)
+    edges = [1, 2, DIGEST_PRIME - 1, DIGEST_PRIME, 2_147_483_629, 2**31, 2**32 - 1]
+    sets = [[], [1], edges + [INT64_MAX, INT64_MAX - 1]]
+    sets += [draw.sample(range(1, 10**7), draw.randint(1, 300)) for _ in range(6)]
+    sets += [[draw.randint(1, INT64_MAX) for _ in range(draw.randint(1, 300))] for _ in range(6)]
+    for ids in sets:
+        session.execute(table.delete())
+        if ids:
+            session.execute(insert(table), [{"id": row_id} for row_id in ids])
+        row = session.execute(select(*walk_sums(table.c.id))).one()
+        assert summed_walk(row) == (len(ids), walk_digest(ids)), ids
+
+
+def test_a_walk_cursor_of_an_earlier_form_is_a_reset() -> None:
+    """A cursor handed out when a walk kept the sum of its ids, or a digest of them
+    chained in order (``as_of.offset.after.walked.search``), cannot be gone on from: a
+    410, search again. One whose digest is not one this server makes is malformed."""
+    key = "0123456789abcdef"
+    for earlier in (f"9.2.5.8.{key}", f"9.2.5.{key}.{key}"):
+        with pytest.raises(CursorReset):
+            WalkCursor.parse(earlier)
+    cursor = WalkCursor(9, 2, 5, walk_digest([3, 5]), key)
+    assert WalkCursor.parse(str(cursor)) == cursor
+    for wrong in (
+        f"9.2.5.{DIGEST_PRIME}.0.{key}",
+        f"9.2.5.0.{10**10}.{key}",
+        f"9.2.5.1.2.3.{key}",
+    ):
+        with pytest.raises(InvalidCursor) as refused:
+            WalkCursor.parse(wrong)
+        assert refused.value.code == "cursor_malformed", wrong

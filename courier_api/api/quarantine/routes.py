@@ -64,20 +64,20 @@ class Quarantine(MethodView):
         and the `next_cursor` given; a page read with `after`: that `after` and the
         `next_after` given).
 
-        In pages of `limit`, newest first: pass a page's `next_cursor` as `cursor`,
-        with the same filters, for the next, null on the last. The pages of one
-        walk read the rejected events up to `as_of` (the highest id of one when it
-        began), each once: on PostgreSQL a push committing late holds an id among
-        those already shown; the walk's last page reads the ids of those matching up
-        to `as_of` and compares them with those shown (their number and a digest the
-        cursor carries), and answers a 410 `cursor_reset`, list again, when they
-        differ, so a walk ending with `next_cursor` null held every matching rejected
-        event up to `as_of` committed before its last page was read. Those stored
-        since it began are counted (`arrived_since`). A malformed cursor, or one sent
-        with other filters, is a 400 `cursor_malformed`. `after` (a page's
-        `next_after`) is deprecated: such a page is read by id as before and can
-        miss a rejected event committed late (`as_of`, `arrived_since` and
-        `next_cursor` null); with `cursor` it is a 422 `cursor_and_after`.
+        In pages of `limit`, newest first: pass a page's `next_cursor` as `cursor`, with
+        the same filters, for the next, null on the last. The pages of one walk read the
+        rejected events up to `as_of` (the highest id of one when it began), each once:
+        on PostgreSQL a push committing late holds an id among those already shown; the
+        walk's last page counts those matching up to `as_of` and sums a mix of their ids
+        (one statement) to compare them with those shown (their number and that digest,
+        which the cursor carries), and answers a 410 `cursor_reset`, list again, when
+        they differ, so a walk ending with `next_cursor` null held every matching
+        rejected event up to `as_of` committed before its last page was read. Those
+        stored since it began are counted (`arrived_since`). A malformed cursor, or one
+        sent with other filters, is a 400 `cursor_malformed`. `after` (a page's
+        `next_after`) is deprecated: such a page is read by id as before and can miss a
+        rejected event committed late (`as_of`, `arrived_since` and `next_cursor` null);
+        with `cursor` it is a 422 `cursor_and_after`.
         """
         principal = current_principal()
         filters = QuarantineFilter(

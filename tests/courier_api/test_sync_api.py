@@ -140,6 +140,31 @@ def test_in_debug_mode_a_new_batchs_receipt_is_indented_as_jsonify_writes_it(
     )
 
 
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_receipt_with_text_beyond_ascii_is_replayed_in_the_same_bytes(
+    app: Flask,
+    client: FlaskClient,
+    courier: dict[str, str],
+    parcel: Parcel,
+    ensure_ascii: bool,
+) -> None:
+    """A rejected event's message quotes what the PDA sent, in any script: the new batch's
+    answer (its stored text, or ``jsonify`` when the app's provider writes otherwise)
+    and a replay's (the receipt read back from the database) are the same bytes."""
+    app.json.ensure_ascii = ensure_ascii  # type: ignore[attr-defined]
+    body = factories.push_body(
+        "PDA-0001", [ev(1, parcel.tracking_no), ev(2, parcel.tracking_no, "配送✓ é 𝄞")]
+    )
+    first = client.post(PUSH, json=body, headers=courier)
+    assert first.status_code == 200
+    assert first.get_json()["results"][1]["error"]["message"].startswith(
+        "unknown event type '配送✓ é 𝄞'"
+    )
+    assert ("配送".encode() in first.get_data()) is not ensure_ascii
+    replayed = client.post(PUSH, json=body, headers=courier)
+    assert replayed.get_data() == first.get_data()
+
+
 def test_a_batch_id_reused_with_other_events_is_409(
     client: FlaskClient, courier: dict[str, str], parcel: Parcel
 ) -> None:

@@ -40,6 +40,8 @@ class Quarantine(MethodView):
     @blp.auth(*READERS)
     @blp.arguments(QuarantineArgs, location="query")
     @blp.response(200, QuarantinePage)
+    @blp.alt_response(400, response="BAD_REQUEST")
+    @blp.alt_response(410, response="GONE")
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List rejected events
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -404,7 +404,11 @@ def shift_page(
             *(i for ids in scanned.values() for i in ids),
         ],
     )
-    elsewhere_of = scans_elsewhere(shift.id, shift.station_id, scanned, events)
+    elsewhere_of = scans_elsewhere(
+        shift.id,
+        shift.station_id,
+        {n: [_scan_row(events[i]) for i in ids if i in events] for n, ids in scanned.items()},
+    )
     flag_voids = voided_among(
         session, (events[i] for f in own_flags for i in _evidence_ids(f) if i in events)
     )
@@ -569,7 +573,9 @@ def scans_of_interest(
     histories: Mapping[str, Sequence[Any]], voids: Mapping[int, int]
 ) -> dict[str, list[int]]:
     """The ids of each parcel's latest ``SCANS_ELSEWHERE_READ`` check-outs and final
-    outcomes not voided, from its history as ``load_events`` read it."""
+    outcomes not voided, from its history as ``load_events`` read it: what
+    ``latest_scans`` reads in SQL, for a page that reads the parcels' histories anyway
+    (a shift's page, for its discrepancies' evidence)."""
     wanted = {EventType.CHECKED_OUT, *FINAL_OUTCOMES}
     chosen: dict[str, list[int]] = {}
     for tracking_no, found in histories.items():
@@ -581,45 +587,47 @@ def scans_of_interest(
     return chosen
 
 
+def _scan_row(event: ScanEvent) -> ScanRow:
+    """``event`` as ``scans_elsewhere`` reads it."""
+    return ScanRow(
+        event.id,
+        event.tracking_no,
+        event.type,
+        event.occurred_at,
+        event.shift_id,
+        event.courier_id,
+        event.device_id,
+        event.station_id,
+    )
+
+
 def scans_elsewhere(
-    shift_id: int,
-    station_id: int,
-    scanned: Mapping[str, Sequence[int]],
-    events: Mapping[int, ScanEvent] | Mapping[int, ScanRow],
+    shift_id: int, station_id: int, scans: Mapping[str, Sequence[ScanRow]]
 ) -> dict[str, list[ScanElsewhere]]:
-    """Of the scans ``scans_of_interest`` chose (read in ``events``), those filed under
-    another shift than ``shift_id`` of ``station_id`` (pushed there: another station's
-    shift is not named on its pages), oldest first, by parcel."""
+    """Of each parcel's scans ``latest_scans`` chose, those filed under another shift
+    than ``shift_id`` of ``station_id`` (pushed there: another station's shift is not
+    named on its pages), oldest first, by parcel."""
     found: dict[str, list[ScanElsewhere]] = {}
-    for tracking_no, ids in scanned.items():
-        rows = sorted(
-            (
-                events[i]
-                for i in ids
-                if i in events
-                and events[i].shift_id not in (None, shift_id)
-                and events[i].station_id == station_id
-            ),
-            key=lambda e: (e.occurred_at, e.id),
-        )
-        if rows:
-            found[tracking_no] = [
-                ScanElsewhere(
-                    e.id,
-                    e.type,
-                    e.occurred_at.astimezone(dt.UTC),
-                    e.shift_id,
-                    e.courier_id,
-                    e.device_id,
-                )
-                for e in rows
-                if e.shift_id is not None
-            ]
+    for tracking_no, rows in scans.items():
+        shown = [
+            ScanElsewhere(
+                r.id,
+                r.type,
+                r.occurred_at.astimezone(dt.UTC),
+                r.shift_id,
+                r.courier_id,
+                r.device_id,
+            )
+            for r in sorted(rows, key=_scan_order)
+            if r.shift_id is not None and r.shift_id != shift_id and r.station_id == station_id
+        ]
+        if shown:
+            found[tracking_no] = shown
     return found
 
 
 class ScanRow(NamedTuple):
-    """A scan as ``scans_elsewhere`` reads it: what it needs of a ``ScanEvent``."""
+    """A scan as ``scans_elsewhere`` reads it (``latest_scans``)."""
 
     id: int
     tracking_no: str
@@ -631,51 +639,72 @@ class ScanRow(NamedTuple):
     station_id: int
 
 
+def latest_scans(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[ScanRow]]:
+    """Each parcel's latest ``SCANS_ELSEWHERE_READ`` check-outs and final outcomes not
+    voided (a correction voiding one found as the projection finds it:
+    ``voided_in_sql``). One
+    statement, none for no parcel: the database ranks each parcel's scans
+    (``ROW_NUMBER``, SQLite 3.25 and PostgreSQL alike) and sends the latest alone, so a
+    parcel a PDA scanned 500 times on a loop sends 20 rows to each read of its balance,
+    not 500."""
+    if not tracking_nos:
+        return {}
+    latest = func.row_number().over(
+        partition_by=ScanEvent.tracking_no,
+        order_by=(ScanEvent.occurred_at.desc(), ScanEvent.id.desc()),
+    )
+    ranked = (
+        select(
+            ScanEvent.id,
+            ScanEvent.tracking_no,
+            ScanEvent.type,
+            ScanEvent.occurred_at,
+            ScanEvent.shift_id,
+            ScanEvent.courier_id,
+            ScanEvent.device_id,
+            ScanEvent.station_id,
+            latest.label("latest"),
+        )
+        .where(
+            among_at_once(session, ScanEvent.tracking_no, sorted(set(tracking_nos))),
+            ScanEvent.type.in_(sorted({EventType.CHECKED_OUT, *FINAL_OUTCOMES})),
+            ~voided_in_sql(ScanEvent),
+        )
+        .subquery()
+    )
+    found: dict[str, list[ScanRow]] = defaultdict(list)
+    for row in session.execute(
+        select(
+            ranked.c.id,
+            ranked.c.tracking_no,
+            ranked.c.type,
+            ranked.c.occurred_at,
+            ranked.c.shift_id,
+            ranked.c.courier_id,
+            ranked.c.device_id,
+            ranked.c.station_id,
+        ).where(ranked.c.latest <= SCANS_ELSEWHERE_READ)
+    ):
+        found[row.tracking_no].append(ScanRow(*row))
+    return dict(found)
+
+
 def handover_scans_elsewhere(
     session: Session, shift: Shift, balance: Balance, *, courier_id: int | None = None
 ) -> dict[str, list[ScanElsewhere]]:
     """For each parcel of the balance's handover discrepancies (``HANDOVER_KINDS``), its
     check-outs and final outcomes filed under the station's other shifts, oldest first:
-    what the shift's page lists with each (``scans_of_interest`` then
-    ``scans_elsewhere``: the latest ``SCANS_ELSEWHERE_READ`` of them not voided, those
-    of another shift of the station), for ``GET /shifts/<id>/balance``. One statement,
-    none without such a discrepancy: the page reads the parcels' histories for their
-    evidence anyway, the balance reads only these scans, a correction voiding one found
-    as the projection finds it (``voided_in_sql``).
+    what the shift's page lists with each and ``GET /shifts/<id>/balance`` answers
+    (``latest_scans`` then ``scans_elsewhere``: of the latest ``SCANS_ELSEWHERE_READ``
+    of them not voided, those of another shift of the station; the page chooses them
+    from the histories it reads for their evidence, ``scans_of_interest``). One
+    statement, none without such a discrepancy.
 
     ``courier_id``: only the scans that courier made (a courier reading their own
     balance: another courier's shifts, their ids, users and PDAs are not theirs to read,
     DESIGN rule 7); None: every one of the station's."""
     lost = sorted({d.tracking_no for d in balance.discrepancies if d.kind in HANDOVER_KINDS})
-    if not lost:
-        return {}
-    rows = [
-        ScanRow(*row)
-        for row in session.execute(
-            select(
-                ScanEvent.id,
-                ScanEvent.tracking_no,
-                ScanEvent.type,
-                ScanEvent.occurred_at,
-                ScanEvent.shift_id,
-                ScanEvent.courier_id,
-                ScanEvent.device_id,
-                ScanEvent.station_id,
-            ).where(
-                among_at_once(session, ScanEvent.tracking_no, lost),
-                ScanEvent.type.in_(sorted({EventType.CHECKED_OUT, *FINAL_OUTCOMES})),
-                ~voided_in_sql(ScanEvent),
-            )
-        )
-    ]
-    by_parcel: dict[str, list[ScanRow]] = defaultdict(list)
-    for row in rows:
-        by_parcel[row.tracking_no].append(row)
-    chosen = {
-        tracking_no: [r.id for r in sorted(found, key=_scan_order)[-SCANS_ELSEWHERE_READ:]]
-        for tracking_no, found in by_parcel.items()
-    }
-    found = scans_elsewhere(shift.id, shift.station_id, chosen, {r.id: r for r in rows})
+    found = scans_elsewhere(shift.id, shift.station_id, latest_scans(session, lost))
     if courier_id is None:
         return found
     own = {n: [s for s in scans if s.courier_id == courier_id] for n, scans in found.items()}
@@ -926,7 +955,7 @@ def flag_page(
     get a 404 page. Nor is a user of another station named to them (``sees_user``): the
     flag's courier, or a manager who decided it, since moved there. Its rejected events
     (``REJECTED_IDS``) are listed too, masked as on the shift's page but for an auditor
-    (``unmasked``). Five to seven queries; two more for a handover flag, whose
+    (``unmasked``). Five to seven queries; one more for a handover flag, whose
     parcel's scans under the station's other shifts it lists (``scans_elsewhere``)."""
     changes = flag_changes(session=session, flag=flag)
     rejected = [i for i in cited_in(flag.evidence, REJECTED_IDS, ()) if isinstance(i, int)]
@@ -959,16 +988,12 @@ def flag_page(
 
 def _flag_scans_elsewhere(session: Session, flag: Flag) -> list[ScanElsewhere]:
     """A handover flag's parcel's check-outs and outcomes under the station's other
-    shifts (``scans_elsewhere``): two statements, for those flags only."""
+    shifts (``scans_elsewhere``): one statement, for those flags only."""
     if flag.kind not in HANDOVER_KINDS or not flag.tracking_no or flag.shift_id is None:
         return []
-    history = load_events(session, [flag.tracking_no])
-    voids = voided_by(e.fact for e in history[flag.tracking_no])
-    scanned = scans_of_interest(history, voids)
-    if not scanned[flag.tracking_no]:
-        return []
-    events = _events(session, scanned[flag.tracking_no])
-    found = scans_elsewhere(flag.shift_id, flag.station_id, scanned, events)
+    found = scans_elsewhere(
+        flag.shift_id, flag.station_id, latest_scans(session, [flag.tracking_no])
+    )
     return found.get(flag.tracking_no, [])
 
 

@@ -885,7 +885,9 @@ def test_pull_feed_uses_indexes(world: World) -> None:
 
 
 def test_handover_balance_uses_indexes(world: World) -> None:
-    """The gather of ``sync.balances`` for one shift: closed, and signed off days ago."""
+    """The gather of ``sync.balances`` for one shift: closed, and signed off days ago;
+    and its parcels missing at handover's latest scans, ranked per parcel in SQL
+    (``sync.pages.latest_scans``), through the parcels' index, not along the table."""
     with world.engine.connect() as connection:
         older = connection.scalar(
             select(Shift.id)
@@ -899,10 +901,15 @@ def test_handover_balance_uses_indexes(world: World) -> None:
             world, "GET", f"/api/v1/shifts/{shift_id}/balance", headers=world.manager
         )
         assert response.get_json()["checked_out"] == PARCELS_PER_SHIFT
+        kinds = {d["kind"] for d in response.get_json()["discrepancies"]}
+        assert "missing_at_handover" in kinds, kinds
         explained += plans
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in explained))
     assert {"ix_scan_event_shift_id", "ix_flag_subject"} <= used
+    ranked = [e for e in explained if "row_number()" in e.statement.lower()]
+    assert len(ranked) == 2, [e.statement for e in explained]
+    assert all("ix_scan_event_tracking_no" in e.indexes for e in ranked)
 
 
 def test_proof_search_uses_indexes(world: World) -> None:

@@ -48,6 +48,7 @@ from sync.blobs import BlobReader, FileBlobStore
 from sync.handover import Discrepancy
 from sync.pages import (
     PROOF_REJECTIONS_SHOWN,
+    SCANS_ELSEWHERE_READ,
     handover_scans_elsewhere,
     proof_page,
     shift_page,
@@ -522,3 +523,90 @@ def test_a_balances_scans_elsewhere_are_one_statement_for_1_or_30_parcels(
     with counted(session) as statements:
         handover_scans_elsewhere(session, shift, replace(balance, discrepancies=[]))
     assert statements == []
+
+
+@contextmanager
+def rows_fetched(session: Session) -> Iterator[list[int]]:
+    """How many rows each statement sent in the block returns: each is run again, with
+    its own parameters, once the block is done (``before_cursor_execute``)."""
+    sent: list[tuple[str, Any]] = []
+    connection = session.connection()
+
+    def note(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        sent.append((statement, parameters))
+
+    counts: list[int] = []
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        yield counts
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+    counts.extend(len(connection.exec_driver_sql(s, p).fetchall()) for s, p in sent)
+
+
+def test_a_parcel_scanned_500_times_elsewhere_sends_the_balance_and_the_page_20_rows(
+    session: Session, tmp_path: Any
+) -> None:
+    """A flooded parcel: a PDA of the station scanned the parcel another shift lost 500
+    times (check-outs and returns, on a loop). ``handover_scans_elsewhere`` read every
+    one of them and kept the latest ``SCANS_ELSEWHERE_READ`` in Python, for each read of
+    the balance (``GET /shifts/<id>/balance``); now the database ranks them per parcel
+    and sends those alone, the same scans, oldest first, as the shift's page lists."""
+    station = factories.station_day(session, "FLOOD", shifts=2, parcels_per_shift=2, day=DAY)
+    lost, looping = session.scalars(
+        select(Shift).where(Shift.station_id == station).order_by(Shift.id)
+    ).all()
+    balance = gather(session, [lost])[lost.id].balance()
+    [missing] = [d for d in balance.discrepancies if d.kind == "missing_at_handover"]
+    template = session.scalars(
+        select(ScanEvent).where(ScanEvent.shift_id == looping.id).order_by(ScanEvent.seq)
+    ).first()
+    assert template is not None
+    start = lost.opened_at + dt.timedelta(hours=1)
+    session.execute(
+        insert(ScanEvent),
+        [
+            {
+                "station_id": station,
+                "device_id": looping.device_id,
+                "courier_id": looping.courier_id,
+                "batch_pk": template.batch_pk,
+                "client_event_id": uuid.uuid4(),
+                "seq": 100 + n,
+                "type": "checked_out" if n % 2 else "returned_to_station",
+                "tracking_no": missing.tracking_no,
+                # Not in the order of their ids: the latest by time are not the last rows.
+                "occurred_at_device": start + dt.timedelta(seconds=(n * 37) % 500),
+                "occurred_at": start + dt.timedelta(seconds=(n * 37) % 500),
+                "received_at": start + dt.timedelta(hours=1),
+                "shift_id": looping.id,
+                "details": {},
+                "content_hash": f"{n:064d}",
+            }
+            for n in range(500)
+        ],
+    )
+    session.flush()
+    flooded = session.execute(
+        select(ScanEvent.id, ScanEvent.occurred_at).where(
+            ScanEvent.tracking_no == missing.tracking_no, ScanEvent.shift_id == looping.id
+        )
+    ).all()
+    assert len(flooded) == 500
+    latest = [i for _, i in sorted((at, i) for i, at in flooded)[-SCANS_ELSEWHERE_READ:]]
+    with rows_fetched(session) as rows:
+        found = handover_scans_elsewhere(session, lost, balance)
+    assert [s.event_id for s in found[missing.tracking_no]] == latest
+    assert {s.shift_id for s in found[missing.tracking_no]} == {looping.id}
+    assert sum(rows) <= SCANS_ELSEWHERE_READ, rows  # were 501: every check-out and return
+    page = shift_page(
+        session=session,
+        shift=lost,
+        policy=Policy(),
+        reader=BlobReader(user_id=1, station_id=station, everything=False),
+        store=FileBlobStore(tmp_path),
+        visible_station=station,
+        unmasked=False,
+    )
+    [shown] = [d for d in page.discrepancies if d.discrepancy.tracking_no == missing.tracking_no]
+    assert shown.elsewhere == found[missing.tracking_no]

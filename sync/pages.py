@@ -395,7 +395,7 @@ def shift_page(
     voids = voided_by(e.fact for found in facts_of.values() for e in found)
     lost = {d.tracking_no for d in balance.discrepancies if d.kind in HANDOVER_KINDS}
     scanned = scans_of_interest({n: facts_of.get(n, []) for n in sorted(lost)}, voids)
-    events = _events(
+    events, filed_at = _events_filed(
         session,
         [
             *outcome_ids,
@@ -407,7 +407,10 @@ def shift_page(
     elsewhere_of = scans_elsewhere(
         shift.id,
         shift.station_id,
-        {n: [_scan_row(events[i]) for i in ids if i in events] for n, ids in scanned.items()},
+        {
+            n: [_scan_row(events[i], filed_at) for i in ids if i in events]
+            for n, ids in scanned.items()
+        },
     )
     flag_voids = voided_among(
         session, (events[i] for f in own_flags for i in _evidence_ids(f) if i in events)
@@ -587,8 +590,9 @@ def scans_of_interest(
     return chosen
 
 
-def _scan_row(event: ScanEvent) -> ScanRow:
-    """``event`` as ``scans_elsewhere`` reads it."""
+def _scan_row(event: ScanEvent, filed_at: Mapping[int, int | None]) -> ScanRow:
+    """``event`` as ``scans_elsewhere`` reads it, with the station of its shift
+    (``_events_filed``)."""
     return ScanRow(
         event.id,
         event.tracking_no,
@@ -597,7 +601,7 @@ def _scan_row(event: ScanEvent) -> ScanRow:
         event.shift_id,
         event.courier_id,
         event.device_id,
-        event.station_id,
+        filed_at.get(event.id),
     )
 
 
@@ -605,8 +609,12 @@ def scans_elsewhere(
     shift_id: int, station_id: int, scans: Mapping[str, Sequence[ScanRow]]
 ) -> dict[str, list[ScanElsewhere]]:
     """Of each parcel's scans ``latest_scans`` chose, those filed under another shift
-    than ``shift_id`` of ``station_id`` (pushed there: another station's shift is not
-    named on its pages), oldest first, by parcel."""
+    than ``shift_id`` of ``station_id``, oldest first, by parcel. The station is the
+    shift's, not the one the scan was pushed at: a PDA moved to another station with its
+    courier pushes the scans of its shift left open here under that shift, recorded at
+    the new station, and a shift opened there takes the PDA's scans pushed here under no
+    shift (``sync.shifts.open_shift``); a page links each shift it names, and another
+    station's is not shown on its pages (a 404)."""
     found: dict[str, list[ScanElsewhere]] = {}
     for tracking_no, rows in scans.items():
         shown = [
@@ -619,7 +627,9 @@ def scans_elsewhere(
                 r.device_id,
             )
             for r in sorted(rows, key=_scan_order)
-            if r.shift_id is not None and r.shift_id != shift_id and r.station_id == station_id
+            if r.shift_id is not None
+            and r.shift_id != shift_id
+            and r.shift_station_id == station_id
         ]
         if shown:
             found[tracking_no] = shown
@@ -627,7 +637,7 @@ def scans_elsewhere(
 
 
 class ScanRow(NamedTuple):
-    """A scan as ``scans_elsewhere`` reads it (``latest_scans``)."""
+    """A scan as ``scans_elsewhere`` reads it (``latest_scans``, ``_scan_row``)."""
 
     id: int
     tracking_no: str
@@ -636,13 +646,13 @@ class ScanRow(NamedTuple):
     shift_id: int | None
     courier_id: int
     device_id: str
-    station_id: int
+    shift_station_id: int | None  # the station of the shift it is filed under
 
 
 def latest_scans(session: Session, tracking_nos: Sequence[str]) -> dict[str, list[ScanRow]]:
     """Each parcel's latest ``SCANS_ELSEWHERE_READ`` check-outs and final outcomes not
     voided (a correction voiding one found as the projection finds it:
-    ``voided_in_sql``). One
+    ``voided_in_sql``), with the station of the shift each is filed under. One
     statement, none for no parcel: the database ranks each parcel's scans
     (``ROW_NUMBER``, SQLite 3.25 and PostgreSQL alike) and sends the latest alone, so a
     parcel a PDA scanned 500 times on a loop sends 20 rows to each read of its balance,
@@ -662,7 +672,6 @@ def latest_scans(session: Session, tracking_nos: Sequence[str]) -> dict[str, lis
             ScanEvent.shift_id,
             ScanEvent.courier_id,
             ScanEvent.device_id,
-            ScanEvent.station_id,
             latest.label("latest"),
         )
         .where(
@@ -672,6 +681,9 @@ def latest_scans(session: Session, tracking_nos: Sequence[str]) -> dict[str, lis
         )
         .subquery()
     )
+    # Looked up for each scan kept, by the shift's key: joined, PostgreSQL read the whole
+    # shift table (a Seq Scan) to find a handful.
+    filed_at = select(Shift.station_id).where(Shift.id == ranked.c.shift_id).scalar_subquery()
     found: dict[str, list[ScanRow]] = defaultdict(list)
     for row in session.execute(
         select(
@@ -682,7 +694,7 @@ def latest_scans(session: Session, tracking_nos: Sequence[str]) -> dict[str, lis
             ranked.c.shift_id,
             ranked.c.courier_id,
             ranked.c.device_id,
-            ranked.c.station_id,
+            filed_at,
         ).where(ranked.c.latest <= SCANS_ELSEWHERE_READ)
     ):
         found[row.tracking_no].append(ScanRow(*row))
@@ -818,6 +830,23 @@ def voided_among(session: Session, events: Iterable[ScanEvent]) -> dict[int, int
             if target_id not in found or seq < found[target_id][1]:
                 found[target_id] = (correction_id, seq)
     return {target_id: correction_id for target_id, (correction_id, _) in found.items()}
+
+
+def _events_filed(
+    session: Session, ids: Iterable[int]
+) -> tuple[dict[int, ScanEvent], dict[int, int | None]]:
+    """``_events``, with the station of the shift each is filed under (None: none), in
+    the same statements (by the shift's key, as ``latest_scans`` reads it)."""
+    events: dict[int, ScanEvent] = {}
+    filed_at: dict[int, int | None] = {}
+    station = select(Shift.station_id).where(Shift.id == ScanEvent.shift_id).scalar_subquery()
+    for chunk in chunks(sorted(set(ids))):
+        for event, station_id in session.execute(
+            select(ScanEvent, station).where(among(session, ScanEvent.id, chunk))
+        ):
+            events[event.id] = event
+            filed_at[event.id] = station_id
+    return events, filed_at
 
 
 def _events(session: Session, ids: Iterable[int]) -> dict[int, ScanEvent]:

@@ -32,6 +32,7 @@ from models import (
     Blob,
     Consent,
     Device,
+    EventType,
     Flag,
     FlagSeverity,
     FlagStatus,
@@ -48,10 +49,11 @@ from models import (
 )
 from sync import flags, shifts, sweeps
 from sync.blobs import FileBlobStore
+from sync.ingest import Pusher
 from sync.proofs import drop_consents, get_proof
 from sync.quarantine import parcel_named
 from sync.rules import Policy
-from sync.shifts import day_bounds
+from sync.shifts import ShiftRules, day_bounds
 from sync.sweeps import SweepSettings
 from tests import factories
 from tests.browser import station_day
@@ -3175,6 +3177,84 @@ def test_a_courier_reading_their_balance_is_told_only_of_their_own_shifts_elsewh
     assert elsewhere(Auth(client).headers("sunli", "PDA-PDG-10")) == [
         ("returned_to_station", second.id)
     ]
+
+
+def test_scans_elsewhere_are_those_of_the_stations_shifts_wherever_they_were_pushed(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """A parcel a shift lacks lists its scans under the station's other shifts: they were
+    chosen by the station each scan was pushed at, not by that of the shift it is filed
+    under, and the two differ once a PDA moves to another station with its courier. Sun
+    Li's spare PDA and she moved to MHG before it sent the delivery it made at 12:00
+    under her shift at PDG: filed under that PDG shift, pushed at MHG, and the dead PDA's
+    page and balance at PDG did not list it. Li Na's PDA delivered a parcel with no shift
+    open at PDG, and moved to MHG with her, where the shift she opened took that
+    delivery: pushed at PDG, filed under MHG's shift, and listed at PDG with a link to it
+    (a 404), her shift at MHG named to PDG's manager. The shift's station decides now."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    colleague = factories.user(session, "lina", "courier", day.station)
+    dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    spare = station_day.Pda(session, factories.device(session, "PDA-PDG-10", day.station), courier)
+    hers = station_day.Pda(
+        session, factories.device(session, "PDA-PDG-11", day.station), colleague
+    )
+    numbers = [factories.parcel(session, day.station).tracking_no for _ in range(3)]
+    session.commit()
+    at = functools.partial(station_day.local, day.day)
+    pod = {"recipient_name": "Mr Wu", "signature_sha256": day.uploaded[0]}
+    first = dead.open(at(8, 0))
+    dead.push([dead.event(at(8, 5), tn, "checked_out") for tn in numbers], at(8, 10))
+    second = spare.open(at(11, 0))
+    delivered = spare.event(at(12, 0), numbers[1], "delivered", pod=pod)
+    hers.push([hers.event(at(13, 0), numbers[2], "delivered", pod=pod)], at(13, 5))
+    # Both couriers move to MHG with their PDAs, and sign in there again.
+    for moved in (spare, hers):
+        moved.courier.station_id = moved.device.station_id = day.other_station.id
+        moved.pusher = Pusher(moved.device.id, day.other_station.id, moved.courier.id)
+    session.commit()
+    spare.push([delivered], at(16, 5))
+    at_mhg = shifts.open_shift(
+        session=session,
+        device=hers.device,
+        courier_id=colleague.id,
+        rules=ShiftRules(),
+        first_seq=1,
+        now=at(14, 0),
+    )
+    session.commit()
+    filed = dict(
+        session.execute(
+            select(ScanEvent.tracking_no, ScanEvent.shift_id).where(
+                ScanEvent.type == EventType.DELIVERED, ScanEvent.tracking_no.in_(numbers)
+            )
+        ).all()
+    )
+    assert filed == {numbers[1]: second.id, numbers[2]: at_mhg.id}
+    shifts.close_shift(
+        session=session, shift=first, closed_by=day.manager.id, last_seq=None, now=at(19, 0)
+    )
+    session.commit()
+
+    html = signed_in(app, "manager").get(f"/web/shifts/{first.id}")
+    found = re.findall(r'<article class="discrepancy".*?</article>', html, re.S)
+    lacking = {re.search(r"<h3>[^<]*· (\w+)</h3>", a).group(1): a for a in found}  # type: ignore[union-attr]
+    assert sorted(lacking) == sorted(numbers)
+    [scan] = re.findall(r'<ul class="scans-elsewhere">(.*?)</ul>', lacking[numbers[1]], re.S)
+    assert f"delivered {day.day} 12:00:00" in scan
+    assert f'href="/web/shifts/{second.id}">Shift {second.id}</a>' in scan
+    assert "scans-elsewhere" not in lacking[numbers[2]]
+    assert f"/web/shifts/{at_mhg.id}" not in html
+
+    client = app.test_client()
+    response = client.get(
+        f"/api/v1/shifts/{first.id}/balance", headers=Auth(client).headers("manager")
+    )
+    assert response.status_code == 200, response.get_json()
+    elsewhere = {d["tracking_no"]: d["elsewhere"] for d in response.get_json()["discrepancies"]}
+    assert [(s["type"], s["shift_id"]) for s in elsewhere[numbers[1]]] == [
+        ("delivered", second.id)
+    ]
+    assert elsewhere[numbers[0]] == elsewhere[numbers[2]] == []
 
 
 def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(

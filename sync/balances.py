@@ -850,10 +850,10 @@ def handed_over_since(
     open judged against their couriers' shifts up to the board's day (a PDA that died
     yesterday, its spare's shift signed off last night)."""
     day = [row.shift for row in rows]
-    back = _courier_back(day, day)
+    back = courier_back(day, day)
     if earlier is not None:
         pool = _by_id([*day, *earlier.couriers_shifts])
-        back.update(_courier_back([shift for shift, _ in earlier.shifts], pool))
+        back.update(courier_back([shift for shift, _ in earlier.shifts], pool))
     return back
 
 
@@ -861,9 +861,12 @@ def _by_id(shifts: Iterable[Shift]) -> list[Shift]:
     return list({shift.id: shift for shift in shifts}.values())
 
 
-def _courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int, Shift]:
+def courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int, Shift]:
     """``handed_over_since`` for the ``candidates`` still open, among the shifts of
-    ``pool``."""
+    ``pool``: the board's rows, and a shift's page (``sync.pages.where_courier_went``).
+    Only the latest shift of ``pool`` opened after a candidate on another PDA of its
+    courier decides: handed over, the courier is back from it; still open, they are
+    out again."""
     back: dict[int, Shift] = {}
     for shift in candidates:
         if shift.status != ShiftStatus.OPEN:
@@ -911,14 +914,25 @@ def also_open(
     )
     found: dict[int, list[Shift]] = {}
     for shift in still_open:
-        others = [
-            other
-            for other in still_open
-            if other.courier_id == shift.courier_id and other.device_id != shift.device_id
-        ]
+        others = open_alongside(shift, still_open)
         if others:
             found[shift.id] = others
     return found
+
+
+def open_alongside(shift: Shift, shifts: Iterable[Shift]) -> list[Shift]:
+    """``also_open`` for ``shift``: the shifts among ``shifts`` still open of its courier
+    on another PDA, oldest first (the board's rows, and a shift's page)."""
+    return sorted(
+        (
+            other
+            for other in shifts
+            if other.status == ShiftStatus.OPEN
+            and other.courier_id == shift.courier_id
+            and other.device_id != shift.device_id
+        ),
+        key=lambda s: (s.opened_at, s.id),
+    )
 
 
 def missing_images(

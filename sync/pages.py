@@ -41,7 +41,9 @@ from sync.balances import (
     HandoverRead,
     ShiftFacts,
     changed_since_signoff,
+    courier_back,
     gather,
+    open_alongside,
     read_handovers,
     signoff_superseded,
     station_board,
@@ -306,8 +308,10 @@ class ShiftPage:
     open_flag_ids: tuple[int, ...] = ()
     images_missing: int = 0
     # A shift still open: its courier's other shifts still open on another PDA, oldest
-    # first (``also_open_of``).
+    # first, and the one handed over since that says the courier is back
+    # (``where_courier_went``).
     also_open: list[Shift] = field(default_factory=list)
+    courier_back: Shift | None = None
 
     @property
     def reopening(self) -> Flag | None:
@@ -498,6 +502,7 @@ def shift_page(
     for parcel in balance.parcels:
         grouped[parcel.outcome].append(parcel)
     order = [*OUTCOMES, *sorted(set(grouped) - set(OUTCOMES))]
+    went = where_courier_went(session, shift)
     return ShiftPage(
         shift=shift,
         station=station,
@@ -525,7 +530,8 @@ def shift_page(
         rejected_events=read.rejected_events,
         open_flag_ids=tuple(flag.flag_id for flag in read.open_flags),
         images_missing=read.images_missing,
-        also_open=also_open_of(session, shift),
+        also_open=went.also_open,
+        courier_back=went.courier_back,
     )
 
 
@@ -550,26 +556,43 @@ def _flag_whose(
     }
 
 
-def also_open_of(session: Session, shift: Shift) -> list[Shift]:
-    """For a shift still open, its courier's other shifts still open on another PDA,
-    oldest first, as the board names them (``sync.balances.also_open``): a second shift
-    on another PDA is not refused (a PDA that died), but one of them is then likely no
-    longer used. One statement, for an open shift only (through
-    ``ix_shift_status_planned_end``: the open shifts)."""
+class CourierWent(NamedTuple):
+    """Where the courier of a shift still open went on (``where_courier_went``)."""
+
+    also_open: list[Shift]
+    courier_back: Shift | None
+
+
+def where_courier_went(session: Session, shift: Shift) -> CourierWent:
+    """For a shift still open, as the board names them for its row: its courier's other
+    shifts still open on another PDA, oldest first (``sync.balances.open_alongside``: a
+    second shift on another PDA is not refused, a PDA that died, but one of them is then
+    likely no longer used), and the shift on another PDA they handed over since, if they
+    are back (``sync.balances.courier_back``: the shift is to be closed). Shifts of the
+    same station only (another's would be a 404 link). One statement, for an open
+    shift's page only: the courier's open shifts and the latest they opened after this
+    one on another PDA, which alone decides whether they are back (not every shift they
+    worked since a shift left open for weeks)."""
     if shift.status != ShiftStatus.OPEN:
-        return []
-    return list(
-        session.scalars(
-            select(Shift)
-            .where(
-                Shift.status == ShiftStatus.OPEN,
-                Shift.station_id == shift.station_id,  # another's is not shown here
-                Shift.courier_id == shift.courier_id,
-                Shift.device_id != shift.device_id,
-            )
-            .order_by(Shift.opened_at, Shift.id)
-        )
+        return CourierWent([], None)
+    theirs = (
+        Shift.station_id == shift.station_id,  # another's is not shown here
+        Shift.courier_id == shift.courier_id,
+        Shift.device_id != shift.device_id,
     )
+    latest_since = (
+        select(Shift.id)
+        .where(*theirs, Shift.opened_at > shift.opened_at)
+        .order_by(Shift.opened_at.desc(), Shift.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    pool = session.scalars(
+        select(Shift).where(
+            *theirs, or_(Shift.status == ShiftStatus.OPEN, Shift.id == latest_since)
+        )
+    ).all()
+    return CourierWent(open_alongside(shift, pool), courier_back([shift], pool).get(shift.id))
 
 
 def scans_of_interest(

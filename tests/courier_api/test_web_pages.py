@@ -3330,6 +3330,46 @@ def test_the_board_says_no_courier_is_back_who_went_out_again_on_a_third_pda(
     )
 
 
+def test_the_shift_page_of_a_dead_pdas_shift_says_the_courier_is_back_as_the_board_does(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA died at 11:00 and she handed the spare PDA's shift over at 17:00. The
+    board says of the dead PDA's shift "Courier back: handed over shift N on PDA-PDG-10
+    at 17:00; close this one"; the shift's page, where the manager goes to close it,
+    said only "The shift is open", its parcels still out. It says what the board says
+    now, from the same rule (``sync.balances.courier_back``): not once she is out again
+    on a third PDA, and again once that one is handed over."""
+    first, second, _ = _spare_pda(session, day)
+    pages = signed_in(app, "manager")
+
+    def courier_back(shift_id: int) -> str | None:
+        found = re.search(
+            r'<p class="courier-back[^>]*>(.*?)</p>', pages.get(f"/web/shifts/{shift_id}"), re.S
+        )
+        return found.group(1) if found else None
+
+    assert courier_back(first.id) == (
+        f'Courier back: handed over <a href="/web/shifts/{second.id}">shift {second.id}</a> '
+        f"on PDA-PDG-10 at {day.day} 17:00:00; close this one."
+    )
+    assert courier_back(second.id) is None  # handed over itself
+    assert courier_back(day.open.id) is None  # a courier still out
+    third_pda = station_day.Pda(
+        session,
+        factories.device(session, "PDA-PDG-11", day.station),
+        session.get_one(User, second.courier_id),
+    )
+    third = third_pda.open(station_day.local(day.day, 17, 30))
+    assert courier_back(first.id) is None  # out again
+    third_pda.close(third, station_day.local(day.day, 18, 40))
+    assert f'href="/web/shifts/{third.id}">shift {third.id}</a> on PDA-PDG-11 at' in (
+        courier_back(first.id) or ""
+    )
+    board = _board_api(app, day, day.day)
+    back = {row["shift_id"]: row["courier_back_shift_id"] for row in board["shifts"]}
+    assert back[first.id] == third.id
+
+
 def _board_api(app: Flask, day: StationDay, date: dt.date) -> dict[str, Any]:
     response = app.test_client().get(
         f"/api/v1/stations/{day.station.id}/handover?date={date}",

@@ -52,6 +52,7 @@ from sync.pages import (
     handover_scans_elsewhere,
     proof_page,
     shift_page,
+    where_courier_went,
 )
 from sync.proofs import get_proof
 from sync.quarantine import (
@@ -610,3 +611,44 @@ def test_a_parcel_scanned_500_times_elsewhere_sends_the_balance_and_the_page_20_
     )
     [shown] = [d for d in page.discrepancies if d.discrepancy.tracking_no == missing.tracking_no]
     assert shown.elsewhere == found[missing.tracking_no]
+
+
+def test_where_a_courier_went_is_one_statement_for_1_or_30_shifts_since(
+    session: Session,
+) -> None:
+    """The page of a shift left open on a dead PDA names the shift its courier handed
+    over since (``sync.pages.where_courier_went``, as the board's ``courier_back``):
+    one statement, whether they worked one shift on a spare PDA since or thirty, the
+    latest alone read of those handed over; and none is named while a later one is
+    still open (out again)."""
+    counts = []
+    for code, since in (("ONE", 1), ("THIRTY", 30)):
+        station = factories.station_day(session, code, shifts=1, parcels_per_shift=1, day=DAY)
+        dead = session.scalars(select(Shift).where(Shift.station_id == station)).one()
+        dead.status = ShiftStatus.OPEN
+        spare = dead.device_id + "-SPARE"
+        session.execute(insert(Device).values(id=spare, station_id=station))
+        later = [
+            Shift(
+                station_id=station,
+                courier_id=dead.courier_id,
+                device_id=spare,
+                status=ShiftStatus.SIGNED_OFF,
+                work_date=DAY + dt.timedelta(days=n),
+                opened_at=dead.opened_at + dt.timedelta(days=n, hours=2),
+                planned_end_at=dead.planned_end_at + dt.timedelta(days=n),
+                closed_at=dead.closed_at + dt.timedelta(days=n) if dead.closed_at else None,
+            )
+            for n in range(since)
+        ]
+        session.add_all(later)
+        session.flush()
+        with counted(session) as statements:
+            went = where_courier_went(session, dead)
+        counts.append(len(statements))
+        assert went.courier_back is later[-1] and went.also_open == []
+        later[-1].status, later[-1].closed_at = ShiftStatus.OPEN, None
+        session.flush()
+        went = where_courier_went(session, dead)
+        assert went.courier_back is None and went.also_open == [later[-1]]
+    assert counts == [1, 1], counts

@@ -42,7 +42,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import ColumnElement, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from models import SignInAttempt
@@ -254,11 +254,16 @@ def refusal_of(
     """The refusal ``admit_call`` would return, nothing stored: for a call counted only
     by how it ends (``sync.directory``: a PDA id found in use at another station), whose
     caller is refused every call once its window is full, the one that would not count
-    too. Takes the caller's lock (PostgreSQL), held to the transaction's end."""
+    too. Takes the caller's lock (PostgreSQL), held to the transaction's end; every
+    call of ``kind`` counts its window so (``admit_cost``, ``admit_once``)."""
     _lock(session, (key,))
     _purge(session, now - limit.window, (kind,))
-    where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
-    return _check(session, limit, where, now, what, code=code)
+    return _check(session, limit, _calls_of(key, kind), now, what, code=code)
+
+
+def _calls_of(key: str, kind: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """The rows of the calls of ``kind`` by the caller ``key``."""
+    return (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
 
 
 def admit_once(
@@ -278,12 +283,12 @@ def admit_once(
     (``sync.directory``: a PDA id found in use at another station, tried again). The
     row stands for the subject by a hash keyed with the caller's key in place of the
     address's."""
-    _lock(session, (key,))
-    _purge(session, now - limit.window, (kind,))
-    where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
-    refusal = _check(session, limit, where, now, what, code=code)
+    refusal = refusal_of(
+        session=session, kind=kind, key=key, limit=limit, now=now, what=what, code=code
+    )
     if refusal is not None:  # a counted subject's call too: refused alike, whatever it is
         return Charge(0, refusal)
+    where = _calls_of(key, kind)
     subject_key = _keyed(key.encode(), kind, subject)
     counted = session.scalar(
         select(SignInAttempt.id)
@@ -323,12 +328,12 @@ def admit_cost(
     to those left) are stored, one row each, so that the window frees them as it frees
     calls; refused otherwise, nothing stored. ``cost`` runs under the caller's lock:
     two calls of one caller never both spend the same units left."""
-    _lock(session, (key,))
-    _purge(session, now - limit.window, (kind,))
-    where = (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
-    refusal = _check(session, limit, where, now, what, code=code)
+    refusal = refusal_of(
+        session=session, kind=kind, key=key, limit=limit, now=now, what=what, code=code
+    )
     if refusal is not None:
         return Charge(0, refusal)
+    where = _calls_of(key, kind)
     held = session.scalar(
         select(func.count())
         .select_from(SignInAttempt)

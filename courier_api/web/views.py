@@ -35,7 +35,8 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
-from courier_api.api.proofs.routes import csv_rows, filters_logged, proof_read, walk_logged
+from courier_api.api.pagination import walk_logged
+from courier_api.api.proofs.routes import csv_rows, filters_logged, proof_read
 from courier_api.api.quarantine.routes import QUARANTINE_SEARCHED
 from courier_api.auth import (
     AuditorRead,
@@ -962,7 +963,7 @@ def proofs() -> ResponseReturnValue:
         {
             "event_ids": [p.event.id for p in found],
             **filters_logged(query),
-            **walk_logged(walk, sent),
+            **walk_logged(walk, sent, len(found)),
         },
         tracking_no=query.tracking_no,  # a search of one parcel's proofs
         parcels=[p.event.tracking_no for p in found],

@@ -11,7 +11,7 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.routes import blob_store
-from courier_api.api.pagination import keyset_page
+from courier_api.api.pagination import cursor_or_after, walk_logged, walk_page
 from courier_api.api.parcels.routes import timeline_view
 from courier_api.api.proofs.schemas import (
     ConsentRef,
@@ -32,7 +32,6 @@ from courier_api.auth import (
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import Flag, Parcel, Role
-from sync.errors import InvalidInput
 from sync.flags import latest_decisions
 from sync.pages import user_ref
 from sync.paging import MAX_PAGE_SIZE
@@ -45,7 +44,6 @@ from sync.proofs import (
     ProofFilter,
     ProofImageState,
     SearchCursor,
-    SearchPage,
     check_filters,
     get_proof,
     iter_proof_batches,
@@ -290,12 +288,7 @@ class Proofs(MethodView):
         """
         principal = current_principal()
         filters, sent = _filters(args, principal), args.get("cursor") or None
-        if sent is not None and args["after"]:
-            raise InvalidInput(
-                "send cursor or after, not both (after is deprecated: use cursor)",
-                code="cursor_and_after",
-                field="after",
-            )
+        cursor_or_after(sent, args["after"])
         walk = None
         if args["after"]:  # deprecated: a page by id, which can miss a late commit
             proofs = list_proofs(
@@ -312,20 +305,14 @@ class Proofs(MethodView):
         items = _views(
             proofs, auditor=principal.role == Role.AUDITOR, policy=policy_of(current_app.config)
         )
-        answer = {
-            **keyset_page(items, args["limit"], key=lambda item: item["event_id"]),
-            "as_of": None if walk is None else walk.as_of,
-            "arrived_since": None if walk is None else walk.arrived_since,
-            "next_cursor": None if walk is None or walk.next_cursor is None
-            else str(walk.next_cursor),
-        }  # fmt: skip
+        answer = walk_page(items, args["limit"], key=lambda item: item["event_id"], walk=walk)
         # Which page of which walk it was, as ``parcel_read`` records a timeline's: the
         # walk's deliveries are those up to ``as_of``, the page its ``entries`` from
         # ``offset``. A page read by ``after`` says so.
         paging = (
             {"after": args["after"], "next_after": answer["next_after"]}
             if walk is None
-            else walk_logged(walk, sent)
+            else walk_logged(walk, sent, len(items))
         )
         # Last, the page built: a search that failed before it leaves no read on record.
         record_auditor_read(
@@ -503,21 +490,6 @@ def filters_logged(filters: ProofFilter) -> dict[str, str]:
     typed (a tracking number) or as read (the reader's station, the times as instants),
     so that the log says what was searched, not only what it showed."""
     return {k: str(v) for k, v in vars(filters).items() if v is not None}
-
-
-def walk_logged(walk: SearchPage, sent: str | None) -> dict[str, Any]:
-    """Which page of which walk through a search ``walk`` was, as ``proofs_searched``
-    records it (the API's search and the pages' alike): the ``cursor`` sent (None: a
-    first page), the walk's ``as_of``, the page's ``offset`` in it and its ``entries``,
-    ``arrived_since`` and the ``next_cursor`` given."""
-    return {
-        "cursor": sent,
-        "as_of": walk.as_of,
-        "offset": walk.offset,
-        "entries": len(walk.proofs),
-        "arrived_since": walk.arrived_since,
-        "next_cursor": None if walk.next_cursor is None else str(walk.next_cursor),
-    }
 
 
 def csv_rows(filters: ProofFilter, *, principal: Principal, policy: Policy) -> Iterator[str]:

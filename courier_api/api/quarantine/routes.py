@@ -5,12 +5,11 @@ from typing import Any
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
-from courier_api.api.pagination import keyset_page
+from courier_api.api.pagination import cursor_or_after, walk_logged, walk_page
 from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
 from courier_api.auth import current_principal, record_auditor_read
 from courier_api.extensions import db
 from models import Role
-from sync.errors import InvalidInput
 from sync.paging import WalkCursor
 from sync.quarantine import (
     QuarantineFilter,
@@ -88,12 +87,7 @@ class Quarantine(MethodView):
             tracking_no=args.get("tracking_no"),
         )
         sent = args.get("cursor") or None
-        if sent is not None and args["after"]:
-            raise InvalidInput(
-                "send cursor or after, not both (after is deprecated: use cursor)",
-                code="cursor_and_after",
-                field="after",
-            )
+        cursor_or_after(sent, args["after"])
         walk = None
         if args["after"]:  # deprecated: a page by id, which can miss a late commit
             rows = list_quarantined(
@@ -122,26 +116,13 @@ class Quarantine(MethodView):
             }
             for row, pushed in rows
         ]
-        page = {
-            **keyset_page(items, args["limit"], key=lambda item: item["id"]),
-            "as_of": None if walk is None else walk.as_of,
-            "arrived_since": None if walk is None else walk.arrived_since,
-            "next_cursor": None if walk is None or walk.next_cursor is None
-            else str(walk.next_cursor),
-        }  # fmt: skip
+        page = walk_page(items, args["limit"], key=lambda item: item["id"], walk=walk)
         # Which page of which walk it was, as a proof search's entry says (a page read
         # by ``after`` says so).
         paging = (
             {"after": args["after"], "next_after": page["next_after"]}
             if walk is None
-            else {
-                "cursor": sent,
-                "as_of": walk.as_of,
-                "offset": walk.offset,
-                "entries": len(items),
-                "arrived_since": walk.arrived_since,
-                "next_cursor": page["next_cursor"],
-            }
+            else walk_logged(walk, sent, len(items))
         )
         # The parcels the rejected events shown name, as a proof search is filed under
         # the parcels of the proofs it showed: a search by PDA or station is in each

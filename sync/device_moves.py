@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from models import Device, Station, utcnow
 from sync.acks import Ranges, merged, seq_count, shown
-from sync.device_state import held_max_seq, lock_device_state
+from sync.device_state import held_max_seq, lock_device_state, station_after_lock
 from sync.directory import record_device_moved
 from sync.errors import Conflict
 from sync.shifts import open_shift_of
@@ -55,7 +55,7 @@ def move_device(
     nothing changes and nothing is logged.
     """
     state = lock_device_state(session, device.id)
-    if state.device_station_id != device.station_id:
+    if station_after_lock(session, device.id) != device.station_id:
         session.refresh(device)  # another admin's move committed while this one waited
     if device.station_id == station.id:
         return device

@@ -44,7 +44,6 @@ LOCK_DEVICE_STATE = Prebuilt(
             _events.c.tracking_no,
             _events.c.station_id.label("pushed_at"),
             _devices.c.last_seen_at,
-            _devices.c.station_id.label("device_station_id"),
             _highest_declared(_shifts.c.first_seq).label("declared_first_seq"),
         )
         .select_from(
@@ -101,9 +100,6 @@ class DeviceState(NamedTuple):
     # Its ``seq_conflict`` rejections not settled yet (``sync.ingest``): while some are,
     # a push storing events looks for them among the events held.
     unsettled_seq_conflicts: int = 0
-    # The device's station as read with the lock: an admin's move (``sync.device_moves``)
-    # takes this lock too, so a shift opening that waited for it sees where the PDA is.
-    device_station_id: int | None = None
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -128,8 +124,16 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         row.held_at_write_off or 0,
         row.acked_through_seq or 0,
         row.unsettled_seq_conflicts or 0,
-        row.device_station_id,
     )
+
+
+def station_after_lock(session: Session, device_id: str) -> int | None:
+    """The device's station as committed now, read after ``lock_device_state``: an
+    admin's move (``sync.device_moves``) takes that lock too, so a shift opening or a
+    move that waited for it sees where the PDA went. A statement of its own: on
+    PostgreSQL the lock's statement, begun before the move committed, reads the device
+    row (not locked) as it was then, whatever it waited for. None: no such device."""
+    return session.scalar(select(_devices.c.station_id).where(_devices.c.id == device_id))
 
 
 def _highest_declared(column: ColumnElement[int | None]) -> ScalarSelect[int | None]:

@@ -53,7 +53,7 @@ from models import (
 )
 from sync import audit, outbox
 from sync.acks import highest_held
-from sync.device_state import held_max_seq, lock_device_state
+from sync.device_state import held_max_seq, lock_device_state, station_after_lock
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import (
     ACTIVE_STATUSES,
@@ -289,8 +289,9 @@ def _open_shift(
             field="planned_end_at",
         )
     # Pushes of this PDA wait for the opening, or it for them: each sees the other.
-    state = lock_device_state(session, device.id)
-    if state.device_station_id is not None and state.device_station_id != device.station_id:
+    lock_device_state(session, device.id)
+    now_at = station_after_lock(session, device.id)
+    if now_at is not None and now_at != device.station_id:
         # Moved by an admin while this opening waited for the lock (the courier's token
         # was checked before): no shift of the old station opens on a PDA that left it.
         raise Conflict(

@@ -1,12 +1,18 @@
 """What of a PDA's seqs keeps it at its station (``sync.device_moves``)."""
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from models import AuditEntry, Device, Shift
+from courier_api.extensions import db
+from models import AuditEntry, Device, Shift, Station
 from sync import shifts
 from sync.device_moves import move_device, unsynced_seqs
+from sync.device_state import lock_device_state
 from sync.errors import Conflict
 from sync.shifts import ShiftRules
 from tests import factories
@@ -61,3 +67,95 @@ def test_a_move_that_waited_for_another_moves_the_pda_from_where_that_one_left_i
         "station_id": {"from": world.other_station.id, "to": third.id}
     }
     assert (entry.details["from_station"], entry.details["to_station"]) == ("ST2", "ST3")
+
+
+def _two_moves_at_once(sessions: sessionmaker[Session], second: Callable[[Session], None]) -> None:
+    """A move of the PDA ``PDA-RACE`` from ST1 to ST2 left uncommitted while ``second``
+    (given the PDA as its request loaded it, at ST1) waits for its lock in a thread of its
+    own; then the move commits, and ``second``."""
+    failures: list[BaseException] = []
+
+    def run_second() -> None:
+        try:
+            with sessions() as other:
+                second(other)
+                other.commit()
+        except BaseException as error:  # seen by the test, not lost in the thread
+            failures.append(error)
+
+    with sessions() as first:
+        device = first.get(Device, "PDA-RACE")
+        to = first.scalars(select(Station).where(Station.code == "ST2")).one()
+        assert device is not None
+        move_device(session=first, device=device, station=to, moved_by=None)
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        thread.join(timeout=2)  # waits for the PDA's lock
+        assert thread.is_alive()
+        first.commit()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    if failures:
+        raise failures[0]
+
+
+def _race_world(sessions: sessionmaker[Session]) -> int:
+    """ST1, ST2, ST3 and a courier of ST1; the PDA ``PDA-RACE`` at ST1 (a push made its
+    sync state). The courier's id."""
+    with sessions() as setup:
+        first = factories.station(setup, code="ST1")
+        factories.station(setup, code="ST2")
+        factories.station(setup, code="ST3")
+        courier = factories.user(setup, "race-courier", "courier", first)
+        factories.device(setup, "PDA-RACE", first)
+        lock_device_state(setup, "PDA-RACE")
+        setup.commit()
+        return courier.id
+
+
+@pytest.mark.postgres_only
+def test_a_move_that_really_waited_for_another_moves_the_pda_from_where_it_left_it(
+    committed_app: Any,
+) -> None:
+    """On PostgreSQL, the second of two moves at once, which loaded the PDA at ST1 and
+    waited for the first's lock: its lock's statement began before the first committed,
+    so the device's station read with it was ST1's still."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    _race_world(sessions)
+
+    def move_again(session: Session) -> None:
+        device = session.get(Device, "PDA-RACE")  # at ST1, as the request loaded it
+        third = session.scalars(select(Station).where(Station.code == "ST3")).one()
+        assert device is not None
+        move_device(session=session, device=device, station=third, moved_by=None)
+
+    _two_moves_at_once(sessions, move_again)
+    with sessions() as check:
+        entries = check.scalars(
+            select(AuditEntry).where(AuditEntry.action == "device_moved").order_by(AuditEntry.id)
+        ).all()
+        moves = [(e.details["from_station"], e.details["to_station"]) for e in entries]
+        assert moves == [("ST1", "ST2"), ("ST2", "ST3")]
+
+
+@pytest.mark.postgres_only
+def test_a_shift_opening_that_really_waited_for_a_move_opens_nothing(
+    committed_app: Any,
+) -> None:
+    """On PostgreSQL, an opening that loaded the PDA at ST1 and waited for a move's lock
+    sees the move: no shift of ST1 opens on the PDA now at ST2."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    courier_id = _race_world(sessions)
+
+    def open_one(session: Session) -> None:
+        device = session.get(Device, "PDA-RACE")  # at ST1, as the request loaded it
+        assert device is not None
+        shifts.open_shift(
+            session=session, device=device, courier_id=courier_id, rules=ShiftRules()
+        )
+
+    with pytest.raises(Conflict) as refused:
+        _two_moves_at_once(sessions, open_one)
+    assert refused.value.code == "device_moved"
+    with sessions() as check:
+        assert check.scalars(select(Shift)).all() == []

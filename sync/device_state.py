@@ -25,11 +25,18 @@ _events = ScanEvent.__table__
 _devices = Device.__table__
 _shifts = Shift.__table__
 # With the event stored at the device's highest seq, if any: the one before an online
-# PDA's next scan, which the time-inversion rule compares it with. (On PostgreSQL a
-# push that waited for this lock gets the state row as now but the event from before
-# its wait: ``DeviceState.at_max_seq`` holds only an event whose seq is max_seq.) And
-# the device's last-seen time, which a push leaves alone within a minute of it, and the
-# highest first seq its shifts declared (the last entry of ``ix_shift_device_first_seq``).
+# PDA's next scan, which the time-inversion rule compares it with. And the device's
+# last-seen time, which a push leaves alone within a minute of it.
+#
+# On PostgreSQL a statement that waited for this lock gets the state row as committed
+# now, but every other row (joined, or read by a subquery) as it was when the statement
+# began, before what it waited for committed. So it joins only rows whose staleness
+# changes nothing: an event row never changes once stored (``DeviceState.at_max_seq``
+# holds only an event whose seq is max_seq, as the state row says now), and a last-seen
+# time read old costs at most a conditional ``TOUCH_DEVICE`` that finds it newer. What a
+# lock holder may have changed (the first seq a shift opening declared, the PDA's
+# station) is read by a statement of its own once the lock is held
+# (``declared_first_seq_read``, ``station_after_lock``).
 LOCK_DEVICE_STATE = Prebuilt(
     lambda _dialect: (
         select(
@@ -44,7 +51,6 @@ LOCK_DEVICE_STATE = Prebuilt(
             _events.c.tracking_no,
             _events.c.station_id.label("pushed_at"),
             _devices.c.last_seen_at,
-            _highest_declared(_shifts.c.first_seq).label("declared_first_seq"),
         )
         .select_from(
             _states.outerjoin(
@@ -89,9 +95,6 @@ class DeviceState(NamedTuple):
     device_seen_at: dt.datetime | None = None
     # Seqs a manager wrote off as lost, none of which arrived since (``sync.lost_seqs``).
     written_off_ranges: list[list[int]] = []
-    # The highest first seq a shift of the device declared: the seqs from above
-    # ``max_seq`` up to it are used, and a balance may name them missing.
-    declared_first_seq: int | None = None
     # The highest seq held when a manager last wrote off seqs of the device: the
     # acknowledgement passes them only below a seq held above it (``acknowledged_through``).
     held_at_write_off: int = 0
@@ -120,7 +123,6 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         Stamp(row.occurred_at_device, row.tracking_no, row.pushed_at) if read else None,
         row.last_seen_at,
         row.written_off_ranges or [],
-        row.declared_first_seq,
         row.held_at_write_off or 0,
         row.acked_through_seq or 0,
         row.unsettled_seq_conflicts or 0,
@@ -136,12 +138,25 @@ def station_after_lock(session: Session, device_id: str) -> int | None:
     return session.scalar(select(_devices.c.station_id).where(_devices.c.id == device_id))
 
 
-def _highest_declared(column: ColumnElement[int | None]) -> ScalarSelect[int | None]:
-    """The highest ``column`` (a seq) the device's shifts declared: the last entry of
-    its ``(device_id, column)`` index, one entry read however many shifts it has."""
+def declared_first_seq_read(param: str = "device_id") -> ScalarSelect[int | None]:
+    """The highest first seq a shift of the device (its id in ``param``) declared: the seqs
+    from above the highest held up to it are used, and a balance may name them missing.
+    For a statement sent once ``lock_device_state`` is held, not for that lock's own: a
+    shift opening declares it under the lock, and on PostgreSQL a lock statement that
+    waited for the opening reads the shifts as they were before it committed. One
+    index entry (the last of ``ix_shift_device_first_seq``)."""
+    return _highest_declared(_shifts.c.first_seq, param)
+
+
+def _highest_declared(
+    column: ColumnElement[int | None], param: str = "device_id"
+) -> ScalarSelect[int | None]:
+    """The highest ``column`` (a seq) the device's shifts declared (its id in ``param``):
+    the last entry of its ``(device_id, column)`` index, one entry read however many
+    shifts it has."""
     return (
         select(column)
-        .where(_shifts.c.device_id == bindparam("device_id"), column.is_not(None))
+        .where(_shifts.c.device_id == bindparam(param), column.is_not(None))
         .order_by(column.desc())
         .limit(1)
         .scalar_subquery()

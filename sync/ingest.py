@@ -34,7 +34,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Connection, Select, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DataError, IntegrityError
@@ -72,7 +72,12 @@ from sync.consent_requests import (
     send_held_back_behind,
     voided_at_arrival,
 )
-from sync.device_state import DeviceState, held_state, lock_device_state
+from sync.device_state import (
+    DeviceState,
+    declared_first_seq_read,
+    held_state,
+    lock_device_state,
+)
 from sync.direct import undone_if_refused
 from sync.drop_bounds import EventTime, bound_drops
 from sync.errors import Conflict
@@ -213,11 +218,14 @@ QUARANTINED = Prebuilt(
 # A receipt's JSON text, stored with its batch and sent as it is (``Receipt``): keys
 # sorted, compact, ASCII only, as Flask's JSON responses are outside debug mode.
 RECEIPT_JSON = json.JSONEncoder(ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+# The batch's row, and with it the highest first seq the PDA's shifts declared: read by
+# the first statement after the device's lock, so on PostgreSQL after any shift opening
+# that lock waited for had committed (``declared_first_seq_read``), at no statement more.
 NEW_BATCH = Prebuilt(
     lambda dialect: (
         insert_ignoring_conflict(dialect, _batches, on=["device_id", "batch_id"])
         .values(receipt=json_text_param(dialect, "receipt"))
-        .returning(_batches.c.id)
+        .returning(_batches.c.id, declared_first_seq_read("device"))
     )
 )
 STORE_RECEIPT = Prebuilt(
@@ -459,8 +467,8 @@ def ingest(
     contents = event_contents(batch, validated)
     digest, sent = content_digest(batch, contents), request_hash(batch)
     state = lock_device_state(session, pusher.device_id)
-    batch_pk = _new_batch(session, batch, pusher, received_at, digest, sent)
-    if batch_pk is None:
+    new = _new_batch(session, batch, pusher, received_at, digest, sent)
+    if new is None:
         stored = session.execute(
             select(SyncBatch.request_hash, SyncBatch.sent_hash, SyncBatch.receipt).where(
                 SyncBatch.device_id == pusher.device_id, SyncBatch.batch_id == batch.batch_id
@@ -485,9 +493,7 @@ def ingest(
             return _answered_as_sent(receipt, batch, None)
         held = _held_versions(session, pusher.device_id, validated)
         return _answered_as_sent(receipt, batch, _Reordered(validated, held))
-    return _BatchIngest(
-        session, batch, pusher, rules, received_at, batch_pk, state, validated
-    ).run()
+    return _BatchIngest(session, batch, pusher, rules, received_at, new, state, validated).run()
 
 
 @dataclass(frozen=True)
@@ -637,6 +643,14 @@ def _id_key(client_event_id: str | None) -> str | None:
         return client_event_id
 
 
+class _NewBatch(NamedTuple):
+    """A new batch's row id, and what was read with it (``NEW_BATCH``)."""
+
+    pk: int
+    # The highest first seq a shift of the PDA declared (``declared_first_seq_read``).
+    declared_first_seq: int | None
+
+
 def _new_batch(
     session: Session,
     batch: PushBatch,
@@ -644,13 +658,14 @@ def _new_batch(
     received_at: dt.datetime,
     digest: str,
     sent: str,
-) -> int | None:
+) -> _NewBatch | None:
     """Record the batch and return its row id; ``None`` when this device sent a batch
     with this id before (a replay: the device's lock is held, so it is committed)."""
-    batch_pk: int | None = NEW_BATCH.execute(
+    row = NEW_BATCH.execute(
         session,
         {
             "device_id": pusher.device_id,
+            "device": pusher.device_id,  # (an insert's bindparam is not named as a column)
             "batch_id": batch.batch_id,
             "station_id": pusher.station_id,
             "courier_id": pusher.courier_id,
@@ -662,8 +677,8 @@ def _new_batch(
             "sent_hash": sent,
             "receipt": "{}",  # the receipt comes last (``STORE_RECEIPT``)
         },
-    ).scalar()
-    return batch_pk
+    ).one_or_none()
+    return None if row is None else _NewBatch(row[0], row[1])
 
 
 def _milliseconds(delta: dt.timedelta) -> int:
@@ -678,7 +693,7 @@ class _BatchIngest:
         pusher: Pusher,
         rules: IngestRules,
         received_at: dt.datetime,
-        batch_pk: int,
+        new: _NewBatch,
         state: DeviceState,
         validated: _Validated,
     ) -> None:
@@ -691,7 +706,8 @@ class _BatchIngest:
         self.clock = PushClock(batch.sent_at, received_at, rules.events)
         self.offset = self.clock.offset
         self.offset_ms = _milliseconds(self.offset)
-        self.batch_pk = batch_pk
+        self.batch_pk = new.pk
+        self.declared_first_seq = new.declared_first_seq
         self.state = state
         self.results: dict[int, _Result] = {}
         # (index, index of the first copy) for an event sent twice in this batch: the
@@ -1627,7 +1643,7 @@ class _BatchIngest:
         # a signed-off shift owned still on the PDA (that first seq showed them used):
         # filed under no shift, they end its missing seqs without an event of its own
         # (``judge_reopening``). Pushed in order, none is.
-        declared = self.state.declared_first_seq or 0
+        declared = self.declared_first_seq or 0
         self.unfiled_beyond_held = any(
             row["shift_id"] is None and self.state.max_seq < row["seq"] < declared for row in rows
         )

@@ -3387,13 +3387,13 @@ NEXT_DAY = NOW + dt.timedelta(hours=12)
 
 
 def shift_reads(statements: list[str]) -> list[str]:
-    """The statements reading shifts, but the device's sync-state lock: it reads the
-    highest first seq declared with it (one index entry, ``sync.device_state``)."""
+    """The statements reading shifts, but the batch's insert: it reads the highest first
+    seq declared with it (one index entry, ``sync.ingest.NEW_BATCH``)."""
     return [
         s
         for s in statements
         if " FROM shift " in f"{' '.join(s.split())} "
-        and not s.lstrip().startswith("SELECT device_sync_state")
+        and not s.lstrip().startswith("INSERT INTO sync_batch")
     ]
 
 

@@ -1,0 +1,171 @@
+"""What a statement that waited for a PDA's lock reads of rows it does not lock.
+
+On PostgreSQL (READ COMMITTED) a ``SELECT ... FOR UPDATE`` that waits for a row gets
+that row as committed now, but reads every other row, joined or in a subquery, as it
+was when the statement began: before whatever it waited for committed. Each test here
+holds a change uncommitted in one session while another waits for the same lock in a
+thread of its own, then commits, and checks that the second acted on the change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from courier_api.extensions import db
+from models import Device, Flag, FlagStatus, Shift, ShiftStatus, User
+from sync import shifts
+from sync.balances import shift_balance
+from sync.device_state import lock_device_state
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
+from sync.shifts import LATE_EVENT, ShiftRules
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
+from tests import factories
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+RULES = IngestRules(
+    events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
+)
+WAITING = text(
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+
+
+def waiting(watcher: Session) -> bool:
+    """Whether a session of the test's database waits for a lock now. In a transaction
+    of its own: PostgreSQL shows one transaction the activity as it first read it."""
+    try:
+        return bool(watcher.scalar(WAITING))
+    finally:
+        watcher.rollback()
+
+
+def while_held(
+    sessions: sessionmaker[Session],
+    first: Callable[[Session], None],
+    second: Callable[[Session], None],
+) -> None:
+    """``first`` run and left uncommitted while ``second`` runs in a thread of its own
+    until it waits for a lock (PostgreSQL says so); then ``first`` commits, and
+    ``second`` after it. A failure of ``second`` is raised here."""
+    failures: list[BaseException] = []
+
+    def run_second() -> None:
+        try:
+            with sessions() as other:
+                second(other)
+                other.commit()
+        except BaseException as error:  # seen by the test, not lost in the thread
+            failures.append(error)
+
+    with sessions() as holder, sessions() as watcher:
+        first(holder)
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not waiting(watcher) and thread.is_alive():
+            assert time.monotonic() < deadline, "the second never waited for the lock"
+            time.sleep(0.02)
+        assert thread.is_alive(), failures or "the second did not wait for the first"
+        holder.commit()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    if failures:
+        raise failures[0]
+
+
+def push(session: Session, device_id: str, station_id: int, courier_id: int, events: Any) -> None:
+    ingest(
+        session=session,
+        batch=PushBatch(device_id, uuid.uuid4(), NOW, events),
+        pusher=Pusher(device_id, station_id, courier_id),
+        rules=RULES,
+        received_at=NOW,
+    )
+
+
+@pytest.mark.postgres_only
+def test_seqs_a_waited_for_opening_showed_missing_withdraw_its_reopening(
+    committed_app: Any,
+) -> None:
+    """A courier's shift closed declaring no seqs and was signed off before anything of
+    the PDA arrived. A colleague's opening declares seq 2 its first (so seq 1, still on
+    the PDA, is the first shift's: it reopens), while the colleague's push of seqs 1-3
+    waits for the PDA's lock. Seq 1 is filed under no shift: nothing of the first shift
+    is missing any more, and its reopening is withdrawn, as when the push comes after
+    (``test_convergence_handover``). The push's lock statement began before the opening
+    committed: the highest first seq declared it read with it was none."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        station = factories.station(setup, code="ST1")
+        manager = factories.user(setup, "race-manager", "station_manager", station)
+        courier = factories.user(setup, "race-courier", "courier", station)
+        colleague = factories.user(setup, "race-colleague", "courier", station)
+        device = factories.device(setup, "PDA-RACE", station)
+        parcels = [factories.parcel(setup, station).tracking_no for _ in range(3)]
+        lock_device_state(setup, device.id)
+        first = shifts.open_shift(
+            session=setup,
+            device=device,
+            courier_id=courier.id,
+            rules=ShiftRules(),
+            now=NOW - dt.timedelta(hours=8),
+        )
+        shifts.close_shift(
+            session=setup, shift=first, closed_by=courier.id, now=NOW - dt.timedelta(hours=5)
+        )
+        setup.commit()
+        balance = shift_balance(session=setup, shift=first)
+        shifts.sign_off(
+            session=setup,
+            shift=first,
+            user_id=manager.id,
+            note="checked",
+            force_reason="lost" if balance.status == "provisional" else None,
+            now=NOW - dt.timedelta(hours=4, minutes=30),
+        )
+        setup.commit()
+        ids = (first.id, station.id, colleague.id)
+    first_id, station_id, colleague_id = ids
+    # Seq 1 scanned in the first shift, seqs 2 and 3 in the colleague's.
+    times = [NOW - dt.timedelta(hours=7), NOW - dt.timedelta(hours=3), NOW - dt.timedelta(hours=2)]
+    events = [
+        factories.event(seq, parcels[seq - 1], occurred_at=times[seq - 1]) for seq in (1, 2, 3)
+    ]
+
+    def open_declaring_seq_2(session: Session) -> None:
+        device = session.get(Device, "PDA-RACE")
+        assert device is not None and session.get(User, colleague_id) is not None
+        shifts.open_shift(
+            session=session,
+            device=device,
+            courier_id=colleague_id,
+            rules=ShiftRules(),
+            first_seq=2,
+            now=NOW - dt.timedelta(hours=4),
+        )
+        reopened = session.get(Shift, first_id)
+        assert reopened is not None and reopened.status == ShiftStatus.CLOSED
+
+    while_held(
+        sessions,
+        open_declaring_seq_2,
+        lambda session: push(session, "PDA-RACE", station_id, colleague_id, events),
+    )
+    with sessions() as check:
+        first_now = check.get(Shift, first_id)
+        assert first_now is not None
+        flag = check.scalars(
+            select(Flag).where(Flag.kind == LATE_EVENT, Flag.shift_id == first_id)
+        ).one()
+        assert (first_now.status, flag.status) == (ShiftStatus.SIGNED_OFF, FlagStatus.CLOSED)

@@ -21,9 +21,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
-from models import Device, Flag, FlagStatus, Shift, ShiftStatus, User
+from models import Device, Flag, FlagStatus, ScanEvent, Shift, ShiftStatus, Station, User
 from sync import shifts
 from sync.balances import shift_balance
+from sync.device_moves import move_device
 from sync.device_state import lock_device_state
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -169,3 +170,42 @@ def test_seqs_a_waited_for_opening_showed_missing_withdraw_its_reopening(
             select(Flag).where(Flag.kind == LATE_EVENT, Flag.shift_id == first_id)
         ).one()
         assert (first_now.status, flag.status) == (ShiftStatus.SIGNED_OFF, FlagStatus.CLOSED)
+
+
+@pytest.mark.postgres_only
+def test_a_push_that_waited_for_a_move_of_its_pda_stores_its_events_at_the_old_station(
+    committed_app: Any,
+) -> None:
+    """A courier of ST1 pushes from the PDA (its token checked, the PDA at ST1) while an
+    admin moves the PDA to ST2, and waits for the move's lock. Its events are kept, at
+    ST1: the ST1 courier scanned them while the PDA was at ST1 (no ST2 courier could
+    sign in on it before the move committed), so they are ST1's handover (rule 7), as
+    they are when the push comes first. Refused, they would be worse off: the PDA's
+    retry is 401 (its token predates the move) and only an ST2 courier's sign-in could
+    bring them, filed at ST2."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        first = factories.station(setup, code="ST1")
+        factories.station(setup, code="ST2")
+        courier = factories.user(setup, "race-courier", "courier", first)
+        factories.device(setup, "PDA-RACE", first)
+        parcel = factories.parcel(setup, first).tracking_no
+        lock_device_state(setup, "PDA-RACE")
+        setup.commit()
+        first_id, courier_id = first.id, courier.id
+
+    def move(session: Session) -> None:
+        device = session.get(Device, "PDA-RACE")
+        to = session.scalars(select(Station).where(Station.code == "ST2")).one()
+        assert device is not None
+        move_device(session=session, device=device, station=to, moved_by=None)
+
+    events = [factories.event(1, parcel)]
+    while_held(
+        sessions, move, lambda session: push(session, "PDA-RACE", first_id, courier_id, events)
+    )
+    with sessions() as check:
+        device = check.get(Device, "PDA-RACE")
+        (event,) = check.scalars(select(ScanEvent)).all()
+        assert device is not None and device.station_id != first_id
+        assert (event.station_id, event.courier_id, event.seq) == (first_id, courier_id, 1)

@@ -713,15 +713,24 @@ def _missing_beyond_signed(shift: Shift, balance: Balance) -> bool:
 
 
 def may_own_revealed_gap(device_id: str, lowest: int) -> ColumnElement[bool]:
-    """The signed-off shifts of ``device_id`` that may own seq ``lowest`` or a later
-    one, which a push just showed missing (above the highest seq the server held
+    """The closed or signed-off shifts of ``device_id`` that may own seq ``lowest`` or a
+    later one, which a push just showed missing (above the highest seq the server held
     before it): closed without their last seq, they own the seqs up to where the next
     shift on the PDA starts, its first seq or else its lowest event, or up to the
     device's highest seq when it has neither (``sync.handover.owned_seqs``). A push
     showing a gap locks these with its shifts (``lock_shifts``), as a write-off leaving
     one does (``sync.lost_seqs``), and reopens those the gap made provisional
     (``judge_reopening``): in practice the PDA's shift before its current one,
-    if any; a PDA's other signed-off shifts are not read."""
+    if any; a PDA's other signed-off shifts are not read.
+
+    Closed ones too, though only signed-off ones reopen: a sign-off locks its shift
+    alone, not the PDA, and on PostgreSQL (READ COMMITTED) a ``FOR UPDATE`` skips,
+    without waiting, a row that does not match as last committed. Matching only
+    ``signed_off``, a push would pass over a shift being signed off that moment, whose
+    sign-off read the balance before the gap: signed off with seqs still on the PDA,
+    never reopened. Matching ``closed`` as well, the push waits for the sign-off and
+    reopens the shift, or the sign-off waits for the push and reads the balance
+    provisional (tests/sync/test_signoff_races.py)."""
     shift = _shifts.c
     next_id = adjacent_shift(_shifts, "id", following=True, same_courier=False)
     next_first = adjacent_shift(_shifts, "first_seq", following=True, same_courier=False)
@@ -733,7 +742,7 @@ def may_own_revealed_gap(device_id: str, lowest: int) -> ColumnElement[bool]:
     )
     return and_(
         shift.device_id == device_id,
-        shift.status == ShiftStatus.SIGNED_OFF,
+        shift.status.in_((ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)),
         shift.last_seq.is_(None),
         or_(next_first.is_(None), next_first > lowest),
         ~next_starts_at_or_before,

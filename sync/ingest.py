@@ -659,8 +659,9 @@ def _new_batch(
     digest: str,
     sent: str,
 ) -> _NewBatch | None:
-    """Record the batch and return its row id; ``None`` when this device sent a batch
-    with this id before (a replay: the device's lock is held, so it is committed)."""
+    """Record the batch and return its row id, with the highest first seq the device's
+    shifts declared (``NEW_BATCH``); ``None`` when this device sent a batch with this id
+    before (a replay: the device's lock is held, so it is committed)."""
     row = NEW_BATCH.execute(
         session,
         {

@@ -423,7 +423,9 @@ def test_probing_for_another_stations_pda_ids_is_on_record_and_bounded(
         said = json.loads(probe.get_data(as_text=True).replace(device_id, "PDA-0001"))
         assert (probe.status_code, said) == (409, own.get_json())
     refused = session.scalars(
-        select(AuditEntry).where(AuditEntry.action == "device_registration_refused")
+        select(AuditEntry)
+        .where(AuditEntry.action == "device_registration_refused")
+        .order_by(AuditEntry.id)
     ).all()
     assert [(e.actor_id, e.subject_type, e.subject_key) for e in refused] == [
         (world.manager.id, "device", device_id) for device_id in probed

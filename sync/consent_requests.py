@@ -673,9 +673,10 @@ def cancel_voided(
 ) -> list[ConsentRequest]:
     """Requests whose events these corrections void (``{voided client event id: the
     highest seq of a correction naming it}``; only an earlier event can be voided) are
-    cancelled: a pending one, and one held back (``_held_back``), which ends as it does
-    when its correction comes in its push (rule 3), not ``unsent`` behind a question
-    its PDA no longer asks. Returns the pending ones, which stood in the way of requests
+    cancelled: a pending one, and one never sent (held back, ``_held_back``, or with
+    nobody to ask), which ends as it does when its correction comes in its push
+    (``request_consent``: rule 3), not ``unsent`` as if its PDA still asked. Returns the
+    pending ones, which stood in the way of requests
     held back behind them: the caller sends those once it holds the parcels' locks
     (``send_held_back_behind``). (Found by their events' row ids, through the indexes of
     both tables: a request from a PDA names its event both ways.)"""
@@ -687,10 +688,13 @@ def cancel_voided(
             .where(
                 ScanEvent.device_id == device_id,
                 ScanEvent.client_event_id.in_(chunk),
-                or_(ConsentRequest.status == ConsentRequestStatus.PENDING, _is_held_back()),
+                ConsentRequest.status.in_(
+                    (ConsentRequestStatus.PENDING, ConsentRequestStatus.UNSENT)
+                ),
             )
             # Locked already, with the parcels' requests a push hands over, in one order
-            # (``lock_requests_to_end``); again by id, as that order has it.
+            # (``lock_requests_to_end``); again by id, as that order has it. (Not those
+            # with nobody to ask, which no other writer touches.)
             .order_by(ConsentRequest.id)
             .with_for_update(of=ConsentRequest)
             # The row as locked, not a copy the session read before: a mark the lapse
@@ -756,11 +760,11 @@ def _cancel(
 def _cancel_pending_or_held_back(
     session: Session, request: ConsentRequest, now: dt.datetime, reason: str
 ) -> bool:
-    """A locked request, pending or held back (``_is_held_back``), is cancelled for
-    ``reason``: a held-back one was never asked, so there is nothing to tell the channel;
-    a pending one ends as ``_cancel`` says. True when it was still asking the recipient
-    (``_cancel``)."""
-    if request.status == ConsentRequestStatus.UNSENT:  # held back: never asked
+    """A locked request, pending or never sent (held back, ``_is_held_back``, or with
+    nobody to ask), is cancelled for ``reason``: an unsent one was never asked, so there
+    is nothing to tell the channel; a pending one ends as ``_cancel`` says. True when it
+    was still asking the recipient (``_cancel``)."""
+    if request.status == ConsentRequestStatus.UNSENT:  # never asked
         request.status = ConsentRequestStatus.CANCELLED
         request.status_reason = reason
         return False

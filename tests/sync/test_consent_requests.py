@@ -651,6 +651,35 @@ def test_a_correction_voiding_the_request_cancels_it_whenever_it_arrives(
     assert len(messages(session, "consent.requested")) == 1  # only the first was sent
 
 
+@pytest.mark.parametrize("one_push", [True, False])
+@pytest.mark.parametrize("asked_for", ["not_taken_in", "other_station", "no_phone"])
+def test_a_request_never_sent_is_cancelled_by_its_correction_however_the_pda_pushes(
+    session: Session, world: World, pda: Pda, asked_for: str, one_push: bool
+) -> None:
+    """A request kept ``unsent`` (nobody to ask) whose event a correction voids ends
+    cancelled in one push or two (rule 3): before, a correction in a later push left it
+    ``unsent``, as if the courier still asked."""
+    if asked_for == "not_taken_in":
+        tracking_no = factories.s10()
+    elif asked_for == "other_station":
+        tracking_no = factories.parcel(session, world.other_station).tracking_no
+    else:
+        tracking_no = factories.parcel(session, world.station, phone=None).tracking_no
+    session.commit()
+    asked = pda.event(tracking_no, "consent_requested", 50, request={"method": "locker"})
+    fix = pda.event(
+        tracking_no, "correction", 51, voids_client_event_id=asked["client_event_id"], reason="x"
+    )
+    for events in ([asked, fix],) if one_push else ([asked], [fix]):
+        pda.push(events)
+    request = request_of(session)
+    assert (request.status, request.status_reason) == (
+        ConsentRequestStatus.CANCELLED,
+        consent_requests.VOIDED_REASON,
+    )
+    assert request.answered_at is None  # never asked: nobody answered, nothing lapsed
+
+
 @pytest.mark.parametrize("correction_first", [False, True])
 def test_a_correction_numbered_before_the_request_it_names_voids_nothing(
     session: Session, pda: Pda, parcel: str, correction_first: bool

@@ -138,6 +138,11 @@ def load_config(environ: Mapping[str, str], instance_path: Path) -> dict[str, An
         "AUDIT_FULL_VERIFICATIONS_PER_USER": _limit(
             environ, "AUDIT_FULL_VERIFICATIONS_PER_USER", "4/3600"
         ),
+        # Ids of other stations' PDAs a manager's registrations met (POST /devices: each
+        # a 409 that tells them another station has it), per manager.
+        "DEVICE_IDS_TAKEN_PER_MANAGER": _limit(
+            environ, "DEVICE_IDS_TAKEN_PER_MANAGER", "10/86400"
+        ),
         # Entries each user's GET /audit/verify read, from a head or not (each check
         # charged in thousands, rounded up): as many as the four walks above may read.
         "AUDIT_VERIFY_ENTRIES_PER_USER": _limit(

@@ -253,7 +253,8 @@ class Registrar:
 
     user_id: int
     key: str
-    limit: sign_in_limits.Limit = DEVICE_IDS_TAKEN_PER_MANAGER
+    # None (``DEVICE_IDS_TAKEN_PER_MANAGER=off``): not bounded, each refusal on record.
+    limit: sign_in_limits.Limit | None = DEVICE_IDS_TAKEN_PER_MANAGER
 
 
 class DeviceIdTaken(Conflict):
@@ -283,6 +284,12 @@ def register_device(
     says nothing of the id and probing yields a handful of ids a day, each on record.
     ``DeviceIdTaken`` is raised then, for the caller to commit before answering. The
     refusal's words are those of an id of the manager's own station.
+
+    An id refused so and since moved to the manager's station by an admin (the PDAs
+    another station sent, which the manager tried to register on unpacking them, as
+    anyone would) was theirs to know: it counts for nothing from then on (its refusal
+    stays on the audit log), so that a station sent a dozen PDAs is not locked out of
+    registering its own for a day.
     """
     device_id = device_id.strip()
     if not DEVICE_ID.fullmatch(device_id):
@@ -292,8 +299,9 @@ def register_device(
             field="device_id",
         )
     now = utcnow()
-    if registrar is not None:
-        refusal = _registrar_refusal(session, registrar, now)
+    if registrar is not None and registrar.limit is not None:
+        _forgive_moved_here(session, registrar, registrar.limit, station, now)
+        refusal = _registrar_refusal(session, registrar, registrar.limit, now)
         if refusal is not None:
             raise refusal
     held = session.get(Device, device_id)
@@ -307,20 +315,21 @@ def register_device(
         )
         if registrar is None or held.station_id == station.id:
             raise taken
-        charge = sign_in_limits.admit_once(
-            session=session,
-            kind=DEVICE_IDS_TAKEN,
-            key=registrar.key,
-            subject=device_id,
-            limit=registrar.limit,
-            now=now,
-            what=TAKEN_TOO_OFTEN,
-            code=TOO_MANY_DEVICE_IDS_TAKEN,
-        )
-        if charge.refusal is not None:
-            raise charge.refusal
-        if charge.units == 0:  # tried again: its first refusal is counted and on record
-            raise taken
+        if registrar.limit is not None:
+            charge = sign_in_limits.admit_once(
+                session=session,
+                kind=DEVICE_IDS_TAKEN,
+                key=registrar.key,
+                subject=device_id,
+                limit=registrar.limit,
+                now=now,
+                what=TAKEN_TOO_OFTEN,
+                code=TOO_MANY_DEVICE_IDS_TAKEN,
+            )
+            if charge.refusal is not None:
+                raise charge.refusal
+            if charge.units == 0:  # tried again: its first refusal is counted and on record
+                raise taken
         audit.append(
             session=session,
             actor_id=registrar.user_id,
@@ -336,14 +345,34 @@ def register_device(
     return device
 
 
+def _forgive_moved_here(
+    session: Session,
+    registrar: Registrar,
+    limit: sign_in_limits.Limit,
+    station: Station,
+    now: dt.datetime,
+) -> None:
+    """Take back the registrar's refusals for ids an admin moved to ``station`` within
+    the window (a refusal counted before is for a PDA moved since, at most a window
+    ago)."""
+    moved_here = session.scalars(
+        select(Device.id).where(
+            Device.station_id == station.id, Device.moved_at > now - limit.window
+        )
+    ).all()
+    sign_in_limits.forgive_once(
+        session=session, kind=DEVICE_IDS_TAKEN, key=registrar.key, subjects=moved_here
+    )
+
+
 def _registrar_refusal(
-    session: Session, registrar: Registrar, now: dt.datetime
+    session: Session, registrar: Registrar, limit: sign_in_limits.Limit, now: dt.datetime
 ) -> RateLimited | None:
     return sign_in_limits.refusal_of(
         session=session,
         kind=DEVICE_IDS_TAKEN,
         key=registrar.key,
-        limit=registrar.limit,
+        limit=limit,
         now=now,
         what=TAKEN_TOO_OFTEN,
         code=TOO_MANY_DEVICE_IDS_TAKEN,

@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import ipaddress
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, delete, func, insert, select, text, update
@@ -133,6 +133,11 @@ def address_scope(address: str | None) -> str:
             return str(parsed.ipv4_mapped)
         return str(ipaddress.IPv6Network((parsed, 64), strict=False))
     return str(parsed)
+
+
+def _subject_key(key: str, kind: str, subject: str) -> str:
+    """A subject of ``admit_once`` as its row stands for it, keyed with its caller's key."""
+    return _keyed(key.encode(), kind, subject)
 
 
 def _keyed(secret: bytes, scope: str, value: str) -> str:
@@ -289,7 +294,7 @@ def admit_once(
     if refusal is not None:  # a counted subject's call too: refused alike, whatever it is
         return Charge(0, refusal)
     where = _calls_of(key, kind)
-    subject_key = _keyed(key.encode(), kind, subject)
+    subject_key = _subject_key(key, kind, subject)
     counted = session.scalar(
         select(SignInAttempt.id)
         .where(*where, SignInAttempt.address_key == subject_key)
@@ -301,6 +306,25 @@ def admit_once(
     row = {"at": now, "username_key": key, "address_key": subject_key, "outcome": kind}
     session.execute(insert(SignInAttempt), [row])
     return Charge(1)
+
+
+def forgive_once(*, session: Session, kind: str, key: str, subjects: Collection[str]) -> None:
+    """Take back what ``admit_once`` charged the caller ``key`` for each of ``subjects``:
+    calls that turned out to tell them nothing that was not theirs to know
+    (``sync.directory``: a PDA id since moved to the caller's own station). Under the
+    caller's lock, as every call of ``kind`` counts its window; in the caller's
+    transaction."""
+    if not subjects:
+        return
+    _lock(session, (key,))
+    session.execute(
+        delete(SignInAttempt).where(
+            *_calls_of(key, kind),
+            SignInAttempt.address_key.in_(
+                [_subject_key(key, kind, subject) for subject in subjects]
+            ),
+        )
+    )
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,21 @@
 """Admin endpoints for stations, users and devices, and who may use them."""
 
+import datetime as dt
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from courier_api.config import ConfigError, load_config
 from models import AuditEntry
 from sync import directory
+from sync.sign_in_limits import Limit
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -496,3 +502,125 @@ def test_a_manager_trying_one_taken_id_again_is_counted_once(
         assert taken.status_code == 409
     late = client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=manager)
     assert (late.status_code, late.get_json()["code"]) == (429, "too_many_device_ids_taken")
+
+
+def test_a_station_sent_a_dozen_pdas_is_not_locked_out_once_they_are_moved_there(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """Found by a security review (SECURITY.md threat 3): ST2 sends ST1 a dozen PDAs. ST1's
+    manager, unpacking them, tries to register each (the natural first step): 409
+    ``device_exists`` for each, every one counted as an id of another station's, and
+    the tenth locked them out (429) for 24 hours. The admin then moved the PDAs to ST1,
+    as the 409 says; the manager still could not register the new PDA bought the same
+    day, nor any other, until the next morning. Ids now at the manager's own station,
+    moved there, were theirs to know: their refusals count for nothing any more (they
+    stay on the audit log), and the bound holds for the ids still elsewhere."""
+    manager, admin = auth.headers("manager1"), auth.headers("admin")
+    bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    sent = [f"PDA-7{n:03d}" for n in range(bound + 2)]
+    for device_id in sent:
+        factories.device(session, device_id, world.other_station)
+    session.commit()
+    answers = [
+        client.post("/api/v1/devices", json={"device_id": device_id}, headers=manager)
+        for device_id in sent
+    ]
+    assert [a.status_code for a in answers] == [409] * bound + [429, 429]
+    for device_id in sent:
+        moved = client.post(
+            f"/api/v1/devices/{device_id}/move",
+            json={"station_id": world.station.id},
+            headers=admin,
+        )
+        assert moved.status_code == 200, moved.get_json()
+
+    new = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
+    assert new.status_code == 201, new.get_json()
+    refused = select(func.count()).where(AuditEntry.action == "device_registration_refused")
+    assert session.scalar(refused) == bound  # on record still
+
+    # Ids of other stations still count, the bound's worth of them.
+    for n in range(bound):
+        factories.device(session, f"PDA-9{n:03d}", world.other_station)
+    session.commit()
+    probes = [
+        client.post("/api/v1/devices", json={"device_id": f"PDA-9{n:03d}"}, headers=manager)
+        for n in range(bound)
+    ]
+    assert [p.status_code for p in probes] == [409] * bound
+    late = client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=manager)
+    assert (late.status_code, late.get_json()["code"]) == (429, "too_many_device_ids_taken")
+
+
+def test_a_pda_moved_away_again_counts_again(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """Only ids at the manager's station now are forgiven: a PDA moved to ST1 and back
+    to ST2 (or on to another station) within the day is another station's again, and
+    the manager's refusal for it counts as before."""
+    manager, admin = auth.headers("manager1"), auth.headers("admin")
+    bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    ids = [f"PDA-7{n:03d}" for n in range(bound)]
+    for device_id in ids:
+        factories.device(session, device_id, world.other_station)
+    session.commit()
+    for device_id in ids:
+        taken = client.post("/api/v1/devices", json={"device_id": device_id}, headers=manager)
+        assert taken.status_code == 409
+    for station in (world.station, world.other_station):
+        moved = client.post(
+            f"/api/v1/devices/{ids[0]}/move", json={"station_id": station.id}, headers=admin
+        )
+        assert moved.status_code == 200, moved.get_json()
+    late = client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=manager)
+    assert (late.status_code, late.get_json()["code"]) == (429, "too_many_device_ids_taken")
+
+
+def test_the_bound_on_other_stations_ids_is_a_setting(
+    app_with: Callable[..., Flask], session: Session, world: World
+) -> None:
+    """``DEVICE_IDS_TAKEN_PER_MANAGER`` (``COUNT/SECONDS``) bounds a manager's refusals for
+    other stations' ids as the other limits are bounded: a station that often receives
+    PDAs loosens it, a cautious one tightens it."""
+    client = app_with(DEVICE_IDS_TAKEN_PER_MANAGER=Limit.parse("2/600")).test_client()
+    manager = Auth(client).headers("manager1")
+    factories.device(session, "PDA-9001", world.other_station)
+    session.commit()
+    for device_id in ("PDA-0002", "PDA-9001"):
+        taken = client.post("/api/v1/devices", json={"device_id": device_id}, headers=manager)
+        assert taken.status_code == 409
+    late = client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=manager)
+    assert (late.status_code, late.get_json()["code"]) == (429, "too_many_device_ids_taken")
+    assert "at most 2 in 10 minutes" in late.get_json()["message"]
+    assert 0 < int(late.headers["Retry-After"]) <= 600
+
+
+def test_with_the_bound_off_each_refusal_is_still_on_record(
+    app_with: Callable[..., Flask], session: Session, world: World
+) -> None:
+    """``off``: no 429 however many ids of other stations a manager meets, and each
+    refusal still on the audit log for an admin to see (nothing counts them once)."""
+    client = app_with(DEVICE_IDS_TAKEN_PER_MANAGER=None).test_client()
+    manager = Auth(client).headers("manager1")
+    bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    for n in range(bound + 1):
+        factories.device(session, f"PDA-9{n:03d}", world.other_station)
+    session.commit()
+    for n in range(bound + 1):
+        body = {"device_id": f"PDA-9{n:03d}"}
+        assert client.post("/api/v1/devices", json=body, headers=manager).status_code == 409
+    assert client.post("/api/v1/devices", json=body, headers=manager).status_code == 409
+    new = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
+    assert new.status_code == 201, new.get_json()
+    refused = select(func.count()).where(AuditEntry.action == "device_registration_refused")
+    assert session.scalar(refused) == bound + 2
+
+
+def test_the_bound_on_other_stations_ids_defaults_to_ten_a_day(tmp_path: Path) -> None:
+    name = "DEVICE_IDS_TAKEN_PER_MANAGER"
+    assert load_config({}, tmp_path)[name] == Limit(10, dt.timedelta(hours=24))
+    assert load_config({}, tmp_path)[name] == directory.DEVICE_IDS_TAKEN_PER_MANAGER
+    assert load_config({name: "30/86400"}, tmp_path)[name] == Limit(30, dt.timedelta(days=1))
+    assert load_config({name: "off"}, tmp_path)[name] is None
+    with pytest.raises(ConfigError, match=name):
+        load_config({name: "10 a day"}, tmp_path)

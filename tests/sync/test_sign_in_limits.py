@@ -20,6 +20,7 @@ from sync.sign_in_limits import (
     admit_cost,
     admit_once,
     caller_key,
+    forgive_once,
     settle,
 )
 
@@ -298,6 +299,36 @@ def test_a_call_about_one_subject_is_counted_once_per_window(session: Session) -
     assert call(T0 + 24 * 60 * MINUTE, "PDA-A") == 1  # its first row left the window
     rows = select(func.count()).select_from(SignInAttempt)
     assert session.scalar(rows.where(SignInAttempt.outcome == "device_taken")) == 3
+
+
+def test_a_subject_forgiven_counts_for_nothing_and_only_its_callers(session: Session) -> None:
+    """``forgive_once`` (a PDA id since moved to the caller's station) takes back the
+    caller's charge for those subjects: a full window has room again, the subjects not
+    forgiven still count, and another caller's charge for the same subject stands."""
+    day = Limit(2, dt.timedelta(hours=24))
+    key = caller_key(secret=SECRET, kind="device_taken", caller="7")
+    other = caller_key(secret=SECRET, kind="device_taken", caller="8")
+
+    def call(subject: str, caller: str = key) -> int:
+        charge = admit_once(
+            session=session,
+            kind="device_taken",
+            key=caller,
+            subject=subject,
+            limit=day,
+            now=T0,
+            what="too many ids taken",
+            code="too_many_device_ids_taken",
+        )
+        return -1 if charge.refusal is not None else charge.units
+
+    assert [call("PDA-A"), call("PDA-B"), call("PDA-C")] == [1, 1, -1]
+    assert [call("PDA-A", other), call("PDA-B", other)] == [1, 1]
+    forgive_once(session=session, kind="device_taken", key=key, subjects=["PDA-A", "PDA-X"])
+    assert call("PDA-C") == 1  # PDA-A's room
+    assert call("PDA-D") == -1  # PDA-B and PDA-C fill it
+    assert call("PDA-C", other) == -1  # the other caller's PDA-A still counts
+    forgive_once(session=session, kind="device_taken", key=key, subjects=[])
 
 
 def test_no_limits_means_nothing_stored(session: Session) -> None:

@@ -77,11 +77,12 @@ class Devices(MethodView):
         stations, so a manager's registration refused for an id another station's PDA
         holds is on the audit log
         (`device_registration_refused`: who, the id, and both stations, for an admin to
-        settle), once per id in 24 hours (the same id tried again is answered alike,
-        neither counted nor logged again), and a manager who met 10 such ids in 24
-        hours has every registration refused (429 `too_many_device_ids_taken`,
-        `Retry-After`) until the oldest leaves the window: another station's PDAs are
-        not theirs to probe for.
+        settle), once per id in the window (the same id tried again is answered alike,
+        neither counted nor logged again), and a manager who met
+        `DEVICE_IDS_TAKEN_PER_MANAGER` such ids (10 in 24 hours) has every registration
+        refused (429 `too_many_device_ids_taken`, `Retry-After`) until the oldest leaves
+        the window: another station's PDAs are not theirs to probe for. An id an admin
+        has since moved to the manager's station counts for nothing any more.
         """
         station_id = body.get("station_id", current_principal().station_id)
         if station_id is None:
@@ -330,7 +331,11 @@ def _registrar() -> directory.Registrar | None:
         kind=directory.DEVICE_IDS_TAKEN,
         caller=str(principal.user_id),
     )
-    return directory.Registrar(user_id=principal.user_id, key=key)
+    return directory.Registrar(
+        user_id=principal.user_id,
+        key=key,
+        limit=current_app.config["DEVICE_IDS_TAKEN_PER_MANAGER"],
+    )
 
 
 def _write_offs_device(device_id: str) -> Device:

@@ -17,13 +17,13 @@ import jwt as pyjwt
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from courier_api.config import ConfigError, load_config, validate_config
 from courier_api.logs import REQUEST_ID_HEADER, configure_logging, make_handler, redact
 from courier_api.scheduler import delivery_loop_for
-from models import AuditEntry, User, utcnow
+from models import AuditEntry, RefreshTokenFamily, User, utcnow
 from sync import consents, outbox
 from tests import factories
 from tests.conftest import TEST_JWT_SECRET, Auth, World
@@ -576,3 +576,116 @@ def test_the_access_line_names_the_client_as_the_audit_entry_of_its_request_does
             if a.get("request_id") == read.headers[REQUEST_ID_HEADER]
         ]
         assert (line["client"], entry.client_ip) == (kept, kept), sent
+
+
+def test_the_newest_endpoints_log_no_token_secret_or_phone(
+    log_output: io.StringIO, client: FlaskClient, session: Session, world: World
+) -> None:
+    """The endpoints added since the log's first test, each with a token, a secret or a
+    phone number to hand: signing out and a refresh token reused (their warnings name
+    the family, never the token), a webhook secret rotated, a PDA's lost seqs written off
+    and a shift signed off with a recipient's phone in the reason and the note, a flag
+    resolved so, a PDA moved, another station's PDA id refused, and an auditor's reads of
+    the audit log that holds those texts whole: the log holds none of them."""
+    from tests.courier_api.test_shifts_api import Courier, parcels, sign_off
+
+    auth = Auth(client)
+    seen: list[str] = [factories.PASSWORD, TEST_JWT_SECRET]
+
+    def tokens(username: str, device: str | None = None) -> dict[str, str]:
+        pair = auth.tokens(username, device)
+        seen.extend([pair["access_token"], pair["refresh_token"]])
+        return {"Authorization": f"Bearer {pair['access_token']}"}
+
+    admin, manager, auditor = tokens("admin"), tokens("manager1"), tokens("auditor1")
+    phones = {"138 1234 5678": "+8613812345678", "+44 7911 123456": "+447911123456"}
+    said = "recipient on 138 1234 5678 confirmed; their neighbour +44 7911 123456 too"
+
+    signed_out = auth.tokens("courier1", "PDA-0001")
+    seen.extend([signed_out["access_token"], signed_out["refresh_token"]])
+    refresh = {"refresh_token": signed_out["refresh_token"]}
+    assert client.post("/api/v1/auth/logout", json=refresh).status_code == 204
+    reused = auth.tokens("courier1", "PDA-0001")
+    seen.extend([reused["access_token"], reused["refresh_token"]])
+    refresh = {"refresh_token": reused["refresh_token"]}
+    rotated = client.post("/api/v1/auth/refresh", json=refresh).get_json()
+    seen.extend([rotated["access_token"], rotated["refresh_token"]])
+    session.execute(update(RefreshTokenFamily).values(used_at=utcnow() - dt.timedelta(minutes=10)))
+    session.commit()
+    again = client.post("/api/v1/auth/refresh", json=refresh)
+    assert (again.status_code, again.get_json()["code"]) == (401, "refresh_token_reused")
+
+    subscription = client.post(
+        "/api/v1/webhooks/subscriptions",
+        json={"url": "https://receiver.example/hook", "topics": ["flag.raised"]},
+        headers=admin,
+    ).get_json()
+    secret = client.post(
+        f"/api/v1/webhooks/subscriptions/{subscription['id']}/secret",
+        json={"grace_hours": 0},
+        headers=admin,
+    )
+    assert secret.status_code == 200, secret.get_json()
+    seen.extend([subscription["secret"], secret.get_json()["secret"]])
+
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    seen.append(pda.headers["Authorization"].removeprefix("Bearer "))
+    a, b = parcels(session, world, 2)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a), pda.event(b)])
+    pda.seq += 1  # seq 3 lost in a reset
+    pda.push([pda.event(a, "delivered_to_locker", locker_id="L-1", compartment="7")])
+    assert pda.close(shift["id"], last_seq=4).status_code == 200
+    written_off = client.post(
+        "/api/v1/devices/PDA-0001/lost-seqs",
+        json={"seqs": [3], "ranges": [], "reason": said},
+        headers=manager,
+    )
+    assert written_off.status_code == 201, written_off.get_json()
+    flags = client.get(f"/api/v1/flags?shift_id={shift['id']}", headers=manager).get_json()
+    flag_ids = [f["id"] for f in flags["items"]]
+    assert flag_ids, flags
+    resolved = client.post(
+        f"/api/v1/flags/{flag_ids[0]}/resolve", json={"note": said}, headers=manager
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    signed = sign_off(client, shift["id"], manager, note=said, force_reason=said)
+    assert signed.status_code == 200, signed.get_json()
+
+    factories.device(session, "PDA-0901", world.other_station)
+    session.commit()
+    taken = client.post("/api/v1/devices", json={"device_id": "PDA-0901"}, headers=manager)
+    assert taken.status_code == 409
+    moved = client.post(
+        "/api/v1/devices/PDA-0901/move", json={"station_id": world.station.id}, headers=admin
+    )
+    assert moved.status_code == 200, moved.get_json()
+
+    entries = client.get("/api/v1/audit?limit=100", headers=auditor)
+    assert entries.status_code == 200, entries.get_json()
+    assert said in json.dumps(entries.get_json()), "the auditor reads the texts whole"
+    lost = client.get("/api/v1/devices/PDA-0001/lost-seqs", headers=auditor)
+    assert lost.status_code == 200 and said in json.dumps(lost.get_json())
+
+    output = log_output.getvalue()
+    lines = records(log_output)
+    # Not vacuous: each of them was logged.
+    for logged in (
+        "POST /api/v1/auth/logout 204",
+        "POST /api/v1/auth/refresh 401",
+        f"POST /api/v1/webhooks/subscriptions/{subscription['id']}/secret 200",
+        "POST /api/v1/devices/PDA-0001/lost-seqs 201",
+        f"POST /api/v1/flags/{flag_ids[0]}/resolve 200",
+        f"POST /api/v1/shifts/{shift['id']}/signoff 200",
+        "POST /api/v1/devices/PDA-0901/move 200",
+        "GET /api/v1/audit 200",
+    ):
+        assert any(r["message"].startswith(logged) for r in lines), logged
+    assert any(r["message"].startswith("signed out: sign-in family") for r in lines)
+    assert any(r["message"].startswith("refresh token reused") for r in lines)
+    assert all(secret and len(secret) >= 8 for secret in seen)
+    for secret in seen:
+        assert secret not in output, secret[:12]
+    for written, e164 in phones.items():
+        for form in (written, e164, e164.lstrip("+"), e164[3:]):
+            assert form not in output, form

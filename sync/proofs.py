@@ -315,7 +315,10 @@ def search_page(
     committed before the walk's last page was read is in exactly one page of it, or
     that page is refused. The same happens
     when what matches changed below it (a flag of ``flag_kind`` raised or closed, a
-    parcel moved to another station). Pages before the last read only their rows."""
+    parcel moved to another station, a delivery's courier: a PDA handed over with its
+    shift left open pushes the first courier's deliveries under the next one's sign-in,
+    and the shift's close files them as its courier's, ``sync.shifts``). Pages before
+    the last read only their rows."""
     limit = min(limit, MAX_PAGE_SIZE)
     key = search_key(filters)
     if cursor is not None and cursor.search != key:
@@ -368,8 +371,9 @@ def _check_walk(
             f"{as_of}; {found} match now{', not the same ones' if found == count else ''}: "
             "deliveries with ids below those its pages showed were stored after the walk "
             "passed them (a push committing late), or came to match it or stopped "
-            "matching it (a flag raised or closed, a parcel moved to another station); "
-            "search again from the start",
+            "matching it (a flag raised or closed, a parcel moved to another station, "
+            "deliveries pushed under another courier's sign-in until a shift's close "
+            "filed them as its courier's); search again from the start",
             field="cursor",
         )
 

@@ -36,6 +36,7 @@ from sync.proofs import walk_digest
 from sync.rules import RULE_KINDS
 from tests import factories
 from tests.conftest import Auth, World
+from tests.courier_api.test_shifts_api import Courier
 from tests.courier_api.test_transaction_conflicts import aborted
 from tests.courier_api.test_web_pages import signed_in
 from tests.exports import exported
@@ -2466,6 +2467,40 @@ def test_a_search_walk_is_refused_when_deliveries_swapped_in_and_out_with_the_sa
     message = last.json["message"]
     assert f"showed 3 deliveries matching the search up to event {delivered[4]}" in message
     assert "3 match now, not the same ones" in message
+
+
+def test_a_search_walk_by_courier_refused_for_a_close_that_filed_its_deliveries_says_so(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """courier1 hands the PDA over with the shift left open; it pushes courier1's two
+    deliveries under courier2's sign-in, as courier2's. An auditor walks courier2's
+    proofs (``courier_id``); meanwhile the manager closes courier1's shift declaring its
+    last seq, which files both deliveries under it as courier1's (``sync.shifts``): the
+    walk's last page is a 410, rightly, but its message named only a late push, a flag
+    raised or closed and a parcel moved to another station, none of which happened.
+    It names the close that filed deliveries as another courier's."""
+    courier2 = factories.user(session, "courier2", "courier", world.station)
+    numbers = [factories.parcel(session, world.station).tracking_no for _ in range(2)]
+    session.commit()
+    pda = Courier(client, auth, "courier1", "PDA-0001")
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(number) for number in numbers])
+    pda.headers = auth.headers("courier2", "PDA-0001")
+    pda.push([pda.event(number, "delivered") for number in numbers])
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=1, courier_id=courier2.id).json
+    assert len(first["items"]) == 1 and first["next_cursor"] is not None
+    closed = client.post(
+        f"/api/v1/shifts/{shift['id']}/close",
+        json={"last_seq": pda.seq},
+        headers=auth.headers("manager1"),
+    )
+    assert closed.status_code == 200, closed.json
+    last = walk_page(client, headers, first["next_cursor"], limit=1, courier_id=courier2.id)
+    assert last.status_code == 410 and last.json["code"] == "cursor_reset", last.json
+    assert "a shift's close filed them as its courier's" in last.json["message"], last.json
+    again = walk_page(client, headers, courier_id=world.courier.id).json
+    assert [i["event_id"] for i in again["items"]] == delivered_ids(session)
 
 
 def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(

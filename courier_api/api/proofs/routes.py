@@ -270,7 +270,9 @@ class Proofs(MethodView):
         `as_of` with those shown, and its message says how many of each) and
         answers 410 `cursor_reset`: search again from the start. It does so too
         when what matches changed below the pages shown (a flag of `flag_kind`
-        raised or closed, a parcel moved to another station). A walk that ends
+        raised or closed, a parcel moved to another station, deliveries a PDA
+        handed over pushed under another courier's sign-in until the shift's
+        close filed them as its courier's: `courier_id`). A walk that ends
         with a page of `next_cursor` null held every matching delivery up to
         `as_of` committed before that page was read. Deliveries stored since it
         began are in none of its pages: `arrived_since` counts them on each page. A

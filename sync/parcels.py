@@ -642,8 +642,10 @@ class TimelinePage:
     as_of: int
     # Where the walk goes on; None on its last page.
     next_cursor: TimelineCursor | None
-    # Events of the parcel with an id above ``as_of``: arrived since the walk began, in
-    # no page of it.
+    # Events the timeline gained since the walk began, in no page of it: those with an id
+    # above ``as_of``, and a correction filed under another tracking number, stored
+    # before, that joined it with its target (``_without_joined_corrections``): what a
+    # walk begun again shows that this one does not.
     arrived_since: int
     # The position in the walk of the page's first entry (0: the walk's first).
     offset: int = 0

@@ -247,9 +247,11 @@ class ParcelDetail(ParcelOut):
     arrived_since = ma.fields.Integer(
         required=True,
         metadata={
-            "description": "Events of the parcel stored since the walk began (an id "
-            "above `as_of`), counted when this page was read: in no page of this walk; "
-            "read the timeline again without a cursor to see them in their place"
+            "description": "Events the parcel's timeline gained since the walk began, "
+            "counted when this page was read: those stored since (an id above `as_of`) "
+            "and a correction filed under another tracking number, stored before, that "
+            "joined the timeline with the event it voids; in no page of this walk; read "
+            "the timeline again without a cursor to see them in their place"
         },
     )
     next_cursor = ma.fields.String(

@@ -287,9 +287,9 @@ def register_device(
 
     An id refused so and since moved to the manager's station by an admin (the PDAs
     another station sent, which the manager tried to register on unpacking them, as
-    anyone would) was theirs to know: it counts for nothing from then on (its refusal
-    stays on the audit log), so that a station sent a dozen PDAs is not locked out of
-    registering its own for a day.
+    anyone would) was theirs to know: it counts for nothing while it stands there (its
+    refusal stays on the audit log; moved away again, it counts again), so that a
+    station sent a dozen PDAs is not locked out of registering its own for a day.
     """
     device_id = device_id.strip()
     if not DEVICE_ID.fullmatch(device_id):
@@ -299,9 +299,10 @@ def register_device(
             field="device_id",
         )
     now = utcnow()
+    forgiven: Sequence[str] = ()
     if registrar is not None and registrar.limit is not None:
-        _forgive_moved_here(session, registrar, registrar.limit, station, now)
-        refusal = _registrar_refusal(session, registrar, registrar.limit, now)
+        forgiven = _moved_here(session, registrar.limit, station, now)
+        refusal = _registrar_refusal(session, registrar, registrar.limit, forgiven, now)
         if refusal is not None:
             raise refusal
     held = session.get(Device, device_id)
@@ -325,6 +326,7 @@ def register_device(
                 now=now,
                 what=TAKEN_TOO_OFTEN,
                 code=TOO_MANY_DEVICE_IDS_TAKEN,
+                forgiven=forgiven,
             )
             if charge.refusal is not None:
                 raise charge.refusal
@@ -345,28 +347,25 @@ def register_device(
     return device
 
 
-def _forgive_moved_here(
-    session: Session,
-    registrar: Registrar,
-    limit: sign_in_limits.Limit,
-    station: Station,
-    now: dt.datetime,
-) -> None:
-    """Take back the registrar's refusals for ids an admin moved to ``station`` within
-    the window (a refusal counted before is for a PDA moved since, at most a window
-    ago)."""
-    moved_here = session.scalars(
+def _moved_here(
+    session: Session, limit: sign_in_limits.Limit, station: Station, now: dt.datetime
+) -> Sequence[str]:
+    """The ids an admin moved to ``station`` within the window, and at it still: a
+    refusal counted for one in the window was counted before its move, and counts for
+    nothing while it stands here (it counts again once moved away)."""
+    return session.scalars(
         select(Device.id).where(
             Device.station_id == station.id, Device.moved_at > now - limit.window
         )
     ).all()
-    sign_in_limits.forgive_once(
-        session=session, kind=DEVICE_IDS_TAKEN, key=registrar.key, subjects=moved_here
-    )
 
 
 def _registrar_refusal(
-    session: Session, registrar: Registrar, limit: sign_in_limits.Limit, now: dt.datetime
+    session: Session,
+    registrar: Registrar,
+    limit: sign_in_limits.Limit,
+    forgiven: Sequence[str],
+    now: dt.datetime,
 ) -> RateLimited | None:
     return sign_in_limits.refusal_of(
         session=session,
@@ -376,6 +375,7 @@ def _registrar_refusal(
         now=now,
         what=TAKEN_TOO_OFTEN,
         code=TOO_MANY_DEVICE_IDS_TAKEN,
+        forgiven=forgiven,
     )
 
 

@@ -255,18 +255,28 @@ def refusal_of(
     now: dt.datetime,
     what: str,
     code: str,
+    forgiven: Collection[str] = (),
 ) -> RateLimited | None:
     """The refusal ``admit_call`` would return, nothing stored: for a call counted only
     by how it ends (``sync.directory``: a PDA id found in use at another station), whose
     caller is refused every call once its window is full, the one that would not count
     too. Takes the caller's lock (PostgreSQL), held to the transaction's end; every
-    call of ``kind`` counts its window so (``admit_cost``, ``admit_once``)."""
+    call of ``kind`` counts its window so (``admit_cost``, ``admit_once``).
+
+    ``forgiven``: subjects whose ``admit_once`` calls count for nothing while they are
+    so (``sync.directory``: PDA ids now at the caller's own station, which told them
+    nothing that was not theirs to know). Their rows stay: a subject no longer forgiven
+    (the PDA moved away again) counts again, as it did before."""
     _lock(session, (key,))
     _purge(session, now - limit.window, (kind,))
-    return _check(session, limit, _calls_of(key, kind), now, what, code=code)
+    where = _calls_of(key, kind)
+    if forgiven:
+        subject_keys = [_subject_key(key, kind, subject) for subject in forgiven]
+        where = (*where, SignInAttempt.address_key.not_in(subject_keys))
+    return _check(session, limit, where, now, what, code=code)
 
 
-def _calls_of(key: str, kind: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+def _calls_of(key: str, kind: str) -> tuple[ColumnElement[bool], ...]:
     """The rows of the calls of ``kind`` by the caller ``key``."""
     return (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
 
@@ -281,15 +291,23 @@ def admit_once(
     now: dt.datetime,
     what: str,
     code: str,
+    forgiven: Collection[str] = (),
 ) -> Charge:
     """``admit_call`` for a call about ``subject``, counted once per window: while the
     window is not full, a call about a subject it holds already is let through and
     charged nothing (``Charge(0)``), as it tells the caller nothing the first did
     (``sync.directory``: a PDA id found in use at another station, tried again). The
     row stands for the subject by a hash keyed with the caller's key in place of the
-    address's."""
+    address's. ``forgiven``: as ``refusal_of``'s, not counted in the window."""
     refusal = refusal_of(
-        session=session, kind=kind, key=key, limit=limit, now=now, what=what, code=code
+        session=session,
+        kind=kind,
+        key=key,
+        limit=limit,
+        now=now,
+        what=what,
+        code=code,
+        forgiven=forgiven,
     )
     if refusal is not None:  # a counted subject's call too: refused alike, whatever it is
         return Charge(0, refusal)
@@ -306,25 +324,6 @@ def admit_once(
     row = {"at": now, "username_key": key, "address_key": subject_key, "outcome": kind}
     session.execute(insert(SignInAttempt), [row])
     return Charge(1)
-
-
-def forgive_once(*, session: Session, kind: str, key: str, subjects: Collection[str]) -> None:
-    """Take back what ``admit_once`` charged the caller ``key`` for each of ``subjects``:
-    calls that turned out to tell them nothing that was not theirs to know
-    (``sync.directory``: a PDA id since moved to the caller's own station). Under the
-    caller's lock, as every call of ``kind`` counts its window; in the caller's
-    transaction."""
-    if not subjects:
-        return
-    _lock(session, (key,))
-    session.execute(
-        delete(SignInAttempt).where(
-            *_calls_of(key, kind),
-            SignInAttempt.address_key.in_(
-                [_subject_key(key, kind, subject) for subject in subjects]
-            ),
-        )
-    )
 
 
 @dataclass(frozen=True)

@@ -624,3 +624,40 @@ def test_the_bound_on_other_stations_ids_defaults_to_ten_a_day(tmp_path: Path) -
     assert load_config({name: "off"}, tmp_path)[name] is None
     with pytest.raises(ConfigError, match=name):
         load_config({name: "10 a day"}, tmp_path)
+
+
+def test_a_pda_moved_away_again_counts_again_though_the_manager_registered_meanwhile(
+    client: FlaskClient, session: Session, world: World, auth: Auth
+) -> None:
+    """Found by a second reading: a refusal was forgiven by deleting its count at the
+    manager's first registration while the PDA stood at their station, so that moved
+    away again it counted no more, against ``test_a_pda_moved_away_again_counts_again``
+    (which makes no registration in between). Only an id at the manager's station now
+    counts for nothing, whatever the manager did while it stood there."""
+    manager, admin = auth.headers("manager1"), auth.headers("admin")
+    bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
+    ids = [f"PDA-7{n:03d}" for n in range(bound)]
+    for device_id in ids:
+        factories.device(session, device_id, world.other_station)
+    session.commit()
+    for device_id in ids:
+        taken = client.post("/api/v1/devices", json={"device_id": device_id}, headers=manager)
+        assert taken.status_code == 409
+
+    def move(station_id: int) -> None:
+        moved = client.post(
+            f"/api/v1/devices/{ids[0]}/move", json={"station_id": station_id}, headers=admin
+        )
+        assert moved.status_code == 200, moved.get_json()
+
+    move(world.station.id)
+    new = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
+    assert new.status_code == 201, new.get_json()  # ids[0] stands at ST1: forgiven
+    move(world.other_station.id)
+    late = client.post("/api/v1/devices", json={"device_id": "PDA-0778"}, headers=manager)
+    assert late.status_code == 429, late.get_json()
+    assert late.get_json()["code"] == "too_many_device_ids_taken"
+    again = client.post("/api/v1/devices", json={"device_id": ids[0]}, headers=manager)
+    assert (again.status_code, again.get_json()["code"]) == (429, "too_many_device_ids_taken")
+    refused = select(func.count()).where(AuditEntry.action == "device_registration_refused")
+    assert session.scalar(refused) == bound  # its first refusal stands for it still

@@ -1,5 +1,6 @@
 """What of a PDA's seqs keeps it at its station (``sync.device_moves``)."""
 
+import datetime as dt
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,11 +11,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
 from models import AuditEntry, Device, Shift, Station
-from sync import shifts
+from sync import directory, shifts
 from sync.device_moves import move_device, unsynced_seqs
 from sync.device_state import lock_device_state
-from sync.errors import Conflict
+from sync.errors import Conflict, RateLimited
 from sync.shifts import ShiftRules
+from sync.sign_in_limits import Limit, caller_key
 from tests import factories
 from tests.conftest import World
 
@@ -159,3 +161,51 @@ def test_a_shift_opening_that_really_waited_for_a_move_opens_nothing(
     assert refused.value.code == "device_moved"
     with sessions() as check:
         assert check.scalars(select(Shift)).all() == []
+
+
+@pytest.mark.postgres_only
+def test_a_registration_while_a_pda_is_moved_away_again_does_not_forgive_it_for_good(
+    committed_app: Any,
+) -> None:
+    """On PostgreSQL, a manager of ST1 registers a PDA while an admin moves PDA-X, one
+    they were refused for at ST2 and since moved to ST1, back to ST2: the registration
+    reads PDA-X at ST1 (the move not committed) and counts its refusal for nothing, as
+    it stood then. Once the move commits, PDA-X is another station's PDA again and its
+    refusal counts: the manager's window, full with it, refuses the next registration."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        own = factories.station(setup, code="ST1")
+        other = factories.station(setup, code="ST2")
+        manager = factories.user(setup, "registrar", "station_manager", own)
+        for device_id in ("PDA-X", "PDA-Y"):
+            factories.device(setup, device_id, other)
+        setup.commit()
+    key = caller_key(secret=b"test", kind=directory.DEVICE_IDS_TAKEN, caller=str(manager.id))
+    registrar = directory.Registrar(manager.id, key, Limit(2, dt.timedelta(hours=24)))
+
+    def register(session: Session, device_id: str) -> str:
+        try:
+            directory.register_device(
+                session=session, device_id=device_id, station=own, registrar=registrar
+            )
+        except (Conflict, RateLimited) as refusal:
+            return refusal.code
+        finally:
+            session.commit()
+        return "registered"
+
+    def move(session: Session, station: Station) -> None:
+        device = session.get(Device, "PDA-X")
+        assert device is not None
+        move_device(session=session, device=device, station=station, moved_by=None)
+
+    with sessions() as session:
+        assert [register(session, "PDA-X"), register(session, "PDA-Y")] == ["device_exists"] * 2
+        move(session, own)
+        session.commit()
+    with sessions() as away, sessions() as registering:
+        move(away, other)  # not committed yet
+        assert register(registering, "PDA-NEW-1") == "registered"  # PDA-X stands at ST1
+        away.commit()
+    with sessions() as session:
+        assert register(session, "PDA-NEW-2") == directory.TOO_MANY_DEVICE_IDS_TAKEN

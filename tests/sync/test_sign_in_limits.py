@@ -20,7 +20,7 @@ from sync.sign_in_limits import (
     admit_cost,
     admit_once,
     caller_key,
-    forgive_once,
+    refusal_of,
     settle,
 )
 
@@ -302,14 +302,16 @@ def test_a_call_about_one_subject_is_counted_once_per_window(session: Session) -
 
 
 def test_a_subject_forgiven_counts_for_nothing_and_only_its_callers(session: Session) -> None:
-    """``forgive_once`` (a PDA id since moved to the caller's station) takes back the
-    caller's charge for those subjects: a full window has room again, the subjects not
-    forgiven still count, and another caller's charge for the same subject stands."""
+    """``forgiven`` subjects (PDA ids now at the caller's station) count for nothing in
+    the caller's window while they are forgiven: a full window has room again, the
+    subjects not forgiven still count, and another caller's charge for the same subject
+    stands. Nothing is deleted: a subject no longer forgiven (the PDA moved away again)
+    counts again, as it did before."""
     day = Limit(2, dt.timedelta(hours=24))
     key = caller_key(secret=SECRET, kind="device_taken", caller="7")
     other = caller_key(secret=SECRET, kind="device_taken", caller="8")
 
-    def call(subject: str, caller: str = key) -> int:
+    def call(subject: str, caller: str = key, forgiven: tuple[str, ...] = ()) -> int:
         charge = admit_once(
             session=session,
             kind="device_taken",
@@ -319,16 +321,33 @@ def test_a_subject_forgiven_counts_for_nothing_and_only_its_callers(session: Ses
             now=T0,
             what="too many ids taken",
             code="too_many_device_ids_taken",
+            forgiven=forgiven,
         )
         return -1 if charge.refusal is not None else charge.units
 
     assert [call("PDA-A"), call("PDA-B"), call("PDA-C")] == [1, 1, -1]
     assert [call("PDA-A", other), call("PDA-B", other)] == [1, 1]
-    forgive_once(session=session, kind="device_taken", key=key, subjects=["PDA-A", "PDA-X"])
-    assert call("PDA-C") == 1  # PDA-A's room
-    assert call("PDA-D") == -1  # PDA-B and PDA-C fill it
-    assert call("PDA-C", other) == -1  # the other caller's PDA-A still counts
-    forgive_once(session=session, kind="device_taken", key=key, subjects=[])
+    forgiven = ("PDA-A", "PDA-X")
+    assert call("PDA-C", forgiven=forgiven) == 1  # PDA-A's room
+    assert call("PDA-D", forgiven=forgiven) == -1  # PDA-B and PDA-C fill it
+    assert call("PDA-C", other, forgiven=()) == -1  # the other caller's PDA-A still counts
+    assert call("PDA-D") == -1  # PDA-A no longer forgiven: three in a window of two
+    assert call("PDA-A") == -1  # refused alike, counted or not
+
+    def refused(*forgiven: str) -> bool:
+        refusal = refusal_of(
+            session=session,
+            kind="device_taken",
+            key=key,
+            limit=day,
+            now=T0,
+            what="too many ids taken",
+            code="too_many_device_ids_taken",
+            forgiven=forgiven,
+        )
+        return refusal is not None
+
+    assert [refused(), refused("PDA-A"), refused("PDA-A", "PDA-B")] == [True, True, False]
 
 
 def test_no_limits_means_nothing_stored(session: Session) -> None:

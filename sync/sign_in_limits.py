@@ -404,11 +404,16 @@ def _check(
 
 
 def window_text(window: dt.timedelta) -> str:
+    """A window as a refusal names it: "15 minutes", "60 minutes", "24 hours", "7 days"
+    (whole hours, or days, beyond the first; a day is not "1440 minutes")."""
     seconds = int(window.total_seconds())
+    for unit, size in (("days", 86400), ("hours", 3600)):
+        if seconds > size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
     if seconds % 60 == 0:
         minutes = seconds // 60
         return "1 minute" if minutes == 1 else f"{minutes} minutes"
-    return f"{seconds} seconds"
+    return "1 second" if seconds == 1 else f"{seconds} seconds"
 
 
 def _lock_keys(session: Session, keys: AttemptKeys) -> None:

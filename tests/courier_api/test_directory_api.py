@@ -444,6 +444,7 @@ def test_probing_for_another_stations_pda_ids_is_on_record_and_bounded(
     free = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
     assert (free.status_code, free.get_json()["code"]) == (429, "too_many_device_ids_taken")
     assert 0 < int(free.headers["Retry-After"]) <= 24 * 3600
+    assert "(at most 10 in 24 hours)" in free.get_json()["message"]
     taken = client.post("/api/v1/devices", json={"device_id": "PDA-0002"}, headers=manager)
     assert taken.get_json() == free.get_json()  # the same whatever the id
     assert client.get("/api/v1/devices/PDA-0777", headers=manager).status_code == 404

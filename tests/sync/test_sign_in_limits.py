@@ -22,6 +22,7 @@ from sync.sign_in_limits import (
     caller_key,
     refusal_of,
     settle,
+    window_text,
 )
 
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
@@ -348,6 +349,30 @@ def test_a_subject_forgiven_counts_for_nothing_and_only_its_callers(session: Ses
         return refusal is not None
 
     assert [refused(), refused("PDA-A"), refused("PDA-A", "PDA-B")] == [True, True, False]
+
+
+def test_a_window_reads_as_a_person_would_say_it() -> None:
+    """A day read "1440 minutes" in the 429 of a manager's registrations
+    (``DEVICE_IDS_TAKEN_PER_MANAGER``, 10/86400): whole hours beyond the first read in
+    hours, whole days beyond the first in days; the other limits' windows as before."""
+    texts = {
+        seconds: window_text(dt.timedelta(seconds=seconds))
+        for seconds in (1, 45, 60, 90, 600, 900, 3600, 5400, 7200, 86400, 90000, 604800)
+    }
+    assert texts == {
+        1: "1 second",
+        45: "45 seconds",
+        60: "1 minute",
+        90: "90 seconds",
+        600: "10 minutes",
+        900: "15 minutes",
+        3600: "60 minutes",
+        5400: "90 minutes",
+        7200: "2 hours",
+        86400: "24 hours",
+        90000: "25 hours",
+        604800: "7 days",
+    }
 
 
 def test_no_limits_means_nothing_stored(session: Session) -> None:

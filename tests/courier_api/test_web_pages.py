@@ -3370,6 +3370,45 @@ def test_the_shift_page_of_a_dead_pdas_shift_says_the_courier_is_back_as_the_boa
     assert back[first.id] == third.id
 
 
+def test_a_dead_pdas_shift_balance_says_where_its_courier_went_as_its_page_does(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The board and the shift's page said of the dead PDA's shift that its courier is
+    back (the spare PDA's shift handed over at 17:00), and that a courier with a second
+    shift open on another PDA has one likely no longer used; a manager reading the
+    shift through the API (``GET /shifts/<id>/balance``) saw it "on the road", its
+    parcels still out, and nothing of either. The balance names both now, from the
+    same rule as the page (``sync.pages.where_courier_went``)."""
+    first, second, _ = _spare_pda(session, day)
+    client = app.test_client()
+    manager = Auth(client).headers("manager")
+
+    def went(shift_id: int) -> tuple[int | None, list[int]]:
+        response = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager)
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        return body["courier_back_shift_id"], body["courier_also_open_shift_ids"]
+
+    assert went(first.id) == (second.id, [])
+    assert went(second.id) == (None, [])  # handed over itself
+    assert went(day.open.id) == (None, [])  # a courier still out, on one PDA
+    third_pda = station_day.Pda(
+        session,
+        factories.device(session, "PDA-PDG-11", day.station),
+        session.get_one(User, second.courier_id),
+    )
+    third = third_pda.open(station_day.local(day.day, 17, 30))
+    assert went(first.id) == (None, [third.id])  # out again on a third PDA
+    assert went(third.id) == (None, [first.id])
+    board = _board_api(app, day, day.day)
+    rows = {row["shift_id"]: row for row in board["shifts"]}
+    for shift_id in (first.id, third.id):
+        assert went(shift_id) == (
+            rows[shift_id]["courier_back_shift_id"],
+            rows[shift_id]["courier_also_open_shift_ids"],
+        )
+
+
 def _board_api(app: Flask, day: StationDay, date: dt.date) -> dict[str, Any]:
     response = app.test_client().get(
         f"/api/v1/stations/{day.station.id}/handover?date={date}",

@@ -37,7 +37,7 @@ from sync.balances import (
 )
 from sync.errors import PermissionDenied
 from sync.handover import HANDOVER_KINDS, balance_version
-from sync.pages import handover_scans_elsewhere, user_ref, write_offs_named
+from sync.pages import handover_scans_elsewhere, user_ref, where_courier_went, write_offs_named
 from sync.phones import shown_text
 
 blp = ApiBlueprint(
@@ -215,7 +215,11 @@ class ShiftBalance(MethodView):
         what the board row gives beside the balance and a sign-off may send back
         to prove what was read: the flags naming the shift still waiting
         (`open_flags`), its PDA's events rejected (`rejected_events`) and its proof
-        images missing (`images_missing`), counted as the board row counts them.
+        images missing (`images_missing`), counted as the board row counts them. A
+        shift still open names, as its board row and its page do, the shift its courier
+        handed over since on another PDA (`courier_back_shift_id`: a PDA that died, the
+        courier back with a spare one, this one to close) and their other shifts still
+        open on another PDA (`courier_also_open_shift_ids`).
         """
         shift = _readable(shift_id)
         read = signoffs.handover_seen(db.session, shift)
@@ -231,6 +235,7 @@ class ShiftBalance(MethodView):
             balance,
             courier_id=principal.user_id if principal.role == Role.COURIER else None,
         )
+        went = where_courier_went(db.session, shift)
         return {
             **balance.summary(),
             **vars(balance),
@@ -251,6 +256,8 @@ class ShiftBalance(MethodView):
             "version": balance_version(balance),
             "signed_off_version": signed_off_version(shift, balance),
             "changed_since_signoff": changed_since_signoff(shift, balance),
+            "courier_back_shift_id": went.courier_back.id if went.courier_back else None,
+            "courier_also_open_shift_ids": [s.id for s in went.also_open],
         }
 
 

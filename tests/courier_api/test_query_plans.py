@@ -1430,3 +1430,36 @@ def test_an_auditors_image_read_is_filed_under_its_parcels_through_the_digest_in
             .where(AuditEntry.action == "blob_read", AuditEntry.subject_key == name)
         ).all()
     assert filed == [world.tracking_no]
+
+
+def test_an_open_shifts_balance_reads_where_its_courier_went_through_an_index(
+    world: World,
+) -> None:
+    """The balance of a shift still open names where its courier went on
+    (``sync.pages.where_courier_went``, as the shift's page does: their other shifts still
+    open on another PDA, and the latest they opened after it there): one statement,
+    through the courier's shifts (``ix_shift_courier_id``), not along the station's every
+    shift of every day."""
+    with world.engine.connect() as connection:
+        still_open = connection.scalar(
+            select(Shift.id).where(Shift.device_id == world.device_id, Shift.status == "open")
+        )
+    if still_open is None:  # run alone: the push's or the opening's test left none open
+        opened = world.client.post("/api/v1/shifts", json={}, headers=world.courier)
+        assert opened.status_code == 201, opened.get_json()
+        still_open = opened.get_json()["id"]
+    response, explained = run(
+        world, "GET", f"/api/v1/shifts/{still_open}/balance", headers=world.manager
+    )
+    assert response.get_json()["shift_status"] == "open"
+    assert response.get_json()["courier_also_open_shift_ids"] == []
+    went = [
+        e
+        for e in explained
+        if "shift" in e.tables and "shift.device_id !=" in " ".join(e.statement.split())
+    ]
+    assert len(went) == 1, [e.statement for e in explained]
+    assert_indexed(went)
+    # The courier's shifts, by their key: both the open ones and the latest since.
+    assert went[0].indexes == {"ix_shift_courier_id"}, went[0].plan
+    assert_indexed(explained)

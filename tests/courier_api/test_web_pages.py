@@ -3370,24 +3370,28 @@ def test_the_shift_page_of_a_dead_pdas_shift_says_the_courier_is_back_as_the_boa
     assert back[first.id] == third.id
 
 
-def test_a_dead_pdas_shift_balance_says_where_its_courier_went_as_its_page_does(
+def test_a_dead_pdas_shift_through_the_api_says_where_its_courier_went_as_its_page_does(
     app: Flask, session: Session, day: StationDay
 ) -> None:
     """The board and the shift's page said of the dead PDA's shift that its courier is
     back (the spare PDA's shift handed over at 17:00), and that a courier with a second
     shift open on another PDA has one likely no longer used; a manager reading the
-    shift through the API (``GET /shifts/<id>/balance``) saw it "on the road", its
-    parcels still out, and nothing of either. The balance names both now, from the
-    same rule as the page (``sync.pages.where_courier_went``)."""
+    shift through the API (``GET /shifts/<id>`` and its balance) saw it "on the road",
+    its parcels still out, and nothing of either. Both name them now, from the same
+    rule as the page (``sync.pages.where_courier_went``)."""
     first, second, _ = _spare_pda(session, day)
     client = app.test_client()
     manager = Auth(client).headers("manager")
 
     def went(shift_id: int) -> tuple[int | None, list[int]]:
-        response = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager)
-        assert response.status_code == 200, response.get_json()
-        body = response.get_json()
-        return body["courier_back_shift_id"], body["courier_also_open_shift_ids"]
+        said = set()
+        for path in (f"/api/v1/shifts/{shift_id}", f"/api/v1/shifts/{shift_id}/balance"):
+            response = client.get(path, headers=manager)
+            assert response.status_code == 200, response.get_json()
+            body = response.get_json()
+            said.add((body["courier_back_shift_id"], tuple(body["courier_also_open_shift_ids"])))
+        [(back, also)] = said  # the shift and its balance say the same
+        return back, list(also)
 
     assert went(first.id) == (second.id, [])
     assert went(second.id) == (None, [])  # handed over itself

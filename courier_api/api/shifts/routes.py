@@ -13,6 +13,7 @@ from courier_api.api.shifts.schemas import (
     BoardOut,
     CloseShiftIn,
     OpenShiftIn,
+    ShiftDetailOut,
     ShiftListArgs,
     ShiftOut,
     ShiftPage,
@@ -120,7 +121,7 @@ class ShiftById(MethodView):
     READS_ONLY = True  # its GET: courier_api.database
 
     @blp.auth(*READERS)
-    @blp.response(200, ShiftOut)
+    @blp.response(200, ShiftDetailOut)
     @blp.alt_response(404, response="NOT_FOUND")
     def get(self, shift_id: int) -> dict[str, Any]:
         """Get a shift
@@ -128,9 +129,14 @@ class ShiftById(MethodView):
         Couriers read their own shifts (a colleague's is a 403 `not_your_shift`),
         managers their station's; a shift of another station answers what an
         unknown id answers (404 `shift_not_found`), so that it does not show it
-        exists. Admins and auditors read every station's.
+        exists. Admins and auditors read every station's. A shift still open names,
+        as its board row and its page do, the shift its courier handed over since on
+        another PDA (`courier_back_shift_id`: a PDA that died, the courier back with a
+        spare one, this one to close) and their other shifts still open on another PDA
+        (`courier_also_open_shift_ids`).
         """
-        return _view(_readable(shift_id))
+        shift = _readable(shift_id)
+        return {**_view(shift), **_courier_went(shift)}
 
 
 @blp.route("/shifts/<id:shift_id>/close")
@@ -235,7 +241,6 @@ class ShiftBalance(MethodView):
             balance,
             courier_id=principal.user_id if principal.role == Role.COURIER else None,
         )
-        went = where_courier_went(db.session, shift)
         return {
             **balance.summary(),
             **vars(balance),
@@ -256,8 +261,7 @@ class ShiftBalance(MethodView):
             "version": balance_version(balance),
             "signed_off_version": signed_off_version(shift, balance),
             "changed_since_signoff": changed_since_signoff(shift, balance),
-            "courier_back_shift_id": went.courier_back.id if went.courier_back else None,
-            "courier_also_open_shift_ids": [s.id for s in went.also_open],
+            **_courier_went(shift),
         }
 
 
@@ -479,6 +483,15 @@ class StationHandover(MethodView):
 def _view(shift: Shift) -> dict[str, Any]:
     """``shift_view`` for the caller: phone numbers whole for auditors only."""
     return shift_view(shift, unmasked=current_principal().role == Role.AUDITOR)
+
+
+def _courier_went(shift: Shift) -> dict[str, Any]:
+    """``CourierWentOut`` of ``shift``: where its courier went on while it stayed open."""
+    went = where_courier_went(db.session, shift)
+    return {
+        "courier_back_shift_id": went.courier_back.id if went.courier_back else None,
+        "courier_also_open_shift_ids": [s.id for s in went.also_open],
+    }
 
 
 def _readable(shift_id: int) -> Shift:

@@ -162,6 +162,36 @@ class ShiftOut(ma.Schema):
     reopened_at = ma.fields.AwareDateTime(allow_none=True, required=True)
 
 
+class CourierWentOut(ma.Schema):
+    """Where the courier of a shift still open went on (``sync.pages.where_courier_went``),
+    as its board row and its page say it: a shift's balance and the shift itself."""
+
+    courier_back_shift_id = ma.fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "A shift still open whose courier has handed over a shift they "
+            "opened after it on another PDA of the station: the latest such shift (a PDA that "
+            "died, its courier gone on with a spare one and back): close this one for them. "
+            "Null otherwise, and while a shift the courier opened after that one is still "
+            "open (out again on a third PDA); as the board row's"
+        },
+    )
+    courier_also_open_shift_ids = ma.fields.List(
+        ma.fields.Integer(),
+        required=True,
+        metadata={
+            "description": "A shift still open: its courier's other shifts of the station "
+            "still open on another PDA, oldest first, as the board row's. One of them is "
+            "likely no longer used: close it. Empty otherwise"
+        },
+    )
+
+
+class ShiftDetailOut(ShiftOut, CourierWentOut):
+    """One shift as ``GET /shifts/{shift_id}`` answers it."""
+
+
 def shift_view(shift: Any, *, unmasked: bool) -> dict[str, Any]:
     """``unmasked``: an auditor's; for anyone else a phone number in the sign-off's free
     text (the recipient a manager called before signing off) is masked (rule 7)."""
@@ -346,7 +376,7 @@ class BoardFlagOut(ma.Schema):
     )
 
 
-class BalanceOut(BalanceCounts):
+class BalanceOut(BalanceCounts, CourierWentOut):
     shift_id = ma.fields.Integer(required=True)
     version = ma.fields.String(
         required=True,
@@ -415,28 +445,6 @@ class BalanceOut(BalanceCounts):
         "Proof images the handed-over shift's deliveries name that the server lacks, as its "
         "board row counts them (0 while open). Send it back with the sign-off as "
         "`images_missing`"
-    )
-    # Where the courier of a shift still open went on (``sync.pages.where_courier_went``),
-    # as its board row and its page say it.
-    courier_back_shift_id = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "A shift still open whose courier has handed over a shift they "
-            "opened after it on another PDA of the station: the latest such shift (a PDA that "
-            "died, its courier gone on with a spare one and back): close this one for them. "
-            "Null otherwise, and while a shift the courier opened after that one is still "
-            "open (out again on a third PDA); as the board row's"
-        },
-    )
-    courier_also_open_shift_ids = ma.fields.List(
-        ma.fields.Integer(),
-        required=True,
-        metadata={
-            "description": "A shift still open: its courier's other shifts of the station "
-            "still open on another PDA, oldest first, as the board row's. One of them is "
-            "likely no longer used: close it. Empty otherwise"
-        },
     )
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sync.blobs import FileBlobStore, store_blob
 from sync.ingest import PushBatch, ingest
 from sync.status import rejudge_after_upload
+from tests.lock_waits import while_held
 from tests.sync.test_flag_decisions import NOW, RULES, OnePda, race_world, rule_flags
 
 
@@ -59,32 +58,6 @@ def _push(session: Session, pda: OnePda, events: list[dict[str, Any]]) -> None:
     )
 
 
-def _second_while_first_uncommitted(
-    first: Callable[[Session], None], second: Callable[[Session], None], sessions: Any
-) -> None:
-    """``first`` in a transaction left open; ``second`` in a thread of its own, given
-    up to 2 s (it may wait for ``first``); then ``first`` commits, and ``second``."""
-    failures: list[BaseException] = []
-
-    def run_second() -> None:
-        try:
-            with sessions() as other:
-                second(other)
-                other.commit()
-        except BaseException as error:  # seen by the test, not lost in the thread
-            failures.append(error)
-
-    with sessions() as opened:
-        first(opened)
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        thread.join(timeout=2)
-        opened.commit()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    assert failures == []
-
-
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("upload_first", [True, False], ids=["upload-first", "push-first"])
 def test_an_image_uploaded_while_the_push_naming_it_is_stored_leaves_no_missing_flag(
@@ -110,9 +83,10 @@ def test_an_image_uploaded_while_the_push_naming_it_is_stored_leaves_no_missing_
     def push(session: Session) -> None:
         _push(session, pda, events)
 
+    # Either may wait for the other's locks, or find none to wait for.
     if upload_first:
-        _second_while_first_uncommitted(upload, push, sessions)
+        while_held(sessions, upload, push, must_wait=False)
     else:
-        _second_while_first_uncommitted(push, upload, sessions)
+        while_held(sessions, push, upload, must_wait=False)
     with sessions() as check:
         assert "pod_blob_missing" not in rule_flags(check, tracking_no)

@@ -1,8 +1,6 @@
 """What of a PDA's seqs keeps it at its station (``sync.device_moves``)."""
 
 import datetime as dt
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from sync.shifts import ShiftRules
 from sync.sign_in_limits import Limit, caller_key
 from tests import factories
 from tests.conftest import World
+from tests.lock_waits import while_held
 
 
 def test_unsynced_seqs_are_the_gaps_and_the_seqs_declared_beyond_those_held() -> None:
@@ -71,34 +70,12 @@ def test_a_move_that_waited_for_another_moves_the_pda_from_where_that_one_left_i
     assert (entry.details["from_station"], entry.details["to_station"]) == ("ST2", "ST3")
 
 
-def _two_moves_at_once(sessions: sessionmaker[Session], second: Callable[[Session], None]) -> None:
-    """A move of the PDA ``PDA-RACE`` from ST1 to ST2 left uncommitted while ``second``
-    (given the PDA as its request loaded it, at ST1) waits for its lock in a thread of its
-    own; then the move commits, and ``second``."""
-    failures: list[BaseException] = []
-
-    def run_second() -> None:
-        try:
-            with sessions() as other:
-                second(other)
-                other.commit()
-        except BaseException as error:  # seen by the test, not lost in the thread
-            failures.append(error)
-
-    with sessions() as first:
-        device = first.get(Device, "PDA-RACE")
-        to = first.scalars(select(Station).where(Station.code == "ST2")).one()
-        assert device is not None
-        move_device(session=first, device=device, station=to, moved_by=None)
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        thread.join(timeout=2)  # waits for the PDA's lock
-        assert thread.is_alive()
-        first.commit()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    if failures:
-        raise failures[0]
+def _move_to_st2(session: Session) -> None:
+    """A move of the PDA ``PDA-RACE`` from ST1 to ST2."""
+    device = session.get(Device, "PDA-RACE")
+    to = session.scalars(select(Station).where(Station.code == "ST2")).one()
+    assert device is not None
+    move_device(session=session, device=device, station=to, moved_by=None)
 
 
 def _race_world(sessions: sessionmaker[Session]) -> int:
@@ -131,7 +108,7 @@ def test_a_move_that_really_waited_for_another_moves_the_pda_from_where_it_left_
         assert device is not None
         move_device(session=session, device=device, station=third, moved_by=None)
 
-    _two_moves_at_once(sessions, move_again)
+    while_held(sessions, _move_to_st2, move_again)
     with sessions() as check:
         entries = check.scalars(
             select(AuditEntry).where(AuditEntry.action == "device_moved").order_by(AuditEntry.id)
@@ -157,7 +134,7 @@ def test_a_shift_opening_that_really_waited_for_a_move_opens_nothing(
         )
 
     with pytest.raises(Conflict) as refused:
-        _two_moves_at_once(sessions, open_one)
+        while_held(sessions, _move_to_st2, open_one)
     assert refused.value.code == "device_moved"
     with sessions() as check:
         assert check.scalars(select(Shift)).all() == []

@@ -10,14 +10,11 @@ thread of its own, then commits, and checks that the second acted on the change.
 from __future__ import annotations
 
 import datetime as dt
-import threading
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from courier_api.extensions import db
@@ -31,58 +28,12 @@ from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.shifts import LATE_EVENT, ShiftRules
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from tests import factories
+from tests.lock_waits import while_held
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 RULES = IngestRules(
     events=EventRules(tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS))
 )
-WAITING = text(
-    "SELECT count(*) FROM pg_stat_activity "
-    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-)
-
-
-def waiting(watcher: Session) -> bool:
-    """Whether a session of the test's database waits for a lock now. In a transaction
-    of its own: PostgreSQL shows one transaction the activity as it first read it."""
-    try:
-        return bool(watcher.scalar(WAITING))
-    finally:
-        watcher.rollback()
-
-
-def while_held(
-    sessions: sessionmaker[Session],
-    first: Callable[[Session], None],
-    second: Callable[[Session], None],
-) -> None:
-    """``first`` run and left uncommitted while ``second`` runs in a thread of its own
-    until it waits for a lock (PostgreSQL says so); then ``first`` commits, and
-    ``second`` after it. A failure of ``second`` is raised here."""
-    failures: list[BaseException] = []
-
-    def run_second() -> None:
-        try:
-            with sessions() as other:
-                second(other)
-                other.commit()
-        except BaseException as error:  # seen by the test, not lost in the thread
-            failures.append(error)
-
-    with sessions() as holder, sessions() as watcher:
-        first(holder)
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not waiting(watcher) and thread.is_alive():
-            assert time.monotonic() < deadline, "the second never waited for the lock"
-            time.sleep(0.02)
-        assert thread.is_alive(), failures or "the second did not wait for the first"
-        holder.commit()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    if failures:
-        raise failures[0]
 
 
 def push(session: Session, device_id: str, station_id: int, courier_id: int, events: Any) -> None:

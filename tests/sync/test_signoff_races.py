@@ -11,9 +11,6 @@ other leaves a shift signed off while seqs of it are still on the PDA.
 from __future__ import annotations
 
 import datetime as dt
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,7 +26,8 @@ from sync.errors import Conflict
 from sync.handover import balance_version
 from sync.shifts import LATE_EVENT, ShiftRules
 from tests import factories
-from tests.sync.test_lock_reads import NOW, push, waiting
+from tests.lock_waits import while_held
+from tests.sync.test_lock_reads import NOW, push
 
 
 class Race:
@@ -109,38 +107,6 @@ class Race:
         push(session, "PDA-RACE", station_id, courier_id, self.events)
 
 
-def racing(
-    sessions: sessionmaker[Session],
-    first: Callable[[Session], None],
-    second: Callable[[Session], None],
-) -> list[BaseException]:
-    """``first`` run and left uncommitted while ``second`` runs in a thread of its own,
-    until it waits for a lock (PostgreSQL says so) or is done; then ``first`` commits,
-    and ``second`` after it. What ``second`` raised, if anything, is returned."""
-    failures: list[BaseException] = []
-
-    def run_second() -> None:
-        try:
-            with sessions() as other:
-                second(other)
-                other.commit()
-        except BaseException as error:  # seen by the test, not lost in the thread
-            failures.append(error)
-
-    with sessions() as holder, sessions() as watcher:
-        first(holder)
-        thread = threading.Thread(target=run_second)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while thread.is_alive() and not waiting(watcher):
-            assert time.monotonic() < deadline, "the second neither waited nor ended"
-            time.sleep(0.02)
-        holder.commit()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    return failures
-
-
 def first_shift_now(sessions: sessionmaker[Session], shift_id: int) -> tuple[Shift, Any]:
     """The first shift as committed, and its balance."""
     with sessions() as check:
@@ -159,8 +125,7 @@ def test_a_push_showing_a_gap_while_the_shift_is_signed_off_reopens_it(
     Signed off on its own, or from the board with the other clean handovers."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = Race(sessions)
-    failures = racing(sessions, getattr(race, how), race.push)
-    assert failures == []
+    while_held(sessions, getattr(race, how), race.push, must_wait=False)
     first_id = race.ids[0]
     shift, balance = first_shift_now(sessions, first_id)
     assert balance.missing_seqs == [3]
@@ -182,9 +147,9 @@ def test_a_sign_off_while_a_push_shows_a_gap_of_the_shift_is_refused_as_provisio
     (with the other clean handovers: refused as no clean one)."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = Race(sessions)
-    failures = racing(sessions, race.push, getattr(race, how))
-    assert [getattr(f, "code", f) for f in failures] == ["balance_provisional"]
-    assert isinstance(failures[0], Conflict)
+    with pytest.raises(Conflict) as refused:
+        while_held(sessions, race.push, getattr(race, how), must_wait=False)
+    assert refused.value.code == "balance_provisional"
     shift, balance = first_shift_now(sessions, race.ids[0])
     assert balance.missing_seqs == [3]
     assert (shift.status, shift.signed_off_at) == (ShiftStatus.CLOSED, None)

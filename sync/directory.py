@@ -317,20 +317,16 @@ def register_device(
         if registrar is None or held.station_id == station.id:
             raise taken
         if registrar.limit is not None:
-            charge = sign_in_limits.admit_once(
+            # Its window was checked above, under the lock it holds: only counted here.
+            counted = sign_in_limits.count_once(
                 session=session,
                 kind=DEVICE_IDS_TAKEN,
                 key=registrar.key,
                 subject=device_id,
                 limit=registrar.limit,
                 now=now,
-                what=TAKEN_TOO_OFTEN,
-                code=TOO_MANY_DEVICE_IDS_TAKEN,
-                forgiven=forgiven,
             )
-            if charge.refusal is not None:
-                raise charge.refusal
-            if charge.units == 0:  # tried again: its first refusal is counted and on record
+            if counted == 0:  # tried again: its first refusal is counted and on record
                 raise taken
         audit.append(
             session=session,

@@ -311,6 +311,17 @@ def admit_once(
     )
     if refusal is not None:  # a counted subject's call too: refused alike, whatever it is
         return Charge(0, refusal)
+    return Charge(
+        count_once(session=session, kind=kind, key=key, subject=subject, limit=limit, now=now)
+    )
+
+
+def count_once(
+    *, session: Session, kind: str, key: str, subject: str, limit: Limit, now: dt.datetime
+) -> int:
+    """``admit_once`` past its window's check, for a caller who made it already
+    (``refusal_of``, whose lock it holds): 1 when ``subject`` is counted now, 0 when the
+    window holds it already."""
     where = _calls_of(key, kind)
     subject_key = _subject_key(key, kind, subject)
     counted = session.scalar(
@@ -320,10 +331,10 @@ def admit_once(
         .limit(1)
     )
     if counted is not None:
-        return Charge(0)
+        return 0
     row = {"at": now, "username_key": key, "address_key": subject_key, "outcome": kind}
     session.execute(insert(SignInAttempt), [row])
-    return Charge(1)
+    return 1
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, func
+from sqlalchemy import ColumnElement, Select, func
+from sqlalchemy.orm import Session
 
 from sync.errors import CursorReset, InvalidCursor
 
@@ -164,3 +165,38 @@ def summed_walk(row: Sequence[Any]) -> tuple[int, WalkDigest]:
     found, *sums = row
     first, second = (int(total or 0) % DIGEST_PRIME for total in sums)
     return int(found), (first, second)
+
+
+def same_search(cursor: WalkCursor | None, key: str, *, of: str) -> None:
+    """Refuse (400 ``cursor_malformed``) a cursor of another ``of`` than the one asked
+    for: its ``search`` is not ``key`` (other filters, or another station's)."""
+    if cursor is not None and cursor.search != key:
+        raise InvalidCursor(
+            f"the cursor is of another {of} (other filters, or another station's); send "
+            "it back with the filters of the page that gave it",
+            field="cursor",
+        )
+
+
+def check_walk(
+    session: Session,
+    sums: Select[Any],
+    *,
+    count: int,
+    walked: WalkDigest,
+    showed: str,
+    why: str,
+) -> None:
+    """Refuse a walk's last page (410 ``cursor_reset``) when the rows matching its
+    search up to its ``as_of`` are not the ``count`` it showed, whose ids' digest is
+    ``walked``: ``sums`` reads their number and digest (``walk_sums``), one statement
+    (an index's, no row), so that the last page of a walk through a year reads none of
+    its million ids into Python. The refusal says what the walk ``showed``, how many
+    match now, and ``why`` they differ."""
+    found, digest = summed_walk(session.execute(sums).one())
+    if (found, digest) != (count, walked):
+        raise CursorReset(
+            f"this walk showed {showed}; {found} match now"
+            f"{', not the same ones' if found == count else ''}: {why}",
+            field="cursor",
+        )

@@ -27,7 +27,7 @@ from models import Consent, EventType, Flag, FlagStatus, Parcel, ScanEvent
 from models.sync import DELIVERY_TYPES
 from sync.blobs import BlobStore, Integrity, blobs_by_digest, stored_integrity
 from sync.consents import consents_by_id, consents_for
-from sync.errors import CursorReset, InvalidCursor, InvalidInput, NotFound
+from sync.errors import InvalidInput, NotFound
 from sync.flags import cited_events, event_subject_keys
 from sync.handover import HANDOVER_KINDS
 from sync.paging import (
@@ -35,7 +35,8 @@ from sync.paging import (
     NOTHING_WALKED,
     WalkCursor,
     WalkDigest,
-    summed_walk,
+    check_walk,
+    same_search,
     walk_digest,
     walk_sums,
 )
@@ -321,12 +322,7 @@ def search_page(
     the last read only their rows."""
     limit = min(limit, MAX_PAGE_SIZE)
     key = search_key(filters)
-    if cursor is not None and cursor.search != key:
-        raise InvalidCursor(
-            "the cursor is of another search (other filters, or another station's); send "
-            "it back with the filters of the page that gave it",
-            field="cursor",
-        )
+    same_search(cursor, key, of="search")
     query = _query(filters).order_by(ScanEvent.id).limit(limit + 1)
     if cursor is None:
         rows = session.execute(query).all()
@@ -360,22 +356,20 @@ def _check_walk(
     session: Session, filters: ProofFilter, as_of: int, count: int, walked: WalkDigest
 ) -> None:
     """Refuse a walk's last page when the deliveries matching ``filters`` up to ``as_of``
-    are not the ``count`` the walk showed, whose ids' digest is ``walked``: their number
-    and digest summed in SQL, one statement (an index's, no row), so that the last page
-    of a walk through a year costs no reading of its million ids into Python."""
-    query = _query(filters).with_only_columns(*walk_sums(ScanEvent.id))
-    found, digest = summed_walk(session.execute(query.where(ScanEvent.id <= as_of)).one())
-    if (found, digest) != (count, walked):
-        raise CursorReset(
-            f"this walk showed {count} deliveries matching the search up to event "
-            f"{as_of}; {found} match now{', not the same ones' if found == count else ''}: "
-            "deliveries with ids below those its pages showed were stored after the walk "
-            "passed them (a push committing late), or came to match it or stopped "
-            "matching it (a flag raised or closed, a parcel moved to another station, "
-            "deliveries pushed under another courier's sign-in until a shift's close "
-            "filed them as its courier's); search again from the start",
-            field="cursor",
-        )
+    are not the ``count`` the walk showed (``sync.paging.check_walk``)."""
+    sums = _query(filters).with_only_columns(*walk_sums(ScanEvent.id))
+    check_walk(
+        session,
+        sums.where(ScanEvent.id <= as_of),
+        count=count,
+        walked=walked,
+        showed=f"{count} deliveries matching the search up to event {as_of}",
+        why="deliveries with ids below those its pages showed were stored after the walk "
+        "passed them (a push committing late), or came to match it or stopped matching it "
+        "(a flag raised or closed, a parcel moved to another station, deliveries pushed "
+        "under another courier's sign-in until a shift's close filed them as its "
+        "courier's); search again from the start",
+    )
 
 
 def iter_proof_batches(

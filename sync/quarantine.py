@@ -21,13 +21,13 @@ from sqlalchemy import ColumnElement, and_, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import QuarantinedEvent, SyncBatch
-from sync.errors import CursorReset, InvalidCursor
 from sync.paging import (
     MAX_PAGE_SIZE,
     NOTHING_WALKED,
     WalkCursor,
     WalkDigest,
-    summed_walk,
+    check_walk,
+    same_search,
     walk_digest,
     walk_sums,
 )
@@ -190,12 +190,7 @@ def walk_quarantined(
     walk that left one out. Later ones are counted (``arrived_since``)."""
     limit = min(limit, MAX_PAGE_SIZE)
     key = search_key(filters)
-    if cursor is not None and cursor.search != key:
-        raise InvalidCursor(
-            "the cursor is of another list (other filters, or another station's); send it "
-            "back with the filters of the page that gave it",
-            field="cursor",
-        )
+    same_search(cursor, key, of="list")
     listed = {
         "session": session,
         "station_id": filters.station_id,
@@ -231,20 +226,19 @@ def _check_walk(
     session: Session, filters: QuarantineFilter, as_of: int, count: int, walked: WalkDigest
 ) -> None:
     """Refuse a walk's last page when the rejected events matching ``filters`` up to
-    ``as_of`` are not the ``count`` the walk showed, whose ids' digest is ``walked``:
-    their number and digest summed in SQL, one statement (an index's)."""
-    query = select(*walk_sums(QuarantinedEvent.id)).where(
+    ``as_of`` are not the ``count`` the walk showed (``sync.paging.check_walk``)."""
+    sums = select(*walk_sums(QuarantinedEvent.id)).where(
         *_matching(filters), QuarantinedEvent.id <= as_of
     )
-    found, digest = summed_walk(session.execute(query).one())
-    if (found, digest) != (count, walked):
-        raise CursorReset(
-            f"this walk showed {count} rejected events up to id {as_of}; {found} match "
-            f"now{', not the same ones' if found == count else ''}: rejected events with "
-            "ids among those its pages showed were stored after the walk passed them (a "
-            "push committing late); list them again from the start",
-            field="cursor",
-        )
+    check_walk(
+        session,
+        sums,
+        count=count,
+        walked=walked,
+        showed=f"{count} rejected events up to id {as_of}",
+        why="rejected events with ids among those its pages showed were stored after the "
+        "walk passed them (a push committing late); list them again from the start",
+    )
 
 
 def parcel_named(tracking_no: str | None) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -14,6 +15,7 @@ from flask_smorest import Api, Blueprint, abort
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException
 
+from courier_api.api.fields import After, Text
 from courier_api.auth import require_auth
 from courier_api.errors import http_exception_body
 from models import Role
@@ -273,6 +275,81 @@ class PageArgs(ma.Schema):
         validate=ma.validate.Range(min=1, max=MAX_PAGE_SIZE),
         metadata={"description": f"Items per page (1-{MAX_PAGE_SIZE})"},
     )
+
+
+@dataclass(frozen=True)
+class Walked:
+    """What a walk through a list by id (``sync.paging.WalkCursor``: a proof search's,
+    the rejected events') reads, as its fields' descriptions name it: the ``rows``
+    (``deliveries``), one ``row`` (``delivery``) and its id (``event id``). Every walk's
+    arguments and page fields are these, in the same words."""
+
+    rows: str
+    row: str
+    row_id: str = "id"
+
+    def args(self) -> tuple[Text, After]:
+        """The query's ``cursor`` and the deprecated ``after``."""
+        cursor = Text(
+            metadata={
+                "description": "The previous page's `next_cursor`, as received, with the "
+                "same filters; omit it for a walk's first page"
+            }
+        )
+        after = After(
+            metadata={
+                "deprecated": True,
+                "description": f"Deprecated, use `cursor`: the last {self.row_id} of the "
+                f"previous page (its `next_after`). Pages read so can miss a {self.row}: a "
+                "push committing late holds an id among those already read (PostgreSQL), "
+                "and no page after them reads it. Not with `cursor`",
+            }
+        )
+        return cursor, after
+
+    def page(self) -> tuple[ma.fields.Field, ...]:
+        """The page's ``next_cursor``, ``as_of``, ``arrived_since`` and the deprecated
+        ``next_after`` (``courier_api.api.pagination.walk_page``)."""
+        next_cursor = ma.fields.String(
+            allow_none=True,
+            required=True,
+            metadata={
+                "description": f"When more {self.rows} of the walk follow: pass it as "
+                "`cursor`, with the same filters, for the next page. Null on its last "
+                "page, and on a page read with `after`"
+            },
+        )
+        as_of = ma.fields.Integer(
+            allow_none=True,
+            required=True,
+            metadata={
+                "description": f"The highest {self.row_id} of a matching {self.row} when "
+                "the walk began, the same on each of its pages: the walk reads the "
+                f"matching {self.rows} up to it (0: none then). Null on a page read with "
+                "`after`"
+            },
+        )
+        arrived_since = ma.fields.Integer(
+            allow_none=True,
+            required=True,
+            metadata={
+                "description": f"Matching {self.rows} stored since the walk began (an id "
+                "above `as_of`), counted when this page was read: in no page of this "
+                "walk; search again without a cursor to see them. Null on a page read "
+                "with `after`"
+            },
+        )
+        next_after = ma.fields.Integer(
+            allow_none=True,
+            required=True,
+            metadata={
+                "deprecated": True,
+                "description": f"Deprecated, use `next_cursor`: the last {self.row_id} of "
+                f"a full page, to pass as `after` (which can miss a {self.row} committed "
+                "late)",
+            },
+        )
+        return next_cursor, as_of, arrived_since, next_after
 
 
 class UserRef(ma.Schema):

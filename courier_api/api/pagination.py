@@ -1,7 +1,7 @@
 """Keyset pagination: pages stay cheap however many rows come before them.
 
 A walk (``sync.paging.WalkCursor``: a proof search's, the rejected events') answers
-and logs its pages alike, whatever it walks: ``walk_page``, ``walk_logged``, and a
+and logs its pages alike, whatever it walks: ``walk_page``, ``page_logged``, and a
 cursor sent with the deprecated ``after`` is refused in the same words
 (``cursor_or_after``).
 """
@@ -73,6 +73,17 @@ def walk_logged(walk: WalkPage, sent: str | None, entries: int) -> dict[str, Any
         "arrived_since": walk.arrived_since,
         "next_cursor": _next_cursor(walk),
     }
+
+
+def page_logged(
+    page: dict[str, Any], walk: WalkPage | None, sent: str | None, after: int
+) -> dict[str, Any]:
+    """Which page ``page`` (``walk_page``'s) was, as an auditor's read of it records it:
+    ``walk_logged``, or for a page read by the deprecated ``after`` (``walk`` None) that
+    ``after`` and the ``next_after`` given."""
+    if walk is None:
+        return {"after": after, "next_after": page["next_after"]}
+    return walk_logged(walk, sent, len(page["items"]))
 
 
 def _next_cursor(walk: WalkPage) -> str | None:

@@ -11,7 +11,7 @@ from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
 from courier_api.api.blobs.routes import blob_store
-from courier_api.api.pagination import cursor_or_after, walk_logged, walk_page
+from courier_api.api.pagination import cursor_or_after, page_logged, walk_page
 from courier_api.api.parcels.routes import timeline_view
 from courier_api.api.proofs.schemas import (
     ConsentRef,
@@ -311,11 +311,7 @@ class Proofs(MethodView):
         # Which page of which walk it was, as ``parcel_read`` records a timeline's: the
         # walk's deliveries are those up to ``as_of``, the page its ``entries`` from
         # ``offset``. A page read by ``after`` says so.
-        paging = (
-            {"after": args["after"], "next_after": answer["next_after"]}
-            if walk is None
-            else walk_logged(walk, sent, len(items))
-        )
+        paging = page_logged(answer, walk, sent, args["after"])
         # Last, the page built: a search that failed before it leaves no read on record.
         record_auditor_read(
             "proofs_searched",

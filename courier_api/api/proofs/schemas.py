@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import marshmallow as ma
 
-from courier_api.api.base import PageArgs, UserRef
-from courier_api.api.fields import After, Id, Text, UtcTime
+from courier_api.api.base import PageArgs, UserRef, Walked
+from courier_api.api.fields import Id, Text, UtcTime
 from courier_api.api.parcels.schemas import TimelineEvent
 from models import ServiceClass
 from sync.paging import MAX_PAGE_SIZE
 from sync.proofs import METHODS, SEARCHABLE_FLAG_KINDS
+
+DELIVERIES = Walked(rows="deliveries", row="delivery", row_id="event id")
 
 
 class ProofArgs(ma.Schema):
@@ -31,21 +33,7 @@ class ProofArgs(ma.Schema):
 
 
 class ProofListArgs(ProofArgs, PageArgs):
-    cursor = Text(
-        metadata={
-            "description": "The previous page's `next_cursor`, as received, with the same "
-            "filters; omit it for a walk's first page"
-        }
-    )
-    after = After(
-        metadata={
-            "deprecated": True,
-            "description": "Deprecated, use `cursor`: the last event id of the previous "
-            "page (its `next_after`). Pages read so can miss a delivery: a push "
-            "committing late holds a lower id than deliveries already read (PostgreSQL), "
-            "and no page after them reads it. Not with `cursor`",
-        }
-    )
+    cursor, after = DELIVERIES.args()
 
 
 class ConsentRef(ma.Schema):
@@ -249,42 +237,7 @@ class ProofOut(ma.Schema):
 
 class ProofPage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(ProofOut), required=True)
-    next_cursor = ma.fields.String(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "When more deliveries of the walk follow: pass it as `cursor`, "
-            "with the same filters, for the next page. Null on its last page, and on a "
-            "page read with `after`"
-        },
-    )
-    as_of = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "The highest event id of a matching delivery when the walk "
-            "began, the same on each of its pages: the walk reads the matching deliveries "
-            "up to it (0: none then). Null on a page read with `after`"
-        },
-    )
-    arrived_since = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "Matching deliveries stored since the walk began (an id above "
-            "`as_of`), counted when this page was read: in no page of this walk; search "
-            "again without a cursor to see them. Null on a page read with `after`"
-        },
-    )
-    next_after = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "deprecated": True,
-            "description": "Deprecated, use `next_cursor`: the last event id of a full "
-            "page, to pass as `after` (which can miss a delivery committed late)",
-        },
-    )
+    next_cursor, as_of, arrived_since, next_after = DELIVERIES.page()
 
 
 class FlagDecisionRef(ma.Schema):

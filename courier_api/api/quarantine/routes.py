@@ -5,7 +5,7 @@ from typing import Any
 from flask.views import MethodView
 
 from courier_api.api.base import ApiBlueprint
-from courier_api.api.pagination import cursor_or_after, walk_logged, walk_page
+from courier_api.api.pagination import cursor_or_after, page_logged, walk_page
 from courier_api.api.quarantine.schemas import QuarantineArgs, QuarantinePage
 from courier_api.auth import current_principal, record_auditor_read
 from courier_api.extensions import db
@@ -119,11 +119,7 @@ class Quarantine(MethodView):
         page = walk_page(items, args["limit"], key=lambda item: item["id"], walk=walk)
         # Which page of which walk it was, as a proof search's entry says (a page read
         # by ``after`` says so).
-        paging = (
-            {"after": args["after"], "next_after": page["next_after"]}
-            if walk is None
-            else walk_logged(walk, sent, len(items))
-        )
+        paging = page_logged(page, walk, sent, args["after"])
         # The parcels the rejected events shown name, as a proof search is filed under
         # the parcels of the proofs it showed: a search by PDA or station is in each
         # one's history (``GET /audit?tracking_no=``), not only a search by its number.

@@ -1,7 +1,9 @@
 import marshmallow as ma
 
-from courier_api.api.base import PageArgs
-from courier_api.api.fields import After, Id, Text
+from courier_api.api.base import PageArgs, Walked
+from courier_api.api.fields import Id, Text
+
+REJECTED = Walked(rows="rejected events", row="rejected event")
 
 
 class QuarantineArgs(PageArgs):
@@ -11,21 +13,7 @@ class QuarantineArgs(PageArgs):
         validate=ma.validate.Length(max=40),
         metadata={"description": "The rejected events naming this parcel"},
     )
-    cursor = Text(
-        metadata={
-            "description": "The previous page's `next_cursor`, as received, with the same "
-            "filters; omit it for a walk's first page"
-        }
-    )
-    after = After(
-        metadata={
-            "deprecated": True,
-            "description": "Deprecated, use `cursor`: the last id of the previous page (its "
-            "`next_after`). Pages read so can miss a rejected event: a push committing "
-            "late holds an id among those already read (PostgreSQL), and no page after "
-            "them reads it. Not with `cursor`",
-        }
-    )
+    cursor, after = REJECTED.args()
 
 
 class QuarantinedEventOut(ma.Schema):
@@ -70,39 +58,4 @@ class QuarantinedEventOut(ma.Schema):
 
 class QuarantinePage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(QuarantinedEventOut), required=True)
-    next_cursor = ma.fields.String(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "When more rejected events of the walk follow: pass it as "
-            "`cursor`, with the same filters, for the next page. Null on its last page, "
-            "and on a page read with `after`"
-        },
-    )
-    as_of = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "The highest id of a matching rejected event when the walk "
-            "began, the same on each of its pages: the walk reads those up to it (0: none "
-            "then). Null on a page read with `after`"
-        },
-    )
-    arrived_since = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "description": "Matching rejected events stored since the walk began (an id "
-            "above `as_of`), counted when this page was read: in no page of this walk. "
-            "Null on a page read with `after`"
-        },
-    )
-    next_after = ma.fields.Integer(
-        allow_none=True,
-        required=True,
-        metadata={
-            "deprecated": True,
-            "description": "Deprecated, use `next_cursor`: the last id of a full page, to "
-            "pass as `after` (which can miss a rejected event committed late)",
-        },
-    )
+    next_cursor, as_of, arrived_since, next_after = REJECTED.page()

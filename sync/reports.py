@@ -572,7 +572,7 @@ def report_rows(body: Mapping[str, Any]) -> Iterator[list[Any]]:
     yield header
     for key, metrics in rows:
         yield [
-            *(csv_cell(key.get(column), text=True) for column in ROW_COLUMNS),
+            *(csv_cell(key.get(column)) for column in ROW_COLUMNS),
             *(csv_cell(metrics[name]) for name in SCALAR_METRICS),
             *(csv_cell(metrics["on_time"][c][part]) for c in classes for part in ON_TIME_COLUMNS),
             *(csv_cell(metrics["flags_by_kind"].get(kind, 0)) for kind in kinds),

@@ -4,9 +4,12 @@ A cell a spreadsheet would run as a formula begins with one of ``FORMULA_STARTS`
 (OWASP's CSV injection). Text typed by a recipient, a sender, a courier or a
 manager is written with a leading apostrophe there, which spreadsheets show as text
 and do not display. So is a phone number: "+8613800001234" would open as the number
-8.6E+12, a masked one as a formula that fails. The proof export and the station
-reports' CSV both write their cells through ``csv_cell``, their text cells through
-``as_text_cell``.
+8.6E+12, a masked one as a formula that fails. So is every text cell, whoever wrote it:
+a column of codes holds what its validation let through (a deployment's tracking
+number patterns may let a "+" or an "=" through), and a column that no list names as
+typed by a person is not left unguarded. Numbers stay numbers: -3 is not a formula.
+The proof export and the station reports' CSV both write their cells through
+``csv_cell``.
 
 A spreadsheet whose list separator is ";" (Excel in most of continental Europe, where
 an auditor may open the export) splits each line of a comma-separated file at every
@@ -40,13 +43,13 @@ def as_text_cell(value: Any) -> Any:
     return value
 
 
-def csv_cell(value: Any, *, text: bool = False) -> Any:
+def csv_cell(value: Any) -> Any:
     """``value`` as every CSV the service writes holds it: as its JSON answers write it,
     so that a script can match a row to them by text and a strict ISO 8601 parser reads
     its times. A time in ISO 8601 with a ``T``, in UTC (``2026-12-04T09:12:00+00:00``,
     a fraction only off a whole second), a date ``YYYY-MM-DD``, ``true`` or ``false``,
     an empty cell for null, not Python's ``str`` (a space for the ``T``, ``True``).
-    ``text``: typed by a person, never run as a formula (``as_text_cell``)."""
+    Text is never run as a formula (``as_text_cell``)."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -55,4 +58,4 @@ def csv_cell(value: Any, *, text: bool = False) -> Any:
         return value.astimezone(dt.UTC).isoformat()
     if isinstance(value, dt.date):
         return value.isoformat()
-    return as_text_cell(value) if text else value
+    return as_text_cell(value)

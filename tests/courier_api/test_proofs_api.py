@@ -732,6 +732,29 @@ def test_the_export_never_hands_a_spreadsheet_a_formula(
     assert row["signature_sha256"] == "b" * 64
 
 
+def test_the_export_hands_no_formula_in_a_column_no_person_types(
+    app: Flask, client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """A tracking number is what the deployment's patterns let through
+    (`DOMESTIC_TRACKING_PATTERNS`): one letting a "+" or an "=" through (here "="
+    and ten digits) let a delivery's number open as a formula in the export's
+    `tracking_no` column, where only the columns listed as typed by a person were kept
+    from it. Every text cell is kept from it now; numbers stay numbers."""
+    app.config["DOMESTIC_TRACKING_PATTERNS"] = (r"=\d{10}",)
+    tracking_no = "=1234567890"
+    at = now() - dt.timedelta(hours=1)
+    auth.push(
+        [
+            factories.event(1, tracking_no, occurred_at=at),
+            factories.event(2, tracking_no, "delivered", occurred_at=at),
+        ]
+    )
+    export = client.get(f"{URL}/export.csv", headers=auth.headers("auditor1"))
+    (row,) = exported(export.get_data(as_text=True))
+    assert (row["tracking_no"], row["parcel_taken_in"]) == ("'=1234567890", "false")
+    assert int(row["seq"]) == 2
+
+
 def test_the_export_hands_no_formula_to_a_spreadsheet_splitting_lines_at_semicolons(
     client: FlaskClient, auth: Auth, session: Session, world: World
 ) -> None:
@@ -1052,7 +1075,19 @@ STRICT_UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?\+00:00
 
 # The authorizing consent's fields the export writes, each as `authorizing_consent_<name>`.
 CONSENT_NAMED = ("id", "channel", "granted_at", "created_at", "created_by")
-TYPED = proofs_routes.TEXT_COLUMNS
+# Typed by a recipient, a sender or a courier (and the phone number): such text may begin
+# as a formula does, and is written with an apostrophe then (``sync.spreadsheets``).
+TYPED = (
+    "recipient_name",
+    "recipient_phone",
+    "address",
+    "pod_recipient_name",
+    "pod_relation",
+    "pickup_code",
+    "locker_id",
+    "compartment",
+    "point_id",
+)
 TIME = ("_at", "_at_device")  # how the export's time columns' names end
 
 

@@ -36,11 +36,15 @@ def test_a_boolean_a_null_and_a_number_are_written_as_json_writes_them(value: ob
     assert str(csv_cell(value)) == json_text(value)
 
 
-def test_only_a_text_cell_is_kept_from_running_as_a_formula() -> None:
-    """Typed by a person: an apostrophe before a formula start. Other cells (numbers,
-    codes the server wrote) as they are: a negative number stays a number."""
-    assert csv_cell("=HYPERLINK(1)", text=True) == "'=HYPERLINK(1)"
-    assert csv_cell("Li;=1", text=True) == "Li;'=1"
-    assert csv_cell(-3, text=True) == -3
-    assert csv_cell(None, text=True) == ""
-    assert csv_cell("-3") == "-3"
+def test_no_text_cell_runs_as_a_formula_and_a_number_stays_a_number() -> None:
+    """Typed by a person or not (a tracking number a deployment's patterns let a "+"
+    through, a code): an apostrophe before a formula start. A negative number stays a
+    number, a time a time."""
+    assert csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
+    assert csv_cell("Li;=1") == "Li;'=1"
+    assert csv_cell("+441234567890") == "'+441234567890"
+    assert csv_cell("-3") == "'-3"
+    assert csv_cell(-3) == -3
+    assert csv_cell(-0.5) == -0.5
+    assert csv_cell(None) == ""
+    assert csv_cell(dt.date(2026, 12, 4)) == "2026-12-04"

@@ -107,21 +107,6 @@ CSV_COLUMNS = (
     "signature_purged_at",
     "photo_purged_at",
 )
-# Typed by a recipient, a sender or a courier (and the phone number): written as text
-# (``sync.spreadsheets``).
-TEXT_COLUMNS = frozenset(
-    {
-        "recipient_name",
-        "recipient_phone",
-        "address",
-        "pod_recipient_name",
-        "pod_relation",
-        "pickup_code",
-        "locker_id",
-        "compartment",
-        "point_id",
-    }
-)
 # Where a locker or pickup-point drop left the parcel, as the PDA sent it.
 DROP_PLACE = ("locker_id", "compartment", "point_id")
 # Proofs the export reads, writes and audit-logs at a time.
@@ -568,4 +553,4 @@ def _csv_row(view: dict[str, Any]) -> list[Any]:
         "signature_purged_at": purged.get("signature"),
         "photo_purged_at": purged.get("photo"),
     }
-    return [csv_cell(row[c], text=c in TEXT_COLUMNS) for c in CSV_COLUMNS]
+    return [csv_cell(row[c]) for c in CSV_COLUMNS]

@@ -195,20 +195,6 @@ def _stored_row_again(session: Session, world: World, seq: int) -> dict[str, Any
     }
 
 
-@pytest.fixture
-def sent(session: Session) -> Iterator[list[str]]:
-    """The statements the session's connection sends (a test clears it after its set-up)."""
-    statements: list[str] = []
-
-    def listen(*args: Any) -> None:
-        statements.append(args[2])
-
-    connection = session.connection()
-    event.listen(connection, "before_cursor_execute", listen)
-    yield statements
-    event.remove(connection, "before_cursor_execute", listen)
-
-
 def test_a_statement_refused_in_a_direct_savepoint_is_undone_and_the_transaction_goes_on(
     session: Session, world: World, sent: list[str]
 ) -> None:

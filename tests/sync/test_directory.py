@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
-from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from sync import directory, sign_in_limits
 from tests.conftest import World
-
-
-@pytest.fixture
-def sent(session: Session) -> Iterator[list[str]]:
-    """The statements the session's connection sends."""
-    statements: list[str] = []
-
-    def listen(*args: Any) -> None:
-        statements.append(args[2])
-
-    connection = session.connection()
-    event.listen(connection, "before_cursor_execute", listen)
-    yield statements
-    event.remove(connection, "before_cursor_execute", listen)
 
 
 def test_an_id_taken_at_another_station_counts_the_managers_window_once(

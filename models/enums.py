@@ -81,7 +81,7 @@ class FeedKind(enum.StrEnum):
     PARCEL = "parcel"
     PARCEL_REMOVED = "parcel_removed"
     CONSENT = "consent"  # granted, revoked or expired: the PDA replaces its copy
-    CONSENT_REQUEST = "consent_request"  # a request the courier made was answered
+    CONSENT_REQUEST = "consent_request"  # the courier's request answered, or its ask failed
 
 
 class ConsentMethod(enum.StrEnum):

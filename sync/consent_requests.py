@@ -51,7 +51,7 @@ from models import (
     ScanEvent,
     utcnow,
 )
-from sync import audit, consents, feed, outbox
+from sync import audit, consents, feed, outbox, request_reach
 from sync.errors import Conflict, InvalidInput, NotFound, RateLimited
 from sync.events import shifted
 from sync.paging import MAX_PAGE_SIZE
@@ -178,8 +178,10 @@ def request_consent(
 def _announce_requested(
     session: Session, parcel: Parcel, request: ConsentRequest, now: dt.datetime
 ) -> None:
-    """``consent.requested``: the recipient's channel asks them ``request``'s question."""
-    outbox.announce(
+    """``consent.requested``: the recipient's channel asks them ``request``'s question.
+    When no receiver is sending it (none takes the topic here, or only a disabled one),
+    the courier's pull feed says so at once (``request_reach``): nobody is asked."""
+    message = outbox.announce(
         session=session,
         topic="consent.requested",
         ordering_key=outbox.parcel_key(parcel.tracking_no),
@@ -199,6 +201,8 @@ def _announce_requested(
         },
         now=now,
     )
+    if not request_reach.sends_to_anyone(session, message):
+        request_reach.tell_courier(session, request.id)
 
 
 def request_once(

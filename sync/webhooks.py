@@ -85,7 +85,7 @@ from models import (
     WebhookSubscription,
     utcnow,
 )
-from sync import audit
+from sync import audit, request_reach
 from sync.consent_requests import effective_status
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.flags import FlagSubject, close_flag, raise_flag
@@ -1328,6 +1328,11 @@ def record_attempt(
                 rng=rng,
             )
             outcome = RETRY
+        if claimed.topic == request_reach.TOPIC and delivery.attempts == 1:
+            # The courier at the door hears that the question has not got through.
+            request_reach.tell_courier(
+                session, (claimed.envelope.get("data") or {}).get("request_id")
+            )
         disabled = _count_failure(session, claimed, error, at, settings)
         return Recorded(outcome, delivery.attempts, delivery.next_attempt_at, disabled)
 

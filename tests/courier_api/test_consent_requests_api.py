@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from courier_api.extensions import db
 from models import AuditEntry, ConsentRequest
+from sync import request_reach
 from tests import factories
 from tests.conftest import Auth, World
 
@@ -339,6 +340,41 @@ def test_the_answer_appears_in_the_pdas_pull_feed(committed_app: Flask) -> None:
     [seen] = entry["parcel"]["consent_requests"]
     assert (seen["id"], seen["status"]) == (request["id"], "granted")
     assert entry["parcel"]["consents"][0]["method"] == "locker"
+    assert seen["not_reached"] is None  # answered: it reached the recipient
+
+
+def test_the_pda_hears_at_once_that_nobody_takes_its_question(committed_app: Flask) -> None:
+    """No recipient channel subscribes to ``consent.requested``: the recipient is never
+    asked, and the courier used to wait at the door until the request lapsed, reading
+    ``pending``. The ask itself puts the parcel in the pull feed, saying why; once the
+    request lapsed, that the recipient was never asked."""
+    client, courier, _channel, parcel = _committed_world(committed_app)
+    push = client.post(
+        "/api/v1/sync/push",
+        json=factories.push_body("PDA-WAIT", [factories.event(1, parcel)]),
+        headers=courier,
+    )
+    assert push.status_code == 200
+    cursor = _drain(client, courier)
+    request = ask(client, courier, parcel).get_json()
+    page = client.get(f"{PULL}?cursor={cursor}", headers=courier).get_json()
+    entry = next(c for c in page["changes"] if c["kind"] == "consent_request")
+    [seen] = entry["parcel"]["consent_requests"]
+    assert (seen["id"], seen["status"]) == (request["id"], "pending")
+    assert seen["not_reached"] == request_reach.NO_CHANNEL
+    with committed_app.app_context():
+        stored = db.session.get_one(ConsentRequest, request["id"])
+        earlier = dt.timedelta(minutes=40)  # asked 40 minutes ago
+        stored.created_at -= earlier
+        stored.requested_at -= earlier
+        stored.expires_at -= earlier
+        db.session.commit()
+    page = client.get(PULL, headers=courier).get_json()
+    [seen] = next(c for c in page["changes"] if c["tracking_no"] == parcel)["parcel"][
+        "consent_requests"
+    ]
+    assert seen["status"] == "expired"
+    assert seen["not_reached"].startswith(request_reach.NEVER)
 
 
 def test_a_request_whose_consent_is_revoked_reads_revoked_to_the_channel_and_the_pda(
@@ -416,6 +452,8 @@ def test_a_long_pull_waits_for_the_answer_and_an_idle_one_times_out(
     idle = client.get(f"{PULL}?cursor={cursor}&wait=1", headers=courier).get_json()
     assert idle["changes"] == [] and time.monotonic() - started >= 0.9
     request = ask(client, courier, tracking_no).get_json()
+    # No channel subscribed here: the ask itself told the PDA nobody takes its question.
+    cursor = _drain(client, courier, cursor)
     answered: dict[str, Any] = {}
 
     def grant_soon() -> None:

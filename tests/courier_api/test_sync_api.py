@@ -1485,8 +1485,10 @@ def test_a_courier_asking_about_a_colleagues_parcel_gets_the_answer(
     request_id = ask_for_consent(client, asker, tn)
     assert grant_request(client, auth.headers("fa-gateway"), request_id) == 201
     changes, _ = pull_all(client, asker, cursor)
-    assert [c["kind"] for c in changes] == ["consent_request"]
-    assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"
+    # The ask's (no channel subscribed here: nobody would ask the recipient), the answer's.
+    assert [c["kind"] for c in changes] == ["consent_request", "consent_request"]
+    assert changes[-1]["parcel"]["consent_requests"][0]["status"] == "granted"
+    assert changes[-1]["parcel"]["consent_requests"][0]["not_reached"] is None
 
 
 def test_a_phone_in_a_rejected_events_payload_reaches_the_quarantine_masked(

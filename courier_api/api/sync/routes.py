@@ -38,6 +38,7 @@ from sync.errors import LimitExceeded, PermissionDenied
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, batch_received, ingest
 from sync.phones import mask_phone
+from sync.request_reach import not_reached
 from sync.tracking import TrackingNumberPolicy
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,9 @@ class Pull(MethodView):
             courier_id=principal.user_id,
             tracking_nos=[parcel.tracking_no for parcel in parcels],
         )
+        unreached = not_reached(
+            db.session, [r for listed in requests.values() for r in listed], now
+        )
         return {
             "changes": [
                 {
@@ -385,6 +389,7 @@ class Pull(MethodView):
                         consents.get(item.tracking_no, []),
                         requests.get(item.tracking_no, []),
                         now,
+                        unreached,
                     )
                     if item.parcel is not None
                     else None,
@@ -433,7 +438,11 @@ def _waiting_room() -> threading.BoundedSemaphore:
 
 
 def _pda_parcel(
-    parcel: Any, consents: list[Any], requests: list[Any], now: dt.datetime
+    parcel: Any,
+    consents: list[Any],
+    requests: list[Any],
+    now: dt.datetime,
+    unreached: dict[int, str],
 ) -> dict[str, Any]:
     return {
         "tracking_no": parcel.tracking_no,
@@ -459,6 +468,7 @@ def _pda_parcel(
                 "expires_at": r.expires_at,
                 "answered_at": r.answered_at,
                 "revoked_at": r.revoked_at,
+                "not_reached": unreached.get(r.id),
             }
             for r in requests
         ],

@@ -331,6 +331,17 @@ class PdaConsentRequest(ma.Schema):
     expires_at = ma.fields.AwareDateTime(required=True)
     answered_at = ma.fields.AwareDateTime(allow_none=True, required=True)
     revoked_at = ma.fields.AwareDateTime(allow_none=True, required=True)
+    not_reached = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "Why the question has not reached the recipient's channel "
+            "(none takes consent requests at the station, its subscription is stopped, or "
+            "every attempt failed so far), or, once expired, that it never did: the "
+            "recipient was not asked, stop waiting at the door. Null when it reached "
+            "the channel, or nothing says it did not"
+        },
+    )
 
 
 class PdaParcel(ma.Schema):
@@ -365,7 +376,8 @@ class FeedChangeOut(ma.Schema):
         required=True,
         metadata={
             "description": "parcel_removed is a tombstone: drop it from the PDA; consent: "
-            "its consents changed; consent_request: a request this courier made was answered"
+            "its consents changed; consent_request: a request this courier made was answered, "
+            "or its question has not reached the recipient's channel (`not_reached`)"
         },
     )
     tracking_no = ma.fields.String(required=True)

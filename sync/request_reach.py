@@ -1,0 +1,183 @@
+"""Whether a consent request's question reached the recipient's channel.
+
+A request is ``pending`` from the moment the courier asks until it is answered or
+lapses, whatever became of its ``consent.requested`` on the way: a courier at the
+door waited the whole TTL for an answer that could not come when no channel took
+consent requests at the station, or when the channel's receiver failed every attempt
+(down, or its subscription disabled or paused). ``not_reached`` says so, read from
+the question's webhook deliveries, and ``tell_courier`` puts the parcel in the
+courier's pull feed when it starts to hold (so a long pull waiting for the answer
+hears it): when the question is written with no receiver sending, and at its first
+failed attempt.
+
+Read from the deliveries as they are: a question whose deliveries an admin purged,
+or asked before the channel subscribed, is said nothing about (None), never
+"not reached" on no evidence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    ConsentRequest,
+    ConsentRequestStatus,
+    FeedKind,
+    OutboxMessage,
+    WebhookDelivery,
+    WebhookSubscription,
+)
+from models.enums import DeliveryStatus
+from sync import feed, outbox
+from sync.sql import among, chunks
+
+TOPIC = "consent.requested"
+NO_CHANNEL = (
+    "no recipient channel takes consent requests at this station: the recipient is not asked"
+)
+CHANNEL_STOPPED = (
+    "the recipient channel's webhook subscription is disabled or paused: the question "
+    "waits, unsent, until an admin enables it"
+)
+FAILING = (
+    "every attempt to send the question to the recipient's channel failed so far "
+    "({attempts}); it is tried again until the request expires"
+)
+NEVER = "the question never reached the recipient's channel: the recipient was not asked"
+
+
+def _candidates(requests: Sequence[ConsentRequest]) -> list[ConsentRequest]:
+    """The requests whose question was to be sent and is unanswered: pending as stored
+    (lapsed or not), neither kept back nor lapsed before they reached the server."""
+    return [
+        r
+        for r in requests
+        if r.status == ConsentRequestStatus.PENDING
+        and r.status_reason is None
+        and r.created_at < r.expires_at
+    ]
+
+
+def not_reached(
+    session: Session, requests: Sequence[ConsentRequest], now: dt.datetime
+) -> dict[int, str]:
+    """Of ``requests``, those whose question has not reached the recipient's channel,
+    each with why: by request id. While a request is pending, why it has not yet; once
+    it lapsed, that it never did. One delivered to any receiver reached it."""
+    asked = _candidates(requests)
+    if not asked:
+        return {}
+    subscriptions = {
+        s.id: s
+        for s in session.scalars(
+            select(WebhookSubscription).where(WebhookSubscription.active.is_(True))
+        )
+    }
+    all_subscriptions = list(session.scalars(select(WebhookSubscription.id)))
+    keys = sorted({outbox.parcel_key(r.tracking_no) for r in asked})
+    since = min(r.created_at for r in asked)
+    found: dict[int, list[WebhookDelivery]] = {}
+    for chunk in chunks(keys):
+        # By (subscription, ordering key): the index a claim reads too, never the table.
+        rows = session.execute(
+            select(WebhookDelivery, OutboxMessage.payload)
+            .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
+            .where(
+                WebhookDelivery.subscription_id.in_(all_subscriptions),
+                among(session, WebhookDelivery.ordering_key, chunk),
+                WebhookDelivery.topic == TOPIC,
+                WebhookDelivery.created_at >= since,
+            )
+        ).all()
+        for delivery, payload in rows:
+            request_id = payload.get("request_id") if isinstance(payload, dict) else None
+            if isinstance(request_id, int):
+                found.setdefault(request_id, []).append(delivery)
+    anyone_takes = {r.station_id: _taken_at(subscriptions, r.station_id) for r in asked}
+    reasons: dict[int, str] = {}
+    for request in asked:
+        why = _why(found.get(request.id, []), subscriptions, anyone_takes[request.station_id])
+        if why is None:
+            continue
+        lapsed = now >= request.expires_at or request.lapse_announced_at is not None
+        reasons[request.id] = f"{NEVER} ({why})" if lapsed else why
+    return reasons
+
+
+def _taken_at(subscriptions: dict[int, WebhookSubscription], station_id: int) -> bool:
+    """Whether an active subscription takes consent requests of ``station_id``."""
+    return any(
+        outbox.covers(s.topics, s.station_id, TOPIC, station_id) for s in subscriptions.values()
+    )
+
+
+def _why(
+    deliveries: list[WebhookDelivery],
+    subscriptions: dict[int, WebhookSubscription],
+    anyone_takes: bool,
+) -> str | None:
+    """Why a question with these deliveries has not reached a receiver; None when it
+    has, or may yet without anyone's help (waiting for its first attempt)."""
+    if not deliveries:
+        # Nothing was written for it: nobody takes the topic here (else a delivery
+        # would be there, unless purged or subscribed since: then nothing is said).
+        return None if anyone_takes else NO_CHANNEL
+    if any(d.status == DeliveryStatus.DELIVERED for d in deliveries):
+        return None
+    sending = [
+        d
+        for d in deliveries
+        if d.status == DeliveryStatus.PENDING
+        and (s := subscriptions.get(d.subscription_id)) is not None
+        and s.disabled_at is None
+    ]
+    if not sending:
+        return CHANNEL_STOPPED
+    if all(d.attempts > 0 for d in sending):
+        attempts = max(d.attempts for d in sending)
+        return FAILING.format(attempts=f"{attempts} attempt{'s' if attempts > 1 else ''}")
+    return None
+
+
+def tell_courier(session: Session, request_id: object) -> None:
+    """Put the request's parcel in its courier's pull feed (a ``consent_request``
+    entry): what the PDA reads of it changed. Nothing for an unknown id."""
+    if not isinstance(request_id, int):
+        return
+    request = session.get(ConsentRequest, request_id)
+    if request is None:
+        return
+    feed.record(
+        session,
+        [
+            feed.FeedEntry(
+                request.station_id,
+                request.courier_id,
+                FeedKind.CONSENT_REQUEST,
+                request.tracking_no,
+            )
+        ],
+    )
+
+
+def sends_to_anyone(session: Session, message: OutboxMessage | None) -> bool:
+    """Whether ``message`` (a question just written; None: nobody wanted it) goes to a
+    subscription that is sending (not disabled)."""
+    if message is None:
+        return False
+    return (
+        session.scalar(
+            select(WebhookDelivery.id)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(
+                WebhookDelivery.message_id == message.id,
+                WebhookSubscription.disabled_at.is_(None),
+            )
+            .limit(1)
+        )
+        is not None
+    )

@@ -1,0 +1,153 @@
+"""A courier is told when the consent question never reached the recipient's channel
+(``sync.request_reach``), without Flask: the request read ``pending`` to its expiry
+while nobody was asked."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pytest
+from sqlalchemy import Connection, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import ConsentMethod, ConsentRequest, FeedChange, FeedKind
+from sync import consent_requests, request_reach, webhooks
+from sync.webhooks import DeliverySettings, SendResult
+from tests import factories
+from tests.conftest import World
+
+T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+SETTINGS = DeliverySettings(
+    max_attempts=8,
+    backoff_seconds=5,
+    backoff_max_seconds=3600,
+    timeout_seconds=2,
+    max_response_bytes=4096,
+    disable_after_failures=20,
+)
+
+
+class Answers:
+    """A receiver answering ``status`` to every attempt."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.sent = 0
+
+    def send(self, *, url: str, body: bytes, headers: object) -> SendResult:
+        self.sent += 1
+        return SendResult(status_code=self.status)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def sessions(connection: Connection) -> sessionmaker[Session]:
+    return sessionmaker(
+        bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+
+
+def subscribe(sessions: sessionmaker[Session], *, topics: tuple[str, ...]) -> int:
+    with sessions.begin() as session:
+        return webhooks.create_subscription(
+            session=session,
+            url="http://127.0.0.1:9/hook",
+            topics=topics,
+            station_id=None,
+            production=False,
+        ).id
+
+
+def ask(sessions: sessionmaker[Session], world: World, minutes: int = 30) -> int:
+    with sessions.begin() as session:
+        return consent_requests.request_consent(
+            session=session,
+            draft=consent_requests.RequestDraft(
+                tracking_no=factories.parcel(session, world.station).tracking_no,
+                method=ConsentMethod.LOCKER,
+            ),
+            asker=consent_requests.Asker(world.courier.id, world.station.id, world.device.id),
+            ttl=dt.timedelta(minutes=minutes),
+            requested_at=T0,
+            now=T0,
+        ).id
+
+
+def reasons(sessions: sessionmaker[Session], request_id: int, now: dt.datetime) -> str | None:
+    with sessions() as session:
+        request = session.get_one(ConsentRequest, request_id)
+        return request_reach.not_reached(session, [request], now).get(request_id)
+
+
+def told(sessions: sessionmaker[Session], request_id: int) -> int:
+    """The ``consent_request`` feed entries of the request's parcel, for its courier."""
+    with sessions() as session:
+        request = session.get_one(ConsentRequest, request_id)
+        return len(
+            session.scalars(
+                select(FeedChange).where(
+                    FeedChange.kind == FeedKind.CONSENT_REQUEST,
+                    FeedChange.tracking_no == request.tracking_no,
+                    FeedChange.courier_id == request.courier_id,
+                )
+            ).all()
+        )
+
+
+def deliver(sessions: sessionmaker[Session], sender: Answers, now: dt.datetime) -> None:
+    webhooks.deliver_due(
+        sessions=sessions,
+        now=now,
+        settings=SETTINGS,
+        sender=sender,
+        worker_id="w",
+        rng=random.Random(1),
+    )
+
+
+def test_a_question_no_channel_takes_is_told_to_the_courier_at_once(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """No subscription takes ``consent.requested`` at the station: nobody is asked, and
+    the PDA read ``pending`` for the whole TTL. Its pull feed says so from the ask on,
+    and once the request lapsed, that the recipient was never asked."""
+    subscribe(sessions, topics=("parcel.in_locker",))  # a channel, not for questions
+    request_id = ask(sessions, world)
+    assert told(sessions, request_id) == 1
+    assert reasons(sessions, request_id, T0) == request_reach.NO_CHANNEL
+    lapsed = reasons(sessions, request_id, T0 + dt.timedelta(minutes=31))
+    assert lapsed is not None and lapsed.startswith(request_reach.NEVER)
+
+
+def test_a_question_whose_every_attempt_failed_is_told_to_the_courier(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    subscribe(sessions, topics=("consent.requested",))
+    request_id = ask(sessions, world)
+    assert told(sessions, request_id) == 0  # a receiver will be tried
+    assert reasons(sessions, request_id, T0) is None  # not tried yet: nothing to say
+    down = Answers(503)
+    deliver(sessions, down, T0)
+    assert down.sent == 1
+    assert told(sessions, request_id) == 1  # a long pull waiting for the answer wakes
+    why = reasons(sessions, request_id, T0 + dt.timedelta(seconds=1))
+    assert why == request_reach.FAILING.format(attempts="1 attempt")
+    deliver(sessions, down, T0 + dt.timedelta(minutes=10))
+    assert told(sessions, request_id) == 1  # told once, not at every retry
+    deliver(sessions, Answers(204), T0 + dt.timedelta(minutes=20))
+    assert reasons(sessions, request_id, T0 + dt.timedelta(minutes=20)) is None
+
+
+def test_a_question_waiting_for_a_disabled_subscription_is_told_to_the_courier(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    subscription_id = subscribe(sessions, topics=("consent.requested",))
+    with sessions.begin() as session:
+        subscription = webhooks.get_subscription(session=session, subscription_id=subscription_id)
+        subscription.disabled_at = T0 - dt.timedelta(minutes=1)
+    request_id = ask(sessions, world)
+    assert told(sessions, request_id) == 1
+    assert reasons(sessions, request_id, T0) == request_reach.CHANNEL_STOPPED

@@ -41,7 +41,7 @@ from models import (
     ScanEvent,
     utcnow,
 )
-from sync import audit, feed, outbox
+from sync import audit, feed, outbox, request_reach
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.events import canonical_point
 from sync.phones import normalize_phone
@@ -515,7 +515,9 @@ def announce_outcome(
 ) -> None:
     """Tell the channel what became of ``request`` (``topic``, one per outcome:
     ``sync.consent_requests`` says which), after its ``consent.requested`` (the parcel's
-    ordering key)."""
+    ordering key). Its question, no longer worth sending, is due at once, so that it
+    holds back neither this nor the parcel's later messages (``request_reach``)."""
+    request_reach.question_due_now(session, request, now)
     outbox.announce(
         session=session,
         topic=topic,

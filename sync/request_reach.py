@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -181,3 +181,51 @@ def sends_to_anyone(session: Session, message: OutboxMessage | None) -> bool:
         )
         is not None
     )
+
+
+def question_due_now(session: Session, request: ConsentRequest, now: dt.datetime) -> int:
+    """Make ``request``'s ``consent.requested`` deliveries still waiting for a retry due
+    at ``now``: it is no longer pending (answered, cancelled, lapsed), so their next
+    claim skips them (``sync.webhooks._moot``) instead of sending. Until then they held
+    back the parcel's later messages to that receiver (its outcome, a locker drop), for
+    up to ``WEBHOOK_BACKOFF_MAX_SECONDS`` (an hour) after the answer when the question
+    had been failing. Locked in id order, as every path locking several deliveries
+    (``sync.webhooks._lock_deliveries``). How many were brought forward."""
+    waiting = session.execute(
+        select(WebhookDelivery.id, OutboxMessage.payload)
+        .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
+        .where(
+            WebhookDelivery.subscription_id.in_(select(WebhookSubscription.id)),
+            WebhookDelivery.ordering_key == outbox.parcel_key(request.tracking_no),
+            WebhookDelivery.topic == TOPIC,
+            WebhookDelivery.status == DeliveryStatus.PENDING,
+            WebhookDelivery.next_attempt_at > now,
+        )
+    ).all()
+    ids = [
+        delivery_id
+        for delivery_id, payload in waiting
+        if isinstance(payload, dict) and payload.get("request_id") == request.id
+    ]
+    if not ids:
+        return 0
+    locked = list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.id.in_(ids),
+                WebhookDelivery.status == DeliveryStatus.PENDING,
+                WebhookDelivery.next_attempt_at > now,
+            )
+            .order_by(WebhookDelivery.id)
+            .with_for_update()
+        )
+    )
+    if locked:
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(locked))
+            .values(next_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return len(locked)

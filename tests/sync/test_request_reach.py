@@ -12,7 +12,10 @@ from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import ConsentMethod, ConsentRequest, FeedChange, FeedKind
+from models.enums import ConsentChannel
 from sync import consent_requests, request_reach, webhooks
+from sync.consents import ConsentRules
+from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from sync.webhooks import DeliverySettings, SendResult
 from tests import factories
 from tests.conftest import World
@@ -25,6 +28,9 @@ SETTINGS = DeliverySettings(
     timeout_seconds=2,
     max_response_bytes=4096,
     disable_after_failures=20,
+)
+RULES = ConsentRules(
+    tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS), phone_region="CN"
 )
 
 
@@ -151,3 +157,57 @@ def test_a_question_waiting_for_a_disabled_subscription_is_told_to_the_courier(
     request_id = ask(sessions, world)
     assert told(sessions, request_id) == 1
     assert reasons(sessions, request_id, T0) == request_reach.CHANNEL_STOPPED
+
+
+class PoisonQuestion:
+    """A receiver that refuses every ``consent.requested`` (a phone its gateway cannot
+    parse) and takes everything else."""
+
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+
+    def send(self, *, url: str, body: bytes, headers: dict[str, str]) -> SendResult:
+        if headers["X-Courier-Topic"] == request_reach.TOPIC:
+            return SendResult(status_code=400)
+        self.taken.append(headers["X-Courier-Topic"])
+        return SendResult(status_code=204)
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_answered_question_stops_holding_back_the_parcels_later_messages(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """A day-long request whose question the receiver refuses is retried until its
+    expiry, its retries an hour apart at the end, and the parcel's later messages wait
+    behind it (one key, in order). Once the recipient answered (by another channel),
+    the question is not worth sending, but it stayed pending until its next retry: the
+    grant waited up to an hour. Now the answer makes it due at once, skipped, and the
+    grant follows in the same run."""
+    subscribe(sessions, topics=(request_reach.TOPIC, "consent.request_granted"))
+    request_id = ask(sessions, world, minutes=24 * 60)
+    receiver = PoisonQuestion()
+    tried, retry = T0, T0
+    for _ in range(12):  # failing, further and further apart
+        tried = retry
+        deliver(sessions, receiver, tried)
+        with sessions() as session:
+            [retry] = session.scalars(
+                select(webhooks.WebhookDelivery.next_attempt_at).where(
+                    webhooks.WebhookDelivery.topic == request_reach.TOPIC
+                )
+            ).all()
+    answered_at = tried + dt.timedelta(minutes=1)
+    assert retry - answered_at > dt.timedelta(minutes=10)  # the next retry is far off
+    with sessions.begin() as session:
+        consent_requests.answer_request(
+            session=session,
+            request=session.get_one(ConsentRequest, request_id),
+            answer=consent_requests.Answer(granted=True, channel=ConsentChannel.PHONE_CALL),
+            rules=RULES,
+            answered_by=None,
+            now=answered_at,
+        )
+    deliver(sessions, receiver, answered_at + dt.timedelta(seconds=1))
+    assert receiver.taken == ["consent.request_granted"]

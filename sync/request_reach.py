@@ -7,8 +7,8 @@ consent requests at the station, or when the channel's receiver failed every att
 (down, or its subscription disabled or paused). ``not_reached`` says so, read from
 the question's webhook deliveries, and ``tell_courier`` puts the parcel in the
 courier's pull feed when it starts to hold (so a long pull waiting for the answer
-hears it): when the question is written with no receiver sending, and at its first
-failed attempt.
+hears it): when the question is written with no receiver sending, at its first
+failed attempt, and when the subscription it waits for is disabled or paused.
 
 Read from the deliveries as they are: a question whose deliveries an admin purged,
 or asked before the channel subscribed, is said nothing about (None), never
@@ -36,6 +36,8 @@ from sync import feed, outbox
 from sync.sql import among, chunks
 
 TOPIC = "consent.requested"
+# The longest a request waits for its answer (``sync.consent_requests.MAX_TTL``).
+MAX_TTL = dt.timedelta(hours=24)
 NO_CHANNEL = (
     "no recipient channel takes consent requests at this station: the recipient is not asked"
 )
@@ -229,3 +231,41 @@ def question_due_now(session: Session, request: ConsentRequest, now: dt.datetime
             .execution_options(synchronize_session=False)
         )
     return len(locked)
+
+
+def tell_waiting(session: Session, subscription_id: int, now: dt.datetime) -> int:
+    """Tell the couriers whose questions wait for this subscription, just stopped
+    (disabled after its failures, or paused by an admin), that they are not getting
+    through (``not_reached``): nothing is sent to it until an admin enables it. Only
+    questions young enough to be pending (a request lasts a day at most). How many
+    requests' couriers were told."""
+    rows = session.execute(
+        select(OutboxMessage.payload)
+        .join(WebhookDelivery, WebhookDelivery.message_id == OutboxMessage.id)
+        .where(
+            WebhookDelivery.subscription_id == subscription_id,
+            WebhookDelivery.topic == TOPIC,
+            WebhookDelivery.status == DeliveryStatus.PENDING,
+            WebhookDelivery.created_at > now - MAX_TTL,
+        )
+    ).scalars()
+    request_ids = sorted(
+        {
+            payload["request_id"]
+            for payload in rows
+            if isinstance(payload, dict) and isinstance(payload.get("request_id"), int)
+        }
+    )
+    entries = [
+        feed.FeedEntry(r.station_id, r.courier_id, FeedKind.CONSENT_REQUEST, r.tracking_no)
+        for chunk in chunks(request_ids)
+        for r in session.scalars(
+            select(ConsentRequest).where(
+                ConsentRequest.id.in_(chunk),
+                ConsentRequest.status == ConsentRequestStatus.PENDING,
+                ConsentRequest.expires_at > now,
+            )
+        )
+    ]
+    feed.record(session, entries)
+    return len(entries)

@@ -524,6 +524,8 @@ def update_subscription(
             # ``disable_after_seconds`` (``_count_failure``).
             subscription.consecutive_failures = 0
             subscription.failing_since = None
+        if not active and subscription.active and subscription.disabled_at is None:
+            request_reach.tell_waiting(session, subscription.id, now)
         subscription.active = active
         changed["active"] = active
     session.flush()
@@ -1447,6 +1449,7 @@ def _count_failure(
         f"{failures} delivery attempts failed in a row since "
         f"{failing_since:%Y-%m-%d %H:%M:%S} UTC; last: {error}"
     )
+    request_reach.tell_waiting(session, subscription.id, at)
     raise_flag(
         session=session,
         kind=SUBSCRIPTION_DISABLED,

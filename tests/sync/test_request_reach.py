@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import Connection, select
@@ -211,3 +212,57 @@ def test_an_answered_question_stops_holding_back_the_parcels_later_messages(
         )
     deliver(sessions, receiver, answered_at + dt.timedelta(seconds=1))
     assert receiver.taken == ["consent.request_granted"]
+
+
+def test_the_courier_hears_when_the_channel_their_question_waits_for_is_paused(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """An admin pauses the channel's subscription before the question was sent: it
+    waits, unsent, and the courier is told at the pause, not left reading pending."""
+    subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    assert told(sessions, request_id) == 0
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=webhooks.get_subscription(
+                session=session, subscription_id=subscription_id
+            ),
+            production=False,
+            now=T0,
+            active=False,
+        )
+    assert told(sessions, request_id) == 1
+    assert reasons(sessions, request_id, T0) == request_reach.CHANNEL_STOPPED
+
+
+def test_the_courier_hears_when_the_channel_their_question_waits_for_is_disabled(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Another message's failure disables the subscription before this question's
+    first attempt: its courier is told then."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    first = ask(sessions, world)
+    with sessions.begin() as session:  # asked a little later: not due at the failure
+        later = consent_requests.request_consent(
+            session=session,
+            draft=consent_requests.RequestDraft(
+                tracking_no=factories.parcel(session, world.station).tracking_no,
+                method=ConsentMethod.LOCKER,
+            ),
+            asker=consent_requests.Asker(world.courier.id, world.station.id, world.device.id),
+            ttl=dt.timedelta(minutes=30),
+            requested_at=T0,
+            now=T0 + dt.timedelta(seconds=30),
+        ).id
+    webhooks.deliver_due(
+        sessions=sessions,
+        now=T0,
+        settings=replace(SETTINGS, disable_after_failures=1, disable_after_seconds=0),
+        sender=Answers(503),
+        worker_id="w",
+        rng=random.Random(1),
+    )
+    assert told(sessions, first) == 2  # its own failure, then the subscription disabled
+    assert told(sessions, later) == 1  # the subscription disabled
+    assert reasons(sessions, later, T0) == request_reach.CHANNEL_STOPPED

@@ -32,8 +32,9 @@ from sync.handover import balance_version
 from sync.lost_seqs import write_off_lost_seqs
 from sync.shifts import LATE_EVENT, ShiftRules
 from tests import factories
+from tests.lock_waits import while_held
 from tests.sync.test_lock_reads import NOW, push
-from tests.sync.test_signoff_races import first_shift_now, racing
+from tests.sync.test_signoff_races import first_shift_now
 
 pytestmark = pytest.mark.postgres_only
 DEVICE = "PDA-RACE"
@@ -178,8 +179,7 @@ def test_a_write_off_leaving_gaps_while_the_shift_is_signed_off_reopens_it(
     seqs 3-9, naming itself as what reopened it."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = WriteOff(sessions)
-    failures = racing(sessions, getattr(race, how), race.write_off)
-    assert failures == []
+    while_held(sessions, getattr(race, how), race.write_off, must_wait=False)
     first_id = race.ids[0]
     shift, balance = first_shift_now(sessions, first_id)
     assert balance.missing_seqs == list(range(3, 10))
@@ -203,8 +203,9 @@ def test_a_sign_off_while_a_write_off_leaves_gaps_of_the_shift_is_refused(
     balance provisional)."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = WriteOff(sessions)
-    failures = racing(sessions, race.write_off, getattr(race, how))
-    assert [getattr(f, "code", f) for f in failures] == [refused]
+    with pytest.raises(Conflict) as refusal:
+        while_held(sessions, race.write_off, getattr(race, how), must_wait=False)
+    assert refusal.value.code == refused
     shift, balance = first_shift_now(sessions, race.ids[0])
     assert balance.missing_seqs == list(range(3, 10))
     assert (shift.status, shift.signed_off_at) == (ShiftStatus.CLOSED, None)
@@ -249,8 +250,7 @@ def test_a_push_rejecting_an_event_of_the_shift_while_it_is_signed_off_reopens_i
     its flag citing the rejected event."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = Rejected(sessions)
-    failures = racing(sessions, getattr(race, how), race.push)
-    assert failures == []
+    while_held(sessions, getattr(race, how), race.push, must_wait=False)
     [rejected] = rejected_ids(sessions)
     first_id = race.ids[0]
     shift, _ = first_shift_now(sessions, first_id)
@@ -272,8 +272,9 @@ def test_a_sign_off_while_a_push_rejects_an_event_of_the_shift_is_refused(
     rejected event, and be refused (the page's form sent the count it read)."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = Rejected(sessions)
-    failures = racing(sessions, race.push, getattr(race, how))
-    assert [getattr(f, "code", f) for f in failures] == [refused]
+    with pytest.raises(Conflict) as refusal:
+        while_held(sessions, race.push, getattr(race, how), must_wait=False)
+    assert refusal.value.code == refused
     assert len(rejected_ids(sessions)) == 1
     shift, _ = first_shift_now(sessions, race.ids[0])
     assert (shift.status, shift.signed_off_at) == (ShiftStatus.CLOSED, None)

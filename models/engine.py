@@ -6,7 +6,9 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,11 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
         if not in_memory:
             _SQLITE_FILES[engine] = (url, reader_kwargs)
             event.listen(engine, "engine_disposed", _dispose_reader)
+            # SQLAlchemy tells ``engine_disposed`` whether or not the engine has events;
+            # the flag, set by that listener, would make every connection of the file
+            # dispatch its other events (``begin``, ``commit``, each statement's), which
+            # no listener of the service hears: ``_configure_sqlite``.
+            engine._has_events = False
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     postgresql = parsed.get_backend_name() == "postgresql"
@@ -233,7 +240,9 @@ def reads_only(engine: Engine) -> Engine:
                 if reader is None:
                     url, kwargs = _SQLITE_FILES[engine]
                     base = create_engine(url, **kwargs)
-                    _configure_sqlite(base, in_memory=False, begin="DEFERRED", turnstile=None)
+                    _configure_sqlite(
+                        base, in_memory=False, begin="DEFERRED", turnstile=None, reader=True
+                    )
                     reader = _SQLITE_READERS[engine] = base.execution_options(**{READS_ONLY: True})
         return reader
     options: dict[str, Any] = {READS_ONLY: True}
@@ -292,7 +301,12 @@ def _utc_session(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _configure_sqlite(
-    engine: Engine, *, in_memory: bool, begin: str, turnstile: Turnstile | None
+    engine: Engine,
+    *,
+    in_memory: bool,
+    begin: str,
+    turnstile: Turnstile | None,
+    reader: bool = False,
 ) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -327,24 +341,66 @@ def _configure_sqlite(
                     dbapi_connection.wal_identity = wal_identity(turnstile.wal)
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
+    if in_memory:
+        # Its readers share its pool, told apart by an execution option (``reads_only``),
+        # which only a listener is given.
+        event.listen(engine, "begin", _begin_listener(begin))
+    else:
+        engine.dialect.do_begin = partial(  # type: ignore[method-assign]
+            _begin_on_file, reader=reader, begin=begin, turnstile=turnstile
+        )
+
+
+def _begin_listener(begin: str) -> Callable[[Connection], None]:
+    def _on_begin(connection: Connection) -> None:
         reader = bool(connection.get_execution_options().get(READS_ONLY))
-        refuse_writes(connection, reader)  # once per connection of a file's reader
-        if reader:
-            # No turn: in WAL mode readers never wait (nor, out of it, for the turn).
-            connection.exec_driver_sql("BEGIN DEFERRED")
-            return
-        if turnstile is None:
-            connection.exec_driver_sql(f"BEGIN {begin}")
-            return
-        dbapi_connection = connection.connection.dbapi_connection
-        dbapi_connection.take_turn()
-        try:
-            connection.exec_driver_sql(f"BEGIN {begin}")
-        except BaseException:
-            dbapi_connection.give_turn()
-            raise
+        refuse_writes(connection, reader)  # once per connection of a test's reader
+        connection.exec_driver_sql("BEGIN DEFERRED" if reader else f"BEGIN {begin}")
+
+    return _on_begin
+
+
+def _begin_on_file(pooled: Any, *, reader: bool, begin: str, turnstile: Turnstile | None) -> None:
+    """The transaction's ``BEGIN`` on a SQLite file's connection (``pooled``, the pool's
+    proxy of it), as the dialect's ``do_begin``: a reader's ``BEGIN DEFERRED``, without
+    the turn (in WAL mode readers never wait, nor, out of it, for the turn); a
+    writer's after taking the turn. Not a ``begin`` listener: with one, SQLAlchemy
+    dispatches every event of every connection of the engine (its ``begin``, ``commit``,
+    each statement's ``before_cursor_execute`` ...), and ``sync.direct`` asks of each
+    statement whether it has listeners, some 5 % of a one-scan push's instructions.
+    Run on the driver's cursor, the ``BEGIN`` reaches no ``before_cursor_execute``
+    listener (SQLite's own trace does see it); an error is SQLAlchemy's as any
+    ``do_begin``'s (``Connection._begin_impl``)."""
+    dbapi_connection = pooled.dbapi_connection
+    _set_query_only(pooled, reader)  # a reader's once per connection
+    if reader:
+        _run(dbapi_connection, "BEGIN DEFERRED")
+        return
+    if turnstile is None:
+        _run(dbapi_connection, f"BEGIN {begin}")
+        return
+    dbapi_connection.take_turn()
+    try:
+        _run(dbapi_connection, f"BEGIN {begin}")
+    except BaseException:
+        dbapi_connection.give_turn()
+        raise
+
+
+def _run(dbapi_connection: Any, sql: str) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    finally:
+        cursor.close()
+
+
+def _set_query_only(pooled: Any, refuse: bool) -> None:
+    """``refuse_writes`` on the pool's proxy of a connection, in the same record."""
+    info = pooled.info
+    if info.get("query_only", False) != refuse:
+        _run(pooled.dbapi_connection, f"PRAGMA query_only = {int(refuse)}")
+        info["query_only"] = refuse
 
 
 def _journal_in_wal(cursor: Any) -> bool:

@@ -287,17 +287,21 @@ def _on_cursor(
     """Run ``sql`` with the driver parameters ``parameters()`` makes on a cursor of
     ``connection``; its rows if ``fetch`` (and the cursor's description to
     ``described`` when there are some)."""
-    dispatch = connection.dispatch
+    # SQLAlchemy's own guard: only a connection or engine with listeners of connection
+    # events dispatches them (asking each collection whether it has any costs more).
+    dispatch = (
+        connection.dispatch if connection._has_events or connection.engine._has_events else None
+    )
     made: Any = None
     cursor = None
     try:
         made = parameters()
         # The driver's own, not through the pool's proxy (``cursor`` there is that call).
         cursor = connection.connection.dbapi_connection.cursor()
-        if dispatch.before_cursor_execute:
+        if dispatch is not None and dispatch.before_cursor_execute:
             dispatch.before_cursor_execute(connection, cursor, sql, made, None, False)
         cursor.execute(sql, made)
-        if dispatch.after_cursor_execute:
+        if dispatch is not None and dispatch.after_cursor_execute:
             dispatch.after_cursor_execute(connection, cursor, sql, made, None, False)
         fetched = cursor.fetchall() if fetch else []
         if fetched and described is not None:

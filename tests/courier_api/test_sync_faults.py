@@ -825,14 +825,25 @@ def test_a_revoked_pdas_push_is_refused_by_the_first_statement_of_its_transactio
     def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         sent.append(" ".join(statement.split()))
 
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(lambda sql: capture(None, None, sql))
+
+    # On a SQLite file, what SQLite runs (its trace, on connections made anew): the
+    # BEGIN is the dialect's, not a statement SQLAlchemy's listeners hear.
+    sqlite = engine.dialect.name == "sqlite"
+    name, listener = ("connect", trace) if sqlite else ("before_cursor_execute", capture)
     engines = {engine, reads_only(engine)}
+    if sqlite:
+        engine.dispose()  # its readers' too
     for each in engines:
-        event.listen(each, "before_cursor_execute", capture)
+        event.listen(each, name, listener)
     try:
         response = client.post(PUSH, json=body, headers=headers)
     finally:
         for each in engines:
-            event.remove(each, "before_cursor_execute", capture)
+            event.remove(each, name, listener)
+        if sqlite:
+            engine.dispose()  # no traced connection left
     assert response.status_code == 401, response.get_json()
     assert response.get_json()["code"] == "device_not_active"
     statements = [s for s in sent if not s.startswith(("PRAGMA", "SAVEPOINT", "RELEASE"))]

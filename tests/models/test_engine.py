@@ -101,6 +101,34 @@ def test_a_postgresql_reader_refuses_to_write_and_its_connection_writes_again(
         own.dispose()
 
 
+def test_a_sqlite_files_connections_dispatch_no_events_the_service_does_not_hear(
+    tmp_path: Path,
+) -> None:
+    """The writers' turn and ``BEGIN`` are taken in the dialect's ``do_begin``, not in a
+    ``begin`` listener: a SQLite file's engine and its readers' have no connection
+    listeners, so SQLAlchemy skips dispatching every connection event (and
+    ``sync.direct`` asks no listener collection of each statement). A listener added
+    (a test's, a benchmark's) is heard again, with the writer's ``BEGIN IMMEDIATE`` under
+    its turn as before."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'quiet.db'}")
+    reader = reads_only(engine)
+    try:
+        assert not engine._has_events and not reader._has_events
+        with engine.begin() as connection:
+            assert connection.connection.dbapi_connection.holds_turn
+            connection.execute(text("CREATE TABLE note (body TEXT)"))
+        heard: list[str] = []
+        event.listen(engine, "commit", lambda _connection: heard.append("commit"))
+        with engine.begin() as connection:
+            assert connection.connection.dbapi_connection.holds_turn
+            connection.execute(text("INSERT INTO note VALUES ('one')"))
+        assert heard == ["commit"]
+        with reader.connect() as connection:
+            assert connection.execute(text("SELECT body FROM note")).scalars().all() == ["one"]
+    finally:
+        engine.dispose()
+
+
 def test_a_sqlite_files_readers_keep_connections_of_their_own(tmp_path: Path) -> None:
     """Setting ``query_only`` makes SQLite throw away every statement it prepared on the
     connection: a writer's connection never has it set, however readers and writers
@@ -109,11 +137,12 @@ def test_a_sqlite_files_readers_keep_connections_of_their_own(tmp_path: Path) ->
     reader = reads_only(engine)
     pragmas: list[tuple[str, str]] = []
     for name, which in (("writer", engine), ("reader", reader)):
+        # What SQLite runs (its trace): the BEGIN and its pragma are not SQLAlchemy's.
         event.listen(
             which,
-            "before_cursor_execute",
-            lambda *args, name=name: (
-                pragmas.append((name, args[2])) if "query_only" in args[2] else None
+            "connect",
+            lambda dbapi_connection, _record, name=name: dbapi_connection.set_trace_callback(
+                lambda sql: pragmas.append((name, sql)) if "query_only" in sql else None
             ),
         )
     try:

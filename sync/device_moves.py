@@ -32,6 +32,7 @@ from sync.device_state import held_max_seq, lock_device_state, station_after_loc
 from sync.directory import record_device_moved
 from sync.errors import Conflict
 from sync.shifts import open_shift_of
+from sync.wording import counted
 
 SEQ_RANGES_NAMED = 10  # ranges a refusal names at most
 
@@ -72,7 +73,8 @@ def move_device(
     unsynced = unsynced_seqs(state.max_seq, state.missing_ranges, held_max_seq(session, device.id))
     if unsynced:
         raise Conflict(
-            f"device {device.id} has {seq_count(unsynced)} seqs the server does not hold "
+            f"device {device.id} has {counted(seq_count(unsynced), 'seq')} the server does "
+            f"not hold "
             f"({_named(unsynced)}): events still on the PDA, of {old.code}'s shifts. "
             f"They are pushed at {old.code}, or written off as lost by its manager "
             f"(POST /api/v1/devices/{device.id}/lost-seqs), before the PDA moves",

@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Select, func
 from sqlalchemy.orm import Session
 
 from sync.errors import CursorReset, InvalidCursor
+from sync.wording import matching_now
 
 MAX_PAGE_SIZE = 500  # items of a list answered at once, at most
 INT64_MAX = 2**63 - 1  # the highest id (a BIGINT) a cursor's number may name
@@ -196,7 +197,6 @@ def check_walk(
     found, digest = summed_walk(session.execute(sums).one())
     if (found, digest) != (count, walked):
         raise CursorReset(
-            f"this walk showed {showed}; {found} match now"
-            f"{', not the same ones' if found == count else ''}: {why}",
+            f"this walk showed {showed}; {matching_now(found, count)}: {why}",
             field="cursor",
         )

@@ -57,6 +57,7 @@ from sync.rules import (
 from sync.sql import among_at_once
 from sync.status import load_events
 from sync.tracking import normalize
+from sync.wording import counted
 
 # The kinds the search's ``flag_kind`` finds: flags of the parcel (its rules, its PDAs'
 # time inversions, a wrong station's scans, a tracking number not taken in) and of its
@@ -363,7 +364,8 @@ def _check_walk(
         sums.where(ScanEvent.id <= as_of),
         count=count,
         walked=walked,
-        showed=f"{count} deliveries matching the search up to event {as_of}",
+        showed=f"{counted(count, 'delivery', 'deliveries')} matching the search up to event "
+        f"{as_of}",
         why="deliveries with ids below those its pages showed were stored after the walk "
         "passed them (a push committing late), or came to match it or stopped matching it "
         "(a flag raised or closed, a parcel moved to another station, deliveries pushed "

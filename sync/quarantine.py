@@ -34,6 +34,7 @@ from sync.paging import (
 from sync.phones import mask_phones_in, mask_phones_in_json, shown_text
 from sync.sql import among_at_once, chunks
 from sync.tracking import normalize
+from sync.wording import counted
 
 # A shift's page lists this many of its PDA's rejected events at most (a broken PDA
 # may send thousands); the list API has them all.
@@ -235,7 +236,7 @@ def _check_walk(
         sums,
         count=count,
         walked=walked,
-        showed=f"{count} rejected events up to id {as_of}",
+        showed=f"{counted(count, 'rejected event')} up to id {as_of}",
         why="rejected events with ids among those its pages showed were stored after the "
         "walk passed them (a push committing late); list them again from the start",
     )

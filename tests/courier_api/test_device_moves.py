@@ -160,12 +160,18 @@ def test_a_pda_with_seqs_still_on_it_is_not_moved(
 
     pda.push([second])
     manager1 = auth.headers("manager1")
-    written_off = client.post(
-        f"{DEVICES}/PDA-0001/lost-seqs",
-        json={"ranges": [{"first": 4, "last": 5}], "reason": "PDA reset"},
-        headers=manager1,
-    )
-    assert written_off.status_code == 201, written_off.get_json()
+    for lost in (5, 4):
+        refused = move(client, admin, "PDA-0001", world.other_station.id)
+        assert refused.status_code == 409, refused.get_json()
+        # One seq left is "1 seq", not "1 seqs".
+        unsynced = "2 seqs the server does not hold (4-5)" if lost == 5 else "1 seq the server"
+        assert unsynced in refused.get_json()["message"], refused.get_json()
+        written_off = client.post(
+            f"{DEVICES}/PDA-0001/lost-seqs",
+            json={"ranges": [{"first": lost, "last": lost}], "reason": "PDA reset"},
+            headers=manager1,
+        )
+        assert written_off.status_code == 201, written_off.get_json()
     assert move(client, admin, "PDA-0001", world.other_station.id).status_code == 200
 
 

@@ -2534,8 +2534,34 @@ def test_a_search_walk_by_courier_refused_for_a_close_that_filed_its_deliveries_
     last = walk_page(client, headers, first["next_cursor"], limit=1, courier_id=courier2.id)
     assert last.status_code == 410 and last.json["code"] == "cursor_reset", last.json
     assert "a shift's close filed them as its courier's" in last.json["message"], last.json
+    # One shown, none matching: counted as such ("showed 1 deliveries" it said).
+    assert "this walk showed 1 delivery matching" in last.json["message"], last.json
+    assert "; 0 match now" in last.json["message"], last.json
     again = walk_page(client, headers, courier_id=world.courier.id).json
     assert [i["event_id"] for i in again["items"]] == delivered_ids(session)
+
+
+def test_a_search_walk_refused_with_one_shown_and_one_matching_counts_each_as_one(
+    client: FlaskClient, auth: Auth, session: Session, world: World
+) -> None:
+    """The 410 said "this walk showed 1 deliveries ...; 1 match now": a walk that showed
+    one delivery, another matching at its last page (one committed late below it while
+    those shown stopped matching), is told in the singular."""
+    delivered = deliveries(auth, session, world, 3)
+    committed_late(session, delivered[0], EventType.OUT_FOR_DELIVERY)
+    headers = auth.headers("auditor1")
+    first = walk_page(client, headers, limit=1).json
+    assert [i["event_id"] for i in first["items"]] == [delivered[1]]
+    committed_late(session, delivered[0], EventType.DELIVERED)
+    for event_id in delivered[1:]:
+        committed_late(session, event_id, EventType.OUT_FOR_DELIVERY)
+    last = walk_page(client, headers, first["next_cursor"], limit=1)
+    assert last.status_code == 410 and last.json["code"] == "cursor_reset", last.json
+    message = last.json["message"]
+    assert f"this walk showed 1 delivery matching the search up to event {delivered[2]}" in (
+        message
+    ), message
+    assert "; 1 matches now, not the same one:" in message, message
 
 
 def test_a_search_cursor_malformed_or_of_other_filters_is_a_400(

@@ -124,3 +124,16 @@ def test_a_walk_cursor_of_an_earlier_form_is_a_reset() -> None:
         with pytest.raises(InvalidCursor) as refused:
             WalkCursor.parse(wrong)
         assert refused.value.code == "cursor_malformed", wrong
+
+
+def test_a_rejected_events_walk_refused_after_one_shown_says_one(session: Session) -> None:
+    """The quarantine walk's 410 said "this walk showed 1 rejected events ...; 1 match
+    now": one shown, one matching, each is told in the singular."""
+    from sync.quarantine import QuarantineFilter
+    from sync.quarantine import _check_walk as check_rejected_walk
+
+    with pytest.raises(CursorReset) as refused:
+        check_rejected_walk(session, QuarantineFilter(station_id=1), 5, 1, walk_digest([5]))
+    assert refused.value.message.startswith(
+        "this walk showed 1 rejected event up to id 5; 0 match now:"
+    ), refused.value.message

@@ -705,9 +705,11 @@ def timeline_page(
                 field="cursor",
             )
         if len(walked) > cursor.count:
+            joined = len(walked) - cursor.count
+            elsewhere = _filed_elsewhere(session, tracking_no, walked)
             raise CursorReset(
-                f"{_joined(len(walked) - cursor.count, tracking_no, as_of)}; read the "
-                "timeline again from the start",
+                f"{_joined(joined, tracking_no, as_of, elsewhere)}; read the timeline "
+                "again from the start",
                 field="cursor",
             )
     facts = [event.fact for event in walked]
@@ -735,9 +737,20 @@ def timeline_page(
     )
 
 
-def _joined(count: int, tracking_no: str, as_of: int) -> str:
-    """What a walk refused for ``count`` events stored below its ``as_of`` after it began
-    says of them: how many, so that an auditor knows the pages read so far lacked some."""
+def _joined(count: int, tracking_no: str, as_of: int, elsewhere: bool = False) -> str:
+    """What a walk refused for ``count`` events below its ``as_of`` that joined its
+    timeline after it began says of them: how many, so that an auditor knows the pages
+    read so far lacked some. ``elsewhere``: a correction filed under another tracking
+    number is in the timeline, with the event it voids; one stored long before comes
+    with a scan committing late, and is not what a push ending at once stored."""
+    if elsewhere:
+        return (
+            f"{count} events of {tracking_no} with ids below this walk's as_of ({as_of}) "
+            "joined its timeline after it began: stored after it began (two PDAs' pushes "
+            "ending at once), or, with an event so stored, a correction filed under "
+            "another tracking number that voids it, however long before it was stored: "
+            "the pages read so far were ordered without them"
+        )
     if count == 1:
         events = f"1 event of {tracking_no} with an id below this walk's as_of ({as_of}) was"
     else:
@@ -746,6 +759,21 @@ def _joined(count: int, tracking_no: str, as_of: int) -> str:
         f"{events} stored after it began (two PDAs' pushes ending at once): the pages read "
         f"so far were ordered without {'it' if count == 1 else 'them'}"
     )
+
+
+def _filed_elsewhere(session: Session, tracking_no: str, walked: Sequence[EventDetail]) -> bool:
+    """Whether ``walked`` holds a correction filed under another tracking number than
+    ``tracking_no`` (joined with its target, ``load_events``): one statement, only on a
+    refused walk's page that holds a correction."""
+    corrections = [
+        event.fact.event_id for event in walked if event.fact.voids_client_event_id is not None
+    ]
+    if not corrections:
+        return False
+    query = select(ScanEvent.id).where(
+        ScanEvent.id.in_(corrections), ScanEvent.tracking_no != tracking_no
+    )
+    return session.scalars(query.limit(1)).first() is not None
 
 
 def _header(

@@ -812,6 +812,64 @@ def test_a_walk_is_not_refused_for_a_correction_filed_elsewhere_whose_target_cam
     ]
 
 
+def test_a_walk_refused_for_a_late_scan_says_its_correction_filed_elsewhere_came_with_it(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """On PostgreSQL a scan committing late holds an id below a walk's ``as_of``, and a
+    correction of it filed under another tracking number, stored long before, joins the
+    parcel's timeline with it: the walk is refused (410), rightly, but its message said
+    "2 events ... were stored after it began (two PDAs' pushes ending at once)", the
+    correction among them, which was not. It says the correction came with the event it
+    voids. (Here the scan, stored under a third number before the walk, is filed under
+    the parcel after its first page, as a late commit makes it.)"""
+    parcel = factories.parcel(session, world.station)
+    other = factories.parcel(session, world.station, tracking_no="RB123456785GB")
+    third = factories.parcel(session, world.station)
+    factories.device(session, "PDA-0003", world.station)
+    factories.user(session, "courier3", "courier", world.station)
+    session.commit()
+    tn = parcel.tracking_no
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    target = factories.event(
+        1, third.tracking_no, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=10)
+    )
+    correction = factories.event(
+        2,
+        other.tracking_no,
+        "correction",
+        occurred_at=start + dt.timedelta(minutes=11),
+        voids_client_event_id=target["client_event_id"],
+        reason="mis-scanned",
+    )
+    auth.push([correction], "courier3", "PDA-0003")
+    auth.push([target], "courier3", "PDA-0003")
+    auth.push(
+        [
+            factories.event(
+                seq, tn, "out_for_delivery", occurred_at=start + dt.timedelta(minutes=seq)
+            )
+            for seq in (1, 2, 3)
+        ]
+    )
+    headers = auth.headers("manager1")
+    first = client.get(f"{URL}/{tn}", query_string={"limit": 1}, headers=headers).json
+    session.execute(
+        update(ScanEvent).where(ScanEvent.tracking_no == third.tracking_no).values(tracking_no=tn)
+    )
+    session.commit()
+    refused = client.get(
+        f"{URL}/{tn}", query_string={"limit": 1, "cursor": first["next_cursor"]}, headers=headers
+    )
+    assert refused.status_code == 410 and refused.json["code"] == "cursor_reset", refused.json
+    message = refused.json["message"]
+    assert message.startswith(
+        f"2 events of {tn} with ids below this walk's as_of ({first['as_of']}) joined its "
+        "timeline after it began"
+    ), message
+    assert "a correction filed under another tracking number" in message, message
+    assert "were stored after it began" not in message, message
+
+
 def test_each_page_of_a_walk_shows_the_parcel_as_its_first_page_did(
     client: FlaskClient, world: World, auth: Auth, session: Session
 ) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ from sync import audit, outbox
 from sync.acks import merged
 from sync.errors import Conflict, InvalidInput, NotFound
 from sync.manager_text import manager_text
-from sync.paging import MAX_PAGE_SIZE
+from sync.paging import MAX_PAGE_SIZE, dotted_parts, malformed_cursor
 from sync.sql import among, chunks
 from sync.tracking import normalize
 
@@ -618,6 +619,45 @@ def _close(session: Session, flag: Flag, reason: str) -> None:
 # -- reading ----------------------------------------------------------------------------------
 
 
+_FLAG_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# The latest time a cursor may hold: datetime's last day (9999-12-31), in microseconds.
+_LAST_MICROSECOND = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(
+    microseconds=1
+)
+
+
+@dataclass(frozen=True)
+class FlagCursor:
+    """Where a walk through the flags stands, ``<opened_at>.<id>``: its last flag's
+    ``opened_at`` as it was when listed (microseconds since 1970, UTC) and id. The walk
+    goes on below that place, whatever became of the flag since: opened again, it is at
+    the top, where ``after`` (its id) went on from and listed again the flags shown."""
+
+    opened_at: dt.datetime
+    flag_id: int
+
+    def __str__(self) -> str:
+        since = (self.opened_at - _EPOCH) // dt.timedelta(microseconds=1)
+        return f"{since}.{self.flag_id}"
+
+    @classmethod
+    def of(cls, flag: Flag) -> FlagCursor:
+        return cls(flag.opened_at, flag.id)
+
+    @classmethod
+    def parse(cls, raw: str | None) -> FlagCursor | None:
+        """The cursor, or None for a walk's first page; 400 ``cursor_malformed`` for
+        one this server never gave."""
+        if raw is None or raw == "":
+            return None
+        (since, flag_id), _ = dotted_parts(raw, _FLAG_CURSOR, numbers=2)
+        assert since is not None and flag_id is not None
+        if since > _LAST_MICROSECOND or flag_id < 1:
+            raise malformed_cursor()
+        return cls(_EPOCH + dt.timedelta(microseconds=since), flag_id)
+
+
 def list_flags(
     *,
     session: Session,
@@ -633,6 +673,7 @@ def list_flags(
     raised_from: dt.datetime | None = None,
     raised_to: dt.datetime | None = None,
     after_id: int | None = None,
+    cursor: FlagCursor | None = None,
     limit: int = 100,
 ) -> Sequence[Flag]:
     """Flags matching every filter given, latest opened first (``Flag.opened_at``, then
@@ -640,9 +681,13 @@ def list_flags(
     decision covered, rises to the top with the new ones, not left where it was first
     raised.
 
-    ``after_id`` is the last id of the previous page (the next page holds the flags
-    listed after it; one opened again meanwhile is listed again at the top; one not
-    of ``station_id`` names no place, as an unknown id);
+    ``cursor`` is where the previous page's last flag stood when listed
+    (``FlagCursor``): the next page holds the flags listed after that place, so a walk
+    shows each flag once, though one is opened again meanwhile (listed at the top, where
+    a walk begun again finds it). ``after_id`` is the last id of the previous page, read
+    where its flag stands now (one opened again meanwhile is at the top, and the page
+    after it lists again the flags shown; one not of ``station_id`` names no place, as an
+    unknown id);
     ``raised_from`` is inclusive and ``raised_to`` exclusive. ``waiting``: those still
     waiting for a manager's decision, open or acknowledged (``ACTIVE_STATUSES``), as the
     board counts a shift's open flags. ``shift_id``: that
@@ -696,11 +741,18 @@ def list_flags(
         found = select(Flag.opened_at).where(Flag.id == after_id)
         if station_id is not None:
             found = found.where(Flag.station_id == station_id)
-        cursor = found.scalar_subquery()
+        stands = found.scalar_subquery()
         query = query.where(
             or_(
-                Flag.opened_at < cursor,
-                and_(Flag.opened_at == cursor, Flag.id < after_id),
+                Flag.opened_at < stands,
+                and_(Flag.opened_at == stands, Flag.id < after_id),
+            )
+        )
+    if cursor is not None:
+        query = query.where(
+            or_(
+                Flag.opened_at < cursor.opened_at,
+                and_(Flag.opened_at == cursor.opened_at, Flag.id < cursor.flag_id),
             )
         )
     return session.scalars(query).all()

@@ -78,7 +78,11 @@ class FlagFilter(_Form):
     tracking_no = Text(validate=ma.validate.Length(max=40))  # a parcel's flags
     raised_from = ma.fields.Date()  # the station's local day, inclusive
     raised_to = ma.fields.Date()  # inclusive too: the form says "from ... to ..."
-    after = After()
+    after = After()  # a link given before ``cursor``: where its flag stands now
+    # The previous page's next (``sync.flags.FlagCursor``): where its last flag stood
+    # when shown; by its id (``after``), a flag opened again meanwhile put the next page
+    # back at the top, and it listed again the flags shown.
+    cursor = Text(validate=ma.validate.Length(max=200))
 
 
 class ProofFilter(_Form):

@@ -752,11 +752,12 @@ def _flag_queue_page(
         raised_from=raised_from,
         raised_to=raised_to,
         after_id=args["after"],
+        cursor=flags.FlagCursor.parse(args.get("cursor") or None),
         limit=PAGE_SIZE,
     )
-    filled = {k: v for k, v in query.items() if v.strip() and k != "after"}
+    filled = {k: v for k, v in query.items() if v.strip() and k not in ("after", "cursor")}
     next_page = (
-        url_for("web.flag_queue", **filled, after=items[-1].id)
+        url_for("web.flag_queue", **filled, cursor=str(flags.FlagCursor.of(items[-1])))
         if len(items) == PAGE_SIZE
         else None
     )

@@ -416,6 +416,56 @@ def test_a_flag_opened_again_is_listed_first(
     assert listed(client, manager, f"after={flags.skew.id}") == []
 
 
+def test_a_walk_by_cursor_neither_repeats_nor_starts_over_when_its_last_flag_reopens(
+    client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
+) -> None:
+    """At 19:00 a manager walks the queue page by page; meanwhile the last flag shown is
+    opened again (a new event of its parcel, beyond the decision on it). The next page by
+    ``after`` went on from where that flag stands now, the top, and listed again a flag
+    already shown. A page's ``next_cursor`` holds where its last flag stood when listed:
+    the walk goes on below it, each flag once; the flag opened again is at the top, with
+    the new ones, where a walk begun again finds it."""
+    admin = auth.headers("admin")
+    first = client.get(FLAGS, query_string={"limit": 2}, headers=admin).get_json()
+    assert [i["id"] for i in first["items"]] == [flags.there.id, flags.skew.id]
+    assert first["next_cursor"] is not None
+    resolved = client.post(
+        f"{FLAGS}/{flags.skew.id}/resolve", json={"note": "checked"}, headers=admin
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    session.expire_all()
+    raised = raise_flag(
+        session=session,
+        kind="clock_skew",
+        severity=FlagSeverity.CRITICAL,
+        subject=FlagSubject("parcel", "RR2"),
+        station_id=world.station.id,
+        evidence={"event_ids": [3]},
+    )
+    session.commit()
+    assert raised.flag.status == FlagStatus.OPEN
+    # The deprecated way: from where the flag stands now, the top: ``there`` again.
+    assert listed(client, admin, f"limit=2&after={flags.skew.id}") == [
+        flags.there.id,
+        flags.here.id,
+    ]
+    rest = client.get(
+        FLAGS, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=admin
+    ).get_json()
+    assert [i["id"] for i in rest["items"]] == [flags.here.id]
+    assert rest["next_cursor"] is None and rest["next_after"] is None
+    assert listed(client, admin) == [flags.skew.id, flags.there.id, flags.here.id]
+    # A cursor and ``after`` at once, or a cursor this server never gave, is refused.
+    both = client.get(
+        FLAGS, query_string={"cursor": first["next_cursor"], "after": 1}, headers=admin
+    )
+    assert both.status_code == 422 and both.get_json()["code"] == "cursor_and_after"
+    for wrong in ("x", "1", "1.2.3", f"{first['next_cursor']}0" * 3, "99999999999999999999.1"):
+        malformed = client.get(FLAGS, query_string={"cursor": wrong}, headers=admin)
+        assert malformed.status_code == 400, wrong
+        assert malformed.get_json()["code"] == "cursor_malformed", wrong
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [

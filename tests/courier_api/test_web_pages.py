@@ -1304,6 +1304,16 @@ def test_the_flag_queue_pages_by_keyset(
     one = re.findall(r'<tr id="flag-(\d+)"', first)
     two = re.findall(r'<tr id="flag-(\d+)"', second)
     assert len(one) == 2 and two and int(two[0]) < int(one[-1])
+    # The last flag shown opened again meanwhile (a late batch at 19:00): the next page
+    # went on from where it stands now, the top, and listed the first flag again. It
+    # goes on from where it stood when shown: none twice.
+    last = session.get(Flag, int(one[-1]))
+    assert last is not None
+    last.opened_at = dt.datetime.now(dt.UTC)
+    session.commit()
+    again = pages.get(link.group(1).replace("&amp;", "&"))
+    assert re.findall(r'<tr id="flag-(\d+)"', again) == two
+    assert "cursor" in pages.get("/web/flags?cursor=x", status=400)
 
 
 def test_the_flag_queue_says_when_a_flag_it_lists_first_was_opened_again(

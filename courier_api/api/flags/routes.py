@@ -15,7 +15,7 @@ from courier_api.api.flags.schemas import (
     FlagPage,
     ResolveIn,
 )
-from courier_api.api.pagination import keyset_page
+from courier_api.api.pagination import cursor_or_after, keyset_page
 from courier_api.auth import current_principal, ensure_visible
 from courier_api.extensions import db
 from models import Flag, Role
@@ -36,13 +36,20 @@ class Flags(MethodView):
     @blp.auth(*READERS)
     @blp.arguments(FlagListArgs, location="query")
     @blp.response(200, FlagPage)
+    @blp.alt_response(400, response="BAD_REQUEST")
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List flags
 
         Flags matching every filter given, latest opened first (`opened_at`,
         then id): a flag opened again, its cause back or raised again on more
         than a manager's decision covered, is listed with the new ones, not where
-        it was first raised; `after` goes on from where its flag stands now.
+        it was first raised. Pass a page's `next_cursor` as `cursor` for the next
+        page: it goes on below where the page's last flag stood when listed, so a
+        walk lists each flag once though one is opened again meanwhile (at the top
+        then, where a walk begun again finds it); a malformed cursor is a 400
+        `cursor_malformed`, one sent with `after` a 422 `cursor_and_after`.
+        `after` (a page's `next_after`) goes on from where its flag stands now: the
+        last flag shown opened again, the next page lists again flags shown.
         `waiting=true` lists those still waiting for a decision, open or
         acknowledged, as a board row's `open_flags` counts them.
         `kind` is a kind's code (`unauthorized_locker_drop`); an
@@ -58,6 +65,8 @@ class Flags(MethodView):
         Managers see their own station whatever `station_id` says (another
         station's shift has no flags for them); admins and auditors see every station.
         """
+        sent = args.get("cursor") or None
+        cursor_or_after(sent, args["after"])
         items = flags.list_flags(
             session=db.session,
             station_id=current_principal().station_filter(args.get("station_id")),
@@ -72,9 +81,12 @@ class Flags(MethodView):
             raised_from=args.get("raised_from"),
             raised_to=args.get("raised_to"),
             after_id=args["after"],
+            cursor=flags.FlagCursor.parse(sent),
             limit=args["limit"],
         )
-        return keyset_page([_view(flag) for flag in items], args["limit"], key=lambda f: f["id"])
+        page = keyset_page([_view(flag) for flag in items], args["limit"], key=lambda f: f["id"])
+        full = page["next_after"] is not None
+        return {**page, "next_cursor": str(flags.FlagCursor.of(items[-1])) if full else None}
 
 
 @blp.route("/<id:flag_id>")

@@ -54,7 +54,20 @@ class FlagListArgs(PageArgs):
     )
     raised_from = UtcTime(metadata={"description": "Raised at or after this time"})
     raised_to = UtcTime(metadata={"description": "Raised before this time"})
-    after = After()
+    cursor = Text(
+        metadata={
+            "description": "The previous page's `next_cursor`, as received; omit it for a "
+            "walk's first page. The walk goes on below where that page's last flag stood "
+            "when listed, though it was opened again since"
+        }
+    )
+    after = After(
+        metadata={
+            "description": "The last id of the previous page (its `next_after`), read where "
+            "that flag stands now: one opened again since is at the top, and the page lists "
+            "again flags shown; `cursor` does not"
+        }
+    )
 
 
 class FlagOut(ma.Schema):
@@ -177,6 +190,14 @@ class FlagDetailOut(FlagOut):
 class FlagPage(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(FlagOut), required=True)
     next_after = ma.fields.Integer(allow_none=True, required=True)
+    next_cursor = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "When a full page was listed: pass it as `cursor`, with the same "
+            "filters, for the next page; null on the last"
+        },
+    )
 
 
 class _Decision(ma.Schema):

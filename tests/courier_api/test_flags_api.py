@@ -380,6 +380,14 @@ def test_a_page_after_another_stations_flag_answers_as_after_an_id_naming_nothin
     unknown = listed(client, manager, "after=999999")
     assert listed(client, manager, f"after={flags.there.id}") == unknown
     assert listed(client, manager, f"after={flags.skew.id}") == [flags.here.id]
+    # A cursor carries its place, a time and an id: naming another station's flag, it
+    # reads nothing of it, and lists the manager's own flags below that place.
+    first = client.get(FLAGS, query_string={"limit": 1}, headers=manager).get_json()
+    place = first["next_cursor"].split(".")[0]
+    below = listed(client, manager, f"cursor={place}.999999")
+    assert below == [flags.skew.id, flags.here.id]  # skew opened there, its id below
+    assert listed(client, manager, f"cursor={place}.{flags.there.id}") == below
+    assert listed(client, manager, f"cursor={place}.{flags.skew.id}") == [flags.here.id]
 
 
 def test_a_flag_opened_again_is_listed_first(

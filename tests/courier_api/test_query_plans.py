@@ -1049,9 +1049,10 @@ def test_the_flag_queue_reads_its_page_through_the_stations_opened_index(world: 
     the open ones, and the next page after a cursor, each read along
     ``ix_flag_station_opened`` (a year of the station's flags), not sorted whole."""
     first, explained = run(world, "GET", "/api/v1/flags?limit=50", headers=world.manager)
-    cursor = first.get_json()["next_after"]
-    assert cursor is not None
-    for query in ("status=open&limit=50", f"limit=50&after={cursor}"):
+    cursor, walk = first.get_json()["next_after"], first.get_json()["next_cursor"]
+    assert cursor is not None and walk is not None
+    queries = ("status=open&limit=50", f"limit=50&after={cursor}", f"limit=50&cursor={walk}")
+    for query in queries:
         explained += run(world, "GET", f"/api/v1/flags?{query}", headers=world.manager)[1]
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "flag")))

@@ -41,6 +41,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from models import DeviceSyncState, QuarantinedEvent, ScanEvent, SyncBatch
 from models.engine import make_engine
@@ -526,11 +527,23 @@ def uuid_text(value: Any) -> str:
 
 
 class Ledger:
-    """Reads the server's database directly (its own engine, never the app's)."""
+    """Reads the server's database directly (its own engine, never the app's).
+
+    Each read opens a connection of its own and closes it (no pool): a test that fails
+    before it closes the ledger leaves no session open on the database it drops, nor
+    one the killer thread's last look could still hold. Use it as a context manager."""
 
     def __init__(self, database_url: str) -> None:
         self.url = database_url
-        self.engine: Engine = make_engine(database_url, sqlite_begin="DEFERRED")
+        self.engine: Engine = make_engine(
+            database_url, sqlite_begin="DEFERRED", poolclass=NullPool
+        )
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.engine.dispose()

@@ -338,11 +338,8 @@ def test_pushes_through_database_connection_cuts_get_503_and_lose_nothing(
     assert server.unexpected_log_lines(expected=("database unavailable",)) == [], context
     assert len(unavailable) == statuses[503], context  # one line per 503, each told
 
-    ledger = Ledger(cut_database)
-    try:
+    with Ledger(cut_database) as ledger:
         ledger.assert_exactly_once(pushed, context)
-    finally:
-        ledger.close()
 
 
 def _watch(

@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,11 @@ class BytesAltered(Exception):
 
 
 RETRY_STORE_AFTER_SECONDS = 60
+# An image's temporary file in the store (``FileBlobStore.put``): the prefix, then its
+# digest. One older than this is no write in flight (a write takes the time to write
+# and sync an image of at most ``MAX_BLOB_BYTES``) but one a killed process left.
+INCOMING_PREFIX = ".incoming-"
+INCOMING_STALE_SECONDS = 3600
 # Images' digests' two-key advisory locks, beside ``sync.status.LOCK_SPACE`` (tracking
 # numbers): ``sync.sql.advisory_locks``.
 DIGEST_LOCK_SPACE = 0x5CA8
@@ -115,7 +121,10 @@ def store_unavailable(action: str) -> Unavailable:
 
 class FileBlobStore:
     """``root/ab/cd/abcd...``: written to a temporary file, synced, then renamed,
-    so a crash never leaves a half-written image under its digest.
+    so a crash never leaves a half-written image under its digest. The temporary file
+    a crash leaves instead is removed by the next put of the same image (the PDA's
+    retry), or by any put into its directory once it is ``INCOMING_STALE_SECONDS`` old
+    (``_remove_leftovers``).
 
     A failing disk (full, read-only, not a directory, no permission) raises
     ``Unavailable`` with the ``OSError`` as its cause; an image that is not there
@@ -142,7 +151,10 @@ class FileBlobStore:
             grown = [target.parent]
             grown += [d.parent for d in (target.parent, target.parent.parent) if not d.is_dir()]
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+            _remove_leftovers(target.parent, digest)
+            fd, temporary = tempfile.mkstemp(
+                dir=target.parent, prefix=f"{INCOMING_PREFIX}{digest}-"
+            )
         except OSError as exc:
             raise store_unavailable("be written") from exc
         try:
@@ -194,6 +206,27 @@ class FileBlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def _remove_leftovers(directory: Path, digest: str) -> None:
+    """Remove the temporary files of puts killed before their rename (SIGKILL, a power
+    cut): ``digest``'s, which no put can still be writing, since the puts of one image
+    run one at a time (``_stored`` holds the image's lock: ``lock_digests`` on
+    PostgreSQL, the writer's turn on SQLite); and any other older than
+    ``INCOMING_STALE_SECONDS``. Left, each held up to an image's size of the store's
+    disk for good."""
+    own = f"{INCOMING_PREFIX}{digest}-"
+    stale_before = time.time() - INCOMING_STALE_SECONDS
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith(INCOMING_PREFIX):
+                continue
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                if entry.name.startswith(own) or entry.stat().st_mtime < stale_before:
+                    os.unlink(entry.path)
+                    log.warning(
+                        "removed %s, left in the blob store by a killed upload", entry.path
+                    )
 
 
 def _check_length(digest: str, size: int, found: int) -> None:

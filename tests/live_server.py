@@ -559,9 +559,16 @@ class Ledger:
         """Poll until the batch's row is committed, or ``still_waiting()`` is false."""
         query = select(SyncBatch.id).where(SyncBatch.batch_id == uuid.UUID(batch_id))
         with self.engine.connect() as conn:
+            # PostgreSQL: one round trip a look (each statement sees what committed
+            # before it), not two with a rollback: the server answers at once after
+            # its commit, and on a loaded machine a slower look notices it too late.
+            autocommit = conn.dialect.name == "postgresql"
+            if autocommit:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             while still_waiting():
                 found = conn.execute(query).first()
-                conn.rollback()  # a new snapshot for the next look
+                if not autocommit:
+                    conn.rollback()  # a new snapshot for the next look
                 if found is not None:
                     return
                 time.sleep(poll)

@@ -84,8 +84,10 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
             # SQLAlchemy tells ``engine_disposed`` whether or not the engine has events;
             # the flag, set by that listener, would make every connection of the file
             # dispatch its other events (``begin``, ``commit``, each statement's), which
-            # no listener of the service hears: ``_configure_sqlite``.
-            engine._has_events = False
+            # no listener of the service hears: ``_configure_sqlite``. Taken off the
+            # engine, not set false there: the class's flag shows again, set by a
+            # listener on every ``Engine`` (an error tracker's, an operator's hook).
+            del engine._has_events
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     postgresql = parsed.get_backend_name() == "postgresql"

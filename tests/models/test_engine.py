@@ -129,6 +129,38 @@ def test_a_sqlite_files_connections_dispatch_no_events_the_service_does_not_hear
         engine.dispose()
 
 
+def test_a_listener_on_every_engine_hears_a_sqlite_files_statements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener on the ``Engine`` class (an error tracker's SQLAlchemy integration,
+    SQLAlchemy's own timing recipe, an operator's hook) sets the class's
+    ``_has_events``: a SQLite file's engine must not hide it behind a flag of its own,
+    whether the listener came before the engine or after."""
+    monkeypatch.setattr(Engine, "_has_events", Engine._has_events)  # set back after
+    heard: list[str] = []
+
+    def hear(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        heard.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", hear)
+    before = make_engine(f"sqlite:///{tmp_path / 'before.db'}")
+    try:
+        with before.begin() as connection:
+            connection.execute(text("SELECT 'before'"))
+        event.remove(Engine, "before_cursor_execute", hear)
+        after = make_engine(f"sqlite:///{tmp_path / 'after.db'}")
+        event.listen(Engine, "before_cursor_execute", hear)
+        try:
+            with after.begin() as connection:
+                connection.execute(text("SELECT 'after'"))
+        finally:
+            after.dispose()
+    finally:
+        event.remove(Engine, "before_cursor_execute", hear)
+        before.dispose()
+    assert heard == ["SELECT 'before'", "SELECT 'after'"]
+
+
 def test_a_sqlite_files_readers_keep_connections_of_their_own(tmp_path: Path) -> None:
     """Setting ``query_only`` makes SQLite throw away every statement it prepared on the
     connection: a writer's connection never has it set, however readers and writers

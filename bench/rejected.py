@@ -7,7 +7,7 @@ A PDA pushes one scan, then one push of ``--rejected`` malformed events (an even
 type the server does not know: each is answered ``rejected`` and kept in
 quarantine), then one scan, then ``--lone`` pushes of one malformed event each (a
 PDA whose scanner is broken). Prints the wall time and the SQL statements of each
-push (BEGIN and savepoints included): a rejected seq next to a push must cost a
+push (savepoints included, not the BEGIN): a rejected seq next to a push must cost a
 constant number of statements (rule 6 looks past it in one search, not one
 seq at a time), however many came before.
 

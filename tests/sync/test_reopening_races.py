@@ -179,7 +179,7 @@ def test_a_write_off_leaving_gaps_while_the_shift_is_signed_off_reopens_it(
     seqs 3-9, naming itself as what reopened it."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = WriteOff(sessions)
-    while_held(sessions, getattr(race, how), race.write_off, must_wait=False)
+    while_held(sessions, getattr(race, how), race.write_off)
     first_id = race.ids[0]
     shift, balance = first_shift_now(sessions, first_id)
     assert balance.missing_seqs == list(range(3, 10))
@@ -204,7 +204,7 @@ def test_a_sign_off_while_a_write_off_leaves_gaps_of_the_shift_is_refused(
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = WriteOff(sessions)
     with pytest.raises(Conflict) as refusal:
-        while_held(sessions, race.write_off, getattr(race, how), must_wait=False)
+        while_held(sessions, race.write_off, getattr(race, how))
     assert refusal.value.code == refused
     shift, balance = first_shift_now(sessions, race.ids[0])
     assert balance.missing_seqs == list(range(3, 10))
@@ -250,7 +250,7 @@ def test_a_push_rejecting_an_event_of_the_shift_while_it_is_signed_off_reopens_i
     its flag citing the rejected event."""
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = Rejected(sessions)
-    while_held(sessions, getattr(race, how), race.push, must_wait=False)
+    while_held(sessions, getattr(race, how), race.push)
     [rejected] = rejected_ids(sessions)
     first_id = race.ids[0]
     shift, _ = first_shift_now(sessions, first_id)
@@ -273,7 +273,7 @@ def test_a_sign_off_while_a_push_rejects_an_event_of_the_shift_is_refused(
     sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
     race = Rejected(sessions)
     with pytest.raises(Conflict) as refusal:
-        while_held(sessions, race.push, getattr(race, how), must_wait=False)
+        while_held(sessions, race.push, getattr(race, how))
     assert refusal.value.code == refused
     assert len(rejected_ids(sessions)) == 1
     shift, _ = first_shift_now(sessions, race.ids[0])

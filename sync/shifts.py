@@ -1359,7 +1359,8 @@ def sign_off(
     """A manager signs the handover off, with the balance as it stands.
 
     Refused while the shift is open, and while its balance is provisional (events
-    are still on the PDA) unless forced with a reason. With ``seen_version`` (the
+    are still on the PDA) unless forced with a reason, before anything seen is compared
+    (a forced one is compared all the same). With ``seen_version`` (the
     ``balance_version`` the manager was shown), refused when the balance has changed
     since, so that nobody signs off a balance they did not see; with
     ``seen_rejected_events``, ``seen_open_flags`` and ``seen_images_missing`` (its PDA's
@@ -1408,6 +1409,12 @@ def sign_off(
     else:  # a few queries more, only for a sign-off that names them
         read = handover_seen(session, shift)
     balance = read.balance
+    # Provisional first, as the board's sign-off together refuses it (``sync.signoffs``):
+    # a balance gone provisional since it was read has changed too, and "read it again"
+    # only sent the manager back to be told of the seqs still on the PDA at the next try.
+    blocked = sign_off_blocked(balance)
+    if blocked and reason is None:
+        raise Conflict(blocked, code="balance_provisional")
     changed = changed_since_read(seen, read)
     if changed is not None:
         raise Conflict(
@@ -1415,9 +1422,6 @@ def sign_off(
             code=changed.code,
             field=_SEEN_FIELDS[changed.code],
         )
-    blocked = sign_off_blocked(balance)
-    if blocked and reason is None:
-        raise Conflict(blocked, code="balance_provisional")
     return record_sign_off(
         session=session,
         shift=shift,

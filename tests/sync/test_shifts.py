@@ -2495,6 +2495,50 @@ def test_sign_off_is_refused_while_open_and_while_provisional_unless_forced(
     assert info.value.code == "already_signed_off"
 
 
+def test_a_sign_off_of_a_balance_gone_provisional_since_it_was_read_says_provisional(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The manager read the shift balanced; the PDA then pushes seq 4 and not seq 3, a
+    seq of that shift (closed without its last seq) still on the PDA. The shift's page
+    refused the sign-off as ``balance_changed`` ("read it again") and only the next try,
+    with the balance read again, said provisional; the board's sign-off together names
+    it provisional at once. The real reason comes first now: the seq still on the PDA,
+    to wait for, write off or force past. A forced sign-off still signs only the balance
+    it was shown."""
+    a, b = parcels(session, world, 2)
+    first = pda.open()
+    pda.push([pda.event(a), pda.event(a, "returned_to_station")])
+    first = pda.close(first)
+    pda.open(now=NOW + dt.timedelta(minutes=30))
+    read = balances_module.balance_version(shift_balance(session=session, shift=first))
+    assert shift_balance(session=session, shift=first).status == "balanced"
+    pda.seq += 1  # seq 3 stays on the PDA
+    pda.push(
+        [pda.event(b, occurred_at=NOW + dt.timedelta(minutes=40))],
+        received_at=NOW + dt.timedelta(hours=1),
+    )
+    now = shift_balance(session=session, shift=first)
+    assert (now.status, now.missing_seqs) == ("provisional", [3])
+
+    with pytest.raises(Conflict) as refused:
+        sign_off(session, world, first, seen_version=read)
+    assert refused.value.code == "balance_provisional" and "seq 3" in refused.value.message
+    session.rollback()
+    with pytest.raises(Conflict) as refused:
+        sign_off(session, world, first, seen_version=read, force_reason="PDA reset")
+    assert refused.value.code == "balance_changed"
+    session.rollback()
+    signed = sign_off(
+        session,
+        world,
+        first,
+        seen_version=balances_module.balance_version(now),
+        force_reason="PDA reset",
+    )
+    assert signed.status == ShiftStatus.SIGNED_OFF
+    assert signed.signoff_balance["missing_seqs"] == [3]
+
+
 def test_an_event_after_sign_off_reopens_the_shift_with_a_flag(
     session: Session, world: World, pda: Pda
 ) -> None:

@@ -3423,6 +3423,46 @@ def test_a_dead_pdas_shift_through_the_api_says_where_its_courier_went_as_its_pa
         )
 
 
+def test_a_dead_pdas_shift_names_no_shift_its_courier_works_at_another_station(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA-PDG-09 dies at 11:00, its shift left open; she goes on with a PDA of
+    the other station there, out at 11:30, back at 17:00. Through the API, as on the
+    board and the shift's page, the dead PDA's shift names no shift of hers there, open
+    or handed over: a shift of another station answers this station's manager what an
+    unknown id answers (404), so that it does not show it exists, and a link to it
+    would lead nowhere. Nothing held ``where_courier_went`` to the shift's station."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    lent = station_day.Pda(
+        session, factories.device(session, "PDA-MHG-09", day.other_station), courier
+    )
+    first = dead.open(station_day.local(day.day, 8, 0))
+    there = lent.open(station_day.local(day.day, 11, 30))
+    assert there.station_id == day.other_station.id
+    client = app.test_client()
+    manager = Auth(client).headers("manager")
+    pages = signed_in(app, "manager")
+
+    def went() -> set[tuple[int | None, tuple[int, ...]]]:
+        said = set()
+        for path in (f"/api/v1/shifts/{first.id}", f"/api/v1/shifts/{first.id}/balance"):
+            response = client.get(path, headers=manager)
+            assert response.status_code == 200, response.get_json()
+            body = response.get_json()
+            said.add((body["courier_back_shift_id"], tuple(body["courier_also_open_shift_ids"])))
+        row = next(r for r in _board_api(app, day, day.day)["shifts"] if r["shift_id"] == first.id)
+        said.add((row["courier_back_shift_id"], tuple(row["courier_also_open_shift_ids"])))
+        html = pages.get(f"/web/shifts/{first.id}")
+        assert 'id="courier-back"' not in html and 'id="also-open"' not in html, html
+        return said
+
+    assert went() == {(None, ())}  # still out there
+    assert client.get(f"/api/v1/shifts/{there.id}", headers=manager).status_code == 404
+    lent.close(there, station_day.local(day.day, 17, 0))
+    assert went() == {(None, ())}  # back there
+
+
 def _board_api(app: Flask, day: StationDay, date: dt.date) -> dict[str, Any]:
     response = app.test_client().get(
         f"/api/v1/stations/{day.station.id}/handover?date={date}",

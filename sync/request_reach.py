@@ -8,7 +8,8 @@ consent requests at the station, or when the channel's receiver failed every att
 the question's webhook deliveries, and ``tell_courier`` puts the parcel in the
 courier's pull feed when it starts to hold (so a long pull waiting for the answer
 hears it): when the question is written with no receiver sending, at its first
-failed attempt, and when the subscription it waits for is disabled or paused.
+failed attempt, and when the subscription it waits for is disabled or paused; and
+when it gets through after all: sent after failing, or its subscription sending again.
 
 Read from the deliveries as they are: a question whose deliveries an admin purged,
 or asked before the channel subscribed, is said nothing about (None), never
@@ -236,7 +237,8 @@ def question_due_now(session: Session, request: ConsentRequest, now: dt.datetime
 def tell_waiting(session: Session, subscription_id: int, now: dt.datetime) -> int:
     """Tell the couriers whose questions wait for this subscription, just stopped
     (disabled after its failures, or paused by an admin), that they are not getting
-    through (``not_reached``): nothing is sent to it until an admin enables it. Only
+    through (``not_reached``): nothing is sent to it until an admin enables it; and,
+    once it sends again (enabled or resumed), that they are on their way. Only
     questions young enough to be pending (a request lasts a day at most). How many
     requests' couriers were told."""
     rows = session.execute(

@@ -514,6 +514,10 @@ def update_subscription(
         subscription.description = _description(description)
         changed["description"] = subscription.description
     if active is not None:
+        # The couriers whose questions wait for it read ``not_reached`` while it is
+        # stopped: they hear when it stops and when it sends again (``request_reach``).
+        stopping = not active and is_sending(subscription)
+        starting = active and not is_sending(subscription)
         if active and subscription.disabled_at is not None:
             _enable_again(session, subscription, now)
             changed["enabled_again"] = True
@@ -524,9 +528,9 @@ def update_subscription(
             # ``disable_after_seconds`` (``_count_failure``).
             subscription.consecutive_failures = 0
             subscription.failing_since = None
-        if not active and subscription.active and subscription.disabled_at is None:
-            request_reach.tell_waiting(session, subscription.id, now)
         subscription.active = active
+        if stopping or starting:
+            request_reach.tell_waiting(session, subscription.id, now)
         changed["active"] = active
     session.flush()
     forget_subscriptions(session)
@@ -1312,6 +1316,11 @@ def record_attempt(
             delivery.delivered_at = at
             delivery.last_error = None
             _count_success(session, claimed.subscription_id, at)
+            if claimed.topic == request_reach.TOPIC and delivery.attempts > 1:
+                # Told at its first failure that it had not got through: now it has.
+                request_reach.tell_courier(
+                    session, (claimed.envelope.get("data") or {}).get("request_id")
+                )
             return Recorded(DELIVERED, delivery.attempts)
         error = result.describe()
         delivery.last_error = error

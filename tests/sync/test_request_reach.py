@@ -266,3 +266,51 @@ def test_the_courier_hears_when_the_channel_their_question_waits_for_is_disabled
     assert told(sessions, first) == 2  # its own failure, then the subscription disabled
     assert told(sessions, later) == 1  # the subscription disabled
     assert reasons(sessions, later, T0) == request_reach.CHANNEL_STOPPED
+
+
+def test_the_courier_hears_when_a_failing_question_gets_through_at_last(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """The PDA was told at the first failure that the question had not got through;
+    a later retry that succeeds clears ``not_reached``, and the PDA hears that too:
+    else it kept reading "every attempt failed" (its copy changes only through the
+    feed) while the recipient had been asked and their answer was on its way."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    deliver(sessions, Answers(503), T0)
+    assert told(sessions, request_id) == 1
+    deliver(sessions, Answers(204), T0 + dt.timedelta(minutes=20))
+    assert reasons(sessions, request_id, T0 + dt.timedelta(minutes=20)) is None
+    assert told(sessions, request_id) == 2
+
+
+def test_a_question_sent_at_its_first_attempt_puts_nothing_in_the_feed(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Nothing the PDA reads changed: no entry for a question that simply got through."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    deliver(sessions, Answers(204), T0)
+    assert told(sessions, request_id) == 0
+
+
+def test_the_courier_hears_when_the_stopped_channel_is_enabled_again(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Paused before its first attempt, the question read ``not_reached`` (the courier
+    was told); resumed, it is on its way again (``not_reached`` null): told too."""
+    subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    for active in (False, True):
+        with sessions.begin() as session:
+            webhooks.update_subscription(
+                session=session,
+                subscription=webhooks.get_subscription(
+                    session=session, subscription_id=subscription_id
+                ),
+                production=False,
+                now=T0,
+                active=active,
+            )
+    assert reasons(sessions, request_id, T0) is None
+    assert told(sessions, request_id) == 2

@@ -1339,13 +1339,26 @@ def record_attempt(
                 rng=rng,
             )
             outcome = RETRY
-        if claimed.topic == request_reach.TOPIC and delivery.attempts == 1:
+        asked = (claimed.envelope.get("data") or {}).get("request_id")
+        if claimed.topic == request_reach.TOPIC and _request_ended(session, asked, at):
+            # Answered (or cancelled) while it was being sent: the answer found it claimed,
+            # nothing waiting to bring forward (``request_reach.question_due_now``). Due at
+            # once, the next claim skips it, rather than hold the parcel's later messages
+            # (the answer's own) back until its retry, up to an hour away.
+            if outcome == RETRY:
+                delivery.next_attempt_at = at
+        elif claimed.topic == request_reach.TOPIC and delivery.attempts == 1:
             # The courier at the door hears that the question has not got through.
-            request_reach.tell_courier(
-                session, (claimed.envelope.get("data") or {}).get("request_id")
-            )
+            request_reach.tell_courier(session, asked)
         disabled = _count_failure(session, claimed, error, at, settings)
         return Recorded(outcome, delivery.attempts, delivery.next_attempt_at, disabled)
+
+
+def _request_ended(session: Session, request_id: object, at: dt.datetime) -> bool:
+    """Whether the consent request a ``consent.requested`` asks (``request_id``) is no
+    longer pending at ``at``: its question is moot (``_moot``)."""
+    request = session.get(ConsentRequest, request_id) if isinstance(request_id, int) else None
+    return request is None or effective_status(request, at) != "pending"
 
 
 def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> None:

@@ -314,3 +314,40 @@ def test_the_courier_hears_when_the_stopped_channel_is_enabled_again(
             )
     assert reasons(sessions, request_id, T0) is None
     assert told(sessions, request_id) == 2
+
+
+def test_a_question_failing_while_its_request_is_answered_holds_nothing_back(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """The recipient answers (by another channel) while the worker is sending their
+    question to a receiver that times out: the answer found nothing waiting to bring
+    forward (the question was claimed, due), then the failure was recorded with a retry
+    far off, and the grant waited behind it until then, up to an hour. A question whose
+    request is no longer pending is due at once when its failure is recorded."""
+    subscribe(sessions, topics=(request_reach.TOPIC, "consent.request_granted"))
+    request_id = ask(sessions, world, minutes=24 * 60)
+    [claimed] = webhooks.claim_due(
+        sessions=sessions, due_at=T0, now=T0, settings=SETTINGS, worker_id="w"
+    )
+    with sessions.begin() as session:
+        consent_requests.answer_request(
+            session=session,
+            request=session.get_one(ConsentRequest, request_id),
+            answer=consent_requests.Answer(granted=True, channel=ConsentChannel.PHONE_CALL),
+            rules=RULES,
+            answered_by=None,
+            now=T0 + dt.timedelta(seconds=1),
+        )
+    recorded = webhooks.record_attempt(
+        sessions=sessions,
+        claimed=claimed,
+        result=SendResult(status_code=None, error="timed out"),
+        at=T0 + dt.timedelta(seconds=2),
+        settings=SETTINGS,
+        worker_id="w",
+        rng=random.Random(1),
+    )
+    assert recorded.outcome == webhooks.RETRY
+    receiver = PoisonQuestion()
+    deliver(sessions, receiver, T0 + dt.timedelta(seconds=3))
+    assert receiver.taken == ["consent.request_granted"]

@@ -50,6 +50,7 @@ TOPICS: dict[str, str] = {
     "report.ready": "A station's daily, weekly or monthly report was issued",
 }
 _CACHE_KEY = "outbox.subscriptions"
+_SENDING_KEY = "outbox.sending"
 
 
 def announce(
@@ -133,9 +134,30 @@ def _subscriptions(session: Session) -> list[tuple[int, list[str], int | None]]:
     return rows
 
 
+def sending_to(session: Session, topic: str, station_id: int | None) -> bool:
+    """Whether a subscription that is sent to (active, not disabled after its failures)
+    wants ``topic`` at ``station_id``: one ``announce`` writes for may wait unsent. Read
+    once per transaction, as ``_subscriptions`` (a push may ask hundreds of questions)."""
+    transaction = session.get_transaction()
+    cached = session.info.get(_SENDING_KEY)
+    if cached is None or cached[0] is not transaction:
+        rows = [
+            (list(row.topics), row.station_id)
+            for row in session.execute(
+                select(WebhookSubscription.topics, WebhookSubscription.station_id).where(
+                    WebhookSubscription.active.is_(True),
+                    WebhookSubscription.disabled_at.is_(None),
+                )
+            )
+        ]
+        cached = session.info[_SENDING_KEY] = (transaction, rows)
+    return any(covers(topics, sub_station, topic, station_id) for topics, sub_station in cached[1])
+
+
 def forget_subscriptions(session: Session) -> None:
     """Subscriptions changed in this transaction: read them again on the next announce."""
     session.info.pop(_CACHE_KEY, None)
+    session.info.pop(_SENDING_KEY, None)
 
 
 def covers(

@@ -169,21 +169,11 @@ def tell_courier(session: Session, request_id: object) -> None:
 
 def sends_to_anyone(session: Session, message: OutboxMessage | None) -> bool:
     """Whether ``message`` (a question just written; None: nobody wanted it) goes to a
-    subscription that is sending (not disabled)."""
+    subscription that is sending (not disabled): from the subscriptions as the
+    transaction read them (``outbox.sending_to``), not a query per question."""
     if message is None:
         return False
-    return (
-        session.scalar(
-            select(WebhookDelivery.id)
-            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
-            .where(
-                WebhookDelivery.message_id == message.id,
-                WebhookSubscription.disabled_at.is_(None),
-            )
-            .limit(1)
-        )
-        is not None
-    )
+    return outbox.sending_to(session, message.topic, message.station_id)
 
 
 def question_due_now(session: Session, request: ConsentRequest, now: dt.datetime) -> int:

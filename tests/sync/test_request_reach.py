@@ -6,16 +6,26 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import uuid
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import ConsentMethod, ConsentRequest, FeedChange, FeedKind
+from models import (
+    ConsentMethod,
+    ConsentRequest,
+    FeedChange,
+    FeedKind,
+    WebhookDelivery,
+    WebhookSubscription,
+)
 from models.enums import ConsentChannel
 from sync import consent_requests, request_reach, webhooks
 from sync.consents import ConsentRules
+from sync.events import EventRules
+from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
 from sync.webhooks import DeliverySettings, SendResult
 from tests import factories
@@ -351,3 +361,52 @@ def test_a_question_failing_while_its_request_is_answered_holds_nothing_back(
     receiver = PoisonQuestion()
     deliver(sessions, receiver, T0 + dt.timedelta(seconds=3))
     assert receiver.taken == ["consent.request_granted"]
+
+
+def test_a_push_asking_many_questions_reads_the_channels_once(
+    session: Session, world: World, sent: list[str]
+) -> None:
+    """Whether a question goes to a sending channel is known from the subscriptions,
+    read once per transaction as the outbox reads them: not a query per question, which
+    a push of a courier's morning of asks paid for each."""
+    session.add(
+        WebhookSubscription(
+            url="http://127.0.0.1:9/hook", topics=[request_reach.TOPIC], secret="s" * 43
+        )
+    )
+    session.commit()
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    asked_at = dt.datetime.now(dt.UTC)
+    read: list[int] = []
+    for count in (1, 12):
+        parcels = [factories.parcel(session, world.station).tracking_no for _ in range(count)]
+        session.commit()
+        first = 1 + sum(2 * n for n in read)
+        events = [
+            factories.event(first + n, tn, "checked_out", occurred_at=asked_at)
+            for n, tn in enumerate(parcels)
+        ] + [
+            factories.event(
+                first + count + n,
+                tn,
+                "consent_requested",
+                occurred_at=asked_at,
+                request={"method": "any"},
+            )
+            for n, tn in enumerate(parcels)
+        ]
+        sent.clear()
+        ingest(
+            session=session,
+            batch=PushBatch(pusher.device_id, uuid.uuid4(), asked_at, events),
+            pusher=pusher,
+            rules=IngestRules(events=EventRules(tracking=RULES.tracking)),
+            received_at=asked_at,
+        )
+        session.commit()
+        read_channels = [s for s in sent if s.startswith("SELECT") and "webhook_" in s]
+        assert len(read_channels) <= 2, read_channels  # the outbox's, and which are sending
+        assert (
+            session.scalar(select(func.count()).select_from(WebhookDelivery)) == sum(read) + count
+        )
+        read.append(count)

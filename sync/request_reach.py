@@ -19,7 +19,7 @@ or asked before the channel subscribed, is said nothing about (None), never
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -224,14 +224,21 @@ def question_due_now(session: Session, request: ConsentRequest, now: dt.datetime
     return len(locked)
 
 
-def tell_waiting(session: Session, subscription_id: int, now: dt.datetime) -> int:
+def tell_waiting(
+    session: Session,
+    subscription_id: int,
+    now: dt.datetime,
+    deliveries: Collection[int] | None = None,
+) -> int:
     """Tell the couriers whose questions wait for this subscription, just stopped
     (disabled after its failures, or paused by an admin), that they are not getting
     through (``not_reached``): nothing is sent to it until an admin enables it; and,
     once it sends again (enabled or resumed), that they are on their way. Only
-    questions young enough to be pending (a request lasts a day at most). How many
-    requests' couriers were told."""
-    rows = session.execute(
+    questions young enough to be pending (a request lasts a day at most).
+    ``deliveries``: only these of its deliveries (about to be deleted: the subscription
+    no longer takes them, ``sync.webhooks._drop_uncovered``). How many requests'
+    couriers were told."""
+    query = (
         select(OutboxMessage.payload)
         .join(WebhookDelivery, WebhookDelivery.message_id == OutboxMessage.id)
         .where(
@@ -240,11 +247,20 @@ def tell_waiting(session: Session, subscription_id: int, now: dt.datetime) -> in
             WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.created_at > now - MAX_TTL,
         )
-    ).scalars()
+    )
+    payloads = (
+        list(session.scalars(query))
+        if deliveries is None
+        else [
+            payload
+            for chunk in chunks(sorted(deliveries))
+            for payload in session.scalars(query.where(WebhookDelivery.id.in_(chunk)))
+        ]
+    )
     request_ids = sorted(
         {
             payload["request_id"]
-            for payload in rows
+            for payload in payloads
             if isinstance(payload, dict) and isinstance(payload.get("request_id"), int)
         }
     )

@@ -535,7 +535,7 @@ def update_subscription(
     session.flush()
     forget_subscriptions(session)
     if "station_id" in changed or "topics" in changed:
-        dropped = _drop_uncovered(session, subscription)
+        dropped = _drop_uncovered(session, subscription, now)
         if dropped:
             changed["dropped_deliveries"] = dropped
     if changed:
@@ -588,11 +588,12 @@ def _enable_again(session: Session, subscription: WebhookSubscription, now: dt.d
         )
 
 
-def _drop_uncovered(session: Session, subscription: WebhookSubscription) -> int:
+def _drop_uncovered(session: Session, subscription: WebhookSubscription, now: dt.datetime) -> int:
     """Delete the subscription's pending deliveries of messages it no longer covers
     (another station's, or of a topic it dropped): after a move, its receiver is
     another station's system, which must not get this one's recipients. Deleted rather
-    than made dead, which a replay would send. How many were deleted."""
+    than made dead, which a replay would send. The couriers whose consent questions
+    were among them hear it (``not_reached``). How many were deleted."""
     messages = OutboxMessage.__table__
     uncovered = ~DELIVERY.c.topic.in_(subscription.topics)
     if subscription.station_id is not None:
@@ -611,6 +612,7 @@ def _drop_uncovered(session: Session, subscription: WebhookSubscription) -> int:
         uncovered,
     )
     if dropped:
+        request_reach.tell_waiting(session, subscription.id, now, deliveries=dropped)
         session.execute(delete(DELIVERY).where(DELIVERY.c.id.in_(dropped)))
     return len(dropped)
 

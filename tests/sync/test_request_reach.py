@@ -410,3 +410,26 @@ def test_a_push_asking_many_questions_reads_the_channels_once(
             session.scalar(select(func.count()).select_from(WebhookDelivery)) == sum(read) + count
         )
         read.append(count)
+
+
+def test_the_courier_hears_when_the_channel_stops_taking_their_question(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """An admin drops ``consent.requested`` from the channel's topics (or moves it to
+    another station) while a question waits: its delivery is deleted, nobody will ask
+    the recipient, and ``not_reached`` says so; the courier hears it then, not when the
+    request lapses."""
+    subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=webhooks.get_subscription(
+                session=session, subscription_id=subscription_id
+            ),
+            production=False,
+            now=T0,
+            topics=("parcel.in_locker",),
+        )
+    assert reasons(sessions, request_id, T0) == request_reach.NO_CHANNEL
+    assert told(sessions, request_id) == 1

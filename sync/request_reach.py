@@ -50,6 +50,7 @@ FAILING = (
     "every attempt to send the question to the recipient's channel failed so far "
     "({attempts}); it is tried again until the request expires"
 )
+NOT_SENT = "the question was not sent to the recipient's channel before the request lapsed"
 NEVER = "the question never reached the recipient's channel: the recipient was not asked"
 
 
@@ -138,12 +139,16 @@ def _why(
         and (s := subscriptions.get(d.subscription_id)) is not None
         and s.disabled_at is None
     ]
-    if not sending:
+    if not sending and any(d.status == DeliveryStatus.PENDING for d in deliveries):
         return CHANNEL_STOPPED
-    if all(d.attempts > 0 for d in sending):
-        attempts = max(d.attempts for d in sending)
+    # None sending nor waiting: settled unsent (skipped once the request lapsed, or dead),
+    # their attempts failed, or none was made in time (the sender held up): no channel
+    # was stopped for them.
+    tried = sending or deliveries
+    if all(d.attempts > 0 for d in tried):
+        attempts = max(d.attempts for d in tried)
         return FAILING.format(attempts=f"{attempts} attempt{'s' if attempts > 1 else ''}")
-    return None
+    return None if sending else NOT_SENT
 
 
 def tell_courier(session: Session, request_id: object) -> None:

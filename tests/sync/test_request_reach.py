@@ -433,3 +433,35 @@ def test_the_courier_hears_when_the_channel_stops_taking_their_question(
         )
     assert reasons(sessions, request_id, T0) == request_reach.NO_CHANNEL
     assert told(sessions, request_id) == 1
+
+
+def test_a_lapsed_question_that_only_failed_does_not_blame_a_stopped_channel(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Its every attempt failed, then it lapsed and the worker skipped it (moot): the
+    PDA read that the channel's subscription was disabled or paused, waiting for an
+    admin, which it never was; it says the attempts failed."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    down = Answers(503)
+    deliver(sessions, down, T0)
+    lapsed_at = T0 + dt.timedelta(minutes=31)
+    deliver(sessions, down, lapsed_at)
+    assert down.sent == 1  # skipped, not sent, once lapsed
+    why = reasons(sessions, request_id, lapsed_at)
+    assert why == f"{request_reach.NEVER} ({request_reach.FAILING.format(attempts='1 attempt')})"
+
+
+def test_a_question_the_worker_reached_only_after_the_lapse_says_it_was_not_sent(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """The worker was held up until the request lapsed: the question was skipped, never
+    tried; no subscription was stopped, nor any attempt failed."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    lapsed_at = T0 + dt.timedelta(minutes=31)
+    unused = Answers(204)
+    deliver(sessions, unused, lapsed_at)
+    assert unused.sent == 0
+    why = reasons(sessions, request_id, lapsed_at)
+    assert why == f"{request_reach.NEVER} ({request_reach.NOT_SENT})"

@@ -950,3 +950,22 @@ def test_another_grant_sent_for_a_granted_request_is_a_conflict_not_the_first_gr
     assert by_sms.status_code == 409 and "whose channel differs:" in by_sms.get_json()["message"]
     consent = client.get(f"{CONSENTS}/{first.get_json()['id']}", headers=channel).get_json()
     assert (consent["point_id"], consent["expires_at"]) == ("L-3", None)
+
+
+def test_the_courier_asking_online_reads_that_nobody_takes_the_question(
+    client: FlaskClient, courier: dict[str, str], auth: Auth, parcel: str
+) -> None:
+    """No channel takes consent requests here: the courier at the door asking online
+    read ``pending`` in the answer and in the request (only the pull feed said nobody
+    is asked). The answer, the request and the list say it too (``not_reached``);
+    the station's manager reads it as well."""
+    asked = ask(client, courier, parcel)
+    assert asked.status_code == 201
+    assert asked.get_json()["not_reached"] == request_reach.NO_CHANNEL
+    request_id = asked.get_json()["id"]
+    for headers in (courier, auth.headers("manager1")):
+        read = client.get(f"{REQUESTS}/{request_id}", headers=headers)
+        assert read.status_code == 200, read.get_json()
+        assert read.get_json()["not_reached"] == request_reach.NO_CHANNEL
+    [listed] = client.get(REQUESTS, headers=courier).get_json()["items"]
+    assert listed["not_reached"] == request_reach.NO_CHANNEL

@@ -27,7 +27,7 @@ from courier_api.auth import current_principal, ensure_visible
 from courier_api.config import policy_of
 from courier_api.extensions import db
 from models import ConsentScope, Role, utcnow
-from sync import audit, consent_requests, consents, directory
+from sync import audit, consent_requests, consents, directory, request_reach
 from sync.errors import DomainError, InvalidInput, PermissionDenied
 from sync.phones import normalize_phone
 from sync.status import rejudge_for_consent, rejudge_for_refusal
@@ -430,7 +430,10 @@ class ConsentRequests(MethodView):
             per_parcel=current_app.config["CONSENT_REQUESTS_PER_PARCEL"],
         )
         db.session.commit()
-        view = request_view(request, now, unmasked=_unmasked())
+        unreached = request_reach.not_reached(db.session, [request], now)
+        view = request_view(
+            request, now, unmasked=_unmasked(), not_reached=unreached.get(request.id)
+        )
         if pending:  # the same question, pending: nothing was sent again
             return jsonify(ConsentRequestOut().dump(view)), 200
         return view
@@ -459,8 +462,12 @@ class ConsentRequests(MethodView):
             limit=args["limit"],
         )
         unmasked = _unmasked()
+        unreached = request_reach.not_reached(db.session, items, now)
         return keyset_page(
-            [request_view(r, now, unmasked=unmasked) for r in items],
+            [
+                request_view(r, now, unmasked=unmasked, not_reached=unreached.get(r.id))
+                for r in items
+            ],
             args["limit"],
             key=lambda r: r["id"],
         )
@@ -492,7 +499,11 @@ class ConsentRequestById(MethodView):
         elif not principal.can_access_station(request.station_id):
             # the station holding its parcel now may read it too
             ensure_visible(consents.station_holding(db.session, request.tracking_no), unknown)
-        return request_view(request, utcnow(), unmasked=_unmasked())
+        now = utcnow()
+        unreached = request_reach.not_reached(db.session, [request], now)
+        return request_view(
+            request, now, unmasked=_unmasked(), not_reached=unreached.get(request.id)
+        )
 
 
 def _validated_tracking_no(policy: TrackingNumberPolicy, raw: str) -> str:

@@ -184,6 +184,17 @@ class ConsentRequestOut(ma.Schema):
             "(or when the refusal that withdrew it was recorded)"
         },
     )
+    not_reached = ma.fields.String(
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "As the PDA's pull feed says it: why the question has not "
+            "reached the recipient's channel (none takes consent requests at the station, "
+            "its subscription is stopped, or every attempt failed so far), or, once "
+            "expired, that it never did. Null when it reached the channel, or nothing "
+            "says it did not"
+        },
+    )
 
 
 class ConsentRequestListArgs(PageArgs):
@@ -367,10 +378,18 @@ class AnsweredConsentOut(ConsentOut):
     )
 
 
-def request_view(request: Any, now: dt.datetime, *, unmasked: bool) -> dict[str, Any]:
+def request_view(
+    request: Any, now: dt.datetime, *, unmasked: bool, not_reached: str | None = None
+) -> dict[str, Any]:
     """``unmasked``: an auditor's; for anyone else a phone number in the status's reason
-    (a refusal's, as the recipient gave it) is masked."""
-    view = {name: getattr(request, name) for name in ConsentRequestOut._declared_fields}
+    (a refusal's, as the recipient gave it) is masked. ``not_reached``: the request's
+    (``sync.request_reach.not_reached``); None for an answered one."""
+    view = {
+        name: getattr(request, name)
+        for name in ConsentRequestOut._declared_fields
+        if name != "not_reached"
+    }
     view["status"] = effective_status(request, now)
     view["status_reason"] = shown_text(view["status_reason"], unmasked=unmasked)
+    view["not_reached"] = not_reached
     return view

@@ -24,9 +24,20 @@ on it and sent again under its id and seq (README), then or before the last push
 reference gets those events first as rejected (kept in quarantine, no event stored
 around them), then the day as corrected in one push. Event times on the grid are in
 no order, so a pair judged across a rejected seq may be inverted; its time_inversion
-flag is compared with its pairs. Its times on the
-grid are in no order, so a pair judged across a rejected seq may be inverted, and is
-judged again once the seq is stored.
+flag is compared with its pairs, and it is judged again once the seq is stored.
+
+The day runs on a 10-minute grid, or on one of 130 or 140 minutes (events hours apart,
+across the consent's expiry, the requests' lapse and the drop bounds' reach). A dispute
+day holds a locker or pickup-point drop of the consented express parcel near the
+consent's time and a later-seq scan of another parcel dated before it, so whether the
+consent came first on the corrected clock (rule 4), the drop's bounds and the
+time_inversion decide its flag. The recipient consents for lockers, pickup points or
+any. Some consent requests ask for the parcel not taken in (nobody to ask: ``unsent``)
+or still ask at the push, and corrections often void them. Besides arbitrary subsets,
+the PDA pushes its whole queue in runs of seqs, oldest run first or newest first.
+Requests are compared exactly but for README's bounded exception (a hand-over scan
+ends them in the push that brings it, and a later correction does not bring them
+back: ``_excuse_ended_by_a_hand_over``).
 """
 
 from __future__ import annotations
@@ -64,7 +75,9 @@ from models import (
 from models.enums import ConsentChannel, ConsentMethod, ConsentScope
 from sync import feed
 from sync.balances import shift_balance
+from sync.consent_requests import HANDED_OVER_REASON
 from sync.consents import ConsentDraft, ConsentRules, Revocation, grant, revoke
+from sync.drop_bounds import REACH
 from sync.events import EventRules
 from sync.flags import ACTIVE_STATUSES
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -99,6 +112,8 @@ DELIVERIES = (
     EventType.DELIVERED_TO_LOCKER,
     EventType.DELIVERED_TO_PICKUP_POINT,
 )
+# The scans putting a parcel in its recipient's hands, which end its consent requests.
+HAND_OVERS = {EventType.DELIVERED.value, EventType.COLLECTED_FROM_LOCKER.value}
 FINAL_OUTCOMES = {t.value for t in (*DELIVERIES, EventType.RETURNED_TO_STATION)}
 PLACE_FIELDS = ("locker_id", "compartment", "point_id")  # what a repeated scan repeats
 # Proofs of delivery: none, a pickup code, a signature never uploaded (pod_blob_missing).
@@ -124,6 +139,18 @@ CONSENT_GRANTED_AT = NOW - dt.timedelta(hours=2) + dt.timedelta(minutes=EVENT_GR
 CONSENT_RECORDED_AT = CONSENT_GRANTED_AT + dt.timedelta(minutes=80)
 # A consent granted for an hour ends off the grid too (``recipient_consents``).
 CONSENT_EXPIRES_AT = CONSENT_GRANTED_AT + dt.timedelta(hours=1)
+# Some days are recorded on a coarser grid, its events hours apart: from 18 hours
+# before the day to just after the consent's expiry, across the consent's grant,
+# expiry and recording grace, the requests' TTL, and the drops' reach
+# (``sync.drop_bounds.REACH``), each at least 5 minutes off a grid time, so no skew
+# moves an event across them either (``test_no_skew_moves_an_event_across_an_edge``).
+GRIDS: dict[int, range] = {EVENT_GRID_MINUTES: range(0, 13), 130: range(-8, 2), 140: range(-8, 2)}
+# A request the PDA asked with its own expiry (``request.expires_at``): besides the TTL
+# (30 minutes: every one of the day's has lapsed when it arrives), one still asking the
+# recipient at the push, or lapsed by then, depending on when it was asked.
+REQUEST_LIVES = [None, None, dt.timedelta(hours=3, minutes=5), dt.timedelta(hours=20)]
+# The consent the recipient gives, by method (a drop of another kind is not covered).
+CONSENT_METHODS = [ConsentMethod.LOCKER, ConsentMethod.PICKUP_POINT, ConsentMethod.ANY]
 # Some events are recorded after the PDA's battery died and it came back dated 2000: a
 # push corrects them to a year before it at most. Their time files them under no shift;
 # their seqs are the shift's (it declared no first seq: they count from 1).
@@ -135,14 +162,23 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     """A device's whole day: seq 1..n, some events malformed, some corrections, some
     final outcomes scanned again (a scanner beeping twice; a locker drop perhaps in
     another compartment, a second outcome), and the corrections more often void such a
-    scan than another event (voiding a repeat needs no review, its first scan does)."""
+    scan, or a consent request, than another event (voiding a repeat needs no review,
+    its first scan does). The day runs on one of ``GRIDS``; some of its requests ask
+    for the parcel never taken in (nobody to ask), some are still asking at the push
+    (``REQUEST_LIVES``: one per question, so none is held back behind another, which
+    follows arrival: README, ``CONSENT_REQUESTS_PER_PARCEL``). A dispute day
+    (``_dispute``) adds a drop of the consented parcel near the consent's time."""
+    grid = draw(st.sampled_from([EVENT_GRID_MINUTES] * 3 + [130, 140]))
     events: list[dict[str, Any]] = []
     repeats: list[dict[str, Any]] = []  # the events scanned again, as drawn
+    asks: list[dict[str, Any]] = []  # the consent requests
+    live_questions: set[tuple[str, str]] = set()
     for seq in range(1, draw(st.integers(1, 10)) + 1):
         kind = draw(
             st.sampled_from(
                 ["status"] * 6
-                + ["consent", "request", "correction", "malformed", "malformed", "again"]
+                + ["consent", "request", "request", "correction", "malformed", "malformed"]
+                + ["again"]
             )
         )
         tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN]))
@@ -150,19 +186,29 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
         event_type = draw(st.sampled_from(STATUS_TYPES))
         extra = dict(EXTRA_FIELDS.get(event_type, {}))
         finals = [e for e in events if e["type"] in FINAL_OUTCOMES and not _sent_malformed(e)]
+        clock = draw(st.sampled_from([DAY_START] * 4 + [FACTORY_DATE]))
+        occurred = clock + dt.timedelta(minutes=grid * draw(st.sampled_from(GRIDS[grid])))
         if kind == "again" and finals:
             scanned = draw(st.sampled_from(finals))
             tracking_no, event_type = scanned["tracking_no"], EventType(scanned["type"])
             extra = {k: v for k, v in scanned.items() if k in PLACE_FIELDS}
         if event_type == EventType.DELIVERED_TO_LOCKER:
             extra["compartment"] = draw(st.sampled_from([extra["compartment"]] * 3 + ["8"]))
-        if kind in ("consent", "request"):
-            event_type = (
-                EventType.CONSENT_CAPTURED if kind == "consent" else EventType.CONSENT_REQUESTED
-            )
-            extra = dict(EXTRA_FIELDS[event_type])
+        if kind == "consent":
+            event_type = EventType.CONSENT_CAPTURED
+            method = draw(st.sampled_from([m.value for m in CONSENT_METHODS]))
+            extra = {"consent": {"method": method, "channel": "sms"}}
+        elif kind == "request":
+            event_type = EventType.CONSENT_REQUESTED
+            tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN, UNKNOWN]))
+            method = draw(st.sampled_from(["locker", "pickup_point"]))
+            extra = {"request": {"method": method}}
+            life = draw(st.sampled_from(REQUEST_LIVES))
+            if life is not None and (tracking_no, method) not in live_questions:
+                live_questions.add((tracking_no, method))
+                extra["request"]["expires_at"] = (occurred + life).isoformat()
         elif kind == "correction" and events:
-            target = draw(st.sampled_from(events + repeats * 2))
+            target = draw(st.sampled_from(events + repeats * 2 + asks * 2))
             event_type = EventType.CORRECTION
             # Usually filed under its target's number; sometimes under another one.
             tracking_no = draw(st.sampled_from([target["tracking_no"]] * 3 + KNOWN))
@@ -175,8 +221,6 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
                 extra["colour"] = "red"
         if event_type in DELIVERIES:
             extra["pod"] = draw(st.sampled_from(PODS))
-        clock = draw(st.sampled_from([DAY_START] * 4 + [FACTORY_DATE]))
-        occurred = clock + dt.timedelta(minutes=EVENT_GRID_MINUTES * draw(st.integers(0, 12)))
         events.append(
             factories.event(
                 seq,
@@ -191,7 +235,60 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             events[-1]["seq"] = str(seq)
         if kind == "again" and finals:
             repeats.append(events[-1])
+        if event_type == EventType.CONSENT_REQUESTED:
+            asks.append(events[-1])
+    if draw(st.booleans()):
+        events = draw(_dispute(events, grid))
     return events
+
+
+@st.composite
+def _dispute(draw: st.DrawFn, events: list[dict[str, Any]], grid: int) -> list[dict[str, Any]]:
+    """The day with a locker or pickup-point drop of the consented express parcel
+    (``KNOWN[0]``) near the consent's time, so that whether the consent came before it
+    decides its flag (rule 4), and a later-seq scan of another parcel dated before it:
+    a time_inversion, and a bound of the drop (``sync.drop_bounds``) that may move its
+    earliest time before the consent's grant or recording (within ``REACH``; on the
+    coarse grids perhaps beyond it). Inserted anywhere in the stream, which is
+    renumbered (seqs in the stream's order, a quoted one stays quoted)."""
+    steps = GRIDS[grid]
+    near = [
+        step
+        for step in steps
+        if abs(DAY_START + dt.timedelta(minutes=grid * step) - CONSENT_GRANTED_AT)
+        <= dt.timedelta(minutes=75)
+    ]
+    drop_step = draw(st.sampled_from(near))
+    scan_step = drop_step - draw(st.integers(1, 3 if grid == EVENT_GRID_MINUTES else 6))
+    drop_type = draw(
+        st.sampled_from([EventType.DELIVERED_TO_LOCKER, EventType.DELIVERED_TO_PICKUP_POINT])
+    )
+    drop = factories.event(
+        0,
+        KNOWN[0],
+        drop_type.value,
+        occurred_at=DAY_START + dt.timedelta(minutes=grid * drop_step),
+        client_event_id=str(draw(st.uuids())),
+        pod=draw(st.sampled_from(PODS)),
+        **EXTRA_FIELDS[drop_type],
+    )
+    scan_type = draw(st.sampled_from(STATUS_TYPES))
+    scan = factories.event(
+        0,
+        draw(st.sampled_from(KNOWN[1:])),
+        scan_type.value,
+        occurred_at=DAY_START + dt.timedelta(minutes=grid * scan_step),
+        client_event_id=str(draw(st.uuids())),
+        **EXTRA_FIELDS.get(scan_type, {}),
+        **({"pod": draw(st.sampled_from(PODS))} if scan_type in DELIVERIES else {}),
+    )
+    day = list(events)
+    at = draw(st.integers(0, len(day)))
+    day.insert(at, drop)
+    day.insert(draw(st.integers(at + 1, len(day))), scan)
+    for seq, event in enumerate(day, start=1):
+        event["seq"] = str(seq) if isinstance(event["seq"], str) else seq
+    return day
 
 
 def _sent_malformed(event: dict[str, Any]) -> bool:
@@ -347,17 +444,20 @@ class World:
         holds of the day is pushed under their sign-in."""
         self.pusher = Pusher(self.pusher.device_id, self.pusher.station_id, self.next_courier_id)
 
-    def recipient_consents(self, expiring: bool = False) -> None:
+    def recipient_consents(
+        self, expiring: bool = False, method: ConsentMethod = ConsentMethod.LOCKER
+    ) -> None:
         """The recipient of the first parcel agrees to locker delivery, through the app,
         mid-morning, and the server records it 80 minutes later: a drop in the first 20
         minutes after the grant is not authorized by it (recorded beyond the policy's
         grace), a later one is. Whenever the rule runs, the consent is the same.
-        ``expiring``: for an hour (it ends off the grid too), so later drops are not."""
+        ``expiring``: for an hour (it ends off the grid too), so later drops are not.
+        ``method``: for lockers, for pickup points, or any."""
         self.consent = consent = grant(
             session=self.session,
             draft=ConsentDraft(
                 scope=ConsentScope.PARCEL,
-                method=ConsentMethod.LOCKER,
+                method=method,
                 channel=ConsentChannel.APP,
                 granted_at=CONSENT_GRANTED_AT,
                 tracking_no=KNOWN[0],
@@ -407,6 +507,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
         self.clock_was_changed = False
         self.taken_in = False
         self.consented = False
+        self.consent_method = ConsentMethod.LOCKER
         self.expiring = False
         self.revoked = False
         self.closed = False
@@ -443,7 +544,23 @@ class PdaAgainstServer(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def push(self, data: st.DataObject) -> None:
-        receipt = self._commit_push(self._batch(data))
+        self._hear(self._commit_push(self._batch(data)), data)
+
+    @precondition(lambda self: len(self.stream) > 1)
+    @rule(data=st.data(), newest_first=st.booleans())
+    def push_in_runs(self, data: st.DataObject, newest_first: bool) -> None:
+        """The PDA sends its whole queue in runs of consecutive seqs, one push each:
+        oldest first (draining its queue as it goes), or newest first (its latest
+        scans first, the backlog after)."""
+        ordered = sorted(self.stream, key=_seq)
+        cuts = sorted(data.draw(st.sets(st.integers(1, len(ordered) - 1), min_size=1)))
+        runs = [ordered[a:b] for a, b in zip([0, *cuts], [*cuts, len(ordered)], strict=True)]
+        for run in reversed(runs) if newest_first else runs:
+            self._hear(self._commit_push(run), data)
+
+    def _hear(self, receipt: dict[str, Any], data: st.DataObject) -> None:
+        """What the PDA does with a receipt: it forgets what is acknowledged, and the
+        courier may correct events it was told were rejected."""
         rejected = set()
         for result in receipt["results"]:
             if result["status"] in ("applied", "duplicate"):
@@ -505,11 +622,12 @@ class PdaAgainstServer(RuleBasedStateMachine):
         assert self._stored_ids() == before
 
     @precondition(lambda self: not self.consented)
-    @rule(expiring=st.booleans())
-    def the_recipient_consents(self, expiring: bool) -> None:
-        self.world.recipient_consents(expiring)
+    @rule(expiring=st.booleans(), method=st.sampled_from(CONSENT_METHODS))
+    def the_recipient_consents(self, expiring: bool, method: ConsentMethod) -> None:
+        self.world.recipient_consents(expiring, method)
         self.consented = True
         self.expiring = expiring
+        self.consent_method = method
 
     @precondition(lambda self: self.consented and not self.revoked)
     @rule()
@@ -591,7 +709,35 @@ class PdaAgainstServer(RuleBasedStateMachine):
                     state["parcels"] = [
                         (tn, status, courier) for tn, status, _, courier in state["parcels"]
                     ]
+            self._excuse_ended_by_a_hand_over(reached, reference)
             assert reached == reference
+
+    def _excuse_ended_by_a_hand_over(
+        self, reached: dict[str, Any], reference: dict[str, Any]
+    ) -> None:
+        """README's bounded exception to rule 3: a push bringing a parcel's delivery in
+        person or its collection cancels the parcel's requests still asking (or held
+        back), and a correction voiding that scan, or a scan after it, in a later push
+        does not bring them back; in one push they never ended. So a request cancelled
+        as handed over, where the one push left it otherwise, is left out of both sides,
+        only when the day holds such a scan of its parcel. Every other request, and
+        everything else, is compared exactly."""
+        handed_over = {
+            e["tracking_no"]
+            for e in self.stream
+            if e["type"] in HAND_OVERS and not _sent_malformed(e)
+        }
+        parcel_of = {e["client_event_id"]: e["tracking_no"] for e in self.stream}
+        in_one_push = {request[0]: request for request in reference["requests"]}
+        excused = {
+            request[0]
+            for request in reached["requests"]
+            if request[1:] == ("cancelled", HANDED_OVER_REASON)
+            and in_one_push.get(request[0]) != request
+            and parcel_of[request[0]] in handed_over
+        }
+        for state in (reached, reference):
+            state["requests"] = [r for r in state["requests"] if r[0] not in excused]
 
     def _deliver_everything(self) -> dict[str, Any]:
         if self.retypes:
@@ -623,7 +769,7 @@ class PdaAgainstServer(RuleBasedStateMachine):
             if self.taken_in:
                 reference.take_in_the_unknown_parcel()
             if self.consented:
-                reference.recipient_consents(self.expiring)
+                reference.recipient_consents(self.expiring, self.consent_method)
             if self.revoked:
                 reference.recipient_revokes()
             if self.closed:
@@ -633,8 +779,21 @@ class PdaAgainstServer(RuleBasedStateMachine):
             reference.close()
 
 
+def _grid_times(grid: int | None = None) -> list[dt.datetime]:
+    """Every time ``event_streams`` may stamp a day's event with on ``grid`` (on any
+    grid when None), dispute days' too."""
+    times = []
+    for each, steps in GRIDS.items():
+        if grid in (None, each):
+            earliest = steps.start - (3 if each == EVENT_GRID_MINUTES else 6)  # ``_dispute``
+            times += [
+                DAY_START + dt.timedelta(minutes=each * s) for s in range(earliest, steps.stop)
+            ]
+    return times
+
+
 def test_the_consent_leaves_every_outcome_of_a_drop_reachable_and_none_to_the_clock() -> None:
-    """The machine's drops, on the grid and corrected by any skew, meet the recipient's
+    """The machine's drops, on any grid and corrected by any skew, meet the recipient's
     consent as granted after them, granted before but recorded too late, and
     authorized; and each grid time meets it one way whatever the skew."""
     consent = ConsentFact(
@@ -652,18 +811,32 @@ def test_the_consent_leaves_every_outcome_of_a_drop_reachable_and_none_to_the_cl
         return "granted after" if CONSENT_GRANTED_AT > at else "recorded too late"
 
     seen = set()
-    for step in range(13):  # event_streams' grid
-        device_time = DAY_START + dt.timedelta(minutes=EVENT_GRID_MINUTES * step)
+    for device_time in _grid_times():
         judged = {outcome(device_time - skew) for skew in SKEWS}
         assert len(judged) == 1, (device_time, judged)
         seen |= judged
     assert seen == {"authorized", "granted after", "recorded too late"}
 
 
-def test_no_skew_moves_a_drop_of_the_grid_across_the_consents_expiry() -> None:
-    for step in range(13):  # event_streams' grid
-        device_time = DAY_START + dt.timedelta(minutes=EVENT_GRID_MINUTES * step)
+def test_no_skew_moves_an_event_across_an_edge() -> None:
+    """The consent's expiry; a request's lapse at the push (``REQUEST_LIVES``, and the
+    TTL); an event within the drop bounds' reach of another: each grid time lies on
+    one side of each, whatever the skews of the pushes that carry the two (a day's
+    events all lie on one grid)."""
+    lives = [life for life in REQUEST_LIVES if life] + [RULES.consent_request_ttl]
+    times = _grid_times()
+    for device_time in times:
         assert len({device_time - skew < CONSENT_EXPIRES_AT for skew in SKEWS}) == 1
+        for life in lives:
+            assert len({device_time + life - skew <= NOW for skew in SKEWS}) == 1
+    for grid in GRIDS:
+        on_grid = _grid_times(grid)
+        for one, other in ((a, b) for a in on_grid for b in on_grid):
+            apart = {abs((one - s) - (other - t)) for s in SKEWS for t in SKEWS}
+            assert len({gap <= REACH for gap in apart}) == 1
+            assert len({gap <= 2 * REACH for gap in apart}) == 1  # a cluster's
+    assert any(NOW - life < t for t in times for life in lives)  # a request still asks
+    assert all(t + RULES.consent_request_ttl < NOW for t in times)  # lapsed by the TTL
 
 
 def test_any_split_order_and_retry_converge_to_one_in_order_push(engine: Engine) -> None:

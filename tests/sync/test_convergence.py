@@ -176,9 +176,9 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     for seq in range(1, draw(st.integers(1, 10)) + 1):
         kind = draw(
             st.sampled_from(
-                ["status"] * 6
-                + ["consent", "request", "request", "correction", "malformed", "malformed"]
-                + ["again"]
+                ["status"] * 5
+                + ["consent", "request", "request", "correction", "correction"]
+                + ["malformed", "malformed", "again"]
             )
         )
         tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN]))
@@ -200,7 +200,7 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
             extra = {"consent": {"method": method, "channel": "sms"}}
         elif kind == "request":
             event_type = EventType.CONSENT_REQUESTED
-            tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN, UNKNOWN]))
+            tracking_no = draw(st.sampled_from([*KNOWN, UNKNOWN, UNKNOWN, UNKNOWN]))
             method = draw(st.sampled_from(["locker", "pickup_point"]))
             extra = {"request": {"method": method}}
             life = draw(st.sampled_from(REQUEST_LIVES))
@@ -208,7 +208,7 @@ def event_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
                 live_questions.add((tracking_no, method))
                 extra["request"]["expires_at"] = (occurred + life).isoformat()
         elif kind == "correction" and events:
-            target = draw(st.sampled_from(events + repeats * 2 + asks * 2))
+            target = draw(st.sampled_from(events + repeats * 2 + asks * 3))
             event_type = EventType.CORRECTION
             # Usually filed under its target's number; sometimes under another one.
             tracking_no = draw(st.sampled_from([target["tracking_no"]] * 3 + KNOWN))
@@ -259,7 +259,6 @@ def _dispute(draw: st.DrawFn, events: list[dict[str, Any]], grid: int) -> list[d
         <= dt.timedelta(minutes=75)
     ]
     drop_step = draw(st.sampled_from(near))
-    scan_step = drop_step - draw(st.integers(1, 3 if grid == EVENT_GRID_MINUTES else 6))
     drop_type = draw(
         st.sampled_from([EventType.DELIVERED_TO_LOCKER, EventType.DELIVERED_TO_PICKUP_POINT])
     )
@@ -272,20 +271,22 @@ def _dispute(draw: st.DrawFn, events: list[dict[str, Any]], grid: int) -> list[d
         pod=draw(st.sampled_from(PODS)),
         **EXTRA_FIELDS[drop_type],
     )
-    scan_type = draw(st.sampled_from(STATUS_TYPES))
-    scan = factories.event(
-        0,
-        draw(st.sampled_from(KNOWN[1:])),
-        scan_type.value,
-        occurred_at=DAY_START + dt.timedelta(minutes=grid * scan_step),
-        client_event_id=str(draw(st.uuids())),
-        **EXTRA_FIELDS.get(scan_type, {}),
-        **({"pod": draw(st.sampled_from(PODS))} if scan_type in DELIVERIES else {}),
-    )
     day = list(events)
     at = draw(st.integers(0, len(day)))
     day.insert(at, drop)
-    day.insert(draw(st.integers(at + 1, len(day))), scan)
+    for _ in range(draw(st.integers(1, 2))):  # two: the drop's bound is the earlier
+        scan_step = drop_step - draw(st.integers(1, 3 if grid == EVENT_GRID_MINUTES else 6))
+        scan_type = draw(st.sampled_from(STATUS_TYPES))
+        scan = factories.event(
+            0,
+            draw(st.sampled_from(KNOWN[1:])),
+            scan_type.value,
+            occurred_at=DAY_START + dt.timedelta(minutes=grid * scan_step),
+            client_event_id=str(draw(st.uuids())),
+            **EXTRA_FIELDS.get(scan_type, {}),
+            **({"pod": draw(st.sampled_from(PODS))} if scan_type in DELIVERIES else {}),
+        )
+        day.insert(draw(st.integers(at + 1, len(day))), scan)
     for seq, event in enumerate(day, start=1):
         event["seq"] = str(seq) if isinstance(event["seq"], str) else seq
     return day
@@ -383,14 +384,18 @@ class World:
                     select(Parcel.tracking_no, Parcel.status, Parcel.status_at, Parcel.courier_id)
                 )
             ),
+            # A drop's bounds (``sync.drop_bounds``) too: what its PDA's other events
+            # show of when it happened, kept in its row whatever order they came in.
             "events": sorted(
-                (client_event_id, seq, content_hash, self._courier_name(courier_id))
-                for client_event_id, seq, content_hash, courier_id in session.execute(
+                (client_event_id, seq, content_hash, self._courier_name(courier_id), *bounds)
+                for client_event_id, seq, content_hash, courier_id, *bounds in session.execute(
                     select(
                         ScanEvent.client_event_id,
                         ScanEvent.seq,
                         ScanEvent.content_hash,
                         ScanEvent.courier_id,
+                        ScanEvent.latest_of_earlier_seqs,
+                        ScanEvent.earliest_of_later_seqs,
                     )
                 )
             ),
@@ -708,6 +713,11 @@ class PdaAgainstServer(RuleBasedStateMachine):
                 for state in (reached, reference):
                     state["parcels"] = [
                         (tn, status, courier) for tn, status, _, courier in state["parcels"]
+                    ]
+                    # A bound is another event's corrected time: whether it has one.
+                    state["events"] = [
+                        (*event[:4], *(bound is None for bound in event[4:]))
+                        for event in state["events"]
                     ]
             self._excuse_ended_by_a_hand_over(reached, reference)
             assert reached == reference

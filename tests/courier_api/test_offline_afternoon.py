@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -23,9 +25,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import ScanEvent, ServiceClass, Shift
+from sync import ingest
 from tests import factories
 from tests.conftest import TEST_JWT_SECRET, Auth, World
 
@@ -532,3 +536,323 @@ def test_an_afternoon_through_a_reboot_an_update_and_clock_jumps_is_held_once(
     ).get_json()["items"]
     assert {r["error_code"] for r in rejected} == {"seq_conflict"}
     assert sorted(r["resent_seq"] for r in rejected) == [e["seq"] for e in set_apart]
+
+
+MAX_BYTES = 24 * 1024  # a body of 300 events is some 80 KiB
+
+
+class ContractPda(Pda):
+    """The PDA app a developer writes from README's **PDA sync** alone: it keeps an
+    outbox (each batch with its id, stored before it is sent, so a restarted app sends
+    it again as it was), sizes batches by the sign-in's `limits`, splits on either 413,
+    waits out a 503's `Retry-After`, sends a 409 `batch_id_reused` batch anew, reads
+    each receipt in README's order, and pulls by cursor, dropping its list on a 410."""
+
+    def __init__(self, client: FlaskClient, auth: Auth, username: str, device_id: str) -> None:
+        super().__init__(client, auth, username, device_id)
+        self.auth = auth
+        self.sign_in(username)
+        self.outbox: list[dict[str, Any]] = []  # bodies sent, no answer read yet
+        self.set_apart: list[dict[str, Any]] = []  # rejected seq_conflict (step 1)
+        self.sent: set[str] = set()
+        self.bodies_sent: list[int] = []  # every push body's size, in bytes
+        self.answers: Counter[tuple[int, str]] = Counter()  # the non-200 answers met
+        self.waited: list[int] = []  # Retry-After seconds
+        self.cursor: str | None = None
+        self.parcels: dict[str, dict[str, Any]] = {}  # the local list the pull keeps
+
+    def sign_in(self, username: str) -> dict[str, Any]:
+        tokens = self.auth.tokens(username, self.device_id)
+        self.access, self.refresh = tokens["access_token"], tokens["refresh_token"]
+        self.limits: dict[str, int] = tokens["limits"]
+        return tokens
+
+    def batches(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events in bodies within the sign-in's limits, oldest first."""
+        bodies: list[dict[str, Any]] = []
+        part: list[dict[str, Any]] = []
+        for event in sorted(events, key=lambda e: e["seq"]):
+            if part and (
+                len(part) == self.limits["max_events_per_push"]
+                or len(json.dumps(self.body([*part, event]))) > self.limits["max_request_bytes"]
+            ):
+                bodies.append(self.body(part))
+                part = []
+            part.append(event)
+        return [*bodies, self.body(part)] if part else bodies
+
+    def queue_batches(self, events: list[dict[str, Any]]) -> None:
+        """Stored in the outbox before anything is sent: a killed app finds them."""
+        self.outbox.extend(self.batches(events))
+
+    def send_outbox(self, kill_after: int | None = None) -> None:
+        """Send the outbox oldest first; ``kill_after`` sends that many and is killed
+        sending the next: the request reached the server, its answer never read."""
+        while self.outbox:
+            body = self.outbox[0]
+            if kill_after == 0:
+                self.client.post(PUSH, json=body, headers=self._headers())
+                return
+            self.deliver(body)
+            self.outbox.pop(0)
+            if kill_after is not None:
+                kill_after -= 1
+
+    def deliver(self, body: dict[str, Any]) -> None:
+        """One body, until it is answered 200, as README says for each other answer."""
+        while True:
+            body["sent_at"] = self.clock(now()).isoformat()  # refreshed on every retry
+            self.bodies_sent.append(len(json.dumps(body)))
+            response = self.post(PUSH, json=body)
+            answer = response.get_json()
+            if response.status_code == 200:
+                self.read_receipt(answer)
+                return
+            self.answers[(response.status_code, answer["code"])] += 1
+            if response.status_code == 503:  # nothing stored: the same batch again
+                self.waited.append(int(response.headers["Retry-After"]))
+            elif response.status_code == 409 and answer["code"] == "batch_id_reused":
+                body["batch_id"] = str(uuid.uuid4())  # the same events, a batch of their own
+            elif response.status_code == 413 and answer["code"] == "payload_too_large":
+                limit = answer["limit"]
+                key = "max_events_per_push" if limit["unit"] == "events" else "max_request_bytes"
+                self.limits[key] = limit["max"]  # an operator lowered it since the sign-in
+                for part in self.batches(body["events"]):
+                    self.deliver(part)
+                return
+            else:
+                raise AssertionError(answer)
+
+    def read_receipt(self, receipt: dict[str, Any]) -> None:
+        """README's **Read the results before you prune**, steps 1 to 3."""
+        self.receipts.append(receipt)
+        rejected = {
+            r["client_event_id"]: r for r in receipt["results"] if r["status"] == "rejected"
+        }
+        conflicts = {i for i, r in rejected.items() if r["error"]["code"] == "seq_conflict"}
+        self.set_apart.extend(e for e in self.queue if e["client_event_id"] in conflicts)
+        self.sent |= {r["client_event_id"] for r in receipt["results"]}
+        acked = receipt["acked_through_seq"]
+        self.queue = [
+            e
+            for e in self.queue
+            if e["client_event_id"] not in rejected
+            and not (e["seq"] <= acked and e["client_event_id"] in self.sent)
+        ]
+
+    def pull(self) -> list[dict[str, Any]]:
+        """Pull until `has_more` is false; a 410 `cursor_reset` drops the local list."""
+        changes: list[dict[str, Any]] = []
+        while True:
+            query = {"cursor": self.cursor} if self.cursor is not None else {}
+            response = self.client.get(
+                "/api/v1/sync/pull", query_string=query, headers=self._headers()
+            )
+            page = response.get_json()
+            if response.status_code == 410:
+                assert page["code"] == "cursor_reset"
+                self.answers[(410, "cursor_reset")] += 1
+                self.cursor, self.parcels = None, {}
+                continue
+            assert response.status_code == 200, page
+            for change in page["changes"]:
+                if change["kind"] == "parcel_removed":
+                    self.parcels.pop(change["tracking_no"], None)
+                else:
+                    self.parcels[change["tracking_no"]] = change["parcel"]
+            changes.extend(page["changes"])
+            self.cursor = page["next_cursor"]
+            if not page["has_more"]:
+                return changes
+
+
+def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
+    app_with: Any, session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The courier's PDA offline all afternoon, its app written from README alone: 300
+    events queued (deliveries, consents captured at the door before locker drops, failed
+    attempts, a clock typed an hour ahead for a few scans), pushed in bodies sized by
+    the sign-in's `max_request_bytes`, which an operator lowers meanwhile (413 in bytes:
+    split); a 503 waited out; an answer lost; the app killed mid-push and restarted,
+    sending its outbox again, one batch rebuilt with an event more (409: sent anew);
+    the handover, and the next courier on the same PDA, whose pull with the first
+    courier's cursor is a 410. Nothing lost or doubled, the shift balanced as recorded,
+    each courier's list what they hold."""
+    app = app_with(MAX_CONTENT_LENGTH=MAX_BYTES)
+    client = app.test_client()
+    auth = Auth(client)
+    manager = auth.headers("manager1")
+    courier2 = factories.user(session, "courier2", "courier", world.station)
+    parcels = [factories.parcel(session, world.station) for _ in range(125)]
+    for parcel in parcels[:115]:
+        parcel.courier_id = world.courier.id
+    for parcel in parcels[115:]:
+        parcel.courier_id = courier2.id
+    session.commit()
+    mine = [p.tracking_no for p in parcels[:115]]
+    pda = ContractPda(client, auth, "courier1", "PDA-0001")
+    assert pda.limits["max_request_bytes"] == MAX_BYTES
+    opened = pda.post("/api/v1/shifts", json={"first_seq": 1})
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+
+    # Morning, at the station: the list pulled, every parcel checked out and pushed.
+    pda.pull()
+    assert set(pda.parcels) == set(mine)
+    morning = now() - dt.timedelta(hours=7)
+    for n, tn in enumerate(mine):
+        pda.record(tn, "checked_out", morning + dt.timedelta(seconds=n))
+    pda.queue_batches(list(pda.queue))
+    pda.send_outbox()
+    assert pda.queue == [] and pda.answers == {}
+
+    # The afternoon, offline: 300 events.
+    start = now() - dt.timedelta(hours=6)
+    expected: dict[str, str] = {}
+    consented: list[str] = []
+    for n, tn in enumerate(mine):
+        at = start + dt.timedelta(seconds=150 * n)
+        if 40 <= n < 45:  # the date typed a day ahead, put right by NTP after
+            pda.clock = lambda real: real + DRIFT + dt.timedelta(days=1)  # type: ignore[method-assign]
+        elif n == 45:
+            pda.clock = lambda real: real + DRIFT  # type: ignore[method-assign]
+        pda.record(tn, "out_for_delivery", at)
+        if n % 3 == 0:
+            pod = {"recipient_name": "Li", "signature_sha256": pda.photo(n)}
+            pda.record(tn, "delivered", at + dt.timedelta(seconds=30), pod=pod)
+            expected[tn] = "delivered"
+        elif n % 3 == 1:
+            consent = {"method": "locker", "channel": "in_person"}
+            pda.record(tn, "consent_captured", at + dt.timedelta(seconds=5), consent=consent)
+            pda.record(
+                tn,
+                "delivered_to_locker",
+                at + dt.timedelta(seconds=40),
+                locker_id="L-7",
+                compartment=str(n),
+                pod={"pickup_code": f"{n:06d}"},
+            )
+            expected[tn] = "unattended"
+            consented.append(tn)
+        else:
+            pda.record(
+                tn,
+                "delivery_attempt_failed",
+                at + dt.timedelta(seconds=10),
+                reason="recipient_absent",
+                action="retry_planned",
+            )
+            expected[tn] = "returned"
+    for tn, outcome in expected.items():
+        if outcome == "returned":
+            pda.record(tn, "returned_to_station", start + dt.timedelta(hours=5))
+    afternoon = list(pda.queue)
+    assert len(afternoon) >= 300
+
+    # Back in range: the outbox sized by the sign-in's limits; then an operator halves
+    # the body limit, so the next bodies are refused 413 in bytes and split.
+    pda.queue_batches(afternoon)
+    assert len(pda.outbox) > 2
+    expire(pda, world)
+    pda.send_outbox(kill_after=1)  # the first answered; killed while sending the second
+    killed_events = list(pda.outbox[0]["events"])
+    left_out = pda.outbox[0]["events"][-1]
+    # Restarted, the app rebuilds the unanswered batch from its store, which had not
+    # kept its last event: one less under its batch id, a 409, sent anew.
+    pda.outbox[0] = {**pda.outbox[0], "events": pda.outbox[0]["events"][:-1]}
+    pda.deliver(pda.outbox.pop(0))
+    assert pda.answers == {(409, "batch_id_reused"): 1}
+    pda.send_outbox(kill_after=0)  # killed again: the next batch stored, no answer read
+    killed_events += pda.outbox[0]["events"]
+    # An operator halves the body limit: the batch sent again and the next ones are
+    # refused 413 in bytes and split (what the first attempt stored comes back
+    # `duplicate`); the database goes away during one push (503, nothing stored).
+    lowered = app_with(MAX_CONTENT_LENGTH=MAX_BYTES // 2)
+    pda.client = lowered.test_client()
+    insert = ingest._BatchIngest._insert
+    failures = [1]
+
+    def database_away_once(self: Any, fresh: Any) -> Any:
+        if failures:
+            failures.pop()
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return insert(self, fresh)
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", database_away_once)
+    pda.send_outbox()
+    monkeypatch.undo()
+    assert pda.set_apart == []
+    assert pda.answers[(503, "database_unavailable")] == 1 and pda.waited
+    assert pda.answers[(413, "payload_too_large")] >= 1
+    # What the killed attempts stored came back `duplicate` to the batches sent anew.
+    killed = {e["client_event_id"] for e in killed_events}
+    assert {
+        r["status"] for receipt in pda.receipts for r in receipt["results"]
+        if r["client_event_id"] in killed
+    } == {"duplicate"}  # fmt: skip
+    assert max(pda.bodies_sent[-3:]) <= MAX_BYTES // 2
+    # The event the rebuilt batch left out was never acknowledged: still queued.
+    assert [e["client_event_id"] for e in pda.queue] == [left_out["client_event_id"]]
+    pda.queue_batches([e for e in pda.queue if e["client_event_id"] not in pda.sent])
+    pda.send_outbox()
+    assert pda.queue == []
+    assert pda.receipts[-1]["acked_through_seq"] == pda.seq
+
+    # Back at the station: the pull brings the consents captured at the door.
+    changes = pda.pull()
+    assert Counter(c["kind"] for c in changes)["consent"] == len(consented)
+    at_the_door = [{"method": "locker", "point_id": None, "expires_at": None}]
+    assert all(pda.parcels[tn]["consents"] == at_the_door for tn in consented)
+    # The handover: images uploaded, the shift closed with its last seq.
+    pda.upload_images()
+    closing = pda.post(f"/api/v1/shifts/{shift_id}/close", json={"last_seq": pda.seq})
+    assert closing.status_code == 200, closing.get_json()
+    found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    assert (found["status"], found["discrepancies"]) == ("balanced", [])
+    assert {p["tracking_no"]: p["outcome"] for p in found["parcels"]} == expected
+
+    # The next courier takes the PDA: it numbers on; the cursor it kept is the first
+    # courier's (410: the list dropped and pulled whole).
+    tokens = pda.sign_in("courier2")
+    assert tokens["device_max_seq"] == pda.seq
+    opened = pda.post("/api/v1/shifts", json={"first_seq": pda.seq + 1})
+    assert opened.status_code == 201, opened.get_json()
+    theirs = [p.tracking_no for p in parcels[115:]]
+    pda.pull()
+    assert pda.answers[(410, "cursor_reset")] == 1
+    assert set(pda.parcels) == set(theirs)
+    evening = now() - dt.timedelta(minutes=50)
+    for n, tn in enumerate(theirs):
+        pda.record(tn, "checked_out", evening + dt.timedelta(seconds=n))
+    consent = {"method": "pickup_point", "point_id": "pp-3", "channel": "phone_call"}
+    pda.record(theirs[0], "consent_captured", evening + dt.timedelta(minutes=5), consent=consent)
+    pda.record(
+        theirs[0],
+        "delivered_to_pickup_point",
+        evening + dt.timedelta(minutes=9),
+        point_id="PP-3",
+        pod={"pickup_code": "3"},
+    )
+    pda.queue_batches(list(pda.queue))
+    pda.send_outbox()
+    assert pda.queue == []
+    changes = pda.pull()
+    assert ("consent", theirs[0]) in {(c["kind"], c["tracking_no"]) for c in changes}
+    at_the_point = [{"method": "pickup_point", "point_id": "PP-3", "expires_at": None}]
+    assert pda.parcels[theirs[0]]["consents"] == at_the_point
+    held = session.scalar(
+        select(func.count()).select_from(ScanEvent).where(ScanEvent.device_id == "PDA-0001")
+    )
+    assert held == pda.seq  # nothing lost, nothing doubled
+    last = pda.receipts[-1]
+    assert (last["acked_through_seq"], last["missing_seqs"]) == (pda.seq, [])
+    flags = client.get(
+        "/api/v1/flags", query_string={"limit": 500, "status": "open"}, headers=manager
+    ).get_json()["items"]
+    # What stands: the day typed ahead (its scans dated after their push, and the scan
+    # after NTP put it right dated before them) and the PDA's clock.
+    assert Counter(f["kind"] for f in flags) == {
+        "clock_jump": 1,
+        "time_inversion": 1,
+        "clock_skew": 1,
+    }

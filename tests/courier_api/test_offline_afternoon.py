@@ -685,9 +685,9 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
     courier2 = factories.user(session, "courier2", "courier", world.station)
     parcels = [factories.parcel(session, world.station) for _ in range(125)]
     for parcel in parcels[:115]:
-        parcel.courier_id = world.courier.id
+        parcel.courier_id = parcel.planned_courier_id = world.courier.id
     for parcel in parcels[115:]:
-        parcel.courier_id = courier2.id
+        parcel.courier_id = parcel.planned_courier_id = courier2.id
     session.commit()
     mine = [p.tracking_no for p in parcels[:115]]
     pda = ContractPda(client, auth, "courier1", "PDA-0001")

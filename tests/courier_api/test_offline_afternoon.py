@@ -813,7 +813,14 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
 
     # The next courier takes the PDA: it numbers on; the cursor it kept is the first
     # courier's (410: the list dropped and pulled whole).
+    # The first courier signs out of the PDA (README: a copy of its tokens refreshes
+    # on for nobody), the next one signs in.
+    first_access = pda.access
+    signed_out = client.post("/api/v1/auth/logout", json={"refresh_token": pda.refresh})
+    assert signed_out.status_code == 204
     tokens = pda.sign_in("courier2")
+    stale = client.get("/api/v1/sync/pull", headers={"Authorization": f"Bearer {first_access}"})
+    assert (stale.status_code, stale.get_json()["code"]) == (401, "token_revoked")
     assert tokens["device_max_seq"] == pda.seq
     opened = pda.post("/api/v1/shifts", json={"first_seq": pda.seq + 1})
     assert opened.status_code == 201, opened.get_json()

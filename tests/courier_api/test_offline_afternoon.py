@@ -567,6 +567,14 @@ class ContractPda(Pda):
         self.limits: dict[str, int] = tokens["limits"]
         return tokens
 
+    def _refresh(self) -> None:
+        """A refresh states the limits too: the app sizes by the latest."""
+        response = self.client.post("/api/v1/auth/refresh", json={"refresh_token": self.refresh})
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        self.access, self.refresh = body["access_token"], body["refresh_token"]
+        self.limits = body["limits"]
+
     def batches(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The events in bodies within the sign-in's limits, oldest first."""
         bodies: list[dict[str, Any]] = []

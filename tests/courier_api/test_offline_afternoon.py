@@ -757,8 +757,7 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
     afternoon = list(pda.queue)
     assert len(afternoon) >= 300
 
-    # Back in range: the outbox sized by the sign-in's limits; then an operator halves
-    # the body limit, so the next bodies are refused 413 in bytes and split.
+    # Back in range: the outbox sized by the sign-in's limits.
     pda.queue_batches(afternoon)
     assert len(pda.outbox) > 2
     expire(pda, world)
@@ -777,6 +776,7 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
     # `duplicate`); the database goes away during one push (503, nothing stored).
     lowered = app_with(MAX_CONTENT_LENGTH=MAX_BYTES // 2)
     pda.client = lowered.test_client()
+    lowered_at = len(pda.bodies_sent)
     insert = ingest._BatchIngest._insert
     failures = [1]
 
@@ -798,7 +798,9 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
         r["status"] for receipt in pda.receipts for r in receipt["results"]
         if r["client_event_id"] in killed
     } == {"duplicate"}  # fmt: skip
-    assert max(pda.bodies_sent[-3:]) <= MAX_BYTES // 2
+    # Every body over the lowered limit was refused, every one within it taken.
+    over = [size for size in pda.bodies_sent[lowered_at:] if size > MAX_BYTES // 2]
+    assert len(over) == pda.answers[(413, "payload_too_large")]
     # The event the rebuilt batch left out was never acknowledged: still queued.
     assert [e["client_event_id"] for e in pda.queue] == [left_out["client_event_id"]]
     pda.queue_batches([e for e in pda.queue if e["client_event_id"] not in pda.sent])
@@ -819,10 +821,9 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
     assert (found["status"], found["discrepancies"]) == ("balanced", [])
     assert {p["tracking_no"]: p["outcome"] for p in found["parcels"]} == expected
 
-    # The next courier takes the PDA: it numbers on; the cursor it kept is the first
-    # courier's (410: the list dropped and pulled whole).
-    # The first courier signs out of the PDA (README: a copy of its tokens refreshes
-    # on for nobody), the next one signs in.
+    # The next courier takes the PDA. The first signs out (README: a copy of their
+    # tokens left on it stops at once); the PDA numbers on; the cursor it kept is the
+    # first courier's (410: the list dropped and pulled whole).
     first_access = pda.access
     signed_out = client.post("/api/v1/auth/logout", json={"refresh_token": pda.refresh})
     assert signed_out.status_code == 204

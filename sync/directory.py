@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -299,10 +299,12 @@ def register_device(
             field="device_id",
         )
     now = utcnow()
-    forgiven: Sequence[str] = ()
     if registrar is not None and registrar.limit is not None:
-        forgiven = _moved_here(session, registrar.limit, station, now)
-        refusal = _registrar_refusal(session, registrar, registrar.limit, forgiven, now)
+        limit = registrar.limit
+        # Read under the manager's lock: a move committed while it was waited for counts.
+        refusal = _registrar_refusal(
+            session, registrar, limit, lambda: _moved_here(session, limit, station, now), now
+        )
         if refusal is not None:
             raise refusal
     held = session.get(Device, device_id)
@@ -360,7 +362,7 @@ def _registrar_refusal(
     session: Session,
     registrar: Registrar,
     limit: sign_in_limits.Limit,
-    forgiven: Sequence[str],
+    forgiven: Callable[[], Collection[str]],
     now: dt.datetime,
 ) -> RateLimited | None:
     return sign_in_limits.refusal_of(

@@ -255,7 +255,7 @@ def refusal_of(
     now: dt.datetime,
     what: str,
     code: str,
-    forgiven: Collection[str] = (),
+    forgiven: Collection[str] | Callable[[], Collection[str]] = (),
 ) -> RateLimited | None:
     """The refusal ``admit_call`` would return, nothing stored: for a call counted only
     by how it ends (``sync.directory``: a PDA id found in use at another station), whose
@@ -266,9 +266,13 @@ def refusal_of(
     ``forgiven``: subjects whose ``admit_once`` calls count for nothing while they are
     so (``sync.directory``: PDA ids now at the caller's own station, which told them
     nothing that was not theirs to know). Their rows stay: a subject no longer forgiven
-    (the PDA moved away again) counts again, as it did before."""
+    (the PDA moved away again) counts again, as it did before. Given as a function, it
+    is read under the caller's lock: on PostgreSQL, read before it, it missed what
+    committed while the lock was waited for (a PDA moved to the station meanwhile)."""
     _lock(session, (key,))
     _purge(session, now - limit.window, (kind,))
+    if callable(forgiven):
+        forgiven = forgiven()
     where = _calls_of(key, kind)
     if forgiven:
         subject_keys = [_subject_key(key, kind, subject) for subject in forgiven]

@@ -186,3 +186,53 @@ def test_a_registration_while_a_pda_is_moved_away_again_does_not_forgive_it_for_
         away.commit()
     with sessions() as session:
         assert register(session, "PDA-NEW-2") == directory.TOO_MANY_DEVICE_IDS_TAKEN
+
+
+@pytest.mark.postgres_only
+def test_a_registration_that_waited_for_the_managers_turn_sees_a_move_committed_meanwhile(
+    committed_app: Any,
+) -> None:
+    """On PostgreSQL, a manager of ST1, their window full with PDA-X and PDA-Y (both of
+    ST2, refused), registers a PDA while their other tab's registration holds their turn
+    and an admin moves PDA-X to ST1; both commit while it waits. Once its turn comes,
+    PDA-X stands at ST1 and counts for nothing: the registration goes through. It read
+    the ids moved to ST1 before it waited, without PDA-X, and was refused with a 429."""
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions() as setup:
+        own = factories.station(setup, code="ST1")
+        other = factories.station(setup, code="ST2")
+        manager = factories.user(setup, "registrar", "station_manager", own)
+        for device_id in ("PDA-X", "PDA-Y"):
+            factories.device(setup, device_id, other)
+        setup.commit()
+    key = caller_key(secret=b"test", kind=directory.DEVICE_IDS_TAKEN, caller=str(manager.id))
+    registrar = directory.Registrar(manager.id, key, Limit(2, dt.timedelta(hours=24)))
+
+    def register(session: Session, device_id: str) -> str:
+        try:
+            directory.register_device(
+                session=session, device_id=device_id, station=own, registrar=registrar
+            )
+        except (Conflict, RateLimited) as refusal:
+            return refusal.code
+        return "registered"
+
+    with sessions() as session:
+        for device_id in ("PDA-X", "PDA-Y"):
+            assert register(session, device_id) == "device_exists"
+            session.commit()
+    answers: list[str] = []
+
+    def other_tab_and_the_move(holder: Session) -> None:
+        # The manager's turn held (refused: the window is full), and PDA-X moved to ST1.
+        assert register(holder, "PDA-NEW-0") == directory.TOO_MANY_DEVICE_IDS_TAKEN
+        device = holder.get(Device, "PDA-X")
+        assert device is not None
+        move_device(session=holder, device=device, station=own, moved_by=None)
+
+    while_held(
+        sessions,
+        other_tab_and_the_move,
+        lambda registering: answers.append(register(registering, "PDA-NEW-1")),
+    )
+    assert answers == ["registered"]

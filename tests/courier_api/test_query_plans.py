@@ -56,6 +56,7 @@ from models import (
 from models.flag import parcel_of
 from sync import audit
 from sync.consents import address_key
+from sync.flags import FlagCursor
 from tests import factories
 from tests.conftest import Auth, make_test_app
 from tests.live_server import postgresql_database, postgresql_test_url
@@ -1057,6 +1058,34 @@ def test_the_flag_queue_reads_its_page_through_the_stations_opened_index(world: 
     assert_indexed(explained)
     used = set().union(*(e.indexes for e in reads(explained, "flag")))
     assert "ix_flag_station_opened" in used, used
+
+
+def test_a_deep_page_of_the_flag_queue_starts_at_its_place(world: World) -> None:
+    """A walk through the station's year of flags: a page by ``cursor`` or ``after`` far
+    down the queue begins its read of ``ix_flag_station_opened`` at its place (an index
+    condition on ``opened_at``), not at the queue's top, passing over every flag above it
+    (9,000 for the 180th page: each page cost more than the one before)."""
+    with world.engine.connect() as connection:
+        opened_at, flag_id = connection.execute(
+            text(
+                "SELECT opened_at, id FROM flag WHERE station_id = :s "
+                "ORDER BY opened_at DESC, id DESC OFFSET 9000 LIMIT 1"
+            ),
+            {"s": world.station_id},
+        ).one()
+    place = str(FlagCursor(opened_at, flag_id))
+    explained: list[Explained] = []
+    for query in (f"limit=50&cursor={place}", f"limit=50&after={flag_id}"):
+        explained += run(world, "GET", f"/api/v1/flags?{query}", headers=world.manager)[1]
+    pages = [e for e in reads(explained, "flag") if "ORDER BY flag.opened_at" in e.statement]
+    assert len(pages) == 2, [e.statement for e in explained]
+    for page in pages:
+        conditions = [
+            node.get("Index Cond", "")
+            for node in _plan_nodes(page.plan[0]["Plan"])
+            if node.get("Index Name") == "ix_flag_station_opened"
+        ]
+        assert conditions and all("opened_at <=" in c for c in conditions), conditions
 
 
 def test_a_parcels_flags_are_read_through_its_index(world: World) -> None:

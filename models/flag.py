@@ -67,6 +67,8 @@ class Flag(Base):
         Index("ix_flag_station_raised", "station_id", "raised_at"),
         # The station's queue as it reads: latest opened first (a flag opened again rises).
         Index("ix_flag_station_opened", "station_id", "opened_at", "id"),
+        # The queue across stations as it reads (an auditor's, an admin's ``GET /flags``).
+        Index("ix_flag_opened", "opened_at", "id"),
         # A subject's flags of every kind (a parcel's, for its proof and its shift's
         # balance): the unique constraint leads with the kind, so it cannot serve them.
         Index("ix_flag_subject", "subject_type", "subject_key"),

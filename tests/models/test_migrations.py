@@ -146,6 +146,38 @@ def test_the_unfiled_events_index_is_built_and_dropped_concurrently(scratch: Eng
     assert _index_valid(scratch, "ix_scan_event_unfiled") is None
 
 
+FLAGS_OPENED_INDEX = "d2f6a8c4e7b1"  # flags across stations by when they opened
+
+
+@pytest.mark.postgres_only
+def test_the_flags_opened_index_is_built_and_dropped_concurrently(scratch: Engine) -> None:
+    """As the hot queries' indexes: built without holding pushes back (a plain build holds
+    a SHARE lock on flag, which every push raising a flag waits for), and an INVALID one
+    left by a failed build built again."""
+    migrate.upgrade(scratch, f"{FLAGS_OPENED_INDEX}-1")
+    with scratch.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("CREATE INDEX ix_flag_opened ON flag (id)"))
+        connection.execute(
+            text(
+                "UPDATE pg_index SET indisvalid = false "
+                "WHERE indexrelid = to_regclass('ix_flag_opened')"
+            )
+        )
+    assert _index_valid(scratch, "ix_flag_opened") is False
+
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, FLAGS_OPENED_INDEX)
+    created = [s for s in upgrading if s.startswith("CREATE INDEX")]
+    assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [True], created
+    assert _index_valid(scratch, "ix_flag_opened") is True
+
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, f"{FLAGS_OPENED_INDEX}-1")
+    dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
+    assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [True], dropped
+    assert _index_valid(scratch, "ix_flag_opened") is None
+
+
 def _index_valid(engine: Engine, name: str) -> bool | None:
     """Whether PostgreSQL's index ``name`` is valid (None: there is none)."""
     with engine.connect() as connection:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from sqlalchemy import ScalarSelect, and_, case, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from models import (
     Blob,
@@ -722,10 +722,6 @@ class EarlierWaiting(NamedTuple):
     # The shifts of those days still waiting for the manager, oldest first, with their
     # couriers.
     shifts: list[tuple[Shift, User]]
-    # The station's shifts of those days and of the board's, whatever their state, of
-    # the couriers with one of those still open: where a courier whose PDA died went on
-    # (``handed_over_since``, ``also_open``), a spare PDA's shift signed off already.
-    couriers_shifts: list[Shift]
 
 
 def waiting_from_earlier_days(
@@ -735,39 +731,20 @@ def waiting_from_earlier_days(
     oldest first, with their couriers: still open (a PDA that died, a courier who never
     closed) or handed over and waiting for a sign-off (late events that reopened one
     today). A day's board lists that day's shifts; these are the ones from before that
-    still need the manager. With them, in the same statement, the shifts of those days
-    and ``work_date`` of the couriers with one of them still open, whatever their state:
-    the spare PDA's shift handed over (and signed off) the day the first PDA died. One
-    query, through ``ix_shift_station_work_date``."""
-    start = _days_before(work_date, days)
-    in_window = (
-        Shift.station_id == station_id,
-        Shift.work_date >= start,
-    )
-    still_open_earlier = select(Shift.courier_id).where(
-        *in_window, Shift.work_date < work_date, Shift.status == ShiftStatus.OPEN
-    )
+    still need the manager (where the couriers of those still open went on:
+    ``where_couriers_went``). One query, through ``ix_shift_station_work_date``."""
     found = session.execute(
         select(Shift, User)
         .join(User, User.id == Shift.courier_id)
         .where(
-            *in_window,
-            Shift.work_date <= work_date,
-            or_(
-                and_(Shift.work_date < work_date, Shift.status != ShiftStatus.SIGNED_OFF),
-                Shift.courier_id.in_(still_open_earlier),
-            ),
+            Shift.station_id == station_id,
+            Shift.work_date >= _days_before(work_date, days),
+            Shift.work_date < work_date,
+            Shift.status != ShiftStatus.SIGNED_OFF,
         )
         .order_by(Shift.work_date, Shift.opened_at, Shift.id)
     ).all()
-    return EarlierWaiting(
-        [
-            (shift, courier)
-            for shift, courier in found
-            if shift.work_date < work_date and shift.status != ShiftStatus.SIGNED_OFF
-        ],
-        [shift for shift, _ in found],
-    )
+    return EarlierWaiting([(shift, courier) for shift, courier in found])
 
 
 def waiting_flags(session: Session, shift_ids: Sequence[int]) -> dict[int, list[OpenFlag]]:
@@ -834,39 +811,70 @@ def board_totals(rows: Sequence[BoardRow]) -> dict[str, int]:
     return {**totals, **tally}
 
 
-def handed_over_since(
-    rows: Sequence[BoardRow], earlier: EarlierWaiting | None = None
-) -> dict[int, Shift]:
-    """For each shift of the board still open, the latest shift its courier opened after
-    it on another PDA and has handed over since, if any: the courier is back. A PDA that
-    died at 11:00 leaves its shift open while its courier goes on with a spare one and
-    hands that over at 17:00: the board called the first "on the road", its parcels
-    "still out", and the manager at 19:00 waited for a courier who was in the station,
-    the shift to be closed by a manager (``POST /shifts/<id>/close``). A courier who
-    went out again since, a shift opened after that handover still open on a third PDA,
-    is on the road, not back: none is named until that one is handed over too.
+class CouriersWent(NamedTuple):
+    """Where the couriers of shifts still open went on (``where_couriers_went``), by the
+    id of each such shift."""
 
-    ``earlier``: the shifts of earlier days still waiting are named as well, those still
-    open judged against their couriers' shifts up to the board's day (a PDA that died
-    yesterday, its spare's shift signed off last night)."""
-    day = [row.shift for row in rows]
-    back = courier_back(day, day)
-    if earlier is not None:
-        pool = _by_id([*day, *earlier.couriers_shifts])
-        back.update(courier_back([shift for shift, _ in earlier.shifts], pool))
-    return back
+    # The shift on another PDA the courier handed over since, if they are back.
+    back: dict[int, Shift]
+    # The courier's other shifts still open on another PDA, oldest first.
+    also_open: dict[int, list[Shift]]
 
 
-def _by_id(shifts: Iterable[Shift]) -> list[Shift]:
-    return list({shift.id: shift for shift in shifts}.values())
+def where_couriers_went(
+    session: Session, station_id: int, shifts: Iterable[Shift]
+) -> CouriersWent:
+    """For each of ``shifts`` still open, where its courier went on: the shift they
+    handed over since on another PDA, if they are back (``courier_back``: a PDA that
+    died at 11:00, its courier on a spare one handed over at 17:00, the manager at 19:00
+    waiting for a courier who is in the station), and their other shifts still open on
+    another PDA (``open_alongside``: a second shift on another PDA is not refused, but
+    one of them is then likely no longer used). One answer for a board row, an earlier
+    day's entry, a shift's page and the API (``sync.pages.where_courier_went``): all the
+    courier's shifts of the station count, of any day, as the shift's state shown is
+    today's. A past day's board names the spare PDA's shift handed over the day after,
+    today's board the shift left open on a PDA that died a month ago.
+
+    One statement however many shifts, through ``ix_shift_courier_id``: those
+    couriers' shifts still open, and the latest they opened on each PDA, which alone
+    decides whether they are back (not every shift they worked since)."""
+    still_open = {s.id: s for s in shifts if s.status == ShiftStatus.OPEN}
+    if not still_open:
+        return CouriersWent({}, {})
+    couriers = sorted({s.courier_id for s in still_open.values()})
+    ranked = (
+        select(
+            Shift,
+            func.row_number()
+            .over(
+                partition_by=(Shift.courier_id, Shift.device_id),
+                order_by=(Shift.opened_at.desc(), Shift.id.desc()),
+            )
+            .label("latest"),
+        )
+        .where(Shift.station_id == station_id, Shift.courier_id.in_(couriers))
+        .subquery()
+    )
+    theirs = aliased(Shift, ranked)
+    pool = session.scalars(
+        select(theirs).where(or_(ranked.c.status == ShiftStatus.OPEN, ranked.c.latest == 1))
+    ).all()
+    candidates = list(still_open.values())
+    also: dict[int, list[Shift]] = {}
+    for shift in candidates:
+        others = open_alongside(shift, pool)
+        if others:
+            also[shift.id] = others
+    return CouriersWent(courier_back(candidates, pool), also)
 
 
 def courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int, Shift]:
-    """``handed_over_since`` for the ``candidates`` still open, among the shifts of
-    ``pool``: the board's rows, and a shift's page (``sync.pages.where_courier_went``).
-    Only the latest shift of ``pool`` opened after a candidate on another PDA of its
-    courier decides: handed over, the courier is back from it; still open, they are
-    out again."""
+    """For each of the ``candidates`` still open, the latest shift its courier opened
+    after it on another PDA and has handed over since, among the shifts of ``pool``
+    (``where_couriers_went``), if any: the courier is back. Only the latest shift of
+    ``pool`` opened after a candidate on another PDA of its courier decides: handed
+    over, the courier is back from it; still open, they are out on the road again (a
+    third PDA), and none is named until that one is handed over too."""
     back: dict[int, Shift] = {}
     for shift in candidates:
         if shift.status != ShiftStatus.OPEN:
@@ -889,35 +897,6 @@ def courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int
             continue  # out again on another PDA
         back[shift.id] = latest
     return back
-
-
-def also_open(
-    rows: Sequence[BoardRow], earlier: EarlierWaiting | None = None
-) -> dict[int, list[Shift]]:
-    """For each shift still open of the board (its day's and its earlier days' still
-    waiting), its courier's other shifts still open on another PDA, oldest first. A
-    courier opens a second shift on another PDA while the first is open, and nothing
-    refuses it: a PDA that died is the normal reason. But the first then stays open,
-    "on the road", until someone closes it, and a courier with two PDAs in use scans
-    parcels checked out on one under the other's shift: the board says so of both, for
-    the manager to close the one no longer used. Every open shift of the window is on
-    the board (open shifts are never signed off): no query of its own."""
-    shifts = _by_id(
-        [
-            *(row.shift for row in rows),
-            *(earlier.couriers_shifts if earlier is not None else ()),
-            *(shift for shift, _ in (earlier.shifts if earlier is not None else ())),
-        ]
-    )
-    still_open = sorted(
-        (s for s in shifts if s.status == ShiftStatus.OPEN), key=lambda s: (s.opened_at, s.id)
-    )
-    found: dict[int, list[Shift]] = {}
-    for shift in still_open:
-        others = open_alongside(shift, still_open)
-        if others:
-            found[shift.id] = others
-    return found
 
 
 def open_alongside(shift: Shift, shifts: Iterable[Shift]) -> list[Shift]:

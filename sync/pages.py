@@ -41,12 +41,11 @@ from sync.balances import (
     HandoverRead,
     ShiftFacts,
     changed_since_signoff,
-    courier_back,
     gather,
-    open_alongside,
     read_handovers,
     signoff_superseded,
     station_board,
+    where_couriers_went,
 )
 from sync.blobs import (
     BlobReader,
@@ -564,35 +563,12 @@ class CourierWent(NamedTuple):
 
 
 def where_courier_went(session: Session, shift: Shift) -> CourierWent:
-    """For a shift still open, as the board names them for its row: its courier's other
-    shifts still open on another PDA, oldest first (``sync.balances.open_alongside``: a
-    second shift on another PDA is not refused, a PDA that died, but one of them is then
-    likely no longer used), and the shift on another PDA they handed over since, if they
-    are back (``sync.balances.courier_back``: the shift is to be closed). Shifts of the
-    same station only (another's would be a 404 link). One statement, for an open
-    shift's page only: the courier's open shifts and the latest they opened after this
-    one on another PDA, which alone decides whether they are back (not every shift they
-    worked since a shift left open for weeks)."""
-    if shift.status != ShiftStatus.OPEN:
-        return CourierWent([], None)
-    theirs = (
-        Shift.station_id == shift.station_id,  # another's is not shown here
-        Shift.courier_id == shift.courier_id,
-        Shift.device_id != shift.device_id,
-    )
-    latest_since = (
-        select(Shift.id)
-        .where(*theirs, Shift.opened_at > shift.opened_at)
-        .order_by(Shift.opened_at.desc(), Shift.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    pool = session.scalars(
-        select(Shift).where(
-            *theirs, or_(Shift.status == ShiftStatus.OPEN, Shift.id == latest_since)
-        )
-    ).all()
-    return CourierWent(open_alongside(shift, pool), courier_back([shift], pool).get(shift.id))
+    """For a shift still open, what its board row names (``sync.balances.
+    where_couriers_went``, the same statement): its courier's other shifts still open on
+    another PDA, oldest first, and the shift on another PDA they handed over since, if
+    they are back. Shifts of the same station only (another's would be a 404 link)."""
+    went = where_couriers_went(session, shift.station_id, [shift])
+    return CourierWent(went.also_open.get(shift.id, []), went.back.get(shift.id))
 
 
 def scans_of_interest(

@@ -91,11 +91,10 @@ from courier_api.web.session import (
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
 from sync import directory, flags, lost_seqs, quarantine, shifts, signoffs
 from sync.balances import (
-    also_open,
     board_totals,
-    handed_over_since,
     station_board,
     waiting_from_earlier_days,
+    where_couriers_went,
 )
 from sync.errors import (
     AuthenticationFailed,
@@ -414,6 +413,9 @@ def _board_page(
     rows = station_board(session=db.session, station_id=station.id, work_date=day)
     before = waiting_from_earlier_days(session=db.session, station_id=station.id, work_date=day)
     earlier = before.shifts
+    went = where_couriers_went(
+        db.session, station.id, [*(row.shift for row in rows), *(s for s, _ in earlier)]
+    )
     visible = current_principal().station_filter(None)
     clean = {row.shift.id for row in rows if signoffs.not_clean(row.shift, row) is None}
     # Unbalanced only by discrepancies each resolved: offered to sign off together, apart.
@@ -429,8 +431,8 @@ def _board_page(
         day=day,
         rows=rows,
         totals=board_totals(rows),
-        back=handed_over_since(rows, before),
-        also=also_open(rows, before),
+        back=went.back,
+        also=went.also_open,
         earlier=earlier,
         # The couriers the reader may know by name (``sees_user``): one who moved to
         # another station since is "a courier of another station" to this one's manager.

@@ -3700,3 +3700,63 @@ def test_a_sign_in_form_another_site_posts_signs_nobody_in(
     )
     assert sign_out.status_code == 403
     assert own.get("/web/board") and board
+
+
+def _went_through_the_api(app: Flask, shift_id: int) -> tuple[int | None, list[int]]:
+    """What ``GET /shifts/<id>`` says of where the shift's courier went on."""
+    client = app.test_client()
+    response = client.get(f"/api/v1/shifts/{shift_id}", headers=Auth(client).headers("manager"))
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    return body["courier_back_shift_id"], body["courier_also_open_shift_ids"]
+
+
+def _went_on_the_board(board: dict[str, Any], shift_id: int) -> tuple[int | None, list[int]]:
+    [row] = [r for r in [*board["shifts"], *board["earlier_waiting"]] if r["shift_id"] == shift_id]
+    return row["courier_back_shift_id"], row["courier_also_open_shift_ids"]
+
+
+def test_a_past_days_board_says_the_courier_is_back_as_the_api_does(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's PDA died at 11:00 and she went home; the next morning she opened a shift
+    on a spare PDA and handed it over at 17:00. Today's board and ``GET /shifts/<id>``
+    said of the dead PDA's shift that she is back; the board of the day it died, read
+    the morning after to check that day, called it "still open" with no word of her,
+    as if she were still out since: it looked at that day's shifts only. Every board
+    now names where the courier went as the shift's page and the API do, whatever day
+    it is read for: the shift's state it shows is today's."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    dead = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    spare = station_day.Pda(session, factories.device(session, "PDA-PDG-10", day.station), courier)
+    session.commit()
+    next_day = day.day + dt.timedelta(days=1)
+    first = dead.open(station_day.local(day.day, 8, 0))
+    second = spare.open(station_day.local(next_day, 8, 0))
+    spare.close(second, station_day.local(next_day, 17, 0))
+
+    assert _went_through_the_api(app, first.id) == (second.id, [])
+    for date in (day.day, next_day, next_day + dt.timedelta(days=1)):
+        assert _went_on_the_board(_board_api(app, day, date), first.id) == (second.id, []), date
+
+
+def test_the_board_names_a_shift_left_open_weeks_ago_as_the_api_does(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """Sun Li's old PDA died three weeks ago with its shift left open; today she works on
+    another. ``GET /shifts/<id>`` and the shift's page of today's shift named the old
+    one still open ("a second shift is open on another PDA: close the one no longer
+    used"); today's board row did not, looking back two weeks only, and the manager
+    signing off at 19:00 never heard of it. The row names it now, as the API does (the
+    board still lists apart only the two weeks' shifts waiting)."""
+    courier = factories.user(session, "sunli", "courier", day.station)
+    old = station_day.Pda(session, factories.device(session, "PDA-PDG-09", day.station), courier)
+    new = station_day.Pda(session, factories.device(session, "PDA-PDG-10", day.station), courier)
+    session.commit()
+    forgotten = old.open(station_day.local(day.day - dt.timedelta(days=21), 8, 0))
+    today = new.open(station_day.local(day.day, 8, 0))
+
+    assert _went_through_the_api(app, today.id) == (None, [forgotten.id])
+    board = _board_api(app, day, day.day)
+    assert _went_on_the_board(board, today.id) == (None, [forgotten.id])
+    assert forgotten.id not in {e["shift_id"] for e in board["earlier_waiting"]}

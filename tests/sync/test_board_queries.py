@@ -37,12 +37,11 @@ from models import (
 )
 from sync.audit import verify
 from sync.balances import (
-    also_open,
     board_totals,
     gather,
-    handed_over_since,
     station_board,
     waiting_from_earlier_days,
+    where_couriers_went,
 )
 from sync.blobs import BlobReader, FileBlobStore
 from sync.handover import Discrepancy
@@ -462,10 +461,11 @@ def test_the_earlier_days_and_their_couriers_shifts_are_one_statement_for_10_or_
     session: Session,
 ) -> None:
     """The shifts of earlier days still waiting, and where their couriers went on (the
-    spare PDA's shift handed over and signed off: ``handed_over_since``; another still
-    open: ``also_open``), are read in one statement however many there are: yesterday's
-    shifts all left open on dead PDAs, each courier on a spare PDA since, half of them
-    handed over and signed off already."""
+    spare PDA's shift handed over and signed off: ``back``; another still open:
+    ``also_open``, ``sync.balances.where_couriers_went``), are read in two statements
+    however many there are: yesterday's shifts all left open on dead PDAs, each courier
+    on a spare PDA since, half of them handed over and signed off already, and each a
+    shift on that PDA the week before, signed off, which decides nothing."""
     yesterday = DAY - dt.timedelta(days=1)
     counts = {}
     for code, size in (("SMALL", 10), ("BIG", 100)):
@@ -489,16 +489,28 @@ def test_the_earlier_days_and_their_couriers_shifts_are_one_statement_for_10_or_
                     closed_at=shift.closed_at if n % 2 else None,
                 )
             )
+            session.add(
+                Shift(
+                    station_id=station,
+                    courier_id=shift.courier_id,
+                    device_id=spare,
+                    status=ShiftStatus.SIGNED_OFF,
+                    work_date=yesterday - dt.timedelta(days=7),
+                    opened_at=shift.opened_at - dt.timedelta(days=7),
+                    planned_end_at=shift.planned_end_at - dt.timedelta(days=7),
+                    closed_at=shift.opened_at - dt.timedelta(days=7, hours=-8),
+                )
+            )
         session.flush()
         session.expire_all()
         with counted(session) as statements:
             before = waiting_from_earlier_days(session=session, station_id=station, work_date=DAY)
-            back = handed_over_since([], before)
-            also = also_open([], before)
+            went = where_couriers_went(session, station, [s for s, _ in before.shifts])
+            back, also = went.back, went.also_open
         counts[size] = len(statements)
         assert len(before.shifts) == size + size // 2  # the spares still open wait too
         assert len(back) == size // 2 and len(also) == size  # each open pair names the other
-    assert counts[10] == counts[100] == 1, counts
+    assert counts[10] == counts[100] == 2, counts
 
 
 def test_a_balances_scans_elsewhere_are_one_statement_for_1_or_30_parcels(

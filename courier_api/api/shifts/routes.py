@@ -28,13 +28,12 @@ from courier_api.extensions import db
 from models import Device, Role, Shift, utcnow
 from sync import directory, shifts, signoffs
 from sync.balances import (
-    also_open,
     board_totals,
     changed_since_signoff,
-    handed_over_since,
     signed_off_version,
     station_board,
     waiting_from_earlier_days,
+    where_couriers_went,
 )
 from sync.errors import PermissionDenied
 from sync.handover import HANDOVER_KINDS, balance_version
@@ -408,11 +407,14 @@ class StationHandover(MethodView):
         theirs to close; one whose courier has another shift still open on
         another PDA names those (`courier_also_open_shift_ids`): a second shift is
         not refused (a PDA that died), but one of them is likely no longer used.
-        Shifts of the two weeks before that still wait for the manager (open, or
-        handed over and not signed off) are listed apart (`earlier_waiting`), with
-        the same two hints. Read in the same few queries however many shifts the
-        station runs. A courier who is now another station's user is given to a
-        station's manager by id only (`username`, `full_name` null).
+        Both are named as `GET /shifts/{shift_id}` names them, from the courier's
+        shifts of any day: a past day's board says the courier is back from a spare
+        PDA's shift handed over the day after. Shifts of the two weeks before that
+        still wait for the manager (open, or handed over and not signed off) are
+        listed apart (`earlier_waiting`), with the same two hints. Read in the same
+        few queries however many shifts the station runs. A courier who is now
+        another station's user is given to a station's manager by id only
+        (`username`, `full_name` null).
         """
         ensure_station_access(station_id)
         station = directory.get_station(session=db.session, station_id=station_id)
@@ -422,8 +424,10 @@ class StationHandover(MethodView):
         before = waiting_from_earlier_days(
             session=db.session, station_id=station_id, work_date=day
         )
-        back = handed_over_since(rows, before)
-        also = also_open(rows, before)
+        went = where_couriers_went(
+            db.session, station_id, [*(row.shift for row in rows), *(s for s, _ in before.shifts)]
+        )
+        back, also = went.back, went.also_open
         return {
             "station_id": station_id,
             "date": day,

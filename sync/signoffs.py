@@ -25,7 +25,12 @@ from sqlalchemy.orm import Session
 
 from models import FlagStatus, Shift, ShiftStatus, utcnow
 from sync import audit
-from sync.balances import HandoverRead, read_handovers, signed_off_version
+from sync.balances import (
+    HandoverRead,
+    read_handovers,
+    signed_off_version,
+    where_couriers_went,
+)
 from sync.errors import InvalidInput
 from sync.handover import (
     Balance,
@@ -45,6 +50,7 @@ from sync.shifts import (
     already_signed_off,
     lock_shifts,
     record_sign_off,
+    station_clock,
     station_timezone,
 )
 
@@ -197,6 +203,10 @@ def sign_off_clean(
     read = read_handovers(session, list(handed_over.values()), station_id=station_id)
     outcomes = []
     timezone: str | None = None  # the station's, read once a refusal names a time
+    still_open = sorted(of_station - set(handed_over))
+    if still_open:
+        timezone = station_timezone(session, station_id)
+    open_said = _still_open_said(session, station_id, still_open, timezone)
     # Every sign-off's entry chained at once, after its UPDATE: statements per request
     # do not grow with the shifts signed off (record_sign_off does not flush).
     with audit.deferred(session):
@@ -223,6 +233,7 @@ def sign_off_clean(
                 shift=shift,
                 read=shift_read,
                 decided=decided,
+                open_said=open_said.get(shift_id),
             )
             if refusal is not None:
                 outcomes.append(refusal)
@@ -240,6 +251,45 @@ def sign_off_clean(
             )
             outcomes.append(Outcome(shift_id, SIGNED_OFF))
     return outcomes
+
+
+STILL_OPEN = "still open; it is signed off after it is closed"
+
+
+def _still_open_said(
+    session: Session, station_id: int, shift_ids: Sequence[int], timezone: str | None
+) -> dict[int, str]:
+    """Why each of these shifts still open is refused, when its courier went on since
+    as its board row says (``sync.balances.where_couriers_went``): back from a shift
+    handed over on another PDA (the PDA died: no one but the manager closes this one),
+    or on the road with another PDA (one of the two likely no longer used). The plain
+    reason, ``STILL_OPEN``, read as waiting for the courier to close it. Two statements
+    when the request names a shift still open, however many; none otherwise."""
+    if not shift_ids:
+        return {}
+    assert timezone is not None  # read with them
+    found = session.scalars(
+        select(Shift).where(Shift.id.in_(shift_ids), Shift.status == ShiftStatus.OPEN)
+    ).all()
+    went = where_couriers_went(session, station_id, found)
+    said: dict[int, str] = {}
+    for shift in found:
+        back = went.back.get(shift.id)
+        if back is not None and back.closed_at is not None:
+            said[shift.id] = (
+                f"still open, but its courier is back: they handed over shift {back.id} on "
+                f"{back.device_id} at {station_clock(back.closed_at, timezone)}; close this "
+                "one (its page), then sign it off"
+            )
+        elif shift.id in went.also_open:
+            others = ", ".join(
+                f"shift {other.id} on {other.device_id}" for other in went.also_open[shift.id]
+            )
+            said[shift.id] = (
+                f"still open, and its courier also has {others} open: close the one no longer "
+                "used, then sign it off"
+            )
+    return said
 
 
 def _retried(
@@ -277,7 +327,7 @@ def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Ref
     balance, flags, reviews = read.balance, read.open_flags, read.reviews
     images_missing, rejected_events = read.images_missing, read.rejected_events
     if shift.status == ShiftStatus.OPEN:
-        return Refusal("shift_open", "still open; it is signed off after it is closed")
+        return Refusal("shift_open", STILL_OPEN)
     if shift.status == ShiftStatus.SIGNED_OFF:
         # No sign-off of it to offer; ``sign_off_clean`` tells a manager who names it
         # whose sign-off it was, and when (``sync.shifts.already_signed_off``).
@@ -354,13 +404,16 @@ def _refusal(
     shift: Shift | None,
     read: HandoverRead | None,
     decided: bool = False,
+    open_said: str | None = None,
 ) -> Outcome | None:
     """Why this shift of the request is not signed off, or None. ``shift`` and
-    ``read`` are None for a shift still open (or not the station's: ``known``)."""
+    ``read`` are None for a shift still open (or not the station's: ``known``);
+    ``open_said``: why such a one is refused, where its courier went on
+    (``_still_open_said``), if they did."""
     if not known:
         why: Refusal | None = Refusal("shift_not_found", "no such shift at this station")
     elif shift is None or read is None:
-        why = Refusal("shift_open", "still open; it is signed off after it is closed")
+        why = Refusal("shift_open", open_said or STILL_OPEN)
     else:
         why = not_clean(shift, read, decided=decided)
         if why is None:  # clean when read too: no event rejected, no flag, no image missing

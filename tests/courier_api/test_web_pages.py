@@ -53,7 +53,7 @@ from sync.ingest import Pusher
 from sync.proofs import drop_consents, get_proof
 from sync.quarantine import parcel_named
 from sync.rules import Policy
-from sync.shifts import ShiftRules, day_bounds
+from sync.shifts import ShiftRules, day_bounds, station_clock
 from sync.sweeps import SweepSettings
 from tests import factories
 from tests.browser import station_day
@@ -3760,3 +3760,59 @@ def test_the_board_names_a_shift_left_open_weeks_ago_as_the_api_does(
     board = _board_api(app, day, day.day)
     assert _went_on_the_board(board, today.id) == (None, [forgotten.id])
     assert forgotten.id not in {e["shift_id"] for e in board["earlier_waiting"]}
+
+
+def test_signing_off_together_a_dead_pdas_shift_says_its_courier_is_back_to_close_it(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """At 19:00 the manager signs off the day's shifts together, the dead PDA's among
+    them (through the API, every shift of the board named). It was refused "still open;
+    it is signed off after it is closed", which read as waiting for the courier to close
+    it: but she is back, her spare PDA's shift handed over at 17:00, and no one but the
+    manager will close it. The refusal now says so, as the board row does, and what to
+    do; a shift whose courier is still out keeps the plain reason."""
+    first, second, _ = _spare_pda(session, day)
+    board = _board_api(app, day, day.day)
+    client = app.test_client()
+    response = client.post(
+        f"/api/v1/stations/{day.station.id}/signoffs",
+        json={
+            "note": "evening handover",
+            "shifts": [
+                {"shift_id": row["shift_id"], "balance_version": row["balance_version"]}
+                for row in board["shifts"]
+            ],
+        },
+        headers=Auth(client).headers("manager"),
+    )
+    assert response.status_code == 200, response.get_json()
+    said = {o["shift_id"]: (o["code"], o["message"]) for o in response.get_json()["outcomes"]}
+    at_17 = station_clock(station_day.local(day.day, 17, 0), day.station.timezone)
+    assert said[first.id] == (
+        "shift_open",
+        f"shift {first.id}: still open, but its courier is back: they handed over shift "
+        f"{second.id} on PDA-PDG-10 at {at_17}; close this one (its page), then sign it off",
+    )
+    assert said[day.open.id] == (
+        "shift_open",
+        f"shift {day.open.id}: still open; it is signed off after it is closed",
+    )
+    # Out again on a third PDA: not back, but with two shifts open.
+    third = station_day.Pda(
+        session,
+        factories.device(session, "PDA-PDG-11", day.station),
+        session.get_one(User, second.courier_id),
+    ).open(station_day.local(day.day, 17, 30))
+    response = client.post(
+        f"/api/v1/stations/{day.station.id}/signoffs",
+        json={
+            "note": "evening handover",
+            "shifts": [{"shift_id": first.id, "balance_version": "any"}],
+        },
+        headers=Auth(client).headers("manager"),
+    )
+    [outcome] = response.get_json()["outcomes"]
+    assert outcome["message"] == (
+        f"shift {first.id}: still open, and its courier also has shift {third.id} on "
+        "PDA-PDG-11 open: close the one no longer used, then sign it off"
+    )

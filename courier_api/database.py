@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, g, has_request_context, request
 from flask import session as cookie_session
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.engine import (
@@ -351,7 +351,15 @@ class Database:
         ctx = g._get_current_object()  # type: ignore[attr-defined]  # once (``session``)
         session = ctx.pop("db_session", None)
         if session is not None:
-            session.close()
+            try:
+                session.close()
+            except SQLAlchemyError as error:
+                # The answer is made (committed, refused, or only read): the rollback
+                # of a connection the database ended since the request's last statement
+                # fails here, with nothing left to undo. Raised from the teardown, it
+                # escaped every error handler, and gunicorn answered its own HTML 500.
+                reason = getattr(error, "orig", None) or error  # the driver's, as 503s log it
+                log.warning("the request's transaction ended with its connection: %s", reason)
         if ctx.pop("db_refused_writes", False):  # only ever set on a test's connection
             connection = cls._state().test_connection
             assert connection is not None

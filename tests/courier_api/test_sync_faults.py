@@ -164,6 +164,59 @@ def test_database_down_mid_push_is_503_with_nothing_acknowledged(
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
 
 
+def _end_the_requests_connection(database_url: str) -> None:
+    """What a database restart, ``DROP DATABASE ... WITH (FORCE)`` or an operator's
+    ``pg_terminate_backend`` does to the current request's connection, from another
+    one, waiting until its backend is gone."""
+    pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    admin = make_url(database_url).set(drivername="postgresql")
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 10
+        while other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline, f"backend {pid} still there"
+            time.sleep(0.01)
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("answer", ["pull", "push_refused"])
+def test_a_connection_ended_after_the_requests_last_statement_leaves_its_answer_standing(
+    committed_app: Flask, database_url: str, answer: str
+) -> None:
+    """The database ends a request's connection after its last statement, its
+    transaction still open (a pull's, which only reads; a push refused, 409): the
+    session's close at the request's end could not roll it back, and the error escaped
+    the app from its teardown, past every error handler: gunicorn answered its own HTML
+    "Internal Server Error" in place of the answer made (a PDA expects JSON). The
+    answer stands (the transaction ended with its connection), and the next request
+    gets a connection of its own."""
+    ending = threading.Event()
+
+    @committed_app.after_request
+    def connection_ends(response: Any) -> Any:
+        if ending.is_set() and db.session.in_transaction():
+            ending.clear()
+            _end_the_requests_connection(database_url)
+        return response
+
+    station = Station(committed_app)
+    batch = station.body(events(station, range(1, 4)))
+    assert station.push(batch).status_code == 200
+    ending.set()
+    if answer == "pull":
+        response = station.client.get(PULL, headers=station.headers)
+        assert response.status_code == 200, response.get_data()
+        assert response.get_json()["next_cursor"]
+    else:
+        other = station.body(events(station, range(4, 6)), batch_id=batch["batch_id"])
+        response = station.push(other)
+        assert response.status_code == 409, response.get_data()
+        assert response.get_json()["code"] == "batch_id_reused"
+    assert not ending.is_set(), "no connection was ended"
+    receipt = station.push(station.body(events(station, range(4, 6)))).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 2
+
+
 @pytest.mark.postgres_only
 def test_a_push_cancelled_by_a_statement_timeout_is_503_with_nothing_stored(
     station: Station, monkeypatch: pytest.MonkeyPatch

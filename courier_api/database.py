@@ -325,6 +325,13 @@ class Database:
             session.rollback()
             session.close()
 
+    def rollback(self) -> None:
+        """The request's transaction rolled back before its error is answered: a
+        connection the database ended since the error (a restart, ``DROP DATABASE ...
+        WITH (FORCE)``) has nothing left to undo, and the rollback's failure must not
+        replace the answer (a 503, 409 or 422 turned into a 500)."""
+        _ended_with_its_connection(self.session.rollback)
+
     def bind_to_connection(self, app: Flask, connection: Connection) -> None:
         """Tests: run every session of ``app`` inside ``connection``'s outer transaction.
 
@@ -351,19 +358,25 @@ class Database:
         ctx = g._get_current_object()  # type: ignore[attr-defined]  # once (``session``)
         session = ctx.pop("db_session", None)
         if session is not None:
-            try:
-                session.close()
-            except SQLAlchemyError as error:
-                # The answer is made (committed, refused, or only read): the rollback
-                # of a connection the database ended since the request's last statement
-                # fails here, with nothing left to undo. Raised from the teardown, it
-                # escaped every error handler, and gunicorn answered its own HTML 500.
-                reason = getattr(error, "orig", None) or error  # the driver's, as 503s log it
-                log.warning("the request's transaction ended with its connection: %s", reason)
+            # The answer is made (committed, refused, or only read). Raised from the
+            # teardown, the error escaped every handler: gunicorn's own HTML 500.
+            _ended_with_its_connection(session.close)
         if ctx.pop("db_refused_writes", False):  # only ever set on a test's connection
             connection = cls._state().test_connection
             assert connection is not None
             refuse_writes(connection, False)
+
+
+def _ended_with_its_connection(end: Callable[[], None]) -> None:
+    """``end`` the request's transaction (a rollback, the session's close); when the
+    database ended its connection since the last statement, the rollback fails with
+    nothing left to undo (the transaction ended with the connection, which SQLAlchemy
+    then throws away): logged, not raised."""
+    try:
+        end()
+    except SQLAlchemyError as error:
+        reason = getattr(error, "orig", None) or error  # the driver's, as 503s log it
+        log.warning("the request's transaction ended with its connection: %s", reason)
 
 
 # ``Database.read_apart``: the sign-in check to run again when the request's session

@@ -204,7 +204,7 @@ def handle_domain_error(error: DomainError) -> ResponseReturnValue:
 def handle_integrity_error(error: IntegrityError) -> ResponseReturnValue:
     from courier_api.extensions import db
 
-    db.session.rollback()
+    db.rollback()
     log.warning("integrity error answered with 409: %s", error.orig)
     body = error_body(409, message="the change conflicts with data already stored")
     return jsonify(body), 409
@@ -215,7 +215,7 @@ def handle_data_error(error: DataError) -> ResponseReturnValue:
     this is the safety net that keeps it a 422 (and logged) rather than a 500."""
     from courier_api.extensions import db
 
-    db.session.rollback()
+    db.rollback()
     log.warning("database refused a value, answered with 422", exc_info=error)
     body = error_body(
         422, code="invalid_value", message="a value is out of range or cannot be stored"
@@ -226,7 +226,7 @@ def handle_data_error(error: DataError) -> ResponseReturnValue:
 def handle_database_unavailable(error: OperationalError) -> ResponseReturnValue:
     from courier_api.extensions import db
 
-    db.session.rollback()
+    db.rollback()
     if written_while_reading(error):
         raise error  # a view marked READS_ONLY wrote: a bug, a 500, not "retry later"
     answer = database_refusal(error)

@@ -313,7 +313,7 @@ DATABASE_UNAVAILABLE = "The database is unavailable; nothing was saved. Try agai
 def database_error_page(error: OperationalError) -> ResponseReturnValue:
     """A page, not the API's JSON body, for a request the database failed; in words
     that say whether the manager's action was saved and what to do."""
-    db.session.rollback()
+    db.rollback()
     if written_while_reading(error):
         raise error  # a view marked READS_ONLY wrote: a bug, a 500
     answer = database_refusal(error)

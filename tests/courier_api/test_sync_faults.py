@@ -164,11 +164,12 @@ def test_database_down_mid_push_is_503_with_nothing_acknowledged(
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
 
 
-def _end_the_requests_connection(database_url: str) -> None:
+def _end_the_requests_connection(database_url: str, pid: int | None = None) -> None:
     """What a database restart, ``DROP DATABASE ... WITH (FORCE)`` or an operator's
-    ``pg_terminate_backend`` does to the current request's connection, from another
-    one, waiting until its backend is gone."""
-    pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    ``pg_terminate_backend`` does to the current request's connection (its backend
+    ``pid``), from another one, waiting until its backend is gone."""
+    if pid is None:
+        pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
     admin = make_url(database_url).set(drivername="postgresql")
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as other:
         other.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -215,6 +216,37 @@ def test_a_connection_ended_after_the_requests_last_statement_leaves_its_answer_
     assert not ending.is_set(), "no connection was ended"
     receipt = station.push(station.body(events(station, range(4, 6)))).get_json()
     assert [r["status"] for r in receipt["results"]] == ["applied"] * 2
+
+
+@pytest.mark.postgres_only
+def test_a_push_whose_connection_ends_after_its_statement_failed_is_still_a_503(
+    station: Station, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push's statement fails with its connection still good (cancelled, 57014), and
+    the database then ends that connection before the error is answered (a restart,
+    ``DROP DATABASE ... WITH (FORCE)``): the error handler's rollback failed, and its
+    error replaced the 503 with a 500 (gunicorn's HTML one on a server in testing)."""
+    batch = station.body(events(station, range(1, 4)))
+    insert = ingest._BatchIngest._insert
+
+    def cancelled_then_ended(self: Any, fresh: Any) -> Any:
+        insert(self, fresh)
+        pid = self.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        self.session.execute(text("SET LOCAL statement_timeout = 1"))
+        try:
+            self.session.execute(text("SELECT pg_sleep(1)"))
+        finally:
+            _end_the_requests_connection(database_url, pid)
+
+    monkeypatch.setattr(ingest._BatchIngest, "_insert", cancelled_then_ended)
+    response = station.push(batch)
+    assert response.status_code == 503, response.get_data()
+    assert response.get_json()["code"] == "database_unavailable"
+    assert response.headers["Retry-After"]
+    monkeypatch.undo()
+    assert station.count(ScanEvent) == 0
+    receipt = station.push(batch).get_json()
+    assert [r["status"] for r in receipt["results"]] == ["applied"] * 3
 
 
 @pytest.mark.postgres_only

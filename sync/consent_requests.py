@@ -905,8 +905,9 @@ def cancel_for_handed_over(
                 .execution_options(populate_existing=True)
             ).all()
         )
-    for request in cancelled:
-        _cancel_pending_or_held_back(session, request, now, HANDED_OVER_REASON)
+    with request_reach.questions_due_together(session):
+        for request in cancelled:
+            _cancel_pending_or_held_back(session, request, now, HANDED_OVER_REASON)
     if cancelled:
         feed.record(
             session,
@@ -1016,13 +1017,15 @@ def announce_lapsed(*, session: Session, now: dt.datetime) -> dict[str, Any]:
     announced: list[int] = []
     never_sent = 0
     while batch := session.scalars(due).all():
-        for request in batch:
-            if request.created_at >= request.expires_at:  # lapsed on its way: not sent
-                request.lapse_announced_at = now
-                never_sent += 1
-                continue
-            _announce_lapsed(session, request, now)
-            announced.append(request.id)
+        # Their questions made due together: one read, locked in id order.
+        with request_reach.questions_due_together(session):
+            for request in batch:
+                if request.created_at >= request.expires_at:  # lapsed on its way: not sent
+                    request.lapse_announced_at = now
+                    never_sent += 1
+                    continue
+                _announce_lapsed(session, request, now)
+                announced.append(request.id)
         session.commit()
     return {"announced": len(announced), "never_sent": never_sent, "request_ids": announced[:100]}
 

@@ -60,7 +60,7 @@ from models import (
     utcnow,
 )
 from models.sync import DELIVERY_TYPES, DROP_TYPES
-from sync import audit, consents, outbox
+from sync import audit, consents, outbox, request_reach
 from sync.acks import SeqTracker, acknowledged_through, without
 from sync.balances import closed_shifts_holding, gather, refresh_handover_flags
 from sync.blobs import lock_digests
@@ -800,25 +800,29 @@ class _BatchIngest:
                 voided=corrections,
                 tracking_nos=handed,
             )
-        if corrections:
-            freed = cancel_voided(
-                session=self.session,
-                device_id=self.pusher.device_id,
-                corrections=corrections,
-                now=self.received_at,
-            )
-        shifts = self._lock_shifts(stored, voided)
-        self._project(touched)
-        if freed:  # after the projection: under its parcels' locks, on their statuses
-            send_held_back_behind(
-                session=self.session,
-                cancelled=freed,
-                per_parcel=self.rules.consent_requests_per_parcel,
-                now=self.received_at,
-            )
-        self._request_consents(stored)
-        if handed:
-            cancel_for_handed_over(session=self.session, tracking_nos=handed, now=self.received_at)
+        # The questions of the requests it ends are made due together, locked in id order.
+        with request_reach.questions_due_together(self.session):
+            if corrections:
+                freed = cancel_voided(
+                    session=self.session,
+                    device_id=self.pusher.device_id,
+                    corrections=corrections,
+                    now=self.received_at,
+                )
+            shifts = self._lock_shifts(stored, voided)
+            self._project(touched)
+            if freed:  # after the projection: under its parcels' locks, on their statuses
+                send_held_back_behind(
+                    session=self.session,
+                    cancelled=freed,
+                    per_parcel=self.rules.consent_requests_per_parcel,
+                    now=self.received_at,
+                )
+            self._request_consents(stored)
+            if handed:
+                cancel_for_handed_over(
+                    session=self.session, tracking_nos=handed, now=self.received_at
+                )
         if voided:
             self._retract_drops(corrections, stored, targets)
         self._tell_holders_of_consents(stored, targets)

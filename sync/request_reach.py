@@ -19,7 +19,8 @@ or asked before the channel subscribed, is said nothing about (None), never
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -187,46 +188,98 @@ def question_due_now(session: Session, request: ConsentRequest, now: dt.datetime
     claim skips them (``sync.webhooks._moot``) instead of sending. Until then they held
     back the parcel's later messages to that receiver (its outcome, a locker drop), for
     up to ``WEBHOOK_BACKOFF_MAX_SECONDS`` (an hour) after the answer when the question
-    had been failing. Locked in id order, as every path locking several deliveries
-    (``sync.webhooks._lock_deliveries``). How many were brought forward."""
-    waiting = session.execute(
-        select(WebhookDelivery.id, OutboxMessage.payload)
-        .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
-        .where(
-            WebhookDelivery.subscription_id.in_(select(WebhookSubscription.id)),
-            WebhookDelivery.ordering_key == outbox.parcel_key(request.tracking_no),
-            WebhookDelivery.topic == TOPIC,
-            WebhookDelivery.status == DeliveryStatus.PENDING,
-            WebhookDelivery.next_attempt_at > now,
-        )
-    ).all()
-    ids = [
-        delivery_id
-        for delivery_id, payload in waiting
-        if isinstance(payload, dict) and payload.get("request_id") == request.id
-    ]
-    if not ids:
+    had been failing. Inside ``questions_due_together``, left to its end (0 here). How
+    many were brought forward."""
+    gathered = session.info.get(_GATHERED)
+    if gathered is not None:
+        gathered[request.id] = (outbox.parcel_key(request.tracking_no), now)
         return 0
-    locked = list(
-        session.scalars(
-            select(WebhookDelivery.id)
+    return _due_now(session, {request.id: (outbox.parcel_key(request.tracking_no), now)})
+
+
+@contextmanager
+def questions_due_together(session: Session) -> Iterator[None]:
+    """Within it, the questions of the requests a transaction ends (``question_due_now``)
+    are made due together when it ends: one read and one lock of their deliveries, in
+    id order. Request by request, the lapse job's batch of 500, or a push ending
+    several, read each request's deliveries apart and locked them in the order of the
+    requests, not of the deliveries: against an admin's change locking a subscription's
+    deliveries by id (``sync.webhooks._enable_again``, ``_drop_uncovered``), each could
+    hold one the other wanted next (a deadlock on PostgreSQL). Nested, the outermost
+    one makes them due. Nothing is done when the block raises."""
+    if _GATHERED in session.info:
+        yield
+        return
+    gathered: dict[int, tuple[str, dt.datetime]] = {}
+    session.info[_GATHERED] = gathered
+    try:
+        yield
+    finally:
+        del session.info[_GATHERED]
+    _due_now(session, gathered)
+
+
+_GATHERED = "request_reach.questions_due"
+
+
+def _due_now(session: Session, asked: Mapping[int, tuple[str, dt.datetime]]) -> int:
+    """Make due the waiting questions of the requests ``asked`` (``{request id: (the
+    parcel's ordering key, now)}``): found by their keys, then locked in id order, as
+    every path locking several deliveries (``sync.webhooks._lock_deliveries``). How many
+    were brought forward."""
+    if not asked:
+        return 0
+    earliest = min(now for _, now in asked.values())
+    waiting: dict[int, int] = {}  # delivery id: request id
+    for chunk in chunks(sorted({key for key, _ in asked.values()})):
+        # By (subscription, ordering key): the index a claim reads too, never the table.
+        for delivery_id, payload, next_attempt_at in session.execute(
+            select(WebhookDelivery.id, OutboxMessage.payload, WebhookDelivery.next_attempt_at)
+            .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
             .where(
-                WebhookDelivery.id.in_(ids),
+                WebhookDelivery.subscription_id.in_(select(WebhookSubscription.id)),
+                among(session, WebhookDelivery.ordering_key, chunk),
+                WebhookDelivery.topic == TOPIC,
                 WebhookDelivery.status == DeliveryStatus.PENDING,
-                WebhookDelivery.next_attempt_at > now,
+                WebhookDelivery.next_attempt_at > earliest,
+            )
+        ):
+            request_id = payload.get("request_id") if isinstance(payload, dict) else None
+            if isinstance(request_id, int) and request_id in asked:
+                if next_attempt_at > asked[request_id][1]:
+                    waiting[delivery_id] = request_id
+    if not waiting:
+        return 0
+    # Locked in id order (one statement per chunk of sorted ids: the same order), read
+    # again under the lock: one claimed, sent or replayed meanwhile is left as it is.
+    locked = [
+        row
+        for chunk in chunks(sorted(waiting))
+        for row in session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.next_attempt_at)
+            .where(
+                WebhookDelivery.id.in_(chunk),
+                WebhookDelivery.status == DeliveryStatus.PENDING,
+                WebhookDelivery.next_attempt_at > earliest,
             )
             .order_by(WebhookDelivery.id)
             .with_for_update()
         )
-    )
-    if locked:
-        session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(locked))
-            .values(next_attempt_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    return len(locked)
+    ]
+    due: dict[dt.datetime, list[int]] = {}
+    for delivery_id, next_attempt_at in locked:
+        _, now = asked[waiting[delivery_id]]
+        if next_attempt_at > now:
+            due.setdefault(now, []).append(delivery_id)
+    for now, ids in due.items():
+        for chunk in chunks(ids):
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(chunk))
+                .values(next_attempt_at=now)
+                .execution_options(synchronize_session=False)
+            )
+    return sum(len(ids) for ids in due.values())
 
 
 def tell_waiting(

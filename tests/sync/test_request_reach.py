@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import random
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import (
@@ -465,3 +467,125 @@ def test_a_question_the_worker_reached_only_after_the_lapse_says_it_was_not_sent
     assert unused.sent == 0
     why = reasons(sessions, request_id, lapsed_at)
     assert why == f"{request_reach.NEVER} ({request_reach.NOT_SENT})"
+
+
+@contextmanager
+def delivery_reads(connection: Connection) -> Iterator[list[str]]:
+    """The SELECTs of webhook deliveries the connection sends within the block."""
+    statements: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM webhook_delivery" in statement:
+            statements.append(statement)
+
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        yield statements
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+
+
+def test_the_lapse_job_makes_a_batchs_waiting_questions_due_together(
+    sessions: sessionmaker[Session], world: World, connection: Connection
+) -> None:
+    """The lapse job ends up to 500 requests a transaction. Each made its own question
+    due: a read and a lock of its deliveries per request, the locks in the order of the
+    requests rather than of the deliveries (an admin enabling the subscription again
+    locks them by id: a deadlock on PostgreSQL). Now one read and one lock, by id."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    asked = [ask(sessions, world) for _ in range(5)]
+    deliver(sessions, Answers(503), T0)  # every question failed once
+    lapsed_at = T0 + dt.timedelta(minutes=31)
+    with sessions.begin() as session:  # their retries far off (a day-long backoff's end)
+        for delivery in session.scalars(select(WebhookDelivery)):
+            delivery.next_attempt_at = lapsed_at + dt.timedelta(hours=1)
+    with delivery_reads(connection) as reads, sessions() as session:
+        outcome = consent_requests.announce_lapsed(session=session, now=lapsed_at)
+    assert outcome["announced"] == len(asked)
+    assert len(reads) <= 2, reads  # the questions' read, their lock: not two per request
+    with sessions() as session:
+        due = session.scalars(
+            select(WebhookDelivery.next_attempt_at).where(
+                WebhookDelivery.topic == request_reach.TOPIC
+            )
+        ).all()
+    assert due == [lapsed_at] * len(asked)
+
+
+def test_a_push_ending_several_requests_makes_their_questions_due_together(
+    session: Session, world: World, connection: Connection
+) -> None:
+    """A push voiding one ask and delivering other parcels in person ends their requests:
+    each made its question due apart, the voided one's before the others' (in two
+    batches, each by id), not all of them in the order of their deliveries' ids. Now
+    one read and one lock for the push."""
+    session.add(
+        WebhookSubscription(
+            url="http://127.0.0.1:9/hook", topics=[request_reach.TOPIC], secret="s" * 43
+        )
+    )
+    session.commit()
+    pusher = Pusher(world.device.id, world.station.id, world.courier.id)
+    asked_at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    parcels = [factories.parcel(session, world.station).tracking_no for _ in range(4)]
+    session.commit()
+    asks = [
+        factories.event(
+            5 + n, tn, "consent_requested", occurred_at=asked_at, request={"method": "any"}
+        )
+        for n, tn in enumerate(parcels)
+    ]
+    rules = IngestRules(events=EventRules(tracking=RULES.tracking))
+    ingest(
+        session=session,
+        batch=PushBatch(
+            pusher.device_id,
+            uuid.uuid4(),
+            asked_at,
+            [
+                factories.event(1 + n, tn, "checked_out", occurred_at=asked_at)
+                for n, tn in enumerate(parcels)
+            ]
+            + asks,
+        ),
+        pusher=pusher,
+        rules=rules,
+        received_at=asked_at,
+    )
+    session.commit()
+    retry = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)  # failing: a retry far off
+    for delivery in session.scalars(select(WebhookDelivery)):
+        delivery.attempts, delivery.next_attempt_at = 3, retry
+    session.commit()
+    pushed_at = dt.datetime.now(dt.UTC)
+    ending = [
+        factories.event(
+            9,
+            parcels[0],
+            "correction",
+            occurred_at=pushed_at,
+            voids_client_event_id=asks[0]["client_event_id"],
+            reason="mis-tap",
+        ),
+        *(
+            factories.event(10 + n, tn, "delivered", occurred_at=pushed_at)
+            for n, tn in enumerate(parcels[1:])
+        ),
+    ]
+    with delivery_reads(connection) as reads:
+        ingest(
+            session=session,
+            batch=PushBatch(pusher.device_id, uuid.uuid4(), pushed_at, ending),
+            pusher=pusher,
+            rules=rules,
+            received_at=pushed_at,
+        )
+        session.commit()
+    assert {r.status for r in session.scalars(select(ConsentRequest))} == {
+        consent_requests.ConsentRequestStatus.CANCELLED
+    }
+    assert len(reads) <= 2, reads
+    due = session.scalars(
+        select(WebhookDelivery.next_attempt_at).where(WebhookDelivery.topic == request_reach.TOPIC)
+    ).all()
+    assert len(due) == len(parcels) and all(at < retry for at in due)

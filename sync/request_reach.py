@@ -155,21 +155,19 @@ def _why(
 def tell_courier(session: Session, request_id: object) -> None:
     """Put the request's parcel in its courier's pull feed (a ``consent_request``
     entry): what the PDA reads of it changed. Nothing for an unknown id."""
-    if not isinstance(request_id, int):
-        return
-    request = session.get(ConsentRequest, request_id)
+    entry = _entry(session, request_id)
+    if entry is not None:
+        feed.record(session, [entry])
+
+
+def _entry(session: Session, request_id: object) -> feed.FeedEntry | None:
+    """The ``consent_request`` feed entry telling the request's courier; None for an
+    unknown id."""
+    request = session.get(ConsentRequest, request_id) if isinstance(request_id, int) else None
     if request is None:
-        return
-    feed.record(
-        session,
-        [
-            feed.FeedEntry(
-                request.station_id,
-                request.courier_id,
-                FeedKind.CONSENT_REQUEST,
-                request.tracking_no,
-            )
-        ],
+        return None
+    return feed.FeedEntry(
+        request.station_id, request.courier_id, FeedKind.CONSENT_REQUEST, request.tracking_no
     )
 
 
@@ -287,15 +285,20 @@ def tell_waiting(
     subscription_id: int,
     now: dt.datetime,
     deliveries: Collection[int] | None = None,
+    also: object = None,
 ) -> int:
     """Tell the couriers whose questions wait for this subscription, just stopped
     (disabled after its failures, or paused by an admin), that they are not getting
     through (``not_reached``): nothing is sent to it until an admin enables it; and,
-    once it sends again (enabled or resumed), that they are on their way. Only
+    once it sends again (enabled or resumed, or its disabling undone by a success
+    recorded late: ``sync.webhooks._undo_disabling``), that they are on their way. Only
     questions young enough to be pending (a request lasts a day at most).
     ``deliveries``: only these of its deliveries (about to be deleted: the subscription
-    no longer takes them, ``sync.webhooks._drop_uncovered``). How many requests'
-    couriers were told."""
+    no longer takes them, ``sync.webhooks._drop_uncovered``). ``also``: a request whose
+    courier is told at the same moment, whatever it waits for (the question whose
+    attempt stopped or restarted the subscription: its first failure, a success after
+    failing), in the same entries: one, not one for each reason (``feed.record``
+    writes an entry once). How many requests' couriers were told."""
     query = (
         select(OutboxMessage.payload)
         .join(WebhookDelivery, WebhookDelivery.message_id == OutboxMessage.id)
@@ -333,5 +336,7 @@ def tell_waiting(
             )
         )
     ]
+    if (entry := _entry(session, also)) is not None:
+        entries.append(entry)
     feed.record(session, entries)
-    return len(entries)
+    return len(set(entries))

@@ -1298,7 +1298,7 @@ def record_attempt(
     waited for the other on PostgreSQL and one failed.
     """
     with sessions.begin() as session:
-        _lock_subscription(session, claimed.subscription_id)
+        subscription = _lock_subscription(session, claimed.subscription_id)
         delivery = session.get(
             WebhookDelivery, claimed.id, with_for_update=True, populate_existing=True
         )
@@ -1317,12 +1317,21 @@ def record_attempt(
             delivery.status = DeliveryStatus.DELIVERED
             delivery.delivered_at = at
             delivery.last_error = None
-            _count_success(session, claimed.subscription_id, at)
-            if claimed.topic == request_reach.TOPIC and delivery.attempts > 1:
-                # Told at its first failure that it had not got through: now it has.
-                request_reach.tell_courier(
-                    session, (claimed.envelope.get("data") or {}).get("request_id")
-                )
+            # Told at its first failure that it had not got through, or that its
+            # subscription stopped while it was being sent: now it has got through.
+            told_not_through = delivery.attempts > 1 or (
+                subscription is not None and not is_sending(subscription)
+            )
+            reached = (
+                (claimed.envelope.get("data") or {}).get("request_id")
+                if claimed.topic == request_reach.TOPIC and told_not_through
+                else None
+            )
+            if _count_success(session, claimed.subscription_id, at):
+                # Enabled again: the couriers told it had stopped hear it sends again.
+                request_reach.tell_waiting(session, claimed.subscription_id, at, also=reached)
+            else:
+                request_reach.tell_courier(session, reached)
             return Recorded(DELIVERED, delivery.attempts)
         error = result.describe()
         delivery.last_error = error
@@ -1342,6 +1351,7 @@ def record_attempt(
             )
             outcome = RETRY
         asked = (claimed.envelope.get("data") or {}).get("request_id")
+        not_through = None
         if claimed.topic == request_reach.TOPIC and _request_ended(session, asked, at):
             # Answered (or cancelled) while it was being sent: the answer found it claimed,
             # nothing waiting to bring forward (``request_reach.question_due_now``). Due at
@@ -1351,8 +1361,13 @@ def record_attempt(
                 delivery.next_attempt_at = at
         elif claimed.topic == request_reach.TOPIC and delivery.attempts == 1:
             # The courier at the door hears that the question has not got through.
-            request_reach.tell_courier(session, asked)
+            not_through = asked
         disabled = _count_failure(session, claimed, error, at, settings)
+        if disabled:
+            # Its couriers hear that it stopped, this question's among them: told once.
+            request_reach.tell_waiting(session, claimed.subscription_id, at, also=not_through)
+        else:
+            request_reach.tell_courier(session, not_through)
         return Recorded(outcome, delivery.attempts, delivery.next_attempt_at, disabled)
 
 
@@ -1363,7 +1378,7 @@ def _request_ended(session: Session, request_id: object, at: dt.datetime) -> boo
     return request is None or effective_status(request, at) != "pending"
 
 
-def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> None:
+def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> bool:
     """A success made at ``at`` ends the subscription's run of failures, unless the run
     began after it (a later failure recorded first: the success is older news), and is
     the subscription's ``last_delivered_at`` unless a later one is. Attempts are
@@ -1374,8 +1389,9 @@ def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> N
     A run it ends that disabled the subscription with a failure made after ``at`` (at
     a receiver's return, an attempt begun while it was down ended just after another's
     success, and was recorded first) is undone too: counted in the order they were
-    made, that failure began a new run and disabled nothing (``_undo_disabling``)."""
-    _undo_disabling(session, subscription_id, at)
+    made, that failure began a new run and disabled nothing (``_undo_disabling``).
+    True when that made it send again."""
+    sending_again = _undo_disabling(session, subscription_id, at)
     moment = literal(at, SUBSCRIPTION.c.failing_since.type)
     last = SUBSCRIPTION.c.last_delivered_at
     run_begun_later = SUBSCRIPTION.c.failing_since > moment
@@ -1390,13 +1406,15 @@ def _count_success(session: Session, subscription_id: int, at: dt.datetime) -> N
             last_delivered_at=case((or_(last.is_(None), last < moment), moment), else_=last),
         )
     )
+    return sending_again
 
 
-def _undo_disabling(session: Session, subscription_id: int, at: dt.datetime) -> None:
+def _undo_disabling(session: Session, subscription_id: int, at: dt.datetime) -> bool:
     """Enable the subscription again when a failure made after a success at ``at``
     disabled it, counting a run begun before ``at`` (see ``_count_success``): its flag
     closed, its deliveries due as they were. Not one an admin enabled since (no longer
-    disabled), nor one a run begun after ``at`` disabled."""
+    disabled), nor one a run begun after ``at`` disabled. True when it sends again (not
+    paused by an admin meanwhile): the couriers told it had stopped are to hear it."""
     subscription = session.get(WebhookSubscription, subscription_id)
     if (
         subscription is None
@@ -1405,7 +1423,7 @@ def _undo_disabling(session: Session, subscription_id: int, at: dt.datetime) -> 
         or subscription.failing_since is None
         or subscription.failing_since > at
     ):
-        return
+        return False
     log.warning(
         "webhook subscription %s enabled again: the failure at %s that disabled it came "
         "after a success at %s, recorded later",
@@ -1422,6 +1440,7 @@ def _undo_disabling(session: Session, subscription_id: int, at: dt.datetime) -> 
         subject=FlagSubject("subscription", str(subscription_id)),
         reason="a success made before the failure that disabled it was recorded after it",
     )
+    return subscription.active
 
 
 def _count_failure(
@@ -1473,7 +1492,6 @@ def _count_failure(
         f"{failures} delivery attempts failed in a row since "
         f"{failing_since:%Y-%m-%d %H:%M:%S} UTC; last: {error}"
     )
-    request_reach.tell_waiting(session, subscription.id, at)
     raise_flag(
         session=session,
         kind=SUBSCRIPTION_DISABLED,

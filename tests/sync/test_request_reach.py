@@ -275,7 +275,8 @@ def test_the_courier_hears_when_the_channel_their_question_waits_for_is_disabled
         worker_id="w",
         rng=random.Random(1),
     )
-    assert told(sessions, first) == 2  # its own failure, then the subscription disabled
+    # Its own failure disabled the subscription: one entry, not one for each reason.
+    assert told(sessions, first) == 1
     assert told(sessions, later) == 1  # the subscription disabled
     assert reasons(sessions, later, T0) == request_reach.CHANNEL_STOPPED
 
@@ -589,3 +590,45 @@ def test_a_push_ending_several_requests_makes_their_questions_due_together(
         select(WebhookDelivery.next_attempt_at).where(WebhookDelivery.topic == request_reach.TOPIC)
     ).all()
     assert len(due) == len(parcels) and all(at < retry for at in due)
+
+
+def test_the_courier_hears_when_a_success_recorded_late_enables_the_channel_again(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """A failure made after a success, recorded first, disabled the subscription: the
+    couriers whose questions wait for it were told it had stopped. The success, recorded
+    next, undoes the disabling (``_undo_disabling``): the questions are on their way
+    again (``not_reached`` null), but their PDAs heard nothing and kept reading that
+    the channel was stopped until an admin came."""
+    settings = replace(SETTINGS, disable_after_failures=2, disable_after_seconds=0)
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    first, second, third, waiting = [ask(sessions, world) for _ in range(4)]
+    claimed = webhooks.claim_due(
+        sessions=sessions, due_at=T0, now=T0, settings=settings, worker_id="w"
+    )
+    assert len(claimed) == 3  # three at a time for one subscription: the fourth waits
+
+    def record(claim: webhooks.ClaimedDelivery, status: int, seconds: int) -> webhooks.Recorded:
+        return webhooks.record_attempt(
+            sessions=sessions,
+            claimed=claim,
+            result=SendResult(status_code=status),
+            at=T0 + dt.timedelta(seconds=seconds),
+            settings=settings,
+            worker_id="w",
+            rng=random.Random(1),
+        )
+
+    record(claimed[0], 503, 0)
+    assert record(claimed[1], 503, 10).disabled_subscription  # made after the success
+    assert told(sessions, waiting) == 1
+    assert reasons(sessions, waiting, T0 + dt.timedelta(seconds=10)) == (
+        request_reach.CHANNEL_STOPPED
+    )
+    assert record(claimed[2], 204, 5).outcome == webhooks.DELIVERED  # recorded last
+    assert reasons(sessions, waiting, T0 + dt.timedelta(seconds=10)) is None
+    assert told(sessions, waiting) == 2
+    # The first at its failure, then as the second: its own failure stopped it, one entry
+    # for both; each when it sends again. The third, in flight when it stopped, when it
+    # got through.
+    assert [told(sessions, r) for r in (first, second, third)] == [3, 2, 2]

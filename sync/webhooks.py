@@ -1985,7 +1985,13 @@ def purge_deliveries(
     the messages created before it that no delivery needs any more. Counted from when
     they settled, not from when they were written: a paused receiver's backlog,
     delivered weeks late, is kept as long as any (``parcel.drop_voided`` finds who was
-    told of a drop by it)."""
+    told of a drop by it).
+
+    A delivered consent question is kept while another delivery of its message is not
+    delivered (another channel failing, or dead): it is what shows the recipient was
+    asked (``request_reach.not_reached``), which read "every attempt failed" from the
+    other one alone. Its message, with the recipient's phone, is kept for that one
+    anyway; it goes with the next purge after them."""
     if status not in SETTLED:
         raise InvalidInput(
             "only delivered, dead or skipped deliveries can be purged",
@@ -1995,9 +2001,19 @@ def purge_deliveries(
     settled_at = func.coalesce(
         DELIVERY.c.delivered_at, DELIVERY.c.last_attempt_at, DELIVERY.c.created_at
     )
-    deliveries = session.execute(
-        delete(DELIVERY).where(DELIVERY.c.status == status.value, settled_at < before)
-    ).rowcount
+    purged = [DELIVERY.c.status == status.value, settled_at < before]
+    if status == DeliveryStatus.DELIVERED:
+        sibling = DELIVERY.alias("sibling")
+        purged.append(
+            ~and_(
+                DELIVERY.c.topic == request_reach.TOPIC,
+                exists().where(
+                    sibling.c.message_id == DELIVERY.c.message_id,
+                    sibling.c.status != DeliveryStatus.DELIVERED.value,
+                ),
+            )
+        )
+    deliveries = session.execute(delete(DELIVERY).where(*purged)).rowcount
     counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
     audit.append(
         session=session,

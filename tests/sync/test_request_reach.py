@@ -23,8 +23,8 @@ from models import (
     WebhookDelivery,
     WebhookSubscription,
 )
-from models.enums import ConsentChannel
-from sync import consent_requests, request_reach, webhooks
+from models.enums import ConsentChannel, DeliveryStatus
+from sync import consent_requests, outbox, request_reach, webhooks
 from sync.consents import ConsentRules
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
@@ -632,3 +632,57 @@ def test_the_courier_hears_when_a_success_recorded_late_enables_the_channel_agai
     # for both; each when it sends again. The third, in flight when it stopped, when it
     # got through.
     assert [told(sessions, r) for r in (first, second, third)] == [3, 2, 2]
+
+
+class OneDown:
+    """Two receivers: the one at ``down`` answers 503, the other takes everything."""
+
+    def __init__(self, down: str) -> None:
+        self.down = down
+
+    def send(self, *, url: str, body: bytes, headers: object) -> SendResult:
+        return SendResult(status_code=503 if url == self.down else 204)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_question_one_channel_got_still_reached_someone_after_an_admin_purge(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Two channels take the questions; one got it, the other keeps failing. An admin
+    purging the delivered deliveries took the one that showed the recipient was asked:
+    ``not_reached`` then read "every attempt failed" and the PDA went on ringing. A
+    delivered question is kept while another delivery of it is not delivered (its
+    message, with the recipient's phone, is kept for that one anyway)."""
+    with sessions.begin() as session:
+        for url in ("http://127.0.0.1:9/sms", "http://127.0.0.1:9/app"):
+            webhooks.create_subscription(
+                session=session,
+                url=url,
+                topics=(request_reach.TOPIC, "parcel.in_locker"),
+                station_id=None,
+                production=False,
+            )
+    request_id = ask(sessions, world)
+    deliver(sessions, OneDown("http://127.0.0.1:9/app"), T0)
+    later = T0 + dt.timedelta(minutes=1)
+    assert reasons(sessions, request_id, later) is None
+    with sessions.begin() as session:
+        outbox.announce(
+            session=session,
+            topic="parcel.in_locker",
+            ordering_key="RR-OTHER",
+            station_id=world.station.id,
+            data={"tracking_no": "RR-OTHER"},
+            now=T0,
+        )
+    deliver(sessions, OneDown("none"), T0)  # the other parcel's: delivered to both
+    with sessions.begin() as session:
+        purged = webhooks.purge_deliveries(
+            session=session, status=DeliveryStatus.DELIVERED, before=later
+        )
+    assert purged["deliveries"] == 2  # the other parcel's, nobody's question
+    assert reasons(sessions, request_id, later) is None
+    lapsed = T0 + dt.timedelta(minutes=31)
+    assert reasons(sessions, request_id, lapsed) is None  # never "it never reached them"

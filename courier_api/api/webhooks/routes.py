@@ -398,8 +398,9 @@ class PurgeDeliveries(MethodView):
         settled before `before` (delivered, or last attempted, or else written),
         then the messages that no delivery
         needs any more; answers how
-        many of each. Pending deliveries are never purged. Recorded in the audit
-        log. Admins only.
+        many of each. Pending deliveries are never purged, nor a delivered
+        `consent.requested` while another delivery of its message is not delivered
+        (it shows the recipient was asked). Recorded in the audit log. Admins only.
         """
         counts = webhooks.purge_deliveries(
             session=db.session,

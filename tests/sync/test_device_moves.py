@@ -140,6 +140,38 @@ def test_a_shift_opening_that_really_waited_for_a_move_opens_nothing(
         assert check.scalars(select(Shift)).all() == []
 
 
+class Registering:
+    """A manager of ST1 whose window holds two ids of other stations' PDAs: PDA-X and
+    PDA-Y, both of ST2, which they will be refused (on PostgreSQL, in real sessions)."""
+
+    def __init__(self, committed_app: Any) -> None:
+        self.sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+        with self.sessions() as setup:
+            self.own = factories.station(setup, code="ST1")
+            self.other = factories.station(setup, code="ST2")
+            manager = factories.user(setup, "registrar", "station_manager", self.own)
+            for device_id in ("PDA-X", "PDA-Y"):
+                factories.device(setup, device_id, self.other)
+            setup.commit()
+        key = caller_key(secret=b"test", kind=directory.DEVICE_IDS_TAKEN, caller=str(manager.id))
+        self.registrar = directory.Registrar(manager.id, key, Limit(2, dt.timedelta(hours=24)))
+
+    def register(self, session: Session, device_id: str) -> str:
+        """The registration's answer (its code when refused), left uncommitted."""
+        try:
+            directory.register_device(
+                session=session, device_id=device_id, station=self.own, registrar=self.registrar
+            )
+        except (Conflict, RateLimited) as refusal:
+            return refusal.code
+        return "registered"
+
+    def move_x(self, session: Session, station: Station) -> None:
+        device = session.get(Device, "PDA-X")
+        assert device is not None
+        move_device(session=session, device=device, station=station, moved_by=None)
+
+
 @pytest.mark.postgres_only
 def test_a_registration_while_a_pda_is_moved_away_again_does_not_forgive_it_for_good(
     committed_app: Any,
@@ -149,43 +181,20 @@ def test_a_registration_while_a_pda_is_moved_away_again_does_not_forgive_it_for_
     reads PDA-X at ST1 (the move not committed) and counts its refusal for nothing, as
     it stood then. Once the move commits, PDA-X is another station's PDA again and its
     refusal counts: the manager's window, full with it, refuses the next registration."""
-    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
-    with sessions() as setup:
-        own = factories.station(setup, code="ST1")
-        other = factories.station(setup, code="ST2")
-        manager = factories.user(setup, "registrar", "station_manager", own)
-        for device_id in ("PDA-X", "PDA-Y"):
-            factories.device(setup, device_id, other)
-        setup.commit()
-    key = caller_key(secret=b"test", kind=directory.DEVICE_IDS_TAKEN, caller=str(manager.id))
-    registrar = directory.Registrar(manager.id, key, Limit(2, dt.timedelta(hours=24)))
-
-    def register(session: Session, device_id: str) -> str:
-        try:
-            directory.register_device(
-                session=session, device_id=device_id, station=own, registrar=registrar
-            )
-        except (Conflict, RateLimited) as refusal:
-            return refusal.code
-        finally:
-            session.commit()
-        return "registered"
-
-    def move(session: Session, station: Station) -> None:
-        device = session.get(Device, "PDA-X")
-        assert device is not None
-        move_device(session=session, device=device, station=station, moved_by=None)
-
-    with sessions() as session:
-        assert [register(session, "PDA-X"), register(session, "PDA-Y")] == ["device_exists"] * 2
-        move(session, own)
+    world = Registering(committed_app)
+    with world.sessions() as session:
+        assert [world.register(session, "PDA-X"), world.register(session, "PDA-Y")] == [
+            "device_exists"
+        ] * 2
+        world.move_x(session, world.own)
         session.commit()
-    with sessions() as away, sessions() as registering:
-        move(away, other)  # not committed yet
-        assert register(registering, "PDA-NEW-1") == "registered"  # PDA-X stands at ST1
+    with world.sessions() as away, world.sessions() as registering:
+        world.move_x(away, world.other)  # not committed yet
+        assert world.register(registering, "PDA-NEW-1") == "registered"  # X stands at ST1
+        registering.commit()
         away.commit()
-    with sessions() as session:
-        assert register(session, "PDA-NEW-2") == directory.TOO_MANY_DEVICE_IDS_TAKEN
+    with world.sessions() as session:
+        assert world.register(session, "PDA-NEW-2") == directory.TOO_MANY_DEVICE_IDS_TAKEN
 
 
 @pytest.mark.postgres_only
@@ -197,42 +206,21 @@ def test_a_registration_that_waited_for_the_managers_turn_sees_a_move_committed_
     and an admin moves PDA-X to ST1; both commit while it waits. Once its turn comes,
     PDA-X stands at ST1 and counts for nothing: the registration goes through. It read
     the ids moved to ST1 before it waited, without PDA-X, and was refused with a 429."""
-    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
-    with sessions() as setup:
-        own = factories.station(setup, code="ST1")
-        other = factories.station(setup, code="ST2")
-        manager = factories.user(setup, "registrar", "station_manager", own)
+    world = Registering(committed_app)
+    with world.sessions() as session:
         for device_id in ("PDA-X", "PDA-Y"):
-            factories.device(setup, device_id, other)
-        setup.commit()
-    key = caller_key(secret=b"test", kind=directory.DEVICE_IDS_TAKEN, caller=str(manager.id))
-    registrar = directory.Registrar(manager.id, key, Limit(2, dt.timedelta(hours=24)))
-
-    def register(session: Session, device_id: str) -> str:
-        try:
-            directory.register_device(
-                session=session, device_id=device_id, station=own, registrar=registrar
-            )
-        except (Conflict, RateLimited) as refusal:
-            return refusal.code
-        return "registered"
-
-    with sessions() as session:
-        for device_id in ("PDA-X", "PDA-Y"):
-            assert register(session, device_id) == "device_exists"
+            assert world.register(session, device_id) == "device_exists"
             session.commit()
     answers: list[str] = []
 
     def other_tab_and_the_move(holder: Session) -> None:
         # The manager's turn held (refused: the window is full), and PDA-X moved to ST1.
-        assert register(holder, "PDA-NEW-0") == directory.TOO_MANY_DEVICE_IDS_TAKEN
-        device = holder.get(Device, "PDA-X")
-        assert device is not None
-        move_device(session=holder, device=device, station=own, moved_by=None)
+        assert world.register(holder, "PDA-NEW-0") == directory.TOO_MANY_DEVICE_IDS_TAKEN
+        world.move_x(holder, world.own)
 
     while_held(
-        sessions,
+        world.sessions,
         other_tab_and_the_move,
-        lambda registering: answers.append(register(registering, "PDA-NEW-1")),
+        lambda registering: answers.append(world.register(registering, "PDA-NEW-1")),
     )
     assert answers == ["registered"]

@@ -850,6 +850,11 @@ class _BatchIngest:
         or below it are looked up: a PDA sending what is new (the usual push) costs no
         query. An event above it that re-uses a stored id (a PDA bug) is caught by the
         unique index on insert and answered in ``_insert_one_by_one``.
+
+        An id sent at several seqs in this push (another PDA bug) is judged in seq order,
+        not in the order the push lists its events: the version at the lowest seq is the
+        one held, however the batch was ordered (rule 3). Across pushes the first version
+        to arrive stands, as ever. Returned in the push's order.
         """
         old = [event for _, event in valid if event.seq <= self.state.max_seq]
         held_by_id = self._held_by_id([event.client_event_id for event in old])
@@ -860,7 +865,7 @@ class _BatchIngest:
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh_at: dict[int, ValidEvent] = {}  # this push's new events, by index
         fresh = []
-        for index, event in valid:
+        for index, event in sorted(valid, key=lambda item: (item[1].seq, item[0])):
             if index in settled:  # answered as the first time, nothing raised
                 self._reject(index, self.batch.events[index], settled[index])
                 continue
@@ -894,7 +899,7 @@ class _BatchIngest:
             held_by_seq[event.seq] = event.client_event_id
             fresh_at[index] = event
             fresh.append((index, event))
-        return fresh
+        return sorted(fresh, key=operator.itemgetter(0))
 
     def _held_though_refused_now(self) -> list[tuple[int, ValidEvent]]:
         """Answer ``duplicate`` the events refused for their tracking number alone that

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
@@ -1202,6 +1204,72 @@ def test_check_out_assigns_the_parcel_and_a_second_check_out_reassigns_it(
         (world.courier.id, FeedKind.PARCEL_REMOVED),
         (other_courier.id, FeedKind.PARCEL),
     ]
+
+
+def _outcome(session: Session, receipt: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """What a push left, its results put back in the order the events were recorded."""
+    results = [None] * len(order)
+    for position, result in zip(order, receipt["results"], strict=True):
+        results[position] = {k: v for k, v in result.items() if k != "index"}
+    flags = session.execute(
+        select(Flag.kind, Flag.subject_key, Flag.status, Flag.evidence).order_by(
+            Flag.kind, Flag.subject_key
+        )
+    ).all()
+    return {
+        "events": sorted(
+            session.execute(select(ScanEvent.seq, ScanEvent.client_event_id, ScanEvent.type))
+        ),
+        "quarantine": sorted(
+            session.execute(select(QuarantinedEvent.seq, QuarantinedEvent.error_code))
+        ),
+        "flags": [tuple(row) for row in flags],
+        "results": results,
+        "raised": sorted((f["kind"], f["subject_key"]) for f in receipt["flags_raised"]),
+        "acked_through_seq": receipt["acked_through_seq"],
+        "missing_seqs": receipt["missing_seqs"],
+    }
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(order=st.permutations(range(4)))
+def test_one_id_sent_at_several_seqs_in_one_push_is_held_at_its_lowest_in_any_order(
+    session: Session, pda: Pda, parcel: Parcel, order: list[int]
+) -> None:
+    """A PDA's bug sends one ``client_event_id`` at two free seqs in one push (its
+    record numbered twice, once with other content). Rule 3: however the push lists its
+    events, the server holds the same one, at the lowest seq, the others rejected
+    ``conflicting_duplicate`` with the same flag; each result stays at its event's index.
+    """
+    tn = parcel.tracking_no
+    first = pda.event(1, tn)
+    recorded = [
+        first,
+        {**first, "seq": 2},  # the same record numbered again
+        pda.event(3, tn, "out_for_delivery"),
+        {**pda.event(4, tn, "delivered"), "client_event_id": first["client_event_id"]},
+    ]
+    batch_id = uuid.uuid4()
+
+    def pushed(order: list[int]) -> dict[str, Any]:
+        events = [recorded[i] for i in order]
+        receipt = pda.push(events, batch_id, commit=False)
+        assert [r["index"] for r in receipt["results"]] == list(range(len(events)))
+        assert [r["client_event_id"] for r in receipt["results"]] == [
+            e["client_event_id"] for e in events
+        ]
+        outcome = _outcome(session, receipt, order)
+        session.rollback()
+        return outcome
+
+    in_order = pushed(list(range(len(recorded))))
+    held = [(seq, str(event_id)) for seq, event_id, _ in in_order["events"]]
+    assert (1, first["client_event_id"]) in held and len(held) == 2
+    assert pushed(order) == in_order
 
 
 def test_a_stored_id_sent_again_with_a_new_seq_is_a_conflicting_duplicate(

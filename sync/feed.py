@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import insert, literal_column, or_, select, text, tuple_
+from sqlalchemy import ColumnElement, insert, literal_column, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from models import FeedChange, FeedKind, Parcel, ParcelStatus
@@ -134,7 +134,9 @@ def read_page(
     its beginning: the PDA is first sent the parcels it holds now, still to be dealt
     with (a snapshot, paged by parcel id), then the feed from where the snapshot
     began. Every change committed before that point shows in the snapshot; every
-    later one comes from the feed (some twice, which a PDA applies idempotently).
+    later one comes from the feed (some twice, which a PDA applies idempotently). The
+    snapshot's last page says ``has_more`` only when the feed already holds such a
+    later change (``_snapshot_page``).
     """
     horizon = _visible_horizon(session)
     if cursor is None:
@@ -148,7 +150,7 @@ def read_page(
             field="cursor",
         )
     if cursor.snapshot_after is not None:
-        return _snapshot_page(session, station_id, courier_id, cursor, limit)
+        return _snapshot_page(session, station_id, courier_id, cursor, limit, horizon)
     query = (
         select(FeedChange, Parcel)
         .outerjoin(
@@ -156,16 +158,10 @@ def read_page(
             (Parcel.tracking_no == FeedChange.tracking_no)
             & (FeedChange.kind != FeedKind.PARCEL_REMOVED),
         )
-        .where(
-            FeedChange.station_id == station_id,
-            FeedChange.courier_id == courier_id,
-            tuple_(FeedChange.txid, FeedChange.id) > tuple_(cursor.txid, cursor.id),
-        )
+        .where(*_after(station_id, courier_id, cursor, horizon))
         .order_by(FeedChange.txid, FeedChange.id)
         .limit(limit + 1)
     )
-    if horizon is not None:
-        query = query.where(FeedChange.txid < horizon)
     rows = session.execute(query).all()
     page = rows[:limit]
     return FeedPage(
@@ -173,6 +169,20 @@ def read_page(
         next_cursor=Cursor(page[-1][0].txid, page[-1][0].id) if page else cursor,
         has_more=len(rows) > limit,
     )
+
+
+def _after(
+    station_id: int, courier_id: int, cursor: Cursor, horizon: int | None
+) -> list[ColumnElement[bool]]:
+    """The courier's final entries (below the horizon) after ``cursor``'s position."""
+    where = [
+        FeedChange.station_id == station_id,
+        FeedChange.courier_id == courier_id,
+        tuple_(FeedChange.txid, FeedChange.id) > tuple_(cursor.txid, cursor.id),
+    ]
+    if horizon is not None:
+        where.append(FeedChange.txid < horizon)
+    return where
 
 
 def _as_held(
@@ -209,8 +219,19 @@ def _head(
 
 
 def _snapshot_page(
-    session: Session, station_id: int, courier_id: int, cursor: Cursor, limit: int
+    session: Session,
+    station_id: int,
+    courier_id: int,
+    cursor: Cursor,
+    limit: int,
+    horizon: int | None,
 ) -> FeedPage:
+    """A page of the snapshot. Its last page hands over the feed cursor where the
+    snapshot began, and says ``has_more`` only when the feed already holds a final entry
+    after it (one query on the reader's index, ``LIMIT 1``): a PDA holding few parcels
+    needs no second request to learn that nothing followed. An entry not final yet (its
+    transaction still running, above the horizon) is not counted, as a feed page would
+    not return it; the cursor stays before it, so the next pull gets it."""
     assert cursor.snapshot_after is not None
     parcels = session.scalars(
         select(Parcel)
@@ -226,10 +247,14 @@ def _snapshot_page(
     page = parcels[:limit]
     changes = [FeedItem(FeedKind.PARCEL, parcel.tracking_no, parcel) for parcel in page]
     if len(parcels) > limit:
-        next_cursor = Cursor(cursor.txid, cursor.id, snapshot_after=page[-1].id)
-    else:
-        next_cursor = cursor.position  # the snapshot is complete: on with the feed
-    return FeedPage(changes=changes, next_cursor=next_cursor, has_more=True)
+        snapshot_cursor = Cursor(cursor.txid, cursor.id, snapshot_after=page[-1].id)
+        return FeedPage(changes=changes, next_cursor=snapshot_cursor, has_more=True)
+    # The snapshot is complete: on with the feed, from where the snapshot began.
+    feed_cursor = cursor.position
+    newer = session.scalar(
+        select(FeedChange.id).where(*_after(station_id, courier_id, feed_cursor, horizon)).limit(1)
+    )
+    return FeedPage(changes=changes, next_cursor=feed_cursor, has_more=newer is not None)
 
 
 def _could_have_been_issued(

@@ -725,6 +725,31 @@ def test_a_change_that_commits_late_with_a_lower_id_is_not_skipped(station: Stat
 
 
 @pytest.mark.postgres_only
+def test_a_snapshot_that_says_it_is_complete_misses_no_change_committing_late(
+    station: Station,
+) -> None:
+    """A fresh PDA's one snapshot page says ``has_more`` false while a transaction that
+    wrote a feed entry for its courier is still running (above the horizon, not final):
+    its cursor stays before that entry, so the pull after the commit gets it."""
+    engine = db.engine_of(station.app)
+    with Session(engine) as late:
+        feed.record(
+            late,
+            [feed.FeedEntry(station.station_id, station.courier_id, FeedKind.PARCEL, "LATE-2")],
+        )
+        late.flush()
+        station.push(station.body([factories.event(1, station.parcels[0])]))  # commits
+        snapshot = station.client.get(PULL, headers=station.headers).get_json()
+        assert [c["tracking_no"] for c in snapshot["changes"]] == [station.parcels[0]]
+        assert not snapshot["has_more"]
+        late.commit()
+    after = station.client.get(
+        PULL, query_string={"cursor": snapshot["next_cursor"]}, headers=station.headers
+    ).get_json()
+    assert "LATE-2" in [c["tracking_no"] for c in after["changes"]]
+
+
+@pytest.mark.postgres_only
 def test_a_transaction_on_another_database_holds_no_pull_back(station: Station) -> None:
     """The horizon is this database's: another service's transaction on the same server,
     holding a transaction id, cannot write this feed, so the pull does not wait for it."""

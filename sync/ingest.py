@@ -851,10 +851,12 @@ class _BatchIngest:
         query. An event above it that re-uses a stored id (a PDA bug) is caught by the
         unique index on insert and answered in ``_insert_one_by_one``.
 
-        An id sent at several seqs in this push (another PDA bug) is judged in seq order,
-        not in the order the push lists its events: the version at the lowest seq is the
-        one held, however the batch was ordered (rule 3). Across pushes the first version
-        to arrive stands, as ever. Returned in the push's order.
+        The push is judged in seq order, not in the order it lists its events, so that
+        no reordering of a batch changes what is held (rule 3): an id sent at several
+        seqs (a PDA bug) is held at the lowest; of several events at one seq (a PDA that
+        numbered from 1 again) or of one id's versions at one seq, the lowest id, then
+        content digest, is, the others answered as if sent after it. Across pushes the
+        first to arrive stands, as ever. Returned in the push's order.
         """
         old = [event for _, event in valid if event.seq <= self.state.max_seq]
         held_by_id = self._held_by_id([event.client_event_id for event in old])
@@ -865,7 +867,7 @@ class _BatchIngest:
         in_batch: dict[uuid.UUID, tuple[str, int]] = {}
         fresh_at: dict[int, ValidEvent] = {}  # this push's new events, by index
         fresh = []
-        for index, event in sorted(valid, key=lambda item: (item[1].seq, item[0])):
+        for index, event in sorted(valid, key=_judged_first):
             if index in settled:  # answered as the first time, nothing raised
                 self._reject(index, self.batch.events[index], settled[index])
                 continue
@@ -2281,6 +2283,13 @@ class _BatchIngest:
             missing_seq_count=tracker.missing_count,
             flags_raised=self.raised,
         )
+
+
+def _judged_first(item: tuple[int, ValidEvent]) -> tuple[int, uuid.UUID, str, int]:
+    """The order ``_deduplicate`` judges a push's events in: by seq, then id, then content,
+    whatever the push's order (copies alike in all three keep it, sharing one fate)."""
+    index, event = item
+    return (event.seq, event.client_event_id, event.content_hash, index)
 
 
 def _but_for_seq(event: ValidEvent, other: ValidEvent) -> bool:

@@ -29,19 +29,11 @@ from sync.consents import ConsentRules
 from sync.events import EventRules
 from sync.ingest import IngestRules, PushBatch, Pusher, ingest
 from sync.tracking import DEFAULT_DOMESTIC_PATTERNS, TrackingNumberPolicy
-from sync.webhooks import DeliverySettings, SendResult
+from sync.webhooks import SendResult
 from tests import factories
 from tests.conftest import World
+from tests.sync.test_webhooks import SETTINGS, T0
 
-T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
-SETTINGS = DeliverySettings(
-    max_attempts=8,
-    backoff_seconds=5,
-    backoff_max_seconds=3600,
-    timeout_seconds=2,
-    max_response_bytes=4096,
-    disable_after_failures=20,
-)
 RULES = ConsentRules(
     tracking=TrackingNumberPolicy.from_patterns(DEFAULT_DOMESTIC_PATTERNS), phone_region="CN"
 )
@@ -78,6 +70,22 @@ def subscribe(sessions: sessionmaker[Session], *, topics: tuple[str, ...]) -> in
             station_id=None,
             production=False,
         ).id
+
+
+def change_subscription(
+    sessions: sessionmaker[Session], subscription_id: int, **change: object
+) -> None:
+    """An admin's change of the subscription (paused, resumed, its topics), committed."""
+    with sessions.begin() as session:
+        webhooks.update_subscription(
+            session=session,
+            subscription=webhooks.get_subscription(
+                session=session, subscription_id=subscription_id
+            ),
+            production=False,
+            now=T0,
+            **change,
+        )
 
 
 def ask(sessions: sessionmaker[Session], world: World, minutes: int = 30) -> int:
@@ -234,16 +242,7 @@ def test_the_courier_hears_when_the_channel_their_question_waits_for_is_paused(
     subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
     request_id = ask(sessions, world)
     assert told(sessions, request_id) == 0
-    with sessions.begin() as session:
-        webhooks.update_subscription(
-            session=session,
-            subscription=webhooks.get_subscription(
-                session=session, subscription_id=subscription_id
-            ),
-            production=False,
-            now=T0,
-            active=False,
-        )
+    change_subscription(sessions, subscription_id, active=False)
     assert told(sessions, request_id) == 1
     assert reasons(sessions, request_id, T0) == request_reach.CHANNEL_STOPPED
 
@@ -315,16 +314,7 @@ def test_the_courier_hears_when_the_stopped_channel_is_enabled_again(
     subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
     request_id = ask(sessions, world)
     for active in (False, True):
-        with sessions.begin() as session:
-            webhooks.update_subscription(
-                session=session,
-                subscription=webhooks.get_subscription(
-                    session=session, subscription_id=subscription_id
-                ),
-                production=False,
-                now=T0,
-                active=active,
-            )
+        change_subscription(sessions, subscription_id, active=active)
     assert reasons(sessions, request_id, T0) is None
     assert told(sessions, request_id) == 2
 
@@ -424,16 +414,7 @@ def test_the_courier_hears_when_the_channel_stops_taking_their_question(
     request lapses."""
     subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
     request_id = ask(sessions, world)
-    with sessions.begin() as session:
-        webhooks.update_subscription(
-            session=session,
-            subscription=webhooks.get_subscription(
-                session=session, subscription_id=subscription_id
-            ),
-            production=False,
-            now=T0,
-            topics=("parcel.in_locker",),
-        )
+    change_subscription(sessions, subscription_id, topics=("parcel.in_locker",))
     assert reasons(sessions, request_id, T0) == request_reach.NO_CHANNEL
     assert told(sessions, request_id) == 1
 

@@ -1138,27 +1138,36 @@ def answer_request(
     request.answered_at = now
     request.answered_by = answered_by
     request.answered_channel = answer.channel
-    if answer.granted:
-        assert consent is not None
-        _announce_granted(session, request, consent, answer.channel, now)
-        if consent.revoked_at is not None:
-            # A consent the channel recorded alone and revoked before this answer took
-            # it: the request reads what that consent is, as if answered, then revoked.
-            request.status = ConsentRequestStatus.REVOKED
-            request.revoked_at = consent.revoked_at
-            consents.announce_revoked(session, request, consent, now)
-        elif refusal := _refusal_withdrawing(session, consent):
-            # Granted (as the channel says) before a refusal already recorded: withdrawn
-            # for the parcel by it, as if answered, then withdrawn.
-            _withdraw(session, request, consent, refusal, now)
-    else:
-        _audit_refusal(session, request, answer.channel, now)
-        _announce_refused(session, request, answer.channel, now)
-        for earlier in withdrawn:  # after the refusal that withdrew them
-            consent_of = session.get(Consent, earlier.consent_id)
-            assert consent_of is not None
-            _audit_withdrawn(session, earlier, consent_of, request, answer.channel, answered_by)
-            _announce_withdrawn(session, earlier, consent_of, request, answer.channel, now)
+    # The questions of the requests it ends (its own, and those a refusal withdraws)
+    # made due together: one read of their deliveries, not one per request.
+    with request_reach.questions_due_together(session):
+        if answer.granted:
+            assert consent is not None
+            _announce_granted(session, request, consent, answer.channel, now)
+            if consent.revoked_at is not None:
+                # A consent the channel recorded alone and revoked before this answer
+                # took it: the request reads what that consent is, as if answered, then
+                # revoked.
+                request.status = ConsentRequestStatus.REVOKED
+                request.revoked_at = consent.revoked_at
+                consents.announce_revoked(session, request, consent, now)
+            elif refusal := _refusal_withdrawing(session, consent):
+                # Granted (as the channel says) before a refusal already recorded:
+                # withdrawn for the parcel by it, as if answered, then withdrawn.
+                _withdraw(session, request, consent, refusal, now)
+        else:
+            _audit_refusal(session, request, answer.channel, now)
+            _announce_refused(session, request, answer.channel, now)
+            consents_of = consents.consents_by_id(
+                session, [r.consent_id for r in withdrawn if r.consent_id is not None]
+            )
+            for earlier in withdrawn:  # after the refusal that withdrew them
+                assert earlier.consent_id is not None
+                consent_of = consents_of[earlier.consent_id]
+                _audit_withdrawn(
+                    session, earlier, consent_of, request, answer.channel, answered_by
+                )
+                _announce_withdrawn(session, earlier, consent_of, request, answer.channel, now)
     # The courier's PDA hears the answer, and each courier whose request it withdrew
     # hears that: one entry each (the same courier asking both hears it once).
     feed.record(

@@ -1435,6 +1435,49 @@ def test_a_refusal_tells_each_courier_whose_request_it_withdrew_once(
     assert after[world.courier.id] - before[world.courier.id] == 1
 
 
+def test_a_refusal_withdrawing_many_grants_reads_their_questions_once(
+    session: Session, world: World, pda: Pda, connection: Connection
+) -> None:
+    """A refusal withdraws every request of the parcel granted before it, and each
+    withdrawn request's question was made due apart: a read of the webhook deliveries
+    per request withdrawn (N+1 statements for a refusal at a parcel asked N times).
+    Now one read for the refusal however many it withdraws."""
+    from tests.sync.test_request_reach import delivery_reads
+
+    subscribe(session, *OUTCOMES)
+
+    def reads_of_a_refusal_withdrawing(granted: int) -> int:
+        parcel = factories.parcel(session, world.station).tracking_no
+        session.commit()
+        pda.push(
+            [
+                pda.event(
+                    parcel,
+                    "consent_requested",
+                    50,
+                    request={"method": "locker", "point_id": f"L-{n}"},
+                )
+                for n in range(granted + 1)
+            ]
+        )
+        *asked, refused = session.scalars(
+            select(ConsentRequest)
+            .where(ConsentRequest.tracking_no == parcel)
+            .order_by(ConsentRequest.id)
+        ).all()
+        for request in asked:
+            answer(session, request, now=NOW - dt.timedelta(minutes=5))
+        with delivery_reads(connection) as reads:
+            answer(session, refused, granted=False, reason="ring the bell")
+        statuses = session.scalars(
+            select(ConsentRequest.status).where(ConsentRequest.id.in_([r.id for r in asked]))
+        ).all()
+        assert statuses == [ConsentRequestStatus.REVOKED] * granted
+        return len(reads)
+
+    assert reads_of_a_refusal_withdrawing(4) == reads_of_a_refusal_withdrawing(1)
+
+
 def test_a_request_whose_consent_expired_since_reads_expired_not_granted(
     session: Session, world: World, pda: Pda, parcel: str
 ) -> None:

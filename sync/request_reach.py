@@ -11,9 +11,12 @@ hears it): when the question is written with no receiver sending, at its first
 failed attempt, and when the subscription it waits for is disabled or paused; and
 when it gets through after all: sent after failing, or its subscription sending again.
 
-Read from the deliveries as they are: a question whose deliveries an admin purged,
-or asked before the channel subscribed, is said nothing about (None), never
-"not reached" on no evidence.
+Read from the deliveries as they are: a question asked before the channel subscribed
+is said nothing about (None), never "not reached" on no evidence. An admin's purge of
+settled deliveries keeps on the request what they said (``keep_before_purge``): read
+from there afterwards, neither silent (null) on a question that never got through,
+nor "nobody takes consent requests here" on one delivered before its channel stopped
+taking them.
 """
 
 from __future__ import annotations
@@ -74,8 +77,46 @@ def not_reached(
     each with why: by request id. While a request is pending, why it has not yet; once
     it lapsed, that it never did. One delivered to any receiver reached it."""
     asked = _candidates(requests)
+    reasons: dict[int, str] = {}
+    for request, why in _unreached(session, asked).items():
+        lapsed = now >= request.expires_at or request.lapse_announced_at is not None
+        reasons[request.id] = f"{NEVER} ({why})" if lapsed else why
+    return reasons
+
+
+def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.datetime) -> int:
+    """Keep on these requests (whose question's deliveries an admin's purge is about to
+    delete) what their deliveries say, as ``not_reached`` reads it from then on: only
+    unanswered ones not kept already (at the first purge; an answered one says nothing).
+    A purged delivery has settled: delivered, or dead or skipped once the request
+    ended, so what they say no longer changes. How many requests it was kept on."""
+    kept = 0
+    for chunk in chunks(sorted(request_ids)):
+        asked = _candidates(
+            session.scalars(
+                select(ConsentRequest)
+                .where(ConsentRequest.id.in_(chunk), ConsentRequest.question_purged_at.is_(None))
+                .with_for_update()
+            ).all()
+        )
+        unreached = {request.id: why for request, why in _unreached(session, asked).items()}
+        for request in asked:
+            request.question_purged_at = now
+            request.not_reached_when_purged = unreached.get(request.id)
+        kept += len(asked)
+    session.flush()
+    return kept
+
+
+def _unreached(session: Session, asked: Sequence[ConsentRequest]) -> dict[ConsentRequest, str]:
+    """Of the requests ``asked`` (``_candidates``), those whose question has not reached
+    the recipient's channel, with why (as if pending): from what a purge kept of them,
+    else from their deliveries."""
+    purged = [r for r in asked if r.question_purged_at is not None]
+    unreached = {r: r.not_reached_when_purged for r in purged if r.not_reached_when_purged}
+    asked = [r for r in asked if r.question_purged_at is None]
     if not asked:
-        return {}
+        return unreached
     subscriptions = {
         s.id: s
         for s in session.scalars(
@@ -103,14 +144,11 @@ def not_reached(
             if isinstance(request_id, int):
                 found.setdefault(request_id, []).append(delivery)
     anyone_takes = {r.station_id: _taken_at(subscriptions, r.station_id) for r in asked}
-    reasons: dict[int, str] = {}
     for request in asked:
         why = _why(found.get(request.id, []), subscriptions, anyone_takes[request.station_id])
-        if why is None:
-            continue
-        lapsed = now >= request.expires_at or request.lapse_announced_at is not None
-        reasons[request.id] = f"{NEVER} ({why})" if lapsed else why
-    return reasons
+        if why is not None:
+            unreached[request] = why
+    return unreached
 
 
 def _taken_at(subscriptions: dict[int, WebhookSubscription], station_id: int) -> bool:

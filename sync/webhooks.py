@@ -1979,6 +1979,7 @@ def purge_deliveries(
     status: DeliveryStatus,
     before: dt.datetime,
     actor_id: int | None = None,
+    now: dt.datetime | None = None,
 ) -> dict[str, int]:
     """Delete the ``delivered`` (or ``dead``, or ``skipped``) deliveries settled before
     ``before`` (by their delivery, or their last attempt, or else their creation), then
@@ -1991,7 +1992,10 @@ def purge_deliveries(
     delivered (another channel failing, or dead): it is what shows the recipient was
     asked (``request_reach.not_reached``), which read "every attempt failed" from the
     other one alone. Its message, with the recipient's phone, is kept for that one
-    anyway; it goes with the next purge after them."""
+    anyway; it goes with the next purge after them. What an unanswered request's
+    question's deliveries said of it is kept on the request before they go
+    (``request_reach.keep_before_purge``): its ``not_reached`` neither goes null nor
+    turns into "nobody takes consent requests here"."""
     if status not in SETTLED:
         raise InvalidInput(
             "only delivered, dead or skipped deliveries can be purged",
@@ -2013,6 +2017,20 @@ def purge_deliveries(
                 ),
             )
         )
+    questions = session.scalars(
+        select(OutboxMessage.payload)
+        .join(DELIVERY, DELIVERY.c.message_id == OutboxMessage.id)
+        .where(*purged, DELIVERY.c.topic == request_reach.TOPIC)
+    )
+    request_reach.keep_before_purge(
+        session,
+        {
+            payload["request_id"]
+            for payload in questions
+            if isinstance(payload, dict) and isinstance(payload.get("request_id"), int)
+        },
+        now or utcnow(),
+    )
     deliveries = session.execute(delete(DELIVERY).where(*purged)).rowcount
     counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
     audit.append(

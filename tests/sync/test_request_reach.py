@@ -667,3 +667,48 @@ def test_a_question_one_channel_got_still_reached_someone_after_an_admin_purge(
     assert reasons(sessions, request_id, later) is None
     lapsed = T0 + dt.timedelta(minutes=31)
     assert reasons(sessions, request_id, lapsed) is None  # never "it never reached them"
+
+
+def purge(sessions: sessionmaker[Session], status: DeliveryStatus, now: dt.datetime) -> int:
+    """An admin's purge of the deliveries settled before ``now``: how many were deleted."""
+    with sessions.begin() as session:
+        return webhooks.purge_deliveries(session=session, status=status, before=now, now=now)[
+            "deliveries"
+        ]
+
+
+def test_a_question_that_never_reached_the_channel_still_says_so_after_a_purge(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Every attempt failed, then the request lapsed and its question was skipped. An
+    admin purging the skipped deliveries deleted the only evidence: ``not_reached``
+    went null ("reached the channel, or nothing says it did not") and an auditor
+    settling whether the recipient was asked read nothing. The purge keeps the verdict
+    on the request."""
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    deliver(sessions, Answers(503), T0)
+    lapsed_at = T0 + dt.timedelta(minutes=31)
+    deliver(sessions, Answers(503), lapsed_at)  # skipped: moot
+    never = f"{request_reach.NEVER} ({request_reach.FAILING.format(attempts='1 attempt')})"
+    assert reasons(sessions, request_id, lapsed_at) == never
+    a_week_on = lapsed_at + dt.timedelta(days=7)
+    assert purge(sessions, DeliveryStatus.SKIPPED, a_week_on) == 1
+    assert reasons(sessions, request_id, a_week_on) == never
+
+
+def test_a_question_that_reached_the_channel_is_not_said_unasked_after_a_purge(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """The question was delivered; later the channel stopped taking questions, and an
+    admin purged the delivered deliveries. With no delivery left and no channel taking
+    the topic, ``not_reached`` read that the recipient was never asked, nobody taking
+    consent requests at the station: the opposite of what happened."""
+    subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    deliver(sessions, Answers(204), T0)
+    change_subscription(sessions, subscription_id, topics=("parcel.in_locker",))
+    a_week_on = T0 + dt.timedelta(days=7)
+    assert reasons(sessions, request_id, a_week_on) is None
+    assert purge(sessions, DeliveryStatus.DELIVERED, a_week_on) == 1
+    assert reasons(sessions, request_id, a_week_on) is None

@@ -400,13 +400,16 @@ class PurgeDeliveries(MethodView):
         needs any more; answers how
         many of each. Pending deliveries are never purged, nor a delivered
         `consent.requested` while another delivery of its message is not delivered
-        (it shows the recipient was asked). Recorded in the audit log. Admins only.
+        (it shows the recipient was asked). What a purged question's deliveries
+        said of its request (`not_reached`) is kept on the request. Recorded in
+        the audit log. Admins only.
         """
         counts = webhooks.purge_deliveries(
             session=db.session,
             status=body["status"],
             before=body["before"],
             actor_id=current_principal().user_id,
+            now=utcnow(),
         )
         db.session.commit()
         return counts

@@ -190,12 +190,12 @@ def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
 
     def purge(*, session: Session, now: dt.datetime) -> dict[str, Any]:
         delivered = webhooks.purge_deliveries(
-            session=session, status=DeliveryStatus.DELIVERED, before=now - days
+            session=session, status=DeliveryStatus.DELIVERED, before=now - days, now=now
         )
         skipped = webhooks.purge_deliveries(
-            session=session, status=DeliveryStatus.SKIPPED, before=now - days
+            session=session, status=DeliveryStatus.SKIPPED, before=now - days, now=now
         )
-        waiting = webhooks.purge_waiting_for_stopped(session=session, before=now - days)
+        waiting = webhooks.purge_waiting_for_stopped(session=session, before=now - days, now=now)
         return {
             "deliveries": delivered["deliveries"] + skipped["deliveries"],
             "messages": delivered["messages"] + skipped["messages"] + waiting["messages"],

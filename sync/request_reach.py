@@ -95,7 +95,12 @@ def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.da
         asked = _candidates(
             session.scalars(
                 select(ConsentRequest)
-                .where(ConsentRequest.id.in_(chunk), ConsentRequest.question_purged_at.is_(None))
+                .where(
+                    ConsentRequest.id.in_(chunk),
+                    ConsentRequest.status == ConsentRequestStatus.PENDING,
+                    ConsentRequest.question_purged_at.is_(None),
+                )
+                .order_by(ConsentRequest.id)  # as the lapse job locks them: no deadlock
                 .with_for_update()
             ).all()
         )

@@ -72,7 +72,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, update
+from sqlalchemy import Select, and_, case, delete, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
@@ -1915,7 +1915,9 @@ def replay_delivery(
     return delivery
 
 
-def purge_waiting_for_stopped(*, session: Session, before: dt.datetime) -> dict[str, Any]:
+def purge_waiting_for_stopped(
+    *, session: Session, before: dt.datetime, now: dt.datetime | None = None
+) -> dict[str, Any]:
     """Delete the pending deliveries created before ``before`` of subscriptions that are
     stopped: disabled after too many failures in a row, or paused by an admin
     (``active`` false); then the messages no delivery needs any more. A stopped
@@ -1926,7 +1928,21 @@ def purge_waiting_for_stopped(*, session: Session, before: dt.datetime) -> dict[
     Rows another transaction holds are skipped, and go in the next run: an admin
     enabling the subscription at this moment (``_enable_again`` locks it and its
     deliveries) keeps them, and a worker recording an attempt (the subscription, then
-    the delivery) is never waited for."""
+    the delivery) is never waited for.
+
+    What the consent questions among them said of their requests is kept on the
+    requests first (``request_reach.keep_before_purge``), locked before any delivery as
+    everywhere: their requests lapsed (a request lasts a day, the retention one at
+    least), so what they say no longer changes, whether they go now or next run."""
+    _keep_reach(
+        session,
+        select(DELIVERY.c.message_id).where(
+            DELIVERY.c.status == DeliveryStatus.PENDING.value,
+            DELIVERY.c.created_at < before,
+            DELIVERY.c.subscription_id.in_(select(SUBSCRIPTION.c.id).where(~SENDING)),
+        ),
+        now or utcnow(),
+    )
     stopped = select(SUBSCRIPTION.c.id).where(~SENDING).with_for_update(skip_locked=True)
     due = (
         select(DELIVERY.c.id)
@@ -1961,6 +1977,27 @@ def purge_waiting_for_stopped(*, session: Session, before: dt.datetime) -> dict[
             },
         )
     return counts
+
+
+def _keep_reach(session: Session, messages: Select[Any], now: dt.datetime) -> int:
+    """Before the deliveries of ``messages`` (the ids of their messages) are purged: what
+    the consent questions among them said of their requests is kept on the requests
+    (``request_reach.keep_before_purge``). How many requests it was kept on."""
+    payloads = session.scalars(
+        select(OutboxMessage.payload).where(
+            OutboxMessage.id.in_(messages.scalar_subquery()),
+            OutboxMessage.topic == request_reach.TOPIC,
+        )
+    )
+    return request_reach.keep_before_purge(
+        session,
+        {
+            payload["request_id"]
+            for payload in payloads
+            if isinstance(payload, dict) and isinstance(payload.get("request_id"), int)
+        },
+        now,
+    )
 
 
 def _purge_orphans(session: Session, before: dt.datetime) -> int:
@@ -2017,20 +2054,7 @@ def purge_deliveries(
                 ),
             )
         )
-    questions = session.scalars(
-        select(OutboxMessage.payload)
-        .join(DELIVERY, DELIVERY.c.message_id == OutboxMessage.id)
-        .where(*purged, DELIVERY.c.topic == request_reach.TOPIC)
-    )
-    request_reach.keep_before_purge(
-        session,
-        {
-            payload["request_id"]
-            for payload in questions
-            if isinstance(payload, dict) and isinstance(payload.get("request_id"), int)
-        },
-        now or utcnow(),
-    )
+    _keep_reach(session, select(DELIVERY.c.message_id).where(*purged), now or utcnow())
     deliveries = session.execute(delete(DELIVERY).where(*purged)).rowcount
     counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
     audit.append(

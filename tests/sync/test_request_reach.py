@@ -712,3 +712,24 @@ def test_a_question_that_reached_the_channel_is_not_said_unasked_after_a_purge(
     assert reasons(sessions, request_id, a_week_on) is None
     assert purge(sessions, DeliveryStatus.DELIVERED, a_week_on) == 1
     assert reasons(sessions, request_id, a_week_on) is None
+
+
+def test_a_question_waiting_for_a_stopped_channel_still_says_so_after_the_retention_purge(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """The channel was paused while the question waited; the request lapsed. The
+    retention job deletes a stopped channel's deliveries that old, the question's with
+    them, and ``not_reached`` went from "never reached them (the channel is stopped)"
+    to null."""
+    subscription_id = subscribe(sessions, topics=(request_reach.TOPIC,))
+    request_id = ask(sessions, world)
+    change_subscription(sessions, subscription_id, active=False)
+    a_week_on = T0 + dt.timedelta(days=7)
+    never = f"{request_reach.NEVER} ({request_reach.CHANNEL_STOPPED})"
+    assert reasons(sessions, request_id, a_week_on) == never
+    with sessions.begin() as session:
+        purged = webhooks.purge_waiting_for_stopped(
+            session=session, before=a_week_on, now=a_week_on
+        )
+    assert purged["deliveries"] == 1
+    assert reasons(sessions, request_id, a_week_on) == never

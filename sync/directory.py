@@ -253,7 +253,8 @@ class Registrar:
 
     user_id: int
     key: str
-    # None (``DEVICE_IDS_TAKEN_PER_MANAGER=off``): not bounded, each refusal on record.
+    # None (``DEVICE_IDS_TAKEN_PER_MANAGER=off``): not bounded; each id's refusal on
+    # record once in the default window (24 hours), as when bounded.
     limit: sign_in_limits.Limit | None = DEVICE_IDS_TAKEN_PER_MANAGER
 
 
@@ -276,7 +277,8 @@ def register_device(
     manager could probe for other stations' PDAs. With ``registrar`` (a manager, not
     an admin, who sees every station) each id so refused is on the audit log
     (``device_registration_refused``: who, the id, the station asked for and the
-    station holding it, for an admin to see and settle) and counted, once per window:
+    station holding it, for an admin to see and settle) and counted, once per window
+    (``DEVICE_IDS_TAKEN_PER_MANAGER``'s when the limit is ``None``, ``off``):
     the same id tried again (a retry, a second click on a PDA another station still
     holds) tells nothing more and is answered alike, uncounted and not logged again.
     Once a manager has met ``registrar.limit`` ids in its window, every registration
@@ -328,8 +330,20 @@ def register_device(
                 limit=registrar.limit,
                 now=now,
             )
-            if counted == 0:  # tried again: its first refusal is counted and on record
-                raise taken
+        else:
+            # Bounded by nothing, still on record once per id and default window: each
+            # try on record let a script retrying one id grow the audit log without end,
+            # and a try again tells an auditor nothing its first entry does not.
+            counted = sign_in_limits.record_once(
+                session=session,
+                kind=DEVICE_IDS_TAKEN,
+                key=registrar.key,
+                subject=device_id,
+                window=DEVICE_IDS_TAKEN_PER_MANAGER.window,
+                now=now,
+            )
+        if counted == 0:  # tried again: its first refusal is counted and on record
+            raise taken
         audit.append(
             session=session,
             actor_id=registrar.user_id,

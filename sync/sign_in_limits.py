@@ -341,6 +341,21 @@ def count_once(
     return 1
 
 
+def record_once(
+    *, session: Session, kind: str, key: str, subject: str, window: dt.timedelta, now: dt.datetime
+) -> int:
+    """``count_once`` for a caller bounded by nothing (its setting ``off``): under the
+    caller's lock, the rows older than ``window`` purged, ``subject`` recorded once per
+    ``window``, so that what its first call in a window sets off (an audit entry,
+    ``sync.directory``) happens once however often the call is repeated: 1 when recorded
+    now, 0 when the window holds it already."""
+    _lock(session, (key,))
+    _purge(session, now - window, (kind,))
+    return count_once(
+        session=session, kind=kind, key=key, subject=subject, limit=Limit(1, window), now=now
+    )
+
+
 @dataclass(frozen=True)
 class Charge:
     """The units a call was charged, or the refusal to raise (nothing charged)."""

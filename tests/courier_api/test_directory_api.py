@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from courier_api.config import ConfigError, load_config
-from models import AuditEntry
+from models import AuditEntry, utcnow
 from sync import directory
 from sync.sign_in_limits import Limit
 from tests import factories
@@ -596,11 +596,11 @@ def test_the_bound_on_other_stations_ids_is_a_setting(
     assert 0 < int(late.headers["Retry-After"]) <= 600
 
 
-def test_with_the_bound_off_each_refusal_is_still_on_record(
+def test_with_the_bound_off_each_ids_refusal_is_still_on_record(
     app_with: Callable[..., Flask], session: Session, world: World
 ) -> None:
-    """``off``: no 429 however many ids of other stations a manager meets, and each
-    refusal still on the audit log for an admin to see (nothing counts them once)."""
+    """``off``: no 429 however many ids of other stations a manager meets, and each id's
+    refusal still on the audit log for an admin to see."""
     client = app_with(DEVICE_IDS_TAKEN_PER_MANAGER=None).test_client()
     manager = Auth(client).headers("manager1")
     bound = directory.DEVICE_IDS_TAKEN_PER_MANAGER.count
@@ -610,11 +610,40 @@ def test_with_the_bound_off_each_refusal_is_still_on_record(
     for n in range(bound + 1):
         body = {"device_id": f"PDA-9{n:03d}"}
         assert client.post("/api/v1/devices", json=body, headers=manager).status_code == 409
-    assert client.post("/api/v1/devices", json=body, headers=manager).status_code == 409
     new = client.post("/api/v1/devices", json={"device_id": "PDA-0777"}, headers=manager)
     assert new.status_code == 201, new.get_json()
     refused = select(func.count()).where(AuditEntry.action == "device_registration_refused")
-    assert session.scalar(refused) == bound + 2
+    assert session.scalar(refused) == bound + 1
+
+
+def test_with_the_bound_off_an_id_tried_again_is_on_record_once_a_day(
+    app_with: Callable[..., Flask], session: Session, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``off`` bounds nothing, but a script retrying one id another station holds wrote
+    an audit entry per try: the append-only log, which every verification walks, grew
+    without end. The id's refusal is on record once in the default window (24 hours),
+    as it is when bounded: a try again tells an auditor nothing its first entry does
+    not, and is answered alike; a day later it is on record again."""
+    client = app_with(DEVICE_IDS_TAKEN_PER_MANAGER=None).test_client()
+    manager = Auth(client).headers("manager1")
+    factories.device(session, "PDA-9001", world.other_station)
+    session.commit()
+    body = {"device_id": "PDA-9001"}
+    answers = [client.post("/api/v1/devices", json=body, headers=manager) for _ in range(5)]
+    assert {(a.status_code, a.get_json()["code"]) for a in answers} == {(409, "device_exists")}
+    assert len({a.get_json()["message"] for a in answers}) == 1
+    refused = select(AuditEntry).where(AuditEntry.action == "device_registration_refused")
+    [entry] = session.scalars(refused).all()
+    assert (entry.subject_key, entry.details["held_by_station_id"]) == (
+        "PDA-9001",
+        world.other_station.id,
+    )
+
+    day_later = utcnow() + directory.DEVICE_IDS_TAKEN_PER_MANAGER.window
+    monkeypatch.setattr("sync.directory.utcnow", lambda: day_later)
+    again = client.post("/api/v1/devices", json=body, headers=manager)
+    assert again.status_code == 409
+    assert len(session.scalars(refused).all()) == 2
 
 
 def test_the_bound_on_other_stations_ids_defaults_to_ten_a_day(tmp_path: Path) -> None:

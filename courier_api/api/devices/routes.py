@@ -78,7 +78,7 @@ class Devices(MethodView):
         holds is on the audit log
         (`device_registration_refused`: who, the id, and both stations, for an admin to
         settle), once per id in the window (the same id tried again is answered alike,
-        neither counted nor logged again; with the bound `off`, every try is logged), and
+        neither counted nor logged again; with the bound `off`, once in 24 hours), and
         a manager who met `DEVICE_IDS_TAKEN_PER_MANAGER` such ids (10 in 24 hours unless
         configured) has every registration refused (429 `too_many_device_ids_taken`,
         `Retry-After`) until the oldest leaves the window: another station's PDAs are

@@ -333,10 +333,11 @@ def store_blob(
     found_before: MutableMapping[str, str] | None = None,
 ) -> StoredImage:
     """Verify and store an image. Idempotent; each uploader is recorded once
-    (``BlobUpload``), which is what lets them read it back. Bytes the store does not
-    hold yet count against the uploader's images that no event names
-    (``check_unnamed_uploads``: ``RateLimited`` past them); an image held already
-    costs nothing.
+    (``BlobUpload``), which is what lets them read it back. An image new to the
+    uploader counts against their images that no event names
+    (``check_unnamed_uploads``: ``RateLimited`` past them), whether or not the store
+    holds its bytes (another station's, which must not show it exists); one they
+    uploaded before costs nothing.
 
     ``found_before``: what earlier runs of the same upload found and put right, by
     digest ("missing" or "altered"), kept across them by the caller. The bytes are put
@@ -360,7 +361,10 @@ def store_blob(
             code="digest_mismatch",
             field="sha256",
         )
-    if session.get(Blob, digest) is None:  # new bytes for the store
+    # New to the account, wherever its bytes are: an image counted only when new to the
+    # store let an account at its bound tell another station's images (stored, 201) from
+    # images nobody holds (429), which the 201 both answer hides (SECURITY.md threat 3).
+    if not _uploaded_by(session, digest, uploaded_by):
         # The count and the new image's rows in one turn per account (PostgreSQL; SQLite's
         # writers take turns): side by side, two uploads each counted the other's image as
         # not there yet, and both were stored past the bound. Held to the commit, before
@@ -368,9 +372,9 @@ def store_blob(
         advisory_locks(session, UPLOADER_LOCK_SPACE, [str(uploaded_by)])
         # Looked for again once it is our turn: the same image sent again while its
         # first upload was in flight (a PDA giving up over a weak signal) waited for
-        # that upload, which stored it; held now, it costs nothing, and was refused 429
-        # at the bound for an image the server holds.
-        if session.get(Blob, digest) is None:
+        # that upload, which recorded it; it costs nothing now, and was refused 429
+        # at the bound for an image the account had uploaded.
+        if not _uploaded_by(session, digest, uploaded_by):
             check_unnamed_uploads(session=session, uploaded_by=uploaded_by, size=len(data))
     stored = _stored(session, store, digest, data)
     if found_before is not None:
@@ -518,11 +522,20 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> Sto
     return StoredImage(blob, created=True)
 
 
-def _record_upload(session: Session, digest: str, station_id: int | None, user_id: int) -> None:
-    known = session.scalar(
-        select(BlobUpload.id).where(BlobUpload.sha256 == digest, BlobUpload.uploaded_by == user_id)
+def _uploaded_by(session: Session, digest: str, user_id: int) -> bool:
+    """Whether ``user_id`` uploaded the image ``digest`` before (``BlobUpload``)."""
+    return (
+        session.scalar(
+            select(BlobUpload.id).where(
+                BlobUpload.sha256 == digest, BlobUpload.uploaded_by == user_id
+            )
+        )
+        is not None
     )
-    if known is not None:
+
+
+def _record_upload(session: Session, digest: str, station_id: int | None, user_id: int) -> None:
+    if _uploaded_by(session, digest, user_id):
         return
     try:
         with session.begin_nested():

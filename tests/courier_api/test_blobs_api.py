@@ -648,6 +648,38 @@ def test_uploading_another_stations_image_answers_as_uploading_a_new_one(
     assert put(client, auth.headers("manager1"), theirs).status_code == 200  # its station's
 
 
+def test_an_account_at_its_bound_is_refused_another_stations_image_as_a_new_one(
+    client: FlaskClient,
+    auth: Auth,
+    session: Any,
+    world: World,
+    courier: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An image the server held cost nothing against the uploader's bound on images no
+    event names, whoever held it: a courier of another station at the bound (a few
+    thousand tiny PNGs of their own) was refused 429 an image nobody holds and stored
+    another station's, 201, so the bound told them which photos exist there, which the
+    201 answered for both hides (SECURITY.md threat 3). An image new to the account is
+    counted as new, wherever its bytes already are; one it uploaded itself is held and
+    costs nothing (a PDA's retry)."""
+    factories.user(session, "courier7", "courier", world.other_station)
+    session.commit()
+    monkeypatch.setattr(blobs, "UNNAMED_IMAGES_PER_UPLOADER", 1)
+    theirs, mine, nobodys = (image_bytes(size=(8, 6 + n)) for n in range(3))
+    assert put(client, courier, theirs).status_code == 201
+    prober = auth.headers("courier7", "PDA-0002")
+    assert put(client, prober, mine).status_code == 201  # at the bound now
+    answers = {
+        name: put(client, prober, data) for name, data in [("held", theirs), ("new", nobodys)]
+    }
+    assert {name: (a.status_code, a.get_json().get("code")) for name, a in answers.items()} == {
+        name: (429, "too_many_unnamed_images") for name in answers
+    }
+    assert session.scalar(select(func.count()).where(BlobUpload.sha256 == digest(theirs))) == 1
+    assert put(client, prober, mine).status_code == 200  # its own, held: costs nothing
+
+
 def test_images_no_event_names_are_bounded_per_account_and_a_push_naming_them_makes_room(
     client: FlaskClient,
     auth: Auth,

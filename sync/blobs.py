@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import fcntl
 import hashlib
 import io
 import logging
@@ -152,17 +153,16 @@ class FileBlobStore:
             grown += [d.parent for d in (target.parent, target.parent.parent) if not d.is_dir()]
             target.parent.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(target.parent, digest)
-            fd, temporary = tempfile.mkstemp(
-                dir=target.parent, prefix=f"{INCOMING_PREFIX}{digest}-"
-            )
+            fd, temporary = _incoming_file(target.parent, digest)
         except OSError as exc:
             raise store_unavailable("be written") from exc
         try:
+            # Renamed while open: its lock (``_incoming_file``) held until it has its name.
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, target)
+                os.replace(temporary, target)
             for directory in grown:  # a 201 lets the PDA delete its copy: names synced too
                 _sync_directory(directory)
         except BaseException as exc:
@@ -208,13 +208,46 @@ class FileBlobStore:
         return True
 
 
+def _incoming_file(directory: Path, digest: str) -> tuple[int, str]:
+    """A new temporary file for ``digest``'s bytes in ``directory``, open and locked
+    (``flock``, exclusive) for as long as it stays open: ``_remove_leftovers`` leaves a
+    locked file alone, and the kernel drops the lock of a killed process. One another
+    put removed between its creation and its lock is made again."""
+    while True:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f"{INCOMING_PREFIX}{digest}-")
+        try:
+            _lock_file(fd, wait=True)
+            if os.stat(temporary).st_ino == os.fstat(fd).st_ino:
+                return fd, temporary
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed as a leftover before it was locked: another one
+
+
+def _lock_file(fd: int, *, wait: bool) -> bool:
+    """Lock the open file ``fd`` exclusively: False when another holds it (``wait``
+    False). A store whose file system has no such locks (some network ones) is not
+    refused: True, unlocked, as before the locks were taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.warning("the blob store's file system refused a lock: %s", exc)
+    return True
+
+
 def _remove_leftovers(directory: Path, digest: str) -> None:
     """Remove the temporary files of puts killed before their rename (SIGKILL, a power
-    cut): ``digest``'s, which no put can still be writing, since the puts of one image
-    run one at a time (``_stored`` holds the image's lock: ``lock_digests`` on
-    PostgreSQL, the writer's turn on SQLite); and any other older than
-    ``INCOMING_STALE_SECONDS``. Left, each held up to an image's size of the store's
-    disk for good."""
+    cut): ``digest``'s, and any other older than ``INCOMING_STALE_SECONDS``. Left, each
+    held up to an image's size of the store's disk for good. A file a put still holds
+    (``_incoming_file``'s lock) is left: the puts of one image run one at a time under
+    its lock (``lock_digests`` on PostgreSQL, the writer's turn on SQLite), but a put
+    whose PostgreSQL connection died lost that lock while it was still writing, and the
+    retry removed its file (its rename failed: a 503 for an image the retry stored)."""
     own = f"{INCOMING_PREFIX}{digest}-"
     stale_before = time.time() - INCOMING_STALE_SECONDS
     with os.scandir(directory) as entries:
@@ -223,10 +256,19 @@ def _remove_leftovers(directory: Path, digest: str) -> None:
                 continue
             with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
                 if entry.name.startswith(own) or entry.stat().st_mtime < stale_before:
-                    os.unlink(entry.path)
-                    log.warning(
-                        "removed %s, left in the blob store by a killed upload", entry.path
-                    )
+                    _remove_unless_held(entry.path)
+
+
+def _remove_unless_held(path: str) -> None:
+    """Remove a temporary file unless a put in flight holds its lock."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not _lock_file(fd, wait=False):
+            return
+        os.unlink(path)
+    finally:
+        os.close(fd)
+    log.warning("removed %s, left in the blob store by a killed upload", path)
 
 
 def _check_length(digest: str, size: int, found: int) -> None:

@@ -100,3 +100,69 @@ def test_an_upload_removes_old_leftovers_beside_it_and_leaves_fresh_ones(tmp_pat
     store.put(digest, data)
 
     assert _files(tmp_path / "blobs") == sorted([digest, fresh.name])
+
+
+PAUSED = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from sync.blobs import FileBlobStore
+
+    root, digest, marker, go = sys.argv[1:5]
+    synced = os.fsync
+
+    def fsync(fd):  # the bytes are written: the put waits before its rename
+        if not Path(go).exists():
+            Path(marker).touch()
+            while not Path(go).exists():
+                time.sleep(0.01)
+        synced(fd)
+
+    os.fsync = fsync
+    FileBlobStore(root).put(digest, Path(marker).with_suffix(".data").read_bytes())
+    """
+)
+
+
+def test_a_put_in_flight_keeps_its_temporary_file_when_another_put_of_its_image_runs(
+    tmp_path: Path,
+) -> None:
+    """Puts of one image run one at a time under its lock, so a put removed any
+    temporary file of its image as a killed put's leftover. On PostgreSQL that lock
+    goes with the connection: one whose connection died mid-upload (the PDA retrying
+    meanwhile, through another worker) was still writing when the other put removed its
+    file, and its rename failed, a 503 for an upload the retry stored. A put holds a
+    lock on its temporary file while it writes (released by the kernel when its process
+    dies): the other put removes only files nobody holds."""
+    root = tmp_path / "blobs"
+    data = os.urandom(100_000)
+    digest = hashlib.sha256(data).hexdigest()
+    marker, go = tmp_path / "written", tmp_path / "go"
+    marker.with_suffix(".data").write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSED, str(root), digest, str(marker), str(go)],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert writer.poll() is None, writer.stderr.read() if writer.stderr else ""
+            assert time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.01)
+
+        FileBlobStore(root).put(digest, data)  # the retry, through another worker
+
+        in_flight = [name for name in _files(root) if name.startswith(".incoming-")]
+        assert len(in_flight) == 1, _files(root)
+        go.touch()
+        _, errors = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGKILL)
+            writer.wait(timeout=10)
+    assert writer.returncode == 0, errors.decode()
+    assert _files(root) == [digest]
+    assert FileBlobStore(root).read(digest, size=len(data)) == data

@@ -221,7 +221,11 @@ def server_env(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str
     run_dir.mkdir(exist_ok=True)
     env = {
         **os.environ,
-        "APP_ENV": "testing",
+        # Not "testing": Flask there lets an unhandled error through to gunicorn, whose
+        # HTML page a test then met in place of the JSON 500, request id, access log
+        # line and metric a server in production gives. "development" differs from
+        # "production" in transport only (plain-http cookies, webhooks' schemes).
+        "APP_ENV": "development",
         "DATABASE_URL": database_url,
         "JWT_SECRET": TEST_JWT_SECRET,
         "BLOB_DIR": str(tmp_path / "blobs"),

@@ -1,6 +1,7 @@
 """``courier-api serve`` with two gunicorn workers: /metrics adds up every worker (also
-one that died), logs are JSON lines with their process, and a chunked body over
-MAX_REQUEST_BYTES is refused with 413 by the real server.
+one that died), logs are JSON lines with their process, a chunked body over
+MAX_REQUEST_BYTES is refused with 413 by the real server, and a bug is answered,
+logged and counted as in production.
 
 The server runs on a SQLite file of its own in both passes of ``make test``: what is
 tested here is gunicorn's processes, not the database.
@@ -13,6 +14,7 @@ import http.client
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -258,3 +260,58 @@ def test_long_pulls_leave_a_thread_of_each_worker_to_health_checks_and_pushes(
         warnings[0]["message"]
     )
     assert "at most 1 wait at a time in each worker" in str(warnings[0]["message"])
+
+
+def test_an_unhandled_error_is_answered_and_counted_as_production_answers_it(
+    tmp_path: Path,
+) -> None:
+    """The live servers ran with ``APP_ENV=testing``, where Flask lets an unhandled
+    error through to gunicorn, which answers its own HTML page: no error body, no
+    request id, no access log line and no count in the metrics, where a server in
+    production answers the JSON 500 (``internal_error``) a PDA and an operator get. A
+    test of the live server met a 500 only as that page, so the production answer of a
+    bug was never seen whole. The live servers now run with Flask's error handling as in
+    production; here a device row the server cannot read (a time that is no time)
+    breaks a list of PDAs."""
+    env = server_env(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'ops.db'}",
+        METRICS_TOKEN=METRICS_TOKEN,
+        LOG_FORMAT="json",
+    )
+    prepare_station(env, "ST1", [("courier1", "courier-password-1", "PDA-1")])
+    run_cli(
+        env, "create-user", "admin", "--role", "admin", "--password-stdin",
+        stdin=ADMIN_PASSWORD + "\n",
+    )  # fmt: skip
+    with contextlib.closing(sqlite3.connect(tmp_path / "ops.db")) as broken:
+        broken.execute("UPDATE device SET registered_at = 'not a time' WHERE id = 'PDA-1'")
+        broken.commit()
+    server = Server(env, free_port(), tmp_path, workers=1, threads=2)
+    server.start()
+    try:
+        credentials = {"username": "admin", "password": ADMIN_PASSWORD}
+        signed_in = request(
+            server.port,
+            "POST",
+            "/api/v1/auth/token",
+            json.dumps(credentials).encode(),
+            timeout=CLIENT_TIMEOUT_SECONDS,
+        )
+        assert signed_in.status == 200, signed_in.payload
+        token = signed_in.payload["access_token"]
+        reply = request(
+            server.port, "GET", "/api/v1/devices", token=token, timeout=CLIENT_TIMEOUT_SECONDS
+        )
+        metrics = scrape(server.port, METRICS_TOKEN)
+    finally:
+        server.kill()
+    assert reply.status == 500, reply
+    assert isinstance(reply.payload, dict), reply.payload  # not gunicorn's HTML page
+    assert (reply.payload["code"], reply.payload["status"]) == ("internal_error", 500)
+    assert "not a time" not in json.dumps(reply.payload)  # the details stay in the log
+    [request_id] = [v for k, v in reply.headers.items() if k.lower() == "x-request-id"]
+    labels = {"method": "GET", "rule": "/api/v1/devices", "status": "500"}
+    assert value(metrics, "courier_http_request_duration_seconds_count", **labels) == 1
+    [error] = [r for r in log_records(server) if r.get("level") == "ERROR"]
+    assert error["request_id"] == request_id

@@ -225,7 +225,7 @@ def test_a_push_whose_connection_ends_after_its_statement_failed_is_still_a_503(
     """A push's statement fails with its connection still good (cancelled, 57014), and
     the database then ends that connection before the error is answered (a restart,
     ``DROP DATABASE ... WITH (FORCE)``): the error handler's rollback failed, and its
-    error replaced the 503 with a 500 (gunicorn's HTML one on a server in testing)."""
+    error replaced the 503 with a 500."""
     batch = station.body(events(station, range(1, 4)))
     insert = ingest._BatchIngest._insert
 

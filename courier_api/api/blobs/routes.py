@@ -96,10 +96,11 @@ class BlobBySha256(MethodView):
         a new one would, 201 and uploaded now, so that it does not show it
         exists; from then on the caller reads it too.
 
-        An account may upload at most 1 GiB, and 5,000 images, a day of new images
-        that no event names (yet): beyond, 429 `too_many_unnamed_images` with
-        `Retry-After` (at most 60 seconds), nothing stored. Push the events that
-        name the images already uploaded (they then count no more at once), then
+        An account may upload at most 1 GiB, and 5,000 images, a day of images new
+        to it (another station's too) that no event names (yet): beyond, 429
+        `too_many_unnamed_images` with `Retry-After` (at most 60 seconds), nothing
+        stored. Push the events that name the images already uploaded (they then
+        count no more at once), then
         upload it again; the message says when room frees by itself.
 
         A 503 `blob_store_unavailable` (with `Retry-After`) means the server cannot

@@ -405,7 +405,7 @@ def store_blob(
         )
     # New to the account, wherever its bytes are: an image counted only when new to the
     # store let an account at its bound tell another station's images (stored, 201) from
-    # images nobody holds (429), which the 201 both answer hides (SECURITY.md threat 3).
+    # images nobody holds (429), which the 201 answering both hides (SECURITY.md threat 3).
     if not _uploaded_by(session, digest, uploaded_by):
         # The count and the new image's rows in one turn per account (PostgreSQL; SQLite's
         # writers take turns): side by side, two uploads each counted the other's image as

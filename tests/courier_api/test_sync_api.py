@@ -1433,6 +1433,28 @@ def test_a_parcel_moved_on_reaches_the_old_courier_only_as_its_tombstone(
         assert changes[0]["parcel"]["consent_requests"][0]["status"] == "granted"
 
 
+def test_a_pull_without_a_cursor_never_waits_even_when_the_pda_holds_nothing(
+    client: FlaskClient, courier: dict[str, str]
+) -> None:
+    """README: pull without a cursor for the parcels you hold. A PDA starting fresh,
+    holding none yet, whose pull code always asks to wait, waited up to
+    MAX_PULL_WAIT_SECONDS for an empty page that was its answer already: the start of
+    its first shift held back, and a waiting place taken. It is answered at once with
+    the cursor to wait on; a long pull from that cursor still waits."""
+    started = time.monotonic()
+    response = client.get(PULL, query_string={"wait": 3}, headers=courier)
+    assert time.monotonic() - started < 1.5
+    page = response.get_json()
+    assert response.status_code == 200, page
+    assert (page["changes"], page["has_more"]) == ([], False)
+    started = time.monotonic()
+    after = client.get(
+        PULL, query_string={"cursor": page["next_cursor"], "wait": 1}, headers=courier
+    )
+    assert after.status_code == 200 and after.get_json()["changes"] == []
+    assert time.monotonic() - started >= 0.9
+
+
 def test_a_long_pull_waiting_when_its_pda_is_reported_lost_hands_over_nothing(
     committed_app: Flask,
 ) -> None:

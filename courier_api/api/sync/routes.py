@@ -350,18 +350,25 @@ class Pull(MethodView):
         PDA and are pushed as usual).
         A malformed cursor is a 400.
 
-        **Long poll**: with `wait=N`, when nothing is new the answer waits up to N
-        seconds (at most `MAX_PULL_WAIT_SECONDS`) for a change, e.g. the answer
+        **Long poll**: with a cursor and `wait=N`, when nothing is new the answer
+        waits up to N seconds (at most `MAX_PULL_WAIT_SECONDS`) for a change, e.g. the answer
         to a consent request (a `consent_request` entry; each parcel lists this
         courier's latest `consent_requests` and the `consents` in force). An
         empty page after the wait means nothing happened: pull again. At most
         `MAX_PULL_WAITERS` pulls wait at a time in each server process; beyond
-        that a pull is answered at once (pull again shortly).
+        that a pull is answered at once (pull again shortly). A pull without a
+        cursor never waits: its page, the parcels held, is answered at once, empty
+        for a PDA holding none, with the cursor to wait on.
         """
         principal = current_principal()
         assert principal.station_id is not None
         cursor = feed.Cursor.parse(args.get("cursor"))
-        wait = min(args["wait"], current_app.config["MAX_PULL_WAIT_SECONDS"])
+        # Without a cursor the page is the parcels the courier holds now, which is an
+        # answer even when empty (a PDA starting fresh holding nothing): never waited
+        # for. Only news after a cursor is.
+        wait = (
+            0 if cursor is None else min(args["wait"], current_app.config["MAX_PULL_WAIT_SECONDS"])
+        )
         waiting = wait > 0 and _waiting_room().acquire(blocking=False)
         try:
             page = _read_feed(principal, cursor, args["limit"], wait if waiting else 0)

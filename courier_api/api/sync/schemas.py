@@ -298,7 +298,8 @@ class PullArgs(ma.Schema):
         validate=ma.validate.Range(min=0, max=3600),
         metadata={
             "description": "Long poll: when nothing is new, wait up to this many seconds "
-            "(at most MAX_PULL_WAIT_SECONDS, 25 by default) for a change before answering"
+            "(at most MAX_PULL_WAIT_SECONDS, 25 by default) for a change before answering. "
+            "Only with a cursor: a pull without one is answered at once"
         },
     )
 

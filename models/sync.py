@@ -22,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     text,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -168,6 +169,16 @@ class QuarantinedEvent(Base):
         # A parcel's rejected events, newest first (``?tracking_no=``), by the number
         # normalized (``parcel_tracking_no``), however the PDA wrote it.
         Index("ix_quarantined_event_parcel", "parcel_tracking_no", "id"),
+        # A device's ``seq_conflict`` rejections not settled, by the event they name:
+        # what a push storing events looks its events up in (``sync.ingest``). Partial:
+        # a settled rejection, or another, is not in it.
+        Index(
+            "ix_quarantined_event_unsettled",
+            "device_id",
+            "unsettled_event_id",
+            postgresql_where=text("unsettled_event_id IS NOT NULL"),
+            sqlite_where=text("unsettled_event_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[big_pk]
@@ -194,6 +205,10 @@ class QuarantinedEvent(Base):
     # under this seq, the same event otherwise (README's recovery), and held: the
     # rejection is settled (``sync.ingest``). None: not (yet), or another rejection.
     resent_seq: Mapped[int | None]
+    # A ``seq_conflict`` rejection not settled yet: its ``client_event_id`` read as a
+    # UUID (the PDA may write it in capitals or braces), by which a push storing that
+    # event finds it. None once settled, and for every other rejection.
+    unsettled_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
 
 
 class DeviceSyncState(Base):
@@ -223,6 +238,11 @@ class DeviceSyncState(Base):
     # (``QuarantinedEvent.resent_seq``): only while some are does a push look for them
     # among the events it stores (``sync.ingest``), recounting them as it does.
     unsettled_seq_conflicts: Mapped[int] = mapped_column(server_default="0")
+    # Whether every one of them was compared with every event the device holds: then a
+    # push compares only its own with the events held, and the events it stores with
+    # them (``QuarantinedEvent.unsettled_event_id``). False for a device with some kept
+    # before migration e9c3b7a5d1f2: its next push storing events compares them all.
+    seq_conflicts_compared: Mapped[bool] = mapped_column(server_default=true())
     clock_offset_ms: Mapped[int | None] = mapped_column(BigId)
     clock_measured_at: Mapped[dt.datetime | None]
     last_push_at: Mapped[dt.datetime | None]

@@ -46,6 +46,7 @@ LOCK_DEVICE_STATE = Prebuilt(
             _states.c.held_at_write_off,
             _states.c.acked_through_seq,
             _states.c.unsettled_seq_conflicts,
+            _states.c.seq_conflicts_compared,
             _events.c.seq,
             _events.c.occurred_at_device,
             _events.c.tracking_no,
@@ -103,6 +104,9 @@ class DeviceState(NamedTuple):
     # Its ``seq_conflict`` rejections not settled yet (``sync.ingest``): while some are,
     # a push storing events looks for them among the events held.
     unsettled_seq_conflicts: int = 0
+    # Whether each of them was compared with every event held (``sync.ingest``): false
+    # only for a device with some kept before the version that looks them up by event.
+    seq_conflicts_compared: bool = True
 
 
 def lock_device_state(session: Session, device_id: str) -> DeviceState:
@@ -126,6 +130,7 @@ def lock_device_state(session: Session, device_id: str) -> DeviceState:
         row.held_at_write_off or 0,
         row.acked_through_seq or 0,
         row.unsettled_seq_conflicts or 0,
+        row.seq_conflicts_compared is not False,
     )
 
 

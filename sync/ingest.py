@@ -272,7 +272,20 @@ ANY_DOMESTIC_NUMBER = TrackingNumberPolicy.from_patterns([r".+"])
 SETTLE_SEQ_CONFLICT = (
     update(_quarantined)
     .where(_quarantined.c.id == bindparam("row_id"))
-    .values(resent_seq=bindparam("resent"))
+    .values(resent_seq=bindparam("resent"), unsettled_event_id=None)
+)
+# A seq_conflict rejection kept before rejections named their events, left unsettled.
+NAME_UNSETTLED_EVENT = (
+    update(_quarantined)
+    .where(_quarantined.c.id == bindparam("row_id"))
+    .values(unsettled_event_id=bindparam("event_id"))
+)
+UNSETTLED_COLUMNS = (
+    _quarantined.c.id,
+    _quarantined.c.station_id,
+    _quarantined.c.seq,
+    _quarantined.c.client_event_id,
+    _quarantined.c.unsettled_event_id,
 )
 SEQ_CONFLICT_SETTLED = (
     "every event refused this seq was sent again under a new seq of its own and is held "
@@ -643,6 +656,13 @@ def _id_key(client_event_id: str | None) -> str | None:
         return client_event_id
 
 
+class _HeldEvent(NamedTuple):
+    """An event the device holds, as a rejection naming its id is compared with it."""
+
+    seq: int
+    content_hash: str
+
+
 class _NewBatch(NamedTuple):
     """A new batch's row id, and what was read with it (``NEW_BATCH``)."""
 
@@ -719,8 +739,8 @@ class _BatchIngest:
         self.quarantined: list[dict[str, Any]] = []
         self.raised: list[dict[str, Any]] = []
         # The device's seq_conflict rejections not settled after this push, and the
-        # (station, seq) of the flags it settled every rejection of
-        # (``_settle_seq_conflicts``).
+        # (station, seq) of the flags it settled rejections of (``_settle_seq_conflicts``):
+        # closed where none is left (``_close_settled_seq_conflicts``).
         self.unsettled_seq_conflicts = state.unsettled_seq_conflicts
         self.seq_conflicts_settled: set[tuple[int, int]] = set()
         # Whether it settled any: a reopening they made may be withdrawn (_lock_shifts).
@@ -1773,41 +1793,31 @@ class _BatchIngest:
         (the copy of an event held already, at its old seq, written otherwise:
         ``_settled_before``), while the device has rejections not settled
         (``DeviceState.unsettled_seq_conflicts``, this push's own included): a PDA
-        without any pays no statement. Each rejection whose id the device holds now
-        at another seq (sent again by this push or an earlier one, before this version
-        too) is validated again, any domestic tracking number taken (the event held
-        passed the patterns of its day), and compared with it, the seq aside; the count
-        left is
-        stored with the device's state. Only those rejections' payloads are read: a
-        PDA that never recovers pays the ids and seqs of its rejections on each push,
-        not what it sent."""
-        new = sum(1 for row in self.quarantined if row["error_code"] == SEQ_CONFLICT)
-        self.unsettled_seq_conflicts = self.state.unsettled_seq_conflicts + new
+        without any pays no statement. A rejection and the event held under its id
+        never change once stored, so each pair is compared once, by the push bringing
+        the later of the two: only the rejections naming (``unsettled_event_id``) an
+        event this push stores or a rejection it quarantines are read, and their events
+        looked up; a PDA left with thousands of rejections it never recovers pays one
+        index probe per event it pushes, not all of them on each push. Those kept before
+        that version (``DeviceState.seq_conflicts_compared`` false) are all compared
+        once, by the device's next push storing events. Each rejection whose id the
+        device holds at another seq is validated again, any domestic tracking number
+        taken (the event held passed the patterns of its day), and compared with it, the
+        seq aside; only those rejections' payloads are read."""
+        new = [row for row in self.quarantined if row["error_code"] == SEQ_CONFLICT]
+        self.unsettled_seq_conflicts = self.state.unsettled_seq_conflicts + len(new)
         if not self.unsettled_seq_conflicts or not (stored or new):
             return
-        rows = self.session.execute(
-            select(
-                QuarantinedEvent.id,
-                QuarantinedEvent.station_id,
-                QuarantinedEvent.seq,
-                QuarantinedEvent.client_event_id,
-            ).where(
-                QuarantinedEvent.device_id == self.pusher.device_id,
-                QuarantinedEvent.error_code == SEQ_CONFLICT,
-                QuarantinedEvent.resent_seq.is_(None),
-            )
-        ).all()
+        compared = self.state.seq_conflicts_compared
+        if compared:
+            named = {event.client_event_id for _, event in stored}
+            named.update(row["unsettled_event_id"] for row in new)
+            named.discard(None)
+            rows = self._unsettled_naming(sorted(named))
+        else:
+            rows = self._every_unsettled()
         ids = {row.id: _parsed_id(row.client_event_id) for row in rows}
-        held = {
-            found.client_event_id: found
-            for chunk in chunks(sorted({i for i in ids.values() if i is not None}))
-            for found in self.session.execute(
-                select(ScanEvent.client_event_id, ScanEvent.seq, ScanEvent.content_hash).where(
-                    ScanEvent.device_id == self.pusher.device_id,
-                    ScanEvent.client_event_id.in_(chunk),
-                )
-            )
-        }
+        held = self._held_under_ids(sorted({i for i in ids.values() if i is not None}), stored)
         resent = {
             row.id: found
             for row in rows
@@ -1824,7 +1834,11 @@ class _BatchIngest:
                 continue  # not valid now (the rules changed): no event held is the same
             if dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash:
                 settled.append((row_id, found.seq))
-        self.unsettled_seq_conflicts = len(rows) - len(settled)
+        if compared:
+            self.unsettled_seq_conflicts -= len(settled)
+        else:
+            self.unsettled_seq_conflicts = len(rows) - len(settled)
+            self._mark_compared(rows, ids, {row_id for row_id, _ in settled})
         if not settled:
             return
         flushed_connection(self.session).execute(
@@ -1832,10 +1846,76 @@ class _BatchIngest:
         )
         self.settled_any = True
         done = {row_id for row_id, _ in settled}
-        left = {(row.station_id, row.seq) for row in rows if row.id not in done}
-        self.seq_conflicts_settled = {
-            (row.station_id, row.seq) for row in rows if row.id in done
-        } - left
+        # Closed only where no rejection of the seq is left (``_close_settled_seq_conflicts``).
+        self.seq_conflicts_settled = {(row.station_id, row.seq) for row in rows if row.id in done}
+
+    def _unsettled_naming(self, event_ids: Sequence[uuid.UUID]) -> list[Any]:
+        """The device's ``seq_conflict`` rejections not settled that name these events
+        (``ix_quarantined_event_unsettled``)."""
+        return [
+            row
+            for chunk in chunks(event_ids)
+            for row in self.session.execute(
+                select(*UNSETTLED_COLUMNS).where(
+                    QuarantinedEvent.device_id == self.pusher.device_id,
+                    QuarantinedEvent.unsettled_event_id.in_(chunk),
+                )
+            )
+        ]
+
+    def _every_unsettled(self) -> list[Any]:
+        """Every ``seq_conflict`` rejection of the device not settled: those kept before
+        rejections named their events (``DeviceState.seq_conflicts_compared``)."""
+        return list(
+            self.session.execute(
+                select(*UNSETTLED_COLUMNS).where(
+                    QuarantinedEvent.device_id == self.pusher.device_id,
+                    QuarantinedEvent.error_code == SEQ_CONFLICT,
+                    QuarantinedEvent.resent_seq.is_(None),
+                )
+            )
+        )
+
+    def _held_under_ids(
+        self, event_ids: Sequence[uuid.UUID], stored: list[tuple[int, ValidEvent]]
+    ) -> dict[uuid.UUID, _HeldEvent]:
+        """The device's events held under these ids, with their seq and content hash:
+        those this push stores as it stores them, the others looked up."""
+        wanted = set(event_ids)
+        held = {
+            event.client_event_id: _HeldEvent(event.seq, event.content_hash)
+            for _, event in stored
+            if event.client_event_id in wanted
+        }
+        for chunk in chunks(sorted(wanted - held.keys())):
+            for found in self.session.execute(
+                select(ScanEvent.client_event_id, ScanEvent.seq, ScanEvent.content_hash).where(
+                    ScanEvent.device_id == self.pusher.device_id,
+                    ScanEvent.client_event_id.in_(chunk),
+                )
+            ):
+                held[found.client_event_id] = _HeldEvent(found.seq, found.content_hash)
+        return held
+
+    def _mark_compared(
+        self, rows: Sequence[Any], ids: Mapping[int, uuid.UUID | None], settled: set[int]
+    ) -> None:
+        """After every rejection of the device was compared with every event held: name
+        the event of each left unsettled that names none yet (kept before rejections
+        did), so the pushes storing it find it, and say they all were compared."""
+        unnamed = [
+            {"row_id": row.id, "event_id": ids[row.id]}
+            for row in rows
+            if row.id not in settled and row.unsettled_event_id is None and ids[row.id]
+        ]
+        connection = flushed_connection(self.session)
+        if unnamed:
+            connection.execute(NAME_UNSETTLED_EVENT, unnamed)
+        connection.execute(
+            update(_states)
+            .where(_states.c.device_id == self.pusher.device_id)
+            .values(seq_conflicts_compared=True)
+        )
 
     def _payloads_of(self, row_ids: Sequence[int]) -> Iterator[tuple[int, str]]:
         """The payloads of these quarantined events of the device, by row id."""
@@ -1847,8 +1927,8 @@ class _BatchIngest:
             )
 
     def _close_settled_seq_conflicts(self) -> None:
-        """Close the ``seq_conflict`` flags of the seqs every rejection of which this
-        push settled (``_settle_seq_conflicts``), at the station of those rejections,
+        """Close the ``seq_conflict`` flags of the seqs this push settled rejections of
+        (``_settle_seq_conflicts``) and none is left unsettled, at their station,
         whatever their status (their cause, an event the server held nothing of, is
         gone), the system's change on the audit log with the reason.
 
@@ -1861,8 +1941,14 @@ class _BatchIngest:
             return
         seqs = sorted({seq for _, seq in self.seq_conflicts_settled})
         pushers: dict[tuple[int, int], set[int]] = defaultdict(set)
+        left: set[tuple[int, int]] = set()  # a rejection of the seq is not settled
         for row in self.session.execute(
-            select(QuarantinedEvent.station_id, QuarantinedEvent.seq, SyncBatch.courier_id)
+            select(
+                QuarantinedEvent.station_id,
+                QuarantinedEvent.seq,
+                QuarantinedEvent.resent_seq,
+                SyncBatch.courier_id,
+            )
             .join(SyncBatch, SyncBatch.id == QuarantinedEvent.batch_pk)
             .where(
                 QuarantinedEvent.device_id == self.pusher.device_id,
@@ -1871,6 +1957,8 @@ class _BatchIngest:
             )
         ):
             pushers[(row.station_id, row.seq)].add(row.courier_id)
+            if row.resent_seq is None:
+                left.add((row.station_id, row.seq))
         holders = {
             row.seq: row.courier_id
             for row in self.session.execute(
@@ -1881,7 +1969,7 @@ class _BatchIngest:
         }
         settled = {
             (station_id, seq)
-            for station_id, seq in self.seq_conflicts_settled
+            for station_id, seq in self.seq_conflicts_settled - left
             if pushers[(station_id, seq)] <= {holders.get(seq)}
         }
         if not settled:
@@ -1924,6 +2012,13 @@ class _BatchIngest:
             "payload": _ascii_json(rejection.raw),
             "payload_hash": rejection.payload_hash,
             "received_at": self.received_at,
+            # What a push storing that event finds it by (``_settle_seq_conflicts``).
+            "unsettled_event_id": (
+                _parsed_id(raw.get("client_event_id"))
+                if rejection.error.code == SEQ_CONFLICT
+                and isinstance(raw.get("client_event_id"), str)
+                else None
+            ),
         }
 
     # -- device state: acknowledgements and clock -------------------------------------------

@@ -1739,8 +1739,8 @@ WRITE_OFFS_BY_PARCEL = "b5c1e8d3f7a2"  # write-offs by the parcels of their shif
 def _columns_running_code_reads(engine: Engine) -> None:
     """Running code (a push, a write-off) used at an older revision to write the rows a
     migration takes up reads a device's sync state whole, with the columns later
-    revisions added: added here by hand, as ``c8f2a4d6e1b9`` and ``f5a1c7e3b9d4`` add
-    their columns only where they are not there yet."""
+    revisions added: added here by hand, as ``c8f2a4d6e1b9``, ``f5a1c7e3b9d4`` and
+    ``e9c3b7a5d1f2`` add their columns only where they are not there yet."""
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -1755,6 +1755,16 @@ def _columns_running_code_reads(engine: Engine) -> None:
             )
         )
         connection.execute(text("ALTER TABLE quarantined_event ADD COLUMN resent_seq INTEGER"))
+        uuid_type = "UUID" if engine.dialect.name == "postgresql" else "CHAR(32)"
+        connection.execute(
+            text(f"ALTER TABLE quarantined_event ADD COLUMN unsettled_event_id {uuid_type}")
+        )
+        connection.execute(
+            text(
+                "ALTER TABLE device_sync_state "
+                "ADD COLUMN seq_conflicts_compared BOOLEAN NOT NULL DEFAULT true"
+            )
+        )
 
 
 def test_write_offs_written_before_get_the_parcels_of_the_shifts_owning_their_seqs(
@@ -3463,6 +3473,57 @@ def test_seq_conflicts_kept_before_are_counted_unsettled_for_their_device(
     assert _unsettled(scratch) == expected
     migrate.downgrade(scratch, AUDIT_CLIENT_IP)
     assert _unsettled(scratch) == before
+    migrate.upgrade(scratch)
+
+
+SEQ_CONFLICTS_BY_EVENT = "e9c3b7a5d1f2"  # seq conflicts looked up by their events
+
+
+def _compared(engine: Engine) -> dict[str, bool | None]:
+    """Each device's ``seq_conflicts_compared`` (None: no column)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as connection:
+        table = sa.Table("device_sync_state", sa.MetaData(), autoload_with=connection)
+        rows = connection.execute(sa.select(table)).mappings().all()
+    compared = {r["device_id"]: r.get("seq_conflicts_compared") for r in rows}
+    return {k: None if v is None else bool(v) for k, v in compared.items()}
+
+
+def test_a_pda_with_seq_conflicts_kept_before_has_them_compared_by_its_next_push(
+    scratch: Engine,
+) -> None:
+    """A PDA with unsettled ``seq_conflict`` rejections kept before the version that
+    looks them up by their events is marked not compared (its next push storing events
+    compares them all with the events held, as the version before did on each push);
+    other PDAs are compared, and every rejection names no event yet. Run again, the
+    same end; downgraded, the columns and the index go."""
+    migrate.upgrade(scratch, FLAGS_OPENED_INDEX)
+    _station_day_numbers(scratch, 2)
+    with scratch.begin() as connection:
+        device_id = connection.execute(
+            text("SELECT device_id FROM device_sync_state ORDER BY device_id LIMIT 1")
+        ).scalar_one()
+        connection.execute(
+            text("UPDATE device_sync_state SET unsettled_seq_conflicts = 2 WHERE device_id = :d"),
+            {"d": device_id},
+        )
+    before = _compared(scratch)
+    assert before and set(before.values()) == {None}
+    expected = {device: device != device_id for device in before}
+
+    migrate.upgrade(scratch, SEQ_CONFLICTS_BY_EVENT)
+    assert _compared(scratch) == expected
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": FLAGS_OPENED_INDEX}
+        )
+    migrate.upgrade(scratch, SEQ_CONFLICTS_BY_EVENT)
+    assert _compared(scratch) == expected
+    migrate.downgrade(scratch, FLAGS_OPENED_INDEX)
+    assert _compared(scratch) == before
+    indexes = {i["name"] for i in inspect(scratch).get_indexes("quarantined_event")}
+    assert "ix_quarantined_event_unsettled" not in indexes
     migrate.upgrade(scratch)
 
 

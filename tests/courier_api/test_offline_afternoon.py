@@ -872,3 +872,154 @@ def test_an_afternoon_by_the_contract_in_bytes_killed_handed_over_and_pulled(
         "time_inversion": 1,
         "clock_skew": 1,
     }
+
+
+def test_a_shift_the_manager_closed_while_its_pda_was_offline_balances_when_it_comes_back(
+    app_with: Any, session: Session, world: World
+) -> None:
+    """README (Shifts): a shift a manager closed at 19:00 without its `last_seq`, its PDA
+    still out of range, takes the `last_seq` the PDA declares when it comes back. The
+    PDA, written from README alone, pushes its afternoon, one event of which is refused
+    for a mistyped number (README step 2: sent again corrected, same id and seq), then
+    closes the shift itself with its `last_seq`: the close is taken, the returns scanned
+    at the counter after the manager's close are the shift's, and the balance is what
+    the courier recorded, nothing missing."""
+    app = app_with(MAX_CONTENT_LENGTH=MAX_BYTES)
+    client = app.test_client()
+    auth = Auth(client)
+    manager = auth.headers("manager1")
+    parcels = [factories.parcel(session, world.station) for _ in range(6)]
+    for parcel in parcels:
+        parcel.courier_id = parcel.planned_courier_id = world.courier.id
+    session.commit()
+    mine = [p.tracking_no for p in parcels]
+    pda = ContractPda(client, auth, "courier1", "PDA-0001")
+    opened = pda.post("/api/v1/shifts", json={"first_seq": 1})
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    pda.pull()
+    morning = now() - dt.timedelta(hours=7)
+    for n, tn in enumerate(mine):
+        pda.record(tn, "checked_out", morning + dt.timedelta(seconds=n))
+    pda.queue_batches(list(pda.queue))
+    pda.send_outbox()
+    assert pda.queue == []
+
+    # Offline: three delivered, three failed and brought back.
+    start = now() - dt.timedelta(hours=5)
+    for n, tn in enumerate(mine[:3]):
+        pod = {"recipient_name": "Li", "signature_sha256": pda.photo(n)}
+        pda.record(tn, "delivered", start + dt.timedelta(minutes=10 * n), pod=pod)
+    for n, tn in enumerate(mine[3:]):
+        pda.record(
+            tn,
+            "delivery_attempt_failed",
+            start + dt.timedelta(minutes=40 + n),
+            reason="recipient_absent",
+            action="retry_planned",
+        )
+    # 19:00: the manager closes the shift, the PDA still out of range.
+    closed = client.post(f"/api/v1/shifts/{shift_id}/close", json={}, headers=manager)
+    assert closed.status_code == 200, closed.get_json()
+    # Back at the counter after that close: the returns scanned, one number mistyped.
+    back = now() + dt.timedelta(minutes=20)
+    for tn in mine[3:]:
+        pda.record(tn, "returned_to_station", back)
+    mistyped = pda.queue[-1]
+    right = mistyped["tracking_no"]
+    mistyped["tracking_no"] = right[:2] + ("1" if right[2] != "1" else "2") + right[3:]
+    pda.queue_batches(list(pda.queue))
+    pda.send_outbox()
+    [refused] = [
+        r for r in pda.receipts[-1]["results"] if r["status"] == "rejected"
+    ]  # README step 2: corrected on the PDA, sent again under its id and seq
+    assert refused["client_event_id"] == mistyped["client_event_id"]
+    assert refused["error"]["field"] == "tracking_no"
+    assert pda.set_apart == []
+    corrected = {**mistyped, "tracking_no": right}
+    pda.queue.append(corrected)
+    pda.queue_batches([corrected])
+    pda.send_outbox()
+    assert pda.queue == []
+    assert pda.receipts[-1]["acked_through_seq"] == pda.seq
+    pda.upload_images()
+    closing = pda.post(f"/api/v1/shifts/{shift_id}/close", json={"last_seq": pda.seq})
+    assert closing.status_code == 200, closing.get_json()
+    found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    assert (found["status"], found["discrepancies"]) == ("balanced", [])
+    outcomes = {p["tracking_no"]: p["outcome"] for p in found["parcels"]}
+    assert outcomes == {tn: "delivered" for tn in mine[:3]} | {tn: "returned" for tn in mine[3:]}
+
+
+def test_a_pda_that_numbered_from_1_again_recovers_by_the_contract_and_leaves_nothing_open(
+    app_with: Any, session: Session, world: World
+) -> None:
+    """README's **Read the results before you prune**, all four steps, by the PDA app
+    written from README alone: its app numbered the afternoon from 1 again (a bug after
+    an update), so every event of it is refused `seq_conflict`; set apart (step 1), it
+    signs in again and sends them under seqs after the higher of `device_max_seq` and
+    its own (step 4). Every event is held once, each rejection names the seq it is held
+    under, the manager is left no `seq_conflict` flag open, and the shift balances."""
+    app = app_with(MAX_CONTENT_LENGTH=MAX_BYTES)
+    client = app.test_client()
+    auth = Auth(client)
+    manager = auth.headers("manager1")
+    parcels = [factories.parcel(session, world.station) for _ in range(5)]
+    for parcel in parcels:
+        parcel.courier_id = parcel.planned_courier_id = world.courier.id
+    session.commit()
+    mine = [p.tracking_no for p in parcels]
+    pda = ContractPda(client, auth, "courier1", "PDA-0001")
+    opened = pda.post("/api/v1/shifts", json={"first_seq": 1})
+    assert opened.status_code == 201, opened.get_json()
+    shift_id = opened.get_json()["id"]
+    morning = now() - dt.timedelta(hours=7)
+    for n, tn in enumerate(mine):
+        pda.record(tn, "checked_out", morning + dt.timedelta(seconds=n))
+    pda.queue_batches(list(pda.queue))
+    pda.send_outbox()
+
+    pda.seq = 0  # the bug: numbered from 1 again, all afternoon
+    start = now() - dt.timedelta(hours=5)
+    for n, tn in enumerate(mine):
+        pod = {"recipient_name": "Li", "signature_sha256": pda.photo(n)}
+        pda.record(tn, "delivered", start + dt.timedelta(minutes=10 * n), pod=pod)
+    afternoon = list(pda.queue)
+    pda.queue_batches(afternoon)
+    pda.send_outbox()
+    assert [e["client_event_id"] for e in pda.set_apart] == [
+        e["client_event_id"] for e in afternoon
+    ]
+    assert pda.queue == []  # step 3: nothing set apart was pruned with the rest
+
+    tokens = pda.sign_in("courier1")  # step 4
+    first = max(tokens["device_max_seq"], pda.seq) + 1
+    renumbered = [{**e, "seq": first + n} for n, e in enumerate(pda.set_apart)]
+    pda.set_apart, pda.queue = [], list(renumbered)
+    pda.seq = renumbered[-1]["seq"]
+    pda.queue_batches(renumbered)
+    pda.send_outbox()
+    assert pda.set_apart == [] and pda.queue == []
+    assert {r["status"] for r in pda.receipts[-1]["results"]} == {"applied"}
+    assert (pda.receipts[-1]["acked_through_seq"], pda.receipts[-1]["missing_seqs"]) == (
+        pda.seq,
+        [],
+    )
+
+    pda.upload_images()
+    closing = pda.post(f"/api/v1/shifts/{shift_id}/close", json={"last_seq": pda.seq})
+    assert closing.status_code == 200, closing.get_json()
+    found = client.get(f"/api/v1/shifts/{shift_id}/balance", headers=manager).get_json()
+    assert (found["status"], found["discrepancies"]) == ("balanced", [])
+    assert {p["tracking_no"]: p["outcome"] for p in found["parcels"]} == dict.fromkeys(
+        mine, "delivered"
+    )
+    rejected = client.get(
+        "/api/v1/quarantine", query_string={"device_id": "PDA-0001"}, headers=manager
+    ).get_json()["items"]
+    resent = {e["client_event_id"]: e["seq"] for e in renumbered}
+    assert {r["client_event_id"]: r["resent_seq"] for r in rejected} == resent
+    flags = client.get(
+        "/api/v1/flags", query_string={"limit": 500, "status": "open"}, headers=manager
+    ).get_json()["items"]
+    assert "seq_conflict" not in {f["kind"] for f in flags}, flags

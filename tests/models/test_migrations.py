@@ -3476,6 +3476,7 @@ def test_seq_conflicts_kept_before_are_counted_unsettled_for_their_device(
     migrate.upgrade(scratch)
 
 
+REACH_KEPT_PAST_PURGE = "e8c3a5f1b2d7"  # consent requests keep their reach past a purge
 SEQ_CONFLICTS_BY_EVENT = "e9c3b7a5d1f2"  # seq conflicts looked up by their events
 
 
@@ -3498,7 +3499,7 @@ def test_a_pda_with_seq_conflicts_kept_before_has_them_compared_by_its_next_push
     compares them all with the events held, as the version before did on each push);
     other PDAs are compared, and every rejection names no event yet. Run again, the
     same end; downgraded, the columns and the index go."""
-    migrate.upgrade(scratch, FLAGS_OPENED_INDEX)
+    migrate.upgrade(scratch, REACH_KEPT_PAST_PURGE)
     _station_day_numbers(scratch, 2)
     with scratch.begin() as connection:
         device_id = connection.execute(
@@ -3516,11 +3517,11 @@ def test_a_pda_with_seq_conflicts_kept_before_has_them_compared_by_its_next_push
     assert _compared(scratch) == expected
     with scratch.begin() as connection:  # stopped before its revision was recorded
         connection.execute(
-            text("UPDATE alembic_version SET version_num = :v"), {"v": FLAGS_OPENED_INDEX}
+            text("UPDATE alembic_version SET version_num = :v"), {"v": REACH_KEPT_PAST_PURGE}
         )
     migrate.upgrade(scratch, SEQ_CONFLICTS_BY_EVENT)
     assert _compared(scratch) == expected
-    migrate.downgrade(scratch, FLAGS_OPENED_INDEX)
+    migrate.downgrade(scratch, REACH_KEPT_PAST_PURGE)
     assert _compared(scratch) == before
     indexes = {i["name"] for i in inspect(scratch).get_indexes("quarantined_event")}
     assert "ix_quarantined_event_unsettled" not in indexes

@@ -21,7 +21,7 @@ CONCURRENTLY, as ``32c6e05e447b`` says why (an INVALID index left by a failed bu
 dropped and built again). Run again, the same end.
 
 Revision ID: e9c3b7a5d1f2
-Revises: d2f6a8c4e7b1
+Revises: e8c3a5f1b2d7
 Create Date: 2026-12-20 09:00:00.000000
 """
 
@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "e9c3b7a5d1f2"
-down_revision: str | None = "d2f6a8c4e7b1"
+down_revision: str | None = "e8c3a5f1b2d7"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -373,6 +373,7 @@ def store_blob(
     station_id: int | None,
     uploaded_by: int,
     found_before: MutableMapping[str, str] | None = None,
+    answered_as_new: bool = False,
 ) -> StoredImage:
     """Verify and store an image. Idempotent; each uploader is recorded once
     (``BlobUpload``), which is what lets them read it back. An image new to the
@@ -387,7 +388,12 @@ def store_blob(
     and run again finds them whole, and its ``BYTES_RESTORED`` entry would be lost with
     the aborted transaction, the only trace of the file's loss or alteration. When no
     run commits (every one aborted), the caller writes them in a transaction of its own
-    (``record_bytes_restored``)."""
+    (``record_bytes_restored``).
+
+    ``answered_as_new``: the uploader may not read the image (another station's), and
+    is answered as for a new one: its bytes, held already, are decoded and written as a
+    new image's are, so that a store that cannot write (its disk full) refuses both
+    alike (SECURITY.md threat 3)."""
     check_digest(digest)
     if len(data) > max_bytes:
         raise LimitExceeded(
@@ -418,7 +424,7 @@ def store_blob(
         # at the bound for an image the account had uploaded.
         if not _uploaded_by(session, digest, uploaded_by):
             check_unnamed_uploads(session=session, uploaded_by=uploaded_by, size=len(data))
-    stored = _stored(session, store, digest, data)
+    stored = _stored(session, store, digest, data, answered_as_new=answered_as_new)
     if found_before is not None:
         if stored.replaced is not None:
             found_before[digest] = stored.replaced
@@ -519,7 +525,9 @@ def lock_digests(session: Session, digests: Iterable[str]) -> None:
     advisory_locks(session, DIGEST_LOCK_SPACE, digests)
 
 
-def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> StoredImage:
+def _stored(
+    session: Session, store: BlobStore, digest: str, data: bytes, *, answered_as_new: bool
+) -> StoredImage:
     lock_digests(session, [digest])  # before the row: see lock_digests
     # Locked: the purge deletes bytes only of rows still purged, under the same lock.
     existing = session.get(Blob, digest, with_for_update=True, populate_existing=True)
@@ -546,6 +554,11 @@ def _stored(session: Session, store: BlobStore, digest: str, data: bytes) -> Sto
             log.warning("%s; replaced by the same image uploaded again", altered)
             store.put(digest, data)
             return StoredImage(existing, created=False, replaced="altered")
+        if answered_as_new:
+            # Held, yet answered as new: stored as a new one is. Only read again, it was
+            # a 201 with the store's disk full, where an image nobody holds is a 503.
+            inspect_image(data)
+            store.put(digest, data)
         return StoredImage(existing, created=False)
     info = inspect_image(data)
     store.put(digest, data)  # before the row: a row never points at missing bytes

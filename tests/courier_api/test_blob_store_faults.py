@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from courier_api.scheduler import JOB_SPECS
-from models import Blob, Flag, FlagStatus, ScanEvent, ServiceClass
+from models import Blob, BlobUpload, Flag, FlagStatus, ScanEvent, ServiceClass
 from sync import sweeps
 from tests import factories
 from tests.conftest import Auth, World
@@ -127,6 +127,42 @@ def test_an_upload_the_store_cannot_write_is_503_the_proof_stays_and_a_retry_suc
     done = job(session=session, now=after_grace + dt.timedelta(minutes=15))
     assert done["missing_blobs"] == 0 and done["flags_closed"] == [at_handover.id]
     assert flag(session, sweeps.BLOB_MISSING_AT_HANDOVER).status == FlagStatus.CLOSED
+
+
+@pytest.mark.parametrize("fault", [disk_full, no_permission])
+def test_with_the_store_unable_to_write_another_stations_image_answers_as_a_new_one(
+    app: Flask,
+    client: FlaskClient,
+    session: Session,
+    world: World,
+    auth: Auth,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Callable[[Flask, pytest.MonkeyPatch], Restore],
+) -> None:
+    """Uploading another station's image answers as uploading a new one (SECURITY.md
+    threat 3), but its bytes, held, were only read again, never written: with the
+    store's disk full a courier of another station got 201 for a photo held there and
+    503 for one nobody holds, and so learnt which exist. Answered as new, it is written
+    as a new one is: a 503 alike, nothing recorded, and a 201 once the store is back."""
+    factories.user(session, "courier7", "courier", world.other_station)
+    session.commit()
+    theirs, nobodys = image_bytes(size=(8, 6)), image_bytes(size=(9, 6))
+    assert put(client, auth.headers("courier1", "PDA-0001"), theirs).status_code == 201
+    prober = auth.headers("courier7", "PDA-0002")
+
+    restore = fault(app, monkeypatch)
+    answers = {
+        name: put(client, prober, data) for name, data in [("held", theirs), ("new", nobodys)]
+    }
+    restore()
+
+    assert {name: (a.status_code, a.get_json().get("code")) for name, a in answers.items()} == {
+        name: (503, "blob_store_unavailable") for name in answers
+    }
+    session.expire_all()
+    assert session.scalar(select(func.count()).where(BlobUpload.sha256 == digest(theirs))) == 1
+    assert put(client, prober, theirs).status_code == 201  # the store back: as new still
+    assert put(client, prober, theirs).status_code == 200  # theirs now too
 
 
 def test_an_image_the_store_cannot_read_is_503_not_500(

@@ -131,6 +131,7 @@ class BlobBySha256(MethodView):
                     station_id=principal.station_id,
                 ),
             ),
+            answered_as_new=not readable,
         )
         blob, created = stored.blob, stored.created
         if stored.arrived:  # new, or back after the retention purge deleted it

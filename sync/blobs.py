@@ -260,8 +260,10 @@ def _remove_leftovers(directory: Path, digest: str) -> None:
 
 
 def _remove_unless_held(path: str) -> None:
-    """Remove a temporary file unless a put in flight holds its lock."""
-    fd = os.open(path, os.O_RDONLY)
+    """Remove a temporary file unless a put in flight holds its lock. Opened for
+    writing: where ``flock`` is a ``fcntl`` lock of the whole file (NFS), an exclusive
+    one is refused on a file open only for reading, taken for no locks at all."""
+    fd = os.open(path, os.O_RDWR)
     try:
         if not _lock_file(fd, wait=False):
             return

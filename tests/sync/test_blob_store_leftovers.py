@@ -10,6 +10,9 @@ which stores the image, wrote a temporary file of its own beside it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -17,7 +20,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from sync.blobs import INCOMING_STALE_SECONDS, FileBlobStore
 
@@ -124,6 +130,41 @@ PAUSED = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def _paused_writer(root: Path, data: bytes, tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """A put of ``data`` in another process, paused with its bytes written, before its
+    rename; the function given lets it go on, and checks that it stored the image."""
+    digest = hashlib.sha256(data).hexdigest()
+    marker, go = tmp_path / "written", tmp_path / "go"
+    marker.with_suffix(".data").write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSED, str(root), digest, str(marker), str(go)],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+    )
+
+    def finish() -> None:
+        go.touch()
+        _, errors = writer.communicate(timeout=30)
+        assert writer.returncode == 0, errors.decode()
+
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert writer.poll() is None, writer.stderr.read() if writer.stderr else ""
+            assert time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.01)
+        yield finish
+    finally:
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGKILL)
+            writer.wait(timeout=10)
+        if writer.stderr is not None:
+            writer.stderr.close()
+
+
 def test_a_put_in_flight_keeps_its_temporary_file_when_another_put_of_its_image_runs(
     tmp_path: Path,
 ) -> None:
@@ -137,32 +178,39 @@ def test_a_put_in_flight_keeps_its_temporary_file_when_another_put_of_its_image_
     root = tmp_path / "blobs"
     data = os.urandom(100_000)
     digest = hashlib.sha256(data).hexdigest()
-    marker, go = tmp_path / "written", tmp_path / "go"
-    marker.with_suffix(".data").write_bytes(data)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    writer = subprocess.Popen(
-        [sys.executable, "-c", PAUSED, str(root), digest, str(marker), str(go)],
-        env=env,
-        start_new_session=True,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert writer.poll() is None, writer.stderr.read() if writer.stderr else ""
-            assert time.monotonic() < deadline, "the writer never wrote"
-            time.sleep(0.01)
-
+    with _paused_writer(root, data, tmp_path) as finish:
         FileBlobStore(root).put(digest, data)  # the retry, through another worker
 
         in_flight = [name for name in _files(root) if name.startswith(".incoming-")]
         assert len(in_flight) == 1, _files(root)
-        go.touch()
-        _, errors = writer.communicate(timeout=30)
-    finally:
-        if writer.poll() is None:
-            os.killpg(writer.pid, signal.SIGKILL)
-            writer.wait(timeout=10)
-    assert writer.returncode == 0, errors.decode()
+        finish()
     assert _files(root) == [digest]
     assert FileBlobStore(root).read(digest, size=len(data)) == data
+
+
+def test_a_put_in_flight_keeps_its_file_where_flock_is_a_whole_file_fcntl_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS, Linux makes ``flock`` a ``fcntl`` lock of the whole file (flock(2)), and
+    an exclusive one needs the file open for writing: the check of a leftover, opened
+    for reading, was refused the lock (EBADF), taken for a file system without locks,
+    and removed the file of a put in flight, as before the locks were taken."""
+    real_flock = fcntl.flock
+
+    def flock_as_on_nfs(fd: int, operation: int) -> None:
+        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        if operation & fcntl.LOCK_EX and not writable:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr("sync.blobs.fcntl.flock", flock_as_on_nfs)
+    root = tmp_path / "blobs"
+    data = os.urandom(100_000)
+    digest = hashlib.sha256(data).hexdigest()
+    with _paused_writer(root, data, tmp_path) as finish:
+        FileBlobStore(root).put(digest, data)
+
+        in_flight = [name for name in _files(root) if name.startswith(".incoming-")]
+        assert len(in_flight) == 1, _files(root)
+        finish()
+    assert _files(root) == [digest]

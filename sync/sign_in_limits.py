@@ -29,7 +29,7 @@ place of both the username's and the address's, so no sign-in rule counts them, 
 each kind's rows are deleted by its own window. A call that costs more than others
 (a verification reading thousands of audit entries) spends units of a budget, a row
 each (``admit_cost``). A call about a subject (a PDA id) is counted once per window
-however often it comes (``admit_once``).
+however often it comes (``refusal_of``, then ``count_once``).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def address_scope(address: str | None) -> str:
 
 
 def _subject_key(key: str, kind: str, subject: str) -> str:
-    """A subject of ``admit_once`` as its row stands for it, keyed with its caller's key."""
+    """A subject of ``count_once`` as its row stands for it, keyed with its caller's key."""
     return _keyed(key.encode(), kind, subject)
 
 
@@ -261,9 +261,9 @@ def refusal_of(
     by how it ends (``sync.directory``: a PDA id found in use at another station), whose
     caller is refused every call once its window is full, the one that would not count
     too. Takes the caller's lock (PostgreSQL), held to the transaction's end; every
-    call of ``kind`` counts its window so (``admit_cost``, ``admit_once``).
+    call of ``kind`` counts its window so (``admit_cost``, ``count_once``).
 
-    ``forgiven``: subjects whose ``admit_once`` calls count for nothing while they are
+    ``forgiven``: subjects whose ``count_once`` rows count for nothing while they are
     so (``sync.directory``: PDA ids now at the caller's own station, which told them
     nothing that was not theirs to know). Their rows stay: a subject no longer forgiven
     (the PDA moved away again) counts again, as it did before. Given as a function, it
@@ -285,47 +285,15 @@ def _calls_of(key: str, kind: str) -> tuple[ColumnElement[bool], ...]:
     return (SignInAttempt.username_key == key, SignInAttempt.outcome == kind)
 
 
-def admit_once(
-    *,
-    session: Session,
-    kind: str,
-    key: str,
-    subject: str,
-    limit: Limit,
-    now: dt.datetime,
-    what: str,
-    code: str,
-    forgiven: Collection[str] = (),
-) -> Charge:
-    """``admit_call`` for a call about ``subject``, counted once per window: while the
-    window is not full, a call about a subject it holds already is let through and
-    charged nothing (``Charge(0)``), as it tells the caller nothing the first did
-    (``sync.directory``: a PDA id found in use at another station, tried again). The
-    row stands for the subject by a hash keyed with the caller's key in place of the
-    address's. ``forgiven``: as ``refusal_of``'s, not counted in the window."""
-    refusal = refusal_of(
-        session=session,
-        kind=kind,
-        key=key,
-        limit=limit,
-        now=now,
-        what=what,
-        code=code,
-        forgiven=forgiven,
-    )
-    if refusal is not None:  # a counted subject's call too: refused alike, whatever it is
-        return Charge(0, refusal)
-    return Charge(
-        count_once(session=session, kind=kind, key=key, subject=subject, limit=limit, now=now)
-    )
-
-
 def count_once(
     *, session: Session, kind: str, key: str, subject: str, limit: Limit, now: dt.datetime
 ) -> int:
-    """``admit_once`` past its window's check, for a caller who made it already
-    (``refusal_of``, whose lock it holds): 1 when ``subject`` is counted now, 0 when the
-    window holds it already."""
+    """A call about ``subject``, counted once per window, for a caller whose window
+    ``refusal_of`` let through (its lock held): 1 when ``subject`` is counted now, 0 when
+    the window holds it already (``sync.directory``: a PDA id found in use at another
+    station, tried again, tells the caller nothing the first try did not). The row
+    stands for the subject by a hash keyed with the caller's key in place of the
+    address's."""
     where = _calls_of(key, kind)
     subject_key = _subject_key(key, kind, subject)
     counted = session.scalar(

@@ -12,14 +12,15 @@ from models import SignInAttempt
 from sync.sign_in_limits import (
     LIMITED,
     AttemptKeys,
+    Charge,
     Limit,
     SignInLimits,
     address_scope,
     admit,
     admit_call,
     admit_cost,
-    admit_once,
     caller_key,
+    count_once,
     refusal_of,
     settle,
     window_text,
@@ -28,6 +29,9 @@ from sync.sign_in_limits import (
 T0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
 SECRET = b"test-secret"
 MINUTE = dt.timedelta(minutes=1)
+DAY = Limit(2, dt.timedelta(hours=24))  # the PDA ids a manager's window holds in these tests
+DEVICE_TAKEN = "device_taken"
+TOO_MANY_IDS = "too_many_device_ids_taken"
 
 
 def keys(username: str = "courier1", address: str = "203.0.113.7") -> AttemptKeys:
@@ -57,6 +61,50 @@ def user_only(count: int = 3, minutes: int = 15) -> SignInLimits:
         failures_per_username=Limit(count, dt.timedelta(minutes=minutes)),
         attempts_per_address=None,
         failures_per_address=None,
+    )
+
+
+def caller(user_id: str, kind: str = DEVICE_TAKEN) -> str:
+    return caller_key(secret=SECRET, kind=kind, caller=user_id)
+
+
+def spent(charge: Charge, code: str = TOO_MANY_IDS) -> int:
+    """The units a call was charged, or minus the Retry-After of its refusal, which
+    charged nothing."""
+    if charge.refusal is not None:
+        assert charge.units == 0 and charge.refusal.code == code
+        return -charge.refusal.retry_after
+    return charge.units
+
+
+def ids_refusal(
+    session: Session, key: str, at: dt.datetime, forgiven: tuple[str, ...] = ()
+) -> Charge | None:
+    """The manager ``key``'s window of PDA ids found at other stations, as
+    ``sync.directory.register_device`` checks it: its refusal (nothing charged), or None."""
+    refusal = refusal_of(
+        session=session,
+        kind=DEVICE_TAKEN,
+        key=key,
+        limit=DAY,
+        now=at,
+        what="too many ids taken",
+        code=TOO_MANY_IDS,
+        forgiven=forgiven,
+    )
+    return None if refusal is None else Charge(0, refusal)
+
+
+def id_taken(
+    session: Session, key: str, subject: str, at: dt.datetime = T0, forgiven: tuple[str, ...] = ()
+) -> int:
+    """A PDA id found at another station, as ``register_device`` counts it: the window
+    checked, then the id counted once in it. ``spent``'s answer."""
+    refused = ids_refusal(session, key, at, forgiven)
+    if refused is not None:  # a counted subject's call too: refused alike, whatever it is
+        return spent(refused)
+    return count_once(
+        session=session, kind=DEVICE_TAKEN, key=key, subject=subject, limit=DAY, now=at
     )
 
 
@@ -268,38 +316,21 @@ def test_a_call_costing_units_spends_a_budget_and_is_given_no_more_than_is_left(
 
 
 def test_a_call_about_one_subject_is_counted_once_per_window(session: Session) -> None:
-    """``admit_once`` (a PDA id found at another station): a subject the caller's window
-    holds already is let through uncharged, however often it comes; another subject is
-    charged, up to the limit, then every call is refused, a counted subject's too; a
-    subject whose row left the window is charged again. Another caller's rows are theirs."""
-    day = Limit(2, dt.timedelta(hours=24))
-    key = caller_key(secret=SECRET, kind="device_taken", caller="7")
-
-    def call(at: dt.datetime, subject: str, caller: str = key) -> int:
-        charge = admit_once(
-            session=session,
-            kind="device_taken",
-            key=caller,
-            subject=subject,
-            limit=day,
-            now=at,
-            what="too many ids taken",
-            code="too_many_device_ids_taken",
-        )
-        if charge.refusal is not None:
-            assert charge.units == 0 and charge.refusal.code == "too_many_device_ids_taken"
-            return -charge.refusal.retry_after
-        return charge.units
-
-    assert [call(T0 + n * MINUTE, "PDA-A") for n in range(5)] == [1, 0, 0, 0, 0]
-    assert call(T0 + 10 * MINUTE, "PDA-B") == 1
-    assert call(T0 + 11 * MINUTE, "PDA-A") == -(24 * 60 - 11) * 60  # full: refused alike
-    assert call(T0 + 11 * MINUTE, "PDA-C") == -(24 * 60 - 11) * 60
-    other = caller_key(secret=SECRET, kind="device_taken", caller="8")
-    assert call(T0 + 12 * MINUTE, "PDA-A", other) == 1
-    assert call(T0 + 24 * 60 * MINUTE, "PDA-A") == 1  # its first row left the window
+    """``count_once`` past ``refusal_of`` (a PDA id found at another station): a subject
+    the caller's window holds already is let through uncharged, however often it comes;
+    another subject is charged, up to the limit, then every call is refused, a counted
+    subject's too; a subject whose row left the window is charged again. Another
+    caller's rows are theirs."""
+    key, other = caller("7"), caller("8")
+    assert [id_taken(session, key, "PDA-A", T0 + n * MINUTE) for n in range(5)] == [1, 0, 0, 0, 0]
+    assert id_taken(session, key, "PDA-B", T0 + 10 * MINUTE) == 1
+    full = -(24 * 60 - 11) * 60  # until T0's PDA-A leaves the window
+    assert id_taken(session, key, "PDA-A", T0 + 11 * MINUTE) == full  # refused alike
+    assert id_taken(session, key, "PDA-C", T0 + 11 * MINUTE) == full
+    assert id_taken(session, other, "PDA-A", T0 + 12 * MINUTE) == 1
+    assert id_taken(session, key, "PDA-A", T0 + 24 * 60 * MINUTE) == 1  # its first row left
     rows = select(func.count()).select_from(SignInAttempt)
-    assert session.scalar(rows.where(SignInAttempt.outcome == "device_taken")) == 3
+    assert session.scalar(rows.where(SignInAttempt.outcome == DEVICE_TAKEN)) == 3
 
 
 def test_a_subject_forgiven_counts_for_nothing_and_only_its_callers(session: Session) -> None:
@@ -308,47 +339,25 @@ def test_a_subject_forgiven_counts_for_nothing_and_only_its_callers(session: Ses
     subjects not forgiven still count, and another caller's charge for the same subject
     stands. Nothing is deleted: a subject no longer forgiven (the PDA moved away again)
     counts again, as it did before."""
-    day = Limit(2, dt.timedelta(hours=24))
-    key = caller_key(secret=SECRET, kind="device_taken", caller="7")
-    other = caller_key(secret=SECRET, kind="device_taken", caller="8")
+    key, other = caller("7"), caller("8")
+    refused = -24 * 60 * 60  # every call at T0: until T0's rows leave the window
 
-    def call(subject: str, caller: str = key, forgiven: tuple[str, ...] = ()) -> int:
-        charge = admit_once(
-            session=session,
-            kind="device_taken",
-            key=caller,
-            subject=subject,
-            limit=day,
-            now=T0,
-            what="too many ids taken",
-            code="too_many_device_ids_taken",
-            forgiven=forgiven,
-        )
-        return -1 if charge.refusal is not None else charge.units
+    def call(subject: str, who: str = key, forgiven: tuple[str, ...] = ()) -> int:
+        return id_taken(session, who, subject, forgiven=forgiven)
 
-    assert [call("PDA-A"), call("PDA-B"), call("PDA-C")] == [1, 1, -1]
+    assert [call("PDA-A"), call("PDA-B"), call("PDA-C")] == [1, 1, refused]
     assert [call("PDA-A", other), call("PDA-B", other)] == [1, 1]
     forgiven = ("PDA-A", "PDA-X")
     assert call("PDA-C", forgiven=forgiven) == 1  # PDA-A's room
-    assert call("PDA-D", forgiven=forgiven) == -1  # PDA-B and PDA-C fill it
-    assert call("PDA-C", other, forgiven=()) == -1  # the other caller's PDA-A still counts
-    assert call("PDA-D") == -1  # PDA-A no longer forgiven: three in a window of two
-    assert call("PDA-A") == -1  # refused alike, counted or not
+    assert call("PDA-D", forgiven=forgiven) == refused  # PDA-B and PDA-C fill it
+    assert call("PDA-C", other, forgiven=()) == refused  # the other's PDA-A still counts
+    assert call("PDA-D") == refused  # PDA-A no longer forgiven: three in a window of two
+    assert call("PDA-A") == refused  # refused alike, counted or not
 
-    def refused(*forgiven: str) -> bool:
-        refusal = refusal_of(
-            session=session,
-            kind="device_taken",
-            key=key,
-            limit=day,
-            now=T0,
-            what="too many ids taken",
-            code="too_many_device_ids_taken",
-            forgiven=forgiven,
-        )
-        return refusal is not None
+    def refusal(*forgiven: str) -> bool:
+        return ids_refusal(session, key, T0, forgiven) is not None
 
-    assert [refused(), refused("PDA-A"), refused("PDA-A", "PDA-B")] == [True, True, False]
+    assert [refusal(), refusal("PDA-A"), refusal("PDA-A", "PDA-B")] == [True, True, False]
 
 
 def test_a_window_reads_as_a_person_would_say_it() -> None:

@@ -56,12 +56,16 @@ def attempt(
     return None
 
 
-def user_only(count: int = 3, minutes: int = 15) -> SignInLimits:
-    return SignInLimits(
-        failures_per_username=Limit(count, dt.timedelta(minutes=minutes)),
-        attempts_per_address=None,
-        failures_per_address=None,
+def only(**limits: Limit) -> SignInLimits:
+    """These sign-in limits and no other."""
+    unset: dict[str, Limit | None] = dict.fromkeys(
+        ("failures_per_username", "attempts_per_address", "failures_per_address")
     )
+    return SignInLimits(**{**unset, **limits})
+
+
+def user_only(count: int = 3, minutes: int = 15) -> SignInLimits:
+    return only(failures_per_username=Limit(count, dt.timedelta(minutes=minutes)))
 
 
 def caller(user_id: str, kind: str = DEVICE_TAKEN) -> str:
@@ -167,11 +171,7 @@ def test_a_pending_attempt_counts_as_a_failure(session: Session) -> None:
 def test_pending_attempts_count_against_the_address_too(session: Session) -> None:
     """Guesses at many usernames sent at once from one address cannot overshoot its
     failure limit while their passwords are being checked."""
-    limits = SignInLimits(
-        failures_per_username=None,
-        attempts_per_address=None,
-        failures_per_address=Limit(2, dt.timedelta(minutes=15)),
-    )
+    limits = only(failures_per_address=Limit(2, dt.timedelta(minutes=15)))
     admitted = [
         admit(session=session, keys=keys(f"user{i}"), limits=limits, now=T0) for i in range(3)
     ]
@@ -191,11 +191,7 @@ def test_usernames_are_limited_independently(session: Session) -> None:
 def test_attempts_per_address_count_everything_and_spare_other_addresses(
     session: Session,
 ) -> None:
-    limits = SignInLimits(
-        failures_per_username=None,
-        attempts_per_address=Limit(5, MINUTE),
-        failures_per_address=None,
-    )
+    limits = only(attempts_per_address=Limit(5, MINUTE))
     for i in range(5):  # five PDAs behind one NAT address, all signing in fine
         assert attempt(session, limits, T0, right=True, username=f"c{i}") is None
     assert attempt(session, limits, T0 + dt.timedelta(seconds=20), right=True) == 40
@@ -209,9 +205,8 @@ def test_attempts_per_address_count_everything_and_spare_other_addresses(
 
 
 def test_failures_per_address_slow_spraying_across_usernames(session: Session) -> None:
-    limits = SignInLimits(
+    limits = only(
         failures_per_username=Limit(3, dt.timedelta(minutes=15)),
-        attempts_per_address=None,
         failures_per_address=Limit(4, dt.timedelta(minutes=15)),
     )
     for i in range(4):  # one password tried against four accounts
@@ -239,13 +234,13 @@ def test_a_call_limited_per_caller_shares_the_table_but_no_sign_in_rule(
     refusals not stored, freed as the oldest leaves; its rows counted by no sign-in rule
     (their address is the caller's key) and kept past the sign-ins' shorter window."""
     hour = Limit(2, dt.timedelta(hours=1))
-    key = caller_key(secret=SECRET, kind="audit_verify", caller="7")
+    key = caller("7", "audit_verify")
 
-    def call(at: dt.datetime, caller: str = key) -> int | None:
+    def call(at: dt.datetime, who: str = key) -> int | None:
         refusal = admit_call(
             session=session,
             kind="audit_verify",
-            key=caller,
+            key=who,
             limit=hour,
             now=at,
             what="too many walks",
@@ -256,16 +251,10 @@ def test_a_call_limited_per_caller_shares_the_table_but_no_sign_in_rule(
 
     assert call(T0) is None and call(T0 + 10 * MINUTE) is None
     assert call(T0 + 20 * MINUTE) == 40 * 60
-    assert (
-        call(T0 + 20 * MINUTE, caller_key(secret=SECRET, kind="audit_verify", caller="8")) is None
-    )
+    assert call(T0 + 20 * MINUTE, caller("8", "audit_verify")) is None
     # A sign-in 30 minutes on purges what its 15-minute window no longer counts, and no
     # more; the calls count towards no sign-in limit of any address.
-    every_attempt = SignInLimits(
-        failures_per_username=Limit(1, 15 * MINUTE),
-        attempts_per_address=Limit(1, 15 * MINUTE),
-        failures_per_address=Limit(1, 15 * MINUTE),
-    )
+    every_attempt = SignInLimits(*[Limit(1, 15 * MINUTE)] * 3)
     assert attempt(session, every_attempt, T0 + 30 * MINUTE, right=True) is None
     assert call(T0 + 59 * MINUTE) == 60
     assert call(T0 + 60 * MINUTE) is None  # the first left the window
@@ -281,10 +270,10 @@ def test_a_call_costing_units_spends_a_budget_and_is_given_no_more_than_is_left(
     it asks, at least one unit and at most those left; refused, nothing charged, once
     none are left, until the window frees the oldest call's units."""
     budget = Limit(5, dt.timedelta(hours=1))
-    key = caller_key(secret=SECRET, kind="audit_entries", caller="7")
+    key = caller("7", "audit_entries")
     offered: list[int] = []
 
-    def call(at: dt.datetime, wants: int) -> int | None:
+    def call(at: dt.datetime, wants: int) -> int:
         def cost(left: int) -> int:
             offered.append(left)
             return wants
@@ -299,10 +288,7 @@ def test_a_call_costing_units_spends_a_budget_and_is_given_no_more_than_is_left(
             what="too many entries",
             code="too_many_verifications",
         )
-        if charge.refusal is not None:
-            assert charge.units == 0 and charge.refusal.code == "too_many_verifications"
-            return -charge.refusal.retry_after
-        return charge.units
+        return spent(charge, "too_many_verifications")
 
     assert call(T0, 3) == 3
     assert call(T0 + 10 * MINUTE, 0) == 1  # a call costs something

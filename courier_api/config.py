@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import phonenumbers
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from models import ServiceClass
@@ -211,7 +211,7 @@ def _check_database_url(url: str) -> None:
     if backend == "postgres":
         raise ConfigError(
             "DATABASE_URL: SQLAlchemy has no 'postgres' dialect; write the URL as "
-            f"postgresql+psycopg://..., got {masked_url(url)!r}"
+            f"{_url_to_write(parsed, 'postgresql')}, got {masked_url(url)!r}"
         )
     if backend not in DATABASE_DRIVERS:
         raise ConfigError(
@@ -220,10 +220,20 @@ def _check_database_url(url: str) -> None:
         )
     driver = parsed.get_driver_name()  # the dialect's default when the URL names none
     if driver != DATABASE_DRIVERS[backend]:
+        psycopg = " (psycopg 3)" if backend == "postgresql" else ""
         raise ConfigError(
             f"DATABASE_URL: the driver {driver!r} is not one the service installs or runs "
-            f"on; use {_SUGGESTED_URLS[backend]}, got {masked_url(url)!r}"
+            f"on; write the URL as {_url_to_write(parsed, backend)}{psycopg}, "
+            f"got {masked_url(url)!r}"
         )
+
+
+def _url_to_write(parsed: URL, backend: str) -> str:
+    """The URL given, on ``backend`` through the driver the service runs it with (named
+    for PostgreSQL, whose default driver SQLAlchemy has changed between versions), its
+    password masked: what the operator is to write."""
+    drivername = "sqlite" if backend == "sqlite" else f"{backend}+{DATABASE_DRIVERS[backend]}"
+    return masked_url(parsed.set(drivername=drivername).render_as_string(hide_password=False))
 
 
 def masked_url(url: str) -> str:

@@ -94,15 +94,17 @@ def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
             {"DATABASE_URL": "postgresql+psycopg//app:s3cret@db/courier"},
             r"DATABASE_URL must be a database URL.*'postgresql\+psycopg//app:\*\*\*@db/courier'",
         ),
-        (  # SQLAlchemy 2 has no "postgres" dialect
-            {"DATABASE_URL": "postgres://app:s3cret@db/courier"},
+        (  # SQLAlchemy 2 has no "postgres" dialect: the URL to write is the one given, fixed
+            {"DATABASE_URL": "postgres://app:s3cret@db:6432/courier?sslmode=require"},
             r"DATABASE_URL: SQLAlchemy has no 'postgres' dialect; write the URL as "
-            r"postgresql\+psycopg://.*'postgres://app:\*\*\*@db/courier'",
+            r"postgresql\+psycopg://app:\*\*\*@db:6432/courier\?sslmode=require, "
+            r"got 'postgres://app:\*\*\*@db:6432/courier\?sslmode=require'",
         ),
         (  # psycopg2 is not installed: the service uses psycopg 3
             {"DATABASE_URL": "postgresql+psycopg2://app:s3cret@db/courier"},
             r"DATABASE_URL: the driver 'psycopg2' is not one the service installs or runs on; "
-            r"use postgresql\+psycopg://.*'postgresql\+psycopg2://app:\*\*\*@db/courier'",
+            r"write the URL as postgresql\+psycopg://app:\*\*\*@db/courier \(psycopg 3\), "
+            r"got 'postgresql\+psycopg2://app:\*\*\*@db/courier'",
         ),
         (
             {"DATABASE_URL": "mysql://app:s3cret@db/courier"},
@@ -110,7 +112,10 @@ def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
             r"or postgresql\+psycopg://",
         ),
         ({"DATABASE_URL": "mongodb://db/courier"}, "DATABASE_URL: 'mongodb' is not a database"),
-        ({"DATABASE_URL": "sqlite+aiosqlite:///courier.db"}, "the driver 'aiosqlite' is not"),
+        (
+            {"DATABASE_URL": "sqlite+aiosqlite:///courier.db"},
+            r"the driver 'aiosqlite' is not .*; write the URL as sqlite:///courier.db, got",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_refused_at_start(

@@ -40,3 +40,20 @@ def test_the_subscription_example_is_taken_as_written(
     )
     assert response.status_code == 201, response.get_json()
     assert response.get_json()["topics"] == example["topics"]
+
+
+def test_every_consent_request_payload_has_the_fields_the_readme_names(
+    client: FlaskClient,
+) -> None:
+    """'Every payload has `request_id`, `tracking_no` and `station_id`': each consent
+    request topic's documented payload (the OpenAPI callback's schema) requires them."""
+    text = README.read_text(encoding="utf-8")
+    named = re.search(r"Every payload\s+has ((?:`\w+`(?:, | and )?)+)", text)
+    assert named, "the README no longer says which fields every payload has"
+    fields = set(re.findall(r"`(\w+)`", named.group(1)))
+    assert fields == {"request_id", "tracking_no", "station_id"}
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    consent_request_topics = [topic for topic in TOPICS if topic.startswith("consent.request")]
+    for topic in consent_request_topics:
+        name = "Webhook" + "".join(part.title() for part in re.split(r"[._]", topic))
+        assert fields <= set(schemas[name]["required"]), name

@@ -210,14 +210,17 @@ def db_upgrade(revision: str, lock_timeout: float, attempts: int) -> None:
             err=True,
         )
 
-    migrations.upgrade(
-        db.engine,
-        revision,
-        lock_timeout_seconds=lock_timeout or None,
-        attempts=attempts,
-        pause_seconds=pause_seconds,
-        on_retry=retrying,
-    )
+    try:
+        migrations.upgrade(
+            db.engine,
+            revision,
+            lock_timeout_seconds=lock_timeout or None,
+            attempts=attempts,
+            pause_seconds=pause_seconds,
+            on_retry=retrying,
+        )
+    except migrations.MigrationRefused as refused:
+        raise click.ClickException(str(refused)) from None
     click.echo(f"database at {_safe_url()} is at {revision}")
 
 
@@ -225,7 +228,10 @@ def db_upgrade(revision: str, lock_timeout: float, attempts: int) -> None:
 @click.argument("revision")
 def db_downgrade(revision: str) -> None:
     """Migrate the database down to REVISION (e.g. base)."""
-    migrations.downgrade(db.engine, revision)
+    try:
+        migrations.downgrade(db.engine, revision)
+    except migrations.MigrationRefused as refused:
+        raise click.ClickException(str(refused)) from None
     click.echo(f"database at {_safe_url()} is at {revision}")
 
 

@@ -24,6 +24,12 @@ from sqlalchemy.exc import OperationalError
 
 SCRIPT_LOCATION = "models:migrations"
 
+
+class MigrationRefused(RuntimeError):
+    """A migration that will not run on this database, its message saying why in one
+    line (``courier-api db`` prints it, with no traceback): nothing of it was done."""
+
+
 # Reading the current revision (/readyz, every few seconds from a load balancer; each
 # CLI command's check) builds a MigrationContext, which logs "Context impl ..." and
 # "Will assume ... DDL." at INFO: lines for a migration run, not for a read. A context

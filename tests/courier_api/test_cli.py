@@ -25,6 +25,7 @@ from courier_api.demo import ACTIVE_DEVICES, PASSWORDS, RETIRED_DEVICE
 from courier_api.extensions import db
 from courier_api.logs import ACCESS_LOGGER
 from models import AuditEntry, Device, DeviceStatus, Parcel, Role, Station, User
+from sync import audit
 from tests import factories
 from tests.conftest import World, make_test_app
 from tests.live_server import server_database
@@ -873,3 +874,25 @@ def test_serve_binds_gunicorn_to_the_host_and_port_asked_for(host: str, port: in
     from courier_api.serve import bind_address
 
     assert parse_address(bind_address(host, port)) == (host, port)
+
+
+def test_a_downgrade_a_migration_refuses_says_why_in_one_line(tmp_path: Path) -> None:
+    """Audit entries that keep their client's address hash it: the downgrade that would
+    drop the column refuses, and the operator reads why in one line, not a traceback."""
+    app = make_test_app(f"sqlite:///{tmp_path / 'kept.db'}", tmp_path)
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+    with app.app_context():
+        token = audit.CLIENT_IP.set("203.0.113.7")
+        try:
+            audit.append(session=db.session, actor_id=None, action="proof_read",
+                         subject_type="proof", subject_key="9", details={})  # fmt: skip
+        finally:
+            audit.CLIENT_IP.reset(token)
+        db.session.commit()
+    result = runner.invoke(args=["db", "downgrade", "c8f2a4d6e1b9"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: 1 audit entries keep their client's address")
+    assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output
+    current = runner.invoke(args=["db", "current"]).output.splitlines()
+    assert current[0].split(":")[1].strip() == current[1].split(":")[1].strip()  # at head

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from models.migrate import MigrationRefused
+
 revision: str = "f4a8c2e6b1d3"
 down_revision: str | None = "c8f2a4d6e1b9"
 branch_labels: str | Sequence[str] | None = None
@@ -52,7 +54,7 @@ def downgrade() -> None:
         sa.text(f"SELECT count(*) FROM {TABLE} WHERE {COLUMN} IS NOT NULL")
     )
     if kept:
-        raise RuntimeError(
+        raise MigrationRefused(
             f"{kept} audit entries keep their client's address, which their hashes cover: "
             f"without {TABLE}.{COLUMN} they would read as altered. Not downgraded"
         )

@@ -35,7 +35,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from courier_api.api.blobs.routes import blob_reader, blob_store, image_response
-from courier_api.api.pagination import walk_logged
+from courier_api.api.pagination import cursor_or_after, walk_logged
 from courier_api.api.proofs.routes import csv_rows, filters_logged, proof_read
 from courier_api.api.quarantine.routes import QUARANTINE_SEARCHED
 from courier_api.auth import (
@@ -740,6 +740,7 @@ def _flag_queue_page(
         args.get("raised_from"), args.get("raised_to"), station.timezone if station else "UTC"
     )
     status = args["status"]
+    cursor_or_after(args.get("cursor") or None, args["after"])  # as the API refuses both
     items = flags.list_flags(
         session=db.session,
         station_id=station.id if station else None,

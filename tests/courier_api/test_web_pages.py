@@ -1316,6 +1316,25 @@ def test_the_flag_queue_pages_by_keyset(
     assert "cursor" in pages.get("/web/flags?cursor=x", status=400)
 
 
+def test_the_flag_queue_refuses_a_cursor_and_an_after_together_as_the_api_does(
+    app: Flask, session: Session, day: StationDay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link carrying both a walk's cursor and the deprecated after listed the page of
+    one of them, unsaid which (the page below both places, here the first flag's), where
+    the API answers 422 ``cursor_and_after``: one link, read on the page or through the
+    API, gave two answers."""
+    monkeypatch.setattr("courier_api.web.views.PAGE_SIZE", 2)
+    pages = signed_in(app, "manager")
+    first = pages.get("/web/flags?status=any")
+    link = re.search(r'<a href="([^"]+)" rel="next">', first)
+    assert link is not None
+    one = re.findall(r'<tr id="flag-(\d+)"', first)
+    both = link.group(1).replace("&amp;", "&") + f"&after={one[0]}"
+    refused = pages.get(both, status=422)
+    assert "send cursor or after, not both" in refused
+    assert pages.get(link.group(1).replace("&amp;", "&"))  # the cursor alone still reads
+
+
 def test_the_flag_queue_says_when_a_flag_it_lists_first_was_opened_again(
     app: Flask, session: Session, day: StationDay
 ) -> None:

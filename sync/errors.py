@@ -72,7 +72,9 @@ class CursorReset(DomainError):
     expired): pull again from scratch (``sync.feed``); a timeline walk's parcel gained
     events below its ``as_of`` since it began: walk again from the start
     (``sync.parcels``); a proof search's walk found deliveries below the pages it showed
-    that it did not show (a push committed late): search again (``sync.proofs``)."""
+    that it did not show (a push committed late): search again (``sync.proofs``); a
+    walk through the flags found more raised below where it began than its first page
+    counted (a push committed late): list again (``sync.flags.check_flag_walk``)."""
 
     code = "cursor_reset"
 

@@ -51,7 +51,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,7 +67,7 @@ from models import (
 )
 from sync import audit, outbox
 from sync.acks import merged
-from sync.errors import Conflict, InvalidInput, NotFound
+from sync.errors import Conflict, CursorReset, InvalidInput, NotFound
 from sync.manager_text import manager_text
 from sync.paging import MAX_PAGE_SIZE, dotted_parts, malformed_cursor
 from sync.sql import among, chunks
@@ -619,7 +619,9 @@ def _close(session: Session, flag: Flag, reason: str) -> None:
 # -- reading ----------------------------------------------------------------------------------
 
 
-_FLAG_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+_FLAG_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})")
+# A cursor given before a walk kept where it began: ``<opened_at>.<id>``.
+_EARLIER_FLAG_CURSOR = re.compile(r"[0-9]{1,19}\.[0-9]{1,19}")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # The latest time a cursor may hold: datetime's last day (9999-12-31), in microseconds.
 _LAST_MICROSECOND = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(
@@ -627,35 +629,71 @@ _LAST_MICROSECOND = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.time
 )
 
 
+def _microseconds(when: dt.datetime) -> int:
+    return (when - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _instant(microseconds: int) -> dt.datetime:
+    if microseconds > _LAST_MICROSECOND:
+        raise malformed_cursor()
+    return _EPOCH + dt.timedelta(microseconds=microseconds)
+
+
 @dataclass(frozen=True)
 class FlagCursor:
-    """Where a walk through the flags stands, ``<opened_at>.<id>``: its last flag's
-    ``opened_at`` as it was when listed (microseconds since 1970, UTC) and id. The walk
-    goes on below that place, whatever became of the flag since: opened again, it is at
-    the top, where ``after`` (its id) went on from and listed again the flags shown."""
+    """Where a walk through the flags stands, ``<opened_at>.<id>.<as_of>.<raised>``: its
+    last flag's ``opened_at`` as it was when listed (microseconds since 1970, UTC) and
+    id. The walk goes on below that place, whatever became of the flag since: opened
+    again, it is at the top, where ``after`` (its id) went on from and listed again the
+    flags shown.
+
+    ``as_of`` is where the walk began, the latest ``opened_at`` of the flags its
+    filters that never change took in then (``FlagWalk``), and ``raised`` how many of
+    those there were: the walk's last page counts them again to find a flag committed
+    late below where the walk began (``check_flag_walk``)."""
 
     opened_at: dt.datetime
     flag_id: int
+    as_of: dt.datetime
+    raised: int
 
     def __str__(self) -> str:
-        since = (self.opened_at - _EPOCH) // dt.timedelta(microseconds=1)
-        return f"{since}.{self.flag_id}"
-
-    @classmethod
-    def of(cls, flag: Flag) -> FlagCursor:
-        return cls(flag.opened_at, flag.id)
+        return (
+            f"{_microseconds(self.opened_at)}.{self.flag_id}."
+            f"{_microseconds(self.as_of)}.{self.raised}"
+        )
 
     @classmethod
     def parse(cls, raw: str | None) -> FlagCursor | None:
         """The cursor, or None for a walk's first page; 400 ``cursor_malformed`` for
-        one this server never gave."""
+        one this server never gave; 410 ``cursor_reset`` for one given before a walk
+        kept where it began (nothing to check its last page against)."""
         if raw is None or raw == "":
             return None
-        (since, flag_id), _ = dotted_parts(raw, _FLAG_CURSOR, numbers=2)
+        if _EARLIER_FLAG_CURSOR.fullmatch(raw):
+            raise CursorReset(
+                "the walk was begun by an earlier version of the server; list the flags "
+                "again from the start",
+                field="cursor",
+            )
+        (since, flag_id, as_of, raised), _ = dotted_parts(raw, _FLAG_CURSOR, numbers=4)
         assert since is not None and flag_id is not None
-        if since > _LAST_MICROSECOND or flag_id < 1:
+        assert as_of is not None and raised is not None
+        if flag_id < 1 or raised < 1 or since > as_of:  # its last flag: one it took in
             raise malformed_cursor()
-        return cls(_EPOCH + dt.timedelta(microseconds=since), flag_id)
+        return cls(_instant(since), flag_id, _instant(as_of), raised)
+
+
+@dataclass(frozen=True)
+class FlagWalk:
+    """A page of a walk through the flags (``walk_flags``): its ``items``, and the
+    ``next_cursor`` when the page is full (None on the last page). ``as_of``: where
+    the walk began, the latest ``opened_at`` among the flags its fixed filters took in
+    then (None when there were none)."""
+
+    items: Sequence[Flag]
+    next_cursor: FlagCursor | None
+    as_of: dt.datetime | None
 
 
 def list_flags(
@@ -701,21 +739,194 @@ def list_flags(
     (``sync.reports``): a flag raised and closed only because a PDA's pushes arrived in
     a given order is no news to a manager.
     """
+    fixed = _fixed_filters(
+        session=session,
+        station_id=station_id,
+        kind=kind,
+        severity=severity,
+        shift_id=shift_id,
+        tracking_no=tracking_no,
+        raised_from=raised_from,
+        raised_to=raised_to,
+    )
+    query = _page_query(
+        fixed,
+        status=status,
+        standing=standing,
+        waiting=waiting,
+        courier_id=courier_id,
+        station_id=station_id,
+        after_id=after_id,
+        cursor=cursor,
+        limit=limit,
+    )
+    return session.scalars(query).all()
+
+
+def walk_flags(
+    *,
+    session: Session,
+    station_id: int | None = None,
+    kind: str | None = None,
+    severity: FlagSeverity | None = None,
+    status: FlagStatus | None = None,
+    standing: bool = False,
+    waiting: bool = False,
+    courier_id: int | None = None,
+    shift_id: int | None = None,
+    tracking_no: str | None = None,
+    raised_from: dt.datetime | None = None,
+    raised_to: dt.datetime | None = None,
+    after_id: int | None = None,
+    cursor: FlagCursor | None = None,
+    limit: int = 100,
+) -> FlagWalk:
+    """A page of ``list_flags`` as a walk reads it, with the next page's cursor.
+
+    A flag is listed where it was opened (``opened_at``, set when the transaction
+    raising it stores it), and a push may commit seconds later: by then a page may have
+    gone past its place, and the walk's next pages, below that page, never list it (the
+    same with ``after``). So a walk's first page (one without ``cursor``) also reads,
+    in the same statement (one snapshot), where the walk begins (``as_of``: the latest
+    ``opened_at`` of the flags its filters that never change take in, whatever their
+    status or courier) and how many such flags there are; its last page (not full)
+    counts the flags those filters take in raised up to ``as_of`` again, and answers 410
+    ``cursor_reset`` when there are more (``check_flag_walk``): a flag committed below
+    where the walk began, which its pages may have passed. A flag opened again is
+    counted where it was raised, so one opened again meanwhile is no such flag; nor is
+    one raised since the walk began (above ``as_of``, at the top). So a walk ending
+    with ``next_cursor`` null listed every flag matching its filters that was opened
+    up to ``as_of``, committed before its last page was read, and not opened again
+    above its place meanwhile (listed at the top then, where a walk begun again finds
+    it), nor changed by a decision or a courier to match a filter after its place was
+    passed (a walk reads each flag's status and courier when its page is read)."""
+    fixed = _fixed_filters(
+        session=session,
+        station_id=station_id,
+        kind=kind,
+        severity=severity,
+        shift_id=shift_id,
+        tracking_no=tracking_no,
+        raised_from=raised_from,
+        raised_to=raised_to,
+    )
+    query = _page_query(
+        fixed,
+        status=status,
+        standing=standing,
+        waiting=waiting,
+        courier_id=courier_id,
+        station_id=station_id,
+        after_id=after_id,
+        cursor=cursor,
+        limit=limit,
+    )
+    if cursor is None:
+        taken_in = select(func.count(Flag.id)).where(*fixed).scalar_subquery()
+        latest = select(func.max(Flag.opened_at)).where(*fixed).scalar_subquery()
+        rows = session.execute(query.add_columns(taken_in, latest)).all()
+        items: Sequence[Flag] = [row[0] for row in rows]
+        raised, as_of = (rows[0][1], _aware(rows[0][2])) if rows else (0, None)
+    else:
+        items = session.scalars(query).all()
+        raised, as_of = cursor.raised, cursor.as_of
+    if len(items) < min(limit, MAX_PAGE_SIZE) or not items:
+        if cursor is not None:
+            check_flag_walk(session=session, fixed=fixed, cursor=cursor)
+        return FlagWalk(items, None, as_of)
+    assert as_of is not None
+    last = items[-1]
+    return FlagWalk(items, FlagCursor(last.opened_at, last.id, as_of, raised), as_of)
+
+
+def check_flag_walk(
+    *, session: Session, fixed: Sequence[ColumnElement[bool]], cursor: FlagCursor
+) -> None:
+    """Refuse a walk's last page (410 ``cursor_reset``) when the flags its fixed
+    filters take in, raised up to where it began (``cursor.as_of``), are more than its
+    first page counted: one committed since, below where the walk began, which its
+    pages may have gone past. Counted where each was raised (``raised_at``, never
+    later than ``opened_at``), so a flag opened again since is no more than it was.
+    Read after the page, so a flag committed before the page was read is counted."""
+    raised = session.scalar(
+        select(func.count(Flag.id)).where(*fixed, Flag.raised_at <= cursor.as_of)
+    )
+    if raised != cursor.raised:
+        began = cursor.as_of.isoformat()
+        raise CursorReset(
+            f"when this walk began, {cursor.raised} flags its filters take in (whatever "
+            f"their status and courier) had been raised up to {began}; {raised} have "
+            "now: a flag stored before then was committed after a page of the walk was "
+            "read, below where it began, and its pages may have gone past it; list the "
+            "flags again from the start",
+            field="cursor",
+        )
+
+
+def _aware(when: dt.datetime | None) -> dt.datetime | None:
+    """A time read by an aggregate, in UTC (SQLite gives it back naive)."""
+    if when is None or when.tzinfo is not None:
+        return when
+    return when.replace(tzinfo=dt.UTC)
+
+
+def _fixed_filters(
+    *,
+    session: Session,
+    station_id: int | None,
+    kind: str | None,
+    severity: FlagSeverity | None,
+    shift_id: int | None,
+    tracking_no: str | None,
+    raised_from: dt.datetime | None,
+    raised_to: dt.datetime | None,
+) -> list[ColumnElement[bool]]:
+    """The filters of a flag listing that a flag, once raised, keeps matching or not:
+    its station, kind, severity, shift, parcel and when it was raised (a flag may come
+    to cite a parcel's event, never cease to)."""
     if raised_from is not None and raised_to is not None and raised_to <= raised_from:
         raise InvalidInput(
             "raised_to must be later than raised_from", code="invalid_range", field="raised_to"
         )
+    fixed: list[ColumnElement[bool]] = []
+    if station_id is not None:
+        fixed.append(Flag.station_id == station_id)
+    if kind is not None:
+        fixed.append(Flag.kind == kind)
+    if severity is not None:
+        fixed.append(Flag.severity == severity)
+    if shift_id is not None:
+        fixed.append(Flag.shift_id == shift_id)
+    if tracking_no is not None:
+        number = normalize(tracking_no)
+        citing = flags_citing_parcel(session=session, tracking_no=number, station_id=station_id)
+        about = Flag.tracking_no == number
+        fixed.append(or_(about, Flag.id.in_(citing)) if citing else about)
+    if raised_from is not None:
+        fixed.append(Flag.raised_at >= raised_from)
+    if raised_to is not None:
+        fixed.append(Flag.raised_at < raised_to)
+    return fixed
+
+
+def _page_query(
+    fixed: Sequence[ColumnElement[bool]],
+    *,
+    status: FlagStatus | None,
+    standing: bool,
+    waiting: bool,
+    courier_id: int | None,
+    station_id: int | None,
+    after_id: int | None,
+    cursor: FlagCursor | None,
+    limit: int,
+) -> Select[tuple[Flag]]:
     query = (
         select(Flag)
+        .where(*fixed)
         .order_by(Flag.opened_at.desc(), Flag.id.desc())
         .limit(min(limit, MAX_PAGE_SIZE))
     )
-    if station_id is not None:
-        query = query.where(Flag.station_id == station_id)
-    if kind is not None:
-        query = query.where(Flag.kind == kind)
-    if severity is not None:
-        query = query.where(Flag.severity == severity)
     if status is not None:
         query = query.where(Flag.status == status)
     if standing:
@@ -724,17 +935,6 @@ def list_flags(
         query = query.where(Flag.status.in_(ACTIVE_STATUSES))
     if courier_id is not None:
         query = query.where(Flag.courier_id == courier_id)
-    if shift_id is not None:
-        query = query.where(Flag.shift_id == shift_id)
-    if tracking_no is not None:
-        number = normalize(tracking_no)
-        citing = flags_citing_parcel(session=session, tracking_no=number, station_id=station_id)
-        about = Flag.tracking_no == number
-        query = query.where(or_(about, Flag.id.in_(citing)) if citing else about)
-    if raised_from is not None:
-        query = query.where(Flag.raised_at >= raised_from)
-    if raised_to is not None:
-        query = query.where(Flag.raised_at < raised_to)
     if after_id:
         # Where the flag stands, read only among the flags listed (its station's): one of
         # another station answers as an id naming no flag, not with where it stands.
@@ -745,7 +945,7 @@ def list_flags(
         query = query.where(*_below(stands, after_id))
     if cursor is not None:
         query = query.where(*_below(cursor.opened_at, cursor.flag_id))
-    return session.scalars(query).all()
+    return query
 
 
 def _below(opened_at: Any, flag_id: int) -> tuple[ColumnElement[bool], ...]:

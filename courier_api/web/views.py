@@ -741,7 +741,7 @@ def _flag_queue_page(
     )
     status = args["status"]
     cursor_or_after(args.get("cursor") or None, args["after"])  # as the API refuses both
-    items = flags.list_flags(
+    walk = flags.walk_flags(
         session=db.session,
         station_id=station.id if station else None,
         kind=args.get("kind"),
@@ -759,10 +759,11 @@ def _flag_queue_page(
         limit=PAGE_SIZE,
     )
     filled = {k: v for k, v in query.items() if v.strip() and k not in ("after", "cursor")}
+    items = walk.items
     next_page = (
-        url_for("web.flag_queue", **filled, cursor=str(flags.FlagCursor.of(items[-1])))
-        if len(items) == PAGE_SIZE
-        else None
+        None
+        if walk.next_cursor is None
+        else url_for("web.flag_queue", **filled, cursor=str(walk.next_cursor))
     )
     return render_template(
         "web/flags.html",

@@ -383,11 +383,11 @@ def test_a_page_after_another_stations_flag_answers_as_after_an_id_naming_nothin
     # A cursor carries its place, a time and an id: naming another station's flag, it
     # reads nothing of it, and lists the manager's own flags below that place.
     first = client.get(FLAGS, query_string={"limit": 1}, headers=manager).get_json()
-    place = first["next_cursor"].split(".")[0]
-    below = listed(client, manager, f"cursor={place}.999999")
+    place, _, walk = first["next_cursor"].split(".", 2)  # walk: where it began
+    below = listed(client, manager, f"cursor={place}.999999.{walk}")
     assert below == [flags.skew.id, flags.here.id]  # skew opened there, its id below
-    assert listed(client, manager, f"cursor={place}.{flags.there.id}") == below
-    assert listed(client, manager, f"cursor={place}.{flags.skew.id}") == [flags.here.id]
+    assert listed(client, manager, f"cursor={place}.{flags.there.id}.{walk}") == below
+    assert listed(client, manager, f"cursor={place}.{flags.skew.id}.{walk}") == [flags.here.id]
 
 
 def test_a_flag_opened_again_is_listed_first(
@@ -472,6 +472,59 @@ def test_a_walk_by_cursor_neither_repeats_nor_starts_over_when_its_last_flag_reo
         malformed = client.get(FLAGS, query_string={"cursor": wrong}, headers=admin)
         assert malformed.status_code == 400, wrong
         assert malformed.get_json()["code"] == "cursor_malformed", wrong
+
+
+def test_a_walk_whose_passed_pages_gained_a_flag_committed_late_is_refused_at_its_end(
+    client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
+) -> None:
+    """An auditor walks the queue while a long push is still committing: its flag was
+    opened (``opened_at``, when the push stored it) between two flags the first page
+    showed, and committed after that page was read. The next pages go on below the first
+    page's last flag, so none of them lists it: the walk ended with ``next_cursor`` null,
+    every page a 200, one flag never shown. The walk's last page counts the flags raised
+    up to where it began, as the first page counted them, and refuses the walk (410
+    ``cursor_reset``: search again) when more are there now; the walk begun again lists
+    it."""
+    auditor = auth.headers("auditor1")
+    first = client.get(FLAGS, query_string={"limit": 2}, headers=auditor).get_json()
+    assert [i["id"] for i in first["items"]] == [flags.there.id, flags.skew.id]
+    late = make_flag(session, world.station.id, "RR9")
+    late.raised_at = late.opened_at = (
+        flags.skew.opened_at + (flags.there.opened_at - flags.skew.opened_at) / 2
+    )  # stored by the push before the page was read, committed after it
+    session.commit()
+    rest = client.get(
+        FLAGS, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=auditor
+    )
+    assert rest.status_code == 410, rest.get_json()
+    body = rest.get_json()
+    assert body["code"] == "cursor_reset" and "cursor" in body["errors"]
+    assert "list the flags again from the start" in body["message"], body["message"]
+    assert listed(client, auditor) == [flags.there.id, late.id, flags.skew.id, flags.here.id]
+
+
+def test_a_walk_that_gained_no_flag_below_where_it_began_ends_as_a_page_of_its_own(
+    client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
+) -> None:
+    """The walk's check takes neither a flag raised since it began (at the top, with the
+    new ones), nor one opened again or decided meanwhile, nor a filter's flags whose
+    status changed, for a flag it missed: each page a 200, each flag once."""
+    auditor = auth.headers("auditor1")
+    query = {"limit": 1, "status": "open"}
+    first = client.get(FLAGS, query_string=query, headers=auditor).get_json()
+    assert [i["id"] for i in first["items"]] == [flags.there.id]
+    make_flag(session, world.station.id, "RR8")  # raised since: above where it began
+    resolved = client.post(
+        f"{FLAGS}/{flags.there.id}/resolve", json={"note": "seen"}, headers=auth.headers("admin")
+    )
+    assert resolved.status_code == 200, resolved.get_json()
+    shown, cursor = [], first["next_cursor"]
+    while cursor is not None:
+        page = client.get(FLAGS, query_string={**query, "cursor": cursor}, headers=auditor)
+        assert page.status_code == 200, page.get_json()
+        shown += [i["id"] for i in page.get_json()["items"]]
+        cursor = page.get_json()["next_cursor"]
+    assert shown == [flags.skew.id, flags.here.id]
 
 
 @pytest.mark.parametrize(
@@ -820,6 +873,47 @@ def test_simultaneous_resolutions_resolve_once(committed_app: Flask) -> None:
         entries = db.session.scalars(select(AuditEntry)).all()
         assert [e.subject_key for e in entries] == [str(flag_id)]
         assert audit.verify(session=db.session).ok
+
+
+@pytest.mark.postgres_only
+def test_a_flag_a_push_commits_after_a_walks_first_page_is_not_silently_missed(
+    committed_app: Flask,
+) -> None:
+    """Real transactions on PostgreSQL: a push stores a flag (its ``opened_at`` then)
+    and commits after another push's flag, opened later, and after an auditor read the
+    walk's first page, which went past the late flag's place before it could see it.
+    The walk's next page, below the first, never lists it: it ended with
+    ``next_cursor`` null, one flag missing. It is refused now (410 ``cursor_reset``),
+    and the walk begun again lists every flag."""
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="LATE")
+        factories.user(session, "walker", "auditor", None)
+        oldest = make_flag(session, station.id, "RR10").id
+        older = make_flag(session, station.id, "RR11").id
+        with Session(db.engine) as push:  # a long push, still committing
+            stored = raise_flag(
+                session=push,
+                kind="unknown_parcel",
+                severity=FlagSeverity.WARNING,
+                subject=FlagSubject("parcel", "RR12"),
+                station_id=station.id,
+                evidence={"event_ids": [1]},
+            ).flag
+            push.flush()
+            late = stored.id
+            newest = make_flag(session, station.id, "RR13").id  # another push's, committed
+            client = committed_app.test_client()
+            headers = Auth(client).headers("walker")
+            first = client.get(FLAGS, query_string={"limit": 2}, headers=headers).get_json()
+            assert [i["id"] for i in first["items"]] == [newest, older]
+            push.commit()
+        rest = client.get(
+            FLAGS, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=headers
+        )
+        assert rest.status_code == 410, rest.get_json()
+        assert rest.get_json()["code"] == "cursor_reset"
+        assert listed(client, headers) == [newest, late, older, oldest]
 
 
 # -- a PDA's flags and what a decision covered ----------------------------------------

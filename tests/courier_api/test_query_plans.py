@@ -1073,7 +1073,11 @@ def test_a_deep_page_of_the_flag_queue_starts_at_its_place(world: World) -> None
             ),
             {"s": world.station_id},
         ).one()
-    place = str(FlagCursor(opened_at, flag_id))
+        as_of, raised = connection.execute(
+            text("SELECT max(opened_at), count(*) FROM flag WHERE station_id = :s"),
+            {"s": world.station_id},
+        ).one()
+    place = str(FlagCursor(opened_at, flag_id, as_of, raised))
     explained: list[Explained] = []
     for query in (f"limit=50&cursor={place}", f"limit=50&after={flag_id}"):
         explained += run(world, "GET", f"/api/v1/flags?{query}", headers=world.manager)[1]

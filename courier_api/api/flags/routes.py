@@ -48,6 +48,15 @@ class Flags(MethodView):
         walk lists each flag once though one is opened again meanwhile (at the top
         then, where a walk begun again finds it); a malformed cursor is a 400
         `cursor_malformed`, one sent with `after` a 422 `cursor_and_after`.
+        A flag is listed where it was opened, when the push raising it stored it,
+        and the push may commit after a page went past that place: the walk's last
+        page counts again the flags its filters take in (whatever their status and
+        courier) raised up to where it began, as its first page counted them, and
+        answers a 410 `cursor_reset` when there are more: list again from the start.
+        So a walk ending with `next_cursor` null listed every flag matching its
+        filters opened up to where it began and committed before its last page was
+        read (but one opened again meanwhile, at the top, and one whose status or
+        courier came to match after its place was passed).
         `after` (a page's `next_after`) goes on from where its flag stands now: the
         last flag shown opened again, the next page lists again flags shown.
         `waiting=true` lists those still waiting for a decision, open or
@@ -67,7 +76,7 @@ class Flags(MethodView):
         """
         sent = args.get("cursor") or None
         cursor_or_after(sent, args["after"])
-        items = flags.list_flags(
+        walk = flags.walk_flags(
             session=db.session,
             station_id=current_principal().station_filter(args.get("station_id")),
             kind=args.get("kind"),
@@ -84,9 +93,11 @@ class Flags(MethodView):
             cursor=flags.FlagCursor.parse(sent),
             limit=args["limit"],
         )
-        page = keyset_page([_view(flag) for flag in items], args["limit"], key=lambda f: f["id"])
-        full = page["next_after"] is not None
-        return {**page, "next_cursor": str(flags.FlagCursor.of(items[-1])) if full else None}
+        page = keyset_page(
+            [_view(flag) for flag in walk.items], args["limit"], key=lambda f: f["id"]
+        )
+        after = walk.next_cursor
+        return {**page, "next_cursor": None if after is None else str(after)}
 
 
 @blp.route("/<id:flag_id>")

@@ -37,6 +37,7 @@ from sync.paging import (
     WalkDigest,
     check_walk,
     same_search,
+    summed_walk,
     walk_digest,
     walk_sums,
 )
@@ -400,6 +401,22 @@ def iter_proof_batches(
         after = page[-1].event.id
     if read:
         yield from _late_proofs(session, filters, read, batch)
+
+
+def export_unchanged(
+    *, session: Session, filters: ProofFilter, written: int, digest: WalkDigest, last: int
+) -> int | None:
+    """None when the deliveries matching ``filters`` up to event ``last`` (the highest an
+    export wrote) are the ``written`` ones it wrote, whose ids' digest is ``digest``
+    (``walk_digest``); else how many match now. Read after the export's last batch, one
+    statement (an index's, no row), as a search walk's last page is checked: a delivery
+    written that stopped matching (a shift's close filing it as another courier's, a
+    flag of ``flag_kind`` closed, its parcel moved to another station) or one that came
+    to match after its batch was read makes the export no longer what its filters
+    select, which its last line then says (``courier_api.api.proofs.routes``)."""
+    sums = _query(filters).with_only_columns(*walk_sums(ScanEvent.id))
+    found, now = summed_walk(session.execute(sums.where(ScanEvent.id <= last)).one())
+    return None if (found, now) == (written, digest) else found
 
 
 def _late_proofs(

@@ -2346,6 +2346,70 @@ def test_an_export_holds_a_delivery_committed_late_below_an_id_it_read_already(
     assert [e.details["part"] for e in parts] == [1, 2, 3]
 
 
+def test_an_export_of_a_couriers_proofs_says_when_a_close_moved_one_it_wrote_already(
+    client: FlaskClient,
+    auth: Auth,
+    session: Session,
+    world: World,
+    connection: Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An auditor exports one courier's proofs while a station manager closes a shift:
+    the close files deliveries a colleague pushed from the courier's PDA under their own
+    sign-in as the shift's courier's (``courier_id``). The export had written one of
+    them already, and ended as complete: a file of the courier's proofs holding a
+    delivery that is another courier's, which the search, walked at that moment, refuses
+    (410). Its last line says the export changed under it and to export again, not that
+    it is complete; the proofs it wrote stay written and on the audit log."""
+    parcels = [factories.parcel(session, world.station) for _ in range(3)]
+    session.commit()
+    at = now() - dt.timedelta(hours=1)
+    auth.push(
+        [factories.event(seq, p.tracking_no, occurred_at=at) for seq, p in enumerate(parcels, 1)]
+        + [
+            factories.event(seq, p.tracking_no, "delivered", occurred_at=at, pod={})
+            for seq, p in enumerate(parcels, 4)
+        ]
+    )
+    delivered = delivered_ids(session)
+    moved = delivered[0]
+    monkeypatch.setattr(proofs_routes, "EXPORT_BATCH", 1)
+    list_proofs = proofs.list_proofs
+    batches: list[list[int]] = []
+
+    def listing(**kwargs: Any) -> list[proofs.Proof]:
+        page = list_proofs(**kwargs)
+        batches.append([p.event.id for p in page])
+        if len(batches) == 1:  # the shift's close commits once the first batch is read
+            refusing = connection.connection.info.get("query_only", False)  # SQLite
+            refuse_writes(connection, False)
+            connection.execute(
+                update(ScanEvent)
+                .where(ScanEvent.id == moved)
+                .values(courier_id=world.manager.id)  # another user's, as the close files it
+            )
+            refuse_writes(connection, refusing)
+        return page
+
+    monkeypatch.setattr(proofs, "list_proofs", listing)
+    export = client.get(
+        f"{URL}/export.csv",
+        query_string={"courier_id": world.courier.id},
+        headers=auth.headers("auditor1"),
+    )
+    assert export.status_code == 200
+    *lines, last = csv.reader(io.StringIO(export.get_data(as_text=True), newline=""))
+    assert [int(line[0]) for line in lines[1:]] == delivered
+    assert not last[0].startswith(EXPORT_COMPLETE), last
+    assert last[0].startswith("# export changed while written: 3 proofs written"), last
+    assert "2 match its filters now" in last[0] and "export again" in last[0], last
+    session.expire_all()
+    parts = session.scalars(
+        select(AuditEntry).where(AuditEntry.action == "proofs_exported").order_by(AuditEntry.id)
+    ).all()
+    assert [e.details["event_ids"] for e in parts] == [[d] for d in delivered]
+
+
 def delivered_ids(session: Session) -> list[int]:
     return list(
         session.scalars(

@@ -34,7 +34,7 @@ from courier_api.extensions import db
 from models import Flag, Parcel, Role
 from sync.flags import latest_decisions
 from sync.pages import user_ref
-from sync.paging import MAX_PAGE_SIZE
+from sync.paging import MAX_PAGE_SIZE, NOTHING_WALKED, walk_digest
 from sync.phones import shown_phone, shown_text
 from sync.proofs import (
     METHODS,
@@ -45,6 +45,7 @@ from sync.proofs import (
     ProofImageState,
     SearchCursor,
     check_filters,
+    export_unchanged,
     get_proof,
     iter_proof_batches,
     list_proofs,
@@ -58,6 +59,7 @@ from sync.proofs import (
 from sync.quarantine import count_naming
 from sync.rules import Policy
 from sync.spreadsheets import csv_cell
+from sync.wording import counted
 
 blp = ApiBlueprint(
     "proofs", __name__, url_prefix="/api/v1/proofs", description="Proofs of delivery"
@@ -332,8 +334,13 @@ class ProofExport(MethodView):
         before it is sent, with the filters and the event ids it holds
         (`proofs_exported`, numbered `part`s of one `export_id`). The last line,
         written once every proof was, says so: `# export complete: <n> proofs
-        (export <export_id>)`. The status is sent before the first proof: a file
-        without that line was cut short (a database error, a lost connection).
+        (export <export_id>)`, unless what the filters select changed while it
+        was written (a delivery written filed under another courier by a shift's
+        close, a flag raised or closed, a parcel moved to another station, as a
+        search walk's last page is refused with a 410 then): it ends `# export
+        changed while written: ...: export again`. The status is sent before the
+        first proof: a file without either line was cut short (a database error, a
+        lost connection).
         """
         principal = current_principal()
         rows = csv_rows(
@@ -496,7 +503,7 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     batches = iter_proof_batches(session=db.session, filters=filters, batch=EXPORT_BATCH)
-    written = 0
+    written, digest, last = 0, NOTHING_WALKED, 0
     for part, proofs in enumerate(batches, start=1):
         writer.writerows(_csv_row(view) for view in _views(proofs, auditor=auditor, policy=policy))
         record_auditor_read(
@@ -509,16 +516,47 @@ def _csv_lines(filters: ProofFilter, *, principal: Principal, policy: Policy) ->
             parcels=[p.event.tracking_no for p in proofs],
         )
         written += len(proofs)
+        digest = walk_digest((p.event.id for p in proofs), digest)
+        last = max([last, *(p.event.id for p in proofs)])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
-    writer.writerow([export_complete(written, logged["export_id"])])
+    matching = (
+        export_unchanged(
+            session=db.session, filters=filters, written=written, digest=digest, last=last
+        )
+        if written
+        else None
+    )
+    if matching is None:
+        writer.writerow([export_complete(written, logged["export_id"])])
+    else:
+        writer.writerow([export_changed(written, matching, last, logged["export_id"])])
     yield buffer.getvalue()
 
 
 # The first cell of an export's last line, written once every proof was: a file
 # without it was cut short (``export_complete``).
 EXPORT_COMPLETE = "# export complete"
+
+
+# The first cell of an export's last line when what its filters select changed while
+# it was written (``export_changed``): not complete, to be exported again.
+EXPORT_CHANGED = "# export changed while written"
+
+
+def export_changed(written: int, matching: int, last: int, export_id: str) -> str:
+    """The export's last line when the deliveries its filters select, up to the last it
+    wrote, are no longer those it wrote: a delivery written stopped matching (a shift's
+    close filed it as another courier's, a flag closed, its parcel moved) or one came to
+    match after its batch was read. As a search walk's last page is refused then (410),
+    the file does not say it is complete: each row was true when read, the set is not."""
+    return (
+        f"{EXPORT_CHANGED}: {counted(written, 'proof', 'proofs')} written, {matching} "
+        f"{'matches' if matching == 1 else 'match'} its filters now up to event {last} (a "
+        "delivery filed under another courier by a shift's close, a flag raised or closed, "
+        f"a parcel moved to another station): export again (export {export_id})"
+    )
 
 
 def export_complete(proofs: int, export_id: str) -> str:

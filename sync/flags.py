@@ -619,7 +619,14 @@ def _close(session: Session, flag: Flag, reason: str) -> None:
 # -- reading ----------------------------------------------------------------------------------
 
 
-_FLAG_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})")
+_FLAG_CURSOR = re.compile(
+    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})"
+)
+# How long after storing a flag the transaction storing it may commit and a walk begun
+# meanwhile still find it (``walk_flags``): a push takes seconds (its size is bounded,
+# each statement by ``DATABASE_STATEMENT_TIMEOUT_SECONDS``); a walk counts the flags
+# raised this long before it began, not every flag ever kept.
+LATE_COMMIT_WINDOW = dt.timedelta(minutes=10)
 # A cursor given before a walk kept where it began: ``<opened_at>.<id>``.
 _EARLIER_FLAG_CURSOR = re.compile(r"[0-9]{1,19}\.[0-9]{1,19}")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -641,26 +648,28 @@ def _instant(microseconds: int) -> dt.datetime:
 
 @dataclass(frozen=True)
 class FlagCursor:
-    """Where a walk through the flags stands, ``<opened_at>.<id>.<as_of>.<raised>``: its
-    last flag's ``opened_at`` as it was when listed (microseconds since 1970, UTC) and
-    id. The walk goes on below that place, whatever became of the flag since: opened
+    """Where a walk through the flags stands, ``<opened_at>.<id>.<as_of>.<since>.<raised>``:
+    its last flag's ``opened_at`` as it was when listed (microseconds since 1970, UTC)
+    and id. The walk goes on below that place, whatever became of the flag since: opened
     again, it is at the top, where ``after`` (its id) went on from and listed again the
     flags shown.
 
     ``as_of`` is where the walk began, the latest ``opened_at`` of the flags its
-    filters that never change took in then (``FlagWalk``), and ``raised`` how many of
-    those there were: the walk's last page counts them again to find a flag committed
-    late below where the walk began (``check_flag_walk``)."""
+    filters that never change took in then, and ``raised`` how many of those were
+    raised after ``since`` (``LATE_COMMIT_WINDOW`` before the walk began): the walk's
+    last page counts them again to find a flag committed late below where the walk
+    began (``check_flag_walk``)."""
 
     opened_at: dt.datetime
     flag_id: int
     as_of: dt.datetime
+    since: dt.datetime
     raised: int
 
     def __str__(self) -> str:
         return (
             f"{_microseconds(self.opened_at)}.{self.flag_id}."
-            f"{_microseconds(self.as_of)}.{self.raised}"
+            f"{_microseconds(self.as_of)}.{_microseconds(self.since)}.{self.raised}"
         )
 
     @classmethod
@@ -676,12 +685,13 @@ class FlagCursor:
                 "again from the start",
                 field="cursor",
             )
-        (since, flag_id, as_of, raised), _ = dotted_parts(raw, _FLAG_CURSOR, numbers=4)
-        assert since is not None and flag_id is not None
-        assert as_of is not None and raised is not None
-        if flag_id < 1 or raised < 1 or since > as_of:  # its last flag: one it took in
+        numbers, _ = dotted_parts(raw, _FLAG_CURSOR, numbers=5)
+        opened_at, flag_id, as_of, since, raised = numbers
+        assert opened_at is not None and flag_id is not None and as_of is not None
+        assert since is not None and raised is not None
+        if flag_id < 1 or opened_at > as_of:  # its last flag: one the walk took in
             raise malformed_cursor()
-        return cls(_instant(since), flag_id, _instant(as_of), raised)
+        return cls(_instant(opened_at), flag_id, _instant(as_of), _instant(since), raised)
 
 
 @dataclass(frozen=True)
@@ -789,17 +799,19 @@ def walk_flags(
     same with ``after``). So a walk's first page (one without ``cursor``) also reads,
     in the same statement (one snapshot), where the walk begins (``as_of``: the latest
     ``opened_at`` of the flags its filters that never change take in, whatever their
-    status or courier) and how many such flags there are; its last page (not full)
-    counts the flags those filters take in raised up to ``as_of`` again, and answers 410
-    ``cursor_reset`` when there are more (``check_flag_walk``): a flag committed below
-    where the walk began, which its pages may have passed. A flag opened again is
+    status or courier) and how many of those were raised in the ``LATE_COMMIT_WINDOW``
+    before it (a flag committed late was raised in it, unless its transaction ran
+    longer); its last page (not full) counts them again, up to ``as_of``, and answers
+    410 ``cursor_reset`` when there are more (``check_flag_walk``): a flag committed
+    below where the walk began, which its pages may have passed. A flag opened again is
     counted where it was raised, so one opened again meanwhile is no such flag; nor is
     one raised since the walk began (above ``as_of``, at the top). So a walk ending
     with ``next_cursor`` null listed every flag matching its filters that was opened
-    up to ``as_of``, committed before its last page was read, and not opened again
-    above its place meanwhile (listed at the top then, where a walk begun again finds
-    it), nor changed by a decision or a courier to match a filter after its place was
-    passed (a walk reads each flag's status and courier when its page is read)."""
+    up to ``as_of`` and committed before its last page was read, within
+    ``LATE_COMMIT_WINDOW`` of being stored, but one opened again above its place
+    meanwhile (listed at the top then, where a walk begun again finds it) and one a
+    decision or a courier changed to match a filter after its place was passed (a walk
+    reads each flag's status and courier when its page is read)."""
     fixed = _fixed_filters(
         session=session,
         station_id=station_id,
@@ -822,41 +834,70 @@ def walk_flags(
         limit=limit,
     )
     if cursor is None:
-        taken_in = select(func.count(Flag.id)).where(*fixed).scalar_subquery()
-        latest = select(func.max(Flag.opened_at)).where(*fixed).scalar_subquery()
-        rows = session.execute(query.add_columns(taken_in, latest)).all()
+        since = utcnow() - LATE_COMMIT_WINDOW  # before the page's snapshot is taken
+        recent = select(func.count(Flag.id)).where(
+            *fixed, *_raised_after(since, of_parcel=tracking_no is not None)
+        )
+        latest = select(func.max(Flag.opened_at)).where(*fixed)
+        rows = session.execute(
+            query.add_columns(recent.scalar_subquery(), latest.scalar_subquery())
+        ).all()
         items: Sequence[Flag] = [row[0] for row in rows]
         raised, as_of = (rows[0][1], _aware(rows[0][2])) if rows else (0, None)
     else:
         items = session.scalars(query).all()
-        raised, as_of = cursor.raised, cursor.as_of
+        raised, as_of, since = cursor.raised, cursor.as_of, cursor.since
     if len(items) < min(limit, MAX_PAGE_SIZE) or not items:
         if cursor is not None:
-            check_flag_walk(session=session, fixed=fixed, cursor=cursor)
+            check_flag_walk(
+                session=session, fixed=fixed, cursor=cursor, of_parcel=tracking_no is not None
+            )
         return FlagWalk(items, None, as_of)
     assert as_of is not None
     last = items[-1]
-    return FlagWalk(items, FlagCursor(last.opened_at, last.id, as_of, raised), as_of)
+    return FlagWalk(items, FlagCursor(last.opened_at, last.id, as_of, since, raised), as_of)
+
+
+def _raised_after(since: dt.datetime, *, of_parcel: bool) -> tuple[ColumnElement[bool], ...]:
+    """The flags raised after ``since``. A flag is opened when it is raised or later, so
+    the bound on ``opened_at`` holds too: it is what the queue's indexes read a range of
+    (``ix_flag_opened``, ``ix_flag_station_opened``), the few flags of the last minutes,
+    not every flag ever kept. ``of_parcel``: a parcel's flags, a handful read by its
+    number (``ix_flag_tracking_no``) and their ids, are counted whenever raised, not
+    along the queue's last minutes: a walk of a parcel's flags has no window."""
+    if of_parcel:
+        return ()
+    return (Flag.opened_at > since, Flag.raised_at > since)
 
 
 def check_flag_walk(
-    *, session: Session, fixed: Sequence[ColumnElement[bool]], cursor: FlagCursor
+    *,
+    session: Session,
+    fixed: Sequence[ColumnElement[bool]],
+    cursor: FlagCursor,
+    of_parcel: bool = False,
 ) -> None:
     """Refuse a walk's last page (410 ``cursor_reset``) when the flags its fixed
-    filters take in, raised up to where it began (``cursor.as_of``), are more than its
-    first page counted: one committed since, below where the walk began, which its
-    pages may have gone past. Counted where each was raised (``raised_at``, never
-    later than ``opened_at``), so a flag opened again since is no more than it was.
-    Read after the page, so a flag committed before the page was read is counted."""
+    filters take in, raised after ``cursor.since`` and up to where it began
+    (``cursor.as_of``), are more than its first page counted: one committed since,
+    below where the walk began, which its pages may have gone past. Counted where each
+    was raised (``raised_at``, never later than ``opened_at``), so a flag opened again
+    since is no more than it was. Read after the page, so a flag committed before the
+    page was read is counted."""
     raised = session.scalar(
-        select(func.count(Flag.id)).where(*fixed, Flag.raised_at <= cursor.as_of)
+        select(func.count(Flag.id)).where(
+            *fixed,
+            *_raised_after(cursor.since, of_parcel=of_parcel),
+            Flag.raised_at <= cursor.as_of,
+        )
     )
     if raised != cursor.raised:
         began = cursor.as_of.isoformat()
         raise CursorReset(
             f"when this walk began, {cursor.raised} flags its filters take in (whatever "
-            f"their status and courier) had been raised up to {began}; {raised} have "
-            "now: a flag stored before then was committed after a page of the walk was "
+            f"their status and courier) had been raised after {cursor.since.isoformat()} "
+            f"and up to {began}; {raised} have now: a flag stored before the walk began "
+            "was committed after a page of it was "
             "read, below where it began, and its pages may have gone past it; list the "
             "flags again from the start",
             field="cursor",

@@ -503,6 +503,33 @@ def test_a_walk_whose_passed_pages_gained_a_flag_committed_late_is_refused_at_it
     assert listed(client, auditor) == [flags.there.id, late.id, flags.skew.id, flags.here.id]
 
 
+def test_a_walk_of_a_parcels_flags_finds_one_committed_late_however_long_after(
+    client: FlaskClient, session: Session, auth: Auth, world: World
+) -> None:
+    """A parcel's flags are a handful: its walk counts them whenever raised, not those
+    of the minutes before it began alone, so a flag stored hours before its transaction
+    committed, between two the first page showed, is found too (410)."""
+    hours = [3, 2, 1]
+    made = [
+        make_flag(session, world.station.id, "RR5", kind=kind)
+        for kind in ("unknown_parcel", "clock_skew", "far_from_address")
+    ]
+    for flag, ago in zip(made, hours, strict=True):
+        flag.raised_at = flag.opened_at = now() - dt.timedelta(hours=ago)
+    session.commit()
+    auditor, query = auth.headers("auditor1"), {"limit": 2, "tracking_no": "RR5"}
+    first = client.get(FLAGS, query_string=query, headers=auditor).get_json()
+    assert [i["id"] for i in first["items"]] == [made[2].id, made[1].id]
+    late = make_flag(session, world.station.id, "RR5", kind="time_inversion")
+    late.raised_at = late.opened_at = now() - dt.timedelta(minutes=90)
+    session.commit()
+    rest = client.get(
+        FLAGS, query_string={**query, "cursor": first["next_cursor"]}, headers=auditor
+    )
+    assert rest.status_code == 410, rest.get_json()
+    assert rest.get_json()["code"] == "cursor_reset"
+
+
 def test_a_walk_that_gained_no_flag_below_where_it_began_ends_as_a_page_of_its_own(
     client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
 ) -> None:

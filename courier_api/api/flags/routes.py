@@ -51,12 +51,13 @@ class Flags(MethodView):
         A flag is listed where it was opened, when the push raising it stored it,
         and the push may commit after a page went past that place: the walk's last
         page counts again the flags its filters take in (whatever their status and
-        courier) raised up to where it began, as its first page counted them, and
-        answers a 410 `cursor_reset` when there are more: list again from the start.
-        So a walk ending with `next_cursor` null listed every flag matching its
-        filters opened up to where it began and committed before its last page was
-        read (but one opened again meanwhile, at the top, and one whose status or
-        courier came to match after its place was passed).
+        courier) raised in the 10 minutes before it began, as its first page counted
+        them, and answers a 410 `cursor_reset` when there are more: list again from
+        the start. So a walk ending with `next_cursor` null listed every flag
+        matching its filters opened up to where it began and committed before its
+        last page was read, within 10 minutes of being stored (but one opened again
+        meanwhile, at the top, and one whose status or courier came to match after
+        its place was passed).
         `after` (a page's `next_after`) goes on from where its flag stands now: the
         last flag shown opened again, the next page lists again flags shown.
         `waiting=true` lists those still waiting for a decision, open or

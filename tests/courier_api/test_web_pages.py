@@ -1335,6 +1335,41 @@ def test_the_flag_queue_refuses_a_cursor_and_an_after_together_as_the_api_does(
     assert pages.get(link.group(1).replace("&amp;", "&"))  # the cursor alone still reads
 
 
+def test_the_flag_queue_says_to_list_again_when_a_flag_committed_late_above_its_page(
+    app: Flask, session: Session, day: StationDay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager pages the queue at 19:00 while a push still commits: its flag, stored
+    between two flags the first page showed, was never on a page, and the last page
+    said nothing. That page answers 410 saying to list the flags again."""
+    monkeypatch.setattr("courier_api.web.views.PAGE_SIZE", 2)
+    pages = signed_in(app, "manager")
+    first = pages.get("/web/flags?status=any")
+    link = re.search(r'<a href="([^"]+)" rel="next">', first)
+    assert link is not None
+    top, second = (session.get(Flag, int(i)) for i in re.findall(r'<tr id="flag-(\d+)"', first))
+    assert top is not None and second is not None
+    late = flags.raise_flag(
+        session=session,
+        kind="unknown_parcel",
+        severity=FlagSeverity.WARNING,
+        subject=flags.FlagSubject("parcel", "RR404"),
+        station_id=day.station.id,
+        evidence={"event_ids": []},
+    ).flag
+    late.raised_at = late.opened_at = second.opened_at + (top.opened_at - second.opened_at) / 2
+    session.commit()
+    url = link.group(1).replace("&amp;", "&")
+    while True:  # to the walk's last page
+        page = pages.client.get(url)
+        if page.status_code != 200:
+            break
+        following = re.search(r'<a href="([^"]+)" rel="next">', page.get_data(as_text=True))
+        assert following is not None, "the walk ended without the flag committed late"
+        url = following.group(1).replace("&amp;", "&")
+    assert page.status_code == 410
+    assert "list the flags again from the start" in page.get_data(as_text=True)
+
+
 def test_the_flag_queue_says_when_a_flag_it_lists_first_was_opened_again(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -398,6 +398,9 @@ def _remembered_redaction(value: str) -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
+    # ``json.dumps`` with these options makes an encoder for each line; one is kept.
+    _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
             "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC)
@@ -418,7 +421,7 @@ class JsonFormatter(logging.Formatter):
             document["exc_info"] = record.exc_text
         if record.stack_info:
             document["stack_info"] = record.stack_info
-        return json.dumps(document, ensure_ascii=False, default=str)
+        return self._ENCODER.encode(document)
 
 
 # What a line of the text format never holds as written: C0 and C1 control characters

@@ -133,6 +133,29 @@ def test_text_format_for_people(app: Flask) -> None:
     ), line
 
 
+def test_a_json_line_is_written_by_an_encoder_made_once(
+    log_output: io.StringIO, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every push writes an access line: ``json.dumps`` with the format's options made a
+    ``JSONEncoder`` for each. The lines are the same, written by one made beforehand."""
+    made: list[json.JSONEncoder] = []
+    initialised = json.JSONEncoder.__init__
+
+    def counted(self: json.JSONEncoder, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        initialised(self, *args, **kwargs)
+
+    monkeypatch.setattr(json.JSONEncoder, "__init__", counted)
+    logging.getLogger("courier_api.test").info("caf\u00e9 %s", dt.date(2026, 12, 5))
+    for _ in range(3):
+        assert client.get("/nothing-here").status_code == 404
+    lines = records(log_output)
+    assert lines[-4]["message"] == "caf\u00e9 2026-12-05"
+    assert [line["path"] for line in lines[-3:]] == ["/nothing-here"] * 3
+    assert "caf\u00e9" in log_output.getvalue()  # not escaped: ensure_ascii is off
+    assert [encoder for encoder in made if not encoder.ensure_ascii] == []
+
+
 @pytest.fixture
 def text_log() -> Iterator[io.StringIO]:
     """Everything logged at INFO in the text format, as ``make run`` writes it."""

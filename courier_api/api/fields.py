@@ -18,6 +18,11 @@ MAX_ID = 2**31 - 1
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def storable(text: str) -> bool:
+    """Whether the database can store ``text`` (``Text``'s check)."""
+    return _UNSTORABLE.search(text) is None
+
+
 class Text(ma.fields.String):
     """A string the database can store: no NUL character, no lone surrogate."""
 
@@ -27,7 +32,7 @@ class Text(ma.fields.String):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text: str = super()._deserialize(value, attr, data, **kwargs)
-        if _UNSTORABLE.search(text):
+        if not storable(text):
             raise self.make_error("unstorable")
         return text
 

@@ -7,11 +7,12 @@ the events through as received.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import marshmallow as ma
 
-from courier_api.api.fields import Text
+from courier_api.api.fields import Text, storable
 from models import ConsentMethod, EventType, FeedKind, ParcelStatus, ServiceClass
 from sync.events import (
     CONSENT_CHANNELS,
@@ -207,6 +208,50 @@ class PushRequest(ma.Schema):
     def name_ignored_fields(self, data: dict[str, Any], original: Any, **_: Any) -> dict[str, Any]:
         data[IGNORED_FIELDS] = sorted(str(key) for key in original if key not in self.fields)
         return data
+
+    def load(  # type: ignore[override]
+        self,
+        data: Any,
+        *,
+        many: bool | None = None,
+        partial: bool | None = None,
+        unknown: str | None = None,
+    ) -> Any:
+        """marshmallow's, but an envelope every field of which is plainly valid is read
+        here, to what marshmallow makes of it: its generic walk (each field's missing,
+        null, type and validator checks, the hooks looked up) was a one-scan push's
+        largest piece of parsing (``docs/BENCHMARKS.md``, stop 51). Anything else,
+        marshmallow loads, so every refusal is its own."""
+        if many is None and partial is None and unknown is None and not self.many:
+            loaded = self._plainly_valid(data)
+            if loaded is not None:
+                return loaded
+        return super().load(data, many=many, partial=partial, unknown=unknown)
+
+    def _plainly_valid(self, data: Any) -> dict[str, Any] | None:
+        """``data`` loaded, if each field is as marshmallow accepts it (a string the
+        database can store of 1 to 64 characters, a UUID's text, a time with an offset,
+        a list); None for anything marshmallow must judge."""
+        if type(data) is not dict or self.partial:
+            return None
+        device_id, batch_id = data.get("device_id"), data.get("batch_id")
+        sent_at, events = data.get("sent_at"), data.get("events")
+        if type(device_id) is not str or not 1 <= len(device_id) <= 64:
+            return None
+        if type(batch_id) is not str or type(sent_at) is not str or type(events) is not list:
+            return None
+        if not storable(device_id):
+            return None
+        try:
+            loaded = {
+                "device_id": device_id,
+                "batch_id": uuid.UUID(batch_id),
+                "sent_at": parse_time(sent_at, field="sent_at"),
+                "events": events,
+            }
+        except (ValueError, EventRejected):
+            return None
+        return self.name_ignored_fields(loaded, data)
 
 
 class EventError(ma.Schema):

@@ -1379,17 +1379,20 @@ def sign_off(
     """
     from sync.balances import HandoverRead, shift_balance, signed_off_version
     from sync.handover import sign_off_blocked
-    from sync.signoffs import Seen, changed_since_read, handover_seen
+
+    # Here, not at the top: sync.signoffs and sync.balances import this module.
+    from sync.signoffs import STILL_OPEN, Seen, changed_since_read, handover_seen, still_open_said
 
     now = now or utcnow()
     note_text = manager_text(note, "note", required=True)
     reason = manager_text(force_reason, "force_reason", required=False)
     shift = lock_shift(session, shift.id)
     if shift.status == ShiftStatus.OPEN:
-        raise Conflict(
-            f"shift {shift.id} is still open; it is signed off after it is closed",
-            code="shift_open",
-        )
+        # Where its courier went on, as signing off together says it: a courier back
+        # from another PDA's shift leaves this one the manager's to close.
+        timezone = station_timezone(session, shift.station_id)
+        said = still_open_said(session, shift.station_id, [shift.id], timezone)
+        raise Conflict(f"shift {shift.id} is {said.get(shift.id, STILL_OPEN)}", code="shift_open")
     if shift.status == ShiftStatus.SIGNED_OFF:
         if (
             shift.signed_off_by == user_id

@@ -206,7 +206,7 @@ def sign_off_clean(
     still_open = sorted(of_station - set(handed_over))
     if still_open:
         timezone = station_timezone(session, station_id)
-    open_said = _still_open_said(session, station_id, still_open, timezone)
+    open_said = still_open_said(session, station_id, still_open, timezone)
     # Every sign-off's entry chained at once, after its UPDATE: statements per request
     # do not grow with the shifts signed off (record_sign_off does not flush).
     with audit.deferred(session):
@@ -256,7 +256,7 @@ def sign_off_clean(
 STILL_OPEN = "still open; it is signed off after it is closed"
 
 
-def _still_open_said(
+def still_open_said(
     session: Session, station_id: int, shift_ids: Sequence[int], timezone: str | None
 ) -> dict[int, str]:
     """Why each of these shifts still open is refused, when its courier went on since
@@ -264,7 +264,8 @@ def _still_open_said(
     handed over on another PDA (the PDA died: no one but the manager closes this one),
     or on the road with another PDA (one of the two likely no longer used). The plain
     reason, ``STILL_OPEN``, read as waiting for the courier to close it. Two statements
-    when the request names a shift still open, however many; none otherwise."""
+    when the request names a shift still open, however many; none otherwise. A single
+    sign-off (``sync.shifts.sign_off``) says it as signing off together does."""
     if not shift_ids:
         return {}
     assert timezone is not None  # read with them
@@ -409,7 +410,7 @@ def _refusal(
     """Why this shift of the request is not signed off, or None. ``shift`` and
     ``read`` are None for a shift still open (or not the station's: ``known``);
     ``open_said``: why such a one is refused, where its courier went on
-    (``_still_open_said``), if they did."""
+    (``still_open_said``), if they did."""
     if not known:
         why: Refusal | None = Refusal("shift_not_found", "no such shift at this station")
     elif shift is None or read is None:

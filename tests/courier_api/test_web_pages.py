@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import re
 import time
+from html import escape as html_escape
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -3870,3 +3871,35 @@ def test_signing_off_together_a_dead_pdas_shift_says_its_courier_is_back_to_clos
         f"shift {first.id}: still open, and its courier also has shift {third.id} on "
         "PDA-PDG-11 open: close the one no longer used, then sign it off"
     )
+
+
+def test_signing_off_a_dead_pdas_shift_alone_says_its_courier_is_back_to_close_it(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """The manager signs off the dead PDA's shift on its own (``POST /shifts/<id>/signoff``
+    and its page's form), not with the others. Signing off together said that Sun Li is
+    back and the shift is the manager's to close; alone it said only "still open; it is
+    signed off after it is closed", as if she were still out. Both say it the same way
+    now; a shift whose courier is still out keeps the plain reason."""
+    first, second, _ = _spare_pda(session, day)
+    client = app.test_client()
+    headers = Auth(client).headers("manager")
+    at_17 = station_clock(station_day.local(day.day, 17, 0), day.station.timezone)
+    back = (
+        f"shift {first.id} is still open, but its courier is back: they handed over shift "
+        f"{second.id} on PDA-PDG-10 at {at_17}; close this one (its page), then sign it off"
+    )
+    response = client.post(
+        f"/api/v1/shifts/{first.id}/signoff", json={"note": "checked"}, headers=headers
+    )
+    assert response.status_code == 409, response.get_json()
+    assert (response.get_json()["code"], response.get_json()["message"]) == ("shift_open", back)
+    response = client.post(
+        f"/api/v1/shifts/{day.open.id}/signoff", json={"note": "checked"}, headers=headers
+    )
+    assert response.get_json()["message"] == (
+        f"shift {day.open.id} is still open; it is signed off after it is closed"
+    )
+    page = signed_in(app, "manager")
+    html = page.post(f"/web/shifts/{first.id}/signoff", note="checked").get_data(as_text=True)
+    assert html_escape(back, quote=False) in html

@@ -53,6 +53,7 @@ from sync.shifts import (
     station_clock,
     station_timezone,
 )
+from sync.wording import counted
 
 # Shifts signed off in one request: a station's day, with room to spare.
 MAX_SHIFTS = 200
@@ -348,9 +349,10 @@ def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Ref
             waiting = discrepancies_to_decide(balance)
             return Refusal(
                 "discrepancies_to_decide",
-                f"{len(waiting)} of its {len(balance.discrepancies)} discrepancies still to "
-                f"decide ({discrepancies_named(balance, waiting)}){_resolved_in_vain(waiting)}: "
-                "decide on them on its page, or sign it off on its own",
+                f"{_to_decide(len(waiting), len(balance.discrepancies))} still to decide "
+                f"({discrepancies_named(balance, waiting)}){_resolved_in_vain(waiting)}: "
+                f"decide on {'it' if len(waiting) == 1 else 'them'} on its page, or sign it "
+                "off on its own",
             )
         found = f": {discrepancies_named(balance)}" if balance.discrepancies else ""
         return Refusal(
@@ -384,6 +386,14 @@ def not_clean(shift: Shift, read: HandoverRead, *, decided: bool = False) -> Ref
             "deliveries not uploaded: wait for them, or sign it off on its own",
         )
     return None
+
+
+def _to_decide(waiting: int, found: int) -> str:
+    """``2 of its 3 discrepancies``; ``1 discrepancy``, ``2 discrepancies`` when none of
+    them is decided (not "1 of its 1")."""
+    if waiting == found:
+        return counted(waiting, "discrepancy", "discrepancies")
+    return f"{waiting} of its {counted(found, 'discrepancy', 'discrepancies')}"
 
 
 def _resolved_in_vain(waiting: Sequence[Discrepancy]) -> str:

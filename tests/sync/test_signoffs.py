@@ -55,6 +55,27 @@ def test_a_refusal_for_discrepancies_still_to_decide_names_those_not_the_decided
     assert "1 delivered_without_pod (PAR1)" in plain.message
 
 
+def test_a_refusal_counts_the_discrepancies_to_decide_when_none_is_decided() -> None:
+    """A handover with one discrepancy, its flag opened again since it was resolved, was
+    refused with "1 of its 1 discrepancies still to decide": it says "1 discrepancy"
+    now, and "2 discrepancies" when neither of two is decided."""
+    shift = Shift(id=7, status=ShiftStatus.CLOSED)
+    one = unbalanced(Discrepancy("missing_at_handover", "PAR2", 12, FlagStatus.OPEN, (2,)))
+    two = unbalanced(
+        Discrepancy("missing_at_handover", "PAR2", 12, FlagStatus.OPEN, (2,)),
+        Discrepancy("missing_at_handover", "PAR3", 13, FlagStatus.ACKNOWLEDGED, (3,)),
+    )
+
+    said = [not_clean(shift, HandoverRead(b), decided=True) for b in (one, two)]
+
+    assert [refusal.message if refusal else None for refusal in said] == [
+        "1 discrepancy still to decide (1 missing_at_handover (PAR2)): "
+        "decide on it on its page, or sign it off on its own",
+        "2 discrepancies still to decide (2 missing_at_handover (PAR2, PAR3)): "
+        "decide on them on its page, or sign it off on its own",
+    ]
+
+
 def test_a_resolved_unknown_parcel_or_another_stations_flag_is_not_decided_here() -> None:
     """Resolved, neither counts as decided for a sign-off of those decided: an
     ``unknown_parcel`` stands for scans not judged yet (intake judges them), and another

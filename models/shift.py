@@ -40,11 +40,14 @@ class Shift(Base):
         Index("ix_shift_device_first_seq", "device_id", "first_seq"),
         # Sweeps: open shifts past their planned end.
         Index("ix_shift_status_planned_end", "status", "planned_end_at"),
+        # Where the courier of a shift still open went on (``sync.balances.
+        # where_couriers_went``): their shifts still open, and those handed over since.
+        Index("ix_shift_courier_status_opened", "courier_id", "status", "opened_at"),
     )
 
     id: Mapped[int_pk]
     station_id: Mapped[int] = mapped_column(ForeignKey("station.id"))
-    courier_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"), index=True)
+    courier_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
     device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
     status: Mapped[ShiftStatus] = mapped_column(
         str_enum(ShiftStatus, "shift_status"), default=ShiftStatus.OPEN

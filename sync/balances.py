@@ -835,13 +835,41 @@ def where_couriers_went(
     today's. A past day's board names the spare PDA's shift handed over the day after,
     today's board the shift left open on a PDA that died a month ago.
 
-    One statement however many shifts, through ``ix_shift_courier_id``: those
-    couriers' shifts still open, and the latest they opened on each PDA, which alone
-    decides whether they are back (not every shift they worked since)."""
+    One statement however many shifts, through ``ix_shift_courier_status_opened``:
+    those couriers' shifts still open, of any day, and of those they handed over, the
+    ones opened after their shift still open, the latest on each PDA deciding whether
+    they are back (``courier_back``); not the ~300 a year each courier worked before."""
     still_open = {s.id: s for s in shifts if s.status == ShiftStatus.OPEN}
     if not still_open:
         return CouriersWent({}, {})
-    couriers = sorted({s.courier_id for s in still_open.values()})
+    # Each courier's oldest shift still open here: no shift opened before it can say
+    # they are back (``courier_back`` looks at those opened after it).
+    since: dict[int, dt.datetime] = {}
+    for shift in still_open.values():
+        earliest = since.get(shift.courier_id)
+        since[shift.courier_id] = (
+            shift.opened_at if earliest is None else min(earliest, shift.opened_at)
+        )
+    handed_over = (ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)
+    # Each branch whole (station too), one per courier and state: SQLite reads each by
+    # the index then, not the station's every shift (``ix_shift_station_work_date``).
+    theirs_read = [
+        branch
+        for courier, earliest in sorted(since.items())
+        for branch in (
+            and_(
+                Shift.courier_id == courier,
+                Shift.status == ShiftStatus.OPEN,
+                Shift.station_id == station_id,
+            ),
+            and_(
+                Shift.courier_id == courier,
+                Shift.status.in_(handed_over),
+                Shift.opened_at > earliest,
+                Shift.station_id == station_id,
+            ),
+        )
+    ]
     ranked = (
         select(
             Shift,
@@ -852,7 +880,7 @@ def where_couriers_went(
             )
             .label("latest"),
         )
-        .where(Shift.station_id == station_id, Shift.courier_id.in_(couriers))
+        .where(or_(*theirs_read))
         .subquery()
     )
     theirs = aliased(Shift, ranked)

@@ -664,3 +664,63 @@ def test_where_a_courier_went_is_one_statement_for_1_or_30_shifts_since(
         went = where_courier_went(session, dead)
         assert went.courier_back is None and went.also_open == [later[-1]]
     assert counts == [1, 1], counts
+
+
+def test_where_a_courier_went_reads_only_their_shifts_opened_since_or_still_open(
+    session: Session,
+) -> None:
+    """A courier's PDA died today, a year of their shifts behind it (one a day). Where
+    they went on (``sync.balances.where_couriers_went``, for every dead PDA's shift on
+    the board, its page and a sign-off's refusal) read all of those through
+    ``ix_shift_courier_id``, more each day: only those they handed over since the one
+    still open are read now, and those still open of any day
+    (``ix_shift_courier_status_opened``). On SQLite, here; PostgreSQL's plan is checked on a
+    realistic history in ``tests/courier_api/test_query_plans.py``."""
+    if session.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL plans depend on statistics: test_query_plans.py has them")
+    station = factories.station_day(session, "YEAR", shifts=1, parcels_per_shift=1, day=DAY)
+    dead = session.scalars(select(Shift).where(Shift.station_id == station)).one()
+    dead.status, dead.closed_at = ShiftStatus.OPEN, None
+    spare = dead.device_id + "-SPARE"
+    session.execute(insert(Device).values(id=spare, station_id=station))
+
+    def worked(device: str, days: int, status: ShiftStatus) -> Shift:
+        return Shift(
+            station_id=station,
+            courier_id=dead.courier_id,
+            device_id=device,
+            status=status,
+            work_date=DAY + dt.timedelta(days=days),
+            opened_at=dead.opened_at + dt.timedelta(days=days),
+            planned_end_at=dead.planned_end_at + dt.timedelta(days=days),
+            closed_at=None if status == ShiftStatus.OPEN else dead.opened_at,
+        )
+
+    year = [worked(dead.device_id, -n, ShiftStatus.SIGNED_OFF) for n in range(1, 300)]
+    forgotten = worked(spare + "-OLD", -200, ShiftStatus.OPEN)
+    session.execute(insert(Device).values(id=spare + "-OLD", station_id=station))
+    handed = worked(spare, 0, ShiftStatus.CLOSED)
+    handed.opened_at += dt.timedelta(hours=3)
+    session.add_all([*year, forgotten, handed])
+    session.flush()
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        sent.append((statement, parameters))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        went = where_courier_went(session, dead)
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+
+    assert went.courier_back is handed and went.also_open == [forgotten]
+    [(statement, parameters)] = sent
+    plan = " | ".join(
+        row[-1]
+        for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+    )
+    index = "USING INDEX ix_shift_courier_status_opened (courier_id=? AND status=?"
+    assert f"{index})" in plan and f"{index} AND opened_at>?)" in plan, plan
+    assert "SCAN shift" not in plan and "ix_shift_courier_id" not in plan, plan

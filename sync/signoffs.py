@@ -150,6 +150,11 @@ class Outcome:
     outcome: str
     code: str | None = None
     message: str | None = None
+    # Signed off already by this same sign-off, sent before (``_retried``): answered
+    # ``signed_off`` as the first time, nothing written now. The API answers it so on
+    # purpose (a request sent again after its answer was lost); the board's page says
+    # how many it signed off now, and these apart.
+    sent_again: bool = False
 
 
 def sign_off_clean(
@@ -215,7 +220,7 @@ def sign_off_clean(
             shift_read = read.get(shift_id)
             balance = shift_read.balance if shift_read is not None else None
             if _retried(handed_over.get(shift_id), balance, seen[shift_id], user_id, text):
-                outcomes.append(Outcome(shift_id, SIGNED_OFF))
+                outcomes.append(Outcome(shift_id, SIGNED_OFF, sent_again=True))
                 continue
             shift = handed_over.get(shift_id)
             if shift is not None and shift.status == ShiftStatus.SIGNED_OFF:

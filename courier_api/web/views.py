@@ -135,6 +135,7 @@ from sync.proofs import (
     search_page,
 )
 from sync.proofs import ProofFilter as ProofQuery
+from sync.wording import counted
 
 bp = Blueprint(
     "web",
@@ -485,9 +486,19 @@ def sign_off_clean(station_id: int) -> ResponseReturnValue:
         return _board_page(station, day, typed=typed)
     back = url_for("web.board", station=station.id, date=day)
     db.session.commit()
-    done = sum(outcome.outcome == signoffs.SIGNED_OFF for outcome in outcomes)
+    signed = [outcome for outcome in outcomes if outcome.outcome == signoffs.SIGNED_OFF]
+    # Those a press before signed off already (the button pressed again while the
+    # answer was slow) are told apart: not "40 signed off" when this press signed 38.
+    done = sum(not outcome.sent_again for outcome in signed)
     if done:
-        flash(f"{done} shift{'' if done == 1 else 's'} signed off.", "ok")
+        flash(f"{counted(done, 'shift')} signed off.", "ok")
+    if again := len(signed) - done:
+        flash(
+            f"{counted(again, 'shift')} {'was' if again == 1 else 'were'} already signed "
+            "off, by you with this note: nothing changed for "
+            f"{'it' if again == 1 else 'them'}.",
+            "ok",
+        )
     refused = [outcome for outcome in outcomes if outcome.outcome == signoffs.REFUSED]
     for outcome in refused:
         flash(f"Not signed off: {outcome.message}", "error")

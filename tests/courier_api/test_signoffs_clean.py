@@ -378,6 +378,48 @@ def test_the_board_page_signs_off_the_checked_clean_shifts(
     assert session.get(Shift, ids[unbalanced]).status.value == "closed"
 
 
+def test_the_board_page_counts_only_the_shifts_it_signed_off_now(
+    app: Flask, session: Session, world: World, couriers: list[Courier]
+) -> None:
+    """19:00: the manager signs off two clean handovers from the board; the answer is slow
+    and they press the button again with a third row checked. The page said "3 shifts
+    signed off": the two of the first press, answered again as signed off (as the API
+    answers a request sent again), were counted with the one signed off now. It counts
+    the one, and says the two were signed off already, by them with this note."""
+    ids = []
+    for pda, parcel in zip(couriers[:3], parcels(session, world, 3), strict=True):
+        shift_id = pda.open(first_seq=1)["id"]
+        pda.push([pda.event(parcel), pda.event(parcel, "returned_to_station")])
+        pda.close(shift_id, last_seq=pda.seq)
+        ids.append(shift_id)
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    boxes = re.findall(r'<input type="checkbox" name="shift" value="(\d+:\w+)"', html)
+    assert len(boxes) == 3, html
+
+    def press(checked: list[str]) -> str:
+        return page.client.post(
+            f"/web/stations/{world.station.id}/signoffs",
+            data={
+                "csrf_token": page.token(),
+                "note": "on the shelf",
+                "shift": checked,
+                "date": "",
+            },
+            follow_redirects=True,
+        ).get_data(as_text=True)
+
+    assert "2 shifts signed off." in press(boxes[:2])
+    shown = press(boxes)
+    assert "1 shift signed off." in shown, shown
+    assert "3 shifts signed off" not in shown, shown
+    assert (
+        "2 shifts were already signed off, by you with this note: nothing changed for them."
+    ) in shown, shown
+    session.expire_all()
+    assert {session.get_one(Shift, i).status.value for i in ids} == {"signed_off"}
+
+
 def test_the_board_refusing_the_whole_sign_off_keeps_the_note_and_the_checked_boxes(
     app: Flask, session: Session, auth: Auth, world: World, couriers: list[Courier]
 ) -> None:

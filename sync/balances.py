@@ -835,10 +835,11 @@ def where_couriers_went(
     today's. A past day's board names the spare PDA's shift handed over the day after,
     today's board the shift left open on a PDA that died a month ago.
 
-    One statement however many shifts, through ``ix_shift_courier_status_opened``:
-    those couriers' shifts still open, of any day, and of those they handed over, the
-    ones opened after their shift still open, the latest on each PDA deciding whether
-    they are back (``courier_back``); not the ~300 a year each courier worked before."""
+    One statement per ``COURIERS_PER_STATEMENT`` couriers, through
+    ``ix_shift_courier_status_opened``: those couriers' shifts still open, of any day,
+    and of those they handed over, the ones opened after their shift still open, the
+    latest on each PDA deciding whether they are back (``courier_back``); not the ~300
+    a year each courier worked before."""
     still_open = {s.id: s for s in shifts if s.status == ShiftStatus.OPEN}
     if not still_open:
         return CouriersWent({}, {})
@@ -850,13 +851,36 @@ def where_couriers_went(
         since[shift.courier_id] = (
             shift.opened_at if earliest is None else min(earliest, shift.opened_at)
         )
+    pool: list[Shift] = []
+    for couriers in chunks(sorted(since.items()), COURIERS_PER_STATEMENT):
+        pool.extend(_couriers_shifts_read(session, station_id, couriers))
+    candidates = list(still_open.values())
+    also: dict[int, list[Shift]] = {}
+    for shift in candidates:
+        others = open_alongside(shift, pool)
+        if others:
+            also[shift.id] = others
+    return CouriersWent(courier_back(candidates, pool), also)
+
+
+# Couriers whose shifts one statement reads: two terms each, and SQLite parses an OR of
+# about 1,000 terms no more ("Expression tree is too large").
+COURIERS_PER_STATEMENT = 200
+
+
+def _couriers_shifts_read(
+    session: Session, station_id: int, couriers: Sequence[tuple[int, dt.datetime]]
+) -> Sequence[Shift]:
+    """For ``where_couriers_went``: of each (courier, the opening of their oldest shift
+    still open), their shifts at the station still open, and the latest of those they
+    handed over since on each PDA."""
     handed_over = (ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)
-    # Each branch whole (station too), one per courier and state: SQLite reads each by
+    # Each term whole (station too), one per courier and state: SQLite reads each by
     # the index then, not the station's every shift (``ix_shift_station_work_date``).
-    theirs_read = [
-        branch
-        for courier, earliest in sorted(since.items())
-        for branch in (
+    terms = [
+        term
+        for courier, earliest in couriers
+        for term in (
             and_(
                 Shift.courier_id == courier,
                 Shift.status == ShiftStatus.OPEN,
@@ -880,20 +904,13 @@ def where_couriers_went(
             )
             .label("latest"),
         )
-        .where(or_(*theirs_read))
+        .where(or_(*terms))
         .subquery()
     )
     theirs = aliased(Shift, ranked)
-    pool = session.scalars(
+    return session.scalars(
         select(theirs).where(or_(ranked.c.status == ShiftStatus.OPEN, ranked.c.latest == 1))
     ).all()
-    candidates = list(still_open.values())
-    also: dict[int, list[Shift]] = {}
-    for shift in candidates:
-        others = open_alongside(shift, pool)
-        if others:
-            also[shift.id] = others
-    return CouriersWent(courier_back(candidates, pool), also)
 
 
 def courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int, Shift]:

@@ -37,6 +37,8 @@ from models import (
 )
 from sync.audit import verify
 from sync.balances import (
+    COURIERS_PER_STATEMENT,
+    CouriersWent,
     board_totals,
     gather,
     station_board,
@@ -724,3 +726,29 @@ def test_where_a_courier_went_reads_only_their_shifts_opened_since_or_still_open
     index = "USING INDEX ix_shift_courier_status_opened (courier_id=? AND status=?"
     assert f"{index})" in plan and f"{index} AND opened_at>?)" in plan, plan
     assert "SCAN shift" not in plan and "ix_shift_courier_id" not in plan, plan
+
+
+def test_where_couriers_went_reads_hundreds_of_couriers_shifts_a_few_statements(
+    session: Session,
+) -> None:
+    """At noon every shift of a big station is open: the board asks where each of their
+    couriers went. Read by two terms a courier, 500 couriers made an OR SQLite refuses
+    to parse ("Expression tree is too large"); they are read a few hundred at a time."""
+    station = factories.station_day(session, "NOON", shifts=1, parcels_per_shift=1, day=DAY)
+    [shift] = session.scalars(select(Shift).where(Shift.station_id == station)).all()
+    couriers = 500
+    out = [
+        Shift(
+            id=10_000 + n,
+            station_id=station,
+            courier_id=10_000 + n,
+            device_id=f"PDA-{n}",
+            status=ShiftStatus.OPEN,
+            opened_at=shift.opened_at,
+        )
+        for n in range(couriers)
+    ]
+    with counted(session) as statements:
+        went = where_couriers_went(session, station, out)
+    assert went == CouriersWent({}, {})
+    assert len(statements) == -(-couriers // COURIERS_PER_STATEMENT), len(statements)

@@ -11,7 +11,7 @@ the image goes out, as the API does.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 from zoneinfo import ZoneInfo
@@ -91,6 +91,7 @@ from courier_api.web.session import (
 from models import Flag, FlagSeverity, FlagStatus, Role, Shift, Station, User, utcnow
 from sync import directory, flags, lost_seqs, quarantine, shifts, signoffs
 from sync.balances import (
+    BoardRow,
     board_totals,
     station_board,
     waiting_from_earlier_days,
@@ -432,6 +433,7 @@ def _board_page(
         day=day,
         rows=rows,
         totals=board_totals(rows),
+        left_open=_left_open(rows, went.back),
         back=went.back,
         also=went.also_open,
         earlier=earlier,
@@ -446,6 +448,18 @@ def _board_page(
         decided=decided,
         typed=typed,
     )
+
+
+def _left_open(rows: Sequence[BoardRow], back: Mapping[int, Shift]) -> dict[str, int]:
+    """Of the day's shifts still open (``board_totals``' ``open`` and ``still_out``), those
+    left on a PDA whose courier is back (``where_couriers_went``), and their parcels with
+    no outcome on it: not "on the road" with parcels "still out" in the board's summary
+    at 19:00, when the courier is in the station and the manager has to close them."""
+    left = [row for row in rows if row.shift.id in back]
+    return {
+        "shifts": len(left),
+        "parcels": sum(row.balance.summary()["missing"] for row in left),
+    }
 
 
 @bp.post("/stations/<id:station_id>/signoffs")

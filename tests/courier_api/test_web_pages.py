@@ -3355,6 +3355,27 @@ def test_the_board_says_the_courier_of_a_shift_left_open_on_a_dead_pda_is_back(
     assert back[day.open.id] is None and back[second.id] is None
 
 
+def test_the_boards_summary_counts_no_dead_pdas_shift_on_the_road(
+    app: Flask, session: Session, day: StationDay
+) -> None:
+    """At 19:00 the board's summary said "2 on the road (5 parcels still out)": Chen Lu,
+    out with 2 parcels, and the shift left open on Sun Li's dead PDA, whose 3 parcels
+    without an outcome there she delivered and returned on her spare PDA, handed over
+    at 17:00. Its row said she is back; the summary had the manager wait for two
+    couriers. It counts one on the road, and the dead PDA's shift apart, to close."""
+    _spare_pda(session, day)
+
+    html = signed_in(app, "manager").get(f"/web/board?station={day.station.id}&date={day.day}")
+
+    summary = re.search(r'<p class="summary">(.*?)</p>', html, re.S)
+    assert summary, html
+    said = " ".join(re.sub(r"<[^>]+>", "", summary.group(1)).split())
+    assert (
+        "1 on the road (2 parcels still out); 1 left open on a PDA whose courier is back "
+        "(3 parcels with no outcome on it): close it;"
+    ) in said, said
+
+
 def test_the_board_says_no_courier_is_back_who_went_out_again_on_a_third_pda(
     app: Flask, session: Session, day: StationDay
 ) -> None:

@@ -276,12 +276,14 @@ class SignOff(MethodView):
 
         A manager of the station (or an admin) signs off a closed shift with a
         note; the balance as it stands is kept with the sign-off and written to
-        the audit log. Refused while the shift is open (409 `shift_open`), and
-        while its balance is provisional (409 `balance_provisional`, naming the
-        missing seqs) unless `force_reason` says why it cannot wait. With
-        `balance_version` (the balance's `version` as the manager read it), a
-        balance that changed since, a push landing in between, is refused (409
-        `balance_changed`): read it again. So, with `rejected_events`,
+        the audit log. Refused while the shift is open (409 `shift_open`; its
+        message says, as the station's sign-off together does, when its courier
+        is back from a shift handed over since on another PDA: the PDA died, and
+        the manager closes this one), and while its balance is provisional (409
+        `balance_provisional`, naming the missing seqs) unless `force_reason`
+        says why it cannot wait. With `balance_version` (the balance's `version`
+        as the manager read it), a balance that changed since, a push landing
+        in between, is refused (409 `balance_changed`): read it again. So, with `rejected_events`,
         `open_flags` and `images_missing` (the board row's or the balance's: its
         PDA's events rejected, which the balance cannot show, the ids of the flags
         naming it still waiting, and its proof images missing), is one whose PDA

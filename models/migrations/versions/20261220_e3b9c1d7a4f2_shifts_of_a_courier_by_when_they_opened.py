@@ -14,7 +14,7 @@ INVALID index left by a failed build is dropped and built again); SQLite builds
 them plainly.
 
 Revision ID: e3b9c1d7a4f2
-Revises: d2f6a8c4e7b1
+Revises: e9c3b7a5d1f2
 Create Date: 2026-12-20 09:00:00.000000
 """
 
@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "e3b9c1d7a4f2"
-down_revision: str | None = "d2f6a8c4e7b1"
+down_revision: str | None = "e9c3b7a5d1f2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

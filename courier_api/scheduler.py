@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from courier_api import metrics
 from courier_api.config import policy_of
 from courier_api.extensions import db
-from models import DeliveryStatus, utcnow
+from models import utcnow
 from sync import consent_requests, refresh_tokens, reports, sweeps, webhooks
 from sync.blobs import FileBlobStore
 from sync.scheduling import (
@@ -189,13 +189,8 @@ def _webhook_retention(config: Mapping[str, Any]) -> JobFunction:
     days = dt.timedelta(days=config["WEBHOOK_RETENTION_DAYS"])
 
     def purge(*, session: Session, now: dt.datetime) -> dict[str, Any]:
-        delivered = webhooks.purge_deliveries(
-            session=session, status=DeliveryStatus.DELIVERED, before=now - days, now=now
-        )
-        skipped = webhooks.purge_deliveries(
-            session=session, status=DeliveryStatus.SKIPPED, before=now - days, now=now
-        )
-        waiting = webhooks.purge_waiting_for_stopped(session=session, before=now - days, now=now)
+        purged = webhooks.purge_retained(session=session, before=now - days, now=now)
+        delivered, skipped, waiting = purged["delivered"], purged["skipped"], purged["waiting"]
         return {
             "deliveries": delivered["deliveries"] + skipped["deliveries"],
             "messages": delivered["messages"] + skipped["messages"] + waiting["messages"],

@@ -1934,15 +1934,7 @@ def purge_waiting_for_stopped(
     requests first (``request_reach.keep_before_purge``), locked before any delivery as
     everywhere: their requests lapsed (a request lasts a day, the retention one at
     least), so what they say no longer changes, whether they go now or next run."""
-    _keep_reach(
-        session,
-        select(DELIVERY.c.message_id).where(
-            DELIVERY.c.status == DeliveryStatus.PENDING.value,
-            DELIVERY.c.created_at < before,
-            DELIVERY.c.subscription_id.in_(select(SUBSCRIPTION.c.id).where(~SENDING)),
-        ),
-        now or utcnow(),
-    )
+    _keep_reach(session, select(DELIVERY.c.message_id).where(*_waiting(before)), now or utcnow())
     stopped = select(SUBSCRIPTION.c.id).where(~SENDING).with_for_update(skip_locked=True)
     due = (
         select(DELIVERY.c.id)
@@ -1977,6 +1969,16 @@ def purge_waiting_for_stopped(
             },
         )
     return counts
+
+
+def _waiting(before: dt.datetime) -> tuple[Any, ...]:
+    """The pending deliveries ``purge_waiting_for_stopped`` deletes (before skipping the
+    rows another transaction holds)."""
+    return (
+        DELIVERY.c.status == DeliveryStatus.PENDING.value,
+        DELIVERY.c.created_at < before,
+        DELIVERY.c.subscription_id.in_(select(SUBSCRIPTION.c.id).where(~SENDING)),
+    )
 
 
 def _keep_reach(session: Session, messages: Select[Any], now: dt.datetime) -> int:
@@ -2039,6 +2041,23 @@ def purge_deliveries(
             code="invalid_status",
             field="status",
         )
+    purged = _settled(status, before)
+    _keep_reach(session, select(DELIVERY.c.message_id).where(*purged), now or utcnow())
+    deliveries = session.execute(delete(DELIVERY).where(*purged)).rowcount
+    counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
+    audit.append(
+        session=session,
+        actor_id=actor_id,
+        action="webhook_deliveries_purged",
+        subject_type="webhook_delivery",
+        subject_key=status.value,
+        details={"status": status.value, "before": before.isoformat(), **counts},
+    )
+    return counts
+
+
+def _settled(status: DeliveryStatus, before: dt.datetime) -> list[Any]:
+    """The deliveries ``purge_deliveries`` deletes."""
     settled_at = func.coalesce(
         DELIVERY.c.delivered_at, DELIVERY.c.last_attempt_at, DELIVERY.c.created_at
     )
@@ -2054,15 +2073,39 @@ def purge_deliveries(
                 ),
             )
         )
-    _keep_reach(session, select(DELIVERY.c.message_id).where(*purged), now or utcnow())
-    deliveries = session.execute(delete(DELIVERY).where(*purged)).rowcount
-    counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
-    audit.append(
-        session=session,
-        actor_id=actor_id,
-        action="webhook_deliveries_purged",
-        subject_type="webhook_delivery",
-        subject_key=status.value,
-        details={"status": status.value, "before": before.isoformat(), **counts},
-    )
-    return counts
+    return purged
+
+
+def purge_retained(
+    *, session: Session, before: dt.datetime, now: dt.datetime
+) -> dict[str, dict[str, Any]]:
+    """The ``webhook_retention`` job's purges, in its one transaction: the delivered and
+    the skipped deliveries settled before ``before`` (``purge_deliveries``), then the
+    waiting ones of stopped subscriptions (``purge_waiting_for_stopped``). Each one's
+    counts, by ``delivered``, ``skipped`` and ``waiting``.
+
+    What the consent questions among them all said of their requests is kept first, in
+    one pass by request id (``request_reach.keep_before_purge``), and the audit entries
+    are chained at the end (``audit.deferred``). Purge by purge, the skipped one locked
+    its requests after the delivered one had chained its entry: an answer or a push
+    holding one of them, about to take the audit log's lock (every audited write takes
+    it last), waited for the job, which waited for the request; and it locked a request
+    of the delivered purge before a lower one of the skipped purge, against the lapse
+    job and a push locking theirs by id. Deadlocks on PostgreSQL. Each purge still
+    keeps what became its own since (a delivery skipped meanwhile)."""
+    with audit.deferred(session):
+        either = or_(
+            and_(*_settled(DeliveryStatus.DELIVERED, before)),
+            and_(*_settled(DeliveryStatus.SKIPPED, before)),
+            and_(*_waiting(before)),
+        )
+        _keep_reach(session, select(DELIVERY.c.message_id).where(either), now)
+        return {
+            "delivered": purge_deliveries(
+                session=session, status=DeliveryStatus.DELIVERED, before=before, now=now
+            ),
+            "skipped": purge_deliveries(
+                session=session, status=DeliveryStatus.SKIPPED, before=before, now=now
+            ),
+            "waiting": purge_waiting_for_stopped(session=session, before=before, now=now),
+        }

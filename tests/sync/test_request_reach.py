@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import Connection, event, func, select
+from sqlalchemy import Connection, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import (
@@ -733,3 +733,63 @@ def test_a_question_waiting_for_a_stopped_channel_still_says_so_after_the_retent
         )
     assert purged["deliveries"] == 1
     assert reasons(sessions, request_id, a_week_on) == never
+
+
+def test_the_retention_job_keeps_its_questions_reach_in_one_pass_before_its_audit_entries(
+    sessions: sessionmaker[Session], world: World, connection: Connection
+) -> None:
+    """The retention job purges the delivered deliveries, then the skipped ones, in one
+    transaction. Each purge locked its questions' requests, then chained its audit entry
+    (the audit log's lock, which every audited write takes last): the skipped purge
+    locked its requests after the delivered purge's entry, and a request of the
+    delivered purge before a lower one of the skipped purge. An answer or a push holding
+    one of those requests, waiting for the audit log, or the lapse job or a push locking
+    both by id, waited for the job as it waited for them: a deadlock on PostgreSQL. The
+    requests are locked in one pass by id, before any entry is chained."""
+    from courier_api.scheduler import JOB_SPECS
+
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    skipped_id, delivered_id = ask(sessions, world), ask(sessions, world)
+    deliver(sessions, Answers(204), T0)
+    with sessions.begin() as session:  # the first one's question skipped: held up, moot
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == min(session.scalars(select(WebhookDelivery.id))))
+            .values(
+                status=DeliveryStatus.SKIPPED,
+                delivered_at=None,
+                last_attempt_at=None,
+                attempts=0,
+                skipped_reason="no longer pending",
+            )
+        )
+    statements: list[tuple[str, object]] = []
+
+    def note(_conn: object, _cursor: object, statement: str, parameters: object, *_: object):
+        statements.append((statement, parameters))
+
+    purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
+    a_month_on = T0 + dt.timedelta(days=31)
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        with sessions.begin() as session:
+            assert purge(session=session, now=a_month_on)["deliveries"] == 2
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+
+    def ints(parameters: object) -> set[int]:
+        values = parameters.values() if isinstance(parameters, dict) else parameters
+        return {v for v in values or () if isinstance(v, int) and not isinstance(v, bool)}
+
+    keeps = [
+        n
+        for n, (statement, _) in enumerate(statements)
+        if "FROM consent_request" in statement and "question_purged_at IS NULL" in statement
+    ]
+    chained = [n for n, (statement, _) in enumerate(statements) if "INTO audit_entry" in statement]
+    assert keeps and chained
+    assert {skipped_id, delivered_id} <= ints(statements[keeps[0]][1])  # one pass
+    assert max(keeps) < min(chained)  # every request locked before the audit log
+    never = f"{request_reach.NEVER} ({request_reach.NOT_SENT})"
+    assert reasons(sessions, skipped_id, a_month_on) == never
+    assert reasons(sessions, delivered_id, a_month_on) is None

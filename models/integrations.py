@@ -83,10 +83,11 @@ class ConsentRequest(Base):
     # When its lapse (pending at ``expires_at``) was announced (``consent.request_lapsed``):
     # once. Set on the requests that had lapsed before this was kept, never announced.
     lapse_announced_at: Mapped[dt.datetime | None]
-    # When an admin's purge of settled webhook deliveries first deleted deliveries of its
-    # question, and what ``sync.request_reach.not_reached`` said of them then (why it had
-    # not reached the recipient's channel; None: it had): read from here on, the
-    # deliveries left, if any, no longer the whole story. Set only on unanswered ones.
+    # When a purge of webhook deliveries (an admin's, or the retention job's) first
+    # deleted deliveries of its question, and what ``sync.request_reach.not_reached``
+    # said of them then (why it had not reached the recipient's channel; None: it had):
+    # read from here on, the deliveries left, if any, no longer the whole story. Set only
+    # on unanswered ones.
     question_purged_at: Mapped[dt.datetime | None]
     not_reached_when_purged: Mapped[str | None] = mapped_column(Text)
     # When it reached the server; a PDA's request held back then (``unsent``, "not sent:

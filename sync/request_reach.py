@@ -12,11 +12,11 @@ failed attempt, and when the subscription it waits for is disabled or paused; an
 when it gets through after all: sent after failing, or its subscription sending again.
 
 Read from the deliveries as they are: a question asked before the channel subscribed
-is said nothing about (None), never "not reached" on no evidence. An admin's purge of
-settled deliveries keeps on the request what they said (``keep_before_purge``): read
-from there afterwards, neither silent (null) on a question that never got through,
-nor "nobody takes consent requests here" on one delivered before its channel stopped
-taking them.
+is said nothing about (None), never "not reached" on no evidence. A purge of its
+deliveries (an admin's, or the retention job's) keeps on the request what they said
+(``keep_before_purge``): read from there afterwards, neither silent (null) on a
+question that never got through, nor "nobody takes consent requests here" on one
+delivered before its channel stopped taking them.
 """
 
 from __future__ import annotations
@@ -85,11 +85,13 @@ def not_reached(
 
 
 def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.datetime) -> int:
-    """Keep on these requests (whose question's deliveries an admin's purge is about to
-    delete) what their deliveries say, as ``not_reached`` reads it from then on: only
-    unanswered ones not kept already (at the first purge; an answered one says nothing).
-    A purged delivery has settled: delivered, or dead or skipped once the request
-    ended, so what they say no longer changes. How many requests it was kept on."""
+    """Keep on these requests (whose question's deliveries a purge is about to delete:
+    an admin's, or the retention job's) what their deliveries say, as ``not_reached``
+    reads it from then on: only unanswered ones not kept already (at the first purge; an
+    answered one says nothing). A purged delivery has settled (delivered, or dead or
+    skipped once the request ended) or waited for a stopped subscription past the
+    retention (its request lapsed since), so what they say no longer changes. How many
+    requests it was kept on."""
     kept = 0
     for chunk in chunks(sorted(request_ids)):
         asked = _candidates(

@@ -72,7 +72,19 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
-from sqlalchemy import Select, and_, case, delete, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    SelectBase,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from models import (
@@ -1981,7 +1993,7 @@ def _waiting(before: dt.datetime) -> tuple[Any, ...]:
     )
 
 
-def _keep_reach(session: Session, messages: Select[Any], now: dt.datetime) -> int:
+def _keep_reach(session: Session, messages: SelectBase, now: dt.datetime) -> int:
     """Before the deliveries of ``messages`` (the ids of their messages) are purged: what
     the consent questions among them said of their requests is kept on the requests
     (``request_reach.keep_before_purge``). How many requests it was kept on."""
@@ -2094,12 +2106,15 @@ def purge_retained(
     job and a push locking theirs by id. Deadlocks on PostgreSQL. Each purge still
     keeps what became its own since (a delivery skipped meanwhile)."""
     with audit.deferred(session):
-        either = or_(
-            and_(*_settled(DeliveryStatus.DELIVERED, before)),
-            and_(*_settled(DeliveryStatus.SKIPPED, before)),
-            and_(*_waiting(before)),
+        _keep_reach(
+            session,
+            union_all(
+                select(DELIVERY.c.message_id).where(*_settled(DeliveryStatus.DELIVERED, before)),
+                select(DELIVERY.c.message_id).where(*_settled(DeliveryStatus.SKIPPED, before)),
+                select(DELIVERY.c.message_id).where(*_waiting(before)),
+            ),
+            now,
         )
-        _keep_reach(session, select(DELIVERY.c.message_id).where(either), now)
         return {
             "delivered": purge_deliveries(
                 session=session, status=DeliveryStatus.DELIVERED, before=before, now=now

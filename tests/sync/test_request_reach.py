@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
+from flask import Flask
 from sqlalchemy import Connection, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -793,3 +798,75 @@ def test_the_retention_job_keeps_its_questions_reach_in_one_pass_before_its_audi
     never = f"{request_reach.NEVER} ({request_reach.NOT_SENT})"
     assert reasons(sessions, skipped_id, a_month_on) == never
     assert reasons(sessions, delivered_id, a_month_on) is None
+
+
+@pytest.mark.postgres_only
+def test_the_retention_job_never_deadlocks_with_a_transaction_locking_its_requests_by_id(
+    committed_app: Flask,
+) -> None:
+    """Another transaction (the lapse job's batch, a push handing the parcels over) locks
+    two requests by id: the one whose question was skipped, then the one whose question
+    was delivered. The retention job locked the delivered purge's request, then waited
+    for the skipped purge's, which the other held while it waited for the first: a
+    deadlock, PostgreSQL failing one of them. Now the job waits for the first request
+    holding none."""
+    from courier_api.extensions import db
+    from courier_api.scheduler import JOB_SPECS
+    from tests.sync.test_webhooks import _waiting_on_a_lock
+
+    sessions = sessionmaker(bind=db.engine_of(committed_app), expire_on_commit=False)
+    with sessions.begin() as session:
+        station = factories.station(session)
+        world = SimpleNamespace(
+            station=station,
+            courier=factories.user(session, "courier1", "courier", station),
+            device=factories.device(session, "PDA-0001", station),
+        )
+    subscribe(sessions, topics=(request_reach.TOPIC,))
+    skipped_id, delivered_id = ask(sessions, cast(World, world)), ask(sessions, cast(World, world))
+    deliver(sessions, Answers(204), T0)
+    with sessions.begin() as session:  # the first one's question skipped: held up, moot
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == min(session.scalars(select(WebhookDelivery.id))))
+            .values(status=DeliveryStatus.SKIPPED, delivered_at=None, attempts=0)
+        )
+    purge = JOB_SPECS["webhook_retention"].build({"WEBHOOK_RETENTION_DAYS": 30})
+    locked, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def lock_both_by_id() -> None:
+        try:
+            with sessions.begin() as session:
+                for request_id in (skipped_id, delivered_id):
+                    session.get(ConsentRequest, request_id, with_for_update=True)
+                    locked.set()
+                    go.wait(timeout=10)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def retention() -> None:
+        try:
+            with sessions.begin() as session:
+                purge(session=session, now=T0 + dt.timedelta(days=31))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    other = threading.Thread(target=lock_both_by_id)
+    job = threading.Thread(target=retention)
+    other.start()
+    try:
+        assert locked.wait(timeout=10)
+        job.start()
+        deadline = time.monotonic() + 10
+        while not _waiting_on_a_lock(sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _waiting_on_a_lock(sessions), errors  # the job waits for the first request
+    finally:
+        go.set()
+        other.join(timeout=30)
+        if job.ident is not None:
+            job.join(timeout=30)
+    assert errors == []
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 0

@@ -36,7 +36,17 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    bindparam,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -59,7 +69,7 @@ from models import (
     WebhookDelivery,
     utcnow,
 )
-from models.sync import DELIVERY_TYPES, DROP_TYPES
+from models.sync import DELIVERY_TYPES, DROP_TYPES, UNNAMED_SEQ_CONFLICT
 from sync import audit, consents, outbox, request_reach
 from sync.acks import SeqTracker, acknowledged_through, without
 from sync.balances import closed_shifts_holding, gather, refresh_handover_flags
@@ -1798,9 +1808,11 @@ class _BatchIngest:
         the later of the two: only the rejections naming (``unsettled_event_id``) an
         event this push stores or a rejection it quarantines are read, and their events
         looked up; a PDA left with thousands of rejections it never recovers pays one
-        index probe per event it pushes, not all of them on each push. Those kept before
-        that version (``DeviceState.seq_conflicts_compared`` false) are all compared
-        once, by the device's next push storing events. Each rejection whose id the
+        index probe per event it pushes, not all of them on each push, and one more
+        for those naming no event (``_unnamed_unsettled``: kept by the version before
+        during the rollout), named once compared. Those kept before that version
+        (``DeviceState.seq_conflicts_compared`` false) are all compared once, by the
+        device's next push storing events. Each rejection whose id the
         device holds at another seq is validated again, any domestic tracking number
         taken (the event held passed the patterns of its day), and compared with it, the
         seq aside; only those rejections' payloads are read."""
@@ -1813,7 +1825,7 @@ class _BatchIngest:
             named = {event.client_event_id for _, event in stored}
             named.update(row["unsettled_event_id"] for row in new)
             named.discard(None)
-            rows = self._unsettled_naming(sorted(named))
+            rows = [*self._unsettled_naming(sorted(named)), *self._unnamed_unsettled()]
         else:
             rows = self._every_unsettled()
         ids = {row.id: _parsed_id(row.client_event_id) for row in rows}
@@ -1834,24 +1846,27 @@ class _BatchIngest:
                 continue  # not valid now (the rules changed): no event held is the same
             if dataclasses.replace(event, seq=found.seq).content_hash == found.content_hash:
                 settled.append((row_id, found.seq))
+        done = {row_id for row_id, _ in settled}
         if compared:
             self.unsettled_seq_conflicts -= len(settled)
         else:
             self.unsettled_seq_conflicts = len(rows) - len(settled)
-            self._mark_compared(rows, ids, {row_id for row_id, _ in settled})
+        self._name_events(rows, ids, done)
+        if not compared:
+            self._mark_compared()
         if not settled:
             return
         flushed_connection(self.session).execute(
             SETTLE_SEQ_CONFLICT, [{"row_id": row_id, "resent": seq} for row_id, seq in settled]
         )
         self.settled_any = True
-        done = {row_id for row_id, _ in settled}
         # Closed only where no rejection of the seq is left (``_close_settled_seq_conflicts``).
         self.seq_conflicts_settled = {(row.station_id, row.seq) for row in rows if row.id in done}
 
     def _unsettled_naming(self, event_ids: Sequence[uuid.UUID]) -> list[Any]:
         """The device's ``seq_conflict`` rejections not settled that name these events
-        (``ix_quarantined_event_unsettled``)."""
+        (``ix_quarantined_event_unsettled``). Not one the version before settled during
+        the rollout: it set ``resent_seq`` alone, leaving the event named."""
         return [
             row
             for chunk in chunks(event_ids)
@@ -1859,9 +1874,25 @@ class _BatchIngest:
                 select(*UNSETTLED_COLUMNS).where(
                     QuarantinedEvent.device_id == self.pusher.device_id,
                     QuarantinedEvent.unsettled_event_id.in_(chunk),
+                    QuarantinedEvent.resent_seq.is_(None),
                 )
             )
         ]
+
+    def _unnamed_unsettled(self) -> list[Any]:
+        """The device's ``seq_conflict`` rejections not settled that name no event: kept
+        by the version before during the rollout of this one, after migration
+        ``e9c3b7a5d1f2`` marked the PDA compared. An empty range of
+        ``ix_quarantined_event_unnamed`` but for those (its predicate written as the
+        index's, constants and all, for the planners to take it)."""
+        return list(
+            self.session.execute(
+                select(*UNSETTLED_COLUMNS).where(
+                    QuarantinedEvent.device_id == self.pusher.device_id,
+                    text(UNNAMED_SEQ_CONFLICT),
+                )
+            )
+        )
 
     def _every_unsettled(self) -> list[Any]:
         """Every ``seq_conflict`` rejection of the device not settled: those kept before
@@ -1897,21 +1928,23 @@ class _BatchIngest:
                 held[found.client_event_id] = _HeldEvent(found.seq, found.content_hash)
         return held
 
-    def _mark_compared(
+    def _name_events(
         self, rows: Sequence[Any], ids: Mapping[int, uuid.UUID | None], settled: set[int]
     ) -> None:
-        """After every rejection of the device was compared with every event held: name
-        the event of each left unsettled that names none yet (kept before rejections
-        did), so the pushes storing it find it, and say they all were compared."""
+        """Once these rejections were compared with every event held: name the event of
+        each left unsettled that names none yet (kept before rejections did, or by the
+        version before during the rollout), so the pushes storing it find it."""
         unnamed = [
             {"row_id": row.id, "event_id": ids[row.id]}
             for row in rows
             if row.id not in settled and row.unsettled_event_id is None and ids[row.id]
         ]
-        connection = flushed_connection(self.session)
         if unnamed:
-            connection.execute(NAME_UNSETTLED_EVENT, unnamed)
-        connection.execute(
+            flushed_connection(self.session).execute(NAME_UNSETTLED_EVENT, unnamed)
+
+    def _mark_compared(self) -> None:
+        """Say every rejection of the device was compared with every event held."""
+        flushed_connection(self.session).execute(
             update(_states)
             .where(_states.c.device_id == self.pusher.device_id)
             .values(seq_conflicts_compared=True)

@@ -3528,6 +3528,36 @@ def test_a_pda_with_seq_conflicts_kept_before_has_them_compared_by_its_next_push
     migrate.upgrade(scratch)
 
 
+COURIER_SHIFTS_BY_STATE = "e3b9c1d7a4f2"  # a courier's shifts by state and when they opened
+UNNAMED_SEQ_CONFLICTS = "f6b3d9a2c8e4"  # seq conflicts kept naming no event, indexed
+
+
+def test_the_seq_conflicts_naming_no_event_are_indexed_by_device(scratch: Engine) -> None:
+    """``ix_quarantined_event_unnamed``: a device's unsettled ``seq_conflict`` rejections
+    that name no event (those the version before keeps during the rollout), built
+    CONCURRENTLY on PostgreSQL. Run again, the same end; downgraded, it goes."""
+    migrate.upgrade(scratch, COURIER_SHIFTS_BY_STATE)
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, UNNAMED_SEQ_CONFLICTS)
+    indexes = {i["name"] for i in inspect(scratch).get_indexes("quarantined_event")}
+    assert "ix_quarantined_event_unnamed" in indexes
+    created = [s for s in upgrading if s.startswith("CREATE INDEX")]
+    concurrently = scratch.dialect.name == "postgresql"
+    assert [s.startswith("CREATE INDEX CONCURRENTLY") for s in created] == [concurrently]
+    with scratch.begin() as connection:  # stopped before its revision was recorded
+        connection.execute(
+            text("UPDATE alembic_version SET version_num = :v"), {"v": COURIER_SHIFTS_BY_STATE}
+        )
+    migrate.upgrade(scratch, UNNAMED_SEQ_CONFLICTS)
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, COURIER_SHIFTS_BY_STATE)
+    indexes = {i["name"] for i in inspect(scratch).get_indexes("quarantined_event")}
+    assert "ix_quarantined_event_unnamed" not in indexes
+    dropped = [s for s in downgrading if s.startswith("DROP INDEX")]
+    assert [s.startswith("DROP INDEX CONCURRENTLY") for s in dropped] == [concurrently]
+    migrate.upgrade(scratch)
+
+
 FAILING_SINCE = "a4d8f2c6e0b3"  # webhook failures remember when they began
 
 

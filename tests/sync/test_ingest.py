@@ -615,6 +615,69 @@ def test_a_seq_conflict_kept_before_the_upgrade_and_never_sent_again_is_settled_
     assert state.unsettled_seq_conflicts == 0
 
 
+def test_a_seq_conflict_the_version_before_kept_during_the_rollout_is_settled_when_resent(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """In the minutes of the rollout the version before still answers pushes after
+    migration ``e9c3b7a5d1f2`` ran: a ``seq_conflict`` it keeps names no event
+    (``unsettled_event_id``), on a PDA the migration found with none unsettled, so
+    marked compared. Sent again under a new seq to the new version, the event is held:
+    the rejection is settled and its flag closed, not left open for ever."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    restarted = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    pda.push([restarted])
+    # As the version before kept it: counted, named by no event; the PDA still compared.
+    session.execute(update(QuarantinedEvent).values(unsettled_event_id=None))
+    session.commit()
+    assert statuses(pda.push([{**restarted, "seq": 2}])) == ["applied"]
+    rejection = _rejected_at(session, restarted["client_event_id"])
+    assert (rejection.resent_seq, rejection.unsettled_event_id) == (2, None)
+    assert _seq_conflict_flag(session, pda, 1).status == FlagStatus.CLOSED
+    state = session.get(DeviceSyncState, world.device.id)
+    assert state is not None
+    session.refresh(state)
+    assert state.unsettled_seq_conflicts == 0
+
+
+def test_a_seq_conflict_the_version_before_settled_during_the_rollout_is_not_settled_twice(
+    session: Session, world: World, pda: Pda, parcel: Parcel
+) -> None:
+    """The version before, still answering during the rollout, settles a rejection the
+    new one kept (its ``resent_seq``) but leaves the event it names. A copy of that
+    event at its old seq, its id in capitals, is a new rejection settled at once: the
+    count of those left must not lose the one settled before too, or it reaches 0
+    with another still unsettled, whose event sent again later is never looked for."""
+    pda.push([pda.event(1, parcel.tracking_no), pda.event(2, parcel.tracking_no)])
+    first = pda.event(1, parcel.tracking_no, "out_for_delivery", occurred_at=at(5))
+    second = pda.event(2, parcel.tracking_no, "delivered", occurred_at=at(9))
+    assert statuses(pda.push([first, second])) == ["rejected", "rejected"]
+    # The version before holds ``first`` under seq 3 and settles its rejection alone.
+    rows = {
+        row.client_event_id: row
+        for row in session.scalars(select(QuarantinedEvent).order_by(QuarantinedEvent.id))
+    }
+    assert statuses(pda.push([{**first, "seq": 3}])) == ["applied"]
+    session.execute(
+        update(QuarantinedEvent)
+        .where(QuarantinedEvent.id == rows[first["client_event_id"]].id)
+        .values(resent_seq=3, unsettled_event_id=uuid.UUID(first["client_event_id"]))
+    )
+    session.execute(update(DeviceSyncState).values(unsettled_seq_conflicts=1))
+    session.commit()
+    capitals = {**first, "client_event_id": first["client_event_id"].upper()}
+    assert statuses(pda.push([capitals])) == ["rejected"]
+    state = session.get(DeviceSyncState, world.device.id)
+    assert state is not None
+    session.refresh(state)
+    assert state.unsettled_seq_conflicts == 1  # ``second``'s
+    assert statuses(pda.push([{**second, "seq": 4}])) == ["applied"]
+    session.expire_all()
+    assert _rejected_at(session, second["client_event_id"]).resent_seq == 4
+    assert _seq_conflict_flag(session, pda, 2).status == FlagStatus.CLOSED
+    session.refresh(state)
+    assert state.unsettled_seq_conflicts == 0
+
+
 def test_a_seq_conflict_with_a_seq_another_courier_pushed_keeps_its_flag_open(
     session: Session, world: World, pda: Pda, parcel: Parcel
 ) -> None:

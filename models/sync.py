@@ -222,7 +222,9 @@ class QuarantinedEvent(Base):
     resent_seq: Mapped[int | None]
     # A ``seq_conflict`` rejection not settled yet: its ``client_event_id`` read as a
     # UUID (the PDA may write it in capitals or braces), by which a push storing that
-    # event finds it. None once settled, and for every other rejection.
+    # event finds it. None once settled, and for every other rejection; None too for
+    # one the version before kept during the rollout, until a push storing events
+    # finds it through ``ix_quarantined_event_unnamed`` and names it.
     unsettled_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
 
 

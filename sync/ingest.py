@@ -780,6 +780,8 @@ class _BatchIngest:
         # Signed-off shifts that may own a seq it showed missing (``_lock_shifts``).
         self.may_own_gap: list[Shift] = []
         self.filed: dict[uuid.UUID, int | None] = {}  # client event id -> its shift
+        # The shifts the filing read open (``ShiftFiler.seen_open``, ``_lock_shifts``).
+        self.shifts_seen_open: frozenset[int] = frozenset()
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}  # the rows stored, by client event id
         self.ids_by_seq: dict[int, int] = {}  # their row ids, by seq (``_event_ids``)
         # The shifts this push changes that are closed or signed off (_lock_shifts).
@@ -1675,6 +1677,7 @@ class _BatchIngest:
             row["shift_id"] = self.filed[event.client_event_id] = filer.file(filing)
             row["courier_id"] = filer.recorded_by(row["shift_id"]) or row["courier_id"]
         self.wrong_claims = filer.wrong_claims
+        self.shifts_seen_open = filer.seen_open
         # Only a seq below one the server had can end a previous shift's seqs before a
         # rejected seq it held (``judge_reopening``): pushes in order do not.
         self.bounds_a_previous_shift = any(
@@ -2162,7 +2165,12 @@ class _BatchIngest:
             )
             if where is not None
         ]
-        locked = lock_shifts(self.session, by_shift, also=or_(*also) if also else None)
+        locked = lock_shifts(
+            self.session,
+            by_shift,
+            also=or_(*also) if also else None,
+            seen_open=self.shifts_seen_open,
+        )
         self.shifts_not_open = {i: shift for i, shift in locked.items() if i in by_shift}
         # A rejected event of its settled (``_settle_seq_conflicts``) is no reopened
         # shift's any more: a reopening it made alone is withdrawn.

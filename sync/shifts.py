@@ -163,6 +163,7 @@ SHIFT_WINDOWS = Prebuilt(
             _shifts.c.courier_id,
             _before_undeclared_first("id"),
             _before_undeclared_first("last_seq"),
+            _shifts.c.status,
         )
         .where(
             _shifts.c.device_id == bindparam("device_id"),
@@ -1700,6 +1701,7 @@ class _Window:
     # open or closed with its last seq: its id and its last seq.
     previous_id: int | None = None
     previous_last_seq: int | None = None
+    status: ShiftStatus | None = None  # as read (``ShiftFiler.seen_open``)
 
     def with_first_seq_derived(self) -> _Window:
         """This shift with the first seq it declared, or else, when its seqs end is
@@ -1816,6 +1818,8 @@ class ShiftFiler:
         self.colleagues: dict[int, _Window] = {}
         self.own: set[int] = set()
         self.wrong_claims: dict[int, int] = {}  # seq -> a shift id not of this courier's
+        # The shifts read open here, in the caller's transaction (``lock_shifts``).
+        self.seen_open: frozenset[int] = frozenset()
         if not events:
             return
         courier = {"device_id": device_id, "courier_id": courier_id}
@@ -1827,12 +1831,16 @@ class ShiftFiler:
             "since": min(times) - self.grace,
             "until": max(times) + self.grace,
         }
+        open_ids = []
         for row in SHIFT_WINDOWS.execute(session, {**courier, **bounds}):
             window = _Window(*row)
+            if window.status == ShiftStatus.OPEN:
+                open_ids.append(window.shift_id)
             if window.courier_id == courier_id:
                 self.windows.append(window.with_first_seq_derived())
             elif colleagues and (theirs := window.as_colleagues()) is not None:
                 self.colleagues[window.shift_id] = theirs
+        self.seen_open = frozenset(open_ids)
         self.own = {w.shift_id for w in self.windows}
         farther = sorted({e.claimed for e in events if e.claimed is not None} - self.own)
         if farther:
@@ -1900,7 +1908,11 @@ SHIFT_STATUSES_FOR_UPDATE = Prebuilt(
 
 
 def lock_shifts(
-    session: Session, ids: Iterable[int], *, also: ColumnElement[bool] | None = None
+    session: Session,
+    ids: Iterable[int],
+    *,
+    also: ColumnElement[bool] | None = None,
+    seen_open: frozenset[int] = frozenset(),
 ) -> dict[int, Shift]:
     """Lock shift rows in id order; return the locked ones that are no longer open
     (closed or signed off), as stored now: those a push must judge again.
@@ -1916,8 +1928,23 @@ def lock_shifts(
     tracking numbers and parcels, then flags, then the audit log. Opening takes the
     device's sync state, then the earlier shifts whose events or seqs it changes, in
     id order; closing and signing off take a shift first, then flags and the audit log.
+
+    ``seen_open``: shifts the caller's transaction read open after it began writing
+    (``ShiftFiler.seen_open``: a push reads them after storing its batch). On SQLite no
+    other writer can have closed them since, its writers taking turns for a whole
+    transaction, and only closing a shift makes an open one anything else
+    (``close_shift``), which a push never does: when they are all ``ids`` are, and
+    ``also`` names none, nothing is read. A one-scan push's shift is nearly always so.
+    PostgreSQL reads them anyway: the rows must be locked, and may have been closed by
+    another transaction since they were read.
     """
     wanted = sorted(set(ids))
+    if (
+        also is None
+        and seen_open.issuperset(wanted)
+        and session.get_bind().dialect.name == "sqlite"
+    ):
+        return {}
     if also is None:
         rows: Iterable[Any] = rows_among(session, SHIFT_STATUSES_FOR_UPDATE, "ids", wanted)
     else:

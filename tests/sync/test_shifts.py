@@ -1081,6 +1081,64 @@ def test_opening_a_shift_reads_only_the_pdas_events_filed_under_none(
     assert "USING INDEX ix_scan_event_unfiled" in " ".join(row[-1] for row in plan)
 
 
+def _shift_statuses_read(session: Session, push: Any) -> tuple[Any, list[str]]:
+    """What ``push()`` returns, and the statements it sent that read shifts' statuses
+    (``sync.shifts.lock_shifts``)."""
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        receipt = push()
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    return receipt, [s for s in sent if s.startswith("SELECT shift.id, shift.status")]
+
+
+def test_a_scan_filed_under_its_open_shift_reads_its_status_again_only_to_lock_it(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """The filing read the shift open in the push's own transaction. On SQLite no other
+    writer can close it before the push commits, so the push reads its status no
+    second time (one statement fewer for every scan pushed as it happens); PostgreSQL
+    locks its row, which another transaction may have closed since the filing read it."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    receipt, reads = _shift_statuses_read(
+        session, lambda: pda.push([pda.event(a, "out_for_delivery")])
+    )
+    assert [r["status"] for r in receipt["results"]] == ["applied"]
+    assert len(reads) == open_shifts_locking(session)
+    filed = session.scalars(select(ScanEvent.shift_id).order_by(ScanEvent.seq)).all()
+    assert filed == [shift.id, shift.id]
+
+
+def test_a_scan_filed_under_its_closed_shift_reads_its_status_and_reopens_its_sign_off(
+    session: Session, world: World, pda: Pda
+) -> None:
+    """A shift the filing read closed or signed off is read again, locked, and judged:
+    a late scan under a signed-off shift reopens it, on SQLite as on PostgreSQL."""
+    (a,) = parcels(session, world, 1)
+    shift = pda.open(first_seq=1)
+    pda.push([pda.event(a)])
+    shift = sign_off(
+        session, world, pda.close(shift, last_seq=2), force_reason="the return comes later"
+    )
+    receipt, reads = _shift_statuses_read(
+        session, lambda: pda.push([pda.event(a, "returned_to_station")])
+    )
+    assert [r["status"] for r in receipt["results"]] == ["applied"]
+    assert len(reads) == 1
+    session.refresh(shift)
+    assert shift.status == ShiftStatus.CLOSED
+    late = session.scalars(select(Flag).where(Flag.kind == "late_event_after_signoff")).one()
+    assert late.subject_key == str(shift.id)
+
+
 def test_another_courier_on_the_same_pda_never_files_into_its_shift(
     session: Session, world: World, pda: Pda
 ) -> None:
@@ -3217,7 +3275,9 @@ def test_a_rejected_event_without_a_seq_naming_a_signed_off_shifts_parcel_reopen
     (a,) = parcels(session, world, 1)
     shift = pda.open(first_seq=1)
     pda.push([pda.event(a), pda.event(a, "returned_to_station")])
-    shift = sign_off(session, world, pda.close(shift, last_seq=2))
+    shift = sign_off(
+        session, world, pda.close(shift, last_seq=2), force_reason="the return comes later"
+    )
     written = a if separator is None else factories.typed_loosely(a, separator)
     pda.push(
         [{**malformed_drop(pda, written), "seq": "three"}],
@@ -3376,10 +3436,11 @@ def test_a_push_quarantining_an_event_of_the_open_shift_costs_one_statement_at_m
     session: Session, world: World, pda: Pda
 ) -> None:
     """What may own a quarantined event is found in the statement that locks the push's
-    shifts (``sync.shifts.may_own_rejected``): a push with valid events reads shifts in
-    as many statements with a rejected event as without; one with rejected events only,
-    in one. The shift signed off before is not read again (its last seq lies below),
-    nor is any shift's balance gathered."""
+    shifts (``sync.shifts.may_own_rejected``): a push with valid events and a rejected
+    one reads shifts in two statements (filing, locking), one with valid events only in
+    as many on PostgreSQL, one fewer on SQLite (its open shift needs no lock there:
+    ``lock_shifts``), one with rejected events only in one. The shift signed off before
+    is not read again (its last seq lies below), nor is any shift's balance gathered."""
     from tests.sync.test_ingest import statements_sent
 
     (a, b) = parcels(session, world, 2)
@@ -3399,7 +3460,8 @@ def test_a_push_quarantining_an_event_of_the_open_shift_costs_one_statement_at_m
 
     valid = reading_shifts([pda.event(b, "out_for_delivery", occurred_at=later)])
     both = [pda.event(b, "out_for_delivery", occurred_at=later), malformed_drop(pda, a)]
-    assert len(reading_shifts(both)) == len(valid) == 2  # filing, locking
+    assert len(reading_shifts(both)) == 2  # filing, locking with what may own it
+    assert len(valid) == 1 + open_shifts_locking(session)
     assert len(reading_shifts([malformed_drop(pda, b)])) == 1
     assert len(quarantined_ids(session)) == 2
     assert late_flag(session) is None
@@ -3428,6 +3490,12 @@ def test_a_late_push_quarantining_nothing_asks_for_no_rejected_events_of_the_shi
 # -- a gap a push shows after the sign-off -----------------------------------------------------
 
 NEXT_DAY = NOW + dt.timedelta(hours=12)
+
+
+def open_shifts_locking(session: Session) -> int:
+    """The statements a push's lock of shifts its filing read open costs when nothing
+    else is locked with them: none on SQLite, one on PostgreSQL (``lock_shifts``)."""
+    return 0 if session.get_bind().dialect.name == "sqlite" else 1
 
 
 def shift_reads(statements: list[str]) -> list[str]:
@@ -3612,8 +3680,9 @@ def test_a_push_showing_no_gap_pays_nothing_for_the_signed_off_shift_before_it(
     session: Session, world: World, pda: Pda
 ) -> None:
     """Pushing seqs in order, a PDA whose previous shift was signed off without its last
-    seq reads shifts in two statements (filing, locking), its balance never gathered;
-    a push showing a gap, with no signed-off shift owning it, in as many."""
+    seq reads shifts to file its events (and, on PostgreSQL, to lock their open shift),
+    its balance never gathered; a push showing a gap, with no signed-off shift owning
+    it, in two statements: filing, and locking with the shifts that may own the gap."""
     from tests.sync.test_ingest import statements_sent
 
     first, b = signed_off_then_next_opened(session, world, pda)
@@ -3627,7 +3696,8 @@ def test_a_push_showing_no_gap_pays_nothing_for_the_signed_off_shift_before_it(
     in_order = reading_shifts([pda.event(b, occurred_at=next_days(pda, 1))])  # seq 3
     pda.seq = 5
     with_a_gap = reading_shifts([pda.event(b, "out_for_delivery", occurred_at=next_days(pda, 2))])
-    assert len(in_order) == len(with_a_gap) == 2
+    assert len(in_order) == 1 + open_shifts_locking(session)  # filing (, locking)
+    assert len(with_a_gap) == 2  # filing, locking with what may own the gap
     session.refresh(first)
     assert first.status == ShiftStatus.SIGNED_OFF
 

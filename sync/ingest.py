@@ -2079,7 +2079,7 @@ class _BatchIngest:
         # Written past the ORM: a copy the session holds is flushed first, expired after.
         held = held_state(self.session, self.pusher.device_id)
         self.session.flush()  # whatever the session's autoflush says
-        connection = self.session.connection()
+        connection = flushed_connection(self.session)  # the one kept: no look-up
         STORE_DEVICE_STATE.run(
             connection,
             {

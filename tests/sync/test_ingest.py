@@ -1778,6 +1778,26 @@ def test_a_reused_id_answered_with_a_rejection_does_not_make_neighbours_of_its_o
     ]
 
 
+def test_a_push_asks_its_session_for_the_connection_once(
+    session: Session, pda: Pda, parcel: Parcel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every statement of a one-scan push, the device state's update too, runs on the
+    connection kept with its transaction (``sync.sql.flushed_connection``): the session
+    is asked for it once, when the push begins, not again in the writers' turn."""
+    pda.push([pda.event(1, parcel.tracking_no)])
+    asked: list[Session] = []
+    connection = Session.connection
+
+    def asking(self: Session, *args: Any, **kwargs: Any) -> Any:
+        asked.append(self)
+        return connection(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "connection", asking)
+    receipt = pda.push([pda.event(2, parcel.tracking_no, "out_for_delivery")], commit=False)
+    assert statuses(receipt) == ["applied"]
+    assert asked == [session]
+
+
 def test_a_pda_sending_only_malformed_scans_costs_the_same_statements_every_push(
     session: Session, pda: Pda, parcel: Parcel
 ) -> None:

@@ -29,9 +29,9 @@ Some statements still run through SQLAlchemy (``DirectStatement.template`` gives
 none): one whose SQL text or values SQLAlchemy makes anew for each run
 (``literal_execute`` or callable parameters), one with escaped parameter names, a
 tuple ``IN`` list, or a default computed otherwise than by a Python function or
-value, and one given a list longer than ``LONGEST_LIST``. So does an
-``executemany`` (``sync.sql.Prebuilt.execute_rows``): SQLAlchemy's batching of many
-rows is faster than anything done here.
+value, and one given a list of keys (an ``IN`` list, an array) longer than
+``LONGEST_LIST``. So does an ``executemany`` (``sync.sql.Prebuilt.execute_rows``):
+SQLAlchemy's batching of many rows is faster than anything done here.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Dialect
+from sqlalchemy import ARRAY, Connection, Dialect
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.sqltypes import TupleType
@@ -167,20 +167,24 @@ class DirectStatement:
         if columns is None:
             columns = statement.exported_columns  # INSERT/UPDATE ... RETURNING
         self.columns = list(columns)
+        binds = statement.compile(dialect=dialect).binds.values()
         # The IN lists given as parameters (``sync.sql.among_param`` on SQLite): each
         # length of each has a template of its own.
-        self.expanding = [
-            bind.key
-            for bind in statement.compile(dialect=dialect).binds.values()
-            if bind.expanding
+        self.expanding = [bind.key for bind in binds if bind.expanding]
+        # The parameters that take a list of keys: those, and arrays (``among_param`` on
+        # PostgreSQL). Only their lengths can send the statement to SQLAlchemy
+        # (``LONGEST_LIST``); a list in another is a value like any (a JSON document).
+        self.listed = [
+            bind.key for bind in binds if bind.expanding or isinstance(bind.type, ARRAY)
         ]
         self._templates: dict[tuple[Any, ...], _Template | None] = {}
         self._lock = threading.Lock()
 
     def template(self, params: Mapping[str, Any]) -> _Template | None:
         """The template for the shape of ``params``; None when SQLAlchemy must run it."""
-        for value in params.values():  # a loop: any() over a generator costs twice this
-            if isinstance(value, (list, tuple)) and len(value) > LONGEST_LIST:
+        for name in self.listed:  # most statements have none: no loop over their values
+            value = params.get(name)
+            if value is not None and len(value) > LONGEST_LIST:
                 return None
         if self.expanding:
             shape = (*params, *(len(params[name]) for name in self.expanding if name in params))

@@ -22,14 +22,14 @@ from sqlalchemy.exc import IntegrityError, PendingRollbackError, StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import _ConnectionFairy
 
-from models import FeedChange, FeedKind, Flag, FlagSeverity, FlagStatus, Parcel
+from models import DeviceSyncState, FeedChange, FeedKind, Flag, FlagSeverity, FlagStatus, Parcel
 from models.engine import make_engine
 from sync import direct as direct_module
 from sync.accounts import SUBJECT_ROWS, check_token_subject
 from sync.consents import CONSENTS_OF_PARCELS
 from sync.device_state import LOCK_DEVICE_STATE
 from sync.feed import INSERT_CHANGES
-from sync.ingest import INSERT_ONE_EVENT
+from sync.ingest import INSERT_ONE_EVENT, STORE_DEVICE_STATE
 from sync.shifts import SHIFT_WINDOWS, ShiftRules, open_shift
 from sync.sql import Prebuilt, flushed_connection
 from sync.status import BLOBS_HELD, JUDGED_EVENTS_OF_PARCELS_BUT, PARCELS_FOR_UPDATE
@@ -303,6 +303,40 @@ def test_a_long_in_list_runs_through_sqlalchemy(
         rows = PARCELS_FOR_UPDATE.execute(session, {"numbers": wanted})
         assert [row.tracking_no for row in rows] == wanted
     assert [count for _, count in shadowed] == [1, len(numbers) - 1]  # the last not direct
+
+
+def test_a_long_list_in_a_documents_parameter_runs_directly(
+    session: Session, world: World
+) -> None:
+    """Only a list of keys (an IN list, an array) longer than ``LONGEST_LIST`` is left to
+    SQLAlchemy: a JSON document's list, however long, is a value like any, run directly
+    (and the statement's other parameters are not looked over for lists)."""
+    Pda(session, world).push(
+        [factories.event(1, factories.parcel(session, world.station).tracking_no)]
+    )
+    ranges = [[seq, seq] for seq in range(3, 3 + 2 * (direct_module.LONGEST_LIST + 1), 2)]
+    params = {
+        "state_of": world.device.id,
+        "new_max_seq": ranges[-1][0] + 1,
+        "new_missing_ranges": ranges,
+        "new_written_off_ranges": [],
+        "new_acked_through_seq": 1,
+        "new_unsettled_seq_conflicts": 0,
+        "new_clock_offset_ms": 0,
+        "new_clock_measured_at": at(1),
+        "new_last_push_at": at(1),
+    }
+    dialect = session.get_bind().dialect
+    direct = direct_module.DirectStatement(STORE_DEVICE_STATE(session), dialect)
+    assert direct.template(params) is not None
+    STORE_DEVICE_STATE.execute(session, params)
+    stored = session.scalars(
+        select(DeviceSyncState).where(DeviceSyncState.device_id == world.device.id)
+    ).one()
+    session.refresh(stored)
+    assert stored.missing_ranges == ranges
+    keys = direct_module.DirectStatement(PARCELS_FOR_UPDATE(session), dialect)
+    assert keys.template({"numbers": ["x"] * (direct_module.LONGEST_LIST + 1)}) is None
 
 
 def test_a_value_it_cannot_convert_raises_what_sqlalchemy_raises(

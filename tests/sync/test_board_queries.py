@@ -20,6 +20,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import delete, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -752,3 +754,90 @@ def test_where_couriers_went_reads_hundreds_of_couriers_shifts_a_few_statements(
         went = where_couriers_went(session, station, out)
     assert went == CouriersWent({}, {})
     assert len(statements) == -(-couriers // COURIERS_PER_STATEMENT), len(statements)
+
+
+# (courier, PDA, station, state, hour opened, closed_at set): few of each, so a courier
+# has several shifts open, two opened the same second, shifts at another station.
+WORKED = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=2),
+        st.integers(min_value=0, max_value=3),
+        st.sampled_from([0, 0, 0, 1]),
+        st.sampled_from(list(ShiftStatus)),
+        st.integers(min_value=0, max_value=4),
+        st.booleans(),
+    ),
+    max_size=14,
+)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(worked=WORKED, data=st.data())
+def test_where_couriers_went_answers_as_reading_every_shift_of_the_station(
+    session: Session, worked: list[tuple[int, int, int, ShiftStatus, int, bool]], data: Any
+) -> None:
+    """``where_couriers_went`` reads each courier's shifts still open and those handed
+    over since their oldest still open (``ix_shift_courier_status_opened``), the latest on
+    each PDA: it answers as a reading of every shift of the station does. Back: the
+    latest shift the courier opened after it on another PDA (opened the same second is
+    not after) is handed over; out again if that one is still open. Also open: their
+    other shifts still open on another PDA, oldest first. Shifts of another station, or
+    handed over before, never count; a courier with no shift since is not back."""
+    tag = uuid.uuid4().hex[:8]
+    stations = [factories.station(session, f"W{tag}{n}") for n in range(2)]
+    couriers = [factories.user(session, f"w{tag}{n}", "courier", stations[0]) for n in range(3)]
+    pdas = [factories.device(session, f"PDA-W{tag}{n}", stations[0]) for n in range(4)]
+    start = dt.datetime(2026, 11, 20, 8, tzinfo=dt.UTC)
+    open_on: set[int] = set()
+    rows = []
+    for courier, pda, station, status, hour, closed in worked:
+        if status == ShiftStatus.OPEN and pda in open_on:
+            status = ShiftStatus.CLOSED  # one shift open a PDA
+        open_on |= {pda} if status == ShiftStatus.OPEN else set()
+        opened_at = start + dt.timedelta(hours=hour)
+        rows.append(
+            Shift(
+                station_id=stations[station].id,
+                courier_id=couriers[courier].id,
+                device_id=pdas[pda].id,
+                status=status,
+                work_date=opened_at.date(),
+                opened_at=opened_at,
+                planned_end_at=opened_at + dt.timedelta(hours=9),
+                # Closed, then open again; or handed over with its close not yet known.
+                closed_at=opened_at + dt.timedelta(hours=1) if closed else None,
+            )
+        )
+    session.add_all(rows)
+    session.flush()
+    here = [shift for shift in rows if shift.station_id == stations[0].id]
+    # A board, a shift's page: some of the station's shifts, not always all.
+    asked = data.draw(st.lists(st.sampled_from(here), unique_by=id) if here else st.just([]))
+
+    went = where_couriers_went(session, stations[0].id, asked)
+
+    def key(shift: Shift) -> tuple[dt.datetime, int]:
+        return (shift.opened_at, shift.id)
+
+    back: dict[int, int] = {}
+    also: dict[int, list[int]] = {}
+    for shift in asked:
+        if shift.status != ShiftStatus.OPEN:
+            continue
+        elsewhere = [
+            other
+            for other in here
+            if other.courier_id == shift.courier_id and other.device_id != shift.device_id
+        ]
+        still_open = sorted((s for s in elsewhere if s.status == ShiftStatus.OPEN), key=key)
+        if still_open:
+            also[shift.id] = [s.id for s in still_open]
+        since = [other for other in elsewhere if other.opened_at > shift.opened_at]
+        if since and (latest := max(since, key=key)).status != ShiftStatus.OPEN:
+            back[shift.id] = latest.id
+    assert {id: s.id for id, s in went.back.items()} == back
+    assert {id: [s.id for s in shifts] for id, shifts in went.also_open.items()} == also

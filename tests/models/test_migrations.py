@@ -3605,3 +3605,47 @@ def test_a_subscription_failing_at_the_upgrade_has_its_run_start_at_its_next_fai
     migrate.downgrade(scratch, SEQ_CONFLICTS_SETTLED)
     assert [row["failing_since"] for row in rows()] == ["absent", "absent"]
     migrate.upgrade(scratch)
+
+
+SHIFTS_BY_COURIER_STATE = "e3b9c1d7a4f2"  # a courier's shifts by state, when they opened
+
+
+def test_a_couriers_shifts_by_state_replace_their_index_and_downgrade_gives_it_back(
+    scratch: Engine,
+) -> None:
+    """``ix_shift_courier_status_opened`` replaces ``ix_shift_courier_id``: a failed build
+    leaves the old one standing (``shift``'s courier lookups keep an index), run again it
+    is built anew, then the old one dropped; the downgrade builds ``ix_shift_courier_id``
+    again before it drops the new one, each CONCURRENTLY on PostgreSQL."""
+    postgresql = scratch.dialect.name == "postgresql"
+    new, old = "ix_shift_courier_status_opened", "ix_shift_courier_id"
+
+    def indexes() -> set[str]:
+        return {index["name"] for index in inspect(scratch).get_indexes("shift")}
+
+    migrate.upgrade(scratch, f"{SHIFTS_BY_COURIER_STATE}-1")
+    assert old in indexes() and new not in indexes()
+    with index_build_fails(scratch, new, table="shift"):
+        with pytest.raises(OperationalError):
+            migrate.upgrade(scratch, SHIFTS_BY_COURIER_STATE)
+    assert old in indexes()
+    if postgresql:
+        assert _index_valid(scratch, new) is False
+
+    with statements(scratch) as upgrading:
+        migrate.upgrade(scratch, SHIFTS_BY_COURIER_STATE)
+    assert new in indexes() and old not in indexes()
+    with statements(scratch) as downgrading:
+        migrate.downgrade(scratch, f"{SHIFTS_BY_COURIER_STATE}-1")
+    assert old in indexes() and new not in indexes()
+    [courier_id] = [i for i in inspect(scratch).get_indexes("shift") if i["name"] == old]
+    assert courier_id["column_names"] == ["courier_id"] and not courier_id["unique"]
+    if postgresql:
+        assert _index_valid(scratch, old) is True
+        for sent in (upgrading, downgrading):
+            changed = [s for s in sent if s.startswith(("CREATE INDEX", "DROP INDEX"))]
+            assert len(changed) >= 2 and all("CONCURRENTLY" in s for s in changed), changed
+    migrate.upgrade(scratch)
+    with scratch.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []

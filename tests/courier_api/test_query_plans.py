@@ -1527,3 +1527,27 @@ def test_an_open_shifts_balance_reads_where_its_courier_went_through_an_index(
     assert "ix_shift_courier_status_opened" in went[0].indexes, went[0].plan
     assert went[0].indexes <= {"ix_shift_courier_status_opened", "uq_shift_open_per_device"}
     assert_indexed(explained)
+
+
+def test_a_couriers_shifts_are_read_through_their_key_without_ix_shift_courier_id(
+    world: World,
+) -> None:
+    """``ix_shift_courier_status_opened`` replaced ``ix_shift_courier_id``: a courier's own
+    shifts (``GET /shifts`` as the courier), and a manager's or auditor's list of one
+    courier's (``?courier_id=``, with a state too), are still read by the courier's key,
+    its leading column, not along every shift of the table by id."""
+    reads = [
+        ("/api/v1/shifts?limit=100", world.courier),
+        (f"/api/v1/shifts?courier_id={world.courier_id}&limit=100", world.manager),
+        (f"/api/v1/shifts?courier_id={world.courier_id}&status=signed_off", world.auditor),
+    ]
+    for url, headers in reads:
+        response, explained = run(world, "GET", url, headers=headers)
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["items"], url
+        listed = [e for e in explained if "shift" in e.tables]
+        assert listed, [e.statement for e in explained]
+        assert_indexed(listed)
+        assert any("ix_shift_courier_status_opened" in e.indexes for e in listed), [
+            e.plan for e in listed
+        ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from html import unescape
 from typing import Any
 
 import pytest
@@ -1290,3 +1291,55 @@ def test_the_balance_api_says_which_discrepancys_flag_is_another_stations(
     assert {d["flag_id"]: d["flag_elsewhere"] for d in found if d["flag_id"]}[flag.id] is True
     assert [d["flag_id"] for d in found if d["flag_elsewhere"]] == [flag.id]
     assert all(d["flag_status"] == "resolved" for d in found if d["flag_id"])
+
+
+def test_the_board_page_tells_apart_signed_now_signed_before_and_refused(
+    app: Flask, session: Session, world: World, couriers: list[Courier]
+) -> None:
+    """One press on the board, a mix: two shifts a press before signed off with this note
+    (the answer was slow), one signed off now, one unbalanced, one a press before signed
+    off with another note. Each is counted once, where it belongs: "1 shift signed off",
+    the two apart, and each refusal with its reason."""
+    ids = []
+    for n, (pda, parcel) in enumerate(zip(couriers, parcels(session, world, 5), strict=True)):
+        shift_id = pda.open(first_seq=1)["id"]
+        events = [pda.event(parcel)]  # checked out, then returned: clean, but the fourth
+        events += [] if n == 3 else [pda.event(parcel, "returned_to_station")]
+        pda.push(events)
+        pda.close(shift_id, last_seq=pda.seq)
+        ids.append(shift_id)
+    page = signed_in(app, "manager1")
+    html = page.get(f"/web/board?station={world.station.id}")
+    boxes = dict(re.findall(r'<input type="checkbox" name="shift" value="(\d+):(\w+)"', html))
+    assert list(boxes) == [str(ids[n]) for n in (0, 1, 2, 4)], html
+    checked = {n: f"{ids[n]}:{boxes.get(str(ids[n]), 'stale')}" for n in range(5)}
+
+    def press(which: list[int], note: str) -> str:
+        return page.client.post(
+            f"/web/stations/{world.station.id}/signoffs",
+            data={
+                "csrf_token": page.token(),
+                "note": note,
+                "shift": [checked[n] for n in which],
+                "date": "",
+            },
+            follow_redirects=True,
+        ).get_data(as_text=True)
+
+    assert "2 shifts signed off." in press([0, 1], "on the shelf")
+    assert "1 shift signed off." in press([4], "counted twice")
+    shown = press([0, 1, 2, 3, 4], "on the shelf")
+
+    flashed = re.findall(r'<p class="flash flash-\w+" role="status">(.*?)</p>', shown, re.S)
+    said = " | ".join(" ".join(unescape(f).split()) for f in flashed)
+    assert "1 shift signed off." in said, said
+    assert "3 shifts signed off" not in said and "4 shifts signed off" not in said, said
+    assert (
+        "2 shifts were already signed off, by you with this note: nothing changed for them."
+    ) in said, said
+    assert f"Not signed off: shift {ids[3]}: the balance is unbalanced" in said, said
+    assert f"Not signed off: shift {ids[4]} is already signed off, by you at " in said, said
+    session.expire_all()
+    status = [session.get_one(Shift, i).status.value for i in ids]
+    assert status == ["signed_off", "signed_off", "signed_off", "closed", "signed_off"]
+    assert session.get_one(Shift, ids[4]).signoff_note == "counted twice"

@@ -1933,8 +1933,8 @@ def lock_shifts(
     (``ShiftFiler.seen_open``: a push reads them after storing its batch). On SQLite no
     other writer can have closed them since, its writers taking turns for a whole
     transaction, and only closing a shift makes an open one anything else
-    (``close_shift``), which a push never does: when they are all ``ids`` are, and
-    ``also`` names none, nothing is read. A one-scan push's shift is nearly always so.
+    (``close_shift``), which a push never does: when every one of ``ids`` is among
+    them and ``also`` names none, nothing is read. A one-scan push's shift is nearly always so.
     PostgreSQL reads them anyway: the rows must be locked, and may have been closed by
     another transaction since they were read.
     """

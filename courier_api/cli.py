@@ -231,7 +231,7 @@ def db_downgrade(revision: str) -> None:
     try:
         migrations.downgrade(db.engine, revision)
     except migrations.MigrationRefused as refused:
-        raise click.ClickException(str(refused)) from None
+        raise click.ClickException(f"{refused}; {_where_refused_left_it()}") from None
     click.echo(f"database at {_safe_url()} is at {revision}")
 
 
@@ -250,6 +250,21 @@ def db_current() -> None:
 def db_revision(message: str) -> None:
     """Autogenerate a migration from the models (developers)."""
     migrations.autogenerate_revision(db.engine, message)
+
+
+def _where_refused_left_it() -> str:
+    """Where a refused migration left the database: on PostgreSQL each migration
+    commits on its own, so a downgrade the one it reached refused had undone those
+    above it (SQLite runs them all in one transaction, undone together)."""
+    with db.engine.connect() as connection:
+        current = sorted(migrations.current_revisions(connection))
+    at = ", ".join(current) or "(empty database)"
+    if current == sorted(migrations.head_revisions()):
+        return f"the database at {_safe_url()} is at {at}, the head"
+    return (
+        f"the database at {_safe_url()} is at {at}, the migrations above it undone: "
+        "`courier-api db upgrade` takes it back to the head"
+    )
 
 
 def _safe_url() -> str:

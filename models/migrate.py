@@ -27,7 +27,9 @@ SCRIPT_LOCATION = "models:migrations"
 
 class MigrationRefused(RuntimeError):
     """A migration that will not run on this database, its message saying why in one
-    line (``courier-api db`` prints it, with no traceback): nothing of it was done."""
+    line (``courier-api db`` prints it, with no traceback): nothing of that migration was
+    done. On PostgreSQL the migrations before it in the same run, each committed on its
+    own, stay done: ``courier-api db`` says where the database is."""
 
 
 # Reading the current revision (/readyz, every few seconds from a load balancer; each

@@ -896,3 +896,44 @@ def test_a_downgrade_a_migration_refuses_says_why_in_one_line(tmp_path: Path) ->
     assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output
     current = runner.invoke(args=["db", "current"]).output.splitlines()
     assert current[0].split(":")[1].strip() == current[1].split(":")[1].strip()  # at head
+
+
+def test_a_refused_downgrade_says_where_it_left_the_database(tmp_path: Path) -> None:
+    """On PostgreSQL each migration commits on its own: a downgrade below the client_ip
+    migration undid every migration above it before that one refused. The line said
+    "Not downgraded" while the database was left neither at head nor where asked, the
+    service refusing it as not migrated; the operator reads where it is and what to run."""
+    from contextlib import nullcontext
+
+    from tests.live_server import postgresql_database, postgresql_test_url
+
+    base = postgresql_test_url()
+    databases = (
+        postgresql_database(base, "refused_downgrade")
+        if base
+        else nullcontext(f"sqlite:///{tmp_path / 'kept.db'}")
+    )
+    with databases as url:
+        app = make_test_app(url, tmp_path)
+        runner = app.test_cli_runner()
+        try:
+            assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+            with app.app_context():
+                token = audit.CLIENT_IP.set("203.0.113.7")
+                try:
+                    audit.append(session=db.session, actor_id=None, action="proof_read",
+                                 subject_type="proof", subject_key="9", details={})  # fmt: skip
+                finally:
+                    audit.CLIENT_IP.reset(token)
+                db.session.commit()
+            result = runner.invoke(args=["db", "downgrade", "c8f2a4d6e1b9"])
+            current = runner.invoke(args=["db", "current"]).output.splitlines()
+        finally:
+            with app.app_context():
+                db.engine_of(app).dispose()
+    assert result.exit_code == 1
+    assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output
+    at = current[0].split(":")[1].strip()
+    assert f"is at {at}" in result.output, (result.output, current)
+    if at != current[1].split(":")[1].strip():  # left below head: say how to go back
+        assert "courier-api db upgrade" in result.output

@@ -88,9 +88,11 @@ def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.da
     """Keep on these requests (whose question's deliveries a purge is about to delete:
     an admin's, or the retention job's) what their deliveries say, as ``not_reached``
     reads it from then on: only unanswered ones not kept already (at the first purge; an
-    answered one says nothing). A purged delivery has settled (delivered, or dead or
+    answered one says nothing). A purged delivery has settled (delivered, dead, or
     skipped once the request ended) or waited for a stopped subscription past the
-    retention (its request lapsed since), so what they say no longer changes. How many
+    retention (its request lapsed since), so what it says no longer changes; another
+    channel's delivery of the question, not purged, may still get through (a dead one
+    purged while the request is pending), and ``not_reached`` reads it so. How many
     requests it was kept on."""
     kept = 0
     for chunk in chunks(sorted(request_ids)):
@@ -118,12 +120,11 @@ def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.da
 def _unreached(session: Session, asked: Sequence[ConsentRequest]) -> dict[ConsentRequest, str]:
     """Of the requests ``asked`` (``_candidates``), those whose question has not reached
     the recipient's channel, with why (as if pending): from what a purge kept of them,
-    else from their deliveries."""
-    purged = [r for r in asked if r.question_purged_at is not None]
-    unreached = {r: r.not_reached_when_purged for r in purged if r.not_reached_when_purged}
-    asked = [r for r in asked if r.question_purged_at is None]
+    else from their deliveries. A purge of some of a question's deliveries (an admin's
+    of the dead ones) may leave another still trying: one of those delivered since says
+    the question reached them, whatever was kept before."""
     if not asked:
-        return unreached
+        return {}
     subscriptions = {
         s.id: s
         for s in session.scalars(
@@ -151,8 +152,15 @@ def _unreached(session: Session, asked: Sequence[ConsentRequest]) -> dict[Consen
             if isinstance(request_id, int):
                 found.setdefault(request_id, []).append(delivery)
     anyone_takes = {r.station_id: _taken_at(subscriptions, r.station_id) for r in asked}
+    unreached: dict[ConsentRequest, str] = {}
     for request in asked:
-        why = _why(found.get(request.id, []), subscriptions, anyone_takes[request.station_id])
+        deliveries = found.get(request.id, [])
+        if request.question_purged_at is not None:
+            delivered = any(d.status == DeliveryStatus.DELIVERED for d in deliveries)
+            if request.not_reached_when_purged and not delivered:
+                unreached[request] = request.not_reached_when_purged
+            continue
+        why = _why(deliveries, subscriptions, anyone_takes[request.station_id])
         if why is not None:
             unreached[request] = why
     return unreached

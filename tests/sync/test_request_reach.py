@@ -870,3 +870,47 @@ def test_the_retention_job_never_deadlocks_with_a_transaction_locking_its_reques
     assert errors == []
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
+
+
+def test_a_question_another_channel_delivers_after_an_admin_purge_of_a_dead_one_reached(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Two channels take the questions, both failing at first; one's delivery of a
+    pending request's question is dead (its attempts used up). An admin purging the dead
+    deliveries kept "every attempt failed" on the request, while the other channel's
+    delivery was still retrying: it got through later, and ``not_reached`` went on
+    reading the kept verdict, then "it never reached them": the PDA kept ringing and an
+    auditor read the recipient was never asked. A delivery delivered since a purge says
+    the question reached them."""
+    with sessions.begin() as session:
+        for url in ("http://127.0.0.1:9/sms", "http://127.0.0.1:9/app"):
+            webhooks.create_subscription(
+                session=session,
+                url=url,
+                topics=(request_reach.TOPIC,),
+                station_id=None,
+                production=False,
+            )
+    request_id = ask(sessions, world)
+    deliver(sessions, Answers(503), T0)
+    with sessions.begin() as session:  # the app's attempts used up
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.subscription_id.in_(
+                    select(WebhookSubscription.id).where(WebhookSubscription.url.endswith("/app"))
+                )
+            )
+            .values(status=DeliveryStatus.DEAD)
+        )
+    minute = T0 + dt.timedelta(minutes=1)
+    failing = request_reach.FAILING.format(attempts="1 attempt")
+    assert reasons(sessions, request_id, minute) == failing
+    assert purge(sessions, DeliveryStatus.DEAD, minute) == 1
+    assert reasons(sessions, request_id, minute) == failing
+    retried = T0 + dt.timedelta(minutes=20)
+    deliver(sessions, OneDown("http://127.0.0.1:9/app"), retried)
+    with sessions() as session:
+        assert session.scalars(select(WebhookDelivery.status)).all() == [DeliveryStatus.DELIVERED]
+    assert reasons(sessions, request_id, retried) is None
+    assert reasons(sessions, request_id, T0 + dt.timedelta(days=1)) is None

@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -171,6 +172,8 @@ class FileBlobStore:
             if isinstance(exc, OSError):
                 raise store_unavailable("be written") from exc
             raise
+        finally:
+            _release_incoming(temporary)
 
     def read(self, digest: str, *, size: int) -> bytes:
         """The image's bytes, checked: the ``size`` bytes recorded on upload, hashing to
@@ -214,7 +217,9 @@ def _incoming_file(directory: Path, digest: str) -> tuple[int, str]:
     locked file alone, and the kernel drops the lock of a killed process. One another
     put removed between its creation and its lock is made again."""
     while True:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f"{INCOMING_PREFIX}{digest}-")
+        with _INCOMING_HERE_LOCK:  # no put of this process removes it from now on
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=f"{INCOMING_PREFIX}{digest}-")
+            _INCOMING_HERE.add(os.path.abspath(temporary))
         try:
             _lock_file(fd, wait=True)
             if os.stat(temporary).st_ino == os.fstat(fd).st_ino:
@@ -222,9 +227,24 @@ def _incoming_file(directory: Path, digest: str) -> tuple[int, str]:
         except FileNotFoundError:
             pass
         except BaseException:
+            _release_incoming(temporary)
             os.close(fd)
             raise
+        _release_incoming(temporary)
         os.close(fd)  # removed as a leftover before it was locked: another one
+
+
+# The temporary files this process's puts hold, by path. Where ``flock`` is a ``fcntl``
+# lock (NFS), a lock belongs to the process: another thread's put would be granted it,
+# remove the file being written, and drop the lock on closing its own descriptor.
+_INCOMING_HERE: set[str] = set()
+_INCOMING_HERE_LOCK = threading.Lock()
+
+
+def _release_incoming(temporary: str) -> None:
+    """The put holding ``temporary`` is done with it (renamed, or failed)."""
+    with _INCOMING_HERE_LOCK:
+        _INCOMING_HERE.discard(os.path.abspath(temporary))
 
 
 def _lock_file(fd: int, *, wait: bool) -> bool:
@@ -263,13 +283,16 @@ def _remove_unless_held(path: str) -> None:
     """Remove a temporary file unless a put in flight holds its lock. Opened for
     writing: where ``flock`` is a ``fcntl`` lock of the whole file (NFS), an exclusive
     one is refused on a file open only for reading, taken for no locks at all."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if not _lock_file(fd, wait=False):
+    with _INCOMING_HERE_LOCK:
+        if os.path.abspath(path) in _INCOMING_HERE:  # a put of this process writes it
             return
-        os.unlink(path)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if not _lock_file(fd, wait=False):
+                return
+            os.unlink(path)
+        finally:
+            os.close(fd)
     log.warning("removed %s, left in the blob store by a killed upload", path)
 
 

@@ -214,3 +214,39 @@ def test_a_put_in_flight_keeps_its_file_where_flock_is_a_whole_file_fcntl_lock(
         assert len(in_flight) == 1, _files(root)
         finish()
     assert _files(root) == [digest]
+
+
+def test_a_put_in_flight_keeps_its_file_from_a_put_of_its_image_in_the_same_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``flock`` is a ``fcntl`` lock (NFS), locks belong to the process, not to
+    the open file: a put's retry on another thread of the same worker (gthread: its
+    first attempt's database connection died mid-upload) was granted the lock of the
+    first put's temporary file, removed it while it was being written (its rename then
+    failed: a 503 for an image the retry stored), and, closing its own descriptor,
+    dropped that put's lock too. A put knows the temporary files its own process holds."""
+    real_flock = fcntl.flock
+
+    def flock_of_the_process(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_UN:
+            real_flock(fd, operation)
+            return
+        fcntl.lockf(fd, operation)  # a POSIX record lock, as NFS makes a flock
+
+    monkeypatch.setattr("sync.blobs.fcntl.flock", flock_of_the_process)
+    from sync import blobs
+
+    root = tmp_path / "blobs"
+    data = os.urandom(1000)
+    digest = hashlib.sha256(data).hexdigest()
+    store = FileBlobStore(root)
+    directory = store.path(digest).parent
+    directory.mkdir(parents=True)
+    fd, in_flight = blobs._incoming_file(directory, digest)  # the first put, writing
+    try:
+        store.put(digest, data)  # its retry, on another thread of the same worker
+        assert Path(in_flight).exists(), _files(root)
+    finally:
+        os.close(fd)
+        Path(in_flight).unlink(missing_ok=True)
+    assert _files(root) == [digest]

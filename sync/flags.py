@@ -655,10 +655,10 @@ class FlagCursor:
     flags shown.
 
     ``as_of`` is where the walk began, the latest ``opened_at`` of the flags its
-    filters that never change took in then, and ``raised`` how many of those were
-    raised after ``since`` (``LATE_COMMIT_WINDOW`` before the walk began): the walk's
-    last page counts them again to find a flag committed late below where the walk
-    began (``check_flag_walk``)."""
+    filters that never change took in then, and ``raised`` how often those had been
+    opened (raised, or opened again) after ``since`` (``LATE_COMMIT_WINDOW`` before the
+    walk began) and up to ``as_of``: the walk's last page counts them again to find a
+    flag committed late below where the walk began (``check_flag_walk``)."""
 
     opened_at: dt.datetime
     flag_id: int
@@ -799,19 +799,19 @@ def walk_flags(
     same with ``after``). So a walk's first page (one without ``cursor``) also reads,
     in the same statement (one snapshot), where the walk begins (``as_of``: the latest
     ``opened_at`` of the flags its filters that never change take in, whatever their
-    status or courier) and how many of those were raised in the ``LATE_COMMIT_WINDOW``
-    before it (a flag committed late was raised in it, unless its transaction ran
-    longer); its last page (not full) counts them again, up to ``as_of``, and answers
-    410 ``cursor_reset`` when there are more (``check_flag_walk``): a flag committed
-    below where the walk began, which its pages may have passed. A flag opened again is
-    counted where it was raised, so one opened again meanwhile is no such flag; nor is
-    one raised since the walk began (above ``as_of``, at the top). So a walk ending
-    with ``next_cursor`` null listed every flag matching its filters that was opened
-    up to ``as_of`` and committed before its last page was read, within
-    ``LATE_COMMIT_WINDOW`` of being stored, but one opened again above its place
-    meanwhile (listed at the top then, where a walk begun again finds it) and one a
-    decision or a courier changed to match a filter after its place was passed (a walk
-    reads each flag's status and courier when its page is read)."""
+    status or courier) and how often those were opened (raised, or opened again) in
+    the ``LATE_COMMIT_WINDOW`` before it (a flag committed late was stored in it,
+    unless its transaction ran longer); its last page (not full) counts those openings
+    again, up to ``as_of``, and answers 410 ``cursor_reset`` when there are more
+    (``check_flag_walk``): a flag raised or opened again by a push committed below where
+    the walk began, which its pages may have passed. A flag opened again since the walk
+    began is above ``as_of``, as is one raised since, so neither counts. So a walk
+    ending with ``next_cursor`` null listed every flag matching its filters that was
+    opened up to ``as_of`` and committed before its last page was read, within
+    ``LATE_COMMIT_WINDOW`` of being stored, but one opened again above its place after
+    the walk began (listed at the top then, where a walk begun again finds it) and one
+    a decision or a courier changed to match a filter after its place was passed (a
+    walk reads each flag's status and courier when its page is read)."""
     fixed = _fixed_filters(
         session=session,
         station_id=station_id,
@@ -835,13 +835,9 @@ def walk_flags(
     )
     if cursor is None:
         since = utcnow() - LATE_COMMIT_WINDOW  # before the page's snapshot is taken
-        recent = select(func.count(Flag.id)).where(
-            *fixed, *_raised_after(since, of_parcel=tracking_no is not None)
-        )
-        latest = select(func.max(Flag.opened_at)).where(*fixed)
-        rows = session.execute(
-            query.add_columns(recent.scalar_subquery(), latest.scalar_subquery())
-        ).all()
+        latest = select(func.max(Flag.opened_at)).where(*fixed).scalar_subquery()
+        recent = _openings(fixed, since, latest, of_parcel=tracking_no is not None)
+        rows = session.execute(query.add_columns(recent.scalar_subquery(), latest)).all()
         items: Sequence[Flag] = [row[0] for row in rows]
         raised, as_of = (rows[0][1], _aware(rows[0][2])) if rows else (0, None)
     else:
@@ -858,16 +854,33 @@ def walk_flags(
     return FlagWalk(items, FlagCursor(last.opened_at, last.id, as_of, since, raised), as_of)
 
 
-def _raised_after(since: dt.datetime, *, of_parcel: bool) -> tuple[ColumnElement[bool], ...]:
-    """The flags raised after ``since``. A flag is opened when it is raised or later, so
-    the bound on ``opened_at`` holds too: it is what the queue's indexes read a range of
-    (``ix_flag_opened``, ``ix_flag_station_opened``), the few flags of the last minutes,
-    not every flag ever kept. ``of_parcel``: a parcel's flags, a handful read by its
-    number (``ix_flag_tracking_no``) and their ids, are counted whenever raised, not
-    along the queue's last minutes: a walk of a parcel's flags has no window."""
+def _openings(
+    fixed: Sequence[ColumnElement[bool]],
+    since: dt.datetime,
+    up_to: Any,
+    *,
+    of_parcel: bool,
+) -> Select[tuple[int]]:
+    """How many times the flags ``fixed`` takes in were opened (raised, or opened again)
+    after ``since`` and up to ``up_to``, by their history (``FlagChange``: kept, each
+    opening dated where it put its flag in the queue, ``_record``). A flag opened again
+    since the walk began is above ``up_to`` then, so no more than it was; one opened
+    below it by a push committed late, raised or opened again (resolved hours ago, and
+    now above its old place, where the walk's pages no longer find it), is one more. A
+    flag is opened when it is raised or later, so the bound on ``opened_at`` holds too:
+    it is what the queue's indexes read a range of (``ix_flag_opened``,
+    ``ix_flag_station_opened``), the few flags of the last minutes, their histories by
+    ``ix_flag_change_flag_id``, not every flag ever kept. ``of_parcel``: a parcel's
+    flags, a handful read by its number (``ix_flag_tracking_no``) and their ids, are
+    counted whenever opened: a walk of a parcel's flags has no window."""
+    query = (
+        select(func.count(FlagChange.id))
+        .join(Flag, Flag.id == FlagChange.flag_id)
+        .where(*fixed, FlagChange.to_status == FlagStatus.OPEN, FlagChange.at <= up_to)
+    )
     if of_parcel:
-        return ()
-    return (Flag.opened_at > since, Flag.raised_at > since)
+        return query
+    return query.where(Flag.opened_at > since, FlagChange.at > since)
 
 
 def check_flag_walk(
@@ -878,28 +891,21 @@ def check_flag_walk(
     of_parcel: bool = False,
 ) -> None:
     """Refuse a walk's last page (410 ``cursor_reset``) when the flags its fixed
-    filters take in, raised after ``cursor.since`` and up to where it began
-    (``cursor.as_of``), are more than its first page counted: one committed since,
-    below where the walk began, which its pages may have gone past. Counted where each
-    was raised (``raised_at``, never later than ``opened_at``), so a flag opened again
-    since is no more than it was. Read after the page, so a flag committed before the
-    page was read is counted."""
-    raised = session.scalar(
-        select(func.count(Flag.id)).where(
-            *fixed,
-            *_raised_after(cursor.since, of_parcel=of_parcel),
-            Flag.raised_at <= cursor.as_of,
-        )
-    )
-    if raised != cursor.raised:
+    filters take in were opened more often after ``cursor.since`` and up to where it
+    began (``cursor.as_of``) than its first page counted (``_openings``): a flag raised,
+    or opened again, by a push committed since, below where the walk began, which its
+    pages may have gone past. Read after the page, so a flag committed before the page
+    was read is counted."""
+    opened = session.scalar(_openings(fixed, cursor.since, cursor.as_of, of_parcel=of_parcel))
+    if opened != cursor.raised:
         began = cursor.as_of.isoformat()
         raise CursorReset(
-            f"when this walk began, {cursor.raised} flags its filters take in (whatever "
-            f"their status and courier) had been raised after {cursor.since.isoformat()} "
-            f"and up to {began}; {raised} have now: a flag stored before the walk began "
-            "was committed after a page of it was "
-            "read, below where it began, and its pages may have gone past it; list the "
-            "flags again from the start",
+            f"when this walk began, the flags its filters take in (whatever their status "
+            f"and courier) had been raised or opened again {cursor.raised} times after "
+            f"{cursor.since.isoformat()} and up to {began}; {opened} times now: a flag "
+            "stored before the walk began was committed after a page of it was read, "
+            "below where it began, and its pages may have gone past it; list the flags "
+            "again from the start",
             field="cursor",
         )
 
@@ -1420,6 +1426,13 @@ def _record(
     by: int | None = None,
     note: str | None = None,
 ) -> None:
+    at = utcnow()
+    if to_status == FlagStatus.OPEN:
+        if from_status is not None:
+            flag.opened_at = at  # opened again: back at the top of the queue
+        # An opening is dated where it put the flag in the queue (raised: its
+        # ``raised_at``), the instant a walk's check counts it at (``_openings``).
+        at = flag.opened_at or at
     session.add(
         FlagChange(
             flag_id=flag.id,
@@ -1427,10 +1440,9 @@ def _record(
             from_status=from_status,
             to_status=to_status,
             note=note,
+            at=at,
         )
     )
-    if to_status == FlagStatus.OPEN and from_status is not None:
-        flag.opened_at = utcnow()  # opened again: back at the top of the queue
     if by is None and from_status is not None:
         _audit_system_change(session, flag, from_status, to_status, note)
     if to_status in ANNOUNCED:

@@ -8,7 +8,7 @@ import uuid
 from itertools import count
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -17,6 +17,7 @@ from models import (
     DeviceStatus,
     DeviceSyncState,
     Flag,
+    FlagChange,
     Parcel,
     Role,
     ScanEvent,
@@ -296,3 +297,18 @@ def _closed_shift(
             if i % 50 == 0
         ],
     )
+
+
+def flag_raised_at(session: Session, flag: Flag, when: dt.datetime) -> Flag:
+    """A flag just raised, dated as if the push raising it had stored it at ``when`` (a
+    push committing late): its ``raised_at``, its place in the queue (``opened_at``) and
+    its opening in its history, which a walk through the flags counts
+    (``sync.flags.check_flag_walk``)."""
+    session.flush()
+    flag.raised_at = flag.opened_at = when
+    session.execute(
+        update(FlagChange)
+        .where(FlagChange.flag_id == flag.id, FlagChange.from_status.is_(None))
+        .values(at=when)
+    )
+    return flag

@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 
 import sync
 from courier_api.extensions import db
-from models import AuditEntry, Flag, FlagSeverity, FlagStatus, ScanEvent
+from models import AuditEntry, Flag, FlagChange, FlagSeverity, FlagStatus, ScanEvent
 from sync import audit
-from sync.flags import FlagSubject, close_flag, evidence_version, raise_flag
+from sync.flags import FlagSubject, close_flag, evidence_version, raise_flag, reopen_flag
 from tests import factories
 from tests.conftest import Auth, World
 from tests.courier_api.test_shifts_api import Courier, parcels, sign_off
@@ -489,9 +489,9 @@ def test_a_walk_whose_passed_pages_gained_a_flag_committed_late_is_refused_at_it
     first = client.get(FLAGS, query_string={"limit": 2}, headers=auditor).get_json()
     assert [i["id"] for i in first["items"]] == [flags.there.id, flags.skew.id]
     late = make_flag(session, world.station.id, "RR9")
-    late.raised_at = late.opened_at = (
-        flags.skew.opened_at + (flags.there.opened_at - flags.skew.opened_at) / 2
-    )  # stored by the push before the page was read, committed after it
+    factories.flag_raised_at(  # stored by the push before the page was read, committed after
+        session, late, flags.skew.opened_at + (flags.there.opened_at - flags.skew.opened_at) / 2
+    )
     session.commit()
     rest = client.get(
         FLAGS, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=auditor
@@ -515,19 +515,60 @@ def test_a_walk_of_a_parcels_flags_finds_one_committed_late_however_long_after(
         for kind in ("unknown_parcel", "clock_skew", "far_from_address")
     ]
     for flag, ago in zip(made, hours, strict=True):
-        flag.raised_at = flag.opened_at = now() - dt.timedelta(hours=ago)
+        factories.flag_raised_at(session, flag, now() - dt.timedelta(hours=ago))
     session.commit()
     auditor, query = auth.headers("auditor1"), {"limit": 2, "tracking_no": "RR5"}
     first = client.get(FLAGS, query_string=query, headers=auditor).get_json()
     assert [i["id"] for i in first["items"]] == [made[2].id, made[1].id]
     late = make_flag(session, world.station.id, "RR5", kind="time_inversion")
-    late.raised_at = late.opened_at = now() - dt.timedelta(minutes=90)
+    factories.flag_raised_at(session, late, now() - dt.timedelta(minutes=90))
     session.commit()
     rest = client.get(
         FLAGS, query_string={**query, "cursor": first["next_cursor"]}, headers=auditor
     )
     assert rest.status_code == 410, rest.get_json()
     assert rest.get_json()["code"] == "cursor_reset"
+
+
+def test_a_walk_past_a_flag_opened_again_by_a_push_committed_late_is_refused_at_its_end(
+    client: FlaskClient, session: Session, auth: Auth, world: World, flags: Flags
+) -> None:
+    """A flag resolved hours ago is opened again by a push (a loss the decision never
+    saw), which stores its new place (``opened_at``) between two flags the walk's first
+    page showed and commits after that page was read. The walk's later pages, below the
+    first, no longer find it at its old place and never at its new one: raised hours
+    ago, outside the minutes the walk counts, it was no flag the walk's check counted,
+    and the walk ended with ``next_cursor`` null without it. Its opening is counted
+    (410 ``cursor_reset``), and the walk begun again lists it."""
+    resolved = make_flag(session, world.station.id, "RR7")
+    factories.flag_raised_at(session, resolved, now() - dt.timedelta(hours=3))
+    resolved.status = FlagStatus.RESOLVED
+    session.commit()
+    auditor = auth.headers("auditor1")
+    first = client.get(FLAGS, query_string={"limit": 2}, headers=auditor).get_json()
+    assert [i["id"] for i in first["items"]] == [flags.there.id, flags.skew.id]
+    reopen_flag(session=session, flag=resolved, note="raised again on evidence")
+    session.flush()
+    # stored by the push before the page was read, committed after it
+    stored = flags.skew.opened_at + (flags.there.opened_at - flags.skew.opened_at) / 2
+    resolved.opened_at = stored
+    opening = session.scalars(
+        select(FlagChange).where(FlagChange.flag_id == resolved.id).order_by(FlagChange.id)
+    ).all()[-1]
+    assert opening.to_status == FlagStatus.OPEN
+    opening.at = stored
+    session.commit()
+    rest = client.get(
+        FLAGS, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=auditor
+    )
+    assert rest.status_code == 410, rest.get_json()
+    assert rest.get_json()["code"] == "cursor_reset"
+    assert listed(client, auditor) == [
+        flags.there.id,
+        resolved.id,
+        flags.skew.id,
+        flags.here.id,
+    ]
 
 
 def test_a_walk_that_gained_no_flag_below_where_it_began_ends_as_a_page_of_its_own(
@@ -941,6 +982,45 @@ def test_a_flag_a_push_commits_after_a_walks_first_page_is_not_silently_missed(
         assert rest.status_code == 410, rest.get_json()
         assert rest.get_json()["code"] == "cursor_reset"
         assert listed(client, headers) == [newest, late, older, oldest]
+
+
+@pytest.mark.postgres_only
+def test_a_flag_a_push_opens_again_and_commits_after_a_walks_first_page_is_not_silently_missed(
+    committed_app: Flask,
+) -> None:
+    """Real transactions on PostgreSQL: a push opens a resolved flag again (it rises to
+    the top: its ``opened_at`` then) and commits after another push's flag, opened later,
+    and after an auditor read the walk's first page. The walk's next page, below the
+    first, no longer finds the flag at its old place, nor ever at its new one, and its
+    raising is long past: it ended with ``next_cursor`` null, one flag missing. Its
+    opening is counted: refused (410 ``cursor_reset``), and the walk begun again lists
+    every flag."""
+    with committed_app.app_context():
+        session: Session = db.session
+        station = factories.station(session, code="AGAIN")
+        factories.user(session, "walker", "auditor", None)
+        decided = make_flag(session, station.id, "RR20")
+        decided.status = FlagStatus.RESOLVED
+        session.commit()
+        oldest = make_flag(session, station.id, "RR21").id
+        older = make_flag(session, station.id, "RR22").id
+        with Session(db.engine) as push:  # a long push, still committing
+            flag = push.get(Flag, decided.id)
+            assert flag is not None
+            reopen_flag(session=push, flag=flag, note="raised again on evidence")
+            push.flush()
+            newest = make_flag(session, station.id, "RR23").id  # another push's, committed
+            client = committed_app.test_client()
+            headers = Auth(client).headers("walker")
+            first = client.get(FLAGS, query_string={"limit": 2}, headers=headers).get_json()
+            assert [i["id"] for i in first["items"]] == [newest, older]
+            push.commit()
+        rest = client.get(
+            FLAGS, query_string={"limit": 2, "cursor": first["next_cursor"]}, headers=headers
+        )
+        assert rest.status_code == 410, rest.get_json()
+        assert rest.get_json()["code"] == "cursor_reset"
+        assert listed(client, headers) == [newest, decided.id, older, oldest]
 
 
 # -- a PDA's flags and what a decision covered ----------------------------------------

@@ -1357,7 +1357,9 @@ def test_the_flag_queue_says_to_list_again_when_a_flag_committed_late_above_its_
         station_id=day.station.id,
         evidence={"event_ids": []},
     ).flag
-    late.raised_at = late.opened_at = second.opened_at + (top.opened_at - second.opened_at) / 2
+    factories.flag_raised_at(
+        session, late, second.opened_at + (top.opened_at - second.opened_at) / 2
+    )
     session.commit()
     url = link.group(1).replace("&amp;", "&")
     while True:  # to the walk's last page

@@ -30,6 +30,7 @@ from sync.flags import (
     get_flag,
     list_flags,
     raise_flag,
+    raise_new_flags,
     resolve_flag,
     seen_in,
 )
@@ -104,6 +105,47 @@ def test_raising_records_the_flag_opening_once(session: Session, setup: Setup) -
     assert f.evidence["event_ids"] == [1, 2]
     assert f.courier_id == setup.courier.id  # not given: kept
     assert history(session, f) == [(None, FlagStatus.OPEN, None, None)]
+
+
+def test_each_opening_is_dated_where_it_put_the_flag_in_the_queue(
+    session: Session, setup: Setup
+) -> None:
+    """A walk through the flags counts their openings up to where it began, an
+    ``opened_at``, by their history (``sync.flags.check_flag_walk``): each opening,
+    raised one by one, in a batch, or opened again, is dated at the very instant it put
+    its flag in the queue. Dated a moment later (when its row was flushed), the top
+    flag's opening fell past where a walk began, and its last page counted one less than
+    its first: a 410 for nothing."""
+    one = flag(session, setup.station, "RR1")
+    (batched,) = raise_new_flags(
+        session=session,
+        flags=[
+            Flag(
+                kind="unknown_parcel",
+                severity=FlagSeverity.WARNING,
+                subject_type="parcel",
+                subject_key="RR2",
+                station_id=setup.station.id,
+                evidence={"event_ids": [2]},
+            )
+        ],
+    )
+    closed = flag(session, setup.station, "RR3")
+    close_flag(
+        session=session, kind=closed.kind, subject=FlagSubject("parcel", "RR3"), reason="gone"
+    )
+    assert flag(session, setup.station, "RR3") is closed and closed.status == FlagStatus.OPEN
+    session.flush()
+    session.expire_all()
+    for raised in (one, batched, closed):
+        openings = session.scalars(
+            select(FlagChange.at).where(
+                FlagChange.flag_id == raised.id, FlagChange.to_status == FlagStatus.OPEN
+            )
+        ).all()
+        assert openings[0] == raised.raised_at, raised.subject_key
+        assert openings[-1] == raised.opened_at, raised.subject_key
+    assert closed.opened_at > closed.raised_at  # opened again: a place of its own
 
 
 def test_the_latest_courier_given_is_stored(session: Session, setup: Setup) -> None:

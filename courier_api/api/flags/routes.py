@@ -48,16 +48,16 @@ class Flags(MethodView):
         walk lists each flag once though one is opened again meanwhile (at the top
         then, where a walk begun again finds it); a malformed cursor is a 400
         `cursor_malformed`, one sent with `after` a 422 `cursor_and_after`.
-        A flag is listed where it was opened, when the push raising it stored it,
-        and the push may commit after a page went past that place: the walk's last
-        page counts again the flags its filters take in (whatever their status and
-        courier) raised in the 10 minutes before it began, as its first page counted
-        them, and answers a 410 `cursor_reset` when there are more: list again from
-        the start. So a walk ending with `next_cursor` null listed every flag
-        matching its filters opened up to where it began and committed before its
-        last page was read, within 10 minutes of being stored (but one opened again
-        meanwhile, at the top, and one whose status or courier came to match after
-        its place was passed).
+        A flag is listed where it was opened, when the push raising it (or opening
+        it again) stored it, and the push may commit after a page went past that
+        place: the walk's last page counts again how often the flags its filters
+        take in (whatever their status and courier) were raised or opened again in
+        the 10 minutes before it began, as its first page counted them, and answers
+        a 410 `cursor_reset` when more: list again from the start. So a walk ending
+        with `next_cursor` null listed every flag matching its filters opened up to
+        where it began and committed before its last page was read, within 10
+        minutes of being stored (but one opened again after it began, at the top,
+        and one whose status or courier came to match after its place was passed).
         `after` (a page's `next_after`) goes on from where its flag stands now: the
         last flag shown opened again, the next page lists again flags shown.
         `waiting=true` lists those still waiting for a decision, open or

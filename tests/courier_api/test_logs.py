@@ -17,6 +17,8 @@ import jwt as pyjwt
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -403,6 +405,93 @@ def test_a_text_the_quick_check_passes_is_redacted_as_every_pattern_would() -> N
     texts += ["".join(rng.choices(_NEAR_SECRETS, k=rng.randint(1, 6))) for _ in range(5_000)]
     for text in texts:
         assert redact(text) == _every_pattern_redacted(text), text
+
+
+# Every word and literal a pattern of ``_REDACTIONS`` is written with, and Unicode
+# letters ``(?i)`` reads as ASCII ones (long s, Kelvin sign, Turkish dotted and dotless i).
+_PATTERN_WORDS = [
+    "eyJ", "bearer", "basic", "password", "passwd", "pwd", "secret", "token", "apikey",
+    "api_key", "api-key", "authorization", "signature", "cookie", "pbkdf2", "scrypt", "v1=",
+]  # fmt: skip
+_ANY_PATTERN_WORD = st.sampled_from(_PATTERN_WORDS)
+_FOLDED_LIKE_ASCII = {"s": "\u017f", "k": "\u212a", "i": "\u0131\u0130"}
+
+
+@st.composite
+def _a_pattern_word_disguised(
+    draw: st.DrawFn, words: st.SearchStrategy[str] = _ANY_PATTERN_WORD
+) -> str:
+    """A pattern's word with each letter in either case, maybe one swapped for a
+    Unicode letter ``(?i)`` folds to it, maybe cut short or split by a character."""
+    word = draw(words)
+    as_written = st.just([False] * len(word))  # often: some patterns heed the case
+    flips = draw(as_written | st.lists(st.booleans(), min_size=len(word), max_size=len(word)))
+    letters = [c.upper() if flip else c for c, flip in zip(word, flips, strict=True)]
+    index = draw(st.integers(0, len(word) - 1))
+    twins = _FOLDED_LIKE_ASCII.get(word[index].lower(), "")
+    how = draw(st.sampled_from(["whole", "whole", "folded", "folded", "cut", "split"]))
+    if how == "folded" and twins:
+        letters[index] = draw(st.sampled_from(twins))
+    elif how == "cut":
+        letters = letters[:index]
+    elif how == "split":
+        letters.insert(index, draw(st.sampled_from(["-", "_", " ", ".", "%", "\x00", "\u200b"])))
+    return "".join(letters)
+
+
+# A secret as a pattern may find it: a key's value, a header, a token, a hash, a
+# signature (each pattern's word disguised in front of what it needs after it).
+_SECRET_SHAPED = st.tuples(
+    st.sampled_from(["", "", "x_", "/", "old-", '"', "?a=1&"]),
+    _a_pattern_word_disguised(),
+    st.sampled_from(["", "", "", "s", "_count", "Hdr"]),
+    st.sampled_from(["", "=", "=", ": ", '":"', " ", " ", "\t", ":"]),
+    st.from_regex(r"[A-Za-z0-9._~+/=:-]{8,24}|[A-Za-z0-9$]{0,8}", fullmatch=True),
+    st.sampled_from(["", "", "$ab12", ".abcd.ef", "; b=2", "}", " 200 4.2 ms"]),
+).map("".join)
+_SECRET_AFTER = {
+    "eyJ": "hbGciOi.eyJzdWIiOiIx.c2lnbmF0dXJl",
+    "bearer": " abcdefgh12345678",
+    "basic": "\tdXNlcjpwYXNzd29yZA==",
+    "password": "=hunter2",
+    "pbkdf2": ":sha256:600000$salt$0123abcd",
+    "scrypt": ":32768:8:1$salt$0123abcd",
+    "v1=": "0123456789abcdef0123",
+}
+_TEMPLATED = st.sampled_from(sorted(_SECRET_AFTER)).flatmap(
+    lambda word: st.tuples(
+        st.just(word), st.sampled_from(["", "", "", "(", "/", "x"]), st.just(_SECRET_AFTER[word])
+    )
+)
+
+
+@st.composite
+def _a_templated_secret_disguised(draw: st.DrawFn) -> str:
+    """One of ``_SECRET_AFTER``'s secrets whole, its word disguised as
+    ``_a_pattern_word_disguised`` disguises any."""
+    word, before, after = draw(_TEMPLATED)
+    disguised = draw(_a_pattern_word_disguised(st.just(word)))
+    return before + disguised + after
+
+
+# Around it, what an access line, a path or a message holds; rarely a word of a pattern.
+_FILLER = st.one_of(
+    st.from_regex(r"[ /A-Za-z0-9._-]{0,12}", fullmatch=True),
+    st.sampled_from(_NEAR_SECRETS),
+    st.text(max_size=3),
+)
+_TEXTS_NEAR_SECRETS = st.tuples(
+    _FILLER, st.one_of(_SECRET_SHAPED, _a_templated_secret_disguised()), _FILLER
+).map("".join)
+
+
+@settings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=_TEXTS_NEAR_SECRETS)
+def test_any_text_is_redacted_as_every_pattern_would(text: str) -> None:
+    """The quick check as a property: over generated texts (each pattern's words in any
+    case, cut, split, with Unicode letters ``(?i)`` folds to ASCII, glued to keys,
+    values, tokens and hashes), ``redact`` writes what every pattern would."""
+    assert redact(text) == _every_pattern_redacted(text)
 
 
 def test_an_access_line_with_nothing_secret_in_it_is_read_by_no_redaction_pattern(

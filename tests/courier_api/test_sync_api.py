@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -1920,3 +1921,150 @@ def test_an_envelope_is_loaded_or_refused_as_marshmallow_loads_or_refuses_it(
     if loaded[0] == "loaded":
         assert list(loaded[1]) == list(expected[1])  # in the same order
         assert loaded[1]["events"] is envelope["events"]  # the events as received
+
+
+class _Text(str):
+    """A string of another type: marshmallow's to judge."""
+
+    def __repr__(self) -> str:
+        return f"_Text({super().__repr__()})"
+
+
+class _Events(list):  # type: ignore[type-arg]
+    """A list of another type: marshmallow's to judge."""
+
+    def __repr__(self) -> str:
+        return f"_Events({super().__repr__()})"
+
+
+def _loaded_or_refused(load: Callable[[Any], Any], envelope: Any) -> tuple[Any, ...]:
+    """What ``load`` makes of ``envelope``: its result, marshmallow's refusal, or what
+    else it raised, each as comparable values."""
+    import marshmallow as ma
+
+    try:
+        return ("loaded", load(envelope))
+    except ma.ValidationError as error:
+        return ("refused", error.normalized_messages(), error.valid_data)
+    except Exception as error:  # noqa: BLE001  # raised alike is alike
+        return ("raised", type(error), str(error))
+
+
+def _envelope_strategy() -> Any:
+    """Envelopes near and far from valid: each field a plausible or wrong value of any
+    JSON type (bool for text, float and big ints, str subclasses, lone surrogates, NUL,
+    every spelling of a UUID and of a time), fields missing, unknown keys, any order."""
+    from hypothesis import strategies as st
+
+    def spellings(value: uuid.UUID) -> Any:
+        return st.sampled_from(
+            [
+                str(value),
+                str(value).upper(),
+                value.hex,
+                f"{{{value}}}",
+                f"urn:uuid:{value}",
+                f" {value} ",
+                value.hex[:8] + "_" + value.hex[8:31],
+                str(value)[:-1],
+                str(value) + "0",
+            ]
+        )
+
+    times = st.datetimes(timezones=st.timezones()).map(lambda moment: moment.isoformat())
+    naive_times = st.datetimes().map(lambda moment: moment.isoformat())
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(),
+        st.text(max_size=4),
+    )
+    # Per field, what a PDA sends (nearly valid, at and past each bound), then anything.
+    plausible = {
+        "device_id": st.one_of(
+            st.text(min_size=1, max_size=64),
+            st.from_regex(r"[A-Z]{1,4}-[0-9]{1,6}", fullmatch=True),
+            st.text(st.characters(codec="ascii"), min_size=62, max_size=66),
+            st.sampled_from(["PDA-0001", "P", "", "PDA\x00", "PDA\ud800", "P" * 64, "P" * 65]),
+        ),
+        "batch_id": st.uuids().flatmap(spellings),
+        "sent_at": st.one_of(
+            times,
+            times,
+            naive_times,
+            times.map(lambda text: text + " " * 40),
+            st.sampled_from(
+                ["2026-12-05T08:00:00Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-14:00"]
+            ),
+        ),
+        "events": st.one_of(
+            st.lists(st.dictionaries(st.text(max_size=3), scalars, max_size=2), max_size=3),
+            st.lists(scalars, max_size=2),
+            st.lists(scalars, max_size=2).map(_Events),
+            st.tuples(scalars),
+        ),
+    }
+    anything = st.one_of(
+        scalars,
+        st.binary(max_size=4),
+        st.uuids(),
+        st.dates().map(str),
+        st.dictionaries(st.text(max_size=3), scalars, max_size=2),
+    )
+    extra = st.dictionaries(
+        st.sampled_from(["app_version", "Device_id", "events ", "ignored_fields", "x"]),
+        scalars,
+        max_size=2,
+    )
+
+    @st.composite
+    def envelope(draw: Any) -> Any:
+        fields = {}
+        for name, strategy in plausible.items():
+            choice = draw(st.integers(0, 15))  # mostly plausible: all four must be valid
+            if choice == 0:
+                continue  # left out
+            fields[name] = draw(anything if choice == 1 else strategy)
+            if choice == 2 and type(fields[name]) is str:  # of another type
+                fields[name] = _Text(fields[name])
+        items = list({**draw(extra), **fields}.items())
+        ordered = draw(st.permutations(items))
+        kind = draw(st.sampled_from([dict, dict, dict, dict, OrderedDict]))
+        return kind(ordered)
+
+    return st.one_of(envelope(), envelope(), envelope(), scalars, st.lists(scalars, max_size=2))
+
+
+def test_any_envelope_is_loaded_or_refused_as_marshmallow_loads_or_refuses_it() -> None:
+    """``PushRequest.load``'s own reading of a plainly valid envelope, as a property:
+    over generated envelopes, the same result (the same values, keys in the same order,
+    the events and device id the objects received) or the same refusal, in the same
+    words, or the same exception, as marshmallow's own load."""
+    import marshmallow as ma
+    from hypothesis import HealthCheck, given, settings
+
+    from courier_api.api.sync.schemas import PushRequest
+
+    schema = PushRequest()
+
+    @settings(
+        max_examples=2_000,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        database=None,
+    )
+    @given(envelope=_envelope_strategy())
+    def loaded_alike(envelope: Any) -> None:
+        expected = _loaded_or_refused(lambda data: ma.Schema.load(schema, data), envelope)
+        loaded = _loaded_or_refused(schema.load, envelope)
+        assert loaded == expected
+        if loaded[0] == "loaded":
+            assert type(loaded[1]) is type(expected[1])
+            assert list(loaded[1]) == list(expected[1])
+            for name in ("device_id", "events"):  # the objects received, or copies alike
+                received = envelope[name]
+                assert (loaded[1][name] is received) == (expected[1][name] is received)
+                assert type(loaded[1][name]) is type(expected[1][name])
+
+    loaded_alike()

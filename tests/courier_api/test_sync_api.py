@@ -2068,3 +2068,30 @@ def test_any_envelope_is_loaded_or_refused_as_marshmallow_loads_or_refuses_it() 
                 assert type(loaded[1][name]) is type(expected[1][name])
 
     loaded_alike()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"unknown": "raise"},
+        {"only": ("device_id", "batch_id", "sent_at")},
+        {"exclude": ("events",)},
+        {"dump_only": ("events",)},
+        {"partial": True},
+        {},
+    ],
+)
+def test_a_push_request_made_with_options_loads_as_marshmallow_loads_it(
+    options: dict[str, Any],
+) -> None:
+    """The envelope's own reading knows only the plain schema: one made to refuse an
+    unknown key, or to read fewer fields, refused or read what marshmallow would not
+    (an ``app_version`` taken, ``events`` loaded though excluded)."""
+    import marshmallow as ma
+
+    from courier_api.api.sync.schemas import PushRequest
+
+    envelope = {**factories.push_body("PDA-0001", []), "app_version": "5.1"}
+    schema = PushRequest(**options)
+    expected = _loaded_or_refused(lambda data: ma.Schema.load(schema, data), envelope)
+    assert _loaded_or_refused(schema.load, envelope) == expected

@@ -209,6 +209,17 @@ class PushRequest(ma.Schema):
         data[IGNORED_FIELDS] = sorted(str(key) for key in original if key not in self.fields)
         return data
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # Read here only as made plainly: options naming fields to skip or refusing an
+        # unknown key are marshmallow's to apply (``_plainly_valid`` knows none).
+        self._read_plainly = (
+            not self.many
+            and not self.partial
+            and self.unknown == ma.EXCLUDE
+            and self.load_fields.keys() == self._declared_fields.keys()
+        )
+
     def load(  # type: ignore[override]
         self,
         data: Any,
@@ -222,7 +233,7 @@ class PushRequest(ma.Schema):
         null, type and validator checks, the hooks looked up) was a one-scan push's
         largest piece of parsing (``docs/BENCHMARKS.md``, stop 51). Anything else,
         marshmallow loads, so every refusal is its own."""
-        if many is None and partial is None and unknown is None and not self.many:
+        if many is None and partial is None and unknown is None and self._read_plainly:
             loaded = self._plainly_valid(data)
             if loaded is not None:
                 return loaded
@@ -232,7 +243,7 @@ class PushRequest(ma.Schema):
         """``data`` loaded, if each field is as marshmallow accepts it (a string the
         database can store of 1 to 64 characters, a UUID's text, a time with an offset,
         a list); None for anything marshmallow must judge."""
-        if type(data) is not dict or self.partial:
+        if type(data) is not dict:
             return None
         device_id, batch_id = data.get("device_id"), data.get("batch_id")
         sent_at, events = data.get("sent_at"), data.get("events")

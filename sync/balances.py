@@ -851,48 +851,69 @@ def where_couriers_went(
         since[shift.courier_id] = (
             shift.opened_at if earliest is None else min(earliest, shift.opened_at)
         )
-    pool: list[Shift] = []
+    # By courier: each shift looks at its own courier's, not at every courier's of the
+    # board (200 shifts against 200 couriers' was most of a big board's time here).
+    theirs: dict[int, list[Shift]] = defaultdict(list)
     for couriers in chunks(sorted(since.items()), COURIERS_PER_STATEMENT):
-        pool.extend(_couriers_shifts_read(session, station_id, couriers))
-    candidates = list(still_open.values())
+        for shift in _couriers_shifts_read(session, station_id, couriers):
+            theirs[shift.courier_id].append(shift)
+    back: dict[int, Shift] = {}
     also: dict[int, list[Shift]] = {}
-    for shift in candidates:
+    for shift in still_open.values():
+        pool = theirs[shift.courier_id]
+        back.update(courier_back([shift], pool))
         others = open_alongside(shift, pool)
         if others:
             also[shift.id] = others
-    return CouriersWent(courier_back(candidates, pool), also)
+    return CouriersWent(back, also)
 
 
-# Couriers whose shifts one statement reads: two terms each, and SQLite parses an OR of
-# about 1,000 terms no more ("Expression tree is too large").
+# Couriers whose shifts one statement reads: each a bound parameter of its ``IN`` lists.
 COURIERS_PER_STATEMENT = 200
 
 
 def _couriers_shifts_read(
     session: Session, station_id: int, couriers: Sequence[tuple[int, dt.datetime]]
-) -> Sequence[Shift]:
+) -> list[Shift]:
     """For ``where_couriers_went``: of each (courier, the opening of their oldest shift
     still open), their shifts at the station still open, and the latest of those they
-    handed over since on each PDA."""
+    handed over since on each PDA.
+
+    The couriers go in ``IN`` lists, not two terms each: building and compiling an OR
+    of 400 terms was most of a 40-shift board's time in Python, and each number of
+    couriers made a new statement for SQLAlchemy and the database to compile. Those
+    whose oldest shift still open began the same day (UTC) share one term, from the
+    earliest of their openings: one statement for a board of today's shifts, one term
+    more for each other day a PDA died on. A courier's read then starts at most that
+    day's earlier openings before theirs (their shifts of that day, not of every day);
+    those shifts, handed over before the courier's own oldest still open, are dropped
+    here. They never change which of the others is the latest on its PDA: opened
+    before, they rank below every shift opened since."""
     handed_over = (ShiftStatus.CLOSED, ShiftStatus.SIGNED_OFF)
-    # Each term whole (station too), one per courier and state: SQLite reads each by
-    # the index then, not the station's every shift (``ix_shift_station_work_date``).
+    since = dict(couriers)
+    by_day: dict[dt.date, list[int]] = defaultdict(list)
+    day_since: dict[dt.date, dt.datetime] = {}
+    for courier, earliest in couriers:
+        day = earliest.astimezone(dt.UTC).date() if earliest.tzinfo else earliest.date()
+        by_day[day].append(courier)
+        day_since[day] = min(day_since.get(day, earliest), earliest)
+    # Each term whole (station too): SQLite reads each by the index then
+    # (``ix_shift_courier_status_opened``), not the station's every shift.
     terms = [
-        term
-        for courier, earliest in couriers
-        for term in (
+        and_(
+            Shift.courier_id.in_(sorted(since)),
+            Shift.status == ShiftStatus.OPEN,
+            Shift.station_id == station_id,
+        ),
+        *(
             and_(
-                Shift.courier_id == courier,
-                Shift.status == ShiftStatus.OPEN,
-                Shift.station_id == station_id,
-            ),
-            and_(
-                Shift.courier_id == courier,
+                Shift.courier_id.in_(by_day[day]),
                 Shift.status.in_(handed_over),
-                Shift.opened_at > earliest,
+                Shift.opened_at > day_since[day],
                 Shift.station_id == station_id,
-            ),
-        )
+            )
+            for day in sorted(by_day)
+        ),
     ]
     ranked = (
         select(
@@ -908,9 +929,14 @@ def _couriers_shifts_read(
         .subquery()
     )
     theirs = aliased(Shift, ranked)
-    return session.scalars(
+    read = session.scalars(
         select(theirs).where(or_(ranked.c.status == ShiftStatus.OPEN, ranked.c.latest == 1))
     ).all()
+    return [
+        shift
+        for shift in read
+        if shift.status == ShiftStatus.OPEN or shift.opened_at > since[shift.courier_id]
+    ]
 
 
 def courier_back(candidates: Sequence[Shift], pool: Sequence[Shift]) -> dict[int, Shift]:

@@ -13,6 +13,7 @@ proof images their deliveries lack.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -756,6 +757,42 @@ def test_where_couriers_went_reads_hundreds_of_couriers_shifts_a_few_statements(
     assert len(statements) == -(-couriers // COURIERS_PER_STATEMENT), len(statements)
 
 
+def test_where_couriers_went_is_one_statement_text_for_3_or_40_couriers(
+    session: Session, sent: list[str]
+) -> None:
+    """A manager at 19:00 reloads a board of 40 shifts still open. Two terms a courier
+    made a new statement for each number of couriers, and most of a call's time went on
+    building and compiling an OR of 80 terms in Python: the couriers are ``IN`` lists
+    now, one statement text whatever their number (SQLAlchemy compiles it once)."""
+    station = factories.station_day(session, "EVE", shifts=1, parcels_per_shift=1, day=DAY)
+    [shift] = session.scalars(select(Shift).where(Shift.station_id == station)).all()
+
+    def out(couriers: int) -> list[Shift]:
+        return [
+            Shift(
+                id=20_000 + n,
+                station_id=station,
+                courier_id=20_000 + n,
+                device_id=f"PDA-{n}",
+                status=ShiftStatus.OPEN,
+                opened_at=shift.opened_at + dt.timedelta(minutes=n),
+            )
+            for n in range(couriers)
+        ]
+
+    sent.clear()
+    assert where_couriers_went(session, station, out(3)) == CouriersWent({}, {})
+    assert where_couriers_went(session, station, out(40)) == CouriersWent({}, {})
+
+    # As SQLAlchemy compiles it: each ``IN`` list one parameter, expanded when sent.
+    def compiled(statement: str) -> str:
+        marks = re.sub(r"%\(\w+\)s(::\w+)?", "?", statement)  # PostgreSQL's, SQLite's
+        return re.sub(r"\?(, \?)+", "?", marks)
+
+    few, many = (compiled(statement) for statement in sent)
+    assert few == many
+
+
 # (courier, PDA, station, state, hour opened, closed_at set): few of each, so a courier
 # has several shifts open, two opened the same second, shifts at another station.
 WORKED = st.lists(
@@ -798,7 +835,8 @@ def test_where_couriers_went_answers_as_reading_every_shift_of_the_station(
         if status == ShiftStatus.OPEN and pda in open_on:
             status = ShiftStatus.CLOSED  # one shift open a PDA
         open_on |= {pda} if status == ShiftStatus.OPEN else set()
-        opened_at = start + dt.timedelta(hours=hour)
+        # Seven hours apart: across midnight too (their reads are grouped by day).
+        opened_at = start + dt.timedelta(hours=7 * hour)
         rows.append(
             Shift(
                 station_id=stations[station].id,

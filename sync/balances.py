@@ -837,7 +837,8 @@ def where_couriers_went(
 
     One statement per ``COURIERS_PER_STATEMENT`` couriers, through
     ``ix_shift_courier_status_opened``: those couriers' shifts still open, of any day,
-    and of those they handed over, the ones opened after their shift still open, the
+    and of those they handed over, the ones opened after their shift still open (read
+    from that day's earliest opening among them, ``_couriers_shifts_read``), the
     latest on each PDA deciding whether they are back (``courier_back``); not the ~300
     a year each courier worked before."""
     still_open = {s.id: s for s in shifts if s.status == ShiftStatus.OPEN}

@@ -501,29 +501,36 @@ def parcel_timeline(*, session: Session, tracking_no: str) -> list[TimelineEntry
 
 
 _TIMELINE_CURSOR = re.compile(
-    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})(?:\.([0-9]{1,19})\.([0-9a-f]{16}))?"
+    r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,19})"
+    r"(?:\.([0-9]{1,19})\.([0-9a-f]{16})(?:\.([0-9a-f]{16}))?)?"
 )
 
 
 @dataclass(frozen=True)
 class TimelineCursor:
-    """Where a walk through a timeline stands, ``as_of.count.after.updated.record``: the
-    walk reads the timeline as it was at its first page, the events whose id is at most
-    ``as_of`` (``count`` of them), and goes on after the event ``after``, the last one
-    shown. ``updated`` (microseconds since 1970, UTC) and ``record`` (``record_key``)
-    are the parcel's ``updated_at`` and record as the first page showed them: each page
-    shows the parcel as it was then (``WalkHeader``). None in a cursor handed out before
-    they were kept (three numbers)."""
+    """Where a walk through a timeline stands,
+    ``as_of.count.after.updated.record.couriers``: the walk reads the timeline as it was
+    at its first page, the events whose id is at most ``as_of`` (``count`` of them), and
+    goes on after the event ``after``, the last one shown. ``updated`` (microseconds
+    since 1970, UTC) and ``record`` (``record_key``) are the parcel's ``updated_at`` and
+    record as the first page showed them: each page shows the parcel as it was then
+    (``WalkHeader``). ``couriers`` (``couriers_key``) is the digest of the walk's
+    events' couriers as its first page read them. None in a cursor handed out before
+    they were kept (three numbers; five before ``couriers``)."""
 
     as_of: int
     count: int
     after: int
     updated: int | None = None
     record: str | None = None
+    couriers: str | None = None
 
     def __str__(self) -> str:
         walk = f"{self.as_of}.{self.count}.{self.after}"
-        return walk if self.record is None else f"{walk}.{self.updated}.{self.record}"
+        if self.record is None:
+            return walk
+        walk = f"{walk}.{self.updated}.{self.record}"
+        return walk if self.couriers is None else f"{walk}.{self.couriers}"
 
     @classmethod
     def parse(cls, raw: str | None) -> TimelineCursor | None:
@@ -532,11 +539,23 @@ class TimelineCursor:
         the page after a push a 500 (``_header``'s ``OverflowError``)."""
         if raw is None or raw == "":
             return None
-        (as_of, count, after, updated), (record,) = dotted_parts(raw, _TIMELINE_CURSOR, numbers=4)
+        (as_of, count, after, updated), (record, couriers) = dotted_parts(
+            raw, _TIMELINE_CURSOR, numbers=4
+        )
         assert as_of is not None and count is not None and after is not None
         if updated is not None and updated > _MAX_MICROSECONDS:
             raise malformed_cursor()
-        return cls(as_of, count, after, updated, record)
+        return cls(as_of, count, after, updated, record, couriers)
+
+
+def couriers_key(facts: Iterable[EventFact]) -> str:
+    """A digest of whose each of ``facts`` is (its id and ``courier_id``), in any order:
+    16 hex digits. A shift's close changes an event's courier after it was pushed
+    (``sync.shifts``, the events a PDA held filed under the shift's courier); a walk
+    whose cursor keeps it finds that on its next page (``_same_couriers``)."""
+    pairs = sorted((fact.event_id, fact.courier_id) for fact in facts)
+    text = json.dumps(pairs, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -678,12 +697,15 @@ def timeline_page(
 
     The order is the projection's, worked out on the events' facts and the final
     outcomes' payloads (``load_events(judged_only=True)``, what says which scan repeats
-    an outcome); each entry's row is read for the page alone, so an event's
-    ``courier_id`` is as it stands when its page is read: a shift's close filing the
-    events a PDA held under its courier after the walk began shows on the later pages
-    only (the entries' ``pushed_by`` never changes; README says so). A PDA that scanned one
-    parcel 25,000 times made its timeline a 15 MB answer of 14 s, every event read
-    twice.
+    an outcome); each entry's row is read for the page alone, where an event's
+    ``courier_id`` is as it stands then: a shift's close filing the events a PDA held
+    under its courier after the walk began showed on the later pages only, an auditor
+    reading an event under one courier on page 1 and one of the same queue under
+    another on page 3. The cursor keeps the couriers of the walk's events as its first
+    page read them (``couriers_key``), and a page finding them changed is a 410
+    (``_same_couriers``), never pages of two filings (the entries' ``pushed_by`` never
+    changes). A PDA that scanned one parcel 25,000 times made its timeline a 15 MB
+    answer of 14 s, every event read twice.
 
     ``parcel``: its row, read before; the page then shows it as the walk's first page did
     (``header``): that page's own, and each later page's as it was then, so that an
@@ -716,6 +738,9 @@ def timeline_page(
                 field="cursor",
             )
     facts = [event.fact for event in walked]
+    couriers = couriers_key(facts)
+    if cursor is not None:
+        _same_couriers(cursor, couriers, tracking_no)
     in_order = ordered(facts)
     start = 0
     if cursor is not None:
@@ -731,13 +756,40 @@ def timeline_page(
     return TimelinePage(
         entries=entries,
         as_of=as_of,
-        next_cursor=TimelineCursor(as_of, len(walked), shown[-1].event_id, updated, record)
+        next_cursor=TimelineCursor(
+            as_of, len(walked), shown[-1].event_id, updated, record, couriers
+        )
         if more
         else None,
         arrived_since=len(history) - len(walked),
         offset=start,
         header=header,
     )
+
+
+def _same_couriers(cursor: TimelineCursor, couriers: str, tracking_no: str) -> None:
+    """Refuse (410 ``cursor_reset``) a page of a walk whose events are not all whose they
+    were at its first page (``couriers``, their ``couriers_key`` now): the pages read so
+    far showed them under couriers some are no longer filed under. Only a shift's close
+    changes an event's courier (``shift_closed_for_courier``, whose ``events_taken`` on
+    the audit log names them and when). A cursor handed out before it kept them is
+    refused too: what its pages showed cannot be checked."""
+    if cursor.couriers is None:
+        raise CursorReset(
+            "the walk was begun by an earlier version of the server, which did not keep "
+            f"the couriers of the events of {tracking_no} its pages show; read the "
+            "timeline again from the start",
+            field="cursor",
+        )
+    if cursor.couriers != couriers:
+        raise CursorReset(
+            f"events of {tracking_no} in this walk were filed under another courier since "
+            "it began (a shift's close, which files the events a PDA held under its "
+            "courier: `shift_closed_for_courier` on the audit log names them, "
+            "`events_taken`): the pages read so far showed them under the courier they "
+            "were filed under then; read the timeline again from the start",
+            field="cursor",
+        )
 
 
 def _joined(count: int, tracking_no: str, as_of: int, elsewhere: bool = False) -> str:

@@ -16,6 +16,7 @@ from tests import factories
 from tests.browser import station_day
 from tests.browser.station_day import StationDay
 from tests.conftest import Auth, World
+from tests.courier_api.test_shifts_api import _handed_over
 from tests.courier_api.test_web_pages import day, signed_in  # noqa: F401 - fixture
 
 URL = "/api/v1/parcels"
@@ -624,25 +625,34 @@ def test_a_long_timeline_comes_in_pages_that_add_up_to_the_whole(
     cursor = client.get(f"{URL}/{tn}", query_string={"limit": 5}, headers=headers).json[
         "next_cursor"
     ]
-    as_of, count, after, updated, record = cursor.split(".")
+    as_of, count, after, updated, record, couriers = cursor.split(".")
     for wrong in (
         "5",
         "1.2.x",
         f"{10**20}.1.1",
         f"{2**63}.1.1",  # 19 digits, beyond a BIGINT
         f"{as_of}.{count}.{after}.{updated}",
-        f"{as_of}.{count}.{after}.{updated}.{record.upper()}",
-        f"{as_of}.{count}.{after}.{updated}.{record}0",
-        f"{as_of}.{count}.{after}.{2**63}.{record}",
+        f"{as_of}.{count}.{after}.{updated}.{record.upper()}.{couriers}",
+        f"{as_of}.{count}.{after}.{updated}.{record}0.{couriers}",
+        f"{as_of}.{count}.{after}.{updated}.{record}.{couriers.upper()}",
+        f"{as_of}.{count}.{after}.{updated}.{record}.{couriers[1:]}",
+        f"{as_of}.{count}.{after}.{updated}.{record}.{couriers}.{couriers}",
+        f"{as_of}.{count}.{after}.{2**63}.{record}.{couriers}",
         # A time no page can show (after year 9999): it was a 500 (OverflowError).
-        f"{as_of}.{count}.{after}.{2**63 - 1}.{record}",
+        f"{as_of}.{count}.{after}.{2**63 - 1}.{record}.{couriers}",
         # More events than the walk's timeline holds: none is ever deleted.
-        f"{as_of}.{int(count) + 1}.{after}.{updated}.{record}",
+        f"{as_of}.{int(count) + 1}.{after}.{updated}.{record}.{couriers}",
     ):
         malformed = client.get(f"{URL}/{tn}", query_string={"cursor": wrong}, headers=headers)
         assert malformed.status_code == 400, wrong
         assert malformed.json["code"] == "cursor_malformed"
         assert list(malformed.json["errors"]) == ["cursor"]
+    # One handed out before the cursor kept the walk's couriers: what its pages showed
+    # cannot be checked, so walk again.
+    earlier = f"{as_of}.{count}.{after}.{updated}.{record}"
+    reset = client.get(f"{URL}/{tn}", query_string={"cursor": earlier}, headers=headers)
+    assert reset.status_code == 410 and reset.json["code"] == "cursor_reset", reset.json
+    assert "earlier version" in reset.json["message"]
     elsewhere = client.get(
         f"{URL}/{other.tracking_no}", query_string={"cursor": cursor}, headers=headers
     )
@@ -923,6 +933,66 @@ def test_each_page_of_a_walk_shows_the_parcel_as_its_first_page_did(
     )
     assert changed.status_code == 410 and changed.json["code"] == "cursor_reset"
     assert list(changed.json["errors"]) == ["cursor"]
+
+
+def test_a_walk_whose_events_a_shifts_close_filed_under_another_courier_is_refused(
+    client: FlaskClient, world: World, auth: Auth, session: Session
+) -> None:
+    """A walk read each entry's row with its page: courier1 hands the PDA over with the
+    shift open, courier2's sign-in pushes the queued delivery, and the manager closes
+    courier1's shift, filing it under courier1 (``shift_closed_for_courier``). An
+    auditor walking the parcel's timeline across the close read the delivery under
+    courier2 on the pages before it and under courier1 on those after, events of one
+    walk under two couriers, and no word that anything changed. The cursor now keeps
+    the couriers of the walk's events as its first page read them: a page finding one
+    changed is a 410 ``cursor_reset`` naming the cause, and the walk begun again reads
+    them as filed."""
+    pda, shift, (first, _), queued = _handed_over(client, session, world, auth, closed=False)
+    pda.push(queued)
+    headers = auth.headers("auditor1")
+
+    def events(tn: str) -> list[tuple[int, int]]:
+        rows = session.execute(
+            select(ScanEvent.id, ScanEvent.courier_id)
+            .where(ScanEvent.tracking_no == tn)
+            .order_by(ScanEvent.id)
+        )
+        return [(row.id, row.courier_id) for row in rows]
+
+    before = events(first)
+    assert len(before) == 2 and before[-1][1] != world.courier.id  # pushed under courier2
+    walk = client.get(f"{URL}/{first}", query_string={"limit": 1}, headers=headers)
+    assert walk.status_code == 200 and walk.json["next_cursor"] is not None, walk.json
+    closed = client.post(
+        f"/api/v1/shifts/{shift['id']}/close",
+        json={"last_seq": 4},
+        headers=auth.headers("manager1"),
+    )
+    assert closed.status_code == 200, closed.get_json()
+    session.expire_all()
+    after = events(first)
+    assert after[-1] == (before[-1][0], world.courier.id)  # the close filed it under courier1
+    changed = client.get(
+        f"{URL}/{first}",
+        query_string={"limit": 1, "cursor": walk.json["next_cursor"]},
+        headers=headers,
+    )
+    assert changed.status_code == 410, changed.json
+    assert changed.json["code"] == "cursor_reset"
+    assert list(changed.json["errors"]) == ["cursor"]
+    assert "shift's close" in changed.json["message"], changed.json["message"]
+    again = client.get(f"{URL}/{first}", query_string={"limit": 1}, headers=headers).json
+    pages = [again]
+    while pages[-1]["next_cursor"] is not None:
+        page = client.get(
+            f"{URL}/{first}",
+            query_string={"limit": 1, "cursor": pages[-1]["next_cursor"]},
+            headers=headers,
+        )
+        assert page.status_code == 200, page.json
+        pages.append(page.json)
+    shown = {e["event_id"]: e["courier_id"] for p in pages for e in p["timeline"]}
+    assert shown == dict(after)
 
 
 def test_a_walk_refused_for_an_intake_says_what_the_intake_changed_and_when(

@@ -59,6 +59,8 @@ def test_a_cursor_is_read_by_one_parser_of_dotted_numbers() -> None:
     timeline = TimelineCursor(7, 3, 5, 1_700_000_000_000_000, "0123456789abcdef")
     assert TimelineCursor.parse(str(timeline)) == timeline
     assert TimelineCursor.parse("7.3.5") == TimelineCursor(7, 3, 5)
+    kept = TimelineCursor(7, 3, 5, 1_700_000_000_000_000, "0123456789abcdef", "fedcba9876543210")
+    assert TimelineCursor.parse(str(kept)) == kept
     search = SearchCursor(9, 2, 5, walk_digest([3, 5]), "0123456789abcdef")
     assert SearchCursor.parse(str(search)) == search
 

@@ -110,13 +110,16 @@ class ParcelByTrackingNo(MethodView):
         timeline as it is now); read it again from the start, without a cursor,
         to see them in their place. Each page shows the parcel as the first page
         did: its `status`, `status_at`, `courier_id` and `updated_at` those of the
-        walk's own events, not those of events arrived since. A cursor that is
-        malformed or not of this parcel's timeline is a 400 (`cursor_malformed`);
-        a 410 `cursor_reset` means events the walk began without were stored
-        below `as_of` (two PDAs' pushes of the parcel ending at once), or an
-        intake changed the parcel's class, recipient, address, station or planned
-        courier since the walk began (its message names what and when, from the
-        intakes' `parcel_updated` entries): start the walk again.
+        walk's own events, not those of events arrived since; each entry's
+        `courier_id` is as the first page read it. A cursor that is malformed or
+        not of this parcel's timeline is a 400 (`cursor_malformed`); a 410
+        `cursor_reset` means events the walk began without were stored below
+        `as_of` (two PDAs' pushes of the parcel ending at once), or an intake
+        changed the parcel's class, recipient, address, station or planned courier
+        since the walk began (its message names what and when, from the intakes'
+        `parcel_updated` entries), or a shift's close filed some of the walk's
+        events under another courier since it began (`shift_closed_for_courier`
+        on the audit log names them): start the walk again.
 
         An auditor's read is on the audit log (`parcel_read`), naming the
         deliveries whose proof the page shows and the page of the walk: the

@@ -25,20 +25,18 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import request_engines, require_postgres  # bench/ingest.py
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.factories
-
-from courier_api import create_app  # noqa: E402
-from courier_api.extensions import db  # noqa: E402
-from models import Role, User, migrate  # noqa: E402
-from sync.accounts import hash_password  # noqa: E402
-from tests.factories import station_day  # noqa: E402
+from courier_api import create_app
+from courier_api.extensions import db
+from models import Role, User, migrate
+from sync.accounts import hash_password
+from tests.factories import station_day
 
 DAY = dt.date(2026, 11, 23)
 PASSWORD = "bench-password-1"

@@ -22,19 +22,17 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import require_postgres  # bench/ingest.py
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.factories
-
-from models import Shift, ShiftStatus, migrate  # noqa: E402
-from models.engine import make_engine  # noqa: E402
-from sync.balances import where_couriers_went  # noqa: E402
-from tests import factories  # noqa: E402
-from tests.conftest import reset_database  # noqa: E402
+from models import Shift, ShiftStatus, migrate
+from models.engine import make_engine
+from sync.balances import where_couriers_went
+from tests import factories
+from tests.conftest import reset_database
 
 TODAY = dt.datetime(2026, 11, 23, 8, tzinfo=dt.UTC)
 COURIERS = 200

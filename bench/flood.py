@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import (
     PASSWORD,
     PASSWORD_HASH_METHOD,
@@ -57,11 +58,10 @@ from ingest import (
 from scans import TurnTimer
 from sqlalchemy import select
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from courier_api.extensions import db  # noqa: E402
-from courier_api.serve import freeze_startup_objects  # noqa: E402
-from models import EventType, Role, ScanEvent, User  # noqa: E402
-from sync.accounts import hash_password  # noqa: E402
+from courier_api.extensions import db
+from courier_api.serve import freeze_startup_objects
+from models import EventType, Role, ScanEvent, User
+from sync.accounts import hash_password
 
 FLOOD_BATCH = 5_000  # the default push limit: what one PDA push may carry
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, create_engine, event, insert, text

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from sqlalchemy import insert, text
 
 from courier_api import create_app

@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 import httpx
 from ingest import (  # bench/ingest.py: the same PDA lifecycles
     EVENTS_PER_PARCEL,
@@ -98,8 +99,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.live_server
-from tests.live_server import Server, free_port, run_cli  # noqa: E402
+from tests.live_server import Server, free_port, run_cli
 
 STATION = "LOAD"
 ADMIN = ("load-admin", "load-admin-password")

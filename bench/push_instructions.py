@@ -39,14 +39,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import PDA_CLOCK, Bench, Pda, pda_events, push_body, request_engines, scratch_app
 from sqlalchemy import event
 from werkzeug.test import EnvironBuilder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from courier_api.extensions import db  # noqa: E402
-from courier_api.logs import configure_logging  # noqa: E402
-from courier_api.serve import freeze_startup_objects  # noqa: E402
+from courier_api.extensions import db
+from courier_api.logs import configure_logging
+from courier_api.serve import freeze_startup_objects
 
 WARM_UP_PUSHES = 30
 CLIENT_REQUESTS_C = """

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from flask import Flask
 from ingest import (  # bench/ingest.py: same pushes, same scratch databases
     EVENTS_PER_PARCEL,

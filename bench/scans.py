@@ -35,12 +35,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import Bench, Pda, pda_events, push_body, require_postgres, scratch_app
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from courier_api.serve import freeze_startup_objects  # noqa: E402
-from models import turnstile  # noqa: E402
-from sync import direct  # noqa: E402
+from courier_api.serve import freeze_startup_objects
+from models import turnstile
+from sync import direct
 
 WAYS = ("direct", "SQLAlchemy")
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import Bench, request_engines, require_postgres, scratch_app  # bench/ingest.py
 from sqlalchemy import event
 

@@ -23,16 +23,15 @@ import threading
 import time
 from pathlib import Path
 
+import _tree  # noqa: F401  (this tree first on sys.path, before any project import)
 from ingest import require_postgres, scratch_app  # bench/ingest.py
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from courier_api.extensions import db  # noqa: E402
-from models import WebhookDelivery  # noqa: E402
-from sync import outbox, webhooks  # noqa: E402
-from sync.webhooks import ClaimedDelivery, DeliverySettings, SendResult  # noqa: E402
+from courier_api.extensions import db
+from models import WebhookDelivery
+from sync import outbox, webhooks
+from sync.webhooks import ClaimedDelivery, DeliverySettings, SendResult
 
 T0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 SETTINGS = DeliverySettings(disable_after_failures=10**9)

@@ -203,7 +203,13 @@ def _check_database_url(url: str) -> None:
     traceback. The service runs on SQLite and on PostgreSQL through psycopg 3."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        several_hosts = _hosts_in_query(url)
+        if several_hosts is not None:
+            raise ConfigError(
+                "DATABASE_URL: several hosts with their ports are written in the query; write "
+                f"the URL as {masked_url(several_hosts)}, got {masked_url(url)!r}"
+            ) from None
         raise ConfigError(
             f"DATABASE_URL must be a database URL such as {_EXAMPLE_URLS}, got {masked_url(url)!r}"
         ) from None
@@ -226,6 +232,28 @@ def _check_database_url(url: str) -> None:
             f"on; write the URL as {_url_to_write(parsed, backend)}{psycopg}, "
             f"got {masked_url(url)!r}"
         )
+
+
+def _hosts_in_query(url: str) -> str | None:
+    """``url`` with its comma-separated hosts (``@h1:5432,h2:5433/db``) moved to the
+    query as SQLAlchemy reads them (``@/db?host=h1:5432&host=h2:5433``, handed to
+    psycopg as libpq's ``host=h1,h2 port=5432,5433``); None when it names one host.
+
+    SQLAlchemy's parser takes everything after the first host's colon for the port
+    and fails on ``int()``. The hosts follow the last ``@``, as for ``masked_url``."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return None
+    start = max(url.rfind("@") + 1, scheme.end())
+    end = min(
+        (i for i in (url.find("/", start), url.find("?", start)) if i >= 0), default=len(url)
+    )
+    hosts = url[start:end].split(",")
+    if len(hosts) < 2 or not all(hosts):
+        return None
+    path, _, query = url[end:].partition("?")
+    host_query = "&".join(f"host={host}" for host in hosts)
+    return f"{url[:start]}{path or '/'}?{query + '&' if query else ''}{host_query}"
 
 
 def _url_to_write(parsed: URL, backend: str) -> str:

@@ -2,6 +2,8 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 from courier_api.config import (
     ConfigError,
@@ -116,6 +118,17 @@ def test_domestic_patterns_are_separated_by_whitespace(tmp_path: Path) -> None:
             {"DATABASE_URL": "sqlite+aiosqlite:///courier.db"},
             r"the driver 'aiosqlite' is not .*; write the URL as sqlite:///courier.db, got",
         ),
+        (  # SQLAlchemy's parser read "5432,h2:5433" as the port: a ValueError traceback
+            {"DATABASE_URL": "postgresql+psycopg://app:s3cret@h1:5432,h2:5433/courier?a=b"},
+            r"DATABASE_URL: several hosts with their ports are written in the query; write the "
+            r"URL as postgresql\+psycopg://app:\*\*\*@/courier\?a=b&host=h1:5432&host=h2:5433, "
+            r"got 'postgresql\+psycopg://app:\*\*\*@h1:5432,h2:5433/courier\?a=b'$",
+        ),
+        (  # a port that is not a number: a ValueError traceback too
+            {"DATABASE_URL": "postgresql+psycopg://app:s3cret@db:54x2/courier"},
+            r"DATABASE_URL must be a database URL such as .*, "
+            r"got 'postgresql\+psycopg://app:\*\*\*@db:54x2/courier'$",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_refused_at_start(
@@ -133,10 +146,20 @@ def test_values_that_would_fail_later_are_refused_at_start(
         "sqlite://",
         "postgresql://app:s3cret@db:5432/courier",  # psycopg: SQLAlchemy 2.1's default
         "postgresql+psycopg://app@db/courier",
+        "postgresql+psycopg://app@db1,db2/courier",  # several hosts on the default port
+        "postgresql+psycopg://app@/courier?host=db1:5432&host=db2:5433",  # and with ports
     ],
 )
 def test_the_database_urls_the_service_runs_on_pass(tmp_path: Path, url: str) -> None:
     validate_config(load_config({"DATABASE_URL": url}, tmp_path))
+
+
+def test_several_hosts_with_ports_reach_psycopg_as_libpq_lists() -> None:
+    """The URL the refusal of ``@h1:5432,h2:5433`` names is one psycopg tries host after
+    host on: libpq's ``host=h1,h2 port=5432,5433``."""
+    url = make_url("postgresql+psycopg://app@/courier?host=db1:5432&host=db2:5433")
+    _, kwargs = create_engine(url).dialect.create_connect_args(url)
+    assert (kwargs["host"], kwargs["port"]) == ("db1,db2", "5432,5433")
 
 
 @pytest.mark.parametrize(

@@ -84,12 +84,14 @@ class ConsentRequest(Base):
     # once. Set on the requests that had lapsed before this was kept, never announced.
     lapse_announced_at: Mapped[dt.datetime | None]
     # When a purge of webhook deliveries (an admin's, or the retention job's) first
-    # deleted deliveries of its question, and what ``sync.request_reach.not_reached``
-    # said of them then (why it had not reached the recipient's channel; None: it had):
-    # read from here on, the deliveries left, if any, no longer the whole story. Set only
-    # on unanswered ones.
+    # deleted deliveries of its question, what ``sync.request_reach.not_reached`` said
+    # of the purged ones (why they had not reached the recipient's channel; None: one
+    # had), and the most attempts one of them made: read from here on with the
+    # deliveries left (another channel's), as if the purged ones were still there. Set
+    # only on unanswered ones.
     question_purged_at: Mapped[dt.datetime | None]
     not_reached_when_purged: Mapped[str | None] = mapped_column(Text)
+    question_attempts_when_purged: Mapped[int | None]
     # When it reached the server; a PDA's request held back then (``unsent``, "not sent:
     # ..."), when it was sent at last: the parcel's window counts the messages sent.
     created_at: Mapped[timestamp]

@@ -14,7 +14,8 @@ when it gets through after all: sent after failing, or its subscription sending 
 Read from the deliveries as they are: a question asked before the channel subscribed
 is said nothing about (None), never "not reached" on no evidence. A purge of its
 deliveries (an admin's, or the retention job's) keeps on the request what they said
-(``keep_before_purge``): read from there afterwards, neither silent (null) on a
+(``keep_before_purge``): read from there afterwards with the deliveries left (another
+channel's, still trying), as all of them would read, neither silent (null) on a
 question that never got through, nor "nobody takes consent requests here" on one
 delivered before its channel stopped taking them.
 """
@@ -25,7 +26,7 @@ import datetime as dt
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from sqlalchemy import select, update
+from sqlalchemy import SelectBase, select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -84,16 +85,23 @@ def not_reached(
     return reasons
 
 
-def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.datetime) -> int:
+def keep_before_purge(
+    session: Session,
+    request_ids: Collection[int],
+    now: dt.datetime,
+    purged: SelectBase,
+) -> int:
     """Keep on these requests (whose question's deliveries a purge is about to delete:
-    an admin's, or the retention job's) what their deliveries say, as ``not_reached``
-    reads it from then on: only unanswered ones not kept already (at the first purge; an
-    answered one says nothing). A purged delivery has settled (delivered, dead, or
-    skipped once the request ended) or waited for a stopped subscription past the
-    retention (its request lapsed since), so what it says no longer changes; another
-    channel's delivery of the question, not purged, may still get through (a dead one
-    purged while the request is pending), and ``not_reached`` reads it so. How many
-    requests it was kept on."""
+    an admin's, or the retention job's) what the deliveries it deletes (``purged``: the
+    ids of the deliveries) say, for ``not_reached`` to read with the deliveries left
+    from then on: only unanswered ones not kept already (at the first purge; an answered
+    one says nothing). A purged delivery has settled (delivered, dead, or skipped once
+    the request ended) or waited for a stopped subscription past the retention (its
+    request lapsed since), so what it says no longer changes; another channel's
+    delivery of the question, not purged, may still get through or fail (a dead one
+    purged while the request is pending): what all of them said together at the purge
+    (one not yet tried: "nothing said") was no verdict to keep. How many requests it
+    was kept on."""
     kept = 0
     for chunk in chunks(sorted(request_ids)):
         asked = _candidates(
@@ -108,21 +116,27 @@ def keep_before_purge(session: Session, request_ids: Collection[int], now: dt.da
                 .with_for_update()
             ).all()
         )
-        unreached = {request.id: why for request, why in _unreached(session, asked).items()}
+        found = _deliveries(session, asked, only=purged)
         for request in asked:
+            deliveries = found.get(request.id)
+            if not deliveries:
+                continue  # none of its question's deliveries goes: nothing to keep
+            # A purged delivery waits only for a stopped subscription: none is sending.
             request.question_purged_at = now
-            request.not_reached_when_purged = unreached.get(request.id)
-        kept += len(asked)
+            request.not_reached_when_purged = _why(deliveries, {}, anyone_takes=True)
+            request.question_attempts_when_purged = max(d.attempts for d in deliveries)
+            kept += 1
     session.flush()
     return kept
 
 
 def _unreached(session: Session, asked: Sequence[ConsentRequest]) -> dict[ConsentRequest, str]:
     """Of the requests ``asked`` (``_candidates``), those whose question has not reached
-    the recipient's channel, with why (as if pending): from what a purge kept of them,
-    else from their deliveries. A purge of some of a question's deliveries (an admin's
-    of the dead ones) may leave another still trying: one of those delivered since says
-    the question reached them, whatever was kept before."""
+    the recipient's channel, with why (as if pending): from their deliveries, and from
+    what a purge kept of the purged ones (``_kept``), read with those left as if they
+    were all still there. A purge of some of a question's deliveries (an admin's of the
+    dead ones) may leave another still trying: delivered since, the question reached
+    them; failed since, every attempt failed, whatever was kept of the purged ones."""
     if not asked:
         return {}
     subscriptions = {
@@ -131,13 +145,57 @@ def _unreached(session: Session, asked: Sequence[ConsentRequest]) -> dict[Consen
             select(WebhookSubscription).where(WebhookSubscription.active.is_(True))
         )
     }
+    found = _deliveries(session, asked)
+    anyone_takes = {r.station_id: _taken_at(subscriptions, r.station_id) for r in asked}
+    unreached: dict[ConsentRequest, str] = {}
+    for request in asked:
+        deliveries = found.get(request.id, [])
+        if request.question_purged_at is not None:
+            kept = _kept(request)
+            if kept is None and not deliveries:
+                # Nobody took the question when it was purged; nothing came since.
+                unreached[request] = NO_CHANNEL
+                continue
+            deliveries = deliveries + ([] if kept is None else [kept])
+        why = _why(deliveries, subscriptions, anyone_takes[request.station_id])
+        if why is not None:
+            unreached[request] = why
+    return unreached
+
+
+def _kept(request: ConsentRequest) -> WebhookDelivery | None:
+    """The purged deliveries of ``request``'s question as one that says what they said
+    (``keep_before_purge``), for ``_why`` to read with those left: delivered; waiting
+    for a stopped subscription; settled unsent after its attempts failed, or with one
+    never tried. None: no channel took it (kept so before the purged deliveries' own
+    verdict was kept: there were none)."""
+    why = request.not_reached_when_purged
+    attempts = request.question_attempts_when_purged or 0
+    if why is None:
+        return WebhookDelivery(status=DeliveryStatus.DELIVERED, attempts=attempts)
+    if why == NO_CHANNEL:
+        return None
+    if why == CHANNEL_STOPPED:  # no subscription: never sending
+        return WebhookDelivery(status=DeliveryStatus.PENDING, attempts=attempts)
+    if why == NOT_SENT:
+        return WebhookDelivery(status=DeliveryStatus.SKIPPED, attempts=0)
+    return WebhookDelivery(status=DeliveryStatus.DEAD, attempts=max(attempts, 1))
+
+
+def _deliveries(
+    session: Session, asked: Sequence[ConsentRequest], only: SelectBase | None = None
+) -> dict[int, list[WebhookDelivery]]:
+    """The deliveries of the questions of the requests ``asked``, by request id; with
+    ``only`` (delivery ids), only those among them."""
+    if not asked:
+        return {}
     all_subscriptions = list(session.scalars(select(WebhookSubscription.id)))
     keys = sorted({outbox.parcel_key(r.tracking_no) for r in asked})
     since = min(r.created_at for r in asked)
     found: dict[int, list[WebhookDelivery]] = {}
     for chunk in chunks(keys):
         # By (subscription, ordering key): the index a claim reads too, never the table.
-        rows = session.execute(
+        query = (
             select(WebhookDelivery, OutboxMessage.payload)
             .join(OutboxMessage, OutboxMessage.id == WebhookDelivery.message_id)
             .where(
@@ -146,24 +204,14 @@ def _unreached(session: Session, asked: Sequence[ConsentRequest]) -> dict[Consen
                 WebhookDelivery.topic == TOPIC,
                 WebhookDelivery.created_at >= since,
             )
-        ).all()
-        for delivery, payload in rows:
+        )
+        if only is not None:
+            query = query.where(WebhookDelivery.id.in_(only.scalar_subquery()))
+        for delivery, payload in session.execute(query).all():
             request_id = payload.get("request_id") if isinstance(payload, dict) else None
             if isinstance(request_id, int):
                 found.setdefault(request_id, []).append(delivery)
-    anyone_takes = {r.station_id: _taken_at(subscriptions, r.station_id) for r in asked}
-    unreached: dict[ConsentRequest, str] = {}
-    for request in asked:
-        deliveries = found.get(request.id, [])
-        if request.question_purged_at is not None:
-            delivered = any(d.status == DeliveryStatus.DELIVERED for d in deliveries)
-            if request.not_reached_when_purged and not delivered:
-                unreached[request] = request.not_reached_when_purged
-            continue
-        why = _why(deliveries, subscriptions, anyone_takes[request.station_id])
-        if why is not None:
-            unreached[request] = why
-    return unreached
+    return found
 
 
 def _taken_at(subscriptions: dict[int, WebhookSubscription], station_id: int) -> bool:

@@ -1946,7 +1946,7 @@ def purge_waiting_for_stopped(
     requests first (``request_reach.keep_before_purge``), locked before any delivery as
     everywhere: their requests lapsed (a request lasts a day, the retention one at
     least), so what they say no longer changes, whether they go now or next run."""
-    _keep_reach(session, select(DELIVERY.c.message_id).where(*_waiting(before)), now or utcnow())
+    _keep_reach(session, select(DELIVERY.c.id).where(*_waiting(before)), now or utcnow())
     stopped = select(SUBSCRIPTION.c.id).where(~SENDING).with_for_update(skip_locked=True)
     due = (
         select(DELIVERY.c.id)
@@ -1993,13 +1993,17 @@ def _waiting(before: dt.datetime) -> tuple[Any, ...]:
     )
 
 
-def _keep_reach(session: Session, messages: SelectBase, now: dt.datetime) -> int:
-    """Before the deliveries of ``messages`` (the ids of their messages) are purged: what
-    the consent questions among them said of their requests is kept on the requests
+def _keep_reach(session: Session, deliveries: SelectBase, now: dt.datetime) -> int:
+    """Before ``deliveries`` (their ids) are purged: what the consent questions among
+    them said of their requests is kept on the requests
     (``request_reach.keep_before_purge``). How many requests it was kept on."""
     payloads = session.scalars(
         select(OutboxMessage.payload).where(
-            OutboxMessage.id.in_(messages.scalar_subquery()),
+            OutboxMessage.id.in_(
+                select(DELIVERY.c.message_id).where(
+                    DELIVERY.c.id.in_(deliveries.scalar_subquery())
+                )
+            ),
             OutboxMessage.topic == request_reach.TOPIC,
         )
     )
@@ -2011,6 +2015,7 @@ def _keep_reach(session: Session, messages: SelectBase, now: dt.datetime) -> int
             if isinstance(payload, dict) and isinstance(payload.get("request_id"), int)
         },
         now,
+        deliveries,
     )
 
 
@@ -2054,7 +2059,7 @@ def purge_deliveries(
             field="status",
         )
     purged = _settled(status, before)
-    _keep_reach(session, select(DELIVERY.c.message_id).where(*purged), now or utcnow())
+    _keep_reach(session, select(DELIVERY.c.id).where(*purged), now or utcnow())
     deliveries = session.execute(delete(DELIVERY).where(*purged)).rowcount
     counts = {"deliveries": int(deliveries or 0), "messages": _purge_orphans(session, before)}
     audit.append(
@@ -2109,9 +2114,9 @@ def purge_retained(
         _keep_reach(
             session,
             union_all(
-                select(DELIVERY.c.message_id).where(*_settled(DeliveryStatus.DELIVERED, before)),
-                select(DELIVERY.c.message_id).where(*_settled(DeliveryStatus.SKIPPED, before)),
-                select(DELIVERY.c.message_id).where(*_waiting(before)),
+                select(DELIVERY.c.id).where(*_settled(DeliveryStatus.DELIVERED, before)),
+                select(DELIVERY.c.id).where(*_settled(DeliveryStatus.SKIPPED, before)),
+                select(DELIVERY.c.id).where(*_waiting(before)),
             ),
             now,
         )

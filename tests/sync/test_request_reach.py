@@ -914,3 +914,148 @@ def test_a_question_another_channel_delivers_after_an_admin_purge_of_a_dead_one_
         assert session.scalars(select(WebhookDelivery.status)).all() == [DeliveryStatus.DELIVERED]
     assert reasons(sessions, request_id, retried) is None
     assert reasons(sessions, request_id, T0 + dt.timedelta(days=1)) is None
+
+
+def two_channels(sessions: sessionmaker[Session]) -> None:
+    """Two subscriptions taking the questions: the SMS gateway's and the app's."""
+    with sessions.begin() as session:
+        for url in ("http://127.0.0.1:9/sms", "http://127.0.0.1:9/app"):
+            webhooks.create_subscription(
+                session=session,
+                url=url,
+                topics=(request_reach.TOPIC,),
+                station_id=None,
+                production=False,
+            )
+
+
+def set_app_delivery(sessions: sessionmaker[Session], **values: object) -> None:
+    """The app's delivery of the question, changed as the sender would have."""
+    with sessions.begin() as session:
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.subscription_id.in_(
+                    select(WebhookSubscription.id).where(WebhookSubscription.url.endswith("/app"))
+                )
+            )
+            .values(**values)
+        )
+
+
+def set_sms_delivery(sessions: sessionmaker[Session], **values: object) -> None:
+    """The SMS gateway's delivery of the question, changed as the sender would have."""
+    with sessions.begin() as session:
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.subscription_id.in_(
+                    select(WebhookSubscription.id).where(WebhookSubscription.url.endswith("/sms"))
+                )
+            )
+            .values(**values)
+        )
+
+
+def test_a_question_whose_other_channel_fails_after_an_admin_purge_says_it_never_got_through(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """Two channels take the questions. The SMS gateway's delivery is dead after one
+    failed attempt while the app's has not been tried yet; an admin purges the dead
+    deliveries. The verdict kept was read with the app's still to be tried: nothing
+    ("it may yet get through"). The app's then failed too, and ``not_reached`` went on
+    reading the kept nothing: null, the courier at the locker and an auditor reading
+    that nothing says the recipient was not asked, where every attempt failed."""
+    two_channels(sessions)
+    request_id = ask(sessions, world)
+    set_sms_delivery(sessions, status=DeliveryStatus.DEAD, attempts=1, last_attempt_at=T0)
+    minute = T0 + dt.timedelta(minutes=1)
+    assert reasons(sessions, request_id, minute) is None  # the app's yet to be tried
+    assert purge(sessions, DeliveryStatus.DEAD, minute) == 1
+    assert reasons(sessions, request_id, minute) is None
+    set_app_delivery(sessions, status=DeliveryStatus.DEAD, attempts=3, last_attempt_at=minute)
+    failing = request_reach.FAILING.format(attempts="3 attempts")
+    assert reasons(sessions, request_id, minute) == failing
+    lapsed = reasons(sessions, request_id, T0 + dt.timedelta(minutes=31))
+    assert lapsed == f"{request_reach.NEVER} ({failing})"
+
+
+def kept_as(sessions: sessionmaker[Session], request_id: int, kept: str, at: dt.datetime) -> None:
+    """The SMS gateway's delivery of the question purged as ``kept`` says: dead after
+    one failed attempt (an admin's purge), skipped untried (an admin's purge), waiting
+    for its paused subscription (the retention job's), or, as a purge kept when no
+    channel took the question, gone with "no channel" kept on the request."""
+    if kept == "failing":
+        set_sms_delivery(sessions, status=DeliveryStatus.DEAD, attempts=1, last_attempt_at=T0)
+        assert purge(sessions, DeliveryStatus.DEAD, at) == 1
+    elif kept == "not sent":
+        set_sms_delivery(sessions, status=DeliveryStatus.SKIPPED, attempts=0)
+        assert purge(sessions, DeliveryStatus.SKIPPED, at) == 1
+    elif kept == "stopped":
+        with sessions() as session:
+            sms = session.scalars(
+                select(WebhookSubscription.id).where(WebhookSubscription.url.endswith("/sms"))
+            ).one()
+        change_subscription(sessions, sms, active=False)
+        with sessions.begin() as session:
+            purged = webhooks.purge_waiting_for_stopped(session=session, before=at, now=at)
+        assert purged["deliveries"] == 1
+    else:
+        with sessions.begin() as session:
+            session.execute(
+                update(ConsentRequest)
+                .where(ConsentRequest.id == request_id)
+                .values(question_purged_at=at, not_reached_when_purged=request_reach.NO_CHANNEL)
+            )
+            session.execute(
+                WebhookDelivery.__table__.delete().where(
+                    WebhookDelivery.subscription_id.in_(
+                        select(WebhookSubscription.id).where(
+                            WebhookSubscription.url.endswith("/sms")
+                        )
+                    )
+                )
+            )
+
+
+FAILED_3 = request_reach.FAILING.format(attempts="3 attempts")
+
+
+@pytest.mark.parametrize(
+    ("kept", "then", "expected"),
+    [
+        ("failing", "delivered", None),
+        ("failing", "dead", FAILED_3),
+        ("failing", "untried", None),
+        ("not sent", "delivered", None),
+        ("not sent", "dead", request_reach.NOT_SENT),
+        ("not sent", "untried", None),
+        ("stopped", "delivered", None),
+        ("stopped", "dead", request_reach.CHANNEL_STOPPED),
+        ("stopped", "untried", None),
+        ("no channel", "delivered", None),
+        ("no channel", "dead", FAILED_3),
+        ("no channel", "untried", None),
+    ],
+    ids=lambda value: value if isinstance(value, str) and len(value) < 12 else "",
+)
+def test_a_purged_question_reads_as_its_kept_deliveries_with_those_left(
+    sessions: sessionmaker[Session], world: World, kept: str, then: str, expected: str | None
+) -> None:
+    """After a purge of one channel's delivery of the question, ``not_reached`` is what
+    all its deliveries would say: the purged one as the purge kept it, the other
+    channel's (the app's, untried at the purge) as it is now: delivered, dead after
+    three failed attempts, or still to be tried."""
+    two_channels(sessions)
+    request_id = ask(sessions, world)
+    minute = T0 + dt.timedelta(minutes=1)
+    kept_as(sessions, request_id, kept, minute)
+    with sessions() as session:
+        assert session.get_one(ConsentRequest, request_id).question_purged_at == minute
+    if then == "delivered":
+        set_app_delivery(
+            sessions, status=DeliveryStatus.DELIVERED, attempts=1, delivered_at=minute
+        )
+    elif then == "dead":
+        set_app_delivery(sessions, status=DeliveryStatus.DEAD, attempts=3, last_attempt_at=minute)
+    assert reasons(sessions, request_id, minute) == expected

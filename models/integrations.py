@@ -85,8 +85,8 @@ class ConsentRequest(Base):
     lapse_announced_at: Mapped[dt.datetime | None]
     # When a purge of webhook deliveries (an admin's, or the retention job's) first
     # deleted deliveries of its question, what ``sync.request_reach.not_reached`` said
-    # of the purged ones (why they had not reached the recipient's channel; None: one
-    # had), and the most attempts one of them made: read from here on with the
+    # of those every purge deleted (why they had not reached the recipient's channel;
+    # None: one had), and the most attempts one of them made: read from here on with the
     # deliveries left (another channel's), as if the purged ones were still there. Set
     # only on unanswered ones.
     question_purged_at: Mapped[dt.datetime | None]

@@ -94,14 +94,16 @@ def keep_before_purge(
     """Keep on these requests (whose question's deliveries a purge is about to delete:
     an admin's, or the retention job's) what the deliveries it deletes (``purged``: the
     ids of the deliveries) say, for ``not_reached`` to read with the deliveries left
-    from then on: only unanswered ones not kept already (at the first purge; an answered
-    one says nothing). A purged delivery has settled (delivered, dead, or skipped once
-    the request ended) or waited for a stopped subscription past the retention (its
-    request lapsed since), so what it says no longer changes; another channel's
-    delivery of the question, not purged, may still get through or fail (a dead one
-    purged while the request is pending): what all of them said together at the purge
-    (one not yet tried: "nothing said") was no verdict to keep. How many requests it
-    was kept on."""
+    from then on: only unanswered ones (an answered one says nothing), with what an
+    earlier purge kept (one delivered after it, purged in turn, still reached them). A
+    purged delivery has settled (delivered, dead, or skipped once the request ended) or
+    waited for a stopped subscription past the retention (its request lapsed since), so
+    what it says no longer changes; another channel's delivery of the question, not
+    purged, may still get through or fail (a dead one purged while the request is
+    pending): what all of them said together at the purge (one not yet tried: "nothing
+    said") was no verdict to keep. Kept again (the retention job keeps its purges'
+    together, then each its own), the same deliveries say the same. How many requests
+    it was kept on."""
     kept = 0
     for chunk in chunks(sorted(request_ids)):
         asked = _candidates(
@@ -110,7 +112,6 @@ def keep_before_purge(
                 .where(
                     ConsentRequest.id.in_(chunk),
                     ConsentRequest.status == ConsentRequestStatus.PENDING,
-                    ConsentRequest.question_purged_at.is_(None),
                 )
                 .order_by(ConsentRequest.id)  # as the lapse job locks them: no deadlock
                 .with_for_update()
@@ -121,8 +122,11 @@ def keep_before_purge(
             deliveries = found.get(request.id)
             if not deliveries:
                 continue  # none of its question's deliveries goes: nothing to keep
+            if request.question_purged_at is None:
+                request.question_purged_at = now
+            elif (earlier := _kept(request)) is not None:
+                deliveries = [*deliveries, earlier]  # an earlier purge's
             # A purged delivery waits only for a stopped subscription: none is sending.
-            request.question_purged_at = now
             request.not_reached_when_purged = _why(deliveries, {}, anyone_takes=True)
             request.question_attempts_when_purged = max(d.attempts for d in deliveries)
             kept += 1

@@ -789,7 +789,7 @@ def test_the_retention_job_keeps_its_questions_reach_in_one_pass_before_its_audi
     keeps = [
         n
         for n, (statement, _) in enumerate(statements)
-        if "FROM consent_request" in statement and "question_purged_at IS NULL" in statement
+        if "FROM consent_request" in statement and "ORDER BY consent_request.id" in statement
     ]
     chained = [n for n, (statement, _) in enumerate(statements) if "INTO audit_entry" in statement]
     assert keeps and chained
@@ -1059,3 +1059,26 @@ def test_a_purged_question_reads_as_its_kept_deliveries_with_those_left(
     elif then == "dead":
         set_app_delivery(sessions, status=DeliveryStatus.DEAD, attempts=3, last_attempt_at=minute)
     assert reasons(sessions, request_id, minute) == expected
+
+
+def test_a_question_delivered_after_a_purge_still_reached_them_once_purged_in_turn(
+    sessions: sessionmaker[Session], world: World
+) -> None:
+    """An admin purged the SMS gateway's dead delivery of a pending request's question
+    ("every attempt failed" kept); the app's got it through later; then the delivered
+    ones were purged too. Only the first purge kept anything: with the app's delivery
+    gone, ``not_reached`` read the kept "every attempt failed", then "it never reached
+    them", of a question the recipient got. Each purge adds what its deliveries said to
+    what was kept."""
+    two_channels(sessions)
+    request_id = ask(sessions, world)
+    set_sms_delivery(sessions, status=DeliveryStatus.DEAD, attempts=1, last_attempt_at=T0)
+    minute = T0 + dt.timedelta(minutes=1)
+    assert purge(sessions, DeliveryStatus.DEAD, minute) == 1
+    set_app_delivery(sessions, status=DeliveryStatus.DELIVERED, attempts=2, delivered_at=minute)
+    assert reasons(sessions, request_id, minute) is None
+    an_hour_on = T0 + dt.timedelta(hours=1)
+    assert purge(sessions, DeliveryStatus.DELIVERED, an_hour_on) == 1
+    assert reasons(sessions, request_id, an_hour_on) is None
+    with sessions() as session:
+        assert session.get_one(ConsentRequest, request_id).question_purged_at == minute
